@@ -1,0 +1,5 @@
+"""pcidev: emulated PCIe devices as Python plugins."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
