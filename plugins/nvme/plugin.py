@@ -1,0 +1,28 @@
+"""Entry point of the NVMe plugin (``[project.entry-points.pcidev] nvme``).
+
+pcidev finds this module only through its entry point, exactly as it finds a
+third-party plugin, and registers it under the name ``nvme`` (block it with
+``pcidev -p no:nvme`` or ``PCIDEV_BLOCKED_PLUGINS=nvme``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pcidev.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from pcidev.registry import DeviceRegistry
+
+
+@hookimpl
+def pcidev_register_devices(registry: DeviceRegistry) -> None:
+    """Register the NVMe controller device type.
+
+    :param registry: the registry collecting device types.
+    """
+    # Imported here so that loading the plugin stays cheap and an error in the
+    # controller module is reported as a registration failure of this plugin.
+    from pcidev_nvme.controller import NvmeController
+
+    registry.add_device(NvmeController)
