@@ -1,0 +1,371 @@
+"""Base Address Registers and what stands behind them.
+
+A device declares each BAR with a *handler* that answers accesses by
+``(offset, size)``:
+
+* :class:`RegisterMap`: declarative registers (name, offset, width, access,
+  reset value, read/write hooks), including arrays such as doorbells;
+* :class:`RamBacking`: RAM-like memory in a sealed memfd, so a transport can hand
+  the fd to another process to mmap (optionally only *sparse* areas of it);
+* any object with ``read(offset, size) -> int`` and ``write(offset, size, value)``
+  (see :class:`BarHandler`), e.g. :class:`CallbackHandler`.
+
+Accesses are 1, 2, 4 or 8 bytes. A :class:`RegisterMap` splits an access that
+straddles registers into the pieces each register owns; offsets no register
+owns read 0 and ignore writes, with a rate-limited log line.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import logging
+import mmap
+import time
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+import attrs
+
+from pcidev.errors import ConfigError, MmioError
+
+log = logging.getLogger(__name__)
+
+
+class BarKind(enum.Enum):
+    """The address space a BAR decodes."""
+
+    MEM32 = "mem32"
+    MEM64 = "mem64"
+    IO = "io"
+
+
+class BarHandler(Protocol):
+    """What answers a BAR's accesses. Offsets are relative to the BAR."""
+
+    def read(self, offset: int, size: int) -> int:
+        """Return ``size`` bytes at ``offset`` as a little-endian integer."""
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        """Store ``size`` bytes of ``value`` at ``offset``."""
+
+
+class CallbackHandler:
+    """A handler made of one function, libvfio-user style:
+    ``fn(offset, size, is_write, value) -> int`` (the return value of a write is ignored).
+    """
+
+    def __init__(self, fn: Callable[[int, int, bool, int], int]) -> None:
+        self.fn = fn
+
+    def read(self, offset: int, size: int) -> int:
+        return self.fn(offset, size, False, 0)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.fn(offset, size, True, value)
+
+
+class _RateLimitedLog:
+    """At most ``burst`` lines per ``period`` seconds; counts what it suppressed."""
+
+    def __init__(self, logger: logging.Logger, burst: int = 10, period: float = 5.0) -> None:
+        self.logger = logger
+        self.burst = burst
+        self.period = period
+        self._window = 0.0
+        self._count = 0
+        self.suppressed = 0
+
+    def __call__(self, msg: str, *args) -> None:
+        now = time.monotonic()
+        if now - self._window > self.period:
+            if self.suppressed:
+                self.logger.warning("%d similar messages suppressed", self.suppressed)
+            self._window, self._count, self.suppressed = now, 0, 0
+        if self._count < self.burst:
+            self._count += 1
+            self.logger.warning(msg, *args)
+        else:
+            self.suppressed += 1
+
+
+class Access(enum.Enum):
+    """How a register answers the guest."""
+
+    RO = "ro"      #: read-only: writes ignored
+    RW = "rw"      #: read-write (within :attr:`Register.mask`)
+    WO = "wo"      #: write-only: reads return 0
+    RW1C = "rw1c"  #: writing 1 clears the bit
+    RW1S = "rw1s"  #: writing 1 sets the bit; writing 0 has no effect
+
+
+@attrs.define(eq=False)
+class Register:
+    """One register in a :class:`RegisterMap`.
+
+    :param name: unique name in the map.
+    :param offset: byte offset in the BAR (naturally aligned to ``width``).
+    :param width: 1, 2, 4 or 8 bytes.
+    :param access: how writes act.
+    :param reset: value after reset.
+    :param mask: bits a write may change (RW/RW1C/RW1S); all by default.
+    :param on_read: ``fn(reg) -> int`` computes the value read (else :attr:`value`).
+    :param on_write: ``fn(reg, new, old)`` after a write changed (or tried) the value.
+    :param index: position in a register array (e.g. doorbell number), else None.
+    """
+
+    name: str
+    offset: int
+    width: int = 4
+    access: Access = Access.RW
+    reset: int = 0
+    mask: int | None = None
+    on_read: Callable[[Register], int] | None = None
+    on_write: Callable[[Register, int, int], None] | None = None
+    index: int | None = None
+    value: int = attrs.field(init=False, default=0)
+
+    def __attrs_post_init__(self) -> None:
+        if self.width not in (1, 2, 4, 8):
+            raise ConfigError(f"register {self.name}: width must be 1, 2, 4 or 8")
+        if self.offset % self.width:
+            raise ConfigError(f"register {self.name}: offset {self.offset:#x} not aligned to its width")
+        full = (1 << (8 * self.width)) - 1
+        self.mask = full if self.mask is None else self.mask & full
+        self.value = self.reset & full
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.width
+
+    def guest_read(self) -> int:
+        if self.access is Access.WO:
+            return 0
+        if self.on_read is not None:
+            return self.on_read(self) & ((1 << (8 * self.width)) - 1)
+        return self.value
+
+    def guest_write(self, value: int) -> None:
+        old = self.value
+        mask = self.mask
+        acc = self.access
+        if acc is Access.RW or acc is Access.WO:
+            self.value = (old & ~mask) | (value & mask)
+        elif acc is Access.RW1C:
+            self.value = old & ~(value & mask)
+        elif acc is Access.RW1S:
+            self.value = old | (value & mask)
+        if self.on_write is not None:
+            self.on_write(self, self.value, old)
+
+
+class RegisterMap:
+    """A BAR handler made of declarative registers.
+
+    :param size: size of the BAR (accesses past it are the caller's error).
+    :param registers: initial registers.
+    :param name: used in log lines.
+    """
+
+    def __init__(self, size: int, registers: Iterable[Register] = (), *, name: str = "") -> None:
+        self.size = size
+        self.name = name
+        self._regs: list[Register] = []
+        self._starts: list[int] = []
+        self._by_name: dict[str, Register] = {}
+        self._by_offset: dict[int, Register] = {}
+        self._unassigned_log = _RateLimitedLog(log)
+        for reg in registers:
+            self.add(reg)
+
+    def add(self, reg: Register) -> Register:
+        """Add ``reg``; it may not overlap another register or leave the BAR."""
+        if reg.offset < 0 or reg.end > self.size:
+            raise ConfigError(f"register {reg.name} at {reg.offset:#x} outside {self.size:#x}-byte map")
+        if reg.name in self._by_name:
+            raise ConfigError(f"duplicate register name {reg.name}")
+        i = bisect.bisect_left(self._starts, reg.offset)
+        if (i < len(self._regs) and self._regs[i].offset < reg.end) or (i > 0 and self._regs[i - 1].end > reg.offset):
+            raise ConfigError(f"register {reg.name} overlaps another register")
+        self._regs.insert(i, reg)
+        self._starts.insert(i, reg.offset)
+        self._by_name[reg.name] = reg
+        self._by_offset[reg.offset] = reg
+        return reg
+
+    def add_array(self, name: str, offset: int, count: int, *, width: int = 4, stride: int | None = None,
+                  **kwargs) -> list[Register]:
+        """Add ``count`` registers ``name[0]``… at ``offset + i*stride`` with shared hooks;
+        each gets its ``index``."""
+        stride = stride or width
+        return [self.add(Register(f"{name}[{i}]", offset + i * stride, width, index=i, **kwargs))
+                for i in range(count)]
+
+    def __getitem__(self, name: str) -> Register:
+        return self._by_name[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
+    def __iter__(self):
+        return iter(self._regs)
+
+    def reset(self) -> None:
+        """Return every register to its reset value."""
+        for reg in self._regs:
+            reg.value = reg.reset & ((1 << (8 * reg.width)) - 1)
+
+    def _overlapping(self, offset: int, end: int):
+        i = bisect.bisect_right(self._starts, offset) - 1
+        if i < 0:
+            i = 0
+        regs = self._regs
+        while i < len(regs) and regs[i].offset < end:
+            reg = regs[i]
+            if reg.end > offset:
+                yield reg
+            i += 1
+
+    def read(self, offset: int, size: int) -> int:
+        """Guest read; straddling accesses are assembled from each register's bytes."""
+        reg = self._by_offset.get(offset)
+        if reg is not None and reg.width == size:
+            return reg.guest_read()
+        end = offset + size
+        result = 0
+        covered = 0
+        for reg in self._overlapping(offset, end):
+            val = reg.guest_read()
+            lo = max(offset, reg.offset)
+            hi = min(end, reg.end)
+            chunk = (val >> (8 * (lo - reg.offset))) & ((1 << (8 * (hi - lo))) - 1)
+            result |= chunk << (8 * (lo - offset))
+            covered += hi - lo
+        if covered < size:
+            self._unassigned_log("%s: read of %d bytes at %#x touches unassigned offsets",
+                                 self.name or "bar", size, offset)
+        return result
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        """Guest write; each register receives its own bytes, merged with its
+        current value when the access covers only part of it."""
+        reg = self._by_offset.get(offset)
+        if reg is not None and reg.width == size:
+            reg.guest_write(value)
+            return
+        end = offset + size
+        covered = 0
+        for reg in list(self._overlapping(offset, end)):
+            lo = max(offset, reg.offset)
+            hi = min(end, reg.end)
+            nbits = 8 * (hi - lo)
+            part = (value >> (8 * (lo - offset))) & ((1 << nbits) - 1)
+            shift = 8 * (lo - reg.offset)
+            field = ((1 << nbits) - 1) << shift
+            if reg.access is Access.RW1C or reg.access is Access.RW1S:
+                merged = part << shift  # bytes not written write zeros (no effect)
+            else:
+                merged = (reg.value & ~field) | (part << shift)
+            reg.guest_write(merged)
+            covered += hi - lo
+        if covered < size:
+            self._unassigned_log("%s: write of %d bytes at %#x touches unassigned offsets",
+                                 self.name or "bar", size, offset)
+
+
+class RamBacking:
+    """RAM-like BAR contents in a sealed memfd.
+
+    The fd can be passed to another process, which may mmap the areas listed in
+    :attr:`sparse_areas` (all of it by default), as vfio-user's sparse mmap
+    capability describes.
+
+    :param size: bytes (a multiple of the page size).
+    :param sparse_areas: ``(offset, size)`` page-aligned areas another process may map.
+    :param name: memfd name.
+    """
+
+    def __init__(self, size: int, *, sparse_areas: Iterable[tuple[int, int]] | None = None,
+                 name: str = "pcidev-bar") -> None:
+        from pcidev.dma import alloc_memfd
+
+        if size <= 0 or size % mmap.PAGESIZE:
+            raise ConfigError(f"RAM BAR size {size:#x} must be a positive multiple of the page size")
+        areas = [(0, size)] if sparse_areas is None else list(sparse_areas)
+        for off, length in areas:
+            if off % mmap.PAGESIZE or length % mmap.PAGESIZE or off < 0 or length <= 0 or off + length > size:
+                raise ConfigError(f"sparse area {off:#x}+{length:#x} is not page-aligned inside the BAR")
+        self.size = size
+        self.sparse_areas = areas
+        self.fd = alloc_memfd(size, name)
+        self.mem = mmap.mmap(self.fd, size)
+
+    def read(self, offset: int, size: int) -> int:
+        return int.from_bytes(self.mem[offset:offset + size], "little")
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.mem[offset:offset + size] = value.to_bytes(size, "little")
+
+    def close(self) -> None:
+        """Unmap and close the memfd."""
+        import os
+
+        self.mem.close()
+        os.close(self.fd)
+
+
+@attrs.define(eq=False)
+class Bar:
+    """A declared BAR.
+
+    :param index: 0..5.
+    :param size: power of two (memory ≥ 16 bytes, I/O 4..256 bytes).
+    :param kind: memory (32/64-bit) or I/O.
+    :param handler: what answers accesses.
+    :param prefetchable: memory BAR may be prefetched.
+    """
+
+    index: int
+    size: int
+    kind: BarKind
+    handler: BarHandler
+    prefetchable: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if not 0 <= self.index <= 5:
+            raise ConfigError(f"BAR index {self.index} out of range 0..5")
+        if self.size <= 0 or self.size & (self.size - 1):
+            raise ConfigError(f"BAR{self.index} size {self.size:#x} is not a power of two")
+        if self.kind is BarKind.IO:
+            if not 4 <= self.size <= 256:
+                raise ConfigError(f"I/O BAR{self.index} size must be 4..256 bytes")
+            if self.prefetchable:
+                raise ConfigError("an I/O BAR cannot be prefetchable")
+        elif self.size < 16:
+            raise ConfigError(f"memory BAR{self.index} must be at least 16 bytes")
+        if self.kind is BarKind.MEM64 and self.index == 5:
+            raise ConfigError("a 64-bit BAR cannot start at BAR5")
+        if self.kind is BarKind.MEM32 and self.size > 1 << 31:
+            raise ConfigError("a 32-bit BAR cannot exceed 2 GiB")
+
+    @property
+    def is_io(self) -> bool:
+        return self.kind is BarKind.IO
+
+    @property
+    def is_64bit(self) -> bool:
+        return self.kind is BarKind.MEM64
+
+    @property
+    def flags(self) -> int:
+        """The read-only low bits of the BAR register."""
+        if self.kind is BarKind.IO:
+            return 0x1
+        return (0x4 if self.kind is BarKind.MEM64 else 0) | (0x8 if self.prefetchable else 0)
+
+    def check_access(self, offset: int, size: int) -> None:
+        """:raises MmioError: for a size other than 1/2/4/8 or an access leaving the BAR."""
+        if size not in (1, 2, 4, 8):
+            raise MmioError(f"BAR{self.index}: access size {size} is not 1, 2, 4 or 8")
+        if offset < 0 or offset + size > self.size:
+            raise MmioError(f"BAR{self.index}: access at {offset:#x}+{size} outside its {self.size:#x} bytes")

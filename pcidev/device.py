@@ -1,0 +1,406 @@
+"""The PCI(e) function model every device plugin subclasses.
+
+Lifecycle, as in libvfio-user: **describe → realize → attach → run**.
+
+* :meth:`PciDevice.describe` (override it) declares BARs, capabilities and
+  interrupts with the ``add_*`` verbs;
+* :meth:`PciDevice.realize` freezes the description: writes the type-0 header,
+  BAR registers and the capability chains, and records the reset defaults;
+* :meth:`PciDevice.attach` connects guest memory and an interrupt sink (done by
+  the software host or a transport);
+* the host or transport then calls :meth:`config_read`/:meth:`config_write`
+  and :meth:`bar_read`/:meth:`bar_write`.
+
+Example::
+
+    class Edu(PciDevice):
+        TYPE_NAME = "edu"
+        VENDOR_ID, DEVICE_ID, CLASS_CODE = 0x1234, 0x11E8, 0xFF0000
+
+        def describe(self):
+            self.regs = RegisterMap(4096, [Register("ID", 0, reset=0x010000ED, access=Access.RO)])
+            self.add_mem_bar(0, 4096, self.regs)
+            self.add_msix(4, bar=0, table_offset=0x800, pba_offset=0xC00)
+
+An exception raised by a device's handler never escapes into the host or the
+transport: it is logged, :attr:`PciDevice.failed` is set and
+:meth:`PciDevice.on_failure` runs (NVMe sets CSTS.CFS there).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pcidev.bar import Bar, BarHandler, BarKind
+from pcidev.errors import ConfigError, DmaError, MmioError
+from pcidev.irq import InterruptController, InterruptSink
+from pcidev.pci import ids
+from pcidev.pci.capabilities.aer import AerCapability
+from pcidev.pci.capabilities.base import Capability, CapabilityList
+from pcidev.pci.capabilities.express import PciExpressCapability
+from pcidev.pci.capabilities.msi import MsiCapability
+from pcidev.pci.capabilities.msix import MsixCapability
+from pcidev.pci.capabilities.pm import D0, PowerManagementCapability
+from pcidev.pci.config import ConfigSpace, ResetKind
+
+if TYPE_CHECKING:
+    from pcidev.dma import GuestMemory
+
+log = logging.getLogger(__name__)
+
+_COMMAND_RW = (ids.Command.IO | ids.Command.MEMORY | ids.Command.MASTER | ids.Command.PARITY
+               | ids.Command.SERR | ids.Command.INTX_DISABLE)
+
+
+class PciDevice:
+    """A PCI Express function (type-0 header).
+
+    Class attributes give the identity; a subclass may change any of them per
+    instance before :meth:`realize` (e.g. from its configuration).
+    """
+
+    #: registry name of the device type (``^[a-z][a-z0-9_-]*$``)
+    TYPE_NAME: ClassVar[str] = ""
+    VENDOR_ID: ClassVar[int] = 0x1B36
+    DEVICE_ID: ClassVar[int] = 0x0000
+    #: 24-bit class code: base class, sub class, programming interface
+    CLASS_CODE: ClassVar[int] = ids.ClassCode.OTHER_UNCLASSIFIED
+    REVISION: ClassVar[int] = 0
+    SUBSYSTEM_VENDOR_ID: ClassVar[int] = 0x1AF4
+    SUBSYSTEM_ID: ClassVar[int] = 0x1100
+    #: 1 = INTA# … 4 = INTD#, 0 = no INTx
+    INTERRUPT_PIN: ClassVar[int] = 1
+    #: the device's vmstate description, or None if it cannot migrate
+    VMSTATE: ClassVar[Any] = None
+
+    def __init__(self, *, name: str | None = None) -> None:
+        self.name = name or self.TYPE_NAME or type(self).__name__.lower()
+        self.log = logging.getLogger(f"pcidev.device.{self.TYPE_NAME or type(self).__name__}[{self.name}]")
+        self.vendor_id = self.VENDOR_ID
+        self.device_id = self.DEVICE_ID
+        self.class_code = self.CLASS_CODE
+        self.revision = self.REVISION
+        self.subsystem_vendor_id = self.SUBSYSTEM_VENDOR_ID
+        self.subsystem_id = self.SUBSYSTEM_ID
+        self.interrupt_pin = self.INTERRUPT_PIN
+        self.config = ConfigSpace()
+        self.caps = CapabilityList(self)
+        self.bars: list[Bar | None] = [None] * 6
+        self.rom: bytes | None = None
+        self.rom_size = 0
+        self.irq = InterruptController(self)
+        self.memory: GuestMemory | None = None
+        #: the exception that put the device in its failed state, else None
+        self.failed: BaseException | None = None
+        self.realized = False
+        self._overlays: dict[int, list[tuple[int, int, Any, Any]]] = {}
+        self._pm: PowerManagementCapability | None = None
+        self.describe()
+
+    # -- describe ---------------------------------------------------------------------
+    def describe(self) -> None:
+        """Declare BARs, capabilities and interrupts. Override in device classes."""
+
+    def _check_describing(self) -> None:
+        if self.realized:
+            raise ConfigError("the device is realized: its description is frozen")
+
+    def add_bar(self, bar: Bar) -> Bar:
+        """Declare ``bar`` (see also :meth:`add_mem_bar` and :meth:`add_io_bar`)."""
+        self._check_describing()
+        idx = bar.index
+        if self.bars[idx] is not None or (idx > 0 and self.bars[idx - 1] is not None
+                                          and self.bars[idx - 1].is_64bit):
+            raise ConfigError(f"BAR{idx} is already taken")
+        if bar.is_64bit and self.bars[idx + 1] is not None:
+            raise ConfigError(f"64-bit BAR{idx} needs BAR{idx + 1} free")
+        self.bars[idx] = bar
+        return bar
+
+    def add_mem_bar(self, index: int, size: int, handler: BarHandler, *, bits64: bool = False,
+                    prefetchable: bool = False) -> Bar:
+        """Declare a memory BAR answered by ``handler``."""
+        kind = BarKind.MEM64 if bits64 else BarKind.MEM32
+        return self.add_bar(Bar(index, size, kind, handler, prefetchable))
+
+    def add_io_bar(self, index: int, size: int, handler: BarHandler) -> Bar:
+        """Declare an I/O BAR answered by ``handler``."""
+        return self.add_bar(Bar(index, size, BarKind.IO, handler))
+
+    def add_rom(self, data: bytes, size: int | None = None) -> None:
+        """Declare an expansion ROM holding ``data`` (size: power of two ≥ 2 KiB)."""
+        self._check_describing()
+        size = size or max(2048, 1 << (max(len(data), 1) - 1).bit_length())
+        if size < 2048 or size & (size - 1) or len(data) > size:
+            raise ConfigError(f"bad expansion ROM size {size:#x}")
+        self.rom = bytes(data).ljust(size, b"\xff")
+        self.rom_size = size
+
+    def add_capability(self, cap: Capability) -> Capability:
+        """Add a (standard or extended) capability; it is linked at realize."""
+        self._check_describing()
+        return self.caps.add(cap)
+
+    def add_msix(self, nvectors: int, *, bar: int, table_offset: int, pba_offset: int,
+                 pba_bar: int | None = None) -> MsixCapability:
+        """Add MSI-X with its table and PBA in BAR ``bar`` (PBA optionally elsewhere)."""
+        return self.add_capability(MsixCapability(nvectors, table_bar=bar, table_offset=table_offset,
+                                                  pba_bar=bar if pba_bar is None else pba_bar,
+                                                  pba_offset=pba_offset))
+
+    def add_msi(self, nvectors: int = 1, *, address64: bool = True, per_vector_mask: bool = True) -> MsiCapability:
+        """Add an MSI capability."""
+        return self.add_capability(MsiCapability(nvectors, address64=address64, per_vector_mask=per_vector_mask))
+
+    def add_standard_pcie_caps(self, *, flr: bool = True, aer: bool = True) -> None:
+        """Add Power Management, PCI Express (and AER) capabilities, as an endpoint has."""
+        self.add_capability(PowerManagementCapability())
+        self.add_capability(PciExpressCapability(flr=flr))
+        if aer:
+            self.add_capability(AerCapability())
+
+    # -- realize ----------------------------------------------------------------------------
+    def realize(self) -> None:
+        """Freeze the description and build configuration space. Idempotent."""
+        if self.realized:
+            return
+        cfg = self.config
+        for attr, bits in (("vendor_id", 16), ("device_id", 16), ("subsystem_vendor_id", 16),
+                           ("subsystem_id", 16), ("class_code", 24), ("revision", 8)):
+            val = getattr(self, attr)
+            if not 0 <= val < 1 << bits:
+                raise ConfigError(f"{attr} {val:#x} does not fit in {bits} bits")
+        if self.vendor_id == 0xFFFF:
+            raise ConfigError("vendor id 0xffff means 'no device'")
+        if not 0 <= self.interrupt_pin <= 4:
+            raise ConfigError("interrupt pin must be 0..4")
+        cfg.set16(ids.VENDOR_ID, self.vendor_id)
+        cfg.set16(ids.DEVICE_ID, self.device_id)
+        cfg.set_writable(ids.COMMAND, 2, _COMMAND_RW)
+        cfg.set_w1c(ids.STATUS, 2, ids.STATUS_RW1C)
+        cfg.set8(ids.REVISION_ID, self.revision)
+        cfg.set(ids.CLASS_PROG, 3, self.class_code)
+        cfg.set_writable(ids.CACHE_LINE_SIZE, 1, 0xFF)
+        cfg.set8(ids.HEADER_TYPE, 0)
+        cfg.set16(ids.SUBSYSTEM_VENDOR_ID, self.subsystem_vendor_id)
+        cfg.set16(ids.SUBSYSTEM_ID, self.subsystem_id)
+        cfg.set_writable(ids.INTERRUPT_LINE, 1, 0xFF)
+        cfg.set8(ids.INTERRUPT_LINE, 0xFF if self.interrupt_pin else 0)
+        cfg.set8(ids.INTERRUPT_PIN, self.interrupt_pin)
+        for bar in self.bars:
+            if bar is not None:
+                self._realize_bar(bar)
+        if self.rom is not None:
+            cfg.set_writable(ids.ROM_ADDRESS, 4, (~(self.rom_size - 1) & 0xFFFFF800) | ids.ROM_ENABLE)
+        self.caps.realize()
+        for cap in self.caps:
+            if isinstance(cap, MsixCapability):
+                self._install_msix(cap)
+        self._pm = self.caps.find(PowerManagementCapability)
+        cfg.add_write_hook(ids.COMMAND, 2, self._command_written)
+        cfg.freeze_defaults()
+        self.realized = True
+
+    def _realize_bar(self, bar: Bar) -> None:
+        cfg = self.config
+        off = ids.BASE_ADDRESS_0 + 4 * bar.index
+        cfg.set32(off, bar.flags)
+        if bar.is_io:
+            cfg.set_writable(off, 4, ~(bar.size - 1) & 0xFFFFFFFC)
+        else:
+            cfg.set_writable(off, 4, ~(bar.size - 1) & 0xFFFFFFF0)
+            if bar.is_64bit:
+                cfg.set_writable(off + 4, 4, ~((bar.size - 1) >> 32) & 0xFFFFFFFF)
+
+    def _install_msix(self, cap: MsixCapability) -> None:
+        for bar_idx, start, length, rd, wr in (
+                (cap.table_bar, cap.table_offset, cap.table_size, cap.table_read, cap.table_write),
+                (cap.pba_bar, cap.pba_offset, cap.pba_size, cap.pba_read, cap.pba_write)):
+            bar = self.bars[bar_idx]
+            if bar is None or bar.is_io or start + length > bar.size:
+                raise ConfigError(f"MSI-X structure does not fit in BAR{bar_idx}")
+            self._overlays.setdefault(bar_idx, []).append((start, start + length, rd, wr))
+
+    # -- attach -----------------------------------------------------------------------------
+    def attach(self, memory: GuestMemory | None, sink: InterruptSink | None) -> None:
+        """Connect guest memory and an interrupt sink (host or transport side)."""
+        self.realize()
+        self.memory = memory
+        if sink is not None:
+            self.irq.sink = sink
+
+    # -- state helpers ---------------------------------------------------------------------
+    @property
+    def command(self) -> int:
+        return self.config.get16(ids.COMMAND)
+
+    @property
+    def bus_master(self) -> bool:
+        """Bus Master Enable: the device may do DMA and send MSI/MSI-X."""
+        return bool(self.command & ids.Command.MASTER)
+
+    @property
+    def dma(self) -> GuestMemory:
+        """Guest memory for DMA.
+
+        :raises DmaError: if bus mastering is disabled or no memory is attached.
+        """
+        if not self.command & ids.Command.MASTER:
+            raise DmaError("bus mastering is disabled")
+        if self.memory is None:
+            raise DmaError("no guest memory attached")
+        return self.memory
+
+    def bar_address(self, index: int) -> int:
+        """The address the guest assigned to BAR ``index`` (0 if unassigned)."""
+        bar = self.bars[index]
+        if bar is None:
+            return 0
+        off = ids.BASE_ADDRESS_0 + 4 * index
+        lo = self.config.get32(off)
+        if bar.is_io:
+            return lo & ~0x3
+        addr = lo & ~0xF
+        if bar.is_64bit:
+            addr |= self.config.get32(off + 4) << 32
+        return addr
+
+    @property
+    def rom_address(self) -> int:
+        return self.config.get32(ids.ROM_ADDRESS) & ~0x7FF
+
+    # -- guest accesses --------------------------------------------------------------------------
+    def config_read(self, offset: int, size: int) -> int:
+        """A configuration read. :raises ConfigSpaceError: on a malformed access."""
+        return self.config.read(offset, size)
+
+    def config_write(self, offset: int, size: int, value: int) -> None:
+        """A configuration write. :raises ConfigSpaceError: on a malformed access."""
+        try:
+            self.config.write(offset, size, value)
+        except Exception as exc:  # a capability or device hook failed
+            from pcidev.errors import ConfigSpaceError
+            if isinstance(exc, ConfigSpaceError):
+                raise
+            self._fail(exc, f"config write {offset:#x}+{size}")
+
+    def _decodes(self, bar: Bar) -> bool:
+        cmd = self.config.get16(ids.COMMAND)
+        if bar.is_io:
+            on = cmd & ids.Command.IO
+        else:
+            on = cmd & ids.Command.MEMORY
+        if not on:
+            return False
+        return self._pm is None or self._pm.power_state == D0
+
+    def _bar(self, index: int, offset: int, size: int) -> Bar:
+        if not isinstance(index, int) or not 0 <= index <= 5 or self.bars[index] is None:
+            raise MmioError(f"the device has no BAR{index}")
+        bar = self.bars[index]
+        bar.check_access(offset, size)
+        return bar
+
+    def bar_read(self, index: int, offset: int, size: int, *, check_decode: bool = True) -> int:
+        """A read of ``size`` bytes at ``offset`` in BAR ``index``.
+
+        With memory (or I/O) decoding disabled, or the function not in D0, the
+        read is not claimed and returns all ones, as a real bus would.
+
+        :param check_decode: honour the command register (a transport whose
+            client already does, like QEMU, may pass False).
+        :raises MmioError: for a missing BAR, a bad size or an access outside the BAR.
+        """
+        bar = self._bar(index, offset, size)
+        if check_decode and not self._decodes(bar):
+            return (1 << (8 * size)) - 1
+        try:
+            for start, end, rd, _wr in self._overlays.get(index, ()):
+                if start <= offset < end:
+                    if offset + size > end:
+                        raise MmioError(f"access at {offset:#x}+{size} straddles an MSI-X structure")
+                    return rd(offset - start, size)
+            return bar.handler.read(offset, size)
+        except MmioError:
+            raise
+        except Exception as exc:
+            self._fail(exc, f"BAR{index} read {offset:#x}+{size}")
+            return 0
+
+    def bar_write(self, index: int, offset: int, size: int, value: int, *, check_decode: bool = True) -> None:
+        """A write of ``size`` bytes at ``offset`` in BAR ``index`` (see :meth:`bar_read`)."""
+        bar = self._bar(index, offset, size)
+        if check_decode and not self._decodes(bar):
+            return
+        value &= (1 << (8 * size)) - 1
+        try:
+            for start, end, _rd, wr in self._overlays.get(index, ()):
+                if start <= offset < end:
+                    if offset + size > end:
+                        raise MmioError(f"access at {offset:#x}+{size} straddles an MSI-X structure")
+                    with self.irq.lock:
+                        wr(offset - start, size, value)
+                    return
+            bar.handler.write(offset, size, value)
+        except MmioError:
+            raise
+        except Exception as exc:
+            self._fail(exc, f"BAR{index} write {offset:#x}+{size}={value:#x}")
+
+    def rom_read(self, offset: int, size: int) -> int:
+        """A read from the expansion ROM (all ones unless the ROM and memory decoding are enabled)."""
+        if self.rom is None or offset < 0 or size not in (1, 2, 4, 8) or offset + size > self.rom_size:
+            raise MmioError(f"no expansion ROM at {offset:#x}+{size}")
+        if not (self.config.get32(ids.ROM_ADDRESS) & ids.ROM_ENABLE) or not self.command & ids.Command.MEMORY:
+            return (1 << (8 * size)) - 1
+        return int.from_bytes(self.rom[offset:offset + size], "little")
+
+    # -- failure --------------------------------------------------------------------------------
+    def _fail(self, exc: BaseException, where: str) -> None:
+        self.log.error("device handler failed during %s; device enters failed state", where,
+                       exc_info=(type(exc), exc, exc.__traceback__))
+        if self.failed is None:
+            self.failed = exc
+        try:
+            self.on_failure(exc)
+        except Exception:
+            self.log.exception("on_failure itself failed")
+
+    def on_failure(self, exc: BaseException) -> None:
+        """Called once a handler raised. Override to show the failure to the
+        guest (e.g. NVMe CSTS.CFS)."""
+
+    # -- reset ---------------------------------------------------------------------------------
+    def _command_written(self, offset: int, size: int, old: int, value: int) -> None:
+        self.irq.update_intx()
+        self.on_command_written()
+
+    def on_command_written(self) -> None:
+        """Called after every guest write to the command register."""
+
+    def reset(self, kind: ResetKind = ResetKind.CONVENTIONAL) -> None:
+        """Reset the function: config space (keeping what ``kind`` keeps),
+        capabilities, BAR handlers, interrupts, then :meth:`on_reset`."""
+        self.config.reset(kind)
+        self.caps.reset(kind)
+        for bar in self.bars:
+            if bar is not None and hasattr(bar.handler, "reset"):
+                bar.handler.reset()
+        self.irq.reset()
+        self.failed = None
+        try:
+            self.on_reset(kind)
+        except Exception as exc:
+            self._fail(exc, f"{kind.value} reset")
+
+    def on_reset(self, kind: ResetKind) -> None:
+        """Reset device-specific state. Override in device classes."""
+
+    # -- migration ------------------------------------------------------------------------------
+    def migration_blockers(self) -> list[str]:
+        """Reasons this device cannot migrate right now (empty: it can)."""
+        return []
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} {self.vendor_id:04x}:{self.device_id:04x}>"

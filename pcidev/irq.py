@@ -1,0 +1,213 @@
+"""Interrupt delivery: INTx, MSI and MSI-X to pluggable sinks.
+
+A device raises interrupts through its :class:`InterruptController`
+(``device.irq``). The controller knows which mode the guest enabled
+(MSI-X, MSI, or legacy INTx), applies the masks the framework owns (MSI-X
+function and vector masks, MSI per-vector masks, the command register's
+INTx-disable and bus-master bits) and hands each message to an
+:class:`InterruptSink`:
+
+* :class:`CallbackSink` calls Python functions in this process (tests, the
+  software host);
+* :class:`EventfdSink` signals one eventfd per vector, for delivery to another
+  process (vfio-user's SET_IRQS hands the server such eventfds).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Protocol
+
+from pcidev.errors import IrqError
+from pcidev.pci import ids
+
+if TYPE_CHECKING:
+    from pcidev.device import PciDevice
+
+log = logging.getLogger(__name__)
+
+
+class InterruptSink(Protocol):
+    """Where a device's interrupts go."""
+
+    def msi(self, vector: int, address: int, data: int) -> None:
+        """Deliver one MSI or MSI-X message for ``vector``."""
+
+    def intx(self, level: bool) -> None:
+        """Change the INTx line level."""
+
+
+class NullSink:
+    """Drops every interrupt (the sink of a device nobody attached)."""
+
+    def msi(self, vector: int, address: int, data: int) -> None:
+        pass
+
+    def intx(self, level: bool) -> None:
+        pass
+
+
+class CallbackSink:
+    """Calls ``on_msi(vector, address, data)`` and ``on_intx(level)`` in-process.
+
+    :param on_msi: called for each MSI/MSI-X message (may be None).
+    :param on_intx: called on each INTx level change (may be None).
+    """
+
+    def __init__(self, on_msi: Callable[[int, int, int], None] | None = None,
+                 on_intx: Callable[[bool], None] | None = None) -> None:
+        self._on_msi = on_msi
+        self._on_intx = on_intx
+
+    def msi(self, vector: int, address: int, data: int) -> None:
+        if self._on_msi is not None:
+            self._on_msi(vector, address, data)
+
+    def intx(self, level: bool) -> None:
+        if self._on_intx is not None:
+            self._on_intx(level)
+
+
+class EventfdSink:
+    """Signals eventfds: one per MSI/MSI-X vector, and one for INTx assertion.
+
+    The eventfds may belong to another process (passed over a UNIX socket);
+    each message adds 1 to the vector's counter. A vector without an eventfd is
+    dropped and counted in :attr:`dropped`, as a vfio device does when no
+    trigger was set.
+
+    :param vector_fds: vector number → eventfd.
+    :param intx_fd: eventfd signalled when INTx is asserted.
+    """
+
+    def __init__(self, vector_fds: Mapping[int, int] | None = None, intx_fd: int | None = None) -> None:
+        self.vector_fds: dict[int, int] = dict(vector_fds or {})
+        self.intx_fd = intx_fd
+        self.dropped = 0
+
+    def set_vector(self, vector: int, fd: int | None) -> None:
+        """Install (or with None remove) the eventfd of ``vector``."""
+        if fd is None:
+            self.vector_fds.pop(vector, None)
+        else:
+            self.vector_fds[vector] = fd
+
+    def msi(self, vector: int, address: int, data: int) -> None:
+        fd = self.vector_fds.get(vector)
+        if fd is None:
+            self.dropped += 1
+            return
+        os.eventfd_write(fd, 1)
+
+    def intx(self, level: bool) -> None:
+        if level and self.intx_fd is not None:
+            os.eventfd_write(self.intx_fd, 1)
+
+
+class InterruptController:
+    """Owns the interrupt state of one device.
+
+    Created by :class:`~pcidev.device.PciDevice`; devices call :meth:`notify`
+    for message interrupts and :meth:`set_intx` for the legacy line.
+    """
+
+    def __init__(self, device: PciDevice) -> None:
+        self.device = device
+        self.sink: InterruptSink = NullSink()
+        self.intx_asserted = False
+        self._intx_out = False
+        #: messages dropped because bus mastering was off
+        self.blocked_by_bus_master = 0
+        self.lock = threading.RLock()
+
+    @property
+    def msix(self):
+        from pcidev.pci.capabilities.msix import MsixCapability
+        return self.device.caps.find(MsixCapability)
+
+    @property
+    def msi(self):
+        from pcidev.pci.capabilities.msi import MsiCapability
+        return self.device.caps.find(MsiCapability)
+
+    @property
+    def mode(self) -> str:
+        """``"msix"``, ``"msi"`` or ``"intx"``: what the guest enabled."""
+        msix = self.msix
+        if msix is not None and msix.enabled:
+            return "msix"
+        msi = self.msi
+        if msi is not None and msi.enabled:
+            return "msi"
+        return "intx"
+
+    def vector_count(self) -> int:
+        """How many message vectors the guest enabled (0 in INTx mode)."""
+        msix = self.msix
+        if msix is not None and msix.enabled:
+            return msix.nvectors
+        msi = self.msi
+        if msi is not None and msi.enabled:
+            return msi.enabled_vectors
+        return 0
+
+    def bus_master(self) -> bool:
+        return bool(self.device.config.get16(ids.COMMAND) & ids.Command.MASTER)
+
+    def send(self, vector: int, address: int, data: int) -> None:
+        """Deliver a message to the sink, if bus mastering allows (used by MSI/MSI-X)."""
+        if not self.bus_master():
+            self.blocked_by_bus_master += 1
+            return
+        self.sink.msi(vector, address, data)
+
+    def notify(self, vector: int) -> bool:
+        """Raise message interrupt ``vector`` in the enabled mode.
+
+        :returns: True if MSI-X or MSI is enabled and took the vector (it may be
+            latched as pending while masked); False in INTx mode, where the caller
+            drives :meth:`set_intx` instead.
+        :raises IrqError: if the vector does not exist in the enabled mode.
+        """
+        with self.lock:
+            msix = self.msix
+            if msix is not None and msix.enabled:
+                msix.notify(vector)
+                return True
+            msi = self.msi
+            if msi is not None and msi.enabled:
+                msi.notify(vector)
+                return True
+            return False
+
+    def set_intx(self, level: bool) -> None:
+        """Assert (True) or deassert (False) the device's INTx line."""
+        with self.lock:
+            self.intx_asserted = bool(level)
+            self.update_intx()
+
+    def update_intx(self) -> None:
+        """Recompute the line level seen by the sink (after INTx-disable changes)."""
+        cfg = self.device.config
+        if cfg.get8(ids.INTERRUPT_PIN) == 0:
+            return
+        if self.intx_asserted:
+            cfg.set_bits(ids.STATUS, 2, ids.Status.INTERRUPT)
+        else:
+            cfg.clear_bits(ids.STATUS, 2, ids.Status.INTERRUPT)
+        disabled = bool(cfg.get16(ids.COMMAND) & ids.Command.INTX_DISABLE)
+        out = self.intx_asserted and not disabled and self.mode == "intx"
+        if out != self._intx_out:
+            self._intx_out = out
+            self.sink.intx(out)
+
+    def reset(self) -> None:
+        """Deassert INTx (part of every reset)."""
+        self.intx_asserted = False
+        self.update_intx()
+
+
+__all__ = ["InterruptSink", "NullSink", "CallbackSink", "EventfdSink", "InterruptController", "IrqError"]

@@ -1,0 +1,184 @@
+"""Capability objects and the auto-linked capability lists.
+
+A device adds :class:`Capability` instances (standard list, from the
+capabilities pointer at 0x34) and :class:`ExtCapability` instances (extended
+list, from 0x100). At realize the :class:`CapabilityList` gives each one a byte
+offset (or honours the offset it pinned), writes the headers with the ``next``
+links, and lets each capability write its registers and masks. All offsets are
+byte offsets.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+from pcidev.errors import ConfigError
+from pcidev.pci import ids
+from pcidev.pci.config import ConfigSpace, ResetKind
+
+if TYPE_CHECKING:
+    from pcidev.device import PciDevice
+
+
+class Capability:
+    """A capability in the standard list.
+
+    Subclasses set :attr:`CAP_ID` and :attr:`SIZE` and override :meth:`setup`
+    to write their registers through the relative helpers below.
+
+    :param offset: pin the capability at this byte offset (else one is chosen).
+    """
+
+    CAP_ID: ClassVar[int] = 0
+    SIZE: ClassVar[int] = 4
+    #: header size in bytes (2 for a standard capability: id, next).
+    HEADER: ClassVar[int] = 2
+
+    def __init__(self, *, offset: int | None = None) -> None:
+        self.offset: int | None = offset
+        self.device: PciDevice | None = None
+        self.config: ConfigSpace | None = None
+
+    @property
+    def size(self) -> int:
+        """Size of the capability structure in bytes."""
+        return self.SIZE
+
+    def __repr__(self) -> str:
+        off = "?" if self.offset is None else f"{self.offset:#x}"
+        return f"<{type(self).__name__} at {off}>"
+
+    # -- relative helpers --------------------------------------------------------
+    def get(self, rel: int, size: int) -> int:
+        return self.config.get(self.offset + rel, size)
+
+    def set(self, rel: int, size: int, value: int) -> None:
+        self.config.set(self.offset + rel, size, value)
+
+    def writable(self, rel: int, size: int, bits: int) -> None:
+        self.config.set_writable(self.offset + rel, size, bits)
+
+    def w1c(self, rel: int, size: int, bits: int) -> None:
+        self.config.set_w1c(self.offset + rel, size, bits)
+
+    def sticky(self, rel: int, size: int, bits: int) -> None:
+        self.config.set_sticky(self.offset + rel, size, bits)
+
+    def flr_keep(self, rel: int, size: int, bits: int) -> None:
+        self.config.set_flr_keep(self.offset + rel, size, bits)
+
+    def on_write(self, rel: int, size: int, hook) -> None:
+        """Call ``hook(offset, size, old, value)`` after guest writes to ``[rel, rel+size)``."""
+        self.config.add_write_hook(self.offset + rel, size, hook)
+
+    # -- lifecycle ------------------------------------------------------------------
+    def install(self, device: PciDevice, offset: int) -> None:
+        """Bind to ``device`` at ``offset`` and write registers (called by the list)."""
+        self.device = device
+        self.config = device.config
+        self.offset = offset
+        self.setup()
+
+    def setup(self) -> None:
+        """Write the registers, masks and hooks. Override in subclasses."""
+
+    def reset(self, kind: ResetKind) -> None:
+        """React to a reset after config space was restored. Override if the
+        capability keeps state outside config space."""
+
+
+class ExtCapability(Capability):
+    """A capability in the PCIe extended list (4-byte header: id, version, next)."""
+
+    VERSION: ClassVar[int] = 1
+    HEADER: ClassVar[int] = 4
+
+
+class CapabilityList:
+    """Places capabilities and links them.
+
+    :param device: the owning device.
+    """
+
+    def __init__(self, device: PciDevice) -> None:
+        self.device = device
+        self.standard: list[Capability] = []
+        self.extended: list[ExtCapability] = []
+
+    def add(self, cap: Capability) -> Capability:
+        """Add ``cap`` to the standard or extended list (by its type)."""
+        if cap.device is not None:
+            raise ConfigError(f"{cap!r} is already installed in a device")
+        (self.extended if isinstance(cap, ExtCapability) else self.standard).append(cap)
+        return cap
+
+    def find(self, cap_type: type[Capability]) -> Capability | None:
+        """First capability of ``cap_type``, or None."""
+        for cap in (*self.standard, *self.extended):
+            if isinstance(cap, cap_type):
+                return cap
+        return None
+
+    def __iter__(self):
+        return iter((*self.standard, *self.extended))
+
+    @staticmethod
+    def _place(caps: list[Capability], start: int, end: int, what: str) -> None:
+        taken: list[tuple[int, int, Capability]] = []
+        for cap in caps:
+            if cap.offset is not None:
+                if cap.offset % 4 or cap.offset < start or cap.offset + cap.size > end:
+                    raise ConfigError(f"{what} {cap!r} pinned at a bad offset")
+                taken.append((cap.offset, cap.offset + cap.size, cap))
+        taken.sort(key=lambda t: t[0])
+        for (a0, a1, c0), (b0, _b1, c1) in zip(taken, taken[1:]):
+            if b0 < a1:
+                raise ConfigError(f"{c0!r} and {c1!r} overlap")
+        for cap in caps:
+            if cap.offset is not None:
+                continue
+            pos = start
+            for t0, t1, _ in sorted(taken, key=lambda t: t[0]):
+                if pos + cap.size <= t0:
+                    break
+                pos = max(pos, (t1 + 3) & ~3)
+            if pos + cap.size > end:
+                raise ConfigError(f"no room for {what} {cap!r}")
+            cap.offset = pos
+            taken.append((pos, pos + cap.size, cap))
+
+    def realize(self) -> None:
+        """Choose offsets, write headers and links, and install every capability."""
+        dev = self.device
+        cfg = dev.config
+        self._place(self.standard, ids.STD_CAP_START, ids.CONFIG_SPACE_SIZE, "capability")
+        if self.extended:
+            if cfg.size < ids.EXT_CONFIG_SPACE_SIZE:
+                raise ConfigError("extended capabilities need a 4 KiB config space")
+            # the first extended capability must sit at 0x100
+            if not any(c.offset == ids.EXT_CAP_START for c in self.extended):
+                first = next((c for c in self.extended if c.offset is None), None)
+                if first is None:
+                    raise ConfigError("one extended capability must be at 0x100")
+                first.offset = ids.EXT_CAP_START
+            self._place(self.extended, ids.EXT_CAP_START, ids.EXT_CONFIG_SPACE_SIZE,
+                        "extended capability")
+        # standard chain, in order of the list as added
+        chain = self.standard
+        if chain:
+            cfg.set8(ids.CAPABILITY_LIST, chain[0].offset)
+            cfg.set_bits(ids.STATUS, 2, ids.Status.CAP_LIST)
+        for i, cap in enumerate(chain):
+            nxt = chain[i + 1].offset if i + 1 < len(chain) else 0
+            cfg.set8(cap.offset, cap.CAP_ID)
+            cfg.set8(cap.offset + 1, nxt)
+            cap.install(dev, cap.offset)
+        ext = sorted(self.extended, key=lambda c: c.offset != ids.EXT_CAP_START)
+        for i, cap in enumerate(ext):
+            nxt = ext[i + 1].offset if i + 1 < len(ext) else 0
+            cfg.set32(cap.offset, (cap.CAP_ID & 0xFFFF) | ((cap.VERSION & 0xF) << 16) | (nxt << 20))
+            cap.install(dev, cap.offset)
+
+    def reset(self, kind: ResetKind) -> None:
+        for cap in self:
+            cap.reset(kind)

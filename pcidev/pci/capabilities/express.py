@@ -1,0 +1,119 @@
+"""PCI Express capability (ID 10h), version 2, for an endpoint.
+
+Layout (byte offsets)::
+
+    00  id | next | PCIe capabilities (16): version 3:0, device/port type 7:4
+    04  device capabilities: MPS supported 2:0, ext tag 5, role-based errors 15, FLR 28
+    08  device control (16): error reporting enables 3:0, relaxed ordering 4, MPS 7:5,
+        ext tag 8, no snoop 11, MRRS 14:12, initiate FLR 15 (reads 0)
+    0A  device status (16): correctable/non-fatal/fatal/UR detected 3:0 (RW1C)
+    0C  link capabilities: max speed 3:0, max width 9:4, ASPM 11:10, port 31:24
+    10  link control (16)         12  link status (16): speed 3:0, width 9:4
+    14..23  slot and root registers (absent for an endpoint: zero)
+    24  device capabilities 2     28  device control 2 (16)   2A device status 2
+    2C  link capabilities 2: supported speeds 7:1
+    30  link control 2 (16): target speed 3:0      32 link status 2
+
+Writing 1 to *Initiate Function Level Reset* performs an FLR of the device.
+"""
+
+from __future__ import annotations
+
+from pcidev.errors import ConfigError
+from pcidev.pci import ids
+from pcidev.pci.capabilities.base import Capability
+from pcidev.pci.config import ResetKind
+
+FLAGS = 0x02
+DEVCAP = 0x04
+DEVCTL = 0x08
+DEVSTA = 0x0A
+LNKCAP = 0x0C
+LNKCTL = 0x10
+LNKSTA = 0x12
+DEVCAP2 = 0x24
+DEVCTL2 = 0x28
+LNKCAP2 = 0x2C
+LNKCTL2 = 0x30
+LNKSTA2 = 0x32
+
+DEVCAP_FLR = 1 << 28
+DEVCAP_RBER = 1 << 15
+DEVCAP_EXT_TAG = 1 << 5
+DEVCTL_BCR_FLR = 0x8000
+DEVCTL_RW = 0x7FFF
+DEVCTL_DEFAULT = 0x2810  # relaxed ordering, no snoop, MRRS 512 B
+DEVSTA_ERRORS = 0x000F
+LNKCTL_RW = 0x0FFB  # everything but the reserved bit 2 and retrain (bit 5 is RW for ports only; kept simple)
+
+TYPE_ENDPOINT = 0x0
+TYPE_RC_INTEGRATED = 0x9
+
+_SPEEDS = {2.5: 1, 5.0: 2, 8.0: 3, 16.0: 4, 32.0: 5, 64.0: 6}
+
+
+class PciExpressCapability(Capability):
+    """PCI Express capability for an endpoint.
+
+    :param max_payload: largest supported Max_Payload_Size in bytes (128…4096).
+    :param flr: advertise Function Level Reset.
+    :param link_speed: GT/s (2.5, 5, 8, 16, 32, 64).
+    :param link_width: lanes (1, 2, 4, 8, 16, 32).
+    :param port_type: device/port type (0 endpoint, 9 RC-integrated endpoint).
+    """
+
+    CAP_ID = ids.CapId.EXP
+    SIZE = 0x3C
+
+    def __init__(self, *, max_payload: int = 256, flr: bool = True, link_speed: float = 8.0,
+                 link_width: int = 4, port_type: int = TYPE_ENDPOINT, offset: int | None = None) -> None:
+        super().__init__(offset=offset)
+        if max_payload not in (128, 256, 512, 1024, 2048, 4096):
+            raise ConfigError(f"bad Max_Payload_Size {max_payload}")
+        if link_speed not in _SPEEDS:
+            raise ConfigError(f"bad link speed {link_speed}")
+        if link_width not in (1, 2, 4, 8, 12, 16, 32):
+            raise ConfigError(f"bad link width {link_width}")
+        self.max_payload = max_payload
+        self.flr = flr
+        self.speed_code = _SPEEDS[link_speed]
+        self.link_width = link_width
+        self.port_type = port_type
+
+    def setup(self) -> None:
+        self.set(FLAGS, 2, 0x2 | (self.port_type << 4))
+        mps = self.max_payload.bit_length() - 8
+        devcap = mps | DEVCAP_EXT_TAG | DEVCAP_RBER | (7 << 6) | (7 << 9)
+        if self.flr:
+            devcap |= DEVCAP_FLR
+        self.set(DEVCAP, 4, devcap)
+        self.set(DEVCTL, 2, DEVCTL_DEFAULT)
+        self.writable(DEVCTL, 2, DEVCTL_RW | (DEVCTL_BCR_FLR if self.flr else 0))
+        self.w1c(DEVSTA, 2, DEVSTA_ERRORS)
+        self.set(LNKCAP, 4, self.speed_code | (self.link_width << 4) | (0x3 << 10))
+        self.writable(LNKCTL, 2, LNKCTL_RW)
+        self.flr_keep(LNKCTL, 2, 0xFFFF)
+        self.set(LNKSTA, 2, self.speed_code | (self.link_width << 4))
+        self.set(DEVCAP2, 4, 0x1F)  # completion timeout ranges A-D, disable supported
+        self.writable(DEVCTL2, 2, 0x001F)
+        self.set(LNKCAP2, 4, ((1 << self.speed_code) - 1) << 1)
+        self.set(LNKCTL2, 2, self.speed_code)
+        self.writable(LNKCTL2, 2, 0x000F)
+        self.flr_keep(LNKCTL2, 2, 0xFFFF)
+        self.on_write(DEVCTL, 2, self._devctl_written)
+
+    @property
+    def device_control(self) -> int:
+        return self.get(DEVCTL, 2)
+
+    def _devctl_written(self, off: int, size: int, old: int, value: int) -> None:
+        ctl = self.get(DEVCTL, 2)
+        if ctl & DEVCTL_BCR_FLR:
+            self.set(DEVCTL, 2, ctl & ~DEVCTL_BCR_FLR)  # always reads 0
+            self.device.reset(ResetKind.FLR)
+
+    def report_error(self, kind: str) -> None:
+        """Set a Device Status error-detected bit: ``correctable``, ``nonfatal``,
+        ``fatal`` or ``unsupported``."""
+        bit = {"correctable": 1, "nonfatal": 2, "fatal": 4, "unsupported": 8}[kind]
+        self.set(DEVSTA, 2, self.get(DEVSTA, 2) | bit)

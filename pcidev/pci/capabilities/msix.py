@@ -1,0 +1,177 @@
+"""MSI-X capability (ID 11h), with the table and the Pending Bit Array owned by
+the framework.
+
+Capability layout::
+
+    00  id | next | message control (16)
+    04  table offset [31:3] | table BIR [2:0]
+    08  PBA offset [31:3]   | PBA BIR [2:0]
+
+Message control: bits 10:0 table size − 1, bit 14 function mask, bit 15 enable.
+
+Each table entry is 16 bytes: address low (bits 1:0 reserved), address high,
+data, vector control (bit 0: mask; set at reset). The PBA holds one bit per
+vector in quadwords; it is read-only to the guest.
+
+A message raised while its vector (or the whole function) is masked sets its
+pending bit; unmasking delivers it and clears the bit (PCI Local Bus spec,
+MSI-X chapter).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from pcidev.errors import ConfigError, IrqError
+from pcidev.pci import ids
+from pcidev.pci.capabilities.base import Capability
+from pcidev.pci.config import ResetKind
+
+CTRL = 2
+TABLE = 4
+PBA = 8
+CTRL_ENABLE = 0x8000
+CTRL_MASKALL = 0x4000
+ENTRY_SIZE = 16
+ENTRY_CTRL = 12
+VECTOR_MASKED = 0x1
+
+_ENTRY = struct.Struct("<IIII")
+
+
+class MsixCapability(Capability):
+    """MSI-X with ``nvectors`` vectors whose table and PBA live in BARs.
+
+    :param nvectors: 1..2048.
+    :param table_bar: BAR index holding the table.
+    :param table_offset: byte offset of the table in that BAR (8-byte aligned).
+    :param pba_bar: BAR index holding the PBA.
+    :param pba_offset: byte offset of the PBA in that BAR (8-byte aligned).
+    """
+
+    CAP_ID = ids.CapId.MSIX
+    SIZE = 12
+
+    def __init__(self, nvectors: int, *, table_bar: int, table_offset: int, pba_bar: int,
+                 pba_offset: int, offset: int | None = None) -> None:
+        super().__init__(offset=offset)
+        if not 1 <= nvectors <= 2048:
+            raise ConfigError(f"MSI-X supports 1..2048 vectors, not {nvectors}")
+        for name, bar, off in (("table", table_bar, table_offset), ("PBA", pba_bar, pba_offset)):
+            if not 0 <= bar <= 5 or off % 8 or off < 0:
+                raise ConfigError(f"MSI-X {name} BAR {bar} offset {off:#x} is invalid")
+        self.nvectors = nvectors
+        self.table_bar = table_bar
+        self.table_offset = table_offset
+        self.pba_bar = pba_bar
+        self.pba_offset = pba_offset
+        self.table = bytearray(nvectors * ENTRY_SIZE)
+        self.pba = bytearray(((nvectors + 63) // 64) * 8)
+        self._reset_table()
+        t0, t1 = table_offset, table_offset + len(self.table)
+        p0, p1 = pba_offset, pba_offset + len(self.pba)
+        if table_bar == pba_bar and t0 < p1 and p0 < t1:
+            raise ConfigError("MSI-X table and PBA overlap")
+
+    @property
+    def table_size(self) -> int:
+        return len(self.table)
+
+    @property
+    def pba_size(self) -> int:
+        return len(self.pba)
+
+    def setup(self) -> None:
+        self.set(CTRL, 2, self.nvectors - 1)
+        self.writable(CTRL, 2, CTRL_ENABLE | CTRL_MASKALL)
+        self.set(TABLE, 4, self.table_offset | self.table_bar)
+        self.set(PBA, 4, self.pba_offset | self.pba_bar)
+        self.on_write(CTRL, 2, self._ctrl_written)
+
+    def _reset_table(self) -> None:
+        self.table[:] = bytes(len(self.table))
+        for v in range(self.nvectors):
+            self.table[v * ENTRY_SIZE + ENTRY_CTRL] = VECTOR_MASKED
+        self.pba[:] = bytes(len(self.pba))
+
+    # -- state --------------------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        return bool(self.get(CTRL, 2) & CTRL_ENABLE)
+
+    @property
+    def function_masked(self) -> bool:
+        return bool(self.get(CTRL, 2) & CTRL_MASKALL)
+
+    def entry(self, vector: int) -> tuple[int, int, bool]:
+        """``(address, data, masked)`` of a table entry."""
+        lo, hi, data, ctrl = _ENTRY.unpack_from(self.table, vector * ENTRY_SIZE)
+        return (hi << 32) | (lo & ~3), data, bool(ctrl & VECTOR_MASKED)
+
+    def is_pending(self, vector: int) -> bool:
+        return bool(self.pba[vector >> 3] >> (vector & 7) & 1)
+
+    def _set_pending(self, vector: int, on: bool) -> None:
+        if on:
+            self.pba[vector >> 3] |= 1 << (vector & 7)
+        else:
+            self.pba[vector >> 3] &= ~(1 << (vector & 7)) & 0xFF
+
+    def notify(self, vector: int) -> None:
+        """Send ``vector``'s message, or latch its pending bit while masked.
+
+        :raises IrqError: for a vector the table does not have.
+        """
+        if not 0 <= vector < self.nvectors:
+            raise IrqError(f"MSI-X vector {vector} out of range (table has {self.nvectors})")
+        address, data, masked = self.entry(vector)
+        if masked or self.function_masked or not self.enabled:
+            self._set_pending(vector, True)
+            return
+        self.device.irq.send(vector, address, data)
+
+    def _deliver_pending(self, vectors) -> None:
+        if not self.enabled or self.function_masked:
+            return
+        for v in vectors:
+            if self.is_pending(v):
+                address, data, masked = self.entry(v)
+                if not masked:
+                    self._set_pending(v, False)
+                    self.device.irq.send(v, address, data)
+
+    def _ctrl_written(self, off: int, size: int, old: int, value: int) -> None:
+        self._deliver_pending(range(self.nvectors))
+        self.device.irq.update_intx()
+
+    # -- BAR side -------------------------------------------------------------------
+    def table_read(self, offset: int, size: int) -> int:
+        """A guest read of ``size`` bytes at ``offset`` within the table."""
+        return int.from_bytes(self.table[offset:offset + size], "little")
+
+    def table_write(self, offset: int, size: int, value: int) -> None:
+        """A guest write within the table; unmasking a vector delivers its pending message."""
+        raw = bytearray(value.to_bytes(size, "little"))
+        first = offset // ENTRY_SIZE
+        last = (offset + size - 1) // ENTRY_SIZE
+        for i in range(size):
+            pos = offset + i
+            rel = pos % ENTRY_SIZE
+            if rel == 0:
+                raw[i] &= 0xFC  # address bits 1:0 are reserved
+            elif rel == ENTRY_CTRL:
+                raw[i] &= VECTOR_MASKED
+            elif rel > ENTRY_CTRL:
+                raw[i] = 0  # reserved vector-control bits
+        self.table[offset:offset + size] = raw
+        self._deliver_pending(range(first, last + 1))
+
+    def pba_read(self, offset: int, size: int) -> int:
+        """A guest read within the PBA."""
+        return int.from_bytes(self.pba[offset:offset + size], "little")
+
+    def pba_write(self, offset: int, size: int, value: int) -> None:
+        """Writes to the PBA are ignored (it is read-only)."""
+
+    def reset(self, kind: ResetKind) -> None:
+        self._reset_table()

@@ -1,0 +1,66 @@
+"""Power Management capability (ID 01h), version 3.
+
+Layout::
+
+    00  id | next | PMC (16): bits 2:0 version, bit 9 D1, bit 10 D2, 15:11 PME support
+    04  PMCSR (16): bits 1:0 power state, bit 3 No_Soft_Reset, bit 8 PME_En, bit 15 PME_Status
+    06  bridge extensions (8), data (8)
+
+Only D0 and D3hot are supported; a write of D1 or D2 leaves the state unchanged
+(the spec lets a function ignore writes of unsupported states). A function in
+D3hot answers configuration accesses only: its BARs are gated by the device.
+"""
+
+from __future__ import annotations
+
+from pcidev.pci import ids
+from pcidev.pci.capabilities.base import Capability
+from pcidev.pci.config import ResetKind
+
+PMC = 2
+PMCSR = 4
+STATE_MASK = 0x0003
+NO_SOFT_RESET = 0x0008
+PME_ENABLE = 0x0100
+PME_STATUS = 0x8000
+D0 = 0
+D3HOT = 3
+
+
+class PowerManagementCapability(Capability):
+    """PCI Power Management, D0 and D3hot.
+
+    :param no_soft_reset: advertise No_Soft_Reset (state kept over D3hot→D0).
+    """
+
+    CAP_ID = ids.CapId.PM
+    SIZE = 8
+
+    def __init__(self, *, no_soft_reset: bool = True, offset: int | None = None) -> None:
+        super().__init__(offset=offset)
+        self.no_soft_reset = no_soft_reset
+
+    def setup(self) -> None:
+        self.set(PMC, 2, 0x0003)
+        self.set(PMCSR, 2, NO_SOFT_RESET if self.no_soft_reset else 0)
+        self.writable(PMCSR, 2, STATE_MASK | PME_ENABLE)
+        self.w1c(PMCSR, 2, PME_STATUS)
+        self.on_write(PMCSR, 2, self._written)
+        self._state = D0
+
+    @property
+    def power_state(self) -> int:
+        """0 for D0 … 3 for D3hot."""
+        return self.get(PMCSR, 2) & STATE_MASK
+
+    def _written(self, off: int, size: int, old: int, value: int) -> None:
+        state = self.power_state
+        if state not in (D0, D3HOT):
+            self.set(PMCSR, 2, (self.get(PMCSR, 2) & ~STATE_MASK) | self._state)
+            return
+        prev, self._state = self._state, state
+        if prev == D3HOT and state == D0 and not self.no_soft_reset:
+            self.device.reset(ResetKind.CONVENTIONAL)
+
+    def reset(self, kind: ResetKind) -> None:
+        self._state = self.power_state
