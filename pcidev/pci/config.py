@@ -88,12 +88,12 @@ class ConfigSpace:
     # -- device-side accessors (no masks) ----------------------------------------
     def get(self, offset: int, size: int) -> int:
         """Return the stored value of ``size`` bytes at ``offset`` (no read hooks)."""
-        self._check(offset, size)
+        self._check_range(offset, size)
         return int.from_bytes(self.data[offset:offset + size], "little")
 
     def set(self, offset: int, size: int, value: int) -> None:
         """Store ``value`` regardless of the write masks (device side)."""
-        self._check(offset, size)
+        self._check_range(offset, size)
         self.data[offset:offset + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
 
     def get8(self, offset: int) -> int:

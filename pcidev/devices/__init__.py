@@ -1,0 +1,1 @@
+"""Device models that ship with the framework (examples and test devices)."""

@@ -1,0 +1,457 @@
+"""Host-side view of a plugged device, with the names Linux drivers use.
+
+:class:`HostPciDevice` does what the Linux PCI core and a driver's probe do:
+size and assign BARs (``enable_device``), enable bus mastering (``set_master``),
+program MSI-X / MSI / INTx (``alloc_irq_vectors``), access BARs
+(``ioread32``/``iowrite32``...), walk capabilities and reset the function.
+Interrupts the device sends are recorded per host vector and can be waited on.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from pcidev.errors import IrqError, PcidevError
+from pcidev.pci import ids
+from pcidev.pci.capabilities import express, msi, msix, pm
+
+if TYPE_CHECKING:
+    from pcidev.device import PciDevice
+    from pcidev.host.machine import Machine
+
+PCI_IRQ_INTX = 1
+PCI_IRQ_MSI = 2
+PCI_IRQ_MSIX = 4
+PCI_IRQ_ALL_TYPES = PCI_IRQ_INTX | PCI_IRQ_MSI | PCI_IRQ_MSIX
+
+MSI_ADDRESS = 0xFEE0_0000
+
+
+class InterruptRecorder:
+    """An interrupt sink that counts messages per vector and lets callers wait.
+
+    For MSI-X the host programs each entry's data with the vector number; for
+    MSI the low bits of the data select the vector. Messages to any address
+    other than the MSI window are counted in :attr:`stray`.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[int, int] = {}
+        self.intx_level = False
+        self.intx_edges = 0
+        self.stray = 0
+        self.callbacks: dict[int, object] = {}
+        self._cond = threading.Condition()
+
+    def msi(self, vector: int, address: int, data: int) -> None:
+        if address & ~0xFFFFF != MSI_ADDRESS:
+            self.stray += 1
+            return
+        cb = self.callbacks.get(data)
+        with self._cond:
+            self.counts[data] = self.counts.get(data, 0) + 1
+            self._cond.notify_all()
+        if cb is not None:
+            cb(data)
+
+    def intx(self, level: bool) -> None:
+        with self._cond:
+            self.intx_level = level
+            if level:
+                self.intx_edges += 1
+            self._cond.notify_all()
+
+    def count(self, vector: int) -> int:
+        with self._cond:
+            return self.counts.get(vector, 0)
+
+    def wait(self, vector: int, *, above: int, timeout: float) -> bool:
+        """Wait until vector ``vector`` has been raised more than ``above`` times."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.counts.get(vector, 0) <= above:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+    def wait_intx(self, level: bool, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.intx_level != level:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+
+class HostPciDevice:
+    """The host's handle on one plugged device."""
+
+    def __init__(self, machine: Machine, device: PciDevice, slot: int) -> None:
+        self.machine = machine
+        self.device = device
+        self.slot = slot
+        self.recorder = InterruptRecorder()
+        #: per BAR: (address, size, kind) once assigned
+        self.resources: dict[int | str, tuple[int, int, str]] = {}
+        self.irq_type = 0
+        self.nvec = 0
+        self._consumed: dict[int, int] = {}
+
+    # -- configuration space -----------------------------------------------------------------
+    def config_read8(self, off: int) -> int:
+        return self.device.config_read(off, 1)
+
+    def config_read16(self, off: int) -> int:
+        return self.device.config_read(off, 2)
+
+    def config_read32(self, off: int) -> int:
+        return self.device.config_read(off, 4)
+
+    def config_write8(self, off: int, v: int) -> None:
+        self.device.config_write(off, 1, v)
+
+    def config_write16(self, off: int, v: int) -> None:
+        self.device.config_write(off, 2, v)
+
+    def config_write32(self, off: int, v: int) -> None:
+        self.device.config_write(off, 4, v)
+
+    @property
+    def vendor(self) -> int:
+        return self.config_read16(ids.VENDOR_ID)
+
+    @property
+    def device_id(self) -> int:
+        return self.config_read16(ids.DEVICE_ID)
+
+    @property
+    def class_code(self) -> int:
+        return self.config_read32(ids.REVISION_ID) >> 8
+
+    def find_capability(self, cap_id: int) -> int:
+        """Offset of the first standard capability ``cap_id``, or 0 (``pci_find_capability``)."""
+        if not self.config_read16(ids.STATUS) & ids.Status.CAP_LIST:
+            return 0
+        pos = self.config_read8(ids.CAPABILITY_LIST) & ~3
+        seen = 0
+        while pos and seen < 48:
+            if self.config_read8(pos) == cap_id:
+                return pos
+            pos = self.config_read8(pos + 1) & ~3
+            seen += 1
+        return 0
+
+    def capabilities(self) -> list[tuple[int, int]]:
+        """``(offset, id)`` of every standard capability, in chain order."""
+        out = []
+        pos = self.config_read8(ids.CAPABILITY_LIST) & ~3 if self.config_read16(ids.STATUS) & ids.Status.CAP_LIST else 0
+        while pos and len(out) < 48:
+            out.append((pos, self.config_read8(pos)))
+            pos = self.config_read8(pos + 1) & ~3
+        return out
+
+    def ext_capabilities(self) -> list[tuple[int, int, int]]:
+        """``(offset, id, version)`` of every extended capability, in chain order."""
+        out = []
+        pos = ids.EXT_CAP_START
+        while pos and len(out) < (4096 - 256) // 8:
+            hdr = self.config_read32(pos)
+            if hdr == 0 or hdr == 0xFFFFFFFF:
+                break
+            out.append((pos, hdr & 0xFFFF, (hdr >> 16) & 0xF))
+            pos = (hdr >> 20) & 0xFFC
+            if pos and pos < ids.EXT_CAP_START:
+                break
+        return out
+
+    def find_ext_capability(self, cap_id: int) -> int:
+        """Offset of extended capability ``cap_id``, or 0 (``pci_find_ext_capability``)."""
+        for off, cid, _ver in self.ext_capabilities():
+            if cid == cap_id:
+                return off
+        return 0
+
+    # -- BARs -----------------------------------------------------------------------------------
+    def size_bars(self) -> dict[int, tuple[int, str]]:
+        """Size every BAR the way firmware does: write all ones, read back, restore.
+
+        :returns: BAR index → (size, kind) with kind ``mem32``, ``mem64`` or ``io``.
+        """
+        cmd = self.config_read16(ids.COMMAND)
+        self.config_write16(ids.COMMAND, cmd & ~(ids.Command.MEMORY | ids.Command.IO))
+        found: dict[int, tuple[int, str]] = {}
+        i = 0
+        while i < 6:
+            off = ids.BASE_ADDRESS_0 + 4 * i
+            orig = self.config_read32(off)
+            self.config_write32(off, 0xFFFFFFFF)
+            val = self.config_read32(off)
+            self.config_write32(off, orig)
+            if val == 0:
+                i += 1
+                continue
+            if val & ids.BAR_SPACE_IO:
+                size = (~(val & ~0x3) & 0xFFFFFFFF) + 1
+                found[i] = (size & 0xFFFF if size > 0xFFFF else size, "io")
+                i += 1
+                continue
+            if val & ids.BAR_MEM_TYPE_64:
+                orig_hi = self.config_read32(off + 4)
+                self.config_write32(off + 4, 0xFFFFFFFF)
+                hi = self.config_read32(off + 4)
+                self.config_write32(off + 4, orig_hi)
+                mask = (hi << 32) | (val & ~0xF)
+                size = (~mask & 0xFFFFFFFFFFFFFFFF) + 1
+                found[i] = (size, "mem64")
+                i += 2
+                continue
+            size = (~(val & ~0xF) & 0xFFFFFFFF) + 1
+            found[i] = (size, "mem32")
+            i += 1
+        self.config_write16(ids.COMMAND, cmd)
+        return found
+
+    def rom_size(self) -> int:
+        """Size the expansion ROM BAR (0: none)."""
+        orig = self.config_read32(ids.ROM_ADDRESS)
+        self.config_write32(ids.ROM_ADDRESS, 0xFFFFF800)
+        val = self.config_read32(ids.ROM_ADDRESS) & ~0x7FF
+        self.config_write32(ids.ROM_ADDRESS, orig)
+        return 0 if val == 0 else (~val & 0xFFFFFFFF) + 1
+
+    def enable_device(self) -> None:
+        """Size and assign every BAR (and the ROM), then enable memory and I/O
+        decoding (``pci_enable_device``)."""
+        cmd_bits = 0
+        for idx, (size, kind) in self.size_bars().items():
+            addr = self.machine.window_alloc(kind, max(size, 16))
+            off = ids.BASE_ADDRESS_0 + 4 * idx
+            self.config_write32(off, addr & 0xFFFFFFFF)
+            if kind == "mem64":
+                self.config_write32(off + 4, addr >> 32)
+            self.resources[idx] = (addr, size, kind)
+            cmd_bits |= ids.Command.IO if kind == "io" else ids.Command.MEMORY
+        rom = self.rom_size()
+        if rom:
+            addr = self.machine.window_alloc("mem32", rom)
+            self.config_write32(ids.ROM_ADDRESS, addr)
+            self.resources["rom"] = (addr, rom, "mem32")
+        cmd = self.config_read16(ids.COMMAND)
+        self.config_write16(ids.COMMAND, cmd | cmd_bits)
+
+    def disable_device(self) -> None:
+        cmd = self.config_read16(ids.COMMAND)
+        self.config_write16(ids.COMMAND, cmd & ~(ids.Command.MEMORY | ids.Command.IO | ids.Command.MASTER))
+
+    def set_master(self) -> None:
+        """Enable bus mastering (DMA and MSI)."""
+        self.config_write16(ids.COMMAND, self.config_read16(ids.COMMAND) | ids.Command.MASTER)
+
+    def clear_master(self) -> None:
+        self.config_write16(ids.COMMAND, self.config_read16(ids.COMMAND) & ~ids.Command.MASTER)
+
+    def decode(self, addr: int, size: int, io: bool):
+        """``(bar, offset)`` if one of this device's assigned BARs holds ``addr``."""
+        for key, (base, length, kind) in self.resources.items():
+            if (kind == "io") != io:
+                continue
+            if base <= addr < base + length:
+                return key, addr - base
+        return None
+
+    def bar_address(self, bar: int) -> int:
+        if bar not in self.resources:
+            raise PcidevError(f"BAR{bar} is not assigned (call enable_device)")
+        return self.resources[bar][0]
+
+    def _io(self, bar: int, off: int, size: int, value: int | None):
+        base, length, kind = self.resources.get(bar, (None, 0, ""))
+        if base is None:
+            raise PcidevError(f"BAR{bar} is not assigned (call enable_device)")
+        if kind == "io":
+            if value is None:
+                return self.machine.io_read(base + off, size)
+            return self.machine.io_write(base + off, size, value)
+        if value is None:
+            return self.machine.mmio_read(base + off, size)
+        return self.machine.mmio_write(base + off, size, value)
+
+    def ioread8(self, bar: int, off: int) -> int:
+        return self._io(bar, off, 1, None)
+
+    def ioread16(self, bar: int, off: int) -> int:
+        return self._io(bar, off, 2, None)
+
+    def ioread32(self, bar: int, off: int) -> int:
+        return self._io(bar, off, 4, None)
+
+    def ioread64(self, bar: int, off: int) -> int:
+        return self._io(bar, off, 8, None)
+
+    def iowrite8(self, bar: int, off: int, v: int) -> None:
+        self._io(bar, off, 1, v)
+
+    def iowrite16(self, bar: int, off: int, v: int) -> None:
+        self._io(bar, off, 2, v)
+
+    def iowrite32(self, bar: int, off: int, v: int) -> None:
+        self._io(bar, off, 4, v)
+
+    def iowrite64(self, bar: int, off: int, v: int) -> None:
+        self._io(bar, off, 8, v)
+
+    def lo_hi_writeq(self, bar: int, off: int, v: int) -> None:
+        """Write a 64-bit register as two 32-bit halves, low first (Linux ``lo_hi_writeq``)."""
+        self.iowrite32(bar, off, v & 0xFFFFFFFF)
+        self.iowrite32(bar, off + 4, v >> 32)
+
+    def lo_hi_readq(self, bar: int, off: int) -> int:
+        return self.ioread32(bar, off) | (self.ioread32(bar, off + 4) << 32)
+
+    def read_rom(self, length: int | None = None) -> bytes:
+        """Enable the ROM BAR, read it, disable it again (``pci_map_rom``)."""
+        if "rom" not in self.resources:
+            return b""
+        base, size, _ = self.resources["rom"]
+        length = size if length is None else min(length, size)
+        self.config_write32(ids.ROM_ADDRESS, base | ids.ROM_ENABLE)
+        try:
+            return b"".join(self.machine.mmio_read(base + o, 4).to_bytes(4, "little")
+                            for o in range(0, length, 4))[:length]
+        finally:
+            self.config_write32(ids.ROM_ADDRESS, base)
+
+    # -- interrupts ---------------------------------------------------------------------------
+    def alloc_irq_vectors(self, min_vecs: int, max_vecs: int, flags: int = PCI_IRQ_ALL_TYPES) -> int:
+        """Enable MSI-X, else MSI, else INTx, with up to ``max_vecs`` vectors
+        (``pci_alloc_irq_vectors``). MSI-X entry *i* (MSI message *i*) is
+        programmed so that it is recorded as host vector *i*.
+
+        :returns: the number of vectors enabled.
+        :raises IrqError: if fewer than ``min_vecs`` can be had.
+        """
+        if flags & PCI_IRQ_MSIX:
+            pos = self.find_capability(ids.CapId.MSIX)
+            if pos:
+                nvec = min(max_vecs, (self.config_read16(pos + 2) & 0x7FF) + 1)
+                if nvec >= min_vecs:
+                    self._setup_msix(pos, nvec)
+                    return nvec
+        if flags & PCI_IRQ_MSI:
+            pos = self.find_capability(ids.CapId.MSI)
+            if pos:
+                ctrl = self.config_read16(pos + 2)
+                cap = 1 << ((ctrl >> 1) & 7)
+                nvec = 1
+                while nvec * 2 <= min(max_vecs, cap):
+                    nvec *= 2
+                if nvec >= min_vecs:
+                    self._setup_msi(pos, nvec)
+                    return nvec
+        if flags & PCI_IRQ_INTX and min_vecs <= 1 and self.config_read8(ids.INTERRUPT_PIN):
+            self.irq_type, self.nvec = PCI_IRQ_INTX, 1
+            cmd = self.config_read16(ids.COMMAND)
+            self.config_write16(ids.COMMAND, cmd & ~ids.Command.INTX_DISABLE)
+            return 1
+        raise IrqError(f"cannot allocate {min_vecs} interrupt vectors")
+
+    def _setup_msix(self, pos: int, nvec: int) -> None:
+        ctrl = self.config_read16(pos + 2)
+        self.config_write16(pos + 2, ctrl | msix.CTRL_ENABLE | msix.CTRL_MASKALL)
+        table = self.config_read32(pos + msix.TABLE)
+        bar, off = table & 7, table & ~7
+        for v in range(nvec):
+            e = off + v * msix.ENTRY_SIZE
+            self.iowrite32(bar, e + 0, MSI_ADDRESS)
+            self.iowrite32(bar, e + 4, 0)
+            self.iowrite32(bar, e + 8, v)
+            self.iowrite32(bar, e + 12, 0)
+        self.irq_type, self.nvec = PCI_IRQ_MSIX, nvec
+        self._msix = (pos, bar, off)
+        cmd = self.config_read16(ids.COMMAND)
+        self.config_write16(ids.COMMAND, cmd | ids.Command.INTX_DISABLE)
+        self.config_write16(pos + 2, (ctrl | msix.CTRL_ENABLE) & ~msix.CTRL_MASKALL)
+
+    def _setup_msi(self, pos: int, nvec: int) -> None:
+        ctrl = self.config_read16(pos + 2)
+        is64 = bool(ctrl & msi.CTRL_64BIT)
+        self.config_write32(pos + 4, MSI_ADDRESS)
+        data_off = 0x0C if is64 else 0x08
+        if is64:
+            self.config_write32(pos + 8, 0)
+        self.config_write16(pos + data_off, 0)
+        if ctrl & msi.CTRL_MASKBIT:
+            self.config_write32(pos + data_off + 4, 0)
+        log2 = nvec.bit_length() - 1
+        ctrl = (ctrl & ~msi.CTRL_MME_MASK) | (log2 << msi.CTRL_MME_SHIFT) | msi.CTRL_ENABLE
+        cmd = self.config_read16(ids.COMMAND)
+        self.config_write16(ids.COMMAND, cmd | ids.Command.INTX_DISABLE)
+        self.config_write16(pos + 2, ctrl)
+        self.irq_type, self.nvec = PCI_IRQ_MSI, nvec
+
+    def free_irq_vectors(self) -> None:
+        """Disable MSI-X/MSI (``pci_free_irq_vectors``)."""
+        for cap_id, bit in ((ids.CapId.MSIX, msix.CTRL_ENABLE), (ids.CapId.MSI, msi.CTRL_ENABLE)):
+            pos = self.find_capability(cap_id)
+            if pos:
+                self.config_write16(pos + 2, self.config_read16(pos + 2) & ~bit)
+        self.irq_type, self.nvec = 0, 0
+
+    def msix_mask(self, vector: int, masked: bool = True) -> None:
+        """Set or clear the per-vector mask bit of MSI-X entry ``vector``."""
+        _pos, bar, off = self._msix
+        self.iowrite32(bar, off + vector * msix.ENTRY_SIZE + 12, 1 if masked else 0)
+
+    def msix_function_mask(self, masked: bool = True) -> None:
+        pos = self.find_capability(ids.CapId.MSIX)
+        ctrl = self.config_read16(pos + 2)
+        self.config_write16(pos + 2, ctrl | msix.CTRL_MASKALL if masked else ctrl & ~msix.CTRL_MASKALL)
+
+    def irq_count(self, vector: int) -> int:
+        """How many times host vector ``vector`` fired."""
+        return self.recorder.count(vector)
+
+    def wait_irq(self, vector: int, timeout: float = 5.0) -> bool:
+        """Wait for one *new* interrupt on ``vector`` since the last successful
+        wait (each interrupt is consumed once)."""
+        seen = self._consumed.get(vector, 0)
+        if self.recorder.wait(vector, above=seen, timeout=timeout):
+            self._consumed[vector] = seen + 1
+            return True
+        return False
+
+    # -- power and reset ---------------------------------------------------------------------------
+    def set_power_state(self, state: int) -> None:
+        """Write PMCSR's power state (0 = D0, 3 = D3hot)."""
+        pos = self.find_capability(ids.CapId.PM)
+        if not pos:
+            raise PcidevError("device has no Power Management capability")
+        v = self.config_read16(pos + pm.PMCSR)
+        self.config_write16(pos + pm.PMCSR, (v & ~pm.STATE_MASK & ~pm.PME_STATUS) | state)
+
+    def flr(self) -> None:
+        """Initiate a Function Level Reset (``pcie_flr``)."""
+        pos = self.find_capability(ids.CapId.EXP)
+        if not pos or not self.config_read32(pos + express.DEVCAP) & express.DEVCAP_FLR:
+            raise PcidevError("device does not support FLR")
+        self.config_write16(pos + express.DEVCTL, self.config_read16(pos + express.DEVCTL) | express.DEVCTL_BCR_FLR)
+
+    def save_config(self) -> bytes:
+        """The first 64 bytes plus capabilities, as ``pci_save_state`` keeps."""
+        return bytes(self.device.config.data[:256])
+
+    def reset_function(self) -> None:
+        """FLR with the header (BARs, command) restored afterwards, as ``pci_reset_function`` does."""
+        saved = [self.config_read32(o) for o in range(ids.BASE_ADDRESS_0, ids.BASE_ADDRESS_0 + 24, 4)]
+        cmd = self.config_read16(ids.COMMAND)
+        self.flr()
+        for i, v in enumerate(saved):
+            self.config_write32(ids.BASE_ADDRESS_0 + 4 * i, v)
+        self.config_write16(ids.COMMAND, cmd)
+        self.irq_type, self.nvec = 0, 0
