@@ -1,0 +1,169 @@
+"""Hook specifications: the complete contract between pcidev and its plugins.
+
+A plugin is any module or object with functions marked by :data:`hookimpl`
+whose names match the ``pcidev_*`` specifications below.  A distribution
+makes its plugin known through the entry-point group ``pcidev``::
+
+    [project.entry-points.pcidev]
+    edu = "pcidev_edu.plugin"
+
+:func:`pcidev.plugins.make_plugin_manager` loads it under the entry-point name
+(``edu``), validates every hook implementation against these specifications
+and fails with :class:`~pcidev.errors.PluginError` on an unknown (for example
+misspelled) hook name.  A minimal plugin module::
+
+    from pcidev import hookimpl
+    from pcidev_edu.device import EduDevice
+
+    @hookimpl
+    def pcidev_register_devices(registry):
+        registry.add_device(EduDevice)
+
+Lifecycle, in order:
+
+1. every plugin is registered (built-ins, then entry points, then plugins passed
+   explicitly);
+2. :func:`pcidev_add_hookspecs` lets plugins publish hook specifications of
+   their own;
+3. unknown hook names are rejected (``check_pending``);
+4. :func:`pcidev_add_options` is called once by the command line, before parsing;
+5. :func:`pcidev_register_devices` is called once per plugin by
+   :func:`pcidev.plugins.load_registry`;
+6. :func:`pcidev_migration_blockers` is called whenever a running device is asked
+   whether it can migrate.
+
+**Plugin-defined hooks.**  A plugin that wants hooks of its own (the NVMe plugin's
+namespace backends, for example) puts their specifications, marked with
+:data:`hookspec`, in a module of its own and adds them from
+:func:`pcidev_add_hookspecs`::
+
+    # pcidev_nvme/hookspecs.py
+    from pcidev.hookspecs import hookspec
+
+    @hookspec
+    def pcidev_nvme_register_backends(registry):
+        '''Register namespace backends with registry.add_component("nvme-backend", ...).'''
+
+    # pcidev_nvme/plugin.py
+    @hookimpl
+    def pcidev_add_hookspecs(pluginmanager):
+        from pcidev_nvme import hookspecs
+        pluginmanager.add_hookspecs(hookspecs)
+
+Implementations of such hooks may live in plugins loaded before or after the one
+adding the specification: pluggy validates them when the specification arrives,
+and the unknown-hook check runs only after step 2.  Name plugin-defined hooks
+``pcidev_<plugin>_*`` so they cannot collide with future core hooks.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    import argparse
+
+    from pcidev.device import PciDevice
+    from pcidev.registry import DeviceRegistry
+
+__all__ = [
+    "PROJECT_NAME",
+    "hookimpl",
+    "hookspec",
+    "pcidev_add_hookspecs",
+    "pcidev_add_options",
+    "pcidev_migration_blockers",
+    "pcidev_register_devices",
+]
+
+#: The pluggy project name; also the entry-point group plugins are found in.
+PROJECT_NAME = "pcidev"
+
+#: Marker for hook specifications (used here and in plugin-defined spec modules).
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+
+#: Marker for hook implementations in plugins; re-exported as ``pcidev.hookimpl``.
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def pcidev_add_hookspecs(pluginmanager: pluggy.PluginManager) -> None:
+    """Add hook specifications defined by a plugin.
+
+    Called once, after every plugin has been registered and before unknown hook
+    names are rejected, so the hooks added here are validated like core hooks.
+    Call :meth:`pluggy.PluginManager.add_hookspecs` with a module or class whose
+    functions are marked with :data:`hookspec`.
+
+    :param pluginmanager: the plugin manager being set up.
+    :returns: nothing; the return value is ignored.
+
+    .. note::
+        Adding a specification that already exists (for instance the same module
+        from two plugins) is an error reported as
+        :class:`~pcidev.errors.PluginError`.
+    """
+
+
+@hookspec
+def pcidev_add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Add plugin-global command-line options.
+
+    Called once by :func:`pcidev.cli.main` after all plugins are loaded and
+    before the command line is parsed.  ``parser`` is the ``plugin options``
+    argument group of the top-level parser: call
+    :meth:`~argparse.ArgumentParser.add_argument` on it.  The options go before
+    the subcommand (``pcidev --nvme-backend-dir /tmp demo``) and their values
+    reach every command in its :class:`argparse.Namespace`.
+
+    Use it for flags that concern the plugin as a whole (backend directories,
+    tracing).  Per-device properties belong in the device's configuration
+    class, not here.  Prefix option names with the plugin name
+    (``--nvme-...``): a clash with another option is reported as
+    :class:`~pcidev.errors.PluginError` naming the plugin.
+
+    :param parser: the argument group to add options to.
+    :returns: nothing; the return value is ignored.
+    """
+
+
+@hookspec
+def pcidev_register_devices(registry: DeviceRegistry) -> None:
+    """Register the device types (and components) a plugin provides.
+
+    Called once per plugin by :func:`pcidev.plugins.load_registry`.  Call
+    :meth:`~pcidev.registry.DeviceRegistry.add_device` for each
+    :class:`~pcidev.device.PciDevice` subclass, and
+    :meth:`~pcidev.registry.DeviceRegistry.add_component` for other named
+    building blocks (for example NVMe namespace backends).  The registry records
+    which plugin and distribution registered each entry.
+
+    Import heavy modules inside the implementation, not at plugin import time:
+    a failure is then reported as a registration error of this plugin.
+
+    :param registry: the registry collecting device types.
+    :returns: nothing; the return value is ignored.
+    :raises pcidev.errors.PluginError: (from the registry) for a duplicate or
+        invalid type name, a class that is not a
+        :class:`~pcidev.device.PciDevice` or an invalid PCI identity.
+    """
+
+
+@hookspec
+def pcidev_migration_blockers(device: PciDevice) -> list[str]:
+    """Report reasons why ``device`` cannot be migrated right now.
+
+    A collecting hook: every implementation is called and the lists are
+    concatenated (see :func:`pcidev.plugins.hook_migration_blockers`), so all
+    reasons are reported at once.  It complements the device's own blockers and
+    the static ones recorded by the registry (a device type without a vmstate
+    description); it suits cross-cutting plugins, such as a storage backend that
+    knows an open raw block device cannot follow the process.
+
+    :param device: a realized device instance (of any type, not only the
+        plugin's own: return an empty list for devices you know nothing about).
+    :returns: human-readable reasons, one sentence each; empty if migration is
+        fine as far as this plugin knows.
+    """

@@ -1,0 +1,360 @@
+"""Building the plugin manager and calling hooks on behalf of pcidev.
+
+The manager is built by :func:`make_plugin_manager`, never at import time, so
+every caller (the command line, a test, an embedding program) gets a fresh one
+with its own settings.  Loading order:
+
+1. built-in plugins (:data:`BUILTIN_PLUGINS`, modules inside pcidev);
+2. third-party plugins from the entry-point group ``pcidev``, unless autoloading
+   is disabled (``load_entrypoints=False`` or :envvar:`PCIDEV_DISABLE_PLUGIN_AUTOLOAD`);
+3. plugins passed in explicitly (tests, ``pcidev -p MODULE``).
+
+Names in :envvar:`PCIDEV_BLOCKED_PLUGINS` (comma-separated) or in ``blocked``
+are never loaded, whichever of the three sources they come from.  After
+loading, :func:`~pcidev.hookspecs.pcidev_add_hookspecs` runs and every hook
+implementation must match a known specification: a misspelled hook name is a
+:class:`~pcidev.errors.PluginError` naming the hook and the plugin.
+
+The helpers :func:`load_registry`, :func:`add_plugin_options` and
+:func:`hook_migration_blockers` call a hook one plugin at a time, so each error
+names the plugin that caused it and each registration is attributed to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import importlib
+import importlib.metadata
+import os
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from pcidev import hookspecs
+from pcidev.errors import PcidevError, PluginError
+from pcidev.registry import DeviceRegistry, PluginOrigin
+
+if TYPE_CHECKING:
+    import argparse
+
+    from pcidev.device import PciDevice
+
+__all__ = [
+    "BUILTIN_PLUGINS",
+    "ENTRYPOINT_GROUP",
+    "ENV_BLOCKED_PLUGINS",
+    "ENV_DISABLE_AUTOLOAD",
+    "PcidevPluginManager",
+    "add_plugin_options",
+    "hook_migration_blockers",
+    "load_registry",
+    "make_plugin_manager",
+]
+
+#: Entry-point group third-party plugins register under.
+ENTRYPOINT_GROUP = hookspecs.PROJECT_NAME
+
+#: Modules always registered first (registered under their module name).
+BUILTIN_PLUGINS: tuple[str, ...] = ()
+
+#: Environment variable that, when set to a true value, disables entry-point loading.
+ENV_DISABLE_AUTOLOAD = "PCIDEV_DISABLE_PLUGIN_AUTOLOAD"
+
+#: Environment variable holding a comma-separated list of plugin names to block.
+ENV_BLOCKED_PLUGINS = "PCIDEV_BLOCKED_PLUGINS"
+
+_FALSE_WORDS = frozenset({"", "0", "false", "no", "off"})
+
+
+class PcidevPluginManager(pluggy.PluginManager):
+    """A :class:`pluggy.PluginManager` that remembers where each plugin came from."""
+
+    def __init__(self) -> None:
+        super().__init__(hookspecs.PROJECT_NAME)
+        self.add_hookspecs(hookspecs)
+        self._origins: dict[str, PluginOrigin] = {}
+
+    def plugin_origin(self, name: str) -> PluginOrigin:
+        """Return the origin (plugin name, distribution, version) of a plugin.
+
+        :param name: the plugin's registered name.
+        :returns: the origin; without distribution for plugins not loaded from
+            an entry point.
+        """
+        return self._origins.get(name, PluginOrigin(name))
+
+    def plugin_names(self) -> list[str]:
+        """Return the names of the registered plugins, in registration order.
+
+        :returns: the names (blocked names are not included).
+        """
+        return [name for name, plugin in self.list_name_plugin() if plugin is not None]
+
+    def blocked_names(self) -> list[str]:
+        """Return the blocked plugin names.
+
+        :returns: the names, in the order they were blocked.
+        """
+        return [name for name, plugin in self.list_name_plugin() if plugin is None]
+
+
+def _env_flag(value: str | None) -> bool:
+    return value is not None and value.strip().lower() not in _FALSE_WORDS
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _describe_exception(exc: BaseException) -> str:
+    if isinstance(exc, PcidevError):
+        return _one_line(str(exc))
+    return _one_line(f"{type(exc).__name__}: {exc}")
+
+
+def _register(pm: PcidevPluginManager, plugin: object, name: str, origin: PluginOrigin) -> None:
+    try:
+        registered = pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin {name!r} is invalid: {_one_line(str(exc))}") from exc
+    except ValueError as exc:
+        other = pm.get_name(plugin)
+        if other is not None and other != name:
+            raise PluginError(
+                f"plugin {name!r} is the same object as the already registered plugin {other!r}"
+            ) from exc
+        raise PluginError(f"two plugins are named {name!r}") from exc
+    if registered is not None:
+        pm._origins[registered] = origin
+
+
+def _load_builtins(pm: PcidevPluginManager) -> None:
+    for module_name in BUILTIN_PLUGINS:
+        if pm.is_blocked(module_name):
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as exc:
+            raise PluginError(
+                f"built-in plugin {module_name!r} failed to import: {_describe_exception(exc)}"
+            ) from exc
+        _register(pm, module, module_name, PluginOrigin(module_name))
+
+
+def _load_entrypoints(pm: PcidevPluginManager) -> None:
+    seen: dict[str, str] = {}
+    entry_points = importlib.metadata.entry_points(group=ENTRYPOINT_GROUP)
+    for ep in sorted(entry_points, key=lambda ep: (ep.name, ep.value)):
+        dist = ep.dist
+        dist_name = dist.metadata["Name"] if dist is not None else None
+        dist_version = dist.version if dist is not None else None
+        source = f"{dist_name} {dist_version}" if dist_name else "an unknown distribution"
+        if ep.name in seen:
+            raise PluginError(
+                f"plugin name {ep.name!r} is claimed by two entry points: "
+                f"{seen[ep.name]} and {ep.value!r} from {source}"
+            )
+        seen[ep.name] = f"{ep.value!r} from {source}"
+        if pm.is_blocked(ep.name):
+            continue
+        if pm.has_plugin(ep.name):
+            raise PluginError(
+                f"entry point {ep.name!r} from {source} clashes with the built-in plugin "
+                f"of the same name"
+            )
+        try:
+            plugin = ep.load()
+        except Exception as exc:
+            raise PluginError(
+                f"plugin {ep.name!r} ({ep.value!r} from {source}) failed to import: "
+                f"{_describe_exception(exc)}"
+            ) from exc
+        _register(pm, plugin, ep.name, PluginOrigin(ep.name, dist_name, dist_version))
+
+
+def _plugin_name_for(plugin: object) -> str:
+    name = getattr(plugin, "__name__", None)
+    if isinstance(name, str) and name:
+        return name
+    return type(plugin).__name__
+
+
+def _check_hooks(pm: PcidevPluginManager) -> None:
+    known = sorted(
+        name
+        for name, caller in vars(pm.hook).items()
+        if not name.startswith("_") and caller.has_spec()
+    )
+    for name, caller in sorted(vars(pm.hook).items()):
+        if name.startswith("_") or caller.has_spec():
+            continue
+        for impl in caller.get_hookimpls():
+            if impl.optionalhook:
+                continue
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise PluginError(
+                f"plugin {impl.plugin_name!r} implements unknown hook {name!r}{hint}"
+            )
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:  # the loop above reports these first
+        raise PluginError(_one_line(str(exc))) from exc
+
+
+@contextlib.contextmanager
+def _blame(plugin_name: str, hook_name: str) -> Iterator[None]:
+    """Turn any exception raised while one plugin runs a hook into a PluginError."""
+    try:
+        yield
+    except Exception as exc:
+        raise PluginError(
+            f"plugin {plugin_name!r} failed in {hook_name}: {_describe_exception(exc)}"
+        ) from exc
+
+
+def _per_plugin(pm: pluggy.PluginManager, hook_name: str) -> Iterator[tuple[str, Any]]:
+    """Yield ``(plugin name, hook caller restricted to that plugin)`` in call order."""
+    caller = getattr(pm.hook, hook_name)
+    order: list[object] = []
+    # pluggy runs implementations last-registered first: keep that order.
+    for impl in reversed(caller.get_hookimpls()):
+        if not any(impl.plugin is p for p in order):
+            order.append(impl.plugin)
+    for plugin in order:
+        name = pm.get_name(plugin)
+        if name is None:  # unregistered meanwhile
+            continue
+        others = [p for p in pm.get_plugins() if p is not None and p is not plugin]
+        yield name, pm.subset_hook_caller(hook_name, remove_plugins=others)
+
+
+def make_plugin_manager(
+    *,
+    load_entrypoints: bool | None = None,
+    blocked: Iterable[str] = (),
+    plugins: Iterable[object] = (),
+) -> PcidevPluginManager:
+    """Build a plugin manager with the pcidev hook specifications and plugins loaded.
+
+    :param load_entrypoints: load plugins from the entry-point group ``pcidev``.
+        ``None`` (the default) loads them unless the environment variable
+        ``PCIDEV_DISABLE_PLUGIN_AUTOLOAD`` is set to a true value (anything but
+        empty, ``0``, ``false``, ``no``, ``off``); ``True`` or ``False`` override
+        the environment.
+    :param blocked: plugin names never to load, in addition to those in
+        ``PCIDEV_BLOCKED_PLUGINS`` (comma-separated).
+    :param plugins: extra plugins to register after the entry points: modules
+        or objects with :data:`~pcidev.hookspecs.hookimpl` methods, or
+        ``(name, plugin)`` pairs.  Without an explicit name a plugin is
+        registered under its ``__name__`` or, failing that, its class name.
+    :returns: the manager, with every plugin registered and checked.
+    :raises PluginError: if a plugin fails to import, two plugins share a name,
+        a hook implementation does not match its specification or names an
+        unknown hook, or ``pcidev_add_hookspecs`` fails.
+    """
+    pm = PcidevPluginManager()
+
+    names = [n.strip() for n in os.environ.get(ENV_BLOCKED_PLUGINS, "").split(",")]
+    if isinstance(blocked, str):
+        raise PluginError("blocked must be an iterable of plugin names, not a string")
+    names.extend(blocked)
+    for name in names:
+        if not isinstance(name, str):
+            raise PluginError(f"blocked plugin names must be strings, got {name!r}")
+        if name:
+            pm.set_blocked(name)
+
+    if load_entrypoints is None:
+        load_entrypoints = not _env_flag(os.environ.get(ENV_DISABLE_AUTOLOAD))
+
+    _load_builtins(pm)
+    if load_entrypoints:
+        _load_entrypoints(pm)
+    if isinstance(plugins, (str, bytes)):
+        raise PluginError("plugins must be an iterable of plugin objects, not a string")
+    for item in plugins:
+        if isinstance(item, tuple):
+            if len(item) != 2 or not isinstance(item[0], str) or not item[0]:
+                raise PluginError(f"expected a (name, plugin) pair, got {item!r}")
+            name, plugin = item
+        else:
+            name, plugin = _plugin_name_for(item), item
+        _register(pm, plugin, name, PluginOrigin(name))
+
+    for name, call in _per_plugin(pm, "pcidev_add_hookspecs"):
+        with _blame(name, "pcidev_add_hookspecs"):
+            call(pluginmanager=pm)
+    _check_hooks(pm)
+    return pm
+
+
+def _origin(pm: pluggy.PluginManager, name: str) -> PluginOrigin:
+    if isinstance(pm, PcidevPluginManager):
+        return pm.plugin_origin(name)
+    return PluginOrigin(name)
+
+
+def load_registry(pm: pluggy.PluginManager) -> DeviceRegistry:
+    """Build a :class:`~pcidev.registry.DeviceRegistry` from the plugins of ``pm``.
+
+    Calls :func:`~pcidev.hookspecs.pcidev_register_devices` once for each plugin
+    implementing it (in pluggy's call order) and attributes each entry to that
+    plugin and its distribution.
+
+    :param pm: a manager from :func:`make_plugin_manager`.
+    :returns: a new registry.
+    :raises PluginError: naming the plugin, if a registration is rejected or the
+        hook raises.
+    """
+    registry = DeviceRegistry()
+    for name, call in _per_plugin(pm, "pcidev_register_devices"):
+        with _blame(name, "pcidev_register_devices"), registry.registering_as(_origin(pm, name)):
+            call(registry=registry)
+    return registry
+
+
+def add_plugin_options(
+    pm: pluggy.PluginManager, parser: argparse.ArgumentParser | argparse._ArgumentGroup
+) -> None:
+    """Let every plugin add its command-line options (:func:`~pcidev.hookspecs.pcidev_add_options`).
+
+    :param pm: the plugin manager.
+    :param parser: the parser or argument group to add options to.
+    :raises PluginError: naming the plugin, if it fails (e.g. a clashing option).
+    """
+    for name, call in _per_plugin(pm, "pcidev_add_options"):
+        with _blame(name, "pcidev_add_options"):
+            call(parser=parser)
+
+
+def hook_migration_blockers(pm: pluggy.PluginManager, device: PciDevice) -> list[str]:
+    """Collect :func:`~pcidev.hookspecs.pcidev_migration_blockers` from all plugins.
+
+    :param pm: the plugin manager.
+    :param device: the device about to be migrated.
+    :returns: every plugin's reasons, concatenated in call order.
+    :raises PluginError: naming the plugin, if the hook raises or returns
+        something other than an iterable of strings.
+    """
+    reasons: list[str] = []
+    for name, call in _per_plugin(pm, "pcidev_migration_blockers"):
+        with _blame(name, "pcidev_migration_blockers"):
+            results = call(device=device)
+        for result in results:
+            if isinstance(result, (str, bytes)) or not isinstance(result, Iterable):
+                raise PluginError(
+                    f"plugin {name!r} returned {result!r} from pcidev_migration_blockers; "
+                    "expected a list of strings"
+                )
+            items = list(result)
+            bad = [item for item in items if not isinstance(item, str)]
+            if bad:
+                raise PluginError(
+                    f"plugin {name!r} returned non-string blocker(s) {bad!r} "
+                    "from pcidev_migration_blockers"
+                )
+            reasons.extend(items)
+    return reasons

@@ -1,0 +1,314 @@
+"""The pcidev command line: version, plugin listing, plugin selection, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import pcidev
+from pcidev import cli, hookimpl
+from pcidev.cli import COMMANDS, Command, main
+from pcidev.errors import ConfigError
+
+EDU_PLUGIN = """
+from pcidev import hookimpl
+from pcidev.device import PciDevice
+
+class EduDevice(PciDevice):
+    TYPE_NAME = "edu"
+    VENDOR_ID = 0x1234
+    DEVICE_ID = 0x11E8
+    CLASS_CODE = 0x00FF00
+
+@hookimpl
+def pcidev_register_devices(registry):
+    registry.add_device(EduDevice)
+    registry.add_component("edu-backend", "null", object)
+
+@hookimpl
+def pcidev_add_options(parser):
+    parser.add_argument("--edu-trace", action="store_true", help="trace edu accesses")
+"""
+
+
+@pytest.fixture
+def edu_dist(make_distribution):
+    """A third-party distribution 'pcidev-edu 2.5' providing the plugin 'edu'."""
+    make_distribution("pcidev-edu", "2.5", entry_points={"edu": "pcidev_edu_cli"},
+                      modules={"pcidev_edu_cli": EDU_PLUGIN})
+
+
+@pytest.fixture
+def module_plugin(monkeypatch):
+    """Put a module into sys.modules so that ``-p NAME`` can import it."""
+
+    def install(name: str, **hooks: object) -> types.ModuleType:
+        module = types.ModuleType(name)
+        for hook_name, function in hooks.items():
+            setattr(module, hook_name, function)
+        monkeypatch.setitem(sys.modules, name, module)
+        return module
+
+    return install
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def assert_one_line_error(err: str, *fragments: str) -> None:
+    assert err.count("\n") == 1 and err.endswith("\n"), err
+    assert err.startswith("pcidev: ")
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err
+
+
+# -- version and help -----------------------------------------------------------------
+
+
+def test_version(capsys):
+    assert run(capsys, "--version") == (0, "pcidev 0.1.0\n", "")
+    assert pcidev.__version__ == "0.1.0"
+
+
+def test_version_works_even_when_a_plugin_is_broken(capsys, make_distribution):
+    make_distribution("pcidev-broken", entry_points={"broken": "pcidev_cli_missing_mod"})
+    assert run(capsys, "--version")[0] == 0
+    status, _out, err = run(capsys, "plugins")
+    assert status == 1
+    assert_one_line_error(err, "plugin 'broken'", "pcidev_cli_missing_mod")
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "pcidev"
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "pcidev 0.1.0\n", "")
+
+
+def test_help_lists_commands_and_plugin_options(capsys, edu_dist):
+    status, out, err = run(capsys, "-p", "no:nvme", "--help")
+    assert status == 0 and err == ""
+    for word in ("plugins", "demo", "-p no:NAME|MODULE", "plugin options", "--edu-trace"):
+        assert word in out
+
+
+# -- pcidev plugins -------------------------------------------------------------------
+
+
+def test_plugins_table_shows_distribution_and_device_types(capsys, edu_dist):
+    status, out, err = run(capsys, "-p", "no:nvme", "plugins")
+    assert status == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0].split() == ["PLUGIN", "DISTRIBUTION", "VERSION", "DEVICE", "TYPES"]
+    assert lines[1].split() == ["edu", "pcidev-edu", "2.5", "edu"]
+    assert lines[2] == "blocked: nvme"
+
+
+def test_plugins_json(capsys, edu_dist):
+    status, out, err = run(capsys, "-p", "no:nvme", "plugins", "--json")
+    assert status == 0 and err == ""
+    assert json.loads(out) == {
+        "plugins": [
+            {
+                "name": "edu",
+                "distribution": "pcidev-edu",
+                "version": "2.5",
+                "device_types": ["edu"],
+                "components": ["edu-backend/null"],
+            }
+        ],
+        "blocked": ["nvme"],
+    }
+
+
+def test_plugins_lists_nvme_from_its_entry_point(capsys):
+    from pcidev_nvme.controller import NvmeController
+
+    status, out, _err = run(capsys, "plugins", "--json")
+    assert status == 0
+    (nvme,) = [p for p in json.loads(out)["plugins"] if p["name"] == "nvme"]
+    assert nvme["distribution"] == "pcidev"
+    assert nvme["version"] == pcidev.__version__
+    assert NvmeController.TYPE_NAME in nvme["device_types"]
+
+
+def test_plugins_with_nothing_loaded(capsys, monkeypatch):
+    monkeypatch.setenv("PCIDEV_DISABLE_PLUGIN_AUTOLOAD", "1")
+    assert run(capsys, "plugins") == (0, "no plugins loaded\n", "")
+    status, out, _ = run(capsys, "plugins", "--json")
+    assert json.loads(out) == {"plugins": [], "blocked": []}
+
+
+def test_block_option_hides_a_plugin(capsys, edu_dist):
+    status, out, _ = run(capsys, "-p", "no:nvme", "-p", "no:edu", "plugins", "--json")
+    assert status == 0
+    assert json.loads(out) == {"plugins": [], "blocked": ["nvme", "edu"]}
+
+
+def test_p_module_loads_an_extra_plugin(capsys, monkeypatch, module_plugin, make_device_class):
+    monkeypatch.setenv("PCIDEV_DISABLE_PLUGIN_AUTOLOAD", "1")
+    cls = make_device_class("inline-dev")
+
+    @hookimpl
+    def pcidev_register_devices(registry):
+        registry.add_device(cls)
+
+    module_plugin("pcidev_cli_inline", pcidev_register_devices=pcidev_register_devices)
+    status, out, _ = run(capsys, "-p", "pcidev_cli_inline", "plugins", "--json")
+    assert status == 0
+    assert json.loads(out)["plugins"] == [
+        {"name": "pcidev_cli_inline", "distribution": None, "version": None,
+         "device_types": ["inline-dev"], "components": []}
+    ]
+
+
+# -- errors ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        ([], "required: COMMAND"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["--no-such-option", "plugins"], "unrecognized arguments: --no-such-option"),
+        (["plugins", "--yaml"], "unrecognized arguments: --yaml"),
+        (["-p"], "argument -p: expected one argument"),
+        (["-p", "no:", "plugins"], "-p no: needs a plugin name"),
+        (["-p", "", "plugins"], "-p expects no:NAME or a module name"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(capsys, argv, fragment):
+    status, out, err = run(capsys, *argv)
+    assert status == 2
+    assert out == ""
+    assert_one_line_error(err, fragment)
+
+
+def test_missing_p_module_exits_1(capsys):
+    status, _out, err = run(capsys, "-p", "pcidev_cli_no_such_module", "plugins")
+    assert status == 1
+    assert_one_line_error(err, "pcidev_cli_no_such_module", "failed to import")
+
+
+def test_misspelled_hook_in_p_module_exits_1(capsys, module_plugin):
+    @hookimpl
+    def pcidev_regster_devices(registry):
+        pass
+
+    module_plugin("pcidev_cli_typo", pcidev_regster_devices=pcidev_regster_devices)
+    status, _out, err = run(capsys, "-p", "no:nvme", "-p", "pcidev_cli_typo", "plugins")
+    assert status == 1
+    assert_one_line_error(err, "unknown hook 'pcidev_regster_devices'", "'pcidev_cli_typo'")
+
+
+def test_failing_registration_exits_1(capsys, module_plugin):
+    @hookimpl
+    def pcidev_register_devices(registry):
+        registry.add_device(int)
+
+    module_plugin("pcidev_cli_badreg", pcidev_register_devices=pcidev_register_devices)
+    status, _out, err = run(capsys, "-p", "no:nvme", "-p", "pcidev_cli_badreg", "plugins")
+    assert status == 1
+    assert_one_line_error(err, "plugin 'pcidev_cli_badreg' failed in pcidev_register_devices",
+                          "not a subclass of pcidev.device.PciDevice")
+
+
+def test_clashing_plugin_option_exits_1(capsys, module_plugin):
+    @hookimpl
+    def pcidev_add_options(parser):
+        parser.add_argument("--version")
+
+    module_plugin("pcidev_cli_clash", pcidev_add_options=pcidev_add_options)
+    status, _out, err = run(capsys, "-p", "no:nvme", "-p", "pcidev_cli_clash", "plugins")
+    assert status == 1
+    assert_one_line_error(err, "plugin 'pcidev_cli_clash' failed in pcidev_add_options")
+
+
+# -- command plumbing -----------------------------------------------------------------
+
+
+@pytest.fixture
+def probe_command(monkeypatch):
+    """Register a throw-away subcommand that records what it receives."""
+    seen: dict[str, object] = {}
+
+    def configure(parser):
+        parser.add_argument("--count", type=int, default=1)
+
+    def run_probe(args, ctx):
+        seen["args"] = args
+        seen["ctx"] = ctx
+        behaviour = seen.get("behaviour")
+        if behaviour is not None:
+            return behaviour()
+        return 3
+
+    monkeypatch.setitem(COMMANDS, "probe", Command("probe", "test probe", run_probe, configure))
+    return seen
+
+
+def test_command_receives_its_options_and_plugin_options(capsys, edu_dist, probe_command):
+    status, _out, _err = run(capsys, "-p", "no:nvme", "--edu-trace", "probe", "--count", "7")
+    assert status == 3
+    args = probe_command["args"]
+    assert (args.command, args.count, args.edu_trace) == ("probe", 7, True)
+    ctx = probe_command["ctx"]
+    assert ctx.pm.has_plugin("edu")
+    assert ctx.registry is ctx.registry  # built once, on demand
+    assert "edu" in ctx.registry
+
+
+def test_command_raising_pcidev_error_exits_1(capsys, probe_command):
+    def fail():
+        raise ConfigError("bad\nthing")
+
+    probe_command["behaviour"] = fail
+    status, _out, err = run(capsys, "-p", "no:nvme", "probe")
+    assert status == 1
+    assert_one_line_error(err, "pcidev: error: bad thing")
+
+
+def test_unexpected_exception_is_one_line_not_a_traceback(capsys, probe_command):
+    def crash():
+        raise KeyError("surprise")
+
+    probe_command["behaviour"] = crash
+    status, _out, err = run(capsys, "-p", "no:nvme", "probe")
+    assert status == 1
+    assert_one_line_error(err, "internal error: KeyError")
+
+
+def test_command_returning_none_exits_0(capsys, probe_command):
+    probe_command["behaviour"] = lambda: None
+    assert run(capsys, "-p", "no:nvme", "probe")[0] == 0
+
+
+def test_command_decorator_registers_and_rejects_duplicates(monkeypatch):
+    monkeypatch.setattr(cli, "COMMANDS", {})
+
+    @cli.command("hello", help="say hello")
+    def hello(args, ctx):
+        return 0
+
+    assert cli.COMMANDS["hello"] == Command("hello", "say hello", hello, None)
+    with pytest.raises(ValueError, match="defined twice"):
+        cli.command("hello", help="again")(hello)
+
+
+def test_demo_command_calls_pcidev_demo_main(capsys, monkeypatch):
+    received = []
+    fake = types.ModuleType("pcidev.demo")
+    fake.main = lambda args: received.append(args) or 4
+    monkeypatch.setitem(sys.modules, "pcidev.demo", fake)
+    status, _out, _err = run(capsys, "-p", "no:nvme", "demo")
+    assert status == 4
+    assert received[0].command == "demo"

@@ -1,0 +1,133 @@
+"""Packaging and CI: pyproject package list, README quick start, .ci/run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CI_RUN = ROOT / ".ci" / "run"
+
+
+def _pyproject() -> dict:
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        return tomllib.load(f)
+
+
+def _package_dirs(package: str, directory: Path) -> set[str]:
+    found = set()
+    for init in directory.rglob("__init__.py"):
+        relative = init.parent.relative_to(directory)
+        if any(part == "__pycache__" or part.startswith(".") for part in relative.parts):
+            continue
+        found.add(".".join([package, *relative.parts]))
+    return found
+
+
+def test_every_package_directory_is_listed_in_pyproject():
+    setuptools = _pyproject()["tool"]["setuptools"]
+    package_dir = setuptools["package-dir"]
+    assert package_dir == {"pcidev": "pcidev", "pcidev_nvme": "plugins/nvme"}
+    on_disk: set[str] = set()
+    for package, directory in package_dir.items():
+        on_disk |= _package_dirs(package, ROOT / directory)
+    listed = set(setuptools["packages"])
+    assert sorted(on_disk - listed) == [], "package directories missing from pyproject.toml"
+    assert sorted(listed - on_disk) == [], "pyproject.toml lists packages that do not exist"
+
+
+def test_entry_point_and_script_are_declared():
+    project = _pyproject()["project"]
+    assert project["entry-points"]["pcidev"] == {"nvme": "pcidev_nvme.plugin"}
+    assert (ROOT / "plugins" / "nvme" / "plugin.py").is_file()
+    assert project["scripts"] == {"pcidev": "pcidev.cli:main"}
+
+
+def test_dependencies_cover_the_libraries_in_use():
+    project = _pyproject()["project"]
+    names = {d.split(">")[0].split("=")[0].split("<")[0].strip().lower() for d in project["dependencies"]}
+    assert {"pluggy", "attrs", "cattrs", "cffi"} <= names
+    test_names = {d.split(">")[0].strip().lower() for d in project["optional-dependencies"]["test"]}
+    assert {"pytest", "hypothesis"} <= test_names
+
+
+def quick_start_lines(readme: str) -> list[str]:
+    """Return the lines of the first fenced code block after ``## Quick start``."""
+    lines = readme.splitlines()
+    start = lines.index("## Quick start")
+    block: list[str] | None = None
+    for line in lines[start + 1:]:
+        if line.startswith("## "):
+            break
+        if line.startswith("```"):
+            if block is not None:
+                return block
+            block = []
+            continue
+        if block is not None:
+            block.append(line)
+    raise AssertionError("no complete code block under '## Quick start'")
+
+
+def test_readme_quick_start_has_two_venv_commands():
+    lines = quick_start_lines((ROOT / "README.md").read_text())
+    assert len(lines) == 2
+    for line in lines:
+        assert line.startswith("python3 -m venv .venv && ")
+        assert ".venv/bin/pip install" in line
+        assert "-e '.[test]'" in line
+    setup, demo = lines[0].rsplit(" && ", 1)
+    assert demo == ".venv/bin/pcidev demo"
+    setup2, tests = lines[1].rsplit(" && ", 1)
+    assert setup2 == setup
+    assert tests.startswith(".venv/bin/python -m pytest")
+
+
+def test_ci_run_runs_the_second_quick_start_command():
+    assert os.access(CI_RUN, os.X_OK)
+    text = CI_RUN.read_text()
+    assert text.startswith("#!/usr/bin/env bash\n")
+    assert "set -euo pipefail" in text
+    result = subprocess.run([str(CI_RUN), "--print"], capture_output=True, text=True,
+                            timeout=30, check=True)
+    expected = quick_start_lines((ROOT / "README.md").read_text())[1]
+    assert result.stdout == expected + "\n"
+
+
+def _fake_repo(tmp_path: Path, second_line: str, *, extra_line: str | None = None) -> Path:
+    repo = tmp_path / "repo"
+    (repo / ".ci").mkdir(parents=True)
+    shutil.copy2(CI_RUN, repo / ".ci" / "run")
+    block = ["echo first", second_line] + ([extra_line] if extra_line else [])
+    (repo / "README.md").write_text(
+        "# x\n\n## Quick start\n\n```\n" + "\n".join(block) + "\n```\n\n## Later\n\n```\nnope\n```\n"
+    )
+    return repo
+
+
+@pytest.mark.parametrize(
+    ("second_line", "status"),
+    [("touch ran && true", 0), ("touch ran && exit 3", 3), ("touch ran && exit 5", 1)],
+)
+def test_ci_run_exit_status(tmp_path, second_line, status):
+    repo = _fake_repo(tmp_path, second_line)
+    result = subprocess.run([str(repo / ".ci" / "run")], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=30, check=False)
+    assert result.returncode == status, result.stderr
+    assert (repo / "ran").exists()  # ran in the repository root, whatever the cwd
+    if status == 1:
+        assert "collected no tests" in result.stderr
+
+
+def test_ci_run_rejects_a_malformed_quick_start(tmp_path):
+    repo = _fake_repo(tmp_path, "touch ran", extra_line="touch third")
+    result = subprocess.run([str(repo / ".ci" / "run")], capture_output=True, text=True,
+                            timeout=30, check=False)
+    assert result.returncode == 1
+    assert "exactly two command lines" in result.stderr
+    assert not (repo / "ran").exists()
