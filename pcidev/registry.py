@@ -312,7 +312,8 @@ class DeviceRegistry:
         return len(self._devices)
 
     def __repr__(self) -> str:
-        return f"<DeviceRegistry devices={list(self._devices)!r} components={len(self._components)}>"
+        devices = list(self._devices)
+        return f"<DeviceRegistry devices={devices!r} components={len(self._components)}>"
 
 
 def _origin_of(entry: DeviceEntry | ComponentEntry) -> PluginOrigin:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tomllib
@@ -48,11 +49,15 @@ def test_entry_point_and_script_are_declared():
     assert project["scripts"] == {"pcidev": "pcidev.cli:main"}
 
 
+def _requirement_name(requirement: str) -> str:
+    return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].strip().lower()
+
+
 def test_dependencies_cover_the_libraries_in_use():
     project = _pyproject()["project"]
-    names = {d.split(">")[0].split("=")[0].split("<")[0].strip().lower() for d in project["dependencies"]}
+    names = {_requirement_name(d) for d in project["dependencies"]}
     assert {"pluggy", "attrs", "cattrs", "cffi"} <= names
-    test_names = {d.split(">")[0].strip().lower() for d in project["optional-dependencies"]["test"]}
+    test_names = {_requirement_name(d) for d in project["optional-dependencies"]["test"]}
     assert {"pytest", "hypothesis"} <= test_names
 
 
@@ -105,7 +110,9 @@ def _fake_repo(tmp_path: Path, second_line: str, *, extra_line: str | None = Non
     shutil.copy2(CI_RUN, repo / ".ci" / "run")
     block = ["echo first", second_line] + ([extra_line] if extra_line else [])
     (repo / "README.md").write_text(
-        "# x\n\n## Quick start\n\n```\n" + "\n".join(block) + "\n```\n\n## Later\n\n```\nnope\n```\n"
+        "# x\n\n## Quick start\n\n```\n"
+        + "\n".join(block)
+        + "\n```\n\n## Later\n\n```\nnope\n```\n"
     )
     return repo
 

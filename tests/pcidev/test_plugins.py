@@ -310,7 +310,8 @@ def test_plugin_can_add_hookspecs_for_other_plugins():
 
 
 def test_plugin_hook_without_its_spec_is_unknown():
-    with pytest.raises(PluginError, match="plugin 'impl' implements unknown hook 'pcidev_test_extra'"):
+    message = "plugin 'impl' implements unknown hook 'pcidev_test_extra'"
+    with pytest.raises(PluginError, match=message):
         make_plugin_manager(load_entrypoints=False, plugins=[("impl", ExtraImpl())])
 
 
@@ -414,7 +415,9 @@ def test_migration_blockers_are_concatenated():
         load_entrypoints=False, plugins=[StorageA(), Silent(), StorageB()]
     )
     reasons = hook_migration_blockers(pm, "dev0")
-    assert sorted(reasons) == ["a second reason", "dev0 uses a raw block device", "tracing is on"]
+    assert sorted(reasons) == [
+        "a second reason", "dev0 uses a raw block device", "tracing is on",
+    ]
     assert reasons.index("tracing is on") + 1 == reasons.index("a second reason")
     assert hook_migration_blockers(make_plugin_manager(load_entrypoints=False), "dev0") == []
 

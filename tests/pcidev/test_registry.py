@@ -43,7 +43,8 @@ def test_duplicate_type_name_is_rejected_and_names_the_owner(make_device_class):
     first = make_device_class("edu")
     with registry.registering_as(PluginOrigin("edu-plugin", "pcidev-edu", "2.0")):
         registry.add_device(first)
-    with pytest.raises(PluginError, match=r"'edu' is already registered by plugin 'edu-plugin' \(pcidev-edu 2.0\)"):
+    expected = r"'edu' is already registered by plugin 'edu-plugin' \(pcidev-edu 2.0\)"
+    with pytest.raises(PluginError, match=expected):
         registry.add_device(make_device_class("edu"))
     assert registry.get("edu") is first
     assert len(registry) == 1
@@ -188,7 +189,8 @@ def test_components_register_and_look_up():
     assert [e.name for e in registry.components("nvme-backend")] == ["file", "null"]
     assert len(registry.components()) == 3
     assert len(registry) == 0  # components are not device types
-    with pytest.raises(PluginError, match=r"unknown nvme-backend component 'memfd' \(known: file, null\)"):
+    expected = r"unknown nvme-backend component 'memfd' \(known: file, null\)"
+    with pytest.raises(PluginError, match=expected):
         registry.component("nvme-backend", "memfd")
 
 
