@@ -1,0 +1,140 @@
+"""The software host and the edu example device driven through it."""
+
+from __future__ import annotations
+
+import struct
+
+import crc32c
+import pytest
+
+from pcidev.devices.edu import DESC, EduDevice, STATUS_BAD_LENGTH, STATUS_DMA_ERROR, STATUS_DONE
+from pcidev.errors import DmaError, PcidevError
+from pcidev.host import PCI_IRQ_INTX, Machine, PageAllocator
+
+
+@pytest.fixture
+def machine():
+    with Machine(ram_size=32 << 20) as m:
+        yield m
+
+
+@pytest.fixture
+def edu(machine):
+    p = machine.plug(EduDevice())
+    p.enable_device()
+    p.set_master()
+    return p
+
+
+def setup_ring(machine, p, entries=16):
+    ring = machine.alloc(entries * 32)
+    p.iowrite64(0, 0x100, ring)
+    p.iowrite32(0, 0x108, entries)
+    p.iowrite32(0, 0x114, 1)
+    return ring
+
+
+def test_allocator() -> None:
+    a = PageAllocator(0x1000, 0x10000)
+    x = a.alloc(0x1000)
+    y = a.alloc(0x2000, align=0x2000)
+    assert x == 0x1000 and y == 0x2000
+    a.free(x)
+    assert a.alloc(0x800) == 0x1000
+    with pytest.raises(DmaError):
+        a.alloc(0x100000)
+    with pytest.raises(DmaError):
+        a.free(0x9999)
+    a.free(y)
+    a.free(0x1000)
+    assert a.free_bytes == 0xF000
+
+
+def test_enumeration_and_registers(edu) -> None:
+    assert (edu.vendor, edu.device_id) == (0x1234, 0x11E8)
+    assert edu.ioread32(0, 0) == 0x010000ED
+    edu.iowrite32(0, 4, 0x0F0F0F0F)
+    assert edu.ioread32(0, 4) == 0xF0F0F0F0
+    edu.iowrite32(0, 8, 10)
+    assert edu.ioread32(0, 8) == 3628800
+
+
+def test_dma_ring_with_msix(machine, edu) -> None:
+    assert edu.alloc_irq_vectors(1, 2) == 2
+    ring = setup_ring(machine, edu)
+    blocks = []
+    for i in range(5):
+        src, dst = machine.alloc(4096), machine.alloc(4096)
+        data = bytes([i]) * 4096
+        machine.write(src, data)
+        machine.memory.write_struct(DESC, ring + 32 * i, src, dst, 4096, 1 if i == 4 else 0, 0, 0)
+        blocks.append((dst, data))
+    edu.iowrite32(0, 0x10C, 5)
+    assert edu.wait_irq(0, 2.0)
+    assert edu.irq_count(0) == 1  # one interrupt for the batch
+    for i, (dst, data) in enumerate(blocks):
+        assert machine.read(dst, 4096) == data
+        st_, crc = struct.unpack("<II", machine.read(ring + 32 * i + 0x18, 8))
+        assert (st_, crc) == (STATUS_DONE, crc32c.crc32c(data))
+    assert edu.ioread32(0, 0x110) == 5
+
+
+def test_dma_errors_get_status_not_crash(machine, edu) -> None:
+    ring = setup_ring(machine, edu)
+    machine.memory.write_struct(DESC, ring, 0xFFFF_FFFF_0000, machine.alloc(4096), 4096, 0, 0, 0)
+    machine.memory.write_struct(DESC, ring + 32, machine.alloc(4096), 2**64 - 16, 4096, 0, 0, 0)
+    machine.memory.write_struct(DESC, ring + 64, 0, 0, 0, 0, 0, 0)
+    edu.iowrite32(0, 0x10C, 3)
+    status = [struct.unpack("<I", machine.read(ring + 32 * i + 0x18, 4))[0] for i in range(3)]
+    assert status == [STATUS_DMA_ERROR, STATUS_DMA_ERROR, STATUS_BAD_LENGTH]
+    assert edu.ioread32(0, 0x118) == 3
+    assert edu.device.failed is None
+
+
+def test_ring_outside_memory_is_counted(machine, edu) -> None:
+    edu.iowrite64(0, 0x100, 0x7FFF_FFFF_0000)
+    edu.iowrite32(0, 0x108, 4)
+    edu.iowrite32(0, 0x114, 1)
+    edu.iowrite32(0, 0x10C, 2)
+    assert edu.ioread32(0, 0x118) == 2
+    assert edu.device.failed is None
+
+
+def test_no_dma_without_bus_master(machine, edu) -> None:
+    ring = setup_ring(machine, edu)
+    src, dst = machine.alloc(4096), machine.alloc(4096)
+    machine.write(src, b"x" * 4096)
+    machine.memory.write_struct(DESC, ring, src, dst, 4096, 0, 0, 0)
+    edu.clear_master()
+    edu.iowrite32(0, 0x10C, 1)
+    assert machine.read(dst, 4) == b"\0\0\0\0"
+    edu.set_master()
+    edu.device.process()
+    assert machine.read(dst, 4) == b"xxxx"
+
+
+def test_intx_fallback(machine, edu) -> None:
+    assert edu.alloc_irq_vectors(1, 1, PCI_IRQ_INTX) == 1
+    edu.iowrite32(0, 0x60, 1)
+    assert edu.recorder.wait_intx(True, 1.0)
+    assert edu.ioread32(0, 0x24) == 1
+    edu.iowrite32(0, 0x64, 1)
+    assert edu.recorder.wait_intx(False, 1.0)
+
+
+def test_reset_function_keeps_bars_and_clears_device_state(machine, edu) -> None:
+    setup_ring(machine, edu)
+    addr = edu.bar_address(0)
+    edu.reset_function()
+    assert edu.device.bar_address(0) == addr
+    assert edu.ioread32(0, 0x108) == 0  # ring registers reset
+
+
+def test_machine_guards(machine) -> None:
+    with pytest.raises(PcidevError):
+        Machine(ram_size=1024)
+    p = machine.plug(EduDevice())
+    with pytest.raises(PcidevError):
+        p.ioread32(0, 0)  # BAR not assigned yet
+    with pytest.raises(PcidevError):
+        machine.plug(EduDevice(), slot=p.slot)

@@ -1,0 +1,207 @@
+"""Interrupts: MSI-X (table, PBA, masking, pending), MSI, INTx, sinks,
+eventfd delivery to another process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pcidev.bar import RegisterMap
+from pcidev.device import PciDevice
+from pcidev.errors import IrqError, MmioError
+from pcidev.host import PCI_IRQ_INTX, PCI_IRQ_MSI, Machine
+from pcidev.irq import CallbackSink, EventfdSink
+from pcidev.pci import ids
+from pcidev.pci.capabilities import msix as msixmod
+
+TABLE = 0x2000
+PBA = 0x3000
+
+
+class IrqDevice(PciDevice):
+    TYPE_NAME = "irqdev"
+
+    def describe(self) -> None:
+        self.add_mem_bar(0, 16384, RegisterMap(16384))
+        self.add_msix(16, bar=0, table_offset=TABLE, pba_offset=PBA)
+        self.add_msi(4)
+
+
+@pytest.fixture
+def machine():
+    with Machine() as m:
+        yield m
+
+
+@pytest.fixture
+def host(machine):
+    p = machine.plug(IrqDevice())
+    p.enable_device()
+    p.set_master()
+    return p
+
+
+def test_msix_table_and_pba_access(host) -> None:
+    # reset state: every vector masked, PBA clear
+    for v in range(16):
+        assert host.ioread32(0, TABLE + 16 * v + 12) == 1
+    assert host.ioread64(0, PBA) == 0
+    host.iowrite32(0, TABLE + 0, 0xFEE0_1003)  # reserved low bits ignored
+    host.iowrite32(0, TABLE + 4, 0x1)
+    host.iowrite32(0, TABLE + 8, 0xABCD)
+    assert host.ioread32(0, TABLE) == 0xFEE0_1000
+    assert host.ioread64(0, TABLE) == 0x1_FEE0_1000
+    assert host.ioread32(0, TABLE + 8) == 0xABCD
+    host.iowrite64(0, TABLE + 16, 0x2_0000_1000)
+    assert host.ioread32(0, TABLE + 20) == 2
+    # the PBA is read-only
+    host.iowrite64(0, PBA, 0xFFFF)
+    assert host.ioread64(0, PBA) == 0
+    # an access straddling the table end is refused
+    with pytest.raises(MmioError):
+        host.device.bar_read(0, TABLE + 16 * 16 - 4, 8)
+
+
+def test_msix_delivery_and_masked_vector_latches_pending(host) -> None:
+    assert host.alloc_irq_vectors(1, 16) == 16
+    dev = host.device
+    assert dev.irq.mode == "msix"
+    dev.irq.notify(3)
+    assert host.irq_count(3) == 1
+    host.msix_mask(3, True)
+    dev.irq.notify(3)
+    dev.irq.notify(3)
+    assert host.irq_count(3) == 1
+    assert host.ioread64(0, PBA) == 1 << 3
+    host.msix_mask(3, False)  # unmask delivers the pending message once
+    assert host.irq_count(3) == 2
+    assert host.ioread64(0, PBA) == 0
+
+
+def test_msix_function_mask(host) -> None:
+    host.alloc_irq_vectors(16, 16)
+    dev = host.device
+    host.msix_function_mask(True)
+    for v in (0, 5, 15):
+        dev.irq.notify(v)
+    assert all(host.irq_count(v) == 0 for v in (0, 5, 15))
+    assert host.ioread64(0, PBA) == (1 << 0) | (1 << 5) | (1 << 15)
+    host.msix_mask(5, True)
+    host.msix_function_mask(False)
+    assert host.irq_count(0) == 1 and host.irq_count(15) == 1 and host.irq_count(5) == 0
+    assert host.ioread64(0, PBA) == 1 << 5
+    host.msix_mask(5, False)
+    assert host.irq_count(5) == 1
+
+
+def test_msix_out_of_range_vector_is_typed_error(host) -> None:
+    host.alloc_irq_vectors(1, 16)
+    with pytest.raises(IrqError):
+        host.device.irq.notify(16)
+
+
+def test_bus_master_off_blocks_messages(host) -> None:
+    host.alloc_irq_vectors(1, 16)
+    host.clear_master()
+    host.device.irq.notify(0)
+    assert host.irq_count(0) == 0
+    assert host.device.irq.blocked_by_bus_master == 1
+
+
+def test_msi_multiple_messages_and_masking(host) -> None:
+    assert host.alloc_irq_vectors(1, 4, PCI_IRQ_MSI) == 4
+    dev = host.device
+    assert dev.irq.mode == "msi"
+    msi = dev.irq.msi
+    assert msi.enabled_vectors == 4
+    dev.irq.notify(2)
+    assert host.irq_count(2) == 1  # data low bits carry the vector
+    pos = host.find_capability(ids.CapId.MSI)
+    host.config_write32(pos + 0x10, 1 << 1)  # mask vector 1
+    dev.irq.notify(1)
+    assert host.irq_count(1) == 0
+    assert host.config_read32(pos + 0x14) == 1 << 1  # pending
+    host.config_write32(pos + 0x10, 0)
+    assert host.irq_count(1) == 1
+    assert host.config_read32(pos + 0x14) == 0
+    with pytest.raises(IrqError):
+        dev.irq.notify(4)
+
+
+def test_msi_mme_clamped_to_capable(host) -> None:
+    pos = host.find_capability(ids.CapId.MSI)
+    host.config_write16(pos + 2, 0x0071)  # MME=7 (128) with MMC=2 (4)
+    assert (host.config_read16(pos + 2) >> 4) & 7 == 2
+
+
+def test_intx_level_status_and_disable(host) -> None:
+    assert host.alloc_irq_vectors(1, 1, PCI_IRQ_INTX) == 1
+    dev = host.device
+    assert dev.irq.mode == "intx"
+    assert not dev.irq.notify(0)
+    dev.irq.set_intx(True)
+    assert host.recorder.intx_level
+    assert host.config_read16(ids.STATUS) & ids.Status.INTERRUPT
+    host.config_write16(ids.COMMAND, host.config_read16(ids.COMMAND) | ids.Command.INTX_DISABLE)
+    assert not host.recorder.intx_level  # line masked, status still shows it
+    assert host.config_read16(ids.STATUS) & ids.Status.INTERRUPT
+    host.config_write16(ids.COMMAND, host.config_read16(ids.COMMAND) & ~ids.Command.INTX_DISABLE)
+    assert host.recorder.intx_level
+    dev.irq.set_intx(False)
+    assert not host.recorder.intx_level
+    assert not host.config_read16(ids.STATUS) & ids.Status.INTERRUPT
+
+
+def test_callback_sink() -> None:
+    got = []
+    dev = IrqDevice()
+    dev.attach(None, CallbackSink(on_msi=lambda v, a, d: got.append((v, a, d)), on_intx=got.append))
+    dev.config_write(ids.COMMAND, 2, ids.Command.MASTER | ids.Command.MEMORY)
+    dev.bar_write(0, TABLE, 4, 0xFEE00000)
+    dev.bar_write(0, TABLE + 8, 4, 77)
+    dev.bar_write(0, TABLE + 12, 4, 0)
+    msix = dev.irq.msix
+    dev.config_write(msix.offset + 2, 2, msixmod.CTRL_ENABLE)
+    dev.irq.notify(0)
+    assert got == [(0, 0xFEE00000, 77)]
+
+
+def test_eventfd_delivery_to_another_process() -> None:
+    """The device signals eventfds that a second process waits on."""
+    efds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(2)]
+    dev = IrqDevice()
+    sink = EventfdSink({0: efds[0], 1: efds[1]})
+    dev.attach(None, sink)
+    dev.config_write(ids.COMMAND, 2, ids.Command.MASTER | ids.Command.MEMORY)
+    for v in range(2):
+        dev.bar_write(0, TABLE + 16 * v, 4, 0xFEE00000)
+        dev.bar_write(0, TABLE + 16 * v + 12, 4, 0)
+    dev.config_write(dev.irq.msix.offset + 2, 2, msixmod.CTRL_ENABLE)
+    child = textwrap.dedent("""
+        import os, select, sys
+        fds = [int(x) for x in sys.argv[1:]]
+        got = []
+        for fd in fds:
+            r, _, _ = select.select([fd], [], [], 10)
+            assert r, "timeout"
+            got.append(os.eventfd_read(fd))
+        print(" ".join(map(str, got)))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child, *map(str, efds)], pass_fds=efds,
+                            stdout=subprocess.PIPE, text=True)
+    dev.irq.notify(0)
+    dev.irq.notify(1)
+    dev.irq.notify(1)
+    out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0
+    assert out.split() == ["1", "2"]
+    # a vector without an eventfd is dropped and counted
+    sink.set_vector(1, None)
+    dev.irq.notify(1)
+    assert sink.dropped == 1
+    for fd in efds:
+        os.close(fd)
