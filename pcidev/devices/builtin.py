@@ -1,0 +1,18 @@
+"""The built-in plugin: registers the device types that ship inside pcidev."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pcidev.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from pcidev.registry import DeviceRegistry
+
+
+@hookimpl
+def pcidev_register_devices(registry: DeviceRegistry) -> None:
+    """Register ``edu``, the example device with a DMA engine and MSI-X."""
+    from pcidev.devices.edu import EduDevice
+
+    registry.add_device(EduDevice)
