@@ -1,0 +1,125 @@
+"""One NVMe command on its way through the controller.
+
+The controller core fetches a 64-byte Submission Queue Entry (SQE), copies it
+out of guest memory and decodes it once into a :class:`Request`; the admin
+command set or the I/O command set (``io.py``) executes it and hands it back
+with :meth:`NvmeController.complete() <pcidev_nvme.controller.NvmeController.complete>`,
+exactly once.
+
+SQE layout (NVMe Base 2.0, figure "Common Command Format")::
+
+    00  CDW0: opcode 7:0 | FUSE 9:8 | PSDT 15:14 | CID 31:16
+    04  NSID
+    08  CDW2, CDW3 (command specific)
+    10  MPTR (metadata pointer)
+    18  DPTR: PRP1 (18h) and PRP2 (20h), or SGL1 (18h..27h)
+    28  CDW10 .. CDW15
+
+All fields are plain attributes (decoded once, at fetch), because the data
+path reads them on every I/O.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import attrs
+
+__all__ = ["Request", "SQE", "SQE_SIZE", "decode_sqe"]
+
+SQE_SIZE = 64
+
+#: opcode, flags, cid, nsid, cdw2, cdw3, mptr, prp1, prp2, cdw10..cdw15
+SQE = struct.Struct("<BBHIIIQQQIIIIII")
+_unpack_from = SQE.unpack_from
+
+
+@attrs.define(slots=True, eq=False, repr=False)
+class Request:
+    """A decoded Submission Queue Entry plus the core's bookkeeping.
+
+    Build one with :func:`decode_sqe`. Fields the data path may read:
+
+    :ivar sqid: submission queue the command came from (0 = admin).
+    :ivar cid: command identifier (CDW0 31:16).
+    :ivar opcode: CDW0 7:0.
+    :ivar nsid: namespace identifier (DW1).
+    :ivar sqe: the 64 raw bytes of the entry, as fetched.
+    :ivar flags: CDW0 15:8 (FUSE in bits 1:0, PSDT in bits 7:6).
+    :ivar cdw2: DW2.
+    :ivar cdw3: DW3.
+    :ivar mptr: metadata pointer (DW4-5).
+    :ivar prp1: DW6-7 (first PRP entry, or the first half of SGL1).
+    :ivar prp2: DW8-9 (second PRP entry / PRP list pointer, or the second half of SGL1).
+    :ivar cdw10: DW10 … :ivar cdw15: DW15.
+    :ivar ctx: free slot for whoever executes the command (the data path may
+        keep per-command state here); the core never reads it.
+    """
+
+    sqid: int
+    cid: int
+    opcode: int
+    nsid: int
+    sqe: bytes
+    flags: int = 0
+    cdw2: int = 0
+    cdw3: int = 0
+    mptr: int = 0
+    prp1: int = 0
+    prp2: int = 0
+    cdw10: int = 0
+    cdw11: int = 0
+    cdw12: int = 0
+    cdw13: int = 0
+    cdw14: int = 0
+    cdw15: int = 0
+    ctx: Any = None
+    # -- core bookkeeping (not for the data path) ------------------------------------------
+    #: the submission queue object it was fetched from
+    sq: Any = None
+    #: controller generation at fetch; a completion from an older generation is dropped
+    gen: int = 0
+    #: time.monotonic() of the fetch batch (controller busy time)
+    t_fetch: float = 0.0
+    #: True once the completion was handed to the core (exactly-once guard)
+    done: bool = False
+
+    @property
+    def fuse(self) -> int:
+        """Fused operation (CDW0 9:8): 0 normal, 1 first, 2 second."""
+        return self.flags & 0x3
+
+    @property
+    def psdt(self) -> int:
+        """PRP or SGL for Data Transfer (CDW0 15:14): 0 PRP, 1 SGL (MPTR buffer), 2 SGL (MPTR SGL)."""
+        return (self.flags >> 6) & 0x3
+
+    @property
+    def sgl1(self) -> bytes:
+        """The 16-byte SGL descriptor in DPTR (bytes 24..39 of the SQE)."""
+        return self.sqe[24:40]
+
+    @property
+    def cdw0(self) -> int:
+        """The whole first dword."""
+        return self.opcode | (self.flags << 8) | (self.cid << 16)
+
+    def __repr__(self) -> str:
+        return (f"<Request sq{self.sqid} cid={self.cid:#x} opc={self.opcode:#04x} nsid={self.nsid:#x} "
+                f"cdw10={self.cdw10:#x} cdw11={self.cdw11:#x} cdw12={self.cdw12:#x}>")
+
+
+def decode_sqe(sqid: int, raw: bytes, offset: int = 0) -> Request:
+    """Decode the 64-byte entry at ``raw[offset:offset + 64]`` into a :class:`Request`.
+
+    :param sqid: the submission queue it came from.
+    :param raw: a buffer holding at least ``offset + 64`` bytes.
+    :param offset: where the entry starts.
+    :returns: the request (its ``sqe`` is a copy of the 64 bytes).
+    :raises struct.error: if ``raw`` is too short.
+    """
+    (opc, flags, cid, nsid, cdw2, cdw3, mptr, prp1, prp2,
+     c10, c11, c12, c13, c14, c15) = _unpack_from(raw, offset)
+    return Request(sqid, cid, opc, nsid, bytes(raw[offset:offset + SQE_SIZE]), flags, cdw2, cdw3, mptr,
+                   prp1, prp2, c10, c11, c12, c13, c14, c15)
