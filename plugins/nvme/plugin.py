@@ -12,7 +12,21 @@ from typing import TYPE_CHECKING
 from pcidev.hookspecs import hookimpl
 
 if TYPE_CHECKING:
+    import pluggy
+
     from pcidev.registry import DeviceRegistry
+
+
+@hookimpl
+def pcidev_add_hookspecs(pluginmanager: pluggy.PluginManager) -> None:
+    """Publish the NVMe plugin's own hooks (namespace backends, see
+    :mod:`pcidev_nvme.hookspecs`).
+
+    :param pluginmanager: the plugin manager being set up.
+    """
+    from pcidev_nvme import hookspecs
+
+    pluginmanager.add_hookspecs(hookspecs)
 
 
 @hookimpl
