@@ -4,7 +4,8 @@ The manager is built by :func:`make_plugin_manager`, never at import time, so
 every caller (the command line, a test, an embedding program) gets a fresh one
 with its own settings.  Loading order:
 
-1. built-in plugins (:data:`BUILTIN_PLUGINS`, modules inside pcidev);
+1. built-in plugins (:data:`BUILTIN_PLUGINS`, modules inside pcidev, attributed
+   to the ``pcidev`` distribution; blockable like any other plugin);
 2. third-party plugins from the entry-point group ``pcidev``, unless autoloading
    is disabled (``load_entrypoints=False`` or :envvar:`PCIDEV_DISABLE_PLUGIN_AUTOLOAD`);
 3. plugins passed in explicitly (tests, ``pcidev -p MODULE``).
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
-from pcidev import hookspecs
+from pcidev import __version__, hookspecs
 from pcidev.errors import PcidevError, PluginError
 from pcidev.registry import DeviceRegistry, PluginOrigin
 
@@ -56,8 +57,8 @@ __all__ = [
 #: Entry-point group third-party plugins register under.
 ENTRYPOINT_GROUP = hookspecs.PROJECT_NAME
 
-#: Modules always registered first (registered under their module name).
-BUILTIN_PLUGINS: tuple[str, ...] = ()
+#: Plugins shipped inside pcidev, registered first: ``(plugin name, module name)`` pairs.
+BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (("builtin", "pcidev.devices.builtin"),)
 
 #: Environment variable that, when set to a true value, disables entry-point loading.
 ENV_DISABLE_AUTOLOAD = "PCIDEV_DISABLE_PLUGIN_AUTOLOAD"
@@ -131,16 +132,17 @@ def _register(pm: PcidevPluginManager, plugin: object, name: str, origin: Plugin
 
 
 def _load_builtins(pm: PcidevPluginManager) -> None:
-    for module_name in BUILTIN_PLUGINS:
-        if pm.is_blocked(module_name):
+    for name, module_name in BUILTIN_PLUGINS:
+        if pm.is_blocked(name):
             continue
         try:
             module = importlib.import_module(module_name)
         except Exception as exc:
             raise PluginError(
-                f"built-in plugin {module_name!r} failed to import: {_describe_exception(exc)}"
+                f"built-in plugin {name!r} ({module_name}) failed to import: "
+                f"{_describe_exception(exc)}"
             ) from exc
-        _register(pm, module, module_name, PluginOrigin(module_name))
+        _register(pm, module, name, PluginOrigin(name, "pcidev", __version__))
 
 
 def _load_entrypoints(pm: PcidevPluginManager) -> None:

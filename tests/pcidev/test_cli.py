@@ -15,32 +15,32 @@ from pcidev import cli, hookimpl
 from pcidev.cli import COMMANDS, Command, main
 from pcidev.errors import ConfigError
 
-EDU_PLUGIN = """
+ACME_PLUGIN = """
 from pcidev import hookimpl
 from pcidev.device import PciDevice
 
-class EduDevice(PciDevice):
-    TYPE_NAME = "edu"
+class AcmeDevice(PciDevice):
+    TYPE_NAME = "acme-dev"
     VENDOR_ID = 0x1234
-    DEVICE_ID = 0x11E8
+    DEVICE_ID = 0x11E9
     CLASS_CODE = 0x00FF00
 
 @hookimpl
 def pcidev_register_devices(registry):
-    registry.add_device(EduDevice)
-    registry.add_component("edu-backend", "null", object)
+    registry.add_device(AcmeDevice)
+    registry.add_component("acme-backend", "null", object)
 
 @hookimpl
 def pcidev_add_options(parser):
-    parser.add_argument("--edu-trace", action="store_true", help="trace edu accesses")
+    parser.add_argument("--acme-trace", action="store_true", help="trace acme accesses")
 """
 
 
 @pytest.fixture
-def edu_dist(make_distribution):
-    """A third-party distribution 'pcidev-edu 2.5' providing the plugin 'edu'."""
-    make_distribution("pcidev-edu", "2.5", entry_points={"edu": "pcidev_edu_cli"},
-                      modules={"pcidev_edu_cli": EDU_PLUGIN})
+def acme_dist(make_distribution):
+    """A third-party distribution 'pcidev-acme 2.5' providing the plugin 'acme'."""
+    make_distribution("pcidev-acme", "2.5", entry_points={"acme": "pcidev_acme_cli"},
+                      modules={"pcidev_acme_cli": ACME_PLUGIN})
 
 
 @pytest.fixture
@@ -94,39 +94,41 @@ def test_console_script_is_installed():
     assert (result.returncode, result.stdout, result.stderr) == (0, "pcidev 0.1.0\n", "")
 
 
-def test_help_lists_commands_and_plugin_options(capsys, edu_dist):
+def test_help_lists_commands_and_plugin_options(capsys, acme_dist):
     status, out, err = run(capsys, "-p", "no:nvme", "--help")
     assert status == 0 and err == ""
-    for word in ("plugins", "demo", "-p no:NAME|MODULE", "plugin options", "--edu-trace"):
+    for word in ("plugins", "demo", "-p no:NAME|MODULE", "plugin options", "--acme-trace"):
         assert word in out
 
 
 # -- pcidev plugins -------------------------------------------------------------------
 
 
-def test_plugins_table_shows_distribution_and_device_types(capsys, edu_dist):
+def test_plugins_table_shows_distribution_and_device_types(capsys, acme_dist):
     status, out, err = run(capsys, "-p", "no:nvme", "plugins")
     assert status == 0 and err == ""
     lines = out.splitlines()
     assert lines[0].split() == ["PLUGIN", "DISTRIBUTION", "VERSION", "DEVICE", "TYPES"]
-    assert lines[1].split() == ["edu", "pcidev-edu", "2.5", "edu"]
-    assert lines[2] == "blocked: nvme"
+    assert lines[1].split() == ["builtin", "pcidev", pcidev.__version__, "edu"]
+    assert lines[2].split() == ["acme", "pcidev-acme", "2.5", "acme-dev"]
+    assert lines[3] == "blocked: nvme"
+    assert lines[1].index("pcidev ") == lines[2].index("pcidev-acme")  # aligned columns
 
 
-def test_plugins_json(capsys, edu_dist):
-    status, out, err = run(capsys, "-p", "no:nvme", "plugins", "--json")
+def test_plugins_json(capsys, acme_dist):
+    status, out, err = run(capsys, "-p", "no:nvme", "-p", "no:builtin", "plugins", "--json")
     assert status == 0 and err == ""
     assert json.loads(out) == {
         "plugins": [
             {
-                "name": "edu",
-                "distribution": "pcidev-edu",
+                "name": "acme",
+                "distribution": "pcidev-acme",
                 "version": "2.5",
-                "device_types": ["edu"],
-                "components": ["edu-backend/null"],
+                "device_types": ["acme-dev"],
+                "components": ["acme-backend/null"],
             }
         ],
-        "blocked": ["nvme"],
+        "blocked": ["nvme", "builtin"],
     }
 
 
@@ -143,15 +145,18 @@ def test_plugins_lists_nvme_from_its_entry_point(capsys):
 
 def test_plugins_with_nothing_loaded(capsys, monkeypatch):
     monkeypatch.setenv("PCIDEV_DISABLE_PLUGIN_AUTOLOAD", "1")
-    assert run(capsys, "plugins") == (0, "no plugins loaded\n", "")
+    monkeypatch.setenv("PCIDEV_BLOCKED_PLUGINS", "builtin")
+    assert run(capsys, "plugins") == (0, "no plugins loaded\nblocked: builtin\n", "")
     status, out, _ = run(capsys, "plugins", "--json")
-    assert json.loads(out) == {"plugins": [], "blocked": []}
+    assert json.loads(out) == {"plugins": [], "blocked": ["builtin"]}
 
 
-def test_block_option_hides_a_plugin(capsys, edu_dist):
-    status, out, _ = run(capsys, "-p", "no:nvme", "-p", "no:edu", "plugins", "--json")
+def test_block_option_hides_a_plugin(capsys, acme_dist):
+    status, out, _ = run(capsys, "-p", "no:nvme", "-p", "no:acme", "plugins", "--json")
     assert status == 0
-    assert json.loads(out) == {"plugins": [], "blocked": ["nvme", "edu"]}
+    listing = json.loads(out)
+    assert [p["name"] for p in listing["plugins"]] == ["builtin"]
+    assert listing["blocked"] == ["nvme", "acme"]
 
 
 def test_p_module_loads_an_extra_plugin(capsys, monkeypatch, module_plugin, make_device_class):
@@ -163,7 +168,7 @@ def test_p_module_loads_an_extra_plugin(capsys, monkeypatch, module_plugin, make
         registry.add_device(cls)
 
     module_plugin("pcidev_cli_inline", pcidev_register_devices=pcidev_register_devices)
-    status, out, _ = run(capsys, "-p", "pcidev_cli_inline", "plugins", "--json")
+    status, out, _ = run(capsys, "-p", "no:builtin", "-p", "pcidev_cli_inline", "plugins", "--json")
     assert status == 0
     assert json.loads(out)["plugins"] == [
         {"name": "pcidev_cli_inline", "distribution": None, "version": None,
@@ -256,15 +261,15 @@ def probe_command(monkeypatch):
     return seen
 
 
-def test_command_receives_its_options_and_plugin_options(capsys, edu_dist, probe_command):
-    status, _out, _err = run(capsys, "-p", "no:nvme", "--edu-trace", "probe", "--count", "7")
+def test_command_receives_its_options_and_plugin_options(capsys, acme_dist, probe_command):
+    status, _out, _err = run(capsys, "-p", "no:nvme", "--acme-trace", "probe", "--count", "7")
     assert status == 3
     args = probe_command["args"]
-    assert (args.command, args.count, args.edu_trace) == ("probe", 7, True)
+    assert (args.command, args.count, args.acme_trace) == ("probe", 7, True)
     ctx = probe_command["ctx"]
-    assert ctx.pm.has_plugin("edu")
+    assert ctx.pm.has_plugin("acme")
     assert ctx.registry is ctx.registry  # built once, on demand
-    assert "edu" in ctx.registry
+    assert "acme-dev" in ctx.registry
 
 
 def test_command_raising_pcidev_error_exits_1(capsys, probe_command):

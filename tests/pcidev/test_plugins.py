@@ -65,6 +65,20 @@ def test_nvme_registers_its_controller():
     assert (entry.plugin, entry.distribution) == ("nvme", "pcidev")
 
 
+def test_builtin_plugin_registers_edu_and_can_be_blocked():
+    from pcidev.devices.edu import EduDevice
+
+    pm = make_plugin_manager(load_entrypoints=False)
+    assert pm.get_plugin("builtin") is importlib.import_module("pcidev.devices.builtin")
+    origin = pm.plugin_origin("builtin")
+    assert (origin.distribution, origin.version) == ("pcidev", pcidev.__version__)
+    entry = load_registry(pm).entry("edu")
+    assert (entry.cls, entry.plugin) == (EduDevice, "builtin")
+    blocked = make_plugin_manager(load_entrypoints=False, blocked=["builtin"])
+    assert blocked.plugin_names() == []
+    assert len(load_registry(blocked)) == 0
+
+
 # -- discovery switches ---------------------------------------------------------------
 
 
@@ -73,7 +87,7 @@ def test_autoload_disabled_by_environment(monkeypatch, value):
     monkeypatch.setenv("PCIDEV_DISABLE_PLUGIN_AUTOLOAD", value)
     pm = make_plugin_manager()
     assert pm.get_plugin("nvme") is None
-    assert pm.plugin_names() == []
+    assert pm.plugin_names() == ["builtin"]
 
 
 @pytest.mark.parametrize("value", ["", "0", "false", "No", "off"])
@@ -115,10 +129,10 @@ def test_blocked_entry_point_is_not_even_imported(make_distribution):
 
 
 def test_block_applies_to_explicit_plugins(make_device_class):
-    plugin = DevicePlugin(make_device_class("edu"))
-    pm = make_plugin_manager(load_entrypoints=False, plugins=[("edu", plugin)], blocked=["edu"])
-    assert not pm.has_plugin("edu")
-    assert "edu" not in load_registry(pm)
+    plugin = DevicePlugin(make_device_class("testdev"))
+    pm = make_plugin_manager(load_entrypoints=False, plugins=[("mine", plugin)], blocked=["mine"])
+    assert not pm.has_plugin("mine")
+    assert "testdev" not in load_registry(pm)
 
 
 def test_manager_is_never_built_at_import():
@@ -134,30 +148,30 @@ THIRD_PARTY_SOURCE = """
 from pcidev import hookimpl
 from pcidev.device import PciDevice
 
-class EduDevice(PciDevice):
-    TYPE_NAME = "edu"
+class AcmeDevice(PciDevice):
+    TYPE_NAME = "acme-dev"
     VENDOR_ID = 0x1234
-    DEVICE_ID = 0x11E8
+    DEVICE_ID = 0x11E9
     CLASS_CODE = 0x00FF00
 
 @hookimpl
 def pcidev_register_devices(registry):
-    registry.add_device(EduDevice)
+    registry.add_device(AcmeDevice)
 """
 
 
 def test_third_party_distribution_is_loaded_and_attributed(make_distribution):
     make_distribution(
-        "pcidev-edu", "2.5", entry_points={"edu": "pcidev_edu_tp"},
-        modules={"pcidev_edu_tp": THIRD_PARTY_SOURCE},
+        "pcidev-acme", "2.5", entry_points={"acme": "pcidev_acme_tp"},
+        modules={"pcidev_acme_tp": THIRD_PARTY_SOURCE},
     )
     pm = make_plugin_manager(blocked=["nvme"])
-    assert pm.plugin_names() == ["edu"]
-    origin = pm.plugin_origin("edu")
-    assert (origin.distribution, origin.version) == ("pcidev-edu", "2.5")
-    entry = load_registry(pm).entry("edu")
-    assert entry.cls.__module__ == "pcidev_edu_tp"
-    assert (entry.plugin, entry.distribution, entry.version) == ("edu", "pcidev-edu", "2.5")
+    assert pm.plugin_names() == ["builtin", "acme"]
+    origin = pm.plugin_origin("acme")
+    assert (origin.distribution, origin.version) == ("pcidev-acme", "2.5")
+    entry = load_registry(pm).entry("acme-dev")
+    assert entry.cls.__module__ == "pcidev_acme_tp"
+    assert (entry.plugin, entry.distribution, entry.version) == ("acme", "pcidev-acme", "2.5")
 
 
 def test_entry_point_import_failure_names_the_plugin(make_distribution):
@@ -195,13 +209,13 @@ def test_two_distributions_claiming_one_name_fail(make_distribution):
 
 
 def test_inline_plugin_is_found_and_registers_its_device(make_device_class):
-    cls = make_device_class("edu")
+    cls = make_device_class("testdev")
     plugin = DevicePlugin(cls)
     pm = make_plugin_manager(load_entrypoints=False, plugins=[plugin])
     assert pm.get_name(plugin) == "DevicePlugin"
     registry = load_registry(pm)
-    assert registry.get("edu") is cls
-    entry = registry.entry("edu")
+    assert registry.get("testdev") is cls
+    entry = registry.entry("testdev")
     assert (entry.plugin, entry.distribution, entry.version) == ("DevicePlugin", None, None)
 
 
@@ -209,7 +223,7 @@ def test_inline_module_plugin_uses_its_module_name(make_device_class):
     import types
 
     module = types.ModuleType("pcidev_inline_module")
-    cls = make_device_class("edu")
+    cls = make_device_class("testdev")
 
     @hookimpl
     def pcidev_register_devices(registry):
@@ -217,7 +231,7 @@ def test_inline_module_plugin_uses_its_module_name(make_device_class):
 
     module.pcidev_register_devices = pcidev_register_devices
     pm = make_plugin_manager(load_entrypoints=False, plugins=[module])
-    assert load_registry(pm).entry("edu").plugin == "pcidev_inline_module"
+    assert load_registry(pm).entry("testdev").plugin == "pcidev_inline_module"
 
 
 def test_misspelled_hook_fails_loudly():
@@ -345,7 +359,7 @@ def test_load_registry_attributes_each_plugin(make_device_class):
     )
     registry = load_registry(pm)
     assert {e.name: e.plugin for e in registry.devices()} == {
-        "dev-a": "first", "dev-b": "second", "dev-c": "second",
+        "dev-a": "first", "dev-b": "second", "dev-c": "second", "edu": "builtin",
     }
 
 
@@ -365,14 +379,14 @@ def test_load_registry_calls_each_plugin_once(make_device_class):
 def test_duplicate_device_across_plugins_names_both(make_device_class):
     pm = make_plugin_manager(
         load_entrypoints=False,
-        plugins=[("first", DevicePlugin(make_device_class("edu"))),
-                 ("second", DevicePlugin(make_device_class("edu")))],
+        plugins=[("first", DevicePlugin(make_device_class("testdev"))),
+                 ("second", DevicePlugin(make_device_class("testdev")))],
     )
     with pytest.raises(PluginError) as info:
         load_registry(pm)
     message = str(info.value)
     assert "failed in pcidev_register_devices" in message
-    assert "'edu' is already registered by plugin" in message
+    assert "'testdev' is already registered by plugin" in message
     assert {"'first'", "'second'"} <= {w.strip(":") for w in message.split()}
 
 
