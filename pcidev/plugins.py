@@ -17,13 +17,13 @@ implementation must match a known specification: a misspelled hook name is a
 :class:`~pcidev.errors.PluginError` naming the hook and the plugin.
 
 The helpers :func:`load_registry`, :func:`add_plugin_options` and
-:func:`hook_migration_blockers` call a hook one plugin at a time, so each error
-names the plugin that caused it and each registration is attributed to it.
+:func:`hook_migration_blockers` call a hook one plugin at a time
+(:func:`each_plugin`), so each error names the plugin that caused it and each
+registration is attributed to it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import importlib
 import importlib.metadata
@@ -31,6 +31,7 @@ import os
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import pluggy
 
 from pcidev import __version__, hookspecs
@@ -48,7 +49,9 @@ __all__ = [
     "ENV_BLOCKED_PLUGINS",
     "ENV_DISABLE_AUTOLOAD",
     "PcidevPluginManager",
+    "PluginHook",
     "add_plugin_options",
+    "each_plugin",
     "hook_migration_blockers",
     "load_registry",
     "make_plugin_manager",
@@ -206,22 +209,61 @@ def _check_hooks(pm: PcidevPluginManager) -> None:
         raise PluginError(_one_line(str(exc))) from exc
 
 
-@contextlib.contextmanager
-def _blame(plugin_name: str, hook_name: str) -> Iterator[None]:
-    """Turn any exception raised while one plugin runs a hook into a PluginError."""
-    try:
-        yield
-    except Exception as exc:
-        raise PluginError(
-            f"plugin {plugin_name!r} failed in {hook_name}: {_describe_exception(exc)}"
-        ) from exc
+@attrs.frozen
+class PluginHook:
+    """One plugin's implementation(s) of a hook, as yielded by :func:`each_plugin`.
+
+    Calling it runs only this plugin's implementations, with pluggy's usual
+    semantics (keyword arguments, ``None`` results dropped), and turns any
+    exception into a :class:`~pcidev.errors.PluginError` naming the plugin and
+    the hook.
+
+    :param name: the plugin's registered name.
+    :param origin: where the plugin came from (for registries' ``registering_as``).
+    :param hook_name: the hook being called.
+    :param caller: the pluggy hook caller restricted to this plugin.
+    """
+
+    name: str
+    origin: PluginOrigin
+    hook_name: str
+    caller: Any = attrs.field(repr=False)
+
+    def __call__(self, **kwargs: Any) -> list[Any]:
+        """Call the hook for this plugin.
+
+        :param kwargs: the hook's arguments, by name.
+        :returns: the plugin's non-``None`` results.
+        :raises PluginError: if the implementation raises.
+        """
+        try:
+            return list(self.caller(**kwargs))
+        except Exception as exc:
+            raise PluginError(
+                f"plugin {self.name!r} failed in {self.hook_name}: {_describe_exception(exc)}"
+            ) from exc
 
 
-def _per_plugin(pm: pluggy.PluginManager, hook_name: str) -> Iterator[tuple[str, Any]]:
-    """Yield ``(plugin name, hook caller restricted to that plugin)`` in call order."""
-    caller = getattr(pm.hook, hook_name)
+def each_plugin(pm: pluggy.PluginManager, hook_name: str) -> Iterator[PluginHook]:
+    """Iterate over the plugins implementing ``hook_name``, in pluggy's call order.
+
+    Use it to call a hook one plugin at a time, so that results and errors can
+    be attributed (plugins may use it for hooks they define themselves)::
+
+        for hook in each_plugin(pm, "pcidev_nvme_register_backends"):
+            with registry.registering_as(hook.origin):
+                hook(registry=registry)
+
+    :param pm: the plugin manager.
+    :param hook_name: a hook with a specification in ``pm``.
+    :returns: an iterator of :class:`PluginHook`, one per plugin (pluggy calls the
+        last registered plugin first; this order is kept).
+    :raises PluginError: if ``hook_name`` is not a known hook.
+    """
+    caller = getattr(pm.hook, hook_name, None)
+    if caller is None or not caller.has_spec():
+        raise PluginError(f"unknown hook {hook_name!r}")
     order: list[object] = []
-    # pluggy runs implementations last-registered first: keep that order.
     for impl in reversed(caller.get_hookimpls()):
         if not any(impl.plugin is p for p in order):
             order.append(impl.plugin)
@@ -230,7 +272,14 @@ def _per_plugin(pm: pluggy.PluginManager, hook_name: str) -> Iterator[tuple[str,
         if name is None:  # unregistered meanwhile
             continue
         others = [p for p in pm.get_plugins() if p is not None and p is not plugin]
-        yield name, pm.subset_hook_caller(hook_name, remove_plugins=others)
+        subset = pm.subset_hook_caller(hook_name, remove_plugins=others)
+        yield PluginHook(name, _origin(pm, name), hook_name, subset)
+
+
+def _origin(pm: pluggy.PluginManager, name: str) -> PluginOrigin:
+    if isinstance(pm, PcidevPluginManager):
+        return pm.plugin_origin(name)
+    return PluginOrigin(name)
 
 
 def make_plugin_manager(
@@ -286,17 +335,10 @@ def make_plugin_manager(
             name, plugin = _plugin_name_for(item), item
         _register(pm, plugin, name, PluginOrigin(name))
 
-    for name, call in _per_plugin(pm, "pcidev_add_hookspecs"):
-        with _blame(name, "pcidev_add_hookspecs"):
-            call(pluginmanager=pm)
+    for hook in each_plugin(pm, "pcidev_add_hookspecs"):
+        hook(pluginmanager=pm)
     _check_hooks(pm)
     return pm
-
-
-def _origin(pm: pluggy.PluginManager, name: str) -> PluginOrigin:
-    if isinstance(pm, PcidevPluginManager):
-        return pm.plugin_origin(name)
-    return PluginOrigin(name)
 
 
 def load_registry(pm: pluggy.PluginManager) -> DeviceRegistry:
@@ -312,9 +354,9 @@ def load_registry(pm: pluggy.PluginManager) -> DeviceRegistry:
         hook raises.
     """
     registry = DeviceRegistry()
-    for name, call in _per_plugin(pm, "pcidev_register_devices"):
-        with _blame(name, "pcidev_register_devices"), registry.registering_as(_origin(pm, name)):
-            call(registry=registry)
+    for hook in each_plugin(pm, "pcidev_register_devices"):
+        with registry.registering_as(hook.origin):
+            hook(registry=registry)
     return registry
 
 
@@ -327,9 +369,8 @@ def add_plugin_options(
     :param parser: the parser or argument group to add options to.
     :raises PluginError: naming the plugin, if it fails (e.g. a clashing option).
     """
-    for name, call in _per_plugin(pm, "pcidev_add_options"):
-        with _blame(name, "pcidev_add_options"):
-            call(parser=parser)
+    for hook in each_plugin(pm, "pcidev_add_options"):
+        hook(parser=parser)
 
 
 def hook_migration_blockers(pm: pluggy.PluginManager, device: PciDevice) -> list[str]:
@@ -342,10 +383,9 @@ def hook_migration_blockers(pm: pluggy.PluginManager, device: PciDevice) -> list
         something other than an iterable of strings.
     """
     reasons: list[str] = []
-    for name, call in _per_plugin(pm, "pcidev_migration_blockers"):
-        with _blame(name, "pcidev_migration_blockers"):
-            results = call(device=device)
-        for result in results:
+    for hook in each_plugin(pm, "pcidev_migration_blockers"):
+        name = hook.name
+        for result in hook(device=device):
             if isinstance(result, (str, bytes)) or not isinstance(result, Iterable):
                 raise PluginError(
                     f"plugin {name!r} returned {result!r} from pcidev_migration_blockers; "

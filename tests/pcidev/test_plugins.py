@@ -409,6 +409,29 @@ def test_plugin_registering_a_non_device_is_rejected():
         load_registry(pm)
 
 
+def test_each_plugin_calls_one_plugin_at_a_time_in_pluggy_order():
+    class Named:
+        def __init__(self, label):
+            self.label = label
+
+        @hookimpl
+        def pcidev_migration_blockers(self, device):
+            return [self.label]
+
+    pm = make_plugin_manager(
+        load_entrypoints=False, blocked=["builtin"],
+        plugins=[("a", Named("A")), ("b", Named("B")), ("c", Named("C"))],
+    )
+    hooks = list(pcidev.plugins.each_plugin(pm, "pcidev_migration_blockers"))
+    # pluggy calls the last registered plugin first; each_plugin keeps that order.
+    assert [h.name for h in hooks] == ["c", "b", "a"]
+    assert pm.hook.pcidev_migration_blockers(device=None) == [["C"], ["B"], ["A"]]
+    assert [h(device=None) for h in hooks] == [["C"], ["B"], ["A"]]
+    assert hooks[0].origin.plugin == "c" and hooks[0].origin.distribution is None
+    with pytest.raises(PluginError, match="unknown hook 'pcidev_no_such_hook'"):
+        list(pcidev.plugins.each_plugin(pm, "pcidev_no_such_hook"))
+
+
 def test_migration_blockers_are_concatenated():
     class StorageA:
         @hookimpl
