@@ -426,7 +426,7 @@ def test_each_plugin_calls_one_plugin_at_a_time_in_pluggy_order():
     # pluggy calls the last registered plugin first; each_plugin keeps that order.
     assert [h.name for h in hooks] == ["c", "b", "a"]
     assert pm.hook.pcidev_migration_blockers(device=None) == [["C"], ["B"], ["A"]]
-    assert [h(device=None) for h in hooks] == [["C"], ["B"], ["A"]]
+    assert [h(device=None) for h in hooks] == [[["C"]], [["B"]], [["A"]]]  # one result each
     assert hooks[0].origin.plugin == "c" and hooks[0].origin.distribution is None
     with pytest.raises(PluginError, match="unknown hook 'pcidev_no_such_hook'"):
         list(pcidev.plugins.each_plugin(pm, "pcidev_no_such_hook"))
