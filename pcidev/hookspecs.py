@@ -53,7 +53,9 @@ namespace backends, for example) puts their specifications, marked with
 Implementations of such hooks may live in plugins loaded before or after the one
 adding the specification: pluggy validates them when the specification arrives,
 and the unknown-hook check runs only after step 2.  Name plugin-defined hooks
-``pcidev_<plugin>_*`` so they cannot collide with future core hooks.
+``pcidev_<plugin>_*`` so they cannot collide with future core hooks.  Call them
+with ``pm.hook.<name>(...)``, or one plugin at a time with
+:func:`pcidev.plugins.each_plugin` to attribute results and errors to plugins.
 """
 
 from __future__ import annotations
