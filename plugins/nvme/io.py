@@ -1,0 +1,610 @@
+"""The NVM I/O command set: Read, Write, Flush, Write Zeroes, Dataset Management,
+Compare, Verify and Copy.
+
+:class:`IoCommandSet` executes one :class:`~pcidev_nvme.request.Request` at a time
+as the controller hands them over (:meth:`IoCommandSet.submit`) and reports each
+exactly once through ``ctrl.complete(req, status, dw0)``:
+
+* on the submitting thread, before ``submit`` returns, for namespaces whose
+  backend is ``inline`` (memory, null) and for every command that fails its
+  checks;
+* from a small pool of worker threads for the others (files), so a slow disk
+  never holds up register accesses. Completions may then come out of order.
+
+Data moves between guest memory and the backend with no copy in Python: the data
+pointer (PRP or SGL, :mod:`pcidev_nvme.prp`) becomes memoryviews of guest RAM
+that go straight to ``os.preadv`` / ``os.pwritev`` (files) or to one ``memcpy``
+(memory).
+
+Checks, in the order a command meets them, and their statuses (the Error
+Information entry's parameter location is the SQE byte offset of the field):
+
+=====================================================  =============================
+fused operation (CDW0.FUSE) or PSDT 11b                Invalid Field (byte 1)
+unsupported opcode                                     Invalid Opcode (byte 0)
+NSID 0, FFFFFFFFh (except Flush) or not attached       Invalid Namespace (byte 4)
+write to a read-only namespace                         Namespace is Write Protected
+SLBA + NLB beyond the namespace                        LBA Out of Range (byte 40, LBA)
+transfer larger than MDTS                              Invalid Field (byte 48)
+malformed data pointer                                 PRP Offset Invalid / SGL statuses
+data pointer outside guest memory, bus mastering off   Data Transfer Error (byte 24)
+Copy format or limits                                  Invalid Field / Cmd Size Limit
+Compare mismatch                                       Compare Failure
+backend I/O error on read / write                      Unrecovered Read Error / Write Fault
+backend out of space                                   Capacity Exceeded
+=====================================================  =============================
+
+The controller core fills the identify fields that describe this command set
+from the constants exported here: :data:`ONCS`, :data:`SGLS`, :data:`OCFS`,
+:data:`COPY_LIMITS`, :data:`DMRL`, :data:`DMRSL`, :data:`DMSL`, :data:`WZSL`,
+:data:`VSL`.
+"""
+
+from __future__ import annotations
+
+import errno
+import inspect
+import logging
+import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from pcidev.errors import DmaError
+from pcidev_nvme.prp import (
+    MAX_TRANSFER,
+    OFF_DPTR1,
+    data_segments,
+    prp_segments,
+)
+from pcidev_nvme.status import NvmeStatusError, Status
+
+if TYPE_CHECKING:
+    from pcidev_nvme.namespace import Namespace
+
+__all__ = [
+    "COPY_LIMITS",
+    "DMRL",
+    "DMRSL",
+    "DMSL",
+    "OCFS",
+    "ONCS",
+    "SGLS",
+    "VSL",
+    "WZSL",
+    "IoCommandSet",
+    "Opcode",
+]
+
+log = logging.getLogger(__name__)
+
+
+class Opcode:
+    """NVM command set opcodes handled here."""
+
+    FLUSH = 0x00
+    WRITE = 0x01
+    READ = 0x02
+    COMPARE = 0x05
+    WRITE_ZEROES = 0x08
+    DSM = 0x09
+    VERIFY = 0x0C
+    COPY = 0x19
+
+
+#: Identify Controller ONCS bits of this command set: Compare (0), Dataset
+#: Management (2), Write Zeroes (3), Verify (7), Copy (8). The core ORs in its own
+#: (Save/Select in features, timestamp).
+ONCS = (1 << 0) | (1 << 2) | (1 << 3) | (1 << 7) | (1 << 8)
+
+#: Identify Controller SGLS: SGLs supported without alignment or granularity
+#: requirement (bits 1:0 = 01b), SGL Bit Bucket descriptor supported (bit 16).
+SGLS = 0x1 | (1 << 16)
+
+#: Identify Controller OCFS: Copy source range descriptor format 0 supported.
+OCFS = 0x1
+
+#: Copy limits (Identify Namespace MSSRL, MCL, MSRC): at most 128 logical blocks per
+#: source range, 1024 blocks per command, 128 source ranges (MSRC is 0's based).
+COPY_LIMITS = (128, 1024, 127)
+
+#: Dataset Management Ranges Limit (Identify Controller NVM, CNS 06h): 256 ranges.
+DMRL = 256
+#: Dataset Management Range Size Limit: logical blocks per range (2**32 - 1, the field's maximum).
+DMRSL = 0xFFFFFFFF
+#: Dataset Management Size Limit: 0 = no limit on the total.
+DMSL = 0
+#: Write Zeroes Size Limit (units of the minimum memory page size, 2^n): 0 = no limit.
+WZSL = 0
+#: Verify Size Limit: 0 = no limit.
+VSL = 0
+
+#: Worker threads for backends that may block.
+DEFAULT_WORKERS = 4
+
+#: Verify reads the range through the backend in chunks of this size.
+VERIFY_CHUNK = 1 << 20
+
+_BROADCAST = 0xFFFFFFFF
+_DSM_RANGE = struct.Struct("<IIQ")  # context attributes, length (LBAs), starting LBA
+_COPY_RANGE0 = struct.Struct("<8xQH14x")  # source range entry format 0: SLBA, NLB (0's based)
+
+# Byte offsets in the SQE (Error Information "parameter error location").
+_OFF_OPCODE = 0
+_OFF_FLAGS = 1
+_OFF_NSID = 4
+_OFF_CDW10 = 40
+_OFF_CDW12 = 48
+
+_WRITE_PROTECTED = {Opcode.WRITE, Opcode.WRITE_ZEROES, Opcode.COPY}
+
+
+def _lba_range(slba: int, nlb: int, ns: Namespace) -> NvmeStatusError:
+    return NvmeStatusError(
+        Status.LBA_RANGE,
+        f"LBAs {slba:#x}+{nlb} exceed namespace {ns.nsid} ({ns.nlbas} blocks)",
+        param_offset=_OFF_CDW10,
+        lba=slba,
+    )
+
+
+def _takes_keyword(func: Any, name: str) -> bool:
+    """Whether ``func`` accepts the keyword argument ``name``."""
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _os_status(exc: OSError, *, write: bool) -> int:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return Status.CAP_EXCEEDED
+    if exc.errno == errno.EROFS:
+        return Status.NS_WRITE_PROTECTED
+    if exc.errno in (errno.EIO, errno.ENXIO, errno.ENODEV, errno.EBADMSG, errno.EUCLEAN):
+        return Status.WRITE_FAULT if write else Status.UNRECOVERED_READ_ERROR
+    return Status.INTERNAL
+
+
+class IoCommandSet:
+    """Executes NVM I/O commands for one controller.
+
+    :param ctrl: the controller (see the contract in ``docs/nvme-contract.md``):
+        ``memory``, ``page_size``, ``mdts_bytes``, ``namespaces``, ``smart`` and
+        ``complete``.
+    :param workers: size of the worker pool for backends that may block.
+    """
+
+    def __init__(self, ctrl: Any, *, workers: int = DEFAULT_WORKERS) -> None:
+        self.ctrl = ctrl
+        self._complete = ctrl.complete
+        self._complete_takes_error = _takes_keyword(ctrl.complete, "error")
+        self._workers = max(1, int(workers))
+        self._pool: ThreadPoolExecutor | None = None
+        self._cond = threading.Condition()
+        self._inflight = 0
+        self._closed = False
+        self._handlers = {
+            Opcode.READ: self._read,
+            Opcode.WRITE: self._write,
+            Opcode.FLUSH: self._flush,
+            Opcode.WRITE_ZEROES: self._write_zeroes,
+            Opcode.DSM: self._dsm,
+            Opcode.COMPARE: self._compare,
+            Opcode.VERIFY: self._verify,
+            Opcode.COPY: self._copy,
+        }
+
+    # -- submission -------------------------------------------------------------------
+
+    def submit(self, req: Any) -> None:
+        """Execute ``req`` and complete it exactly once (now or from a worker).
+
+        Never raises for anything the guest put in the command.
+
+        :param req: a :class:`~pcidev_nvme.request.Request`.
+        """
+        try:
+            handler = self._handlers.get(req.opcode)
+            if handler is None:
+                raise NvmeStatusError(
+                    Status.INVALID_OPCODE,
+                    f"I/O opcode {req.opcode:#04x} is not supported",
+                    param_offset=_OFF_OPCODE,
+                )
+            flags = req.flags
+            if flags & 0x3:
+                raise NvmeStatusError(
+                    Status.INVALID_FIELD, "fused operations are not supported",
+                    param_offset=_OFF_FLAGS,
+                )
+            if flags & 0xC0 == 0xC0:
+                raise NvmeStatusError(
+                    Status.INVALID_FIELD, "PSDT 11b is reserved", param_offset=_OFF_FLAGS
+                )
+            nsid = req.nsid
+            ns = self.ctrl.namespaces.get(nsid)
+            if ns is None:
+                if nsid == _BROADCAST and req.opcode == Opcode.FLUSH:
+                    self._dispatch(self._flush_all, req, None, self._all_inline())
+                    return
+                raise NvmeStatusError(
+                    Status.INVALID_NSID, f"namespace {nsid:#x} is not attached",
+                    param_offset=_OFF_NSID,
+                )
+            if self._closed:
+                raise NvmeStatusError(Status.INTERNAL, "the I/O command set is closed")
+            if ns.backend.inline:
+                dw0 = handler(req, ns)
+                self._complete(req, 0, dw0)
+                return
+            self._dispatch(handler, req, ns, False)
+        except BaseException as exc:  # noqa: BLE001 - every failure becomes a status
+            self._fail(req, exc)
+
+    def _all_inline(self) -> bool:
+        return all(ns.backend.inline for ns in list(self.ctrl.namespaces.values()))
+
+    def _dispatch(self, handler: Any, req: Any, ns: Any, inline: bool) -> None:
+        if inline:
+            dw0 = handler(req, ns)
+            self._complete(req, 0, dw0)
+            return
+        if self._closed:
+            raise NvmeStatusError(Status.INTERNAL, "the I/O command set is closed")
+        with self._cond:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="nvme-io")
+            self._inflight += 1
+        try:
+            self._pool.submit(self._run, handler, req, ns)
+        except BaseException:
+            self._done()
+            raise
+
+    def _run(self, handler: Any, req: Any, ns: Any) -> None:
+        try:
+            dw0 = handler(req, ns)
+        except BaseException as exc:  # noqa: BLE001
+            self._fail(req, exc)
+        else:
+            try:
+                self._complete(req, 0, dw0)
+            except Exception:  # pragma: no cover - the core's own failure
+                log.exception("completing %r failed", req)
+        finally:
+            self._done()
+
+    def _done(self) -> None:
+        with self._cond:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._cond.notify_all()
+
+    def _fail(self, req: Any, exc: BaseException) -> None:
+        """Complete ``req`` with the status ``exc`` stands for."""
+        if isinstance(exc, NvmeStatusError):
+            err = exc
+        elif isinstance(exc, DmaError):
+            err = NvmeStatusError(Status.DATA_TRANSFER_ERROR, str(exc), param_offset=OFF_DPTR1)
+        elif isinstance(exc, OSError):
+            write = req.opcode in _WRITE_PROTECTED or req.opcode in (Opcode.DSM, Opcode.FLUSH)
+            status = _os_status(exc, write=write)
+            err = NvmeStatusError(status, f"backend: {exc}")
+            if status in (Status.UNRECOVERED_READ_ERROR, Status.WRITE_FAULT):
+                self._media_error()
+        elif isinstance(exc, Exception):
+            log.exception("I/O command %r failed unexpectedly", req)
+            err = NvmeStatusError(Status.INTERNAL, f"{type(exc).__name__}: {exc}")
+        else:  # KeyboardInterrupt, SystemExit: complete, then let it propagate
+            self._complete(req, Status.INTERNAL, 0)
+            raise exc
+        if self._complete_takes_error:
+            self._complete(req, err.status, 0, error=err)
+        else:
+            self._complete(req, err.status, 0)
+
+    def _media_error(self) -> None:
+        smart = getattr(self.ctrl, "smart", None)
+        if smart is None:
+            return
+        record = getattr(smart, "record_media_error", None)
+        if record is not None:
+            record()
+        else:
+            try:
+                smart.media_errors += 1
+            except AttributeError:
+                pass
+
+    def drain(self) -> None:
+        """Wait until every command handed to the workers has completed."""
+        with self._cond:
+            while self._inflight:
+                self._cond.wait()
+
+    def close(self) -> None:
+        """Drain, then stop the workers. Later submissions fail with Internal Error."""
+        self._closed = True
+        self.drain()
+        with self._cond:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    @property
+    def inflight(self) -> int:
+        """Commands currently with the workers."""
+        return self._inflight
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _rw_extent(self, req: Any, ns: Namespace, *, data: bool) -> tuple[int, int]:
+        """Check SLBA/NLB (CDW10-12) and MDTS; return (byte offset, byte length)."""
+        slba = req.cdw10 | req.cdw11 << 32
+        nlb = (req.cdw12 & 0xFFFF) + 1
+        if slba + nlb > ns.nlbas:
+            raise _lba_range(slba, nlb, ns)
+        shift = ns.lba_shift
+        length = nlb << shift
+        if data:
+            mdts = self.ctrl.mdts_bytes
+            if mdts and length > mdts:
+                raise NvmeStatusError(
+                    Status.INVALID_FIELD,
+                    f"transfer of {length} bytes exceeds MDTS ({mdts} bytes)",
+                    param_offset=_OFF_CDW12,
+                )
+        return slba << shift, length
+
+    def _segments(self, req: Any, length: int, *, to_host: bool) -> tuple[Any, list]:
+        """Guest memory and the data pointer's pieces for ``length`` bytes."""
+        ctrl = self.ctrl
+        mem = ctrl.memory
+        if not req.flags & 0xC0:
+            prp1 = req.prp1
+            page = ctrl.page_size
+            if not prp1 & 3 and length <= page - (prp1 & (page - 1)):
+                return mem, [(prp1, length)]
+            return mem, prp_segments(mem, prp1, req.prp2, length, page)
+        return mem, data_segments(mem, req, length, ctrl.page_size, to_host=to_host)
+
+    @staticmethod
+    def _views(mem: Any, segs: list, write: bool) -> list[memoryview]:
+        try:
+            return mem.sg_views(segs, write=write)
+        except DmaError as exc:
+            raise NvmeStatusError(
+                Status.DATA_TRANSFER_ERROR, str(exc), param_offset=OFF_DPTR1
+            ) from None
+
+    def _fetch(self, req: Any, length: int) -> bytearray:
+        """Copy ``length`` bytes of host data (DSM ranges, Copy descriptors) out of guest memory."""
+        mem, segs = self._segments(req, length, to_host=False)
+        buf = bytearray(length)
+        views = self._views(mem, segs, False)
+        try:
+            pos = 0
+            for v in views:
+                n = len(v)
+                buf[pos : pos + n] = v
+                pos += n
+        finally:
+            for v in views:
+                v.release()
+        return buf
+
+    def _check_writable(self, ns: Namespace) -> None:
+        if ns.read_only:
+            raise NvmeStatusError(
+                Status.NS_WRITE_PROTECTED, f"namespace {ns.nsid} is write protected"
+            )
+
+    # -- commands -----------------------------------------------------------------------
+
+    def _read(self, req: Any, ns: Namespace) -> int:
+        offset, length = self._rw_extent(req, ns, data=True)
+        mem, segs = self._segments(req, length, to_host=True)
+        backend = ns.backend
+        if len(segs) == 1 or all(g is not None for g, _ in segs):
+            if segs[0][0] is None:  # a single bit bucket: nothing to transfer
+                views: list[memoryview] = []
+            else:
+                views = self._views(mem, segs, True)
+            try:
+                if views:
+                    backend.readv(views, offset)
+            finally:
+                for v in views:
+                    v.release()
+        else:
+            self._read_with_buckets(mem, segs, backend, offset)
+        self.ctrl.smart.record_read(length)
+        return 0
+
+    def _read_with_buckets(self, mem: Any, segs: list, backend: Any, offset: int) -> None:
+        """A read whose SGL has bit buckets: read each run of real pieces where it lies."""
+        # Validate every piece first, so nothing is read for a bad SGL.
+        for v in self._views(mem, [s for s in segs if s[0] is not None], True):
+            v.release()
+        pos = offset
+        run: list[tuple[int, int]] = []
+        run_start = pos
+        for gpa, n in [*segs, (None, 0)]:
+            if gpa is None:
+                if run:
+                    views = self._views(mem, run, True)
+                    try:
+                        backend.readv(views, run_start)
+                    finally:
+                        for v in views:
+                            v.release()
+                    run = []
+                pos += n
+                run_start = pos
+            else:
+                run.append((gpa, n))
+                pos += n
+
+    def _write(self, req: Any, ns: Namespace) -> int:
+        self._check_writable(ns)
+        offset, length = self._rw_extent(req, ns, data=True)
+        mem, segs = self._segments(req, length, to_host=False)
+        views = self._views(mem, segs, False)
+        try:
+            ns.backend.writev(views, offset, fua=bool(req.cdw12 & (1 << 30)))
+        finally:
+            for v in views:
+                v.release()
+        self.ctrl.smart.record_write(length)
+        return 0
+
+    def _compare(self, req: Any, ns: Namespace) -> int:
+        offset, length = self._rw_extent(req, ns, data=True)
+        mem, segs = self._segments(req, length, to_host=False)
+        views = self._views(mem, segs, False)
+        try:
+            stored = bytearray(length)
+            ns.backend.readv([memoryview(stored)], offset)
+            pos = 0
+            for v in views:
+                n = len(v)
+                if stored[pos : pos + n] != v:
+                    for i in range(n):
+                        if stored[pos + i] != v[i]:
+                            break
+                    lba = (offset + pos + i) >> ns.lba_shift
+                    raise NvmeStatusError(
+                        Status.COMPARE_FAILURE, f"data differs at LBA {lba:#x}", lba=lba
+                    )
+                pos += n
+        finally:
+            for v in views:
+                v.release()
+        self.ctrl.smart.record_read(length)
+        return 0
+
+    def _verify(self, req: Any, ns: Namespace) -> int:
+        offset, length = self._rw_extent(req, ns, data=False)
+        req_len = length
+        backend = ns.backend
+        if backend.inline:  # memory cannot fail to read
+            self.ctrl.smart.record_read(length)
+            return 0
+        buf = bytearray(min(length, VERIFY_CHUNK))
+        mv = memoryview(buf)
+        try:
+            while length:
+                n = min(length, len(buf))
+                backend.readv([mv[:n]], offset)
+                offset += n
+                length -= n
+        finally:
+            mv.release()
+        self.ctrl.smart.record_read(req_len)
+        return 0
+
+    def _flush(self, req: Any, ns: Namespace) -> int:
+        ns.backend.flush()
+        return 0
+
+    def _flush_all(self, req: Any, ns: Any) -> int:
+        for each in list(self.ctrl.namespaces.values()):
+            each.backend.flush()
+        return 0
+
+    def _write_zeroes(self, req: Any, ns: Namespace) -> int:
+        self._check_writable(ns)
+        offset, length = self._rw_extent(req, ns, data=False)
+        cdw12 = req.cdw12
+        backend = ns.backend
+        if cdw12 & (1 << 25):  # DEAC: deallocate (DLFEAT: reads return zeros)
+            backend.deallocate(offset, length)
+        else:
+            backend.write_zeroes(offset, length)
+        if cdw12 & (1 << 30):  # FUA
+            backend.flush()
+        return 0
+
+    def _dsm(self, req: Any, ns: Namespace) -> int:
+        nr = (req.cdw10 & 0xFF) + 1
+        deallocate = bool(req.cdw11 & (1 << 2))
+        raw = self._fetch(req, nr * _DSM_RANGE.size)
+        ranges = []
+        for i in range(nr):
+            _attrs, nlb, slba = _DSM_RANGE.unpack_from(raw, i * _DSM_RANGE.size)
+            if slba + nlb > ns.nlbas:
+                raise NvmeStatusError(
+                    Status.LBA_RANGE,
+                    f"DSM range {i}: LBAs {slba:#x}+{nlb} exceed namespace {ns.nsid}",
+                    lba=slba,
+                )
+            if nlb:
+                ranges.append((slba, nlb))
+        if deallocate and ranges:
+            self._check_writable(ns)
+            shift = ns.lba_shift
+            for slba, nlb in ranges:
+                ns.backend.deallocate(slba << shift, nlb << shift)
+        return 0
+
+    def _copy(self, req: Any, ns: Namespace) -> int:
+        self._check_writable(ns)
+        cdw12 = req.cdw12
+        nr = cdw12 & 0xFF
+        desfmt = (cdw12 >> 8) & 0xF
+        if desfmt != 0:
+            raise NvmeStatusError(
+                Status.INVALID_FIELD, f"Copy descriptor format {desfmt} is not supported",
+                param_offset=_OFF_CDW12 + 1,
+            )
+        mssrl, mcl, msrc = COPY_LIMITS
+        if nr > msrc:
+            raise NvmeStatusError(
+                Status.CMD_SIZE_LIMIT_EXCEEDED, f"{nr + 1} source ranges exceed {msrc + 1}",
+                param_offset=_OFF_CDW12,
+            )
+        raw = self._fetch(req, (nr + 1) * _COPY_RANGE0.size)
+        sdlba = req.cdw10 | req.cdw11 << 32
+        ranges = []
+        total = 0
+        for i in range(nr + 1):
+            slba, nlb0 = _COPY_RANGE0.unpack_from(raw, i * _COPY_RANGE0.size)
+            nlb = nlb0 + 1
+            if nlb > mssrl:
+                raise NvmeStatusError(
+                    Status.CMD_SIZE_LIMIT_EXCEEDED,
+                    f"source range {i} has {nlb} blocks, more than {mssrl}",
+                )
+            total += nlb
+            if total > mcl:
+                raise NvmeStatusError(
+                    Status.CMD_SIZE_LIMIT_EXCEEDED, f"Copy of more than {mcl} blocks"
+                )
+            if slba + nlb > ns.nlbas:
+                raise NvmeStatusError(
+                    Status.LBA_RANGE,
+                    f"source range {i}: LBAs {slba:#x}+{nlb} exceed namespace {ns.nsid}",
+                    lba=slba,
+                )
+            ranges.append((slba, nlb))
+        if sdlba + total > ns.nlbas:
+            raise _lba_range(sdlba, total, ns)
+        shift = ns.lba_shift
+        buf = bytearray(total << shift)
+        mv = memoryview(buf)
+        try:
+            pos = 0
+            for slba, nlb in ranges:
+                n = nlb << shift
+                ns.backend.readv([mv[pos : pos + n]], slba << shift)
+                pos += n
+            ns.backend.writev([mv], sdlba << shift, fua=bool(cdw12 & (1 << 30)))
+        finally:
+            mv.release()
+        self.ctrl.smart.record_write(len(buf))
+        return 0
+
+
+assert MAX_TRANSFER >= 65536 * 4096

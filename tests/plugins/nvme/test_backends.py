@@ -1,0 +1,378 @@
+"""Namespace backends: file (sparse, hole punching, O_DIRECT, FUA), memory, null,
+and a backend contributed by another plugin through the NVMe hookspec."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+
+import pytest
+
+from pcidev import hookimpl
+from pcidev.errors import ConfigError, PluginError
+from pcidev.plugins import make_plugin_manager
+from pcidev_nvme.backends import (
+    BaseBackend,
+    FileBackend,
+    MemoryBackend,
+    NullBackend,
+    builtin_backends,
+    load_backends,
+    parse_size,
+)
+from pcidev_nvme.namespace import make_namespace
+
+MiB = 1 << 20
+
+
+def pattern(n: int, seed: int = 1) -> bytes:
+    return bytes((i * 7 + seed) & 0xFF for i in range(n))
+
+
+def read(backend, offset: int, n: int) -> bytes:
+    buf = bytearray(n)
+    backend.readv([memoryview(buf)], offset)
+    return bytes(buf)
+
+
+def write(backend, offset: int, data: bytes, fua: bool = False) -> None:
+    backend.writev([memoryview(data)], offset, fua=fua)
+
+
+# ------------------------------------------------------------------------------ sizes
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("4096", 4096), ("64M", 64 * MiB), ("1G", 1 << 30), ("2GiB", 2 << 30), ("8k", 8192), (512, 512)],
+)
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "x", "1.5G", "-1", "10Q"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ConfigError):
+        parse_size(text)
+
+
+# ------------------------------------------------------------------------------ memory / null
+
+
+@pytest.mark.parametrize("anon", [False, True])
+def test_memory_roundtrip_and_deallocate(anon):
+    b = MemoryBackend(4 * MiB, anon=anon)
+    try:
+        assert b.inline and b.size == 4 * MiB
+        data = pattern(64 * 1024)
+        # scattered views
+        views = [memoryview(data)[i : i + 4096] for i in range(0, len(data), 4096)]
+        b.writev(views, 8192)
+        assert read(b, 8192, len(data)) == data
+        out = [bytearray(1000), bytearray(3096)]
+        b.readv([memoryview(x) for x in out], 8192)
+        assert bytes(out[0] + out[1]) == data[:4096]
+        before = b.allocated_bytes()
+        assert before == len(data)
+        b.deallocate(8192, 32 * 1024)
+        assert read(b, 8192, 32 * 1024) == bytes(32 * 1024)
+        assert read(b, 8192 + 32 * 1024, 32 * 1024) == data[32 * 1024 :]
+        assert b.allocated_bytes() == before - 32 * 1024
+        b.write_zeroes(8192 + 32 * 1024, 4096)
+        assert read(b, 8192 + 32 * 1024, 4096) == bytes(4096)
+    finally:
+        b.close()
+        b.close()  # idempotent
+
+
+def test_memory_reading_holes_allocates_nothing():
+    b = MemoryBackend(4 * MiB)
+    try:
+        buf = bytearray(b"\xee" * MiB)
+        b.readv([memoryview(buf)], 0)
+        assert buf == bytes(MiB)
+        assert b.allocated_bytes() == 0
+        assert os.fstat(b.fd).st_blocks == 0
+        write(b, 4096 + 512, pattern(512))  # a partial page counts as the page
+        assert b.allocated_bytes() == 4096
+        b.deallocate(4096, 2048)  # partial page: zeroed, still allocated
+        assert read(b, 4096, 4096) == bytes(4096)
+        assert b.allocated_bytes() == 4096
+        b.deallocate(0, 3 * 4096)
+        assert b.allocated_bytes() == 0
+        assert os.fstat(b.fd).st_blocks == 0
+    finally:
+        b.close()
+
+
+def test_null_backend():
+    b = NullBackend(1 << 40)  # a terabyte costs nothing
+    buf = bytearray(b"\xff" * 3 * MiB)
+    b.readv([memoryview(buf)], 12345 * 4096)
+    assert buf == bytes(3 * MiB)
+    write(b, 0, b"x" * 4096)
+    assert read(b, 0, 4096) == bytes(4096)
+    assert b.allocated_bytes() == 0
+    b.flush()
+    b.deallocate(0, 4096)
+
+
+# ------------------------------------------------------------------------------ file
+
+
+def test_file_created_sparse_and_punched(tmp_path):
+    path = tmp_path / "disk.img"
+    b = FileBackend(str(path), 64 * MiB)
+    try:
+        assert not b.inline
+        assert os.path.getsize(path) == 64 * MiB
+        assert b.allocated_bytes() == 0  # sparse
+        data = pattern(1 * MiB)
+        write(b, 8 * MiB, data)
+        b.flush()
+        assert b.allocated_bytes() >= 1 * MiB
+        assert read(b, 8 * MiB, 1 * MiB) == data
+        assert read(b, 0, 4096) == bytes(4096)  # a hole reads zeros
+        b.deallocate(8 * MiB, 512 * 1024)
+        assert read(b, 8 * MiB, 512 * 1024) == bytes(512 * 1024)
+        assert read(b, 8 * MiB + 512 * 1024, 512 * 1024) == data[512 * 1024 :]
+        assert b.allocated_bytes() <= 512 * 1024 + 64 * 1024
+        # SEEK_DATA sees the hole too.
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert os.lseek(fd, 8 * MiB, os.SEEK_DATA) >= 8 * MiB + 512 * 1024 - 4096
+        finally:
+            os.close(fd)
+        b.write_zeroes(8 * MiB + 512 * 1024, 4096)
+        assert read(b, 8 * MiB + 512 * 1024, 4096) == bytes(4096)
+    finally:
+        b.close()
+
+
+def test_file_reopen_keeps_data(tmp_path):
+    path = str(tmp_path / "d.img")
+    b = FileBackend(path, 1 * MiB)
+    write(b, 4096, b"hello".ljust(512, b"\0"))
+    b.close()
+    b = FileBackend(path)  # size from the file
+    try:
+        assert b.size == 1 * MiB
+        assert read(b, 4096, 5) == b"hello"
+    finally:
+        b.close()
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="size"):
+        FileBackend(str(tmp_path / "missing.img"))
+    with pytest.raises(ConfigError, match="multiple of 4096"):
+        FileBackend(str(tmp_path / "odd.img"), 5000)
+    assert not (tmp_path / "odd.img").exists()  # nothing left behind
+    FileBackend(str(tmp_path / "a.img"), 1 * MiB).close()
+    with pytest.raises(ConfigError, match="not the size"):
+        FileBackend(str(tmp_path / "a.img"), 2 * MiB)
+    with pytest.raises(ConfigError, match="regular file"):
+        FileBackend("/dev/null")
+    with pytest.raises(ConfigError, match="directory"):
+        FileBackend(str(tmp_path))
+    with pytest.raises(ConfigError, match="does not exist"):
+        FileBackend(str(tmp_path / "nope.img"), 1 * MiB, read_only=True)
+
+
+def test_file_read_only(tmp_path):
+    path = str(tmp_path / "ro.img")
+    FileBackend(path, 1 * MiB).close()
+    b = FileBackend(path, read_only=True)
+    try:
+        assert b.read_only
+        for call in (
+            lambda: write(b, 0, bytes(512)),
+            lambda: b.deallocate(0, 4096),
+            lambda: b.write_zeroes(0, 4096),
+        ):
+            with pytest.raises(OSError) as ei:
+                call()
+            assert ei.value.errno == errno.EROFS
+        assert read(b, 0, 512) == bytes(512)
+    finally:
+        b.close()
+
+
+def test_file_more_views_than_iov_max(tmp_path):
+    b = FileBackend(str(tmp_path / "iov.img"), 4 * MiB)
+    try:
+        data = pattern(3000 * 512, seed=5)
+        mv = memoryview(data)
+        b.writev([mv[i : i + 512] for i in range(0, len(data), 512)], 0)
+        out = bytearray(len(data))
+        omv = memoryview(out)
+        b.readv([omv[i : i + 512] for i in range(0, len(out), 512)], 0)
+        assert out == data
+    finally:
+        b.close()
+
+
+def test_file_flush_and_fua_reach_stable_storage(tmp_path, monkeypatch):
+    calls = []
+    real_fdatasync, real_pwritev = os.fdatasync, os.pwritev
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append(("fdatasync", fd)), real_fdatasync(fd))[1])
+
+    def pwritev(fd, bufs, offset, flags=0):
+        calls.append(("pwritev", flags))
+        return real_pwritev(fd, bufs, offset, flags)
+
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    b = FileBackend(str(tmp_path / "f.img"), 1 * MiB)
+    try:
+        write(b, 0, bytes(4096))
+        write(b, 4096, bytes(4096), fua=True)
+        b.flush()
+    finally:
+        b.close()
+    assert ("pwritev", 0) in calls
+    assert ("pwritev", os.RWF_DSYNC) in calls
+    assert calls[-1][0] == "fdatasync"
+
+
+def test_file_direct_aligned_and_bounced(tmp_path):
+    b = FileBackend(str(tmp_path / "direct.img"), 4 * MiB, direct=True)
+    try:
+        assert b.min_block in (512, 4096)
+        # Aligned buffer: straight O_DIRECT.
+        buf = mmap.mmap(-1, 64 * 1024)
+        mv = memoryview(buf)
+        data = pattern(64 * 1024, seed=9)
+        mv[:] = data
+        b.writev([mv], 0)
+        out = mmap.mmap(-1, 64 * 1024)
+        omv = memoryview(out)
+        b.readv([omv], 0)
+        assert bytes(omv) == data
+        # Misaligned guest buffers (odd address, odd lengths): bounced.
+        raw = bytearray(70000)
+        rmv = memoryview(raw)
+        src = [rmv[3 : 3 + 1000], rmv[2000 : 2000 + 3096]]
+        rmv[3 : 3 + 1000] = data[:1000]
+        rmv[2000 : 2000 + 3096] = data[1000:4096]
+        b.writev(src, 8192, fua=True)
+        dst = bytearray(4096 + 7)
+        dmv = memoryview(dst)
+        b.readv([dmv[7:]], 8192)
+        assert bytes(dmv[7:]) == data[:4096]
+        for v in (mv, omv, rmv, dmv, *src):
+            v.release()
+        buf.close()
+        out.close()
+    finally:
+        b.close()
+
+
+# ------------------------------------------------------------------------------ registry
+
+
+def test_builtin_registry_and_errors():
+    reg = builtin_backends()
+    assert reg.names() == ["file", "mem", "null"]
+    assert all(e.origin.plugin == "nvme" for e in reg)
+    with pytest.raises(ConfigError, match="unknown NVMe namespace backend"):
+        reg.create("tape", {})
+    with pytest.raises(ConfigError, match="unknown option"):
+        reg.create("mem", {"size": "1M", "colour": "blue"})
+    with pytest.raises(ConfigError, match="size"):
+        reg.create("null", {})
+    with pytest.raises(PluginError):
+        reg.add_backend("mem", lambda o: None)
+    with pytest.raises(PluginError):
+        reg.add_backend("Bad Name", lambda o: None)
+    with pytest.raises(PluginError):
+        reg.add_backend("ok", "not callable")  # type: ignore[arg-type]
+    with pytest.raises(PluginError):
+        reg.add_component("nvme-other", "x", lambda o: None)
+
+
+class RamDisk(BaseBackend):
+    """A toy backend over a bytearray, as a third-party plugin would write it."""
+
+    kind = "ramdisk"
+    inline = True
+
+    def __init__(self, size: int, fill: int) -> None:
+        super().__init__(size)
+        self.data = bytearray([fill]) * size
+
+    def readv(self, views, offset):
+        for v in views:
+            v[:] = self.data[offset : offset + len(v)]
+            offset += len(v)
+
+    def writev(self, views, offset, *, fua=False):
+        for v in views:
+            self.data[offset : offset + len(v)] = v
+            offset += len(v)
+
+
+class RamDiskPlugin:
+    """An inline test plugin contributing the ``ramdisk`` backend."""
+
+    __name__ = "ramdisk-plugin"
+
+    @hookimpl
+    def pcidev_nvme_register_backends(self, registry):
+        def factory(options):
+            size = parse_size(options.pop("size"))
+            fill = int(options.pop("fill", "0"))
+            return RamDisk(size, fill)
+
+        registry.add_backend("ramdisk", factory)
+
+
+def test_backend_contributed_by_plugin():
+    pm = make_plugin_manager(plugins=[RamDiskPlugin()])
+    assert "nvme" in pm.plugin_names()
+    reg = load_backends(pm)
+    assert "ramdisk" in reg
+    assert reg.entry("ramdisk").origin.plugin == "ramdisk-plugin"
+    ns = make_namespace(1, "ramdisk:size=1M,fill=7", plugin_manager=pm)
+    try:
+        assert isinstance(ns.backend, RamDisk)
+        assert ns.nlbas == 2048
+        assert read(ns.backend, 0, 4) == b"\x07" * 4
+    finally:
+        ns.close()
+    # Without the plugin manager the backend is unknown.
+    with pytest.raises(ConfigError, match="ramdisk"):
+        make_namespace(1, "ramdisk:size=1M")
+
+
+def test_plugin_backend_errors_name_the_plugin():
+    class Clash:
+        __name__ = "clash"
+
+        @hookimpl
+        def pcidev_nvme_register_backends(self, registry):
+            registry.add_backend("mem", lambda o: None)
+
+    pm = make_plugin_manager(plugins=[Clash()])
+    with pytest.raises(PluginError, match="clash"):
+        load_backends(pm)
+
+    class Broken:
+        __name__ = "broken"
+
+        @hookimpl
+        def pcidev_nvme_register_backends(self, registry):
+            def factory(options):
+                raise RuntimeError("no disk here")
+
+            registry.add_backend("broken", factory)
+
+    pm = make_plugin_manager(plugins=[Broken()])
+    with pytest.raises(ConfigError, match="no disk here"):
+        make_namespace(1, "broken:size=1M", plugin_manager=pm)
+
+
+def test_plugin_without_nvme_loaded_is_rejected():
+    # With the NVMe plugin blocked, the hook is unknown: the manager refuses it.
+    with pytest.raises(PluginError, match="pcidev_nvme_register_backends"):
+        make_plugin_manager(plugins=[RamDiskPlugin()], blocked=["nvme"])
