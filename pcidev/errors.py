@@ -42,3 +42,52 @@ class PluginError(PcidevError):
 class DeviceFailedError(PcidevError):
     """The device entered its failed state after a handler raised; it refuses work
     until reset."""
+
+
+class VMStateError(PcidevError):
+    """A device-state stream or state object was refused: malformed, truncated,
+    corrupted, of the wrong version or configuration, or out of range.
+
+    :param reason: what is wrong, in words.
+    :param section: name of the section concerned, if any.
+    :param instance_id: instance id of that section, if any.
+    :param path: field path inside the section (``"sq[3].head"``), if any.
+
+    The message names the section and the field path; the parts stay available as
+    attributes.  Subclasses live in :mod:`pcidev.vmstate.errors`.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        section: str | None = None,
+        instance_id: int | None = None,
+        path: str = "",
+    ) -> None:
+        self.reason = reason
+        self.section = section
+        self.instance_id = instance_id
+        self.path = path
+        if section is not None:
+            where = f"section {section!r}"
+            if instance_id is not None:
+                where += f" instance {instance_id}"
+            if path:
+                where += f", field {path!r}"
+        elif path:
+            where = f"field {path!r}"
+        else:
+            where = "stream"
+        super().__init__(f"{where}: {reason}")
+
+    def __reduce__(self):  # keep the parts when the error crosses a process boundary
+        return (_restore_vmstate_error,
+                (type(self), self.reason, self.section, self.instance_id, self.path), self.__dict__)
+
+
+def _restore_vmstate_error(cls: type, reason: str, section: str | None, instance_id: int | None,
+                           path: str) -> VMStateError:
+    err = cls.__new__(cls)
+    VMStateError.__init__(err, reason, section=section, instance_id=instance_id, path=path)
+    return err
