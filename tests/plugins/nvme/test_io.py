@@ -1,0 +1,571 @@
+"""The NVM I/O command set (pcidev_nvme.io) against a stand-in controller: every
+command, every status, PRP and SGL data pointers, worker completions."""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import threading
+import time
+
+import pytest
+from test_io_fakes import PAGE, FakeController, FakeControllerNoErrorKw, command, prp_for, rw
+
+from pcidev_nvme.backends import BaseBackend
+from pcidev_nvme.io import COPY_LIMITS, DMRL, ONCS, SGLS, IoCommandSet, Opcode
+from pcidev_nvme.namespace import Namespace, make_namespace
+from pcidev_nvme.prp import SGL_BIT_BUCKET, SGL_DATA_BLOCK, SGL_LAST_SEGMENT, sgl_descriptor
+from pcidev_nvme.status import NvmeStatusError, Status
+
+MiB = 1 << 20
+
+
+@pytest.fixture(params=["mem", "file", "file-direct"])
+def kind(request):
+    return request.param
+
+
+def spec_for(kind: str, tmp_path, name: str = "ns", size: str = "8M", extra: str = "") -> str:
+    if kind == "mem":
+        return f"mem:size={size}{extra}"
+    if kind == "null":
+        return f"null:size={size}{extra}"
+    direct = ",direct=on" if kind == "file-direct" else ""
+    return f"file:path={tmp_path}/{name}.img,size={size}{direct}{extra}"
+
+
+@pytest.fixture
+def env(kind, tmp_path):
+    ctrl = FakeController(mdts_bytes=512 * 1024)
+    ctrl.namespaces[1] = make_namespace(1, spec_for(kind, tmp_path))
+    ios = IoCommandSet(ctrl)
+    yield ctrl, ios
+    ios.close()
+    assert not ctrl.double, "a request was completed twice"
+    ctrl.close()
+
+
+def run(ctrl, ios, req):
+    ios.submit(req)
+    return ctrl.wait(req)
+
+
+def ok(ctrl, ios, req):
+    status, dw0, err = run(ctrl, ios, req)
+    assert status == 0, err
+    return dw0
+
+
+def fails(ctrl, ios, req, expected):
+    status, _dw0, err = run(ctrl, ios, req)
+    assert status == expected, f"{Status(status).name if status in Status._value2member_map_ else status} ({err})"
+    assert isinstance(err, NvmeStatusError)
+    return err
+
+
+def pattern(n: int, seed: int) -> bytes:
+    return bytes(((i * 131 + seed * 7) >> 3) & 0xFF for i in range(n))
+
+
+def write_blocks(ctrl, ios, slba: int, data: bytes, *, ns=1, fua=False):
+    lba = ctrl.namespaces[ns].lba_size
+    buf = ctrl.alloc(len(data))
+    ctrl.memory.write(buf, data)
+    p1, p2 = prp_for(ctrl, buf, len(data))
+    ok(ctrl, ios, rw(Opcode.WRITE, slba, len(data) // lba, nsid=ns, prp1=p1, prp2=p2, fua=fua))
+
+
+def read_blocks(ctrl, ios, slba: int, nlb: int, *, ns=1) -> bytes:
+    n = nlb * ctrl.namespaces[ns].lba_size
+    buf = ctrl.alloc(n)
+    p1, p2 = prp_for(ctrl, buf, n)
+    ok(ctrl, ios, rw(Opcode.READ, slba, nlb, nsid=ns, prp1=p1, prp2=p2))
+    return ctrl.memory.read(buf, n)
+
+
+# ------------------------------------------------------------------------------ constants
+
+
+def test_exported_limits():
+    assert ONCS & 0b1_1000_1101 == ONCS  # compare, DSM, write zeroes, verify, copy
+    assert SGLS & 0x3 == 1 and SGLS & (1 << 16)
+    mssrl, mcl, msrc = COPY_LIMITS
+    assert mssrl <= mcl and msrc < 256
+    assert DMRL == 256
+
+
+# ------------------------------------------------------------------------------ read / write
+
+
+@pytest.mark.parametrize("nlb", [1, 8, 9, 64, 1024])
+def test_write_read_roundtrip_prp(env, nlb):
+    ctrl, ios = env
+    data = pattern(nlb * 512, nlb)
+    write_blocks(ctrl, ios, 100, data)
+    assert read_blocks(ctrl, ios, 100, nlb) == data
+    # neighbours untouched
+    assert read_blocks(ctrl, ios, 99, 1) == bytes(512)
+    assert read_blocks(ctrl, ios, 100 + nlb, 1) == bytes(512)
+
+
+def test_prp1_with_offset(env):
+    ctrl, ios = env
+    data = pattern(3 * 512, 3)
+    buf = ctrl.alloc(2 * PAGE) + PAGE - 512  # straddles a page boundary
+    ctrl.memory.write(buf, data)
+    p2 = (buf + 512) & ~(PAGE - 1)
+    ok(ctrl, ios, rw(Opcode.WRITE, 7, 3, prp1=buf, prp2=p2))
+    assert read_blocks(ctrl, ios, 7, 3) == data
+
+
+def test_read_write_with_sgl(env):
+    ctrl, ios = env
+    data = pattern(4096, 11)
+    a, b = ctrl.alloc(PAGE), ctrl.alloc(PAGE)
+    ctrl.memory.write(a + 100, data[:1000])
+    ctrl.memory.write(b + 3, data[1000:])
+    seg = ctrl.alloc(64)
+    ctrl.memory.write(
+        seg, sgl_descriptor(a + 100, 1000, SGL_DATA_BLOCK) + sgl_descriptor(b + 3, 3096, SGL_DATA_BLOCK)
+    )
+    last = sgl_descriptor(seg, 32, SGL_LAST_SEGMENT)
+    ok(ctrl, ios, rw(Opcode.WRITE, 40, 8, flags=1 << 6, dptr=last))
+    assert read_blocks(ctrl, ios, 40, 8) == data
+    # Read back through an SGL with a bit bucket in the middle.
+    out = ctrl.alloc(PAGE)
+    ctrl.memory.fill(out, PAGE, 0xEE)
+    ctrl.memory.write(
+        seg,
+        sgl_descriptor(out, 1024, SGL_DATA_BLOCK)
+        + sgl_descriptor(0, 2048, SGL_BIT_BUCKET)
+        + sgl_descriptor(out + 1024, 1024, SGL_DATA_BLOCK),
+    )
+    ok(ctrl, ios, rw(Opcode.READ, 40, 8, flags=2 << 6, dptr=sgl_descriptor(seg, 48, SGL_LAST_SEGMENT)))
+    got = ctrl.memory.read(out, PAGE)
+    assert got[:1024] == data[:1024]
+    assert got[1024:2048] == data[3072:]
+    assert got[2048:] == b"\xee" * 2048
+
+
+def test_sgl_bit_bucket_refused_for_write(env):
+    ctrl, ios = env
+    fails(ctrl, ios, rw(Opcode.WRITE, 0, 1, flags=1 << 6, dptr=sgl_descriptor(0, 512, SGL_BIT_BUCKET)),
+          Status.SGL_DESCR_TYPE_INVALID)
+
+
+def test_fua_write(env):
+    ctrl, ios = env
+    data = pattern(4096, 5)
+    write_blocks(ctrl, ios, 8, data, fua=True)
+    assert read_blocks(ctrl, ios, 8, 8) == data
+
+
+def test_lba_range(env):
+    ctrl, ios = env
+    nlbas = ctrl.namespaces[1].nlbas
+    buf = ctrl.alloc(PAGE)
+    for slba, nlb in [(nlbas, 1), (nlbas - 1, 2), ((1 << 64) - 1, 1), (nlbas - 8, 9)]:
+        for op in (Opcode.READ, Opcode.WRITE, Opcode.COMPARE, Opcode.VERIFY, Opcode.WRITE_ZEROES):
+            err = fails(ctrl, ios, rw(op, slba, nlb, prp1=buf), Status.LBA_RANGE)
+            assert err.lba == slba and err.param_offset == 40
+    ok(ctrl, ios, rw(Opcode.READ, nlbas - 8, 8, prp1=buf))  # the last blocks are fine
+
+
+def test_mdts(env):
+    ctrl, ios = env
+    buf = ctrl.alloc(2 * MiB)
+    p1, p2 = prp_for(ctrl, buf, 512 * 1024 + 512)
+    err = fails(ctrl, ios, rw(Opcode.READ, 0, 1025, prp1=p1, prp2=p2), Status.INVALID_FIELD)
+    assert err.param_offset == 48
+    p1, p2 = prp_for(ctrl, buf, 512 * 1024)
+    ok(ctrl, ios, rw(Opcode.READ, 0, 1024, prp1=p1, prp2=p2))
+
+
+@pytest.mark.parametrize("nsid", [0, 2, 0xFFFFFFFE, 0xFFFFFFFF])
+def test_invalid_namespace(env, nsid):
+    ctrl, ios = env
+    for op in (Opcode.READ, Opcode.WRITE, Opcode.DSM, Opcode.COPY, Opcode.VERIFY):
+        err = fails(ctrl, ios, rw(op, 0, 1, nsid=nsid, prp1=ctrl.alloc(PAGE)), Status.INVALID_NSID)
+        assert err.param_offset == 4
+
+
+@pytest.mark.parametrize("opcode", [0x03, 0x04, 0x0D, 0x11, 0x7F, 0x80, 0xFF])
+def test_invalid_opcode(env, opcode):
+    ctrl, ios = env
+    err = fails(ctrl, ios, command(opcode), Status.INVALID_OPCODE)
+    assert err.param_offset == 0
+
+
+def test_fused_and_reserved_psdt(env):
+    ctrl, ios = env
+    buf = ctrl.alloc(PAGE)
+    for flags in (1, 2, 3 << 6):
+        fails(ctrl, ios, rw(Opcode.READ, 0, 1, prp1=buf, flags=flags), Status.INVALID_FIELD)
+
+
+def test_data_pointer_outside_memory(env):
+    ctrl, ios = env
+    write_blocks(ctrl, ios, 0, pattern(1024, 1))
+    for p1, p2 in ((ctrl.ram, 0), (ctrl.ram - 512, ctrl.ram), (1 << 62, 0), (ctrl.ram - 512, 1 << 63)):
+        err = fails(ctrl, ios, rw(Opcode.READ, 0, 2, prp1=p1, prp2=p2), Status.DATA_TRANSFER_ERROR)
+        assert err.param_offset == 24
+        fails(ctrl, ios, rw(Opcode.WRITE, 0, 2, prp1=p1, prp2=p2), Status.DATA_TRANSFER_ERROR)
+    # A write whose second page is outside memory changes nothing.
+    first = ctrl.alloc(PAGE)
+    ctrl.memory.fill(first, PAGE, 0x55)
+    fails(ctrl, ios, rw(Opcode.WRITE, 0, 16, prp1=first, prp2=ctrl.ram), Status.DATA_TRANSFER_ERROR)
+    assert read_blocks(ctrl, ios, 0, 2) == pattern(1024, 1)
+
+
+def test_bus_mastering_off(env):
+    ctrl, ios = env
+    buf = ctrl.alloc(PAGE)
+    ctrl.bus_master = False
+    fails(ctrl, ios, rw(Opcode.READ, 0, 1, prp1=buf), Status.DATA_TRANSFER_ERROR)
+    fails(ctrl, ios, rw(Opcode.WRITE, 0, 1, prp1=buf), Status.DATA_TRANSFER_ERROR)
+    ctrl.bus_master = True
+
+
+def test_prp_offset_invalid(env):
+    ctrl, ios = env
+    buf = ctrl.alloc(3 * PAGE)
+    fails(ctrl, ios, rw(Opcode.READ, 0, 16, prp1=buf, prp2=buf + PAGE + 8), Status.PRP_OFFSET_INVALID)
+    fails(ctrl, ios, rw(Opcode.READ, 0, 1, prp1=buf + 2), Status.PRP_OFFSET_INVALID)
+
+
+def test_smart_counters(env):
+    ctrl, ios = env
+    smart = ctrl.smart
+    r0, w0 = smart.host_read_commands, smart.host_write_commands
+    write_blocks(ctrl, ios, 0, pattern(4096, 2))
+    read_blocks(ctrl, ios, 0, 8)
+    read_blocks(ctrl, ios, 0, 1)
+    assert smart.host_write_commands == w0 + 1
+    assert smart.host_read_commands == r0 + 2
+    assert smart.bytes_written >= 4096 and smart.bytes_read >= 4608
+    fails(ctrl, ios, rw(Opcode.READ, 1 << 40, 1, prp1=ctrl.alloc(PAGE)), Status.LBA_RANGE)
+    assert smart.host_read_commands == r0 + 2  # failed commands do not count
+
+
+# ------------------------------------------------------------------------------ flush
+
+
+def test_flush_and_broadcast(env, monkeypatch):
+    ctrl, ios = env
+    calls = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append(fd), real(fd))[1])
+    write_blocks(ctrl, ios, 0, pattern(512, 9))
+    ok(ctrl, ios, command(Opcode.FLUSH, 1))
+    ok(ctrl, ios, command(Opcode.FLUSH, 0xFFFFFFFF))
+    if getattr(ctrl.namespaces[1].backend, "fd", -1) >= 0 and ctrl.namespaces[1].backend.kind == "file":
+        assert len(calls) == 2
+    fails(ctrl, ios, command(Opcode.FLUSH, 0), Status.INVALID_NSID)
+    fails(ctrl, ios, command(Opcode.FLUSH, 7), Status.INVALID_NSID)
+
+
+# ------------------------------------------------------------------------------ write zeroes
+
+
+def test_write_zeroes(env):
+    ctrl, ios = env
+    ns = ctrl.namespaces[1]
+    write_blocks(ctrl, ios, 0, pattern(64 * 1024, 4))
+    used = ns.nuse()
+    ok(ctrl, ios, rw(Opcode.WRITE_ZEROES, 8, 8))
+    got = read_blocks(ctrl, ios, 0, 128)
+    assert got[: 8 * 512] == pattern(64 * 1024, 4)[: 8 * 512]
+    assert got[8 * 512 : 16 * 512] == bytes(4096)
+    assert got[16 * 512 :] == pattern(64 * 1024, 4)[16 * 512 :]
+    # DEAC: deallocated, reads zeros, NUSE drops
+    ok(ctrl, ios, rw(Opcode.WRITE_ZEROES, 64, 64, cdw12_extra=1 << 25))
+    assert read_blocks(ctrl, ios, 64, 64) == bytes(64 * 512)
+    assert ns.nuse() <= used - 64
+    # Write Zeroes is not limited by MDTS (4 MiB > 512 KiB)
+    ok(ctrl, ios, rw(Opcode.WRITE_ZEROES, 0, 8192, fua=True))
+    assert read_blocks(ctrl, ios, 0, 8) == bytes(4096)
+
+
+# ------------------------------------------------------------------------------ dataset management
+
+
+def dsm(ctrl, ranges, *, ad=True, nsid=1):
+    buf = ctrl.alloc(16 * len(ranges))
+    ctrl.memory.write(buf, b"".join(struct.pack("<IIQ", 0, nlb, slba) for slba, nlb in ranges))
+    p1, p2 = prp_for(ctrl, buf, 16 * len(ranges))
+    return command(Opcode.DSM, nsid, prp1=p1, prp2=p2, cdw10=len(ranges) - 1, cdw11=(1 << 2) if ad else 0)
+
+
+def test_dsm_deallocate(env, kind):
+    ctrl, ios = env
+    ns = ctrl.namespaces[1]
+    data = pattern(256 * 1024, 6)
+    write_blocks(ctrl, ios, 0, data)
+    used = ns.nuse()
+    ok(ctrl, ios, dsm(ctrl, [(0, 8), (64, 64), (500, 0)]))
+    got = read_blocks(ctrl, ios, 0, 512)
+    assert got[:4096] == bytes(4096)
+    assert got[4096 : 64 * 512] == data[4096 : 64 * 512]
+    assert got[64 * 512 : 128 * 512] == bytes(64 * 512)
+    assert got[128 * 512 :] == data[128 * 512 :]
+    assert ns.nuse() == used - 72
+    if kind.startswith("file"):
+        fd = ns.backend.fd
+        assert os.lseek(fd, 64 * 512, os.SEEK_HOLE) == 64 * 512  # a real hole in the file
+    # Without AD it is only a hint: nothing changes.
+    ok(ctrl, ios, dsm(ctrl, [(8, 8)], ad=False))
+    assert read_blocks(ctrl, ios, 8, 8) == data[4096:8192]
+
+
+def test_dsm_range_checks(env):
+    ctrl, ios = env
+    ns = ctrl.namespaces[1]
+    data = pattern(4096, 8)
+    write_blocks(ctrl, ios, 0, data)
+    err = fails(ctrl, ios, dsm(ctrl, [(0, 8), (ns.nlbas - 1, 2)]), Status.LBA_RANGE)
+    assert err.lba == ns.nlbas - 1
+    assert read_blocks(ctrl, ios, 0, 8) == data  # validated before anything was deallocated
+    ok(ctrl, ios, dsm(ctrl, [(i, 1) for i in range(256)]))  # 256 ranges, the maximum (NR 0's based)
+    fails(ctrl, ios, command(Opcode.DSM, 1, prp1=ctrl.ram, cdw10=0, cdw11=4), Status.DATA_TRANSFER_ERROR)
+
+
+# ------------------------------------------------------------------------------ compare / verify
+
+
+def test_compare(env):
+    ctrl, ios = env
+    data = pattern(8192, 12)
+    write_blocks(ctrl, ios, 32, data)
+    buf = ctrl.alloc(8192)
+    ctrl.memory.write(buf, data)
+    p1, p2 = prp_for(ctrl, buf, 8192)
+    ok(ctrl, ios, rw(Opcode.COMPARE, 32, 16, prp1=p1, prp2=p2))
+    ctrl.memory.write(buf + 5 * 512 + 17, b"\x00" if data[5 * 512 + 17] else b"\x01")
+    err = fails(ctrl, ios, rw(Opcode.COMPARE, 32, 16, prp1=p1, prp2=p2), Status.COMPARE_FAILURE)
+    assert err.lba == 37
+
+
+def test_verify(env):
+    ctrl, ios = env
+    ok(ctrl, ios, rw(Opcode.VERIFY, 0, 65536 if ctrl.namespaces[1].nlbas >= 65536 else 8))
+    ok(ctrl, ios, rw(Opcode.VERIFY, ctrl.namespaces[1].nlbas - 1, 1))
+
+
+# ------------------------------------------------------------------------------ copy
+
+
+def copy_cmd(ctrl, sdlba, ranges, *, desfmt=0, nsid=1, fua=False):
+    buf = ctrl.alloc(32 * len(ranges))
+    ctrl.memory.write(buf, b"".join(struct.pack("<8xQH14x", slba, nlb - 1) for slba, nlb in ranges))
+    p1, p2 = prp_for(ctrl, buf, 32 * len(ranges))
+    cdw12 = (len(ranges) - 1) | desfmt << 8 | ((1 << 30) if fua else 0)
+    return command(Opcode.COPY, nsid, prp1=p1, prp2=p2, cdw10=sdlba & 0xFFFFFFFF, cdw11=sdlba >> 32,
+                   cdw12=cdw12)
+
+
+def test_copy(env):
+    ctrl, ios = env
+    data = pattern(32 * 512, 13)
+    write_blocks(ctrl, ios, 0, data)
+    ok(ctrl, ios, copy_cmd(ctrl, 1000, [(0, 4), (20, 8), (4, 1)], fua=True))
+    want = data[: 4 * 512] + data[20 * 512 : 28 * 512] + data[4 * 512 : 5 * 512]
+    assert read_blocks(ctrl, ios, 1000, 13) == want
+    # Overlapping source and destination: the source is read first.
+    ok(ctrl, ios, copy_cmd(ctrl, 2, [(0, 8)]))
+    assert read_blocks(ctrl, ios, 2, 8) == data[: 8 * 512]
+
+
+def test_copy_limits_and_errors(env):
+    ctrl, ios = env
+    ns = ctrl.namespaces[1]
+    mssrl, mcl, msrc = COPY_LIMITS
+    fails(ctrl, ios, copy_cmd(ctrl, 0, [(0, 1)] * (msrc + 2)), Status.CMD_SIZE_LIMIT_EXCEEDED)
+    fails(ctrl, ios, copy_cmd(ctrl, 0, [(0, mssrl + 1)]), Status.CMD_SIZE_LIMIT_EXCEEDED)
+    fails(ctrl, ios, copy_cmd(ctrl, 0, [(0, mssrl)] * (mcl // mssrl + 1)), Status.CMD_SIZE_LIMIT_EXCEEDED)
+    fails(ctrl, ios, copy_cmd(ctrl, 0, [(0, 1)], desfmt=1), Status.INVALID_FIELD)
+    err = fails(ctrl, ios, copy_cmd(ctrl, ns.nlbas - 2, [(0, 4)]), Status.LBA_RANGE)
+    assert err.lba == ns.nlbas - 2
+    err = fails(ctrl, ios, copy_cmd(ctrl, 0, [(ns.nlbas, 1)]), Status.LBA_RANGE)
+    assert err.lba == ns.nlbas
+    ok(ctrl, ios, copy_cmd(ctrl, 0, [(0, mssrl)] * (mcl // mssrl)))
+
+
+# ------------------------------------------------------------------------------ read-only
+
+
+def test_read_only_namespace(tmp_path):
+    make_namespace(1, f"file:path={tmp_path}/ro.img,size=1M").close()
+    ctrl = FakeController()
+    ctrl.namespaces[1] = make_namespace(1, f"file:path={tmp_path}/ro.img,readonly=on")
+    ios = IoCommandSet(ctrl)
+    try:
+        buf = ctrl.alloc(PAGE)
+        for req in (
+            rw(Opcode.WRITE, 0, 1, prp1=buf),
+            rw(Opcode.WRITE_ZEROES, 0, 1),
+            dsm(ctrl, [(0, 1)]),
+            copy_cmd(ctrl, 8, [(0, 1)]),
+        ):
+            fails(ctrl, ios, req, Status.NS_WRITE_PROTECTED)
+        ok(ctrl, ios, rw(Opcode.READ, 0, 1, prp1=buf))
+        ok(ctrl, ios, dsm(ctrl, [(0, 1)], ad=False))
+    finally:
+        ios.close()
+        ctrl.close()
+
+
+# ------------------------------------------------------------------------------ backends that fail
+
+
+class FailingBackend(BaseBackend):
+    kind = "failing"
+
+    def __init__(self, exc, inline=False):
+        super().__init__(1 * MiB)
+        self.exc = exc
+        self.inline = inline
+
+    def readv(self, views, offset):
+        raise self.exc
+
+    def writev(self, views, offset, *, fua=False):
+        raise self.exc
+
+
+@pytest.mark.parametrize("inline", [False, True])
+@pytest.mark.parametrize(
+    ("exc", "read_status", "write_status", "media"),
+    [
+        (OSError(errno.EIO, "bad sector"), Status.UNRECOVERED_READ_ERROR, Status.WRITE_FAULT, True),
+        (OSError(errno.ENOSPC, "full"), Status.CAP_EXCEEDED, Status.CAP_EXCEEDED, False),
+        (RuntimeError("plugin bug"), Status.INTERNAL, Status.INTERNAL, False),
+        (OSError(errno.EPERM, "odd"), Status.INTERNAL, Status.INTERNAL, False),
+    ],
+)
+def test_backend_failures_become_statuses(inline, exc, read_status, write_status, media):
+    ctrl = FakeController()
+    ctrl.namespaces[1] = Namespace(1, FailingBackend(exc, inline))
+    ios = IoCommandSet(ctrl)
+    try:
+        buf = ctrl.alloc(PAGE)
+        before = ctrl.smart.media_errors
+        fails(ctrl, ios, rw(Opcode.READ, 0, 1, prp1=buf), read_status)
+        fails(ctrl, ios, rw(Opcode.WRITE, 0, 1, prp1=buf), write_status)
+        assert ctrl.smart.media_errors == before + (2 if media else 0)
+        ok(ctrl, ios, command(Opcode.FLUSH, 1))  # the controller keeps working
+    finally:
+        ios.close()
+        ctrl.close()
+
+
+# ------------------------------------------------------------------------------ workers
+
+
+class GatedBackend(BaseBackend):
+    """Reads of LBA 0 wait for a gate; everything else is immediate."""
+
+    kind = "gated"
+    inline = False
+
+    def __init__(self):
+        super().__init__(1 * MiB)
+        self.gate = threading.Event()
+
+    def readv(self, views, offset):
+        if offset == 0:
+            assert self.gate.wait(5)
+        for v in views:
+            v[:] = bytes(len(v))
+
+    def writev(self, views, offset, *, fua=False):
+        pass
+
+
+def test_slow_backend_completes_out_of_order_without_blocking_submit():
+    ctrl = FakeController()
+    backend = GatedBackend()
+    ctrl.namespaces[1] = Namespace(1, backend)
+    ios = IoCommandSet(ctrl)
+    try:
+        buf = ctrl.alloc(PAGE)
+        slow = rw(Opcode.READ, 0, 1, prp1=buf, cid=1)
+        fast = rw(Opcode.READ, 8, 1, prp1=buf, cid=2)
+        t0 = time.monotonic()
+        ios.submit(slow)
+        ios.submit(fast)
+        assert time.monotonic() - t0 < 0.5  # submit never waits for the backend
+        assert ctrl.wait(fast)[0] == 0
+        assert id(slow) not in ctrl.results
+        assert ios.inflight == 1
+        backend.gate.set()
+        assert ctrl.wait(slow)[0] == 0
+        ios.drain()
+        assert ios.inflight == 0
+        assert ctrl.order[-2:] == [2, 1]
+    finally:
+        backend.gate.set()
+        ios.close()
+        ctrl.close()
+
+
+def test_close_then_submit_fails_cleanly(tmp_path):
+    ctrl = FakeController()
+    ctrl.namespaces[1] = make_namespace(1, f"file:path={tmp_path}/c.img,size=1M")
+    ios = IoCommandSet(ctrl)
+    buf = ctrl.alloc(PAGE)
+    ok(ctrl, ios, rw(Opcode.READ, 0, 1, prp1=buf))
+    ios.close()
+    fails(ctrl, ios, rw(Opcode.READ, 0, 1, prp1=buf), Status.INTERNAL)
+    ios.close()  # idempotent
+    ctrl.close()
+
+
+def test_complete_without_error_keyword():
+    ctrl = FakeControllerNoErrorKw()
+    ctrl.namespaces[1] = make_namespace(1, "mem:size=1M")
+    ios = IoCommandSet(ctrl)
+    try:
+        req = rw(Opcode.READ, 1 << 30, 1, prp1=ctrl.alloc(PAGE))
+        ios.submit(req)
+        status, _dw0, err = ctrl.wait(req)
+        assert status == Status.LBA_RANGE and err is None
+    finally:
+        ios.close()
+        ctrl.close()
+
+
+def test_null_namespace_reads_zeros():
+    ctrl = FakeController()
+    ctrl.namespaces[1] = make_namespace(1, "null:size=1G")
+    ios = IoCommandSet(ctrl)
+    try:
+        buf = ctrl.alloc(PAGE)
+        ctrl.memory.fill(buf, PAGE, 0xAA)
+        ok(ctrl, ios, rw(Opcode.WRITE, 5, 8, prp1=buf))
+        ok(ctrl, ios, rw(Opcode.READ, 5, 8, prp1=buf))
+        assert ctrl.memory.read(buf, PAGE) == bytes(PAGE)
+        ok(ctrl, ios, rw(Opcode.WRITE_ZEROES, 0, 8, cdw12_extra=1 << 25))
+        ok(ctrl, ios, command(Opcode.FLUSH, 1))
+    finally:
+        ios.close()
+        ctrl.close()
+
+
+def test_4k_format_and_several_namespaces(tmp_path):
+    ctrl = FakeController()
+    ctrl.namespaces[1] = make_namespace(1, "mem:size=4M,lbaf=1")
+    ctrl.namespaces[2] = make_namespace(2, f"file:path={tmp_path}/two.img,size=4M")
+    ios = IoCommandSet(ctrl)
+    try:
+        a, b = pattern(8192, 1), pattern(8192, 2)
+        write_blocks(ctrl, ios, 3, a, ns=1)  # two 4 KiB blocks
+        write_blocks(ctrl, ios, 3, b, ns=2)  # sixteen 512 B blocks
+        assert read_blocks(ctrl, ios, 3, 2, ns=1) == a
+        assert read_blocks(ctrl, ios, 3, 16, ns=2) == b
+        buf = ctrl.alloc(PAGE)
+        fails(ctrl, ios, rw(Opcode.READ, 1024, 1, nsid=1, prp1=buf), Status.LBA_RANGE)  # 4M / 4K = 1024
+        ok(ctrl, ios, command(Opcode.FLUSH, 0xFFFFFFFF))
+    finally:
+        ios.close()
+        ctrl.close()
