@@ -195,6 +195,36 @@ def _demo(args: argparse.Namespace, ctx: CliContext) -> int | None:
     return demo.main(args)
 
 
+#: Registry component kind of benchmarks (``pcidev bench NAME``).
+BENCH_KIND = "bench"
+
+
+def _configure_bench(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", nargs="?", help="the benchmark (omit to list them)")
+    parser.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="...",
+                        help="the benchmark's own options (e.g. --json)")
+
+
+@command("bench", help="run a benchmark a plugin provides (pcidev bench NAME [--json])",
+         configure=_configure_bench)
+def _bench(args: argparse.Namespace, ctx: CliContext) -> int | None:
+    """Benchmarks are registry components of kind ``bench``: ``run(argv) -> exit status``.
+
+    A plugin registers one with ``registry.add_component("bench", "nvme", run)``;
+    ``run`` gets the arguments after the name and parses them itself.
+    """
+    entries = ctx.registry.components(BENCH_KIND)
+    if args.name is None:
+        if not entries:
+            print("no benchmarks available")
+        for entry in entries:
+            doc = (getattr(entry.obj, "__doc__", None) or "").strip().splitlines()
+            print(f"{entry.name:12s} {doc[0] if doc else ''}".rstrip())
+        return 0
+    run = ctx.registry.component(BENCH_KIND, args.name)
+    return run(list(args.bench_args))
+
+
 # -- main -----------------------------------------------------------------------------
 
 
