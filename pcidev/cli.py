@@ -229,11 +229,21 @@ def _bench(args: argparse.Namespace, ctx: CliContext) -> int | None:
 
 
 def _early_options(argv: Sequence[str]) -> argparse.Namespace:
-    """Parse the options needed before plugins load (``-p``, ``--version``)."""
+    """Parse the options needed before plugins load (``-p``, ``--version``).
+
+    Only the global part of the command line is looked at: everything from the
+    command name on belongs to the command (``pcidev bench nvme -p 2`` must not
+    block a plugin).
+    """
+    head: list[str] = []
+    for token in argv:
+        if token == "--" or (token in COMMANDS and (not head or head[-1] != "-p")):
+            break
+        head.append(token)
     early = _Parser(prog=PROG, add_help=False, allow_abbrev=False)
     early.add_argument("--version", action="store_true")
     early.add_argument("-p", action="append", default=[], dest="plugin_specs")
-    namespace, _rest = early.parse_known_args(list(argv))
+    namespace, _rest = early.parse_known_args(head)
     return namespace
 
 

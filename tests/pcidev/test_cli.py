@@ -272,6 +272,21 @@ def test_command_receives_its_options_and_plugin_options(capsys, acme_dist, prob
     assert "acme-dev" in ctx.registry
 
 
+def test_options_after_the_command_belong_to_the_command(capsys, monkeypatch, probe_command):
+    def configure(parser):
+        parser.add_argument("rest", nargs="*")
+        parser.add_argument("-p", dest="pages")
+
+    monkeypatch.setitem(COMMANDS, "probe", Command("probe", "probe", COMMANDS["probe"].run,
+                                                   configure))
+    status, out, _err = run(capsys, "-p", "no:nvme", "probe", "-p", "no:builtin")
+    assert status == 3 and out == ""
+    args = probe_command["args"]
+    assert args.pages == "no:builtin"
+    assert probe_command["ctx"].pm.has_plugin("builtin")
+    assert probe_command["ctx"].pm.blocked_names() == ["nvme"]
+
+
 def test_command_raising_pcidev_error_exits_1(capsys, probe_command):
     def fail():
         raise ConfigError("bad\nthing")
