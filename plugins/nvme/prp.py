@@ -172,7 +172,27 @@ def prp_segments(
         except DmaError as exc:
             raise _transfer_error(f"PRP list at {list_addr:#x}: {exc}", OFF_PRP2) from None
         entries = struct.unpack(f"<{count}Q", raw)
-        for i in range(take):
+        e0 = entries[0]
+        if (
+            take > 1
+            and not e0 & mask
+            and entries[take - 1] == e0 + (take - 1) * page_size
+            and entries[:take] == tuple(range(e0, e0 + take * page_size, page_size))
+        ):
+            # Physically contiguous pages (the common case): one piece, checked in C.
+            n = take * page_size
+            if n > remaining:
+                n = remaining
+            remaining -= n
+            if cur + cur_len == e0:
+                cur_len += n
+            else:
+                out.append((cur, cur_len))
+                cur, cur_len = e0, n
+            take_loop = 0
+        else:
+            take_loop = take
+        for i in range(take_loop):
             e = entries[i]
             if e & mask:
                 raise NvmeStatusError(

@@ -87,6 +87,15 @@ def test_prp_list(mem):
     assert segs == [(0x10000, PAGE), (0x40000, 2 * PAGE), (0x50000, PAGE), (0x60000, PAGE)]
 
 
+def test_prp_contiguous_list_is_one_piece(mem):
+    put_list(mem, 0x20000, [0x41000 + i * PAGE for i in range(31)])
+    segs = prp_segments(mem, 0x40000, 0x20000, 128 * 1024 - 512, PAGE)
+    assert segs == [(0x40000, 128 * 1024 - 512)]
+    put_list(mem, 0x20000, [0x41000 + i * PAGE for i in range(30)] + [0x41208])
+    with pytest.raises(NvmeStatusError):  # the last entry has an offset
+        prp_segments(mem, 0x40000, 0x20000, 128 * 1024, PAGE)
+
+
 def test_prp_list_last_entry_partial(mem):
     put_list(mem, 0x20000, [0x40000, 0x42000])
     segs = prp_segments(mem, 0x10C00, 0x20000, 0x400 + PAGE + 0x200, PAGE)
@@ -220,15 +229,20 @@ def merge(pieces):
     tail=st.integers(0, PAGE - 1),
     list_slot=st.integers(0, 511),
     seed=st.integers(0, 2**32 - 1),
+    contiguous=st.booleans(),
 )
-def test_prp_matches_reference_model(mem, off, npages, tail, list_slot, seed):
+def test_prp_matches_reference_model(mem, off, npages, tail, list_slot, seed, contiguous):
+    import itertools
     import random
 
     rnd = random.Random(seed)
+    counter = itertools.count()
     length = max(4, npages * PAGE - off - tail)
     prp1 = 0x100000 + off
     # Data pages anywhere in [2 MiB, 6 MiB); list pages in [1.25 MiB, 2 MiB).
     def data_page():
+        if contiguous:  # runs of consecutive pages, as a real buffer gives
+            return 0x200000 + (next(counter) % 1024) * PAGE
         return 0x200000 + rnd.randrange(1024) * PAGE
 
     prp2 = data_page()
