@@ -240,13 +240,17 @@ class IoCommandSet:
                         views = mem.sg_views(
                             prp_segments(mem, prp1, req.prp2, length, page), write=op == 2
                         )
+                    try:
+                        if op == 2:
+                            ns.backend.readv(views, slba << shift)
+                        else:
+                            ns.backend.writev(views, slba << shift, fua=bool(cdw12 & 0x40000000))
+                    finally:
+                        for v in views:
+                            v.release()
                     if op == 2:
-                        ns.backend.readv(views, slba << shift)
-                        del views
                         ctrl.smart.record_read(length)
                     else:
-                        ns.backend.writev(views, slba << shift, fua=bool(cdw12 & 0x40000000))
-                        del views
                         ctrl.smart.record_write(length)
                 except BaseException as exc:  # noqa: BLE001
                     self._fail(req, exc)
@@ -332,6 +336,14 @@ class IoCommandSet:
 
     def _fail(self, req: Any, exc: BaseException) -> None:
         """Complete ``req`` with the status ``exc`` stands for."""
+        try:
+            self._fail_status(req, exc)
+        finally:
+            # The traceback holds the failed command's frames (and through them guest
+            # memory views); a backend may keep the exception object: drop them.
+            exc.__traceback__ = None
+
+    def _fail_status(self, req: Any, exc: BaseException) -> None:
         if isinstance(exc, NvmeStatusError):
             err = exc
         elif isinstance(exc, DmaError):
