@@ -84,6 +84,8 @@ class Request:
     t_fetch: float = 0.0
     #: True once the completion was handed to the core (exactly-once guard)
     done: bool = False
+    #: held by the controller indefinitely (an Asynchronous Event Request)
+    parked: bool = False
 
     @property
     def fuse(self) -> int:

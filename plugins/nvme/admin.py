@@ -1,0 +1,684 @@
+"""The admin command set.
+
+======  ==================================  ==============================================
+Opcode  Command                             Statuses besides Success
+======  ==================================  ==============================================
+00h     Delete I/O Submission Queue         Invalid Queue Identifier
+01h     Create I/O Submission Queue         Invalid Queue Identifier, Invalid Queue Size,
+                                            Completion Queue Invalid, Invalid Field (PC=0),
+                                            PRP Offset Invalid, Data Transfer Error
+02h     Get Log Page                        Invalid Log Page, Invalid Field
+04h     Delete I/O Completion Queue         Invalid Queue Identifier, Invalid Queue Deletion
+05h     Create I/O Completion Queue         Invalid Queue Identifier, Invalid Queue Size,
+                                            Invalid Interrupt Vector, Invalid Field, PRP
+                                            Offset Invalid, Data Transfer Error
+06h     Identify                            Invalid Field (CNS/CSI), Invalid Namespace
+08h     Abort                               DW0 bit 0 = 1: not aborted
+09h     Set Features                        see :mod:`pcidev_nvme.features`
+0Ah     Get Features                        see :mod:`pcidev_nvme.features`
+0Ch     Asynchronous Event Request          Asynchronous Event Request Limit Exceeded
+0Dh     Namespace Management                Invalid Field, Invalid Format, Namespace
+                                            Insufficient Capacity, Namespace Identifier
+                                            Unavailable, Thin Provisioning Not Supported
+10h     Firmware Commit                     Invalid Firmware Slot, Invalid Firmware Image
+11h     Firmware Image Download             Invalid Field, Overlapping Range
+15h     Namespace Attachment                Namespace Already Attached, Namespace Not
+                                            Attached, Controller List Invalid
+18h     Keep Alive
+7Ch     Doorbell Buffer Config              Invalid Field
+80h     Format NVM                          Invalid Format, Invalid Field, Invalid Namespace
+======  ==================================  ==============================================
+
+Every command: unknown opcode → Invalid Opcode; fused or SGL (PSDT ≠ 0) → Invalid
+Field; a data pointer outside guest memory → Data Transfer Error. Each failure
+gets an Error Information entry whose parameter location names the SQE byte of
+the offending field.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import time
+from typing import TYPE_CHECKING
+
+from pcidev.errors import ConfigError, DmaError, PcidevError
+from pcidev_nvme import identify as idfy
+from pcidev_nvme import logs as nlogs
+from pcidev_nvme.aer import INFO_FW_ACTIVATION
+from pcidev_nvme.features import Features
+from pcidev_nvme.queues import CompletionQueue, SubmissionQueue
+from pcidev_nvme.status import NvmeStatusError, Status
+
+if TYPE_CHECKING:
+    from pcidev_nvme.controller import NvmeController
+    from pcidev_nvme.request import Request
+
+__all__ = ["AdminCommandSet", "Opcode"]
+
+log = logging.getLogger(__name__)
+
+
+class Opcode:
+    """Admin opcodes."""
+
+    DELETE_SQ = 0x00
+    CREATE_SQ = 0x01
+    GET_LOG_PAGE = 0x02
+    DELETE_CQ = 0x04
+    CREATE_CQ = 0x05
+    IDENTIFY = 0x06
+    ABORT = 0x08
+    SET_FEATURES = 0x09
+    GET_FEATURES = 0x0A
+    ASYNC_EVENT = 0x0C
+    NS_MANAGEMENT = 0x0D
+    FW_COMMIT = 0x10
+    FW_DOWNLOAD = 0x11
+    NS_ATTACHMENT = 0x15
+    KEEP_ALIVE = 0x18
+    DBBUF_CONFIG = 0x7C
+    FORMAT_NVM = 0x80
+
+
+# SQE byte offsets (Error Information parameter location)
+OFF_OPCODE, OFF_FLAGS, OFF_NSID, OFF_DPTR = 0, 1, 4, 24
+OFF_PRP2 = 32
+OFF_CDW10, OFF_CDW11, OFF_CDW12, OFF_CDW14 = 40, 44, 48, 56
+
+BROADCAST = 0xFFFFFFFF
+#: largest firmware image accepted
+FW_MAX_IMAGE = 16 << 20
+
+_E = nlogs.CMD_EFFECTS
+
+
+def _err(status: int, msg: str, off: int | None = None) -> NvmeStatusError:
+    return NvmeStatusError(status, msg, param_offset=off)
+
+
+class AdminCommandSet:
+    """Executes admin commands for one controller.
+
+    :param ctrl: the controller.
+    """
+
+    def __init__(self, ctrl: NvmeController) -> None:
+        self.ctrl = ctrl
+        self._handlers = {
+            Opcode.DELETE_SQ: self._delete_sq,
+            Opcode.CREATE_SQ: self._create_sq,
+            Opcode.GET_LOG_PAGE: self._get_log_page,
+            Opcode.DELETE_CQ: self._delete_cq,
+            Opcode.CREATE_CQ: self._create_cq,
+            Opcode.IDENTIFY: self._identify,
+            Opcode.ABORT: self._abort,
+            Opcode.SET_FEATURES: self._set_features,
+            Opcode.GET_FEATURES: self._get_features,
+            Opcode.ASYNC_EVENT: self._async_event,
+            Opcode.NS_MANAGEMENT: self._ns_management,
+            Opcode.FW_COMMIT: self._fw_commit,
+            Opcode.FW_DOWNLOAD: self._fw_download,
+            Opcode.NS_ATTACHMENT: self._ns_attachment,
+            Opcode.KEEP_ALIVE: self._keep_alive,
+            Opcode.FORMAT_NVM: self._format,
+        }
+        if ctrl.cfg.dbbuf:
+            self._handlers[Opcode.DBBUF_CONFIG] = self._dbbuf_config
+
+    # -- dispatch ------------------------------------------------------------------------------
+    def submit(self, req: Request) -> None:
+        """Execute ``req`` and complete it exactly once (now, or later for AER, Format,
+        Delete SQ with commands in flight). Never raises for what the host wrote."""
+        ctrl = self.ctrl
+        try:
+            handler = self._handlers.get(req.opcode)
+            if handler is None:
+                raise _err(Status.INVALID_OPCODE, f"admin opcode {req.opcode:#04x} is not supported", OFF_OPCODE)
+            if req.flags & 0x3:
+                raise _err(Status.INVALID_FIELD, "fused admin commands are not supported", OFF_FLAGS)
+            if req.flags & 0xC0:
+                raise _err(Status.INVALID_FIELD, "admin commands use PRPs (PSDT must be 0)", OFF_FLAGS)
+            dw0 = handler(req)
+        except NvmeStatusError as exc:
+            ctrl.complete(req, exc.status, error=exc)
+        except DmaError as exc:
+            ctrl.complete(req, Status.DATA_TRANSFER_ERROR,
+                          error=_err(Status.DATA_TRANSFER_ERROR, str(exc), OFF_DPTR))
+        except Exception as exc:
+            log.exception("admin command %r failed unexpectedly", req)
+            ctrl.complete(req, Status.INTERNAL, error=_err(Status.INTERNAL, f"{type(exc).__name__}: {exc}"))
+        else:
+            if dw0 is not None:
+                ctrl.complete(req, 0, dw0)
+        ctrl.maybe_save_state()
+
+    # -- data transfer ---------------------------------------------------------------------------
+    def to_host(self, req: Request, data: bytes) -> None:
+        """Copy ``data`` to the host buffer the command's PRPs describe."""
+        if not data:
+            return
+        from pcidev_nvme.prp import prp_segments
+
+        ctrl = self.ctrl
+        mem = ctrl.memory
+        segs = prp_segments(mem, req.prp1, req.prp2, len(data), ctrl.page_size)
+        mv = memoryview(data)
+        with mem.access(segs, write=True) as views:
+            pos = 0
+            for v in views:
+                n = len(v)
+                v[:] = mv[pos:pos + n]
+                pos += n
+
+    def from_host(self, req: Request, length: int) -> bytes:
+        """Read ``length`` bytes from the host buffer the command's PRPs describe."""
+        if not length:
+            return b""
+        from pcidev_nvme.prp import prp_segments
+
+        ctrl = self.ctrl
+        mem = ctrl.memory
+        segs = prp_segments(mem, req.prp1, req.prp2, length, ctrl.page_size)
+        with mem.access(segs) as views:
+            return b"".join(bytes(v) for v in views)
+
+    # -- queues ----------------------------------------------------------------------------------
+    def _queue_memory(self, base: int, nbytes: int, *, write: bool) -> None:
+        ctrl = self.ctrl
+        if base & (ctrl.page_size - 1):
+            raise _err(Status.PRP_OFFSET_INVALID, f"queue base {base:#x} is not page aligned", OFF_DPTR)
+        try:
+            for v in ctrl.memory.views(base, nbytes, write=write):
+                v.release()
+        except DmaError as exc:
+            raise _err(Status.DATA_TRANSFER_ERROR, f"queue memory: {exc}", OFF_DPTR) from None
+
+    def _qsize(self, cdw10: int) -> int:
+        qsize = (cdw10 >> 16) + 1
+        if qsize < 2 or qsize > self.ctrl.cfg.mqes + 1:
+            raise _err(Status.QUEUE_SIZE, f"queue size {qsize} outside 2..{self.ctrl.cfg.mqes + 1}", OFF_CDW10 + 2)
+        return qsize
+
+    def _create_cq(self, req: Request) -> int:
+        ctrl = self.ctrl
+        qid = req.cdw10 & 0xFFFF
+        if not 1 <= qid <= ctrl.features.ncq or ctrl.cq(qid) is not None:
+            raise _err(Status.QID_INVALID, f"completion queue id {qid} is invalid or in use", OFF_CDW10)
+        qsize = self._qsize(req.cdw10)
+        if (ctrl.regs["CC"].value >> 20) & 0xF != 4:
+            raise _err(Status.QUEUE_SIZE, "CC.IOCQES is not 4 (16-byte entries)", OFF_CDW10 + 2)
+        flags = req.cdw11 & 0xFFFF
+        if not flags & 1:
+            raise _err(Status.INVALID_FIELD, "physically non-contiguous queues are not supported", OFF_CDW11)
+        ien = bool(flags & 2)
+        iv = req.cdw11 >> 16
+        msix = ctrl._msix
+        if iv >= ctrl.cfg.msix_vectors or (iv and not (msix is not None and msix.enabled)):
+            raise _err(Status.INVALID_INTERRUPT_VECTOR, f"interrupt vector {iv} is invalid", OFF_CDW11 + 2)
+        self._queue_memory(req.prp1, qsize * 16, write=True)
+        ctrl.add_cq(CompletionQueue(qid, req.prp1, qsize, iv, ien))
+        return 0
+
+    def _create_sq(self, req: Request) -> int:
+        ctrl = self.ctrl
+        qid = req.cdw10 & 0xFFFF
+        if not 1 <= qid <= ctrl.features.nsq or ctrl.sq(qid) is not None:
+            raise _err(Status.QID_INVALID, f"submission queue id {qid} is invalid or in use", OFF_CDW10)
+        qsize = self._qsize(req.cdw10)
+        if (ctrl.regs["CC"].value >> 16) & 0xF != 6:
+            raise _err(Status.QUEUE_SIZE, "CC.IOSQES is not 6 (64-byte entries)", OFF_CDW10 + 2)
+        cqid = req.cdw11 >> 16
+        cq = ctrl.cq(cqid) if cqid else None
+        if cq is None:
+            raise _err(Status.CQ_INVALID, f"completion queue {cqid} does not exist", OFF_CDW11 + 2)
+        if not req.cdw11 & 1:
+            raise _err(Status.INVALID_FIELD, "physically non-contiguous queues are not supported", OFF_CDW11)
+        self._queue_memory(req.prp1, qsize * 64, write=False)
+        ctrl.add_sq(SubmissionQueue(qid, req.prp1, qsize, cq, (req.cdw11 >> 1) & 3))
+        return 0
+
+    def _delete_sq(self, req: Request) -> int | None:
+        ctrl = self.ctrl
+        qid = req.cdw10 & 0xFFFF
+        sq = ctrl.sq(qid) if qid else None
+        if sq is None or sq.deleting:
+            raise _err(Status.QID_INVALID, f"submission queue {qid} does not exist", OFF_CDW10)
+        return 0 if ctrl.delete_sq(sq, req) else None
+
+    def _delete_cq(self, req: Request) -> int:
+        ctrl = self.ctrl
+        qid = req.cdw10 & 0xFFFF
+        cq = ctrl.cq(qid) if qid else None
+        if cq is None:
+            raise _err(Status.QID_INVALID, f"completion queue {qid} does not exist", OFF_CDW10)
+        if cq.sqs:
+            raise _err(Status.INVALID_QUEUE_DELETION,
+                       f"submission queue(s) {[s.sqid for s in cq.sqs]} still use completion queue {qid}", OFF_CDW10)
+        ctrl.delete_cq(cq)
+        return 0
+
+    # -- identify ----------------------------------------------------------------------------------
+    def _nsid_valid(self, nsid: int) -> bool:
+        return 1 <= nsid <= self.ctrl.cfg.max_namespaces
+
+    def _identify(self, req: Request) -> int:
+        ctrl = self.ctrl
+        cns = req.cdw10 & 0xFF
+        cntid = req.cdw10 >> 16
+        csi = req.cdw11 >> 24
+        nsid = req.nsid
+        zero = bytes(idfy.IDENTIFY_SIZE)
+        if cns in (0x00, 0x05, 0x08, 0x11):
+            if cns == 0x05 and csi != 0:
+                raise _err(Status.INVALID_FIELD, f"I/O command set {csi} is not supported", OFF_CDW11 + 3)
+            if nsid == BROADCAST and cns in (0x00, 0x11):
+                data = self._common_ns()
+            elif not self._nsid_valid(nsid):
+                raise _err(Status.INVALID_NSID, f"namespace {nsid:#x} is not valid", OFF_NSID)
+            else:
+                table = ctrl.allocated if cns == 0x11 else ctrl.namespaces
+                ns = table.get(nsid)
+                if ns is None:
+                    data = zero
+                elif cns == 0x05:
+                    data = ns.identify_csi_nvm()
+                elif cns == 0x08:
+                    data = idfy.identify_ns_independent(ns, attached=True)
+                else:
+                    data = ns.identify()
+        elif cns == 0x01:
+            data = idfy.identify_controller(ctrl)
+        elif cns in (0x02, 0x07, 0x10):
+            if cns == 0x07 and csi != 0:
+                raise _err(Status.INVALID_FIELD, f"I/O command set {csi} is not supported", OFF_CDW11 + 3)
+            if nsid >= 0xFFFFFFFE:
+                raise _err(Status.INVALID_NSID, f"NSID {nsid:#x} cannot start a list", OFF_NSID)
+            data = idfy.nsid_list(ctrl.allocated if cns == 0x10 else ctrl.namespaces, nsid)
+        elif cns == 0x03:
+            ns = ctrl.namespaces.get(nsid)
+            if ns is None:
+                raise _err(Status.INVALID_NSID, f"namespace {nsid:#x} is not active", OFF_NSID)
+            data = ns.id_descriptors()
+        elif cns == 0x06:
+            if csi != 0:
+                raise _err(Status.INVALID_FIELD, f"I/O command set {csi} is not supported", OFF_CDW11 + 3)
+            data = idfy.identify_ctrl_csi_nvm()
+        elif cns == 0x12:
+            if not self._nsid_valid(nsid):
+                raise _err(Status.INVALID_NSID, f"namespace {nsid:#x} is not valid", OFF_NSID)
+            ids = [ctrl.cfg.cntlid] if nsid in ctrl.namespaces else []
+            data = idfy.controller_list(ids, cntid)
+        elif cns == 0x13:
+            data = idfy.controller_list([ctrl.cfg.cntlid], cntid)
+        elif cns == 0x1C:
+            data = idfy.io_command_set_vector()
+        else:
+            raise _err(Status.INVALID_FIELD, f"CNS {cns:#04x} is not supported", OFF_CDW10)
+        self.to_host(req, data)
+        return 0
+
+    def _common_ns(self) -> bytes:
+        """Identify Namespace for NSID FFFFFFFFh: capabilities common to all namespaces."""
+        from pcidev_nvme.namespace import LBA_FORMATS
+
+        buf = bytearray(idfy.IDENTIFY_SIZE)
+        buf[25] = len(LBA_FORMATS) - 1  # NLBAF
+        for i, (size, rp) in enumerate(LBA_FORMATS):
+            struct.pack_into("<I", buf, 128 + 4 * i, (size.bit_length() - 1) << 16 | rp << 24)
+        return bytes(buf)
+
+    # -- logs ----------------------------------------------------------------------------------------
+    def _get_log_page(self, req: Request) -> int:
+        ctrl = self.ctrl
+        lid = req.cdw10 & 0xFF
+        rae = bool(req.cdw10 & (1 << 15))
+        numd = ((req.cdw11 & 0xFFFF) << 16 | (req.cdw10 >> 16)) + 1
+        length = numd * 4
+        offset = req.cdw12 | (req.cdw13 << 32)
+        csi = req.cdw14 >> 24
+        if offset & 3:
+            raise _err(Status.INVALID_FIELD, f"log page offset {offset:#x} is not dword aligned", OFF_CDW12)
+        if req.cdw14 & (1 << 23):
+            raise _err(Status.INVALID_FIELD, "index offsets (OT) are not supported", OFF_CDW14 + 2)
+        mdts = ctrl.mdts_bytes
+        if mdts and length > mdts:
+            raise _err(Status.INVALID_FIELD, f"{length} bytes exceed MDTS", OFF_CDW10 + 2)
+        if lid == nlogs.LID_ERROR:
+            page = ctrl.error_log.page()
+        elif lid == nlogs.LID_SMART:
+            if req.nsid not in (0, BROADCAST):
+                raise _err(Status.INVALID_FIELD, "SMART is not kept per namespace (LPA bit 0 is clear)", OFF_NSID)
+            page = ctrl.smart_page()
+        elif lid == nlogs.LID_FW_SLOT:
+            page = ctrl.firmware.page()
+        elif lid == nlogs.LID_CHANGED_NS:
+            page = ctrl.changed_ns.page(clear=False)
+        elif lid == nlogs.LID_EFFECTS:
+            if csi != 0:
+                raise _err(Status.INVALID_FIELD, f"I/O command set {csi} is not supported", OFF_CDW14 + 3)
+            page = nlogs.effects_log(self.admin_effects(), self.io_effects())
+        else:
+            raise _err(Status.INVALID_LOG_PAGE, f"log page {lid:#04x} is not supported", OFF_CDW10)
+        if offset > len(page):
+            raise _err(Status.INVALID_FIELD, f"offset {offset} is beyond the {len(page)}-byte log", OFF_CDW12)
+        self.to_host(req, page[offset:offset + length])
+        if lid == nlogs.LID_CHANGED_NS and not rae:
+            ctrl.changed_ns.page(clear=True)
+        ctrl.aer.log_read(lid, rae)
+        return 0
+
+    def admin_effects(self) -> dict[int, int]:
+        """Commands Supported and Effects of the admin commands."""
+        eff = {opc: 0 for opc in self._handlers}
+        eff[Opcode.NS_MANAGEMENT] = _E["nic"] | _E["ncc"]
+        eff[Opcode.NS_ATTACHMENT] = _E["nic"] | _E["ncc"]
+        eff[Opcode.FW_COMMIT] = _E["ccc"]
+        eff[Opcode.FORMAT_NVM] = _E["lbcc"] | _E["ncc"] | _E["cse_ns"]
+        return eff
+
+    @staticmethod
+    def io_effects() -> dict[int, int]:
+        """Commands Supported and Effects of the NVM command set, from the I/O command set's ONCS."""
+        from pcidev_nvme import io as nvme_io
+
+        oncs = nvme_io.ONCS
+        eff = {0x00: 0, 0x01: _E["lbcc"], 0x02: 0}
+        for bit, opc, e in ((0, 0x05, 0), (1, 0x04, _E["lbcc"]), (2, 0x09, _E["lbcc"]), (3, 0x08, _E["lbcc"]),
+                            (7, 0x0C, 0), (8, 0x19, _E["lbcc"])):
+            if oncs & (1 << bit):
+                eff[opc] = e
+        return eff
+
+    # -- features ------------------------------------------------------------------------------------
+    def _get_features(self, req: Request) -> int:
+        dw0, data = self.ctrl.features.get(req)
+        if data is not None:
+            self.to_host(req, data)
+        return dw0
+
+    def _set_features(self, req: Request) -> int | None:
+        ctrl = self.ctrl
+        fid = req.cdw10 & 0xFF
+        n = Features.data_length(fid)
+        data = self.from_host(req, n) if n and fid in (0x0E, 0x16) else None
+        disabling_cache = fid == 0x06 and ctrl.features.write_cache and not req.cdw11 & 1
+        dw0 = ctrl.features.set(req, data)
+        if disabling_cache:
+            ctrl.run_async(self._flush_then_complete, req, dw0)
+            return None
+        return dw0
+
+    def _flush_then_complete(self, req: Request, dw0: int) -> None:
+        status = 0
+        for ns in list(self.ctrl.namespaces.values()):
+            try:
+                ns.backend.flush()
+            except OSError as exc:
+                log.warning("flush of namespace %d failed: %s", ns.nsid, exc)
+                status = Status.INTERNAL
+        self.ctrl.complete(req, status, dw0)
+
+    # -- misc ----------------------------------------------------------------------------------------
+    def _abort(self, req: Request) -> int:
+        sqid = req.cdw10 & 0xFFFF
+        cid = req.cdw10 >> 16
+        if sqid == 0 and self.ctrl.aer.abort(cid):
+            return 0
+        return 1  # not aborted
+
+    def _async_event(self, req: Request) -> int | None:
+        ctrl = self.ctrl
+        aer = ctrl.aer
+        if len(aer.outstanding) >= aer.limit:
+            raise _err(Status.AER_LIMIT, f"{aer.limit} asynchronous event requests are already outstanding")
+        ctrl.park(req)
+        if not aer.add_request(req):  # lost a race with another thread
+            ctrl.unpark(req)
+            raise _err(Status.AER_LIMIT, "asynchronous event request limit exceeded")
+        return None
+
+    def _keep_alive(self, req: Request) -> int:
+        self.ctrl.keep_alive()
+        return 0
+
+    def _dbbuf_config(self, req: Request) -> int:
+        ctrl = self.ctrl
+        dbs, eis = req.prp1, req.prp2
+        page = ctrl.page_size
+        for addr, off in ((dbs, OFF_DPTR), (eis, OFF_PRP2)):
+            if addr == 0 or addr & (page - 1):
+                raise _err(Status.INVALID_FIELD, f"doorbell buffer {addr:#x} is not a page-aligned address", off)
+            try:
+                for v in ctrl.memory.views(addr, 8 * (ctrl.cfg.max_ioqpairs + 1), write=True):
+                    v.release()
+            except DmaError as exc:
+                raise _err(Status.INVALID_FIELD, f"doorbell buffer: {exc}", off) from None
+        ctrl.set_doorbell_buffer(dbs, eis)
+        return 0
+
+    # -- firmware -------------------------------------------------------------------------------------
+    def _fw_download(self, req: Request) -> int:
+        fw = self.ctrl.firmware
+        numd = req.cdw10 + 1
+        ofst = req.cdw11
+        if numd * 4 + ofst * 4 > FW_MAX_IMAGE:
+            raise _err(Status.INVALID_FIELD, f"firmware images are limited to {FW_MAX_IMAGE} bytes", OFF_CDW10)
+        mdts = self.ctrl.mdts_bytes
+        if mdts and numd * 4 > mdts:
+            raise _err(Status.INVALID_FIELD, "firmware download piece exceeds MDTS", OFF_CDW10)
+        start, end = ofst * 4, (ofst + numd) * 4
+        for o, piece in fw.staged.items():
+            if o < end and start < o + len(piece):
+                raise _err(Status.OVERLAPPING_RANGE, f"bytes {start}..{end} overlap an earlier download", OFF_CDW11)
+        fw.staged[start] = self.from_host(req, numd * 4)
+        return 0
+
+    def _staged_image(self) -> bytes | None:
+        fw = self.ctrl.firmware
+        image = bytearray()
+        for o in sorted(fw.staged):
+            if o != len(image):
+                return None  # a gap
+            image += fw.staged[o]
+        return bytes(image) if image else None
+
+    def _fw_commit(self, req: Request) -> int:
+        ctrl = self.ctrl
+        fw = ctrl.firmware
+        fs = req.cdw10 & 7
+        ca = (req.cdw10 >> 3) & 7
+        if ca > 3:
+            raise _err(Status.INVALID_FIELD, f"commit action {ca} is not supported", OFF_CDW10)
+        if fs > fw.nslots:
+            raise _err(Status.INVALID_FW_SLOT, f"firmware slot {fs} does not exist", OFF_CDW10)
+        if ca in (0, 1, 3):
+            if fs == 0:
+                empty = [s for s in range(2, fw.nslots + 1) if not fw.revisions[s - 1]]
+                fs = empty[0] if empty else (2 if fw.nslots > 1 else 1)
+            if fs == 1:
+                raise _err(Status.INVALID_FW_SLOT, "firmware slot 1 is read-only", OFF_CDW10)
+            image = self._staged_image()
+            revision = nlogs.parse_firmware_image(image) if image is not None else None
+            fw.staged.clear()
+            if revision is None:
+                raise _err(Status.INVALID_FW_IMAGE, "no valid firmware image was downloaded", OFF_CDW10)
+            fw.revisions[fs - 1] = revision
+        else:
+            if fs == 0 or not fw.revisions[fs - 1]:
+                raise _err(Status.INVALID_FW_IMAGE, f"firmware slot {fs} holds no image", OFF_CDW10)
+        if ca in (1, 2):
+            fw.next_reset = fs
+        elif ca == 3:
+            fw.active = fs
+            fw.next_reset = 0
+            ctrl.notice(INFO_FW_ACTIVATION, nlogs.LID_FW_SLOT)
+        ctrl.save_state()
+        return 0
+
+    # -- namespace management and attachment --------------------------------------------------------------
+    def _ns_management(self, req: Request) -> int:
+        sel = req.cdw10 & 0xF
+        if sel == 0:
+            return self._ns_create(req)
+        if sel == 1:
+            self._ns_delete(req)
+            return 0
+        raise _err(Status.INVALID_FIELD, f"namespace management select {sel} is reserved", OFF_CDW10)
+
+    def _ns_create(self, req: Request) -> int:
+        from pcidev_nvme.namespace import LBA_FORMATS
+
+        ctrl = self.ctrl
+        if req.cdw11 >> 24:
+            raise _err(Status.INVALID_FIELD, f"I/O command set {req.cdw11 >> 24} is not supported", OFF_CDW11 + 3)
+        data = self.from_host(req, 4096)
+        nsze, ncap = struct.unpack_from("<QQ", data, 0)
+        flbas, dps, nmic = data[26], data[29], data[30]
+        anagrpid = struct.unpack_from("<I", data, 92)[0]
+        nvmsetid, endgid = struct.unpack_from("<HH", data, 100)
+        lbaf = (flbas & 0xF) | ((flbas >> 5) & 3) << 4
+        if lbaf >= len(LBA_FORMATS):
+            raise _err(Status.INVALID_FORMAT, f"LBA format {lbaf} is not supported")
+        if nsze == 0 or ncap == 0 or ncap > nsze:
+            raise _err(Status.INVALID_FIELD, f"NSZE {nsze} / NCAP {ncap} are invalid")
+        if ncap < nsze:
+            raise _err(Status.THIN_PROVISIONING_NOT_SUPPORTED, "NCAP must equal NSZE")
+        if dps:
+            raise _err(Status.INVALID_FIELD, "end-to-end protection is not supported")
+        if nmic > 1:
+            raise _err(Status.INVALID_FIELD, f"NMIC {nmic:#x} is invalid")
+        if anagrpid:
+            raise _err(Status.ANA_GROUP_ID_INVALID, "ANA is not supported")
+        if nvmsetid or endgid:
+            raise _err(Status.INVALID_FIELD, "NVM sets and endurance groups are not supported")
+        size = nsze * LBA_FORMATS[lbaf][0]
+        if size % 4096:
+            raise _err(Status.INVALID_FIELD, f"namespace size {size} is not a multiple of 4 KiB")
+        if ctrl.allocated_capacity + size > ctrl.total_capacity:
+            raise _err(Status.NS_INSUFFICIENT_CAPACITY, f"{size} bytes exceed the unallocated capacity")
+        free = [n for n in range(1, ctrl.cfg.max_namespaces + 1) if n not in ctrl.allocated]
+        if not free:
+            raise _err(Status.NS_ID_UNAVAILABLE, "every namespace identifier is in use")
+        nsid = free[0]
+        spec = self._create_spec(nsid, size, lbaf)
+        try:
+            ns = ctrl.make_namespace(nsid, spec)
+        except (ConfigError, PcidevError, OSError) as exc:
+            raise _err(Status.NS_INSUFFICIENT_CAPACITY, f"cannot create the namespace: {exc}") from None
+        ctrl.allocated[nsid] = ns
+        return nsid
+
+    def _create_spec(self, nsid: int, size: int, lbaf: int) -> str:
+        ctrl = self.ctrl
+        kind = ctrl.cfg.ns_create
+        if kind == "file" and ctrl.state_dir:
+            path = os.path.join(ctrl.state_dir, f"nvme-{ctrl.cfg.serial}-ns{nsid}.img".replace("/", "_"))
+            for stale in (path, path + ".nvme-ids"):
+                try:
+                    os.unlink(stale)
+                except FileNotFoundError:
+                    pass
+            return f"file:path={path},size={size},lbaf={lbaf}"
+        if kind == "null":
+            return f"null:size={size},lbaf={lbaf}"
+        return f"mem:size={size},lbaf={lbaf}"
+
+    def _ns_delete(self, req: Request) -> None:
+        ctrl = self.ctrl
+        nsid = req.nsid
+        if nsid == BROADCAST:
+            targets = list(ctrl.allocated)
+        elif nsid in ctrl.allocated:
+            targets = [nsid]
+        else:
+            raise _err(Status.INVALID_NSID, f"namespace {nsid:#x} is not allocated", OFF_NSID)
+        for n in targets:
+            ns = ctrl.allocated.pop(n)
+            if ctrl.namespaces.pop(n, None) is not None:
+                ctrl.namespace_changed(n)
+            try:
+                ns.close()
+            except Exception:
+                log.exception("closing deleted namespace %d failed", n)
+
+    def _ns_attachment(self, req: Request) -> int:
+        ctrl = self.ctrl
+        sel = req.cdw10 & 0xF
+        if sel > 1:
+            raise _err(Status.INVALID_FIELD, f"namespace attachment select {sel} is reserved", OFF_CDW10)
+        nsid = req.nsid
+        ns = ctrl.allocated.get(nsid)
+        if ns is None:
+            raise _err(Status.INVALID_NSID, f"namespace {nsid:#x} is not allocated", OFF_NSID)
+        data = self.from_host(req, 4096)
+        (count,) = struct.unpack_from("<H", data)
+        if count == 0 or count > 2047:
+            raise _err(Status.CONTROLLER_LIST_INVALID, f"controller list of {count} entries")
+        ids = struct.unpack_from(f"<{count}H", data, 2)
+        if len(set(ids)) != count or any(i != ctrl.cfg.cntlid for i in ids):
+            raise _err(Status.CONTROLLER_LIST_INVALID, f"controller list {list(ids)} names unknown controllers")
+        if sel == 0:
+            if nsid in ctrl.namespaces:
+                raise _err(Status.NS_ALREADY_ATTACHED, f"namespace {nsid} is already attached")
+            ctrl.namespaces[nsid] = ns
+        else:
+            if nsid not in ctrl.namespaces:
+                raise _err(Status.NS_NOT_ATTACHED, f"namespace {nsid} is not attached")
+            del ctrl.namespaces[nsid]
+        ctrl.namespace_changed(nsid)
+        return 0
+
+    # -- format --------------------------------------------------------------------------------------------
+    def _format(self, req: Request) -> int | None:
+        from pcidev_nvme.namespace import LBA_FORMATS
+
+        ctrl = self.ctrl
+        c = req.cdw10
+        lbaf = (c & 0xF) | ((c >> 12) & 3) << 4
+        pi = (c >> 5) & 7
+        ses = (c >> 9) & 7
+        nsid = req.nsid
+        if nsid == BROADCAST:
+            targets = list(ctrl.namespaces.values())
+        else:
+            ns = ctrl.namespaces.get(nsid)
+            if ns is None:
+                raise _err(Status.INVALID_NSID, f"namespace {nsid:#x} is not attached", OFF_NSID)
+            targets = [ns]
+        if lbaf >= len(LBA_FORMATS):
+            raise _err(Status.INVALID_FORMAT, f"LBA format {lbaf} is not supported", OFF_CDW10)
+        if pi:
+            raise _err(Status.INVALID_FORMAT, "protection information is not supported", OFF_CDW10)
+        if ses > 1:
+            raise _err(Status.INVALID_FIELD, f"secure erase setting {ses} is not supported", OFF_CDW10 + 1)
+        busy = [ns.nsid for ns in targets if ns.nsid in ctrl._formatting]
+        if busy:
+            raise _err(Status.FORMAT_IN_PROGRESS, f"namespace(s) {busy} are being formatted")
+        ids = {ns.nsid for ns in targets}
+        ctrl._formatting |= ids
+        ctrl.run_async(self._format_work, req, targets, lbaf, ses)
+        return None
+
+    def _format_work(self, req: Request, targets: list, lbaf: int, ses: int) -> None:
+        ctrl = self.ctrl
+        ids = {ns.nsid for ns in targets}
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and ctrl.io_inflight_for(ids):
+                time.sleep(0.001)
+            for ns in targets:
+                ns.format(lbaf, ses)
+        except NvmeStatusError as exc:
+            ctrl._formatting -= ids
+            ctrl.complete(req, exc.status, error=exc)
+            return
+        except Exception as exc:
+            log.exception("format failed")
+            ctrl._formatting -= ids
+            ctrl.complete(req, Status.INTERNAL, error=_err(Status.INTERNAL, str(exc)))
+            return
+        ctrl._formatting -= ids
+        ctrl.complete(req, 0)
+

@@ -1,0 +1,144 @@
+"""Asynchronous events: outstanding Asynchronous Event Request commands, queued
+events and per-type masking.
+
+An event is queued by :meth:`AsyncEvents.post`; it completes an outstanding
+AER command (DW0 = type | info << 8 | log page << 16) as soon as one is there
+and its type is not masked. Once an event of a type was reported, the type is
+masked until the host reads the associated log page with RAE cleared
+(:meth:`AsyncEvents.log_read`), as NVMe Base 2.0 section 5.2 says; events of a
+masked type wait in the queue. A duplicate of an event already queued is
+dropped, and the queue is bounded.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pcidev_nvme.request import Request
+
+__all__ = ["AsyncEvents", "AER_ERROR", "AER_SMART", "AER_NOTICE", "AER_IMMEDIATE", "AER_IO", "AER_VENDOR",
+           "INFO_INVALID_DB_REG", "INFO_INVALID_DB_VALUE", "INFO_SMART_RELIABILITY", "INFO_SMART_TEMPERATURE",
+           "INFO_SMART_SPARE", "INFO_NS_ATTR_CHANGED", "INFO_FW_ACTIVATION"]
+
+AER_ERROR = 0
+AER_SMART = 1
+AER_NOTICE = 2
+AER_IMMEDIATE = 3
+AER_IO = 6
+AER_VENDOR = 7
+
+# error status
+INFO_INVALID_DB_REG = 0x00
+INFO_INVALID_DB_VALUE = 0x01
+INFO_DIAG_FAILURE = 0x02
+INFO_PERSISTENT_INTERNAL = 0x03
+INFO_TRANSIENT_INTERNAL = 0x04
+INFO_FW_IMAGE_LOAD = 0x05
+# SMART / health status
+INFO_SMART_RELIABILITY = 0x00
+INFO_SMART_TEMPERATURE = 0x01
+INFO_SMART_SPARE = 0x02
+# notices
+INFO_NS_ATTR_CHANGED = 0x00
+INFO_FW_ACTIVATION = 0x01
+
+#: the log page that clears each type's mask
+_TYPE_OF_LOG = {0x01: AER_ERROR, 0x02: AER_SMART}
+
+
+class AsyncEvents:
+    """Event queue, masks and parked AER commands of one controller.
+
+    :param complete: ``complete(req, status, dw0)`` of the controller.
+    :param limit: most AER commands that may be outstanding (AERL + 1).
+    :param max_queued: most events kept while no AER is outstanding.
+    """
+
+    def __init__(self, complete: Callable[..., None], limit: int, max_queued: int = 64) -> None:
+        self._complete = complete
+        self.limit = limit
+        self.max_queued = max_queued
+        self._lock = threading.Lock()
+        self.outstanding: collections.deque[Request] = collections.deque()
+        self.queued: collections.deque[tuple[int, int, int]] = collections.deque()
+        self.masked: set[int] = set()
+        #: events reported to the host (type, info, lid), oldest first (for tests and tools)
+        self.history: collections.deque[tuple[int, int, int]] = collections.deque(maxlen=256)
+
+    def add_request(self, req: Request) -> bool:
+        """Park an AER command. Returns False if the limit is reached (caller fails it)."""
+        with self._lock:
+            if len(self.outstanding) >= self.limit:
+                return False
+            self.outstanding.append(req)
+        self._deliver()
+        return True
+
+    def post(self, etype: int, info: int, lid: int) -> None:
+        """Queue an event and report it if an AER is outstanding and its type unmasked."""
+        ev = (etype, info, lid)
+        with self._lock:
+            if ev in self.queued:
+                return
+            if len(self.queued) >= self.max_queued:
+                return
+            self.queued.append(ev)
+        self._deliver()
+
+    def log_read(self, lid: int, rae: bool, *, notice_info: int | None = None) -> None:
+        """The host read log page ``lid``; with ``rae`` clear, unmask the type it belongs to."""
+        if rae:
+            return
+        if lid == 0x04 or lid == 0x03:
+            etype = AER_NOTICE
+        else:
+            etype = _TYPE_OF_LOG.get(lid)
+            if etype is None:
+                return
+        with self._lock:
+            self.masked.discard(etype)
+        self._deliver()
+
+    def abort(self, cid: int) -> bool:
+        """Complete the outstanding AER with ``cid`` as aborted. Returns True if found."""
+        from pcidev_nvme.status import Status
+
+        with self._lock:
+            for req in self.outstanding:
+                if req.cid == cid:
+                    self.outstanding.remove(req)
+                    break
+            else:
+                return False
+        self._complete(req, Status.ABORT_REQUESTED, 0)
+        return True
+
+    def reset(self) -> list[Request]:
+        """Controller reset: forget queued events and masks; return the parked requests (dropped)."""
+        with self._lock:
+            parked = list(self.outstanding)
+            self.outstanding.clear()
+            self.queued.clear()
+            self.masked.clear()
+        return parked
+
+    def _deliver(self) -> None:
+        while True:
+            with self._lock:
+                if not self.outstanding:
+                    return
+                for ev in self.queued:
+                    if ev[0] not in self.masked:
+                        break
+                else:
+                    return
+                self.queued.remove(ev)
+                self.masked.add(ev[0])
+                req = self.outstanding.popleft()
+                self.history.append(ev)
+            etype, info, lid = ev
+            self._complete(req, 0, etype | (info << 8) | (lid << 16))

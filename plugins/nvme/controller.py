@@ -1,0 +1,1257 @@
+"""The NVMe controller: PCI function, BAR0 registers, the enable/reset/shutdown
+state machine, doorbells (MMIO and shadow), command fetch and completion.
+
+PCI identity: class 01:08:02 (NVM Express I/O controller), 1b36:0010 by default,
+a 64-bit memory BAR0 with the registers, the doorbells and (by default) the
+MSI-X table and PBA after them (``msix_bar=4`` puts them in BAR4 as QEMU does),
+Power Management, PCI Express and AER capabilities, INTx as a fallback.
+
+BAR0::
+
+    000h CAP     MQES, CQR=1, AMS=0, TO=15 (7.5 s), DSTRD=0, CSS = NVM + I/O command sets,
+                 MPSMIN=0 (4 KiB), MPSMAX=4 (64 KiB), CRWMS=1
+    008h VS      2.0
+    00Ch INTMS   write 1 to mask a vector (pin-based / MSI)
+    010h INTMC   write 1 to unmask
+    014h CC      EN CSS MPS AMS SHN IOSQES IOCQES
+    01Ch CSTS    RDY CFS SHST
+    024h AQA     ASQS ACQS
+    028h ASQ     038h.. CMB/BP/PMR registers read 0
+    030h ACQ
+    068h CRTO    CRWMT = 7.5 s
+    1000h + 8*qid      SQ y tail doorbell
+    1000h + 8*qid + 4  CQ y head doorbell
+
+Threading: register accesses run on the caller's thread. A doorbell write
+fetches the new entries of its queue in one batch and dispatches them on the
+same thread; the I/O command set completes them inline (memory backends) or
+from worker threads (files), so :meth:`NvmeController.complete` is
+thread-safe. Completions posted during one doorbell write raise one interrupt
+per completion queue at the end of the batch. Nothing a register access does
+waits for backend I/O: a controller reset or shutdown that must wait for
+commands in flight finishes in the background and CSTS says when.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pcidev.bar import Access, Register, RegisterMap
+from pcidev.device import PciDevice
+from pcidev.errors import ConfigError, DmaError, IrqError
+from pcidev.pci import ids
+from pcidev.pci.capabilities.msix import MsixCapability
+from pcidev.pci.config import ResetKind
+from pcidev_nvme import aer as aer_mod
+from pcidev_nvme.aer import AsyncEvents
+from pcidev_nvme.config import NvmeConfig
+from pcidev_nvme.features import Features
+from pcidev_nvme.logs import ChangedNamespaces, ErrorLog, FirmwareSlots, SmartCounters, StateFile
+from pcidev_nvme.queues import CompletionQueue, InterruptVector, SubmissionQueue, Timer
+from pcidev_nvme.request import SQE_SIZE, Request, decode_sqe
+from pcidev_nvme.status import DNR, NvmeStatusError, Status, status_field
+
+__all__ = ["NvmeController"]
+
+log = logging.getLogger(__name__)
+
+# -- register offsets --------------------------------------------------------------------
+REG_CAP = 0x00
+REG_VS = 0x08
+REG_INTMS = 0x0C
+REG_INTMC = 0x10
+REG_CC = 0x14
+REG_CSTS = 0x1C
+REG_NSSR = 0x20
+REG_AQA = 0x24
+REG_ASQ = 0x28
+REG_ACQ = 0x30
+REG_CRTO = 0x68
+DOORBELL_BASE = 0x1000
+
+CC_EN = 1 << 0
+CC_MASK = 0x00FFFFF1
+CSTS_RDY = 1 << 0
+CSTS_CFS = 1 << 1
+CSTS_SHST_SHIFT = 2
+SHST_NORMAL, SHST_PROCESSING, SHST_COMPLETE = 0, 1, 2
+
+CAP_CSS_NVM = 1 << 0
+CAP_CSS_IOCS = 1 << 6
+CSS_NVM, CSS_ALL, CSS_ADMIN_ONLY = 0, 6, 7
+MPSMIN, MPSMAX = 0, 4
+CAP_TO = 0x0F
+
+#: most SQ entries fetched in one go
+FETCH_BATCH = 256
+#: save the state file at most this often during activity (seconds)
+STATE_SAVE_INTERVAL = 60.0
+#: how long a shutdown waits for commands in flight before giving up on them
+SHUTDOWN_DRAIN_TIMEOUT = 10.0
+
+_ST_DISABLED, _ST_READY, _ST_RESETTING, _ST_FAILED = "disabled", "ready", "resetting", "failed"
+
+
+def _align(v: int, a: int) -> int:
+    return (v + a - 1) & ~(a - 1)
+
+
+def _pow2(v: int) -> int:
+    return 1 << max(v - 1, 1).bit_length()
+
+
+class _BatchState(threading.local):
+    """Per-thread state of a doorbell batch: interrupts and kicks are deferred to its end."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.cqs: dict[CompletionQueue, int] = {}
+        self.kicks: list[SubmissionQueue] = []
+
+
+class _Bar0:
+    """BAR0 handler: the register map below 1000h, doorbells above."""
+
+    def __init__(self, ctrl: NvmeController, regs: RegisterMap, db_end: int) -> None:
+        self.ctrl = ctrl
+        self.regs = regs
+        self.db_end = db_end
+
+    def read(self, offset: int, size: int) -> int:
+        if offset < DOORBELL_BASE:
+            if offset + size > DOORBELL_BASE:
+                size = DOORBELL_BASE - offset
+            return self.regs.read(offset, size)
+        return 0  # doorbells are write-only
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if offset >= DOORBELL_BASE:
+            if offset < self.db_end:
+                self.ctrl._doorbell_write(offset, size, value)
+            return
+        if offset + size > DOORBELL_BASE:
+            size = DOORBELL_BASE - offset
+            value &= (1 << (8 * size)) - 1
+        self.regs.write(offset, size, value)
+
+    def reset(self) -> None:
+        self.regs.reset()
+
+
+class _ZeroBar:
+    """A BAR whose only content is the MSI-X table and PBA (framework overlays)."""
+
+    def read(self, offset: int, size: int) -> int:
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        pass
+
+
+class NvmeController(PciDevice):
+    """An NVMe 2.0 controller (see the module docstring).
+
+    :param config: an :class:`~pcidev_nvme.config.NvmeConfig`, a mapping, or a
+        QEMU-style property string (``"serial=x,mdts=7,ns=mem:size=64M"``).
+    :param name: device name in logs.
+    :param plugin_manager: plugin manager whose plugins may contribute namespace
+        backends (None: the built-in backends).
+    :raises ConfigError: a bad configuration or namespace spec.
+
+    The data path sees (``docs/nvme-contract.md``): :attr:`memory`,
+    :attr:`page_size`, :attr:`mdts_bytes`, :attr:`namespaces`, :attr:`smart`,
+    :meth:`complete`.
+    """
+
+    TYPE_NAME = "nvme"
+    VENDOR_ID = 0x1B36
+    DEVICE_ID = 0x0010
+    CLASS_CODE = 0x010802
+    REVISION = 0x02
+    SUBSYSTEM_VENDOR_ID = 0x1AF4
+    SUBSYSTEM_ID = 0x1100
+    INTERRUPT_PIN = 1
+    #: the configuration class (for tools that build devices from properties)
+    CONFIG_CLASS = NvmeConfig
+
+    def __init__(self, config: NvmeConfig | dict | str | None = None, *, name: str | None = None,
+                 plugin_manager: Any = None) -> None:
+        if config is None:
+            cfg = NvmeConfig()
+        elif isinstance(config, NvmeConfig):
+            cfg = config
+        elif isinstance(config, str):
+            cfg = NvmeConfig.parse(config)
+        elif isinstance(config, dict):
+            cfg = NvmeConfig.from_dict(config)
+        else:
+            raise ConfigError(f"nvme: configuration must be NvmeConfig, dict or str, not {type(config).__name__}")
+        if cfg.msix_vectors < 1:
+            raise ConfigError("nvme: at least one MSI-X vector is needed")
+        self.cfg = cfg
+        self._guest_memory = None
+        self._closed = False
+        super().__init__(name=name)
+        self.vendor_id = cfg.vendor_id
+        self.device_id = cfg.device_id
+        self.subsystem_vendor_id = cfg.subsystem_vendor_id
+        self.subsystem_id = cfg.subsystem_id
+
+        self.plugin_manager = plugin_manager
+        self._state_lock = threading.RLock()
+        self._tls = _BatchState()
+        self._timer = Timer(f"nvme-timer[{self.name}]")
+        self._admin_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._coal_lock = threading.Lock()
+
+        # controller state
+        self._state = _ST_DISABLED
+        self._running = False
+        self._csts = 0
+        self._intms = 0
+        self._irq_status = 0
+        self._gen = 0
+        self._shutting_down = False
+        self._enable_pending = False
+        self._draining: list[SubmissionQueue] = []
+        self._dbbuf: tuple[int, int] | None = None
+        self._formatting: set[int] = set()
+        self._ka_last = time.monotonic()
+        self.page_size = 4096
+        self.mdts_bytes: int | None = (4096 << cfg.mdts) if cfg.mdts else None
+        nq = cfg.max_ioqpairs + 1
+        self._sqs: list[SubmissionQueue | None] = [None] * nq
+        self._cqs: list[CompletionQueue | None] = [None] * nq
+        self._vectors = [InterruptVector(i) for i in range(cfg.msix_vectors)]
+        self._coalesce_on = False
+
+        # logs, counters, persistent state
+        self.error_log = ErrorLog(cfg.elpe + 1)
+        self.smart = SmartCounters()
+        self.firmware = FirmwareSlots(cfg.fw_slots, cfg.firmware)
+        self.changed_ns = ChangedNamespaces()
+        self.temperature = cfg.temperature
+        self._injected_warning = 0
+        self._reported_warning = 0
+        self._temp_since = time.monotonic()
+        self.features = Features(self)
+        self.aer = AsyncEvents(self.complete, cfg.aerl + 1)
+
+        # namespaces
+        self.namespaces: dict[int, Any] = {}
+        self.allocated: dict[int, Any] = {}
+        self._backends = None
+        try:
+            self._make_namespaces()
+            self.state = StateFile(self._state_path())
+            self._load_state()
+            from pcidev_nvme.admin import AdminCommandSet
+            from pcidev_nvme.io import IoCommandSet
+
+            self.io = IoCommandSet(self)
+            self.admin = AdminCommandSet(self)
+        except BaseException:
+            for ns in self.allocated.values():
+                try:
+                    ns.close()
+                except Exception:
+                    pass
+            self._timer.close()
+            raise
+        self._last_save = time.monotonic()
+
+    # ------------------------------------------------------------------ description
+    def describe(self) -> None:
+        cfg = self.cfg
+        self._cap = (cfg.mqes | (1 << 16) | (CAP_TO << 24) | ((CAP_CSS_NVM | CAP_CSS_IOCS) << 37)
+                     | (MPSMIN << 48) | (MPSMAX << 52) | (1 << 59))
+        regs = RegisterMap(DOORBELL_BASE, name=f"nvme-bar0[{self.name}]")
+        ro = Access.RO
+        regs.add(Register("CAP", REG_CAP, 8, ro, reset=self._cap))
+        regs.add(Register("VS", REG_VS, 4, ro, reset=0x00020000))
+        regs.add(Register("INTMS", REG_INTMS, 4, on_read=lambda r: self._intms, on_write=self._intms_written))
+        regs.add(Register("INTMC", REG_INTMC, 4, on_read=lambda r: self._intms, on_write=self._intmc_written))
+        regs.add(Register("CC", REG_CC, 4, mask=CC_MASK, on_write=self._cc_written))
+        regs.add(Register("CSTS", REG_CSTS, 4, ro, on_read=lambda r: self._csts))
+        regs.add(Register("NSSR", REG_NSSR, 4, ro))
+        regs.add(Register("AQA", REG_AQA, 4, mask=0x0FFF0FFF))
+        regs.add(Register("ASQ", REG_ASQ, 8, mask=~0xFFF & (2**64 - 1)))
+        regs.add(Register("ACQ", REG_ACQ, 8, mask=~0xFFF & (2**64 - 1)))
+        for name, off, width in (("CMBLOC", 0x38, 4), ("CMBSZ", 0x3C, 4), ("BPINFO", 0x40, 4),
+                                 ("BPRSEL", 0x44, 4), ("BPMBL", 0x48, 8), ("CMBMSC", 0x50, 8),
+                                 ("CMBSTS", 0x58, 4), ("CMBEBS", 0x5C, 4), ("CMBSWTP", 0x60, 4),
+                                 ("NSSD", 0x64, 4), ("PMRCAP", 0xE00, 4), ("PMRCTL", 0xE04, 4),
+                                 ("PMRSTS", 0xE08, 4), ("PMREBS", 0xE0C, 4), ("PMRSWTP", 0xE10, 4),
+                                 ("PMRMSCL", 0xE14, 4), ("PMRMSCU", 0xE18, 4)):
+            regs.add(Register(name, off, width, ro))
+        regs.add(Register("CRTO", REG_CRTO, 4, ro, reset=CAP_TO))
+        self.regs = regs
+        nvec = cfg.msix_vectors
+        db_end = DOORBELL_BASE + 8 * (cfg.max_ioqpairs + 1)
+        if cfg.msix_bar == 0:
+            table = _align(db_end, 4096)
+            pba = _align(table + 16 * nvec, 4096)
+            size = _pow2(pba + _align((nvec + 63) // 64 * 8, 4096))
+            self._db_window = table
+            self.add_mem_bar(0, size, _Bar0(self, regs, table), bits64=True)
+            self.add_msix(nvec, bar=0, table_offset=table, pba_offset=pba)
+        else:
+            size = _pow2(_align(db_end, 4096))
+            self._db_window = size
+            self.add_mem_bar(0, size, _Bar0(self, regs, size), bits64=True)
+            pba = _align(16 * nvec, 4096)
+            self.add_mem_bar(4, _pow2(pba + _align((nvec + 63) // 64 * 8, 4096)), _ZeroBar(), bits64=True)
+            self.add_msix(nvec, bar=4, table_offset=0, pba_offset=pba)
+        self.add_standard_pcie_caps(flr=True, aer=True)
+
+    # ------------------------------------------------------------------ contract
+    @property
+    def memory(self):
+        """Guest memory for DMA.
+
+        :raises DmaError: if bus mastering is disabled or no memory is attached.
+        """
+        mem = self._guest_memory
+        if mem is None:
+            raise DmaError("no guest memory attached")
+        if not self.config.get16(ids.COMMAND) & ids.Command.MASTER:
+            raise DmaError("bus mastering is disabled")
+        return mem
+
+    @memory.setter
+    def memory(self, value) -> None:
+        self._guest_memory = value
+
+    @property
+    def dma(self):
+        """Same as :attr:`memory` (the framework's name)."""
+        return self.memory
+
+    @property
+    def ready(self) -> bool:
+        """CSTS.RDY."""
+        return bool(self._csts & CSTS_RDY)
+
+    @property
+    def csts(self) -> int:
+        return self._csts
+
+    @property
+    def volatile_write_cache(self) -> bool:
+        """Feature 06h WCE: False means every write must be durable before it completes."""
+        return self.features.write_cache
+
+    @property
+    def total_capacity(self) -> int:
+        return max(self.cfg.capacity, self.allocated_capacity)
+
+    @property
+    def allocated_capacity(self) -> int:
+        return sum(int(ns.size) for ns in self.allocated.values())
+
+    def complete(self, req: Request, status: int = 0, dw0: int = 0, dw1: int = 0, *,
+                 error: NvmeStatusError | None = None) -> None:
+        """Post the completion of ``req`` (thread-safe; call exactly once per request).
+
+        The entry goes to the request's completion queue, or waits in its backlog
+        while the queue is full. A non-zero ``status`` adds an Error Information
+        log entry (parameter location and LBA from ``error`` when given).
+
+        :param req: the request from the submission queue.
+        :param status: ``SCT << 8 | SC`` (see :class:`~pcidev_nvme.status.Status`).
+        :param dw0: completion DW0.
+        :param dw1: completion DW1.
+        :param error: the exception the status came from, if any.
+        """
+        sq = req.sq
+        if sq is None:
+            log.error("complete() of a request that did not come from a queue: %r", req)
+            return
+        cq = sq.cq
+        sf = 0
+        if status:
+            sf = status_field(status, dnr=error.dnr if error is not None else True)
+        posted = False
+        phase = cq.phase
+        stale = False
+        try:
+            with cq.lock:
+                if req.done:
+                    log.warning("%r completed twice; the second completion is ignored", req)
+                    return
+                req.done = True
+                inflight = sq.inflight
+                if inflight.get(req.cid) is req:
+                    del inflight[req.cid]
+                if not req.parked:
+                    cq.reserved -= 1
+                if req.gen != self._gen or sq.gone or cq.gone:
+                    stale = True
+                elif cq.backlog or (cq.tail + 1) % cq.size == cq.head:
+                    cq.backlog.append((sq, req.cid, sf, dw0, dw1))
+                else:
+                    phase = cq.post(self.memory, sq.head, sq.sqid, req.cid, sf, dw0, dw1)
+                    posted = True
+        except DmaError as exc:
+            self._fatal(f"cannot post a completion to CQ {cq.cqid}: {exc}")
+            return
+        if stale:
+            self._stale_completed()
+            return
+        if status:
+            self._log_error(req, sf, phase, error)
+        if sq.sqid:
+            self.smart.record_busy(req.t_fetch, time.monotonic())
+        if posted and cq.ien:
+            tls = self._tls
+            if tls.depth:
+                tls.cqs[cq] = tls.cqs.get(cq, 0) + 1
+            else:
+                self._raise(cq, 1)
+        if sq.deleting and not sq.inflight:
+            self._finish_sq_delete(sq)
+        if cq.throttled:
+            self._kick_throttled(cq)
+
+    # ------------------------------------------------------------------ namespaces and state
+    def backend_registry(self):
+        """The namespace backend registry (built-ins plus plugins), built once."""
+        if self._backends is None:
+            from pcidev_nvme.backends import load_backends
+
+            self._backends = load_backends(self.plugin_manager)
+        return self._backends
+
+    def make_namespace(self, nsid: int, spec: Any):
+        """Build namespace ``nsid`` from a spec (see :func:`pcidev_nvme.namespace.make_namespace`)."""
+        from pcidev_nvme.namespace import make_namespace
+
+        return make_namespace(nsid, spec, state_dir=self.cfg.state_dir, plugin_manager=self.plugin_manager,
+                              serial=self.cfg.serial, backends=self.backend_registry())
+
+    def _make_namespaces(self) -> None:
+        for i, spec in enumerate(self.cfg.namespaces, start=1):
+            ns = self.make_namespace(i, spec)
+            self.allocated[i] = ns
+            self.namespaces[i] = ns
+
+    def _state_path(self) -> Path | None:
+        cfg = self.cfg
+        fname = f"nvme-{cfg.serial}.state.json".replace("/", "_")
+        if cfg.state_file:
+            return Path(cfg.state_file)
+        if cfg.state_dir:
+            return Path(cfg.state_dir) / fname
+        for ns in self.allocated.values():
+            path = getattr(ns.backend, "path", None)
+            if isinstance(path, str) and path:
+                return Path(os.path.dirname(os.path.abspath(path))) / fname
+        return None
+
+    @property
+    def state_dir(self) -> str | None:
+        """Directory of the state file (and of image files Namespace Management creates)."""
+        p = self.state.path
+        return str(p.parent) if p is not None else self.cfg.state_dir
+
+    def _load_state(self) -> None:
+        data = self.state.load()
+        smart = data.get("smart")
+        if isinstance(smart, dict):
+            self.smart.load(smart)
+        count = data.get("error_count")
+        if isinstance(count, int) and count >= 0:
+            self.error_log.count = count
+        fw = data.get("firmware")
+        if isinstance(fw, dict):
+            self.firmware.load(fw)
+        self.smart.power_cycles += 1
+        if data.get("dirty"):
+            self.smart.unsafe_shutdowns += 1
+        self._dirty = False
+        self.save_state()
+
+    def save_state(self) -> None:
+        """Write SMART counters, the error count, firmware slots and the clean flag to the state file."""
+        self._last_save = time.monotonic()
+        self.state.save({"serial": self.cfg.serial, "smart": self.smart.to_dict(),
+                         "error_count": self.error_log.count, "firmware": self.firmware.to_dict(),
+                         "dirty": self._dirty})
+
+    def maybe_save_state(self) -> None:
+        """Save the state file if the last save is older than :data:`STATE_SAVE_INTERVAL`."""
+        if time.monotonic() - self._last_save > STATE_SAVE_INTERVAL:
+            self.save_state()
+
+    def close(self) -> None:
+        """Power off: stop timers and workers, save the state file, close namespaces. Idempotent.
+
+        A controller that was enabled and not shut down (CC.SHN) counts an
+        unsafe shutdown at its next power-on.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._running = False
+        self._timer.close()
+        try:
+            self.io.close()
+        except Exception:
+            log.exception("closing the I/O command set failed")
+        if self._admin_pool is not None:
+            self._admin_pool.shutdown(wait=True)
+        self.save_state()
+        for ns in self.allocated.values():
+            try:
+                ns.close()
+            except Exception:
+                log.exception("closing namespace %d failed", ns.nsid)
+
+    def __enter__(self) -> NvmeController:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ registers
+    def _intms_written(self, reg: Register, new: int, old: int) -> None:
+        reg.value = 0
+        with self._state_lock:
+            self._intms |= new
+        self._legacy_update()
+
+    def _intmc_written(self, reg: Register, new: int, old: int) -> None:
+        reg.value = 0
+        with self._state_lock:
+            self._intms &= ~new & 0xFFFFFFFF
+        self._legacy_update(unmasked=new)
+
+    def _cc_written(self, reg: Register, new: int, old: int) -> None:
+        with self._state_lock:
+            en_old, en_new = old & CC_EN, new & CC_EN
+            if en_old and en_new:
+                # CSS, MPS and AMS may only change while disabled
+                keep = 0x3FF0
+                new = (new & ~keep) | (old & keep)
+                reg.value = new
+            if not en_old and en_new:
+                self._enable()
+            elif en_old and not en_new:
+                self._begin_reset()
+            shn_old, shn_new = (old >> 14) & 3, (new >> 14) & 3
+            if shn_new != shn_old:
+                if shn_new:
+                    self._begin_shutdown(abrupt=shn_new == 2)
+                else:
+                    self._set_shst(SHST_NORMAL)
+                    self._shutting_down = False
+                    self._update_running()
+
+    def _set_shst(self, shst: int) -> None:
+        self._csts = (self._csts & ~(3 << CSTS_SHST_SHIFT)) | (shst << CSTS_SHST_SHIFT)
+
+    def _update_running(self) -> None:
+        self._running = (self._state == _ST_READY and not self._shutting_down and not self._closed)
+
+    # ------------------------------------------------------------------ enable / reset / shutdown
+    def _enable(self) -> None:
+        """CC.EN 0→1: validate and bring up the admin queues (CSTS.RDY=1), or set CSTS.CFS."""
+        if self._state == _ST_RESETTING:
+            self._enable_pending = True
+            return
+        if self._state == _ST_FAILED or self._csts & CSTS_RDY:
+            return
+        regs = self.regs
+        cc = regs["CC"].value
+        aqa = regs["AQA"].value
+        asq = regs["ASQ"].value
+        acq = regs["ACQ"].value
+        asqs = (aqa & 0xFFF) + 1
+        acqs = ((aqa >> 16) & 0xFFF) + 1
+        css = (cc >> 4) & 7
+        mps = (cc >> 7) & 0xF
+        ams = (cc >> 11) & 7
+        problem = None
+        if asqs < 2:
+            problem = f"AQA.ASQS {asqs - 1} is too small"
+        elif acqs < 2:
+            problem = f"AQA.ACQS {acqs - 1} is too small"
+        elif not MPSMIN <= mps <= MPSMAX:
+            problem = f"CC.MPS {mps} outside MPSMIN..MPSMAX ({MPSMIN}..{MPSMAX})"
+        elif css not in (CSS_NVM, CSS_ALL):
+            problem = f"CC.CSS {css:#05b} is not supported"
+        elif ams != 0:
+            problem = f"CC.AMS {ams} is not supported (round robin only)"
+        elif asq == 0 or acq == 0:
+            problem = "ASQ or ACQ is zero"
+        else:
+            page = 4096 << mps
+            if asq & (page - 1) or acq & (page - 1):
+                problem = f"ASQ/ACQ not aligned to the {page}-byte memory page"
+            else:
+                try:
+                    mem = self.memory
+                    mem.views(asq, asqs * SQE_SIZE)
+                    mem.views(acq, acqs * 16, write=True)
+                except DmaError as exc:
+                    problem = f"admin queues are not in guest memory: {exc}"
+        if problem is not None:
+            log.warning("%s: refusing to enable: %s; CSTS.CFS set", self.name, problem)
+            self._csts |= CSTS_CFS
+            return
+        self.page_size = 4096 << mps
+        self.features.reset()
+        acq_obj = CompletionQueue(0, acq, acqs, 0, True)
+        asq_obj = SubmissionQueue(0, asq, asqs, acq_obj)
+        acq_obj.sqs.append(asq_obj)
+        self._cqs[0] = acq_obj
+        self._sqs[0] = asq_obj
+        self._state = _ST_READY
+        self._csts = (self._csts & ~CSTS_CFS) | CSTS_RDY
+        self._ka_last = time.monotonic()
+        self._update_running()
+        if not self._dirty:
+            self._dirty = True
+            self.save_state()
+
+    def _begin_reset(self) -> None:
+        """CC.EN 1→0: stop fetching; the reset finishes when every command in flight has."""
+        if self._state == _ST_DISABLED:
+            self._csts &= ~(CSTS_RDY | CSTS_CFS)
+            self._enable_pending = False
+            return
+        if self._state == _ST_RESETTING:
+            return
+        self._state = _ST_RESETTING
+        self._enable_pending = False
+        self._update_running()
+        self._gen += 1
+        self._drop_parked()
+        old = [sq for sq in self._sqs if sq is not None]
+        for sq in old:
+            sq.gone = True
+        for cq in self._cqs:
+            if cq is not None:
+                cq.gone = True
+        self._draining = old
+        self._check_drained()
+
+    def _drop_parked(self) -> None:
+        for req in self.aer.reset():
+            sq = req.sq
+            if sq is not None:
+                with sq.cq.lock:
+                    if sq.inflight.get(req.cid) is req:
+                        del sq.inflight[req.cid]
+                    req.done = True
+
+    def _stale_completed(self) -> None:
+        if self._state == _ST_RESETTING:
+            self._check_drained()
+
+    def _check_drained(self) -> None:
+        with self._state_lock:
+            if self._state != _ST_RESETTING:
+                return
+            if any(sq.inflight for sq in self._draining):
+                return
+            self._finish_reset()
+
+    def _finish_reset(self) -> None:
+        """Everything in flight is done: delete all queues, reset features, CSTS.RDY=0."""
+        self._draining = []
+        self._clear_queues()
+        self.features.reset()
+        self._intms = 0
+        self._irq_status = 0
+        self._dbbuf = None
+        self._formatting.clear()
+        for v in self._vectors:
+            v.cd = False
+            v.count = 0
+            v.masked_pending = False
+        self._coalesce_on = False
+        self._timer.cancel_all()
+        self.irq.set_intx(False)
+        if self.firmware.activate_pending():
+            log.info("%s: firmware slot %d active after reset", self.name, self.firmware.active)
+        self._state = _ST_DISABLED
+        self._csts &= ~(CSTS_RDY | CSTS_CFS)
+        self.failed = None
+        self._update_running()
+        if self._enable_pending or self.regs["CC"].value & CC_EN:
+            self._enable_pending = False
+            self._enable()
+
+    def _clear_queues(self) -> None:
+        for i in range(len(self._sqs)):
+            if self._sqs[i] is not None:
+                self._sqs[i].gone = True
+            if self._cqs[i] is not None:
+                self._cqs[i].gone = True
+            self._sqs[i] = None
+            self._cqs[i] = None
+
+    def _begin_shutdown(self, *, abrupt: bool) -> None:
+        if self._state != _ST_READY:
+            self._set_shst(SHST_COMPLETE)
+            self._dirty = False
+            self.save_state()
+            return
+        self._shutting_down = True
+        self._update_running()
+        self._set_shst(SHST_PROCESSING)
+        self.run_async(self._shutdown_work, abrupt)
+
+    def _shutdown_work(self, abrupt: bool) -> None:
+        deadline = time.monotonic() + (0 if abrupt else SHUTDOWN_DRAIN_TIMEOUT)
+        while time.monotonic() < deadline:
+            busy = any(any(not r.parked for r in list(sq.inflight.values()))
+                       for sq in list(self._sqs) if sq is not None)
+            if not busy:
+                break
+            time.sleep(0.001)
+        for ns in list(self.namespaces.values()):
+            try:
+                ns.backend.flush()
+            except Exception as exc:
+                log.warning("%s: flushing namespace %d at shutdown failed: %s", self.name, ns.nsid, exc)
+        with self._state_lock:
+            self._dirty = False
+            self.save_state()
+            if self._shutting_down:
+                self._set_shst(SHST_COMPLETE)
+
+    def on_reset(self, kind: ResetKind) -> None:
+        """A PCI-level reset (conventional, FLR, power-on): the controller resets at once.
+
+        Commands still in flight complete into nothing (their completions are
+        dropped; bus mastering is off after the reset, so they cannot DMA either).
+        """
+        with self._state_lock:
+            self._gen += 1
+            self._drop_parked()
+            self._state = _ST_RESETTING
+            self._draining = []
+            self._shutting_down = False
+            self._csts = 0
+            self._enable_pending = False
+            self._finish_reset()
+            if kind is ResetKind.POWER_ON:
+                self.smart.power_cycles += 1
+                if self._dirty:
+                    self.smart.unsafe_shutdowns += 1
+                    self._dirty = False
+                self.save_state()
+
+    def on_failure(self, exc: BaseException) -> None:
+        """A register handler raised: the controller is fatally failed (CSTS.CFS)."""
+        self._fatal(f"internal error: {type(exc).__name__}: {exc}")
+
+    def _fatal(self, why: str) -> None:
+        log.error("%s: controller fatal status: %s", self.name, why)
+        with self._state_lock:
+            self._csts |= CSTS_CFS
+            if self._state == _ST_READY:
+                self._state = _ST_FAILED
+            self._update_running()
+
+    # ------------------------------------------------------------------ async work
+    def run_async(self, fn, *args) -> concurrent.futures.Future:
+        """Run ``fn(*args)`` on the controller's admin worker thread (slow admin work)."""
+        if self._admin_pool is None:
+            self._admin_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"nvme-admin[{self.name}]")
+        return self._admin_pool.submit(self._guarded, fn, *args)
+
+    def _guarded(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:
+            log.exception("%s: background work %r failed", self.name, fn)
+            self._fatal(f"background work failed: {exc}")
+
+    # ------------------------------------------------------------------ doorbells
+    def _doorbell_write(self, offset: int, size: int, value: int) -> None:
+        if size == 8 and not offset & 7:
+            self._doorbell_write(offset, 4, value & 0xFFFFFFFF)
+            self._doorbell_write(offset + 4, 4, value >> 32)
+            return
+        if size != 4 or offset & 3:
+            log.warning("%s: %d-byte doorbell write at %#x ignored (doorbells are 32-bit)", self.name, size, offset)
+            return
+        if not self._running:
+            return
+        idx = (offset - DOORBELL_BASE) >> 2
+        qid = idx >> 1
+        if idx & 1:
+            self._cq_head_write(qid, value, offset)
+        else:
+            self._sq_tail_write(qid, value, offset)
+
+    def _doorbell_error(self, info: int, qid: int, offset: int, value: int) -> None:
+        log.info("%s: invalid doorbell %s: offset %#x value %#x",
+                 self.name, "register" if info == aer_mod.INFO_INVALID_DB_REG else "value", offset, value)
+        self.error_log.add(sqid=qid, cid=0xFFFF, status_field=0, param_offset=None, csi=offset)
+        self.aer.post(aer_mod.AER_ERROR, info, 0x01)
+
+    def _sq_tail_write(self, qid: int, value: int, offset: int) -> None:
+        sq = self._sqs[qid] if qid < len(self._sqs) else None
+        if sq is None or sq.deleting:
+            self._doorbell_error(aer_mod.INFO_INVALID_DB_REG, qid, offset, value)
+            return
+        if value >= sq.size:
+            self._doorbell_error(aer_mod.INFO_INVALID_DB_VALUE, qid, offset, value)
+            return
+        if sq.db_addr is not None:
+            try:
+                self.memory.store32(sq.db_addr, value)
+            except DmaError:
+                pass
+        sq.tail = value
+        self._kick(sq)
+
+    def _cq_head_write(self, qid: int, value: int, offset: int) -> None:
+        cq = self._cqs[qid] if qid < len(self._cqs) else None
+        if cq is None:
+            self._doorbell_error(aer_mod.INFO_INVALID_DB_REG, qid, offset, value)
+            return
+        posted = 0
+        try:
+            with cq.lock:
+                if not cq.valid_head(value):
+                    bad = True
+                else:
+                    bad = False
+                    cq.head = value
+                    mem = None
+                    if cq.db_addr is not None:
+                        mem = self.memory
+                        mem.store32(cq.db_addr, value)
+                        mem.store32(cq.ei_addr, value)
+                    backlog = cq.backlog
+                    if backlog:
+                        mem = mem or self.memory
+                        size = cq.size
+                        while backlog and (cq.tail + 1) % size != cq.head:
+                            sq, cid, sf, dw0, dw1 = backlog.popleft()
+                            cq.post(mem, sq.head, sq.sqid, cid, sf, dw0, dw1)
+                            posted += 1
+        except DmaError as exc:
+            self._fatal(f"CQ {qid}: {exc}")
+            return
+        if bad:
+            self._doorbell_error(aer_mod.INFO_INVALID_DB_VALUE, qid, offset, value)
+            return
+        if posted and cq.ien:
+            self._raise(cq, posted)
+        elif self._irq_status:
+            self._legacy_update()
+        if cq.throttled:
+            self._kick_throttled(cq)
+
+    def _kick_throttled(self, cq: CompletionQueue) -> None:
+        with cq.lock:
+            sqs = list(cq.throttled)
+            cq.throttled.clear()
+        tls = self._tls
+        if tls.depth:
+            tls.kicks.extend(sqs)
+        else:
+            for sq in sqs:
+                if not sq.gone:
+                    self._kick(sq)
+
+    # ------------------------------------------------------------------ fetch and dispatch
+    def _kick(self, sq: SubmissionQueue) -> None:
+        """Fetch and dispatch what the host submitted on ``sq`` (unless another thread already is)."""
+        with sq.lock:
+            if sq.running:
+                sq.rerun = True
+                return
+            sq.running = True
+        tls = self._tls
+        tls.depth += 1
+        try:
+            while True:
+                self._process_sq(sq)
+                with sq.lock:
+                    if not sq.rerun:
+                        sq.running = False
+                        break
+                    sq.rerun = False
+        except BaseException:
+            with sq.lock:
+                sq.running = False
+                sq.rerun = False
+            raise
+        finally:
+            tls.depth -= 1
+            if not tls.depth:
+                self._end_batch(tls)
+
+    def _end_batch(self, tls: _BatchState) -> None:
+        while tls.cqs or tls.kicks:
+            cqs, tls.cqs = tls.cqs, {}
+            for cq, n in cqs.items():
+                self._raise(cq, n)
+            kicks, tls.kicks = tls.kicks, []
+            for sq in kicks:
+                if not sq.gone:
+                    self._kick(sq)
+
+    def _process_sq(self, sq: SubmissionQueue) -> None:
+        if not self._running or sq.gone or sq.deleting:
+            return
+        try:
+            mem = self.memory
+            if sq.db_addr is not None:
+                tail = mem.load32(sq.db_addr)
+                if tail >= sq.size:
+                    self._doorbell_error(aer_mod.INFO_INVALID_DB_VALUE, sq.sqid, DOORBELL_BASE + 8 * sq.sqid, tail)
+                    return
+                sq.tail = tail
+        except DmaError as exc:
+            self._fatal(f"SQ {sq.sqid}: {exc}")
+            return
+        cq = sq.cq
+        size = sq.size
+        base = sq.base
+        sqid = sq.sqid
+        admin = sqid == 0
+        inflight = sq.inflight
+        while self._running and not sq.gone:
+            head = sq.head
+            n = (sq.tail - head) % size
+            if not n:
+                break
+            with cq.lock:
+                budget = cq.size - 1 - cq.reserved
+                if budget <= 0:
+                    cq.throttled.add(sq)
+                    break
+                if n > budget:
+                    n = budget
+                if n > FETCH_BATCH:
+                    n = FETCH_BATCH
+                cq.reserved += n
+            end = head + n
+            try:
+                if end <= size:
+                    raw = mem.read(base + head * SQE_SIZE, n * SQE_SIZE)
+                else:
+                    raw = (mem.read(base + head * SQE_SIZE, (size - head) * SQE_SIZE)
+                           + mem.read(base, (end - size) * SQE_SIZE))
+            except DmaError as exc:
+                with cq.lock:
+                    cq.reserved -= n
+                self._fatal(f"cannot fetch from SQ {sqid}: {exc}")
+                return
+            sq.head = end % size
+            sq.fetched_total += n
+            now = time.monotonic()
+            gen = self._gen
+            for i in range(n):
+                req = decode_sqe(sqid, raw, i * SQE_SIZE)
+                req.sq = sq
+                req.gen = gen
+                req.t_fetch = now
+                cid = req.cid
+                if cid in inflight:
+                    self.complete(req, Status.CMDID_CONFLICT,
+                                  error=NvmeStatusError(Status.CMDID_CONFLICT, param_offset=2))
+                    continue
+                inflight[cid] = req
+                try:
+                    if admin:
+                        self._ka_last = now
+                        self.admin.submit(req)
+                    elif self._formatting and req.nsid in self._formatting:
+                        self.complete(req, Status.FORMAT_IN_PROGRESS)
+                    else:
+                        self.io.submit(req)
+                except Exception as exc:  # never lose a command to a bug
+                    log.exception("%s: command %r failed unexpectedly", self.name, req)
+                    if not req.done:
+                        self.complete(req, Status.INTERNAL,
+                                      error=NvmeStatusError(Status.INTERNAL, str(exc)))
+            if sq.ei_addr is not None:
+                try:
+                    mem.store32(sq.ei_addr, sq.tail)
+                except DmaError:
+                    pass
+
+    # ------------------------------------------------------------------ interrupts
+    @property
+    def _msix(self) -> MsixCapability:
+        cap = self.__dict__.get("_msix_cap")
+        if cap is None:
+            cap = self.caps.find(MsixCapability)
+            self.__dict__["_msix_cap"] = cap
+        return cap
+
+    def _raise(self, cq: CompletionQueue, n: int) -> None:
+        """Signal ``n`` new entries on ``cq`` (MSI-X with coalescing, or INTx/MSI level logic)."""
+        if not cq.ien:
+            return
+        msix = self._msix
+        if msix is not None and msix.enabled:
+            vec = cq.vector
+            if self._coalesce_on and cq.cqid:
+                v = self._vectors[vec]
+                if not v.cd:
+                    thr, tim = self.features.coalescing
+                    with self._coal_lock:
+                        v.count += n
+                        if v.count > thr or not tim:
+                            v.count = 0
+                        else:
+                            if not v.armed:
+                                v.armed = True
+                                self._timer.schedule(tim * 100e-6, self._coalesce_expired, v)
+                            return
+            try:
+                self.irq.notify(vec)
+            except IrqError as exc:
+                log.warning("%s: %s", self.name, exc)
+            return
+        self._legacy_update()
+
+    def _coalesce_expired(self, v: InterruptVector) -> None:
+        with self._coal_lock:
+            v.armed = False
+            due = v.count > 0
+            v.count = 0
+        if due and self._msix.enabled:
+            try:
+                self.irq.notify(v.index)
+            except IrqError:
+                pass
+
+    def _legacy_update(self, unmasked: int = 0) -> None:
+        """Pin-based interrupts: the line is asserted while an unmasked vector has
+        unconsumed completion entries."""
+        msix = self._msix
+        if msix is not None and msix.enabled:
+            return
+        status = 0
+        for cq in self._cqs:
+            if cq is not None and cq.ien and cq.head != cq.tail:
+                status |= 1 << (cq.vector & 31)
+        self._irq_status = status
+        self.irq.set_intx(bool(status & ~self._intms))
+
+    def coalescing_changed(self) -> None:
+        """Feature 08h changed."""
+        thr, tim = self.features.coalescing
+        self._coalesce_on = bool(thr or tim)
+
+    def vector_cd(self, iv: int) -> bool:
+        """Coalescing Disable of vector ``iv`` (the admin vector is never coalesced)."""
+        return self._vectors[iv].cd
+
+    def set_vector_cd(self, iv: int, cd: bool) -> None:
+        self._vectors[iv].cd = cd
+
+    # ------------------------------------------------------------------ errors, SMART, AER sources
+    def _log_error(self, req: Request, sf: int, phase: int, error: NvmeStatusError | None) -> None:
+        self.error_log.add(sqid=req.sqid, cid=req.cid, status_field=sf, phase=phase,
+                           param_offset=error.param_offset if error is not None else None,
+                           lba=(error.lba or 0) if error is not None else 0,
+                           nsid=req.nsid)
+
+    @property
+    def critical_warning(self) -> int:
+        """SMART critical warning: injected bits plus the temperature bit."""
+        cw = self._injected_warning
+        t = self.temperature
+        if t >= self.features.temp_over or (self.features.temp_under and t <= self.features.temp_under):
+            cw |= 1 << 1
+        return cw
+
+    def set_temperature(self, kelvin: int) -> None:
+        """Change the composite temperature (a thermal model or test); may raise a SMART AEN."""
+        if not 0 <= kelvin <= 0xFFFF:
+            raise ValueError(f"temperature {kelvin} K is out of range")
+        self._account_temperature()
+        self.temperature = kelvin
+        self.check_temperature()
+
+    def inject_critical_warning(self, bits: int) -> None:
+        """Set critical warning bits (0 spare, 2 reliability, 3 read-only, 4 backup failed)."""
+        self._injected_warning = bits & 0x3D
+        self.check_temperature()
+
+    def _account_temperature(self) -> None:
+        now = time.monotonic()
+        dt = now - self._temp_since
+        self._temp_since = now
+        if self.temperature >= self.cfg.critical_temp:
+            self.smart.critical_temp_seconds += dt
+        elif self.temperature >= self.cfg.warning_temp:
+            self.smart.warning_temp_seconds += dt
+
+    def check_temperature(self, post_only: bool = False) -> None:
+        """Post SMART AENs for critical warning bits that became set (and are enabled in AEC)."""
+        cw = self.critical_warning
+        new = cw & ~self._reported_warning
+        self._reported_warning = cw
+        if not new or not self._running and self._state != _ST_READY:
+            return
+        aec = self.features.aec
+        for bit, info in ((1, aer_mod.INFO_SMART_TEMPERATURE), (0, aer_mod.INFO_SMART_SPARE),
+                          (2, aer_mod.INFO_SMART_RELIABILITY), (3, aer_mod.INFO_SMART_RELIABILITY),
+                          (4, aer_mod.INFO_SMART_RELIABILITY)):
+            if new & (1 << bit) and aec & (1 << bit):
+                self.aer.post(aer_mod.AER_SMART, info, 0x02)
+        if not post_only:
+            return
+
+    def smart_page(self) -> bytes:
+        """The SMART / Health Information log page (LID 02h)."""
+        self._account_temperature()
+        return self.smart.page(critical_warning=self.critical_warning, temperature=self.temperature,
+                               error_entries=self.error_log.count)
+
+    def notice(self, info: int, lid: int) -> None:
+        """Post a notice AEN if its AEC bit is set (8: namespace attribute, 9: firmware activation)."""
+        bit = {aer_mod.INFO_NS_ATTR_CHANGED: 8, aer_mod.INFO_FW_ACTIVATION: 9}.get(info)
+        if bit is not None and self.features.aec & (1 << bit):
+            self.aer.post(aer_mod.AER_NOTICE, info, lid)
+
+    # ------------------------------------------------------------------ keep alive
+    def keep_alive(self) -> None:
+        """A Keep Alive command arrived."""
+        self._ka_last = time.monotonic()
+
+    def keep_alive_changed(self) -> None:
+        self._ka_last = time.monotonic()
+        kato = self.features.kato_ms
+        if kato:
+            self._timer.schedule(kato / 1000.0, self._keep_alive_check, self._gen)
+
+    def _keep_alive_check(self, gen: int) -> None:
+        kato = self.features.kato_ms
+        if not kato or gen != self._gen or self._state != _ST_READY:
+            return
+        left = self._ka_last + kato / 1000.0 - time.monotonic()
+        if left > 0:
+            self._timer.schedule(left, self._keep_alive_check, gen)
+            return
+        self.error_log.add(sqid=0xFFFF, cid=0xFFFF, status_field=Status.KA_TIMEOUT_EXPIRED | DNR)
+        self._fatal("keep alive timeout expired")
+
+    # ------------------------------------------------------------------ queue management (admin)
+    def park(self, req: Request) -> None:
+        """Hold ``req`` indefinitely (an AER): it no longer counts against its CQ's fetch budget."""
+        cq = req.sq.cq
+        with cq.lock:
+            req.parked = True
+            cq.reserved -= 1
+
+    def unpark(self, req: Request) -> None:
+        cq = req.sq.cq
+        with cq.lock:
+            req.parked = False
+            cq.reserved += 1
+
+    def io_inflight_for(self, nsids: set[int]) -> bool:
+        """Whether an I/O command for one of ``nsids`` is in flight."""
+        for sq in list(self._sqs[1:]):
+            if sq is not None and any(r.nsid in nsids for r in list(sq.inflight.values())):
+                return True
+        return False
+
+    def io_queues_exist(self) -> bool:
+        return any(q is not None for q in self._sqs[1:]) or any(q is not None for q in self._cqs[1:])
+
+    def sq(self, qid: int) -> SubmissionQueue | None:
+        """The submission queue ``qid``, or None."""
+        return self._sqs[qid] if 0 <= qid < len(self._sqs) else None
+
+    def cq(self, qid: int) -> CompletionQueue | None:
+        """The completion queue ``qid``, or None."""
+        return self._cqs[qid] if 0 <= qid < len(self._cqs) else None
+
+    def add_cq(self, cq: CompletionQueue) -> None:
+        if self._dbbuf is not None:
+            self._attach_shadow(cq, 2 * cq.cqid + 1)
+        self._cqs[cq.cqid] = cq
+
+    def add_sq(self, sq: SubmissionQueue) -> None:
+        if self._dbbuf is not None:
+            self._attach_shadow(sq, 2 * sq.sqid)
+        sq.cq.sqs.append(sq)
+        self._sqs[sq.sqid] = sq
+
+    def delete_cq(self, cq: CompletionQueue) -> None:
+        with cq.lock:
+            cq.gone = True
+        self._cqs[cq.cqid] = None
+        if self._irq_status:
+            self._legacy_update()
+
+    def delete_sq(self, sq: SubmissionQueue, req: Request) -> bool:
+        """Start deleting ``sq``. Returns True if done now; else ``req`` completes when the
+        commands in flight on it have."""
+        self._sqs[sq.sqid] = None
+        with sq.cq.lock:
+            sq.deleting = True
+            sq.delete_req = req
+            sq.cq.throttled.discard(sq)
+            done = not sq.inflight
+        if done:
+            self._finish_sq_delete(sq, complete=False)
+        return done
+
+    def _finish_sq_delete(self, sq: SubmissionQueue, *, complete: bool = True) -> None:
+        with sq.cq.lock:
+            if sq.gone:
+                return
+            sq.gone = True
+            if sq in sq.cq.sqs:
+                sq.cq.sqs.remove(sq)
+            req, sq.delete_req = sq.delete_req, None
+        if complete and req is not None:
+            self.complete(req)
+
+    def _attach_shadow(self, q: Any, slot: int) -> None:
+        dbs, eis = self._dbbuf  # type: ignore[misc]
+        q.db_addr = dbs + 4 * slot
+        q.ei_addr = eis + 4 * slot
+        value = q.tail if isinstance(q, SubmissionQueue) else q.head
+        try:
+            mem = self.memory
+            mem.store32(q.db_addr, value)
+            mem.store32(q.ei_addr, value)
+        except DmaError:
+            pass
+
+    def set_doorbell_buffer(self, dbs: int, eis: int) -> None:
+        """Doorbell Buffer Config: shadow doorbells at ``dbs``, EventIdx at ``eis``."""
+        self._dbbuf = (dbs, eis)
+        for i, sq in enumerate(self._sqs):
+            if sq is not None:
+                self._attach_shadow(sq, 2 * i)
+        for i, cq in enumerate(self._cqs):
+            if cq is not None:
+                self._attach_shadow(cq, 2 * i + 1)
+
+    # ------------------------------------------------------------------ namespace changes
+    def namespace_changed(self, nsid: int) -> None:
+        """Record ``nsid`` in the Changed Namespace List and post the notice."""
+        self.changed_ns.add(nsid)
+        self.notice(aer_mod.INFO_NS_ATTR_CHANGED, 0x04)
+
+    # ------------------------------------------------------------------ misc
+    def migration_blockers(self) -> list[str]:
+        return ["the nvme controller has no vmstate description yet"]
+
+    def __repr__(self) -> str:
+        return (f"<NvmeController {self.name!r} {self.vendor_id:04x}:{self.device_id:04x} "
+                f"state={self._state} csts={self._csts:#x} ns={sorted(self.namespaces)}>")

@@ -1,0 +1,310 @@
+"""Get Features / Set Features (admin opcodes 0Ah / 09h).
+
+Supported feature identifiers:
+
+=====  ==============================  ===================================================
+FID    Feature                          Notes
+=====  ==============================  ===================================================
+01h    Arbitration                      stored (round robin is the only mechanism)
+02h    Power Management                 one power state: PS must be 0
+04h    Temperature Threshold            composite sensor, over/under; may raise a SMART AEN
+05h    Error Recovery                   per namespace: TLER; DULBE is not supported
+06h    Volatile Write Cache             WCE; disabling flushes every namespace
+07h    Number of Queues                 allocates up to ``max_ioqpairs``; only before
+                                        the first I/O queue is created
+08h    Interrupt Coalescing             THR / TIME, applied to I/O completion queues
+09h    Interrupt Vector Configuration   per vector: Coalescing Disable
+0Bh    Asynchronous Event Configuration SMART critical warnings, NS attribute and
+                                        firmware activation notices
+0Eh    Timestamp                        8-byte data buffer
+0Fh    Keep Alive Timer                 KATO in ms (rounded up to 100 ms)
+16h    Host Behavior Support            512-byte data buffer
+=====  ==============================  ===================================================
+
+Select (CDW10 10:8) supports current, default, saved (= default: nothing is
+saveable) and supported capabilities. Set with Save (CDW10 bit 31) fails with
+Feature Identifier Not Saveable.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from typing import TYPE_CHECKING
+
+from pcidev_nvme.status import NvmeStatusError, Status
+
+if TYPE_CHECKING:
+    from pcidev_nvme.controller import NvmeController
+    from pcidev_nvme.request import Request
+
+__all__ = ["Features", "FID_NAMES"]
+
+FID_ARBITRATION = 0x01
+FID_POWER_MGMT = 0x02
+FID_TEMP_THRESHOLD = 0x04
+FID_ERROR_RECOVERY = 0x05
+FID_VWC = 0x06
+FID_NUM_QUEUES = 0x07
+FID_IRQ_COALESCING = 0x08
+FID_IRQ_CONFIG = 0x09
+FID_ASYNC_EVENT = 0x0B
+FID_TIMESTAMP = 0x0E
+FID_KATO = 0x0F
+FID_HOST_BEHAVIOR = 0x16
+
+FID_NAMES = {
+    FID_ARBITRATION: "arbitration", FID_POWER_MGMT: "power management",
+    FID_TEMP_THRESHOLD: "temperature threshold", FID_ERROR_RECOVERY: "error recovery",
+    FID_VWC: "volatile write cache", FID_NUM_QUEUES: "number of queues",
+    FID_IRQ_COALESCING: "interrupt coalescing", FID_IRQ_CONFIG: "interrupt vector configuration",
+    FID_ASYNC_EVENT: "asynchronous event configuration", FID_TIMESTAMP: "timestamp",
+    FID_KATO: "keep alive timer", FID_HOST_BEHAVIOR: "host behavior support",
+}
+
+_PER_NS = {FID_ERROR_RECOVERY}
+#: AEC bits the controller honours: critical warnings 0..4, NS attribute (8), FW activation (9)
+AEC_SUPPORTED = 0x1F | (1 << 8) | (1 << 9)
+
+SEL_CURRENT, SEL_DEFAULT, SEL_SAVED, SEL_CAPS = 0, 1, 2, 3
+CAP_SAVEABLE, CAP_NS, CAP_CHANGEABLE = 1, 2, 4
+
+_OFF_CDW10 = 40
+_OFF_CDW11 = 44
+_OFF_NSID = 4
+_BROADCAST = 0xFFFFFFFF
+
+
+class Features:
+    """Current feature values of one controller (reset to defaults at every controller reset).
+
+    :param ctrl: the controller (for queue counts, vectors, temperature, namespaces).
+    """
+
+    def __init__(self, ctrl: NvmeController) -> None:
+        self.ctrl = ctrl
+        self.reset()
+
+    # -- state -------------------------------------------------------------------------
+    def defaults(self) -> dict[int, int]:
+        cfg = self.ctrl.cfg
+        nq = cfg.max_ioqpairs - 1
+        return {
+            FID_ARBITRATION: 0x7,  # AB = no limit
+            FID_POWER_MGMT: 0,
+            FID_VWC: 1,
+            FID_NUM_QUEUES: nq | (nq << 16),
+            FID_IRQ_COALESCING: 0,
+            FID_ASYNC_EVENT: 0,
+            FID_KATO: 0,
+        }
+
+    def reset(self) -> None:
+        """Controller reset: every feature back to its default."""
+        cfg = self.ctrl.cfg
+        self.values = self.defaults()
+        #: [over, under] per sensor (0 = composite)
+        self.temp_over = cfg.warning_temp
+        self.temp_under = 0
+        self.tler: dict[int, int] = {}
+        self.host_behavior = bytes(512)
+        self.timestamp_base = 0  # ms at the moment of setting
+        self.timestamp_set_at = time.monotonic()
+        self.timestamp_origin = 0
+        #: whether Number of Queues was set (and what was allocated), 1-based counts
+        self.nsq = cfg.max_ioqpairs
+        self.ncq = cfg.max_ioqpairs
+
+    # -- helpers for the controller --------------------------------------------------------
+    @property
+    def coalescing(self) -> tuple[int, int]:
+        """(THR, TIME) of feature 08h."""
+        v = self.values[FID_IRQ_COALESCING]
+        return v & 0xFF, (v >> 8) & 0xFF
+
+    @property
+    def aec(self) -> int:
+        return self.values[FID_ASYNC_EVENT]
+
+    @property
+    def write_cache(self) -> bool:
+        return bool(self.values[FID_VWC] & 1)
+
+    @property
+    def kato_ms(self) -> int:
+        return self.values[FID_KATO]
+
+    def timestamp_now(self) -> int:
+        return (self.timestamp_base + int((time.monotonic() - self.timestamp_set_at) * 1000)) & (2**48 - 1)
+
+    # -- Get Features --------------------------------------------------------------------------
+    def get(self, req: Request) -> tuple[int, bytes | None]:
+        """Execute Get Features; returns (DW0, data to return to the host or None).
+
+        :raises NvmeStatusError: for an unsupported FID, a bad select or field.
+        """
+        fid = req.cdw10 & 0xFF
+        sel = (req.cdw10 >> 8) & 0x7
+        if fid not in FID_NAMES:
+            raise NvmeStatusError(Status.INVALID_FIELD, f"feature {fid:#x} is not supported",
+                                  param_offset=_OFF_CDW10)
+        if sel > SEL_CAPS:
+            raise NvmeStatusError(Status.INVALID_FIELD, f"select {sel} is reserved", param_offset=_OFF_CDW10 + 1)
+        if fid in _PER_NS:
+            self._check_ns(req, allow_broadcast=False)
+        if sel == SEL_CAPS:
+            caps = CAP_CHANGEABLE | (CAP_NS if fid in _PER_NS else 0)
+            return caps, None
+        default = sel != SEL_CURRENT
+        ctrl = self.ctrl
+        if fid == FID_TEMP_THRESHOLD:
+            tmpsel, thsel = self._temp_select(req.cdw11, setting=False)
+            if default:
+                return (ctrl.cfg.warning_temp if thsel == 0 else 0), None
+            return (self.temp_over if thsel == 0 else self.temp_under), None
+        if fid == FID_ERROR_RECOVERY:
+            return (0 if default else self.tler.get(req.nsid, 0)), None
+        if fid == FID_IRQ_CONFIG:
+            iv = req.cdw11 & 0xFFFF
+            self._check_vector(iv)
+            cd = False if default else ctrl.vector_cd(iv)
+            return iv | (int(cd) << 16), None
+        if fid == FID_TIMESTAMP:
+            if default:
+                return 0, bytes(8)
+            ts = self.timestamp_now()
+            attrs = (self.timestamp_origin & 7) << 1  # Synch = 0: counted continuously
+            return 0, struct.pack("<Q", ts | (attrs << 48))
+        if fid == FID_HOST_BEHAVIOR:
+            return 0, bytes(512) if default else self.host_behavior
+        values = self.defaults() if default else self.values
+        return values[fid], None
+
+    # -- Set Features ---------------------------------------------------------------------------
+    def set(self, req: Request, data: bytes | None = None) -> int:
+        """Execute Set Features; ``data`` is the host buffer for 0Eh / 16h (read by the caller).
+
+        :returns: DW0 of the completion.
+        :raises NvmeStatusError: as the spec says for each feature.
+        """
+        fid = req.cdw10 & 0xFF
+        if fid not in FID_NAMES:
+            raise NvmeStatusError(Status.INVALID_FIELD, f"feature {fid:#x} is not supported",
+                                  param_offset=_OFF_CDW10)
+        if req.cdw10 & (1 << 31):
+            raise NvmeStatusError(Status.FEATURE_NOT_SAVEABLE, f"feature {fid:#x} is not saveable",
+                                  param_offset=_OFF_CDW10 + 3)
+        if fid in _PER_NS:
+            nsids = self._check_ns(req, allow_broadcast=True)
+        elif req.nsid not in (0, _BROADCAST):
+            raise NvmeStatusError(Status.FEATURE_NOT_PER_NS, f"feature {fid:#x} is not namespace specific",
+                                  param_offset=_OFF_NSID)
+        ctrl = self.ctrl
+        v = req.cdw11
+        if fid == FID_ARBITRATION:
+            self.values[fid] = v & 0xFFFFFF07
+            return 0
+        if fid == FID_POWER_MGMT:
+            if v & 0x1F:
+                raise NvmeStatusError(Status.INVALID_FIELD, f"power state {v & 0x1F} does not exist",
+                                      param_offset=_OFF_CDW11)
+            self.values[fid] = v & 0xE0
+            return 0
+        if fid == FID_TEMP_THRESHOLD:
+            tmpsel, thsel = self._temp_select(v, setting=True)
+            if thsel == 0:
+                self.temp_over = v & 0xFFFF
+            else:
+                self.temp_under = v & 0xFFFF
+            ctrl.check_temperature()
+            return 0
+        if fid == FID_ERROR_RECOVERY:
+            if v & (1 << 16):
+                raise NvmeStatusError(Status.INVALID_FIELD, "DULBE is not supported", param_offset=_OFF_CDW11 + 2)
+            for nsid in nsids:
+                self.tler[nsid] = v & 0xFFFF
+            return 0
+        if fid == FID_VWC:
+            self.values[fid] = v & 1
+            return 0
+        if fid == FID_NUM_QUEUES:
+            nsqr, ncqr = v & 0xFFFF, v >> 16
+            if nsqr == 0xFFFF or ncqr == 0xFFFF:
+                raise NvmeStatusError(Status.INVALID_FIELD, "65536 queues cannot be requested",
+                                      param_offset=_OFF_CDW11)
+            if ctrl.io_queues_exist():
+                raise NvmeStatusError(Status.CMD_SEQ_ERROR, "I/O queues already exist")
+            maxq = ctrl.cfg.max_ioqpairs
+            self.nsq = min(nsqr + 1, maxq)
+            self.ncq = min(ncqr + 1, maxq)
+            val = (self.nsq - 1) | ((self.ncq - 1) << 16)
+            self.values[fid] = val
+            return val
+        if fid == FID_IRQ_COALESCING:
+            self.values[fid] = v & 0xFFFF
+            ctrl.coalescing_changed()
+            return 0
+        if fid == FID_IRQ_CONFIG:
+            iv = v & 0xFFFF
+            self._check_vector(iv)
+            ctrl.set_vector_cd(iv, bool(v & (1 << 16)))
+            return 0
+        if fid == FID_ASYNC_EVENT:
+            self.values[fid] = v & AEC_SUPPORTED
+            ctrl.check_temperature(post_only=True)
+            return 0
+        if fid == FID_TIMESTAMP:
+            assert data is not None
+            (ts,) = struct.unpack_from("<Q", data)
+            self.timestamp_base = ts & (2**48 - 1)
+            self.timestamp_set_at = time.monotonic()
+            self.timestamp_origin = 1
+            return 0
+        if fid == FID_KATO:
+            kato = v
+            if kato % 100:
+                kato += 100 - kato % 100  # KAS granularity
+            self.values[fid] = kato & 0xFFFFFFFF
+            ctrl.keep_alive_changed()
+            return 0
+        if fid == FID_HOST_BEHAVIOR:
+            assert data is not None
+            acre, etdas, lbafee = data[0], data[1], data[2]
+            if acre > 1 or etdas > 1 or lbafee > 1:
+                raise NvmeStatusError(Status.INVALID_FIELD, "host behavior support: a field is out of range")
+            self.host_behavior = bytes(data[:512])
+            return 0
+        raise NvmeStatusError(Status.INVALID_FIELD, f"feature {fid:#x} is not changeable")  # pragma: no cover
+
+    @staticmethod
+    def data_length(fid: int) -> int:
+        """Bytes of host data a Set/Get of ``fid`` transfers (0: none)."""
+        return {FID_TIMESTAMP: 8, FID_HOST_BEHAVIOR: 512}.get(fid, 0)
+
+    # -- checks --------------------------------------------------------------------------------
+    def _check_ns(self, req: Request, *, allow_broadcast: bool) -> list[int]:
+        nsid = req.nsid
+        ctrl = self.ctrl
+        if nsid == _BROADCAST and allow_broadcast:
+            return list(ctrl.namespaces)
+        if nsid not in ctrl.namespaces:
+            raise NvmeStatusError(Status.INVALID_NSID, f"namespace {nsid:#x} is not attached",
+                                  param_offset=_OFF_NSID)
+        return [nsid]
+
+    def _check_vector(self, iv: int) -> None:
+        if iv >= self.ctrl.cfg.msix_vectors:
+            raise NvmeStatusError(Status.INVALID_FIELD, f"interrupt vector {iv} does not exist",
+                                  param_offset=_OFF_CDW11)
+
+    @staticmethod
+    def _temp_select(v: int, *, setting: bool) -> tuple[int, int]:
+        tmpsel = (v >> 16) & 0xF
+        thsel = (v >> 20) & 0x3
+        if thsel > 1:
+            raise NvmeStatusError(Status.INVALID_FIELD, f"threshold type {thsel} is reserved",
+                                  param_offset=_OFF_CDW11 + 2)
+        if tmpsel not in (0, 0xF) or (tmpsel == 0xF and not setting):
+            raise NvmeStatusError(Status.INVALID_FIELD, f"temperature sensor {tmpsel} does not exist",
+                                  param_offset=_OFF_CDW11 + 2)
+        return tmpsel, thsel
