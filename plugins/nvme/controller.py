@@ -53,7 +53,7 @@ from pcidev_nvme.aer import AsyncEvents
 from pcidev_nvme.config import NvmeConfig
 from pcidev_nvme.features import Features
 from pcidev_nvme.logs import ChangedNamespaces, ErrorLog, FirmwareSlots, SmartCounters, StateFile
-from pcidev_nvme.queues import CompletionQueue, InterruptVector, SubmissionQueue, Timer
+from pcidev_nvme.queues import _CQE_HEAD, CompletionQueue, InterruptVector, SubmissionQueue, Timer
 from pcidev_nvme.request import SQE_SIZE, Request, decode_sqe
 from pcidev_nvme.status import DNR, NvmeStatusError, Status, status_field
 
@@ -95,6 +95,10 @@ STATE_SAVE_INTERVAL = 60.0
 #: how long a shutdown waits for commands in flight before giving up on them
 SHUTDOWN_DRAIN_TIMEOUT = 10.0
 
+_CMD_LO = ids.COMMAND
+_MASTER = int(ids.Command.MASTER)
+assert _MASTER < 0x100
+
 _ST_DISABLED, _ST_READY, _ST_RESETTING, _ST_FAILED = "disabled", "ready", "resetting", "failed"
 
 
@@ -111,6 +115,8 @@ class _BatchState(threading.local):
 
     def __init__(self) -> None:
         self.depth = 0
+        self.start = 0.0
+        self.io = False
         self.cqs: dict[CompletionQueue, int] = {}
         self.kicks: list[SubmissionQueue] = []
 
@@ -318,11 +324,11 @@ class NvmeController(PciDevice):
         :raises DmaError: if bus mastering is disabled or no memory is attached.
         """
         mem = self._guest_memory
+        if mem is not None and self.config.data[_CMD_LO] & _MASTER:
+            return mem
         if mem is None:
             raise DmaError("no guest memory attached")
-        if not self.config.get16(ids.COMMAND) & ids.Command.MASTER:
-            raise DmaError("bus mastering is disabled")
-        return mem
+        raise DmaError("bus mastering is disabled")
 
     @memory.setter
     def memory(self, value) -> None:
@@ -374,12 +380,11 @@ class NvmeController(PciDevice):
             log.error("complete() of a request that did not come from a queue: %r", req)
             return
         cq = sq.cq
-        sf = 0
-        if status:
-            sf = status_field(status, dnr=error.dnr if error is not None else True)
+        sf = status_field(status, dnr=error.dnr if error is not None else True) if status else 0
         posted = False
-        phase = cq.phase
         stale = False
+        cid = req.cid
+        phase = 0
         try:
             with cq.lock:
                 if req.done:
@@ -387,17 +392,34 @@ class NvmeController(PciDevice):
                     return
                 req.done = True
                 inflight = sq.inflight
-                if inflight.get(req.cid) is req:
-                    del inflight[req.cid]
-                if not req.parked:
-                    cq.reserved -= 1
+                if inflight.get(cid) is req:
+                    del inflight[cid]
                 if req.gen != self._gen or sq.gone or cq.gone:
                     stale = True
-                elif cq.backlog or (cq.tail + 1) % cq.size == cq.head:
-                    cq.backlog.append((sq, req.cid, sf, dw0, dw1))
                 else:
-                    phase = cq.post(self.memory, sq.head, sq.sqid, req.cid, sf, dw0, dw1)
-                    posted = True
+                    tail = cq.tail
+                    nxt = tail + 1
+                    if nxt == cq.size:
+                        nxt = 0
+                    if cq.backlog or nxt == cq.head:
+                        # still reserved until posted (parked requests never were)
+                        if req.parked:
+                            cq.reserved += 1
+                        cq.backlog.append((sq, cid, sf, dw0 & 0xFFFFFFFF, dw1 & 0xFFFFFFFF))
+                    else:
+                        if not req.parked:
+                            cq.reserved -= 1
+                        mem = self._guest_memory
+                        if mem is None or not self.config.data[_CMD_LO] & _MASTER:
+                            raise DmaError("bus mastering is disabled")
+                        addr = cq.base + (tail << 4)
+                        phase = cq.phase
+                        mem.write_struct(_CQE_HEAD, addr, dw0 & 0xFFFFFFFF, dw1 & 0xFFFFFFFF, sq.head, sq.sqid)
+                        mem.store32(addr + 12, cid | (phase << 16) | (sf << 17))
+                        cq.tail = nxt
+                        if not nxt:
+                            cq.phase = phase ^ 1
+                        posted = True
         except DmaError as exc:
             self._fatal(f"cannot post a completion to CQ {cq.cqid}: {exc}")
             return
@@ -405,14 +427,15 @@ class NvmeController(PciDevice):
             self._stale_completed()
             return
         if status:
-            self._log_error(req, sf, phase, error)
-        if sq.sqid:
-            self.smart.record_busy(req.t_fetch, time.monotonic())
-        if posted and cq.ien:
-            tls = self._tls
-            if tls.depth:
+            self._log_error(req, sf, phase if posted else cq.phase, error)
+        tls = self._tls
+        if tls.depth:
+            if posted and cq.ien:
                 tls.cqs[cq] = tls.cqs.get(cq, 0) + 1
-            else:
+        else:
+            if sq.sqid:
+                self.smart.record_busy(req.t_fetch, time.monotonic())
+            if posted and cq.ien:
                 self._raise(cq, 1)
         if sq.deleting and not sq.inflight:
             self._finish_sq_delete(sq)
@@ -842,6 +865,7 @@ class NvmeController(PciDevice):
                             sq, cid, sf, dw0, dw1 = backlog.popleft()
                             cq.post(mem, sq.head, sq.sqid, cid, sf, dw0, dw1)
                             posted += 1
+                        cq.reserved -= posted
         except DmaError as exc:
             self._fatal(f"CQ {qid}: {exc}")
             return
@@ -876,6 +900,8 @@ class NvmeController(PciDevice):
                 return
             sq.running = True
         tls = self._tls
+        if not tls.depth:
+            tls.start = time.monotonic()
         tls.depth += 1
         try:
             while True:
@@ -896,6 +922,9 @@ class NvmeController(PciDevice):
                 self._end_batch(tls)
 
     def _end_batch(self, tls: _BatchState) -> None:
+        if tls.io:
+            tls.io = False
+            self.smart.record_busy(tls.start, time.monotonic())
         while tls.cqs or tls.kicks:
             cqs, tls.cqs = tls.cqs, {}
             for cq, n in cqs.items():
@@ -924,6 +953,8 @@ class NvmeController(PciDevice):
         base = sq.base
         sqid = sq.sqid
         admin = sqid == 0
+        if not admin:
+            self._tls.io = True
         inflight = sq.inflight
         while self._running and not sq.gone:
             head = sq.head
