@@ -397,6 +397,7 @@ class MemoryBackend(BaseBackend):
             raise ConfigError(f"cannot allocate {size} bytes of namespace memory: {exc}") from exc
         self._mv = memoryview(self._mm)
         self._written = bytearray(size >> _PAGE_SHIFT)  # 1 = page holds written data
+        self._unwritten = len(self._written)  # pages never written (or deallocated)
         self._lock = threading.Lock()
 
     def readv(self, views: list[memoryview], offset: int) -> None:
@@ -404,12 +405,16 @@ class MemoryBackend(BaseBackend):
         if len(views) == 1:
             v = views[0]
             n = len(v)
-            if self._written.find(0, offset >> _PAGE_SHIFT, (offset + n + _PAGE_MASK) >> _PAGE_SHIFT) < 0:
+            if not self._unwritten or self._written.find(
+                0, offset >> _PAGE_SHIFT, (offset + n + _PAGE_MASK) >> _PAGE_SHIFT
+            ) < 0:
                 v[:] = self._mv[offset : offset + n]
                 return
         else:
             n = sum(len(v) for v in views)
-            if self._written.find(0, offset >> _PAGE_SHIFT, (offset + n + _PAGE_MASK) >> _PAGE_SHIFT) < 0:
+            if not self._unwritten or self._written.find(
+                0, offset >> _PAGE_SHIFT, (offset + n + _PAGE_MASK) >> _PAGE_SHIFT
+            ) < 0:
                 mv = self._mv
                 for v in views:
                     k = len(v)
@@ -434,9 +439,15 @@ class MemoryBackend(BaseBackend):
             n = len(v)
             mv[offset : offset + n] = v
             offset += n
-        a = start >> _PAGE_SHIFT
-        b = (offset + _PAGE_MASK) >> _PAGE_SHIFT
-        self._written[a:b] = _ONES[: b - a] if b - a <= len(_ONES) else b"\x01" * (b - a)
+        if self._unwritten:
+            self._mark(start >> _PAGE_SHIFT, (offset + _PAGE_MASK) >> _PAGE_SHIFT)
+
+    def _mark(self, a: int, b: int) -> None:
+        """Record pages ``[a, b)`` as written."""
+        with self._lock:
+            written = self._written
+            self._unwritten -= written.count(0, a, b)
+            written[a:b] = _ONES[: b - a] if b - a <= len(_ONES) else b"\x01" * (b - a)
 
     def deallocate(self, offset: int, length: int) -> None:
         """Free the whole pages of the range and zero the rest."""
@@ -451,22 +462,22 @@ class MemoryBackend(BaseBackend):
         if end > b << _PAGE_SHIFT:
             self.write_zeroes(b << _PAGE_SHIFT, end - (b << _PAGE_SHIFT))
         start, n = a << _PAGE_SHIFT, (b - a) << _PAGE_SHIFT
-        if self.fd >= 0:
-            punch_hole(self.fd, start, n)
-        else:
-            self._mm.madvise(mmap.MADV_DONTNEED, start, n)
-        self._written[a:b] = bytes(b - a)
+        with self._lock:
+            if self.fd >= 0:
+                punch_hole(self.fd, start, n)
+            else:
+                self._mm.madvise(mmap.MADV_DONTNEED, start, n)
+            self._unwritten += self._written.count(1, a, b)
+            self._written[a:b] = bytes(b - a)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Zero the range (``memset``); the pages count as written."""
         _zero_views([self._mv[offset : offset + length]])
-        a = offset >> _PAGE_SHIFT
-        b = (offset + length + _PAGE_MASK) >> _PAGE_SHIFT
-        self._written[a:b] = b"\x01" * (b - a)
+        self._mark(offset >> _PAGE_SHIFT, (offset + length + _PAGE_MASK) >> _PAGE_SHIFT)
 
     def allocated_bytes(self) -> int:
         """Bytes of the pages written and not deallocated since."""
-        return min(self.size, self._written.count(1) << _PAGE_SHIFT)
+        return (len(self._written) - self._unwritten) << _PAGE_SHIFT
 
     def close(self) -> None:
         """Unmap and close. Idempotent."""

@@ -40,3 +40,15 @@ def pcidev_register_devices(registry: DeviceRegistry) -> None:
     from pcidev_nvme.controller import NvmeController
 
     registry.add_device(NvmeController)
+    registry.add_component("bench", "nvme", run_bench)
+
+
+def run_bench(argv: list[str]) -> int:
+    """NVMe I/O benchmark through the software host: pcidev bench nvme [--json].
+
+    :param argv: the benchmark's arguments (see :mod:`pcidev_nvme.bench`).
+    :returns: the exit status.
+    """
+    from pcidev_nvme.bench import main
+
+    return main(argv)
