@@ -210,3 +210,111 @@ def test_verified_io_several_namespaces_and_queues(tmp_path, seed):
     finally:
         ios.close()
         ctrl.close()
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+def run_driver_queue(drv, machine, model: Model, qid: int, ops: int, max_blocks: int, errors: list) -> None:
+    """One I/O queue of the host driver, QD commands in flight, one thread."""
+    from pcidev_nvme.driver import READ, WRITE
+
+    rnd = random.Random(model.seed * 977 + qid)
+    mem = machine.memory
+    bufs = [machine.alloc(max_blocks * 4096, PAGE) for _ in range(QD)]
+    free = list(range(QD))
+    pending: dict[int, tuple] = {}
+    submitted = completed = 0
+    version = 0
+    try:
+        while completed < ops:
+            while free and submitted < ops:
+                choice = model.pick(rnd, max_blocks)
+                if choice is None:
+                    continue
+                kind, nsid, slba, nlb = choice
+                size = model.geometry[nsid][1]
+                slot = free.pop()
+                buf = bufs[slot]
+                blocks = None
+                if kind == "write":
+                    version += 1
+                    blocks = [model.block_data(nsid, slba + i, version * 64 + qid, size) for i in range(nlb)]
+                    mem.write(buf, b"".join(blocks))
+                    drv.submit_rw(qid, WRITE, nsid=nsid, slba=slba, nlb=nlb, buf=buf, tag=slot, ring=False,
+                                  fua=rnd.random() < 0.1, sgl=rnd.random() < 0.3)
+                elif kind == "read":
+                    mem.fill(buf, nlb * size, 0xA5)
+                    drv.submit_rw(qid, READ, nsid=nsid, slba=slba, nlb=nlb, buf=buf, tag=slot, ring=False,
+                                  sgl=rnd.random() < 0.3)
+                elif kind == "zeroes":
+                    drv.submit(qid, Opcode.WRITE_ZEROES, nsid=nsid, cdw10=slba & 0xFFFFFFFF, cdw11=slba >> 32,
+                               cdw12=(nlb - 1) | (rnd.random() < 0.5) << 25, tag=slot, ring=False)
+                else:
+                    mem.write(buf, struct.pack("<IIQ", 0, nlb, slba))
+                    drv.submit(qid, Opcode.DSM, nsid=nsid, cdw10=0, cdw11=1 << 2, buf=buf, length=16, tag=slot,
+                               ring=False)
+                pending[slot] = (kind, nsid, slba, nlb, blocks)
+                submitted += 1
+            drv.ring(qid)
+            for c in drv.reap(qid, min_completions=1, timeout=20):
+                slot = c.tag
+                kind, nsid, slba, nlb, blocks = pending.pop(slot)
+                completed += 1
+                if c.status:
+                    errors.append(f"{kind} ns {nsid} lba {slba}+{nlb}: status {c.status:#x}")
+                elif kind == "write":
+                    model.written(nsid, slba, blocks)
+                elif kind in ("zeroes", "dealloc"):
+                    model.zeroed(nsid, slba, nlb)
+                else:
+                    size = model.geometry[nsid][1]
+                    model.check(nsid, slba, mem.read(bufs[slot], nlb * size))
+                model.counts[kind] += 1
+                model.release(nsid, slba, nlb)
+                free.append(slot)
+    except Exception as exc:  # report in the main thread
+        errors.append(f"queue {qid}: {type(exc).__name__}: {exc}")
+    finally:
+        for b in bufs:
+            machine.free(b)
+
+
+def test_verified_io_through_the_software_host(tmp_path):
+    driver = pytest.importorskip("pcidev_nvme.driver")
+    from pcidev.host import Machine
+    from pcidev_nvme.controller import NvmeController
+
+    machine = Machine(ram_size=128 << 20)
+    ctrl = NvmeController(
+        f"mdts=5,ns=mem:size=4M,ns=file:path={tmp_path}/a.img,size=4M,lbaf=1,"
+        f"ns=file:path={tmp_path}/b.img,size=4M,direct=on"
+    )
+    drv = driver.NvmeDriver.attach(machine, ctrl, io_queues=3, io_depth=64)
+    try:
+        geometry = {nsid: (info.nsze, info.lba_size) for nsid, info in drv.namespaces.items()}
+        assert sorted(geometry) == [1, 2, 3] and geometry[2][1] == 4096
+        model = Model(geometry, 7)
+        errors: list[str] = []
+        threads = [
+            threading.Thread(target=run_driver_queue, args=(drv, machine, model, qid, 1200, 16, errors))
+            for qid in (1, 2, 3)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+            assert not t.is_alive()
+        assert not errors, errors[:5]
+        # Read everything back through the controller, one namespace after another.
+        for nsid, (nlbas, size) in geometry.items():
+            step = 64 * 1024 // size
+            for slba in range(0, nlbas, step):
+                model.check(nsid, slba, drv.read(nsid, slba, min(step, nlbas - slba)))
+        assert model.mismatches == []
+        assert model.counts["read"] > 1000 and model.counts["write"] > 1000
+        assert model.counts["blocks_checked"] > 20000
+    finally:
+        drv.close()
+        ctrl.close()
+        machine.close()
