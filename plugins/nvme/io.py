@@ -67,6 +67,7 @@ __all__ = [
     "DMRL",
     "DMRSL",
     "DMSL",
+    "MAX_DSM_RANGES",
     "OCFS",
     "ONCS",
     "SGLS",
@@ -108,10 +109,13 @@ OCFS = 0x1
 #: source range, 1024 blocks per command, 128 source ranges (MSRC is 0's based).
 COPY_LIMITS = (128, 1024, 127)
 
-#: Dataset Management Ranges Limit (Identify Controller NVM, CNS 06h): 256 ranges.
-DMRL = 256
-#: Dataset Management Range Size Limit: logical blocks per range (2**32 - 1, the field's maximum).
-DMRSL = 0xFFFFFFFF
+#: Ranges one Dataset Management command may carry (NR is 8 bits, 0's based): all are accepted.
+MAX_DSM_RANGES = 256
+#: Dataset Management Ranges Limit (Identify Controller NVM, CNS 06h): 0 = no limit
+#: beyond the command's own 256.
+DMRL = 0
+#: Dataset Management Range Size Limit: 0 = no limit (a range's 32-bit length is accepted).
+DMRSL = 0
 #: Dataset Management Size Limit: 0 = no limit on the total.
 DMSL = 0
 #: Write Zeroes Size Limit (units of the minimum memory page size, 2^n): 0 = no limit.

@@ -13,7 +13,7 @@ import pytest
 from test_io_fakes import PAGE, FakeController, FakeControllerNoErrorKw, command, prp_for, rw
 
 from pcidev_nvme.backends import BaseBackend
-from pcidev_nvme.io import COPY_LIMITS, DMRL, ONCS, SGLS, IoCommandSet, Opcode
+from pcidev_nvme.io import COPY_LIMITS, DMRL, DMRSL, MAX_DSM_RANGES, ONCS, SGLS, WZSL, IoCommandSet, Opcode
 from pcidev_nvme.namespace import Namespace, make_namespace
 from pcidev_nvme.prp import SGL_BIT_BUCKET, SGL_DATA_BLOCK, SGL_LAST_SEGMENT, sgl_descriptor
 from pcidev_nvme.status import NvmeStatusError, Status
@@ -92,7 +92,8 @@ def test_exported_limits():
     assert SGLS & 0x3 == 1 and SGLS & (1 << 16)
     mssrl, mcl, msrc = COPY_LIMITS
     assert mssrl <= mcl and msrc < 256
-    assert DMRL == 256
+    assert DMRL == DMRSL == WZSL == 0  # "no limit" in CNS 06h
+    assert MAX_DSM_RANGES == 256
 
 
 # ------------------------------------------------------------------------------ read / write
@@ -326,7 +327,7 @@ def test_dsm_range_checks(env):
     err = fails(ctrl, ios, dsm(ctrl, [(0, 8), (ns.nlbas - 1, 2)]), Status.LBA_RANGE)
     assert err.lba == ns.nlbas - 1
     assert read_blocks(ctrl, ios, 0, 8) == data  # validated before anything was deallocated
-    ok(ctrl, ios, dsm(ctrl, [(i, 1) for i in range(256)]))  # 256 ranges, the maximum (NR 0's based)
+    ok(ctrl, ios, dsm(ctrl, [(i, 1) for i in range(MAX_DSM_RANGES)]))  # NR = 255, the maximum
     fails(ctrl, ios, command(Opcode.DSM, 1, prp1=ctrl.ram, cdw10=0, cdw11=4), Status.DATA_TRANSFER_ERROR)
 
 
