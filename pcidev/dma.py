@@ -1,0 +1,983 @@
+# SPDX-License-Identifier: MIT
+"""Guest memory: a table of fd-backed regions, accessed by guest physical address.
+
+A device model reaches guest RAM only through a :class:`GuestMemory`. Each region is
+an ``mmap`` (``MAP_SHARED``) of a file descriptor (a memfd or a file) so that another
+process, such as the VMM that owns the RAM or a test peer, can map the same memory:
+what the device writes the guest sees, and vice versa. Over vfio-user every
+``DMA_MAP`` becomes one :meth:`GuestMemory.map` and every ``DMA_UNMAP`` one
+:meth:`GuestMemory.unmap`.
+
+Addresses, lengths and errors
+-----------------------------
+Guest physical addresses (*gpa*) are ints in ``[0, 2**64)``. Every access is bounds-
+and overflow-checked before memory is touched, and anything a guest could get wrong
+raises :class:`~pcidev.errors.DmaError`, which devices turn into an error status
+(NVMe: Data Transfer Error):
+
+* a negative address or length, or ``gpa + length > 2**64`` (64-bit wrap-around);
+* any byte of the range outside mapped memory;
+* a write (or ``write=True`` views) touching a read-only region;
+* :meth:`~GuestMemory.load32` and friends on a misaligned address.
+
+A range may cross from one region into the next when the two are *adjacent*
+(``a.gpa + a.size == b.gpa``): reads, writes and views split at the boundary.
+A write is validated in full before the first byte is written, so a refused write
+changes nothing.
+
+**Zero-length accesses** (``read(gpa, 0)``, ``views(gpa, 0)``, an SGL entry of
+length 0) touch nothing and return ``b""`` / ``[]``, and do *not* require ``gpa`` to
+be mapped (NVMe and PCI allow any address with a zero length). They still reject an
+absurd address: negative, or above ``2**64``.
+
+Addresses and lengths must be ``int`` (or support ``__index__``); other types are a
+programming error and raise :class:`TypeError`. Values that do not fit a typed write
+(``write_u32(gpa, -1)``) raise :class:`struct.error` before anything is written.
+
+Lifetime rules: device state holds addresses, never views
+---------------------------------------------------------
+:meth:`~GuestMemory.views` returns :class:`memoryview` slices straight into the
+mapping, so a backend can ``os.preadv``/``os.pwritev`` between a file and guest RAM
+with no copy in Python. Every live view (and every slice of one) pins its mapping:
+:meth:`~GuestMemory.unmap` refuses with :class:`~pcidev.errors.DmaError`, leaving the
+region fully mapped, until they are released. So:
+
+* device state stores guest addresses (ints), never views;
+* take views for one command, preferably with ``with gm.access(sgl) as views:``,
+  which releases them on exit;
+* map and unmap only while the device is quiesced (the vfio-user rule): a
+  :class:`GuestMemory` is not synchronized against concurrent map/unmap.
+
+File descriptors
+----------------
+:meth:`~GuestMemory.map` does not take ownership of the caller's fd: it keeps its own
+close-on-exec duplicate, so the caller may close its copy at once (over vfio-user
+the received fd should be closed right after mapping). The duplicate is what
+:meth:`~GuestMemory.fd_of` and :meth:`~GuestMemory.fds` return, ready to send to
+another process with ``SCM_RIGHTS``; it stays open until the region is unmapped.
+On Python < 3.13 ``mmap`` keeps one more duplicate internally, so a region costs
+two fds; ``max_regions`` bounds the total.
+
+An unsealed file can be truncated by its owner while mapped, and touching a page
+past the new end raises ``SIGBUS``, which kills the process: prefer sealed memfds
+(:func:`alloc_memfd` seals against shrinking) and never use a region after its
+unmap.
+
+Performance
+-----------
+Lookup is a ``bisect`` over the sorted region starts, with the last region hit
+cached so repeated accesses to one region skip it. Single-region accesses use
+``struct`` on the ``mmap`` itself, views slice a memoryview kept per region, and
+ordered accesses use :mod:`pcidev.native`. Measured with ``timeit`` (best of 25
+runs of 100,000 calls) on the development machine: Python 3.11.7, 2 shared cores,
+cffi backend; orientation only. A bare ``struct.unpack_from("<I", mm, off)`` costs
+~50 ns there.
+
+=============================================================  ==========
+operation                                                      per call
+=============================================================  ==========
+``read_u32`` (4 bytes, cached region)                          ~120 ns
+``read_u32`` (alternating between two regions: bisect)         ~250 ns
+``read_struct`` (64-byte ``Struct``, an NVMe SQE)              ~200 ns
+``write_u32``                                                  ~150 ns
+``write_struct`` (64 bytes; packed before writing)             ~570 ns
+``load32`` / ``store32`` (ordered, native)                     ~190 / ~210 ns
+``read`` / ``write`` 4 KiB                                     ~200 / ~210 ns
+``views`` (one 4 KiB view)                                     ~190 ns
+``with access([two 4 KiB entries]) as views: pass``            ~890 ns
+=============================================================  ==========
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import mmap
+import operator
+import os
+import struct
+import sys
+import weakref
+from bisect import bisect_right
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+
+from pcidev import native
+from pcidev.errors import DmaError
+
+__all__ = ["ADDRESS_LIMIT", "GuestMemory", "MemoryRegion", "alloc_memfd"]
+
+ADDRESS_LIMIT = 1 << 64
+"""One past the highest guest physical address."""
+
+_PAGE = mmap.ALLOCATIONGRANULARITY
+
+_U8 = struct.Struct("<B")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_u8_unpack = _U8.unpack_from
+_u16_unpack = _U16.unpack_from
+_u32_unpack = _U32.unpack_from
+_u64_unpack = _U64.unpack_from
+_u8_pack = _U8.pack_into
+_u16_pack = _U16.pack_into
+_u32_pack = _U32.pack_into
+_u64_pack = _U64.pack_into
+
+_MMAP_KWARGS: dict[str, Any] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+
+
+def alloc_memfd(size: int, name: str = "pcidev-ram", *, seal: bool = True) -> int:
+    """Create an anonymous shared-memory file of ``size`` bytes.
+
+    ``memfd_create(MFD_CLOEXEC | MFD_ALLOW_SEALING)``, then ``ftruncate``, then (with
+    ``seal``) ``F_SEAL_SHRINK | F_SEAL_GROW`` so that no process holding the fd can
+    change its size, which rules out ``SIGBUS`` from truncation. The memory reads as
+    zeros until written.
+
+    :param size: size in bytes, > 0.
+    :param name: name shown in ``/proc/<pid>/fd`` (for debugging only).
+    :param seal: add the shrink/grow seals.
+    :returns: the new fd (close-on-exec); the caller owns it.
+    :raises DmaError: ``size`` is not positive, or the kernel refused.
+    """
+    size = operator.index(size)
+    if size <= 0:
+        raise DmaError(f"memfd size must be positive, got {size}")
+    try:
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except OSError as exc:
+        raise DmaError(f"memfd_create({name!r}) failed: {exc}") from exc
+    try:
+        os.ftruncate(fd, size)
+        if seal:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    except OSError as exc:
+        os.close(fd)
+        raise DmaError(f"cannot size or seal memfd {name!r} ({size:#x} bytes): {exc}") from exc
+    return fd
+
+
+@attrs.frozen
+class MemoryRegion:
+    """Description of one mapped region of guest memory (holds no mapping itself).
+
+    :ivar gpa: guest physical address of the first byte.
+    :ivar size: length in bytes.
+    :ivar fd_offset: offset of the first byte in the backing file.
+    :ivar writable: whether the device may write to it.
+    :ivar name: free-form label for logs.
+    """
+
+    gpa: int
+    size: int
+    fd_offset: int = 0
+    writable: bool = True
+    name: str = ""
+
+    @property
+    def end(self) -> int:
+        """One past the last guest physical address of the region."""
+        return self.gpa + self.size
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        """Whether ``[gpa, gpa + length)`` lies inside this region.
+
+        :param gpa: first address.
+        :param length: number of bytes (``>= 0``).
+        :returns: ``True`` if the whole range is inside.
+        """
+        return self.gpa <= gpa and length >= 0 and gpa + length <= self.gpa + self.size
+
+
+class _Region:
+    """Live state of one mapped region (internal; never handed out)."""
+
+    __slots__ = (
+        "delta",
+        "desc",
+        "end",
+        "fd",
+        "gpa",
+        "mm",
+        "mv_ro",
+        "mv_rw",
+        "pin",
+        "writable",
+    )
+
+    def __init__(self) -> None:
+        # A sentinel made this way matches no address: gpa > every valid end.
+        self.gpa = ADDRESS_LIMIT + 1
+        self.end = 0
+        self.delta = 0
+        self.writable = False
+        self.mm: mmap.mmap | None = None
+        self.mv_rw: memoryview | None = None
+        self.mv_ro: memoryview | None = None
+        self.pin: native.Pinned | None = None
+        self.fd = -1
+        self.desc: MemoryRegion | None = None
+
+    def export(self) -> None:
+        """Create the per-region memoryviews and the native pin."""
+        mm = self.mm
+        assert mm is not None
+        base = memoryview(mm)
+        self.mv_rw = base if self.writable else None
+        self.mv_ro = base.toreadonly() if self.writable else base
+        self.pin = native.pin(mm, writable=self.writable)
+
+    def unexport(self) -> None:
+        """Drop this object's own exports (views handed out stay valid)."""
+        if self.pin is not None:
+            self.pin.release()
+        for mv in (self.mv_ro, self.mv_rw):
+            if mv is not None:
+                mv.release()
+        self.pin = self.mv_rw = self.mv_ro = None
+
+
+_NO_REGION = _Region()
+
+
+def _close_fds(fds: dict[int, int]) -> None:
+    """Finalizer: close the duplicated fds of a GuestMemory that was never closed."""
+    for fd in fds.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    fds.clear()
+
+
+def _fmt(gpa: int, length: int) -> str:
+    return f"[{gpa:#x}, +{length:#x})"
+
+
+class _Access:
+    """Context manager returned by :meth:`GuestMemory.access`."""
+
+    __slots__ = ("_views",)
+
+    def __init__(self, views: list[memoryview]) -> None:
+        self._views = views
+
+    def __enter__(self) -> list[memoryview]:
+        return self._views
+
+    def __exit__(self, *exc: object) -> None:
+        # A view someone re-exported (memoryview(v), a cffi from_buffer...) cannot
+        # be released yet: it keeps pinning until they let go, and unmap says so.
+        # (try/except rather than contextlib.suppress: it costs nothing here.)
+        for v in self._views:
+            try:  # noqa: SIM105
+                v.release()
+            except BufferError:
+                pass
+        self._views = []
+
+
+class GuestMemory:
+    """The guest-physical address space as seen by one device: fd-backed regions.
+
+    :param max_regions: cap on the number of regions (a rogue or buggy peer could
+        otherwise exhaust fds and memory with tiny maps).
+
+    Use as a context manager, or call :meth:`close`, to unmap everything.
+    """
+
+    def __init__(self, *, max_regions: int = 4096) -> None:
+        if operator.index(max_regions) <= 0:
+            raise DmaError(f"max_regions must be positive, got {max_regions}")
+        self.max_regions = max_regions
+        # (sorted starts, regions in the same order), replaced as a whole on change.
+        self._table: tuple[list[int], list[_Region]] = ([], [])
+        self._last = _NO_REGION
+        self._fds: dict[int, int] = {}  # gpa -> own fd, shared with the finalizer
+        self._closed = False
+        self._finalizer = weakref.finalize(self, _close_fds, self._fds)
+
+    # ------------------------------------------------------------------ table
+
+    def map(
+        self,
+        gpa: int,
+        size: int,
+        fd: int,
+        fd_offset: int = 0,
+        *,
+        writable: bool = True,
+        name: str = "",
+    ) -> MemoryRegion:
+        """Map ``size`` bytes of ``fd`` starting at ``fd_offset`` at guest address ``gpa``.
+
+        The mapping is ``MAP_SHARED``, read-write or read-only. ``fd_offset`` need not
+        be page-aligned: the page-aligned mapping and the requested window are kept
+        apart. The fd is duplicated (close-on-exec) and the duplicate kept; the
+        caller still owns ``fd`` and may close it.
+
+        :param gpa: guest physical address of the first byte.
+        :param size: length in bytes, > 0.
+        :param fd: file descriptor of a memfd or a regular file (or anything mmap-able).
+        :param fd_offset: offset in the file of the first byte.
+        :param writable: map read-write (the fd must be open for writing) or read-only.
+        :param name: label for logs.
+        :returns: the region's description.
+        :raises DmaError: bad arguments, overlap with a mapped region, ``gpa + size >
+            2**64``, too many regions, a range beyond the end of the file, or the
+            kernel refused the mapping.
+        """
+        self._check_open()
+        gpa, size, fd, fd_offset = (operator.index(v) for v in (gpa, size, fd, fd_offset))
+        if gpa < 0 or size <= 0 or fd < 0 or fd_offset < 0:
+            raise DmaError(
+                f"bad map request gpa={gpa:#x} size={size:#x} fd={fd} fd_offset={fd_offset:#x}"
+            )
+        if gpa + size > ADDRESS_LIMIT:
+            raise DmaError(f"map {_fmt(gpa, size)} wraps past 2**64")
+        starts, regions = self._table
+        if len(regions) >= self.max_regions:
+            raise DmaError(f"too many DMA regions (limit {self.max_regions})")
+        i = bisect_right(starts, gpa)
+        if i > 0 and regions[i - 1].end > gpa:
+            raise DmaError(f"map {_fmt(gpa, size)} overlaps {regions[i - 1].desc}")
+        if i < len(regions) and regions[i].gpa < gpa + size:
+            raise DmaError(f"map {_fmt(gpa, size)} overlaps {regions[i].desc}")
+
+        aligned_off = fd_offset - fd_offset % _PAGE
+        window = fd_offset - aligned_off
+        access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
+        own_fd = -1
+        mm = None
+        try:
+            own_fd = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0)
+            mm = mmap.mmap(own_fd, window + size, access=access, offset=aligned_off, **_MMAP_KWARGS)
+        except (OSError, ValueError, OverflowError) as exc:
+            if own_fd >= 0:
+                os.close(own_fd)
+            raise DmaError(
+                f"cannot map fd {fd} offset {fd_offset:#x} size {size:#x} at gpa {gpa:#x}: {exc}"
+            ) from exc
+
+        r = _Region()
+        r.gpa = gpa
+        r.end = gpa + size
+        r.delta = gpa - window  # mmap offset of address a is a - delta
+        r.writable = bool(writable)
+        r.mm = mm
+        r.fd = own_fd
+        r.desc = MemoryRegion(gpa, size, fd_offset, bool(writable), name)
+        try:
+            r.export()
+        except BaseException:
+            r.unexport()
+            mm.close()
+            os.close(own_fd)
+            raise
+        self._table = ([*starts[:i], gpa, *starts[i:]], [*regions[:i], r, *regions[i:]])
+        self._fds[gpa] = own_fd
+        return r.desc
+
+    def unmap(self, gpa: int, size: int | None = None) -> None:
+        """Unmap the region that starts at ``gpa``.
+
+        All or nothing: if views of the region are still alive the region stays
+        mapped and usable, and :class:`~pcidev.errors.DmaError` says so. Release the
+        views (leave the ``access`` block, ``view.release()``, or drop them) and
+        retry.
+
+        :param gpa: start address of a mapped region.
+        :param size: if given, must equal the region's size (a vfio-user
+            ``DMA_UNMAP`` carries both).
+        :raises DmaError: no region starts at ``gpa``, ``size`` does not match, or
+            views of the region are still exported.
+        """
+        self._check_open()
+        starts, regions = self._table
+        i = bisect_right(starts, gpa) - 1
+        if i < 0 or starts[i] != gpa:
+            raise DmaError(f"unmap: no region starts at {gpa:#x}")
+        r = regions[i]
+        assert r.desc is not None and r.mm is not None
+        if size is not None and size != r.desc.size:
+            raise DmaError(f"unmap: size {size:#x} does not match region {_fmt(gpa, r.desc.size)}")
+        self._release_region(r)
+        self._table = (starts[:i] + starts[i + 1 :], regions[:i] + regions[i + 1 :])
+        self._last = _NO_REGION
+        os.close(self._fds.pop(gpa))
+
+    def _release_region(self, r: _Region) -> None:
+        """Close the mapping of ``r``, or restore it and raise if views are alive."""
+        assert r.mm is not None
+        r.unexport()
+        try:
+            r.mm.close()
+        except BufferError:
+            r.export()  # back to a fully working region
+            raise DmaError(
+                f"cannot unmap {r.desc}: memoryviews of it are still alive "
+                "(release them or leave the access() block first)"
+            ) from None
+
+    def regions(self) -> list[MemoryRegion]:
+        """Descriptions of all mapped regions, sorted by ``gpa``.
+
+        :returns: a new list.
+        """
+        return [r.desc for r in self._table[1]]  # type: ignore[misc]
+
+    def region_at(self, gpa: int) -> MemoryRegion | None:
+        """The region containing address ``gpa``, or ``None``.
+
+        :param gpa: any address.
+        :returns: the region's description or ``None``.
+        """
+        starts, regions = self._table
+        i = bisect_right(starts, gpa) - 1
+        if i >= 0 and gpa < regions[i].end:
+            return regions[i].desc
+        return None
+
+    def is_mapped(self, gpa: int, length: int, *, write: bool = False) -> bool:
+        """Whether ``[gpa, gpa + length)`` is fully accessible (writable with ``write``).
+
+        :param gpa: first address.
+        :param length: number of bytes.
+        :param write: also require every byte to be writable.
+        :returns: ``True`` if the access would succeed.
+        """
+        try:
+            self._resolve(gpa, length, write)
+        except DmaError:
+            return False
+        return True
+
+    def fd_of(self, gpa: int) -> int:
+        """The fd backing the region that starts at ``gpa``, e.g. to send with ``SCM_RIGHTS``.
+
+        It is this object's own duplicate: do not close it; it is valid until the
+        region is unmapped. The region's data starts at ``regions()[...].fd_offset``.
+
+        :param gpa: start address of a mapped region.
+        :returns: the fd.
+        :raises DmaError: no region starts at ``gpa``.
+        """
+        try:
+            return self._fds[gpa]
+        except KeyError:
+            raise DmaError(f"no region starts at {gpa:#x}") from None
+
+    def fds(self) -> list[tuple[MemoryRegion, int]]:
+        """Every region with its fd (see :meth:`fd_of`), sorted by ``gpa``.
+
+        :returns: a new list of ``(region, fd)`` pairs.
+        """
+        return [(r.desc, r.fd) for r in self._table[1]]  # type: ignore[misc]
+
+    def close(self) -> None:
+        """Unmap every region. Idempotent.
+
+        Regions whose views are still alive stay mapped (and the object stays
+        usable for them); the others are unmapped, then
+        :class:`~pcidev.errors.DmaError` lists what is left. Call again after
+        releasing the views.
+
+        :raises DmaError: some regions still have live views.
+        """
+        if self._closed:
+            return
+        busy = []
+        for r in list(self._table[1]):
+            assert r.desc is not None
+            try:
+                self.unmap(r.gpa)
+            except DmaError:
+                busy.append(r.desc)
+        if busy:
+            raise DmaError(f"close: {len(busy)} region(s) still have live views: {busy}")
+        self._closed = True
+        self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        """``True`` after a successful :meth:`close`."""
+        return self._closed
+
+    def __enter__(self) -> GuestMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        regions = self._table[1]
+        total = sum(r.end - r.gpa for r in regions)
+        return f"<GuestMemory {len(regions)} regions, {total:#x} bytes>"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DmaError("guest memory is closed")
+
+    # ------------------------------------------------------------- resolution
+
+    def _resolve(self, gpa: int, length: int, write: bool) -> list[tuple[_Region, int, int]]:
+        """Validate ``[gpa, gpa + length)`` and split it into ``(region, offset, n)``.
+
+        ``offset`` is the offset in the region's mmap. Raises before returning
+        anything if any byte is unmapped (or read-only with ``write``). Caches the
+        last region.
+        """
+        gpa = operator.index(gpa)
+        length = operator.index(length)
+        if gpa < 0 or length < 0:
+            raise DmaError(f"negative guest address or length {_fmt(gpa, length)}")
+        if gpa + length > ADDRESS_LIMIT:
+            raise DmaError(f"guest range {_fmt(gpa, length)} wraps past 2**64")
+        if length == 0:
+            return []
+        starts, regions = self._table
+        i = bisect_right(starts, gpa) - 1
+        if i < 0 or gpa >= regions[i].end:
+            raise DmaError(f"guest address {gpa:#x} of {_fmt(gpa, length)} is not mapped")
+        r = regions[i]
+        segs = []
+        cur, remaining = gpa, length
+        while True:
+            if write and not r.writable:
+                raise DmaError(f"guest range {_fmt(gpa, length)} hits read-only {r.desc}")
+            n = min(remaining, r.end - cur)
+            segs.append((r, cur - r.delta, n))
+            remaining -= n
+            cur += n
+            if not remaining:
+                break
+            i += 1
+            if i >= len(regions) or regions[i].gpa != cur:
+                raise DmaError(f"guest address {cur:#x} of {_fmt(gpa, length)} is not mapped")
+            r = regions[i]
+        self._last = r
+        return segs
+
+    def _single(self, gpa: int, length: int, write: bool) -> _Region | None:
+        """Region holding the whole range, ``None`` if it spans several; validates."""
+        segs = self._resolve(gpa, length, write)
+        return segs[0][0] if len(segs) == 1 else None
+
+    # ---------------------------------------------------------- bulk access
+
+    def read(self, gpa: int, length: int) -> bytes:
+        """Copy ``length`` bytes of guest memory at ``gpa`` into a new ``bytes``.
+
+        :param gpa: first address.
+        :param length: number of bytes (0 returns ``b""``).
+        :returns: the data.
+        :raises DmaError: see the module docstring.
+        """
+        r = self._last
+        if r.gpa <= gpa and length >= 0 and gpa + length <= r.end:
+            off = gpa - r.delta
+            return r.mm[off : off + length]  # type: ignore[index]
+        segs = self._resolve(gpa, length, False)
+        return b"".join([s[0].mm[s[1] : s[1] + s[2]] for s in segs])  # type: ignore[index]
+
+    def read_into(self, gpa: int, buf: Any) -> None:
+        """Fill the writable buffer ``buf`` from guest memory at ``gpa``.
+
+        :param gpa: first address.
+        :param buf: any writable C-contiguous buffer; its byte length is the length.
+        :raises DmaError: see the module docstring (``buf`` is untouched then).
+        """
+        with memoryview(buf) as mv, mv.cast("B") as out:
+            pos = 0
+            for r, off, n in self._resolve(gpa, out.nbytes, False):
+                out[pos : pos + n] = r.mv_ro[off : off + n]  # type: ignore[index]
+                pos += n
+
+    def write(self, gpa: int, data: Any) -> None:
+        """Copy ``data`` (any C-contiguous buffer) into guest memory at ``gpa``.
+
+        :param gpa: first address.
+        :param data: bytes, bytearray, memoryview, array...
+        :raises DmaError: see the module docstring; nothing is written then.
+        """
+        if type(data) is not bytes and type(data) is not bytearray:
+            data = memoryview(data).cast("B")
+        n = len(data)
+        r = self._last
+        if r.writable and r.gpa <= gpa and gpa + n <= r.end:
+            off = gpa - r.delta
+            r.mm[off : off + n] = data  # type: ignore[index]
+            return
+        pos = 0
+        for r, off, k in self._resolve(gpa, n, True):
+            r.mm[off : off + k] = data[pos : pos + k]  # type: ignore[index]
+            pos += k
+
+    def fill(self, gpa: int, length: int, byte: int = 0) -> None:
+        """Set ``length`` bytes at ``gpa`` to ``byte``.
+
+        :param gpa: first address.
+        :param length: number of bytes.
+        :param byte: value, 0..255.
+        :raises DmaError: see the module docstring; nothing is written then.
+        :raises ValueError: ``byte`` is not in 0..255.
+        """
+        if type(byte) is not int or not 0 <= byte <= 0xFF:
+            raise ValueError(f"fill byte {byte!r} is not in 0..255")
+        for r, off, n in self._resolve(gpa, length, True):
+            r.pin.fill(off, n, byte)  # type: ignore[union-attr]
+
+    def copy(self, dst_gpa: int, src_gpa: int, length: int) -> None:
+        """Copy ``length`` bytes from ``src_gpa`` to ``dst_gpa`` (``memmove`` semantics).
+
+        Overlapping ranges are handled. Both ranges are validated before anything
+        is written.
+
+        :param dst_gpa: destination address (must be writable).
+        :param src_gpa: source address.
+        :param length: number of bytes.
+        :raises DmaError: see the module docstring.
+        """
+        src = self._resolve(src_gpa, length, False)
+        dst = self._resolve(dst_gpa, length, True)
+        if not length:
+            return
+        if len(src) == 1 and len(dst) == 1 and src[0][0] is dst[0][0]:
+            # One mapping: memmove copes with overlap.
+            r = dst[0][0]
+            r.pin.move(dst[0][1], src[0][1], length)  # type: ignore[union-attr]
+            return
+        # Different mappings may alias the same file pages, which memmove cannot
+        # see: go through a bounce buffer (correct whatever the aliasing).
+        bounce = bytearray(length)
+        pos = 0
+        for r, off, n in src:
+            bounce[pos : pos + n] = r.mv_ro[off : off + n]  # type: ignore[index]
+            pos += n
+        pos = 0
+        for r, off, n in dst:
+            r.mm[off : off + n] = memoryview(bounce)[pos : pos + n]  # type: ignore[index]
+            pos += n
+
+    # --------------------------------------------------------- typed access
+
+    def _unpack_slow(self, st: struct.Struct, gpa: int) -> tuple[Any, ...]:
+        starts, regions = self._table
+        i = bisect_right(starts, gpa) - 1
+        if i >= 0:
+            r = regions[i]
+            if gpa <= r.end - st.size:  # bisect already gives r.gpa <= gpa
+                self._last = r
+                return st.unpack_from(r.mm, gpa - r.delta)  # type: ignore[arg-type]
+        segs = self._resolve(gpa, st.size, False)
+        if len(segs) == 1:
+            r, off, _ = segs[0]
+            return st.unpack_from(r.mm, off)  # type: ignore[arg-type]
+        data = b"".join([s[0].mm[s[1] : s[1] + s[2]] for s in segs])  # type: ignore[index]
+        return st.unpack(data)
+
+    def _pack_slow(self, st: struct.Struct, gpa: int, values: tuple[Any, ...]) -> None:
+        """Typed write off the fast path (values already range-checked)."""
+        starts, regions = self._table
+        i = bisect_right(starts, gpa) - 1
+        if i >= 0:
+            r = regions[i]
+            if r.writable and gpa <= r.end - st.size:
+                self._last = r
+                st.pack_into(r.mm, gpa - r.delta, *values)  # type: ignore[arg-type]
+                return
+        self._write_slow(gpa, st.pack(*values))
+
+    def _write_slow(self, gpa: int, data: bytes) -> None:
+        pos = 0
+        for r, off, n in self._resolve(gpa, len(data), True):
+            r.mm[off : off + n] = data[pos : pos + n]  # type: ignore[index]
+            pos += n
+
+    def read_u8(self, gpa: int) -> int:
+        """Read one byte at ``gpa``.
+
+        :raises DmaError: not mapped.
+        """
+        r = self._last
+        if r.gpa <= gpa < r.end:
+            return _u8_unpack(r.mm, gpa - r.delta)[0]  # type: ignore[arg-type,no-any-return]
+        return self._unpack_slow(_U8, gpa)[0]  # type: ignore[no-any-return]
+
+    def read_u16(self, gpa: int) -> int:
+        """Read a little-endian 16-bit value at ``gpa`` (any alignment).
+
+        :raises DmaError: not mapped.
+        """
+        r = self._last
+        if r.gpa <= gpa <= r.end - 2:
+            return _u16_unpack(r.mm, gpa - r.delta)[0]  # type: ignore[arg-type,no-any-return]
+        return self._unpack_slow(_U16, gpa)[0]  # type: ignore[no-any-return]
+
+    def read_u32(self, gpa: int) -> int:
+        """Read a little-endian 32-bit value at ``gpa`` (any alignment; not ordered).
+
+        :raises DmaError: not mapped.
+        """
+        r = self._last
+        if r.gpa <= gpa <= r.end - 4:
+            return _u32_unpack(r.mm, gpa - r.delta)[0]  # type: ignore[arg-type,no-any-return]
+        return self._unpack_slow(_U32, gpa)[0]  # type: ignore[no-any-return]
+
+    def read_u64(self, gpa: int) -> int:
+        """Read a little-endian 64-bit value at ``gpa`` (any alignment; not ordered).
+
+        :raises DmaError: not mapped.
+        """
+        r = self._last
+        if r.gpa <= gpa <= r.end - 8:
+            return _u64_unpack(r.mm, gpa - r.delta)[0]  # type: ignore[arg-type,no-any-return]
+        return self._unpack_slow(_U64, gpa)[0]  # type: ignore[no-any-return]
+
+    def write_u8(self, gpa: int, value: int) -> None:
+        """Write one byte at ``gpa``.
+
+        :raises DmaError: not mapped or read-only.
+        :raises struct.error: ``value`` does not fit.
+        """
+        if not 0 <= value <= 0xFF:  # struct.pack_into may write before it checks
+            raise struct.error(f"{value!r} does not fit in 8 bits")
+        r = self._last
+        if r.writable and r.gpa <= gpa < r.end:
+            _u8_pack(r.mm, gpa - r.delta, value)  # type: ignore[arg-type]
+            return
+        self._pack_slow(_U8, gpa, (value,))
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        """Write ``value`` little-endian as 16 bits at ``gpa``.
+
+        :raises DmaError: not mapped or read-only.
+        :raises struct.error: ``value`` does not fit.
+        """
+        if not 0 <= value <= 0xFFFF:  # struct.pack_into may write before it checks
+            raise struct.error(f"{value!r} does not fit in 16 bits")
+        r = self._last
+        if r.writable and r.gpa <= gpa <= r.end - 2:
+            _u16_pack(r.mm, gpa - r.delta, value)  # type: ignore[arg-type]
+            return
+        self._pack_slow(_U16, gpa, (value,))
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        """Write ``value`` little-endian as 32 bits at ``gpa`` (not ordered).
+
+        :raises DmaError: not mapped or read-only.
+        :raises struct.error: ``value`` does not fit.
+        """
+        if not 0 <= value <= 0xFFFF_FFFF:  # struct.pack_into may write before it checks
+            raise struct.error(f"{value!r} does not fit in 32 bits")
+        r = self._last
+        if r.writable and r.gpa <= gpa <= r.end - 4:
+            _u32_pack(r.mm, gpa - r.delta, value)  # type: ignore[arg-type]
+            return
+        self._pack_slow(_U32, gpa, (value,))
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        """Write ``value`` little-endian as 64 bits at ``gpa`` (not ordered).
+
+        :raises DmaError: not mapped or read-only.
+        :raises struct.error: ``value`` does not fit.
+        """
+        if not 0 <= value <= 0xFFFF_FFFF_FFFF_FFFF:  # struct.pack_into may write before it checks
+            raise struct.error(f"{value!r} does not fit in 64 bits")
+        r = self._last
+        if r.writable and r.gpa <= gpa <= r.end - 8:
+            _u64_pack(r.mm, gpa - r.delta, value)  # type: ignore[arg-type]
+            return
+        self._pack_slow(_U64, gpa, (value,))
+
+    def read_struct(self, st: struct.Struct, gpa: int) -> tuple[Any, ...]:
+        """Unpack ``st`` (use an explicit ``"<"`` format) from guest memory at ``gpa``.
+
+        :param st: a compiled :class:`struct.Struct`.
+        :param gpa: first address.
+        :returns: the unpacked tuple.
+        :raises DmaError: see the module docstring.
+        """
+        r = self._last
+        if r.gpa <= gpa <= r.end - st.size:
+            return st.unpack_from(r.mm, gpa - r.delta)  # type: ignore[arg-type]
+        return self._unpack_slow(st, gpa)
+
+    def write_struct(self, st: struct.Struct, gpa: int, *values: Any) -> None:
+        """Pack ``values`` with ``st`` into guest memory at ``gpa``.
+
+        :param st: a compiled :class:`struct.Struct`.
+        :param gpa: first address.
+        :param values: the fields.
+        :raises DmaError: see the module docstring; nothing is written then.
+        :raises struct.error: the values do not match ``st``; nothing is written.
+        """
+        # Pack first: struct.pack_into can write part of the bytes before
+        # raising on a bad value, which would leave guest memory half-updated.
+        data = st.pack(*values)
+        r = self._last
+        if r.writable and r.gpa <= gpa <= r.end - len(data):
+            off = gpa - r.delta
+            r.mm[off : off + len(data)] = data  # type: ignore[index]
+            return
+        self._write_slow(gpa, data)
+
+    # ------------------------------------------------------ ordered access
+
+    def _ordered_slow(self, gpa: int, width: int, write: bool) -> tuple[native.Pinned, int]:
+        """Find the pin and mmap offset for an ordered access, or raise."""
+        r = self._single(gpa, width, write)
+        if r is None:
+            raise DmaError(f"ordered {width * 8}-bit access at {gpa:#x} crosses a region boundary")
+        if gpa & (width - 1):
+            raise DmaError(f"ordered {width * 8}-bit access at {gpa:#x} is misaligned")
+        return r.pin, gpa - r.delta  # type: ignore[return-value]
+
+    def load32(self, gpa: int) -> int:
+        """Single aligned 32-bit load with acquire ordering (see :mod:`pcidev.native`).
+
+        Use for values another process or thread writes concurrently (doorbells,
+        flags): later reads are not reordered before it.
+
+        :param gpa: 4-byte aligned address.
+        :returns: the little-endian value.
+        :raises DmaError: unmapped, misaligned, or crossing a region boundary.
+        """
+        r = self._last
+        if r.gpa <= gpa <= r.end - 4 and not gpa & 3:
+            return r.pin.load32(gpa - r.delta)  # type: ignore[union-attr]
+        p, off = self._ordered_slow(gpa, 4, False)
+        return p.load32(off)
+
+    def load64(self, gpa: int) -> int:
+        """Single aligned 64-bit load with acquire ordering.
+
+        :param gpa: 8-byte aligned address.
+        :returns: the little-endian value.
+        :raises DmaError: unmapped, misaligned, or crossing a region boundary.
+        """
+        r = self._last
+        if r.gpa <= gpa <= r.end - 8 and not gpa & 7:
+            return r.pin.load64(gpa - r.delta)  # type: ignore[union-attr]
+        p, off = self._ordered_slow(gpa, 8, False)
+        return p.load64(off)
+
+    def store32(self, gpa: int, value: int) -> None:
+        """Single aligned 32-bit store with release ordering.
+
+        Earlier writes (e.g. a completion entry) are visible before it (e.g. the
+        phase tag or flag it publishes).
+
+        :param gpa: 4-byte aligned address.
+        :param value: 0 .. 2**32-1.
+        :raises DmaError: unmapped, read-only, misaligned, or crossing a boundary.
+        :raises OverflowError: ``value`` does not fit.
+        """
+        r = self._last
+        if r.writable and r.gpa <= gpa <= r.end - 4 and not gpa & 3:
+            r.pin.store32(gpa - r.delta, value)  # type: ignore[union-attr]
+            return
+        p, off = self._ordered_slow(gpa, 4, True)
+        p.store32(off, value)
+
+    def store64(self, gpa: int, value: int) -> None:
+        """Single aligned 64-bit store with release ordering.
+
+        :param gpa: 8-byte aligned address.
+        :param value: 0 .. 2**64-1.
+        :raises DmaError: unmapped, read-only, misaligned, or crossing a boundary.
+        :raises OverflowError: ``value`` does not fit.
+        """
+        r = self._last
+        if r.writable and r.gpa <= gpa <= r.end - 8 and not gpa & 7:
+            r.pin.store64(gpa - r.delta, value)  # type: ignore[union-attr]
+            return
+        p, off = self._ordered_slow(gpa, 8, True)
+        p.store64(off, value)
+
+    # --------------------------------------------------------------- views
+
+    def views(self, gpa: int, length: int, *, write: bool = False) -> list[memoryview]:
+        """Memoryview slices covering ``[gpa, gpa + length)``, split at region boundaries.
+
+        The views point straight into the mapping (no copy): pass them to
+        ``os.preadv`` (``write=True``) or ``os.pwritev``. Without ``write`` they are
+        read-only. Release them promptly (see :meth:`access`): they block
+        :meth:`unmap`.
+
+        :param gpa: first address.
+        :param length: number of bytes (0 returns ``[]``).
+        :param write: writable views; every byte must be in a writable region.
+        :returns: one view per region touched.
+        :raises DmaError: see the module docstring.
+        """
+        r = self._last
+        if r.gpa <= gpa and length > 0 and gpa + length <= r.end:
+            off = gpa - r.delta
+            if not write:
+                return [r.mv_ro[off : off + length]]  # type: ignore[index]
+            if r.writable:
+                return [r.mv_rw[off : off + length]]  # type: ignore[index]
+        segs = self._resolve(gpa, length, write)
+        if write:
+            return [s[0].mv_rw[s[1] : s[1] + s[2]] for s in segs]  # type: ignore[index]
+        return [s[0].mv_ro[s[1] : s[1] + s[2]] for s in segs]  # type: ignore[index]
+
+    def sg_views(self, sgl: Iterable[tuple[int, int]], *, write: bool = False) -> list[memoryview]:
+        """Views for a scatter-gather list of ``(gpa, length)`` entries, in order.
+
+        If any entry is invalid, the views already created are released before
+        the error propagates, so an error leaves nothing pinned. Zero-length
+        entries contribute no view.
+
+        :param sgl: iterable of ``(gpa, length)`` pairs.
+        :param write: writable views.
+        :returns: the concatenated views of all entries.
+        :raises DmaError: any entry is invalid (see the module docstring).
+        """
+        views: list[memoryview] = []
+        try:
+            for entry in sgl:
+                try:
+                    gpa, length = entry
+                except (TypeError, ValueError):
+                    raise DmaError(f"bad scatter-gather entry {entry!r}") from None
+                r = self._last
+                if (
+                    r.gpa <= gpa
+                    and length > 0
+                    and gpa + length <= r.end
+                    and (r.writable or not write)
+                ):
+                    off = gpa - r.delta
+                    views.append((r.mv_rw if write else r.mv_ro)[off : off + length])  # type: ignore[index]
+                else:
+                    for r, off, n in self._resolve(gpa, length, write):
+                        views.append((r.mv_rw if write else r.mv_ro)[off : off + n])  # type: ignore[index]
+        except BaseException:
+            # Release what was created so far: a traceback keeps this frame's
+            # locals alive, and unreleased views would block unmap.
+            for v in views:
+                v.release()
+            raise
+        return views
+
+    def access(self, sgl: Iterable[tuple[int, int]], *, write: bool = False) -> _Access:
+        """Context manager yielding :meth:`sg_views` and releasing them on exit.
+
+        ::
+
+            with gm.access([(prp1, 4096), (prp2, 4096)], write=True) as views:
+                os.preadv(backing_fd, views, offset)
+
+        Slices taken from the yielded views are not released by the block; drop
+        them before it ends.
+
+        :param sgl: iterable of ``(gpa, length)`` pairs.
+        :param write: writable views.
+        :returns: a context manager whose ``__enter__`` returns ``list[memoryview]``.
+        :raises DmaError: any entry is invalid (raised here, before the block runs).
+        """
+        return _Access(self.sg_views(sgl, write=write))
