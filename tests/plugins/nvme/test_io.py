@@ -570,3 +570,58 @@ def test_4k_format_and_several_namespaces(tmp_path):
     finally:
         ios.close()
         ctrl.close()
+
+
+# ------------------------------------------------------------------------------ fuzz
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from pcidev_nvme.request import SQE, decode_sqe  # noqa: E402
+
+_FUZZ_OPCODES = [0x00, 0x01, 0x02, 0x05, 0x08, 0x09, 0x0C, 0x19, 0x04, 0x7F]
+
+
+@pytest.fixture(scope="module")
+def fuzz_env(tmp_path_factory):
+    ctrl = FakeController(ram=4 << 20, mdts_bytes=256 * 1024)
+    ctrl.namespaces[1] = make_namespace(1, "mem:size=1M")
+    ctrl.namespaces[2] = make_namespace(2, f"file:path={tmp_path_factory.mktemp('fz')}/f.img,size=1M,lbaf=1")
+    ios = IoCommandSet(ctrl)
+    yield ctrl, ios
+    ios.close()
+    ctrl.close()
+
+
+def _addr():
+    return st.one_of(
+        st.integers(0, (4 << 20) - 1),
+        st.integers(0, (4 << 20) // PAGE).map(lambda x: x * PAGE),
+        st.integers(0, 2**64 - 1),
+    )
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    opcode=st.sampled_from(_FUZZ_OPCODES),
+    flags=st.integers(0, 255),
+    nsid=st.sampled_from([0, 1, 2, 3, 0xFFFFFFFF]),
+    prp1=_addr(),
+    prp2=_addr(),
+    cdw10=st.one_of(st.integers(0, 64), st.integers(0, 2**32 - 1)),
+    cdw11=st.one_of(st.just(0), st.integers(0, 2**32 - 1)),
+    cdw12=st.one_of(st.integers(0, 300), st.integers(0, 2**32 - 1)),
+    scribble=st.binary(min_size=0, max_size=256),
+)
+def test_garbage_commands_complete_exactly_once(fuzz_env, opcode, flags, nsid, prp1, prp2, cdw10, cdw11,
+                                                cdw12, scribble):
+    ctrl, ios = fuzz_env
+    # Random bytes where PRP lists, SGL segments, DSM ranges or Copy descriptors may be read.
+    if scribble and prp2 + len(scribble) <= ctrl.ram:
+        ctrl.memory.write(prp2, scribble)
+    req = decode_sqe(1, SQE.pack(opcode, flags, 7, nsid, 0, 0, 0, prp1, prp2, cdw10, cdw11, cdw12, 0, 0, 0))
+    ios.submit(req)
+    status, _dw0, err = ctrl.wait(req, timeout=10)
+    assert status == 0 or isinstance(err, NvmeStatusError)
+    assert status != Status.INTERNAL, err  # every malformed command has a specific status
+    assert not ctrl.double
