@@ -720,6 +720,13 @@ def _make_file(options: dict[str, Any]) -> FileBackend:
 
 # ----------------------------------------------------------------------------- registry
 
+#: Attributes every backend must have (see :class:`Backend`; ``min_block`` and
+#: ``identity_path`` are optional).
+_REQUIRED = (
+    "size", "inline", "read_only", "readv", "writev", "flush", "deallocate", "write_zeroes",
+    "allocated_bytes", "close",
+)
+
 #: A backend factory: takes the spec's options (removing those it uses), returns a backend.
 BackendFactory = Callable[[dict[str, Any]], Backend]
 
@@ -838,9 +845,16 @@ class BackendRegistry:
             raise ConfigError(
                 f"unknown option(s) for NVMe backend {name!r}: {', '.join(sorted(rest))}"
             )
-        for attr in ("size", "readv", "writev"):
-            if not hasattr(backend, attr):
-                raise ConfigError(f"NVMe backend {name!r} returned {backend!r} without {attr}")
+        missing = [attr for attr in _REQUIRED if not hasattr(backend, attr)]
+        if missing:
+            try:
+                backend.close()
+            except Exception:
+                pass
+            raise ConfigError(
+                f"NVMe backend {name!r} returned {backend!r} without {', '.join(missing)} "
+                "(subclass pcidev_nvme.backends.BaseBackend for defaults)"
+            )
         return backend
 
     def names(self) -> list[str]:

@@ -372,6 +372,22 @@ def test_plugin_backend_errors_name_the_plugin():
         make_namespace(1, "broken:size=1M", plugin_manager=pm)
 
 
+def test_incomplete_backend_is_refused():
+    class Half:
+        size = 1 << 20
+
+        def readv(self, views, offset):
+            pass
+
+        def writev(self, views, offset, *, fua=False):
+            pass
+
+    reg = builtin_backends()
+    reg.add_backend("half", lambda options: Half())
+    with pytest.raises(ConfigError, match="inline.*BaseBackend"):
+        reg.create("half", {})
+
+
 def test_plugin_without_nvme_loaded_is_rejected():
     # With the NVMe plugin blocked, the hook is unknown: the manager refuses it.
     with pytest.raises(PluginError, match="pcidev_nvme_register_backends"):
