@@ -625,3 +625,46 @@ def test_garbage_commands_complete_exactly_once(fuzz_env, opcode, flags, nsid, p
     assert status == 0 or isinstance(err, NvmeStatusError)
     assert status != Status.INTERNAL, err  # every malformed command has a specific status
     assert not ctrl.double
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+def test_slow_plugin_backend_does_not_block_registers():
+    """Through the software host: a command stuck in a (plugin-contributed) slow backend
+    leaves register access and other namespaces working, and completes later."""
+    from pcidev import hookimpl
+    from pcidev.host import Machine
+    from pcidev.plugins import make_plugin_manager
+    from pcidev_nvme.controller import NvmeController
+    from pcidev_nvme.driver import READ, NvmeDriver
+
+    gate_backend = GatedBackend()
+
+    class GatePlugin:
+        __name__ = "gate-plugin"
+
+        @hookimpl
+        def pcidev_nvme_register_backends(self, registry):
+            registry.add_backend("gated", lambda options: (options.clear(), gate_backend)[1])
+
+    pm = make_plugin_manager(plugins=[GatePlugin()])
+    machine = Machine(ram_size=64 << 20)
+    ctrl = NvmeController("ns=gated:x=1,ns=mem:size=1M", plugin_manager=pm)
+    drv = NvmeDriver.attach(machine, ctrl, io_queues=1)
+    try:
+        buf = machine.alloc(PAGE)
+        t0 = time.monotonic()
+        slow = drv.submit_rw(1, READ, nsid=1, slba=0, nlb=1, buf=buf)
+        assert time.monotonic() - t0 < 0.5
+        assert drv.read32(0x1C) & 1  # CSTS.RDY reads at once
+        assert drv.read(2, 0, 1) == bytes(512)  # another namespace keeps working
+        assert all(c.cid != slow for c in drv.poll(1))  # still in the backend
+        gate_backend.gate.set()
+        comp = drv.wait_for(1, slow, timeout=5)
+        assert comp.ok
+    finally:
+        gate_backend.gate.set()
+        drv.close()
+        ctrl.close()
+        machine.close()
