@@ -1,0 +1,143 @@
+"""Admin: Namespace Management (create, delete), Namespace Attachment, Format NVM (512 B
+and 4 KiB LBA formats), with their statuses."""
+
+from __future__ import annotations
+
+import struct
+import time
+
+import pytest
+from test_core_fixtures import GatedBackend, attach_namespace, expect_status, nvme_env, wait_until  # noqa: F401
+
+from pcidev_nvme.driver import READ
+from pcidev_nvme.status import Status
+
+NS_MGMT, NS_ATTACH, FORMAT = 0x0D, 0x15, 0x80
+CTRL_LIST = struct.pack("<HH", 1, 0)
+
+
+def ns_data(nsze, ncap=None, flbas=0, dps=0, nmic=0):
+    buf = bytearray(4096)
+    struct.pack_into("<QQ", buf, 0, nsze, nsze if ncap is None else ncap)
+    buf[26], buf[29], buf[30] = flbas, dps, nmic
+    return bytes(buf)
+
+
+@pytest.fixture
+def env(nvme_env):  # noqa: F811
+    return nvme_env("ns=mem:size=4M,capacity=64M,max_namespaces=4", io_queues=1)
+
+
+def create(drv, nsze, **kw):
+    return drv.admin(NS_MGMT, cdw10=0, data=ns_data(nsze, **kw)).dw0
+
+
+def test_create_attach_use_detach_delete(env):
+    drv, ctrl = env.drv, env.ctrl
+    nsid = create(drv, 2048, flbas=1)  # 2048 x 4 KiB
+    assert nsid == 2
+    assert 2 in ctrl.allocated and 2 not in ctrl.namespaces
+    assert struct.unpack("<1024I", drv.identify(0x10))[:3] == (1, 2, 0)
+    assert struct.unpack("<1024I", drv.identify(0x02))[:2] == (1, 0)
+    assert drv.identify(0x00, nsid=2) == bytes(4096)  # allocated, not active
+    assert drv.identify(0x11, nsid=2)[:8] == struct.pack("<Q", 2048)
+    unvmcap = int.from_bytes(drv.identify(0x01)[296:312], "little")
+    assert unvmcap == (64 << 20) - (4 << 20) - (8 << 20)
+    drv.admin(NS_ATTACH, nsid=2, cdw10=0, data=CTRL_LIST)
+    drv.scan_namespaces()
+    assert drv.namespaces[2].lba_size == 4096 and drv.namespaces[2].nsze == 2048
+    drv.write(2, 2047, b"n" * 4096)
+    assert drv.read(2, 2047, 1) == b"n" * 4096
+    drv.admin(NS_ATTACH, nsid=2, cdw10=1, data=CTRL_LIST)
+    expect_status(drv, Status.INVALID_NSID, READ, qid=1, nsid=2, buf=env.machine.alloc(4096), length=4096)
+    drv.admin(NS_MGMT, nsid=2, cdw10=1)
+    assert 2 not in ctrl.allocated
+    assert int.from_bytes(drv.identify(0x01)[296:312], "little") == (64 << 20) - (4 << 20)
+
+
+def test_create_errors(env):
+    drv = env.drv
+    expect_status(drv, Status.INVALID_FIELD, NS_MGMT, cdw10=0, data=ns_data(0))
+    expect_status(drv, Status.INVALID_FIELD, NS_MGMT, cdw10=0, data=ns_data(8, ncap=16))
+    expect_status(drv, Status.THIN_PROVISIONING_NOT_SUPPORTED, NS_MGMT, cdw10=0, data=ns_data(16, ncap=8))
+    expect_status(drv, Status.INVALID_FORMAT, NS_MGMT, cdw10=0, data=ns_data(16, flbas=5))
+    expect_status(drv, Status.INVALID_FIELD, NS_MGMT, cdw10=0, data=ns_data(16, dps=1))
+    expect_status(drv, Status.INVALID_FIELD, NS_MGMT, cdw10=0, data=ns_data(9))  # 4.5 KiB
+    expect_status(drv, Status.NS_INSUFFICIENT_CAPACITY, NS_MGMT, cdw10=0, data=ns_data(1 << 20, flbas=1))
+    expect_status(drv, Status.INVALID_FIELD, NS_MGMT, cdw10=0, cdw11=2 << 24, data=ns_data(16))
+    expect_status(drv, Status.INVALID_FIELD, NS_MGMT, cdw10=3, data=ns_data(16))
+    for _ in range(3):
+        create(drv, 16)
+    expect_status(drv, Status.NS_ID_UNAVAILABLE, NS_MGMT, cdw10=0, data=ns_data(16))
+    expect_status(drv, Status.INVALID_NSID, NS_MGMT, nsid=9, cdw10=1)
+    expect_status(drv, Status.INVALID_NSID, NS_MGMT, nsid=0, cdw10=1)
+    drv.admin(NS_MGMT, nsid=0xFFFFFFFF, cdw10=1)  # delete them all
+    assert not env.ctrl.allocated and not env.ctrl.namespaces
+
+
+def test_attachment_errors(env):
+    drv = env.drv
+    expect_status(drv, Status.NS_ALREADY_ATTACHED, NS_ATTACH, nsid=1, cdw10=0, data=CTRL_LIST)
+    expect_status(drv, Status.INVALID_NSID, NS_ATTACH, nsid=3, cdw10=0, data=CTRL_LIST)
+    expect_status(drv, Status.CONTROLLER_LIST_INVALID, NS_ATTACH, nsid=1, cdw10=1, data=struct.pack("<H", 0))
+    expect_status(drv, Status.CONTROLLER_LIST_INVALID, NS_ATTACH, nsid=1, cdw10=1, data=struct.pack("<HH", 1, 5))
+    expect_status(drv, Status.INVALID_FIELD, NS_ATTACH, nsid=1, cdw10=2, data=CTRL_LIST)
+    drv.admin(NS_ATTACH, nsid=1, cdw10=1, data=CTRL_LIST)
+    expect_status(drv, Status.NS_NOT_ATTACHED, NS_ATTACH, nsid=1, cdw10=1, data=CTRL_LIST)
+
+
+def test_created_file_namespace(nvme_env, tmp_path):  # noqa: F811
+    env = nvme_env(f"state_dir={tmp_path},ns_create=file,capacity=16M", io_queues=1)
+    drv = env.drv
+    nsid = create(drv, 4096)  # 2 MiB of 512-byte blocks
+    images = list(tmp_path.glob("*.img"))
+    assert len(images) == 1 and images[0].stat().st_size == 2 << 20
+    drv.admin(NS_ATTACH, nsid=nsid, cdw10=0, data=CTRL_LIST)
+    drv.scan_namespaces()
+    drv.write(nsid, 7, b"f" * 512)
+    assert images[0].read_bytes()[7 * 512:8 * 512] == b"f" * 512
+
+
+def test_format_switches_lba_size_and_erases(env):
+    drv, ctrl = env.drv, env.ctrl
+    drv.write(1, 0, b"d" * 4096)
+    drv.admin(FORMAT, nsid=1, cdw10=1 | (0 << 9))  # LBAF 1 (4 KiB), no erase
+    drv.scan_namespaces()
+    assert drv.namespaces[1].lba_size == 4096 and drv.namespaces[1].nsze == 1024
+    assert drv.read(1, 0, 1) == b"d" * 4096
+    drv.admin(FORMAT, nsid=1, cdw10=0 | (1 << 9))  # back to 512 B, user data erase
+    drv.scan_namespaces()
+    assert drv.namespaces[1].lba_size == 512
+    assert drv.read(1, 0, 8) == bytes(4096)
+    drv.admin(FORMAT, nsid=0xFFFFFFFF, cdw10=1)  # every namespace
+    assert ctrl.namespaces[1].lba_size == 4096
+
+
+def test_format_errors(env):
+    drv = env.drv
+    expect_status(drv, Status.INVALID_FORMAT, FORMAT, nsid=1, cdw10=7, param=40)
+    expect_status(drv, Status.INVALID_FORMAT, FORMAT, nsid=1, cdw10=1 << 5)  # protection information
+    expect_status(drv, Status.INVALID_FIELD, FORMAT, nsid=1, cdw10=2 << 9)  # crypto erase
+    expect_status(drv, Status.INVALID_NSID, FORMAT, nsid=2, cdw10=0)
+    expect_status(drv, Status.INVALID_NSID, FORMAT, nsid=0, cdw10=0)
+
+
+def test_io_during_format_is_refused(nvme_env):  # noqa: F811
+    env = nvme_env("ns=mem:size=1M", io_queues=1)
+    drv, ctrl = env.drv, env.ctrl
+    gated = GatedBackend()
+    attach_namespace(ctrl, 2, gated)
+    drv.scan_namespaces()
+    buf = env.machine.alloc(4096)
+    gated.hold()
+    drv.submit(1, READ, nsid=2, buf=buf, length=512, tag="before")
+    wait_until(lambda: gated.waiting == 1)
+    fcid = drv.submit(0, FORMAT, nsid=2, cdw10=0)
+    time.sleep(0.02)
+    comp = drv.io(1, READ, nsid=2, buf=buf, length=512, check=False)
+    assert comp.code == Status.FORMAT_IN_PROGRESS
+    assert drv.poll(0) == []  # the format waits for the read in flight
+    gated.release()
+    assert drv.wait_for(0, fcid).ok
+    assert [c.tag for c in drv.stash.get(1, [])] + [c.tag for c in drv.poll(1)] == ["before"]
+    assert drv.io(1, READ, nsid=2, buf=buf, length=512).ok
