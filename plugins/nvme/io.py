@@ -51,12 +51,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from pcidev.errors import DmaError
-from pcidev_nvme.prp import (
-    MAX_TRANSFER,
-    OFF_DPTR1,
-    data_segments,
-    prp_segments,
-)
+from pcidev_nvme.prp import OFF_DPTR1, data_segments, prp_segments
 from pcidev_nvme.status import NvmeStatusError, Status
 
 if TYPE_CHECKING:
@@ -282,31 +277,31 @@ class IoCommandSet:
             nsid = req.nsid
             ns = self.ctrl.namespaces.get(nsid)
             if ns is None:
-                if nsid == _BROADCAST and req.opcode == Opcode.FLUSH:
-                    self._dispatch(self._flush_all, req, None, self._all_inline())
-                    return
-                raise NvmeStatusError(
-                    Status.INVALID_NSID, f"namespace {nsid:#x} is not attached",
-                    param_offset=_OFF_NSID,
-                )
+                if nsid != _BROADCAST or req.opcode != Opcode.FLUSH:
+                    raise NvmeStatusError(
+                        Status.INVALID_NSID, f"namespace {nsid:#x} is not attached",
+                        param_offset=_OFF_NSID,
+                    )
+                handler = self._flush_all
+                inline = self._all_inline()
+            else:
+                inline = ns.backend.inline
             if self._closed:
                 raise NvmeStatusError(Status.INTERNAL, "the I/O command set is closed")
-            if ns.backend.inline:
-                dw0 = handler(req, ns)
-                self._complete(req, 0, dw0)
+            if not inline:
+                self._dispatch(handler, req, ns)
                 return
-            self._dispatch(handler, req, ns, False)
+            dw0 = handler(req, ns)
         except BaseException as exc:  # noqa: BLE001 - every failure becomes a status
             self._fail(req, exc)
+            return
+        self._complete(req, 0, dw0)
 
     def _all_inline(self) -> bool:
         return all(ns.backend.inline for ns in list(self.ctrl.namespaces.values()))
 
-    def _dispatch(self, handler: Any, req: Any, ns: Any, inline: bool) -> None:
-        if inline:
-            dw0 = handler(req, ns)
-            self._complete(req, 0, dw0)
-            return
+    def _dispatch(self, handler: Any, req: Any, ns: Any) -> None:
+        """Hand the command to a worker thread."""
         if self._closed:
             raise NvmeStatusError(Status.INTERNAL, "the I/O command set is closed")
         with self._cond:
@@ -670,5 +665,3 @@ class IoCommandSet:
         self.ctrl.smart.record_write(len(buf))
         return 0
 
-
-assert MAX_TRANSFER >= 65536 * 4096
