@@ -31,24 +31,26 @@ def pcidev_add_hookspecs(pluginmanager: pluggy.PluginManager) -> None:
 
 @hookimpl
 def pcidev_register_devices(registry: DeviceRegistry) -> None:
-    """Register the NVMe controller device type.
+    """Register the NVMe controller device type, the namespace component (QEMU's
+    ``nvme-ns`` beside ``nvme``) and the built-in namespace backends.
+
+    Components:
+
+    * ``nvme-ns/nvme-ns``: :func:`pcidev_nvme.namespace.make_namespace`, which builds
+      a namespace from a spec such as ``"file:path=x.img,size=1G"``;
+    * ``nvme-backend/<name>``: the factory of each built-in backend (``file``,
+      ``mem``, ``null``). Backends of other plugins come through the NVMe plugin's
+      own hook, :func:`pcidev_nvme.hookspecs.pcidev_nvme_register_backends`.
 
     :param registry: the registry collecting device types.
     """
     # Imported here so that loading the plugin stays cheap and an error in the
     # controller module is reported as a registration failure of this plugin.
+    from pcidev_nvme.backends import BACKEND_KIND, builtin_backends
     from pcidev_nvme.controller import NvmeController
+    from pcidev_nvme.namespace import make_namespace
 
     registry.add_device(NvmeController)
-    registry.add_component("bench", "nvme", run_bench)
-
-
-def run_bench(argv: list[str]) -> int:
-    """NVMe I/O benchmark through the software host: pcidev bench nvme [--json].
-
-    :param argv: the benchmark's arguments (see :mod:`pcidev_nvme.bench`).
-    :returns: the exit status.
-    """
-    from pcidev_nvme.bench import main
-
-    return main(argv)
+    registry.add_component("nvme-ns", "nvme-ns", make_namespace)
+    for entry in builtin_backends():
+        registry.add_component(BACKEND_KIND, entry.name, entry.factory)

@@ -1,0 +1,101 @@
+"""The NVMe plugin's registration (through its entry point only), the configuration
+class (QEMU-style property strings via cattrs), and a controller whose namespace uses a
+backend contributed by another plugin."""
+
+from __future__ import annotations
+
+import pytest
+
+from pcidev import hookimpl
+from pcidev.errors import ConfigError
+from pcidev.host import Machine
+from pcidev.plugins import load_registry, make_plugin_manager
+from pcidev_nvme.backends import BaseBackend
+from pcidev_nvme.config import NvmeConfig
+from pcidev_nvme.controller import NvmeController
+from pcidev_nvme.driver import NvmeDriver
+
+
+def test_registered_through_the_entry_point():
+    registry = load_registry(make_plugin_manager())
+    entry = registry.entry("nvme")
+    assert entry.cls is NvmeController and entry.plugin == "nvme" and entry.distribution == "pcidev"
+    kinds = {(c.kind, c.name) for c in registry.components() if c.plugin == "nvme"}
+    assert {("nvme-ns", "nvme-ns"), ("nvme-backend", "file"), ("nvme-backend", "mem"),
+            ("nvme-backend", "null")} <= kinds
+    assert "nvme" not in load_registry(make_plugin_manager(blocked=["nvme"]))
+
+
+def test_config_parsing():
+    cfg = NvmeConfig.parse("serial=abc,mdts=5,max_ioqpairs=0x10,msix_vectors=17,"
+                           "ns=file:path=/tmp/x.img,size=1G,direct=on,dbbuf=off,ns=mem:size=64M,vendor_id=0x8086")
+    assert cfg.serial == "abc" and cfg.mdts == 5 and cfg.max_ioqpairs == 16 and cfg.dbbuf is False
+    assert cfg.namespaces == ["file:path=/tmp/x.img,size=1G,direct=on", "mem:size=64M"]
+    assert cfg.vendor_id == 0x8086
+    assert NvmeConfig.parse("model=a,,b").model == "a,b"
+    assert NvmeConfig.from_dict({"capacity": "2G", "namespaces": "mem:size=1M"}).capacity == 2 << 30
+    assert NvmeConfig.from_dict(cfg.unstructure()) == cfg
+
+
+@pytest.mark.parametrize("text, match", [
+    ("bogus=1", "unknown property bogus"),
+    ("mdts=x", "mdts"),
+    ("mdts=21", "mdts=21"),
+    ("serial=", "serial"),
+    ("serial=" + "a" * 21, "longer than 20"),
+    ("msix_bar=2", "msix_bar"),
+    ("dbbuf=perhaps", "dbbuf"),
+    ("mdts", "no '=value'"),
+    ("mdts=1,mdts=2", "twice"),
+    ("namespaces=mem", "ns=SPEC"),
+])
+def test_config_errors(text, match):
+    with pytest.raises(ConfigError, match=match):
+        NvmeConfig.parse(text)
+
+
+def test_controller_config_errors():
+    with pytest.raises(ConfigError):
+        NvmeController(42)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        NvmeController("ns=nosuchbackend:size=1M")
+
+
+class _Pattern(BaseBackend):
+    kind = "pattern"
+    inline = True
+
+    def __init__(self, size: int, byte: int) -> None:
+        super().__init__(size)
+        self.byte = byte
+
+    def readv(self, views, offset):
+        for v in views:
+            v[:] = bytes([self.byte]) * len(v)
+
+    def writev(self, views, offset, *, fua=False):
+        raise OSError(30, "read-only pattern")
+
+
+class PatternPlugin:
+    __name__ = "pattern-plugin"
+
+    @hookimpl
+    def pcidev_nvme_register_backends(self, registry):
+        def factory(options):
+            size = int(options.pop("size"))
+            return _Pattern(size, int(options.pop("byte", "0")))
+
+        registry.add_backend("pattern", factory)
+
+
+def test_backend_from_another_plugin():
+    pm = make_plugin_manager(plugins=[PatternPlugin()])
+    ctrl = NvmeController("ns=pattern:size=1048576,byte=171", plugin_manager=pm)
+    with Machine() as m:
+        drv = NvmeDriver.attach(m, ctrl, aers=0)
+        try:
+            assert drv.read(1, 0, 2) == b"\xAB" * 1024
+        finally:
+            drv.close()
+            ctrl.close()
