@@ -40,7 +40,8 @@ def pcidev_register_devices(registry: DeviceRegistry) -> None:
       a namespace from a spec such as ``"file:path=x.img,size=1G"``;
     * ``nvme-backend/<name>``: the factory of each built-in backend (``file``,
       ``mem``, ``null``). Backends of other plugins come through the NVMe plugin's
-      own hook, :func:`pcidev_nvme.hookspecs.pcidev_nvme_register_backends`.
+      own hook, :func:`pcidev_nvme.hookspecs.pcidev_nvme_register_backends`;
+    * ``bench/nvme``: :func:`run_bench`, run by ``pcidev bench nvme``.
 
     :param registry: the registry collecting device types.
     """
@@ -54,3 +55,18 @@ def pcidev_register_devices(registry: DeviceRegistry) -> None:
     registry.add_component("nvme-ns", "nvme-ns", make_namespace)
     for entry in builtin_backends():
         registry.add_component(BACKEND_KIND, entry.name, entry.factory)
+    registry.add_component("bench", "nvme", run_bench)
+
+
+def run_bench(argv: list[str]) -> int:
+    """NVMe I/O benchmark through the software host: pcidev bench nvme [--json].
+
+    The ``bench/nvme`` component that ``pcidev bench nvme`` runs (see
+    :mod:`pcidev_nvme.bench`; owned by the data path).
+
+    :param argv: the benchmark's arguments.
+    :returns: the exit status.
+    """
+    from pcidev_nvme.bench import main
+
+    return main(argv)
