@@ -988,10 +988,7 @@ class NvmeController(PciDevice):
             now = time.monotonic()
             gen = self._gen
             for i in range(n):
-                req = decode_sqe(sqid, raw, i * SQE_SIZE)
-                req.sq = sq
-                req.gen = gen
-                req.t_fetch = now
+                req = decode_sqe(sqid, raw, i * SQE_SIZE, sq, gen, now)
                 cid = req.cid
                 if cid in inflight:
                     self.complete(req, Status.CMDID_CONFLICT,

@@ -112,16 +112,22 @@ class Request:
                 f"cdw10={self.cdw10:#x} cdw11={self.cdw11:#x} cdw12={self.cdw12:#x}>")
 
 
-def decode_sqe(sqid: int, raw: bytes, offset: int = 0) -> Request:
+def decode_sqe(sqid: int, raw: bytes, offset: int = 0, sq: Any = None, gen: int = 0, t_fetch: float = 0.0) -> Request:
     """Decode the 64-byte entry at ``raw[offset:offset + 64]`` into a :class:`Request`.
 
     :param sqid: the submission queue it came from.
     :param raw: a buffer holding at least ``offset + 64`` bytes.
     :param offset: where the entry starts.
+    :param sq: the core's queue object (bookkeeping).
+    :param gen: the controller generation (bookkeeping).
+    :param t_fetch: fetch time (bookkeeping).
     :returns: the request (its ``sqe`` is a copy of the 64 bytes).
     :raises struct.error: if ``raw`` is too short.
     """
     (opc, flags, cid, nsid, cdw2, cdw3, mptr, prp1, prp2,
      c10, c11, c12, c13, c14, c15) = _unpack_from(raw, offset)
-    return Request(sqid, cid, opc, nsid, bytes(raw[offset:offset + SQE_SIZE]), flags, cdw2, cdw3, mptr,
-                   prp1, prp2, c10, c11, c12, c13, c14, c15)
+    sqe = raw[offset:offset + SQE_SIZE]
+    if type(sqe) is not bytes:
+        sqe = bytes(sqe)
+    return Request(sqid, cid, opc, nsid, sqe, flags, cdw2, cdw3, mptr, prp1, prp2, c10, c11, c12, c13, c14, c15,
+                   None, sq, gen, t_fetch)

@@ -191,7 +191,7 @@ def test_cid_conflict_with_command_in_flight(nvme_env):
     comp = expect_status(drv, Status.CMDID_CONFLICT, 0x06, cid=cid, cdw10=1, buf=env.machine.alloc(4096),
                          length=4096)
     assert comp.cid == cid
-    drv.queues[0].pending[cid] = ("aer", 0x0C, [])  # the AER is still outstanding
+    drv.queues[0].pending[cid] = ("aer", 0x0C)  # the AER is still outstanding
     env.ctrl.set_temperature(400)  # nothing enabled in AEC: no event
     assert drv.poll(0) == []
 
