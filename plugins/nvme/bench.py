@@ -279,7 +279,10 @@ def _layout(drv: Any, machine: Any, ns_size: int) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pcidev bench nvme", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="pcidev bench nvme",
+        description="I/O benchmark of the NVMe controller through the software host (memory namespace).",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--seconds", type=float, default=3.0, help="run time of each job (default 3)")
     p.add_argument("--size", default="256M", help="namespace size (default 256M)")
