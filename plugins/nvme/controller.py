@@ -229,6 +229,7 @@ class NvmeController(PciDevice):
         self._dbbuf: tuple[int, int] | None = None
         self._formatting: set[int] = set()
         self._ka_last = time.monotonic()
+        self._ka_token = 0
         self.page_size = 4096
         self.mdts_bytes: int | None = (4096 << cfg.mdts) if cfg.mdts else None
         nq = cfg.max_ioqpairs + 1
@@ -698,7 +699,10 @@ class NvmeController(PciDevice):
         for v in self._vectors:
             v.cd = False
             v.count = 0
+            v.armed = False
             v.masked_pending = False
+        self._reported_warning = 0
+        self._ka_token += 1
         self._coalesce_on = False
         self._timer.cancel_all()
         self.irq.set_intx(False)
@@ -1124,21 +1128,23 @@ class NvmeController(PciDevice):
         elif self.temperature >= self.cfg.warning_temp:
             self.smart.warning_temp_seconds += dt
 
-    def check_temperature(self, post_only: bool = False) -> None:
-        """Post SMART AENs for critical warning bits that became set (and are enabled in AEC)."""
+    def check_temperature(self) -> None:
+        """Post a SMART AEN for each critical warning bit that is set, enabled in the
+        Asynchronous Event Configuration and not reported yet. A bit is reported again
+        only after it cleared (so enabling a bit in AEC reports a condition already there)."""
         cw = self.critical_warning
-        new = cw & ~self._reported_warning
-        self._reported_warning = cw
-        if not new or not self._running and self._state != _ST_READY:
+        self._reported_warning &= cw
+        if self._state != _ST_READY:
             return
-        aec = self.features.aec
+        new = cw & ~self._reported_warning & self.features.aec
+        if not new:
+            return
+        self._reported_warning |= new
         for bit, info in ((1, aer_mod.INFO_SMART_TEMPERATURE), (0, aer_mod.INFO_SMART_SPARE),
                           (2, aer_mod.INFO_SMART_RELIABILITY), (3, aer_mod.INFO_SMART_RELIABILITY),
                           (4, aer_mod.INFO_SMART_RELIABILITY)):
-            if new & (1 << bit) and aec & (1 << bit):
+            if new & (1 << bit):
                 self.aer.post(aer_mod.AER_SMART, info, 0x02)
-        if not post_only:
-            return
 
     def smart_page(self) -> bytes:
         """The SMART / Health Information log page (LID 02h)."""
@@ -1158,18 +1164,20 @@ class NvmeController(PciDevice):
         self._ka_last = time.monotonic()
 
     def keep_alive_changed(self) -> None:
+        """Feature 0Fh changed: restart the keep alive timer."""
         self._ka_last = time.monotonic()
+        self._ka_token += 1
         kato = self.features.kato_ms
         if kato:
-            self._timer.schedule(kato / 1000.0, self._keep_alive_check, self._gen)
+            self._timer.schedule(kato / 1000.0, self._keep_alive_check, self._ka_token)
 
-    def _keep_alive_check(self, gen: int) -> None:
+    def _keep_alive_check(self, token: int) -> None:
         kato = self.features.kato_ms
-        if not kato or gen != self._gen or self._state != _ST_READY:
+        if not kato or token != self._ka_token or self._state != _ST_READY:
             return
         left = self._ka_last + kato / 1000.0 - time.monotonic()
         if left > 0:
-            self._timer.schedule(left, self._keep_alive_check, gen)
+            self._timer.schedule(left, self._keep_alive_check, token)
             return
         self.error_log.add(sqid=0xFFFF, cid=0xFFFF, status_field=Status.KA_TIMEOUT_EXPIRED | DNR)
         self._fatal("keep alive timeout expired")

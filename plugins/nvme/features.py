@@ -251,7 +251,7 @@ class Features:
             return 0
         if fid == FID_ASYNC_EVENT:
             self.values[fid] = v & AEC_SUPPORTED
-            ctrl.check_temperature(post_only=True)
+            ctrl.check_temperature()
             return 0
         if fid == FID_TIMESTAMP:
             assert data is not None

@@ -108,3 +108,18 @@ def test_aers_dropped_by_controller_reset(env):
     for _ in range(4):  # the limit applies afresh
         drv.arm_aer()
     assert len(ctrl.aer.outstanding) == 4
+
+
+def test_enabling_aec_reports_a_condition_already_present(env):
+    drv, ctrl = env.drv, env.ctrl
+    drv.set_features(0x0B, 0)
+    ctrl.set_temperature(400)
+    drv.arm_aer()
+    assert drv.poll_events(timeout=0.05) == []
+    drv.set_features(0x0B, 0x2)
+    assert events(drv, 1) == [(1, 0x01, 0x02)]
+    # cleared and set again: reported again (once the log was read)
+    drv.get_log(0x02, 512)
+    ctrl.set_temperature(300)
+    ctrl.set_temperature(401)
+    assert events(drv, 2)[1] == (1, 0x01, 0x02)

@@ -133,3 +133,9 @@ def test_interrupts_disabled_queue(env):
     drv.submit(1, 0x00, nsid=1)
     assert env.pdev.irq_count(q.vector) == before
     assert len(drv.reap(1)) == 1
+
+
+def test_nonzero_vector_needs_msix(nvme_env):  # noqa: F811
+    env = nvme_env("ns=mem:size=1M", io_queues=0, irq="intx")
+    expect_status(env.drv, Status.INVALID_INTERRUPT_VECTOR, CREATE_CQ, **cq_args(env, iv=1))
+    env.drv.admin(CREATE_CQ, **cq_args(env, iv=0))

@@ -271,3 +271,21 @@ def test_odd_sized_doorbell_writes_are_harmless(nvme_env):  # noqa: F811
     env.ctrl.bar_write(0, 0x1008, 8, 0)  # 64-bit write = SQ1 tail 0, CQ1 head 0 (no change)
     assert drv.read(1, 0, 1) == bytes(512)
     assert env.ctrl.csts & 2 == 0
+
+
+def test_handler_failure_sets_cfs(nvme_env):  # noqa: F811
+    env = nvme_env()
+    ctrl = env.ctrl
+
+    def boom(*_a):
+        raise RuntimeError("simulated internal bug")
+
+    ctrl.admin.submit = boom  # a bug in the admin path while a doorbell is processed
+    env.drv.submit(0, 0x06, cdw10=1)
+    assert ctrl.csts & 0x2 == 0  # a failing command is completed with Internal Error instead
+    comp = env.drv.reap(0)[0]
+    assert comp.code == 0x006
+    ctrl.regs["CC"].on_write = boom
+    env.pdev.iowrite32(0, CC, env.pdev.ioread32(0, CC))
+    assert ctrl.csts & 0x2  # CFS: the register handler itself failed
+    assert ctrl.failed is not None
