@@ -53,7 +53,7 @@ from pcidev_nvme.aer import AsyncEvents
 from pcidev_nvme.config import NvmeConfig
 from pcidev_nvme.features import Features
 from pcidev_nvme.logs import ChangedNamespaces, ErrorLog, FirmwareSlots, SmartCounters, StateFile
-from pcidev_nvme.queues import _CQE_HEAD, CompletionQueue, InterruptVector, SubmissionQueue, Timer
+from pcidev_nvme.queues import _CQE_FULL, _CQE_HEAD, CompletionQueue, InterruptVector, SubmissionQueue, Timer
 from pcidev_nvme.request import SQE_SIZE, Request, decode_sqe
 from pcidev_nvme.status import DNR, NvmeStatusError, Status, status_field
 
@@ -119,6 +119,8 @@ class _BatchState(threading.local):
         self.io = False
         self.cqs: dict[CompletionQueue, int] = {}
         self.kicks: list[SubmissionQueue] = []
+        #: completions made on this thread during the batch, posted at its end
+        self.done: list[tuple] = []
 
 
 class _Bar0:
@@ -375,7 +377,14 @@ class NvmeController(PciDevice):
         :param dw0: completion DW0.
         :param dw1: completion DW1.
         :param error: the exception the status came from, if any.
+
+        Completions made while a doorbell write is being processed (on that same
+        thread) are posted together when it ends, one interrupt per queue.
         """
+        tls = self._tls
+        if tls.depth:
+            tls.done.append((req, status, dw0, dw1, error))
+            return
         sq = req.sq
         if sq is None:
             log.error("complete() of a request that did not come from a queue: %r", req)
@@ -429,19 +438,122 @@ class NvmeController(PciDevice):
             return
         if status:
             self._log_error(req, sf, phase if posted else cq.phase, error)
-        tls = self._tls
-        if tls.depth:
-            if posted and cq.ien:
-                tls.cqs[cq] = tls.cqs.get(cq, 0) + 1
-        else:
-            if sq.sqid:
-                self.smart.record_busy(req.t_fetch, time.monotonic())
-            if posted and cq.ien:
-                self._raise(cq, 1)
+        if sq.sqid:
+            self.smart.record_busy(req.t_fetch, time.monotonic())
+        if posted and cq.ien:
+            self._raise(cq, 1)
         if sq.deleting and not sq.inflight:
             self._finish_sq_delete(sq)
         if cq.throttled:
             self._kick_throttled(cq)
+
+    def _complete_batch(self, items: list[tuple], tls: _BatchState) -> None:
+        """Post the completions deferred during a batch: one lock and one memory write
+        per completion queue, then each entry's phase dword in order."""
+        first_cq = items[0][0].sq.cq
+        if all(it[0].sq.cq is first_cq for it in items):
+            groups = [(first_cq, items)]
+        else:
+            by_cq: dict[CompletionQueue, list] = {}
+            for it in items:
+                by_cq.setdefault(it[0].sq.cq, []).append(it)
+            groups = list(by_cq.items())
+        gen = self._gen
+        for cq, its in groups:
+            entries: list[tuple] = []
+            errors: list[tuple] = []
+            deleting: list[SubmissionQueue] = []
+            stale = False
+            try:
+                with cq.lock:
+                    tail, head, size, phase = cq.tail, cq.head, cq.size, cq.phase
+                    start, start_phase = tail, phase
+                    backlog = cq.backlog
+                    posted_reserved = 0
+                    for req, status, dw0, dw1, error in its:
+                        if req.done:
+                            log.warning("%r completed twice; the second completion is ignored", req)
+                            continue
+                        req.done = True
+                        sq = req.sq
+                        cid = req.cid
+                        inflight = sq.inflight
+                        if inflight.get(cid) is req:
+                            del inflight[cid]
+                        if sq.deleting:
+                            deleting.append(sq)
+                        if req.gen != gen or sq.gone or cq.gone:
+                            stale = True
+                            continue
+                        sf = status_field(status, dnr=error.dnr if error is not None else True) if status else 0
+                        nxt = tail + 1
+                        if nxt == size:
+                            nxt = 0
+                        if backlog or nxt == head:
+                            if req.parked:
+                                cq.reserved += 1
+                            backlog.append((sq, cid, sf, dw0 & 0xFFFFFFFF, dw1 & 0xFFFFFFFF))
+                            if status:
+                                errors.append((req, sf, phase, error))
+                            continue
+                        if not req.parked:
+                            posted_reserved += 1
+                        entries.append((dw0 & 0xFFFFFFFF, dw1 & 0xFFFFFFFF, sq.head, sq.sqid,
+                                        cid | (phase << 16) | (sf << 17)))
+                        if status:
+                            errors.append((req, sf, phase, error))
+                        tail = nxt
+                        if not nxt:
+                            phase ^= 1
+                    if entries:
+                        self._write_cqes(cq, start, start_phase, entries)
+                        cq.tail = tail
+                        cq.phase = phase
+                        cq.reserved -= posted_reserved
+            except DmaError as exc:
+                self._fatal(f"cannot post completions to CQ {cq.cqid}: {exc}")
+                return
+            if stale:
+                self._stale_completed()
+            for req, sf, ph, error in errors:
+                self._log_error(req, sf, ph, error)
+            if entries and cq.ien:
+                tls.cqs[cq] = tls.cqs.get(cq, 0) + len(entries)
+            for sq in deleting:
+                if sq.deleting and not sq.inflight:
+                    self._finish_sq_delete(sq)
+            if cq.throttled:
+                self._kick_throttled(cq)
+
+    def _write_cqes(self, cq: CompletionQueue, start: int, start_phase: int, entries: list[tuple]) -> None:
+        """Write ``entries`` (dw0, dw1, sqhd, sqid, dw3) at slots ``start``.. of ``cq``: first
+        all of them with the stale phase, then each phase dword with release ordering."""
+        mem = self._guest_memory
+        if mem is None or not self.config.data[_CMD_LO] & _MASTER:
+            raise DmaError("bus mastering is disabled")
+        size = cq.size
+        n = len(entries)
+        blob = bytearray(16 * n)
+        pack = _CQE_FULL.pack_into
+        off = 0
+        for dw0, dw1, sqhd, sqid, dw3 in entries:
+            pack(blob, off, dw0, dw1, sqhd, sqid, dw3 ^ 0x10000)
+            off += 16
+        first = min(n, size - start)
+        base = cq.base
+        if first == n:
+            mem.write(base + (start << 4), blob)
+        else:
+            mv = memoryview(blob)
+            mem.write(base + (start << 4), mv[:16 * first])
+            mem.write(base, mv[16 * first:])
+        store = mem.store32
+        slot = start
+        for e in entries:
+            store(base + (slot << 4) + 12, e[4])
+            slot += 1
+            if slot == size:
+                slot = 0
 
     # ------------------------------------------------------------------ namespaces and state
     def backend_registry(self):
@@ -926,6 +1038,9 @@ class NvmeController(PciDevice):
                 self._end_batch(tls)
 
     def _end_batch(self, tls: _BatchState) -> None:
+        if tls.done:
+            done, tls.done = tls.done, []
+            self._complete_batch(done, tls)
         if tls.io:
             tls.io = False
             self.smart.record_busy(tls.start, time.monotonic())

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 SQE_SIZE = 64
 CQE_SIZE = 16
 _CQE_HEAD = struct.Struct("<IIHH")
+_CQE_FULL = struct.Struct("<IIHHI")
 
 
 class CompletionQueue:
