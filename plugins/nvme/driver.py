@@ -143,7 +143,11 @@ class IoQueue:
         self.free_cids: collections.deque[int] = collections.deque(range(depth))
         #: cid -> (tag, opcode)
         self.pending: dict[int, tuple[Any, int]] = {}
+        #: cid -> first PRP list (or SGL segment) page; cid -> every page of its chain
         self.prp_pages: dict[int, int] = {}
+        self.prp_chain: dict[int, list[int]] = {}
+        #: cid -> (buffer, length) whose PRP list the pages hold now
+        self.prp_cache: dict[int, tuple[int, int]] = {}
         stride = 4
         self.sq_db = 0x1000 + (2 * qid) * stride
         self.cq_db = 0x1000 + (2 * qid + 1) * stride
@@ -154,9 +158,11 @@ class IoQueue:
 
     def free(self) -> None:
         m = self.drv.machine
-        for addr in (self.sq_base, self.cq_base, *self.prp_pages.values()):
+        for addr in (self.sq_base, self.cq_base, *(p for chain in self.prp_chain.values() for p in chain)):
             m.free(addr)
         self.prp_pages.clear()
+        self.prp_chain.clear()
+        self.prp_cache.clear()
 
 
 class NvmeDriver:
@@ -338,6 +344,8 @@ class NvmeDriver:
 
     # ---------------------------------------------------------------- submission
     def _prp(self, q: IoQueue, cid: int, buf: int, length: int) -> tuple[int, int]:
+        """PRP1 and PRP2 for a contiguous buffer, writing (chained) PRP lists into pages
+        owned by the command identifier; an unchanged list is not rewritten."""
         if length <= 0:
             return buf, 0
         first = PAGE - (buf & (PAGE - 1))
@@ -347,14 +355,32 @@ class NvmeDriver:
         nxt = buf + first
         if rest <= PAGE:
             return buf, nxt
-        entries = [nxt + PAGE * i for i in range((rest + PAGE - 1) // PAGE)]
-        if len(entries) > PAGE // 8:
-            raise NvmeDriverError(f"transfer of {length} bytes needs chained PRP lists (unsupported by the driver)")
-        page = q.prp_pages.get(cid)
-        if page is None:
-            page = q.prp_pages[cid] = self.machine.alloc(PAGE, PAGE)
-        self.mem.write(page, struct.pack(f"<{len(entries)}Q", *entries))
-        return buf, page
+        pages = q.prp_pages.get(cid)
+        if q.prp_cache.get(cid) == (buf, length):
+            return buf, pages
+        nents = (rest + PAGE - 1) // PAGE
+        per = PAGE // 8
+        npages, left = 1, nents
+        while left > per:  # every full page but the last ends with a pointer to the next
+            left -= per - 1
+            npages += 1
+        chain = q.prp_chain.get(cid, [])
+        while len(chain) < npages:
+            chain.append(self.machine.alloc(PAGE, PAGE))
+        q.prp_chain[cid] = chain
+        q.prp_pages[cid] = chain[0]
+        entries = [nxt + PAGE * i for i in range(nents)]
+        pos = 0
+        for i, page in enumerate(chain[:npages]):
+            left = nents - pos
+            if left <= per:
+                self.mem.write(page, struct.pack(f"<{left}Q", *entries[pos:]))
+                break
+            take = per - 1
+            self.mem.write(page, struct.pack(f"<{take}Q", *entries[pos:pos + take]) + struct.pack("<Q", chain[i + 1]))
+            pos += take
+        q.prp_cache[cid] = (buf, length)
+        return buf, chain[0]
 
     def _sgl(self, q: IoQueue, cid: int, segments: list[tuple[int | None, int]]) -> tuple[int, int]:
         """SGL1 for ``segments`` as the (DW6-7, DW8-9) pair of the SQE."""
@@ -365,9 +391,11 @@ class NvmeDriver:
             return desc(*segments[0])
         if len(segments) > PAGE // 16:
             raise NvmeDriverError("too many SGL segments for one list page")
-        page = q.prp_pages.get(cid)
-        if page is None:
-            page = q.prp_pages[cid] = self.machine.alloc(PAGE, PAGE)
+        q.prp_cache.pop(cid, None)
+        chain = q.prp_chain.setdefault(cid, [])
+        if not chain:
+            chain.append(self.machine.alloc(PAGE, PAGE))
+        page = q.prp_pages[cid] = chain[0]
         blob = b"".join(_sgl_desc(0, n, 0x1) if a is None else _sgl_desc(a, n, 0x0) for a, n in segments)
         self.mem.write(page, blob)
         return page, len(blob) | (0x30 << 56)  # Last Segment descriptor

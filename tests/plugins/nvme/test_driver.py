@@ -156,3 +156,23 @@ def test_shutdown(env):
     drv.shutdown()
     assert (drv.csts >> 2) & 3 == 2
     assert set(drv.queues) == {0}
+
+
+def test_chained_prp_lists(nvme_env):  # noqa: F811
+    env = nvme_env("mdts=0,ns=mem:size=16M", io_queues=1, ram=128 << 20)
+    drv = env.drv
+    assert drv.mdts_bytes is None
+    data = os.urandom(5 << 20)  # 1280 pages: three chained PRP list pages
+    drv.write(1, 0, data)
+    assert drv.read(1, 0, len(data) // 512) == data
+    assert len(drv.queues[1].prp_chain[min(drv.queues[1].prp_chain)]) >= 3
+    # the same command identifier reused for another buffer gets a fresh list
+    assert drv.read(1, 8, 16) == data[4096:12288]
+
+
+def test_mdts_enforced(env):
+    drv = env.drv
+    with pytest.raises(NvmeCommandError) as ei:
+        drv.read(1, 0, (drv.mdts_bytes // 512) + 1)
+    assert ei.value.status == Status.INVALID_FIELD
+    assert len(drv.read(1, 0, drv.mdts_bytes // 512)) == drv.mdts_bytes
