@@ -91,3 +91,31 @@ def _restore_vmstate_error(cls: type, reason: str, section: str | None, instance
     err = cls.__new__(cls)
     VMStateError.__init__(err, reason, section=section, instance_id=instance_id, path=path)
     return err
+
+
+class TransportError(PcidevError):
+    """A transport connection failed or carried a malformed message: bad framing,
+    unexpected or truncated file descriptors, a peer that went away, or an error
+    reply whose type the receiver does not know."""
+
+
+class MigrationError(PcidevError):
+    """A migration did not complete. The source device is running again (it keeps
+    its state until the destination acknowledges), unless the message says
+    otherwise."""
+
+
+class MigrationBlockedError(MigrationError):
+    """The device cannot migrate now; nothing was stopped.
+
+    :param reasons: every reason, one sentence each (all are reported together).
+
+    :ivar reasons: the list of reasons.
+    """
+
+    def __init__(self, reasons: list[str]) -> None:
+        self.reasons = list(reasons)
+        super().__init__("migration blocked: " + "; ".join(self.reasons))
+
+    def __reduce__(self):
+        return (type(self), (self.reasons,))
