@@ -25,15 +25,50 @@ Example::
 An exception raised by a device's handler never escapes into the host or the
 transport: it is logged, :attr:`PciDevice.failed` is set and
 :meth:`PciDevice.on_failure` runs (NVMe sets CSTS.CFS there).
+
+Migration (docs/migration.md): the framework saves and loads what it owns
+(config space, MSI-X table and PBA, INTx level, failed flag, guest-memory map and
+interrupt eventfds); a device type adds its own state through a small set of
+hooks, and declares what it knows how to migrate::
+
+    @vmstate("edu", version=1)
+    @attrs.frozen
+    class EduState:
+        ring_head: U32
+        ...
+
+    class Edu(PciDevice):
+        VMSTATE = EduState                          # no VMSTATE: the type cannot migrate
+        MIGRATABLE_FEATURES = frozenset({"dma-engine"})
+
+        def enabled_features(self):                 # what this instance uses
+            return super().enabled_features() | {"dma-engine"}
+        def device_fingerprint(self):               # configuration a destination must match
+            return {"queues": self.nqueues}
+        def get_device_state(self):                 # live object -> frozen state
+            return EduState(ring_head=...)
+        def check_device_state(self, state):        # refuse before anything is applied
+            ...
+        def set_device_state(self, state):          # frozen state -> live object
+            ...
+        def on_quiesce(self): ...                   # stop background work at a consistent point
+        def on_resume(self): ...                    # start it again
+
+Callers use :meth:`PciDevice.migration_blockers`, :meth:`PciDevice.quiesce`,
+:meth:`PciDevice.save_vmstate` / :meth:`PciDevice.save_vmstate_stream`,
+:meth:`PciDevice.load_vmstate` / :meth:`PciDevice.load_vmstate_stream` and
+:meth:`PciDevice.resume`; :mod:`pcidev.migration` moves a device between processes.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pcidev.bar import Bar, BarHandler, BarKind
-from pcidev.errors import ConfigError, DmaError, MmioError
+from pcidev.errors import ConfigError, DmaError, MigrationBlockedError, MmioError
 from pcidev.irq import InterruptController, InterruptSink
 from pcidev.pci import ids
 from pcidev.pci.capabilities.aer import AerCapability
@@ -46,6 +81,8 @@ from pcidev.pci.config import ConfigSpace, ResetKind
 
 if TYPE_CHECKING:
     from pcidev.dma import GuestMemory
+    from pcidev.framework_state import LoadedResources, VMStateSnapshot
+    from pcidev.vmstate import Section
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +108,16 @@ class PciDevice:
     SUBSYSTEM_ID: ClassVar[int] = 0x1100
     #: 1 = INTA# … 4 = INTD#, 0 = no INTx
     INTERRUPT_PIN: ClassVar[int] = 1
-    #: the device's vmstate description, or None if it cannot migrate
+    #: the device's own vmstate description (a ``@vmstate`` class describing only
+    #: the device's state, not the framework's), or None if it cannot migrate
     VMSTATE: ClassVar[Any] = None
+    #: features of this device type that its VMSTATE (or the framework) migrates;
+    #: an enabled feature missing here blocks migration (see :meth:`enabled_features`)
+    MIGRATABLE_FEATURES: ClassVar[frozenset[str]] = frozenset()
+    #: framework features the framework itself migrates (config space holds them,
+    #: or the framework section does); not meant to be changed by device types
+    FRAMEWORK_FEATURES: ClassVar[frozenset[str]] = frozenset(
+        {"intx", "msi", "msix", "pm", "pcie", "aer", "rom"})
 
     def __init__(self, *, name: str | None = None) -> None:
         self.name = name or self.TYPE_NAME or type(self).__name__.lower()
@@ -94,6 +139,13 @@ class PciDevice:
         #: the exception that put the device in its failed state, else None
         self.failed: BaseException | None = None
         self.realized = False
+        #: serializes guest accesses made by a transport with the device's own
+        #: background work (transports hold it around each access; a device's worker
+        #: threads hold it while they change device state)
+        self.lock = threading.RLock()
+        #: True between :meth:`quiesce` and :meth:`resume`
+        self.quiesced = False
+        self._attached_memory: GuestMemory | None = None
         self._overlays: dict[int, list[tuple[int, int, Any, Any]]] = {}
         self._pm: PowerManagementCapability | None = None
         self.describe()
@@ -227,8 +279,20 @@ class PciDevice:
         """Connect guest memory and an interrupt sink (host or transport side)."""
         self.realize()
         self.memory = memory
+        self._attached_memory = memory
         if sink is not None:
             self.irq.sink = sink
+
+    def _migration_memory(self) -> GuestMemory | None:
+        # a subclass may turn ``memory`` into a property that refuses reads (NVMe
+        # does without bus mastering): prefer the plain attribute, else what attach() saw
+        if "memory" in vars(self):
+            return vars(self)["memory"]
+        return self._attached_memory
+
+    def _set_migration_memory(self, memory: GuestMemory | None) -> None:
+        self.memory = memory
+        self._attached_memory = memory
 
     # -- state helpers ---------------------------------------------------------------------
     @property
@@ -397,10 +461,336 @@ class PciDevice:
     def on_reset(self, kind: ResetKind) -> None:
         """Reset device-specific state. Override in device classes."""
 
-    # -- migration ------------------------------------------------------------------------------
-    def migration_blockers(self) -> list[str]:
-        """Reasons this device cannot migrate right now (empty: it can)."""
+    # -- migration: device-author hooks ----------------------------------------------------------
+    def enabled_features(self) -> set[str]:
+        """Features this instance has enabled (the migration allow-list checks them).
+
+        The framework reports what it finds in the description: ``msix``, ``msi``,
+        ``pm``, ``pcie``, ``aer`` (capabilities), ``intx`` (an interrupt pin),
+        ``rom`` (an expansion ROM), ``cap:<ClassName>`` for any other capability
+        (it may keep state outside config space), and ``bar<N>-ram`` for a BAR
+        backed by :class:`~pcidev.bar.RamBacking` (its contents are not migrated by
+        the framework). Override and extend ``super().enabled_features()`` with the
+        device's own features (``"cmb"``, ``"sgl"``, ``"zns"``...). Every feature
+        that is neither in :attr:`FRAMEWORK_FEATURES` nor in
+        :attr:`MIGRATABLE_FEATURES` blocks migration with a reason naming it.
+
+        :returns: a new set of feature names.
+        """
+        from pcidev.bar import RamBacking
+        from pcidev.pci.capabilities.aer import AerCapability
+
+        names = {MsixCapability: "msix", MsiCapability: "msi", PowerManagementCapability: "pm",
+                 PciExpressCapability: "pcie", AerCapability: "aer"}
+        features: set[str] = set()
+        for cap in self.caps:
+            features.add(names.get(type(cap), f"cap:{type(cap).__name__}"))
+        if self.interrupt_pin:
+            features.add("intx")
+        if self.rom is not None:
+            features.add("rom")
+        for bar in self.bars:
+            if bar is not None and isinstance(bar.handler, RamBacking):
+                features.add(f"bar{bar.index}-ram")
+        return features
+
+    def device_migration_blockers(self) -> list[str]:
+        """Override: reasons specific to the device's *current* state why it cannot
+        migrate now (an operation that cannot be drained or recorded, a backend that
+        cannot follow the process...). The framework's own checks are in
+        :meth:`migration_blockers`; do not repeat them.
+
+        :returns: one sentence per reason (empty: nothing blocks).
+        """
         return []
+
+    def device_fingerprint(self) -> dict[str, Any]:
+        """Override: the device's own configuration items a destination must match
+        exactly (queue counts, namespace sizes, feature switches). Values: None,
+        bool, int, str, bytes and lists/dicts of them. Keys must not start with
+        ``pci.`` (the framework's items: identity, BAR layout, vector counts, ...).
+
+        :returns: a dict (empty by default).
+        """
+        return {}
+
+    def get_device_state(self) -> Any:
+        """Override: build the device's state object (an instance of
+        :attr:`VMSTATE`) from the live device. Called while quiesced; must not
+        change the device.
+
+        :returns: the state object.
+        """
+        raise MigrationBlockedError([f"device type {self.vmstate_device_type} has no vmstate description"])
+
+    def check_device_state(self, state: Any) -> None:
+        """Override: refuse a loaded state that cannot apply to this device
+        (indices beyond a table, inconsistent values), by raising
+        :class:`~pcidev.vmstate.errors.StateError` naming the field. Called before
+        anything is applied; must not change the device. Field types and ranges are
+        already checked by the vmstate decoder.
+
+        :param state: an instance of :attr:`VMSTATE`.
+        :raises StateError: the state does not fit.
+        """
+
+    def set_device_state(self, state: Any) -> None:
+        """Override: apply a checked state object to the live device. Called while
+        quiesced, after the framework state was applied; if it raises, the framework
+        puts the device back as it was (calling it again with the state saved just
+        before) and the load fails.
+
+        :param state: an instance of :attr:`VMSTATE`.
+        """
+        raise MigrationBlockedError([f"device type {self.vmstate_device_type} has no vmstate description"])
+
+    def on_quiesce(self) -> None:
+        """Override: stop background work at a consistent point: after return no
+        thread of the device touches its state or guest memory, and no request is
+        half-done (finish it, or record it in the state). Guest accesses are
+        stopped by the transport."""
+
+    def on_resume(self) -> None:
+        """Override: start (or restart) background work. Called when a transport
+        starts serving the device, after a failed migration on the source, and after
+        a load on the destination."""
+
+    # -- migration: framework ---------------------------------------------------------------------
+    @property
+    def vmstate_device_type(self) -> str:
+        """The device type written into and expected from vmstate streams."""
+        return self.TYPE_NAME or type(self).__name__.lower()
+
+    def quiesce(self) -> None:
+        """Stop the device at a consistent point (calls :meth:`on_quiesce`).
+
+        Idempotent. The caller stops guest accesses (a transport stops reading
+        its socket at a message boundary).
+        """
+        if not self.quiesced:
+            self.on_quiesce()
+            with self.lock:
+                self.quiesced = True
+
+    def resume(self) -> None:
+        """Start or restart the device after :meth:`quiesce` (calls :meth:`on_resume`)."""
+        with self.lock:
+            self.quiesced = False
+        self.on_resume()
+
+    def migration_blockers(self) -> list[str]:
+        """Every reason this device cannot migrate now, from the device itself:
+        no :attr:`VMSTATE`; each enabled feature (:meth:`enabled_features`) that is
+        not in :attr:`FRAMEWORK_FEATURES` or :attr:`MIGRATABLE_FEATURES`; and
+        :meth:`device_migration_blockers`. Plugins add theirs through the
+        ``pcidev_migration_blockers`` hook (:func:`pcidev.migration.collect_blockers`
+        gathers both). Device types override :meth:`device_migration_blockers`, not
+        this method.
+
+        :returns: the reasons, all of them (empty: the device can migrate).
+        """
+        reasons = []
+        if self.VMSTATE is None:
+            reasons.append(f"device type {self.vmstate_device_type} has no vmstate description")
+        allowed = self.FRAMEWORK_FEATURES | frozenset(self.MIGRATABLE_FEATURES)
+        for feature in sorted(self.enabled_features() - allowed):
+            reasons.append(f"feature {feature!r} is enabled but device type {self.vmstate_device_type} "
+                           "does not declare it migratable")
+        try:
+            reasons.extend(str(r) for r in self.device_migration_blockers())
+        except Exception as exc:
+            reasons.append(f"device_migration_blockers() failed: {type(exc).__name__}: {exc}")
+        return reasons
+
+    def vmstate_fingerprint(self) -> dict[str, Any]:
+        """The configuration fingerprint of vmstate streams: the framework's items
+        (``pci.*``) and :meth:`device_fingerprint`.
+
+        :raises ConfigError: the device's items use the reserved ``pci.`` prefix.
+        """
+        from pcidev.framework_state import framework_fingerprint
+
+        self.realize()
+        fp = framework_fingerprint(self)
+        own = dict(self.device_fingerprint())
+        bad = sorted(k for k in own if not isinstance(k, str) or k.startswith("pci."))
+        if bad:
+            raise ConfigError(f"device_fingerprint() keys {bad} are reserved for the framework (pci.*)")
+        fp.update(own)
+        return fp
+
+    def vmstate_descriptions(self) -> list[type]:
+        """The state classes of this device's streams: the framework's, then :attr:`VMSTATE`."""
+        from pcidev.framework_state import FunctionState
+
+        return [FunctionState] + ([self.VMSTATE] if self.VMSTATE is not None else [])
+
+    def prepare_vmstate(self) -> None:
+        """Generate the vmstate encoders and decoders of this device's descriptions
+        now (they are otherwise generated on first use, which would then count in a
+        migration's downtime). Transports call it when they start serving."""
+        from pcidev.vmstate.codec import codec_for
+
+        for cls in self.vmstate_descriptions():
+            codec_for(cls)
+
+    def save_vmstate(self) -> VMStateSnapshot:
+        """Save the device: the framework section and the device's section.
+
+        Call it while quiesced. Nothing is changed.
+
+        :returns: a :class:`~pcidev.framework_state.VMStateSnapshot` whose ``fds``
+            (guest-memory regions, interrupt eventfds) are borrowed.
+        :raises MigrationBlockedError: the type has no :attr:`VMSTATE`.
+        :raises StateError: the device built a state that does not fit its description.
+        """
+        from pcidev.framework_state import FUNCTION_SECTION, VMStateSnapshot, save_function_state
+        from pcidev.vmstate import Section, description_of
+        from pcidev.vmstate.errors import StateError
+
+        if self.VMSTATE is None:
+            raise MigrationBlockedError([f"device type {self.vmstate_device_type} has no vmstate description"])
+        self.realize()
+        with self.lock:
+            fstate, fds = save_function_state(self, self._migration_memory())
+            dstate = self.get_device_state()
+        name = description_of(self.VMSTATE).name
+        if type(dstate) is not self.VMSTATE:
+            raise StateError(f"get_device_state() returned {type(dstate).__name__}, "
+                             f"expected {self.VMSTATE.__name__}", section=name, instance_id=0)
+        return VMStateSnapshot(self.vmstate_device_type, self.vmstate_fingerprint(),
+                               (Section(FUNCTION_SECTION, 0, fstate), Section(name, 0, dstate)), tuple(fds))
+
+    def save_vmstate_stream(self) -> tuple[bytes, list[int]]:
+        """:meth:`save_vmstate` encoded as a stream (docs/vmstate-format.md).
+
+        :returns: ``(stream, fds)``; the fds (borrowed) travel out of band.
+        """
+        snap = self.save_vmstate()
+        return snap.to_bytes(), list(snap.fds)
+
+    def load_vmstate_stream(self, data: bytes, fds: Sequence[int] | None = None) -> LoadedResources:
+        """Load a stream saved by a device of the same type and configuration.
+
+        All or nothing: the stream is decoded and checked completely (envelope,
+        checksum, device type, fingerprint, every field, the framework state
+        against this device, :meth:`check_device_state`), guest memory is mapped,
+        and only then is anything applied; if applying fails, the device is put
+        back as it was. A failed load raises and leaves the device untouched.
+
+        Call it while quiesced (or before the device ever ran).
+
+        :param data: the stream.
+        :param fds: the descriptors that arrived with it (``SCM_RIGHTS``), indexed by
+            its FdRefs; the caller keeps ownership (the load duplicates what it
+            keeps). ``None`` when the transport carries no descriptors (TCP): the
+            device then keeps the guest memory and interrupt sink it has, and, if it
+            has memory attached, that memory must have the stream's region layout;
+            a device with none must be attached (same regions, eventfds) before it
+            resumes.
+        :returns: the guest memory and interrupt sink created from ``fds`` (the
+            device is attached to them; the caller owns them).
+        :raises VMStateError: any problem, naming the section and field (the
+            subclasses of :mod:`pcidev.vmstate.errors`).
+        """
+        from pcidev.vmstate import description_of, load
+
+        if self.VMSTATE is None:
+            raise MigrationBlockedError([f"device type {self.vmstate_device_type} has no vmstate description"])
+        from pcidev.framework_state import FUNCTION_SECTION
+
+        expected = [(FUNCTION_SECTION, 0), (description_of(self.VMSTATE).name, 0)]
+        sections = load(data, device_type=self.vmstate_device_type, fingerprint=self.vmstate_fingerprint(),
+                        descriptions=self.vmstate_descriptions(), expected=expected)
+        return self._apply_sections(sections, fds)
+
+    def load_vmstate(self, snapshot: VMStateSnapshot, fds: Sequence[int] | None = None) -> LoadedResources:
+        """Load a snapshot from :meth:`save_vmstate` (same process), with the same
+        checks and all-or-nothing guarantee as :meth:`load_vmstate_stream`.
+
+        :param snapshot: the saved state.
+        :param fds: descriptors for its FdRefs; default: ``snapshot.fds``.
+        :returns: see :meth:`load_vmstate_stream`.
+        :raises VMStateError: see :meth:`load_vmstate_stream`.
+        """
+        from pcidev.framework_state import FUNCTION_SECTION
+        from pcidev.vmstate import description_of, fingerprint_differences
+        from pcidev.vmstate.errors import ConfigMismatchError, StateError
+
+        if self.VMSTATE is None:
+            raise MigrationBlockedError([f"device type {self.vmstate_device_type} has no vmstate description"])
+        if snapshot.device_type != self.vmstate_device_type:
+            raise ConfigMismatchError(f"stream is for device type {snapshot.device_type!r}, "
+                                      f"this device is {self.vmstate_device_type!r}")
+        diffs = fingerprint_differences(_plain(snapshot.fingerprint), self.vmstate_fingerprint())
+        if diffs:
+            raise ConfigMismatchError("device configuration differs from the stream's: " + "; ".join(diffs),
+                                      differences=diffs)
+        want = {(FUNCTION_SECTION, 0): self.vmstate_descriptions()[0],
+                (description_of(self.VMSTATE).name, 0): self.VMSTATE}
+        got = {(s.name, s.instance_id): s for s in snapshot.sections}
+        if set(got) != set(want) or len(got) != len(snapshot.sections):
+            raise StateError(f"expected sections {sorted(want)}, got {[s[:2] for s in snapshot.sections]}")
+        for key, cls in want.items():
+            if type(got[key].state) is not cls:
+                raise StateError(f"expected a {cls.__name__}", section=key[0], instance_id=key[1])
+        return self._apply_sections(list(snapshot.sections), snapshot.fds if fds is None else fds)
+
+    def _apply_sections(self, sections: list[Section], fds: Sequence[int] | None) -> LoadedResources:
+        from pcidev.framework_state import (
+            FUNCTION_SECTION,
+            LoadedResources,
+            apply_function_state,
+            build_resources,
+            check_function_state,
+            undo_function_state,
+        )
+        from pcidev.vmstate import VMStateError
+        from pcidev.vmstate.errors import StateError
+
+        by_name = {s.name: s.state for s in sections}
+        fstate = by_name.pop(FUNCTION_SECTION)
+        (dname, dstate), = by_name.items()
+        self.realize()
+        with self.lock:
+            check_function_state(self, fstate, fds, self._migration_memory())
+            try:
+                self.check_device_state(dstate)
+            except VMStateError:
+                raise
+            except Exception as exc:
+                raise StateError(f"the device refused the state: {type(exc).__name__}: {exc}",
+                                 section=dname, instance_id=0) from exc
+            res = build_resources(fstate, fds) if fds is not None else LoadedResources()
+            try:
+                before = self.get_device_state()
+            except Exception:
+                res.close()
+                raise
+            old = apply_function_state(self, fstate, res)
+            try:
+                self.set_device_state(dstate)
+            except Exception as exc:
+                undo_function_state(self, old)
+                try:
+                    self.set_device_state(before)
+                except Exception as again:
+                    self._fail(again, "rollback of a failed vmstate load")
+                res.close()
+                if isinstance(exc, VMStateError):
+                    raise
+                raise StateError(f"applying the state failed: {type(exc).__name__}: {exc}",
+                                 section=dname, instance_id=0) from exc
+        return res
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} {self.vendor_id:04x}:{self.device_id:04x}>"
+
+
+def _plain(value: Any) -> Any:
+    """Tuples become lists, as after a trip through msgpack (fingerprint comparison)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,425 @@
+"""Framework-owned device state: what every :class:`~pcidev.device.PciDevice`
+migrates whatever its type, and the configuration fingerprint.
+
+A saved device is two vmstate sections (docs/migration.md):
+
+* ``pcidev/function`` instance 0 (:class:`FunctionState`): configuration space
+  (which holds the BAR assignments, the command register, MSI registers and every
+  capability), the MSI-X table and Pending Bit Array, the INTx level, the failed
+  flag, the guest-memory map and the interrupt eventfds, both as out-of-band
+  file-descriptor references (:class:`~pcidev.vmstate.FdRef`);
+* the device type's own section, described by its ``VMSTATE`` class, instance 0.
+
+The stream header carries the configuration fingerprint
+(:func:`framework_fingerprint` plus the device's ``device_fingerprint()``): a
+destination configured differently (BAR layout, vector counts, capability
+layout, queue counts...) refuses the stream with an error naming every
+difference.
+
+The functions here are the machinery behind :meth:`PciDevice.save_vmstate` and
+:meth:`PciDevice.load_vmstate`; device authors use those methods, not this module.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Optional
+
+import attrs
+
+from pcidev.errors import DeviceFailedError, DmaError
+from pcidev.irq import EventfdSink
+from pcidev.vmstate import FdRef, Section, Str, U64, VarArray, VarBytes, vmstate
+from pcidev.vmstate.errors import StateError
+
+if TYPE_CHECKING:
+    from pcidev.device import PciDevice
+    from pcidev.dma import GuestMemory
+
+__all__ = [
+    "FUNCTION_SECTION",
+    "FunctionState",
+    "MsixState",
+    "DmaRegionState",
+    "EventfdState",
+    "VMStateSnapshot",
+    "LoadedResources",
+    "OwnedEventfdSink",
+    "framework_fingerprint",
+]
+
+#: Section name of the framework state (instance 0).
+FUNCTION_SECTION = "pcidev/function"
+MAX_VECTORS = 2048
+MAX_REGIONS = 4096
+MAX_FAILURE_TEXT = 512
+MAX_REGION_NAME = 64
+
+
+@vmstate("pcidev/msix")
+@attrs.frozen
+class MsixState:
+    """The MSI-X table (16 bytes per vector) and Pending Bit Array (a quadword per
+    64 vectors), as the capability holds them."""
+
+    table: VarBytes[MAX_VECTORS * 16]
+    pba: VarBytes[MAX_VECTORS // 8]
+
+
+@vmstate("pcidev/dma-region")
+@attrs.frozen
+class DmaRegionState:
+    """One region of the guest-memory map: where it sits, and the fd backing it."""
+
+    gpa: U64
+    size: U64
+    fd_offset: U64
+    writable: bool
+    name: Str[MAX_REGION_NAME]
+    fd: FdRef
+
+
+@vmstate("pcidev/eventfds")
+@attrs.frozen
+class EventfdState:
+    """Interrupt eventfds of an :class:`~pcidev.irq.EventfdSink`, indexed by vector
+    (``None`` where a vector has none), and the INTx eventfd."""
+
+    vectors: VarArray[Optional[FdRef], MAX_VECTORS]
+    intx: Optional[FdRef] = None
+
+
+@vmstate(FUNCTION_SECTION)
+@attrs.frozen
+class FunctionState:
+    """State every PCI function has, owned by the framework.
+
+    ``config`` is the whole configuration space as stored (BAR assignments,
+    command/status, MSI registers and pending bits, PM, PCIe and AER registers).
+    ``intx_asserted`` is the device's INTx request; ``intx_line`` the level the
+    interrupt sink was last told. ``dma`` is the guest-memory map. The MSI-X
+    subsection is written for devices with MSI-X, the eventfd subsection when the
+    interrupt sink is an :class:`~pcidev.irq.EventfdSink`.
+    """
+
+    config: VarBytes[4096]
+    intx_asserted: bool
+    intx_line: bool
+    failed: bool
+    failure: Str[MAX_FAILURE_TEXT]
+    dma: VarArray[DmaRegionState, MAX_REGIONS]
+    msix: Optional[MsixState] = None
+    eventfds: Optional[EventfdState] = None
+
+
+@attrs.frozen
+class VMStateSnapshot:
+    """A saved device: what :meth:`PciDevice.save_vmstate` returns.
+
+    :ivar device_type: the stream's device type.
+    :ivar fingerprint: the configuration fingerprint.
+    :ivar sections: the framework section, then the device's section.
+    :ivar fds: the file descriptors the :class:`~pcidev.vmstate.FdRef` fields index
+        (guest-memory regions, eventfds). They are *borrowed*: they belong to the
+        device's memory and interrupt sink and stay valid while those do.
+    """
+
+    device_type: str
+    fingerprint: dict[str, Any]
+    sections: tuple[Section, ...]
+    fds: tuple[int, ...] = ()
+
+    def to_bytes(self) -> bytes:
+        """Encode as a vmstate stream (docs/vmstate-format.md); fds travel apart.
+
+        :returns: the stream.
+        :raises StateError: a state object does not fit its description.
+        """
+        from pcidev.vmstate import save
+
+        return save(self.device_type, self.fingerprint, self.sections)
+
+
+@attrs.frozen
+class LoadedResources:
+    """What a load created from the stream's file descriptors.
+
+    The device is attached to them; the caller owns them (close them when the
+    device goes away, or hand them to whatever serves the device).
+
+    :ivar memory: a new :class:`~pcidev.dma.GuestMemory` mapping the stream's
+        regions, or ``None`` if the device kept its memory.
+    :ivar sink: a new :class:`OwnedEventfdSink`, or ``None`` if the device kept
+        its interrupt sink.
+    """
+
+    memory: GuestMemory | None = None
+    sink: OwnedEventfdSink | None = None
+
+    def close(self) -> None:
+        """Release the memory mappings and eventfds (after the device is gone)."""
+        if self.memory is not None:
+            self.memory.close()
+        if self.sink is not None:
+            self.sink.close()
+
+
+class OwnedEventfdSink(EventfdSink):
+    """An :class:`~pcidev.irq.EventfdSink` that owns its eventfds (duplicates made
+    by a load) and closes them in :meth:`close`."""
+
+    def close(self) -> None:
+        """Close every eventfd; later interrupts are dropped and counted."""
+        fds = list(self.vector_fds.values())
+        if self.intx_fd is not None:
+            fds.append(self.intx_fd)
+        self.vector_fds = {}
+        self.intx_fd = None
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+# --------------------------------------------------------------- fingerprint
+def framework_fingerprint(device: PciDevice) -> dict[str, Any]:
+    """Configuration items the framework requires a destination to match.
+
+    Identity, config-space size, BAR layout, expansion ROM size, capability
+    layout, MSI-X and MSI vector counts and the interrupt pin. Keys start with
+    ``pci.``; a device's own items (``device_fingerprint()``) must not.
+
+    :param device: a realized device.
+    :returns: the items.
+    """
+    from pcidev.pci.capabilities.base import ExtCapability
+    from pcidev.pci.capabilities.msi import MsiCapability
+    from pcidev.pci.capabilities.msix import MsixCapability
+
+    msix = device.caps.find(MsixCapability)
+    msi = device.caps.find(MsiCapability)
+    return {
+        "pci.id": [device.vendor_id, device.device_id, device.subsystem_vendor_id, device.subsystem_id,
+                   device.class_code, device.revision],
+        "pci.config_size": device.config.size,
+        "pci.bars": [[b.index, b.kind.value, b.size, b.prefetchable] for b in device.bars if b is not None],
+        "pci.rom_size": device.rom_size,
+        "pci.caps": [[int(c.CAP_ID), c.offset] for c in device.caps if not isinstance(c, ExtCapability)],
+        "pci.ext_caps": [[int(c.CAP_ID), c.offset] for c in device.caps if isinstance(c, ExtCapability)],
+        "pci.msix_vectors": msix.nvectors if msix is not None else 0,
+        "pci.msix_layout": ([msix.table_bar, msix.table_offset, msix.pba_bar, msix.pba_offset]
+                            if msix is not None else []),
+        "pci.msi_vectors": msi.nvectors if msi is not None else 0,
+        "pci.interrupt_pin": device.interrupt_pin,
+    }
+
+
+# --------------------------------------------------------------------- save
+def _truncate_utf8(text: str, limit: int) -> str:
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= limit:
+        return text
+    return raw[:limit].decode("utf-8", "ignore")
+
+
+def save_function_state(device: PciDevice, memory: GuestMemory | None) -> tuple[FunctionState, list[int]]:
+    """Build the framework state of ``device`` and the fd list its FdRefs index.
+
+    :param device: the device (quiesced).
+    :param memory: the guest memory it is attached to, if any.
+    :returns: ``(state, fds)``; the fds are borrowed from ``memory`` and the sink.
+    """
+    from pcidev.pci.capabilities.msix import MsixCapability
+
+    fds: list[int] = []
+    regions = []
+    if memory is not None:
+        for region, fd in memory.fds():
+            regions.append(DmaRegionState(gpa=region.gpa, size=region.size, fd_offset=region.fd_offset,
+                                          writable=region.writable,
+                                          name=_truncate_utf8(region.name, MAX_REGION_NAME),
+                                          fd=FdRef(len(fds))))
+            fds.append(fd)
+    msix = device.caps.find(MsixCapability)
+    msix_state = MsixState(table=bytes(msix.table), pba=bytes(msix.pba)) if msix is not None else None
+    eventfds = None
+    sink = device.irq.sink
+    if isinstance(sink, EventfdSink):
+        vectors: list[FdRef | None] = []
+        for vector, fd in sorted(sink.vector_fds.items()):
+            if not 0 <= vector < MAX_VECTORS:
+                continue
+            vectors.extend([None] * (vector - len(vectors)))
+            vectors.append(FdRef(len(fds)))
+            fds.append(fd)
+        intx = None
+        if sink.intx_fd is not None:
+            intx = FdRef(len(fds))
+            fds.append(sink.intx_fd)
+        eventfds = EventfdState(vectors=tuple(vectors), intx=intx)
+    failed = device.failed
+    state = FunctionState(
+        config=bytes(device.config.data),
+        intx_asserted=bool(device.irq.intx_asserted),
+        intx_line=bool(getattr(device.irq, "_intx_out", False)),
+        failed=failed is not None,
+        failure=_truncate_utf8(f"{type(failed).__name__}: {failed}" if failed is not None else "",
+                               MAX_FAILURE_TEXT),
+        dma=tuple(regions),
+        msix=msix_state,
+        eventfds=eventfds,
+    )
+    return state, fds
+
+
+# --------------------------------------------------------------------- load
+def _fail(reason: str, path: str = "") -> StateError:
+    return StateError(reason, section=FUNCTION_SECTION, instance_id=0, path=path)
+
+
+def check_function_state(device: PciDevice, st: FunctionState, fds: Sequence[int] | None,
+                         memory: GuestMemory | None) -> None:
+    """Check that ``st`` fits ``device`` before anything is applied.
+
+    :param device: the destination device.
+    :param st: the decoded framework state.
+    :param fds: the descriptors received with the stream, or ``None`` when the
+        transport carries none (TCP).
+    :param memory: the destination's current guest memory (used when ``fds`` is None).
+    :raises StateError: naming the field that does not fit.
+    """
+    from pcidev.pci.capabilities.msix import MsixCapability
+
+    if len(st.config) != device.config.size:
+        raise _fail(f"config space is {len(st.config)} bytes, this device has {device.config.size}", "config")
+    msix = device.caps.find(MsixCapability)
+    if (st.msix is None) != (msix is None):
+        raise _fail("MSI-X state " + ("missing" if msix is not None else "present for a device without MSI-X"),
+                    "msix")
+    if msix is not None:
+        if len(st.msix.table) != len(msix.table):
+            raise _fail(f"MSI-X table is {len(st.msix.table)} bytes, this device has {len(msix.table)}",
+                        "msix.table")
+        if len(st.msix.pba) != len(msix.pba):
+            raise _fail(f"MSI-X PBA is {len(st.msix.pba)} bytes, this device has {len(msix.pba)}", "msix.pba")
+    prev_end = 0
+    for i, r in enumerate(st.dma):
+        where = f"dma[{i}]"
+        if r.size == 0 or r.gpa + r.size > 1 << 64:
+            raise _fail(f"region [{r.gpa:#x}, +{r.size:#x}) is empty or wraps past 2**64", where)
+        if r.gpa < prev_end:
+            raise _fail(f"region at {r.gpa:#x} overlaps the previous one or is out of order", where)
+        prev_end = r.gpa + r.size
+        if fds is not None and r.fd.index >= len(fds):
+            raise _fail(f"fd index {r.fd.index} but only {len(fds)} fds arrived", where + ".fd")
+    if fds is None and memory is not None:
+        have = [(m.gpa, m.size, m.writable) for m in memory.regions()]
+        want = [(r.gpa, r.size, r.writable) for r in st.dma]
+        if have != want:
+            raise _fail("the stream's guest-memory map differs from the memory attached to this device "
+                        f"(stream {len(want)} region(s), attached {len(have)})", "dma")
+    if st.eventfds is not None and fds is not None:
+        refs = [(f"eventfds.vectors[{v}]", r) for v, r in enumerate(st.eventfds.vectors) if r is not None]
+        if st.eventfds.intx is not None:
+            refs.append(("eventfds.intx", st.eventfds.intx))
+        for where, ref in refs:
+            if ref.index >= len(fds):
+                raise _fail(f"fd index {ref.index} but only {len(fds)} fds arrived", where)
+
+
+def build_resources(st: FunctionState, fds: Sequence[int]) -> LoadedResources:
+    """Map the stream's guest-memory regions and duplicate its eventfds.
+
+    The caller keeps ownership of ``fds`` (everything here is a duplicate).
+
+    :raises StateError: a region cannot be mapped or an fd is unusable; whatever
+        was created is released first.
+    """
+    from pcidev.dma import GuestMemory
+
+    memory = GuestMemory(max_regions=MAX_REGIONS) if st.dma else None
+    sink: OwnedEventfdSink | None = None
+    try:
+        for i, r in enumerate(st.dma):
+            try:
+                memory.map(r.gpa, r.size, fds[r.fd.index], r.fd_offset, writable=r.writable, name=r.name)
+            except DmaError as exc:
+                raise _fail(f"cannot map the region: {exc}", f"dma[{i}]") from exc
+        if st.eventfds is not None:
+            sink = OwnedEventfdSink()
+            for v, ref in enumerate(st.eventfds.vectors):
+                if ref is not None:
+                    sink.set_vector(v, _dup(fds[ref.index], f"eventfds.vectors[{v}]"))
+            if st.eventfds.intx is not None:
+                sink.intx_fd = _dup(fds[st.eventfds.intx.index], "eventfds.intx")
+    except BaseException:
+        if memory is not None:
+            memory.close()
+        if sink is not None:
+            sink.close()
+        raise
+    return LoadedResources(memory=memory, sink=sink)
+
+
+def _dup(fd: int, where: str) -> int:
+    try:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0)
+    except OSError as exc:
+        raise _fail(f"unusable file descriptor: {exc}", where) from exc
+
+
+@attrs.frozen
+class _Applied:
+    """What apply_function_state replaced (to roll back)."""
+
+    config: bytes
+    msix: tuple[bytes, bytes] | None
+    intx_asserted: bool
+    intx_line: bool
+    failed: BaseException | None
+    memory: Any
+    memory_replaced: bool
+    sink: Any
+
+
+def apply_function_state(device: PciDevice, st: FunctionState, res: LoadedResources) -> _Applied:
+    """Apply a checked framework state; returns what it replaced (for rollback)."""
+    from pcidev.pci.capabilities.msix import MsixCapability
+
+    msix = device.caps.find(MsixCapability)
+    old = _Applied(config=bytes(device.config.data),
+                   msix=(bytes(msix.table), bytes(msix.pba)) if msix is not None else None,
+                   intx_asserted=device.irq.intx_asserted, intx_line=getattr(device.irq, "_intx_out", False),
+                   failed=device.failed, memory=device._migration_memory(), memory_replaced=res.memory is not None,
+                   sink=device.irq.sink)
+    device.config.data[:] = st.config
+    if msix is not None and st.msix is not None:
+        msix.table[:] = st.msix.table
+        msix.pba[:] = st.msix.pba
+    device.irq.intx_asserted = st.intx_asserted
+    device.irq._intx_out = st.intx_line
+    device.failed = DeviceFailedError(st.failure or "failed on the source") if st.failed else None
+    if res.memory is not None:
+        device._set_migration_memory(res.memory)
+    if res.sink is not None:
+        device.irq.sink = res.sink
+    return old
+
+
+def undo_function_state(device: PciDevice, old: _Applied) -> None:
+    """Put back what :func:`apply_function_state` replaced."""
+    from pcidev.pci.capabilities.msix import MsixCapability
+
+    device.config.data[:] = old.config
+    msix = device.caps.find(MsixCapability)
+    if msix is not None and old.msix is not None:
+        msix.table[:], msix.pba[:] = old.msix
+    device.irq.intx_asserted = old.intx_asserted
+    device.irq._intx_out = old.intx_line
+    device.failed = old.failed
+    if old.memory_replaced:
+        device._set_migration_memory(old.memory)
+    device.irq.sink = old.sink
