@@ -27,19 +27,33 @@ Descriptor (32 bytes, little-endian)::
 The engine copies ``len`` bytes from ``src`` to ``dst`` in guest memory,
 writes the CRC-32C of the data and the status, and raises MSI-X vector 0
 (or INTx) when asked. Descriptors are processed when the tail is written, or
-in bounded steps with :meth:`EduDevice.process` when ``autorun`` is off.
+in bounded steps with :meth:`EduDevice.process` when ``autorun`` is off, or by a
+background worker thread (``engine=True``) that copies in ``chunk``-byte steps,
+so that a descriptor can be *in flight* (partly copied) at any moment.
+
+Migration: :class:`EduState` holds the registers, the ring position, the
+completion counter and, in the ``edu/inflight`` subsection, the descriptor in
+flight (its slot, addresses, bytes copied and running CRC). Quiescing stops the
+worker between two chunks; the destination continues the descriptor where the
+source stopped.
 """
 
 from __future__ import annotations
 
 import struct
+import threading
+import time
+from typing import Optional
 
+import attrs
 import crc32c
 
 from pcidev.bar import Access, Register, RegisterMap
 from pcidev.device import PciDevice
-from pcidev.errors import DmaError
+from pcidev.errors import ConfigError, DmaError
 from pcidev.pci.config import ResetKind
+from pcidev.vmstate import U32, U64, vmstate
+from pcidev.vmstate.errors import StateError
 
 ID_VALUE = 0x010000ED
 DESC = struct.Struct("<QQII II")
@@ -52,13 +66,72 @@ IRQ_FACT = 0x1
 IRQ_DMA = 0x2
 VEC_DMA = 0
 VEC_FACT = 1
+_STATUS_CRC = struct.Struct("<II")
+
+
+@vmstate("edu/inflight")
+@attrs.frozen
+class EduInflight:
+    """The descriptor the engine is working on: ring slot, the descriptor's fields,
+    bytes copied so far and the CRC-32C of those bytes."""
+
+    slot: U32
+    src: U64
+    dst: U64
+    length: U32
+    flags: U32
+    done: U32 = 0
+    crc: U32 = 0
+
+
+@vmstate("edu", version=1)
+@attrs.frozen
+class EduState:
+    """The edu device's own state (the framework migrates config space and MSI-X)."""
+
+    liveness: U32
+    factorial: U32
+    status: U32
+    irq_status: U32
+    ring_base: U64
+    ring_size: U32
+    ring_tail: U32
+    ring_head: U32
+    ring_ctrl: U32
+    errors: U32
+    completed: U64
+    inflight: Optional[EduInflight] = None
+
+
+@attrs.define
+class _Inflight:
+    slot: int
+    src: int
+    dst: int
+    length: int
+    flags: int
+    done: int = 0
+    crc: int = 0
+
+#: register name -> EduState field
+_REGISTER_FIELDS = {"LIVENESS": "liveness", "FACTORIAL": "factorial", "STATUS": "status",
+                    "IRQ_STATUS": "irq_status", "RING_BASE": "ring_base", "RING_SIZE": "ring_size",
+                    "RING_TAIL": "ring_tail", "RING_HEAD": "ring_head", "RING_CTRL": "ring_ctrl",
+                    "ERRORS": "errors"}
 
 
 class EduDevice(PciDevice):
     """The edu teaching device (see the module docstring for its registers).
 
     :param autorun: process descriptors as soon as the tail is written (else
-        only in :meth:`process`, which lets tests stop it mid-ring).
+        only in :meth:`process`, which lets tests stop it mid-ring). Ignored with
+        ``engine``.
+    :param engine: process descriptors in a background worker thread, started by
+        :meth:`resume` (a transport calls it when it starts serving the device).
+    :param chunk: bytes the worker copies per step (a descriptor stays in flight
+        over several steps).
+    :param delay: seconds the worker sleeps after each step (slows it down, so a
+        demo or a test can catch descriptors in flight).
     """
 
     TYPE_NAME = "edu"
@@ -66,9 +139,22 @@ class EduDevice(PciDevice):
     DEVICE_ID = 0x11E8
     CLASS_CODE = 0x00FF00
     REVISION = 0x10
+    VMSTATE = EduState
+    MIGRATABLE_FEATURES = frozenset({"dma-engine", "background-engine"})
 
-    def __init__(self, *, name: str | None = None, autorun: bool = True) -> None:
+    def __init__(self, *, name: str | None = None, autorun: bool = True, engine: bool = False,
+                 chunk: int = 4096, delay: float = 0.0) -> None:
+        if chunk <= 0 or delay < 0:
+            raise ConfigError(f"edu: chunk must be positive and delay not negative (chunk={chunk}, delay={delay})")
         self.autorun = autorun
+        self.engine = engine
+        self.chunk = chunk
+        self.delay = delay
+        self._inflight: _Inflight | None = None
+        self._wake = threading.Condition()
+        self._paused = True
+        self._stopping = False
+        self._worker: threading.Thread | None = None
         super().__init__(name=name)
 
     def describe(self) -> None:
@@ -123,65 +209,196 @@ class EduDevice(PciDevice):
             reg.value = old
             return
         reg.value = new % size
-        if self.autorun:
+        if self.engine:
+            with self._wake:
+                self._wake.notify()
+        elif self.autorun:
             self.process()
 
     # -- DMA engine ------------------------------------------------------------------------
     @property
     def pending(self) -> int:
-        """Descriptors posted but not yet processed."""
+        """Descriptors posted but not yet finished (including one in flight)."""
         size = self.regs["RING_SIZE"].value
         if not size:
             return 0
         return (self.regs["RING_TAIL"].value - self.regs["RING_HEAD"].value) % size
 
-    def process(self, budget: int | None = None) -> int:
-        """Process up to ``budget`` posted descriptors (all if None).
+    @property
+    def inflight(self) -> EduInflight | None:
+        """The descriptor in flight (partly copied), if any."""
+        inf = self._inflight
+        return None if inf is None else EduInflight(**attrs.asdict(inf))
 
-        :returns: how many were processed.
+    def _runnable(self) -> bool:
+        return bool(self.regs["RING_CTRL"].value & 1) and self.bus_master and (
+            self._inflight is not None or self.pending > 0)
+
+    def _step(self, chunk: int | None) -> tuple[bool, bool]:
+        """Advance the engine by one step: fetch a descriptor if none is in flight,
+        then copy up to ``chunk`` bytes of it (all of it if None).
+
+        :returns: ``(finished a descriptor, it asked for an interrupt)``.
         """
-        if not self.regs["RING_CTRL"].value & 1 or not self.bus_master:
-            return 0
-        size = self.regs["RING_SIZE"].value
-        base = self.regs["RING_BASE"].value
-        head_reg = self.regs["RING_HEAD"]
-        done = 0
-        raise_irq = False
         mem = self.dma
-        while self.pending and (budget is None or done < budget):
-            addr = base + head_reg.value * DESC_SIZE
+        size = self.regs["RING_SIZE"].value
+        head_reg = self.regs["RING_HEAD"]
+        inf = self._inflight
+        if inf is None:
+            slot = head_reg.value
+            addr = self.regs["RING_BASE"].value + slot * DESC_SIZE
             try:
                 src, dst, length, flags, _st, _crc = mem.read_struct(DESC, addr)
             except DmaError:
                 self.regs["ERRORS"].value += 1
-                head_reg.value = (head_reg.value + 1) % size
-                done += 1
-                continue
-            status, crc = STATUS_DONE, 0
+                head_reg.value = (slot + 1) % size
+                return True, False
+            inf = self._inflight = _Inflight(slot, src, dst, length, flags)
             if length == 0 or length > MAX_LEN:
-                status = STATUS_BAD_LENGTH
-            else:
+                return True, self._finish(STATUS_BAD_LENGTH)
+        n = inf.length - inf.done if chunk is None else min(chunk, inf.length - inf.done)
+        try:
+            data = mem.read(inf.src + inf.done, n)
+            mem.write(inf.dst + inf.done, data)
+        except DmaError:
+            return True, self._finish(STATUS_DMA_ERROR)
+        inf.crc = crc32c.crc32c(data, value=inf.crc)
+        inf.done += n
+        if inf.done == inf.length:
+            return True, self._finish(STATUS_DONE)
+        return False, False
+
+    def _finish(self, status: int) -> bool:
+        inf = self._inflight
+        assert inf is not None
+        self._inflight = None
+        if status != STATUS_DONE:
+            self.regs["ERRORS"].value += 1
+        addr = self.regs["RING_BASE"].value + inf.slot * DESC_SIZE
+        try:
+            self.dma.write_struct(_STATUS_CRC, addr + 0x18, status, inf.crc if status == STATUS_DONE else 0)
+        except DmaError:
+            pass
+        size = self.regs["RING_SIZE"].value
+        self.regs["RING_HEAD"].value = (inf.slot + 1) % size if size else 0
+        self.completed += 1
+        return bool(inf.flags & 1)
+
+    def process(self, budget: int | None = None) -> int:
+        """Process up to ``budget`` posted descriptors (all if None), each completely
+        (a descriptor in flight is finished first). One interrupt is raised at the
+        end if any processed descriptor asked for one.
+
+        :returns: how many were processed.
+        """
+        with self.lock:
+            if not self.regs["RING_CTRL"].value & 1 or not self.bus_master:
+                return 0
+            done = 0
+            raise_irq = False
+            while self._runnable() and (budget is None or done < budget):
+                finished, irq = self._step(None)
+                done += finished
+                raise_irq |= irq
+            if raise_irq:
+                self._raise(IRQ_DMA, VEC_DMA)
+            return done
+
+    # -- background worker -------------------------------------------------------------------
+    def _worker_loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and (self._paused or not self._runnable()):
+                    self._wake.wait(0.05)
+                if self._stopping:
+                    return
+            with self.lock:
+                if self._paused or not self._runnable():
+                    continue
                 try:
-                    data = mem.read(src, length)
-                    mem.write(dst, data)
-                    crc = crc32c.crc32c(data)
-                except DmaError:
-                    status = STATUS_DMA_ERROR
-            if status != STATUS_DONE:
-                self.regs["ERRORS"].value += 1
-            try:
-                mem.write_struct(struct.Struct("<II"), addr + 0x18, status, crc)
-            except DmaError:
-                pass
-            head_reg.value = (head_reg.value + 1) % size
-            self.completed += 1
-            done += 1
-            raise_irq |= bool(flags & 1)
-        if raise_irq:
-            self._raise(IRQ_DMA, VEC_DMA)
-        return done
+                    _finished, irq = self._step(self.chunk)
+                    if irq:
+                        self._raise(IRQ_DMA, VEC_DMA)
+                except Exception as exc:  # never let the worker die silently
+                    self._fail(exc, "DMA engine step")
+                    self._paused = True
+            if self.delay:
+                time.sleep(self.delay)
+
+    def on_resume(self) -> None:
+        if not self.engine:
+            return
+        with self._wake:
+            self._paused = False
+            self._stopping = False
+            self._wake.notify()
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(target=self._worker_loop, name=f"edu-engine[{self.name}]",
+                                            daemon=True)
+            self._worker.start()
+
+    def on_quiesce(self) -> None:
+        with self._wake:
+            self._paused = True
+        with self.lock:  # wait for the step in progress: the next one sees _paused
+            pass
+
+    def stop(self) -> None:
+        """Stop the worker thread for good (the device can be resumed again later)."""
+        with self._wake:
+            self._paused = True
+            self._stopping = True
+            self._wake.notify()
+        worker = self._worker
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(5.0)
+        self._worker = None
+
+    # -- migration ---------------------------------------------------------------------------
+    def enabled_features(self) -> set[str]:
+        features = super().enabled_features()
+        if self.regs["RING_CTRL"].value & 1:
+            features.add("dma-engine")
+        if self.engine:
+            features.add("background-engine")
+        return features
+
+    def device_fingerprint(self) -> dict:
+        return {"edu.max_transfer": MAX_LEN}
+
+    def get_device_state(self) -> EduState:
+        values = {field: self.regs[reg].value for reg, field in _REGISTER_FIELDS.items()}
+        return EduState(completed=self.completed, inflight=self.inflight, **values)
+
+    def check_device_state(self, state: EduState) -> None:
+        size = state.ring_size
+        if size & (size - 1) or size > 4096:
+            raise StateError(f"ring size {size} is not a power of two up to 4096", section="edu",
+                             instance_id=0, path="ring_size")
+        for field in ("ring_head", "ring_tail"):
+            value = getattr(state, field)
+            if value >= max(size, 1):
+                raise StateError(f"{value} is outside a ring of {size} entries", section="edu",
+                                 instance_id=0, path=field)
+        inf = state.inflight
+        if inf is not None:
+            if size == 0 or inf.slot != state.ring_head:
+                raise StateError(f"descriptor in flight at slot {inf.slot}, but the ring head is "
+                                 f"{state.ring_head} (size {size})", section="edu", instance_id=0,
+                                 path="inflight.slot")
+            if not 0 < inf.length <= MAX_LEN or inf.done > inf.length:
+                raise StateError(f"{inf.done} of {inf.length} bytes copied is impossible", section="edu",
+                                 instance_id=0, path="inflight.done")
+
+    def set_device_state(self, state: EduState) -> None:
+        for reg, field in _REGISTER_FIELDS.items():
+            self.regs[reg].value = getattr(state, field)
+        self.completed = state.completed
+        inf = state.inflight
+        self._inflight = None if inf is None else _Inflight(**attrs.asdict(inf))
 
     def on_reset(self, kind: ResetKind) -> None:
         # the register map was reset with the BAR handlers
+        self._inflight = None
         if kind is ResetKind.POWER_ON:
             self.completed = 0
