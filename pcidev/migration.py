@@ -1,0 +1,381 @@
+"""Moving a running device from one process to another.
+
+The source side, :func:`migrate_out`:
+
+1. collects every blocker (:func:`collect_blockers`) *before* stopping anything,
+   and refuses with :class:`~pcidev.errors.MigrationBlockedError` listing them all;
+2. quiesces the device at a consistent point (:meth:`PciDevice.quiesce`: no
+   request half-done; the transport has already stopped reading guest accesses at
+   a message boundary);
+3. saves it (:meth:`PciDevice.save_vmstate_stream`) and sends the stream over the
+   migration socket, with the guest-memory and interrupt eventfds attached
+   (``SCM_RIGHTS``) on a UNIX socket;
+4. waits for the destination's acknowledgement. Until then it keeps everything;
+   if anything fails (refusal, garbage, the destination dies or times out) it
+   resumes the device and raises :class:`~pcidev.errors.MigrationError`;
+5. after the acknowledgement it never runs the device again; it waits briefly
+   for the destination's *running* notice to report the downtime.
+
+The destination side, :func:`migrate_in`, receives, loads (all or nothing:
+:meth:`PciDevice.load_vmstate_stream`), acknowledges, then resumes the device and
+sends the running notice.
+
+Over TCP no descriptors travel: the destination loads without them and must be
+given the guest memory (the same regions) and the interrupt eventfds by the host
+before it runs; it acknowledges with ``deferred`` set and does not resume by
+itself (the device link's ``RESUME`` does it, see :mod:`pcidev.transport.link`).
+
+Wire format of the migration channel (all integers little-endian)::
+
+    frame   = magic "PCIDMIGR" (8) | type u16 | flags u16 (0) | length u32 | body
+    OFFER   1  msgpack {"protocol": 1, "device_type", "stream_size", "fds", "boot_id"}
+               + the first (at most 253) fds
+    FDS     2  empty body + the next batch of fds (when there are more than 253)
+    STATE   3  the vmstate stream (docs/vmstate-format.md)
+    ACK     4  msgpack {"link": address or nil, "deferred": bool, "boot_id"}
+    NACK    5  msgpack {"error": error class name, "message"}
+    RUNNING 6  msgpack {"running_at": CLOCK_MONOTONIC seconds, "boot_id"}
+
+Downtime is reported as the time from the source's stop to the destination's
+resume, both read from ``CLOCK_MONOTONIC``; the two are comparable only on the
+same machine, which the kernel boot id (sent in every message) confirms.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import msgpack
+
+from pcidev.errors import (
+    MigrationBlockedError,
+    MigrationError,
+    PluginError,
+    TransportError,
+    VMStateError,
+)
+from pcidev.transport.fdpass import SCM_MAX_FD, close_fds, is_unix, recv_exact, send_all
+
+if TYPE_CHECKING:
+    import pluggy
+
+    from pcidev.device import PciDevice
+    from pcidev.framework_state import LoadedResources
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "MAX_STREAM_SIZE",
+    "MigrationResult",
+    "IncomingResult",
+    "collect_blockers",
+    "migrate_out",
+    "migrate_in",
+    "boot_id",
+]
+
+PROTOCOL_VERSION = 1
+MAGIC = b"PCIDMIGR"
+_HEADER = struct.Struct("<8sHHI")
+#: the largest state stream a destination accepts (a garbage length must not make
+#: it allocate gigabytes)
+MAX_STREAM_SIZE = 256 << 20
+_MAX_META = 64 << 10
+OFFER, FDS, STATE, ACK, NACK, RUNNING = 1, 2, 3, 4, 5, 6
+_NAMES = {OFFER: "OFFER", FDS: "FDS", STATE: "STATE", ACK: "ACK", NACK: "NACK", RUNNING: "RUNNING"}
+
+
+def boot_id() -> str:
+    """This machine's kernel boot id ('' if unknown): equal boot ids mean the
+    ``CLOCK_MONOTONIC`` readings of two processes are comparable."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def collect_blockers(device: PciDevice, pm: pluggy.PluginManager | None = None) -> list[str]:
+    """Every reason ``device`` cannot migrate now: the device's own
+    (:meth:`PciDevice.migration_blockers`: no VMSTATE, undeclared features, its
+    dynamic reasons) and every plugin's ``pcidev_migration_blockers``. A plugin
+    whose hook fails contributes that failure as a reason.
+
+    :param device: the device.
+    :param pm: the plugin manager (None: the device's reasons only).
+    :returns: all reasons (empty: it may migrate).
+    """
+    from pcidev.plugins import hook_migration_blockers
+
+    reasons = list(device.migration_blockers())
+    if pm is not None:
+        try:
+            reasons.extend(hook_migration_blockers(pm, device))
+        except PluginError as exc:
+            reasons.append(str(exc))
+    return reasons
+
+
+@attrs.frozen
+class MigrationResult:
+    """What :func:`migrate_out` reports.
+
+    :ivar state_size: bytes of the vmstate stream.
+    :ivar fds: descriptors passed with it.
+    :ivar stopped_at: ``CLOCK_MONOTONIC`` when the source device was quiesced.
+    :ivar acked_at: when the acknowledgement arrived.
+    :ivar running_at: when the destination resumed (its clock), or None.
+    :ivar same_clock: source and destination share ``CLOCK_MONOTONIC`` (same boot id).
+    :ivar deferred: the destination waits for its host to attach memory and resume.
+    :ivar link: the address where the destination serves the device, if it said.
+    """
+
+    state_size: int
+    fds: int
+    stopped_at: float
+    acked_at: float
+    running_at: float | None = None
+    same_clock: bool = False
+    deferred: bool = False
+    link: str | None = None
+
+    @property
+    def downtime(self) -> float | None:
+        """Seconds from the stop on the source to running on the destination, when
+        both clocks are comparable and the destination reported; else None."""
+        if self.running_at is None or not self.same_clock:
+            return None
+        return self.running_at - self.stopped_at
+
+    @property
+    def downtime_upper_bound(self) -> float:
+        """Seconds from the stop to the acknowledgement (the destination resumes
+        right after sending it): measured on the source clock alone."""
+        return self.acked_at - self.stopped_at
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (also what the device link returns to the host)."""
+        return {"state_size": self.state_size, "fds": self.fds, "stopped_at": self.stopped_at,
+                "acked_at": self.acked_at, "running_at": self.running_at, "same_clock": self.same_clock,
+                "deferred": self.deferred, "link": self.link, "downtime": self.downtime,
+                "downtime_upper_bound": self.downtime_upper_bound, "boot_id": boot_id()}
+
+
+@attrs.frozen
+class IncomingResult:
+    """What :func:`migrate_in` reports.
+
+    :ivar stream: the vmstate stream that was loaded.
+    :ivar fds: descriptors received.
+    :ivar resources: memory and sink the load created (the caller owns them).
+    :ivar loaded_at: ``CLOCK_MONOTONIC`` after the load.
+    :ivar running_at: when the device was resumed (None if deferred).
+    """
+
+    stream: bytes
+    fds: int
+    resources: LoadedResources
+    loaded_at: float
+    running_at: float | None
+
+
+# ------------------------------------------------------------------ framing
+def _send(sock: socket.socket, kind: int, body: bytes = b"", fds: Sequence[int] = ()) -> None:
+    send_all(sock, _HEADER.pack(MAGIC, kind, 0, len(body)) + body, fds)
+
+
+def _send_meta(sock: socket.socket, kind: int, meta: dict[str, Any], fds: Sequence[int] = ()) -> None:
+    _send(sock, kind, msgpack.packb(meta, use_bin_type=True), fds)
+
+
+def _recv(sock: socket.socket, *, max_fds: int = 0, max_len: int = _MAX_META) -> tuple[int, bytes, list[int]]:
+    head, fds = recv_exact(sock, _HEADER.size, max_fds=max_fds)
+    try:
+        magic, kind, flags, length = _HEADER.unpack(head)
+        if magic != MAGIC:
+            raise TransportError(f"migration channel: bad magic {magic!r}")
+        if kind not in _NAMES or flags:
+            raise TransportError(f"migration channel: unknown frame type {kind} / flags {flags:#x}")
+        if length > max_len:
+            raise TransportError(f"migration channel: {_NAMES[kind]} frame of {length} bytes "
+                                 f"(at most {max_len})")
+        body = recv_exact(sock, length)[0] if length else b""
+    except BaseException:
+        close_fds(fds)
+        raise
+    return kind, body, fds
+
+
+def _meta(kind: int, body: bytes, keys: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
+    try:
+        meta = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception as exc:
+        raise TransportError(f"migration channel: {_NAMES[kind]} body is not msgpack: {exc}") from None
+    if not isinstance(meta, dict):
+        raise TransportError(f"migration channel: {_NAMES[kind]} body is not a map")
+    for key, types in keys.items():
+        allowed = types if isinstance(types, tuple) else (types,)
+        value = meta.get(key)
+        if type(value) not in allowed and not (float in allowed and type(value) is int):
+            raise TransportError(f"migration channel: {_NAMES[kind]} field {key!r} missing or of the wrong type")
+    return meta
+
+
+# ------------------------------------------------------------------- source
+def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginManager | None = None,
+                timeout: float = 10.0, running_timeout: float = 2.0) -> MigrationResult:
+    """Send ``device`` to the destination at the other end of ``sock``.
+
+    The caller has stopped guest accesses to the device (a transport does so by
+    not reading its socket while this runs) and connected ``sock``.
+
+    :param device: the running source device.
+    :param sock: connected migration socket (UNIX: descriptors pass too).
+    :param pm: plugin manager for the ``pcidev_migration_blockers`` hook.
+    :param timeout: seconds to wait for the acknowledgement.
+    :param running_timeout: seconds to wait, after the acknowledgement, for the
+        destination's running notice (only for the downtime report).
+    :returns: sizes and timestamps.
+    :raises MigrationBlockedError: blockers (nothing was stopped).
+    :raises MigrationError: the migration failed; the device runs again on the source.
+    """
+    reasons = collect_blockers(device, pm)
+    if reasons:
+        raise MigrationBlockedError(reasons)
+    was_running = not device.quiesced
+    device.quiesce()
+    stopped_at = time.monotonic()
+    nfds = 0
+    size = 0
+    try:
+        sock.settimeout(timeout)
+        stream, fds = device.save_vmstate_stream()
+        size = len(stream)
+        pass_fds = is_unix(sock)
+        nfds = len(fds) if pass_fds else 0
+        sent = list(fds) if pass_fds else []
+        _send_meta(sock, OFFER, {"protocol": PROTOCOL_VERSION, "device_type": device.vmstate_device_type,
+                                 "stream_size": size, "fds": nfds, "boot_id": boot_id()}, sent[:SCM_MAX_FD])
+        for i in range(SCM_MAX_FD, len(sent), SCM_MAX_FD):
+            _send(sock, FDS, b"", sent[i:i + SCM_MAX_FD])
+        _send(sock, STATE, stream)
+        kind, body, stray = _recv(sock)
+        close_fds(stray)
+        if kind == NACK:
+            meta = _meta(kind, body, {"error": str, "message": str})
+            raise MigrationError(f"the destination refused the state: {meta['error']}: {meta['message']}")
+        if kind != ACK:
+            raise TransportError(f"migration channel: expected ACK, got {_NAMES[kind]}")
+        meta = _meta(kind, body, {"deferred": bool, "boot_id": str})
+        acked_at = time.monotonic()
+    except Exception as exc:
+        if was_running:
+            device.resume()
+        if isinstance(exc, MigrationError):
+            raise MigrationError(f"{exc}; the device runs again on the source") from exc
+        raise MigrationError(f"migration failed ({type(exc).__name__}: {exc}); "
+                             "the device runs again on the source") from exc
+    # Acknowledged: from here on the destination owns the device. Never resume.
+    link = meta.get("link") if isinstance(meta.get("link"), str) else None
+    same = bool(meta["boot_id"]) and meta["boot_id"] == boot_id()
+    running_at = None
+    if not meta["deferred"]:
+        try:
+            sock.settimeout(running_timeout)
+            kind, body, stray = _recv(sock)
+            close_fds(stray)
+            if kind == RUNNING:
+                running_at = _meta(kind, body, {"running_at": float})["running_at"]
+        except (TransportError, OSError):
+            pass
+    return MigrationResult(state_size=size, fds=nfds, stopped_at=stopped_at, acked_at=acked_at,
+                           running_at=running_at, same_clock=same, deferred=bool(meta["deferred"]), link=link)
+
+
+# -------------------------------------------------------------- destination
+def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0, link: str | None = None,
+               adopt: Callable[[LoadedResources], None] | None = None,
+               defer_without_fds: bool = True) -> IncomingResult:
+    """Receive a device state on ``sock``, load it into ``device``, acknowledge,
+    and resume the device.
+
+    :param device: a fresh (or quiesced) device of the same type and configuration.
+    :param sock: the accepted migration connection.
+    :param timeout: seconds to wait for each part of the stream.
+    :param link: the address where this process serves the device (sent in the ACK
+        so the source can tell the host where to go).
+    :param adopt: called with the memory and sink created by the load, before the
+        acknowledgement (the transport takes ownership of them).
+    :param defer_without_fds: over a socket without descriptors (TCP), do not
+        resume: the host must attach memory and eventfds first (the ACK says
+        ``deferred``).
+    :returns: the stream, the resources and timestamps.
+    :raises TransportError: the channel broke or carried garbage (NACK sent if possible).
+    :raises VMStateError: the stream was refused (NACK sent); the device is untouched.
+    :raises MigrationError: the acknowledgement could not be sent (the source
+        resumes; this device must not run).
+    """
+    sock.settimeout(timeout)
+    fds: list[int] = []
+    try:
+        try:
+            kind, body, fds = _recv(sock, max_fds=SCM_MAX_FD)
+            if kind != OFFER:
+                raise TransportError(f"migration channel: expected OFFER, got {_NAMES[kind]}")
+            offer = _meta(kind, body, {"protocol": int, "device_type": str, "stream_size": int, "fds": int,
+                                       "boot_id": str})
+            if offer["protocol"] != PROTOCOL_VERSION:
+                raise TransportError(f"migration protocol {offer['protocol']} is not {PROTOCOL_VERSION}")
+            if offer["device_type"] != device.vmstate_device_type:
+                from pcidev.vmstate.errors import ConfigMismatchError
+
+                raise ConfigMismatchError(f"stream is for device type {offer['device_type']!r}, "
+                                          f"this device is {device.vmstate_device_type!r}")
+            want, size = offer["fds"], offer["stream_size"]
+            if not 0 <= want <= 65536 or not 0 < size <= MAX_STREAM_SIZE:
+                raise TransportError(f"migration channel: OFFER announces {want} fds and {size} bytes")
+            if want and not is_unix(sock):
+                raise TransportError("migration channel: fds announced on a socket that cannot carry them")
+            while len(fds) < want:
+                kind, _body, more = _recv(sock, max_fds=min(SCM_MAX_FD, want - len(fds)))
+                fds.extend(more)
+                if kind != FDS or not more:
+                    raise TransportError(f"migration channel: expected FDS, got {_NAMES[kind]}")
+            if len(fds) != want:
+                raise TransportError(f"migration channel: {len(fds)} fds arrived, {want} announced")
+            kind, stream, stray = _recv(sock, max_len=size)
+            close_fds(stray)
+            if kind != STATE or len(stream) != size or stray:
+                raise TransportError(f"migration channel: expected a STATE of {size} bytes, got "
+                                     f"{_NAMES[kind]} of {len(stream)}")
+            use_fds = fds if is_unix(sock) else None
+            res = device.load_vmstate_stream(stream, use_fds)
+        except (VMStateError, TransportError) as exc:
+            try:
+                _send_meta(sock, NACK, {"error": type(exc).__name__, "message": str(exc)})
+            except TransportError:
+                pass
+            raise
+    finally:
+        close_fds(fds)
+    loaded_at = time.monotonic()
+    deferred = defer_without_fds and not is_unix(sock)
+    if adopt is not None:
+        adopt(res)
+    try:
+        _send_meta(sock, ACK, {"link": link, "deferred": deferred, "boot_id": boot_id()})
+    except TransportError as exc:
+        raise MigrationError(f"could not acknowledge ({exc}); the source keeps the device") from exc
+    running_at = None
+    if not deferred:
+        device.resume()
+        running_at = time.monotonic()
+        try:
+            _send_meta(sock, RUNNING, {"running_at": running_at, "boot_id": boot_id()})
+        except TransportError:
+            pass
+    return IncomingResult(stream=stream, fds=len(fds), resources=res, loaded_at=loaded_at, running_at=running_at)

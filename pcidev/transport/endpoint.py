@@ -1,0 +1,300 @@
+"""The device side of a transport, independent of any wire protocol.
+
+A :class:`DeviceEndpoint` wraps one device and gives a transport server (the
+device link today, vfio-user later) everything it needs, as plain method calls:
+
+* guest accesses (:meth:`config_read`, :meth:`bar_write`, ...), serialized with the
+  device's background work through :attr:`PciDevice.lock
+  <pcidev.device.PciDevice.lock>`;
+* guest memory (:meth:`dma_map`/:meth:`dma_unmap`, done while the device is
+  quiesced, the vfio-user rule) and interrupt eventfds (:meth:`set_irqs`), whose
+  file descriptors the endpoint owns;
+* the lifecycle: :meth:`start`, :meth:`migrate_to` (source) and
+  :meth:`accept_incoming` (destination), :meth:`resume_after_attach`,
+  :meth:`close`.
+
+A transport server reads a message, calls one method, and replies with the result
+or the :class:`~pcidev.errors.PcidevError` it raised. It calls :meth:`migrate_to`
+from its message loop, so no other message is read while the device moves: the
+device is quiesced at a message boundary, after every request read so far has
+been answered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from pcidev.dma import GuestMemory
+from pcidev.errors import MigrationError, PcidevError, TransportError
+from pcidev.framework_state import LoadedResources, OwnedEventfdSink
+from pcidev.migration import IncomingResult, MigrationResult, boot_id, migrate_in, migrate_out
+from pcidev.transport.address import connect
+from pcidev.transport.fdpass import close_fds
+
+if TYPE_CHECKING:
+    import socket
+
+    import pluggy
+
+    from pcidev.device import PciDevice
+
+__all__ = ["DeviceEndpoint", "NEW", "RUNNING", "AWAITING_ATTACH", "MIGRATED", "CLOSED"]
+
+#: created, not started yet
+NEW = "new"
+#: serving the guest
+RUNNING = "running"
+#: loaded from a migration without descriptors (TCP): waits for memory, eventfds
+#: and a resume from the host
+AWAITING_ATTACH = "awaiting-attach"
+#: the device moved to another process; this endpoint refuses everything
+MIGRATED = "migrated"
+#: closed
+CLOSED = "closed"
+
+
+class DeviceEndpoint:
+    """Serves one device to one host over any transport.
+
+    :param device: the device (realized here).
+    :param pm: plugin manager whose ``pcidev_migration_blockers`` hook is consulted.
+    :param max_regions: cap on guest-memory regions.
+    """
+
+    def __init__(self, device: PciDevice, *, pm: pluggy.PluginManager | None = None,
+                 max_regions: int = 1024) -> None:
+        device.realize()
+        device.prepare_vmstate()
+        self.device = device
+        self.pm = pm
+        self.memory = GuestMemory(max_regions=max_regions)
+        self.sink = OwnedEventfdSink()
+        device.attach(self.memory, self.sink)
+        self.state = NEW
+        #: ``CLOCK_MONOTONIC`` of the last resume (destination: the end of the downtime)
+        self.resumed_at: float | None = None
+        #: where the device went (after :meth:`migrate_to`)
+        self.moved_to: str | None = None
+        self._state_lock = threading.Lock()
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the device (its background work) for a fresh session."""
+        self._check_state(NEW)
+        self.device.resume()
+        self.state = RUNNING
+        self.resumed_at = time.monotonic()
+
+    def _check_state(self, *allowed: str) -> None:
+        if self.state in allowed:
+            return
+        if self.state == MIGRATED:
+            raise MigrationError(f"the device has migrated to {self.moved_to or 'another process'}")
+        raise TransportError(f"the device endpoint is {self.state}; expected {' or '.join(allowed)}")
+
+    def _live(self) -> None:
+        if self.state not in (RUNNING, NEW, AWAITING_ATTACH):
+            self._check_state(RUNNING)
+
+    def info(self) -> dict[str, Any]:
+        """Identity and layout of the device (what a host needs to drive it)."""
+        from pcidev.pci.capabilities.msi import MsiCapability
+        from pcidev.pci.capabilities.msix import MsixCapability
+
+        dev = self.device
+        msix = dev.caps.find(MsixCapability)
+        msi = dev.caps.find(MsiCapability)
+        return {
+            "device_type": dev.vmstate_device_type, "name": dev.name, "vendor_id": dev.vendor_id,
+            "device_id": dev.device_id, "class_code": dev.class_code, "revision": dev.revision,
+            "subsystem_vendor_id": dev.subsystem_vendor_id, "subsystem_id": dev.subsystem_id,
+            "interrupt_pin": dev.interrupt_pin, "config_size": dev.config.size,
+            "msix_vectors": msix.nvectors if msix is not None else 0,
+            "msi_vectors": msi.nvectors if msi is not None else 0,
+            "state": self.state, "resumed_at": self.resumed_at, "boot_id": boot_id(), "pid": os.getpid(),
+        }
+
+    # -- guest accesses -----------------------------------------------------------------
+    @property
+    def intx_level(self) -> bool:
+        """The INTx level the device last signalled."""
+        return bool(getattr(self.device.irq, "_intx_out", False))
+
+    def config_read(self, offset: int, size: int) -> int:
+        """A configuration read. :raises ConfigSpaceError: on a malformed access."""
+        self._live()
+        with self.device.lock:
+            return self.device.config_read(offset, size)
+
+    def config_write(self, offset: int, size: int, value: int) -> None:
+        """A configuration write. :raises ConfigSpaceError: on a malformed access."""
+        self._live()
+        with self.device.lock:
+            self.device.config_write(offset, size, value)
+
+    def bar_read(self, index: int, offset: int, size: int, check_decode: bool = True) -> int:
+        """A BAR read. :raises MmioError: on a malformed access."""
+        self._live()
+        with self.device.lock:
+            return self.device.bar_read(index, offset, size, check_decode=check_decode)
+
+    def bar_write(self, index: int, offset: int, size: int, value: int, check_decode: bool = True) -> None:
+        """A BAR write. :raises MmioError: on a malformed access."""
+        self._live()
+        with self.device.lock:
+            self.device.bar_write(index, offset, size, value, check_decode=check_decode)
+
+    def rom_read(self, offset: int, size: int) -> int:
+        """An expansion ROM read. :raises MmioError: on a malformed access."""
+        self._live()
+        with self.device.lock:
+            return self.device.rom_read(offset, size)
+
+    # -- guest memory and interrupts ----------------------------------------------------
+    @contextlib.contextmanager
+    def _paused(self) -> Iterator[None]:
+        was_running = not self.device.quiesced and self.state == RUNNING
+        self.device.quiesce()
+        try:
+            yield
+        finally:
+            if was_running:
+                self.device.resume()
+
+    def dma_map(self, gpa: int, size: int, fd: int, fd_offset: int = 0, *, writable: bool = True,
+                name: str = "") -> None:
+        """Map guest memory (the device is quiesced meanwhile). The caller keeps ``fd``.
+
+        :raises DmaError: bad or overlapping region, or the kernel refused.
+        """
+        self._live()
+        with self._paused():
+            self.memory.map(gpa, size, fd, fd_offset, writable=writable, name=name)
+
+    def dma_unmap(self, gpa: int, size: int | None = None) -> None:
+        """Unmap the region starting at ``gpa`` (the device is quiesced meanwhile).
+
+        :raises DmaError: no such region, or views of it are alive.
+        """
+        self._live()
+        with self._paused():
+            self.memory.unmap(gpa, size)
+
+    def set_irqs(self, vectors: Mapping[int, int], intx_fd: int | None = None) -> None:
+        """Install interrupt eventfds, taking ownership of them (replaced ones are
+        closed). A vector may appear once; vectors not mentioned keep theirs.
+
+        :param vectors: vector number → eventfd.
+        :param intx_fd: eventfd for INTx assertion, or None to keep the current one.
+        :raises IrqError: a vector beyond the device's 2048.
+        """
+        from pcidev.errors import IrqError
+
+        bad = [v for v in vectors if not 0 <= v < 2048]
+        if bad:
+            close_fds(list(vectors.values()) + ([intx_fd] if intx_fd is not None else []))
+            raise IrqError(f"interrupt vector(s) {bad} out of range 0..2047")
+        try:
+            self._live()
+        except PcidevError:
+            close_fds(list(vectors.values()) + ([intx_fd] if intx_fd is not None else []))
+            raise
+        with self.device.irq.lock:
+            sink = self.sink
+            for vector, fd in vectors.items():
+                old = sink.vector_fds.get(vector)
+                sink.set_vector(vector, fd)
+                if old is not None and old != fd:
+                    close_fds([old])
+            if intx_fd is not None:
+                old = sink.intx_fd
+                sink.intx_fd = intx_fd
+                if old is not None and old != intx_fd:
+                    close_fds([old])
+
+    def resume_after_attach(self) -> float:
+        """Resume a device loaded without descriptors once the host attached its
+        memory and eventfds (see :data:`AWAITING_ATTACH`).
+
+        :returns: ``CLOCK_MONOTONIC`` of the resume.
+        :raises TransportError: the endpoint is not awaiting attachment.
+        """
+        self._check_state(AWAITING_ATTACH)
+        self.device.resume()
+        self.state = RUNNING
+        self.resumed_at = time.monotonic()
+        return self.resumed_at
+
+    # -- migration ------------------------------------------------------------------------
+    def migrate_to(self, address: str, *, timeout: float = 10.0) -> MigrationResult:
+        """Migrate the device to the destination listening at ``address``.
+
+        Blockers are checked before anything else (and before connecting). On
+        success the endpoint is :data:`MIGRATED` and refuses further work; on
+        failure the device runs here again.
+
+        :raises MigrationBlockedError: blockers (nothing was stopped).
+        :raises MigrationError: the migration failed; the device runs here again.
+        """
+        from pcidev.errors import MigrationBlockedError
+        from pcidev.migration import collect_blockers
+
+        self._check_state(RUNNING)
+        reasons = collect_blockers(self.device, self.pm)
+        if reasons:
+            raise MigrationBlockedError(reasons)
+        try:
+            sock = connect(address, timeout=timeout)
+        except TransportError as exc:
+            raise MigrationError(f"cannot reach the destination: {exc}; the device keeps running here") from exc
+        try:
+            result = migrate_out(self.device, sock, pm=self.pm, timeout=timeout)
+        finally:
+            sock.close()
+        self.state = MIGRATED
+        self.moved_to = result.link or str(address)
+        return result
+
+    def accept_incoming(self, sock: socket.socket, *, link: str | None = None,
+                        timeout: float = 10.0) -> IncomingResult:
+        """Receive the device from a source over the accepted connection ``sock``.
+
+        :param link: the address this process serves the device on (told to the source).
+        :raises VMStateError: the state was refused (the device is untouched).
+        :raises TransportError: the channel broke.
+        :raises MigrationError: the acknowledgement could not be sent.
+        """
+        self._check_state(NEW)
+        result = migrate_in(self.device, sock, timeout=timeout, link=link, adopt=self._adopt)
+        if result.running_at is None:
+            self.state = AWAITING_ATTACH
+        else:
+            self.state = RUNNING
+            self.resumed_at = result.running_at
+        return result
+
+    def _adopt(self, res: LoadedResources) -> None:
+        if res.memory is not None:
+            old, self.memory = self.memory, res.memory
+            old.close()
+        if res.sink is not None:
+            old_sink, self.sink = self.sink, res.sink
+            old_sink.close()
+
+    # -- teardown -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Quiesce the device and release memory mappings and eventfds. Idempotent."""
+        if self.state == CLOSED:
+            return
+        self.device.quiesce()
+        self.state = CLOSED
+        self.sink.close()
+        try:
+            self.memory.close()
+        except PcidevError:
+            pass

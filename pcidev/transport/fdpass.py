@@ -1,0 +1,142 @@
+"""Sending and receiving file descriptors over UNIX stream sockets (``SCM_RIGHTS``).
+
+Every pcidev socket protocol (the device link, the migration channel, later
+vfio-user) frames its messages with a fixed-size header and sends the
+descriptors a message carries *with the header*: on a stream socket the kernel
+attaches ancillary data to the first byte of a ``sendmsg``, so reading exactly one
+header with :func:`recv_exact` returns exactly that message's descriptors.
+
+Why not :func:`socket.recv_fds`: it ignores its ``flags`` (so received fds are
+inheritable: ``MSG_CMSG_CLOEXEC`` cannot be passed) and silently drops the
+descriptors beyond ``maxfds`` (python/cpython#128881). :func:`recv_exact` calls
+``recvmsg`` with ``MSG_CMSG_CLOEXEC``, treats ``MSG_CTRUNC`` as a protocol error,
+closes every descriptor it received before raising, and never returns more than
+``max_fds``.
+
+Linux accepts at most :data:`SCM_MAX_FD` (253) descriptors per message; callers
+send more in batches.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+from collections.abc import Iterable, Sequence
+
+from pcidev.errors import TransportError
+
+__all__ = ["SCM_MAX_FD", "close_fds", "recv_exact", "send_all", "is_unix"]
+
+#: Linux's limit on descriptors in one ``SCM_RIGHTS`` message (include/net/scm.h).
+SCM_MAX_FD = 253
+_INT_SIZE = array.array("i").itemsize
+
+
+def close_fds(fds: Iterable[int]) -> None:
+    """Close every fd in ``fds``, ignoring errors (cleanup paths)."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def is_unix(sock: socket.socket) -> bool:
+    """Whether ``sock`` is an ``AF_UNIX`` socket (the only kind that carries fds)."""
+    return sock.family == socket.AF_UNIX
+
+
+def send_all(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
+    """Send ``data`` completely, with ``fds`` attached to its first byte.
+
+    :param sock: a connected stream socket (``AF_UNIX`` if ``fds`` is not empty).
+    :param data: the bytes to send (non-empty if ``fds`` is not empty).
+    :param fds: descriptors to pass; the caller keeps its own copies.
+    :raises TransportError: more than :data:`SCM_MAX_FD` fds, fds on a socket that
+        cannot carry them, or the peer went away.
+    """
+    view = memoryview(data)
+    try:
+        if fds:
+            if len(fds) > SCM_MAX_FD:
+                raise TransportError(f"{len(fds)} fds in one message (at most {SCM_MAX_FD})")
+            if not is_unix(sock):
+                raise TransportError("file descriptors can only be passed over a UNIX socket")
+            if not view:
+                raise TransportError("file descriptors need at least one byte of data")
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+            sent = sock.sendmsg([view], anc)
+            view = view[sent:]
+        while view:
+            sent = sock.send(view)
+            view = view[sent:]
+    except TransportError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise TransportError(f"send failed: {exc}") from exc
+
+
+def _take_fds(ancdata: list[tuple[int, int, bytes]], out: list[int]) -> bool:
+    """Collect SCM_RIGHTS fds from ``ancdata`` into ``out``; False on anything else."""
+    ok = True
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % _INT_SIZE
+            out.extend(array.array("i", payload[:usable]))
+        else:
+            ok = False
+    return ok
+
+
+def recv_exact(sock: socket.socket, n: int, *, max_fds: int = 0,
+               eof_ok: bool = False) -> tuple[bytes, list[int]]:
+    """Receive exactly ``n`` bytes and the descriptors sent with them.
+
+    :param sock: a connected stream socket.
+    :param n: bytes to read (> 0).
+    :param max_fds: most descriptors accepted with these bytes; more is a
+        protocol error (0: none expected).
+    :param eof_ok: return ``(b"", [])`` if the peer closed before the first byte
+        (a clean end between messages) instead of raising.
+    :returns: ``(data, fds)``; the caller owns the fds (close-on-exec).
+    :raises TransportError: the peer closed mid-message, sent more fds than
+        allowed (``MSG_CTRUNC`` or over ``max_fds``), sent non-fd ancillary data,
+        or the socket failed (including a timeout). Received fds are closed first.
+    """
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    fds: list[int] = []
+    space = socket.CMSG_SPACE(max(max_fds, 1) * _INT_SIZE)
+    try:
+        while got < n:
+            try:
+                if is_unix(sock):
+                    nbytes, anc, flags, _ = sock.recvmsg_into([view[got:]], space, socket.MSG_CMSG_CLOEXEC)
+                    clean = _take_fds(anc, fds)
+                    if flags & socket.MSG_CTRUNC:
+                        raise TransportError(
+                            f"peer sent more file descriptors than the {max_fds} this message may carry")
+                    if not clean:
+                        raise TransportError("peer sent unexpected ancillary data")
+                    if len(fds) > max_fds:
+                        raise TransportError(
+                            f"peer sent {len(fds)} file descriptors; this message may carry {max_fds}")
+                else:
+                    nbytes = sock.recv_into(view[got:])
+            except TransportError:
+                raise
+            except TimeoutError as exc:
+                raise TransportError(f"timed out waiting for the peer ({got} of {n} bytes read)") from exc
+            except OSError as exc:
+                raise TransportError(f"receive failed: {exc}") from exc
+            if nbytes == 0:
+                if got == 0 and eof_ok and not fds:
+                    return b"", []
+                raise TransportError(f"peer closed the connection ({got} of {n} bytes read)")
+            got += nbytes
+    except BaseException:
+        close_fds(fds)
+        raise
+    return bytes(buf), fds

@@ -1,0 +1,266 @@
+"""Run one device in its own process, served over the device link.
+
+::
+
+    python -m pcidev.transport.serve --device edu --link unix:/run/edu.sock \\
+        [--set engine=true --set delay=0.0002] [--incoming unix:/run/edu-mig.sock] [--events]
+
+Without ``--incoming`` the device starts fresh and is served on ``--link``. With
+``--incoming`` the process first waits for one migration on that address (a
+source's :meth:`~pcidev.transport.endpoint.DeviceEndpoint.migrate_to`), loads the
+device, and then serves it on ``--link`` (which it tells the source, so the host
+can follow). The process exits when its device has migrated away (status 0), when
+an incoming migration fails (status 1), or on SIGTERM/SIGINT.
+
+``--set NAME=VALUE`` passes keyword arguments to the device class (``true``/
+``false``, integers and floats are converted). With ``--events`` the process
+prints one JSON object per line on standard output: ``ready``, ``incoming``
+(with the loaded stream's sections and subsections), ``migrated`` (the report),
+``exit``.
+
+:func:`spawn` starts such a process from Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pcidev.errors import PcidevError
+from pcidev.transport.address import listen, parse_address
+
+__all__ = ["main", "spawn", "parse_setting", "DeviceProcess"]
+
+
+def parse_setting(text: str) -> tuple[str, Any]:
+    """``NAME=VALUE`` → ``(name, value)`` with ``true``/``false``/ints/floats converted.
+
+    :raises PcidevError: no ``=`` or an empty name.
+    """
+    name, sep, raw = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise PcidevError(f"--set expects NAME=VALUE, got {text!r}")
+    low = raw.lower()
+    if low in ("true", "false"):
+        return name, low == "true"
+    for conv in (int, float):
+        try:
+            return name, conv(raw)
+        except ValueError:
+            pass
+    return name, raw
+
+
+def _emit(enabled: bool, event: str, **data: Any) -> None:
+    if enabled:
+        print(json.dumps({"event": event, "pid": os.getpid(), **data}, default=str), flush=True)
+
+
+def _summary(stream: bytes) -> list[dict[str, Any]]:
+    from pcidev.vmstate import dump_stream_json
+
+    out = []
+    for sec in dump_stream_json(stream)["sections"]:
+        out.append({"name": sec["name"], "version": sec["version"], "subsections": sorted(sec["subsections"])})
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve one device as the arguments say (see the module docstring)."""
+    from pcidev.plugins import load_registry, make_plugin_manager
+    from pcidev.transport.endpoint import DeviceEndpoint
+    from pcidev.transport.link import LinkServer
+
+    pm = make_plugin_manager()
+    registry = load_registry(pm)
+    options = dict(parse_setting(s) for s in args.set)
+    try:
+        device = registry.get(args.device)(**options)
+    except TypeError as exc:
+        raise PcidevError(f"device type {args.device!r} does not take these options: {exc}") from exc
+    endpoint = DeviceEndpoint(device, pm=pm)
+    link_addr = parse_address(args.link)
+    listener, link_addr = listen(link_addr)
+    server = LinkServer(endpoint, listener)
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    signal.signal(signal.SIGINT, lambda *_: server.stop())
+    try:
+        if args.incoming:
+            mlisten, maddr = listen(args.incoming, backlog=1)
+            _emit(args.events, "listening", incoming=str(maddr), link=str(link_addr))
+            try:
+                mlisten.settimeout(args.incoming_timeout)
+                try:
+                    conn, _ = mlisten.accept()
+                except TimeoutError as exc:
+                    raise PcidevError(f"no source connected to {maddr} within {args.incoming_timeout} s") from exc
+            finally:
+                mlisten.close()
+                if maddr.kind == "unix":
+                    _unlink(maddr.path)
+            try:
+                result = endpoint.accept_incoming(conn, link=str(link_addr), timeout=args.timeout)
+            finally:
+                conn.close()
+            _emit(args.events, "incoming", state_size=len(result.stream), fds=result.fds,
+                  loaded_at=result.loaded_at, running_at=result.running_at, state=endpoint.state,
+                  sections=_summary(result.stream))
+        else:
+            endpoint.start()
+        _emit(args.events, "ready", link=str(link_addr), state=endpoint.state)
+        reason = server.serve_forever()
+        if server.migration is not None:
+            _emit(args.events, "migrated", **server.migration)
+        _emit(args.events, "exit", reason=reason)
+        return 0
+    finally:
+        endpoint.close()
+        if link_addr.kind == "unix":
+            _unlink(link_addr.path)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m pcidev.transport.serve``."""
+    ap = argparse.ArgumentParser(prog="python -m pcidev.transport.serve", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", required=True, help="registered device type (e.g. edu)")
+    ap.add_argument("--link", required=True, help="address to serve the device link on (unix:PATH)")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="keyword argument for the device class; repeatable")
+    ap.add_argument("--incoming", help="wait for a migration on this address (unix:PATH or tcp:HOST:PORT)")
+    ap.add_argument("--incoming-timeout", type=float, default=60.0,
+                    help="seconds to wait for the source to connect")
+    ap.add_argument("--timeout", type=float, default=10.0, help="seconds for each migration step")
+    ap.add_argument("--events", action="store_true", help="print JSON event lines on standard output")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (1 with one line on stderr on an error)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except PcidevError as exc:
+        print(f"pcidev serve: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+
+
+def spawn(device: str, link: str, *, options: Mapping[str, Any] | None = None, incoming: str | None = None,
+          events: bool = False, stdout: Any = None, stderr: Any = None,
+          env: Mapping[str, str] | None = None) -> subprocess.Popen:
+    """Start a device process (``python -m pcidev.transport.serve``).
+
+    :param device: device type.
+    :param link: link address it serves on.
+    :param options: keyword arguments for the device class.
+    :param incoming: wait for a migration on this address first.
+    :param events: print JSON event lines (use ``stdout=subprocess.PIPE`` to read them).
+    :returns: the process.
+    """
+    cmd = [sys.executable, "-m", "pcidev.transport.serve", "--device", device, "--link", link]
+    for name, value in (options or {}).items():
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        cmd += ["--set", f"{name}={text}"]
+    if incoming:
+        cmd += ["--incoming", incoming]
+    if events:
+        cmd.append("--events")
+    return subprocess.Popen(cmd, stdout=stdout, stderr=stderr, text=True,
+                            env=None if env is None else {**os.environ, **env})
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+
+
+class DeviceProcess:
+    """A device process started with :func:`spawn`, whose event lines are collected.
+
+    :param device: device type.
+    :param link: link address.
+    :param options: keyword arguments for the device class.
+    :param incoming: wait for a migration on this address first.
+    """
+
+    def __init__(self, device: str, link: str, *, options: Mapping[str, Any] | None = None,
+                 incoming: str | None = None) -> None:
+        import threading
+
+        self.link = link
+        self.incoming = incoming
+        self.events: list[dict[str, Any]] = []
+        self.stderr_lines: list[str] = []
+        self._cond = threading.Condition()
+        self.proc = spawn(device, link, options=options, incoming=incoming, events=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self._readers = [threading.Thread(target=self._read_events, daemon=True),
+                         threading.Thread(target=self._read_stderr, daemon=True)]
+        for t in self._readers:
+            t.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _read_events(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = {"event": "output", "line": line.rstrip("\n")}
+            with self._cond:
+                self.events.append(event)
+                self._cond.notify_all()
+        with self._cond:
+            self.events.append({"event": "eof"})
+            self._cond.notify_all()
+
+    def _read_stderr(self) -> None:
+        for line in self.proc.stderr:
+            self.stderr_lines.append(line.rstrip("\n"))
+
+    def wait_event(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
+        """Wait for the first event called ``name``.
+
+        :raises PcidevError: the process ended or the timeout passed first (the
+            message carries the end of its standard error).
+        """
+        import time
+
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for event in self.events:
+                    if event.get("event") == name:
+                        return event
+                if any(e.get("event") == "eof" for e in self.events):
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+        tail = " | ".join(self.stderr_lines[-5:])
+        raise PcidevError(f"device process {self.pid} never reported {name!r}"
+                          + (f" (stderr: {tail})" if tail else ""))
+
+    def stop(self, timeout: float = 5.0) -> int:
+        """Terminate the process (if still running) and reap it; returns its status."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(timeout)
