@@ -107,6 +107,7 @@ class Machine:
         self.memory.map(0, ram_size, self.ram_fd, name="ram")
         self.allocator = PageAllocator(self.ALLOC_BASE, ram_size)
         self.devices: list[HostPciDevice] = []
+        self._remote: list = []
         self._next = {"mem32": self.MMIO32_BASE, "mem64": self.MMIO64_BASE, "io": self.IO_BASE}
 
     # -- memory ---------------------------------------------------------------------------
@@ -139,8 +140,33 @@ class Machine:
         self.devices.append(pdev)
         return pdev
 
+    def plug_remote(self, address: str, *, slot: int | None = None, timeout: float = 5.0) -> HostPciDevice:
+        """Plug a device served in another process over the device link
+        (:mod:`pcidev.transport.link`): its guest RAM is this machine's memfd, its
+        interrupts arrive through eventfds. The handle works like one from
+        :meth:`plug`; ``pdev.device`` is the :class:`~pcidev.transport.link.RemoteDevice`
+        proxy, whose ``migrate()`` moves the device to another process while this
+        machine keeps driving it. The proxy is closed with the machine.
+
+        :param address: the device's link address (``unix:PATH``).
+        :raises TransportError: nobody serves a device there.
+        """
+        from pcidev.transport.link import RemoteDevice
+
+        remote = RemoteDevice(address, timeout=timeout)
+        try:
+            pdev = self.plug(remote, slot=slot)  # type: ignore[arg-type]
+        except BaseException:
+            remote.close()
+            raise
+        self._remote.append(remote)
+        return pdev
+
     def unplug(self, pdev: HostPciDevice) -> None:
         self.devices.remove(pdev)
+        if pdev.device in self._remote:
+            self._remote.remove(pdev.device)
+            pdev.device.close()
 
     def window_alloc(self, kind: str, size: int) -> int:
         """Assign a naturally aligned address range for a BAR of ``size`` bytes."""
@@ -181,7 +207,10 @@ class Machine:
         pdev.device.bar_write(bar, off, size, value)
 
     def close(self) -> None:
-        """Release guest RAM."""
+        """Close remote devices, then release guest RAM."""
+        for remote in self._remote:
+            remote.close()
+        self._remote.clear()
         self.memory.close()
         os.close(self.ram_fd)
 

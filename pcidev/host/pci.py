@@ -443,8 +443,9 @@ class HostPciDevice:
         self.config_write16(pos + express.DEVCTL, self.config_read16(pos + express.DEVCTL) | express.DEVCTL_BCR_FLR)
 
     def save_config(self) -> bytes:
-        """The first 64 bytes plus capabilities, as ``pci_save_state`` keeps."""
-        return bytes(self.device.config.data[:256])
+        """The first 256 bytes of config space, read with config cycles as
+        ``pci_save_state`` does (so it works for remote devices too)."""
+        return b"".join(self.config_read32(o).to_bytes(4, "little") for o in range(0, 256, 4))
 
     def reset_function(self) -> None:
         """FLR with the header (BARs, command) restored afterwards, as ``pci_reset_function`` does."""
