@@ -225,6 +225,9 @@ def _bench(args: argparse.Namespace, ctx: CliContext) -> int | None:
     return run(list(args.bench_args))
 
 
+# Commands defined in other modules register themselves on import.
+from pcidev import vmstate_commands  # noqa: E402,F401  (pcidev vmstate dump|schema)
+
 # -- main -----------------------------------------------------------------------------
 
 
