@@ -684,10 +684,10 @@ class PciDevice:
         :param fds: the descriptors that arrived with it (``SCM_RIGHTS``), indexed by
             its FdRefs; the caller keeps ownership (the load duplicates what it
             keeps). ``None`` when the transport carries no descriptors (TCP): the
-            device then keeps the guest memory and interrupt sink it has, and, if it
-            has memory attached, that memory must have the stream's region layout;
-            a device with none must be attached (same regions, eventfds) before it
-            resumes.
+            device then keeps the guest memory and interrupt sink it has; if that
+            memory has regions they must be the stream's (same addresses, sizes,
+            access), and if it has none the host must map the stream's regions and
+            install the eventfds before the device resumes.
         :returns: the guest memory and interrupt sink created from ``fds`` (the
             device is attached to them; the caller owns them).
         :raises VMStateError: any problem, naming the section and field (the

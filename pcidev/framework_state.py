@@ -288,7 +288,9 @@ def check_function_state(device: PciDevice, st: FunctionState, fds: Sequence[int
     :param st: the decoded framework state.
     :param fds: the descriptors received with the stream, or ``None`` when the
         transport carries none (TCP).
-    :param memory: the destination's current guest memory (used when ``fds`` is None).
+    :param memory: the destination's current guest memory (used when ``fds`` is None:
+        if it has regions they must be the stream's; if it has none, the host maps
+        them before the device resumes).
     :raises StateError: naming the field that does not fit.
     """
     from pcidev.pci.capabilities.msix import MsixCapability
@@ -315,7 +317,7 @@ def check_function_state(device: PciDevice, st: FunctionState, fds: Sequence[int
         prev_end = r.gpa + r.size
         if fds is not None and r.fd.index >= len(fds):
             raise _fail(f"fd index {r.fd.index} but only {len(fds)} fds arrived", where + ".fd")
-    if fds is None and memory is not None:
+    if fds is None and memory is not None and memory.regions():
         have = [(m.gpa, m.size, m.writable) for m in memory.regions()]
         want = [(r.gpa, r.size, r.writable) for r in st.dma]
         if have != want:
