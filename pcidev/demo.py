@@ -139,7 +139,7 @@ def _tour(pdev: Any, out) -> None:
 
 
 def run(blocks: int = 384, block_size: int = 65536, migrations: int = 3, *, batch: int = 16,
-        options: dict[str, Any] | None = None, out=print) -> dict[str, Any]:
+        options: dict[str, Any] | None = None, tcp: bool = False, out=print) -> dict[str, Any]:
     """Run the migration demo; returns a summary (also used by tests and the example).
 
     :param blocks: DMA blocks to copy and verify.
@@ -147,6 +147,9 @@ def run(blocks: int = 384, block_size: int = 65536, migrations: int = 3, *, batc
     :param migrations: how many times the device moves to a new process.
     :param batch: descriptors per doorbell (one interrupt each batch).
     :param options: edu options (default :data:`EDU_OPTIONS`).
+    :param tcp: migrate over TCP (localhost): no descriptors travel, so the host
+        maps its guest RAM and installs its eventfds in each destination before it
+        resumes the device there.
     :param out: where lines go.
     :returns: ``{"blocks", "bytes", "mismatches", "interrupts", "seconds", "migrations": [reports]}``.
     """
@@ -159,8 +162,9 @@ def run(blocks: int = 384, block_size: int = 65536, migrations: int = 3, *, batc
         procs.append(first)
         # the destinations start now, each waiting for one incoming migration
         for k in range(1, migrations + 1):
+            incoming = "tcp:127.0.0.1:0" if tcp else f"unix:{workdir}/edu-{k}-migration.sock"
             procs.append(DeviceProcess("edu", f"unix:{workdir}/edu-{k}.sock", options=options,
-                                       incoming=f"unix:{workdir}/edu-{k}-migration.sock"))
+                                       incoming=incoming))
         first.wait_event("ready")
         out(f"device process {first.pid} serves edu on {first.link}; "
             f"{migrations} more processes wait for it")
@@ -171,9 +175,10 @@ def run(blocks: int = 384, block_size: int = 65536, migrations: int = 3, *, batc
             driver = _Driver(machine, pdev, blocks, block_size, batch)
             driver.setup()
             for dest in procs[1:]:
-                dest.wait_event("listening")
+                dest.incoming = dest.wait_event("listening")["incoming"]  # the port TCP chose
             out(f"DMA: {blocks} blocks of {block_size} bytes, {batch} descriptors per doorbell, "
-                f"CRC-32C checked per block; migrating {migrations} times meanwhile")
+                f"CRC-32C checked per block; migrating {migrations} times meanwhile over "
+                f"{'TCP (no fds: the host re-attaches RAM and eventfds)' if tcp else 'UNIX sockets'}")
             t0 = time.monotonic()
             driver.start()
             for k in range(1, migrations + 1):
