@@ -568,6 +568,9 @@ class AdminCommandSet:
         except (ConfigError, PcidevError, OSError) as exc:
             raise _err(Status.NS_INSUFFICIENT_CAPACITY, f"cannot create the namespace: {exc}") from None
         ctrl.allocated[nsid] = ns
+        if spec.startswith("file:"):
+            ctrl.created[nsid] = spec
+            ctrl.save_state()
         return nsid
 
     def _create_spec(self, nsid: int, size: int, lbaf: int) -> str:
@@ -602,6 +605,15 @@ class AdminCommandSet:
                 ns.close()
             except Exception:
                 log.exception("closing deleted namespace %d failed", n)
+            if ctrl.created.pop(n, None) is not None:
+                path = getattr(ns.backend, "path", None)
+                for victim in (path, getattr(ns.backend, "identity_path", None)):
+                    if victim:
+                        try:
+                            os.unlink(victim)
+                        except OSError:
+                            pass
+                ctrl.save_state()
 
     def _ns_attachment(self, req: Request) -> int:
         ctrl = self.ctrl
@@ -628,6 +640,8 @@ class AdminCommandSet:
                 raise _err(Status.NS_NOT_ATTACHED, f"namespace {nsid} is not attached")
             del ctrl.namespaces[nsid]
         ctrl.namespace_changed(nsid)
+        if nsid in ctrl.created:
+            ctrl.save_state()
         return 0
 
     # -- format --------------------------------------------------------------------------------------------

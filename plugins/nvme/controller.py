@@ -44,7 +44,7 @@ from typing import Any
 
 from pcidev.bar import Access, Register, RegisterMap
 from pcidev.device import PciDevice
-from pcidev.errors import ConfigError, DmaError, IrqError
+from pcidev.errors import ConfigError, DmaError, IrqError, PcidevError
 from pcidev.pci import ids
 from pcidev.pci.capabilities.msix import MsixCapability
 from pcidev.pci.config import ResetKind
@@ -255,6 +255,8 @@ class NvmeController(PciDevice):
         # namespaces
         self.namespaces: dict[int, Any] = {}
         self.allocated: dict[int, Any] = {}
+        #: file-backed namespaces created by Namespace Management (restored at power-on): nsid -> spec
+        self.created: dict[int, str] = {}
         self._backends = None
         try:
             self._make_namespaces()
@@ -611,14 +613,42 @@ class NvmeController(PciDevice):
         if data.get("dirty"):
             self.smart.unsafe_shutdowns += 1
         self._dirty = False
+        self._load_created(data.get("created_namespaces"))
         self.save_state()
 
+    def _load_created(self, created: Any) -> None:
+        """Bring back the file-backed namespaces Namespace Management created earlier."""
+        if not isinstance(created, dict):
+            return
+        for key, ent in sorted(created.items()):
+            try:
+                nsid = int(key)
+                spec = ent["spec"]
+                attached = bool(ent.get("attached"))
+            except (TypeError, ValueError, KeyError):
+                log.warning("%s: ignoring a malformed created-namespace record %r", self.name, key)
+                continue
+            if not 1 <= nsid <= self.cfg.max_namespaces or nsid in self.allocated or not isinstance(spec, str):
+                log.warning("%s: created namespace %s conflicts with the configuration; not restored", self.name, key)
+                continue
+            try:
+                ns = self.make_namespace(nsid, spec)
+            except PcidevError as exc:
+                log.warning("%s: created namespace %d cannot be restored: %s", self.name, nsid, exc)
+                continue
+            self.allocated[nsid] = ns
+            self.created[nsid] = spec
+            if attached:
+                self.namespaces[nsid] = ns
+
     def save_state(self) -> None:
-        """Write SMART counters, the error count, firmware slots and the clean flag to the state file."""
+        """Write SMART counters, the error count, firmware slots, the clean flag and the
+        file-backed namespaces created by Namespace Management to the state file."""
         self._last_save = time.monotonic()
+        created = {str(n): {"spec": spec, "attached": n in self.namespaces} for n, spec in self.created.items()}
         self.state.save({"serial": self.cfg.serial, "smart": self.smart.to_dict(),
                          "error_count": self.error_log.count, "firmware": self.firmware.to_dict(),
-                         "dirty": self._dirty})
+                         "dirty": self._dirty, "created_namespaces": created})
 
     def maybe_save_state(self) -> None:
         """Save the state file if the last save is older than :data:`STATE_SAVE_INTERVAL`."""
@@ -731,12 +761,13 @@ class NvmeController(PciDevice):
             if asq & (page - 1) or acq & (page - 1):
                 problem = f"ASQ/ACQ not aligned to the {page}-byte memory page"
             else:
-                try:
-                    mem = self.memory
-                    mem.views(asq, asqs * SQE_SIZE)
-                    mem.views(acq, acqs * 16, write=True)
-                except DmaError as exc:
-                    problem = f"admin queues are not in guest memory: {exc}"
+                mem = self._guest_memory  # bus mastering may still be off: only check the ranges
+                if mem is not None:
+                    try:
+                        for v in mem.views(asq, asqs * SQE_SIZE) + mem.views(acq, acqs * 16, write=True):
+                            v.release()
+                    except DmaError as exc:
+                        problem = f"admin queues are not in guest memory: {exc}"
         if problem is not None:
             log.warning("%s: refusing to enable: %s; CSTS.CFS set", self.name, problem)
             self._csts |= CSTS_CFS
@@ -1400,9 +1431,6 @@ class NvmeController(PciDevice):
         self.notice(aer_mod.INFO_NS_ATTR_CHANGED, 0x04)
 
     # ------------------------------------------------------------------ misc
-    def migration_blockers(self) -> list[str]:
-        return ["the nvme controller has no vmstate description yet"]
-
     def __repr__(self) -> str:
         return (f"<NvmeController {self.name!r} {self.vendor_id:04x}:{self.device_id:04x} "
                 f"state={self._state} csts={self._csts:#x} ns={sorted(self.namespaces)}>")

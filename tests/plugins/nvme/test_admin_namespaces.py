@@ -7,7 +7,14 @@ import struct
 import time
 
 import pytest
-from test_core_fixtures import GatedBackend, attach_namespace, expect_status, nvme_env, wait_until  # noqa: F401
+from test_core_fixtures import (  # noqa: F401
+    GatedBackend,
+    attach_namespace,
+    expect_status,
+    make_env,
+    nvme_env,
+    wait_until,
+)
 
 from pcidev_nvme.driver import READ
 from pcidev_nvme.status import Status
@@ -96,6 +103,37 @@ def test_created_file_namespace(nvme_env, tmp_path):  # noqa: F811
     drv.scan_namespaces()
     drv.write(nsid, 7, b"f" * 512)
     assert images[0].read_bytes()[7 * 512:8 * 512] == b"f" * 512
+
+
+def test_created_file_namespace_survives_restart(tmp_path):
+    cfg = f"serial=nsp,state_dir={tmp_path},ns_create=file,capacity=16M,ns=mem:size=1M"
+    env = make_env(cfg, io_queues=1)
+    try:
+        nsid = create(env.drv, 2048)
+        env.drv.admin(NS_ATTACH, nsid=nsid, cdw10=0, data=CTRL_LIST)
+        other = create(env.drv, 1024)  # allocated, not attached
+        env.drv.scan_namespaces()
+        env.drv.write(nsid, 3, b"r" * 512)
+        ids = env.drv.identify(0x03, nsid=nsid)
+    finally:
+        env.close()
+    env = make_env(cfg, io_queues=1)
+    try:
+        drv = env.drv
+        assert set(env.ctrl.allocated) == {1, nsid, other}
+        assert set(drv.namespaces) == {1, nsid}
+        assert drv.read(nsid, 3, 1) == b"r" * 512
+        assert drv.identify(0x03, nsid=nsid) == ids  # EUI-64, NGUID, UUID are stable
+        drv.admin(NS_MGMT, nsid=other, cdw10=1)
+        drv.admin(NS_MGMT, nsid=nsid, cdw10=1)
+        assert not list(tmp_path.glob("*.img"))
+    finally:
+        env.close()
+    env = make_env(cfg, io_queues=1)
+    try:
+        assert set(env.ctrl.allocated) == {1}
+    finally:
+        env.close()
 
 
 def test_format_switches_lba_size_and_erases(env):
