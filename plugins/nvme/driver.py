@@ -28,7 +28,6 @@ from __future__ import annotations
 import collections
 import struct
 import time
-from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -830,6 +829,3 @@ class NvmeDriver:
             q.free()
         self.queues.clear()
 
-
-def iter_cids(comps: Iterable[Completion]) -> list[int]:
-    return [c.cid for c in comps]

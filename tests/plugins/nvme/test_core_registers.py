@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from test_core_fixtures import make_env, nvme_env  # noqa: F401
+from test_core_fixtures import nvme_env  # noqa: F401
 
 from pcidev.pci import ids
 from pcidev.pci.capabilities.msix import MsixCapability
