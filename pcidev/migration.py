@@ -109,14 +109,25 @@ def collect_blockers(device: PciDevice, pm: pluggy.PluginManager | None = None) 
     :param pm: the plugin manager (None: the device's reasons only).
     :returns: all reasons (empty: it may migrate).
     """
-    from pcidev.plugins import hook_migration_blockers
+    from pcidev.plugins import each_plugin
 
     reasons = list(device.migration_blockers())
-    if pm is not None:
+    if pm is None:
+        return reasons
+    # one plugin at a time, so a broken plugin does not hide the others' reasons
+    for hook in each_plugin(pm, "pcidev_migration_blockers"):
         try:
-            reasons.extend(hook_migration_blockers(pm, device))
+            results = hook(device=device)
         except PluginError as exc:
             reasons.append(str(exc))
+            continue
+        for result in results:
+            if isinstance(result, (str, bytes)) or not isinstance(result, (list, tuple)) \
+                    or not all(isinstance(r, str) for r in result):
+                reasons.append(f"plugin {hook.name!r} returned {result!r:.100} from pcidev_migration_blockers; "
+                               "expected a list of strings")
+            else:
+                reasons.extend(result)
     return reasons
 
 

@@ -73,6 +73,8 @@ def send_all(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
             view = view[sent:]
     except TransportError:
         raise
+    except (BrokenPipeError, ConnectionResetError) as exc:
+        raise TransportError(f"send failed: peer closed the connection ({exc})") from exc
     except (OSError, ValueError) as exc:
         raise TransportError(f"send failed: {exc}") from exc
 
@@ -129,6 +131,8 @@ def recv_exact(sock: socket.socket, n: int, *, max_fds: int = 0,
                 raise
             except TimeoutError as exc:
                 raise TransportError(f"timed out waiting for the peer ({got} of {n} bytes read)") from exc
+            except ConnectionResetError as exc:
+                raise TransportError(f"peer closed the connection abruptly ({got} of {n} bytes read)") from exc
             except OSError as exc:
                 raise TransportError(f"receive failed: {exc}") from exc
             if nbytes == 0:

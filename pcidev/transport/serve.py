@@ -15,7 +15,7 @@ an incoming migration fails (status 1), or on SIGTERM/SIGINT.
 ``--set NAME=VALUE`` passes keyword arguments to the device class (``true``/
 ``false``, integers and floats are converted). With ``--events`` the process
 prints one JSON object per line on standard output: ``ready``, ``incoming``
-(with the loaded stream's sections and subsections), ``migrated`` (the report),
+(with the loaded stream's sections, their subsections and scalar fields), ``migrated`` (the report),
 ``exit``.
 
 :func:`spawn` starts such a process from Python.
@@ -67,7 +67,9 @@ def _summary(stream: bytes) -> list[dict[str, Any]]:
 
     out = []
     for sec in dump_stream_json(stream)["sections"]:
-        out.append({"name": sec["name"], "version": sec["version"], "subsections": sorted(sec["subsections"])})
+        scalars = {k: v for k, v in sec["fields"].items() if isinstance(v, (bool, int, str))}
+        out.append({"name": sec["name"], "version": sec["version"], "subsections": sorted(sec["subsections"]),
+                    "fields": scalars})
     return out
 
 
