@@ -1,0 +1,305 @@
+"""The migration channel in one process: migrate_out/migrate_in over socket pairs
+(threads play the two sides), source resuming on every failure, and malformed
+input to the destination."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+
+import msgpack
+import pytest
+
+from pcidev.devices.edu import DESC, EduDevice
+from pcidev.errors import MigrationError, TransportError, VMStateError
+from pcidev.host import Machine
+from pcidev.migration import MAGIC, migrate_in, migrate_out
+from pcidev.vmstate.errors import ChecksumError, ConfigMismatchError, StreamError
+
+HDR = struct.Struct("<8sHHI")
+
+
+class CountingEdu(EduDevice):
+    def __init__(self, **kw):
+        self.resumes = 0
+        self.quiesces = 0
+        super().__init__(**kw)
+
+    def on_resume(self):
+        self.resumes += 1
+        super().on_resume()
+
+    def on_quiesce(self):
+        self.quiesces += 1
+        super().on_quiesce()
+
+
+@pytest.fixture
+def machine():
+    with Machine(ram_size=16 << 20) as m:
+        yield m
+
+
+@pytest.fixture
+def source(machine):
+    p = machine.plug(CountingEdu(autorun=False, chunk=512))
+    p.enable_device()
+    p.set_master()
+    p.alloc_irq_vectors(1, 2)
+    ring = machine.alloc(8 * 32)
+    p.iowrite64(0, 0x100, ring)
+    p.iowrite32(0, 0x108, 8)
+    p.iowrite32(0, 0x114, 1)
+    src, dst = machine.alloc(4096), machine.alloc(4096)
+    machine.write(src, os.urandom(4096))
+    machine.memory.write_struct(DESC, ring, src, dst, 4096, 1, 0, 0)
+    p.iowrite32(0, 0x10C, 1)
+    p.device.resume()
+    p.device._step(512)  # a descriptor in flight
+    return p
+
+
+def _run_peer(fn):
+    result = {}
+
+    def target():
+        try:
+            result["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            result["error"] = exc
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t, result
+
+
+def test_migration_over_a_unix_socket_pair(source):
+    a, b = socket.socketpair()
+    dest = CountingEdu(autorun=False, chunk=512)
+    t, got = _run_peer(lambda: migrate_in(dest, b, link="unix:/x"))
+    try:
+        result = migrate_out(source.device, a)
+    finally:
+        t.join(5)
+        a.close()
+        b.close()
+    incoming = got["value"]
+    assert result.fds == 1 and incoming.fds == 1
+    assert result.state_size == len(incoming.stream)
+    assert result.link == "unix:/x" and not result.deferred
+    assert result.same_clock and result.downtime is not None and 0 <= result.downtime < 5
+    assert result.downtime_upper_bound >= 0
+    assert source.device.quiesced and source.device.resumes == 1  # never resumed after the ACK
+    assert dest.inflight == source.device.inflight and dest.inflight.done == 512
+    assert not dest.quiesced and dest.resumes == 1
+    incoming.resources.close()
+
+
+def test_migration_over_tcp_defers_the_resume(source):
+    lsock = socket.create_server(("127.0.0.1", 0))
+    a = socket.create_connection(lsock.getsockname())
+    b, _ = lsock.accept()
+    lsock.close()
+    dest = CountingEdu(autorun=False)
+    t, got = _run_peer(lambda: migrate_in(dest, b))
+    try:
+        result = migrate_out(source.device, a)
+    finally:
+        t.join(5)
+        a.close()
+        b.close()
+    assert result.fds == 0 and result.deferred and result.running_at is None
+    incoming = got["value"]
+    assert incoming.running_at is None and incoming.resources.memory is None
+    assert dest.resumes == 0  # waits for its host to attach memory
+    assert dest.get_device_state() == source.device.get_device_state()
+
+
+# ------------------------------------------------------------ source resumes
+def _fake_destination(behaviour):
+    """A destination that reads the whole offer and stream, then misbehaves."""
+
+    def run(sock):
+        head = sock.recv(HDR.size)
+        _, _, _, n = HDR.unpack(head)
+        _recv_all(sock, n)
+        head = _recv_all(sock, HDR.size)
+        _, kind, _, n = HDR.unpack(head)
+        _recv_all(sock, n)
+        behaviour(sock)
+
+    return run
+
+
+def _recv_all(sock, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def _ack_frame(kind=4, body=None):
+    body = msgpack.packb(body if body is not None else {"link": None, "deferred": False, "boot_id": ""})
+    return HDR.pack(MAGIC, kind, 0, len(body)) + body
+
+
+@pytest.mark.parametrize("behaviour, message", [
+    (lambda s: s.close(), "peer closed"),
+    (lambda s: s.sendall(b"this is not a frame at all"), "bad magic"),
+    (lambda s: s.sendall(HDR.pack(MAGIC, 99, 0, 0)), "unknown frame type"),
+    (lambda s: s.sendall(_ack_frame(body={"deferred": "yes"})), "wrong type"),
+    (lambda s: s.sendall(_ack_frame(kind=5, body={"error": "StateError", "message": "nope"})), "refused"),
+    (lambda s: s.sendall(HDR.pack(MAGIC, 4, 0, 1 << 30)), "at most"),
+    (lambda s: None, "timed out"),
+])
+def test_source_resumes_when_the_destination_fails(source, behaviour, message):
+    a, b = socket.socketpair()
+    peer = _fake_destination(behaviour)
+    t, _ = _run_peer(lambda: peer(b))
+    before = source.device.get_device_state()
+    try:
+        with pytest.raises(MigrationError, match=message) as info:
+            migrate_out(source.device, a, timeout=0.5)
+        assert "runs again on the source" in str(info.value)
+    finally:
+        t.join(5)
+        a.close()
+        b.close()
+    dev = source.device
+    assert not dev.quiesced and dev.resumes == 2 and dev.quiesces == 1
+    assert dev.get_device_state() == before
+    assert dev.process() == 1  # and it keeps working
+
+
+def test_destination_refusing_the_configuration_nacks(source):
+    class Other(EduDevice):
+        def device_fingerprint(self):
+            return {"edu.max_transfer": 1}
+
+    a, b = socket.socketpair()
+    dest = Other()
+    t, got = _run_peer(lambda: migrate_in(dest, b))
+    try:
+        with pytest.raises(MigrationError, match="ConfigMismatchError: .*edu.max_transfer"):
+            migrate_out(source.device, a)
+    finally:
+        t.join(5)
+        a.close()
+        b.close()
+    assert isinstance(got["error"], ConfigMismatchError)
+    assert not source.device.quiesced
+
+
+# ------------------------------------------------------------ malformed input to the destination
+def _offer(size, nfds=0, **over):
+    meta = {"protocol": 1, "device_type": "edu", "stream_size": size, "fds": nfds, "boot_id": "", **over}
+    body = msgpack.packb(meta)
+    return HDR.pack(MAGIC, 1, 0, len(body)) + body
+
+
+def _state(data):
+    return HDR.pack(MAGIC, 3, 0, len(data)) + data
+
+
+def _valid_stream(machine):
+    p = machine.plug(EduDevice())
+    p.enable_device()
+    return p.device.save_vmstate_stream()
+
+
+def _feed(frames, fds=()):
+    """Send raw bytes to a destination; returns (error raised by migrate_in, reply bytes)."""
+    a, b = socket.socketpair()
+    dest = EduDevice()
+    dest.realize()
+    before = (bytes(dest.config.data), dest.get_device_state())
+    try:
+        if fds:
+            socket.send_fds(a, [frames[:1]], list(fds))
+            a.sendall(frames[1:])
+        else:
+            a.sendall(frames)
+        a.shutdown(socket.SHUT_WR)
+        with pytest.raises((TransportError, VMStateError)) as info:
+            migrate_in(dest, b, timeout=1.0)
+        a.settimeout(1.0)
+        reply = _recv_all(a, HDR.size)  # every refusal is answered with a NACK
+        reply += _recv_all(a, HDR.unpack(reply)[3])
+    finally:
+        a.close()
+        b.close()
+    assert (bytes(dest.config.data), dest.get_device_state()) == before
+    return info.value, reply
+
+
+def _nack(reply):
+    magic, kind, _, n = HDR.unpack(reply[:HDR.size])
+    assert (magic, kind) == (MAGIC, 5)
+    return msgpack.unpackb(reply[HDR.size:HDR.size + n])
+
+
+def test_garbage_bytes(machine):
+    err, reply = _feed(b"\x00" * 64)
+    assert isinstance(err, TransportError) and "bad magic" in str(err)
+    assert _nack(reply)["error"] == "TransportError"
+
+
+def test_truncated_offer(machine):
+    err, _ = _feed(_offer(100)[:10])
+    assert isinstance(err, TransportError) and "closed" in str(err)
+
+
+@pytest.mark.parametrize("over, text", [
+    ({"protocol": 2}, "protocol 2"),
+    ({"stream_size": 1 << 40}, "announces"),
+    ({"stream_size": "big"}, "wrong type"),
+    ({"fds": -1}, "announces"),
+])
+def test_bad_offers(machine, over, text):
+    err, reply = _feed(_offer(10, **over))
+    assert text in str(err)
+    assert _nack(reply)["error"] == "TransportError"
+
+
+def test_wrong_device_type(machine):
+    err, reply = _feed(_offer(10, device_type="nvme"))
+    assert isinstance(err, ConfigMismatchError)
+    assert _nack(reply)["error"] == "ConfigMismatchError"
+
+
+def test_corrupted_stream_is_refused_with_its_error(machine):
+    data, _ = _valid_stream(machine)
+    bad = bytearray(data)
+    bad[30] ^= 1
+    err, reply = _feed(_offer(len(bad)) + _state(bytes(bad)))
+    assert isinstance(err, ChecksumError)
+    assert _nack(reply)["error"] == "ChecksumError"
+    err, _ = _feed(_offer(len(data)) + _state(data[:50]))
+    assert isinstance(err, TransportError)
+    err, _ = _feed(_offer(20) + _state(b"PCIDEVVM" + b"\0" * 12))
+    assert isinstance(err, StreamError)
+
+
+def test_missing_fds_are_refused(machine):
+    data, fds = _valid_stream(machine)
+    assert fds
+    err, _ = _feed(_offer(len(data), nfds=0) + _state(data))
+    assert err.path == "dma[0].fd"
+
+
+def test_unannounced_fds_are_closed_and_refused(machine):
+    data, _ = _valid_stream(machine)
+    r, w = os.pipe()
+    try:
+        frames = _offer(len(data)) + _state(data)
+        # the OFFER may carry up to 253 fds; announcing 0 and sending 1 is refused
+        err, _ = _feed(frames, fds=[r])
+        assert "fds arrived" in str(err) or "announced" in str(err)
+    finally:
+        os.close(r)
+        os.close(w)
