@@ -2,7 +2,7 @@
 
 Only a *missing* file is written: a golden stream records a released description
 version (framework section ``pcidev/function`` and the device's own section) and
-must not change afterwards. When edu's or the framework's description gets a new
+must not change afterwards (tests/vmstate/device_data/). When edu's or the framework's description gets a new
 version, add a new ``edu-vN.pcvm`` entry here and to test_device_vmstate.py.
 
     .venv/bin/python tests/vmstate/make_device_golden.py
@@ -37,7 +37,7 @@ GOLDEN = {"edu-v1.pcvm": _edu_v1}
 def main() -> None:
     """Write missing golden streams."""
     for name, make in GOLDEN.items():
-        path = HERE / "data" / name
+        path = HERE / "device_data" / name
         if path.exists():
             print(f"keep  {path}")
             continue

@@ -22,7 +22,7 @@ from pcidev.vmstate.testing import assert_schema_matches
 
 HERE = Path(__file__).resolve().parent
 SCHEMA = HERE / "schema"
-DATA = HERE / "data"
+DATA = HERE / "device_data"
 sys.path.insert(0, str(HERE))
 from device_golden import EXPECTED_EDU_V1, RAM_SIZE  # noqa: E402
 
