@@ -1,0 +1,127 @@
+"""SCM_RIGHTS helpers: received fds are close-on-exec, excess fds are a protocol error
+that leaks nothing, and socket addresses parse strictly."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+
+import pytest
+
+from pcidev.errors import TransportError
+from pcidev.transport.address import Address, connect, listen, parse_address
+from pcidev.transport.fdpass import SCM_MAX_FD, recv_exact, send_all
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_fds_arrive_close_on_exec_with_their_bytes():
+    a, b = socket.socketpair()
+    r, w = os.pipe2(0)  # inheritable on purpose
+    try:
+        send_all(a, b"hello world", [r])
+        send_all(a, b"second")
+        data, fds = recv_exact(b, 5, max_fds=1)
+        assert data == b"hello" and len(fds) == 1
+        assert fcntl.fcntl(fds[0], fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+        os.write(w, b"x")
+        assert os.read(fds[0], 1) == b"x"  # the same pipe
+        os.close(fds[0])
+        assert recv_exact(b, 6) == (b" world", [])
+        assert recv_exact(b, 6) == (b"second", [])
+    finally:
+        for s in (a, b):
+            s.close()
+        os.close(r)
+        os.close(w)
+
+
+@pytest.mark.parametrize("max_fds", [0, 2])
+def test_too_many_fds_are_refused_and_closed(max_fds):
+    a, b = socket.socketpair()
+    fds = [os.eventfd(0) for _ in range(5)]
+    try:
+        before = _open_fds()
+        send_all(a, b"x" * 16, fds)
+        with pytest.raises(TransportError, match="more file descriptors|may carry"):
+            recv_exact(b, 16, max_fds=max_fds)
+        assert _open_fds() == before  # nothing that arrived was kept
+    finally:
+        for fd in fds:
+            os.close(fd)
+        a.close()
+        b.close()
+
+
+def test_eof_handling():
+    a, b = socket.socketpair()
+    a.close()
+    assert recv_exact(b, 4, eof_ok=True) == (b"", [])
+    b.close()
+    a, b = socket.socketpair()
+    a.sendall(b"ab")
+    a.close()
+    with pytest.raises(TransportError, match="2 of 4 bytes"):
+        recv_exact(b, 4, eof_ok=True)
+    b.close()
+
+
+def test_timeout_is_a_transport_error():
+    a, b = socket.socketpair()
+    b.settimeout(0.05)
+    with pytest.raises(TransportError, match="timed out"):
+        recv_exact(b, 4)
+    a.close()
+    b.close()
+
+
+def test_send_limits():
+    a, b = socket.socketpair()
+    with pytest.raises(TransportError, match="at most"):
+        send_all(a, b"x", [0] * (SCM_MAX_FD + 1))
+    a.close()
+    b.close()
+    lsock = socket.create_server(("127.0.0.1", 0))
+    t = socket.create_connection(lsock.getsockname())
+    try:
+        with pytest.raises(TransportError, match="UNIX socket"):
+            send_all(t, b"x", [0])
+    finally:
+        t.close()
+        lsock.close()
+
+
+@pytest.mark.parametrize("text, want", [
+    ("/run/x.sock", Address("unix", path="/run/x.sock")),
+    ("unix:/run/x.sock", Address("unix", path="/run/x.sock")),
+    ("tcp:127.0.0.1:4000", Address("tcp", host="127.0.0.1", port=4000)),
+    ("tcp:[::1]:0", Address("tcp", host="::1", port=0)),
+])
+def test_addresses(text, want):
+    assert parse_address(text) == want
+    assert parse_address(str(want)) == want
+
+
+@pytest.mark.parametrize("text", ["", "unix:", "tcp:host", "tcp:host:port", "tcp::80", "tcp:h:99999", 5])
+def test_bad_addresses(text):
+    with pytest.raises(TransportError):
+        parse_address(text)
+
+
+def test_listen_connect_and_stale_socket(tmp_path):
+    path = tmp_path / "s.sock"
+    first, _ = listen(f"unix:{path}")
+    first.close()  # leaves a stale socket file behind
+    lsock, addr = listen(f"unix:{path}")
+    c = connect(addr, timeout=1)
+    c.close()
+    lsock.close()
+    with pytest.raises(TransportError, match="cannot connect"):
+        connect(f"unix:{tmp_path}/none.sock", timeout=0.1)
+    tcp, taddr = listen("tcp:127.0.0.1:0")
+    assert taddr.port > 0 and not taddr.carries_fds
+    connect(taddr).close()
+    tcp.close()
