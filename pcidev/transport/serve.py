@@ -90,8 +90,16 @@ def run(args: argparse.Namespace) -> int:
     link_addr = parse_address(args.link)
     listener, link_addr = listen(link_addr)
     server = LinkServer(endpoint, listener)
-    signal.signal(signal.SIGTERM, lambda *_: server.stop())
-    signal.signal(signal.SIGINT, lambda *_: server.stop())
+    serving = False
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if serving:
+            server.stop()
+        else:  # still waiting for (or receiving) an incoming migration: give up
+            raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         if args.incoming:
             mlisten, maddr = listen(args.incoming, backlog=1)
@@ -116,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             endpoint.start()
         _emit(args.events, "ready", link=str(link_addr), state=endpoint.state)
+        serving = True
         reason = server.serve_forever()
         if server.migration is not None:
             _emit(args.events, "migrated", **server.migration)
