@@ -240,3 +240,37 @@ def test_error_reply_decoding():
     blocked = error_from_reply(msgpack.packb({"type": "MigrationBlockedError", "message": "m",
                                               "reasons": ["a", "b"]}))
     assert blocked.reasons == ["a", "b"]
+
+
+def test_retarget_switches_while_accesses_wait(tmp_path, machine):
+    servers = []
+    for name in ("a", "b"):
+        ep = DeviceEndpoint(EduDevice(name=name))
+        ep.start()
+        listener, addr = listen(f"unix:{tmp_path}/{name}.sock")
+        server = LinkServer(ep, listener)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        servers.append((str(addr), ep, server, thread))
+    try:
+        p = machine.plug_remote(servers[0][0])
+        p.enable_device()
+        p.iowrite32(0, 4, 1)
+        assert p.device.name == "a"
+        reads = []
+        with p.device._access:  # hold accesses as a migration would
+            reader = threading.Thread(target=lambda: reads.append(p.device.status()["state"]))
+            reader.start()
+            reader.join(0.2)
+            assert reader.is_alive() and reads == []  # waiting
+            p.device.retarget(servers[1][0])
+        reader.join(2)
+        assert reads == ["running"]
+        assert p.device.info["name"] == "b"
+        # a running device is not re-attached: memory and eventfds travel with a migration
+        assert not servers[1][1].memory.regions()
+    finally:
+        for _, ep, server, thread in servers:
+            server.stop()
+            thread.join(5)
+            ep.close()
