@@ -437,7 +437,8 @@ class PciDevice:
 
     # -- reset ---------------------------------------------------------------------------------
     def _command_written(self, offset: int, size: int, old: int, value: int) -> None:
-        self.irq.update_intx()
+        with self.irq.lock:
+            self.irq.update_intx()
         self.on_command_written()
 
     def on_command_written(self) -> None:

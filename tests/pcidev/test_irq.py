@@ -205,3 +205,33 @@ def test_eventfd_delivery_to_another_process() -> None:
     assert sink.dropped == 1
     for fd in efds:
         os.close(fd)
+
+
+def test_unmask_racing_with_notify_from_another_thread_loses_nothing(host) -> None:
+    """A device thread raising a vector while the host toggles the function mask:
+    every message is either delivered or left pending, and the last unmask
+    delivers whatever was pending — never a pending bit stuck behind an unmask."""
+    import threading
+
+    host.alloc_irq_vectors(1, 16)
+    dev = host.device
+    stop = threading.Event()
+    raised = 0
+
+    def device_thread() -> None:
+        nonlocal raised
+        while not stop.is_set():
+            dev.irq.notify(7)
+            raised += 1
+
+    t = threading.Thread(target=device_thread)
+    t.start()
+    try:
+        for _ in range(2000):
+            host.msix_function_mask(True)
+            host.msix_function_mask(False)
+    finally:
+        stop.set()
+        t.join()
+    assert not dev.irq.msix.is_pending(7)
+    assert 1 <= host.irq_count(7) <= raised

@@ -123,10 +123,13 @@ class MsiCapability(Capability):
         mmc = (ctrl >> CTRL_MMC_SHIFT) & 7
         if mme > mmc:
             self.set(CTRL, 2, (ctrl & ~CTRL_MME_MASK) | (mmc << CTRL_MME_SHIFT))
-        self.device.irq.update_intx()
+        with self.device.irq.lock:
+            self._deliver_unmasked()
+            self.device.irq.update_intx()
 
     def _mask_written(self, off: int, size: int, old: int, value: int) -> None:
-        self._deliver_unmasked()
+        with self.device.irq.lock:  # see MsixCapability._ctrl_written
+            self._deliver_unmasked()
 
     def _deliver_unmasked(self) -> None:
         pend = self.pending

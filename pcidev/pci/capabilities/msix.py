@@ -141,8 +141,11 @@ class MsixCapability(Capability):
                     self.device.irq.send(v, address, data)
 
     def _ctrl_written(self, off: int, size: int, old: int, value: int) -> None:
-        self._deliver_pending(range(self.nvectors))
-        self.device.irq.update_intx()
+        # Under the interrupt lock: a notify() racing with this write has either
+        # latched its pending bit already (delivered here) or sees the new mask.
+        with self.device.irq.lock:
+            self._deliver_pending(range(self.nvectors))
+            self.device.irq.update_intx()
 
     # -- BAR side -------------------------------------------------------------------
     def table_read(self, offset: int, size: int) -> int:
