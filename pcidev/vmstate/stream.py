@@ -186,6 +186,8 @@ def open_stream(data: Any) -> tuple[int, Any, int]:
     try:
         body = msgpack.unpackb(data[PREFIX_SIZE: PREFIX_SIZE + n], raw=False, strict_map_key=True,
                                use_list=True, object_pairs_hook=_unique_map)
+    except msgpack.StackError:
+        raise StreamError("body is not valid msgpack: values nest deeper than 1024 levels") from None
     except Exception as e:  # noqa: BLE001 - msgpack raises several unrelated types
         raise StreamError(f"body is not valid msgpack: {type(e).__name__}: {e}") from None
     return fmt, body, stored

@@ -432,3 +432,20 @@ def test_refuses_exactly_what_the_reference_refuses(which: str, damage: Any) -> 
     assert not disagreements, disagreements[:2]
     assert accepted > 0
 
+
+def test_documented_nesting_limit() -> None:
+    """Section 4.1: 1024 nested containers (the body map included) are read, one more
+    is refused, by this reader (msgpack's own limit) and by the reference."""
+    from pcidev.vmstate.errors import StreamError
+    from pcidev.vmstate.stream import open_stream
+
+    for depth, ok in ((1024, True), (1025, False)):
+        data = _reseal(b"\x81\xa1s" + b"\x91" * (depth - 1) + b"\xc0")
+        if ok:
+            open_envelope(data)
+            open_stream(data)
+        else:
+            with pytest.raises(Refused, match="not valid msgpack"):
+                open_envelope(data)
+            with pytest.raises(StreamError, match="nest"):
+                open_stream(data)
