@@ -243,7 +243,10 @@ class IoCommandSet:
                         if op == 2:
                             ns.backend.readv(views, slba << shift)
                         else:
-                            ns.backend.writev(views, slba << shift, fua=bool(cdw12 & 0x40000000))
+                            ns.backend.writev(
+                                views, slba << shift,
+                                fua=bool(cdw12 & 0x40000000) or not ctrl.volatile_write_cache,
+                            )
                     finally:
                         for v in views:
                             v.release()
@@ -454,6 +457,11 @@ class IoCommandSet:
                 v.release()
         return buf
 
+    def _durable(self, cdw12: int) -> bool:
+        """Whether a write must be on stable storage when it completes: FUA (CDW12
+        bit 30) is set, or the host disabled the volatile write cache (Feature 06h)."""
+        return bool(cdw12 & (1 << 30)) or not self.ctrl.volatile_write_cache
+
     def _check_writable(self, ns: Namespace) -> None:
         if ns.read_only:
             raise NvmeStatusError(
@@ -512,7 +520,7 @@ class IoCommandSet:
         mem, segs = self._segments(req, length, to_host=False)
         views = self._views(mem, segs, False)
         try:
-            ns.backend.writev(views, offset, fua=bool(req.cdw12 & (1 << 30)))
+            ns.backend.writev(views, offset, fua=self._durable(req.cdw12))
         finally:
             for v in views:
                 v.release()
@@ -582,7 +590,7 @@ class IoCommandSet:
             backend.deallocate(offset, length)
         else:
             backend.write_zeroes(offset, length)
-        if cdw12 & (1 << 30):  # FUA
+        if self._durable(cdw12):
             backend.flush()
         return 0
 
@@ -606,6 +614,8 @@ class IoCommandSet:
             shift = ns.lba_shift
             for slba, nlb in ranges:
                 ns.backend.deallocate(slba << shift, nlb << shift)
+            if not self.ctrl.volatile_write_cache:
+                ns.backend.flush()
         return 0
 
     def _copy(self, req: Any, ns: Namespace) -> int:
@@ -659,7 +669,7 @@ class IoCommandSet:
                 n = nlb << shift
                 ns.backend.readv([mv[pos : pos + n]], slba << shift)
                 pos += n
-            ns.backend.writev([mv], sdlba << shift, fua=bool(cdw12 & (1 << 30)))
+            ns.backend.writev([mv], sdlba << shift, fua=self._durable(cdw12))
         finally:
             mv.release()
         self.ctrl.smart.record_write(len(buf))

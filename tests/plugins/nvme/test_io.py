@@ -162,6 +162,92 @@ def test_fua_write(env):
     assert read_blocks(ctrl, ios, 8, 8) == data
 
 
+def _record_durability(monkeypatch):
+    """Record pwritev flags and fdatasync calls (the file backend's two ways to be durable)."""
+    calls = []
+    real_fdatasync, real_pwritev = os.fdatasync, os.pwritev
+
+    def pwritev(fd, bufs, offset, flags=0):
+        calls.append(("pwritev", flags))
+        return real_pwritev(fd, bufs, offset, flags)
+
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append(("fdatasync", 0)), real_fdatasync(fd))[1])
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    return calls
+
+
+def test_fua_write_reaches_stable_storage_through_the_command_set(tmp_path, monkeypatch):
+    ctrl = FakeController()
+    ctrl.namespaces[1] = make_namespace(1, f"file:path={tmp_path}/fua.img,size=1M")
+    ios = IoCommandSet(ctrl)
+    calls = _record_durability(monkeypatch)
+    try:
+        write_blocks(ctrl, ios, 8, pattern(4096, 5), fua=True)
+        assert calls == [("pwritev", os.RWF_DSYNC)]
+        calls.clear()
+        write_blocks(ctrl, ios, 8, pattern(4096, 6))
+        assert calls == [("pwritev", 0)]  # the volatile write cache is on: no sync
+    finally:
+        ios.close()
+        ctrl.close()
+
+
+def test_write_cache_disabled_makes_every_write_durable(tmp_path, monkeypatch):
+    """Feature 06h with WCE cleared (the controller's ``volatile_write_cache`` is False):
+    Write, Write Zeroes, Dataset Management deallocate and Copy reach stable storage
+    before they complete, FUA or not."""
+    ctrl = FakeController()
+    ctrl.volatile_write_cache = False
+    ctrl.namespaces[1] = make_namespace(1, f"file:path={tmp_path}/wt.img,size=1M")
+    ios = IoCommandSet(ctrl)
+    calls = _record_durability(monkeypatch)
+    try:
+        write_blocks(ctrl, ios, 0, pattern(8192, 1))
+        assert calls == [("pwritev", os.RWF_DSYNC)]
+        calls.clear()
+        ok(ctrl, ios, rw(Opcode.WRITE_ZEROES, 0, 2))
+        assert calls and calls[-1] == ("fdatasync", 0)
+        calls.clear()
+        ok(ctrl, ios, dsm(ctrl, [(4, 4)]))
+        assert calls and calls[-1] == ("fdatasync", 0)
+        calls.clear()
+        ok(ctrl, ios, copy_cmd(ctrl, 100, [(8, 4)]))
+        assert calls == [("pwritev", os.RWF_DSYNC)]
+        assert read_blocks(ctrl, ios, 100, 4) == pattern(8192, 1)[8 * 512 : 12 * 512]
+        # Cache back on: ordinary writes are not synced.
+        ctrl.volatile_write_cache = True
+        calls.clear()
+        write_blocks(ctrl, ios, 0, pattern(512, 2))
+        assert calls == [("pwritev", 0)]
+    finally:
+        ios.close()
+        ctrl.close()
+
+
+def test_write_cache_feature_through_the_software_host(tmp_path, monkeypatch):
+    """End to end: Set Features 06h WCE=0 through the driver, then a plain Write is durable."""
+    from pcidev.host import Machine
+    from pcidev_nvme.controller import NvmeController
+    from pcidev_nvme.driver import NvmeDriver
+
+    machine = Machine(ram_size=32 << 20)
+    ctrl = NvmeController(f"ns=file:path={tmp_path}/e2e.img,size=1M")
+    drv = NvmeDriver.attach(machine, ctrl, io_queues=1)
+    try:
+        calls = _record_durability(monkeypatch)
+        drv.write(1, 0, pattern(4096, 3))
+        assert calls == [("pwritev", 0)]
+        drv.set_features(0x06, 0)
+        calls.clear()
+        drv.write(1, 8, pattern(4096, 4))
+        assert ("pwritev", os.RWF_DSYNC) in calls
+        assert drv.read(1, 8, 8) == pattern(4096, 4)
+    finally:
+        drv.close()
+        ctrl.close()
+        machine.close()
+
+
 def test_lba_range(env):
     ctrl, ios = env
     nlbas = ctrl.namespaces[1].nlbas

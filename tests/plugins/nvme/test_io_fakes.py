@@ -32,6 +32,7 @@ class FakeController:
         self.bus_master = True
         self.page_size = page_size
         self.mdts_bytes = mdts_bytes
+        self.volatile_write_cache = True  # Feature 06h WCE
         self.namespaces: dict = {}
         self.smart = SmartCounters()
         self.results: dict[int, tuple[int, int, object]] = {}
