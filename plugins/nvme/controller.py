@@ -1161,6 +1161,11 @@ class NvmeController(PciDevice):
             if sq.ei_addr is not None:
                 try:
                     mem.store32(sq.ei_addr, sq.tail)
+                    # A host that wrote the shadow tail before seeing this EventIdx did not
+                    # ring the MMIO doorbell: look again, and fetch once more if it moved.
+                    if sq.db_addr is not None and mem.load32(sq.db_addr) != sq.tail:
+                        with sq.lock:
+                            sq.rerun = True
                 except DmaError:
                     pass
 

@@ -282,3 +282,47 @@ def test_invalid_doorbells_post_error_events(nvme_env):
     assert drv.events[2] == (0, 0x01, 0x01)
     # the queues still work
     assert drv.read(1, 0, 1) == bytes(512)
+
+
+def test_shadow_tail_written_while_eventidx_is_updated_is_not_lost(nvme_env):
+    """A second host CPU that writes the shadow SQ tail after the controller read it but
+    before the controller published its EventIdx saw the old EventIdx, so it does not ring
+    the MMIO doorbell (Linux's nvme_dbbuf_need_event): the controller must notice the new
+    tail after publishing EventIdx, as the Doorbell Buffer Config protocol requires."""
+    import struct
+
+    from pcidev_nvme.request import SQE
+
+    env = nvme_env("ns=mem:size=1M", io_queues=1)
+    drv, ctrl = env.drv, env.ctrl
+    dbs, eis = drv.doorbell_buffer_config()
+    q = drv.queues[1]
+    mem = ctrl._guest_memory
+    real_store32 = mem.store32
+    state = {"armed": True, "cid": None}
+
+    def racing_store32(gpa, value):
+        real_store32(gpa, value)
+        if gpa == eis + 8 and state["armed"]:
+            state["armed"] = False
+            # the other CPU: one more command, shadow tail updated, no MMIO doorbell
+            tail = q.sq_tail
+            cid = q.free_cids.popleft()
+            env.machine.memory.write(q.sq_base + 64 * tail,
+                                     SQE.pack(FLUSH, 0, cid, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0))
+            q.pending[cid] = ("raced", FLUSH)
+            q.sq_tail = (tail + 1) % q.sq_size
+            q.rung_tail = q.sq_tail
+            env.machine.memory.write(dbs + 8, struct.pack("<I", q.sq_tail))
+            state["cid"] = cid
+
+    mem.store32 = racing_store32
+    try:
+        first = drv.submit(1, FLUSH, nsid=1, tag="first")
+        got = drv.reap(1, min_completions=2, timeout=2.0)
+    finally:
+        del mem.store32
+    assert state["cid"] is not None
+    assert sorted(c.cid for c in got) == sorted([first, state["cid"]])
+    assert all(c.ok for c in got)
+    assert env.machine.memory.read_u32(eis + 8) == q.sq_tail  # EventIdx caught up
