@@ -21,7 +21,7 @@ Identifiers are stable across restarts:
 2. else, for a backend with an ``identity_path`` (file images:
    ``<image>.nvme-ids``), they are read from that small JSON file, or created
    at random and saved there on first use, so they follow the image;
-3. else they are derived from the controller serial number and the NSID with
+3. else (no identity file, or one that cannot be written) they are derived from the controller serial number and the NSID with
    SHA-256 (same serial and NSID, same identifiers).
 
 The identity file also remembers the LBA format chosen by Format NVM, so a file
@@ -375,11 +375,15 @@ def _load_identity(path: str) -> dict[str, Any] | None:
     return data
 
 
-def _save_identity(ns: Namespace) -> None:
-    """Write the namespace's identifiers and format to its identity file, if any."""
+def _save_identity(ns: Namespace) -> bool:
+    """Write the namespace's identifiers and format to its identity file, if any.
+
+    :returns: whether the file now holds them (``False`` without an identity file
+        or when it cannot be written).
+    """
     path = getattr(ns.backend, "identity_path", None)
     if not path:
-        return
+        return False
     data = {
         "nguid": ns.nguid.hex(),
         "eui64": ns.eui64.hex(),
@@ -395,12 +399,14 @@ def _save_identity(ns: Namespace) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError:
-        # A read-only directory: identifiers are still stable (they were derived
-        # or read), only a new format is not remembered.
+        # A read-only or missing directory: the caller falls back to derived
+        # identifiers for a new namespace; a new format is not remembered.
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        return False
+    return True
 
 
 def make_namespace(
@@ -465,7 +471,13 @@ def make_namespace(
             lbaf = 0 if getattr(backend, "min_block", 512) <= 512 else 1
         ns = Namespace(nsid, backend, lbaf=lbaf, nguid=nguid, eui64=eui64, uuid=uuid)
         if path and (stored is None or stored.get("lbaf") != ns.lbaf or explicit):
-            _save_identity(ns)
+            if not _save_identity(ns) and stored is None:
+                # Random identifiers that cannot be remembered would change on every
+                # start: use the derived ones (stable for this serial and NSID).
+                d_nguid, d_eui64, d_uuid = _derived_ids(serial, nsid)
+                ns.nguid = explicit.get("nguid", d_nguid)
+                ns.eui64 = explicit.get("eui64", d_eui64)
+                ns.uuid = explicit.get("uuid", d_uuid)
     except BaseException:
         backend.close()
         raise

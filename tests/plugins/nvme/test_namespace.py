@@ -193,6 +193,30 @@ def test_file_ids_persist_with_the_image(tmp_path):
     c.close()
 
 
+def test_ids_stable_when_the_identity_file_cannot_be_written(tmp_path):
+    """A backend whose identity file cannot be created (read-only directory, gone
+    directory...) still gets the same identifiers on every start: derived ones."""
+    from pcidev_nvme.backends import builtin_backends
+
+    class Unsaved(MemoryBackend):
+        identity_path = str(tmp_path / "no-such-dir" / "ids.json")
+
+    reg = builtin_backends()
+    reg.add_backend("unsaved", lambda options: Unsaved(int(options.pop("size"))))
+    runs = []
+    for _ in range(2):
+        n = make_namespace(1, "unsaved:size=1048576", serial="S1", backends=reg)
+        runs.append((n.nguid, n.eui64, n.uuid, n.identify()[104:128], n.id_descriptors()))
+        n.close()
+    assert runs[0] == runs[1]
+    assert not (tmp_path / "no-such-dir").exists()
+    other = make_namespace(2, "unsaved:size=1048576", serial="S1", backends=reg)
+    try:
+        assert (other.nguid, other.eui64, other.uuid) != runs[0][:3]  # still unique per NSID
+    finally:
+        other.close()
+
+
 def test_explicit_ids():
     u = uuid.UUID("12345678-1234-5678-1234-567812345678")
     n = make_namespace(
