@@ -4,9 +4,10 @@ events and per-type masking.
 An event is queued by :meth:`AsyncEvents.post`; it completes an outstanding
 AER command (DW0 = type | info << 8 | log page << 16) as soon as one is there
 and its type is not masked. Once an event of a type was reported, the type is
-masked until the host reads the associated log page with RAE cleared
-(:meth:`AsyncEvents.log_read`), as NVMe Base 2.0 section 5.2 says; events of a
-masked type wait in the queue. A duplicate of an event already queued is
+masked until the host reads the log page associated with *that* event with RAE
+cleared (:meth:`AsyncEvents.log_read`), as NVMe Base 2.0 section 5.2 says: after
+a Namespace Attribute Changed notice (log 04h) reading the Firmware Slot log
+(03h) does not unmask notices. Events of a masked type wait in the queue. A duplicate of an event already queued is
 dropped, and the queue is bounded.
 """
 
@@ -46,9 +47,6 @@ INFO_SMART_SPARE = 0x02
 INFO_NS_ATTR_CHANGED = 0x00
 INFO_FW_ACTIVATION = 0x01
 
-#: the log page that clears each type's mask
-_TYPE_OF_LOG = {0x01: AER_ERROR, 0x02: AER_SMART}
-
 
 class AsyncEvents:
     """Event queue, masks and parked AER commands of one controller.
@@ -65,7 +63,8 @@ class AsyncEvents:
         self._lock = threading.Lock()
         self.outstanding: collections.deque[Request] = collections.deque()
         self.queued: collections.deque[tuple[int, int, int]] = collections.deque()
-        self.masked: set[int] = set()
+        #: masked event types -> the log page whose read (RAE=0) clears the mask
+        self.masked: dict[int, int] = {}
         #: events reported to the host (type, info, lid), oldest first (for tests and tools)
         self.history: collections.deque[tuple[int, int, int]] = collections.deque(maxlen=256)
 
@@ -90,18 +89,16 @@ class AsyncEvents:
         self._deliver()
 
     def log_read(self, lid: int, rae: bool, *, notice_info: int | None = None) -> None:
-        """The host read log page ``lid``; with ``rae`` clear, unmask the type it belongs to."""
+        """The host read log page ``lid``; with ``rae`` clear, unmask every event type whose
+        reported event is associated with that log page."""
         if rae:
             return
-        if lid == 0x04 or lid == 0x03:
-            etype = AER_NOTICE
-        else:
-            etype = _TYPE_OF_LOG.get(lid)
-            if etype is None:
-                return
         with self._lock:
-            self.masked.discard(etype)
-        self._deliver()
+            cleared = [t for t, log_id in self.masked.items() if log_id == lid]
+            for t in cleared:
+                del self.masked[t]
+        if cleared:
+            self._deliver()
 
     def abort(self, cid: int) -> bool:
         """Complete the outstanding AER with ``cid`` as aborted. Returns True if found."""
@@ -137,7 +134,7 @@ class AsyncEvents:
                 else:
                     return
                 self.queued.remove(ev)
-                self.masked.add(ev[0])
+                self.masked[ev[0]] = ev[2]
                 req = self.outstanding.popleft()
                 self.history.append(ev)
             etype, info, lid = ev

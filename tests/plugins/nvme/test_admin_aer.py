@@ -123,3 +123,26 @@ def test_enabling_aec_reports_a_condition_already_present(env):
     ctrl.set_temperature(300)
     ctrl.set_temperature(401)
     assert events(drv, 2)[1] == (1, 0x01, 0x02)
+
+
+def test_event_is_cleared_only_by_its_own_log_page(env):
+    """NVMe 2.0 §5.2: a reported event masks its type until the host reads *the log page
+    associated with that event* with RAE cleared; another log of the same type does not."""
+    drv, ctrl = env.drv, env.ctrl
+    from pcidev_nvme.aer import INFO_FW_ACTIVATION
+
+    drv.arm_aer()
+    drv.admin(0x15, nsid=1, cdw10=1, data=b"\x01\x00\x00\x00")  # detach: NS attribute notice (LID 04h)
+    assert events(drv, 1) == [(2, 0x00, 0x04)]
+    ctrl.notice(INFO_FW_ACTIVATION, 0x03)  # a firmware activation notice: masked meanwhile
+    drv.get_log(0x03, 512)  # the Firmware Slot log does not clear the namespace notice
+    drv.poll_events(timeout=0.05)
+    assert len(drv.events) == 1
+    drv.get_log(0x04, 4096)  # the Changed Namespace List does
+    assert events(drv, 2)[1] == (2, 0x01, 0x03)
+    drv.admin(0x15, nsid=1, cdw10=0, data=b"\x01\x00\x00\x00")  # attach: masked by the FW notice
+    drv.get_log(0x04, 4096)
+    drv.poll_events(timeout=0.05)
+    assert len(drv.events) == 2
+    drv.get_log(0x03, 512)  # clears the firmware activation notice
+    assert events(drv, 3)[2] == (2, 0x00, 0x04)
