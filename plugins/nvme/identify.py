@@ -46,6 +46,8 @@ FRMW_NO_RESET = 1 << 4
 KAS = 1
 
 NVME_VERSION = 0x00020000
+#: seconds a shutdown may spend flushing namespaces after the drain (reported in RTD3E)
+SHUTDOWN_FLUSH_MARGIN = 5.0
 
 
 def _ascii(text: str, n: int) -> bytes:
@@ -66,7 +68,12 @@ def identify_controller(ctrl: NvmeController) -> bytes:
     buf[73:76] = b"\x00\x54\x52"  # IEEE OUI (QEMU's 525400, little-endian)
     buf[76] = 0  # CMIC: single port, single controller
     buf[77] = cfg.mdts
-    struct.pack_into("<HIII", buf, 78, cfg.cntlid, NVME_VERSION, 0, 0)  # CNTLID VER RTD3R RTD3E
+    # RTD3E: the longest a normal shutdown (CC.SHN) takes: the drain of commands in flight
+    # plus the final flush. Linux waits max(RTD3E, 5 s) for CSTS.SHST; 0 would mean 5 s.
+    from pcidev_nvme.controller import SHUTDOWN_DRAIN_TIMEOUT
+
+    rtd3e = int((SHUTDOWN_DRAIN_TIMEOUT + SHUTDOWN_FLUSH_MARGIN) * 1_000_000)
+    struct.pack_into("<HIII", buf, 78, cfg.cntlid, NVME_VERSION, 0, rtd3e)  # CNTLID VER RTD3R RTD3E
     struct.pack_into("<II", buf, 92, OAES, CTRATT)
     buf[111] = 1  # CNTRLTYPE: I/O controller
     # FGUID (112..127) zero, CRDT1..3 zero
