@@ -759,6 +759,9 @@ class BackendRegistry:
     def __init__(self) -> None:
         self._entries: dict[str, BackendEntry] = {}
         self._origin = PluginOrigin()
+        #: called once, on the first unknown name, to register more backends
+        #: (see :func:`load_backends`: the installed plugins)
+        self._discover: Callable[[BackendRegistry], None] | None = None
 
     @contextlib.contextmanager
     def registering_as(self, origin: PluginOrigin) -> Iterator[BackendRegistry]:
@@ -810,7 +813,12 @@ class BackendRegistry:
         """The entry registered as ``name``.
 
         :raises ConfigError: unknown backend (a namespace spec error).
+        :raises PluginError: an installed plugin failed while registering backends
+            (only when the name is not registered yet and plugins are consulted).
         """
+        if self._discover is not None and isinstance(name, str) and name not in self._entries:
+            discover, self._discover = self._discover, None
+            discover(self)
         try:
             return self._entries[name]
         except (KeyError, TypeError):
@@ -878,7 +886,7 @@ def builtin_backends() -> BackendRegistry:
     return reg
 
 
-def load_backends(pm: Any = None) -> BackendRegistry:
+def load_backends(pm: Any = None, *, installed: bool = True) -> BackendRegistry:
     """The built-in backends plus those contributed by plugins.
 
     Calls :func:`~pcidev_nvme.hookspecs.pcidev_nvme_register_backends` on every
@@ -888,17 +896,37 @@ def load_backends(pm: Any = None) -> BackendRegistry:
 
     :param pm: a plugin manager from :func:`pcidev.plugins.make_plugin_manager`
         (with the NVMe plugin loaded, so the hook specification is known), or
-        ``None`` for the built-ins only.
+        ``None``: the built-ins, and the first time a spec names another backend
+        the installed plugins (entry-point group ``pcidev``, honouring
+        ``PCIDEV_BLOCKED_PLUGINS`` and ``PCIDEV_DISABLE_PLUGIN_AUTOLOAD``) are
+        asked for theirs. That is how a controller built from its options alone
+        (``pcidev serve``, the device registry) finds backends of installed plugins.
+    :param installed: with ``pm`` ``None``, consult the installed plugins for
+        unknown names (``False``: the built-ins only).
     :returns: the registry.
     :raises PluginError: a plugin's registration failed (names the plugin).
     """
     reg = builtin_backends()
     if pm is None:
+        if installed:
+            reg._discover = _register_installed
         return reg
+    _register_from(pm, reg)
+    return reg
+
+
+def _register_from(pm: Any, reg: BackendRegistry) -> None:
+    """Call every implementation of the backend hook of ``pm`` on ``reg``."""
     caller = getattr(pm.hook, HOOK_NAME, None)
     if caller is None or not caller.has_spec():
-        return reg
+        return
     for hook in each_plugin(pm, HOOK_NAME):
         with reg.registering_as(hook.origin):
             hook(registry=reg)
-    return reg
+
+
+def _register_installed(reg: BackendRegistry) -> None:
+    """Register the backends of the installed plugins (a fresh plugin manager)."""
+    from pcidev.plugins import make_plugin_manager
+
+    _register_from(make_plugin_manager(), reg)

@@ -392,3 +392,45 @@ def test_plugin_without_nvme_loaded_is_rejected():
     # With the NVMe plugin blocked, the hook is unknown: the manager refuses it.
     with pytest.raises(PluginError, match="pcidev_nvme_register_backends"):
         make_plugin_manager(plugins=[RamDiskPlugin()], blocked=["nvme"])
+
+
+_INSTALLED_BACKEND = '''
+from pcidev import hookimpl
+from pcidev_nvme.backends import MemoryBackend, parse_size
+
+
+class Stamped(MemoryBackend):
+    kind = "stamped"
+
+
+@hookimpl
+def pcidev_nvme_register_backends(registry):
+    registry.add_backend("stamped", lambda options: Stamped(parse_size(options.pop("size"))))
+'''
+
+
+def test_installed_plugin_backend_without_a_plugin_manager(make_distribution):
+    """A backend of an installed plugin (entry point ``pcidev``) is found by a controller
+    built with its options only, as ``pcidev serve`` and the device registry build it."""
+    make_distribution("stamped-backend", entry_points={"stamped": "nvme_stamped_backend"},
+                      modules={"nvme_stamped_backend": _INSTALLED_BACKEND})
+    from pcidev.host import Machine
+    from pcidev.plugins import load_registry, make_plugin_manager
+    from pcidev_nvme.driver import NvmeDriver
+
+    cls = load_registry(make_plugin_manager()).get("nvme")
+    ctrl = cls("ns=stamped:size=1M,ns=mem:size=1M")
+    machine = Machine(ram_size=16 << 20)
+    drv = NvmeDriver.attach(machine, ctrl, io_queues=1)
+    try:
+        assert type(ctrl.namespaces[1].backend).__name__ == "Stamped"
+        drv.write(1, 3, b"\x5a" * 512)
+        assert drv.read(1, 3, 1) == b"\x5a" * 512
+    finally:
+        drv.close()
+        ctrl.close()
+        machine.close()
+    # Built-in names never need the plugins; unknown names are still refused.
+    assert load_backends().entry("mem").origin.plugin == "nvme"
+    with pytest.raises(ConfigError, match="unknown NVMe namespace backend 'nosuch'"):
+        make_namespace(1, "nosuch:size=1M")
