@@ -417,6 +417,9 @@ class NvmeController(PciDevice):
                         # still reserved until posted (parked requests never were)
                         if req.parked:
                             cq.reserved += 1
+                        # the phase it will be posted with: backlog entries take the slots
+                        # from the tail on, in order
+                        phase = cq.phase ^ (((tail + len(cq.backlog)) // cq.size) & 1)
                         cq.backlog.append((sq, cid, sf, dw0 & 0xFFFFFFFF, dw1 & 0xFFFFFFFF))
                     else:
                         if not req.parked:
@@ -439,7 +442,7 @@ class NvmeController(PciDevice):
             self._stale_completed()
             return
         if status:
-            self._log_error(req, sf, phase if posted else cq.phase, error)
+            self._log_error(req, sf, phase, error)
         if sq.sqid:
             self.smart.record_busy(req.t_fetch, time.monotonic())
         if posted and cq.ien:
@@ -494,9 +497,9 @@ class NvmeController(PciDevice):
                         if backlog or nxt == head:
                             if req.parked:
                                 cq.reserved += 1
+                            if status:  # with the phase it will be posted with
+                                errors.append((req, sf, phase ^ (((tail + len(backlog)) // size) & 1), error))
                             backlog.append((sq, cid, sf, dw0 & 0xFFFFFFFF, dw1 & 0xFFFFFFFF))
-                            if status:
-                                errors.append((req, sf, phase, error))
                             continue
                         if not req.parked:
                             posted_reserved += 1

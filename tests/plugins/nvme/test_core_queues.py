@@ -326,3 +326,24 @@ def test_shadow_tail_written_while_eventidx_is_updated_is_not_lost(nvme_env):
     assert sorted(c.cid for c in got) == sorted([first, state["cid"]])
     assert all(c.ok for c in got)
     assert env.machine.memory.read_u32(eis + 8) == q.sq_tail  # EventIdx caught up
+
+
+def test_error_entry_phase_of_a_backlogged_completion(nvme_env):
+    """The Error Information entry of a failed command that waited in a full CQ's backlog
+    records the phase tag its completion is eventually posted with (after the CQ wrapped)."""
+    env = nvme_env(io_queues=0)
+    drv, ctrl = env.drv, env.ctrl
+    drv.create_io_queue_pair(1, 16, cq_size=4)
+    for i in range(3):  # fill the CQ (3 entries, phase 1) without consuming anything
+        drv.submit(1, FLUSH, nsid=1, ring=False, tag=i)
+    for i in range(3, 6):  # then three failing commands: slot 3 (phase 1), slots 0, 1 (phase 0)
+        drv.submit(1, 0x7E, nsid=1, ring=False, tag=i)
+    drv.ring(1)
+    assert len(ctrl.cq(1).backlog) == 3
+    got = []
+    while len(got) < 6:
+        got += drv.reap(1, min_completions=1, max_completions=1)
+    failed = [c for c in got if not c.ok]
+    assert [c.phase for c in failed] == [1, 0, 0]
+    entries = {e["cid"]: e for e in ctrl.error_log.entries() if e["sqid"] == 1}
+    assert [entries[c.cid]["phase"] for c in failed] == [c.phase for c in failed]
