@@ -215,8 +215,12 @@ def test_verified_io_several_namespaces_and_queues(tmp_path, seed):
 # ------------------------------------------------------------------------------ end to end
 
 
-def run_driver_queue(drv, machine, model: Model, qid: int, ops: int, max_blocks: int, errors: list) -> None:
-    """One I/O queue of the host driver, QD commands in flight, one thread."""
+def run_driver_queue(drv, machine, model: Model, qid: int, ops: int, max_blocks: int, errors: list,
+                     depth: dict | None = None) -> None:
+    """One I/O queue of the host driver, QD commands in flight, one thread.
+
+    ``depth[qid]`` gets the most commands this queue had outstanding at a doorbell write.
+    """
     from pcidev_nvme.driver import READ, WRITE
 
     rnd = random.Random(model.seed * 977 + qid)
@@ -256,6 +260,8 @@ def run_driver_queue(drv, machine, model: Model, qid: int, ops: int, max_blocks:
                                ring=False)
                 pending[slot] = (kind, nsid, slba, nlb, blocks)
                 submitted += 1
+            if depth is not None:
+                depth[qid] = max(depth.get(qid, 0), len(pending))
             drv.ring(qid)
             for c in drv.reap(qid, min_completions=1, timeout=20):
                 slot = c.tag
@@ -281,8 +287,8 @@ def run_driver_queue(drv, machine, model: Model, qid: int, ops: int, max_blocks:
 
 
 def test_verified_io_through_the_software_host(tmp_path):
-    driver = pytest.importorskip("pcidev_nvme.driver")
     from pcidev.host import Machine
+    from pcidev_nvme import driver
     from pcidev_nvme.controller import NvmeController
 
     machine = Machine(ram_size=128 << 20)
@@ -296,8 +302,15 @@ def test_verified_io_through_the_software_host(tmp_path):
         assert sorted(geometry) == [1, 2, 3] and geometry[2][1] == 4096
         model = Model(geometry, 7)
         errors: list[str] = []
+        depth: dict[int, int] = {}
+        assert drv.irq_mode == "msix"
+        vectors = {qid: drv.queues[qid].vector for qid in (1, 2, 3)}
+        recorder = drv.pdev.recorder
+        irqs0 = {qid: recorder.count(v) for qid, v in vectors.items()}
+        smart = ctrl.smart
+        reads0, writes0 = smart.host_read_commands, smart.host_write_commands
         threads = [
-            threading.Thread(target=run_driver_queue, args=(drv, machine, model, qid, 1200, 16, errors))
+            threading.Thread(target=run_driver_queue, args=(drv, machine, model, qid, 1200, 16, errors, depth))
             for qid in (1, 2, 3)
         ]
         for t in threads:
@@ -306,6 +319,14 @@ def test_verified_io_through_the_software_host(tmp_path):
             t.join(180)
             assert not t.is_alive()
         assert not errors, errors[:5]
+        # It really went through the controller: QD 32 on each queue, each queue's own
+        # MSI-X vector, and the controller counted every read and write.
+        assert depth == {1: QD, 2: QD, 3: QD}
+        assert len(set(vectors.values())) == 3
+        for qid, v in vectors.items():
+            assert recorder.count(v) > irqs0[qid], f"no MSI-X interrupt on queue {qid}'s vector {v}"
+        assert smart.host_read_commands - reads0 == model.counts["read"]
+        assert smart.host_write_commands - writes0 == model.counts["write"]
         # Read everything back through the controller, one namespace after another.
         for nsid, (nlbas, size) in geometry.items():
             step = 64 * 1024 // size
