@@ -264,7 +264,9 @@ class Features:
             kato = v
             if kato % 100:
                 kato += 100 - kato % 100  # KAS granularity
-            self.values[fid] = kato & 0xFFFFFFFF
+            if kato > 0xFFFFFFFF:  # rounding up would not fit: the largest multiple that does
+                kato = 0xFFFFFFFF // 100 * 100
+            self.values[fid] = kato
             ctrl.keep_alive_changed()
             return 0
         if fid == FID_HOST_BEHAVIOR:

@@ -161,3 +161,16 @@ def test_keep_alive(env):
     drv.disable()
     drv.enable()
     assert drv.identify(0x01)[4:8] == b"PCID"
+
+
+def test_largest_keep_alive_timeout_does_not_wrap(env):
+    """KATO FFFFFFFFh rounded up to the 100 ms granularity must not wrap to 4 ms (which
+    would fail the controller almost at once): it stays the largest multiple of 100 ms."""
+    drv, ctrl = env.drv, env.ctrl
+    drv.set_features(0x0F, 0xFFFFFFFF)
+    kato = drv.get_features(0x0F).dw0
+    assert kato == 0xFFFFFFFF // 100 * 100
+    time.sleep(0.1)
+    assert ctrl.csts & 0x3 == 0x1
+    drv.set_features(0x0F, 0)  # disabled again
+    assert drv.get_features(0x0F).dw0 == 0
