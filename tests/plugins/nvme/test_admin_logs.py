@@ -206,3 +206,32 @@ def test_firmware_slot_log_initial(env):
     assert page[0] & 7 == 1
     assert page[8:16] == b"1.0     "
     assert page[16:24] == bytes(8)
+
+
+def test_log_page_hostile_offsets_and_lengths(nvme_env):  # noqa: F811
+    env = nvme_env("ns=mem:size=1M,mdts=0", io_queues=0)  # no MDTS: any NUMD is acceptable
+    drv = env.drv
+    buf = env.machine.alloc(8192)
+    guard = env.machine.alloc(4096)
+    env.machine.write(guard, b"\x5A" * 4096)
+
+    def args(lid, numd, offset, **kw):
+        return dict(nsid=0xFFFFFFFF, cdw10=((numd & 0xFFFF) << 16) | lid, cdw11=numd >> 16,
+                    cdw12=offset & 0xFFFFFFFF, cdw13=offset >> 32, prp1=buf, prp2=buf + 4096, **kw)
+
+    # offsets beyond the log, up to the largest dword-aligned 64-bit value
+    for off in (516, 4096, 1 << 32, 2**64 - 4):
+        expect_status(drv, Status.INVALID_FIELD, GET_LOG, param=48, **args(0x02, 127, off))
+    expect_status(drv, Status.INVALID_FIELD, GET_LOG, param=48, **args(0x02, 127, 2**64 - 1))  # not aligned
+    # NUMD FFFFFFFFh (16 GiB): only the log's 512 bytes are transferred, nothing beyond
+    env.machine.write(buf, b"\xEE" * 8192)
+    drv.admin(GET_LOG, **args(0x02, 0xFFFFFFFF, 0))
+    data = env.machine.read(buf, 8192)
+    assert data[:32] == drv.get_log(0x02, 512)[:32]  # the SMART log (its counters move on)
+    assert data[512:] == b"\xEE" * (8192 - 512)
+    # an offset equal to the size transfers nothing and is not an error
+    env.machine.write(buf, b"\xEE" * 8192)
+    drv.admin(GET_LOG, **args(0x02, 127, 512))
+    assert env.machine.read(buf, 8192) == b"\xEE" * 8192
+    assert env.machine.read(guard, 4096) == b"\x5A" * 4096
+    assert env.ctrl.csts & 0x3 == 0x1

@@ -139,3 +139,49 @@ def test_nonzero_vector_needs_msix(nvme_env):  # noqa: F811
     env = nvme_env("ns=mem:size=1M", io_queues=0, irq="intx")
     expect_status(env.drv, Status.INVALID_INTERRUPT_VECTOR, CREATE_CQ, **cq_args(env, iv=1))
     env.drv.admin(CREATE_CQ, **cq_args(env, iv=0))
+
+
+@pytest.mark.parametrize("opcode, kw, status, param", [
+    # queue memory that starts in guest RAM and runs past its end
+    (CREATE_CQ, dict(qsize=512, end=True), Status.DATA_TRANSFER_ERROR, 24),
+    (CREATE_SQ, dict(qsize=128, end=True), Status.DATA_TRANSFER_ERROR, 24),
+    # the largest field values
+    (CREATE_CQ, dict(qid=0xFFFF), Status.QID_INVALID, 40),
+    (CREATE_SQ, dict(qid=0xFFFF), Status.QID_INVALID, 40),
+    (CREATE_CQ, dict(iv=0xFFFF), Status.INVALID_INTERRUPT_VECTOR, 46),
+    (CREATE_SQ, dict(cqid=0xFFFF), Status.CQ_INVALID, 46),
+    (CREATE_CQ, dict(qsize=0x10000), Status.QUEUE_SIZE, 42),
+    (CREATE_SQ, dict(qsize=0x10000), Status.QUEUE_SIZE, 42),
+])
+def test_create_queue_hostile_fields(nvme_env, opcode, kw, status, param):  # noqa: F811
+    env = nvme_env("ns=mem:size=1M,max_ioqpairs=4,mqes=1023", io_queues=0, ram=32 << 20)
+    drv = env.drv
+    if opcode == CREATE_SQ:
+        drv.admin(CREATE_CQ, **cq_args(env))
+    if kw.pop("end", False):  # page aligned, the last page of RAM
+        kw["prp1"] = env.machine.ram_size - 4096
+    args = (cq_args if opcode == CREATE_CQ else sq_args)(env, **kw)
+    expect_status(drv, status, opcode, param=param, **args)
+    assert env.ctrl.csts & 0x3 == 0x1
+
+
+def test_create_sq_twice_and_delete_the_largest_ids(env):
+    drv = env.drv
+    drv.admin(CREATE_CQ, **cq_args(env))
+    drv.admin(CREATE_SQ, **sq_args(env))
+    expect_status(drv, Status.QID_INVALID, CREATE_SQ, param=40, **sq_args(env))
+    expect_status(drv, Status.QID_INVALID, DELETE_SQ, param=40, cdw10=0xFFFF)
+    expect_status(drv, Status.QID_INVALID, DELETE_CQ, param=40, cdw10=0xFFFF)
+    # the upper half of CDW10 is reserved for the deletes: queue 1 still goes
+    drv.admin(DELETE_SQ, cdw10=0xABCD0001)
+    drv.admin(DELETE_CQ, cdw10=0xABCD0001)
+    assert not env.ctrl.io_queues_exist()
+
+
+def test_number_of_queues_hostile_values(env):
+    drv = env.drv
+    expect_status(drv, Status.INVALID_FIELD, 0x09, param=44, cdw10=0x07, cdw11=0xFFFF0000)  # NCQR 65536
+    expect_status(drv, Status.INVALID_FIELD, 0x09, param=44, cdw10=0x07, cdw11=0xFFFFFFFF)
+    assert drv.set_features(0x07, 0xFFFEFFFE) == (7 << 16) | 7  # 65535 each: capped, 0's based
+    assert drv.set_features(0x07, 0) == 0  # one of each
+    expect_status(drv, Status.QID_INVALID, CREATE_CQ, **cq_args(env, qid=2))
