@@ -228,23 +228,24 @@ class NvmeDriver:
     def csts(self) -> int:
         return self.read32(CSTS)
 
-    def _wait_csts(self, mask: int, value: int, timeout: float) -> None:
+    def _wait_csts(self, mask: int, value: int, timeout: float, *, fatal_ok: bool = False) -> None:
         deadline = time.monotonic() + timeout
         while True:
             csts = self.read32(CSTS)
             if csts & mask == value:
                 return
-            if csts & 0x2 and not (mask & 0x2):
+            if csts & 0x2 and not (mask & 0x2) and not fatal_ok:
                 raise NvmeDriverError(f"controller fatal status (CSTS={csts:#x})")
             if time.monotonic() > deadline:
                 raise NvmeDriverError(f"timeout waiting for CSTS & {mask:#x} == {value:#x} (CSTS={csts:#x})")
             time.sleep(0.0005)
 
     def disable(self) -> None:
-        """CC.EN = 0 and wait for CSTS.RDY = 0 (a controller reset)."""
+        """CC.EN = 0 and wait for CSTS.RDY = 0 (a controller reset; also the way out of a
+        fatal status, so CSTS.CFS does not end the wait)."""
         cc = self.read32(CC)
         self.write32(CC, cc & ~1)
-        self._wait_csts(0x1, 0, self._to())
+        self._wait_csts(0x1, 0, self._to(), fatal_ok=True)
         for q in self.queues.values():
             q.free()
         self.queues.clear()

@@ -176,3 +176,28 @@ def test_mdts_enforced(env):
         drv.read(1, 0, (drv.mdts_bytes // 512) + 1)
     assert ei.value.status == Status.INVALID_FIELD
     assert len(drv.read(1, 0, drv.mdts_bytes // 512)) == drv.mdts_bytes
+
+
+def test_disable_recovers_a_fatal_controller_with_commands_in_flight(nvme_env):  # noqa: F811
+    """Like Linux's nvme_disable_ctrl, disable() waits for CSTS.RDY=0 even while CSTS.CFS is
+    set: that reset is how a host recovers from a fatal status."""
+    import threading
+
+    from test_core_fixtures import GatedBackend, attach_namespace, wait_until
+
+    env = nvme_env("ns=mem:size=1M", io_queues=1)
+    drv, ctrl = env.drv, env.ctrl
+    gated = GatedBackend()
+    attach_namespace(ctrl, 2, gated)
+    drv.scan_namespaces()
+    gated.hold()
+    drv.submit(1, READ, nsid=2, buf=env.machine.alloc(4096), length=512)
+    wait_until(lambda: gated.waiting == 1)
+    ctrl._fatal("simulated fatal error")
+    assert drv.csts & 0x3 == 0x3
+    threading.Timer(0.2, gated.release).start()
+    drv.disable()  # RDY goes to 0 once the read is done
+    assert drv.csts == 0
+    drv.enable()
+    drv.create_io_queue_pair(1, 16)
+    assert drv.read(1, 0, 1) == bytes(512)
