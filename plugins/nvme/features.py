@@ -11,7 +11,9 @@ FID    Feature                          Notes
 05h    Error Recovery                   per namespace: TLER; DULBE is not supported
 06h    Volatile Write Cache             WCE; disabling flushes every namespace
 07h    Number of Queues                 allocates up to ``max_ioqpairs``; only before
-                                        the first I/O queue is created
+                                        the first I/O queue is created; a later
+                                        request before the next reset gets the
+                                        same allocation
 08h    Interrupt Coalescing             THR / TIME, applied to I/O completion queues
 09h    Interrupt Vector Configuration   per vector: Coalescing Disable
 0Bh    Asynchronous Event Configuration SMART critical warnings, NS attribute and
@@ -111,9 +113,11 @@ class Features:
         self.timestamp_base = 0  # ms at the moment of setting
         self.timestamp_set_at = time.monotonic()
         self.timestamp_origin = 0
-        #: whether Number of Queues was set (and what was allocated), 1-based counts
+        #: what Number of Queues allocated, 1-based counts
         self.nsq = cfg.max_ioqpairs
         self.ncq = cfg.max_ioqpairs
+        #: Number of Queues was set since the last reset (the allocation is then fixed)
+        self.nq_allocated = False
 
     # -- helpers for the controller --------------------------------------------------------
     @property
@@ -234,6 +238,9 @@ class Features:
                                       param_offset=_OFF_CDW11)
             if ctrl.io_queues_exist():
                 raise NvmeStatusError(Status.CMD_SEQ_ERROR, "I/O queues already exist")
+            if self.nq_allocated:  # "the value allocated shall not change between resets"
+                return self.values[fid]
+            self.nq_allocated = True
             maxq = ctrl.cfg.max_ioqpairs
             self.nsq = min(nsqr + 1, maxq)
             self.ncq = min(ncqr + 1, maxq)
