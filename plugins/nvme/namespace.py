@@ -242,7 +242,8 @@ class Namespace:
 
         :param lbaf: the new LBA format index.
         :param ses: Secure Erase Settings: 0 none, 1 user data erase (every block
-            is deallocated and reads zeros); 2 (cryptographic erase) is not supported.
+            is deallocated and reads zeros, on stable storage before this returns);
+            2 (cryptographic erase) is not supported.
         :raises NvmeStatusError: Invalid Format for an unknown or unusable LBA
             format; Invalid Field for an unsupported ``ses``; Namespace is Write
             Protected for a read-only backend.
@@ -262,6 +263,7 @@ class Namespace:
             if ses == 1:
                 try:
                     self.backend.deallocate(0, self.size)
+                    self.backend.flush()  # the erase survives a crash right after it
                 except OSError as exc:
                     raise NvmeStatusError(Status.INTERNAL, f"erase failed: {exc}") from exc
             self._set_format(lbaf)

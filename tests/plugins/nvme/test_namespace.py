@@ -101,6 +101,26 @@ def test_format_switches_lba_size(ns):
     assert idns(ns)["nuse"] == 0
 
 
+def test_format_user_data_erase_reaches_stable_storage(tmp_path, monkeypatch):
+    """Format NVM with SES 1 on a file: the punched holes are synced before it returns,
+    so a crash right after the format cannot bring the erased data back."""
+    import os
+
+    n = make_namespace(1, f"file:path={tmp_path}/erase.img,size=1M")
+    try:
+        n.backend.writev([memoryview(b"\xcd" * 65536)], 0)
+        synced = []
+        real = os.fdatasync
+        monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
+        n.format(0, 0)
+        assert synced == []  # no erase, nothing to sync
+        n.format(0, 1)
+        assert synced == [n.backend.fd]
+        assert os.fstat(n.backend.fd).st_blocks == 0
+    finally:
+        n.close()
+
+
 def test_format_errors(ns):
     with pytest.raises(NvmeStatusError) as ei:
         ns.format(2, 0)
