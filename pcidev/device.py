@@ -648,11 +648,12 @@ class PciDevice:
         from pcidev.framework_state import FUNCTION_SECTION, VMStateSnapshot, save_function_state
         from pcidev.vmstate import Section, description_of
         from pcidev.vmstate.errors import StateError
+        from pcidev.vmstate.gcpause import gc_paused
 
         if self.VMSTATE is None:
             raise MigrationBlockedError([f"device type {self.vmstate_device_type} has no vmstate description"])
         self.realize()
-        with self.lock:
+        with gc_paused(), self.lock:
             fstate, fds = save_function_state(self, self._migration_memory())
             dstate = self.get_device_state()
         name = description_of(self.VMSTATE).name
@@ -667,8 +668,11 @@ class PciDevice:
 
         :returns: ``(stream, fds)``; the fds (borrowed) travel out of band.
         """
-        snap = self.save_vmstate()
-        return snap.to_bytes(), list(snap.fds)
+        from pcidev.vmstate.gcpause import gc_paused
+
+        with gc_paused():  # no cyclic-GC pass in the downtime (see pcidev.vmstate.gcpause)
+            snap = self.save_vmstate()
+            return snap.to_bytes(), list(snap.fds)
 
     def load_vmstate_stream(self, data: bytes, fds: Sequence[int] | None = None) -> LoadedResources:
         """Load a stream saved by a device of the same type and configuration.
@@ -699,11 +703,13 @@ class PciDevice:
         if self.VMSTATE is None:
             raise MigrationBlockedError([f"device type {self.vmstate_device_type} has no vmstate description"])
         from pcidev.framework_state import FUNCTION_SECTION
+        from pcidev.vmstate.gcpause import gc_paused
 
         expected = [(FUNCTION_SECTION, 0), (description_of(self.VMSTATE).name, 0)]
-        sections = load(data, device_type=self.vmstate_device_type, fingerprint=self.vmstate_fingerprint(),
-                        descriptions=self.vmstate_descriptions(), expected=expected)
-        return self._apply_sections(sections, fds)
+        with gc_paused():  # no cyclic-GC pass in the downtime (see pcidev.vmstate.gcpause)
+            sections = load(data, device_type=self.vmstate_device_type, fingerprint=self.vmstate_fingerprint(),
+                            descriptions=self.vmstate_descriptions(), expected=expected)
+            return self._apply_sections(sections, fds)
 
     def load_vmstate(self, snapshot: VMStateSnapshot, fds: Sequence[int] | None = None) -> LoadedResources:
         """Load a snapshot from :meth:`save_vmstate` (same process), with the same
@@ -735,7 +741,10 @@ class PciDevice:
         for key, cls in want.items():
             if type(got[key].state) is not cls:
                 raise StateError(f"expected a {cls.__name__}", section=key[0], instance_id=key[1])
-        return self._apply_sections(list(snapshot.sections), snapshot.fds if fds is None else fds)
+        from pcidev.vmstate.gcpause import gc_paused
+
+        with gc_paused():
+            return self._apply_sections(list(snapshot.sections), snapshot.fds if fds is None else fds)
 
     def _apply_sections(self, sections: list[Section], fds: Sequence[int] | None) -> LoadedResources:
         from pcidev.framework_state import (

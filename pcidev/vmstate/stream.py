@@ -34,6 +34,7 @@ from pcidev.vmstate.errors import (
     StateError,
     StreamError,
 )
+from pcidev.vmstate.gcpause import gc_paused
 
 __all__ = [
     "MAGIC",
@@ -336,6 +337,12 @@ def save(device_type: str, fingerprint: Mapping[str, Any],
         fingerprint.
     :raises ConfigError: on an inconsistent state class.
     """
+    with gc_paused():
+        return _save(device_type, fingerprint, sections)
+
+
+def _save(device_type: str, fingerprint: Mapping[str, Any],
+          sections: Iterable[Section | tuple[str, int, Any]]) -> bytes:
     if not isinstance(device_type, str) or not device_type or len(device_type.encode("utf-8", "replace")) > 255:
         raise StateError(f"device type must be a non-empty str of at most 255 bytes, got {device_type!r}")
     fp = _normalize_fp(fingerprint)
@@ -392,6 +399,14 @@ def load(data: Any, *, device_type: str, fingerprint: Mapping[str, Any],
     :raises StateError: unknown, duplicate, missing or malformed section (field path
         in the message).
     """
+    with gc_paused():
+        return _load(data, device_type=device_type, fingerprint=fingerprint, descriptions=descriptions,
+                     expected=expected)
+
+
+def _load(data: Any, *, device_type: str, fingerprint: Mapping[str, Any],
+          descriptions: Iterable[type] | Mapping[str, type],
+          expected: Iterable[tuple[str, int]] | None) -> list[Section]:
     _, body, _ = open_stream(data)
     dt, fp, secs = _header(body)
     if dt != device_type:
