@@ -398,6 +398,7 @@ def apply_function_state(device: PciDevice, st: FunctionState, res: LoadedResour
                    failed=device.failed, memory=device._migration_memory(), memory_replaced=res.memory is not None,
                    sink=device.irq.sink)
     device.config.data[:] = st.config
+    device.caps.config_loaded()
     if msix is not None and st.msix is not None:
         msix.table[:] = st.msix.table
         msix.pba[:] = st.msix.pba
@@ -416,6 +417,7 @@ def undo_function_state(device: PciDevice, old: _Applied) -> None:
     from pcidev.pci.capabilities.msix import MsixCapability
 
     device.config.data[:] = old.config
+    device.caps.config_loaded()
     msix = device.caps.find(MsixCapability)
     if msix is not None and old.msix is not None:
         msix.table[:], msix.pba[:] = old.msix

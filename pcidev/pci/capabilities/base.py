@@ -86,6 +86,12 @@ class Capability:
         """React to a reset after config space was restored. Override if the
         capability keeps state outside config space."""
 
+    def config_loaded(self) -> None:
+        """Config space was replaced wholesale (a vmstate load or its rollback).
+        Override if the capability keeps state derived from its registers outside
+        config space: rebuild it from the registers. Must not touch config space or
+        signal anything."""
+
 
 class ExtCapability(Capability):
     """A capability in the PCIe extended list (4-byte header: id, version, next)."""
@@ -182,3 +188,9 @@ class CapabilityList:
     def reset(self, kind: ResetKind) -> None:
         for cap in self:
             cap.reset(kind)
+
+    def config_loaded(self) -> None:
+        """Tell every capability that config space was replaced (see
+        :meth:`Capability.config_loaded`)."""
+        for cap in self:
+            cap.config_loaded()

@@ -64,3 +64,7 @@ class PowerManagementCapability(Capability):
 
     def reset(self, kind: ResetKind) -> None:
         self._state = self.power_state
+
+    def config_loaded(self) -> None:
+        # the power state the function is in (the one a later write moves away from)
+        self._state = self.power_state
