@@ -114,6 +114,10 @@ class NvmeConfig:
     """Properties of one NVMe controller.
 
     :param serial: Identify SN (up to 20 ASCII characters); also names the state file.
+        None (the default) lets the controller choose one: derived from the image
+        paths when a namespace is file-backed (stable across restarts), else
+        random (unique per controller, so two controllers never share a
+        subsystem NQN or namespace identifiers).
     :param model: Identify MN (up to 40).
     :param firmware: revision of the firmware in slot 1 (Identify FR, up to 8).
     :param vendor_id: PCI vendor id (1b36 as QEMU's nvme, which Linux binds by class).
@@ -144,7 +148,7 @@ class NvmeConfig:
     :param cntlid: controller identifier.
     """
 
-    serial: str = attrs.field(default="PCIDEV00000000000001", validator=_ascii(20))
+    serial: str | None = attrs.field(default=None, validator=attrs.validators.optional(_ascii(20)))
     model: str = attrs.field(default="pcidev NVMe Ctrl", validator=_ascii(40))
     firmware: str = attrs.field(default="1.0", validator=_ascii(8))
     vendor_id: int = attrs.field(default=0x1B36, validator=_between(0, 0xFFFE))

@@ -35,12 +35,16 @@ commands in flight finishes in the background and CSTS says when.
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import logging
 import os
+import secrets
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import attrs
 
 from pcidev.bar import Access, Register, RegisterMap
 from pcidev.device import PciDevice
@@ -100,6 +104,31 @@ _MASTER = int(ids.Command.MASTER)
 assert _MASTER < 0x100
 
 _ST_DISABLED, _ST_READY, _ST_RESETTING, _ST_FAILED = "disabled", "ready", "resetting", "failed"
+
+
+def default_serial(cfg: NvmeConfig) -> str:
+    """A serial number for a controller configured without one.
+
+    Derived from the absolute paths of its file-backed namespace images (and the
+    state location) when it has any, so it survives restarts with the images;
+    random otherwise, so two controllers never share a serial (Linux refuses a
+    second controller with the same subsystem NQN).
+    """
+    from pcidev_nvme.namespace import parse_spec
+
+    paths = []
+    for spec in cfg.namespaces:
+        try:
+            _kind, options = parse_spec(spec)
+        except PcidevError:
+            continue
+        path = options.get("path")
+        if isinstance(path, str) and path:
+            paths.append(os.path.abspath(path))
+    if paths:
+        key = "\0".join([*paths, str(cfg.state_dir or ""), str(cfg.state_file or "")])
+        return "PD" + hashlib.sha256(key.encode()).hexdigest()[:18].upper()
+    return "PD" + secrets.token_hex(9).upper()
 
 
 def _align(v: int, a: int) -> int:
@@ -202,6 +231,8 @@ class NvmeController(PciDevice):
             raise ConfigError(f"nvme: configuration must be NvmeConfig, dict or str, not {type(config).__name__}")
         if cfg.msix_vectors < 1:
             raise ConfigError("nvme: at least one MSI-X vector is needed")
+        if cfg.serial is None:
+            cfg = attrs.evolve(cfg, serial=default_serial(cfg))
         self.cfg = cfg
         self._guest_memory = None
         self._closed = False

@@ -160,7 +160,7 @@ def test_keep_alive(env):
     # a controller reset recovers
     drv.disable()
     drv.enable()
-    assert drv.identify(0x01)[4:8] == b"PCID"
+    assert drv.identify(0x01)[4:24].rstrip(b" ") == ctrl.cfg.serial.encode()
 
 
 def test_largest_keep_alive_timeout_does_not_wrap(env):

@@ -99,3 +99,32 @@ def test_backend_from_another_plugin():
         finally:
             drv.close()
             ctrl.close()
+
+
+def test_default_serial_unique_for_volatile_and_stable_for_images(tmp_path) -> None:
+    """Two controllers without a serial never share one (Linux would refuse the second
+    subsystem NQN); a file-backed controller gets the same one after a restart."""
+    from pcidev_nvme.controller import NvmeController
+
+    a, b = NvmeController("ns=mem:size=1M"), NvmeController("ns=mem:size=1M")
+    try:
+        assert a.cfg.serial != b.cfg.serial
+        assert a.namespaces[1].nguid != b.namespaces[1].nguid
+    finally:
+        a.close()
+        b.close()
+    img = tmp_path / "disk.img"
+    spec = f"ns=file:path={img},size=1M"
+    first = NvmeController(spec)
+    serial = first.cfg.serial
+    first.close()
+    again = NvmeController(spec)
+    try:
+        assert again.cfg.serial == serial and len(serial) <= 20 and serial.isascii()
+    finally:
+        again.close()
+    explicit = NvmeController("serial=abc,ns=null:size=1M")
+    try:
+        assert explicit.cfg.serial == "abc"
+    finally:
+        explicit.close()
