@@ -2,7 +2,9 @@
 
 * ``pcidev vmstate dump FILE`` prints a saved stream as JSON (``-`` reads standard
   input). The envelope, checksum and header are fully checked; an invalid stream
-  prints one line naming the problem and exits with status 1.
+  prints one line naming the problem and exits with status 1. It reads no further
+  than the stream's prefix announces (and at most 1 MiB of trailing bytes), so an
+  endless input such as ``/dev/zero`` is an error line, not a hang.
 * ``pcidev vmstate schema DEVICE`` prints a device type's state description: the
   framework section every device has, the type's own ``VMSTATE``, the features it
   declares migratable and its static blockers.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import struct
 import sys
 from typing import Any
 
@@ -52,12 +55,43 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     schema.add_argument("device", help="a registered device type (see 'pcidev plugins')")
 
 
+#: trailing bytes after the checksum that ``dump`` reads (to count them) before it stops
+MAX_TRAILING = 1 << 20
+
+
+def _read_upto(f: Any, n: int) -> bytes:
+    parts, got = [], 0
+    while got < n:
+        chunk = f.read(min(n - got, 1 << 24))
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def _read_stream(f: Any, name: str) -> bytes:
+    """Read a stream, no further than its prefix says it goes (an endless input
+    such as /dev/zero is refused after its first bytes, not read to exhaustion)."""
+    from pcidev.vmstate.stream import MAGIC, PREFIX_SIZE, TRAILER_SIZE
+
+    data = _read_upto(f, PREFIX_SIZE + TRAILER_SIZE)
+    if len(data) < PREFIX_SIZE or data[:len(MAGIC)] != MAGIC:
+        return data  # too short or bad magic: the stream checks name it
+    (n,) = struct.unpack_from("<I", data, PREFIX_SIZE - 4)
+    data += _read_upto(f, PREFIX_SIZE + n + TRAILER_SIZE - len(data))
+    extra = _read_upto(f, MAX_TRAILING + 1)
+    if len(extra) > MAX_TRAILING:
+        raise PcidevError(f"{name}: stream: more than {MAX_TRAILING} trailing bytes after the checksum")
+    return data + extra
+
+
 def _read(path: str) -> bytes:
-    if path == "-":
-        return sys.stdin.buffer.read()
     try:
+        if path == "-":
+            return _read_stream(sys.stdin.buffer, path)
         with open(path, "rb") as f:
-            return f.read()
+            return _read_stream(f, path)
     except OSError as exc:
         raise PcidevError(f"cannot read {path}: {exc.strerror or exc}") from None
 
