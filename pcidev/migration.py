@@ -376,7 +376,18 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
     loaded_at = time.monotonic()
     deferred = defer_without_fds and not is_unix(sock)
     if adopt is not None:
-        adopt(res)
+        try:
+            adopt(res)
+        except Exception as exc:
+            # refuse the migration so the source resumes at once (instead of
+            # waiting out its timeout), and release what the load created
+            try:
+                _send_meta(sock, NACK, {"error": type(exc).__name__, "message": f"adopt failed: {exc}"})
+            except TransportError:
+                pass
+            if res is not None:
+                res.close()
+            raise MigrationError(f"the destination could not adopt the device: {exc}") from exc
     try:
         _send_meta(sock, ACK, {"link": link, "deferred": deferred, "boot_id": boot_id()})
     except TransportError as exc:

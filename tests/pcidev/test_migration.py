@@ -195,6 +195,31 @@ def test_destination_refusing_the_configuration_nacks(source):
     assert not source.device.quiesced
 
 
+def test_destination_failing_to_adopt_nacks_and_releases(source):
+    """If the destination's adopt step fails, the source is told at once (no timeout)
+    and resumes; what the load created on the destination is released."""
+    a, b = socket.socketpair()
+    dest = CountingEdu(autorun=False)
+    adopted = []
+
+    def adopt(res):
+        adopted.append(res)
+        raise RuntimeError("no room for it here")
+
+    t, got = _run_peer(lambda: migrate_in(dest, b, adopt=adopt))
+    try:
+        with pytest.raises(MigrationError, match="adopt failed: no room"):
+            migrate_out(source.device, a, timeout=30.0)
+    finally:
+        t.join(5)
+        a.close()
+        b.close()
+    assert isinstance(got["error"], MigrationError)
+    assert not source.device.quiesced and source.device.resumes == 2
+    res = adopted[0]
+    assert res.memory is not None and res.memory.closed
+
+
 # ------------------------------------------------------------ malformed input to the destination
 def _offer(size, nfds=0, **over):
     meta = {"protocol": 1, "device_type": "edu", "stream_size": size, "fds": nfds, "boot_id": "", **over}
