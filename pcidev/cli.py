@@ -32,6 +32,7 @@ import argparse
 import functools
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -325,6 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = build_parser(pm)
         args = parser.parse_args(args_list)
         result = COMMANDS[args.command].run(args, CliContext(pm))
+        sys.stdout.flush()  # a closed pipe shows up here, inside the error handling
         return 0 if result is None else int(result)
     except UsageError as exc:
         print(f"{PROG}: error: {_one_line(str(exc))} (see '{PROG} --help')", file=sys.stderr)
@@ -341,6 +343,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (``pcidev ... | head``): stop quietly, as Unix tools do;
+        # point stdout at /dev/null so the interpreter's final flush does not fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
     except Exception as exc:
         print(f"{PROG}: internal error: {type(exc).__name__}: {_one_line(str(exc))}",
               file=sys.stderr)
@@ -348,4 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover - python -m pcidev.cli
-    sys.exit(main())
+    # Run the imported module's main, not this __main__ copy: commands that other
+    # modules register (vmstate, bench) register into ``pcidev.cli``.
+    from pcidev.cli import main as _main
+
+    sys.exit(_main())

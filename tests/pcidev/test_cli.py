@@ -332,3 +332,28 @@ def test_demo_command_calls_pcidev_demo_main(capsys, monkeypatch):
     status, _out, _err = run(capsys, "-p", "no:nvme", "demo")
     assert status == 4
     assert received[0].command == "demo"
+
+
+def test_closed_pipe_is_quiet() -> None:
+    """``pcidev ... | head``: the reader going away is no internal error and no traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "pcidev", "vmstate", "schema", "edu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before the first byte
+    err = proc.stderr.read()
+    proc.wait(timeout=60)
+    assert "internal error" not in err and "Traceback" not in err and "Exception ignored" not in err, err
+    assert proc.returncode == 141
+
+
+def test_python_dash_m_knows_every_command() -> None:
+    import subprocess
+    import sys
+
+    for mod in ("pcidev", "pcidev.cli"):
+        out = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0
+        for cmd in ("plugins", "demo", "bench", "vmstate"):
+            assert cmd in out.stdout, (mod, cmd)
