@@ -86,6 +86,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# plain ints for the hot paths: IntFlag arithmetic costs about a microsecond per operation
+_CMD_IO = int(ids.Command.IO)
+_CMD_MEMORY = int(ids.Command.MEMORY)
+_CMD_MASTER = int(ids.Command.MASTER)
 _COMMAND_RW = (ids.Command.IO | ids.Command.MEMORY | ids.Command.MASTER | ids.Command.PARITY
                | ids.Command.SERR | ids.Command.INTX_DISABLE)
 
@@ -148,6 +152,8 @@ class PciDevice:
         self._attached_memory: GuestMemory | None = None
         self._overlays: dict[int, list[tuple[int, int, Any, Any]]] = {}
         self._pm: PowerManagementCapability | None = None
+        #: config offset of the PM state byte (PMCSR), or -1 without PM
+        self._pmcsr = -1
         self.describe()
 
     # -- describe ---------------------------------------------------------------------
@@ -250,6 +256,9 @@ class PciDevice:
             if isinstance(cap, MsixCapability):
                 self._install_msix(cap)
         self._pm = self.caps.find(PowerManagementCapability)
+        if self._pm is not None:
+            from pcidev.pci.capabilities.pm import PMCSR
+            self._pmcsr = self._pm.offset + PMCSR
         cfg.add_write_hook(ids.COMMAND, 2, self._command_written)
         cfg.freeze_defaults()
         self.realized = True
@@ -302,7 +311,7 @@ class PciDevice:
     @property
     def bus_master(self) -> bool:
         """Bus Master Enable: the device may do DMA and send MSI/MSI-X."""
-        return bool(self.command & ids.Command.MASTER)
+        return bool(self.config.get16(ids.COMMAND) & _CMD_MASTER)
 
     @property
     def dma(self) -> GuestMemory:
@@ -310,7 +319,7 @@ class PciDevice:
 
         :raises DmaError: if bus mastering is disabled or no memory is attached.
         """
-        if not self.command & ids.Command.MASTER:
+        if not self.config.get16(ids.COMMAND) & _CMD_MASTER:
             raise DmaError("bus mastering is disabled")
         if self.memory is None:
             raise DmaError("no guest memory attached")
@@ -351,13 +360,9 @@ class PciDevice:
 
     def _decodes(self, bar: Bar) -> bool:
         cmd = self.config.get16(ids.COMMAND)
-        if bar.is_io:
-            on = cmd & ids.Command.IO
-        else:
-            on = cmd & ids.Command.MEMORY
-        if not on:
+        if not cmd & (_CMD_IO if bar.kind is BarKind.IO else _CMD_MEMORY):
             return False
-        return self._pm is None or self._pm.power_state == D0
+        return self._pmcsr < 0 or self.config.data[self._pmcsr] & 0x3 == D0
 
     def _bar(self, index: int, offset: int, size: int) -> Bar:
         if not isinstance(index, int) or not 0 <= index <= 5 or self.bars[index] is None:

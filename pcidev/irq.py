@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_CMD_MASTER = int(ids.Command.MASTER)
+_CMD_INTX_DISABLE = int(ids.Command.INTX_DISABLE)
+_STATUS_INTERRUPT = int(ids.Status.INTERRUPT)
+
 
 class InterruptSink(Protocol):
     """Where a device's interrupts go."""
@@ -155,7 +159,7 @@ class InterruptController:
         return 0
 
     def bus_master(self) -> bool:
-        return bool(self.device.config.get16(ids.COMMAND) & ids.Command.MASTER)
+        return bool(self.device.config.get16(ids.COMMAND) & _CMD_MASTER)
 
     def send(self, vector: int, address: int, data: int) -> None:
         """Deliver a message to the sink, if bus mastering allows (used by MSI/MSI-X)."""
@@ -195,10 +199,10 @@ class InterruptController:
         if cfg.get8(ids.INTERRUPT_PIN) == 0:
             return
         if self.intx_asserted:
-            cfg.set_bits(ids.STATUS, 2, ids.Status.INTERRUPT)
+            cfg.set_bits(ids.STATUS, 2, _STATUS_INTERRUPT)
         else:
-            cfg.clear_bits(ids.STATUS, 2, ids.Status.INTERRUPT)
-        disabled = bool(cfg.get16(ids.COMMAND) & ids.Command.INTX_DISABLE)
+            cfg.clear_bits(ids.STATUS, 2, _STATUS_INTERRUPT)
+        disabled = bool(cfg.get16(ids.COMMAND) & _CMD_INTX_DISABLE)
         out = self.intx_asserted and not disabled and self.mode == "intx"
         if out != self._intx_out:
             self._intx_out = out

@@ -88,6 +88,10 @@ class ConfigSpace:
     # -- device-side accessors (no masks) ----------------------------------------
     def get(self, offset: int, size: int) -> int:
         """Return the stored value of ``size`` bytes at ``offset`` (no read hooks)."""
+        if size == 2 and 0 <= offset <= self.size - 2:
+            return _U16.unpack_from(self.data, offset)[0]
+        if size == 4 and 0 <= offset <= self.size - 4:
+            return _U32.unpack_from(self.data, offset)[0]
         self._check_range(offset, size)
         return int.from_bytes(self.data[offset:offset + size], "little")
 
