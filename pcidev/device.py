@@ -550,6 +550,33 @@ class PciDevice:
         """
         raise MigrationBlockedError([f"device type {self.vmstate_device_type} has no vmstate description"])
 
+    def vmstate_fd(self, fd: int) -> Any:
+        """During :meth:`get_device_state` of a save: send ``fd`` (borrowed; it must stay
+        open until the stream is sent) with the stream, after the framework's
+        descriptors, and return the :class:`~pcidev.vmstate.FdRef` naming it. Outside a
+        save (a rollback copy, a test calling :meth:`get_device_state` directly) it
+        returns None: store the reference as ``Optional[FdRef]``.
+
+        :param fd: an open file descriptor (a memfd holding device data, ...).
+        """
+        from pcidev.vmstate import FdRef
+
+        fds = self.__dict__.get("_vmstate_save_fds")
+        if fds is None:
+            return None
+        fds.append(fd)
+        return FdRef(len(fds) - 1)
+
+    def vmstate_load_fd(self, ref: Any) -> int | None:
+        """During :meth:`check_device_state` / :meth:`set_device_state` of a load: the
+        descriptor a :class:`~pcidev.vmstate.FdRef` of the device's state names (borrowed
+        from the caller: duplicate what you keep), or None when the load carries no
+        descriptors (TCP, a snapshot) or ``ref`` is beyond those received."""
+        fds = self.__dict__.get("_vmstate_load_fds")
+        if ref is None or fds is None or not 0 <= ref.index < len(fds):
+            return None
+        return fds[ref.index]
+
     def on_quiesce(self) -> None:
         """Override: stop background work at a consistent point: after return no
         thread of the device touches its state or guest memory, and no request is
@@ -660,7 +687,11 @@ class PciDevice:
         self.realize()
         with gc_paused(), self.lock:
             fstate, fds = save_function_state(self, self._migration_memory())
-            dstate = self.get_device_state()
+            self._vmstate_save_fds = fds  # the device's own descriptors follow (vmstate_fd)
+            try:
+                dstate = self.get_device_state()
+            finally:
+                self._vmstate_save_fds = None
         name = description_of(self.VMSTATE).name
         if type(dstate) is not self.VMSTATE:
             raise StateError(f"get_device_state() returned {type(dstate).__name__}, "
@@ -752,8 +783,21 @@ class PciDevice:
             return self._apply_sections(list(snapshot.sections), snapshot.fds if fds is None else fds)
 
     def _apply_sections(self, sections: list[Section], fds: Sequence[int] | None) -> LoadedResources:
+        from pcidev.framework_state import FUNCTION_SECTION
+
+        by_name = {s.name: s.state for s in sections}
+        fstate = by_name.pop(FUNCTION_SECTION)
+        (dname, dstate), = by_name.items()
+        self.realize()
+        with self.lock:
+            self._vmstate_load_fds = list(fds) if fds is not None else None  # vmstate_load_fd()
+            try:
+                return self._apply_sections_locked(fstate, dname, dstate, fds)
+            finally:
+                self._vmstate_load_fds = None
+
+    def _apply_sections_locked(self, fstate: Any, dname: str, dstate: Any, fds: Sequence[int] | None) -> Any:
         from pcidev.framework_state import (
-            FUNCTION_SECTION,
             LoadedResources,
             apply_function_state,
             build_resources,
@@ -763,39 +807,34 @@ class PciDevice:
         from pcidev.vmstate import VMStateError
         from pcidev.vmstate.errors import StateError
 
-        by_name = {s.name: s.state for s in sections}
-        fstate = by_name.pop(FUNCTION_SECTION)
-        (dname, dstate), = by_name.items()
-        self.realize()
-        with self.lock:
-            check_function_state(self, fstate, fds, self._migration_memory())
+        check_function_state(self, fstate, fds, self._migration_memory())
+        try:
+            self.check_device_state(dstate)
+        except VMStateError:
+            raise
+        except Exception as exc:
+            raise StateError(f"the device refused the state: {type(exc).__name__}: {exc}",
+                             section=dname, instance_id=0) from exc
+        res = build_resources(fstate, fds) if fds is not None else LoadedResources()
+        try:
+            before = self.get_device_state()
+        except Exception:
+            res.close()
+            raise
+        old = apply_function_state(self, fstate, res)
+        try:
+            self.set_device_state(dstate)
+        except Exception as exc:
+            undo_function_state(self, old)
             try:
-                self.check_device_state(dstate)
-            except VMStateError:
+                self.set_device_state(before)
+            except Exception as again:
+                self._fail(again, "rollback of a failed vmstate load")
+            res.close()
+            if isinstance(exc, VMStateError):
                 raise
-            except Exception as exc:
-                raise StateError(f"the device refused the state: {type(exc).__name__}: {exc}",
-                                 section=dname, instance_id=0) from exc
-            res = build_resources(fstate, fds) if fds is not None else LoadedResources()
-            try:
-                before = self.get_device_state()
-            except Exception:
-                res.close()
-                raise
-            old = apply_function_state(self, fstate, res)
-            try:
-                self.set_device_state(dstate)
-            except Exception as exc:
-                undo_function_state(self, old)
-                try:
-                    self.set_device_state(before)
-                except Exception as again:
-                    self._fail(again, "rollback of a failed vmstate load")
-                res.close()
-                if isinstance(exc, VMStateError):
-                    raise
-                raise StateError(f"applying the state failed: {type(exc).__name__}: {exc}",
-                                 section=dname, instance_id=0) from exc
+            raise StateError(f"applying the state failed: {type(exc).__name__}: {exc}",
+                             section=dname, instance_id=0) from exc
         return res
 
     def __repr__(self) -> str:

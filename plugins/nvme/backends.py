@@ -400,6 +400,50 @@ class MemoryBackend(BaseBackend):
         self._unwritten = len(self._written)  # pages never written (or deallocated)
         self._lock = threading.Lock()
 
+    @classmethod
+    def from_fd(cls, fd: int, size: int) -> MemoryBackend:
+        """A backend over an existing memfd (a migrated namespace: the source's memory).
+
+        ``fd`` is duplicated (the caller keeps its own). The map of written pages is
+        rebuilt from the file's data extents (``SEEK_DATA``/``SEEK_HOLE``), so NUSE and
+        the hole-reading shortcut stay what they were on the source.
+
+        :raises ConfigError: the descriptor is not a file of ``size`` bytes or cannot be mapped.
+        """
+        _check_size(size)
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            raise ConfigError(f"namespace memory descriptor: {exc.strerror}") from exc
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            raise ConfigError(f"namespace memory descriptor is not a {size}-byte memory file "
+                              f"(mode {st.st_mode:o}, {st.st_size} bytes)")
+        self = cls.__new__(cls)
+        BaseBackend.__init__(self, size)
+        self.fd = os.dup(fd)
+        try:
+            os.set_inheritable(self.fd, False)
+            self._mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED)
+        except OSError as exc:
+            os.close(self.fd)
+            raise ConfigError(f"cannot map the namespace memory: {exc}") from exc
+        self._mv = memoryview(self._mm)
+        written = bytearray(size >> _PAGE_SHIFT)
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after pos
+                break
+            end = min(os.lseek(self.fd, start, os.SEEK_HOLE), size)
+            a, b = start >> _PAGE_SHIFT, (end + _PAGE_MASK) >> _PAGE_SHIFT
+            written[a:b] = b"\x01" * (b - a)
+            pos = end
+        self._written = written
+        self._unwritten = written.count(0)
+        self._lock = threading.Lock()
+        return self
+
     def readv(self, views: list[memoryview], offset: int) -> None:
         """Copy from the memory into the views (one ``memcpy`` each)."""
         if len(views) == 1:

@@ -56,6 +56,7 @@ from pcidev_nvme import aer as aer_mod
 from pcidev_nvme.aer import AsyncEvents
 from pcidev_nvme.config import NvmeConfig
 from pcidev_nvme.features import Features
+from pcidev_nvme import migration as _migration
 from pcidev_nvme.logs import ChangedNamespaces, ErrorLog, FirmwareSlots, SmartCounters, StateFile
 from pcidev_nvme.queues import _CQE_FULL, _CQE_HEAD, CompletionQueue, InterruptVector, SubmissionQueue, Timer
 from pcidev_nvme.request import SQE_SIZE, Request, decode_sqe
@@ -216,6 +217,9 @@ class NvmeController(PciDevice):
     INTERRUPT_PIN = 1
     #: the configuration class (for tools that build devices from properties)
     CONFIG_CLASS = NvmeConfig
+    #: live migration (``pcidev_nvme.migration``)
+    VMSTATE = _migration.NvmeState
+    MIGRATABLE_FEATURES = _migration.MIGRATABLE_FEATURES
 
     def __init__(self, config: NvmeConfig | dict | str | None = None, *, name: str | None = None,
                  plugin_manager: Any = None) -> None:
@@ -252,6 +256,11 @@ class NvmeController(PciDevice):
         # controller state
         self._state = _ST_DISABLED
         self._running = False
+        #: quiesced for a migration: nothing is fetched (see pcidev_nvme.migration)
+        self._paused = False
+        #: doorbell/kick batches in progress on any thread
+        self._batches = 0
+        self._batch_lock = threading.Lock()
         self._csts = 0
         self._intms = 0
         self._irq_status = 0
@@ -757,7 +766,8 @@ class NvmeController(PciDevice):
         self._csts = (self._csts & ~(3 << CSTS_SHST_SHIFT)) | (shst << CSTS_SHST_SHIFT)
 
     def _update_running(self) -> None:
-        self._running = (self._state == _ST_READY and not self._shutting_down and not self._closed)
+        self._running = (self._state == _ST_READY and not self._shutting_down and not self._closed
+                         and not self._paused)
 
     # ------------------------------------------------------------------ enable / reset / shutdown
     def _enable(self) -> None:
@@ -1083,6 +1093,8 @@ class NvmeController(PciDevice):
         tls = self._tls
         if not tls.depth:
             tls.start = time.monotonic()
+            with self._batch_lock:
+                self._batches += 1
         tls.depth += 1
         try:
             while True:
@@ -1100,7 +1112,11 @@ class NvmeController(PciDevice):
         finally:
             tls.depth -= 1
             if not tls.depth:
-                self._end_batch(tls)
+                try:
+                    self._end_batch(tls)
+                finally:
+                    with self._batch_lock:
+                        self._batches -= 1
 
     def _end_batch(self, tls: _BatchState) -> None:
         if tls.done:
@@ -1468,6 +1484,31 @@ class NvmeController(PciDevice):
         """Record ``nsid`` in the Changed Namespace List and post the notice."""
         self.changed_ns.add(nsid)
         self.notice(aer_mod.INFO_NS_ATTR_CHANGED, 0x04)
+
+    # ------------------------------------------------------------------ migration
+    def enabled_features(self) -> set[str]:
+        return super().enabled_features() | _migration.features(self)
+
+    def device_migration_blockers(self) -> list[str]:
+        return _migration.blockers(self)
+
+    def device_fingerprint(self) -> dict:
+        return _migration.fingerprint(self)
+
+    def on_quiesce(self) -> None:
+        _migration.quiesce(self)
+
+    def on_resume(self) -> None:
+        _migration.resume(self)
+
+    def get_device_state(self) -> _migration.NvmeState:
+        return _migration.save(self)
+
+    def check_device_state(self, state: _migration.NvmeState) -> None:
+        _migration.check(self, state)
+
+    def set_device_state(self, state: _migration.NvmeState) -> None:
+        _migration.apply(self, state)
 
     # ------------------------------------------------------------------ misc
     def __repr__(self) -> str:

@@ -1,0 +1,491 @@
+"""Live migration of the NVMe controller (section ``nvme``, pcidev_nvme.migration).
+
+In-process round trips through the software host (save → fresh controller → load →
+resume, the host then drives the destination) mid-I/O at QD 32 over several
+namespaces and queues, with a full CQ, with outstanding AERs and a queued event,
+SMART/error log/features/firmware preserved; malformed states refused with typed
+errors leaving the destination untouched; blockers listing every reason. Every
+data-moving test checks each block by its crc32c after every migration. The
+cross-process test is in test_migration_nvme_process.py.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+
+import attrs
+import crc32c
+import pytest
+
+from pcidev.framework_state import VMStateSnapshot
+from pcidev.host import Machine
+from pcidev.vmstate import Section
+from pcidev.vmstate.errors import ChecksumError, ConfigMismatchError, StateError, StreamError
+from pcidev_nvme.controller import NvmeController
+from pcidev_nvme.driver import READ, WRITE, NvmeDriver
+from pcidev_nvme.migration import NvmeState
+
+QD = 32
+
+
+# ----------------------------------------------------------------------------- helpers
+class Host:
+    """A machine, a controller and a probed driver; ``migrate()`` moves the controller
+    to a fresh one (same configuration) in this process and re-points the host at it."""
+
+    def __init__(self, config: str, *, ram: int = 96 << 20, **drv_kwargs) -> None:
+        self.machine = Machine(ram_size=ram)
+        self.ctrl = NvmeController(config, name="src")
+        self.pdev = self.machine.plug(self.ctrl)
+        self.drv = NvmeDriver(self.machine, self.pdev, **drv_kwargs)
+        self.drv.probe()
+        self.old: list[NvmeController] = []
+        self.resources: list = []
+        self.sizes: list[int] = []
+
+    def migrate(self) -> NvmeController:
+        src = self.ctrl
+        src.quiesce()
+        data, fds = src.save_vmstate_stream()
+        dst = NvmeController(src.cfg, name=f"dst{len(self.old)}")
+        res = dst.load_vmstate_stream(data, fds)
+        self.resources.append(res)
+        self.sizes.append(len(data))
+        dst.irq.sink = self.pdev.recorder
+        self.pdev.device = dst
+        drv = self.drv
+        drv.device, drv._bar_write, drv._bar_read = dst, dst.bar_write, dst.bar_read
+        self.old.append(src)
+        self.ctrl = dst
+        dst.resume()
+        return dst
+
+    def close(self) -> None:
+        try:
+            self.drv.close()
+        except Exception:
+            pass
+        for c in (self.ctrl, *self.old):
+            c.close()
+        for r in self.resources:
+            r.close()
+        self.machine.close()
+
+
+@pytest.fixture
+def hosts():
+    made: list[Host] = []
+
+    def make(*args, **kwargs) -> Host:
+        h = Host(*args, **kwargs)
+        made.append(h)
+        return h
+
+    yield make
+    for h in reversed(made):
+        h.close()
+
+
+class Blocks:
+    """Expected crc32c of every block of every namespace (absent: zeros)."""
+
+    def __init__(self, drv: NvmeDriver) -> None:
+        self.drv = drv
+        self.crc: dict[tuple[int, int], int] = {}
+
+    def record(self, nsid: int, slba: int, data: bytes) -> None:
+        lbs = self.drv.lba_size(nsid)
+        for i in range(len(data) // lbs):
+            self.crc[(nsid, slba + i)] = crc32c.crc32c(data[i * lbs:(i + 1) * lbs])
+
+    def verify_all(self, qid: int = 1) -> int:
+        """Read every block of every namespace; returns the blocks checked (asserts no mismatch)."""
+        drv = self.drv
+        checked = 0
+        bad = []
+        for nsid, info in sorted(drv.namespaces.items()):
+            lbs = info.lba_size
+            zero = crc32c.crc32c(bytes(lbs))
+            step = max(1, 65536 // lbs)
+            for slba in range(0, info.nsze, step):
+                n = min(step, info.nsze - slba)
+                data = drv.read(nsid, slba, n, qid=qid)
+                for i in range(n):
+                    got = crc32c.crc32c(data[i * lbs:(i + 1) * lbs])
+                    if got != self.crc.get((nsid, slba + i), zero):
+                        bad.append((nsid, slba + i))
+                    checked += 1
+        assert not bad, f"{len(bad)} blocks differ, first {bad[:5]}"
+        return checked
+
+
+def _files(tmp_path) -> str:
+    return (f"ns=file:path={tmp_path}/a.img,size=1M,ns=mem:size=1M,"
+            f"ns=file:path={tmp_path}/b.img,size=2M,lba_size=4096")
+
+
+# ----------------------------------------------------------------------------- (1) mid-I/O at QD 32
+def test_round_trip_mid_io_qd32_several_namespaces_and_queues(hosts, tmp_path):
+    h = hosts(f"serial=MIG1,max_ioqpairs=4,msix_vectors=5,{_files(tmp_path)}", io_queues=4, io_depth=64)
+    drv, m = h.drv, h.machine
+    blocks = Blocks(drv)
+    rnd = random.Random(7)
+    total_in_flight = 0
+    for rnd_no in range(4):
+        # QD writes per queue, random namespaces and ranges, no two overlapping in a round
+        free = {nsid: list(range(0, info.nsze - 8, 8)) for nsid, info in drv.namespaces.items()}
+        for lst in free.values():
+            rnd.shuffle(lst)
+        pending = {}
+        for qid in range(1, 5):
+            for k in range(QD):
+                nsid = rnd.choice(sorted(free))
+                slba = free[nsid].pop()
+                nlb = rnd.choice([1, 2, 8])
+                lbs = drv.lba_size(nsid)
+                data = os.urandom(nlb * lbs)
+                buf = m.alloc(len(data))
+                m.write(buf, data)
+                # the last 8 of each queue stay unrung until after the migration
+                cid = drv.submit_rw(qid, WRITE, nsid=nsid, slba=slba, nlb=nlb, buf=buf, ring=k < QD - 8)
+                pending[(qid, cid)] = (nsid, slba, data, buf)
+        total_in_flight += h.ctrl.io.inflight
+        h.migrate()  # file writes in flight are drained, completions posted or parked
+        for qid in range(1, 5):
+            drv.ring(qid)
+        got = []
+        for qid in range(1, 5):
+            got += [(qid, c) for c in drv.reap(qid, min_completions=QD, timeout=20)]
+        keys = [(qid, c.cid) for qid, c in got]
+        assert sorted(keys) == sorted(pending), "completions lost or duplicated"
+        assert all(c.ok for _q, c in got), [c for _q, c in got if not c.ok]
+        for key, (nsid, slba, data, buf) in pending.items():
+            blocks.record(nsid, slba, data)
+            m.free(buf)
+        assert blocks.verify_all(qid=1 + rnd_no % 4) == sum(i.nsze for i in drv.namespaces.values())
+    assert len(h.old) == 4
+    assert max(h.sizes) < 64 * 1024
+
+
+# ----------------------------------------------------------------------------- (2) full CQ
+def test_full_cq_parked_completions_survive_exactly_once(hosts, tmp_path):
+    h = hosts(f"serial=MIG2,max_ioqpairs=4,msix_vectors=5,ns=mem:size=1M,ns=file:path={tmp_path}/c.img,size=1M",
+              io_queues=2)
+    drv, m = h.drv, h.machine
+    drv.delete_io_queue_pair(2)
+    q = drv.create_io_queue_pair(2, 64, cq_size=8)
+    blocks = Blocks(drv)
+    want = {}
+    for i in range(20):
+        nsid = 1 + i % 2
+        data = os.urandom(4096)
+        buf = m.alloc(4096)
+        m.write(buf, data)
+        cid = drv.submit_rw(2, WRITE, nsid=nsid, slba=8 * i, nlb=8, buf=buf)
+        want[cid] = (nsid, 8 * i, data)
+    h.ctrl.io.drain()
+    cq = h.ctrl._cqs[2]
+    assert cq.pending == 7 and len(cq.backlog) == 7  # CQ full, 7 parked, 6 still unfetched
+    assert h.ctrl._sqs[2].pending == 6
+    dst = h.migrate()
+    assert len(dst._cqs[2].backlog) == 7 and dst._cqs[2].pending == 7
+    vec_before = h.pdev.recorder.count(q.vector)
+    got = []
+    while len(got) < 20:
+        got += drv.reap(2, min_completions=1, timeout=10)
+    assert sorted(c.cid for c in got) == sorted(want)  # exactly once each
+    assert all(c.ok and c.sqid == 2 for c in got)
+    assert h.pdev.recorder.count(q.vector) > vec_before  # the vector fired on the destination
+    # the SQ head reported moves forward to the end
+    assert got[-1].sqhd == 20 % 64
+    for nsid, slba, data in want.values():
+        blocks.record(nsid, slba, data)
+    blocks.verify_all()
+
+
+# ----------------------------------------------------------------------------- (3) AERs
+def test_outstanding_aers_and_a_queued_event(hosts):
+    h = hosts("serial=MIG3,aerl=3,ns=mem:size=1M", io_queues=1, aers=4)
+    drv, ctrl = h.drv, h.ctrl
+    assert len(ctrl.aer.outstanding) == 4
+    # a temperature event: reported (one AER used, re-armed by the driver), SMART now masked
+    seen = len(drv.events)
+    drv.set_features(0x04, ctrl.temperature - 1)
+    drv.poll_events(0.5)
+    assert drv.events[seen:] == [(1, 0x01, 0x02)]
+    drv.poll(0)
+    # a second SMART event while masked: it waits in the queue
+    ctrl.inject_critical_warning(1 << 0)
+    assert list(ctrl.aer.queued) == [(1, 0x02, 0x02)]
+    assert len(ctrl.aer.outstanding) == 4
+    dst = h.migrate()
+    assert len(dst.aer.outstanding) == 4 and list(dst.aer.queued) == [(1, 0x02, 0x02)]
+    assert dst.aer.masked == {1: 0x02}
+    assert drv.poll_events(0.2) == []  # still masked
+
+    def events(action):
+        seen = len(drv.events)
+        action()
+        drv.poll_events(0.3)
+        return drv.events[seen:]
+
+    # reading the SMART log unmasks: the queued event is reported, exactly once
+    assert events(lambda: drv.get_log(0x02, 512, rae=False)) == [(1, 0x02, 0x02)]
+    assert len(dst.aer.outstanding) == 4  # re-armed on the destination
+    # an error event (invalid doorbell) completes exactly one more AER
+    assert events(lambda: dst.bar_write(0, 0x1000 + 8 * 9, 4, 1)) == [(0, 0x00, 0x01)]
+    assert drv.poll_events(0.2) == []
+    # Abort of an outstanding migrated AER works (Abort: SQID 0, its CID)
+    cid = next(iter(dst.aer.outstanding)).cid
+    drv.aer_auto_rearm = False
+    assert drv.admin(0x08, cdw10=cid << 16).ok
+
+
+# ----------------------------------------------------------------------------- (4) SMART, error log, features
+def test_smart_error_log_features_and_firmware_survive(hosts):
+    h = hosts("serial=MIG4,ns=mem:size=2M,ns=mem:size=2M,lbaf=1", io_queues=2)
+    drv, ctrl = h.drv, h.ctrl
+    for i in range(10):
+        drv.write(1, i * 8, os.urandom(4096))
+        drv.read(2, i, 1, qid=2)
+    bad = drv.io(1, READ, nsid=7, cdw12=0, check=False, buf=h.machine.alloc(4096), length=4096)
+    assert not bad.ok
+    drv.set_features(0x04, 350)                    # over-temperature threshold
+    drv.set_features(0x04, 260 | (1 << 20))        # under-temperature threshold
+    drv.set_features(0x08, 0x0304)                 # coalescing
+    drv.set_features(0x09, 1 | (1 << 16))          # vector 1: coalescing disabled
+    drv.set_features(0x0F, 120000)                 # keep alive (long)
+    drv.set_features(0x0E, data=struct.pack("<Q", 1_000_000_000))
+    ctrl.inject_critical_warning(1 << 3)
+    ctrl.smart.record_media_error()
+    smart_before = drv.get_log(0x02, 512, rae=True)
+    errors_before = drv.get_log(0x01, 64 * 64)
+    fw_before = drv.get_log(0x03, 512)
+    ts_before = struct.unpack("<Q", drv.get_features(0x0E, length=8).tag)[0] & (2**48 - 1)
+    feats = {fid: drv.get_features(fid).dw0 for fid in (0x01, 0x02, 0x06, 0x07, 0x08, 0x0B, 0x0F)}
+    thresholds = (drv.get_features(0x04).dw0, drv.get_features(0x04, cdw11=1 << 20).dw0)
+    dst = h.migrate()
+    assert dst.smart.host_read_commands == ctrl.smart.host_read_commands >= 10
+    assert dst.smart.host_write_commands == ctrl.smart.host_write_commands >= 10
+    smart_after = drv.get_log(0x02, 512, rae=True)
+    # identical except the counters the log reads themselves move: none in SMART (Get Log is admin)
+    assert smart_after[:128] == smart_before[:128] and smart_after[144:192] == smart_before[144:192]
+    assert smart_after[0] & (1 << 3) and smart_after[160] == 1  # critical warning, media errors
+    assert drv.get_log(0x01, 64 * 64) == errors_before
+    assert dst.error_log.count == ctrl.error_log.count >= 1
+    assert drv.get_log(0x03, 512) == fw_before
+    ts_after = struct.unpack("<Q", drv.get_features(0x0E, length=8).tag)[0] & (2**48 - 1)
+    assert ts_before <= ts_after < ts_before + 5000  # monotonic across the migration
+    assert {fid: drv.get_features(fid).dw0 for fid in feats} == feats
+    assert (drv.get_features(0x04).dw0, drv.get_features(0x04, cdw11=1 << 20).dw0) == thresholds == (350, 260)
+    assert drv.get_features(0x09, cdw11=1).dw0 == 1 | (1 << 16)
+    assert dst._coalesce_on and dst.features.kato_ms == 120000
+    # and the destination keeps working
+    data = os.urandom(4096)
+    drv.write(2, 3, data)
+    assert drv.read(2, 3, 1) == data
+
+
+def test_shadow_doorbells_survive(hosts):
+    h = hosts("serial=MIG5,ns=mem:size=1M", io_queues=2)
+    drv = h.drv
+    dbs, eis = drv.doorbell_buffer_config()
+    data = os.urandom(4096)
+    drv.write(1, 0, data)
+    dst = h.migrate()
+    assert dst._dbbuf == (dbs, eis) and dst._sqs[1].db_addr == dbs + 8
+    for i in range(40):  # through shadow tails and EventIdx only
+        drv.write(1, 8 + i, data[:512], qid=1 + i % 2)
+    assert drv.read(1, 0, 8) == data
+    assert all(drv.read(1, 8 + i, 1) == data[:512] for i in range(40))
+
+
+def test_admin_queue_and_register_read_back(hosts):
+    h = hosts("serial=MIG6,ns=mem:size=1M", io_queues=2)
+    drv = h.drv
+    drv.delete_io_queue_pair(2)
+    regs = {off: drv.read32(off) for off in (0x00, 0x04, 0x08, 0x0C, 0x14, 0x1C, 0x24, 0x28, 0x2C, 0x30, 0x34)}
+    dst = h.migrate()
+    assert {off: drv.read32(off) for off in regs} == regs
+    assert dst._sqs[0] is not None and dst._cqs[0] is not None
+    assert drv.identify(0x01)[4:24].decode().strip() == "MIG6"
+    drv.create_io_queue_pair(2, 16)
+    drv.write(1, 0, b"x" * 512, qid=2)
+    assert drv.read(1, 0, 1, qid=1) == b"x" * 512
+
+
+def test_reset_and_disabled_controller_round_trip(hosts):
+    h = hosts("serial=MIG7,ns=mem:size=1M", io_queues=1)
+    h.drv.write(1, 5, b"q" * 512)
+    h.drv.disable()
+    dst = h.migrate()
+    assert dst._state == "disabled" and not dst.ready
+    h.drv.enable()
+    h.drv.create_io_queue_pair(1, 32)
+    assert h.drv.read(1, 5, 1) == b"q" * 512
+
+
+# ----------------------------------------------------------------------------- (6) malformed sections
+def _loaded_source(hosts, tmp_path):
+    h = hosts(f"serial=MIG8,max_ioqpairs=4,msix_vectors=5,ns=mem:size=1M,ns=file:path={tmp_path}/d.img,size=1M",
+              io_queues=3, aers=2)
+    drv = h.drv
+    drv.delete_io_queue_pair(3)
+    drv.create_io_queue_pair(3, 64, cq_size=4)
+    for i in range(8):
+        drv.submit_rw(3, WRITE, nsid=1, slba=i, nlb=1, buf=h.machine.alloc(512))
+    h.ctrl.quiesce()
+    snap = h.ctrl.save_vmstate()
+    return h, snap
+
+
+def _stable(st: NvmeState) -> NvmeState:
+    """The state without what moves by itself (timestamp, power-on time)."""
+    return attrs.evolve(st, features=attrs.evolve(st.features, timestamp=0),
+                        smart=attrs.evolve(st.smart, power_on_us=0))
+
+
+def _with_state(snap: VMStateSnapshot, state: NvmeState) -> VMStateSnapshot:
+    fs, _ = snap.sections
+    return attrs.evolve(snap, sections=(fs, Section("nvme", 0, state)))
+
+
+def _bad_states(st: NvmeState):
+    sqs, cqs = list(st.sqs), list(st.cqs)
+    yield "sqs[1].sqid", attrs.evolve(st, sqs=tuple(sqs[:1] + [attrs.evolve(sqs[1], sqid=2)] + sqs[2:]))
+    yield "sqs[1].cqid", attrs.evolve(st, cqs=tuple(cqs[:1] + [None] + cqs[2:]))
+    yield "sqs", attrs.evolve(st, sqs=st.sqs[:-1])
+    yield "cqs[3].head", attrs.evolve(st, cqs=tuple(cqs[:3] + [attrs.evolve(cqs[3], head=9)] + cqs[4:]))
+    yield "cqs[3].vector", attrs.evolve(st, cqs=tuple(cqs[:3] + [attrs.evolve(cqs[3], vector=99)] + cqs[4:]))
+    bl = cqs[3].backlog
+    yield "cqs[3].backlog[0].sqid", attrs.evolve(
+        st, cqs=tuple(cqs[:3] + [attrs.evolve(cqs[3], backlog=(attrs.evolve(bl[0], sqid=1),) + bl[1:])] + cqs[4:]))
+    yield "cqs[3].backlog", attrs.evolve(
+        st, cqs=tuple(cqs[:3] + [attrs.evolve(cqs[3], head=cqs[3].tail)] + cqs[4:]))
+    yield "aer.outstanding", attrs.evolve(st, aer=attrs.evolve(st.aer, outstanding=tuple(range(9))))
+    yield "aer.outstanding", attrs.evolve(st, aer=attrs.evolve(st.aer, outstanding=(5, 5)))
+    yield "namespaces", attrs.evolve(st, namespaces=st.namespaces[:1])
+    yield "namespaces[0].mem_fd", attrs.evolve(
+        st, namespaces=(attrs.evolve(st.namespaces[0], mem_fd=type(st.namespaces[0].mem_fd)(40)),)
+        + st.namespaces[1:])
+    yield "namespaces[1].lbaf", attrs.evolve(st, namespaces=st.namespaces[:1] + (
+        attrs.evolve(st.namespaces[1], lbaf=7),))
+    yield "firmware.active", attrs.evolve(st, firmware=attrs.evolve(st.firmware, active=3))
+    yield "state", attrs.evolve(st, state=9)
+    yield "sqs", attrs.evolve(st, state=0)
+    yield "features.vector_cd", attrs.evolve(st, features=attrs.evolve(st.features, vector_cd=()))
+    yield "page_size", attrs.evolve(st, page_size=1000)
+
+
+def test_malformed_states_are_refused_and_the_destination_stays_untouched(hosts, tmp_path):
+    h, snap = _loaded_source(hosts, tmp_path)
+    st = snap.sections[1].state
+    assert len(st.cqs[3].backlog) == 3 and st.aer.outstanding
+    dst = NvmeController(h.ctrl.cfg, name="victim")
+    try:
+        before = _stable(dst.get_device_state())
+        backends = {n: ns.backend for n, ns in dst.allocated.items()}
+        seen = []
+        for path, bad in _bad_states(st):
+            with pytest.raises(StateError) as info:
+                dst.load_vmstate(_with_state(snap, bad))
+            assert info.value.section == "nvme" and info.value.path.startswith(path), (path, str(info.value))
+            # the same through a stream (encoded, checksummed): the same refusal
+            data = _with_state(snap, bad).to_bytes()
+            with pytest.raises(StateError):
+                dst.load_vmstate_stream(data, list(snap.fds))
+            assert _stable(dst.get_device_state()) == before
+            assert {n: ns.backend for n, ns in dst.allocated.items()} == backends
+            seen.append(path)
+        assert len(seen) >= 15
+        data, fds = snap.to_bytes(), list(snap.fds)
+        with pytest.raises(StreamError):
+            dst.load_vmstate_stream(data[: len(data) // 2], fds)
+        garbled = bytearray(data)
+        garbled[len(data) // 2] ^= 0x40
+        with pytest.raises((ChecksumError, StreamError)):
+            dst.load_vmstate_stream(bytes(garbled), fds)
+        # TCP: no descriptors, so the mem namespace cannot follow
+        with pytest.raises(StateError, match="did not arrive"):
+            dst.load_vmstate_stream(data, None)
+        assert _stable(dst.get_device_state()) == before
+        # a destination with another namespace size refuses by fingerprint, naming the item
+        other = NvmeController(attrs.evolve(h.ctrl.cfg, namespaces=["mem:size=2M", h.ctrl.cfg.namespaces[1]]))
+        try:
+            with pytest.raises(ConfigMismatchError, match="nvme.namespaces"):
+                other.load_vmstate_stream(data, fds)
+        finally:
+            other.close()
+        # and the good stream still loads
+        res = dst.load_vmstate_stream(data, fds)
+        res.close()
+        assert len(dst._cqs[3].backlog) == 3
+    finally:
+        dst.close()
+        h.ctrl.resume()
+
+
+def test_failed_migration_resumes_the_source(hosts, tmp_path):
+    """After a save the source resumes (the destination refused): queued SQEs are fetched."""
+    h = hosts(f"serial=MIG9,ns=file:path={tmp_path}/e.img,size=1M", io_queues=1)
+    drv, m = h.drv, h.machine
+    data = os.urandom(512)
+    buf = m.alloc(512)
+    m.write(buf, data)
+    h.ctrl.quiesce()
+    h.ctrl.save_vmstate_stream()
+    h.ctrl.resume()
+    drv.submit_rw(1, WRITE, nsid=1, slba=1, nlb=1, buf=buf)
+    assert drv.reap(1)[0].ok
+    assert drv.read(1, 1, 1) == data
+
+
+# ----------------------------------------------------------------------------- (7) blockers
+def test_blockers_list_every_reason(tmp_path):
+    from pcidev.migration import collect_blockers
+    from pcidev.plugins import make_plugin_manager
+    from pcidev_nvme.backends import NullBackend
+    from pcidev_nvme.namespace import Namespace
+
+    class Exotic(NullBackend):
+        kind = "exotic"
+
+    ctrl = NvmeController("serial=BLK,ns=mem:size=1M,anon=on,ns=null:size=1M")
+    try:
+        ctrl.allocated[3] = ctrl.namespaces[3] = Namespace(3, Exotic(1 << 20))
+        ctrl.allocated[4] = ctrl.make_namespace(4, "mem:size=1M")
+        ctrl.created[4] = "mem:size=1M"
+        reasons = collect_blockers(ctrl, make_plugin_manager(load_entrypoints=False))
+        text = "\n".join(reasons)
+        for needle in ("'nvme-backend:mem-anonymous'", "'nvme-backend:exotic'",
+                       "'nvme-namespace-management-created'", "namespace 1: its backend (mem-anonymous)",
+                       "namespace 3: its backend (exotic)", "namespace 4 was created by Namespace Management"):
+            assert needle in text, needle
+        assert len(reasons) == 6
+    finally:
+        ctrl.close()
+    ok = NvmeController(f"serial=OK,ns=mem:size=1M,ns=null:size=1M,ns=file:path={tmp_path}/f.img,size=1M")
+    try:
+        assert ok.migration_blockers() == []
+    finally:
+        ok.close()
+
+
+def test_mem_backend_from_fd_keeps_holes():
+    from pcidev_nvme.backends import MemoryBackend
+
+    a = MemoryBackend(1 << 20)
+    try:
+        a.writev([memoryview(b"z" * 4096)], 8192)
+        b = MemoryBackend.from_fd(a.fd, 1 << 20)
+        try:
+            assert b.allocated_bytes() == 4096
+            out = bytearray(12288)
+            b.readv([memoryview(out)], 4096)
+            assert out[4096:8192] == b"z" * 4096 and not any(out[:4096]) and not any(out[8192:])
+        finally:
+            b.close()
+    finally:
+        a.close()
