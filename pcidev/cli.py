@@ -200,6 +200,20 @@ def _demo(args: argparse.Namespace, ctx: CliContext) -> int | None:
 BENCH_KIND = "bench"
 
 
+def _configure_serve(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vfio-user", metavar="SOCKET", required=True,
+                        help="UNIX socket to serve the device on (QEMU's vfio-user-pci connects to it)")
+    parser.add_argument("device", metavar="DEVICE[,props]", help="device type and properties, e.g. nvme,ns=mem:size=64M")
+
+
+@command("serve", help="serve a device to QEMU over vfio-user (pcidev serve --vfio-user SOCKET DEVICE[,props])",
+         configure=_configure_serve)
+def _serve(args: argparse.Namespace, ctx: CliContext) -> int | None:
+    from pcidev.transport.vfio_user.server import serve_device
+
+    return serve_device(args.device, args.vfio_user)
+
+
 def _configure_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", nargs="?", help="the benchmark (omit to list them)")
     parser.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="...",

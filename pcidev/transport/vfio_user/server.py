@@ -1,0 +1,642 @@
+"""A vfio-user server: one client (QEMU's ``vfio-user-pci``) per connection.
+
+The server reads one message at a time, in order, calls the device's
+:class:`~pcidev.transport.endpoint.DeviceEndpoint`, and answers. Every malformed
+or refused request gets an ERROR reply with an errno (unless it was sent with
+NO_REPLY); nothing a client sends can raise out of :meth:`VfioUserServer.serve`.
+A message whose size cannot be trusted (larger than the advertised maximum) is
+answered with ``E2BIG`` and ends the connection, because the stream cannot be
+re-synchronized.
+
+Regions are Linux's ``VFIO_PCI_*``: BAR0..5, the expansion ROM (6), config space
+(7), VGA (8, empty). A BAR whose handler is a :class:`~pcidev.bar.RamBacking` is
+offered for mmap with a sparse-mmap capability over its memfd. Interrupts are
+eventfds only (SET_IRQS); QEMU emulates the MSI-X table, so a vector that has an
+eventfd is unmasked in the device's own table, and masked again when its eventfd
+is removed.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from typing import Any
+
+from pcidev.errors import (
+    ConfigError,
+    ConfigSpaceError,
+    DmaError,
+    IrqError,
+    MigrationError,
+    MmioError,
+    PcidevError,
+    TransportError,
+)
+from pcidev.transport.fdpass import close_fds, recv_exact, send_all
+from pcidev.transport.vfio_user import protocol as P
+from pcidev.transport.vfio_user.protocol import VfioUserError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["VfioUserServer", "serve_device", "make_device"]
+
+#: payload bytes beyond max_data_xfer_size a message may carry (its own fixed fields)
+_SLACK = 4096
+
+
+def _chunks(offset: int, count: int, widths: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Split ``[offset, offset+count)`` into naturally aligned accesses of ``widths``."""
+    out = []
+    pos, end = offset, offset + count
+    while pos < end:
+        for w in widths:
+            if pos % w == 0 and pos + w <= end:
+                break
+        else:  # pragma: no cover - widths always ends with 1
+            raise AssertionError
+        out.append((pos, w))
+        pos += w
+    return out
+
+
+class VfioUserServer:
+    """Serves one :class:`~pcidev.transport.endpoint.DeviceEndpoint` to one client.
+
+    :param endpoint: the device endpoint (started by the caller).
+    :param sock: the connected ``AF_UNIX`` stream socket (the server closes it at the end).
+    :param max_msg_fds: the most fds accepted with one message (advertised).
+    :param max_data_xfer_size: the most data in one region access (advertised).
+    """
+
+    def __init__(self, endpoint: Any, sock: socket.socket, *, max_msg_fds: int = 8,
+                 max_data_xfer_size: int = 1 << 20) -> None:
+        self.endpoint = endpoint
+        self.device = endpoint.device
+        self.sock = sock
+        self.max_msg_fds = max_msg_fds
+        self.max_data_xfer_size = max_data_xfer_size
+        #: what the client said in VERSION (None before)
+        self.client_caps: dict[str, Any] | None = None
+        #: DMA ranges the client gave without an fd: address -> (size, flags)
+        self.nofd_maps: dict[int, tuple[int, int]] = {}
+        #: vectors of each IRQ index that have an eventfd
+        self.irq_vectors: dict[int, set[int]] = {i: set() for i in range(P.NUM_IRQS)}
+        self.intx_masked = False
+        #: messages handled, by command name
+        self.counts: dict[str, int] = {}
+        self._stop = threading.Event()
+
+    # -- loop ---------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Make :meth:`serve` return (shuts the socket's read side)."""
+        self._stop.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+    def serve(self) -> str:
+        """Handle messages until the client leaves. :returns: why it ended."""
+        try:
+            while not self._stop.is_set():
+                try:
+                    reason = self.handle_one()
+                except TransportError as exc:
+                    log.info("vfio-user connection ended: %s", exc)
+                    return f"transport: {exc}"
+                if reason is not None:
+                    return reason
+            return "stopped"
+        finally:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+
+    def handle_one(self) -> str | None:
+        """Read and answer one message. :returns: a reason to stop, or None."""
+        raw, fds = recv_exact(self.sock, P.HEADER_SIZE, max_fds=self.max_msg_fds, eof_ok=True)
+        if not raw:
+            return "eof"
+        mid, cmd, size, flags, _err = P.HEADER.unpack(raw)
+        try:
+            if size < P.HEADER_SIZE:
+                close_fds(fds)
+                self._error(mid, cmd, flags, errno.EINVAL, f"message size {size} is smaller than its header")
+                return None
+            if size - P.HEADER_SIZE > self.max_data_xfer_size + _SLACK:
+                close_fds(fds)
+                self._error(mid, cmd, flags, errno.E2BIG, f"message size {size} exceeds the maximum")
+                return "oversized message"
+            body = b""
+            if size > P.HEADER_SIZE:
+                body, extra = recv_exact(self.sock, size - P.HEADER_SIZE, max_fds=0)
+        except BaseException:
+            close_fds(fds)
+            raise
+        kind = flags & P.TYPE_MASK
+        if kind == P.TYPE_REPLY:
+            close_fds(fds)
+            log.warning("vfio-user: unexpected reply id %d cmd %d (the server sends no requests)", mid, cmd)
+            return None
+        name = P.COMMAND_NAMES.get(cmd, str(cmd))
+        self.counts[name] = self.counts.get(name, 0) + 1
+        out_fds: list[int] = []
+        try:
+            if kind != P.TYPE_COMMAND:
+                raise VfioUserError(errno.EINVAL, f"message type {kind} is neither command nor reply")
+            if flags & ~(P.TYPE_MASK | P.FLAG_NO_REPLY | P.FLAG_ERROR) or flags & P.FLAG_ERROR:
+                raise VfioUserError(errno.EINVAL, f"bad flags {flags:#x} on a command")
+            payload, out_fds = self.dispatch(cmd, body, fds)
+            fds = []
+        except VfioUserError as exc:
+            close_fds(fds)
+            self._error(mid, cmd, flags, exc.errno, str(exc))
+            return None
+        except (ConfigSpaceError, MmioError, IrqError, ConfigError) as exc:
+            close_fds(fds)
+            self._error(mid, cmd, flags, errno.EINVAL, str(exc))
+            return None
+        except DmaError as exc:
+            close_fds(fds)
+            self._error(mid, cmd, flags, errno.EINVAL, str(exc))
+            return None
+        except (MigrationError, TransportError) as exc:
+            close_fds(fds)
+            self._error(mid, cmd, flags, errno.ENODEV, str(exc))
+            return None
+        except Exception as exc:  # a bug here must not end the guest's device
+            close_fds(fds)
+            log.exception("vfio-user: %s failed", name)
+            self._error(mid, cmd, flags, errno.EIO, f"{type(exc).__name__}: {exc}")
+            return None
+        if not flags & P.FLAG_NO_REPLY:
+            send_all(self.sock, P.reply(mid, cmd, payload), out_fds)
+        return None
+
+    def _error(self, mid: int, cmd: int, flags: int, err: int, text: str) -> None:
+        log.info("vfio-user: refusing %s (id %d): %s", P.COMMAND_NAMES.get(cmd, cmd), mid, text)
+        if not flags & P.FLAG_NO_REPLY:
+            send_all(self.sock, P.error_reply(mid, cmd, err))
+
+    # -- dispatch -----------------------------------------------------------------------
+    def dispatch(self, cmd: int, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
+        """Execute one command. Takes ownership of ``fds`` on success (closes what it
+        does not keep); on an exception the caller closes them.
+
+        :returns: the reply payload and the fds to send with it.
+        :raises VfioUserError: (and pcidev errors) to refuse the command.
+        """
+        takes_fds = cmd in (P.DMA_MAP, P.DEVICE_SET_IRQS)
+        if fds and not takes_fds:
+            raise VfioUserError(errno.EINVAL, f"command {cmd} carries no file descriptors")
+        handler = self._HANDLERS.get(cmd)
+        if handler is None:
+            if cmd == P.DEVICE_FEATURE:
+                raise VfioUserError(errno.ENOTTY, "no device features")
+            raise VfioUserError(errno.ENOSYS, f"unsupported command {cmd}")
+        return handler(self, body, fds)
+
+    @staticmethod
+    def _need(body: bytes, n: int, what: str) -> None:
+        if len(body) < n:
+            raise VfioUserError(errno.EINVAL, f"{what}: payload of {len(body)} bytes, need {n}")
+
+    # VERSION ------------------------------------------------------------------------------
+    def _version(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
+        self._need(body, P.VERSION_HDR.size, "VERSION")
+        major, _minor = P.VERSION_HDR.unpack_from(body)
+        if major != 0:
+            raise VfioUserError(errno.ENOTSUP, f"VERSION: major {major} (this server speaks 0)")
+        text = body[P.VERSION_HDR.size:]
+        caps: dict[str, Any] = {}
+        if text:
+            if not text.endswith(b"\0"):
+                raise VfioUserError(errno.EINVAL, "VERSION: the capability string is not NUL-terminated")
+            try:
+                parsed = json.loads(text[:-1].decode("utf-8")) if text[:-1].strip() else {}
+            except (UnicodeDecodeError, ValueError) as exc:
+                raise VfioUserError(errno.EINVAL, f"VERSION: bad capability JSON ({exc})") from exc
+            if not isinstance(parsed, dict):
+                raise VfioUserError(errno.EINVAL, "VERSION: the capabilities are not a JSON object")
+            inner = parsed.get("capabilities", {})
+            if not isinstance(inner, dict):
+                raise VfioUserError(errno.EINVAL, "VERSION: 'capabilities' is not an object")
+            caps = inner
+        self.client_caps = caps
+        mine = json.dumps({"capabilities": {"max_msg_fds": self.max_msg_fds,
+                                            "max_data_xfer_size": self.max_data_xfer_size}},
+                          separators=(",", ":")).encode() + b"\0"
+        if len(mine) > len(text):  # never larger than the client's own request (its buffer)
+            mine = b"{}\0"
+            if len(mine) > len(text):
+                mine = b""
+        return P.VERSION_HDR.pack(0, 0) + mine, []
+
+    # DMA ------------------------------------------------------------------------------------
+    def _overlaps(self, addr: int, size: int) -> bool:
+        end = addr + size
+        for a, (s, _f) in self.nofd_maps.items():
+            if a < end and addr < a + s:
+                return True
+        for r in self.endpoint.memory.regions():
+            if r.gpa < end and addr < r.gpa + r.size:
+                return True
+        return False
+
+    def _dma_map(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
+        self._need(body, P.DMA_MAP_S.size, "DMA_MAP")
+        argsz, flags, offset, addr, size = P.DMA_MAP_S.unpack_from(body)
+        if argsz < P.DMA_MAP_S.size:
+            raise VfioUserError(errno.EINVAL, f"DMA_MAP: argsz {argsz}")
+        if flags & ~0xF:
+            raise VfioUserError(errno.EINVAL, f"DMA_MAP: unknown flags {flags:#x}")
+        if size == 0 or addr + size > 1 << 64:
+            raise VfioUserError(errno.EINVAL, f"DMA_MAP: bad range {addr:#x}+{size:#x}")
+        if len(fds) > 1:
+            raise VfioUserError(errno.EINVAL, f"DMA_MAP: {len(fds)} fds (at most 1)")
+        if self._overlaps(addr, size):
+            raise VfioUserError(errno.EEXIST, f"DMA_MAP: {addr:#x}+{size:#x} overlaps a mapped range")
+        if not fds:
+            self.nofd_maps[addr] = (size, flags)
+            return b"", []
+        try:
+            self.endpoint.dma_map(addr, size, fds[0], offset, writable=bool(flags & P.DMA_FLAG_WRITE),
+                                  name=f"vfio-user-{addr:#x}")
+        finally:
+            close_fds(fds)  # the guest memory keeps its own duplicate
+            fds.clear()
+        return b"", []
+
+    def _dma_unmap(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
+        self._need(body, P.DMA_UNMAP_S.size, "DMA_UNMAP")
+        argsz, flags, addr, size = P.DMA_UNMAP_S.unpack_from(body)
+        if argsz < P.DMA_UNMAP_S.size:
+            raise VfioUserError(errno.EINVAL, f"DMA_UNMAP: argsz {argsz}")
+        echo = body[:P.DMA_UNMAP_S.size]
+        if flags == P.DMA_UNMAP_FLAG_ALL:
+            if addr or size:
+                raise VfioUserError(errno.EINVAL, "DMA_UNMAP: ALL with a non-zero range")
+            self.nofd_maps.clear()
+            for r in self.endpoint.memory.regions():
+                self.endpoint.dma_unmap(r.gpa, r.size)
+            return echo, []
+        if flags:
+            raise VfioUserError(errno.EINVAL, f"DMA_UNMAP: unsupported flags {flags:#x}")
+        if addr in self.nofd_maps:
+            if self.nofd_maps[addr][0] != size:
+                raise VfioUserError(errno.EINVAL, "DMA_UNMAP: size does not match the map")
+            del self.nofd_maps[addr]
+            return echo, []
+        region = self.endpoint.memory.region_at(addr)
+        if region is None or region.gpa != addr or region.size != size:
+            raise VfioUserError(errno.EINVAL, f"DMA_UNMAP: no map {addr:#x}+{size:#x}")
+        self.endpoint.dma_unmap(addr, size)
+        return echo, []
+
+    # device and region info ---------------------------------------------------------------
+    def _device_info(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
+        self._need(body, P.DEVICE_INFO_S.size, "DEVICE_GET_INFO")
+        argsz = P.DEVICE_INFO_S.unpack_from(body)[0]
+        if argsz < P.DEVICE_INFO_S.size:
+            raise VfioUserError(errno.EINVAL, f"DEVICE_GET_INFO: argsz {argsz}")
+        flags = P.DEVICE_FLAGS_RESET | P.DEVICE_FLAGS_PCI
+        return P.DEVICE_INFO_S.pack(P.DEVICE_INFO_S.size, flags, P.NUM_REGIONS, P.NUM_IRQS), []
+
+    def region_layout(self, index: int) -> tuple[int, int, Any]:
+        """``(size, flags, ram_backing_or_None)`` of region ``index``."""
+        from pcidev.bar import RamBacking
+
+        dev = self.device
+        rw = P.REGION_FLAG_READ | P.REGION_FLAG_WRITE
+        if 0 <= index <= 5:
+            bar = dev.bars[index]
+            if bar is None:
+                return 0, 0, None
+            ram = bar.handler if isinstance(bar.handler, RamBacking) else None
+            flags = rw | (P.REGION_FLAG_MMAP | P.REGION_FLAG_CAPS if ram is not None else 0)
+            return bar.size, flags, ram
+        if index == P.ROM_REGION:
+            return (dev.rom_size, P.REGION_FLAG_READ, None) if dev.rom is not None else (0, 0, None)
+        if index == P.CONFIG_REGION:
+            return dev.config.size, rw, None
+        return 0, 0, None
+
+    def _region_info(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
+        self._need(body, P.REGION_INFO_S.size, "DEVICE_GET_REGION_INFO")
+        argsz, _flags, index, _cap, _size, _off = P.REGION_INFO_S.unpack_from(body)
+        if argsz < P.REGION_INFO_S.size:
+            raise VfioUserError(errno.EINVAL, f"DEVICE_GET_REGION_INFO: argsz {argsz}")
+        if index >= P.NUM_REGIONS:
+            raise VfioUserError(errno.EINVAL, f"DEVICE_GET_REGION_INFO: no region {index}")
+        size, flags, ram = self.region_layout(index)
+        caps = b""
+        cap_offset = 0
+        if ram is not None:
+            cap_offset = P.REGION_INFO_S.size
+            areas = b"".join(P.SPARSE_AREA_S.pack(o, s) for o, s in ram.sparse_areas)
+            caps = (P.CAP_HDR_S.pack(P.REGION_CAP_SPARSE_MMAP, 1, 0)
+                    + P.SPARSE_HDR_S.pack(len(ram.sparse_areas), 0) + areas)
+        needed = P.REGION_INFO_S.size + len(caps)
+        if needed > argsz:  # the client retries with a buffer this large
+            return P.REGION_INFO_S.pack(needed, flags, index, 0, size, 0), []
+        out = P.REGION_INFO_S.pack(needed, flags, index, cap_offset, size, 0) + caps
+        return out, ([ram.fd] if ram is not None else [])
+
+    def _irq_info(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
+        self._need(body, P.IRQ_INFO_S.size, "DEVICE_GET_IRQ_INFO")
+        argsz, _flags, index, _count = P.IRQ_INFO_S.unpack_from(body)
+        if argsz < P.IRQ_INFO_S.size:
+            raise VfioUserError(errno.EINVAL, f"DEVICE_GET_IRQ_INFO: argsz {argsz}")
+        if index >= P.NUM_IRQS:
+            raise VfioUserError(errno.EINVAL, f"DEVICE_GET_IRQ_INFO: no IRQ index {index}")
+        flags = P.IRQ_INFO_EVENTFD
+        if index == P.IRQ_INTX:
+            flags |= P.IRQ_INFO_MASKABLE | P.IRQ_INFO_AUTOMASKED
+        return P.IRQ_INFO_S.pack(P.IRQ_INFO_S.size, flags, index, self.irq_count(index)), []
+
+    def irq_count(self, index: int) -> int:
+        """Vectors of IRQ ``index`` (ERR and REQ: 0)."""
+        from pcidev.pci.capabilities.msi import MsiCapability
+        from pcidev.pci.capabilities.msix import MsixCapability
+
+        dev = self.device
+        if index == P.IRQ_INTX:
+            return 1 if dev.interrupt_pin else 0
+        if index == P.IRQ_MSI:
+            msi = dev.caps.find(MsiCapability)
+            return msi.nvectors if msi is not None else 0
+        if index == P.IRQ_MSIX:
+            msix = dev.caps.find(MsixCapability)
+            return msix.nvectors if msix is not None else 0
+        return 0
+
+    # interrupts ------------------------------------------------------------------------------
+    def _msix_mask(self, vector: int, masked: bool) -> None:
+        """QEMU emulates the MSI-X table: mirror "has an eventfd" as the vector's mask bit."""
+        from pcidev.pci.capabilities.msix import ENTRY_CTRL, ENTRY_SIZE, MsixCapability
+
+        msix = self.device.caps.find(MsixCapability)
+        if msix is not None and vector < msix.nvectors:
+            msix.table_write(vector * ENTRY_SIZE + ENTRY_CTRL, 4, 1 if masked else 0)
+
+    def _assign(self, index: int, vector: int, fd: int | None) -> None:
+        """Give (or with None take away) ``vector``'s eventfd; under the IRQ lock."""
+        sink = self.endpoint.sink
+        if index == P.IRQ_INTX:
+            old = sink.intx_fd
+            sink.intx_fd = fd
+        else:
+            old = sink.vector_fds.get(vector)
+            sink.set_vector(vector, fd)
+        if old is not None and old != fd:
+            close_fds([old])
+        if fd is None:
+            self.irq_vectors[index].discard(vector)
+        else:
+            self.irq_vectors[index].add(vector)
+        if index == P.IRQ_MSIX:
+            self._msix_mask(vector, fd is None)
+
+    def _set_irqs(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
+        self._need(body, P.SET_IRQS_S.size, "DEVICE_SET_IRQS")
+        argsz, flags, index, start, count = P.SET_IRQS_S.unpack_from(body)
+        if argsz < P.SET_IRQS_S.size:
+            raise VfioUserError(errno.EINVAL, f"DEVICE_SET_IRQS: argsz {argsz}")
+        if flags & ~(P.IRQ_SET_DATA_MASK | P.IRQ_SET_ACTION_MASK_ALL):
+            raise VfioUserError(errno.EINVAL, f"DEVICE_SET_IRQS: unknown flags {flags:#x}")
+        data = flags & P.IRQ_SET_DATA_MASK
+        action = flags & P.IRQ_SET_ACTION_MASK_ALL
+        if data not in (P.IRQ_SET_DATA_NONE, P.IRQ_SET_DATA_BOOL, P.IRQ_SET_DATA_EVENTFD) or action not in (
+                P.IRQ_SET_ACTION_MASK, P.IRQ_SET_ACTION_UNMASK, P.IRQ_SET_ACTION_TRIGGER):
+            raise VfioUserError(errno.EINVAL, f"DEVICE_SET_IRQS: flags {flags:#x} need one data type and one action")
+        if index >= P.NUM_IRQS:
+            raise VfioUserError(errno.EINVAL, f"DEVICE_SET_IRQS: no IRQ index {index}")
+        nvec = self.irq_count(index)
+        if data == P.IRQ_SET_DATA_EVENTFD and fds and len(fds) != count:
+            raise VfioUserError(errno.EINVAL, f"DEVICE_SET_IRQS: count {count} but {len(fds)} fds")
+        if data != P.IRQ_SET_DATA_EVENTFD and fds:
+            raise VfioUserError(errno.EINVAL, "DEVICE_SET_IRQS: fds without DATA_EVENTFD")
+        irq = self.device.irq
+        if count == 0:
+            if data == P.IRQ_SET_DATA_NONE and action == P.IRQ_SET_ACTION_TRIGGER:
+                with irq.lock:  # disable the whole index
+                    for v in sorted(self.irq_vectors[index]):
+                        self._assign(index, v, None)
+                return b"", []
+            if start > nvec:
+                raise VfioUserError(errno.EINVAL, f"DEVICE_SET_IRQS: start {start} beyond {nvec} vectors")
+            return b"", []
+        if start + count > nvec:
+            raise VfioUserError(errno.EINVAL,
+                                f"DEVICE_SET_IRQS: vectors {start}+{count} beyond the {nvec} of index {index}")
+        if data == P.IRQ_SET_DATA_BOOL:
+            self._need(body, P.SET_IRQS_S.size + count, "DEVICE_SET_IRQS (bools)")
+        if index == P.IRQ_INTX and action in (P.IRQ_SET_ACTION_MASK, P.IRQ_SET_ACTION_UNMASK):
+            if data == P.IRQ_SET_DATA_EVENTFD:
+                # the KVM resample fd: not needed (the line is re-signalled on unmask)
+                close_fds(fds)
+                fds.clear()
+                return b"", []
+            flag = bool(body[P.SET_IRQS_S.size]) if data == P.IRQ_SET_DATA_BOOL else True
+            if flag:
+                with irq.lock:
+                    if action == P.IRQ_SET_ACTION_MASK:
+                        self.intx_masked = True
+                    else:
+                        self.intx_masked = False
+                        fd = self.endpoint.sink.intx_fd
+                        if fd is not None and self.endpoint.intx_level:
+                            os.eventfd_write(fd, 1)  # still asserted: level-triggered
+            return b"", []
+        if action != P.IRQ_SET_ACTION_TRIGGER:
+            # MSI/MSI-X masking is QEMU's job (it emulates the table); accept and ignore
+            close_fds(fds)
+            fds.clear()
+            return b"", []
+        if data == P.IRQ_SET_DATA_EVENTFD:
+            taken = list(fds)
+            fds.clear()
+            with irq.lock:
+                for i in range(count):
+                    self._assign(index, start + i, taken[i] if taken else None)
+            return b"", []
+        # DATA_NONE / DATA_BOOL with TRIGGER: fire the vectors now (loopback test)
+        with irq.lock:
+            for i in range(count):
+                if data == P.IRQ_SET_DATA_BOOL and not body[P.SET_IRQS_S.size + i]:
+                    continue
+                v = start + i
+                fd = self.endpoint.sink.intx_fd if index == P.IRQ_INTX else self.endpoint.sink.vector_fds.get(v)
+                if fd is not None:
+                    os.eventfd_write(fd, 1)
+        return b"", []
+
+    # region accesses --------------------------------------------------------------------------
+    def _region_check(self, region: int, offset: int, count: int) -> int:
+        if region >= P.NUM_REGIONS:
+            raise VfioUserError(errno.EINVAL, f"no region {region}")
+        size, flags, _ram = self.region_layout(region)
+        if count == 0 or count > self.max_data_xfer_size:
+            raise VfioUserError(errno.EINVAL, f"access of {count} bytes")
+        if offset + count > size:
+            raise VfioUserError(errno.EINVAL, f"access {offset:#x}+{count} outside region {region} ({size:#x})")
+        return flags
+
+    def read_region(self, region: int, offset: int, count: int) -> bytes:
+        """``count`` bytes of ``region`` at ``offset`` (validated)."""
+        self._region_check(region, offset, count)
+        ep = self.endpoint
+        out = bytearray()
+        if region == P.CONFIG_REGION:
+            for pos, w in _chunks(offset, count, (4, 2, 1)):
+                out += ep.config_read(pos, w).to_bytes(w, "little")
+        elif region == P.ROM_REGION:
+            out += self.device.rom[offset:offset + count]
+        else:
+            for pos, w in _chunks(offset, count, (8, 4, 2, 1)):
+                out += ep.bar_read(region, pos, w, False).to_bytes(w, "little")
+        return bytes(out)
+
+    def write_region(self, region: int, offset: int, data: bytes) -> None:
+        """Write ``data`` to ``region`` at ``offset`` (validated)."""
+        flags = self._region_check(region, offset, len(data))
+        if not flags & P.REGION_FLAG_WRITE:
+            raise VfioUserError(errno.EINVAL, f"region {region} is read-only")
+        ep = self.endpoint
+        if region == P.CONFIG_REGION:
+            for pos, w in _chunks(offset, len(data), (4, 2, 1)):
+                ep.config_write(pos, w, int.from_bytes(data[pos - offset:pos - offset + w], "little"))
+        else:
+            for pos, w in _chunks(offset, len(data), (8, 4, 2, 1)):
+                ep.bar_write(region, pos, w, int.from_bytes(data[pos - offset:pos - offset + w], "little"), False)
+
+    def _region_read(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
+        self._need(body, P.REGION_ACCESS_S.size, "REGION_READ")
+        offset, region, count = P.REGION_ACCESS_S.unpack_from(body)
+        data = self.read_region(region, offset, count)
+        return P.REGION_ACCESS_S.pack(offset, region, len(data)) + data, []
+
+    def _region_write(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
+        self._need(body, P.REGION_ACCESS_S.size, "REGION_WRITE")
+        offset, region, count = P.REGION_ACCESS_S.unpack_from(body)
+        data = body[P.REGION_ACCESS_S.size:]
+        if len(data) != count:
+            raise VfioUserError(errno.EINVAL, f"REGION_WRITE: count {count} but {len(data)} data bytes")
+        self.write_region(region, offset, data)
+        return P.REGION_ACCESS_S.pack(offset, region, count), []
+
+    def _write_multi(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
+        self._need(body, P.WRITE_MULTI_HDR_S.size, "REGION_WRITE_MULTI")
+        (n,) = P.WRITE_MULTI_HDR_S.unpack_from(body)
+        if n > 200 or len(body) != P.WRITE_MULTI_HDR_S.size + n * P.WRITE_MULTI_ENTRY_S.size:
+            raise VfioUserError(errno.EINVAL, f"REGION_WRITE_MULTI: {n} entries in {len(body)} bytes")
+        entries = [P.WRITE_MULTI_ENTRY_S.unpack_from(body, P.WRITE_MULTI_HDR_S.size + i * 24) for i in range(n)]
+        for _off, _reg, count, _data in entries:
+            if not 1 <= count <= 8:
+                raise VfioUserError(errno.EINVAL, f"REGION_WRITE_MULTI: count {count}")
+        for off, reg, count, data in entries:
+            self.write_region(reg, off, data[:count])
+        return P.WRITE_MULTI_HDR_S.pack(n), []
+
+    def _reset(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
+        from pcidev.pci.config import ResetKind
+
+        dev = self.device
+        with dev.lock:
+            dev.reset(ResetKind.FLR)
+            with dev.irq.lock:  # the table was masked by the reset; eventfds stay
+                for v in self.irq_vectors[P.IRQ_MSIX]:
+                    self._msix_mask(v, False)
+        self.intx_masked = False
+        return b"", []
+
+    _HANDLERS = {
+        P.VERSION: _version, P.DMA_MAP: _dma_map, P.DMA_UNMAP: _dma_unmap, P.DEVICE_GET_INFO: _device_info,
+        P.DEVICE_GET_REGION_INFO: _region_info, P.DEVICE_GET_IRQ_INFO: _irq_info,
+        P.DEVICE_SET_IRQS: _set_irqs, P.REGION_READ: _region_read, P.REGION_WRITE: _region_write,
+        P.REGION_WRITE_MULTI: _write_multi, P.DEVICE_RESET: _reset,
+    }
+
+
+# -- running a device -------------------------------------------------------------------------
+def make_device(spec: str, registry: Any) -> Any:
+    """Build a device from ``TYPE[,props]``.
+
+    A device class whose first parameter is ``config`` (NVMe) receives the
+    properties string as is (``nvme,ns=mem:size=64M``); others get them as
+    keyword arguments (``edu,engine=true``).
+
+    :raises PcidevError: unknown type or options the class refuses.
+    """
+    import inspect
+
+    from pcidev.transport.serve import parse_setting
+
+    dtype, _, props = spec.partition(",")
+    cls = registry.get(dtype)
+    params = [p for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"]
+    try:
+        if props and params and params[0].name == "config":
+            return cls(props)
+        kwargs = dict(parse_setting(item) for item in props.split(",") if item) if props else {}
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise PcidevError(f"device type {dtype!r} does not take these options: {exc}") from exc
+
+
+def serve_device(spec: str, path: str, *, once: bool = True, out: Any = None) -> int:
+    """Serve the device ``TYPE[,props]`` over vfio-user on the UNIX socket ``path``.
+
+    Unlinks a stale socket file, listens, prints one ``listening`` line, serves one
+    client until it leaves (QEMU never reconnects) and returns 0. SIGTERM/SIGINT end
+    it cleanly.
+    """
+    from pcidev.plugins import load_registry, make_plugin_manager
+    from pcidev.transport.endpoint import DeviceEndpoint
+
+    out = sys.stdout if out is None else out
+    pm = make_plugin_manager()
+    device = make_device(spec, load_registry(pm))
+    endpoint = DeviceEndpoint(device, pm=pm)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server: VfioUserServer | None = None
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        listener.bind(path)
+        listener.listen(1)
+        endpoint.start()
+        print(f"pcidev: vfio-user server for {spec.partition(',')[0]} listening on {path} (pid {os.getpid()})",
+              file=out, flush=True)
+        while True:
+            conn, _ = listener.accept()
+            server = VfioUserServer(endpoint, conn)
+            reason = server.serve()
+            print(f"pcidev: client left ({reason}); messages: {json.dumps(server.counts, sort_keys=True)}",
+                  file=out, flush=True)
+            if once:
+                return 0
+    except OSError as exc:
+        raise PcidevError(f"vfio-user socket {path}: {exc}") from exc
+    finally:
+        listener.close()
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        endpoint.close()
