@@ -32,7 +32,18 @@ def _edu_v1() -> bytes:
         close_fds([memfd, *efds])
 
 
-GOLDEN = {"edu-v1.pcvm": _edu_v1}
+def _nvme_v1() -> bytes:
+    from nvme_golden import build_nvme
+
+    ctrl, machine = build_nvme()
+    try:
+        return ctrl.save_vmstate_stream()[0]
+    finally:
+        ctrl.close()
+        machine.close()
+
+
+GOLDEN = {"edu-v1.pcvm": _edu_v1, "nvme-v1.pcvm": _nvme_v1}
 
 
 def main() -> None:

@@ -489,3 +489,44 @@ def test_mem_backend_from_fd_keeps_holes():
             b.close()
     finally:
         a.close()
+
+
+# ----------------------------------------------------------------------------- golden stream
+def test_golden_nvme_v1_stream_loads():
+    """The released layout (tests/vmstate/device_data/nvme-v1.pcvm, written once by
+    tests/vmstate/make_device_golden.py) loads into today's controller."""
+    import sys
+    from pathlib import Path
+
+    from pcidev.dma import alloc_memfd
+    from pcidev.transport.fdpass import close_fds
+
+    vm = Path(__file__).resolve().parents[2] / "vmstate"
+    sys.path.insert(0, str(vm))
+    from nvme_golden import EXPECTED_NVME_V1, NVME_CONFIG, RAM_SIZE
+
+    data = (vm / "device_data" / "nvme-v1.pcvm").read_bytes()
+    ram, nsmem = alloc_memfd(RAM_SIZE, "golden-ram"), alloc_memfd(1 << 20, "golden-ns")
+    os.pwrite(nsmem, b"migrated memory!" * 32, 0)
+    ctrl = NvmeController(NVME_CONFIG)
+    try:
+        res = ctrl.load_vmstate_stream(data, [ram, nsmem])
+        try:
+            st = ctrl.get_device_state()
+            want = EXPECTED_NVME_V1
+            assert st.state == want["state"]
+            assert [i for i, q in enumerate(st.sqs) if q is not None] == want["sq_ids"]
+            assert st.cqs[2].size == want["cq2_size"] and len(st.cqs[2].backlog) == want["cq2_backlog"]
+            assert len(ctrl.aer.outstanding) == want["aers"] and list(ctrl.aer.queued) == want["queued"]
+            assert ctrl.aer.masked == want["masked"]
+            assert ctrl.smart.host_write_commands == want["host_write_commands"]
+            assert ctrl.error_log.count == want["error_count"]
+            assert [(n.nsid, n.attached, n.lbaf) for n in st.namespaces] == want["namespaces"]
+            out = bytearray(512)
+            ctrl.allocated[1].backend.readv([memoryview(out)], 0)
+            assert bytes(out) == b"migrated memory!" * 32  # the namespace maps the memfd it was given
+        finally:
+            res.close()
+    finally:
+        ctrl.close()
+        close_fds([ram, nsmem])
