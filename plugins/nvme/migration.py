@@ -313,22 +313,36 @@ def fingerprint(ctrl: NvmeController) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- quiesce / resume
 def quiesce(ctrl: NvmeController, timeout: float = 30.0) -> None:
-    """Bring the controller to a consistent point (see the module docstring)."""
+    """Bring the controller to a consistent point (see the module docstring).
+
+    :raises MigrationError: something did not finish within ``timeout`` seconds (a
+        stuck backend); the controller runs again.
+    """
+    from pcidev.errors import MigrationError
+
     with ctrl._state_lock:
         ctrl._paused = True
         ctrl._update_running()
     deadline = time.monotonic() + timeout
+
+    def wait(what: str, done) -> None:
+        while not done():
+            if time.monotonic() > deadline:
+                resume(ctrl)
+                raise MigrationError(f"nvme: {what} did not finish within {timeout:g} s; "
+                                     "the controller keeps running")
+            time.sleep(0.0002)
+
     # fetch batches in progress (another thread's doorbell, a completion kicking a throttled SQ)
-    while ctrl._batches or any(sq is not None and sq.running for sq in list(ctrl._sqs)):
-        if time.monotonic() > deadline:
-            raise TimeoutError("an NVMe fetch batch did not finish")
-        time.sleep(0.0002)
+    wait("a fetch batch", lambda: not ctrl._batches and not any(
+        sq is not None and sq.running for sq in list(ctrl._sqs)))
+    wait("backend I/O in flight", lambda: not ctrl.io.inflight)
     ctrl.io.drain()
     pool = ctrl._admin_pool
     if pool is not None:  # admin work in the background (Format NVM, shutdown): FIFO, one worker
-        pool.submit(lambda: None).result(timeout)
-    while ctrl._batches:  # kicks made by the last completions
-        time.sleep(0.0002)
+        marker = pool.submit(lambda: None)
+        wait("admin work (Format NVM, shutdown)", marker.done)
+    wait("a fetch batch", lambda: not ctrl._batches)  # kicks made by the last completions
     ctrl._ka_token += 1  # no keep-alive verdict while stopped
     ctrl._timer.cancel_all()
     with ctrl._coal_lock:
@@ -351,6 +365,8 @@ def resume(ctrl: NvmeController) -> None:
         was = ctrl._paused
         ctrl._paused = False
         ctrl._update_running()
+    if ctrl.__dict__.pop("_save_state_at_resume", False):
+        ctrl.run_async(ctrl.save_state)
     if not was or not ctrl._running:
         return
     ctrl._ka_last = time.monotonic()
@@ -763,5 +779,5 @@ def apply(ctrl: NvmeController, st: NvmeState) -> None:
                 status |= 1 << (cq.vector & 31)
         ctrl._irq_status = status
         ctrl._update_running()
-    if ctrl._dirty:
-        ctrl.save_state()  # the state file follows the controller (a crash now is an unsafe shutdown)
+    # the state file follows the controller (written at the resume, outside the downtime)
+    ctrl._save_state_at_resume = True

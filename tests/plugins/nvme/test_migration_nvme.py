@@ -530,3 +530,33 @@ def test_golden_nvme_v1_stream_loads():
     finally:
         ctrl.close()
         close_fds([ram, nsmem])
+
+
+def test_a_stuck_backend_fails_the_quiesce_and_the_controller_keeps_running(hosts, tmp_path, monkeypatch):
+    import threading
+
+    from pcidev.errors import MigrationError
+    from pcidev_nvme import migration
+
+    h = hosts(f"serial=MIG10,ns=file:path={tmp_path}/g.img,size=1M", io_queues=1)
+    drv, m, ctrl = h.drv, h.machine, h.ctrl
+    gate = threading.Event()
+    backend = ctrl.namespaces[1].backend
+    real = backend.writev
+
+    def slow(views, offset, **kw):
+        gate.wait(10)
+        return real(views, offset, **kw)
+
+    monkeypatch.setattr(backend, "writev", slow)
+    buf = m.alloc(512)
+    m.write(buf, b"s" * 512)
+    drv.submit_rw(1, WRITE, nsid=1, slba=0, nlb=1, buf=buf)
+    real_quiesce = migration.quiesce
+    monkeypatch.setattr(migration, "quiesce", lambda c: real_quiesce(c, timeout=0.2))
+    with pytest.raises(MigrationError, match="backend I/O in flight"):
+        ctrl.quiesce()
+    assert not ctrl.quiesced and ctrl._running
+    gate.set()
+    assert drv.reap(1)[0].ok
+    assert drv.read(1, 0, 1) == b"s" * 512
