@@ -475,7 +475,7 @@ def check(ctrl: NvmeController, st: NvmeState) -> None:
     nq = cfg.max_ioqpairs + 1
     if st.state >= len(_STATES):
         raise _fail(f"controller state {st.state} is unknown", "state")
-    ready = _STATES[st.state] == "ready"
+    ready = _STATES[st.state] != "disabled"  # a failed controller keeps its queues until the reset
     page = st.page_size
     if page < 4096 or page > 65536 or page & (page - 1):
         raise _fail(f"memory page size {page} is not 4 KiB..64 KiB", "page_size")
@@ -483,9 +483,9 @@ def check(ctrl: NvmeController, st: NvmeState) -> None:
         raise _fail(f"{len(st.sqs)} SQ and {len(st.cqs)} CQ entries, this controller has {nq} queue ids",
                     "sqs" if len(st.sqs) != nq else "cqs")
     if not ready and (any(q is not None for q in st.sqs) or any(q is not None for q in st.cqs)):
-        raise _fail("queues exist but the controller is not ready", "sqs")
+        raise _fail("queues exist but the controller is disabled", "sqs")
     if ready and (st.sqs[0] is None or st.cqs[0] is None):
-        raise _fail("a ready controller without admin queues", "sqs[0]" if st.sqs[0] is None else "cqs[0]")
+        raise _fail("an enabled controller without admin queues", "sqs[0]" if st.sqs[0] is None else "cqs[0]")
     mqes = cfg.mqes + 1
     for i, cq in enumerate(st.cqs):
         if cq is None:
@@ -532,7 +532,7 @@ def check(ctrl: NvmeController, st: NvmeState) -> None:
         raise _fail(f"{len(st.aer.outstanding)} outstanding AERs exceed AERL+1 = {cfg.aerl + 1}",
                     "aer.outstanding")
     if st.aer.outstanding and not ready:
-        raise _fail("outstanding AERs on a controller that is not ready", "aer.outstanding")
+        raise _fail("outstanding AERs on a disabled controller", "aer.outstanding")
     if len(set(st.aer.outstanding)) != len(st.aer.outstanding):
         raise _fail("two outstanding AERs share a command identifier", "aer.outstanding")
     if len(set(m.etype for m in st.aer.masked)) != len(st.aer.masked):

@@ -560,3 +560,101 @@ def test_a_stuck_backend_fails_the_quiesce_and_the_controller_keeps_running(host
     gate.set()
     assert drv.reap(1)[0].ok
     assert drv.read(1, 0, 1) == b"s" * 512
+
+
+# ----------------------------------------------------------------------------- hostile states (hypothesis)
+def _int_paths(obj, cls, prefix=()):
+    """(path, bits) of every unsigned integer inside a state object."""
+    from pcidev.vmstate import fields_of
+    from pcidev.vmstate.description import KArray, KNullable, KStruct, KSub, KUInt
+
+    def walk(value, kind, path):
+        if isinstance(kind, KUInt):
+            yield path, kind.bits
+        elif isinstance(kind, (KStruct, KSub)) and value is not None:
+            yield from _int_paths(value, kind.cls, path)
+        elif isinstance(kind, KNullable) and value is not None:
+            yield from walk(value, kind.inner, path)
+        elif isinstance(kind, KArray) and value is not None:
+            for i, v in enumerate(value):
+                yield from walk(v, kind.element, path + (i,))
+
+    for spec in fields_of(cls):
+        yield from walk(getattr(obj, spec.name), spec.kind, prefix + (spec.name,))
+
+
+def _replace(obj, path, value):
+    if not path:
+        return value
+    head, rest = path[0], path[1:]
+    if isinstance(head, int):
+        items = list(obj)
+        items[head] = _replace(items[head], rest, value)
+        return tuple(items)
+    return attrs.evolve(obj, **{head: _replace(getattr(obj, head), rest, value)})
+
+
+def test_mutated_states_are_refused_or_applied_never_crash(hosts, tmp_path):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    h, snap = _loaded_source(hosts, tmp_path)
+    good = snap.sections[1].state
+    paths = list(_int_paths(good, NvmeState))
+    dst = NvmeController(h.ctrl.cfg, name="fuzz")
+    outcomes = {"refused": 0, "applied": 0}
+
+    @settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(st.tuples(st.sampled_from(paths), st.integers(0, 2**64 - 1)), min_size=1, max_size=3))
+    def run(changes):
+        state = good
+        for (path, bits), raw in changes:
+            state = _replace(state, path, raw & ((1 << bits) - 1) if raw % 3 else raw % 5)
+        try:
+            res = dst.load_vmstate(_with_state(snap, state))
+        except StateError as exc:
+            # refused by the checks, not by a crash while checking or applying
+            assert "applying the state failed" not in str(exc), exc
+            assert "the device refused the state" not in str(exc), exc
+            outcomes["refused"] += 1
+            return
+        outcomes["applied"] += 1
+        try:
+            dst.resume()   # kicks every queue: guest memory problems become CSTS.CFS, never an exception
+            dst.quiesce()
+            dst.get_device_state()
+        finally:
+            res.close()
+
+    try:
+        run()
+    finally:
+        dst.close()
+        h.ctrl.resume()
+    assert outcomes["refused"] and outcomes["applied"]
+
+
+def test_intx_mode_round_trip(hosts):
+    h = hosts("serial=MIG11,ns=mem:size=1M", io_queues=1, irq="intx")
+    data = os.urandom(4096)
+    h.drv.write(1, 0, data)
+    dst = h.migrate()
+    assert dst.irq.mode == "intx"
+    h.drv.write(1, 8, data)
+    assert h.drv.read(1, 0, 8) == data and h.drv.read(1, 8, 8) == data
+
+
+def test_failed_and_shut_down_controllers_round_trip(hosts):
+    h = hosts("serial=MIG12,ns=mem:size=1M", io_queues=1)
+    h.drv.write(1, 0, b"f" * 512)
+    h.ctrl._fatal("test: fatal status")
+    dst = h.migrate()
+    assert dst.csts & 0x2 and dst._state == "failed"
+    h.drv.disable()  # a reset is the way out of CFS, on the destination too
+    h.drv.enable()
+    h.drv.create_io_queue_pair(1, 16)
+    assert h.drv.read(1, 0, 1) == b"f" * 512
+    h.drv.shutdown()
+    csts = h.drv.csts
+    dst = h.migrate()
+    assert h.drv.csts == csts and (csts >> 2) & 3 == 2  # shutdown complete, still
