@@ -11,7 +11,9 @@ import random
 import threading
 
 import crc32c
+import pytest
 
+from pcidev.errors import MigrationError
 from pcidev.host import Machine
 from pcidev.transport.serve import DeviceProcess
 from pcidev_nvme.driver import WRITE, NvmeDriver
@@ -132,6 +134,52 @@ def test_nvme_migrates_between_processes_during_verified_io(tmp_path):
                   f"downtime {report['downtime'] * 1e3:.2f} ms, host pause {report['host_pause'] * 1e3:.2f} ms")
         assert src.proc.wait(10) == 0 and src.wait_event("exit")["reason"] == "migrated"
         assert d1.proc.wait(10) == 0
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+def test_nvme_over_tcp_and_a_refusing_destination(tmp_path):
+    """File namespaces only: TCP works (no descriptors; the host re-attaches RAM and
+    eventfds). A destination configured with another namespace size refuses by
+    fingerprint; the source keeps running and the I/O stays verified."""
+    img = tmp_path / "t.img"
+    with open(img, "wb") as f:
+        f.truncate(2 << 20)
+    good = {"config": f"serial=XTCP,max_ioqpairs=2,msix_vectors=3,ns=file:path={img},size=2M"}
+    other = tmp_path / "o.img"
+    with open(other, "wb") as f:
+        f.truncate(4 << 20)
+    bad = {"config": f"serial=XTCP,max_ioqpairs=2,msix_vectors=3,ns=file:path={other},size=4M"}
+    src = DeviceProcess("nvme", f"unix:{tmp_path}/a.sock", options=good)
+    refuser = DeviceProcess("nvme", f"unix:{tmp_path}/r.sock", options=bad, incoming=f"unix:{tmp_path}/r-in.sock")
+    tcp = DeviceProcess("nvme", f"unix:{tmp_path}/t.sock", options=good, incoming="tcp:127.0.0.1:0")
+    procs = [src, refuser, tcp]
+    try:
+        with Machine(ram_size=32 << 20) as machine:
+            src.wait_event("ready")
+            p = machine.plug_remote(src.link, timeout=10)
+            drv = NvmeDriver(machine, p, io_queues=2, io_depth=64, aers=1)
+            drv.probe()
+            payload = {i: os.urandom(4096) for i in range(64)}
+            for i, data in payload.items():
+                drv.write(1, 8 * i, data, qid=1 + i % 2)
+            refuser.wait_event("listening")
+            with pytest.raises(MigrationError) as info:
+                p.device.migrate(refuser.incoming, timeout=10)
+            assert "ConfigMismatchError" in str(info.value) and "nvme.namespaces" in str(info.value)
+            assert p.device.info["pid"] == src.pid
+            for i in range(64, 96):
+                payload[i] = os.urandom(4096)
+                drv.write(1, 8 * i, payload[i], qid=1 + i % 2)
+            tcp.incoming = tcp.wait_event("listening")["incoming"]
+            report = p.device.migrate(tcp.incoming, timeout=10)
+            assert report["fds"] == 0 and report["deferred"]
+            assert p.device.info["pid"] == tcp.pid
+            for i, data in payload.items():
+                assert crc32c.crc32c(drv.read(1, 8 * i, 8, qid=2 - i % 2)) == crc32c.crc32c(data), i
+            drv.write(1, 0, payload[1])
+            assert drv.read(1, 0, 8) == payload[1]
     finally:
         for proc in procs:
             proc.stop()
