@@ -183,3 +183,17 @@ def test_nvme_over_tcp_and_a_refusing_destination(tmp_path):
     finally:
         for proc in procs:
             proc.stop()
+
+
+def test_migrate_nvme_example_runs(capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "examples"))
+    try:
+        import migrate_nvme
+    finally:
+        sys.path.pop(0)
+    assert migrate_nvme.main(["--migrations", "1", "--rounds", "4", "--qd", "8", "--ns-size", str(1 << 20)]) == 0
+    out = capsys.readouterr().out
+    assert "migration 1: to process" in out and "0 CRC-32C mismatches" in out
