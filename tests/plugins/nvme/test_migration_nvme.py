@@ -127,12 +127,29 @@ def _files(tmp_path) -> str:
 
 
 # ----------------------------------------------------------------------------- (1) mid-I/O at QD 32
+def _slow_files(ctrl, delay=0.002):
+    """File backends take ``delay`` per write, so commands are surely in flight at the stop."""
+    import time
+
+    for ns in ctrl.allocated.values():
+        b = ns.backend
+        if b.kind == "file":
+            real = type(b).writev
+
+            def slow(views, offset, *, fua=False, _b=b, _real=real):
+                time.sleep(delay)
+                return _real(_b, views, offset, fua=fua)
+
+            b.writev = slow
+
+
 def test_round_trip_mid_io_qd32_several_namespaces_and_queues(hosts, tmp_path):
     h = hosts(f"serial=MIG1,max_ioqpairs=4,msix_vectors=5,{_files(tmp_path)}", io_queues=4, io_depth=64)
     drv, m = h.drv, h.machine
     blocks = Blocks(drv)
     rnd = random.Random(7)
     total_in_flight = 0
+    _slow_files(h.ctrl)
     for rnd_no in range(4):
         # QD writes per queue, random namespaces and ranges, no two overlapping in a round
         free = {nsid: list(range(0, info.nsze - 8, 8)) for nsid, info in drv.namespaces.items()}
@@ -153,6 +170,7 @@ def test_round_trip_mid_io_qd32_several_namespaces_and_queues(hosts, tmp_path):
                 pending[(qid, cid)] = (nsid, slba, data, buf)
         total_in_flight += h.ctrl.io.inflight
         h.migrate()  # file writes in flight are drained, completions posted or parked
+        _slow_files(h.ctrl)
         for qid in range(1, 5):
             drv.ring(qid)
         got = []
@@ -166,6 +184,7 @@ def test_round_trip_mid_io_qd32_several_namespaces_and_queues(hosts, tmp_path):
             m.free(buf)
         assert blocks.verify_all(qid=1 + rnd_no % 4) == sum(i.nsze for i in drv.namespaces.values())
     assert len(h.old) == 4
+    assert total_in_flight > 0  # backend I/O was in flight when the quiesce began
     assert max(h.sizes) < 64 * 1024
 
 
