@@ -123,7 +123,7 @@ class Blocks:
 
 def _files(tmp_path) -> str:
     return (f"ns=file:path={tmp_path}/a.img,size=1M,ns=mem:size=1M,"
-            f"ns=file:path={tmp_path}/b.img,size=2M,lba_size=4096")
+            f"ns=file:path={tmp_path}/b.img,size=2M,lba_size=4096,ns=file:path={tmp_path}/c.img,size=1M,direct=on")
 
 
 # ----------------------------------------------------------------------------- (1) mid-I/O at QD 32
@@ -146,6 +146,8 @@ def _slow_files(ctrl, delay=0.002):
 def test_round_trip_mid_io_qd32_several_namespaces_and_queues(hosts, tmp_path):
     h = hosts(f"serial=MIG1,max_ioqpairs=4,msix_vectors=5,{_files(tmp_path)}", io_queues=4, io_depth=64)
     drv, m = h.drv, h.machine
+    assert h.ctrl.migration_blockers() == []  # file (O_DIRECT too), 4 KiB file, mem
+    assert len(drv.namespaces) == 4
     blocks = Blocks(drv)
     rnd = random.Random(7)
     total_in_flight = 0
