@@ -43,8 +43,8 @@ destination fetches them once.
 
 What blocks (allow-list, :data:`MIGRATABLE_FEATURES`): namespaces whose backend
 is not ``mem`` (memfd), ``file`` or ``null`` (plugin backends, anonymous
-memory), namespaces created by Namespace Management (their spec is not in the
-destination's configuration), and a controller reset still waiting for commands.
+memory), namespaces created or deleted by Namespace Management (the destination builds
+its namespaces from its configuration), and a controller reset still waiting for commands.
 """
 
 from __future__ import annotations
@@ -254,6 +254,14 @@ def _backend_feature(ns: Any) -> str:
     return f"nvme-backend:{kind}"
 
 
+def _runtime_namespace_changes(ctrl: NvmeController) -> tuple[list[int], list[int]]:
+    """(NSIDs created by Namespace Management, configured NSIDs it deleted)."""
+    configured = set(range(1, len(ctrl.cfg.namespaces) + 1))
+    created = sorted(set(ctrl.allocated) - configured)
+    deleted = sorted(configured - set(ctrl.allocated))
+    return created, deleted
+
+
 def features(ctrl: NvmeController) -> set[str]:
     """The controller's features for the allow-list (see :data:`MIGRATABLE_FEATURES`)."""
     out = {"nvme-queues", "nvme-aer", "nvme-smart", "nvme-error-log", "nvme-firmware"}
@@ -267,17 +275,21 @@ def features(ctrl: NvmeController) -> set[str]:
         out.add("nvme-multi-namespace")
     for ns in ctrl.allocated.values():
         out.add(_backend_feature(ns))
-    if ctrl.created:
-        out.add("nvme-namespace-management-created")
+    created, deleted = _runtime_namespace_changes(ctrl)
+    if created or deleted:
+        out.add("nvme-namespace-management-changes")
     return out
 
 
 def blockers(ctrl: NvmeController) -> list[str]:
     """Reasons of the moment (the allow-list covers the configuration)."""
     out = []
-    for nsid in sorted(ctrl.created):
+    created, deleted = _runtime_namespace_changes(ctrl)
+    for nsid in created:
         out.append(f"namespace {nsid} was created by Namespace Management; the destination's "
                    "configuration does not have it")
+    for nsid in deleted:
+        out.append(f"namespace {nsid} of the configuration was deleted by Namespace Management")
     for ns in sorted(ctrl.allocated.values(), key=lambda n: n.nsid):
         feat = _backend_feature(ns)
         if feat not in MIGRATABLE_FEATURES:
@@ -294,8 +306,11 @@ def fingerprint(ctrl: NvmeController) -> dict[str, Any]:
 
     cfg = ctrl.cfg
     namespaces = []
-    for nsid in sorted(ctrl.allocated):
-        ns = ctrl.allocated[nsid]
+    for nsid in range(1, len(cfg.namespaces) + 1):  # the configured ones (changes are blockers)
+        ns = ctrl.allocated.get(nsid)
+        if ns is None:
+            namespaces.append([nsid, "deleted"])
+            continue
         b = ns.backend
         namespaces.append([nsid, str(getattr(b, "kind", type(b).__name__)), int(ns.size),
                            str(getattr(b, "path", "") or ""), bool(getattr(b, "direct", False)),

@@ -477,14 +477,17 @@ def test_blockers_list_every_reason(tmp_path):
     try:
         ctrl.allocated[3] = ctrl.namespaces[3] = Namespace(3, Exotic(1 << 20))
         ctrl.allocated[4] = ctrl.make_namespace(4, "mem:size=1M")
-        ctrl.created[4] = "mem:size=1M"
+        ctrl.allocated.pop(2).close()  # configured, deleted by Namespace Management
+        ctrl.namespaces.pop(2)
         reasons = collect_blockers(ctrl, make_plugin_manager(load_entrypoints=False))
         text = "\n".join(reasons)
         for needle in ("'nvme-backend:mem-anonymous'", "'nvme-backend:exotic'",
-                       "'nvme-namespace-management-created'", "namespace 1: its backend (mem-anonymous)",
-                       "namespace 3: its backend (exotic)", "namespace 4 was created by Namespace Management"):
+                       "'nvme-namespace-management-changes'", "namespace 1: its backend (mem-anonymous)",
+                       "namespace 3: its backend (exotic)", "namespace 3 was created by Namespace Management",
+                       "namespace 4 was created by Namespace Management",
+                       "namespace 2 of the configuration was deleted"):
             assert needle in text, needle
-        assert len(reasons) == 6
+        assert len(reasons) == 8
     finally:
         ctrl.close()
     ok = NvmeController(f"serial=OK,ns=mem:size=1M,ns=null:size=1M,ns=file:path={tmp_path}/f.img,size=1M")
@@ -492,6 +495,22 @@ def test_blockers_list_every_reason(tmp_path):
         assert ok.migration_blockers() == []
     finally:
         ok.close()
+
+
+def test_namespace_management_blocks_until_undone(hosts):
+    """A namespace created through the admin command blocks migration (every reason
+    listed); deleting it again makes the controller migratable."""
+    h = hosts("serial=MIG13,ns=mem:size=1M", io_queues=1)
+    drv, ctrl = h.drv, h.ctrl
+    data = bytearray(4096)
+    struct.pack_into("<QQ", data, 0, 256, 256)  # 256 x 512 B
+    nsid = drv.admin(0x0D, cdw10=0, data=bytes(data)).dw0
+    assert nsid == 2
+    assert any("namespace 2 was created by Namespace Management" in r for r in ctrl.migration_blockers())
+    drv.admin(0x0D, cdw10=1, nsid=nsid)
+    assert ctrl.migration_blockers() == []
+    h.migrate()
+    assert drv.read(1, 0, 1) == bytes(512)
 
 
 def test_mem_backend_from_fd_keeps_holes():
