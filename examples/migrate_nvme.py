@@ -48,6 +48,9 @@ def run(args: argparse.Namespace) -> dict:
     config = (f"serial=MIGDEMO,max_ioqpairs={args.queues},msix_vectors={args.queues + 1}," + ",".join(nss))
     opts = {"config": config}
     procs = [DeviceProcess("nvme", f"unix:{tmp}/dev0.sock", options=opts)]
+    # destinations start once the source has written the image's identity file (NGUID, EUI-64,
+    # UUID are in the fingerprint: processes creating it at the same time would disagree)
+    procs[0].wait_event("ready")
     for i in range(1, args.migrations + 1):
         incoming = "tcp:127.0.0.1:0" if args.tcp else f"unix:{tmp}/in{i}.sock"
         procs.append(DeviceProcess("nvme", f"unix:{tmp}/dev{i}.sock", options=opts, incoming=incoming))

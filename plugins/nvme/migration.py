@@ -381,7 +381,9 @@ def resume(ctrl: NvmeController) -> None:
         ctrl._paused = False
         ctrl._update_running()
     if ctrl.__dict__.pop("_save_state_at_resume", False):
-        ctrl.run_async(ctrl.save_state)
+        # written by the next admin command (maybe_save_state): the JSON and fsync (~0.7 ms)
+        # stay out of the downtime
+        ctrl._last_save = float("-inf")
     if not was or not ctrl._running:
         return
     ctrl._ka_last = time.monotonic()
@@ -794,5 +796,5 @@ def apply(ctrl: NvmeController, st: NvmeState) -> None:
                 status |= 1 << (cq.vector & 31)
         ctrl._irq_status = status
         ctrl._update_running()
-    # the state file follows the controller (written at the resume, outside the downtime)
+    # the state file follows the controller (written after the resume, outside the downtime)
     ctrl._save_state_at_resume = True

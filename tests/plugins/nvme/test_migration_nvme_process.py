@@ -97,6 +97,9 @@ class Workload(threading.Thread):
 def test_nvme_migrates_between_processes_during_verified_io(tmp_path):
     opts = {"config": _config(tmp_path)}
     src = DeviceProcess("nvme", f"unix:{tmp_path}/a.sock", options=opts)
+    # destinations start after the source has created the image's identity file (NGUID,
+    # EUI-64, UUID: in the fingerprint); processes creating it at once would disagree
+    src.wait_event("ready")
     d1 = DeviceProcess("nvme", f"unix:{tmp_path}/b.sock", options=opts, incoming=f"unix:{tmp_path}/b-in.sock")
     d2 = DeviceProcess("nvme", f"unix:{tmp_path}/c.sock", options=opts, incoming=f"unix:{tmp_path}/c-in.sock")
     procs = [src, d1, d2]
@@ -152,6 +155,7 @@ def test_nvme_over_tcp_and_a_refusing_destination(tmp_path):
         f.truncate(4 << 20)
     bad = {"config": f"serial=XTCP,max_ioqpairs=2,msix_vectors=3,ns=file:path={other},size=4M"}
     src = DeviceProcess("nvme", f"unix:{tmp_path}/a.sock", options=good)
+    src.wait_event("ready")  # identity file first (see above)
     refuser = DeviceProcess("nvme", f"unix:{tmp_path}/r.sock", options=bad, incoming=f"unix:{tmp_path}/r-in.sock")
     tcp = DeviceProcess("nvme", f"unix:{tmp_path}/t.sock", options=good, incoming="tcp:127.0.0.1:0")
     procs = [src, refuser, tcp]
