@@ -1022,7 +1022,10 @@ class NvmeController(PciDevice):
         if value >= sq.size:
             self._doorbell_error(aer_mod.INFO_INVALID_DB_VALUE, qid, offset, value)
             return
-        if sq.db_addr is not None:
+        if sq.db_addr is not None and qid == 0:
+            # Only the admin queue (which Linux never shadows, as QEMU's nvme): for an I/O
+            # queue the shadow is the newer value, and an MMIO write can arrive late (a
+            # posted vfio-user write): copying it would rewind the tail and lose commands.
             try:
                 self.memory.store32(sq.db_addr, value)
             except DmaError:
@@ -1038,16 +1041,29 @@ class NvmeController(PciDevice):
         posted = 0
         try:
             with cq.lock:
+                mem = None
+                if cq.db_addr is not None and qid == 0:
+                    # the admin queue is not shadowed by Linux: the MMIO value is the truth
+                    mem = self.memory
+                    mem.store32(cq.db_addr, value)
+                    mem.store32(cq.ei_addr, value)
+                elif cq.db_addr is not None:
+                    # The shadow head is never older than an MMIO write that may arrive late
+                    # (posted): take it, publish it as EventIdx, and look again in case the
+                    # host moved on meanwhile (it then saw the old EventIdx and rang nothing).
+                    mem = self.memory
+                    value = mem.load32(cq.db_addr)
+                    while True:
+                        mem.store32(cq.ei_addr, value)
+                        again = mem.load32(cq.db_addr)
+                        if again == value:
+                            break
+                        value = again
                 if not cq.valid_head(value):
                     bad = True
                 else:
                     bad = False
                     cq.head = value
-                    mem = None
-                    if cq.db_addr is not None:
-                        mem = self.memory
-                        mem.store32(cq.db_addr, value)
-                        mem.store32(cq.ei_addr, value)
                     backlog = cq.backlog
                     if backlog:
                         mem = mem or self.memory

@@ -347,3 +347,58 @@ def test_error_entry_phase_of_a_backlogged_completion(nvme_env):
     assert [c.phase for c in failed] == [1, 0, 0]
     entries = {e["cid"]: e for e in ctrl.error_log.entries() if e["sqid"] == 1}
     assert [entries[c.cid]["phase"] for c in failed] == [c.phase for c in failed]
+
+
+def _post_flushes(env, q, n):
+    """Write ``n`` FLUSH SQEs on ``q`` without ringing; returns their cids."""
+    from pcidev_nvme.request import SQE
+
+    cids = []
+    for i in range(n):
+        tail = q.sq_tail
+        cid = q.free_cids.popleft()
+        env.machine.memory.write(q.sq_base + 64 * tail, SQE.pack(FLUSH, 0, cid, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0))
+        q.pending[cid] = (f"f{i}", FLUSH)
+        q.sq_tail = (tail + 1) % q.sq_size
+        cids.append(cid)
+    return cids
+
+
+def test_late_mmio_sq_doorbell_does_not_rewind_the_shadow_tail(nvme_env):
+    """nvme (found by real guest): with shadow doorbells, Linux rings the MMIO doorbell for
+    tail t1, then writes t2 to the shadow only. Over vfio-user the MMIO write is posted and
+    arrives after the shadow moved to t2; copying t1 into the shadow lost the commands
+    between t1 and t2 (fio timed out)."""
+    import struct
+
+    env = nvme_env("ns=mem:size=1M", io_queues=1)
+    drv = env.drv
+    dbs, _eis = drv.doorbell_buffer_config()
+    q = drv.queues[1]
+    cids = _post_flushes(env, q, 3)
+    stale = (q.sq_tail - 2) % q.sq_size
+    env.machine.memory.write(dbs + 8, struct.pack("<I", q.sq_tail))  # the host's newest tail
+    q.rung_tail = q.sq_tail
+    drv.write32(0x1000 + 8 * 1, stale)  # the MMIO write of an older tail, arriving late
+    got = drv.reap(1, min_completions=3, timeout=2.0)
+    assert sorted(c.cid for c in got) == sorted(cids) and all(c.ok for c in got)
+    assert env.machine.memory.read_u32(dbs + 8) == q.sq_tail  # the shadow was not rewound
+
+
+def test_late_mmio_cq_doorbell_takes_the_shadow_head(nvme_env):
+    """nvme (found by real guest): a late CQ head MMIO write must not rewind the head nor
+    EventIdx to an older value (the host, seeing an EventIdx behind its head, never rings
+    again and the CQ eventually looks full for good)."""
+    env = nvme_env("ns=mem:size=1M", io_queues=1)
+    drv, ctrl = env.drv, env.ctrl
+    dbs, eis = drv.doorbell_buffer_config()
+    q = drv.queues[1]
+    for _ in range(3):
+        drv.submit(1, FLUSH, nsid=1)
+    drv.reap(1, min_completions=3, timeout=2.0)
+    head = q.cq_head
+    assert env.machine.memory.read_u32(dbs + 12) == head
+    drv.write32(0x1000 + 8 * 1 + 4, (head - 2) % q.cq_size)  # late MMIO of an older head
+    assert ctrl._cqs[1].head == head
+    assert env.machine.memory.read_u32(eis + 12) == head
+    assert ctrl.error_log.entries() == []  # not an "invalid doorbell value"
