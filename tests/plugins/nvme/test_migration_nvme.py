@@ -5,7 +5,9 @@ resume, the host then drives the destination) mid-I/O at QD 32 over several
 namespaces and queues, with a full CQ, with outstanding AERs and a queued event,
 SMART/error log/features/firmware preserved; malformed states refused with typed
 errors leaving the destination untouched; blockers listing every reason. Every
-data-moving test checks each block by its crc32c after every migration. The
+migration compares the crc32c of every block of every namespace at the stop (source)
+and after the load (destination), and the data-moving tests check every block through
+the host after the migration too. The
 cross-process test is in test_migration_nvme_process.py.
 """
 
@@ -31,6 +33,19 @@ QD = 32
 
 
 # ----------------------------------------------------------------------------- helpers
+def namespace_crcs(ctrl: NvmeController) -> dict[int, list[int]]:
+    """crc32c of every logical block of every namespace, read from the backends."""
+    out = {}
+    for nsid, ns in sorted(ctrl.allocated.items()):
+        lbs, crcs = ns.lba_size, []
+        for off in range(0, ns.size, 1 << 16):
+            buf = bytearray(min(1 << 16, ns.size - off))
+            ns.backend.readv([memoryview(buf)], off)
+            crcs += [crc32c.crc32c(buf[i:i + lbs]) for i in range(0, len(buf), lbs)]
+        out[nsid] = crcs
+    return out
+
+
 class Host:
     """A machine, a controller and a probed driver; ``migrate()`` moves the controller
     to a fresh one (same configuration) in this process and re-points the host at it."""
@@ -48,9 +63,11 @@ class Host:
     def migrate(self) -> NvmeController:
         src = self.ctrl
         src.quiesce()
+        before = namespace_crcs(src)  # every block, at the consistent point
         data, fds = src.save_vmstate_stream()
         dst = NvmeController(src.cfg, name=f"dst{len(self.old)}")
         res = dst.load_vmstate_stream(data, fds)
+        assert namespace_crcs(dst) == before, "a block differs across the migration"
         self.resources.append(res)
         self.sizes.append(len(data))
         dst.irq.sink = self.pdev.recorder
