@@ -428,3 +428,48 @@ def test_make_device_props():
     assert len(dev.cfg.namespaces) == 2
     edu_dev = make_device("edu,engine=true", reg)
     assert edu_dev.engine is True
+
+
+def test_cli_serve_vfio_user_process(tmp_path):
+    """``pcidev serve --vfio-user SOCKET nvme,...``: a stale socket file is replaced, one
+    client is served, the process exits 0 when it leaves; SIGTERM ends a waiting server."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "nvme.sock"
+    path.write_text("stale")
+    proc = subprocess.Popen([sys.executable, "-m", "pcidev", "serve", "--vfio-user", str(path),
+                             "nvme,ns=mem:size=1M"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "listening on" in line, line + proc.stdout.read()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(str(path))
+        client = Client(sock)
+        assert P.VERSION_HDR.unpack_from(client.version()) == (0, 0)
+        body, _ = client.request(P.DEVICE_GET_INFO, P.DEVICE_INFO_S.pack(16, 0, 0, 0))
+        assert P.DEVICE_INFO_S.unpack(body)[1:] == (3, 9, 5)
+        assert int.from_bytes(client.read(P.CONFIG_REGION, 0, 2), "little") == 0x1B36
+        sock.close()
+        assert proc.wait(20) == 0
+        assert "client left (eof)" in proc.stdout.read()
+        assert not path.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    proc = subprocess.Popen([sys.executable, "-m", "pcidev", "serve", "--vfio-user", str(path), "edu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert "listening on" in proc.stdout.readline()
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(20) == 128 + signal.SIGTERM
+        assert not path.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    time.sleep(0)
