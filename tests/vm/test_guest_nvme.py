@@ -144,3 +144,18 @@ cmp /tmp/z /dev/zero 2>&1 | grep -q EOF && echo ERASED
     got = lines(r.output)
     assert {"RESET-OK", "FLR-OK", "DATA-OK", "FORMAT-OK", "ERASE-OK", "ERASED"} <= got, r.output[-4000:]
     assert not re.search(r"^\[.*nvme.*(timeout|failed|removing)", r.output, re.M | re.I)
+
+
+def test_intx_when_the_guest_disables_msi(boot):
+    """``pci=nomsi``: the nvme driver falls back to INTx; QEMU asserts the line from the
+    INTx eventfd, auto-masks it and unmasks with SET_IRQS on the next BAR access."""
+    r = boot("""
+fio --name=verify --filename=/dev/nvme0n1 --size=8M --rw=randwrite --bs=4k --iodepth=16 --direct=1 \
+    --ioengine=io_uring --verify=crc32c --verify_fatal=1 && echo FIO-OK
+grep nvme0q /proc/interrupts
+""", [NVME], kernel_args="pci=nomsi")
+    assert r.ok, r.console[-4000:]
+    assert "FIO-OK" in lines(r.output) and fio_result(r.output).get("err") == 0, r.output[-3000:]
+    m = re.search(r"^\s*\d+:\s+(\d+)\s+IO-APIC.*nvme0q0", r.output, re.M)
+    assert m and int(m.group(1)) > 100, r.output[-2000:]
+    assert "MSI" not in m.group(0)

@@ -85,11 +85,12 @@ class GuestRun:
 
 def run_guest(script: str, devices: Sequence[str] = (), *, builtin_nvme: str | None = None,
               timeout: float = 600.0, mem_mb: int = 1024, root: Path = ROOT, tag: str = "t",
-              msg_timeout_ms: int = 30000) -> GuestRun:
+              msg_timeout_ms: int = 30000, kernel_args: str = "") -> GuestRun:
     """Boot the guest, run ``script`` (busybox sh) in it, return the console and status.
 
     :param devices: pcidev device specs, each served by its own ``pcidev serve --vfio-user``.
     :param builtin_nvme: instead, QEMU's own nvme with a raw image of this size (e.g. "128M").
+    :param kernel_args: extra guest kernel arguments (e.g. ``pci=nomsi`` for INTx).
     """
     vm = root / "vm"
     cmd_b64 = base64.b64encode(script.encode()).decode()
@@ -102,7 +103,7 @@ def run_guest(script: str, devices: Sequence[str] = (), *, builtin_nvme: str | N
     qargs = ["chroot", str(root), "qemu-system-x86_64", "-accel", "tcg", "-smp", "1", "-m", f"{mem_mb}M",
              "-nographic", "-no-reboot", "-object", f"memory-backend-memfd,id=mem,size={mem_mb}M,share=on",
              "-machine", "q35,memory-backend=mem", "-kernel", "/vm/vmlinuz", "-initrd", "/vm/initrd.gz",
-             "-append", f"console=ttyS0 quiet loglevel=5 panic=-1 guest_cmd={cmd_b64}"]
+             "-append", f"console=ttyS0 quiet loglevel=5 panic=-1 {kernel_args} guest_cmd={cmd_b64}"]
     try:
         for i, spec in enumerate(devices):
             sock = vm / f"{tag}-dev{i}.sock"
@@ -160,12 +161,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("script")
     ap.add_argument("--device", action="append", default=[])
     ap.add_argument("--builtin-nvme")
+    ap.add_argument("--kernel-args", default="")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--setup", action="store_true")
     args = ap.parse_args(argv)
     if args.setup:
         print(f"setup: {setup():.1f} s", file=sys.stderr)
-    run = run_guest(args.script, args.device, builtin_nvme=args.builtin_nvme, timeout=args.timeout, tag="cli")
+    run = run_guest(args.script, args.device, builtin_nvme=args.builtin_nvme, timeout=args.timeout, tag="cli",
+                    kernel_args=args.kernel_args)
     print(run.console)
     for s in run.servers:
         print("--- server ---\n" + s[-4000:])
