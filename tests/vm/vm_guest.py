@@ -84,7 +84,7 @@ class GuestRun:
 
 
 def run_guest(script: str, devices: Sequence[str] = (), *, builtin_nvme: str | None = None,
-              timeout: float = 600.0, mem_mb: int = 1024, root: Path = ROOT, tag: str = "t",
+              timeout: float = 240.0, mem_mb: int = 1024, root: Path = ROOT, tag: str = "t",
               msg_timeout_ms: int = 30000, kernel_args: str = "") -> GuestRun:
     """Boot the guest, run ``script`` (busybox sh) in it, return the console and status.
 
