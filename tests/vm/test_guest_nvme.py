@@ -159,3 +159,20 @@ grep nvme0q /proc/interrupts
     m = re.search(r"^\s*\d+:\s+(\d+)\s+IO-APIC.*nvme0q0", r.output, re.M)
     assert m and int(m.group(1)) > 100, r.output[-2000:]
     assert "MSI" not in m.group(0)
+
+
+def test_fio_mixed_sizes_trim_and_libaio(boot):
+    """Block sizes 512 B..512 KiB (PRP lists, MDTS splits) with crc32c verify at iodepth 32,
+    random trims (Dataset Management), and libaio randrw with md5 verify."""
+    r = boot("""
+fio --name=mix --filename=/dev/nvme0n1 --size=48M --rw=randwrite --bsrange=512-512k --iodepth=32 --direct=1 \
+    --ioengine=io_uring --verify=crc32c --verify_fatal=1 && echo MIX-OK
+fio --name=trim --filename=/dev/nvme0n1 --size=16M --rw=randtrim --bs=64k --iodepth=8 --direct=1 \
+    --ioengine=io_uring --number_ios=200 && echo TRIM-OK
+fio --name=lib --filename=/dev/nvme0n1 --size=16M --rw=randrw --bs=4k --iodepth=8 --direct=1 \
+    --ioengine=libaio --verify=md5 --verify_fatal=1 && echo LIBAIO-OK
+""", [NVME])
+    assert r.ok, r.console[-4000:]
+    assert {"MIX-OK", "TRIM-OK", "LIBAIO-OK"} <= lines(r.output), r.output[-4000:]
+    assert re.findall(r"err=\s*(\d+)", r.output) == ["0", "0", "0"]
+    assert not re.search(r"^\[.*nvme.*timeout", r.output, re.M | re.I)
