@@ -241,9 +241,13 @@ class Namespace:
         """Format NVM on this namespace: switch LBA format, optionally erase.
 
         :param lbaf: the new LBA format index.
-        :param ses: Secure Erase Settings: 0 none, 1 user data erase (every block
-            is deallocated and reads zeros, on stable storage before this returns);
-            2 (cryptographic erase) is not supported.
+        :param ses: Secure Erase Settings: 0 none, 1 user data erase; 2
+            (cryptographic erase) is not supported. In both supported cases every
+            block is deallocated and reads zeros, on stable storage before this
+            returns: after a Format NVM the controller shall not return user data
+            the namespace held before (NVMe Base 2.0, Format NVM), and a change
+            of LBA size would make the old data meaningless anyway. SES 1 differs
+            only in name here, as the erase already reaches stable storage.
         :raises NvmeStatusError: Invalid Format for an unknown or unusable LBA
             format; Invalid Field for an unsupported ``ses``; Namespace is Write
             Protected for a read-only backend.
@@ -260,12 +264,11 @@ class Namespace:
         if self.read_only:
             raise NvmeStatusError(Status.NS_WRITE_PROTECTED, "the namespace is read-only")
         with self._lock:
-            if ses == 1:
-                try:
-                    self.backend.deallocate(0, self.size)
-                    self.backend.flush()  # the erase survives a crash right after it
-                except OSError as exc:
-                    raise NvmeStatusError(Status.INTERNAL, f"erase failed: {exc}") from exc
+            try:
+                self.backend.deallocate(0, self.size)
+                self.backend.flush()  # the erase survives a crash right after it
+            except OSError as exc:
+                raise NvmeStatusError(Status.INTERNAL, f"erase failed: {exc}") from exc
             self._set_format(lbaf)
             _save_identity(self)
 

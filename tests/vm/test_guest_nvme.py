@@ -124,8 +124,8 @@ fio --name=randread --filename=/dev/nvme0n1 --size=48M --rw=randread --bs=4k --i
 
 def test_controller_reset_function_reset_and_format(boot):
     """``nvme reset`` (CC.EN cycle), a PCI function reset through sysfs (FLR as a forwarded
-    config write), then data written and read back, and Format NVM (a user-data erase
-    reads zeros; SES=0 keeps the data, by this controller's design)."""
+    config write), then data written and read back, and Format NVM: no previous user data
+    reads back after a format, with or without a secure erase."""
     r = boot("""
 nvme reset /dev/nvme0 && echo RESET-OK
 sleep 1
@@ -136,13 +136,16 @@ dd if=/tmp/x of=/dev/nvme0n1 bs=4k oflag=direct 2>/dev/null
 dd if=/dev/nvme0n1 of=/tmp/y bs=4k count=16 iflag=direct 2>/dev/null
 cmp /tmp/x /tmp/y && echo DATA-OK
 nvme format /dev/nvme0n1 -f && echo FORMAT-OK
+dd if=/dev/nvme0n1 of=/tmp/w bs=4k count=16 iflag=direct 2>/dev/null
+cmp /tmp/w /dev/zero 2>&1 | grep -q EOF && echo FORMATTED-ZERO
+dd if=/tmp/x of=/dev/nvme0n1 bs=4k oflag=direct 2>/dev/null
 nvme format /dev/nvme0n1 -f --ses=1 && echo ERASE-OK
 dd if=/dev/nvme0n1 of=/tmp/z bs=4k count=16 iflag=direct 2>/dev/null
 cmp /tmp/z /dev/zero 2>&1 | grep -q EOF && echo ERASED
 """, [NVME])
     assert r.ok, r.console[-4000:]
     got = lines(r.output)
-    assert {"RESET-OK", "FLR-OK", "DATA-OK", "FORMAT-OK", "ERASE-OK", "ERASED"} <= got, r.output[-4000:]
+    assert {"RESET-OK", "FLR-OK", "DATA-OK", "FORMAT-OK", "FORMATTED-ZERO", "ERASE-OK", "ERASED"} <= got, r.output[-4000:]
     assert not re.search(r"^\[.*nvme.*(timeout|failed|removing)", r.output, re.M | re.I)
 
 

@@ -142,7 +142,8 @@ def test_format_switches_lba_size_and_erases(env):
     drv.admin(FORMAT, nsid=1, cdw10=1 | (0 << 9))  # LBAF 1 (4 KiB), no erase
     drv.scan_namespaces()
     assert drv.namespaces[1].lba_size == 4096 and drv.namespaces[1].nsze == 1024
-    assert drv.read(1, 0, 1) == b"d" * 4096
+    assert drv.read(1, 0, 1) == bytes(4096)  # no previous user data after a format
+    drv.write(1, 0, b"d" * 4096)
     drv.admin(FORMAT, nsid=1, cdw10=0 | (1 << 9))  # back to 512 B, user data erase
     drv.scan_namespaces()
     assert drv.namespaces[1].lba_size == 512

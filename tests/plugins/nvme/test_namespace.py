@@ -93,7 +93,8 @@ def test_format_switches_lba_size(ns):
     assert (f["npwg"], f["npdg"], f["nows"]) == (0, 0, 31)
     buf = bytearray(4096)
     ns.backend.readv([memoryview(buf)], 0)
-    assert buf == b"\xab" * 4096  # SES 0 keeps the data
+    assert buf == bytes(4096)  # no previous user data after a format, even with SES 0
+    ns.backend.writev([memoryview(b"\xab" * 4096)], 0)
     ns.format(0, 1)  # user data erase
     assert ns.lba_size == 512
     ns.backend.readv([memoryview(buf)], 0)
@@ -102,7 +103,7 @@ def test_format_switches_lba_size(ns):
 
 
 def test_format_user_data_erase_reaches_stable_storage(tmp_path, monkeypatch):
-    """Format NVM with SES 1 on a file: the punched holes are synced before it returns,
+    """Format NVM on a file (SES 0 or 1): the punched holes are synced before it returns,
     so a crash right after the format cannot bring the erased data back."""
     import os
 
@@ -112,10 +113,12 @@ def test_format_user_data_erase_reaches_stable_storage(tmp_path, monkeypatch):
         synced = []
         real = os.fdatasync
         monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
-        n.format(0, 0)
-        assert synced == []  # no erase, nothing to sync
-        n.format(0, 1)
+        n.format(0, 0)  # no secure erase requested: the old data still goes, durably
         assert synced == [n.backend.fd]
+        assert os.fstat(n.backend.fd).st_blocks == 0
+        n.backend.writev([memoryview(b"\xcd" * 65536)], 0)
+        n.format(0, 1)
+        assert synced == [n.backend.fd] * 2
         assert os.fstat(n.backend.fd).st_blocks == 0
     finally:
         n.close()
