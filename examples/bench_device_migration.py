@@ -21,8 +21,9 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
-from typing import Optional
+from pathlib import Path
 
 import attrs
 
@@ -31,60 +32,16 @@ from pcidev.device import PciDevice
 from pcidev.dma import GuestMemory, alloc_memfd
 from pcidev.irq import EventfdSink
 from pcidev.pci import ids
-from pcidev.vmstate import U8, U16, U32, U64, Array, Bytes, VarArray, vmstate
 
-QUEUES = 64
-REQUESTS = 1000
+if str(Path(__file__).resolve().parent) not in sys.path:  # also when loaded by runpy or importlib
+    sys.path.append(str(Path(__file__).resolve().parent))
+from bench_state import QUEUES, REQUESTS, make_state  # noqa: E402
+from bench_state import CompletionQueue as CqState  # noqa: E402
+from bench_state import Controller as ControllerState  # noqa: E402
+from bench_state import Request as RequestState  # noqa: E402
+from bench_state import SubmissionQueue as SqState  # noqa: E402
+
 VECTORS = QUEUES + 1
-
-
-@vmstate("bench/sq")
-@attrs.frozen
-class SqState:
-    sqid: U16
-    cqid: U16
-    size: U16
-    head: U16 = 0
-    tail: U16 = 0
-    prio: U8 = 0
-    base: U64 = 0
-
-
-@vmstate("bench/cq")
-@attrs.frozen
-class CqState:
-    cqid: U16
-    size: U16
-    vector: U16 = 0
-    head: U16 = 0
-    tail: U16 = 0
-    phase: bool = True
-    irq_enabled: bool = True
-    base: U64 = 0
-
-
-@vmstate("bench/req")
-@attrs.frozen
-class RequestState:
-    cid: U16
-    sqid: U16
-    status: U16 = 0
-    nlb: U32 = 0
-    slba: U64 = 0
-    cmd: Bytes[64] = bytes(64)
-
-
-@vmstate("bench/ctrl")
-@attrs.frozen
-class ControllerState:
-    cc: U32 = 0
-    csts: U32 = 0
-    aqa: U32 = 0
-    asq: U64 = 0
-    acq: U64 = 0
-    sq: Array[Optional[SqState], QUEUES + 1] = (None,) * (QUEUES + 1)
-    cq: Array[Optional[CqState], QUEUES + 1] = (None,) * (QUEUES + 1)
-    inflight: VarArray[RequestState, 65536] = ()
 
 
 @attrs.define
@@ -139,14 +96,8 @@ class BenchController(PciDevice):
         self.requests: list[_Request] = []
 
     def populate(self) -> None:
-        """Create 64 I/O queue pairs and 1,000 requests in flight."""
-        for i in range(1, QUEUES + 1):
-            self.sqs[i] = _Sq(i, i, 1024, head=i, tail=i + 7, base=0x1_0000_0000 + i * 0x10000)
-            self.cqs[i] = _Cq(i, 1024, vector=i, head=i, base=0x2_0000_0000 + i * 0x10000)
-        self.requests = [_Request(i, 1 + i % QUEUES, nlb=7, slba=i * 8, cmd=bytes((i + j) & 0xFF for j in range(64)))
-                         for i in range(REQUESTS)]
-        for name, value in (("CC", 0x460001), ("CSTS", 1), ("AQA", 0x1F001F), ("ASQ", 0x1000), ("ACQ", 0x2000)):
-            self.regs[name].value = value
+        """Create 64 I/O queue pairs and 1,000 requests in flight (examples/bench_state.py)."""
+        self.set_device_state(make_state())
 
     def device_fingerprint(self) -> dict:
         return {"queues": QUEUES}
