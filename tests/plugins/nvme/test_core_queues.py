@@ -20,6 +20,16 @@ from pcidev_nvme.driver import FLUSH, READ, WRITE
 from pcidev_nvme.status import Status
 
 
+def _env_with_gated_ns2(nvme_env, io_queues: int):
+    """A controller with a 1 MiB memory namespace 1 and a GatedBackend as namespace 2,
+    scanned by the driver; returns ``(env, gated)``."""
+    env = nvme_env("ns=mem:size=1M", io_queues=io_queues)
+    gated = GatedBackend()
+    attach_namespace(env.ctrl, 2, gated)
+    env.drv.scan_namespaces()
+    return env, gated
+
+
 def test_phase_tags_wrap_and_sq_head(nvme_env):
     env = nvme_env(io_queues=0)
     drv = env.drv
@@ -62,11 +72,8 @@ def test_full_cq_loses_nothing(nvme_env):
 
 
 def test_full_cq_with_out_of_order_worker_completions(nvme_env):
-    env = nvme_env("ns=mem:size=1M", io_queues=0)
-    drv, ctrl = env.drv, env.ctrl
-    gated = GatedBackend()
-    attach_namespace(ctrl, 2, gated)
-    drv.scan_namespaces()
+    env, gated = _env_with_gated_ns2(nvme_env, io_queues=0)
+    drv = env.drv
     drv.create_io_queue_pair(1, 64, cq_size=8)
     buf = env.machine.alloc(64 * 512)
     gated.hold()
@@ -197,11 +204,8 @@ def test_cid_conflict_with_command_in_flight(nvme_env):
 
 
 def test_delete_sq_waits_for_commands_in_flight(nvme_env):
-    env = nvme_env("ns=mem:size=1M", io_queues=1)
-    drv, ctrl = env.drv, env.ctrl
-    gated = GatedBackend()
-    attach_namespace(ctrl, 2, gated)
-    drv.scan_namespaces()
+    env, gated = _env_with_gated_ns2(nvme_env, io_queues=1)
+    drv = env.drv
     buf = env.machine.alloc(4096)
     gated.hold()
     drv.submit(1, READ, nsid=2, buf=buf, length=512, tag="io")
@@ -221,11 +225,8 @@ def test_delete_sq_waits_for_commands_in_flight(nvme_env):
 
 
 def test_reset_with_commands_in_flight_finishes_when_they_do(nvme_env):
-    env = nvme_env("ns=mem:size=1M", io_queues=1)
-    drv, ctrl = env.drv, env.ctrl
-    gated = GatedBackend()
-    attach_namespace(ctrl, 2, gated)
-    drv.scan_namespaces()
+    env, gated = _env_with_gated_ns2(nvme_env, io_queues=1)
+    drv = env.drv
     buf = env.machine.alloc(4096)
     gated.hold()
     drv.submit(1, WRITE, nsid=2, buf=buf, length=512)
@@ -242,11 +243,8 @@ def test_reset_with_commands_in_flight_finishes_when_they_do(nvme_env):
 
 
 def test_registers_respond_while_backend_is_slow(nvme_env):
-    env = nvme_env("ns=mem:size=1M", io_queues=1)
+    env, gated = _env_with_gated_ns2(nvme_env, io_queues=1)
     drv, ctrl = env.drv, env.ctrl
-    gated = GatedBackend()
-    attach_namespace(ctrl, 2, gated)
-    drv.scan_namespaces()
     buf = env.machine.alloc(16 * 4096)
     gated.hold()
     for i in range(16):
