@@ -42,8 +42,11 @@ def put_list(mem: GuestMemory, addr: int, entries: list[int]) -> None:
     mem.write(addr, struct.pack(f"<{len(entries)}Q", *entries))
 
 
-def status_of(excinfo: pytest.ExceptionInfo[NvmeStatusError]) -> int:
-    return excinfo.value.status
+def refused(fn, *args, **kwargs) -> NvmeStatusError:
+    """Call ``fn(*args, **kwargs)``, which must raise NvmeStatusError; return the error."""
+    with pytest.raises(NvmeStatusError) as ei:
+        fn(*args, **kwargs)
+    return ei.value
 
 
 # ------------------------------------------------------------------------------ PRP
@@ -67,17 +70,15 @@ def test_prp2_second_page(mem):
 
 
 def test_prp1_must_be_dword_aligned(mem):
-    with pytest.raises(NvmeStatusError) as ei:
-        prp_segments(mem, 0x10002, 0, 512, PAGE)
-    assert status_of(ei) == Status.PRP_OFFSET_INVALID
-    assert ei.value.param_offset == 24
+    err = refused(prp_segments, mem, 0x10002, 0, 512, PAGE)
+    assert err.status == Status.PRP_OFFSET_INVALID
+    assert err.param_offset == 24
 
 
 def test_prp2_data_pointer_must_have_no_offset(mem):
-    with pytest.raises(NvmeStatusError) as ei:
-        prp_segments(mem, 0x10000, 0x30008, 8192, PAGE)
-    assert status_of(ei) == Status.PRP_OFFSET_INVALID
-    assert ei.value.param_offset == 32
+    err = refused(prp_segments, mem, 0x10000, 0x30008, 8192, PAGE)
+    assert err.status == Status.PRP_OFFSET_INVALID
+    assert err.param_offset == 32
 
 
 def test_prp_list(mem):
@@ -109,9 +110,7 @@ def test_prp_list_pointer_with_offset(mem):
 
 
 def test_prp_list_pointer_must_be_qword_aligned(mem):
-    with pytest.raises(NvmeStatusError) as ei:
-        prp_segments(mem, 0x10000, 0x20004, 3 * PAGE, PAGE)
-    assert status_of(ei) == Status.PRP_OFFSET_INVALID
+    assert refused(prp_segments, mem, 0x10000, 0x20004, 3 * PAGE, PAGE).status == Status.PRP_OFFSET_INVALID
 
 
 def test_prp_list_chaining(mem):
@@ -133,33 +132,23 @@ def test_prp_list_chain_only_slot(mem):
 
 def test_prp_list_entry_with_offset(mem):
     put_list(mem, 0x20000, [0x40000, 0x50200])
-    with pytest.raises(NvmeStatusError) as ei:
-        prp_segments(mem, 0x10000, 0x20000, 3 * PAGE, PAGE)
-    assert status_of(ei) == Status.PRP_OFFSET_INVALID
+    assert refused(prp_segments, mem, 0x10000, 0x20000, 3 * PAGE, PAGE).status == Status.PRP_OFFSET_INVALID
 
 
 def test_prp_chain_pointer_with_offset(mem):
     put_list(mem, 0x20FF0, [0x40000, 0x21008])
-    with pytest.raises(NvmeStatusError) as ei:
-        prp_segments(mem, 0x10000, 0x20FF0, 4 * PAGE, PAGE)
-    assert status_of(ei) == Status.PRP_OFFSET_INVALID
+    assert refused(prp_segments, mem, 0x10000, 0x20FF0, 4 * PAGE, PAGE).status == Status.PRP_OFFSET_INVALID
 
 
 def test_prp_list_outside_memory(mem):
-    with pytest.raises(NvmeStatusError) as ei:
-        prp_segments(mem, 0x10000, RAM + 0x1000, 3 * PAGE, PAGE)
-    assert status_of(ei) == Status.DATA_TRANSFER_ERROR
-    with pytest.raises(NvmeStatusError) as ei:
-        prp_segments(mem, 0x10000, 1 << 63, 3 * PAGE, PAGE)
-    assert status_of(ei) == Status.DATA_TRANSFER_ERROR
+    assert refused(prp_segments, mem, 0x10000, RAM + 0x1000, 3 * PAGE, PAGE).status == Status.DATA_TRANSFER_ERROR
+    assert refused(prp_segments, mem, 0x10000, 1 << 63, 3 * PAGE, PAGE).status == Status.DATA_TRANSFER_ERROR
 
 
 def test_prp_data_outside_memory_fails_when_mapped(mem):
     segs = prp_segments(mem, RAM - PAGE, RAM, 2 * PAGE, PAGE)
     assert segs == [(RAM - PAGE, 2 * PAGE)]
-    with pytest.raises(NvmeStatusError) as ei:
-        map_views(mem, segs, write=True)
-    assert status_of(ei) == Status.DATA_TRANSFER_ERROR
+    assert refused(map_views, mem, segs, write=True).status == Status.DATA_TRANSFER_ERROR
 
 
 def test_prp_self_loop_terminates(mem):
@@ -173,9 +162,7 @@ def test_prp_self_loop_terminates(mem):
 
 
 def test_prp_huge_length_refused(mem):
-    with pytest.raises(NvmeStatusError) as ei:
-        prp_segments(mem, 0x10000, 0x20000, MAX_TRANSFER + 1, PAGE)
-    assert status_of(ei) == Status.INVALID_FIELD
+    assert refused(prp_segments, mem, 0x10000, 0x20000, MAX_TRANSFER + 1, PAGE).status == Status.INVALID_FIELD
 
 
 def test_prp_bigger_page_size(mem):
@@ -329,9 +316,7 @@ def test_sgl_single_data_block(mem):
 
 def test_sgl_length_must_match(mem):
     for n in (4095, 4097):
-        with pytest.raises(NvmeStatusError) as ei:
-            sgl_segments(mem, D(0x10000, n), 4096)
-        assert status_of(ei) == Status.DATA_SGL_LEN_INVALID
+        assert refused(sgl_segments, mem, D(0x10000, n), 4096).status == Status.DATA_SGL_LEN_INVALID
 
 
 def test_sgl_segments_and_last_segment(mem):
@@ -348,78 +333,60 @@ def test_sgl_last_segment_in_command(mem):
 
 def test_sgl_bit_bucket_only_for_reads(mem):
     assert sgl_segments(mem, B(4096), 4096) == [(None, 4096)]
-    with pytest.raises(NvmeStatusError) as ei:
-        sgl_segments(mem, B(4096), 4096, allow_bit_bucket=False)
-    assert status_of(ei) == Status.SGL_DESCR_TYPE_INVALID
+    assert refused(sgl_segments, mem, B(4096), 4096, allow_bit_bucket=False).status == Status.SGL_DESCR_TYPE_INVALID
 
 
 @pytest.mark.parametrize("dtype", [0x4, 0x5, 0x6, 0xE, 0xF])
 def test_sgl_unsupported_types(mem, dtype):
-    with pytest.raises(NvmeStatusError) as ei:
-        sgl_segments(mem, sgl_descriptor(0x10000, 4096, dtype), 4096)
-    assert status_of(ei) == Status.SGL_DESCR_TYPE_INVALID
-    assert ei.value.param_offset == 24
+    err = refused(sgl_segments, mem, sgl_descriptor(0x10000, 4096, dtype), 4096)
+    assert err.status == Status.SGL_DESCR_TYPE_INVALID
+    assert err.param_offset == 24
 
 
 def test_sgl_offset_subtype_refused(mem):
-    with pytest.raises(NvmeStatusError) as ei:
-        sgl_segments(mem, sgl_descriptor(0x10000, 4096, SGL_DATA_BLOCK, 1), 4096)
-    assert status_of(ei) == Status.SGL_DESCR_TYPE_INVALID
+    err = refused(sgl_segments, mem, sgl_descriptor(0x10000, 4096, SGL_DATA_BLOCK, 1), 4096)
+    assert err.status == Status.SGL_DESCR_TYPE_INVALID
 
 
 def test_sgl_last_segment_may_not_hold_segment_descriptors(mem):
     put_segment(mem, 0x30000, D(0x40000, 512), SEG(0x31000, 1))
-    with pytest.raises(NvmeStatusError) as ei:
-        sgl_segments(mem, LAST(0x30000, 2), 1024)
-    assert status_of(ei) == Status.INVALID_SGL_SEG_DESCR
+    assert refused(sgl_segments, mem, LAST(0x30000, 2), 1024).status == Status.INVALID_SGL_SEG_DESCR
 
 
 def test_sgl_segment_descriptor_must_be_last_in_segment(mem):
     put_segment(mem, 0x30000, LAST(0x31000, 1), D(0x40000, 512))
-    with pytest.raises(NvmeStatusError) as ei:
-        sgl_segments(mem, SEG(0x30000, 2), 1024)
-    assert status_of(ei) == Status.INVALID_NUM_SGL_DESCRS
+    assert refused(sgl_segments, mem, SEG(0x30000, 2), 1024).status == Status.INVALID_NUM_SGL_DESCRS
 
 
 def test_sgl_segment_must_end_with_segment_descriptor(mem):
     put_segment(mem, 0x30000, D(0x40000, 512), D(0x50000, 512))
-    with pytest.raises(NvmeStatusError) as ei:
-        sgl_segments(mem, SEG(0x30000, 2), 1024)
-    assert status_of(ei) == Status.INVALID_SGL_SEG_DESCR
+    assert refused(sgl_segments, mem, SEG(0x30000, 2), 1024).status == Status.INVALID_SGL_SEG_DESCR
 
 
 @pytest.mark.parametrize("length", [0, 8, 17, 33])
 def test_sgl_segment_length_must_be_multiple_of_16(mem, length):
-    with pytest.raises(NvmeStatusError) as ei:
-        sgl_segments(mem, sgl_descriptor(0x30000, length, SGL_LAST_SEGMENT), 512)
-    assert status_of(ei) == Status.INVALID_SGL_SEG_DESCR
+    err = refused(sgl_segments, mem, sgl_descriptor(0x30000, length, SGL_LAST_SEGMENT), 512)
+    assert err.status == Status.INVALID_SGL_SEG_DESCR
 
 
 def test_sgl_segment_self_loop_is_bounded(mem):
     put_segment(mem, 0x32000, SEG(0x32000, 1))
-    with pytest.raises(NvmeStatusError) as ei:
-        sgl_segments(mem, SEG(0x32000, 1), 4096)
-    assert status_of(ei) == Status.INVALID_NUM_SGL_DESCRS
+    assert refused(sgl_segments, mem, SEG(0x32000, 1), 4096).status == Status.INVALID_NUM_SGL_DESCRS
 
 
 def test_sgl_loop_with_data_stops_at_length(mem):
     put_segment(mem, 0x33000, D(0x40000, 512), SEG(0x33000, 2))
-    with pytest.raises(NvmeStatusError) as ei:
-        sgl_segments(mem, SEG(0x33000, 2), 4096)
-    assert status_of(ei) == Status.DATA_SGL_LEN_INVALID
+    assert refused(sgl_segments, mem, SEG(0x33000, 2), 4096).status == Status.DATA_SGL_LEN_INVALID
 
 
 def test_sgl_huge_segment_refused_without_reading(mem):
-    with pytest.raises(NvmeStatusError) as ei:
-        sgl_segments(mem, sgl_descriptor(0x30000, 0xFFFFFFF0, SGL_SEGMENT), 4096)
-    assert status_of(ei) == Status.INVALID_NUM_SGL_DESCRS
+    err = refused(sgl_segments, mem, sgl_descriptor(0x30000, 0xFFFFFFF0, SGL_SEGMENT), 4096)
+    assert err.status == Status.INVALID_NUM_SGL_DESCRS
     assert MAX_SGL_DESCRIPTORS < 0xFFFFFFF0 // 16
 
 
 def test_sgl_segment_outside_memory(mem):
-    with pytest.raises(NvmeStatusError) as ei:
-        sgl_segments(mem, LAST(RAM - 16, 2), 1024)
-    assert status_of(ei) == Status.DATA_TRANSFER_ERROR
+    assert refused(sgl_segments, mem, LAST(RAM - 16, 2), 1024).status == Status.DATA_TRANSFER_ERROR
 
 
 def test_sgl_zero_length_data_blocks_are_skipped(mem):
@@ -429,9 +396,7 @@ def test_sgl_zero_length_data_blocks_are_skipped(mem):
 
 def test_sgl_data_block_outside_memory_fails_at_mapping(mem):
     segs = sgl_segments(mem, D(RAM - 256, 512), 512)
-    with pytest.raises(NvmeStatusError) as ei:
-        map_views(mem, segs, write=True)
-    assert status_of(ei) == Status.DATA_TRANSFER_ERROR
+    assert refused(map_views, mem, segs, write=True).status == Status.DATA_TRANSFER_ERROR
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -478,10 +443,6 @@ def test_data_segments_by_psdt(mem):
         sgl = decode_sqe(1, sqe(psdt << 6, D(0x10000, 8192)))
         assert data_segments(mem, sgl, 8192, PAGE) == [(0x10000, 8192)]
     bad = decode_sqe(1, sqe(3 << 6, bytes(16)))
-    with pytest.raises(NvmeStatusError) as ei:
-        data_segments(mem, bad, 512, PAGE)
-    assert status_of(ei) == Status.INVALID_FIELD
+    assert refused(data_segments, mem, bad, 512, PAGE).status == Status.INVALID_FIELD
     bucket = decode_sqe(1, sqe(1 << 6, B(512)))
-    with pytest.raises(NvmeStatusError) as ei:
-        data_segments(mem, bucket, 512, PAGE, to_host=False)
-    assert status_of(ei) == Status.SGL_DESCR_TYPE_INVALID
+    assert refused(data_segments, mem, bucket, 512, PAGE, to_host=False).status == Status.SGL_DESCR_TYPE_INVALID
