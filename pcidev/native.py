@@ -112,6 +112,14 @@ _MAX64 = 0xFFFF_FFFF_FFFF_FFFF
 _LITTLE_ENDIAN_HOST = sys.byteorder == "little"
 
 
+def _check_store_value(value: Any, hi: int, bits: int) -> None:
+    """Refuse a store value that is not an ``int`` in ``0 .. hi`` (``hi`` = 2**bits - 1)."""
+    if type(value) is not int:
+        raise TypeError(f"value must be int, not {type(value).__name__}")
+    if not 0 <= value <= hi:
+        raise OverflowError(f"{value!r} does not fit in {bits} bits")
+
+
 class Pinned:
     """A buffer held for native access by offset (base class; use :func:`pin`).
 
@@ -311,10 +319,7 @@ class PythonPinned(Pinned):
         def store32(self, offset: int, value: int) -> None:
             """Store ``value`` little-endian as 32 bits at ``offset`` (must be 4-aligned)."""
             if 0 <= offset <= self._wlim4 and not offset & 3:
-                if type(value) is not int:
-                    raise TypeError(f"value must be int, not {type(value).__name__}")
-                if not 0 <= value <= _MAX32:
-                    raise OverflowError(f"{value!r} does not fit in 32 bits")
+                _check_store_value(value, _MAX32, 32)
                 self._m32[offset >> 2] = value
                 return
             raise self._bad(offset, 4, write=True)
@@ -322,10 +327,7 @@ class PythonPinned(Pinned):
         def store64(self, offset: int, value: int) -> None:
             """Store ``value`` little-endian as 64 bits at ``offset`` (must be 8-aligned)."""
             if 0 <= offset <= self._wlim8 and not offset & 7:
-                if type(value) is not int:
-                    raise TypeError(f"value must be int, not {type(value).__name__}")
-                if not 0 <= value <= _MAX64:
-                    raise OverflowError(f"{value!r} does not fit in 64 bits")
+                _check_store_value(value, _MAX64, 64)
                 self._m64[offset >> 3] = value
                 return
             raise self._bad(offset, 8, write=True)
@@ -347,10 +349,7 @@ class PythonPinned(Pinned):
         def store32(self, offset: int, value: int) -> None:
             """Store ``value`` little-endian as 32 bits at ``offset`` (must be 4-aligned)."""
             if 0 <= offset <= self._wlim4 and not offset & 3:
-                if type(value) is not int:
-                    raise TypeError(f"value must be int, not {type(value).__name__}")
-                if not 0 <= value <= _MAX32:
-                    raise OverflowError(f"{value!r} does not fit in 32 bits")
+                _check_store_value(value, _MAX32, 32)
                 _U32.pack_into(self._mv, offset, value)  # type: ignore[arg-type]
                 return
             raise self._bad(offset, 4, write=True)
@@ -358,10 +357,7 @@ class PythonPinned(Pinned):
         def store64(self, offset: int, value: int) -> None:
             """Store ``value`` little-endian as 64 bits at ``offset`` (must be 8-aligned)."""
             if 0 <= offset <= self._wlim8 and not offset & 7:
-                if type(value) is not int:
-                    raise TypeError(f"value must be int, not {type(value).__name__}")
-                if not 0 <= value <= _MAX64:
-                    raise OverflowError(f"{value!r} does not fit in 64 bits")
+                _check_store_value(value, _MAX64, 64)
                 _U64.pack_into(self._mv, offset, value)  # type: ignore[arg-type]
                 return
             raise self._bad(offset, 8, write=True)
