@@ -280,6 +280,16 @@ def _zero_views(views: Iterable[memoryview]) -> None:
             pos += k
 
 
+def _views_after(views: list[memoryview], n: int) -> list[memoryview]:
+    """What is left of ``views`` once their first ``n`` bytes (fewer than they hold)
+    are transferred: a short ``preadv``/``pwritev``."""
+    i = 0
+    while n >= len(views[i]):
+        n -= len(views[i])
+        i += 1
+    return [views[i][n:], *views[i + 1 :]]
+
+
 def _full_preadv(fd: int, views: list[memoryview], offset: int) -> None:
     """``preadv`` until every view is full; bytes past end of file read as zeros."""
     if len(views) == 1:
@@ -300,14 +310,7 @@ def _full_preadv(fd: int, views: list[memoryview], offset: int) -> None:
             _zero_views(views)  # past the end of the file
             return
         offset += n
-        if n == want:
-            views = views[len(batch) :]
-            continue
-        i = 0
-        while n >= len(views[i]):
-            n -= len(views[i])
-            i += 1
-        views = [views[i][n:], *views[i + 1 :]]
+        views = views[len(batch) :] if n == want else _views_after(views, n)
 
 
 def _full_pwritev(fd: int, views: list[memoryview], offset: int, flags: int = 0) -> None:
@@ -319,14 +322,7 @@ def _full_pwritev(fd: int, views: list[memoryview], offset: int, flags: int = 0)
         if n <= 0:
             raise OSError(errno.EIO, "pwritev wrote nothing")
         offset += n
-        if n == want:
-            views = views[len(batch) :]
-            continue
-        i = 0
-        while n >= len(views[i]):
-            n -= len(views[i])
-            i += 1
-        views = [views[i][n:], *views[i + 1 :]]
+        views = views[len(batch) :] if n == want else _views_after(views, n)
 
 
 # ----------------------------------------------------------------------------- null
