@@ -574,30 +574,23 @@ class NvmeDriver:
         deadline = time.monotonic() + timeout
         rec = self._recorder
         while True:
-            if self.irq_mode == "msix":
-                seen = rec.count(q.vector)
-                more = self.poll(qid, None if max_completions is None else max_completions - len(out))
-                out += more
-                if len(out) >= min_completions:
-                    return out
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
+            msix = self.irq_mode == "msix"
+            seen = rec.count(q.vector) if msix else 0  # counted before the poll: no lost wake-up
+            more = self.poll(qid, None if max_completions is None else max_completions - len(out))
+            out += more
+            if len(out) >= min_completions:
+                return out
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if msix:
                 rec.wait(q.vector, above=seen, timeout=min(left, 0.05))
-            else:
-                more = self.poll(qid, None if max_completions is None else max_completions - len(out))
-                out += more
-                if len(out) >= min_completions:
-                    return out
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                if self.irq_mode == "intx":
-                    rec.wait_intx(True, min(left, 0.01))
-                    if rec.intx_level:
-                        time.sleep(0.0001)
-                else:
+            elif self.irq_mode == "intx":
+                rec.wait_intx(True, min(left, 0.01))
+                if rec.intx_level:
                     time.sleep(0.0001)
+            else:
+                time.sleep(0.0001)
             if self.read32(CSTS) & 0x2:
                 err = NvmeDriverError(f"controller fatal status while waiting on queue {qid}")
                 err.partial = out  # type: ignore[attr-defined]
