@@ -52,6 +52,12 @@ def _sanitize(fields, admin: bool):
         c10 &= ~0xFF  # a keep-alive timeout would (rightly) fail the controller
     if admin and opc in (0x00, 0x04) and c10 & 0xFFFF == 1:
         c10 |= 2  # keep the test's own I/O queue
+    if admin and opc == 0x7C:
+        # A Doorbell Buffer Config that succeeded would move the I/O queues to shadow
+        # doorbells in scratch memory the driver never updates (the controller then rightly
+        # takes the shadow tail as the truth, as Linux and QEMU expect): keep it failing
+        # (PRP1 not page aligned) so the driver's MMIO doorbells stay authoritative.
+        p1 |= 1
     return opc, flags, nsid, c2, c3, mptr, p1, p2, c10, c11, c12, c13, c14, c15
 
 
