@@ -1,5 +1,5 @@
-"""Benchmark: save + load of a whole device through PciDevice.save_vmstate_stream /
-load_vmstate_stream, for an NVMe-like device with 64 queue pairs and 1,000 in-flight
+"""Benchmark: save + load of a whole device through pcidev.migration.save_device_stream /
+load_device_stream, for an NVMe-like device with 64 queue pairs and 1,000 in-flight
 requests.
 
 Unlike examples/bench_vmstate.py (the vmstate library alone), this goes through a real
@@ -31,6 +31,7 @@ from pcidev.bar import Register, RegisterMap
 from pcidev.device import PciDevice
 from pcidev.dma import GuestMemory, alloc_memfd
 from pcidev.irq import EventfdSink
+from pcidev.migration import load_device_stream, prepare_vmstate, save_device_stream
 from pcidev.pci import ids
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # also when loaded by runpy or importlib
@@ -139,17 +140,17 @@ def run(runs: int) -> dict:
     src.config_write(ids.COMMAND, 2, ids.Command.MEMORY | ids.Command.MASTER)
     src.config_write(src.irq.msix.offset + 2, 2, 0x8000)
     src.populate()
-    src.prepare_vmstate()
+    prepare_vmstate(src)
     saves, loads, both = [], [], []
     stream, fds = b"", []
     for i in range(runs + 5):
         src.quiesce()
         t0 = time.perf_counter()
-        stream, fds = src.save_vmstate_stream()
+        stream, fds = save_device_stream(src)
         t1 = time.perf_counter()
         dest = BenchController()
         t2 = time.perf_counter()
-        res = dest.load_vmstate_stream(stream, fds)
+        res = load_device_stream(dest, stream, fds)
         t3 = time.perf_counter()
         src.resume()
         assert dest.get_device_state() == src.get_device_state()

@@ -1,9 +1,72 @@
-"""pcidev: emulated PCIe devices as Python plugins."""
+"""pcidev: emulated PCIe devices as Python plugins.
+
+The device-author surface, importable from here::
+
+    from pcidev import Access, PciDevice, RamBacking, Register, RegisterMap, hookimpl, vmstate
+
+:class:`PciDevice` is the function model; :class:`Register`, :class:`RegisterMap`,
+:class:`Access` and :class:`RamBacking` answer BAR accesses; :class:`ResetKind`
+is what :meth:`PciDevice.on_reset` receives; :data:`hookimpl` marks plugin hook
+implementations; :mod:`pcidev.vmstate` describes a device's migrated state; the
+exception classes are those of :mod:`pcidev.errors` and :mod:`pcidev.vmstate.errors`.
+"""
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from pcidev import vmstate
+from pcidev.bar import Access, RamBacking, Register, RegisterMap
+from pcidev.device import PciDevice
+from pcidev.errors import (
+    ConfigError,
+    ConfigSpaceError,
+    DeviceFailedError,
+    DmaError,
+    IrqError,
+    MigrationBlockedError,
+    MigrationError,
+    MmioError,
+    PcidevError,
+    PluginError,
+    TransportError,
+    VMStateError,
+)
 from pcidev.hookspecs import hookimpl
+from pcidev.pci.config import ResetKind
+from pcidev.vmstate.errors import (
+    ChecksumError,
+    ConfigMismatchError,
+    StateError,
+    StreamError,
+    VersionError,
+)
 
-__all__ = ["__version__", "hookimpl"]
+__all__ = [
+    "__version__",
+    "Access",
+    "ChecksumError",
+    "ConfigError",
+    "ConfigMismatchError",
+    "ConfigSpaceError",
+    "DeviceFailedError",
+    "DmaError",
+    "IrqError",
+    "MigrationBlockedError",
+    "MigrationError",
+    "MmioError",
+    "PciDevice",
+    "PcidevError",
+    "PluginError",
+    "RamBacking",
+    "Register",
+    "RegisterMap",
+    "ResetKind",
+    "StateError",
+    "StreamError",
+    "TransportError",
+    "VMStateError",
+    "VersionError",
+    "hookimpl",
+    "vmstate",
+]

@@ -27,6 +27,7 @@ from typing import Protocol
 
 import attrs
 
+from pcidev.dma import alloc_memfd
 from pcidev.errors import ConfigError, MmioError
 
 log = logging.getLogger(__name__)
@@ -287,8 +288,6 @@ class RamBacking:
 
     def __init__(self, size: int, *, sparse_areas: Iterable[tuple[int, int]] | None = None,
                  name: str = "pcidev-bar") -> None:
-        from pcidev.dma import alloc_memfd
-
         if size <= 0 or size % mmap.PAGESIZE:
             raise ConfigError(f"RAM BAR size {size:#x} must be a positive multiple of the page size")
         areas = [(0, size)] if sparse_areas is None else list(sparse_areas)

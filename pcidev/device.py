@@ -54,21 +54,25 @@ hooks, and declares what it knows how to migrate::
         def on_quiesce(self): ...                   # stop background work at a consistent point
         def on_resume(self): ...                    # start it again
 
-Callers use :meth:`PciDevice.migration_blockers`, :meth:`PciDevice.quiesce`,
-:meth:`PciDevice.save_vmstate` / :meth:`PciDevice.save_vmstate_stream`,
-:meth:`PciDevice.load_vmstate` / :meth:`PciDevice.load_vmstate_stream` and
-:meth:`PciDevice.resume`; :mod:`pcidev.migration` moves a device between processes.
+The framework side lives in :mod:`pcidev.migration`, which imports this module
+(never the reverse): :func:`~pcidev.migration.collect_blockers`,
+:meth:`PciDevice.quiesce`, :func:`~pcidev.migration.save_device` /
+:func:`~pcidev.migration.save_device_stream`,
+:func:`~pcidev.migration.load_device` /
+:func:`~pcidev.migration.load_device_stream`, :meth:`PciDevice.resume`; and
+:func:`~pcidev.migration.migrate_out` / :func:`~pcidev.migration.migrate_in`
+move a device between processes.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
-from pcidev.bar import Bar, BarHandler, BarKind
-from pcidev.errors import ConfigError, DmaError, MigrationBlockedError, MmioError
+from pcidev.bar import Bar, BarHandler, BarKind, RamBacking
+from pcidev.dma import GuestMemory
+from pcidev.errors import ConfigError, ConfigSpaceError, DmaError, MigrationBlockedError, MmioError
 from pcidev.irq import InterruptController, InterruptSink
 from pcidev.pci import ids
 from pcidev.pci.capabilities.aer import AerCapability
@@ -76,13 +80,11 @@ from pcidev.pci.capabilities.base import Capability, CapabilityList
 from pcidev.pci.capabilities.express import PciExpressCapability
 from pcidev.pci.capabilities.msi import MsiCapability
 from pcidev.pci.capabilities.msix import MsixCapability
-from pcidev.pci.capabilities.pm import D0, PowerManagementCapability
+from pcidev.pci.capabilities.pm import D0, PMCSR, PowerManagementCapability
 from pcidev.pci.config import ConfigSpace, ResetKind
+from pcidev.vmstate import FdRef
 
-if TYPE_CHECKING:
-    from pcidev.dma import GuestMemory
-    from pcidev.framework_state import LoadedResources, VMStateSnapshot
-    from pcidev.vmstate import Section
+__all__ = ["PciDevice", "ResetKind"]
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +140,7 @@ class PciDevice:
         self.bars: list[Bar | None] = [None] * 6
         self.rom: bytes | None = None
         self.rom_size = 0
-        self.irq = InterruptController(self)
+        self.irq = InterruptController(self.config)
         self.memory: GuestMemory | None = None
         #: the exception that put the device in its failed state, else None
         self.failed: BaseException | None = None
@@ -149,6 +151,12 @@ class PciDevice:
         self.lock = threading.RLock()
         #: True between :meth:`quiesce` and :meth:`resume`
         self.quiesced = False
+        #: during a save by :mod:`pcidev.migration`: the descriptors the stream
+        #: carries (:meth:`vmstate_fd` appends to it); None otherwise
+        self.vmstate_save_fds: list[int] | None = None
+        #: during a load by :mod:`pcidev.migration`: the descriptors that arrived
+        #: with the stream (:meth:`vmstate_load_fd` reads it); None otherwise
+        self.vmstate_load_fds: list[int] | None = None
         self._attached_memory: GuestMemory | None = None
         self._overlays: dict[int, list[tuple[int, int, Any, Any]]] = {}
         self._pm: PowerManagementCapability | None = None
@@ -255,9 +263,9 @@ class PciDevice:
         for cap in self.caps:
             if isinstance(cap, MsixCapability):
                 self._install_msix(cap)
+        self.irq.bind(msix=self.caps.find(MsixCapability), msi=self.caps.find(MsiCapability))
         self._pm = self.caps.find(PowerManagementCapability)
         if self._pm is not None:
-            from pcidev.pci.capabilities.pm import PMCSR
             self._pmcsr = self._pm.offset + PMCSR
         cfg.add_write_hook(ids.COMMAND, 2, self._command_written)
         cfg.freeze_defaults()
@@ -353,7 +361,6 @@ class PciDevice:
         try:
             self.config.write(offset, size, value)
         except Exception as exc:  # a capability or device hook failed
-            from pcidev.errors import ConfigSpaceError
             if isinstance(exc, ConfigSpaceError):
                 raise
             self._fail(exc, f"config write {offset:#x}+{size}")
@@ -464,6 +471,13 @@ class PciDevice:
         except Exception as exc:
             self._fail(exc, f"{kind.value} reset")
 
+    def request_reset(self, kind: ResetKind) -> None:
+        """A capability asks for a reset (FLR, PM D3hot to D0): :meth:`reset`.
+
+        Part of :class:`~pcidev.pci.capabilities.base.FunctionContext`.
+        """
+        self.reset(kind)
+
     def on_reset(self, kind: ResetKind) -> None:
         """Reset device-specific state. Override in device classes."""
 
@@ -483,9 +497,6 @@ class PciDevice:
 
         :returns: a new set of feature names.
         """
-        from pcidev.bar import RamBacking
-        from pcidev.pci.capabilities.aer import AerCapability
-
         names = {MsixCapability: "msix", MsiCapability: "msi", PowerManagementCapability: "pm",
                  PciExpressCapability: "pcie", AerCapability: "aer"}
         features: set[str] = set()
@@ -504,7 +515,7 @@ class PciDevice:
         """Override: reasons specific to the device's *current* state why it cannot
         migrate now (an operation that cannot be drained or recorded, a backend that
         cannot follow the process...). The framework's own checks are in
-        :meth:`migration_blockers`; do not repeat them.
+        :func:`pcidev.migration.device_blockers`; do not repeat them.
 
         :returns: one sentence per reason (empty: nothing blocks).
         """
@@ -559,9 +570,7 @@ class PciDevice:
 
         :param fd: an open file descriptor (a memfd holding device data, ...).
         """
-        from pcidev.vmstate import FdRef
-
-        fds = self.__dict__.get("_vmstate_save_fds")
+        fds = self.vmstate_save_fds
         if fds is None:
             return None
         fds.append(fd)
@@ -572,7 +581,7 @@ class PciDevice:
         descriptor a :class:`~pcidev.vmstate.FdRef` of the device's state names (borrowed
         from the caller: duplicate what you keep), or None when the load carries no
         descriptors (TCP, a snapshot) or ``ref`` is beyond those received."""
-        fds = self.__dict__.get("_vmstate_load_fds")
+        fds = self.vmstate_load_fds
         if ref is None or fds is None or not 0 <= ref.index < len(fds):
             return None
         return fds[ref.index]
@@ -588,7 +597,7 @@ class PciDevice:
         starts serving the device, after a failed migration on the source, and after
         a load on the destination."""
 
-    # -- migration: framework ---------------------------------------------------------------------
+    # -- migration: what the framework's migration calls ------------------------------------------
     @property
     def vmstate_device_type(self) -> str:
         """The device type written into and expected from vmstate streams."""
@@ -611,240 +620,6 @@ class PciDevice:
             self.quiesced = False
         self.on_resume()
 
-    def migration_blockers(self) -> list[str]:
-        """Every reason this device cannot migrate now, from the device itself:
-        no :attr:`VMSTATE`; each enabled feature (:meth:`enabled_features`) that is
-        not in :attr:`FRAMEWORK_FEATURES` or :attr:`MIGRATABLE_FEATURES`; and
-        :meth:`device_migration_blockers`. Plugins add theirs through the
-        ``pcidev_migration_blockers`` hook (:func:`pcidev.migration.collect_blockers`
-        gathers both). Device types override :meth:`device_migration_blockers`, not
-        this method.
-
-        :returns: the reasons, all of them (empty: the device can migrate).
-        """
-        reasons = []
-        if self.VMSTATE is None:
-            reasons.append(f"device type {self.vmstate_device_type} has no vmstate description")
-        allowed = self.FRAMEWORK_FEATURES | frozenset(self.MIGRATABLE_FEATURES)
-        for feature in sorted(self.enabled_features() - allowed):
-            reasons.append(f"feature {feature!r} is enabled but device type {self.vmstate_device_type} "
-                           "does not declare it migratable")
-        try:
-            reasons.extend(str(r) for r in self.device_migration_blockers())
-        except Exception as exc:
-            reasons.append(f"device_migration_blockers() failed: {type(exc).__name__}: {exc}")
-        return reasons
-
-    def vmstate_fingerprint(self) -> dict[str, Any]:
-        """The configuration fingerprint of vmstate streams: the framework's items
-        (``pci.*``) and :meth:`device_fingerprint`.
-
-        :raises ConfigError: the device's items use the reserved ``pci.`` prefix.
-        """
-        from pcidev.framework_state import framework_fingerprint
-
-        self.realize()
-        fp = framework_fingerprint(self)
-        own = dict(self.device_fingerprint())
-        bad = sorted(k for k in own if not isinstance(k, str) or k.startswith("pci."))
-        if bad:
-            raise ConfigError(f"device_fingerprint() keys {bad} are reserved for the framework (pci.*)")
-        fp.update(own)
-        return fp
-
-    def vmstate_descriptions(self) -> list[type]:
-        """The state classes of this device's streams: the framework's, then :attr:`VMSTATE`."""
-        from pcidev.framework_state import FunctionState
-
-        return [FunctionState] + ([self.VMSTATE] if self.VMSTATE is not None else [])
-
-    def prepare_vmstate(self) -> None:
-        """Generate the vmstate encoders and decoders of this device's descriptions
-        now (they are otherwise generated on first use, which would then count in a
-        migration's downtime). Transports call it when they start serving."""
-        from pcidev.vmstate.codec import codec_for
-
-        for cls in self.vmstate_descriptions():
-            codec_for(cls)
-
-    def save_vmstate(self) -> VMStateSnapshot:
-        """Save the device: the framework section and the device's section.
-
-        Call it while quiesced. Nothing is changed.
-
-        :returns: a :class:`~pcidev.framework_state.VMStateSnapshot` whose ``fds``
-            (guest-memory regions, interrupt eventfds) are borrowed.
-        :raises MigrationBlockedError: the type has no :attr:`VMSTATE`.
-        :raises StateError: the device built a state that does not fit its description.
-        """
-        from pcidev.framework_state import FUNCTION_SECTION, VMStateSnapshot, save_function_state
-        from pcidev.vmstate import Section, description_of
-        from pcidev.vmstate.errors import StateError
-        from pcidev.vmstate.gcpause import gc_paused
-
-        if self.VMSTATE is None:
-            raise MigrationBlockedError([f"device type {self.vmstate_device_type} has no vmstate description"])
-        self.realize()
-        with gc_paused(), self.lock:
-            fstate, fds = save_function_state(self, self._migration_memory())
-            self._vmstate_save_fds = fds  # the device's own descriptors follow (vmstate_fd)
-            try:
-                dstate = self.get_device_state()
-            finally:
-                self._vmstate_save_fds = None
-        name = description_of(self.VMSTATE).name
-        if type(dstate) is not self.VMSTATE:
-            raise StateError(f"get_device_state() returned {type(dstate).__name__}, "
-                             f"expected {self.VMSTATE.__name__}", section=name, instance_id=0)
-        return VMStateSnapshot(self.vmstate_device_type, self.vmstate_fingerprint(),
-                               (Section(FUNCTION_SECTION, 0, fstate), Section(name, 0, dstate)), tuple(fds))
-
-    def save_vmstate_stream(self) -> tuple[bytes, list[int]]:
-        """:meth:`save_vmstate` encoded as a stream (docs/vmstate-format.md).
-
-        :returns: ``(stream, fds)``; the fds (borrowed) travel out of band.
-        """
-        from pcidev.vmstate.gcpause import gc_paused
-
-        with gc_paused():  # no cyclic-GC pass in the downtime (see pcidev.vmstate.gcpause)
-            snap = self.save_vmstate()
-            return snap.to_bytes(), list(snap.fds)
-
-    def load_vmstate_stream(self, data: bytes, fds: Sequence[int] | None = None) -> LoadedResources:
-        """Load a stream saved by a device of the same type and configuration.
-
-        All or nothing: the stream is decoded and checked completely (envelope,
-        checksum, device type, fingerprint, every field, the framework state
-        against this device, :meth:`check_device_state`), guest memory is mapped,
-        and only then is anything applied; if applying fails, the device is put
-        back as it was. A failed load raises and leaves the device untouched.
-
-        Call it while quiesced (or before the device ever ran).
-
-        :param data: the stream.
-        :param fds: the descriptors that arrived with it (``SCM_RIGHTS``), indexed by
-            its FdRefs; the caller keeps ownership (the load duplicates what it
-            keeps). ``None`` when the transport carries no descriptors (TCP): the
-            device then keeps the guest memory and interrupt sink it has; if that
-            memory has regions they must be the stream's (same addresses, sizes,
-            access), and if it has none the host must map the stream's regions and
-            install the eventfds before the device resumes.
-        :returns: the guest memory and interrupt sink created from ``fds`` (the
-            device is attached to them; the caller owns them).
-        :raises VMStateError: any problem, naming the section and field (the
-            subclasses of :mod:`pcidev.vmstate.errors`).
-        """
-        from pcidev.vmstate import description_of, load
-
-        if self.VMSTATE is None:
-            raise MigrationBlockedError([f"device type {self.vmstate_device_type} has no vmstate description"])
-        from pcidev.framework_state import FUNCTION_SECTION
-        from pcidev.vmstate.gcpause import gc_paused
-
-        expected = [(FUNCTION_SECTION, 0), (description_of(self.VMSTATE).name, 0)]
-        with gc_paused():  # no cyclic-GC pass in the downtime (see pcidev.vmstate.gcpause)
-            sections = load(data, device_type=self.vmstate_device_type, fingerprint=self.vmstate_fingerprint(),
-                            descriptions=self.vmstate_descriptions(), expected=expected)
-            return self._apply_sections(sections, fds)
-
-    def load_vmstate(self, snapshot: VMStateSnapshot, fds: Sequence[int] | None = None) -> LoadedResources:
-        """Load a snapshot from :meth:`save_vmstate` (same process), with the same
-        checks and all-or-nothing guarantee as :meth:`load_vmstate_stream`.
-
-        :param snapshot: the saved state.
-        :param fds: descriptors for its FdRefs; default: ``snapshot.fds``.
-        :returns: see :meth:`load_vmstate_stream`.
-        :raises VMStateError: see :meth:`load_vmstate_stream`.
-        """
-        from pcidev.framework_state import FUNCTION_SECTION
-        from pcidev.vmstate import description_of, fingerprint_differences
-        from pcidev.vmstate.errors import ConfigMismatchError, StateError
-
-        if self.VMSTATE is None:
-            raise MigrationBlockedError([f"device type {self.vmstate_device_type} has no vmstate description"])
-        if snapshot.device_type != self.vmstate_device_type:
-            raise ConfigMismatchError(f"stream is for device type {snapshot.device_type!r}, "
-                                      f"this device is {self.vmstate_device_type!r}")
-        diffs = fingerprint_differences(_plain(snapshot.fingerprint), self.vmstate_fingerprint())
-        if diffs:
-            raise ConfigMismatchError("device configuration differs from the stream's: " + "; ".join(diffs),
-                                      differences=diffs)
-        want = {(FUNCTION_SECTION, 0): self.vmstate_descriptions()[0],
-                (description_of(self.VMSTATE).name, 0): self.VMSTATE}
-        got = {(s.name, s.instance_id): s for s in snapshot.sections}
-        if set(got) != set(want) or len(got) != len(snapshot.sections):
-            raise StateError(f"expected sections {sorted(want)}, got {[s[:2] for s in snapshot.sections]}")
-        for key, cls in want.items():
-            if type(got[key].state) is not cls:
-                raise StateError(f"expected a {cls.__name__}", section=key[0], instance_id=key[1])
-        from pcidev.vmstate.gcpause import gc_paused
-
-        with gc_paused():
-            return self._apply_sections(list(snapshot.sections), snapshot.fds if fds is None else fds)
-
-    def _apply_sections(self, sections: list[Section], fds: Sequence[int] | None) -> LoadedResources:
-        from pcidev.framework_state import FUNCTION_SECTION
-
-        by_name = {s.name: s.state for s in sections}
-        fstate = by_name.pop(FUNCTION_SECTION)
-        (dname, dstate), = by_name.items()
-        self.realize()
-        with self.lock:
-            self._vmstate_load_fds = list(fds) if fds is not None else None  # vmstate_load_fd()
-            try:
-                return self._apply_sections_locked(fstate, dname, dstate, fds)
-            finally:
-                self._vmstate_load_fds = None
-
-    def _apply_sections_locked(self, fstate: Any, dname: str, dstate: Any, fds: Sequence[int] | None) -> Any:
-        from pcidev.framework_state import (
-            LoadedResources,
-            apply_function_state,
-            build_resources,
-            check_function_state,
-            undo_function_state,
-        )
-        from pcidev.vmstate import VMStateError
-        from pcidev.vmstate.errors import StateError
-
-        check_function_state(self, fstate, fds, self._migration_memory())
-        try:
-            self.check_device_state(dstate)
-        except VMStateError:
-            raise
-        except Exception as exc:
-            raise StateError(f"the device refused the state: {type(exc).__name__}: {exc}",
-                             section=dname, instance_id=0) from exc
-        res = build_resources(fstate, fds) if fds is not None else LoadedResources()
-        try:
-            before = self.get_device_state()
-        except Exception:
-            res.close()
-            raise
-        old = apply_function_state(self, fstate, res)
-        try:
-            self.set_device_state(dstate)
-        except Exception as exc:
-            undo_function_state(self, old)
-            try:
-                self.set_device_state(before)
-            except Exception as again:
-                self._fail(again, "rollback of a failed vmstate load")
-            res.close()
-            if isinstance(exc, VMStateError):
-                raise
-            raise StateError(f"applying the state failed: {type(exc).__name__}: {exc}",
-                             section=dname, instance_id=0) from exc
-        return res
-
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} {self.vendor_id:04x}:{self.device_id:04x}>"
 
-
-def _plain(value: Any) -> Any:
-    """Tuples become lists, as after a trip through msgpack (fingerprint comparison)."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value

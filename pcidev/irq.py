@@ -19,13 +19,18 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
+
+import attrs
 
 from pcidev.errors import IrqError
 from pcidev.pci import ids
+from pcidev.pci.capabilities.msi import MsiCapability
+from pcidev.pci.capabilities.msix import MsixCapability
+from pcidev.pci.config import ConfigSpace
 
-if TYPE_CHECKING:
-    from pcidev.device import PciDevice
+__all__ = ["InterruptSink", "NullSink", "CallbackSink", "EventfdSink", "InterruptState", "InterruptController",
+           "IrqError"]
 
 log = logging.getLogger(__name__)
 
@@ -111,31 +116,50 @@ class EventfdSink:
             os.eventfd_write(self.intx_fd, 1)
 
 
+@attrs.frozen
+class InterruptState:
+    """The INTx state of an :class:`InterruptController` (what a migration saves).
+
+    :ivar intx_asserted: the device's INTx request.
+    :ivar intx_line: the level the interrupt sink was last told.
+    """
+
+    intx_asserted: bool
+    intx_line: bool
+
+
 class InterruptController:
     """Owns the interrupt state of one device.
 
-    Created by :class:`~pcidev.device.PciDevice`; devices call :meth:`notify`
+    Created by :class:`~pcidev.device.PciDevice`, which binds the function's MSI-X
+    and MSI capabilities at realize (:meth:`bind`); devices call :meth:`notify`
     for message interrupts and :meth:`set_intx` for the legacy line.
+
+    :param config: the function's configuration space (command register,
+        interrupt pin, status).
     """
 
-    def __init__(self, device: PciDevice) -> None:
-        self.device = device
+    def __init__(self, config: ConfigSpace) -> None:
+        self.config = config
         self.sink: InterruptSink = NullSink()
         self.intx_asserted = False
         self._intx_out = False
+        #: the function's MSI-X capability (set by :meth:`bind`), or None
+        self.msix: MsixCapability | None = None
+        #: the function's MSI capability (set by :meth:`bind`), or None
+        self.msi: MsiCapability | None = None
         #: messages dropped because bus mastering was off
         self.blocked_by_bus_master = 0
         self.lock = threading.RLock()
 
-    @property
-    def msix(self):
-        from pcidev.pci.capabilities.msix import MsixCapability
-        return self.device.caps.find(MsixCapability)
+    def bind(self, *, msix: MsixCapability | None, msi: MsiCapability | None) -> None:
+        """Deliver message interrupts through these capabilities (called at realize).
 
-    @property
-    def msi(self):
-        from pcidev.pci.capabilities.msi import MsiCapability
-        return self.device.caps.find(MsiCapability)
+        :param msix: the function's MSI-X capability, if it has one.
+        :param msi: the function's MSI capability, if it has one.
+        """
+        self.msix = msix
+        self.msi = msi
 
     @property
     def mode(self) -> str:
@@ -159,7 +183,7 @@ class InterruptController:
         return 0
 
     def bus_master(self) -> bool:
-        return bool(self.device.config.get16(ids.COMMAND) & _CMD_MASTER)
+        return bool(self.config.get16(ids.COMMAND) & _CMD_MASTER)
 
     def send(self, vector: int, address: int, data: int) -> None:
         """Deliver a message to the sink, if bus mastering allows (used by MSI/MSI-X)."""
@@ -195,7 +219,7 @@ class InterruptController:
 
     def update_intx(self) -> None:
         """Recompute the line level seen by the sink (after INTx-disable changes)."""
-        cfg = self.device.config
+        cfg = self.config
         if cfg.get8(ids.INTERRUPT_PIN) == 0:
             return
         if self.intx_asserted:
@@ -213,5 +237,13 @@ class InterruptController:
         self.intx_asserted = False
         self.update_intx()
 
+    # -- migration ---------------------------------------------------------------------
+    def snapshot(self) -> InterruptState:
+        """The INTx request and the line level the sink was last told."""
+        return InterruptState(intx_asserted=bool(self.intx_asserted), intx_line=bool(self._intx_out))
 
-__all__ = ["InterruptSink", "NullSink", "CallbackSink", "EventfdSink", "InterruptController", "IrqError"]
+    def restore(self, state: InterruptState) -> None:
+        """Put back a state from :meth:`snapshot`, without telling the sink (it was
+        told on the side the state was saved, or is told again by the caller)."""
+        self.intx_asserted = state.intx_asserted
+        self._intx_out = state.intx_line

@@ -30,7 +30,7 @@ def device_schema(cls: type) -> dict[str, Any]:
     :param cls: a :class:`~pcidev.device.PciDevice` subclass.
     :returns: a JSON-ready dict.
     """
-    from pcidev.framework_state import FUNCTION_SECTION, FunctionState
+    from pcidev.migration.function_state import FUNCTION_SECTION, FunctionState
     from pcidev.vmstate import schema_of
 
     vm = getattr(cls, "VMSTATE", None)

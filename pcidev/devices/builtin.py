@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pcidev.devices.edu import EduDevice
 from pcidev.hookspecs import hookimpl
 
 if TYPE_CHECKING:
@@ -13,6 +14,4 @@ if TYPE_CHECKING:
 @hookimpl
 def pcidev_register_devices(registry: DeviceRegistry) -> None:
     """Register ``edu``, the example device with a DMA engine and MSI-X."""
-    from pcidev.devices.edu import EduDevice
-
     registry.add_device(EduDevice)

@@ -25,6 +25,7 @@ from pcidev.device import PciDevice
 from pcidev.dma import GuestMemory, alloc_memfd
 from pcidev.errors import DmaError, MmioError, PcidevError
 from pcidev.host.pci import HostPciDevice
+from pcidev.transport.link import RemoteDevice
 
 #: x86's MSI address window
 MSI_ADDRESS = 0xFEE0_0000
@@ -151,8 +152,6 @@ class Machine:
         :param address: the device's link address (``unix:PATH``).
         :raises TransportError: nobody serves a device there.
         """
-        from pcidev.transport.link import RemoteDevice
-
         remote = RemoteDevice(address, timeout=timeout)
         try:
             pdev = self.plug(remote, slot=slot)  # type: ignore[arg-type]

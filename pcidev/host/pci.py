@@ -11,15 +11,33 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from pcidev.device import PciDevice
 from pcidev.errors import IrqError, PcidevError
 from pcidev.pci import ids
 from pcidev.pci.capabilities import express, msi, msix, pm
 
-if TYPE_CHECKING:
-    from pcidev.device import PciDevice
-    from pcidev.host.machine import Machine
+class HostBus(Protocol):
+    """What a :class:`HostPciDevice` needs of the machine it is plugged in (a
+    :class:`~pcidev.host.machine.Machine`): address windows and bus accesses."""
+
+    def window_alloc(self, kind: str, size: int) -> int:
+        """Allocate ``size`` bytes (naturally aligned) in window ``kind`` (``io``,
+        ``mem32``, ``mem64``)."""
+
+    def mmio_read(self, addr: int, size: int) -> int:
+        """A memory read on the bus."""
+
+    def mmio_write(self, addr: int, size: int, value: int) -> None:
+        """A memory write on the bus."""
+
+    def io_read(self, port: int, size: int) -> int:
+        """An I/O port read."""
+
+    def io_write(self, port: int, size: int, value: int) -> None:
+        """An I/O port write."""
+
 
 PCI_IRQ_INTX = 1
 PCI_IRQ_MSI = 2
@@ -92,7 +110,7 @@ class InterruptRecorder:
 class HostPciDevice:
     """The host's handle on one plugged device."""
 
-    def __init__(self, machine: Machine, device: PciDevice, slot: int) -> None:
+    def __init__(self, machine: HostBus, device: PciDevice, slot: int) -> None:
         self.machine = machine
         self.device = device
         self.slot = slot

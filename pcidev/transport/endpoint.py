@@ -26,22 +26,30 @@ import contextlib
 import os
 import threading
 import time
+import socket
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import pluggy
+
+from pcidev.device import PciDevice
 from pcidev.dma import GuestMemory
-from pcidev.errors import MigrationError, PcidevError, TransportError
-from pcidev.framework_state import LoadedResources, OwnedEventfdSink
-from pcidev.migration import IncomingResult, MigrationResult, boot_id, migrate_in, migrate_out
+from pcidev.errors import IrqError, MigrationBlockedError, MigrationError, PcidevError, TransportError
+from pcidev.migration import (
+    IncomingResult,
+    LoadedResources,
+    MigrationResult,
+    OwnedEventfdSink,
+    boot_id,
+    collect_blockers,
+    migrate_in,
+    migrate_out,
+    prepare_vmstate,
+)
+from pcidev.pci.capabilities.msi import MsiCapability
+from pcidev.pci.capabilities.msix import MsixCapability
 from pcidev.transport.address import connect
 from pcidev.transport.fdpass import close_fds
-
-if TYPE_CHECKING:
-    import socket
-
-    import pluggy
-
-    from pcidev.device import PciDevice
 
 __all__ = ["DeviceEndpoint", "NEW", "RUNNING", "AWAITING_ATTACH", "MIGRATED", "CLOSED"]
 
@@ -69,7 +77,7 @@ class DeviceEndpoint:
     def __init__(self, device: PciDevice, *, pm: pluggy.PluginManager | None = None,
                  max_regions: int = 1024) -> None:
         device.realize()
-        device.prepare_vmstate()
+        prepare_vmstate(device)
         self.device = device
         self.pm = pm
         self.memory = GuestMemory(max_regions=max_regions)
@@ -103,9 +111,6 @@ class DeviceEndpoint:
 
     def info(self) -> dict[str, Any]:
         """Identity and layout of the device (what a host needs to drive it)."""
-        from pcidev.pci.capabilities.msi import MsiCapability
-        from pcidev.pci.capabilities.msix import MsixCapability
-
         dev = self.device
         msix = dev.caps.find(MsixCapability)
         msi = dev.caps.find(MsiCapability)
@@ -193,8 +198,6 @@ class DeviceEndpoint:
         :param intx_fd: eventfd for INTx assertion, or None to keep the current one.
         :raises IrqError: a vector beyond the device's 2048.
         """
-        from pcidev.errors import IrqError
-
         bad = [v for v in vectors if not 0 <= v < 2048]
         if bad:
             close_fds(list(vectors.values()) + ([intx_fd] if intx_fd is not None else []))
@@ -241,9 +244,6 @@ class DeviceEndpoint:
         :raises MigrationBlockedError: blockers (nothing was stopped).
         :raises MigrationError: the migration failed; the device runs here again.
         """
-        from pcidev.errors import MigrationBlockedError
-        from pcidev.migration import collect_blockers
-
         self._check_state(RUNNING)
         reasons = collect_blockers(self.device, self.pm)
         if reasons:

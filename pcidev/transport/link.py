@@ -72,6 +72,7 @@ from pcidev import errors as _errors
 from pcidev.errors import MigrationBlockedError, PcidevError, TransportError, VMStateError
 from pcidev.transport.address import connect
 from pcidev.transport.fdpass import close_fds, recv_exact, send_all
+from pcidev.vmstate import errors as vm_errors
 
 if TYPE_CHECKING:
     from pcidev.dma import GuestMemory
@@ -149,8 +150,6 @@ def _error_body(exc: BaseException) -> bytes:
 
 
 def _error_classes() -> dict[str, type[PcidevError]]:
-    from pcidev.vmstate import errors as vm_errors
-
     classes: dict[str, type[PcidevError]] = {}
     for module in (_errors, vm_errors):
         for name in dir(module):

@@ -33,7 +33,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pcidev.errors import PcidevError
+from pcidev.plugins import load_registry, make_plugin_manager
 from pcidev.transport.address import listen, parse_address
+from pcidev.transport.endpoint import DeviceEndpoint
+from pcidev.transport.link import LinkServer
+from pcidev.vmstate import dump_stream_json
 
 __all__ = ["main", "spawn", "parse_setting", "DeviceProcess"]
 
@@ -63,8 +67,6 @@ def _emit(enabled: bool, event: str, **data: Any) -> None:
 
 
 def _summary(stream: bytes) -> list[dict[str, Any]]:
-    from pcidev.vmstate import dump_stream_json
-
     out = []
     for sec in dump_stream_json(stream)["sections"]:
         scalars = {k: v for k, v in sec["fields"].items() if isinstance(v, (bool, int, str))}
@@ -75,10 +77,6 @@ def _summary(stream: bytes) -> list[dict[str, Any]]:
 
 def run(args: argparse.Namespace) -> int:
     """Serve one device as the arguments say (see the module docstring)."""
-    from pcidev.plugins import load_registry, make_plugin_manager
-    from pcidev.transport.endpoint import DeviceEndpoint
-    from pcidev.transport.link import LinkServer
-
     pm = make_plugin_manager()
     registry = load_registry(pm)
     options = dict(parse_setting(s) for s in args.set)

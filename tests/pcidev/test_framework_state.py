@@ -17,7 +17,17 @@ from pcidev.device import PciDevice
 from pcidev.devices.edu import DESC, STATUS_DONE, EduDevice, EduState
 from pcidev.dma import GuestMemory, alloc_memfd
 from pcidev.errors import ConfigError, DeviceFailedError, MigrationBlockedError, VMStateError
-from pcidev.framework_state import FUNCTION_SECTION, FunctionState
+from pcidev.migration import (
+    FUNCTION_SECTION,
+    FunctionState,
+    VMStateSnapshot,
+    device_blockers,
+    load_device,
+    load_device_stream,
+    save_device,
+    save_device_stream,
+    vmstate_fingerprint,
+)
 from pcidev.host import Machine
 from pcidev.irq import CallbackSink, EventfdSink
 from pcidev.pci import ids
@@ -50,7 +60,7 @@ def _ring(machine, p, entries=8):
 def _snapshot_view(dev: PciDevice):
     """Everything a load may change, for 'untouched' comparisons."""
     return (bytes(dev.config.data), dev.get_device_state(), dev.irq.intx_asserted,
-            getattr(dev.irq, "_intx_out"), dev.failed, dev._migration_memory(), dev.irq.sink,
+            dev.irq.snapshot(), dev.failed, dev._migration_memory(), dev.irq.sink,
             bytes(dev.irq.msix.table), bytes(dev.irq.msix.pba))
 
 
@@ -67,11 +77,11 @@ def test_round_trip_moves_a_descriptor_in_flight(machine):
     dev._step(1000)
     dev._step(1000)
     assert dev.inflight.done == 2000
-    stream, fds = dev.save_vmstate_stream()
+    stream, fds = save_device_stream(dev)
     assert fds == [machine.memory.fd_of(0)]
 
     dest = EduDevice(autorun=False, chunk=1000)
-    res = dest.load_vmstate_stream(stream, fds)
+    res = load_device_stream(dest, stream, fds)
     try:
         assert res.memory is not None and res.sink is None
         assert dest.inflight == dev.inflight
@@ -92,23 +102,23 @@ def test_round_trip_moves_a_descriptor_in_flight(machine):
 
 def test_snapshot_in_process_and_sections(machine):
     p = _edu(machine)
-    snap = p.device.save_vmstate()
+    snap = save_device(p.device)
     assert [s.name for s in snap.sections] == [FUNCTION_SECTION, "edu"]
     assert isinstance(snap.sections[0].state, FunctionState)
     assert isinstance(snap.sections[1].state, EduState)
     assert snap.fingerprint["pci.msix_vectors"] == 2
     assert snap.fingerprint["pci.bars"] == [[0, "mem32", 4096, False]]
     dest = EduDevice()
-    res = dest.load_vmstate(snap)
+    res = load_device(dest, snap)
     res.close()
-    again = dest.save_vmstate()
+    again = save_device(dest)
     assert again.sections[0].state.config == snap.sections[0].state.config
     assert again.sections[1].state == snap.sections[1].state
 
 
 def test_fingerprint_mismatch_names_every_difference(machine):
     p = _edu(machine)
-    stream, fds = p.device.save_vmstate_stream()
+    stream, fds = save_device_stream(p.device)
 
     class BigEdu(EduDevice):
         def describe(self):
@@ -122,10 +132,10 @@ def test_fingerprint_mismatch_names_every_difference(machine):
             return super().add_msix(8, **kw)
 
     with pytest.raises(ConfigMismatchError) as info:
-        BigEdu().load_vmstate_stream(stream, fds)
+        load_device_stream(BigEdu(), stream, fds)
     assert info.value.differences == ["edu.max_transfer: stream has 1048576, this device has 4096"]
     with pytest.raises(ConfigMismatchError) as info:
-        MoreVectors().load_vmstate_stream(stream, fds)
+        load_device_stream(MoreVectors(), stream, fds)
     assert any(d.startswith("pci.msix_vectors: stream has 2, this device has 8") for d in info.value.differences)
 
 
@@ -135,7 +145,7 @@ def test_reserved_fingerprint_keys_are_refused():
             return {"pci.bars": 1}
 
     with pytest.raises(ConfigError, match="reserved"):
-        Bad().vmstate_fingerprint()
+        vmstate_fingerprint(Bad())
 
 
 def test_device_without_vmstate_cannot_save():
@@ -143,7 +153,7 @@ def test_device_without_vmstate_cannot_save():
         TYPE_NAME = "plain"
 
     with pytest.raises(MigrationBlockedError) as info:
-        Plain().save_vmstate()
+        save_device(Plain())
     assert info.value.reasons == ["device type plain has no vmstate description"]
 
 
@@ -169,7 +179,7 @@ def _saved_with_ring(machine):
     p = _edu(machine)
     p.iowrite64(0, 0x100, 0x1000)
     p.iowrite32(0, 0x108, 8)
-    return p.device.save_vmstate_stream()
+    return save_device_stream(p.device)
 
 
 @pytest.mark.parametrize("cls", [_Refusing, _Crashing])
@@ -182,7 +192,7 @@ def test_failed_load_leaves_the_destination_untouched(machine, cls):
     dest.regs["RING_BASE"].value = 0xABC0
     before = _snapshot_view(dest)
     with pytest.raises(VMStateError) as info:
-        dest.load_vmstate_stream(stream, fds)
+        load_device_stream(dest, stream, fds)
     assert info.value.section == "edu"
     assert _snapshot_view(dest) == before
     assert dest.failed is None
@@ -196,7 +206,7 @@ def test_unmappable_region_fd_is_refused_untouched(machine):
         dest.realize()
         before = _snapshot_view(dest)
         with pytest.raises(StateError, match="cannot map") as info:
-            dest.load_vmstate_stream(stream, [r])
+            load_device_stream(dest, stream, [r])
         assert info.value.path == "dma[0]"
         assert _snapshot_view(dest) == before
     finally:
@@ -207,14 +217,14 @@ def test_unmappable_region_fd_is_refused_untouched(machine):
 def test_missing_fd_is_named(machine):
     stream, _ = _saved_with_ring(machine)
     with pytest.raises(StateError) as info:
-        EduDevice().load_vmstate_stream(stream, [])
+        load_device_stream(EduDevice(), stream, [])
     assert (info.value.section, info.value.path) == (FUNCTION_SECTION, "dma[0].fd")
 
 
 def test_load_without_fds_keeps_memory_and_checks_its_layout(machine):
     stream, _ = _saved_with_ring(machine)
     fresh = EduDevice()
-    res = fresh.load_vmstate_stream(stream, None)  # TCP: no fds, no memory yet
+    res = load_device_stream(fresh, stream, None)  # TCP: no fds, no memory yet
     assert res.memory is None and fresh._migration_memory() is None
     other = GuestMemory()
     fd = alloc_memfd(1 << 20)
@@ -223,10 +233,10 @@ def test_load_without_fds_keeps_memory_and_checks_its_layout(machine):
         dest = EduDevice()
         dest.attach(other, None)
         with pytest.raises(StateError, match="guest-memory map differs"):
-            dest.load_vmstate_stream(stream, None)
+            load_device_stream(dest, stream, None)
         same = EduDevice()
         same.attach(machine.memory, None)
-        same.load_vmstate_stream(stream, None)
+        load_device_stream(same, stream, None)
         assert same._migration_memory() is machine.memory
     finally:
         other.close()
@@ -235,19 +245,18 @@ def test_load_without_fds_keeps_memory_and_checks_its_layout(machine):
 
 def test_bad_state_values_are_refused_with_the_field(machine):
     p = _edu(machine)
-    snap = p.device.save_vmstate()
+    snap = save_device(p.device)
     fs, ds = snap.sections[0].state, snap.sections[1].state
     bad_ring = attrs.evolve(ds, ring_size=6)
-    from pcidev.framework_state import VMStateSnapshot
     from pcidev.vmstate import Section
 
     with pytest.raises(StateError) as info:
-        EduDevice().load_vmstate(VMStateSnapshot(snap.device_type, snap.fingerprint,
+        load_device(EduDevice(), VMStateSnapshot(snap.device_type, snap.fingerprint,
                                                  (snap.sections[0], Section("edu", 0, bad_ring)), snap.fds))
     assert info.value.path == "ring_size"
     short_cfg = attrs.evolve(fs, config=fs.config[:256])
     with pytest.raises(StateError) as info:
-        EduDevice().load_vmstate(VMStateSnapshot(snap.device_type, snap.fingerprint,
+        load_device(EduDevice(), VMStateSnapshot(snap.device_type, snap.fingerprint,
                                                  (Section(FUNCTION_SECTION, 0, short_cfg), snap.sections[1]),
                                                  snap.fds))
     assert info.value.path == "config"
@@ -255,18 +264,18 @@ def test_bad_state_values_are_refused_with_the_field(machine):
 
 def test_corrupted_streams_raise_typed_errors_and_change_nothing(machine):
     p = _edu(machine)
-    stream, fds = p.device.save_vmstate_stream()
+    stream, fds = save_device_stream(p.device)
     dest = EduDevice()
     dest.realize()
     before = _snapshot_view(dest)
     with pytest.raises(StreamError):
-        dest.load_vmstate_stream(stream[:-5], fds)
+        load_device_stream(dest, stream[:-5], fds)
     flipped = bytearray(stream)
     flipped[40] ^= 0x10
     with pytest.raises(ChecksumError):
-        dest.load_vmstate_stream(bytes(flipped), fds)
+        load_device_stream(dest, bytes(flipped), fds)
     with pytest.raises(StreamError):
-        dest.load_vmstate_stream(b"garbage" * 10, fds)
+        load_device_stream(dest, b"garbage" * 10, fds)
     assert _snapshot_view(dest) == before
 
 
@@ -274,7 +283,7 @@ def test_corrupted_streams_raise_typed_errors_and_change_nothing(machine):
 @given(st.data())
 def test_fuzzed_real_streams_only_raise_vmstate_errors(machine, data):
     p = _edu(machine)
-    stream, fds = p.device.save_vmstate_stream()
+    stream, fds = save_device_stream(p.device)
     buf = bytearray(stream)
     for _ in range(data.draw(st.integers(1, 4))):
         op = data.draw(st.sampled_from(["flip", "cut", "insert"]))
@@ -289,7 +298,7 @@ def test_fuzzed_real_streams_only_raise_vmstate_errors(machine, data):
     dest.realize()
     before = _snapshot_view(dest)
     try:
-        res = dest.load_vmstate_stream(bytes(buf), fds)
+        res = load_device_stream(dest, bytes(buf), fds)
     except VMStateError:
         assert _snapshot_view(dest) == before
     else:  # a mutation that happened to keep the stream valid (e.g. rewrote the checksum)
@@ -322,15 +331,15 @@ def test_framework_state_round_trips(cmd, line, cache, bar, table, pba, msix_ctr
     if failed:
         src._fail(RuntimeError("boom"), "test")
     src.regs["LIVENESS"].value, src.regs["FACTORIAL"].value, src.regs["RING_BASE"].value = regs
-    stream, fds = src.save_vmstate_stream()
+    stream, fds = save_device_stream(src)
     dest = EduDevice(autorun=False)
-    dest.load_vmstate_stream(stream, fds)
+    load_device_stream(dest, stream, fds)
     assert bytes(dest.config.data) == bytes(src.config.data)
     assert dest.bar_address(0) == src.bar_address(0)
     assert bytes(dest.irq.msix.table) == bytes(src.irq.msix.table)
     assert bytes(dest.irq.msix.pba) == bytes(src.irq.msix.pba)
     assert dest.irq.intx_asserted == src.irq.intx_asserted
-    assert dest.irq._intx_out == src.irq._intx_out
+    assert dest.irq.snapshot() == src.irq.snapshot()
     assert (dest.failed is None) == (src.failed is None)
     if failed:
         assert isinstance(dest.failed, DeviceFailedError) and "boom" in str(dest.failed)
@@ -343,12 +352,12 @@ def test_eventfds_travel_and_still_signal():
     try:
         src = EduDevice()
         src.attach(None, EventfdSink({0: fds[0], 1: fds[1]}, intx_fd=fds[2]))
-        snap = src.save_vmstate()
+        snap = save_device(src)
         fs = snap.sections[0].state
         assert [r.index for r in fs.eventfds.vectors] == [0, 1] and fs.eventfds.intx.index == 2
         assert list(snap.fds) == fds
         dest = EduDevice()
-        res = dest.load_vmstate(snap)
+        res = load_device(dest, snap)
         try:
             sink = res.sink
             assert dest.irq.sink is sink
@@ -366,7 +375,7 @@ def test_eventfds_travel_and_still_signal():
 
 def test_dump_shows_the_framework_section(machine):
     p = _edu(machine)
-    doc = dump_stream_json(p.device.save_vmstate_stream()[0])
+    doc = dump_stream_json(save_device_stream(p.device)[0])
     names = [s["name"] for s in doc["sections"]]
     assert names == ["pcidev/function", "edu"]
     fw = doc["sections"][0]
@@ -396,7 +405,7 @@ def test_enabled_features_of_the_framework():
     dev = WithRam()
     try:
         assert dev.enabled_features() == {"msix", "pm", "pcie", "aer", "intx", "rom", "bar2-ram"}
-        assert dev.migration_blockers() == [
+        assert device_blockers(dev) == [
             "feature 'bar2-ram' is enabled but device type with-ram does not declare it migratable"]
     finally:
         dev.ram.close()

@@ -15,7 +15,7 @@ import pytest
 from pcidev.devices.edu import DESC, EduDevice
 from pcidev.errors import MigrationError, TransportError, VMStateError
 from pcidev.host import Machine
-from pcidev.migration import MAGIC, migrate_in, migrate_out
+from pcidev.migration import MAGIC, migrate_in, migrate_out, save_device_stream
 from pcidev.vmstate.errors import ChecksumError, ConfigMismatchError, StreamError
 
 HDR = struct.Struct("<8sHHI")
@@ -234,7 +234,7 @@ def _state(data):
 def _valid_stream(machine):
     p = machine.plug(EduDevice())
     p.enable_device()
-    return p.device.save_vmstate_stream()
+    return save_device_stream(p.device)
 
 
 def _feed(frames, fds=()):

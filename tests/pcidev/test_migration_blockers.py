@@ -10,7 +10,7 @@ import pytest
 from pcidev import hookimpl
 from pcidev.devices.edu import EduDevice
 from pcidev.errors import MigrationBlockedError
-from pcidev.migration import collect_blockers, migrate_out
+from pcidev.migration import collect_blockers, device_blockers, migrate_out
 from pcidev.pci.capabilities.base import Capability
 from pcidev.plugins import make_plugin_manager
 from pcidev.registry import DeviceRegistry
@@ -59,7 +59,7 @@ def test_edu_has_no_blockers():
     dev = EduDevice(engine=True)
     dev.regs["RING_CTRL"].value = 1
     assert {"dma-engine", "background-engine"} <= dev.enabled_features()
-    assert dev.migration_blockers() == []
+    assert device_blockers(dev) == []
     assert collect_blockers(dev, make_plugin_manager(load_entrypoints=False)) == []
 
 
@@ -84,7 +84,7 @@ def test_declaring_a_feature_unblocks_it():
         def device_migration_blockers(self):
             return []
 
-    assert Declared().migration_blockers() == []
+    assert device_blockers(Declared()) == []
 
 
 def test_static_blocker_without_vmstate_matches_the_registry():
@@ -94,7 +94,7 @@ def test_static_blocker_without_vmstate_matches_the_registry():
 
     reg = DeviceRegistry()
     reg.add_device(NoState)
-    assert NoState().migration_blockers() == reg.static_blockers("no-state")
+    assert device_blockers(NoState()) == reg.static_blockers("no-state")
 
 
 def test_failing_device_hook_becomes_a_reason():
@@ -102,7 +102,7 @@ def test_failing_device_hook_becomes_a_reason():
         def device_migration_blockers(self):
             raise RuntimeError("cannot tell")
 
-    assert Flaky().migration_blockers() == ["device_migration_blockers() failed: RuntimeError: cannot tell"]
+    assert device_blockers(Flaky()) == ["device_migration_blockers() failed: RuntimeError: cannot tell"]
 
 
 def test_blocked_migration_never_stops_the_device():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pcidev.devices.edu import EduDevice
+from pcidev.migration import load_device_stream, save_device_stream
 from pcidev.pci.capabilities.pm import D0, D3HOT, PMCSR, PowerManagementCapability
 from pcidev.pci.config import ResetKind
 
@@ -33,9 +34,9 @@ def _pm(dev) -> PowerManagementCapability:
 
 def _move(src):
     src.quiesce()
-    data, fds = src.save_vmstate_stream()
+    data, fds = save_device_stream(src)
     dst = type(src)(autorun=False)
-    dst.load_vmstate_stream(data, fds)
+    load_device_stream(dst, data, fds)
     return dst
 
 
@@ -75,13 +76,13 @@ def test_a_rolled_back_load_keeps_the_destination_power_state() -> None:
     src = _RefusingEdu(autorun=False)
     _pm(src)
     src.quiesce()
-    data, fds = src.save_vmstate_stream()  # source in D0
+    data, fds = save_device_stream(src)  # source in D0
     dst = _RefusingEdu(autorun=False)
     dpm = _pm(dst)
     dst.config_write(dpm.offset + PMCSR, 2, D3HOT)
     dst.refuse = True
     with pytest.raises(Exception, match="cannot apply"):
-        dst.load_vmstate_stream(data, fds)
+        load_device_stream(dst, data, fds)
     assert dpm.power_state == D3HOT
     dst.config_write(dpm.offset + PMCSR, 2, 1)  # unsupported: stays in D3hot
     assert dpm.power_state == D3HOT

@@ -20,13 +20,14 @@ sys.path.insert(0, str(HERE))
 
 from device_golden import build_edu  # noqa: E402
 
+from pcidev.migration import save_device_stream  # noqa: E402
 from pcidev.transport.fdpass import close_fds  # noqa: E402
 
 
 def _edu_v1() -> bytes:
     dev, mem, memfd, efds = build_edu()
     try:
-        return dev.save_vmstate_stream()[0]
+        return save_device_stream(dev)[0]
     finally:
         mem.close()
         close_fds([memfd, *efds])
@@ -37,7 +38,7 @@ def _nvme_v1() -> bytes:
 
     ctrl, machine = build_nvme()
     try:
-        return ctrl.save_vmstate_stream()[0]
+        return save_device_stream(ctrl)[0]
     finally:
         ctrl.close()
         machine.close()

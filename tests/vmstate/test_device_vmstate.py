@@ -14,7 +14,7 @@ import pytest
 from pcidev.cli import main as cli_main
 from pcidev.devices.edu import EduDevice, EduInflight
 from pcidev.dma import alloc_memfd
-from pcidev.framework_state import FunctionState
+from pcidev.migration import FunctionState, load_device_stream
 from pcidev.plugins import load_registry, make_plugin_manager
 from pcidev.transport.fdpass import close_fds
 from pcidev.vmstate import peek_header
@@ -56,7 +56,7 @@ def test_golden_edu_streams_load(golden):
     memfd = alloc_memfd(RAM_SIZE)
     efds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(3)]
     dev = EduDevice(autorun=False)
-    res = dev.load_vmstate_stream(data, [memfd, *efds])
+    res = load_device_stream(dev, data, [memfd, *efds])
     try:
         want = EXPECTED_EDU_V1
         assert dev.bar_address(0) == want["bar0"]

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import attrs
 import pytest
 
+from pcidev.migration import load_device_stream, save_device_stream
 from pcidev.vmstate import U16, U64, Bytes, StreamError, VarArray, load, save, vmstate
 from pcidev.vmstate.gcpause import gc_paused
 
@@ -140,11 +141,11 @@ def test_device_save_and_load_run_no_collector_pass() -> None:
     src.populate()
     src.quiesce()
     with collections("save_vmstate_stream") as seen:
-        data, fds = src.save_vmstate_stream()
+        data, fds = save_device_stream(src)
     assert seen == []
     dest = bench.BenchController()
     with collections("load_vmstate_stream") as seen:
-        dest.load_vmstate_stream(data, fds)
+        load_device_stream(dest, data, fds)
     assert seen == []
     assert dest.get_device_state() == src.get_device_state()
     assert gc.isenabled()

@@ -325,7 +325,7 @@ def _reference_refuses(data: bytes, which: str) -> bool:
 
     if which == "edu":
         from pcidev.devices.edu import EduDevice
-        from pcidev.framework_state import FunctionState
+        from pcidev.migration import FunctionState
 
         kw = {"device_type": "edu", "fingerprint": _GOLDEN_HEADERS["edu"][1],
               "descriptions": [FunctionState, EduDevice.VMSTATE]}

@@ -6,18 +6,50 @@ list, from 0x100). At realize the :class:`CapabilityList` gives each one a byte
 offset (or honours the offset it pinned), writes the headers with the ``next``
 links, and lets each capability write its registers and masks. All offsets are
 byte offsets.
+
+A capability sees the function it belongs to only through
+:class:`FunctionContext` (configuration space, the interrupt operations it
+needs, a reset request), so it can be tested with a small fake instead of a
+whole :class:`~pcidev.device.PciDevice`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+import threading
+from typing import ClassVar, Protocol
 
 from pcidev.errors import ConfigError
 from pcidev.pci import ids
 from pcidev.pci.config import ConfigSpace, ResetKind
 
-if TYPE_CHECKING:
-    from pcidev.device import PciDevice
+__all__ = ["InterruptPort", "FunctionContext", "Capability", "ExtCapability", "CapabilityList"]
+
+
+class InterruptPort(Protocol):
+    """The interrupt operations a capability uses (an
+    :class:`~pcidev.irq.InterruptController` provides them)."""
+
+    #: held while a capability changes masks and delivers pending messages
+    lock: threading.RLock
+
+    def send(self, vector: int, address: int, data: int) -> None:
+        """Deliver one MSI/MSI-X message (dropped while bus mastering is off)."""
+
+    def update_intx(self) -> None:
+        """Recompute the INTx line level (after an interrupt mode change)."""
+
+
+class FunctionContext(Protocol):
+    """What a capability sees of the PCI function it is installed in."""
+
+    #: the function's configuration space
+    config: ConfigSpace
+    #: the function's interrupt delivery
+    irq: InterruptPort
+
+    def request_reset(self, kind: ResetKind) -> None:
+        """Reset the function now (a Function Level Reset, or the conventional
+        reset of a D3hot to D0 transition)."""
 
 
 class Capability:
@@ -36,7 +68,8 @@ class Capability:
 
     def __init__(self, *, offset: int | None = None) -> None:
         self.offset: int | None = offset
-        self.device: PciDevice | None = None
+        #: the function the capability is installed in (None until realize)
+        self.device: FunctionContext | None = None
         self.config: ConfigSpace | None = None
 
     @property
@@ -72,8 +105,12 @@ class Capability:
         self.config.add_write_hook(self.offset + rel, size, hook)
 
     # -- lifecycle ------------------------------------------------------------------
-    def install(self, device: PciDevice, offset: int) -> None:
-        """Bind to ``device`` at ``offset`` and write registers (called by the list)."""
+    def install(self, device: FunctionContext, offset: int) -> None:
+        """Bind to ``device`` at ``offset`` and write registers (called by the list).
+
+        :param device: the function (anything providing :class:`FunctionContext`).
+        :param offset: the byte offset in configuration space.
+        """
         self.device = device
         self.config = device.config
         self.offset = offset
@@ -103,10 +140,10 @@ class ExtCapability(Capability):
 class CapabilityList:
     """Places capabilities and links them.
 
-    :param device: the owning device.
+    :param device: the owning function.
     """
 
-    def __init__(self, device: PciDevice) -> None:
+    def __init__(self, device: FunctionContext) -> None:
         self.device = device
         self.standard: list[Capability] = []
         self.extended: list[ExtCapability] = []

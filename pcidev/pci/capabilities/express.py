@@ -110,7 +110,7 @@ class PciExpressCapability(Capability):
         ctl = self.get(DEVCTL, 2)
         if ctl & DEVCTL_BCR_FLR:
             self.set(DEVCTL, 2, ctl & ~DEVCTL_BCR_FLR)  # always reads 0
-            self.device.reset(ResetKind.FLR)
+            self.device.request_reset(ResetKind.FLR)
 
     def report_error(self, kind: str) -> None:
         """Set a Device Status error-detected bit: ``correctable``, ``nonfatal``,

@@ -16,16 +16,27 @@ vector in quadwords; it is read-only to the guest.
 A message raised while its vector (or the whole function) is masked sets its
 pending bit; unmasking delivers it and clears the bit (PCI Local Bus spec,
 MSI-X chapter).
+
+The table and the PBA are state outside configuration space: a migration saves
+them with :meth:`MsixCapability.snapshot` and puts them back with
+:meth:`MsixCapability.restore` (:class:`MsixState`, the ``pcidev/msix``
+vmstate description).
 """
 
 from __future__ import annotations
 
 import struct
 
+import attrs
+
 from pcidev.errors import ConfigError, IrqError
 from pcidev.pci import ids
 from pcidev.pci.capabilities.base import Capability
 from pcidev.pci.config import ResetKind
+from pcidev.vmstate import VarBytes, vmstate
+
+__all__ = ["MAX_VECTORS", "ENTRY_SIZE", "ENTRY_CTRL", "VECTOR_MASKED", "CTRL_ENABLE", "CTRL_MASKALL",
+           "MsixState", "MsixCapability"]
 
 CTRL = 2
 TABLE = 4
@@ -36,7 +47,19 @@ ENTRY_SIZE = 16
 ENTRY_CTRL = 12
 VECTOR_MASKED = 0x1
 
+MAX_VECTORS = 2048
+
 _ENTRY = struct.Struct("<IIII")
+
+
+@vmstate("pcidev/msix")
+@attrs.frozen
+class MsixState:
+    """The MSI-X table (16 bytes per vector) and Pending Bit Array (a quadword per
+    64 vectors), as the capability holds them."""
+
+    table: VarBytes[MAX_VECTORS * ENTRY_SIZE]
+    pba: VarBytes[MAX_VECTORS // 8]
 
 
 class MsixCapability(Capability):
@@ -55,8 +78,8 @@ class MsixCapability(Capability):
     def __init__(self, nvectors: int, *, table_bar: int, table_offset: int, pba_bar: int,
                  pba_offset: int, offset: int | None = None) -> None:
         super().__init__(offset=offset)
-        if not 1 <= nvectors <= 2048:
-            raise ConfigError(f"MSI-X supports 1..2048 vectors, not {nvectors}")
+        if not 1 <= nvectors <= MAX_VECTORS:
+            raise ConfigError(f"MSI-X supports 1..{MAX_VECTORS} vectors, not {nvectors}")
         for name, bar, off in (("table", table_bar, table_offset), ("PBA", pba_bar, pba_offset)):
             if not 0 <= bar <= 5 or off % 8 or off < 0:
                 raise ConfigError(f"MSI-X {name} BAR {bar} offset {off:#x} is invalid")
@@ -178,3 +201,20 @@ class MsixCapability(Capability):
 
     def reset(self, kind: ResetKind) -> None:
         self._reset_table()
+
+    # -- migration ------------------------------------------------------------------
+    def snapshot(self) -> MsixState:
+        """The table and the PBA as they are now (copies)."""
+        return MsixState(table=bytes(self.table), pba=bytes(self.pba))
+
+    def restore(self, state: MsixState) -> None:
+        """Put back a table and PBA from :meth:`snapshot` (no message is sent).
+
+        :param state: a state of a capability with as many vectors.
+        :raises ConfigError: the state's table or PBA has another size.
+        """
+        if len(state.table) != len(self.table) or len(state.pba) != len(self.pba):
+            raise ConfigError(f"MSI-X state of {len(state.table)}+{len(state.pba)} bytes does not fit "
+                              f"a table of {self.nvectors} vectors")
+        self.table[:] = state.table
+        self.pba[:] = state.pba

@@ -60,7 +60,7 @@ class PowerManagementCapability(Capability):
             return
         prev, self._state = self._state, state
         if prev == D3HOT and state == D0 and not self.no_soft_reset:
-            self.device.reset(ResetKind.CONVENTIONAL)
+            self.device.request_reset(ResetKind.CONVENTIONAL)
 
     def reset(self, kind: ResetKind) -> None:
         self._state = self.power_state

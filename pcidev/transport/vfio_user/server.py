@@ -19,6 +19,7 @@ is removed.
 from __future__ import annotations
 
 import errno
+import inspect
 import json
 import logging
 import os
@@ -38,7 +39,14 @@ from pcidev.errors import (
     PcidevError,
     TransportError,
 )
+from pcidev.bar import RamBacking
+from pcidev.pci.capabilities.msi import MsiCapability
+from pcidev.pci.capabilities.msix import ENTRY_CTRL, ENTRY_SIZE, MsixCapability
+from pcidev.pci.config import ResetKind
+from pcidev.plugins import load_registry, make_plugin_manager
+from pcidev.transport.endpoint import DeviceEndpoint
 from pcidev.transport.fdpass import close_fds, recv_exact, send_all
+from pcidev.transport.serve import parse_setting
 from pcidev.transport.vfio_user import protocol as P
 from pcidev.transport.vfio_user.protocol import VfioUserError
 
@@ -311,8 +319,6 @@ class VfioUserServer:
 
     def region_layout(self, index: int) -> tuple[int, int, Any]:
         """``(size, flags, ram_backing_or_None)`` of region ``index``."""
-        from pcidev.bar import RamBacking
-
         dev = self.device
         rw = P.REGION_FLAG_READ | P.REGION_FLAG_WRITE
         if 0 <= index <= 5:
@@ -363,9 +369,6 @@ class VfioUserServer:
 
     def irq_count(self, index: int) -> int:
         """Vectors of IRQ ``index`` (ERR and REQ: 0)."""
-        from pcidev.pci.capabilities.msi import MsiCapability
-        from pcidev.pci.capabilities.msix import MsixCapability
-
         dev = self.device
         if index == P.IRQ_INTX:
             return 1 if dev.interrupt_pin else 0
@@ -380,8 +383,6 @@ class VfioUserServer:
     # interrupts ------------------------------------------------------------------------------
     def _msix_mask(self, vector: int, masked: bool) -> None:
         """QEMU emulates the MSI-X table: mirror "has an eventfd" as the vector's mask bit."""
-        from pcidev.pci.capabilities.msix import ENTRY_CTRL, ENTRY_SIZE, MsixCapability
-
         msix = self.device.caps.find(MsixCapability)
         if msix is not None and vector < msix.nvectors:
             msix.table_write(vector * ENTRY_SIZE + ENTRY_CTRL, 4, 1 if masked else 0)
@@ -546,8 +547,6 @@ class VfioUserServer:
         return P.WRITE_MULTI_HDR_S.pack(n), []
 
     def _reset(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
-        from pcidev.pci.config import ResetKind
-
         dev = self.device
         with dev.lock:
             dev.reset(ResetKind.FLR)
@@ -575,10 +574,6 @@ def make_device(spec: str, registry: Any) -> Any:
 
     :raises PcidevError: unknown type or options the class refuses.
     """
-    import inspect
-
-    from pcidev.transport.serve import parse_setting
-
     dtype, _, props = spec.partition(",")
     cls = registry.get(dtype)
     params = [p for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"]
@@ -598,9 +593,6 @@ def serve_device(spec: str, path: str, *, once: bool = True, out: Any = None) ->
     client until it leaves (QEMU never reconnects) and returns 0. SIGTERM/SIGINT end
     it cleanly.
     """
-    from pcidev.plugins import load_registry, make_plugin_manager
-    from pcidev.transport.endpoint import DeviceEndpoint
-
     out = sys.stdout if out is None else out
     pm = make_plugin_manager()
     device = make_device(spec, load_registry(pm))

@@ -21,7 +21,14 @@ import attrs
 import crc32c
 import pytest
 
-from pcidev.framework_state import VMStateSnapshot
+from pcidev.migration import (
+    VMStateSnapshot,
+    device_blockers,
+    load_device,
+    load_device_stream,
+    save_device,
+    save_device_stream,
+)
 from pcidev.host import Machine
 from pcidev.vmstate import Section
 from pcidev.vmstate.errors import ChecksumError, ConfigMismatchError, StateError, StreamError
@@ -64,9 +71,9 @@ class Host:
         src = self.ctrl
         src.quiesce()
         before = namespace_crcs(src)  # every block, at the consistent point
-        data, fds = src.save_vmstate_stream()
+        data, fds = save_device_stream(src)
         dst = NvmeController(src.cfg, name=f"dst{len(self.old)}")
-        res = dst.load_vmstate_stream(data, fds)
+        res = load_device_stream(dst, data, fds)
         assert namespace_crcs(dst) == before, "a block differs across the migration"
         self.resources.append(res)
         self.sizes.append(len(data))
@@ -163,7 +170,7 @@ def _slow_files(ctrl, delay=0.002):
 def test_round_trip_mid_io_qd32_several_namespaces_and_queues(hosts, tmp_path):
     h = hosts(f"serial=MIG1,max_ioqpairs=4,msix_vectors=5,{_files(tmp_path)}", io_queues=4, io_depth=64)
     drv, m = h.drv, h.machine
-    assert h.ctrl.migration_blockers() == []  # file (O_DIRECT too), 4 KiB file, mem
+    assert device_blockers(h.ctrl) == []  # file (O_DIRECT too), 4 KiB file, mem
     assert len(drv.namespaces) == 4
     blocks = Blocks(drv)
     rnd = random.Random(7)
@@ -375,7 +382,7 @@ def _loaded_source(hosts, tmp_path):
     for i in range(8):
         drv.submit_rw(3, WRITE, nsid=1, slba=i, nlb=1, buf=h.machine.alloc(512))
     h.ctrl.quiesce()
-    snap = h.ctrl.save_vmstate()
+    snap = save_device(h.ctrl)
     return h, snap
 
 
@@ -428,36 +435,36 @@ def test_malformed_states_are_refused_and_the_destination_stays_untouched(hosts,
         seen = []
         for path, bad in _bad_states(st):
             with pytest.raises(StateError) as info:
-                dst.load_vmstate(_with_state(snap, bad))
+                load_device(dst, _with_state(snap, bad))
             assert info.value.section == "nvme" and info.value.path.startswith(path), (path, str(info.value))
             # the same through a stream (encoded, checksummed): the same refusal
             data = _with_state(snap, bad).to_bytes()
             with pytest.raises(StateError):
-                dst.load_vmstate_stream(data, list(snap.fds))
+                load_device_stream(dst, data, list(snap.fds))
             assert _stable(dst.get_device_state()) == before
             assert {n: ns.backend for n, ns in dst.allocated.items()} == backends
             seen.append(path)
         assert len(seen) >= 15
         data, fds = snap.to_bytes(), list(snap.fds)
         with pytest.raises(StreamError):
-            dst.load_vmstate_stream(data[: len(data) // 2], fds)
+            load_device_stream(dst, data[: len(data) // 2], fds)
         garbled = bytearray(data)
         garbled[len(data) // 2] ^= 0x40
         with pytest.raises((ChecksumError, StreamError)):
-            dst.load_vmstate_stream(bytes(garbled), fds)
+            load_device_stream(dst, bytes(garbled), fds)
         # TCP: no descriptors, so the mem namespace cannot follow
         with pytest.raises(StateError, match="did not arrive"):
-            dst.load_vmstate_stream(data, None)
+            load_device_stream(dst, data, None)
         assert _stable(dst.get_device_state()) == before
         # a destination with another namespace size refuses by fingerprint, naming the item
         other = NvmeController(attrs.evolve(h.ctrl.cfg, namespaces=["mem:size=2M", h.ctrl.cfg.namespaces[1]]))
         try:
             with pytest.raises(ConfigMismatchError, match="nvme.namespaces"):
-                other.load_vmstate_stream(data, fds)
+                load_device_stream(other, data, fds)
         finally:
             other.close()
         # and the good stream still loads
-        res = dst.load_vmstate_stream(data, fds)
+        res = load_device_stream(dst, data, fds)
         res.close()
         assert len(dst._cqs[3].backlog) == 3
     finally:
@@ -473,7 +480,7 @@ def test_failed_migration_resumes_the_source(hosts, tmp_path):
     buf = m.alloc(512)
     m.write(buf, data)
     h.ctrl.quiesce()
-    h.ctrl.save_vmstate_stream()
+    save_device_stream(h.ctrl)
     h.ctrl.resume()
     drv.submit_rw(1, WRITE, nsid=1, slba=1, nlb=1, buf=buf)
     assert drv.reap(1)[0].ok
@@ -509,7 +516,7 @@ def test_blockers_list_every_reason(tmp_path):
         ctrl.close()
     ok = NvmeController(f"serial=OK,ns=mem:size=1M,ns=null:size=1M,ns=file:path={tmp_path}/f.img,size=1M")
     try:
-        assert ok.migration_blockers() == []
+        assert device_blockers(ok) == []
     finally:
         ok.close()
 
@@ -523,9 +530,9 @@ def test_namespace_management_blocks_until_undone(hosts):
     struct.pack_into("<QQ", data, 0, 256, 256)  # 256 x 512 B
     nsid = drv.admin(0x0D, cdw10=0, data=bytes(data)).dw0
     assert nsid == 2
-    assert any("namespace 2 was created by Namespace Management" in r for r in ctrl.migration_blockers())
+    assert any("namespace 2 was created by Namespace Management" in r for r in device_blockers(ctrl))
     drv.admin(0x0D, cdw10=1, nsid=nsid)
-    assert ctrl.migration_blockers() == []
+    assert device_blockers(ctrl) == []
     h.migrate()
     assert drv.read(1, 0, 1) == bytes(512)
 
@@ -567,7 +574,7 @@ def test_golden_nvme_v1_stream_loads():
     os.pwrite(nsmem, b"migrated memory!" * 32, 0)
     ctrl = NvmeController(NVME_CONFIG)
     try:
-        res = ctrl.load_vmstate_stream(data, [ram, nsmem])
+        res = load_device_stream(ctrl, data, [ram, nsmem])
         try:
             st = ctrl.get_device_state()
             want = EXPECTED_NVME_V1
@@ -668,7 +675,7 @@ def test_mutated_states_are_refused_or_applied_never_crash(hosts, tmp_path):
         for (path, bits), raw in changes:
             state = _replace(state, path, raw & ((1 << bits) - 1) if raw % 3 else raw % 5)
         try:
-            res = dst.load_vmstate(_with_state(snap, state))
+            res = load_device(dst, _with_state(snap, state))
         except StateError as exc:
             # refused by the checks, not by a crash while checking or applying
             assert "applying the state failed" not in str(exc), exc

@@ -2,12 +2,12 @@
 
 The source side, :func:`migrate_out`:
 
-1. collects every blocker (:func:`collect_blockers`) *before* stopping anything,
+1. collects every blocker (:func:`~pcidev.migration.blockers.collect_blockers`) *before* stopping anything,
    and refuses with :class:`~pcidev.errors.MigrationBlockedError` listing them all;
 2. quiesces the device at a consistent point (:meth:`PciDevice.quiesce`: no
    request half-done; the transport has already stopped reading guest accesses at
    a message boundary);
-3. saves it (:meth:`PciDevice.save_vmstate_stream`) and sends the stream over the
+3. saves it (:func:`~pcidev.migration.snapshot.save_device_stream`) and sends the stream over the
    migration socket, with the guest-memory and interrupt eventfds attached
    (``SCM_RIGHTS``) on a UNIX socket;
 4. waits for the destination's acknowledgement. Until then it keeps everything;
@@ -17,7 +17,7 @@ The source side, :func:`migrate_out`:
    for the destination's *running* notice to report the downtime.
 
 The destination side, :func:`migrate_in`, receives, loads (all or nothing:
-:meth:`PciDevice.load_vmstate_stream`), acknowledges, then resumes the device and
+:func:`~pcidev.migration.snapshot.load_device_stream`), acknowledges, then resumes the device and
 sends the running notice.
 
 Over TCP no descriptors travel: the destination loads without them and must be
@@ -47,32 +47,30 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 import msgpack
+import pluggy
 
+from pcidev.device import PciDevice
 from pcidev.errors import (
     MigrationBlockedError,
     MigrationError,
-    PluginError,
     TransportError,
     VMStateError,
 )
+from pcidev.migration.blockers import collect_blockers
+from pcidev.migration.function_state import LoadedResources
+from pcidev.migration.snapshot import load_device_stream, save_device_stream
 from pcidev.transport.fdpass import SCM_MAX_FD, close_fds, is_unix, recv_exact, send_all
-
-if TYPE_CHECKING:
-    import pluggy
-
-    from pcidev.device import PciDevice
-    from pcidev.framework_state import LoadedResources
+from pcidev.vmstate.errors import ConfigMismatchError
 
 __all__ = [
     "PROTOCOL_VERSION",
     "MAX_STREAM_SIZE",
     "MigrationResult",
     "IncomingResult",
-    "collect_blockers",
     "migrate_out",
     "migrate_in",
     "boot_id",
@@ -97,38 +95,6 @@ def boot_id() -> str:
             return f.read().strip()
     except OSError:
         return ""
-
-
-def collect_blockers(device: PciDevice, pm: pluggy.PluginManager | None = None) -> list[str]:
-    """Every reason ``device`` cannot migrate now: the device's own
-    (:meth:`PciDevice.migration_blockers`: no VMSTATE, undeclared features, its
-    dynamic reasons) and every plugin's ``pcidev_migration_blockers``. A plugin
-    whose hook fails contributes that failure as a reason.
-
-    :param device: the device.
-    :param pm: the plugin manager (None: the device's reasons only).
-    :returns: all reasons (empty: it may migrate).
-    """
-    from pcidev.plugins import each_plugin
-
-    reasons = list(device.migration_blockers())
-    if pm is None:
-        return reasons
-    # one plugin at a time, so a broken plugin does not hide the others' reasons
-    for hook in each_plugin(pm, "pcidev_migration_blockers"):
-        try:
-            results = hook(device=device)
-        except PluginError as exc:
-            reasons.append(str(exc))
-            continue
-        for result in results:
-            if isinstance(result, (str, bytes)) or not isinstance(result, (list, tuple)) \
-                    or not all(isinstance(r, str) for r in result):
-                reasons.append(f"plugin {hook.name!r} returned {result!r:.100} from pcidev_migration_blockers; "
-                               "expected a list of strings")
-            else:
-                reasons.extend(result)
-    return reasons
 
 
 @attrs.frozen
@@ -264,7 +230,7 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
     size = 0
     try:
         sock.settimeout(timeout)
-        stream, fds = device.save_vmstate_stream()
+        stream, fds = save_device_stream(device)
         size = len(stream)
         pass_fds = is_unix(sock)
         nfds = len(fds) if pass_fds else 0
@@ -342,8 +308,6 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
             if offer["protocol"] != PROTOCOL_VERSION:
                 raise TransportError(f"migration protocol {offer['protocol']} is not {PROTOCOL_VERSION}")
             if offer["device_type"] != device.vmstate_device_type:
-                from pcidev.vmstate.errors import ConfigMismatchError
-
                 raise ConfigMismatchError(f"stream is for device type {offer['device_type']!r}, "
                                           f"this device is {device.vmstate_device_type!r}")
             want, size = offer["fds"], offer["stream_size"]
@@ -364,7 +328,7 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
                 raise TransportError(f"migration channel: expected a STATE of {size} bytes, got "
                                      f"{_NAMES[kind]} of {len(stream)}")
             use_fds = fds if is_unix(sock) else None
-            res = device.load_vmstate_stream(stream, use_fds)
+            res = load_device_stream(device, stream, use_fds)
         except (VMStateError, TransportError) as exc:
             try:
                 _send_meta(sock, NACK, {"error": type(exc).__name__, "message": str(exc)})

@@ -16,27 +16,33 @@ destination configured differently (BAR layout, vector counts, capability
 layout, queue counts...) refuses the stream with an error naming every
 difference.
 
-The functions here are the machinery behind :meth:`PciDevice.save_vmstate` and
-:meth:`PciDevice.load_vmstate`; device authors use those methods, not this module.
+The section composes what the components export: configuration space, the
+interrupt controller's INTx state (:meth:`~pcidev.irq.InterruptController.snapshot`),
+the MSI-X table and PBA (:meth:`~pcidev.pci.capabilities.msix.MsixCapability.snapshot`),
+the failed flag, the guest-memory map and the interrupt eventfds.
+
+The functions here are the machinery behind :func:`pcidev.migration.save_device`
+and :func:`pcidev.migration.load_device`; device authors use those, not this module.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Optional
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 import attrs
 
+from pcidev.device import PciDevice
+from pcidev.dma import GuestMemory
 from pcidev.errors import DeviceFailedError, DmaError
-from pcidev.irq import EventfdSink
-from pcidev.vmstate import FdRef, Section, Str, U64, VarArray, VarBytes, vmstate
+from pcidev.irq import EventfdSink, InterruptState
+from pcidev.pci.capabilities.base import ExtCapability
+from pcidev.pci.capabilities.msi import MsiCapability
+from pcidev.pci.capabilities.msix import MAX_VECTORS, MsixCapability, MsixState
+from pcidev.vmstate import FdRef, Str, U64, VarArray, VarBytes, vmstate
 from pcidev.vmstate.errors import StateError
-
-if TYPE_CHECKING:
-    from pcidev.device import PciDevice
-    from pcidev.dma import GuestMemory
 
 __all__ = [
     "FUNCTION_SECTION",
@@ -44,28 +50,21 @@ __all__ = [
     "MsixState",
     "DmaRegionState",
     "EventfdState",
-    "VMStateSnapshot",
     "LoadedResources",
     "OwnedEventfdSink",
     "framework_fingerprint",
+    "save_function_state",
+    "check_function_state",
+    "build_resources",
+    "apply_function_state",
+    "undo_function_state",
 ]
 
 #: Section name of the framework state (instance 0).
 FUNCTION_SECTION = "pcidev/function"
-MAX_VECTORS = 2048
 MAX_REGIONS = 4096
 MAX_FAILURE_TEXT = 512
 MAX_REGION_NAME = 64
-
-
-@vmstate("pcidev/msix")
-@attrs.frozen
-class MsixState:
-    """The MSI-X table (16 bytes per vector) and Pending Bit Array (a quadword per
-    64 vectors), as the capability holds them."""
-
-    table: VarBytes[MAX_VECTORS * 16]
-    pba: VarBytes[MAX_VECTORS // 8]
 
 
 @vmstate("pcidev/dma-region")
@@ -112,34 +111,6 @@ class FunctionState:
     dma: VarArray[DmaRegionState, MAX_REGIONS]
     msix: Optional[MsixState] = None
     eventfds: Optional[EventfdState] = None
-
-
-@attrs.frozen
-class VMStateSnapshot:
-    """A saved device: what :meth:`PciDevice.save_vmstate` returns.
-
-    :ivar device_type: the stream's device type.
-    :ivar fingerprint: the configuration fingerprint.
-    :ivar sections: the framework section, then the device's section.
-    :ivar fds: the file descriptors the :class:`~pcidev.vmstate.FdRef` fields index
-        (guest-memory regions, eventfds). They are *borrowed*: they belong to the
-        device's memory and interrupt sink and stay valid while those do.
-    """
-
-    device_type: str
-    fingerprint: dict[str, Any]
-    sections: tuple[Section, ...]
-    fds: tuple[int, ...] = ()
-
-    def to_bytes(self) -> bytes:
-        """Encode as a vmstate stream (docs/vmstate-format.md); fds travel apart.
-
-        :returns: the stream.
-        :raises StateError: a state object does not fit its description.
-        """
-        from pcidev.vmstate import save
-
-        return save(self.device_type, self.fingerprint, self.sections)
 
 
 @attrs.frozen
@@ -195,10 +166,6 @@ def framework_fingerprint(device: PciDevice) -> dict[str, Any]:
     :param device: a realized device.
     :returns: the items.
     """
-    from pcidev.pci.capabilities.base import ExtCapability
-    from pcidev.pci.capabilities.msi import MsiCapability
-    from pcidev.pci.capabilities.msix import MsixCapability
-
     msix = device.caps.find(MsixCapability)
     msi = device.caps.find(MsiCapability)
     return {
@@ -232,8 +199,6 @@ def save_function_state(device: PciDevice, memory: GuestMemory | None) -> tuple[
     :param memory: the guest memory it is attached to, if any.
     :returns: ``(state, fds)``; the fds are borrowed from ``memory`` and the sink.
     """
-    from pcidev.pci.capabilities.msix import MsixCapability
-
     fds: list[int] = []
     regions = []
     if memory is not None:
@@ -244,7 +209,7 @@ def save_function_state(device: PciDevice, memory: GuestMemory | None) -> tuple[
                                           fd=FdRef(len(fds))))
             fds.append(fd)
     msix = device.caps.find(MsixCapability)
-    msix_state = MsixState(table=bytes(msix.table), pba=bytes(msix.pba)) if msix is not None else None
+    msix_state = msix.snapshot() if msix is not None else None
     eventfds = None
     sink = device.irq.sink
     if isinstance(sink, EventfdSink):
@@ -261,10 +226,11 @@ def save_function_state(device: PciDevice, memory: GuestMemory | None) -> tuple[
             fds.append(sink.intx_fd)
         eventfds = EventfdState(vectors=tuple(vectors), intx=intx)
     failed = device.failed
+    intx = device.irq.snapshot()
     state = FunctionState(
         config=bytes(device.config.data),
-        intx_asserted=bool(device.irq.intx_asserted),
-        intx_line=bool(getattr(device.irq, "_intx_out", False)),
+        intx_asserted=intx.intx_asserted,
+        intx_line=intx.intx_line,
         failed=failed is not None,
         failure=_truncate_utf8(f"{type(failed).__name__}: {failed}" if failed is not None else "",
                                MAX_FAILURE_TEXT),
@@ -293,8 +259,6 @@ def check_function_state(device: PciDevice, st: FunctionState, fds: Sequence[int
         them before the device resumes).
     :raises StateError: naming the field that does not fit.
     """
-    from pcidev.pci.capabilities.msix import MsixCapability
-
     if len(st.config) != device.config.size:
         raise _fail(f"config space is {len(st.config)} bytes, this device has {device.config.size}", "config")
     msix = device.caps.find(MsixCapability)
@@ -302,11 +266,11 @@ def check_function_state(device: PciDevice, st: FunctionState, fds: Sequence[int
         raise _fail("MSI-X state " + ("missing" if msix is not None else "present for a device without MSI-X"),
                     "msix")
     if msix is not None:
-        if len(st.msix.table) != len(msix.table):
-            raise _fail(f"MSI-X table is {len(st.msix.table)} bytes, this device has {len(msix.table)}",
+        if len(st.msix.table) != msix.table_size:
+            raise _fail(f"MSI-X table is {len(st.msix.table)} bytes, this device has {msix.table_size}",
                         "msix.table")
-        if len(st.msix.pba) != len(msix.pba):
-            raise _fail(f"MSI-X PBA is {len(st.msix.pba)} bytes, this device has {len(msix.pba)}", "msix.pba")
+        if len(st.msix.pba) != msix.pba_size:
+            raise _fail(f"MSI-X PBA is {len(st.msix.pba)} bytes, this device has {msix.pba_size}", "msix.pba")
     prev_end = 0
     for i, r in enumerate(st.dma):
         where = f"dma[{i}]"
@@ -340,8 +304,6 @@ def build_resources(st: FunctionState, fds: Sequence[int]) -> LoadedResources:
     :raises StateError: a region cannot be mapped or an fd is unusable; whatever
         was created is released first.
     """
-    from pcidev.dma import GuestMemory
-
     memory = GuestMemory(max_regions=MAX_REGIONS) if st.dma else None
     sink: OwnedEventfdSink | None = None
     try:
@@ -374,56 +336,63 @@ def _dup(fd: int, where: str) -> int:
 
 
 @attrs.frozen
-class _Applied:
-    """What apply_function_state replaced (to roll back)."""
+class AppliedFunctionState:
+    """What :func:`apply_function_state` replaced (to roll back)."""
 
     config: bytes
-    msix: tuple[bytes, bytes] | None
-    intx_asserted: bool
-    intx_line: bool
+    msix: MsixState | None
+    intx: InterruptState
     failed: BaseException | None
-    memory: Any
+    memory: GuestMemory | None
     memory_replaced: bool
-    sink: Any
+    sink: object
 
 
-def apply_function_state(device: PciDevice, st: FunctionState, res: LoadedResources) -> _Applied:
-    """Apply a checked framework state; returns what it replaced (for rollback)."""
-    from pcidev.pci.capabilities.msix import MsixCapability
+def apply_function_state(device: PciDevice, st: FunctionState, res: LoadedResources,
+                         memory: GuestMemory | None,
+                         set_memory: Callable[[GuestMemory | None], None]) -> AppliedFunctionState:
+    """Apply a checked framework state.
 
+    :param device: the destination device (quiesced, its lock held).
+    :param st: the state, checked by :func:`check_function_state`.
+    :param res: what :func:`build_resources` created (attached here).
+    :param memory: the guest memory the device has now (kept for a rollback).
+    :param set_memory: attaches new guest memory to the device.
+    :returns: what it replaced, for :func:`undo_function_state`.
+    """
     msix = device.caps.find(MsixCapability)
-    old = _Applied(config=bytes(device.config.data),
-                   msix=(bytes(msix.table), bytes(msix.pba)) if msix is not None else None,
-                   intx_asserted=device.irq.intx_asserted, intx_line=getattr(device.irq, "_intx_out", False),
-                   failed=device.failed, memory=device._migration_memory(), memory_replaced=res.memory is not None,
-                   sink=device.irq.sink)
+    old = AppliedFunctionState(config=bytes(device.config.data),
+                               msix=msix.snapshot() if msix is not None else None,
+                               intx=device.irq.snapshot(), failed=device.failed, memory=memory,
+                               memory_replaced=res.memory is not None, sink=device.irq.sink)
     device.config.data[:] = st.config
     device.caps.config_loaded()
     if msix is not None and st.msix is not None:
-        msix.table[:] = st.msix.table
-        msix.pba[:] = st.msix.pba
-    device.irq.intx_asserted = st.intx_asserted
-    device.irq._intx_out = st.intx_line
+        msix.restore(st.msix)
+    device.irq.restore(InterruptState(intx_asserted=st.intx_asserted, intx_line=st.intx_line))
     device.failed = DeviceFailedError(st.failure or "failed on the source") if st.failed else None
     if res.memory is not None:
-        device._set_migration_memory(res.memory)
+        set_memory(res.memory)
     if res.sink is not None:
         device.irq.sink = res.sink
     return old
 
 
-def undo_function_state(device: PciDevice, old: _Applied) -> None:
-    """Put back what :func:`apply_function_state` replaced."""
-    from pcidev.pci.capabilities.msix import MsixCapability
+def undo_function_state(device: PciDevice, old: AppliedFunctionState,
+                        set_memory: Callable[[GuestMemory | None], None]) -> None:
+    """Put back what :func:`apply_function_state` replaced.
 
+    :param device: the device.
+    :param old: what :func:`apply_function_state` returned.
+    :param set_memory: attaches guest memory to the device.
+    """
     device.config.data[:] = old.config
     device.caps.config_loaded()
     msix = device.caps.find(MsixCapability)
     if msix is not None and old.msix is not None:
-        msix.table[:], msix.pba[:] = old.msix
-    device.irq.intx_asserted = old.intx_asserted
-    device.irq._intx_out = old.intx_line
+        msix.restore(old.msix)
+    device.irq.restore(old.intx)
     device.failed = old.failed
     if old.memory_replaced:
-        device._set_migration_memory(old.memory)
+        set_memory(old.memory)
     device.irq.sink = old.sink

@@ -1,0 +1,68 @@
+"""Why a device cannot migrate now: the framework's checks, the device's own
+reasons and every plugin's ``pcidev_migration_blockers``."""
+
+from __future__ import annotations
+
+import pluggy
+
+from pcidev.device import PciDevice
+from pcidev.errors import PluginError
+from pcidev.plugins import each_plugin
+
+__all__ = ["device_blockers", "collect_blockers"]
+
+
+def device_blockers(device: PciDevice) -> list[str]:
+    """Every reason ``device`` cannot migrate now, from the device itself:
+    no :attr:`~pcidev.device.PciDevice.VMSTATE`; each enabled feature
+    (:meth:`~pcidev.device.PciDevice.enabled_features`) that is not in
+    ``FRAMEWORK_FEATURES`` or ``MIGRATABLE_FEATURES``; and
+    :meth:`~pcidev.device.PciDevice.device_migration_blockers` (a failure of that
+    hook is itself a reason). Plugins add theirs through the
+    ``pcidev_migration_blockers`` hook (:func:`collect_blockers` gathers both).
+
+    :param device: the device.
+    :returns: the reasons, all of them (empty: the device can migrate).
+    """
+    reasons = []
+    if device.VMSTATE is None:
+        reasons.append(f"device type {device.vmstate_device_type} has no vmstate description")
+    allowed = device.FRAMEWORK_FEATURES | frozenset(device.MIGRATABLE_FEATURES)
+    for feature in sorted(device.enabled_features() - allowed):
+        reasons.append(f"feature {feature!r} is enabled but device type {device.vmstate_device_type} "
+                       "does not declare it migratable")
+    try:
+        reasons.extend(str(r) for r in device.device_migration_blockers())
+    except Exception as exc:
+        reasons.append(f"device_migration_blockers() failed: {type(exc).__name__}: {exc}")
+    return reasons
+
+
+def collect_blockers(device: PciDevice, pm: pluggy.PluginManager | None = None) -> list[str]:
+    """Every reason ``device`` cannot migrate now: the device's own
+    (:func:`device_blockers`: no VMSTATE, undeclared features, its dynamic
+    reasons) and every plugin's ``pcidev_migration_blockers``. A plugin whose hook
+    fails contributes that failure as a reason.
+
+    :param device: the device.
+    :param pm: the plugin manager (None: the device's reasons only).
+    :returns: all reasons (empty: it may migrate).
+    """
+    reasons = device_blockers(device)
+    if pm is None:
+        return reasons
+    # one plugin at a time, so a broken plugin does not hide the others' reasons
+    for hook in each_plugin(pm, "pcidev_migration_blockers"):
+        try:
+            results = hook(device=device)
+        except PluginError as exc:
+            reasons.append(str(exc))
+            continue
+        for result in results:
+            if isinstance(result, (str, bytes)) or not isinstance(result, (list, tuple)) \
+                    or not all(isinstance(r, str) for r in result):
+                reasons.append(f"plugin {hook.name!r} returned {result!r:.100} from pcidev_migration_blockers; "
+                               "expected a list of strings")
+            else:
+                reasons.extend(result)
+    return reasons
