@@ -30,6 +30,10 @@ import attrs
 from pcidev.dma import alloc_memfd
 from pcidev.errors import ConfigError, MmioError
 
+__all__ = [
+    "BarKind", "BarHandler", "CallbackHandler", "Access", "Register", "RegisterMap", "RamBacking", "Bar",
+]
+
 log = logging.getLogger(__name__)
 
 

@@ -7,6 +7,11 @@ protocol error, a device status or a one-line message.
 
 from __future__ import annotations
 
+__all__ = [
+    "PcidevError", "ConfigError", "ConfigSpaceError", "MmioError", "DmaError", "IrqError", "PluginError",
+    "DeviceFailedError", "VMStateError", "TransportError", "MigrationError", "MigrationBlockedError",
+]
+
 
 class PcidevError(Exception):
     """Base class of every error pcidev raises deliberately."""

@@ -32,6 +32,10 @@ from collections.abc import Callable
 from pcidev.errors import ConfigSpaceError
 from pcidev.pci import ids
 
+__all__ = [
+    "WriteHook", "ReadHook", "ResetKind", "ConfigSpace",
+]
+
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 

@@ -8,6 +8,15 @@ from __future__ import annotations
 
 import enum
 
+__all__ = [
+    "VENDOR_ID", "DEVICE_ID", "COMMAND", "STATUS", "REVISION_ID", "CLASS_PROG", "CLASS_DEVICE",
+    "CACHE_LINE_SIZE", "LATENCY_TIMER", "HEADER_TYPE", "BIST", "BASE_ADDRESS_0", "CARDBUS_CIS",
+    "SUBSYSTEM_VENDOR_ID", "SUBSYSTEM_ID", "ROM_ADDRESS", "CAPABILITY_LIST", "INTERRUPT_LINE", "INTERRUPT_PIN",
+    "MIN_GNT", "MAX_LAT", "CONFIG_SPACE_SIZE", "EXT_CONFIG_SPACE_SIZE", "EXT_CAP_START", "STD_CAP_START",
+    "Command", "Status", "STATUS_RW1C", "BAR_SPACE_IO", "BAR_MEM_TYPE_64", "BAR_MEM_PREFETCH", "ROM_ENABLE",
+    "CapId", "ExtCapId", "ClassCode",
+]
+
 # -- type-0 configuration header -------------------------------------------------
 VENDOR_ID = 0x00
 DEVICE_ID = 0x02

@@ -20,8 +20,9 @@ Describe state as frozen attrs classes::
     [(name, iid, new_state)] = load(data, device_type="demo", fingerprint={"queues": 64},
                                     descriptions=[CtrlState])
 
-Live devices build a state object (``save_state()``) and apply a loaded one
-(``load_state()``); :func:`load` never mutates anything and either returns every
+Live devices build a state object and apply a loaded one (a
+:class:`~pcidev.device.PciDevice`'s ``get_device_state()`` and
+``set_device_state()``, driven by :mod:`pcidev.migration`); :func:`load` never mutates anything and either returns every
 section or raises a :class:`VMStateError`.  The wire format is specified in
 docs/vmstate-format.md.
 """

@@ -14,7 +14,9 @@ from pcidev.bar import RegisterMap
 from pcidev.device import PciDevice
 from pcidev.errors import IrqError, MmioError
 from pcidev.host import PCI_IRQ_INTX, PCI_IRQ_MSI, Machine
-from pcidev.irq import CallbackSink, EventfdSink
+from pcidev.irq import CallbackSink, EventfdSink, InterruptState
+from pcidev.pci.capabilities.msi import MsiCapability
+from pcidev.pci.capabilities.msix import MsixCapability
 from pcidev.pci import ids
 from pcidev.pci.capabilities import msix as msixmod
 
@@ -154,6 +156,28 @@ def test_intx_level_status_and_disable(host) -> None:
     dev.irq.set_intx(False)
     assert not host.recorder.intx_level
     assert not host.config_read16(ids.STATUS) & ids.Status.INTERRUPT
+
+
+def test_realize_binds_the_message_capabilities() -> None:
+    dev = IrqDevice()
+    assert dev.irq.msix is None and dev.irq.msi is None  # bound at realize, not looked up per call
+    dev.realize()
+    assert dev.irq.msix is dev.caps.find(MsixCapability)
+    assert dev.irq.msi is dev.caps.find(MsiCapability)
+
+
+def test_intx_snapshot_and_restore(host) -> None:
+    assert host.alloc_irq_vectors(1, 1, PCI_IRQ_INTX) == 1
+    dev = host.device
+    assert dev.irq.snapshot() == InterruptState(intx_asserted=False, intx_line=False)
+    dev.irq.set_intx(True)
+    saved = dev.irq.snapshot()
+    assert saved == InterruptState(intx_asserted=True, intx_line=True)
+    dev.irq.set_intx(False)
+    dev.irq.restore(saved)  # the sink is not told again
+    assert dev.irq.snapshot() == saved and not host.recorder.intx_level
+    dev.irq.set_intx(False)  # the controller knows the line is up: it lowers it
+    assert dev.irq.snapshot() == InterruptState(intx_asserted=False, intx_line=False)
 
 
 def test_callback_sink() -> None:

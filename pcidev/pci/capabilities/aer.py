@@ -17,6 +17,11 @@ from __future__ import annotations
 from pcidev.pci import ids
 from pcidev.pci.capabilities.base import ExtCapability
 
+__all__ = [
+    "UNCOR_STATUS", "UNCOR_MASK", "UNCOR_SEVER", "COR_STATUS", "COR_MASK", "CAP_CTRL", "HEADER_LOG",
+    "UNCOR_BITS", "UNCOR_SEVER_DEFAULT", "COR_BITS", "COR_MASK_DEFAULT", "AerCapability",
+]
+
 UNCOR_STATUS = 0x04
 UNCOR_MASK = 0x08
 UNCOR_SEVER = 0x0C

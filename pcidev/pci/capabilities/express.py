@@ -24,6 +24,13 @@ from pcidev.pci import ids
 from pcidev.pci.capabilities.base import Capability
 from pcidev.pci.config import ResetKind
 
+__all__ = [
+    "FLAGS", "DEVCAP", "DEVCTL", "DEVSTA", "LNKCAP", "LNKCTL", "LNKSTA", "DEVCAP2", "DEVCTL2", "LNKCAP2",
+    "LNKCTL2", "LNKSTA2", "DEVCAP_FLR", "DEVCAP_RBER", "DEVCAP_EXT_TAG", "DEVCTL_BCR_FLR", "DEVCTL_RW",
+    "DEVCTL_DEFAULT", "DEVSTA_ERRORS", "LNKCTL_RW", "TYPE_ENDPOINT", "TYPE_RC_INTEGRATED",
+    "PciExpressCapability",
+]
+
 FLAGS = 0x02
 DEVCAP = 0x04
 DEVCTL = 0x08

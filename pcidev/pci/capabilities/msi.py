@@ -21,6 +21,11 @@ from pcidev.pci import ids
 from pcidev.pci.capabilities.base import Capability
 from pcidev.pci.config import ResetKind
 
+__all__ = [
+    "CTRL", "ADDR_LO", "CTRL_ENABLE", "CTRL_MMC_SHIFT", "CTRL_MME_SHIFT", "CTRL_MME_MASK", "CTRL_64BIT",
+    "CTRL_MASKBIT", "MsiCapability",
+]
+
 CTRL = 2
 ADDR_LO = 4
 CTRL_ENABLE = 0x0001

@@ -35,8 +35,10 @@ from pcidev.pci.capabilities.base import Capability
 from pcidev.pci.config import ResetKind
 from pcidev.vmstate import VarBytes, vmstate
 
-__all__ = ["MAX_VECTORS", "ENTRY_SIZE", "ENTRY_CTRL", "VECTOR_MASKED", "CTRL_ENABLE", "CTRL_MASKALL",
-           "MsixState", "MsixCapability"]
+__all__ = [
+    "CTRL", "TABLE", "PBA", "CTRL_ENABLE", "CTRL_MASKALL", "ENTRY_SIZE", "ENTRY_CTRL", "VECTOR_MASKED",
+    "MAX_VECTORS", "MsixState", "MsixCapability",
+]
 
 CTRL = 2
 TABLE = 4

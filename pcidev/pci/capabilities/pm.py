@@ -17,6 +17,11 @@ from pcidev.pci import ids
 from pcidev.pci.capabilities.base import Capability
 from pcidev.pci.config import ResetKind
 
+__all__ = [
+    "PMC", "PMCSR", "STATE_MASK", "NO_SOFT_RESET", "PME_ENABLE", "PME_STATUS", "D0", "D3HOT",
+    "PowerManagementCapability",
+]
+
 PMC = 2
 PMCSR = 4
 STATE_MASK = 0x0003

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from pcidev.bar import RegisterMap
@@ -9,9 +11,10 @@ from pcidev.device import PciDevice
 from pcidev.errors import ConfigError
 from pcidev.host import Machine
 from pcidev.pci import ids
-from pcidev.pci.capabilities import aer, express, pm
-from pcidev.pci.capabilities.base import Capability, ExtCapability
-from pcidev.pci.config import ResetKind
+from pcidev.pci.capabilities import aer, express, msix, pm
+from pcidev.pci.capabilities.base import Capability, CapabilityList, ExtCapability, FunctionContext
+from pcidev.pci.capabilities.msix import MsixCapability
+from pcidev.pci.config import ConfigSpace, ResetKind
 
 
 class VendorCap(Capability):
@@ -190,3 +193,80 @@ def test_aer_registers(host) -> None:
     # header log is read-only
     host.config_write32(pos + aer.HEADER_LOG, 0)
     assert host.config_read32(pos + aer.HEADER_LOG) == 0x04030201
+
+
+# -- a capability against a small fake of its function (FunctionContext) -----------------------
+class FakeInterrupts:
+    """The interrupt operations a capability uses, recorded."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.sent: list[tuple[int, int, int]] = []
+        self.intx_updates = 0
+
+    def send(self, vector: int, address: int, data: int) -> None:
+        self.sent.append((vector, address, data))
+
+    def update_intx(self) -> None:
+        self.intx_updates += 1
+
+
+class FakeFunction:
+    """Just what :class:`FunctionContext` asks for: no PciDevice, no BARs, no host."""
+
+    def __init__(self) -> None:
+        self.config = ConfigSpace()
+        self.irq = FakeInterrupts()
+        self.resets: list[ResetKind] = []
+
+    def request_reset(self, kind: ResetKind) -> None:
+        self.resets.append(kind)
+
+
+def _fake_with(*caps: Capability) -> FakeFunction:
+    fn: FunctionContext = FakeFunction()
+    chain = CapabilityList(fn)
+    for cap in caps:
+        chain.add(cap)
+    chain.realize()
+    return fn
+
+
+def test_msix_delivers_through_the_function_context_and_latches_while_masked():
+    cap = MsixCapability(4, table_bar=0, table_offset=0, pba_bar=0, pba_offset=0x800)
+    fn = _fake_with(cap)
+    fn.config.write(cap.offset + msix.CTRL, 2, msix.CTRL_ENABLE)
+    assert fn.irq.intx_updates == 1  # enabling MSI-X turns INTx off
+    cap.table_write(2 * msix.ENTRY_SIZE, 4, 0xFEE0_1000)
+    cap.table_write(2 * msix.ENTRY_SIZE + 8, 4, 0x41)
+    cap.notify(2)  # still masked (the reset value)
+    assert fn.irq.sent == [] and cap.is_pending(2)
+    cap.table_write(2 * msix.ENTRY_SIZE + msix.ENTRY_CTRL, 4, 0)
+    assert fn.irq.sent == [(2, 0xFEE0_1000, 0x41)] and not cap.is_pending(2)
+    cap.notify(2)
+    assert fn.irq.sent[-1] == (2, 0xFEE0_1000, 0x41)
+
+
+def test_msix_snapshot_and_restore_round_trip_and_refuse_another_size():
+    cap = MsixCapability(4, table_bar=0, table_offset=0, pba_bar=0, pba_offset=0x800)
+    _fake_with(cap)
+    cap.table_write(0, 4, 0xFEE0_0000)
+    cap.notify(1)  # masked: pending
+    saved = cap.snapshot()
+    cap.reset(ResetKind.CONVENTIONAL)
+    assert cap.snapshot() != saved
+    cap.restore(saved)
+    assert cap.snapshot() == saved and cap.is_pending(1)
+    other = MsixCapability(64, table_bar=0, table_offset=0, pba_bar=0, pba_offset=0x800)
+    with pytest.raises(ConfigError):
+        other.restore(saved)
+
+
+def test_pm_and_flr_request_a_reset_from_the_function_context():
+    pmc = pm.PowerManagementCapability(no_soft_reset=False)
+    pcie = express.PciExpressCapability(flr=True)
+    fn = _fake_with(pmc, pcie)
+    fn.config.write(pmc.offset + pm.PMCSR, 2, pm.D3HOT)
+    fn.config.write(pmc.offset + pm.PMCSR, 2, pm.D0)
+    fn.config.write(pcie.offset + express.DEVCTL, 2, express.DEVCTL_BCR_FLR)
+    assert fn.resets == [ResetKind.CONVENTIONAL, ResetKind.FLR]
