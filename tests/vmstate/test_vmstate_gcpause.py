@@ -140,11 +140,11 @@ def test_device_save_and_load_run_no_collector_pass() -> None:
     src = bench.BenchController()
     src.populate()
     src.quiesce()
-    with collections("save_vmstate_stream") as seen:
+    with collections("save_device_stream") as seen:
         data, fds = save_device_stream(src)
     assert seen == []
     dest = bench.BenchController()
-    with collections("load_vmstate_stream") as seen:
+    with collections("load_device_stream") as seen:
         load_device_stream(dest, data, fds)
     assert seen == []
     assert dest.get_device_state() == src.get_device_state()
