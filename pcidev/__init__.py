@@ -1,14 +1,13 @@
 """pcidev: emulated PCIe devices as Python plugins.
 
-The device-author surface, importable from here::
-
-    from pcidev import Access, PciDevice, RamBacking, Register, RegisterMap, hookimpl, vmstate
-
-:class:`PciDevice` is the function model; :class:`Register`, :class:`RegisterMap`,
-:class:`Access` and :class:`RamBacking` answer BAR accesses; :class:`ResetKind`
-is what :meth:`PciDevice.on_reset` receives; :data:`hookimpl` marks plugin hook
-implementations; :mod:`pcidev.vmstate` describes a device's migrated state; the
-exception classes are those of :mod:`pcidev.errors` and :mod:`pcidev.vmstate.errors`.
+The device-author surface is importable from here (``from pcidev import
+PciDevice, Register, RegisterMap, Access, hookimpl, vmstate``):
+:class:`PciDevice` is the function model; :class:`Register`,
+:class:`RegisterMap`, :class:`Access` and :class:`RamBacking` answer BAR
+accesses; :class:`ResetKind` is what :meth:`PciDevice.on_reset` receives;
+:data:`hookimpl` marks plugin hook implementations; :mod:`pcidev.vmstate`
+describes a device's migrated state; the exception classes are those of
+:mod:`pcidev.errors` and :mod:`pcidev.vmstate.errors`.
 """
 
 from __future__ import annotations

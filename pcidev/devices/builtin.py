@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from pcidev.devices.edu import EduDevice
 from pcidev.hookspecs import hookimpl
-
-if TYPE_CHECKING:
-    from pcidev.registry import DeviceRegistry
+from pcidev.registry import DeviceRegistry
 
 
 @hookimpl

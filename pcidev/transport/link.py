@@ -64,20 +64,18 @@ import struct
 import threading
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgpack
 
 from pcidev import errors as _errors
+from pcidev.dma import GuestMemory
 from pcidev.errors import MigrationBlockedError, PcidevError, TransportError, VMStateError
+from pcidev.irq import InterruptSink
 from pcidev.transport.address import connect
+from pcidev.transport.endpoint import DeviceEndpoint
 from pcidev.transport.fdpass import close_fds, recv_exact, send_all
 from pcidev.vmstate import errors as vm_errors
-
-if TYPE_CHECKING:
-    from pcidev.dma import GuestMemory
-    from pcidev.irq import InterruptSink
-    from pcidev.transport.endpoint import DeviceEndpoint
 
 __all__ = ["LinkServer", "LinkClient", "RemoteDevice", "MSI_ROUTE_ADDRESS", "MAX_BODY", "LINK_MAX_FDS"]
 
