@@ -40,13 +40,15 @@ import ctypes.util
 import errno
 import mmap
 import os
-import re
 import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+import attrs
 
 from pcidev.errors import ConfigError, PluginError
+from pcidev.properties import Size, structure_config
 from pcidev.plugins import each_plugin
 from pcidev.registry import PluginOrigin, check_name
 
@@ -62,8 +64,10 @@ __all__ = [
     "NullBackend",
     "builtin_backends",
     "load_backends",
-    "parse_bool",
-    "parse_size",
+    "FileConfig",
+    "MemConfig",
+    "NullConfig",
+    "take_options",
     "punch_hole",
 ]
 
@@ -75,6 +79,8 @@ HOOK_NAME = "pcidev_nvme_register_backends"
 
 #: Backend sizes must be a multiple of this (so both LBA formats fit exactly).
 SIZE_ALIGN = 4096
+
+_C = TypeVar("_C")
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 if _IOV_MAX <= 0:
@@ -113,59 +119,66 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
     fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
 
 
-_SIZE_RE = re.compile(r"\s*(\d+)\s*([kmgtp]?)(i?b)?\s*", re.IGNORECASE)
-_SIZE_UNITS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50}
-
-
-def parse_size(text: str | int, what: str = "size") -> int:
-    """Parse a byte count such as ``4096``, ``64M``, ``1G``, ``2GiB`` (binary units).
-
-    :param text: the text (or an int, returned as is if non-negative).
-    :param what: the option's name, for the error message.
-    :returns: the number of bytes.
-    :raises ConfigError: not a size.
-    """
-    if isinstance(text, int) and not isinstance(text, bool):
-        if text < 0:
-            raise ConfigError(f"{what} must not be negative, got {text}")
-        return text
-    m = _SIZE_RE.fullmatch(str(text))
-    if m is None:
-        raise ConfigError(f"{what}={text!r} is not a size (examples: 4096, 64M, 1G)")
-    return int(m.group(1)) << _SIZE_UNITS[m.group(2).lower()]
-
-
-_TRUE = frozenset({"on", "yes", "true", "1"})
-_FALSE = frozenset({"off", "no", "false", "0"})
-
-
-def parse_bool(text: str | bool, what: str) -> bool:
-    """Parse ``on``/``off`` (also yes/no, true/false, 1/0).
-
-    :raises ConfigError: anything else.
-    """
-    if isinstance(text, bool):
-        return text
-    value = str(text).strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ConfigError(f"{what}={text!r} must be on or off")
-
-
 def _check_size(size: int, what: str = "size") -> int:
     if size <= 0 or size % SIZE_ALIGN:
         raise ConfigError(f"{what}={size} must be a positive multiple of {SIZE_ALIGN}")
     return size
 
 
-def _take_size(options: dict[str, Any], required: bool = True) -> int | None:
-    if "size" not in options:
-        if required:
-            raise ConfigError("the backend needs size=... (for example size=64M)")
-        return None
-    return _check_size(parse_size(options.pop("size")))
+def take_options(cls: type[_C], options: dict[str, Any], *, what: str) -> _C:
+    """Structure the options a backend understands into its typed config.
+
+    Removes the keys that are fields of ``cls`` from ``options`` (what is left is
+    reported as unknown by the caller) and structures them with pcidev's property
+    grammar (:func:`pcidev.properties.structure_config`), so ``size=0x100000``,
+    ``size=64MiB`` and ``readonly=y`` mean what they mean everywhere else.
+
+    :param cls: an attrs class.
+    :param options: the namespace spec's options; the used ones are removed.
+    :param what: prefix of error messages (``"mem backend"``).
+    :returns: the config.
+    :raises ConfigError: a bad value or a missing required option.
+    """
+    names = {f.name for f in attrs.fields(cls)}
+    mine = {k: options.pop(k) for k in list(options) if k in names}
+    return structure_config(cls, mine, what=what)
+
+
+def _size_field(*, required: bool) -> Any:
+    def check(inst: Any, attr: attrs.Attribute, value: int | None) -> None:
+        if value is not None:
+            _check_size(value)
+
+    kw: dict[str, Any] = {"validator": check, "metadata": {"help": "bytes, a multiple of 4096"}}
+    if not required:
+        kw["default"] = None
+    return attrs.field(**kw)
+
+
+@attrs.define(kw_only=True)
+class MemConfig:
+    """Options of the ``mem`` backend."""
+
+    size: Size = _size_field(required=True)
+    anon: bool = attrs.field(default=False, metadata={
+        "help": "an anonymous private mapping instead of a memfd"})
+
+
+@attrs.define(kw_only=True)
+class NullConfig:
+    """Options of the ``null`` backend."""
+
+    size: Size = _size_field(required=True)
+
+
+@attrs.define(kw_only=True)
+class FileConfig:
+    """Options of the ``file`` backend."""
+
+    path: str = attrs.field(metadata={"help": "the image file (created sparse when missing)"})
+    size: Size | None = _size_field(required=False)
+    direct: bool = attrs.field(default=False, metadata={"help": "open with O_DIRECT"})
+    readonly: bool = attrs.field(default=False, metadata={"help": "refuse writes"})
 
 
 # ----------------------------------------------------------------------------- protocol
@@ -353,7 +366,7 @@ class NullBackend(BaseBackend):
 
 
 def _make_null(options: dict[str, Any]) -> NullBackend:
-    return NullBackend(_take_size(options))  # type: ignore[arg-type]
+    return NullBackend(take_options(NullConfig, options, what="null backend").size)
 
 
 # ----------------------------------------------------------------------------- memory
@@ -538,9 +551,8 @@ _ONES = b"\x01" * 65536
 
 
 def _make_mem(options: dict[str, Any]) -> MemoryBackend:
-    size = _take_size(options)
-    anon = parse_bool(options.pop("anon", "off"), "anon")
-    return MemoryBackend(size, anon=anon)  # type: ignore[arg-type]
+    cfg = take_options(MemConfig, options, what="mem backend")
+    return MemoryBackend(cfg.size, anon=cfg.anon)
 
 
 # ----------------------------------------------------------------------------- file
@@ -749,13 +761,10 @@ class FileBackend(BaseBackend):
 
 
 def _make_file(options: dict[str, Any]) -> FileBackend:
-    path = options.pop("path", None)
-    if not path:
+    if not options.get("path"):
         raise ConfigError("the file backend needs path=...")
-    size = _take_size(options, required=False)
-    direct = parse_bool(options.pop("direct", "off"), "direct")
-    read_only = parse_bool(options.pop("readonly", "off"), "readonly")
-    return FileBackend(str(path), size, direct=direct, read_only=read_only)
+    cfg = take_options(FileConfig, options, what="file backend")
+    return FileBackend(cfg.path, cfg.size, direct=cfg.direct, read_only=cfg.readonly)
 
 
 # ----------------------------------------------------------------------------- registry

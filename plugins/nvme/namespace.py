@@ -39,7 +39,8 @@ import uuid as uuidlib
 from typing import Any
 
 from pcidev.errors import ConfigError
-from pcidev_nvme.backends import Backend, load_backends, parse_size
+from pcidev.properties import parse_size
+from pcidev_nvme.backends import Backend, load_backends
 from pcidev_nvme.status import NvmeStatusError, Status
 
 __all__ = [

@@ -12,6 +12,7 @@ import pytest
 from pcidev import hookimpl
 from pcidev.errors import ConfigError, PluginError
 from pcidev.plugins import make_plugin_manager
+from pcidev.properties import parse_size
 from pcidev_nvme.backends import (
     BaseBackend,
     FileBackend,
@@ -19,7 +20,6 @@ from pcidev_nvme.backends import (
     NullBackend,
     builtin_backends,
     load_backends,
-    parse_size,
 )
 from pcidev_nvme.namespace import make_namespace
 
@@ -396,7 +396,8 @@ def test_plugin_without_nvme_loaded_is_rejected():
 
 _INSTALLED_BACKEND = '''
 from pcidev import hookimpl
-from pcidev_nvme.backends import MemoryBackend, parse_size
+from pcidev.properties import parse_size
+from pcidev_nvme.backends import MemoryBackend
 
 
 class Stamped(MemoryBackend):
@@ -434,3 +435,24 @@ def test_installed_plugin_backend_without_a_plugin_manager(make_distribution):
     assert load_backends().entry("mem").origin.plugin == "nvme"
     with pytest.raises(ConfigError, match="unknown NVMe namespace backend 'nosuch'"):
         make_namespace(1, "nosuch:size=1M")
+
+
+def test_namespace_specs_share_the_property_grammar(tmp_path):
+    """``size=`` accepts hex and KiB/MiB in a namespace spec as for controller properties."""
+    for spec in ("mem:size=0x100000", "mem:size=1MiB", "null:size=1024k", "mem:size=1M,anon=y"):
+        ns = make_namespace(1, spec)
+        try:
+            assert ns.backend.size == MiB
+        finally:
+            ns.close()
+    img = tmp_path / "ro.img"
+    FileBackend(str(img), MiB).close()
+    ns = make_namespace(1, f"file:path={img},size=0x100000,readonly=on")
+    try:
+        assert ns.backend.read_only
+    finally:
+        ns.close()
+    with pytest.raises(ConfigError, match="property 'size'.*byte count"):
+        make_namespace(1, "mem:size=lots")
+    with pytest.raises(ConfigError, match="property 'readonly'.*on/off"):
+        make_namespace(1, f"file:path={img},readonly=perhaps")
