@@ -209,9 +209,12 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
 @command("serve", help="serve a device to QEMU over vfio-user (pcidev serve --vfio-user SOCKET DEVICE[,props])",
          configure=_configure_serve)
 def _serve(args: argparse.Namespace, ctx: CliContext) -> int | None:
+    from pcidev.properties import split_device_spec
     from pcidev.transport.vfio_user.server import serve_device
 
-    return serve_device(args.device, args.vfio_user)
+    type_name, props = split_device_spec(args.device)
+    device = ctx.registry.create(type_name, props)
+    return serve_device(device, args.vfio_user, pm=ctx.pm)
 
 
 def _configure_bench(parser: argparse.ArgumentParser) -> None:

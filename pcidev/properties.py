@@ -50,6 +50,10 @@ Errors
     may raise :class:`~pcidev.errors.ConfigError` themselves; those pass through
     with the device type prefixed.
 
+A field whose metadata names a component kind (``metadata={"component":
+"nvme-backend"}``) is not a property: :meth:`pcidev.registry.DeviceRegistry.create`
+fills it with the registry's catalogue of that kind.
+
 A config class whose string grammar needs more than ``key=value`` pairs (NVMe's
 ``ns=`` swallows the options that follow it) defines a classmethod
 ``collect_properties(pairs) -> dict`` that turns the pairs of
@@ -82,6 +86,7 @@ __all__ = [
     "parse_float",
     "parse_int",
     "parse_size",
+    "split_device_spec",
     "split_properties",
     "structure_config",
 ]
@@ -279,6 +284,21 @@ def split_properties(text: str) -> list[tuple[str, str]]:
     return out
 
 
+def split_device_spec(spec: str) -> tuple[str, str]:
+    """Split ``"TYPE[,key=value,...]"`` (a device on a command line) into type and properties.
+
+    :param spec: the device spec.
+    :returns: ``(type name, property string)``; the property string may be empty.
+    :raises PropertyError: no type name.
+    """
+    if not isinstance(spec, str):
+        raise PropertyError(f"a device spec TYPE[,key=value,...] was expected, got {type(spec).__name__}")
+    type_name, _, props = spec.partition(",")
+    if not type_name.strip():
+        raise PropertyError(f"device spec {spec!r} does not start with a device type (TYPE[,key=value,...])")
+    return type_name.strip(), props
+
+
 # -- describing a config class ------------------------------------------------------------------
 
 
@@ -364,7 +384,7 @@ def describe_config(cls: type) -> list[PropertyInfo]:
     kinds = _field_types(cls)
     out = []
     for f in attrs.fields(cls):
-        if not f.init:
+        if not f.init or "component" in f.metadata:
             continue
         out.append(PropertyInfo(
             name=f.name,
@@ -428,7 +448,7 @@ def structure_config(cls: type, props: str | Mapping[str, Any] | None, *, what: 
         else:
             raise PropertyError(f"properties must be a string or a mapping, not {type(props).__name__}")
         kinds = _field_types(cls)
-        fields = {f.name: f for f in attrs.fields(cls) if f.init}
+        fields = {f.name: f for f in attrs.fields(cls) if f.init and "component" not in f.metadata}
         unknown = sorted(str(k) for k in data if k not in fields)
         if unknown:
             raise PropertyError(
