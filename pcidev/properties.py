@@ -14,8 +14,10 @@ Property strings
     Items are separated by ``,``; a literal comma inside a value is written ``,,``
     (as in QEMU). Each item is ``key=value``; spaces around the key are ignored,
     the value is kept as written. A key given twice is an error, except for a
-    list-typed property, where every occurrence adds one element. A field may
-    declare other spellings of its key with ``metadata={"aliases": ("ns",)}``.
+    list-typed property, where every occurrence adds one element. Field metadata
+    may set the key (``"key": "ns"``, default: the field name), other spellings
+    (``"aliases": ("namespace",)``), the help text (``"help"``) and whether
+    ``describe`` shows the default in hex (``"hex": True``).
 
 Values (the same rules wherever a property appears: controller properties,
 namespace specs, backend options)
@@ -357,7 +359,14 @@ def describe_value(kind: Any) -> str:
     return ACCEPTED.get(inner, f"a value of type {_type_name(inner)}")
 
 
-def _default_text(field: attrs.Attribute) -> str:
+def _size_text(value: int) -> str:
+    for unit, shift in (("P", 50), ("T", 40), ("G", 30), ("M", 20), ("k", 10)):
+        if value and not value % (1 << shift):
+            return f"{value >> shift}{unit}"
+    return str(value)
+
+
+def _default_text(field: attrs.Attribute, kind: Any = None) -> str:
     default = field.default
     if default is attrs.NOTHING:
         return ""
@@ -369,6 +378,10 @@ def _default_text(field: attrs.Attribute) -> str:
         return "none"
     if isinstance(default, list):
         return "none" if not default else ",".join(map(str, default))
+    if isinstance(default, int) and field.metadata.get("hex"):
+        return f"{default:#x}"
+    if isinstance(default, int) and kind is Size:
+        return _size_text(default)
     return str(default)
 
 
@@ -387,9 +400,9 @@ def describe_config(cls: type) -> list[PropertyInfo]:
         if not f.init or "component" in f.metadata:
             continue
         out.append(PropertyInfo(
-            name=f.name,
+            name=str(f.metadata.get("key", f.name)),
             type=_type_name(kinds[f.name]),
-            default=_default_text(f),
+            default=_default_text(f, _unwrap(kinds[f.name])[0]),
             help=str(f.metadata.get("help", "")),
             aliases=tuple(f.metadata.get("aliases", ())),
         ))
@@ -404,7 +417,7 @@ def _collect(cls: type, pairs: list[tuple[str, str]]) -> dict[str, Any]:
     kinds = _field_types(cls)
     aliases = {}
     for f in attrs.fields(cls):
-        for alias in f.metadata.get("aliases", ()):
+        for alias in (f.metadata.get("key", f.name), *f.metadata.get("aliases", ())):
             aliases[alias] = f.name
     data: dict[str, Any] = {}
     for key, value in pairs:

@@ -103,9 +103,9 @@ def test_missing_required_property():
 
 def test_describe_config():
     rows = {p.name: p for p in describe_config(Sample)}
-    assert rows["size"].type == "size" and rows["size"].default == "4096" and rows["size"].help == "bytes"
+    assert rows["size"].type == "size" and rows["size"].default == "4k" and rows["size"].help == "bytes"
     assert rows["flag"].default == "off" and rows["label"].type == "str (optional)"
-    assert rows["items"].aliases == ("item",)
+    assert rows["items"].aliases == ("item",) and rows["items"].name == "items"
 
 
 @given(st.text(max_size=60))
