@@ -102,6 +102,8 @@ class NvmeConfig:
     :param fw_slots: firmware slots (1..7); slot 1 is read-only.
     :param dbbuf: support Doorbell Buffer Config (shadow doorbells).
     :param cntlid: controller identifier.
+    :param backends: namespace backends by name (``DeviceRegistry.create`` fills it with the
+        registry's ``nvme-backend`` components); None for the built-ins. Not a property.
     """
 
     serial: str | None = attrs.field(default=None, validator=attrs.validators.optional(_ascii(20)), metadata={
@@ -158,6 +160,10 @@ class NvmeConfig:
         "help": "support Doorbell Buffer Config (shadow doorbells)"})
     cntlid: int = attrs.field(default=0, validator=_between(0, 0xFFEF), metadata={
         "help": "controller identifier"})
+    #: the namespace backends by name, filled by ``DeviceRegistry.create`` from the
+    #: registry's ``nvme-backend`` components (None: the built-in backends). Not a property.
+    backends: Mapping[str, Any] | None = attrs.field(default=None, eq=False, repr=False, metadata={
+        "component": "nvme-backend"})
 
     def __attrs_post_init__(self) -> None:
         if len(self.namespaces) > self.max_namespaces:
@@ -195,8 +201,10 @@ class NvmeConfig:
         return _collect(pairs, cls)
 
     def unstructure(self) -> dict[str, Any]:
-        """A plain-dict form of the configuration (JSON-serializable)."""
-        return converter.unstructure(self)
+        """A plain-dict form of the properties (JSON-serializable; without ``backends``)."""
+        data = converter.unstructure(self)
+        data.pop("backends", None)
+        return data
 
 
 _NS_KEYS = ("ns", "namespace")

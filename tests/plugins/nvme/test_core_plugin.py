@@ -10,7 +10,7 @@ from pcidev import hookimpl
 from pcidev.errors import ConfigError
 from pcidev.host import Machine
 from pcidev.plugins import load_registry, make_plugin_manager
-from pcidev_nvme.backends import BaseBackend
+from pcidev_nvme.backends import BaseBackend, add_backend
 from pcidev_nvme.config import NvmeConfig
 from pcidev_nvme.controller import NvmeController
 from pcidev_nvme.driver import NvmeDriver
@@ -35,6 +35,10 @@ def test_config_parsing():
     assert NvmeConfig.parse("model=a,,b").model == "a,b"
     assert NvmeConfig.from_dict({"capacity": "2G", "namespaces": "mem:size=1M"}).capacity == 2 << 30
     assert NvmeConfig.from_dict(cfg.unstructure()) == cfg
+    # one grammar: hex and KiB..TiB for sizes, y/n for booleans
+    cfg = NvmeConfig.parse("capacity=0x100000,dbbuf=n,ns=mem:size=64MiB")
+    assert cfg.capacity == 1 << 20 and cfg.dbbuf is False and cfg.namespaces == ["mem:size=64MiB"]
+    assert NvmeConfig.parse("capacity=2GiB").capacity == 2 << 30
 
 
 @pytest.mark.parametrize("text, match", [
@@ -48,6 +52,9 @@ def test_config_parsing():
     ("mdts", "no '=value'"),
     ("mdts=1,mdts=2", "twice"),
     ("namespaces=mem", "ns=SPEC"),
+    ("ns=mem,size=64M", "ns=mem:size=64M"),
+    ("capacity=lots", "property 'capacity'.*KiB"),
+    ("backends=x", "unknown property backends"),
 ])
 def test_config_errors(text, match):
     with pytest.raises(ConfigError, match=match):
@@ -81,17 +88,17 @@ class PatternPlugin:
     __name__ = "pattern-plugin"
 
     @hookimpl
-    def pcidev_nvme_register_backends(self, registry):
+    def pcidev_register_devices(self, registry):
         def factory(options):
             size = int(options.pop("size"))
             return _Pattern(size, int(options.pop("byte", "0")))
 
-        registry.add_backend("pattern", factory)
+        add_backend(registry, "pattern", factory)
 
 
 def test_backend_from_another_plugin():
-    pm = make_plugin_manager(plugins=[PatternPlugin()])
-    ctrl = NvmeController("ns=pattern:size=1048576,byte=171", plugin_manager=pm)
+    registry = load_registry(make_plugin_manager(plugins=[PatternPlugin()]))
+    ctrl = registry.create("nvme", "ns=pattern:size=1048576,byte=171")
     with Machine() as m:
         drv = NvmeDriver.attach(m, ctrl, aers=0)
         try:
