@@ -412,13 +412,19 @@ def describe_config(cls: type) -> list[PropertyInfo]:
 # -- structuring ----------------------------------------------------------------------------
 
 
+def _spellings(cls: type) -> dict[str, str]:
+    """Every key and alias of the fields of ``cls`` (metadata ``key``/``aliases``) to the field name."""
+    out = {}
+    for f in attrs.fields(cls):
+        for alias in (f.metadata.get("key", f.name), *f.metadata.get("aliases", ())):
+            out[alias] = f.name
+    return out
+
+
 def _collect(cls: type, pairs: list[tuple[str, str]]) -> dict[str, Any]:
     """The default ``collect_properties``: keys (or aliases) to values, lists accumulate."""
     kinds = _field_types(cls)
-    aliases = {}
-    for f in attrs.fields(cls):
-        for alias in (f.metadata.get("key", f.name), *f.metadata.get("aliases", ())):
-            aliases[alias] = f.name
+    aliases = _spellings(cls)
     data: dict[str, Any] = {}
     for key, value in pairs:
         if not key:
@@ -457,7 +463,8 @@ def structure_config(cls: type, props: str | Mapping[str, Any] | None, *, what: 
             collect = getattr(cls, "collect_properties", None)
             data = collect(pairs) if collect is not None else _collect(cls, pairs)
         elif isinstance(props, Mapping):
-            data = props
+            spelled = _spellings(cls)
+            data = {spelled.get(k, k): v for k, v in props.items()}
         else:
             raise PropertyError(f"properties must be a string or a mapping, not {type(props).__name__}")
         kinds = _field_types(cls)

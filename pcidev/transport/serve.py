@@ -35,7 +35,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pcidev.errors import PcidevError
+from pcidev.plugins import load_registry, make_plugin_manager
 from pcidev.transport.address import listen, parse_address
+from pcidev.transport.endpoint import DeviceEndpoint
+from pcidev.transport.link import LinkServer
 
 __all__ = ["main", "spawn", "device_properties", "DeviceProcess"]
 
@@ -75,10 +78,6 @@ def _summary(stream: bytes) -> list[dict[str, Any]]:
 
 def run(args: argparse.Namespace) -> int:
     """Serve one device as the arguments say (see the module docstring)."""
-    from pcidev.plugins import load_registry, make_plugin_manager
-    from pcidev.transport.endpoint import DeviceEndpoint
-    from pcidev.transport.link import LinkServer
-
     pm = make_plugin_manager()
     registry = load_registry(pm)
     device = registry.create(args.device, device_properties(args.props, args.set))

@@ -66,12 +66,19 @@ class MemoryBackend(BaseBackend):
                 self.fd = os.memfd_create("pcidev-nvme-ns", os.MFD_CLOEXEC)
                 os.ftruncate(self.fd, size)
                 self._mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED)
-        except OSError as exc:
+        except (OSError, OverflowError) as exc:
             if self.fd >= 0:
                 os.close(self.fd)
             raise ConfigError(f"cannot allocate {size} bytes of namespace memory: {exc}") from exc
+        try:
+            self._written = bytearray(size >> _PAGE_SHIFT)  # 1 = page holds written data
+        except MemoryError:
+            self._mm.close()
+            if self.fd >= 0:
+                os.close(self.fd)
+            raise ConfigError(f"cannot allocate {size} bytes of namespace memory "
+                              "(no memory for its page map)") from None
         self._mv = memoryview(self._mm)
-        self._written = bytearray(size >> _PAGE_SHIFT)  # 1 = page holds written data
         self._unwritten = len(self._written)  # pages never written (or deallocated)
         self._lock = threading.Lock()
 

@@ -8,6 +8,8 @@ import mmap
 import os
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pcidev import hookimpl
 from pcidev.errors import ConfigError, PluginError
@@ -467,3 +469,18 @@ def test_namespace_specs_share_the_property_grammar(tmp_path):
         make_namespace(1, "mem:size=lots")
     with pytest.raises(ConfigError, match="property 'readonly'.*on/off"):
         make_namespace(1, f"file:path={img},readonly=perhaps")
+
+
+_SIZES = st.one_of(st.sampled_from(["4k", "1M", "0x100000", "1MiB", "64k", "4096B", "-4k", "1.5M", "on"]),
+                 st.text(alphabet="kKMGiBxyz,=: -_", max_size=10))  # no huge sizes: no digits
+
+
+@given(kind=st.sampled_from(["null", "mem", "nosuch", "mem,size=1M"]),
+       options=st.dictionaries(st.sampled_from(["size", "anon", "path", "x"]), _SIZES, max_size=3))
+def test_any_backend_options_are_a_backend_or_one_config_error(kind, options):
+    options.pop("path", None)  # never create files from random text
+    try:
+        backend = create_backend(kind, options)
+    except ConfigError:
+        return
+    backend.close()

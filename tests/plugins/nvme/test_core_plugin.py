@@ -5,6 +5,8 @@ backend contributed by another plugin."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pcidev import hookimpl
 from pcidev.errors import ConfigError
@@ -135,3 +137,23 @@ def test_default_serial_unique_for_volatile_and_stable_for_images(tmp_path) -> N
         assert explicit.cfg.serial == "abc"
     finally:
         explicit.close()
+
+
+_KEYS = ["serial", "mdts", "max_ioqpairs", "capacity", "dbbuf", "ns", "namespace", "size", "msix_bar", ""]
+
+
+@given(st.lists(st.tuples(st.sampled_from(_KEYS), st.text(max_size=16)), max_size=6))
+def test_any_property_string_is_a_config_or_one_config_error(pairs):
+    text = ",".join(f"{k}={v}" if k else v for k, v in pairs)
+    try:
+        NvmeConfig.parse(text)
+    except ConfigError:
+        pass
+
+
+@given(st.text(max_size=40))
+def test_any_text_is_a_config_or_one_config_error(text):
+    try:
+        NvmeConfig.parse(text)
+    except ConfigError:
+        pass
