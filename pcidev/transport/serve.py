@@ -39,6 +39,7 @@ from pcidev.plugins import load_registry, make_plugin_manager
 from pcidev.transport.address import listen, parse_address
 from pcidev.transport.endpoint import DeviceEndpoint
 from pcidev.transport.link import LinkServer
+from pcidev.vmstate import dump_stream_json
 
 __all__ = ["main", "spawn", "device_properties", "DeviceProcess"]
 
@@ -66,8 +67,6 @@ def _emit(enabled: bool, event: str, **data: Any) -> None:
 
 
 def _summary(stream: bytes) -> list[dict[str, Any]]:
-    from pcidev.vmstate import dump_stream_json
-
     out = []
     for sec in dump_stream_json(stream)["sections"]:
         scalars = {k: v for k, v in sec["fields"].items() if isinstance(v, (bool, int, str))}

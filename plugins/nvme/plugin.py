@@ -7,12 +7,12 @@ third-party plugin, and registers it under the name ``nvme`` (block it with
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from pcidev.hookspecs import hookimpl
-
-if TYPE_CHECKING:
-    from pcidev.registry import DeviceRegistry
+from pcidev.registry import DeviceRegistry
+from pcidev_nvme import bench
+from pcidev_nvme.backends import BUILTIN_BACKENDS, add_backend
+from pcidev_nvme.controller import NvmeController
+from pcidev_nvme.namespace import make_namespace
 
 
 @hookimpl
@@ -33,12 +33,6 @@ def pcidev_register_devices(registry: DeviceRegistry) -> None:
 
     :param registry: the registry collecting device types.
     """
-    # Imported here so that loading the plugin stays cheap and an error in the
-    # controller module is reported as a registration failure of this plugin.
-    from pcidev_nvme.backends import BUILTIN_BACKENDS, add_backend
-    from pcidev_nvme.controller import NvmeController
-    from pcidev_nvme.namespace import make_namespace
-
     registry.add_device(NvmeController)
     registry.add_component("nvme-ns", "nvme-ns", make_namespace)
     for name, factory in BUILTIN_BACKENDS.items():
@@ -55,6 +49,4 @@ def run_bench(argv: list[str]) -> int:
     :param argv: the benchmark's arguments.
     :returns: the exit status.
     """
-    from pcidev_nvme.bench import main
-
-    return main(argv)
+    return bench.main(argv)
