@@ -149,7 +149,10 @@ def parse_int(value: Any, name: str = "") -> int:
         m = _NUMBER_RE.fullmatch(value.strip().replace("_", ""))
         if m is not None:
             sign, digits, unit, _bytes = m.groups()
-            number = int(digits, 0) if digits[:2].lower() in ("0x", "0o", "0b") else int(digits, 10)
+            try:
+                number = int(digits, 0) if digits[:2].lower() in ("0x", "0o", "0b") else int(digits, 10)
+            except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits)
+                raise _value_error(name, value, int) from None
             if unit:
                 number <<= _SHIFT[unit.lower()]
             return -number if sign == "-" else number
