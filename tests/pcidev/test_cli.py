@@ -503,3 +503,10 @@ def test_debug_prints_the_traceback_after_the_error_line(capsys, probe_command):
     lines = err.splitlines()
     assert status == 1 and lines[0].startswith("pcidev: internal error: KeyError")
     assert lines[1].startswith("Traceback") and "surprise" in lines[-1]
+
+
+def test_describe_a_type_without_properties(capsys, acme_dist):
+    status, out, _err = run(capsys, "-p", "no:nvme", "describe", "acme-dev")
+    assert status == 0 and out.splitlines()[-1] == "no properties"
+    status, out, _err = run(capsys, "-p", "no:nvme", "describe", "--json", "acme-dev")
+    assert json.loads(out) == {"device_type": "acme-dev", "properties": []}

@@ -568,7 +568,10 @@ class VfioUserServer:
 
 # -- running a device -------------------------------------------------------------------------
 def _probe_listener(path: str) -> bool:
-    """Whether a server listens on the UNIX socket ``path`` (connect to find out)."""
+    """Whether a server listens on the UNIX socket ``path`` (connect to find out).
+
+    :raises TransportError: the socket may not be connected to (permissions).
+    """
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(2.0)
     try:
@@ -578,6 +581,9 @@ def _probe_listener(path: str) -> bool:
     except OSError as exc:
         if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
             return False
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise TransportError(f"vfio-user socket {path}: cannot check whether a server listens "
+                                 f"on it: {exc.strerror}") from None
         return True  # EAGAIN (backlog full), a timeout...: somebody is there
     else:
         return True
