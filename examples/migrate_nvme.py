@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> dict:
         f.truncate(args.ns_size)
     nss = ([] if args.tcp else [f"ns=mem:size={args.ns_size}"]) + [f"ns=file:path={img},size={args.ns_size}"]
     config = (f"serial=MIGDEMO,max_ioqpairs={args.queues},msix_vectors={args.queues + 1}," + ",".join(nss))
-    opts = {"config": config}
+    opts = config
     procs = [DeviceProcess("nvme", f"unix:{tmp}/dev0.sock", options=opts)]
     # destinations start once the source has written the image's identity file (NGUID, EUI-64,
     # UUID are in the fingerprint: processes creating it at the same time would disagree)

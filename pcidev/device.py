@@ -117,6 +117,12 @@ class PciDevice:
     #: the device's own vmstate description (a ``@vmstate`` class describing only
     #: the device's state, not the framework's), or None if it cannot migrate
     VMSTATE: ClassVar[Any] = None
+    #: the attrs class of the device's properties, or None if it takes none. A device
+    #: type with one is built as ``cls(config, name=...)`` by
+    #: :meth:`pcidev.registry.DeviceRegistry.create` (config structured from a
+    #: ``key=value,...`` string by :mod:`pcidev.properties`); without one, as ``cls(name=...)``.
+    #: ``pcidev describe TYPE`` lists its fields (type, default, ``metadata["help"]``).
+    CONFIG_CLASS: ClassVar[type | None] = None
     #: features of this device type that its VMSTATE (or the framework) migrates;
     #: an enabled feature missing here blocks migration (see :meth:`enabled_features`)
     MIGRATABLE_FEATURES: ClassVar[frozenset[str]] = frozenset()

@@ -32,23 +32,28 @@ Lifecycle, in order:
 6. :func:`pcidev_migration_blockers` is called whenever a running device is asked
    whether it can migrate.
 
-**Plugin-defined hooks.**  A plugin that wants hooks of its own (the NVMe plugin's
-namespace backends, for example) puts their specifications, marked with
-:data:`hookspec`, in a module of its own and adds them from
-:func:`pcidev_add_hookspecs`::
+**Plugin-defined hooks.**  A plugin that wants hooks of its own puts their
+specifications, marked with :data:`hookspec`, in a module of its own and adds
+them from :func:`pcidev_add_hookspecs`::
 
-    # pcidev_nvme/hookspecs.py
+    # pcidev_acme/hookspecs.py
     from pcidev.hookspecs import hookspec
 
     @hookspec
-    def pcidev_nvme_register_backends(registry):
-        '''Register namespace backends with registry.add_component("nvme-backend", ...).'''
+    def pcidev_acme_tune(settings):
+        '''Adjust the acme device's settings.'''
 
-    # pcidev_nvme/plugin.py
+    # pcidev_acme/plugin.py
     @hookimpl
     def pcidev_add_hookspecs(pluginmanager):
-        from pcidev_nvme import hookspecs
         pluginmanager.add_hookspecs(hookspecs)
+
+Building blocks that other plugins contribute to a device (the NVMe plugin's
+namespace backends, for example) need no hook of their own: they are registry
+components (``registry.add_component("nvme-backend", name, factory)`` from
+:func:`pcidev_register_devices`), and
+:meth:`pcidev.registry.DeviceRegistry.create` hands a device the catalogue of
+the kinds its config class names.
 
 Implementations of such hooks may live in plugins loaded before or after the one
 adding the specification: pluggy validates them when the specification arrives,

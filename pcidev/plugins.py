@@ -250,7 +250,7 @@ def each_plugin(pm: pluggy.PluginManager, hook_name: str) -> Iterator[PluginHook
     Use it to call a hook one plugin at a time, so that results and errors can
     be attributed (plugins may use it for hooks they define themselves)::
 
-        for hook in each_plugin(pm, "pcidev_nvme_register_backends"):
+        for hook in each_plugin(pm, "pcidev_register_devices"):
             with registry.registering_as(hook.origin):
                 hook(registry=registry)
 

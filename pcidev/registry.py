@@ -11,24 +11,28 @@ Plugins fill a :class:`DeviceRegistry` from their
 Everything is validated at registration, so a broken plugin fails when it is
 loaded rather than when a guest first touches the device: type names must be
 unique and match ``^[a-z][a-z0-9_-]*$``, device classes must subclass
-:class:`~pcidev.device.PciDevice` and carry a valid PCI identity.  Each entry
-remembers the plugin and distribution that registered it (see
+:class:`~pcidev.device.PciDevice` and carry a valid PCI identity and a
+``CONFIG_CLASS`` that is ``None`` or an attrs class.  Each entry remembers the
+plugin and distribution that registered it (see
 :func:`pcidev.plugins.load_registry`).
+
+:meth:`DeviceRegistry.create` is the one device factory: ``pcidev serve``, the
+device-link process server, the command line and tests build devices from a
+type name and properties through it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import attrs
 
-from pcidev.errors import PluginError
-
-if TYPE_CHECKING:
-    from pcidev.device import PciDevice
+from pcidev.device import PciDevice
+from pcidev.errors import ConfigError, PluginError
+from pcidev.properties import structure_config
 
 __all__ = ["ComponentEntry", "DeviceEntry", "DeviceRegistry", "PluginOrigin", "check_name"]
 
@@ -174,10 +178,9 @@ class DeviceRegistry:
         :returns: the new entry.
         :raises PluginError: if ``cls`` is not a ``PciDevice`` subclass (or is
             ``PciDevice`` itself), the name is missing, malformed or already
-            registered, or an ID attribute is missing or out of range.
+            registered, an ID attribute is missing or out of range, or
+            ``CONFIG_CLASS`` is neither ``None`` nor an attrs class.
         """
-        from pcidev.device import PciDevice
-
         if not isinstance(cls, type):
             raise PluginError(f"add_device() expects a class, got {cls!r}")
         if not issubclass(cls, PciDevice):
@@ -197,6 +200,12 @@ class DeviceRegistry:
         _check_int_attr(cls, "VENDOR_ID", 16, reject_all_ones=True)
         _check_int_attr(cls, "DEVICE_ID", 16, reject_all_ones=True)
         _check_int_attr(cls, "CLASS_CODE", 24, reject_all_ones=False)
+        config_cls = getattr(cls, "CONFIG_CLASS", None)
+        if config_cls is not None and not (isinstance(config_cls, type) and attrs.has(config_cls)):
+            raise PluginError(
+                f"{cls.__module__}.{cls.__qualname__}.CONFIG_CLASS must be an attrs class or None, "
+                f"got {config_cls!r}"
+            )
         existing = self._devices.get(name)
         if existing is not None:
             raise PluginError(
@@ -232,6 +241,45 @@ class DeviceRegistry:
         entry = ComponentEntry(kind, name, obj, origin.plugin, origin.distribution, origin.version)
         self._components[(kind, name)] = entry
         return entry
+
+    # -- construction -------------------------------------------------------------
+
+    def create(
+        self, type_name: str, props: str | Mapping[str, Any] | None = None, *, name: str | None = None
+    ) -> PciDevice:
+        """Build a device of a registered type from its properties: the one device factory.
+
+        The type's ``CONFIG_CLASS`` is structured from ``props`` with
+        :func:`pcidev.properties.structure_config`; config fields whose metadata
+        names a component kind (``metadata={"component": "nvme-backend"}``) get
+        this registry's catalogue of that kind (``{name: object}``), which is how
+        components of other plugins reach a device. The device is then built as
+        ``cls(config, name=name)``, or ``cls(name=name)`` for a type without a
+        config class.
+
+        :param type_name: a registered device type.
+        :param props: ``"key=value,..."``, a mapping, or ``None``/``""`` for the defaults.
+        :param name: the device's name in logs.
+        :returns: the new device.
+        :raises PluginError: unknown device type.
+        :raises ConfigError: bad properties (the message names the property), or
+            properties for a type that takes none.
+        """
+        cls = self.get(type_name)
+        config_cls = getattr(cls, "CONFIG_CLASS", None)
+        if config_cls is None:
+            if props:
+                raise ConfigError(f"{type_name}: this device type takes no properties (got {props!r})")
+            return cls(name=name)
+        config = structure_config(config_cls, props, what=type_name)
+        catalogues = {
+            f.name: {e.name: e.obj for e in self.components(f.metadata["component"])}
+            for f in attrs.fields(config_cls)
+            if "component" in f.metadata
+        }
+        if catalogues:
+            config = attrs.evolve(config, **catalogues)
+        return cls(config, name=name)  # type: ignore[call-arg]
 
     # -- lookup -------------------------------------------------------------------
 

@@ -24,11 +24,7 @@ EXTENSION_MODULES = ("pcidev._native",)
 
 #: Cycles tolerated for now, each a set of modules whose strongly connected
 #: component may exist (or shrink). The entry is removed when the cycle is cut.
-PCIDEV_ALLOWED_CYCLES: dict[str, frozenset[str]] = {
-    # The CLI helper turns pcidev/cli.py into a package with explicitly registered
-    # command modules; this entry goes with that change.
-    "cli <-> vmstate_commands (import for side effect)": frozenset({"pcidev.cli", "pcidev.vmstate_commands"}),
-}
+PCIDEV_ALLOWED_CYCLES: dict[str, frozenset[str]] = {}
 
 #: Today's NVMe cycles (being cut by the NVMe restructuring; the integrator empties this).
 NVME_ALLOWED_CYCLES: dict[str, frozenset[str]] = {

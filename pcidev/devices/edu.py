@@ -43,7 +43,7 @@ from __future__ import annotations
 import struct
 import threading
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import attrs
 import crc32c
@@ -52,6 +52,7 @@ from pcidev.bar import Access, Register, RegisterMap
 from pcidev.device import PciDevice
 from pcidev.errors import ConfigError, DmaError
 from pcidev.pci.config import ResetKind
+from pcidev.properties import Size, structure_config
 from pcidev.vmstate import U32, U64, vmstate
 from pcidev.vmstate.errors import StateError
 
@@ -120,8 +121,42 @@ _REGISTER_FIELDS = {"LIVENESS": "liveness", "FACTORIAL": "factorial", "STATUS": 
                     "ERRORS": "errors"}
 
 
+def _positive(inst: Any, attr: attrs.Attribute, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(f"chunk must be positive, got {value}")
+
+
+def _not_negative(inst: Any, attr: attrs.Attribute, value: float) -> None:
+    if value < 0:
+        raise ConfigError(f"delay must not be negative, got {value}")
+
+
+@attrs.define(kw_only=True)
+class EduConfig:
+    """Properties of an edu device (``pcidev describe edu``)."""
+
+    autorun: bool = attrs.field(default=True, metadata={
+        "help": "process descriptors as soon as the tail is written (else only in process()); "
+                "ignored with engine"})
+    engine: bool = attrs.field(default=False, metadata={
+        "help": "process descriptors in a background worker thread"})
+    chunk: Size = attrs.field(default=4096, validator=_positive, metadata={
+        "help": "bytes the worker copies per step"})
+    delay: float = attrs.field(default=0.0, validator=_not_negative, metadata={
+        "help": "seconds the worker sleeps after each step"})
+
+
 class EduDevice(PciDevice):
     """The edu teaching device (see the module docstring for its registers).
+
+    :param config: an :class:`EduConfig`, a property string (``"engine=on,chunk=8k"``)
+        or a mapping; ``None`` for the defaults.
+    :param name: device name in logs.
+    :param props: the properties as keywords, instead of ``config``
+        (``EduDevice(autorun=False)``).
+    :raises ConfigError: a bad property.
+
+    Properties (:class:`EduConfig`):
 
     :param autorun: process descriptors as soon as the tail is written (else
         only in :meth:`process`, which lets tests stop it mid-ring). Ignored with
@@ -140,16 +175,21 @@ class EduDevice(PciDevice):
     CLASS_CODE = 0x00FF00
     REVISION = 0x10
     VMSTATE = EduState
+    CONFIG_CLASS = EduConfig
     MIGRATABLE_FEATURES = frozenset({"dma-engine", "background-engine"})
 
-    def __init__(self, *, name: str | None = None, autorun: bool = True, engine: bool = False,
-                 chunk: int = 4096, delay: float = 0.0) -> None:
-        if chunk <= 0 or delay < 0:
-            raise ConfigError(f"edu: chunk must be positive and delay not negative (chunk={chunk}, delay={delay})")
-        self.autorun = autorun
-        self.engine = engine
-        self.chunk = chunk
-        self.delay = delay
+    def __init__(self, config: EduConfig | str | dict[str, Any] | None = None, *,
+                 name: str | None = None, **props: Any) -> None:
+        if props:
+            if config is not None:
+                raise ConfigError("edu: give the properties as config or as keywords, not both")
+            config = props
+        cfg = structure_config(EduConfig, config, what="edu")
+        self.cfg = cfg
+        self.autorun = cfg.autorun
+        self.engine = cfg.engine
+        self.chunk = cfg.chunk
+        self.delay = cfg.delay
         self._inflight: _Inflight | None = None
         self._wake = threading.Condition()
         self._paused = True

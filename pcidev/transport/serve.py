@@ -12,8 +12,10 @@ device, and then serves it on ``--link`` (which it tells the source, so the host
 can follow). The process exits when its device has migrated away (status 0), when
 an incoming migration fails (status 1), or on SIGTERM/SIGINT.
 
-``--set NAME=VALUE`` passes keyword arguments to the device class (``true``/
-``false``, integers and floats are converted). With ``--events`` the process
+``--props TEXT`` gives the device's properties as one ``key=value,...`` string and
+``--set NAME=VALUE`` one property at a time (repeatable, added after ``--props``);
+the device is built by :meth:`pcidev.registry.DeviceRegistry.create`, so values
+follow :mod:`pcidev.properties` (``on``/``off``, ``0x`` hex, ``64M``...). With ``--events`` the process
 prints one JSON object per line on standard output: ``ready``, ``incoming``
 (with the loaded stream's sections, their subsections and scalar fields), ``migrated`` (the report),
 ``exit``.
@@ -39,26 +41,24 @@ from pcidev.transport.endpoint import DeviceEndpoint
 from pcidev.transport.link import LinkServer
 from pcidev.vmstate import dump_stream_json
 
-__all__ = ["main", "spawn", "parse_setting", "DeviceProcess"]
+__all__ = ["main", "spawn", "device_properties", "DeviceProcess"]
 
 
-def parse_setting(text: str) -> tuple[str, Any]:
-    """``NAME=VALUE`` → ``(name, value)`` with ``true``/``false``/ints/floats converted.
+def device_properties(props: str | None, settings: Sequence[str]) -> str:
+    """The property string of ``--props TEXT`` followed by the ``--set NAME=VALUE`` items.
 
-    :raises PcidevError: no ``=`` or an empty name.
+    :param props: the ``--props`` text, if any.
+    :param settings: the ``--set`` items; a comma in a value is kept literal.
+    :returns: one ``key=value,...`` string for :meth:`~pcidev.registry.DeviceRegistry.create`.
+    :raises PcidevError: a ``--set`` item without ``=`` or with an empty name.
     """
-    name, sep, raw = text.partition("=")
-    if not sep or not name.isidentifier():
-        raise PcidevError(f"--set expects NAME=VALUE, got {text!r}")
-    low = raw.lower()
-    if low in ("true", "false"):
-        return name, low == "true"
-    for conv in (int, float):
-        try:
-            return name, conv(raw)
-        except ValueError:
-            pass
-    return name, raw
+    items = [props] if props else []
+    for text in settings:
+        name, sep, _value = text.partition("=")
+        if not sep or not name.strip():
+            raise PcidevError(f"--set expects NAME=VALUE, got {text!r}")
+        items.append(text.replace(",", ",,"))
+    return ",".join(items)
 
 
 def _emit(enabled: bool, event: str, **data: Any) -> None:
@@ -79,11 +79,7 @@ def run(args: argparse.Namespace) -> int:
     """Serve one device as the arguments say (see the module docstring)."""
     pm = make_plugin_manager()
     registry = load_registry(pm)
-    options = dict(parse_setting(s) for s in args.set)
-    try:
-        device = registry.get(args.device)(**options)
-    except TypeError as exc:
-        raise PcidevError(f"device type {args.device!r} does not take these options: {exc}") from exc
+    device = registry.create(args.device, device_properties(args.props, args.set))
     endpoint = DeviceEndpoint(device, pm=pm)
     link_addr = parse_address(args.link)
     listener, link_addr = listen(link_addr)
@@ -146,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m pcidev.transport.serve", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", required=True, help="registered device type (e.g. edu)")
     ap.add_argument("--link", required=True, help="address to serve the device link on (unix:PATH)")
+    ap.add_argument("--props", metavar="KEY=VALUE,...", help="the device's properties as one string")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                    help="keyword argument for the device class; repeatable")
+                    help="one property of the device; repeatable")
     ap.add_argument("--incoming", help="wait for a migration on this address (unix:PATH or tcp:HOST:PORT)")
     ap.add_argument("--incoming-timeout", type=float, default=60.0,
                     help="seconds to wait for the source to connect")
@@ -166,22 +163,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def spawn(device: str, link: str, *, options: Mapping[str, Any] | None = None, incoming: str | None = None,
+def spawn(device: str, link: str, *, options: str | Mapping[str, Any] | None = None, incoming: str | None = None,
           events: bool = False, stdout: Any = None, stderr: Any = None,
           env: Mapping[str, str] | None = None) -> subprocess.Popen:
     """Start a device process (``python -m pcidev.transport.serve``).
 
     :param device: device type.
     :param link: link address it serves on.
-    :param options: keyword arguments for the device class.
+    :param options: the device's properties: a ``key=value,...`` string or a mapping.
     :param incoming: wait for a migration on this address first.
     :param events: print JSON event lines (use ``stdout=subprocess.PIPE`` to read them).
     :returns: the process.
     """
     cmd = [sys.executable, "-m", "pcidev.transport.serve", "--device", device, "--link", link]
-    for name, value in (options or {}).items():
-        text = str(value).lower() if isinstance(value, bool) else str(value)
-        cmd += ["--set", f"{name}={text}"]
+    if isinstance(options, str):
+        cmd += ["--props", options]
+    else:
+        for name, value in (options or {}).items():
+            text = ("on" if value else "off") if isinstance(value, bool) else str(value)
+            cmd += ["--set", f"{name}={text}"]
     if incoming:
         cmd += ["--incoming", incoming]
     if events:
@@ -199,11 +199,11 @@ class DeviceProcess:
 
     :param device: device type.
     :param link: link address.
-    :param options: keyword arguments for the device class.
+    :param options: the device's properties: a ``key=value,...`` string or a mapping.
     :param incoming: wait for a migration on this address first.
     """
 
-    def __init__(self, device: str, link: str, *, options: Mapping[str, Any] | None = None,
+    def __init__(self, device: str, link: str, *, options: str | Mapping[str, Any] | None = None,
                  incoming: str | None = None) -> None:
         import threading
 

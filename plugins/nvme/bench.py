@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     :param argv: the arguments after ``nvme``.
     :returns: the exit status.
     """
-    from pcidev_nvme.backends import parse_size
+    from pcidev.properties import parse_size
 
     args = _parser().parse_args(argv)
     if args.seconds <= 0:

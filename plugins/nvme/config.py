@@ -13,69 +13,25 @@ whose key is not a controller property belongs to that namespace, so
 (``file:path=/tmp/a.img,size=1G,direct=on``) and ``mdts=5``. A literal comma is
 written ``,,`` as in QEMU.
 
-Values are converted with cattrs (ints accept ``0x`` hex and the ``k/M/G``
-suffixes, booleans accept ``on/off/yes/no/true/false/1/0``) and checked by
+Values follow pcidev's one property grammar (:mod:`pcidev.properties`: ints
+and sizes accept ``0x`` hex and the binary ``k/M/G/T/P`` and ``KiB..PiB``
+suffixes, booleans ``on/off/yes/no/true/false/y/n/1/0``) and are checked by
 attrs validators; anything wrong is a :class:`~pcidev.errors.ConfigError`
-that names the property.
+that names the property. ``pcidev describe nvme`` lists every property with
+its type, default and help text (the ``help`` metadata of the fields below).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import attrs
-import cattrs
 
 from pcidev.errors import ConfigError
+from pcidev.properties import Size, converter, structure_config
 
-__all__ = ["NvmeConfig", "parse_int", "parse_bool", "split_properties"]
-
-_SUFFIX = {"k": 1 << 10, "K": 1 << 10, "m": 1 << 20, "M": 1 << 20, "g": 1 << 30, "G": 1 << 30,
-           "t": 1 << 40, "T": 1 << 40}
-_TRUE = {"on", "yes", "true", "1", "y"}
-_FALSE = {"off", "no", "false", "0", "n"}
-
-
-def parse_int(value: Any) -> int:
-    """An int from an int or a string (decimal, ``0x`` hex, ``0o``/``0b``, optional k/M/G/T suffix).
-
-    :raises ValueError: for anything else (booleans included).
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"expected an integer, got {value!r}")
-    if isinstance(value, int):
-        return value
-    if not isinstance(value, str):
-        raise ValueError(f"expected an integer, got {type(value).__name__}")
-    text = value.strip().replace("_", "")
-    mult = 1
-    if text and text[-1] in _SUFFIX:
-        mult = _SUFFIX[text[-1]]
-        text = text[:-1]
-    try:
-        return int(text, 0) * mult
-    except ValueError:
-        raise ValueError(f"{value!r} is not an integer") from None
-
-
-def parse_bool(value: Any) -> bool:
-    """A bool from a bool or ``on/off/yes/no/true/false/1/0``.
-
-    :raises ValueError: for anything else.
-    """
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str):
-        low = value.strip().lower()
-        if low in _TRUE:
-            return True
-        if low in _FALSE:
-            return False
-    raise ValueError(f"{value!r} is not a boolean (use on/off)")
+__all__ = ["NvmeConfig"]
 
 
 def _ascii(maxlen: int):
@@ -146,34 +102,68 @@ class NvmeConfig:
     :param fw_slots: firmware slots (1..7); slot 1 is read-only.
     :param dbbuf: support Doorbell Buffer Config (shadow doorbells).
     :param cntlid: controller identifier.
+    :param backends: namespace backends by name (``DeviceRegistry.create`` fills it with the
+        registry's ``nvme-backend`` components); None for the built-ins. Not a property.
     """
 
-    serial: str | None = attrs.field(default=None, validator=attrs.validators.optional(_ascii(20)))
-    model: str = attrs.field(default="pcidev NVMe Ctrl", validator=_ascii(40))
-    firmware: str = attrs.field(default="1.0", validator=_ascii(8))
-    vendor_id: int = attrs.field(default=0x1B36, validator=_between(0, 0xFFFE))
-    device_id: int = attrs.field(default=0x0010, validator=_between(0, 0xFFFF))
-    subsystem_vendor_id: int = attrs.field(default=0x1AF4, validator=_between(0, 0xFFFF))
-    subsystem_id: int = attrs.field(default=0x1100, validator=_between(0, 0xFFFF))
-    mdts: int = attrs.field(default=7, validator=_between(0, 20))
-    max_ioqpairs: int = attrs.field(default=64, validator=_between(1, 1024))
-    msix_vectors: int = attrs.field(default=65, validator=_between(1, 2048))
-    msix_bar: int = attrs.field(default=0, validator=_one_of(0, 4))
-    mqes: int = attrs.field(default=0x7FF, validator=_between(1, 0xFFFF))
-    aerl: int = attrs.field(default=3, validator=_between(0, 255))
-    elpe: int = attrs.field(default=63, validator=_between(0, 255))
-    max_namespaces: int = attrs.field(default=256, validator=_between(1, 1024))
-    namespaces: list = attrs.field(factory=list, validator=_namespaces)
-    state_dir: str | None = None
-    state_file: str | None = None
-    capacity: int = attrs.field(default=1 << 40, validator=_between(0, (1 << 64) - 1))
-    ns_create: str = attrs.field(default="mem", validator=_one_of("mem", "null", "file"))
-    temperature: int = attrs.field(default=323, validator=_between(0, 0xFFFF))
-    warning_temp: int = attrs.field(default=343, validator=_between(0, 0xFFFF))
-    critical_temp: int = attrs.field(default=373, validator=_between(0, 0xFFFF))
-    fw_slots: int = attrs.field(default=3, validator=_between(1, 7))
-    dbbuf: bool = True
-    cntlid: int = attrs.field(default=0, validator=_between(0, 0xFFEF))
+    serial: str | None = attrs.field(default=None, validator=attrs.validators.optional(_ascii(20)), metadata={
+        "help": "Identify SN, up to 20 ASCII characters (default: derived from the image paths, else random)"})
+    model: str = attrs.field(default="pcidev NVMe Ctrl", validator=_ascii(40), metadata={
+        "help": "Identify MN, up to 40 ASCII characters"})
+    firmware: str = attrs.field(default="1.0", validator=_ascii(8), metadata={
+        "help": "firmware revision in slot 1 (Identify FR, up to 8 characters)"})
+    vendor_id: int = attrs.field(default=0x1B36, validator=_between(0, 0xFFFE), metadata={"hex": True, 
+        "help": "PCI vendor id"})
+    device_id: int = attrs.field(default=0x0010, validator=_between(0, 0xFFFF), metadata={"hex": True, 
+        "help": "PCI device id"})
+    subsystem_vendor_id: int = attrs.field(default=0x1AF4, validator=_between(0, 0xFFFF), metadata={"hex": True, 
+        "help": "PCI subsystem vendor id"})
+    subsystem_id: int = attrs.field(default=0x1100, validator=_between(0, 0xFFFF), metadata={"hex": True, 
+        "help": "PCI subsystem id"})
+    mdts: int = attrs.field(default=7, validator=_between(0, 20), metadata={
+        "help": "Maximum Data Transfer Size, a power of two in 4 KiB units (0 = unlimited)"})
+    max_ioqpairs: int = attrs.field(default=64, validator=_between(1, 1024), metadata={
+        "help": "I/O submission/completion queue pairs offered (1..1024)"})
+    msix_vectors: int = attrs.field(default=65, validator=_between(1, 2048), metadata={
+        "help": "MSI-X table size (max_ioqpairs + 1 gives every CQ a vector)"})
+    msix_bar: int = attrs.field(default=0, validator=_one_of(0, 4), metadata={
+        "help": "BAR of the MSI-X table and PBA: 0 (after the doorbells) or 4 (as QEMU)"})
+    mqes: int = attrs.field(default=0x7FF, validator=_between(1, 0xFFFF), metadata={"hex": True, 
+        "help": "CAP.MQES: largest queue size minus one"})
+    aerl: int = attrs.field(default=3, validator=_between(0, 255), metadata={
+        "help": "Asynchronous Event Request Limit, 0's based"})
+    elpe: int = attrs.field(default=63, validator=_between(0, 255), metadata={
+        "help": "Error Log Page Entries, 0's based"})
+    max_namespaces: int = attrs.field(default=256, validator=_between(1, 1024), metadata={
+        "help": "Identify NN: highest NSID supported"})
+    namespaces: list = attrs.field(factory=list, validator=_namespaces, metadata={
+        "key": "ns", "aliases": ("namespace",),
+        "help": "a namespace, repeatable (NSID 1, 2, ...): mem:size=64M, null:size=1G, "
+                "file:path=IMG[,size=1G][,readonly=on][,direct=on]"})
+    state_dir: str | None = attrs.field(default=None, metadata={
+        "help": "directory of the persistent state file (default: the first file namespace's directory)"})
+    state_file: str | None = attrs.field(default=None, metadata={
+        "help": "path of the persistent state file (overrides state_dir)"})
+    capacity: Size = attrs.field(default=1 << 40, validator=_between(0, (1 << 64) - 1), metadata={
+        "help": "total NVM capacity (TNVMCAP) for Namespace Management"})
+    ns_create: str = attrs.field(default="mem", validator=_one_of("mem", "null", "file"), metadata={
+        "help": "backend of namespaces created by Namespace Management: mem, null or file"})
+    temperature: int = attrs.field(default=323, validator=_between(0, 0xFFFF), metadata={
+        "help": "initial composite temperature, kelvin"})
+    warning_temp: int = attrs.field(default=343, validator=_between(0, 0xFFFF), metadata={
+        "help": "WCTEMP, kelvin"})
+    critical_temp: int = attrs.field(default=373, validator=_between(0, 0xFFFF), metadata={
+        "help": "CCTEMP, kelvin"})
+    fw_slots: int = attrs.field(default=3, validator=_between(1, 7), metadata={
+        "help": "firmware slots (1..7; slot 1 is read-only)"})
+    dbbuf: bool = attrs.field(default=True, metadata={
+        "help": "support Doorbell Buffer Config (shadow doorbells)"})
+    cntlid: int = attrs.field(default=0, validator=_between(0, 0xFFEF), metadata={
+        "help": "controller identifier"})
+    #: the namespace backends by name, filled by ``DeviceRegistry.create`` from the
+    #: registry's ``nvme-backend`` components (None: the built-in backends). Not a property.
+    backends: Mapping[str, Any] | None = attrs.field(default=None, eq=False, repr=False, metadata={
+        "component": "nvme-backend"})
 
     def __attrs_post_init__(self) -> None:
         if len(self.namespaces) > self.max_namespaces:
@@ -188,19 +178,7 @@ class NvmeConfig:
         """
         if not isinstance(data, Mapping):
             raise ConfigError(f"nvme: configuration must be a mapping, got {type(data).__name__}")
-        names = {a.name for a in attrs.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ConfigError(f"nvme: unknown propert{'ies' if len(unknown) > 1 else 'y'} "
-                              f"{', '.join(unknown)} (known: {', '.join(sorted(names))})")
-        try:
-            return _converter.structure(dict(data), cls)
-        except ConfigError:
-            raise
-        except cattrs.BaseValidationError as exc:
-            raise ConfigError(f"nvme: {_describe(exc)}") from None
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"nvme: {exc}") from None
+        return structure_config(cls, data, what="nvme")
 
     @classmethod
     def parse(cls, text: str) -> NvmeConfig:
@@ -208,45 +186,25 @@ class NvmeConfig:
 
         :raises ConfigError: for a malformed item, an unknown key or a bad value.
         """
-        return cls.from_dict(_collect(split_properties(text), cls))
+        if not isinstance(text, str):
+            raise ConfigError(f"nvme: property string expected, got {type(text).__name__}")
+        return structure_config(cls, text, what="nvme")
+
+    @classmethod
+    def collect_properties(cls, pairs: list[tuple[str, str]]) -> dict[str, Any]:
+        """Group the pairs of :func:`~pcidev.properties.split_properties`: ``ns=`` takes
+        the items after it that are not controller properties (see the module docstring).
+
+        :raises ConfigError: a malformed item, a repeated key, or namespace options
+            written after ``ns=KIND,`` instead of ``ns=KIND:``.
+        """
+        return _collect(pairs, cls)
 
     def unstructure(self) -> dict[str, Any]:
-        """A plain-dict form of the configuration (JSON-serializable)."""
-        return _converter.unstructure(self)
-
-
-def split_properties(text: str) -> list[tuple[str, str]]:
-    """Split ``"a=1,b=x,,y"`` into ``[("a", "1"), ("b", "x,y")]`` (``,,`` is a literal comma).
-
-    An item without ``=`` is returned with the key ``""`` and the whole item as its value.
-
-    :raises ConfigError: if ``text`` is not a string.
-    """
-    if not isinstance(text, str):
-        raise ConfigError(f"nvme: property string expected, got {type(text).__name__}")
-    items: list[str] = []
-    cur: list[str] = []
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch == ",":
-            if i + 1 < len(text) and text[i + 1] == ",":
-                cur.append(",")
-                i += 2
-                continue
-            items.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-        i += 1
-    items.append("".join(cur))
-    out = []
-    for item in items:
-        if item == "":
-            continue
-        key, sep, value = item.partition("=")
-        out.append((key.strip(), value) if sep else ("", item))
-    return out
+        """A plain-dict form of the properties (JSON-serializable; without ``backends``)."""
+        data = converter.unstructure(self)
+        data.pop("backends", None)
+        return data
 
 
 _NS_KEYS = ("ns", "namespace")
@@ -263,6 +221,12 @@ def _collect(pairs: list[tuple[str, str]], cls: type) -> dict[str, Any]:
             in_ns = True
             continue
         if in_ns and key not in names:
+            if ":" not in namespaces[-1]:
+                item = f"{key}={value}" if key else value
+                raise ConfigError(
+                    f"nvme: {item!r} after ns={namespaces[-1]} is not a controller property; "
+                    f"namespace options follow a ':' after the backend name: "
+                    f"ns={namespaces[-1]}:{item}")
             namespaces[-1] += "," + (f"{key}={value}" if key else value)
             continue
         in_ns = False
@@ -276,52 +240,3 @@ def _collect(pairs: list[tuple[str, str]], cls: type) -> dict[str, Any]:
     if namespaces:
         data["namespaces"] = namespaces
     return data
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, cattrs.BaseValidationError):
-        parts = []
-        for sub in exc.exceptions:
-            if isinstance(sub, ConfigError):
-                parts.append(str(sub))
-                continue
-            note = ""
-            notes = getattr(sub, "__notes__", None)
-            if notes:
-                note = str(notes[-1])
-                m = re.search(r"@ attribute (\w+)", note)
-                if m:
-                    note = f"{m.group(1)}: "
-            parts.append(note + _describe(sub))
-        return "; ".join(parts)
-    return str(exc)
-
-
-_converter = cattrs.Converter(forbid_extra_keys=True)
-_converter.register_structure_hook(int, lambda v, _t: parse_int(v))
-_converter.register_structure_hook(bool, lambda v, _t: parse_bool(v))
-
-
-def _str_hook(v: Any, _t: Any) -> str:
-    if not isinstance(v, str):
-        raise ValueError(f"expected a string, got {v!r}")
-    return v
-
-
-def _opt_str_hook(v: Any, _t: Any) -> str | None:
-    if v is None:
-        return None
-    return _str_hook(v, _t)
-
-
-def _ns_list_hook(v: Any, _t: Any) -> list:
-    if isinstance(v, (str, dict)):
-        return [v]
-    if not isinstance(v, (list, tuple)):
-        raise ValueError(f"namespaces must be a list, got {type(v).__name__}")
-    return list(v)
-
-
-_converter.register_structure_hook(str, _str_hook)
-_converter.register_structure_hook(str | None, _opt_str_hook)
-_converter.register_structure_hook(list, _ns_list_hook)

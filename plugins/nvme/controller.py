@@ -41,6 +41,7 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +55,12 @@ from pcidev.pci.capabilities.msix import MsixCapability
 from pcidev.pci.config import ResetKind
 from pcidev_nvme import aer as aer_mod
 from pcidev_nvme.aer import AsyncEvents
+from pcidev_nvme.backends import BUILTIN_BACKENDS
 from pcidev_nvme.config import NvmeConfig
 from pcidev_nvme.features import Features
 from pcidev_nvme import migration as _migration
 from pcidev_nvme.logs import ChangedNamespaces, ErrorLog, FirmwareSlots, SmartCounters, StateFile
+from pcidev_nvme.namespace import make_namespace
 from pcidev_nvme.queues import _CQE_FULL, _CQE_HEAD, CompletionQueue, InterruptVector, SubmissionQueue, Timer
 from pcidev_nvme.request import SQE_SIZE, Request, decode_sqe
 from pcidev_nvme.status import DNR, NvmeStatusError, Status, status_field
@@ -198,8 +201,6 @@ class NvmeController(PciDevice):
     :param config: an :class:`~pcidev_nvme.config.NvmeConfig`, a mapping, or a
         QEMU-style property string (``"serial=x,mdts=7,ns=mem:size=64M"``).
     :param name: device name in logs.
-    :param plugin_manager: plugin manager whose plugins may contribute namespace
-        backends (None: the built-in backends).
     :raises ConfigError: a bad configuration or namespace spec.
 
     The data path sees (``docs/nvme-contract.md``): :attr:`memory`,
@@ -221,8 +222,7 @@ class NvmeController(PciDevice):
     VMSTATE = _migration.NvmeState
     MIGRATABLE_FEATURES = _migration.MIGRATABLE_FEATURES
 
-    def __init__(self, config: NvmeConfig | dict | str | None = None, *, name: str | None = None,
-                 plugin_manager: Any = None) -> None:
+    def __init__(self, config: NvmeConfig | dict | str | None = None, *, name: str | None = None) -> None:
         if config is None:
             cfg = NvmeConfig()
         elif isinstance(config, NvmeConfig):
@@ -246,7 +246,6 @@ class NvmeController(PciDevice):
         self.subsystem_vendor_id = cfg.subsystem_vendor_id
         self.subsystem_id = cfg.subsystem_id
 
-        self.plugin_manager = plugin_manager
         self._state_lock = threading.RLock()
         self._tls = _BatchState()
         self._timer = Timer(f"nvme-timer[{self.name}]")
@@ -297,7 +296,6 @@ class NvmeController(PciDevice):
         self.allocated: dict[int, Any] = {}
         #: file-backed namespaces created by Namespace Management (restored at power-on): nsid -> spec
         self.created: dict[int, str] = {}
-        self._backends = None
         try:
             self._make_namespaces()
             self.state = StateFile(self._state_path())
@@ -601,20 +599,16 @@ class NvmeController(PciDevice):
                 slot = 0
 
     # ------------------------------------------------------------------ namespaces and state
-    def backend_registry(self):
-        """The namespace backend registry (built-ins plus plugins), built once."""
-        if self._backends is None:
-            from pcidev_nvme.backends import load_backends
-
-            self._backends = load_backends(self.plugin_manager)
-        return self._backends
+    def backend_registry(self) -> Mapping[str, Any]:
+        """The namespace backends by name: ``cfg.backends`` (what
+        :meth:`~pcidev.registry.DeviceRegistry.create` resolved from the registry),
+        else the built-ins. A controller never loads plugins itself."""
+        return self.cfg.backends if self.cfg.backends is not None else BUILTIN_BACKENDS
 
     def make_namespace(self, nsid: int, spec: Any):
         """Build namespace ``nsid`` from a spec (see :func:`pcidev_nvme.namespace.make_namespace`)."""
-        from pcidev_nvme.namespace import make_namespace
-
-        return make_namespace(nsid, spec, state_dir=self.cfg.state_dir, plugin_manager=self.plugin_manager,
-                              serial=self.cfg.serial, backends=self.backend_registry())
+        return make_namespace(nsid, spec, state_dir=self.cfg.state_dir, serial=self.cfg.serial,
+                              backends=self.backend_registry())
 
     def _make_namespaces(self) -> None:
         for i, spec in enumerate(self.cfg.namespaces, start=1):

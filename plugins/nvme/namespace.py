@@ -36,10 +36,12 @@ import os
 import struct
 import threading
 import uuid as uuidlib
+from collections.abc import Mapping
 from typing import Any
 
 from pcidev.errors import ConfigError
-from pcidev_nvme.backends import Backend, load_backends, parse_size
+from pcidev.properties import parse_size
+from pcidev_nvme.backends import Backend, BackendFactory, create_backend
 from pcidev_nvme.status import NvmeStatusError, Status
 
 __all__ = [
@@ -419,9 +421,8 @@ def make_namespace(
     spec: str | dict[str, Any],
     *,
     state_dir: str | None = None,
-    plugin_manager: Any = None,
     serial: str = "",
-    backends: Any = None,
+    backends: Mapping[str, BackendFactory] | None = None,
 ) -> Namespace:
     """Build a namespace from a spec (see the module docstring).
 
@@ -429,15 +430,12 @@ def make_namespace(
     :param spec: ``"mem:size=64M"``, ``"file:path=...,size=1G,direct=on"``, or a mapping.
     :param state_dir: the controller's state directory; relative image paths of file
         backends are resolved against it.
-    :param plugin_manager: plugin manager whose plugins may contribute backends
-        (``None``: built-in backends only).
     :param serial: controller serial number, used to derive stable identifiers
         when none are given or stored.
-    :param backends: a prebuilt :class:`~pcidev_nvme.backends.BackendRegistry`
-        (saves calling the plugins once per namespace).
+    :param backends: the backends by name (a device registry's ``nvme-backend``
+        components, see :mod:`pcidev_nvme.backends`); ``None``: the built-ins.
     :returns: the namespace.
     :raises ConfigError: bad spec, unknown backend or option, or backend failure.
-    :raises PluginError: a plugin failed while registering backends.
     """
     kind, options = parse_spec(spec)
     lbaf = _lbaf_from_options(options)
@@ -450,8 +448,7 @@ def make_namespace(
         explicit["eui64"] = _hexbytes(options.pop("eui64"), 8, "eui64")
     if state_dir and kind == "file" and "path" in options:
         options["path"] = os.path.join(state_dir, os.path.expanduser(str(options["path"])))
-    registry = backends if backends is not None else load_backends(plugin_manager)
-    backend = registry.create(kind, options)
+    backend = create_backend(kind, options, backends)
     try:
         nguid, eui64, uuid = _derived_ids(serial, nsid)
         stored = None

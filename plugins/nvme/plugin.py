@@ -7,26 +7,12 @@ third-party plugin, and registers it under the name ``nvme`` (block it with
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from pcidev.hookspecs import hookimpl
-
-if TYPE_CHECKING:
-    import pluggy
-
-    from pcidev.registry import DeviceRegistry
-
-
-@hookimpl
-def pcidev_add_hookspecs(pluginmanager: pluggy.PluginManager) -> None:
-    """Publish the NVMe plugin's own hooks (namespace backends, see
-    :mod:`pcidev_nvme.hookspecs`).
-
-    :param pluginmanager: the plugin manager being set up.
-    """
-    from pcidev_nvme import hookspecs
-
-    pluginmanager.add_hookspecs(hookspecs)
+from pcidev.registry import DeviceRegistry
+from pcidev_nvme import bench
+from pcidev_nvme.backends import BUILTIN_BACKENDS, add_backend
+from pcidev_nvme.controller import NvmeController
+from pcidev_nvme.namespace import make_namespace
 
 
 @hookimpl
@@ -39,22 +25,18 @@ def pcidev_register_devices(registry: DeviceRegistry) -> None:
     * ``nvme-ns/nvme-ns``: :func:`pcidev_nvme.namespace.make_namespace`, which builds
       a namespace from a spec such as ``"file:path=x.img,size=1G"``;
     * ``nvme-backend/<name>``: the factory of each built-in backend (``file``,
-      ``mem``, ``null``). Backends of other plugins come through the NVMe plugin's
-      own hook, :func:`pcidev_nvme.hookspecs.pcidev_nvme_register_backends`;
+      ``mem``, ``null``). Other plugins register theirs the same way, from their own
+      ``pcidev_register_devices`` (:func:`pcidev_nvme.backends.add_backend`), and
+      :meth:`~pcidev.registry.DeviceRegistry.create` hands the whole catalogue to the
+      controller;
     * ``bench/nvme``: :func:`run_bench`, run by ``pcidev bench nvme``.
 
     :param registry: the registry collecting device types.
     """
-    # Imported here so that loading the plugin stays cheap and an error in the
-    # controller module is reported as a registration failure of this plugin.
-    from pcidev_nvme.backends import BACKEND_KIND, builtin_backends
-    from pcidev_nvme.controller import NvmeController
-    from pcidev_nvme.namespace import make_namespace
-
     registry.add_device(NvmeController)
     registry.add_component("nvme-ns", "nvme-ns", make_namespace)
-    for entry in builtin_backends():
-        registry.add_component(BACKEND_KIND, entry.name, entry.factory)
+    for name, factory in BUILTIN_BACKENDS.items():
+        add_backend(registry, name, factory)
     registry.add_component("bench", "nvme", run_bench)
 
 
@@ -67,6 +49,4 @@ def run_bench(argv: list[str]) -> int:
     :param argv: the benchmark's arguments.
     :returns: the exit status.
     """
-    from pcidev_nvme.bench import main
-
-    return main(argv)
+    return bench.main(argv)

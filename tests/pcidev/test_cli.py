@@ -8,11 +8,13 @@ import sys
 import types
 from pathlib import Path
 
+import attrs
 import pytest
 
 import pcidev
 from pcidev import cli, hookimpl
 from pcidev.cli import COMMANDS, Command, main
+from pcidev.device import PciDevice
 from pcidev.errors import ConfigError
 
 ACME_PLUGIN = """
@@ -104,10 +106,16 @@ def test_help_lists_commands_and_plugin_options(capsys, acme_dist):
 # -- pcidev plugins -------------------------------------------------------------------
 
 
+def ours(rows: list[dict], *names: str) -> list[dict]:
+    """The rows of the plugins this test set up (other installed plugins may be listed too)."""
+    return [row for row in rows if row["name"] in names]
+
+
 def test_plugins_table_shows_distribution_and_device_types(capsys, acme_dist):
     status, out, err = run(capsys, "-p", "no:nvme", "plugins")
     assert status == 0 and err == ""
-    lines = out.splitlines()
+    known = ("PLUGIN", "builtin", "acme", "blocked:")
+    lines = [line for line in out.splitlines() if line.split()[0] in known]
     assert lines[0].split() == ["PLUGIN", "DISTRIBUTION", "VERSION", "DEVICE", "TYPES"]
     assert lines[1].split() == ["builtin", "pcidev", pcidev.__version__, "edu"]
     assert lines[2].split() == ["acme", "pcidev-acme", "2.5", "acme-dev"]
@@ -118,7 +126,8 @@ def test_plugins_table_shows_distribution_and_device_types(capsys, acme_dist):
 def test_plugins_json(capsys, acme_dist):
     status, out, err = run(capsys, "-p", "no:nvme", "-p", "no:builtin", "plugins", "--json")
     assert status == 0 and err == ""
-    assert json.loads(out) == {
+    doc = json.loads(out)
+    assert {"plugins": ours(doc["plugins"], "acme"), "blocked": doc["blocked"]} == {
         "plugins": [
             {
                 "name": "acme",
@@ -155,7 +164,7 @@ def test_block_option_hides_a_plugin(capsys, acme_dist):
     status, out, _ = run(capsys, "-p", "no:nvme", "-p", "no:acme", "plugins", "--json")
     assert status == 0
     listing = json.loads(out)
-    assert [p["name"] for p in listing["plugins"]] == ["builtin"]
+    assert [p["name"] for p in ours(listing["plugins"], "builtin", "acme", "nvme")] == ["builtin"]
     assert listing["blocked"] == ["nvme", "acme"]
 
 
@@ -312,16 +321,19 @@ def test_command_returning_none_exits_0(capsys, probe_command):
     assert run(capsys, "-p", "no:nvme", "probe")[0] == 0
 
 
-def test_command_decorator_registers_and_rejects_duplicates(monkeypatch):
-    monkeypatch.setattr(cli, "COMMANDS", {})
+def test_commands_come_from_the_explicit_module_list():
+    assert [m.COMMAND.name for m in cli.COMMAND_MODULES] == list(COMMANDS)
+    assert {"plugins", "demo", "serve", "bench", "vmstate", "describe"} <= set(COMMANDS)
 
     @cli.command("hello", help="say hello")
     def hello(args, ctx):
         return 0
 
-    assert cli.COMMANDS["hello"] == Command("hello", "say hello", hello, None)
+    assert hello == Command("hello", "say hello", hello.run, None)
+    one = types.SimpleNamespace(COMMAND=hello)
+    assert cli.commands_of([one]) == {"hello": hello}
     with pytest.raises(ValueError, match="defined twice"):
-        cli.command("hello", help="again")(hello)
+        cli.commands_of([one, one])
 
 
 def test_demo_command_calls_pcidev_demo_main(capsys, monkeypatch):
@@ -357,3 +369,144 @@ def test_python_dash_m_knows_every_command() -> None:
         assert out.returncode == 0
         for cmd in ("plugins", "demo", "bench", "vmstate"):
             assert cmd in out.stdout, (mod, cmd)
+
+
+# -- every command honours -p ---------------------------------------------------------
+
+
+@attrs.define(kw_only=True)
+class ProbeConfig:
+    width: int = attrs.field(default=4, metadata={"help": "bytes per access"})
+
+
+class ProbeDevice(PciDevice):
+    """A device only the -p module provides."""
+
+    TYPE_NAME = "probe-dev"
+    VENDOR_ID, DEVICE_ID, CLASS_CODE = 0x1234, 0x0001, 0xFF0000
+    CONFIG_CLASS = ProbeConfig
+
+    def __init__(self, config=None, *, name=None):
+        self.cfg = config
+        super().__init__(name=name)
+
+
+@pytest.mark.parametrize("argv", [
+    ["serve", "--vfio-user", "SOCK", "nvme,ns=mem:size=1M"],
+    ["serve", "--vfio-user", "SOCK", "nvme,help"],
+    ["describe", "nvme"],
+    ["vmstate", "schema", "nvme"],
+    ["bench", "nvme"],
+])
+def test_blocked_plugin_is_blocked_for_every_command(capsys, tmp_path, argv):
+    argv = [str(tmp_path / "s.sock") if a == "SOCK" else a for a in argv]
+    status, out, err = run(capsys, "-p", "no:nvme", *argv)
+    assert status == 1 and out == ""
+    assert_one_line_error(err, "nvme")
+    assert not (tmp_path / "s.sock").exists()
+
+
+def test_dash_p_module_reaches_serve_and_describe(capsys, module_plugin, tmp_path):
+    def pcidev_register_devices(registry):
+        registry.add_device(ProbeDevice)
+
+    module_plugin("pcidev_cli_probe_dev", pcidev_register_devices=hookimpl(pcidev_register_devices))
+    status, out, _err = run(capsys, "-p", "pcidev_cli_probe_dev", "describe", "probe-dev")
+    assert status == 0 and "width" in out and "bytes per access" in out
+    status, out, _err = run(capsys, "-p", "pcidev_cli_probe_dev", "serve", "--vfio-user",
+                            str(tmp_path / "s.sock"), "probe-dev,help")
+    assert status == 0 and "width" in out
+    status, _out, err = run(capsys, "serve", "--vfio-user", str(tmp_path / "s.sock"), "probe-dev")
+    assert status == 1 and "unknown device type 'probe-dev'" in err
+
+
+# -- describe and TYPE,help -------------------------------------------------------------
+
+
+def test_describe_lists_every_property_of_the_config_class(capsys):
+    from pcidev_nvme.config import NvmeConfig
+
+    status, out, err = run(capsys, "describe", "nvme")
+    assert status == 0 and err == ""
+    for field in attrs_fields(NvmeConfig):
+        key = field.metadata.get("key", field.name)
+        assert any(line.split()[:1] == [key] for line in out.splitlines()), key
+        assert field.metadata["help"] in out
+    assert "0x1b36" in out and "1T" in out and "KiB" in out
+    status, out, _err = run(capsys, "describe", "--json", "edu")
+    doc = json.loads(out)
+    assert [p["name"] for p in doc["properties"]] == ["autorun", "engine", "chunk", "delay"]
+    assert doc["properties"][2] == {"name": "chunk", "type": "size", "default": "4k",
+                                    "help": "bytes the worker copies per step", "aliases": []}
+
+
+def attrs_fields(cls):
+    return [f for f in attrs.fields(cls) if "component" not in f.metadata]
+
+
+def test_serve_type_help_prints_the_properties(capsys, tmp_path):
+    status, out, _err = run(capsys, "serve", "--vfio-user", str(tmp_path / "s.sock"), "nvme,help")
+    assert status == 0 and "max_ioqpairs" in out and "Maximum Data Transfer Size" in out
+    assert not (tmp_path / "s.sock").exists()
+
+
+def test_serve_bad_property_is_one_line(capsys, tmp_path):
+    status, _out, err = run(capsys, "serve", "--vfio-user", str(tmp_path / "s.sock"), "nvme,mdts=lots")
+    assert status == 1
+    assert_one_line_error(err, "property 'mdts'", "0x hex")
+
+
+def test_namespace_options_after_a_comma_point_at_the_colon_syntax(capsys, tmp_path):
+    status, _out, err = run(capsys, "serve", "--vfio-user", str(tmp_path / "s.sock"), "nvme,ns=mem,size=64M")
+    assert status == 1
+    assert_one_line_error(err, "ns=mem:size=64M")
+    assert "unknown NVMe namespace backend" not in err
+
+
+# -- logging and --debug --------------------------------------------------------------
+
+
+def test_log_level_and_verbose_configure_the_root_logger(capsys, probe_command):
+    import logging
+
+    run(capsys, "-p", "no:nvme", "probe")
+    assert logging.getLogger().level == logging.WARNING
+    run(capsys, "-p", "no:nvme", "-v", "probe")
+    assert logging.getLogger().level == logging.INFO
+    run(capsys, "-p", "no:nvme", "-vv", "probe")
+    assert logging.getLogger().level == logging.DEBUG
+    run(capsys, "-p", "no:nvme", "--log-level", "error", "probe")
+    assert logging.getLogger().level == logging.ERROR
+    status, _out, err = run(capsys, "--log-level", "loud", "probe")
+    assert status == 2 and "--log-level" in err
+    logging.getLogger().setLevel(logging.WARNING)
+
+
+def test_log_records_reach_standard_error(capsys, probe_command):
+    import logging
+
+    probe_command["behaviour"] = lambda: logging.getLogger("pcidev.test").info("hello from the probe")
+    run(capsys, "-p", "no:nvme", "probe")
+    status, _out, err = run(capsys, "-p", "no:nvme", "-v", "probe")
+    assert status == 0 and "pcidev.test: INFO: hello from the probe" in err
+    logging.getLogger().setLevel(logging.WARNING)
+
+
+def test_debug_prints_the_traceback_after_the_error_line(capsys, probe_command):
+    def crash():
+        raise KeyError("surprise")
+
+    probe_command["behaviour"] = crash
+    status, _out, err = run(capsys, "-p", "no:nvme", "probe")
+    assert status == 1 and "--debug" in err and "Traceback" not in err
+    status, _out, err = run(capsys, "--debug", "-p", "no:nvme", "probe")
+    lines = err.splitlines()
+    assert status == 1 and lines[0].startswith("pcidev: internal error: KeyError")
+    assert lines[1].startswith("Traceback") and "surprise" in lines[-1]
+
+
+def test_describe_a_type_without_properties(capsys, acme_dist):
+    status, out, _err = run(capsys, "-p", "no:nvme", "describe", "acme-dev")
+    assert status == 0 and out.splitlines()[-1] == "no properties"
+    status, out, _err = run(capsys, "-p", "no:nvme", "describe", "--json", "acme-dev")
+    assert json.loads(out) == {"device_type": "acme-dev", "properties": []}

@@ -166,7 +166,8 @@ def test_third_party_distribution_is_loaded_and_attributed(make_distribution):
         modules={"pcidev_acme_tp": THIRD_PARTY_SOURCE},
     )
     pm = make_plugin_manager(blocked=["nvme"])
-    assert pm.plugin_names() == ["builtin", "acme"]
+    # other installed plugins may be loaded too: look at ours only
+    assert [n for n in pm.plugin_names() if n in ("builtin", "acme", "nvme")] == ["builtin", "acme"]
     origin = pm.plugin_origin("acme")
     assert (origin.distribution, origin.version) == ("pcidev-acme", "2.5")
     entry = load_registry(pm).entry("acme-dev")

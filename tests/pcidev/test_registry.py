@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import attrs
 import pytest
 
-from pcidev.errors import PcidevError, PluginError
+from pcidev.errors import ConfigError, PcidevError, PluginError
+from pcidev.properties import Size
 from pcidev.registry import DeviceEntry, DeviceRegistry, PluginOrigin, check_name
 
 
@@ -230,3 +232,40 @@ def test_static_blocker_for_class_without_vmstate_attribute(make_device_class):
 
 def test_plugin_error_is_a_pcidev_error():
     assert issubclass(PluginError, PcidevError)
+
+
+@attrs.define(kw_only=True)
+class Cfg:
+    size: Size = attrs.field(default=4096, metadata={"help": "bytes"})
+    fast: bool = False
+    parts: dict | None = attrs.field(default=None, eq=False, metadata={"component": "part"})
+
+
+def test_create_structures_the_config_class_and_passes_component_catalogues(make_device_class):
+    def init(self, config=None, *, name=None):
+        self.cfg = config
+        type(self).__bases__[0].__init__(self, name=name)
+
+    registry = DeviceRegistry()
+    registry.add_device(make_device_class("cfgdev", CONFIG_CLASS=Cfg, __init__=init))
+    registry.add_component("part", "a", object)
+    dev = registry.create("cfgdev", "size=0x2000,fast=on", name="d0")
+    assert dev.name == "d0" and dev.cfg.size == 0x2000 and dev.cfg.fast is True
+    assert dev.cfg.parts == {"a": object}
+    assert registry.create("cfgdev", {"size": "8k"}).cfg.size == 8192
+    assert registry.create("cfgdev").cfg.size == 4096
+    with pytest.raises(ConfigError, match="cfgdev: property 'size'.*byte count"):
+        registry.create("cfgdev", "size=big")
+    with pytest.raises(ConfigError, match="unknown property parts"):
+        registry.create("cfgdev", "parts=x")
+    registry.add_device(make_device_class("plain"))
+    assert registry.create("plain", "").name == "plain"
+    with pytest.raises(ConfigError, match="takes no properties"):
+        registry.create("plain", "x=1")
+    with pytest.raises(PluginError, match="unknown device type"):
+        registry.create("nosuch")
+
+
+def test_config_class_must_be_an_attrs_class(make_device_class):
+    with pytest.raises(PluginError, match="CONFIG_CLASS must be an attrs class"):
+        DeviceRegistry().add_device(make_device_class("bad", CONFIG_CLASS=dict))

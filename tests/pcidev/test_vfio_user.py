@@ -25,7 +25,7 @@ from pcidev.dma import alloc_memfd
 from pcidev.transport.endpoint import DeviceEndpoint
 from pcidev.transport.fdpass import close_fds, recv_exact, send_all
 from pcidev.transport.vfio_user import protocol as P
-from pcidev.transport.vfio_user.server import VfioUserServer, _chunks, make_device
+from pcidev.transport.vfio_user.server import VfioUserServer, _chunks
 
 QEMU_CAPS = (b'{"capabilities": {"pgsizes": 4096, "max_msg_fds": 16, "max_dma_maps": 65535, '
              b'"max_data_xfer_size": 1048576, "migration": {"max_bitmap_size": 268435456, "pgsize": 4096}, '
@@ -420,26 +420,30 @@ def test_chunks_are_aligned_and_cover(offset, count):
     assert all(p % w == 0 for p, w in parts)
 
 
-def test_make_device_props():
+def test_registry_create_props():
     from pcidev.plugins import load_registry, make_plugin_manager
 
     reg = load_registry(make_plugin_manager())
-    dev = make_device("nvme,ns=mem:size=1M,ns=mem:size=2M", reg)
-    assert len(dev.cfg.namespaces) == 2
-    edu_dev = make_device("edu,engine=true", reg)
+    dev = reg.create("nvme", "ns=mem:size=1M,ns=mem:size=2M")
+    try:
+        assert len(dev.cfg.namespaces) == 2
+    finally:
+        dev.close()
+    edu_dev = reg.create("edu", "engine=true")
     assert edu_dev.engine is True
 
 
 def test_cli_serve_vfio_user_process(tmp_path):
-    """``pcidev serve --vfio-user SOCKET nvme,...``: a stale socket file is replaced, one
-    client is served, the process exits 0 when it leaves; SIGTERM ends a waiting server."""
+    """``pcidev serve --vfio-user SOCKET nvme,...``: a stale socket (nobody listens) is
+    replaced, one client is served, the process exits 0 when it leaves; SIGTERM ends a
+    waiting server."""
     import signal
     import subprocess
     import sys
     import time
 
     path = tmp_path / "nvme.sock"
-    path.write_text("stale")
+    _stale_socket(path)
     proc = subprocess.Popen([sys.executable, "-m", "pcidev", "serve", "--vfio-user", str(path),
                              "nvme,ns=mem:size=1M"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -473,3 +477,82 @@ def test_cli_serve_vfio_user_process(tmp_path):
             proc.kill()
             proc.wait()
     time.sleep(0)
+
+
+def _stale_socket(path) -> None:
+    """Leave a socket file at ``path`` whose server is gone."""
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(path))
+    dead.close()
+
+
+def _serve_cli(path, capsys, device="edu"):
+    from pcidev.cli import main
+
+    status = main(["-p", "no:nvme", "serve", "--vfio-user", str(path), device])
+    err = capsys.readouterr().err
+    return status, err
+
+
+def test_serve_refuses_a_regular_file(tmp_path, capsys):
+    path = tmp_path / "precious.txt"
+    path.write_text("keep me")
+    status, err = _serve_cli(path, capsys)
+    assert status == 1 and len(err.splitlines()) == 1
+    assert "regular file" in err and "internal error" not in err and "Traceback" not in err
+    assert path.read_text() == "keep me"
+
+
+def test_serve_refuses_a_directory_and_a_missing_directory(tmp_path, capsys):
+    status, err = _serve_cli(tmp_path, capsys)
+    assert status == 1 and "directory" in err and "internal error" not in err
+    assert tmp_path.is_dir()
+    status, err = _serve_cli(tmp_path / "no" / "such" / "dir.sock", capsys)
+    assert status == 1 and len(err.splitlines()) == 1
+    assert "No such file or directory" in err and "internal error" not in err
+
+
+def test_serve_in_a_read_only_directory(tmp_path, capsys):
+    """The cause is printed in one line (root ignores directory modes: use sysfs)."""
+    if os.geteuid() == 0:
+        status, err = _serve_cli("/sys/pcidev-test.sock", capsys)
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        try:
+            status, err = _serve_cli(ro / "x.sock", capsys)
+        finally:
+            ro.chmod(0o755)
+    assert status == 1 and len(err.splitlines()) == 1
+    assert "cannot listen there" in err and "internal error" not in err
+
+
+def test_serve_refuses_a_socket_another_server_listens_on(tmp_path, capsys):
+    path = tmp_path / "live.sock"
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(str(path))
+    live.listen(1)
+    try:
+        status, err = _serve_cli(path, capsys)
+        assert status == 1 and "another server is listening" in err
+        assert path.exists()
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.connect(str(path))  # the first server still owns its socket
+        probe.close()
+    finally:
+        live.close()
+
+
+def test_listen_unix_replaces_only_a_stale_socket(tmp_path):
+    from pcidev.transport.vfio_user.server import listen_unix
+
+    path = tmp_path / "stale.sock"
+    _stale_socket(path)
+    listener = listen_unix(str(path))
+    try:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.connect(str(path))
+        probe.close()
+    finally:
+        listener.close()

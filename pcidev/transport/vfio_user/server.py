@@ -19,12 +19,12 @@ is removed.
 from __future__ import annotations
 
 import errno
-import inspect
 import json
 import logging
 import os
 import signal
 import socket
+import stat
 import sys
 import threading
 from typing import Any
@@ -36,23 +36,20 @@ from pcidev.errors import (
     IrqError,
     MigrationError,
     MmioError,
-    PcidevError,
     TransportError,
 )
 from pcidev.bar import RamBacking
 from pcidev.pci.capabilities.msi import MsiCapability
 from pcidev.pci.capabilities.msix import ENTRY_CTRL, ENTRY_SIZE, MsixCapability
 from pcidev.pci.config import ResetKind
-from pcidev.plugins import load_registry, make_plugin_manager
 from pcidev.transport.endpoint import DeviceEndpoint
 from pcidev.transport.fdpass import close_fds, recv_exact, send_all
-from pcidev.transport.serve import parse_setting
 from pcidev.transport.vfio_user import protocol as P
 from pcidev.transport.vfio_user.protocol import VfioUserError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["VfioUserServer", "serve_device", "make_device"]
+__all__ = ["VfioUserServer", "listen_unix", "serve_device"]
 
 #: payload bytes beyond max_data_xfer_size a message may carry (its own fixed fields)
 _SLACK = 4096
@@ -565,43 +562,105 @@ class VfioUserServer:
 
 
 # -- running a device -------------------------------------------------------------------------
-def make_device(spec: str, registry: Any) -> Any:
-    """Build a device from ``TYPE[,props]``.
+def _probe_listener(path: str) -> bool:
+    """Whether a server listens on the UNIX socket ``path`` (connect to find out).
 
-    A device class whose first parameter is ``config`` (NVMe) receives the
-    properties string as is (``nvme,ns=mem:size=64M``); others get them as
-    keyword arguments (``edu,engine=true``).
-
-    :raises PcidevError: unknown type or options the class refuses.
+    :raises TransportError: the socket may not be connected to (permissions).
     """
-    dtype, _, props = spec.partition(",")
-    cls = registry.get(dtype)
-    params = [p for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"]
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
     try:
-        if props and params and params[0].name == "config":
-            return cls(props)
-        kwargs = dict(parse_setting(item) for item in props.split(",") if item) if props else {}
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise PcidevError(f"device type {dtype!r} does not take these options: {exc}") from exc
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            return False
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise TransportError(f"vfio-user socket {path}: cannot check whether a server listens "
+                                 f"on it: {exc.strerror}") from None
+        return True  # EAGAIN (backlog full), a timeout...: somebody is there
+    else:
+        return True
+    finally:
+        probe.close()
 
 
-def serve_device(spec: str, path: str, *, once: bool = True, out: Any = None) -> int:
-    """Serve the device ``TYPE[,props]`` over vfio-user on the UNIX socket ``path``.
+def listen_unix(path: str) -> socket.socket:
+    """Listen on the UNIX socket ``path``, replacing only a stale socket.
 
-    Unlinks a stale socket file, listens, prints one ``listening`` line, serves one
-    client until it leaves (QEMU never reconnects) and returns 0. SIGTERM/SIGINT end
-    it cleanly.
+    A socket file nobody listens on (a server that died) is removed; anything
+    else at ``path`` (a regular file, a directory, a socket another server
+    listens on) is left alone and refused.
+
+    :param path: the socket path.
+    :returns: the listening socket (backlog 1).
+    :raises TransportError: something else is at ``path``, or the socket cannot
+        be created there (one line naming the cause: a read-only or missing
+        directory, a path too long...).
     """
-    out = sys.stdout if out is None else out
-    pm = make_plugin_manager()
-    device = make_device(spec, load_registry(pm))
-    endpoint = DeviceEndpoint(device, pm=pm)
     try:
-        os.unlink(path)
+        st = os.lstat(path)
     except FileNotFoundError:
         pass
+    except OSError as exc:
+        raise TransportError(f"vfio-user socket {path}: {exc.strerror or exc}") from None
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a regular file" if stat.S_ISREG(
+                st.st_mode) else "not a socket"
+            raise TransportError(f"vfio-user socket {path}: the path exists and is {kind}; "
+                                 "refusing to replace it (choose another path or remove it)")
+        if _probe_listener(path):
+            raise TransportError(f"vfio-user socket {path}: another server is listening on it")
+        try:
+            os.unlink(path)  # a stale socket: its server is gone
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise TransportError(f"vfio-user socket {path}: cannot remove the stale socket: "
+                                 f"{exc.strerror or exc}") from None
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(path)
+        listener.listen(1)
+    except OSError as exc:
+        listener.close()
+        raise TransportError(f"vfio-user socket {path}: cannot listen there: {exc.strerror or exc}") from None
+    return listener
+
+
+def _unlink_own(path: str, listener: socket.socket) -> None:
+    """Remove ``path`` if it is still the socket ``listener`` is bound to."""
+    try:
+        if listener.getsockname() == path and stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def serve_device(device: Any, path: str, *, pm: Any = None, once: bool = True, out: Any = None) -> int:
+    """Serve ``device`` over vfio-user on the UNIX socket ``path``.
+
+    Listens (:func:`listen_unix`: only a stale socket is replaced), prints one
+    ``listening`` line, serves one client until it leaves (QEMU never reconnects)
+    and returns 0. SIGTERM/SIGINT end it cleanly. The device is closed at the end.
+
+    :param device: the device, e.g. from :meth:`pcidev.registry.DeviceRegistry.create`.
+    :param path: the socket path.
+    :param pm: the plugin manager (migration blockers of its plugins).
+    :param once: return after the first client (else serve the next one).
+    :param out: where the status lines go (standard output).
+    :returns: the exit status.
+    :raises TransportError: the socket cannot be created (one line naming the cause).
+    """
+    out = sys.stdout if out is None else out
+    endpoint = DeviceEndpoint(device, pm=pm)
+    try:
+        listener = listen_unix(path)
+    except BaseException:
+        endpoint.close()
+        raise
     server: VfioUserServer | None = None
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -610,11 +669,9 @@ def serve_device(spec: str, path: str, *, once: bool = True, out: Any = None) ->
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        listener.bind(path)
-        listener.listen(1)
         endpoint.start()
-        print(f"pcidev: vfio-user server for {spec.partition(',')[0]} listening on {path} (pid {os.getpid()})",
-              file=out, flush=True)
+        print(f"pcidev: vfio-user server for {device.TYPE_NAME or type(device).__name__} listening on "
+              f"{path} (pid {os.getpid()})", file=out, flush=True)
         while True:
             conn, _ = listener.accept()
             server = VfioUserServer(endpoint, conn)
@@ -624,11 +681,8 @@ def serve_device(spec: str, path: str, *, once: bool = True, out: Any = None) ->
             if once:
                 return 0
     except OSError as exc:
-        raise PcidevError(f"vfio-user socket {path}: {exc}") from exc
+        raise TransportError(f"vfio-user socket {path}: {exc.strerror or exc}") from exc
     finally:
+        _unlink_own(path, listener)
         listener.close()
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
         endpoint.close()

@@ -1,5 +1,5 @@
 """Namespace backends: file (sparse, hole punching, O_DIRECT, FUA), memory, null,
-and a backend contributed by another plugin through the NVMe hookspec."""
+and a backend contributed by another plugin as an ``nvme-backend`` registry component."""
 
 from __future__ import annotations
 
@@ -8,18 +8,21 @@ import mmap
 import os
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pcidev import hookimpl
 from pcidev.errors import ConfigError, PluginError
-from pcidev.plugins import make_plugin_manager
+from pcidev.plugins import load_registry, make_plugin_manager
+from pcidev.properties import parse_size
 from pcidev_nvme.backends import (
+    BUILTIN_BACKENDS,
     BaseBackend,
     FileBackend,
     MemoryBackend,
     NullBackend,
-    builtin_backends,
-    load_backends,
-    parse_size,
+    add_backend,
+    create_backend,
 )
 from pcidev_nvme.namespace import make_namespace
 
@@ -271,24 +274,23 @@ def test_file_direct_aligned_and_bounced(tmp_path):
 # ------------------------------------------------------------------------------ registry
 
 
-def test_builtin_registry_and_errors():
-    reg = builtin_backends()
-    assert reg.names() == ["file", "mem", "null"]
-    assert all(e.origin.plugin == "nvme" for e in reg)
+def test_builtin_backends_and_errors():
+    assert list(BUILTIN_BACKENDS) == ["file", "mem", "null"]
     with pytest.raises(ConfigError, match="unknown NVMe namespace backend"):
-        reg.create("tape", {})
+        create_backend("tape", {})
     with pytest.raises(ConfigError, match="unknown option"):
-        reg.create("mem", {"size": "1M", "colour": "blue"})
+        create_backend("mem", {"size": "1M", "colour": "blue"})
     with pytest.raises(ConfigError, match="size"):
-        reg.create("null", {})
+        create_backend("null", {})
+    with pytest.raises(ConfigError, match="ns=mem:size=64M"):
+        create_backend("mem,size=64M", {})
+    registry = load_registry(make_plugin_manager(load_entrypoints=False, plugins=[RamDiskPlugin()]))
     with pytest.raises(PluginError):
-        reg.add_backend("mem", lambda o: None)
+        add_backend(registry, "ramdisk", lambda o: None)  # taken
     with pytest.raises(PluginError):
-        reg.add_backend("Bad Name", lambda o: None)
+        add_backend(registry, "Bad Name", lambda o: None)
     with pytest.raises(PluginError):
-        reg.add_backend("ok", "not callable")  # type: ignore[arg-type]
-    with pytest.raises(PluginError):
-        reg.add_component("nvme-other", "x", lambda o: None)
+        add_backend(registry, "ok", "not callable")  # type: ignore[arg-type]
 
 
 class RamDisk(BaseBackend):
@@ -318,29 +320,31 @@ class RamDiskPlugin:
     __name__ = "ramdisk-plugin"
 
     @hookimpl
-    def pcidev_nvme_register_backends(self, registry):
+    def pcidev_register_devices(self, registry):
         def factory(options):
             size = parse_size(options.pop("size"))
             fill = int(options.pop("fill", "0"))
             return RamDisk(size, fill)
 
-        registry.add_backend("ramdisk", factory)
+        add_backend(registry, "ramdisk", factory)
+
+
+def _catalogue(registry):
+    return {e.name: e.obj for e in registry.components("nvme-backend")}
 
 
 def test_backend_contributed_by_plugin():
-    pm = make_plugin_manager(plugins=[RamDiskPlugin()])
-    assert "nvme" in pm.plugin_names()
-    reg = load_backends(pm)
-    assert "ramdisk" in reg
-    assert reg.entry("ramdisk").origin.plugin == "ramdisk-plugin"
-    ns = make_namespace(1, "ramdisk:size=1M,fill=7", plugin_manager=pm)
+    registry = load_registry(make_plugin_manager(plugins=[RamDiskPlugin()]))
+    entry = next(e for e in registry.components("nvme-backend") if e.name == "ramdisk")
+    assert entry.plugin == "ramdisk-plugin"
+    ns = make_namespace(1, "ramdisk:size=1M,fill=7", backends=_catalogue(registry))
     try:
         assert isinstance(ns.backend, RamDisk)
         assert ns.nlbas == 2048
         assert read(ns.backend, 0, 4) == b"\x07" * 4
     finally:
         ns.close()
-    # Without the plugin manager the backend is unknown.
+    # Without the registry's catalogue the backend is unknown: nothing loads plugins.
     with pytest.raises(ConfigError, match="ramdisk"):
         make_namespace(1, "ramdisk:size=1M")
 
@@ -350,26 +354,25 @@ def test_plugin_backend_errors_name_the_plugin():
         __name__ = "clash"
 
         @hookimpl
-        def pcidev_nvme_register_backends(self, registry):
-            registry.add_backend("mem", lambda o: None)
+        def pcidev_register_devices(self, registry):
+            add_backend(registry, "mem", lambda o: None)
 
-    pm = make_plugin_manager(plugins=[Clash()])
     with pytest.raises(PluginError, match="clash"):
-        load_backends(pm)
+        load_registry(make_plugin_manager(plugins=[Clash()]))
 
     class Broken:
         __name__ = "broken"
 
         @hookimpl
-        def pcidev_nvme_register_backends(self, registry):
+        def pcidev_register_devices(self, registry):
             def factory(options):
                 raise RuntimeError("no disk here")
 
-            registry.add_backend("broken", factory)
+            add_backend(registry, "broken", factory)
 
-    pm = make_plugin_manager(plugins=[Broken()])
+    registry = load_registry(make_plugin_manager(plugins=[Broken()]))
     with pytest.raises(ConfigError, match="no disk here"):
-        make_namespace(1, "broken:size=1M", plugin_manager=pm)
+        make_namespace(1, "broken:size=1M", backends=_catalogue(registry))
 
 
 def test_incomplete_backend_is_refused():
@@ -382,21 +385,29 @@ def test_incomplete_backend_is_refused():
         def writev(self, views, offset, *, fua=False):
             pass
 
-    reg = builtin_backends()
-    reg.add_backend("half", lambda options: Half())
     with pytest.raises(ConfigError, match="inline.*BaseBackend"):
-        reg.create("half", {})
+        create_backend("half", {}, {**BUILTIN_BACKENDS, "half": lambda options: Half()})
 
 
-def test_plugin_without_nvme_loaded_is_rejected():
-    # With the NVMe plugin blocked, the hook is unknown: the manager refuses it.
+def test_the_old_backend_hook_is_gone():
+    """Backends have one registration path; a plugin still implementing the removed
+    ``pcidev_nvme_register_backends`` hook is refused by name."""
+
+    class OldStyle:
+        __name__ = "old-style"
+
+        @hookimpl
+        def pcidev_nvme_register_backends(self, registry):
+            pass
+
     with pytest.raises(PluginError, match="pcidev_nvme_register_backends"):
-        make_plugin_manager(plugins=[RamDiskPlugin()], blocked=["nvme"])
+        make_plugin_manager(plugins=[OldStyle()])
 
 
 _INSTALLED_BACKEND = '''
 from pcidev import hookimpl
-from pcidev_nvme.backends import MemoryBackend, parse_size
+from pcidev.properties import parse_size
+from pcidev_nvme.backends import MemoryBackend, add_backend
 
 
 class Stamped(MemoryBackend):
@@ -404,22 +415,21 @@ class Stamped(MemoryBackend):
 
 
 @hookimpl
-def pcidev_nvme_register_backends(registry):
-    registry.add_backend("stamped", lambda options: Stamped(parse_size(options.pop("size"))))
+def pcidev_register_devices(registry):
+    add_backend(registry, "stamped", lambda options: Stamped(parse_size(options.pop("size"))))
 '''
 
 
-def test_installed_plugin_backend_without_a_plugin_manager(make_distribution):
-    """A backend of an installed plugin (entry point ``pcidev``) is found by a controller
-    built with its options only, as ``pcidev serve`` and the device registry build it."""
+def test_installed_plugin_backend_reaches_the_controller_through_the_registry(make_distribution):
+    """A backend of an installed plugin (entry point ``pcidev``) reaches a controller built
+    by ``registry.create`` (as ``pcidev serve`` builds it); a controller constructed
+    directly knows the built-ins only and never loads plugins."""
     make_distribution("stamped-backend", entry_points={"stamped": "nvme_stamped_backend"},
                       modules={"nvme_stamped_backend": _INSTALLED_BACKEND})
     from pcidev.host import Machine
-    from pcidev.plugins import load_registry, make_plugin_manager
     from pcidev_nvme.driver import NvmeDriver
 
-    cls = load_registry(make_plugin_manager()).get("nvme")
-    ctrl = cls("ns=stamped:size=1M,ns=mem:size=1M")
+    ctrl = load_registry(make_plugin_manager()).create("nvme", "ns=stamped:size=1M,ns=mem:size=1M")
     machine = Machine(ram_size=16 << 20)
     drv = NvmeDriver.attach(machine, ctrl, io_queues=1)
     try:
@@ -430,7 +440,47 @@ def test_installed_plugin_backend_without_a_plugin_manager(make_distribution):
         drv.close()
         ctrl.close()
         machine.close()
-    # Built-in names never need the plugins; unknown names are still refused.
-    assert load_backends().entry("mem").origin.plugin == "nvme"
+    # Built-in names never need the plugins; other names are refused without a registry.
+    from pcidev_nvme.controller import NvmeController
+
+    NvmeController("ns=mem:size=1M").close()
+    with pytest.raises(ConfigError, match="unknown NVMe namespace backend 'stamped'"):
+        NvmeController("ns=stamped:size=1M")
     with pytest.raises(ConfigError, match="unknown NVMe namespace backend 'nosuch'"):
         make_namespace(1, "nosuch:size=1M")
+
+
+def test_namespace_specs_share_the_property_grammar(tmp_path):
+    """``size=`` accepts hex and KiB/MiB in a namespace spec as for controller properties."""
+    for spec in ("mem:size=0x100000", "mem:size=1MiB", "null:size=1024k", "mem:size=1M,anon=y"):
+        ns = make_namespace(1, spec)
+        try:
+            assert ns.backend.size == MiB
+        finally:
+            ns.close()
+    img = tmp_path / "ro.img"
+    FileBackend(str(img), MiB).close()
+    ns = make_namespace(1, f"file:path={img},size=0x100000,readonly=on")
+    try:
+        assert ns.backend.read_only
+    finally:
+        ns.close()
+    with pytest.raises(ConfigError, match="property 'size'.*byte count"):
+        make_namespace(1, "mem:size=lots")
+    with pytest.raises(ConfigError, match="property 'readonly'.*on/off"):
+        make_namespace(1, f"file:path={img},readonly=perhaps")
+
+
+_SIZES = st.one_of(st.sampled_from(["4k", "1M", "0x100000", "1MiB", "64k", "4096B", "-4k", "1.5M", "on"]),
+                 st.text(alphabet="kKMGiBxyz,=: -_", max_size=10))  # no huge sizes: no digits
+
+
+@given(kind=st.sampled_from(["null", "mem", "nosuch", "mem,size=1M"]),
+       options=st.dictionaries(st.sampled_from(["size", "anon", "path", "x"]), _SIZES, max_size=3))
+def test_any_backend_options_are_a_backend_or_one_config_error(kind, options):
+    options.pop("path", None)  # never create files from random text
+    try:
+        backend = create_backend(kind, options)
+    except ConfigError:
+        return
+    backend.close()

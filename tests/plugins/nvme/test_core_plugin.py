@@ -5,12 +5,14 @@ backend contributed by another plugin."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pcidev import hookimpl
 from pcidev.errors import ConfigError
 from pcidev.host import Machine
 from pcidev.plugins import load_registry, make_plugin_manager
-from pcidev_nvme.backends import BaseBackend
+from pcidev_nvme.backends import BaseBackend, add_backend
 from pcidev_nvme.config import NvmeConfig
 from pcidev_nvme.controller import NvmeController
 from pcidev_nvme.driver import NvmeDriver
@@ -35,6 +37,10 @@ def test_config_parsing():
     assert NvmeConfig.parse("model=a,,b").model == "a,b"
     assert NvmeConfig.from_dict({"capacity": "2G", "namespaces": "mem:size=1M"}).capacity == 2 << 30
     assert NvmeConfig.from_dict(cfg.unstructure()) == cfg
+    # one grammar: hex and KiB..TiB for sizes, y/n for booleans
+    cfg = NvmeConfig.parse("capacity=0x100000,dbbuf=n,ns=mem:size=64MiB")
+    assert cfg.capacity == 1 << 20 and cfg.dbbuf is False and cfg.namespaces == ["mem:size=64MiB"]
+    assert NvmeConfig.parse("capacity=2GiB").capacity == 2 << 30
 
 
 @pytest.mark.parametrize("text, match", [
@@ -48,6 +54,9 @@ def test_config_parsing():
     ("mdts", "no '=value'"),
     ("mdts=1,mdts=2", "twice"),
     ("namespaces=mem", "ns=SPEC"),
+    ("ns=mem,size=64M", "ns=mem:size=64M"),
+    ("capacity=lots", "property 'capacity'.*KiB"),
+    ("backends=x", "unknown property backends"),
 ])
 def test_config_errors(text, match):
     with pytest.raises(ConfigError, match=match):
@@ -81,17 +90,17 @@ class PatternPlugin:
     __name__ = "pattern-plugin"
 
     @hookimpl
-    def pcidev_nvme_register_backends(self, registry):
+    def pcidev_register_devices(self, registry):
         def factory(options):
             size = int(options.pop("size"))
             return _Pattern(size, int(options.pop("byte", "0")))
 
-        registry.add_backend("pattern", factory)
+        add_backend(registry, "pattern", factory)
 
 
 def test_backend_from_another_plugin():
-    pm = make_plugin_manager(plugins=[PatternPlugin()])
-    ctrl = NvmeController("ns=pattern:size=1048576,byte=171", plugin_manager=pm)
+    registry = load_registry(make_plugin_manager(plugins=[PatternPlugin()]))
+    ctrl = registry.create("nvme", "ns=pattern:size=1048576,byte=171")
     with Machine() as m:
         drv = NvmeDriver.attach(m, ctrl, aers=0)
         try:
@@ -128,3 +137,23 @@ def test_default_serial_unique_for_volatile_and_stable_for_images(tmp_path) -> N
         assert explicit.cfg.serial == "abc"
     finally:
         explicit.close()
+
+
+_KEYS = ["serial", "mdts", "max_ioqpairs", "capacity", "dbbuf", "ns", "namespace", "size", "msix_bar", ""]
+
+
+@given(st.lists(st.tuples(st.sampled_from(_KEYS), st.text(max_size=16)), max_size=6))
+def test_any_property_string_is_a_config_or_one_config_error(pairs):
+    text = ",".join(f"{k}={v}" if k else v for k, v in pairs)
+    try:
+        NvmeConfig.parse(text)
+    except ConfigError:
+        pass
+
+
+@given(st.text(max_size=40))
+def test_any_text_is_a_config_or_one_config_error(text):
+    try:
+        NvmeConfig.parse(text)
+    except ConfigError:
+        pass

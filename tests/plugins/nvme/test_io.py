@@ -721,8 +721,8 @@ def test_slow_plugin_backend_does_not_block_registers():
     leaves register access and other namespaces working, and completes later."""
     from pcidev import hookimpl
     from pcidev.host import Machine
-    from pcidev.plugins import make_plugin_manager
-    from pcidev_nvme.controller import NvmeController
+    from pcidev.plugins import load_registry, make_plugin_manager
+    from pcidev_nvme.backends import add_backend
     from pcidev_nvme.driver import READ, NvmeDriver
 
     gate_backend = GatedBackend()
@@ -731,12 +731,12 @@ def test_slow_plugin_backend_does_not_block_registers():
         __name__ = "gate-plugin"
 
         @hookimpl
-        def pcidev_nvme_register_backends(self, registry):
-            registry.add_backend("gated", lambda options: (options.clear(), gate_backend)[1])
+        def pcidev_register_devices(self, registry):
+            add_backend(registry, "gated", lambda options: (options.clear(), gate_backend)[1])
 
-    pm = make_plugin_manager(plugins=[GatePlugin()])
+    registry = load_registry(make_plugin_manager(plugins=[GatePlugin()]))
     machine = Machine(ram_size=64 << 20)
-    ctrl = NvmeController("ns=gated:x=1,ns=mem:size=1M", plugin_manager=pm)
+    ctrl = registry.create("nvme", "ns=gated:x=1,ns=mem:size=1M")
     drv = NvmeDriver.attach(machine, ctrl, io_queues=1)
     try:
         buf = machine.alloc(PAGE)

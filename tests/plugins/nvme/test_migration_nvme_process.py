@@ -95,7 +95,7 @@ class Workload(threading.Thread):
 
 
 def test_nvme_migrates_between_processes_during_verified_io(tmp_path):
-    opts = {"config": _config(tmp_path)}
+    opts = _config(tmp_path)
     src = DeviceProcess("nvme", f"unix:{tmp_path}/a.sock", options=opts)
     # destinations start after the source has created the image's identity file (NGUID,
     # EUI-64, UUID: in the fingerprint); processes creating it at once would disagree
@@ -149,11 +149,11 @@ def test_nvme_over_tcp_and_a_refusing_destination(tmp_path):
     img = tmp_path / "t.img"
     with open(img, "wb") as f:
         f.truncate(2 << 20)
-    good = {"config": f"serial=XTCP,max_ioqpairs=2,msix_vectors=3,ns=file:path={img},size=2M"}
+    good = f"serial=XTCP,max_ioqpairs=2,msix_vectors=3,ns=file:path={img},size=2M"
     other = tmp_path / "o.img"
     with open(other, "wb") as f:
         f.truncate(4 << 20)
-    bad = {"config": f"serial=XTCP,max_ioqpairs=2,msix_vectors=3,ns=file:path={other},size=4M"}
+    bad = f"serial=XTCP,max_ioqpairs=2,msix_vectors=3,ns=file:path={other},size=4M"
     src = DeviceProcess("nvme", f"unix:{tmp_path}/a.sock", options=good)
     src.wait_event("ready")  # identity file first (see above)
     refuser = DeviceProcess("nvme", f"unix:{tmp_path}/r.sock", options=bad, incoming=f"unix:{tmp_path}/r-in.sock")

@@ -219,13 +219,12 @@ def test_file_ids_persist_with_the_image(tmp_path):
 def test_ids_stable_when_the_identity_file_cannot_be_written(tmp_path):
     """A backend whose identity file cannot be created (read-only directory, gone
     directory...) still gets the same identifiers on every start: derived ones."""
-    from pcidev_nvme.backends import builtin_backends
+    from pcidev_nvme.backends import BUILTIN_BACKENDS
 
     class Unsaved(MemoryBackend):
         identity_path = str(tmp_path / "no-such-dir" / "ids.json")
 
-    reg = builtin_backends()
-    reg.add_backend("unsaved", lambda options: Unsaved(int(options.pop("size"))))
+    reg = {**BUILTIN_BACKENDS, "unsaved": lambda options: Unsaved(int(options.pop("size")))}
     runs = []
     for _ in range(2):
         n = make_namespace(1, "unsaved:size=1048576", serial="S1", backends=reg)

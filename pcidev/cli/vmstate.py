@@ -18,10 +18,13 @@ import struct
 import sys
 from typing import Any
 
-from pcidev.cli import CliContext, command
+from pcidev.cli._command import CliContext, command
 from pcidev.errors import PcidevError
+from pcidev.migration.function_state import FUNCTION_SECTION, FunctionState
+from pcidev.vmstate import dump_stream_json, schema_of
+from pcidev.vmstate.stream import MAGIC, PREFIX_SIZE, TRAILER_SIZE
 
-__all__ = ["device_schema"]
+__all__ = ["COMMAND", "device_schema"]
 
 
 def device_schema(cls: type) -> dict[str, Any]:
@@ -30,9 +33,6 @@ def device_schema(cls: type) -> dict[str, Any]:
     :param cls: a :class:`~pcidev.device.PciDevice` subclass.
     :returns: a JSON-ready dict.
     """
-    from pcidev.migration.function_state import FUNCTION_SECTION, FunctionState
-    from pcidev.vmstate import schema_of
-
     vm = getattr(cls, "VMSTATE", None)
     type_name = getattr(cls, "TYPE_NAME", "") or cls.__name__.lower()
     return {
@@ -73,8 +73,6 @@ def _read_upto(f: Any, n: int) -> bytes:
 def _read_stream(f: Any, name: str) -> bytes:
     """Read a stream, no further than its prefix says it goes (an endless input
     such as /dev/zero is refused after its first bytes, not read to exhaustion)."""
-    from pcidev.vmstate.stream import MAGIC, PREFIX_SIZE, TRAILER_SIZE
-
     data = _read_upto(f, PREFIX_SIZE + TRAILER_SIZE)
     if len(data) < PREFIX_SIZE or data[:len(MAGIC)] != MAGIC:
         return data  # too short or bad magic: the stream checks name it
@@ -98,9 +96,8 @@ def _read(path: str) -> bytes:
 
 @command("vmstate", help="dump a saved device state (vmstate dump FILE) or a device type's "
                          "description (vmstate schema DEVICE)", configure=_configure)
-def _vmstate(args: argparse.Namespace, ctx: CliContext) -> int:
-    from pcidev.vmstate import dump_stream_json
-
+def COMMAND(args: argparse.Namespace, ctx: CliContext) -> int:  # noqa: N802 - the module's command
+    """``dump FILE`` or ``schema DEVICE``."""
     if args.vmstate_command == "dump":
         data = _read(args.file)
         try:

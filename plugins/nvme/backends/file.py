@@ -1,0 +1,258 @@
+"""The ``file`` backend: a raw image file, sparse allowed (``file:path=/x.img,size=1G``).
+
+Created sparse when missing; deallocation punches holes
+(``fallocate(PUNCH_HOLE | KEEP_SIZE)``); Flush and FUA writes reach stable
+storage (``fdatasync`` / ``RWF_DSYNC``) before they complete. ``direct=on``
+opens it with ``O_DIRECT``: block sizes below the file system's direct-I/O
+alignment are refused, and guest buffers that are not aligned go through an
+aligned bounce buffer. ``readonly=on`` refuses writes. File I/O may block, so
+the I/O command set runs it on worker threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import stat
+import threading
+from typing import Any
+
+import attrs
+
+from pcidev.errors import ConfigError
+from pcidev.properties import Size
+from pcidev_nvme.backends.base import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_ZERO_RANGE,
+    BaseBackend,
+    check_size,
+    fallocate,
+    full_preadv,
+    full_pwritev,
+    punch_hole,
+    size_field,
+    take_options,
+)
+
+__all__ = ["FileBackend", "FileConfig", "make_file"]
+
+
+@attrs.define(kw_only=True)
+class FileConfig:
+    """Options of the ``file`` backend."""
+
+    path: str = attrs.field(metadata={"help": "the image file (created sparse when missing)"})
+    size: Size | None = size_field(required=False)
+    direct: bool = attrs.field(default=False, metadata={"help": "open with O_DIRECT"})
+    readonly: bool = attrs.field(default=False, metadata={"help": "refuse writes"})
+
+
+def _probe_direct_alignment(fd: int) -> int:
+    """The smallest block (512 or 4096) an ``O_DIRECT`` read of ``fd`` accepts."""
+    buf = mmap.mmap(-1, 3 * 4096)
+    try:
+        with memoryview(buf) as mv:
+            for align in (512, 4096):
+                try:
+                    # A buffer aligned to ``align`` but not to 4096 (unless align is 4096).
+                    os.preadv(fd, [mv[align : 2 * align]], align)
+                    return align
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise ConfigError(f"O_DIRECT read failed: {exc}") from exc
+    finally:
+        buf.close()
+    raise ConfigError("the file system refuses O_DIRECT reads of 512 and 4096 bytes")
+
+
+class FileBackend(BaseBackend):
+    """A raw image file.
+
+    :param path: the image. Created (sparse, ``size`` bytes) when missing.
+    :param size: bytes; required to create the file. For an existing file it must
+        match the file's size if given.
+    :param direct: open with ``O_DIRECT``.
+    :param read_only: open read-only and refuse writes.
+    :raises ConfigError: the file cannot be opened or created, sizes disagree, the
+        size is not a multiple of 4096, or the file system refuses ``O_DIRECT``.
+    """
+
+    kind = "file"
+    inline = False
+
+    def __init__(
+        self, path: str, size: int | None = None, *, direct: bool = False, read_only: bool = False
+    ) -> None:
+        self.path = os.path.abspath(path)
+        self.read_only = read_only
+        self.direct = direct
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        exists = os.path.exists(self.path)
+        if not exists:
+            if read_only:
+                raise ConfigError(f"image {self.path} does not exist (and readonly=on)")
+            if size is None:
+                raise ConfigError(f"image {self.path} does not exist: give size=... to create it")
+            flags |= os.O_CREAT | os.O_EXCL
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"cannot open image {self.path}: {exc.strerror}") from exc
+        try:
+            st = os.fstat(fd)
+            if not exists:
+                os.ftruncate(fd, size)  # type: ignore[arg-type]
+            elif not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                raise ConfigError(f"{self.path} is neither a regular file nor a block device")
+            else:
+                actual = os.lseek(fd, 0, os.SEEK_END)  # block devices have no st_size
+                if size is None:
+                    size = actual
+                elif size != actual:
+                    raise ConfigError(
+                        f"image {self.path} has {actual} bytes, not the size={size} given"
+                    )
+            check_size(size, f"size of {self.path}")  # type: ignore[arg-type]
+        except OSError as exc:
+            os.close(fd)
+            raise ConfigError(f"cannot size image {self.path}: {exc.strerror}") from exc
+        except ConfigError:
+            os.close(fd)
+            if not exists:
+                os.unlink(self.path)
+            raise
+        super().__init__(size)  # type: ignore[arg-type]
+        self.fd = fd
+        self.dfd = -1
+        self.min_block = 512
+        self._bounce_lock = threading.Lock()
+        self.identity_path = self.path + ".nvme-ids"
+        if direct:
+            try:
+                self.dfd = os.open(self.path, (flags & ~(os.O_CREAT | os.O_EXCL)) | os.O_DIRECT)
+            except OSError as exc:
+                os.close(fd)
+                raise ConfigError(f"cannot open {self.path} with O_DIRECT: {exc.strerror}") from exc
+            try:
+                self.min_block = _probe_direct_alignment(self.dfd)
+            except ConfigError:
+                self.close()
+                raise
+
+    # -- I/O ---------------------------------------------------------------------------
+
+    def _aligned(self, views: list[memoryview]) -> bool:
+        a = self.min_block - 1
+        return all(not len(v) & a for v in views)
+
+    def readv(self, views: list[memoryview], offset: int) -> None:
+        """``preadv`` into the views (``O_DIRECT`` when possible)."""
+        if self.dfd >= 0:
+            if self._aligned(views):
+                try:
+                    full_preadv(self.dfd, views, offset)
+                    return
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+            self._bounce_read(views, offset)
+            return
+        full_preadv(self.fd, views, offset)
+
+    def writev(self, views: list[memoryview], offset: int, *, fua: bool = False) -> None:
+        """``pwritev`` the views; with ``fua`` using ``RWF_DSYNC`` (durable on return)."""
+        if self.read_only:
+            raise OSError(errno.EROFS, "the image is read-only")
+        flags = os.RWF_DSYNC if fua else 0
+        if self.dfd >= 0:
+            if self._aligned(views):
+                try:
+                    full_pwritev(self.dfd, views, offset, flags)
+                    return
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+            self._bounce_write(views, offset, flags)
+            return
+        full_pwritev(self.fd, views, offset, flags)
+
+    def _bounce_read(self, views: list[memoryview], offset: int) -> None:
+        total = sum(len(v) for v in views)
+        buf = mmap.mmap(-1, max(total, 1))
+        try:
+            with memoryview(buf) as mv:
+                full_preadv(self.dfd, [mv[:total]], offset)
+                pos = 0
+                for v in views:
+                    n = len(v)
+                    v[:] = mv[pos : pos + n]
+                    pos += n
+        finally:
+            buf.close()
+
+    def _bounce_write(self, views: list[memoryview], offset: int, flags: int) -> None:
+        total = sum(len(v) for v in views)
+        buf = mmap.mmap(-1, max(total, 1))
+        try:
+            with memoryview(buf) as mv:
+                pos = 0
+                for v in views:
+                    n = len(v)
+                    mv[pos : pos + n] = v
+                    pos += n
+                full_pwritev(self.dfd, [mv[:total]], offset, flags)
+        finally:
+            buf.close()
+
+    def flush(self) -> None:
+        """``fdatasync``: every completed write reaches stable storage."""
+        os.fdatasync(self.fd)
+
+    def deallocate(self, offset: int, length: int) -> None:
+        """Punch a hole (the blocks read as zeros and free their space)."""
+        if self.read_only:
+            raise OSError(errno.EROFS, "the image is read-only")
+        try:
+            punch_hole(self.fd, offset, length)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            super().write_zeroes(offset, length)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Zero the range, allocated (``FALLOC_FL_ZERO_RANGE``, else writes of zeros)."""
+        if self.read_only:
+            raise OSError(errno.EROFS, "the image is read-only")
+        try:
+            fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            super().write_zeroes(offset, length)
+
+    def allocated_bytes(self) -> int:
+        """Bytes of the file that hold data (``st_blocks``; holes do not count)."""
+        return min(self.size, os.fstat(self.fd).st_blocks * 512)
+
+    def close(self) -> None:
+        """Close the file. Idempotent."""
+        for attr in ("dfd", "fd"):
+            fd = getattr(self, attr, -1)
+            if fd >= 0:
+                setattr(self, attr, -1)
+                os.close(fd)
+
+    def describe(self) -> str:
+        """One line for logs."""
+        mode = ", O_DIRECT" if self.dfd >= 0 else ""
+        ro = ", read-only" if self.read_only else ""
+        return f"file {self.path}, {self.size} bytes{mode}{ro}"
+
+
+def make_file(options: dict[str, Any]) -> FileBackend:
+    """The ``file`` factory: takes ``path``, ``size``, ``direct`` and ``readonly`` from ``options``."""
+    if not options.get("path"):
+        raise ConfigError("the file backend needs path=...")
+    cfg = take_options(FileConfig, options, what="file backend")
+    return FileBackend(cfg.path, cfg.size, direct=cfg.direct, read_only=cfg.readonly)

@@ -1,0 +1,229 @@
+"""The ``mem`` backend: volatile memory (``mem:size=64M``).
+
+A memfd (default) or an anonymous mapping (``anon=on``); deallocation punches
+holes in the memfd (or zeroes the anonymous mapping). Fast: commands complete inline.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import stat
+import threading
+from typing import Any
+
+import attrs
+
+from pcidev.errors import ConfigError
+from pcidev.properties import Size
+from pcidev_nvme.backends.base import (
+    BaseBackend,
+    check_size,
+    full_preadv,
+    punch_hole,
+    size_field,
+    take_options,
+    zero_views,
+)
+
+__all__ = ["MemConfig", "MemoryBackend", "make_mem"]
+
+
+@attrs.define(kw_only=True)
+class MemConfig:
+    """Options of the ``mem`` backend."""
+
+    size: Size = size_field(required=True)
+    anon: bool = attrs.field(default=False, metadata={
+        "help": "an anonymous private mapping instead of a memfd"})
+
+
+class MemoryBackend(BaseBackend):
+    """Volatile memory: a memfd (default) or an anonymous private mapping.
+
+    Reads and writes are one ``memcpy`` between the mapping and the guest views.
+    A map with one byte per 4 KiB page records which pages were written: reads
+    of pages never written (or deallocated) go through ``preadv`` on the memfd,
+    which returns zeros without allocating memory (touching a hole through the
+    mapping would allocate it), so :meth:`allocated_bytes` (NUSE) stays true.
+    Deallocation frees whole pages (``PUNCH_HOLE`` on the memfd,
+    ``MADV_DONTNEED`` on the anonymous mapping) and zeroes partial ones.
+
+    :param size: bytes (a multiple of 4096).
+    :param anon: use an anonymous private mapping instead of a memfd.
+    """
+
+    kind = "mem"
+    inline = True
+
+    def __init__(self, size: int, *, anon: bool = False) -> None:
+        super().__init__(check_size(size))
+        self.fd = -1
+        try:
+            if anon:
+                self._mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            else:
+                self.fd = os.memfd_create("pcidev-nvme-ns", os.MFD_CLOEXEC)
+                os.ftruncate(self.fd, size)
+                self._mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED)
+        except (OSError, OverflowError) as exc:
+            if self.fd >= 0:
+                os.close(self.fd)
+            raise ConfigError(f"cannot allocate {size} bytes of namespace memory: {exc}") from exc
+        try:
+            self._written = bytearray(size >> _PAGE_SHIFT)  # 1 = page holds written data
+        except MemoryError:
+            self._mm.close()
+            if self.fd >= 0:
+                os.close(self.fd)
+            raise ConfigError(f"cannot allocate {size} bytes of namespace memory "
+                              "(no memory for its page map)") from None
+        self._mv = memoryview(self._mm)
+        self._unwritten = len(self._written)  # pages never written (or deallocated)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_fd(cls, fd: int, size: int) -> MemoryBackend:
+        """A backend over an existing memfd (a migrated namespace: the source's memory).
+
+        ``fd`` is duplicated (the caller keeps its own). The map of written pages is
+        rebuilt from the file's data extents (``SEEK_DATA``/``SEEK_HOLE``), so NUSE and
+        the hole-reading shortcut stay what they were on the source.
+
+        :raises ConfigError: the descriptor is not a file of ``size`` bytes or cannot be mapped.
+        """
+        check_size(size)
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            raise ConfigError(f"namespace memory descriptor: {exc.strerror}") from exc
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            raise ConfigError(f"namespace memory descriptor is not a {size}-byte memory file "
+                              f"(mode {st.st_mode:o}, {st.st_size} bytes)")
+        self = cls.__new__(cls)
+        BaseBackend.__init__(self, size)
+        self.fd = os.dup(fd)
+        try:
+            os.set_inheritable(self.fd, False)
+            self._mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED)
+        except OSError as exc:
+            os.close(self.fd)
+            raise ConfigError(f"cannot map the namespace memory: {exc}") from exc
+        self._mv = memoryview(self._mm)
+        written = bytearray(size >> _PAGE_SHIFT)
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after pos
+                break
+            end = min(os.lseek(self.fd, start, os.SEEK_HOLE), size)
+            a, b = start >> _PAGE_SHIFT, (end + _PAGE_MASK) >> _PAGE_SHIFT
+            written[a:b] = b"\x01" * (b - a)
+            pos = end
+        self._written = written
+        self._unwritten = written.count(0)
+        self._lock = threading.Lock()
+        return self
+
+    def readv(self, views: list[memoryview], offset: int) -> None:
+        """Copy from the memory into the views (one ``memcpy`` each)."""
+        if len(views) == 1:
+            v = views[0]
+            n = len(v)
+            if not self._unwritten or self._written.find(
+                0, offset >> _PAGE_SHIFT, (offset + n + _PAGE_MASK) >> _PAGE_SHIFT
+            ) < 0:
+                v[:] = self._mv[offset : offset + n]
+                return
+        else:
+            n = sum(len(v) for v in views)
+            if not self._unwritten or self._written.find(
+                0, offset >> _PAGE_SHIFT, (offset + n + _PAGE_MASK) >> _PAGE_SHIFT
+            ) < 0:
+                mv = self._mv
+                for v in views:
+                    k = len(v)
+                    v[:] = mv[offset : offset + k]
+                    offset += k
+                return
+        # Some page was never written: read through the file (holes give zeros).
+        if self.fd >= 0:
+            full_preadv(self.fd, views, offset)
+        else:  # untouched anonymous pages are the shared zero page: reading is free
+            mv = self._mv
+            for v in views:
+                k = len(v)
+                v[:] = mv[offset : offset + k]
+                offset += k
+
+    def writev(self, views: list[memoryview], offset: int, *, fua: bool = False) -> None:
+        """Copy the views into the memory (FUA means nothing for volatile memory)."""
+        mv = self._mv
+        start = offset
+        for v in views:
+            n = len(v)
+            mv[offset : offset + n] = v
+            offset += n
+        if self._unwritten:
+            self._mark(start >> _PAGE_SHIFT, (offset + _PAGE_MASK) >> _PAGE_SHIFT)
+
+    def _mark(self, a: int, b: int) -> None:
+        """Record pages ``[a, b)`` as written."""
+        with self._lock:
+            written = self._written
+            self._unwritten -= written.count(0, a, b)
+            written[a:b] = _ONES[: b - a] if b - a <= len(_ONES) else b"\x01" * (b - a)
+
+    def deallocate(self, offset: int, length: int) -> None:
+        """Free the whole pages of the range and zero the rest."""
+        end = offset + length
+        a = (offset + _PAGE_MASK) >> _PAGE_SHIFT  # first whole page
+        b = end >> _PAGE_SHIFT  # one past the last whole page
+        if a >= b:
+            self.write_zeroes(offset, length)
+            return
+        if offset < a << _PAGE_SHIFT:
+            self.write_zeroes(offset, (a << _PAGE_SHIFT) - offset)
+        if end > b << _PAGE_SHIFT:
+            self.write_zeroes(b << _PAGE_SHIFT, end - (b << _PAGE_SHIFT))
+        start, n = a << _PAGE_SHIFT, (b - a) << _PAGE_SHIFT
+        with self._lock:
+            if self.fd >= 0:
+                punch_hole(self.fd, start, n)
+            else:
+                self._mm.madvise(mmap.MADV_DONTNEED, start, n)
+            self._unwritten += self._written.count(1, a, b)
+            self._written[a:b] = bytes(b - a)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Zero the range (``memset``); the pages count as written."""
+        zero_views([self._mv[offset : offset + length]])
+        self._mark(offset >> _PAGE_SHIFT, (offset + length + _PAGE_MASK) >> _PAGE_SHIFT)
+
+    def allocated_bytes(self) -> int:
+        """Bytes of the pages written and not deallocated since."""
+        return (len(self._written) - self._unwritten) << _PAGE_SHIFT
+
+    def close(self) -> None:
+        """Unmap and close. Idempotent."""
+        with self._lock:
+            if self._mv is None:
+                return
+            self._mv.release()
+            self._mv = None  # type: ignore[assignment]
+            self._mm.close()
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+
+
+_PAGE_SHIFT = 12
+_PAGE_MASK = (1 << _PAGE_SHIFT) - 1
+_ONES = b"\x01" * 65536
+
+
+def make_mem(options: dict[str, Any]) -> MemoryBackend:
+    """The ``mem`` factory: takes ``size`` and ``anon`` from ``options``."""
+    cfg = take_options(MemConfig, options, what="mem backend")
+    return MemoryBackend(cfg.size, anon=cfg.anon)
