@@ -272,7 +272,7 @@ class _Access:
         # be released yet: it keeps pinning until they let go, and unmap says so.
         # (try/except rather than contextlib.suppress: it costs nothing here.)
         for v in self._views:
-            try:  # noqa: SIM105
+            try:
                 v.release()
             except BufferError:
                 pass

@@ -216,5 +216,5 @@ class ConfigSpace:
             self.data[:] = defaults
             return
         keep = self.sticky if kind is ResetKind.CONVENTIONAL else bytes(
-            a | b for a, b in zip(self.sticky, self.flr_keep))
-        self.data[:] = bytes((d & k) | (f & ~k & 0xFF) for d, f, k in zip(self.data, defaults, keep))
+            a | b for a, b in zip(self.sticky, self.flr_keep, strict=True))
+        self.data[:] = bytes((d & k) | (f & ~k & 0xFF) for d, f, k in zip(self.data, defaults, keep, strict=True))

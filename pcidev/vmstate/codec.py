@@ -523,7 +523,7 @@ class _Generator:
 
         source = "\n\n".join(self.helpers) + "\n\n" + "\n".join(out)
         filename = f"<vmstate codec {desc.name}>"
-        exec(compile(source, filename, "exec"), self.ns)  # noqa: S102 - generated from the description
+        exec(compile(source, filename, "exec"), self.ns)  # generated from the description, no outside text
         codec.encode = self.ns["encode"]
         codec.decode = self.ns["decode"]
         codec.encode_field = {s.name: self.ns[f"fenc{i}"] for i, s in enumerate(fields)}
@@ -568,7 +568,7 @@ def _make_older(desc: Description, codec: Codec) -> Callable[[Any, Any], dict]:
             except VMStateError as e:
                 raise _Fail(f"upgrade of {name!r} from version {frm} to {frm + 1} failed: {e.reason}",
                             type(e)) from None
-            except Exception as e:  # noqa: BLE001 - user code; reported with context
+            except Exception as e:  # user code; reported with context
                 raise _Fail(f"upgrade of {name!r} from version {frm} to {frm + 1} failed: "
                             f"{type(e).__name__}: {e}") from None
             if f.__class__ is not dict:

@@ -114,7 +114,7 @@ class KSub:
     cls: type
 
 
-Kind = Union[KUInt, KSInt, KBool, KBytes, KStr, KFd, KStruct, KArray, KNullable, KSub]
+Kind = KUInt | KSInt | KBool | KBytes | KStr | KFd | KStruct | KArray | KNullable | KSub
 
 
 # ---------------------------------------------------------------------- metadata
@@ -316,7 +316,7 @@ def _resolve_fields(desc: Description) -> tuple[FieldSpec, ...]:
         hints = typing.get_type_hints(cls, localns=localns, include_extras=True)
     except NameError:
         raise
-    except Exception as e:  # noqa: BLE001 - any failure to evaluate annotations
+    except Exception as e:  # any failure to evaluate annotations
         raise ConfigError(f"{desc.name}: cannot evaluate annotations: {e}") from e
     specs: list[FieldSpec] = []
     sub_names: dict[str, str] = {}

@@ -138,7 +138,7 @@ def test_misaligned_is_refused(impl: type[native.Pinned], offset: int) -> None:
 @pytest.mark.skipif(native.CffiAtomicPinned is None, reason="extension not built")
 @pytest.mark.parametrize("name", ["CffiAtomicPinned", "CffiPinned"])
 def test_cffi_checks_real_address_alignment(name: str) -> None:
-    """cffi sees the address: a buffer starting 1 byte past a page needs offset 3."""
+    """The cffi classes see the address: a buffer starting 1 byte past a page needs offset 3."""
     cls = getattr(native, name)
     mm = mmap.mmap(-1, 4096)
     mm[4:8] = struct.pack("<I", 0xCAFEF00D)

@@ -39,7 +39,7 @@ DESCRIPTIONS = [AllKinds, CtrlState, QueueState, IrqState, Item, Extra]
 
 def roundtrip(*states, instance_ids=None):
     ids = instance_ids or range(len(states))
-    sections = [(type(s).__vmstate__.name, i, s) for i, s in zip(ids, states)]
+    sections = [(type(s).__vmstate__.name, i, s) for i, s in zip(ids, states, strict=True)]
     data = save(DEVICE_TYPE, FINGERPRINT, sections)
     out = load(data, device_type=DEVICE_TYPE, fingerprint=FINGERPRINT, descriptions=DESCRIPTIONS)
     assert [(n, i) for n, i, _ in out] == [(n, i) for n, i, _ in sections]
