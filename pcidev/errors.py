@@ -7,6 +7,8 @@ protocol error, a device status or a one-line message.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class PcidevError(Exception):
     """Base class of every error pcidev raises deliberately."""
@@ -81,12 +83,12 @@ class VMStateError(PcidevError):
             where = "stream"
         super().__init__(f"{where}: {reason}")
 
-    def __reduce__(self):  # keep the parts when the error crosses a process boundary
+    def __reduce__(self) -> tuple[Any, ...]:  # keep the parts when the error crosses a process boundary
         return (_restore_vmstate_error,
                 (type(self), self.reason, self.section, self.instance_id, self.path), self.__dict__)
 
 
-def _restore_vmstate_error(cls: type, reason: str, section: str | None, instance_id: int | None,
+def _restore_vmstate_error(cls: type[VMStateError], reason: str, section: str | None, instance_id: int | None,
                            path: str) -> VMStateError:
     err = cls.__new__(cls)
     VMStateError.__init__(err, reason, section=section, instance_id=instance_id, path=path)
@@ -117,5 +119,5 @@ class MigrationBlockedError(MigrationError):
         self.reasons = list(reasons)
         super().__init__("migration blocked: " + "; ".join(self.reasons))
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.reasons,))

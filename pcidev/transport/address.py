@@ -75,7 +75,7 @@ def connect(address: str | Address, *, timeout: float = 5.0) -> socket.socket:
     while True:
         if addr.kind == "unix":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            target: object = addr.path
+            target: str | tuple[str, int] = addr.path
         else:
             family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM)

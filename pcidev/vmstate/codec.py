@@ -94,10 +94,10 @@ def _enc_int(v: Any, lo: int, hi: int, label: str) -> int:
     """Slow path of an integer check on save: accepts int subclasses (enums), not bool."""
     if isinstance(v, bool) or not isinstance(v, int):
         raise _Fail(_expected(f"{label} (int)", v))
-    v = int(v)
-    if not lo <= v <= hi:
-        raise _Fail(f"value {v} out of range for {label} ({lo}..{hi})")
-    return v
+    n = int(v)
+    if not lo <= n <= hi:
+        raise _Fail(f"value {n} out of range for {label} ({lo}..{hi})")
+    return n
 
 
 def _len_text(lo: int, hi: int) -> str:
@@ -111,7 +111,7 @@ def _bytes_fail(v: Any, lo: int, hi: int) -> Any:
 
 
 def _enc_bytes(v: Any, lo: int, hi: int) -> bytes:
-    if isinstance(v, (bytearray, memoryview)) and v.__class__ is not bytes:
+    if isinstance(v, (bytearray, memoryview)):
         try:
             v = bytes(v)
         except (TypeError, ValueError) as e:
@@ -201,7 +201,7 @@ def _not_state(name: str, cls: type, o: Any) -> Any:
     raise _Fail(f"expected a {cls.__name__} state object ({name!r}), got {type(o).__name__}")
 
 
-def _bad_keys(name: str, version: int, f: dict, keys: frozenset) -> Any:
+def _bad_keys(name: str, version: int, f: dict[str, Any], keys: frozenset[str]) -> Any:
     missing = [k for k in keys if k not in f]
     extra = [k for k in f if k not in keys]
     if not missing and not extra:  # pragma: no cover - defensive: a lookup failed for another reason
@@ -537,13 +537,13 @@ def _int_range(kind: Any) -> tuple[int, int, str]:
     return -(1 << (kind.bits - 1)), (1 << (kind.bits - 1)) - 1, f"i{kind.bits}"
 
 
-def _make_older(desc: Description, codec: Codec) -> Callable[[Any, Any], dict]:
+def _make_older(desc: Description, codec: Codec) -> Callable[[Any, Any], dict[str, Any]]:
     """The slow path of a decoder: a stream version other than the current one."""
     name, version, min_version = desc.name, desc.version, desc.min_version
     newer = [s for s in desc.fields if not isinstance(s.kind, KSub) and s.since > min_version]
     upgrades = sorted(desc.upgrades.items())
 
-    def older(ver: Any, f: Any) -> dict:
+    def older(ver: Any, f: Any) -> dict[str, Any]:
         if ver.__class__ is not int:
             raise _Fail(f"version of {name!r} must be an integer, got {_tname(ver)}")
         if ver > version:

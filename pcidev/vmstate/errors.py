@@ -21,6 +21,8 @@ model) raises :class:`~pcidev.errors.ConfigError` instead, at decoration or firs
 
 from __future__ import annotations
 
+from typing import Any
+
 from pcidev.errors import VMStateError
 
 __all__ = [
@@ -50,7 +52,7 @@ class ConfigMismatchError(VMStateError):
         differing configuration item (empty for a device-type mismatch).
     """
 
-    def __init__(self, reason: str, *, differences: list[str] | None = None, **where) -> None:
+    def __init__(self, reason: str, *, differences: list[str] | None = None, **where: Any) -> None:
         super().__init__(reason, **where)
         self.differences = list(differences or ())
 

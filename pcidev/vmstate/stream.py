@@ -274,7 +274,8 @@ def _normalize_fp(fp: Any) -> dict[str, Any]:
         _check_fp(v, k)
     # one msgpack round trip gives exactly what a loader would see (tuples -> lists,
     # int/str subclasses -> base types)
-    return msgpack.unpackb(msgpack.packb(dict(fp), use_bin_type=True), raw=False)
+    normalized: dict[str, Any] = msgpack.unpackb(msgpack.packb(dict(fp), use_bin_type=True), raw=False)
+    return normalized
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -284,7 +285,7 @@ def _same(a: Any, b: Any) -> bool:
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    return a == b
+    return bool(a == b)
 
 
 def fingerprint_differences(stream_fp: dict[str, Any], local_fp: Mapping[str, Any]) -> list[str]:
