@@ -20,8 +20,8 @@ Describe state as frozen attrs classes::
     [(name, iid, new_state)] = load(data, device_type="demo", fingerprint={"queues": 64},
                                     descriptions=[CtrlState])
 
-Live devices build a state object (``save_state()``) and apply a loaded one
-(``load_state()``); :func:`load` never mutates anything and either returns every
+A live device builds a state object (``PciDevice.get_device_state()``) and applies a
+loaded one (``set_device_state()``); :func:`load` never mutates anything and either returns every
 section or raises a :class:`VMStateError`.  The wire format is specified in
 docs/vmstate-format.md.
 """
@@ -29,7 +29,7 @@ docs/vmstate-format.md.
 from __future__ import annotations
 
 from pcidev.errors import VMStateError
-from pcidev.vmstate.codec import cattrs_converter, decode_state, encode_state
+from pcidev.vmstate.codec import decode_state, encode_state
 from pcidev.vmstate.description import (
     Description,
     description_of,
@@ -109,7 +109,6 @@ __all__ = [
     "fingerprint_differences",
     "encode_state",
     "decode_state",
-    "cattrs_converter",
     "schema_of",
     "check_schema_compat",
     "dump_stream_json",

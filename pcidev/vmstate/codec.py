@@ -13,8 +13,7 @@ a cattrs converter doing the same per-field checks (range and length hooks,
 ``forbid_extra_keys``, detailed validation) took about 25% longer for save+load
 than this module does, although it skips the version handling, the envelope and the
 checksum that this module also does. Its errors are also harder to turn into
-paths. So the hot path is generated here, and :func:`cattrs_converter` plugs these
-codecs into a cattrs converter for code that (un)structures through cattrs.
+paths. So the hot path is generated here.
 
 Errors are raised as the internal ``_Fail`` with the field path collected on the
 way out (try blocks are free on the success path); :mod:`pcidev.vmstate.stream`
@@ -28,7 +27,6 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-import cattrs
 from msgpack import ExtType
 
 from pcidev.errors import ConfigError
@@ -50,7 +48,7 @@ from pcidev.vmstate.description import (
 from pcidev.vmstate.errors import StateError, VersionError, VMStateError, _Fail, render_path
 from pcidev.vmstate.types import FdRef
 
-__all__ = ["Codec", "codec_for", "encode_state", "decode_state", "cattrs_converter", "FD_EXT_CODE"]
+__all__ = ["Codec", "codec_for", "encode_state", "decode_state", "FD_EXT_CODE"]
 
 #: msgpack extension type code of an :class:`~pcidev.vmstate.types.FdRef`.
 FD_EXT_CODE = 1
@@ -629,19 +627,3 @@ def decode_state(wire: Any, cls: type, *, section: str | None = None,
     except _Fail as e:
         raise _public(e, section, instance_id) from None
 
-
-def cattrs_converter(converter: cattrs.Converter | None = None) -> cattrs.Converter:
-    """A cattrs converter that (un)structures state classes with the generated codecs.
-
-    ``conv.unstructure(state)`` gives the wire value; ``conv.structure(wire, Cls)``
-    gives a new state object or raises :class:`~pcidev.errors.VMStateError`.
-
-    :param converter: converter to extend (default: a new ``cattrs.Converter``).
-    :returns: the converter.
-    """
-    conv = converter if converter is not None else cattrs.Converter()
-    conv.register_unstructure_hook_factory(
-        is_vmstate, lambda cls: (lambda obj: encode_state(obj)))
-    conv.register_structure_hook_factory(
-        is_vmstate, lambda cls: (lambda wire, _t: decode_state(wire, cls)))
-    return conv
