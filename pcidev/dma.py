@@ -68,24 +68,8 @@ Performance
 Lookup is a ``bisect`` over the sorted region starts, with the last region hit
 cached so repeated accesses to one region skip it. Single-region accesses use
 ``struct`` on the ``mmap`` itself, views slice a memoryview kept per region, and
-ordered accesses use :mod:`pcidev.native`. Measured with ``timeit`` (best of 25
-runs of 100,000 calls) on the development machine: Python 3.11.7, 2 shared cores,
-cffi backend; orientation only. A bare ``struct.unpack_from("<I", mm, off)`` costs
-~50 ns there.
-
-=============================================================  ==========
-operation                                                      per call
-=============================================================  ==========
-``read_u32`` (4 bytes, cached region)                          ~120 ns
-``read_u32`` (alternating between two regions: bisect)         ~250 ns
-``read_struct`` (64-byte ``Struct``, an NVMe SQE)              ~200 ns
-``write_u32``                                                  ~150 ns
-``write_struct`` (64 bytes; packed before writing)             ~570 ns
-``load32`` / ``store32`` (ordered, native)                     ~190 / ~210 ns
-``read`` / ``write`` 4 KiB                                     ~200 / ~210 ns
-``views`` (one 4 KiB view)                                     ~190 ns
-``with access([two 4 KiB entries]) as views: pass``            ~890 ns
-=============================================================  ==========
+ordered accesses use :mod:`pcidev.native`. ``examples/bench_guest_memory.py``
+measures the cost of each access; docs/development.md has its latest table.
 """
 
 from __future__ import annotations

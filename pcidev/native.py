@@ -67,13 +67,10 @@ cffi class selected for this host) and :class:`CffiAtomicPinned` (``None`` when 
 extension is missing), so tests can exercise each; :func:`pin` and the
 module-level helpers use the selected one.
 
-Measured per call with ``timeit`` on the development machine (Python 3.11.7, x86-64,
-2 shared cores; orientation only): :meth:`Pinned.load32` / :meth:`Pinned.store32`
-~110 / ~130 ns with the selected cffi class (plain ``mov``), ~185 / ~200 ns with
-:class:`CffiAtomicPinned` (a C call; cffi releases and re-takes the GIL around it),
-~80 ns for :class:`PythonPinned` loads; :func:`fence` ~95 ns; the module-level
-:func:`load32` on an ``mmap`` ~2.7 us, because it pins and releases each time: use
-:func:`pin` for anything repeated.
+The module-level :func:`load32` and friends pin and release the buffer on every
+call, which costs an order of magnitude more than the access: use :func:`pin` for
+anything repeated. ``examples/bench_guest_memory.py`` measures each class
+(table in docs/development.md).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: Modules held to ``mypy --strict`` (see [tool.mypy]).
 MYPY_CHECKED = [
+    "examples/bench_guest_memory.py",
     "pcidev/_native.pyi",
     "pcidev/_native_build.py",
     "pcidev/_version.py",
