@@ -29,6 +29,8 @@ import attrs
 
 from pcidev.errors import ConfigError, MmioError
 
+__all__ = ["Access", "Bar", "BarHandler", "BarKind", "CallbackHandler", "RamBacking", "Register", "RegisterMap"]
+
 log = logging.getLogger(__name__)
 
 

@@ -9,6 +9,26 @@ from __future__ import annotations
 
 from typing import Any
 
+__all__ = [
+    "ChecksumError",
+    "ConfigError",
+    "ConfigMismatchError",
+    "ConfigSpaceError",
+    "DeviceFailedError",
+    "DmaError",
+    "IrqError",
+    "MigrationBlockedError",
+    "MigrationError",
+    "MmioError",
+    "PcidevError",
+    "PluginError",
+    "StateError",
+    "StreamError",
+    "TransportError",
+    "VMStateError",
+    "VersionError",
+]
+
 
 class PcidevError(Exception):
     """Base class of every error pcidev raises deliberately."""
@@ -56,7 +76,8 @@ class VMStateError(PcidevError):
     :param path: field path inside the section (``"sq[3].head"``), if any.
 
     The message names the section and the field path; the parts stay available as
-    attributes.  Subclasses live in :mod:`pcidev.vmstate.errors`.
+    attributes.  The subclasses below tell the families apart (see
+    :mod:`pcidev.vmstate.errors`).
     """
 
     def __init__(
@@ -93,6 +114,38 @@ def _restore_vmstate_error(cls: type[VMStateError], reason: str, section: str | 
     err = cls.__new__(cls)
     VMStateError.__init__(err, reason, section=section, instance_id=instance_id, path=path)
     return err
+
+
+class StreamError(VMStateError):
+    """The stream envelope is malformed (truncated, wrong magic, unknown format
+    version, trailing bytes, undecodable body or header)."""
+
+
+class ChecksumError(StreamError):
+    """The CRC-32C stored in the stream does not match the stream's bytes."""
+
+
+class ConfigMismatchError(VMStateError):
+    """The stream belongs to another device type or to a device configured
+    differently.
+
+    :ivar differences: one ``"item: stream has X, this device has Y"`` string per
+        differing configuration item (empty for a device-type mismatch).
+    """
+
+    def __init__(self, reason: str, *, differences: list[str] | None = None, **where: Any) -> None:
+        super().__init__(reason, **where)
+        self.differences = list(differences or ())
+
+
+class VersionError(VMStateError):
+    """A description version in the stream is newer than the local description or
+    older than its minimum version."""
+
+
+class StateError(VMStateError):
+    """A section's content does not match its description (type, range, presence
+    marker, missing/extra field, unknown section or subsection, failed upgrade)."""
 
 
 class TransportError(PcidevError):

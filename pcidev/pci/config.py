@@ -36,6 +36,8 @@ from pcidev.pci import ids
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
 
+__all__ = ["ConfigSpace", "ReadHook", "ResetKind", "WriteHook"]
+
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 # Typed once so that the accessors return an int with no cast per call.
