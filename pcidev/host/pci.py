@@ -290,25 +290,22 @@ class HostPciDevice:
             raise PcidevError(f"BAR{bar} is not assigned (call enable_device)")
         return self.resources[bar][0]
 
-    def _resource(self, bar: int) -> tuple[int, bool]:
-        """``(base address, is an I/O BAR)`` of an assigned BAR."""
+    def _ioread(self, bar: int, off: int, size: int) -> int:
         res = self.resources.get(bar)
         if res is None:
             raise PcidevError(f"BAR{bar} is not assigned (call enable_device)")
-        return res[0], res[2] == "io"
-
-    def _ioread(self, bar: int, off: int, size: int) -> int:
-        base, io = self._resource(bar)
-        if io:
-            return self.machine.io_read(base + off, size)
-        return self.machine.mmio_read(base + off, size)
+        if res[2] == "io":
+            return self.machine.io_read(res[0] + off, size)
+        return self.machine.mmio_read(res[0] + off, size)
 
     def _iowrite(self, bar: int, off: int, size: int, value: int) -> None:
-        base, io = self._resource(bar)
-        if io:
-            self.machine.io_write(base + off, size, value)
+        res = self.resources.get(bar)
+        if res is None:
+            raise PcidevError(f"BAR{bar} is not assigned (call enable_device)")
+        if res[2] == "io":
+            self.machine.io_write(res[0] + off, size, value)
         else:
-            self.machine.mmio_write(base + off, size, value)
+            self.machine.mmio_write(res[0] + off, size, value)
 
     def ioread8(self, bar: int, off: int) -> int:
         return self._ioread(bar, off, 1)
