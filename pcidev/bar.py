@@ -21,12 +21,14 @@ import bisect
 import enum
 import logging
 import mmap
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import attrs
 
+from pcidev.dma import alloc_memfd
 from pcidev.errors import ConfigError, MmioError
 
 __all__ = ["Access", "Bar", "BarHandler", "BarKind", "CallbackHandler", "RamBacking", "Register", "RegisterMap"]
@@ -294,8 +296,6 @@ class RamBacking:
 
     def __init__(self, size: int, *, sparse_areas: Iterable[tuple[int, int]] | None = None,
                  name: str = "pcidev-bar") -> None:
-        from pcidev.dma import alloc_memfd
-
         if size <= 0 or size % mmap.PAGESIZE:
             raise ConfigError(f"RAM BAR size {size:#x} must be a positive multiple of the page size")
         areas = [(0, size)] if sparse_areas is None else list(sparse_areas)
@@ -315,8 +315,6 @@ class RamBacking:
 
     def close(self) -> None:
         """Unmap and close the memfd."""
-        import os
-
         self.mem.close()
         os.close(self.fd)
 

@@ -26,6 +26,7 @@ from pcidev.vmstate.description import (
     fields_of,
 )
 from pcidev.vmstate.schema import check_schema_compat, schema_of
+from pcidev.vmstate.types import FdRef
 
 __all__ = ["UPDATE_ENV", "assert_schema_matches", "schema_json", "strategy_for"]
 
@@ -106,8 +107,6 @@ def strategy_for(cls: type) -> Any:
 
 
 def _kind_strategy(kind: Any, st: Any) -> Any:
-    from pcidev.vmstate.types import FdRef
-
     if isinstance(kind, KUInt):
         return st.integers(0, (1 << kind.bits) - 1)
     if isinstance(kind, KSInt):
