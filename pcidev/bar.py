@@ -31,7 +31,9 @@ import attrs
 from pcidev.dma import alloc_memfd
 from pcidev.errors import ConfigError, MmioError
 
-__all__ = ["Access", "Bar", "BarHandler", "BarKind", "CallbackHandler", "RamBacking", "Register", "RegisterMap"]
+__all__ = [
+    "BarKind", "BarHandler", "CallbackHandler", "Access", "Register", "RegisterMap", "RamBacking", "Bar",
+]
 
 log = logging.getLogger(__name__)
 

@@ -33,13 +33,16 @@ from typing import TYPE_CHECKING
 from pcidev.errors import ConfigSpaceError
 from pcidev.pci import ids
 
-if TYPE_CHECKING:
-    from _typeshed import ReadableBuffer
-
-__all__ = ["ConfigSpace", "ReadHook", "ResetKind", "WriteHook"]
+__all__ = [
+    "WriteHook", "ReadHook", "ResetKind", "ConfigSpace",
+]
 
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
 # Typed once so that the accessors return an int with no cast per call.
 _u16_unpack: Callable[[ReadableBuffer, int], tuple[int]] = _U16.unpack_from
 _u32_unpack: Callable[[ReadableBuffer, int], tuple[int]] = _U32.unpack_from
