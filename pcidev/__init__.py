@@ -12,7 +12,7 @@ describes a device's migrated state; the exception classes are those of
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from pcidev._version import __version__
 
 from pcidev import vmstate
 from pcidev.bar import Access, RamBacking, Register, RegisterMap

@@ -21,9 +21,10 @@ import bisect
 import enum
 import logging
 import mmap
+import os
 import time
-from collections.abc import Callable, Iterable
-from typing import Protocol
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
 
 import attrs
 
@@ -81,7 +82,7 @@ class _RateLimitedLog:
         self._count = 0
         self.suppressed = 0
 
-    def __call__(self, msg: str, *args) -> None:
+    def __call__(self, msg: str, *args: object) -> None:
         now = time.monotonic()
         if now - self._window > self.period:
             if self.suppressed:
@@ -104,6 +105,11 @@ class Access(enum.Enum):
     RW1S = "rw1s"  #: writing 1 sets the bit; writing 0 has no effect
 
 
+def _all_bits_if_none(mask: int | None) -> int:
+    """Converter of :attr:`Register.mask`: ``None`` means every bit (cut to the width after init)."""
+    return -1 if mask is None else mask
+
+
 @attrs.define(eq=False)
 class Register:
     """One register in a :class:`RegisterMap`.
@@ -124,7 +130,7 @@ class Register:
     width: int = 4
     access: Access = Access.RW
     reset: int = 0
-    mask: int | None = None
+    mask: int = attrs.field(default=None, converter=_all_bits_if_none)
     on_read: Callable[[Register], int] | None = None
     on_write: Callable[[Register, int, int], None] | None = None
     index: int | None = None
@@ -136,7 +142,7 @@ class Register:
         if self.offset % self.width:
             raise ConfigError(f"register {self.name}: offset {self.offset:#x} not aligned to its width")
         full = (1 << (8 * self.width)) - 1
-        self.mask = full if self.mask is None else self.mask & full
+        self.mask &= full
         self.value = self.reset & full
 
     @property
@@ -199,7 +205,7 @@ class RegisterMap:
         return reg
 
     def add_array(self, name: str, offset: int, count: int, *, width: int = 4, stride: int | None = None,
-                  **kwargs) -> list[Register]:
+                  **kwargs: Any) -> list[Register]:
         """Add ``count`` registers ``name[0]``… at ``offset + i*stride`` with shared hooks;
         each gets its ``index``."""
         stride = stride or width
@@ -212,7 +218,7 @@ class RegisterMap:
     def __contains__(self, name: str) -> bool:
         return name in self._by_name
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Register]:
         return iter(self._regs)
 
     def reset(self) -> None:
@@ -220,7 +226,7 @@ class RegisterMap:
         for reg in self._regs:
             reg.value = reg.reset & ((1 << (8 * reg.width)) - 1)
 
-    def _overlapping(self, offset: int, end: int):
+    def _overlapping(self, offset: int, end: int) -> Iterator[Register]:
         i = bisect.bisect_right(self._starts, offset) - 1
         if i < 0:
             i = 0
@@ -311,8 +317,6 @@ class RamBacking:
 
     def close(self) -> None:
         """Unmap and close the memfd."""
-        import os
-
         self.mem.close()
         os.close(self.fd)
 

@@ -68,24 +68,8 @@ Performance
 Lookup is a ``bisect`` over the sorted region starts, with the last region hit
 cached so repeated accesses to one region skip it. Single-region accesses use
 ``struct`` on the ``mmap`` itself, views slice a memoryview kept per region, and
-ordered accesses use :mod:`pcidev.native`. Measured with ``timeit`` (best of 25
-runs of 100,000 calls) on the development machine: Python 3.11.7, 2 shared cores,
-cffi backend; orientation only. A bare ``struct.unpack_from("<I", mm, off)`` costs
-~50 ns there.
-
-=============================================================  ==========
-operation                                                      per call
-=============================================================  ==========
-``read_u32`` (4 bytes, cached region)                          ~120 ns
-``read_u32`` (alternating between two regions: bisect)         ~250 ns
-``read_struct`` (64-byte ``Struct``, an NVMe SQE)              ~200 ns
-``write_u32``                                                  ~150 ns
-``write_struct`` (64 bytes; packed before writing)             ~570 ns
-``load32`` / ``store32`` (ordered, native)                     ~190 / ~210 ns
-``read`` / ``write`` 4 KiB                                     ~200 / ~210 ns
-``views`` (one 4 KiB view)                                     ~190 ns
-``with access([two 4 KiB entries]) as views: pass``            ~890 ns
-=============================================================  ==========
+ordered accesses use :mod:`pcidev.native`. ``examples/bench_guest_memory.py``
+measures the cost of each access; docs/development.md has its latest table.
 """
 
 from __future__ import annotations
@@ -99,13 +83,16 @@ import struct
 import sys
 import weakref
 from bisect import bisect_right
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from pcidev import native
 from pcidev.errors import DmaError
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 __all__ = ["ADDRESS_LIMIT", "GuestMemory", "MemoryRegion", "alloc_memfd"]
 
@@ -118,10 +105,12 @@ _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
-_u8_unpack = _U8.unpack_from
-_u16_unpack = _U16.unpack_from
-_u32_unpack = _U32.unpack_from
-_u64_unpack = _U64.unpack_from
+# Bound once (one lookup less per access) and typed once, so that the readers return
+# an int with no cast per call.
+_u8_unpack: Callable[[ReadableBuffer, int], tuple[int]] = _U8.unpack_from
+_u16_unpack: Callable[[ReadableBuffer, int], tuple[int]] = _U16.unpack_from
+_u32_unpack: Callable[[ReadableBuffer, int], tuple[int]] = _U32.unpack_from
+_u64_unpack: Callable[[ReadableBuffer, int], tuple[int]] = _U64.unpack_from
 _u8_pack = _U8.pack_into
 _u16_pack = _U16.pack_into
 _u32_pack = _U32.pack_into
@@ -194,7 +183,14 @@ class MemoryRegion:
 
 
 class _Region:
-    """Live state of one mapped region (internal; never handed out)."""
+    """Live state of one mapped region (internal; never handed out).
+
+    ``mm``, ``desc`` and, between :meth:`export` and :meth:`unexport`, ``mv_ro``,
+    ``mv_rw`` and ``pin`` are set on every region in the table. The sentinel
+    :data:`_NO_REGION` leaves them unset: it matches no address, so no access
+    reaches them. ``mv_rw`` of a read-only region is the read-only view; only
+    write paths, which check ``writable`` first, use it.
+    """
 
     __slots__ = (
         "delta",
@@ -209,36 +205,37 @@ class _Region:
         "writable",
     )
 
+    mm: mmap.mmap
+    desc: MemoryRegion
+    mv_ro: memoryview
+    mv_rw: memoryview
+    pin: native.Pinned
+
     def __init__(self) -> None:
         # A sentinel made this way matches no address: gpa > every valid end.
         self.gpa = ADDRESS_LIMIT + 1
         self.end = 0
         self.delta = 0
         self.writable = False
-        self.mm: mmap.mmap | None = None
-        self.mv_rw: memoryview | None = None
-        self.mv_ro: memoryview | None = None
-        self.pin: native.Pinned | None = None
         self.fd = -1
-        self.desc: MemoryRegion | None = None
 
     def export(self) -> None:
         """Create the per-region memoryviews and the native pin."""
-        mm = self.mm
-        assert mm is not None
-        base = memoryview(mm)
-        self.mv_rw = base if self.writable else None
+        base = memoryview(self.mm)
+        self.mv_rw = base
         self.mv_ro = base.toreadonly() if self.writable else base
-        self.pin = native.pin(mm, writable=self.writable)
+        self.pin = native.pin(self.mm, writable=self.writable)
 
     def unexport(self) -> None:
-        """Drop this object's own exports (views handed out stay valid)."""
-        if self.pin is not None:
-            self.pin.release()
-        for mv in (self.mv_ro, self.mv_rw):
-            if mv is not None:
-                mv.release()
-        self.pin = self.mv_rw = self.mv_ro = None
+        """Drop this object's own exports (views handed out stay valid).
+
+        Safe after a partial :meth:`export`: what it did not reach is unset.
+        """
+        for name in ("pin", "mv_ro", "mv_rw"):
+            obj = getattr(self, name, None)
+            if obj is not None:
+                obj.release()
+                delattr(self, name)
 
 
 _NO_REGION = _Region()
@@ -272,7 +269,7 @@ class _Access:
         # be released yet: it keeps pinning until they let go, and unmap says so.
         # (try/except rather than contextlib.suppress: it costs nothing here.)
         for v in self._views:
-            try:  # noqa: SIM105
+            try:
                 v.release()
             except BufferError:
                 pass
@@ -400,7 +397,6 @@ class GuestMemory:
         if i < 0 or starts[i] != gpa:
             raise DmaError(f"unmap: no region starts at {gpa:#x}")
         r = regions[i]
-        assert r.desc is not None and r.mm is not None
         if size is not None and size != r.desc.size:
             raise DmaError(f"unmap: size {size:#x} does not match region {_fmt(gpa, r.desc.size)}")
         self._release_region(r)
@@ -410,7 +406,6 @@ class GuestMemory:
 
     def _release_region(self, r: _Region) -> None:
         """Close the mapping of ``r``, or restore it and raise if views are alive."""
-        assert r.mm is not None
         r.unexport()
         try:
             r.mm.close()
@@ -426,7 +421,7 @@ class GuestMemory:
 
         :returns: a new list.
         """
-        return [r.desc for r in self._table[1]]  # type: ignore[misc]
+        return [r.desc for r in self._table[1]]
 
     def region_at(self, gpa: int) -> MemoryRegion | None:
         """The region containing address ``gpa``, or ``None``.
@@ -474,7 +469,7 @@ class GuestMemory:
 
         :returns: a new list of ``(region, fd)`` pairs.
         """
-        return [(r.desc, r.fd) for r in self._table[1]]  # type: ignore[misc]
+        return [(r.desc, r.fd) for r in self._table[1]]
 
     def close(self) -> None:
         """Unmap every region. Idempotent.
@@ -490,7 +485,6 @@ class GuestMemory:
             return
         busy = []
         for r in list(self._table[1]):
-            assert r.desc is not None
             try:
                 self.unmap(r.gpa)
             except DmaError:
@@ -578,9 +572,9 @@ class GuestMemory:
         r = self._last
         if r.gpa <= gpa and length >= 0 and gpa + length <= r.end:
             off = gpa - r.delta
-            return r.mm[off : off + length]  # type: ignore[index]
+            return r.mm[off : off + length]
         segs = self._resolve(gpa, length, False)
-        return b"".join([s[0].mm[s[1] : s[1] + s[2]] for s in segs])  # type: ignore[index]
+        return b"".join([s[0].mm[s[1] : s[1] + s[2]] for s in segs])
 
     def read_into(self, gpa: int, buf: Any) -> None:
         """Fill the writable buffer ``buf`` from guest memory at ``gpa``.
@@ -592,7 +586,7 @@ class GuestMemory:
         with memoryview(buf) as mv, mv.cast("B") as out:
             pos = 0
             for r, off, n in self._resolve(gpa, out.nbytes, False):
-                out[pos : pos + n] = r.mv_ro[off : off + n]  # type: ignore[index]
+                out[pos : pos + n] = r.mv_ro[off : off + n]
                 pos += n
 
     def write(self, gpa: int, data: Any) -> None:
@@ -608,11 +602,11 @@ class GuestMemory:
         r = self._last
         if r.writable and r.gpa <= gpa and gpa + n <= r.end:
             off = gpa - r.delta
-            r.mm[off : off + n] = data  # type: ignore[index]
+            r.mm[off : off + n] = data
             return
         pos = 0
         for r, off, k in self._resolve(gpa, n, True):
-            r.mm[off : off + k] = data[pos : pos + k]  # type: ignore[index]
+            r.mm[off : off + k] = data[pos : pos + k]
             pos += k
 
     def fill(self, gpa: int, length: int, byte: int = 0) -> None:
@@ -627,7 +621,7 @@ class GuestMemory:
         if type(byte) is not int or not 0 <= byte <= 0xFF:
             raise ValueError(f"fill byte {byte!r} is not in 0..255")
         for r, off, n in self._resolve(gpa, length, True):
-            r.pin.fill(off, n, byte)  # type: ignore[union-attr]
+            r.pin.fill(off, n, byte)
 
     def copy(self, dst_gpa: int, src_gpa: int, length: int) -> None:
         """Copy ``length`` bytes from ``src_gpa`` to ``dst_gpa`` (``memmove`` semantics).
@@ -647,18 +641,18 @@ class GuestMemory:
         if len(src) == 1 and len(dst) == 1 and src[0][0] is dst[0][0]:
             # One mapping: memmove copes with overlap.
             r = dst[0][0]
-            r.pin.move(dst[0][1], src[0][1], length)  # type: ignore[union-attr]
+            r.pin.move(dst[0][1], src[0][1], length)
             return
         # Different mappings may alias the same file pages, which memmove cannot
         # see: go through a bounce buffer (correct whatever the aliasing).
         bounce = bytearray(length)
         pos = 0
         for r, off, n in src:
-            bounce[pos : pos + n] = r.mv_ro[off : off + n]  # type: ignore[index]
+            bounce[pos : pos + n] = r.mv_ro[off : off + n]
             pos += n
         pos = 0
         for r, off, n in dst:
-            r.mm[off : off + n] = memoryview(bounce)[pos : pos + n]  # type: ignore[index]
+            r.mm[off : off + n] = memoryview(bounce)[pos : pos + n]
             pos += n
 
     # --------------------------------------------------------- typed access
@@ -670,12 +664,12 @@ class GuestMemory:
             r = regions[i]
             if gpa <= r.end - st.size:  # bisect already gives r.gpa <= gpa
                 self._last = r
-                return st.unpack_from(r.mm, gpa - r.delta)  # type: ignore[arg-type]
+                return st.unpack_from(r.mm, gpa - r.delta)
         segs = self._resolve(gpa, st.size, False)
         if len(segs) == 1:
             r, off, _ = segs[0]
-            return st.unpack_from(r.mm, off)  # type: ignore[arg-type]
-        data = b"".join([s[0].mm[s[1] : s[1] + s[2]] for s in segs])  # type: ignore[index]
+            return st.unpack_from(r.mm, off)
+        data = b"".join([s[0].mm[s[1] : s[1] + s[2]] for s in segs])
         return st.unpack(data)
 
     def _pack_slow(self, st: struct.Struct, gpa: int, values: tuple[Any, ...]) -> None:
@@ -686,14 +680,14 @@ class GuestMemory:
             r = regions[i]
             if r.writable and gpa <= r.end - st.size:
                 self._last = r
-                st.pack_into(r.mm, gpa - r.delta, *values)  # type: ignore[arg-type]
+                st.pack_into(r.mm, gpa - r.delta, *values)
                 return
         self._write_slow(gpa, st.pack(*values))
 
     def _write_slow(self, gpa: int, data: bytes) -> None:
         pos = 0
         for r, off, n in self._resolve(gpa, len(data), True):
-            r.mm[off : off + n] = data[pos : pos + n]  # type: ignore[index]
+            r.mm[off : off + n] = data[pos : pos + n]
             pos += n
 
     def read_u8(self, gpa: int) -> int:
@@ -703,8 +697,9 @@ class GuestMemory:
         """
         r = self._last
         if r.gpa <= gpa < r.end:
-            return _u8_unpack(r.mm, gpa - r.delta)[0]  # type: ignore[arg-type,no-any-return]
-        return self._unpack_slow(_U8, gpa)[0]  # type: ignore[no-any-return]
+            return _u8_unpack(r.mm, gpa - r.delta)[0]
+        value: int = self._unpack_slow(_U8, gpa)[0]
+        return value
 
     def read_u16(self, gpa: int) -> int:
         """Read a little-endian 16-bit value at ``gpa`` (any alignment).
@@ -713,8 +708,9 @@ class GuestMemory:
         """
         r = self._last
         if r.gpa <= gpa <= r.end - 2:
-            return _u16_unpack(r.mm, gpa - r.delta)[0]  # type: ignore[arg-type,no-any-return]
-        return self._unpack_slow(_U16, gpa)[0]  # type: ignore[no-any-return]
+            return _u16_unpack(r.mm, gpa - r.delta)[0]
+        value: int = self._unpack_slow(_U16, gpa)[0]
+        return value
 
     def read_u32(self, gpa: int) -> int:
         """Read a little-endian 32-bit value at ``gpa`` (any alignment; not ordered).
@@ -723,8 +719,9 @@ class GuestMemory:
         """
         r = self._last
         if r.gpa <= gpa <= r.end - 4:
-            return _u32_unpack(r.mm, gpa - r.delta)[0]  # type: ignore[arg-type,no-any-return]
-        return self._unpack_slow(_U32, gpa)[0]  # type: ignore[no-any-return]
+            return _u32_unpack(r.mm, gpa - r.delta)[0]
+        value: int = self._unpack_slow(_U32, gpa)[0]
+        return value
 
     def read_u64(self, gpa: int) -> int:
         """Read a little-endian 64-bit value at ``gpa`` (any alignment; not ordered).
@@ -733,8 +730,9 @@ class GuestMemory:
         """
         r = self._last
         if r.gpa <= gpa <= r.end - 8:
-            return _u64_unpack(r.mm, gpa - r.delta)[0]  # type: ignore[arg-type,no-any-return]
-        return self._unpack_slow(_U64, gpa)[0]  # type: ignore[no-any-return]
+            return _u64_unpack(r.mm, gpa - r.delta)[0]
+        value: int = self._unpack_slow(_U64, gpa)[0]
+        return value
 
     def write_u8(self, gpa: int, value: int) -> None:
         """Write one byte at ``gpa``.
@@ -746,7 +744,7 @@ class GuestMemory:
             raise struct.error(f"{value!r} does not fit in 8 bits")
         r = self._last
         if r.writable and r.gpa <= gpa < r.end:
-            _u8_pack(r.mm, gpa - r.delta, value)  # type: ignore[arg-type]
+            _u8_pack(r.mm, gpa - r.delta, value)
             return
         self._pack_slow(_U8, gpa, (value,))
 
@@ -760,7 +758,7 @@ class GuestMemory:
             raise struct.error(f"{value!r} does not fit in 16 bits")
         r = self._last
         if r.writable and r.gpa <= gpa <= r.end - 2:
-            _u16_pack(r.mm, gpa - r.delta, value)  # type: ignore[arg-type]
+            _u16_pack(r.mm, gpa - r.delta, value)
             return
         self._pack_slow(_U16, gpa, (value,))
 
@@ -774,7 +772,7 @@ class GuestMemory:
             raise struct.error(f"{value!r} does not fit in 32 bits")
         r = self._last
         if r.writable and r.gpa <= gpa <= r.end - 4:
-            _u32_pack(r.mm, gpa - r.delta, value)  # type: ignore[arg-type]
+            _u32_pack(r.mm, gpa - r.delta, value)
             return
         self._pack_slow(_U32, gpa, (value,))
 
@@ -788,7 +786,7 @@ class GuestMemory:
             raise struct.error(f"{value!r} does not fit in 64 bits")
         r = self._last
         if r.writable and r.gpa <= gpa <= r.end - 8:
-            _u64_pack(r.mm, gpa - r.delta, value)  # type: ignore[arg-type]
+            _u64_pack(r.mm, gpa - r.delta, value)
             return
         self._pack_slow(_U64, gpa, (value,))
 
@@ -802,7 +800,7 @@ class GuestMemory:
         """
         r = self._last
         if r.gpa <= gpa <= r.end - st.size:
-            return st.unpack_from(r.mm, gpa - r.delta)  # type: ignore[arg-type]
+            return st.unpack_from(r.mm, gpa - r.delta)
         return self._unpack_slow(st, gpa)
 
     def write_struct(self, st: struct.Struct, gpa: int, *values: Any) -> None:
@@ -820,7 +818,7 @@ class GuestMemory:
         r = self._last
         if r.writable and r.gpa <= gpa <= r.end - len(data):
             off = gpa - r.delta
-            r.mm[off : off + len(data)] = data  # type: ignore[index]
+            r.mm[off : off + len(data)] = data
             return
         self._write_slow(gpa, data)
 
@@ -833,7 +831,7 @@ class GuestMemory:
             raise DmaError(f"ordered {width * 8}-bit access at {gpa:#x} crosses a region boundary")
         if gpa & (width - 1):
             raise DmaError(f"ordered {width * 8}-bit access at {gpa:#x} is misaligned")
-        return r.pin, gpa - r.delta  # type: ignore[return-value]
+        return r.pin, gpa - r.delta
 
     def load32(self, gpa: int) -> int:
         """Single aligned 32-bit load with acquire ordering (see :mod:`pcidev.native`).
@@ -847,7 +845,7 @@ class GuestMemory:
         """
         r = self._last
         if r.gpa <= gpa <= r.end - 4 and not gpa & 3:
-            return r.pin.load32(gpa - r.delta)  # type: ignore[union-attr]
+            return r.pin.load32(gpa - r.delta)
         p, off = self._ordered_slow(gpa, 4, False)
         return p.load32(off)
 
@@ -860,7 +858,7 @@ class GuestMemory:
         """
         r = self._last
         if r.gpa <= gpa <= r.end - 8 and not gpa & 7:
-            return r.pin.load64(gpa - r.delta)  # type: ignore[union-attr]
+            return r.pin.load64(gpa - r.delta)
         p, off = self._ordered_slow(gpa, 8, False)
         return p.load64(off)
 
@@ -877,7 +875,7 @@ class GuestMemory:
         """
         r = self._last
         if r.writable and r.gpa <= gpa <= r.end - 4 and not gpa & 3:
-            r.pin.store32(gpa - r.delta, value)  # type: ignore[union-attr]
+            r.pin.store32(gpa - r.delta, value)
             return
         p, off = self._ordered_slow(gpa, 4, True)
         p.store32(off, value)
@@ -892,7 +890,7 @@ class GuestMemory:
         """
         r = self._last
         if r.writable and r.gpa <= gpa <= r.end - 8 and not gpa & 7:
-            r.pin.store64(gpa - r.delta, value)  # type: ignore[union-attr]
+            r.pin.store64(gpa - r.delta, value)
             return
         p, off = self._ordered_slow(gpa, 8, True)
         p.store64(off, value)
@@ -917,13 +915,13 @@ class GuestMemory:
         if r.gpa <= gpa and length > 0 and gpa + length <= r.end:
             off = gpa - r.delta
             if not write:
-                return [r.mv_ro[off : off + length]]  # type: ignore[index]
+                return [r.mv_ro[off : off + length]]
             if r.writable:
-                return [r.mv_rw[off : off + length]]  # type: ignore[index]
+                return [r.mv_rw[off : off + length]]
         segs = self._resolve(gpa, length, write)
         if write:
-            return [s[0].mv_rw[s[1] : s[1] + s[2]] for s in segs]  # type: ignore[index]
-        return [s[0].mv_ro[s[1] : s[1] + s[2]] for s in segs]  # type: ignore[index]
+            return [s[0].mv_rw[s[1] : s[1] + s[2]] for s in segs]
+        return [s[0].mv_ro[s[1] : s[1] + s[2]] for s in segs]
 
     def sg_views(self, sgl: Iterable[tuple[int, int]], *, write: bool = False) -> list[memoryview]:
         """Views for a scatter-gather list of ``(gpa, length)`` entries, in order.
@@ -952,10 +950,10 @@ class GuestMemory:
                     and (r.writable or not write)
                 ):
                     off = gpa - r.delta
-                    views.append((r.mv_rw if write else r.mv_ro)[off : off + length])  # type: ignore[index]
+                    views.append((r.mv_rw if write else r.mv_ro)[off : off + length])
                 else:
                     for r, off, n in self._resolve(gpa, length, write):
-                        views.append((r.mv_rw if write else r.mv_ro)[off : off + n])  # type: ignore[index]
+                        views.append((r.mv_rw if write else r.mv_ro)[off : off + n])
         except BaseException:
             # Release what was created so far: a traceback keeps this frame's
             # locals alive, and unreleased views would block unmap.

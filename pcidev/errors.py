@@ -7,9 +7,26 @@ protocol error, a device status or a one-line message.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
-    "PcidevError", "ConfigError", "ConfigSpaceError", "MmioError", "DmaError", "IrqError", "PluginError",
-    "DeviceFailedError", "VMStateError", "TransportError", "MigrationError", "MigrationBlockedError",
+    "ChecksumError",
+    "ConfigError",
+    "ConfigMismatchError",
+    "ConfigSpaceError",
+    "DeviceFailedError",
+    "DmaError",
+    "IrqError",
+    "MigrationBlockedError",
+    "MigrationError",
+    "MmioError",
+    "PcidevError",
+    "PluginError",
+    "StateError",
+    "StreamError",
+    "TransportError",
+    "VMStateError",
+    "VersionError",
 ]
 
 
@@ -59,7 +76,8 @@ class VMStateError(PcidevError):
     :param path: field path inside the section (``"sq[3].head"``), if any.
 
     The message names the section and the field path; the parts stay available as
-    attributes.  Subclasses live in :mod:`pcidev.vmstate.errors`.
+    attributes.  The subclasses below tell the families apart (see
+    :mod:`pcidev.vmstate.errors`).
     """
 
     def __init__(
@@ -86,16 +104,48 @@ class VMStateError(PcidevError):
             where = "stream"
         super().__init__(f"{where}: {reason}")
 
-    def __reduce__(self):  # keep the parts when the error crosses a process boundary
+    def __reduce__(self) -> tuple[Any, ...]:  # keep the parts when the error crosses a process boundary
         return (_restore_vmstate_error,
                 (type(self), self.reason, self.section, self.instance_id, self.path), self.__dict__)
 
 
-def _restore_vmstate_error(cls: type, reason: str, section: str | None, instance_id: int | None,
+def _restore_vmstate_error(cls: type[VMStateError], reason: str, section: str | None, instance_id: int | None,
                            path: str) -> VMStateError:
     err = cls.__new__(cls)
     VMStateError.__init__(err, reason, section=section, instance_id=instance_id, path=path)
     return err
+
+
+class StreamError(VMStateError):
+    """The stream envelope is malformed (truncated, wrong magic, unknown format
+    version, trailing bytes, undecodable body or header)."""
+
+
+class ChecksumError(StreamError):
+    """The CRC-32C stored in the stream does not match the stream's bytes."""
+
+
+class ConfigMismatchError(VMStateError):
+    """The stream belongs to another device type or to a device configured
+    differently.
+
+    :ivar differences: one ``"item: stream has X, this device has Y"`` string per
+        differing configuration item (empty for a device-type mismatch).
+    """
+
+    def __init__(self, reason: str, *, differences: list[str] | None = None, **where: Any) -> None:
+        super().__init__(reason, **where)
+        self.differences = list(differences or ())
+
+
+class VersionError(VMStateError):
+    """A description version in the stream is newer than the local description or
+    older than its minimum version."""
+
+
+class StateError(VMStateError):
+    """A section's content does not match its description (type, range, presence
+    marker, missing/extra field, unknown section or subsection, failed upgrade)."""
 
 
 class TransportError(PcidevError):
@@ -122,5 +172,5 @@ class MigrationBlockedError(MigrationError):
         self.reasons = list(reasons)
         super().__init__("migration blocked: " + "; ".join(self.reasons))
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.reasons,))

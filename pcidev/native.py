@@ -67,13 +67,10 @@ cffi class selected for this host) and :class:`CffiAtomicPinned` (``None`` when 
 extension is missing), so tests can exercise each; :func:`pin` and the
 module-level helpers use the selected one.
 
-Measured per call with ``timeit`` on the development machine (Python 3.11.7, x86-64,
-2 shared cores; orientation only): :meth:`Pinned.load32` / :meth:`Pinned.store32`
-~110 / ~130 ns with the selected cffi class (plain ``mov``), ~185 / ~200 ns with
-:class:`CffiAtomicPinned` (a C call; cffi releases and re-takes the GIL around it),
-~80 ns for :class:`PythonPinned` loads; :func:`fence` ~95 ns; the module-level
-:func:`load32` on an ``mmap`` ~2.7 us, because it pins and releases each time: use
-:func:`pin` for anything repeated.
+The module-level :func:`load32` and friends pin and release the buffer on every
+call, which costs an order of magnitude more than the access: use :func:`pin` for
+anything repeated. ``examples/bench_guest_memory.py`` measures each class
+(table in docs/development.md).
 """
 
 from __future__ import annotations
@@ -83,9 +80,13 @@ import platform
 import struct
 import sys
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pcidev.errors import DmaError
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 __all__ = [
     "BACKEND",
@@ -107,9 +108,25 @@ __all__ = [
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+# Typed once here so that callers get an int with no cast per call.
+_u32_unpack: Callable[[ReadableBuffer, int], tuple[int]] = _U32.unpack_from
+_u64_unpack: Callable[[ReadableBuffer, int], tuple[int]] = _U64.unpack_from
 _MAX32 = 0xFFFF_FFFF
 _MAX64 = 0xFFFF_FFFF_FFFF_FFFF
 _LITTLE_ENDIAN_HOST = sys.byteorder == "little"
+
+
+class _Words(Protocol):
+    """Words indexed by word number, such as a cffi ``uint32_t *`` (its stub only says ``Any``)."""
+
+    def __getitem__(self, index: int, /) -> int: ...
+
+    def __setitem__(self, index: int, value: int, /) -> None: ...
+
+
+# What a released PythonPinned keeps instead of its views (any access raises ValueError).
+_RELEASED_VIEW = memoryview(b"")
+_RELEASED_VIEW.release()
 
 
 def _check_store_value(value: Any, hi: int, bits: int) -> None:
@@ -131,7 +148,12 @@ class Pinned:
 
     __slots__ = ("_lim4", "_lim8", "_mis", "_wlim1", "_wlim4", "_wlim8", "size", "writable")
 
-    def __init__(self, size: int, writable: bool, misalignment: int) -> None:
+    def __init__(self, buf: Any, *, writable: bool = False) -> None:  # pragma: no cover - overridden
+        """Pin ``buf`` (each backend; see :class:`PythonPinned`)."""
+        raise NotImplementedError
+
+    def _attach(self, size: int, writable: bool, misalignment: int) -> None:
+        """Record the geometry of the buffer a subclass has just pinned."""
         self.size = size
         self.writable = writable
         self._mis = misalignment
@@ -289,31 +311,29 @@ class PythonPinned(Pinned):
         flat = mv.cast("B")
         mv.release()
         n = flat.nbytes
-        self._mv: memoryview | None = flat
-        self._m32: Any = None
-        self._m64: Any = None
-        if _LITTLE_ENDIAN_HOST:
-            with flat[: n & ~3] as head:
-                self._m32 = head.cast("I")
-            with flat[: n & ~7] as head:
-                self._m64 = head.cast("Q")
-        super().__init__(n, writable, 0)
+        self._mv: memoryview = flat
+        # Word views (used by little-endian hosts; big-endian ones go through struct).
+        with flat[: n & ~3] as head:
+            self._m32: memoryview = head.cast("I")
+        with flat[: n & ~7] as head:
+            self._m64: memoryview = head.cast("Q")
+        self._attach(n, writable, 0)
 
     def _released_flag(self) -> bool:
-        return self._mv is None
+        return self._mv is _RELEASED_VIEW
 
     if _LITTLE_ENDIAN_HOST:
 
         def load32(self, offset: int) -> int:
             """Load the little-endian 32-bit value at ``offset`` (must be 4-aligned)."""
             if 0 <= offset <= self._lim4 and not offset & 3:
-                return self._m32[offset >> 2]  # type: ignore[no-any-return]
+                return self._m32[offset >> 2]
             raise self._bad(offset, 4)
 
         def load64(self, offset: int) -> int:
             """Load the little-endian 64-bit value at ``offset`` (must be 8-aligned)."""
             if 0 <= offset <= self._lim8 and not offset & 7:
-                return self._m64[offset >> 3]  # type: ignore[no-any-return]
+                return self._m64[offset >> 3]
             raise self._bad(offset, 8)
 
         def store32(self, offset: int, value: int) -> None:
@@ -337,20 +357,20 @@ class PythonPinned(Pinned):
         def load32(self, offset: int) -> int:
             """Load the little-endian 32-bit value at ``offset`` (must be 4-aligned)."""
             if 0 <= offset <= self._lim4 and not offset & 3:
-                return _U32.unpack_from(self._mv, offset)[0]  # type: ignore[arg-type,no-any-return]
+                return _u32_unpack(self._mv, offset)[0]
             raise self._bad(offset, 4)
 
         def load64(self, offset: int) -> int:
             """Load the little-endian 64-bit value at ``offset`` (must be 8-aligned)."""
             if 0 <= offset <= self._lim8 and not offset & 7:
-                return _U64.unpack_from(self._mv, offset)[0]  # type: ignore[arg-type,no-any-return]
+                return _u64_unpack(self._mv, offset)[0]
             raise self._bad(offset, 8)
 
         def store32(self, offset: int, value: int) -> None:
             """Store ``value`` little-endian as 32 bits at ``offset`` (must be 4-aligned)."""
             if 0 <= offset <= self._wlim4 and not offset & 3:
                 _check_store_value(value, _MAX32, 32)
-                _U32.pack_into(self._mv, offset, value)  # type: ignore[arg-type]
+                _U32.pack_into(self._mv, offset, value)
                 return
             raise self._bad(offset, 4, write=True)
 
@@ -358,7 +378,7 @@ class PythonPinned(Pinned):
             """Store ``value`` little-endian as 64 bits at ``offset`` (must be 8-aligned)."""
             if 0 <= offset <= self._wlim8 and not offset & 7:
                 _check_store_value(value, _MAX64, 64)
-                _U64.pack_into(self._mv, offset, value)  # type: ignore[arg-type]
+                _U64.pack_into(self._mv, offset, value)
                 return
             raise self._bad(offset, 8, write=True)
 
@@ -367,7 +387,6 @@ class PythonPinned(Pinned):
         self._check_range(dst_offset, length, self._wlim1, write=True)
         self._check_range(src_offset, length, self.size, write=False)
         mv = self._mv
-        assert mv is not None
         mv[dst_offset : dst_offset + length] = mv[src_offset : src_offset + length]
 
     def copy_from(self, dst_offset: int, src: Pinned, src_offset: int, length: int) -> None:
@@ -377,7 +396,6 @@ class PythonPinned(Pinned):
         self._check_range(dst_offset, length, self._wlim1, write=True)
         src._check_range(src_offset, length, src.size, write=False)
         dst_mv, src_mv = self._mv, src._mv
-        assert dst_mv is not None and src_mv is not None
         dst_mv[dst_offset : dst_offset + length] = src_mv[src_offset : src_offset + length]
 
     def fill(self, offset: int, length: int, byte: int = 0) -> None:
@@ -386,7 +404,6 @@ class PythonPinned(Pinned):
             raise ValueError(f"fill byte {byte!r} is not in 0..255")
         self._check_range(offset, length, self._wlim1, write=True)
         mv = self._mv
-        assert mv is not None
         chunk = bytes([byte]) * min(length, 1 << 16)
         pos, end = offset, offset + length
         while pos < end:
@@ -396,14 +413,13 @@ class PythonPinned(Pinned):
 
     def release(self) -> None:
         """Drop the buffer export; later accesses raise :class:`~pcidev.errors.DmaError`."""
-        mv, self._mv = self._mv, None
-        if mv is not None:
+        mv, self._mv = self._mv, _RELEASED_VIEW
+        if mv is not _RELEASED_VIEW:
             self._set_limits(0, False)
             self.size = 0
             for view in (self._m32, self._m64):
-                if view is not None:
-                    view.release()
-            self._m32 = self._m64 = None
+                view.release()
+            self._m32 = self._m64 = _RELEASED_VIEW
             mv.release()
 
 
@@ -436,8 +452,8 @@ _PLAIN_IS_ORDERED = sys.byteorder == "little" and platform.machine().lower() in 
 try:
     if os.environ.get("PCIDEV_NATIVE", "").strip().lower() == "python":
         raise ImportError("PCIDEV_NATIVE=python is set")
-    from pcidev._native import ffi as _ffi  # type: ignore[import-not-found]
-    from pcidev._native import lib as _lib  # type: ignore[import-not-found]
+    from pcidev._native import ffi as _ffi
+    from pcidev._native import lib as _lib
 except ImportError as exc:  # the extension was not built, or the fallback was forced
     FALLBACK_REASON = str(exc) or type(exc).__name__
 else:
@@ -454,16 +470,20 @@ else:
                 if writable and mv.readonly:
                     raise DmaError("buffer is read-only")
                 nbytes = mv.nbytes
-            ptr = _ffi.from_buffer("uint8_t[]", buf, require_writable=writable)
+            if writable:
+                ptr = _ffi.from_buffer("uint8_t[]", buf, require_writable=True)
+            else:
+                ptr = _ffi.from_buffer("uint8_t[]", buf, require_writable=False)
+            # None once released (the limits then keep every access from reaching it).
             self._ptr: Any = ptr
             misalignment = int(_ffi.cast("uintptr_t", ptr)) & 7
             # Typed pointers based at the 8-aligned address at or below the buffer
             # start, so that element (offset + misalignment) >> k is the aligned
             # word at ``offset``. They are only dereferenced in bounds.
             aligned = _ffi.cast("uint8_t *", ptr) - misalignment
-            self._p32: Any = _ffi.cast("uint32_t *", aligned)
-            self._p64: Any = _ffi.cast("uint64_t *", aligned)
-            super().__init__(nbytes, writable, misalignment)
+            self._p32: _Words = _ffi.cast("uint32_t *", aligned)
+            self._p64: _Words = _ffi.cast("uint64_t *", aligned)
+            self._attach(nbytes, writable, misalignment)
 
         def _released_flag(self) -> bool:
             return self._ptr is None
@@ -496,7 +516,7 @@ else:
             """Drop the buffer export; later accesses raise :class:`~pcidev.errors.DmaError`."""
             ptr, self._ptr = self._ptr, None
             if ptr is not None:
-                self._p32 = self._p64 = None
+                self._p32 = self._p64 = _ffi.NULL  # indexing it raises instead of crashing
                 self._set_limits(0, False)
                 self.size = 0
                 _ffi.release(ptr)
@@ -515,13 +535,13 @@ else:
         def load32(self, offset: int) -> int:
             """Acquire-load the little-endian 32-bit value at ``offset`` (4-aligned)."""
             if 0 <= offset <= self._lim4 and not (offset + self._mis) & 3:
-                return _lib.pcidev_load32(self._ptr, offset)  # type: ignore[no-any-return]
+                return _lib.pcidev_load32(self._ptr, offset)
             raise self._bad(offset, 4)
 
         def load64(self, offset: int) -> int:
             """Acquire-load the little-endian 64-bit value at ``offset`` (8-aligned)."""
             if 0 <= offset <= self._lim8 and not (offset + self._mis) & 7:
-                return _lib.pcidev_load64(self._ptr, offset)  # type: ignore[no-any-return]
+                return _lib.pcidev_load64(self._ptr, offset)
             raise self._bad(offset, 8)
 
         def store32(self, offset: int, value: int) -> None:
@@ -558,7 +578,7 @@ else:
             if 0 <= offset <= self._lim4:
                 o = offset + self._mis
                 if not o & 3:
-                    return self._p32[o >> 2]  # type: ignore[no-any-return]
+                    return self._p32[o >> 2]
             raise self._bad(offset, 4)
 
         def load64(self, offset: int) -> int:
@@ -566,7 +586,7 @@ else:
             if 0 <= offset <= self._lim8:
                 o = offset + self._mis
                 if not o & 7:
-                    return self._p64[o >> 3]  # type: ignore[no-any-return]
+                    return self._p64[o >> 3]
             raise self._bad(offset, 8)
 
         def store32(self, offset: int, value: int) -> None:
@@ -610,7 +630,7 @@ def pin(buf: Any, *, writable: bool = False) -> Pinned:
     :raises DmaError: ``writable`` was requested on a read-only buffer.
     :raises TypeError: ``buf`` is not a C-contiguous buffer.
     """
-    return _PinnedImpl(buf, writable=writable)  # type: ignore[call-arg]
+    return _PinnedImpl(buf, writable=writable)
 
 
 def load32(buf: Any, offset: int) -> int:

@@ -21,10 +21,9 @@ import bisect
 import os
 import threading
 
-from pcidev.device import PciDevice
 from pcidev.dma import GuestMemory, alloc_memfd
 from pcidev.errors import DmaError, MmioError, PcidevError
-from pcidev.host.pci import HostPciDevice
+from pcidev.host.pci import HostedDevice, HostPciDevice
 from pcidev.transport.link import RemoteDevice
 
 #: x86's MSI address window
@@ -108,7 +107,7 @@ class Machine:
         self.memory.map(0, ram_size, self.ram_fd, name="ram")
         self.allocator = PageAllocator(self.ALLOC_BASE, ram_size)
         self.devices: list[HostPciDevice] = []
-        self._remote: list = []
+        self._remote: list[RemoteDevice] = []
         self._next = {"mem32": self.MMIO32_BASE, "mem64": self.MMIO64_BASE, "io": self.IO_BASE}
 
     # -- memory ---------------------------------------------------------------------------
@@ -125,11 +124,11 @@ class Machine:
     def read(self, addr: int, length: int) -> bytes:
         return self.memory.read(addr, length)
 
-    def write(self, addr: int, data) -> None:
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         self.memory.write(addr, data)
 
     # -- devices ---------------------------------------------------------------------------
-    def plug(self, device: PciDevice, *, slot: int | None = None) -> HostPciDevice:
+    def plug(self, device: HostedDevice, *, slot: int | None = None) -> HostPciDevice:
         """Realize ``device``, attach RAM and an interrupt recorder, and return the
         host-side handle (not yet enabled: call :meth:`HostPciDevice.enable_device`)."""
         slot = len(self.devices) if slot is None else slot
@@ -154,7 +153,7 @@ class Machine:
         """
         remote = RemoteDevice(address, timeout=timeout)
         try:
-            pdev = self.plug(remote, slot=slot)  # type: ignore[arg-type]
+            pdev = self.plug(remote, slot=slot)
         except BaseException:
             remote.close()
             raise
@@ -163,9 +162,11 @@ class Machine:
 
     def unplug(self, pdev: HostPciDevice) -> None:
         self.devices.remove(pdev)
-        if pdev.device in self._remote:
-            self._remote.remove(pdev.device)
-            pdev.device.close()
+        for remote in self._remote:
+            if remote is pdev.device:
+                self._remote.remove(remote)
+                remote.close()
+                break
 
     def window_alloc(self, kind: str, size: int) -> int:
         """Assign a naturally aligned address range for a BAR of ``size`` bytes."""
@@ -176,7 +177,7 @@ class Machine:
         self._next[kind] = addr + size
         return addr
 
-    def _route(self, addr: int, size: int, io: bool):
+    def _route(self, addr: int, size: int, io: bool) -> tuple[HostPciDevice, tuple[int | str, int]]:
         for pdev in self.devices:
             hit = pdev.decode(addr, size, io)
             if hit is not None:
@@ -186,23 +187,25 @@ class Machine:
     def mmio_read(self, addr: int, size: int) -> int:
         """Read ``size`` bytes at bus address ``addr`` from whichever BAR decodes it."""
         pdev, (bar, off) = self._route(addr, size, False)
-        if bar == "rom":
+        if isinstance(bar, str):  # "rom"
             return pdev.device.rom_read(off, size)
         return pdev.device.bar_read(bar, off, size)
 
     def mmio_write(self, addr: int, size: int, value: int) -> None:
         """Write to bus address ``addr``."""
         pdev, (bar, off) = self._route(addr, size, False)
-        if bar == "rom":
+        if isinstance(bar, str):  # "rom"
             return
         pdev.device.bar_write(bar, off, size, value)
 
     def io_read(self, port: int, size: int) -> int:
         pdev, (bar, off) = self._route(port, size, True)
+        assert isinstance(bar, int)  # the ROM decodes memory only
         return pdev.device.bar_read(bar, off, size)
 
     def io_write(self, port: int, size: int, value: int) -> None:
         pdev, (bar, off) = self._route(port, size, True)
+        assert isinstance(bar, int)  # the ROM decodes memory only
         pdev.device.bar_write(bar, off, size, value)
 
     def close(self) -> None:
@@ -216,5 +219,5 @@ class Machine:
     def __enter__(self) -> Machine:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

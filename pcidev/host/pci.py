@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Protocol
 
-from pcidev.device import PciDevice
+from pcidev.dma import GuestMemory
 from pcidev.errors import IrqError, PcidevError
 from pcidev.pci import ids
 from pcidev.pci.capabilities import express, msi, msix, pm
+
 
 class HostBus(Protocol):
     """What a :class:`HostPciDevice` needs of the machine it is plugged in (a
@@ -47,6 +49,25 @@ PCI_IRQ_ALL_TYPES = PCI_IRQ_INTX | PCI_IRQ_MSI | PCI_IRQ_MSIX
 MSI_ADDRESS = 0xFEE0_0000
 
 
+class HostedDevice(Protocol):
+    """What the host model uses of a device: a :class:`~pcidev.device.PciDevice` or a
+    :class:`~pcidev.transport.link.RemoteDevice` proxy."""
+
+    def realize(self) -> None: ...
+
+    def attach(self, memory: GuestMemory, sink: InterruptRecorder, /) -> None: ...
+
+    def config_read(self, offset: int, size: int, /) -> int: ...
+
+    def config_write(self, offset: int, size: int, value: int, /) -> None: ...
+
+    def bar_read(self, index: int, offset: int, size: int, /) -> int: ...
+
+    def bar_write(self, index: int, offset: int, size: int, value: int, /) -> None: ...
+
+    def rom_read(self, offset: int, size: int, /) -> int: ...
+
+
 class InterruptRecorder:
     """An interrupt sink that counts messages per vector and lets callers wait.
 
@@ -60,7 +81,7 @@ class InterruptRecorder:
         self.intx_level = False
         self.intx_edges = 0
         self.stray = 0
-        self.callbacks: dict[int, object] = {}
+        self.callbacks: dict[int, Callable[[int], object]] = {}
         self._cond = threading.Condition()
 
     def msi(self, vector: int, address: int, data: int) -> None:
@@ -110,7 +131,7 @@ class InterruptRecorder:
 class HostPciDevice:
     """The host's handle on one plugged device."""
 
-    def __init__(self, machine: HostBus, device: PciDevice, slot: int) -> None:
+    def __init__(self, machine: HostBus, device: HostedDevice, slot: int) -> None:
         self.machine = machine
         self.device = device
         self.slot = slot
@@ -167,7 +188,7 @@ class HostPciDevice:
 
     def capabilities(self) -> list[tuple[int, int]]:
         """``(offset, id)`` of every standard capability, in chain order."""
-        out = []
+        out: list[tuple[int, int]] = []
         pos = self.config_read8(ids.CAPABILITY_LIST) & ~3 if self.config_read16(ids.STATUS) & ids.Status.CAP_LIST else 0
         while pos and len(out) < 48:
             out.append((pos, self.config_read8(pos)))
@@ -176,7 +197,7 @@ class HostPciDevice:
 
     def ext_capabilities(self) -> list[tuple[int, int, int]]:
         """``(offset, id, version)`` of every extended capability, in chain order."""
-        out = []
+        out: list[tuple[int, int, int]] = []
         pos = ids.EXT_CAP_START
         while pos and len(out) < (4096 - 256) // 8:
             hdr = self.config_read32(pos)
@@ -274,7 +295,7 @@ class HostPciDevice:
     def clear_master(self) -> None:
         self.config_write16(ids.COMMAND, self.config_read16(ids.COMMAND) & ~ids.Command.MASTER)
 
-    def decode(self, addr: int, size: int, io: bool):
+    def decode(self, addr: int, size: int, io: bool) -> tuple[int | str, int] | None:
         """``(bar, offset)`` if one of this device's assigned BARs holds ``addr``."""
         for key, (base, length, kind) in self.resources.items():
             if (kind == "io") != io:
@@ -288,41 +309,46 @@ class HostPciDevice:
             raise PcidevError(f"BAR{bar} is not assigned (call enable_device)")
         return self.resources[bar][0]
 
-    def _io(self, bar: int, off: int, size: int, value: int | None):
-        base, length, kind = self.resources.get(bar, (None, 0, ""))
-        if base is None:
+    def _ioread(self, bar: int, off: int, size: int) -> int:
+        res = self.resources.get(bar)
+        if res is None:
             raise PcidevError(f"BAR{bar} is not assigned (call enable_device)")
-        if kind == "io":
-            if value is None:
-                return self.machine.io_read(base + off, size)
-            return self.machine.io_write(base + off, size, value)
-        if value is None:
-            return self.machine.mmio_read(base + off, size)
-        return self.machine.mmio_write(base + off, size, value)
+        if res[2] == "io":
+            return self.machine.io_read(res[0] + off, size)
+        return self.machine.mmio_read(res[0] + off, size)
+
+    def _iowrite(self, bar: int, off: int, size: int, value: int) -> None:
+        res = self.resources.get(bar)
+        if res is None:
+            raise PcidevError(f"BAR{bar} is not assigned (call enable_device)")
+        if res[2] == "io":
+            self.machine.io_write(res[0] + off, size, value)
+        else:
+            self.machine.mmio_write(res[0] + off, size, value)
 
     def ioread8(self, bar: int, off: int) -> int:
-        return self._io(bar, off, 1, None)
+        return self._ioread(bar, off, 1)
 
     def ioread16(self, bar: int, off: int) -> int:
-        return self._io(bar, off, 2, None)
+        return self._ioread(bar, off, 2)
 
     def ioread32(self, bar: int, off: int) -> int:
-        return self._io(bar, off, 4, None)
+        return self._ioread(bar, off, 4)
 
     def ioread64(self, bar: int, off: int) -> int:
-        return self._io(bar, off, 8, None)
+        return self._ioread(bar, off, 8)
 
     def iowrite8(self, bar: int, off: int, v: int) -> None:
-        self._io(bar, off, 1, v)
+        self._iowrite(bar, off, 1, v)
 
     def iowrite16(self, bar: int, off: int, v: int) -> None:
-        self._io(bar, off, 2, v)
+        self._iowrite(bar, off, 2, v)
 
     def iowrite32(self, bar: int, off: int, v: int) -> None:
-        self._io(bar, off, 4, v)
+        self._iowrite(bar, off, 4, v)
 
     def iowrite64(self, bar: int, off: int, v: int) -> None:
-        self._io(bar, off, 8, v)
+        self._iowrite(bar, off, 8, v)
 
     def lo_hi_writeq(self, bar: int, off: int, v: int) -> None:
         """Write a 64-bit register as two 32-bit halves, low first (Linux ``lo_hi_writeq``)."""

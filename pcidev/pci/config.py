@@ -28,6 +28,7 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from pcidev.errors import ConfigSpaceError
 from pcidev.pci import ids
@@ -38,6 +39,13 @@ __all__ = [
 
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
+# Typed once so that the accessors return an int with no cast per call.
+_u16_unpack: Callable[[ReadableBuffer, int], tuple[int]] = _U16.unpack_from
+_u32_unpack: Callable[[ReadableBuffer, int], tuple[int]] = _U32.unpack_from
 
 WriteHook = Callable[[int, int, int, int], None]
 """``hook(offset, size, old_value, new_value)``: called after a guest write
@@ -93,9 +101,9 @@ class ConfigSpace:
     def get(self, offset: int, size: int) -> int:
         """Return the stored value of ``size`` bytes at ``offset`` (no read hooks)."""
         if size == 2 and 0 <= offset <= self.size - 2:
-            return _U16.unpack_from(self.data, offset)[0]
+            return _u16_unpack(self.data, offset)[0]
         if size == 4 and 0 <= offset <= self.size - 4:
-            return _U32.unpack_from(self.data, offset)[0]
+            return _u32_unpack(self.data, offset)[0]
         self._check_range(offset, size)
         return int.from_bytes(self.data[offset:offset + size], "little")
 
@@ -108,10 +116,10 @@ class ConfigSpace:
         return self.data[offset]
 
     def get16(self, offset: int) -> int:
-        return _U16.unpack_from(self.data, offset)[0]
+        return _u16_unpack(self.data, offset)[0]
 
     def get32(self, offset: int) -> int:
-        return _U32.unpack_from(self.data, offset)[0]
+        return _u32_unpack(self.data, offset)[0]
 
     def set8(self, offset: int, value: int) -> None:
         self.set(offset, 1, value)
@@ -220,5 +228,5 @@ class ConfigSpace:
             self.data[:] = defaults
             return
         keep = self.sticky if kind is ResetKind.CONVENTIONAL else bytes(
-            a | b for a, b in zip(self.sticky, self.flr_keep))
-        self.data[:] = bytes((d & k) | (f & ~k & 0xFF) for d, f, k in zip(self.data, defaults, keep))
+            a | b for a, b in zip(self.sticky, self.flr_keep, strict=True))
+        self.data[:] = bytes((d & k) | (f & ~k & 0xFF) for d, f, k in zip(self.data, defaults, keep, strict=True))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import time
 
 import attrs
@@ -75,7 +76,7 @@ def connect(address: str | Address, *, timeout: float = 5.0) -> socket.socket:
     while True:
         if addr.kind == "unix":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            target: object = addr.path
+            target: str | tuple[str, int] = addr.path
         else:
             family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -111,8 +112,6 @@ def listen(address: str | Address, *, backlog: int = 8) -> tuple[socket.socket, 
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 if os.path.exists(addr.path):
-                    import stat
-
                     if stat.S_ISSOCK(os.stat(addr.path).st_mode):
                         os.unlink(addr.path)
                 sock.bind(addr.path)

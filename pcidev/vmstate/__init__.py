@@ -20,9 +20,9 @@ Describe state as frozen attrs classes::
     [(name, iid, new_state)] = load(data, device_type="demo", fingerprint={"queues": 64},
                                     descriptions=[CtrlState])
 
-Live devices build a state object and apply a loaded one (a
-:class:`~pcidev.device.PciDevice`'s ``get_device_state()`` and
-``set_device_state()``, driven by :mod:`pcidev.migration`); :func:`load` never mutates anything and either returns every
+A live device builds a state object (a :class:`~pcidev.device.PciDevice`'s
+``get_device_state()``) and applies a loaded one (``set_device_state()``), driven by
+:mod:`pcidev.migration`; :func:`load` never mutates anything and either returns every
 section or raises a :class:`VMStateError`.  The wire format is specified in
 docs/vmstate-format.md.
 """
@@ -30,7 +30,7 @@ docs/vmstate-format.md.
 from __future__ import annotations
 
 from pcidev.errors import VMStateError
-from pcidev.vmstate.codec import cattrs_converter, decode_state, encode_state
+from pcidev.vmstate.codec import decode_state, encode_state
 from pcidev.vmstate.description import (
     Description,
     description_of,
@@ -110,7 +110,6 @@ __all__ = [
     "fingerprint_differences",
     "encode_state",
     "decode_state",
-    "cattrs_converter",
     "schema_of",
     "check_schema_compat",
     "dump_stream_json",

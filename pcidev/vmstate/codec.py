@@ -13,8 +13,7 @@ a cattrs converter doing the same per-field checks (range and length hooks,
 ``forbid_extra_keys``, detailed validation) took about 25% longer for save+load
 than this module does, although it skips the version handling, the envelope and the
 checksum that this module also does. Its errors are also harder to turn into
-paths. So the hot path is generated here, and :func:`cattrs_converter` plugs these
-codecs into a cattrs converter for code that (un)structures through cattrs.
+paths. So the hot path is generated here.
 
 Errors are raised as the internal ``_Fail`` with the field path collected on the
 way out (try blocks are free on the success path); :mod:`pcidev.vmstate.stream`
@@ -28,7 +27,6 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-import cattrs
 from msgpack import ExtType
 
 from pcidev.errors import ConfigError
@@ -50,7 +48,7 @@ from pcidev.vmstate.description import (
 from pcidev.vmstate.errors import StateError, VersionError, VMStateError, _Fail, render_path
 from pcidev.vmstate.types import FdRef
 
-__all__ = ["Codec", "codec_for", "encode_state", "decode_state", "cattrs_converter", "FD_EXT_CODE"]
+__all__ = ["Codec", "codec_for", "encode_state", "decode_state", "FD_EXT_CODE"]
 
 #: msgpack extension type code of an :class:`~pcidev.vmstate.types.FdRef`.
 FD_EXT_CODE = 1
@@ -94,10 +92,10 @@ def _enc_int(v: Any, lo: int, hi: int, label: str) -> int:
     """Slow path of an integer check on save: accepts int subclasses (enums), not bool."""
     if isinstance(v, bool) or not isinstance(v, int):
         raise _Fail(_expected(f"{label} (int)", v))
-    v = int(v)
-    if not lo <= v <= hi:
-        raise _Fail(f"value {v} out of range for {label} ({lo}..{hi})")
-    return v
+    n = int(v)
+    if not lo <= n <= hi:
+        raise _Fail(f"value {n} out of range for {label} ({lo}..{hi})")
+    return n
 
 
 def _len_text(lo: int, hi: int) -> str:
@@ -111,7 +109,7 @@ def _bytes_fail(v: Any, lo: int, hi: int) -> Any:
 
 
 def _enc_bytes(v: Any, lo: int, hi: int) -> bytes:
-    if isinstance(v, (bytearray, memoryview)) and v.__class__ is not bytes:
+    if isinstance(v, (bytearray, memoryview)):
         try:
             v = bytes(v)
         except (TypeError, ValueError) as e:
@@ -201,7 +199,7 @@ def _not_state(name: str, cls: type, o: Any) -> Any:
     raise _Fail(f"expected a {cls.__name__} state object ({name!r}), got {type(o).__name__}")
 
 
-def _bad_keys(name: str, version: int, f: dict, keys: frozenset) -> Any:
+def _bad_keys(name: str, version: int, f: dict[str, Any], keys: frozenset[str]) -> Any:
     missing = [k for k in keys if k not in f]
     extra = [k for k in f if k not in keys]
     if not missing and not extra:  # pragma: no cover - defensive: a lookup failed for another reason
@@ -523,7 +521,7 @@ class _Generator:
 
         source = "\n\n".join(self.helpers) + "\n\n" + "\n".join(out)
         filename = f"<vmstate codec {desc.name}>"
-        exec(compile(source, filename, "exec"), self.ns)  # noqa: S102 - generated from the description
+        exec(compile(source, filename, "exec"), self.ns)  # generated from the description, no outside text
         codec.encode = self.ns["encode"]
         codec.decode = self.ns["decode"]
         codec.encode_field = {s.name: self.ns[f"fenc{i}"] for i, s in enumerate(fields)}
@@ -537,13 +535,13 @@ def _int_range(kind: Any) -> tuple[int, int, str]:
     return -(1 << (kind.bits - 1)), (1 << (kind.bits - 1)) - 1, f"i{kind.bits}"
 
 
-def _make_older(desc: Description, codec: Codec) -> Callable[[Any, Any], dict]:
+def _make_older(desc: Description, codec: Codec) -> Callable[[Any, Any], dict[str, Any]]:
     """The slow path of a decoder: a stream version other than the current one."""
     name, version, min_version = desc.name, desc.version, desc.min_version
     newer = [s for s in desc.fields if not isinstance(s.kind, KSub) and s.since > min_version]
     upgrades = sorted(desc.upgrades.items())
 
-    def older(ver: Any, f: Any) -> dict:
+    def older(ver: Any, f: Any) -> dict[str, Any]:
         if ver.__class__ is not int:
             raise _Fail(f"version of {name!r} must be an integer, got {_tname(ver)}")
         if ver > version:
@@ -568,7 +566,7 @@ def _make_older(desc: Description, codec: Codec) -> Callable[[Any, Any], dict]:
             except VMStateError as e:
                 raise _Fail(f"upgrade of {name!r} from version {frm} to {frm + 1} failed: {e.reason}",
                             type(e)) from None
-            except Exception as e:  # noqa: BLE001 - user code; reported with context
+            except Exception as e:  # user code; reported with context
                 raise _Fail(f"upgrade of {name!r} from version {frm} to {frm + 1} failed: "
                             f"{type(e).__name__}: {e}") from None
             if f.__class__ is not dict:
@@ -629,19 +627,3 @@ def decode_state(wire: Any, cls: type, *, section: str | None = None,
     except _Fail as e:
         raise _public(e, section, instance_id) from None
 
-
-def cattrs_converter(converter: cattrs.Converter | None = None) -> cattrs.Converter:
-    """A cattrs converter that (un)structures state classes with the generated codecs.
-
-    ``conv.unstructure(state)`` gives the wire value; ``conv.structure(wire, Cls)``
-    gives a new state object or raises :class:`~pcidev.errors.VMStateError`.
-
-    :param converter: converter to extend (default: a new ``cattrs.Converter``).
-    :returns: the converter.
-    """
-    conv = converter if converter is not None else cattrs.Converter()
-    conv.register_unstructure_hook_factory(
-        is_vmstate, lambda cls: (lambda obj: encode_state(obj)))
-    conv.register_structure_hook_factory(
-        is_vmstate, lambda cls: (lambda wire, _t: decode_state(wire, cls)))
-    return conv

@@ -114,7 +114,7 @@ class KSub:
     cls: type
 
 
-Kind = Union[KUInt, KSInt, KBool, KBytes, KStr, KFd, KStruct, KArray, KNullable, KSub]
+Kind = KUInt | KSInt | KBool | KBytes | KStr | KFd | KStruct | KArray | KNullable | KSub
 
 
 # ---------------------------------------------------------------------- metadata
@@ -150,6 +150,8 @@ class FieldSpec:
         d = self.default
         if d is attrs.NOTHING:
             raise ConfigError(f"field {self.name!r} has no default")
+        # attrs' stub declares Factory a function returning the value (so that
+        # ``x: list[int] = Factory(list)`` checks); at run time it is a class.
         if isinstance(d, attrs.Factory):  # type: ignore[arg-type]
             if d.takes_self:
                 raise ConfigError(f"field {self.name!r}: Factory(takes_self=True) is not supported")
@@ -209,7 +211,8 @@ def description_of(cls: type) -> Description:
     """
     if not is_vmstate(cls):
         raise ConfigError(f"{cls!r} is not a @vmstate class")
-    return cls.__dict__["__vmstate__"]
+    desc: Description = cls.__dict__["__vmstate__"]
+    return desc
 
 
 def fields_of(cls: type) -> tuple[FieldSpec, ...]:
@@ -298,7 +301,7 @@ def vmstate(name: str, *, version: int = 1, min_version: int | None = None,
         if not _is_frozen(cls):
             raise ConfigError(f"{name}: state classes must be frozen (@attrs.frozen)")
         desc = Description(name, version, min_version, ups, cls, localns)
-        cls.__vmstate__ = desc  # type: ignore[attr-defined]
+        typing.cast(Any, cls).__vmstate__ = desc  # a class attribute no annotation declares
         try:
             desc._fields = _resolve_fields(desc)
         except NameError:
@@ -316,7 +319,7 @@ def _resolve_fields(desc: Description) -> tuple[FieldSpec, ...]:
         hints = typing.get_type_hints(cls, localns=localns, include_extras=True)
     except NameError:
         raise
-    except Exception as e:  # noqa: BLE001 - any failure to evaluate annotations
+    except Exception as e:  # any failure to evaluate annotations
         raise ConfigError(f"{desc.name}: cannot evaluate annotations: {e}") from e
     specs: list[FieldSpec] = []
     sub_names: dict[str, str] = {}

@@ -1,4 +1,4 @@
-"""The error classes of :mod:`pcidev.vmstate`.
+"""The error classes of :mod:`pcidev.vmstate` (defined in :mod:`pcidev.errors`, re-exported here).
 
 Every refusal is a :class:`~pcidev.errors.VMStateError`; the subclasses below let a
 caller (or a test) tell the families apart:
@@ -21,7 +21,14 @@ model) raises :class:`~pcidev.errors.ConfigError` instead, at decoration or firs
 
 from __future__ import annotations
 
-from pcidev.errors import VMStateError
+from pcidev.errors import (
+    ChecksumError,
+    ConfigMismatchError,
+    StateError,
+    StreamError,
+    VersionError,
+    VMStateError,
+)
 
 __all__ = [
     "VMStateError",
@@ -31,38 +38,6 @@ __all__ = [
     "VersionError",
     "StateError",
 ]
-
-
-class StreamError(VMStateError):
-    """The stream envelope is malformed (truncated, wrong magic, unknown format
-    version, trailing bytes, undecodable body or header)."""
-
-
-class ChecksumError(StreamError):
-    """The CRC-32C stored in the stream does not match the stream's bytes."""
-
-
-class ConfigMismatchError(VMStateError):
-    """The stream belongs to another device type or to a device configured
-    differently.
-
-    :ivar differences: one ``"item: stream has X, this device has Y"`` string per
-        differing configuration item (empty for a device-type mismatch).
-    """
-
-    def __init__(self, reason: str, *, differences: list[str] | None = None, **where) -> None:
-        super().__init__(reason, **where)
-        self.differences = list(differences or ())
-
-
-class VersionError(VMStateError):
-    """A description version in the stream is newer than the local description or
-    older than its minimum version."""
-
-
-class StateError(VMStateError):
-    """A section's content does not match its description (type, range, presence
-    marker, missing/extra field, unknown section or subsection, failed upgrade)."""
 
 
 class _Fail(Exception):

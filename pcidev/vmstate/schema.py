@@ -202,7 +202,7 @@ def _short(t: dict[str, Any]) -> str:
         n = f"[{t['length']}]" if "length" in t else f"[<={t.get('max_length')}]"
         if k == "array":
             return f"array{n} of {_short(t['element'])}"
-        return k + n
+        return f"{k}{n}"
     if k == "struct":
         return f"struct {t['description']['name']!r}"
     if k == "optional":

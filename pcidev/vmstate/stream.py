@@ -133,7 +133,7 @@ class _DuplicateKey(ValueError):
 
 
 def _unique_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
-    """msgpack map hook: a map with a repeated key is malformed, not "last one wins"."""
+    """Map hook for msgpack: a map with a repeated key is malformed, not "last one wins"."""
     d = dict(pairs)
     if len(d) != len(pairs):
         seen = set()
@@ -189,7 +189,7 @@ def open_stream(data: Any) -> tuple[int, Any, int]:
                                use_list=True, object_pairs_hook=_unique_map)
     except msgpack.StackError:
         raise StreamError("body is not valid msgpack: values nest deeper than 1024 levels") from None
-    except Exception as e:  # noqa: BLE001 - msgpack raises several unrelated types
+    except Exception as e:  # msgpack raises several unrelated types
         raise StreamError(f"body is not valid msgpack: {type(e).__name__}: {e}") from None
     return fmt, body, stored
 
@@ -274,17 +274,18 @@ def _normalize_fp(fp: Any) -> dict[str, Any]:
         _check_fp(v, k)
     # one msgpack round trip gives exactly what a loader would see (tuples -> lists,
     # int/str subclasses -> base types)
-    return msgpack.unpackb(msgpack.packb(dict(fp), use_bin_type=True), raw=False)
+    normalized: dict[str, Any] = msgpack.unpackb(msgpack.packb(dict(fp), use_bin_type=True), raw=False)
+    return normalized
 
 
 def _same(a: Any, b: Any) -> bool:
     if type(a) is not type(b):
         return False
     if isinstance(a, list):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    return a == b
+    return bool(a == b)
 
 
 def fingerprint_differences(stream_fp: dict[str, Any], local_fp: Mapping[str, Any]) -> list[str]:

@@ -35,6 +35,11 @@ import attrs
 
 from pcidev.errors import ConfigError
 
+# Array and VarArray build their type at run time from the element type they are given:
+# as runtime values (not type expressions) these subscripts are opaque to a type checker.
+_Annotated: Any = Annotated
+_tuple: Any = tuple
+
 __all__ = [
     "UInt",
     "SInt",
@@ -140,7 +145,7 @@ class Array:
         if not isinstance(params, tuple) or len(params) != 2:
             raise ConfigError("use Array[element_type, length]")
         elem, n = params
-        return Annotated[tuple[elem, ...], Length(_count("Array", n))]
+        return _Annotated[_tuple[elem, ...], Length(_count("Array", n))]
 
 
 class VarArray:
@@ -150,7 +155,7 @@ class VarArray:
         if not isinstance(params, tuple) or len(params) != 2:
             raise ConfigError("use VarArray[element_type, max_length]")
         elem, n = params
-        return Annotated[tuple[elem, ...], MaxLength(_count("VarArray", n))]
+        return _Annotated[_tuple[elem, ...], MaxLength(_count("VarArray", n))]
 
 
 def _fd_index(instance: Any, attribute: Any, value: Any) -> None:

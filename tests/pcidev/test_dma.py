@@ -6,8 +6,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import gc
+import json
 import mmap
 import os
+import runpy
 import struct
 import subprocess
 import sys
@@ -1000,3 +1002,13 @@ def test_random_accesses_succeed_exactly_or_raise_dma_error(
 
 def test_native_backend_reported() -> None:
     assert native.BACKEND in {"cffi", "python"}
+
+
+def test_guest_memory_benchmark_script_runs(monkeypatch, capsys):
+    """examples/bench_guest_memory.py keeps working (a smoke run; the timing is not tested)."""
+    script = Path(__file__).resolve().parents[2] / "examples" / "bench_guest_memory.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--number", "2", "--repeat", "1", "--json"])
+    runpy.run_path(str(script), run_name="__main__")
+    result = json.loads(capsys.readouterr().out)
+    assert result["environment"]["backend"] == native.BACKEND
+    assert all(ns > 0 for ns in result["ns_per_call"].values())

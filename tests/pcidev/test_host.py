@@ -7,7 +7,7 @@ import struct
 import crc32c
 import pytest
 
-from pcidev.devices.edu import DESC, EduDevice, STATUS_BAD_LENGTH, STATUS_DMA_ERROR, STATUS_DONE
+from pcidev.devices.edu import DESC, STATUS_BAD_LENGTH, STATUS_DMA_ERROR, STATUS_DONE, EduDevice
 from pcidev.errors import DmaError, PcidevError
 from pcidev.host import PCI_IRQ_INTX, Machine, PageAllocator
 

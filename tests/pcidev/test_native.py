@@ -34,7 +34,8 @@ _IMPLS = [
 
 @pytest.fixture(params=_IMPLS)
 def impl(request: pytest.FixtureRequest) -> type[native.Pinned]:
-    return request.param  # type: ignore[no-any-return]
+    cls: type[native.Pinned] = request.param
+    return cls
 
 
 def test_compiled_backend_is_in_use() -> None:
@@ -74,7 +75,7 @@ def test_forced_python_fallback_in_subprocess() -> None:
 
 def test_round_trips_are_little_endian(impl: type[native.Pinned]) -> None:
     buf = bytearray(64)
-    with impl(buf, writable=True) as p:  # type: ignore[call-arg]
+    with impl(buf, writable=True) as p:
         p.store32(4, 0x11223344)
         p.store64(8, 0x8877665544332211)
         p.store32(60, 0xFFFFFFFF)
@@ -90,7 +91,7 @@ def test_round_trips_are_little_endian(impl: type[native.Pinned]) -> None:
 
 def test_round_trips_on_mmap(impl: type[native.Pinned]) -> None:
     mm = mmap.mmap(-1, 8192)
-    p = impl(mm, writable=True)  # type: ignore[call-arg]
+    p = impl(mm, writable=True)
     for off in range(0, 8192, 8):
         p.store64(off, off * 0x0101010101 + 7)
     for off in range(0, 8192, 8):
@@ -102,7 +103,7 @@ def test_round_trips_on_mmap(impl: type[native.Pinned]) -> None:
 
 @pytest.mark.parametrize("offset", [-4, -1, 61, 62, 63, 64, 68, 1 << 40, 1 << 70])
 def test_load32_out_of_bounds(impl: type[native.Pinned], offset: int) -> None:
-    p = impl(bytearray(64), writable=True)  # type: ignore[call-arg]
+    p = impl(bytearray(64), writable=True)
     with pytest.raises(DmaError):
         p.load32(offset)
     with pytest.raises(DmaError):
@@ -111,7 +112,7 @@ def test_load32_out_of_bounds(impl: type[native.Pinned], offset: int) -> None:
 
 @pytest.mark.parametrize("offset", [-8, 57, 60, 64, 1 << 64])
 def test_load64_out_of_bounds(impl: type[native.Pinned], offset: int) -> None:
-    p = impl(bytearray(64), writable=True)  # type: ignore[call-arg]
+    p = impl(bytearray(64), writable=True)
     with pytest.raises(DmaError):
         p.load64(offset)
     with pytest.raises(DmaError):
@@ -121,7 +122,7 @@ def test_load64_out_of_bounds(impl: type[native.Pinned], offset: int) -> None:
 @pytest.mark.parametrize("offset", [1, 2, 3, 5, 6, 7])
 def test_misaligned_is_refused(impl: type[native.Pinned], offset: int) -> None:
     mm = mmap.mmap(-1, 4096)  # page-aligned base: offset alignment == address alignment
-    p = impl(mm, writable=True)  # type: ignore[call-arg]
+    p = impl(mm, writable=True)
     with pytest.raises(DmaError, match="misaligned"):
         p.load32(offset)
     with pytest.raises(DmaError, match="misaligned"):
@@ -138,7 +139,7 @@ def test_misaligned_is_refused(impl: type[native.Pinned], offset: int) -> None:
 @pytest.mark.skipif(native.CffiAtomicPinned is None, reason="extension not built")
 @pytest.mark.parametrize("name", ["CffiAtomicPinned", "CffiPinned"])
 def test_cffi_checks_real_address_alignment(name: str) -> None:
-    """cffi sees the address: a buffer starting 1 byte past a page needs offset 3."""
+    """The cffi classes see the address: a buffer starting 1 byte past a page needs offset 3."""
     cls = getattr(native, name)
     mm = mmap.mmap(-1, 4096)
     mm[4:8] = struct.pack("<I", 0xCAFEF00D)
@@ -160,8 +161,8 @@ def test_cffi_checks_real_address_alignment(name: str) -> None:
 def test_read_only_buffers(impl: type[native.Pinned]) -> None:
     data = bytes(range(16))
     with pytest.raises(DmaError, match="read-only"):
-        impl(data, writable=True)  # type: ignore[call-arg]
-    p = impl(data)  # type: ignore[call-arg]
+        impl(data, writable=True)
+    p = impl(data)
     assert p.load32(0) == 0x03020100
     with pytest.raises(DmaError, match="read-only"):
         p.store32(0, 1)
@@ -174,14 +175,14 @@ def test_read_only_buffers(impl: type[native.Pinned]) -> None:
     assert data == bytes(range(16))
     # A writable buffer pinned read-only is also protected.
     buf = bytearray(16)
-    q = impl(buf)  # type: ignore[call-arg]
+    q = impl(buf)
     with pytest.raises(DmaError, match="read-only"):
         q.store32(0, 1)
     assert buf == bytearray(16)
 
 
 def test_value_range_and_types(impl: type[native.Pinned]) -> None:
-    p = impl(bytearray(16), writable=True)  # type: ignore[call-arg]
+    p = impl(bytearray(16), writable=True)
     for bad in (-1, 1 << 32):
         with pytest.raises(OverflowError):
             p.store32(0, bad)
@@ -193,13 +194,13 @@ def test_value_range_and_types(impl: type[native.Pinned]) -> None:
     with pytest.raises(TypeError):
         p.load32(4.0)
     with pytest.raises(TypeError):
-        impl(12345)  # type: ignore[call-arg]
+        impl(12345)
     assert p.load64(0) == 0 and p.load64(8) == 0
 
 
 def test_release_unpins_and_blocks_further_access(impl: type[native.Pinned]) -> None:
     mm = mmap.mmap(-1, 4096)
-    p = impl(mm, writable=True)  # type: ignore[call-arg]
+    p = impl(mm, writable=True)
     p.store32(0, 5)
     with pytest.raises(BufferError):
         mm.close()  # the pin holds an export
@@ -218,7 +219,7 @@ def test_release_unpins_and_blocks_further_access(impl: type[native.Pinned]) -> 
 
 def test_context_manager_releases(impl: type[native.Pinned]) -> None:
     mm = mmap.mmap(-1, 4096)
-    with impl(mm, writable=True) as p:  # type: ignore[call-arg]
+    with impl(mm, writable=True) as p:
         p.store64(8, 42)
     assert p.released
     assert struct.unpack_from("<Q", mm, 8)[0] == 42
@@ -227,11 +228,11 @@ def test_context_manager_releases(impl: type[native.Pinned]) -> None:
 
 def test_move_overlapping_both_directions(impl: type[native.Pinned]) -> None:
     buf = bytearray(range(32))
-    with impl(buf, writable=True) as p:  # type: ignore[call-arg]
+    with impl(buf, writable=True) as p:
         p.move(4, 0, 16)  # forward overlap
     assert buf[4:20] == bytes(range(16))
     buf = bytearray(range(32))
-    with impl(buf, writable=True) as p:  # type: ignore[call-arg]
+    with impl(buf, writable=True) as p:
         p.move(0, 4, 16)  # backward overlap
         p.move(0, 0, 0)
     assert buf[0:16] == bytes(range(4, 20))
@@ -239,7 +240,7 @@ def test_move_overlapping_both_directions(impl: type[native.Pinned]) -> None:
 
 def test_move_and_fill_bounds(impl: type[native.Pinned]) -> None:
     buf = bytearray(32)
-    with impl(buf, writable=True) as p:  # type: ignore[call-arg]
+    with impl(buf, writable=True) as p:
         for args in ((0, 17, 16), (17, 0, 16), (-1, 0, 1), (0, -1, 1), (0, 0, -1), (0, 0, 1 << 64)):
             with pytest.raises(DmaError):
                 p.move(*args)
@@ -259,7 +260,7 @@ def test_move_and_fill_bounds(impl: type[native.Pinned]) -> None:
 def test_copy_from_between_buffers(impl: type[native.Pinned]) -> None:
     src = bytes(range(100, 164))
     dst = bytearray(64)
-    with impl(dst, writable=True) as d, impl(src) as s:  # type: ignore[call-arg]
+    with impl(dst, writable=True) as d, impl(src) as s:
         d.copy_from(8, s, 16, 32)
         with pytest.raises(DmaError):
             d.copy_from(40, s, 0, 32)

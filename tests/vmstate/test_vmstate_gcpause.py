@@ -37,9 +37,10 @@ BIG = Big(items=tuple(Item(i & 0xFFFF, i, b"abcd") for i in range(5000)))
 
 @contextmanager
 def collections(*functions: str) -> Iterator[list[int]]:
-    """Records the generation of every collector pass that starts while one of
-    ``functions`` (names of functions of pcidev) is running. (A pass that starts
-    when the pause ends, from its ``__exit__``, is the deferred one: not recorded.)"""
+    """Record the generation of every collector pass started while one of ``functions`` runs.
+
+    ``functions`` are names of functions of pcidev. (A pass that starts when the pause ends,
+    from its ``__exit__``, is the deferred one: not recorded.)"""
     seen: list[int] = []
 
     def cb(phase: str, info: dict) -> None:

@@ -227,7 +227,8 @@ def test_description_version_too_new_names_section_and_path():
 
 def test_description_version_too_old():
     data = edit(lambda b: b["sections"][0][2].__setitem__(0, 0))
-    with pytest.raises(VersionError, match="section 'test/ctrl' instance 0: 'test/ctrl': incoming version 0 is too old"):
+    with pytest.raises(VersionError,
+                       match="section 'test/ctrl' instance 0: 'test/ctrl': incoming version 0 is too old"):
         do_load(data)
 
 

@@ -72,7 +72,7 @@ def open_envelope(data: bytes) -> tuple[dict[str, Any], int]:
                                timestamp=0)
     except Refused:
         raise
-    except Exception as e:  # noqa: BLE001 - any msgpack failure is "not valid msgpack"
+    except Exception as e:  # any msgpack failure is "not valid msgpack"
         raise Refused(f"not valid msgpack ({type(e).__name__})") from None
     return body, stored
 
@@ -184,7 +184,7 @@ def decode_structure(d: Desc, w: Any, where: str) -> dict[str, Any]:
             if u in d.upgrades:
                 try:
                     fields = d.upgrades[u](fields)
-                except Exception as e:  # noqa: BLE001 - a failing step refuses the stream (5.2 step 4.2)
+                except Exception as e:  # a failing step refuses the stream (5.2 step 4.2)
                     raise Refused(f"upgrade step {u} failed: {e!r}", where) from None
                 if type(fields) is not dict:
                     raise Refused(f"upgrade step {u} did not return a map", where)
@@ -362,7 +362,7 @@ def _same(a: Any, b: Any) -> bool:
     if type(a) is not type(b):
         return False
     if type(a) is list:
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     if type(a) is dict:
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     return a == b

@@ -241,7 +241,7 @@ def test_recursive_descriptions_are_rejected():
     @vmstate("test/node")
     @attrs.frozen
     class Node:
-        children: tuple[Optional["Node"], ...] = ()
+        children: tuple[Optional[Node], ...] = ()
 
     with pytest.raises(ConfigError, match="recursive state description: test/node -> test/node"):
         encode_state(Node())
@@ -250,7 +250,7 @@ def test_recursive_descriptions_are_rejected():
 @vmstate("test/early")
 @attrs.frozen
 class Early:
-    later: "Later"
+    later: Later
 
 
 @vmstate("test/later")
@@ -267,7 +267,7 @@ def test_undefined_annotation_is_a_config_error_on_first_use():
     @vmstate("test/undefined")
     @attrs.frozen
     class Undefined:
-        b: "NoSuchThing"  # noqa: F821 - deliberately undefined
+        b: NoSuchThing  # noqa: F821 - deliberately undefined
 
     with pytest.raises(ConfigError, match="cannot resolve a field annotation: name 'NoSuchThing'"):
         encode_state(Undefined(b=None))

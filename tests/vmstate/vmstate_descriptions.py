@@ -15,6 +15,7 @@ import enum
 from typing import Any, Optional
 
 import attrs
+from vmstate_descriptions_v1 import DEVICE_TYPE, FINGERPRINT  # noqa: F401 - re-exported
 
 from pcidev.vmstate import (
     I8,
@@ -34,8 +35,6 @@ from pcidev.vmstate import (
     vmfield,
     vmstate,
 )
-
-from vmstate_descriptions_v1 import DEVICE_TYPE, FINGERPRINT  # noqa: F401 - re-exported
 
 
 def queue_v1_to_v2(fields: dict[str, Any]) -> dict[str, Any]:

@@ -176,7 +176,7 @@ def test_random_writes_never_change_read_only_bits(writes) -> None:
     d.realize()
     cfg = d.config
     before = bytes(cfg.data)
-    ro = bytes(~(w | c) & 0xFF for w, c in zip(cfg.wmask, cfg.w1cmask))
+    ro = bytes(~(w | c) & 0xFF for w, c in zip(cfg.wmask, cfg.w1cmask, strict=True))
     for off, size, value in writes:
         if off + size > 4096:
             with pytest.raises(ConfigSpaceError):
