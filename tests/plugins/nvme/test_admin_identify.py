@@ -6,7 +6,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from test_core_fixtures import expect_status, nvme_env  # noqa: F401
+from _helpers import expect_status
 
 from pcidev_nvme import io as nvme_io
 from pcidev_nvme.status import Status
@@ -15,7 +15,7 @@ IDENTIFY = 0x06
 
 
 @pytest.fixture
-def env(nvme_env):  # noqa: F811
+def env(nvme_env):
     return nvme_env("serial=SN123,model=Test Model,mdts=5,ns=mem:size=8M,ns=mem:size=4M,lbaf=1,max_namespaces=32")
 
 

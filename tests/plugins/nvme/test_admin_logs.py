@@ -8,7 +8,7 @@ import json
 import struct
 
 import pytest
-from test_core_fixtures import expect_status, make_env, nvme_env, smart  # noqa: F401
+from _helpers import expect_status, make_env, smart
 
 from pcidev_nvme.driver import READ, WRITE
 from pcidev_nvme.logs import decode_error_entry
@@ -24,7 +24,7 @@ def log_args(lid, length, *, offset=0, nsid=0xFFFFFFFF, rae=False, csi=0):
 
 
 @pytest.fixture
-def env(nvme_env):  # noqa: F811
+def env(nvme_env):
     return nvme_env("ns=mem:size=4M", io_queues=1)
 
 
@@ -208,7 +208,7 @@ def test_firmware_slot_log_initial(env):
     assert page[16:24] == bytes(8)
 
 
-def test_log_page_hostile_offsets_and_lengths(nvme_env):  # noqa: F811
+def test_log_page_hostile_offsets_and_lengths(nvme_env):
     env = nvme_env("ns=mem:size=1M,mdts=0", io_queues=0)  # no MDTS: any NUMD is acceptable
     drv = env.drv
     buf = env.machine.alloc(8192)

@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from test_io_fakes import PAGE, FakeController, FakeControllerNoErrorKw, command, prp_for, rw
+from fakes import PAGE, FakeController, FakeControllerNoErrorKw, command, prp_for, rw
 
 from pcidev_nvme.backends import BaseBackend
 from pcidev_nvme.io import COPY_LIMITS, DMRL, DMRSL, MAX_DSM_RANGES, ONCS, SGLS, WZSL, IoCommandSet, Opcode

@@ -16,7 +16,7 @@ import threading
 
 import crc32c
 import pytest
-from test_io_fakes import PAGE, FakeController, command
+from fakes import PAGE, FakeController, command
 
 from pcidev_nvme.io import IoCommandSet, Opcode
 from pcidev_nvme.namespace import make_namespace
