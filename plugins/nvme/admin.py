@@ -45,9 +45,12 @@ from typing import TYPE_CHECKING
 
 from pcidev.errors import ConfigError, DmaError, PcidevError
 from pcidev_nvme import identify as idfy
+from pcidev_nvme import limits
 from pcidev_nvme import logs as nlogs
 from pcidev_nvme.aer import INFO_FW_ACTIVATION
 from pcidev_nvme.features import Features
+from pcidev_nvme.namespace import LBA_FORMATS
+from pcidev_nvme.prp import prp_segments
 from pcidev_nvme.queues import CompletionQueue, SubmissionQueue
 from pcidev_nvme.status import NvmeStatusError, Status
 
@@ -159,8 +162,6 @@ class AdminCommandSet:
         """Copy ``data`` to the host buffer the command's PRPs describe."""
         if not data:
             return
-        from pcidev_nvme.prp import prp_segments
-
         ctrl = self.ctrl
         mem = ctrl.memory
         segs = prp_segments(mem, req.prp1, req.prp2, len(data), ctrl.page_size)
@@ -176,8 +177,6 @@ class AdminCommandSet:
         """Read ``length`` bytes from the host buffer the command's PRPs describe."""
         if not length:
             return b""
-        from pcidev_nvme.prp import prp_segments
-
         ctrl = self.ctrl
         mem = ctrl.memory
         segs = prp_segments(mem, req.prp1, req.prp2, length, ctrl.page_size)
@@ -321,8 +320,6 @@ class AdminCommandSet:
 
     def _common_ns(self) -> bytes:
         """Identify Namespace for NSID FFFFFFFFh: capabilities common to all namespaces."""
-        from pcidev_nvme.namespace import LBA_FORMATS
-
         buf = bytearray(idfy.IDENTIFY_SIZE)
         buf[25] = len(LBA_FORMATS) - 1  # NLBAF
         for i, (size, rp) in enumerate(LBA_FORMATS):
@@ -381,9 +378,7 @@ class AdminCommandSet:
     @staticmethod
     def io_effects() -> dict[int, int]:
         """Commands Supported and Effects of the NVM command set, from the I/O command set's ONCS."""
-        from pcidev_nvme import io as nvme_io
-
-        oncs = nvme_io.ONCS
+        oncs = limits.ONCS
         eff = {0x00: 0, 0x01: _E["lbcc"], 0x02: 0}
         for bit, opc, e in ((0, 0x05, 0), (1, 0x04, _E["lbcc"]), (2, 0x09, _E["lbcc"]), (3, 0x08, _E["lbcc"]),
                             (7, 0x0C, 0), (8, 0x19, _E["lbcc"])):
@@ -528,8 +523,6 @@ class AdminCommandSet:
         raise _err(Status.INVALID_FIELD, f"namespace management select {sel} is reserved", OFF_CDW10)
 
     def _ns_create(self, req: Request) -> int:
-        from pcidev_nvme.namespace import LBA_FORMATS
-
         ctrl = self.ctrl
         if req.cdw11 >> 24:
             raise _err(Status.INVALID_FIELD, f"I/O command set {req.cdw11 >> 24} is not supported", OFF_CDW11 + 3)
@@ -646,8 +639,6 @@ class AdminCommandSet:
 
     # -- format --------------------------------------------------------------------------------------------
     def _format(self, req: Request) -> int | None:
-        from pcidev_nvme.namespace import LBA_FORMATS
-
         ctrl = self.ctrl
         c = req.cdw10
         lbaf = (c & 0xF) | ((c >> 12) & 3) << 4

@@ -18,6 +18,8 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from pcidev_nvme.status import Status
+
 if TYPE_CHECKING:
     from pcidev_nvme.request import Request
 
@@ -102,8 +104,6 @@ class AsyncEvents:
 
     def abort(self, cid: int) -> bool:
         """Complete the outstanding AER with ``cid`` as aborted. Returns True if found."""
-        from pcidev_nvme.status import Status
-
         with self._lock:
             for req in self.outstanding:
                 if req.cid == cid:

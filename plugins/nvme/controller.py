@@ -53,10 +53,14 @@ from pcidev.pci import ids
 from pcidev.pci.capabilities.msix import MsixCapability
 from pcidev.pci.config import ResetKind
 from pcidev_nvme import aer as aer_mod
+from pcidev_nvme.admin import AdminCommandSet
 from pcidev_nvme.aer import AsyncEvents
 from pcidev_nvme.config import NvmeConfig
 from pcidev_nvme.features import Features
+from pcidev_nvme.io import IoCommandSet
 from pcidev_nvme import migration as _migration
+from pcidev_nvme.limits import FETCH_BATCH, SHUTDOWN_DRAIN_TIMEOUT, STATE_SAVE_INTERVAL
+from pcidev_nvme.namespace import parse_spec
 from pcidev_nvme.logs import ChangedNamespaces, ErrorLog, FirmwareSlots, SmartCounters, StateFile
 from pcidev_nvme.queues import _CQE_FULL, _CQE_HEAD, CompletionQueue, InterruptVector, SubmissionQueue, Timer
 from pcidev_nvme.request import SQE_SIZE, Request, decode_sqe
@@ -93,12 +97,6 @@ CSS_NVM, CSS_ALL, CSS_ADMIN_ONLY = 0, 6, 7
 MPSMIN, MPSMAX = 0, 4
 CAP_TO = 0x0F
 
-#: most SQ entries fetched in one go
-FETCH_BATCH = 256
-#: save the state file at most this often during activity (seconds)
-STATE_SAVE_INTERVAL = 60.0
-#: how long a shutdown waits for commands in flight before giving up on them
-SHUTDOWN_DRAIN_TIMEOUT = 10.0
 
 _CMD_LO = ids.COMMAND
 _MASTER = int(ids.Command.MASTER)
@@ -115,8 +113,6 @@ def default_serial(cfg: NvmeConfig) -> str:
     random otherwise, so two controllers never share a serial (Linux refuses a
     second controller with the same subsystem NQN).
     """
-    from pcidev_nvme.namespace import parse_spec
-
     paths = []
     for spec in cfg.namespaces:
         try:
@@ -302,9 +298,6 @@ class NvmeController(PciDevice):
             self._make_namespaces()
             self.state = StateFile(self._state_path())
             self._load_state()
-            from pcidev_nvme.admin import AdminCommandSet
-            from pcidev_nvme.io import IoCommandSet
-
             self.io = IoCommandSet(self)
             self.admin = AdminCommandSet(self)
         except BaseException:

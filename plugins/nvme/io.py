@@ -34,8 +34,8 @@ backend I/O error on read / write                      Unrecovered Read Error / 
 backend out of space                                   Capacity Exceeded
 =====================================================  =============================
 
-The controller core fills the identify fields that describe this command set
-from the constants exported here: :data:`ONCS`, :data:`SGLS`, :data:`OCFS`,
+The identify fields that describe this command set come from
+:mod:`pcidev_nvme.limits` (re-exported here): :data:`ONCS`, :data:`SGLS`, :data:`OCFS`,
 :data:`COPY_LIMITS`, :data:`DMRL`, :data:`DMRSL`, :data:`DMSL`, :data:`WZSL`,
 :data:`VSL`.
 """
@@ -51,6 +51,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from pcidev.errors import DmaError
+from pcidev_nvme.limits import COPY_LIMITS, DMRL, DMRSL, DMSL, MAX_DSM_RANGES, OCFS, ONCS, SGLS, VSL, WZSL
 from pcidev_nvme.prp import OFF_DPTR1, data_segments, prp_segments
 from pcidev_nvme.status import NvmeStatusError, Status
 
@@ -87,36 +88,6 @@ class Opcode:
     VERIFY = 0x0C
     COPY = 0x19
 
-
-#: Identify Controller ONCS bits of this command set: Compare (0), Dataset
-#: Management (2), Write Zeroes (3), Verify (7), Copy (8). The core ORs in its own
-#: (Save/Select in features, timestamp).
-ONCS = (1 << 0) | (1 << 2) | (1 << 3) | (1 << 7) | (1 << 8)
-
-#: Identify Controller SGLS: SGLs supported without alignment or granularity
-#: requirement (bits 1:0 = 01b), SGL Bit Bucket descriptor supported (bit 16).
-SGLS = 0x1 | (1 << 16)
-
-#: Identify Controller OCFS: Copy source range descriptor format 0 supported.
-OCFS = 0x1
-
-#: Copy limits (Identify Namespace MSSRL, MCL, MSRC): at most 128 logical blocks per
-#: source range, 1024 blocks per command, 128 source ranges (MSRC is 0's based).
-COPY_LIMITS = (128, 1024, 127)
-
-#: Ranges one Dataset Management command may carry (NR is 8 bits, 0's based): all are accepted.
-MAX_DSM_RANGES = 256
-#: Dataset Management Ranges Limit (Identify Controller NVM, CNS 06h): 0 = no limit
-#: beyond the command's own 256.
-DMRL = 0
-#: Dataset Management Range Size Limit: 0 = no limit (a range's 32-bit length is accepted).
-DMRSL = 0
-#: Dataset Management Size Limit: 0 = no limit on the total.
-DMSL = 0
-#: Write Zeroes Size Limit (units of the minimum memory page size, 2^n): 0 = no limit.
-WZSL = 0
-#: Verify Size Limit: 0 = no limit.
-VSL = 0
 
 #: Worker threads for backends that may block.
 DEFAULT_WORKERS = 4

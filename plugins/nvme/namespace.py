@@ -40,6 +40,7 @@ from typing import Any
 
 from pcidev.errors import ConfigError
 from pcidev_nvme.backends import Backend, load_backends, parse_size
+from pcidev_nvme.limits import COPY_LIMITS
 from pcidev_nvme.status import NvmeStatusError, Status
 
 __all__ = [
@@ -289,8 +290,6 @@ class Namespace:
         :returns: the structure.
         """
         # Imported here: io imports this module.
-        from pcidev_nvme.io import COPY_LIMITS
-
         buf = bytearray(IDENTIFY_SIZE)
         lbas = self.lba_size
         per_page = max(PREFERRED_GRANULARITY // lbas, 1)

@@ -33,6 +33,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from pcidev_nvme.limits import CQE_SIZE, SQE_SIZE
+
 if TYPE_CHECKING:
     from pcidev.dma import GuestMemory
 
@@ -40,8 +42,6 @@ __all__ = ["CompletionQueue", "SubmissionQueue", "InterruptVector", "Timer", "CQ
 
 log = logging.getLogger(__name__)
 
-SQE_SIZE = 64
-CQE_SIZE = 16
 _CQE_HEAD = struct.Struct("<IIHH")
 _CQE_FULL = struct.Struct("<IIHHI")
 

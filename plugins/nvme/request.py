@@ -26,9 +26,10 @@ from typing import Any
 
 import attrs
 
+from pcidev_nvme.limits import SQE_SIZE
+
 __all__ = ["Request", "SQE", "SQE_SIZE", "decode_sqe"]
 
-SQE_SIZE = 64
 
 #: opcode, flags, cid, nsid, cdw2, cdw3, mptr, prp1, prp2, cdw10..cdw15
 SQE = struct.Struct("<BBHIIIQQQIIIIII")

@@ -34,7 +34,7 @@ def test_identify_controller(env):
     assert struct.unpack_from("<I", d, 80)[0] == 0x00020000  # VER
     # RTD3E covers the whole normal shutdown (drain of commands in flight, then the flush):
     # Linux waits max(RTD3E, 5 s) for CSTS.SHST before it calls the shutdown incomplete
-    from pcidev_nvme.controller import SHUTDOWN_DRAIN_TIMEOUT
+    from pcidev_nvme.limits import SHUTDOWN_DRAIN_TIMEOUT
 
     assert struct.unpack_from("<I", d, 88)[0] > SHUTDOWN_DRAIN_TIMEOUT * 1_000_000
     assert d[111] == 1  # CNTRLTYPE: I/O controller
