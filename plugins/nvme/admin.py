@@ -213,7 +213,7 @@ class AdminCommandSet:
             raise _err(Status.INVALID_FIELD, "physically non-contiguous queues are not supported", OFF_CDW11)
         ien = bool(flags & 2)
         iv = req.cdw11 >> 16
-        msix = ctrl._msix
+        msix = ctrl.msix
         if iv >= ctrl.cfg.msix_vectors or (iv and not (msix is not None and msix.enabled)):
             raise _err(Status.INVALID_INTERRUPT_VECTOR, f"interrupt vector {iv} is invalid", OFF_CDW11 + 2)
         self._queue_memory(req.prp1, qsize * 16, write=True)

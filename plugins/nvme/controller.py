@@ -6,21 +6,7 @@ a 64-bit memory BAR0 with the registers, the doorbells and (by default) the
 MSI-X table and PBA after them (``msix_bar=4`` puts them in BAR4 as QEMU does),
 Power Management, PCI Express and AER capabilities, INTx as a fallback.
 
-BAR0::
-
-    000h CAP     MQES, CQR=1, AMS=0, TO=15 (7.5 s), DSTRD=0, CSS = NVM + I/O command sets,
-                 MPSMIN=0 (4 KiB), MPSMAX=4 (64 KiB), CRWMS=1
-    008h VS      2.0
-    00Ch INTMS   write 1 to mask a vector (pin-based / MSI)
-    010h INTMC   write 1 to unmask
-    014h CC      EN CSS MPS AMS SHN IOSQES IOCQES
-    01Ch CSTS    RDY CFS SHST
-    024h AQA     ASQS ACQS
-    028h ASQ     038h.. CMB/BP/PMR registers read 0
-    030h ACQ
-    068h CRTO    CRWMT = 7.5 s
-    1000h + 8*qid      SQ y tail doorbell
-    1000h + 8*qid + 4  CQ y head doorbell
+BAR0 (registers, ASCII map): :mod:`pcidev_nvme.registers`; doorbells: :mod:`pcidev_nvme.doorbells`.
 
 Threading: register accesses run on the caller's thread. A doorbell write
 fetches the new entries of its queue in one batch and dispatches them on the
@@ -48,55 +34,59 @@ import attrs
 
 from pcidev.bar import Access, Register, RegisterMap
 from pcidev.device import PciDevice
-from pcidev.errors import ConfigError, DmaError, IrqError, PcidevError
+from pcidev.errors import ConfigError, DmaError, PcidevError
 from pcidev.pci import ids
 from pcidev.pci.capabilities.msix import MsixCapability
 from pcidev.pci.config import ResetKind
 from pcidev_nvme import aer as aer_mod
+from pcidev_nvme import migration as _migration
+from pcidev_nvme import persist
 from pcidev_nvme.admin import AdminCommandSet
 from pcidev_nvme.aer import AsyncEvents
 from pcidev_nvme.config import NvmeConfig
+from pcidev_nvme.doorbells import DOORBELL_BASE, ShadowDoorbells
 from pcidev_nvme.features import Features
+from pcidev_nvme.interrupts import Interrupts, Timer
 from pcidev_nvme.io import IoCommandSet
-from pcidev_nvme import migration as _migration
 from pcidev_nvme.limits import FETCH_BATCH, SHUTDOWN_DRAIN_TIMEOUT, STATE_SAVE_INTERVAL
-from pcidev_nvme.namespace import parse_spec
-from pcidev_nvme.logs import ChangedNamespaces, ErrorLog, FirmwareSlots, SmartCounters, StateFile
-from pcidev_nvme.queues import _CQE_FULL, _CQE_HEAD, CompletionQueue, InterruptVector, SubmissionQueue, Timer
+from pcidev_nvme.logs import ChangedNamespaces, ErrorLog, ErrorLogState, FirmwareSlots, FirmwareState, SmartCounters
+from pcidev_nvme.namespace import may_write_beside, parse_spec
+from pcidev_nvme.queues import CompletionQueue, SubmissionQueue
+from pcidev_nvme.registers import (
+    CAP_CSS_IOCS,
+    CAP_CSS_NVM,
+    CAP_TO,
+    CC_EN,
+    CC_MASK,
+    CSS_ALL,
+    CSS_NVM,
+    CSTS_CFS,
+    CSTS_RDY,
+    CSTS_SHST_SHIFT,
+    MPSMAX,
+    MPSMIN,
+    REG_AQA,
+    REG_ACQ,
+    REG_ASQ,
+    REG_CAP,
+    REG_CC,
+    REG_CRTO,
+    REG_CSTS,
+    REG_INTMC,
+    REG_INTMS,
+    REG_NSSR,
+    REG_VS,
+    SHST_COMPLETE,
+    SHST_NORMAL,
+    SHST_PROCESSING,
+    ControllerState,
+)
 from pcidev_nvme.request import SQE_SIZE, Request, decode_sqe
 from pcidev_nvme.status import DNR, NvmeStatusError, Status, status_field
 
 __all__ = ["NvmeController"]
 
 log = logging.getLogger(__name__)
-
-# -- register offsets --------------------------------------------------------------------
-REG_CAP = 0x00
-REG_VS = 0x08
-REG_INTMS = 0x0C
-REG_INTMC = 0x10
-REG_CC = 0x14
-REG_CSTS = 0x1C
-REG_NSSR = 0x20
-REG_AQA = 0x24
-REG_ASQ = 0x28
-REG_ACQ = 0x30
-REG_CRTO = 0x68
-DOORBELL_BASE = 0x1000
-
-CC_EN = 1 << 0
-CC_MASK = 0x00FFFFF1
-CSTS_RDY = 1 << 0
-CSTS_CFS = 1 << 1
-CSTS_SHST_SHIFT = 2
-SHST_NORMAL, SHST_PROCESSING, SHST_COMPLETE = 0, 1, 2
-
-CAP_CSS_NVM = 1 << 0
-CAP_CSS_IOCS = 1 << 6
-CSS_NVM, CSS_ALL, CSS_ADMIN_ONLY = 0, 6, 7
-MPSMIN, MPSMAX = 0, 4
-CAP_TO = 0x0F
-
 
 _CMD_LO = ids.COMMAND
 _MASTER = int(ids.Command.MASTER)
@@ -243,11 +233,11 @@ class NvmeController(PciDevice):
         self.subsystem_id = cfg.subsystem_id
 
         self.plugin_manager = plugin_manager
-        self._state_lock = threading.RLock()
+        #: serializes register writes, resets and state restores
+        self.state_lock = threading.RLock()
         self._tls = _BatchState()
         self._timer = Timer(f"nvme-timer[{self.name}]")
         self._admin_pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._coal_lock = threading.Lock()
 
         # controller state
         self._state = _ST_DISABLED
@@ -258,13 +248,11 @@ class NvmeController(PciDevice):
         self._batches = 0
         self._batch_lock = threading.Lock()
         self._csts = 0
-        self._intms = 0
-        self._irq_status = 0
         self._gen = 0
         self._shutting_down = False
         self._enable_pending = False
         self._draining: list[SubmissionQueue] = []
-        self._dbbuf: tuple[int, int] | None = None
+        self.shadow = ShadowDoorbells()
         self._formatting: set[int] = set()
         self._ka_last = time.monotonic()
         self._ka_token = 0
@@ -273,18 +261,13 @@ class NvmeController(PciDevice):
         nq = cfg.max_ioqpairs + 1
         self._sqs: list[SubmissionQueue | None] = [None] * nq
         self._cqs: list[CompletionQueue | None] = [None] * nq
-        self._vectors = [InterruptVector(i) for i in range(cfg.msix_vectors)]
-        self._coalesce_on = False
+        self.interrupts = Interrupts(self, self._cqs, self._timer, cfg.msix_vectors)
 
         # logs, counters, persistent state
         self.error_log = ErrorLog(cfg.elpe + 1)
-        self.smart = SmartCounters()
+        self.smart = SmartCounters(cfg.temperature)
         self.firmware = FirmwareSlots(cfg.fw_slots, cfg.firmware)
         self.changed_ns = ChangedNamespaces()
-        self.temperature = cfg.temperature
-        self._injected_warning = 0
-        self._reported_warning = 0
-        self._temp_since = time.monotonic()
         self.features = Features(self)
         self.aer = AsyncEvents(self.complete, cfg.aerl + 1)
 
@@ -296,7 +279,8 @@ class NvmeController(PciDevice):
         self._backends = None
         try:
             self._make_namespaces()
-            self.state = StateFile(self._state_path())
+            self.state = self._state_file()
+            self._dirty = False
             self._load_state()
             self.io = IoCommandSet(self)
             self.admin = AdminCommandSet(self)
@@ -319,8 +303,8 @@ class NvmeController(PciDevice):
         ro = Access.RO
         regs.add(Register("CAP", REG_CAP, 8, ro, reset=self._cap))
         regs.add(Register("VS", REG_VS, 4, ro, reset=0x00020000))
-        regs.add(Register("INTMS", REG_INTMS, 4, on_read=lambda r: self._intms, on_write=self._intms_written))
-        regs.add(Register("INTMC", REG_INTMC, 4, on_read=lambda r: self._intms, on_write=self._intmc_written))
+        regs.add(Register("INTMS", REG_INTMS, 4, on_read=lambda r: self.interrupts.intms, on_write=self._intms_written))
+        regs.add(Register("INTMC", REG_INTMC, 4, on_read=lambda r: self.interrupts.intms, on_write=self._intmc_written))
         regs.add(Register("CC", REG_CC, 4, mask=CC_MASK, on_write=self._cc_written))
         regs.add(Register("CSTS", REG_CSTS, 4, ro, on_read=lambda r: self._csts))
         regs.add(Register("NSSR", REG_NSSR, 4, ro))
@@ -460,13 +444,9 @@ class NvmeController(PciDevice):
                         mem = self._guest_memory
                         if mem is None or not self.config.data[_CMD_LO] & _MASTER:
                             raise DmaError("bus mastering is disabled")
-                        addr = cq.base + (tail << 4)
                         phase = cq.phase
-                        mem.write_struct(_CQE_HEAD, addr, dw0 & 0xFFFFFFFF, dw1 & 0xFFFFFFFF, sq.head, sq.sqid)
-                        mem.store32(addr + 12, cid | (phase << 16) | (sf << 17))
-                        cq.tail = nxt
-                        if not nxt:
-                            cq.phase = phase ^ 1
+                        cq.post_batch(mem, ((dw0 & 0xFFFFFFFF, dw1 & 0xFFFFFFFF, sq.head, sq.sqid,
+                                             cid | (phase << 16) | (sf << 17)),))
                         posted = True
         except DmaError as exc:
             self._fatal(f"cannot post a completion to CQ {cq.cqid}: {exc}")
@@ -479,7 +459,7 @@ class NvmeController(PciDevice):
         if sq.sqid:
             self.smart.record_busy(req.t_fetch, time.monotonic())
         if posted and cq.ien:
-            self._raise(cq, 1)
+            self.interrupts.signal(cq, 1)
         if sq.deleting and not sq.inflight:
             self._finish_sq_delete(sq)
         if cq.throttled:
@@ -505,7 +485,6 @@ class NvmeController(PciDevice):
             try:
                 with cq.lock:
                     tail, head, size, phase = cq.tail, cq.head, cq.size, cq.phase
-                    start, start_phase = tail, phase
                     backlog = cq.backlog
                     posted_reserved = 0
                     for req, status, dw0, dw1, error in its:
@@ -544,9 +523,10 @@ class NvmeController(PciDevice):
                         if not nxt:
                             phase ^= 1
                     if entries:
-                        self._write_cqes(cq, start, start_phase, entries)
-                        cq.tail = tail
-                        cq.phase = phase
+                        mem = self._guest_memory
+                        if mem is None or not self.config.data[_CMD_LO] & _MASTER:
+                            raise DmaError("bus mastering is disabled")
+                        cq.post_batch(mem, entries)
                         cq.reserved -= posted_reserved
             except DmaError as exc:
                 self._fatal(f"cannot post completions to CQ {cq.cqid}: {exc}")
@@ -562,36 +542,6 @@ class NvmeController(PciDevice):
                     self._finish_sq_delete(sq)
             if cq.throttled:
                 self._kick_throttled(cq)
-
-    def _write_cqes(self, cq: CompletionQueue, start: int, start_phase: int, entries: list[tuple]) -> None:
-        """Write ``entries`` (dw0, dw1, sqhd, sqid, dw3) at slots ``start``.. of ``cq``: first
-        all of them with the stale phase, then each phase dword with release ordering."""
-        mem = self._guest_memory
-        if mem is None or not self.config.data[_CMD_LO] & _MASTER:
-            raise DmaError("bus mastering is disabled")
-        size = cq.size
-        n = len(entries)
-        blob = bytearray(16 * n)
-        pack = _CQE_FULL.pack_into
-        off = 0
-        for dw0, dw1, sqhd, sqid, dw3 in entries:
-            pack(blob, off, dw0, dw1, sqhd, sqid, dw3 ^ 0x10000)
-            off += 16
-        first = min(n, size - start)
-        base = cq.base
-        if first == n:
-            mem.write(base + (start << 4), blob)
-        else:
-            mv = memoryview(blob)
-            mem.write(base + (start << 4), mv[:16 * first])
-            mem.write(base, mv[16 * first:])
-        store = mem.store32
-        slot = start
-        for e in entries:
-            store(base + (slot << 4) + 12, e[4])
-            slot += 1
-            if slot == size:
-                slot = 0
 
     # ------------------------------------------------------------------ namespaces and state
     def backend_registry(self):
@@ -615,18 +565,27 @@ class NvmeController(PciDevice):
             self.allocated[i] = ns
             self.namespaces[i] = ns
 
-    def _state_path(self) -> Path | None:
+    def _state_file(self) -> persist.StateFile:
+        """The state file (see :mod:`pcidev_nvme.persist` for where it lives)."""
         cfg = self.cfg
-        fname = f"nvme-{cfg.serial}.state.json".replace("/", "_")
         if cfg.state_file:
-            return Path(cfg.state_file)
+            return persist.StateFile(cfg.state_file)
         if cfg.state_dir:
-            return Path(cfg.state_dir) / fname
+            d = Path(cfg.state_dir)
+            return persist.StateFile(d / persist.state_file_name(cfg.serial),
+                                     legacy=d / persist.legacy_state_file_name(cfg.serial))
         for ns in self.allocated.values():
             path = getattr(ns.backend, "path", None)
             if isinstance(path, str) and path:
-                return Path(os.path.dirname(os.path.abspath(path))) / fname
-        return None
+                if not may_write_beside(ns.backend):
+                    log.warning("%s: namespace %d's image %s is read-only: the controller state (SMART, "
+                                "firmware slots) is kept in memory only; give state_dir= to keep it",
+                                self.name, ns.nsid, path)
+                    return persist.StateFile(None)
+                d = Path(os.path.dirname(os.path.abspath(path)))
+                return persist.StateFile(d / persist.state_file_name(cfg.serial),
+                                         legacy=d / persist.legacy_state_file_name(cfg.serial))
+        return persist.StateFile(None)
 
     @property
     def state_dir(self) -> str | None:
@@ -635,37 +594,34 @@ class NvmeController(PciDevice):
         return str(p.parent) if p is not None else self.cfg.state_dir
 
     def _load_state(self) -> None:
-        data = self.state.load()
-        smart = data.get("smart")
-        if isinstance(smart, dict):
-            self.smart.load(smart)
-        count = data.get("error_count")
-        if isinstance(count, int) and count >= 0:
-            self.error_log.count = count
-        fw = data.get("firmware")
-        if isinstance(fw, dict):
-            self.firmware.load(fw)
-        self.smart.power_cycles += 1
-        if data.get("dirty"):
-            self.smart.unsafe_shutdowns += 1
+        st = self.state.load()
+        if st is not None:
+            # the temperature and warnings are not persisted: they start from the configuration
+            self.smart.restore(attrs.evolve(st.smart, temperature=self.smart.temperature, injected_warning=0,
+                                            reported_warning=0))
+            self.error_log.restore(ErrorLogState(count=st.error_count))
+            self.firmware.restore(self._persisted_firmware(st.firmware))
+            self._load_created(st.created)
+        self.smart.power_on(unsafe=st is not None and st.dirty)
         self._dirty = False
-        self._load_created(data.get("created_namespaces"))
         self.save_state()
 
-    def _load_created(self, created: Any) -> None:
+    def _persisted_firmware(self, fw: FirmwareState) -> FirmwareState:
+        """Saved firmware slots fitted to this controller: slot 1 is the configured
+        firmware, at most ``fw_slots`` slots, the active / next-reset slot only if it holds an image."""
+        nslots = self.cfg.fw_slots
+        revs = [self.cfg.firmware] + [r for r in fw.revisions[1:nslots]]
+        revs += [""] * (nslots - len(revs))
+        active = fw.active if 1 <= fw.active <= nslots and revs[fw.active - 1] else 1
+        nxt = fw.next_reset if 1 <= fw.next_reset <= nslots and revs[fw.next_reset - 1] else 0
+        return FirmwareState(revisions=tuple(revs), active=active, next_reset=nxt)
+
+    def _load_created(self, created: tuple[persist.CreatedNamespaceState, ...]) -> None:
         """Bring back the file-backed namespaces Namespace Management created earlier."""
-        if not isinstance(created, dict):
-            return
-        for key, ent in sorted(created.items()):
-            try:
-                nsid = int(key)
-                spec = ent["spec"]
-                attached = bool(ent.get("attached"))
-            except (TypeError, ValueError, KeyError):
-                log.warning("%s: ignoring a malformed created-namespace record %r", self.name, key)
-                continue
-            if not 1 <= nsid <= self.cfg.max_namespaces or nsid in self.allocated or not isinstance(spec, str):
-                log.warning("%s: created namespace %s conflicts with the configuration; not restored", self.name, key)
+        for ent in created:
+            nsid, spec = ent.nsid, ent.spec
+            if not 1 <= nsid <= self.cfg.max_namespaces or nsid in self.allocated:
+                log.warning("%s: created namespace %s conflicts with the configuration; not restored", self.name, nsid)
                 continue
             try:
                 ns = self.make_namespace(nsid, spec)
@@ -674,17 +630,21 @@ class NvmeController(PciDevice):
                 continue
             self.allocated[nsid] = ns
             self.created[nsid] = spec
-            if attached:
+            if ent.attached:
                 self.namespaces[nsid] = ns
 
     def save_state(self) -> None:
         """Write SMART counters, the error count, firmware slots, the clean flag and the
         file-backed namespaces created by Namespace Management to the state file."""
         self._last_save = time.monotonic()
-        created = {str(n): {"spec": spec, "attached": n in self.namespaces} for n, spec in self.created.items()}
-        self.state.save({"serial": self.cfg.serial, "smart": self.smart.to_dict(),
-                         "error_count": self.error_log.count, "firmware": self.firmware.to_dict(),
-                         "dirty": self._dirty, "created_namespaces": created})
+        if self.state.path is None:
+            return
+        fw = self.firmware.snapshot()
+        created = tuple(persist.CreatedNamespaceState(nsid=n, spec=spec, attached=n in self.namespaces)
+                        for n, spec in sorted(self.created.items()))
+        self.state.save(persist.PersistState(
+            serial=self.cfg.serial, dirty=self._dirty, smart=self.smart.snapshot(),
+            error_count=self.error_log.count, firmware=attrs.evolve(fw, staged=()), created=created))
 
     def maybe_save_state(self) -> None:
         """Save the state file if the last save is older than :data:`STATE_SAVE_INTERVAL`."""
@@ -724,18 +684,14 @@ class NvmeController(PciDevice):
     # ------------------------------------------------------------------ registers
     def _intms_written(self, reg: Register, new: int, old: int) -> None:
         reg.value = 0
-        with self._state_lock:
-            self._intms |= new
-        self._legacy_update()
+        self.interrupts.mask(new)
 
     def _intmc_written(self, reg: Register, new: int, old: int) -> None:
         reg.value = 0
-        with self._state_lock:
-            self._intms &= ~new & 0xFFFFFFFF
-        self._legacy_update(unmasked=new)
+        self.interrupts.unmask(new)
 
     def _cc_written(self, reg: Register, new: int, old: int) -> None:
-        with self._state_lock:
+        with self.state_lock:
             en_old, en_new = old & CC_EN, new & CC_EN
             if en_old and en_new:
                 # CSS, MPS and AMS may only change while disabled
@@ -813,7 +769,7 @@ class NvmeController(PciDevice):
         self.features.reset()
         acq_obj = CompletionQueue(0, acq, acqs, 0, True)
         asq_obj = SubmissionQueue(0, asq, asqs, acq_obj)
-        acq_obj.sqs.append(asq_obj)
+        acq_obj.attach(asq_obj)
         self._cqs[0] = acq_obj
         self._sqs[0] = asq_obj
         self._state = _ST_READY
@@ -860,7 +816,7 @@ class NvmeController(PciDevice):
             self._check_drained()
 
     def _check_drained(self) -> None:
-        with self._state_lock:
+        with self.state_lock:
             if self._state != _ST_RESETTING:
                 return
             if any(sq.inflight for sq in self._draining):
@@ -872,18 +828,11 @@ class NvmeController(PciDevice):
         self._draining = []
         self._clear_queues()
         self.features.reset()
-        self._intms = 0
-        self._irq_status = 0
-        self._dbbuf = None
+        self.interrupts.reset()
+        self.shadow.reset()
         self._formatting.clear()
-        for v in self._vectors:
-            v.cd = False
-            v.count = 0
-            v.armed = False
-            v.masked_pending = False
-        self._reported_warning = 0
+        self.smart.clear_reported()
         self._ka_token += 1
-        self._coalesce_on = False
         self._timer.cancel_all()
         self.irq.set_intx(False)
         if self.firmware.activate_pending():
@@ -929,7 +878,7 @@ class NvmeController(PciDevice):
                 ns.backend.flush()
             except Exception as exc:
                 log.warning("%s: flushing namespace %d at shutdown failed: %s", self.name, ns.nsid, exc)
-        with self._state_lock:
+        with self.state_lock:
             self._dirty = False
             self.save_state()
             if self._shutting_down:
@@ -941,7 +890,7 @@ class NvmeController(PciDevice):
         Commands still in flight complete into nothing (their completions are
         dropped; bus mastering is off after the reset, so they cannot DMA either).
         """
-        with self._state_lock:
+        with self.state_lock:
             self._gen += 1
             self._drop_parked()
             self._state = _ST_RESETTING
@@ -951,10 +900,8 @@ class NvmeController(PciDevice):
             self._enable_pending = False
             self._finish_reset()
             if kind is ResetKind.POWER_ON:
-                self.smart.power_cycles += 1
-                if self._dirty:
-                    self.smart.unsafe_shutdowns += 1
-                    self._dirty = False
+                self.smart.power_on(unsafe=self._dirty)
+                self._dirty = False
                 self.save_state()
 
     def on_failure(self, exc: BaseException) -> None:
@@ -963,7 +910,7 @@ class NvmeController(PciDevice):
 
     def _fatal(self, why: str) -> None:
         log.error("%s: controller fatal status: %s", self.name, why)
-        with self._state_lock:
+        with self.state_lock:
             self._csts |= CSTS_CFS
             if self._state == _ST_READY:
                 self._state = _ST_FAILED
@@ -1057,15 +1004,8 @@ class NvmeController(PciDevice):
                 else:
                     bad = False
                     cq.head = value
-                    backlog = cq.backlog
-                    if backlog:
-                        mem = mem or self.memory
-                        size = cq.size
-                        while backlog and (cq.tail + 1) % size != cq.head:
-                            sq, cid, sf, dw0, dw1 = backlog.popleft()
-                            cq.post(mem, sq.head, sq.sqid, cid, sf, dw0, dw1)
-                            posted += 1
-                        cq.reserved -= posted
+                    if cq.backlog:
+                        posted = cq.drain_backlog(mem or self.memory)
         except DmaError as exc:
             self._fatal(f"CQ {qid}: {exc}")
             return
@@ -1073,9 +1013,9 @@ class NvmeController(PciDevice):
             self._doorbell_error(aer_mod.INFO_INVALID_DB_VALUE, qid, offset, value)
             return
         if posted and cq.ien:
-            self._raise(cq, posted)
-        elif self._irq_status:
-            self._legacy_update()
+            self.interrupts.signal(cq, posted)
+        elif self.interrupts.irq_status:
+            self.interrupts.legacy_update()
         if cq.throttled:
             self._kick_throttled(cq)
 
@@ -1136,8 +1076,9 @@ class NvmeController(PciDevice):
             self.smart.record_busy(tls.start, time.monotonic())
         while tls.cqs or tls.kicks:
             cqs, tls.cqs = tls.cqs, {}
+            signal = self.interrupts.signal
             for cq, n in cqs.items():
-                self._raise(cq, n)
+                signal(cq, n)
             kicks, tls.kicks = tls.kicks, []
             for sq in kicks:
                 if not sq.gone:
@@ -1230,75 +1171,24 @@ class NvmeController(PciDevice):
 
     # ------------------------------------------------------------------ interrupts
     @property
-    def _msix(self) -> MsixCapability:
+    def msix(self) -> MsixCapability | None:
+        """The MSI-X capability (found once, after :meth:`describe`)."""
         cap = self.__dict__.get("_msix_cap")
         if cap is None:
             cap = self.caps.find(MsixCapability)
             self.__dict__["_msix_cap"] = cap
         return cap
 
-    def _raise(self, cq: CompletionQueue, n: int) -> None:
-        """Signal ``n`` new entries on ``cq`` (MSI-X with coalescing, or INTx/MSI level logic)."""
-        if not cq.ien:
-            return
-        msix = self._msix
-        if msix is not None and msix.enabled:
-            vec = cq.vector
-            if self._coalesce_on and cq.cqid:
-                v = self._vectors[vec]
-                if not v.cd:
-                    thr, tim = self.features.coalescing
-                    with self._coal_lock:
-                        v.count += n
-                        if v.count > thr or not tim:
-                            v.count = 0
-                        else:
-                            if not v.armed:
-                                v.armed = True
-                                self._timer.schedule(tim * 100e-6, self._coalesce_expired, v)
-                            return
-            try:
-                self.irq.notify(vec)
-            except IrqError as exc:
-                log.warning("%s: %s", self.name, exc)
-            return
-        self._legacy_update()
-
-    def _coalesce_expired(self, v: InterruptVector) -> None:
-        with self._coal_lock:
-            v.armed = False
-            due = v.count > 0
-            v.count = 0
-        if due and self._msix.enabled:
-            try:
-                self.irq.notify(v.index)
-            except IrqError:
-                pass
-
-    def _legacy_update(self, unmasked: int = 0) -> None:
-        """Pin-based interrupts: the line is asserted while an unmasked vector has
-        unconsumed completion entries."""
-        msix = self._msix
-        if msix is not None and msix.enabled:
-            return
-        status = 0
-        for cq in self._cqs:
-            if cq is not None and cq.ien and cq.head != cq.tail:
-                status |= 1 << (cq.vector & 31)
-        self._irq_status = status
-        self.irq.set_intx(bool(status & ~self._intms))
-
     def coalescing_changed(self) -> None:
         """Feature 08h changed."""
-        thr, tim = self.features.coalescing
-        self._coalesce_on = bool(thr or tim)
+        self.interrupts.set_coalescing(*self.features.coalescing)
 
     def vector_cd(self, iv: int) -> bool:
         """Coalescing Disable of vector ``iv`` (the admin vector is never coalesced)."""
-        return self._vectors[iv].cd
+        return self.interrupts.vector_cd(iv)
 
     def set_vector_cd(self, iv: int, cd: bool) -> None:
-        self._vectors[iv].cd = cd
+        self.interrupts.set_vector_cd(iv, cd)
 
     # ------------------------------------------------------------------ errors, SMART, AER sources
     def _log_error(self, req: Request, sf: int, phase: int, error: NvmeStatusError | None) -> None:
@@ -1308,10 +1198,15 @@ class NvmeController(PciDevice):
                            nsid=req.nsid)
 
     @property
+    def temperature(self) -> int:
+        """The composite temperature in kelvin."""
+        return self.smart.temperature
+
+    @property
     def critical_warning(self) -> int:
         """SMART critical warning: injected bits plus the temperature bit."""
-        cw = self._injected_warning
-        t = self.temperature
+        cw = self.smart.injected_warning
+        t = self.smart.temperature
         if t >= self.features.temp_over or (self.features.temp_under and t <= self.features.temp_under):
             cw |= 1 << 1
         return cw
@@ -1320,36 +1215,27 @@ class NvmeController(PciDevice):
         """Change the composite temperature (a thermal model or test); may raise a SMART AEN."""
         if not 0 <= kelvin <= 0xFFFF:
             raise ValueError(f"temperature {kelvin} K is out of range")
-        self._account_temperature()
-        self.temperature = kelvin
+        self.account_temperature()
+        self.smart.set_temperature(kelvin)
         self.check_temperature()
 
     def inject_critical_warning(self, bits: int) -> None:
         """Set critical warning bits (0 spare, 2 reliability, 3 read-only, 4 backup failed)."""
-        self._injected_warning = bits & 0x3D
+        self.smart.inject_warning(bits)
         self.check_temperature()
 
-    def _account_temperature(self) -> None:
-        now = time.monotonic()
-        dt = now - self._temp_since
-        self._temp_since = now
-        if self.temperature >= self.cfg.critical_temp:
-            self.smart.critical_temp_seconds += dt
-        elif self.temperature >= self.cfg.warning_temp:
-            self.smart.warning_temp_seconds += dt
+    def account_temperature(self) -> None:
+        """Count the time spent above the warning / critical temperature so far."""
+        self.smart.account_temperature(self.cfg.warning_temp, self.cfg.critical_temp)
 
     def check_temperature(self) -> None:
         """Post a SMART AEN for each critical warning bit that is set, enabled in the
         Asynchronous Event Configuration and not reported yet. A bit is reported again
         only after it cleared (so enabling a bit in AEC reports a condition already there)."""
         cw = self.critical_warning
-        self._reported_warning &= cw
-        if self._state != _ST_READY:
-            return
-        new = cw & ~self._reported_warning & self.features.aec
+        new = self.smart.report_warnings(cw, self.features.aec if self._state == _ST_READY else 0)
         if not new:
             return
-        self._reported_warning |= new
         for bit, info in ((1, aer_mod.INFO_SMART_TEMPERATURE), (0, aer_mod.INFO_SMART_SPARE),
                           (2, aer_mod.INFO_SMART_RELIABILITY), (3, aer_mod.INFO_SMART_RELIABILITY),
                           (4, aer_mod.INFO_SMART_RELIABILITY)):
@@ -1358,8 +1244,8 @@ class NvmeController(PciDevice):
 
     def smart_page(self) -> bytes:
         """The SMART / Health Information log page (LID 02h)."""
-        self._account_temperature()
-        return self.smart.page(critical_warning=self.critical_warning, temperature=self.temperature,
+        self.account_temperature()
+        return self.smart.page(critical_warning=self.critical_warning, temperature=self.smart.temperature,
                                error_entries=self.error_log.count)
 
     def notice(self, info: int, lid: int) -> None:
@@ -1424,23 +1310,29 @@ class NvmeController(PciDevice):
         """The completion queue ``qid``, or None."""
         return self._cqs[qid] if 0 <= qid < len(self._cqs) else None
 
+    def _dma_or_none(self) -> Any:
+        try:
+            return self.memory
+        except DmaError:
+            return None
+
     def add_cq(self, cq: CompletionQueue) -> None:
-        if self._dbbuf is not None:
-            self._attach_shadow(cq, 2 * cq.cqid + 1)
+        if self.shadow.enabled:
+            self.shadow.bind(cq, self._dma_or_none())
         self._cqs[cq.cqid] = cq
 
     def add_sq(self, sq: SubmissionQueue) -> None:
-        if self._dbbuf is not None:
-            self._attach_shadow(sq, 2 * sq.sqid)
-        sq.cq.sqs.append(sq)
+        if self.shadow.enabled:
+            self.shadow.bind(sq, self._dma_or_none())
+        sq.cq.attach(sq)
         self._sqs[sq.sqid] = sq
 
     def delete_cq(self, cq: CompletionQueue) -> None:
         with cq.lock:
             cq.gone = True
         self._cqs[cq.cqid] = None
-        if self._irq_status:
-            self._legacy_update()
+        if self.interrupts.irq_status:
+            self.interrupts.legacy_update()
 
     def delete_sq(self, sq: SubmissionQueue, req: Request) -> bool:
         """Start deleting ``sq``. Returns True if done now; else ``req`` completes when the
@@ -1466,33 +1358,143 @@ class NvmeController(PciDevice):
         if complete and req is not None:
             self.complete(req)
 
-    def _attach_shadow(self, q: Any, slot: int) -> None:
-        dbs, eis = self._dbbuf  # type: ignore[misc]
-        q.db_addr = dbs + 4 * slot
-        q.ei_addr = eis + 4 * slot
-        value = q.tail if isinstance(q, SubmissionQueue) else q.head
-        try:
-            mem = self.memory
-            mem.store32(q.db_addr, value)
-            mem.store32(q.ei_addr, value)
-        except DmaError:
-            pass
-
     def set_doorbell_buffer(self, dbs: int, eis: int) -> None:
         """Doorbell Buffer Config: shadow doorbells at ``dbs``, EventIdx at ``eis``."""
-        self._dbbuf = (dbs, eis)
-        for i, sq in enumerate(self._sqs):
-            if sq is not None:
-                self._attach_shadow(sq, 2 * i)
-        for i, cq in enumerate(self._cqs):
-            if cq is not None:
-                self._attach_shadow(cq, 2 * i + 1)
+        self.shadow.configure(dbs, eis)
+        mem = self._dma_or_none()
+        for q in (*self._sqs, *self._cqs):
+            if q is not None:
+                self.shadow.bind(q, mem)
 
     # ------------------------------------------------------------------ namespace changes
     def namespace_changed(self, nsid: int) -> None:
         """Record ``nsid`` in the Changed Namespace List and post the notice."""
         self.changed_ns.add(nsid)
         self.notice(aer_mod.INFO_NS_ATTR_CHANGED, 0x04)
+
+    # ------------------------------------------------------------------ state for migration
+    @property
+    def fsm_state(self) -> str:
+        """The state machine: "disabled", "ready", "resetting" or "failed"."""
+        return self._state
+
+    @property
+    def running(self) -> bool:
+        """Commands are fetched (ready, not shutting down, not paused, not closed)."""
+        return self._running
+
+    @property
+    def submission_queues(self) -> list[SubmissionQueue | None]:
+        """Submission queues by id (read only: queues change through admin commands)."""
+        return self._sqs
+
+    @property
+    def completion_queues(self) -> list[CompletionQueue | None]:
+        """Completion queues by id (read only)."""
+        return self._cqs
+
+    def snapshot(self) -> ControllerState:
+        """The registers and the state machine."""
+        regs = self.regs
+        return ControllerState(state=self._state, cc=regs["CC"].value, csts=self._csts, aqa=regs["AQA"].value,
+                               asq=regs["ASQ"].value, acq=regs["ACQ"].value, shutting_down=self._shutting_down,
+                               dirty=bool(self._dirty), page_size=self.page_size)
+
+    def restore(self, st: ControllerState) -> None:
+        """Take the registers and state machine of a checked state (call with
+        :attr:`state_lock` held). Every queue and parked request is dropped, fetching
+        stays paused until :meth:`finish_restore` and the migration's resume."""
+        self._paused = True
+        self._gen += 1
+        for req in self.aer.reset():
+            req.done = True
+        self._clear_queues()
+        self._draining = []
+        self._enable_pending = False
+        self._formatting.clear()
+        regs = self.regs
+        regs["CC"].value = st.cc
+        regs["AQA"].value = st.aqa
+        regs["ASQ"].value = st.asq
+        regs["ACQ"].value = st.acq
+        self._csts = st.csts
+        self._state = st.state
+        self._shutting_down = st.shutting_down
+        self._dirty = st.dirty
+        self.page_size = st.page_size
+
+    def install_queues(self, sqs: list[SubmissionQueue | None], cqs: list[CompletionQueue | None]) -> None:
+        """Use restored queues (indexed by queue id, as many as this controller has)."""
+        self._sqs[:] = sqs
+        self._cqs[:] = cqs
+
+    def restore_parked_aers(self, cids: tuple[int, ...]) -> list[Request]:
+        """Parked Asynchronous Event Requests on the admin SQ with these CIDs (restored
+        outstanding AERs); they are in flight on the admin SQ."""
+        asq = self._sqs[0]
+        out = []
+        now = time.monotonic()
+        for cid in cids:
+            sqe = bytes([0x0C, 0]) + cid.to_bytes(2, "little") + bytes(SQE_SIZE - 4)
+            req = Request(0, cid, 0x0C, 0, sqe, sq=asq, gen=self._gen, t_fetch=now, parked=True)
+            asq.inflight[cid] = req
+            out.append(req)
+        return out
+
+    def finish_restore(self) -> None:
+        """After a restore: timers stopped, keep alive counted from now, the state file
+        rewritten after the resume (outside the downtime)."""
+        self._ka_last = time.monotonic()
+        self._ka_token += 1
+        self._timer.cancel_all()
+        self._update_running()
+        self._save_at_resume = True
+
+    def pause(self) -> None:
+        """Stop fetching (a quiesce); commands in flight go on."""
+        with self.state_lock:
+            self._paused = True
+            self._update_running()
+
+    def unpause(self) -> bool:
+        """Fetch again; returns whether it was paused. A state file due since a restore
+        is written by the next admin command (:meth:`maybe_save_state`)."""
+        with self.state_lock:
+            was = self._paused
+            self._paused = False
+            self._update_running()
+        if self.__dict__.pop("_save_at_resume", False):
+            self._last_save = float("-inf")
+        return was
+
+    def fetch_idle(self) -> bool:
+        """No doorbell or kick batch in progress and no SQ being fetched."""
+        return not self._batches and not any(sq is not None and sq.running for sq in list(self._sqs))
+
+    def batches_idle(self) -> bool:
+        """No doorbell or kick batch in progress on any thread."""
+        return not self._batches
+
+    def admin_work_marker(self) -> concurrent.futures.Future | None:
+        """A future done once the admin work queued so far has run (None: no admin worker)."""
+        pool = self._admin_pool
+        return pool.submit(lambda: None) if pool is not None else None
+
+    def stop_timers(self) -> None:
+        """No keep-alive verdict, no coalescing deadline; aggregated interrupts delivered now."""
+        self._ka_token += 1
+        self._timer.cancel_all()
+        self.interrupts.flush_coalesced()
+
+    def restart_work(self) -> None:
+        """After an unpause: keep alive counted from now, events delivered, every SQ fetched."""
+        self._ka_last = time.monotonic()
+        if self.features.kato_ms:
+            self.keep_alive_changed()
+        self.aer.deliver()
+        for sq in list(self._sqs):
+            if sq is not None and not sq.gone:
+                self._kick(sq)
 
     # ------------------------------------------------------------------ migration
     def enabled_features(self) -> set[str]:
