@@ -41,7 +41,7 @@ import logging
 import os
 import struct
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pcidev.errors import ConfigError, DmaError, PcidevError
 from pcidev_nvme import identify as idfy
@@ -54,9 +54,54 @@ from pcidev_nvme.prp import prp_segments
 from pcidev_nvme.queues import CompletionQueue, SubmissionQueue
 from pcidev_nvme.status import NvmeStatusError, Status
 
+from pcidev_nvme.request import ControllerPort
+
 if TYPE_CHECKING:
-    from pcidev_nvme.controller import NvmeController
     from pcidev_nvme.request import Request
+
+
+class AdminHost(ControllerPort, Protocol):
+    """What the admin command set uses of the controller, beyond the data path's
+    :class:`~pcidev_nvme.request.ControllerPort`."""
+
+    cfg: Any
+    regs: Any
+    aer: Any
+    features: Any
+    firmware: Any
+    error_log: Any
+    changed_ns: Any
+    allocated: dict[int, Any]
+    created: dict[int, str]
+
+    @property
+    def msix(self) -> Any: ...
+    @property
+    def state_dir(self) -> str | None: ...
+    @property
+    def total_capacity(self) -> int: ...
+    @property
+    def allocated_capacity(self) -> int: ...
+    def sq(self, qid: int) -> Any: ...
+    def cq(self, qid: int) -> Any: ...
+    def add_sq(self, sq: Any) -> None: ...
+    def add_cq(self, cq: Any) -> None: ...
+    def delete_sq(self, sq: Any, req: Any) -> bool: ...
+    def delete_cq(self, cq: Any) -> None: ...
+    def park(self, req: Any) -> None: ...
+    def unpark(self, req: Any) -> None: ...
+    def set_doorbell_buffer(self, dbs: int, eis: int) -> None: ...
+    def keep_alive(self) -> None: ...
+    def notice(self, info: int, lid: int) -> None: ...
+    def namespace_changed(self, nsid: int) -> None: ...
+    def smart_page(self) -> bytes: ...
+    def io_inflight_for(self, nsids: set[int]) -> bool: ...
+    def begin_format(self, nsids: set[int]) -> list[int]: ...
+    def end_format(self, nsids: set[int]) -> None: ...
+    def make_namespace(self, nsid: int, spec: Any) -> Any: ...
+    def run_async(self, fn: Any, *args: Any) -> Any: ...
+    def save_state(self) -> None: ...
+    def maybe_save_state(self) -> None: ...
 
 __all__ = ["AdminCommandSet", "Opcode"]
 
@@ -107,7 +152,7 @@ class AdminCommandSet:
     :param ctrl: the controller.
     """
 
-    def __init__(self, ctrl: NvmeController) -> None:
+    def __init__(self, ctrl: AdminHost) -> None:
         self.ctrl = ctrl
         self._handlers = {
             Opcode.DELETE_SQ: self._delete_sq,
@@ -658,11 +703,9 @@ class AdminCommandSet:
             raise _err(Status.INVALID_FORMAT, "protection information is not supported", OFF_CDW10)
         if ses > 1:
             raise _err(Status.INVALID_FIELD, f"secure erase setting {ses} is not supported", OFF_CDW10 + 1)
-        busy = [ns.nsid for ns in targets if ns.nsid in ctrl._formatting]
+        busy = ctrl.begin_format({ns.nsid for ns in targets})
         if busy:
             raise _err(Status.FORMAT_IN_PROGRESS, f"namespace(s) {busy} are being formatted")
-        ids = {ns.nsid for ns in targets}
-        ctrl._formatting |= ids
         ctrl.run_async(self._format_work, req, targets, lbaf, ses)
         return None
 
@@ -676,14 +719,14 @@ class AdminCommandSet:
             for ns in targets:
                 ns.format(lbaf, ses)
         except NvmeStatusError as exc:
-            ctrl._formatting -= ids
+            ctrl.end_format(ids)
             ctrl.complete(req, exc.status, error=exc)
             return
         except Exception as exc:
             log.exception("format failed")
-            ctrl._formatting -= ids
+            ctrl.end_format(ids)
             ctrl.complete(req, Status.INTERNAL, error=_err(Status.INTERNAL, str(exc)))
             return
-        ctrl._formatting -= ids
+        ctrl.end_format(ids)
         ctrl.complete(req, 0)
 

@@ -1367,6 +1367,20 @@ class NvmeController(PciDevice):
                 self.shadow.bind(q, mem)
 
     # ------------------------------------------------------------------ namespace changes
+    def begin_format(self, nsids: set[int]) -> list[int]:
+        """Mark ``nsids`` as being formatted (I/O to them fails with Format In Progress);
+        returns the ones already being formatted instead (then nothing is marked)."""
+        with self.state_lock:
+            busy = sorted(n for n in nsids if n in self._formatting)
+            if not busy:
+                self._formatting |= nsids
+            return busy
+
+    def end_format(self, nsids: set[int]) -> None:
+        """A Format NVM of ``nsids`` finished."""
+        with self.state_lock:
+            self._formatting -= nsids
+
     def namespace_changed(self, nsid: int) -> None:
         """Record ``nsid`` in the Changed Namespace List and post the notice."""
         self.changed_ns.add(nsid)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import struct
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
@@ -45,7 +45,6 @@ from pcidev.vmstate import U8, U16, U32, U64, Bool, Bytes, VarArray, vmstate
 from pcidev_nvme.status import NvmeStatusError, Status
 
 if TYPE_CHECKING:
-    from pcidev_nvme.controller import NvmeController
     from pcidev_nvme.request import Request
 
 __all__ = ["Features", "FeaturesState", "TlerState", "FID_NAMES"]
@@ -121,13 +120,27 @@ class FeaturesState:
     vector_cd: VarArray[Bool, 2048] = ()
 
 
+class FeaturesHost(Protocol):
+    """What :class:`Features` uses of the controller."""
+
+    cfg: Any
+    namespaces: dict[int, Any]
+
+    def check_temperature(self) -> None: ...
+    def io_queues_exist(self) -> bool: ...
+    def coalescing_changed(self) -> None: ...
+    def vector_cd(self, iv: int) -> bool: ...
+    def set_vector_cd(self, iv: int, cd: bool) -> None: ...
+    def keep_alive_changed(self) -> None: ...
+
+
 class Features:
     """Current feature values of one controller (reset to defaults at every controller reset).
 
     :param ctrl: the controller (for queue counts, vectors, temperature, namespaces).
     """
 
-    def __init__(self, ctrl: NvmeController) -> None:
+    def __init__(self, ctrl: FeaturesHost) -> None:
         self.ctrl = ctrl
         self.reset()
 

@@ -16,13 +16,24 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pcidev_nvme import limits
 
 if TYPE_CHECKING:
-    from pcidev_nvme.controller import NvmeController
     from pcidev_nvme.namespace import Namespace
+
+
+class IdentifyHost(Protocol):
+    """What Identify Controller reads of the controller."""
+
+    cfg: Any
+    firmware: Any
+
+    @property
+    def total_capacity(self) -> int: ...
+    @property
+    def allocated_capacity(self) -> int: ...
 
 __all__ = ["identify_controller", "nsid_list", "identify_ctrl_csi_nvm", "identify_ns_independent",
            "controller_list", "io_command_set_vector", "IDENTIFY_SIZE", "OACS", "LPA", "OAES", "CTRATT"]
@@ -56,7 +67,7 @@ def _ascii(text: str, n: int) -> bytes:
     return text.encode("ascii")[:n].ljust(n, b" ")
 
 
-def identify_controller(ctrl: NvmeController) -> bytes:
+def identify_controller(ctrl: IdentifyHost) -> bytes:
     """The 4096-byte Identify Controller data structure (CNS 01h)."""
     cfg = ctrl.cfg
     buf = bytearray(IDENTIFY_SIZE)

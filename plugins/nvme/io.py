@@ -43,7 +43,6 @@ The identify fields that describe this command set come from
 from __future__ import annotations
 
 import errno
-import inspect
 import logging
 import struct
 import threading
@@ -53,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 from pcidev.errors import DmaError
 from pcidev_nvme.limits import COPY_LIMITS, DMRL, DMRSL, DMSL, MAX_DSM_RANGES, OCFS, ONCS, SGLS, VSL, WZSL
 from pcidev_nvme.prp import OFF_DPTR1, data_segments, prp_segments
+from pcidev_nvme.request import ControllerPort
 from pcidev_nvme.status import NvmeStatusError, Status
 
 if TYPE_CHECKING:
@@ -118,15 +118,6 @@ def _lba_range(slba: int, nlb: int, ns: Namespace) -> NvmeStatusError:
     )
 
 
-def _takes_keyword(func: Any, name: str) -> bool:
-    """Whether ``func`` accepts the keyword argument ``name``."""
-    try:
-        params = inspect.signature(func).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
 def _os_status(exc: OSError, *, write: bool) -> int:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return Status.CAP_EXCEEDED
@@ -146,10 +137,9 @@ class IoCommandSet:
     :param workers: size of the worker pool for backends that may block.
     """
 
-    def __init__(self, ctrl: Any, *, workers: int = DEFAULT_WORKERS) -> None:
+    def __init__(self, ctrl: ControllerPort, *, workers: int = DEFAULT_WORKERS) -> None:
         self.ctrl = ctrl
         self._complete = ctrl.complete
-        self._complete_takes_error = _takes_keyword(ctrl.complete, "error")
         self._workers = max(1, int(workers))
         self._pool: ThreadPoolExecutor | None = None
         self._cond = threading.Condition()
@@ -333,10 +323,7 @@ class IoCommandSet:
         else:  # KeyboardInterrupt, SystemExit: complete, then let it propagate
             self._complete(req, Status.INTERNAL, 0)
             raise exc
-        if self._complete_takes_error:
-            self._complete(req, err.status, 0, error=err)
-        else:
-            self._complete(req, err.status, 0)
+        self._complete(req, err.status, 0, error=err)
 
     def _media_error(self) -> None:
         smart = getattr(self.ctrl, "smart", None)

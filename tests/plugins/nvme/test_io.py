@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from fakes import PAGE, FakeController, FakeControllerNoErrorKw, command, prp_for, rw
+from fakes import PAGE, FakeController, command, prp_for, rw
 
 from pcidev_nvme.backends import BaseBackend
 from pcidev_nvme.io import COPY_LIMITS, DMRL, DMRSL, MAX_DSM_RANGES, ONCS, SGLS, WZSL, IoCommandSet, Opcode
@@ -606,20 +606,6 @@ def test_close_then_submit_fails_cleanly(tmp_path):
     fails(ctrl, ios, rw(Opcode.READ, 0, 1, prp1=buf), Status.INTERNAL)
     ios.close()  # idempotent
     ctrl.close()
-
-
-def test_complete_without_error_keyword():
-    ctrl = FakeControllerNoErrorKw()
-    ctrl.namespaces[1] = make_namespace(1, "mem:size=1M")
-    ios = IoCommandSet(ctrl)
-    try:
-        req = rw(Opcode.READ, 1 << 30, 1, prp1=ctrl.alloc(PAGE))
-        ios.submit(req)
-        status, _dw0, err = ctrl.wait(req)
-        assert status == Status.LBA_RANGE and err is None
-    finally:
-        ios.close()
-        ctrl.close()
 
 
 def test_null_namespace_reads_zeros():
