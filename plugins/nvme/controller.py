@@ -27,7 +27,6 @@ import os
 import secrets
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -40,19 +39,28 @@ from pcidev.pci.capabilities.msix import MsixCapability
 from pcidev.pci.config import ResetKind
 from pcidev_nvme import aer as aer_mod
 from pcidev_nvme import migration as _migration
-from pcidev_nvme import persist
 from pcidev_nvme.admin import AdminCommandSet
 from pcidev_nvme.aer import AsyncEvents
 from pcidev_nvme.config import NvmeConfig
-from pcidev_nvme.doorbells import DOORBELL_BASE, ShadowDoorbells
+from pcidev_nvme.doorbells import DoorbellsMixin, ShadowDoorbells
 from pcidev_nvme.features import Features
+from pcidev_nvme.fetch import BatchState, FetchMixin
+from pcidev_nvme.health import HealthMixin
 from pcidev_nvme.interrupts import Interrupts, Timer
 from pcidev_nvme.io import IoCommandSet
-from pcidev_nvme.limits import FETCH_BATCH, SHUTDOWN_DRAIN_TIMEOUT, STATE_SAVE_INTERVAL
-from pcidev_nvme.logs import ChangedNamespaces, ErrorLog, ErrorLogState, FirmwareSlots, FirmwareState, SmartCounters
-from pcidev_nvme.namespace import may_write_beside, parse_spec
+from pcidev_nvme.limits import SHUTDOWN_DRAIN_TIMEOUT
+from pcidev_nvme.logs import ChangedNamespaces, ErrorLog, FirmwareSlots, SmartCounters
+from pcidev_nvme.namespace import parse_spec
+from pcidev_nvme.persist import PersistenceMixin
 from pcidev_nvme.queues import CompletionQueue, SubmissionQueue
 from pcidev_nvme.registers import (
+    DOORBELL_BASE,
+    ST_DISABLED,
+    ST_FAILED,
+    ST_READY,
+    ST_RESETTING,
+    Bar0,
+    ZeroBar,
     CAP_CSS_IOCS,
     CAP_CSS_NVM,
     CAP_TO,
@@ -81,8 +89,8 @@ from pcidev_nvme.registers import (
     SHST_PROCESSING,
     ControllerState,
 )
-from pcidev_nvme.request import SQE_SIZE, Request, decode_sqe
-from pcidev_nvme.status import DNR, NvmeStatusError, Status, status_field
+from pcidev_nvme.request import SQE_SIZE, Request
+from pcidev_nvme.status import NvmeStatusError, status_field
 
 __all__ = ["NvmeController"]
 
@@ -92,7 +100,6 @@ _CMD_LO = ids.COMMAND
 _MASTER = int(ids.Command.MASTER)
 assert _MASTER < 0x100
 
-_ST_DISABLED, _ST_READY, _ST_RESETTING, _ST_FAILED = "disabled", "ready", "resetting", "failed"
 
 
 def default_serial(cfg: NvmeConfig) -> str:
@@ -126,59 +133,7 @@ def _pow2(v: int) -> int:
     return 1 << max(v - 1, 1).bit_length()
 
 
-class _BatchState(threading.local):
-    """Per-thread state of a doorbell batch: interrupts and kicks are deferred to its end."""
-
-    def __init__(self) -> None:
-        self.depth = 0
-        self.start = 0.0
-        self.io = False
-        self.cqs: dict[CompletionQueue, int] = {}
-        self.kicks: list[SubmissionQueue] = []
-        #: completions made on this thread during the batch, posted at its end
-        self.done: list[tuple] = []
-
-
-class _Bar0:
-    """BAR0 handler: the register map below 1000h, doorbells above."""
-
-    def __init__(self, ctrl: NvmeController, regs: RegisterMap, db_end: int) -> None:
-        self.ctrl = ctrl
-        self.regs = regs
-        self.db_end = db_end
-
-    def read(self, offset: int, size: int) -> int:
-        if offset < DOORBELL_BASE:
-            if offset + size > DOORBELL_BASE:
-                size = DOORBELL_BASE - offset
-            return self.regs.read(offset, size)
-        return 0  # doorbells are write-only
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        if offset >= DOORBELL_BASE:
-            if offset < self.db_end:
-                self.ctrl._doorbell_write(offset, size, value)
-            return
-        if offset + size > DOORBELL_BASE:
-            size = DOORBELL_BASE - offset
-            value &= (1 << (8 * size)) - 1
-        self.regs.write(offset, size, value)
-
-    def reset(self) -> None:
-        self.regs.reset()
-
-
-class _ZeroBar:
-    """A BAR whose only content is the MSI-X table and PBA (framework overlays)."""
-
-    def read(self, offset: int, size: int) -> int:
-        return 0
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        pass
-
-
-class NvmeController(PciDevice):
+class NvmeController(DoorbellsMixin, FetchMixin, HealthMixin, PersistenceMixin, PciDevice):
     """An NVMe 2.0 controller (see the module docstring).
 
     :param config: an :class:`~pcidev_nvme.config.NvmeConfig`, a mapping, or a
@@ -235,12 +190,12 @@ class NvmeController(PciDevice):
         self.plugin_manager = plugin_manager
         #: serializes register writes, resets and state restores
         self.state_lock = threading.RLock()
-        self._tls = _BatchState()
+        self._tls = BatchState()
         self._timer = Timer(f"nvme-timer[{self.name}]")
         self._admin_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
         # controller state
-        self._state = _ST_DISABLED
+        self._state = ST_DISABLED
         self._running = False
         #: quiesced for a migration: nothing is fetched (see pcidev_nvme.migration)
         self._paused = False
@@ -327,14 +282,14 @@ class NvmeController(PciDevice):
             pba = _align(table + 16 * nvec, 4096)
             size = _pow2(pba + _align((nvec + 63) // 64 * 8, 4096))
             self._db_window = table
-            self.add_mem_bar(0, size, _Bar0(self, regs, table), bits64=True)
+            self.add_mem_bar(0, size, Bar0(regs, self._doorbell_write, table), bits64=True)
             self.add_msix(nvec, bar=0, table_offset=table, pba_offset=pba)
         else:
             size = _pow2(_align(db_end, 4096))
             self._db_window = size
-            self.add_mem_bar(0, size, _Bar0(self, regs, size), bits64=True)
+            self.add_mem_bar(0, size, Bar0(regs, self._doorbell_write, size), bits64=True)
             pba = _align(16 * nvec, 4096)
-            self.add_mem_bar(4, _pow2(pba + _align((nvec + 63) // 64 * 8, 4096)), _ZeroBar(), bits64=True)
+            self.add_mem_bar(4, _pow2(pba + _align((nvec + 63) // 64 * 8, 4096)), ZeroBar(), bits64=True)
             self.add_msix(nvec, bar=4, table_offset=0, pba_offset=pba)
         self.add_standard_pcie_caps(flr=True, aer=True)
 
@@ -465,7 +420,7 @@ class NvmeController(PciDevice):
         if cq.throttled:
             self._kick_throttled(cq)
 
-    def _complete_batch(self, items: list[tuple], tls: _BatchState) -> None:
+    def _complete_batch(self, items: list[tuple], tls: BatchState) -> None:
         """Post the completions deferred during a batch: one lock and one memory write
         per completion queue, then each entry's phase dword in order."""
         first_cq = items[0][0].sq.cq
@@ -565,92 +520,6 @@ class NvmeController(PciDevice):
             self.allocated[i] = ns
             self.namespaces[i] = ns
 
-    def _state_file(self) -> persist.StateFile:
-        """The state file (see :mod:`pcidev_nvme.persist` for where it lives)."""
-        cfg = self.cfg
-        if cfg.state_file:
-            return persist.StateFile(cfg.state_file)
-        if cfg.state_dir:
-            d = Path(cfg.state_dir)
-            return persist.StateFile(d / persist.state_file_name(cfg.serial),
-                                     legacy=d / persist.legacy_state_file_name(cfg.serial))
-        for ns in self.allocated.values():
-            path = getattr(ns.backend, "path", None)
-            if isinstance(path, str) and path:
-                if not may_write_beside(ns.backend):
-                    log.warning("%s: namespace %d's image %s is read-only: the controller state (SMART, "
-                                "firmware slots) is kept in memory only; give state_dir= to keep it",
-                                self.name, ns.nsid, path)
-                    return persist.StateFile(None)
-                d = Path(os.path.dirname(os.path.abspath(path)))
-                return persist.StateFile(d / persist.state_file_name(cfg.serial),
-                                         legacy=d / persist.legacy_state_file_name(cfg.serial))
-        return persist.StateFile(None)
-
-    @property
-    def state_dir(self) -> str | None:
-        """Directory of the state file (and of image files Namespace Management creates)."""
-        p = self.state.path
-        return str(p.parent) if p is not None else self.cfg.state_dir
-
-    def _load_state(self) -> None:
-        st = self.state.load()
-        if st is not None:
-            # the temperature and warnings are not persisted: they start from the configuration
-            self.smart.restore(attrs.evolve(st.smart, temperature=self.smart.temperature, injected_warning=0,
-                                            reported_warning=0))
-            self.error_log.restore(ErrorLogState(count=st.error_count))
-            self.firmware.restore(self._persisted_firmware(st.firmware))
-            self._load_created(st.created)
-        self.smart.power_on(unsafe=st is not None and st.dirty)
-        self._dirty = False
-        self.save_state()
-
-    def _persisted_firmware(self, fw: FirmwareState) -> FirmwareState:
-        """Saved firmware slots fitted to this controller: slot 1 is the configured
-        firmware, at most ``fw_slots`` slots, the active / next-reset slot only if it holds an image."""
-        nslots = self.cfg.fw_slots
-        revs = [self.cfg.firmware] + [r for r in fw.revisions[1:nslots]]
-        revs += [""] * (nslots - len(revs))
-        active = fw.active if 1 <= fw.active <= nslots and revs[fw.active - 1] else 1
-        nxt = fw.next_reset if 1 <= fw.next_reset <= nslots and revs[fw.next_reset - 1] else 0
-        return FirmwareState(revisions=tuple(revs), active=active, next_reset=nxt)
-
-    def _load_created(self, created: tuple[persist.CreatedNamespaceState, ...]) -> None:
-        """Bring back the file-backed namespaces Namespace Management created earlier."""
-        for ent in created:
-            nsid, spec = ent.nsid, ent.spec
-            if not 1 <= nsid <= self.cfg.max_namespaces or nsid in self.allocated:
-                log.warning("%s: created namespace %s conflicts with the configuration; not restored", self.name, nsid)
-                continue
-            try:
-                ns = self.make_namespace(nsid, spec)
-            except PcidevError as exc:
-                log.warning("%s: created namespace %d cannot be restored: %s", self.name, nsid, exc)
-                continue
-            self.allocated[nsid] = ns
-            self.created[nsid] = spec
-            if ent.attached:
-                self.namespaces[nsid] = ns
-
-    def save_state(self) -> None:
-        """Write SMART counters, the error count, firmware slots, the clean flag and the
-        file-backed namespaces created by Namespace Management to the state file."""
-        self._last_save = time.monotonic()
-        if self.state.path is None:
-            return
-        fw = self.firmware.snapshot()
-        created = tuple(persist.CreatedNamespaceState(nsid=n, spec=spec, attached=n in self.namespaces)
-                        for n, spec in sorted(self.created.items()))
-        self.state.save(persist.PersistState(
-            serial=self.cfg.serial, dirty=self._dirty, smart=self.smart.snapshot(),
-            error_count=self.error_log.count, firmware=attrs.evolve(fw, staged=()), created=created))
-
-    def maybe_save_state(self) -> None:
-        """Save the state file if the last save is older than :data:`STATE_SAVE_INTERVAL`."""
-        if time.monotonic() - self._last_save > STATE_SAVE_INTERVAL:
-            self.save_state()
-
     def close(self) -> None:
         """Power off: stop timers and workers, save the state file, close namespaces. Idempotent.
 
@@ -715,16 +584,16 @@ class NvmeController(PciDevice):
         self._csts = (self._csts & ~(3 << CSTS_SHST_SHIFT)) | (shst << CSTS_SHST_SHIFT)
 
     def _update_running(self) -> None:
-        self._running = (self._state == _ST_READY and not self._shutting_down and not self._closed
+        self._running = (self._state == ST_READY and not self._shutting_down and not self._closed
                          and not self._paused)
 
     # ------------------------------------------------------------------ enable / reset / shutdown
     def _enable(self) -> None:
         """CC.EN 0→1: validate and bring up the admin queues (CSTS.RDY=1), or set CSTS.CFS."""
-        if self._state == _ST_RESETTING:
+        if self._state == ST_RESETTING:
             self._enable_pending = True
             return
-        if self._state == _ST_FAILED or self._csts & CSTS_RDY:
+        if self._state == ST_FAILED or self._csts & CSTS_RDY:
             return
         regs = self.regs
         cc = regs["CC"].value
@@ -772,7 +641,7 @@ class NvmeController(PciDevice):
         acq_obj.attach(asq_obj)
         self._cqs[0] = acq_obj
         self._sqs[0] = asq_obj
-        self._state = _ST_READY
+        self._state = ST_READY
         self._csts = (self._csts & ~CSTS_CFS) | CSTS_RDY
         self._ka_last = time.monotonic()
         self._update_running()
@@ -782,13 +651,13 @@ class NvmeController(PciDevice):
 
     def _begin_reset(self) -> None:
         """CC.EN 1→0: stop fetching; the reset finishes when every command in flight has."""
-        if self._state == _ST_DISABLED:
+        if self._state == ST_DISABLED:
             self._csts &= ~(CSTS_RDY | CSTS_CFS)
             self._enable_pending = False
             return
-        if self._state == _ST_RESETTING:
+        if self._state == ST_RESETTING:
             return
-        self._state = _ST_RESETTING
+        self._state = ST_RESETTING
         self._enable_pending = False
         self._update_running()
         self._gen += 1
@@ -812,12 +681,12 @@ class NvmeController(PciDevice):
                     req.done = True
 
     def _stale_completed(self) -> None:
-        if self._state == _ST_RESETTING:
+        if self._state == ST_RESETTING:
             self._check_drained()
 
     def _check_drained(self) -> None:
         with self.state_lock:
-            if self._state != _ST_RESETTING:
+            if self._state != ST_RESETTING:
                 return
             if any(sq.inflight for sq in self._draining):
                 return
@@ -837,7 +706,7 @@ class NvmeController(PciDevice):
         self.irq.set_intx(False)
         if self.firmware.activate_pending():
             log.info("%s: firmware slot %d active after reset", self.name, self.firmware.active)
-        self._state = _ST_DISABLED
+        self._state = ST_DISABLED
         self._csts &= ~(CSTS_RDY | CSTS_CFS)
         self.failed = None
         self._update_running()
@@ -855,7 +724,7 @@ class NvmeController(PciDevice):
             self._cqs[i] = None
 
     def _begin_shutdown(self, *, abrupt: bool) -> None:
-        if self._state != _ST_READY:
+        if self._state != ST_READY:
             self._set_shst(SHST_COMPLETE)
             self._dirty = False
             self.save_state()
@@ -893,7 +762,7 @@ class NvmeController(PciDevice):
         with self.state_lock:
             self._gen += 1
             self._drop_parked()
-            self._state = _ST_RESETTING
+            self._state = ST_RESETTING
             self._draining = []
             self._shutting_down = False
             self._csts = 0
@@ -912,8 +781,8 @@ class NvmeController(PciDevice):
         log.error("%s: controller fatal status: %s", self.name, why)
         with self.state_lock:
             self._csts |= CSTS_CFS
-            if self._state == _ST_READY:
-                self._state = _ST_FAILED
+            if self._state == ST_READY:
+                self._state = ST_FAILED
             self._update_running()
 
     # ------------------------------------------------------------------ async work
@@ -931,244 +800,7 @@ class NvmeController(PciDevice):
             self._fatal(f"background work failed: {exc}")
 
     # ------------------------------------------------------------------ doorbells
-    def _doorbell_write(self, offset: int, size: int, value: int) -> None:
-        if size == 8 and not offset & 7:
-            self._doorbell_write(offset, 4, value & 0xFFFFFFFF)
-            self._doorbell_write(offset + 4, 4, value >> 32)
-            return
-        if size != 4 or offset & 3:
-            log.warning("%s: %d-byte doorbell write at %#x ignored (doorbells are 32-bit)", self.name, size, offset)
-            return
-        if not self._running:
-            return
-        idx = (offset - DOORBELL_BASE) >> 2
-        qid = idx >> 1
-        if idx & 1:
-            self._cq_head_write(qid, value, offset)
-        else:
-            self._sq_tail_write(qid, value, offset)
-
-    def _doorbell_error(self, info: int, qid: int, offset: int, value: int) -> None:
-        log.info("%s: invalid doorbell %s: offset %#x value %#x",
-                 self.name, "register" if info == aer_mod.INFO_INVALID_DB_REG else "value", offset, value)
-        self.error_log.add(sqid=qid, cid=0xFFFF, status_field=0, param_offset=None, csi=offset)
-        self.aer.post(aer_mod.AER_ERROR, info, 0x01)
-
-    def _sq_tail_write(self, qid: int, value: int, offset: int) -> None:
-        sq = self._sqs[qid] if qid < len(self._sqs) else None
-        if sq is None or sq.deleting:
-            self._doorbell_error(aer_mod.INFO_INVALID_DB_REG, qid, offset, value)
-            return
-        if value >= sq.size:
-            self._doorbell_error(aer_mod.INFO_INVALID_DB_VALUE, qid, offset, value)
-            return
-        if sq.db_addr is not None and qid == 0:
-            # Only the admin queue (which Linux never shadows, as QEMU's nvme): for an I/O
-            # queue the shadow is the newer value, and an MMIO write can arrive late (a
-            # posted vfio-user write): copying it would rewind the tail and lose commands.
-            try:
-                self.memory.store32(sq.db_addr, value)
-            except DmaError:
-                pass
-        sq.tail = value
-        self._kick(sq)
-
-    def _cq_head_write(self, qid: int, value: int, offset: int) -> None:
-        cq = self._cqs[qid] if qid < len(self._cqs) else None
-        if cq is None:
-            self._doorbell_error(aer_mod.INFO_INVALID_DB_REG, qid, offset, value)
-            return
-        posted = 0
-        try:
-            with cq.lock:
-                mem = None
-                if cq.db_addr is not None and qid == 0:
-                    # the admin queue is not shadowed by Linux: the MMIO value is the truth
-                    mem = self.memory
-                    mem.store32(cq.db_addr, value)
-                    mem.store32(cq.ei_addr, value)
-                elif cq.db_addr is not None:
-                    # The shadow head is never older than an MMIO write that may arrive late
-                    # (posted): take it, publish it as EventIdx, and look again in case the
-                    # host moved on meanwhile (it then saw the old EventIdx and rang nothing).
-                    mem = self.memory
-                    value = mem.load32(cq.db_addr)
-                    while True:
-                        mem.store32(cq.ei_addr, value)
-                        again = mem.load32(cq.db_addr)
-                        if again == value:
-                            break
-                        value = again
-                if not cq.valid_head(value):
-                    bad = True
-                else:
-                    bad = False
-                    cq.head = value
-                    if cq.backlog:
-                        posted = cq.drain_backlog(mem or self.memory)
-        except DmaError as exc:
-            self._fatal(f"CQ {qid}: {exc}")
-            return
-        if bad:
-            self._doorbell_error(aer_mod.INFO_INVALID_DB_VALUE, qid, offset, value)
-            return
-        if posted and cq.ien:
-            self.interrupts.signal(cq, posted)
-        elif self.interrupts.irq_status:
-            self.interrupts.legacy_update()
-        if cq.throttled:
-            self._kick_throttled(cq)
-
-    def _kick_throttled(self, cq: CompletionQueue) -> None:
-        with cq.lock:
-            sqs = list(cq.throttled)
-            cq.throttled.clear()
-        tls = self._tls
-        if tls.depth:
-            tls.kicks.extend(sqs)
-        else:
-            for sq in sqs:
-                if not sq.gone:
-                    self._kick(sq)
-
     # ------------------------------------------------------------------ fetch and dispatch
-    def _kick(self, sq: SubmissionQueue) -> None:
-        """Fetch and dispatch what the host submitted on ``sq`` (unless another thread already is)."""
-        with sq.lock:
-            if sq.running:
-                sq.rerun = True
-                return
-            sq.running = True
-        tls = self._tls
-        if not tls.depth:
-            tls.start = time.monotonic()
-            with self._batch_lock:
-                self._batches += 1
-        tls.depth += 1
-        try:
-            while True:
-                self._process_sq(sq)
-                with sq.lock:
-                    if not sq.rerun:
-                        sq.running = False
-                        break
-                    sq.rerun = False
-        except BaseException:
-            with sq.lock:
-                sq.running = False
-                sq.rerun = False
-            raise
-        finally:
-            tls.depth -= 1
-            if not tls.depth:
-                try:
-                    self._end_batch(tls)
-                finally:
-                    with self._batch_lock:
-                        self._batches -= 1
-
-    def _end_batch(self, tls: _BatchState) -> None:
-        if tls.done:
-            done, tls.done = tls.done, []
-            self._complete_batch(done, tls)
-        if tls.io:
-            tls.io = False
-            self.smart.record_busy(tls.start, time.monotonic())
-        while tls.cqs or tls.kicks:
-            cqs, tls.cqs = tls.cqs, {}
-            signal = self.interrupts.signal
-            for cq, n in cqs.items():
-                signal(cq, n)
-            kicks, tls.kicks = tls.kicks, []
-            for sq in kicks:
-                if not sq.gone:
-                    self._kick(sq)
-
-    def _process_sq(self, sq: SubmissionQueue) -> None:
-        if not self._running or sq.gone or sq.deleting:
-            return
-        try:
-            mem = self.memory
-            if sq.db_addr is not None:
-                tail = mem.load32(sq.db_addr)
-                if tail >= sq.size:
-                    self._doorbell_error(aer_mod.INFO_INVALID_DB_VALUE, sq.sqid, DOORBELL_BASE + 8 * sq.sqid, tail)
-                    return
-                sq.tail = tail
-        except DmaError as exc:
-            self._fatal(f"SQ {sq.sqid}: {exc}")
-            return
-        cq = sq.cq
-        size = sq.size
-        base = sq.base
-        sqid = sq.sqid
-        admin = sqid == 0
-        if not admin:
-            self._tls.io = True
-        inflight = sq.inflight
-        while self._running and not sq.gone:
-            head = sq.head
-            n = (sq.tail - head) % size
-            if not n:
-                break
-            with cq.lock:
-                budget = cq.size - 1 - cq.reserved
-                if budget <= 0:
-                    cq.throttled.add(sq)
-                    break
-                if n > budget:
-                    n = budget
-                if n > FETCH_BATCH:
-                    n = FETCH_BATCH
-                cq.reserved += n
-            end = head + n
-            try:
-                if end <= size:
-                    raw = mem.read(base + head * SQE_SIZE, n * SQE_SIZE)
-                else:
-                    raw = (mem.read(base + head * SQE_SIZE, (size - head) * SQE_SIZE)
-                           + mem.read(base, (end - size) * SQE_SIZE))
-            except DmaError as exc:
-                with cq.lock:
-                    cq.reserved -= n
-                self._fatal(f"cannot fetch from SQ {sqid}: {exc}")
-                return
-            sq.head = end % size
-            sq.fetched_total += n
-            now = time.monotonic()
-            gen = self._gen
-            for i in range(n):
-                req = decode_sqe(sqid, raw, i * SQE_SIZE, sq, gen, now)
-                cid = req.cid
-                if cid in inflight:
-                    self.complete(req, Status.CMDID_CONFLICT,
-                                  error=NvmeStatusError(Status.CMDID_CONFLICT, param_offset=2))
-                    continue
-                inflight[cid] = req
-                try:
-                    if admin:
-                        self._ka_last = now
-                        self.admin.submit(req)
-                    elif self._formatting and req.nsid in self._formatting:
-                        self.complete(req, Status.FORMAT_IN_PROGRESS)
-                    else:
-                        self.io.submit(req)
-                except Exception as exc:  # never lose a command to a bug
-                    log.exception("%s: command %r failed unexpectedly", self.name, req)
-                    if not req.done:
-                        self.complete(req, Status.INTERNAL,
-                                      error=NvmeStatusError(Status.INTERNAL, str(exc)))
-            if sq.ei_addr is not None:
-                try:
-                    mem.store32(sq.ei_addr, sq.tail)
-                    # A host that wrote the shadow tail before seeing this EventIdx did not
-                    # ring the MMIO doorbell: look again, and fetch once more if it moved.
-                    if sq.db_addr is not None and mem.load32(sq.db_addr) != sq.tail:
-                        with sq.lock:
-                            sq.rerun = True
-                except DmaError:
-                    pass
-
     # ------------------------------------------------------------------ interrupts
     @property
     def msix(self) -> MsixCapability | None:
@@ -1197,87 +829,7 @@ class NvmeController(PciDevice):
                            lba=(error.lba or 0) if error is not None else 0,
                            nsid=req.nsid)
 
-    @property
-    def temperature(self) -> int:
-        """The composite temperature in kelvin."""
-        return self.smart.temperature
-
-    @property
-    def critical_warning(self) -> int:
-        """SMART critical warning: injected bits plus the temperature bit."""
-        cw = self.smart.injected_warning
-        t = self.smart.temperature
-        if t >= self.features.temp_over or (self.features.temp_under and t <= self.features.temp_under):
-            cw |= 1 << 1
-        return cw
-
-    def set_temperature(self, kelvin: int) -> None:
-        """Change the composite temperature (a thermal model or test); may raise a SMART AEN."""
-        if not 0 <= kelvin <= 0xFFFF:
-            raise ValueError(f"temperature {kelvin} K is out of range")
-        self.account_temperature()
-        self.smart.set_temperature(kelvin)
-        self.check_temperature()
-
-    def inject_critical_warning(self, bits: int) -> None:
-        """Set critical warning bits (0 spare, 2 reliability, 3 read-only, 4 backup failed)."""
-        self.smart.inject_warning(bits)
-        self.check_temperature()
-
-    def account_temperature(self) -> None:
-        """Count the time spent above the warning / critical temperature so far."""
-        self.smart.account_temperature(self.cfg.warning_temp, self.cfg.critical_temp)
-
-    def check_temperature(self) -> None:
-        """Post a SMART AEN for each critical warning bit that is set, enabled in the
-        Asynchronous Event Configuration and not reported yet. A bit is reported again
-        only after it cleared (so enabling a bit in AEC reports a condition already there)."""
-        cw = self.critical_warning
-        new = self.smart.report_warnings(cw, self.features.aec if self._state == _ST_READY else 0)
-        if not new:
-            return
-        for bit, info in ((1, aer_mod.INFO_SMART_TEMPERATURE), (0, aer_mod.INFO_SMART_SPARE),
-                          (2, aer_mod.INFO_SMART_RELIABILITY), (3, aer_mod.INFO_SMART_RELIABILITY),
-                          (4, aer_mod.INFO_SMART_RELIABILITY)):
-            if new & (1 << bit):
-                self.aer.post(aer_mod.AER_SMART, info, 0x02)
-
-    def smart_page(self) -> bytes:
-        """The SMART / Health Information log page (LID 02h)."""
-        self.account_temperature()
-        return self.smart.page(critical_warning=self.critical_warning, temperature=self.smart.temperature,
-                               error_entries=self.error_log.count)
-
-    def notice(self, info: int, lid: int) -> None:
-        """Post a notice AEN if its AEC bit is set (8: namespace attribute, 9: firmware activation)."""
-        bit = {aer_mod.INFO_NS_ATTR_CHANGED: 8, aer_mod.INFO_FW_ACTIVATION: 9}.get(info)
-        if bit is not None and self.features.aec & (1 << bit):
-            self.aer.post(aer_mod.AER_NOTICE, info, lid)
-
     # ------------------------------------------------------------------ keep alive
-    def keep_alive(self) -> None:
-        """A Keep Alive command arrived."""
-        self._ka_last = time.monotonic()
-
-    def keep_alive_changed(self) -> None:
-        """Feature 0Fh changed: restart the keep alive timer."""
-        self._ka_last = time.monotonic()
-        self._ka_token += 1
-        kato = self.features.kato_ms
-        if kato:
-            self._timer.schedule(kato / 1000.0, self._keep_alive_check, self._ka_token)
-
-    def _keep_alive_check(self, token: int) -> None:
-        kato = self.features.kato_ms
-        if not kato or token != self._ka_token or self._state != _ST_READY:
-            return
-        left = self._ka_last + kato / 1000.0 - time.monotonic()
-        if left > 0:
-            self._timer.schedule(left, self._keep_alive_check, token)
-            return
-        self.error_log.add(sqid=0xFFFF, cid=0xFFFF, status_field=Status.KA_TIMEOUT_EXPIRED | DNR)
-        self._fatal("keep alive timeout expired")
-
     # ------------------------------------------------------------------ queue management (admin)
     def park(self, req: Request) -> None:
         """Hold ``req`` indefinitely (an AER): it no longer counts against its CQ's fetch budget."""
@@ -1309,12 +861,6 @@ class NvmeController(PciDevice):
     def cq(self, qid: int) -> CompletionQueue | None:
         """The completion queue ``qid``, or None."""
         return self._cqs[qid] if 0 <= qid < len(self._cqs) else None
-
-    def _dma_or_none(self) -> Any:
-        try:
-            return self.memory
-        except DmaError:
-            return None
 
     def add_cq(self, cq: CompletionQueue) -> None:
         if self.shadow.enabled:
@@ -1357,14 +903,6 @@ class NvmeController(PciDevice):
             req, sq.delete_req = sq.delete_req, None
         if complete and req is not None:
             self.complete(req)
-
-    def set_doorbell_buffer(self, dbs: int, eis: int) -> None:
-        """Doorbell Buffer Config: shadow doorbells at ``dbs``, EventIdx at ``eis``."""
-        self.shadow.configure(dbs, eis)
-        mem = self._dma_or_none()
-        for q in (*self._sqs, *self._cqs):
-            if q is not None:
-                self.shadow.bind(q, mem)
 
     # ------------------------------------------------------------------ namespace changes
     def begin_format(self, nsids: set[int]) -> list[int]:

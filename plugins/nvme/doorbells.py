@@ -2,7 +2,9 @@
 the Doorbell Buffer Config shadow doorbells with their EventIdx buffer.
 
 MMIO doorbell ``y`` is at ``1000h + 8 * y`` (SQ tail) and ``1000h + 8 * y + 4`` (CQ
-head); the controller's doorbell handling lives in :mod:`pcidev_nvme.controller`.
+head), handled by :class:`DoorbellsMixin` (a part of
+:class:`~pcidev_nvme.controller.NvmeController`: it works on the controller's queues
+and hands a new SQ tail to the fetch loop, :class:`~pcidev_nvme.fetch.FetchMixin`).
 With Doorbell Buffer Config (admin opcode 7Ch) the host also writes the new values to
 a shadow buffer (``dbs``) and the controller publishes the values after which it
 wants an MMIO write in the EventIdx buffer (``eis``); slot ``2 * qid`` is SQ
@@ -14,20 +16,22 @@ wants an MMIO write in the EventIdx buffer (``eis``); slot ``2 * qid`` is SQ
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import logging
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from pcidev.errors import DmaError
+from pcidev_nvme import aer as aer_mod
 from pcidev_nvme.queues import CompletionQueue, SubmissionQueue
+from pcidev_nvme.registers import DOORBELL_BASE
 
 if TYPE_CHECKING:
     from pcidev.dma import GuestMemory
 
-__all__ = ["DOORBELL_BASE", "ShadowDoorbells", "ShadowDoorbellsState", "doorbell_offset"]
+__all__ = ["DOORBELL_BASE", "DoorbellsMixin", "ShadowDoorbells", "ShadowDoorbellsState", "doorbell_offset"]
 
-#: BAR0 offset of the first doorbell
-DOORBELL_BASE = 0x1000
+log = logging.getLogger(__name__)
 
 
 def doorbell_offset(qid: int, cq: bool = False) -> int:
@@ -93,3 +97,120 @@ class ShadowDoorbells:
 
     def restore(self, state: ShadowDoorbellsState) -> None:
         self.buffers = (state.dbs, state.eis) if state.enabled else None
+
+
+class DoorbellsMixin:
+    """Doorbell writes of :class:`~pcidev_nvme.controller.NvmeController` (mixed into it;
+    uses its queues, ``shadow``, ``interrupts``, ``error_log``, ``aer`` and the fetch loop)."""
+
+    _sqs: list[SubmissionQueue | None]
+    _cqs: list[CompletionQueue | None]
+    _running: bool
+    shadow: ShadowDoorbells
+    name: str
+    memory: Any
+    interrupts: Any
+    error_log: Any
+    aer: Any
+
+    def _doorbell_write(self, offset: int, size: int, value: int) -> None:
+        if size == 8 and not offset & 7:
+            self._doorbell_write(offset, 4, value & 0xFFFFFFFF)
+            self._doorbell_write(offset + 4, 4, value >> 32)
+            return
+        if size != 4 or offset & 3:
+            log.warning("%s: %d-byte doorbell write at %#x ignored (doorbells are 32-bit)", self.name, size, offset)
+            return
+        if not self._running:
+            return
+        idx = (offset - DOORBELL_BASE) >> 2
+        qid = idx >> 1
+        if idx & 1:
+            self._cq_head_write(qid, value, offset)
+        else:
+            self._sq_tail_write(qid, value, offset)
+
+    def _doorbell_error(self, info: int, qid: int, offset: int, value: int) -> None:
+        log.info("%s: invalid doorbell %s: offset %#x value %#x",
+                 self.name, "register" if info == aer_mod.INFO_INVALID_DB_REG else "value", offset, value)
+        self.error_log.add(sqid=qid, cid=0xFFFF, status_field=0, param_offset=None, csi=offset)
+        self.aer.post(aer_mod.AER_ERROR, info, 0x01)
+
+    def _sq_tail_write(self, qid: int, value: int, offset: int) -> None:
+        sq = self._sqs[qid] if qid < len(self._sqs) else None
+        if sq is None or sq.deleting:
+            self._doorbell_error(aer_mod.INFO_INVALID_DB_REG, qid, offset, value)
+            return
+        if value >= sq.size:
+            self._doorbell_error(aer_mod.INFO_INVALID_DB_VALUE, qid, offset, value)
+            return
+        if sq.db_addr is not None and qid == 0:
+            # Only the admin queue (which Linux never shadows, as QEMU's nvme): for an I/O
+            # queue the shadow is the newer value, and an MMIO write can arrive late (a
+            # posted vfio-user write): copying it would rewind the tail and lose commands.
+            try:
+                self.memory.store32(sq.db_addr, value)
+            except DmaError:
+                pass
+        sq.tail = value
+        self._kick(sq)
+
+    def _cq_head_write(self, qid: int, value: int, offset: int) -> None:
+        cq = self._cqs[qid] if qid < len(self._cqs) else None
+        if cq is None:
+            self._doorbell_error(aer_mod.INFO_INVALID_DB_REG, qid, offset, value)
+            return
+        posted = 0
+        try:
+            with cq.lock:
+                mem = None
+                if cq.db_addr is not None and qid == 0:
+                    # the admin queue is not shadowed by Linux: the MMIO value is the truth
+                    mem = self.memory
+                    mem.store32(cq.db_addr, value)
+                    mem.store32(cq.ei_addr, value)
+                elif cq.db_addr is not None:
+                    # The shadow head is never older than an MMIO write that may arrive late
+                    # (posted): take it, publish it as EventIdx, and look again in case the
+                    # host moved on meanwhile (it then saw the old EventIdx and rang nothing).
+                    mem = self.memory
+                    value = mem.load32(cq.db_addr)
+                    while True:
+                        mem.store32(cq.ei_addr, value)
+                        again = mem.load32(cq.db_addr)
+                        if again == value:
+                            break
+                        value = again
+                if not cq.valid_head(value):
+                    bad = True
+                else:
+                    bad = False
+                    cq.head = value
+                    if cq.backlog:
+                        posted = cq.drain_backlog(mem or self.memory)
+        except DmaError as exc:
+            self._fatal(f"CQ {qid}: {exc}")
+            return
+        if bad:
+            self._doorbell_error(aer_mod.INFO_INVALID_DB_VALUE, qid, offset, value)
+            return
+        if posted and cq.ien:
+            self.interrupts.signal(cq, posted)
+        elif self.interrupts.irq_status:
+            self.interrupts.legacy_update()
+        if cq.throttled:
+            self._kick_throttled(cq)
+
+    def _dma_or_none(self) -> Any:
+        try:
+            return self.memory
+        except DmaError:
+            return None
+
+    def set_doorbell_buffer(self, dbs: int, eis: int) -> None:
+        """Doorbell Buffer Config: shadow doorbells at ``dbs``, EventIdx at ``eis``."""
+        self.shadow.configure(dbs, eis)
+        mem = self._dma_or_none()
+        for q in (*self._sqs, *self._cqs):
+            if q is not None:
+                self.shadow.bind(q, mem)

@@ -28,7 +28,7 @@ import time
 import attrs
 import crc32c
 
-from pcidev.vmstate import U8, U16, U32, U64, Bytes, Str, VarArray, vmstate
+from pcidev.vmstate import U8, U16, U32, U64, Str, VarArray, vmstate
 
 __all__ = ["ErrorLog", "ErrorLogState", "SmartCounters", "SmartState", "FirmwareSlots", "FirmwareState", "FwChunk",
            "firmware_image", "parse_firmware_image", "ChangedNamespaces", "ChangedNsState", "effects_log",

@@ -34,16 +34,19 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from pcidev.errors import ConfigError, VMStateError
+from pcidev.errors import ConfigError, PcidevError, VMStateError
 from pcidev.vmstate import U32, U64, Bool, Str, VarArray, load, save, vmstate
-from pcidev_nvme.logs import FirmwareState, SmartState
+from pcidev_nvme.limits import STATE_SAVE_INTERVAL
+from pcidev_nvme.logs import ErrorLogState, FirmwareState, SmartState
+from pcidev_nvme.namespace import may_write_beside
 
-__all__ = ["PersistState", "CreatedNamespaceState", "StateFile", "STATE_SECTION", "DEVICE_TYPE",
+__all__ = ["PersistenceMixin", "PersistState", "CreatedNamespaceState", "StateFile", "STATE_SECTION", "DEVICE_TYPE",
            "state_file_name", "legacy_state_file_name", "upgrade_legacy"]
 
 log = logging.getLogger(__name__)
@@ -228,3 +231,106 @@ class StateFile:
                 pass
             except OSError as exc:
                 log.warning("cannot remove the old nvme state file %s: %s", legacy, exc)
+
+
+class PersistenceMixin:
+    """The state file of :class:`~pcidev_nvme.controller.NvmeController` (mixed into it):
+    where it lives, loading it at power-on and saving it (see the module docstring)."""
+
+    state: StateFile
+    _dirty: bool
+    _last_save: float
+    name: str
+    cfg: Any
+    smart: Any
+    error_log: Any
+    firmware: Any
+    allocated: dict[int, Any]
+    namespaces: dict[int, Any]
+    created: dict[int, str]
+
+    def _state_file(self) -> StateFile:
+        """The state file (see :mod:`pcidev_nvme.persist` for where it lives)."""
+        cfg = self.cfg
+        if cfg.state_file:
+            return StateFile(cfg.state_file)
+        if cfg.state_dir:
+            d = Path(cfg.state_dir)
+            return StateFile(d / state_file_name(cfg.serial),
+                                     legacy=d / legacy_state_file_name(cfg.serial))
+        for ns in self.allocated.values():
+            path = getattr(ns.backend, "path", None)
+            if isinstance(path, str) and path:
+                if not may_write_beside(ns.backend):
+                    log.warning("%s: namespace %d's image %s is read-only: the controller state (SMART, "
+                                "firmware slots) is kept in memory only; give state_dir= to keep it",
+                                self.name, ns.nsid, path)
+                    return StateFile(None)
+                d = Path(os.path.dirname(os.path.abspath(path)))
+                return StateFile(d / state_file_name(cfg.serial),
+                                         legacy=d / legacy_state_file_name(cfg.serial))
+        return StateFile(None)
+
+    @property
+    def state_dir(self) -> str | None:
+        """Directory of the state file (and of image files Namespace Management creates)."""
+        p = self.state.path
+        return str(p.parent) if p is not None else self.cfg.state_dir
+
+    def _load_state(self) -> None:
+        st = self.state.load()
+        if st is not None:
+            # the temperature and warnings are not persisted: they start from the configuration
+            self.smart.restore(attrs.evolve(st.smart, temperature=self.smart.temperature, injected_warning=0,
+                                            reported_warning=0))
+            self.error_log.restore(ErrorLogState(count=st.error_count))
+            self.firmware.restore(self._persisted_firmware(st.firmware))
+            self._load_created(st.created)
+        self.smart.power_on(unsafe=st is not None and st.dirty)
+        self._dirty = False
+        self.save_state()
+
+    def _persisted_firmware(self, fw: FirmwareState) -> FirmwareState:
+        """Saved firmware slots fitted to this controller: slot 1 is the configured
+        firmware, at most ``fw_slots`` slots, the active / next-reset slot only if it holds an image."""
+        nslots = self.cfg.fw_slots
+        revs = [self.cfg.firmware] + [r for r in fw.revisions[1:nslots]]
+        revs += [""] * (nslots - len(revs))
+        active = fw.active if 1 <= fw.active <= nslots and revs[fw.active - 1] else 1
+        nxt = fw.next_reset if 1 <= fw.next_reset <= nslots and revs[fw.next_reset - 1] else 0
+        return FirmwareState(revisions=tuple(revs), active=active, next_reset=nxt)
+
+    def _load_created(self, created: tuple[CreatedNamespaceState, ...]) -> None:
+        """Bring back the file-backed namespaces Namespace Management created earlier."""
+        for ent in created:
+            nsid, spec = ent.nsid, ent.spec
+            if not 1 <= nsid <= self.cfg.max_namespaces or nsid in self.allocated:
+                log.warning("%s: created namespace %s conflicts with the configuration; not restored", self.name, nsid)
+                continue
+            try:
+                ns = self.make_namespace(nsid, spec)
+            except PcidevError as exc:
+                log.warning("%s: created namespace %d cannot be restored: %s", self.name, nsid, exc)
+                continue
+            self.allocated[nsid] = ns
+            self.created[nsid] = spec
+            if ent.attached:
+                self.namespaces[nsid] = ns
+
+    def save_state(self) -> None:
+        """Write SMART counters, the error count, firmware slots, the clean flag and the
+        file-backed namespaces created by Namespace Management to the state file."""
+        self._last_save = time.monotonic()
+        if self.state.path is None:
+            return
+        fw = self.firmware.snapshot()
+        created = tuple(CreatedNamespaceState(nsid=n, spec=spec, attached=n in self.namespaces)
+                        for n, spec in sorted(self.created.items()))
+        self.state.save(PersistState(
+            serial=self.cfg.serial, dirty=self._dirty, smart=self.smart.snapshot(),
+            error_count=self.error_log.count, firmware=attrs.evolve(fw, staged=()), created=created))
+
+    def maybe_save_state(self) -> None:
+        """Save the state file if the last save is older than :data:`STATE_SAVE_INTERVAL`."""
+        if time.monotonic() - self._last_save > STATE_SAVE_INTERVAL:
+            self.save_state()

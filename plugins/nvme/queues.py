@@ -294,6 +294,22 @@ class SubmissionQueue:
         """Entries the host submitted that the controller has not fetched."""
         return (self.tail - self.head) % self.size
 
+    def fetch(self, mem: GuestMemory, n: int) -> bytes:
+        """Read the ``n`` entries from the head on (``n`` <= :attr:`pending`) and advance the head.
+
+        :raises DmaError: if the queue memory is not readable guest memory (the head stays).
+        """
+        head, size, base = self.head, self.size, self.base
+        end = head + n
+        if end <= size:
+            raw = mem.read(base + head * SQE_SIZE, n * SQE_SIZE)
+        else:
+            raw = (mem.read(base + head * SQE_SIZE, (size - head) * SQE_SIZE)
+                   + mem.read(base, (end - size) * SQE_SIZE))
+        self.head = end % size
+        self.fetched_total += n
+        return raw
+
     def snapshot(self) -> SqState:
         """The queue's state."""
         return SqState(sqid=self.sqid, cqid=self.cq.cqid, base=self.base, size=self.size, head=self.head,

@@ -23,12 +23,23 @@ the CC/CSTS state machine lives there too.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import attrs
 
-__all__ = ["ControllerState", "REG_CAP", "REG_VS", "REG_INTMS", "REG_INTMC", "REG_CC", "REG_CSTS", "REG_NSSR",
+from pcidev.bar import RegisterMap
+
+__all__ = ["ControllerState", "Bar0", "ZeroBar", "DOORBELL_BASE", "ST_DISABLED", "ST_READY", "ST_RESETTING",
+           "ST_FAILED", "REG_CAP", "REG_VS", "REG_INTMS", "REG_INTMC", "REG_CC", "REG_CSTS", "REG_NSSR",
            "REG_AQA", "REG_ASQ", "REG_ACQ", "REG_CRTO", "CC_EN", "CC_MASK", "CSTS_RDY", "CSTS_CFS",
            "CSTS_SHST_SHIFT", "SHST_NORMAL", "SHST_PROCESSING", "SHST_COMPLETE", "CAP_CSS_NVM", "CAP_CSS_IOCS",
            "CSS_NVM", "CSS_ALL", "CSS_ADMIN_ONLY", "MPSMIN", "MPSMAX", "CAP_TO"]
+
+#: BAR0 offset of the first doorbell (registers below, doorbells from here on)
+DOORBELL_BASE = 0x1000
+
+#: states of the controller's state machine
+ST_DISABLED, ST_READY, ST_RESETTING, ST_FAILED = "disabled", "ready", "resetting", "failed"
 
 # -- register offsets --------------------------------------------------------------------
 REG_CAP = 0x00
@@ -70,3 +81,47 @@ class ControllerState:
     shutting_down: bool
     dirty: bool
     page_size: int
+
+
+class Bar0:
+    """BAR0 handler: the register map below 1000h, doorbells above.
+
+    :param regs: the register map.
+    :param doorbell_write: ``(offset, size, value)`` for a write at or above 1000h.
+    :param db_end: end of the doorbell window (the MSI-X table may follow).
+    """
+
+    def __init__(self, regs: RegisterMap, doorbell_write: Callable[[int, int, int], None], db_end: int) -> None:
+        self.regs = regs
+        self.doorbell_write = doorbell_write
+        self.db_end = db_end
+
+    def read(self, offset: int, size: int) -> int:
+        if offset < DOORBELL_BASE:
+            if offset + size > DOORBELL_BASE:
+                size = DOORBELL_BASE - offset
+            return self.regs.read(offset, size)
+        return 0  # doorbells are write-only
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if offset >= DOORBELL_BASE:
+            if offset < self.db_end:
+                self.doorbell_write(offset, size, value)
+            return
+        if offset + size > DOORBELL_BASE:
+            size = DOORBELL_BASE - offset
+            value &= (1 << (8 * size)) - 1
+        self.regs.write(offset, size, value)
+
+    def reset(self) -> None:
+        self.regs.reset()
+
+
+class ZeroBar:
+    """A BAR whose only content is the MSI-X table and PBA (framework overlays)."""
+
+    def read(self, offset: int, size: int) -> int:
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        pass
