@@ -62,11 +62,11 @@ def run_bench(argv: list[str]) -> int:
     """NVMe I/O benchmark through the software host: pcidev bench nvme [--json].
 
     The ``bench/nvme`` component that ``pcidev bench nvme`` runs (see
-    :mod:`pcidev_nvme.bench`; owned by the data path).
+    :mod:`pcidev_nvme.testing.bench`; owned by the data path).
 
     :param argv: the benchmark's arguments.
     :returns: the exit status.
     """
-    from pcidev_nvme.bench import main
+    from pcidev_nvme.testing.bench import main
 
     return main(argv)

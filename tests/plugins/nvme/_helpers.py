@@ -17,7 +17,7 @@ import attrs
 from pcidev.host import Machine
 from pcidev_nvme.controller import NvmeController
 from pcidev_nvme.namespace import Namespace
-from pcidev_nvme.driver import Completion, NvmeDriver
+from pcidev_nvme.testing.driver import Completion, NvmeDriver
 
 __all__ = ["Env", "expect_status", "make_env", "error_entries", "smart", "admin_raw", "GatedBackend",
            "attach_namespace", "wait_until"]

@@ -10,7 +10,7 @@ import attrs
 import pytest
 from _helpers import expect_status, make_env, smart
 
-from pcidev_nvme.driver import READ, WRITE
+from pcidev_nvme.testing.driver import READ, WRITE
 from pcidev_nvme.logs import SmartCounters, decode_error_entry
 from pcidev_nvme.persist import StateFile
 from pcidev_nvme.status import Status

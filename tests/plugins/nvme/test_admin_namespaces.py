@@ -9,7 +9,7 @@ import time
 import pytest
 from _helpers import GatedBackend, attach_namespace, expect_status, make_env, wait_until
 
-from pcidev_nvme.driver import READ
+from pcidev_nvme.testing.driver import READ
 from pcidev_nvme.status import Status
 
 NS_MGMT, NS_ATTACH, FORMAT = 0x0D, 0x15, 0x80

@@ -416,7 +416,7 @@ def test_installed_plugin_backend_without_a_plugin_manager(make_distribution):
                       modules={"nvme_stamped_backend": _INSTALLED_BACKEND})
     from pcidev.host import Machine
     from pcidev.plugins import load_registry, make_plugin_manager
-    from pcidev_nvme.driver import NvmeDriver
+    from pcidev_nvme.testing.driver import NvmeDriver
 
     cls = load_registry(make_plugin_manager()).get("nvme")
     ctrl = cls("ns=stamped:size=1M,ns=mem:size=1M")

@@ -10,7 +10,7 @@ import time
 
 from _helpers import GatedBackend, attach_namespace, expect_status, wait_until
 
-from pcidev_nvme.driver import FLUSH, READ, WRITE
+from pcidev_nvme.testing.driver import FLUSH, READ, WRITE
 from pcidev_nvme.status import Status
 
 

@@ -228,7 +228,7 @@ def test_write_cache_feature_through_the_software_host(tmp_path, monkeypatch):
     """End to end: Set Features 06h WCE=0 through the driver, then a plain Write is durable."""
     from pcidev.host import Machine
     from pcidev_nvme.controller import NvmeController
-    from pcidev_nvme.driver import NvmeDriver
+    from pcidev_nvme.testing.driver import NvmeDriver
 
     machine = Machine(ram_size=32 << 20)
     ctrl = NvmeController(f"ns=file:path={tmp_path}/e2e.img,size=1M")
@@ -709,7 +709,7 @@ def test_slow_plugin_backend_does_not_block_registers():
     from pcidev.host import Machine
     from pcidev.plugins import make_plugin_manager
     from pcidev_nvme.controller import NvmeController
-    from pcidev_nvme.driver import READ, NvmeDriver
+    from pcidev_nvme.testing.driver import READ, NvmeDriver
 
     gate_backend = GatedBackend()
 

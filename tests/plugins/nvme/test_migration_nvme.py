@@ -26,7 +26,7 @@ from pcidev.host import Machine
 from pcidev.vmstate import Section
 from pcidev.vmstate.errors import ChecksumError, ConfigMismatchError, StateError, StreamError
 from pcidev_nvme.controller import NvmeController
-from pcidev_nvme.driver import READ, WRITE, NvmeDriver
+from pcidev_nvme.testing.driver import READ, WRITE, NvmeDriver
 from pcidev_nvme.migration import NvmeState
 
 QD = 32

@@ -221,7 +221,7 @@ def run_driver_queue(drv, machine, model: Model, qid: int, ops: int, max_blocks:
 
     ``depth[qid]`` gets the most commands this queue had outstanding at a doorbell write.
     """
-    from pcidev_nvme.driver import READ, WRITE
+    from pcidev_nvme.testing.driver import READ, WRITE
 
     rnd = random.Random(model.seed * 977 + qid)
     mem = machine.memory
@@ -288,7 +288,7 @@ def run_driver_queue(drv, machine, model: Model, qid: int, ops: int, max_blocks:
 
 def test_verified_io_through_the_software_host(tmp_path):
     from pcidev.host import Machine
-    from pcidev_nvme import driver
+    from pcidev_nvme.testing import driver
     from pcidev_nvme.controller import NvmeController
 
     machine = Machine(ram_size=128 << 20)
