@@ -41,7 +41,7 @@ import logging
 import os
 import struct
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from pcidev.errors import ConfigError, DmaError, PcidevError
 from pcidev_nvme import identify as idfy
@@ -55,9 +55,8 @@ from pcidev_nvme.queues import CompletionQueue, SubmissionQueue
 from pcidev_nvme.status import NvmeStatusError, Status
 
 from pcidev_nvme.request import ControllerPort
+from pcidev_nvme.request import Request
 
-if TYPE_CHECKING:
-    from pcidev_nvme.request import Request
 
 
 class AdminHost(ControllerPort, Protocol):

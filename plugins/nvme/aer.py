@@ -20,15 +20,13 @@ from __future__ import annotations
 import collections
 import threading
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
 
 import attrs
 
 from pcidev.vmstate import U8, U16, VarArray, vmstate
+from pcidev_nvme.request import Request
 from pcidev_nvme.status import Status
 
-if TYPE_CHECKING:
-    from pcidev_nvme.request import Request
 
 __all__ = ["AsyncEvents", "AerState", "EventState", "AER_ERROR", "AER_SMART", "AER_NOTICE", "AER_IMMEDIATE", "AER_IO", "AER_VENDOR",
            "INFO_INVALID_DB_REG", "INFO_INVALID_DB_VALUE", "INFO_SMART_RELIABILITY", "INFO_SMART_TEMPERATURE",

@@ -17,17 +17,16 @@ wants an MMIO write in the EventIdx buffer (``eis``); slot ``2 * qid`` is SQ
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 
+from pcidev.dma import GuestMemory
 from pcidev.errors import DmaError
 from pcidev_nvme import aer as aer_mod
 from pcidev_nvme.queues import CompletionQueue, SubmissionQueue
 from pcidev_nvme.registers import DOORBELL_BASE
 
-if TYPE_CHECKING:
-    from pcidev.dma import GuestMemory
 
 __all__ = ["DOORBELL_BASE", "DoorbellsMixin", "ShadowDoorbells", "ShadowDoorbellsState", "doorbell_offset"]
 

@@ -37,15 +37,14 @@ from __future__ import annotations
 
 import struct
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import attrs
 
 from pcidev.vmstate import U8, U16, U32, U64, Bool, Bytes, VarArray, vmstate
+from pcidev_nvme.request import Request
 from pcidev_nvme.status import NvmeStatusError, Status
 
-if TYPE_CHECKING:
-    from pcidev_nvme.request import Request
 
 __all__ = ["Features", "FeaturesState", "TlerState", "FID_NAMES"]
 

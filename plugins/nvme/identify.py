@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from pcidev_nvme import limits
+from pcidev_nvme.namespace import Namespace
 
-if TYPE_CHECKING:
-    from pcidev_nvme.namespace import Namespace
 
 
 class IdentifyHost(Protocol):

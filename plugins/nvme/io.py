@@ -47,16 +47,15 @@ import logging
 import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pcidev.errors import DmaError
 from pcidev_nvme.limits import COPY_LIMITS, DMRL, DMRSL, DMSL, MAX_DSM_RANGES, OCFS, ONCS, SGLS, VSL, WZSL
+from pcidev_nvme.namespace import Namespace
 from pcidev_nvme.prp import OFF_DPTR1, data_segments, prp_segments
 from pcidev_nvme.request import ControllerPort
 from pcidev_nvme.status import NvmeStatusError, Status
 
-if TYPE_CHECKING:
-    from pcidev_nvme.namespace import Namespace
 
 __all__ = [
     "COPY_LIMITS",

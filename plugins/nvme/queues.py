@@ -33,15 +33,14 @@ import collections
 import struct
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import attrs
 
+from pcidev.dma import GuestMemory
 from pcidev.vmstate import U8, U16, U32, U64, Bool, VarArray, vmstate
 from pcidev_nvme.limits import CQE_SIZE, SQE_SIZE
 
-if TYPE_CHECKING:
-    from pcidev.dma import GuestMemory
 
 __all__ = ["CompletionQueue", "SubmissionQueue", "CqState", "SqState", "CqeState", "CQE_SIZE", "SQE_SIZE",
            "MAX_BACKLOG"]
