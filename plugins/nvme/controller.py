@@ -31,7 +31,7 @@ from typing import Any
 
 import attrs
 
-from pcidev.bar import Access, Register, RegisterMap
+from pcidev.bar import Register
 from pcidev.device import PciDevice
 from pcidev.errors import ConfigError, DmaError, PcidevError
 from pcidev.pci import ids
@@ -52,42 +52,29 @@ from pcidev_nvme.limits import SHUTDOWN_DRAIN_TIMEOUT
 from pcidev_nvme.logs import ChangedNamespaces, ErrorLog, FirmwareSlots, SmartCounters
 from pcidev_nvme.namespace import parse_spec
 from pcidev_nvme.persist import PersistenceMixin
-from pcidev_nvme.queues import CompletionQueue, SubmissionQueue
+from pcidev_nvme.queues import CompletionQueue, QueueSetMixin, SubmissionQueue
 from pcidev_nvme.registers import (
-    DOORBELL_BASE,
-    ST_DISABLED,
-    ST_FAILED,
-    ST_READY,
-    ST_RESETTING,
-    Bar0,
-    ZeroBar,
-    CAP_CSS_IOCS,
-    CAP_CSS_NVM,
-    CAP_TO,
     CC_EN,
-    CC_MASK,
     CSS_ALL,
     CSS_NVM,
     CSTS_CFS,
     CSTS_RDY,
     CSTS_SHST_SHIFT,
+    DOORBELL_BASE,
     MPSMAX,
     MPSMIN,
-    REG_AQA,
-    REG_ACQ,
-    REG_ASQ,
-    REG_CAP,
-    REG_CC,
-    REG_CRTO,
-    REG_CSTS,
-    REG_INTMC,
-    REG_INTMS,
-    REG_NSSR,
-    REG_VS,
     SHST_COMPLETE,
     SHST_NORMAL,
     SHST_PROCESSING,
+    ST_DISABLED,
+    ST_FAILED,
+    ST_READY,
+    ST_RESETTING,
+    Bar0,
     ControllerState,
+    ZeroBar,
+    build_register_map,
+    cap_value,
 )
 from pcidev_nvme.request import SQE_SIZE, Request
 from pcidev_nvme.status import NvmeStatusError, status_field
@@ -133,7 +120,7 @@ def _pow2(v: int) -> int:
     return 1 << max(v - 1, 1).bit_length()
 
 
-class NvmeController(DoorbellsMixin, FetchMixin, HealthMixin, PersistenceMixin, PciDevice):
+class NvmeController(DoorbellsMixin, FetchMixin, QueueSetMixin, HealthMixin, PersistenceMixin, PciDevice):
     """An NVMe 2.0 controller (see the module docstring).
 
     :param config: an :class:`~pcidev_nvme.config.NvmeConfig`, a mapping, or a
@@ -252,28 +239,10 @@ class NvmeController(DoorbellsMixin, FetchMixin, HealthMixin, PersistenceMixin, 
     # ------------------------------------------------------------------ description
     def describe(self) -> None:
         cfg = self.cfg
-        self._cap = (cfg.mqes | (1 << 16) | (CAP_TO << 24) | ((CAP_CSS_NVM | CAP_CSS_IOCS) << 37)
-                     | (MPSMIN << 48) | (MPSMAX << 52) | (1 << 59))
-        regs = RegisterMap(DOORBELL_BASE, name=f"nvme-bar0[{self.name}]")
-        ro = Access.RO
-        regs.add(Register("CAP", REG_CAP, 8, ro, reset=self._cap))
-        regs.add(Register("VS", REG_VS, 4, ro, reset=0x00020000))
-        regs.add(Register("INTMS", REG_INTMS, 4, on_read=lambda r: self.interrupts.intms, on_write=self._intms_written))
-        regs.add(Register("INTMC", REG_INTMC, 4, on_read=lambda r: self.interrupts.intms, on_write=self._intmc_written))
-        regs.add(Register("CC", REG_CC, 4, mask=CC_MASK, on_write=self._cc_written))
-        regs.add(Register("CSTS", REG_CSTS, 4, ro, on_read=lambda r: self._csts))
-        regs.add(Register("NSSR", REG_NSSR, 4, ro))
-        regs.add(Register("AQA", REG_AQA, 4, mask=0x0FFF0FFF))
-        regs.add(Register("ASQ", REG_ASQ, 8, mask=~0xFFF & (2**64 - 1)))
-        regs.add(Register("ACQ", REG_ACQ, 8, mask=~0xFFF & (2**64 - 1)))
-        for name, off, width in (("CMBLOC", 0x38, 4), ("CMBSZ", 0x3C, 4), ("BPINFO", 0x40, 4),
-                                 ("BPRSEL", 0x44, 4), ("BPMBL", 0x48, 8), ("CMBMSC", 0x50, 8),
-                                 ("CMBSTS", 0x58, 4), ("CMBEBS", 0x5C, 4), ("CMBSWTP", 0x60, 4),
-                                 ("NSSD", 0x64, 4), ("PMRCAP", 0xE00, 4), ("PMRCTL", 0xE04, 4),
-                                 ("PMRSTS", 0xE08, 4), ("PMREBS", 0xE0C, 4), ("PMRSWTP", 0xE10, 4),
-                                 ("PMRMSCL", 0xE14, 4), ("PMRMSCU", 0xE18, 4)):
-            regs.add(Register(name, off, width, ro))
-        regs.add(Register("CRTO", REG_CRTO, 4, ro, reset=CAP_TO))
+        self._cap = cap_value(cfg.mqes)
+        regs = build_register_map(f"nvme-bar0[{self.name}]", self._cap, intms=lambda r: self.interrupts.intms,
+                                  on_intms=self._intms_written, on_intmc=self._intmc_written,
+                                  on_cc=self._cc_written, csts=lambda r: self._csts)
         self.regs = regs
         nvec = cfg.msix_vectors
         db_end = DOORBELL_BASE + 8 * (cfg.max_ioqpairs + 1)
@@ -799,8 +768,6 @@ class NvmeController(DoorbellsMixin, FetchMixin, HealthMixin, PersistenceMixin, 
             log.exception("%s: background work %r failed", self.name, fn)
             self._fatal(f"background work failed: {exc}")
 
-    # ------------------------------------------------------------------ doorbells
-    # ------------------------------------------------------------------ fetch and dispatch
     # ------------------------------------------------------------------ interrupts
     @property
     def msix(self) -> MsixCapability | None:
@@ -828,81 +795,6 @@ class NvmeController(DoorbellsMixin, FetchMixin, HealthMixin, PersistenceMixin, 
                            param_offset=error.param_offset if error is not None else None,
                            lba=(error.lba or 0) if error is not None else 0,
                            nsid=req.nsid)
-
-    # ------------------------------------------------------------------ keep alive
-    # ------------------------------------------------------------------ queue management (admin)
-    def park(self, req: Request) -> None:
-        """Hold ``req`` indefinitely (an AER): it no longer counts against its CQ's fetch budget."""
-        cq = req.sq.cq
-        with cq.lock:
-            req.parked = True
-            cq.reserved -= 1
-
-    def unpark(self, req: Request) -> None:
-        cq = req.sq.cq
-        with cq.lock:
-            req.parked = False
-            cq.reserved += 1
-
-    def io_inflight_for(self, nsids: set[int]) -> bool:
-        """Whether an I/O command for one of ``nsids`` is in flight."""
-        for sq in list(self._sqs[1:]):
-            if sq is not None and any(r.nsid in nsids for r in list(sq.inflight.values())):
-                return True
-        return False
-
-    def io_queues_exist(self) -> bool:
-        return any(q is not None for q in self._sqs[1:]) or any(q is not None for q in self._cqs[1:])
-
-    def sq(self, qid: int) -> SubmissionQueue | None:
-        """The submission queue ``qid``, or None."""
-        return self._sqs[qid] if 0 <= qid < len(self._sqs) else None
-
-    def cq(self, qid: int) -> CompletionQueue | None:
-        """The completion queue ``qid``, or None."""
-        return self._cqs[qid] if 0 <= qid < len(self._cqs) else None
-
-    def add_cq(self, cq: CompletionQueue) -> None:
-        if self.shadow.enabled:
-            self.shadow.bind(cq, self._dma_or_none())
-        self._cqs[cq.cqid] = cq
-
-    def add_sq(self, sq: SubmissionQueue) -> None:
-        if self.shadow.enabled:
-            self.shadow.bind(sq, self._dma_or_none())
-        sq.cq.attach(sq)
-        self._sqs[sq.sqid] = sq
-
-    def delete_cq(self, cq: CompletionQueue) -> None:
-        with cq.lock:
-            cq.gone = True
-        self._cqs[cq.cqid] = None
-        if self.interrupts.irq_status:
-            self.interrupts.legacy_update()
-
-    def delete_sq(self, sq: SubmissionQueue, req: Request) -> bool:
-        """Start deleting ``sq``. Returns True if done now; else ``req`` completes when the
-        commands in flight on it have."""
-        self._sqs[sq.sqid] = None
-        with sq.cq.lock:
-            sq.deleting = True
-            sq.delete_req = req
-            sq.cq.throttled.discard(sq)
-            done = not sq.inflight
-        if done:
-            self._finish_sq_delete(sq, complete=False)
-        return done
-
-    def _finish_sq_delete(self, sq: SubmissionQueue, *, complete: bool = True) -> None:
-        with sq.cq.lock:
-            if sq.gone:
-                return
-            sq.gone = True
-            if sq in sq.cq.sqs:
-                sq.cq.sqs.remove(sq)
-            req, sq.delete_req = sq.delete_req, None
-        if complete and req is not None:
-            self.complete(req)
 
     # ------------------------------------------------------------------ namespace changes
     def begin_format(self, nsids: set[int]) -> list[int]:

@@ -9,7 +9,9 @@ have not completed yet (:attr:`CompletionQueue.reserved`), which the controller 
 to stop fetching before a backlog could grow without bound.
 
 A :class:`SubmissionQueue` holds its ring state and the requests in flight (by
-command identifier); the controller's doorbell handling fetches from it.
+command identifier); the controller's fetch loop (:mod:`pcidev_nvme.fetch`) reads new
+entries with :meth:`SubmissionQueue.fetch`. :class:`QueueSetMixin` gives the controller
+its queue lookup, creation and deletion.
 
 Each queue exposes ``snapshot()`` (a frozen :class:`CqState` / :class:`SqState`, the
 ``nvme/cq`` and ``nvme/sq`` vmstate descriptions) and ``restore(state)``.
@@ -42,7 +44,7 @@ from pcidev.vmstate import U8, U16, U32, U64, Bool, VarArray, vmstate
 from pcidev_nvme.limits import CQE_SIZE, SQE_SIZE
 
 
-__all__ = ["CompletionQueue", "SubmissionQueue", "CqState", "SqState", "CqeState", "CQE_SIZE", "SQE_SIZE",
+__all__ = ["CompletionQueue", "SubmissionQueue", "QueueSetMixin", "CqState", "SqState", "CqeState", "CQE_SIZE", "SQE_SIZE",
            "MAX_BACKLOG"]
 
 #: most completions a CQ's backlog may carry in a migration stream
@@ -333,3 +335,86 @@ class SubmissionQueue:
     def __repr__(self) -> str:
         return (f"<SQ {self.sqid} size={self.size} head={self.head} tail={self.tail} cq={self.cq.cqid} "
                 f"inflight={len(self.inflight)}>")
+
+
+class QueueSetMixin:
+    """The queues of :class:`~pcidev_nvme.controller.NvmeController` (mixed into it): lookup,
+    creation and deletion for the admin command set, parked requests (AERs)."""
+
+    _sqs: list[SubmissionQueue | None]
+    _cqs: list[CompletionQueue | None]
+    shadow: Any
+    interrupts: Any
+
+    def park(self, req: Any) -> None:
+        """Hold ``req`` indefinitely (an AER): it no longer counts against its CQ's fetch budget."""
+        cq = req.sq.cq
+        with cq.lock:
+            req.parked = True
+            cq.reserved -= 1
+
+    def unpark(self, req: Any) -> None:
+        cq = req.sq.cq
+        with cq.lock:
+            req.parked = False
+            cq.reserved += 1
+
+    def io_inflight_for(self, nsids: set[int]) -> bool:
+        """Whether an I/O command for one of ``nsids`` is in flight."""
+        for sq in list(self._sqs[1:]):
+            if sq is not None and any(r.nsid in nsids for r in list(sq.inflight.values())):
+                return True
+        return False
+
+    def io_queues_exist(self) -> bool:
+        return any(q is not None for q in self._sqs[1:]) or any(q is not None for q in self._cqs[1:])
+
+    def sq(self, qid: int) -> SubmissionQueue | None:
+        """The submission queue ``qid``, or None."""
+        return self._sqs[qid] if 0 <= qid < len(self._sqs) else None
+
+    def cq(self, qid: int) -> CompletionQueue | None:
+        """The completion queue ``qid``, or None."""
+        return self._cqs[qid] if 0 <= qid < len(self._cqs) else None
+
+    def add_cq(self, cq: CompletionQueue) -> None:
+        if self.shadow.enabled:
+            self.shadow.bind(cq, self._dma_or_none())
+        self._cqs[cq.cqid] = cq
+
+    def add_sq(self, sq: SubmissionQueue) -> None:
+        if self.shadow.enabled:
+            self.shadow.bind(sq, self._dma_or_none())
+        sq.cq.attach(sq)
+        self._sqs[sq.sqid] = sq
+
+    def delete_cq(self, cq: CompletionQueue) -> None:
+        with cq.lock:
+            cq.gone = True
+        self._cqs[cq.cqid] = None
+        if self.interrupts.irq_status:
+            self.interrupts.legacy_update()
+
+    def delete_sq(self, sq: SubmissionQueue, req: Any) -> bool:
+        """Start deleting ``sq``. Returns True if done now; else ``req`` completes when the
+        commands in flight on it have."""
+        self._sqs[sq.sqid] = None
+        with sq.cq.lock:
+            sq.deleting = True
+            sq.delete_req = req
+            sq.cq.throttled.discard(sq)
+            done = not sq.inflight
+        if done:
+            self._finish_sq_delete(sq, complete=False)
+        return done
+
+    def _finish_sq_delete(self, sq: SubmissionQueue, *, complete: bool = True) -> None:
+        with sq.cq.lock:
+            if sq.gone:
+                return
+            sq.gone = True
+            if sq in sq.cq.sqs:
+                sq.cq.sqs.remove(sq)
+            req, sq.delete_req = sq.delete_req, None
+        if complete and req is not None:
+            self.complete(req)

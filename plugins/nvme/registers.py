@@ -17,19 +17,20 @@ BAR0::
     1000h + 8*qid      SQ y tail doorbell
     1000h + 8*qid + 4  CQ y head doorbell
 
-The register map itself is built by :meth:`pcidev_nvme.controller.NvmeController.describe`;
-the CC/CSTS state machine lives there too.
+:func:`build_register_map` builds the register map; the CC/CSTS state machine behind
+INTMS/INTMC/CC/CSTS lives in :mod:`pcidev_nvme.controller`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 
-from pcidev.bar import RegisterMap
+from pcidev.bar import Access, Register, RegisterMap
 
-__all__ = ["ControllerState", "Bar0", "ZeroBar", "DOORBELL_BASE", "ST_DISABLED", "ST_READY", "ST_RESETTING",
+__all__ = ["ControllerState", "Bar0", "build_register_map", "cap_value", "ZeroBar", "DOORBELL_BASE", "ST_DISABLED", "ST_READY", "ST_RESETTING",
            "ST_FAILED", "REG_CAP", "REG_VS", "REG_INTMS", "REG_INTMC", "REG_CC", "REG_CSTS", "REG_NSSR",
            "REG_AQA", "REG_ASQ", "REG_ACQ", "REG_CRTO", "CC_EN", "CC_MASK", "CSTS_RDY", "CSTS_CFS",
            "CSTS_SHST_SHIFT", "SHST_NORMAL", "SHST_PROCESSING", "SHST_COMPLETE", "CAP_CSS_NVM", "CAP_CSS_IOCS",
@@ -81,6 +82,51 @@ class ControllerState:
     shutting_down: bool
     dirty: bool
     page_size: int
+
+
+def cap_value(mqes: int) -> int:
+    """CAP: MQES, CQR=1, TO, CSS (NVM + I/O command sets), MPSMIN, MPSMAX, CRWMS."""
+    return (mqes | (1 << 16) | (CAP_TO << 24) | ((CAP_CSS_NVM | CAP_CSS_IOCS) << 37)
+            | (MPSMIN << 48) | (MPSMAX << 52) | (1 << 59))
+
+
+#: registers that read 0 (controller memory buffer, boot partitions, NSSD, PMR): name, offset, width
+_ZERO_REGISTERS = (("CMBLOC", 0x38, 4), ("CMBSZ", 0x3C, 4), ("BPINFO", 0x40, 4), ("BPRSEL", 0x44, 4),
+                   ("BPMBL", 0x48, 8), ("CMBMSC", 0x50, 8), ("CMBSTS", 0x58, 4), ("CMBEBS", 0x5C, 4),
+                   ("CMBSWTP", 0x60, 4), ("NSSD", 0x64, 4), ("PMRCAP", 0xE00, 4), ("PMRCTL", 0xE04, 4),
+                   ("PMRSTS", 0xE08, 4), ("PMREBS", 0xE0C, 4), ("PMRSWTP", 0xE10, 4), ("PMRMSCL", 0xE14, 4),
+                   ("PMRMSCU", 0xE18, 4))
+
+
+def build_register_map(name: str, cap: int, *, intms: Callable[[Any], int], on_intms: Callable[..., None],
+                       on_intmc: Callable[..., None], on_cc: Callable[..., None],
+                       csts: Callable[[Any], int]) -> RegisterMap:
+    """The BAR0 register map below the doorbells (see the module docstring).
+
+    :param name: the map's name in logs.
+    :param cap: the CAP value (:func:`cap_value`).
+    :param intms: reads INTMS / INTMC (the mask).
+    :param on_intms: write handler of INTMS.
+    :param on_intmc: write handler of INTMC.
+    :param on_cc: write handler of CC.
+    :param csts: reads CSTS.
+    """
+    regs = RegisterMap(DOORBELL_BASE, name=name)
+    ro = Access.RO
+    regs.add(Register("CAP", REG_CAP, 8, ro, reset=cap))
+    regs.add(Register("VS", REG_VS, 4, ro, reset=0x00020000))
+    regs.add(Register("INTMS", REG_INTMS, 4, on_read=intms, on_write=on_intms))
+    regs.add(Register("INTMC", REG_INTMC, 4, on_read=intms, on_write=on_intmc))
+    regs.add(Register("CC", REG_CC, 4, mask=CC_MASK, on_write=on_cc))
+    regs.add(Register("CSTS", REG_CSTS, 4, ro, on_read=csts))
+    regs.add(Register("NSSR", REG_NSSR, 4, ro))
+    regs.add(Register("AQA", REG_AQA, 4, mask=0x0FFF0FFF))
+    regs.add(Register("ASQ", REG_ASQ, 8, mask=~0xFFF & (2**64 - 1)))
+    regs.add(Register("ACQ", REG_ACQ, 8, mask=~0xFFF & (2**64 - 1)))
+    for reg_name, off, width in _ZERO_REGISTERS:
+        regs.add(Register(reg_name, off, width, ro))
+    regs.add(Register("CRTO", REG_CRTO, 4, ro, reset=CAP_TO))
+    return regs
 
 
 class Bar0:
