@@ -221,7 +221,7 @@ class NvmeController(DoorbellsMixin, FetchMixin, QueueSetMixin, HealthMixin, Per
         self._backends = None
         try:
             self._make_namespaces()
-            self.state = self._state_file()
+            self.state_file = self._open_state_file()
             self._dirty = False
             self._load_state()
             self.io = IoCommandSet(self)

@@ -237,7 +237,7 @@ class PersistenceMixin:
     """The state file of :class:`~pcidev_nvme.controller.NvmeController` (mixed into it):
     where it lives, loading it at power-on and saving it (see the module docstring)."""
 
-    state: StateFile
+    state_file: StateFile
     _dirty: bool
     _last_save: float
     name: str
@@ -249,7 +249,7 @@ class PersistenceMixin:
     namespaces: dict[int, Any]
     created: dict[int, str]
 
-    def _state_file(self) -> StateFile:
+    def _open_state_file(self) -> StateFile:
         """The state file (see :mod:`pcidev_nvme.persist` for where it lives)."""
         cfg = self.cfg
         if cfg.state_file:
@@ -274,11 +274,11 @@ class PersistenceMixin:
     @property
     def state_dir(self) -> str | None:
         """Directory of the state file (and of image files Namespace Management creates)."""
-        p = self.state.path
+        p = self.state_file.path
         return str(p.parent) if p is not None else self.cfg.state_dir
 
     def _load_state(self) -> None:
-        st = self.state.load()
+        st = self.state_file.load()
         if st is not None:
             # the temperature and warnings are not persisted: they start from the configuration
             self.smart.restore(attrs.evolve(st.smart, temperature=self.smart.temperature, injected_warning=0,
@@ -321,12 +321,12 @@ class PersistenceMixin:
         """Write SMART counters, the error count, firmware slots, the clean flag and the
         file-backed namespaces created by Namespace Management to the state file."""
         self._last_save = time.monotonic()
-        if self.state.path is None:
+        if self.state_file.path is None:
             return
         fw = self.firmware.snapshot()
         created = tuple(CreatedNamespaceState(nsid=n, spec=spec, attached=n in self.namespaces)
                         for n, spec in sorted(self.created.items()))
-        self.state.save(PersistState(
+        self.state_file.save(PersistState(
             serial=self.cfg.serial, dirty=self._dirty, smart=self.smart.snapshot(),
             error_count=self.error_log.count, firmware=attrs.evolve(fw, staged=()), created=created))
 

@@ -101,7 +101,7 @@ def test_nothing_is_written_beside_a_read_only_image(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         ctrl = NvmeController(f"serial=ro1,ns=file:path={img},readonly=on")
     try:
-        assert ctrl.state.path is None  # kept in memory
+        assert ctrl.state_file.path is None  # kept in memory
         assert ctrl.namespaces[1].read_only
     finally:
         ctrl.close()
