@@ -508,20 +508,10 @@ class AdminCommandSet:
         if mdts and numd * 4 > mdts:
             raise _err(Status.INVALID_FIELD, "firmware download piece exceeds MDTS", OFF_CDW10)
         start, end = ofst * 4, (ofst + numd) * 4
-        for o, piece in fw.staged.items():
-            if o < end and start < o + len(piece):
-                raise _err(Status.OVERLAPPING_RANGE, f"bytes {start}..{end} overlap an earlier download", OFF_CDW11)
-        fw.staged[start] = self.from_host(req, numd * 4)
+        if fw.overlaps(start, end):
+            raise _err(Status.OVERLAPPING_RANGE, f"bytes {start}..{end} overlap an earlier download", OFF_CDW11)
+        fw.stage(start, self.from_host(req, numd * 4))
         return 0
-
-    def _staged_image(self) -> bytes | None:
-        fw = self.ctrl.firmware
-        image = bytearray()
-        for o in sorted(fw.staged):
-            if o != len(image):
-                return None  # a gap
-            image += fw.staged[o]
-        return bytes(image) if image else None
 
     def _fw_commit(self, req: Request) -> int:
         ctrl = self.ctrl
@@ -538,20 +528,18 @@ class AdminCommandSet:
                 fs = empty[0] if empty else (2 if fw.nslots > 1 else 1)
             if fs == 1:
                 raise _err(Status.INVALID_FW_SLOT, "firmware slot 1 is read-only", OFF_CDW10)
-            image = self._staged_image()
+            image = fw.take_staged_image()
             revision = nlogs.parse_firmware_image(image) if image is not None else None
-            fw.staged.clear()
             if revision is None:
                 raise _err(Status.INVALID_FW_IMAGE, "no valid firmware image was downloaded", OFF_CDW10)
-            fw.revisions[fs - 1] = revision
+            fw.install(fs, revision)
         else:
             if fs == 0 or not fw.revisions[fs - 1]:
                 raise _err(Status.INVALID_FW_IMAGE, f"firmware slot {fs} holds no image", OFF_CDW10)
         if ca in (1, 2):
-            fw.next_reset = fs
+            fw.activate(fs, at_reset=True)
         elif ca == 3:
-            fw.active = fs
-            fw.next_reset = 0
+            fw.activate(fs, at_reset=False)
             ctrl.notice(INFO_FW_ACTIVATION, nlogs.LID_FW_SLOT)
         ctrl.save_state()
         return 0

@@ -377,6 +377,39 @@ class FirmwareSlots:
             buf[8 + 8 * i: 16 + 8 * i] = rev.encode("ascii").ljust(8, b" ") if rev else bytes(8)
         return bytes(buf)
 
+    # -- Firmware Image Download / Firmware Commit ----------------------------------------------
+    def overlaps(self, start: int, end: int) -> bool:
+        """Whether bytes ``start..end`` of the image overlap a piece downloaded earlier."""
+        return any(o < end and start < o + len(piece) for o, piece in self.staged.items())
+
+    def stage(self, start: int, data: bytes) -> None:
+        """Keep a downloaded piece of the next image (``start`` in bytes)."""
+        self.staged[start] = bytes(data)
+
+    def take_staged_image(self) -> bytes | None:
+        """The downloaded image (None if nothing or a gap); the pieces are dropped."""
+        image = bytearray()
+        ok = True
+        for o in sorted(self.staged):
+            if o != len(image):
+                ok = False  # a gap
+                break
+            image += self.staged[o]
+        self.staged.clear()
+        return bytes(image) if ok and image else None
+
+    def install(self, slot: int, revision: str) -> None:
+        """Slot ``slot`` (2..n) holds ``revision`` from now on."""
+        self.revisions[slot - 1] = revision
+
+    def activate(self, slot: int, *, at_reset: bool) -> None:
+        """Activate ``slot`` at the next controller reset, or now."""
+        if at_reset:
+            self.next_reset = slot
+        else:
+            self.active = slot
+            self.next_reset = 0
+
     def activate_pending(self) -> bool:
         """At a controller reset: switch to the next-reset slot. Returns True if it changed."""
         if self.next_reset and self.revisions[self.next_reset - 1]:
