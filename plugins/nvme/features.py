@@ -176,8 +176,12 @@ class Features:
         self.nq_allocated = False
 
     # -- state -------------------------------------------------------------------------------
-    def snapshot(self) -> FeaturesState:
-        """The current values (the timestamp as it reads now; ``vector_cd`` left empty)."""
+    def snapshot(self, vector_cd: tuple[bool, ...] = ()) -> FeaturesState:
+        """The current values (the timestamp as it reads now).
+
+        :param vector_cd: Coalescing Disable per vector (owned by the interrupts), carried
+            in the same description.
+        """
         v = self.values
         return FeaturesState(
             arbitration=v[FID_ARBITRATION], power_mgmt=v[FID_POWER_MGMT], vwc=v[FID_VWC],
@@ -185,7 +189,7 @@ class Features:
             kato=v[FID_KATO], temp_over=self.temp_over, temp_under=self.temp_under, nsq=self.nsq,
             ncq=self.ncq, nq_allocated=self.nq_allocated, timestamp=self.timestamp_now(),
             timestamp_origin=self.timestamp_origin, host_behavior=bytes(self.host_behavior),
-            tler=tuple(TlerState(n, t) for n, t in sorted(self.tler.items())))
+            tler=tuple(TlerState(n, t) for n, t in sorted(self.tler.items())), vector_cd=vector_cd)
 
     def restore(self, state: FeaturesState) -> None:
         """Take the values of a checked ``state`` (the timestamp counts on from now)."""

@@ -322,7 +322,7 @@ def save(ctrl: NvmeController) -> NvmeState:
         state=_STATES.index(fsm.state), cc=fsm.cc, csts=fsm.csts, aqa=fsm.aqa, asq=fsm.asq, acq=fsm.acq,
         intms=irq.intms, shutting_down=fsm.shutting_down, dirty=fsm.dirty, page_size=fsm.page_size,
         sqs=tuple(sqs), cqs=tuple(cqs), aer=ctrl.aer.snapshot(),
-        features=attrs.evolve(ctrl.features.snapshot(), vector_cd=irq.vector_cd), smart=ctrl.smart.snapshot(),
+        features=ctrl.features.snapshot(irq.vector_cd), smart=ctrl.smart.snapshot(),
         error_count=errors.count, error_entries=errors.entries, firmware=ctrl.firmware.snapshot(),
         changed_ns=changed.nsids, changed_ns_overflow=changed.overflow, namespaces=tuple(namespaces),
         dbbuf_dbs=db.dbs, dbbuf_eis=db.eis, dbbuf=db.enabled)
