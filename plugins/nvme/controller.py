@@ -1,12 +1,18 @@
-"""The NVMe controller: PCI function, BAR0 registers, the enable/reset/shutdown
-state machine, doorbells (MMIO and shadow), command fetch and completion.
+"""The NVMe controller: the PCI function (:meth:`NvmeController.describe`), the
+enable/reset/shutdown state machine behind CC and CSTS, and the wiring of its parts.
+
+The parts, each in its own module (``docs/nvme-contract.md`` has the table): BAR0
+registers (:mod:`~pcidev_nvme.registers`), doorbells (:mod:`~pcidev_nvme.doorbells`),
+the fetch loop (:mod:`~pcidev_nvme.fetch`), completions
+(:mod:`~pcidev_nvme.completion`), queues (:mod:`~pcidev_nvme.queues`), interrupts
+(:mod:`~pcidev_nvme.interrupts`), temperature and keep alive
+(:mod:`~pcidev_nvme.health`), the state file (:mod:`~pcidev_nvme.persist`), the
+command sets, and live migration (:mod:`~pcidev_nvme.migration`).
 
 PCI identity: class 01:08:02 (NVM Express I/O controller), 1b36:0010 by default,
 a 64-bit memory BAR0 with the registers, the doorbells and (by default) the
 MSI-X table and PBA after them (``msix_bar=4`` puts them in BAR4 as QEMU does),
 Power Management, PCI Express and AER capabilities, INTx as a fallback.
-
-BAR0 (registers, ASCII map): :mod:`pcidev_nvme.registers`; doorbells: :mod:`pcidev_nvme.doorbells`.
 
 Threading: register accesses run on the caller's thread. A doorbell write
 fetches the new entries of its queue in one batch and dispatches them on the
