@@ -58,7 +58,6 @@ from pcidev_nvme.request import ControllerPort
 from pcidev_nvme.request import Request
 
 
-
 class AdminHost(ControllerPort, Protocol):
     """What the admin command set uses of the controller, beyond the data path's
     :class:`~pcidev_nvme.request.ControllerPort`."""

@@ -94,7 +94,6 @@ _MASTER = int(ids.Command.MASTER)
 assert _MASTER < 0x100
 
 
-
 def default_serial(cfg: NvmeConfig) -> str:
     """A serial number for a controller configured without one.
 

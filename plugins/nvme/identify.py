@@ -22,7 +22,6 @@ from pcidev_nvme import limits
 from pcidev_nvme.namespace import Namespace
 
 
-
 class IdentifyHost(Protocol):
     """What Identify Controller reads of the controller."""
 

@@ -78,7 +78,6 @@ from pcidev_nvme.queues import CompletionQueue, CqeState, CqState, SqState, Subm
 from pcidev_nvme.registers import ControllerState
 
 
-
 class NvmeController(Protocol):
     """What this module uses of :class:`pcidev_nvme.controller.NvmeController` (which it
     cannot import: the controller imports this module)."""
