@@ -36,7 +36,7 @@ import crc32c
 
 from pcidev.host import Machine
 from pcidev.transport.serve import DeviceProcess
-from pcidev_nvme.driver import WRITE, NvmeDriver
+from pcidev_nvme.testing.driver import WRITE, NvmeDriver
 
 
 def run(args: argparse.Namespace) -> dict:

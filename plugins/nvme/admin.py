@@ -41,19 +41,65 @@ import logging
 import os
 import struct
 import time
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from pcidev.errors import ConfigError, DmaError, PcidevError
 from pcidev_nvme import identify as idfy
+from pcidev_nvme import limits
 from pcidev_nvme import logs as nlogs
 from pcidev_nvme.aer import INFO_FW_ACTIVATION
 from pcidev_nvme.features import Features
+from pcidev_nvme.namespace import LBA_FORMATS
+from pcidev_nvme.prp import prp_segments
 from pcidev_nvme.queues import CompletionQueue, SubmissionQueue
 from pcidev_nvme.status import NvmeStatusError, Status
 
-if TYPE_CHECKING:
-    from pcidev_nvme.controller import NvmeController
-    from pcidev_nvme.request import Request
+from pcidev_nvme.request import ControllerPort
+from pcidev_nvme.request import Request
+
+
+class AdminHost(ControllerPort, Protocol):
+    """What the admin command set uses of the controller, beyond the data path's
+    :class:`~pcidev_nvme.request.ControllerPort`."""
+
+    cfg: Any
+    regs: Any
+    aer: Any
+    features: Any
+    firmware: Any
+    error_log: Any
+    changed_ns: Any
+    allocated: dict[int, Any]
+    created: dict[int, str]
+
+    @property
+    def msix(self) -> Any: ...
+    @property
+    def state_dir(self) -> str | None: ...
+    @property
+    def total_capacity(self) -> int: ...
+    @property
+    def allocated_capacity(self) -> int: ...
+    def sq(self, qid: int) -> Any: ...
+    def cq(self, qid: int) -> Any: ...
+    def add_sq(self, sq: Any) -> None: ...
+    def add_cq(self, cq: Any) -> None: ...
+    def delete_sq(self, sq: Any, req: Any) -> bool: ...
+    def delete_cq(self, cq: Any) -> None: ...
+    def park(self, req: Any) -> None: ...
+    def unpark(self, req: Any) -> None: ...
+    def set_doorbell_buffer(self, dbs: int, eis: int) -> None: ...
+    def keep_alive(self) -> None: ...
+    def notice(self, info: int, lid: int) -> None: ...
+    def namespace_changed(self, nsid: int) -> None: ...
+    def smart_page(self) -> bytes: ...
+    def io_inflight_for(self, nsids: set[int]) -> bool: ...
+    def begin_format(self, nsids: set[int]) -> list[int]: ...
+    def end_format(self, nsids: set[int]) -> None: ...
+    def make_namespace(self, nsid: int, spec: Any) -> Any: ...
+    def run_async(self, fn: Any, *args: Any) -> Any: ...
+    def save_state(self) -> None: ...
+    def maybe_save_state(self) -> None: ...
 
 __all__ = ["AdminCommandSet", "Opcode"]
 
@@ -104,7 +150,7 @@ class AdminCommandSet:
     :param ctrl: the controller.
     """
 
-    def __init__(self, ctrl: NvmeController) -> None:
+    def __init__(self, ctrl: AdminHost) -> None:
         self.ctrl = ctrl
         self._handlers = {
             Opcode.DELETE_SQ: self._delete_sq,
@@ -159,8 +205,6 @@ class AdminCommandSet:
         """Copy ``data`` to the host buffer the command's PRPs describe."""
         if not data:
             return
-        from pcidev_nvme.prp import prp_segments
-
         ctrl = self.ctrl
         mem = ctrl.memory
         segs = prp_segments(mem, req.prp1, req.prp2, len(data), ctrl.page_size)
@@ -176,8 +220,6 @@ class AdminCommandSet:
         """Read ``length`` bytes from the host buffer the command's PRPs describe."""
         if not length:
             return b""
-        from pcidev_nvme.prp import prp_segments
-
         ctrl = self.ctrl
         mem = ctrl.memory
         segs = prp_segments(mem, req.prp1, req.prp2, length, ctrl.page_size)
@@ -214,7 +256,7 @@ class AdminCommandSet:
             raise _err(Status.INVALID_FIELD, "physically non-contiguous queues are not supported", OFF_CDW11)
         ien = bool(flags & 2)
         iv = req.cdw11 >> 16
-        msix = ctrl._msix
+        msix = ctrl.msix
         if iv >= ctrl.cfg.msix_vectors or (iv and not (msix is not None and msix.enabled)):
             raise _err(Status.INVALID_INTERRUPT_VECTOR, f"interrupt vector {iv} is invalid", OFF_CDW11 + 2)
         self._queue_memory(req.prp1, qsize * 16, write=True)
@@ -321,8 +363,6 @@ class AdminCommandSet:
 
     def _common_ns(self) -> bytes:
         """Identify Namespace for NSID FFFFFFFFh: capabilities common to all namespaces."""
-        from pcidev_nvme.namespace import LBA_FORMATS
-
         buf = bytearray(idfy.IDENTIFY_SIZE)
         buf[25] = len(LBA_FORMATS) - 1  # NLBAF
         for i, (size, rp) in enumerate(LBA_FORMATS):
@@ -381,9 +421,7 @@ class AdminCommandSet:
     @staticmethod
     def io_effects() -> dict[int, int]:
         """Commands Supported and Effects of the NVM command set, from the I/O command set's ONCS."""
-        from pcidev_nvme import io as nvme_io
-
-        oncs = nvme_io.ONCS
+        oncs = limits.ONCS
         eff = {0x00: 0, 0x01: _E["lbcc"], 0x02: 0}
         for bit, opc, e in ((0, 0x05, 0), (1, 0x04, _E["lbcc"]), (2, 0x09, _E["lbcc"]), (3, 0x08, _E["lbcc"]),
                             (7, 0x0C, 0), (8, 0x19, _E["lbcc"])):
@@ -469,20 +507,10 @@ class AdminCommandSet:
         if mdts and numd * 4 > mdts:
             raise _err(Status.INVALID_FIELD, "firmware download piece exceeds MDTS", OFF_CDW10)
         start, end = ofst * 4, (ofst + numd) * 4
-        for o, piece in fw.staged.items():
-            if o < end and start < o + len(piece):
-                raise _err(Status.OVERLAPPING_RANGE, f"bytes {start}..{end} overlap an earlier download", OFF_CDW11)
-        fw.staged[start] = self.from_host(req, numd * 4)
+        if fw.overlaps(start, end):
+            raise _err(Status.OVERLAPPING_RANGE, f"bytes {start}..{end} overlap an earlier download", OFF_CDW11)
+        fw.stage(start, self.from_host(req, numd * 4))
         return 0
-
-    def _staged_image(self) -> bytes | None:
-        fw = self.ctrl.firmware
-        image = bytearray()
-        for o in sorted(fw.staged):
-            if o != len(image):
-                return None  # a gap
-            image += fw.staged[o]
-        return bytes(image) if image else None
 
     def _fw_commit(self, req: Request) -> int:
         ctrl = self.ctrl
@@ -499,20 +527,18 @@ class AdminCommandSet:
                 fs = empty[0] if empty else (2 if fw.nslots > 1 else 1)
             if fs == 1:
                 raise _err(Status.INVALID_FW_SLOT, "firmware slot 1 is read-only", OFF_CDW10)
-            image = self._staged_image()
+            image = fw.take_staged_image()
             revision = nlogs.parse_firmware_image(image) if image is not None else None
-            fw.staged.clear()
             if revision is None:
                 raise _err(Status.INVALID_FW_IMAGE, "no valid firmware image was downloaded", OFF_CDW10)
-            fw.revisions[fs - 1] = revision
+            fw.install(fs, revision)
         else:
             if fs == 0 or not fw.revisions[fs - 1]:
                 raise _err(Status.INVALID_FW_IMAGE, f"firmware slot {fs} holds no image", OFF_CDW10)
         if ca in (1, 2):
-            fw.next_reset = fs
+            fw.activate(fs, at_reset=True)
         elif ca == 3:
-            fw.active = fs
-            fw.next_reset = 0
+            fw.activate(fs, at_reset=False)
             ctrl.notice(INFO_FW_ACTIVATION, nlogs.LID_FW_SLOT)
         ctrl.save_state()
         return 0
@@ -528,8 +554,6 @@ class AdminCommandSet:
         raise _err(Status.INVALID_FIELD, f"namespace management select {sel} is reserved", OFF_CDW10)
 
     def _ns_create(self, req: Request) -> int:
-        from pcidev_nvme.namespace import LBA_FORMATS
-
         ctrl = self.ctrl
         if req.cdw11 >> 24:
             raise _err(Status.INVALID_FIELD, f"I/O command set {req.cdw11 >> 24} is not supported", OFF_CDW11 + 3)
@@ -646,8 +670,6 @@ class AdminCommandSet:
 
     # -- format --------------------------------------------------------------------------------------------
     def _format(self, req: Request) -> int | None:
-        from pcidev_nvme.namespace import LBA_FORMATS
-
         ctrl = self.ctrl
         c = req.cdw10
         lbaf = (c & 0xF) | ((c >> 12) & 3) << 4
@@ -667,11 +689,9 @@ class AdminCommandSet:
             raise _err(Status.INVALID_FORMAT, "protection information is not supported", OFF_CDW10)
         if ses > 1:
             raise _err(Status.INVALID_FIELD, f"secure erase setting {ses} is not supported", OFF_CDW10 + 1)
-        busy = [ns.nsid for ns in targets if ns.nsid in ctrl._formatting]
+        busy = ctrl.begin_format({ns.nsid for ns in targets})
         if busy:
             raise _err(Status.FORMAT_IN_PROGRESS, f"namespace(s) {busy} are being formatted")
-        ids = {ns.nsid for ns in targets}
-        ctrl._formatting |= ids
         ctrl.run_async(self._format_work, req, targets, lbaf, ses)
         return None
 
@@ -685,14 +705,14 @@ class AdminCommandSet:
             for ns in targets:
                 ns.format(lbaf, ses)
         except NvmeStatusError as exc:
-            ctrl._formatting -= ids
+            ctrl.end_format(ids)
             ctrl.complete(req, exc.status, error=exc)
             return
         except Exception as exc:
             log.exception("format failed")
-            ctrl._formatting -= ids
+            ctrl.end_format(ids)
             ctrl.complete(req, Status.INTERNAL, error=_err(Status.INTERNAL, str(exc)))
             return
-        ctrl._formatting -= ids
+        ctrl.end_format(ids)
         ctrl.complete(req, 0)
 

@@ -9,19 +9,26 @@ cleared (:meth:`AsyncEvents.log_read`), as NVMe Base 2.0 section 5.2 says: after
 a Namespace Attribute Changed notice (log 04h) reading the Firmware Slot log
 (03h) does not unmask notices. Events of a masked type wait in the queue. A duplicate of an event already queued is
 dropped, and the queue is bounded.
+
+:meth:`AsyncEvents.snapshot` / :meth:`AsyncEvents.restore` carry the outstanding
+requests (their command identifiers), the queued events and the masks
+(:class:`AerState`, the ``nvme/aer`` vmstate description).
 """
 
 from __future__ import annotations
 
 import collections
 import threading
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
 
-if TYPE_CHECKING:
-    from pcidev_nvme.request import Request
+import attrs
 
-__all__ = ["AsyncEvents", "AER_ERROR", "AER_SMART", "AER_NOTICE", "AER_IMMEDIATE", "AER_IO", "AER_VENDOR",
+from pcidev.vmstate import U8, U16, VarArray, vmstate
+from pcidev_nvme.request import Request
+from pcidev_nvme.status import Status
+
+
+__all__ = ["AsyncEvents", "AerState", "EventState", "AER_ERROR", "AER_SMART", "AER_NOTICE", "AER_IMMEDIATE", "AER_IO", "AER_VENDOR",
            "INFO_INVALID_DB_REG", "INFO_INVALID_DB_VALUE", "INFO_SMART_RELIABILITY", "INFO_SMART_TEMPERATURE",
            "INFO_SMART_SPARE", "INFO_NS_ATTR_CHANGED", "INFO_FW_ACTIVATION"]
 
@@ -46,6 +53,27 @@ INFO_SMART_SPARE = 0x02
 # notices
 INFO_NS_ATTR_CHANGED = 0x00
 INFO_FW_ACTIVATION = 0x01
+
+
+@vmstate("nvme/event")
+@attrs.frozen
+class EventState:
+    """An asynchronous event: type, information, associated log page."""
+
+    etype: U8
+    info: U8
+    lid: U8
+
+
+@vmstate("nvme/aer")
+@attrs.frozen
+class AerState:
+    """Asynchronous events: outstanding AER commands (CIDs on the admin SQ), queued
+    events, and the masked types with the log page whose read unmasks each."""
+
+    outstanding: VarArray[U16, 256] = ()
+    queued: VarArray[EventState, 256] = ()
+    masked: VarArray[EventState, 8] = ()  # etype, info unused (0), lid
 
 
 class AsyncEvents:
@@ -74,7 +102,7 @@ class AsyncEvents:
             if len(self.outstanding) >= self.limit:
                 return False
             self.outstanding.append(req)
-        self._deliver()
+        self.deliver()
         return True
 
     def post(self, etype: int, info: int, lid: int) -> None:
@@ -86,7 +114,7 @@ class AsyncEvents:
             if len(self.queued) >= self.max_queued:
                 return
             self.queued.append(ev)
-        self._deliver()
+        self.deliver()
 
     def log_read(self, lid: int, rae: bool, *, notice_info: int | None = None) -> None:
         """The host read log page ``lid``; with ``rae`` clear, unmask every event type whose
@@ -98,12 +126,10 @@ class AsyncEvents:
             for t in cleared:
                 del self.masked[t]
         if cleared:
-            self._deliver()
+            self.deliver()
 
     def abort(self, cid: int) -> bool:
         """Complete the outstanding AER with ``cid`` as aborted. Returns True if found."""
-        from pcidev_nvme.status import Status
-
         with self._lock:
             for req in self.outstanding:
                 if req.cid == cid:
@@ -123,7 +149,25 @@ class AsyncEvents:
             self.masked.clear()
         return parked
 
-    def _deliver(self) -> None:
+    def snapshot(self) -> AerState:
+        with self._lock:
+            return AerState(outstanding=tuple(r.cid for r in self.outstanding),
+                            queued=tuple(EventState(*ev) for ev in self.queued),
+                            masked=tuple(EventState(t, 0, lid) for t, lid in sorted(self.masked.items())))
+
+    def restore(self, state: AerState, outstanding: Iterable[Request] = ()) -> None:
+        """Take the queued events and masks of ``state``; ``outstanding`` are the parked
+        requests standing for its outstanding CIDs (nothing is delivered here)."""
+        with self._lock:
+            self.outstanding.clear()
+            self.outstanding.extend(outstanding)
+            self.queued.clear()
+            self.queued.extend((e.etype, e.info, e.lid) for e in state.queued)
+            self.masked.clear()
+            self.masked.update({m.etype: m.lid for m in state.masked})
+
+    def deliver(self) -> None:
+        """Complete outstanding requests with queued events of unmasked types."""
         while True:
             with self._lock:
                 if not self.outstanding:

@@ -1,26 +1,18 @@
-"""The NVMe controller: PCI function, BAR0 registers, the enable/reset/shutdown
-state machine, doorbells (MMIO and shadow), command fetch and completion.
+"""The NVMe controller: the PCI function (:meth:`NvmeController.describe`), the
+enable/reset/shutdown state machine behind CC and CSTS, and the wiring of its parts.
+
+The parts, each in its own module (``docs/nvme-contract.md`` has the table): BAR0
+registers (:mod:`~pcidev_nvme.registers`), doorbells (:mod:`~pcidev_nvme.doorbells`),
+the fetch loop (:mod:`~pcidev_nvme.fetch`), completions
+(:mod:`~pcidev_nvme.completion`), queues (:mod:`~pcidev_nvme.queues`), interrupts
+(:mod:`~pcidev_nvme.interrupts`), temperature and keep alive
+(:mod:`~pcidev_nvme.health`), the state file (:mod:`~pcidev_nvme.persist`), the
+command sets, and live migration (:mod:`~pcidev_nvme.migration`).
 
 PCI identity: class 01:08:02 (NVM Express I/O controller), 1b36:0010 by default,
 a 64-bit memory BAR0 with the registers, the doorbells and (by default) the
 MSI-X table and PBA after them (``msix_bar=4`` puts them in BAR4 as QEMU does),
 Power Management, PCI Express and AER capabilities, INTx as a fallback.
-
-BAR0::
-
-    000h CAP     MQES, CQR=1, AMS=0, TO=15 (7.5 s), DSTRD=0, CSS = NVM + I/O command sets,
-                 MPSMIN=0 (4 KiB), MPSMAX=4 (64 KiB), CRWMS=1
-    008h VS      2.0
-    00Ch INTMS   write 1 to mask a vector (pin-based / MSI)
-    010h INTMC   write 1 to unmask
-    014h CC      EN CSS MPS AMS SHN IOSQES IOCQES
-    01Ch CSTS    RDY CFS SHST
-    024h AQA     ASQS ACQS
-    028h ASQ     038h.. CMB/BP/PMR registers read 0
-    030h ACQ
-    068h CRTO    CRWMT = 7.5 s
-    1000h + 8*qid      SQ y tail doorbell
-    1000h + 8*qid + 4  CQ y head doorbell
 
 Threading: register accesses run on the caller's thread. A doorbell write
 fetches the new entries of its queue in one batch and dispatches them on the
@@ -42,72 +34,66 @@ import secrets
 import threading
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import attrs
 
-from pcidev.bar import Access, Register, RegisterMap
+from pcidev.bar import Register
 from pcidev.device import PciDevice
-from pcidev.errors import ConfigError, DmaError, IrqError, PcidevError
+from pcidev.errors import ConfigError, DmaError, PcidevError
 from pcidev.pci import ids
 from pcidev.pci.capabilities.msix import MsixCapability
 from pcidev.pci.config import ResetKind
 from pcidev_nvme import aer as aer_mod
+from pcidev_nvme import migration as _migration
+from pcidev_nvme.admin import AdminCommandSet
 from pcidev_nvme.aer import AsyncEvents
 from pcidev_nvme.backends import BUILTIN_BACKENDS
+from pcidev_nvme.completion import CompletionMixin
 from pcidev_nvme.config import NvmeConfig
+from pcidev_nvme.doorbells import DoorbellsMixin, ShadowDoorbells
 from pcidev_nvme.features import Features
-from pcidev_nvme import migration as _migration
-from pcidev_nvme.logs import ChangedNamespaces, ErrorLog, FirmwareSlots, SmartCounters, StateFile
-from pcidev_nvme.namespace import make_namespace
-from pcidev_nvme.queues import _CQE_FULL, _CQE_HEAD, CompletionQueue, InterruptVector, SubmissionQueue, Timer
-from pcidev_nvme.request import SQE_SIZE, Request, decode_sqe
-from pcidev_nvme.status import DNR, NvmeStatusError, Status, status_field
+from pcidev_nvme.fetch import BatchState, FetchMixin
+from pcidev_nvme.health import HealthMixin
+from pcidev_nvme.interrupts import Interrupts, Timer
+from pcidev_nvme.io import IoCommandSet
+from pcidev_nvme.limits import SHUTDOWN_DRAIN_TIMEOUT
+from pcidev_nvme.logs import ChangedNamespaces, ErrorLog, FirmwareSlots, SmartCounters
+from pcidev_nvme.namespace import make_namespace, parse_spec
+from pcidev_nvme.persist import PersistenceMixin
+from pcidev_nvme.queues import CompletionQueue, QueueSetMixin, SubmissionQueue
+from pcidev_nvme.registers import (
+    CC_EN,
+    CSS_ALL,
+    CSS_NVM,
+    CSTS_CFS,
+    CSTS_RDY,
+    CSTS_SHST_SHIFT,
+    DOORBELL_BASE,
+    MPSMAX,
+    MPSMIN,
+    SHST_COMPLETE,
+    SHST_NORMAL,
+    SHST_PROCESSING,
+    ST_DISABLED,
+    ST_FAILED,
+    ST_READY,
+    ST_RESETTING,
+    Bar0,
+    ControllerState,
+    ZeroBar,
+    build_register_map,
+    cap_value,
+)
+from pcidev_nvme.request import SQE_SIZE, Request
 
 __all__ = ["NvmeController"]
 
 log = logging.getLogger(__name__)
 
-# -- register offsets --------------------------------------------------------------------
-REG_CAP = 0x00
-REG_VS = 0x08
-REG_INTMS = 0x0C
-REG_INTMC = 0x10
-REG_CC = 0x14
-REG_CSTS = 0x1C
-REG_NSSR = 0x20
-REG_AQA = 0x24
-REG_ASQ = 0x28
-REG_ACQ = 0x30
-REG_CRTO = 0x68
-DOORBELL_BASE = 0x1000
-
-CC_EN = 1 << 0
-CC_MASK = 0x00FFFFF1
-CSTS_RDY = 1 << 0
-CSTS_CFS = 1 << 1
-CSTS_SHST_SHIFT = 2
-SHST_NORMAL, SHST_PROCESSING, SHST_COMPLETE = 0, 1, 2
-
-CAP_CSS_NVM = 1 << 0
-CAP_CSS_IOCS = 1 << 6
-CSS_NVM, CSS_ALL, CSS_ADMIN_ONLY = 0, 6, 7
-MPSMIN, MPSMAX = 0, 4
-CAP_TO = 0x0F
-
-#: most SQ entries fetched in one go
-FETCH_BATCH = 256
-#: save the state file at most this often during activity (seconds)
-STATE_SAVE_INTERVAL = 60.0
-#: how long a shutdown waits for commands in flight before giving up on them
-SHUTDOWN_DRAIN_TIMEOUT = 10.0
-
 _CMD_LO = ids.COMMAND
 _MASTER = int(ids.Command.MASTER)
 assert _MASTER < 0x100
-
-_ST_DISABLED, _ST_READY, _ST_RESETTING, _ST_FAILED = "disabled", "ready", "resetting", "failed"
 
 
 def default_serial(cfg: NvmeConfig) -> str:
@@ -118,8 +104,6 @@ def default_serial(cfg: NvmeConfig) -> str:
     random otherwise, so two controllers never share a serial (Linux refuses a
     second controller with the same subsystem NQN).
     """
-    from pcidev_nvme.namespace import parse_spec
-
     paths = []
     for spec in cfg.namespaces:
         try:
@@ -143,59 +127,8 @@ def _pow2(v: int) -> int:
     return 1 << max(v - 1, 1).bit_length()
 
 
-class _BatchState(threading.local):
-    """Per-thread state of a doorbell batch: interrupts and kicks are deferred to its end."""
-
-    def __init__(self) -> None:
-        self.depth = 0
-        self.start = 0.0
-        self.io = False
-        self.cqs: dict[CompletionQueue, int] = {}
-        self.kicks: list[SubmissionQueue] = []
-        #: completions made on this thread during the batch, posted at its end
-        self.done: list[tuple] = []
-
-
-class _Bar0:
-    """BAR0 handler: the register map below 1000h, doorbells above."""
-
-    def __init__(self, ctrl: NvmeController, regs: RegisterMap, db_end: int) -> None:
-        self.ctrl = ctrl
-        self.regs = regs
-        self.db_end = db_end
-
-    def read(self, offset: int, size: int) -> int:
-        if offset < DOORBELL_BASE:
-            if offset + size > DOORBELL_BASE:
-                size = DOORBELL_BASE - offset
-            return self.regs.read(offset, size)
-        return 0  # doorbells are write-only
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        if offset >= DOORBELL_BASE:
-            if offset < self.db_end:
-                self.ctrl._doorbell_write(offset, size, value)
-            return
-        if offset + size > DOORBELL_BASE:
-            size = DOORBELL_BASE - offset
-            value &= (1 << (8 * size)) - 1
-        self.regs.write(offset, size, value)
-
-    def reset(self) -> None:
-        self.regs.reset()
-
-
-class _ZeroBar:
-    """A BAR whose only content is the MSI-X table and PBA (framework overlays)."""
-
-    def read(self, offset: int, size: int) -> int:
-        return 0
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        pass
-
-
-class NvmeController(PciDevice):
+class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin, HealthMixin, PersistenceMixin,
+                     PciDevice):
     """An NVMe 2.0 controller (see the module docstring).
 
     :param config: an :class:`~pcidev_nvme.config.NvmeConfig`, a mapping, or a
@@ -246,14 +179,14 @@ class NvmeController(PciDevice):
         self.subsystem_vendor_id = cfg.subsystem_vendor_id
         self.subsystem_id = cfg.subsystem_id
 
-        self._state_lock = threading.RLock()
-        self._tls = _BatchState()
+        #: serializes register writes, resets and state restores
+        self.state_lock = threading.RLock()
+        self._tls = BatchState()
         self._timer = Timer(f"nvme-timer[{self.name}]")
         self._admin_pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._coal_lock = threading.Lock()
 
         # controller state
-        self._state = _ST_DISABLED
+        self._state = ST_DISABLED
         self._running = False
         #: quiesced for a migration: nothing is fetched (see pcidev_nvme.migration)
         self._paused = False
@@ -261,13 +194,11 @@ class NvmeController(PciDevice):
         self._batches = 0
         self._batch_lock = threading.Lock()
         self._csts = 0
-        self._intms = 0
-        self._irq_status = 0
         self._gen = 0
         self._shutting_down = False
         self._enable_pending = False
         self._draining: list[SubmissionQueue] = []
-        self._dbbuf: tuple[int, int] | None = None
+        self.shadow = ShadowDoorbells()
         self._formatting: set[int] = set()
         self._ka_last = time.monotonic()
         self._ka_token = 0
@@ -276,18 +207,13 @@ class NvmeController(PciDevice):
         nq = cfg.max_ioqpairs + 1
         self._sqs: list[SubmissionQueue | None] = [None] * nq
         self._cqs: list[CompletionQueue | None] = [None] * nq
-        self._vectors = [InterruptVector(i) for i in range(cfg.msix_vectors)]
-        self._coalesce_on = False
+        self.interrupts = Interrupts(self, self._cqs, self._timer, cfg.msix_vectors)
 
         # logs, counters, persistent state
         self.error_log = ErrorLog(cfg.elpe + 1)
-        self.smart = SmartCounters()
+        self.smart = SmartCounters(cfg.temperature)
         self.firmware = FirmwareSlots(cfg.fw_slots, cfg.firmware)
         self.changed_ns = ChangedNamespaces()
-        self.temperature = cfg.temperature
-        self._injected_warning = 0
-        self._reported_warning = 0
-        self._temp_since = time.monotonic()
         self.features = Features(self)
         self.aer = AsyncEvents(self.complete, cfg.aerl + 1)
 
@@ -298,11 +224,9 @@ class NvmeController(PciDevice):
         self.created: dict[int, str] = {}
         try:
             self._make_namespaces()
-            self.state = StateFile(self._state_path())
+            self.state_file = self._open_state_file()
+            self._dirty = False
             self._load_state()
-            from pcidev_nvme.admin import AdminCommandSet
-            from pcidev_nvme.io import IoCommandSet
-
             self.io = IoCommandSet(self)
             self.admin = AdminCommandSet(self)
         except BaseException:
@@ -318,28 +242,10 @@ class NvmeController(PciDevice):
     # ------------------------------------------------------------------ description
     def describe(self) -> None:
         cfg = self.cfg
-        self._cap = (cfg.mqes | (1 << 16) | (CAP_TO << 24) | ((CAP_CSS_NVM | CAP_CSS_IOCS) << 37)
-                     | (MPSMIN << 48) | (MPSMAX << 52) | (1 << 59))
-        regs = RegisterMap(DOORBELL_BASE, name=f"nvme-bar0[{self.name}]")
-        ro = Access.RO
-        regs.add(Register("CAP", REG_CAP, 8, ro, reset=self._cap))
-        regs.add(Register("VS", REG_VS, 4, ro, reset=0x00020000))
-        regs.add(Register("INTMS", REG_INTMS, 4, on_read=lambda r: self._intms, on_write=self._intms_written))
-        regs.add(Register("INTMC", REG_INTMC, 4, on_read=lambda r: self._intms, on_write=self._intmc_written))
-        regs.add(Register("CC", REG_CC, 4, mask=CC_MASK, on_write=self._cc_written))
-        regs.add(Register("CSTS", REG_CSTS, 4, ro, on_read=lambda r: self._csts))
-        regs.add(Register("NSSR", REG_NSSR, 4, ro))
-        regs.add(Register("AQA", REG_AQA, 4, mask=0x0FFF0FFF))
-        regs.add(Register("ASQ", REG_ASQ, 8, mask=~0xFFF & (2**64 - 1)))
-        regs.add(Register("ACQ", REG_ACQ, 8, mask=~0xFFF & (2**64 - 1)))
-        for name, off, width in (("CMBLOC", 0x38, 4), ("CMBSZ", 0x3C, 4), ("BPINFO", 0x40, 4),
-                                 ("BPRSEL", 0x44, 4), ("BPMBL", 0x48, 8), ("CMBMSC", 0x50, 8),
-                                 ("CMBSTS", 0x58, 4), ("CMBEBS", 0x5C, 4), ("CMBSWTP", 0x60, 4),
-                                 ("NSSD", 0x64, 4), ("PMRCAP", 0xE00, 4), ("PMRCTL", 0xE04, 4),
-                                 ("PMRSTS", 0xE08, 4), ("PMREBS", 0xE0C, 4), ("PMRSWTP", 0xE10, 4),
-                                 ("PMRMSCL", 0xE14, 4), ("PMRMSCU", 0xE18, 4)):
-            regs.add(Register(name, off, width, ro))
-        regs.add(Register("CRTO", REG_CRTO, 4, ro, reset=CAP_TO))
+        self._cap = cap_value(cfg.mqes)
+        regs = build_register_map(f"nvme-bar0[{self.name}]", self._cap, intms=lambda r: self.interrupts.intms,
+                                  on_intms=self._intms_written, on_intmc=self._intmc_written,
+                                  on_cc=self._cc_written, csts=lambda r: self._csts)
         self.regs = regs
         nvec = cfg.msix_vectors
         db_end = DOORBELL_BASE + 8 * (cfg.max_ioqpairs + 1)
@@ -348,14 +254,14 @@ class NvmeController(PciDevice):
             pba = _align(table + 16 * nvec, 4096)
             size = _pow2(pba + _align((nvec + 63) // 64 * 8, 4096))
             self._db_window = table
-            self.add_mem_bar(0, size, _Bar0(self, regs, table), bits64=True)
+            self.add_mem_bar(0, size, Bar0(regs, self._doorbell_write, table), bits64=True)
             self.add_msix(nvec, bar=0, table_offset=table, pba_offset=pba)
         else:
             size = _pow2(_align(db_end, 4096))
             self._db_window = size
-            self.add_mem_bar(0, size, _Bar0(self, regs, size), bits64=True)
+            self.add_mem_bar(0, size, Bar0(regs, self._doorbell_write, size), bits64=True)
             pba = _align(16 * nvec, 4096)
-            self.add_mem_bar(4, _pow2(pba + _align((nvec + 63) // 64 * 8, 4096)), _ZeroBar(), bits64=True)
+            self.add_mem_bar(4, _pow2(pba + _align((nvec + 63) // 64 * 8, 4096)), ZeroBar(), bits64=True)
             self.add_msix(nvec, bar=4, table_offset=0, pba_offset=pba)
         self.add_standard_pcie_caps(flr=True, aer=True)
 
@@ -404,200 +310,6 @@ class NvmeController(PciDevice):
     def allocated_capacity(self) -> int:
         return sum(int(ns.size) for ns in self.allocated.values())
 
-    def complete(self, req: Request, status: int = 0, dw0: int = 0, dw1: int = 0, *,
-                 error: NvmeStatusError | None = None) -> None:
-        """Post the completion of ``req`` (thread-safe; call exactly once per request).
-
-        The entry goes to the request's completion queue, or waits in its backlog
-        while the queue is full. A non-zero ``status`` adds an Error Information
-        log entry (parameter location and LBA from ``error`` when given).
-
-        :param req: the request from the submission queue.
-        :param status: ``SCT << 8 | SC`` (see :class:`~pcidev_nvme.status.Status`).
-        :param dw0: completion DW0.
-        :param dw1: completion DW1.
-        :param error: the exception the status came from, if any.
-
-        Completions made while a doorbell write is being processed (on that same
-        thread) are posted together when it ends, one interrupt per queue.
-        """
-        tls = self._tls
-        if tls.depth:
-            tls.done.append((req, status, dw0, dw1, error))
-            return
-        sq = req.sq
-        if sq is None:
-            log.error("complete() of a request that did not come from a queue: %r", req)
-            return
-        cq = sq.cq
-        sf = status_field(status, dnr=error.dnr if error is not None else True) if status else 0
-        posted = False
-        stale = False
-        cid = req.cid
-        phase = 0
-        try:
-            with cq.lock:
-                if req.done:
-                    log.warning("%r completed twice; the second completion is ignored", req)
-                    return
-                req.done = True
-                inflight = sq.inflight
-                if inflight.get(cid) is req:
-                    del inflight[cid]
-                if req.gen != self._gen or sq.gone or cq.gone:
-                    stale = True
-                else:
-                    tail = cq.tail
-                    nxt = tail + 1
-                    if nxt == cq.size:
-                        nxt = 0
-                    if cq.backlog or nxt == cq.head:
-                        # still reserved until posted (parked requests never were)
-                        if req.parked:
-                            cq.reserved += 1
-                        # the phase it will be posted with: backlog entries take the slots
-                        # from the tail on, in order
-                        phase = cq.phase ^ (((tail + len(cq.backlog)) // cq.size) & 1)
-                        cq.backlog.append((sq, cid, sf, dw0 & 0xFFFFFFFF, dw1 & 0xFFFFFFFF))
-                    else:
-                        if not req.parked:
-                            cq.reserved -= 1
-                        mem = self._guest_memory
-                        if mem is None or not self.config.data[_CMD_LO] & _MASTER:
-                            raise DmaError("bus mastering is disabled")
-                        addr = cq.base + (tail << 4)
-                        phase = cq.phase
-                        mem.write_struct(_CQE_HEAD, addr, dw0 & 0xFFFFFFFF, dw1 & 0xFFFFFFFF, sq.head, sq.sqid)
-                        mem.store32(addr + 12, cid | (phase << 16) | (sf << 17))
-                        cq.tail = nxt
-                        if not nxt:
-                            cq.phase = phase ^ 1
-                        posted = True
-        except DmaError as exc:
-            self._fatal(f"cannot post a completion to CQ {cq.cqid}: {exc}")
-            return
-        if stale:
-            self._stale_completed()
-            return
-        if status:
-            self._log_error(req, sf, phase, error)
-        if sq.sqid:
-            self.smart.record_busy(req.t_fetch, time.monotonic())
-        if posted and cq.ien:
-            self._raise(cq, 1)
-        if sq.deleting and not sq.inflight:
-            self._finish_sq_delete(sq)
-        if cq.throttled:
-            self._kick_throttled(cq)
-
-    def _complete_batch(self, items: list[tuple], tls: _BatchState) -> None:
-        """Post the completions deferred during a batch: one lock and one memory write
-        per completion queue, then each entry's phase dword in order."""
-        first_cq = items[0][0].sq.cq
-        if all(it[0].sq.cq is first_cq for it in items):
-            groups = [(first_cq, items)]
-        else:
-            by_cq: dict[CompletionQueue, list] = {}
-            for it in items:
-                by_cq.setdefault(it[0].sq.cq, []).append(it)
-            groups = list(by_cq.items())
-        gen = self._gen
-        for cq, its in groups:
-            entries: list[tuple] = []
-            errors: list[tuple] = []
-            deleting: list[SubmissionQueue] = []
-            stale = False
-            try:
-                with cq.lock:
-                    tail, head, size, phase = cq.tail, cq.head, cq.size, cq.phase
-                    start, start_phase = tail, phase
-                    backlog = cq.backlog
-                    posted_reserved = 0
-                    for req, status, dw0, dw1, error in its:
-                        if req.done:
-                            log.warning("%r completed twice; the second completion is ignored", req)
-                            continue
-                        req.done = True
-                        sq = req.sq
-                        cid = req.cid
-                        inflight = sq.inflight
-                        if inflight.get(cid) is req:
-                            del inflight[cid]
-                        if sq.deleting:
-                            deleting.append(sq)
-                        if req.gen != gen or sq.gone or cq.gone:
-                            stale = True
-                            continue
-                        sf = status_field(status, dnr=error.dnr if error is not None else True) if status else 0
-                        nxt = tail + 1
-                        if nxt == size:
-                            nxt = 0
-                        if backlog or nxt == head:
-                            if req.parked:
-                                cq.reserved += 1
-                            if status:  # with the phase it will be posted with
-                                errors.append((req, sf, phase ^ (((tail + len(backlog)) // size) & 1), error))
-                            backlog.append((sq, cid, sf, dw0 & 0xFFFFFFFF, dw1 & 0xFFFFFFFF))
-                            continue
-                        if not req.parked:
-                            posted_reserved += 1
-                        entries.append((dw0 & 0xFFFFFFFF, dw1 & 0xFFFFFFFF, sq.head, sq.sqid,
-                                        cid | (phase << 16) | (sf << 17)))
-                        if status:
-                            errors.append((req, sf, phase, error))
-                        tail = nxt
-                        if not nxt:
-                            phase ^= 1
-                    if entries:
-                        self._write_cqes(cq, start, start_phase, entries)
-                        cq.tail = tail
-                        cq.phase = phase
-                        cq.reserved -= posted_reserved
-            except DmaError as exc:
-                self._fatal(f"cannot post completions to CQ {cq.cqid}: {exc}")
-                return
-            if stale:
-                self._stale_completed()
-            for req, sf, ph, error in errors:
-                self._log_error(req, sf, ph, error)
-            if entries and cq.ien:
-                tls.cqs[cq] = tls.cqs.get(cq, 0) + len(entries)
-            for sq in deleting:
-                if sq.deleting and not sq.inflight:
-                    self._finish_sq_delete(sq)
-            if cq.throttled:
-                self._kick_throttled(cq)
-
-    def _write_cqes(self, cq: CompletionQueue, start: int, start_phase: int, entries: list[tuple]) -> None:
-        """Write ``entries`` (dw0, dw1, sqhd, sqid, dw3) at slots ``start``.. of ``cq``: first
-        all of them with the stale phase, then each phase dword with release ordering."""
-        mem = self._guest_memory
-        if mem is None or not self.config.data[_CMD_LO] & _MASTER:
-            raise DmaError("bus mastering is disabled")
-        size = cq.size
-        n = len(entries)
-        blob = bytearray(16 * n)
-        pack = _CQE_FULL.pack_into
-        off = 0
-        for dw0, dw1, sqhd, sqid, dw3 in entries:
-            pack(blob, off, dw0, dw1, sqhd, sqid, dw3 ^ 0x10000)
-            off += 16
-        first = min(n, size - start)
-        base = cq.base
-        if first == n:
-            mem.write(base + (start << 4), blob)
-        else:
-            mv = memoryview(blob)
-            mem.write(base + (start << 4), mv[:16 * first])
-            mem.write(base, mv[16 * first:])
-        store = mem.store32
-        slot = start
-        for e in entries:
-            store(base + (slot << 4) + 12, e[4])
-            slot += 1
-            if slot == size:
-                slot = 0
-
     # ------------------------------------------------------------------ namespaces and state
     def backend_registry(self) -> Mapping[str, Any]:
         """The namespace backends by name: ``cfg.backends`` (what
@@ -615,82 +327,6 @@ class NvmeController(PciDevice):
             ns = self.make_namespace(i, spec)
             self.allocated[i] = ns
             self.namespaces[i] = ns
-
-    def _state_path(self) -> Path | None:
-        cfg = self.cfg
-        fname = f"nvme-{cfg.serial}.state.json".replace("/", "_")
-        if cfg.state_file:
-            return Path(cfg.state_file)
-        if cfg.state_dir:
-            return Path(cfg.state_dir) / fname
-        for ns in self.allocated.values():
-            path = getattr(ns.backend, "path", None)
-            if isinstance(path, str) and path:
-                return Path(os.path.dirname(os.path.abspath(path))) / fname
-        return None
-
-    @property
-    def state_dir(self) -> str | None:
-        """Directory of the state file (and of image files Namespace Management creates)."""
-        p = self.state.path
-        return str(p.parent) if p is not None else self.cfg.state_dir
-
-    def _load_state(self) -> None:
-        data = self.state.load()
-        smart = data.get("smart")
-        if isinstance(smart, dict):
-            self.smart.load(smart)
-        count = data.get("error_count")
-        if isinstance(count, int) and count >= 0:
-            self.error_log.count = count
-        fw = data.get("firmware")
-        if isinstance(fw, dict):
-            self.firmware.load(fw)
-        self.smart.power_cycles += 1
-        if data.get("dirty"):
-            self.smart.unsafe_shutdowns += 1
-        self._dirty = False
-        self._load_created(data.get("created_namespaces"))
-        self.save_state()
-
-    def _load_created(self, created: Any) -> None:
-        """Bring back the file-backed namespaces Namespace Management created earlier."""
-        if not isinstance(created, dict):
-            return
-        for key, ent in sorted(created.items()):
-            try:
-                nsid = int(key)
-                spec = ent["spec"]
-                attached = bool(ent.get("attached"))
-            except (TypeError, ValueError, KeyError):
-                log.warning("%s: ignoring a malformed created-namespace record %r", self.name, key)
-                continue
-            if not 1 <= nsid <= self.cfg.max_namespaces or nsid in self.allocated or not isinstance(spec, str):
-                log.warning("%s: created namespace %s conflicts with the configuration; not restored", self.name, key)
-                continue
-            try:
-                ns = self.make_namespace(nsid, spec)
-            except PcidevError as exc:
-                log.warning("%s: created namespace %d cannot be restored: %s", self.name, nsid, exc)
-                continue
-            self.allocated[nsid] = ns
-            self.created[nsid] = spec
-            if attached:
-                self.namespaces[nsid] = ns
-
-    def save_state(self) -> None:
-        """Write SMART counters, the error count, firmware slots, the clean flag and the
-        file-backed namespaces created by Namespace Management to the state file."""
-        self._last_save = time.monotonic()
-        created = {str(n): {"spec": spec, "attached": n in self.namespaces} for n, spec in self.created.items()}
-        self.state.save({"serial": self.cfg.serial, "smart": self.smart.to_dict(),
-                         "error_count": self.error_log.count, "firmware": self.firmware.to_dict(),
-                         "dirty": self._dirty, "created_namespaces": created})
-
-    def maybe_save_state(self) -> None:
-        """Save the state file if the last save is older than :data:`STATE_SAVE_INTERVAL`."""
-        if time.monotonic() - self._last_save > STATE_SAVE_INTERVAL:
-            self.save_state()
 
     def close(self) -> None:
         """Power off: stop timers and workers, save the state file, close namespaces. Idempotent.
@@ -725,18 +361,14 @@ class NvmeController(PciDevice):
     # ------------------------------------------------------------------ registers
     def _intms_written(self, reg: Register, new: int, old: int) -> None:
         reg.value = 0
-        with self._state_lock:
-            self._intms |= new
-        self._legacy_update()
+        self.interrupts.mask(new)
 
     def _intmc_written(self, reg: Register, new: int, old: int) -> None:
         reg.value = 0
-        with self._state_lock:
-            self._intms &= ~new & 0xFFFFFFFF
-        self._legacy_update(unmasked=new)
+        self.interrupts.unmask(new)
 
     def _cc_written(self, reg: Register, new: int, old: int) -> None:
-        with self._state_lock:
+        with self.state_lock:
             en_old, en_new = old & CC_EN, new & CC_EN
             if en_old and en_new:
                 # CSS, MPS and AMS may only change while disabled
@@ -760,16 +392,16 @@ class NvmeController(PciDevice):
         self._csts = (self._csts & ~(3 << CSTS_SHST_SHIFT)) | (shst << CSTS_SHST_SHIFT)
 
     def _update_running(self) -> None:
-        self._running = (self._state == _ST_READY and not self._shutting_down and not self._closed
+        self._running = (self._state == ST_READY and not self._shutting_down and not self._closed
                          and not self._paused)
 
     # ------------------------------------------------------------------ enable / reset / shutdown
     def _enable(self) -> None:
         """CC.EN 0→1: validate and bring up the admin queues (CSTS.RDY=1), or set CSTS.CFS."""
-        if self._state == _ST_RESETTING:
+        if self._state == ST_RESETTING:
             self._enable_pending = True
             return
-        if self._state == _ST_FAILED or self._csts & CSTS_RDY:
+        if self._state == ST_FAILED or self._csts & CSTS_RDY:
             return
         regs = self.regs
         cc = regs["CC"].value
@@ -814,10 +446,10 @@ class NvmeController(PciDevice):
         self.features.reset()
         acq_obj = CompletionQueue(0, acq, acqs, 0, True)
         asq_obj = SubmissionQueue(0, asq, asqs, acq_obj)
-        acq_obj.sqs.append(asq_obj)
+        acq_obj.attach(asq_obj)
         self._cqs[0] = acq_obj
         self._sqs[0] = asq_obj
-        self._state = _ST_READY
+        self._state = ST_READY
         self._csts = (self._csts & ~CSTS_CFS) | CSTS_RDY
         self._ka_last = time.monotonic()
         self._update_running()
@@ -827,13 +459,13 @@ class NvmeController(PciDevice):
 
     def _begin_reset(self) -> None:
         """CC.EN 1→0: stop fetching; the reset finishes when every command in flight has."""
-        if self._state == _ST_DISABLED:
+        if self._state == ST_DISABLED:
             self._csts &= ~(CSTS_RDY | CSTS_CFS)
             self._enable_pending = False
             return
-        if self._state == _ST_RESETTING:
+        if self._state == ST_RESETTING:
             return
-        self._state = _ST_RESETTING
+        self._state = ST_RESETTING
         self._enable_pending = False
         self._update_running()
         self._gen += 1
@@ -857,12 +489,12 @@ class NvmeController(PciDevice):
                     req.done = True
 
     def _stale_completed(self) -> None:
-        if self._state == _ST_RESETTING:
+        if self._state == ST_RESETTING:
             self._check_drained()
 
     def _check_drained(self) -> None:
-        with self._state_lock:
-            if self._state != _ST_RESETTING:
+        with self.state_lock:
+            if self._state != ST_RESETTING:
                 return
             if any(sq.inflight for sq in self._draining):
                 return
@@ -873,23 +505,16 @@ class NvmeController(PciDevice):
         self._draining = []
         self._clear_queues()
         self.features.reset()
-        self._intms = 0
-        self._irq_status = 0
-        self._dbbuf = None
+        self.interrupts.reset()
+        self.shadow.reset()
         self._formatting.clear()
-        for v in self._vectors:
-            v.cd = False
-            v.count = 0
-            v.armed = False
-            v.masked_pending = False
-        self._reported_warning = 0
+        self.smart.clear_reported()
         self._ka_token += 1
-        self._coalesce_on = False
         self._timer.cancel_all()
         self.irq.set_intx(False)
         if self.firmware.activate_pending():
             log.info("%s: firmware slot %d active after reset", self.name, self.firmware.active)
-        self._state = _ST_DISABLED
+        self._state = ST_DISABLED
         self._csts &= ~(CSTS_RDY | CSTS_CFS)
         self.failed = None
         self._update_running()
@@ -907,7 +532,7 @@ class NvmeController(PciDevice):
             self._cqs[i] = None
 
     def _begin_shutdown(self, *, abrupt: bool) -> None:
-        if self._state != _ST_READY:
+        if self._state != ST_READY:
             self._set_shst(SHST_COMPLETE)
             self._dirty = False
             self.save_state()
@@ -930,7 +555,7 @@ class NvmeController(PciDevice):
                 ns.backend.flush()
             except Exception as exc:
                 log.warning("%s: flushing namespace %d at shutdown failed: %s", self.name, ns.nsid, exc)
-        with self._state_lock:
+        with self.state_lock:
             self._dirty = False
             self.save_state()
             if self._shutting_down:
@@ -942,20 +567,18 @@ class NvmeController(PciDevice):
         Commands still in flight complete into nothing (their completions are
         dropped; bus mastering is off after the reset, so they cannot DMA either).
         """
-        with self._state_lock:
+        with self.state_lock:
             self._gen += 1
             self._drop_parked()
-            self._state = _ST_RESETTING
+            self._state = ST_RESETTING
             self._draining = []
             self._shutting_down = False
             self._csts = 0
             self._enable_pending = False
             self._finish_reset()
             if kind is ResetKind.POWER_ON:
-                self.smart.power_cycles += 1
-                if self._dirty:
-                    self.smart.unsafe_shutdowns += 1
-                    self._dirty = False
+                self.smart.power_on(unsafe=self._dirty)
+                self._dirty = False
                 self.save_state()
 
     def on_failure(self, exc: BaseException) -> None:
@@ -964,10 +587,10 @@ class NvmeController(PciDevice):
 
     def _fatal(self, why: str) -> None:
         log.error("%s: controller fatal status: %s", self.name, why)
-        with self._state_lock:
+        with self.state_lock:
             self._csts |= CSTS_CFS
-            if self._state == _ST_READY:
-                self._state = _ST_FAILED
+            if self._state == ST_READY:
+                self._state = ST_FAILED
             self._update_running()
 
     # ------------------------------------------------------------------ async work
@@ -984,516 +607,171 @@ class NvmeController(PciDevice):
             log.exception("%s: background work %r failed", self.name, fn)
             self._fatal(f"background work failed: {exc}")
 
-    # ------------------------------------------------------------------ doorbells
-    def _doorbell_write(self, offset: int, size: int, value: int) -> None:
-        if size == 8 and not offset & 7:
-            self._doorbell_write(offset, 4, value & 0xFFFFFFFF)
-            self._doorbell_write(offset + 4, 4, value >> 32)
-            return
-        if size != 4 or offset & 3:
-            log.warning("%s: %d-byte doorbell write at %#x ignored (doorbells are 32-bit)", self.name, size, offset)
-            return
-        if not self._running:
-            return
-        idx = (offset - DOORBELL_BASE) >> 2
-        qid = idx >> 1
-        if idx & 1:
-            self._cq_head_write(qid, value, offset)
-        else:
-            self._sq_tail_write(qid, value, offset)
-
-    def _doorbell_error(self, info: int, qid: int, offset: int, value: int) -> None:
-        log.info("%s: invalid doorbell %s: offset %#x value %#x",
-                 self.name, "register" if info == aer_mod.INFO_INVALID_DB_REG else "value", offset, value)
-        self.error_log.add(sqid=qid, cid=0xFFFF, status_field=0, param_offset=None, csi=offset)
-        self.aer.post(aer_mod.AER_ERROR, info, 0x01)
-
-    def _sq_tail_write(self, qid: int, value: int, offset: int) -> None:
-        sq = self._sqs[qid] if qid < len(self._sqs) else None
-        if sq is None or sq.deleting:
-            self._doorbell_error(aer_mod.INFO_INVALID_DB_REG, qid, offset, value)
-            return
-        if value >= sq.size:
-            self._doorbell_error(aer_mod.INFO_INVALID_DB_VALUE, qid, offset, value)
-            return
-        if sq.db_addr is not None and qid == 0:
-            # Only the admin queue (which Linux never shadows, as QEMU's nvme): for an I/O
-            # queue the shadow is the newer value, and an MMIO write can arrive late (a
-            # posted vfio-user write): copying it would rewind the tail and lose commands.
-            try:
-                self.memory.store32(sq.db_addr, value)
-            except DmaError:
-                pass
-        sq.tail = value
-        self._kick(sq)
-
-    def _cq_head_write(self, qid: int, value: int, offset: int) -> None:
-        cq = self._cqs[qid] if qid < len(self._cqs) else None
-        if cq is None:
-            self._doorbell_error(aer_mod.INFO_INVALID_DB_REG, qid, offset, value)
-            return
-        posted = 0
-        try:
-            with cq.lock:
-                mem = None
-                if cq.db_addr is not None and qid == 0:
-                    # the admin queue is not shadowed by Linux: the MMIO value is the truth
-                    mem = self.memory
-                    mem.store32(cq.db_addr, value)
-                    mem.store32(cq.ei_addr, value)
-                elif cq.db_addr is not None:
-                    # The shadow head is never older than an MMIO write that may arrive late
-                    # (posted): take it, publish it as EventIdx, and look again in case the
-                    # host moved on meanwhile (it then saw the old EventIdx and rang nothing).
-                    mem = self.memory
-                    value = mem.load32(cq.db_addr)
-                    while True:
-                        mem.store32(cq.ei_addr, value)
-                        again = mem.load32(cq.db_addr)
-                        if again == value:
-                            break
-                        value = again
-                if not cq.valid_head(value):
-                    bad = True
-                else:
-                    bad = False
-                    cq.head = value
-                    backlog = cq.backlog
-                    if backlog:
-                        mem = mem or self.memory
-                        size = cq.size
-                        while backlog and (cq.tail + 1) % size != cq.head:
-                            sq, cid, sf, dw0, dw1 = backlog.popleft()
-                            cq.post(mem, sq.head, sq.sqid, cid, sf, dw0, dw1)
-                            posted += 1
-                        cq.reserved -= posted
-        except DmaError as exc:
-            self._fatal(f"CQ {qid}: {exc}")
-            return
-        if bad:
-            self._doorbell_error(aer_mod.INFO_INVALID_DB_VALUE, qid, offset, value)
-            return
-        if posted and cq.ien:
-            self._raise(cq, posted)
-        elif self._irq_status:
-            self._legacy_update()
-        if cq.throttled:
-            self._kick_throttled(cq)
-
-    def _kick_throttled(self, cq: CompletionQueue) -> None:
-        with cq.lock:
-            sqs = list(cq.throttled)
-            cq.throttled.clear()
-        tls = self._tls
-        if tls.depth:
-            tls.kicks.extend(sqs)
-        else:
-            for sq in sqs:
-                if not sq.gone:
-                    self._kick(sq)
-
-    # ------------------------------------------------------------------ fetch and dispatch
-    def _kick(self, sq: SubmissionQueue) -> None:
-        """Fetch and dispatch what the host submitted on ``sq`` (unless another thread already is)."""
-        with sq.lock:
-            if sq.running:
-                sq.rerun = True
-                return
-            sq.running = True
-        tls = self._tls
-        if not tls.depth:
-            tls.start = time.monotonic()
-            with self._batch_lock:
-                self._batches += 1
-        tls.depth += 1
-        try:
-            while True:
-                self._process_sq(sq)
-                with sq.lock:
-                    if not sq.rerun:
-                        sq.running = False
-                        break
-                    sq.rerun = False
-        except BaseException:
-            with sq.lock:
-                sq.running = False
-                sq.rerun = False
-            raise
-        finally:
-            tls.depth -= 1
-            if not tls.depth:
-                try:
-                    self._end_batch(tls)
-                finally:
-                    with self._batch_lock:
-                        self._batches -= 1
-
-    def _end_batch(self, tls: _BatchState) -> None:
-        if tls.done:
-            done, tls.done = tls.done, []
-            self._complete_batch(done, tls)
-        if tls.io:
-            tls.io = False
-            self.smart.record_busy(tls.start, time.monotonic())
-        while tls.cqs or tls.kicks:
-            cqs, tls.cqs = tls.cqs, {}
-            for cq, n in cqs.items():
-                self._raise(cq, n)
-            kicks, tls.kicks = tls.kicks, []
-            for sq in kicks:
-                if not sq.gone:
-                    self._kick(sq)
-
-    def _process_sq(self, sq: SubmissionQueue) -> None:
-        if not self._running or sq.gone or sq.deleting:
-            return
-        try:
-            mem = self.memory
-            if sq.db_addr is not None:
-                tail = mem.load32(sq.db_addr)
-                if tail >= sq.size:
-                    self._doorbell_error(aer_mod.INFO_INVALID_DB_VALUE, sq.sqid, DOORBELL_BASE + 8 * sq.sqid, tail)
-                    return
-                sq.tail = tail
-        except DmaError as exc:
-            self._fatal(f"SQ {sq.sqid}: {exc}")
-            return
-        cq = sq.cq
-        size = sq.size
-        base = sq.base
-        sqid = sq.sqid
-        admin = sqid == 0
-        if not admin:
-            self._tls.io = True
-        inflight = sq.inflight
-        while self._running and not sq.gone:
-            head = sq.head
-            n = (sq.tail - head) % size
-            if not n:
-                break
-            with cq.lock:
-                budget = cq.size - 1 - cq.reserved
-                if budget <= 0:
-                    cq.throttled.add(sq)
-                    break
-                if n > budget:
-                    n = budget
-                if n > FETCH_BATCH:
-                    n = FETCH_BATCH
-                cq.reserved += n
-            end = head + n
-            try:
-                if end <= size:
-                    raw = mem.read(base + head * SQE_SIZE, n * SQE_SIZE)
-                else:
-                    raw = (mem.read(base + head * SQE_SIZE, (size - head) * SQE_SIZE)
-                           + mem.read(base, (end - size) * SQE_SIZE))
-            except DmaError as exc:
-                with cq.lock:
-                    cq.reserved -= n
-                self._fatal(f"cannot fetch from SQ {sqid}: {exc}")
-                return
-            sq.head = end % size
-            sq.fetched_total += n
-            now = time.monotonic()
-            gen = self._gen
-            for i in range(n):
-                req = decode_sqe(sqid, raw, i * SQE_SIZE, sq, gen, now)
-                cid = req.cid
-                if cid in inflight:
-                    self.complete(req, Status.CMDID_CONFLICT,
-                                  error=NvmeStatusError(Status.CMDID_CONFLICT, param_offset=2))
-                    continue
-                inflight[cid] = req
-                try:
-                    if admin:
-                        self._ka_last = now
-                        self.admin.submit(req)
-                    elif self._formatting and req.nsid in self._formatting:
-                        self.complete(req, Status.FORMAT_IN_PROGRESS)
-                    else:
-                        self.io.submit(req)
-                except Exception as exc:  # never lose a command to a bug
-                    log.exception("%s: command %r failed unexpectedly", self.name, req)
-                    if not req.done:
-                        self.complete(req, Status.INTERNAL,
-                                      error=NvmeStatusError(Status.INTERNAL, str(exc)))
-            if sq.ei_addr is not None:
-                try:
-                    mem.store32(sq.ei_addr, sq.tail)
-                    # A host that wrote the shadow tail before seeing this EventIdx did not
-                    # ring the MMIO doorbell: look again, and fetch once more if it moved.
-                    if sq.db_addr is not None and mem.load32(sq.db_addr) != sq.tail:
-                        with sq.lock:
-                            sq.rerun = True
-                except DmaError:
-                    pass
-
     # ------------------------------------------------------------------ interrupts
     @property
-    def _msix(self) -> MsixCapability:
+    def msix(self) -> MsixCapability | None:
+        """The MSI-X capability (found once, after :meth:`describe`)."""
         cap = self.__dict__.get("_msix_cap")
         if cap is None:
             cap = self.caps.find(MsixCapability)
             self.__dict__["_msix_cap"] = cap
         return cap
 
-    def _raise(self, cq: CompletionQueue, n: int) -> None:
-        """Signal ``n`` new entries on ``cq`` (MSI-X with coalescing, or INTx/MSI level logic)."""
-        if not cq.ien:
-            return
-        msix = self._msix
-        if msix is not None and msix.enabled:
-            vec = cq.vector
-            if self._coalesce_on and cq.cqid:
-                v = self._vectors[vec]
-                if not v.cd:
-                    thr, tim = self.features.coalescing
-                    with self._coal_lock:
-                        v.count += n
-                        if v.count > thr or not tim:
-                            v.count = 0
-                        else:
-                            if not v.armed:
-                                v.armed = True
-                                self._timer.schedule(tim * 100e-6, self._coalesce_expired, v)
-                            return
-            try:
-                self.irq.notify(vec)
-            except IrqError as exc:
-                log.warning("%s: %s", self.name, exc)
-            return
-        self._legacy_update()
-
-    def _coalesce_expired(self, v: InterruptVector) -> None:
-        with self._coal_lock:
-            v.armed = False
-            due = v.count > 0
-            v.count = 0
-        if due and self._msix.enabled:
-            try:
-                self.irq.notify(v.index)
-            except IrqError:
-                pass
-
-    def _legacy_update(self, unmasked: int = 0) -> None:
-        """Pin-based interrupts: the line is asserted while an unmasked vector has
-        unconsumed completion entries."""
-        msix = self._msix
-        if msix is not None and msix.enabled:
-            return
-        status = 0
-        for cq in self._cqs:
-            if cq is not None and cq.ien and cq.head != cq.tail:
-                status |= 1 << (cq.vector & 31)
-        self._irq_status = status
-        self.irq.set_intx(bool(status & ~self._intms))
-
     def coalescing_changed(self) -> None:
         """Feature 08h changed."""
-        thr, tim = self.features.coalescing
-        self._coalesce_on = bool(thr or tim)
+        self.interrupts.set_coalescing(*self.features.coalescing)
 
     def vector_cd(self, iv: int) -> bool:
         """Coalescing Disable of vector ``iv`` (the admin vector is never coalesced)."""
-        return self._vectors[iv].cd
+        return self.interrupts.vector_cd(iv)
 
     def set_vector_cd(self, iv: int, cd: bool) -> None:
-        self._vectors[iv].cd = cd
+        self.interrupts.set_vector_cd(iv, cd)
 
     # ------------------------------------------------------------------ errors, SMART, AER sources
-    def _log_error(self, req: Request, sf: int, phase: int, error: NvmeStatusError | None) -> None:
-        self.error_log.add(sqid=req.sqid, cid=req.cid, status_field=sf, phase=phase,
-                           param_offset=error.param_offset if error is not None else None,
-                           lba=(error.lba or 0) if error is not None else 0,
-                           nsid=req.nsid)
-
-    @property
-    def critical_warning(self) -> int:
-        """SMART critical warning: injected bits plus the temperature bit."""
-        cw = self._injected_warning
-        t = self.temperature
-        if t >= self.features.temp_over or (self.features.temp_under and t <= self.features.temp_under):
-            cw |= 1 << 1
-        return cw
-
-    def set_temperature(self, kelvin: int) -> None:
-        """Change the composite temperature (a thermal model or test); may raise a SMART AEN."""
-        if not 0 <= kelvin <= 0xFFFF:
-            raise ValueError(f"temperature {kelvin} K is out of range")
-        self._account_temperature()
-        self.temperature = kelvin
-        self.check_temperature()
-
-    def inject_critical_warning(self, bits: int) -> None:
-        """Set critical warning bits (0 spare, 2 reliability, 3 read-only, 4 backup failed)."""
-        self._injected_warning = bits & 0x3D
-        self.check_temperature()
-
-    def _account_temperature(self) -> None:
-        now = time.monotonic()
-        dt = now - self._temp_since
-        self._temp_since = now
-        if self.temperature >= self.cfg.critical_temp:
-            self.smart.critical_temp_seconds += dt
-        elif self.temperature >= self.cfg.warning_temp:
-            self.smart.warning_temp_seconds += dt
-
-    def check_temperature(self) -> None:
-        """Post a SMART AEN for each critical warning bit that is set, enabled in the
-        Asynchronous Event Configuration and not reported yet. A bit is reported again
-        only after it cleared (so enabling a bit in AEC reports a condition already there)."""
-        cw = self.critical_warning
-        self._reported_warning &= cw
-        if self._state != _ST_READY:
-            return
-        new = cw & ~self._reported_warning & self.features.aec
-        if not new:
-            return
-        self._reported_warning |= new
-        for bit, info in ((1, aer_mod.INFO_SMART_TEMPERATURE), (0, aer_mod.INFO_SMART_SPARE),
-                          (2, aer_mod.INFO_SMART_RELIABILITY), (3, aer_mod.INFO_SMART_RELIABILITY),
-                          (4, aer_mod.INFO_SMART_RELIABILITY)):
-            if new & (1 << bit):
-                self.aer.post(aer_mod.AER_SMART, info, 0x02)
-
-    def smart_page(self) -> bytes:
-        """The SMART / Health Information log page (LID 02h)."""
-        self._account_temperature()
-        return self.smart.page(critical_warning=self.critical_warning, temperature=self.temperature,
-                               error_entries=self.error_log.count)
-
-    def notice(self, info: int, lid: int) -> None:
-        """Post a notice AEN if its AEC bit is set (8: namespace attribute, 9: firmware activation)."""
-        bit = {aer_mod.INFO_NS_ATTR_CHANGED: 8, aer_mod.INFO_FW_ACTIVATION: 9}.get(info)
-        if bit is not None and self.features.aec & (1 << bit):
-            self.aer.post(aer_mod.AER_NOTICE, info, lid)
-
-    # ------------------------------------------------------------------ keep alive
-    def keep_alive(self) -> None:
-        """A Keep Alive command arrived."""
-        self._ka_last = time.monotonic()
-
-    def keep_alive_changed(self) -> None:
-        """Feature 0Fh changed: restart the keep alive timer."""
-        self._ka_last = time.monotonic()
-        self._ka_token += 1
-        kato = self.features.kato_ms
-        if kato:
-            self._timer.schedule(kato / 1000.0, self._keep_alive_check, self._ka_token)
-
-    def _keep_alive_check(self, token: int) -> None:
-        kato = self.features.kato_ms
-        if not kato or token != self._ka_token or self._state != _ST_READY:
-            return
-        left = self._ka_last + kato / 1000.0 - time.monotonic()
-        if left > 0:
-            self._timer.schedule(left, self._keep_alive_check, token)
-            return
-        self.error_log.add(sqid=0xFFFF, cid=0xFFFF, status_field=Status.KA_TIMEOUT_EXPIRED | DNR)
-        self._fatal("keep alive timeout expired")
-
-    # ------------------------------------------------------------------ queue management (admin)
-    def park(self, req: Request) -> None:
-        """Hold ``req`` indefinitely (an AER): it no longer counts against its CQ's fetch budget."""
-        cq = req.sq.cq
-        with cq.lock:
-            req.parked = True
-            cq.reserved -= 1
-
-    def unpark(self, req: Request) -> None:
-        cq = req.sq.cq
-        with cq.lock:
-            req.parked = False
-            cq.reserved += 1
-
-    def io_inflight_for(self, nsids: set[int]) -> bool:
-        """Whether an I/O command for one of ``nsids`` is in flight."""
-        for sq in list(self._sqs[1:]):
-            if sq is not None and any(r.nsid in nsids for r in list(sq.inflight.values())):
-                return True
-        return False
-
-    def io_queues_exist(self) -> bool:
-        return any(q is not None for q in self._sqs[1:]) or any(q is not None for q in self._cqs[1:])
-
-    def sq(self, qid: int) -> SubmissionQueue | None:
-        """The submission queue ``qid``, or None."""
-        return self._sqs[qid] if 0 <= qid < len(self._sqs) else None
-
-    def cq(self, qid: int) -> CompletionQueue | None:
-        """The completion queue ``qid``, or None."""
-        return self._cqs[qid] if 0 <= qid < len(self._cqs) else None
-
-    def add_cq(self, cq: CompletionQueue) -> None:
-        if self._dbbuf is not None:
-            self._attach_shadow(cq, 2 * cq.cqid + 1)
-        self._cqs[cq.cqid] = cq
-
-    def add_sq(self, sq: SubmissionQueue) -> None:
-        if self._dbbuf is not None:
-            self._attach_shadow(sq, 2 * sq.sqid)
-        sq.cq.sqs.append(sq)
-        self._sqs[sq.sqid] = sq
-
-    def delete_cq(self, cq: CompletionQueue) -> None:
-        with cq.lock:
-            cq.gone = True
-        self._cqs[cq.cqid] = None
-        if self._irq_status:
-            self._legacy_update()
-
-    def delete_sq(self, sq: SubmissionQueue, req: Request) -> bool:
-        """Start deleting ``sq``. Returns True if done now; else ``req`` completes when the
-        commands in flight on it have."""
-        self._sqs[sq.sqid] = None
-        with sq.cq.lock:
-            sq.deleting = True
-            sq.delete_req = req
-            sq.cq.throttled.discard(sq)
-            done = not sq.inflight
-        if done:
-            self._finish_sq_delete(sq, complete=False)
-        return done
-
-    def _finish_sq_delete(self, sq: SubmissionQueue, *, complete: bool = True) -> None:
-        with sq.cq.lock:
-            if sq.gone:
-                return
-            sq.gone = True
-            if sq in sq.cq.sqs:
-                sq.cq.sqs.remove(sq)
-            req, sq.delete_req = sq.delete_req, None
-        if complete and req is not None:
-            self.complete(req)
-
-    def _attach_shadow(self, q: Any, slot: int) -> None:
-        dbs, eis = self._dbbuf  # type: ignore[misc]
-        q.db_addr = dbs + 4 * slot
-        q.ei_addr = eis + 4 * slot
-        value = q.tail if isinstance(q, SubmissionQueue) else q.head
-        try:
-            mem = self.memory
-            mem.store32(q.db_addr, value)
-            mem.store32(q.ei_addr, value)
-        except DmaError:
-            pass
-
-    def set_doorbell_buffer(self, dbs: int, eis: int) -> None:
-        """Doorbell Buffer Config: shadow doorbells at ``dbs``, EventIdx at ``eis``."""
-        self._dbbuf = (dbs, eis)
-        for i, sq in enumerate(self._sqs):
-            if sq is not None:
-                self._attach_shadow(sq, 2 * i)
-        for i, cq in enumerate(self._cqs):
-            if cq is not None:
-                self._attach_shadow(cq, 2 * i + 1)
-
     # ------------------------------------------------------------------ namespace changes
+    def begin_format(self, nsids: set[int]) -> list[int]:
+        """Mark ``nsids`` as being formatted (I/O to them fails with Format In Progress);
+        returns the ones already being formatted instead (then nothing is marked)."""
+        with self.state_lock:
+            busy = sorted(n for n in nsids if n in self._formatting)
+            if not busy:
+                self._formatting |= nsids
+            return busy
+
+    def end_format(self, nsids: set[int]) -> None:
+        """A Format NVM of ``nsids`` finished."""
+        with self.state_lock:
+            self._formatting -= nsids
+
     def namespace_changed(self, nsid: int) -> None:
         """Record ``nsid`` in the Changed Namespace List and post the notice."""
         self.changed_ns.add(nsid)
         self.notice(aer_mod.INFO_NS_ATTR_CHANGED, 0x04)
+
+    # ------------------------------------------------------------------ state for migration
+    @property
+    def fsm_state(self) -> str:
+        """The state machine: "disabled", "ready", "resetting" or "failed"."""
+        return self._state
+
+    @property
+    def running(self) -> bool:
+        """Commands are fetched (ready, not shutting down, not paused, not closed)."""
+        return self._running
+
+    @property
+    def submission_queues(self) -> list[SubmissionQueue | None]:
+        """Submission queues by id (read only: queues change through admin commands)."""
+        return self._sqs
+
+    @property
+    def completion_queues(self) -> list[CompletionQueue | None]:
+        """Completion queues by id (read only)."""
+        return self._cqs
+
+    def snapshot(self) -> ControllerState:
+        """The registers and the state machine."""
+        regs = self.regs
+        return ControllerState(state=self._state, cc=regs["CC"].value, csts=self._csts, aqa=regs["AQA"].value,
+                               asq=regs["ASQ"].value, acq=regs["ACQ"].value, shutting_down=self._shutting_down,
+                               dirty=bool(self._dirty), page_size=self.page_size)
+
+    def restore(self, st: ControllerState) -> None:
+        """Take the registers and state machine of a checked state (call with
+        :attr:`state_lock` held). Every queue and parked request is dropped, fetching
+        stays paused until :meth:`finish_restore` and the migration's resume."""
+        self._paused = True
+        self._gen += 1
+        for req in self.aer.reset():
+            req.done = True
+        self._clear_queues()
+        self._draining = []
+        self._enable_pending = False
+        self._formatting.clear()
+        regs = self.regs
+        regs["CC"].value = st.cc
+        regs["AQA"].value = st.aqa
+        regs["ASQ"].value = st.asq
+        regs["ACQ"].value = st.acq
+        self._csts = st.csts
+        self._state = st.state
+        self._shutting_down = st.shutting_down
+        self._dirty = st.dirty
+        self.page_size = st.page_size
+
+    def install_queues(self, sqs: list[SubmissionQueue | None], cqs: list[CompletionQueue | None]) -> None:
+        """Use restored queues (indexed by queue id, as many as this controller has)."""
+        self._sqs[:] = sqs
+        self._cqs[:] = cqs
+
+    def restore_parked_aers(self, cids: tuple[int, ...]) -> list[Request]:
+        """Parked Asynchronous Event Requests on the admin SQ with these CIDs (restored
+        outstanding AERs); they are in flight on the admin SQ."""
+        asq = self._sqs[0]
+        out = []
+        now = time.monotonic()
+        for cid in cids:
+            sqe = bytes([0x0C, 0]) + cid.to_bytes(2, "little") + bytes(SQE_SIZE - 4)
+            req = Request(0, cid, 0x0C, 0, sqe, sq=asq, gen=self._gen, t_fetch=now, parked=True)
+            asq.inflight[cid] = req
+            out.append(req)
+        return out
+
+    def finish_restore(self) -> None:
+        """After a restore: timers stopped, keep alive counted from now, the state file
+        rewritten after the resume (outside the downtime)."""
+        self._ka_last = time.monotonic()
+        self._ka_token += 1
+        self._timer.cancel_all()
+        self._update_running()
+        self._save_at_resume = True
+
+    def pause(self) -> None:
+        """Stop fetching (a quiesce); commands in flight go on."""
+        with self.state_lock:
+            self._paused = True
+            self._update_running()
+
+    def unpause(self) -> bool:
+        """Fetch again; returns whether it was paused. A state file due since a restore
+        is written by the next admin command (:meth:`maybe_save_state`)."""
+        with self.state_lock:
+            was = self._paused
+            self._paused = False
+            self._update_running()
+        if self.__dict__.pop("_save_at_resume", False):
+            self._last_save = float("-inf")
+        return was
+
+    def fetch_idle(self) -> bool:
+        """No doorbell or kick batch in progress and no SQ being fetched."""
+        return not self._batches and not any(sq is not None and sq.running for sq in list(self._sqs))
+
+    def batches_idle(self) -> bool:
+        """No doorbell or kick batch in progress on any thread."""
+        return not self._batches
+
+    def admin_work_marker(self) -> concurrent.futures.Future | None:
+        """A future done once the admin work queued so far has run (None: no admin worker)."""
+        pool = self._admin_pool
+        return pool.submit(lambda: None) if pool is not None else None
+
+    def stop_timers(self) -> None:
+        """No keep-alive verdict, no coalescing deadline; aggregated interrupts delivered now."""
+        self._ka_token += 1
+        self._timer.cancel_all()
+        self.interrupts.flush_coalesced()
+
+    def restart_work(self) -> None:
+        """After an unpause: keep alive counted from now, events delivered, every SQ fetched."""
+        self._ka_last = time.monotonic()
+        if self.features.kato_ms:
+            self.keep_alive_changed()
+        self.aer.deliver()
+        for sq in list(self._sqs):
+            if sq is not None and not sq.gone:
+                self._kick(sq)
 
     # ------------------------------------------------------------------ migration
     def enabled_features(self) -> set[str]:

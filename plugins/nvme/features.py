@@ -23,6 +23,11 @@ FID    Feature                          Notes
 16h    Host Behavior Support            512-byte data buffer
 =====  ==============================  ===================================================
 
+:meth:`Features.snapshot` / :meth:`Features.restore` carry every current value
+(:class:`FeaturesState`, the ``nvme/features`` vmstate description; its per-vector
+Coalescing Disable bits belong to :mod:`pcidev_nvme.interrupts` and are filled in by
+the controller's migration).
+
 Select (CDW10 10:8) supports current, default, saved (= default: nothing is
 saveable) and supported capabilities. Set with Save (CDW10 bit 31) fails with
 Feature Identifier Not Saveable.
@@ -32,15 +37,19 @@ from __future__ import annotations
 
 import struct
 import time
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
+import attrs
+
+from pcidev.vmstate import U8, U16, U32, U64, Bool, Bytes, VarArray, vmstate
+from pcidev_nvme.request import Request
 from pcidev_nvme.status import NvmeStatusError, Status
 
-if TYPE_CHECKING:
-    from pcidev_nvme.controller import NvmeController
-    from pcidev_nvme.request import Request
 
-__all__ = ["Features", "FID_NAMES"]
+__all__ = ["Features", "FeaturesState", "TlerState", "FID_NAMES"]
+
+#: most namespaces with an error recovery setting in a migration stream
+MAX_NS = 1024
 
 FID_ARBITRATION = 0x01
 FID_POWER_MGMT = 0x02
@@ -77,13 +86,60 @@ _OFF_NSID = 4
 _BROADCAST = 0xFFFFFFFF
 
 
+@vmstate("nvme/tler")
+@attrs.frozen
+class TlerState:
+    """Error Recovery (feature 05h) of one namespace."""
+
+    nsid: U32
+    value: U16
+
+
+@vmstate("nvme/features")
+@attrs.frozen
+class FeaturesState:
+    """The current feature values (``vector_cd``: feature 09h, owned by the interrupts)."""
+
+    arbitration: U32
+    power_mgmt: U32
+    vwc: U32
+    num_queues: U32
+    coalescing: U32
+    aec: U32
+    kato: U32
+    temp_over: U16
+    temp_under: U16
+    nsq: U16
+    ncq: U16
+    nq_allocated: Bool
+    timestamp: U64  # ms value at the save
+    timestamp_origin: U8
+    host_behavior: Bytes[512]
+    tler: VarArray[TlerState, MAX_NS] = ()
+    vector_cd: VarArray[Bool, 2048] = ()
+
+
+class FeaturesHost(Protocol):
+    """What :class:`Features` uses of the controller."""
+
+    cfg: Any
+    namespaces: dict[int, Any]
+
+    def check_temperature(self) -> None: ...
+    def io_queues_exist(self) -> bool: ...
+    def coalescing_changed(self) -> None: ...
+    def vector_cd(self, iv: int) -> bool: ...
+    def set_vector_cd(self, iv: int, cd: bool) -> None: ...
+    def keep_alive_changed(self) -> None: ...
+
+
 class Features:
     """Current feature values of one controller (reset to defaults at every controller reset).
 
     :param ctrl: the controller (for queue counts, vectors, temperature, namespaces).
     """
 
-    def __init__(self, ctrl: NvmeController) -> None:
+    def __init__(self, ctrl: FeaturesHost) -> None:
         self.ctrl = ctrl
         self.reset()
 
@@ -118,6 +174,41 @@ class Features:
         self.ncq = cfg.max_ioqpairs
         #: Number of Queues was set since the last reset (the allocation is then fixed)
         self.nq_allocated = False
+
+    # -- state -------------------------------------------------------------------------------
+    def snapshot(self, vector_cd: tuple[bool, ...] = ()) -> FeaturesState:
+        """The current values (the timestamp as it reads now).
+
+        :param vector_cd: Coalescing Disable per vector (owned by the interrupts), carried
+            in the same description.
+        """
+        v = self.values
+        return FeaturesState(
+            arbitration=v[FID_ARBITRATION], power_mgmt=v[FID_POWER_MGMT], vwc=v[FID_VWC],
+            num_queues=v[FID_NUM_QUEUES], coalescing=v[FID_IRQ_COALESCING], aec=v[FID_ASYNC_EVENT],
+            kato=v[FID_KATO], temp_over=self.temp_over, temp_under=self.temp_under, nsq=self.nsq,
+            ncq=self.ncq, nq_allocated=self.nq_allocated, timestamp=self.timestamp_now(),
+            timestamp_origin=self.timestamp_origin, host_behavior=bytes(self.host_behavior),
+            tler=tuple(TlerState(n, t) for n, t in sorted(self.tler.items())), vector_cd=vector_cd)
+
+    def restore(self, state: FeaturesState) -> None:
+        """Take the values of a checked ``state`` (the timestamp counts on from now)."""
+        self.reset()
+        v = self.values
+        v[FID_ARBITRATION] = state.arbitration
+        v[FID_POWER_MGMT] = state.power_mgmt
+        v[FID_VWC] = state.vwc
+        v[FID_NUM_QUEUES] = state.num_queues
+        v[FID_IRQ_COALESCING] = state.coalescing
+        v[FID_ASYNC_EVENT] = state.aec
+        v[FID_KATO] = state.kato
+        self.temp_over, self.temp_under = state.temp_over, state.temp_under
+        self.nsq, self.ncq, self.nq_allocated = state.nsq, state.ncq, state.nq_allocated
+        self.timestamp_base = state.timestamp
+        self.timestamp_set_at = time.monotonic()
+        self.timestamp_origin = state.timestamp_origin
+        self.host_behavior = bytes(state.host_behavior)
+        self.tler = {t.nsid: t.value for t in state.tler}
 
     # -- helpers for the controller --------------------------------------------------------
     @property

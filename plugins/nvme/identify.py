@@ -16,11 +16,22 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from pcidev_nvme.controller import NvmeController
-    from pcidev_nvme.namespace import Namespace
+from pcidev_nvme import limits
+from pcidev_nvme.namespace import Namespace
+
+
+class IdentifyHost(Protocol):
+    """What Identify Controller reads of the controller."""
+
+    cfg: Any
+    firmware: Any
+
+    @property
+    def total_capacity(self) -> int: ...
+    @property
+    def allocated_capacity(self) -> int: ...
 
 __all__ = ["identify_controller", "nsid_list", "identify_ctrl_csi_nvm", "identify_ns_independent",
            "controller_list", "io_command_set_vector", "IDENTIFY_SIZE", "OACS", "LPA", "OAES", "CTRATT"]
@@ -54,10 +65,8 @@ def _ascii(text: str, n: int) -> bytes:
     return text.encode("ascii")[:n].ljust(n, b" ")
 
 
-def identify_controller(ctrl: NvmeController) -> bytes:
+def identify_controller(ctrl: IdentifyHost) -> bytes:
     """The 4096-byte Identify Controller data structure (CNS 01h)."""
-    from pcidev_nvme import io as nvme_io
-
     cfg = ctrl.cfg
     buf = bytearray(IDENTIFY_SIZE)
     struct.pack_into("<HH", buf, 0, cfg.vendor_id, cfg.subsystem_vendor_id)
@@ -70,9 +79,7 @@ def identify_controller(ctrl: NvmeController) -> bytes:
     buf[77] = cfg.mdts
     # RTD3E: the longest a normal shutdown (CC.SHN) takes: the drain of commands in flight
     # plus the final flush. Linux waits max(RTD3E, 5 s) for CSTS.SHST; 0 would mean 5 s.
-    from pcidev_nvme.controller import SHUTDOWN_DRAIN_TIMEOUT
-
-    rtd3e = int((SHUTDOWN_DRAIN_TIMEOUT + SHUTDOWN_FLUSH_MARGIN) * 1_000_000)
+    rtd3e = int((limits.SHUTDOWN_DRAIN_TIMEOUT + SHUTDOWN_FLUSH_MARGIN) * 1_000_000)
     struct.pack_into("<HIII", buf, 78, cfg.cntlid, NVME_VERSION, 0, rtd3e)  # CNTLID VER RTD3R RTD3E
     struct.pack_into("<II", buf, 92, OAES, CTRATT)
     buf[111] = 1  # CNTRLTYPE: I/O controller
@@ -96,15 +103,15 @@ def identify_controller(ctrl: NvmeController) -> bytes:
     buf[512] = 0x66  # SQES
     buf[513] = 0x44  # CQES
     struct.pack_into("<HI", buf, 514, 0, cfg.max_namespaces)  # MAXCMD NN
-    struct.pack_into("<H", buf, 520, nvme_io.ONCS | ONCS_CORE)
+    struct.pack_into("<H", buf, 520, limits.ONCS | ONCS_CORE)
     struct.pack_into("<H", buf, 522, 0)  # FUSES
     buf[524] = 0  # FNA: format per namespace, no crypto erase
     buf[525] = 0x07  # VWC: present, flush with broadcast NSID supported
     struct.pack_into("<HH", buf, 526, 0, 0)  # AWUN AWUPF
     buf[530] = 1  # ICSVSCC
     buf[531] = 0  # NWPC
-    struct.pack_into("<HH", buf, 532, 0, getattr(nvme_io, "OCFS", 0))  # ACWU OCFS
-    struct.pack_into("<I", buf, 536, nvme_io.SGLS)
+    struct.pack_into("<HH", buf, 532, 0, limits.OCFS)  # ACWU OCFS
+    struct.pack_into("<I", buf, 536, limits.SGLS)
     struct.pack_into("<I", buf, 540, 0)  # MNAN
     subnqn = f"nqn.2024-01.io.pcidev:nvme:{cfg.serial}"
     buf[768:768 + 256] = subnqn.encode("ascii")[:255].ljust(256, b"\0")
@@ -115,14 +122,12 @@ def identify_controller(ctrl: NvmeController) -> bytes:
 
 def identify_ctrl_csi_nvm() -> bytes:
     """CNS 06h, CSI 00h: VSL, WZSL, WUSL, DMRL, DMRSL, DMSL from the I/O command set."""
-    from pcidev_nvme import io as nvme_io
-
     buf = bytearray(IDENTIFY_SIZE)
-    buf[0] = getattr(nvme_io, "VSL", 0)
-    buf[1] = nvme_io.WZSL
+    buf[0] = limits.VSL
+    buf[1] = limits.WZSL
     buf[2] = 0  # WUSL
-    buf[3] = min(nvme_io.DMRL, 255)
-    struct.pack_into("<IQ", buf, 4, nvme_io.DMRSL, getattr(nvme_io, "DMSL", 0))
+    buf[3] = min(limits.DMRL, 255)
+    struct.pack_into("<IQ", buf, 4, limits.DMRSL, limits.DMSL)
     return bytes(buf)
 
 

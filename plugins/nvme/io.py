@@ -34,8 +34,8 @@ backend I/O error on read / write                      Unrecovered Read Error / 
 backend out of space                                   Capacity Exceeded
 =====================================================  =============================
 
-The controller core fills the identify fields that describe this command set
-from the constants exported here: :data:`ONCS`, :data:`SGLS`, :data:`OCFS`,
+The identify fields that describe this command set come from
+:mod:`pcidev_nvme.limits` (re-exported here): :data:`ONCS`, :data:`SGLS`, :data:`OCFS`,
 :data:`COPY_LIMITS`, :data:`DMRL`, :data:`DMRSL`, :data:`DMSL`, :data:`WZSL`,
 :data:`VSL`.
 """
@@ -43,19 +43,19 @@ from the constants exported here: :data:`ONCS`, :data:`SGLS`, :data:`OCFS`,
 from __future__ import annotations
 
 import errno
-import inspect
 import logging
 import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pcidev.errors import DmaError
+from pcidev_nvme.limits import COPY_LIMITS, DMRL, DMRSL, DMSL, MAX_DSM_RANGES, OCFS, ONCS, SGLS, VSL, WZSL
+from pcidev_nvme.namespace import Namespace
 from pcidev_nvme.prp import OFF_DPTR1, data_segments, prp_segments
+from pcidev_nvme.request import ControllerPort
 from pcidev_nvme.status import NvmeStatusError, Status
 
-if TYPE_CHECKING:
-    from pcidev_nvme.namespace import Namespace
 
 __all__ = [
     "COPY_LIMITS",
@@ -88,36 +88,6 @@ class Opcode:
     COPY = 0x19
 
 
-#: Identify Controller ONCS bits of this command set: Compare (0), Dataset
-#: Management (2), Write Zeroes (3), Verify (7), Copy (8). The core ORs in its own
-#: (Save/Select in features, timestamp).
-ONCS = (1 << 0) | (1 << 2) | (1 << 3) | (1 << 7) | (1 << 8)
-
-#: Identify Controller SGLS: SGLs supported without alignment or granularity
-#: requirement (bits 1:0 = 01b), SGL Bit Bucket descriptor supported (bit 16).
-SGLS = 0x1 | (1 << 16)
-
-#: Identify Controller OCFS: Copy source range descriptor format 0 supported.
-OCFS = 0x1
-
-#: Copy limits (Identify Namespace MSSRL, MCL, MSRC): at most 128 logical blocks per
-#: source range, 1024 blocks per command, 128 source ranges (MSRC is 0's based).
-COPY_LIMITS = (128, 1024, 127)
-
-#: Ranges one Dataset Management command may carry (NR is 8 bits, 0's based): all are accepted.
-MAX_DSM_RANGES = 256
-#: Dataset Management Ranges Limit (Identify Controller NVM, CNS 06h): 0 = no limit
-#: beyond the command's own 256.
-DMRL = 0
-#: Dataset Management Range Size Limit: 0 = no limit (a range's 32-bit length is accepted).
-DMRSL = 0
-#: Dataset Management Size Limit: 0 = no limit on the total.
-DMSL = 0
-#: Write Zeroes Size Limit (units of the minimum memory page size, 2^n): 0 = no limit.
-WZSL = 0
-#: Verify Size Limit: 0 = no limit.
-VSL = 0
-
 #: Worker threads for backends that may block.
 DEFAULT_WORKERS = 4
 
@@ -147,15 +117,6 @@ def _lba_range(slba: int, nlb: int, ns: Namespace) -> NvmeStatusError:
     )
 
 
-def _takes_keyword(func: Any, name: str) -> bool:
-    """Whether ``func`` accepts the keyword argument ``name``."""
-    try:
-        params = inspect.signature(func).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
 def _os_status(exc: OSError, *, write: bool) -> int:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return Status.CAP_EXCEEDED
@@ -175,10 +136,9 @@ class IoCommandSet:
     :param workers: size of the worker pool for backends that may block.
     """
 
-    def __init__(self, ctrl: Any, *, workers: int = DEFAULT_WORKERS) -> None:
+    def __init__(self, ctrl: ControllerPort, *, workers: int = DEFAULT_WORKERS) -> None:
         self.ctrl = ctrl
         self._complete = ctrl.complete
-        self._complete_takes_error = _takes_keyword(ctrl.complete, "error")
         self._workers = max(1, int(workers))
         self._pool: ThreadPoolExecutor | None = None
         self._cond = threading.Condition()
@@ -362,10 +322,7 @@ class IoCommandSet:
         else:  # KeyboardInterrupt, SystemExit: complete, then let it propagate
             self._complete(req, Status.INTERNAL, 0)
             raise exc
-        if self._complete_takes_error:
-            self._complete(req, err.status, 0, error=err)
-        else:
-            self._complete(req, err.status, 0)
+        self._complete(req, err.status, 0, error=err)
 
     def _media_error(self) -> None:
         smart = getattr(self.ctrl, "smart", None)

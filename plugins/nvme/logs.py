@@ -8,27 +8,30 @@
 * :class:`FirmwareSlots` (LID 03h): slot contents, the active slot and the
   slot activated at the next reset;
 * :class:`ChangedNamespaces` (LID 04h);
-* :func:`effects_log` (LID 05h): Commands Supported and Effects;
-* :class:`StateFile`: the JSON file that carries SMART counters, the error
-  count, firmware slots and the clean/unclean flag across restarts.
+* :func:`effects_log` (LID 05h): Commands Supported and Effects.
+
+Each component exposes ``snapshot()`` and ``restore(state)`` of a frozen state class
+defined beside it (:class:`ErrorLogState`, :class:`SmartState`,
+:class:`FirmwareState`, :class:`ChangedNsState`); the controller's migration
+(:mod:`pcidev_nvme.migration`) and its state file (:mod:`pcidev_nvme.persist`) both
+store those.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import struct
-import tempfile
 import threading
 import time
-from pathlib import Path
-from typing import Any
 
-from pcidev.errors import ConfigError
+import attrs
+import crc32c
 
-__all__ = ["ErrorLog", "SmartCounters", "FirmwareSlots", "firmware_image", "parse_firmware_image", "ChangedNamespaces", "StateFile", "effects_log",
+from pcidev.vmstate import U8, U16, U32, U64, Str, VarArray, vmstate
+
+__all__ = ["ErrorLog", "ErrorLogState", "SmartCounters", "SmartState", "FirmwareSlots", "FirmwareState", "FwChunk",
+           "firmware_image", "parse_firmware_image", "ChangedNamespaces", "ChangedNsState", "effects_log",
            "LID_ERROR", "LID_SMART", "LID_FW_SLOT", "LID_CHANGED_NS", "LID_EFFECTS", "CMD_EFFECTS"]
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,14 @@ LID_EFFECTS = 0x05
 
 _ERR_ENTRY = struct.Struct("<QHHHHQIBB2xQH22x")
 assert _ERR_ENTRY.size == 64
+
+
+@attrs.frozen
+class ErrorLogState:
+    """The lifetime error count and the kept 64-byte entries, newest first."""
+
+    count: int
+    entries: tuple[bytes, ...] = ()
 
 
 class ErrorLog:
@@ -73,6 +84,16 @@ class ErrorLog:
             del self._ring[self.capacity:]
             return self.count
 
+    def snapshot(self) -> ErrorLogState:
+        with self._lock:
+            return ErrorLogState(count=self.count, entries=tuple(self._ring))
+
+    def restore(self, state: ErrorLogState) -> None:
+        """Take the count and the entries (at most :attr:`capacity` of them are kept)."""
+        with self._lock:
+            self.count = state.count
+            self._ring = [bytes(e) for e in state.entries[:self.capacity]]
+
     def page(self) -> bytes:
         """The log page: ``capacity`` entries, newest first, unused entries zero."""
         with self._lock:
@@ -93,18 +114,42 @@ def decode_error_entry(raw: bytes) -> dict[str, int]:
             "param_error_location": pel, "lba": lba, "nsid": nsid, "csi": csi}
 
 
+@vmstate("nvme/smart")
+@attrs.frozen
+class SmartState:
+    """SMART counters; times in microseconds."""
+
+    bytes_read: U64
+    bytes_written: U64
+    host_read_commands: U64
+    host_write_commands: U64
+    busy_us: U64
+    power_cycles: U64
+    power_on_us: U64
+    unsafe_shutdowns: U64
+    media_errors: U64
+    warning_temp_us: U64
+    critical_temp_us: U64
+    temperature: U16
+    injected_warning: U8
+    reported_warning: U8
+
+
+def _us(seconds: float) -> int:
+    return max(0, int(seconds * 1e6))
+
+
 class SmartCounters:
-    """SMART / Health counters (thread-safe: the data path updates them from any thread).
+    """SMART / Health counters (thread-safe: the data path updates them from any thread),
+    the composite temperature and the critical warning bits injected and reported.
 
     Data units are kept as bytes and reported, as the spec says, in thousands of
     512-byte units rounded up.
+
+    :param temperature: composite temperature in kelvin at power-on.
     """
 
-    _PERSISTED = ("bytes_read", "bytes_written", "host_read_commands", "host_write_commands", "busy_seconds",
-                  "power_cycles", "power_on_seconds", "unsafe_shutdowns", "media_errors",
-                  "warning_temp_seconds", "critical_temp_seconds")
-
-    def __init__(self) -> None:
+    def __init__(self, temperature: int = 0) -> None:
         self._lock = threading.Lock()
         self.bytes_read = 0
         self.bytes_written = 0
@@ -120,6 +165,13 @@ class SmartCounters:
         self.critical_temp_seconds = 0.0
         self._powered_at = time.monotonic()
         self._busy_until = 0.0
+        #: composite temperature (kelvin)
+        self.temperature = temperature
+        self._temp_since = time.monotonic()
+        #: critical warning bits set by a test or tool
+        self.injected_warning = 0
+        #: critical warning bits reported by an AEN (reported again only after they clear)
+        self.reported_warning = 0
 
     # -- data path ---------------------------------------------------------------------
     def record_read(self, nbytes: int) -> None:
@@ -175,21 +227,78 @@ class SmartCounters:
     def busy_minutes(self) -> int:
         return int(self.busy_seconds // 60)
 
-    # -- persistence ---------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """What the state file keeps (power-on time includes the current power cycle)."""
+    # -- temperature ---------------------------------------------------------------------------
+    def account_temperature(self, warning_temp: int, critical_temp: int) -> None:
+        """Count the time since the last call above the warning or critical temperature."""
+        now = time.monotonic()
         with self._lock:
-            d = {k: getattr(self, k) for k in self._PERSISTED}
-        d["power_on_seconds"] = self.power_on_total
-        return d
+            dt = now - self._temp_since
+            self._temp_since = now
+            if self.temperature >= critical_temp:
+                self.critical_temp_seconds += dt
+            elif self.temperature >= warning_temp:
+                self.warning_temp_seconds += dt
 
-    def load(self, data: dict[str, Any]) -> None:
-        """Restore counters saved by :meth:`to_dict`; unknown or malformed keys are ignored."""
-        for key in self._PERSISTED:
-            val = data.get(key)
-            if isinstance(val, (int, float)) and not isinstance(val, bool) and val >= 0:
-                setattr(self, key, type(getattr(self, key))(val))
-        self._powered_at = time.monotonic()
+    def set_temperature(self, kelvin: int) -> None:
+        """Change the composite temperature (account the time before with
+        :meth:`account_temperature` first)."""
+        self.temperature = kelvin
+
+    def inject_warning(self, bits: int) -> None:
+        """Set the injected critical warning bits (0 spare, 2 reliability, 3 read-only, 4 backup)."""
+        self.injected_warning = bits & 0x3D
+
+    def report_warnings(self, current: int, enabled: int) -> int:
+        """The critical warning bits to report now: set in ``current``, enabled, and not
+        reported since they last cleared; they count as reported from now on."""
+        with self._lock:
+            self.reported_warning &= current
+            new = current & ~self.reported_warning & enabled
+            self.reported_warning |= new
+            return new
+
+    def clear_reported(self) -> None:
+        """Controller reset: every warning still set is reported again."""
+        self.reported_warning = 0
+
+    # -- state ---------------------------------------------------------------------------------
+    def snapshot(self) -> SmartState:
+        """The counters now (the power-on time includes the current power cycle)."""
+        with self._lock:
+            return SmartState(
+                bytes_read=self.bytes_read, bytes_written=self.bytes_written,
+                host_read_commands=self.host_read_commands, host_write_commands=self.host_write_commands,
+                busy_us=_us(self.busy_seconds), power_cycles=self.power_cycles,
+                power_on_us=_us(self.power_on_total), unsafe_shutdowns=self.unsafe_shutdowns,
+                media_errors=self.media_errors, warning_temp_us=_us(self.warning_temp_seconds),
+                critical_temp_us=_us(self.critical_temp_seconds), temperature=self.temperature,
+                injected_warning=self.injected_warning, reported_warning=self.reported_warning)
+
+    def restore(self, state: SmartState) -> None:
+        """Take every counter of ``state``; this power cycle starts now."""
+        now = time.monotonic()
+        with self._lock:
+            self.bytes_read, self.bytes_written = state.bytes_read, state.bytes_written
+            self.host_read_commands, self.host_write_commands = state.host_read_commands, state.host_write_commands
+            self.busy_seconds = state.busy_us / 1e6
+            self.power_cycles = state.power_cycles
+            self.power_on_seconds = state.power_on_us / 1e6
+            self._powered_at = now
+            self.unsafe_shutdowns = state.unsafe_shutdowns
+            self.media_errors = state.media_errors
+            self.warning_temp_seconds = state.warning_temp_us / 1e6
+            self.critical_temp_seconds = state.critical_temp_us / 1e6
+            self.temperature = state.temperature
+            self._temp_since = now
+            self.injected_warning = state.injected_warning
+            self.reported_warning = state.reported_warning
+
+    def power_on(self, *, unsafe: bool) -> None:
+        """Count a power cycle (and an unsafe shutdown before it)."""
+        with self._lock:
+            self.power_cycles += 1
+            if unsafe:
+                self.unsafe_shutdowns += 1
 
     def page(self, *, critical_warning: int, temperature: int, spare: int = 100, spare_threshold: int = 10,
              percent_used: int = 0, error_entries: int = 0) -> bytes:
@@ -221,6 +330,26 @@ class SmartCounters:
         return bytes(buf)
 
 
+@vmstate("nvme/fw-chunk")
+@attrs.frozen
+class FwChunk:
+    """A piece of a firmware image being downloaded (``offset`` in dwords)."""
+
+    offset: U32
+    data: bytes
+
+
+@vmstate("nvme/firmware")
+@attrs.frozen
+class FirmwareState:
+    """Firmware slot contents, the active and next-reset slot, a partly downloaded image."""
+
+    revisions: VarArray[Str[8], 7]
+    active: U8
+    next_reset: U8
+    staged: VarArray[FwChunk, 4096] = ()
+
+
 class FirmwareSlots:
     """Firmware slots 1..n (slot 1 read-only), the active slot and the next-reset slot.
 
@@ -248,6 +377,39 @@ class FirmwareSlots:
             buf[8 + 8 * i: 16 + 8 * i] = rev.encode("ascii").ljust(8, b" ") if rev else bytes(8)
         return bytes(buf)
 
+    # -- Firmware Image Download / Firmware Commit ----------------------------------------------
+    def overlaps(self, start: int, end: int) -> bool:
+        """Whether bytes ``start..end`` of the image overlap a piece downloaded earlier."""
+        return any(o < end and start < o + len(piece) for o, piece in self.staged.items())
+
+    def stage(self, start: int, data: bytes) -> None:
+        """Keep a downloaded piece of the next image (``start`` in bytes)."""
+        self.staged[start] = bytes(data)
+
+    def take_staged_image(self) -> bytes | None:
+        """The downloaded image (None if nothing or a gap); the pieces are dropped."""
+        image = bytearray()
+        ok = True
+        for o in sorted(self.staged):
+            if o != len(image):
+                ok = False  # a gap
+                break
+            image += self.staged[o]
+        self.staged.clear()
+        return bytes(image) if ok and image else None
+
+    def install(self, slot: int, revision: str) -> None:
+        """Slot ``slot`` (2..n) holds ``revision`` from now on."""
+        self.revisions[slot - 1] = revision
+
+    def activate(self, slot: int, *, at_reset: bool) -> None:
+        """Activate ``slot`` at the next controller reset, or now."""
+        if at_reset:
+            self.next_reset = slot
+        else:
+            self.active = slot
+            self.next_reset = 0
+
     def activate_pending(self) -> bool:
         """At a controller reset: switch to the next-reset slot. Returns True if it changed."""
         if self.next_reset and self.revisions[self.next_reset - 1]:
@@ -258,20 +420,16 @@ class FirmwareSlots:
         self.next_reset = 0
         return False
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"revisions": list(self.revisions), "active": self.active, "next_reset": self.next_reset}
+    def snapshot(self) -> FirmwareState:
+        return FirmwareState(revisions=tuple(self.revisions), active=self.active, next_reset=self.next_reset,
+                             staged=tuple(FwChunk(o, bytes(d)) for o, d in sorted(self.staged.items())))
 
-    def load(self, data: dict[str, Any]) -> None:
-        revs = data.get("revisions")
-        if isinstance(revs, list) and all(isinstance(r, str) and len(r) <= 8 and r.isascii() for r in revs):
-            for i in range(1, min(len(revs), self.nslots)):  # slot 1 is the configured firmware
-                self.revisions[i] = revs[i]
-        act = data.get("active")
-        if isinstance(act, int) and 1 <= act <= self.nslots and self.revisions[act - 1]:
-            self.active = act
-        nxt = data.get("next_reset")
-        if isinstance(nxt, int) and 1 <= nxt <= self.nslots and self.revisions[nxt - 1]:
-            self.next_reset = nxt
+    def restore(self, state: FirmwareState) -> None:
+        """Take a checked ``state`` (as many slots as this controller has)."""
+        self.revisions = list(state.revisions)
+        self.active = state.active
+        self.next_reset = state.next_reset
+        self.staged = {c.offset: bytes(c.data) for c in state.staged}
 
 
 #: magic at the start of a firmware image this controller accepts
@@ -289,8 +447,6 @@ def firmware_image(revision: str, payload: bytes = b"") -> bytes:
     :param revision: 1..8 printable ASCII characters.
     :raises ValueError: for a bad revision.
     """
-    import crc32c
-
     rev = revision.encode("ascii")
     if not 1 <= len(rev) <= 8 or not revision.isprintable() or not revision.strip():
         raise ValueError(f"firmware revision {revision!r} must be 1..8 printable ASCII characters")
@@ -301,8 +457,6 @@ def firmware_image(revision: str, payload: bytes = b"") -> bytes:
 
 def parse_firmware_image(image: bytes) -> str | None:
     """The revision of a valid image (see :func:`firmware_image`), or None if it is invalid."""
-    import crc32c
-
     if len(image) < _FW_HEAD.size + 4:
         return None
     magic, rev, plen = _FW_HEAD.unpack_from(image)
@@ -319,6 +473,14 @@ def parse_firmware_image(image: bytes) -> str | None:
     if not text or not text.isprintable():
         return None
     return text
+
+
+@attrs.frozen
+class ChangedNsState:
+    """The Changed Namespace List: NSIDs in order, or overflowed."""
+
+    nsids: tuple[int, ...] = ()
+    overflow: bool = False
 
 
 class ChangedNamespaces:
@@ -352,6 +514,15 @@ class ChangedNamespaces:
     def __len__(self) -> int:
         return len(self._nsids)
 
+    def snapshot(self) -> ChangedNsState:
+        with self._lock:
+            return ChangedNsState(nsids=tuple(self._nsids), overflow=self._overflow)
+
+    def restore(self, state: ChangedNsState) -> None:
+        with self._lock:
+            self._nsids = list(state.nsids)
+            self._overflow = state.overflow
+
 
 #: Commands Supported and Effects bits
 CMD_EFFECTS = {"csupp": 1 << 0, "lbcc": 1 << 1, "ncc": 1 << 2, "nic": 1 << 3, "ccc": 1 << 4,
@@ -366,67 +537,3 @@ def effects_log(admin: dict[int, int], io: dict[int, int]) -> bytes:
     for opc, eff in io.items():
         struct.pack_into("<I", buf, 1024 + 4 * opc, eff | CMD_EFFECTS["csupp"])
     return bytes(buf)
-
-
-class StateFile:
-    """Persistent controller state in a JSON file, written atomically.
-
-    :param path: the file; None disables persistence (everything stays in memory).
-    """
-
-    VERSION = 1
-
-    def __init__(self, path: str | os.PathLike | None) -> None:
-        self.path = Path(path) if path is not None else None
-        self._lock = threading.Lock()
-
-    def load(self) -> dict[str, Any]:
-        """The saved state, or ``{}`` if none (a corrupt file is logged and ignored).
-
-        :raises ConfigError: if the directory does not exist or the path is a directory.
-        """
-        if self.path is None:
-            return {}
-        if not self.path.parent.is_dir():
-            raise ConfigError(f"nvme state directory {self.path.parent} does not exist")
-        if self.path.is_dir():
-            raise ConfigError(f"nvme state file {self.path} is a directory")
-        try:
-            text = self.path.read_text()
-        except FileNotFoundError:
-            return {}
-        except OSError as exc:
-            log.warning("cannot read nvme state file %s: %s", self.path, exc)
-            return {}
-        try:
-            data = json.loads(text)
-        except ValueError:
-            log.warning("nvme state file %s is corrupt; starting from zero", self.path)
-            return {}
-        if not isinstance(data, dict) or data.get("version") != self.VERSION:
-            log.warning("nvme state file %s has an unknown format; starting from zero", self.path)
-            return {}
-        return data
-
-    def save(self, data: dict[str, Any]) -> None:
-        """Write ``data`` atomically (temporary file, fsync, rename). Errors are logged, not raised."""
-        if self.path is None:
-            return
-        payload = json.dumps({"version": self.VERSION, **data}, indent=1, sort_keys=True)
-        with self._lock:
-            try:
-                fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
-                try:
-                    with os.fdopen(fd, "w") as f:
-                        f.write(payload)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    os.replace(tmp, self.path)
-                except BaseException:
-                    try:
-                        os.unlink(tmp)
-                    except OSError:
-                        pass
-                    raise
-            except OSError as exc:
-                log.warning("cannot save nvme state file %s: %s", self.path, exc)

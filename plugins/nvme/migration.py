@@ -41,33 +41,92 @@ travel. Pending coalesced interrupts are delivered and timers stopped. Nothing i
 lost or duplicated: SQ entries between head and tail stay in guest memory and the
 destination fetches them once.
 
+Each component saves and restores its own state (``snapshot()`` / ``restore()`` of a
+frozen class defined beside it: :mod:`~pcidev_nvme.queues`, :mod:`~pcidev_nvme.aer`,
+:mod:`~pcidev_nvme.features`, :mod:`~pcidev_nvme.interrupts`, :mod:`~pcidev_nvme.logs`,
+:mod:`~pcidev_nvme.namespace`, :mod:`~pcidev_nvme.doorbells` and the controller's
+registers); :class:`NvmeState` composes them, and this module adds the checks that
+span components, quiescing, blockers and the fingerprint.
+
 What blocks (allow-list, :data:`MIGRATABLE_FEATURES`): namespaces whose backend
 is not ``mem`` (memfd), ``file`` or ``null`` (plugin backends, anonymous
 memory), namespaces created or deleted by Namespace Management (the destination builds
 its namespaces from its configuration), and a controller reset still waiting for commands.
 """
 
+
 from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from collections.abc import Callable
+from typing import Any, Optional, Protocol
 
 import attrs
 
-from pcidev.errors import ConfigError
-from pcidev.vmstate import U8, U16, U32, U64, Bool, Bytes, FdRef, Str, VarArray, vmstate
+from pcidev.errors import ConfigError, MigrationError
+from pcidev.vmstate import U8, U32, U64, Bool, Bytes, VarArray, vmstate
 from pcidev.vmstate.errors import StateError
+from pcidev_nvme.aer import AerState, EventState
+from pcidev_nvme.backends import MemoryBackend
+from pcidev_nvme.doorbells import ShadowDoorbellsState
+from pcidev_nvme.features import FeaturesState, TlerState
+from pcidev_nvme.interrupts import InterruptsState
+from pcidev_nvme.logs import ChangedNsState, ErrorLogState, FirmwareState, FwChunk, SmartState
+from pcidev_nvme.namespace import LBA_FORMATS, NamespaceState
+from pcidev_nvme.queues import CompletionQueue, CqeState, CqState, SqState, SubmissionQueue
+from pcidev_nvme.registers import ControllerState
 
-if TYPE_CHECKING:
-    from pcidev_nvme.controller import NvmeController
 
-__all__ = ["NvmeState", "SqState", "CqState", "CqeState", "MIGRATABLE_FEATURES", "fingerprint", "features",
-           "blockers", "quiesce", "resume", "save", "check", "apply"]
+class NvmeController(Protocol):
+    """What this module uses of :class:`pcidev_nvme.controller.NvmeController` (which it
+    cannot import: the controller imports this module)."""
+
+    cfg: Any
+    allocated: dict[int, Any]
+    namespaces: dict[int, Any]
+    io: Any
+    aer: Any
+    features: Any
+    smart: Any
+    error_log: Any
+    firmware: Any
+    changed_ns: Any
+    interrupts: Any
+    shadow: Any
+    state_lock: Any
+
+    @property
+    def fsm_state(self) -> str: ...
+    @property
+    def running(self) -> bool: ...
+    @property
+    def submission_queues(self) -> list[Any]: ...
+    @property
+    def completion_queues(self) -> list[Any]: ...
+    def snapshot(self) -> ControllerState: ...
+    def restore(self, st: ControllerState) -> None: ...
+    def install_queues(self, sqs: list[Any], cqs: list[Any]) -> None: ...
+    def restore_parked_aers(self, cids: tuple[int, ...]) -> list[Any]: ...
+    def finish_restore(self) -> None: ...
+    def coalescing_changed(self) -> None: ...
+    def account_temperature(self) -> None: ...
+    def pause(self) -> None: ...
+    def unpause(self) -> bool: ...
+    def fetch_idle(self) -> bool: ...
+    def batches_idle(self) -> bool: ...
+    def admin_work_marker(self) -> Any: ...
+    def stop_timers(self) -> None: ...
+    def restart_work(self) -> None: ...
+    def vmstate_fd(self, fd: int) -> Any: ...
+    def vmstate_load_fd(self, ref: Any) -> int | None: ...
+
+__all__ = ["NvmeState", "SqState", "CqState", "CqeState", "AerState", "EventState", "FeaturesState", "TlerState",
+           "SmartState", "FirmwareState", "FwChunk", "NamespaceState", "MIGRATABLE_FEATURES", "fingerprint",
+           "features", "blockers", "quiesce", "resume", "save", "check", "apply"]
 
 SECTION = "nvme"
 MAX_QUEUES = 1025
-MAX_BACKLOG = 65536
 MAX_NS = 1024
 
 #: features the ``nvme`` section carries (anything else enabled blocks migration)
@@ -78,138 +137,6 @@ MIGRATABLE_FEATURES = frozenset({
 })
 
 _STATES = ("disabled", "ready", "failed")
-
-
-@vmstate("nvme/cqe")
-@attrs.frozen
-class CqeState:
-    """A completion parked in a full CQ's backlog (posted in order once the host frees slots)."""
-
-    sqid: U16
-    cid: U16
-    status: U16  # the 15-bit status field
-    dw0: U32
-    dw1: U32
-
-
-@vmstate("nvme/cq")
-@attrs.frozen
-class CqState:
-    cqid: U16
-    base: U64
-    size: U32
-    vector: U16
-    ien: Bool
-    head: U32
-    tail: U32
-    phase: U8
-    backlog: VarArray[CqeState, MAX_BACKLOG] = ()
-
-
-@vmstate("nvme/sq")
-@attrs.frozen
-class SqState:
-    sqid: U16
-    cqid: U16
-    base: U64
-    size: U32
-    head: U32
-    tail: U32
-    qprio: U8 = 0
-
-
-@vmstate("nvme/event")
-@attrs.frozen
-class EventState:
-    etype: U8
-    info: U8
-    lid: U8
-
-
-@vmstate("nvme/aer")
-@attrs.frozen
-class AerState:
-    """Asynchronous events: outstanding AER commands (CIDs on the admin SQ), queued
-    events, and the masked types with the log page whose read unmasks each."""
-
-    outstanding: VarArray[U16, 256] = ()
-    queued: VarArray[EventState, 256] = ()
-    masked: VarArray[EventState, 8] = ()  # etype, info unused (0), lid
-
-
-@vmstate("nvme/tler")
-@attrs.frozen
-class TlerState:
-    nsid: U32
-    value: U16
-
-
-@vmstate("nvme/features")
-@attrs.frozen
-class FeaturesState:
-    arbitration: U32
-    power_mgmt: U32
-    vwc: U32
-    num_queues: U32
-    coalescing: U32
-    aec: U32
-    kato: U32
-    temp_over: U16
-    temp_under: U16
-    nsq: U16
-    ncq: U16
-    nq_allocated: Bool
-    timestamp: U64  # ms value at the save
-    timestamp_origin: U8
-    host_behavior: Bytes[512]
-    tler: VarArray[TlerState, MAX_NS] = ()
-    vector_cd: VarArray[Bool, 2048] = ()
-
-
-@vmstate("nvme/smart")
-@attrs.frozen
-class SmartState:
-    """SMART counters; times in microseconds."""
-
-    bytes_read: U64
-    bytes_written: U64
-    host_read_commands: U64
-    host_write_commands: U64
-    busy_us: U64
-    power_cycles: U64
-    power_on_us: U64
-    unsafe_shutdowns: U64
-    media_errors: U64
-    warning_temp_us: U64
-    critical_temp_us: U64
-    temperature: U16
-    injected_warning: U8
-    reported_warning: U8
-
-
-@vmstate("nvme/fw-chunk")
-@attrs.frozen
-class FwChunk:
-    offset: U32
-    data: bytes
-
-
-@vmstate("nvme/firmware")
-@attrs.frozen
-class FirmwareState:
-    revisions: VarArray[Str[8], 7]
-    active: U8
-    next_reset: U8
-    staged: VarArray[FwChunk, 4096] = ()
-
-
-@vmstate("nvme/namespace")
-@attrs.frozen
-class NamespaceState:
-    nsid: U32
-    attached: Bool
-    lbaf: U8
-    mem_fd: Optional[FdRef] = None
 
 
 @vmstate("nvme", version=1)
@@ -265,9 +192,9 @@ def _runtime_namespace_changes(ctrl: NvmeController) -> tuple[list[int], list[in
 def features(ctrl: NvmeController) -> set[str]:
     """The controller's features for the allow-list (see :data:`MIGRATABLE_FEATURES`)."""
     out = {"nvme-queues", "nvme-aer", "nvme-smart", "nvme-error-log", "nvme-firmware"}
-    if ctrl._dbbuf is not None:
+    if ctrl.shadow.enabled:
         out.add("nvme-dbbuf")
-    if ctrl._coalesce_on:
+    if ctrl.interrupts.coalescing_on:
         out.add("nvme-coalescing")
     if ctrl.features.kato_ms:
         out.add("nvme-keep-alive")
@@ -295,15 +222,13 @@ def blockers(ctrl: NvmeController) -> list[str]:
         if feat not in MIGRATABLE_FEATURES:
             out.append(f"namespace {ns.nsid}: its backend ({feat.split(':', 1)[1]}) cannot follow the "
                        "controller to another process")
-    if ctrl._state == "resetting":
+    if ctrl.fsm_state == "resetting":
         out.append("a controller reset is waiting for commands in flight")
     return out
 
 
 def fingerprint(ctrl: NvmeController) -> dict[str, Any]:
     """Configuration a destination must match exactly."""
-    from pcidev_nvme.namespace import LBA_FORMATS
-
     cfg = ctrl.cfg
     namespaces = []
     for nsid in range(1, len(cfg.namespaces) + 1):  # the configured ones (changes are blockers)
@@ -333,14 +258,10 @@ def quiesce(ctrl: NvmeController, timeout: float = 30.0) -> None:
     :raises MigrationError: something did not finish within ``timeout`` seconds (a
         stuck backend); the controller runs again.
     """
-    from pcidev.errors import MigrationError
-
-    with ctrl._state_lock:
-        ctrl._paused = True
-        ctrl._update_running()
+    ctrl.pause()
     deadline = time.monotonic() + timeout
 
-    def wait(what: str, done) -> None:
+    def wait(what: str, done: Callable[[], bool]) -> None:
         while not done():
             if time.monotonic() > deadline:
                 resume(ctrl)
@@ -349,120 +270,44 @@ def quiesce(ctrl: NvmeController, timeout: float = 30.0) -> None:
             time.sleep(0.0002)
 
     # fetch batches in progress (another thread's doorbell, a completion kicking a throttled SQ)
-    wait("a fetch batch", lambda: not ctrl._batches and not any(
-        sq is not None and sq.running for sq in list(ctrl._sqs)))
+    wait("a fetch batch", ctrl.fetch_idle)
     wait("backend I/O in flight", lambda: not ctrl.io.inflight)
     ctrl.io.drain()
-    pool = ctrl._admin_pool
-    if pool is not None:  # admin work in the background (Format NVM, shutdown): FIFO, one worker
-        marker = pool.submit(lambda: None)
+    marker = ctrl.admin_work_marker()
+    if marker is not None:  # admin work in the background (Format NVM, shutdown): FIFO, one worker
         wait("admin work (Format NVM, shutdown)", marker.done)
-    wait("a fetch batch", lambda: not ctrl._batches)  # kicks made by the last completions
-    ctrl._ka_token += 1  # no keep-alive verdict while stopped
-    ctrl._timer.cancel_all()
-    with ctrl._coal_lock:
-        due = [v for v in ctrl._vectors if v.count]
-        for v in ctrl._vectors:
-            v.count = 0
-            v.armed = False
-    msix = ctrl._msix
-    for v in due:  # coalesced completions get their interrupt before the stop
-        if msix is not None and msix.enabled:
-            try:
-                ctrl.irq.notify(v.index)
-            except Exception:
-                pass
+    wait("a fetch batch", ctrl.batches_idle)  # kicks made by the last completions
+    ctrl.stop_timers()  # coalesced completions get their interrupt before the stop
 
 
 def resume(ctrl: NvmeController) -> None:
     """Run again: fetch what was submitted meanwhile, restart keep alive, deliver events."""
-    with ctrl._state_lock:
-        was = ctrl._paused
-        ctrl._paused = False
-        ctrl._update_running()
-    if ctrl.__dict__.pop("_save_state_at_resume", False):
-        # written by the next admin command (maybe_save_state): the JSON and fsync (~0.7 ms)
-        # stay out of the downtime
-        ctrl._last_save = float("-inf")
-    if not was or not ctrl._running:
-        return
-    ctrl._ka_last = time.monotonic()
-    if ctrl.features.kato_ms:
-        ctrl.keep_alive_changed()
-    ctrl.aer._deliver()
-    for sq in list(ctrl._sqs):
-        if sq is not None and not sq.gone:
-            ctrl._kick(sq)
+    was = ctrl.unpause()
+    if was and ctrl.running:
+        ctrl.restart_work()
 
 
 # ----------------------------------------------------------------------------- save
-def _us(seconds: float) -> int:
-    return max(0, int(seconds * 1e6))
-
-
 def save(ctrl: NvmeController) -> NvmeState:
     """The state of a quiesced controller (nothing is changed)."""
-    if ctrl._state not in _STATES:
-        raise StateError(f"the controller is {ctrl._state}", section=SECTION, instance_id=0, path="state")
-    regs = ctrl.regs
+    if ctrl.fsm_state not in _STATES:
+        raise StateError(f"the controller is {ctrl.fsm_state}", section=SECTION, instance_id=0, path="state")
+    fsm = ctrl.snapshot()
     sqs: list[SqState | None] = []
-    for sq in ctrl._sqs:
+    for sq in ctrl.submission_queues:
         if sq is None or sq.gone:
             sqs.append(None)
             continue
-        busy = [r for r in sq.inflight.values() if not r.parked]
+        busy = [r for r in list(sq.inflight.values()) if not r.parked]
         if busy:
             raise StateError(f"SQ {sq.sqid} still has {len(busy)} command(s) in flight (not quiesced?)",
                              section=SECTION, instance_id=0, path=f"sqs[{sq.sqid}]")
-        sqs.append(SqState(sqid=sq.sqid, cqid=sq.cq.cqid, base=sq.base, size=sq.size, head=sq.head,
-                           tail=sq.tail, qprio=sq.qprio))
-    cqs: list[CqState | None] = []
-    for cq in ctrl._cqs:
-        if cq is None or cq.gone:
-            cqs.append(None)
-            continue
-        with cq.lock:
-            backlog = tuple(CqeState(sqid=s.sqid, cid=cid, status=sf, dw0=dw0, dw1=dw1)
-                            for s, cid, sf, dw0, dw1 in cq.backlog)
-            cqs.append(CqState(cqid=cq.cqid, base=cq.base, size=cq.size, vector=cq.vector, ien=bool(cq.ien),
-                               head=cq.head, tail=cq.tail, phase=cq.phase, backlog=backlog))
-    aer = ctrl.aer
-    with aer._lock:
-        aer_state = AerState(outstanding=tuple(r.cid for r in aer.outstanding),
-                             queued=tuple(EventState(*ev) for ev in aer.queued),
-                             masked=tuple(EventState(t, 0, lid) for t, lid in sorted(aer.masked.items())))
-    f = ctrl.features
-    from pcidev_nvme import features as fmod
-
-    feat = FeaturesState(
-        arbitration=f.values[fmod.FID_ARBITRATION], power_mgmt=f.values[fmod.FID_POWER_MGMT],
-        vwc=f.values[fmod.FID_VWC], num_queues=f.values[fmod.FID_NUM_QUEUES],
-        coalescing=f.values[fmod.FID_IRQ_COALESCING], aec=f.values[fmod.FID_ASYNC_EVENT],
-        kato=f.values[fmod.FID_KATO], temp_over=f.temp_over, temp_under=f.temp_under, nsq=f.nsq, ncq=f.ncq,
-        nq_allocated=f.nq_allocated, timestamp=f.timestamp_now(), timestamp_origin=f.timestamp_origin,
-        host_behavior=bytes(f.host_behavior),
-        tler=tuple(TlerState(n, v) for n, v in sorted(f.tler.items())),
-        vector_cd=tuple(v.cd for v in ctrl._vectors))
-    ctrl._account_temperature()
-    sm = ctrl.smart
-    with sm._lock:
-        smart = SmartState(
-            bytes_read=sm.bytes_read, bytes_written=sm.bytes_written, host_read_commands=sm.host_read_commands,
-            host_write_commands=sm.host_write_commands, busy_us=_us(sm.busy_seconds),
-            power_cycles=sm.power_cycles, power_on_us=_us(sm.power_on_total),
-            unsafe_shutdowns=sm.unsafe_shutdowns, media_errors=sm.media_errors,
-            warning_temp_us=_us(sm.warning_temp_seconds), critical_temp_us=_us(sm.critical_temp_seconds),
-            temperature=ctrl.temperature, injected_warning=ctrl._injected_warning,
-            reported_warning=ctrl._reported_warning)
-    el = ctrl.error_log
-    with el._lock:
-        error_count, entries = el.count, tuple(el._ring)
-    fw = ctrl.firmware
-    firmware = FirmwareState(revisions=tuple(fw.revisions), active=fw.active, next_reset=fw.next_reset,
-                             staged=tuple(FwChunk(o, bytes(d)) for o, d in sorted(fw.staged.items())))
-    cn = ctrl.changed_ns
-    with cn._lock:
-        changed, overflow = tuple(cn._nsids), cn._overflow
+        sqs.append(sq.snapshot())
+    cqs = [None if cq is None or cq.gone else cq.snapshot() for cq in ctrl.completion_queues]
+    irq = ctrl.interrupts.snapshot()
+    ctrl.account_temperature()
+    errors = ctrl.error_log.snapshot()
+    changed = ctrl.changed_ns.snapshot()
     namespaces = []
     for nsid in sorted(ctrl.allocated):
         ns = ctrl.allocated[nsid]
@@ -470,15 +315,16 @@ def save(ctrl: NvmeController) -> NvmeState:
         ref = None
         if getattr(b, "kind", None) == "mem" and getattr(b, "fd", -1) >= 0:
             ref = ctrl.vmstate_fd(b.fd)
-        namespaces.append(NamespaceState(nsid=nsid, attached=nsid in ctrl.namespaces, lbaf=ns.lbaf, mem_fd=ref))
-    dbs, eis = ctrl._dbbuf if ctrl._dbbuf is not None else (0, 0)
+        namespaces.append(ns.snapshot(attached=nsid in ctrl.namespaces, mem_fd=ref))
+    db = ctrl.shadow.snapshot()
     return NvmeState(
-        state=_STATES.index(ctrl._state), cc=regs["CC"].value, csts=ctrl._csts, aqa=regs["AQA"].value,
-        asq=regs["ASQ"].value, acq=regs["ACQ"].value, intms=ctrl._intms, shutting_down=ctrl._shutting_down,
-        dirty=bool(ctrl._dirty), page_size=ctrl.page_size, sqs=tuple(sqs), cqs=tuple(cqs), aer=aer_state,
-        features=feat, smart=smart, error_count=error_count, error_entries=entries, firmware=firmware,
-        changed_ns=changed, changed_ns_overflow=overflow, namespaces=tuple(namespaces),
-        dbbuf_dbs=dbs, dbbuf_eis=eis, dbbuf=ctrl._dbbuf is not None)
+        state=_STATES.index(fsm.state), cc=fsm.cc, csts=fsm.csts, aqa=fsm.aqa, asq=fsm.asq, acq=fsm.acq,
+        intms=irq.intms, shutting_down=fsm.shutting_down, dirty=fsm.dirty, page_size=fsm.page_size,
+        sqs=tuple(sqs), cqs=tuple(cqs), aer=ctrl.aer.snapshot(),
+        features=ctrl.features.snapshot(irq.vector_cd), smart=ctrl.smart.snapshot(),
+        error_count=errors.count, error_entries=errors.entries, firmware=ctrl.firmware.snapshot(),
+        changed_ns=changed.nsids, changed_ns_overflow=changed.overflow, namespaces=tuple(namespaces),
+        dbbuf_dbs=db.dbs, dbbuf_eis=db.eis, dbbuf=db.enabled)
 
 
 # ----------------------------------------------------------------------------- check
@@ -590,8 +436,6 @@ def check(ctrl: NvmeController, st: NvmeState) -> None:
     got = [n.nsid for n in st.namespaces]
     if got != want:
         raise _fail(f"namespaces {got}, this controller has {want}", "namespaces")
-    from pcidev_nvme.namespace import LBA_FORMATS
-
     for j, n in enumerate(st.namespaces):
         ns = ctrl.allocated[n.nsid]
         p = f"namespaces[{j}]"
@@ -625,11 +469,6 @@ def check(ctrl: NvmeController, st: NvmeState) -> None:
 # ----------------------------------------------------------------------------- apply
 def apply(ctrl: NvmeController, st: NvmeState) -> None:
     """Apply a checked state (the controller is quiesced or has never run)."""
-    from pcidev_nvme import features as fmod
-    from pcidev_nvme.backends import MemoryBackend
-    from pcidev_nvme.queues import CompletionQueue, SubmissionQueue
-    from pcidev_nvme.request import SQE_SIZE, Request
-
     # 1. what can fail first: map the migrated namespace memory (nothing changed yet)
     swaps: dict[int, Any] = {}
     try:
@@ -646,155 +485,54 @@ def apply(ctrl: NvmeController, st: NvmeState) -> None:
             b.close()
         raise
 
-    # 2. controller
-    with ctrl._state_lock:
-        ctrl._paused = True
-        ctrl._gen += 1
-        for req in ctrl.aer.reset():
-            req.done = True
-        ctrl._clear_queues()
-        ctrl._draining = []
-        ctrl._enable_pending = False
-        ctrl._formatting.clear()
-        regs = ctrl.regs
-        regs["CC"].value = st.cc
-        regs["AQA"].value = st.aqa
-        regs["ASQ"].value = st.asq
-        regs["ACQ"].value = st.acq
-        ctrl._csts = st.csts
-        ctrl._intms = st.intms
-        ctrl._state = _STATES[st.state]
-        ctrl._shutting_down = st.shutting_down
-        ctrl._dirty = st.dirty
-        ctrl.page_size = st.page_size
+    # 2. each component takes its part
+    with ctrl.state_lock:
+        ctrl.restore(ControllerState(state=_STATES[st.state], cc=st.cc, csts=st.csts, aqa=st.aqa, asq=st.asq,
+                                     acq=st.acq, shutting_down=st.shutting_down, dirty=st.dirty,
+                                     page_size=st.page_size))
+        ctrl.features.restore(st.features)
+        ctrl.coalescing_changed()
+        shadow = ctrl.shadow
+        shadow.restore(ShadowDoorbellsState(dbs=st.dbbuf_dbs, eis=st.dbbuf_eis, enabled=st.dbbuf))
 
-        # features (before the queues: shadow doorbells, coalescing)
-        f = ctrl.features
-        fs = st.features
-        f.reset()
-        f.values[fmod.FID_ARBITRATION] = fs.arbitration
-        f.values[fmod.FID_POWER_MGMT] = fs.power_mgmt
-        f.values[fmod.FID_VWC] = fs.vwc
-        f.values[fmod.FID_NUM_QUEUES] = fs.num_queues
-        f.values[fmod.FID_IRQ_COALESCING] = fs.coalescing
-        f.values[fmod.FID_ASYNC_EVENT] = fs.aec
-        f.values[fmod.FID_KATO] = fs.kato
-        f.temp_over, f.temp_under = fs.temp_over, fs.temp_under
-        f.nsq, f.ncq, f.nq_allocated = fs.nsq, fs.ncq, fs.nq_allocated
-        f.timestamp_base = fs.timestamp
-        f.timestamp_set_at = time.monotonic()
-        f.timestamp_origin = fs.timestamp_origin
-        f.host_behavior = bytes(fs.host_behavior)
-        f.tler = {t.nsid: t.value for t in fs.tler}
-        for v, cd in zip(ctrl._vectors, fs.vector_cd):
-            v.cd = cd
-            v.count = 0
-            v.armed = False
-            v.masked_pending = False
-        ctrl._coalesce_on = bool(fs.coalescing & 0xFFFF)
-        ctrl._dbbuf = (st.dbbuf_dbs, st.dbbuf_eis) if st.dbbuf else None
-
-        # queues: CQs first, then SQs bound to them
-        cqs: list[CompletionQueue | None] = [None] * len(ctrl._cqs)
+        # queues: CQs first, then SQs bound to them, then the CQ backlogs (they name SQs)
+        cqs: list[CompletionQueue | None] = [None] * len(st.cqs)
         for c in st.cqs:
-            if c is None:
-                continue
-            cq = CompletionQueue(c.cqid, c.base, c.size, c.vector, c.ien)
-            cq.head, cq.tail, cq.phase = c.head, c.tail, c.phase
-            if ctrl._dbbuf is not None:
-                dbs, eis = ctrl._dbbuf
-                cq.db_addr, cq.ei_addr = dbs + 4 * (2 * c.cqid + 1), eis + 4 * (2 * c.cqid + 1)
-            cqs[c.cqid] = cq
-        sqs: list[SubmissionQueue | None] = [None] * len(ctrl._sqs)
+            if c is not None:
+                cqs[c.cqid] = cq = CompletionQueue.from_state(c)
+                shadow.bind(cq)
+        sqs: list[SubmissionQueue | None] = [None] * len(st.sqs)
         for s in st.sqs:
-            if s is None:
-                continue
-            cq = cqs[s.cqid]
-            sq = SubmissionQueue(s.sqid, s.base, s.size, cq, s.qprio)
-            sq.head, sq.tail = s.head, s.tail
-            if ctrl._dbbuf is not None:
-                dbs, eis = ctrl._dbbuf
-                sq.db_addr, sq.ei_addr = dbs + 4 * (2 * s.sqid), eis + 4 * (2 * s.sqid)
-            cq.sqs.append(sq)
-            sqs[s.sqid] = sq
+            if s is not None:
+                cq = cqs[s.cqid]
+                assert cq is not None  # checked
+                sqs[s.sqid] = sq = SubmissionQueue.from_state(s, cq)
+                shadow.bind(sq)
+                cq.attach(sq)
         for c in st.cqs:
-            if c is None:
-                continue
-            cq = cqs[c.cqid]
-            for e in c.backlog:
-                cq.backlog.append((sqs[e.sqid], e.cid, e.status, e.dw0, e.dw1))
-            cq.reserved = len(c.backlog)  # parked completions stay reserved until posted
-        ctrl._sqs[:] = sqs
-        ctrl._cqs[:] = cqs
+            if c is not None:
+                cqs[c.cqid].restore(c, sqs)  # type: ignore[union-attr]
+        ctrl.install_queues(sqs, cqs)
+        ctrl.aer.restore(st.aer, ctrl.restore_parked_aers(st.aer.outstanding))
+        ctrl.interrupts.restore(InterruptsState(intms=st.intms, vector_cd=tuple(st.features.vector_cd)))
+        ctrl.smart.restore(st.smart)
+        ctrl.error_log.restore(ErrorLogState(count=st.error_count, entries=tuple(st.error_entries)))
+        ctrl.firmware.restore(st.firmware)
+        ctrl.changed_ns.restore(ChangedNsState(nsids=tuple(st.changed_ns), overflow=st.changed_ns_overflow))
 
-        # outstanding AERs: parked requests on the admin SQ
-        aer = ctrl.aer
-        gen = ctrl._gen
-        asq = sqs[0]
-        for cid in st.aer.outstanding:
-            sqe = bytes([0x0C, 0]) + cid.to_bytes(2, "little") + bytes(SQE_SIZE - 4)
-            req = Request(0, cid, 0x0C, 0, sqe, sq=asq, gen=gen, t_fetch=time.monotonic(), parked=True)
-            asq.inflight[cid] = req
-            aer.outstanding.append(req)
-        aer.queued.extend((e.etype, e.info, e.lid) for e in st.aer.queued)
-        aer.masked.update({m.etype: m.lid for m in st.aer.masked})
-
-        # SMART, temperature, logs, firmware, changed namespaces
-        sm = ctrl.smart
-        ss = st.smart
-        with sm._lock:
-            sm.bytes_read, sm.bytes_written = ss.bytes_read, ss.bytes_written
-            sm.host_read_commands, sm.host_write_commands = ss.host_read_commands, ss.host_write_commands
-            sm.busy_seconds = ss.busy_us / 1e6
-            sm.power_cycles = ss.power_cycles
-            sm.power_on_seconds = ss.power_on_us / 1e6
-            sm._powered_at = time.monotonic()
-            sm.unsafe_shutdowns = ss.unsafe_shutdowns
-            sm.media_errors = ss.media_errors
-            sm.warning_temp_seconds = ss.warning_temp_us / 1e6
-            sm.critical_temp_seconds = ss.critical_temp_us / 1e6
-        ctrl.temperature = ss.temperature
-        ctrl._temp_since = time.monotonic()
-        ctrl._injected_warning = ss.injected_warning
-        ctrl._reported_warning = ss.reported_warning
-        el = ctrl.error_log
-        with el._lock:
-            el.count = st.error_count
-            el._ring = list(st.error_entries)
-        fw = ctrl.firmware
-        fw.revisions = list(st.firmware.revisions)
-        fw.active = st.firmware.active
-        fw.next_reset = st.firmware.next_reset
-        fw.staged = {c.offset: bytes(c.data) for c in st.firmware.staged}
-        cn = ctrl.changed_ns
-        with cn._lock:
-            cn._nsids = list(st.changed_ns)
-            cn._overflow = st.changed_ns_overflow
-
-        # namespaces: attachment, format, migrated memory
+        # namespaces: migrated memory, format, attachment
         attached = {}
         for n in st.namespaces:
             ns = ctrl.allocated[n.nsid]
             if n.nsid in swaps:
-                old, ns.backend = ns.backend, swaps.pop(n.nsid)
+                old = ns.replace_backend(swaps.pop(n.nsid))
                 try:
                     old.close()
                 except Exception:
                     pass
-            if ns.lbaf != n.lbaf:
-                ns._set_format(n.lbaf)
+            ns.restore(n)
             if n.attached:
                 attached[n.nsid] = ns
         ctrl.namespaces.clear()
         ctrl.namespaces.update(attached)
-        ctrl._ka_last = time.monotonic()
-        ctrl._ka_token += 1
-        ctrl._timer.cancel_all()
-        status = 0
-        for cq in cqs:  # pin-based interrupt status, without signalling (the framework restored INTx)
-            if cq is not None and cq.ien and cq.head != cq.tail:
-                status |= 1 << (cq.vector & 31)
-        ctrl._irq_status = status
-        ctrl._update_running()
-    # the state file follows the controller (written after the resume, outside the downtime)
-    ctrl._save_state_at_resume = True
+        ctrl.finish_restore()

@@ -25,7 +25,14 @@ Identifiers are stable across restarts:
    SHA-256 (same serial and NSID, same identifiers).
 
 The identity file also remembers the LBA format chosen by Format NVM, so a file
-namespace keeps its block size across restarts (an explicit ``lbaf`` wins).
+namespace keeps its block size across restarts (an explicit ``lbaf`` wins). It is
+never written beside a read-only image (``readonly=on``, or a directory this process
+cannot write, :func:`may_write_beside`): such a namespace uses the derived identifiers
+(or the ones an existing identity file holds).
+
+:meth:`Namespace.snapshot` / :meth:`Namespace.restore` carry the LBA format
+(:class:`NamespaceState`, the ``nvme/namespace`` vmstate description; the controller
+adds whether the namespace is attached and, for memory, the descriptor reference).
 """
 
 from __future__ import annotations
@@ -37,16 +44,22 @@ import struct
 import threading
 import uuid as uuidlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Optional
+
+import attrs
 
 from pcidev.errors import ConfigError
 from pcidev.properties import parse_size
+from pcidev.vmstate import U8, U32, Bool, FdRef, vmstate
 from pcidev_nvme.backends import Backend, BackendFactory, create_backend
+from pcidev_nvme.limits import COPY_LIMITS
 from pcidev_nvme.status import NvmeStatusError, Status
 
 __all__ = [
     "LBA_FORMATS",
     "Namespace",
+    "NamespaceState",
+    "may_write_beside",
     "make_namespace",
     "parse_spec",
 ]
@@ -171,6 +184,17 @@ def _lbaf_from_options(options: dict[str, Any]) -> int | None:
     return None
 
 
+@vmstate("nvme/namespace")
+@attrs.frozen
+class NamespaceState:
+    """A namespace: attached or not, its LBA format, the memory of a ``mem`` backend."""
+
+    nsid: U32
+    attached: Bool
+    lbaf: U8
+    mem_fd: Optional[FdRef] = None
+
+
 class Namespace:
     """One namespace: a backend seen as ``nlbas`` logical blocks of ``lba_size`` bytes.
 
@@ -234,6 +258,25 @@ class Namespace:
         self.lba_shift = self.lba_size.bit_length() - 1
         self.nlbas = self.size >> self.lba_shift
 
+    # -- state ---------------------------------------------------------------------------
+    def snapshot(self, *, attached: bool, mem_fd: FdRef | None = None) -> NamespaceState:
+        """The namespace's state.
+
+        :param attached: whether the controller has it attached.
+        :param mem_fd: reference to the descriptor of its memory (a ``mem`` backend).
+        """
+        return NamespaceState(nsid=self.nsid, attached=attached, lbaf=self.lbaf, mem_fd=mem_fd)
+
+    def restore(self, state: NamespaceState) -> None:
+        """Take the LBA format of a checked ``state``."""
+        if self.lbaf != state.lbaf:
+            self._set_format(state.lbaf)
+
+    def replace_backend(self, backend: Backend) -> Backend:
+        """Use ``backend`` (same size: migrated memory) from now on; returns the old one."""
+        old, self.backend = self.backend, backend
+        return old
+
     @property
     def read_only(self) -> bool:
         """Whether the namespace is write protected (its backend refuses writes)."""
@@ -291,8 +334,6 @@ class Namespace:
         :returns: the structure.
         """
         # Imported here: io imports this module.
-        from pcidev_nvme.io import COPY_LIMITS
-
         buf = bytearray(IDENTIFY_SIZE)
         lbas = self.lba_size
         per_page = max(PREFERRED_GRANULARITY // lbas, 1)
@@ -382,6 +423,16 @@ def _load_identity(path: str) -> dict[str, Any] | None:
     return data
 
 
+def may_write_beside(backend: Any) -> bool:
+    """Whether files may be written beside a backend's image (its identity file, the
+    controller's state file): never beside a read-only image (``readonly=on``) or in a
+    directory this process cannot write."""
+    path = getattr(backend, "path", None)
+    if not isinstance(path, str) or not path or getattr(backend, "read_only", False):
+        return False
+    return os.access(os.path.dirname(os.path.abspath(path)) or ".", os.W_OK)
+
+
 def _save_identity(ns: Namespace) -> bool:
     """Write the namespace's identifiers and format to its identity file, if any.
 
@@ -389,7 +440,7 @@ def _save_identity(ns: Namespace) -> bool:
         or when it cannot be written).
     """
     path = getattr(ns.backend, "identity_path", None)
-    if not path:
+    if not path or not may_write_beside(ns.backend):
         return False
     data = {
         "nguid": ns.nguid.hex(),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pcidev.hookspecs import hookimpl
 from pcidev.registry import DeviceRegistry
-from pcidev_nvme import bench
+from pcidev_nvme.testing import bench
 from pcidev_nvme.backends import BUILTIN_BACKENDS, add_backend
 from pcidev_nvme.controller import NvmeController
 from pcidev_nvme.namespace import make_namespace
@@ -44,7 +44,7 @@ def run_bench(argv: list[str]) -> int:
     """NVMe I/O benchmark through the software host: pcidev bench nvme [--json].
 
     The ``bench/nvme`` component that ``pcidev bench nvme`` runs (see
-    :mod:`pcidev_nvme.bench`; owned by the data path).
+    :mod:`pcidev_nvme.testing.bench`; owned by the data path).
 
     :param argv: the benchmark's arguments.
     :returns: the exit status.

@@ -42,13 +42,12 @@ exactly the transfer length (SGLS does not advertise longer SGLs).
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from pcidev.dma import GuestMemory
 from pcidev.errors import DmaError
 from pcidev_nvme.status import NvmeStatusError, Status
 
-if TYPE_CHECKING:
-    from pcidev.dma import GuestMemory
 
 __all__ = [
     "MAX_SGL_DESCRIPTORS",

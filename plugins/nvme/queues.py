@@ -1,13 +1,20 @@
-"""Submission and completion queues, interrupt vectors and the controller's timer.
+"""Submission and completion queues and their migration state.
 
-A :class:`CompletionQueue` posts 16-byte entries with the phase tag, keeps a
-*backlog* of completions that arrive while it is full (posted in arrival order,
-exactly once, as soon as the host frees slots) and counts the requests fetched
-for it that have not completed yet (:attr:`CompletionQueue.reserved`), which the
-controller uses to stop fetching before a backlog could grow without bound.
+A :class:`CompletionQueue` posts 16-byte entries with the phase tag
+(:meth:`CompletionQueue.post_batch`, the only place that writes the CQE layout),
+keeps a *backlog* of completions that arrive while it is full (posted in arrival
+order, exactly once, as soon as the host frees slots:
+:meth:`CompletionQueue.drain_backlog`) and counts the requests fetched for it that
+have not completed yet (:attr:`CompletionQueue.reserved`), which the controller uses
+to stop fetching before a backlog could grow without bound.
 
-A :class:`SubmissionQueue` only holds its ring state and the requests in flight
-(by command identifier); fetching lives in the controller.
+A :class:`SubmissionQueue` holds its ring state and the requests in flight (by
+command identifier); the controller's fetch loop (:mod:`pcidev_nvme.fetch`) reads new
+entries with :meth:`SubmissionQueue.fetch`. :class:`QueueSetMixin` gives the controller
+its queue lookup, creation and deletion.
+
+Each queue exposes ``snapshot()`` (a frozen :class:`CqState` / :class:`SqState`, the
+``nvme/cq`` and ``nvme/sq`` vmstate descriptions) and ``restore(state)``.
 
 CQE layout::
 
@@ -16,34 +23,77 @@ CQE layout::
     08  SQ head pointer (15:0) | SQ identifier (31:16)
     0C  CID (15:0) | phase tag (16) | status field (31:17)
 
-The first 12 bytes are written first and the dword holding the phase tag last,
-with release ordering (:meth:`~pcidev.dma.GuestMemory.store32`), so a host that
-sees the new phase also sees the rest of the entry.
+All entries of a batch are written first with the stale phase, then the dword
+holding each phase tag, in order, with release ordering
+(:meth:`~pcidev.dma.GuestMemory.store32`), so a host that sees the new phase also
+sees the rest of the entry.
 """
 
 from __future__ import annotations
 
 import collections
-import heapq
-import itertools
-import logging
 import struct
 import threading
-import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any, Optional
 
-if TYPE_CHECKING:
-    from pcidev.dma import GuestMemory
+import attrs
 
-__all__ = ["CompletionQueue", "SubmissionQueue", "InterruptVector", "Timer", "CQE_SIZE", "SQE_SIZE"]
+from pcidev.dma import GuestMemory
+from pcidev.vmstate import U8, U16, U32, U64, Bool, VarArray, vmstate
+from pcidev_nvme.limits import CQE_SIZE, SQE_SIZE
 
-log = logging.getLogger(__name__)
 
-SQE_SIZE = 64
-CQE_SIZE = 16
-_CQE_HEAD = struct.Struct("<IIHH")
-_CQE_FULL = struct.Struct("<IIHHI")
+__all__ = ["CompletionQueue", "SubmissionQueue", "QueueSetMixin", "CqState", "SqState", "CqeState", "CQE_SIZE", "SQE_SIZE",
+           "MAX_BACKLOG"]
+
+#: most completions a CQ's backlog may carry in a migration stream
+MAX_BACKLOG = 65536
+
+_CQE = struct.Struct("<IIHHI")  # DW0, DW1, SQ head, SQ id, CID | phase << 16 | status << 17
+assert _CQE.size == CQE_SIZE
+
+
+@vmstate("nvme/cqe")
+@attrs.frozen
+class CqeState:
+    """A completion parked in a full CQ's backlog (posted in order once the host frees slots)."""
+
+    sqid: U16
+    cid: U16
+    status: U16  # the 15-bit status field
+    dw0: U32
+    dw1: U32
+
+
+@vmstate("nvme/cq")
+@attrs.frozen
+class CqState:
+    """A completion queue: its ring, interrupt vector and backlog."""
+
+    cqid: U16
+    base: U64
+    size: U32
+    vector: U16
+    ien: Bool
+    head: U32
+    tail: U32
+    phase: U8
+    backlog: VarArray[CqeState, MAX_BACKLOG] = ()
+
+
+@vmstate("nvme/sq")
+@attrs.frozen
+class SqState:
+    """A submission queue: its ring and the CQ it posts to."""
+
+    sqid: U16
+    cqid: U16
+    base: U64
+    size: U32
+    head: U32
+    tail: U32
+    qprio: U8 = 0
 
 
 class CompletionQueue:
@@ -104,24 +154,102 @@ class CompletionQueue:
         return (value - self.head) % self.size <= (self.tail - self.head) % self.size
 
     # -- posting (call with :attr:`lock` held) ---------------------------------------------
-    def post(self, mem: GuestMemory, sqhd: int, sqid: int, cid: int, sf: int, dw0: int, dw1: int) -> int:
-        """Write one entry at the tail and advance it; returns the phase used.
+    def post_batch(self, mem: GuestMemory, entries: Sequence[tuple[int, int, int, int, int]]) -> None:
+        """Write ``entries`` at the tail on and advance it (the only writer of CQEs).
 
-        :param sf: the 15-bit status field (DNR/More/SCT/SC).
+        :param mem: guest memory.
+        :param entries: ``(dw0, dw1, sqhd, sqid, dw3)`` with ``dw3 = cid | phase << 16 |
+            status_field << 17`` and the phase each slot is posted with; at most
+            :meth:`room` of them.
         :raises DmaError: if the queue memory is not writable guest memory.
         """
-        tail = self.tail
-        addr = self.base + (tail << 4)
-        phase = self.phase
-        mem.write_struct(_CQE_HEAD, addr, dw0 & 0xFFFFFFFF, dw1 & 0xFFFFFFFF, sqhd, sqid)
-        mem.store32(addr + 12, cid | (phase << 16) | (sf << 17))
-        tail += 1
-        if tail == self.size:
-            tail = 0
-            self.phase = phase ^ 1
-        self.tail = tail
-        self.posted_total += 1
-        return phase
+        start = self.tail
+        size = self.size
+        n = len(entries)
+        blob = bytearray(CQE_SIZE * n)
+        pack = _CQE.pack_into
+        off = 0
+        for dw0, dw1, sqhd, sqid, dw3 in entries:
+            pack(blob, off, dw0, dw1, sqhd, sqid, dw3 ^ 0x10000)  # the stale phase first
+            off += 16
+        first = size - start
+        base = self.base
+        if n <= first:
+            mem.write(base + (start << 4), blob)
+        else:
+            mv = memoryview(blob)
+            mem.write(base + (start << 4), mv[:16 * first])
+            mem.write(base, mv[16 * first:])
+        store = mem.store32
+        slot = start
+        for e in entries:
+            store(base + (slot << 4) + 12, e[4])
+            slot += 1
+            if slot == size:
+                slot = 0
+        if start + n >= size:
+            self.phase ^= 1
+        self.tail = slot
+        self.posted_total += n
+
+    def drain_backlog(self, mem: GuestMemory) -> int:
+        """Post backlogged completions while there is room; returns how many.
+
+        :raises DmaError: if the queue memory is not writable guest memory.
+        """
+        backlog = self.backlog
+        n = min(len(backlog), self.room())
+        if not n:
+            return 0
+        tail, size, phase = self.tail, self.size, self.phase
+        entries = []
+        for _ in range(n):
+            sq, cid, sf, dw0, dw1 = backlog.popleft()
+            entries.append((dw0, dw1, sq.head, sq.sqid, cid | (phase << 16) | (sf << 17)))
+            tail += 1
+            if tail == size:
+                tail = 0
+                phase ^= 1
+        self.post_batch(mem, entries)
+        self.reserved -= n
+        return n
+
+    # -- state ---------------------------------------------------------------------------
+    def snapshot(self) -> CqState:
+        """The queue's state (takes :attr:`lock`)."""
+        with self.lock:
+            backlog = tuple(CqeState(sqid=s.sqid, cid=cid, status=sf, dw0=dw0, dw1=dw1)
+                            for s, cid, sf, dw0, dw1 in self.backlog)
+            return CqState(cqid=self.cqid, base=self.base, size=self.size, vector=self.vector,
+                           ien=bool(self.ien), head=self.head, tail=self.tail, phase=self.phase,
+                           backlog=backlog)
+
+    @classmethod
+    def from_state(cls, state: CqState) -> CompletionQueue:
+        """A new queue with the identity of ``state`` (its ring state follows by :meth:`restore`)."""
+        return cls(state.cqid, state.base, state.size, state.vector, state.ien)
+
+    def restore(self, state: CqState, sqs: Sequence[Optional[SubmissionQueue]] = ()) -> None:
+        """Take the ring state and backlog of ``state``.
+
+        :param state: a checked state of this queue.
+        :param sqs: submission queues by id (for the backlog entries).
+        """
+        with self.lock:
+            self.head, self.tail, self.phase = state.head, state.tail, state.phase
+            self.backlog.clear()
+            for e in state.backlog:
+                self.backlog.append((sqs[e.sqid], e.cid, e.status, e.dw0, e.dw1))
+            self.reserved = len(state.backlog)  # parked completions stay reserved until posted
+
+    def attach(self, sq: SubmissionQueue) -> None:
+        """Bind ``sq`` to this queue (it posts here)."""
+        self.sqs.append(sq)
+
+    def set_shadow(self, db_addr: int | None, ei_addr: int | None) -> None:
+        """Shadow doorbell (CQ head) and EventIdx addresses (None: MMIO doorbell only)."""
+        self.db_addr = db_addr
+        self.ei_addr = ei_addr
 
     def __repr__(self) -> str:
         return (f"<CQ {self.cqid} size={self.size} head={self.head} tail={self.tail} phase={self.phase} "
@@ -167,84 +295,126 @@ class SubmissionQueue:
         """Entries the host submitted that the controller has not fetched."""
         return (self.tail - self.head) % self.size
 
+    def fetch(self, mem: GuestMemory, n: int) -> bytes:
+        """Read the ``n`` entries from the head on (``n`` <= :attr:`pending`) and advance the head.
+
+        :raises DmaError: if the queue memory is not readable guest memory (the head stays).
+        """
+        head, size, base = self.head, self.size, self.base
+        end = head + n
+        if end <= size:
+            raw = mem.read(base + head * SQE_SIZE, n * SQE_SIZE)
+        else:
+            raw = (mem.read(base + head * SQE_SIZE, (size - head) * SQE_SIZE)
+                   + mem.read(base, (end - size) * SQE_SIZE))
+        self.head = end % size
+        self.fetched_total += n
+        return raw
+
+    def snapshot(self) -> SqState:
+        """The queue's state."""
+        return SqState(sqid=self.sqid, cqid=self.cq.cqid, base=self.base, size=self.size, head=self.head,
+                       tail=self.tail, qprio=self.qprio)
+
+    @classmethod
+    def from_state(cls, state: SqState, cq: CompletionQueue) -> SubmissionQueue:
+        """A new queue with the identity of ``state``, bound to ``cq``."""
+        sq = cls(state.sqid, state.base, state.size, cq, state.qprio)
+        sq.restore(state)
+        return sq
+
+    def restore(self, state: SqState) -> None:
+        """Take the ring state (head, tail) of ``state``."""
+        self.head, self.tail = state.head, state.tail
+
+    def set_shadow(self, db_addr: int | None, ei_addr: int | None) -> None:
+        """Shadow doorbell (SQ tail) and EventIdx addresses (None: MMIO doorbell only)."""
+        self.db_addr = db_addr
+        self.ei_addr = ei_addr
+
     def __repr__(self) -> str:
         return (f"<SQ {self.sqid} size={self.size} head={self.head} tail={self.tail} cq={self.cq.cqid} "
                 f"inflight={len(self.inflight)}>")
 
 
-class InterruptVector:
-    """Per-vector interrupt state: coalescing disable (feature 09h) and aggregation.
+class QueueSetMixin:
+    """The queues of :class:`~pcidev_nvme.controller.NvmeController` (mixed into it): lookup,
+    creation and deletion for the admin command set, parked requests (AERs)."""
 
-    :param index: vector number.
-    """
+    _sqs: list[SubmissionQueue | None]
+    _cqs: list[CompletionQueue | None]
+    shadow: Any
+    interrupts: Any
 
-    __slots__ = ("index", "cd", "count", "armed", "masked_pending")
+    def park(self, req: Any) -> None:
+        """Hold ``req`` indefinitely (an AER): it no longer counts against its CQ's fetch budget."""
+        cq = req.sq.cq
+        with cq.lock:
+            req.parked = True
+            cq.reserved -= 1
 
-    def __init__(self, index: int) -> None:
-        self.index = index
-        #: Coalescing Disable
-        self.cd = False
-        #: completions aggregated since the last interrupt
-        self.count = 0
-        #: a coalescing deadline is scheduled
-        self.armed = False
-        #: (INTx/MSI) an interrupt is due when INTMS unmasks the vector
-        self.masked_pending = False
+    def unpark(self, req: Any) -> None:
+        cq = req.sq.cq
+        with cq.lock:
+            req.parked = False
+            cq.reserved += 1
 
+    def io_inflight_for(self, nsids: set[int]) -> bool:
+        """Whether an I/O command for one of ``nsids`` is in flight."""
+        for sq in list(self._sqs[1:]):
+            if sq is not None and any(r.nsid in nsids for r in list(sq.inflight.values())):
+                return True
+        return False
 
-class Timer:
-    """A single background thread running callbacks at deadlines (coalescing
-    time, keep-alive). Started on first use; :meth:`close` stops it."""
+    def io_queues_exist(self) -> bool:
+        return any(q is not None for q in self._sqs[1:]) or any(q is not None for q in self._cqs[1:])
 
-    def __init__(self, name: str = "nvme-timer") -> None:
-        self.name = name
-        self._heap: list[tuple[float, int, Callable[..., None], tuple]] = []
-        self._seq = itertools.count()
-        self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._closed = False
+    def sq(self, qid: int) -> SubmissionQueue | None:
+        """The submission queue ``qid``, or None."""
+        return self._sqs[qid] if 0 <= qid < len(self._sqs) else None
 
-    def schedule(self, delay: float, fn: Callable[..., None], *args: Any) -> None:
-        """Run ``fn(*args)`` on the timer thread after ``delay`` seconds."""
-        with self._cond:
-            if self._closed:
+    def cq(self, qid: int) -> CompletionQueue | None:
+        """The completion queue ``qid``, or None."""
+        return self._cqs[qid] if 0 <= qid < len(self._cqs) else None
+
+    def add_cq(self, cq: CompletionQueue) -> None:
+        if self.shadow.enabled:
+            self.shadow.bind(cq, self._dma_or_none())
+        self._cqs[cq.cqid] = cq
+
+    def add_sq(self, sq: SubmissionQueue) -> None:
+        if self.shadow.enabled:
+            self.shadow.bind(sq, self._dma_or_none())
+        sq.cq.attach(sq)
+        self._sqs[sq.sqid] = sq
+
+    def delete_cq(self, cq: CompletionQueue) -> None:
+        with cq.lock:
+            cq.gone = True
+        self._cqs[cq.cqid] = None
+        if self.interrupts.irq_status:
+            self.interrupts.legacy_update()
+
+    def delete_sq(self, sq: SubmissionQueue, req: Any) -> bool:
+        """Start deleting ``sq``. Returns True if done now; else ``req`` completes when the
+        commands in flight on it have."""
+        self._sqs[sq.sqid] = None
+        with sq.cq.lock:
+            sq.deleting = True
+            sq.delete_req = req
+            sq.cq.throttled.discard(sq)
+            done = not sq.inflight
+        if done:
+            self._finish_sq_delete(sq, complete=False)
+        return done
+
+    def _finish_sq_delete(self, sq: SubmissionQueue, *, complete: bool = True) -> None:
+        with sq.cq.lock:
+            if sq.gone:
                 return
-            heapq.heappush(self._heap, (time.monotonic() + delay, next(self._seq), fn, args))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-                self._thread.start()
-            self._cond.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._closed:
-                    if self._heap:
-                        left = self._heap[0][0] - time.monotonic()
-                        if left <= 0:
-                            break
-                        self._cond.wait(left)
-                    else:
-                        self._cond.wait()
-                if self._closed:
-                    return
-                _, _, fn, args = heapq.heappop(self._heap)
-            try:
-                fn(*args)
-            except Exception:  # a timer callback must never kill the thread
-                log.exception("timer callback %r failed", fn)
-
-    def cancel_all(self) -> None:
-        """Drop every scheduled callback."""
-        with self._cond:
-            self._heap.clear()
-
-    def close(self) -> None:
-        """Stop the thread (scheduled callbacks are dropped)."""
-        with self._cond:
-            self._closed = True
-            self._heap.clear()
-            self._cond.notify()
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=5)
+            sq.gone = True
+            if sq in sq.cq.sqs:
+                sq.cq.sqs.remove(sq)
+            req, sq.delete_req = sq.delete_req, None
+        if complete and req is not None:
+            self.complete(req)

@@ -17,18 +17,22 @@ SQE layout (NVMe Base 2.0, figure "Common Command Format")::
 
 All fields are plain attributes (decoded once, at fetch), because the data
 path reads them on every I/O.
+
+:class:`ControllerPort` is what a command set sees of the controller (the
+contract in ``docs/nvme-contract.md``), so the command sets never import it.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 
-__all__ = ["Request", "SQE", "SQE_SIZE", "decode_sqe"]
+from pcidev_nvme.limits import SQE_SIZE
 
-SQE_SIZE = 64
+__all__ = ["Request", "SQE", "SQE_SIZE", "decode_sqe", "ControllerPort"]
+
 
 #: opcode, flags, cid, nsid, cdw2, cdw3, mptr, prp1, prp2, cdw10..cdw15
 SQE = struct.Struct("<BBHIIIQQQIIIIII")
@@ -131,3 +135,31 @@ def decode_sqe(sqid: int, raw: bytes, offset: int = 0, sq: Any = None, gen: int 
         sqe = bytes(sqe)
     return Request(sqid, cid, opc, nsid, sqe, flags, cdw2, cdw3, mptr, prp1, prp2, c10, c11, c12, c13, c14, c15,
                    None, sq, gen, t_fetch)
+
+
+class ControllerPort(Protocol):
+    """What a command set uses of the controller (``docs/nvme-contract.md``).
+
+    :ivar page_size: the memory page size CC.MPS selects (bytes).
+    :ivar mdts_bytes: the largest data transfer (bytes), or None for no limit.
+    :ivar namespaces: attached namespaces by NSID.
+    :ivar smart: the SMART counters (:class:`~pcidev_nvme.logs.SmartCounters`).
+    """
+
+    page_size: int
+    mdts_bytes: int | None
+    namespaces: dict[int, Any]
+    smart: Any
+
+    @property
+    def memory(self) -> Any:
+        """Guest memory for DMA; raises :class:`~pcidev.errors.DmaError` while bus
+        mastering is off."""
+
+    @property
+    def volatile_write_cache(self) -> bool:
+        """Feature 06h WCE: False means every write must be durable before it completes."""
+
+    def complete(self, req: Request, status: int = 0, dw0: int = 0, dw1: int = 0, *,
+                 error: Any = None) -> None:
+        """Post the completion of ``req`` (thread-safe; exactly once per request)."""

@@ -23,7 +23,7 @@ EXPECTED_NVME_V1 = {
 def build_nvme():
     """The quiesced source controller with its machine (caller closes both)."""
     from pcidev_nvme.controller import NvmeController
-    from pcidev_nvme.driver import READ, WRITE, NvmeDriver
+    from pcidev_nvme.testing.driver import READ, WRITE, NvmeDriver
 
     machine = Machine(ram_size=RAM_SIZE)
     ctrl = NvmeController(NVME_CONFIG)

@@ -4,7 +4,7 @@ with RAE cleared, configuration gating), Abort."""
 from __future__ import annotations
 
 import pytest
-from test_core_fixtures import expect_status, nvme_env, wait_until  # noqa: F401
+from _helpers import expect_status, wait_until
 
 from pcidev_nvme.status import Status
 
@@ -12,7 +12,7 @@ AER = 0x0C
 
 
 @pytest.fixture
-def env(nvme_env):  # noqa: F811
+def env(nvme_env):
     e = nvme_env("ns=mem:size=4M", io_queues=1, aers=0)
     e.drv.set_features(0x0B, 0x31F)
     return e

@@ -7,7 +7,7 @@ import struct
 import time
 
 import pytest
-from test_core_fixtures import expect_status, nvme_env, wait_until  # noqa: F401
+from _helpers import expect_status, wait_until
 
 from pcidev_nvme.status import Status
 
@@ -15,7 +15,7 @@ GET, SET = 0x0A, 0x09
 
 
 @pytest.fixture
-def env(nvme_env):  # noqa: F811
+def env(nvme_env):
     return nvme_env("ns=mem:size=4M,ns=mem:size=4M", io_queues=1)
 
 

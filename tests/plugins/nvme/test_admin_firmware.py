@@ -4,7 +4,7 @@ them, activation at reset or at once (with its notice), persistence."""
 from __future__ import annotations
 
 import pytest
-from test_core_fixtures import expect_status, make_env, nvme_env, wait_until  # noqa: F401
+from _helpers import expect_status, make_env, wait_until
 
 from pcidev_nvme.logs import firmware_image, parse_firmware_image
 from pcidev_nvme.status import Status
@@ -28,7 +28,7 @@ def slot_log(drv) -> tuple[int, int, list[bytes]]:
 
 
 @pytest.fixture
-def env(nvme_env):  # noqa: F811
+def env(nvme_env):
     return nvme_env("ns=mem:size=1M", io_queues=0, aers=1)
 
 

@@ -9,7 +9,7 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_core_fixtures import make_env
+from _helpers import make_env
 
 from pcidev_nvme.request import SQE
 

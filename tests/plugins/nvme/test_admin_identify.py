@@ -6,7 +6,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from test_core_fixtures import expect_status, nvme_env  # noqa: F401
+from _helpers import expect_status
 
 from pcidev_nvme import io as nvme_io
 from pcidev_nvme.status import Status
@@ -15,7 +15,7 @@ IDENTIFY = 0x06
 
 
 @pytest.fixture
-def env(nvme_env):  # noqa: F811
+def env(nvme_env):
     return nvme_env("serial=SN123,model=Test Model,mdts=5,ns=mem:size=8M,ns=mem:size=4M,lbaf=1,max_namespaces=32")
 
 
@@ -34,7 +34,7 @@ def test_identify_controller(env):
     assert struct.unpack_from("<I", d, 80)[0] == 0x00020000  # VER
     # RTD3E covers the whole normal shutdown (drain of commands in flight, then the flush):
     # Linux waits max(RTD3E, 5 s) for CSTS.SHST before it calls the shutdown incomplete
-    from pcidev_nvme.controller import SHUTDOWN_DRAIN_TIMEOUT
+    from pcidev_nvme.limits import SHUTDOWN_DRAIN_TIMEOUT
 
     assert struct.unpack_from("<I", d, 88)[0] > SHUTDOWN_DRAIN_TIMEOUT * 1_000_000
     assert d[111] == 1  # CNTRLTYPE: I/O controller

@@ -4,14 +4,15 @@ commands, and SMART counters that persist across controller restarts."""
 
 from __future__ import annotations
 
-import json
 import struct
 
+import attrs
 import pytest
-from test_core_fixtures import expect_status, make_env, nvme_env, smart  # noqa: F401
+from _helpers import expect_status, make_env, smart
 
-from pcidev_nvme.driver import READ, WRITE
-from pcidev_nvme.logs import decode_error_entry
+from pcidev_nvme.testing.driver import READ, WRITE
+from pcidev_nvme.logs import SmartCounters, decode_error_entry
+from pcidev_nvme.persist import StateFile
 from pcidev_nvme.status import Status
 
 GET_LOG = 0x02
@@ -24,7 +25,7 @@ def log_args(lid, length, *, offset=0, nsid=0xFFFFFFFF, rae=False, csi=0):
 
 
 @pytest.fixture
-def env(nvme_env):  # noqa: F811
+def env(nvme_env):
     return nvme_env("ns=mem:size=4M", io_queues=1)
 
 
@@ -101,8 +102,6 @@ def test_smart_counters(env):
 
 
 def test_data_units_rounding():
-    from pcidev_nvme.logs import SmartCounters
-
     s = SmartCounters()
     assert s.data_units_read == 0
     s.record_read(1)
@@ -127,8 +126,8 @@ def test_smart_persists_across_restarts(tmp_path):
         drv.shutdown()  # clean
     finally:
         env.close()
-    state = tmp_path / "nvme-persist1.state.json"  # next to the image
-    assert json.loads(state.read_text())["dirty"] is False
+    state = tmp_path / "nvme-persist1.state"  # next to the image
+    assert StateFile(state).load().dirty is False
 
     env = make_env(cfg, io_queues=1)
     try:
@@ -159,7 +158,7 @@ def test_state_file_location_and_corruption(tmp_path):
     state = tmp_path / "custom.json"
     env = make_env(f"serial=loc,state_file={state},ns=mem:size=1M", io_queues=0)
     env.close()
-    assert json.loads(state.read_text())["smart"]["power_cycles"] == 1
+    assert StateFile(state).load().smart.power_cycles == 1
     state.write_text("{not json")
     env = make_env(f"serial=loc,state_file={state},ns=mem:size=1M", io_queues=0)
     try:
@@ -170,16 +169,16 @@ def test_state_file_location_and_corruption(tmp_path):
     d.mkdir()
     env = make_env(f"serial=dir,state_dir={d},ns=mem:size=1M", io_queues=0)
     env.close()
-    assert (d / "nvme-dir.state.json").exists()
+    assert (d / "nvme-dir.state").exists()
 
 
 def test_power_on_hours_accumulate(tmp_path):
     state = tmp_path / "s.json"
     env = make_env(f"state_file={state}", io_queues=0)
     env.close()
-    data = json.loads(state.read_text())
-    data["smart"]["power_on_seconds"] = 3 * 3600 + 10
-    state.write_text(json.dumps(data))
+    f = StateFile(state)
+    st = f.load()
+    f.save(attrs.evolve(st, smart=attrs.evolve(st.smart, power_on_us=(3 * 3600 + 10) * 10**6)))
     env = make_env(f"state_file={state}", io_queues=0)
     try:
         assert smart(env.drv)["power_on_hours"] == 3
@@ -208,7 +207,7 @@ def test_firmware_slot_log_initial(env):
     assert page[16:24] == bytes(8)
 
 
-def test_log_page_hostile_offsets_and_lengths(nvme_env):  # noqa: F811
+def test_log_page_hostile_offsets_and_lengths(nvme_env):
     env = nvme_env("ns=mem:size=1M,mdts=0", io_queues=0)  # no MDTS: any NUMD is acceptable
     drv = env.drv
     buf = env.machine.alloc(8192)

@@ -7,16 +7,9 @@ import struct
 import time
 
 import pytest
-from test_core_fixtures import (  # noqa: F401
-    GatedBackend,
-    attach_namespace,
-    expect_status,
-    make_env,
-    nvme_env,
-    wait_until,
-)
+from _helpers import GatedBackend, attach_namespace, expect_status, make_env, wait_until
 
-from pcidev_nvme.driver import READ
+from pcidev_nvme.testing.driver import READ
 from pcidev_nvme.status import Status
 
 NS_MGMT, NS_ATTACH, FORMAT = 0x0D, 0x15, 0x80
@@ -31,7 +24,7 @@ def ns_data(nsze, ncap=None, flbas=0, dps=0, nmic=0):
 
 
 @pytest.fixture
-def env(nvme_env):  # noqa: F811
+def env(nvme_env):
     return nvme_env("ns=mem:size=4M,capacity=64M,max_namespaces=4", io_queues=1)
 
 
@@ -93,7 +86,7 @@ def test_attachment_errors(env):
     expect_status(drv, Status.NS_NOT_ATTACHED, NS_ATTACH, nsid=1, cdw10=1, data=CTRL_LIST)
 
 
-def test_created_file_namespace(nvme_env, tmp_path):  # noqa: F811
+def test_created_file_namespace(nvme_env, tmp_path):
     env = nvme_env(f"state_dir={tmp_path},ns_create=file,capacity=16M", io_queues=1)
     drv = env.drv
     nsid = create(drv, 4096)  # 2 MiB of 512-byte blocks
@@ -161,7 +154,7 @@ def test_format_errors(env):
     expect_status(drv, Status.INVALID_NSID, FORMAT, nsid=0, cdw10=0)
 
 
-def test_io_during_format_is_refused(nvme_env):  # noqa: F811
+def test_io_during_format_is_refused(nvme_env):
     env = nvme_env("ns=mem:size=1M", io_queues=1)
     drv, ctrl = env.drv, env.ctrl
     gated = GatedBackend()

@@ -4,7 +4,7 @@ statuses of every malformed variant (each with its Error Information entry)."""
 from __future__ import annotations
 
 import pytest
-from test_core_fixtures import expect_status, nvme_env  # noqa: F401
+from _helpers import expect_status
 
 from pcidev_nvme.status import Status
 
@@ -12,7 +12,7 @@ CREATE_SQ, CREATE_CQ, DELETE_SQ, DELETE_CQ = 0x01, 0x05, 0x00, 0x04
 
 
 @pytest.fixture
-def env(nvme_env):  # noqa: F811
+def env(nvme_env):
     return nvme_env("ns=mem:size=4M,max_ioqpairs=8,mqes=255", io_queues=0)
 
 
@@ -37,7 +37,7 @@ def test_create_use_delete(env):
     assert env.ctrl.sq(3) is None and env.ctrl.cq(3) is None
 
 
-def test_all_queue_pairs(nvme_env):  # noqa: F811
+def test_all_queue_pairs(nvme_env):
     env = nvme_env("ns=mem:size=4M", io_queues=64, io_depth=8, ram=128 << 20)
     drv = env.drv
     assert drv.io_queue_count == 64
@@ -139,7 +139,7 @@ def test_interrupts_disabled_queue(env):
     assert len(drv.reap(1)) == 1
 
 
-def test_nonzero_vector_needs_msix(nvme_env):  # noqa: F811
+def test_nonzero_vector_needs_msix(nvme_env):
     env = nvme_env("ns=mem:size=1M", io_queues=0, irq="intx")
     expect_status(env.drv, Status.INVALID_INTERRUPT_VECTOR, CREATE_CQ, **cq_args(env, iv=1))
     env.drv.admin(CREATE_CQ, **cq_args(env, iv=0))
@@ -157,7 +157,7 @@ def test_nonzero_vector_needs_msix(nvme_env):  # noqa: F811
     (CREATE_CQ, dict(qsize=0x10000), Status.QUEUE_SIZE, 42),
     (CREATE_SQ, dict(qsize=0x10000), Status.QUEUE_SIZE, 42),
 ])
-def test_create_queue_hostile_fields(nvme_env, opcode, kw, status, param):  # noqa: F811
+def test_create_queue_hostile_fields(nvme_env, opcode, kw, status, param):
     env = nvme_env("ns=mem:size=1M,max_ioqpairs=4,mqes=1023", io_queues=0, ram=32 << 20)
     drv = env.drv
     if opcode == CREATE_SQ:

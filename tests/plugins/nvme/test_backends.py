@@ -427,7 +427,7 @@ def test_installed_plugin_backend_reaches_the_controller_through_the_registry(ma
     make_distribution("stamped-backend", entry_points={"stamped": "nvme_stamped_backend"},
                       modules={"nvme_stamped_backend": _INSTALLED_BACKEND})
     from pcidev.host import Machine
-    from pcidev_nvme.driver import NvmeDriver
+    from pcidev_nvme.testing.driver import NvmeDriver
 
     ctrl = load_registry(make_plugin_manager()).create("nvme", "ns=stamped:size=1M,ns=mem:size=1M")
     machine = Machine(ram_size=16 << 20)

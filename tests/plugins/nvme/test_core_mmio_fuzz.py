@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from pcidev.host import Machine
 from pcidev.pci.config import ResetKind
 from pcidev_nvme.controller import NvmeController
-from pcidev_nvme.driver import NvmeDriver
+from pcidev_nvme.testing.driver import NvmeDriver
 
 # registers first, then the doorbells of the admin queue and a few I/O queues
 _hot = st.sampled_from([0x00, 0x04, 0x08, 0x0C, 0x0E, 0x10, 0x14, 0x1C, 0x20, 0x24, 0x28, 0x2C, 0x30, 0x34,

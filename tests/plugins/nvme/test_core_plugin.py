@@ -15,7 +15,7 @@ from pcidev.plugins import load_registry, make_plugin_manager
 from pcidev_nvme.backends import BaseBackend, add_backend
 from pcidev_nvme.config import NvmeConfig
 from pcidev_nvme.controller import NvmeController
-from pcidev_nvme.driver import NvmeDriver
+from pcidev_nvme.testing.driver import NvmeDriver
 
 
 def test_registered_through_the_entry_point():

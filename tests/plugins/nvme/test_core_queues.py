@@ -8,15 +8,9 @@ from __future__ import annotations
 import random
 import time
 
-from test_core_fixtures import (  # noqa: F401
-    GatedBackend,
-    attach_namespace,
-    expect_status,
-    nvme_env,
-    wait_until,
-)
+from _helpers import GatedBackend, attach_namespace, expect_status, wait_until
 
-from pcidev_nvme.driver import FLUSH, READ, WRITE
+from pcidev_nvme.testing.driver import FLUSH, READ, WRITE
 from pcidev_nvme.status import Status
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 import pytest
-from test_core_fixtures import nvme_env  # noqa: F401
 
 from pcidev.pci import ids
 from pcidev.pci.capabilities.msix import MsixCapability
@@ -29,7 +28,7 @@ def wait_csts(pdev, mask: int, value: int, timeout: float = 5.0) -> int:
 
 
 @pytest.fixture
-def raw(nvme_env):  # noqa: F811
+def raw(nvme_env):
     """A controller plugged in and bus-mastering, not enabled; admin queues allocated."""
     env = nvme_env(probe=False)
     env.pdev.enable_device()
@@ -100,7 +99,7 @@ def test_qemu_reg_read_cap_halves_and_64bit(raw):
     assert pdev.ioread8(0, CAP + 7) == hi >> 24
 
 
-def test_mqes_is_configurable(nvme_env):  # noqa: F811
+def test_mqes_is_configurable(nvme_env):
     env = nvme_env("mqes=255", probe=False)
     env.pdev.enable_device()
     assert env.pdev.ioread32(0, CAP) & 0xFFFF == 255
@@ -183,7 +182,7 @@ def test_cc_fields_frozen_while_enabled(raw):
     assert raw.ctrl.page_size == 4096
 
 
-def test_shutdown_notification(nvme_env):  # noqa: F811
+def test_shutdown_notification(nvme_env):
     env = nvme_env()
     drv = env.drv
     drv.write(1, 0, b"s" * 512)
@@ -206,7 +205,7 @@ def test_shutdown_notification(nvme_env):  # noqa: F811
     assert (drv.read32(CSTS) >> 2) & 3 == 0
 
 
-def test_disable_deletes_queues_and_reenable_works(nvme_env):  # noqa: F811
+def test_disable_deletes_queues_and_reenable_works(nvme_env):
     env = nvme_env(io_queues=2)
     drv = env.drv
     drv.write(1, 0, b"q" * 512)
@@ -217,7 +216,7 @@ def test_disable_deletes_queues_and_reenable_works(nvme_env):  # noqa: F811
     assert drv.read(1, 0, 1) == b"q" * 512
 
 
-def test_flr_resets_controller(nvme_env):  # noqa: F811
+def test_flr_resets_controller(nvme_env):
     env = nvme_env()
     drv = env.drv
     drv.write(1, 0, b"f" * 512)
@@ -231,7 +230,7 @@ def test_flr_resets_controller(nvme_env):  # noqa: F811
     assert drv.read(1, 0, 1) == b"f" * 512
 
 
-def test_conventional_reset(nvme_env):  # noqa: F811
+def test_conventional_reset(nvme_env):
     env = nvme_env()
     env.ctrl.reset(ResetKind.CONVENTIONAL)
     assert env.ctrl.csts == 0
@@ -263,7 +262,7 @@ def test_doorbells_ignored_while_disabled(raw):
     assert raw.ctrl.csts == 0
 
 
-def test_odd_sized_doorbell_writes_are_harmless(nvme_env):  # noqa: F811
+def test_odd_sized_doorbell_writes_are_harmless(nvme_env):
     env = nvme_env()
     drv = env.drv
     for size in (1, 2):
@@ -273,7 +272,7 @@ def test_odd_sized_doorbell_writes_are_harmless(nvme_env):  # noqa: F811
     assert env.ctrl.csts & 2 == 0
 
 
-def test_handler_failure_sets_cfs(nvme_env):  # noqa: F811
+def test_handler_failure_sets_cfs(nvme_env):
     env = nvme_env()
     ctrl = env.ctrl
 

@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from test_io_fakes import PAGE, FakeController, FakeControllerNoErrorKw, command, prp_for, rw
+from fakes import PAGE, FakeController, command, prp_for, rw
 
 from pcidev_nvme.backends import BaseBackend
 from pcidev_nvme.io import COPY_LIMITS, DMRL, DMRSL, MAX_DSM_RANGES, ONCS, SGLS, WZSL, IoCommandSet, Opcode
@@ -228,7 +228,7 @@ def test_write_cache_feature_through_the_software_host(tmp_path, monkeypatch):
     """End to end: Set Features 06h WCE=0 through the driver, then a plain Write is durable."""
     from pcidev.host import Machine
     from pcidev_nvme.controller import NvmeController
-    from pcidev_nvme.driver import NvmeDriver
+    from pcidev_nvme.testing.driver import NvmeDriver
 
     machine = Machine(ram_size=32 << 20)
     ctrl = NvmeController(f"ns=file:path={tmp_path}/e2e.img,size=1M")
@@ -608,20 +608,6 @@ def test_close_then_submit_fails_cleanly(tmp_path):
     ctrl.close()
 
 
-def test_complete_without_error_keyword():
-    ctrl = FakeControllerNoErrorKw()
-    ctrl.namespaces[1] = make_namespace(1, "mem:size=1M")
-    ios = IoCommandSet(ctrl)
-    try:
-        req = rw(Opcode.READ, 1 << 30, 1, prp1=ctrl.alloc(PAGE))
-        ios.submit(req)
-        status, _dw0, err = ctrl.wait(req)
-        assert status == Status.LBA_RANGE and err is None
-    finally:
-        ios.close()
-        ctrl.close()
-
-
 def test_null_namespace_reads_zeros():
     ctrl = FakeController()
     ctrl.namespaces[1] = make_namespace(1, "null:size=1G")
@@ -723,7 +709,7 @@ def test_slow_plugin_backend_does_not_block_registers():
     from pcidev.host import Machine
     from pcidev.plugins import load_registry, make_plugin_manager
     from pcidev_nvme.backends import add_backend
-    from pcidev_nvme.driver import READ, NvmeDriver
+    from pcidev_nvme.testing.driver import READ, NvmeDriver
 
     gate_backend = GatedBackend()
 

@@ -33,7 +33,7 @@ from pcidev.host import Machine
 from pcidev.vmstate import Section
 from pcidev.vmstate.errors import ChecksumError, ConfigMismatchError, StateError, StreamError
 from pcidev_nvme.controller import NvmeController
-from pcidev_nvme.driver import READ, WRITE, NvmeDriver
+from pcidev_nvme.testing.driver import READ, WRITE, NvmeDriver
 from pcidev_nvme.migration import NvmeState
 
 QD = 32
@@ -326,7 +326,7 @@ def test_smart_error_log_features_and_firmware_survive(hosts):
     assert {fid: drv.get_features(fid).dw0 for fid in feats} == feats
     assert (drv.get_features(0x04).dw0, drv.get_features(0x04, cdw11=1 << 20).dw0) == thresholds == (350, 260)
     assert drv.get_features(0x09, cdw11=1).dw0 == 1 | (1 << 16)
-    assert dst._coalesce_on and dst.features.kato_ms == 120000
+    assert dst.interrupts.coalescing_on and dst.features.kato_ms == 120000
     # and the destination keeps working
     data = os.urandom(4096)
     drv.write(2, 3, data)
@@ -340,7 +340,7 @@ def test_shadow_doorbells_survive(hosts):
     data = os.urandom(4096)
     drv.write(1, 0, data)
     dst = h.migrate()
-    assert dst._dbbuf == (dbs, eis) and dst._sqs[1].db_addr == dbs + 8
+    assert dst.shadow.buffers == (dbs, eis) and dst._sqs[1].db_addr == dbs + 8
     for i in range(40):  # through shadow tails and EventIdx only
         drv.write(1, 8 + i, data[:512], qid=1 + i % 2)
     assert drv.read(1, 0, 8) == data

@@ -16,7 +16,7 @@ import pytest
 from pcidev.errors import MigrationError
 from pcidev.host import Machine
 from pcidev.transport.serve import DeviceProcess
-from pcidev_nvme.driver import WRITE, NvmeDriver
+from pcidev_nvme.testing.driver import WRITE, NvmeDriver
 
 QD = 32
 ROUNDS = 24

@@ -16,7 +16,7 @@ import threading
 
 import crc32c
 import pytest
-from test_io_fakes import PAGE, FakeController, command
+from fakes import PAGE, FakeController, command
 
 from pcidev_nvme.io import IoCommandSet, Opcode
 from pcidev_nvme.namespace import make_namespace
@@ -221,7 +221,7 @@ def run_driver_queue(drv, machine, model: Model, qid: int, ops: int, max_blocks:
 
     ``depth[qid]`` gets the most commands this queue had outstanding at a doorbell write.
     """
-    from pcidev_nvme.driver import READ, WRITE
+    from pcidev_nvme.testing.driver import READ, WRITE
 
     rnd = random.Random(model.seed * 977 + qid)
     mem = machine.memory
@@ -288,7 +288,7 @@ def run_driver_queue(drv, machine, model: Model, qid: int, ops: int, max_blocks:
 
 def test_verified_io_through_the_software_host(tmp_path):
     from pcidev.host import Machine
-    from pcidev_nvme import driver
+    from pcidev_nvme.testing import driver
     from pcidev_nvme.controller import NvmeController
 
     machine = Machine(ram_size=128 << 20)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pcidev.cli import main as cli_main
-from pcidev_nvme.bench import JOBS, main, run_job
+from pcidev_nvme.testing.bench import JOBS, main, run_job
 
 
 def test_bench_json_through_the_cli(capsys):
@@ -42,7 +42,7 @@ def test_run_job_rejects_unsuitable_block_size():
     from pcidev.errors import PcidevError
     from pcidev.host import Machine
     from pcidev_nvme.controller import NvmeController
-    from pcidev_nvme.driver import NvmeDriver
+    from pcidev_nvme.testing.driver import NvmeDriver
 
     machine = Machine(ram_size=64 << 20)
     ctrl = NvmeController("ns=mem:size=1M")

@@ -1,24 +1,25 @@
-"""Shared helpers for the controller-core tests (imported by test_core_*, test_admin_*,
-test_driver*). Not a test module itself.
+"""Helpers shared by the NVMe controller tests (``import _helpers``).
 
-``nvme_env`` builds a software host, a controller and a probed driver and tears
-them down afterwards; ``expect_status`` runs a command and checks both its
-status and the Error Information entry the controller must have written.
+:func:`make_env` builds a software host, a controller and a probed driver (the
+``nvme_env`` fixture in ``conftest.py`` closes them at teardown);
+:func:`expect_status` runs a command and checks both its status and the Error
+Information entry the controller must have written.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterator
+import threading
+import time
 
 import attrs
-import pytest
 
 from pcidev.host import Machine
 from pcidev_nvme.controller import NvmeController
-from pcidev_nvme.driver import Completion, NvmeDriver
+from pcidev_nvme.namespace import Namespace
+from pcidev_nvme.testing.driver import Completion, NvmeDriver
 
-__all__ = ["Env", "nvme_env", "expect_status", "make_env", "error_entries", "smart", "admin_raw", "GatedBackend",
+__all__ = ["Env", "expect_status", "make_env", "error_entries", "smart", "admin_raw", "GatedBackend",
            "attach_namespace", "wait_until"]
 
 
@@ -47,21 +48,6 @@ def make_env(config: str | dict | None = "ns=mem:size=16M", *, ram: int = 64 << 
         return Env(machine, ctrl, drv, drv.pdev)
     pdev = machine.plug(ctrl)
     return Env(machine, ctrl, None, pdev)
-
-
-@pytest.fixture
-def nvme_env() -> Iterator[Callable[..., Env]]:
-    """Factory fixture: ``env = nvme_env("ns=mem:size=16M", io_queues=2)``; closed at teardown."""
-    made: list[Env] = []
-
-    def factory(*args, **kwargs) -> Env:
-        env = make_env(*args, **kwargs)
-        made.append(env)
-        return env
-
-    yield factory
-    for env in reversed(made):
-        env.close()
 
 
 def error_entries(ctrl: NvmeController) -> list[dict[str, int]]:
@@ -132,8 +118,6 @@ class GatedBackend:
     identity_path = None
 
     def __init__(self, size: int = 1 << 20) -> None:
-        import threading
-
         self.size = size
         self.data = bytearray(size)
         self.sem = threading.Semaphore(0)
@@ -191,8 +175,6 @@ class GatedBackend:
 
 def attach_namespace(ctrl: NvmeController, nsid: int, backend) -> object:
     """Allocate and attach a namespace over ``backend`` (bypassing Namespace Management)."""
-    from pcidev_nvme.namespace import Namespace
-
     ns = Namespace(nsid, backend)
     ctrl.allocated[nsid] = ns
     ctrl.namespaces[nsid] = ns
@@ -200,8 +182,6 @@ def attach_namespace(ctrl: NvmeController, nsid: int, backend) -> object:
 
 
 def wait_until(pred, timeout: float = 5.0, what: str = "condition") -> None:
-    import time
-
     deadline = time.monotonic() + timeout
     while not pred():
         assert time.monotonic() < deadline, f"timeout waiting for {what}"

@@ -2,7 +2,7 @@
 
 An NVMe controller with one memory-backed namespace is plugged into an in-process
 :class:`~pcidev.host.Machine` and driven by the host-side driver
-(:class:`pcidev_nvme.driver.NvmeDriver`) exactly as a guest driver would: SQEs and
+(:class:`pcidev_nvme.testing.driver.NvmeDriver`) exactly as a guest driver would: SQEs and
 PRP lists in guest RAM, SQ tail and CQ head doorbells through BAR0, completions
 from the CQ, MSI-X interrupts. The namespace is written once in full first (as fio
 lays out its file), then three jobs run, each on one I/O queue:
@@ -39,6 +39,10 @@ from typing import Any
 import attrs
 
 from pcidev.errors import PcidevError
+from pcidev.host import Machine
+from pcidev.properties import parse_size
+from pcidev_nvme.controller import NvmeController
+from pcidev_nvme.testing.driver import NvmeDriver
 
 __all__ = ["JobResult", "main", "run_job", "run_benchmark"]
 
@@ -109,7 +113,7 @@ def run_job(
 ) -> JobResult:
     """Run one job on I/O queue ``qid`` for about ``seconds``.
 
-    :param drv: a probed :class:`~pcidev_nvme.driver.NvmeDriver`.
+    :param drv: a probed :class:`~pcidev_nvme.testing.driver.NvmeDriver`.
     :param machine: its :class:`~pcidev.host.Machine` (buffers are allocated there).
     :param name: the job's name in the results.
     :param opcode: 0x02 (Read) or 0x01 (Write).
@@ -207,10 +211,6 @@ def run_benchmark(
     :param profile: write a cProfile of the jobs to this file.
     :returns: the job results and facts about the setup.
     """
-    from pcidev.host import Machine
-    from pcidev_nvme.controller import NvmeController
-    from pcidev_nvme.driver import NvmeDriver
-
     machine = Machine(ram_size=256 << 20)
     ctrl = NvmeController(f"mdts=7,ns=mem:size={ns_size}")
     drv = None
@@ -296,7 +296,6 @@ def main(argv: list[str] | None = None) -> int:
     :param argv: the arguments after ``nvme``.
     :returns: the exit status.
     """
-    from pcidev.properties import parse_size
 
     args = _parser().parse_args(argv)
     if args.seconds <= 0:

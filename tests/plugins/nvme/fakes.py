@@ -82,13 +82,6 @@ class FakeController:
         self._mem.close()
 
 
-class FakeControllerNoErrorKw(FakeController):
-    """A controller whose ``complete`` has only the contract's base signature."""
-
-    def complete(self, req, status: int = 0, dw0: int = 0, dw1: int = 0) -> None:  # type: ignore[override]
-        super().complete(req, status, dw0, dw1)
-
-
 _cid = [0]
 
 

@@ -8,14 +8,14 @@ import os
 import random
 
 import pytest
-from test_core_fixtures import nvme_env  # noqa: F401
+from _helpers import GatedBackend, attach_namespace, wait_until
 
-from pcidev_nvme.driver import READ, WRITE, NvmeCommandError, NvmeDriverError
+from pcidev_nvme.testing.driver import READ, WRITE, NvmeCommandError, NvmeDriverError
 from pcidev_nvme.status import Status
 
 
 @pytest.fixture
-def env(nvme_env):  # noqa: F811
+def env(nvme_env):
     return nvme_env("ns=mem:size=16M,ns=mem:size=8M,lbaf=1", io_queues=4, ram=128 << 20)
 
 
@@ -81,7 +81,7 @@ def test_queue_depth_32_on_several_queues(env):
             assert m.read(bufs[q] + i * lbs, lbs) == blocks[(q - 1) * 32 + i]
 
 
-def test_sq_full_is_reported(nvme_env):  # noqa: F811
+def test_sq_full_is_reported(nvme_env):
     env = nvme_env(io_queues=0)
     drv = env.drv
     drv.create_io_queue_pair(1, 4)
@@ -94,7 +94,7 @@ def test_sq_full_is_reported(nvme_env):  # noqa: F811
 
 
 @pytest.mark.parametrize("irq", ["intx", None, "any"])
-def test_interrupt_modes(nvme_env, irq):  # noqa: F811
+def test_interrupt_modes(nvme_env, irq):
     env = nvme_env("ns=mem:size=4M", io_queues=2, irq=irq)
     drv = env.drv
     data = os.urandom(4096)
@@ -125,7 +125,7 @@ def test_shadow_doorbells(env):
     assert comp.code == Status.INVALID_FIELD
 
 
-def test_shadow_doorbells_disabled_by_config(nvme_env):  # noqa: F811
+def test_shadow_doorbells_disabled_by_config(nvme_env):
     env = nvme_env("dbbuf=off", io_queues=1)
     assert not env.drv.identify(0x01)[257] & 1  # OACS bit 8 clear
     comp = env.drv.admin(0x7C, prp1=env.machine.alloc(4096), prp2=env.machine.alloc(4096), check=False)
@@ -142,7 +142,7 @@ def test_command_errors_raise(env):
     assert ei.value.status == Status.INVALID_NSID
 
 
-def test_events_and_rearm(nvme_env):  # noqa: F811
+def test_events_and_rearm(nvme_env):
     env = nvme_env(io_queues=1, aers=2)
     drv, ctrl = env.drv, env.ctrl
     ctrl.set_temperature(ctrl.cfg.warning_temp + 1)
@@ -158,7 +158,7 @@ def test_shutdown(env):
     assert set(drv.queues) == {0}
 
 
-def test_chained_prp_lists(nvme_env):  # noqa: F811
+def test_chained_prp_lists(nvme_env):
     env = nvme_env("mdts=0,ns=mem:size=16M", io_queues=1, ram=128 << 20)
     drv = env.drv
     assert drv.mdts_bytes is None
@@ -178,12 +178,10 @@ def test_mdts_enforced(env):
     assert len(drv.read(1, 0, drv.mdts_bytes // 512)) == drv.mdts_bytes
 
 
-def test_disable_recovers_a_fatal_controller_with_commands_in_flight(nvme_env):  # noqa: F811
+def test_disable_recovers_a_fatal_controller_with_commands_in_flight(nvme_env):
     """Like Linux's nvme_disable_ctrl, disable() waits for CSTS.RDY=0 even while CSTS.CFS is
     set: that reset is how a host recovers from a fatal status."""
     import threading
-
-    from test_core_fixtures import GatedBackend, attach_namespace, wait_until
 
     env = nvme_env("ns=mem:size=1M", io_queues=1)
     drv, ctrl = env.drv, env.ctrl

@@ -1,0 +1,215 @@
+"""Doorbells of the NVMe controller: the MMIO doorbell registers (BAR0 1000h on) and
+the Doorbell Buffer Config shadow doorbells with their EventIdx buffer.
+
+MMIO doorbell ``y`` is at ``1000h + 8 * y`` (SQ tail) and ``1000h + 8 * y + 4`` (CQ
+head), handled by :class:`DoorbellsMixin` (a part of
+:class:`~pcidev_nvme.controller.NvmeController`: it works on the controller's queues
+and hands a new SQ tail to the fetch loop, :class:`~pcidev_nvme.fetch.FetchMixin`).
+With Doorbell Buffer Config (admin opcode 7Ch) the host also writes the new values to
+a shadow buffer (``dbs``) and the controller publishes the values after which it
+wants an MMIO write in the EventIdx buffer (``eis``); slot ``2 * qid`` is SQ
+``qid``'s tail, ``2 * qid + 1`` CQ ``qid``'s head.
+
+:class:`ShadowDoorbells` owns the two buffer addresses (:meth:`ShadowDoorbells.snapshot`
+/ :meth:`ShadowDoorbells.restore` of a :class:`ShadowDoorbellsState`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import attrs
+
+from pcidev.dma import GuestMemory
+from pcidev.errors import DmaError
+from pcidev_nvme import aer as aer_mod
+from pcidev_nvme.queues import CompletionQueue, SubmissionQueue
+from pcidev_nvme.registers import DOORBELL_BASE
+
+
+__all__ = ["DOORBELL_BASE", "DoorbellsMixin", "ShadowDoorbells", "ShadowDoorbellsState", "doorbell_offset"]
+
+log = logging.getLogger(__name__)
+
+
+def doorbell_offset(qid: int, cq: bool = False) -> int:
+    """BAR0 offset of queue ``qid``'s SQ tail (or CQ head) doorbell."""
+    return DOORBELL_BASE + 8 * qid + (4 if cq else 0)
+
+
+@attrs.frozen
+class ShadowDoorbellsState:
+    """The shadow doorbell and EventIdx buffers (``enabled`` False: none configured)."""
+
+    dbs: int = 0
+    eis: int = 0
+    enabled: bool = False
+
+
+class ShadowDoorbells:
+    """Where the shadow doorbell and EventIdx buffers are (Doorbell Buffer Config)."""
+
+    def __init__(self) -> None:
+        #: (shadow doorbell buffer, EventIdx buffer) guest addresses, or None
+        self.buffers: tuple[int, int] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.buffers is not None
+
+    def configure(self, dbs: int, eis: int) -> None:
+        """Doorbell Buffer Config: shadow doorbells at ``dbs``, EventIdx at ``eis``."""
+        self.buffers = (dbs, eis)
+
+    def reset(self) -> None:
+        """Controller reset: no buffers."""
+        self.buffers = None
+
+    def addresses(self, slot: int) -> tuple[int, int] | tuple[None, None]:
+        """(shadow doorbell, EventIdx) addresses of ``slot``, or (None, None)."""
+        if self.buffers is None:
+            return None, None
+        dbs, eis = self.buffers
+        return dbs + 4 * slot, eis + 4 * slot
+
+    def bind(self, q: SubmissionQueue | CompletionQueue, mem: GuestMemory | None = None) -> None:
+        """Give ``q`` its shadow addresses; with ``mem``, also write its current doorbell
+        value (SQ tail or CQ head) to both (a queue created after the buffer config)."""
+        if isinstance(q, SubmissionQueue):
+            slot, value = 2 * q.sqid, q.tail
+        else:
+            slot, value = 2 * q.cqid + 1, q.head
+        db, ei = self.addresses(slot)
+        q.set_shadow(db, ei)
+        if mem is not None and db is not None and ei is not None:
+            try:
+                mem.store32(db, value)
+                mem.store32(ei, value)
+            except DmaError:
+                pass
+
+    def snapshot(self) -> ShadowDoorbellsState:
+        if self.buffers is None:
+            return ShadowDoorbellsState()
+        return ShadowDoorbellsState(dbs=self.buffers[0], eis=self.buffers[1], enabled=True)
+
+    def restore(self, state: ShadowDoorbellsState) -> None:
+        self.buffers = (state.dbs, state.eis) if state.enabled else None
+
+
+class DoorbellsMixin:
+    """Doorbell writes of :class:`~pcidev_nvme.controller.NvmeController` (mixed into it;
+    uses its queues, ``shadow``, ``interrupts``, ``error_log``, ``aer`` and the fetch loop)."""
+
+    _sqs: list[SubmissionQueue | None]
+    _cqs: list[CompletionQueue | None]
+    _running: bool
+    shadow: ShadowDoorbells
+    name: str
+    memory: Any
+    interrupts: Any
+    error_log: Any
+    aer: Any
+
+    def _doorbell_write(self, offset: int, size: int, value: int) -> None:
+        if size == 8 and not offset & 7:
+            self._doorbell_write(offset, 4, value & 0xFFFFFFFF)
+            self._doorbell_write(offset + 4, 4, value >> 32)
+            return
+        if size != 4 or offset & 3:
+            log.warning("%s: %d-byte doorbell write at %#x ignored (doorbells are 32-bit)", self.name, size, offset)
+            return
+        if not self._running:
+            return
+        idx = (offset - DOORBELL_BASE) >> 2
+        qid = idx >> 1
+        if idx & 1:
+            self._cq_head_write(qid, value, offset)
+        else:
+            self._sq_tail_write(qid, value, offset)
+
+    def _doorbell_error(self, info: int, qid: int, offset: int, value: int) -> None:
+        log.info("%s: invalid doorbell %s: offset %#x value %#x",
+                 self.name, "register" if info == aer_mod.INFO_INVALID_DB_REG else "value", offset, value)
+        self.error_log.add(sqid=qid, cid=0xFFFF, status_field=0, param_offset=None, csi=offset)
+        self.aer.post(aer_mod.AER_ERROR, info, 0x01)
+
+    def _sq_tail_write(self, qid: int, value: int, offset: int) -> None:
+        sq = self._sqs[qid] if qid < len(self._sqs) else None
+        if sq is None or sq.deleting:
+            self._doorbell_error(aer_mod.INFO_INVALID_DB_REG, qid, offset, value)
+            return
+        if value >= sq.size:
+            self._doorbell_error(aer_mod.INFO_INVALID_DB_VALUE, qid, offset, value)
+            return
+        if sq.db_addr is not None and qid == 0:
+            # Only the admin queue (which Linux never shadows, as QEMU's nvme): for an I/O
+            # queue the shadow is the newer value, and an MMIO write can arrive late (a
+            # posted vfio-user write): copying it would rewind the tail and lose commands.
+            try:
+                self.memory.store32(sq.db_addr, value)
+            except DmaError:
+                pass
+        sq.tail = value
+        self._kick(sq)
+
+    def _cq_head_write(self, qid: int, value: int, offset: int) -> None:
+        cq = self._cqs[qid] if qid < len(self._cqs) else None
+        if cq is None:
+            self._doorbell_error(aer_mod.INFO_INVALID_DB_REG, qid, offset, value)
+            return
+        posted = 0
+        try:
+            with cq.lock:
+                mem = None
+                if cq.db_addr is not None and qid == 0:
+                    # the admin queue is not shadowed by Linux: the MMIO value is the truth
+                    mem = self.memory
+                    mem.store32(cq.db_addr, value)
+                    mem.store32(cq.ei_addr, value)
+                elif cq.db_addr is not None:
+                    # The shadow head is never older than an MMIO write that may arrive late
+                    # (posted): take it, publish it as EventIdx, and look again in case the
+                    # host moved on meanwhile (it then saw the old EventIdx and rang nothing).
+                    mem = self.memory
+                    value = mem.load32(cq.db_addr)
+                    while True:
+                        mem.store32(cq.ei_addr, value)
+                        again = mem.load32(cq.db_addr)
+                        if again == value:
+                            break
+                        value = again
+                if not cq.valid_head(value):
+                    bad = True
+                else:
+                    bad = False
+                    cq.head = value
+                    if cq.backlog:
+                        posted = cq.drain_backlog(mem or self.memory)
+        except DmaError as exc:
+            self._fatal(f"CQ {qid}: {exc}")
+            return
+        if bad:
+            self._doorbell_error(aer_mod.INFO_INVALID_DB_VALUE, qid, offset, value)
+            return
+        if posted and cq.ien:
+            self.interrupts.signal(cq, posted)
+        elif self.interrupts.irq_status:
+            self.interrupts.legacy_update()
+        if cq.throttled:
+            self._kick_throttled(cq)
+
+    def _dma_or_none(self) -> Any:
+        try:
+            return self.memory
+        except DmaError:
+            return None
+
+    def set_doorbell_buffer(self, dbs: int, eis: int) -> None:
+        """Doorbell Buffer Config: shadow doorbells at ``dbs``, EventIdx at ``eis``."""
+        self.shadow.configure(dbs, eis)
+        mem = self._dma_or_none()
+        for q in (*self._sqs, *self._cqs):
+            if q is not None:
+                self.shadow.bind(q, mem)

@@ -1,0 +1,203 @@
+"""The fetch loop of :class:`~pcidev_nvme.controller.NvmeController` (mixed into it):
+a doorbell (or a completion freeing room in a throttled CQ) *kicks* a submission
+queue; :class:`FetchMixin` reads the new entries in one batch
+(:meth:`~pcidev_nvme.queues.SubmissionQueue.fetch`), decodes them and hands each to
+the admin or I/O command set on the same thread. Interrupts, kicks and the
+completions made during a batch are deferred to its end (:class:`BatchState`): one
+CQE write and one interrupt per completion queue.
+
+With shadow doorbells the new SQ tail is read from the shadow buffer, and the
+EventIdx published after the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from pcidev.errors import DmaError
+from pcidev_nvme import aer as aer_mod
+from pcidev_nvme.limits import FETCH_BATCH, SQE_SIZE
+from pcidev_nvme.queues import CompletionQueue, SubmissionQueue
+from pcidev_nvme.registers import DOORBELL_BASE
+from pcidev_nvme.request import decode_sqe
+from pcidev_nvme.status import NvmeStatusError, Status
+
+__all__ = ["BatchState", "FetchMixin"]
+
+log = logging.getLogger(__name__)
+
+
+class BatchState(threading.local):
+    """Per-thread state of a doorbell batch: interrupts and kicks are deferred to its end."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.start = 0.0
+        self.io = False
+        self.cqs: dict[CompletionQueue, int] = {}
+        self.kicks: list[SubmissionQueue] = []
+        #: completions made on this thread during the batch, posted at its end
+        self.done: list[tuple] = []
+
+
+class FetchMixin:
+    """Fetch and dispatch of :class:`~pcidev_nvme.controller.NvmeController` (see the module
+    docstring; uses its queues, command sets, ``interrupts``, ``smart`` and ``complete``)."""
+
+    _tls: BatchState
+    _batches: int
+    _batch_lock: threading.Lock
+    _running: bool
+    _gen: int
+    _ka_last: float
+    _formatting: set[int]
+    name: str
+    memory: Any
+    admin: Any
+    io: Any
+    smart: Any
+    interrupts: Any
+
+    def _kick_throttled(self, cq: CompletionQueue) -> None:
+        with cq.lock:
+            sqs = list(cq.throttled)
+            cq.throttled.clear()
+        tls = self._tls
+        if tls.depth:
+            tls.kicks.extend(sqs)
+        else:
+            for sq in sqs:
+                if not sq.gone:
+                    self._kick(sq)
+
+    def _kick(self, sq: SubmissionQueue) -> None:
+        """Fetch and dispatch what the host submitted on ``sq`` (unless another thread already is)."""
+        with sq.lock:
+            if sq.running:
+                sq.rerun = True
+                return
+            sq.running = True
+        tls = self._tls
+        if not tls.depth:
+            tls.start = time.monotonic()
+            with self._batch_lock:
+                self._batches += 1
+        tls.depth += 1
+        try:
+            while True:
+                self._process_sq(sq)
+                with sq.lock:
+                    if not sq.rerun:
+                        sq.running = False
+                        break
+                    sq.rerun = False
+        except BaseException:
+            with sq.lock:
+                sq.running = False
+                sq.rerun = False
+            raise
+        finally:
+            tls.depth -= 1
+            if not tls.depth:
+                try:
+                    self._end_batch(tls)
+                finally:
+                    with self._batch_lock:
+                        self._batches -= 1
+
+    def _end_batch(self, tls: BatchState) -> None:
+        if tls.done:
+            done, tls.done = tls.done, []
+            self._complete_batch(done, tls)
+        if tls.io:
+            tls.io = False
+            self.smart.record_busy(tls.start, time.monotonic())
+        while tls.cqs or tls.kicks:
+            cqs, tls.cqs = tls.cqs, {}
+            signal = self.interrupts.signal
+            for cq, n in cqs.items():
+                signal(cq, n)
+            kicks, tls.kicks = tls.kicks, []
+            for sq in kicks:
+                if not sq.gone:
+                    self._kick(sq)
+
+    def _process_sq(self, sq: SubmissionQueue) -> None:
+        if not self._running or sq.gone or sq.deleting:
+            return
+        try:
+            mem = self.memory
+            if sq.db_addr is not None:
+                tail = mem.load32(sq.db_addr)
+                if tail >= sq.size:
+                    self._doorbell_error(aer_mod.INFO_INVALID_DB_VALUE, sq.sqid, DOORBELL_BASE + 8 * sq.sqid, tail)
+                    return
+                sq.tail = tail
+        except DmaError as exc:
+            self._fatal(f"SQ {sq.sqid}: {exc}")
+            return
+        cq = sq.cq
+        size = sq.size
+        sqid = sq.sqid
+        admin = sqid == 0
+        if not admin:
+            self._tls.io = True
+        inflight = sq.inflight
+        while self._running and not sq.gone:
+            head = sq.head
+            n = (sq.tail - head) % size
+            if not n:
+                break
+            with cq.lock:
+                budget = cq.size - 1 - cq.reserved
+                if budget <= 0:
+                    cq.throttled.add(sq)
+                    break
+                if n > budget:
+                    n = budget
+                if n > FETCH_BATCH:
+                    n = FETCH_BATCH
+                cq.reserved += n
+            try:
+                raw = sq.fetch(mem, n)
+            except DmaError as exc:
+                with cq.lock:
+                    cq.reserved -= n
+                self._fatal(f"cannot fetch from SQ {sqid}: {exc}")
+                return
+            now = time.monotonic()
+            gen = self._gen
+            for i in range(n):
+                req = decode_sqe(sqid, raw, i * SQE_SIZE, sq, gen, now)
+                cid = req.cid
+                if cid in inflight:
+                    self.complete(req, Status.CMDID_CONFLICT,
+                                  error=NvmeStatusError(Status.CMDID_CONFLICT, param_offset=2))
+                    continue
+                inflight[cid] = req
+                try:
+                    if admin:
+                        self._ka_last = now
+                        self.admin.submit(req)
+                    elif self._formatting and req.nsid in self._formatting:
+                        self.complete(req, Status.FORMAT_IN_PROGRESS)
+                    else:
+                        self.io.submit(req)
+                except Exception as exc:  # never lose a command to a bug
+                    log.exception("%s: command %r failed unexpectedly", self.name, req)
+                    if not req.done:
+                        self.complete(req, Status.INTERNAL,
+                                      error=NvmeStatusError(Status.INTERNAL, str(exc)))
+            if sq.ei_addr is not None:
+                try:
+                    mem.store32(sq.ei_addr, sq.tail)
+                    # A host that wrote the shadow tail before seeing this EventIdx did not
+                    # ring the MMIO doorbell: look again, and fetch once more if it moved.
+                    if sq.db_addr is not None and mem.load32(sq.db_addr) != sq.tail:
+                        with sq.lock:
+                            sq.rerun = True
+                except DmaError:
+                    pass

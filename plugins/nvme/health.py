@@ -1,0 +1,115 @@
+"""Health of :class:`~pcidev_nvme.controller.NvmeController` (mixed into it): the
+composite temperature and the SMART critical warning (thresholds from feature 04h,
+SMART / Health asynchronous events enabled by feature 0Bh), the SMART / Health log
+page, notices, and the keep alive timer (feature 0Fh: a controller that hears
+nothing from the host for KATO fails with a fatal status).
+
+The counters and the temperature themselves belong to
+:class:`~pcidev_nvme.logs.SmartCounters`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pcidev_nvme import aer as aer_mod
+from pcidev_nvme.registers import ST_READY
+from pcidev_nvme.status import DNR, Status
+
+__all__ = ["HealthMixin"]
+
+
+class HealthMixin:
+    """Temperature, critical warning and keep alive (see the module docstring)."""
+
+    _state: str
+    _ka_last: float
+    _ka_token: int
+    _timer: Any
+    cfg: Any
+    smart: Any
+    features: Any
+    aer: Any
+    error_log: Any
+
+
+    @property
+    def temperature(self) -> int:
+        """The composite temperature in kelvin."""
+        return self.smart.temperature
+
+    @property
+    def critical_warning(self) -> int:
+        """SMART critical warning: injected bits plus the temperature bit."""
+        cw = self.smart.injected_warning
+        t = self.smart.temperature
+        if t >= self.features.temp_over or (self.features.temp_under and t <= self.features.temp_under):
+            cw |= 1 << 1
+        return cw
+
+    def set_temperature(self, kelvin: int) -> None:
+        """Change the composite temperature (a thermal model or test); may raise a SMART AEN."""
+        if not 0 <= kelvin <= 0xFFFF:
+            raise ValueError(f"temperature {kelvin} K is out of range")
+        self.account_temperature()
+        self.smart.set_temperature(kelvin)
+        self.check_temperature()
+
+    def inject_critical_warning(self, bits: int) -> None:
+        """Set critical warning bits (0 spare, 2 reliability, 3 read-only, 4 backup failed)."""
+        self.smart.inject_warning(bits)
+        self.check_temperature()
+
+    def account_temperature(self) -> None:
+        """Count the time spent above the warning / critical temperature so far."""
+        self.smart.account_temperature(self.cfg.warning_temp, self.cfg.critical_temp)
+
+    def check_temperature(self) -> None:
+        """Post a SMART AEN for each critical warning bit that is set, enabled in the
+        Asynchronous Event Configuration and not reported yet. A bit is reported again
+        only after it cleared (so enabling a bit in AEC reports a condition already there)."""
+        cw = self.critical_warning
+        new = self.smart.report_warnings(cw, self.features.aec if self._state == ST_READY else 0)
+        if not new:
+            return
+        for bit, info in ((1, aer_mod.INFO_SMART_TEMPERATURE), (0, aer_mod.INFO_SMART_SPARE),
+                          (2, aer_mod.INFO_SMART_RELIABILITY), (3, aer_mod.INFO_SMART_RELIABILITY),
+                          (4, aer_mod.INFO_SMART_RELIABILITY)):
+            if new & (1 << bit):
+                self.aer.post(aer_mod.AER_SMART, info, 0x02)
+
+    def smart_page(self) -> bytes:
+        """The SMART / Health Information log page (LID 02h)."""
+        self.account_temperature()
+        return self.smart.page(critical_warning=self.critical_warning, temperature=self.smart.temperature,
+                               error_entries=self.error_log.count)
+
+    def notice(self, info: int, lid: int) -> None:
+        """Post a notice AEN if its AEC bit is set (8: namespace attribute, 9: firmware activation)."""
+        bit = {aer_mod.INFO_NS_ATTR_CHANGED: 8, aer_mod.INFO_FW_ACTIVATION: 9}.get(info)
+        if bit is not None and self.features.aec & (1 << bit):
+            self.aer.post(aer_mod.AER_NOTICE, info, lid)
+
+    def keep_alive(self) -> None:
+        """A Keep Alive command arrived."""
+        self._ka_last = time.monotonic()
+
+    def keep_alive_changed(self) -> None:
+        """Feature 0Fh changed: restart the keep alive timer."""
+        self._ka_last = time.monotonic()
+        self._ka_token += 1
+        kato = self.features.kato_ms
+        if kato:
+            self._timer.schedule(kato / 1000.0, self._keep_alive_check, self._ka_token)
+
+    def _keep_alive_check(self, token: int) -> None:
+        kato = self.features.kato_ms
+        if not kato or token != self._ka_token or self._state != ST_READY:
+            return
+        left = self._ka_last + kato / 1000.0 - time.monotonic()
+        if left > 0:
+            self._timer.schedule(left, self._keep_alive_check, token)
+            return
+        self.error_log.add(sqid=0xFFFF, cid=0xFFFF, status_field=Status.KA_TIMEOUT_EXPIRED | DNR)
+        self._fatal("keep alive timeout expired")

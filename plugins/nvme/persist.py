@@ -1,0 +1,336 @@
+"""The controller's persistent state file: what survives a restart.
+
+What it keeps (:class:`PersistState`, the ``nvme/persist`` vmstate description,
+version 1): the serial number it belongs to, the clean/unclean flag (an enabled
+controller powered off without a shutdown notification counts an unsafe shutdown at
+the next power-on), the SMART counters (:class:`~pcidev_nvme.logs.SmartState`), the
+lifetime error count, the firmware slots (:class:`~pcidev_nvme.logs.FirmwareState`)
+and the file-backed namespaces created by Namespace Management. These are the same
+state classes live migration carries, written with the same codec
+(:func:`pcidev.vmstate.save`: versioned, range-checked, CRC-protected).
+
+**Where it lives** (first match):
+
+1. ``state_file=PATH``: that file;
+2. ``state_dir=DIR``: ``DIR/nvme-<serial>.state``;
+3. otherwise, beside the image of the first file-backed namespace
+   (``nvme-<serial>.state`` in its directory), **unless** that namespace is
+   read-only (``readonly=on``) or its directory is not writable: nothing is ever
+   written beside a read-only image;
+4. otherwise nowhere: the state is kept in memory only (a one-line warning says so
+   when a file-backed namespace was there but could not host it).
+
+A state file that cannot be read (corrupt, truncated, another format, a newer
+version) is reported with one warning line and the controller starts from zero; it
+is never a crash. A JSON state file written by earlier versions
+(``nvme-<serial>.state.json``, or JSON at the ``state_file`` path) is read once and
+rewritten in this format (the old default-named JSON file is then removed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from pcidev.errors import ConfigError, PcidevError, VMStateError
+from pcidev.vmstate import U32, U64, Bool, Str, VarArray, load, save, vmstate
+from pcidev_nvme.limits import STATE_SAVE_INTERVAL
+from pcidev_nvme.logs import ErrorLogState, FirmwareState, SmartState
+from pcidev_nvme.namespace import may_write_beside
+
+__all__ = ["PersistenceMixin", "PersistState", "CreatedNamespaceState", "StateFile", "STATE_SECTION", "DEVICE_TYPE",
+           "state_file_name", "legacy_state_file_name", "upgrade_legacy"]
+
+log = logging.getLogger(__name__)
+
+#: section name of the state file's description
+STATE_SECTION = "nvme/persist"
+#: device type recorded in the state file's stream header
+DEVICE_TYPE = "nvme-state"
+MAX_CREATED = 1024
+
+
+@vmstate("nvme/created-namespace")
+@attrs.frozen
+class CreatedNamespaceState:
+    """A file-backed namespace created by Namespace Management."""
+
+    nsid: U32
+    spec: Str[4096]
+    attached: Bool
+
+
+@vmstate(STATE_SECTION, version=1)
+@attrs.frozen
+class PersistState:
+    """What the state file keeps (see the module docstring)."""
+
+    serial: Str[256]
+    dirty: Bool
+    smart: SmartState
+    error_count: U64
+    firmware: FirmwareState
+    created: VarArray[CreatedNamespaceState, MAX_CREATED] = ()
+
+
+def state_file_name(serial: str) -> str:
+    """The default file name of controller ``serial``'s state file."""
+    return f"nvme-{serial}.state".replace("/", "_")
+
+
+def legacy_state_file_name(serial: str) -> str:
+    """The file name earlier versions used (JSON)."""
+    return f"nvme-{serial}.state.json".replace("/", "_")
+
+
+# ----------------------------------------------------------------------------- legacy JSON
+def _num(d: Any, key: str, *, scale: float = 1.0) -> int:
+    v = d.get(key) if isinstance(d, dict) else None
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0:
+        return min(int(v * scale), 2**64 - 1)
+    return 0
+
+
+def upgrade_legacy(data: Any) -> PersistState | None:
+    """A :class:`PersistState` from the JSON an earlier version wrote (version 1), or None
+    if ``data`` is not that. Malformed items read as zero / empty, as before."""
+    if not isinstance(data, dict) or data.get("version") != 1:
+        return None
+    sm = data.get("smart")
+    smart = SmartState(
+        bytes_read=_num(sm, "bytes_read"), bytes_written=_num(sm, "bytes_written"),
+        host_read_commands=_num(sm, "host_read_commands"), host_write_commands=_num(sm, "host_write_commands"),
+        busy_us=_num(sm, "busy_seconds", scale=1e6), power_cycles=_num(sm, "power_cycles"),
+        power_on_us=_num(sm, "power_on_seconds", scale=1e6), unsafe_shutdowns=_num(sm, "unsafe_shutdowns"),
+        media_errors=_num(sm, "media_errors"), warning_temp_us=_num(sm, "warning_temp_seconds", scale=1e6),
+        critical_temp_us=_num(sm, "critical_temp_seconds", scale=1e6), temperature=0, injected_warning=0,
+        reported_warning=0)
+    fw = data.get("firmware") if isinstance(data.get("firmware"), dict) else {}
+    revs = fw.get("revisions")
+    if not (isinstance(revs, list) and 1 <= len(revs) <= 7
+            and all(isinstance(r, str) and len(r) <= 8 and r.isascii() and r.isprintable() for r in revs)):
+        revs = [""]
+    active, nxt = fw.get("active"), fw.get("next_reset")
+    firmware = FirmwareState(revisions=tuple(revs),
+                             active=active if isinstance(active, int) and 1 <= active <= 7 else 1,
+                             next_reset=nxt if isinstance(nxt, int) and 0 <= nxt <= 7 else 0)
+    created = []
+    raw = data.get("created_namespaces")
+    for key, ent in sorted(raw.items()) if isinstance(raw, dict) else ():
+        try:
+            nsid = int(key)
+            spec = ent["spec"]
+            attached = bool(ent.get("attached"))
+        except (TypeError, ValueError, KeyError):
+            log.warning("nvme state file: ignoring a malformed created-namespace record %r", key)
+            continue
+        if isinstance(spec, str) and 1 <= nsid <= 0xFFFFFFFE and len(spec) <= 4096:
+            created.append(CreatedNamespaceState(nsid=nsid, spec=spec, attached=attached))
+    serial = data.get("serial")
+    return PersistState(serial=serial if isinstance(serial, str) else "", dirty=bool(data.get("dirty")),
+                        smart=smart, error_count=_num(data, "error_count"), firmware=firmware,
+                        created=tuple(created[:MAX_CREATED]))
+
+
+# ----------------------------------------------------------------------------- the file
+class StateFile:
+    """The persistent state file, written atomically (temporary file, fsync, rename).
+
+    :param path: the file; None keeps everything in memory.
+    :param legacy: a JSON file of an earlier version to upgrade from when ``path`` does
+        not exist yet (removed once the new file is written).
+    """
+
+    def __init__(self, path: str | os.PathLike | None, *, legacy: str | os.PathLike | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.legacy = Path(legacy) if legacy is not None else None
+        self._lock = threading.Lock()
+
+    def load(self) -> PersistState | None:
+        """The saved state, or None if there is none or it cannot be used (one warning).
+
+        :raises ConfigError: if the directory does not exist or the path is a directory.
+        """
+        if self.path is None:
+            return None
+        if not self.path.parent.is_dir():
+            raise ConfigError(f"nvme state directory {self.path.parent} does not exist")
+        if self.path.is_dir():
+            raise ConfigError(f"nvme state file {self.path} is a directory")
+        path = self.path
+        if not path.exists() and self.legacy is not None and self.legacy.is_file():
+            path = self.legacy
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("cannot read nvme state file %s (%s); starting from zero", path, exc.strerror)
+            return None
+        if data[:1] in (b"{", b"[", b" ", b"\n"):
+            return self._load_json(path, data)
+        try:
+            [section] = load(data, device_type=DEVICE_TYPE, fingerprint={}, descriptions=[PersistState],
+                             expected=[(STATE_SECTION, 0)])
+        except (VMStateError, ValueError) as exc:
+            log.warning("nvme state file %s cannot be used (%s); starting from zero", path, exc)
+            return None
+        return section.state
+
+    def _load_json(self, path: Path, data: bytes) -> PersistState | None:
+        try:
+            state = upgrade_legacy(json.loads(data))
+        except ValueError:
+            state = None
+        if state is None:
+            log.warning("nvme state file %s is corrupt or of an unknown format; starting from zero", path)
+            return None
+        log.info("nvme state file %s is in the old JSON format; it is rewritten as %s", path, self.path)
+        return state
+
+    def save(self, state: PersistState) -> None:
+        """Write ``state`` atomically. Errors are logged, not raised."""
+        if self.path is None:
+            return
+        try:
+            payload = save(DEVICE_TYPE, {}, [(STATE_SECTION, 0, state)])
+        except VMStateError as exc:
+            log.warning("cannot save nvme state file %s: %s", self.path, exc)
+            return
+        with self._lock:
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
+                try:
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(payload)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, self.path)
+                except BaseException:
+                    try:
+                        os.unlink(tmp)
+                    except OSError:
+                        pass
+                    raise
+            except OSError as exc:
+                log.warning("cannot save nvme state file %s: %s", self.path, exc)
+                return
+            legacy, self.legacy = self.legacy, None
+        if legacy is not None and legacy != self.path:
+            try:
+                legacy.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("cannot remove the old nvme state file %s: %s", legacy, exc)
+
+
+class PersistenceMixin:
+    """The state file of :class:`~pcidev_nvme.controller.NvmeController` (mixed into it):
+    where it lives, loading it at power-on and saving it (see the module docstring)."""
+
+    state_file: StateFile
+    _dirty: bool
+    _last_save: float
+    name: str
+    cfg: Any
+    smart: Any
+    error_log: Any
+    firmware: Any
+    allocated: dict[int, Any]
+    namespaces: dict[int, Any]
+    created: dict[int, str]
+
+    def _open_state_file(self) -> StateFile:
+        """The state file (see :mod:`pcidev_nvme.persist` for where it lives)."""
+        cfg = self.cfg
+        if cfg.state_file:
+            return StateFile(cfg.state_file)
+        if cfg.state_dir:
+            d = Path(cfg.state_dir)
+            return StateFile(d / state_file_name(cfg.serial),
+                                     legacy=d / legacy_state_file_name(cfg.serial))
+        for ns in self.allocated.values():
+            path = getattr(ns.backend, "path", None)
+            if isinstance(path, str) and path:
+                if not may_write_beside(ns.backend):
+                    log.warning("%s: namespace %d's image %s is read-only: the controller state (SMART, "
+                                "firmware slots) is kept in memory only; give state_dir= to keep it",
+                                self.name, ns.nsid, path)
+                    return StateFile(None)
+                d = Path(os.path.dirname(os.path.abspath(path)))
+                return StateFile(d / state_file_name(cfg.serial),
+                                         legacy=d / legacy_state_file_name(cfg.serial))
+        return StateFile(None)
+
+    @property
+    def state_dir(self) -> str | None:
+        """Directory of the state file (and of image files Namespace Management creates)."""
+        p = self.state_file.path
+        return str(p.parent) if p is not None else self.cfg.state_dir
+
+    def _load_state(self) -> None:
+        st = self.state_file.load()
+        if st is not None:
+            # the temperature and warnings are not persisted: they start from the configuration
+            self.smart.restore(attrs.evolve(st.smart, temperature=self.smart.temperature, injected_warning=0,
+                                            reported_warning=0))
+            self.error_log.restore(ErrorLogState(count=st.error_count))
+            self.firmware.restore(self._persisted_firmware(st.firmware))
+            self._load_created(st.created)
+        self.smart.power_on(unsafe=st is not None and st.dirty)
+        self._dirty = False
+        self.save_state()
+
+    def _persisted_firmware(self, fw: FirmwareState) -> FirmwareState:
+        """Saved firmware slots fitted to this controller: slot 1 is the configured
+        firmware, at most ``fw_slots`` slots, the active / next-reset slot only if it holds an image."""
+        nslots = self.cfg.fw_slots
+        revs = [self.cfg.firmware] + [r for r in fw.revisions[1:nslots]]
+        revs += [""] * (nslots - len(revs))
+        active = fw.active if 1 <= fw.active <= nslots and revs[fw.active - 1] else 1
+        nxt = fw.next_reset if 1 <= fw.next_reset <= nslots and revs[fw.next_reset - 1] else 0
+        return FirmwareState(revisions=tuple(revs), active=active, next_reset=nxt)
+
+    def _load_created(self, created: tuple[CreatedNamespaceState, ...]) -> None:
+        """Bring back the file-backed namespaces Namespace Management created earlier."""
+        for ent in created:
+            nsid, spec = ent.nsid, ent.spec
+            if not 1 <= nsid <= self.cfg.max_namespaces or nsid in self.allocated:
+                log.warning("%s: created namespace %s conflicts with the configuration; not restored", self.name, nsid)
+                continue
+            try:
+                ns = self.make_namespace(nsid, spec)
+            except PcidevError as exc:
+                log.warning("%s: created namespace %d cannot be restored: %s", self.name, nsid, exc)
+                continue
+            self.allocated[nsid] = ns
+            self.created[nsid] = spec
+            if ent.attached:
+                self.namespaces[nsid] = ns
+
+    def save_state(self) -> None:
+        """Write SMART counters, the error count, firmware slots, the clean flag and the
+        file-backed namespaces created by Namespace Management to the state file."""
+        self._last_save = time.monotonic()
+        if self.state_file.path is None:
+            return
+        fw = self.firmware.snapshot()
+        created = tuple(CreatedNamespaceState(nsid=n, spec=spec, attached=n in self.namespaces)
+                        for n, spec in sorted(self.created.items()))
+        self.state_file.save(PersistState(
+            serial=self.cfg.serial, dirty=self._dirty, smart=self.smart.snapshot(),
+            error_count=self.error_log.count, firmware=attrs.evolve(fw, staged=()), created=created))
+
+    def maybe_save_state(self) -> None:
+        """Save the state file if the last save is older than :data:`STATE_SAVE_INTERVAL`."""
+        if time.monotonic() - self._last_save > STATE_SAVE_INTERVAL:
+            self.save_state()

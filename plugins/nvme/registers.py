@@ -1,0 +1,173 @@
+"""BAR0 registers of the NVMe controller: offsets, the CAP / CC / CSTS fields, and
+:class:`ControllerState`, the registers and state machine a migration carries.
+
+BAR0::
+
+    000h CAP     MQES, CQR=1, AMS=0, TO=15 (7.5 s), DSTRD=0, CSS = NVM + I/O command sets,
+                 MPSMIN=0 (4 KiB), MPSMAX=4 (64 KiB), CRWMS=1
+    008h VS      2.0
+    00Ch INTMS   write 1 to mask a vector (pin-based / MSI)
+    010h INTMC   write 1 to unmask
+    014h CC      EN CSS MPS AMS SHN IOSQES IOCQES
+    01Ch CSTS    RDY CFS SHST
+    024h AQA     ASQS ACQS
+    028h ASQ     038h.. CMB/BP/PMR registers read 0
+    030h ACQ
+    068h CRTO    CRWMT = 7.5 s
+    1000h + 8*qid      SQ y tail doorbell
+    1000h + 8*qid + 4  CQ y head doorbell
+
+:func:`build_register_map` builds the register map; the CC/CSTS state machine behind
+INTMS/INTMC/CC/CSTS lives in :mod:`pcidev_nvme.controller`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from pcidev.bar import Access, Register, RegisterMap
+
+__all__ = ["ControllerState", "Bar0", "build_register_map", "cap_value", "ZeroBar", "DOORBELL_BASE", "ST_DISABLED", "ST_READY", "ST_RESETTING",
+           "ST_FAILED", "REG_CAP", "REG_VS", "REG_INTMS", "REG_INTMC", "REG_CC", "REG_CSTS", "REG_NSSR",
+           "REG_AQA", "REG_ASQ", "REG_ACQ", "REG_CRTO", "CC_EN", "CC_MASK", "CSTS_RDY", "CSTS_CFS",
+           "CSTS_SHST_SHIFT", "SHST_NORMAL", "SHST_PROCESSING", "SHST_COMPLETE", "CAP_CSS_NVM", "CAP_CSS_IOCS",
+           "CSS_NVM", "CSS_ALL", "CSS_ADMIN_ONLY", "MPSMIN", "MPSMAX", "CAP_TO"]
+
+#: BAR0 offset of the first doorbell (registers below, doorbells from here on)
+DOORBELL_BASE = 0x1000
+
+#: states of the controller's state machine
+ST_DISABLED, ST_READY, ST_RESETTING, ST_FAILED = "disabled", "ready", "resetting", "failed"
+
+# -- register offsets --------------------------------------------------------------------
+REG_CAP = 0x00
+REG_VS = 0x08
+REG_INTMS = 0x0C
+REG_INTMC = 0x10
+REG_CC = 0x14
+REG_CSTS = 0x1C
+REG_NSSR = 0x20
+REG_AQA = 0x24
+REG_ASQ = 0x28
+REG_ACQ = 0x30
+REG_CRTO = 0x68
+
+CC_EN = 1 << 0
+CC_MASK = 0x00FFFFF1
+CSTS_RDY = 1 << 0
+CSTS_CFS = 1 << 1
+CSTS_SHST_SHIFT = 2
+SHST_NORMAL, SHST_PROCESSING, SHST_COMPLETE = 0, 1, 2
+
+CAP_CSS_NVM = 1 << 0
+CAP_CSS_IOCS = 1 << 6
+CSS_NVM, CSS_ALL, CSS_ADMIN_ONLY = 0, 6, 7
+MPSMIN, MPSMAX = 0, 4
+CAP_TO = 0x0F
+
+
+@attrs.frozen
+class ControllerState:
+    """The controller's registers and state machine (what a migration carries of them)."""
+
+    state: str  # "disabled", "ready" or "failed"
+    cc: int
+    csts: int
+    aqa: int
+    asq: int
+    acq: int
+    shutting_down: bool
+    dirty: bool
+    page_size: int
+
+
+def cap_value(mqes: int) -> int:
+    """CAP: MQES, CQR=1, TO, CSS (NVM + I/O command sets), MPSMIN, MPSMAX, CRWMS."""
+    return (mqes | (1 << 16) | (CAP_TO << 24) | ((CAP_CSS_NVM | CAP_CSS_IOCS) << 37)
+            | (MPSMIN << 48) | (MPSMAX << 52) | (1 << 59))
+
+
+#: registers that read 0 (controller memory buffer, boot partitions, NSSD, PMR): name, offset, width
+_ZERO_REGISTERS = (("CMBLOC", 0x38, 4), ("CMBSZ", 0x3C, 4), ("BPINFO", 0x40, 4), ("BPRSEL", 0x44, 4),
+                   ("BPMBL", 0x48, 8), ("CMBMSC", 0x50, 8), ("CMBSTS", 0x58, 4), ("CMBEBS", 0x5C, 4),
+                   ("CMBSWTP", 0x60, 4), ("NSSD", 0x64, 4), ("PMRCAP", 0xE00, 4), ("PMRCTL", 0xE04, 4),
+                   ("PMRSTS", 0xE08, 4), ("PMREBS", 0xE0C, 4), ("PMRSWTP", 0xE10, 4), ("PMRMSCL", 0xE14, 4),
+                   ("PMRMSCU", 0xE18, 4))
+
+
+def build_register_map(name: str, cap: int, *, intms: Callable[[Any], int], on_intms: Callable[..., None],
+                       on_intmc: Callable[..., None], on_cc: Callable[..., None],
+                       csts: Callable[[Any], int]) -> RegisterMap:
+    """The BAR0 register map below the doorbells (see the module docstring).
+
+    :param name: the map's name in logs.
+    :param cap: the CAP value (:func:`cap_value`).
+    :param intms: reads INTMS / INTMC (the mask).
+    :param on_intms: write handler of INTMS.
+    :param on_intmc: write handler of INTMC.
+    :param on_cc: write handler of CC.
+    :param csts: reads CSTS.
+    """
+    regs = RegisterMap(DOORBELL_BASE, name=name)
+    ro = Access.RO
+    regs.add(Register("CAP", REG_CAP, 8, ro, reset=cap))
+    regs.add(Register("VS", REG_VS, 4, ro, reset=0x00020000))
+    regs.add(Register("INTMS", REG_INTMS, 4, on_read=intms, on_write=on_intms))
+    regs.add(Register("INTMC", REG_INTMC, 4, on_read=intms, on_write=on_intmc))
+    regs.add(Register("CC", REG_CC, 4, mask=CC_MASK, on_write=on_cc))
+    regs.add(Register("CSTS", REG_CSTS, 4, ro, on_read=csts))
+    regs.add(Register("NSSR", REG_NSSR, 4, ro))
+    regs.add(Register("AQA", REG_AQA, 4, mask=0x0FFF0FFF))
+    regs.add(Register("ASQ", REG_ASQ, 8, mask=~0xFFF & (2**64 - 1)))
+    regs.add(Register("ACQ", REG_ACQ, 8, mask=~0xFFF & (2**64 - 1)))
+    for reg_name, off, width in _ZERO_REGISTERS:
+        regs.add(Register(reg_name, off, width, ro))
+    regs.add(Register("CRTO", REG_CRTO, 4, ro, reset=CAP_TO))
+    return regs
+
+
+class Bar0:
+    """BAR0 handler: the register map below 1000h, doorbells above.
+
+    :param regs: the register map.
+    :param doorbell_write: ``(offset, size, value)`` for a write at or above 1000h.
+    :param db_end: end of the doorbell window (the MSI-X table may follow).
+    """
+
+    def __init__(self, regs: RegisterMap, doorbell_write: Callable[[int, int, int], None], db_end: int) -> None:
+        self.regs = regs
+        self.doorbell_write = doorbell_write
+        self.db_end = db_end
+
+    def read(self, offset: int, size: int) -> int:
+        if offset < DOORBELL_BASE:
+            if offset + size > DOORBELL_BASE:
+                size = DOORBELL_BASE - offset
+            return self.regs.read(offset, size)
+        return 0  # doorbells are write-only
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if offset >= DOORBELL_BASE:
+            if offset < self.db_end:
+                self.doorbell_write(offset, size, value)
+            return
+        if offset + size > DOORBELL_BASE:
+            size = DOORBELL_BASE - offset
+            value &= (1 << (8 * size)) - 1
+        self.regs.write(offset, size, value)
+
+    def reset(self) -> None:
+        self.regs.reset()
+
+
+class ZeroBar:
+    """A BAR whose only content is the MSI-X table and PBA (framework overlays)."""
+
+    def read(self, offset: int, size: int) -> int:
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        pass

@@ -1,0 +1,24 @@
+"""Fixtures of the NVMe plugin tests (helpers live in ``_helpers.py`` and ``fakes.py``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from _helpers import Env, make_env
+
+
+@pytest.fixture
+def nvme_env() -> Iterator[Callable[..., Env]]:
+    """Factory fixture: ``env = nvme_env("ns=mem:size=16M", io_queues=2)``; closed at teardown."""
+    made: list[Env] = []
+
+    def factory(*args, **kwargs) -> Env:
+        env = make_env(*args, **kwargs)
+        made.append(env)
+        return env
+
+    yield factory
+    for env in reversed(made):
+        env.close()
