@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 #: import name -> source directory
-PACKAGES = {"pcidev": ROOT / "pcidev", "pcidev_nvme": ROOT / "plugins" / "nvme"}
+PACKAGES = {"pcidev": ROOT / "pcidev", "pcidev_nvme": ROOT / "plugins" / "nvme" / "src" / "pcidev_nvme"}
 #: compiled modules (no source here; built by pcidev/_native_build.py, possibly absent)
 EXTENSION_MODULES = ("pcidev._native",)
 

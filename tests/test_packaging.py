@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -32,11 +34,8 @@ def _package_dirs(package: str, directory: Path) -> set[str]:
 
 def test_every_package_directory_is_listed_in_pyproject():
     setuptools = _pyproject()["tool"]["setuptools"]
-    package_dir = setuptools["package-dir"]
-    assert package_dir == {"pcidev": "pcidev", "pcidev_nvme": "plugins/nvme"}
-    on_disk: set[str] = set()
-    for package, directory in package_dir.items():
-        on_disk |= _package_dirs(package, ROOT / directory)
+    assert "package-dir" not in setuptools  # pcidev only; the NVMe plugin has its own distribution
+    on_disk = _package_dirs("pcidev", ROOT / "pcidev")
     listed = set(setuptools["packages"])
     assert sorted(on_disk - listed) == [], "package directories missing from pyproject.toml"
     assert sorted(listed - on_disk) == [], "pyproject.toml lists packages that do not exist"
@@ -44,9 +43,40 @@ def test_every_package_directory_is_listed_in_pyproject():
 
 def test_entry_point_and_script_are_declared():
     project = _pyproject()["project"]
-    assert project["entry-points"]["pcidev"] == {"nvme": "pcidev_nvme.plugin"}
-    assert (ROOT / "plugins" / "nvme" / "plugin.py").is_file()
+    assert "entry-points" not in project  # pcidev itself registers no plugin distribution
     assert project["scripts"] == {"pcidev": "pcidev.cli:main"}
+
+
+NVME = ROOT / "plugins" / "nvme"
+
+
+def test_the_nvme_plugin_is_a_distribution_of_its_own():
+    """plugins/nvme is packaged like a third-party plugin: its own pyproject, a
+    dependency on pcidev, its entry point in the ``pcidev`` group, src layout."""
+    with (NVME / "pyproject.toml").open("rb") as f:
+        doc = tomllib.load(f)
+    project = doc["project"]
+    assert project["name"] == "pcidev-nvme"
+    assert project["entry-points"]["pcidev"] == {"nvme": "pcidev_nvme.plugin"}
+    assert "pcidev" in {_requirement_name(d) for d in project["dependencies"]}
+    assert doc["tool"]["setuptools"]["packages"]["find"]["where"] == ["src"]
+    assert (NVME / "src" / "pcidev_nvme" / "plugin.py").is_file()
+    assert (NVME / "LICENSE").is_file() and (NVME / "README.md").is_file()
+
+
+def test_the_nvme_plugin_declares_the_libraries_it_imports():
+    with (NVME / "pyproject.toml").open("rb") as f:
+        deps = {_requirement_name(d) for d in tomllib.load(f)["project"]["dependencies"]}
+    imported: set[str] = set()
+    for path in (NVME / "src").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                imported.add(node.module.split(".")[0])
+    third_party = {name for name in imported
+                   if name not in sys.stdlib_module_names and name not in ("pcidev_nvme", "__future__")}
+    assert third_party <= deps, f"imported but not declared: {sorted(third_party - deps)}"
 
 
 def _requirement_name(requirement: str) -> str:

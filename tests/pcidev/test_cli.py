@@ -141,17 +141,6 @@ def test_plugins_json(capsys, acme_dist):
     }
 
 
-def test_plugins_lists_nvme_from_its_entry_point(capsys):
-    from pcidev_nvme.controller import NvmeController
-
-    status, out, _err = run(capsys, "plugins", "--json")
-    assert status == 0
-    (nvme,) = [p for p in json.loads(out)["plugins"] if p["name"] == "nvme"]
-    assert nvme["distribution"] == "pcidev"
-    assert nvme["version"] == pcidev.__version__
-    assert NvmeController.TYPE_NAME in nvme["device_types"]
-
-
 def test_plugins_with_nothing_loaded(capsys, monkeypatch):
     monkeypatch.setenv("PCIDEV_DISABLE_PLUGIN_AUTOLOAD", "1")
     monkeypatch.setenv("PCIDEV_BLOCKED_PLUGINS", "builtin")

@@ -38,33 +38,6 @@ class DevicePlugin:
 # -- the NVMe plugin, found only through its entry point ------------------------------
 
 
-def test_nvme_entry_point_metadata():
-    (ep,) = [ep for ep in importlib.metadata.entry_points(group="pcidev") if ep.name == "nvme"]
-    assert ep.value == "pcidev_nvme.plugin"
-    assert ep.dist is not None and ep.dist.metadata["Name"] == "pcidev"
-    assert ep.dist.version == pcidev.__version__
-
-
-def test_nvme_is_loaded_through_its_entry_point():
-    pm = make_plugin_manager()
-    plugin = pm.get_plugin("nvme")
-    assert plugin is importlib.import_module("pcidev_nvme.plugin")
-    assert pm.get_name(plugin) == "nvme"
-    origin = pm.plugin_origin("nvme")
-    assert (origin.distribution, origin.version) == ("pcidev", pcidev.__version__)
-    impl_owners = [i.plugin_name for i in pm.hook.pcidev_register_devices.get_hookimpls()]
-    assert "nvme" in impl_owners
-
-
-def test_nvme_registers_its_controller():
-    from pcidev_nvme.controller import NvmeController
-
-    registry = load_registry(make_plugin_manager())
-    entry = registry.entry(NvmeController.TYPE_NAME)
-    assert entry.cls is NvmeController
-    assert (entry.plugin, entry.distribution) == ("nvme", "pcidev")
-
-
 def test_builtin_plugin_registers_edu_and_can_be_blocked():
     from pcidev.devices.edu import EduDevice
 

@@ -4,11 +4,16 @@ backend contributed by another plugin."""
 
 from __future__ import annotations
 
+import importlib
+import json
+from importlib.metadata import version
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from pcidev import hookimpl
+from pcidev.cli import main as cli_main
 from pcidev.errors import ConfigError
 from pcidev.host import Machine
 from pcidev.plugins import load_registry, make_plugin_manager
@@ -21,11 +26,45 @@ from pcidev_nvme.testing.driver import NvmeDriver
 def test_registered_through_the_entry_point():
     registry = load_registry(make_plugin_manager())
     entry = registry.entry("nvme")
-    assert entry.cls is NvmeController and entry.plugin == "nvme" and entry.distribution == "pcidev"
+    assert entry.cls is NvmeController and entry.plugin == "nvme" and entry.distribution == "pcidev-nvme"
     kinds = {(c.kind, c.name) for c in registry.components() if c.plugin == "nvme"}
     assert {("nvme-ns", "nvme-ns"), ("nvme-backend", "file"), ("nvme-backend", "mem"),
             ("nvme-backend", "null")} <= kinds
     assert "nvme" not in load_registry(make_plugin_manager(blocked=["nvme"]))
+
+
+def test_pcidev_plugins_lists_nvme_with_its_own_distribution(capsys):
+    """The plugin is installed as the distribution pcidev-nvme, not as part of pcidev."""
+    assert cli_main(["plugins", "--json"]) == 0
+    (nvme,) = [p for p in json.loads(capsys.readouterr().out)["plugins"] if p["name"] == "nvme"]
+    assert nvme["distribution"] == "pcidev-nvme"
+    assert nvme["version"] == version("pcidev-nvme")
+    assert NvmeController.TYPE_NAME in nvme["device_types"]
+
+
+def test_nvme_entry_point_metadata():
+    (ep,) = [ep for ep in importlib.metadata.entry_points(group="pcidev") if ep.name == "nvme"]
+    assert ep.value == "pcidev_nvme.plugin"
+    assert ep.dist is not None and ep.dist.metadata["Name"] == "pcidev-nvme"
+    assert ep.dist.version == version("pcidev-nvme")
+
+
+def test_nvme_is_loaded_through_its_entry_point():
+    pm = make_plugin_manager()
+    plugin = pm.get_plugin("nvme")
+    assert plugin is importlib.import_module("pcidev_nvme.plugin")
+    assert pm.get_name(plugin) == "nvme"
+    origin = pm.plugin_origin("nvme")
+    assert (origin.distribution, origin.version) == ("pcidev-nvme", version("pcidev-nvme"))
+    impl_owners = [i.plugin_name for i in pm.hook.pcidev_register_devices.get_hookimpls()]
+    assert "nvme" in impl_owners
+
+
+def test_nvme_registers_its_controller():
+    registry = load_registry(make_plugin_manager())
+    entry = registry.entry(NvmeController.TYPE_NAME)
+    assert entry.cls is NvmeController
+    assert (entry.plugin, entry.distribution) == ("nvme", "pcidev-nvme")
 
 
 def test_config_parsing():
