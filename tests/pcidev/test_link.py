@@ -19,7 +19,8 @@ from pcidev.host import Machine
 from pcidev.transport.address import listen, parse_address
 from pcidev.transport.endpoint import DeviceEndpoint
 from pcidev.transport.fdpass import recv_exact, send_all
-from pcidev.transport.link import HEADER, MAGIC, LinkServer, error_from_reply
+from pcidev.transport.link import LinkServer
+from pcidev.transport.link.protocol import HEADER, MAGIC, error_from_reply
 from pcidev.vmstate.errors import StateError
 
 

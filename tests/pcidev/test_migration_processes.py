@@ -18,7 +18,7 @@ import pytest
 from pcidev.devices.edu import DESC, STATUS_DONE
 from pcidev.errors import MigrationError
 from pcidev.host import Machine
-from pcidev.transport.serve import DeviceProcess
+from pcidev.transport.link.process import DeviceProcess
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]

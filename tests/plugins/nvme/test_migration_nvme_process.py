@@ -15,7 +15,7 @@ import pytest
 
 from pcidev.errors import MigrationError
 from pcidev.host import Machine
-from pcidev.transport.serve import DeviceProcess
+from pcidev.transport.link.process import DeviceProcess
 from pcidev_nvme.driver import WRITE, NvmeDriver
 
 QD = 32
