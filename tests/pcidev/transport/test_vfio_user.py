@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pcidev.bar import RamBacking
-from pcidev.devices.edu import DESC, STATUS_DONE, EduDevice
 from pcidev.device import PciDevice
+from pcidev.devices.edu import DESC, STATUS_DONE, EduDevice
 from pcidev.dma import alloc_memfd
 from pcidev.transport.endpoint import DeviceEndpoint
 from pcidev.transport.fdpass import close_fds, recv_exact, send_all
