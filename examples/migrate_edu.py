@@ -17,8 +17,8 @@ Run::
 
 ``pcidev demo`` runs the same demonstration with the default options. The code
 is in ``pcidev/demo.py``; the pieces it uses are ``Machine.plug_remote``
-(``pcidev/host/machine.py``), ``RemoteDevice.migrate`` (``pcidev/transport/link.py``),
-``DeviceProcess`` (``pcidev/transport/serve.py``) and ``pcidev/migration.py``.
+(``pcidev/host/machine.py``), ``RemoteDevice.migrate`` (``pcidev/transport/link/remote.py``),
+``DeviceProcess`` (``pcidev/transport/link/process.py``) and ``pcidev/migration/``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Live-migrate the NVMe controller between processes while the host driver keeps
 doing verified I/O.
 
-The controller runs in its own process (``python -m pcidev.transport.serve
+The controller runs in its own process (``python -m pcidev.transport.link.process
 --device nvme``) with a memory namespace and a file namespace; the software host
 plugs it, probes it with the host NVMe driver and keeps writing random blocks at
 queue depth ``--qd`` on ``--queues`` queues, reading each back. Meanwhile the
@@ -35,7 +35,7 @@ from pathlib import Path
 import crc32c
 
 from pcidev.host import Machine
-from pcidev.transport.serve import DeviceProcess
+from pcidev.transport.link.process import DeviceProcess
 from pcidev_nvme.testing.driver import WRITE, NvmeDriver
 
 

@@ -36,7 +36,7 @@ import crc32c
 from pcidev.devices.edu import DESC, STATUS_DONE
 from pcidev.host import Machine
 from pcidev.pci import ids
-from pcidev.transport.serve import DeviceProcess
+from pcidev.transport.link.process import DeviceProcess
 
 _CAP_NAMES = {int(c): c.name for c in ids.CapId}
 _EXT_NAMES = {int(c): c.name for c in ids.ExtCapId}

@@ -172,5 +172,7 @@ def pcidev_migration_blockers(device: PciDevice) -> list[str]:
     :param device: a realized device instance (of any type, not only the
         plugin's own: return an empty list for devices you know nothing about).
     :returns: human-readable reasons, one sentence each; empty if migration is
-        fine as far as this plugin knows.
+        fine as far as this plugin knows. An implementation that raises, or
+        returns anything but a list of strings, blocks the migration with a
+        reason naming the plugin.
     """

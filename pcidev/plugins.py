@@ -19,7 +19,8 @@ implementation must match a known specification: a misspelled hook name is a
 The helpers :func:`load_registry`, :func:`add_plugin_options` and
 :func:`hook_migration_blockers` call a hook one plugin at a time
 (:func:`each_plugin`), so each error names the plugin that caused it and each
-registration is attributed to it.
+registration is attributed to it (a failing ``pcidev_migration_blockers`` is a
+reason that refuses the migration, not an error).
 """
 
 from __future__ import annotations
@@ -374,29 +375,40 @@ def add_plugin_options(
 
 
 def hook_migration_blockers(pm: pluggy.PluginManager, device: PciDevice) -> list[str]:
-    """Collect :func:`~pcidev.hookspecs.pcidev_migration_blockers` from all plugins.
+    """Ask every plugin why ``device`` cannot migrate
+    (:func:`~pcidev.hookspecs.pcidev_migration_blockers`), one plugin at a time.
+
+    This is the one place plugins are asked; :func:`pcidev.migration.collect_blockers`
+    adds the device's own reasons. A misbehaving plugin never crashes the caller
+    and never hides another plugin's reasons: a plugin whose hook raises, or
+    returns anything but a list (or tuple) of strings, contributes one reason
+    naming it, so the migration is refused rather than attempted.
 
     :param pm: the plugin manager.
     :param device: the device about to be migrated.
-    :returns: every plugin's reasons, concatenated in call order.
-    :raises PluginError: naming the plugin, if the hook raises or returns
-        something other than an iterable of strings.
+    :returns: every plugin's reasons, concatenated in pluggy's call order (empty:
+        no plugin objects).
     """
     reasons: list[str] = []
     for hook in each_plugin(pm, "pcidev_migration_blockers"):
-        name = hook.name
-        for result in hook(device=device):
-            if isinstance(result, (str, bytes)) or not isinstance(result, Iterable):
-                raise PluginError(
-                    f"plugin {name!r} returned {result!r} from pcidev_migration_blockers; "
-                    "expected a list of strings"
+        try:
+            results = hook(device=device)
+        except PluginError as exc:
+            reasons.append(str(exc))
+            continue
+        for result in results:
+            if isinstance(result, (list, tuple)) and all(isinstance(r, str) for r in result):
+                reasons.extend(result)
+            else:
+                reasons.append(
+                    f"plugin {hook.name!r} returned {_safe_repr(result):.100} from "
+                    "pcidev_migration_blockers; expected a list of strings"
                 )
-            items = list(result)
-            bad = [item for item in items if not isinstance(item, str)]
-            if bad:
-                raise PluginError(
-                    f"plugin {name!r} returned non-string blocker(s) {bad!r} "
-                    "from pcidev_migration_blockers"
-                )
-            reasons.extend(items)
     return reasons
+
+
+def _safe_repr(value: object) -> str:
+    try:
+        return repr(value)
+    except Exception:  # a plugin's object whose __repr__ fails
+        return f"a {type(value).__name__}"

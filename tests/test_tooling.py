@@ -43,7 +43,7 @@ RUFF_CHECKED = [
     "tests/pcidev/pci/test_config_space.py",
     "tests/pcidev/test_bar.py",
     "tests/pcidev/test_dma.py",
-    "tests/pcidev/test_fdpass.py",
+    "tests/pcidev/transport/test_fdpass.py",
     "tests/pcidev/test_host.py",
     "tests/pcidev/test_native.py",
     "tests/test_tooling.py",

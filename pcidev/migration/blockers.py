@@ -6,8 +6,7 @@ from __future__ import annotations
 import pluggy
 
 from pcidev.device import PciDevice
-from pcidev.errors import PluginError
-from pcidev.plugins import each_plugin
+from pcidev.plugins import hook_migration_blockers
 
 __all__ = ["device_blockers", "collect_blockers"]
 
@@ -41,28 +40,15 @@ def device_blockers(device: PciDevice) -> list[str]:
 def collect_blockers(device: PciDevice, pm: pluggy.PluginManager | None = None) -> list[str]:
     """Every reason ``device`` cannot migrate now: the device's own
     (:func:`device_blockers`: no VMSTATE, undeclared features, its dynamic
-    reasons) and every plugin's ``pcidev_migration_blockers``. A plugin whose hook
-    fails contributes that failure as a reason.
+    reasons) and every plugin's ``pcidev_migration_blockers``
+    (:func:`pcidev.plugins.hook_migration_blockers`: a plugin whose hook fails
+    or returns garbage contributes a reason naming it).
 
     :param device: the device.
     :param pm: the plugin manager (None: the device's reasons only).
     :returns: all reasons (empty: it may migrate).
     """
     reasons = device_blockers(device)
-    if pm is None:
-        return reasons
-    # one plugin at a time, so a broken plugin does not hide the others' reasons
-    for hook in each_plugin(pm, "pcidev_migration_blockers"):
-        try:
-            results = hook(device=device)
-        except PluginError as exc:
-            reasons.append(str(exc))
-            continue
-        for result in results:
-            if isinstance(result, (str, bytes)) or not isinstance(result, (list, tuple)) \
-                    or not all(isinstance(r, str) for r in result):
-                reasons.append(f"plugin {hook.name!r} returned {result!r:.100} from pcidev_migration_blockers; "
-                               "expected a list of strings")
-            else:
-                reasons.extend(result)
+    if pm is not None:
+        reasons.extend(hook_migration_blockers(pm, device))
     return reasons

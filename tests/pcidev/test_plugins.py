@@ -433,20 +433,16 @@ def test_migration_blockers_are_concatenated():
     assert hook_migration_blockers(make_plugin_manager(load_entrypoints=False), "dev0") == []
 
 
-@pytest.mark.parametrize(
-    ("returned", "message"),
-    [("one reason", "expected a list of strings"), (3, "expected a list of strings"),
-     ([1, "ok"], "non-string blocker")],
-)
-def test_malformed_migration_blockers_fail(returned, message):
+@pytest.mark.parametrize("returned", ["one reason", 3, [1, "ok"], {"a": "b"}])
+def test_malformed_migration_blockers_become_a_reason_naming_the_plugin(returned):
     class Bad:
         @hookimpl
         def pcidev_migration_blockers(self, device):
             return returned
 
     pm = make_plugin_manager(load_entrypoints=False, plugins=[("bad", Bad())])
-    with pytest.raises(PluginError, match=f"plugin 'bad'.*{message}"):
-        hook_migration_blockers(pm, object())
+    [reason] = hook_migration_blockers(pm, object())
+    assert reason.startswith("plugin 'bad' returned ") and "expected a list of strings" in reason
 
 
 def test_plugin_options_are_added_and_clashes_are_blamed():

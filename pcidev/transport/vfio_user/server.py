@@ -44,7 +44,7 @@ from pcidev.pci.capabilities.msix import ENTRY_CTRL, ENTRY_SIZE, MsixCapability
 from pcidev.pci.config import ResetKind
 from pcidev.transport.endpoint import DeviceEndpoint
 from pcidev.transport.fdpass import close_fds, recv_exact, send_all
-from pcidev.transport.vfio_user import protocol as P
+from pcidev.transport.vfio_user import protocol
 from pcidev.transport.vfio_user.protocol import VfioUserError
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class VfioUserServer:
         #: DMA ranges the client gave without an fd: address -> (size, flags)
         self.nofd_maps: dict[int, tuple[int, int]] = {}
         #: vectors of each IRQ index that have an eventfd
-        self.irq_vectors: dict[int, set[int]] = {i: set() for i in range(P.NUM_IRQS)}
+        self.irq_vectors: dict[int, set[int]] = {i: set() for i in range(protocol.NUM_IRQS)}
         self.intx_masked = False
         #: messages handled, by command name
         self.counts: dict[str, int] = {}
@@ -126,37 +126,38 @@ class VfioUserServer:
 
     def handle_one(self) -> str | None:
         """Read and answer one message. :returns: a reason to stop, or None."""
-        raw, fds = recv_exact(self.sock, P.HEADER_SIZE, max_fds=self.max_msg_fds, eof_ok=True)
+        raw, fds = recv_exact(self.sock, protocol.HEADER_SIZE, max_fds=self.max_msg_fds, eof_ok=True)
         if not raw:
             return "eof"
-        mid, cmd, size, flags, _err = P.HEADER.unpack(raw)
+        mid, cmd, size, flags, _err = protocol.HEADER.unpack(raw)
         try:
-            if size < P.HEADER_SIZE:
+            if size < protocol.HEADER_SIZE:
                 close_fds(fds)
                 self._error(mid, cmd, flags, errno.EINVAL, f"message size {size} is smaller than its header")
                 return None
-            if size - P.HEADER_SIZE > self.max_data_xfer_size + _SLACK:
+            if size - protocol.HEADER_SIZE > self.max_data_xfer_size + _SLACK:
                 close_fds(fds)
                 self._error(mid, cmd, flags, errno.E2BIG, f"message size {size} exceeds the maximum")
                 return "oversized message"
             body = b""
-            if size > P.HEADER_SIZE:
-                body, extra = recv_exact(self.sock, size - P.HEADER_SIZE, max_fds=0)
+            if size > protocol.HEADER_SIZE:
+                body, extra = recv_exact(self.sock, size - protocol.HEADER_SIZE, max_fds=0)
         except BaseException:
             close_fds(fds)
             raise
-        kind = flags & P.TYPE_MASK
-        if kind == P.TYPE_REPLY:
+        kind = flags & protocol.TYPE_MASK
+        if kind == protocol.TYPE_REPLY:
             close_fds(fds)
             log.warning("vfio-user: unexpected reply id %d cmd %d (the server sends no requests)", mid, cmd)
             return None
-        name = P.COMMAND_NAMES.get(cmd, str(cmd))
+        name = protocol.COMMAND_NAMES.get(cmd, str(cmd))
         self.counts[name] = self.counts.get(name, 0) + 1
         out_fds: list[int] = []
         try:
-            if kind != P.TYPE_COMMAND:
+            if kind != protocol.TYPE_COMMAND:
                 raise VfioUserError(errno.EINVAL, f"message type {kind} is neither command nor reply")
-            if flags & ~(P.TYPE_MASK | P.FLAG_NO_REPLY | P.FLAG_ERROR) or flags & P.FLAG_ERROR:
+            if flags & ~(protocol.TYPE_MASK | protocol.FLAG_NO_REPLY | protocol.FLAG_ERROR) \
+                    or flags & protocol.FLAG_ERROR:
                 raise VfioUserError(errno.EINVAL, f"bad flags {flags:#x} on a command")
             payload, out_fds = self.dispatch(cmd, body, fds)
             fds = []
@@ -181,14 +182,14 @@ class VfioUserServer:
             log.exception("vfio-user: %s failed", name)
             self._error(mid, cmd, flags, errno.EIO, f"{type(exc).__name__}: {exc}")
             return None
-        if not flags & P.FLAG_NO_REPLY:
-            send_all(self.sock, P.reply(mid, cmd, payload), out_fds)
+        if not flags & protocol.FLAG_NO_REPLY:
+            send_all(self.sock, protocol.reply(mid, cmd, payload), out_fds)
         return None
 
     def _error(self, mid: int, cmd: int, flags: int, err: int, text: str) -> None:
-        log.info("vfio-user: refusing %s (id %d): %s", P.COMMAND_NAMES.get(cmd, cmd), mid, text)
-        if not flags & P.FLAG_NO_REPLY:
-            send_all(self.sock, P.error_reply(mid, cmd, err))
+        log.info("vfio-user: refusing %s (id %d): %s", protocol.COMMAND_NAMES.get(cmd, cmd), mid, text)
+        if not flags & protocol.FLAG_NO_REPLY:
+            send_all(self.sock, protocol.error_reply(mid, cmd, err))
 
     # -- dispatch -----------------------------------------------------------------------
     def dispatch(self, cmd: int, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
@@ -198,12 +199,12 @@ class VfioUserServer:
         :returns: the reply payload and the fds to send with it.
         :raises VfioUserError: (and pcidev errors) to refuse the command.
         """
-        takes_fds = cmd in (P.DMA_MAP, P.DEVICE_SET_IRQS)
+        takes_fds = cmd in (protocol.DMA_MAP, protocol.DEVICE_SET_IRQS)
         if fds and not takes_fds:
             raise VfioUserError(errno.EINVAL, f"command {cmd} carries no file descriptors")
         handler = self._HANDLERS.get(cmd)
         if handler is None:
-            if cmd == P.DEVICE_FEATURE:
+            if cmd == protocol.DEVICE_FEATURE:
                 raise VfioUserError(errno.ENOTTY, "no device features")
             raise VfioUserError(errno.ENOSYS, f"unsupported command {cmd}")
         return handler(self, body, fds)
@@ -215,11 +216,11 @@ class VfioUserServer:
 
     # VERSION ------------------------------------------------------------------------------
     def _version(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
-        self._need(body, P.VERSION_HDR.size, "VERSION")
-        major, _minor = P.VERSION_HDR.unpack_from(body)
+        self._need(body, protocol.VERSION_HDR.size, "VERSION")
+        major, _minor = protocol.VERSION_HDR.unpack_from(body)
         if major != 0:
             raise VfioUserError(errno.ENOTSUP, f"VERSION: major {major} (this server speaks 0)")
-        text = body[P.VERSION_HDR.size:]
+        text = body[protocol.VERSION_HDR.size:]
         caps: dict[str, Any] = {}
         if text:
             if not text.endswith(b"\0"):
@@ -242,7 +243,7 @@ class VfioUserServer:
             mine = b"{}\0"
             if len(mine) > len(text):
                 mine = b""
-        return P.VERSION_HDR.pack(0, 0) + mine, []
+        return protocol.VERSION_HDR.pack(0, 0) + mine, []
 
     # DMA ------------------------------------------------------------------------------------
     def _overlaps(self, addr: int, size: int) -> bool:
@@ -256,9 +257,9 @@ class VfioUserServer:
         return False
 
     def _dma_map(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
-        self._need(body, P.DMA_MAP_S.size, "DMA_MAP")
-        argsz, flags, offset, addr, size = P.DMA_MAP_S.unpack_from(body)
-        if argsz < P.DMA_MAP_S.size:
+        self._need(body, protocol.DMA_MAP_S.size, "DMA_MAP")
+        argsz, flags, offset, addr, size = protocol.DMA_MAP_S.unpack_from(body)
+        if argsz < protocol.DMA_MAP_S.size:
             raise VfioUserError(errno.EINVAL, f"DMA_MAP: argsz {argsz}")
         if flags & ~0xF:
             raise VfioUserError(errno.EINVAL, f"DMA_MAP: unknown flags {flags:#x}")
@@ -272,7 +273,7 @@ class VfioUserServer:
             self.nofd_maps[addr] = (size, flags)
             return b"", []
         try:
-            self.endpoint.dma_map(addr, size, fds[0], offset, writable=bool(flags & P.DMA_FLAG_WRITE),
+            self.endpoint.dma_map(addr, size, fds[0], offset, writable=bool(flags & protocol.DMA_FLAG_WRITE),
                                   name=f"vfio-user-{addr:#x}")
         finally:
             close_fds(fds)  # the guest memory keeps its own duplicate
@@ -280,12 +281,12 @@ class VfioUserServer:
         return b"", []
 
     def _dma_unmap(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
-        self._need(body, P.DMA_UNMAP_S.size, "DMA_UNMAP")
-        argsz, flags, addr, size = P.DMA_UNMAP_S.unpack_from(body)
-        if argsz < P.DMA_UNMAP_S.size:
+        self._need(body, protocol.DMA_UNMAP_S.size, "DMA_UNMAP")
+        argsz, flags, addr, size = protocol.DMA_UNMAP_S.unpack_from(body)
+        if argsz < protocol.DMA_UNMAP_S.size:
             raise VfioUserError(errno.EINVAL, f"DMA_UNMAP: argsz {argsz}")
-        echo = body[:P.DMA_UNMAP_S.size]
-        if flags == P.DMA_UNMAP_FLAG_ALL:
+        echo = body[:protocol.DMA_UNMAP_S.size]
+        if flags == protocol.DMA_UNMAP_FLAG_ALL:
             if addr or size:
                 raise VfioUserError(errno.EINVAL, "DMA_UNMAP: ALL with a non-zero range")
             self.nofd_maps.clear()
@@ -307,72 +308,73 @@ class VfioUserServer:
 
     # device and region info ---------------------------------------------------------------
     def _device_info(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
-        self._need(body, P.DEVICE_INFO_S.size, "DEVICE_GET_INFO")
-        argsz = P.DEVICE_INFO_S.unpack_from(body)[0]
-        if argsz < P.DEVICE_INFO_S.size:
+        self._need(body, protocol.DEVICE_INFO_S.size, "DEVICE_GET_INFO")
+        argsz = protocol.DEVICE_INFO_S.unpack_from(body)[0]
+        if argsz < protocol.DEVICE_INFO_S.size:
             raise VfioUserError(errno.EINVAL, f"DEVICE_GET_INFO: argsz {argsz}")
-        flags = P.DEVICE_FLAGS_RESET | P.DEVICE_FLAGS_PCI
-        return P.DEVICE_INFO_S.pack(P.DEVICE_INFO_S.size, flags, P.NUM_REGIONS, P.NUM_IRQS), []
+        flags = protocol.DEVICE_FLAGS_RESET | protocol.DEVICE_FLAGS_PCI
+        return protocol.DEVICE_INFO_S.pack(protocol.DEVICE_INFO_S.size, flags, protocol.NUM_REGIONS,
+                                           protocol.NUM_IRQS), []
 
     def region_layout(self, index: int) -> tuple[int, int, Any]:
         """``(size, flags, ram_backing_or_None)`` of region ``index``."""
         dev = self.device
-        rw = P.REGION_FLAG_READ | P.REGION_FLAG_WRITE
+        rw = protocol.REGION_FLAG_READ | protocol.REGION_FLAG_WRITE
         if 0 <= index <= 5:
             bar = dev.bars[index]
             if bar is None:
                 return 0, 0, None
             ram = bar.handler if isinstance(bar.handler, RamBacking) else None
-            flags = rw | (P.REGION_FLAG_MMAP | P.REGION_FLAG_CAPS if ram is not None else 0)
+            flags = rw | (protocol.REGION_FLAG_MMAP | protocol.REGION_FLAG_CAPS if ram is not None else 0)
             return bar.size, flags, ram
-        if index == P.ROM_REGION:
-            return (dev.rom_size, P.REGION_FLAG_READ, None) if dev.rom is not None else (0, 0, None)
-        if index == P.CONFIG_REGION:
+        if index == protocol.ROM_REGION:
+            return (dev.rom_size, protocol.REGION_FLAG_READ, None) if dev.rom is not None else (0, 0, None)
+        if index == protocol.CONFIG_REGION:
             return dev.config.size, rw, None
         return 0, 0, None
 
     def _region_info(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
-        self._need(body, P.REGION_INFO_S.size, "DEVICE_GET_REGION_INFO")
-        argsz, _flags, index, _cap, _size, _off = P.REGION_INFO_S.unpack_from(body)
-        if argsz < P.REGION_INFO_S.size:
+        self._need(body, protocol.REGION_INFO_S.size, "DEVICE_GET_REGION_INFO")
+        argsz, _flags, index, _cap, _size, _off = protocol.REGION_INFO_S.unpack_from(body)
+        if argsz < protocol.REGION_INFO_S.size:
             raise VfioUserError(errno.EINVAL, f"DEVICE_GET_REGION_INFO: argsz {argsz}")
-        if index >= P.NUM_REGIONS:
+        if index >= protocol.NUM_REGIONS:
             raise VfioUserError(errno.EINVAL, f"DEVICE_GET_REGION_INFO: no region {index}")
         size, flags, ram = self.region_layout(index)
         caps = b""
         cap_offset = 0
         if ram is not None:
-            cap_offset = P.REGION_INFO_S.size
-            areas = b"".join(P.SPARSE_AREA_S.pack(o, s) for o, s in ram.sparse_areas)
-            caps = (P.CAP_HDR_S.pack(P.REGION_CAP_SPARSE_MMAP, 1, 0)
-                    + P.SPARSE_HDR_S.pack(len(ram.sparse_areas), 0) + areas)
-        needed = P.REGION_INFO_S.size + len(caps)
+            cap_offset = protocol.REGION_INFO_S.size
+            areas = b"".join(protocol.SPARSE_AREA_S.pack(o, s) for o, s in ram.sparse_areas)
+            caps = (protocol.CAP_HDR_S.pack(protocol.REGION_CAP_SPARSE_MMAP, 1, 0)
+                    + protocol.SPARSE_HDR_S.pack(len(ram.sparse_areas), 0) + areas)
+        needed = protocol.REGION_INFO_S.size + len(caps)
         if needed > argsz:  # the client retries with a buffer this large
-            return P.REGION_INFO_S.pack(needed, flags, index, 0, size, 0), []
-        out = P.REGION_INFO_S.pack(needed, flags, index, cap_offset, size, 0) + caps
+            return protocol.REGION_INFO_S.pack(needed, flags, index, 0, size, 0), []
+        out = protocol.REGION_INFO_S.pack(needed, flags, index, cap_offset, size, 0) + caps
         return out, ([ram.fd] if ram is not None else [])
 
     def _irq_info(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
-        self._need(body, P.IRQ_INFO_S.size, "DEVICE_GET_IRQ_INFO")
-        argsz, _flags, index, _count = P.IRQ_INFO_S.unpack_from(body)
-        if argsz < P.IRQ_INFO_S.size:
+        self._need(body, protocol.IRQ_INFO_S.size, "DEVICE_GET_IRQ_INFO")
+        argsz, _flags, index, _count = protocol.IRQ_INFO_S.unpack_from(body)
+        if argsz < protocol.IRQ_INFO_S.size:
             raise VfioUserError(errno.EINVAL, f"DEVICE_GET_IRQ_INFO: argsz {argsz}")
-        if index >= P.NUM_IRQS:
+        if index >= protocol.NUM_IRQS:
             raise VfioUserError(errno.EINVAL, f"DEVICE_GET_IRQ_INFO: no IRQ index {index}")
-        flags = P.IRQ_INFO_EVENTFD
-        if index == P.IRQ_INTX:
-            flags |= P.IRQ_INFO_MASKABLE | P.IRQ_INFO_AUTOMASKED
-        return P.IRQ_INFO_S.pack(P.IRQ_INFO_S.size, flags, index, self.irq_count(index)), []
+        flags = protocol.IRQ_INFO_EVENTFD
+        if index == protocol.IRQ_INTX:
+            flags |= protocol.IRQ_INFO_MASKABLE | protocol.IRQ_INFO_AUTOMASKED
+        return protocol.IRQ_INFO_S.pack(protocol.IRQ_INFO_S.size, flags, index, self.irq_count(index)), []
 
     def irq_count(self, index: int) -> int:
         """Vectors of IRQ ``index`` (ERR and REQ: 0)."""
         dev = self.device
-        if index == P.IRQ_INTX:
+        if index == protocol.IRQ_INTX:
             return 1 if dev.interrupt_pin else 0
-        if index == P.IRQ_MSI:
+        if index == protocol.IRQ_MSI:
             msi = dev.caps.find(MsiCapability)
             return msi.nvectors if msi is not None else 0
-        if index == P.IRQ_MSIX:
+        if index == protocol.IRQ_MSIX:
             msix = dev.caps.find(MsixCapability)
             return msix.nvectors if msix is not None else 0
         return 0
@@ -387,7 +389,7 @@ class VfioUserServer:
     def _assign(self, index: int, vector: int, fd: int | None) -> None:
         """Give (or with None take away) ``vector``'s eventfd; under the IRQ lock."""
         sink = self.endpoint.sink
-        if index == P.IRQ_INTX:
+        if index == protocol.IRQ_INTX:
             old = sink.intx_fd
             sink.intx_fd = fd
         else:
@@ -399,31 +401,32 @@ class VfioUserServer:
             self.irq_vectors[index].discard(vector)
         else:
             self.irq_vectors[index].add(vector)
-        if index == P.IRQ_MSIX:
+        if index == protocol.IRQ_MSIX:
             self._msix_mask(vector, fd is None)
 
     def _set_irqs(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
-        self._need(body, P.SET_IRQS_S.size, "DEVICE_SET_IRQS")
-        argsz, flags, index, start, count = P.SET_IRQS_S.unpack_from(body)
-        if argsz < P.SET_IRQS_S.size:
+        self._need(body, protocol.SET_IRQS_S.size, "DEVICE_SET_IRQS")
+        argsz, flags, index, start, count = protocol.SET_IRQS_S.unpack_from(body)
+        if argsz < protocol.SET_IRQS_S.size:
             raise VfioUserError(errno.EINVAL, f"DEVICE_SET_IRQS: argsz {argsz}")
-        if flags & ~(P.IRQ_SET_DATA_MASK | P.IRQ_SET_ACTION_MASK_ALL):
+        if flags & ~(protocol.IRQ_SET_DATA_MASK | protocol.IRQ_SET_ACTION_MASK_ALL):
             raise VfioUserError(errno.EINVAL, f"DEVICE_SET_IRQS: unknown flags {flags:#x}")
-        data = flags & P.IRQ_SET_DATA_MASK
-        action = flags & P.IRQ_SET_ACTION_MASK_ALL
-        if data not in (P.IRQ_SET_DATA_NONE, P.IRQ_SET_DATA_BOOL, P.IRQ_SET_DATA_EVENTFD) or action not in (
-                P.IRQ_SET_ACTION_MASK, P.IRQ_SET_ACTION_UNMASK, P.IRQ_SET_ACTION_TRIGGER):
+        data = flags & protocol.IRQ_SET_DATA_MASK
+        action = flags & protocol.IRQ_SET_ACTION_MASK_ALL
+        if data not in (protocol.IRQ_SET_DATA_NONE, protocol.IRQ_SET_DATA_BOOL, protocol.IRQ_SET_DATA_EVENTFD) \
+                or action not in (protocol.IRQ_SET_ACTION_MASK, protocol.IRQ_SET_ACTION_UNMASK,
+                                  protocol.IRQ_SET_ACTION_TRIGGER):
             raise VfioUserError(errno.EINVAL, f"DEVICE_SET_IRQS: flags {flags:#x} need one data type and one action")
-        if index >= P.NUM_IRQS:
+        if index >= protocol.NUM_IRQS:
             raise VfioUserError(errno.EINVAL, f"DEVICE_SET_IRQS: no IRQ index {index}")
         nvec = self.irq_count(index)
-        if data == P.IRQ_SET_DATA_EVENTFD and fds and len(fds) != count:
+        if data == protocol.IRQ_SET_DATA_EVENTFD and fds and len(fds) != count:
             raise VfioUserError(errno.EINVAL, f"DEVICE_SET_IRQS: count {count} but {len(fds)} fds")
-        if data != P.IRQ_SET_DATA_EVENTFD and fds:
+        if data != protocol.IRQ_SET_DATA_EVENTFD and fds:
             raise VfioUserError(errno.EINVAL, "DEVICE_SET_IRQS: fds without DATA_EVENTFD")
         irq = self.device.irq
         if count == 0:
-            if data == P.IRQ_SET_DATA_NONE and action == P.IRQ_SET_ACTION_TRIGGER:
+            if data == protocol.IRQ_SET_DATA_NONE and action == protocol.IRQ_SET_ACTION_TRIGGER:
                 with irq.lock:  # disable the whole index
                     for v in sorted(self.irq_vectors[index]):
                         self._assign(index, v, None)
@@ -434,18 +437,18 @@ class VfioUserServer:
         if start + count > nvec:
             raise VfioUserError(errno.EINVAL,
                                 f"DEVICE_SET_IRQS: vectors {start}+{count} beyond the {nvec} of index {index}")
-        if data == P.IRQ_SET_DATA_BOOL:
-            self._need(body, P.SET_IRQS_S.size + count, "DEVICE_SET_IRQS (bools)")
-        if index == P.IRQ_INTX and action in (P.IRQ_SET_ACTION_MASK, P.IRQ_SET_ACTION_UNMASK):
-            if data == P.IRQ_SET_DATA_EVENTFD:
+        if data == protocol.IRQ_SET_DATA_BOOL:
+            self._need(body, protocol.SET_IRQS_S.size + count, "DEVICE_SET_IRQS (bools)")
+        if index == protocol.IRQ_INTX and action in (protocol.IRQ_SET_ACTION_MASK, protocol.IRQ_SET_ACTION_UNMASK):
+            if data == protocol.IRQ_SET_DATA_EVENTFD:
                 # the KVM resample fd: not needed (the line is re-signalled on unmask)
                 close_fds(fds)
                 fds.clear()
                 return b"", []
-            flag = bool(body[P.SET_IRQS_S.size]) if data == P.IRQ_SET_DATA_BOOL else True
+            flag = bool(body[protocol.SET_IRQS_S.size]) if data == protocol.IRQ_SET_DATA_BOOL else True
             if flag:
                 with irq.lock:
-                    if action == P.IRQ_SET_ACTION_MASK:
+                    if action == protocol.IRQ_SET_ACTION_MASK:
                         self.intx_masked = True
                     else:
                         self.intx_masked = False
@@ -453,12 +456,12 @@ class VfioUserServer:
                         if fd is not None and self.endpoint.intx_level:
                             os.eventfd_write(fd, 1)  # still asserted: level-triggered
             return b"", []
-        if action != P.IRQ_SET_ACTION_TRIGGER:
+        if action != protocol.IRQ_SET_ACTION_TRIGGER:
             # MSI/MSI-X masking is QEMU's job (it emulates the table); accept and ignore
             close_fds(fds)
             fds.clear()
             return b"", []
-        if data == P.IRQ_SET_DATA_EVENTFD:
+        if data == protocol.IRQ_SET_DATA_EVENTFD:
             taken = list(fds)
             fds.clear()
             with irq.lock:
@@ -468,17 +471,17 @@ class VfioUserServer:
         # DATA_NONE / DATA_BOOL with TRIGGER: fire the vectors now (loopback test)
         with irq.lock:
             for i in range(count):
-                if data == P.IRQ_SET_DATA_BOOL and not body[P.SET_IRQS_S.size + i]:
+                if data == protocol.IRQ_SET_DATA_BOOL and not body[protocol.SET_IRQS_S.size + i]:
                     continue
                 v = start + i
-                fd = self.endpoint.sink.intx_fd if index == P.IRQ_INTX else self.endpoint.sink.vector_fds.get(v)
+                fd = self.endpoint.sink.intx_fd if index == protocol.IRQ_INTX else self.endpoint.sink.vector_fds.get(v)
                 if fd is not None:
                     os.eventfd_write(fd, 1)
         return b"", []
 
     # region accesses --------------------------------------------------------------------------
     def _region_check(self, region: int, offset: int, count: int) -> int:
-        if region >= P.NUM_REGIONS:
+        if region >= protocol.NUM_REGIONS:
             raise VfioUserError(errno.EINVAL, f"no region {region}")
         size, flags, _ram = self.region_layout(region)
         if count == 0 or count > self.max_data_xfer_size:
@@ -492,10 +495,10 @@ class VfioUserServer:
         self._region_check(region, offset, count)
         ep = self.endpoint
         out = bytearray()
-        if region == P.CONFIG_REGION:
+        if region == protocol.CONFIG_REGION:
             for pos, w in _chunks(offset, count, (4, 2, 1)):
                 out += ep.config_read(pos, w).to_bytes(w, "little")
-        elif region == P.ROM_REGION:
+        elif region == protocol.ROM_REGION:
             out += self.device.rom[offset:offset + count]
         else:
             for pos, w in _chunks(offset, count, (8, 4, 2, 1)):
@@ -505,10 +508,10 @@ class VfioUserServer:
     def write_region(self, region: int, offset: int, data: bytes) -> None:
         """Write ``data`` to ``region`` at ``offset`` (validated)."""
         flags = self._region_check(region, offset, len(data))
-        if not flags & P.REGION_FLAG_WRITE:
+        if not flags & protocol.REGION_FLAG_WRITE:
             raise VfioUserError(errno.EINVAL, f"region {region} is read-only")
         ep = self.endpoint
-        if region == P.CONFIG_REGION:
+        if region == protocol.CONFIG_REGION:
             for pos, w in _chunks(offset, len(data), (4, 2, 1)):
                 ep.config_write(pos, w, int.from_bytes(data[pos - offset:pos - offset + w], "little"))
         else:
@@ -516,48 +519,50 @@ class VfioUserServer:
                 ep.bar_write(region, pos, w, int.from_bytes(data[pos - offset:pos - offset + w], "little"), False)
 
     def _region_read(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
-        self._need(body, P.REGION_ACCESS_S.size, "REGION_READ")
-        offset, region, count = P.REGION_ACCESS_S.unpack_from(body)
+        self._need(body, protocol.REGION_ACCESS_S.size, "REGION_READ")
+        offset, region, count = protocol.REGION_ACCESS_S.unpack_from(body)
         data = self.read_region(region, offset, count)
-        return P.REGION_ACCESS_S.pack(offset, region, len(data)) + data, []
+        return protocol.REGION_ACCESS_S.pack(offset, region, len(data)) + data, []
 
     def _region_write(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
-        self._need(body, P.REGION_ACCESS_S.size, "REGION_WRITE")
-        offset, region, count = P.REGION_ACCESS_S.unpack_from(body)
-        data = body[P.REGION_ACCESS_S.size:]
+        self._need(body, protocol.REGION_ACCESS_S.size, "REGION_WRITE")
+        offset, region, count = protocol.REGION_ACCESS_S.unpack_from(body)
+        data = body[protocol.REGION_ACCESS_S.size:]
         if len(data) != count:
             raise VfioUserError(errno.EINVAL, f"REGION_WRITE: count {count} but {len(data)} data bytes")
         self.write_region(region, offset, data)
-        return P.REGION_ACCESS_S.pack(offset, region, count), []
+        return protocol.REGION_ACCESS_S.pack(offset, region, count), []
 
     def _write_multi(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
-        self._need(body, P.WRITE_MULTI_HDR_S.size, "REGION_WRITE_MULTI")
-        (n,) = P.WRITE_MULTI_HDR_S.unpack_from(body)
-        if n > 200 or len(body) != P.WRITE_MULTI_HDR_S.size + n * P.WRITE_MULTI_ENTRY_S.size:
+        self._need(body, protocol.WRITE_MULTI_HDR_S.size, "REGION_WRITE_MULTI")
+        (n,) = protocol.WRITE_MULTI_HDR_S.unpack_from(body)
+        if n > 200 or len(body) != protocol.WRITE_MULTI_HDR_S.size + n * protocol.WRITE_MULTI_ENTRY_S.size:
             raise VfioUserError(errno.EINVAL, f"REGION_WRITE_MULTI: {n} entries in {len(body)} bytes")
-        entries = [P.WRITE_MULTI_ENTRY_S.unpack_from(body, P.WRITE_MULTI_HDR_S.size + i * 24) for i in range(n)]
+        entries = [protocol.WRITE_MULTI_ENTRY_S.unpack_from(body, protocol.WRITE_MULTI_HDR_S.size + i * 24)
+                   for i in range(n)]
         for _off, _reg, count, _data in entries:
             if not 1 <= count <= 8:
                 raise VfioUserError(errno.EINVAL, f"REGION_WRITE_MULTI: count {count}")
         for off, reg, count, data in entries:
             self.write_region(reg, off, data[:count])
-        return P.WRITE_MULTI_HDR_S.pack(n), []
+        return protocol.WRITE_MULTI_HDR_S.pack(n), []
 
     def _reset(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
         dev = self.device
         with dev.lock:
             dev.reset(ResetKind.FLR)
             with dev.irq.lock:  # the table was masked by the reset; eventfds stay
-                for v in self.irq_vectors[P.IRQ_MSIX]:
+                for v in self.irq_vectors[protocol.IRQ_MSIX]:
                     self._msix_mask(v, False)
         self.intx_masked = False
         return b"", []
 
     _HANDLERS = {
-        P.VERSION: _version, P.DMA_MAP: _dma_map, P.DMA_UNMAP: _dma_unmap, P.DEVICE_GET_INFO: _device_info,
-        P.DEVICE_GET_REGION_INFO: _region_info, P.DEVICE_GET_IRQ_INFO: _irq_info,
-        P.DEVICE_SET_IRQS: _set_irqs, P.REGION_READ: _region_read, P.REGION_WRITE: _region_write,
-        P.REGION_WRITE_MULTI: _write_multi, P.DEVICE_RESET: _reset,
+        protocol.VERSION: _version, protocol.DMA_MAP: _dma_map, protocol.DMA_UNMAP: _dma_unmap,
+        protocol.DEVICE_GET_INFO: _device_info,
+        protocol.DEVICE_GET_REGION_INFO: _region_info, protocol.DEVICE_GET_IRQ_INFO: _irq_info,
+        protocol.DEVICE_SET_IRQS: _set_irqs, protocol.REGION_READ: _region_read, protocol.REGION_WRITE: _region_write,
+        protocol.REGION_WRITE_MULTI: _write_multi, protocol.DEVICE_RESET: _reset,
     }
 
 

@@ -12,7 +12,7 @@ from pcidev.devices.edu import EduDevice
 from pcidev.errors import MigrationBlockedError
 from pcidev.migration import collect_blockers, device_blockers, migrate_out
 from pcidev.pci.capabilities.base import Capability
-from pcidev.plugins import make_plugin_manager
+from pcidev.plugins import hook_migration_blockers, make_plugin_manager
 from pcidev.registry import DeviceRegistry
 
 
@@ -119,6 +119,58 @@ def test_blocked_migration_never_stops_the_device():
         b.setblocking(False)
         with pytest.raises(BlockingIOError):
             b.recv(1)  # nothing was sent
+    finally:
+        a.close()
+        b.close()
+
+
+class _RaisingPlugin:
+    @hookimpl
+    def pcidev_migration_blockers(self, device):
+        raise RuntimeError("backend table is corrupt")
+
+
+class _UnprintableResult:
+    def __repr__(self):
+        raise ValueError("no repr")
+
+
+@pytest.mark.parametrize("plugin, expected", [
+    (_RaisingPlugin(), "plugin 'bad' failed in pcidev_migration_blockers: RuntimeError: backend table is corrupt"),
+    (_BrokenPlugin(), "plugin 'bad' returned 'not a list' from pcidev_migration_blockers; "
+                      "expected a list of strings"),
+])
+def test_a_misbehaving_plugin_is_one_reason_naming_it(plugin, expected):
+    pm = make_plugin_manager(load_entrypoints=False, plugins=[("raw", _Plugin()), ("bad", plugin)])
+    dev = EduDevice(name="e0")
+    reasons = hook_migration_blockers(pm, dev)
+    assert sorted(reasons) == sorted([expected, "backend of e0 is a raw block device"])
+    # collect_blockers asks the plugins through the same function: the same reasons
+    assert collect_blockers(dev, pm) == device_blockers(dev) + reasons
+
+
+def test_a_result_without_a_repr_is_still_a_reason():
+    class Odd:
+        @hookimpl
+        def pcidev_migration_blockers(self, device):
+            return _UnprintableResult()
+
+    pm = make_plugin_manager(load_entrypoints=False, plugins=[("odd", Odd())])
+    assert hook_migration_blockers(pm, EduDevice()) == [
+        "plugin 'odd' returned a _UnprintableResult from pcidev_migration_blockers; expected a list of strings"]
+
+
+def test_a_raising_plugin_refuses_the_migration_without_stopping_the_device():
+    pm = make_plugin_manager(load_entrypoints=False, plugins=[("bad", _RaisingPlugin())])
+    dev = EduDevice(name="e1")
+    dev.resume()
+    a, b = socket.socketpair()
+    try:
+        with pytest.raises(MigrationBlockedError) as info:
+            migrate_out(dev, a, pm=pm)
+        assert info.value.reasons == [
+            "plugin 'bad' failed in pcidev_migration_blockers: RuntimeError: backend table is corrupt"]
+        assert not dev.quiesced
     finally:
         a.close()
         b.close()

@@ -1,4 +1,4 @@
-"""The NVMe controller migrates between real processes (pcidev.transport.serve, the
+"""The NVMe controller migrates between real processes (pcidev.transport.link.process, the
 migration channel over UNIX sockets, the device link) while the host driver keeps
 doing verified I/O on two queues at QD 32 over a memory namespace (its memfd travels
 with the stream) and a file namespace (reopened by path); every block is checked by
@@ -15,7 +15,7 @@ import pytest
 
 from pcidev.errors import MigrationError
 from pcidev.host import Machine
-from pcidev.transport.serve import DeviceProcess
+from pcidev.transport.link.process import DeviceProcess
 from pcidev_nvme.testing.driver import WRITE, NvmeDriver
 
 QD = 32

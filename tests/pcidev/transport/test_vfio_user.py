@@ -19,12 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pcidev.bar import RamBacking
-from pcidev.devices.edu import DESC, STATUS_DONE, EduDevice
 from pcidev.device import PciDevice
+from pcidev.devices.edu import DESC, STATUS_DONE, EduDevice
 from pcidev.dma import alloc_memfd
 from pcidev.transport.endpoint import DeviceEndpoint
 from pcidev.transport.fdpass import close_fds, recv_exact, send_all
-from pcidev.transport.vfio_user import protocol as P
+from pcidev.transport.vfio_user import protocol
 from pcidev.transport.vfio_user.server import VfioUserServer, _chunks
 
 QEMU_CAPS = (b'{"capabilities": {"pgsizes": 4096, "max_msg_fds": 16, "max_dma_maps": 65535, '
@@ -39,53 +39,53 @@ class Client:
         self.sock = sock
         self.mid = 0
 
-    def send(self, cmd: int, payload: bytes = b"", fds=(), flags: int = P.TYPE_COMMAND) -> int:
+    def send(self, cmd: int, payload: bytes = b"", fds=(), flags: int = protocol.TYPE_COMMAND) -> int:
         self.mid = (self.mid + 1) & 0xFFFF
-        send_all(self.sock, P.message(self.mid, cmd, payload, flags), fds)
+        send_all(self.sock, protocol.message(self.mid, cmd, payload, flags), fds)
         return self.mid
 
     def recv(self):
-        hdr, fds = recv_exact(self.sock, P.HEADER_SIZE, max_fds=4)
-        mid, cmd, size, flags, err = P.HEADER.unpack(hdr)
-        body = recv_exact(self.sock, size - P.HEADER_SIZE)[0] if size > P.HEADER_SIZE else b""
+        hdr, fds = recv_exact(self.sock, protocol.HEADER_SIZE, max_fds=4)
+        mid, cmd, size, flags, err = protocol.HEADER.unpack(hdr)
+        body = recv_exact(self.sock, size - protocol.HEADER_SIZE)[0] if size > protocol.HEADER_SIZE else b""
         return mid, cmd, flags, err, body, fds
 
     def request(self, cmd: int, payload: bytes = b"", fds=(), *, ok: bool = True):
         mid = self.send(cmd, payload, fds)
         rmid, rcmd, flags, err, body, rfds = self.recv()
         assert (rmid, rcmd) == (mid, cmd)
-        assert flags & P.TYPE_MASK == P.TYPE_REPLY
+        assert flags & protocol.TYPE_MASK == protocol.TYPE_REPLY
         if ok:
-            assert not flags & P.FLAG_ERROR, f"error reply errno {err}"
+            assert not flags & protocol.FLAG_ERROR, f"error reply errno {err}"
             return body, rfds
-        assert flags & P.FLAG_ERROR and err > 0 and body == b""
+        assert flags & protocol.FLAG_ERROR and err > 0 and body == b""
         return err
 
     # helpers -------------------------------------------------------------------------
     def version(self):
-        body, _ = self.request(P.VERSION, P.VERSION_HDR.pack(0, 0) + QEMU_CAPS)
+        body, _ = self.request(protocol.VERSION, protocol.VERSION_HDR.pack(0, 0) + QEMU_CAPS)
         return body
 
     def read(self, region: int, offset: int, count: int) -> bytes:
-        body, _ = self.request(P.REGION_READ, P.REGION_ACCESS_S.pack(offset, region, count))
-        assert P.REGION_ACCESS_S.unpack_from(body) == (offset, region, count)
+        body, _ = self.request(protocol.REGION_READ, protocol.REGION_ACCESS_S.pack(offset, region, count))
+        assert protocol.REGION_ACCESS_S.unpack_from(body) == (offset, region, count)
         return body[16:]
 
     def write(self, region: int, offset: int, data: bytes, *, posted: bool = False) -> None:
-        payload = P.REGION_ACCESS_S.pack(offset, region, len(data)) + data
+        payload = protocol.REGION_ACCESS_S.pack(offset, region, len(data)) + data
         if posted:
-            self.send(P.REGION_WRITE, payload, flags=P.FLAG_NO_REPLY)
+            self.send(protocol.REGION_WRITE, payload, flags=protocol.FLAG_NO_REPLY)
             return
-        body, _ = self.request(P.REGION_WRITE, payload)
-        assert body == P.REGION_ACCESS_S.pack(offset, region, len(data))
+        body, _ = self.request(protocol.REGION_WRITE, payload)
+        assert body == protocol.REGION_ACCESS_S.pack(offset, region, len(data))
 
     def cfg32(self, off: int) -> int:
-        return int.from_bytes(self.read(P.CONFIG_REGION, off, 4), "little")
+        return int.from_bytes(self.read(protocol.CONFIG_REGION, off, 4), "little")
 
     def find_cap(self, cap_id: int) -> int:
-        ptr = self.read(P.CONFIG_REGION, 0x34, 1)[0]
+        ptr = self.read(protocol.CONFIG_REGION, 0x34, 1)[0]
         while ptr:
-            hdr = self.read(P.CONFIG_REGION, ptr, 2)
+            hdr = self.read(protocol.CONFIG_REGION, ptr, 2)
             if hdr[0] == cap_id:
                 return ptr
             ptr = hdr[1]
@@ -140,56 +140,57 @@ class RamBarDevice(PciDevice):
 def test_version_reply_is_short_and_sane(edu):
     client, _ep, server = edu
     body = client.version()
-    major, minor = P.VERSION_HDR.unpack_from(body)
+    major, minor = protocol.VERSION_HDR.unpack_from(body)
     assert (major, minor) == (0, 0)
     assert body.endswith(b"\0") and len(body) <= 4 + len(QEMU_CAPS)
     caps = json.loads(body[4:-1])["capabilities"]
     assert caps == {"max_msg_fds": 8, "max_data_xfer_size": 1 << 20}
     assert server.client_caps["max_msg_fds"] == 16
     # a client with a short string gets a reply no larger than its request
-    body, _ = client.request(P.VERSION, P.VERSION_HDR.pack(0, 0) + b"{}\0")
+    body, _ = client.request(protocol.VERSION, protocol.VERSION_HDR.pack(0, 0) + b"{}\0")
     assert len(body) <= 4 + 3
-    assert client.request(P.VERSION, P.VERSION_HDR.pack(1, 0) + b"{}\0", ok=False) == errno.ENOTSUP
-    assert client.request(P.VERSION, P.VERSION_HDR.pack(0, 0) + b"{", ok=False) == errno.EINVAL
-    assert client.request(P.VERSION, P.VERSION_HDR.pack(0, 0) + b"[1]\0", ok=False) == errno.EINVAL
+    assert client.request(protocol.VERSION, protocol.VERSION_HDR.pack(1, 0) + b"{}\0", ok=False) == errno.ENOTSUP
+    assert client.request(protocol.VERSION, protocol.VERSION_HDR.pack(0, 0) + b"{", ok=False) == errno.EINVAL
+    assert client.request(protocol.VERSION, protocol.VERSION_HDR.pack(0, 0) + b"[1]\0", ok=False) == errno.EINVAL
 
 
 def test_device_info(edu):
     client, _ep, _s = edu
-    body, _ = client.request(P.DEVICE_GET_INFO, P.DEVICE_INFO_S.pack(16, 0, 0, 0))
-    assert P.DEVICE_INFO_S.unpack(body) == (16, P.DEVICE_FLAGS_RESET | P.DEVICE_FLAGS_PCI, 9, 5)
+    body, _ = client.request(protocol.DEVICE_GET_INFO, protocol.DEVICE_INFO_S.pack(16, 0, 0, 0))
+    assert protocol.DEVICE_INFO_S.unpack(body) == (16, protocol.DEVICE_FLAGS_RESET | protocol.DEVICE_FLAGS_PCI, 9, 5)
     assert len(body) + 16 <= 32
-    assert client.request(P.DEVICE_GET_INFO, b"\0" * 4, ok=False) == errno.EINVAL
+    assert client.request(protocol.DEVICE_GET_INFO, b"\0" * 4, ok=False) == errno.EINVAL
 
 
 def test_region_info_bars_config_rom(edu):
     client, _ep, _s = edu
     def info(index, argsz=32):
-        body, fds = client.request(P.DEVICE_GET_REGION_INFO, P.REGION_INFO_S.pack(argsz, 0, index, 0, 0, 0))
+        body, fds = client.request(protocol.DEVICE_GET_REGION_INFO,
+                                   protocol.REGION_INFO_S.pack(argsz, 0, index, 0, 0, 0))
         assert len(body) <= argsz
-        return P.REGION_INFO_S.unpack_from(body), fds
+        return protocol.REGION_INFO_S.unpack_from(body), fds
     (argsz, flags, index, cap, size, off), fds = info(0)
-    assert (flags, index, size, fds) == (P.REGION_FLAG_READ | P.REGION_FLAG_WRITE, 0, 4096, [])
+    assert (flags, index, size, fds) == (protocol.REGION_FLAG_READ | protocol.REGION_FLAG_WRITE, 0, 4096, [])
     assert info(1)[0][4] == 0 and info(6)[0][4] == 0 and info(8)[0][4] == 0
     (_a, flags, _i, _c, size, _o), _ = info(7)
-    assert size == 4096 and flags == P.REGION_FLAG_READ | P.REGION_FLAG_WRITE
-    err = client.request(P.DEVICE_GET_REGION_INFO, P.REGION_INFO_S.pack(32, 0, 9, 0, 0, 0), ok=False)
+    assert size == 4096 and flags == protocol.REGION_FLAG_READ | protocol.REGION_FLAG_WRITE
+    err = client.request(protocol.DEVICE_GET_REGION_INFO, protocol.REGION_INFO_S.pack(32, 0, 9, 0, 0, 0), ok=False)
     assert err == errno.EINVAL
 
 
 def test_region_info_sparse_mmap_for_a_ram_bar():
     ep, _server, client, t, _r = _serve(RamBarDevice())
     try:
-        first, fds = client.request(P.DEVICE_GET_REGION_INFO, P.REGION_INFO_S.pack(32, 0, 2, 0, 0, 0))
-        argsz = P.REGION_INFO_S.unpack_from(first)[0]
+        first, fds = client.request(protocol.DEVICE_GET_REGION_INFO, protocol.REGION_INFO_S.pack(32, 0, 2, 0, 0, 0))
+        argsz = protocol.REGION_INFO_S.unpack_from(first)[0]
         assert len(first) == 32 and fds == [] and argsz > 32  # "retry with a larger buffer"
-        body, fds = client.request(P.DEVICE_GET_REGION_INFO, P.REGION_INFO_S.pack(argsz, 0, 2, 0, 0, 0))
-        _a, flags, _i, cap_off, size, off = P.REGION_INFO_S.unpack_from(body)
+        body, fds = client.request(protocol.DEVICE_GET_REGION_INFO, protocol.REGION_INFO_S.pack(argsz, 0, 2, 0, 0, 0))
+        _a, flags, _i, cap_off, size, off = protocol.REGION_INFO_S.unpack_from(body)
         assert flags == 0xF and size == 0x4000 and len(fds) == 1 and len(body) == argsz
-        cid, ver, nxt = P.CAP_HDR_S.unpack_from(body, cap_off)
-        assert (cid, ver, nxt) == (P.REGION_CAP_SPARSE_MMAP, 1, 0)
-        nr, _ = P.SPARSE_HDR_S.unpack_from(body, cap_off + 8)
-        assert nr == 1 and P.SPARSE_AREA_S.unpack_from(body, cap_off + 16) == (0x1000, 0x2000)
+        cid, ver, nxt = protocol.CAP_HDR_S.unpack_from(body, cap_off)
+        assert (cid, ver, nxt) == (protocol.REGION_CAP_SPARSE_MMAP, 1, 0)
+        nr, _ = protocol.SPARSE_HDR_S.unpack_from(body, cap_off + 8)
+        assert nr == 1 and protocol.SPARSE_AREA_S.unpack_from(body, cap_off + 16) == (0x1000, 0x2000)
         # the client maps the area and sees what the device wrote
         m = mmap.mmap(fds[0], 0x2000, offset=off + 0x1000)
         client.write(2, 0x1010, (0xDEADBEEF).to_bytes(4, "little"))
@@ -197,8 +198,8 @@ def test_region_info_sparse_mmap_for_a_ram_bar():
         m.close()
         close_fds(fds)
         # upper half of the 64-bit BAR has size 0
-        body, _ = client.request(P.DEVICE_GET_REGION_INFO, P.REGION_INFO_S.pack(32, 0, 3, 0, 0, 0))
-        assert P.REGION_INFO_S.unpack_from(body)[4] == 0
+        body, _ = client.request(protocol.DEVICE_GET_REGION_INFO, protocol.REGION_INFO_S.pack(32, 0, 3, 0, 0, 0))
+        assert protocol.REGION_INFO_S.unpack_from(body)[4] == 0
     finally:
         client.sock.close()
         t.join(5)
@@ -209,17 +210,17 @@ def test_irq_info(edu):
     client, _ep, _s = edu
     counts = {}
     for index in range(5):
-        body, _ = client.request(P.DEVICE_GET_IRQ_INFO, P.IRQ_INFO_S.pack(16, 0, index, 0))
-        _a, flags, i, count = P.IRQ_INFO_S.unpack(body)
-        assert i == index and flags & P.IRQ_INFO_EVENTFD
+        body, _ = client.request(protocol.DEVICE_GET_IRQ_INFO, protocol.IRQ_INFO_S.pack(16, 0, index, 0))
+        _a, flags, i, count = protocol.IRQ_INFO_S.unpack(body)
+        assert i == index and flags & protocol.IRQ_INFO_EVENTFD
         counts[index] = count
-    assert counts[P.IRQ_MSIX] == 2 and counts[P.IRQ_MSI] == 2 and counts[P.IRQ_ERR] == 0
-    assert client.request(P.DEVICE_GET_IRQ_INFO, P.IRQ_INFO_S.pack(16, 0, 5, 0), ok=False) == errno.EINVAL
+    assert counts[protocol.IRQ_MSIX] == 2 and counts[protocol.IRQ_MSI] == 2 and counts[protocol.IRQ_ERR] == 0
+    assert client.request(protocol.DEVICE_GET_IRQ_INFO, protocol.IRQ_INFO_S.pack(16, 0, 5, 0), ok=False) == errno.EINVAL
 
 
 def test_config_space_reads_writes_and_rom_probe(nvme):
     client, ep, _s = nvme
-    cfg = client.read(P.CONFIG_REGION, 0, 4096)  # QEMU reads it all at once
+    cfg = client.read(protocol.CONFIG_REGION, 0, 4096)  # QEMU reads it all at once
     assert len(cfg) == 4096
     vendor, device = struct.unpack_from("<HH", cfg, 0)
     assert (vendor, device) == (ep.device.vendor_id, ep.device.device_id)
@@ -227,15 +228,15 @@ def test_config_space_reads_writes_and_rom_probe(nvme):
     assert cfg[0x06] & 0x10  # capability list
     # the ROM BAR probe: no ROM reads 0 and ignores the sizing mask
     assert client.cfg32(0x30) == 0
-    client.write(P.CONFIG_REGION, 0x30, (0xFFFFF800).to_bytes(4, "little"))
+    client.write(protocol.CONFIG_REGION, 0x30, (0xFFFFF800).to_bytes(4, "little"))
     assert client.cfg32(0x30) == 0
     # BAR0 type bits: 64-bit memory
     assert client.cfg32(0x10) & 0x7 == 0x4
     # COMMAND is honoured
-    client.write(P.CONFIG_REGION, 0x04, (0x6).to_bytes(2, "little"))
-    assert int.from_bytes(client.read(P.CONFIG_REGION, 0x04, 2), "little") & 0x6 == 0x6
+    client.write(protocol.CONFIG_REGION, 0x04, (0x6).to_bytes(2, "little"))
+    assert int.from_bytes(client.read(protocol.CONFIG_REGION, 0x04, 2), "little") & 0x6 == 0x6
     # outside the region
-    assert client.request(P.REGION_READ, P.REGION_ACCESS_S.pack(4095, 7, 4), ok=False) == errno.EINVAL
+    assert client.request(protocol.REGION_READ, protocol.REGION_ACCESS_S.pack(4095, 7, 4), ok=False) == errno.EINVAL
 
 
 def test_nvme_bar0_8_byte_cap_read_and_posted_writes(nvme):
@@ -247,9 +248,9 @@ def test_nvme_bar0_8_byte_cap_read_and_posted_writes(nvme):
     client.write(0, 0x24, (0x001F001F).to_bytes(4, "little"), posted=True)  # AQA, no reply
     assert int.from_bytes(client.read(0, 0x24, 4), "little") == 0x001F001F
     # REGION_WRITE_MULTI: two small writes in one message, then a read in order
-    entries = (P.WRITE_MULTI_ENTRY_S.pack(0x28, 0, 8, (0x10000).to_bytes(8, "little"))
-               + P.WRITE_MULTI_ENTRY_S.pack(0x30, 0, 8, (0x20000).to_bytes(8, "little")))
-    client.send(P.REGION_WRITE_MULTI, P.WRITE_MULTI_HDR_S.pack(2) + entries, flags=P.FLAG_NO_REPLY)
+    entries = (protocol.WRITE_MULTI_ENTRY_S.pack(0x28, 0, 8, (0x10000).to_bytes(8, "little"))
+               + protocol.WRITE_MULTI_ENTRY_S.pack(0x30, 0, 8, (0x20000).to_bytes(8, "little")))
+    client.send(protocol.REGION_WRITE_MULTI, protocol.WRITE_MULTI_HDR_S.pack(2) + entries, flags=protocol.FLAG_NO_REPLY)
     assert int.from_bytes(client.read(0, 0x28, 8), "little") == 0x10000
     assert int.from_bytes(client.read(0, 0x30, 8), "little") == 0x20000
 
@@ -258,22 +259,24 @@ def test_dma_map_unmap_rules(edu):
     client, ep, _s = edu
     fd = alloc_memfd(1 << 20, "guest")
     try:
-        m = P.DMA_MAP_S.pack(32, 3, 0, 0x100000, 1 << 20)
-        client.request(P.DMA_MAP, m, [fd])
+        m = protocol.DMA_MAP_S.pack(32, 3, 0, 0x100000, 1 << 20)
+        client.request(protocol.DMA_MAP, m, [fd])
         assert [(r.gpa, r.size) for r in ep.memory.regions()] == [(0x100000, 1 << 20)]
-        assert client.request(P.DMA_MAP, P.DMA_MAP_S.pack(32, 3, 0, 0x1FF000, 0x2000), [fd],
+        assert client.request(protocol.DMA_MAP, protocol.DMA_MAP_S.pack(32, 3, 0, 0x1FF000, 0x2000), [fd],
                               ok=False) == errno.EEXIST
-        client.request(P.DMA_MAP, P.DMA_MAP_S.pack(32, 1, 0, 0xC0000, 0x20000))  # no fd: message-only
-        assert client.request(P.DMA_MAP, P.DMA_MAP_S.pack(32, 1, 0, 0xC0000, 0x1000), ok=False) == errno.EEXIST
-        assert client.request(P.DMA_MAP, P.DMA_MAP_S.pack(32, 3, 0, 0, 0), ok=False) == errno.EINVAL
-        body, _ = client.request(P.DMA_UNMAP, P.DMA_UNMAP_S.pack(24, 0, 0xC0000, 0x20000))
-        assert body == P.DMA_UNMAP_S.pack(24, 0, 0xC0000, 0x20000) and len(body) + 16 <= 40
-        assert client.request(P.DMA_UNMAP, P.DMA_UNMAP_S.pack(24, 0, 0x100000, 0x1000), ok=False) == errno.EINVAL
-        client.request(P.DMA_UNMAP, P.DMA_UNMAP_S.pack(24, 0, 0x100000, 1 << 20))
+        client.request(protocol.DMA_MAP, protocol.DMA_MAP_S.pack(32, 1, 0, 0xC0000, 0x20000))  # no fd: message-only
+        assert client.request(
+            protocol.DMA_MAP, protocol.DMA_MAP_S.pack(32, 1, 0, 0xC0000, 0x1000), ok=False) == errno.EEXIST
+        assert client.request(protocol.DMA_MAP, protocol.DMA_MAP_S.pack(32, 3, 0, 0, 0), ok=False) == errno.EINVAL
+        body, _ = client.request(protocol.DMA_UNMAP, protocol.DMA_UNMAP_S.pack(24, 0, 0xC0000, 0x20000))
+        assert body == protocol.DMA_UNMAP_S.pack(24, 0, 0xC0000, 0x20000) and len(body) + 16 <= 40
+        assert client.request(
+            protocol.DMA_UNMAP, protocol.DMA_UNMAP_S.pack(24, 0, 0x100000, 0x1000), ok=False) == errno.EINVAL
+        client.request(protocol.DMA_UNMAP, protocol.DMA_UNMAP_S.pack(24, 0, 0x100000, 1 << 20))
         assert ep.memory.regions() == []
-        client.request(P.DMA_MAP, m, [fd])
-        client.request(P.DMA_MAP, P.DMA_MAP_S.pack(32, 1, 0, 0xC0000, 0x1000))
-        client.request(P.DMA_UNMAP, P.DMA_UNMAP_S.pack(24, P.DMA_UNMAP_FLAG_ALL, 0, 0))
+        client.request(protocol.DMA_MAP, m, [fd])
+        client.request(protocol.DMA_MAP, protocol.DMA_MAP_S.pack(32, 1, 0, 0xC0000, 0x1000))
+        client.request(protocol.DMA_UNMAP, protocol.DMA_UNMAP_S.pack(24, protocol.DMA_UNMAP_FLAG_ALL, 0, 0))
         assert ep.memory.regions() == [] and _s.nofd_maps == {}
     finally:
         os.close(fd)
@@ -295,14 +298,14 @@ def test_dma_and_msix_interrupt_end_to_end(edu):
     mem = mmap.mmap(fd, size)
     efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     try:
-        client.request(P.DMA_MAP, P.DMA_MAP_S.pack(32, 3, 0, 0x40000000, size), [fd])
-        client.write(P.CONFIG_REGION, 0x04, (0x6).to_bytes(2, "little"))  # MEMORY | MASTER
+        client.request(protocol.DMA_MAP, protocol.DMA_MAP_S.pack(32, 3, 0, 0x40000000, size), [fd])
+        client.write(protocol.CONFIG_REGION, 0x04, (0x6).to_bytes(2, "little"))  # MEMORY | MASTER
         msix = client.find_cap(0x11)
-        ctrl = int.from_bytes(client.read(P.CONFIG_REGION, msix + 2, 2), "little")
-        client.write(P.CONFIG_REGION, msix + 2, (ctrl | 0x8000).to_bytes(2, "little"))  # enable
+        ctrl = int.from_bytes(client.read(protocol.CONFIG_REGION, msix + 2, 2), "little")
+        client.write(protocol.CONFIG_REGION, msix + 2, (ctrl | 0x8000).to_bytes(2, "little"))  # enable
         # QEMU: "MSI-X on, no vectors", then one vector with an fd as the guest unmasks it
-        client.request(P.DEVICE_SET_IRQS, P.SET_IRQS_S.pack(20, 0x24, P.IRQ_MSIX, 0, 1))
-        client.request(P.DEVICE_SET_IRQS, P.SET_IRQS_S.pack(20, 0x24, P.IRQ_MSIX, 0, 1), [efd])
+        client.request(protocol.DEVICE_SET_IRQS, protocol.SET_IRQS_S.pack(20, 0x24, protocol.IRQ_MSIX, 0, 1))
+        client.request(protocol.DEVICE_SET_IRQS, protocol.SET_IRQS_S.pack(20, 0x24, protocol.IRQ_MSIX, 0, 1), [efd])
         data = os.urandom(8192)
         mem[0x10000:0x10000 + len(data)] = data
         mem[0:32] = DESC.pack(0x40010000, 0x40020000, len(data), 1, 0, 0)
@@ -315,18 +318,20 @@ def test_dma_and_msix_interrupt_end_to_end(edu):
         status, crc = struct.unpack_from("<II", mem, 0x18)
         assert status == STATUS_DONE and crc == crc32c.crc32c(data)
         # DATA_NONE|TRIGGER fires the vector from the server (loopback)
-        client.request(P.DEVICE_SET_IRQS, P.SET_IRQS_S.pack(20, 0x21, P.IRQ_MSIX, 0, 1))
+        client.request(protocol.DEVICE_SET_IRQS, protocol.SET_IRQS_S.pack(20, 0x21, protocol.IRQ_MSIX, 0, 1))
         assert _eventfd_fired(efd)
         # disable the index: the vector loses its fd and is masked in the device's table again
-        client.request(P.DEVICE_SET_IRQS, P.SET_IRQS_S.pack(20, 0x21, P.IRQ_MSIX, 0, 0))
+        client.request(protocol.DEVICE_SET_IRQS, protocol.SET_IRQS_S.pack(20, 0x21, protocol.IRQ_MSIX, 0, 0))
         assert ep.sink.vector_fds == {}
         # unknown index / out of range / fd count mismatch
-        assert client.request(P.DEVICE_SET_IRQS, P.SET_IRQS_S.pack(20, 0x24, 7, 0, 1), ok=False) == errno.EINVAL
-        assert client.request(P.DEVICE_SET_IRQS, P.SET_IRQS_S.pack(20, 0x24, 2, 1, 5), [efd],
+        assert client.request(
+            protocol.DEVICE_SET_IRQS, protocol.SET_IRQS_S.pack(20, 0x24, 7, 0, 1), ok=False) == errno.EINVAL
+        assert client.request(protocol.DEVICE_SET_IRQS, protocol.SET_IRQS_S.pack(20, 0x24, 2, 1, 5), [efd],
                               ok=False) == errno.EINVAL
-        assert client.request(P.DEVICE_SET_IRQS, P.SET_IRQS_S.pack(20, 0x24, 2, 0, 2), [efd],
+        assert client.request(protocol.DEVICE_SET_IRQS, protocol.SET_IRQS_S.pack(20, 0x24, 2, 0, 2), [efd],
                               ok=False) == errno.EINVAL
-        assert client.request(P.DEVICE_SET_IRQS, P.SET_IRQS_S.pack(20, 0x3, 2, 0, 1), ok=False) == errno.EINVAL
+        assert client.request(
+            protocol.DEVICE_SET_IRQS, protocol.SET_IRQS_S.pack(20, 0x3, 2, 0, 1), ok=False) == errno.EINVAL
         mem.close()
     finally:
         os.close(fd)
@@ -337,17 +342,17 @@ def test_intx_eventfd_mask_unmask_and_reset(edu):
     client, ep, _s = edu
     efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     try:
-        client.write(P.CONFIG_REGION, 0x04, (0x6).to_bytes(2, "little"))
-        client.request(P.DEVICE_SET_IRQS, P.SET_IRQS_S.pack(20, 0x24, P.IRQ_INTX, 0, 1), [efd])
+        client.write(protocol.CONFIG_REGION, 0x04, (0x6).to_bytes(2, "little"))
+        client.request(protocol.DEVICE_SET_IRQS, protocol.SET_IRQS_S.pack(20, 0x24, protocol.IRQ_INTX, 0, 1), [efd])
         client.write(0, 0x60, (1).to_bytes(4, "little"))  # IRQ_RAISE -> INTx asserted
         assert ep.intx_level and _eventfd_fired(efd)
-        client.request(P.DEVICE_SET_IRQS, P.SET_IRQS_S.pack(20, 0x09, P.IRQ_INTX, 0, 1))  # MASK
-        client.request(P.DEVICE_SET_IRQS, P.SET_IRQS_S.pack(20, 0x11, P.IRQ_INTX, 0, 1))  # UNMASK
+        client.request(protocol.DEVICE_SET_IRQS, protocol.SET_IRQS_S.pack(20, 0x09, protocol.IRQ_INTX, 0, 1))  # MASK
+        client.request(protocol.DEVICE_SET_IRQS, protocol.SET_IRQS_S.pack(20, 0x11, protocol.IRQ_INTX, 0, 1))  # UNMASK
         assert _eventfd_fired(efd)  # still asserted: signalled again
         client.write(0, 0x64, (1).to_bytes(4, "little"))  # IRQ_ACK
         assert not ep.intx_level
-        client.request(P.DEVICE_RESET)
-        assert int.from_bytes(client.read(P.CONFIG_REGION, 4, 2), "little") == 0
+        client.request(protocol.DEVICE_RESET)
+        assert int.from_bytes(client.read(protocol.CONFIG_REGION, 4, 2), "little") == 0
         assert ep.sink.intx_fd is not None  # eventfds survive a reset
     finally:
         os.close(efd)
@@ -357,24 +362,25 @@ def test_intx_eventfd_mask_unmask_and_reset(edu):
 def test_unknown_commands_and_bad_framing(edu):
     client, _ep, server = edu
     assert client.request(99) if False else client.request(99, ok=False) == errno.ENOSYS
-    assert client.request(P.DEVICE_FEATURE, b"\0" * 8, ok=False) == errno.ENOTTY
-    assert client.request(P.DMA_READ, b"\0" * 16, ok=False) == errno.ENOSYS
+    assert client.request(protocol.DEVICE_FEATURE, b"\0" * 8, ok=False) == errno.ENOTTY
+    assert client.request(protocol.DMA_READ, b"\0" * 16, ok=False) == errno.ENOSYS
     # fds on a command that takes none are refused and closed
     efd = os.eventfd(0)
-    assert client.request(P.DEVICE_GET_INFO, P.DEVICE_INFO_S.pack(16, 0, 0, 0), [efd], ok=False) == errno.EINVAL
+    assert client.request(
+        protocol.DEVICE_GET_INFO, protocol.DEVICE_INFO_S.pack(16, 0, 0, 0), [efd], ok=False) == errno.EINVAL
     os.close(efd)
     # a size smaller than the header
-    send_all(client.sock, P.HEADER.pack(7, P.DEVICE_GET_INFO, 8, 0, 0))
+    send_all(client.sock, protocol.HEADER.pack(7, protocol.DEVICE_GET_INFO, 8, 0, 0))
     mid, cmd, flags, err, body, _ = client.recv()
-    assert (mid, flags & P.FLAG_ERROR, err) == (7, P.FLAG_ERROR, errno.EINVAL)
+    assert (mid, flags & protocol.FLAG_ERROR, err) == (7, protocol.FLAG_ERROR, errno.EINVAL)
     # a reply from the client is ignored; the next request still works
-    send_all(client.sock, P.message(9, P.VERSION, b"", P.TYPE_REPLY))
-    client.request(P.DEVICE_GET_INFO, P.DEVICE_INFO_S.pack(16, 0, 0, 0))
+    send_all(client.sock, protocol.message(9, protocol.VERSION, b"", protocol.TYPE_REPLY))
+    client.request(protocol.DEVICE_GET_INFO, protocol.DEVICE_INFO_S.pack(16, 0, 0, 0))
     # NO_REPLY errors stay silent
-    client.send(P.REGION_WRITE, P.REGION_ACCESS_S.pack(0, 42, 4) + b"abcd", flags=P.FLAG_NO_REPLY)
-    client.request(P.DEVICE_GET_INFO, P.DEVICE_INFO_S.pack(16, 0, 0, 0))
+    client.send(protocol.REGION_WRITE, protocol.REGION_ACCESS_S.pack(0, 42, 4) + b"abcd", flags=protocol.FLAG_NO_REPLY)
+    client.request(protocol.DEVICE_GET_INFO, protocol.DEVICE_INFO_S.pack(16, 0, 0, 0))
     # an oversized message: E2BIG, and the server ends the connection
-    send_all(client.sock, P.HEADER.pack(11, P.REGION_WRITE, 1 << 30, 0, 0))
+    send_all(client.sock, protocol.HEADER.pack(11, protocol.REGION_WRITE, 1 << 30, 0, 0))
     mid, cmd, flags, err, body, _ = client.recv()
     assert (mid, err) == (11, errno.E2BIG)
     assert client.sock.recv(1) == b""
@@ -385,7 +391,7 @@ _COMMANDS = st.sampled_from([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(msgs=st.lists(st.tuples(_COMMANDS, st.binary(max_size=64),
-                               st.sampled_from([0, 0, 0, P.FLAG_NO_REPLY, 0x2, 0x20, 0xFF00])),
+                               st.sampled_from([0, 0, 0, protocol.FLAG_NO_REPLY, 0x2, 0x20, 0xFF00])),
                      min_size=1, max_size=8),
        nfds=st.integers(0, 2))
 def test_garbage_messages_get_error_replies_never_a_crash(edu, msgs, nfds):
@@ -396,21 +402,21 @@ def test_garbage_messages_get_error_replies_never_a_crash(edu, msgs, nfds):
             mid = client.send(cmd, payload, fds, flags=flags)
         finally:
             close_fds(fds)
-        if flags & P.FLAG_NO_REPLY and not flags & ~(P.FLAG_NO_REPLY):
+        if flags & protocol.FLAG_NO_REPLY and not flags & ~(protocol.FLAG_NO_REPLY):
             continue
         rmid, rcmd, rflags, err, body, rfds = client.recv()
         close_fds(rfds)
         assert (rmid, rcmd) == (mid, cmd)
-        if rflags & P.FLAG_ERROR:
+        if rflags & protocol.FLAG_ERROR:
             assert err > 0 and body == b""
     # the server is alive and well
-    body, _ = client.request(P.DEVICE_GET_INFO, P.DEVICE_INFO_S.pack(16, 0, 0, 0))
-    assert P.DEVICE_INFO_S.unpack(body)[2:] == (9, 5)
+    body, _ = client.request(protocol.DEVICE_GET_INFO, protocol.DEVICE_INFO_S.pack(16, 0, 0, 0))
+    assert protocol.DEVICE_INFO_S.unpack(body)[2:] == (9, 5)
     assert ep.device.failed is None or True
     # garbage SET_IRQS must not leave stray fds behind
-    client.request(P.DEVICE_SET_IRQS, P.SET_IRQS_S.pack(20, 0x21, P.IRQ_MSIX, 0, 0))
-    client.request(P.DEVICE_SET_IRQS, P.SET_IRQS_S.pack(20, 0x21, P.IRQ_INTX, 0, 0))
-    client.request(P.DMA_UNMAP, P.DMA_UNMAP_S.pack(24, P.DMA_UNMAP_FLAG_ALL, 0, 0))
+    client.request(protocol.DEVICE_SET_IRQS, protocol.SET_IRQS_S.pack(20, 0x21, protocol.IRQ_MSIX, 0, 0))
+    client.request(protocol.DEVICE_SET_IRQS, protocol.SET_IRQS_S.pack(20, 0x21, protocol.IRQ_INTX, 0, 0))
+    client.request(protocol.DMA_UNMAP, protocol.DMA_UNMAP_S.pack(24, protocol.DMA_UNMAP_FLAG_ALL, 0, 0))
 
 
 @given(offset=st.integers(0, 64), count=st.integers(1, 64))
@@ -453,10 +459,10 @@ def test_cli_serve_vfio_user_process(tmp_path):
         sock.settimeout(10)
         sock.connect(str(path))
         client = Client(sock)
-        assert P.VERSION_HDR.unpack_from(client.version()) == (0, 0)
-        body, _ = client.request(P.DEVICE_GET_INFO, P.DEVICE_INFO_S.pack(16, 0, 0, 0))
-        assert P.DEVICE_INFO_S.unpack(body)[1:] == (3, 9, 5)
-        assert int.from_bytes(client.read(P.CONFIG_REGION, 0, 2), "little") == 0x1B36
+        assert protocol.VERSION_HDR.unpack_from(client.version()) == (0, 0)
+        body, _ = client.request(protocol.DEVICE_GET_INFO, protocol.DEVICE_INFO_S.pack(16, 0, 0, 0))
+        assert protocol.DEVICE_INFO_S.unpack(body)[1:] == (3, 9, 5)
+        assert int.from_bytes(client.read(protocol.CONFIG_REGION, 0, 2), "little") == 0x1B36
         sock.close()
         assert proc.wait(20) == 0
         assert "client left (eof)" in proc.stdout.read()

@@ -2,7 +2,7 @@
 
 ::
 
-    python -m pcidev.transport.serve --device edu --link unix:/run/edu.sock \\
+    python -m pcidev.transport.link.process --device edu --link unix:/run/edu.sock \\
         [--set engine=true --set delay=0.0002] [--incoming unix:/run/edu-mig.sock] [--events]
 
 Without ``--incoming`` the device starts fresh and is served on ``--link``. With
@@ -31,6 +31,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,7 +40,7 @@ from pcidev.errors import PcidevError
 from pcidev.plugins import load_registry, make_plugin_manager
 from pcidev.transport.address import listen, parse_address
 from pcidev.transport.endpoint import DeviceEndpoint
-from pcidev.transport.link import LinkServer
+from pcidev.transport.link.server import LinkServer
 from pcidev.vmstate import dump_stream_json
 
 __all__ = ["main", "spawn", "device_properties", "DeviceProcess"]
@@ -138,8 +140,8 @@ def _unlink(path: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``python -m pcidev.transport.serve``."""
-    ap = argparse.ArgumentParser(prog="python -m pcidev.transport.serve", description=__doc__.split("\n\n")[0])
+    """The argument parser of ``python -m pcidev.transport.link.process``."""
+    ap = argparse.ArgumentParser(prog="python -m pcidev.transport.link.process", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", required=True, help="registered device type (e.g. edu)")
     ap.add_argument("--link", required=True, help="address to serve the device link on (unix:PATH)")
     ap.add_argument("--props", metavar="KEY=VALUE,...", help="the device's properties as one string")
@@ -159,14 +161,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args)
     except PcidevError as exc:
-        print(f"pcidev serve: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"pcidev link process: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
 
 
 def spawn(device: str, link: str, *, options: str | Mapping[str, Any] | None = None, incoming: str | None = None,
           events: bool = False, stdout: Any = None, stderr: Any = None,
           env: Mapping[str, str] | None = None) -> subprocess.Popen:
-    """Start a device process (``python -m pcidev.transport.serve``).
+    """Start a device process (``python -m pcidev.transport.link.process``).
 
     :param device: device type.
     :param link: link address it serves on.
@@ -175,7 +177,7 @@ def spawn(device: str, link: str, *, options: str | Mapping[str, Any] | None = N
     :param events: print JSON event lines (use ``stdout=subprocess.PIPE`` to read them).
     :returns: the process.
     """
-    cmd = [sys.executable, "-m", "pcidev.transport.serve", "--device", device, "--link", link]
+    cmd = [sys.executable, "-m", "pcidev.transport.link.process", "--device", device, "--link", link]
     if isinstance(options, str):
         cmd += ["--props", options]
     else:
@@ -190,10 +192,6 @@ def spawn(device: str, link: str, *, options: str | Mapping[str, Any] | None = N
                             env=None if env is None else {**os.environ, **env})
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
-
-
 class DeviceProcess:
     """A device process started with :func:`spawn`, whose event lines are collected.
 
@@ -205,8 +203,6 @@ class DeviceProcess:
 
     def __init__(self, device: str, link: str, *, options: str | Mapping[str, Any] | None = None,
                  incoming: str | None = None) -> None:
-        import threading
-
         self.link = link
         self.incoming = incoming
         self.events: list[dict[str, Any]] = []
@@ -246,8 +242,6 @@ class DeviceProcess:
         :raises PcidevError: the process ended or the timeout passed first (the
             message carries the end of its standard error).
         """
-        import time
-
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
@@ -273,3 +267,7 @@ class DeviceProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait(timeout)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

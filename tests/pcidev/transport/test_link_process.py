@@ -9,7 +9,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import crc32c
@@ -18,10 +17,10 @@ import pytest
 from pcidev.devices.edu import DESC, STATUS_DONE
 from pcidev.errors import MigrationError
 from pcidev.host import Machine
-from pcidev.transport.serve import DeviceProcess
+from pcidev.transport.link.process import DeviceProcess
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
+ROOT = HERE.parents[2]
 #: slow enough that a batch of 16 x 64 KiB descriptors takes ~50 ms
 EDU = {"engine": True, "chunk": 8192, "delay": 0.0004}
 BLOCK = 65536

@@ -1,0 +1,195 @@
+"""The device link's wire protocol: framing, message kinds, bodies and error replies.
+
+Wire format (UNIX stream socket; integers little-endian)::
+
+    header = magic "PDLK" (4) | type u16 | flags u16 | id u32 | length u32    (16 bytes)
+    body   = one msgpack value of ``length`` bytes (at most 1 MiB)
+
+File descriptors ride with the header (``SCM_RIGHTS``, at most 64 per message).
+A reply has the request's type and id and flag ``REPLY`` (1); an error reply also
+has flag ``ERROR`` (2) and the body ``{"type": error class, "message": text, ...}``
+(``reasons`` for a blocked migration; ``reason``/``section``/``instance_id``/``path``
+for a vmstate error). Requests and their bodies:
+
+=============  ===========================================  ===========================
+type           request body (+ fds)                          reply body
+=============  ===========================================  ===========================
+1 HELLO        ``{}``                                        device info map
+2 CONFIG_READ  ``[offset, size]``                            ``[value, intx]``
+3 CONFIG_WRITE ``[offset, size, value]``                     ``[intx]``
+4 BAR_READ     ``[bar, offset, size, check_decode]``         ``[value, intx]``
+5 BAR_WRITE    ``[bar, offset, size, value, check_decode]``  ``[intx]``
+6 ROM_READ     ``[offset, size]``                            ``[value]``
+7 DMA_MAP      ``{gpa, size, fd_offset, writable, name}``    ``{}``
+               + 1 fd
+8 DMA_UNMAP    ``{gpa, size}``                               ``{}``
+9 SET_IRQS     ``{vectors: [v, ...], intx: bool}`` + one     ``{}``
+               eventfd per vector, then the INTx eventfd
+10 STATUS      ``{}``                                        ``{intx, failed, state}``
+11 MIGRATE     ``{to: address, timeout: seconds}``           migration report map
+12 RESUME      ``{}``                                        ``{resumed_at}``
+=============  ===========================================  ===========================
+
+``intx`` in access replies is the device's INTx output level after the access;
+the proxy forwards changes to the host's sink. Interrupt messages travel as
+eventfd signals: the proxy delivers vector *v* as ``sink.msi(v, 0xFEE00000, v)``
+(:data:`MSI_ROUTE_ADDRESS`), the route the software host programs (MSI-X entry
+*v* / MSI message *v* is host vector *v*), as KVM's irqfd routing would.
+
+The server half is :mod:`pcidev.transport.link.server`, the host half
+:mod:`pcidev.transport.link.remote`.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+
+from pcidev import errors
+from pcidev.errors import MigrationBlockedError, PcidevError, TransportError, VMStateError
+from pcidev.transport.fdpass import close_fds, recv_exact, send_all
+from pcidev.vmstate import errors as vmstate_errors
+
+__all__ = [
+    "MAGIC", "HEADER", "FLAG_REPLY", "FLAG_ERROR", "MAX_BODY", "LINK_MAX_FDS", "U64_MAX",
+    "HELLO", "CONFIG_READ", "CONFIG_WRITE", "BAR_READ", "BAR_WRITE", "ROM_READ",
+    "DMA_MAP", "DMA_UNMAP", "SET_IRQS", "STATUS", "MIGRATE", "RESUME", "NAMES", "MSI_ROUTE_ADDRESS",
+    "encode_body", "decode_body", "read_message", "send_message", "encode_error", "error_from_reply",
+]
+
+MAGIC = b"PDLK"
+HEADER = struct.Struct("<4sHHII")
+FLAG_REPLY = 1
+FLAG_ERROR = 2
+#: largest message body
+MAX_BODY = 1 << 20
+#: most descriptors one message may carry
+LINK_MAX_FDS = 64
+HELLO, CONFIG_READ, CONFIG_WRITE, BAR_READ, BAR_WRITE, ROM_READ = 1, 2, 3, 4, 5, 6
+DMA_MAP, DMA_UNMAP, SET_IRQS, STATUS, MIGRATE, RESUME = 7, 8, 9, 10, 11, 12
+NAMES = {HELLO: "HELLO", CONFIG_READ: "CONFIG_READ", CONFIG_WRITE: "CONFIG_WRITE", BAR_READ: "BAR_READ",
+         BAR_WRITE: "BAR_WRITE", ROM_READ: "ROM_READ", DMA_MAP: "DMA_MAP", DMA_UNMAP: "DMA_UNMAP",
+         SET_IRQS: "SET_IRQS", STATUS: "STATUS", MIGRATE: "MIGRATE", RESUME: "RESUME"}
+#: the MSI address the proxy uses when it delivers an eventfd signal
+MSI_ROUTE_ADDRESS = 0xFEE0_0000
+#: largest integer a message field carries (values are u64)
+U64_MAX = (1 << 64) - 1
+
+
+def encode_body(value: Any) -> bytes:
+    """A message body: ``value`` as msgpack.
+
+    :param value: the body (maps, arrays, integers, strings, bools, floats).
+    :returns: the encoded bytes.
+    """
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def decode_body(body: bytes, what: str) -> Any:
+    """The value a message body holds.
+
+    :param body: the body's bytes.
+    :param what: the message, for the error.
+    :raises TransportError: the body is not valid msgpack.
+    """
+    try:
+        return msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception as exc:
+        raise TransportError(f"{what}: body is not valid msgpack ({type(exc).__name__}: {exc})") from None
+
+
+def read_message(sock: socket.socket, *, max_fds: int, eof_ok: bool = False
+                 ) -> tuple[int, int, int, bytes, list[int]] | None:
+    """Read one framed message: ``(type, flags, id, body, fds)``, or None at a clean EOF.
+
+    :param sock: the connection.
+    :param max_fds: most descriptors the message may carry.
+    :param eof_ok: a clean EOF before the header returns None instead of raising.
+    :raises TransportError: bad magic, oversized body, truncation, too many fds
+        (framing is lost: the connection must be closed).
+    """
+    head, fds = recv_exact(sock, HEADER.size, max_fds=max_fds, eof_ok=eof_ok)
+    if not head:
+        return None
+    try:
+        magic, kind, flags, mid, length = HEADER.unpack(head)
+        if magic != MAGIC:
+            raise TransportError(f"bad link message magic {magic!r}")
+        if length > MAX_BODY:
+            raise TransportError(f"link message of {length} bytes (at most {MAX_BODY})")
+        body = recv_exact(sock, length)[0] if length else b""
+    except BaseException:
+        close_fds(fds)
+        raise
+    return kind, flags, mid, body, fds
+
+
+def send_message(sock: socket.socket, kind: int, flags: int, mid: int, body: bytes,
+                 fds: Sequence[int] = ()) -> None:
+    """Send one framed message.
+
+    :param sock: the connection.
+    :param kind: the message type.
+    :param flags: :data:`FLAG_REPLY`, :data:`FLAG_ERROR` (0 for a request).
+    :param mid: the message id (a reply repeats its request's).
+    :param body: the encoded body (:func:`encode_body`).
+    :param fds: descriptors to pass with the header.
+    :raises TransportError: the connection broke.
+    """
+    send_all(sock, HEADER.pack(MAGIC, kind, flags, mid, len(body)) + body, fds)
+
+
+def encode_error(exc: BaseException) -> bytes:
+    """The body of an error reply describing ``exc`` (see :func:`error_from_reply`).
+
+    :param exc: the error.
+    :returns: the encoded body.
+    """
+    info: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
+    if isinstance(exc, MigrationBlockedError):
+        info["reasons"] = list(exc.reasons)
+    if isinstance(exc, VMStateError):
+        info.update(reason=exc.reason, section=exc.section, instance_id=exc.instance_id, path=exc.path)
+    return encode_body(info)
+
+
+def _error_classes() -> dict[str, type[PcidevError]]:
+    classes: dict[str, type[PcidevError]] = {}
+    for module in (errors, vmstate_errors):
+        for name in dir(module):
+            obj = getattr(module, name)
+            if isinstance(obj, type) and issubclass(obj, PcidevError):
+                classes[name] = obj
+    return classes
+
+
+def error_from_reply(body: bytes) -> PcidevError:
+    """Rebuild the typed error an error reply describes (TransportError if unknown).
+
+    :param body: the error reply's body.
+    :returns: the error, never raises.
+    """
+    try:
+        info = decode_body(body, "error reply")
+    except TransportError as exc:
+        return exc
+    if not isinstance(info, dict) or not isinstance(info.get("type"), str):
+        return TransportError(f"malformed error reply {info!r:.200}")
+    name, message = info["type"], str(info.get("message", ""))
+    cls = _error_classes().get(name)
+    if cls is None:
+        return TransportError(f"peer failed with {name}: {message}")
+    try:
+        if issubclass(cls, MigrationBlockedError):
+            return cls([str(r) for r in info.get("reasons") or [message]])
+        if issubclass(cls, VMStateError):
+            iid = info.get("instance_id")
+            return cls(str(info.get("reason", message)), section=info.get("section"),
+                       instance_id=iid if isinstance(iid, int) else None, path=str(info.get("path") or ""))
+        return cls(message)
+    except Exception:
+        return TransportError(f"peer failed with {name}: {message}")

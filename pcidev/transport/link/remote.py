@@ -1,0 +1,356 @@
+"""The host side of the device link: :class:`RemoteDevice`, a proxy for a device
+served by a :class:`~pcidev.transport.link.server.LinkServer` in another process,
+and :class:`LinkClient`, one request/reply connection.
+
+:class:`RemoteDevice` has the surface the software host uses
+(``config_read``/``config_write``/``bar_read``/``bar_write``/``rom_read``/``attach``),
+so ``Machine.plug_remote`` plugs it like a local device. It shares the host's
+guest RAM (the memfd passed with ``SCM_RIGHTS``), creates one eventfd per
+interrupt vector and delivers what they signal to the host's interrupt sink
+(vector *v* as ``sink.msi(v, MSI_ROUTE_ADDRESS, v)``, see
+:mod:`pcidev.transport.link.protocol`), and can follow the device to another
+process (:meth:`RemoteDevice.migrate`), holding the host's accesses meanwhile.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from pcidev.dma import GuestMemory
+from pcidev.errors import PcidevError, TransportError
+from pcidev.irq import InterruptSink
+from pcidev.transport.address import connect
+from pcidev.transport.fdpass import close_fds
+from pcidev.transport.link.protocol import (
+    BAR_READ,
+    BAR_WRITE,
+    CONFIG_READ,
+    CONFIG_WRITE,
+    DMA_MAP,
+    FLAG_ERROR,
+    FLAG_REPLY,
+    HELLO,
+    LINK_MAX_FDS,
+    MIGRATE,
+    MSI_ROUTE_ADDRESS,
+    NAMES,
+    RESUME,
+    ROM_READ,
+    SET_IRQS,
+    STATUS,
+    U64_MAX,
+    decode_body,
+    encode_body,
+    error_from_reply,
+    read_message,
+    send_message,
+)
+
+__all__ = ["LinkClient", "RemoteDevice"]
+
+
+class LinkClient:
+    """The host side of one link connection: request/reply, one at a time.
+
+    :param sock: a connected UNIX stream socket.
+    :param io_timeout: seconds to wait for a reply (MIGRATE passes its own).
+    """
+
+    def __init__(self, sock: socket.socket, *, io_timeout: float = 10.0) -> None:
+        self.sock = sock
+        self.io_timeout = io_timeout
+        self._next = 1
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def request(self, kind: int, body: Any = None, fds: Sequence[int] = (), *,
+                timeout: float | None = None) -> Any:
+        """Send a request and return the decoded reply body.
+
+        :raises PcidevError: the error the device replied with (its own type).
+        :raises TransportError: the connection broke or the reply is malformed.
+        """
+        with self._lock:
+            if self.closed:
+                raise TransportError("the link connection is closed")
+            mid = self._next
+            self._next = (self._next % 0xFFFF_FFFF) + 1
+            self.sock.settimeout(self.io_timeout if timeout is None else timeout)
+            send_message(self.sock, kind, 0, mid, encode_body({} if body is None else body), fds)
+            msg = read_message(self.sock, max_fds=0)
+            assert msg is not None
+            rkind, rflags, rid, rbody, _ = msg
+            if rflags & FLAG_ERROR and rid == 0:
+                raise error_from_reply(rbody)
+            if rkind != kind or rid != mid or not rflags & FLAG_REPLY:
+                raise TransportError(f"link: reply {NAMES.get(rkind, rkind)}#{rid} does not match "
+                                     f"request {NAMES.get(kind, kind)}#{mid}")
+            if rflags & FLAG_ERROR:
+                raise error_from_reply(rbody)
+            return decode_body(rbody, f"{NAMES.get(kind, kind)} reply")
+
+    def close(self) -> None:
+        """Close the connection (never ``shutdown``: the socket may be shared)."""
+        self.closed = True
+        self.sock.close()
+
+
+class RemoteDevice:
+    """Host-side proxy for a device served by a
+    :class:`~pcidev.transport.link.server.LinkServer` in another process.
+
+    It has the methods the software host calls on a device, so
+    :meth:`pcidev.host.Machine.plug_remote` (or ``Machine.plug(RemoteDevice(...))``)
+    drives it like a local one. All accesses go through one lock: while
+    :meth:`migrate` or :meth:`retarget` runs, accesses from other threads wait and
+    then continue on the new process.
+
+    :param address: the link address (``unix:PATH``).
+    :param timeout: seconds to wait for the server to accept.
+    :param io_timeout: seconds to wait for each reply.
+    """
+
+    realized = True
+
+    def __init__(self, address: str, *, timeout: float = 5.0, io_timeout: float = 10.0) -> None:
+        self.address = address
+        self.io_timeout = io_timeout
+        self._client = LinkClient(connect(address, timeout=timeout), io_timeout=io_timeout)
+        try:
+            self.info: dict[str, Any] = self._client.request(HELLO)
+        except BaseException:
+            self._client.close()
+            raise
+        self._check_info(self.info)
+        self.TYPE_NAME = self.info["device_type"]
+        self.name = self.info["name"]
+        self.vendor_id = self.info["vendor_id"]
+        self.device_id = self.info["device_id"]
+        self._access = threading.RLock()
+        self._memory: GuestMemory | None = None
+        self._sink: InterruptSink | None = None
+        self._vector_fds: list[int] = []
+        self._intx_fd: int | None = None
+        self._intx = False
+        self._irq_thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._closing = False
+        #: migrations this proxy followed, oldest first (the reports)
+        self.migrations: list[dict[str, Any]] = []
+
+    @staticmethod
+    def _check_info(info: Any) -> None:
+        need = {"device_type": str, "name": str, "vendor_id": int, "device_id": int, "msix_vectors": int,
+                "msi_vectors": int, "interrupt_pin": int, "state": str, "boot_id": str}
+        if not isinstance(info, dict) or any(type(info.get(k)) is not t for k, t in need.items()):
+            raise TransportError(f"malformed HELLO reply {info!r:.200}")
+        if not 0 <= info["msix_vectors"] <= 2048 or not 0 <= info["msi_vectors"] <= 32:
+            raise TransportError("HELLO reply announces impossible vector counts")
+
+    def __repr__(self) -> str:
+        return f"<RemoteDevice {self.TYPE_NAME} {self.name!r} {self.vendor_id:04x}:{self.device_id:04x} " \
+               f"at {self.address} (pid {self.info.get('pid')})>"
+
+    # -- the device surface the host uses ---------------------------------------------
+    def realize(self) -> None:
+        """Nothing to do: the device was realized in its own process."""
+
+    def _req(self, kind: int, body: Any) -> Any:
+        with self._access:
+            return self._client.request(kind, body)
+
+    def _note_intx(self, level: Any) -> None:
+        level = bool(level)
+        if level != self._intx:
+            self._intx = level
+            if self._sink is not None:
+                self._sink.intx(level)
+
+    def config_read(self, offset: int, size: int) -> int:
+        """A configuration read in the device's process."""
+        value, intx = self._req(CONFIG_READ, [offset, size])
+        self._note_intx(intx)
+        return value
+
+    def config_write(self, offset: int, size: int, value: int) -> None:
+        """A configuration write in the device's process."""
+        (intx,) = self._req(CONFIG_WRITE, [offset, size, value])
+        self._note_intx(intx)
+
+    def bar_read(self, index: int, offset: int, size: int, *, check_decode: bool = True) -> int:
+        """A BAR read in the device's process."""
+        value, intx = self._req(BAR_READ, [index, offset, size, check_decode])
+        self._note_intx(intx)
+        return value
+
+    def bar_write(self, index: int, offset: int, size: int, value: int, *, check_decode: bool = True) -> None:
+        """A BAR write in the device's process."""
+        (intx,) = self._req(BAR_WRITE, [index, offset, size, value & U64_MAX, check_decode])
+        self._note_intx(intx)
+
+    def rom_read(self, offset: int, size: int) -> int:
+        """An expansion ROM read in the device's process."""
+        return self._req(ROM_READ, [offset, size])[0]
+
+    def status(self) -> dict[str, Any]:
+        """``{intx, failed, state}`` of the device."""
+        st = self._req(STATUS, {})
+        self._note_intx(st.get("intx"))
+        return st
+
+    # -- attach: memory and interrupts ----------------------------------------------------
+    def attach(self, memory: GuestMemory | None, sink: InterruptSink | None) -> None:
+        """Share ``memory`` with the device (its regions' fds) and route the device's
+        interrupts to ``sink`` through eventfds (one per MSI-X/MSI vector, and INTx)."""
+        with self._access:
+            self._memory = memory
+            self._sink = sink
+            if not self._vector_fds and self._intx_fd is None:
+                nvec = max(self.info["msix_vectors"], self.info["msi_vectors"])
+                flags = os.EFD_CLOEXEC | os.EFD_NONBLOCK
+                self._vector_fds = [os.eventfd(0, flags) for _ in range(nvec)]
+                self._intx_fd = os.eventfd(0, flags) if self.info["interrupt_pin"] else None
+            self._attach_on(self._client)
+        if self._irq_thread is None and sink is not None:
+            self._irq_thread = threading.Thread(target=self._irq_loop, name=f"link-irq[{self.name}]",
+                                                daemon=True)
+            self._irq_thread.start()
+
+    def _attach_on(self, client: LinkClient) -> None:
+        if self._memory is not None:
+            for region, fd in self._memory.fds():
+                client.request(DMA_MAP, {"gpa": region.gpa, "size": region.size, "fd_offset": region.fd_offset,
+                                         "writable": region.writable, "name": region.name[:64]}, [fd])
+        vectors = list(range(len(self._vector_fds)))
+        batch = LINK_MAX_FDS - 1
+        for start in range(0, max(len(vectors), 1), batch):
+            part = vectors[start:start + batch]
+            last = start + batch >= len(vectors)
+            with_intx = last and self._intx_fd is not None
+            fds = [self._vector_fds[v] for v in part] + ([self._intx_fd] if with_intx else [])
+            if fds:
+                client.request(SET_IRQS, {"vectors": part, "intx": with_intx}, fds)
+
+    def route(self, vector: int) -> tuple[int, int]:
+        """The ``(address, data)`` delivered for ``vector`` (see the module docstring)."""
+        return MSI_ROUTE_ADDRESS, vector
+
+    def _irq_loop(self) -> None:
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        fd_vector = {fd: v for v, fd in enumerate(self._vector_fds)}
+        for fd in fd_vector:
+            poller.register(fd, select.POLLIN)
+        if self._intx_fd is not None:
+            poller.register(self._intx_fd, select.POLLIN)
+        while not self._closing:
+            for fd, _ev in poller.poll(1000):
+                if fd == self._wake_r:
+                    continue
+                try:
+                    count = os.eventfd_read(fd)
+                except (BlockingIOError, OSError):
+                    continue
+                sink = self._sink
+                if sink is None:
+                    continue
+                if fd == self._intx_fd:
+                    try:
+                        self.status()
+                    except PcidevError:
+                        pass
+                    continue
+                vector = fd_vector[fd]
+                address, data = self.route(vector)
+                for _ in range(count):
+                    sink.msi(vector, address, data)
+
+    # -- following the device -------------------------------------------------------------------
+    def _switch(self, link: str, timeout: float) -> tuple[dict[str, Any], float | None]:
+        new = LinkClient(connect(link, timeout=timeout), io_timeout=self.io_timeout)
+        try:
+            info = new.request(HELLO)
+            self._check_info(info)
+            if info["device_type"] != self.TYPE_NAME:
+                raise TransportError(f"{link} serves a {info['device_type']!r}, not a {self.TYPE_NAME!r}")
+            resumed_at = info.get("resumed_at")
+            if info["state"] == "awaiting-attach":
+                self._attach_on(new)
+                resumed_at = new.request(RESUME)["resumed_at"]
+            elif info["state"] != "running":
+                raise TransportError(f"the device at {link} is {info['state']}")
+        except BaseException:
+            new.close()
+            raise
+        old, self._client = self._client, new
+        old.close()
+        self.address = link
+        self.info = info
+        return info, resumed_at
+
+    def retarget(self, address: str, *, timeout: float = 5.0) -> None:
+        """Drive the device at ``address`` from now on (after it was moved by other
+        means). Accesses wait meanwhile. A destination that awaits attachment gets
+        the memory regions and eventfds again, then a RESUME.
+
+        :raises TransportError: nobody serves a device of the same type there.
+        """
+        with self._access:
+            self._switch(address, timeout)
+
+    def migrate(self, to: str, *, timeout: float = 30.0, link: str | None = None) -> dict[str, Any]:
+        """Ask the device's process to migrate it to the destination listening at
+        ``to``, then follow it there. Accesses from other threads wait meanwhile and
+        continue on the destination (or on the source if the migration failed).
+
+        :param to: the destination's migration address.
+        :param timeout: seconds for the migration.
+        :param link: where the destination serves the device, if it does not say so itself.
+        :returns: the report: ``state_size``, ``fds``, ``downtime`` (stop on the source
+            to running on the destination, seconds; None if the clocks are not
+            comparable), ``downtime_upper_bound``, ``host_pause`` (how long accesses
+            were held here), ...
+        :raises MigrationBlockedError: blockers (nothing was stopped).
+        :raises MigrationError: the migration failed; the source device runs again.
+        :raises TransportError: the source process went away (the device is lost).
+        """
+        with self._access:
+            t0 = time.monotonic()
+            report = dict(self._client.request(MIGRATE, {"to": to, "timeout": float(timeout)},
+                                               timeout=timeout + 10.0))
+            target = report.get("link") or link
+            if not isinstance(target, str):
+                raise TransportError("the migration succeeded but nobody said where the device is served now")
+            info, resumed_at = self._switch(target, timeout)
+            report["resumed_at"] = resumed_at
+            if isinstance(resumed_at, (int, float)) and info.get("boot_id") == report.get("boot_id") \
+                    and info.get("boot_id"):
+                report["downtime"] = resumed_at - report["stopped_at"]
+            report["host_pause"] = time.monotonic() - t0
+            report["destination_pid"] = info.get("pid")
+            self.migrations.append(report)
+            return report
+
+    # -- teardown -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop interrupt delivery, close the eventfds and the connection. Idempotent."""
+        if self._closing:
+            return
+        self._closing = True
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+        if self._irq_thread is not None and self._irq_thread is not threading.current_thread():
+            self._irq_thread.join(2.0)
+        self._client.close()
+        close_fds(self._vector_fds + ([self._intx_fd] if self._intx_fd is not None else []))
+        self._vector_fds = []
+        self._intx_fd = None
+        close_fds([self._wake_r, self._wake_w])
