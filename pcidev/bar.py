@@ -110,7 +110,9 @@ def _all_bits_if_none(mask: int | None) -> int:
     return -1 if mask is None else mask
 
 
-@attrs.define(eq=False)
+# NO_OP: no generated __setattr__ (``value`` is written on every MMIO access; the
+# converter on ``mask`` would otherwise make each write run Python code)
+@attrs.define(eq=False, on_setattr=attrs.setters.NO_OP)
 class Register:
     """One register in a :class:`RegisterMap`.
 

@@ -225,3 +225,9 @@ def test_host_routes_by_assigned_address() -> None:
         assert p1.ioread32(0, 4) == 1 and p2.ioread32(0, 4) == 2
         with pytest.raises(MmioError):
             m.mmio_read(0xDEAD0000, 4)
+
+
+def test_register_writes_run_no_generated_setattr():
+    """``Register.value`` is written on every MMIO access: attrs must not put a
+    Python ``__setattr__`` (converters/validators on assignment) in that path."""
+    assert Register.__setattr__ is object.__setattr__
