@@ -7,6 +7,7 @@ protocol running over them must take into account (docs/migration.md).
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
@@ -16,7 +17,7 @@ import attrs
 
 from pcidev.errors import TransportError
 
-__all__ = ["Address", "parse_address", "connect", "listen"]
+__all__ = ["Address", "Listener", "SocketFile", "connect", "listen", "listen_unix", "parse_address"]
 
 
 @attrs.frozen
@@ -99,36 +100,154 @@ def connect(address: str | Address, *, timeout: float = 5.0) -> socket.socket:
         time.sleep(0.01)
 
 
-def listen(address: str | Address, *, backlog: int = 8) -> tuple[socket.socket, Address]:
-    """Listen on ``address`` (a stale UNIX socket file is replaced).
+@attrs.frozen
+class SocketFile:
+    """The file-system entry of a UNIX socket this process bound: its path, device
+    and inode, so that only that entry is ever removed (another server may have
+    replaced it since).
 
-    :returns: the listening socket and the actual address (the port chosen for
-        ``tcp:HOST:0``).
+    :ivar path: the socket path.
+    :ivar dev: ``st_dev`` of the entry right after the bind.
+    :ivar ino: ``st_ino`` of the entry right after the bind.
+    """
+
+    path: str
+    dev: int
+    ino: int
+
+    def remove(self) -> None:
+        """Remove the entry if it is still the socket this process bound."""
+        try:
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == (self.dev, self.ino) and stat.S_ISSOCK(st.st_mode):
+                os.unlink(self.path)
+        except OSError:
+            pass
+
+
+@attrs.define
+class Listener:
+    """A listening socket and what it owns.
+
+    :ivar sock: the listening socket.
+    :ivar address: the address it listens on (the chosen port for ``tcp:HOST:0``).
+    :ivar file: the socket file it bound (UNIX), removed by :meth:`close`.
+    """
+
+    sock: socket.socket
+    address: Address
+    file: SocketFile | None = None
+
+    def close(self) -> None:
+        """Close the socket and remove its socket file if it is still ours."""
+        self.sock.close()
+        if self.file is not None:
+            self.file.remove()
+
+
+def _someone_listens(path: str, what: str) -> bool:
+    """Whether a server listens on the UNIX socket ``path`` (connect to find out).
+
+    :raises TransportError: the socket may not be connected to (permissions).
+    """
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(path)
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            return False
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise TransportError(f"{what} {path}: cannot check whether a server listens "
+                                 f"on it: {exc.strerror}") from None
+        return True  # EAGAIN (backlog full), a timeout...: somebody is there
+    else:
+        return True
+    finally:
+        probe.close()
+
+
+def _remove_stale(path: str, what: str) -> None:
+    """Remove the socket file at ``path`` if nobody listens on it; refuse anything else."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise TransportError(f"{what} {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a regular file" if stat.S_ISREG(st.st_mode)
+                else "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a socket")
+        raise TransportError(f"{what} {path}: the path exists and is {kind}; "
+                             "refusing to replace it (choose another path or remove it)")
+    if _someone_listens(path, what):
+        raise TransportError(f"{what} {path}: another server is listening on it")
+    try:
+        again = os.lstat(path)
+        if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino):
+            raise TransportError(f"{what} {path}: the path changed while it was being checked; not replaced")
+        os.unlink(path)  # a stale socket: its server is gone
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise TransportError(f"{what} {path}: cannot remove the stale socket: {exc.strerror or exc}") from None
+
+
+def listen_unix(path: str, *, backlog: int = 8, what: str = "socket") -> Listener:
+    """Listen on the UNIX socket ``path``, replacing only a stale socket.
+
+    The bind comes first; only when something is at ``path`` is it looked at: a
+    socket nobody listens on (its server died) is removed and the bind retried;
+    anything else (a regular file, a directory, a symbolic link, a socket another
+    server listens on) is left alone and refused. :meth:`Listener.close` removes
+    the socket file only if it is still the one bound here.
+
+    :param path: the socket path.
+    :param backlog: the listen backlog.
+    :param what: how error messages name the socket (``vfio-user socket``...).
+    :returns: the listener.
+    :raises TransportError: one line naming the cause (something else at ``path``,
+        a read-only or missing directory, a path too long...).
+    """
+    if not path or "\0" in path:
+        raise TransportError(f"{what} {path!r}: not a usable socket path")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            sock.bind(path)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise TransportError(f"{what} {path}: cannot listen there: {exc.strerror or exc}") from None
+            _remove_stale(path, what)
+            try:
+                sock.bind(path)
+            except OSError as exc2:
+                raise TransportError(f"{what} {path}: cannot listen there: {exc2.strerror or exc2}") from None
+        st = os.lstat(path)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return Listener(sock, Address("unix", path=path), SocketFile(path, st.st_dev, st.st_ino))
+
+
+def listen(address: str | Address, *, backlog: int = 8) -> Listener:
+    """Listen on ``address`` (for UNIX sockets see :func:`listen_unix`: only a stale
+    socket file is replaced).
+
+    :returns: the listener (its address has the port chosen for ``tcp:HOST:0``).
     :raises TransportError: the address cannot be bound.
     """
     addr = parse_address(address)
+    if addr.kind == "unix":
+        return listen_unix(addr.path, backlog=backlog)
+    family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        if addr.kind == "unix":
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                if os.path.exists(addr.path):
-                    if stat.S_ISSOCK(os.stat(addr.path).st_mode):
-                        os.unlink(addr.path)
-                sock.bind(addr.path)
-            except OSError:
-                sock.close()
-                raise
-        else:
-            family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((addr.host, addr.port))
-            except OSError:
-                sock.close()
-                raise
-            addr = Address("tcp", host=addr.host, port=sock.getsockname()[1])
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((addr.host, addr.port))
         sock.listen(backlog)
-        return sock, addr
     except OSError as exc:
+        sock.close()
         raise TransportError(f"cannot listen on {addr}: {exc}") from exc
+    return Listener(sock, Address("tcp", host=addr.host, port=sock.getsockname()[1]))

@@ -84,8 +84,9 @@ def run(args: argparse.Namespace) -> int:
     device = registry.create(args.device, device_properties(args.props, args.set))
     endpoint = DeviceEndpoint(device, pm=pm)
     link_addr = parse_address(args.link)
-    listener, link_addr = listen(link_addr)
-    server = LinkServer(endpoint, listener)
+    listener = listen(link_addr)
+    link_addr = listener.address
+    server = LinkServer(endpoint, listener.sock)
     serving = False
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -98,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         if args.incoming:
-            mlisten, maddr = listen(args.incoming, backlog=1)
+            incoming = listen(args.incoming, backlog=1)
+            mlisten, maddr = incoming.sock, incoming.address
             _emit(args.events, "listening", incoming=str(maddr), link=str(link_addr))
             try:
                 mlisten.settimeout(args.incoming_timeout)
@@ -107,9 +109,7 @@ def run(args: argparse.Namespace) -> int:
                 except TimeoutError as exc:
                     raise PcidevError(f"no source connected to {maddr} within {args.incoming_timeout} s") from exc
             finally:
-                mlisten.close()
-                if maddr.kind == "unix":
-                    _unlink(maddr.path)
+                incoming.close()
             try:
                 result = endpoint.accept_incoming(conn, link=str(link_addr), timeout=args.timeout)
             finally:
@@ -128,15 +128,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         endpoint.close()
-        if link_addr.kind == "unix":
-            _unlink(link_addr.path)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+        listener.close()
 
 
 def build_parser() -> argparse.ArgumentParser:

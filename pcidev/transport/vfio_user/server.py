@@ -24,7 +24,6 @@ import logging
 import os
 import signal
 import socket
-import stat
 import sys
 import threading
 from typing import Any
@@ -42,6 +41,7 @@ from pcidev.bar import RamBacking
 from pcidev.pci.capabilities.msi import MsiCapability
 from pcidev.pci.capabilities.msix import ENTRY_CTRL, ENTRY_SIZE, MsixCapability
 from pcidev.pci.config import ResetKind
+from pcidev.transport.address import listen_unix
 from pcidev.transport.endpoint import DeviceEndpoint
 from pcidev.transport.fdpass import close_fds, recv_exact, send_all
 from pcidev.transport.vfio_user import protocol
@@ -49,7 +49,7 @@ from pcidev.transport.vfio_user.protocol import VfioUserError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["VfioUserServer", "listen_unix", "serve_device"]
+__all__ = ["VfioUserServer", "serve_device"]
 
 #: payload bytes beyond max_data_xfer_size a message may carry (its own fixed fields)
 _SLACK = 4096
@@ -567,83 +567,6 @@ class VfioUserServer:
 
 
 # -- running a device -------------------------------------------------------------------------
-def _probe_listener(path: str) -> bool:
-    """Whether a server listens on the UNIX socket ``path`` (connect to find out).
-
-    :raises TransportError: the socket may not be connected to (permissions).
-    """
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(2.0)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        return False
-    except OSError as exc:
-        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
-            return False
-        if exc.errno in (errno.EACCES, errno.EPERM):
-            raise TransportError(f"vfio-user socket {path}: cannot check whether a server listens "
-                                 f"on it: {exc.strerror}") from None
-        return True  # EAGAIN (backlog full), a timeout...: somebody is there
-    else:
-        return True
-    finally:
-        probe.close()
-
-
-def listen_unix(path: str) -> socket.socket:
-    """Listen on the UNIX socket ``path``, replacing only a stale socket.
-
-    A socket file nobody listens on (a server that died) is removed; anything
-    else at ``path`` (a regular file, a directory, a socket another server
-    listens on) is left alone and refused.
-
-    :param path: the socket path.
-    :returns: the listening socket (backlog 1).
-    :raises TransportError: something else is at ``path``, or the socket cannot
-        be created there (one line naming the cause: a read-only or missing
-        directory, a path too long...).
-    """
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise TransportError(f"vfio-user socket {path}: {exc.strerror or exc}") from None
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a regular file" if stat.S_ISREG(
-                st.st_mode) else "not a socket"
-            raise TransportError(f"vfio-user socket {path}: the path exists and is {kind}; "
-                                 "refusing to replace it (choose another path or remove it)")
-        if _probe_listener(path):
-            raise TransportError(f"vfio-user socket {path}: another server is listening on it")
-        try:
-            os.unlink(path)  # a stale socket: its server is gone
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise TransportError(f"vfio-user socket {path}: cannot remove the stale socket: "
-                                 f"{exc.strerror or exc}") from None
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        listener.bind(path)
-        listener.listen(1)
-    except OSError as exc:
-        listener.close()
-        raise TransportError(f"vfio-user socket {path}: cannot listen there: {exc.strerror or exc}") from None
-    return listener
-
-
-def _unlink_own(path: str, listener: socket.socket) -> None:
-    """Remove ``path`` if it is still the socket ``listener`` is bound to."""
-    try:
-        if listener.getsockname() == path and stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
-    except OSError:
-        pass
-
-
 def serve_device(device: Any, path: str, *, pm: Any = None, once: bool = True, out: Any = None) -> int:
     """Serve ``device`` over vfio-user on the UNIX socket ``path``.
 
@@ -662,7 +585,7 @@ def serve_device(device: Any, path: str, *, pm: Any = None, once: bool = True, o
     out = sys.stdout if out is None else out
     endpoint = DeviceEndpoint(device, pm=pm)
     try:
-        listener = listen_unix(path)
+        listener = listen_unix(path, backlog=1, what="vfio-user socket")
     except BaseException:
         endpoint.close()
         raise
@@ -678,9 +601,14 @@ def serve_device(device: Any, path: str, *, pm: Any = None, once: bool = True, o
         print(f"pcidev: vfio-user server for {device.TYPE_NAME or type(device).__name__} listening on "
               f"{path} (pid {os.getpid()})", file=out, flush=True)
         while True:
-            conn, _ = listener.accept()
+            conn, _ = listener.sock.accept()
             server = VfioUserServer(endpoint, conn)
             reason = server.serve()
+            if not server.counts:
+                # closed before its first message (another server probing whether
+                # this socket is live, say): not the client; keep listening
+                log.info("a connection closed before its first message (%s); still listening", reason)
+                continue
             print(f"pcidev: client left ({reason}); messages: {json.dumps(server.counts, sort_keys=True)}",
                   file=out, flush=True)
             if once:
@@ -688,6 +616,5 @@ def serve_device(device: Any, path: str, *, pm: Any = None, once: bool = True, o
     except OSError as exc:
         raise TransportError(f"vfio-user socket {path}: {exc.strerror or exc}") from exc
     finally:
-        _unlink_own(path, listener)
         listener.close()
         endpoint.close()

@@ -18,8 +18,9 @@ def served(tmp_path):
     dev = EduDevice()
     ep = DeviceEndpoint(dev)
     ep.start()
-    listener, addr = listen(f"unix:{tmp_path}/edu.sock")
-    server = LinkServer(ep, listener, io_timeout=1.0)
+    listener = listen(f"unix:{tmp_path}/edu.sock")
+    addr = listener.address
+    server = LinkServer(ep, listener.sock, io_timeout=1.0)
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
     yield str(addr), ep, server

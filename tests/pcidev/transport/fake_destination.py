@@ -27,9 +27,9 @@ class OtherEdu(EduDevice):
 
 
 def main(mode: str, address: str) -> int:
-    listener, addr = listen(address, backlog=1)
+    listener = listen(address, backlog=1)
     print("listening", flush=True)
-    conn, _ = listener.accept()
+    conn, _ = listener.sock.accept()
     if mode == "refuse":
         try:
             migrate_in(OtherEdu(), conn)

@@ -28,15 +28,16 @@ def test_bad_addresses(text):
 
 def test_listen_connect_and_stale_socket(tmp_path):
     path = tmp_path / "s.sock"
-    first, _ = listen(f"unix:{path}")
-    first.close()  # leaves a stale socket file behind
-    lsock, addr = listen(f"unix:{path}")
-    c = connect(addr, timeout=1)
+    first = listen(f"unix:{path}")
+    first.sock.close()  # leaves a stale socket file behind
+    second = listen(f"unix:{path}")
+    c = connect(second.address, timeout=1)
     c.close()
-    lsock.close()
+    second.close()
+    assert not path.exists()  # the listener removes the socket file it bound
     with pytest.raises(TransportError, match="cannot connect"):
         connect(f"unix:{tmp_path}/none.sock", timeout=0.1)
-    tcp, taddr = listen("tcp:127.0.0.1:0")
-    assert taddr.port > 0 and not taddr.carries_fds
-    connect(taddr).close()
+    tcp = listen("tcp:127.0.0.1:0")
+    assert tcp.address.port > 0 and not tcp.address.carries_fds and tcp.file is None
+    connect(tcp.address).close()
     tcp.close()

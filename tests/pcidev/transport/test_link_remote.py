@@ -97,8 +97,9 @@ def test_retarget_switches_while_accesses_wait(tmp_path, machine):
     for name in ("a", "b"):
         ep = DeviceEndpoint(EduDevice(name=name))
         ep.start()
-        listener, addr = listen(f"unix:{tmp_path}/{name}.sock")
-        server = LinkServer(ep, listener)
+        listener = listen(f"unix:{tmp_path}/{name}.sock")
+        addr = listener.address
+        server = LinkServer(ep, listener.sock)
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
         servers.append((str(addr), ep, server, thread))

@@ -551,7 +551,7 @@ def test_serve_refuses_a_socket_another_server_listens_on(tmp_path, capsys):
 
 
 def test_listen_unix_replaces_only_a_stale_socket(tmp_path):
-    from pcidev.transport.vfio_user.server import listen_unix
+    from pcidev.transport.address import listen_unix
 
     path = tmp_path / "stale.sock"
     _stale_socket(path)
@@ -562,3 +562,69 @@ def test_listen_unix_replaces_only_a_stale_socket(tmp_path):
         probe.close()
     finally:
         listener.close()
+
+
+def test_a_second_server_on_a_live_socket_leaves_the_first_serving(tmp_path, capsys):
+    """The second ``pcidev serve`` finds out the socket is live by connecting; that
+    probe is not the first server's client: it keeps listening and serves the real
+    client afterwards."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "edu.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "pcidev", "-p", "no:nvme", "serve", "--vfio-user", str(path),
+                             "edu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert "listening on" in proc.stdout.readline()
+        status, err = _serve_cli(path, capsys)
+        assert status == 1 and "another server is listening" in err
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(str(path))
+        client = Client(sock)
+        assert protocol.VERSION_HDR.unpack_from(client.version()) == (0, 0)
+        assert proc.poll() is None
+        sock.close()
+        assert proc.wait(20) == 0
+        out = proc.stdout.read()
+        assert out.count("client left") == 1, out  # the probe was not taken for the client
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_listener_removes_only_the_socket_file_it_bound(tmp_path):
+    """Someone replaced the socket file meanwhile: closing the listener leaves theirs."""
+    from pcidev.transport.address import listen_unix
+
+    path = tmp_path / "s.sock"
+    ours = listen_unix(str(path))
+    os.unlink(path)
+    theirs = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    theirs.bind(str(path))
+    theirs.listen(1)
+    try:
+        ours.close()
+        assert path.exists()
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.connect(str(path))
+        probe.close()
+    finally:
+        theirs.close()
+
+
+@pytest.mark.parametrize("kind", ["symlink", "empty"])
+def test_serve_refuses_a_symbolic_link_and_an_empty_path(tmp_path, capsys, kind):
+    if kind == "symlink":
+        target = tmp_path / "target.txt"
+        target.write_text("keep me")
+        path = tmp_path / "link.sock"
+        path.symlink_to(target)
+        status, err = _serve_cli(path, capsys)
+        assert "symbolic link" in err
+        assert path.is_symlink() and target.read_text() == "keep me"
+    else:
+        status, err = _serve_cli("", capsys)
+        assert "not a usable socket path" in err
+    assert status == 1 and len(err.splitlines()) == 1 and "internal error" not in err
