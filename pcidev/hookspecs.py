@@ -174,3 +174,4 @@ def pcidev_migration_blockers(device: PciDevice) -> list[str]:
     :returns: human-readable reasons, one sentence each; empty if migration is
         fine as far as this plugin knows.
     """
+    raise NotImplementedError  # a specification: pluggy calls the implementations, never this

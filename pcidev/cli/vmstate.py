@@ -19,6 +19,7 @@ import sys
 from typing import Any
 
 from pcidev.cli._command import CliContext, command
+from pcidev.device import PciDevice
 from pcidev.errors import PcidevError
 from pcidev.migration.function_state import FUNCTION_SECTION, FunctionState
 from pcidev.vmstate import dump_stream_json, schema_of
@@ -27,7 +28,7 @@ from pcidev.vmstate.stream import MAGIC, PREFIX_SIZE, TRAILER_SIZE
 __all__ = ["COMMAND", "device_schema"]
 
 
-def device_schema(cls: type) -> dict[str, Any]:
+def device_schema(cls: type[PciDevice]) -> dict[str, Any]:
     """The full state description of a device class (what ``pcidev vmstate schema`` prints).
 
     :param cls: a :class:`~pcidev.device.PciDevice` subclass.
@@ -96,7 +97,7 @@ def _read(path: str) -> bytes:
 
 @command("vmstate", help="dump a saved device state (vmstate dump FILE) or a device type's "
                          "description (vmstate schema DEVICE)", configure=_configure)
-def COMMAND(args: argparse.Namespace, ctx: CliContext) -> int:  # noqa: N802 - the module's command
+def COMMAND(args: argparse.Namespace, ctx: CliContext) -> int:
     """``dump FILE`` or ``schema DEVICE``."""
     if args.vmstate_command == "dump":
         data = _read(args.file)

@@ -26,6 +26,8 @@ vmstate description).
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
+from typing import Annotated
 
 import attrs
 
@@ -33,7 +35,8 @@ from pcidev.errors import ConfigError, IrqError
 from pcidev.pci import ids
 from pcidev.pci.capabilities.base import Capability
 from pcidev.pci.config import ResetKind
-from pcidev.vmstate import VarBytes, vmstate
+from pcidev.vmstate import vmstate
+from pcidev.vmstate.types import MaxLength
 
 __all__ = [
     "CTRL", "TABLE", "PBA", "CTRL_ENABLE", "CTRL_MASKALL", "ENTRY_SIZE", "ENTRY_CTRL", "VECTOR_MASKED",
@@ -60,8 +63,9 @@ class MsixState:
     """The MSI-X table (16 bytes per vector) and Pending Bit Array (a quadword per
     64 vectors), as the capability holds them."""
 
-    table: VarBytes[MAX_VECTORS * ENTRY_SIZE]
-    pba: VarBytes[MAX_VECTORS // 8]
+    # VarBytes[n] spelled as the Annotated type it stands for, which a type checker reads as bytes
+    table: Annotated[bytes, MaxLength(MAX_VECTORS * ENTRY_SIZE)]
+    pba: Annotated[bytes, MaxLength(MAX_VECTORS // 8)]
 
 
 class MsixCapability(Capability):
@@ -153,9 +157,9 @@ class MsixCapability(Capability):
         if masked or self.function_masked or not self.enabled:
             self._set_pending(vector, True)
             return
-        self.device.irq.send(vector, address, data)
+        self.irq.send(vector, address, data)
 
-    def _deliver_pending(self, vectors) -> None:
+    def _deliver_pending(self, vectors: Iterable[int]) -> None:
         if not self.enabled or self.function_masked:
             return
         for v in vectors:
@@ -163,14 +167,14 @@ class MsixCapability(Capability):
                 address, data, masked = self.entry(v)
                 if not masked:
                     self._set_pending(v, False)
-                    self.device.irq.send(v, address, data)
+                    self.irq.send(v, address, data)
 
     def _ctrl_written(self, off: int, size: int, old: int, value: int) -> None:
         # Under the interrupt lock: a notify() racing with this write has either
         # latched its pending bit already (delivered here) or sees the new mask.
-        with self.device.irq.lock:
+        with self.irq.lock:
             self._deliver_pending(range(self.nvectors))
-            self.device.irq.update_intx()
+            self.irq.update_intx()
 
     # -- BAR side -------------------------------------------------------------------
     def table_read(self, offset: int, size: int) -> int:

@@ -29,6 +29,7 @@ import sys
 import threading
 from typing import Any
 
+from pcidev.bar import RamBacking
 from pcidev.errors import (
     ConfigError,
     ConfigSpaceError,
@@ -38,7 +39,6 @@ from pcidev.errors import (
     MmioError,
     TransportError,
 )
-from pcidev.bar import RamBacking
 from pcidev.pci.capabilities.msi import MsiCapability
 from pcidev.pci.capabilities.msix import ENTRY_CTRL, ENTRY_SIZE, MsixCapability
 from pcidev.pci.config import ResetKind
