@@ -121,7 +121,7 @@ class PciDevice:
     INTERRUPT_PIN: ClassVar[int] = 1
     #: the device's own vmstate description (a ``@vmstate`` class describing only
     #: the device's state, not the framework's), or None if it cannot migrate
-    VMSTATE: ClassVar[Any] = None
+    VMSTATE: ClassVar[type[Any] | None] = None
     #: the attrs class of the device's properties, or None if it takes none. A device
     #: type with one is built as ``cls(config, name=...)`` by
     #: :meth:`pcidev.registry.DeviceRegistry.create` (config structured from a
@@ -574,7 +574,7 @@ class PciDevice:
         """
         raise MigrationBlockedError([f"device type {self.vmstate_device_type} has no vmstate description"])
 
-    def vmstate_fd(self, fd: int) -> Any:
+    def vmstate_fd(self, fd: int) -> FdRef | None:
         """During :meth:`get_device_state` of a save: send ``fd`` (borrowed; it must stay
         open until the stream is sent) with the stream, after the framework's
         descriptors, and return the :class:`~pcidev.vmstate.FdRef` naming it. Outside a

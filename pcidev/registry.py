@@ -51,7 +51,7 @@ class ConfiguredDeviceType(Protocol):
 
 
 def _takes_config(cls: type[PciDevice]) -> TypeGuard[ConfiguredDeviceType]:
-    return getattr(cls, "CONFIG_CLASS", None) is not None
+    return cls.CONFIG_CLASS is not None
 
 
 def check_name(name: object, what: str) -> str:

@@ -16,7 +16,7 @@ import argparse
 import json
 import struct
 import sys
-from typing import Any
+from typing import Any, BinaryIO
 
 from pcidev.cli._command import CliContext, command
 from pcidev.device import PciDevice
@@ -60,8 +60,9 @@ def _configure(parser: argparse.ArgumentParser) -> None:
 MAX_TRAILING = 1 << 20
 
 
-def _read_upto(f: Any, n: int) -> bytes:
-    parts, got = [], 0
+def _read_upto(f: BinaryIO, n: int) -> bytes:
+    parts: list[bytes] = []
+    got = 0
     while got < n:
         chunk = f.read(min(n - got, 1 << 24))
         if not chunk:
@@ -71,7 +72,7 @@ def _read_upto(f: Any, n: int) -> bytes:
     return b"".join(parts)
 
 
-def _read_stream(f: Any, name: str) -> bytes:
+def _read_stream(f: BinaryIO, name: str) -> bytes:
     """Read a stream, no further than its prefix says it goes (an endless input
     such as /dev/zero is refused after its first bytes, not read to exhaustion)."""
     data = _read_upto(f, PREFIX_SIZE + TRAILER_SIZE)

@@ -27,9 +27,12 @@ import socket
 import stat
 import sys
 import threading
-from typing import Any
+from typing import Any, TextIO
+
+import pluggy
 
 from pcidev.bar import RamBacking
+from pcidev.device import PciDevice
 from pcidev.errors import (
     ConfigError,
     ConfigSpaceError,
@@ -79,7 +82,7 @@ class VfioUserServer:
     :param max_data_xfer_size: the most data in one region access (advertised).
     """
 
-    def __init__(self, endpoint: Any, sock: socket.socket, *, max_msg_fds: int = 8,
+    def __init__(self, endpoint: DeviceEndpoint, sock: socket.socket, *, max_msg_fds: int = 8,
                  max_data_xfer_size: int = 1 << 20) -> None:
         self.endpoint = endpoint
         self.device = endpoint.device
@@ -314,7 +317,7 @@ class VfioUserServer:
         flags = P.DEVICE_FLAGS_RESET | P.DEVICE_FLAGS_PCI
         return P.DEVICE_INFO_S.pack(P.DEVICE_INFO_S.size, flags, P.NUM_REGIONS, P.NUM_IRQS), []
 
-    def region_layout(self, index: int) -> tuple[int, int, Any]:
+    def region_layout(self, index: int) -> tuple[int, int, RamBacking | None]:
         """``(size, flags, ram_backing_or_None)`` of region ``index``."""
         dev = self.device
         rw = P.REGION_FLAG_READ | P.REGION_FLAG_WRITE
@@ -496,7 +499,9 @@ class VfioUserServer:
             for pos, w in _chunks(offset, count, (4, 2, 1)):
                 out += ep.config_read(pos, w).to_bytes(w, "little")
         elif region == P.ROM_REGION:
-            out += self.device.rom[offset:offset + count]
+            rom = self.device.rom
+            assert rom is not None  # without a ROM the region is 0 bytes: _region_check refused the access
+            out += rom[offset:offset + count]
         else:
             for pos, w in _chunks(offset, count, (8, 4, 2, 1)):
                 out += ep.bar_read(region, pos, w, False).to_bytes(w, "little")
@@ -639,7 +644,8 @@ def _unlink_own(path: str, listener: socket.socket) -> None:
         pass
 
 
-def serve_device(device: Any, path: str, *, pm: Any = None, once: bool = True, out: Any = None) -> int:
+def serve_device(device: PciDevice, path: str, *, pm: pluggy.PluginManager | None = None, once: bool = True,
+                 out: TextIO | None = None) -> int:
     """Serve ``device`` over vfio-user on the UNIX socket ``path``.
 
     Listens (:func:`listen_unix`: only a stale socket is replaced), prints one
