@@ -30,7 +30,7 @@ from __future__ import annotations
 import fcntl
 import os
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any
+from typing import Any
 
 import attrs
 
@@ -41,9 +41,8 @@ from pcidev.irq import EventfdSink, InterruptSink, InterruptState
 from pcidev.pci.capabilities.base import ExtCapability
 from pcidev.pci.capabilities.msi import MsiCapability
 from pcidev.pci.capabilities.msix import MAX_VECTORS, MsixCapability, MsixState
-from pcidev.vmstate import U64, FdRef, vmstate
+from pcidev.vmstate import U64, FdRef, Str, VarArray, VarBytes, vmstate
 from pcidev.vmstate.errors import StateError
-from pcidev.vmstate.types import MaxLength
 
 __all__ = [
     "FUNCTION_SECTION",
@@ -67,9 +66,6 @@ MAX_REGIONS = 4096
 MAX_FAILURE_TEXT = 512
 MAX_REGION_NAME = 64
 
-# The bounded fields below spell Str[n], VarBytes[n] and VarArray[T, n] as the Annotated
-# types they stand for, which a type checker reads as str, bytes and tuple[T, ...].
-
 
 @vmstate("pcidev/dma-region")
 @attrs.frozen
@@ -80,7 +76,7 @@ class DmaRegionState:
     size: U64
     fd_offset: U64
     writable: bool
-    name: Annotated[str, MaxLength(MAX_REGION_NAME)]
+    name: Str[MAX_REGION_NAME]
     fd: FdRef
 
 
@@ -90,7 +86,7 @@ class EventfdState:
     """Interrupt eventfds of an :class:`~pcidev.irq.EventfdSink`, indexed by vector
     (``None`` where a vector has none), and the INTx eventfd."""
 
-    vectors: Annotated[tuple[FdRef | None, ...], MaxLength(MAX_VECTORS)]
+    vectors: VarArray[FdRef | None, MAX_VECTORS]
     intx: FdRef | None = None
 
 
@@ -107,12 +103,12 @@ class FunctionState:
     interrupt sink is an :class:`~pcidev.irq.EventfdSink`.
     """
 
-    config: Annotated[bytes, MaxLength(4096)]
+    config: VarBytes[4096]
     intx_asserted: bool
     intx_line: bool
     failed: bool
-    failure: Annotated[str, MaxLength(MAX_FAILURE_TEXT)]
-    dma: Annotated[tuple[DmaRegionState, ...], MaxLength(MAX_REGIONS)]
+    failure: Str[MAX_FAILURE_TEXT]
+    dma: VarArray[DmaRegionState, MAX_REGIONS]
     msix: MsixState | None = None
     eventfds: EventfdState | None = None
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
-from typing import Annotated
 
 import attrs
 
@@ -35,8 +34,7 @@ from pcidev.errors import ConfigError, IrqError
 from pcidev.pci import ids
 from pcidev.pci.capabilities.base import Capability
 from pcidev.pci.config import ResetKind
-from pcidev.vmstate import vmstate
-from pcidev.vmstate.types import MaxLength
+from pcidev.vmstate import VarBytes, vmstate
 
 __all__ = [
     "CTRL", "TABLE", "PBA", "CTRL_ENABLE", "CTRL_MASKALL", "ENTRY_SIZE", "ENTRY_CTRL", "VECTOR_MASKED",
@@ -63,9 +61,8 @@ class MsixState:
     """The MSI-X table (16 bytes per vector) and Pending Bit Array (a quadword per
     64 vectors), as the capability holds them."""
 
-    # VarBytes[n] spelled as the Annotated type it stands for, which a type checker reads as bytes
-    table: Annotated[bytes, MaxLength(MAX_VECTORS * ENTRY_SIZE)]
-    pba: Annotated[bytes, MaxLength(MAX_VECTORS // 8)]
+    table: VarBytes[MAX_VECTORS * ENTRY_SIZE]
+    pba: VarBytes[MAX_VECTORS // 8]
 
 
 class MsixCapability(Capability):
