@@ -12,9 +12,8 @@ describes a device's migrated state; the exception classes are those of
 
 from __future__ import annotations
 
-from pcidev._version import __version__
-
 from pcidev import vmstate
+from pcidev._version import __version__
 from pcidev.bar import Access, RamBacking, Register, RegisterMap
 from pcidev.device import PciDevice
 from pcidev.errors import (

@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from pcidev.bar import Bar, BarHandler, BarKind, RamBacking
@@ -76,7 +77,7 @@ from pcidev.errors import ConfigError, ConfigSpaceError, DmaError, MigrationBloc
 from pcidev.irq import InterruptController, InterruptSink
 from pcidev.pci import ids
 from pcidev.pci.capabilities.aer import AerCapability
-from pcidev.pci.capabilities.base import Capability, CapabilityList
+from pcidev.pci.capabilities.base import CapabilityList, CapT
 from pcidev.pci.capabilities.express import PciExpressCapability
 from pcidev.pci.capabilities.msi import MsiCapability
 from pcidev.pci.capabilities.msix import MsixCapability
@@ -87,6 +88,10 @@ from pcidev.vmstate import FdRef
 __all__ = ["PciDevice", "ResetKind"]
 
 log = logging.getLogger(__name__)
+
+#: an MSI-X table or PBA access within a BAR: ``read(offset, size)``, ``write(offset, size, value)``
+_OverlayRead = Callable[[int, int], int]
+_OverlayWrite = Callable[[int, int, int], None]
 
 # plain ints for the hot paths: IntFlag arithmetic costs about a microsecond per operation
 _CMD_IO = int(ids.Command.IO)
@@ -116,7 +121,7 @@ class PciDevice:
     INTERRUPT_PIN: ClassVar[int] = 1
     #: the device's own vmstate description (a ``@vmstate`` class describing only
     #: the device's state, not the framework's), or None if it cannot migrate
-    VMSTATE: ClassVar[Any] = None
+    VMSTATE: ClassVar[type[Any] | None] = None
     #: the attrs class of the device's properties, or None if it takes none. A device
     #: type with one is built as ``cls(config, name=...)`` by
     #: :meth:`pcidev.registry.DeviceRegistry.create` (config structured from a
@@ -164,7 +169,8 @@ class PciDevice:
         #: with the stream (:meth:`vmstate_load_fd` reads it); None otherwise
         self.vmstate_load_fds: list[int] | None = None
         self._attached_memory: GuestMemory | None = None
-        self._overlays: dict[int, list[tuple[int, int, Any, Any]]] = {}
+        #: per BAR index, the MSI-X structures it holds: (start, end, read, write)
+        self._overlays: dict[int, list[tuple[int, int, _OverlayRead, _OverlayWrite]]] = {}
         self._pm: PowerManagementCapability | None = None
         #: config offset of the PM state byte (PMCSR), or -1 without PM
         self._pmcsr = -1
@@ -182,8 +188,8 @@ class PciDevice:
         """Declare ``bar`` (see also :meth:`add_mem_bar` and :meth:`add_io_bar`)."""
         self._check_describing()
         idx = bar.index
-        if self.bars[idx] is not None or (idx > 0 and self.bars[idx - 1] is not None
-                                          and self.bars[idx - 1].is_64bit):
+        below = self.bars[idx - 1] if idx > 0 else None
+        if self.bars[idx] is not None or (below is not None and below.is_64bit):
             raise ConfigError(f"BAR{idx} is already taken")
         if bar.is_64bit and self.bars[idx + 1] is not None:
             raise ConfigError(f"64-bit BAR{idx} needs BAR{idx + 1} free")
@@ -209,7 +215,7 @@ class PciDevice:
         self.rom = bytes(data).ljust(size, b"\xff")
         self.rom_size = size
 
-    def add_capability(self, cap: Capability) -> Capability:
+    def add_capability(self, cap: CapT) -> CapT:
         """Add a (standard or extended) capability; it is linked at realize."""
         self._check_describing()
         return self.caps.add(cap)
@@ -272,6 +278,7 @@ class PciDevice:
         self.irq.bind(msix=self.caps.find(MsixCapability), msi=self.caps.find(MsiCapability))
         self._pm = self.caps.find(PowerManagementCapability)
         if self._pm is not None:
+            assert self._pm.offset is not None  # placed by caps.realize()
             self._pmcsr = self._pm.offset + PMCSR
         cfg.add_write_hook(ids.COMMAND, 2, self._command_written)
         cfg.freeze_defaults()
@@ -310,7 +317,8 @@ class PciDevice:
         # a subclass may turn ``memory`` into a property that refuses reads (NVMe
         # does without bus mastering): prefer the plain attribute, else what attach() saw
         if "memory" in vars(self):
-            return vars(self)["memory"]
+            memory: GuestMemory | None = vars(self)["memory"]
+            return memory
         return self._attached_memory
 
     def _set_migration_memory(self, memory: GuestMemory | None) -> None:
@@ -378,9 +386,8 @@ class PciDevice:
         return self._pmcsr < 0 or self.config.data[self._pmcsr] & 0x3 == D0
 
     def _bar(self, index: int, offset: int, size: int) -> Bar:
-        if not isinstance(index, int) or not 0 <= index <= 5 or self.bars[index] is None:
+        if not isinstance(index, int) or not 0 <= index <= 5 or (bar := self.bars[index]) is None:
             raise MmioError(f"the device has no BAR{index}")
-        bar = self.bars[index]
         bar.check_access(offset, size)
         return bar
 
@@ -567,7 +574,7 @@ class PciDevice:
         """
         raise MigrationBlockedError([f"device type {self.vmstate_device_type} has no vmstate description"])
 
-    def vmstate_fd(self, fd: int) -> Any:
+    def vmstate_fd(self, fd: int) -> FdRef | None:
         """During :meth:`get_device_state` of a save: send ``fd`` (borrowed; it must stay
         open until the stream is sent) with the stream, after the framework's
         descriptors, and return the :class:`~pcidev.vmstate.FdRef` naming it. Outside a
@@ -582,7 +589,7 @@ class PciDevice:
         fds.append(fd)
         return FdRef(len(fds) - 1)
 
-    def vmstate_load_fd(self, ref: Any) -> int | None:
+    def vmstate_load_fd(self, ref: FdRef | None) -> int | None:
         """During :meth:`check_device_state` / :meth:`set_device_state` of a load: the
         descriptor a :class:`~pcidev.vmstate.FdRef` of the device's state names (borrowed
         from the caller: duplicate what you keep), or None when the load carries no

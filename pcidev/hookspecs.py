@@ -176,3 +176,4 @@ def pcidev_migration_blockers(device: PciDevice) -> list[str]:
         returns anything but a list of strings, blocks the migration with a
         reason naming the plugin.
     """
+    raise NotImplementedError  # a specification: pluggy calls the implementations, never this

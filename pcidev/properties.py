@@ -68,8 +68,8 @@ import math
 import re
 import types
 import typing
-from collections.abc import Mapping
-from typing import Any, NewType
+from collections.abc import Callable, Mapping
+from typing import Any, NewType, TypeVar
 
 import attrs
 import cattrs
@@ -230,7 +230,14 @@ def _parse_list(value: Any, name: str = "") -> list[Any]:
     raise _value_error(name, value, list)
 
 
-_PARSERS: dict[Any, Any] = {
+#: a config class (an attrs class)
+ConfigT = TypeVar("ConfigT", bound=attrs.AttrsInstance)
+
+#: parses one property value (a string from the command line, or an already typed value)
+_Parser = Callable[[Any, str], object]
+
+#: the parser of each property type (keys are types, and the NewType :data:`Size`)
+_PARSERS: dict[object, _Parser] = {
     int: parse_int,
     Size: parse_size,
     bool: parse_bool,
@@ -243,8 +250,14 @@ _PARSERS: dict[Any, Any] = {
 def _make_converter() -> cattrs.Converter:
     conv = cattrs.Converter(forbid_extra_keys=True)
     for kind, parse in _PARSERS.items():
-        conv.register_structure_hook(kind, lambda v, _t, parse=parse: parse(v))
+        conv.register_structure_hook(kind, _structure_hook(parse))
     return conv
+
+
+def _structure_hook(parse: _Parser) -> Callable[[Any, Any], object]:
+    def structure(value: Any, _type: Any) -> object:
+        return parse(value, "")
+    return structure
 
 
 #: The cattrs converter with the property hooks (``int``, :data:`Size`, ``bool``,
@@ -369,10 +382,11 @@ def _size_text(value: int) -> str:
     return str(value)
 
 
-def _default_text(field: attrs.Attribute, kind: Any = None) -> str:
-    default = field.default
+def _default_text(field: attrs.Attribute[Any], kind: Any = None) -> str:
+    default: Any = field.default  # of any property type, an attrs.Factory or attrs.NOTHING
     if default is attrs.NOTHING:
         return ""
+    # attrs' stub declares Factory a function returning the value; at run time it is a class.
     if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
         default = default.factory() if not default.takes_self else None
     if isinstance(default, bool):
@@ -442,7 +456,8 @@ def _collect(cls: type, pairs: list[tuple[str, str]]) -> dict[str, Any]:
     return data
 
 
-def structure_config(cls: type, props: str | Mapping[str, Any] | None, *, what: str = "") -> Any:
+def structure_config(cls: type[ConfigT], props: ConfigT | str | Mapping[str, Any] | None, *,
+                     what: str = "") -> ConfigT:
     """Build an instance of the attrs class ``cls`` from a property string or mapping.
 
     :param cls: the config class (an attrs class whose fields all have defaults

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol, TypeGuard
 
 import attrs
 
@@ -34,9 +34,24 @@ from pcidev.device import PciDevice
 from pcidev.errors import ConfigError, PluginError
 from pcidev.properties import structure_config
 
-__all__ = ["ComponentEntry", "DeviceEntry", "DeviceRegistry", "PluginOrigin", "check_name"]
+__all__ = ["ComponentEntry", "ConfiguredDeviceType", "DeviceEntry", "DeviceRegistry", "PluginOrigin", "check_name"]
 
 _NAME_RE = re.compile(r"[a-z][a-z0-9_-]*")
+
+
+class ConfiguredDeviceType(Protocol):
+    """A device class with a ``CONFIG_CLASS``: it is built from an instance of that
+    class (``cls(config, name=...)``)."""
+
+    #: the attrs class of the type's properties (checked by :meth:`DeviceRegistry.register`)
+    CONFIG_CLASS: type[Any]
+
+    # config: an instance of CONFIG_CLASS, whatever class each device type declares
+    def __call__(self, config: Any, /, *, name: str | None = None) -> PciDevice: ...
+
+
+def _takes_config(cls: type[PciDevice]) -> TypeGuard[ConfiguredDeviceType]:
+    return cls.CONFIG_CLASS is not None
 
 
 def check_name(name: object, what: str) -> str:
@@ -266,11 +281,11 @@ class DeviceRegistry:
             properties for a type that takes none.
         """
         cls = self.get(type_name)
-        config_cls = getattr(cls, "CONFIG_CLASS", None)
-        if config_cls is None:
+        if not _takes_config(cls):
             if props:
                 raise ConfigError(f"{type_name}: this device type takes no properties (got {props!r})")
             return cls(name=name)
+        config_cls = cls.CONFIG_CLASS
         config = structure_config(config_cls, props, what=type_name)
         catalogues = {
             f.name: {e.name: e.obj for e in self.components(f.metadata["component"])}
@@ -279,7 +294,7 @@ class DeviceRegistry:
         }
         if catalogues:
             config = attrs.evolve(config, **catalogues)
-        return cls(config, name=name)  # type: ignore[call-arg]
+        return cls(config, name=name)
 
     # -- lookup -------------------------------------------------------------------
 

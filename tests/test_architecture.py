@@ -63,7 +63,7 @@ def _resolve(target: str, modules: set[str]) -> str | None:
 
 
 def import_graph() -> dict[str, set[str]]:
-    """module -> project modules it imports (top-level, function-local and TYPE_CHECKING)."""
+    """Module -> project modules it imports (top-level, function-local and TYPE_CHECKING)."""
     modules = _modules()
     known = set(modules) | _leaves()
     graph: dict[str, set[str]] = {m: set() for m in known}

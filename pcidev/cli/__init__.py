@@ -33,7 +33,7 @@ import sys
 import traceback
 from collections.abc import Iterable, Sequence
 from types import ModuleType
-from typing import NoReturn
+from typing import NoReturn, TextIO
 
 from pcidev import __version__
 from pcidev.cli import bench, demo, describe, plugins, serve, vmstate
@@ -100,6 +100,10 @@ def _log_level(text: str | None, verbose: int) -> int:
     return level
 
 
+class _CliLogHandler(logging.StreamHandler[TextIO]):
+    """The standard-error handler :func:`configure_logging` installs (and replaces)."""
+
+
 def configure_logging(level: int) -> None:
     """Send log records of ``level`` and above to standard error (the one place pcidev does it).
 
@@ -107,12 +111,11 @@ def configure_logging(level: int) -> None:
     """
     root = logging.getLogger()
     for handler in list(root.handlers):
-        if getattr(handler, "_pcidev_cli", False):
+        if isinstance(handler, _CliLogHandler):
             root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
-    handler._pcidev_cli = True  # type: ignore[attr-defined]
-    root.addHandler(handler)
+    ours = _CliLogHandler(sys.stderr)
+    ours.setFormatter(logging.Formatter(_LOG_FORMAT))
+    root.addHandler(ours)
     root.setLevel(level)
 
 

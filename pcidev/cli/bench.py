@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from pcidev.cli._command import CliContext, command
+from pcidev.errors import PluginError
 
 __all__ = ["BENCH_KIND", "COMMAND"]
 
@@ -24,7 +25,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
 
 
 @command("bench", help="run a benchmark a plugin provides (pcidev bench NAME [--json])", configure=_configure)
-def COMMAND(args: argparse.Namespace, ctx: CliContext) -> int | None:  # noqa: N802 - the module's command
+def COMMAND(args: argparse.Namespace, ctx: CliContext) -> int | None:
     """List the benchmarks, or run one with its own arguments."""
     entries = ctx.registry.components(BENCH_KIND)
     if args.name is None:
@@ -35,4 +36,7 @@ def COMMAND(args: argparse.Namespace, ctx: CliContext) -> int | None:  # noqa: N
             print(f"{entry.name:12s} {doc[0] if doc else ''}".rstrip())
         return 0
     run = ctx.registry.component(BENCH_KIND, args.name)
-    return run(list(args.bench_args))  # type: ignore[operator]
+    if not callable(run):
+        raise PluginError(f"bench component {args.name!r} is not callable: {run!r}")
+    status: int | None = run(list(args.bench_args))  # a benchmark returns its exit status
+    return status

@@ -12,7 +12,7 @@ __all__ = ["COMMAND"]
 
 
 @command("demo", help="run a short demonstration through the software host")
-def COMMAND(args: argparse.Namespace, ctx: CliContext) -> int | None:  # noqa: N802 - the module's command
+def COMMAND(args: argparse.Namespace, ctx: CliContext) -> int | None:
     """Run :func:`pcidev.demo.main` (imported on use: it pulls in the NVMe plugin)."""
     try:
         demo = importlib.import_module("pcidev.demo")
@@ -20,4 +20,6 @@ def COMMAND(args: argparse.Namespace, ctx: CliContext) -> int | None:  # noqa: N
         if exc.name == "pcidev.demo":
             raise PcidevError("the demo is not available in this version of pcidev") from exc
         raise
-    return demo.main(args)
+    # pcidev.demo is imported by name, so its main() is untyped here
+    status: int | None = demo.main(args)
+    return status

@@ -56,7 +56,7 @@ def describe_text(registry: DeviceRegistry, type_name: str) -> str:
         table.append((key, p.type, p.default or "(required)", p.help))
     widths = [max(len(row[i]) for row in table) for i in range(3)]
     for row in table:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths)]
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]  # the last column is not padded
         lines.append(("  " + "  ".join([*cells, row[3]])).rstrip())
     used = {p.type.split()[0] for p in props}
     forms = [f"  {name}: {ACCEPTED[kind]}" for name, kind in _FORMS if name in used]
@@ -72,7 +72,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
 
 
 @command("describe", help="list a device type's properties with type, default and help", configure=_configure)
-def COMMAND(args: argparse.Namespace, ctx: CliContext) -> int:  # noqa: N802 - the module's command
+def COMMAND(args: argparse.Namespace, ctx: CliContext) -> int:
     """Print the properties of ``args.device``."""
     if args.json:
         props = [attrs.asdict(p) for p in device_properties(ctx.registry, args.device)]

@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TypedDict
 
 from pcidev.cli._command import CliContext, command
 
 __all__ = ["COMMAND"]
+
+
+class _PluginRow(TypedDict):
+    """One loaded plugin, as ``pcidev plugins --json`` prints it."""
+
+    name: str
+    distribution: str | None
+    version: str | None
+    device_types: list[str]
+    components: list[str]
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
@@ -15,11 +26,11 @@ def _configure(parser: argparse.ArgumentParser) -> None:
 
 
 @command("plugins", help="list loaded plugins and the device types they register", configure=_configure)
-def COMMAND(args: argparse.Namespace, ctx: CliContext) -> int:  # noqa: N802 - the module's command
+def COMMAND(args: argparse.Namespace, ctx: CliContext) -> int:
     """List the plugins (``--json`` for machine-readable output)."""
     registry = ctx.registry
     pm = ctx.pm
-    rows = []
+    rows: list[_PluginRow] = []
     for name, plugin in pm.list_name_plugin():
         if plugin is None:
             continue
@@ -54,7 +65,8 @@ def COMMAND(args: argparse.Namespace, ctx: CliContext) -> int:  # noqa: N802 - t
             )
         widths = [max(len(line[i]) for line in table) for i in range(3)]
         for line in table:
-            cells = [cell.ljust(width) for cell, width in zip(line, widths)]
+            # the last column is not padded
+            cells = [cell.ljust(width) for cell, width in zip(line, widths, strict=False)]
             print("  ".join([*cells, line[3]]).rstrip())
     if blocked:
         print(f"blocked: {', '.join(blocked)}")

@@ -26,7 +26,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
 
 @command("serve", help="serve a device to QEMU over vfio-user (pcidev serve --vfio-user SOCKET DEVICE[,props])",
          configure=_configure)
-def COMMAND(args: argparse.Namespace, ctx: CliContext) -> int | None:  # noqa: N802 - the module's command
+def COMMAND(args: argparse.Namespace, ctx: CliContext) -> int | None:
     """Build the device and serve it until its client leaves."""
     type_name, props = split_device_spec(args.device)
     if ("", "help") in split_properties(props):

@@ -16,9 +16,10 @@ import argparse
 import json
 import struct
 import sys
-from typing import Any
+from typing import Any, BinaryIO
 
 from pcidev.cli._command import CliContext, command
+from pcidev.device import PciDevice
 from pcidev.errors import PcidevError
 from pcidev.migration.function_state import FUNCTION_SECTION, FunctionState
 from pcidev.vmstate import dump_stream_json, schema_of
@@ -27,7 +28,7 @@ from pcidev.vmstate.stream import MAGIC, PREFIX_SIZE, TRAILER_SIZE
 __all__ = ["COMMAND", "device_schema"]
 
 
-def device_schema(cls: type) -> dict[str, Any]:
+def device_schema(cls: type[PciDevice]) -> dict[str, Any]:
     """The full state description of a device class (what ``pcidev vmstate schema`` prints).
 
     :param cls: a :class:`~pcidev.device.PciDevice` subclass.
@@ -59,8 +60,9 @@ def _configure(parser: argparse.ArgumentParser) -> None:
 MAX_TRAILING = 1 << 20
 
 
-def _read_upto(f: Any, n: int) -> bytes:
-    parts, got = [], 0
+def _read_upto(f: BinaryIO, n: int) -> bytes:
+    parts: list[bytes] = []
+    got = 0
     while got < n:
         chunk = f.read(min(n - got, 1 << 24))
         if not chunk:
@@ -70,7 +72,7 @@ def _read_upto(f: Any, n: int) -> bytes:
     return b"".join(parts)
 
 
-def _read_stream(f: Any, name: str) -> bytes:
+def _read_stream(f: BinaryIO, name: str) -> bytes:
     """Read a stream, no further than its prefix says it goes (an endless input
     such as /dev/zero is refused after its first bytes, not read to exhaustion)."""
     data = _read_upto(f, PREFIX_SIZE + TRAILER_SIZE)
@@ -96,7 +98,7 @@ def _read(path: str) -> bytes:
 
 @command("vmstate", help="dump a saved device state (vmstate dump FILE) or a device type's "
                          "description (vmstate schema DEVICE)", configure=_configure)
-def COMMAND(args: argparse.Namespace, ctx: CliContext) -> int:  # noqa: N802 - the module's command
+def COMMAND(args: argparse.Namespace, ctx: CliContext) -> int:
     """``dump FILE`` or ``schema DEVICE``."""
     if args.vmstate_command == "dump":
         data = _read(args.file)

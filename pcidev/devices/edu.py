@@ -43,7 +43,7 @@ from __future__ import annotations
 import struct
 import threading
 import time
-from typing import Any, Optional
+from typing import Any
 
 import attrs
 import crc32c
@@ -101,7 +101,7 @@ class EduState:
     ring_ctrl: U32
     errors: U32
     completed: U64
-    inflight: Optional[EduInflight] = None
+    inflight: EduInflight | None = None
 
 
 @attrs.define
@@ -121,12 +121,12 @@ _REGISTER_FIELDS = {"LIVENESS": "liveness", "FACTORIAL": "factorial", "STATUS": 
                     "ERRORS": "errors"}
 
 
-def _positive(inst: Any, attr: attrs.Attribute, value: int) -> None:
+def _positive(inst: Any, attr: attrs.Attribute[Size], value: Size) -> None:
     if value <= 0:
         raise ConfigError(f"chunk must be positive, got {value}")
 
 
-def _not_negative(inst: Any, attr: attrs.Attribute, value: float) -> None:
+def _not_negative(inst: Any, attr: attrs.Attribute[float], value: float) -> None:
     if value < 0:
         raise ConfigError(f"delay must not be negative, got {value}")
 
@@ -140,7 +140,7 @@ class EduConfig:
                 "ignored with engine"})
     engine: bool = attrs.field(default=False, metadata={
         "help": "process descriptors in a background worker thread"})
-    chunk: Size = attrs.field(default=4096, validator=_positive, metadata={
+    chunk: Size = attrs.field(default=Size(4096), validator=_positive, metadata={
         "help": "bytes the worker copies per step"})
     delay: float = attrs.field(default=0.0, validator=_not_negative, metadata={
         "help": "seconds the worker sleeps after each step"})
@@ -403,7 +403,7 @@ class EduDevice(PciDevice):
             features.add("background-engine")
         return features
 
-    def device_fingerprint(self) -> dict:
+    def device_fingerprint(self) -> dict[str, Any]:
         return {"edu.max_transfer": MAX_LEN}
 
     def get_device_state(self) -> EduState:

@@ -30,18 +30,18 @@ from __future__ import annotations
 import fcntl
 import os
 from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from typing import Any
 
 import attrs
 
 from pcidev.device import PciDevice
 from pcidev.dma import GuestMemory
 from pcidev.errors import DeviceFailedError, DmaError
-from pcidev.irq import EventfdSink, InterruptState
+from pcidev.irq import EventfdSink, InterruptSink, InterruptState
 from pcidev.pci.capabilities.base import ExtCapability
 from pcidev.pci.capabilities.msi import MsiCapability
 from pcidev.pci.capabilities.msix import MAX_VECTORS, MsixCapability, MsixState
-from pcidev.vmstate import FdRef, Str, U64, VarArray, VarBytes, vmstate
+from pcidev.vmstate import U64, FdRef, Str, VarArray, VarBytes, vmstate
 from pcidev.vmstate.errors import StateError
 
 __all__ = [
@@ -86,8 +86,8 @@ class EventfdState:
     """Interrupt eventfds of an :class:`~pcidev.irq.EventfdSink`, indexed by vector
     (``None`` where a vector has none), and the INTx eventfd."""
 
-    vectors: VarArray[Optional[FdRef], MAX_VECTORS]
-    intx: Optional[FdRef] = None
+    vectors: VarArray[FdRef | None, MAX_VECTORS]
+    intx: FdRef | None = None
 
 
 @vmstate(FUNCTION_SECTION)
@@ -109,8 +109,8 @@ class FunctionState:
     failed: bool
     failure: Str[MAX_FAILURE_TEXT]
     dma: VarArray[DmaRegionState, MAX_REGIONS]
-    msix: Optional[MsixState] = None
-    eventfds: Optional[EventfdState] = None
+    msix: MsixState | None = None
+    eventfds: EventfdState | None = None
 
 
 @attrs.frozen
@@ -226,11 +226,11 @@ def save_function_state(device: PciDevice, memory: GuestMemory | None) -> tuple[
             fds.append(sink.intx_fd)
         eventfds = EventfdState(vectors=tuple(vectors), intx=intx)
     failed = device.failed
-    intx = device.irq.snapshot()
+    irq_state = device.irq.snapshot()
     state = FunctionState(
         config=bytes(device.config.data),
-        intx_asserted=intx.intx_asserted,
-        intx_line=intx.intx_line,
+        intx_asserted=irq_state.intx_asserted,
+        intx_line=irq_state.intx_line,
         failed=failed is not None,
         failure=_truncate_utf8(f"{type(failed).__name__}: {failed}" if failed is not None else "",
                                MAX_FAILURE_TEXT),
@@ -265,7 +265,7 @@ def check_function_state(device: PciDevice, st: FunctionState, fds: Sequence[int
     if (st.msix is None) != (msix is None):
         raise _fail("MSI-X state " + ("missing" if msix is not None else "present for a device without MSI-X"),
                     "msix")
-    if msix is not None:
+    if msix is not None and st.msix is not None:
         if len(st.msix.table) != msix.table_size:
             raise _fail(f"MSI-X table is {len(st.msix.table)} bytes, this device has {msix.table_size}",
                         "msix.table")
@@ -307,11 +307,12 @@ def build_resources(st: FunctionState, fds: Sequence[int]) -> LoadedResources:
     memory = GuestMemory(max_regions=MAX_REGIONS) if st.dma else None
     sink: OwnedEventfdSink | None = None
     try:
-        for i, r in enumerate(st.dma):
-            try:
-                memory.map(r.gpa, r.size, fds[r.fd.index], r.fd_offset, writable=r.writable, name=r.name)
-            except DmaError as exc:
-                raise _fail(f"cannot map the region: {exc}", f"dma[{i}]") from exc
+        if memory is not None:
+            for i, r in enumerate(st.dma):
+                try:
+                    memory.map(r.gpa, r.size, fds[r.fd.index], r.fd_offset, writable=r.writable, name=r.name)
+                except DmaError as exc:
+                    raise _fail(f"cannot map the region: {exc}", f"dma[{i}]") from exc
         if st.eventfds is not None:
             sink = OwnedEventfdSink()
             for v, ref in enumerate(st.eventfds.vectors):
@@ -345,7 +346,7 @@ class AppliedFunctionState:
     failed: BaseException | None
     memory: GuestMemory | None
     memory_replaced: bool
-    sink: object
+    sink: InterruptSink
 
 
 def apply_function_state(device: PciDevice, st: FunctionState, res: LoadedResources,

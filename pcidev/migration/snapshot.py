@@ -212,7 +212,8 @@ def load_device(dev: PciDevice, snapshot: VMStateSnapshot, fds: Sequence[int] | 
     if diffs:
         raise ConfigMismatchError("device configuration differs from the stream's: " + "; ".join(diffs),
                                   differences=diffs)
-    want = {(FUNCTION_SECTION, 0): FunctionState, (description_of(dev.VMSTATE).name, 0): dev.VMSTATE}
+    want: dict[tuple[str, int], type] = {(FUNCTION_SECTION, 0): FunctionState,
+                                         (description_of(dev.VMSTATE).name, 0): dev.VMSTATE}
     got = {(s.name, s.instance_id): s for s in snapshot.sections}
     if set(got) != set(want) or len(got) != len(snapshot.sections):
         raise StateError(f"expected sections {sorted(want)}, got {[s[:2] for s in snapshot.sections]}")

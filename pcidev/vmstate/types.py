@@ -3,7 +3,7 @@
 A state class annotates each field with one of these types; the annotation alone
 decides how the field is checked and encoded.  All of them are ordinary
 ``typing.Annotated`` aliases, so type checkers see plain ``int``/``bytes``/``str``/
-``tuple``:
+``tuple`` (mypy with :mod:`pcidev.vmstate.mypy_plugin` for the ones taking a length):
 
 =====================================  ==============================================
 annotation                             meaning

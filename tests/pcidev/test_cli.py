@@ -499,3 +499,13 @@ def test_describe_a_type_without_properties(capsys, acme_dist):
     assert status == 0 and out.splitlines()[-1] == "no properties"
     status, out, _err = run(capsys, "-p", "no:nvme", "describe", "--json", "acme-dev")
     assert json.loads(out) == {"device_type": "acme-dev", "properties": []}
+
+
+def test_bench_component_that_is_not_callable_is_one_line(capsys, module_plugin):
+    def pcidev_register_devices(registry):
+        registry.add_component("bench", "broken", "not a function")
+
+    module_plugin("pcidev_cli_broken_bench", pcidev_register_devices=hookimpl(pcidev_register_devices))
+    status, out, err = run(capsys, "-p", "pcidev_cli_broken_bench", "bench", "broken")
+    assert status == 1 and out == ""
+    assert_one_line_error(err, "bench component 'broken' is not callable")

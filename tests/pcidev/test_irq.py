@@ -15,10 +15,10 @@ from pcidev.device import PciDevice
 from pcidev.errors import IrqError, MmioError
 from pcidev.host import PCI_IRQ_INTX, PCI_IRQ_MSI, Machine
 from pcidev.irq import CallbackSink, EventfdSink, InterruptState
-from pcidev.pci.capabilities.msi import MsiCapability
-from pcidev.pci.capabilities.msix import MsixCapability
 from pcidev.pci import ids
 from pcidev.pci.capabilities import msix as msixmod
+from pcidev.pci.capabilities.msi import MsiCapability
+from pcidev.pci.capabilities.msix import MsixCapability
 
 TABLE = 0x2000
 PBA = 0x3000

@@ -16,11 +16,12 @@ whole :class:`~pcidev.device.PciDevice`.
 from __future__ import annotations
 
 import threading
-from typing import ClassVar, Protocol
+from collections.abc import Iterator, Sequence
+from typing import ClassVar, Protocol, TypeVar
 
 from pcidev.errors import ConfigError
 from pcidev.pci import ids
-from pcidev.pci.config import ConfigSpace, ResetKind
+from pcidev.pci.config import ConfigSpace, ResetKind, WriteHook
 
 __all__ = ["InterruptPort", "FunctionContext", "Capability", "ExtCapability", "CapabilityList"]
 
@@ -66,11 +67,21 @@ class Capability:
     #: header size in bytes (2 for a standard capability: id, next).
     HEADER: ClassVar[int] = 2
 
+    # Bound by install(), before any register helper or interrupt delivery can run; the
+    # helpers read them on every access (MSI-X delivery included), so they are plain
+    # attributes rather than checked properties.
+    #: the function's configuration space
+    config: ConfigSpace
+    #: the function's interrupt delivery
+    irq: InterruptPort
+    #: the byte offset the capability was installed at (the base of the relative helpers)
+    _base: int
+
     def __init__(self, *, offset: int | None = None) -> None:
+        #: the byte offset: the pinned one, else the one chosen at realize (None until then)
         self.offset: int | None = offset
         #: the function the capability is installed in (None until realize)
         self.device: FunctionContext | None = None
-        self.config: ConfigSpace | None = None
 
     @property
     def size(self) -> int:
@@ -83,26 +94,26 @@ class Capability:
 
     # -- relative helpers --------------------------------------------------------
     def get(self, rel: int, size: int) -> int:
-        return self.config.get(self.offset + rel, size)
+        return self.config.get(self._base + rel, size)
 
     def set(self, rel: int, size: int, value: int) -> None:
-        self.config.set(self.offset + rel, size, value)
+        self.config.set(self._base + rel, size, value)
 
     def writable(self, rel: int, size: int, bits: int) -> None:
-        self.config.set_writable(self.offset + rel, size, bits)
+        self.config.set_writable(self._base + rel, size, bits)
 
     def w1c(self, rel: int, size: int, bits: int) -> None:
-        self.config.set_w1c(self.offset + rel, size, bits)
+        self.config.set_w1c(self._base + rel, size, bits)
 
     def sticky(self, rel: int, size: int, bits: int) -> None:
-        self.config.set_sticky(self.offset + rel, size, bits)
+        self.config.set_sticky(self._base + rel, size, bits)
 
     def flr_keep(self, rel: int, size: int, bits: int) -> None:
-        self.config.set_flr_keep(self.offset + rel, size, bits)
+        self.config.set_flr_keep(self._base + rel, size, bits)
 
-    def on_write(self, rel: int, size: int, hook) -> None:
+    def on_write(self, rel: int, size: int, hook: WriteHook) -> None:
         """Call ``hook(offset, size, old, value)`` after guest writes to ``[rel, rel+size)``."""
-        self.config.add_write_hook(self.offset + rel, size, hook)
+        self.config.add_write_hook(self._base + rel, size, hook)
 
     # -- lifecycle ------------------------------------------------------------------
     def install(self, device: FunctionContext, offset: int) -> None:
@@ -113,7 +124,8 @@ class Capability:
         """
         self.device = device
         self.config = device.config
-        self.offset = offset
+        self.irq = device.irq
+        self.offset = self._base = offset
         self.setup()
 
     def setup(self) -> None:
@@ -137,6 +149,9 @@ class ExtCapability(Capability):
     HEADER: ClassVar[int] = 4
 
 
+CapT = TypeVar("CapT", bound=Capability)
+
+
 class CapabilityList:
     """Places capabilities and links them.
 
@@ -148,25 +163,32 @@ class CapabilityList:
         self.standard: list[Capability] = []
         self.extended: list[ExtCapability] = []
 
-    def add(self, cap: Capability) -> Capability:
+    def add(self, cap: CapT) -> CapT:
         """Add ``cap`` to the standard or extended list (by its type)."""
         if cap.device is not None:
             raise ConfigError(f"{cap!r} is already installed in a device")
-        (self.extended if isinstance(cap, ExtCapability) else self.standard).append(cap)
+        if isinstance(cap, ExtCapability):
+            self.extended.append(cap)
+        else:
+            self.standard.append(cap)
         return cap
 
-    def find(self, cap_type: type[Capability]) -> Capability | None:
+    def find(self, cap_type: type[CapT]) -> CapT | None:
         """First capability of ``cap_type``, or None."""
         for cap in (*self.standard, *self.extended):
             if isinstance(cap, cap_type):
                 return cap
         return None
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Capability]:
         return iter((*self.standard, *self.extended))
 
     @staticmethod
-    def _place(caps: list[Capability], start: int, end: int, what: str) -> None:
+    def _place(caps: Sequence[Capability], start: int, end: int, what: str) -> list[int]:
+        """Check the pinned offsets and give every other capability the lowest free one.
+
+        :returns: the offset of each capability, in the order of ``caps``.
+        """
         taken: list[tuple[int, int, Capability]] = []
         for cap in caps:
             if cap.offset is not None:
@@ -174,7 +196,7 @@ class CapabilityList:
                     raise ConfigError(f"{what} {cap!r} pinned at a bad offset")
                 taken.append((cap.offset, cap.offset + cap.size, cap))
         taken.sort(key=lambda t: t[0])
-        for (a0, a1, c0), (b0, _b1, c1) in zip(taken, taken[1:]):
+        for (_a0, a1, c0), (b0, _b1, c1) in zip(taken, taken[1:], strict=False):
             if b0 < a1:
                 raise ConfigError(f"{c0!r} and {c1!r} overlap")
         for cap in caps:
@@ -189,12 +211,18 @@ class CapabilityList:
                 raise ConfigError(f"no room for {what} {cap!r}")
             cap.offset = pos
             taken.append((pos, pos + cap.size, cap))
+        offsets = []
+        for cap in caps:
+            assert cap.offset is not None  # pinned, or placed above
+            offsets.append(cap.offset)
+        return offsets
 
     def realize(self) -> None:
         """Choose offsets, write headers and links, and install every capability."""
         dev = self.device
         cfg = dev.config
-        self._place(self.standard, ids.STD_CAP_START, ids.CONFIG_SPACE_SIZE, "capability")
+        std = self._place(self.standard, ids.STD_CAP_START, ids.CONFIG_SPACE_SIZE, "capability")
+        ext: list[tuple[int, ExtCapability]] = []
         if self.extended:
             if cfg.size < ids.EXT_CONFIG_SPACE_SIZE:
                 raise ConfigError("extended capabilities need a 4 KiB config space")
@@ -204,23 +232,23 @@ class CapabilityList:
                 if first is None:
                     raise ConfigError("one extended capability must be at 0x100")
                 first.offset = ids.EXT_CAP_START
-            self._place(self.extended, ids.EXT_CAP_START, ids.EXT_CONFIG_SPACE_SIZE,
-                        "extended capability")
+            offsets = self._place(self.extended, ids.EXT_CAP_START, ids.EXT_CONFIG_SPACE_SIZE,
+                                  "extended capability")
+            # the one at 0x100 heads the chain, the others follow in the order added
+            ext = sorted(zip(offsets, self.extended, strict=True), key=lambda t: t[0] != ids.EXT_CAP_START)
         # standard chain, in order of the list as added
-        chain = self.standard
-        if chain:
-            cfg.set8(ids.CAPABILITY_LIST, chain[0].offset)
+        if std:
+            cfg.set8(ids.CAPABILITY_LIST, std[0])
             cfg.set_bits(ids.STATUS, 2, ids.Status.CAP_LIST)
-        for i, cap in enumerate(chain):
-            nxt = chain[i + 1].offset if i + 1 < len(chain) else 0
-            cfg.set8(cap.offset, cap.CAP_ID)
-            cfg.set8(cap.offset + 1, nxt)
-            cap.install(dev, cap.offset)
-        ext = sorted(self.extended, key=lambda c: c.offset != ids.EXT_CAP_START)
-        for i, cap in enumerate(ext):
-            nxt = ext[i + 1].offset if i + 1 < len(ext) else 0
-            cfg.set32(cap.offset, (cap.CAP_ID & 0xFFFF) | ((cap.VERSION & 0xF) << 16) | (nxt << 20))
-            cap.install(dev, cap.offset)
+        for i, (off, cap) in enumerate(zip(std, self.standard, strict=True)):
+            nxt = std[i + 1] if i + 1 < len(std) else 0
+            cfg.set8(off, cap.CAP_ID)
+            cfg.set8(off + 1, nxt)
+            cap.install(dev, off)
+        for i, (off, ecap) in enumerate(ext):
+            nxt = ext[i + 1][0] if i + 1 < len(ext) else 0
+            cfg.set32(off, (ecap.CAP_ID & 0xFFFF) | ((ecap.VERSION & 0xF) << 16) | (nxt << 20))
+            ecap.install(dev, off)
 
     def reset(self, kind: ResetKind) -> None:
         for cap in self:

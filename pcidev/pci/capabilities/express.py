@@ -117,6 +117,7 @@ class PciExpressCapability(Capability):
         ctl = self.get(DEVCTL, 2)
         if ctl & DEVCTL_BCR_FLR:
             self.set(DEVCTL, 2, ctl & ~DEVCTL_BCR_FLR)  # always reads 0
+            assert self.device is not None  # the hook is added by setup(), after install
             self.device.request_reset(ResetKind.FLR)
 
     def report_error(self, kind: str) -> None:

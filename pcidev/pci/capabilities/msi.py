@@ -128,12 +128,12 @@ class MsiCapability(Capability):
         mmc = (ctrl >> CTRL_MMC_SHIFT) & 7
         if mme > mmc:
             self.set(CTRL, 2, (ctrl & ~CTRL_MME_MASK) | (mmc << CTRL_MME_SHIFT))
-        with self.device.irq.lock:
+        with self.irq.lock:
             self._deliver_unmasked()
-            self.device.irq.update_intx()
+            self.irq.update_intx()
 
     def _mask_written(self, off: int, size: int, old: int, value: int) -> None:
-        with self.device.irq.lock:  # see MsixCapability._ctrl_written
+        with self.irq.lock:  # see MsixCapability._ctrl_written
             self._deliver_unmasked()
 
     def _deliver_unmasked(self) -> None:
@@ -149,7 +149,7 @@ class MsiCapability(Capability):
     def _send(self, vector: int) -> None:
         nvec = self.enabled_vectors
         data = (self.data & ~(nvec - 1)) | vector
-        self.device.irq.send(vector, self.address, data)
+        self.irq.send(vector, self.address, data)
 
     def notify(self, vector: int) -> None:
         """Send message ``vector``, or latch its pending bit while masked.

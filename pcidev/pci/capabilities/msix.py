@@ -26,6 +26,7 @@ vmstate description).
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 
 import attrs
 
@@ -153,9 +154,9 @@ class MsixCapability(Capability):
         if masked or self.function_masked or not self.enabled:
             self._set_pending(vector, True)
             return
-        self.device.irq.send(vector, address, data)
+        self.irq.send(vector, address, data)
 
-    def _deliver_pending(self, vectors) -> None:
+    def _deliver_pending(self, vectors: Iterable[int]) -> None:
         if not self.enabled or self.function_masked:
             return
         for v in vectors:
@@ -163,14 +164,14 @@ class MsixCapability(Capability):
                 address, data, masked = self.entry(v)
                 if not masked:
                     self._set_pending(v, False)
-                    self.device.irq.send(v, address, data)
+                    self.irq.send(v, address, data)
 
     def _ctrl_written(self, off: int, size: int, old: int, value: int) -> None:
         # Under the interrupt lock: a notify() racing with this write has either
         # latched its pending bit already (delivered here) or sees the new mask.
-        with self.device.irq.lock:
+        with self.irq.lock:
             self._deliver_pending(range(self.nvectors))
-            self.device.irq.update_intx()
+            self.irq.update_intx()
 
     # -- BAR side -------------------------------------------------------------------
     def table_read(self, offset: int, size: int) -> int:

@@ -65,6 +65,7 @@ class PowerManagementCapability(Capability):
             return
         prev, self._state = self._state, state
         if prev == D3HOT and state == D0 and not self.no_soft_reset:
+            assert self.device is not None  # the hook is added by setup(), after install
             self.device.request_reset(ResetKind.CONVENTIONAL)
 
     def reset(self, kind: ResetKind) -> None:

@@ -26,8 +26,12 @@ import signal
 import socket
 import sys
 import threading
-from typing import Any
+from typing import Any, TextIO
 
+import pluggy
+
+from pcidev.bar import RamBacking
+from pcidev.device import PciDevice
 from pcidev.errors import (
     ConfigError,
     ConfigSpaceError,
@@ -37,7 +41,6 @@ from pcidev.errors import (
     MmioError,
     TransportError,
 )
-from pcidev.bar import RamBacking
 from pcidev.pci.capabilities.msi import MsiCapability
 from pcidev.pci.capabilities.msix import ENTRY_CTRL, ENTRY_SIZE, MsixCapability
 from pcidev.pci.config import ResetKind
@@ -79,7 +82,7 @@ class VfioUserServer:
     :param max_data_xfer_size: the most data in one region access (advertised).
     """
 
-    def __init__(self, endpoint: Any, sock: socket.socket, *, max_msg_fds: int = 8,
+    def __init__(self, endpoint: DeviceEndpoint, sock: socket.socket, *, max_msg_fds: int = 8,
                  max_data_xfer_size: int = 1 << 20) -> None:
         self.endpoint = endpoint
         self.device = endpoint.device
@@ -316,7 +319,7 @@ class VfioUserServer:
         return protocol.DEVICE_INFO_S.pack(protocol.DEVICE_INFO_S.size, flags, protocol.NUM_REGIONS,
                                            protocol.NUM_IRQS), []
 
-    def region_layout(self, index: int) -> tuple[int, int, Any]:
+    def region_layout(self, index: int) -> tuple[int, int, RamBacking | None]:
         """``(size, flags, ram_backing_or_None)`` of region ``index``."""
         dev = self.device
         rw = protocol.REGION_FLAG_READ | protocol.REGION_FLAG_WRITE
@@ -499,7 +502,9 @@ class VfioUserServer:
             for pos, w in _chunks(offset, count, (4, 2, 1)):
                 out += ep.config_read(pos, w).to_bytes(w, "little")
         elif region == protocol.ROM_REGION:
-            out += self.device.rom[offset:offset + count]
+            rom = self.device.rom
+            assert rom is not None  # without a ROM the region is 0 bytes: _region_check refused the access
+            out += rom[offset:offset + count]
         else:
             for pos, w in _chunks(offset, count, (8, 4, 2, 1)):
                 out += ep.bar_read(region, pos, w, False).to_bytes(w, "little")
@@ -567,10 +572,11 @@ class VfioUserServer:
 
 
 # -- running a device -------------------------------------------------------------------------
-def serve_device(device: Any, path: str, *, pm: Any = None, once: bool = True, out: Any = None) -> int:
+def serve_device(device: PciDevice, path: str, *, pm: pluggy.PluginManager | None = None, once: bool = True,
+                 out: TextIO | None = None) -> int:
     """Serve ``device`` over vfio-user on the UNIX socket ``path``.
 
-    Listens (:func:`listen_unix`: only a stale socket is replaced), prints one
+    Listens (:func:`pcidev.transport.address.listen_unix`: only a stale socket is replaced), prints one
     ``listening`` line, serves one client until it leaves (QEMU never reconnects)
     and returns 0. SIGTERM/SIGINT end it cleanly. The device is closed at the end.
 

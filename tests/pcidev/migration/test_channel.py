@@ -67,7 +67,7 @@ def _run_peer(fn):
     def target():
         try:
             result["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
+        except BaseException as exc:
             result["error"] = exc
 
     t = threading.Thread(target=target, daemon=True)

@@ -17,6 +17,8 @@ from pcidev.device import PciDevice
 from pcidev.devices.edu import DESC, STATUS_DONE, EduDevice, EduState
 from pcidev.dma import GuestMemory, alloc_memfd
 from pcidev.errors import ConfigError, DeviceFailedError, MigrationBlockedError, VMStateError
+from pcidev.host import Machine
+from pcidev.irq import CallbackSink, EventfdSink
 from pcidev.migration import (
     FUNCTION_SECTION,
     FunctionState,
@@ -28,8 +30,6 @@ from pcidev.migration import (
     save_device_stream,
     vmstate_fingerprint,
 )
-from pcidev.host import Machine
-from pcidev.irq import CallbackSink, EventfdSink
 from pcidev.pci import ids
 from pcidev.vmstate import U32, dump_stream_json, vmstate
 from pcidev.vmstate.errors import ChecksumError, ConfigMismatchError, StateError, StreamError
