@@ -607,7 +607,8 @@ class AdminCommandSet:
                     os.unlink(stale)
                 except FileNotFoundError:
                     pass
-            return f"file:path={path},size={size},lbaf={lbaf}"
+            escaped = path.replace(",", ",,")  # the spec grammar: a literal comma is ",,"
+            return f"file:path={escaped},size={size},lbaf={lbaf}"
         if kind == "null":
             return f"null:size={size},lbaf={lbaf}"
         return f"mem:size={size},lbaf={lbaf}"
