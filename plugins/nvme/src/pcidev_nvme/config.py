@@ -23,19 +23,21 @@ its type, default and help text (the ``help`` metadata of the fields below).
 
 from __future__ import annotations
 
+import hashlib
+import os
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
 import attrs
 
-from pcidev.errors import ConfigError
+from pcidev.errors import ConfigError, PcidevError
 from pcidev.properties import PropertyError, Size, converter, structure_config
-from pcidev.properties import _collect as collect_pairs  # see the report: the core should export it
-
+from pcidev.properties import _collect as collect_pairs  # private today: the core should export it
 from pcidev_nvme.backends import BUILTIN_BACKEND_CONFIGS
-from pcidev_nvme.namespace import NamespaceOptions
+from pcidev_nvme.namespace import NamespaceOptions, parse_spec
 
-__all__ = ["NvmeConfig", "property_groups"]
+__all__ = ["NvmeConfig", "default_serial", "property_groups"]
 
 
 def _ascii(maxlen: int):
@@ -274,3 +276,26 @@ def _collect(pairs: list[tuple[str, str]], cls: type) -> dict[str, Any]:
             grouped.append((key, value))
     # The rest is the framework's grammar: missing '=value', repeated keys, lists.
     return collect_pairs(cls, grouped)
+
+
+def default_serial(cfg: NvmeConfig) -> str:
+    """A serial number for a controller configured without one (``serial`` not given).
+
+    Derived from the absolute paths of its file-backed namespace images (and the
+    state location) when it has any, so it survives restarts with the images;
+    random otherwise, so two controllers never share a serial (Linux refuses a
+    second controller with the same subsystem NQN).
+    """
+    paths = []
+    for spec in cfg.namespaces:
+        try:
+            _kind, options = parse_spec(spec)
+        except PcidevError:
+            continue
+        path = options.get("path")
+        if isinstance(path, str) and path:
+            paths.append(os.path.abspath(path))
+    if paths:
+        key = "\0".join([*paths, str(cfg.state_dir or ""), str(cfg.state_file or "")])
+        return "PD" + hashlib.sha256(key.encode()).hexdigest()[:18].upper()
+    return "PD" + secrets.token_hex(9).upper()

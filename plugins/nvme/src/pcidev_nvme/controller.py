@@ -27,39 +27,32 @@ commands in flight finishes in the background and CSTS says when.
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import logging
-import os
-import secrets
 import threading
 import time
-from collections.abc import Mapping
-from typing import Any
 
 import attrs
 
 from pcidev.bar import Register
 from pcidev.device import PciDevice
-from pcidev.errors import ConfigError, DmaError, PcidevError
+from pcidev.errors import ConfigError, DmaError
 from pcidev.pci import ids
 from pcidev.pci.capabilities.msix import MsixCapability
 from pcidev.pci.config import ResetKind
-from pcidev_nvme import aer as aer_mod
 from pcidev_nvme import migration as _migration
 from pcidev_nvme.admin import AdminCommandSet
 from pcidev_nvme.aer import AsyncEvents
-from pcidev_nvme.backends import BUILTIN_BACKENDS
 from pcidev_nvme.completion import CompletionMixin
-from pcidev_nvme.config import NvmeConfig
+from pcidev_nvme.config import NvmeConfig, default_serial
 from pcidev_nvme.doorbells import DoorbellsMixin, ShadowDoorbells
 from pcidev_nvme.features import Features
-from pcidev_nvme.fetch import BatchState, FetchMixin
+from pcidev_nvme.fetch import FetchMixin
 from pcidev_nvme.health import HealthMixin
 from pcidev_nvme.interrupts import Interrupts, Timer
 from pcidev_nvme.io import IoCommandSet
 from pcidev_nvme.limits import SHUTDOWN_DRAIN_TIMEOUT
 from pcidev_nvme.logs import ChangedNamespaces, ErrorLog, FirmwareSlots, SmartCounters
-from pcidev_nvme.namespace import make_namespace, parse_spec
+from pcidev_nvme.namespaces import NamespaceSetMixin
 from pcidev_nvme.persist import PersistenceMixin
 from pcidev_nvme.queues import CompletionQueue, QueueSetMixin, SubmissionQueue
 from pcidev_nvme.registers import (
@@ -85,7 +78,7 @@ from pcidev_nvme.registers import (
     build_register_map,
     cap_value,
 )
-from pcidev_nvme.request import SQE_SIZE, Request
+from pcidev_nvme.request import SQE_SIZE
 
 __all__ = ["NvmeController"]
 
@@ -96,29 +89,6 @@ _MASTER = int(ids.Command.MASTER)
 assert _MASTER < 0x100
 
 
-def default_serial(cfg: NvmeConfig) -> str:
-    """A serial number for a controller configured without one.
-
-    Derived from the absolute paths of its file-backed namespace images (and the
-    state location) when it has any, so it survives restarts with the images;
-    random otherwise, so two controllers never share a serial (Linux refuses a
-    second controller with the same subsystem NQN).
-    """
-    paths = []
-    for spec in cfg.namespaces:
-        try:
-            _kind, options = parse_spec(spec)
-        except PcidevError:
-            continue
-        path = options.get("path")
-        if isinstance(path, str) and path:
-            paths.append(os.path.abspath(path))
-    if paths:
-        key = "\0".join([*paths, str(cfg.state_dir or ""), str(cfg.state_file or "")])
-        return "PD" + hashlib.sha256(key.encode()).hexdigest()[:18].upper()
-    return "PD" + secrets.token_hex(9).upper()
-
-
 def _align(v: int, a: int) -> int:
     return (v + a - 1) & ~(a - 1)
 
@@ -127,8 +97,8 @@ def _pow2(v: int) -> int:
     return 1 << max(v - 1, 1).bit_length()
 
 
-class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin, HealthMixin, PersistenceMixin,
-                     PciDevice):
+class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin, NamespaceSetMixin, HealthMixin,
+                     PersistenceMixin, PciDevice):
     """An NVMe 2.0 controller (see the module docstring).
 
     :param config: an :class:`~pcidev_nvme.config.NvmeConfig`, a mapping, or a
@@ -181,7 +151,6 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
 
         #: serializes register writes, resets and state restores
         self.state_lock = threading.RLock()
-        self._tls = BatchState()
         self._timer = Timer(f"nvme-timer[{self.name}]")
         self._admin_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -190,23 +159,19 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self._running = False
         #: quiesced for a migration: nothing is fetched (see pcidev_nvme.migration)
         self._paused = False
-        #: doorbell/kick batches in progress on any thread
-        self._batches = 0
-        self._batch_lock = threading.Lock()
+        #: a restore happened: write the state file after the resume (outside the downtime)
+        self._save_at_resume = False
+        self._init_fetch()
         self._csts = 0
         self._gen = 0
         self._shutting_down = False
         self._enable_pending = False
         self._draining: list[SubmissionQueue] = []
         self.shadow = ShadowDoorbells()
-        self._formatting: set[int] = set()
-        self._ka_last = time.monotonic()
-        self._ka_token = 0
+        self._init_health()
         self.page_size = 4096
         self.mdts_bytes: int | None = (4096 << cfg.mdts) if cfg.mdts else None
-        nq = cfg.max_ioqpairs + 1
-        self._sqs: list[SubmissionQueue | None] = [None] * nq
-        self._cqs: list[CompletionQueue | None] = [None] * nq
+        self._init_queues(cfg.max_ioqpairs + 1)
         self.interrupts = Interrupts(self, self._cqs, self._timer, cfg.msix_vectors)
 
         # logs, counters, persistent state
@@ -217,27 +182,16 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self.features = Features(self)
         self.aer = AsyncEvents(self.complete, cfg.aerl + 1)
 
-        # namespaces
-        self.namespaces: dict[int, Any] = {}
-        self.allocated: dict[int, Any] = {}
-        #: file-backed namespaces created by Namespace Management (restored at power-on): nsid -> spec
-        self.created: dict[int, str] = {}
+        self._init_namespaces()
         try:
             self._make_namespaces()
-            self.state_file = self._open_state_file()
-            self._dirty = False
-            self._load_state()
+            self._init_persist()
             self.io = IoCommandSet(self)
             self.admin = AdminCommandSet(self)
         except BaseException:
-            for ns in self.allocated.values():
-                try:
-                    ns.close()
-                except Exception:
-                    pass
+            self._close_namespaces()
             self._timer.close()
             raise
-        self._last_save = time.monotonic()
 
     # ------------------------------------------------------------------ description
     def describe(self) -> None:
@@ -302,32 +256,6 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         """Feature 06h WCE: False means every write must be durable before it completes."""
         return self.features.write_cache
 
-    @property
-    def total_capacity(self) -> int:
-        return max(self.cfg.capacity, self.allocated_capacity)
-
-    @property
-    def allocated_capacity(self) -> int:
-        return sum(int(ns.size) for ns in self.allocated.values())
-
-    # ------------------------------------------------------------------ namespaces and state
-    def backend_registry(self) -> Mapping[str, Any]:
-        """The namespace backends by name: ``cfg.backends`` (what
-        :meth:`~pcidev.registry.DeviceRegistry.create` resolved from the registry),
-        else the built-ins. A controller never loads plugins itself."""
-        return self.cfg.backends if self.cfg.backends is not None else BUILTIN_BACKENDS
-
-    def make_namespace(self, nsid: int, spec: Any):
-        """Build namespace ``nsid`` from a spec (see :func:`pcidev_nvme.namespace.make_namespace`)."""
-        return make_namespace(nsid, spec, state_dir=self.cfg.state_dir, serial=self.cfg.serial,
-                              backends=self.backend_registry())
-
-    def _make_namespaces(self) -> None:
-        for i, spec in enumerate(self.cfg.namespaces, start=1):
-            ns = self.make_namespace(i, spec)
-            self.allocated[i] = ns
-            self.namespaces[i] = ns
-
     def close(self) -> None:
         """Power off: stop timers and workers, save the state file, close namespaces. Idempotent.
 
@@ -346,11 +274,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         if self._admin_pool is not None:
             self._admin_pool.shutdown(wait=True)
         self.save_state()
-        for ns in self.allocated.values():
-            try:
-                ns.close()
-            except Exception:
-                log.exception("closing namespace %d failed", ns.nsid)
+        self._close_namespaces()
 
     def __enter__(self) -> NvmeController:
         return self
@@ -451,11 +375,9 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self._sqs[0] = asq_obj
         self._state = ST_READY
         self._csts = (self._csts & ~CSTS_CFS) | CSTS_RDY
-        self._ka_last = time.monotonic()
+        self.keep_alive()
         self._update_running()
-        if not self._dirty:
-            self._dirty = True
-            self.save_state()
+        self.mark_dirty()
 
     def _begin_reset(self) -> None:
         """CC.EN 1→0: stop fetching; the reset finishes when every command in flight has."""
@@ -503,13 +425,13 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
     def _finish_reset(self) -> None:
         """Everything in flight is done: delete all queues, reset features, CSTS.RDY=0."""
         self._draining = []
-        self._clear_queues()
+        self.clear_queues()
         self.features.reset()
         self.interrupts.reset()
         self.shadow.reset()
-        self._formatting.clear()
+        self.formats_cleared()
         self.smart.clear_reported()
-        self._ka_token += 1
+        self.keep_alive_stop()
         self._timer.cancel_all()
         self.irq.set_intx(False)
         if self.firmware.activate_pending():
@@ -522,20 +444,10 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             self._enable_pending = False
             self._enable()
 
-    def _clear_queues(self) -> None:
-        for i in range(len(self._sqs)):
-            if self._sqs[i] is not None:
-                self._sqs[i].gone = True
-            if self._cqs[i] is not None:
-                self._cqs[i].gone = True
-            self._sqs[i] = None
-            self._cqs[i] = None
-
     def _begin_shutdown(self, *, abrupt: bool) -> None:
         if self._state != ST_READY:
             self._set_shst(SHST_COMPLETE)
-            self._dirty = False
-            self.save_state()
+            self.mark_clean()
             return
         self._shutting_down = True
         self._update_running()
@@ -556,8 +468,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             except Exception as exc:
                 log.warning("%s: flushing namespace %d at shutdown failed: %s", self.name, ns.nsid, exc)
         with self.state_lock:
-            self._dirty = False
-            self.save_state()
+            self.mark_clean()
             if self._shutting_down:
                 self._set_shst(SHST_COMPLETE)
 
@@ -577,9 +488,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             self._enable_pending = False
             self._finish_reset()
             if kind is ResetKind.POWER_ON:
-                self.smart.power_on(unsafe=self._dirty)
-                self._dirty = False
-                self.save_state()
+                self.count_power_on()
 
     def on_failure(self, exc: BaseException) -> None:
         """A register handler raised: the controller is fatally failed (CSTS.CFS)."""
@@ -617,38 +526,6 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             self.__dict__["_msix_cap"] = cap
         return cap
 
-    def coalescing_changed(self) -> None:
-        """Feature 08h changed."""
-        self.interrupts.set_coalescing(*self.features.coalescing)
-
-    def vector_cd(self, iv: int) -> bool:
-        """Coalescing Disable of vector ``iv`` (the admin vector is never coalesced)."""
-        return self.interrupts.vector_cd(iv)
-
-    def set_vector_cd(self, iv: int, cd: bool) -> None:
-        self.interrupts.set_vector_cd(iv, cd)
-
-    # ------------------------------------------------------------------ errors, SMART, AER sources
-    # ------------------------------------------------------------------ namespace changes
-    def begin_format(self, nsids: set[int]) -> list[int]:
-        """Mark ``nsids`` as being formatted (I/O to them fails with Format In Progress);
-        returns the ones already being formatted instead (then nothing is marked)."""
-        with self.state_lock:
-            busy = sorted(n for n in nsids if n in self._formatting)
-            if not busy:
-                self._formatting |= nsids
-            return busy
-
-    def end_format(self, nsids: set[int]) -> None:
-        """A Format NVM of ``nsids`` finished."""
-        with self.state_lock:
-            self._formatting -= nsids
-
-    def namespace_changed(self, nsid: int) -> None:
-        """Record ``nsid`` in the Changed Namespace List and post the notice."""
-        self.changed_ns.add(nsid)
-        self.notice(aer_mod.INFO_NS_ATTR_CHANGED, 0x04)
-
     # ------------------------------------------------------------------ state for migration
     @property
     def fsm_state(self) -> str:
@@ -660,22 +537,12 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         """Commands are fetched (ready, not shutting down, not paused, not closed)."""
         return self._running
 
-    @property
-    def submission_queues(self) -> list[SubmissionQueue | None]:
-        """Submission queues by id (read only: queues change through admin commands)."""
-        return self._sqs
-
-    @property
-    def completion_queues(self) -> list[CompletionQueue | None]:
-        """Completion queues by id (read only)."""
-        return self._cqs
-
     def snapshot(self) -> ControllerState:
         """The registers and the state machine."""
         regs = self.regs
         return ControllerState(state=self._state, cc=regs["CC"].value, csts=self._csts, aqa=regs["AQA"].value,
                                asq=regs["ASQ"].value, acq=regs["ACQ"].value, shutting_down=self._shutting_down,
-                               dirty=bool(self._dirty), page_size=self.page_size)
+                               dirty=self.dirty, page_size=self.page_size)
 
     def restore(self, st: ControllerState) -> None:
         """Take the registers and state machine of a checked state (call with
@@ -685,10 +552,10 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self._gen += 1
         for req in self.aer.reset():
             req.done = True
-        self._clear_queues()
+        self.clear_queues()
         self._draining = []
         self._enable_pending = False
-        self._formatting.clear()
+        self.formats_cleared()
         regs = self.regs
         regs["CC"].value = st.cc
         regs["AQA"].value = st.aqa
@@ -697,32 +564,14 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self._csts = st.csts
         self._state = st.state
         self._shutting_down = st.shutting_down
-        self._dirty = st.dirty
+        self.restore_dirty(st.dirty)
         self.page_size = st.page_size
-
-    def install_queues(self, sqs: list[SubmissionQueue | None], cqs: list[CompletionQueue | None]) -> None:
-        """Use restored queues (indexed by queue id, as many as this controller has)."""
-        self._sqs[:] = sqs
-        self._cqs[:] = cqs
-
-    def restore_parked_aers(self, cids: tuple[int, ...]) -> list[Request]:
-        """Parked Asynchronous Event Requests on the admin SQ with these CIDs (restored
-        outstanding AERs); they are in flight on the admin SQ."""
-        asq = self._sqs[0]
-        out = []
-        now = time.monotonic()
-        for cid in cids:
-            sqe = bytes([0x0C, 0]) + cid.to_bytes(2, "little") + bytes(SQE_SIZE - 4)
-            req = Request(0, cid, 0x0C, 0, sqe, sq=asq, gen=self._gen, t_fetch=now, parked=True)
-            asq.inflight[cid] = req
-            out.append(req)
-        return out
 
     def finish_restore(self) -> None:
         """After a restore: timers stopped, keep alive counted from now, the state file
         rewritten after the resume (outside the downtime)."""
-        self._ka_last = time.monotonic()
-        self._ka_token += 1
+        self.keep_alive()
+        self.keep_alive_stop()
         self._timer.cancel_all()
         self._update_running()
         self._save_at_resume = True
@@ -740,17 +589,10 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             was = self._paused
             self._paused = False
             self._update_running()
-        if self.__dict__.pop("_save_at_resume", False):
-            self._last_save = float("-inf")
+        if self._save_at_resume:
+            self._save_at_resume = False
+            self.save_soon()
         return was
-
-    def fetch_idle(self) -> bool:
-        """No doorbell or kick batch in progress and no SQ being fetched."""
-        return not self._batches and not any(sq is not None and sq.running for sq in list(self._sqs))
-
-    def batches_idle(self) -> bool:
-        """No doorbell or kick batch in progress on any thread."""
-        return not self._batches
 
     def admin_work_marker(self) -> concurrent.futures.Future | None:
         """A future done once the admin work queued so far has run (None: no admin worker)."""
@@ -759,15 +601,13 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
 
     def stop_timers(self) -> None:
         """No keep-alive verdict, no coalescing deadline; aggregated interrupts delivered now."""
-        self._ka_token += 1
+        self.keep_alive_stop()
         self._timer.cancel_all()
         self.interrupts.flush_coalesced()
 
     def restart_work(self) -> None:
         """After an unpause: keep alive counted from now, events delivered, every SQ fetched."""
-        self._ka_last = time.monotonic()
-        if self.features.kato_ms:
-            self.keep_alive_changed()
+        self.keep_alive_restart()
         self.aer.deliver()
         for sq in list(self._sqs):
             if sq is not None and not sq.gone:

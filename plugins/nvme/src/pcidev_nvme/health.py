@@ -91,9 +91,26 @@ class HealthMixin:
         if bit is not None and self.features.aec & (1 << bit):
             self.aer.post(aer_mod.AER_NOTICE, info, lid)
 
-    def keep_alive(self) -> None:
-        """A Keep Alive command arrived."""
+    def _init_health(self) -> None:
+        """Keep alive: nothing heard from the host yet, no timer armed."""
         self._ka_last = time.monotonic()
+        #: a keep-alive check scheduled with another token is stale
+        self._ka_token = 0
+
+    def keep_alive(self, now: float | None = None) -> None:
+        """The host was heard from (a Keep Alive or any admin command), at ``now``
+        (``time.monotonic()``; default: now)."""
+        self._ka_last = time.monotonic() if now is None else now
+
+    def keep_alive_stop(self) -> None:
+        """Forget any keep-alive check that is scheduled (a reset, a quiesce, a restore)."""
+        self._ka_token += 1
+
+    def keep_alive_restart(self) -> None:
+        """Count from now and re-arm the check if Keep Alive is on (a resume)."""
+        self._ka_last = time.monotonic()
+        if self.features.kato_ms:
+            self.keep_alive_changed()
 
     def keep_alive_changed(self) -> None:
         """Feature 0Fh changed: restart the keep alive timer."""
