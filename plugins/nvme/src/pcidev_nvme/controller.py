@@ -39,7 +39,6 @@ from pcidev.errors import ConfigError, DmaError
 from pcidev.pci import ids
 from pcidev.pci.capabilities.msix import MsixCapability
 from pcidev.pci.config import ResetKind
-from pcidev_nvme import migration as _migration
 from pcidev_nvme.admin import AdminCommandSet
 from pcidev_nvme.aer import AsyncEvents
 from pcidev_nvme.completion import CompletionMixin
@@ -52,6 +51,7 @@ from pcidev_nvme.interrupts import Interrupts, Timer
 from pcidev_nvme.io import IoCommandSet
 from pcidev_nvme.limits import SHUTDOWN_DRAIN_TIMEOUT
 from pcidev_nvme.logs import ChangedNamespaces, ErrorLog, FirmwareSlots, SmartCounters
+from pcidev_nvme.migration import MigrationMixin
 from pcidev_nvme.namespaces import NamespaceSetMixin
 from pcidev_nvme.persist import PersistenceMixin
 from pcidev_nvme.queues import CompletionQueue, QueueSetMixin, SubmissionQueue
@@ -62,7 +62,6 @@ from pcidev_nvme.registers import (
     CSTS_CFS,
     CSTS_RDY,
     CSTS_SHST_SHIFT,
-    DOORBELL_BASE,
     MPSMAX,
     MPSMIN,
     SHST_COMPLETE,
@@ -75,6 +74,7 @@ from pcidev_nvme.registers import (
     Bar0,
     ControllerState,
     ZeroBar,
+    bar_layout,
     build_register_map,
     cap_value,
 )
@@ -89,16 +89,8 @@ _MASTER = int(ids.Command.MASTER)
 assert _MASTER < 0x100
 
 
-def _align(v: int, a: int) -> int:
-    return (v + a - 1) & ~(a - 1)
-
-
-def _pow2(v: int) -> int:
-    return 1 << max(v - 1, 1).bit_length()
-
-
 class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin, NamespaceSetMixin, HealthMixin,
-                     PersistenceMixin, PciDevice):
+                     PersistenceMixin, MigrationMixin, PciDevice):
     """An NVMe 2.0 controller (see the module docstring).
 
     :param config: an :class:`~pcidev_nvme.config.NvmeConfig`, a mapping, or a
@@ -121,9 +113,6 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
     INTERRUPT_PIN = 1
     #: the configuration class (for tools that build devices from properties)
     CONFIG_CLASS = NvmeConfig
-    #: live migration (``pcidev_nvme.migration``)
-    VMSTATE = _migration.NvmeState
-    MIGRATABLE_FEATURES = _migration.MIGRATABLE_FEATURES
 
     def __init__(self, config: NvmeConfig | dict | str | None = None, *, name: str | None = None) -> None:
         if config is None:
@@ -151,16 +140,13 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
 
         #: serializes register writes, resets and state restores
         self.state_lock = threading.RLock()
-        self._timer = Timer(f"nvme-timer[{self.name}]")
+        self.timer = Timer(f"nvme-timer[{self.name}]")
         self._admin_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
         # controller state
         self._state = ST_DISABLED
         self._running = False
-        #: quiesced for a migration: nothing is fetched (see pcidev_nvme.migration)
-        self._paused = False
-        #: a restore happened: write the state file after the resume (outside the downtime)
-        self._save_at_resume = False
+        self._init_migration()
         self._init_fetch()
         self._csts = 0
         self._gen = 0
@@ -172,7 +158,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self.page_size = 4096
         self.mdts_bytes: int | None = (4096 << cfg.mdts) if cfg.mdts else None
         self._init_queues(cfg.max_ioqpairs + 1)
-        self.interrupts = Interrupts(self, self._cqs, self._timer, cfg.msix_vectors)
+        self.interrupts = Interrupts(self, self._cqs, self.timer, cfg.msix_vectors)
 
         # logs, counters, persistent state
         self.error_log = ErrorLog(cfg.elpe + 1)
@@ -190,7 +176,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             self.admin = AdminCommandSet(self)
         except BaseException:
             self._close_namespaces()
-            self._timer.close()
+            self.timer.close()
             raise
 
     # ------------------------------------------------------------------ description
@@ -201,22 +187,13 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
                                   on_intms=self._intms_written, on_intmc=self._intmc_written,
                                   on_cc=self._cc_written, csts=lambda r: self._csts)
         self.regs = regs
-        nvec = cfg.msix_vectors
-        db_end = DOORBELL_BASE + 8 * (cfg.max_ioqpairs + 1)
-        if cfg.msix_bar == 0:
-            table = _align(db_end, 4096)
-            pba = _align(table + 16 * nvec, 4096)
-            size = _pow2(pba + _align((nvec + 63) // 64 * 8, 4096))
-            self._db_window = table
-            self.add_mem_bar(0, size, Bar0(regs, self._doorbell_write, table), bits64=True)
-            self.add_msix(nvec, bar=0, table_offset=table, pba_offset=pba)
-        else:
-            size = _pow2(_align(db_end, 4096))
-            self._db_window = size
-            self.add_mem_bar(0, size, Bar0(regs, self._doorbell_write, size), bits64=True)
-            pba = _align(16 * nvec, 4096)
-            self.add_mem_bar(4, _pow2(pba + _align((nvec + 63) // 64 * 8, 4096)), ZeroBar(), bits64=True)
-            self.add_msix(nvec, bar=4, table_offset=0, pba_offset=pba)
+        layout = bar_layout(cfg.max_ioqpairs, cfg.msix_vectors, cfg.msix_bar)
+        self._db_window = layout.doorbell_window
+        self.add_mem_bar(0, layout.bar0_size, Bar0(regs, self._doorbell_write, layout.doorbell_window), bits64=True)
+        if layout.bar4_size:
+            self.add_mem_bar(4, layout.bar4_size, ZeroBar(), bits64=True)
+        self.add_msix(cfg.msix_vectors, bar=layout.msix_bar, table_offset=layout.table_offset,
+                      pba_offset=layout.pba_offset)
         self.add_standard_pcie_caps(flr=True, aer=True)
 
     # ------------------------------------------------------------------ contract
@@ -266,7 +243,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             return
         self._closed = True
         self._running = False
-        self._timer.close()
+        self.timer.close()
         try:
             self.io.close()
         except Exception:
@@ -310,14 +287,15 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
                 else:
                     self._set_shst(SHST_NORMAL)
                     self._shutting_down = False
-                    self._update_running()
+                    self.update_running()
 
     def _set_shst(self, shst: int) -> None:
         self._csts = (self._csts & ~(3 << CSTS_SHST_SHIFT)) | (shst << CSTS_SHST_SHIFT)
 
-    def _update_running(self) -> None:
+    def update_running(self) -> None:
+        """Recompute :attr:`running` (after a change of state, shutdown, pause or close)."""
         self._running = (self._state == ST_READY and not self._shutting_down and not self._closed
-                         and not self._paused)
+                         and not self.paused)
 
     # ------------------------------------------------------------------ enable / reset / shutdown
     def _enable(self) -> None:
@@ -376,7 +354,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self._state = ST_READY
         self._csts = (self._csts & ~CSTS_CFS) | CSTS_RDY
         self.keep_alive()
-        self._update_running()
+        self.update_running()
         self.mark_dirty()
 
     def _begin_reset(self) -> None:
@@ -389,7 +367,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             return
         self._state = ST_RESETTING
         self._enable_pending = False
-        self._update_running()
+        self.update_running()
         self._gen += 1
         self._drop_parked()
         old = [sq for sq in self._sqs if sq is not None]
@@ -432,14 +410,14 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self.formats_cleared()
         self.smart.clear_reported()
         self.keep_alive_stop()
-        self._timer.cancel_all()
+        self.timer.cancel_all()
         self.irq.set_intx(False)
         if self.firmware.activate_pending():
             log.info("%s: firmware slot %d active after reset", self.name, self.firmware.active)
         self._state = ST_DISABLED
         self._csts &= ~(CSTS_RDY | CSTS_CFS)
         self.failed = None
-        self._update_running()
+        self.update_running()
         if self._enable_pending or self.regs["CC"].value & CC_EN:
             self._enable_pending = False
             self._enable()
@@ -450,7 +428,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             self.mark_clean()
             return
         self._shutting_down = True
-        self._update_running()
+        self.update_running()
         self._set_shst(SHST_PROCESSING)
         self.run_async(self._shutdown_work, abrupt)
 
@@ -500,7 +478,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             self._csts |= CSTS_CFS
             if self._state == ST_READY:
                 self._state = ST_FAILED
-            self._update_running()
+            self.update_running()
 
     # ------------------------------------------------------------------ async work
     def run_async(self, fn, *args) -> concurrent.futures.Future:
@@ -548,7 +526,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         """Take the registers and state machine of a checked state (call with
         :attr:`state_lock` held). Every queue and parked request is dropped, fetching
         stays paused until :meth:`finish_restore` and the migration's resume."""
-        self._paused = True
+        self.pause()
         self._gen += 1
         for req in self.aer.reset():
             req.done = True
@@ -567,76 +545,10 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self.restore_dirty(st.dirty)
         self.page_size = st.page_size
 
-    def finish_restore(self) -> None:
-        """After a restore: timers stopped, keep alive counted from now, the state file
-        rewritten after the resume (outside the downtime)."""
-        self.keep_alive()
-        self.keep_alive_stop()
-        self._timer.cancel_all()
-        self._update_running()
-        self._save_at_resume = True
-
-    def pause(self) -> None:
-        """Stop fetching (a quiesce); commands in flight go on."""
-        with self.state_lock:
-            self._paused = True
-            self._update_running()
-
-    def unpause(self) -> bool:
-        """Fetch again; returns whether it was paused. A state file due since a restore
-        is written by the next admin command (:meth:`maybe_save_state`)."""
-        with self.state_lock:
-            was = self._paused
-            self._paused = False
-            self._update_running()
-        if self._save_at_resume:
-            self._save_at_resume = False
-            self.save_soon()
-        return was
-
     def admin_work_marker(self) -> concurrent.futures.Future | None:
         """A future done once the admin work queued so far has run (None: no admin worker)."""
         pool = self._admin_pool
         return pool.submit(lambda: None) if pool is not None else None
-
-    def stop_timers(self) -> None:
-        """No keep-alive verdict, no coalescing deadline; aggregated interrupts delivered now."""
-        self.keep_alive_stop()
-        self._timer.cancel_all()
-        self.interrupts.flush_coalesced()
-
-    def restart_work(self) -> None:
-        """After an unpause: keep alive counted from now, events delivered, every SQ fetched."""
-        self.keep_alive_restart()
-        self.aer.deliver()
-        for sq in list(self._sqs):
-            if sq is not None and not sq.gone:
-                self._kick(sq)
-
-    # ------------------------------------------------------------------ migration
-    def enabled_features(self) -> set[str]:
-        return super().enabled_features() | _migration.features(self)
-
-    def device_migration_blockers(self) -> list[str]:
-        return _migration.blockers(self)
-
-    def device_fingerprint(self) -> dict:
-        return _migration.fingerprint(self)
-
-    def on_quiesce(self) -> None:
-        _migration.quiesce(self)
-
-    def on_resume(self) -> None:
-        _migration.resume(self)
-
-    def get_device_state(self) -> _migration.NvmeState:
-        return _migration.save(self)
-
-    def check_device_state(self, state: _migration.NvmeState) -> None:
-        _migration.check(self, state)
-
-    def set_device_state(self, state: _migration.NvmeState) -> None:
-        _migration.apply(self, state)
 
     # ------------------------------------------------------------------ misc
     def __repr__(self) -> str:

@@ -77,6 +77,12 @@ class FetchMixin:
         """No doorbell or kick batch in progress on any thread."""
         return not self._batches
 
+    def kick_all(self) -> None:
+        """Fetch every live submission queue (after a resume: what was submitted meanwhile)."""
+        for sq in list(self._sqs):
+            if sq is not None and not sq.gone:
+                self._kick(sq)
+
     def _kick_throttled(self, cq: CompletionQueue) -> None:
         with cq.lock:
             sqs = list(cq.throttled)

@@ -26,7 +26,7 @@ class HealthMixin:
     _state: str
     _ka_last: float
     _ka_token: int
-    _timer: Any
+    timer: Any
     cfg: Any
     smart: Any
     features: Any
@@ -118,7 +118,7 @@ class HealthMixin:
         self._ka_token += 1
         kato = self.features.kato_ms
         if kato:
-            self._timer.schedule(kato / 1000.0, self._keep_alive_check, self._ka_token)
+            self.timer.schedule(kato / 1000.0, self._keep_alive_check, self._ka_token)
 
     def _keep_alive_check(self, token: int) -> None:
         kato = self.features.kato_ms
@@ -126,7 +126,7 @@ class HealthMixin:
             return
         left = self._ka_last + kato / 1000.0 - time.monotonic()
         if left > 0:
-            self._timer.schedule(left, self._keep_alive_check, token)
+            self.timer.schedule(left, self._keep_alive_check, token)
             return
         self.error_log.add(sqid=0xFFFF, cid=0xFFFF, status_field=Status.KA_TIMEOUT_EXPIRED | DNR)
         self._fatal("keep alive timeout expired")

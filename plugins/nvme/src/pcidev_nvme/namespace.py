@@ -128,8 +128,8 @@ def parse_spec(spec: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
     options: dict[str, Any] = {}
     for key, value in split_properties(rest):
         if not key:
-            raise PropertyError(f"namespace spec {spec!r}: option {value!r} has no '=value' "
-                                f"(write {value}=VALUE)", name=value)
+            hint = f" (write {value.strip()}=VALUE)" if value.strip().isprintable() and value.strip() else ""
+            raise PropertyError(f"namespace spec {spec!r}: option {value!r} has no '=value'{hint}", name=value)
         if key in options:
             raise PropertyError(f"namespace spec {spec!r}: option {key!r} given twice", name=key)
         options[key] = value

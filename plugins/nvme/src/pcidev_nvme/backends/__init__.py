@@ -123,6 +123,7 @@ def create_backend(name: str, options: Mapping[str, Any],
         hint = ""
         if isinstance(name, str) and ("," in name or "=" in name):
             kind = name.split(",")[0].split("=")[0]
+            kind = kind if kind.isprintable() and kind.strip() else "KIND"
             hint = (f"; a backend's options follow a ':' after its name, "
                     f"as in ns={kind}:size=64M")
         raise ConfigError(f"unknown NVMe namespace backend {name!r} (known: {names}){hint}")
