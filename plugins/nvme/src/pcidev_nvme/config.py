@@ -201,6 +201,29 @@ class NvmeConfig:
 
     # -- construction helpers ----------------------------------------------------------
     @classmethod
+    def coerce(cls, config: NvmeConfig | Mapping[str, Any] | str | None) -> NvmeConfig:
+        """The configuration of a controller built from ``config``, with a serial number.
+
+        :param config: a config, a mapping (:meth:`from_dict`), a property string
+            (:meth:`parse`) or None (the defaults).
+        :returns: the config, ``serial`` filled in (:func:`default_serial`) when not given.
+        :raises ConfigError: anything else, or a bad value.
+        """
+        if config is None:
+            cfg = cls()
+        elif isinstance(config, cls):
+            cfg = config
+        elif isinstance(config, str):
+            cfg = cls.parse(config)
+        elif isinstance(config, Mapping):
+            cfg = cls.from_dict(config)
+        else:
+            raise ConfigError(f"nvme: configuration must be NvmeConfig, dict or str, not {type(config).__name__}")
+        if cfg.msix_vectors < 1:
+            raise ConfigError("nvme: at least one MSI-X vector is needed")
+        return cfg if cfg.serial is not None else attrs.evolve(cfg, serial=default_serial(cfg))
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> NvmeConfig:
         """Structure a mapping (strings allowed for every value) into a config.
 

@@ -6,8 +6,10 @@ registers (:mod:`~pcidev_nvme.registers`), doorbells (:mod:`~pcidev_nvme.doorbel
 the fetch loop (:mod:`~pcidev_nvme.fetch`), completions
 (:mod:`~pcidev_nvme.completion`), queues (:mod:`~pcidev_nvme.queues`), interrupts
 (:mod:`~pcidev_nvme.interrupts`), temperature and keep alive
-(:mod:`~pcidev_nvme.health`), the state file (:mod:`~pcidev_nvme.persist`), the
-command sets, and live migration (:mod:`~pcidev_nvme.migration`).
+(:mod:`~pcidev_nvme.health`), the namespaces (:mod:`~pcidev_nvme.namespaces`), the
+state file (:mod:`~pcidev_nvme.persist`), the command sets, and live migration
+(:mod:`~pcidev_nvme.migration`). Each mixin module initialises its own state in an
+``_init_<concern>()`` called from :meth:`NvmeController.__init__`.
 
 PCI identity: class 01:08:02 (NVM Express I/O controller), 1b36:0010 by default,
 a 64-bit memory BAR0 with the registers, the doorbells and (by default) the
@@ -26,23 +28,20 @@ commands in flight finishes in the background and CSTS says when.
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import threading
 import time
 
-import attrs
-
 from pcidev.bar import Register
 from pcidev.device import PciDevice
-from pcidev.errors import ConfigError, DmaError
+from pcidev.errors import DmaError
 from pcidev.pci import ids
 from pcidev.pci.capabilities.msix import MsixCapability
 from pcidev.pci.config import ResetKind
-from pcidev_nvme.admin import AdminCommandSet
+from pcidev_nvme.admin import AdminCommandSet, AdminWorker
 from pcidev_nvme.aer import AsyncEvents
 from pcidev_nvme.completion import CompletionMixin
-from pcidev_nvme.config import NvmeConfig, default_serial
+from pcidev_nvme.config import NvmeConfig
 from pcidev_nvme.doorbells import DoorbellsMixin, ShadowDoorbells
 from pcidev_nvme.features import Features
 from pcidev_nvme.fetch import FetchMixin
@@ -57,13 +56,9 @@ from pcidev_nvme.persist import PersistenceMixin
 from pcidev_nvme.queues import CompletionQueue, QueueSetMixin, SubmissionQueue
 from pcidev_nvme.registers import (
     CC_EN,
-    CSS_ALL,
-    CSS_NVM,
     CSTS_CFS,
     CSTS_RDY,
     CSTS_SHST_SHIFT,
-    MPSMAX,
-    MPSMIN,
     SHST_COMPLETE,
     SHST_NORMAL,
     SHST_PROCESSING,
@@ -77,6 +72,7 @@ from pcidev_nvme.registers import (
     bar_layout,
     build_register_map,
     cap_value,
+    enable_problem,
 )
 from pcidev_nvme.request import SQE_SIZE
 
@@ -115,21 +111,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
     CONFIG_CLASS = NvmeConfig
 
     def __init__(self, config: NvmeConfig | dict | str | None = None, *, name: str | None = None) -> None:
-        if config is None:
-            cfg = NvmeConfig()
-        elif isinstance(config, NvmeConfig):
-            cfg = config
-        elif isinstance(config, str):
-            cfg = NvmeConfig.parse(config)
-        elif isinstance(config, dict):
-            cfg = NvmeConfig.from_dict(config)
-        else:
-            raise ConfigError(f"nvme: configuration must be NvmeConfig, dict or str, not {type(config).__name__}")
-        if cfg.msix_vectors < 1:
-            raise ConfigError("nvme: at least one MSI-X vector is needed")
-        if cfg.serial is None:
-            cfg = attrs.evolve(cfg, serial=default_serial(cfg))
-        self.cfg = cfg
+        self.cfg = cfg = NvmeConfig.coerce(config)
         self._guest_memory = None
         self._closed = False
         super().__init__(name=name)
@@ -141,7 +123,8 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         #: serializes register writes, resets and state restores
         self.state_lock = threading.RLock()
         self.timer = Timer(f"nvme-timer[{self.name}]")
-        self._admin_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        #: slow admin work (Format NVM, flush, shutdown) in the background
+        self.admin_worker = AdminWorker(f"nvme-admin[{self.name}]", self._fatal)
 
         # controller state
         self._state = ST_DISABLED
@@ -248,8 +231,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             self.io.close()
         except Exception:
             log.exception("closing the I/O command set failed")
-        if self._admin_pool is not None:
-            self._admin_pool.shutdown(wait=True)
+        self.admin_worker.shutdown()
         self.save_state()
         self._close_namespaces()
 
@@ -306,40 +288,17 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         if self._state == ST_FAILED or self._csts & CSTS_RDY:
             return
         regs = self.regs
-        cc = regs["CC"].value
-        aqa = regs["AQA"].value
-        asq = regs["ASQ"].value
-        acq = regs["ACQ"].value
-        asqs = (aqa & 0xFFF) + 1
-        acqs = ((aqa >> 16) & 0xFFF) + 1
-        css = (cc >> 4) & 7
-        mps = (cc >> 7) & 0xF
-        ams = (cc >> 11) & 7
-        problem = None
-        if asqs < 2:
-            problem = f"AQA.ASQS {asqs - 1} is too small"
-        elif acqs < 2:
-            problem = f"AQA.ACQS {acqs - 1} is too small"
-        elif not MPSMIN <= mps <= MPSMAX:
-            problem = f"CC.MPS {mps} outside MPSMIN..MPSMAX ({MPSMIN}..{MPSMAX})"
-        elif css not in (CSS_NVM, CSS_ALL):
-            problem = f"CC.CSS {css:#05b} is not supported"
-        elif ams != 0:
-            problem = f"CC.AMS {ams} is not supported (round robin only)"
-        elif asq == 0 or acq == 0:
-            problem = "ASQ or ACQ is zero"
-        else:
-            page = 4096 << mps
-            if asq & (page - 1) or acq & (page - 1):
-                problem = f"ASQ/ACQ not aligned to the {page}-byte memory page"
-            else:
-                mem = self._guest_memory  # bus mastering may still be off: only check the ranges
-                if mem is not None:
-                    try:
-                        for v in mem.views(asq, asqs * SQE_SIZE) + mem.views(acq, acqs * 16, write=True):
-                            v.release()
-                    except DmaError as exc:
-                        problem = f"admin queues are not in guest memory: {exc}"
+        aqa, asq, acq = regs["AQA"].value, regs["ASQ"].value, regs["ACQ"].value
+        asqs, acqs = (aqa & 0xFFF) + 1, ((aqa >> 16) & 0xFFF) + 1
+        mps = (regs["CC"].value >> 7) & 0xF
+        problem = enable_problem(regs["CC"].value, aqa, asq, acq)
+        mem = self._guest_memory  # bus mastering may still be off: only check the ranges
+        if problem is None and mem is not None:
+            try:
+                for v in mem.views(asq, asqs * SQE_SIZE) + mem.views(acq, acqs * 16, write=True):
+                    v.release()
+            except DmaError as exc:
+                problem = f"admin queues are not in guest memory: {exc}"
         if problem is not None:
             log.warning("%s: refusing to enable: %s; CSTS.CFS set", self.name, problem)
             self._csts |= CSTS_CFS
@@ -347,10 +306,8 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self.page_size = 4096 << mps
         self.features.reset()
         acq_obj = CompletionQueue(0, acq, acqs, 0, True)
-        asq_obj = SubmissionQueue(0, asq, asqs, acq_obj)
-        acq_obj.attach(asq_obj)
-        self._cqs[0] = acq_obj
-        self._sqs[0] = asq_obj
+        self.add_cq(acq_obj)
+        self.add_sq(SubmissionQueue(0, asq, asqs, acq_obj))
         self._state = ST_READY
         self._csts = (self._csts & ~CSTS_CFS) | CSTS_RDY
         self.keep_alive()
@@ -430,7 +387,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self._shutting_down = True
         self.update_running()
         self._set_shst(SHST_PROCESSING)
-        self.run_async(self._shutdown_work, abrupt)
+        self.admin_worker.submit(self._shutdown_work, abrupt)
 
     def _shutdown_work(self, abrupt: bool) -> None:
         deadline = time.monotonic() + (0 if abrupt else SHUTDOWN_DRAIN_TIMEOUT)
@@ -479,20 +436,6 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             if self._state == ST_READY:
                 self._state = ST_FAILED
             self.update_running()
-
-    # ------------------------------------------------------------------ async work
-    def run_async(self, fn, *args) -> concurrent.futures.Future:
-        """Run ``fn(*args)`` on the controller's admin worker thread (slow admin work)."""
-        if self._admin_pool is None:
-            self._admin_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"nvme-admin[{self.name}]")
-        return self._admin_pool.submit(self._guarded, fn, *args)
-
-    def _guarded(self, fn, *args) -> None:
-        try:
-            fn(*args)
-        except Exception as exc:
-            log.exception("%s: background work %r failed", self.name, fn)
-            self._fatal(f"background work failed: {exc}")
 
     # ------------------------------------------------------------------ interrupts
     @property
@@ -544,11 +487,6 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self._shutting_down = st.shutting_down
         self.restore_dirty(st.dirty)
         self.page_size = st.page_size
-
-    def admin_work_marker(self) -> concurrent.futures.Future | None:
-        """A future done once the admin work queued so far has run (None: no admin worker)."""
-        pool = self._admin_pool
-        return pool.submit(lambda: None) if pool is not None else None
 
     # ------------------------------------------------------------------ misc
     def __repr__(self) -> str:

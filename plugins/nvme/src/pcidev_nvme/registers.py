@@ -129,6 +129,34 @@ def build_register_map(name: str, cap: int, *, intms: Callable[[Any], int], on_i
     return regs
 
 
+def enable_problem(cc: int, aqa: int, asq: int, acq: int) -> str | None:
+    """Why CC.EN 0->1 with these registers must fail (CSTS.CFS), or None.
+
+    Checks the admin queue sizes, CC.MPS, CC.CSS, CC.AMS and the alignment of ASQ
+    and ACQ; whether the queues lie in guest memory is the controller's check.
+
+    :returns: the problem in words, or None when the registers are acceptable.
+    """
+    asqs, acqs = (aqa & 0xFFF) + 1, ((aqa >> 16) & 0xFFF) + 1
+    css, mps, ams = (cc >> 4) & 7, (cc >> 7) & 0xF, (cc >> 11) & 7
+    if asqs < 2:
+        return f"AQA.ASQS {asqs - 1} is too small"
+    if acqs < 2:
+        return f"AQA.ACQS {acqs - 1} is too small"
+    if not MPSMIN <= mps <= MPSMAX:
+        return f"CC.MPS {mps} outside MPSMIN..MPSMAX ({MPSMIN}..{MPSMAX})"
+    if css not in (CSS_NVM, CSS_ALL):
+        return f"CC.CSS {css:#05b} is not supported"
+    if ams != 0:
+        return f"CC.AMS {ams} is not supported (round robin only)"
+    if asq == 0 or acq == 0:
+        return "ASQ or ACQ is zero"
+    page = 4096 << mps
+    if asq & (page - 1) or acq & (page - 1):
+        return f"ASQ/ACQ not aligned to the {page}-byte memory page"
+    return None
+
+
 def _align(v: int, a: int) -> int:
     return (v + a - 1) & ~(a - 1)
 
