@@ -233,3 +233,13 @@ def test_any_text_is_a_config_or_one_config_error(text):
         NvmeConfig.parse(text)
     except ConfigError:
         pass
+
+
+def test_config_coerce_forms_and_serial():
+    assert NvmeConfig.coerce("serial=abc,mdts=5").mdts == 5
+    assert NvmeConfig.coerce({"serial": "abc"}).serial == "abc"
+    cfg = NvmeConfig(serial="x")
+    assert NvmeConfig.coerce(cfg) is cfg
+    assert NvmeConfig.coerce(None).serial.startswith("PD")  # a default serial is chosen
+    with pytest.raises(ConfigError, match="NvmeConfig, dict or str"):
+        NvmeConfig.coerce(42)  # type: ignore[arg-type]
