@@ -112,6 +112,12 @@ def test_controller_still_does_io_after_garbage(env):
     drv, ctrl = env.drv, env.ctrl
     if 1 not in drv.queues:
         drv.create_io_queue_pair(1, 64)
+    if not ctrl.allocated:
+        # A fuzzed Namespace Management delete (of NSID FFFFFFFFh, or of 1 and 2) may
+        # legitimately have removed every namespace: create one to do I/O on.
+        data = bytearray(4096)
+        struct.pack_into("<QQ", data, 0, 256, 256)  # 256 x 512 B
+        drv.admin(0x0D, cdw10=0, data=bytes(data))
     for nsid in list(ctrl.allocated):
         if nsid not in ctrl.namespaces:
             drv.admin(0x15, nsid=nsid, cdw10=0, data=struct.pack("<HH", 1, 0))

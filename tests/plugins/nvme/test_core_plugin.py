@@ -8,8 +8,9 @@ import importlib
 import json
 from importlib.metadata import version
 
+import attrs
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pcidev import hookimpl
@@ -80,6 +81,42 @@ def test_config_parsing():
     cfg = NvmeConfig.parse("capacity=0x100000,dbbuf=n,ns=mem:size=64MiB")
     assert cfg.capacity == 1 << 20 and cfg.dbbuf is False and cfg.namespaces == ["mem:size=64MiB"]
     assert NvmeConfig.parse("capacity=2GiB").capacity == 2 << 30
+
+
+def test_config_namespace_commas_round_trip(tmp_path):
+    # ',,' inside a namespace spec stays a literal comma through both levels of the grammar
+    cfg = NvmeConfig.parse(f"ns=file:path={tmp_path}/a,,b.img,size=1M,mdts=5,ns=mem:size=1M,lbaf=1")
+    assert cfg.mdts == 5 and cfg.namespaces == [f"file:path={tmp_path}/a,,b.img,size=1M", "mem:size=1M,lbaf=1"]
+    ctrl = NvmeController(cfg)
+    try:
+        assert ctrl.namespaces[1].backend.path == f"{tmp_path}/a,b.img"
+        assert ctrl.namespaces[2].lba_size == 4096
+    finally:
+        ctrl.close()
+
+
+def test_bad_namespace_option_is_one_config_error():
+    with pytest.raises(ConfigError, match="property 'lbaf'.*integer") as info:
+        NvmeController("ns=mem:size=1M,lbaf=\u00b2")
+    assert "\n" not in str(info.value)
+
+
+def test_describe_lists_every_namespace_and_backend_option(capsys):
+    assert cli_main(["describe", "nvme"]) == 0
+    out = capsys.readouterr().out
+    for _heading, cls in NvmeConfig.property_groups():
+        for field in attrs.fields(cls):
+            assert field.metadata.get("help"), f"{cls.__name__}.{field.name} has no help"
+            assert field.name in out, f"describe nvme does not mention {cls.__name__}.{field.name}"
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet=",=:ns0123456789abmelfuizMk", max_size=40))
+def test_any_property_string_gives_a_config_or_one_config_error(text):
+    try:
+        NvmeConfig.parse(text)
+    except ConfigError as exc:
+        assert "\n" not in str(exc)
 
 
 @pytest.mark.parametrize("text, match", [
@@ -196,3 +233,13 @@ def test_any_text_is_a_config_or_one_config_error(text):
         NvmeConfig.parse(text)
     except ConfigError:
         pass
+
+
+def test_config_coerce_forms_and_serial():
+    assert NvmeConfig.coerce("serial=abc,mdts=5").mdts == 5
+    assert NvmeConfig.coerce({"serial": "abc"}).serial == "abc"
+    cfg = NvmeConfig(serial="x")
+    assert NvmeConfig.coerce(cfg) is cfg
+    assert NvmeConfig.coerce(None).serial.startswith("PD")  # a default serial is chosen
+    with pytest.raises(ConfigError, match="NvmeConfig, dict or str"):
+        NvmeConfig.coerce(42)  # type: ignore[arg-type]

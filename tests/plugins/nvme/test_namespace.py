@@ -7,9 +7,14 @@ import struct
 import uuid
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pcidev.errors import ConfigError
+from pcidev.properties import parse_size
 from pcidev_nvme.backends import MemoryBackend
+from pcidev_nvme.backends.mem import make_mem
+from pcidev_nvme.backends.null import make_null
 from pcidev_nvme.io import COPY_LIMITS
 from pcidev_nvme.namespace import Namespace, make_namespace, parse_spec
 from pcidev_nvme.status import NvmeStatusError, Status
@@ -312,3 +317,68 @@ def test_relative_file_path_uses_state_dir(tmp_path):
         assert (tmp_path / "rel.img").exists()
     finally:
         n.close()
+
+
+# ------------------------------------------------------------------------------ spec grammar
+
+
+def test_spec_grammar_is_pcidev_properties(tmp_path):
+    # ',,' is a literal comma (a path with a comma), values take the shared int/size forms
+    img = tmp_path / "a,b.img"
+    ns = make_namespace(1, f"file:path={str(img).replace(',', ',,')},size=0x100000,lbaf=0x1")
+    try:
+        assert ns.backend.path == str(img) and ns.lba_size == 4096 and ns.size == 1 << 20
+    finally:
+        ns.close()
+    assert make_namespace(1, "mem:size=1MiB,lba_size=4k").lba_size == 4096
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("mem:size=1M,lbaf=\u00b2", "property 'lbaf'.*integer"),
+    ("mem:size=1M,lbaf=x", "property 'lbaf'"),
+    ("mem:size=1M,lba_size=big", "property 'lba_size'"),
+    ("mem:size=1M,lbaf", "'lbaf' has no '=value'"),
+    ("mem:size=1M,lbaf=1,lbaf=0", "'lbaf' given twice"),
+])
+def test_bad_namespace_options_are_one_line(spec, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        make_namespace(1, spec)
+    assert "\n" not in str(info.value)
+
+
+def _small_mem(options):
+    size = options.get("size")
+    try:
+        too_big = parse_size(size) > 4 << 20
+    except ConfigError:
+        too_big = False
+    if too_big:
+        raise ConfigError("test catalogue: mem namespaces up to 4M")
+    return make_mem(options)
+
+
+_SMALL_BACKENDS = {"mem": _small_mem, "null": make_null}
+_OPTION_KEYS = ["size", "anon", "lbaf", "lba_size", "uuid", "nguid", "eui64", "path", "bogus", ""]
+_OPTION_VALUES = ["1M", "4096", "0x100000", "1MiB", "0", "1", "2", "on", "off", "4k", "512", "\u00b2", "-1",
+                  "0011223344556677", "00112233445566778899aabbccddeeff", "4f3b2c3e-0000-4000-8000-000000000000",
+                  "", ",", "=", ":"]
+
+
+@st.composite
+def _specs(draw):
+    kind = draw(st.sampled_from(["mem", "null", "file", "", "mem,size=1M"]))
+    items = draw(st.lists(st.tuples(st.sampled_from(_OPTION_KEYS),
+                                    st.one_of(st.sampled_from(_OPTION_VALUES), st.text(max_size=8))), max_size=5))
+    sep = draw(st.sampled_from([":", ",", ""]))
+    return kind + sep + ",".join(f"{k}={v}" if k else v for k, v in items)
+
+
+@settings(max_examples=300, deadline=None)
+@given(spec=st.one_of(_specs(), st.text(max_size=40)))
+def test_any_namespace_spec_gives_a_namespace_or_one_config_error(spec):
+    try:
+        ns = make_namespace(1, spec, backends=_SMALL_BACKENDS)
+    except ConfigError as exc:
+        assert str(exc) and "\n" not in str(exc)
+    else:
+        ns.close()

@@ -37,10 +37,12 @@ the offending field.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import struct
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from pcidev.errors import ConfigError, DmaError, PcidevError
@@ -52,10 +54,8 @@ from pcidev_nvme.features import Features
 from pcidev_nvme.namespace import LBA_FORMATS
 from pcidev_nvme.prp import prp_segments
 from pcidev_nvme.queues import CompletionQueue, SubmissionQueue
+from pcidev_nvme.request import ControllerPort, Request
 from pcidev_nvme.status import NvmeStatusError, Status
-
-from pcidev_nvme.request import ControllerPort
-from pcidev_nvme.request import Request
 
 
 class AdminHost(ControllerPort, Protocol):
@@ -97,13 +97,50 @@ class AdminHost(ControllerPort, Protocol):
     def begin_format(self, nsids: set[int]) -> list[int]: ...
     def end_format(self, nsids: set[int]) -> None: ...
     def make_namespace(self, nsid: int, spec: Any) -> Any: ...
-    def run_async(self, fn: Any, *args: Any) -> Any: ...
+    admin_worker: AdminWorker
     def save_state(self) -> None: ...
     def maybe_save_state(self) -> None: ...
 
-__all__ = ["AdminCommandSet", "Opcode"]
+__all__ = ["AdminCommandSet", "AdminWorker", "Opcode"]
 
 log = logging.getLogger(__name__)
+
+
+class AdminWorker:
+    """One background thread for slow admin work (Format NVM, a flush before a
+    completion, a shutdown), first in first out; started on first use.
+
+    :param name: thread name prefix.
+    :param on_failure: called with a message when work raises (the controller's
+        fatal status); the exception is logged.
+    """
+
+    def __init__(self, name: str, on_failure: Callable[[str], None]) -> None:
+        self._name = name
+        self._on_failure = on_failure
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> concurrent.futures.Future[None]:
+        """Run ``fn(*args)`` on the worker thread."""
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=self._name)
+        return self._pool.submit(self._guarded, fn, *args)
+
+    def marker(self) -> concurrent.futures.Future[None] | None:
+        """A future done once the work queued so far has run (None: nothing ever ran)."""
+        return self._pool.submit(lambda: None) if self._pool is not None else None
+
+    def shutdown(self) -> None:
+        """Wait for the queued work and stop the thread."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def _guarded(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:
+            log.exception("%s: background work %r failed", self._name, fn)
+            self._on_failure(f"background work failed: {exc}")
 
 
 class Opcode:
@@ -444,7 +481,7 @@ class AdminCommandSet:
         disabling_cache = fid == 0x06 and ctrl.features.write_cache and not req.cdw11 & 1
         dw0 = ctrl.features.set(req, data)
         if disabling_cache:
-            ctrl.run_async(self._flush_then_complete, req, dw0)
+            ctrl.admin_worker.submit(self._flush_then_complete, req, dw0)
             return None
         return dw0
 
@@ -607,7 +644,8 @@ class AdminCommandSet:
                     os.unlink(stale)
                 except FileNotFoundError:
                     pass
-            return f"file:path={path},size={size},lbaf={lbaf}"
+            escaped = path.replace(",", ",,")  # the spec grammar: a literal comma is ",,"
+            return f"file:path={escaped},size={size},lbaf={lbaf}"
         if kind == "null":
             return f"null:size={size},lbaf={lbaf}"
         return f"mem:size={size},lbaf={lbaf}"
@@ -692,7 +730,7 @@ class AdminCommandSet:
         busy = ctrl.begin_format({ns.nsid for ns in targets})
         if busy:
             raise _err(Status.FORMAT_IN_PROGRESS, f"namespace(s) {busy} are being formatted")
-        ctrl.run_async(self._format_work, req, targets, lbaf, ses)
+        ctrl.admin_worker.submit(self._format_work, req, targets, lbaf, ses)
         return None
 
     def _format_work(self, req: Request, targets: list, lbaf: int, ses: int) -> None:

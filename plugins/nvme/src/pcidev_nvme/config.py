@@ -23,15 +23,21 @@ its type, default and help text (the ``help`` metadata of the fields below).
 
 from __future__ import annotations
 
+import hashlib
+import os
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
 import attrs
 
-from pcidev.errors import ConfigError
-from pcidev.properties import Size, converter, structure_config
+from pcidev.errors import ConfigError, PcidevError
+from pcidev.properties import PropertyError, Size, converter, structure_config
+from pcidev.properties import _collect as collect_pairs  # private today: the core should export it
+from pcidev_nvme.backends import BUILTIN_BACKEND_CONFIGS
+from pcidev_nvme.namespace import NamespaceOptions, parse_spec
 
-__all__ = ["NvmeConfig"]
+__all__ = ["NvmeConfig", "default_serial", "property_groups"]
 
 
 def _ascii(maxlen: int):
@@ -63,6 +69,31 @@ def _namespaces(inst: Any, attr: attrs.Attribute, value: list) -> None:
     for spec in value:
         if not isinstance(spec, (str, dict)) or not spec:
             raise ConfigError(f"a namespace spec must be a non-empty string or mapping, got {spec!r}")
+
+
+def property_groups() -> list[tuple[str, type]]:
+    """The option classes inside a namespace spec, for ``pcidev describe nvme``.
+
+    :returns: ``(heading, attrs class)`` pairs: the namespace options
+        (:class:`~pcidev_nvme.namespace.NamespaceOptions`), then the options of each
+        built-in backend (:data:`~pcidev_nvme.backends.BUILTIN_BACKEND_CONFIGS`).
+    """
+    groups: list[tuple[str, type]] = [("namespace options (ns=KIND:...,OPTION=VALUE)", NamespaceOptions)]
+    for name, cls in sorted(BUILTIN_BACKEND_CONFIGS.items()):
+        groups.append((f"{name} backend options (ns={name}:OPTION=VALUE,...)", cls))
+    return groups
+
+
+def _option_names(cls: type) -> str:
+    return "/".join(str(f.metadata.get("key", f.name)) for f in attrs.fields(cls))
+
+
+def _namespace_help() -> str:
+    """The help of ``ns=``: the grammar and every option, from the option classes."""
+    backends = "; ".join(f"{name}: {_option_names(cls)}" for name, cls in sorted(BUILTIN_BACKEND_CONFIGS.items()))
+    return (f"a namespace, repeatable (NSID 1, 2, ...): KIND:OPTION=VALUE,... such as mem:size=64M or "
+            f"file:path=IMG,size=1G,readonly=on; backend options: {backends}; "
+            f"namespace options: {_option_names(NamespaceOptions)}")
 
 
 @attrs.define(kw_only=True)
@@ -138,8 +169,7 @@ class NvmeConfig:
         "help": "Identify NN: highest NSID supported"})
     namespaces: list = attrs.field(factory=list, validator=_namespaces, metadata={
         "key": "ns", "aliases": ("namespace",),
-        "help": "a namespace, repeatable (NSID 1, 2, ...): mem:size=64M, null:size=1G, "
-                "file:path=IMG[,size=1G][,readonly=on][,direct=on]"})
+        "help": _namespace_help()})
     state_dir: str | None = attrs.field(default=None, metadata={
         "help": "directory of the persistent state file (default: the first file namespace's directory)"})
     state_file: str | None = attrs.field(default=None, metadata={
@@ -171,6 +201,29 @@ class NvmeConfig:
 
     # -- construction helpers ----------------------------------------------------------
     @classmethod
+    def coerce(cls, config: NvmeConfig | Mapping[str, Any] | str | None) -> NvmeConfig:
+        """The configuration of a controller built from ``config``, with a serial number.
+
+        :param config: a config, a mapping (:meth:`from_dict`), a property string
+            (:meth:`parse`) or None (the defaults).
+        :returns: the config, ``serial`` filled in (:func:`default_serial`) when not given.
+        :raises ConfigError: anything else, or a bad value.
+        """
+        if config is None:
+            cfg = cls()
+        elif isinstance(config, cls):
+            cfg = config
+        elif isinstance(config, str):
+            cfg = cls.parse(config)
+        elif isinstance(config, Mapping):
+            cfg = cls.from_dict(config)
+        else:
+            raise ConfigError(f"nvme: configuration must be NvmeConfig, dict or str, not {type(config).__name__}")
+        if cfg.msix_vectors < 1:
+            raise ConfigError("nvme: at least one MSI-X vector is needed")
+        return cfg if cfg.serial is not None else attrs.evolve(cfg, serial=default_serial(cfg))
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> NvmeConfig:
         """Structure a mapping (strings allowed for every value) into a config.
 
@@ -200,6 +253,11 @@ class NvmeConfig:
         """
         return _collect(pairs, cls)
 
+    @classmethod
+    def property_groups(cls) -> list[tuple[str, type]]:
+        """The option classes of a namespace spec (:func:`property_groups`), for ``describe``."""
+        return property_groups()
+
     def unstructure(self) -> dict[str, Any]:
         """A plain-dict form of the properties (JSON-serializable; without ``backends``)."""
         data = converter.unstructure(self)
@@ -207,36 +265,60 @@ class NvmeConfig:
         return data
 
 
-_NS_KEYS = ("ns", "namespace")
+def _spellings(field: attrs.Attribute) -> tuple[str, ...]:
+    """The keys a user types for ``field``: its ``key`` (default: the name) and ``aliases``."""
+    return (str(field.metadata.get("key", field.name)), *field.metadata.get("aliases", ()))
 
 
 def _collect(pairs: list[tuple[str, str]], cls: type) -> dict[str, Any]:
-    names = {a.name for a in attrs.fields(cls)}
-    data: dict[str, Any] = {}
-    namespaces: list[str] = []
+    fields = [f for f in attrs.fields(cls) if f.init and "component" not in f.metadata]
+    ns_field = attrs.fields_dict(cls)["namespaces"]
+    ns_keys = _spellings(ns_field)
+    keys = {key for f in fields for key in _spellings(f)}
+    # Group: ns=KIND:... swallows the items after it that are not controller properties
+    # (a namespace spec keeps its own commas; a literal one is ',,' again inside it).
+    grouped: list[tuple[str, str]] = []
     in_ns = False
     for key, value in pairs:
-        if key in _NS_KEYS:
-            namespaces.append(value)
+        item = f"{key}={value}" if key else value
+        if key in ns_keys:
+            grouped.append((key, value.replace(",", ",,")))
             in_ns = True
-            continue
-        if in_ns and key not in names:
-            if ":" not in namespaces[-1]:
-                item = f"{key}={value}" if key else value
-                raise ConfigError(
-                    f"nvme: {item!r} after ns={namespaces[-1]} is not a controller property; "
+        elif in_ns and key not in keys:
+            ns_key, spec = grouped[-1]
+            if ":" not in spec:
+                raise PropertyError(
+                    f"{item!r} after {ns_key}={spec} is not a controller property; "
                     f"namespace options follow a ':' after the backend name: "
-                    f"ns={namespaces[-1]}:{item}")
-            namespaces[-1] += "," + (f"{key}={value}" if key else value)
+                    f"{ns_key}={spec}:{item}", name=key or value)
+            grouped[-1] = (ns_key, spec + "," + item.replace(",", ",,"))
+        else:
+            in_ns = False
+            if key == ns_field.name and key not in keys:
+                raise PropertyError(f"give namespaces one by one with {ns_keys[0]}=SPEC", name=key)
+            grouped.append((key, value))
+    # The rest is the framework's grammar: missing '=value', repeated keys, lists.
+    return collect_pairs(cls, grouped)
+
+
+def default_serial(cfg: NvmeConfig) -> str:
+    """A serial number for a controller configured without one (``serial`` not given).
+
+    Derived from the absolute paths of its file-backed namespace images (and the
+    state location) when it has any, so it survives restarts with the images;
+    random otherwise, so two controllers never share a serial (Linux refuses a
+    second controller with the same subsystem NQN).
+    """
+    paths = []
+    for spec in cfg.namespaces:
+        try:
+            _kind, options = parse_spec(spec)
+        except PcidevError:
             continue
-        in_ns = False
-        if not key:
-            raise ConfigError(f"nvme: property {value!r} has no '=value'")
-        if key == "namespaces":
-            raise ConfigError("nvme: give namespaces one by one with ns=SPEC")
-        if key in data:
-            raise ConfigError(f"nvme: property {key!r} given twice")
-        data[key] = value
-    if namespaces:
-        data["namespaces"] = namespaces
-    return data
+        path = options.get("path")
+        if isinstance(path, str) and path:
+            paths.append(os.path.abspath(path))
+    if paths:
+        key = "\0".join([*paths, str(cfg.state_dir or ""), str(cfg.state_file or "")])
+        return "PD" + hashlib.sha256(key.encode()).hexdigest()[:18].upper()
+    return "PD" + secrets.token_hex(9).upper()

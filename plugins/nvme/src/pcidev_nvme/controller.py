@@ -6,8 +6,10 @@ registers (:mod:`~pcidev_nvme.registers`), doorbells (:mod:`~pcidev_nvme.doorbel
 the fetch loop (:mod:`~pcidev_nvme.fetch`), completions
 (:mod:`~pcidev_nvme.completion`), queues (:mod:`~pcidev_nvme.queues`), interrupts
 (:mod:`~pcidev_nvme.interrupts`), temperature and keep alive
-(:mod:`~pcidev_nvme.health`), the state file (:mod:`~pcidev_nvme.persist`), the
-command sets, and live migration (:mod:`~pcidev_nvme.migration`).
+(:mod:`~pcidev_nvme.health`), the namespaces (:mod:`~pcidev_nvme.namespaces`), the
+state file (:mod:`~pcidev_nvme.persist`), the command sets, and live migration
+(:mod:`~pcidev_nvme.migration`). Each mixin module initialises its own state in an
+``_init_<concern>()`` called from :meth:`NvmeController.__init__`.
 
 PCI identity: class 01:08:02 (NVM Express I/O controller), 1b36:0010 by default,
 a 64-bit memory BAR0 with the registers, the doorbells and (by default) the
@@ -26,52 +28,37 @@ commands in flight finishes in the background and CSTS says when.
 
 from __future__ import annotations
 
-import concurrent.futures
-import hashlib
 import logging
-import os
-import secrets
 import threading
 import time
-from collections.abc import Mapping
-from typing import Any
-
-import attrs
 
 from pcidev.bar import Register
 from pcidev.device import PciDevice
-from pcidev.errors import ConfigError, DmaError, PcidevError
+from pcidev.errors import DmaError
 from pcidev.pci import ids
 from pcidev.pci.capabilities.msix import MsixCapability
 from pcidev.pci.config import ResetKind
-from pcidev_nvme import aer as aer_mod
-from pcidev_nvme import migration as _migration
-from pcidev_nvme.admin import AdminCommandSet
+from pcidev_nvme.admin import AdminCommandSet, AdminWorker
 from pcidev_nvme.aer import AsyncEvents
-from pcidev_nvme.backends import BUILTIN_BACKENDS
 from pcidev_nvme.completion import CompletionMixin
 from pcidev_nvme.config import NvmeConfig
 from pcidev_nvme.doorbells import DoorbellsMixin, ShadowDoorbells
 from pcidev_nvme.features import Features
-from pcidev_nvme.fetch import BatchState, FetchMixin
+from pcidev_nvme.fetch import FetchMixin
 from pcidev_nvme.health import HealthMixin
 from pcidev_nvme.interrupts import Interrupts, Timer
 from pcidev_nvme.io import IoCommandSet
 from pcidev_nvme.limits import SHUTDOWN_DRAIN_TIMEOUT
 from pcidev_nvme.logs import ChangedNamespaces, ErrorLog, FirmwareSlots, SmartCounters
-from pcidev_nvme.namespace import make_namespace, parse_spec
+from pcidev_nvme.migration import MigrationMixin
+from pcidev_nvme.namespaces import NamespaceSetMixin
 from pcidev_nvme.persist import PersistenceMixin
 from pcidev_nvme.queues import CompletionQueue, QueueSetMixin, SubmissionQueue
 from pcidev_nvme.registers import (
     CC_EN,
-    CSS_ALL,
-    CSS_NVM,
     CSTS_CFS,
     CSTS_RDY,
     CSTS_SHST_SHIFT,
-    DOORBELL_BASE,
-    MPSMAX,
-    MPSMIN,
     SHST_COMPLETE,
     SHST_NORMAL,
     SHST_PROCESSING,
@@ -82,10 +69,12 @@ from pcidev_nvme.registers import (
     Bar0,
     ControllerState,
     ZeroBar,
+    bar_layout,
     build_register_map,
     cap_value,
+    enable_problem,
 )
-from pcidev_nvme.request import SQE_SIZE, Request
+from pcidev_nvme.request import SQE_SIZE
 
 __all__ = ["NvmeController"]
 
@@ -96,39 +85,8 @@ _MASTER = int(ids.Command.MASTER)
 assert _MASTER < 0x100
 
 
-def default_serial(cfg: NvmeConfig) -> str:
-    """A serial number for a controller configured without one.
-
-    Derived from the absolute paths of its file-backed namespace images (and the
-    state location) when it has any, so it survives restarts with the images;
-    random otherwise, so two controllers never share a serial (Linux refuses a
-    second controller with the same subsystem NQN).
-    """
-    paths = []
-    for spec in cfg.namespaces:
-        try:
-            _kind, options = parse_spec(spec)
-        except PcidevError:
-            continue
-        path = options.get("path")
-        if isinstance(path, str) and path:
-            paths.append(os.path.abspath(path))
-    if paths:
-        key = "\0".join([*paths, str(cfg.state_dir or ""), str(cfg.state_file or "")])
-        return "PD" + hashlib.sha256(key.encode()).hexdigest()[:18].upper()
-    return "PD" + secrets.token_hex(9).upper()
-
-
-def _align(v: int, a: int) -> int:
-    return (v + a - 1) & ~(a - 1)
-
-
-def _pow2(v: int) -> int:
-    return 1 << max(v - 1, 1).bit_length()
-
-
-class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin, HealthMixin, PersistenceMixin,
-                     PciDevice):
+class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin, NamespaceSetMixin, HealthMixin,
+                     PersistenceMixin, MigrationMixin, PciDevice):
     """An NVMe 2.0 controller (see the module docstring).
 
     :param config: an :class:`~pcidev_nvme.config.NvmeConfig`, a mapping, or a
@@ -151,26 +109,9 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
     INTERRUPT_PIN = 1
     #: the configuration class (for tools that build devices from properties)
     CONFIG_CLASS = NvmeConfig
-    #: live migration (``pcidev_nvme.migration``)
-    VMSTATE = _migration.NvmeState
-    MIGRATABLE_FEATURES = _migration.MIGRATABLE_FEATURES
 
     def __init__(self, config: NvmeConfig | dict | str | None = None, *, name: str | None = None) -> None:
-        if config is None:
-            cfg = NvmeConfig()
-        elif isinstance(config, NvmeConfig):
-            cfg = config
-        elif isinstance(config, str):
-            cfg = NvmeConfig.parse(config)
-        elif isinstance(config, dict):
-            cfg = NvmeConfig.from_dict(config)
-        else:
-            raise ConfigError(f"nvme: configuration must be NvmeConfig, dict or str, not {type(config).__name__}")
-        if cfg.msix_vectors < 1:
-            raise ConfigError("nvme: at least one MSI-X vector is needed")
-        if cfg.serial is None:
-            cfg = attrs.evolve(cfg, serial=default_serial(cfg))
-        self.cfg = cfg
+        self.cfg = cfg = NvmeConfig.coerce(config)
         self._guest_memory = None
         self._closed = False
         super().__init__(name=name)
@@ -181,33 +122,26 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
 
         #: serializes register writes, resets and state restores
         self.state_lock = threading.RLock()
-        self._tls = BatchState()
-        self._timer = Timer(f"nvme-timer[{self.name}]")
-        self._admin_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.timer = Timer(f"nvme-timer[{self.name}]")
+        #: slow admin work (Format NVM, flush, shutdown) in the background
+        self.admin_worker = AdminWorker(f"nvme-admin[{self.name}]", self._fatal)
 
         # controller state
         self._state = ST_DISABLED
         self._running = False
-        #: quiesced for a migration: nothing is fetched (see pcidev_nvme.migration)
-        self._paused = False
-        #: doorbell/kick batches in progress on any thread
-        self._batches = 0
-        self._batch_lock = threading.Lock()
+        self._init_migration()
+        self._init_fetch()
         self._csts = 0
         self._gen = 0
         self._shutting_down = False
         self._enable_pending = False
         self._draining: list[SubmissionQueue] = []
         self.shadow = ShadowDoorbells()
-        self._formatting: set[int] = set()
-        self._ka_last = time.monotonic()
-        self._ka_token = 0
+        self._init_health()
         self.page_size = 4096
         self.mdts_bytes: int | None = (4096 << cfg.mdts) if cfg.mdts else None
-        nq = cfg.max_ioqpairs + 1
-        self._sqs: list[SubmissionQueue | None] = [None] * nq
-        self._cqs: list[CompletionQueue | None] = [None] * nq
-        self.interrupts = Interrupts(self, self._cqs, self._timer, cfg.msix_vectors)
+        self._init_queues(cfg.max_ioqpairs + 1)
+        self.interrupts = Interrupts(self, self._cqs, self.timer, cfg.msix_vectors)
 
         # logs, counters, persistent state
         self.error_log = ErrorLog(cfg.elpe + 1)
@@ -217,27 +151,16 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self.features = Features(self)
         self.aer = AsyncEvents(self.complete, cfg.aerl + 1)
 
-        # namespaces
-        self.namespaces: dict[int, Any] = {}
-        self.allocated: dict[int, Any] = {}
-        #: file-backed namespaces created by Namespace Management (restored at power-on): nsid -> spec
-        self.created: dict[int, str] = {}
+        self._init_namespaces()
         try:
             self._make_namespaces()
-            self.state_file = self._open_state_file()
-            self._dirty = False
-            self._load_state()
+            self._init_persist()
             self.io = IoCommandSet(self)
             self.admin = AdminCommandSet(self)
         except BaseException:
-            for ns in self.allocated.values():
-                try:
-                    ns.close()
-                except Exception:
-                    pass
-            self._timer.close()
+            self._close_namespaces()
+            self.timer.close()
             raise
-        self._last_save = time.monotonic()
 
     # ------------------------------------------------------------------ description
     def describe(self) -> None:
@@ -247,22 +170,13 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
                                   on_intms=self._intms_written, on_intmc=self._intmc_written,
                                   on_cc=self._cc_written, csts=lambda r: self._csts)
         self.regs = regs
-        nvec = cfg.msix_vectors
-        db_end = DOORBELL_BASE + 8 * (cfg.max_ioqpairs + 1)
-        if cfg.msix_bar == 0:
-            table = _align(db_end, 4096)
-            pba = _align(table + 16 * nvec, 4096)
-            size = _pow2(pba + _align((nvec + 63) // 64 * 8, 4096))
-            self._db_window = table
-            self.add_mem_bar(0, size, Bar0(regs, self._doorbell_write, table), bits64=True)
-            self.add_msix(nvec, bar=0, table_offset=table, pba_offset=pba)
-        else:
-            size = _pow2(_align(db_end, 4096))
-            self._db_window = size
-            self.add_mem_bar(0, size, Bar0(regs, self._doorbell_write, size), bits64=True)
-            pba = _align(16 * nvec, 4096)
-            self.add_mem_bar(4, _pow2(pba + _align((nvec + 63) // 64 * 8, 4096)), ZeroBar(), bits64=True)
-            self.add_msix(nvec, bar=4, table_offset=0, pba_offset=pba)
+        layout = bar_layout(cfg.max_ioqpairs, cfg.msix_vectors, cfg.msix_bar)
+        self._db_window = layout.doorbell_window
+        self.add_mem_bar(0, layout.bar0_size, Bar0(regs, self._doorbell_write, layout.doorbell_window), bits64=True)
+        if layout.bar4_size:
+            self.add_mem_bar(4, layout.bar4_size, ZeroBar(), bits64=True)
+        self.add_msix(cfg.msix_vectors, bar=layout.msix_bar, table_offset=layout.table_offset,
+                      pba_offset=layout.pba_offset)
         self.add_standard_pcie_caps(flr=True, aer=True)
 
     # ------------------------------------------------------------------ contract
@@ -302,32 +216,6 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         """Feature 06h WCE: False means every write must be durable before it completes."""
         return self.features.write_cache
 
-    @property
-    def total_capacity(self) -> int:
-        return max(self.cfg.capacity, self.allocated_capacity)
-
-    @property
-    def allocated_capacity(self) -> int:
-        return sum(int(ns.size) for ns in self.allocated.values())
-
-    # ------------------------------------------------------------------ namespaces and state
-    def backend_registry(self) -> Mapping[str, Any]:
-        """The namespace backends by name: ``cfg.backends`` (what
-        :meth:`~pcidev.registry.DeviceRegistry.create` resolved from the registry),
-        else the built-ins. A controller never loads plugins itself."""
-        return self.cfg.backends if self.cfg.backends is not None else BUILTIN_BACKENDS
-
-    def make_namespace(self, nsid: int, spec: Any):
-        """Build namespace ``nsid`` from a spec (see :func:`pcidev_nvme.namespace.make_namespace`)."""
-        return make_namespace(nsid, spec, state_dir=self.cfg.state_dir, serial=self.cfg.serial,
-                              backends=self.backend_registry())
-
-    def _make_namespaces(self) -> None:
-        for i, spec in enumerate(self.cfg.namespaces, start=1):
-            ns = self.make_namespace(i, spec)
-            self.allocated[i] = ns
-            self.namespaces[i] = ns
-
     def close(self) -> None:
         """Power off: stop timers and workers, save the state file, close namespaces. Idempotent.
 
@@ -338,19 +226,14 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             return
         self._closed = True
         self._running = False
-        self._timer.close()
+        self.timer.close()
         try:
             self.io.close()
         except Exception:
             log.exception("closing the I/O command set failed")
-        if self._admin_pool is not None:
-            self._admin_pool.shutdown(wait=True)
+        self.admin_worker.shutdown()
         self.save_state()
-        for ns in self.allocated.values():
-            try:
-                ns.close()
-            except Exception:
-                log.exception("closing namespace %d failed", ns.nsid)
+        self._close_namespaces()
 
     def __enter__(self) -> NvmeController:
         return self
@@ -386,14 +269,15 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
                 else:
                     self._set_shst(SHST_NORMAL)
                     self._shutting_down = False
-                    self._update_running()
+                    self.update_running()
 
     def _set_shst(self, shst: int) -> None:
         self._csts = (self._csts & ~(3 << CSTS_SHST_SHIFT)) | (shst << CSTS_SHST_SHIFT)
 
-    def _update_running(self) -> None:
+    def update_running(self) -> None:
+        """Recompute :attr:`running` (after a change of state, shutdown, pause or close)."""
         self._running = (self._state == ST_READY and not self._shutting_down and not self._closed
-                         and not self._paused)
+                         and not self.paused)
 
     # ------------------------------------------------------------------ enable / reset / shutdown
     def _enable(self) -> None:
@@ -404,40 +288,17 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         if self._state == ST_FAILED or self._csts & CSTS_RDY:
             return
         regs = self.regs
-        cc = regs["CC"].value
-        aqa = regs["AQA"].value
-        asq = regs["ASQ"].value
-        acq = regs["ACQ"].value
-        asqs = (aqa & 0xFFF) + 1
-        acqs = ((aqa >> 16) & 0xFFF) + 1
-        css = (cc >> 4) & 7
-        mps = (cc >> 7) & 0xF
-        ams = (cc >> 11) & 7
-        problem = None
-        if asqs < 2:
-            problem = f"AQA.ASQS {asqs - 1} is too small"
-        elif acqs < 2:
-            problem = f"AQA.ACQS {acqs - 1} is too small"
-        elif not MPSMIN <= mps <= MPSMAX:
-            problem = f"CC.MPS {mps} outside MPSMIN..MPSMAX ({MPSMIN}..{MPSMAX})"
-        elif css not in (CSS_NVM, CSS_ALL):
-            problem = f"CC.CSS {css:#05b} is not supported"
-        elif ams != 0:
-            problem = f"CC.AMS {ams} is not supported (round robin only)"
-        elif asq == 0 or acq == 0:
-            problem = "ASQ or ACQ is zero"
-        else:
-            page = 4096 << mps
-            if asq & (page - 1) or acq & (page - 1):
-                problem = f"ASQ/ACQ not aligned to the {page}-byte memory page"
-            else:
-                mem = self._guest_memory  # bus mastering may still be off: only check the ranges
-                if mem is not None:
-                    try:
-                        for v in mem.views(asq, asqs * SQE_SIZE) + mem.views(acq, acqs * 16, write=True):
-                            v.release()
-                    except DmaError as exc:
-                        problem = f"admin queues are not in guest memory: {exc}"
+        aqa, asq, acq = regs["AQA"].value, regs["ASQ"].value, regs["ACQ"].value
+        asqs, acqs = (aqa & 0xFFF) + 1, ((aqa >> 16) & 0xFFF) + 1
+        mps = (regs["CC"].value >> 7) & 0xF
+        problem = enable_problem(regs["CC"].value, aqa, asq, acq)
+        mem = self._guest_memory  # bus mastering may still be off: only check the ranges
+        if problem is None and mem is not None:
+            try:
+                for v in mem.views(asq, asqs * SQE_SIZE) + mem.views(acq, acqs * 16, write=True):
+                    v.release()
+            except DmaError as exc:
+                problem = f"admin queues are not in guest memory: {exc}"
         if problem is not None:
             log.warning("%s: refusing to enable: %s; CSTS.CFS set", self.name, problem)
             self._csts |= CSTS_CFS
@@ -445,17 +306,13 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self.page_size = 4096 << mps
         self.features.reset()
         acq_obj = CompletionQueue(0, acq, acqs, 0, True)
-        asq_obj = SubmissionQueue(0, asq, asqs, acq_obj)
-        acq_obj.attach(asq_obj)
-        self._cqs[0] = acq_obj
-        self._sqs[0] = asq_obj
+        self.add_cq(acq_obj)
+        self.add_sq(SubmissionQueue(0, asq, asqs, acq_obj))
         self._state = ST_READY
         self._csts = (self._csts & ~CSTS_CFS) | CSTS_RDY
-        self._ka_last = time.monotonic()
-        self._update_running()
-        if not self._dirty:
-            self._dirty = True
-            self.save_state()
+        self.keep_alive()
+        self.update_running()
+        self.mark_dirty()
 
     def _begin_reset(self) -> None:
         """CC.EN 1→0: stop fetching; the reset finishes when every command in flight has."""
@@ -467,7 +324,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             return
         self._state = ST_RESETTING
         self._enable_pending = False
-        self._update_running()
+        self.update_running()
         self._gen += 1
         self._drop_parked()
         old = [sq for sq in self._sqs if sq is not None]
@@ -503,44 +360,34 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
     def _finish_reset(self) -> None:
         """Everything in flight is done: delete all queues, reset features, CSTS.RDY=0."""
         self._draining = []
-        self._clear_queues()
+        self.clear_queues()
         self.features.reset()
         self.interrupts.reset()
         self.shadow.reset()
-        self._formatting.clear()
+        self.formats_cleared()
         self.smart.clear_reported()
-        self._ka_token += 1
-        self._timer.cancel_all()
+        self.keep_alive_stop()
+        self.timer.cancel_all()
         self.irq.set_intx(False)
         if self.firmware.activate_pending():
             log.info("%s: firmware slot %d active after reset", self.name, self.firmware.active)
         self._state = ST_DISABLED
         self._csts &= ~(CSTS_RDY | CSTS_CFS)
         self.failed = None
-        self._update_running()
+        self.update_running()
         if self._enable_pending or self.regs["CC"].value & CC_EN:
             self._enable_pending = False
             self._enable()
 
-    def _clear_queues(self) -> None:
-        for i in range(len(self._sqs)):
-            if self._sqs[i] is not None:
-                self._sqs[i].gone = True
-            if self._cqs[i] is not None:
-                self._cqs[i].gone = True
-            self._sqs[i] = None
-            self._cqs[i] = None
-
     def _begin_shutdown(self, *, abrupt: bool) -> None:
         if self._state != ST_READY:
             self._set_shst(SHST_COMPLETE)
-            self._dirty = False
-            self.save_state()
+            self.mark_clean()
             return
         self._shutting_down = True
-        self._update_running()
+        self.update_running()
         self._set_shst(SHST_PROCESSING)
-        self.run_async(self._shutdown_work, abrupt)
+        self.admin_worker.submit(self._shutdown_work, abrupt)
 
     def _shutdown_work(self, abrupt: bool) -> None:
         deadline = time.monotonic() + (0 if abrupt else SHUTDOWN_DRAIN_TIMEOUT)
@@ -556,8 +403,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             except Exception as exc:
                 log.warning("%s: flushing namespace %d at shutdown failed: %s", self.name, ns.nsid, exc)
         with self.state_lock:
-            self._dirty = False
-            self.save_state()
+            self.mark_clean()
             if self._shutting_down:
                 self._set_shst(SHST_COMPLETE)
 
@@ -577,9 +423,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             self._enable_pending = False
             self._finish_reset()
             if kind is ResetKind.POWER_ON:
-                self.smart.power_on(unsafe=self._dirty)
-                self._dirty = False
-                self.save_state()
+                self.count_power_on()
 
     def on_failure(self, exc: BaseException) -> None:
         """A register handler raised: the controller is fatally failed (CSTS.CFS)."""
@@ -591,21 +435,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             self._csts |= CSTS_CFS
             if self._state == ST_READY:
                 self._state = ST_FAILED
-            self._update_running()
-
-    # ------------------------------------------------------------------ async work
-    def run_async(self, fn, *args) -> concurrent.futures.Future:
-        """Run ``fn(*args)`` on the controller's admin worker thread (slow admin work)."""
-        if self._admin_pool is None:
-            self._admin_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"nvme-admin[{self.name}]")
-        return self._admin_pool.submit(self._guarded, fn, *args)
-
-    def _guarded(self, fn, *args) -> None:
-        try:
-            fn(*args)
-        except Exception as exc:
-            log.exception("%s: background work %r failed", self.name, fn)
-            self._fatal(f"background work failed: {exc}")
+            self.update_running()
 
     # ------------------------------------------------------------------ interrupts
     @property
@@ -616,38 +446,6 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             cap = self.caps.find(MsixCapability)
             self.__dict__["_msix_cap"] = cap
         return cap
-
-    def coalescing_changed(self) -> None:
-        """Feature 08h changed."""
-        self.interrupts.set_coalescing(*self.features.coalescing)
-
-    def vector_cd(self, iv: int) -> bool:
-        """Coalescing Disable of vector ``iv`` (the admin vector is never coalesced)."""
-        return self.interrupts.vector_cd(iv)
-
-    def set_vector_cd(self, iv: int, cd: bool) -> None:
-        self.interrupts.set_vector_cd(iv, cd)
-
-    # ------------------------------------------------------------------ errors, SMART, AER sources
-    # ------------------------------------------------------------------ namespace changes
-    def begin_format(self, nsids: set[int]) -> list[int]:
-        """Mark ``nsids`` as being formatted (I/O to them fails with Format In Progress);
-        returns the ones already being formatted instead (then nothing is marked)."""
-        with self.state_lock:
-            busy = sorted(n for n in nsids if n in self._formatting)
-            if not busy:
-                self._formatting |= nsids
-            return busy
-
-    def end_format(self, nsids: set[int]) -> None:
-        """A Format NVM of ``nsids`` finished."""
-        with self.state_lock:
-            self._formatting -= nsids
-
-    def namespace_changed(self, nsid: int) -> None:
-        """Record ``nsid`` in the Changed Namespace List and post the notice."""
-        self.changed_ns.add(nsid)
-        self.notice(aer_mod.INFO_NS_ATTR_CHANGED, 0x04)
 
     # ------------------------------------------------------------------ state for migration
     @property
@@ -660,35 +458,25 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         """Commands are fetched (ready, not shutting down, not paused, not closed)."""
         return self._running
 
-    @property
-    def submission_queues(self) -> list[SubmissionQueue | None]:
-        """Submission queues by id (read only: queues change through admin commands)."""
-        return self._sqs
-
-    @property
-    def completion_queues(self) -> list[CompletionQueue | None]:
-        """Completion queues by id (read only)."""
-        return self._cqs
-
     def snapshot(self) -> ControllerState:
         """The registers and the state machine."""
         regs = self.regs
         return ControllerState(state=self._state, cc=regs["CC"].value, csts=self._csts, aqa=regs["AQA"].value,
                                asq=regs["ASQ"].value, acq=regs["ACQ"].value, shutting_down=self._shutting_down,
-                               dirty=bool(self._dirty), page_size=self.page_size)
+                               dirty=self.dirty, page_size=self.page_size)
 
     def restore(self, st: ControllerState) -> None:
         """Take the registers and state machine of a checked state (call with
         :attr:`state_lock` held). Every queue and parked request is dropped, fetching
         stays paused until :meth:`finish_restore` and the migration's resume."""
-        self._paused = True
+        self.pause()
         self._gen += 1
         for req in self.aer.reset():
             req.done = True
-        self._clear_queues()
+        self.clear_queues()
         self._draining = []
         self._enable_pending = False
-        self._formatting.clear()
+        self.formats_cleared()
         regs = self.regs
         regs["CC"].value = st.cc
         regs["AQA"].value = st.aqa
@@ -697,106 +485,8 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self._csts = st.csts
         self._state = st.state
         self._shutting_down = st.shutting_down
-        self._dirty = st.dirty
+        self.restore_dirty(st.dirty)
         self.page_size = st.page_size
-
-    def install_queues(self, sqs: list[SubmissionQueue | None], cqs: list[CompletionQueue | None]) -> None:
-        """Use restored queues (indexed by queue id, as many as this controller has)."""
-        self._sqs[:] = sqs
-        self._cqs[:] = cqs
-
-    def restore_parked_aers(self, cids: tuple[int, ...]) -> list[Request]:
-        """Parked Asynchronous Event Requests on the admin SQ with these CIDs (restored
-        outstanding AERs); they are in flight on the admin SQ."""
-        asq = self._sqs[0]
-        out = []
-        now = time.monotonic()
-        for cid in cids:
-            sqe = bytes([0x0C, 0]) + cid.to_bytes(2, "little") + bytes(SQE_SIZE - 4)
-            req = Request(0, cid, 0x0C, 0, sqe, sq=asq, gen=self._gen, t_fetch=now, parked=True)
-            asq.inflight[cid] = req
-            out.append(req)
-        return out
-
-    def finish_restore(self) -> None:
-        """After a restore: timers stopped, keep alive counted from now, the state file
-        rewritten after the resume (outside the downtime)."""
-        self._ka_last = time.monotonic()
-        self._ka_token += 1
-        self._timer.cancel_all()
-        self._update_running()
-        self._save_at_resume = True
-
-    def pause(self) -> None:
-        """Stop fetching (a quiesce); commands in flight go on."""
-        with self.state_lock:
-            self._paused = True
-            self._update_running()
-
-    def unpause(self) -> bool:
-        """Fetch again; returns whether it was paused. A state file due since a restore
-        is written by the next admin command (:meth:`maybe_save_state`)."""
-        with self.state_lock:
-            was = self._paused
-            self._paused = False
-            self._update_running()
-        if self.__dict__.pop("_save_at_resume", False):
-            self._last_save = float("-inf")
-        return was
-
-    def fetch_idle(self) -> bool:
-        """No doorbell or kick batch in progress and no SQ being fetched."""
-        return not self._batches and not any(sq is not None and sq.running for sq in list(self._sqs))
-
-    def batches_idle(self) -> bool:
-        """No doorbell or kick batch in progress on any thread."""
-        return not self._batches
-
-    def admin_work_marker(self) -> concurrent.futures.Future | None:
-        """A future done once the admin work queued so far has run (None: no admin worker)."""
-        pool = self._admin_pool
-        return pool.submit(lambda: None) if pool is not None else None
-
-    def stop_timers(self) -> None:
-        """No keep-alive verdict, no coalescing deadline; aggregated interrupts delivered now."""
-        self._ka_token += 1
-        self._timer.cancel_all()
-        self.interrupts.flush_coalesced()
-
-    def restart_work(self) -> None:
-        """After an unpause: keep alive counted from now, events delivered, every SQ fetched."""
-        self._ka_last = time.monotonic()
-        if self.features.kato_ms:
-            self.keep_alive_changed()
-        self.aer.deliver()
-        for sq in list(self._sqs):
-            if sq is not None and not sq.gone:
-                self._kick(sq)
-
-    # ------------------------------------------------------------------ migration
-    def enabled_features(self) -> set[str]:
-        return super().enabled_features() | _migration.features(self)
-
-    def device_migration_blockers(self) -> list[str]:
-        return _migration.blockers(self)
-
-    def device_fingerprint(self) -> dict:
-        return _migration.fingerprint(self)
-
-    def on_quiesce(self) -> None:
-        _migration.quiesce(self)
-
-    def on_resume(self) -> None:
-        _migration.resume(self)
-
-    def get_device_state(self) -> _migration.NvmeState:
-        return _migration.save(self)
-
-    def check_device_state(self, state: _migration.NvmeState) -> None:
-        _migration.check(self, state)
-
-    def set_device_state(self, state: _migration.NvmeState) -> None:
-        _migration.apply(self, state)
 
     # ------------------------------------------------------------------ misc
     def __repr__(self) -> str:

@@ -124,12 +124,11 @@ class FeaturesHost(Protocol):
 
     cfg: Any
     namespaces: dict[int, Any]
+    #: :class:`~pcidev_nvme.interrupts.Interrupts`: coalescing (08h) and Coalescing Disable (09h)
+    interrupts: Any
 
     def check_temperature(self) -> None: ...
     def io_queues_exist(self) -> bool: ...
-    def coalescing_changed(self) -> None: ...
-    def vector_cd(self, iv: int) -> bool: ...
-    def set_vector_cd(self, iv: int, cd: bool) -> None: ...
     def keep_alive_changed(self) -> None: ...
 
 
@@ -262,7 +261,7 @@ class Features:
         if fid == FID_IRQ_CONFIG:
             iv = req.cdw11 & 0xFFFF
             self._check_vector(iv)
-            cd = False if default else ctrl.vector_cd(iv)
+            cd = False if default else ctrl.interrupts.vector_cd(iv)
             return iv | (int(cd) << 16), None
         if fid == FID_TIMESTAMP:
             if default:
@@ -340,12 +339,12 @@ class Features:
             return val
         if fid == FID_IRQ_COALESCING:
             self.values[fid] = v & 0xFFFF
-            ctrl.coalescing_changed()
+            ctrl.interrupts.set_coalescing(*self.coalescing)
             return 0
         if fid == FID_IRQ_CONFIG:
             iv = v & 0xFFFF
             self._check_vector(iv)
-            ctrl.set_vector_cd(iv, bool(v & (1 << 16)))
+            ctrl.interrupts.set_vector_cd(iv, bool(v & (1 << 16)))
             return 0
         if fid == FID_ASYNC_EVENT:
             self.values[fid] = v & AEC_SUPPORTED

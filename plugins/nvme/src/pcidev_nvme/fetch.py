@@ -48,11 +48,12 @@ class FetchMixin:
     docstring; uses its queues, command sets, ``interrupts``, ``smart`` and ``complete``)."""
 
     _tls: BatchState
+    _sqs: list[SubmissionQueue | None]
     _batches: int
     _batch_lock: threading.Lock
     _running: bool
     _gen: int
-    _ka_last: float
+    keep_alive: Any  # HealthMixin.keep_alive
     _formatting: set[int]
     name: str
     memory: Any
@@ -60,6 +61,27 @@ class FetchMixin:
     io: Any
     smart: Any
     interrupts: Any
+
+    def _init_fetch(self) -> None:
+        """No batch in progress on any thread."""
+        self._tls = BatchState()
+        #: doorbell/kick batches in progress on any thread
+        self._batches = 0
+        self._batch_lock = threading.Lock()
+
+    def fetch_idle(self) -> bool:
+        """No doorbell or kick batch in progress and no SQ being fetched."""
+        return not self._batches and not any(sq is not None and sq.running for sq in list(self._sqs))
+
+    def batches_idle(self) -> bool:
+        """No doorbell or kick batch in progress on any thread."""
+        return not self._batches
+
+    def kick_all(self) -> None:
+        """Fetch every live submission queue (after a resume: what was submitted meanwhile)."""
+        for sq in list(self._sqs):
+            if sq is not None and not sq.gone:
+                self._kick(sq)
 
     def _kick_throttled(self, cq: CompletionQueue) -> None:
         with cq.lock:
@@ -180,7 +202,7 @@ class FetchMixin:
                 inflight[cid] = req
                 try:
                     if admin:
-                        self._ka_last = now
+                        self.keep_alive(now)
                         self.admin.submit(req)
                     elif self._formatting and req.nsid in self._formatting:
                         self.complete(req, Status.FORMAT_IN_PROGRESS)

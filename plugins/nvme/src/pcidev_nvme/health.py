@@ -26,7 +26,7 @@ class HealthMixin:
     _state: str
     _ka_last: float
     _ka_token: int
-    _timer: Any
+    timer: Any
     cfg: Any
     smart: Any
     features: Any
@@ -91,9 +91,26 @@ class HealthMixin:
         if bit is not None and self.features.aec & (1 << bit):
             self.aer.post(aer_mod.AER_NOTICE, info, lid)
 
-    def keep_alive(self) -> None:
-        """A Keep Alive command arrived."""
+    def _init_health(self) -> None:
+        """Keep alive: nothing heard from the host yet, no timer armed."""
         self._ka_last = time.monotonic()
+        #: a keep-alive check scheduled with another token is stale
+        self._ka_token = 0
+
+    def keep_alive(self, now: float | None = None) -> None:
+        """The host was heard from (a Keep Alive or any admin command), at ``now``
+        (``time.monotonic()``; default: now)."""
+        self._ka_last = time.monotonic() if now is None else now
+
+    def keep_alive_stop(self) -> None:
+        """Forget any keep-alive check that is scheduled (a reset, a quiesce, a restore)."""
+        self._ka_token += 1
+
+    def keep_alive_restart(self) -> None:
+        """Count from now and re-arm the check if Keep Alive is on (a resume)."""
+        self._ka_last = time.monotonic()
+        if self.features.kato_ms:
+            self.keep_alive_changed()
 
     def keep_alive_changed(self) -> None:
         """Feature 0Fh changed: restart the keep alive timer."""
@@ -101,7 +118,7 @@ class HealthMixin:
         self._ka_token += 1
         kato = self.features.kato_ms
         if kato:
-            self._timer.schedule(kato / 1000.0, self._keep_alive_check, self._ka_token)
+            self.timer.schedule(kato / 1000.0, self._keep_alive_check, self._ka_token)
 
     def _keep_alive_check(self, token: int) -> None:
         kato = self.features.kato_ms
@@ -109,7 +126,7 @@ class HealthMixin:
             return
         left = self._ka_last + kato / 1000.0 - time.monotonic()
         if left > 0:
-            self._timer.schedule(left, self._keep_alive_check, token)
+            self.timer.schedule(left, self._keep_alive_check, token)
             return
         self.error_log.add(sqid=0xFFFF, cid=0xFFFF, status_field=Status.KA_TIMEOUT_EXPIRED | DNR)
         self._fatal("keep alive timeout expired")

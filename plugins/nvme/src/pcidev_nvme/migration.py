@@ -95,6 +95,7 @@ class NvmeController(Protocol):
     interrupts: Any
     shadow: Any
     state_lock: Any
+    admin_worker: Any
 
     @property
     def fsm_state(self) -> str: ...
@@ -109,13 +110,11 @@ class NvmeController(Protocol):
     def install_queues(self, sqs: list[Any], cqs: list[Any]) -> None: ...
     def restore_parked_aers(self, cids: tuple[int, ...]) -> list[Any]: ...
     def finish_restore(self) -> None: ...
-    def coalescing_changed(self) -> None: ...
     def account_temperature(self) -> None: ...
     def pause(self) -> None: ...
     def unpause(self) -> bool: ...
     def fetch_idle(self) -> bool: ...
     def batches_idle(self) -> bool: ...
-    def admin_work_marker(self) -> Any: ...
     def stop_timers(self) -> None: ...
     def restart_work(self) -> None: ...
     def vmstate_fd(self, fd: int) -> Any: ...
@@ -123,7 +122,7 @@ class NvmeController(Protocol):
 
 __all__ = ["NvmeState", "SqState", "CqState", "CqeState", "AerState", "EventState", "FeaturesState", "TlerState",
            "SmartState", "FirmwareState", "FwChunk", "NamespaceState", "MIGRATABLE_FEATURES", "fingerprint",
-           "features", "blockers", "quiesce", "resume", "save", "check", "apply"]
+           "features", "blockers", "quiesce", "resume", "save", "check", "apply", "MigrationMixin"]
 
 SECTION = "nvme"
 MAX_QUEUES = 1025
@@ -273,7 +272,7 @@ def quiesce(ctrl: NvmeController, timeout: float = 30.0) -> None:
     wait("a fetch batch", ctrl.fetch_idle)
     wait("backend I/O in flight", lambda: not ctrl.io.inflight)
     ctrl.io.drain()
-    marker = ctrl.admin_work_marker()
+    marker = ctrl.admin_worker.marker()
     if marker is not None:  # admin work in the background (Format NVM, shutdown): FIFO, one worker
         wait("admin work (Format NVM, shutdown)", marker.done)
     wait("a fetch batch", ctrl.batches_idle)  # kicks made by the last completions
@@ -491,7 +490,7 @@ def apply(ctrl: NvmeController, st: NvmeState) -> None:
                                      acq=st.acq, shutting_down=st.shutting_down, dirty=st.dirty,
                                      page_size=st.page_size))
         ctrl.features.restore(st.features)
-        ctrl.coalescing_changed()
+        ctrl.interrupts.set_coalescing(*ctrl.features.coalescing)
         shadow = ctrl.shadow
         shadow.restore(ShadowDoorbellsState(dbs=st.dbbuf_dbs, eis=st.dbbuf_eis, enabled=st.dbbuf))
 
@@ -511,7 +510,7 @@ def apply(ctrl: NvmeController, st: NvmeState) -> None:
                 cq.attach(sq)
         for c in st.cqs:
             if c is not None:
-                cqs[c.cqid].restore(c, sqs)  # type: ignore[union-attr]
+                cqs[c.cqid].restore(c, sqs)
         ctrl.install_queues(sqs, cqs)
         ctrl.aer.restore(st.aer, ctrl.restore_parked_aers(st.aer.outstanding))
         ctrl.interrupts.restore(InterruptsState(intms=st.intms, vector_cd=tuple(st.features.vector_cd)))
@@ -536,3 +535,105 @@ def apply(ctrl: NvmeController, st: NvmeState) -> None:
         ctrl.namespaces.clear()
         ctrl.namespaces.update(attached)
         ctrl.finish_restore()
+
+
+# ----------------------------------------------------------------------------- the controller's side
+class MigrationMixin:
+    """Live migration support of :class:`~pcidev_nvme.controller.NvmeController` (mixed
+    into it): the device author's hooks of :class:`~pcidev.device.PciDevice` (which call
+    this module's functions), and pausing and restarting the fetch loop around a quiesce
+    or a restore. Owns the pause flag; the state machine reads it through :attr:`paused`.
+    """
+
+    #: the ``nvme`` vmstate section
+    VMSTATE = NvmeState
+    MIGRATABLE_FEATURES = MIGRATABLE_FEATURES
+
+    _paused: bool
+    _save_at_resume: bool
+    state_lock: Any
+    timer: Any
+    interrupts: Any
+    aer: Any
+    update_running: Callable[[], None]
+    keep_alive: Callable[..., None]
+    keep_alive_stop: Callable[[], None]
+    keep_alive_restart: Callable[[], None]
+    save_soon: Callable[[], None]
+    kick_all: Callable[[], None]
+
+    def _init_migration(self) -> None:
+        """Not paused, no state file write due."""
+        #: quiesced for a migration (or restored and not resumed yet): nothing is fetched
+        self._paused = False
+        #: a restore happened: write the state file after the resume (outside the downtime)
+        self._save_at_resume = False
+
+    @property
+    def paused(self) -> bool:
+        """Fetching is stopped for a migration (:meth:`pause` ... :meth:`unpause`)."""
+        return self._paused
+
+    def pause(self) -> None:
+        """Stop fetching (a quiesce, a restore); commands in flight go on."""
+        with self.state_lock:
+            self._paused = True
+            self.update_running()
+
+    def unpause(self) -> bool:
+        """Fetch again; returns whether it was paused. A state file due since a restore
+        is written by the next admin command (``maybe_save_state``)."""
+        with self.state_lock:
+            was = self._paused
+            self._paused = False
+            self.update_running()
+        if self._save_at_resume:
+            self._save_at_resume = False
+            self.save_soon()
+        return was
+
+    def finish_restore(self) -> None:
+        """After a restore: timers stopped, keep alive counted from now, the state file
+        rewritten after the resume (outside the downtime)."""
+        self.keep_alive()
+        self.keep_alive_stop()
+        self.timer.cancel_all()
+        self.update_running()
+        self._save_at_resume = True
+
+    def stop_timers(self) -> None:
+        """No keep-alive verdict, no coalescing deadline; aggregated interrupts delivered now."""
+        self.keep_alive_stop()
+        self.timer.cancel_all()
+        self.interrupts.flush_coalesced()
+
+    def restart_work(self) -> None:
+        """After an unpause: keep alive counted from now, events delivered, every SQ fetched."""
+        self.keep_alive_restart()
+        self.aer.deliver()
+        self.kick_all()
+
+    # -- PciDevice hooks ----------------------------------------------------------------
+    def enabled_features(self) -> set[str]:
+        return super().enabled_features() | features(self)
+
+    def device_migration_blockers(self) -> list[str]:
+        return blockers(self)
+
+    def device_fingerprint(self) -> dict[str, Any]:
+        return fingerprint(self)
+
+    def on_quiesce(self) -> None:
+        quiesce(self)
+
+    def on_resume(self) -> None:
+        resume(self)
+
+    def get_device_state(self) -> NvmeState:
+        return save(self)
+
+    def check_device_state(self, state: NvmeState) -> None:
+        check(self, state)
+
+    def set_device_state(self, state: NvmeState) -> None:
+        apply(self, state)

@@ -7,7 +7,11 @@ A namespace spec names a backend and its options, plus namespace options::
     file:path=/var/lib/img.raw,size=1G,direct=on,lbaf=1
     null:size=1T,uuid=4f3b2c3e-...-...,eui64=0011223344556677
 
-Namespace options (the rest goes to the backend):
+The options after the ``:`` follow pcidev's property grammar (:mod:`pcidev.properties`:
+``key=value`` items, a literal comma written ``,,``, the same integer, size and boolean
+forms everywhere). The namespace options are the fields of :class:`NamespaceOptions`;
+the rest goes to the backend (whose options are its config class, e.g.
+:class:`~pcidev_nvme.backends.MemConfig`):
 
 ``lbaf``
     initial LBA format: ``0`` = 512-byte blocks (default), ``1`` = 4096-byte blocks.
@@ -49,15 +53,16 @@ from typing import Any, Optional
 import attrs
 
 from pcidev.errors import ConfigError
-from pcidev.properties import parse_size
+from pcidev.properties import PropertyError, Size, split_properties
 from pcidev.vmstate import U8, U32, Bool, FdRef, vmstate
-from pcidev_nvme.backends import Backend, BackendFactory, create_backend
+from pcidev_nvme.backends import Backend, BackendFactory, create_backend, take_options
 from pcidev_nvme.limits import COPY_LIMITS
 from pcidev_nvme.status import NvmeStatusError, Status
 
 __all__ = [
     "LBA_FORMATS",
     "Namespace",
+    "NamespaceOptions",
     "NamespaceState",
     "may_write_beside",
     "make_namespace",
@@ -79,8 +84,6 @@ NIDT_CSI = 4
 #: Command set identifier of the NVM command set.
 CSI_NVM = 0
 
-_NS_OPTIONS = ("lbaf", "lba_size", "uuid", "nguid", "eui64")
-
 # NSFEAT bits
 NSFEAT_THINP = 1 << 0
 NSFEAT_OPTPERF = 1 << 4
@@ -101,6 +104,10 @@ _U32 = struct.Struct("<I")
 def parse_spec(spec: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """Split a namespace spec into the backend name and its options.
 
+    The options after the ``:`` follow pcidev's property grammar
+    (:func:`pcidev.properties.split_properties`: ``key=value`` items separated by
+    ``,``, a literal comma written ``,,``).
+
     :param spec: ``"kind:key=value,..."`` (a bare ``"kind"`` has no options) or a
         mapping with a ``backend`` key and the options.
     :returns: ``(backend name, options)``.
@@ -119,15 +126,12 @@ def parse_spec(spec: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
     if not kind:
         raise ConfigError(f"namespace spec {spec!r} does not start with a backend name")
     options: dict[str, Any] = {}
-    for item in rest.split(",") if rest else ():
-        if not item:
-            continue
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"namespace spec {spec!r}: item {item!r} is not key=value")
+    for key, value in split_properties(rest):
+        if not key:
+            hint = f" (write {value.strip()}=VALUE)" if value.strip().isprintable() and value.strip() else ""
+            raise PropertyError(f"namespace spec {spec!r}: option {value!r} has no '=value'{hint}", name=value)
         if key in options:
-            raise ConfigError(f"namespace spec {spec!r}: {key!r} given twice")
+            raise PropertyError(f"namespace spec {spec!r}: option {key!r} given twice", name=key)
         options[key] = value
     return kind, options
 
@@ -167,21 +171,54 @@ def _random_ids() -> tuple[bytes, bytes, uuidlib.UUID]:
     return raw[:16], bytes(eui), uuidlib.uuid4()
 
 
-def _lbaf_from_options(options: dict[str, Any]) -> int | None:
-    if "lbaf" in options and "lba_size" in options:
-        raise ConfigError("give lbaf or lba_size, not both")
-    if "lbaf" in options:
-        text = str(options.pop("lbaf")).strip()
-        if not text.isdigit() or int(text) >= len(LBA_FORMATS):
-            raise ConfigError(f"lbaf={text!r} must be 0 (512 B) or 1 (4 KiB)")
-        return int(text)
-    if "lba_size" in options:
-        size = parse_size(options.pop("lba_size"), "lba_size")
-        for i, (lba, _rp) in enumerate(LBA_FORMATS):
-            if lba == size:
-                return i
-        raise ConfigError(f"lba_size={size} must be 512 or 4096")
-    return None
+def _check_lbaf(inst: Any, attr: attrs.Attribute, value: int | None) -> None:
+    if value is not None and not 0 <= value < len(LBA_FORMATS):
+        raise ConfigError(f"lbaf={value} must be 0 (512 B) or 1 (4 KiB)")
+
+
+def _check_lba_size(inst: Any, attr: attrs.Attribute, value: int | None) -> None:
+    if value is not None and value not in [lba for lba, _rp in LBA_FORMATS]:
+        raise ConfigError(f"lba_size={value} must be 512 or 4096")
+
+
+def _check_id(n: int) -> Any:
+    def check(inst: Any, attr: attrs.Attribute, value: str | None) -> None:
+        if value is not None:
+            _hexbytes(value, n, attr.name)
+    return check
+
+
+def _check_uuid(inst: Any, attr: attrs.Attribute, value: str | None) -> None:
+    if value is not None:
+        _parse_uuid(value)
+
+
+@attrs.define(kw_only=True)
+class NamespaceOptions:
+    """The options of a namespace spec that belong to the namespace, not its backend
+    (``ns=KIND:BACKEND-OPTIONS,NAMESPACE-OPTIONS``, in any order)."""
+
+    lbaf: int | None = attrs.field(default=None, validator=_check_lbaf, metadata={
+        "help": "initial LBA format: 0 = 512-byte blocks, 1 = 4096-byte blocks "
+                "(default: 0, or what the image's identity file remembers)"})
+    lba_size: Size | None = attrs.field(default=None, validator=_check_lba_size, metadata={
+        "help": "initial logical block size, 512 or 4096 (instead of lbaf)"})
+    uuid: str | None = attrs.field(default=None, validator=_check_uuid, metadata={
+        "help": "namespace UUID (default: stored beside the image, else derived from serial and NSID)"})
+    nguid: str | None = attrs.field(default=None, validator=_check_id(16), metadata={
+        "help": "NGUID, 16 bytes in hex (default: as uuid)"})
+    eui64: str | None = attrs.field(default=None, validator=_check_id(8), metadata={
+        "help": "EUI-64, 8 bytes in hex (default: as uuid)"})
+
+    def __attrs_post_init__(self) -> None:
+        if self.lbaf is not None and self.lba_size is not None:
+            raise ConfigError("give lbaf or lba_size, not both")
+
+    def format_index(self) -> int | None:
+        """The LBA format asked for (``lbaf``, or the one of ``lba_size``), None if neither."""
+        if self.lba_size is not None:
+            return [lba for lba, _rp in LBA_FORMATS].index(self.lba_size)
+        return self.lbaf
 
 
 @vmstate("nvme/namespace")
@@ -489,14 +526,15 @@ def make_namespace(
     :raises ConfigError: bad spec, unknown backend or option, or backend failure.
     """
     kind, options = parse_spec(spec)
-    lbaf = _lbaf_from_options(options)
-    explicit = {}
-    if "uuid" in options:
-        explicit["uuid"] = _parse_uuid(options.pop("uuid"))
-    if "nguid" in options:
-        explicit["nguid"] = _hexbytes(options.pop("nguid"), 16, "nguid")
-    if "eui64" in options:
-        explicit["eui64"] = _hexbytes(options.pop("eui64"), 8, "eui64")
+    ns_options = take_options(NamespaceOptions, options, what="namespace")
+    lbaf = ns_options.format_index()
+    explicit: dict[str, Any] = {}
+    if ns_options.uuid is not None:
+        explicit["uuid"] = _parse_uuid(ns_options.uuid)
+    if ns_options.nguid is not None:
+        explicit["nguid"] = _hexbytes(ns_options.nguid, 16, "nguid")
+    if ns_options.eui64 is not None:
+        explicit["eui64"] = _hexbytes(ns_options.eui64, 8, "eui64")
     if state_dir and kind == "file" and "path" in options:
         options["path"] = os.path.join(state_dir, os.path.expanduser(str(options["path"])))
     backend = create_backend(kind, options, backends)

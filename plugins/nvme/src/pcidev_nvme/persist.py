@@ -249,6 +249,43 @@ class PersistenceMixin:
     namespaces: dict[int, Any]
     created: dict[int, str]
 
+    def _init_persist(self) -> None:
+        """Open the state file and take what it holds (call once the configured namespaces exist)."""
+        self.state_file = self._open_state_file()
+        #: enabled and not shut down since: the next power-on counts an unsafe shutdown
+        self._dirty = False
+        self._load_state()
+        self._last_save = time.monotonic()
+
+    @property
+    def dirty(self) -> bool:
+        """Enabled and not shut down cleanly (the next power-on counts an unsafe shutdown)."""
+        return self._dirty
+
+    def mark_dirty(self) -> None:
+        """The controller was enabled: unclean until a shutdown (saved at once, the first time)."""
+        if not self._dirty:
+            self._dirty = True
+            self.save_state()
+
+    def mark_clean(self) -> None:
+        """A shutdown finished: clean, saved now."""
+        self._dirty = False
+        self.save_state()
+
+    def restore_dirty(self, dirty: bool) -> None:
+        """Take the flag of a migrated controller."""
+        self._dirty = dirty
+
+    def count_power_on(self) -> None:
+        """A power-on: count it (and an unsafe shutdown if the last run did not shut down), saved now."""
+        self.smart.power_on(unsafe=self._dirty)
+        self.mark_clean()
+
+    def save_soon(self) -> None:
+        """Write the state file at the next :meth:`maybe_save_state` (after a migration's resume)."""
+        self._last_save = float("-inf")
+
     def _open_state_file(self) -> StateFile:
         """The state file (see :mod:`pcidev_nvme.persist` for where it lives)."""
         cfg = self.cfg

@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import struct
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -42,7 +43,10 @@ import attrs
 from pcidev.dma import GuestMemory
 from pcidev.vmstate import U8, U16, U32, U64, Bool, VarArray, vmstate
 from pcidev_nvme.limits import CQE_SIZE, SQE_SIZE
+from pcidev_nvme.request import Request
 
+#: opcode of Asynchronous Event Request (admin), for the AERs a restore re-parks
+_AER_OPCODE = 0x0C
 
 __all__ = ["CompletionQueue", "SubmissionQueue", "QueueSetMixin", "CqState", "SqState", "CqeState", "CQE_SIZE", "SQE_SIZE",
            "MAX_BACKLOG"]
@@ -343,8 +347,53 @@ class QueueSetMixin:
 
     _sqs: list[SubmissionQueue | None]
     _cqs: list[CompletionQueue | None]
+    _gen: int
     shadow: Any
     interrupts: Any
+
+    def _init_queues(self, count: int) -> None:
+        """The queue tables: ``count`` queue ids (admin + I/O), all unused."""
+        self._sqs = [None] * count
+        self._cqs = [None] * count
+
+    @property
+    def submission_queues(self) -> list[SubmissionQueue | None]:
+        """Submission queues by id (read only: queues change through admin commands)."""
+        return self._sqs
+
+    @property
+    def completion_queues(self) -> list[CompletionQueue | None]:
+        """Completion queues by id (read only)."""
+        return self._cqs
+
+    def install_queues(self, sqs: list[SubmissionQueue | None], cqs: list[CompletionQueue | None]) -> None:
+        """Use restored queues (indexed by queue id, as many as this controller has)."""
+        self._sqs[:] = sqs
+        self._cqs[:] = cqs
+
+    def clear_queues(self) -> None:
+        """Forget every queue (a controller reset or a restore); each is marked gone."""
+        for i in range(len(self._sqs)):
+            sq, cq = self._sqs[i], self._cqs[i]
+            if sq is not None:
+                sq.gone = True
+            if cq is not None:
+                cq.gone = True
+            self._sqs[i] = None
+            self._cqs[i] = None
+
+    def restore_parked_aers(self, cids: tuple[int, ...]) -> list[Request]:
+        """Parked Asynchronous Event Requests on the admin SQ with these CIDs (restored
+        outstanding AERs); they are in flight on the admin SQ."""
+        asq = self._sqs[0]
+        out = []
+        now = time.monotonic()
+        for cid in cids:
+            sqe = bytes([_AER_OPCODE, 0]) + cid.to_bytes(2, "little") + bytes(SQE_SIZE - 4)
+            req = Request(0, cid, _AER_OPCODE, 0, sqe, sq=asq, gen=self._gen, t_fetch=now, parked=True)
+            asq.inflight[cid] = req
+            out.append(req)
+        return out
 
     def park(self, req: Any) -> None:
         """Hold ``req`` indefinitely (an AER): it no longer counts against its CQ's fetch budget."""

@@ -129,6 +129,85 @@ def build_register_map(name: str, cap: int, *, intms: Callable[[Any], int], on_i
     return regs
 
 
+def enable_problem(cc: int, aqa: int, asq: int, acq: int) -> str | None:
+    """Why CC.EN 0->1 with these registers must fail (CSTS.CFS), or None.
+
+    Checks the admin queue sizes, CC.MPS, CC.CSS, CC.AMS and the alignment of ASQ
+    and ACQ; whether the queues lie in guest memory is the controller's check.
+
+    :returns: the problem in words, or None when the registers are acceptable.
+    """
+    asqs, acqs = (aqa & 0xFFF) + 1, ((aqa >> 16) & 0xFFF) + 1
+    css, mps, ams = (cc >> 4) & 7, (cc >> 7) & 0xF, (cc >> 11) & 7
+    if asqs < 2:
+        return f"AQA.ASQS {asqs - 1} is too small"
+    if acqs < 2:
+        return f"AQA.ACQS {acqs - 1} is too small"
+    if not MPSMIN <= mps <= MPSMAX:
+        return f"CC.MPS {mps} outside MPSMIN..MPSMAX ({MPSMIN}..{MPSMAX})"
+    if css not in (CSS_NVM, CSS_ALL):
+        return f"CC.CSS {css:#05b} is not supported"
+    if ams != 0:
+        return f"CC.AMS {ams} is not supported (round robin only)"
+    if asq == 0 or acq == 0:
+        return "ASQ or ACQ is zero"
+    page = 4096 << mps
+    if asq & (page - 1) or acq & (page - 1):
+        return f"ASQ/ACQ not aligned to the {page}-byte memory page"
+    return None
+
+
+def _align(v: int, a: int) -> int:
+    return (v + a - 1) & ~(a - 1)
+
+
+def _pow2(v: int) -> int:
+    return 1 << max(v - 1, 1).bit_length()
+
+
+@attrs.frozen
+class BarLayout:
+    """Where BAR0's doorbells end and the MSI-X table and PBA live.
+
+    :param bar0_size: size of BAR0 (a power of two).
+    :param doorbell_window: offset in BAR0 where the doorbell window ends (the MSI-X
+        table, or the end of BAR0).
+    :param msix_bar: the BAR of the MSI-X table and PBA (0 or 4).
+    :param table_offset: MSI-X table offset in that BAR.
+    :param pba_offset: PBA offset in that BAR.
+    :param bar4_size: size of BAR4 (0 when the table is in BAR0).
+    """
+
+    bar0_size: int
+    doorbell_window: int
+    msix_bar: int
+    table_offset: int
+    pba_offset: int
+    bar4_size: int = 0
+
+
+def bar_layout(max_ioqpairs: int, vectors: int, msix_bar: int) -> BarLayout:
+    """The BAR layout for ``max_ioqpairs`` I/O queue pairs and ``vectors`` MSI-X vectors.
+
+    :param max_ioqpairs: I/O queue pairs (a doorbell pair each, plus the admin queue's).
+    :param vectors: MSI-X table size.
+    :param msix_bar: 0: table and PBA after the doorbells in BAR0 (page aligned); 4: in
+        BAR4 at offset 0, as QEMU's nvme does.
+    :returns: the layout.
+    """
+    db_end = DOORBELL_BASE + 8 * (max_ioqpairs + 1)
+    pba_bytes = _align((vectors + 63) // 64 * 8, 4096)
+    if msix_bar == 0:
+        table = _align(db_end, 4096)
+        pba = _align(table + 16 * vectors, 4096)
+        return BarLayout(bar0_size=_pow2(pba + pba_bytes), doorbell_window=table, msix_bar=0,
+                         table_offset=table, pba_offset=pba)
+    size = _pow2(_align(db_end, 4096))
+    pba = _align(16 * vectors, 4096)
+    return BarLayout(bar0_size=size, doorbell_window=size, msix_bar=4, table_offset=0, pba_offset=pba,
+                     bar4_size=_pow2(pba + pba_bytes))
+
+
 class Bar0:
     """BAR0 handler: the register map below 1000h, doorbells above.
 

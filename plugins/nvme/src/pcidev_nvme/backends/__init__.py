@@ -45,6 +45,7 @@ from pcidev_nvme.backends.null import NullBackend, NullConfig, make_null
 __all__ = [
     "BACKEND_KIND",
     "BUILTIN_BACKENDS",
+    "BUILTIN_BACKEND_CONFIGS",
     "Backend",
     "BackendFactory",
     "BaseBackend",
@@ -68,6 +69,9 @@ BackendFactory = Callable[[dict[str, Any]], Backend]
 
 #: The built-in backends by name (what a controller built without a registry knows).
 BUILTIN_BACKENDS: Mapping[str, BackendFactory] = {"file": make_file, "mem": make_mem, "null": make_null}
+
+#: The option classes of the built-in backends by name (what ``pcidev describe nvme`` lists).
+BUILTIN_BACKEND_CONFIGS: Mapping[str, type] = {"file": FileConfig, "mem": MemConfig, "null": NullConfig}
 
 #: Attributes every backend must have (see :class:`Backend`; ``min_block`` and
 #: ``identity_path`` are optional).
@@ -119,6 +123,7 @@ def create_backend(name: str, options: Mapping[str, Any],
         hint = ""
         if isinstance(name, str) and ("," in name or "=" in name):
             kind = name.split(",")[0].split("=")[0]
+            kind = kind if kind.isprintable() and kind.strip() else "KIND"
             hint = (f"; a backend's options follow a ':' after its name, "
                     f"as in ns={kind}:size=64M")
         raise ConfigError(f"unknown NVMe namespace backend {name!r} (known: {names}){hint}")
