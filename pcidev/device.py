@@ -168,7 +168,6 @@ class PciDevice:
         #: during a load by :mod:`pcidev.migration`: the descriptors that arrived
         #: with the stream (:meth:`vmstate_load_fd` reads it); None otherwise
         self.vmstate_load_fds: list[int] | None = None
-        self._attached_memory: GuestMemory | None = None
         #: per BAR index, the MSI-X structures it holds: (start, end, read, write)
         self._overlays: dict[int, list[tuple[int, int, _OverlayRead, _OverlayWrite]]] = {}
         self._pm: PowerManagementCapability | None = None
@@ -309,21 +308,8 @@ class PciDevice:
         """Connect guest memory and an interrupt sink (host or transport side)."""
         self.realize()
         self.memory = memory
-        self._attached_memory = memory
         if sink is not None:
             self.irq.sink = sink
-
-    def _migration_memory(self) -> GuestMemory | None:
-        # a subclass may turn ``memory`` into a property that refuses reads (NVMe
-        # does without bus mastering): prefer the plain attribute, else what attach() saw
-        if "memory" in vars(self):
-            memory: GuestMemory | None = vars(self)["memory"]
-            return memory
-        return self._attached_memory
-
-    def _set_migration_memory(self, memory: GuestMemory | None) -> None:
-        self.memory = memory
-        self._attached_memory = memory
 
     # -- state helpers ---------------------------------------------------------------------
     @property
@@ -341,11 +327,12 @@ class PciDevice:
 
         :raises DmaError: if bus mastering is disabled or no memory is attached.
         """
-        if not self.config.get16(ids.COMMAND) & _CMD_MASTER:
-            raise DmaError("bus mastering is disabled")
-        if self.memory is None:
+        memory = self.memory
+        if memory is not None and self.config.data[ids.COMMAND] & _CMD_MASTER:  # one byte: MASTER < 0x100
+            return memory
+        if memory is None:
             raise DmaError("no guest memory attached")
-        return self.memory
+        raise DmaError("bus mastering is disabled")
 
     def bar_address(self, index: int) -> int:
         """The address the guest assigned to BAR ``index`` (0 if unassigned)."""
@@ -377,7 +364,7 @@ class PciDevice:
         except Exception as exc:  # a capability or device hook failed
             if isinstance(exc, ConfigSpaceError):
                 raise
-            self._fail(exc, f"config write {offset:#x}+{size}")
+            self.fail(exc, f"config write {offset:#x}+{size}")
 
     def _decodes(self, bar: Bar) -> bool:
         cmd = self.config.get16(ids.COMMAND)
@@ -414,7 +401,7 @@ class PciDevice:
         except MmioError:
             raise
         except Exception as exc:
-            self._fail(exc, f"BAR{index} read {offset:#x}+{size}")
+            self.fail(exc, f"BAR{index} read {offset:#x}+{size}")
             return 0
 
     def bar_write(self, index: int, offset: int, size: int, value: int, *, check_decode: bool = True) -> None:
@@ -435,7 +422,7 @@ class PciDevice:
         except MmioError:
             raise
         except Exception as exc:
-            self._fail(exc, f"BAR{index} write {offset:#x}+{size}={value:#x}")
+            self.fail(exc, f"BAR{index} write {offset:#x}+{size}={value:#x}")
 
     def rom_read(self, offset: int, size: int) -> int:
         """A read from the expansion ROM (all ones unless the ROM and memory decoding are enabled)."""
@@ -446,7 +433,14 @@ class PciDevice:
         return int.from_bytes(self.rom[offset:offset + size], "little")
 
     # -- failure --------------------------------------------------------------------------------
-    def _fail(self, exc: BaseException, where: str) -> None:
+    def fail(self, exc: BaseException, where: str) -> None:
+        """Put the device in its failed state: log ``exc``, keep the first failure in
+        :attr:`failed` and call :meth:`on_failure`. The framework calls it when a
+        handler raises; a device's own worker threads call it for their errors.
+
+        :param exc: what went wrong.
+        :param where: what the device was doing (for the log line).
+        """
         self.log.error("device handler failed during %s; device enters failed state", where,
                        exc_info=(type(exc), exc, exc.__traceback__))
         if self.failed is None:
@@ -482,7 +476,7 @@ class PciDevice:
         try:
             self.on_reset(kind)
         except Exception as exc:
-            self._fail(exc, f"{kind.value} reset")
+            self.fail(exc, f"{kind.value} reset")
 
     def request_reset(self, kind: ResetKind) -> None:
         """A capability asks for a reset (FLR, PM D3hot to D0): :meth:`reset`.

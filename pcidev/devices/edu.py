@@ -360,7 +360,7 @@ class EduDevice(PciDevice):
                     if irq:
                         self._raise(IRQ_DMA, VEC_DMA)
                 except Exception as exc:  # never let the worker die silently
-                    self._fail(exc, "DMA engine step")
+                    self.fail(exc, "DMA engine step")
                     self._paused = True
             if self.delay:
                 time.sleep(self.delay)

@@ -16,6 +16,7 @@ module drives them::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import attrs
@@ -133,8 +134,7 @@ def save_device(dev: PciDevice) -> VMStateSnapshot:
         raise _no_vmstate(dev)
     dev.realize()
     with gc_paused(), dev.lock:
-        # the memory helper stays on PciDevice until the one-memory-attribute cleanup
-        fstate, fds = save_function_state(dev, dev._migration_memory())
+        fstate, fds = save_function_state(dev, dev.memory)
         dev.vmstate_save_fds = fds  # the device's own descriptors follow (vmstate_fd)
         try:
             dstate = dev.get_device_state()
@@ -239,8 +239,7 @@ def _apply_sections(dev: PciDevice, sections: list[Section], fds: Sequence[int] 
 
 def _apply_sections_locked(dev: PciDevice, fstate: FunctionState, dname: str, dstate: Any,
                            fds: Sequence[int] | None) -> LoadedResources:
-    # the memory helpers stay on PciDevice until the one-memory-attribute cleanup
-    memory = dev._migration_memory()
+    memory = dev.memory
     check_function_state(dev, fstate, fds, memory)
     try:
         dev.check_device_state(dstate)
@@ -255,15 +254,15 @@ def _apply_sections_locked(dev: PciDevice, fstate: FunctionState, dname: str, ds
     except Exception:
         res.close()
         raise
-    old = apply_function_state(dev, fstate, res, memory, dev._set_migration_memory)
+    old = apply_function_state(dev, fstate, res, memory, partial(setattr, dev, "memory"))
     try:
         dev.set_device_state(dstate)
     except Exception as exc:
-        undo_function_state(dev, old, dev._set_migration_memory)
+        undo_function_state(dev, old, partial(setattr, dev, "memory"))
         try:
             dev.set_device_state(before)
         except Exception as again:
-            dev._fail(again, "rollback of a failed vmstate load")
+            dev.fail(again, "rollback of a failed vmstate load")
         res.close()
         if isinstance(exc, VMStateError):
             raise

@@ -60,7 +60,7 @@ def _ring(machine, p, entries=8):
 def _snapshot_view(dev: PciDevice):
     """Everything a load may change, for 'untouched' comparisons."""
     return (bytes(dev.config.data), dev.get_device_state(), dev.irq.intx_asserted,
-            dev.irq.snapshot(), dev.failed, dev._migration_memory(), dev.irq.sink,
+            dev.irq.snapshot(), dev.failed, dev.memory, dev.irq.sink,
             bytes(dev.irq.msix.table), bytes(dev.irq.msix.pba))
 
 
@@ -225,7 +225,7 @@ def test_load_without_fds_keeps_memory_and_checks_its_layout(machine):
     stream, _ = _saved_with_ring(machine)
     fresh = EduDevice()
     res = load_device_stream(fresh, stream, None)  # TCP: no fds, no memory yet
-    assert res.memory is None and fresh._migration_memory() is None
+    assert res.memory is None and fresh.memory is None
     other = GuestMemory()
     fd = alloc_memfd(1 << 20)
     try:
@@ -237,7 +237,7 @@ def test_load_without_fds_keeps_memory_and_checks_its_layout(machine):
         same = EduDevice()
         same.attach(machine.memory, None)
         load_device_stream(same, stream, None)
-        assert same._migration_memory() is machine.memory
+        assert same.memory is machine.memory
     finally:
         other.close()
         os.close(fd)
@@ -329,7 +329,7 @@ def test_framework_state_round_trips(cmd, line, cache, bar, table, pba, msix_ctr
     src.irq.msix.pba[0] = pba
     src.irq.set_intx(intx)
     if failed:
-        src._fail(RuntimeError("boom"), "test")
+        src.fail(RuntimeError("boom"), "test")
     src.regs["LIVENESS"].value, src.regs["FACTORIAL"].value, src.regs["RING_BASE"].value = regs
     stream, fds = save_device_stream(src)
     dest = EduDevice(autorun=False)

@@ -44,6 +44,11 @@ class FakeController:
 
     @property
     def memory(self) -> GuestMemory:
+        """The guest memory itself (the tests' way in, whatever the bus master bit says)."""
+        return self._mem
+
+    @property
+    def dma(self) -> GuestMemory:
         if not self.bus_master:
             raise DmaError("bus mastering is disabled")
         return self._mem

@@ -289,7 +289,7 @@ def test_shadow_tail_written_while_eventidx_is_updated_is_not_lost(nvme_env):
     drv, ctrl = env.drv, env.ctrl
     dbs, eis = drv.doorbell_buffer_config()
     q = drv.queues[1]
-    mem = ctrl._guest_memory
+    mem = ctrl.memory
     real_store32 = mem.store32
     state = {"armed": True, "cid": None}
 

@@ -243,7 +243,7 @@ class AdminCommandSet:
         if not data:
             return
         ctrl = self.ctrl
-        mem = ctrl.memory
+        mem = ctrl.dma
         segs = prp_segments(mem, req.prp1, req.prp2, len(data), ctrl.page_size)
         mv = memoryview(data)
         with mem.access(segs, write=True) as views:
@@ -258,7 +258,7 @@ class AdminCommandSet:
         if not length:
             return b""
         ctrl = self.ctrl
-        mem = ctrl.memory
+        mem = ctrl.dma
         segs = prp_segments(mem, req.prp1, req.prp2, length, ctrl.page_size)
         with mem.access(segs) as views:
             return b"".join(bytes(v) for v in views)
@@ -269,7 +269,7 @@ class AdminCommandSet:
         if base & (ctrl.page_size - 1):
             raise _err(Status.PRP_OFFSET_INVALID, f"queue base {base:#x} is not page aligned", OFF_DPTR)
         try:
-            for v in ctrl.memory.views(base, nbytes, write=write):
+            for v in ctrl.dma.views(base, nbytes, write=write):
                 v.release()
         except DmaError as exc:
             raise _err(Status.DATA_TRANSFER_ERROR, f"queue memory: {exc}", OFF_DPTR) from None
@@ -526,7 +526,7 @@ class AdminCommandSet:
             if addr == 0 or addr & (page - 1):
                 raise _err(Status.INVALID_FIELD, f"doorbell buffer {addr:#x} is not a page-aligned address", off)
             try:
-                for v in ctrl.memory.views(addr, 8 * (ctrl.cfg.max_ioqpairs + 1), write=True):
+                for v in ctrl.dma.views(addr, 8 * (ctrl.cfg.max_ioqpairs + 1), write=True):
                     v.release()
             except DmaError as exc:
                 raise _err(Status.INVALID_FIELD, f"doorbell buffer: {exc}", off) from None

@@ -14,6 +14,7 @@ import logging
 import time
 from typing import Any
 
+from pcidev.dma import GuestMemory
 from pcidev.errors import DmaError
 from pcidev.pci import ids
 from pcidev_nvme.fetch import BatchState
@@ -35,7 +36,7 @@ class CompletionMixin:
 
     _tls: BatchState
     _gen: int
-    _guest_memory: Any
+    memory: GuestMemory | None
     config: Any
     error_log: Any
     interrupts: Any
@@ -99,7 +100,7 @@ class CompletionMixin:
                     else:
                         if not req.parked:
                             cq.reserved -= 1
-                        mem = self._guest_memory
+                        mem = self.memory
                         if mem is None or not self.config.data[_CMD_LO] & _MASTER:
                             raise DmaError("bus mastering is disabled")
                         phase = cq.phase
@@ -181,7 +182,7 @@ class CompletionMixin:
                         if not nxt:
                             phase ^= 1
                     if entries:
-                        mem = self._guest_memory
+                        mem = self.memory
                         if mem is None or not self.config.data[_CMD_LO] & _MASTER:
                             raise DmaError("bus mastering is disabled")
                         cq.post_batch(mem, entries)

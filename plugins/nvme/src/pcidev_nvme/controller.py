@@ -35,7 +35,6 @@ import time
 from pcidev.bar import Register
 from pcidev.device import PciDevice
 from pcidev.errors import DmaError
-from pcidev.pci import ids
 from pcidev.pci.capabilities.msix import MsixCapability
 from pcidev.pci.config import ResetKind
 from pcidev_nvme.admin import AdminCommandSet, AdminWorker
@@ -80,9 +79,6 @@ __all__ = ["NvmeController"]
 
 log = logging.getLogger(__name__)
 
-_CMD_LO = ids.COMMAND
-_MASTER = int(ids.Command.MASTER)
-assert _MASTER < 0x100
 
 
 class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin, NamespaceSetMixin, HealthMixin,
@@ -112,7 +108,6 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
 
     def __init__(self, config: NvmeConfig | dict | str | None = None, *, name: str | None = None) -> None:
         self.cfg = cfg = NvmeConfig.coerce(config)
-        self._guest_memory = None
         self._closed = False
         super().__init__(name=name)
         self.vendor_id = cfg.vendor_id
@@ -180,28 +175,6 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self.add_standard_pcie_caps(flr=True, aer=True)
 
     # ------------------------------------------------------------------ contract
-    @property
-    def memory(self):
-        """Guest memory for DMA.
-
-        :raises DmaError: if bus mastering is disabled or no memory is attached.
-        """
-        mem = self._guest_memory
-        if mem is not None and self.config.data[_CMD_LO] & _MASTER:
-            return mem
-        if mem is None:
-            raise DmaError("no guest memory attached")
-        raise DmaError("bus mastering is disabled")
-
-    @memory.setter
-    def memory(self, value) -> None:
-        self._guest_memory = value
-
-    @property
-    def dma(self):
-        """Same as :attr:`memory` (the framework's name)."""
-        return self.memory
-
     @property
     def ready(self) -> bool:
         """CSTS.RDY."""
@@ -292,7 +265,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         asqs, acqs = (aqa & 0xFFF) + 1, ((aqa >> 16) & 0xFFF) + 1
         mps = (regs["CC"].value >> 7) & 0xF
         problem = enable_problem(regs["CC"].value, aqa, asq, acq)
-        mem = self._guest_memory  # bus mastering may still be off: only check the ranges
+        mem = self.memory  # bus mastering may still be off: only check the ranges
         if problem is None and mem is not None:
             try:
                 for v in mem.views(asq, asqs * SQE_SIZE) + mem.views(acq, acqs * 16, write=True):

@@ -148,7 +148,7 @@ class DoorbellsMixin:
             # queue the shadow is the newer value, and an MMIO write can arrive late (a
             # posted vfio-user write): copying it would rewind the tail and lose commands.
             try:
-                self.memory.store32(sq.db_addr, value)
+                self.dma.store32(sq.db_addr, value)
             except DmaError:
                 pass
         sq.tail = value
@@ -165,14 +165,14 @@ class DoorbellsMixin:
                 mem = None
                 if cq.db_addr is not None and qid == 0:
                     # the admin queue is not shadowed by Linux: the MMIO value is the truth
-                    mem = self.memory
+                    mem = self.dma
                     mem.store32(cq.db_addr, value)
                     mem.store32(cq.ei_addr, value)
                 elif cq.db_addr is not None:
                     # The shadow head is never older than an MMIO write that may arrive late
                     # (posted): take it, publish it as EventIdx, and look again in case the
                     # host moved on meanwhile (it then saw the old EventIdx and rang nothing).
-                    mem = self.memory
+                    mem = self.dma
                     value = mem.load32(cq.db_addr)
                     while True:
                         mem.store32(cq.ei_addr, value)
@@ -186,7 +186,7 @@ class DoorbellsMixin:
                     bad = False
                     cq.head = value
                     if cq.backlog:
-                        posted = cq.drain_backlog(mem or self.memory)
+                        posted = cq.drain_backlog(mem or self.dma)
         except DmaError as exc:
             self._fatal(f"CQ {qid}: {exc}")
             return
@@ -202,7 +202,7 @@ class DoorbellsMixin:
 
     def _dma_or_none(self) -> Any:
         try:
-            return self.memory
+            return self.dma
         except DmaError:
             return None
 

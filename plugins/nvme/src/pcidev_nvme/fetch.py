@@ -151,7 +151,7 @@ class FetchMixin:
         if not self._running or sq.gone or sq.deleting:
             return
         try:
-            mem = self.memory
+            mem = self.dma
             if sq.db_addr is not None:
                 tail = mem.load32(sq.db_addr)
                 if tail >= sq.size:

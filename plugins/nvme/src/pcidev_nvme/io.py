@@ -190,7 +190,7 @@ class IoCommandSet:
                             f"transfer of {length} bytes exceeds MDTS ({mdts} bytes)",
                             param_offset=_OFF_CDW12,
                         )
-                    mem = ctrl.memory
+                    mem = ctrl.dma
                     prp1 = req.prp1
                     page = ctrl.page_size
                     if not prp1 & 3 and length <= page - (prp1 & (page - 1)):
@@ -380,7 +380,7 @@ class IoCommandSet:
     def _segments(self, req: Any, length: int, *, to_host: bool) -> tuple[Any, list]:
         """Guest memory and the data pointer's pieces for ``length`` bytes."""
         ctrl = self.ctrl
-        mem = ctrl.memory
+        mem = ctrl.dma
         if not req.flags & 0xC0:
             prp1 = req.prp1
             page = ctrl.page_size

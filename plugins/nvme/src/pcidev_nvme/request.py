@@ -152,7 +152,7 @@ class ControllerPort(Protocol):
     smart: Any
 
     @property
-    def memory(self) -> Any:
+    def dma(self) -> Any:
         """Guest memory for DMA; raises :class:`~pcidev.errors.DmaError` while bus
         mastering is off."""
 
