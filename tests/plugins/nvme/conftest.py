@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
-
 from _helpers import Env, make_env
 
 
 @pytest.fixture
 def nvme_env() -> Iterator[Callable[..., Env]]:
-    """Factory fixture: ``env = nvme_env("ns=mem:size=16M", io_queues=2)``; closed at teardown."""
+    """A factory of NVMe test environments, closed at teardown.
+
+    Use: ``env = nvme_env("ns=mem:size=16M", io_queues=2)``.
+    """
     made: list[Env] = []
 
     def factory(*args, **kwargs) -> Env:

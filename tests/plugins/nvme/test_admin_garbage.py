@@ -7,9 +7,9 @@ from __future__ import annotations
 import struct
 
 import pytest
+from _helpers import make_env
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from _helpers import make_env
 
 from pcidev_nvme.request import SQE
 

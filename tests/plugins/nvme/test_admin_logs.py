@@ -10,10 +10,10 @@ import attrs
 import pytest
 from _helpers import expect_status, make_env, smart
 
-from pcidev_nvme.testing.driver import READ, WRITE
 from pcidev_nvme.logs import SmartCounters, decode_error_entry
 from pcidev_nvme.persist import StateFile
 from pcidev_nvme.status import Status
+from pcidev_nvme.testing.driver import READ, WRITE
 
 GET_LOG = 0x02
 
@@ -57,7 +57,7 @@ def test_partial_reads_with_offset(env):
 
 
 def test_error_information_entries(env):
-    drv, ctrl = env.drv, env.ctrl
+    drv = env.drv
     assert drv.get_log(0x01, 4096) == bytes(4096)
     c1 = expect_status(drv, Status.INVALID_OPCODE, 0x7E)
     buf = env.machine.alloc(4096)

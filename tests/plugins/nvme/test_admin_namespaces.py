@@ -9,8 +9,8 @@ import time
 import pytest
 from _helpers import GatedBackend, attach_namespace, expect_status, make_env, wait_until
 
-from pcidev_nvme.testing.driver import READ
 from pcidev_nvme.status import Status
+from pcidev_nvme.testing.driver import READ
 
 NS_MGMT, NS_ATTACH, FORMAT = 0x0D, 0x15, 0x80
 CTRL_LIST = struct.pack("<HH", 1, 0)

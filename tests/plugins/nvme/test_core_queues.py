@@ -10,8 +10,8 @@ import time
 
 from _helpers import GatedBackend, attach_namespace, expect_status, wait_until
 
-from pcidev_nvme.testing.driver import FLUSH, READ, WRITE
 from pcidev_nvme.status import Status
+from pcidev_nvme.testing.driver import FLUSH, READ, WRITE
 
 
 def _env_with_gated_ns2(nvme_env, io_queues: int):
@@ -30,7 +30,7 @@ def test_phase_tags_wrap_and_sq_head(nvme_env):
     q = drv.create_io_queue_pair(1, 4)
     phases = []
     heads = []
-    for i in range(25):  # wraps the 4-entry queues six times
+    for _ in range(25):  # wraps the 4-entry queues six times
         comp = drv.io(1, FLUSH, nsid=1)
         phases.append(comp.phase)
         heads.append(comp.sqhd)
@@ -357,7 +357,7 @@ def _post_flushes(env, q, n):
 
 
 def test_late_mmio_sq_doorbell_does_not_rewind_the_shadow_tail(nvme_env):
-    """nvme (found by real guest): with shadow doorbells, Linux rings the MMIO doorbell for
+    """Nvme (found by real guest): with shadow doorbells, Linux rings the MMIO doorbell for
     tail t1, then writes t2 to the shadow only. Over vfio-user the MMIO write is posted and
     arrives after the shadow moved to t2; copying t1 into the shadow lost the commands
     between t1 and t2 (fio timed out)."""
@@ -378,7 +378,7 @@ def test_late_mmio_sq_doorbell_does_not_rewind_the_shadow_tail(nvme_env):
 
 
 def test_late_mmio_cq_doorbell_takes_the_shadow_head(nvme_env):
-    """nvme (found by real guest): a late CQ head MMIO write must not rewind the head nor
+    """Nvme (found by real guest): a late CQ head MMIO write must not rewind the head nor
     EventIdx to an older value (the host, seeing an EventIdx behind its head, never rings
     again and the CQ eventually looks full for good)."""
     env = nvme_env("ns=mem:size=1M", io_queues=1)

@@ -21,6 +21,7 @@ import attrs
 import crc32c
 import pytest
 
+from pcidev.host import Machine
 from pcidev.migration import (
     VMStateSnapshot,
     device_blockers,
@@ -29,12 +30,11 @@ from pcidev.migration import (
     save_device,
     save_device_stream,
 )
-from pcidev.host import Machine
 from pcidev.vmstate import Section
 from pcidev.vmstate.errors import ChecksumError, ConfigMismatchError, StateError, StreamError
 from pcidev_nvme.controller import NvmeController
-from pcidev_nvme.testing.driver import READ, WRITE, NvmeDriver
 from pcidev_nvme.migration import NvmeState
+from pcidev_nvme.testing.driver import READ, WRITE, NvmeDriver
 
 QD = 32
 
@@ -205,7 +205,7 @@ def test_round_trip_mid_io_qd32_several_namespaces_and_queues(hosts, tmp_path):
         keys = [(qid, c.cid) for qid, c in got]
         assert sorted(keys) == sorted(pending), "completions lost or duplicated"
         assert all(c.ok for _q, c in got), [c for _q, c in got if not c.ok]
-        for key, (nsid, slba, data, buf) in pending.items():
+        for nsid, slba, data, buf in pending.values():
             blocks.record(nsid, slba, data)
             m.free(buf)
         assert blocks.verify_all(qid=1 + rnd_no % 4) == sum(i.nsze for i in drv.namespaces.values())

@@ -74,7 +74,7 @@ class Workload(threading.Thread):
                     self.verified += 1
                     self.mismatches += back != data
                 self.rounds_done.release()
-        except BaseException as exc:  # noqa: BLE001 - checked by the test
+        except BaseException as exc:
             self.error = exc
             self.rounds_done.release()
 

@@ -289,19 +289,19 @@ def test_prp_hostile_inputs_only_raise_statuses(mem, prp1, prp2, length, junk):
 # ------------------------------------------------------------------------------ SGL
 
 
-def D(addr, length):  # noqa: N802 - descriptor shorthands
+def D(addr, length):
     return sgl_descriptor(addr, length, SGL_DATA_BLOCK)
 
 
-def B(length):  # noqa: N802
+def B(length):
     return sgl_descriptor(0, length, SGL_BIT_BUCKET)
 
 
-def SEG(addr, n):  # noqa: N802
+def SEG(addr, n):
     return sgl_descriptor(addr, 16 * n, SGL_SEGMENT)
 
 
-def LAST(addr, n):  # noqa: N802
+def LAST(addr, n):
     return sgl_descriptor(addr, 16 * n, SGL_LAST_SEGMENT)
 
 

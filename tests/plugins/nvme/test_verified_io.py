@@ -288,8 +288,8 @@ def run_driver_queue(drv, machine, model: Model, qid: int, ops: int, max_blocks:
 
 def test_verified_io_through_the_software_host(tmp_path):
     from pcidev.host import Machine
-    from pcidev_nvme.testing import driver
     from pcidev_nvme.controller import NvmeController
+    from pcidev_nvme.testing import driver
 
     machine = Machine(ram_size=128 << 20)
     ctrl = NvmeController(

@@ -27,10 +27,11 @@ from pcidev.vmstate import U8, U16, VarArray, vmstate
 from pcidev_nvme.request import Request
 from pcidev_nvme.status import Status
 
-
-__all__ = ["AsyncEvents", "AerState", "EventState", "AER_ERROR", "AER_SMART", "AER_NOTICE", "AER_IMMEDIATE", "AER_IO", "AER_VENDOR",
-           "INFO_INVALID_DB_REG", "INFO_INVALID_DB_VALUE", "INFO_SMART_RELIABILITY", "INFO_SMART_TEMPERATURE",
-           "INFO_SMART_SPARE", "INFO_NS_ATTR_CHANGED", "INFO_FW_ACTIVATION"]
+__all__ = [
+    "AsyncEvents", "AerState", "EventState", "AER_ERROR", "AER_SMART", "AER_NOTICE", "AER_IMMEDIATE", "AER_IO",
+    "AER_VENDOR", "INFO_INVALID_DB_REG", "INFO_INVALID_DB_VALUE", "INFO_SMART_RELIABILITY",
+    "INFO_SMART_TEMPERATURE", "INFO_SMART_SPARE", "INFO_NS_ATTR_CHANGED", "INFO_FW_ACTIVATION"
+]
 
 AER_ERROR = 0
 AER_SMART = 1

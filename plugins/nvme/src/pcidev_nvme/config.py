@@ -143,13 +143,13 @@ class NvmeConfig:
         "help": "Identify MN, up to 40 ASCII characters"})
     firmware: str = attrs.field(default="1.0", validator=_ascii(8), metadata={
         "help": "firmware revision in slot 1 (Identify FR, up to 8 characters)"})
-    vendor_id: int = attrs.field(default=0x1B36, validator=_between(0, 0xFFFE), metadata={"hex": True, 
+    vendor_id: int = attrs.field(default=0x1B36, validator=_between(0, 0xFFFE), metadata={"hex": True,
         "help": "PCI vendor id"})
-    device_id: int = attrs.field(default=0x0010, validator=_between(0, 0xFFFF), metadata={"hex": True, 
+    device_id: int = attrs.field(default=0x0010, validator=_between(0, 0xFFFF), metadata={"hex": True,
         "help": "PCI device id"})
-    subsystem_vendor_id: int = attrs.field(default=0x1AF4, validator=_between(0, 0xFFFF), metadata={"hex": True, 
+    subsystem_vendor_id: int = attrs.field(default=0x1AF4, validator=_between(0, 0xFFFF), metadata={"hex": True,
         "help": "PCI subsystem vendor id"})
-    subsystem_id: int = attrs.field(default=0x1100, validator=_between(0, 0xFFFF), metadata={"hex": True, 
+    subsystem_id: int = attrs.field(default=0x1100, validator=_between(0, 0xFFFF), metadata={"hex": True,
         "help": "PCI subsystem id"})
     mdts: int = attrs.field(default=7, validator=_between(0, 20), metadata={
         "help": "Maximum Data Transfer Size, a power of two in 4 KiB units (0 = unlimited)"})
@@ -159,7 +159,7 @@ class NvmeConfig:
         "help": "MSI-X table size (max_ioqpairs + 1 gives every CQ a vector)"})
     msix_bar: int = attrs.field(default=0, validator=_one_of(0, 4), metadata={
         "help": "BAR of the MSI-X table and PBA: 0 (after the doorbells) or 4 (as QEMU)"})
-    mqes: int = attrs.field(default=0x7FF, validator=_between(1, 0xFFFF), metadata={"hex": True, 
+    mqes: int = attrs.field(default=0x7FF, validator=_between(1, 0xFFFF), metadata={"hex": True,
         "help": "CAP.MQES: largest queue size minus one"})
     aerl: int = attrs.field(default=3, validator=_between(0, 255), metadata={
         "help": "Asynchronous Event Request Limit, 0's based"})

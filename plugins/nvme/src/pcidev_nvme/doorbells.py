@@ -27,7 +27,6 @@ from pcidev_nvme import aer as aer_mod
 from pcidev_nvme.queues import CompletionQueue, SubmissionQueue
 from pcidev_nvme.registers import DOORBELL_BASE
 
-
 __all__ = ["DOORBELL_BASE", "DoorbellsMixin", "ShadowDoorbells", "ShadowDoorbellsState", "doorbell_offset"]
 
 log = logging.getLogger(__name__)

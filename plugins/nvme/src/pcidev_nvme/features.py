@@ -45,7 +45,6 @@ from pcidev.vmstate import U8, U16, U32, U64, Bool, Bytes, VarArray, vmstate
 from pcidev_nvme.request import Request
 from pcidev_nvme.status import NvmeStatusError, Status
 
-
 __all__ = ["Features", "FeaturesState", "TlerState", "FID_NAMES"]
 
 #: most namespaces with an error recovery setting in a migration stream

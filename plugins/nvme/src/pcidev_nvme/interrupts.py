@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 import attrs
 
@@ -80,7 +80,7 @@ class Interrupts:
     :param nvectors: number of interrupt vectors.
     """
 
-    def __init__(self, host: InterruptHost, cqs: Sequence[Optional[CompletionQueue]], timer: Timer,
+    def __init__(self, host: InterruptHost, cqs: Sequence[CompletionQueue | None], timer: Timer,
                  nvectors: int) -> None:
         self.host = host
         self.cqs = cqs
@@ -216,7 +216,7 @@ class Interrupts:
         """Take INTMS and the Coalescing Disable bits; nothing aggregated, nothing signalled
         (the pin status is recomputed from the queues)."""
         with self._lock:
-            for v, cd in zip(self.vectors, state.vector_cd):
+            for v, cd in zip(self.vectors, state.vector_cd, strict=False):
                 v.cd = cd
                 v.count = 0
                 v.armed = False

@@ -56,7 +56,6 @@ from pcidev_nvme.prp import OFF_DPTR1, data_segments, prp_segments
 from pcidev_nvme.request import ControllerPort
 from pcidev_nvme.status import NvmeStatusError, Status
 
-
 __all__ = [
     "COPY_LIMITS",
     "DMRL",
@@ -214,7 +213,7 @@ class IoCommandSet:
                         ctrl.smart.record_read(length)
                     else:
                         ctrl.smart.record_write(length)
-                except BaseException as exc:  # noqa: BLE001
+                except BaseException as exc:
                     self._fail(req, exc)
                     return
                 self._complete(req, 0, 0)
@@ -255,7 +254,7 @@ class IoCommandSet:
                 self._dispatch(handler, req, ns)
                 return
             dw0 = handler(req, ns)
-        except BaseException as exc:  # noqa: BLE001 - every failure becomes a status
+        except BaseException as exc:
             self._fail(req, exc)
             return
         self._complete(req, 0, dw0)
@@ -280,7 +279,7 @@ class IoCommandSet:
     def _run(self, handler: Any, req: Any, ns: Any) -> None:
         try:
             dw0 = handler(req, ns)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             self._fail(req, exc)
         else:
             try:

@@ -60,7 +60,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 import attrs
 
@@ -153,8 +153,8 @@ class NvmeState:
     shutting_down: Bool
     dirty: Bool
     page_size: U32
-    sqs: VarArray[Optional[SqState], MAX_QUEUES]
-    cqs: VarArray[Optional[CqState], MAX_QUEUES]
+    sqs: VarArray[SqState | None, MAX_QUEUES]
+    cqs: VarArray[CqState | None, MAX_QUEUES]
     aer: AerState
     features: FeaturesState
     smart: SmartState

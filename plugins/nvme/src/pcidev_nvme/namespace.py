@@ -25,8 +25,8 @@ Identifiers are stable across restarts:
 2. else, for a backend with an ``identity_path`` (file images:
    ``<image>.nvme-ids``), they are read from that small JSON file, or created
    at random and saved there on first use, so they follow the image;
-3. else (no identity file, or one that cannot be written) they are derived from the controller serial number and the NSID with
-   SHA-256 (same serial and NSID, same identifiers).
+3. else (no identity file, or one that cannot be written) they are derived from the
+   controller serial number and the NSID with SHA-256 (same serial and NSID, same identifiers).
 
 The identity file also remembers the LBA format chosen by Format NVM, so a file
 namespace keeps its block size across restarts (an explicit ``lbaf`` wins). It is
@@ -48,7 +48,7 @@ import struct
 import threading
 import uuid as uuidlib
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any
 
 import attrs
 
@@ -229,7 +229,7 @@ class NamespaceState:
     nsid: U32
     attached: Bool
     lbaf: U8
-    mem_fd: Optional[FdRef] = None
+    mem_fd: FdRef | None = None
 
 
 class Namespace:

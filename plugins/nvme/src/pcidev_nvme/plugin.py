@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from pcidev.hookspecs import hookimpl
 from pcidev.registry import DeviceRegistry
-from pcidev_nvme.testing import bench
 from pcidev_nvme.backends import BUILTIN_BACKENDS, add_backend
 from pcidev_nvme.controller import NvmeController
 from pcidev_nvme.namespace import make_namespace
+from pcidev_nvme.testing import bench
 
 
 @hookimpl

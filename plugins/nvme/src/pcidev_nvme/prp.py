@@ -48,7 +48,6 @@ from pcidev.dma import GuestMemory
 from pcidev.errors import DmaError
 from pcidev_nvme.status import NvmeStatusError, Status
 
-
 __all__ = [
     "MAX_SGL_DESCRIPTORS",
     "MAX_TRANSFER",

@@ -36,7 +36,7 @@ import struct
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 import attrs
 
@@ -48,8 +48,10 @@ from pcidev_nvme.request import Request
 #: opcode of Asynchronous Event Request (admin), for the AERs a restore re-parks
 _AER_OPCODE = 0x0C
 
-__all__ = ["CompletionQueue", "SubmissionQueue", "QueueSetMixin", "CqState", "SqState", "CqeState", "CQE_SIZE", "SQE_SIZE",
-           "MAX_BACKLOG"]
+__all__ = [
+    "CompletionQueue", "SubmissionQueue", "QueueSetMixin", "CqState", "SqState", "CqeState", "CQE_SIZE",
+    "SQE_SIZE", "MAX_BACKLOG"
+]
 
 #: most completions a CQ's backlog may carry in a migration stream
 MAX_BACKLOG = 65536
@@ -233,7 +235,7 @@ class CompletionQueue:
         """A new queue with the identity of ``state`` (its ring state follows by :meth:`restore`)."""
         return cls(state.cqid, state.base, state.size, state.vector, state.ien)
 
-    def restore(self, state: CqState, sqs: Sequence[Optional[SubmissionQueue]] = ()) -> None:
+    def restore(self, state: CqState, sqs: Sequence[SubmissionQueue | None] = ()) -> None:
         """Take the ring state and backlog of ``state``.
 
         :param state: a checked state of this queue.

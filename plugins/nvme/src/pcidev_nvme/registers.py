@@ -30,11 +30,13 @@ import attrs
 
 from pcidev.bar import Access, Register, RegisterMap
 
-__all__ = ["ControllerState", "Bar0", "build_register_map", "cap_value", "ZeroBar", "DOORBELL_BASE", "ST_DISABLED", "ST_READY", "ST_RESETTING",
-           "ST_FAILED", "REG_CAP", "REG_VS", "REG_INTMS", "REG_INTMC", "REG_CC", "REG_CSTS", "REG_NSSR",
-           "REG_AQA", "REG_ASQ", "REG_ACQ", "REG_CRTO", "CC_EN", "CC_MASK", "CSTS_RDY", "CSTS_CFS",
-           "CSTS_SHST_SHIFT", "SHST_NORMAL", "SHST_PROCESSING", "SHST_COMPLETE", "CAP_CSS_NVM", "CAP_CSS_IOCS",
-           "CSS_NVM", "CSS_ALL", "CSS_ADMIN_ONLY", "MPSMIN", "MPSMAX", "CAP_TO"]
+__all__ = [
+    "ControllerState", "Bar0", "build_register_map", "cap_value", "ZeroBar", "DOORBELL_BASE", "ST_DISABLED",
+    "ST_READY", "ST_RESETTING", "ST_FAILED", "REG_CAP", "REG_VS", "REG_INTMS", "REG_INTMC", "REG_CC", "REG_CSTS",
+    "REG_NSSR", "REG_AQA", "REG_ASQ", "REG_ACQ", "REG_CRTO", "CC_EN", "CC_MASK", "CSTS_RDY", "CSTS_CFS",
+    "CSTS_SHST_SHIFT", "SHST_NORMAL", "SHST_PROCESSING", "SHST_COMPLETE", "CAP_CSS_NVM", "CAP_CSS_IOCS",
+    "CSS_NVM", "CSS_ALL", "CSS_ADMIN_ONLY", "MPSMIN", "MPSMAX", "CAP_TO"
+]
 
 #: BAR0 offset of the first doorbell (registers below, doorbells from here on)
 DOORBELL_BASE = 0x1000

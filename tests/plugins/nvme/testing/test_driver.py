@@ -10,8 +10,8 @@ import random
 import pytest
 from _helpers import GatedBackend, attach_namespace, wait_until
 
-from pcidev_nvme.testing.driver import READ, WRITE, NvmeCommandError, NvmeDriverError
 from pcidev_nvme.status import Status
+from pcidev_nvme.testing.driver import READ, WRITE, NvmeCommandError, NvmeDriverError
 
 
 @pytest.fixture

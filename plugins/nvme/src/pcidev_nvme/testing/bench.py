@@ -296,7 +296,6 @@ def main(argv: list[str] | None = None) -> int:
     :param argv: the arguments after ``nvme``.
     :returns: the exit status.
     """
-
     args = _parser().parse_args(argv)
     if args.seconds <= 0:
         raise PcidevError("--seconds must be positive")
