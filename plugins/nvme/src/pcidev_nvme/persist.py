@@ -146,12 +146,17 @@ class StateFile:
 
     :param path: the file; None keeps everything in memory.
     :param legacy: a JSON file of an earlier version to upgrade from when ``path`` does
-        not exist yet (removed once the new file is written).
+        not exist yet (removed once the new file is written, if it was one).
+
+    A file at ``path`` that is neither empty nor a state file of this plugin (old or new
+    format) is never overwritten: the state is then kept in memory only (one warning).
     """
 
     def __init__(self, path: str | os.PathLike | None, *, legacy: str | os.PathLike | None = None) -> None:
         self.path = Path(path) if path is not None else None
         self.legacy = Path(legacy) if legacy is not None else None
+        #: the file at ``path`` is not ours: never written
+        self.foreign = False
         self._lock = threading.Lock()
 
     def load(self) -> PersistState | None:
@@ -173,17 +178,31 @@ class StateFile:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            log.warning("cannot read nvme state file %s (%s); starting from zero", path, exc.strerror)
-            return None
+            return self._unusable(path, exc.strerror or str(exc))
+        if not data:
+            return None  # an empty file: ours to fill
         if data[:1] in (b"{", b"[", b" ", b"\n"):
             return self._load_json(path, data)
         try:
             [section] = load(data, device_type=DEVICE_TYPE, fingerprint={}, descriptions=[PersistState],
                              expected=[(STATE_SECTION, 0)])
         except (VMStateError, ValueError) as exc:
-            log.warning("nvme state file %s cannot be used (%s); starting from zero", path, exc)
-            return None
+            return self._unusable(path, str(exc))
         return section.state
+
+    def _unusable(self, path: Path, why: str) -> None:
+        """``path`` holds something that is not a state file of this plugin: leave it as
+        it is (the state file of an older version, if that is what it was, is not removed
+        either) and keep the state in memory."""
+        if path == self.legacy:
+            self.legacy = None
+            log.warning("old nvme state file %s cannot be used (%s); starting from zero and leaving it as it is",
+                        path, why)
+            return None
+        self.foreign = True
+        log.warning("nvme state file %s cannot be used (%s); starting from zero, the file is left as it is and "
+                    "the controller state is kept in memory only", path, why)
+        return None
 
     def _load_json(self, path: Path, data: bytes) -> PersistState | None:
         try:
@@ -191,14 +210,13 @@ class StateFile:
         except ValueError:
             state = None
         if state is None:
-            log.warning("nvme state file %s is corrupt or of an unknown format; starting from zero", path)
-            return None
+            return self._unusable(path, "corrupt or of an unknown format")
         log.info("nvme state file %s is in the old JSON format; it is rewritten as %s", path, self.path)
         return state
 
     def save(self, state: PersistState) -> None:
         """Write ``state`` atomically. Errors are logged, not raised."""
-        if self.path is None:
+        if self.path is None or self.foreign:
             return
         try:
             payload = save(DEVICE_TYPE, {}, [(STATE_SECTION, 0, state)])
