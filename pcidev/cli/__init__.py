@@ -29,6 +29,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import Iterable, Sequence
@@ -80,6 +81,8 @@ def commands_of(modules: Iterable[ModuleType]) -> dict[str, Command]:
 COMMANDS: dict[str, Command] = commands_of(COMMAND_MODULES)
 
 _LOG_FORMAT = "%(name)s: %(levelname)s: %(message)s"
+#: a numeric ``--log-level`` (ASCII digits, optionally negative; ``int()`` alone also takes ``²`` and ``1_0``)
+_LEVEL_NUMBER = re.compile(r"-?[0-9]{1,9}")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -92,10 +95,10 @@ class _Parser(argparse.ArgumentParser):
 def _log_level(text: str | None, verbose: int) -> int:
     if text is None:
         return (logging.WARNING, logging.INFO)[verbose] if verbose < 2 else logging.DEBUG
-    if text.strip().lstrip("-").isdigit():
-        return int(text)
+    if _LEVEL_NUMBER.fullmatch(text.strip()):
+        return int(text.strip())
     level = logging.getLevelName(text.strip().upper())
-    if not isinstance(level, int):
+    if not isinstance(level, int) or isinstance(level, bool):
         raise UsageError(f"--log-level expects debug, info, warning, error, critical or a number, got {text!r}")
     return level
 

@@ -326,10 +326,10 @@ def test_commands_come_from_the_explicit_module_list():
 
 
 def test_demo_command_calls_pcidev_demo_main(capsys, monkeypatch):
+    import pcidev.demo
+
     received = []
-    fake = types.ModuleType("pcidev.demo")
-    fake.main = lambda args: received.append(args) or 4
-    monkeypatch.setitem(sys.modules, "pcidev.demo", fake)
+    monkeypatch.setattr(pcidev.demo, "main", lambda args: received.append(args) or 4)
     status, _out, _err = run(capsys, "-p", "no:nvme", "demo")
     assert status == 4
     assert received[0].command == "demo"
@@ -509,3 +509,21 @@ def test_bench_component_that_is_not_callable_is_one_line(capsys, module_plugin)
     status, out, err = run(capsys, "-p", "pcidev_cli_broken_bench", "bench", "broken")
     assert status == 1 and out == ""
     assert_one_line_error(err, "bench component 'broken' is not callable")
+
+
+@pytest.mark.parametrize("level", ["--5", "²", "٥", "-", "1_0", "+", "", " ", "5x", "1" * 40, "Level 5"])
+def test_a_bad_log_level_is_one_usage_line(capsys, level):
+    status, _out, err = run(capsys, "--log-level", level, "plugins")
+    assert status == 2
+    assert_one_line_error(err, "--log-level")
+    assert "internal error" not in err
+
+
+@pytest.mark.parametrize(("level", "expected"), [("15", 15), ("-1", -1), (" 20 ", 20), ("Info", 20), ("warn", 30)])
+def test_a_numeric_or_named_log_level_is_used(capsys, level, expected):
+    import logging
+
+    status, _out, _err = run(capsys, "--log-level", level, "plugins")
+    assert status == 0
+    assert logging.getLogger().level == expected
+    logging.getLogger().setLevel(logging.WARNING)
