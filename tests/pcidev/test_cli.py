@@ -527,3 +527,78 @@ def test_a_numeric_or_named_log_level_is_used(capsys, level, expected):
     assert status == 0
     assert logging.getLogger().level == expected
     logging.getLogger().setLevel(logging.WARNING)
+
+
+# -- serve: the socket before the device ---------------------------------------------------
+
+
+@attrs.define(kw_only=True)
+class _MarkerConfig:
+    marker: str = attrs.field(default="", metadata={"help": "a file the device creates when it is built"})
+    fail: bool = attrs.field(default=False, metadata={"help": "fail to build"})
+
+
+@pytest.fixture
+def marker_device(monkeypatch, module_plugin):
+    """``-p pcidev_cli_marker`` registers 'marker-dev' (writes a file when built) and 'plain-dev' (no properties)."""
+
+    class MarkerDevice(PciDevice):
+        TYPE_NAME = "marker-dev"
+        VENDOR_ID, DEVICE_ID, CLASS_CODE = 0x1234, 0x11EA, 0xFF0000
+        CONFIG_CLASS = _MarkerConfig
+
+        def __init__(self, config: _MarkerConfig | None = None, *, name: str | None = None) -> None:
+            config = config or _MarkerConfig()
+            if config.marker:
+                Path(config.marker).write_text("built")
+            if config.fail:
+                raise ConfigError("marker-dev: asked to fail")
+            super().__init__(name=name)
+
+    class PlainDevice(PciDevice):
+        TYPE_NAME = "plain-dev"
+        VENDOR_ID, DEVICE_ID, CLASS_CODE = 0x1234, 0x11EB, 0xFF0000
+
+    @hookimpl
+    def pcidev_register_devices(registry):
+        registry.add_device(MarkerDevice)
+        registry.add_device(PlainDevice)
+
+    monkeypatch.setenv("PCIDEV_DISABLE_PLUGIN_AUTOLOAD", "1")
+    module_plugin("pcidev_cli_marker", pcidev_register_devices=pcidev_register_devices)
+    return ("-p", "pcidev_cli_marker")
+
+
+@pytest.mark.parametrize("occupant", ["file", "directory"])
+def test_serve_refuses_the_socket_path_before_building_the_device(capsys, tmp_path, marker_device, occupant):
+    sock = tmp_path / "s.sock"
+    if occupant == "file":
+        sock.write_text("keep me")
+    else:
+        sock.mkdir()
+    marker = tmp_path / "built"
+    status, _out, err = run(capsys, *marker_device, "serve", "--vfio-user", str(sock), f"marker-dev,marker={marker}")
+    assert status == 1
+    assert_one_line_error(err, str(sock))
+    assert not marker.exists()
+    assert sock.exists() and (occupant == "directory" or sock.read_text() == "keep me")
+
+
+def test_serve_closes_the_socket_when_the_device_fails_to_build(capsys, tmp_path, marker_device):
+    sock = tmp_path / "s.sock"
+    status, _out, err = run(capsys, *marker_device, "serve", "--vfio-user", str(sock), "marker-dev,fail=on")
+    assert status == 1
+    assert_one_line_error(err, "asked to fail")
+    assert not sock.exists()
+    status, _out, err = run(capsys, *marker_device, "serve", "--vfio-user", str(sock), "marker-dev,bogus=1")
+    assert status == 1
+    assert_one_line_error(err, "unknown property bogus", "known: marker, fail")
+    assert not sock.exists()
+
+
+def test_serve_a_type_without_config_class_says_how_to_declare_properties(capsys, tmp_path, marker_device):
+    sock = tmp_path / "s.sock"
+    status, _out, err = run(capsys, *marker_device, "serve", "--vfio-user", str(sock), "plain-dev,k=v")
+    assert status == 1
+    assert_one_line_error(err, "takes no properties", "CONFIG_CLASS", "Writing a plugin")
+    assert not sock.exists()
