@@ -29,6 +29,7 @@ import struct
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import crc32c
@@ -139,7 +140,8 @@ def _tour(pdev: Any, out) -> None:
 
 
 def run(blocks: int = 384, block_size: int = 65536, migrations: int = 3, *, batch: int = 16,
-        options: dict[str, Any] | None = None, tcp: bool = False, out=print) -> dict[str, Any]:
+        options: dict[str, Any] | None = None, tcp: bool = False, out: Callable[[str], object] = print,
+        plugin_specs: Sequence[str] = ()) -> dict[str, Any]:
     """Run the migration demo; returns a summary (also used by tests and the example).
 
     :param blocks: DMA blocks to copy and verify.
@@ -151,6 +153,8 @@ def run(blocks: int = 384, block_size: int = 65536, migrations: int = 3, *, batc
         maps its guest RAM and installs its eventfds in each destination before it
         resumes the device there.
     :param out: where lines go.
+    :param plugin_specs: ``-p`` options for the device processes (``pcidev -p ...
+        demo`` passes its own), so they load the plugins the caller selected.
     :returns: ``{"blocks", "bytes", "mismatches", "interrupts", "seconds", "migrations": [reports]}``.
     """
     options = dict(EDU_OPTIONS if options is None else options)
@@ -158,13 +162,13 @@ def run(blocks: int = 384, block_size: int = 65536, migrations: int = 3, *, batc
     procs: list[DeviceProcess] = []
     reports: list[dict[str, Any]] = []
     try:
-        first = DeviceProcess("edu", f"unix:{workdir}/edu-0.sock", options=options)
+        first = DeviceProcess("edu", f"unix:{workdir}/edu-0.sock", options=options, plugin_specs=plugin_specs)
         procs.append(first)
         # the destinations start now, each waiting for one incoming migration
         for k in range(1, migrations + 1):
             incoming = "tcp:127.0.0.1:0" if tcp else f"unix:{workdir}/edu-{k}-migration.sock"
             procs.append(DeviceProcess("edu", f"unix:{workdir}/edu-{k}.sock", options=options,
-                                       incoming=incoming))
+                                       incoming=incoming, plugin_specs=plugin_specs))
         first.wait_event("ready")
         out(f"device process {first.pid} serves edu on {first.link}; "
             f"{migrations} more processes wait for it")
@@ -231,8 +235,13 @@ def run(blocks: int = 384, block_size: int = 65536, migrations: int = 3, *, batc
             pass
 
 
-def main(args: argparse.Namespace | None = None) -> int:
-    """Entry point of ``pcidev demo``: 0 if every block verified and every migration worked."""
-    summary = run()
+def main(args: argparse.Namespace | None = None, *, plugin_specs: Sequence[str] = ()) -> int:
+    """Entry point of ``pcidev demo``: 0 if every block verified and every migration worked.
+
+    :param args: the parsed command line (unused: the demo has no options).
+    :param plugin_specs: the command line's ``-p`` options, for the device processes.
+    :returns: the exit status.
+    """
+    summary = run(plugin_specs=plugin_specs)
     ok = summary["mismatches"] == 0 and len(summary["migrations"]) == 3
     return 0 if ok else 1

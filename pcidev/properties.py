@@ -72,7 +72,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NewType, TypeVar
 
 import attrs
@@ -88,6 +88,7 @@ __all__ = [
     "converter",
     "describe_config",
     "describe_value",
+    "join_properties",
     "parse_bool",
     "parse_float",
     "parse_int",
@@ -312,6 +313,22 @@ def split_properties(text: str) -> list[tuple[str, str]]:
             raise PropertyError(f"property {item!r} has an empty key (write KEY={value})")
         out.append((key.strip(), value) if sep else ("", item))
     return out
+
+
+def join_properties(pairs: Iterable[tuple[str, str]]) -> str:
+    """The property string of ``(key, value)`` pairs: the inverse of :func:`split_properties`.
+
+    Commas in keys and values are doubled (``,,``); a pair with the key ``""`` is
+    written as its value alone (an item without ``=``).
+
+    :param pairs: the pairs, in order.
+    :returns: ``"key=value,..."`` that :func:`split_properties` turns back into ``pairs``.
+    """
+    items = []
+    for key, value in pairs:
+        escaped = value.replace(",", ",,")
+        items.append(f"{key.replace(',', ',,')}={escaped}" if key else escaped)
+    return ",".join(items)
 
 
 def split_device_spec(spec: str) -> tuple[str, str]:

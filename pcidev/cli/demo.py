@@ -13,4 +13,4 @@ __all__ = ["COMMAND"]
 @command("demo", help="run a short demonstration through the software host")
 def COMMAND(args: argparse.Namespace, ctx: CliContext) -> int | None:
     """Run :func:`pcidev.demo.main` (the edu device migrating between processes)."""
-    return demo.main(args)
+    return demo.main(args, plugin_specs=ctx.plugin_specs)

@@ -329,10 +329,18 @@ def test_demo_command_calls_pcidev_demo_main(capsys, monkeypatch):
     import pcidev.demo
 
     received = []
-    monkeypatch.setattr(pcidev.demo, "main", lambda args: received.append(args) or 4)
-    status, _out, _err = run(capsys, "-p", "no:nvme", "demo")
+    monkeypatch.setattr(pcidev.demo, "main", lambda args, plugin_specs: received.append((args, plugin_specs)) or 4)
+    status, _out, _err = run(capsys, "-p", "no:nvme", "-p", "no:other", "demo")
     assert status == 4
-    assert received[0].command == "demo"
+    assert received[0][0].command == "demo"
+    assert received[0][1] == ("no:nvme", "no:other")
+
+
+def test_demo_device_processes_get_the_plugin_selection(capsys):
+    # edu is a built-in device type: blocked here, it must be blocked in the device processes too
+    status, _out, err = run(capsys, "-p", "no:builtin", "demo")
+    assert status == 1
+    assert_one_line_error(err, "unknown device type 'edu'")
 
 
 def test_closed_pipe_is_quiet() -> None:

@@ -12,6 +12,7 @@ from pcidev.properties import (
     PropertyError,
     Size,
     describe_config,
+    join_properties,
     parse_bool,
     parse_int,
     parse_size,
@@ -246,3 +247,13 @@ def test_any_mapping_is_a_config_or_exactly_one_typed_error(props):
         assert str(exc)
     else:
         assert isinstance(cfg, Keyed)
+
+
+@given(st.lists(st.tuples(st.text(alphabet="ab,= ", min_size=1, max_size=4).map(str.strip).filter(
+    lambda k: k and "=" not in k and "," not in k), st.text(alphabet="ab,=", max_size=6)), max_size=5))
+def test_join_properties_is_the_inverse_of_split_properties(pairs):
+    assert split_properties(join_properties(pairs)) == pairs
+
+
+def test_join_properties_doubles_commas_and_writes_bare_items():
+    assert join_properties([("a", "x,y"), ("", "flag"), ("b", "")]) == "a=x,,y,flag,b="
