@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> dict:
                             stats["readbacks"] += 1
                             stats["mismatches"] += back != data
                         progress.release()
-                except BaseException as exc:  # noqa: BLE001 - reported
+                except BaseException as exc:
                     stats["errors"].append(f"{type(exc).__name__}: {exc}")
                     progress.release()
 

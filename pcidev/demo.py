@@ -35,9 +35,11 @@ from typing import Any
 import crc32c
 
 from pcidev.devices.edu import DESC, STATUS_DONE
+from pcidev.errors import PcidevError
 from pcidev.host import Machine
 from pcidev.pci import ids
 from pcidev.transport.link.process import DeviceProcess
+from pcidev.transport.link.remote import RemoteDevice
 
 _CAP_NAMES = {int(c): c.name for c in ids.CapId}
 _EXT_NAMES = {int(c): c.name for c in ids.ExtCapId}
@@ -122,7 +124,7 @@ class _Driver(threading.Thread):
                 self.progress.wait(left)
 
 
-def _tour(pdev: Any, out) -> None:
+def _tour(pdev: Any, out: Callable[[str], object]) -> None:
     out(f"plugged {pdev.device!r}, class {pdev.class_code:06x}")
     for idx, (size, kind) in pdev.size_bars().items():
         out(f"  BAR{idx}: {kind}, {size} bytes")
@@ -175,11 +177,14 @@ def run(blocks: int = 384, block_size: int = 65536, migrations: int = 3, *, batc
         ram = max(64 << 20, (2 * blocks * block_size + (16 << 20) + 0xFFFFF) & ~0xFFFFF)
         with Machine(ram_size=ram) as machine:
             pdev = machine.plug_remote(first.link, timeout=10.0)
+            remote = pdev.device
+            if not isinstance(remote, RemoteDevice):  # plug_remote's handle holds the link proxy
+                raise PcidevError(f"plug_remote gave a {type(remote).__name__}, not a RemoteDevice")
             _tour(pdev, out)
             driver = _Driver(machine, pdev, blocks, block_size, batch)
             driver.setup()
-            for dest in procs[1:]:
-                dest.incoming = dest.wait_event("listening")["incoming"]  # the port TCP chose
+            # the addresses the destinations listen on (the port TCP chose)
+            addresses: list[str] = [str(dest.wait_event("listening")["incoming"]) for dest in procs[1:]]
             out(f"DMA: {blocks} blocks of {block_size} bytes, {batch} descriptors per doorbell, "
                 f"CRC-32C checked per block; migrating {migrations} times meanwhile over "
                 f"{'TCP (no fds: the host re-attaches RAM and eventfds)' if tcp else 'UNIX sockets'}")
@@ -190,9 +195,9 @@ def run(blocks: int = 384, block_size: int = 65536, migrations: int = 3, *, batc
                 if driver.error is not None or not driver.is_alive():
                     break
                 source, dest = procs[k - 1], procs[k]
-                report = pdev.device.migrate(dest.incoming, timeout=10.0)
-                incoming = dest.wait_event("incoming")
-                device_section = incoming["sections"][-1]
+                report = remote.migrate(addresses[k - 1], timeout=10.0)
+                loaded = dest.wait_event("incoming")
+                device_section = loaded["sections"][-1]
                 report["inflight"] = "edu/inflight" in device_section["subsections"]
                 report["blocks_done"] = driver.done
                 reports.append(report)

@@ -1,9 +1,9 @@
-"""Run one device in its own process, served over the device link.
+r"""Run one device in its own process, served over the device link.
 
 ::
 
-    python -m pcidev.transport.link.process --device edu --link unix:/run/edu.sock \\
-        [-p no:NAME | -p MODULE]... [--set engine=true --set delay=0.0002] \\
+    python -m pcidev.transport.link.process --device edu --link unix:/run/edu.sock \
+        [-p no:NAME | -p MODULE]... [--set engine=true --set delay=0.0002] \
         [--incoming unix:/run/edu-mig.sock] [--events]
 
 Without ``--incoming`` the device starts fresh and is served on ``--link``. With
@@ -176,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def spawn(device: str, link: str, *, options: str | Mapping[str, Any] | None = None, incoming: str | None = None,
           events: bool = False, stdout: Any = None, stderr: Any = None,
-          env: Mapping[str, str] | None = None, plugin_specs: Sequence[str] = ()) -> subprocess.Popen:
+          env: Mapping[str, str] | None = None, plugin_specs: Sequence[str] = ()) -> subprocess.Popen[str]:
     """Start a device process (``python -m pcidev.transport.link.process``).
 
     :param device: device type.
@@ -235,7 +235,7 @@ class DeviceProcess:
         return self.proc.pid
 
     def _read_events(self) -> None:
-        for line in self.proc.stdout:
+        for line in self.proc.stdout or ():
             try:
                 event = json.loads(line)
             except ValueError:
@@ -248,7 +248,7 @@ class DeviceProcess:
             self._cond.notify_all()
 
     def _read_stderr(self) -> None:
-        for line in self.proc.stderr:
+        for line in self.proc.stderr or ():
             self.stderr_lines.append(line.rstrip("\n"))
 
     def wait_event(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
