@@ -150,7 +150,8 @@ def _parse_number(value: Any, name: str, kind: Any) -> int:
             sign, digits, unit, unit_bytes, bare_bytes = m.groups()
             if (unit_bytes or bare_bytes) and kind is not Size:
                 raise _value_error(name, value, kind)
-            if bare_bytes and digits == "0":  # "0b": a binary prefix without digits, not zero bytes
+            if bare_bytes and (digits == "0" or digits[:2].lower() in ("0b", "0o")):
+                # "0b" is a binary prefix without digits, not zero bytes; "0b1b", "0o7b" read as typos
                 raise _value_error(name, value, kind)
             try:
                 number = int(digits, 0) if digits[:2].lower() in ("0x", "0o", "0b") else int(digits, 10)

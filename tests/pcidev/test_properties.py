@@ -153,7 +153,7 @@ def test_size_spaces_before_the_suffix_and_byte_suffixes(text, value):
     assert parse_size(text) == value
 
 
-@pytest.mark.parametrize("text", ["0b", "0B", " 0b ", "0 b", "+0b", "0ib", "64 iB", "1 G B"])
+@pytest.mark.parametrize("text", ["0b", "0B", " 0b ", "0 b", "+0b", "0ib", "64 iB", "1 G B", "0b1b", "0o7B"])
 def test_size_never_reads_a_bare_0b_as_zero_bytes(text):
     with pytest.raises(PropertyError, match="byte count"):
         parse_size(text, "capacity")
