@@ -36,11 +36,11 @@ from pcidev.pci import ids
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # also when loaded by runpy or importlib
     sys.path.append(str(Path(__file__).resolve().parent))
-from bench_state import QUEUES, REQUESTS, make_state  # noqa: E402
-from bench_state import CompletionQueue as CqState  # noqa: E402
-from bench_state import Controller as ControllerState  # noqa: E402
-from bench_state import Request as RequestState  # noqa: E402
-from bench_state import SubmissionQueue as SqState  # noqa: E402
+from bench_state import QUEUES, REQUESTS, make_state
+from bench_state import CompletionQueue as CqState
+from bench_state import Controller as ControllerState
+from bench_state import Request as RequestState
+from bench_state import SubmissionQueue as SqState
 
 VECTORS = QUEUES + 1
 

@@ -5,8 +5,6 @@ pointers with 65 slots, slot 0 unused) and 1,000 in-flight request records, each
 
 from __future__ import annotations
 
-from typing import Optional
-
 import attrs
 
 from pcidev.vmstate import U8, U16, U32, U64, Array, Bytes, VarArray, vmstate
@@ -59,8 +57,8 @@ class Controller:
     aqa: U32 = 0
     asq: U64 = 0
     acq: U64 = 0
-    sq: Array[Optional[SubmissionQueue], QUEUES + 1] = (None,) * (QUEUES + 1)
-    cq: Array[Optional[CompletionQueue], QUEUES + 1] = (None,) * (QUEUES + 1)
+    sq: Array[SubmissionQueue | None, QUEUES + 1] = (None,) * (QUEUES + 1)
+    cq: Array[CompletionQueue | None, QUEUES + 1] = (None,) * (QUEUES + 1)
     inflight: VarArray[Request, 65536] = ()
 
 

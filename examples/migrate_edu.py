@@ -13,7 +13,7 @@ and the CRC-32C verification of every block (exit status 1 on any mismatch).
 Run::
 
     .venv/bin/python examples/migrate_edu.py [--blocks N] [--block-size BYTES]
-        [--migrations N] [--tcp] [--json]
+        [--migrations N] [--tcp] [--json] [-p no:NAME | -p MODULE]...
 
 ``pcidev demo`` runs the same demonstration with the default options. The code
 is in ``pcidev/demo.py``; the pieces it uses are ``Machine.plug_remote``
@@ -39,9 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tcp", action="store_true",
                     help="migrate over TCP (no fds travel; the host re-attaches RAM and eventfds)")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
+    ap.add_argument("-p", action="append", default=[], dest="plugin_specs", metavar="no:NAME|MODULE",
+                    help="plugin selection of the device processes, as pcidev -p; repeatable")
     args = ap.parse_args(argv)
     summary = demo.run(blocks=args.blocks, block_size=args.block_size, migrations=args.migrations,
-                       tcp=args.tcp)
+                       tcp=args.tcp, plugin_specs=args.plugin_specs)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     ok = summary["mismatches"] == 0 and len(summary["migrations"]) == args.migrations

@@ -14,7 +14,7 @@ size (exit status 1 on any mismatch or error).
 Run::
 
     .venv/bin/python examples/migrate_nvme.py [--migrations N] [--rounds N] [--qd N]
-        [--queues N] [--ns-size BYTES] [--json]
+        [--queues N] [--ns-size BYTES] [--tcp] [--json] [-p no:NAME | -p MODULE]...
 
 With ``--tcp`` the controller has only the file namespace (a memory namespace
 cannot follow without descriptors) and migrates over TCP; the host re-attaches RAM
@@ -47,13 +47,14 @@ def run(args: argparse.Namespace) -> dict:
     nss = ([] if args.tcp else [f"ns=mem:size={args.ns_size}"]) + [f"ns=file:path={img},size={args.ns_size}"]
     config = (f"serial=MIGDEMO,max_ioqpairs={args.queues},msix_vectors={args.queues + 1}," + ",".join(nss))
     opts = config
-    procs = [DeviceProcess("nvme", f"unix:{tmp}/dev0.sock", options=opts)]
+    procs = [DeviceProcess("nvme", f"unix:{tmp}/dev0.sock", options=opts, plugin_specs=args.plugin_specs)]
     # destinations start once the source has written the image's identity file (NGUID, EUI-64,
     # UUID are in the fingerprint: processes creating it at the same time would disagree)
     procs[0].wait_event("ready")
     for i in range(1, args.migrations + 1):
         incoming = "tcp:127.0.0.1:0" if args.tcp else f"unix:{tmp}/in{i}.sock"
-        procs.append(DeviceProcess("nvme", f"unix:{tmp}/dev{i}.sock", options=opts, incoming=incoming))
+        procs.append(DeviceProcess("nvme", f"unix:{tmp}/dev{i}.sock", options=opts, incoming=incoming,
+                                   plugin_specs=args.plugin_specs))
     reports: list[dict] = []
     stats = {"commands": 0, "readbacks": 0, "mismatches": 0, "blocks_checked": 0, "errors": []}
     try:
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> dict:
                             stats["readbacks"] += 1
                             stats["mismatches"] += back != data
                         progress.release()
-                except BaseException as exc:  # noqa: BLE001 - reported
+                except BaseException as exc:
                     stats["errors"].append(f"{type(exc).__name__}: {exc}")
                     progress.release()
 
@@ -137,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ns-size", type=int, default=4 << 20, help="bytes per namespace")
     ap.add_argument("--tcp", action="store_true", help="file namespace only, migrate over TCP")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("-p", action="append", default=[], dest="plugin_specs", metavar="no:NAME|MODULE",
+                    help="plugin selection of the device processes, as pcidev -p; repeatable")
     args = ap.parse_args(argv)
     result = run(args)
     if args.json:

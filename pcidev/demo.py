@@ -29,14 +29,17 @@ import struct
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import crc32c
 
 from pcidev.devices.edu import DESC, STATUS_DONE
+from pcidev.errors import PcidevError
 from pcidev.host import Machine
 from pcidev.pci import ids
 from pcidev.transport.link.process import DeviceProcess
+from pcidev.transport.link.remote import RemoteDevice
 
 _CAP_NAMES = {int(c): c.name for c in ids.CapId}
 _EXT_NAMES = {int(c): c.name for c in ids.ExtCapId}
@@ -121,7 +124,7 @@ class _Driver(threading.Thread):
                 self.progress.wait(left)
 
 
-def _tour(pdev: Any, out) -> None:
+def _tour(pdev: Any, out: Callable[[str], object]) -> None:
     out(f"plugged {pdev.device!r}, class {pdev.class_code:06x}")
     for idx, (size, kind) in pdev.size_bars().items():
         out(f"  BAR{idx}: {kind}, {size} bytes")
@@ -139,7 +142,8 @@ def _tour(pdev: Any, out) -> None:
 
 
 def run(blocks: int = 384, block_size: int = 65536, migrations: int = 3, *, batch: int = 16,
-        options: dict[str, Any] | None = None, tcp: bool = False, out=print) -> dict[str, Any]:
+        options: dict[str, Any] | None = None, tcp: bool = False, out: Callable[[str], object] = print,
+        plugin_specs: Sequence[str] = ()) -> dict[str, Any]:
     """Run the migration demo; returns a summary (also used by tests and the example).
 
     :param blocks: DMA blocks to copy and verify.
@@ -151,6 +155,8 @@ def run(blocks: int = 384, block_size: int = 65536, migrations: int = 3, *, batc
         maps its guest RAM and installs its eventfds in each destination before it
         resumes the device there.
     :param out: where lines go.
+    :param plugin_specs: ``-p`` options for the device processes (``pcidev -p ...
+        demo`` passes its own), so they load the plugins the caller selected.
     :returns: ``{"blocks", "bytes", "mismatches", "interrupts", "seconds", "migrations": [reports]}``.
     """
     options = dict(EDU_OPTIONS if options is None else options)
@@ -158,24 +164,27 @@ def run(blocks: int = 384, block_size: int = 65536, migrations: int = 3, *, batc
     procs: list[DeviceProcess] = []
     reports: list[dict[str, Any]] = []
     try:
-        first = DeviceProcess("edu", f"unix:{workdir}/edu-0.sock", options=options)
+        first = DeviceProcess("edu", f"unix:{workdir}/edu-0.sock", options=options, plugin_specs=plugin_specs)
         procs.append(first)
         # the destinations start now, each waiting for one incoming migration
         for k in range(1, migrations + 1):
             incoming = "tcp:127.0.0.1:0" if tcp else f"unix:{workdir}/edu-{k}-migration.sock"
             procs.append(DeviceProcess("edu", f"unix:{workdir}/edu-{k}.sock", options=options,
-                                       incoming=incoming))
+                                       incoming=incoming, plugin_specs=plugin_specs))
         first.wait_event("ready")
         out(f"device process {first.pid} serves edu on {first.link}; "
             f"{migrations} more processes wait for it")
         ram = max(64 << 20, (2 * blocks * block_size + (16 << 20) + 0xFFFFF) & ~0xFFFFF)
         with Machine(ram_size=ram) as machine:
             pdev = machine.plug_remote(first.link, timeout=10.0)
+            remote = pdev.device
+            if not isinstance(remote, RemoteDevice):  # plug_remote's handle holds the link proxy
+                raise PcidevError(f"plug_remote gave a {type(remote).__name__}, not a RemoteDevice")
             _tour(pdev, out)
             driver = _Driver(machine, pdev, blocks, block_size, batch)
             driver.setup()
-            for dest in procs[1:]:
-                dest.incoming = dest.wait_event("listening")["incoming"]  # the port TCP chose
+            # the addresses the destinations listen on (the port TCP chose)
+            addresses: list[str] = [str(dest.wait_event("listening")["incoming"]) for dest in procs[1:]]
             out(f"DMA: {blocks} blocks of {block_size} bytes, {batch} descriptors per doorbell, "
                 f"CRC-32C checked per block; migrating {migrations} times meanwhile over "
                 f"{'TCP (no fds: the host re-attaches RAM and eventfds)' if tcp else 'UNIX sockets'}")
@@ -186,9 +195,9 @@ def run(blocks: int = 384, block_size: int = 65536, migrations: int = 3, *, batc
                 if driver.error is not None or not driver.is_alive():
                     break
                 source, dest = procs[k - 1], procs[k]
-                report = pdev.device.migrate(dest.incoming, timeout=10.0)
-                incoming = dest.wait_event("incoming")
-                device_section = incoming["sections"][-1]
+                report = remote.migrate(addresses[k - 1], timeout=10.0)
+                loaded = dest.wait_event("incoming")
+                device_section = loaded["sections"][-1]
                 report["inflight"] = "edu/inflight" in device_section["subsections"]
                 report["blocks_done"] = driver.done
                 reports.append(report)
@@ -231,8 +240,13 @@ def run(blocks: int = 384, block_size: int = 65536, migrations: int = 3, *, batc
             pass
 
 
-def main(args: argparse.Namespace | None = None) -> int:
-    """Entry point of ``pcidev demo``: 0 if every block verified and every migration worked."""
-    summary = run()
+def main(args: argparse.Namespace | None = None, *, plugin_specs: Sequence[str] = ()) -> int:
+    """Entry point of ``pcidev demo``: 0 if every block verified and every migration worked.
+
+    :param args: the parsed command line (unused: the demo has no options).
+    :param plugin_specs: the command line's ``-p`` options, for the device processes.
+    :returns: the exit status.
+    """
+    summary = run(plugin_specs=plugin_specs)
     ok = summary["mismatches"] == 0 and len(summary["migrations"]) == 3
     return 0 if ok else 1

@@ -22,12 +22,24 @@ __all__ = [
     "MmioError",
     "PcidevError",
     "PluginError",
+    "PluginSpecError",
     "StateError",
     "StreamError",
     "TransportError",
     "VMStateError",
     "VersionError",
+    "one_line",
 ]
+
+
+def one_line(text: object) -> str:
+    """``text`` as one line, for an error message: every run of whitespace (newlines
+    included) becomes one space, leading and trailing whitespace goes.
+
+    :param text: the text (or anything, converted with ``str()``).
+    :returns: the line (no newline).
+    """
+    return " ".join(str(text).split())
 
 
 class PcidevError(Exception):
@@ -59,6 +71,10 @@ class IrqError(PcidevError):
 
 class PluginError(PcidevError):
     """A plugin or device registration is invalid (duplicate name, missing hook, ...)."""
+
+
+class PluginSpecError(PluginError):
+    """A plugin selection option (``-p no:NAME`` / ``-p MODULE``) is malformed: a usage error."""
 
 
 class DeviceFailedError(PcidevError):

@@ -44,6 +44,9 @@ them from :func:`pcidev_add_hookspecs`::
         '''Adjust the acme device's settings.'''
 
     # pcidev_acme/plugin.py
+    from pcidev import hookimpl
+    from pcidev_acme import hookspecs
+
     @hookimpl
     def pcidev_add_hookspecs(pluginmanager):
         pluginmanager.add_hookspecs(hookspecs)

@@ -36,7 +36,7 @@ import attrs
 import pluggy
 
 from pcidev import __version__, hookspecs
-from pcidev.errors import PcidevError, PluginError
+from pcidev.errors import PcidevError, PluginError, PluginSpecError, one_line
 from pcidev.registry import DeviceRegistry, PluginOrigin
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ __all__ = [
     "hook_migration_blockers",
     "load_registry",
     "make_plugin_manager",
+    "parse_plugin_specs",
 ]
 
 #: Entry-point group third-party plugins register under.
@@ -109,21 +110,17 @@ def _env_flag(value: str | None) -> bool:
     return value is not None and value.strip().lower() not in _FALSE_WORDS
 
 
-def _one_line(text: str) -> str:
-    return "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
-
-
 def _describe_exception(exc: BaseException) -> str:
     if isinstance(exc, PcidevError):
-        return _one_line(str(exc))
-    return _one_line(f"{type(exc).__name__}: {exc}")
+        return one_line(exc)
+    return one_line(f"{type(exc).__name__}: {exc}")
 
 
 def _register(pm: PcidevPluginManager, plugin: object, name: str, origin: PluginOrigin) -> None:
     try:
         registered = pm.register(plugin, name=name)
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin {name!r} is invalid: {_one_line(str(exc))}") from exc
+        raise PluginError(f"plugin {name!r} is invalid: {one_line(exc)}") from exc
     except ValueError as exc:
         other = pm.get_name(plugin)
         if other is not None and other != name:
@@ -207,7 +204,7 @@ def _check_hooks(pm: PcidevPluginManager) -> None:
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:  # the loop above reports these first
-        raise PluginError(_one_line(str(exc))) from exc
+        raise PluginError(one_line(exc)) from exc
 
 
 @attrs.frozen
@@ -281,6 +278,40 @@ def _origin(pm: pluggy.PluginManager, name: str) -> PluginOrigin:
     if isinstance(pm, PcidevPluginManager):
         return pm.plugin_origin(name)
     return PluginOrigin(name)
+
+
+def parse_plugin_specs(specs: Iterable[str]) -> tuple[list[str], list[tuple[str, object]]]:
+    """The plugin selection of ``-p`` options (the command line's and a device process's).
+
+    ``no:NAME`` blocks the plugin ``NAME``; ``MODULE`` imports ``MODULE`` and adds it
+    as an extra plugin named ``MODULE``. Pass the result to :func:`make_plugin_manager`
+    as ``blocked=`` and ``plugins=``.
+
+    :param specs: the option values, in order.
+    :returns: ``(blocked names, [(module name, module), ...])``.
+    :raises PluginSpecError: a malformed spec (``no:`` without a name, an empty one,
+        one starting with ``-``).
+    :raises PluginError: a module failed to import.
+    """
+    blocked: list[str] = []
+    extra: list[tuple[str, object]] = []
+    for spec in specs:
+        if spec.startswith("no:"):
+            name = spec[3:]
+            if not name:
+                raise PluginSpecError("-p no: needs a plugin name, e.g. -p no:nvme")
+            blocked.append(name)
+            continue
+        if not spec or spec.startswith("-"):
+            raise PluginSpecError(f"-p expects no:NAME or a module name, got {spec!r}")
+        try:
+            module = importlib.import_module(spec)
+        except Exception as exc:
+            raise PluginError(
+                f"plugin module {spec!r} (from -p) failed to import: {type(exc).__name__}: {exc}"
+            ) from exc
+        extra.append((spec, module))
+    return blocked, extra
 
 
 def make_plugin_manager(

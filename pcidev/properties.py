@@ -12,9 +12,11 @@ this module turns a QEMU-style property string, or a mapping, into an instance::
 
 Property strings
     Items are separated by ``,``; a literal comma inside a value is written ``,,``
-    (as in QEMU). Each item is ``key=value``; spaces around the key are ignored,
-    the value is kept as written. A key given twice is an error, except for a
-    list-typed property, where every occurrence adds one element. Field metadata
+    (as in QEMU). Each item is ``key=value``; spaces around the key are ignored
+    (an empty key is an error), the value is kept as written. A key given twice
+    is an error, except for a list-typed property, where every occurrence adds
+    one element. In a mapping, two spellings of the same property (the key, an
+    alias or the attribute name) are an error too. Field metadata
     may set the key (``"key": "ns"``, default: the field name), other spellings
     (``"aliases": ("namespace",)``), the help text (``"help"``) and whether
     ``describe`` shows the default in hex (``"hex": True``).
@@ -24,15 +26,17 @@ namespace specs, backend options)
     ``int``
         decimal (``4096``, leading zeros allowed, still decimal), ``0x`` hex,
         ``0o`` octal or ``0b`` binary, optionally negative, ``_`` ignored, and an
-        optional multiplier suffix (below).
+        optional multiplier suffix ``k``/``K``, ``M``, ``G``, ``T`` or ``P`` (below).
     :data:`Size`
-        a byte count: the same forms as ``int`` but never negative.
+        a byte count: the same forms as ``int`` but never negative, and the
+        suffix may also be followed by ``B``, ``iB`` or ``ib`` (``64M``, ``64MB``,
+        ``64MiB`` and ``0x40M`` are all 64 * 2**20); a bare ``B`` means bytes
+        (``4096B``). ``B`` is for sizes only: ``mdts=1B`` is an error. ``0b``
+        alone is refused everywhere (a binary prefix without digits, not zero bytes).
     Multiplier suffixes
-        ``k``/``K``, ``M``, ``G``, ``T``, ``P``, optionally followed by ``B``, ``iB``
-        or ``ib`` (``64M``, ``64MB``, ``64MiB`` and ``0x40M`` are all 64 * 2**20).
         **Every suffix is binary: k = 1024**, as QEMU's size properties and as both
         grammars pcidev had before this module; there are no decimal (1000) units.
-        A bare ``B`` means bytes.
+        Spaces may separate the number from its suffix (``64 M``, ``64 MiB``).
     ``bool``
         ``on``/``off``, ``true``/``false``, ``yes``/``no``, ``y``/``n``, ``1``/``0``
         (any case).
@@ -68,7 +72,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NewType, TypeVar
 
 import attrs
@@ -84,6 +88,7 @@ __all__ = [
     "converter",
     "describe_config",
     "describe_value",
+    "join_properties",
     "parse_bool",
     "parse_float",
     "parse_int",
@@ -120,7 +125,7 @@ ACCEPTED: dict[Any, str] = {
 }
 
 _NUMBER_RE = re.compile(
-    r"([+-]?)(0x[0-9a-f]+|0o[0-7]+|0b[01]+|[0-9]+)(?:([kmgtp])(?:i?b)?|(b))?",
+    r"([+-]?)(0x[0-9a-f]+|0o[0-7]+|0b[01]+|[0-9]+)\s*(?:([kmgtp])(i?b)?|(b))?",
     re.IGNORECASE,
 )
 _SHIFT = {"k": 10, "m": 20, "g": 30, "t": 40, "p": 50}
@@ -133,6 +138,31 @@ def _value_error(name: str, value: Any, kind: Any) -> PropertyError:
     return PropertyError(f"{where}{value!r} is not valid (expected {ACCEPTED[kind]})", name=name)
 
 
+def _parse_number(value: Any, name: str, kind: Any) -> int:
+    """An int of the forms of ``kind`` (``int``, or :data:`Size` with its ``B``/``iB`` suffixes)."""
+    if isinstance(value, bool):
+        raise _value_error(name, value, kind)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        m = _NUMBER_RE.fullmatch(value.strip().replace("_", ""))
+        if m is not None:
+            sign, digits, unit, unit_bytes, bare_bytes = m.groups()
+            if (unit_bytes or bare_bytes) and kind is not Size:
+                raise _value_error(name, value, kind)
+            if bare_bytes and (digits == "0" or digits[:2].lower() in ("0b", "0o")):
+                # "0b" is a binary prefix without digits, not zero bytes; "0b1b", "0o7b" read as typos
+                raise _value_error(name, value, kind)
+            try:
+                number = int(digits, 0) if digits[:2].lower() in ("0x", "0o", "0b") else int(digits, 10)
+            except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits)
+                raise _value_error(name, value, kind) from None
+            if unit:
+                number <<= _SHIFT[unit.lower()]
+            return -number if sign == "-" else number
+    raise _value_error(name, value, kind)
+
+
 def parse_int(value: Any, name: str = "") -> int:
     """An ``int`` from an int or a property string (see the module docstring).
 
@@ -141,22 +171,7 @@ def parse_int(value: Any, name: str = "") -> int:
     :returns: the integer.
     :raises PropertyError: not an integer (booleans included).
     """
-    if isinstance(value, bool):
-        raise _value_error(name, value, int)
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        m = _NUMBER_RE.fullmatch(value.strip().replace("_", ""))
-        if m is not None:
-            sign, digits, unit, _bytes = m.groups()
-            try:
-                number = int(digits, 0) if digits[:2].lower() in ("0x", "0o", "0b") else int(digits, 10)
-            except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits)
-                raise _value_error(name, value, int) from None
-            if unit:
-                number <<= _SHIFT[unit.lower()]
-            return -number if sign == "-" else number
-    raise _value_error(name, value, int)
+    return _parse_number(value, name, int)
 
 
 def parse_size(value: Any, name: str = "") -> int:
@@ -167,10 +182,7 @@ def parse_size(value: Any, name: str = "") -> int:
     :returns: the number of bytes (>= 0).
     :raises PropertyError: not a size, or negative.
     """
-    try:
-        number = parse_int(value, name)
-    except PropertyError:
-        raise _value_error(name, value, Size) from None
+    number = _parse_number(value, name, Size)
     if number < 0:
         raise _value_error(name, value, Size)
     return number
@@ -273,7 +285,7 @@ def split_properties(text: str) -> list[tuple[str, str]]:
 
     :param text: the property string.
     :returns: ``(key, value)`` pairs in order.
-    :raises PropertyError: if ``text`` is not a string.
+    :raises PropertyError: if ``text`` is not a string, or an item's key is empty (``=5``).
     """
     if not isinstance(text, str):
         raise PropertyError(f"a property string was expected, got {type(text).__name__}")
@@ -298,8 +310,26 @@ def split_properties(text: str) -> list[tuple[str, str]]:
         if item == "":
             continue
         key, sep, value = item.partition("=")
+        if sep and not key.strip():
+            raise PropertyError(f"property {item!r} has an empty key (write KEY={value})")
         out.append((key.strip(), value) if sep else ("", item))
     return out
+
+
+def join_properties(pairs: Iterable[tuple[str, str]]) -> str:
+    """The property string of ``(key, value)`` pairs: the inverse of :func:`split_properties`.
+
+    Commas in keys and values are doubled (``,,``); a pair with the key ``""`` is
+    written as its value alone (an item without ``=``).
+
+    :param pairs: the pairs, in order.
+    :returns: ``"key=value,..."`` that :func:`split_properties` turns back into ``pairs``.
+    """
+    items = []
+    for key, value in pairs:
+        escaped = value.replace(",", ",,")
+        items.append(f"{key.replace(',', ',,')}={escaped}" if key else escaped)
+    return ",".join(items)
 
 
 def split_device_spec(spec: str) -> tuple[str, str]:
@@ -438,6 +468,26 @@ def _spellings(cls: type) -> dict[str, str]:
     return out
 
 
+def _known_keys(fields: Mapping[str, attrs.Attribute[Any]]) -> str:
+    """The keys users type for ``fields`` (metadata ``key`` and ``aliases``), for an error message."""
+    return ", ".join(spelling for f in fields.values()
+                     for spelling in (f.metadata.get("key", f.name), *f.metadata.get("aliases", ())))
+
+
+def _from_mapping(cls: type, props: Mapping[Any, Any]) -> dict[Any, Any]:
+    """``props`` with every spelling turned into the field name; two spellings of one field are an error."""
+    spelled = _spellings(cls)
+    data: dict[Any, Any] = {}
+    given: dict[Any, Any] = {}
+    for key, value in props.items():
+        name = spelled.get(key, key)
+        if name in data:
+            raise PropertyError(f"property {key!r} given twice (also as {given[name]!r})", name=str(key))
+        data[name] = value
+        given[name] = key
+    return data
+
+
 def _collect(cls: type, pairs: list[tuple[str, str]]) -> dict[str, Any]:
     """The default ``collect_properties``: keys (or aliases) to values, lists accumulate."""
     kinds = _field_types(cls)
@@ -481,8 +531,7 @@ def structure_config(cls: type[ConfigT], props: ConfigT | str | Mapping[str, Any
             collect = getattr(cls, "collect_properties", None)
             data = collect(pairs) if collect is not None else _collect(cls, pairs)
         elif isinstance(props, Mapping):
-            spelled = _spellings(cls)
-            data = {spelled.get(k, k): v for k, v in props.items()}
+            data = _from_mapping(cls, props)
         else:
             raise PropertyError(f"properties must be a string or a mapping, not {type(props).__name__}")
         kinds = _field_types(cls)
@@ -491,12 +540,12 @@ def structure_config(cls: type[ConfigT], props: ConfigT | str | Mapping[str, Any
         if unknown:
             raise PropertyError(
                 f"unknown propert{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)} "
-                f"(known: {', '.join(fields)})", name=unknown[0])
+                f"(known: {_known_keys(fields)})", name=unknown[0])
         missing = [name for name, f in fields.items()
                    if f.default is attrs.NOTHING and name not in data]
         if missing:
-            raise PropertyError(f"missing property {missing[0]}=... ({describe_value(kinds[missing[0]])})",
-                                name=missing[0])
+            key = str(fields[missing[0]].metadata.get("key", missing[0]))
+            raise PropertyError(f"missing property {key}=... ({describe_value(kinds[missing[0]])})", name=key)
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
             inner, optional = _unwrap(kinds[key])

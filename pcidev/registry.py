@@ -283,7 +283,9 @@ class DeviceRegistry:
         cls = self.get(type_name)
         if not _takes_config(cls):
             if props:
-                raise ConfigError(f"{type_name}: this device type takes no properties (got {props!r})")
+                raise ConfigError(
+                    f"{type_name}: this device type takes no properties (got {props!r}); a device type declares "
+                    f"its properties with CONFIG_CLASS, an attrs class (see 'Writing a plugin' in pcidev's README)")
             return cls(name=name)
         config_cls = cls.CONFIG_CLASS
         config = structure_config(config_cls, props, what=type_name)

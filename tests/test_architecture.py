@@ -2,7 +2,8 @@
 
 Every intra-project import counts as an edge, wherever it sits: at module level,
 inside a function (a function-local import only hides a cycle from the
-interpreter) or under ``if TYPE_CHECKING:``. ``from pkg import name`` is an edge
+interpreter) or under ``if TYPE_CHECKING:``, and so does ``importlib.import_module("literal.name")``
+(or ``import_module(...)``) with a literal name. ``from pkg import name`` is an edge
 to ``pkg.name`` when that is a module, else to ``pkg``; a package's
 ``__init__`` is a module like any other (its re-exports are its edges). Importing
 ``a.b.c`` runs the ``__init__`` of ``a`` and ``a.b`` too, but those implicit edges
@@ -62,30 +63,57 @@ def _resolve(target: str, modules: set[str]) -> str | None:
     return target or None
 
 
+def _imported_by_call(node: ast.AST) -> str | None:
+    """The module of ``importlib.import_module("x")`` / ``import_module("x")`` with a literal name."""
+    if not isinstance(node, ast.Call) or not node.args:
+        return None
+    func = node.func
+    name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+    first = node.args[0]
+    if name == "import_module" and isinstance(first, ast.Constant) and isinstance(first.value, str):
+        return first.value
+    return None
+
+
+def module_edges(module: str, source: str, known: set[str], *, is_pkg: bool = False) -> set[str]:
+    """The known modules that the source of ``module`` imports, wherever the import sits.
+
+    :param module: the importing module's dotted name.
+    :param source: its source text.
+    :param known: every module of the project.
+    :param is_pkg: ``module`` is a package's ``__init__``.
+    """
+    edges = set()
+    for node in ast.walk(ast.parse(source)):
+        targets: list[str] = []
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = module.split(".")
+                anchor = anchor[:len(anchor) - node.level + (1 if is_pkg else 0)]
+                base = ".".join(anchor + ([base] if base else []))
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                targets.append(sub if sub in known else base)
+        else:
+            called = _imported_by_call(node)
+            targets = [called] if called else []
+        for target in targets:
+            resolved = _resolve(target, known)
+            if resolved is not None and resolved != module:
+                edges.add(resolved)
+    return edges
+
+
 def import_graph() -> dict[str, set[str]]:
-    """Module -> project modules it imports (top-level, function-local and TYPE_CHECKING)."""
+    """Module -> project modules it imports (top-level, function-local, TYPE_CHECKING, import_module)."""
     modules = _modules()
     known = set(modules) | _leaves()
     graph: dict[str, set[str]] = {m: set() for m in known}
     for module, path in modules.items():
-        is_pkg = path.name == "__init__.py"
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            targets: list[str] = []
-            if isinstance(node, ast.Import):
-                targets = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    anchor = module.split(".")
-                    anchor = anchor[:len(anchor) - node.level + (1 if is_pkg else 0)]
-                    base = ".".join(anchor + ([base] if base else []))
-                for alias in node.names:
-                    sub = f"{base}.{alias.name}"
-                    targets.append(sub if sub in known else base)
-            for target in targets:
-                resolved = _resolve(target, known)
-                if resolved is not None and resolved != module:
-                    graph[module].add(resolved)
+        graph[module] = module_edges(module, path.read_text(), known, is_pkg=path.name == "__init__.py")
     return graph
 
 
@@ -173,3 +201,25 @@ def test_cycle_detection_and_the_allow_list_on_a_toy_graph():
     assert cycles(graph, set(graph)) == [frozenset({"a", "b", "c"})]
     assert _unexpected(cycles(graph, set(graph)), {"x": frozenset({"a", "b", "c", "d"})}) == []
     assert _unexpected(cycles(graph, set(graph)), {"x": frozenset({"a", "b"})}) == [["a", "b", "c"]]
+
+
+def test_import_module_calls_with_a_literal_name_are_edges():
+    known = {"toy", "toy.a", "toy.b", "toy.c", "toy.d", "toy.e"}
+    source = """
+import importlib
+from importlib import import_module
+
+from toy import a
+
+def later():
+    importlib.import_module("toy.b")
+    import_module("toy.c.inner")
+    import_module(name_from_elsewhere)
+    something.import_module("toy.d")
+    importlib.reload("toy.e")
+"""
+    assert module_edges("toy.main", source, known) == {"toy.a", "toy.b", "toy.c", "toy.d"}
+
+
+def test_the_cli_sees_the_demo(graph):
+    assert "pcidev.demo" in graph["pcidev.cli.demo"]

@@ -1,8 +1,9 @@
 """The linters the project is held to: ruff and mypy (configured in pyproject.toml).
 
-Each runs as a subprocess from this interpreter's environment over an explicit list
-of paths. The lists grow as modules are brought under the checkers; the goal is all
-of ``pcidev/`` (and ``plugins/``, ``tests/`` for ruff).
+Each runs as a subprocess from this interpreter's environment over whole trees:
+``mypy`` over the ``files`` of ``[tool.mypy]`` (all of ``pcidev/``), ``ruff check``
+over :data:`RUFF_CHECKED` minus :data:`RUFF_EXCLUDED`. A new module is checked
+from its first commit; there is no list to add it to.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import importlib.metadata
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pcidev
@@ -18,66 +20,23 @@ from pcidev import _version
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: Modules held to ``mypy --strict`` (see [tool.mypy]).
-MYPY_CHECKED = [
-    "examples/bench_guest_memory.py",
-    "pcidev/__init__.py",
-    "pcidev/__main__.py",
-    "pcidev/_native.pyi",
-    "pcidev/_native_build.py",
-    "pcidev/_version.py",
-    "pcidev/bar.py",
-    "pcidev/cli",
-    "pcidev/device.py",
-    "pcidev/devices",
-    "pcidev/dma.py",
-    "pcidev/errors.py",
-    "pcidev/hookspecs.py",
-    "pcidev/host",
-    "pcidev/irq.py",
-    "pcidev/migration/__init__.py",
-    "pcidev/migration/channel.py",
-    "pcidev/migration/function_state.py",
-    "pcidev/migration/snapshot.py",
-    "pcidev/native.py",
-    "pcidev/pci/__init__.py",
-    "pcidev/pci/capabilities",
-    "pcidev/pci/config.py",
-    "pcidev/pci/ids.py",
-    "pcidev/properties.py",
-    "pcidev/registry.py",
-    "pcidev/transport/address.py",
-    "pcidev/transport/fdpass.py",
-    "pcidev/transport/vfio_user/__init__.py",
-    "pcidev/transport/vfio_user/protocol.py",
-    "pcidev/transport/vfio_user/server.py",
-    "pcidev/vmstate",
-]
+#: The trees held to ``ruff check`` (see [tool.ruff]).
+RUFF_CHECKED = ["pcidev", "tests", "examples"]
 
-#: Files and directories held to ``ruff check`` (see [tool.ruff]).
-RUFF_CHECKED = [
-    *MYPY_CHECKED,
-    "tests/conftest.py",
-    "tests/pcidev/migration",
-    "tests/pcidev/pci",
-    "tests/pcidev/test_bar.py",
-    "tests/pcidev/test_cli.py",
-    "tests/pcidev/test_dma.py",
-    "tests/pcidev/transport/test_fdpass.py",
-    "tests/pcidev/test_host.py",
-    "tests/pcidev/test_irq.py",
-    "tests/pcidev/test_native.py",
-    "tests/pcidev/test_properties.py",
-    "tests/pcidev/test_registry.py",
-    "tests/test_architecture.py",
-    "tests/test_packaging.py",
-    "tests/test_readme.py",
-    "tests/test_tooling.py",
-    "tests/vmstate",
-]
+#: Left out of the ruff run for now.
+#: INTEGRATOR: the NVMe plugin and its tests are being restructured on another branch;
+#: once they pass ``ruff check``, empty this (and add "plugins" to RUFF_CHECKED).
+RUFF_EXCLUDED = ["tests/plugins/nvme"]
 
 
-#: Every ``# type: ignore`` allowed in MYPY_CHECKED, as (path, error code): reason.
+def mypy_files() -> list[str]:
+    """The paths ``mypy`` checks when run without arguments (``[tool.mypy] files``)."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    files: list[str] = config["tool"]["mypy"]["files"]
+    return files
+
+
+#: Every ``# type: ignore`` allowed in the files mypy checks, as (path, error code): reason.
 #: Only for third-party stubs that are wrong; anything else gets a typed fix instead.
 ALLOWED_TYPE_IGNORES = {
     ("pcidev/vmstate/description.py", "arg-type"):
@@ -91,7 +50,7 @@ _TYPE_IGNORE = re.compile(r"#\s*type:\s*ignore(?:\[([^\]]*)\])?")
 
 def _checked_files() -> list[Path]:
     files: list[Path] = []
-    for p in MYPY_CHECKED:
+    for p in mypy_files():
         path = ROOT / p
         files += sorted([*path.rglob("*.py"), *path.rglob("*.pyi")]) if path.is_dir() else [path]
     return files
@@ -102,12 +61,13 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_check_passes() -> None:
-    r = _run("ruff", "check", "--no-fix", *RUFF_CHECKED)
+    excluded = [arg for path in RUFF_EXCLUDED for arg in ("--extend-exclude", path)]
+    r = _run("ruff", "check", "--no-fix", *excluded, *RUFF_CHECKED)
     assert r.returncode == 0, f"ruff check failed:\n{r.stdout}{r.stderr}"
 
 
 def test_mypy_strict_passes() -> None:
-    r = _run("mypy", *MYPY_CHECKED)
+    r = _run("mypy")  # the files of [tool.mypy]
     assert r.returncode == 0, f"mypy failed:\n{r.stdout}{r.stderr}"
 
 
@@ -123,8 +83,12 @@ def test_type_ignores_are_the_allowed_ones() -> None:
 
 
 def test_checked_paths_exist() -> None:
-    missing = [p for p in RUFF_CHECKED if not (ROOT / p).exists()]
+    missing = [p for p in [*RUFF_CHECKED, *RUFF_EXCLUDED, *mypy_files()] if not (ROOT / p).exists()]
     assert not missing, f"checked paths that do not exist: {missing}"
+
+
+def test_mypy_checks_all_of_pcidev() -> None:
+    assert "pcidev" in mypy_files()
 
 
 def test_version_is_defined_once() -> None:

@@ -26,9 +26,9 @@ reaches the user unless ``--debug`` asks for it.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import Iterable, Sequence
@@ -38,8 +38,8 @@ from typing import NoReturn, TextIO
 from pcidev import __version__
 from pcidev.cli import bench, demo, describe, plugins, serve, vmstate
 from pcidev.cli._command import CliContext, Command, UsageError, command
-from pcidev.errors import PcidevError, PluginError
-from pcidev.plugins import PcidevPluginManager, add_plugin_options, make_plugin_manager
+from pcidev.errors import PcidevError, PluginSpecError, one_line
+from pcidev.plugins import PcidevPluginManager, add_plugin_options, make_plugin_manager, parse_plugin_specs
 
 __all__ = [
     "COMMANDS",
@@ -80,6 +80,8 @@ def commands_of(modules: Iterable[ModuleType]) -> dict[str, Command]:
 COMMANDS: dict[str, Command] = commands_of(COMMAND_MODULES)
 
 _LOG_FORMAT = "%(name)s: %(levelname)s: %(message)s"
+#: a numeric ``--log-level`` (ASCII digits, optionally negative; ``int()`` alone also takes ``²`` and ``1_0``)
+_LEVEL_NUMBER = re.compile(r"-?[0-9]{1,9}")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -92,10 +94,10 @@ class _Parser(argparse.ArgumentParser):
 def _log_level(text: str | None, verbose: int) -> int:
     if text is None:
         return (logging.WARNING, logging.INFO)[verbose] if verbose < 2 else logging.DEBUG
-    if text.strip().lstrip("-").isdigit():
-        return int(text)
+    if _LEVEL_NUMBER.fullmatch(text.strip()):
+        return int(text.strip())
     level = logging.getLevelName(text.strip().upper())
-    if not isinstance(level, int):
+    if not isinstance(level, int) or isinstance(level, bool):
         raise UsageError(f"--log-level expects debug, info, warning, error, critical or a number, got {text!r}")
     return level
 
@@ -149,28 +151,6 @@ def _early_options(argv: Sequence[str]) -> argparse.Namespace:
     return namespace
 
 
-def _plugin_selection(specs: Sequence[str]) -> tuple[list[str], list[tuple[str, object]]]:
-    blocked: list[str] = []
-    extra: list[tuple[str, object]] = []
-    for spec in specs:
-        if spec.startswith("no:"):
-            name = spec[3:]
-            if not name:
-                raise UsageError("-p no: needs a plugin name, e.g. -p no:nvme")
-            blocked.append(name)
-            continue
-        if not spec or spec.startswith("-"):
-            raise UsageError(f"-p expects no:NAME or a module name, got {spec!r}")
-        try:
-            module = importlib.import_module(spec)
-        except Exception as exc:
-            raise PluginError(
-                f"plugin module {spec!r} (from -p) failed to import: {type(exc).__name__}: {exc}"
-            ) from exc
-        extra.append((spec, module))
-    return blocked, extra
-
-
 def build_parser(pm: PcidevPluginManager) -> argparse.ArgumentParser:
     """Build the full argument parser, including every command and plugin option.
 
@@ -195,10 +175,6 @@ def build_parser(pm: PcidevPluginManager) -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
 def _print_traceback(enabled: bool) -> None:
     if enabled:
         traceback.print_exc(file=sys.stderr)
@@ -220,25 +196,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{PROG} {__version__}")
             return 0
         configure_logging(_log_level(early.log_level, early.verbose))
-        blocked, extra = _plugin_selection(early.plugin_specs)
+        blocked, extra = parse_plugin_specs(early.plugin_specs)
         pm = make_plugin_manager(blocked=blocked, plugins=extra)
         parser = build_parser(pm)
         args = parser.parse_args(args_list)
-        result = COMMANDS[args.command].run(args, CliContext(pm))
+        result = COMMANDS[args.command].run(args, CliContext(pm, plugin_specs=early.plugin_specs))
         sys.stdout.flush()  # a closed pipe shows up here, inside the error handling
         return 0 if result is None else int(result)
-    except UsageError as exc:
-        print(f"{PROG}: error: {_one_line(str(exc))} (see '{PROG} --help')", file=sys.stderr)
+    except (UsageError, PluginSpecError) as exc:
+        print(f"{PROG}: error: {one_line(exc)} (see '{PROG} --help')", file=sys.stderr)
         return 2
     except PcidevError as exc:
-        print(f"{PROG}: error: {_one_line(str(exc))}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         _print_traceback(debug)
         return 1
     except SystemExit as exc:  # --help, or a command calling sys.exit()
         code = exc.code
         if code is None or isinstance(code, int):
             return code or 0
-        print(f"{PROG}: {_one_line(str(code))}", file=sys.stderr)
+        print(f"{PROG}: {one_line(code)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
@@ -251,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.close(devnull)
         return 141
     except Exception as exc:
-        print(f"{PROG}: internal error: {type(exc).__name__}: {_one_line(str(exc))}"
+        print(f"{PROG}: internal error: {type(exc).__name__}: {one_line(exc)}"
               + ("" if debug else f" (run '{PROG} --debug ...' for the traceback)"), file=sys.stderr)
         _print_traceback(debug)
         return 1

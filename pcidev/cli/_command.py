@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import attrs
 
@@ -40,10 +40,14 @@ class CliContext:
 
     :param pm: the plugin manager, with every plugin loaded (and those blocked
         with ``-p no:NAME`` left out): commands build nothing else.
+    :param plugin_specs: the ``-p`` options that selected those plugins, for a
+        command that starts processes of its own (they get the same selection,
+        e.g. :class:`~pcidev.transport.link.process.DeviceProcess`'s ``plugin_specs``).
     """
 
-    def __init__(self, pm: PcidevPluginManager) -> None:
+    def __init__(self, pm: PcidevPluginManager, *, plugin_specs: Sequence[str] = ()) -> None:
         self.pm = pm
+        self.plugin_specs = tuple(plugin_specs)
 
     @functools.cached_property
     def registry(self) -> DeviceRegistry:

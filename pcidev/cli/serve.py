@@ -3,6 +3,10 @@
 The device is built by :meth:`pcidev.registry.DeviceRegistry.create` from the
 registry of this command line's plugins (so ``-p no:NAME`` and ``-p MODULE``
 apply). ``TYPE,help`` lists the type's properties instead (as ``pcidev describe``).
+
+The socket is created first and the device built afterwards, so a refused socket
+path leaves no file a device writes when it is built (an image, a state file); a
+device that fails to build closes the socket again (its file is removed).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import argparse
 from pcidev.cli._command import CliContext, command
 from pcidev.cli.describe import describe_text
 from pcidev.properties import split_device_spec, split_properties
-from pcidev.transport.vfio_user.server import serve_device
+from pcidev.transport.vfio_user.server import listen_vfio_user, serve_device
 
 __all__ = ["COMMAND"]
 
@@ -32,5 +36,11 @@ def COMMAND(args: argparse.Namespace, ctx: CliContext) -> int | None:
     if ("", "help") in split_properties(props):
         print(describe_text(ctx.registry, type_name))
         return 0
-    device = ctx.registry.create(type_name, props)
-    return serve_device(device, args.vfio_user, pm=ctx.pm)
+    registry = ctx.registry  # plugin errors before the socket exists
+    listener = listen_vfio_user(args.vfio_user)
+    try:
+        device = registry.create(type_name, props)
+    except BaseException:
+        listener.close()
+        raise
+    return serve_device(device, args.vfio_user, pm=ctx.pm, listener=listener)

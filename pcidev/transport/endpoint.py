@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import threading
 import time
-import socket
 from collections.abc import Iterator, Mapping
 from typing import Any
 

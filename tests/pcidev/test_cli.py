@@ -326,13 +326,21 @@ def test_commands_come_from_the_explicit_module_list():
 
 
 def test_demo_command_calls_pcidev_demo_main(capsys, monkeypatch):
+    import pcidev.demo
+
     received = []
-    fake = types.ModuleType("pcidev.demo")
-    fake.main = lambda args: received.append(args) or 4
-    monkeypatch.setitem(sys.modules, "pcidev.demo", fake)
-    status, _out, _err = run(capsys, "-p", "no:nvme", "demo")
+    monkeypatch.setattr(pcidev.demo, "main", lambda args, plugin_specs: received.append((args, plugin_specs)) or 4)
+    status, _out, _err = run(capsys, "-p", "no:nvme", "-p", "no:other", "demo")
     assert status == 4
-    assert received[0].command == "demo"
+    assert received[0][0].command == "demo"
+    assert received[0][1] == ("no:nvme", "no:other")
+
+
+def test_demo_device_processes_get_the_plugin_selection(capsys):
+    # edu is a built-in device type: blocked here, it must be blocked in the device processes too
+    status, _out, err = run(capsys, "-p", "no:builtin", "demo")
+    assert status == 1
+    assert_one_line_error(err, "unknown device type 'edu'")
 
 
 def test_closed_pipe_is_quiet() -> None:
@@ -509,3 +517,96 @@ def test_bench_component_that_is_not_callable_is_one_line(capsys, module_plugin)
     status, out, err = run(capsys, "-p", "pcidev_cli_broken_bench", "bench", "broken")
     assert status == 1 and out == ""
     assert_one_line_error(err, "bench component 'broken' is not callable")
+
+
+@pytest.mark.parametrize("level", ["--5", "²", "٥", "-", "1_0", "+", "", " ", "5x", "1" * 40, "Level 5"])
+def test_a_bad_log_level_is_one_usage_line(capsys, level):
+    status, _out, err = run(capsys, "--log-level", level, "plugins")
+    assert status == 2
+    assert_one_line_error(err, "--log-level")
+    assert "internal error" not in err
+
+
+@pytest.mark.parametrize(("level", "expected"), [("15", 15), ("-1", -1), (" 20 ", 20), ("Info", 20), ("warn", 30)])
+def test_a_numeric_or_named_log_level_is_used(capsys, level, expected):
+    import logging
+
+    status, _out, _err = run(capsys, "--log-level", level, "plugins")
+    assert status == 0
+    assert logging.getLogger().level == expected
+    logging.getLogger().setLevel(logging.WARNING)
+
+
+# -- serve: the socket before the device ---------------------------------------------------
+
+
+@attrs.define(kw_only=True)
+class _MarkerConfig:
+    marker: str = attrs.field(default="", metadata={"help": "a file the device creates when it is built"})
+    fail: bool = attrs.field(default=False, metadata={"help": "fail to build"})
+
+
+@pytest.fixture
+def marker_device(monkeypatch, module_plugin):
+    """``-p pcidev_cli_marker`` registers 'marker-dev' (writes a file when built) and 'plain-dev' (no properties)."""
+
+    class MarkerDevice(PciDevice):
+        TYPE_NAME = "marker-dev"
+        VENDOR_ID, DEVICE_ID, CLASS_CODE = 0x1234, 0x11EA, 0xFF0000
+        CONFIG_CLASS = _MarkerConfig
+
+        def __init__(self, config: _MarkerConfig | None = None, *, name: str | None = None) -> None:
+            config = config or _MarkerConfig()
+            if config.marker:
+                Path(config.marker).write_text("built")
+            if config.fail:
+                raise ConfigError("marker-dev: asked to fail")
+            super().__init__(name=name)
+
+    class PlainDevice(PciDevice):
+        TYPE_NAME = "plain-dev"
+        VENDOR_ID, DEVICE_ID, CLASS_CODE = 0x1234, 0x11EB, 0xFF0000
+
+    @hookimpl
+    def pcidev_register_devices(registry):
+        registry.add_device(MarkerDevice)
+        registry.add_device(PlainDevice)
+
+    monkeypatch.setenv("PCIDEV_DISABLE_PLUGIN_AUTOLOAD", "1")
+    module_plugin("pcidev_cli_marker", pcidev_register_devices=pcidev_register_devices)
+    return ("-p", "pcidev_cli_marker")
+
+
+@pytest.mark.parametrize("occupant", ["file", "directory"])
+def test_serve_refuses_the_socket_path_before_building_the_device(capsys, tmp_path, marker_device, occupant):
+    sock = tmp_path / "s.sock"
+    if occupant == "file":
+        sock.write_text("keep me")
+    else:
+        sock.mkdir()
+    marker = tmp_path / "built"
+    status, _out, err = run(capsys, *marker_device, "serve", "--vfio-user", str(sock), f"marker-dev,marker={marker}")
+    assert status == 1
+    assert_one_line_error(err, str(sock))
+    assert not marker.exists()
+    assert sock.exists() and (occupant == "directory" or sock.read_text() == "keep me")
+
+
+def test_serve_closes_the_socket_when_the_device_fails_to_build(capsys, tmp_path, marker_device):
+    sock = tmp_path / "s.sock"
+    status, _out, err = run(capsys, *marker_device, "serve", "--vfio-user", str(sock), "marker-dev,fail=on")
+    assert status == 1
+    assert_one_line_error(err, "asked to fail")
+    assert not sock.exists()
+    status, _out, err = run(capsys, *marker_device, "serve", "--vfio-user", str(sock), "marker-dev,bogus=1")
+    assert status == 1
+    assert_one_line_error(err, "unknown property bogus", "known: marker, fail")
+    assert not sock.exists()
+
+
+def test_serve_a_type_without_config_class_says_how_to_declare_properties(capsys, tmp_path, marker_device):
+    sock = tmp_path / "s.sock"
+    status, _out, err = run(capsys, *marker_device, "serve", "--vfio-user", str(sock), "plain-dev,k=v")
+    assert status == 1
+    assert_one_line_error(err, "takes no properties", "CONFIG_CLASS", "Writing a plugin")
+    assert not sock.exists()

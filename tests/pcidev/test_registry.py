@@ -260,8 +260,10 @@ def test_create_structures_the_config_class_and_passes_component_catalogues(make
         registry.create("cfgdev", "parts=x")
     registry.add_device(make_device_class("plain"))
     assert registry.create("plain", "").name == "plain"
-    with pytest.raises(ConfigError, match="takes no properties"):
+    with pytest.raises(ConfigError, match="takes no properties") as info:
         registry.create("plain", "x=1")
+    assert "CONFIG_CLASS" in str(info.value) and "Writing a plugin" in str(info.value)
+    assert "\n" not in str(info.value)
     with pytest.raises(PluginError, match="unknown device type"):
         registry.create("nosuch")
 

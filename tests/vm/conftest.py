@@ -38,7 +38,7 @@ def vm_root():
         pytest.fail("the VM tier needs root (debootstrap, chroot, bind mounts)", pytrace=False)
     try:
         seconds = vm_guest.setup()
-    except Exception as exc:  # noqa: BLE001 - reported loudly
+    except Exception as exc:
         pytest.fail(f"VM tier setup failed: {exc}", pytrace=False)
     print(f"\nVM tier setup: {seconds:.1f} s")
     os.environ.setdefault("PCIDEV_VM_SETUP_SECONDS", f"{seconds:.1f}")

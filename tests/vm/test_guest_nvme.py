@@ -145,7 +145,8 @@ cmp /tmp/z /dev/zero 2>&1 | grep -q EOF && echo ERASED
 """, [NVME])
     assert r.ok, r.console[-4000:]
     got = lines(r.output)
-    assert {"RESET-OK", "FLR-OK", "DATA-OK", "FORMAT-OK", "FORMATTED-ZERO", "ERASE-OK", "ERASED"} <= got, r.output[-4000:]
+    expected = {"RESET-OK", "FLR-OK", "DATA-OK", "FORMAT-OK", "FORMATTED-ZERO", "ERASE-OK", "ERASED"}
+    assert expected <= got, r.output[-4000:]
     assert not re.search(r"^\[.*nvme.*(timeout|failed|removing)", r.output, re.M | re.I)
 
 

@@ -11,8 +11,9 @@ than the host driving it.
 * :mod:`pcidev.transport.link.process` — a device in its own process
   (``python -m pcidev.transport.link.process``, :func:`~pcidev.transport.link.process.spawn`,
   :class:`~pcidev.transport.link.process.DeviceProcess`). It builds devices
-  through the plugin manager, so it is imported by name and not re-exported
-  here: the host-side proxy does not pull it in.
+  through a plugin manager of its own, selected by the same ``-p`` options as
+  the command line's (``plugin_specs=``), so it is imported by name and not
+  re-exported here: the host-side proxy does not pull it in.
 """
 
 from __future__ import annotations

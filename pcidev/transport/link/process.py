@@ -1,9 +1,10 @@
-"""Run one device in its own process, served over the device link.
+r"""Run one device in its own process, served over the device link.
 
 ::
 
-    python -m pcidev.transport.link.process --device edu --link unix:/run/edu.sock \\
-        [--set engine=true --set delay=0.0002] [--incoming unix:/run/edu-mig.sock] [--events]
+    python -m pcidev.transport.link.process --device edu --link unix:/run/edu.sock \
+        [-p no:NAME | -p MODULE]... [--set engine=true --set delay=0.0002] \
+        [--incoming unix:/run/edu-mig.sock] [--events]
 
 Without ``--incoming`` the device starts fresh and is served on ``--link``. With
 ``--incoming`` the process first waits for one migration on that address (a
@@ -11,6 +12,10 @@ source's :meth:`~pcidev.transport.endpoint.DeviceEndpoint.migrate_to`), loads th
 device, and then serves it on ``--link`` (which it tells the source, so the host
 can follow). The process exits when its device has migrated away (status 0), when
 an incoming migration fails (status 1), or on SIGTERM/SIGINT.
+
+``-p no:NAME`` / ``-p MODULE`` select the plugins as the ``pcidev`` command line's
+``-p`` does (:func:`pcidev.plugins.parse_plugin_specs`), so a process started on
+behalf of ``pcidev -p ...`` sees the same device types.
 
 ``--props TEXT`` gives the device's properties as one ``key=value,...`` string and
 ``--set NAME=VALUE`` one property at a time (repeatable, added after ``--props``);
@@ -36,31 +41,36 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pcidev.errors import PcidevError
-from pcidev.plugins import load_registry, make_plugin_manager
+from pcidev.errors import PcidevError, PluginSpecError, one_line
+from pcidev.plugins import load_registry, make_plugin_manager, parse_plugin_specs
+from pcidev.properties import join_properties, split_properties
 from pcidev.transport.address import listen, parse_address
 from pcidev.transport.endpoint import DeviceEndpoint
 from pcidev.transport.link.server import LinkServer
 from pcidev.vmstate import dump_stream_json
 
-__all__ = ["main", "spawn", "device_properties", "DeviceProcess"]
+__all__ = ["main", "spawn", "property_string", "DeviceProcess"]
 
 
-def device_properties(props: str | None, settings: Sequence[str]) -> str:
+def property_string(props: str | None, settings: Sequence[str]) -> str:
     """The property string of ``--props TEXT`` followed by the ``--set NAME=VALUE`` items.
+
+    Both are split into pairs and joined again (:func:`pcidev.properties.join_properties`),
+    so a trailing comma of ``--props`` (``engine=on,``) cannot swallow the next item.
 
     :param props: the ``--props`` text, if any.
     :param settings: the ``--set`` items; a comma in a value is kept literal.
     :returns: one ``key=value,...`` string for :meth:`~pcidev.registry.DeviceRegistry.create`.
-    :raises PcidevError: a ``--set`` item without ``=`` or with an empty name.
+    :raises PcidevError: a ``--set`` item without ``=`` or with an empty name, or an
+        item of ``--props`` with an empty key.
     """
-    items = [props] if props else []
+    pairs = split_properties(props) if props else []
     for text in settings:
-        name, sep, _value = text.partition("=")
+        name, sep, value = text.partition("=")
         if not sep or not name.strip():
             raise PcidevError(f"--set expects NAME=VALUE, got {text!r}")
-        items.append(text.replace(",", ",,"))
-    return ",".join(items)
+        pairs.append((name.strip(), value))
+    return join_properties(pairs)
 
 
 def _emit(enabled: bool, event: str, **data: Any) -> None:
@@ -79,9 +89,10 @@ def _summary(stream: bytes) -> list[dict[str, Any]]:
 
 def run(args: argparse.Namespace) -> int:
     """Serve one device as the arguments say (see the module docstring)."""
-    pm = make_plugin_manager()
+    blocked, extra = parse_plugin_specs(args.plugin_specs)
+    pm = make_plugin_manager(blocked=blocked, plugins=extra)
     registry = load_registry(pm)
-    device = registry.create(args.device, device_properties(args.props, args.set))
+    device = registry.create(args.device, property_string(args.props, args.set))
     endpoint = DeviceEndpoint(device, pm=pm)
     link_addr = parse_address(args.link)
     listener = listen(link_addr)
@@ -135,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m pcidev.transport.link.process``."""
     ap = argparse.ArgumentParser(prog="python -m pcidev.transport.link.process", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", required=True, help="registered device type (e.g. edu)")
+    ap.add_argument("-p", action="append", default=[], dest="plugin_specs", metavar="no:NAME|MODULE",
+                    help="block the plugin NAME (no:NAME) or load MODULE as an extra plugin; repeatable "
+                         "(as pcidev -p)")
     ap.add_argument("--link", required=True, help="address to serve the device link on (unix:PATH)")
     ap.add_argument("--props", metavar="KEY=VALUE,...", help="the device's properties as one string")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
@@ -152,14 +166,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
+    except PluginSpecError as exc:
+        print(f"pcidev link process: error: {one_line(exc)}", file=sys.stderr)
+        return 2
     except PcidevError as exc:
-        print(f"pcidev link process: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"pcidev link process: error: {one_line(exc)}", file=sys.stderr)
         return 1
 
 
 def spawn(device: str, link: str, *, options: str | Mapping[str, Any] | None = None, incoming: str | None = None,
           events: bool = False, stdout: Any = None, stderr: Any = None,
-          env: Mapping[str, str] | None = None) -> subprocess.Popen:
+          env: Mapping[str, str] | None = None, plugin_specs: Sequence[str] = ()) -> subprocess.Popen[str]:
     """Start a device process (``python -m pcidev.transport.link.process``).
 
     :param device: device type.
@@ -167,9 +184,14 @@ def spawn(device: str, link: str, *, options: str | Mapping[str, Any] | None = N
     :param options: the device's properties: a ``key=value,...`` string or a mapping.
     :param incoming: wait for a migration on this address first.
     :param events: print JSON event lines (use ``stdout=subprocess.PIPE`` to read them).
+    :param plugin_specs: ``-p`` options for the process (``no:NAME``, ``MODULE``), e.g.
+        :attr:`pcidev.cli.CliContext.plugin_specs`, so that it sees the plugins its
+        starter sees; a ``MODULE`` must be importable there.
     :returns: the process.
     """
     cmd = [sys.executable, "-m", "pcidev.transport.link.process", "--device", device, "--link", link]
+    for spec in plugin_specs:
+        cmd.append(f"-p={spec}")
     if isinstance(options, str):
         cmd += ["--props", options]
     else:
@@ -191,17 +213,18 @@ class DeviceProcess:
     :param link: link address.
     :param options: the device's properties: a ``key=value,...`` string or a mapping.
     :param incoming: wait for a migration on this address first.
+    :param plugin_specs: ``-p`` options for the process (see :func:`spawn`).
     """
 
     def __init__(self, device: str, link: str, *, options: str | Mapping[str, Any] | None = None,
-                 incoming: str | None = None) -> None:
+                 incoming: str | None = None, plugin_specs: Sequence[str] = ()) -> None:
         self.link = link
         self.incoming = incoming
         self.events: list[dict[str, Any]] = []
         self.stderr_lines: list[str] = []
         self._cond = threading.Condition()
         self.proc = spawn(device, link, options=options, incoming=incoming, events=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, plugin_specs=plugin_specs)
         self._readers = [threading.Thread(target=self._read_events, daemon=True),
                          threading.Thread(target=self._read_stderr, daemon=True)]
         for t in self._readers:
@@ -212,7 +235,7 @@ class DeviceProcess:
         return self.proc.pid
 
     def _read_events(self) -> None:
-        for line in self.proc.stdout:
+        for line in self.proc.stdout or ():
             try:
                 event = json.loads(line)
             except ValueError:
@@ -225,7 +248,7 @@ class DeviceProcess:
             self._cond.notify_all()
 
     def _read_stderr(self) -> None:
-        for line in self.proc.stderr:
+        for line in self.proc.stderr or ():
             self.stderr_lines.append(line.rstrip("\n"))
 
     def wait_event(self, name: str, timeout: float = 30.0) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgpack
@@ -80,13 +80,17 @@ MSI_ROUTE_ADDRESS = 0xFEE0_0000
 U64_MAX = (1 << 64) - 1
 
 
+#: msgpack ships no type hints: its packer, typed once here
+_packb: Callable[..., bytes] = msgpack.packb
+
+
 def encode_body(value: Any) -> bytes:
     """A message body: ``value`` as msgpack.
 
     :param value: the body (maps, arrays, integers, strings, bools, floats).
     :returns: the encoded bytes.
     """
-    return msgpack.packb(value, use_bin_type=True)
+    return _packb(value, use_bin_type=True)
 
 
 def decode_body(body: bytes, what: str) -> Any:

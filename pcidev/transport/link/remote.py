@@ -174,6 +174,7 @@ class RemoteDevice:
 
     def config_read(self, offset: int, size: int) -> int:
         """A configuration read in the device's process."""
+        value: int
         value, intx = self._req(CONFIG_READ, [offset, size])
         self._note_intx(intx)
         return value
@@ -185,6 +186,7 @@ class RemoteDevice:
 
     def bar_read(self, index: int, offset: int, size: int, *, check_decode: bool = True) -> int:
         """A BAR read in the device's process."""
+        value: int
         value, intx = self._req(BAR_READ, [index, offset, size, check_decode])
         self._note_intx(intx)
         return value
@@ -196,11 +198,12 @@ class RemoteDevice:
 
     def rom_read(self, offset: int, size: int) -> int:
         """An expansion ROM read in the device's process."""
-        return self._req(ROM_READ, [offset, size])[0]
+        value: int = self._req(ROM_READ, [offset, size])[0]
+        return value
 
     def status(self) -> dict[str, Any]:
         """``{intx, failed, state}`` of the device."""
-        st = self._req(STATUS, {})
+        st: dict[str, Any] = self._req(STATUS, {})
         self._note_intx(st.get("intx"))
         return st
 
@@ -232,8 +235,9 @@ class RemoteDevice:
         for start in range(0, max(len(vectors), 1), batch):
             part = vectors[start:start + batch]
             last = start + batch >= len(vectors)
-            with_intx = last and self._intx_fd is not None
-            fds = [self._vector_fds[v] for v in part] + ([self._intx_fd] if with_intx else [])
+            intx_fds = [self._intx_fd] if last and self._intx_fd is not None else []
+            with_intx = bool(intx_fds)
+            fds = [self._vector_fds[v] for v in part] + intx_fds
             if fds:
                 client.request(SET_IRQS, {"vectors": part, "intx": with_intx}, fds)
 

@@ -65,10 +65,10 @@ def _map(body: Any, keys: dict[str, type], what: str) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise TransportError(f"{what}: expected a map, got {body!r:.100}")
     for key, tp in keys.items():
-        value = body.get(key)
+        value: Any = body.get(key)
         if type(value) is not tp and not (tp is float and type(value) is int):
             raise TransportError(f"{what}: field {key!r} missing or not {tp.__name__}")
-        if tp is int and not 0 <= value <= U64_MAX:
+        if tp is int and not 0 <= body[key] <= U64_MAX:
             raise TransportError(f"{what}: field {key!r} out of range")
     return body
 
@@ -123,16 +123,18 @@ class LinkServer:
                             continue
                         conn.settimeout(self.io_timeout)
                         self._conns.add(conn)
-                        sel.register(conn, selectors.EVENT_READ, "conn")
+                        sel.register(conn, selectors.EVENT_READ, conn)  # data: the connection itself
                     elif key.data == "wake":
                         try:
                             os.read(self._wake_r, 64)
                         except OSError:
                             pass
-                    elif not self.handle(key.fileobj):
-                        sel.unregister(key.fileobj)
-                        self._conns.discard(key.fileobj)
-                        key.fileobj.close()
+                    else:
+                        client: socket.socket = key.data
+                        if not self.handle(client):
+                            sel.unregister(client)
+                            self._conns.discard(client)
+                            client.close()
         finally:
             sel.close()
             for conn in self._conns:
@@ -233,7 +235,7 @@ class LinkServer:
                 raise TransportError("SET_IRQS: vectors must be distinct integers")
             if len(fds) != len(vectors) + m["intx"]:
                 raise TransportError(f"SET_IRQS: {len(vectors) + m['intx']} eventfds announced, {len(fds)} sent")
-            mapping = dict(zip(vectors, fds))
+            mapping = dict(zip(vectors, fds, strict=False))  # the INTx eventfd, if any, is last
             intx_fd = fds[-1] if m["intx"] else None
             taken = list(fds)
             fds.clear()  # set_irqs owns them now (closes them on error)

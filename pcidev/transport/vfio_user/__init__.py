@@ -6,6 +6,6 @@ See ``../shared/reference/vfio-user.md`` for the protocol and QEMU's behaviour.
 """
 
 from pcidev.transport.vfio_user.protocol import VfioUserError
-from pcidev.transport.vfio_user.server import VfioUserServer, serve_device
+from pcidev.transport.vfio_user.server import VfioUserServer, listen_vfio_user, serve_device
 
-__all__ = ["VfioUserError", "VfioUserServer", "serve_device"]
+__all__ = ["VfioUserError", "VfioUserServer", "listen_vfio_user", "serve_device"]

@@ -44,7 +44,7 @@ from pcidev.errors import (
 from pcidev.pci.capabilities.msi import MsiCapability
 from pcidev.pci.capabilities.msix import ENTRY_CTRL, ENTRY_SIZE, MsixCapability
 from pcidev.pci.config import ResetKind
-from pcidev.transport.address import listen_unix
+from pcidev.transport.address import Listener, listen_unix
 from pcidev.transport.endpoint import DeviceEndpoint
 from pcidev.transport.fdpass import close_fds, recv_exact, send_all
 from pcidev.transport.vfio_user import protocol
@@ -572,26 +572,49 @@ class VfioUserServer:
 
 
 # -- running a device -------------------------------------------------------------------------
+def listen_vfio_user(path: str) -> Listener:
+    """Listen on the vfio-user socket ``path`` (:func:`pcidev.transport.address.listen_unix`:
+    only a stale socket is replaced), for :func:`serve_device`.
+
+    Create the listener before building the device, so that a refused path leaves
+    nothing behind (a device may create files when it is built).
+
+    :param path: the socket path.
+    :returns: the listener.
+    :raises TransportError: the socket cannot be created (one line naming the cause).
+    """
+    return listen_unix(path, backlog=1, what="vfio-user socket")
+
+
 def serve_device(device: PciDevice, path: str, *, pm: pluggy.PluginManager | None = None, once: bool = True,
-                 out: TextIO | None = None) -> int:
+                 out: TextIO | None = None, listener: Listener | None = None) -> int:
     """Serve ``device`` over vfio-user on the UNIX socket ``path``.
 
-    Listens (:func:`pcidev.transport.address.listen_unix`: only a stale socket is replaced), prints one
+    Listens (:func:`listen_vfio_user`, unless ``listener`` is given), prints one
     ``listening`` line, serves one client until it leaves (QEMU never reconnects)
-    and returns 0. SIGTERM/SIGINT end it cleanly. The device is closed at the end.
+    and returns 0. SIGTERM/SIGINT end it cleanly. The device and the listener
+    are closed at the end.
 
     :param device: the device, e.g. from :meth:`pcidev.registry.DeviceRegistry.create`.
     :param path: the socket path.
     :param pm: the plugin manager (migration blockers of its plugins).
     :param once: return after the first client (else serve the next one).
     :param out: where the status lines go (standard output).
+    :param listener: a listener from :func:`listen_vfio_user` on ``path`` (owned
+        by this function from now on, closed when it returns or raises).
     :returns: the exit status.
     :raises TransportError: the socket cannot be created (one line naming the cause).
     """
     out = sys.stdout if out is None else out
-    endpoint = DeviceEndpoint(device, pm=pm)
     try:
-        listener = listen_unix(path, backlog=1, what="vfio-user socket")
+        endpoint = DeviceEndpoint(device, pm=pm)
+    except BaseException:
+        if listener is not None:
+            listener.close()
+        raise
+    try:
+        if listener is None:
+            listener = listen_vfio_user(path)
     except BaseException:
         endpoint.close()
         raise

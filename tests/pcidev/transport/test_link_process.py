@@ -15,9 +15,10 @@ import crc32c
 import pytest
 
 from pcidev.devices.edu import DESC, STATUS_DONE
-from pcidev.errors import MigrationError
+from pcidev.errors import MigrationError, PcidevError
 from pcidev.host import Machine
-from pcidev.transport.link.process import DeviceProcess
+from pcidev.transport.link.process import DeviceProcess, property_string, spawn
+from pcidev.transport.link.process import main as process_main
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
@@ -69,7 +70,7 @@ class Workload(threading.Thread):
                     got = crc32c.crc32c(self.machine.read(self.dst + i * BLOCK, BLOCK))
                     self.mismatches += (st, crc, got) != (STATUS_DONE, want, want)
                     self.verified += 1
-        except BaseException as exc:  # noqa: BLE001 - checked by the test
+        except BaseException as exc:
             self.error = exc
 
 
@@ -174,3 +175,79 @@ def test_migrate_edu_example_runs(capsys):
     assert migrate_edu.main(["--blocks", "96", "--migrations", "1"]) == 0
     out = capsys.readouterr().out
     assert "migration 1: process" in out and "0 CRC-32C mismatches" in out
+
+
+# -- the property string and the plugin selection of a device process -----------------------
+
+TOY_PLUGIN = '''
+from pcidev import hookimpl
+from pcidev.device import PciDevice
+
+
+class ToyDevice(PciDevice):
+    TYPE_NAME = "toy-child"
+    VENDOR_ID, DEVICE_ID, CLASS_CODE = 0x1234, 0x11EC, 0xFF0000
+
+
+@hookimpl
+def pcidev_register_devices(registry):
+    registry.add_device(ToyDevice)
+'''
+
+
+@pytest.mark.parametrize(("props", "settings", "expected"), [
+    ("engine=on,", ["chunk=8k"], "engine=on,chunk=8k"),
+    ("engine=on,,", [], "engine=on,,"),  # the value "on," (a literal comma)
+    ("engine=on,,,", ["chunk=8k"], "engine=on,,,chunk=8k"),
+    (None, ["label=a,b", "x=1"], "label=a,,b,x=1"),
+    ("a=x,,y,b=2", ["c= 3"], "a=x,,y,b=2,c= 3"),
+    ("", [], ""),
+])
+def test_property_string_keeps_props_and_settings_apart(props, settings, expected):
+    assert property_string(props, settings) == expected
+
+
+def test_a_trailing_comma_of_props_does_not_swallow_a_setting():
+    from pcidev.devices.edu import EduDevice
+    from pcidev.properties import structure_config
+
+    cfg = structure_config(EduDevice.CONFIG_CLASS, property_string("engine=on,", ["chunk=8k"]))
+    assert cfg.engine is True and cfg.chunk == 8192
+
+
+@pytest.mark.parametrize(("props", "settings"), [("=5", []), (None, ["=5"]), (None, ["chunk"])])
+def test_property_string_refuses_an_empty_key(props, settings):
+    with pytest.raises(PcidevError):
+        property_string(props, settings)
+
+
+def test_the_process_honours_p_options(tmp_path, capsys):
+    link = f"unix:{tmp_path}/x.sock"
+    assert process_main(["--device", "edu", "--link", link, "-p", "no:builtin"]) == 1
+    assert "unknown device type 'edu'" in capsys.readouterr().err
+    assert process_main(["--device", "edu", "--link", link, "-p", "no:"]) == 2
+    assert "-p no: needs a plugin name" in capsys.readouterr().err
+    assert not (tmp_path / "x.sock").exists()
+
+
+def test_a_blocked_plugin_stays_blocked_in_the_device_process(tmp_path):
+    proc = DeviceProcess("edu", f"unix:{tmp_path}/edu.sock", options=EDU, plugin_specs=["no:builtin"])
+    try:
+        with pytest.raises(PcidevError, match="unknown device type 'edu'"):
+            proc.wait_event("ready", timeout=30)
+        assert proc.stop() == 1
+    finally:
+        proc.stop()
+
+
+def test_a_p_module_plugin_is_loaded_in_the_device_process(tmp_path):
+    (tmp_path / "pcidev_toy_child.py").write_text(TOY_PLUGIN)
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    proc = spawn("toy-child", f"unix:{tmp_path}/toy.sock", events=True, env=env, stdout=subprocess.PIPE,
+                 stderr=subprocess.PIPE, plugin_specs=["no:builtin", "pcidev_toy_child"])
+    try:
+        ready = proc.stdout.readline()
+        assert '"event": "ready"' in ready, proc.stderr.read() if proc.poll() is not None else ready
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
