@@ -85,6 +85,7 @@ __all__ = [
     "PropertyError",
     "PropertyInfo",
     "Size",
+    "collect_pairs",
     "converter",
     "describe_config",
     "describe_value",
@@ -488,8 +489,16 @@ def _from_mapping(cls: type, props: Mapping[Any, Any]) -> dict[Any, Any]:
     return data
 
 
-def _collect(cls: type, pairs: list[tuple[str, str]]) -> dict[str, Any]:
-    """The default ``collect_properties``: keys (or aliases) to values, lists accumulate."""
+def collect_pairs(cls: type, pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """The default ``collect_properties`` of a config class: keys (or aliases) to field
+    names and values; a list field accumulates its repeated key, any other key may
+    appear once.
+
+    :param cls: the attrs config class.
+    :param pairs: ``(key, value)`` pairs as :func:`split_properties` returns them.
+    :returns: field name -> value (a list for list fields).
+    :raises PropertyError: a key without ``=value`` or given twice.
+    """
     kinds = _field_types(cls)
     aliases = _spellings(cls)
     data: dict[str, Any] = {}
@@ -529,7 +538,7 @@ def structure_config(cls: type[ConfigT], props: ConfigT | str | Mapping[str, Any
         elif isinstance(props, str):
             pairs = split_properties(props)
             collect = getattr(cls, "collect_properties", None)
-            data = collect(pairs) if collect is not None else _collect(cls, pairs)
+            data = collect(pairs) if collect is not None else collect_pairs(cls, pairs)
         elif isinstance(props, Mapping):
             data = _from_mapping(cls, props)
         else:

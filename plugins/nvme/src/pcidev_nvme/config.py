@@ -32,8 +32,7 @@ from typing import Any
 import attrs
 
 from pcidev.errors import ConfigError, PcidevError
-from pcidev.properties import PropertyError, Size, converter, structure_config
-from pcidev.properties import _collect as collect_pairs  # private today: the core should export it
+from pcidev.properties import PropertyError, Size, collect_pairs, converter, structure_config
 from pcidev_nvme.backends import BUILTIN_BACKEND_CONFIGS
 from pcidev_nvme.namespace import NamespaceOptions, parse_spec
 
