@@ -126,7 +126,9 @@ class PciDevice:
     #: type with one is built as ``cls(config, name=...)`` by
     #: :meth:`pcidev.registry.DeviceRegistry.create` (config structured from a
     #: ``key=value,...`` string by :mod:`pcidev.properties`); without one, as ``cls(name=...)``.
-    #: ``pcidev describe TYPE`` lists its fields (type, default, ``metadata["help"]``).
+    #: ``pcidev describe TYPE`` lists its fields (type, default, ``metadata["help"]``),
+    #: then the option classes its ``property_groups()`` classmethod returns, if any, as
+    #: ``(heading, attrs class)`` pairs (options nested in a value, like NVMe's ``ns=``).
     CONFIG_CLASS: ClassVar[type | None] = None
     #: features of this device type that its VMSTATE (or the framework) migrates;
     #: an enabled feature missing here blocks migration (see :meth:`enabled_features`)

@@ -437,6 +437,48 @@ def test_describe_lists_every_property_of_the_config_class(capsys):
                                     "help": "bytes the worker copies per step", "aliases": []}
 
 
+@attrs.define(kw_only=True)
+class _LaneOptions:
+    lanes: int = attrs.field(default=1, metadata={"help": "lanes of one port"})
+
+
+@attrs.define(kw_only=True)
+class _GroupedConfig:
+    port: list[str] = attrs.field(factory=list, metadata={"help": "a port, repeatable: lanes=N"})
+
+    @classmethod
+    def property_groups(cls):
+        return [("port options (port=OPTION=VALUE,...)", _LaneOptions)]
+
+
+class _GroupedDevice(PciDevice):
+    """A device whose property values have options of their own."""
+
+    TYPE_NAME = "grouped-dev"
+    VENDOR_ID, DEVICE_ID, CLASS_CODE = 0x1234, 0x0002, 0xFF0000
+    CONFIG_CLASS = _GroupedConfig
+
+    def __init__(self, config=None, *, name=None):
+        self.cfg = config
+        super().__init__(name=name)
+
+
+def test_describe_shows_the_option_groups_of_a_config_class(capsys, module_plugin):
+    """A config class's property_groups() (the NVMe namespace options, say) are shown as
+    tables of their own, in text and JSON."""
+    def pcidev_register_devices(registry):
+        registry.add_device(_GroupedDevice)
+
+    module_plugin("pcidev_cli_grouped", pcidev_register_devices=hookimpl(pcidev_register_devices))
+    status, out, _err = run(capsys, "-p", "pcidev_cli_grouped", "describe", "grouped-dev")
+    lines = out.splitlines()
+    heading = lines.index("port options (port=OPTION=VALUE,...):")
+    assert lines[heading + 2].split()[:3] == ["lanes", "int", "1"] and "lanes of one port" in lines[heading + 2]
+    status, out, _err = run(capsys, "-p", "pcidev_cli_grouped", "describe", "--json", "grouped-dev")
+    assert json.loads(out)["groups"] == [{"heading": "port options (port=OPTION=VALUE,...)", "properties": [
+        {"name": "lanes", "type": "int", "default": "1", "help": "lanes of one port", "aliases": []}]}]
+
+
 def attrs_fields(cls):
     return [f for f in attrs.fields(cls) if "component" not in f.metadata]
 
@@ -506,7 +548,7 @@ def test_describe_a_type_without_properties(capsys, acme_dist):
     status, out, _err = run(capsys, "-p", "no:nvme", "describe", "acme-dev")
     assert status == 0 and out.splitlines()[-1] == "no properties"
     status, out, _err = run(capsys, "-p", "no:nvme", "describe", "--json", "acme-dev")
-    assert json.loads(out) == {"device_type": "acme-dev", "properties": []}
+    assert json.loads(out) == {"device_type": "acme-dev", "properties": [], "groups": []}
 
 
 def test_bench_component_that_is_not_callable_is_one_line(capsys, module_plugin):
