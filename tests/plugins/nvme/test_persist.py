@@ -125,12 +125,42 @@ def test_nothing_is_written_beside_a_read_only_image(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         ctrl = NvmeController(f"serial=ro1,ns=file:path={img},readonly=on")
     try:
-        assert ctrl.state_file.path is None  # kept in memory
+        assert ctrl.state_file.read_only  # read if there, never written
         assert ctrl.namespaces[1].read_only
     finally:
         ctrl.close()
     assert _listing(img_dir) == before
     assert sum("read-only" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_read_only_image_still_reads_the_state_file_beside_it(tmp_path):
+    """The state written while the image was writable is read (SMART carries on), and
+    the file is left as it was."""
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(1 << 20))
+    for _ in range(3):
+        NvmeController(f"serial=ro4,ns=file:path={img}").close()
+    state = tmp_path / "nvme-ro4.state"
+    saved = state.read_bytes()
+    ctrl = NvmeController(f"serial=ro4,ns=file:path={img},readonly=on")
+    try:
+        assert ctrl.smart.power_cycles == 4
+        assert ctrl.state_dir is None  # nothing is created beside the read-only image either
+    finally:
+        ctrl.close()
+    assert state.read_bytes() == saved
+
+
+def test_an_old_state_file_that_was_not_read_is_kept(tmp_path):
+    """Both the new and the old-format file exist (a downgrade, then an upgrade): the
+    new one is read and the old one is left alone."""
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(1 << 20))
+    NvmeController(f"serial=both,ns=file:path={img}").close()
+    old = tmp_path / "nvme-both.state.json"
+    old.write_text(json.dumps(LEGACY))
+    NvmeController(f"serial=both,ns=file:path={img}").close()
+    assert old.read_text() == json.dumps(LEGACY)
 
 
 def test_read_only_image_with_state_dir(tmp_path):

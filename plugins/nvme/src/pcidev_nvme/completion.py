@@ -16,7 +16,6 @@ from typing import Any
 
 from pcidev.dma import GuestMemory
 from pcidev.errors import DmaError
-from pcidev.pci import ids
 from pcidev_nvme.fetch import BatchState
 from pcidev_nvme.queues import CompletionQueue, SubmissionQueue
 from pcidev_nvme.request import Request
@@ -26,9 +25,6 @@ __all__ = ["CompletionMixin"]
 
 log = logging.getLogger(__name__)
 
-_CMD_LO = ids.COMMAND
-_MASTER = int(ids.Command.MASTER)
-assert _MASTER < 0x100
 
 
 class CompletionMixin:
@@ -36,7 +32,7 @@ class CompletionMixin:
 
     _tls: BatchState
     _gen: int
-    memory: GuestMemory | None
+    dma: GuestMemory  # PciDevice.dma: guest memory, guarded by Bus Master
     config: Any
     error_log: Any
     interrupts: Any
@@ -100,9 +96,7 @@ class CompletionMixin:
                     else:
                         if not req.parked:
                             cq.reserved -= 1
-                        mem = self.memory
-                        if mem is None or not self.config.data[_CMD_LO] & _MASTER:
-                            raise DmaError("bus mastering is disabled")
+                        mem = self.dma  # DmaError without memory or Bus Master
                         phase = cq.phase
                         cq.post_batch(mem, ((dw0 & 0xFFFFFFFF, dw1 & 0xFFFFFFFF, sq.head, sq.sqid,
                                              cid | (phase << 16) | (sf << 17)),))
@@ -182,9 +176,7 @@ class CompletionMixin:
                         if not nxt:
                             phase ^= 1
                     if entries:
-                        mem = self.memory
-                        if mem is None or not self.config.data[_CMD_LO] & _MASTER:
-                            raise DmaError("bus mastering is disabled")
+                        mem = self.dma  # DmaError without memory or Bus Master
                         cq.post_batch(mem, entries)
                         cq.reserved -= posted_reserved
             except DmaError as exc:

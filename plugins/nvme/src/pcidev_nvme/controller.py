@@ -90,7 +90,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
     :param name: device name in logs.
     :raises ConfigError: a bad configuration or namespace spec.
 
-    The data path sees (``docs/nvme-contract.md``): :attr:`memory`,
+    The data path sees (``docs/nvme-contract.md``): :attr:`dma`,
     :attr:`page_size`, :attr:`mdts_bytes`, :attr:`namespaces`, :attr:`smart`,
     :meth:`complete`.
     """

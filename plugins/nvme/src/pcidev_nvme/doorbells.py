@@ -27,14 +27,9 @@ from pcidev_nvme import aer as aer_mod
 from pcidev_nvme.queues import CompletionQueue, SubmissionQueue
 from pcidev_nvme.registers import DOORBELL_BASE
 
-__all__ = ["DOORBELL_BASE", "DoorbellsMixin", "ShadowDoorbells", "ShadowDoorbellsState", "doorbell_offset"]
+__all__ = ["DOORBELL_BASE", "DoorbellsMixin", "ShadowDoorbells", "ShadowDoorbellsState"]
 
 log = logging.getLogger(__name__)
-
-
-def doorbell_offset(qid: int, cq: bool = False) -> int:
-    """BAR0 offset of queue ``qid``'s SQ tail (or CQ head) doorbell."""
-    return DOORBELL_BASE + 8 * qid + (4 if cq else 0)
 
 
 @attrs.frozen
@@ -106,7 +101,7 @@ class DoorbellsMixin:
     _running: bool
     shadow: ShadowDoorbells
     name: str
-    memory: Any
+    dma: Any  # PciDevice.dma: guest memory, guarded by Bus Master
     interrupts: Any
     error_log: Any
     aer: Any

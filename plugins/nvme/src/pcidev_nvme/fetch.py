@@ -56,7 +56,7 @@ class FetchMixin:
     keep_alive: Any  # HealthMixin.keep_alive
     _formatting: set[int]
     name: str
-    memory: Any
+    dma: Any  # PciDevice.dma: guest memory, guarded by Bus Master
     admin: Any
     io: Any
     smart: Any

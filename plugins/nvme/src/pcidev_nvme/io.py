@@ -130,7 +130,7 @@ class IoCommandSet:
     """Executes NVM I/O commands for one controller.
 
     :param ctrl: the controller (see the contract in ``docs/nvme-contract.md``):
-        ``memory``, ``page_size``, ``mdts_bytes``, ``namespaces``, ``smart`` and
+        ``dma``, ``page_size``, ``mdts_bytes``, ``namespaces``, ``smart`` and
         ``complete``.
     :param workers: size of the worker pool for backends that may block.
     """

@@ -132,7 +132,7 @@ def upgrade_legacy(data: Any) -> PersistState | None:
         except (TypeError, ValueError, KeyError):
             log.warning("nvme state file: ignoring a malformed created-namespace record %r", key)
             continue
-        if isinstance(spec, str) and 1 <= nsid <= 0xFFFFFFFE and len(spec) <= 4096:
+        if isinstance(spec, str) and 1 <= nsid <= 0xFFFFFFFE and len(spec.encode()) <= 4096:
             created.append(CreatedNamespaceState(nsid=nsid, spec=spec, attached=attached))
     serial = data.get("serial")
     return PersistState(serial=serial if isinstance(serial, str) else "", dirty=bool(data.get("dirty")),
@@ -152,9 +152,12 @@ class StateFile:
     format) is never overwritten: the state is then kept in memory only (one warning).
     """
 
-    def __init__(self, path: str | os.PathLike | None, *, legacy: str | os.PathLike | None = None) -> None:
+    def __init__(self, path: str | os.PathLike | None, *, legacy: str | os.PathLike | None = None,
+                 read_only: bool = False) -> None:
         self.path = Path(path) if path is not None else None
         self.legacy = Path(legacy) if legacy is not None else None
+        #: load only: nothing is written or removed (the state file beside a read-only image)
+        self.read_only = read_only
         #: the file at ``path`` is not ours: never written
         self.foreign = False
         self._lock = threading.Lock()
@@ -171,8 +174,12 @@ class StateFile:
         if self.path.is_dir():
             raise ConfigError(f"nvme state file {self.path} is a directory")
         path = self.path
-        if not path.exists() and self.legacy is not None and self.legacy.is_file():
+        if path.exists():
+            self.legacy = None  # only an old file that is actually upgraded is removed
+        elif self.legacy is not None and self.legacy.is_file():
             path = self.legacy
+        else:
+            self.legacy = None
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -216,7 +223,7 @@ class StateFile:
 
     def save(self, state: PersistState) -> None:
         """Write ``state`` atomically. Errors are logged, not raised."""
-        if self.path is None or self.foreign:
+        if self.path is None or self.foreign or self.read_only:
             return
         try:
             payload = save(DEVICE_TYPE, {}, [(STATE_SECTION, 0, state)])
@@ -306,6 +313,13 @@ class PersistenceMixin:
 
     def _open_state_file(self) -> StateFile:
         """The state file (see :mod:`pcidev_nvme.persist` for where it lives)."""
+        state_file = self._locate_state_file()
+        if self.cfg.ns_create == "file" and (state_file.path is None or state_file.read_only):
+            log.warning("%s: ns_create=file but no writable directory for the images of created namespaces "
+                        "(give state_dir=): Namespace Management creates memory namespaces", self.name)
+        return state_file
+
+    def _locate_state_file(self) -> StateFile:
         cfg = self.cfg
         if cfg.state_file:
             return StateFile(cfg.state_file)
@@ -316,12 +330,12 @@ class PersistenceMixin:
         for ns in self.allocated.values():
             path = getattr(ns.backend, "path", None)
             if isinstance(path, str) and path:
-                if not may_write_beside(ns.backend):
-                    log.warning("%s: namespace %d's image %s is read-only: the controller state (SMART, "
-                                "firmware slots) is kept in memory only; give state_dir= to keep it",
-                                self.name, ns.nsid, path)
-                    return StateFile(None)
                 d = Path(os.path.dirname(os.path.abspath(path)))
+                if not may_write_beside(ns.backend):
+                    log.warning("%s: namespace %d's image %s is read-only or in a directory this process cannot "
+                                "write: the controller state (SMART, firmware slots) is read from beside it but "
+                                "kept in memory only; give state_dir= to keep it", self.name, ns.nsid, path)
+                    return StateFile(d / state_file_name(cfg.serial), read_only=True)
                 return StateFile(d / state_file_name(cfg.serial),
                                          legacy=d / legacy_state_file_name(cfg.serial))
         return StateFile(None)
@@ -330,7 +344,9 @@ class PersistenceMixin:
     def state_dir(self) -> str | None:
         """Directory of the state file (and of image files Namespace Management creates)."""
         p = self.state_file.path
-        return str(p.parent) if p is not None else self.cfg.state_dir
+        if p is None or self.state_file.read_only:
+            return self.cfg.state_dir  # never beside a read-only image
+        return str(p.parent)
 
     def _load_state(self) -> None:
         st = self.state_file.load()
