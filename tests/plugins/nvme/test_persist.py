@@ -63,7 +63,7 @@ def test_explicit_json_state_file_is_rewritten_in_place(tmp_path):
 
 
 @pytest.mark.parametrize("content", [b"garbage\x00\xff", b"{not json", b'{"version": 99}', b"[1, 2]",
-                                     b"PCIDEV\x00\x01" + bytes(40)])
+                                     b"PCIDEV\x00\x01" + bytes(40)])  # not ours (PCIDEVVM is)
 def test_an_unusable_state_file_is_a_warning_a_fresh_start_and_left_alone(tmp_path, caplog, content):
     """Not ours (or damaged): the controller starts from zero, keeps its state in
     memory, and never overwrites the file."""
@@ -78,6 +78,22 @@ def test_an_unusable_state_file_is_a_warning_a_fresh_start_and_left_alone(tmp_pa
     assert any("starting from zero" in r.getMessage() and "left as it is" in r.getMessage()
                for r in caplog.records)
     assert state.read_bytes() == content
+
+
+def test_a_damaged_state_file_of_our_own_format_is_rewritten(tmp_path, caplog):
+    """A torn write of our own stream (bad checksum): start from zero and write it anew,
+    so SMART persists again."""
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(1 << 20))
+    NvmeController(f"serial=torn,ns=file:path={img}").close()
+    state = tmp_path / "nvme-torn.state"
+    data = bytearray(state.read_bytes())
+    data[-1] ^= 0xFF
+    state.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="pcidev_nvme.persist"):
+        NvmeController(f"serial=torn,ns=file:path={img}").close()
+    assert any("damaged" in r.getMessage() for r in caplog.records)
+    assert StateFile(state).load().smart.power_cycles == 1
 
 
 def test_an_empty_state_file_is_filled(tmp_path):

@@ -40,8 +40,9 @@ from typing import Any
 
 import attrs
 
-from pcidev.errors import ConfigError, PcidevError, VMStateError
+from pcidev.errors import ConfigError, ConfigMismatchError, PcidevError, VersionError, VMStateError
 from pcidev.vmstate import U32, U64, Bool, Str, VarArray, load, save, vmstate
+from pcidev.vmstate.stream import MAGIC as STREAM_MAGIC
 from pcidev_nvme.limits import STATE_SAVE_INTERVAL
 from pcidev_nvme.logs import ErrorLogState, FirmwareState, SmartState
 from pcidev_nvme.namespace import may_write_beside
@@ -193,7 +194,13 @@ class StateFile:
         try:
             [section] = load(data, device_type=DEVICE_TYPE, fingerprint={}, descriptions=[PersistState],
                              expected=[(STATE_SECTION, 0)])
+        except (ConfigMismatchError, VersionError) as exc:
+            return self._unusable(path, str(exc))  # another device's stream, or a newer version: not ours to replace
         except (VMStateError, ValueError) as exc:
+            if path == self.path and data.startswith(STREAM_MAGIC):
+                # our own format, damaged (a torn disk, say): start over and rewrite it
+                log.warning("nvme state file %s is damaged (%s); starting from zero, it will be rewritten", path, exc)
+                return None
             return self._unusable(path, str(exc))
         return section.state
 
