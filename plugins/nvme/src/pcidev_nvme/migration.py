@@ -60,7 +60,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import attrs
 
@@ -78,7 +78,7 @@ from pcidev_nvme.queues import CompletionQueue, CqeState, CqState, SqState, Subm
 from pcidev_nvme.registers import ControllerState
 
 
-class NvmeController(Protocol):
+class MigrationHost(Protocol):
     """What this module uses of :class:`pcidev_nvme.controller.NvmeController` (which it
     cannot import: the controller imports this module)."""
 
@@ -180,7 +180,7 @@ def _backend_feature(ns: Any) -> str:
     return f"nvme-backend:{kind}"
 
 
-def _runtime_namespace_changes(ctrl: NvmeController) -> tuple[list[int], list[int]]:
+def _runtime_namespace_changes(ctrl: MigrationHost) -> tuple[list[int], list[int]]:
     """(NSIDs created by Namespace Management, configured NSIDs it deleted)."""
     configured = set(range(1, len(ctrl.cfg.namespaces) + 1))
     created = sorted(set(ctrl.allocated) - configured)
@@ -188,7 +188,7 @@ def _runtime_namespace_changes(ctrl: NvmeController) -> tuple[list[int], list[in
     return created, deleted
 
 
-def features(ctrl: NvmeController) -> set[str]:
+def features(ctrl: MigrationHost) -> set[str]:
     """The controller's features for the allow-list (see :data:`MIGRATABLE_FEATURES`)."""
     out = {"nvme-queues", "nvme-aer", "nvme-smart", "nvme-error-log", "nvme-firmware"}
     if ctrl.shadow.enabled:
@@ -207,7 +207,7 @@ def features(ctrl: NvmeController) -> set[str]:
     return out
 
 
-def blockers(ctrl: NvmeController) -> list[str]:
+def blockers(ctrl: MigrationHost) -> list[str]:
     """Reasons of the moment (the allow-list covers the configuration)."""
     out = []
     created, deleted = _runtime_namespace_changes(ctrl)
@@ -226,7 +226,7 @@ def blockers(ctrl: NvmeController) -> list[str]:
     return out
 
 
-def fingerprint(ctrl: NvmeController) -> dict[str, Any]:
+def fingerprint(ctrl: MigrationHost) -> dict[str, Any]:
     """Configuration a destination must match exactly."""
     cfg = ctrl.cfg
     namespaces = []
@@ -251,7 +251,7 @@ def fingerprint(ctrl: NvmeController) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- quiesce / resume
-def quiesce(ctrl: NvmeController, timeout: float = 30.0) -> None:
+def quiesce(ctrl: MigrationHost, timeout: float = 30.0) -> None:
     """Bring the controller to a consistent point (see the module docstring).
 
     :raises MigrationError: something did not finish within ``timeout`` seconds (a
@@ -279,7 +279,7 @@ def quiesce(ctrl: NvmeController, timeout: float = 30.0) -> None:
     ctrl.stop_timers()  # coalesced completions get their interrupt before the stop
 
 
-def resume(ctrl: NvmeController) -> None:
+def resume(ctrl: MigrationHost) -> None:
     """Run again: fetch what was submitted meanwhile, restart keep alive, deliver events."""
     was = ctrl.unpause()
     if was and ctrl.running:
@@ -287,7 +287,7 @@ def resume(ctrl: NvmeController) -> None:
 
 
 # ----------------------------------------------------------------------------- save
-def save(ctrl: NvmeController) -> NvmeState:
+def save(ctrl: MigrationHost) -> NvmeState:
     """The state of a quiesced controller (nothing is changed)."""
     if ctrl.fsm_state not in _STATES:
         raise StateError(f"the controller is {ctrl.fsm_state}", section=SECTION, instance_id=0, path="state")
@@ -331,7 +331,7 @@ def _fail(why: str, path: str) -> StateError:
     return StateError(why, section=SECTION, instance_id=0, path=path)
 
 
-def check(ctrl: NvmeController, st: NvmeState) -> None:
+def check(ctrl: MigrationHost, st: NvmeState) -> None:
     """Refuse a state that cannot apply to this controller (nothing is changed)."""
     cfg = ctrl.cfg
     nq = cfg.max_ioqpairs + 1
@@ -466,7 +466,7 @@ def check(ctrl: NvmeController, st: NvmeState) -> None:
 
 
 # ----------------------------------------------------------------------------- apply
-def apply(ctrl: NvmeController, st: NvmeState) -> None:
+def apply(ctrl: MigrationHost, st: NvmeState) -> None:
     """Apply a checked state (the controller is quiesced or has never run)."""
     # 1. what can fail first: map the migrated namespace memory (nothing changed yet)
     swaps: dict[int, Any] = {}
@@ -498,8 +498,8 @@ def apply(ctrl: NvmeController, st: NvmeState) -> None:
         cqs: list[CompletionQueue | None] = [None] * len(st.cqs)
         for c in st.cqs:
             if c is not None:
-                cqs[c.cqid] = cq = CompletionQueue.from_state(c)
-                shadow.bind(cq)
+                cqs[c.cqid] = new_cq = CompletionQueue.from_state(c)
+                shadow.bind(new_cq)
         sqs: list[SubmissionQueue | None] = [None] * len(st.sqs)
         for s in st.sqs:
             if s is not None:
@@ -510,7 +510,9 @@ def apply(ctrl: NvmeController, st: NvmeState) -> None:
                 cq.attach(sq)
         for c in st.cqs:
             if c is not None:
-                cqs[c.cqid].restore(c, sqs)
+                cq = cqs[c.cqid]
+                assert cq is not None  # made just above
+                cq.restore(c, sqs)
         ctrl.install_queues(sqs, cqs)
         ctrl.aer.restore(st.aer, ctrl.restore_parked_aers(st.aer.outstanding))
         ctrl.interrupts.restore(InterruptsState(intms=st.intms, vector_cd=tuple(st.features.vector_cd)))
@@ -546,7 +548,7 @@ class MigrationMixin:
     """
 
     #: the ``nvme`` vmstate section
-    VMSTATE = NvmeState
+    VMSTATE: ClassVar[type[Any] | None] = NvmeState  # as declared by PciDevice
     MIGRATABLE_FEATURES = MIGRATABLE_FEATURES
 
     _paused: bool
@@ -614,26 +616,24 @@ class MigrationMixin:
         self.kick_all()
 
     # -- PciDevice hooks ----------------------------------------------------------------
-    def enabled_features(self) -> set[str]:
-        return super().enabled_features() | features(self)
-
-    def device_migration_blockers(self) -> list[str]:
+    # (enabled_features is NvmeController's: it extends PciDevice's, which this mixin cannot name)
+    def device_migration_blockers(self: MigrationHost) -> list[str]:
         return blockers(self)
 
-    def device_fingerprint(self) -> dict[str, Any]:
+    def device_fingerprint(self: MigrationHost) -> dict[str, Any]:
         return fingerprint(self)
 
-    def on_quiesce(self) -> None:
+    def on_quiesce(self: MigrationHost) -> None:
         quiesce(self)
 
-    def on_resume(self) -> None:
+    def on_resume(self: MigrationHost) -> None:
         resume(self)
 
-    def get_device_state(self) -> NvmeState:
+    def get_device_state(self: MigrationHost) -> NvmeState:
         return save(self)
 
-    def check_device_state(self, state: NvmeState) -> None:
+    def check_device_state(self: MigrationHost, state: NvmeState) -> None:
         check(self, state)
 
-    def set_device_state(self, state: NvmeState) -> None:
+    def set_device_state(self: MigrationHost, state: NvmeState) -> None:
         apply(self, state)
