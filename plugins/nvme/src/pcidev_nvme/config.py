@@ -209,6 +209,16 @@ class NvmeConfig:
         if len(self.namespaces) > self.max_namespaces:
             raise ConfigError(f"nvme: {len(self.namespaces)} namespaces exceed max_namespaces={self.max_namespaces}")
 
+    @property
+    def serial_number(self) -> str:
+        """``serial`` of a config made by :meth:`coerce` (which always fills it in).
+
+        :raises ConfigError: for a config that did not go through :meth:`coerce`.
+        """
+        if self.serial is None:
+            raise ConfigError("nvme: the configuration has no serial number (use NvmeConfig.coerce)")
+        return self.serial
+
     # -- construction helpers ----------------------------------------------------------
     @classmethod
     def coerce(cls, config: NvmeConfig | Mapping[str, Any] | str | None) -> NvmeConfig:

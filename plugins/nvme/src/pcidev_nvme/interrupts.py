@@ -231,7 +231,7 @@ class Timer:
 
     def __init__(self, name: str = "nvme-timer") -> None:
         self.name = name
-        self._heap: list[tuple[float, int, Callable[..., None], tuple]] = []
+        self._heap: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._seq = itertools.count()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None

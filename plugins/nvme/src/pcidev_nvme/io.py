@@ -46,8 +46,8 @@ import errno
 import logging
 import struct
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, TypeGuard, overload
 
 from pcidev.dma import GuestMemory

@@ -36,15 +36,16 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from pcidev.errors import ConfigError, PcidevError, VMStateError
 from pcidev.vmstate import U32, U64, Bool, Str, VarArray, load, save, vmstate
+from pcidev_nvme.config import NamespaceSpec, NvmeConfig
 from pcidev_nvme.limits import STATE_SAVE_INTERVAL
-from pcidev_nvme.logs import ErrorLogState, FirmwareState, SmartState
-from pcidev_nvme.namespace import may_write_beside
+from pcidev_nvme.logs import ErrorLog, ErrorLogState, FirmwareSlots, FirmwareState, SmartCounters, SmartState
+from pcidev_nvme.namespace import Namespace, may_write_beside
 
 __all__ = ["PersistenceMixin", "PersistState", "CreatedNamespaceState", "StateFile", "STATE_SECTION", "DEVICE_TYPE",
            "state_file_name", "legacy_state_file_name", "upgrade_legacy"]
@@ -113,7 +114,8 @@ def upgrade_legacy(data: Any) -> PersistState | None:
         media_errors=_num(sm, "media_errors"), warning_temp_us=_num(sm, "warning_temp_seconds", scale=1e6),
         critical_temp_us=_num(sm, "critical_temp_seconds", scale=1e6), temperature=0, injected_warning=0,
         reported_warning=0)
-    fw = data.get("firmware") if isinstance(data.get("firmware"), dict) else {}
+    fw_data = data.get("firmware")
+    fw: dict[str, Any] = fw_data if isinstance(fw_data, dict) else {}
     revs = fw.get("revisions")
     if not (isinstance(revs, list) and 1 <= len(revs) <= 7
             and all(isinstance(r, str) and len(r) <= 8 and r.isascii() and r.isprintable() for r in revs)):
@@ -149,7 +151,7 @@ class StateFile:
         not exist yet (removed once the new file is written).
     """
 
-    def __init__(self, path: str | os.PathLike | None, *, legacy: str | os.PathLike | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str] | None, *, legacy: str | os.PathLike[str] | None = None) -> None:
         self.path = Path(path) if path is not None else None
         self.legacy = Path(legacy) if legacy is not None else None
         self._lock = threading.Lock()
@@ -183,7 +185,8 @@ class StateFile:
         except (VMStateError, ValueError) as exc:
             log.warning("nvme state file %s cannot be used (%s); starting from zero", path, exc)
             return None
-        return section.state
+        state: PersistState = section.state  # load() built it from the PersistState description
+        return state
 
     def _load_json(self, path: Path, data: bytes) -> PersistState | None:
         try:
@@ -241,13 +244,16 @@ class PersistenceMixin:
     _dirty: bool
     _last_save: float
     name: str
-    cfg: Any
-    smart: Any
-    error_log: Any
-    firmware: Any
-    allocated: dict[int, Any]
-    namespaces: dict[int, Any]
+    cfg: NvmeConfig
+    smart: SmartCounters
+    error_log: ErrorLog
+    firmware: FirmwareSlots
+    allocated: dict[int, Namespace]
+    namespaces: dict[int, Namespace]
     created: dict[int, str]
+
+    if TYPE_CHECKING:  # provided by the other parts of NvmeController
+        def make_namespace(self, nsid: int, spec: NamespaceSpec) -> Namespace: ...
 
     def _init_persist(self) -> None:
         """Open the state file and take what it holds (call once the configured namespaces exist)."""
@@ -293,8 +299,8 @@ class PersistenceMixin:
             return StateFile(cfg.state_file)
         if cfg.state_dir:
             d = Path(cfg.state_dir)
-            return StateFile(d / state_file_name(cfg.serial),
-                                     legacy=d / legacy_state_file_name(cfg.serial))
+            return StateFile(d / state_file_name(cfg.serial_number),
+                                     legacy=d / legacy_state_file_name(cfg.serial_number))
         for ns in self.allocated.values():
             path = getattr(ns.backend, "path", None)
             if isinstance(path, str) and path:
@@ -304,8 +310,8 @@ class PersistenceMixin:
                                 self.name, ns.nsid, path)
                     return StateFile(None)
                 d = Path(os.path.dirname(os.path.abspath(path)))
-                return StateFile(d / state_file_name(cfg.serial),
-                                         legacy=d / legacy_state_file_name(cfg.serial))
+                return StateFile(d / state_file_name(cfg.serial_number),
+                                         legacy=d / legacy_state_file_name(cfg.serial_number))
         return StateFile(None)
 
     @property
@@ -364,7 +370,7 @@ class PersistenceMixin:
         created = tuple(CreatedNamespaceState(nsid=n, spec=spec, attached=n in self.namespaces)
                         for n, spec in sorted(self.created.items()))
         self.state_file.save(PersistState(
-            serial=self.cfg.serial, dirty=self._dirty, smart=self.smart.snapshot(),
+            serial=self.cfg.serial_number, dirty=self._dirty, smart=self.smart.snapshot(),
             error_count=self.error_log.count, firmware=attrs.evolve(fw, staged=()), created=created))
 
     def maybe_save_state(self) -> None:
