@@ -58,6 +58,7 @@ its namespaces from its configuration), and a controller reset still waiting for
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
@@ -67,13 +68,26 @@ import attrs
 from pcidev.errors import ConfigError, MigrationError
 from pcidev.vmstate import U8, U32, U64, Bool, Bytes, VarArray, vmstate
 from pcidev.vmstate.errors import StateError
-from pcidev_nvme.aer import AerState, EventState
+from pcidev_nvme.admin import AdminWorker
+from pcidev_nvme.aer import AerState, AsyncEvents, EventState
 from pcidev_nvme.backends import MemoryBackend
-from pcidev_nvme.doorbells import ShadowDoorbellsState
-from pcidev_nvme.features import FeaturesState, TlerState
-from pcidev_nvme.interrupts import InterruptsState
-from pcidev_nvme.logs import ChangedNsState, ErrorLogState, FirmwareState, FwChunk, SmartState
-from pcidev_nvme.namespace import LBA_FORMATS, NamespaceState
+from pcidev_nvme.config import NvmeConfig
+from pcidev_nvme.doorbells import ShadowDoorbells, ShadowDoorbellsState
+from pcidev_nvme.features import Features, FeaturesState, TlerState
+from pcidev_nvme.interrupts import Interrupts, InterruptsState, Timer
+from pcidev_nvme.io import IoCommandSet
+from pcidev_nvme.logs import (
+    ChangedNamespaces,
+    ChangedNsState,
+    ErrorLog,
+    ErrorLogState,
+    FirmwareSlots,
+    FirmwareState,
+    FwChunk,
+    SmartCounters,
+    SmartState,
+)
+from pcidev_nvme.namespace import LBA_FORMATS, Namespace, NamespaceState
 from pcidev_nvme.queues import CompletionQueue, CqeState, CqState, SqState, SubmissionQueue
 from pcidev_nvme.registers import ControllerState
 
@@ -82,20 +96,20 @@ class MigrationHost(Protocol):
     """What this module uses of :class:`pcidev_nvme.controller.NvmeController` (which it
     cannot import: the controller imports this module)."""
 
-    cfg: Any
-    allocated: dict[int, Any]
-    namespaces: dict[int, Any]
-    io: Any
-    aer: Any
-    features: Any
-    smart: Any
-    error_log: Any
-    firmware: Any
-    changed_ns: Any
-    interrupts: Any
-    shadow: Any
-    state_lock: Any
-    admin_worker: Any
+    cfg: NvmeConfig
+    allocated: dict[int, Namespace]
+    namespaces: dict[int, Namespace]
+    io: IoCommandSet
+    aer: AsyncEvents
+    features: Features
+    smart: SmartCounters
+    error_log: ErrorLog
+    firmware: FirmwareSlots
+    changed_ns: ChangedNamespaces
+    interrupts: Interrupts
+    shadow: ShadowDoorbells
+    state_lock: threading.RLock
+    admin_worker: AdminWorker
 
     @property
     def fsm_state(self) -> str: ...
@@ -312,8 +326,9 @@ def save(ctrl: MigrationHost) -> NvmeState:
         ns = ctrl.allocated[nsid]
         b = ns.backend
         ref = None
-        if getattr(b, "kind", None) == "mem" and getattr(b, "fd", -1) >= 0:
-            ref = ctrl.vmstate_fd(b.fd)
+        fd: int = getattr(b, "fd", -1)  # a mem backend's memfd (not part of the Backend protocol)
+        if getattr(b, "kind", None) == "mem" and fd >= 0:
+            ref = ctrl.vmstate_fd(fd)
         namespaces.append(ns.snapshot(attached=nsid in ctrl.namespaces, mem_fd=ref))
     db = ctrl.shadow.snapshot()
     return NvmeState(
@@ -469,14 +484,17 @@ def check(ctrl: MigrationHost, st: NvmeState) -> None:
 def apply(ctrl: MigrationHost, st: NvmeState) -> None:
     """Apply a checked state (the controller is quiesced or has never run)."""
     # 1. what can fail first: map the migrated namespace memory (nothing changed yet)
-    swaps: dict[int, Any] = {}
+    swaps: dict[int, MemoryBackend] = {}
     try:
         for n in st.namespaces:
             fd = ctrl.vmstate_load_fd(n.mem_fd) if n.mem_fd is not None else None
             if fd is None:
                 continue
             ns = ctrl.allocated[n.nsid]
-            if os.path.sameopenfile(fd, ns.backend.fd):
+            # check(): a mem namespace, whose backend has an fd (not in the Backend protocol;
+            # without one, -1 makes sameopenfile raise OSError, handled below)
+            mem_fd: int = getattr(ns.backend, "fd", -1)
+            if os.path.sameopenfile(fd, mem_fd):
                 continue  # already this memory (an in-process reload)
             swaps[n.nsid] = MemoryBackend.from_fd(fd, ns.size)
     except (ConfigError, OSError):
@@ -553,10 +571,10 @@ class MigrationMixin:
 
     _paused: bool
     _save_at_resume: bool
-    state_lock: Any
-    timer: Any
-    interrupts: Any
-    aer: Any
+    state_lock: threading.RLock
+    timer: Timer
+    interrupts: Interrupts
+    aer: AsyncEvents
     update_running: Callable[[], None]
     keep_alive: Callable[..., None]
     keep_alive_stop: Callable[[], None]
