@@ -45,7 +45,9 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from pcidev.bar import RegisterMap
 from pcidev.errors import ConfigError, DmaError, PcidevError
+from pcidev.pci.capabilities.msix import MsixCapability
 from pcidev_nvme import identify as idfy
 from pcidev_nvme import limits
 from pcidev_nvme import logs as nlogs
@@ -64,7 +66,7 @@ class AdminHost(ControllerPort, Protocol):
     :class:`~pcidev_nvme.request.ControllerPort`."""
 
     cfg: NvmeConfig
-    regs: Any
+    regs: RegisterMap
     aer: AsyncEvents
     features: Features
     firmware: nlogs.FirmwareSlots
@@ -74,7 +76,7 @@ class AdminHost(ControllerPort, Protocol):
     created: dict[int, str]
 
     @property
-    def msix(self) -> Any: ...
+    def msix(self) -> MsixCapability | None: ...
     @property
     def state_dir(self) -> str | None: ...
     @property
