@@ -54,8 +54,8 @@ def _checked_files() -> list[Path]:
     return files
 
 
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 def test_ruff_check_passes() -> None:
@@ -67,6 +67,14 @@ def test_ruff_check_passes() -> None:
 def test_mypy_strict_passes() -> None:
     r = _run("mypy")  # the files of [tool.mypy]
     assert r.returncode == 0, f"mypy failed:\n{r.stdout}{r.stderr}"
+
+
+def test_mypy_strict_passes_on_the_nvme_plugin() -> None:
+    """The plugin distribution has its own [tool.mypy] (strict, paths relative to it)."""
+    r = _run("mypy", cwd=ROOT / "plugins" / "nvme")
+    assert r.returncode == 0, f"mypy (plugins/nvme) failed:\n{r.stdout}{r.stderr}"
+    src = ROOT / "plugins" / "nvme" / "src"
+    assert [p.name for p in src.rglob("*.py") if "type: ignore" in p.read_text()] == []
 
 
 def test_type_ignores_are_the_allowed_ones() -> None:

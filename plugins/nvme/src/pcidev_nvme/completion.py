@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pcidev.dma import GuestMemory
 from pcidev.errors import DmaError
-from pcidev_nvme.fetch import BatchState
-from pcidev_nvme.queues import CompletionQueue, SubmissionQueue
+from pcidev_nvme.fetch import BatchState, Deferred
+from pcidev_nvme.interrupts import Interrupts
+from pcidev_nvme.logs import ErrorLog, SmartCounters
+from pcidev_nvme.queues import CompletionQueue, CqeFields, SubmissionQueue
 from pcidev_nvme.request import Request
 from pcidev_nvme.status import NvmeStatusError, status_field
 
@@ -32,11 +34,21 @@ class CompletionMixin:
 
     _tls: BatchState
     _gen: int
-    dma: GuestMemory  # PciDevice.dma: guest memory, guarded by Bus Master
-    config: Any
-    error_log: Any
-    interrupts: Any
-    smart: Any
+    error_log: ErrorLog
+    interrupts: Interrupts
+    smart: SmartCounters
+
+    if TYPE_CHECKING:  # provided by the other parts of NvmeController
+        @property
+        def dma(self) -> GuestMemory: ...
+
+        def _fatal(self, why: str) -> None: ...
+
+        def _stale_completed(self) -> None: ...
+
+        def _finish_sq_delete(self, sq: SubmissionQueue, *, complete: bool = True) -> None: ...
+
+        def _kick_throttled(self, cq: CompletionQueue) -> None: ...
 
     def complete(self, req: Request, status: int = 0, dw0: int = 0, dw1: int = 0, *,
                  error: NvmeStatusError | None = None) -> None:
@@ -118,21 +130,21 @@ class CompletionMixin:
         if cq.throttled:
             self._kick_throttled(cq)
 
-    def _complete_batch(self, items: list[tuple], tls: BatchState) -> None:
+    def _complete_batch(self, items: list[Deferred], tls: BatchState) -> None:
         """Post the completions deferred during a batch: one lock and one memory write
         per completion queue, then each entry's phase dword in order."""
         first_cq = items[0][0].sq.cq
         if all(it[0].sq.cq is first_cq for it in items):
             groups = [(first_cq, items)]
         else:
-            by_cq: dict[CompletionQueue, list] = {}
+            by_cq: dict[CompletionQueue, list[Deferred]] = {}
             for it in items:
                 by_cq.setdefault(it[0].sq.cq, []).append(it)
             groups = list(by_cq.items())
         gen = self._gen
         for cq, its in groups:
-            entries: list[tuple] = []
-            errors: list[tuple] = []
+            entries: list[CqeFields] = []
+            errors: list[tuple[Request, int, int, NvmeStatusError | None]] = []
             deleting: list[SubmissionQueue] = []
             stale = False
             try:

@@ -26,8 +26,8 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import attrs
 
@@ -36,11 +36,21 @@ from pcidev.properties import PropertyError, Size, collect_pairs, converter, str
 from pcidev_nvme.backends import BUILTIN_BACKEND_CONFIGS
 from pcidev_nvme.namespace import NamespaceOptions, parse_spec
 
-__all__ = ["NvmeConfig", "default_serial", "property_groups"]
+__all__ = ["NamespaceSpec", "NvmeConfig", "default_serial", "property_groups"]
+
+T = TypeVar("T")
+_I = TypeVar("_I", bound=int)
+
+#: a namespace as configured: a spec string (``mem:size=64M``) or a mapping of its options
+NamespaceSpec = str | dict[str, Any]
 
 
-def _ascii(maxlen: int):
-    def check(inst: Any, attr: attrs.Attribute, value: str) -> None:
+#: an attrs validator of a field of type T
+_Validator = Callable[[Any, "attrs.Attribute[T]", T], None]
+
+
+def _ascii(maxlen: int) -> _Validator[str]:
+    def check(inst: Any, attr: attrs.Attribute[str], value: str) -> None:
         if not isinstance(value, str) or not value.isascii() or not value.isprintable():
             raise ConfigError(f"{attr.name} must be printable ASCII, got {value!r}")
         if not value.strip():
@@ -50,21 +60,21 @@ def _ascii(maxlen: int):
     return check
 
 
-def _between(lo: int, hi: int):
-    def check(inst: Any, attr: attrs.Attribute, value: int) -> None:
+def _between(lo: int, hi: int) -> _Validator[_I]:
+    def check(inst: Any, attr: attrs.Attribute[_I], value: _I) -> None:
         if not lo <= value <= hi:
             raise ConfigError(f"{attr.name}={value} is out of range {lo}..{hi}")
     return check
 
 
-def _one_of(*choices: Any):
-    def check(inst: Any, attr: attrs.Attribute, value: Any) -> None:
+def _one_of(*choices: T) -> _Validator[T]:
+    def check(inst: Any, attr: attrs.Attribute[T], value: T) -> None:
         if value not in choices:
             raise ConfigError(f"{attr.name}={value!r} must be one of {', '.join(map(str, choices))}")
     return check
 
 
-def _namespaces(inst: Any, attr: attrs.Attribute, value: list) -> None:
+def _namespaces(inst: Any, attr: attrs.Attribute[list[NamespaceSpec]], value: list[NamespaceSpec]) -> None:
     for spec in value:
         if not isinstance(spec, (str, dict)) or not spec:
             raise ConfigError(f"a namespace spec must be a non-empty string or mapping, got {spec!r}")
@@ -166,14 +176,14 @@ class NvmeConfig:
         "help": "Error Log Page Entries, 0's based"})
     max_namespaces: int = attrs.field(default=256, validator=_between(1, 1024), metadata={
         "help": "Identify NN: highest NSID supported"})
-    namespaces: list = attrs.field(factory=list, validator=_namespaces, metadata={
+    namespaces: list[NamespaceSpec] = attrs.field(factory=list, validator=_namespaces, metadata={
         "key": "ns", "aliases": ("namespace",),
         "help": _namespace_help()})
     state_dir: str | None = attrs.field(default=None, metadata={
         "help": "directory of the persistent state file (default: the first file namespace's directory)"})
     state_file: str | None = attrs.field(default=None, metadata={
         "help": "path of the persistent state file (overrides state_dir)"})
-    capacity: Size = attrs.field(default=1 << 40, validator=_between(0, (1 << 64) - 1), metadata={
+    capacity: Size = attrs.field(default=Size(1 << 40), validator=_between(0, (1 << 64) - 1), metadata={
         "help": "total NVM capacity (TNVMCAP) for Namespace Management"})
     ns_create: str = attrs.field(default="mem", validator=_one_of("mem", "null", "file"), metadata={
         "help": "backend of namespaces created by Namespace Management: mem, null or file"})
@@ -197,6 +207,16 @@ class NvmeConfig:
     def __attrs_post_init__(self) -> None:
         if len(self.namespaces) > self.max_namespaces:
             raise ConfigError(f"nvme: {len(self.namespaces)} namespaces exceed max_namespaces={self.max_namespaces}")
+
+    @property
+    def serial_number(self) -> str:
+        """``serial`` of a config made by :meth:`coerce` (which always fills it in).
+
+        :raises ConfigError: for a config that did not go through :meth:`coerce`.
+        """
+        if self.serial is None:
+            raise ConfigError("nvme: the configuration has no serial number (use NvmeConfig.coerce)")
+        return self.serial
 
     # -- construction helpers ----------------------------------------------------------
     @classmethod
@@ -259,12 +279,12 @@ class NvmeConfig:
 
     def unstructure(self) -> dict[str, Any]:
         """A plain-dict form of the properties (JSON-serializable; without ``backends``)."""
-        data = converter.unstructure(self)
+        data: dict[str, Any] = converter.unstructure(self)
         data.pop("backends", None)
         return data
 
 
-def _spellings(field: attrs.Attribute) -> tuple[str, ...]:
+def _spellings(field: attrs.Attribute[Any]) -> tuple[str, ...]:
     """The keys a user types for ``field``: its ``key`` (default: the name) and ``aliases``."""
     return (str(field.metadata.get("key", field.name)), *field.metadata.get("aliases", ()))
 

@@ -31,6 +31,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from pcidev.bar import Register
 from pcidev.device import PciDevice
@@ -50,6 +52,7 @@ from pcidev_nvme.io import IoCommandSet
 from pcidev_nvme.limits import SHUTDOWN_DRAIN_TIMEOUT
 from pcidev_nvme.logs import ChangedNamespaces, ErrorLog, FirmwareSlots, SmartCounters
 from pcidev_nvme.migration import MigrationMixin
+from pcidev_nvme.migration import features as migration_features
 from pcidev_nvme.namespaces import NamespaceSetMixin
 from pcidev_nvme.persist import PersistenceMixin
 from pcidev_nvme.queues import CompletionQueue, QueueSetMixin, SubmissionQueue
@@ -106,7 +109,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
     #: the configuration class (for tools that build devices from properties)
     CONFIG_CLASS = NvmeConfig
 
-    def __init__(self, config: NvmeConfig | dict | str | None = None, *, name: str | None = None) -> None:
+    def __init__(self, config: NvmeConfig | Mapping[str, Any] | str | None = None, *, name: str | None = None) -> None:
         self.cfg = cfg = NvmeConfig.coerce(config)
         self._closed = False
         super().__init__(name=name)
@@ -173,6 +176,11 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self.add_msix(cfg.msix_vectors, bar=layout.msix_bar, table_offset=layout.table_offset,
                       pba_offset=layout.pba_offset)
         self.add_standard_pcie_caps(flr=True, aer=True)
+
+    def enabled_features(self) -> set[str]:
+        """PciDevice's features and the optional NVMe features this controller uses
+        (:func:`pcidev_nvme.migration.features`)."""
+        return super().enabled_features() | migration_features(self)
 
     # ------------------------------------------------------------------ contract
     @property

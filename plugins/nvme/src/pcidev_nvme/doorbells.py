@@ -17,13 +17,16 @@ wants an MMIO write in the EventIdx buffer (``eis``); slot ``2 * qid`` is SQ
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 
 import attrs
 
 from pcidev.dma import GuestMemory
 from pcidev.errors import DmaError
 from pcidev_nvme import aer as aer_mod
+from pcidev_nvme.aer import AsyncEvents
+from pcidev_nvme.interrupts import Interrupts
+from pcidev_nvme.logs import ErrorLog
 from pcidev_nvme.queues import CompletionQueue, SubmissionQueue
 from pcidev_nvme.registers import DOORBELL_BASE
 
@@ -101,10 +104,19 @@ class DoorbellsMixin:
     _running: bool
     shadow: ShadowDoorbells
     name: str
-    dma: Any  # PciDevice.dma: guest memory, guarded by Bus Master
-    interrupts: Any
-    error_log: Any
-    aer: Any
+    interrupts: Interrupts
+    error_log: ErrorLog
+    aer: AsyncEvents
+
+    if TYPE_CHECKING:  # provided by the other parts of NvmeController
+        @property
+        def dma(self) -> GuestMemory: ...
+
+        def _fatal(self, why: str) -> None: ...
+
+        def _kick(self, sq: SubmissionQueue) -> None: ...
+
+        def _kick_throttled(self, cq: CompletionQueue) -> None: ...
 
     def _doorbell_write(self, offset: int, size: int, value: int) -> None:
         if size == 8 and not offset & 7:
@@ -157,23 +169,23 @@ class DoorbellsMixin:
         try:
             with cq.lock:
                 mem = None
-                if cq.db_addr is not None and qid == 0:
-                    # the admin queue is not shadowed by Linux: the MMIO value is the truth
+                if cq.db_addr is not None and cq.ei_addr is not None:  # shadow doorbells (both or neither)
                     mem = self.dma
-                    mem.store32(cq.db_addr, value)
-                    mem.store32(cq.ei_addr, value)
-                elif cq.db_addr is not None:
-                    # The shadow head is never older than an MMIO write that may arrive late
-                    # (posted): take it, publish it as EventIdx, and look again in case the
-                    # host moved on meanwhile (it then saw the old EventIdx and rang nothing).
-                    mem = self.dma
-                    value = mem.load32(cq.db_addr)
-                    while True:
+                    if qid == 0:
+                        # the admin queue is not shadowed by Linux: the MMIO value is the truth
+                        mem.store32(cq.db_addr, value)
                         mem.store32(cq.ei_addr, value)
-                        again = mem.load32(cq.db_addr)
-                        if again == value:
-                            break
-                        value = again
+                    else:
+                        # The shadow head is never older than an MMIO write that may arrive late
+                        # (posted): take it, publish it as EventIdx, and look again in case the
+                        # host moved on meanwhile (it then saw the old EventIdx and rang nothing).
+                        value = mem.load32(cq.db_addr)
+                        while True:
+                            mem.store32(cq.ei_addr, value)
+                            again = mem.load32(cq.db_addr)
+                            if again == value:
+                                break
+                            value = again
                 if not cq.valid_head(value):
                     bad = True
                 else:
@@ -194,7 +206,7 @@ class DoorbellsMixin:
         if cq.throttled:
             self._kick_throttled(cq)
 
-    def _dma_or_none(self) -> Any:
+    def _dma_or_none(self) -> GuestMemory | None:
         try:
             return self.dma
         except DmaError:

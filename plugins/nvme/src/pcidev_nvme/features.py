@@ -37,11 +37,14 @@ from __future__ import annotations
 
 import struct
 import time
-from typing import Any, Protocol
+from typing import Protocol
 
 import attrs
 
 from pcidev.vmstate import U8, U16, U32, U64, Bool, Bytes, VarArray, vmstate
+from pcidev_nvme.config import NvmeConfig
+from pcidev_nvme.interrupts import Interrupts
+from pcidev_nvme.namespace import Namespace
 from pcidev_nvme.request import Request
 from pcidev_nvme.status import NvmeStatusError, Status
 
@@ -121,10 +124,10 @@ class FeaturesState:
 class FeaturesHost(Protocol):
     """What :class:`Features` uses of the controller."""
 
-    cfg: Any
-    namespaces: dict[int, Any]
-    #: :class:`~pcidev_nvme.interrupts.Interrupts`: coalescing (08h) and Coalescing Disable (09h)
-    interrupts: Any
+    cfg: NvmeConfig
+    namespaces: dict[int, Namespace]
+    #: coalescing (08h) and Coalescing Disable (09h)
+    interrupts: Interrupts
 
     def check_temperature(self) -> None: ...
     def io_queues_exist(self) -> bool: ...

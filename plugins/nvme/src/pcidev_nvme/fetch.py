@@ -15,19 +15,27 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
+from pcidev.dma import GuestMemory
 from pcidev.errors import DmaError
 from pcidev_nvme import aer as aer_mod
+from pcidev_nvme.admin import AdminCommandSet
+from pcidev_nvme.interrupts import Interrupts
+from pcidev_nvme.io import IoCommandSet
 from pcidev_nvme.limits import FETCH_BATCH, SQE_SIZE
+from pcidev_nvme.logs import SmartCounters
 from pcidev_nvme.queues import CompletionQueue, SubmissionQueue
 from pcidev_nvme.registers import DOORBELL_BASE
-from pcidev_nvme.request import decode_sqe
+from pcidev_nvme.request import Request, decode_sqe
 from pcidev_nvme.status import NvmeStatusError, Status
 
 __all__ = ["BatchState", "FetchMixin"]
 
 log = logging.getLogger(__name__)
+
+#: a completion made during a batch, posted at its end: (request, status, dw0, dw1, error)
+Deferred = tuple[Request, int, int, int, "NvmeStatusError | None"]
 
 
 class BatchState(threading.local):
@@ -40,7 +48,7 @@ class BatchState(threading.local):
         self.cqs: dict[CompletionQueue, int] = {}
         self.kicks: list[SubmissionQueue] = []
         #: completions made on this thread during the batch, posted at its end
-        self.done: list[tuple] = []
+        self.done: list[Deferred] = []
 
 
 class FetchMixin:
@@ -53,14 +61,27 @@ class FetchMixin:
     _batch_lock: threading.Lock
     _running: bool
     _gen: int
-    keep_alive: Any  # HealthMixin.keep_alive
     _formatting: set[int]
     name: str
-    dma: Any  # PciDevice.dma: guest memory, guarded by Bus Master
-    admin: Any
-    io: Any
-    smart: Any
-    interrupts: Any
+    admin: AdminCommandSet
+    io: IoCommandSet
+    smart: SmartCounters
+    interrupts: Interrupts
+
+    if TYPE_CHECKING:  # provided by the other parts of NvmeController
+        @property
+        def dma(self) -> GuestMemory: ...
+
+        def keep_alive(self, now: float | None = None) -> None: ...
+
+        def _fatal(self, why: str) -> None: ...
+
+        def complete(self, req: Request, status: int = 0, dw0: int = 0, dw1: int = 0, *,
+                     error: NvmeStatusError | None = None) -> None: ...
+
+        def _complete_batch(self, items: list[Deferred], tls: BatchState) -> None: ...
+
+        def _doorbell_error(self, info: int, qid: int, offset: int, value: int) -> None: ...
 
     def _init_fetch(self) -> None:
         """No batch in progress on any thread."""

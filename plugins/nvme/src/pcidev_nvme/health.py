@@ -11,9 +11,14 @@ The counters and the temperature themselves belong to
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pcidev_nvme import aer as aer_mod
+from pcidev_nvme.aer import AsyncEvents
+from pcidev_nvme.config import NvmeConfig
+from pcidev_nvme.features import Features
+from pcidev_nvme.interrupts import Timer
+from pcidev_nvme.logs import ErrorLog, SmartCounters
 from pcidev_nvme.registers import ST_READY
 from pcidev_nvme.status import DNR, Status
 
@@ -26,12 +31,15 @@ class HealthMixin:
     _state: str
     _ka_last: float
     _ka_token: int
-    timer: Any
-    cfg: Any
-    smart: Any
-    features: Any
-    aer: Any
-    error_log: Any
+    timer: Timer
+    cfg: NvmeConfig
+    smart: SmartCounters
+    features: Features
+    aer: AsyncEvents
+    error_log: ErrorLog
+
+    if TYPE_CHECKING:  # provided by the other parts of NvmeController
+        def _fatal(self, why: str) -> None: ...
 
 
     @property

@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Protocol
 
 from pcidev_nvme import limits
+from pcidev_nvme.config import NvmeConfig
+from pcidev_nvme.logs import FirmwareSlots
 from pcidev_nvme.namespace import Namespace
 
 
 class IdentifyHost(Protocol):
     """What Identify Controller reads of the controller."""
 
-    cfg: Any
-    firmware: Any
+    cfg: NvmeConfig
+    firmware: FirmwareSlots
 
     @property
     def total_capacity(self) -> int: ...
@@ -70,7 +72,7 @@ def identify_controller(ctrl: IdentifyHost) -> bytes:
     cfg = ctrl.cfg
     buf = bytearray(IDENTIFY_SIZE)
     struct.pack_into("<HH", buf, 0, cfg.vendor_id, cfg.subsystem_vendor_id)
-    buf[4:24] = _ascii(cfg.serial, 20)
+    buf[4:24] = _ascii(cfg.serial_number, 20)
     buf[24:64] = _ascii(cfg.model, 40)
     buf[64:72] = _ascii(ctrl.firmware.revision(), 8)
     buf[72] = 6  # RAB: 64 commands

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import attrs
 
 from pcidev.errors import IrqError
+from pcidev.irq import InterruptController
 from pcidev.pci.capabilities.msix import MsixCapability
 from pcidev_nvme.queues import CompletionQueue
 
@@ -37,7 +38,7 @@ class InterruptHost(Protocol):
     name: str
 
     @property
-    def irq(self) -> Any: ...
+    def irq(self) -> InterruptController: ...
 
     @property
     def msix(self) -> MsixCapability | None: ...
@@ -231,7 +232,7 @@ class Timer:
 
     def __init__(self, name: str = "nvme-timer") -> None:
         self.name = name
-        self._heap: list[tuple[float, int, Callable[..., None], tuple]] = []
+        self._heap: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._seq = itertools.count()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None

@@ -46,14 +46,17 @@ import errno
 import logging
 import struct
 import threading
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal, TypeGuard, overload
 
+from pcidev.dma import GuestMemory
 from pcidev.errors import DmaError
+from pcidev_nvme.backends import Backend
 from pcidev_nvme.limits import COPY_LIMITS, DMRL, DMRSL, DMSL, MAX_DSM_RANGES, OCFS, ONCS, SGLS, VSL, WZSL
 from pcidev_nvme.namespace import Namespace
 from pcidev_nvme.prp import OFF_DPTR1, data_segments, prp_segments
-from pcidev_nvme.request import ControllerPort
+from pcidev_nvme.request import ControllerPort, Request
 from pcidev_nvme.status import NvmeStatusError, Status
 
 __all__ = [
@@ -72,6 +75,15 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: a command's executor: (request, namespace) -> completion DW0; the namespace is None
+#: only for a broadcast Flush, whose executor (``_flush_all``) accepts that
+_Handler = Callable[[Request, Any], int]
+
+
+def _without_bit_buckets(segs: Sequence[tuple[int | None, int]]) -> TypeGuard[Sequence[tuple[int, int]]]:
+    """Whether every piece has an address (no SGL Bit Bucket)."""
+    return all(gpa is not None for gpa, _ in segs)
 
 
 class Opcode:
@@ -143,7 +155,7 @@ class IoCommandSet:
         self._cond = threading.Condition()
         self._inflight = 0
         self._closed = False
-        self._handlers = {
+        self._handlers: dict[int, _Handler] = {
             Opcode.READ: self._read,
             Opcode.WRITE: self._write,
             Opcode.FLUSH: self._flush,
@@ -156,7 +168,7 @@ class IoCommandSet:
 
     # -- submission -------------------------------------------------------------------
 
-    def submit(self, req: Any) -> None:
+    def submit(self, req: Request) -> None:
         """Execute ``req`` and complete it exactly once (now or from a worker).
 
         Never raises for anything the guest put in the command.
@@ -262,7 +274,7 @@ class IoCommandSet:
     def _all_inline(self) -> bool:
         return all(ns.backend.inline for ns in list(self.ctrl.namespaces.values()))
 
-    def _dispatch(self, handler: Any, req: Any, ns: Any) -> None:
+    def _dispatch(self, handler: _Handler, req: Request, ns: Namespace | None) -> None:
         """Hand the command to a worker thread."""
         if self._closed:
             raise NvmeStatusError(Status.INTERNAL, "the I/O command set is closed")
@@ -276,7 +288,7 @@ class IoCommandSet:
             self._done()
             raise
 
-    def _run(self, handler: Any, req: Any, ns: Any) -> None:
+    def _run(self, handler: _Handler, req: Request, ns: Namespace | None) -> None:
         try:
             dw0 = handler(req, ns)
         except BaseException as exc:
@@ -295,7 +307,7 @@ class IoCommandSet:
             if self._inflight == 0:
                 self._cond.notify_all()
 
-    def _fail(self, req: Any, exc: BaseException) -> None:
+    def _fail(self, req: Request, exc: BaseException) -> None:
         """Complete ``req`` with the status ``exc`` stands for."""
         try:
             self._fail_status(req, exc)
@@ -304,7 +316,7 @@ class IoCommandSet:
             # memory views); a backend may keep the exception object: drop them.
             exc.__traceback__ = None
 
-    def _fail_status(self, req: Any, exc: BaseException) -> None:
+    def _fail_status(self, req: Request, exc: BaseException) -> None:
         if isinstance(exc, NvmeStatusError):
             err = exc
         elif isinstance(exc, DmaError):
@@ -358,7 +370,7 @@ class IoCommandSet:
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _rw_extent(self, req: Any, ns: Namespace, *, data: bool) -> tuple[int, int]:
+    def _rw_extent(self, req: Request, ns: Namespace, *, data: bool) -> tuple[int, int]:
         """Check SLBA/NLB (CDW10-12) and MDTS; return (byte offset, byte length)."""
         slba = req.cdw10 | req.cdw11 << 32
         nlb = (req.cdw12 & 0xFFFF) + 1
@@ -376,7 +388,16 @@ class IoCommandSet:
                 )
         return slba << shift, length
 
-    def _segments(self, req: Any, length: int, *, to_host: bool) -> tuple[Any, list]:
+    @overload
+    def _segments(self, req: Request, length: int, *,
+                  to_host: Literal[False]) -> tuple[GuestMemory, list[tuple[int, int]]]: ...
+
+    @overload
+    def _segments(self, req: Request, length: int, *,
+                  to_host: bool) -> tuple[GuestMemory, Sequence[tuple[int | None, int]]]: ...
+
+    def _segments(self, req: Request, length: int, *,
+                  to_host: bool) -> tuple[GuestMemory, Sequence[tuple[int | None, int]]]:
         """Guest memory and the data pointer's pieces for ``length`` bytes."""
         ctrl = self.ctrl
         mem = ctrl.dma
@@ -389,7 +410,7 @@ class IoCommandSet:
         return mem, data_segments(mem, req, length, ctrl.page_size, to_host=to_host)
 
     @staticmethod
-    def _views(mem: Any, segs: list, write: bool) -> list[memoryview]:
+    def _views(mem: GuestMemory, segs: Iterable[tuple[int, int]], write: bool) -> list[memoryview]:
         try:
             return mem.sg_views(segs, write=write)
         except DmaError as exc:
@@ -397,7 +418,7 @@ class IoCommandSet:
                 Status.DATA_TRANSFER_ERROR, str(exc), param_offset=OFF_DPTR1
             ) from None
 
-    def _fetch(self, req: Any, length: int) -> bytearray:
+    def _fetch(self, req: Request, length: int) -> bytearray:
         """Copy ``length`` bytes of host data (DSM ranges, Copy descriptors) out of guest memory."""
         mem, segs = self._segments(req, length, to_host=False)
         buf = bytearray(length)
@@ -426,30 +447,29 @@ class IoCommandSet:
 
     # -- commands -----------------------------------------------------------------------
 
-    def _read(self, req: Any, ns: Namespace) -> int:
+    def _read(self, req: Request, ns: Namespace) -> int:
         offset, length = self._rw_extent(req, ns, data=True)
         mem, segs = self._segments(req, length, to_host=True)
         backend = ns.backend
-        if len(segs) == 1 or all(g is not None for g, _ in segs):
-            if segs[0][0] is None:  # a single bit bucket: nothing to transfer
-                views: list[memoryview] = []
-            else:
-                views = self._views(mem, segs, True)
+        if _without_bit_buckets(segs):
+            views = self._views(mem, segs, True)
             try:
                 if views:
                     backend.readv(views, offset)
             finally:
                 for v in views:
                     v.release()
-        else:
+        elif len(segs) > 1:
             self._read_with_buckets(mem, segs, backend, offset)
+        # else a single bit bucket: nothing to transfer
         self.ctrl.smart.record_read(length)
         return 0
 
-    def _read_with_buckets(self, mem: Any, segs: list, backend: Any, offset: int) -> None:
+    def _read_with_buckets(self, mem: GuestMemory, segs: Sequence[tuple[int | None, int]], backend: Backend,
+                           offset: int) -> None:
         """A read whose SGL has bit buckets: read each run of real pieces where it lies."""
         # Validate every piece first, so nothing is read for a bad SGL.
-        for v in self._views(mem, [s for s in segs if s[0] is not None], True):
+        for v in self._views(mem, [(gpa, n) for gpa, n in segs if gpa is not None], True):
             v.release()
         pos = offset
         run: list[tuple[int, int]] = []
@@ -470,7 +490,7 @@ class IoCommandSet:
                 run.append((gpa, n))
                 pos += n
 
-    def _write(self, req: Any, ns: Namespace) -> int:
+    def _write(self, req: Request, ns: Namespace) -> int:
         self._check_writable(ns)
         offset, length = self._rw_extent(req, ns, data=True)
         mem, segs = self._segments(req, length, to_host=False)
@@ -483,7 +503,7 @@ class IoCommandSet:
         self.ctrl.smart.record_write(length)
         return 0
 
-    def _compare(self, req: Any, ns: Namespace) -> int:
+    def _compare(self, req: Request, ns: Namespace) -> int:
         offset, length = self._rw_extent(req, ns, data=True)
         mem, segs = self._segments(req, length, to_host=False)
         views = self._views(mem, segs, False)
@@ -508,7 +528,7 @@ class IoCommandSet:
         self.ctrl.smart.record_read(length)
         return 0
 
-    def _verify(self, req: Any, ns: Namespace) -> int:
+    def _verify(self, req: Request, ns: Namespace) -> int:
         offset, length = self._rw_extent(req, ns, data=False)
         req_len = length
         backend = ns.backend
@@ -528,16 +548,16 @@ class IoCommandSet:
         self.ctrl.smart.record_read(req_len)
         return 0
 
-    def _flush(self, req: Any, ns: Namespace) -> int:
+    def _flush(self, req: Request, ns: Namespace) -> int:
         ns.backend.flush()
         return 0
 
-    def _flush_all(self, req: Any, ns: Any) -> int:
+    def _flush_all(self, req: Request, ns: Namespace | None) -> int:
         for each in list(self.ctrl.namespaces.values()):
             each.backend.flush()
         return 0
 
-    def _write_zeroes(self, req: Any, ns: Namespace) -> int:
+    def _write_zeroes(self, req: Request, ns: Namespace) -> int:
         self._check_writable(ns)
         offset, length = self._rw_extent(req, ns, data=False)
         cdw12 = req.cdw12
@@ -550,7 +570,7 @@ class IoCommandSet:
             backend.flush()
         return 0
 
-    def _dsm(self, req: Any, ns: Namespace) -> int:
+    def _dsm(self, req: Request, ns: Namespace) -> int:
         nr = (req.cdw10 & 0xFF) + 1
         deallocate = bool(req.cdw11 & (1 << 2))
         raw = self._fetch(req, nr * _DSM_RANGE.size)
@@ -574,7 +594,7 @@ class IoCommandSet:
                 ns.backend.flush()
         return 0
 
-    def _copy(self, req: Any, ns: Namespace) -> int:
+    def _copy(self, req: Request, ns: Namespace) -> int:
         self._check_writable(ns)
         cdw12 = req.cdw12
         nr = cdw12 & 0xFF

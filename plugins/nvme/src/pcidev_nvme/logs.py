@@ -467,7 +467,7 @@ def parse_firmware_image(image: bytes) -> str | None:
     if crc != crc32c.crc32c(image[:end]):
         return None
     try:
-        text = rev.decode("ascii").rstrip(" ")
+        text: str = rev.decode("ascii").rstrip(" ")
     except UnicodeDecodeError:
         return None
     if not text or not text.isprintable():

@@ -58,44 +58,58 @@ its namespaces from its configuration), and a controller reset still waiting for
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import attrs
 
 from pcidev.errors import ConfigError, MigrationError
 from pcidev.vmstate import U8, U32, U64, Bool, Bytes, VarArray, vmstate
 from pcidev.vmstate.errors import StateError
-from pcidev_nvme.aer import AerState, EventState
+from pcidev_nvme.admin import AdminWorker
+from pcidev_nvme.aer import AerState, AsyncEvents, EventState
 from pcidev_nvme.backends import MemoryBackend
-from pcidev_nvme.doorbells import ShadowDoorbellsState
-from pcidev_nvme.features import FeaturesState, TlerState
-from pcidev_nvme.interrupts import InterruptsState
-from pcidev_nvme.logs import ChangedNsState, ErrorLogState, FirmwareState, FwChunk, SmartState
-from pcidev_nvme.namespace import LBA_FORMATS, NamespaceState
+from pcidev_nvme.config import NvmeConfig
+from pcidev_nvme.doorbells import ShadowDoorbells, ShadowDoorbellsState
+from pcidev_nvme.features import Features, FeaturesState, TlerState
+from pcidev_nvme.interrupts import Interrupts, InterruptsState, Timer
+from pcidev_nvme.io import IoCommandSet
+from pcidev_nvme.logs import (
+    ChangedNamespaces,
+    ChangedNsState,
+    ErrorLog,
+    ErrorLogState,
+    FirmwareSlots,
+    FirmwareState,
+    FwChunk,
+    SmartCounters,
+    SmartState,
+)
+from pcidev_nvme.namespace import LBA_FORMATS, Namespace, NamespaceState
 from pcidev_nvme.queues import CompletionQueue, CqeState, CqState, SqState, SubmissionQueue
 from pcidev_nvme.registers import ControllerState
 
 
-class NvmeController(Protocol):
+class MigrationHost(Protocol):
     """What this module uses of :class:`pcidev_nvme.controller.NvmeController` (which it
     cannot import: the controller imports this module)."""
 
-    cfg: Any
-    allocated: dict[int, Any]
-    namespaces: dict[int, Any]
-    io: Any
-    aer: Any
-    features: Any
-    smart: Any
-    error_log: Any
-    firmware: Any
-    changed_ns: Any
-    interrupts: Any
-    shadow: Any
-    state_lock: Any
-    admin_worker: Any
+    cfg: NvmeConfig
+    allocated: dict[int, Namespace]
+    namespaces: dict[int, Namespace]
+    io: IoCommandSet
+    aer: AsyncEvents
+    features: Features
+    smart: SmartCounters
+    error_log: ErrorLog
+    firmware: FirmwareSlots
+    changed_ns: ChangedNamespaces
+    interrupts: Interrupts
+    shadow: ShadowDoorbells
+    state_lock: threading.RLock
+    admin_worker: AdminWorker
 
     @property
     def fsm_state(self) -> str: ...
@@ -180,7 +194,7 @@ def _backend_feature(ns: Any) -> str:
     return f"nvme-backend:{kind}"
 
 
-def _runtime_namespace_changes(ctrl: NvmeController) -> tuple[list[int], list[int]]:
+def _runtime_namespace_changes(ctrl: MigrationHost) -> tuple[list[int], list[int]]:
     """(NSIDs created by Namespace Management, configured NSIDs it deleted)."""
     configured = set(range(1, len(ctrl.cfg.namespaces) + 1))
     created = sorted(set(ctrl.allocated) - configured)
@@ -188,7 +202,7 @@ def _runtime_namespace_changes(ctrl: NvmeController) -> tuple[list[int], list[in
     return created, deleted
 
 
-def features(ctrl: NvmeController) -> set[str]:
+def features(ctrl: MigrationHost) -> set[str]:
     """The controller's features for the allow-list (see :data:`MIGRATABLE_FEATURES`)."""
     out = {"nvme-queues", "nvme-aer", "nvme-smart", "nvme-error-log", "nvme-firmware"}
     if ctrl.shadow.enabled:
@@ -207,7 +221,7 @@ def features(ctrl: NvmeController) -> set[str]:
     return out
 
 
-def blockers(ctrl: NvmeController) -> list[str]:
+def blockers(ctrl: MigrationHost) -> list[str]:
     """Reasons of the moment (the allow-list covers the configuration)."""
     out = []
     created, deleted = _runtime_namespace_changes(ctrl)
@@ -226,7 +240,7 @@ def blockers(ctrl: NvmeController) -> list[str]:
     return out
 
 
-def fingerprint(ctrl: NvmeController) -> dict[str, Any]:
+def fingerprint(ctrl: MigrationHost) -> dict[str, Any]:
     """Configuration a destination must match exactly."""
     cfg = ctrl.cfg
     namespaces = []
@@ -251,7 +265,7 @@ def fingerprint(ctrl: NvmeController) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- quiesce / resume
-def quiesce(ctrl: NvmeController, timeout: float = 30.0) -> None:
+def quiesce(ctrl: MigrationHost, timeout: float = 30.0) -> None:
     """Bring the controller to a consistent point (see the module docstring).
 
     :raises MigrationError: something did not finish within ``timeout`` seconds (a
@@ -279,7 +293,7 @@ def quiesce(ctrl: NvmeController, timeout: float = 30.0) -> None:
     ctrl.stop_timers()  # coalesced completions get their interrupt before the stop
 
 
-def resume(ctrl: NvmeController) -> None:
+def resume(ctrl: MigrationHost) -> None:
     """Run again: fetch what was submitted meanwhile, restart keep alive, deliver events."""
     was = ctrl.unpause()
     if was and ctrl.running:
@@ -287,7 +301,7 @@ def resume(ctrl: NvmeController) -> None:
 
 
 # ----------------------------------------------------------------------------- save
-def save(ctrl: NvmeController) -> NvmeState:
+def save(ctrl: MigrationHost) -> NvmeState:
     """The state of a quiesced controller (nothing is changed)."""
     if ctrl.fsm_state not in _STATES:
         raise StateError(f"the controller is {ctrl.fsm_state}", section=SECTION, instance_id=0, path="state")
@@ -312,8 +326,9 @@ def save(ctrl: NvmeController) -> NvmeState:
         ns = ctrl.allocated[nsid]
         b = ns.backend
         ref = None
-        if getattr(b, "kind", None) == "mem" and getattr(b, "fd", -1) >= 0:
-            ref = ctrl.vmstate_fd(b.fd)
+        fd: int = getattr(b, "fd", -1)  # a mem backend's memfd (not part of the Backend protocol)
+        if getattr(b, "kind", None) == "mem" and fd >= 0:
+            ref = ctrl.vmstate_fd(fd)
         namespaces.append(ns.snapshot(attached=nsid in ctrl.namespaces, mem_fd=ref))
     db = ctrl.shadow.snapshot()
     return NvmeState(
@@ -331,7 +346,7 @@ def _fail(why: str, path: str) -> StateError:
     return StateError(why, section=SECTION, instance_id=0, path=path)
 
 
-def check(ctrl: NvmeController, st: NvmeState) -> None:
+def check(ctrl: MigrationHost, st: NvmeState) -> None:
     """Refuse a state that cannot apply to this controller (nothing is changed)."""
     cfg = ctrl.cfg
     nq = cfg.max_ioqpairs + 1
@@ -466,17 +481,20 @@ def check(ctrl: NvmeController, st: NvmeState) -> None:
 
 
 # ----------------------------------------------------------------------------- apply
-def apply(ctrl: NvmeController, st: NvmeState) -> None:
+def apply(ctrl: MigrationHost, st: NvmeState) -> None:
     """Apply a checked state (the controller is quiesced or has never run)."""
     # 1. what can fail first: map the migrated namespace memory (nothing changed yet)
-    swaps: dict[int, Any] = {}
+    swaps: dict[int, MemoryBackend] = {}
     try:
         for n in st.namespaces:
             fd = ctrl.vmstate_load_fd(n.mem_fd) if n.mem_fd is not None else None
             if fd is None:
                 continue
             ns = ctrl.allocated[n.nsid]
-            if os.path.sameopenfile(fd, ns.backend.fd):
+            # check(): a mem namespace, whose backend has an fd (not in the Backend protocol;
+            # without one, -1 makes sameopenfile raise OSError, handled below)
+            mem_fd: int = getattr(ns.backend, "fd", -1)
+            if os.path.sameopenfile(fd, mem_fd):
                 continue  # already this memory (an in-process reload)
             swaps[n.nsid] = MemoryBackend.from_fd(fd, ns.size)
     except (ConfigError, OSError):
@@ -498,8 +516,8 @@ def apply(ctrl: NvmeController, st: NvmeState) -> None:
         cqs: list[CompletionQueue | None] = [None] * len(st.cqs)
         for c in st.cqs:
             if c is not None:
-                cqs[c.cqid] = cq = CompletionQueue.from_state(c)
-                shadow.bind(cq)
+                cqs[c.cqid] = new_cq = CompletionQueue.from_state(c)
+                shadow.bind(new_cq)
         sqs: list[SubmissionQueue | None] = [None] * len(st.sqs)
         for s in st.sqs:
             if s is not None:
@@ -510,7 +528,9 @@ def apply(ctrl: NvmeController, st: NvmeState) -> None:
                 cq.attach(sq)
         for c in st.cqs:
             if c is not None:
-                cqs[c.cqid].restore(c, sqs)
+                cq = cqs[c.cqid]
+                assert cq is not None  # made just above
+                cq.restore(c, sqs)
         ctrl.install_queues(sqs, cqs)
         ctrl.aer.restore(st.aer, ctrl.restore_parked_aers(st.aer.outstanding))
         ctrl.interrupts.restore(InterruptsState(intms=st.intms, vector_cd=tuple(st.features.vector_cd)))
@@ -546,15 +566,15 @@ class MigrationMixin:
     """
 
     #: the ``nvme`` vmstate section
-    VMSTATE = NvmeState
+    VMSTATE: ClassVar[type[Any] | None] = NvmeState  # as declared by PciDevice
     MIGRATABLE_FEATURES = MIGRATABLE_FEATURES
 
     _paused: bool
     _save_at_resume: bool
-    state_lock: Any
-    timer: Any
-    interrupts: Any
-    aer: Any
+    state_lock: threading.RLock
+    timer: Timer
+    interrupts: Interrupts
+    aer: AsyncEvents
     update_running: Callable[[], None]
     keep_alive: Callable[..., None]
     keep_alive_stop: Callable[[], None]
@@ -614,26 +634,24 @@ class MigrationMixin:
         self.kick_all()
 
     # -- PciDevice hooks ----------------------------------------------------------------
-    def enabled_features(self) -> set[str]:
-        return super().enabled_features() | features(self)
-
-    def device_migration_blockers(self) -> list[str]:
+    # (enabled_features is NvmeController's: it extends PciDevice's, which this mixin cannot name)
+    def device_migration_blockers(self: MigrationHost) -> list[str]:
         return blockers(self)
 
-    def device_fingerprint(self) -> dict[str, Any]:
+    def device_fingerprint(self: MigrationHost) -> dict[str, Any]:
         return fingerprint(self)
 
-    def on_quiesce(self) -> None:
+    def on_quiesce(self: MigrationHost) -> None:
         quiesce(self)
 
-    def on_resume(self) -> None:
+    def on_resume(self: MigrationHost) -> None:
         resume(self)
 
-    def get_device_state(self) -> NvmeState:
+    def get_device_state(self: MigrationHost) -> NvmeState:
         return save(self)
 
-    def check_device_state(self, state: NvmeState) -> None:
+    def check_device_state(self: MigrationHost, state: NvmeState) -> None:
         check(self, state)
 
-    def set_device_state(self, state: NvmeState) -> None:
+    def set_device_state(self: MigrationHost, state: NvmeState) -> None:
         apply(self, state)

@@ -47,7 +47,7 @@ import os
 import struct
 import threading
 import uuid as uuidlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -114,7 +114,7 @@ def parse_spec(spec: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
     :raises ConfigError: malformed spec or a duplicated key.
     """
     if isinstance(spec, dict):
-        options = dict(spec)
+        options: dict[str, Any] = dict(spec)
         kind = options.pop("backend", None)
         if not isinstance(kind, str) or not kind:
             raise ConfigError(f"namespace spec {spec!r} has no 'backend' name")
@@ -125,7 +125,7 @@ def parse_spec(spec: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
     kind = kind.strip()
     if not kind:
         raise ConfigError(f"namespace spec {spec!r} does not start with a backend name")
-    options: dict[str, Any] = {}
+    options = {}
     for key, value in split_properties(rest):
         if not key:
             hint = f" (write {value.strip()}=VALUE)" if value.strip().isprintable() and value.strip() else ""
@@ -171,24 +171,24 @@ def _random_ids() -> tuple[bytes, bytes, uuidlib.UUID]:
     return raw[:16], bytes(eui), uuidlib.uuid4()
 
 
-def _check_lbaf(inst: Any, attr: attrs.Attribute, value: int | None) -> None:
+def _check_lbaf(inst: Any, attr: attrs.Attribute[int | None], value: int | None) -> None:
     if value is not None and not 0 <= value < len(LBA_FORMATS):
         raise ConfigError(f"lbaf={value} must be 0 (512 B) or 1 (4 KiB)")
 
 
-def _check_lba_size(inst: Any, attr: attrs.Attribute, value: int | None) -> None:
+def _check_lba_size(inst: Any, attr: attrs.Attribute[Size | None], value: Size | None) -> None:
     if value is not None and value not in [lba for lba, _rp in LBA_FORMATS]:
         raise ConfigError(f"lba_size={value} must be 512 or 4096")
 
 
-def _check_id(n: int) -> Any:
-    def check(inst: Any, attr: attrs.Attribute, value: str | None) -> None:
+def _check_id(n: int) -> Callable[[Any, attrs.Attribute[str | None], str | None], None]:
+    def check(inst: Any, attr: attrs.Attribute[str | None], value: str | None) -> None:
         if value is not None:
             _hexbytes(value, n, attr.name)
     return check
 
 
-def _check_uuid(inst: Any, attr: attrs.Attribute, value: str | None) -> None:
+def _check_uuid(inst: Any, attr: attrs.Attribute[str | None], value: str | None) -> None:
     if value is not None:
         _parse_uuid(value)
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pcidev_nvme import aer as aer_mod
 from pcidev_nvme.backends import BUILTIN_BACKENDS
+from pcidev_nvme.config import NamespaceSpec, NvmeConfig
+from pcidev_nvme.logs import ChangedNamespaces
 from pcidev_nvme.namespace import Namespace, make_namespace
 
 __all__ = ["NamespaceSetMixin"]
@@ -31,14 +33,16 @@ class NamespaceSetMixin:
         NSID -> spec.
     """
 
-    namespaces: dict[int, Any]
-    allocated: dict[int, Any]
+    namespaces: dict[int, Namespace]
+    allocated: dict[int, Namespace]
     created: dict[int, str]
     _formatting: set[int]
-    cfg: Any
+    cfg: NvmeConfig
     state_lock: threading.RLock
-    changed_ns: Any
-    notice: Any  # HealthMixin.notice
+    changed_ns: ChangedNamespaces
+
+    if TYPE_CHECKING:  # provided by the other parts of NvmeController
+        def notice(self, info: int, lid: int) -> None: ...
 
     def _init_namespaces(self) -> None:
         """No namespace yet (:meth:`_make_namespaces` builds the configured ones)."""
@@ -64,9 +68,9 @@ class NamespaceSetMixin:
         else the built-ins. A controller never loads plugins itself."""
         return self.cfg.backends if self.cfg.backends is not None else BUILTIN_BACKENDS
 
-    def make_namespace(self, nsid: int, spec: Any) -> Namespace:
+    def make_namespace(self, nsid: int, spec: NamespaceSpec) -> Namespace:
         """Build namespace ``nsid`` from a spec (see :func:`pcidev_nvme.namespace.make_namespace`)."""
-        return make_namespace(nsid, spec, state_dir=self.cfg.state_dir, serial=self.cfg.serial,
+        return make_namespace(nsid, spec, state_dir=self.cfg.state_dir, serial=self.cfg.serial_number,
                               backends=self.backend_registry())
 
     def _make_namespaces(self) -> None:

@@ -36,16 +36,17 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from pcidev.errors import ConfigError, ConfigMismatchError, PcidevError, VersionError, VMStateError
 from pcidev.vmstate import U32, U64, Bool, Str, VarArray, load, save, vmstate
 from pcidev.vmstate.stream import MAGIC as STREAM_MAGIC
+from pcidev_nvme.config import NamespaceSpec, NvmeConfig
 from pcidev_nvme.limits import STATE_SAVE_INTERVAL
-from pcidev_nvme.logs import ErrorLogState, FirmwareState, SmartState
-from pcidev_nvme.namespace import may_write_beside
+from pcidev_nvme.logs import ErrorLog, ErrorLogState, FirmwareSlots, FirmwareState, SmartCounters, SmartState
+from pcidev_nvme.namespace import Namespace, may_write_beside
 
 __all__ = ["PersistenceMixin", "PersistState", "CreatedNamespaceState", "StateFile", "STATE_SECTION", "DEVICE_TYPE",
            "state_file_name", "legacy_state_file_name", "upgrade_legacy"]
@@ -114,7 +115,8 @@ def upgrade_legacy(data: Any) -> PersistState | None:
         media_errors=_num(sm, "media_errors"), warning_temp_us=_num(sm, "warning_temp_seconds", scale=1e6),
         critical_temp_us=_num(sm, "critical_temp_seconds", scale=1e6), temperature=0, injected_warning=0,
         reported_warning=0)
-    fw = data.get("firmware") if isinstance(data.get("firmware"), dict) else {}
+    fw_data = data.get("firmware")
+    fw: dict[str, Any] = fw_data if isinstance(fw_data, dict) else {}
     revs = fw.get("revisions")
     if not (isinstance(revs, list) and 1 <= len(revs) <= 7
             and all(isinstance(r, str) and len(r) <= 8 and r.isascii() and r.isprintable() for r in revs)):
@@ -153,7 +155,7 @@ class StateFile:
     format) is never overwritten: the state is then kept in memory only (one warning).
     """
 
-    def __init__(self, path: str | os.PathLike | None, *, legacy: str | os.PathLike | None = None,
+    def __init__(self, path: str | os.PathLike[str] | None, *, legacy: str | os.PathLike[str] | None = None,
                  read_only: bool = False) -> None:
         self.path = Path(path) if path is not None else None
         self.legacy = Path(legacy) if legacy is not None else None
@@ -186,7 +188,8 @@ class StateFile:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            return self._unusable(path, exc.strerror or str(exc))
+            self._unusable(path, exc.strerror or str(exc))
+            return None
         if not data:
             return None  # an empty file: ours to fill
         if data[:1] in (b"{", b"[", b" ", b"\n"):
@@ -195,14 +198,17 @@ class StateFile:
             [section] = load(data, device_type=DEVICE_TYPE, fingerprint={}, descriptions=[PersistState],
                              expected=[(STATE_SECTION, 0)])
         except (ConfigMismatchError, VersionError) as exc:
-            return self._unusable(path, str(exc))  # another device's stream, or a newer version: not ours to replace
+            self._unusable(path, str(exc))  # another device's stream, or a newer version: not ours to replace
+            return None
         except (VMStateError, ValueError) as exc:
             if path == self.path and data.startswith(STREAM_MAGIC):
                 # our own format, damaged (a torn disk, say): start over and rewrite it
                 log.warning("nvme state file %s is damaged (%s); starting from zero, it will be rewritten", path, exc)
                 return None
-            return self._unusable(path, str(exc))
-        return section.state
+            self._unusable(path, str(exc))
+            return None
+        state: PersistState = section.state  # load() built it from the PersistState description
+        return state
 
     def _unusable(self, path: Path, why: str) -> None:
         """``path`` holds something that is not a state file of this plugin: leave it as
@@ -224,7 +230,8 @@ class StateFile:
         except ValueError:
             state = None
         if state is None:
-            return self._unusable(path, "corrupt or of an unknown format")
+            self._unusable(path, "corrupt or of an unknown format")
+            return None
         log.info("nvme state file %s is in the old JSON format; it is rewritten as %s", path, self.path)
         return state
 
@@ -273,13 +280,16 @@ class PersistenceMixin:
     _dirty: bool
     _last_save: float
     name: str
-    cfg: Any
-    smart: Any
-    error_log: Any
-    firmware: Any
-    allocated: dict[int, Any]
-    namespaces: dict[int, Any]
+    cfg: NvmeConfig
+    smart: SmartCounters
+    error_log: ErrorLog
+    firmware: FirmwareSlots
+    allocated: dict[int, Namespace]
+    namespaces: dict[int, Namespace]
     created: dict[int, str]
+
+    if TYPE_CHECKING:  # provided by the other parts of NvmeController
+        def make_namespace(self, nsid: int, spec: NamespaceSpec) -> Namespace: ...
 
     def _init_persist(self) -> None:
         """Open the state file and take what it holds (call once the configured namespaces exist)."""
@@ -332,8 +342,8 @@ class PersistenceMixin:
             return StateFile(cfg.state_file)
         if cfg.state_dir:
             d = Path(cfg.state_dir)
-            return StateFile(d / state_file_name(cfg.serial),
-                                     legacy=d / legacy_state_file_name(cfg.serial))
+            return StateFile(d / state_file_name(cfg.serial_number),
+                                     legacy=d / legacy_state_file_name(cfg.serial_number))
         for ns in self.allocated.values():
             path = getattr(ns.backend, "path", None)
             if isinstance(path, str) and path:
@@ -342,9 +352,9 @@ class PersistenceMixin:
                     log.warning("%s: namespace %d's image %s is read-only or in a directory this process cannot "
                                 "write: the controller state (SMART, firmware slots) is read from beside it but "
                                 "kept in memory only; give state_dir= to keep it", self.name, ns.nsid, path)
-                    return StateFile(d / state_file_name(cfg.serial), read_only=True)
-                return StateFile(d / state_file_name(cfg.serial),
-                                         legacy=d / legacy_state_file_name(cfg.serial))
+                    return StateFile(d / state_file_name(cfg.serial_number), read_only=True)
+                return StateFile(d / state_file_name(cfg.serial_number),
+                                         legacy=d / legacy_state_file_name(cfg.serial_number))
         return StateFile(None)
 
     @property
@@ -405,7 +415,7 @@ class PersistenceMixin:
         created = tuple(CreatedNamespaceState(nsid=n, spec=spec, attached=n in self.namespaces)
                         for n, spec in sorted(self.created.items()))
         self.state_file.save(PersistState(
-            serial=self.cfg.serial, dirty=self._dirty, smart=self.smart.snapshot(),
+            serial=self.cfg.serial_number, dirty=self._dirty, smart=self.smart.snapshot(),
             error_count=self.error_log.count, firmware=attrs.evolve(fw, staged=()), created=created))
 
     def maybe_save_state(self) -> None:

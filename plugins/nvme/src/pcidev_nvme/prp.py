@@ -42,10 +42,12 @@ exactly the transfer length (SGLS does not advertise longer SGLs).
 from __future__ import annotations
 
 import struct
-from typing import Any
+from collections.abc import Sequence
+from typing import Literal, overload
 
 from pcidev.dma import GuestMemory
 from pcidev.errors import DmaError
+from pcidev_nvme.request import Request
 from pcidev_nvme.status import NvmeStatusError, Status
 
 __all__ = [
@@ -218,6 +220,29 @@ def prp_segments(
     return out
 
 
+# Without bit buckets allowed, every piece has an address: the overloads say so.
+@overload
+def sgl_segments(
+    mem: GuestMemory,
+    sgl1: bytes | bytearray | memoryview,
+    length: int,
+    *,
+    allow_bit_bucket: Literal[False],
+    max_descriptors: int = ...,
+) -> list[tuple[int, int]]: ...
+
+
+@overload
+def sgl_segments(
+    mem: GuestMemory,
+    sgl1: bytes | bytearray | memoryview,
+    length: int,
+    *,
+    allow_bit_bucket: bool = ...,
+    max_descriptors: int = ...,
+) -> Sequence[tuple[int | None, int]]: ...
+
+
 def sgl_segments(
     mem: GuestMemory,
     sgl1: bytes | bytearray | memoryview,
@@ -225,7 +250,7 @@ def sgl_segments(
     *,
     allow_bit_bucket: bool = True,
     max_descriptors: int = MAX_SGL_DESCRIPTORS,
-) -> list[tuple[int | None, int]]:
+) -> Sequence[tuple[int | None, int]]:
     """The guest memory pieces an SGL describes for ``length`` bytes.
 
     :param mem: guest memory (SGL segments are read from it).
@@ -351,14 +376,36 @@ def sgl_segments(
 _SQE_DPTR = struct.Struct("<QQ")
 
 
+@overload
 def data_segments(
     mem: GuestMemory,
-    req: Any,
+    req: Request,
+    length: int,
+    page_size: int,
+    *,
+    to_host: Literal[False],
+) -> list[tuple[int, int]]: ...
+
+
+@overload
+def data_segments(
+    mem: GuestMemory,
+    req: Request,
+    length: int,
+    page_size: int,
+    *,
+    to_host: bool = ...,
+) -> Sequence[tuple[int | None, int]]: ...
+
+
+def data_segments(
+    mem: GuestMemory,
+    req: Request,
     length: int,
     page_size: int,
     *,
     to_host: bool = True,
-) -> list[tuple[int | None, int]]:
+) -> Sequence[tuple[int | None, int]]:
     """The data buffer of command ``req``: PRP or SGL by CDW0.PSDT.
 
     :param mem: guest memory.
@@ -375,7 +422,7 @@ def data_segments(
     psdt = sqe[1] >> 6
     if psdt == PSDT_PRP:
         prp1, prp2 = _SQE_DPTR.unpack_from(sqe, 24)
-        return prp_segments(mem, prp1, prp2, length, page_size)  # type: ignore[return-value]
+        return prp_segments(mem, prp1, prp2, length, page_size)
     if psdt == 3:
         raise NvmeStatusError(Status.INVALID_FIELD, "PSDT 11b is reserved", param_offset=1)
     return sgl_segments(mem, memoryview(sqe)[24:40], length, allow_bit_bucket=to_host)

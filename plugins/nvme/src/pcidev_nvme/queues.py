@@ -36,7 +36,7 @@ import struct
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
 
@@ -44,6 +44,7 @@ from pcidev.dma import GuestMemory
 from pcidev.vmstate import U8, U16, U32, U64, Bool, VarArray, vmstate
 from pcidev_nvme.limits import CQE_SIZE, SQE_SIZE
 from pcidev_nvme.request import Request
+from pcidev_nvme.status import NvmeStatusError
 
 #: opcode of Asynchronous Event Request (admin), for the AERs a restore re-parks
 _AER_OPCODE = 0x0C
@@ -55,6 +56,12 @@ __all__ = [
 
 #: most completions a CQ's backlog may carry in a migration stream
 MAX_BACKLOG = 65536
+
+#: the fields of a completion queue entry: (dw0, dw1, sq_head, sqid, cid | phase << 16 | status << 17)
+CqeFields = tuple[int, int, int, int, int]
+
+#: a completion waiting in a full CQ: (sq, cid, status_field, dw0, dw1)
+BacklogEntry = tuple["SubmissionQueue", int, int, int, int]
 
 _CQE = struct.Struct("<IIHHI")  # DW0, DW1, SQ head, SQ id, CID | phase << 16 | status << 17
 assert _CQE.size == CQE_SIZE
@@ -126,7 +133,7 @@ class CompletionQueue:
         self.phase = 1
         self.lock = threading.Lock()
         #: completions waiting for room: (sq, cid, status_field, dw0, dw1)
-        self.backlog: collections.deque = collections.deque()
+        self.backlog: collections.deque[BacklogEntry] = collections.deque()
         #: requests fetched for this CQ, not yet posted or backlogged (parked AERs excluded)
         self.reserved = 0
         #: submission queues bound to this CQ
@@ -160,7 +167,7 @@ class CompletionQueue:
         return (value - self.head) % self.size <= (self.tail - self.head) % self.size
 
     # -- posting (call with :attr:`lock` held) ---------------------------------------------
-    def post_batch(self, mem: GuestMemory, entries: Sequence[tuple[int, int, int, int, int]]) -> None:
+    def post_batch(self, mem: GuestMemory, entries: Sequence[CqeFields]) -> None:
         """Write ``entries`` at the tail on and advance it (the only writer of CQEs).
 
         :param mem: guest memory.
@@ -245,7 +252,9 @@ class CompletionQueue:
             self.head, self.tail, self.phase = state.head, state.tail, state.phase
             self.backlog.clear()
             for e in state.backlog:
-                self.backlog.append((sqs[e.sqid], e.cid, e.status, e.dw0, e.dw1))
+                sq = sqs[e.sqid]
+                assert sq is not None, "migration.check: a backlog entry names an SQ of this CQ"
+                self.backlog.append((sq, e.cid, e.status, e.dw0, e.dw1))
             self.reserved = len(state.backlog)  # parked completions stay reserved until posted
 
     def attach(self, sq: SubmissionQueue) -> None:
@@ -287,10 +296,10 @@ class SubmissionQueue:
         self.running = False
         self.rerun = False
         #: fetched commands not completed yet, by CID
-        self.inflight: dict[int, Any] = {}
+        self.inflight: dict[int, Request] = {}
         #: a Delete I/O SQ is waiting for the in-flight commands
         self.deleting = False
-        self.delete_req: Any = None
+        self.delete_req: Request | None = None
         self.db_addr: int | None = None
         self.ei_addr: int | None = None
         self.gone = False
@@ -343,6 +352,26 @@ class SubmissionQueue:
                 f"inflight={len(self.inflight)}>")
 
 
+class ShadowBinder(Protocol):
+    """What :class:`QueueSetMixin` uses of the controller's
+    :class:`~pcidev_nvme.doorbells.ShadowDoorbells`."""
+
+    @property
+    def enabled(self) -> bool: ...
+
+    def bind(self, q: SubmissionQueue | CompletionQueue, mem: GuestMemory | None = None) -> None: ...
+
+
+class LegacyInterrupts(Protocol):
+    """What :class:`QueueSetMixin` uses of the controller's
+    :class:`~pcidev_nvme.interrupts.Interrupts`."""
+
+    @property
+    def irq_status(self) -> int: ...
+
+    def legacy_update(self, unmasked: int = 0) -> None: ...
+
+
 class QueueSetMixin:
     """The queues of :class:`~pcidev_nvme.controller.NvmeController` (mixed into it): lookup,
     creation and deletion for the admin command set, parked requests (AERs)."""
@@ -350,8 +379,18 @@ class QueueSetMixin:
     _sqs: list[SubmissionQueue | None]
     _cqs: list[CompletionQueue | None]
     _gen: int
-    shadow: Any
-    interrupts: Any
+
+    if TYPE_CHECKING:  # provided by the other parts of NvmeController
+        @property
+        def shadow(self) -> ShadowBinder: ...
+
+        @property
+        def interrupts(self) -> LegacyInterrupts: ...
+
+        def _dma_or_none(self) -> GuestMemory | None: ...
+
+        def complete(self, req: Request, status: int = 0, dw0: int = 0, dw1: int = 0, *,
+                     error: NvmeStatusError | None = None) -> None: ...
 
     def _init_queues(self, count: int) -> None:
         """The queue tables: ``count`` queue ids (admin + I/O), all unused."""
@@ -391,20 +430,22 @@ class QueueSetMixin:
         out = []
         now = time.monotonic()
         for cid in cids:
+            # migration.check: outstanding AERs only on a ready controller, which has an admin SQ
+            assert asq is not None
             sqe = bytes([_AER_OPCODE, 0]) + cid.to_bytes(2, "little") + bytes(SQE_SIZE - 4)
             req = Request(0, cid, _AER_OPCODE, 0, sqe, sq=asq, gen=self._gen, t_fetch=now, parked=True)
             asq.inflight[cid] = req
             out.append(req)
         return out
 
-    def park(self, req: Any) -> None:
+    def park(self, req: Request) -> None:
         """Hold ``req`` indefinitely (an AER): it no longer counts against its CQ's fetch budget."""
         cq = req.sq.cq
         with cq.lock:
             req.parked = True
             cq.reserved -= 1
 
-    def unpark(self, req: Any) -> None:
+    def unpark(self, req: Request) -> None:
         cq = req.sq.cq
         with cq.lock:
             req.parked = False
@@ -446,7 +487,7 @@ class QueueSetMixin:
         if self.interrupts.irq_status:
             self.interrupts.legacy_update()
 
-    def delete_sq(self, sq: SubmissionQueue, req: Any) -> bool:
+    def delete_sq(self, sq: SubmissionQueue, req: Request) -> bool:
         """Start deleting ``sq``. Returns True if done now; else ``req`` completes when the
         commands in flight on it have."""
         self._sqs[sq.sqid] = None

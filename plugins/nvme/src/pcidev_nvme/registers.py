@@ -24,7 +24,6 @@ INTMS/INTMC/CC/CSTS lives in :mod:`pcidev_nvme.controller`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import attrs
 
@@ -100,9 +99,13 @@ _ZERO_REGISTERS = (("CMBLOC", 0x38, 4), ("CMBSZ", 0x3C, 4), ("BPINFO", 0x40, 4),
                    ("PMRMSCU", 0xE18, 4))
 
 
-def build_register_map(name: str, cap: int, *, intms: Callable[[Any], int], on_intms: Callable[..., None],
-                       on_intmc: Callable[..., None], on_cc: Callable[..., None],
-                       csts: Callable[[Any], int]) -> RegisterMap:
+#: a register write hook: ``fn(reg, new, old)``
+_OnWrite = Callable[[Register, int, int], None]
+
+
+def build_register_map(name: str, cap: int, *, intms: Callable[[Register], int], on_intms: _OnWrite,
+                       on_intmc: _OnWrite, on_cc: _OnWrite,
+                       csts: Callable[[Register], int]) -> RegisterMap:
     """The BAR0 register map below the doorbells (see the module docstring).
 
     :param name: the map's name in logs.

@@ -29,7 +29,11 @@ from typing import Any, Protocol
 
 import attrs
 
+from pcidev.dma import GuestMemory
 from pcidev_nvme.limits import SQE_SIZE
+from pcidev_nvme.logs import SmartCounters
+from pcidev_nvme.namespace import Namespace
+from pcidev_nvme.status import NvmeStatusError
 
 __all__ = ["Request", "SQE", "SQE_SIZE", "decode_sqe", "ControllerPort"]
 
@@ -148,11 +152,11 @@ class ControllerPort(Protocol):
 
     page_size: int
     mdts_bytes: int | None
-    namespaces: dict[int, Any]
-    smart: Any
+    namespaces: dict[int, Namespace]
+    smart: SmartCounters
 
     @property
-    def dma(self) -> Any:
+    def dma(self) -> GuestMemory:
         """Guest memory for DMA; raises :class:`~pcidev.errors.DmaError` while bus
         mastering is off."""
 
@@ -161,5 +165,5 @@ class ControllerPort(Protocol):
         """Feature 06h WCE: False means every write must be durable before it completes."""
 
     def complete(self, req: Request, status: int = 0, dw0: int = 0, dw1: int = 0, *,
-                 error: Any = None) -> None:
+                 error: NvmeStatusError | None = None) -> None:
         """Post the completion of ``req`` (thread-safe; exactly once per request)."""

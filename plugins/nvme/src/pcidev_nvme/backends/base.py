@@ -23,7 +23,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import attrs
 
 from pcidev.errors import ConfigError
-from pcidev.properties import structure_config
+from pcidev.properties import Size, structure_config
 
 __all__ = [
     "FALLOC_FL_KEEP_SIZE",
@@ -47,7 +47,7 @@ __all__ = [
 #: Backend sizes must be a multiple of this (so both LBA formats fit exactly).
 SIZE_ALIGN = 4096
 
-_C = TypeVar("_C")
+_C = TypeVar("_C", bound=attrs.AttrsInstance)
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 if _IOV_MAX <= 0:
@@ -120,7 +120,7 @@ def size_field(*, required: bool) -> Any:
 
     :param required: no default (else ``None``: taken from the image).
     """
-    def check(inst: Any, attr: attrs.Attribute, value: int | None) -> None:
+    def check(inst: Any, attr: attrs.Attribute[Size | None], value: Size | None) -> None:
         if value is not None:
             check_size(value)
 

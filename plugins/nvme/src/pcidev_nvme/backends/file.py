@@ -102,7 +102,8 @@ class FileBackend(BaseBackend):
         try:
             st = os.fstat(fd)
             if not exists:
-                os.ftruncate(fd, size)  # type: ignore[arg-type]
+                assert size is not None  # a new image needs size= (checked above)
+                os.ftruncate(fd, size)
             elif not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
                 raise ConfigError(f"{self.path} is neither a regular file nor a block device")
             else:
@@ -113,7 +114,7 @@ class FileBackend(BaseBackend):
                     raise ConfigError(
                         f"image {self.path} has {actual} bytes, not the size={size} given"
                     )
-            check_size(size, f"size of {self.path}")  # type: ignore[arg-type]
+            check_size(size, f"size of {self.path}")
         except OSError as exc:
             os.close(fd)
             raise ConfigError(f"cannot size image {self.path}: {exc.strerror}") from exc
@@ -122,7 +123,7 @@ class FileBackend(BaseBackend):
             if not exists:
                 os.unlink(self.path)
             raise
-        super().__init__(size)  # type: ignore[arg-type]
+        super().__init__(size)
         self.fd = fd
         self.dfd = -1
         self.min_block = 512

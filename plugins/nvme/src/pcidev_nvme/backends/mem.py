@@ -79,6 +79,7 @@ class MemoryBackend(BaseBackend):
             raise ConfigError(f"cannot allocate {size} bytes of namespace memory "
                               "(no memory for its page map)") from None
         self._mv = memoryview(self._mm)
+        self._closed = False
         self._unwritten = len(self._written)  # pages never written (or deallocated)
         self._lock = threading.Lock()
 
@@ -110,6 +111,7 @@ class MemoryBackend(BaseBackend):
             os.close(self.fd)
             raise ConfigError(f"cannot map the namespace memory: {exc}") from exc
         self._mv = memoryview(self._mm)
+        self._closed = False
         written = bytearray(size >> _PAGE_SHIFT)
         pos = 0
         while pos < size:
@@ -208,10 +210,10 @@ class MemoryBackend(BaseBackend):
     def close(self) -> None:
         """Unmap and close. Idempotent."""
         with self._lock:
-            if self._mv is None:
+            if self._closed:
                 return
+            self._closed = True
             self._mv.release()
-            self._mv = None  # type: ignore[assignment]
             self._mm.close()
             if self.fd >= 0:
                 os.close(self.fd)

@@ -192,8 +192,11 @@ def run_job(
                      errors, cpu)
 
 
-#: The standard jobs: (name, opcode, block size, queue depth, sequential).
-JOBS: tuple[tuple[str, int, int, int, bool], ...] = (
+#: A job: (name, opcode, block size, queue depth, sequential).
+Job = tuple[str, int, int, int, bool]
+
+#: The standard jobs.
+JOBS: tuple[Job, ...] = (
     ("randread_4k_qd32", 0x02, 4096, 32, False),
     ("randwrite_4k_qd32", 0x01, 4096, 32, False),
     ("seqread_128k_qd8", 0x02, 128 * 1024, 8, True),
@@ -201,7 +204,7 @@ JOBS: tuple[tuple[str, int, int, int, bool], ...] = (
 
 
 def run_benchmark(
-    *, seconds: float = 3.0, ns_size: int = 256 << 20, jobs: tuple = JOBS, profile: str | None = None
+    *, seconds: float = 3.0, ns_size: int = 256 << 20, jobs: tuple[Job, ...] = JOBS, profile: str | None = None
 ) -> tuple[list[JobResult], dict[str, Any]]:
     """Build the machine, controller and driver, lay out the namespace, run the jobs.
 
@@ -238,7 +241,7 @@ def run_benchmark(
                 results.append(run_job(drv, machine, name=name, opcode=opcode, block_size=bs,
                                        queue_depth=qd, seconds=seconds, sequential=sequential))
         finally:
-            if prof is not None:
+            if prof is not None and profile:  # (prof exists only for a profile path)
                 prof.disable()
                 prof.dump_stats(profile)
         return results, setup

@@ -33,7 +33,8 @@ from typing import Any
 import attrs
 
 from pcidev.errors import PcidevError
-from pcidev.host import PCI_IRQ_ALL_TYPES, PCI_IRQ_INTX, PCI_IRQ_MSIX
+from pcidev.host import PCI_IRQ_ALL_TYPES, PCI_IRQ_INTX, PCI_IRQ_MSIX, HostPciDevice, Machine
+from pcidev.host.pci import HostedDevice
 from pcidev_nvme.status import Status
 
 __all__ = ["NvmeDriver", "Completion", "NvmeCommandError", "NvmeDriverError", "NamespaceInfo", "IoQueue",
@@ -52,6 +53,9 @@ CAP, VS, INTMS, INTMC, CC, CSTS, AQA, ASQ, ACQ = 0x00, 0x08, 0x0C, 0x10, 0x14, 0
 
 class NvmeDriverError(PcidevError):
     """The driver could not do what was asked (timeout, controller fatal status, full queue...)."""
+
+    #: the completions reaped before a wait for completions failed (set by that wait)
+    partial: list[Completion]
 
 
 @attrs.define(slots=True)
@@ -177,8 +181,8 @@ class NvmeDriver:
     :param timeout: default seconds to wait for a completion.
     """
 
-    def __init__(self, machine: Any, pdev: Any, *, io_queues: int = 1, io_depth: int = 256, admin_depth: int = 64,
-                 irq: str | None = "msix", aers: int = 1, timeout: float = 10.0) -> None:
+    def __init__(self, machine: Machine, pdev: HostPciDevice, *, io_queues: int = 1, io_depth: int = 256,
+                 admin_depth: int = 64, irq: str | None = "msix", aers: int = 1, timeout: float = 10.0) -> None:
         self.machine = machine
         self.pdev = pdev
         self.device = pdev.device
@@ -204,7 +208,7 @@ class NvmeDriver:
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def attach(cls, machine: Any, ctrl: Any, **kwargs: Any) -> NvmeDriver:
+    def attach(cls, machine: Machine, ctrl: HostedDevice, **kwargs: Any) -> NvmeDriver:
         """Plug ``ctrl`` into ``machine``, then :meth:`probe` it.
 
         :returns: the probed driver.
@@ -356,7 +360,7 @@ class NvmeDriver:
         if rest <= PAGE:
             return buf, nxt
         pages = q.prp_pages.get(cid)
-        if q.prp_cache.get(cid) == (buf, length):
+        if pages is not None and q.prp_cache.get(cid) == (buf, length):  # (cached lists have pages)
             return buf, pages
         nents = (rest + PAGE - 1) // PAGE
         per = PAGE // 8
@@ -593,10 +597,10 @@ class NvmeDriver:
                 time.sleep(0.0001)
             if self.read32(CSTS) & 0x2:
                 err = NvmeDriverError(f"controller fatal status while waiting on queue {qid}")
-                err.partial = out  # type: ignore[attr-defined]
+                err.partial = out
                 raise err
         err = NvmeDriverError(f"timeout: {len(out)} of {min_completions} completions on queue {qid}")
-        err.partial = out  # type: ignore[attr-defined]
+        err.partial = out
         raise err
 
     def wait_for(self, qid: int, cid: int, timeout: float | None = None) -> Completion:
@@ -668,16 +672,19 @@ class NvmeDriver:
 
     def identify(self, cns: int, *, nsid: int = 0, cntid: int = 0, csi: int = 0) -> bytes:
         """Identify; returns the 4096-byte structure."""
-        return self.admin(0x06, nsid=nsid, cdw10=(cntid << 16) | cns, cdw11=csi << 24, length=4096,
-                          what=f"identify CNS {cns:#x}").tag
+        data: bytes = self.admin(0x06, nsid=nsid, cdw10=(cntid << 16) | cns, cdw11=csi << 24, length=4096,
+                                 what=f"identify CNS {cns:#x}").tag  # a data-in command's tag: its data
+        return data
 
     def get_log(self, lid: int, length: int, *, nsid: int = 0xFFFFFFFF, offset: int = 0, rae: bool = False,
                 lsp: int = 0, csi: int = 0) -> bytes:
         """Get Log Page; returns ``length`` bytes."""
         numd = length // 4 - 1
-        return self.admin(0x02, nsid=nsid, cdw10=((numd & 0xFFFF) << 16) | (int(rae) << 15) | (lsp << 8) | lid,
-                          cdw11=numd >> 16, cdw12=offset & 0xFFFFFFFF, cdw13=offset >> 32, cdw14=csi << 24,
-                          length=length, what=f"get log page {lid:#x}").tag
+        data: bytes = self.admin(
+            0x02, nsid=nsid, cdw10=((numd & 0xFFFF) << 16) | (int(rae) << 15) | (lsp << 8) | lid,
+            cdw11=numd >> 16, cdw12=offset & 0xFFFFFFFF, cdw13=offset >> 32, cdw14=csi << 24,
+            length=length, what=f"get log page {lid:#x}").tag  # a data-in command's tag: its data
+        return data
 
     def get_features(self, fid: int, *, cdw11: int = 0, sel: int = 0, nsid: int = 0, length: int = 0) -> Completion:
         """Get Features; returns the completion (DW0, and ``.tag`` bytes when ``length``)."""
