@@ -557,15 +557,15 @@ def test_mem_backend_from_fd_keeps_holes():
 
 # ----------------------------------------------------------------------------- golden stream
 def test_golden_nvme_v1_stream_loads():
-    """The released layout (tests/vmstate/device_data/nvme-v1.pcvm, written once by
-    tests/vmstate/make_device_golden.py) loads into today's controller."""
+    """The released layout (tests/pcidev/vmstate/device_data/nvme-v1.pcvm, written once by
+    tests/pcidev/vmstate/make_device_golden.py) loads into today's controller."""
     import sys
     from pathlib import Path
 
     from pcidev.dma import alloc_memfd
     from pcidev.transport.fdpass import close_fds
 
-    vm = Path(__file__).resolve().parents[2] / "vmstate"
+    vm = Path(__file__).resolve().parents[2] / "pcidev" / "vmstate"
     sys.path.insert(0, str(vm))
     from nvme_golden import EXPECTED_NVME_V1, NVME_CONFIG, RAM_SIZE
 

@@ -17,7 +17,7 @@ from pcidev.vmstate.testing import assert_schema_matches
 from pcidev_nvme.controller import NvmeController
 from pcidev_nvme.persist import PersistState, StateFile
 
-SCHEMA = Path(__file__).resolve().parents[2] / "vmstate" / "schema" / "nvme-persist.json"
+SCHEMA = Path(__file__).resolve().parents[2] / "pcidev" / "vmstate" / "schema" / "nvme-persist.json"
 
 #: a state file as the previous (JSON) version wrote it
 LEGACY = {

@@ -126,7 +126,7 @@ def _bench_module():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "examples" / "bench_device_migration.py"
+    path = Path(__file__).resolve().parents[3] / "examples" / "bench_device_migration.py"
     spec = importlib.util.spec_from_file_location("bench_device_migration_gc", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # annotations are resolved against the module's globals

@@ -1,4 +1,4 @@
-"""Write the device golden streams of tests/vmstate/device_data (run by hand, never by
+"""Write the device golden streams of tests/pcidev/vmstate/device_data (run by hand, never by
 pytest).
 
 Only a *missing* file is written: a golden stream records a released description
@@ -6,7 +6,7 @@ version (framework section ``pcidev/function`` and the device's own section) and
 must not change afterwards. When edu's or the framework's description gets a new
 version, add a new ``edu-vN.pcvm`` entry here and to test_device_vmstate.py.
 
-    .venv/bin/python tests/vmstate/make_device_golden.py
+    .venv/bin/python tests/pcidev/vmstate/make_device_golden.py
 """
 
 from __future__ import annotations

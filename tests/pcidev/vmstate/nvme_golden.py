@@ -1,4 +1,4 @@
-"""The NVMe controller state recorded in tests/vmstate/device_data/nvme-v*.pcvm.
+"""The NVMe controller state recorded in tests/pcidev/vmstate/device_data/nvme-v*.pcvm.
 
 ``build_nvme()`` brings a controller up through the software host (one I/O queue
 pair, a CQ of 4 entries holding parked completions, two outstanding AERs, a queued

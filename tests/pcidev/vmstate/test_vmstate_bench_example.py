@@ -6,7 +6,7 @@ import runpy
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "bench_vmstate.py"
+SCRIPT = Path(__file__).resolve().parents[3] / "examples" / "bench_vmstate.py"
 
 
 def test_benchmark_script_runs(monkeypatch, capsys):

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 SAMPLE = '''
 from pcidev.vmstate import U8, Array, Bytes, Str, VarArray, VarBytes

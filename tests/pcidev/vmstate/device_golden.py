@@ -1,6 +1,6 @@
-"""The device state recorded in the golden streams tests/vmstate/data/edu-v*.pcvm.
+"""The device state recorded in the golden streams tests/pcidev/vmstate/data/edu-v*.pcvm.
 
-A released description version gets a golden stream (tests/vmstate/device_data/) (written once by
+A released description version gets a golden stream (tests/pcidev/vmstate/device_data/) (written once by
 make_device_golden.py) that every later version of the code must still load.
 ``build_edu()`` makes the device the stream was saved from; the constants are what
 the test expects after loading it.

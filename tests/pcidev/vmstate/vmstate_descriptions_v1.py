@@ -1,6 +1,6 @@
 """The *released* version 1 of the sample descriptions, kept verbatim.
 
-tests/vmstate/data/sample-v1.pcvm was saved with these classes.  Never edit them:
+tests/pcidev/vmstate/data/sample-v1.pcvm was saved with these classes.  Never edit them:
 they are what a version-1 producer looked like, and the tests check that they still
 produce that golden stream byte for byte and that the current descriptions
 (vmstate_descriptions.py) load it.
@@ -35,7 +35,7 @@ class CtrlStateV1:
     last_cmd: Bytes[16] = bytes(16)
 
 
-#: The state saved in tests/vmstate/data/sample-v1.pcvm.
+#: The state saved in tests/pcidev/vmstate/data/sample-v1.pcvm.
 SAMPLE_V1 = CtrlStateV1(
     enabled=True,
     serial="PCIDEV-0001",

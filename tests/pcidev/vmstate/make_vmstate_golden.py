@@ -1,10 +1,10 @@
-"""Write the golden streams of tests/vmstate/data (run by hand, never by pytest).
+"""Write the golden streams of tests/pcidev/vmstate/data (run by hand, never by pytest).
 
 Only a *missing* file is written: a golden stream is the record of a released
 description version and must not change afterwards.  When a sample description
 gets a new version, add a new ``sample-vN.pcvm`` entry here and to the golden tests.
 
-    .venv/bin/python tests/vmstate/make_vmstate_golden.py
+    .venv/bin/python tests/pcidev/vmstate/make_vmstate_golden.py
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Expected contents of the golden streams in tests/vmstate/data."""
+"""Expected contents of the golden streams in tests/pcidev/vmstate/data."""
 
 from __future__ import annotations
 
