@@ -176,8 +176,7 @@ class GatedBackend:
 def attach_namespace(ctrl: NvmeController, nsid: int, backend) -> object:
     """Allocate and attach a namespace over ``backend`` (bypassing Namespace Management)."""
     ns = Namespace(nsid, backend)
-    ctrl.allocated[nsid] = ns
-    ctrl.namespaces[nsid] = ns
+    ctrl.add_namespace(nsid, ns, attached=True)
     return ns
 
 

@@ -66,7 +66,8 @@ def test_interrupts():
 
 
 def _ctrl_stub():
-    return types.SimpleNamespace(cfg=NvmeConfig(serial="S"), namespaces={})
+    return types.SimpleNamespace(cfg=NvmeConfig(serial="S"), namespaces={},
+                                 interrupts=types.SimpleNamespace(set_coalescing=lambda thr, tim: None))
 
 
 def test_features():

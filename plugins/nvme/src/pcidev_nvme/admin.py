@@ -42,7 +42,7 @@ import logging
 import os
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from pcidev.bar import RegisterMap
@@ -55,6 +55,7 @@ from pcidev_nvme.aer import INFO_FW_ACTIVATION, AsyncEvents
 from pcidev_nvme.config import NamespaceSpec, NvmeConfig
 from pcidev_nvme.features import Features
 from pcidev_nvme.namespace import LBA_FORMATS, Namespace
+from pcidev_nvme.namespaces import RemovedNamespace
 from pcidev_nvme.prp import prp_segments
 from pcidev_nvme.queues import CompletionQueue, SubmissionQueue
 from pcidev_nvme.request import ControllerPort, Request
@@ -72,9 +73,11 @@ class AdminHost(ControllerPort, Protocol):
     firmware: nlogs.FirmwareSlots
     error_log: nlogs.ErrorLog
     changed_ns: nlogs.ChangedNamespaces
-    allocated: dict[int, Namespace]
-    created: dict[int, str]
 
+    @property
+    def allocated(self) -> Mapping[int, Namespace]: ...
+    @property
+    def created(self) -> Mapping[int, str]: ...
     @property
     def msix(self) -> MsixCapability | None: ...
     @property
@@ -100,6 +103,11 @@ class AdminHost(ControllerPort, Protocol):
     def begin_format(self, nsids: set[int]) -> list[int]: ...
     def end_format(self, nsids: set[int]) -> None: ...
     def make_namespace(self, nsid: int, spec: NamespaceSpec) -> Namespace: ...
+    def add_namespace(self, nsid: int, ns: Namespace, *, created_spec: str | None = None,
+                      attached: bool = False) -> None: ...
+    def remove_namespace(self, nsid: int) -> RemovedNamespace: ...
+    def attach_namespace(self, nsid: int) -> None: ...
+    def detach_namespace(self, nsid: int) -> None: ...
     admin_worker: AdminWorker
     def save_state(self) -> None: ...
     def maybe_save_state(self) -> None: ...
@@ -631,9 +639,9 @@ class AdminCommandSet:
             ns = ctrl.make_namespace(nsid, spec)
         except (ConfigError, PcidevError, OSError) as exc:
             raise _err(Status.NS_INSUFFICIENT_CAPACITY, f"cannot create the namespace: {exc}") from None
-        ctrl.allocated[nsid] = ns
-        if spec.startswith("file:"):
-            ctrl.created[nsid] = spec
+        persistent = spec.startswith("file:")
+        ctrl.add_namespace(nsid, ns, created_spec=spec if persistent else None)
+        if persistent:
             ctrl.save_state()
         return nsid
 
@@ -663,14 +671,14 @@ class AdminCommandSet:
         else:
             raise _err(Status.INVALID_NSID, f"namespace {nsid:#x} is not allocated", OFF_NSID)
         for n in targets:
-            ns = ctrl.allocated.pop(n)
-            if ctrl.namespaces.pop(n, None) is not None:
+            ns, was_attached, created_spec = ctrl.remove_namespace(n)
+            if was_attached:
                 ctrl.namespace_changed(n)
             try:
                 ns.close()
             except Exception:
                 log.exception("closing deleted namespace %d failed", n)
-            if ctrl.created.pop(n, None) is not None:
+            if created_spec is not None:
                 path = getattr(ns.backend, "path", None)
                 for victim in (path, getattr(ns.backend, "identity_path", None)):
                     if victim:
@@ -686,8 +694,7 @@ class AdminCommandSet:
         if sel > 1:
             raise _err(Status.INVALID_FIELD, f"namespace attachment select {sel} is reserved", OFF_CDW10)
         nsid = req.nsid
-        ns = ctrl.allocated.get(nsid)
-        if ns is None:
+        if nsid not in ctrl.allocated:
             raise _err(Status.INVALID_NSID, f"namespace {nsid:#x} is not allocated", OFF_NSID)
         data = self.from_host(req, 4096)
         (count,) = struct.unpack_from("<H", data)
@@ -697,13 +704,9 @@ class AdminCommandSet:
         if len(set(ids)) != count or any(i != ctrl.cfg.cntlid for i in ids):
             raise _err(Status.CONTROLLER_LIST_INVALID, f"controller list {list(ids)} names unknown controllers")
         if sel == 0:
-            if nsid in ctrl.namespaces:
-                raise _err(Status.NS_ALREADY_ATTACHED, f"namespace {nsid} is already attached")
-            ctrl.namespaces[nsid] = ns
+            ctrl.attach_namespace(nsid)  # Namespace Already Attached if it is
         else:
-            if nsid not in ctrl.namespaces:
-                raise _err(Status.NS_NOT_ATTACHED, f"namespace {nsid} is not attached")
-            del ctrl.namespaces[nsid]
+            ctrl.detach_namespace(nsid)  # Namespace Not Attached if it is not
         ctrl.namespace_changed(nsid)
         if nsid in ctrl.created:
             ctrl.save_state()

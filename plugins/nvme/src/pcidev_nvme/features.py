@@ -175,6 +175,7 @@ class Features:
         self.ncq = cfg.max_ioqpairs
         #: Number of Queues was set since the last reset (the allocation is then fixed)
         self.nq_allocated = False
+        self._push_coalescing()
 
     # -- state -------------------------------------------------------------------------------
     def snapshot(self, vector_cd: tuple[bool, ...] = ()) -> FeaturesState:
@@ -210,6 +211,7 @@ class Features:
         self.timestamp_origin = state.timestamp_origin
         self.host_behavior = bytes(state.host_behavior)
         self.tler = {t.nsid: t.value for t in state.tler}
+        self._push_coalescing()
 
     # -- helpers for the controller --------------------------------------------------------
     @property
@@ -217,6 +219,12 @@ class Features:
         """(THR, TIME) of feature 08h."""
         v = self.values[FID_IRQ_COALESCING]
         return v & 0xFF, (v >> 8) & 0xFF
+
+    def _push_coalescing(self) -> None:
+        """Give the interrupts the current feature 08h. This class owns the value; the
+        interrupts keep a copy for their per-completion path, and this is the only
+        place that writes it (called by :meth:`reset`, :meth:`restore` and Set Features)."""
+        self.ctrl.interrupts.set_coalescing(*self.coalescing)
 
     @property
     def aec(self) -> int:
@@ -341,7 +349,7 @@ class Features:
             return val
         if fid == FID_IRQ_COALESCING:
             self.values[fid] = v & 0xFFFF
-            ctrl.interrupts.set_coalescing(*self.coalescing)
+            self._push_coalescing()
             return 0
         if fid == FID_IRQ_CONFIG:
             iv = v & 0xFFFF

@@ -91,6 +91,9 @@ class Interrupts:
         self.intms = 0
         #: pin-based interrupt status: a bit per vector with unconsumed entries
         self.irq_status = 0
+        # Feature 08h (interrupt coalescing) is owned by :class:`~pcidev_nvme.features.Features`;
+        # these three are a copy derived from it for the per-completion path, written only
+        # through :meth:`set_coalescing`, which only ``Features`` calls.
         #: interrupt coalescing is on (feature 08h THR or TIME non-zero)
         self.coalescing_on = False
         self._threshold = 0
@@ -186,7 +189,12 @@ class Interrupts:
         self.legacy_update(unmasked=bits)
 
     def set_coalescing(self, threshold: int, time_100us: int) -> None:
-        """Feature 08h: aggregation threshold (THR) and time (TIME, 100 us units)."""
+        """Feature 08h changed (called only by :class:`~pcidev_nvme.features.Features`,
+        which owns the value: at Set Features, reset and restore).
+
+        :param threshold: aggregation threshold (THR).
+        :param time_100us: aggregation time (TIME, 100 us units).
+        """
         self._threshold, self._time = threshold, time_100us
         self.coalescing_on = bool(threshold or time_100us)
 
@@ -198,7 +206,8 @@ class Interrupts:
         self.vectors[iv].cd = cd
 
     def reset(self) -> None:
-        """Controller reset: nothing masked, coalescing off, every vector back to its default."""
+        """Controller reset: nothing masked, every vector back to its default (coalescing
+        itself is turned off by :meth:`Features.reset <pcidev_nvme.features.Features.reset>`)."""
         with self._lock:
             for v in self.vectors:
                 v.cd = False
@@ -207,7 +216,6 @@ class Interrupts:
                 v.masked_pending = False
         self.intms = 0
         self.irq_status = 0
-        self.set_coalescing(0, 0)
 
     # -- state -----------------------------------------------------------------------------
     def snapshot(self) -> InterruptsState:

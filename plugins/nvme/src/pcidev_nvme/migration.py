@@ -60,7 +60,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, Protocol
 
 import attrs
@@ -97,8 +97,6 @@ class MigrationHost(Protocol):
     cannot import: the controller imports this module)."""
 
     cfg: NvmeConfig
-    allocated: dict[int, Namespace]
-    namespaces: dict[int, Namespace]
     io: IoCommandSet
     aer: AsyncEvents
     features: Features
@@ -111,6 +109,11 @@ class MigrationHost(Protocol):
     state_lock: threading.RLock
     admin_worker: AdminWorker
 
+    @property
+    def allocated(self) -> Mapping[int, Namespace]: ...
+    @property
+    def namespaces(self) -> Mapping[int, Namespace]: ...
+    def set_attached(self, nsids: Iterable[int]) -> None: ...
     @property
     def fsm_state(self) -> str: ...
     @property
@@ -507,8 +510,7 @@ def apply(ctrl: MigrationHost, st: NvmeState) -> None:
         ctrl.restore(ControllerState(state=_STATES[st.state], cc=st.cc, csts=st.csts, aqa=st.aqa, asq=st.asq,
                                      acq=st.acq, shutting_down=st.shutting_down, dirty=st.dirty,
                                      page_size=st.page_size))
-        ctrl.features.restore(st.features)
-        ctrl.interrupts.set_coalescing(*ctrl.features.coalescing)
+        ctrl.features.restore(st.features)  # gives the interrupts feature 08h too
         shadow = ctrl.shadow
         shadow.restore(ShadowDoorbellsState(dbs=st.dbbuf_dbs, eis=st.dbbuf_eis, enabled=st.dbbuf))
 
@@ -540,7 +542,7 @@ def apply(ctrl: MigrationHost, st: NvmeState) -> None:
         ctrl.changed_ns.restore(ChangedNsState(nsids=tuple(st.changed_ns), overflow=st.changed_ns_overflow))
 
         # namespaces: migrated memory, format, attachment
-        attached = {}
+        attached = []
         for n in st.namespaces:
             ns = ctrl.allocated[n.nsid]
             if n.nsid in swaps:
@@ -551,9 +553,8 @@ def apply(ctrl: MigrationHost, st: NvmeState) -> None:
                     pass
             ns.restore(n)
             if n.attached:
-                attached[n.nsid] = ns
-        ctrl.namespaces.clear()
-        ctrl.namespaces.update(attached)
+                attached.append(n.nsid)
+        ctrl.set_attached(attached)
         ctrl.finish_restore()
 
 

@@ -10,22 +10,38 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pcidev_nvme import aer as aer_mod
 from pcidev_nvme.backends import BUILTIN_BACKENDS
 from pcidev_nvme.config import NamespaceSpec, NvmeConfig
 from pcidev_nvme.logs import ChangedNamespaces
 from pcidev_nvme.namespace import Namespace, make_namespace
+from pcidev_nvme.status import NvmeStatusError, Status
 
-__all__ = ["NamespaceSetMixin"]
+__all__ = ["NamespaceSetMixin", "RemovedNamespace"]
 
 log = logging.getLogger(__name__)
 
 
+class RemovedNamespace(NamedTuple):
+    """What :meth:`NamespaceSetMixin.remove_namespace` took out of the tables."""
+
+    #: the namespace (still open: the caller closes it)
+    ns: Namespace
+    #: it was attached
+    was_attached: bool
+    #: its spec if Namespace Management created it, else None
+    created_spec: str | None
+
+
 class NamespaceSetMixin:
     """Namespace bookkeeping of the controller (see the module docstring).
+
+    The tables below are changed only by this class's methods (:meth:`add_namespace`,
+    :meth:`remove_namespace`, :meth:`attach_namespace`, :meth:`detach_namespace`, :meth:`set_attached`);
+    everything else only reads them.
 
     :ivar namespaces: attached namespaces by NSID (what the I/O command set sees).
     :ivar allocated: every namespace that exists, attached or not, by NSID.
@@ -76,9 +92,76 @@ class NamespaceSetMixin:
     def _make_namespaces(self) -> None:
         """The configured namespaces, NSID 1, 2, ... in order, attached."""
         for i, spec in enumerate(self.cfg.namespaces, start=1):
-            ns = self.make_namespace(i, spec)
-            self.allocated[i] = ns
-            self.namespaces[i] = ns
+            self.add_namespace(i, self.make_namespace(i, spec), attached=True)
+
+    # -- the verbs that change the tables ----------------------------------------------------------
+    def add_namespace(self, nsid: int, ns: Namespace, *, created_spec: str | None = None,
+                      attached: bool = False) -> None:
+        """Allocate namespace ``nsid``.
+
+        :param nsid: its NSID (not allocated yet).
+        :param ns: the namespace.
+        :param created_spec: the spec to remember when Namespace Management created it
+            (saved in the state file and restored at power-on), else None.
+        :param attached: attach it too.
+        :raises NvmeStatusError: Namespace Identifier Unavailable if ``nsid`` is allocated.
+        """
+        if nsid in self.allocated:
+            raise NvmeStatusError(Status.NS_ID_UNAVAILABLE, f"namespace {nsid} is already allocated")
+        self.allocated[nsid] = ns
+        if created_spec is not None:
+            self.created[nsid] = created_spec
+        if attached:
+            self.namespaces[nsid] = ns
+
+    def remove_namespace(self, nsid: int) -> RemovedNamespace:
+        """Delete namespace ``nsid`` from every table (detaching it first if attached);
+        the caller closes it and posts any notice.
+
+        :raises NvmeStatusError: Invalid Namespace or Format if ``nsid`` is not allocated.
+        """
+        ns = self.allocated.pop(nsid, None)
+        if ns is None:
+            raise NvmeStatusError(Status.INVALID_NSID, f"namespace {nsid:#x} is not allocated")
+        was_attached = self.namespaces.pop(nsid, None) is not None
+        return RemovedNamespace(ns, was_attached, self.created.pop(nsid, None))
+
+    def attach_namespace(self, nsid: int) -> None:
+        """Attach allocated namespace ``nsid`` to the controller.
+
+        :raises NvmeStatusError: Invalid Namespace or Format if it is not allocated,
+            Namespace Already Attached if it is attached.
+        """
+        ns = self.allocated.get(nsid)
+        if ns is None:
+            raise NvmeStatusError(Status.INVALID_NSID, f"namespace {nsid:#x} is not allocated")
+        if nsid in self.namespaces:
+            raise NvmeStatusError(Status.NS_ALREADY_ATTACHED, f"namespace {nsid} is already attached")
+        self.namespaces[nsid] = ns
+
+    def detach_namespace(self, nsid: int) -> None:
+        """Detach namespace ``nsid`` (it stays allocated).
+
+        :raises NvmeStatusError: Namespace Not Attached if it is not attached.
+        """
+        if nsid not in self.namespaces:
+            raise NvmeStatusError(Status.NS_NOT_ATTACHED, f"namespace {nsid} is not attached")
+        del self.namespaces[nsid]
+
+    def set_attached(self, nsids: Iterable[int]) -> None:
+        """Attach exactly ``nsids`` (a restore); the ``namespaces`` dict stays the same object.
+
+        :raises NvmeStatusError: Invalid Namespace or Format if one is not allocated
+            (then nothing changes).
+        """
+        attached = {}
+        for nsid in nsids:
+            ns = self.allocated.get(nsid)
+            if ns is None:
+                raise NvmeStatusError(Status.INVALID_NSID, f"namespace {nsid:#x} is not allocated")
+            attached[nsid] = ns
+        self.namespaces.clear()
+        self.namespaces.update(attached)
 
     def _close_namespaces(self) -> None:
         """Close every namespace's backend (power off); a failure is logged."""

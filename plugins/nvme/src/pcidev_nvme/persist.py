@@ -290,6 +290,8 @@ class PersistenceMixin:
 
     if TYPE_CHECKING:  # provided by the other parts of NvmeController
         def make_namespace(self, nsid: int, spec: NamespaceSpec) -> Namespace: ...
+        def add_namespace(self, nsid: int, ns: Namespace, *, created_spec: str | None = None,
+                          attached: bool = False) -> None: ...
 
     def _init_persist(self) -> None:
         """Open the state file and take what it holds (call once the configured namespaces exist)."""
@@ -400,10 +402,7 @@ class PersistenceMixin:
             except PcidevError as exc:
                 log.warning("%s: created namespace %d cannot be restored: %s", self.name, nsid, exc)
                 continue
-            self.allocated[nsid] = ns
-            self.created[nsid] = spec
-            if ent.attached:
-                self.namespaces[nsid] = ns
+            self.add_namespace(nsid, ns, created_spec=spec, attached=ent.attached)
 
     def save_state(self) -> None:
         """Write SMART counters, the error count, firmware slots, the clean flag and the
