@@ -1,11 +1,18 @@
-"""vfio-user transport: serve a pcidev device to QEMU's ``vfio-user-pci`` client.
+"""vfio-user transport: serve a pcidev device to QEMU's ``vfio-user-pci`` client, and
+drive a served device from Python.
 
 :mod:`.protocol` holds the wire formats, :mod:`.server` the server (one client per
-socket, the device behind a :class:`~pcidev.transport.endpoint.DeviceEndpoint`).
-See ``../shared/reference/vfio-user.md`` for the protocol and QEMU's behaviour.
+socket, the device behind a :class:`~pcidev.transport.endpoint.DeviceEndpoint`),
+:mod:`.client` the client (:class:`VfioUserClient`) and :mod:`.remote` the software
+host's view of a served device (:class:`VfioUserDevice`, for
+:meth:`pcidev.host.Machine.plug`).
+The protocol is QEMU's ``docs/interop/vfio-user.rst``.
 """
 
+from pcidev.transport.vfio_user.client import VfioUserClient
 from pcidev.transport.vfio_user.protocol import VfioUserError
+from pcidev.transport.vfio_user.remote import VfioUserDevice
 from pcidev.transport.vfio_user.server import VfioUserServer, listen_vfio_user, serve_device
 
-__all__ = ["VfioUserError", "VfioUserServer", "listen_vfio_user", "serve_device"]
+__all__ = ["VfioUserClient", "VfioUserDevice", "VfioUserError", "VfioUserServer", "listen_vfio_user",
+           "serve_device"]

@@ -28,11 +28,14 @@ from pcidev.device import PciDevice
 from pcidev.devices.edu import DESC, STATUS_DONE, VEC_DMA, VEC_FACT, EduDevice
 from pcidev.dma import alloc_memfd
 from pcidev.errors import TransportError
+from pcidev.host.machine import Machine
+from pcidev.host.pci import PCI_IRQ_MSIX
 from pcidev.transport.endpoint import DeviceEndpoint
 from pcidev.transport.fdpass import close_fds, send_all
 from pcidev.transport.vfio_user import protocol
 from pcidev.transport.vfio_user.client import RegionInfo, VfioUserClient, wait_eventfd
 from pcidev.transport.vfio_user.protocol import VfioUserError
+from pcidev.transport.vfio_user.remote import VfioUserDevice
 from pcidev.transport.vfio_user.server import VfioUserServer
 
 PCI_CAP_ID_MSIX = 0x11
@@ -435,3 +438,37 @@ def test_end_to_end_guest_ram_dma_and_msix_against_pcidev_serve(
     finally:
         ram.close()
         close_fds([ram_fd, *fds])
+
+
+def test_the_software_host_drives_a_served_device_through_vfio_user(
+        served_edu: tuple[str, subprocess.Popen[str]]) -> None:
+    """``Machine.plug(VfioUserDevice.connect(path))``: the host's driver-side code
+    (BAR assignment, bus mastering, MSI-X set-up) works on a device in another process;
+    the machine's RAM is the device's DMA memory, its interrupts arrive as the MSI-X
+    messages the host programmed."""
+    path, proc = served_edu
+    with Machine(ram_size=16 << 20) as machine:
+        with VfioUserDevice.connect(path) as remote:
+            assert (remote.vendor_id, remote.device_id, remote.msix_vectors) == (0x1234, 0x11E8, 2)
+            pdev = machine.plug(remote)
+            assert pdev.vendor == 0x1234
+            pdev.enable_device()
+            pdev.set_master()
+            assert pdev.alloc_irq_vectors(1, 2, PCI_IRQ_MSIX) == 2
+            assert pdev.ioread32(0, 0x00) == 0x010000ED
+            pdev.iowrite32(0, 0x60, 1)  # IRQ_RAISE: vector 1
+            assert pdev.wait_irq(VEC_FACT, 10)
+            pdev.iowrite32(0, 0x64, 1)
+            data = os.urandom(8192)
+            ring, src, dst = machine.alloc(4096), machine.alloc(len(data)), machine.alloc(len(data))
+            machine.write(src, data)
+            machine.write(ring, DESC.pack(src, dst, len(data), 1, 0, 0))
+            pdev.lo_hi_writeq(0, 0x100, ring)
+            pdev.iowrite32(0, 0x108, 4)
+            pdev.iowrite32(0, 0x114, 1)
+            pdev.iowrite32(0, 0x10C, 1)
+            assert pdev.wait_irq(VEC_DMA, 10)
+            assert machine.read(dst, len(data)) == data
+            assert struct.unpack("<II", machine.read(ring + 0x18, 8)) == (STATUS_DONE, crc32c.crc32c(data))
+            assert pdev.recorder.stray == 0
+    assert proc.wait(20) == 0

@@ -1,0 +1,196 @@
+"""The software host's view of a device served over vfio-user: :class:`VfioUserDevice`.
+
+:class:`VfioUserDevice` has the surface :class:`pcidev.host.Machine` drives
+(``realize``/``attach``/``config_read``/``config_write``/``bar_read``/``bar_write``/
+``rom_read``), so ``machine.plug(VfioUserDevice.connect(path))`` drives a device that
+``pcidev serve --vfio-user PATH`` serves in another process, the way QEMU's
+``vfio-user-pci`` does: the machine's guest RAM is passed to the server as memfds
+(``DMA_MAP``), each MSI-X vector gets an eventfd (``DEVICE_SET_IRQS``), BAR writes are
+posted, and the MSI-X table is shadowed here so that a vector's eventfd becomes the
+message (address, data) the host programmed into that table entry.
+
+INTx: vfio-user signals an assertion through the eventfd and has no message for the
+deassertion, so each signal is delivered to the sink as a pulse (``intx(True)`` then
+``intx(False)``). MSI (not MSI-X) is not routed.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+from types import TracebackType
+
+from pcidev.dma import GuestMemory
+from pcidev.errors import TransportError
+from pcidev.irq import InterruptSink
+from pcidev.pci.capabilities.msix import ENTRY_SIZE, TABLE
+from pcidev.transport.fdpass import close_fds
+from pcidev.transport.vfio_user import protocol
+from pcidev.transport.vfio_user.client import VfioUserClient
+
+__all__ = ["VfioUserDevice"]
+
+_PCI_CAP_ID_MSIX = 0x11
+_EVENTFD_FLAGS = os.EFD_CLOEXEC | os.EFD_NONBLOCK
+
+
+class VfioUserDevice:
+    """A device in another process, reached over vfio-user, for :meth:`pcidev.host.Machine.plug`.
+
+    :param client: a connected client after VERSION (owned from now on; closed by :meth:`close`).
+    :raises TransportError: the server is not a PCI device.
+    """
+
+    realized = True
+
+    def __init__(self, client: VfioUserClient) -> None:
+        self.client = client
+        info = client.device_info()
+        if not info.flags & protocol.DEVICE_FLAGS_PCI:
+            raise TransportError("vfio-user: the server's device is not a PCI device")
+        self.vendor_id = client.config_read(0x00, 2)
+        self.device_id = client.config_read(0x02, 2)
+        self.msix_vectors = client.irq_info(protocol.IRQ_MSIX).count if info.num_irqs > protocol.IRQ_MSIX else 0
+        self.has_intx = client.irq_info(protocol.IRQ_INTX).count > 0 if info.num_irqs > protocol.IRQ_INTX else False
+        #: (BAR, offset) of the MSI-X table, if the device has one
+        self.msix_table: tuple[int, int] | None = None
+        pos = client.find_capability(_PCI_CAP_ID_MSIX) if self.msix_vectors else None
+        if pos is not None:
+            table = client.config_read(pos + TABLE, 4)
+            self.msix_table = (table & 7, table & ~7)
+        self._shadow = bytearray(self.msix_vectors * ENTRY_SIZE)
+        self._sink: InterruptSink | None = None
+        self._vector_fds: list[int] = []
+        self._intx_fd: int | None = None
+        self._thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._closing = False
+
+    @classmethod
+    def connect(cls, path: str | os.PathLike[str], *, timeout: float = 10.0) -> VfioUserDevice:
+        """Connect to the vfio-user socket ``path``, negotiate, and read the device's identity.
+
+        :param path: the socket of ``pcidev serve --vfio-user PATH`` (or any vfio-user server).
+        :param timeout: seconds each request may take (see :class:`VfioUserClient`).
+        :raises TransportError: nobody serves there, or the server misbehaved.
+        """
+        client = VfioUserClient.connect(path, timeout=timeout)
+        try:
+            return cls(client)
+        except BaseException:
+            client.close()
+            raise
+
+    def __repr__(self) -> str:
+        return f"<VfioUserDevice {self.vendor_id:04x}:{self.device_id:04x}>"
+
+    # -- the device surface the host uses ---------------------------------------------
+    def realize(self) -> None:
+        """Nothing to do: the device was realized in its own process."""
+
+    def config_read(self, offset: int, size: int) -> int:
+        """A configuration read (``REGION_READ`` of the config region)."""
+        return self.client.config_read(offset, size)
+
+    def config_write(self, offset: int, size: int, value: int) -> None:
+        """A configuration write (acknowledged)."""
+        self.client.config_write(offset, size, value)
+
+    def bar_read(self, index: int, offset: int, size: int, *, check_decode: bool = True) -> int:
+        """A BAR read (``REGION_READ``); ``check_decode`` is the server's business."""
+        return self.client.read_int(index, offset, size)
+
+    def bar_write(self, index: int, offset: int, size: int, value: int, *, check_decode: bool = True) -> None:
+        """A posted BAR write; writes to the MSI-X table are also kept in the shadow table."""
+        if self.msix_table is not None and index == self.msix_table[0]:
+            rel = offset - self.msix_table[1]
+            if 0 <= rel and rel + size <= len(self._shadow):
+                self._shadow[rel:rel + size] = (value & ((1 << 8 * size) - 1)).to_bytes(size, "little")
+        self.client.write_int(index, offset, size, value, posted=True)
+
+    def rom_read(self, offset: int, size: int) -> int:
+        """An expansion ROM read."""
+        return self.client.read_int(protocol.ROM_REGION, offset, size)
+
+    def route(self, vector: int) -> tuple[int, int]:
+        """The MSI-X message ``(address, data)`` the host programmed for ``vector``."""
+        base = vector * ENTRY_SIZE
+        lo, hi, data = (int.from_bytes(self._shadow[base + i:base + i + 4], "little") for i in (0, 4, 8))
+        return hi << 32 | lo, data
+
+    # -- attach: memory and interrupts ----------------------------------------------------
+    def attach(self, memory: GuestMemory | None, sink: InterruptSink | None) -> None:
+        """Give the server ``memory``'s regions (``DMA_MAP`` of their memfds) and route
+        the device's MSI-X vectors and INTx to ``sink`` through eventfds.
+
+        :param memory: the host's guest memory (None: none).
+        :param sink: where interrupts go (None: nowhere).
+        """
+        if memory is not None:
+            for region, fd in memory.fds():
+                self.client.dma_map(region.gpa, region.size, fd, region.fd_offset, writable=region.writable)
+        self._sink = sink
+        if sink is None or self._thread is not None:
+            return
+        self._vector_fds = [os.eventfd(0, _EVENTFD_FLAGS) for _ in range(self.msix_vectors)]
+        if self._vector_fds:
+            self.client.set_irq_eventfds(protocol.IRQ_MSIX, self._vector_fds)
+        if self.has_intx:
+            self._intx_fd = os.eventfd(0, _EVENTFD_FLAGS)
+            self.client.set_irq_eventfds(protocol.IRQ_INTX, [self._intx_fd])
+        self._thread = threading.Thread(target=self._irq_loop, name="vfio-user-irq", daemon=True)
+        self._thread.start()
+
+    def _irq_loop(self) -> None:
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        fd_vector = {fd: v for v, fd in enumerate(self._vector_fds)}
+        for fd in fd_vector:
+            poller.register(fd, select.POLLIN)
+        if self._intx_fd is not None:
+            poller.register(self._intx_fd, select.POLLIN)
+        while not self._closing:
+            for fd, _ev in poller.poll(1000):
+                if fd == self._wake_r:
+                    continue
+                try:
+                    count = os.eventfd_read(fd)
+                except OSError:
+                    continue
+                sink = self._sink
+                if sink is None:
+                    continue
+                if fd == self._intx_fd:
+                    sink.intx(True)
+                    sink.intx(False)
+                    continue
+                vector = fd_vector[fd]
+                address, data = self.route(vector)
+                for _ in range(count):
+                    sink.msi(vector, address, data)
+
+    # -- teardown -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop interrupt delivery, close the connection and the eventfds. Idempotent."""
+        if self._closing:
+            return
+        self._closing = True
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(2.0)
+        self.client.close()
+        close_fds(self._vector_fds + ([self._intx_fd] if self._intx_fd is not None else []))
+        self._vector_fds = []
+        self._intx_fd = None
+        close_fds([self._wake_r, self._wake_w])
+
+    def __enter__(self) -> VfioUserDevice:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
