@@ -221,6 +221,26 @@ def test_msix_and_intx_eventfds(edu: Served) -> None:
         close_fds([*fds, intx])
 
 
+def test_requests_from_several_threads_are_serialized(edu: Served) -> None:
+    client, _ep, _server = edu
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            for i in range(50):
+                client.write_int(0, 0x04, 4, n << 8 | i)
+                assert client.config_read(0x00, 2) == 0x1234
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == [] and not client.closed
+
+
 def test_context_manager_closes_and_a_closed_client_refuses(edu: Served) -> None:
     client, _ep, _server = edu
     with client as c:
@@ -279,9 +299,13 @@ def test_a_trickling_server_cannot_stretch_the_deadline(fake: tuple[VfioUserClie
     t.join(5)
 
 
-@pytest.mark.parametrize("case", ["wrong id", "wrong command", "a command", "short", "oversized", "tiny size",
-                                  "error without errno", "closed"])
-def test_a_malformed_reply_is_one_transport_error(fake: tuple[VfioUserClient, socket.socket], case: str) -> None:
+@pytest.mark.parametrize(("case", "message"), [
+    ("wrong id", "does not answer request id 1"), ("wrong command", "does not answer request id 1"),
+    ("a command", "type 0 does not answer"), ("short", "reply of 8 bytes, need 16"),
+    ("oversized", "exceeds the maximum"), ("tiny size", "smaller than its header"),
+    ("error without errno", "malformed error reply"), ("closed", "closed the connection")])
+def test_a_malformed_reply_is_one_transport_error(fake: tuple[VfioUserClient, socket.socket], case: str,
+                                                  message: str) -> None:
     client, server = fake
     good = protocol.DEVICE_INFO_S.pack(16, 3, 9, 5)
     raw = {
@@ -297,10 +321,11 @@ def test_a_malformed_reply_is_one_transport_error(fake: tuple[VfioUserClient, so
     server.sendall(raw)
     if case == "closed":
         server.shutdown(socket.SHUT_WR)
-    with pytest.raises(TransportError) as info:
+    start = time.monotonic()
+    with pytest.raises(TransportError, match=message) as info:
         client.device_info()
     assert not isinstance(info.value, VfioUserError)
-    assert client.closed
+    assert client.closed and time.monotonic() - start < 0.25  # at once, not by the timeout
 
 
 def test_an_error_reply_is_a_vfio_user_error(fake: tuple[VfioUserClient, socket.socket]) -> None:
