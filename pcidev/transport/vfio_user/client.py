@@ -1,6 +1,6 @@
 """A vfio-user client: drive a device served by ``pcidev serve --vfio-user`` as QEMU would.
 
-:class:`VfioUserClient` speaks the client side of the protocol in :mod:`.protocol`:
+:class:`VfioUserClient` speaks the client side of the protocol in :mod:`~pcidev.transport.vfio_user.protocol`:
 one request at a time (a lock serializes callers), every reply checked against
 the request's id and command. Guest RAM is a memfd passed with ``SCM_RIGHTS``
 (:meth:`VfioUserClient.dma_map`), interrupts are eventfds
@@ -9,7 +9,7 @@ the request's id and command. Guest RAM is a memfd passed with ``SCM_RIGHTS``
 Errors are typed:
 
 * the server refused a request: :class:`~pcidev.transport.vfio_user.protocol.VfioUserError`
-  with the :attr:`~pcidev.transport.vfio_user.protocol.VfioUserError.errno` it replied;
+  with the ``errno`` it replied;
   the connection stays usable;
 * the connection broke, a reply did not come within the timeout, or the server sent
   something malformed (a short message, a wrong id, a size beyond the negotiated
@@ -109,7 +109,7 @@ class RegionInfo:
     :ivar index: the region (``BAR0_REGION`` .. ``VGA_REGION``).
     :ivar flags: ``REGION_FLAG_*``.
     :ivar size: bytes (0: the region does not exist).
-    :ivar offset: where the region starts in :attr:`fd` (mmap offset).
+    :ivar offset: where the region starts in ``fd`` (mmap offset).
     :ivar sparse_areas: ``(offset, size)`` parts of the region that may be mmapped.
     :ivar fd: the descriptor to mmap, if the server sent one; the caller owns it.
     """
@@ -402,7 +402,7 @@ class VfioUserClient:
         Asks again with a larger buffer when the server says its answer needs one,
         as QEMU does.
 
-        :returns: the region; its :attr:`RegionInfo.fd` (if any) is the caller's.
+        :returns: the region; its ``fd`` (if any) is the caller's.
         """
         argsz = protocol.REGION_INFO_S.size
         for _attempt in range(2):

@@ -72,7 +72,7 @@ class VfioUserDevice:
         """Connect to the vfio-user socket ``path``, negotiate, and read the device's identity.
 
         :param path: the socket of ``pcidev serve --vfio-user PATH`` (or any vfio-user server).
-        :param timeout: seconds each request may take (see :class:`VfioUserClient`).
+        :param timeout: seconds each request may take (see :class:`~pcidev.transport.vfio_user.client.VfioUserClient`).
         :raises TransportError: nobody serves there, or the server misbehaved.
         """
         client = VfioUserClient.connect(path, timeout=timeout)

@@ -497,3 +497,15 @@ def test_the_software_host_drives_a_served_device_through_vfio_user(
             assert struct.unpack("<II", machine.read(ring + 0x18, 8)) == (STATUS_DONE, crc32c.crc32c(data))
             assert pdev.recorder.stray == 0
     assert proc.wait(20) == 0
+
+
+def test_too_many_fds_in_a_reply_is_a_transport_error_and_leaks_none(
+        fake: tuple[VfioUserClient, socket.socket]) -> None:
+    client, server = fake
+    fds = [os.eventfd(0) for _ in range(12)]
+    before = _open_fds()
+    send_all(server, protocol.reply(1, protocol.DEVICE_GET_REGION_INFO, b"\0" * 32), fds)
+    close_fds(fds)
+    with pytest.raises(TransportError, match="file descriptors"):
+        client.region_info(0)
+    assert client.closed and _open_fds() < before
