@@ -46,6 +46,7 @@ from pcidev.transport.vfio_user import protocol
 from pcidev.transport.vfio_user.protocol import VfioUserError
 
 __all__ = [
+    "DEFAULT_MAX_DATA_XFER_SIZE",
     "DeviceInfo",
     "IrqInfo",
     "RegionInfo",
@@ -58,7 +59,7 @@ __all__ = [
 DEFAULT_MAX_DATA_XFER_SIZE = 1 << 20
 #: reply bytes beyond the data size a reply may carry (its own fixed fields, capabilities)
 _SLACK = 4096
-#: the most descriptors accepted with one reply (GET_REGION_INFO sends one)
+#: the most descriptors accepted with one reply (GET_REGION_INFO sends one; announced in VERSION)
 _MAX_REPLY_FDS = 8
 _PCI_CAP_LIST = 0x34
 _PCI_STATUS_CAP_LIST = 0x10
@@ -345,7 +346,7 @@ class VfioUserClient:
         :returns: the server's capabilities (``{}`` if it sent none).
         :raises VfioUserError: the server refused the version.
         """
-        mine = caps if caps is not None else {"max_msg_fds": 16,
+        mine = caps if caps is not None else {"max_msg_fds": _MAX_REPLY_FDS,
                                               "max_data_xfer_size": self.max_data_xfer_size}
         text = json.dumps({"capabilities": mine}, separators=(",", ":")).encode() + b"\0"
         rep = self.request(protocol.VERSION, protocol.VERSION_HDR.pack(0, 0) + text)

@@ -509,3 +509,9 @@ def test_too_many_fds_in_a_reply_is_a_transport_error_and_leaks_none(
     with pytest.raises(TransportError, match="file descriptors"):
         client.region_info(0)
     assert client.closed and _open_fds() < before
+
+
+def test_the_client_announces_what_it_accepts(edu: Served) -> None:
+    client, _ep, server = edu
+    client.version()
+    assert server.client_caps == {"max_msg_fds": 8, "max_data_xfer_size": 1 << 20}
