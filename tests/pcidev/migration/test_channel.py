@@ -247,9 +247,26 @@ def test_refusal_sent_before_the_stream_is_read_reaches_the_source(source):
     assert dev.process() == 1  # and it keeps working
 
 
-def test_refusal_at_the_offer_wins_over_the_blocked_stream(source):
+def _small_buffer_pair(family):
+    """A connected pair whose buffers are the kernel's minimum (smaller than an edu stream)."""
+    if family == "unix":
+        a, b = socket.socketpair()
+    else:
+        lsock = socket.create_server(("127.0.0.1", 0))
+        a = socket.socket()
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
+        a.connect(lsock.getsockname())
+        b, _ = lsock.accept()
+        lsock.close()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+    return a, b
+
+
+@pytest.mark.parametrize("family", ["unix", "tcp"])
+def test_refusal_at_the_offer_wins_over_the_blocked_stream(source, family):
     """A real destination of another device type refuses after the OFFER while the
-    source is still sending a stream larger than the socket buffer: the source
+    source is still sending a stream larger than the socket buffers: the source
     reports the refusal (50 times in a row), not the failed send."""
 
     class Other(EduDevice):
@@ -257,9 +274,7 @@ def test_refusal_at_the_offer_wins_over_the_blocked_stream(source):
 
     dev = source.device
     for i in range(50):
-        a, b = socket.socketpair()
-        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # the kernel's minimum
-        b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+        a, b = _small_buffer_pair(family)
 
         def destination(b=b):
             try:
