@@ -263,8 +263,8 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
     size = 0
     try:
         sock.settimeout(timeout)
-        deadline = time.monotonic() + timeout
         stream, fds = save_device_stream(device)
+        deadline = time.monotonic() + timeout  # for the reply to a failed send
         size = len(stream)
         pass_fds = is_unix(sock)
         nfds = len(fds) if pass_fds else 0
