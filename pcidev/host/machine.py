@@ -188,25 +188,25 @@ class Machine:
         """Read ``size`` bytes at bus address ``addr`` from whichever BAR decodes it."""
         pdev, (bar, off) = self._route(addr, size, False)
         if isinstance(bar, str):  # "rom"
-            return pdev.device.rom_read(off, size)
-        return pdev.device.bar_read(bar, off, size)
+            return pdev.rom_read(off, size)
+        return pdev.bar_read(bar, off, size)
 
     def mmio_write(self, addr: int, size: int, value: int) -> None:
         """Write to bus address ``addr``."""
         pdev, (bar, off) = self._route(addr, size, False)
         if isinstance(bar, str):  # "rom"
             return
-        pdev.device.bar_write(bar, off, size, value)
+        pdev.bar_write(bar, off, size, value)
 
     def io_read(self, port: int, size: int) -> int:
         pdev, (bar, off) = self._route(port, size, True)
         assert isinstance(bar, int)  # the ROM decodes memory only
-        return pdev.device.bar_read(bar, off, size)
+        return pdev.bar_read(bar, off, size)
 
     def io_write(self, port: int, size: int, value: int) -> None:
         pdev, (bar, off) = self._route(port, size, True)
         assert isinstance(bar, int)  # the ROM decodes memory only
-        pdev.device.bar_write(bar, off, size, value)
+        pdev.bar_write(bar, off, size, value)
 
     def close(self) -> None:
         """Close remote devices, then release guest RAM."""

@@ -5,15 +5,26 @@ size and assign BARs (``enable_device``), enable bus mastering (``set_master``),
 program MSI-X / MSI / INTx (``alloc_irq_vectors``), access BARs
 (``ioread32``/``iowrite32``...), walk capabilities and reset the function.
 Interrupts the device sends are recorded per host vector and can be waited on.
+
+Every access the host makes to an in-process :class:`~pcidev.device.PciDevice`
+(configuration and BAR reads and writes, expansion ROM reads, and so the resets
+they trigger: FLR, D3hot to D0 without No_Soft_Reset) holds :attr:`PciDevice.lock
+<pcidev.device.PciDevice.lock>`, exactly as a transport's
+:class:`~pcidev.transport.endpoint.DeviceEndpoint` does: a device whose worker
+thread holds the lock while it changes its state never has a guest access land
+in the middle of the change, whichever host drives it. A remote device's server
+takes the lock on its side.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
+from pcidev.device import PciDevice
 from pcidev.dma import GuestMemory
 from pcidev.errors import IrqError, PcidevError
 from pcidev.pci import ids
@@ -84,9 +95,14 @@ class InterruptRecorder:
         self.callbacks: dict[int, Callable[[int], object]] = {}
         self._cond = threading.Condition()
 
+    # Called by the device, often from a worker thread holding ``device.lock`` and
+    # ``device.irq.lock``: only the recorder's own condition is taken (never while
+    # calling back into anything), and a callback runs with no recorder lock held,
+    # so no lock is ever taken in the opposite order.
     def msi(self, vector: int, address: int, data: int) -> None:
         if address & ~0xFFFFF != MSI_ADDRESS:
-            self.stray += 1
+            with self._cond:
+                self.stray += 1
             return
         cb = self.callbacks.get(data)
         with self._cond:
@@ -128,11 +144,24 @@ class InterruptRecorder:
             return True
 
 
+_T = TypeVar("_T")
+
+
 class HostPciDevice:
-    """The host's handle on one plugged device."""
+    """The host's handle on one plugged device.
+
+    The bus cycles (:meth:`config_read`, :meth:`config_write`, :meth:`bar_read`,
+    :meth:`bar_write`, :meth:`rom_read`) are the only way the host reaches the
+    device; each holds the device's lock (see the module documentation).
+
+    :param machine: the machine the device is plugged in.
+    :param device: an in-process device or a remote proxy.
+    :param slot: the slot number on the machine.
+    """
 
     def __init__(self, machine: HostBus, device: HostedDevice, slot: int) -> None:
         self.machine = machine
+        self._lock: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         self.device = device
         self.slot = slot
         self.recorder = InterruptRecorder()
@@ -142,24 +171,62 @@ class HostPciDevice:
         self.nvec = 0
         self._consumed: dict[int, int] = {}
 
+    @property
+    def device(self) -> HostedDevice:
+        """The device this handle drives (settable: a test may swap in a migrated copy)."""
+        return self._device
+
+    @device.setter
+    def device(self, device: HostedDevice) -> None:
+        self._device = device
+        # an in-process device: hold its lock like a transport; a remote proxy: its
+        # server holds the lock in the device's process
+        self._lock = device.lock if isinstance(device, PciDevice) else contextlib.nullcontext()
+
+    # -- bus cycles: every access to the device goes through _access -------------------------
+    def _access(self, op: Callable[..., _T], *args: int) -> _T:
+        """Call one of the device's access methods with the device's lock held."""
+        with self._lock:
+            return op(*args)
+
+    def config_read(self, off: int, size: int) -> int:
+        """A configuration read of ``size`` bytes at ``off``."""
+        return self._access(self._device.config_read, off, size)
+
+    def config_write(self, off: int, size: int, value: int) -> None:
+        """A configuration write."""
+        self._access(self._device.config_write, off, size, value)
+
+    def bar_read(self, bar: int, off: int, size: int) -> int:
+        """A read of BAR ``bar`` at ``off`` (by BAR and offset, as the bus routes it)."""
+        return self._access(self._device.bar_read, bar, off, size)
+
+    def bar_write(self, bar: int, off: int, size: int, value: int) -> None:
+        """A write to BAR ``bar`` at ``off``."""
+        self._access(self._device.bar_write, bar, off, size, value)
+
+    def rom_read(self, off: int, size: int) -> int:
+        """An expansion ROM read."""
+        return self._access(self._device.rom_read, off, size)
+
     # -- configuration space -----------------------------------------------------------------
     def config_read8(self, off: int) -> int:
-        return self.device.config_read(off, 1)
+        return self.config_read(off, 1)
 
     def config_read16(self, off: int) -> int:
-        return self.device.config_read(off, 2)
+        return self.config_read(off, 2)
 
     def config_read32(self, off: int) -> int:
-        return self.device.config_read(off, 4)
+        return self.config_read(off, 4)
 
     def config_write8(self, off: int, v: int) -> None:
-        self.device.config_write(off, 1, v)
+        self.config_write(off, 1, v)
 
     def config_write16(self, off: int, v: int) -> None:
-        self.device.config_write(off, 2, v)
+        self.config_write(off, 2, v)
 
     def config_write32(self, off: int, v: int) -> None:
-        self.device.config_write(off, 4, v)
+        self.config_write(off, 4, v)
 
     @property
     def vendor(self) -> int:

@@ -12,7 +12,9 @@ The source side, :func:`migrate_out`:
    (``SCM_RIGHTS``) on a UNIX socket;
 4. waits for the destination's acknowledgement. Until then it keeps everything;
    if anything fails (refusal, garbage, the destination dies or times out) it
-   resumes the device and raises :class:`~pcidev.errors.MigrationError`;
+   resumes the device and raises :class:`~pcidev.errors.MigrationError`. A refusal
+   (NACK) always reaches the caller with the destination's reason, even when the
+   destination refused early and closed so that the source's send broke first;
 5. after the acknowledgement it never runs the device again; it waits briefly
    for the destination's *running* notice to report the downtime.
 
@@ -203,6 +205,37 @@ def _meta(kind: int, body: bytes, keys: dict[str, type | tuple[type, ...]]) -> d
 
 
 # ------------------------------------------------------------------- source
+def _refusal(body: bytes) -> MigrationError:
+    """The error a NACK body carries, for the source's caller.
+
+    :raises TransportError: the body is not a well-formed NACK.
+    """
+    meta = _meta(NACK, body, {"error": str, "message": str})
+    return MigrationError(f"the destination refused the state: {meta['error']}: {meta['message']}")
+
+
+def _raise_refusal(sock: socket.socket, deadline: float, send_error: TransportError) -> None:
+    """After a failed send, raise the destination's refusal if it sent one.
+
+    A destination refuses as soon as it sees what it cannot accept (often the
+    OFFER) and closes without reading the rest, so the source's send breaks
+    (``EPIPE``/``ECONNRESET``) while the NACK already waits in its receive queue.
+    The refusal is what the caller must see; the broken pipe only when there is
+    no reply. Waits no longer than ``deadline`` (``CLOCK_MONOTONIC``).
+
+    :raises MigrationError: the destination refused (chained to ``send_error``).
+    """
+    try:
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        kind, body, stray = _recv(sock)
+        close_fds(stray)
+        refusal = _refusal(body) if kind == NACK else None
+    except (TransportError, OSError):
+        return
+    if refusal is not None:
+        raise refusal from send_error
+
+
 def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginManager | None = None,
                 timeout: float = 10.0, running_timeout: float = 2.0) -> MigrationResult:
     """Send ``device`` to the destination at the other end of ``sock``.
@@ -231,20 +264,25 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
     try:
         sock.settimeout(timeout)
         stream, fds = save_device_stream(device)
+        deadline = time.monotonic() + timeout  # for the reply to a failed send
         size = len(stream)
         pass_fds = is_unix(sock)
         nfds = len(fds) if pass_fds else 0
         sent = list(fds) if pass_fds else []
-        _send_meta(sock, OFFER, {"protocol": PROTOCOL_VERSION, "device_type": device.vmstate_device_type,
-                                 "stream_size": size, "fds": nfds, "boot_id": boot_id()}, sent[:SCM_MAX_FD])
-        for i in range(SCM_MAX_FD, len(sent), SCM_MAX_FD):
-            _send(sock, FDS, b"", sent[i:i + SCM_MAX_FD])
-        _send(sock, STATE, stream)
+        try:
+            _send_meta(sock, OFFER, {"protocol": PROTOCOL_VERSION, "device_type": device.vmstate_device_type,
+                                     "stream_size": size, "fds": nfds, "boot_id": boot_id()},
+                       sent[:SCM_MAX_FD])
+            for i in range(SCM_MAX_FD, len(sent), SCM_MAX_FD):
+                _send(sock, FDS, b"", sent[i:i + SCM_MAX_FD])
+            _send(sock, STATE, stream)
+        except TransportError as exc:
+            _raise_refusal(sock, deadline, exc)
+            raise
         kind, body, stray = _recv(sock)
         close_fds(stray)
         if kind == NACK:
-            meta = _meta(kind, body, {"error": str, "message": str})
-            raise MigrationError(f"the destination refused the state: {meta['error']}: {meta['message']}")
+            raise _refusal(body)
         if kind != ACK:
             raise TransportError(f"migration channel: expected ACK, got {_NAMES[kind]}")
         meta = _meta(kind, body, {"deferred": bool, "boot_id": str})

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import struct
+import threading
+import time
 
 import crc32c
 import pytest
 
+from pcidev.bar import Access, Register, RegisterMap
+from pcidev.device import PciDevice
 from pcidev.devices.edu import DESC, STATUS_BAD_LENGTH, STATUS_DMA_ERROR, STATUS_DONE, EduDevice
 from pcidev.errors import DmaError, PcidevError
 from pcidev.host import PCI_IRQ_INTX, Machine, PageAllocator
@@ -138,3 +142,115 @@ def test_machine_guards(machine) -> None:
         p.ioread32(0, 0)  # BAR not assigned yet
     with pytest.raises(PcidevError):
         machine.plug(EduDevice(), slot=p.slot)
+
+
+# ------------------------------------------------------------ the host holds device.lock
+class PairDevice(PciDevice):
+    """A worker thread keeps the register pair LO/HI equal, changing both under
+    ``device.lock`` (and yielding between the two halves), then raises MSI-X vector 0
+    with the lock still held. Reading LO yields too, so a host that did not hold the
+    lock would see the worker's change between the halves of one 64-bit read."""
+
+    TYPE_NAME = "pair"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+
+    def describe(self) -> None:
+        regs = RegisterMap(4096, name="pair-bar0")
+        regs.add(Register("LO", 0x00, 4, on_read=self._slow_read))
+        regs.add(Register("HI", 0x04, 4))
+        regs.add(Register("RAISE", 0x08, 4, Access.WO, on_write=lambda r, new, old: self.irq.notify(0)))
+        self.regs = regs
+        self.add_mem_bar(0, 4096, regs)
+        self.add_msix(1, bar=0, table_offset=0x800, pba_offset=0xC00)
+
+    @staticmethod
+    def _slow_read(reg: Register) -> int:
+        time.sleep(0)  # let another thread run mid-access
+        return reg.value
+
+    def _work(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            n = (n + 1) & 0xFFFFFFFF
+            with self.lock:
+                self.regs["LO"].value = n
+                time.sleep(0)  # let another thread run mid-update
+                self.regs["HI"].value = n
+                self.irq.notify(0)  # delivered to the host with device.lock held
+
+    def start(self) -> None:
+        self._worker = threading.Thread(target=self._work, daemon=True)
+        self._worker.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._worker is not None:
+            self._worker.join(5.0)
+
+
+def test_host_holds_device_lock_so_a_worker_pair_is_never_torn(machine) -> None:
+    """Each host access holds ``device.lock`` as the transports do: a 64-bit read of a
+    pair the worker changes under the lock is never torn. Interrupts the worker sends
+    with the lock held reach the host, whose callback may itself access the device
+    (same thread, reentrant lock), while the host thread raises interrupts from a
+    register write: no deadlock."""
+    p = machine.plug(PairDevice())
+    p.enable_device()
+    p.set_master()
+    assert p.alloc_irq_vectors(1, 1) == 1
+    from_callback: list[int] = []
+
+    def on_irq(_vector: int) -> None:  # runs in whichever thread raised it, lock held
+        if len(from_callback) < 200:
+            from_callback.append(p.ioread64(0, 0))
+
+    p.recorder.callbacks[0] = on_irq
+    dev = p.device
+    dev.start()
+    torn = []
+    try:
+        for _ in range(2000):
+            v = p.ioread64(0, 0)
+            if v & 0xFFFFFFFF != v >> 32:
+                torn.append(hex(v))
+            p.iowrite32(0, 0x08, 1)
+        assert p.wait_irq(0, timeout=5.0)
+    finally:
+        dev.stop()
+    assert not torn, f"{len(torn)} torn reads of 2000, e.g. {torn[:3]}"
+    assert from_callback and all(v & 0xFFFFFFFF == v >> 32 for v in from_callback)
+    assert p.irq_count(0) >= 2000
+
+
+def test_a_remote_proxy_is_not_locked_by_the_host(machine) -> None:
+    """Only an in-process device's lock is taken: a proxy (whose server locks on its
+    side) is driven even while something else holds the wrapped device's lock."""
+
+    class Proxy:
+        def __init__(self, dev):
+            self.dev = dev
+
+        def __getattr__(self, name):
+            return getattr(self.dev, name)
+
+    inner = EduDevice()
+    p = machine.plug(Proxy(inner))
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with inner.lock:
+            held.set()
+            release.wait(5.0)
+
+    t = threading.Thread(target=hold, daemon=True)
+    t.start()
+    try:
+        assert held.wait(5.0)
+        assert p.config_read16(0) == inner.vendor_id  # would block if the host locked
+    finally:
+        release.set()
+        t.join(5.0)

@@ -220,6 +220,96 @@ def test_destination_failing_to_adopt_nacks_and_releases(source):
     assert res.memory is not None and res.memory.closed
 
 
+def _nack_frame(message):
+    body = msgpack.packb({"error": "ConfigMismatchError", "message": message})
+    return HDR.pack(MAGIC, 5, 0, len(body)) + body
+
+
+
+def test_refusal_sent_before_the_stream_is_read_reaches_the_source(source):
+    """The destination refuses at the first message and closes without reading
+    the rest: the source's send fails (EPIPE), yet its caller gets the refusal
+    reason, never the broken pipe, every time; the source device runs again."""
+    dev = source.device
+    for i in range(50):
+        a, b = socket.socketpair()
+        try:
+            b.sendall(_nack_frame("stream is for device type 'edu', this device is 'nvme'"))
+            b.close()  # before the source sent anything: its first send fails
+            with pytest.raises(MigrationError) as info:
+                migrate_out(dev, a, timeout=2.0)
+        finally:
+            a.close()
+        text = str(info.value)
+        assert "refused the state: ConfigMismatchError: stream is for device type 'edu'" in text, text
+        assert "Broken pipe" not in text and "runs again on the source" in text
+        assert not dev.quiesced and dev.resumes == 2 + i
+    assert dev.process() == 1  # and it keeps working
+
+
+def _small_buffer_pair(family):
+    """A connected pair whose buffers are the kernel's minimum (smaller than an edu stream)."""
+    if family == "unix":
+        a, b = socket.socketpair()
+    else:
+        lsock = socket.create_server(("127.0.0.1", 0))
+        a = socket.socket()
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
+        a.connect(lsock.getsockname())
+        b, _ = lsock.accept()
+        lsock.close()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+    return a, b
+
+
+@pytest.mark.parametrize("family", ["unix", "tcp"])
+def test_refusal_at_the_offer_wins_over_the_blocked_stream(source, family):
+    """A real destination of another device type refuses after the OFFER while the
+    source is still sending a stream larger than the socket buffers: the source
+    reports the refusal (50 times in a row), not the failed send."""
+
+    class Other(EduDevice):
+        TYPE_NAME = "other"
+
+    dev = source.device
+    for i in range(50):
+        a, b = _small_buffer_pair(family)
+
+        def destination(b=b):
+            try:
+                return migrate_in(Other(), b)
+            finally:
+                b.close()  # unread stream left behind: the source's send breaks
+
+        t, got = _run_peer(destination)
+        try:
+            with pytest.raises(MigrationError, match="refused the state: ConfigMismatchError: .*"
+                                                     "stream is for device type 'edu'") as info:
+                migrate_out(dev, a, timeout=5.0)
+        finally:
+            t.join(5)
+            a.close()
+        assert "Broken pipe" not in str(info.value)
+        assert isinstance(got["error"], ConfigMismatchError)
+        assert not dev.quiesced and dev.resumes == 2 + i
+    assert dev.process() == 1
+
+
+def test_a_send_failure_without_a_reply_is_reported_as_such(source):
+    """The destination closes without a word: the transport error is what the
+    source's caller sees."""
+    a, b = socket.socketpair()
+    b.close()
+    try:
+        with pytest.raises(MigrationError, match="peer closed the connection") as info:
+            migrate_out(source.device, a, timeout=2.0)
+    finally:
+        a.close()
+    assert "refused" not in str(info.value)
+    assert not source.device.quiesced and source.device.resumes == 2
+
+
 # ------------------------------------------------------------ malformed input to the destination
 def _offer(size, nfds=0, **over):
     meta = {"protocol": 1, "device_type": "edu", "stream_size": size, "fds": nfds, "boot_id": "", **over}

@@ -14,11 +14,14 @@ from pathlib import Path
 import crc32c
 import pytest
 
-from pcidev.devices.edu import DESC, STATUS_DONE
+from pcidev.devices.edu import DESC, STATUS_DONE, EduDevice
 from pcidev.errors import MigrationError, PcidevError
 from pcidev.host import Machine
+from pcidev.migration import migrate_in
+from pcidev.transport.address import listen
 from pcidev.transport.link.process import DeviceProcess, property_string, spawn
 from pcidev.transport.link.process import main as process_main
+from pcidev.vmstate.errors import ConfigMismatchError
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
@@ -164,6 +167,54 @@ def test_source_resumes_when_the_destination_fails(tmp_path):
     finally:
         src.stop()
         victim.stop()
+
+
+def test_a_wrong_device_type_refusal_reaches_the_host_every_time(tmp_path):
+    """A destination of another device type refuses at the OFFER and closes without
+    reading the stream: each of ten migrations reports the refusal reason to the
+    host (never a broken pipe), and the source keeps its device and its workload."""
+
+    class Other(EduDevice):
+        TYPE_NAME = "other"
+
+    src = DeviceProcess("edu", f"unix:{tmp_path}/a.sock", options=EDU)
+    listener = listen(f"unix:{tmp_path}/other-in.sock")
+    refused: list[BaseException] = []
+
+    def destination(n):
+        for _ in range(n):
+            conn, _ = listener.sock.accept()
+            try:
+                migrate_in(Other(), conn)
+            except PcidevError as exc:
+                refused.append(exc)
+            finally:
+                conn.close()  # the unread stream is left behind
+
+    try:
+        with Machine(ram_size=64 << 20) as machine:
+            p = _plugged(machine, src)
+            work = Workload(machine, p, batches=12)
+            dest = threading.Thread(target=destination, args=(10,), daemon=True)
+            dest.start()
+            work.start()
+            for _ in range(10):
+                assert work.posted.acquire(timeout=20)
+                with pytest.raises(MigrationError) as info:
+                    p.device.migrate(str(listener.address), timeout=5)
+                text = str(info.value)
+                assert "refused the state: ConfigMismatchError" in text and "device type 'edu'" in text, text
+                assert "Broken pipe" not in text and "runs again on the source" in text
+            dest.join(10)
+            work.join(60)
+            assert work.error is None, work.error
+            assert (work.verified, work.mismatches) == (12 * 16, 0)
+            assert p.device.status()["state"] == "running" and p.device.info["pid"] == src.pid
+        assert len(refused) == 10 and all(isinstance(e, ConfigMismatchError) for e in refused)
+        assert src.proc.poll() is None
+    finally:
+        listener.sock.close()
+        src.stop()
 
 
 def test_migrate_edu_example_runs(capsys):

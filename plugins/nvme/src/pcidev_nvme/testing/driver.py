@@ -201,8 +201,8 @@ class NvmeDriver:
         self.cap = 0
         self.nvec = 0
         self.mdts_bytes: int | None = None
-        self._bar_write = self.device.bar_write
-        self._bar_read = self.device.bar_read
+        self._bar_write = pdev.bar_write  # the host's bus cycles (they hold device.lock)
+        self._bar_read = pdev.bar_read
         self._recorder = pdev.recorder
         self._dbbuf: tuple[int, int] | None = None
 
