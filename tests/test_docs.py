@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +77,28 @@ def test_docs_link_only_inside_the_repository() -> None:
         if "../shared/" in text or "](../" in text:
             outside.append(str(page.relative_to(ROOT)))
     assert not outside, f"pages linking outside the repository: {outside}"
+
+
+def _conf(monkeypatch: pytest.MonkeyPatch, intersphinx: str | None) -> dict[str, object]:
+    if intersphinx is None:
+        monkeypatch.delenv("PCIDEV_DOCS_INTERSPHINX", raising=False)
+    else:
+        monkeypatch.setenv("PCIDEV_DOCS_INTERSPHINX", intersphinx)
+    monkeypatch.setattr(sys, "path", list(sys.path))   # conf.py adds docs/_ext
+    namespace: dict[str, object] = {"__file__": str(DOCS / "conf.py")}
+    exec(compile((DOCS / "conf.py").read_text(encoding="utf-8"), str(DOCS / "conf.py"), "exec"), namespace)
+    return namespace
+
+
+def test_intersphinx_only_on_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _conf(monkeypatch, None)["intersphinx_mapping"] == {}
+    assert set(_conf(monkeypatch, "1")["intersphinx_mapping"]) == {"python", "pluggy", "attrs"}
+
+
+def test_nitpick_ignores_never_cover_pcidev_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    patterns = _conf(monkeypatch, None)["nitpick_ignore_regex"]
+    assert isinstance(patterns, list)
+    for target in ("socket.socket", "pluggy.PluginManager", "attrs.Attribute", "collections.abc.Mapping"):
+        assert any(re.fullmatch(t, target) for _, t in patterns), target
+    for target in ("pcidev.device.PciDevice", "pcidev_nvme.config.NvmeConfig", "PciDevice", "Machine.plug"):
+        assert not any(re.fullmatch(t, target) for _, t in patterns), target
