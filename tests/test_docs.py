@@ -102,3 +102,19 @@ def test_nitpick_ignores_never_cover_pcidev_names(monkeypatch: pytest.MonkeyPatc
         assert any(re.fullmatch(t, target) for _, t in patterns), target
     for target in ("pcidev.device.PciDevice", "pcidev_nvme.config.NvmeConfig", "PciDevice", "Machine.plug"):
         assert not any(re.fullmatch(t, target) for _, t in patterns), target
+
+
+#: The public modules that must each have an API page (docs/api/<module>.rst).
+PUBLIC_MODULES = [
+    "pcidev", "pcidev.device", "pcidev.bar", "pcidev.irq", "pcidev.dma", "pcidev.errors",
+    "pcidev.properties", "pcidev.registry", "pcidev.plugins", "pcidev.hookspecs", "pcidev.vmstate",
+    "pcidev.migration", "pcidev.pci.config", "pcidev.pci.capabilities", "pcidev.host",
+    "pcidev.transport.address", "pcidev_nvme.config", "pcidev_nvme.backends",
+]
+
+
+@pytest.mark.parametrize("module", PUBLIC_MODULES)
+def test_public_module_has_an_api_page(built_site: Path, module: str) -> None:
+    assert (DOCS / "api" / f"{module}.rst").is_file()
+    page = (built_site / "api" / f"{module}.html").read_text(encoding="utf-8")
+    assert f'id="module-{module}"' in page
