@@ -99,14 +99,14 @@ class Access(enum.Enum):
     """How a register answers the guest."""
 
     RO = "ro"      #: read-only: writes ignored
-    RW = "rw"      #: read-write (within :attr:`Register.mask`)
+    RW = "rw"      #: read-write (within ``Register.mask``)
     WO = "wo"      #: write-only: reads return 0
     RW1C = "rw1c"  #: writing 1 clears the bit
     RW1S = "rw1s"  #: writing 1 sets the bit; writing 0 has no effect
 
 
 def _all_bits_if_none(mask: int | None) -> int:
-    """Converter of :attr:`Register.mask`: ``None`` means every bit (cut to the width after init)."""
+    """Converter of ``Register.mask``: ``None`` means every bit (cut to the width after init)."""
     return -1 if mask is None else mask
 
 
@@ -122,7 +122,7 @@ class Register:
     :param access: how writes act.
     :param reset: value after reset.
     :param mask: bits a write may change (RW/RW1C/RW1S); all by default.
-    :param on_read: ``fn(reg) -> int`` computes the value read (else :attr:`value`).
+    :param on_read: ``fn(reg) -> int`` computes the value read (else ``value``).
     :param on_write: ``fn(reg, new, old)`` after a write changed (or tried) the value.
     :param index: position in a register array (e.g. doorbell number), else None.
     """
@@ -290,7 +290,7 @@ class RamBacking:
     """RAM-like BAR contents in a sealed memfd.
 
     The fd can be passed to another process, which may mmap the areas listed in
-    :attr:`sparse_areas` (all of it by default), as vfio-user's sparse mmap
+    ``sparse_areas`` (all of it by default), as vfio-user's sparse mmap
     capability describes.
 
     :param size: bytes (a multiple of the page size).

@@ -8,8 +8,8 @@ Lifecycle, as in libvfio-user: **describe → realize → attach → run**.
   BAR registers and the capability chains, and records the reset defaults;
 * :meth:`PciDevice.attach` connects guest memory and an interrupt sink (done by
   the software host or a transport);
-* the host or transport then calls :meth:`config_read`/:meth:`config_write`
-  and :meth:`bar_read`/:meth:`bar_write`.
+* the host or transport then calls :meth:`~PciDevice.config_read`/:meth:`~PciDevice.config_write`
+  and :meth:`~PciDevice.bar_read`/:meth:`~PciDevice.bar_write`.
 
 Example::
 

@@ -85,7 +85,7 @@ class EventfdSink:
 
     The eventfds may belong to another process (passed over a UNIX socket);
     each message adds 1 to the vector's counter. A vector without an eventfd is
-    dropped and counted in :attr:`dropped`, as a vfio device does when no
+    dropped and counted in ``dropped``, as a vfio device does when no
     trigger was set.
 
     :param vector_fds: vector number → eventfd.

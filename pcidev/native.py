@@ -6,7 +6,7 @@ reads and writes its integer codes byte by byte (a concurrent reader can see a t
 value; it even writes part of an out-of-range value before raising), and the GIL
 orders nothing across processes. Doorbells and completion flags in memory shared
 with another process (QEMU's vCPUs, a test peer) need exactly that, so this module
-wraps a few lines of C compiled with cffi in API mode (:mod:`pcidev._native_build`,
+wraps a few lines of C compiled with cffi in API mode (``pcidev._native_build``,
 built by ``pip install``):
 
 * :meth:`Pinned.load32` / :meth:`Pinned.load64`: one aligned load with *acquire*
@@ -48,7 +48,7 @@ Backends
 :data:`BACKEND` says which implementation is in use:
 
 ``"cffi"``
-    the compiled extension :mod:`pcidev._native` (the normal case);
+    the compiled extension ``pcidev._native`` (the normal case);
 ``"python"``
     a pure-Python fallback used when the extension cannot be imported, or when the
     environment variable ``PCIDEV_NATIVE=python`` is set before import.

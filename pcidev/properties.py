@@ -21,8 +21,7 @@ Property strings
     (``"aliases": ("namespace",)``), the help text (``"help"``) and whether
     ``describe`` shows the default in hex (``"hex": True``).
 
-Values (the same rules wherever a property appears: controller properties,
-namespace specs, backend options)
+Values (the same rules wherever a property appears: controller properties, namespace specs, backend options)
     ``int``
         decimal (``4096``, leading zeros allowed, still decimal), ``0x`` hex,
         ``0o`` octal or ``0b`` binary, optionally negative, ``_`` ignored, and an

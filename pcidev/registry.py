@@ -43,7 +43,7 @@ class ConfiguredDeviceType(Protocol):
     """A device class with a ``CONFIG_CLASS``: it is built from an instance of that
     class (``cls(config, name=...)``)."""
 
-    #: the attrs class of the type's properties (checked by :meth:`DeviceRegistry.register`)
+    #: the attrs class of the type's properties (checked by :meth:`DeviceRegistry.add_device`)
     CONFIG_CLASS: type[Any]
 
     # config: an instance of CONFIG_CLASS, whatever class each device type declares

@@ -16,7 +16,7 @@ Logging is configured here and nowhere else: warnings and errors by default,
 ``debug`` or a number).  ``--debug`` prints the traceback behind an error line.
 
 Each subcommand is one module of this package exposing a :class:`Command` named
-``COMMAND`` (see :mod:`pcidev.cli._command`); :data:`COMMAND_MODULES` lists them
+``COMMAND`` (see ``pcidev.cli._command``); :data:`COMMAND_MODULES` lists them
 explicitly.  A command returns its exit status; it reports failures by raising
 :class:`~pcidev.errors.PcidevError`: :func:`main` prints one line to standard
 error and exits with status 1.  Usage errors exit with status 2.  No traceback

@@ -3,18 +3,18 @@
 A :class:`DeviceEndpoint` wraps one device and gives a transport server (the
 device link today, vfio-user later) everything it needs, as plain method calls:
 
-* guest accesses (:meth:`config_read`, :meth:`bar_write`, ...), serialized with the
+* guest accesses (:meth:`~DeviceEndpoint.config_read`, :meth:`~DeviceEndpoint.bar_write`, ...), serialized with the
   device's background work through :attr:`PciDevice.lock
   <pcidev.device.PciDevice.lock>`;
-* guest memory (:meth:`dma_map`/:meth:`dma_unmap`, done while the device is
-  quiesced, the vfio-user rule) and interrupt eventfds (:meth:`set_irqs`), whose
+* guest memory (:meth:`~DeviceEndpoint.dma_map`/:meth:`~DeviceEndpoint.dma_unmap`, done while the device is
+  quiesced, the vfio-user rule) and interrupt eventfds (:meth:`~DeviceEndpoint.set_irqs`), whose
   file descriptors the endpoint owns;
-* the lifecycle: :meth:`start`, :meth:`migrate_to` (source) and
-  :meth:`accept_incoming` (destination), :meth:`resume_after_attach`,
-  :meth:`close`.
+* the lifecycle: :meth:`~DeviceEndpoint.start`, :meth:`~DeviceEndpoint.migrate_to` (source) and
+  :meth:`~DeviceEndpoint.accept_incoming` (destination), :meth:`~DeviceEndpoint.resume_after_attach`,
+  :meth:`~DeviceEndpoint.close`.
 
 A transport server reads a message, calls one method, and replies with the result
-or the :class:`~pcidev.errors.PcidevError` it raised. It calls :meth:`migrate_to`
+or the :class:`~pcidev.errors.PcidevError` it raised. It calls :meth:`~DeviceEndpoint.migrate_to`
 from its message loop, so no other message is read while the device moves: the
 device is quiesced at a message boundary, after every request read so far has
 been answered.

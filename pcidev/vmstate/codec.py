@@ -619,8 +619,8 @@ def decode_state(wire: Any, cls: type, *, section: str | None = None,
     :param section: section name for error messages.
     :param instance_id: instance id for error messages.
     :returns: a new state object.
-    :raises VMStateError: (a :class:`StateError` or :class:`VersionError`) naming the
-        field path.
+    :raises VMStateError: (a :class:`~pcidev.vmstate.errors.StateError` or
+        :class:`~pcidev.vmstate.errors.VersionError`) naming the field path.
     """
     try:
         return codec_for(cls).decode(wire)

@@ -152,7 +152,7 @@ def open_stream(data: Any) -> tuple[int, Any, int]:
 
     :param data: the stream (bytes-like).
     :returns: ``(format_version, decoded body, checksum)``.
-    :raises StreamError: on any envelope problem (:class:`ChecksumError` for a bad
+    :raises StreamError: on any envelope problem (:class:`~pcidev.vmstate.errors.ChecksumError` for a bad
         checksum).
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -392,7 +392,7 @@ def load(data: Any, *, device_type: str, fingerprint: Mapping[str, Any],
     :param expected: if given, the exact set of ``(name, instance_id)`` the stream
         must contain.
     :returns: the sections, in stream order.
-    :raises StreamError: envelope or header problem (:class:`ChecksumError` for a
+    :raises StreamError: envelope or header problem (:class:`~pcidev.vmstate.errors.ChecksumError` for a
         checksum mismatch).
     :raises ConfigMismatchError: different device type or configuration; the message
         names each differing item.

@@ -3,24 +3,24 @@
 A state class annotates each field with one of these types; the annotation alone
 decides how the field is checked and encoded.  All of them are ordinary
 ``typing.Annotated`` aliases, so type checkers see plain ``int``/``bytes``/``str``/
-``tuple`` (mypy with :mod:`pcidev.vmstate.mypy_plugin` for the ones taking a length):
+``tuple`` (mypy with ``pcidev.vmstate.mypy_plugin`` for the ones taking a length):
 
-=====================================  ==============================================
-annotation                             meaning
-=====================================  ==============================================
-``U8 U16 U32 U64``                     unsigned integer of that width
-``I8 I16 I32 I64``                     two's-complement signed integer of that width
-``bool`` (alias ``Bool``)              boolean (not an integer)
-``Bytes[n]``                           exactly *n* bytes
-``VarBytes[n]`` / ``bytes``            at most *n* bytes / at most 2**32-1 bytes
-``Str[n]`` / ``str``                   UTF-8 text of at most *n* / 65535 encoded bytes
-``FdRef``                              index of a file descriptor passed out of band
-``S`` (a ``@vmstate`` class)           nested structure with its own version
-``Array[T, n]``                        tuple of exactly *n* elements of type T
-``VarArray[T, n]`` / ``tuple[T, ...]`` tuple of at most *n* / any number of elements
-``Optional[T]`` / ``T | None``         as an array element or a non-structure field:
-                                       nullable; for a structure field: a subsection
-=====================================  ==============================================
+======================================  ===============================================
+annotation                              meaning
+======================================  ===============================================
+``U8 U16 U32 U64``                      unsigned integer of that width
+``I8 I16 I32 I64``                      two's-complement signed integer of that width
+``bool`` (alias ``Bool``)               boolean (not an integer)
+``Bytes[n]``                            exactly *n* bytes
+``VarBytes[n]`` / ``bytes``             at most *n* bytes / at most 2**32-1 bytes
+``Str[n]`` / ``str``                    UTF-8 text of at most *n* / 65535 encoded bytes
+``FdRef``                               index of a file descriptor passed out of band
+``S`` (a ``@vmstate`` class)            nested structure with its own version
+``Array[T, n]``                         tuple of exactly *n* elements of type T
+``VarArray[T, n]`` / ``tuple[T, ...]``  tuple of at most *n* / any number of elements
+``Optional[T]`` / ``T | None``          as an array element or a non-structure field:
+                                        nullable; for a structure field: a subsection
+======================================  ===============================================
 
 ``Array[Optional[S], n]`` (or ``VarArray``/``tuple``) with a ``@vmstate`` class ``S``
 is an *array of pointers*: each entry is present or null and the loader creates

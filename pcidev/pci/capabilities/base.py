@@ -56,7 +56,7 @@ class FunctionContext(Protocol):
 class Capability:
     """A capability in the standard list.
 
-    Subclasses set :attr:`CAP_ID` and :attr:`SIZE` and override :meth:`setup`
+    Subclasses set ``CAP_ID`` and ``SIZE`` and override :meth:`setup`
     to write their registers through the relative helpers below.
 
     :param offset: pin the capability at this byte offset (else one is chosen).

@@ -185,7 +185,7 @@ def spawn(device: str, link: str, *, options: str | Mapping[str, Any] | None = N
     :param incoming: wait for a migration on this address first.
     :param events: print JSON event lines (use ``stdout=subprocess.PIPE`` to read them).
     :param plugin_specs: ``-p`` options for the process (``no:NAME``, ``MODULE``), e.g.
-        :attr:`pcidev.cli.CliContext.plugin_specs`, so that it sees the plugins its
+        ``pcidev.cli.CliContext.plugin_specs``, so that it sees the plugins its
         starter sees; a ``MODULE`` must be importable there.
     :returns: the process.
     """

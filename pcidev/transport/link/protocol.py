@@ -11,24 +11,24 @@ has flag ``ERROR`` (2) and the body ``{"type": error class, "message": text, ...
 (``reasons`` for a blocked migration; ``reason``/``section``/``instance_id``/``path``
 for a vmstate error). Requests and their bodies:
 
-=============  ===========================================  ===========================
-type           request body (+ fds)                          reply body
-=============  ===========================================  ===========================
-1 HELLO        ``{}``                                        device info map
-2 CONFIG_READ  ``[offset, size]``                            ``[value, intx]``
-3 CONFIG_WRITE ``[offset, size, value]``                     ``[intx]``
-4 BAR_READ     ``[bar, offset, size, check_decode]``         ``[value, intx]``
-5 BAR_WRITE    ``[bar, offset, size, value, check_decode]``  ``[intx]``
-6 ROM_READ     ``[offset, size]``                            ``[value]``
-7 DMA_MAP      ``{gpa, size, fd_offset, writable, name}``    ``{}``
-               + 1 fd
-8 DMA_UNMAP    ``{gpa, size}``                               ``{}``
-9 SET_IRQS     ``{vectors: [v, ...], intx: bool}`` + one     ``{}``
-               eventfd per vector, then the INTx eventfd
-10 STATUS      ``{}``                                        ``{intx, failed, state}``
-11 MIGRATE     ``{to: address, timeout: seconds}``           migration report map
-12 RESUME      ``{}``                                        ``{resumed_at}``
-=============  ===========================================  ===========================
+==============  ============================================  =========================
+type            request body (+ fds)                          reply body
+==============  ============================================  =========================
+1 HELLO         ``{}``                                        device info map
+2 CONFIG_READ   ``[offset, size]``                            ``[value, intx]``
+3 CONFIG_WRITE  ``[offset, size, value]``                     ``[intx]``
+4 BAR_READ      ``[bar, offset, size, check_decode]``         ``[value, intx]``
+5 BAR_WRITE     ``[bar, offset, size, value, check_decode]``  ``[intx]``
+6 ROM_READ      ``[offset, size]``                            ``[value]``
+7 DMA_MAP       ``{gpa, size, fd_offset, writable, name}``    ``{}``
+                + 1 fd
+8 DMA_UNMAP     ``{gpa, size}``                               ``{}``
+9 SET_IRQS      ``{vectors: [v, ...], intx: bool}`` + one     ``{}``
+                eventfd per vector, then the INTx eventfd
+10 STATUS       ``{}``                                        ``{intx, failed, state}``
+11 MIGRATE      ``{to: address, timeout: seconds}``           migration report map
+12 RESUME       ``{}``                                        ``{resumed_at}``
+==============  ============================================  =========================
 
 ``intx`` in access replies is the device's INTx output level after the access;
 the proxy forwards changes to the host's sink. Interrupt messages travel as
@@ -138,7 +138,7 @@ def send_message(sock: socket.socket, kind: int, flags: int, mid: int, body: byt
 
     :param sock: the connection.
     :param kind: the message type.
-    :param flags: :data:`FLAG_REPLY`, :data:`FLAG_ERROR` (0 for a request).
+    :param flags: ``FLAG_REPLY``, ``FLAG_ERROR`` (0 for a request).
     :param mid: the message id (a reply repeats its request's).
     :param body: the encoded body (:func:`encode_body`).
     :param fds: descriptors to pass with the header.

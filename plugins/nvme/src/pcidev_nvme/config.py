@@ -84,7 +84,7 @@ def property_groups() -> list[tuple[str, type]]:
     """The option classes inside a namespace spec, for ``pcidev describe nvme``.
 
     :returns: ``(heading, attrs class)`` pairs: the namespace options
-        (:class:`~pcidev_nvme.namespace.NamespaceOptions`), then the options of each
+        (``pcidev_nvme.namespace.NamespaceOptions``), then the options of each
         built-in backend (:data:`~pcidev_nvme.backends.BUILTIN_BACKEND_CONFIGS`).
     """
     groups: list[tuple[str, type]] = [("namespace options (ns=KIND:...,OPTION=VALUE)", NamespaceOptions)]

@@ -183,7 +183,7 @@ class Backend(Protocol):
 class BaseBackend:
     """Convenient defaults for backends (subclassing it is optional).
 
-    Subclasses implement :meth:`readv` and :meth:`writev` and set ``size``.
+    Subclasses implement :meth:`Backend.readv` and :meth:`Backend.writev` and set ``size``.
     """
 
     kind = "base"
@@ -205,7 +205,7 @@ class BaseBackend:
         """Nothing to do for volatile or write-through backends."""
 
     def write_zeroes(self, offset: int, length: int) -> None:
-        """Write zeros with :meth:`writev` in chunks of up to 1 MiB."""
+        """Write zeros with :meth:`Backend.writev` in chunks of up to 1 MiB."""
         while length:
             n = min(length, len(ZEROS))
             self.writev([ZEROS_MV[:n]], offset)
