@@ -21,7 +21,7 @@ from pcidev import _version
 ROOT = Path(__file__).resolve().parent.parent
 
 #: The trees held to ``ruff check`` (see [tool.ruff]).
-RUFF_CHECKED = ["pcidev", "plugins", "tests", "examples"]
+RUFF_CHECKED = ["pcidev", "plugins", "tests", "examples", "docs"]
 
 #: Left out of the ruff run (nothing: keep it so).
 RUFF_EXCLUDED: list[str] = []

@@ -130,7 +130,7 @@ class Machine:
     # -- devices ---------------------------------------------------------------------------
     def plug(self, device: HostedDevice, *, slot: int | None = None) -> HostPciDevice:
         """Realize ``device``, attach RAM and an interrupt recorder, and return the
-        host-side handle (not yet enabled: call :meth:`HostPciDevice.enable_device`)."""
+        host-side handle (not yet enabled: call :meth:`~pcidev.host.pci.HostPciDevice.enable_device`)."""
         slot = len(self.devices) if slot is None else slot
         if any(d.slot == slot for d in self.devices):
             raise PcidevError(f"slot {slot} is taken")

@@ -84,7 +84,7 @@ class InterruptRecorder:
 
     For MSI-X the host programs each entry's data with the vector number; for
     MSI the low bits of the data select the vector. Messages to any address
-    other than the MSI window are counted in :attr:`stray`.
+    other than the MSI window are counted in ``stray``.
     """
 
     def __init__(self) -> None:

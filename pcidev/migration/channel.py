@@ -4,7 +4,7 @@ The source side, :func:`migrate_out`:
 
 1. collects every blocker (:func:`~pcidev.migration.blockers.collect_blockers`) *before* stopping anything,
    and refuses with :class:`~pcidev.errors.MigrationBlockedError` listing them all;
-2. quiesces the device at a consistent point (:meth:`PciDevice.quiesce`: no
+2. quiesces the device at a consistent point (:meth:`~pcidev.device.PciDevice.quiesce`: no
    request half-done; the transport has already stopped reading guest accesses at
    a message boundary);
 3. saves it (:func:`~pcidev.migration.snapshot.save_device_stream`) and sends the stream over the

@@ -52,7 +52,7 @@ from pcidev.transport.vfio_user.protocol import VfioUserError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["VfioUserServer", "serve_device"]
+__all__ = ["VfioUserServer", "listen_vfio_user", "serve_device"]
 
 #: payload bytes beyond max_data_xfer_size a message may carry (its own fixed fields)
 _SLACK = 4096
