@@ -149,3 +149,16 @@ def test_edu_dropped_by_close_leaks_no_thread(engine: bool) -> None:
     assert bool(_threads(f"edu-engine[leak{engine}]")) == engine
     dev.close()
     assert set(threading.enumerate()) <= before
+
+
+def test_stop_ends_the_thread_and_resume_starts_a_new_one() -> None:
+    with Counter() as dev:
+        dev.resume()
+        _wait(lambda: dev.count > 0)
+        first = dev.worker.thread
+        dev.worker.stop()
+        assert first is not None and not first.is_alive() and dev.worker.thread is None
+        count = dev.count
+        dev.worker.resume()
+        _wait(lambda: dev.count > count)
+        assert dev.worker.thread is not None and dev.worker.thread is not first
