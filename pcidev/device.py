@@ -69,7 +69,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from pcidev.bar import Bar, BarHandler, BarKind, RamBacking
 from pcidev.dma import GuestMemory
@@ -84,6 +84,7 @@ from pcidev.pci.capabilities.msix import MsixCapability
 from pcidev.pci.capabilities.pm import D0, PMCSR, PowerManagementCapability
 from pcidev.pci.config import ConfigSpace, ResetKind
 from pcidev.vmstate import FdRef
+from pcidev.worker import Worker
 
 __all__ = ["PciDevice", "ResetKind"]
 
@@ -164,6 +165,10 @@ class PciDevice:
         self.lock = threading.RLock()
         #: True between :meth:`quiesce` and :meth:`resume`
         self.quiesced = False
+        #: True after :meth:`close`
+        self.closed = False
+        #: the workers of :meth:`add_worker`, quiesced, resumed and closed with the device
+        self.workers: list[Worker] = []
         #: during a save by :mod:`pcidev.migration`: the descriptors the stream
         #: carries (:meth:`vmstate_fd` appends to it); None otherwise
         self.vmstate_save_fds: list[int] | None = None
@@ -238,6 +243,25 @@ class PciDevice:
         self.add_capability(PciExpressCapability(flr=flr))
         if aer:
             self.add_capability(AerCapability())
+
+    def add_worker(self, step: Callable[[], bool], *, name: str = "worker", delay: float = 0.0,
+                   idle_poll: float = 0.05) -> Worker:
+        """Add a background :class:`~pcidev.worker.Worker` running ``step`` (with
+        :attr:`lock` held) in its own thread. It starts with :meth:`resume` (a
+        transport calls it when it starts serving the device), stops stepping in
+        :meth:`quiesce`, and :meth:`close` joins its thread. Call
+        :meth:`~pcidev.worker.Worker.kick` on it when there is new work.
+
+        :param step: does a bounded piece of work; returns True if it found work,
+            False if idle.
+        :param name: the worker's name (its thread is ``NAME[DEVICE]``).
+        :param delay: seconds to sleep, without the lock, after each step that found work.
+        :param idle_poll: seconds an idle worker waits for a kick before stepping anyway.
+        :returns: the worker.
+        """
+        worker = Worker(self, step, name=name, delay=delay, idle_poll=idle_poll)
+        self.workers.append(worker)
+        return worker
 
     # -- realize ----------------------------------------------------------------------------
     def realize(self) -> None:
@@ -613,21 +637,55 @@ class PciDevice:
         return self.TYPE_NAME or type(self).__name__.lower()
 
     def quiesce(self) -> None:
-        """Stop the device at a consistent point (calls :meth:`on_quiesce`).
+        """Stop the device at a consistent point: quiesce its workers (no step in
+        progress when this returns), then call :meth:`on_quiesce`.
 
         Idempotent. The caller stops guest accesses (a transport stops reading
         its socket at a message boundary).
         """
         if not self.quiesced:
+            for worker in self.workers:
+                worker.quiesce()
             self.on_quiesce()
             with self.lock:
                 self.quiesced = True
 
     def resume(self) -> None:
-        """Start or restart the device after :meth:`quiesce` (calls :meth:`on_resume`)."""
+        """Start or restart the device after :meth:`quiesce`: call :meth:`on_resume`,
+        then resume its workers (starting their threads). Does nothing after :meth:`close`."""
+        if self.closed:
+            return
         with self.lock:
             self.quiesced = False
         self.on_resume()
+        for worker in self.workers:
+            worker.resume()
+
+    # -- teardown ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """End the device's life: close its workers (joining their threads), then call
+        :meth:`on_close`. Idempotent; the device cannot be resumed afterwards. Also
+        the end of a ``with`` block on the device.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        for worker in self.workers:
+            worker.close()
+        try:
+            self.on_close()
+        except Exception:
+            self.log.exception("on_close failed")
+
+    def on_close(self) -> None:
+        """Override: release what the device holds (threads it started itself, files,
+        backends). Called once, by :meth:`close`, after the device's workers stopped."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} {self.vendor_id:04x}:{self.device_id:04x}>"

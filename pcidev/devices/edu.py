@@ -41,8 +41,6 @@ source stopped.
 from __future__ import annotations
 
 import struct
-import threading
-import time
 from typing import Any
 
 import attrs
@@ -55,6 +53,7 @@ from pcidev.pci.config import ResetKind
 from pcidev.properties import Size, structure_config
 from pcidev.vmstate import U32, U64, vmstate
 from pcidev.vmstate.errors import StateError
+from pcidev.worker import Worker
 
 ID_VALUE = 0x010000ED
 DESC = struct.Struct("<QQII II")
@@ -161,8 +160,9 @@ class EduDevice(PciDevice):
     :param autorun: process descriptors as soon as the tail is written (else
         only in :meth:`process`, which lets tests stop it mid-ring). Ignored with
         ``engine``.
-    :param engine: process descriptors in a background worker thread, started by
-        :meth:`resume` (a transport calls it when it starts serving the device).
+    :param engine: process descriptors in a background :class:`~pcidev.worker.Worker`
+        (:attr:`worker`), started by :meth:`resume` (a transport calls it when it starts
+        serving the device) and joined by :meth:`close`.
     :param chunk: bytes the worker copies per step (a descriptor stays in flight
         over several steps).
     :param delay: seconds the worker sleeps after each step (slows it down, so a
@@ -191,10 +191,8 @@ class EduDevice(PciDevice):
         self.chunk = cfg.chunk
         self.delay = cfg.delay
         self._inflight: _Inflight | None = None
-        self._wake = threading.Condition()
-        self._paused = True
-        self._stopping = False
-        self._worker: threading.Thread | None = None
+        #: the background engine (``engine=True``), else None
+        self.worker: Worker | None = None
         super().__init__(name=name)
 
     def describe(self) -> None:
@@ -217,6 +215,8 @@ class EduDevice(PciDevice):
         self.add_msix(2, bar=0, table_offset=0x800, pba_offset=0xC00)
         self.add_msi(2)
         self.add_standard_pcie_caps()
+        if self.engine:
+            self.worker = self.add_worker(self._engine_step, name="edu-engine", delay=self.delay)
         #: descriptors completed since power-on (device-internal statistic)
         self.completed = 0
 
@@ -249,9 +249,8 @@ class EduDevice(PciDevice):
             reg.value = old
             return
         reg.value = new % size
-        if self.engine:
-            with self._wake:
-                self._wake.notify()
+        if self.worker is not None:
+            self.worker.kick()
         elif self.autorun:
             self.process()
 
@@ -345,54 +344,23 @@ class EduDevice(PciDevice):
             return done
 
     # -- background worker -------------------------------------------------------------------
-    def _worker_loop(self) -> None:
-        while True:
-            with self._wake:
-                while not self._stopping and (self._paused or not self._runnable()):
-                    self._wake.wait(0.05)
-                if self._stopping:
-                    return
-            with self.lock:
-                if self._paused or not self._runnable():
-                    continue
-                try:
-                    _finished, irq = self._step(self.chunk)
-                    if irq:
-                        self._raise(IRQ_DMA, VEC_DMA)
-                except Exception as exc:  # never let the worker die silently
-                    self.fail(exc, "DMA engine step")
-                    self._paused = True
-            if self.delay:
-                time.sleep(self.delay)
+    def _engine_step(self) -> bool:
+        """One step of the background engine (its :class:`~pcidev.worker.Worker` holds
+        :attr:`lock`): copy up to ``chunk`` bytes.
 
-    def on_resume(self) -> None:
-        if not self.engine:
-            return
-        with self._wake:
-            self._paused = False
-            self._stopping = False
-            self._wake.notify()
-        if self._worker is None or not self._worker.is_alive():
-            self._worker = threading.Thread(target=self._worker_loop, name=f"edu-engine[{self.name}]",
-                                            daemon=True)
-            self._worker.start()
-
-    def on_quiesce(self) -> None:
-        with self._wake:
-            self._paused = True
-        with self.lock:  # wait for the step in progress: the next one sees _paused
-            pass
+        :returns: whether there was work.
+        """
+        if not self._runnable():
+            return False
+        _finished, irq = self._step(self.chunk)
+        if irq:
+            self._raise(IRQ_DMA, VEC_DMA)
+        return True
 
     def stop(self) -> None:
-        """Stop the worker thread for good (the device can be resumed again later)."""
-        with self._wake:
-            self._paused = True
-            self._stopping = True
-            self._wake.notify()
-        worker = self._worker
-        if worker is not None and worker is not threading.current_thread():
-            worker.join(5.0)
-        self._worker = None
+        """Stop the worker thread (the device can be resumed again later, which starts a new one)."""
+        if self.worker is not None:
+            self.worker.stop()
 
     # -- migration ---------------------------------------------------------------------------
     def enabled_features(self) -> set[str]:

@@ -215,6 +215,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self.admin_worker.shutdown()
         self.save_state()
         self._close_namespaces()
+        super().close()
 
     def __enter__(self) -> NvmeController:
         return self
