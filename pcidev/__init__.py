@@ -39,6 +39,7 @@ from pcidev.vmstate.errors import (
     StreamError,
     VersionError,
 )
+from pcidev.worker import Worker
 
 __all__ = [
     "__version__",
@@ -65,6 +66,7 @@ __all__ = [
     "TransportError",
     "VMStateError",
     "VersionError",
+    "Worker",
     "hookimpl",
     "vmstate",
 ]

@@ -647,3 +647,4 @@ def serve_device(device: PciDevice, path: str, *, pm: pluggy.PluginManager | Non
     finally:
         listener.close()
         endpoint.close()
+        device.close()  # the device's life ends with the server: workers joined, on_close() (NVMe saves its state)

@@ -585,3 +585,25 @@ def test_serve_refuses_a_symbolic_link_and_an_empty_path(tmp_path, capsys, kind)
         status, err = _serve_cli("", capsys)
         assert "not a usable socket path" in err
     assert status == 1 and len(err.splitlines()) == 1 and "internal error" not in err
+
+
+def test_serve_device_closes_the_device_when_the_client_leaves(tmp_path):
+    """The served device's life ends with the server: close() joins its workers."""
+    import io
+
+    from pcidev.transport.vfio_user.server import listen_vfio_user, serve_device
+
+    path = str(tmp_path / "edu.sock")
+    dev = EduDevice(engine=True)
+    listener = listen_vfio_user(path)
+
+    def client() -> None:
+        with VfioUserClient.connect(path, timeout=10) as c:
+            assert c.device_info()
+
+    t = threading.Thread(target=client)
+    t.start()
+    assert serve_device(dev, path, out=io.StringIO(), listener=listener) == 0
+    t.join(10)
+    assert dev.closed
+    assert not any(th.name.startswith("edu-engine") and th.is_alive() for th in threading.enumerate())
