@@ -16,7 +16,7 @@ from typing import Any, cast
 import attrs
 
 from pcidev.device import PciDevice
-from pcidev.errors import MigrationError, PcidevError
+from pcidev.errors import IrqError, MigrationError, PcidevError
 from pcidev.host.machine import Machine
 from pcidev.host.pci import HostPciDevice
 from pcidev.migration.snapshot import load_device_stream, save_device_stream
@@ -60,8 +60,8 @@ def plugged(machine: Machine, device: str | PciDevice, props: str | Mapping[str,
     pdev.enable_device()
     pdev.set_master()
     try:
-        pdev.alloc_irq_vectors(1, vectors or 32)
-    except PcidevError:
+        pdev.alloc_irq_vectors(vectors or 1, vectors or 32)
+    except IrqError:
         if vectors:
             raise  # asked for, not available
     return pdev
@@ -122,6 +122,12 @@ def state_differences(a: Any, b: Any, *, ignore: Collection[str] = (), path: str
     return [] if a == b else [f"{path or 'state'}: {a!r} != {b!r}"]
 
 
+def _resume_if(device: PciDevice, was_running: bool) -> None:
+    """A failed round trip leaves the source as it found it, as a failed migration does."""
+    if was_running:
+        device.resume()
+
+
 def roundtrip(target: PciDevice | HostPciDevice, *, make: Callable[[], PciDevice] | None = None,
               ignore: Collection[str] = (), resume: bool = True) -> PciDevice:
     """Save a device and load the stream into a fresh device, in this process, as a
@@ -145,20 +151,27 @@ def roundtrip(target: PciDevice | HostPciDevice, *, make: Callable[[], PciDevice
     :param resume: resume the loaded device (start its background work) as a
         migration destination does.
     :returns: the loaded device.
-    :raises VMStateError: the destination refused the stream (it is torn down).
-    :raises RoundtripError: the loaded device differs from the source.
+    :raises VMStateError: the destination refused the stream (it is torn down;
+        the source is resumed if it was running, as after a failed migration).
+    :raises RoundtripError: the loaded device differs from the source (likewise).
     """
     pdev = target if isinstance(target, HostPciDevice) else None
     src = target.device if isinstance(target, HostPciDevice) else target
     if not isinstance(src, PciDevice):
         raise PcidevError(f"roundtrip(): {src!r} is not an in-process device")
+    was_running = not src.quiesced
     src.quiesce()
-    stream, fds = save_device_stream(src)
-    dest = make() if make is not None else _fresh_copy(src)
+    try:
+        stream, fds = save_device_stream(src)
+        dest = make() if make is not None else _fresh_copy(src)
+    except BaseException:
+        _resume_if(src, was_running)
+        raise
     try:
         res = load_device_stream(dest, stream, fds)
     except BaseException:
         teardown_device(dest)
+        _resume_if(src, was_running)
         raise
     # The host keeps owning guest memory and interrupts: the loaded mapping of the
     # same memfd and the eventfd duplicates are released.
@@ -175,6 +188,7 @@ def roundtrip(target: PciDevice | HostPciDevice, *, make: Callable[[], PciDevice
         problems.append("device state differs: " + "; ".join(diffs))
     if problems:
         teardown_device(dest)
+        _resume_if(src, was_running)
         raise RoundtripError(f"round trip of {src!r}: " + "; ".join(problems))
     teardown_device(src)
     if pdev is not None:

@@ -112,7 +112,26 @@ def test_a_refused_stream_raises_and_the_destination_is_torn_down(pcidev_device)
     with pytest.raises(ConfigMismatchError, match="edu.max_transfer"):
         roundtrip(edu, make=lambda: dest)
     assert edu.device is source  # the handle still drives the source
-    assert source.quiesced and dest.quiesced
+    assert not source.quiesced and dest.quiesced  # the source runs on, the destination is torn down
+
+
+def test_a_running_engine_moves_and_a_failed_roundtrip_resumes_the_source(pcidev_machine, pcidev_device):
+    edu = pcidev_device("edu", "engine=on,chunk=512")
+    edu.device.resume()  # the worker runs
+    ring = copy(pcidev_machine, edu, b"x" * 4096)
+    source = edu.device
+
+    class Smaller(EduDevice):
+        def device_fingerprint(self):
+            return {"edu.max_transfer": 4096}
+
+    with pytest.raises(ConfigMismatchError):
+        roundtrip(edu, make=lambda: Smaller(engine=True))
+    assert edu.device is source and not source.quiesced  # resumed, as after a failed migration
+    copy(pcidev_machine, edu, b"y" * 4096, slot=1, ring=ring)
+    new = roundtrip(edu)
+    assert new.engine and not new.quiesced and source.quiesced
+    copy(pcidev_machine, edu, b"z" * 4096, slot=2, ring=ring)  # the loaded device's worker copies
 
 
 def test_a_half_loaded_device_is_reported(pcidev_device, monkeypatch):
