@@ -109,7 +109,7 @@ PUBLIC_MODULES = [
     "pcidev", "pcidev.device", "pcidev.bar", "pcidev.irq", "pcidev.dma", "pcidev.errors",
     "pcidev.properties", "pcidev.registry", "pcidev.plugins", "pcidev.hookspecs", "pcidev.vmstate",
     "pcidev.migration", "pcidev.pci.config", "pcidev.pci.capabilities", "pcidev.host",
-    "pcidev.transport.address", "pcidev_nvme.config", "pcidev_nvme.backends",
+    "pcidev.transport.address", "pcidev_nvme.config", "pcidev_nvme.backends", "pcidev.testing",
 ]
 
 

@@ -43,7 +43,8 @@ def test_every_package_directory_is_listed_in_pyproject():
 
 def test_entry_point_and_script_are_declared():
     project = _pyproject()["project"]
-    assert "entry-points" not in project  # pcidev itself registers no plugin distribution
+    # pcidev itself registers no device plugin; it registers its pytest plugin (pcidev.testing)
+    assert project["entry-points"] == {"pytest11": {"pcidev": "pcidev.testing.plugin"}}
     assert project["scripts"] == {"pcidev": "pcidev.cli:main"}
 
 

@@ -1,0 +1,20 @@
+"""A testing toolkit for device authors: plug a device into the software host,
+round-trip it through save and load, and pytest fixtures for both.
+
+Installing pcidev installs the pytest plugin :mod:`pcidev.testing.plugin`
+(entry point ``pcidev`` in the ``pytest11`` group), so a project that depends on
+pcidev gets its fixtures (``pcidev_machine``, ``pcidev_registry``,
+``pcidev_device``) without configuring anything. The functions here work
+without pytest:
+
+* :func:`plugged`: build a device (by registered type name, or an instance), plug
+  it into a :class:`~pcidev.host.Machine` and enable it as a driver's probe does;
+* :func:`roundtrip`: save a device and load the stream into a fresh device of the
+  same type and configuration, as a migration does, in this process.
+"""
+
+from __future__ import annotations
+
+from pcidev.testing.harness import RoundtripError, plugged, roundtrip, state_differences, teardown_device
+
+__all__ = ["RoundtripError", "plugged", "roundtrip", "state_differences", "teardown_device"]
