@@ -68,17 +68,12 @@ def plugged(machine: Machine, device: str | PciDevice, props: str | Mapping[str,
 
 
 def teardown_device(device: PciDevice) -> None:
-    """Stop a device for good: quiesce it, then call its ``close()`` or ``stop()``
-    if it has one (a worker thread joined, files closed).
+    """Stop a device for good: :meth:`~pcidev.device.PciDevice.close` (its workers joined,
+    its ``on_close()`` run). Idempotent.
 
     :param device: the device.
     """
-    device.quiesce()
-    for name in ("close", "stop"):
-        method = getattr(device, name, None)
-        if callable(method):
-            method()
-            return
+    device.close()
 
 
 def _fresh_copy(device: PciDevice) -> PciDevice:

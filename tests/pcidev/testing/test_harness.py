@@ -112,7 +112,7 @@ def test_a_refused_stream_raises_and_the_destination_is_torn_down(pcidev_device)
     with pytest.raises(ConfigMismatchError, match="edu.max_transfer"):
         roundtrip(edu, make=lambda: dest)
     assert edu.device is source  # the handle still drives the source
-    assert not source.quiesced and dest.quiesced  # the source runs on, the destination is torn down
+    assert not source.quiesced and dest.closed  # the source runs on, the destination is torn down
 
 
 def test_a_running_engine_moves_and_a_failed_roundtrip_resumes_the_source(pcidev_machine, pcidev_device):
