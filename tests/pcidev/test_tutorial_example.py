@@ -1,5 +1,6 @@
 """examples/tutorial/scratchpad.py, the device docs/tutorial.md builds: plugged, driven,
-round-tripped and created through a registry (the tutorial includes these tests)."""
+round-tripped, migrated between device processes and created through a registry (the
+tutorial includes these tests)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ import importlib
 import sys
 from pathlib import Path
 
+import pytest
+
 from pcidev.host.machine import Machine
 from pcidev.plugins import load_registry, make_plugin_manager
 from pcidev.testing import plugged, roundtrip
+from pcidev.transport.link import RemoteDevice
+from pcidev.transport.link.process import DeviceProcess
 
 TUTORIAL = Path(__file__).resolve().parents[2] / "examples" / "tutorial"
 if str(TUTORIAL) not in sys.path:
@@ -58,4 +63,34 @@ def test_created_through_a_registry() -> None:
     with Machine(ram_size=16 << 20) as machine:
         pad = plugged(machine, "scratchpad", "magic=9", registry=registry)
         assert pad.ioread32(0, MAGIC) == 9
+# [end test]
+
+
+# [test: processes]
+def test_migrates_between_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(TUTORIAL))  # the device processes import the plugin
+    source = DeviceProcess("scratchpad", f"unix:{tmp_path}/src.sock", options="magic=5",
+                           plugin_specs=["scratchpad"])
+    dest = DeviceProcess("scratchpad", f"unix:{tmp_path}/dst.sock", options="magic=5",
+                         incoming=f"unix:{tmp_path}/migration.sock", plugin_specs=["scratchpad"])
+    try:
+        source.wait_event("ready")
+        with Machine(ram_size=16 << 20) as machine:
+            pad = machine.plug_remote(source.link, timeout=10.0)
+            pad.enable_device()
+            pad.set_master()
+            pad.alloc_irq_vectors(1, 1)
+            pad.iowrite32(0, SCRATCH0, 0xCAFE)
+            pad.iowrite32(0, DOORBELL, 1)
+            assert pad.wait_irq(0, timeout=5.0)
+            remote = pad.device
+            assert isinstance(remote, RemoteDevice)
+            remote.migrate(str(dest.wait_event("listening")["incoming"]), timeout=10.0)
+            source.proc.wait(10.0)  # the source process ends after the move
+            assert (pad.ioread32(0, SCRATCH0), pad.ioread32(0, RINGS)) == (0xCAFE, 1)
+            pad.iowrite32(0, DOORBELL, 1)  # the destination raises vector 0 now
+            assert pad.wait_irq(0, timeout=5.0) and pad.ioread32(0, RINGS) == 2
+    finally:
+        for proc in (source, dest):
+            proc.stop()
 # [end test]
