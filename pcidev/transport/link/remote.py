@@ -14,8 +14,6 @@ process (:meth:`RemoteDevice.migrate`), holding the host's accesses meanwhile.
 
 from __future__ import annotations
 
-import os
-import select
 import socket
 import threading
 import time
@@ -26,7 +24,7 @@ from pcidev.dma import GuestMemory
 from pcidev.errors import PcidevError, TransportError
 from pcidev.irq import InterruptSink
 from pcidev.transport.address import connect
-from pcidev.transport.fdpass import close_fds
+from pcidev.transport.irq_eventfds import InterruptEventfds
 from pcidev.transport.link.protocol import (
     BAR_READ,
     BAR_WRITE,
@@ -135,11 +133,8 @@ class RemoteDevice:
         self._access = threading.RLock()
         self._memory: GuestMemory | None = None
         self._sink: InterruptSink | None = None
-        self._vector_fds: list[int] = []
-        self._intx_fd: int | None = None
         self._intx = False
-        self._irq_thread: threading.Thread | None = None
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._irqs: InterruptEventfds | None = None
         self._closing = False
         #: migrations this proxy followed, oldest first (the reports)
         self.migrations: list[dict[str, Any]] = []
@@ -214,30 +209,29 @@ class RemoteDevice:
         with self._access:
             self._memory = memory
             self._sink = sink
-            if not self._vector_fds and self._intx_fd is None:
-                nvec = max(self.info["msix_vectors"], self.info["msi_vectors"])
-                flags = os.EFD_CLOEXEC | os.EFD_NONBLOCK
-                self._vector_fds = [os.eventfd(0, flags) for _ in range(nvec)]
-                self._intx_fd = os.eventfd(0, flags) if self.info["interrupt_pin"] else None
+            if self._irqs is None:
+                self._irqs = InterruptEventfds(max(self.info["msix_vectors"], self.info["msi_vectors"]),
+                                               bool(self.info["interrupt_pin"]), name=f"link-irq[{self.name}]")
             self._attach_on(self._client)
-        if self._irq_thread is None and sink is not None:
-            self._irq_thread = threading.Thread(target=self._irq_loop, name=f"link-irq[{self.name}]",
-                                                daemon=True)
-            self._irq_thread.start()
+        if sink is not None:
+            self._irqs.start(self._deliver_vector, self._deliver_intx)
 
     def _attach_on(self, client: LinkClient) -> None:
         if self._memory is not None:
             for region, fd in self._memory.fds():
                 client.request(DMA_MAP, {"gpa": region.gpa, "size": region.size, "fd_offset": region.fd_offset,
                                          "writable": region.writable, "name": region.name[:64]}, [fd])
-        vectors = list(range(len(self._vector_fds)))
+        if self._irqs is None:
+            return
+        vector_fds, intx_fd = self._irqs.vector_fds, self._irqs.intx_fd
+        vectors = list(range(len(vector_fds)))
         batch = LINK_MAX_FDS - 1
         for start in range(0, max(len(vectors), 1), batch):
             part = vectors[start:start + batch]
             last = start + batch >= len(vectors)
-            intx_fds = [self._intx_fd] if last and self._intx_fd is not None else []
+            intx_fds = [intx_fd] if last and intx_fd is not None else []
             with_intx = bool(intx_fds)
-            fds = [self._vector_fds[v] for v in part] + intx_fds
+            fds = [vector_fds[v] for v in part] + intx_fds
             if fds:
                 client.request(SET_IRQS, {"vectors": part, "intx": with_intx}, fds)
 
@@ -245,35 +239,19 @@ class RemoteDevice:
         """The ``(address, data)`` delivered for ``vector`` (see the module docstring)."""
         return MSI_ROUTE_ADDRESS, vector
 
-    def _irq_loop(self) -> None:
-        poller = select.poll()
-        poller.register(self._wake_r, select.POLLIN)
-        fd_vector = {fd: v for v, fd in enumerate(self._vector_fds)}
-        for fd in fd_vector:
-            poller.register(fd, select.POLLIN)
-        if self._intx_fd is not None:
-            poller.register(self._intx_fd, select.POLLIN)
-        while not self._closing:
-            for fd, _ev in poller.poll(1000):
-                if fd == self._wake_r:
-                    continue
-                try:
-                    count = os.eventfd_read(fd)
-                except (BlockingIOError, OSError):
-                    continue
-                sink = self._sink
-                if sink is None:
-                    continue
-                if fd == self._intx_fd:
-                    try:
-                        self.status()
-                    except PcidevError:
-                        pass
-                    continue
-                vector = fd_vector[fd]
-                address, data = self.route(vector)
-                for _ in range(count):
-                    sink.msi(vector, address, data)
+    def _deliver_vector(self, vector: int, count: int) -> None:
+        sink = self._sink
+        if sink is not None:
+            address, data = self.route(vector)
+            for _ in range(count):
+                sink.msi(vector, address, data)
+
+    def _deliver_intx(self) -> None:
+        if self._sink is not None:
+            try:
+                self.status()  # the line's level comes with the device's status
+            except PcidevError:
+                pass
 
     # -- following the device -------------------------------------------------------------------
     def _switch(self, link: str, timeout: float) -> tuple[dict[str, Any], float | None]:
@@ -347,14 +325,6 @@ class RemoteDevice:
         if self._closing:
             return
         self._closing = True
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
-        if self._irq_thread is not None and self._irq_thread is not threading.current_thread():
-            self._irq_thread.join(2.0)
+        if self._irqs is not None:
+            self._irqs.close()
         self._client.close()
-        close_fds(self._vector_fds + ([self._intx_fd] if self._intx_fd is not None else []))
-        self._vector_fds = []
-        self._intx_fd = None
-        close_fds([self._wake_r, self._wake_w])

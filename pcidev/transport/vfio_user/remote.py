@@ -17,22 +17,19 @@ deassertion, so each signal is delivered to the sink as a pulse (``intx(True)`` 
 from __future__ import annotations
 
 import os
-import select
-import threading
 from types import TracebackType
 
 from pcidev.dma import GuestMemory
 from pcidev.errors import TransportError
 from pcidev.irq import InterruptSink
 from pcidev.pci.capabilities.msix import ENTRY_SIZE, TABLE
-from pcidev.transport.fdpass import close_fds
+from pcidev.transport.irq_eventfds import InterruptEventfds
 from pcidev.transport.vfio_user import protocol
 from pcidev.transport.vfio_user.client import VfioUserClient
 
 __all__ = ["VfioUserDevice"]
 
 _PCI_CAP_ID_MSIX = 0x11
-_EVENTFD_FLAGS = os.EFD_CLOEXEC | os.EFD_NONBLOCK
 
 
 class VfioUserDevice:
@@ -61,10 +58,7 @@ class VfioUserDevice:
             self.msix_table = (table & 7, table & ~7)
         self._shadow = bytearray(self.msix_vectors * ENTRY_SIZE)
         self._sink: InterruptSink | None = None
-        self._vector_fds: list[int] = []
-        self._intx_fd: int | None = None
-        self._thread: threading.Thread | None = None
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._irqs: InterruptEventfds | None = None
         self._closing = False
 
     @classmethod
@@ -131,44 +125,27 @@ class VfioUserDevice:
             for region, fd in memory.fds():
                 self.client.dma_map(region.gpa, region.size, fd, region.fd_offset, writable=region.writable)
         self._sink = sink
-        if sink is None or self._thread is not None:
+        if sink is None or self._irqs is not None or self._closing:
             return
-        self._vector_fds = [os.eventfd(0, _EVENTFD_FLAGS) for _ in range(self.msix_vectors)]
-        if self._vector_fds:
-            self.client.set_irq_eventfds(protocol.IRQ_MSIX, self._vector_fds)
-        if self.has_intx:
-            self._intx_fd = os.eventfd(0, _EVENTFD_FLAGS)
-            self.client.set_irq_eventfds(protocol.IRQ_INTX, [self._intx_fd])
-        self._thread = threading.Thread(target=self._irq_loop, name="vfio-user-irq", daemon=True)
-        self._thread.start()
+        irqs = self._irqs = InterruptEventfds(self.msix_vectors, self.has_intx, name="vfio-user-irq")
+        if irqs.vector_fds:
+            self.client.set_irq_eventfds(protocol.IRQ_MSIX, irqs.vector_fds)
+        if irqs.intx_fd is not None:
+            self.client.set_irq_eventfds(protocol.IRQ_INTX, [irqs.intx_fd])
+        irqs.start(self._deliver_vector, self._deliver_intx)
 
-    def _irq_loop(self) -> None:
-        poller = select.poll()
-        poller.register(self._wake_r, select.POLLIN)
-        fd_vector = {fd: v for v, fd in enumerate(self._vector_fds)}
-        for fd in fd_vector:
-            poller.register(fd, select.POLLIN)
-        if self._intx_fd is not None:
-            poller.register(self._intx_fd, select.POLLIN)
-        while not self._closing:
-            for fd, _ev in poller.poll(1000):
-                if fd == self._wake_r:
-                    continue
-                try:
-                    count = os.eventfd_read(fd)
-                except OSError:
-                    continue
-                sink = self._sink
-                if sink is None:
-                    continue
-                if fd == self._intx_fd:
-                    sink.intx(True)
-                    sink.intx(False)
-                    continue
-                vector = fd_vector[fd]
-                address, data = self.route(vector)
-                for _ in range(count):
-                    sink.msi(vector, address, data)
+    def _deliver_vector(self, vector: int, count: int) -> None:
+        sink = self._sink
+        if sink is not None:
+            address, data = self.route(vector)
+            for _ in range(count):
+                sink.msi(vector, address, data)
+
+    def _deliver_intx(self) -> None:
+        sink = self._sink
+        if sink is not None:  # vfio-user has no message for the line going low: a pulse
+            sink.intx(True)
+            sink.intx(False)
 
     # -- teardown -------------------------------------------------------------------------------
     def close(self) -> None:
@@ -176,17 +153,9 @@ class VfioUserDevice:
         if self._closing:
             return
         self._closing = True
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(2.0)
+        if self._irqs is not None:
+            self._irqs.close()
         self.client.close()
-        close_fds(self._vector_fds + ([self._intx_fd] if self._intx_fd is not None else []))
-        self._vector_fds = []
-        self._intx_fd = None
-        close_fds([self._wake_r, self._wake_w])
 
     def __enter__(self) -> VfioUserDevice:
         return self
