@@ -1,15 +1,16 @@
 """Live-migrate the NVMe controller between processes while the host driver keeps
-doing verified I/O.
+doing verified I/O, with :func:`pcidev.testing.migrate_under_load`.
 
-The controller runs in its own process (``python -m pcidev.transport.link.process
---device nvme``) with a memory namespace and a file namespace; the software host
-plugs it, probes it with the host NVMe driver and keeps writing random blocks at
-queue depth ``--qd`` on ``--queues`` queues, reading each back. Meanwhile the
-controller moves to a new process ``--migrations`` times (quiesce: stop fetching,
-drain the backend I/O; save; send with RAM, the namespace memfd and the eventfds
-over a UNIX socket; load; resume). At the end every block of both namespaces is
-read and checked against its CRC-32C. Prints each migration's downtime and state
-size (exit status 1 on any mismatch or error).
+The controller runs in its own process with a memory namespace and a file
+namespace; the runner plugs it into the software host and moves it to a new
+process ``--migrations`` times (quiesce: stop fetching, drain the backend I/O;
+save; send with RAM, the namespace memfd and the eventfds; load; resume). The
+workload probes it with the host NVMe driver (:mod:`pcidev_nvme.testing.driver`)
+and, each step, writes random blocks at queue depth ``--qd`` on ``--queues``
+queues, then reads every one back and compares its CRC-32C; at the end every
+block of both namespaces is read and checked against the CRC-32C last written
+there (zeros where nothing was). Prints each migration's downtime and state size
+(exit status 1 on any mismatch or error).
 
 Run::
 
@@ -27,109 +28,100 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import crc32c
 
-from pcidev.host import Machine
-from pcidev.transport.link.process import DeviceProcess
+from pcidev.errors import PcidevError
+from pcidev.testing import MigrationRunResult, Workload, WorkloadContext, migrate_under_load
 from pcidev_nvme.testing.driver import WRITE, NvmeDriver
 
 
-def run(args: argparse.Namespace) -> dict:
+# [example: nvme workload]
+class VerifiedIo(Workload):
+    """Random writes at queue depth ``qd`` on every I/O queue, each block read back
+    and checked by its CRC-32C; :meth:`verify` checks every block of every namespace."""
+
+    def __init__(self, qd: int, queues: int) -> None:
+        self.qd, self.queues = qd, queues
+        self.crc: dict[tuple[int, int], int] = {}  # (nsid, lba) -> CRC-32C last written
+        self.commands = self.readbacks = self.blocks_checked = 0
+        self.rnd = random.Random(1)
+
+    def setup(self, ctx: WorkloadContext) -> None:
+        self.drv = NvmeDriver(ctx.machine, ctx.pdev, io_queues=self.queues, io_depth=2 * self.qd, aers=1)
+        self.drv.probe()  # enable, MSI-X, admin and I/O queues, namespaces
+        self.qids = list(range(1, self.drv.io_queue_count + 1))
+        self.buf = ctx.machine.alloc(len(self.qids) * self.qd * 4096)
+
+    def step(self, ctx: WorkloadContext) -> None:
+        drv, m, rnd = self.drv, ctx.machine, self.rnd
+        free = {n: rnd.sample(range(0, ns.nsze - 8, 8), len(self.qids) * self.qd) for n, ns in drv.namespaces.items()}
+        written = []
+        for qi, qid in enumerate(self.qids):  # qd commands in flight on each queue
+            for k in range(self.qd):
+                nsid = rnd.choice(sorted(free))
+                slba, nlb = free[nsid].pop(), rnd.choice([1, 4, 8])
+                data = os.urandom(nlb * drv.lba_size(nsid))
+                addr = self.buf + (qi * self.qd + k) * 4096
+                m.write(addr, data)
+                drv.submit_rw(qid, WRITE, nsid=nsid, slba=slba, nlb=nlb, buf=addr)
+                written.append((nsid, slba, data))
+        for qid in self.qids:
+            done = drv.reap(qid, min_completions=self.qd, timeout=30)
+            if len(done) != self.qd or not all(c.ok for c in done):
+                raise AssertionError(f"queue {qid}: {done}")
+        self.commands += len(written)
+        for nsid, slba, data in written:
+            lbs = drv.lba_size(nsid)
+            crcs = [crc32c.crc32c(data[j:j + lbs]) for j in range(0, len(data), lbs)]
+            back = drv.read(nsid, slba, len(crcs), qid=self.qids[ctx.iteration % len(self.qids)])
+            if [crc32c.crc32c(back[j:j + lbs]) for j in range(0, len(back), lbs)] != crcs:
+                raise AssertionError(f"namespace {nsid}, LBA {slba}: read back differs (CRC-32C)")
+            self.readbacks += 1
+            for j, crc in enumerate(crcs):
+                self.crc[(nsid, slba + j)] = crc
+
+    def verify(self, ctx: WorkloadContext) -> None:
+        drv = self.drv
+        for nsid, ns in sorted(drv.namespaces.items()):
+            lbs, step = ns.lba_size, 65536 // ns.lba_size
+            zero = crc32c.crc32c(bytes(lbs))
+            for slba in range(0, ns.nsze, step):
+                data = drv.read(nsid, slba, step)
+                for j in range(step):
+                    self.blocks_checked += 1
+                    if crc32c.crc32c(data[j * lbs:(j + 1) * lbs]) != self.crc.get((nsid, slba + j), zero):
+                        raise AssertionError(f"namespace {nsid}, LBA {slba + j}: CRC-32C differs at the end")
+# [end example]
+
+
+def run(args: argparse.Namespace) -> tuple[VerifiedIo, MigrationRunResult]:
+    """Run the migrations under load; returns the workload and the runner's result."""
     tmp = Path(tempfile.mkdtemp(prefix="pcidev-nvme-mig-"))
-    img = tmp / "ns.img"
-    with open(img, "wb") as f:
-        f.truncate(args.ns_size)
-    nss = ([] if args.tcp else [f"ns=mem:size={args.ns_size}"]) + [f"ns=file:path={img},size={args.ns_size}"]
-    config = (f"serial=MIGDEMO,max_ioqpairs={args.queues},msix_vectors={args.queues + 1}," + ",".join(nss))
-    opts = config
-    procs = [DeviceProcess("nvme", f"unix:{tmp}/dev0.sock", options=opts, plugin_specs=args.plugin_specs)]
-    # destinations start once the source has written the image's identity file (NGUID, EUI-64,
-    # UUID are in the fingerprint: processes creating it at the same time would disagree)
-    procs[0].wait_event("ready")
-    for i in range(1, args.migrations + 1):
-        incoming = "tcp:127.0.0.1:0" if args.tcp else f"unix:{tmp}/in{i}.sock"
-        procs.append(DeviceProcess("nvme", f"unix:{tmp}/dev{i}.sock", options=opts, incoming=incoming,
-                                   plugin_specs=args.plugin_specs))
-    reports: list[dict] = []
-    stats = {"commands": 0, "readbacks": 0, "mismatches": 0, "blocks_checked": 0, "errors": []}
     try:
-        with Machine(ram_size=128 << 20) as machine:
-            procs[0].wait_event("ready")
-            pdev = machine.plug_remote(procs[0].link, timeout=10)
-            drv = NvmeDriver(machine, pdev, io_queues=args.queues, io_depth=2 * args.qd, aers=1)
-            drv.probe()
-            crc: dict[tuple[int, int], int] = {}
-            progress = threading.Semaphore(0)
-            qids = list(range(1, drv.io_queue_count + 1))
-
-            def workload() -> None:
-                try:
-                    rnd = random.Random(1)
-                    buf = machine.alloc(len(qids) * args.qd * 4096)
-                    for r in range(args.rounds):
-                        free = {n: rnd.sample(range(0, i.nsze - 8, 8), len(qids) * args.qd)
-                                for n, i in drv.namespaces.items()}
-                        written = []
-                        for qi, qid in enumerate(qids):
-                            for k in range(args.qd):
-                                nsid = rnd.choice(sorted(free))
-                                slba, nlb = free[nsid].pop(), rnd.choice([1, 4, 8])
-                                data = os.urandom(nlb * drv.lba_size(nsid))
-                                addr = buf + (qi * args.qd + k) * 4096
-                                machine.write(addr, data)
-                                drv.submit_rw(qid, WRITE, nsid=nsid, slba=slba, nlb=nlb, buf=addr)
-                                written.append((nsid, slba, data))
-                        for qid in qids:
-                            got = drv.reap(qid, min_completions=args.qd, timeout=30)
-                            if len(got) != args.qd or not all(c.ok for c in got):
-                                raise RuntimeError(f"round {r}: queue {qid}: {got}")
-                        stats["commands"] += len(written)
-                        for nsid, slba, data in written:
-                            lbs = drv.lba_size(nsid)
-                            for j in range(len(data) // lbs):
-                                crc[(nsid, slba + j)] = crc32c.crc32c(data[j * lbs:(j + 1) * lbs])
-                            back = drv.read(nsid, slba, len(data) // lbs, qid=qids[r % len(qids)])
-                            stats["readbacks"] += 1
-                            stats["mismatches"] += back != data
-                        progress.release()
-                except BaseException as exc:
-                    stats["errors"].append(f"{type(exc).__name__}: {exc}")
-                    progress.release()
-
-            worker = threading.Thread(target=workload, daemon=True)
-            worker.start()
-            every = max(1, args.rounds // (args.migrations + 1))
-            for dest in procs[1:]:
-                ev = dest.wait_event("listening")
-                dest.incoming = ev.get("incoming", dest.incoming)
-                for _ in range(every):
-                    progress.acquire(timeout=60)
-                if stats["errors"]:
-                    break
-                reports.append(dict(pdev.device.migrate(dest.incoming, timeout=20), pid=dest.pid))
-            worker.join(300)
-            for nsid, info in sorted(drv.namespaces.items()):
-                lbs = info.lba_size
-                zero = crc32c.crc32c(bytes(lbs))
-                step = 65536 // lbs
-                for slba in range(0, info.nsze, step):
-                    data = drv.read(nsid, slba, step)
-                    for j in range(step):
-                        stats["blocks_checked"] += 1
-                        got = crc32c.crc32c(data[j * lbs:(j + 1) * lbs])
-                        stats["mismatches"] += got != crc.get((nsid, slba + j), zero)
+        img = tmp / "ns.img"
+        with open(img, "wb") as f:
+            f.truncate(args.ns_size)
+        nss = ([] if args.tcp else [f"ns=mem:size={args.ns_size}"]) + [f"ns=file:path={img},size={args.ns_size}"]
+        config = f"serial=MIGDEMO,max_ioqpairs={args.queues},msix_vectors={args.queues + 1}," + ",".join(nss)
+        workload = VerifiedIo(args.qd, args.queues)
+        # [example: run nvme]
+        result = migrate_under_load("nvme", workload, count=args.migrations, iterations=args.rounds,
+                                    properties=config, transport="tcp" if args.tcp else "unix",
+                                    plugin_specs=args.plugin_specs, ram_size=128 << 20,
+                                    probe=False)  # the NVMe driver probes the controller itself
+        # [end example]
+        return workload, result
     finally:
-        for p in procs:
-            p.stop()
-    return {"migrations": reports, **stats}
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse the options, run, report."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--migrations", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=24, help="rounds of QD writes per queue, each read back")
@@ -141,20 +133,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-p", action="append", default=[], dest="plugin_specs", metavar="no:NAME|MODULE",
                     help="plugin selection of the device processes, as pcidev -p; repeatable")
     args = ap.parse_args(argv)
-    result = run(args)
+    try:
+        workload, result = run(args)
+    except PcidevError as exc:
+        print(f"error: {exc}")
+        return 1
+    migrations = result.migrations
     if args.json:
-        print(json.dumps(result, indent=1))
+        print(json.dumps({"migrations": [dict(m.report, pid=m.destination_pid) for m in migrations],
+                          "commands": workload.commands, "readbacks": workload.readbacks,
+                          "blocks_checked": workload.blocks_checked, "mismatches": 0}, indent=1, default=str))
     else:
-        for i, r in enumerate(result["migrations"], 1):
-            print(f"migration {i}: to process {r['pid']}: downtime {r['downtime'] * 1e3:.2f} ms, "
-                  f"host accesses held {r['host_pause'] * 1e3:.2f} ms, state {r['state_size']} bytes + "
-                  f"{r['fds']} fds")
-        print(f"{result['commands']} writes at QD {args.qd} x {args.queues} queues, {result['readbacks']} read "
-              f"back, {result['blocks_checked']} blocks checked at the end: {result['mismatches']} CRC-32C mismatches")
-        for e in result["errors"]:
-            print("error:", e)
-    ok = not result["errors"] and not result["mismatches"] and len(result["migrations"]) == args.migrations
-    return 0 if ok else 1
+        for m in migrations:
+            down = f"{m.downtime * 1e3:.2f} ms" if m.downtime is not None else "n/a"
+            print(f"migration {m.index}: to process {m.destination_pid}: downtime {down}, "
+                  f"host accesses held {m.host_pause * 1e3:.2f} ms, state {m.state_size} bytes + {m.fds} fds")
+        print(f"{workload.commands} writes at QD {args.qd} x {args.queues} queues, {workload.readbacks} read "
+              f"back, {workload.blocks_checked} blocks checked at the end: 0 CRC-32C mismatches")
+    return 0 if len(migrations) == args.migrations else 1
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ software host.
    holding its accesses during the downtime.
 
 At the end every block is verified; the demo prints the downtime and state size
-of each migration. ``examples/migrate_edu.py`` runs it with options.
+of each migration. The orchestration (processes, plugging, migrating, cleaning
+up) is :func:`pcidev.testing.migrate_under_load`'s; the demo brings the DMA
+workload and the printing.
 """
 
 from __future__ import annotations
@@ -26,8 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import struct
-import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,10 +36,8 @@ import crc32c
 
 from pcidev.devices.edu import DESC, STATUS_DONE
 from pcidev.errors import PcidevError
-from pcidev.host import Machine
 from pcidev.pci import ids
-from pcidev.transport.link.process import DeviceProcess
-from pcidev.transport.link.remote import RemoteDevice
+from pcidev.testing.migration import MigrationRecord, Workload, WorkloadContext, migrate_under_load
 
 _CAP_NAMES = {int(c): c.name for c in ids.CapId}
 _EXT_NAMES = {int(c): c.name for c in ids.ExtCapId}
@@ -50,22 +48,21 @@ _STATUS_CRC = struct.Struct("<II")
 EDU_OPTIONS = {"engine": True, "chunk": 8192, "delay": 0.0005}
 
 
-class _Driver(threading.Thread):
-    """The host's DMA workload: batches of descriptors, one interrupt per batch."""
+class _DmaWorkload(Workload):
+    """The host's DMA workload: one batch of descriptors per step, one interrupt per
+    batch, every block checked with CRC-32C (mismatches are counted and reported)."""
 
-    def __init__(self, machine: Machine, pdev: Any, blocks: int, block_size: int, batch: int) -> None:
-        super().__init__(name="demo-dma", daemon=True)
-        self.machine, self.pdev = machine, pdev
+    def __init__(self, blocks: int, block_size: int, batch: int) -> None:
         self.blocks, self.block_size, self.batch = blocks, block_size, batch
         self.ring_entries = 64
         self.done = 0
         self.mismatches = 0
-        self.error: BaseException | None = None
-        self.progress = threading.Condition()
+        self.interrupts = 0
         self.max_batch_latency = 0.0
+        self.tail = 0
 
-    def setup(self) -> None:
-        m, p = self.machine, self.pdev
+    def setup(self, ctx: WorkloadContext) -> None:
+        m, p = ctx.machine, ctx.pdev
         self.ring = m.alloc(self.ring_entries * 32)
         p.iowrite64(0, 0x100, self.ring)
         p.iowrite32(0, 0x108, self.ring_entries)
@@ -77,51 +74,36 @@ class _Driver(threading.Thread):
         self.expected = [crc32c.crc32c(payload[i * self.block_size:(i + 1) * self.block_size])
                          for i in range(self.blocks)]
 
-    def run(self) -> None:
-        try:
-            self._run()
-        except BaseException as exc:  # reported by the demo
-            self.error = exc
-        with self.progress:
-            self.progress.notify_all()
+    def step(self, ctx: WorkloadContext) -> bool:
+        m, p, bs = ctx.machine, ctx.pdev, self.block_size
+        n = min(self.batch, self.blocks - self.done)
+        slots = []
+        for j in range(n):
+            i = self.done + j
+            slot = (self.tail + j) % self.ring_entries
+            m.memory.write_struct(DESC, self.ring + slot * 32, self.src + i * bs, self.dst + i * bs, bs,
+                                  1 if j == n - 1 else 0, 0, 0)
+            slots.append(slot)
+        before = p.irq_count(0)
+        t0 = time.monotonic()
+        self.tail = (self.tail + n) % self.ring_entries
+        p.iowrite32(0, 0x10C, self.tail)
+        if not p.recorder.wait(0, above=before, timeout=20.0):
+            raise TimeoutError(f"no completion interrupt for blocks {self.done}..{self.done + n - 1}")
+        self.max_batch_latency = max(self.max_batch_latency, time.monotonic() - t0)
+        for j, slot in enumerate(slots):
+            i = self.done + j
+            status, crc = _STATUS_CRC.unpack(m.read(self.ring + slot * 32 + 0x18, 8))
+            got = crc32c.crc32c(m.read(self.dst + i * bs, bs))
+            if status != STATUS_DONE or crc != self.expected[i] or got != self.expected[i]:
+                self.mismatches += 1
+        self.done += n
+        return self.done < self.blocks
 
-    def _run(self) -> None:
-        m, p, bs = self.machine, self.pdev, self.block_size
-        tail = 0
-        while self.done < self.blocks:
-            n = min(self.batch, self.blocks - self.done)
-            slots = []
-            for j in range(n):
-                i = self.done + j
-                slot = (tail + j) % self.ring_entries
-                m.memory.write_struct(DESC, self.ring + slot * 32, self.src + i * bs, self.dst + i * bs, bs,
-                                      1 if j == n - 1 else 0, 0, 0)
-                slots.append(slot)
-            before = p.irq_count(0)
-            t0 = time.monotonic()
-            tail = (tail + n) % self.ring_entries
-            p.iowrite32(0, 0x10C, tail)
-            if not p.recorder.wait(0, above=before, timeout=20.0):
-                raise TimeoutError(f"no completion interrupt for blocks {self.done}..{self.done + n - 1}")
-            self.max_batch_latency = max(self.max_batch_latency, time.monotonic() - t0)
-            for j, slot in enumerate(slots):
-                i = self.done + j
-                status, crc = _STATUS_CRC.unpack(m.read(self.ring + slot * 32 + 0x18, 8))
-                got = crc32c.crc32c(m.read(self.dst + i * bs, bs))
-                if status != STATUS_DONE or crc != self.expected[i] or got != self.expected[i]:
-                    self.mismatches += 1
-            with self.progress:
-                self.done += n
-                self.progress.notify_all()
-
-    def wait_for(self, blocks: int, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        with self.progress:
-            while self.done < blocks and self.error is None and self.is_alive():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self.progress.wait(left)
+    def verify(self, ctx: WorkloadContext) -> None:
+        if self.done < self.blocks:
+            raise PcidevError(f"the DMA workload stopped at block {self.done} of {self.blocks}")
+        self.interrupts = ctx.pdev.irq_count(0)
 
 
 def _tour(pdev: Any, out: Callable[[str], object]) -> None:
@@ -160,84 +142,45 @@ def run(blocks: int = 384, block_size: int = 65536, migrations: int = 3, *, batc
     :returns: ``{"blocks", "bytes", "mismatches", "interrupts", "seconds", "migrations": [reports]}``.
     """
     options = dict(EDU_OPTIONS if options is None else options)
-    workdir = tempfile.mkdtemp(prefix="pcidev-demo-")
-    procs: list[DeviceProcess] = []
+    workload = _DmaWorkload(blocks, block_size, batch)
     reports: list[dict[str, Any]] = []
-    try:
-        first = DeviceProcess("edu", f"unix:{workdir}/edu-0.sock", options=options, plugin_specs=plugin_specs)
-        procs.append(first)
-        # the destinations start now, each waiting for one incoming migration
-        for k in range(1, migrations + 1):
-            incoming = "tcp:127.0.0.1:0" if tcp else f"unix:{workdir}/edu-{k}-migration.sock"
-            procs.append(DeviceProcess("edu", f"unix:{workdir}/edu-{k}.sock", options=options,
-                                       incoming=incoming, plugin_specs=plugin_specs))
-        first.wait_event("ready")
-        out(f"device process {first.pid} serves edu on {first.link}; "
+    over = "TCP (no fds: the host re-attaches RAM and eventfds)" if tcp else "UNIX sockets"
+
+    def ready(ctx: WorkloadContext) -> None:
+        out(f"device process {ctx.pid} serves edu on {ctx.link}; "
             f"{migrations} more processes wait for it")
-        ram = max(64 << 20, (2 * blocks * block_size + (16 << 20) + 0xFFFFF) & ~0xFFFFF)
-        with Machine(ram_size=ram) as machine:
-            pdev = machine.plug_remote(first.link, timeout=10.0)
-            remote = pdev.device
-            if not isinstance(remote, RemoteDevice):  # plug_remote's handle holds the link proxy
-                raise PcidevError(f"plug_remote gave a {type(remote).__name__}, not a RemoteDevice")
-            _tour(pdev, out)
-            driver = _Driver(machine, pdev, blocks, block_size, batch)
-            driver.setup()
-            # the addresses the destinations listen on (the port TCP chose)
-            addresses: list[str] = [str(dest.wait_event("listening")["incoming"]) for dest in procs[1:]]
-            out(f"DMA: {blocks} blocks of {block_size} bytes, {batch} descriptors per doorbell, "
-                f"CRC-32C checked per block; migrating {migrations} times meanwhile over "
-                f"{'TCP (no fds: the host re-attaches RAM and eventfds)' if tcp else 'UNIX sockets'}")
-            t0 = time.monotonic()
-            driver.start()
-            for k in range(1, migrations + 1):
-                driver.wait_for(blocks * k // (migrations + 1))
-                if driver.error is not None or not driver.is_alive():
-                    break
-                source, dest = procs[k - 1], procs[k]
-                report = remote.migrate(addresses[k - 1], timeout=10.0)
-                loaded = dest.wait_event("incoming")
-                device_section = loaded["sections"][-1]
-                report["inflight"] = "edu/inflight" in device_section["subsections"]
-                report["blocks_done"] = driver.done
-                reports.append(report)
-                downtime = report.get("downtime")
-                shown = f"{downtime * 1e3:.1f} ms" if downtime is not None else "n/a"
-                out(f"migration {k}: process {source.pid} -> {dest.pid} at block {driver.done}: "
-                    f"downtime {shown}, host accesses held {report['host_pause'] * 1e3:.1f} ms, "
-                    f"state {report['state_size']} bytes + {report['fds']} fds, "
-                    f"descriptor in flight: {'yes' if report['inflight'] else 'no'}")
-                source.proc.wait(10.0)
-            driver.join(60.0)
-            elapsed = time.monotonic() - t0
-            if driver.error is not None:
-                raise driver.error
-            if driver.is_alive():
-                raise TimeoutError("the DMA workload did not finish")
-            mb = blocks * block_size / 1e6
-            interrupts = pdev.irq_count(0)
-            out(f"DMA: {blocks} blocks ({mb:.1f} MB) copied in {elapsed:.2f} s across {len(reports) + 1} "
-                f"processes, {interrupts} MSI-X interrupts, {driver.mismatches} CRC-32C mismatches")
-            if reports and all(r.get("downtime") is not None for r in reports):
-                downs = sorted(r["downtime"] * 1e3 for r in reports)
-                out(f"downtime (device stopped on the source -> running on the destination): "
-                    f"min {downs[0]:.1f} ms, max {downs[-1]:.1f} ms; state {reports[0]['state_size']} "
-                    f"bytes per migration")
-            return {"blocks": blocks, "bytes": blocks * block_size, "mismatches": driver.mismatches,
-                    "interrupts": interrupts, "seconds": elapsed, "migrations": reports,
-                    "max_batch_latency": driver.max_batch_latency}
-    finally:
-        for proc in procs:
-            proc.stop()
-        for name in os.listdir(workdir):
-            try:
-                os.unlink(os.path.join(workdir, name))
-            except OSError:
-                pass
-        try:
-            os.rmdir(workdir)
-        except OSError:
-            pass
+        _tour(ctx.pdev, out)
+        out(f"DMA: {blocks} blocks of {block_size} bytes, {batch} descriptors per doorbell, "
+            f"CRC-32C checked per block; migrating {migrations} times meanwhile over {over}")
+
+    def migrated(rec: MigrationRecord, ctx: WorkloadContext) -> None:
+        report = dict(rec.report)
+        report["inflight"] = "edu/inflight" in rec.sections[-1]["subsections"]
+        report["blocks_done"] = workload.done
+        reports.append(report)
+        shown = f"{rec.downtime * 1e3:.1f} ms" if rec.downtime is not None else "n/a"
+        out(f"migration {rec.index}: process {rec.source_pid} -> {rec.destination_pid} at block {workload.done}: "
+            f"downtime {shown}, host accesses held {rec.host_pause * 1e3:.1f} ms, "
+            f"state {rec.state_size} bytes + {rec.fds} fds, "
+            f"descriptor in flight: {'yes' if report['inflight'] else 'no'}")
+
+    ram = max(64 << 20, (2 * blocks * block_size + (16 << 20) + 0xFFFFF) & ~0xFFFFF)
+    result = migrate_under_load(
+        "edu", workload, count=migrations, iterations=-(-blocks // batch), transport="tcp" if tcp else "unix",
+        properties=options, plugin_specs=plugin_specs, ram_size=ram, probe=False, migration_timeout=10.0,
+        on_ready=ready, on_migration=migrated)
+    elapsed = result.seconds
+    mb = blocks * block_size / 1e6
+    out(f"DMA: {blocks} blocks ({mb:.1f} MB) copied in {elapsed:.2f} s across {len(reports) + 1} "
+        f"processes, {workload.interrupts} MSI-X interrupts, {workload.mismatches} CRC-32C mismatches")
+    if reports and all(r.get("downtime") is not None for r in reports):
+        downs = sorted(r["downtime"] * 1e3 for r in reports)
+        out(f"downtime (device stopped on the source -> running on the destination): "
+            f"min {downs[0]:.1f} ms, max {downs[-1]:.1f} ms; state {reports[0]['state_size']} "
+            f"bytes per migration")
+    return {"blocks": blocks, "bytes": blocks * block_size, "mismatches": workload.mismatches,
+            "interrupts": workload.interrupts, "seconds": elapsed, "migrations": reports,
+            "max_batch_latency": workload.max_batch_latency}
 
 
 def main(args: argparse.Namespace | None = None, *, plugin_specs: Sequence[str] = ()) -> int:

@@ -167,6 +167,12 @@ class PciDevice:
         self.quiesced = False
         #: True after :meth:`close`
         self.closed = False
+        #: True once a migration out of this process was acknowledged by its
+        #: destination (set by :func:`pcidev.migration.migrate_out`): the destination
+        #: owns the device's state from then on, so :meth:`on_close` must release what
+        #: the device holds but not persist its state (a state file, a backend's
+        #: metadata) over what the destination now writes
+        self.migrated_out = False
         #: the workers of :meth:`add_worker`, quiesced, resumed and closed with the device
         self.workers: list[Worker] = []
         #: during a save by :mod:`pcidev.migration`: the descriptors the stream
@@ -679,7 +685,12 @@ class PciDevice:
 
     def on_close(self) -> None:
         """Override: release what the device holds (threads it started itself, files,
-        backends). Called once, by :meth:`close`, after the device's workers stopped."""
+        backends). Called once, by :meth:`close`, after the device's workers stopped.
+
+        A transport closes its device when it ends (``pcidev serve``, a device-link
+        process), also after the device migrated away. Then :attr:`migrated_out`
+        is True: the destination owns the device's state, so release resources but
+        persist nothing (do not write a state file the destination now keeps)."""
 
     def __enter__(self) -> Self:
         return self

@@ -15,7 +15,9 @@ The source side, :func:`migrate_out`:
    resumes the device and raises :class:`~pcidev.errors.MigrationError`. A refusal
    (NACK) always reaches the caller with the destination's reason, even when the
    destination refused early and closed so that the source's send broke first;
-5. after the acknowledgement it never runs the device again; it waits briefly
+5. after the acknowledgement it never runs the device again (and marks it
+   :attr:`~pcidev.device.PciDevice.migrated_out`, so that closing it persists
+   nothing over the destination's state); it waits briefly
    for the destination's *running* notice to report the downtime.
 
 The destination side, :func:`migrate_in`, receives, loads (all or nothing:
@@ -294,7 +296,9 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
             raise MigrationError(f"{exc}; the device runs again on the source") from exc
         raise MigrationError(f"migration failed ({type(exc).__name__}: {exc}); "
                              "the device runs again on the source") from exc
-    # Acknowledged: from here on the destination owns the device. Never resume.
+    # Acknowledged: from here on the destination owns the device. Never resume,
+    # and never persist its state when it is closed (PciDevice.migrated_out).
+    device.migrated_out = True
     link = meta.get("link") if isinstance(meta.get("link"), str) else None
     same = bool(meta["boot_id"]) and meta["boot_id"] == boot_id()
     running_at = None

@@ -10,11 +10,24 @@ without pytest:
 * :func:`plugged`: build a device (by registered type name, or an instance), plug
   it into a :class:`~pcidev.host.Machine` and enable it as a driver's probe does;
 * :func:`roundtrip`: save a device and load the stream into a fresh device of the
-  same type and configuration, as a migration does, in this process.
+  same type and configuration, as a migration does, in this process;
+* :func:`migrate_under_load`: migrate a device of any registered type between
+  processes N times while a :class:`Workload` keeps running on it and verifies
+  itself (:mod:`pcidev.testing.migration`).
 """
 
 from __future__ import annotations
 
 from pcidev.testing.harness import RoundtripError, plugged, roundtrip, state_differences, teardown_device
+from pcidev.testing.migration import (
+    MigrationRecord,
+    MigrationRunResult,
+    Workload,
+    WorkloadContext,
+    WorkloadError,
+    migrate_under_load,
+)
 
-__all__ = ["RoundtripError", "plugged", "roundtrip", "state_differences", "teardown_device"]
+__all__ = ["RoundtripError", "plugged", "roundtrip", "state_differences", "teardown_device",
+           "migrate_under_load", "Workload", "WorkloadContext", "WorkloadError", "MigrationRecord",
+           "MigrationRunResult"]

@@ -288,11 +288,19 @@ class DeviceEndpoint:
 
     # -- teardown -------------------------------------------------------------------------
     def close(self) -> None:
-        """Quiesce the device and release memory mappings and eventfds. Idempotent."""
+        """End the device's life: quiesce it, close it (:meth:`PciDevice.close
+        <pcidev.device.PciDevice.close>`: workers joined, ``on_close``, exactly once),
+        then release memory mappings and eventfds. Idempotent.
+
+        After a migration out the device is closed too; it is then
+        :attr:`~pcidev.device.PciDevice.migrated_out`, so its ``on_close`` persists
+        nothing over the state the destination now owns.
+        """
         if self.state == CLOSED:
             return
         self.device.quiesce()
         self.state = CLOSED
+        self.device.close()
         self.sink.close()
         try:
             self.memory.close()

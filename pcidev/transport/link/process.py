@@ -11,7 +11,11 @@ Without ``--incoming`` the device starts fresh and is served on ``--link``. With
 source's :meth:`~pcidev.transport.endpoint.DeviceEndpoint.migrate_to`), loads the
 device, and then serves it on ``--link`` (which it tells the source, so the host
 can follow). The process exits when its device has migrated away (status 0), when
-an incoming migration fails (status 1), or on SIGTERM/SIGINT.
+an incoming migration fails (status 1), or on SIGTERM/SIGINT. On every one of
+these paths it closes the device once (:meth:`pcidev.device.PciDevice.close`:
+workers joined, ``on_close``); a device that migrated away is closed with
+:attr:`~pcidev.device.PciDevice.migrated_out` set, so it persists nothing over
+the state its destination now owns.
 
 ``-p no:NAME`` / ``-p MODULE`` select the plugins as the ``pcidev`` command line's
 ``-p`` does (:func:`pcidev.plugins.parse_plugin_specs`), so a process started on
@@ -44,7 +48,7 @@ from typing import Any
 from pcidev.errors import PcidevError, PluginSpecError, one_line
 from pcidev.plugins import load_registry, make_plugin_manager, parse_plugin_specs
 from pcidev.properties import join_properties, split_properties
-from pcidev.transport.address import listen, parse_address
+from pcidev.transport.address import Listener, listen, parse_address
 from pcidev.transport.endpoint import DeviceEndpoint
 from pcidev.transport.link.server import LinkServer
 from pcidev.vmstate import dump_stream_json
@@ -93,9 +97,21 @@ def run(args: argparse.Namespace) -> int:
     pm = make_plugin_manager(blocked=blocked, plugins=extra)
     registry = load_registry(pm)
     device = registry.create(args.device, property_string(args.props, args.set))
-    endpoint = DeviceEndpoint(device, pm=pm)
-    link_addr = parse_address(args.link)
-    listener = listen(link_addr)
+    try:
+        endpoint = DeviceEndpoint(device, pm=pm)
+    except BaseException:
+        device.close()
+        raise
+    try:
+        listener = listen(parse_address(args.link))
+    except BaseException:
+        endpoint.close()
+        raise
+    return _serve(args, endpoint, listener)
+
+
+def _serve(args: argparse.Namespace, endpoint: DeviceEndpoint, listener: Listener) -> int:
+    """Serve ``endpoint`` on ``listener``; closes both (and so the device) on every path."""
     link_addr = listener.address
     server = LinkServer(endpoint, listener.sock)
     serving = False
@@ -138,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         _emit(args.events, "exit", reason=reason)
         return 0
     finally:
-        endpoint.close()
+        endpoint.close()  # closes the device: workers joined, on_close (see PciDevice.migrated_out)
         listener.close()
 
 
@@ -274,14 +290,21 @@ class DeviceProcess:
                           + (f" (stderr: {tail})" if tail else ""))
 
     def stop(self, timeout: float = 5.0) -> int:
-        """Terminate the process (if still running) and reap it; returns its status."""
+        """Terminate the process (if still running), reap it, collect the rest of its
+        output and close the pipes to it; returns its status. Idempotent."""
         if self.proc.poll() is None:
             self.proc.terminate()
         try:
-            return self.proc.wait(timeout)
+            status = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            return self.proc.wait(timeout)
+            status = self.proc.wait(timeout)
+        for reader in self._readers:  # the pipes end with the process (unless it left children)
+            reader.join(timeout)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None and not any(t.is_alive() for t in self._readers):
+                pipe.close()
+        return status
 
 
 if __name__ == "__main__":  # pragma: no cover

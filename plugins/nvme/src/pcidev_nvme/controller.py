@@ -201,7 +201,9 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         """Power off: stop timers and workers, save the state file, close namespaces. Idempotent.
 
         A controller that was enabled and not shut down (CC.SHN) counts an
-        unsafe shutdown at its next power-on.
+        unsafe shutdown at its next power-on. A controller that migrated away
+        (:attr:`~pcidev.device.PciDevice.migrated_out`) writes no state file: its
+        destination keeps it from then on.
         """
         if self._closed:
             return
@@ -213,7 +215,8 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         except Exception:
             log.exception("closing the I/O command set failed")
         self.admin_worker.shutdown()
-        self.save_state()
+        if not self.migrated_out:  # after a migration out the destination owns the state file
+            self.save_state()
         self._close_namespaces()
         super().close()
 

@@ -1,0 +1,221 @@
+"""pcidev.testing.migrate_under_load: edu moved between processes while a workload
+verifies itself; a failing workload, a refusing destination and a KeyboardInterrupt
+stop the run cleanly (no child process, descriptor or socket file left behind)."""
+
+from __future__ import annotations
+
+import _thread
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import crc32c
+import pytest
+
+from pcidev.devices.edu import DESC, STATUS_DONE
+from pcidev.errors import MigrationError, PcidevError
+from pcidev.testing import (
+    MigrationRunResult,
+    Workload,
+    WorkloadContext,
+    WorkloadError,
+    migrate_under_load,
+)
+
+EDU = {"engine": True, "chunk": 4096, "delay": 0.0002}
+BLOCK = 32768
+
+
+# [example: an edu workload]
+class EduCopies(Workload):
+    """Each step: a factorial, then one DMA copy of fresh random bytes, both checked."""
+
+    def setup(self, ctx: WorkloadContext) -> None:
+        m, p = ctx.machine, ctx.pdev
+        self.ring, self.src, self.dst = m.alloc(8 * 32), m.alloc(BLOCK), m.alloc(BLOCK)
+        p.iowrite64(0, 0x100, self.ring)  # RING_BASE
+        p.iowrite32(0, 0x108, 8)  # RING_SIZE
+        p.iowrite32(0, 0x114, 1)  # RING_CTRL: enable
+        self.tail = 0
+
+    def step(self, ctx: WorkloadContext) -> None:
+        m, p = ctx.machine, ctx.pdev
+        n = ctx.iteration % 13
+        p.iowrite32(0, 0x08, n)  # FACTORIAL
+        assert p.ioread32(0, 0x08) == _factorial(n), f"{n}! is wrong"
+        data = os.urandom(BLOCK)
+        m.write(self.src, data)
+        slot = self.tail
+        m.memory.write_struct(DESC, self.ring + 32 * slot, self.src, self.dst, BLOCK, 1, 0, 0)
+        before = p.irq_count(0)
+        self.tail = (self.tail + 1) % 8
+        p.iowrite32(0, 0x10C, self.tail)  # RING_TAIL: the doorbell
+        assert p.recorder.wait(0, above=before, timeout=10), "no DMA completion interrupt"
+        status, crc = struct.unpack("<II", m.read(self.ring + 32 * slot + 0x18, 8))
+        assert status == STATUS_DONE and crc == crc32c.crc32c(data), "the device's CRC is wrong"
+        assert m.read(self.dst, BLOCK) == data, "the copy differs"
+# [end example]
+
+
+def _factorial(n: int) -> int:
+    out = 1
+    for i in range(2, n + 1):
+        out = out * i & 0xFFFFFFFF
+    return out
+
+
+def _fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def _children() -> set[int]:
+    out: set[int] = set()
+    for task in os.listdir("/proc/self/task"):
+        try:
+            out |= {int(p) for p in Path(f"/proc/self/task/{task}/children").read_text().split()}
+        except OSError:
+            pass
+    return out
+
+
+def _workdirs() -> set[str]:
+    return {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("pcidev-migrate-")}
+
+
+@pytest.fixture
+def clean():
+    """Checks that the test leaves no child process, descriptor or socket directory behind."""
+    fds, children, dirs = _fds(), _children(), _workdirs()
+    yield
+    leaked = _fds() - fds
+    # a descriptor opened meanwhile may be a closed one's number reused: check what it is
+    leaked = {fd for fd in leaked if os.path.exists(f"/proc/self/fd/{fd}")}
+    assert not leaked, {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in leaked}
+    assert _children() <= children, "a device process was not reaped"
+    assert _workdirs() <= dirs, "a socket directory was left behind"
+
+
+def _gone(result_pids) -> bool:
+    return all(not os.path.exists(f"/proc/{pid}") for pid in result_pids)
+
+
+def test_edu_migrates_five_times_while_the_workload_verifies(clean):
+    seen = []
+    result = migrate_under_load("edu", EduCopies(), count=5, every=3, properties=EDU,
+                                on_migration=lambda rec, ctx: seen.append((rec.index, ctx.pid)))
+    assert isinstance(result, MigrationRunResult)
+    assert [m.index for m in result.migrations] == [1, 2, 3, 4, 5]
+    assert result.iterations >= 6 * 3 and not result.errors
+    assert len(set(result.pids)) == 6 and _gone(result.pids)
+    for rec, (index, pid) in zip(result.migrations, seen, strict=True):
+        assert rec.index == index and rec.destination_pid == pid
+        assert rec.fds == 4 and 0 < rec.state_size < 8192  # RAM + 2 MSI-X vectors + INTx
+        assert rec.downtime is not None and 0 < rec.downtime < 2.0
+        assert rec.sections[-1]["name"] == "edu"
+    for earlier, later in zip(result.migrations, result.migrations[1:], strict=False):
+        assert later.source_pid == earlier.destination_pid and later.iteration > earlier.iteration
+    text = str(result)
+    assert "edu: 5 migrations over unix" in text and "migration 5: process" in text
+    assert repr(result).startswith("<MigrationRunResult edu x5 over unix, max downtime")
+
+
+def test_over_tcp_with_a_step_function(clean):
+    def factorial(ctx: WorkloadContext) -> None:
+        ctx.pdev.iowrite32(0, 0x08, 10)
+        assert ctx.pdev.ioread32(0, 0x08) == 3628800
+
+    result = migrate_under_load("edu", factorial, count=2, iterations=15, transport="tcp")  # every 5
+    assert [(m.fds, m.report["deferred"]) for m in result.migrations] == [(0, True), (0, True)]
+    assert result.iterations == 15
+
+
+def test_a_failing_workload_stops_the_run_with_context(clean):
+    class Breaks(EduCopies):
+        def step(self, ctx: WorkloadContext) -> None:
+            super().step(ctx)
+            if ctx.migrations == 1:
+                raise AssertionError("block 7 differs")
+
+    with pytest.raises(WorkloadError) as info:
+        migrate_under_load("edu", Breaks(), count=3, every=2, properties=EDU)
+    err = info.value
+    assert isinstance(err.__cause__, AssertionError)
+    assert err.migrations == 1 and err.iteration >= 3
+    assert "after 1 of 3 migrations" in str(err) and "AssertionError: block 7 differs" in str(err)
+    assert err.result is not None and err.result.errors == ("AssertionError: block 7 differs",)
+    assert _gone(err.result.pids)
+
+
+def test_a_failing_final_verification_is_a_workload_error(clean):
+    class Unhappy(Workload):
+        def step(self, ctx: WorkloadContext) -> None:
+            ctx.pdev.ioread32(0, 0)
+
+        def verify(self, ctx: WorkloadContext) -> None:
+            raise ValueError("3 blocks lost")
+
+    with pytest.raises(WorkloadError, match=r"in verify\(\), after 1 of 1 migrations.*3 blocks lost"):
+        migrate_under_load("edu", Unhappy(), count=1, every=2)
+
+
+OTHER_PLUGIN = """
+from pcidev import hookimpl
+from pcidev.devices.edu import EduDevice
+
+
+class OtherEdu(EduDevice):
+    TYPE_NAME = "edu-other"
+
+
+@hookimpl
+def pcidev_register_devices(registry):
+    registry.add_device(OtherEdu)
+"""
+
+
+def test_a_refusing_destination_reaches_the_caller_typed(clean, tmp_path, monkeypatch):
+    """Destinations of another device type (from a plugin the device processes load
+    through plugin_specs) refuse the stream; the refusal reason reaches the caller."""
+    (tmp_path / "pcidev_other_edu.py").write_text(OTHER_PLUGIN)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    with pytest.raises(MigrationError) as info:
+        migrate_under_load("edu", EduCopies(), count=2, every=2, properties=EDU, destination_type="edu-other",
+                           plugin_specs=["pcidev_other_edu"])
+    text = str(info.value)
+    assert "refused the state: ConfigMismatchError" in text and "device type 'edu'" in text, text
+    assert "Broken pipe" not in text and "runs again on the source" in text
+    assert any("migration 1 of 2 of edu" in note for note in info.value.__notes__)
+
+
+def test_a_device_type_nobody_registered(clean):
+    with pytest.raises(PcidevError, match="unknown device type 'no-such-device'"):
+        migrate_under_load("no-such-device", EduCopies(), count=1)
+
+
+def test_keyboard_interrupt_cleans_up(clean):
+    def interrupted(ctx: WorkloadContext) -> None:
+        ctx.pdev.ioread32(0, 0)
+        if ctx.iteration == 3:
+            _thread.interrupt_main()  # Ctrl-C, as the main thread sees it
+
+    with pytest.raises(KeyboardInterrupt):
+        migrate_under_load("edu", interrupted, count=3, every=200)
+
+
+def test_keyboard_interrupt_during_a_callback_cleans_up(clean):
+    def ctrl_c(rec, ctx):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        migrate_under_load("edu", EduCopies(), count=2, every=1, properties=EDU, on_migration=ctrl_c)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"transport": "rdma"}, "transport must be one of unix, tcp"),
+    ({"count": -1}, "count must be >= 0"),
+    ({"every": 0}, "every must be >= 1"),
+])
+def test_bad_options_are_one_clear_line(clean, kwargs, message):
+    with pytest.raises(PcidevError, match=message):
+        migrate_under_load("edu", EduCopies(), **kwargs)

@@ -1,0 +1,50 @@
+"""After a migration out, closing the source controller writes no state file: the
+destination owns it (PciDevice.migrated_out); a controller that did not migrate still
+saves its state when it is closed."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+from pcidev.host import Machine
+from pcidev.migration import migrate_in, migrate_out
+from pcidev_nvme.controller import NvmeController
+from pcidev_nvme.testing.driver import NvmeDriver
+
+
+def _stat(path) -> tuple[int, int, bytes]:
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns, path.read_bytes()
+
+
+def test_a_migrated_out_controller_does_not_save_over_the_destination(tmp_path):
+    state = tmp_path / "ctrl.state"
+    config = f"serial=MIGCLOSE,ns=mem:size=1M,state_file={state}"
+    with Machine(ram_size=16 << 20) as machine:
+        src = NvmeController(config, name="src")
+        pdev = machine.plug(src)
+        drv = NvmeDriver(machine, pdev, io_queues=1, io_depth=16, aers=0)
+        drv.probe()
+        for i in range(8):
+            drv.write(1, 8 * i, os.urandom(4096))
+        dst = NvmeController(config, name="dst")
+        a, b = socket.socketpair()
+        got: dict[str, object] = {}
+        peer = threading.Thread(target=lambda: got.update(incoming=migrate_in(dst, b)), daemon=True)
+        peer.start()
+        try:
+            migrate_out(src, a)
+        finally:
+            peer.join(10)
+            a.close()
+            b.close()
+        assert src.migrated_out and not dst.migrated_out
+        got["incoming"].resources.close()  # type: ignore[attr-defined]
+        dst.save_state()  # the destination keeps the state file from now on
+        owned = _stat(state)
+        src.close()  # the source's process ends
+        assert _stat(state) == owned, "the migrated-out source rewrote the destination's state file"
+        dst.close()  # a controller that did not migrate saves on close, as before
+        assert _stat(state)[0] != owned[0]
