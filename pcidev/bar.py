@@ -13,6 +13,24 @@ A device declares each BAR with a *handler* that answers accesses by
 Accesses are 1, 2, 4 or 8 bytes. A :class:`RegisterMap` splits an access that
 straddles registers into the pieces each register owns; offsets no register
 owns read 0 and ignore writes, with a rate-limited log line.
+
+**Migratable registers.** ``RegisterMap(..., migratable=True)`` (every register
+of the map) or ``Register(..., migrate=True)`` (that register) asks the framework
+to save and restore register values with the device's state: the device writes
+no code for them (no field in its ``VMSTATE``, nothing in
+``get_device_state``/``set_device_state``); ``Register(..., migrate=False)``
+leaves one register of a migratable map out. The map owns that state
+(:meth:`RegisterMap.save_state`, :meth:`RegisterMap.check_state`,
+:meth:`RegisterMap.load_state`, the ``pcidev/register-map`` description); the
+framework puts the maps of a device's BARs in the ``pcidev/registers`` section
+(:mod:`pcidev.migration.registers`). What travels is each register's stored
+``Register.value``: a value an ``on_read`` hook computes is not saved (the
+hook computes it again at the destination from what it reads), and a load sets
+the values without calling any ``on_write`` hook (a write's side effects, such as
+an interrupt or a started operation, are not replayed: the device's own state
+carries what is in progress). A destination whose migratable registers differ
+(name, offset or width) refuses the stream with
+:class:`~pcidev.vmstate.errors.ConfigMismatchError` naming each difference.
 """
 
 from __future__ import annotations
@@ -30,10 +48,17 @@ import attrs
 
 from pcidev.dma import alloc_memfd
 from pcidev.errors import ConfigError, MmioError
+from pcidev.vmstate import U8, U32, U64, Str, VarArray, vmstate
+from pcidev.vmstate.errors import ConfigMismatchError
 
 __all__ = [
     "BarKind", "BarHandler", "CallbackHandler", "Access", "Register", "RegisterMap", "RamBacking", "Bar",
+    "RegisterState", "RegisterMapState", "MAX_MIGRATABLE_REGISTERS",
 ]
+
+#: most migratable registers one map may have
+MAX_MIGRATABLE_REGISTERS = 4096
+
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +150,10 @@ class Register:
     :param on_read: ``fn(reg) -> int`` computes the value read (else ``value``).
     :param on_write: ``fn(reg, new, old)`` after a write changed (or tried) the value.
     :param index: position in a register array (e.g. doorbell number), else None.
+    :param migrate: save and restore ``value`` with the device's state (True),
+        never (False), or as the map says (None, the default: see
+        :class:`RegisterMap`'s ``migratable``). The stored value travels, not what
+        ``on_read`` computes, and a load calls no ``on_write``.
     """
 
     name: str
@@ -136,6 +165,7 @@ class Register:
     on_read: Callable[[Register], int] | None = None
     on_write: Callable[[Register, int, int], None] | None = None
     index: int | None = None
+    migrate: bool | None = None
     value: int = attrs.field(init=False, default=0)
 
     def __attrs_post_init__(self) -> None:
@@ -172,17 +202,43 @@ class Register:
             self.on_write(self, self.value, old)
 
 
+@vmstate("pcidev/register", version=1)
+@attrs.frozen
+class RegisterState:
+    """One migratable register as a stream carries it: its layout and stored value."""
+
+    name: Str[64]
+    offset: U32
+    width: U8
+    value: U64
+
+
+@vmstate("pcidev/register-map", version=1)
+@attrs.frozen
+class RegisterMapState:
+    """The migratable registers of one :class:`RegisterMap`, in offset order, and the
+    BAR it answers."""
+
+    bar: U8
+    registers: VarArray[RegisterState, MAX_MIGRATABLE_REGISTERS]
+
+
 class RegisterMap:
     """A BAR handler made of declarative registers.
 
     :param size: size of the BAR (accesses past it are the caller's error).
     :param registers: initial registers.
     :param name: used in log lines.
+    :param migratable: the framework saves and restores the values of the map's
+        registers with the device's state (each register's ``migrate`` overrides
+        it; see the module docstring for what is saved).
     """
 
-    def __init__(self, size: int, registers: Iterable[Register] = (), *, name: str = "") -> None:
+    def __init__(self, size: int, registers: Iterable[Register] = (), *, name: str = "",
+                 migratable: bool = False) -> None:
         self.size = size
         self.name = name
+        self.migratable = migratable
         self._regs: list[Register] = []
         self._starts: list[int] = []
         self._by_name: dict[str, Register] = {}
@@ -222,6 +278,55 @@ class RegisterMap:
 
     def __iter__(self) -> Iterator[Register]:
         return iter(self._regs)
+
+    # -- migration: the state this map owns ------------------------------------------------
+    def migratable_registers(self) -> list[Register]:
+        """The registers whose values migrate, in offset order."""
+        return [r for r in self._regs if (self.migratable if r.migrate is None else r.migrate)]
+
+    def save_state(self, bar: int) -> RegisterMapState:
+        """The stored values of the migratable registers (call it while the device is quiesced).
+
+        :param bar: the index of the BAR this map answers.
+        :returns: the state.
+        """
+        return RegisterMapState(bar=bar, registers=tuple(
+            RegisterState(name=r.name, offset=r.offset, width=r.width, value=r.value)
+            for r in self.migratable_registers()))
+
+    def check_state(self, state: RegisterMapState) -> None:
+        """Refuse a state whose registers are not this map's migratable registers
+        (same names, offsets and widths, in offset order) or whose values do not fit.
+
+        :param state: a loaded state.
+        :raises ConfigMismatchError: naming every difference.
+        """
+        ours = {r.name: r for r in self.migratable_registers()}
+        theirs = {r.name: r for r in state.registers}
+        diffs = [f"{n}: in the stream, not migratable here" for n in theirs if n not in ours]
+        diffs += [f"{n}: migratable here, not in the stream" for n in ours if n not in theirs]
+        for name in ours.keys() & theirs.keys():
+            mine, got = ours[name], theirs[name]
+            if (mine.offset, mine.width) != (got.offset, got.width):
+                diffs.append(f"{name}: {got.width} bytes at {got.offset:#x} in the stream, "
+                             f"{mine.width} bytes at {mine.offset:#x} here")
+            elif got.value >> (8 * got.width):
+                diffs.append(f"{name}: value {got.value:#x} does not fit {got.width} bytes")
+        if not diffs and len(theirs) != len(state.registers):
+            diffs.append("a register appears twice in the stream")
+        if diffs:
+            where = self.name or f"BAR{state.bar}"
+            raise ConfigMismatchError(f"register map {where!r}: the stream's migratable registers differ from "
+                                      "this device's: " + "; ".join(sorted(diffs)), differences=sorted(diffs),
+                                      section="pcidev/registers", path=f"bar{state.bar}")
+
+    def load_state(self, state: RegisterMapState) -> None:
+        """Set the stored values a checked state carries (no ``on_write`` hook runs).
+
+        :param state: a state :meth:`check_state` accepted.
+        """
+        for saved in state.registers:
+            self._by_name[saved.name].value = saved.value
 
     def reset(self) -> None:
         """Return every register to its reset value."""

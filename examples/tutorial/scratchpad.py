@@ -8,6 +8,10 @@ BAR0 (4 KiB; MSI-X table at 0x800, PBA at 0xC00)::
     0x0C  DOORBELL  WO   counts the write in RINGS and raises MSI-X vector 0
     0x10  RINGS     RO   doorbell writes since reset
 
+The registers are the device's whole state: the map declares them migratable, so
+the framework saves and restores their values and the device has no ``VMSTATE``
+and no ``get_device_state``/``set_device_state`` of its own.
+
 This is an example, not an installed plugin: tests build it directly, and
 ``PYTHONPATH=examples/tutorial pcidev -p scratchpad ...`` loads this module as a
 plugin through :func:`pcidev_register_devices` below (see ``docs/tutorial.md``).
@@ -24,7 +28,6 @@ from pcidev.bar import Access, Register, RegisterMap
 from pcidev.device import PciDevice
 from pcidev.properties import structure_config
 from pcidev.registry import DeviceRegistry
-from pcidev.vmstate import U32, vmstate
 
 
 # [step: properties]
@@ -34,18 +37,6 @@ class ScratchpadConfig:
 
     magic: int = attrs.field(default=0x5C7A7C4D, metadata={
         "help": "the value the MAGIC register reads back"})
-# [end step]
-
-
-# [step: state]
-@vmstate("scratchpad", version=1)
-@attrs.frozen
-class ScratchpadState:
-    """What a scratchpad migrates (the framework migrates config space and MSI-X)."""
-
-    scratch0: U32
-    scratch1: U32
-    rings: U32
 # [end step]
 
 
@@ -62,7 +53,6 @@ class ScratchpadDevice(PciDevice):
     VENDOR_ID = 0x1234
     DEVICE_ID = 0x5C7A
     CLASS_CODE = 0x00FF00
-    VMSTATE = ScratchpadState
     CONFIG_CLASS = ScratchpadConfig
 
     def __init__(self, config: ScratchpadConfig | str | dict[str, Any] | None = None, *,
@@ -74,8 +64,9 @@ class ScratchpadDevice(PciDevice):
     # [step: registers]
     def describe(self) -> None:
         """Declare BAR0's registers, MSI-X and the standard PCIe capabilities."""
-        regs = RegisterMap(4096, name="scratchpad-bar0")
-        regs.add(Register("MAGIC", 0x00, 4, Access.RO, reset=self.cfg.magic & 0xFFFFFFFF))
+        regs = RegisterMap(4096, name="scratchpad-bar0", migratable=True)  # values migrate with the device
+        regs.add(Register("MAGIC", 0x00, 4, Access.RO, reset=self.cfg.magic & 0xFFFFFFFF,
+                          migrate=False))  # a constant of the properties: nothing to carry
         regs.add(Register("SCRATCH0", 0x04, 4))
         regs.add(Register("SCRATCH1", 0x08, 4))
         regs.add(Register("DOORBELL", 0x0C, 4, Access.WO, on_write=self._doorbell))
@@ -93,22 +84,6 @@ class ScratchpadDevice(PciDevice):
         rings.value = (rings.value + 1) & 0xFFFFFFFF
         if not self.irq.notify(0):
             self.irq.set_intx(True)
-    # [end step]
-
-    # [step: migration]
-    def get_device_state(self) -> ScratchpadState:
-        """The registers a migration carries."""
-        return ScratchpadState(scratch0=self.regs["SCRATCH0"].value,
-                               scratch1=self.regs["SCRATCH1"].value, rings=self.regs["RINGS"].value)
-
-    def check_device_state(self, state: ScratchpadState) -> None:
-        """Every ``U32`` value is valid, so there is nothing to refuse."""
-
-    def set_device_state(self, state: ScratchpadState) -> None:
-        """Put a migrated state into the registers."""
-        self.regs["SCRATCH0"].value = state.scratch0
-        self.regs["SCRATCH1"].value = state.scratch1
-        self.regs["RINGS"].value = state.rings
     # [end step]
 
 

@@ -5,6 +5,8 @@ reverse) and below the transports:
 
 * :mod:`~pcidev.migration.function_state`: what the framework migrates for every
   PCI function (the ``pcidev/function`` section) and the configuration fingerprint;
+* :mod:`~pcidev.migration.registers`: the values of the registers a device
+  declared migratable (the ``pcidev/registers`` section);
 * :mod:`~pcidev.migration.snapshot`: save and load one device
   (:func:`save_device`, :func:`load_device_stream`...);
 * :mod:`~pcidev.migration.blockers`: why a device cannot migrate now
@@ -36,6 +38,7 @@ from pcidev.migration.function_state import (
     OwnedEventfdSink,
     framework_fingerprint,
 )
+from pcidev.migration.registers import REGISTERS_SECTION, RegistersState
 from pcidev.migration.snapshot import (
     VMStateSnapshot,
     load_device,
@@ -52,6 +55,8 @@ __all__ = [
     "MAGIC",
     "MAX_STREAM_SIZE",
     "PROTOCOL_VERSION",
+    "REGISTERS_SECTION",
+    "RegistersState",
     "DmaRegionState",
     "EventfdState",
     "FunctionState",

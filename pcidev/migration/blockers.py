@@ -6,6 +6,7 @@ from __future__ import annotations
 import pluggy
 
 from pcidev.device import PciDevice
+from pcidev.migration.registers import migratable_maps
 from pcidev.plugins import hook_migration_blockers
 
 __all__ = ["device_blockers", "collect_blockers"]
@@ -13,7 +14,8 @@ __all__ = ["device_blockers", "collect_blockers"]
 
 def device_blockers(device: PciDevice) -> list[str]:
     """Every reason ``device`` cannot migrate now, from the device itself:
-    no :attr:`~pcidev.device.PciDevice.VMSTATE`; each enabled feature
+    no :attr:`~pcidev.device.PciDevice.VMSTATE` and no migratable register
+    (:mod:`pcidev.migration.registers`); each enabled feature
     (:meth:`~pcidev.device.PciDevice.enabled_features`) that is not in
     ``FRAMEWORK_FEATURES`` or ``MIGRATABLE_FEATURES``; and
     :meth:`~pcidev.device.PciDevice.device_migration_blockers` (a failure of that
@@ -24,7 +26,7 @@ def device_blockers(device: PciDevice) -> list[str]:
     :returns: the reasons, all of them (empty: the device can migrate).
     """
     reasons = []
-    if device.VMSTATE is None:
+    if device.VMSTATE is None and not migratable_maps(device):
         reasons.append(f"device type {device.vmstate_device_type} has no vmstate description")
     allowed = device.FRAMEWORK_FEATURES | frozenset(device.MIGRATABLE_FEATURES)
     for feature in sorted(device.enabled_features() - allowed):

@@ -34,6 +34,14 @@ from pcidev.migration.function_state import (
     save_function_state,
     undo_function_state,
 )
+from pcidev.migration.registers import (
+    REGISTERS_SECTION,
+    RegistersState,
+    apply_registers,
+    check_registers,
+    migratable_maps,
+    save_registers,
+)
 from pcidev.vmstate import Section, description_of, fingerprint_differences, load, save
 from pcidev.vmstate.codec import codec_for
 from pcidev.vmstate.errors import ConfigMismatchError, StateError
@@ -57,7 +65,9 @@ class VMStateSnapshot:
 
     :ivar device_type: the stream's device type.
     :ivar fingerprint: the configuration fingerprint.
-    :ivar sections: the framework section, then the device's section.
+    :ivar sections: the framework section, the ``pcidev/registers`` section if the
+        device has migratable registers (:mod:`pcidev.migration.registers`), then the
+        device's section if it has a ``VMSTATE``.
     :ivar fds: the file descriptors the :class:`~pcidev.vmstate.FdRef` fields index
         (guest-memory regions, eventfds). They are *borrowed*: they belong to the
         device's memory and interrupt sink and stay valid while those do.
@@ -81,6 +91,21 @@ def _no_vmstate(dev: PciDevice) -> MigrationBlockedError:
     return MigrationBlockedError([f"device type {dev.vmstate_device_type} has no vmstate description"])
 
 
+def _migrates_nothing(dev: PciDevice) -> bool:
+    """No ``VMSTATE`` and no migratable register: the type cannot migrate."""
+    return dev.VMSTATE is None and not migratable_maps(dev)
+
+
+def _expected_sections(dev: PciDevice) -> dict[tuple[str, int], type]:
+    """The sections of ``dev``'s streams, in stream order, and their state classes."""
+    want: dict[tuple[str, int], type] = {(FUNCTION_SECTION, 0): FunctionState}
+    if migratable_maps(dev):
+        want[(REGISTERS_SECTION, 0)] = RegistersState
+    if dev.VMSTATE is not None:
+        want[(description_of(dev.VMSTATE).name, 0)] = dev.VMSTATE
+    return want
+
+
 def vmstate_fingerprint(dev: PciDevice) -> dict[str, Any]:
     """The configuration fingerprint of ``dev``'s vmstate streams: the framework's
     items (``pci.*``) and the device's ``device_fingerprint()``.
@@ -100,12 +125,13 @@ def vmstate_fingerprint(dev: PciDevice) -> dict[str, Any]:
 
 
 def vmstate_descriptions(dev: PciDevice) -> list[type]:
-    """The state classes of ``dev``'s streams: the framework's, then its ``VMSTATE``.
+    """The state classes of ``dev``'s streams: the framework's, the registers section's
+    if it has migratable registers, then its ``VMSTATE``.
 
     :param dev: the device.
     :returns: the classes.
     """
-    return [FunctionState] + ([dev.VMSTATE] if dev.VMSTATE is not None else [])
+    return list(_expected_sections(dev).values())
 
 
 def prepare_vmstate(dev: PciDevice) -> None:
@@ -127,25 +153,31 @@ def save_device(dev: PciDevice) -> VMStateSnapshot:
     :param dev: the device.
     :returns: a snapshot whose ``fds`` (guest-memory regions, interrupt eventfds)
         are borrowed.
-    :raises MigrationBlockedError: the type has no ``VMSTATE``.
+    :raises MigrationBlockedError: the type has neither a ``VMSTATE`` nor migratable registers.
     :raises StateError: the device built a state that does not fit its description.
     """
-    if dev.VMSTATE is None:
+    if _migrates_nothing(dev):
         raise _no_vmstate(dev)
     dev.realize()
+    sections: list[Section] = []
     with gc_paused(), dev.lock:
         fstate, fds = save_function_state(dev, dev.memory)
-        dev.vmstate_save_fds = fds  # the device's own descriptors follow (vmstate_fd)
-        try:
-            dstate = dev.get_device_state()
-        finally:
-            dev.vmstate_save_fds = None
-    name = description_of(dev.VMSTATE).name
-    if type(dstate) is not dev.VMSTATE:
-        raise StateError(f"get_device_state() returned {type(dstate).__name__}, "
-                         f"expected {dev.VMSTATE.__name__}", section=name, instance_id=0)
-    return VMStateSnapshot(dev.vmstate_device_type, vmstate_fingerprint(dev),
-                           (Section(FUNCTION_SECTION, 0, fstate), Section(name, 0, dstate)), tuple(fds))
+        sections.append(Section(FUNCTION_SECTION, 0, fstate))
+        registers = save_registers(dev)
+        if registers is not None:
+            sections.append(Section(REGISTERS_SECTION, 0, registers))
+        if dev.VMSTATE is not None:
+            dev.vmstate_save_fds = fds  # the device's own descriptors follow (vmstate_fd)
+            try:
+                dstate = dev.get_device_state()
+            finally:
+                dev.vmstate_save_fds = None
+            name = description_of(dev.VMSTATE).name
+            if type(dstate) is not dev.VMSTATE:
+                raise StateError(f"get_device_state() returned {type(dstate).__name__}, "
+                                 f"expected {dev.VMSTATE.__name__}", section=name, instance_id=0)
+            sections.append(Section(name, 0, dstate))
+    return VMStateSnapshot(dev.vmstate_device_type, vmstate_fingerprint(dev), tuple(sections), tuple(fds))
 
 
 def save_device_stream(dev: PciDevice) -> tuple[bytes, list[int]]:
@@ -184,9 +216,9 @@ def load_device_stream(dev: PciDevice, data: bytes, fds: Sequence[int] | None = 
     :raises VMStateError: any problem, naming the section and field (the
         subclasses of :mod:`pcidev.vmstate.errors`).
     """
-    if dev.VMSTATE is None:
+    if _migrates_nothing(dev):
         raise _no_vmstate(dev)
-    expected = [(FUNCTION_SECTION, 0), (description_of(dev.VMSTATE).name, 0)]
+    expected = list(_expected_sections(dev))
     with gc_paused():  # no cyclic-GC pass in the downtime (see pcidev.vmstate.gcpause)
         sections = load(data, device_type=dev.vmstate_device_type, fingerprint=vmstate_fingerprint(dev),
                         descriptions=vmstate_descriptions(dev), expected=expected)
@@ -203,7 +235,7 @@ def load_device(dev: PciDevice, snapshot: VMStateSnapshot, fds: Sequence[int] | 
     :returns: see :func:`load_device_stream`.
     :raises VMStateError: see :func:`load_device_stream`.
     """
-    if dev.VMSTATE is None:
+    if _migrates_nothing(dev):
         raise _no_vmstate(dev)
     if snapshot.device_type != dev.vmstate_device_type:
         raise ConfigMismatchError(f"stream is for device type {snapshot.device_type!r}, "
@@ -212,8 +244,7 @@ def load_device(dev: PciDevice, snapshot: VMStateSnapshot, fds: Sequence[int] | 
     if diffs:
         raise ConfigMismatchError("device configuration differs from the stream's: " + "; ".join(diffs),
                                   differences=diffs)
-    want: dict[tuple[str, int], type] = {(FUNCTION_SECTION, 0): FunctionState,
-                                         (description_of(dev.VMSTATE).name, 0): dev.VMSTATE}
+    want = _expected_sections(dev)
     got = {(s.name, s.instance_id): s for s in snapshot.sections}
     if set(got) != set(want) or len(got) != len(snapshot.sections):
         raise StateError(f"expected sections {sorted(want)}, got {[s[:2] for s in snapshot.sections]}")
@@ -227,38 +258,47 @@ def load_device(dev: PciDevice, snapshot: VMStateSnapshot, fds: Sequence[int] | 
 def _apply_sections(dev: PciDevice, sections: list[Section], fds: Sequence[int] | None) -> LoadedResources:
     by_name = {s.name: s.state for s in sections}
     fstate = by_name.pop(FUNCTION_SECTION)
-    (dname, dstate), = by_name.items()
+    registers = by_name.pop(REGISTERS_SECTION, None)
+    device_section = next(iter(by_name.items()), None)
     dev.realize()
     with dev.lock:
         dev.vmstate_load_fds = list(fds) if fds is not None else None  # vmstate_load_fd()
         try:
-            return _apply_sections_locked(dev, fstate, dname, dstate, fds)
+            return _apply_sections_locked(dev, fstate, registers, device_section, fds)
         finally:
             dev.vmstate_load_fds = None
 
 
-def _apply_sections_locked(dev: PciDevice, fstate: FunctionState, dname: str, dstate: Any,
-                           fds: Sequence[int] | None) -> LoadedResources:
+def _apply_sections_locked(dev: PciDevice, fstate: FunctionState, registers: RegistersState | None,
+                           device_section: tuple[str, Any] | None, fds: Sequence[int] | None) -> LoadedResources:
     memory = dev.memory
     check_function_state(dev, fstate, fds, memory)
-    try:
-        dev.check_device_state(dstate)
-    except VMStateError:
-        raise
-    except Exception as exc:
-        raise StateError(f"the device refused the state: {type(exc).__name__}: {exc}",
-                         section=dname, instance_id=0) from exc
+    if registers is not None:
+        check_registers(dev, registers)
+    dname, dstate = device_section if device_section is not None else ("", None)
+    if device_section is not None:
+        try:
+            dev.check_device_state(dstate)
+        except VMStateError:
+            raise
+        except Exception as exc:
+            raise StateError(f"the device refused the state: {type(exc).__name__}: {exc}",
+                             section=dname, instance_id=0) from exc
     res = build_resources(fstate, fds) if fds is not None else LoadedResources()
     try:
-        before = dev.get_device_state()
+        before = dev.get_device_state() if device_section is not None else None
     except Exception:
         res.close()
         raise
     old = apply_function_state(dev, fstate, res, memory, partial(setattr, dev, "memory"))
+    old_registers = apply_registers(dev, registers) if registers is not None else None
     try:
-        dev.set_device_state(dstate)
+        if device_section is not None:
+            dev.set_device_state(dstate)
     except Exception as exc:
         undo_function_state(dev, old, partial(setattr, dev, "memory"))
+        if old_registers is not None:
+            apply_registers(dev, old_registers)
         try:
             dev.set_device_state(before)
         except Exception as again:

@@ -19,6 +19,7 @@ from pcidev.device import PciDevice
 from pcidev.errors import IrqError, MigrationError, PcidevError
 from pcidev.host.machine import Machine
 from pcidev.host.pci import HostPciDevice
+from pcidev.migration.registers import save_registers
 from pcidev.migration.snapshot import load_device_stream, save_device_stream
 from pcidev.plugins import load_registry, make_plugin_manager
 from pcidev.registry import DeviceRegistry
@@ -132,7 +133,8 @@ def roundtrip(target: PciDevice | HostPciDevice, *, make: Callable[[], PciDevice
     :func:`~pcidev.migration.save_device_stream`; the destination, built by ``make``
     (default: the source's class with the source's configuration object), is loaded
     with :func:`~pcidev.migration.load_device_stream`; then the round trip checks
-    that nothing is half-loaded: the destination's configuration space and
+    that nothing is half-loaded: the destination's configuration space, its
+    migratable registers (:mod:`pcidev.migration.registers`) and
     :meth:`~pcidev.device.PciDevice.get_device_state` equal the source's (but for
     the fields in ``ignore``, see :func:`state_differences`), and it has not
     failed. The destination then uses the source's guest memory and interrupt
@@ -178,9 +180,13 @@ def roundtrip(target: PciDevice | HostPciDevice, *, make: Callable[[], PciDevice
         problems.append(f"the loaded device failed: {dest.failed!r}")
     if bytes(dest.config.data) != bytes(src.config.data):
         problems.append("configuration space differs")
-    diffs = state_differences(src.get_device_state(), dest.get_device_state(), ignore=ignore)
+    diffs = state_differences(save_registers(src), save_registers(dest), ignore=ignore, path="registers")
     if diffs:
-        problems.append("device state differs: " + "; ".join(diffs))
+        problems.append("migratable registers differ: " + "; ".join(diffs))
+    if src.VMSTATE is not None:
+        diffs = state_differences(src.get_device_state(), dest.get_device_state(), ignore=ignore)
+        if diffs:
+            problems.append("device state differs: " + "; ".join(diffs))
     if problems:
         teardown_device(dest)
         _resume_if(src, was_running)

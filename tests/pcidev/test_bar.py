@@ -7,6 +7,7 @@ import logging
 import mmap
 import os
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,6 +17,7 @@ from pcidev.device import PciDevice
 from pcidev.errors import ConfigError, MmioError
 from pcidev.host import Machine
 from pcidev.pci import ids
+from pcidev.vmstate.errors import ConfigMismatchError
 
 
 def make_map() -> RegisterMap:
@@ -231,3 +233,60 @@ def test_register_writes_run_no_generated_setattr():
     """``Register.value`` is written on every MMIO access: attrs must not put a
     Python ``__setattr__`` (converters/validators on assignment) in that path."""
     assert Register.__setattr__ is object.__setattr__
+
+
+# -- migratable registers: the state a RegisterMap owns --------------------------------------
+def _map(**kwargs) -> RegisterMap:
+    writes = []
+    regs = RegisterMap(64, name="m", **kwargs)
+    regs.add(Register("A", 0x00, 4))
+    regs.add(Register("B", 0x08, 8, on_write=lambda r, new, old: writes.append(new)))
+    regs.add(Register("C", 0x10, 4, on_read=lambda r: 0x1234, migrate=False))
+    regs.add(Register("D", 0x14, 2, migrate=True))
+    regs.writes = writes  # type: ignore[attr-defined]
+    return regs
+
+
+def test_which_registers_migrate() -> None:
+    assert [r.name for r in _map().migratable_registers()] == ["D"]  # only the one that asks
+    assert [r.name for r in _map(migratable=True).migratable_registers()] == ["A", "B", "D"]
+
+
+def test_the_stored_value_travels_and_no_hook_runs() -> None:
+    src, dst = _map(migratable=True), _map(migratable=True)
+    src.write(0x00, 4, 7)
+    src.write(0x08, 8, 1 << 40)
+    src.write(0x14, 2, 0xBEEF)
+    state = src.save_state(bar=2)
+    assert state.bar == 2 and [(r.name, r.value) for r in state.registers] == [("A", 7), ("B", 1 << 40),
+                                                                                 ("D", 0xBEEF)]
+    dst.check_state(state)
+    dst.load_state(state)
+    assert (dst["A"].value, dst["B"].value, dst["D"].value) == (7, 1 << 40, 0xBEEF)
+    assert dst.writes == []  # type: ignore[attr-defined]  # on_write is not replayed by a load
+    assert dst.read(0x10, 4) == 0x1234  # C is computed by its on_read, not carried
+
+
+def test_a_different_layout_is_refused_naming_each_difference() -> None:
+    state = _map(migratable=True).save_state(bar=0)
+    other = RegisterMap(64, name="m", migratable=True)
+    other.add(Register("A", 0x04, 4))  # moved
+    other.add(Register("B", 0x08, 4))  # narrower
+    other.add(Register("E", 0x10, 4))  # new
+    with pytest.raises(ConfigMismatchError) as info:
+        other.check_state(state)
+    err = info.value
+    assert err.differences == ["A: 4 bytes at 0x0 in the stream, 4 bytes at 0x4 here",
+                               "B: 8 bytes at 0x8 in the stream, 4 bytes at 0x8 here",
+                               "D: in the stream, not migratable here",
+                               "E: migratable here, not in the stream"]
+    assert "register map 'm': the stream's migratable registers differ" in str(err)
+
+
+def test_a_value_too_wide_for_its_register_is_refused() -> None:
+    src = _map(migratable=True)
+    state = src.save_state(bar=0)
+    bad = attrs.evolve(state, registers=(state.registers[0], state.registers[1],
+                                         attrs.evolve(state.registers[2], value=1 << 16)))
+    with pytest.raises(ConfigMismatchError, match="D: value 0x10000 does not fit 2 bytes"):
+        _map(migratable=True).check_state(bad)

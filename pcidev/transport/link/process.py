@@ -127,9 +127,9 @@ def _serve(args: argparse.Namespace, endpoint: DeviceEndpoint, listener: Listene
     try:
         if args.incoming:
             incoming = listen(args.incoming, backlog=1)
-            mlisten, maddr = incoming.sock, incoming.address
-            _emit(args.events, "listening", incoming=str(maddr), link=str(link_addr))
-            try:
+            try:  # a signal from here on still removes the socket file
+                mlisten, maddr = incoming.sock, incoming.address
+                _emit(args.events, "listening", incoming=str(maddr), link=str(link_addr))
                 mlisten.settimeout(args.incoming_timeout)
                 try:
                     conn, _ = mlisten.accept()
