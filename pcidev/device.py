@@ -168,11 +168,16 @@ class PciDevice:
         #: True after :meth:`close`
         self.closed = False
         #: True once a migration out of this process was acknowledged by its
-        #: destination (set by :func:`pcidev.migration.migrate_out`): the destination
-        #: owns the device's state from then on, so :meth:`on_close` must release what
-        #: the device holds but not persist its state (a state file, a backend's
-        #: metadata) over what the destination now writes
+        #: destination (set by :func:`pcidev.migration.migrate_out`, which also clears
+        #: :attr:`owns_state`)
         self.migrated_out = False
+        #: whether the device's state is its own to persist. False after a migration
+        #: out (the destination owns it from then on), and when a transport closes a
+        #: device that never ran (a migration destination that received nothing: its
+        #: state is not the device's). :meth:`on_close` must then release what the
+        #: device holds but persist nothing (a state file, a backend's metadata) over
+        #: what the owner writes
+        self.owns_state = True
         #: the workers of :meth:`add_worker`, quiesced, resumed and closed with the device
         self.workers: list[Worker] = []
         #: during a save by :mod:`pcidev.migration`: the descriptors the stream
@@ -688,9 +693,10 @@ class PciDevice:
         backends). Called once, by :meth:`close`, after the device's workers stopped.
 
         A transport closes its device when it ends (``pcidev serve``, a device-link
-        process), also after the device migrated away. Then :attr:`migrated_out`
-        is True: the destination owns the device's state, so release resources but
-        persist nothing (do not write a state file the destination now keeps)."""
+        process), also after the device migrated away or when it never ran (a
+        destination that received nothing). Then :attr:`owns_state` is False:
+        release resources but persist nothing (do not write a state file another
+        process now keeps)."""
 
     def __enter__(self) -> Self:
         return self

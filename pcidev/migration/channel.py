@@ -16,7 +16,8 @@ The source side, :func:`migrate_out`:
    (NACK) always reaches the caller with the destination's reason, even when the
    destination refused early and closed so that the source's send broke first;
 5. after the acknowledgement it never runs the device again (and marks it
-   :attr:`~pcidev.device.PciDevice.migrated_out`, so that closing it persists
+   :attr:`~pcidev.device.PciDevice.migrated_out` and clears
+   :attr:`~pcidev.device.PciDevice.owns_state`, so that closing it persists
    nothing over the destination's state); it waits briefly
    for the destination's *running* notice to report the downtime.
 
@@ -297,8 +298,9 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
         raise MigrationError(f"migration failed ({type(exc).__name__}: {exc}); "
                              "the device runs again on the source") from exc
     # Acknowledged: from here on the destination owns the device. Never resume,
-    # and never persist its state when it is closed (PciDevice.migrated_out).
+    # and never persist its state when it is closed (PciDevice.owns_state).
     device.migrated_out = True
+    device.owns_state = False
     link = meta.get("link") if isinstance(meta.get("link"), str) else None
     same = bool(meta["boot_id"]) and meta["boot_id"] == boot_id()
     running_at = None

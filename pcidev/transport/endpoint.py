@@ -292,13 +292,17 @@ class DeviceEndpoint:
         <pcidev.device.PciDevice.close>`: workers joined, ``on_close``, exactly once),
         then release memory mappings and eventfds. Idempotent.
 
-        After a migration out the device is closed too; it is then
-        :attr:`~pcidev.device.PciDevice.migrated_out`, so its ``on_close`` persists
-        nothing over the state the destination now owns.
+        After a migration out the device is closed too; it no longer
+        :attr:`~pcidev.device.PciDevice.owns_state`, so its ``on_close`` persists
+        nothing over the state the destination now owns. Neither does a device
+        that never ran here (still :data:`NEW`: a migration destination that
+        received nothing): its state belongs to whoever runs the device.
         """
         if self.state == CLOSED:
             return
         self.device.quiesce()
+        if self.state == NEW:
+            self.device.owns_state = False
         self.state = CLOSED
         self.device.close()
         self.sink.close()

@@ -13,9 +13,10 @@ device, and then serves it on ``--link`` (which it tells the source, so the host
 can follow). The process exits when its device has migrated away (status 0), when
 an incoming migration fails (status 1), or on SIGTERM/SIGINT. On every one of
 these paths it closes the device once (:meth:`pcidev.device.PciDevice.close`:
-workers joined, ``on_close``); a device that migrated away is closed with
-:attr:`~pcidev.device.PciDevice.migrated_out` set, so it persists nothing over
-the state its destination now owns.
+workers joined, ``on_close``); a device that migrated away, or a destination's
+that never received one, is closed without
+:attr:`~pcidev.device.PciDevice.owns_state`, so it persists nothing over the
+state the process running the device owns.
 
 ``-p no:NAME`` / ``-p MODULE`` select the plugins as the ``pcidev`` command line's
 ``-p`` does (:func:`pcidev.plugins.parse_plugin_specs`), so a process started on
@@ -154,7 +155,7 @@ def _serve(args: argparse.Namespace, endpoint: DeviceEndpoint, listener: Listene
         _emit(args.events, "exit", reason=reason)
         return 0
     finally:
-        endpoint.close()  # closes the device: workers joined, on_close (see PciDevice.migrated_out)
+        endpoint.close()  # closes the device: workers joined, on_close (see PciDevice.owns_state)
         listener.close()
 
 

@@ -1,7 +1,7 @@
 """A device-link process closes its device exactly once when it ends (shut down,
 migrated away, or given up waiting for an incoming migration), and a device that
-migrated away is closed with ``migrated_out`` set; DeviceEndpoint.close() closes
-the device."""
+migrated away, or a destination's that never received one, is closed without
+``owns_state`` (it persists nothing); DeviceEndpoint.close() closes the device."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class ClosingEdu(EduDevice):
     def on_close(self):
         super().on_close()
         with open(os.environ["PCIDEV_TEST_CLOSE_LOG"], "a") as f:
-            f.write(f"{os.getpid()} {self.migrated_out}\\n")
+            f.write(f"{os.getpid()} {self.migrated_out} {self.owns_state}\\n")
 
 
 @hookimpl
@@ -70,9 +70,9 @@ def test_a_migrated_source_and_a_stopped_destination_each_close_once(tmp_path, c
             pdev.device.migrate(dst.incoming, timeout=10)
             assert pdev.ioread32(0, 8) == 120  # the destination serves the device
             assert src.proc.wait(10) == 0
-            assert _lines(close_log) == [f"{src.pid} True"]  # migrated away: closed, persists nothing
+            assert _lines(close_log) == [f"{src.pid} True False"]  # migrated away: closed, persists nothing
         assert dst.stop() == 0  # SIGTERM: a clean end
-        assert _lines(close_log) == [f"{src.pid} True", f"{dst.pid} False"]
+        assert _lines(close_log) == [f"{src.pid} True False", f"{dst.pid} False True"]
     finally:
         src.stop()
         dst.stop()
@@ -87,7 +87,7 @@ def test_a_destination_that_gives_up_waiting_closes_its_device(tmp_path, close_l
         assert dst.proc.wait(10) == 128 + signal.SIGINT
     finally:
         dst.stop()
-    assert _lines(close_log) == [f"{dst.pid} False"]
+    assert _lines(close_log) == [f"{dst.pid} False False"]  # it never ran: its state is nobody's
     assert not list(tmp_path.glob("*.sock"))
 
 
@@ -96,11 +96,17 @@ def test_endpoint_close_closes_the_device_once():
 
     class Recording(EduDevice):
         def on_close(self) -> None:
-            closed.append(self.migrated_out)
+            closed.append((self.migrated_out, self.owns_state))
 
     dev = Recording(engine=True)
     ep = DeviceEndpoint(dev)
     ep.start()
     ep.close()
     ep.close()
-    assert closed == [False] and dev.closed and not any(w.running for w in dev.workers)
+    assert closed == [(False, True)] and dev.closed and not any(w.running for w in dev.workers)
+
+
+def test_an_endpoint_that_never_ran_closes_its_device_without_its_state():
+    dev = EduDevice(engine=True)
+    DeviceEndpoint(dev).close()
+    assert dev.closed and not dev.owns_state and not dev.migrated_out

@@ -1,6 +1,7 @@
 """After a migration out, closing the source controller writes no state file: the
-destination owns it (PciDevice.migrated_out); a controller that did not migrate still
-saves its state when it is closed."""
+destination owns it (PciDevice.owns_state); neither does a destination that never
+received the controller; a controller that did not migrate still saves its state when
+it is closed."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import threading
 
 from pcidev.host import Machine
 from pcidev.migration import migrate_in, migrate_out
+from pcidev.transport.endpoint import DeviceEndpoint
 from pcidev_nvme.controller import NvmeController
 from pcidev_nvme.testing.driver import NvmeDriver
 
@@ -40,7 +42,7 @@ def test_a_migrated_out_controller_does_not_save_over_the_destination(tmp_path):
             peer.join(10)
             a.close()
             b.close()
-        assert src.migrated_out and not dst.migrated_out
+        assert src.migrated_out and not src.owns_state and dst.owns_state
         got["incoming"].resources.close()  # type: ignore[attr-defined]
         dst.save_state()  # the destination keeps the state file from now on
         owned = _stat(state)
@@ -48,3 +50,14 @@ def test_a_migrated_out_controller_does_not_save_over_the_destination(tmp_path):
         assert _stat(state) == owned, "the migrated-out source rewrote the destination's state file"
         dst.close()  # a controller that did not migrate saves on close, as before
         assert _stat(state)[0] != owned[0]
+
+
+def test_a_destination_that_received_nothing_does_not_save(tmp_path):
+    state = tmp_path / "ctrl.state"
+    config = f"serial=MIGWAIT,ns=mem:size=1M,state_file={state}"
+    with NvmeController(config, name="running") as running:
+        running.save_state()
+        waiting = NvmeController(config, name="waiting")  # a destination process's controller...
+        owned = _stat(state)  # (it reads the file, counts a power-on and writes it when it is built)
+        DeviceEndpoint(waiting).close()  # ...ends before any source connected
+        assert waiting.closed and _stat(state) == owned

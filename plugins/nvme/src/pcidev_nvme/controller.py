@@ -201,9 +201,10 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         """Power off: stop timers and workers, save the state file, close namespaces. Idempotent.
 
         A controller that was enabled and not shut down (CC.SHN) counts an
-        unsafe shutdown at its next power-on. A controller that migrated away
-        (:attr:`~pcidev.device.PciDevice.migrated_out`) writes no state file: its
-        destination keeps it from then on.
+        unsafe shutdown at its next power-on. A controller whose state is not its
+        own (:attr:`~pcidev.device.PciDevice.owns_state` False: it migrated away,
+        or it waited for a migration that never came) writes no state file: the
+        process that runs the controller keeps it.
         """
         if self._closed:
             return
@@ -215,7 +216,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         except Exception:
             log.exception("closing the I/O command set failed")
         self.admin_worker.shutdown()
-        if not self.migrated_out:  # after a migration out the destination owns the state file
+        if self.owns_state:  # not after a migration out: the destination owns the state file
             self.save_state()
         self._close_namespaces()
         super().close()
