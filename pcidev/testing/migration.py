@@ -328,7 +328,7 @@ def migrate_under_load(device_type: str, workload: Workload | Callable[[Workload
     :param device_type: a registered device type (``edu``, ``nvme``, a plugin's).
     :param workload: a :class:`Workload`, or a function ``step(ctx)`` (one iteration).
     :param count: how many migrations (each to a new process); 0 runs the workload
-        once through without moving the device.
+        (``every`` or ``iterations`` steps) without moving the device.
     :param every: workload iterations before each migration (and after the last);
         default ``iterations // (count + 1)`` when ``iterations`` is given, else 1.
     :param iterations: stop the workload after this many steps in all (default:

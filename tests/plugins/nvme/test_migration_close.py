@@ -11,8 +11,10 @@ import threading
 
 from pcidev.host import Machine
 from pcidev.migration import migrate_in, migrate_out
+from pcidev.testing import Workload, WorkloadContext, migrate_under_load
 from pcidev.transport.endpoint import DeviceEndpoint
 from pcidev_nvme.controller import NvmeController
+from pcidev_nvme.persist import StateFile
 from pcidev_nvme.testing.driver import NvmeDriver
 
 
@@ -61,3 +63,31 @@ def test_a_destination_that_received_nothing_does_not_save(tmp_path):
         owned = _stat(state)  # (it reads the file, counts a power-on and writes it when it is built)
         DeviceEndpoint(waiting).close()  # ...ends before any source connected
         assert waiting.closed and _stat(state) == owned
+
+
+def test_after_migrations_under_load_the_state_file_is_the_last_controllers(tmp_path):
+    """migrate_under_load moves the controller (with a state file) twice while a
+    workload writes; every earlier process exits without writing: the file the last
+    controller leaves counts every write."""
+    state = tmp_path / "ctrl.state"
+
+    class WriteSome(Workload):
+        writes = 0
+
+        def setup(self, ctx: WorkloadContext) -> None:
+            self.drv = NvmeDriver(ctx.machine, ctx.pdev, io_queues=1, io_depth=16, aers=0)
+            self.drv.probe()
+
+        def step(self, ctx: WorkloadContext) -> None:
+            for i in range(4):
+                data = os.urandom(4096)
+                self.drv.write(1, 8 * ((ctx.iteration * 4 + i) % 200), data)
+                assert self.drv.read(1, 8 * ((ctx.iteration * 4 + i) % 200), 8) == data
+                self.writes += 1
+
+    work = WriteSome()
+    result = migrate_under_load("nvme", work, count=2, iterations=9, probe=False,
+                                properties=f"serial=MIGLOAD,ns=mem:size=1M,state_file={state}")
+    assert len(result.migrations) == 2 and result.iterations == 9
+    saved = StateFile(state).load()
+    assert saved is not None and saved.smart.host_write_commands == work.writes == 36
