@@ -26,8 +26,8 @@ def _block_size(inst: Any, attr: attrs.Attribute[Any], value: int | None) -> Non
         raise ConfigError(f"{attr.name}={value} must be a power of two from 512 to 64k")
 
 
-def _serial(inst: Any, attr: attrs.Attribute[str], value: str) -> None:
-    if not value.isascii() or not value.isprintable() or len(value) > ID_BYTES:
+def _serial(inst: Any, attr: attrs.Attribute[str | None], value: str | None) -> None:
+    if value is not None and (not value.isascii() or not value.isprintable() or len(value) > ID_BYTES):
         raise ConfigError(f"serial={value!r} must be at most {ID_BYTES} printable ASCII characters")
 
 
@@ -57,8 +57,9 @@ class VirtioBlkConfig:
                 "an existing one; without file=, the size of a memory disk"})
     readonly: bool = attrs.field(default=False, metadata={
         "help": "offer VIRTIO_BLK_F_RO and fail every write"})
-    serial: str = attrs.field(default="", validator=_serial, metadata={
-        "help": "the GET_ID string (up to 20 ASCII characters; /sys/block/vdX/serial)"})
+    serial: str | None = attrs.field(default=None, validator=_serial, metadata={
+        "help": "the GET_ID string (up to 20 printable ASCII characters; /sys/block/vdX/serial); "
+                "none: 20 NUL bytes"})
     logical_block_size: Size = attrs.field(default=Size(512), validator=_block_size, metadata={
         "help": "bytes per logical block (blk_size): 512..64k, a power of two"})
     physical_block_size: Size | None = attrs.field(default=None, validator=_block_size, metadata={
