@@ -295,7 +295,7 @@ class VirtioPciDevice(PciDevice):
             if self.status & spec.Status.DEVICE_NEEDS_RESET:
                 return
             self.log.warning("DEVICE_NEEDS_RESET: %s", reason)
-            self.status |= spec.Status.DEVICE_NEEDS_RESET
+            self.status = int(self.status | spec.Status.DEVICE_NEEDS_RESET)
             if self.status & spec.Status.DRIVER_OK:
                 self._config_interrupt()
 
@@ -526,7 +526,7 @@ class VirtioPciDevice(PciDevice):
             new &= ~status.FEATURES_OK
         if new & status.DRIVER_OK and not new & status.FEATURES_OK:
             new &= ~status.DRIVER_OK  # DRIVER_OK without negotiated features is not taken
-        self.status = new
+        self.status = int(new)
         if new & status.DRIVER_OK and not old & status.DRIVER_OK:
             self.driver_ok()
             for vq in self._queues:
