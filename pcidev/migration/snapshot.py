@@ -1,4 +1,6 @@
-"""Saving and loading one device: the framework section and the device's section.
+"""Saving and loading one device: the framework section, the layer's section (a device
+class built on a layer such as a virtio-pci transport, see
+:attr:`~pcidev.device.PciDevice.LAYER_VMSTATE`) and the device's section.
 
 A saved device is a :class:`VMStateSnapshot` (in this process) or its encoding as
 a vmstate stream (docs/vmstate-format.md). The device type contributes its state
@@ -15,7 +17,7 @@ module drives them::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -57,7 +59,8 @@ class VMStateSnapshot:
 
     :ivar device_type: the stream's device type.
     :ivar fingerprint: the configuration fingerprint.
-    :ivar sections: the framework section, then the device's section.
+    :ivar sections: the framework section, the layer's section if the device has a
+        layer, then the device's section.
     :ivar fds: the file descriptors the :class:`~pcidev.vmstate.FdRef` fields index
         (guest-memory regions, eventfds). They are *borrowed*: they belong to the
         device's memory and interrupt sink and stay valid while those do.
@@ -91,21 +94,32 @@ def vmstate_fingerprint(dev: PciDevice) -> dict[str, Any]:
     """
     dev.realize()
     fp = framework_fingerprint(dev)
+    layer = dict(dev.layer_fingerprint())
     own = dict(dev.device_fingerprint())
-    bad = sorted(k for k in own if not isinstance(k, str) or k.startswith("pci."))
+    bad = sorted(k for k in (*layer, *own) if not isinstance(k, str) or k.startswith("pci."))
     if bad:
-        raise ConfigError(f"device_fingerprint() keys {bad} are reserved for the framework (pci.*)")
+        raise ConfigError(f"fingerprint keys {bad} are reserved for the framework (pci.*)")
+    clash = sorted(set(layer) & set(own))
+    if clash:
+        raise ConfigError(f"device_fingerprint() keys {clash} are the layer's (layer_fingerprint())")
+    fp.update(layer)
     fp.update(own)
     return fp
 
 
 def vmstate_descriptions(dev: PciDevice) -> list[type]:
-    """The state classes of ``dev``'s streams: the framework's, then its ``VMSTATE``.
+    """The state classes of ``dev``'s streams: the framework's, its ``LAYER_VMSTATE`` if
+    any, then its ``VMSTATE``.
 
     :param dev: the device.
     :returns: the classes.
     """
-    return [FunctionState] + ([dev.VMSTATE] if dev.VMSTATE is not None else [])
+    return [FunctionState, *(c for c in (dev.LAYER_VMSTATE, dev.VMSTATE) if c is not None)]
+
+
+def _expected_sections(dev: PciDevice) -> list[tuple[str, int]]:
+    """The (name, instance) of each section of ``dev``'s streams, in stream order."""
+    return [(FUNCTION_SECTION, 0), *((description_of(c).name, 0) for c in vmstate_descriptions(dev)[1:])]
 
 
 def prepare_vmstate(dev: PciDevice) -> None:
@@ -120,7 +134,7 @@ def prepare_vmstate(dev: PciDevice) -> None:
 
 
 def save_device(dev: PciDevice) -> VMStateSnapshot:
-    """Save ``dev``: the framework section and the device's section.
+    """Save ``dev``: the framework section, the layer's section (if any) and the device's section.
 
     Call it while quiesced. Nothing is changed.
 
@@ -137,15 +151,21 @@ def save_device(dev: PciDevice) -> VMStateSnapshot:
         fstate, fds = save_function_state(dev, dev.memory)
         dev.vmstate_save_fds = fds  # the device's own descriptors follow (vmstate_fd)
         try:
+            lstate = dev.get_layer_state() if dev.LAYER_VMSTATE is not None else None
             dstate = dev.get_device_state()
         finally:
             dev.vmstate_save_fds = None
-    name = description_of(dev.VMSTATE).name
-    if type(dstate) is not dev.VMSTATE:
-        raise StateError(f"get_device_state() returned {type(dstate).__name__}, "
-                         f"expected {dev.VMSTATE.__name__}", section=name, instance_id=0)
-    return VMStateSnapshot(dev.vmstate_device_type, vmstate_fingerprint(dev),
-                           (Section(FUNCTION_SECTION, 0, fstate), Section(name, 0, dstate)), tuple(fds))
+    sections = [Section(FUNCTION_SECTION, 0, fstate)]
+    for cls, state, hook in ((dev.LAYER_VMSTATE, lstate, "get_layer_state"),
+                             (dev.VMSTATE, dstate, "get_device_state")):
+        if cls is None:
+            continue
+        name = description_of(cls).name
+        if type(state) is not cls:
+            raise StateError(f"{hook}() returned {type(state).__name__}, expected {cls.__name__}",
+                             section=name, instance_id=0)
+        sections.append(Section(name, 0, state))
+    return VMStateSnapshot(dev.vmstate_device_type, vmstate_fingerprint(dev), tuple(sections), tuple(fds))
 
 
 def save_device_stream(dev: PciDevice) -> tuple[bytes, list[int]]:
@@ -186,7 +206,7 @@ def load_device_stream(dev: PciDevice, data: bytes, fds: Sequence[int] | None = 
     """
     if dev.VMSTATE is None:
         raise _no_vmstate(dev)
-    expected = [(FUNCTION_SECTION, 0), (description_of(dev.VMSTATE).name, 0)]
+    expected = _expected_sections(dev)
     with gc_paused():  # no cyclic-GC pass in the downtime (see pcidev.vmstate.gcpause)
         sections = load(data, device_type=dev.vmstate_device_type, fingerprint=vmstate_fingerprint(dev),
                         descriptions=vmstate_descriptions(dev), expected=expected)
@@ -212,8 +232,8 @@ def load_device(dev: PciDevice, snapshot: VMStateSnapshot, fds: Sequence[int] | 
     if diffs:
         raise ConfigMismatchError("device configuration differs from the stream's: " + "; ".join(diffs),
                                   differences=diffs)
-    want: dict[tuple[str, int], type] = {(FUNCTION_SECTION, 0): FunctionState,
-                                         (description_of(dev.VMSTATE).name, 0): dev.VMSTATE}
+    want: dict[tuple[str, int], type] = dict(zip(_expected_sections(dev), vmstate_descriptions(dev),
+                                                 strict=True))
     got = {(s.name, s.instance_id): s for s in snapshot.sections}
     if set(got) != set(want) or len(got) != len(snapshot.sections):
         raise StateError(f"expected sections {sorted(want)}, got {[s[:2] for s in snapshot.sections]}")
@@ -227,39 +247,55 @@ def load_device(dev: PciDevice, snapshot: VMStateSnapshot, fds: Sequence[int] | 
 def _apply_sections(dev: PciDevice, sections: list[Section], fds: Sequence[int] | None) -> LoadedResources:
     by_name = {s.name: s.state for s in sections}
     fstate = by_name.pop(FUNCTION_SECTION)
+    lname = description_of(dev.LAYER_VMSTATE).name if dev.LAYER_VMSTATE is not None else None
+    layer = (lname, by_name.pop(lname)) if lname is not None else None
     (dname, dstate), = by_name.items()
     dev.realize()
     with dev.lock:
         dev.vmstate_load_fds = list(fds) if fds is not None else None  # vmstate_load_fd()
         try:
-            return _apply_sections_locked(dev, fstate, dname, dstate, fds)
+            return _apply_sections_locked(dev, fstate, layer, dname, dstate, fds)
         finally:
             dev.vmstate_load_fds = None
 
 
-def _apply_sections_locked(dev: PciDevice, fstate: FunctionState, dname: str, dstate: Any,
-                           fds: Sequence[int] | None) -> LoadedResources:
-    memory = dev.memory
-    check_function_state(dev, fstate, fds, memory)
+def _check(check: Callable[[Any], None], state: Any, name: str) -> None:
     try:
-        dev.check_device_state(dstate)
+        check(state)
     except VMStateError:
         raise
     except Exception as exc:
         raise StateError(f"the device refused the state: {type(exc).__name__}: {exc}",
-                         section=dname, instance_id=0) from exc
+                         section=name, instance_id=0) from exc
+
+
+def _apply_sections_locked(dev: PciDevice, fstate: FunctionState, layer: tuple[str, Any] | None, dname: str,
+                           dstate: Any, fds: Sequence[int] | None) -> LoadedResources:
+    memory = dev.memory
+    check_function_state(dev, fstate, fds, memory)
+    if layer is not None:
+        _check(dev.check_layer_state, layer[1], layer[0])
+    _check(dev.check_device_state, dstate, dname)
     res = build_resources(fstate, fds) if fds is not None else LoadedResources()
     try:
+        before_layer = dev.get_layer_state() if layer is not None else None
         before = dev.get_device_state()
     except Exception:
         res.close()
         raise
     old = apply_function_state(dev, fstate, res, memory, partial(setattr, dev, "memory"))
+    name = dname
     try:
+        if layer is not None:
+            name = layer[0]
+            dev.set_layer_state(layer[1])
+            name = dname
         dev.set_device_state(dstate)
     except Exception as exc:
         undo_function_state(dev, old, partial(setattr, dev, "memory"))
         try:
+            if layer is not None:
+                dev.set_layer_state(before_layer)
             dev.set_device_state(before)
         except Exception as again:
             dev.fail(again, "rollback of a failed vmstate load")
@@ -267,7 +303,7 @@ def _apply_sections_locked(dev: PciDevice, fstate: FunctionState, dname: str, ds
         if isinstance(exc, VMStateError):
             raise
         raise StateError(f"applying the state failed: {type(exc).__name__}: {exc}",
-                         section=dname, instance_id=0) from exc
+                         section=name, instance_id=0) from exc
     return res
 
 

@@ -133,7 +133,8 @@ def roundtrip(target: PciDevice | HostPciDevice, *, make: Callable[[], PciDevice
     (default: the source's class with the source's configuration object), is loaded
     with :func:`~pcidev.migration.load_device_stream`; then the round trip checks
     that nothing is half-loaded: the destination's configuration space and
-    :meth:`~pcidev.device.PciDevice.get_device_state` equal the source's (but for
+    :meth:`~pcidev.device.PciDevice.get_device_state` (and a layer's
+    :meth:`~pcidev.device.PciDevice.get_layer_state`) equal the source's (but for
     the fields in ``ignore``, see :func:`state_differences`), and it has not
     failed. The destination then uses the source's guest memory and interrupt
     sink (the host's), and the source is torn down (:func:`teardown_device`).
@@ -179,6 +180,8 @@ def roundtrip(target: PciDevice | HostPciDevice, *, make: Callable[[], PciDevice
     if bytes(dest.config.data) != bytes(src.config.data):
         problems.append("configuration space differs")
     diffs = state_differences(src.get_device_state(), dest.get_device_state(), ignore=ignore)
+    if src.LAYER_VMSTATE is not None:  # a layer's section (pcidev.device.PciDevice.LAYER_VMSTATE)
+        diffs += state_differences(src.get_layer_state(), dest.get_layer_state(), ignore=ignore, path="layer")
     if diffs:
         problems.append("device state differs: " + "; ".join(diffs))
     if problems:
