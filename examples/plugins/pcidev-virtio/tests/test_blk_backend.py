@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
-from pcidev_virtio.blk_backend import FileBackend, MemoryBackend, full_preadv
 
 from pcidev.errors import ConfigError
+from pcidev_virtio.blk_backend import FileBackend, MemoryBackend, full_preadv
 
 
 def test_missing_file_is_created_sparse_with_size(tmp_path: Path) -> None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from pcidev_virtio.blk_config import VirtioBlkConfig, config_space
-from pcidev_virtio.blk_spec import CONFIG, CONFIG_FIELDS, CONFIG_SIZE, WRITEBACK_OFFSET
 
 from pcidev.errors import ConfigError
 from pcidev.properties import describe_config, structure_config
+from pcidev_virtio.blk_config import VirtioBlkConfig, config_space
+from pcidev_virtio.blk_spec import CONFIG, CONFIG_FIELDS, CONFIG_SIZE, WRITEBACK_OFFSET
 
 
 def test_layout_matches_the_spec() -> None:

@@ -17,11 +17,11 @@ import crc32c
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from pcidev.errors import ConfigError
 from pcidev_virtio.blk_backend import BlkBackend, MemoryBackend
 from pcidev_virtio.blk_requests import BlkLimits, BlkRequestEngine, gather, window
 from pcidev_virtio.blk_spec import DWZ_SEGMENT, OUTHDR, WRITE_ZEROES_FLAG_UNMAP, BlkStatus, BlkType
-
-from pcidev.errors import ConfigError
 
 DISK = 1 << 20  # 2048 sectors
 

@@ -37,6 +37,11 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import attrs
+
+from pcidev.errors import ConfigError
+from pcidev.properties import structure_config
+from pcidev.vmstate import FdRef, vmstate
+from pcidev.vmstate.errors import StateError
 from pcidev_virtio.blk_backend import BlkBackend, FileBackend, MemoryBackend
 from pcidev_virtio.blk_config import VirtioBlkConfig, config_space
 from pcidev_virtio.blk_requests import BlkLimits, BlkRequestEngine
@@ -45,11 +50,6 @@ from pcidev_virtio.device import VirtioPciDevice
 from pcidev_virtio.errors import VirtqueueError
 from pcidev_virtio.spec import Status, VirtioId
 from pcidev_virtio.virtqueue import VirtqElement, Virtqueue
-
-from pcidev.errors import ConfigError
-from pcidev.properties import structure_config
-from pcidev.vmstate import FdRef, vmstate
-from pcidev.vmstate.errors import StateError
 
 __all__ = ["VirtioBlk", "VirtioBlkConfig", "VirtioBlkState"]
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-from pcidev_virtio.blk_spec import CONFIG, ID_BYTES, SECTOR_SHIFT
 
 from pcidev.errors import ConfigError
 from pcidev.properties import Size
+from pcidev_virtio.blk_spec import CONFIG, ID_BYTES, SECTOR_SHIFT
 
 __all__ = ["VirtioBlkConfig", "config_space"]
 

@@ -39,6 +39,8 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import attrs
+
+from pcidev.errors import ConfigError
 from pcidev_virtio.blk_backend import SECTOR_SIZE, BlkBackend
 from pcidev_virtio.blk_spec import (
     DWZ_SEGMENT,
@@ -49,8 +51,6 @@ from pcidev_virtio.blk_spec import (
     BlkStatus,
     BlkType,
 )
-
-from pcidev.errors import ConfigError
 
 __all__ = [
     "BlkLimits",

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from pcidev import hookimpl
 from pcidev.registry import DeviceRegistry
+from pcidev_virtio.blk import VirtioBlk
 from pcidev_virtio.rng import VirtioRng
 
 
 @hookimpl
 def pcidev_register_devices(registry: DeviceRegistry) -> None:
-    """Register the virtio device types: ``virtio-rng``.
+    """Register the virtio device types: ``virtio-rng`` and ``virtio-blk``.
 
     :param registry: the registry collecting device types.
     """
     registry.add_device(VirtioRng)
+    registry.add_device(VirtioBlk)
