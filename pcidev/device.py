@@ -123,6 +123,14 @@ class PciDevice:
     #: the device's own vmstate description (a ``@vmstate`` class describing only
     #: the device's state, not the framework's), or None if it cannot migrate
     VMSTATE: ClassVar[type[Any] | None] = None
+    #: the vmstate description of the state an intermediate base class owns (a *layer*
+    #: between :class:`PciDevice` and the device type, such as a virtio-pci transport that
+    #: every virtio device type subclasses), saved as a section of its own between the
+    #: framework's and the device type's; None (the default): no layer. The layer's class
+    #: implements :meth:`get_layer_state`, :meth:`check_layer_state`,
+    #: :meth:`set_layer_state` and :meth:`layer_fingerprint`, so that the device types
+    #: built on it keep the ``*_device_state`` hooks for their own state.
+    LAYER_VMSTATE: ClassVar[type[Any] | None] = None
     #: the attrs class of the device's properties, or None if it takes none. A device
     #: type with one is built as ``cls(config, name=...)`` by
     #: :meth:`pcidev.registry.DeviceRegistry.create` (config structured from a
@@ -574,6 +582,40 @@ class PciDevice:
         :returns: a dict (empty by default).
         """
         return {}
+
+    def layer_fingerprint(self) -> dict[str, Any]:
+        """Override in a layer class (see :attr:`LAYER_VMSTATE`): the layer's configuration
+        items a destination must match, merged with :meth:`device_fingerprint` (same value
+        rules; the keys must differ from the device type's and not start with ``pci.``).
+
+        :returns: a dict (empty by default).
+        """
+        return {}
+
+    def get_layer_state(self) -> Any:
+        """Override in a layer class: build the layer's state object (an instance of
+        :attr:`LAYER_VMSTATE`), as :meth:`get_device_state` does for the device type.
+
+        :returns: the state object.
+        """
+        raise MigrationBlockedError([f"{type(self).__name__} declares no layer state"])
+
+    def check_layer_state(self, state: Any) -> None:
+        """Override in a layer class: refuse a loaded layer state that cannot apply, by
+        raising :class:`~pcidev.vmstate.errors.StateError`. Called before anything is
+        applied (before :meth:`check_device_state`); must not change the device.
+
+        :param state: an instance of :attr:`LAYER_VMSTATE`.
+        :raises StateError: the state does not fit.
+        """
+
+    def set_layer_state(self, state: Any) -> None:
+        """Override in a layer class: apply a checked layer state. Called after the
+        framework state and before :meth:`set_device_state`; rolled back like it.
+
+        :param state: an instance of :attr:`LAYER_VMSTATE`.
+        """
+        raise MigrationBlockedError([f"{type(self).__name__} declares no layer state"])
 
     def get_device_state(self) -> Any:
         """Override: build the device's state object (an instance of

@@ -110,6 +110,7 @@ PUBLIC_MODULES = [
     "pcidev.properties", "pcidev.registry", "pcidev.plugins", "pcidev.hookspecs", "pcidev.vmstate",
     "pcidev.migration", "pcidev.pci.config", "pcidev.pci.capabilities", "pcidev.host",
     "pcidev.transport.address", "pcidev_nvme.config", "pcidev_nvme.backends", "pcidev.testing",
+    "pcidev.regions", "pcidev.pci.capabilities.vendor",
 ]
 
 

@@ -49,6 +49,59 @@ def test_entry_point_and_script_are_declared():
 
 
 NVME = ROOT / "plugins" / "nvme"
+VIRTIO = ROOT / "examples" / "plugins" / "pcidev-virtio"
+
+
+def test_the_virtio_example_plugin_is_a_distribution_of_its_own():
+    """examples/plugins/pcidev-virtio is shipped as a third party ships a plugin: its own
+    pyproject, a dependency on pcidev, its entry point in the ``pcidev`` group, src layout,
+    license, readme, type hints and tests."""
+    with (VIRTIO / "pyproject.toml").open("rb") as f:
+        doc = tomllib.load(f)
+    project = doc["project"]
+    assert project["name"] == "pcidev-virtio"
+    assert project["entry-points"]["pcidev"] == {"virtio": "pcidev_virtio.plugin"}
+    assert "pcidev" in {_requirement_name(d) for d in project["dependencies"]}
+    assert doc["tool"]["setuptools"]["packages"]["find"]["where"] == ["src"]
+    src = VIRTIO / "src" / "pcidev_virtio"
+    assert (src / "plugin.py").is_file() and (src / "py.typed").is_file()
+    assert (VIRTIO / "LICENSE").is_file() and (VIRTIO / "README.md").is_file()
+    assert "examples/plugins/pcidev-virtio/tests" in _pyproject()["tool"]["pytest"]["ini_options"]["testpaths"]
+
+
+def test_the_virtio_plugin_uses_only_the_public_api_and_declares_its_imports():
+    """Only modules pcidev documents as public (docs/public-api.md), and declared dependencies."""
+    with (VIRTIO / "pyproject.toml").open("rb") as f:
+        deps = {_requirement_name(d) for d in tomllib.load(f)["project"]["dependencies"]}
+    public = ("pcidev", "pcidev.device", "pcidev.bar", "pcidev.irq", "pcidev.dma", "pcidev.errors",
+              "pcidev.pci.config", "pcidev.pci.capabilities", "pcidev.properties",
+              "pcidev.registry", "pcidev.plugins", "pcidev.hookspecs", "pcidev.vmstate", "pcidev.migration",
+              "pcidev.host", "pcidev.transport.address", "pcidev.transport.vfio_user.client",
+              "pcidev.transport.vfio_user.remote", "pcidev.testing", "pcidev.regions")
+    imported: set[str] = set()
+    for path in (VIRTIO / "src").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                imported.add(node.module)
+    private = sorted(m for m in imported if m.split(".")[0] == "pcidev"
+                     and not any(m == p or m.startswith(p + ".") for p in public))
+    assert private == []
+    third_party = {m.split(".")[0] for m in imported} - {"pcidev", "pcidev_virtio", "__future__"}
+    third_party = {m for m in third_party if m not in sys.stdlib_module_names}
+    assert third_party <= deps, f"imported but not declared: {sorted(third_party - deps)}"
+
+
+def test_getting_started_shows_the_quick_start_commands():
+    lines = quick_start_lines((ROOT / "README.md").read_text())
+    text = (ROOT / "docs" / "getting-started.md").read_text()
+    assert all(line in text.splitlines() for line in lines)
+
+
+def test_the_quick_start_installs_every_plugin_distribution():
+    for line in quick_start_lines((ROOT / "README.md").read_text()):
+        assert "-e ./plugins/nvme" in line and "-e ./examples/plugins/pcidev-virtio" in line
 
 
 def test_the_nvme_plugin_is_a_distribution_of_its_own():

@@ -77,6 +77,19 @@ def test_mypy_strict_passes_on_the_nvme_plugin() -> None:
     assert [p.name for p in src.rglob("*.py") if "type: ignore" in p.read_text()] == []
 
 
+def test_mypy_strict_passes_on_the_virtio_plugin() -> None:
+    """The example plugin distribution has its own [tool.mypy] too (strict, paths relative to it)."""
+    plugin = ROOT / "examples" / "plugins" / "pcidev-virtio"
+    r = _run("mypy", cwd=plugin)
+    assert r.returncode == 0, f"mypy (examples/plugins/pcidev-virtio) failed:\n{r.stdout}{r.stderr}"
+    assert [p.name for p in (plugin / "src").rglob("*.py") if "type: ignore" in p.read_text()] == []
+
+
+def test_ruff_covers_the_virtio_plugin() -> None:
+    """``examples`` is in RUFF_CHECKED: the plugin's sources and tests are linted with the rest."""
+    assert any(Path("examples/plugins/pcidev-virtio").is_relative_to(p) for p in RUFF_CHECKED)
+
+
 def test_type_ignores_are_the_allowed_ones() -> None:
     found = []
     for path in _checked_files():

@@ -1,4 +1,7 @@
-"""Saving and loading one device: the framework section and the device's section.
+"""Saving and loading one device: the framework section, the migratable registers'
+section (:mod:`pcidev.migration.registers`), the layer's section (a device class built
+on a layer such as a virtio-pci transport, see
+:attr:`~pcidev.device.PciDevice.LAYER_VMSTATE`) and the device's section.
 
 A saved device is a :class:`VMStateSnapshot` (in this process) or its encoding as
 a vmstate stream (docs/vmstate-format.md). The device type contributes its state
@@ -15,7 +18,7 @@ module drives them::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -65,9 +68,10 @@ class VMStateSnapshot:
 
     :ivar device_type: the stream's device type.
     :ivar fingerprint: the configuration fingerprint.
-    :ivar sections: the framework section, the ``pcidev/registers`` section if the
-        device has migratable registers (:mod:`pcidev.migration.registers`), then the
-        device's section if it has a ``VMSTATE``.
+    :ivar sections: the framework section, then the ``pcidev/registers`` section if the
+        device has migratable registers (:mod:`pcidev.migration.registers`), the layer's
+        section if its class has a ``LAYER_VMSTATE``, and the device's section if it has
+        a ``VMSTATE``.
     :ivar fds: the file descriptors the :class:`~pcidev.vmstate.FdRef` fields index
         (guest-memory regions, eventfds). They are *borrowed*: they belong to the
         device's memory and interrupt sink and stay valid while those do.
@@ -87,46 +91,82 @@ class VMStateSnapshot:
         return save(self.device_type, self.fingerprint, self.sections)
 
 
+@attrs.frozen
+class _Part:
+    """One section after the framework's and who owns it: ``get`` builds the state from
+    the live device (a save, and the copy a failed load puts back), ``check`` refuses a
+    loaded state before anything is applied, ``put`` applies a checked state."""
+
+    name: str
+    cls: type
+    hook: str  # the author hook behind ``get``, for error messages
+    get: Callable[[], Any]
+    check: Callable[[Any], None]
+    put: Callable[[Any], None]
+
+
+def _parts(dev: PciDevice) -> list[_Part]:
+    """The sections after the framework's, in stream order: migratable registers (owned
+    by the register maps), the layer's (``LAYER_VMSTATE``), the device type's (``VMSTATE``)."""
+    parts = []
+    if migratable_maps(dev):
+        parts.append(_Part(REGISTERS_SECTION, RegistersState, "save_registers", partial(save_registers, dev),
+                           partial(check_registers, dev), partial(apply_registers, dev)))
+    if dev.LAYER_VMSTATE is not None:
+        parts.append(_Part(description_of(dev.LAYER_VMSTATE).name, dev.LAYER_VMSTATE, "get_layer_state",
+                           dev.get_layer_state, dev.check_layer_state, dev.set_layer_state))
+    if dev.VMSTATE is not None:
+        parts.append(_Part(description_of(dev.VMSTATE).name, dev.VMSTATE, "get_device_state",
+                           dev.get_device_state, dev.check_device_state, dev.set_device_state))
+    return parts
+
+
 def _no_vmstate(dev: PciDevice) -> MigrationBlockedError:
     return MigrationBlockedError([f"device type {dev.vmstate_device_type} has no vmstate description"])
 
 
 def _migrates_nothing(dev: PciDevice) -> bool:
-    """No ``VMSTATE`` and no migratable register: the type cannot migrate."""
-    return dev.VMSTATE is None and not migratable_maps(dev)
+    """No ``VMSTATE``, no layer state and no migratable register: the type cannot migrate."""
+    return dev.VMSTATE is None and dev.LAYER_VMSTATE is None and not migratable_maps(dev)
 
 
 def _expected_sections(dev: PciDevice) -> dict[tuple[str, int], type]:
     """The sections of ``dev``'s streams, in stream order, and their state classes."""
     want: dict[tuple[str, int], type] = {(FUNCTION_SECTION, 0): FunctionState}
-    if migratable_maps(dev):
-        want[(REGISTERS_SECTION, 0)] = RegistersState
-    if dev.VMSTATE is not None:
-        want[(description_of(dev.VMSTATE).name, 0)] = dev.VMSTATE
+    for part in _parts(dev):
+        want[(part.name, 0)] = part.cls
     return want
 
 
 def vmstate_fingerprint(dev: PciDevice) -> dict[str, Any]:
     """The configuration fingerprint of ``dev``'s vmstate streams: the framework's
-    items (``pci.*``) and the device's ``device_fingerprint()``.
+    items (``pci.*``), the layer's ``layer_fingerprint()`` and the device's
+    ``device_fingerprint()``.
 
     :param dev: the device (realized here if it is not yet).
     :returns: the items.
-    :raises ConfigError: the device's items use the reserved ``pci.`` prefix.
+    :raises ConfigError: the device's items use the reserved ``pci.`` prefix, or the
+        device type's keys clash with its layer's.
     """
     dev.realize()
     fp = framework_fingerprint(dev)
+    layer = dict(dev.layer_fingerprint())
     own = dict(dev.device_fingerprint())
-    bad = sorted(k for k in own if not isinstance(k, str) or k.startswith("pci."))
+    bad = sorted(k for k in (*layer, *own) if not isinstance(k, str) or k.startswith("pci."))
     if bad:
-        raise ConfigError(f"device_fingerprint() keys {bad} are reserved for the framework (pci.*)")
+        raise ConfigError(f"fingerprint keys {bad} are reserved for the framework (pci.*)")
+    clash = sorted(set(layer) & set(own))
+    if clash:
+        raise ConfigError(f"device_fingerprint() keys {clash} are the layer's (layer_fingerprint())")
+    fp.update(layer)
     fp.update(own)
     return fp
 
 
 def vmstate_descriptions(dev: PciDevice) -> list[type]:
-    """The state classes of ``dev``'s streams: the framework's, the registers section's
-    if it has migratable registers, then its ``VMSTATE``.
+    """The state classes of ``dev``'s streams, in stream order: the framework's, the
+    registers section's if it has migratable registers, its ``LAYER_VMSTATE`` if any,
+    then its ``VMSTATE``.
 
     :param dev: the device.
     :returns: the classes.
@@ -146,37 +186,34 @@ def prepare_vmstate(dev: PciDevice) -> None:
 
 
 def save_device(dev: PciDevice) -> VMStateSnapshot:
-    """Save ``dev``: the framework section and the device's section.
+    """Save ``dev``: the framework section, then the registers', the layer's and the
+    device's sections that it has (see :class:`VMStateSnapshot`).
 
     Call it while quiesced. Nothing is changed.
 
     :param dev: the device.
     :returns: a snapshot whose ``fds`` (guest-memory regions, interrupt eventfds)
         are borrowed.
-    :raises MigrationBlockedError: the type has neither a ``VMSTATE`` nor migratable registers.
+    :raises MigrationBlockedError: the type has no ``VMSTATE``, no ``LAYER_VMSTATE``
+        and no migratable registers.
     :raises StateError: the device built a state that does not fit its description.
     """
     if _migrates_nothing(dev):
         raise _no_vmstate(dev)
     dev.realize()
-    sections: list[Section] = []
     with gc_paused(), dev.lock:
         fstate, fds = save_function_state(dev, dev.memory)
-        sections.append(Section(FUNCTION_SECTION, 0, fstate))
-        registers = save_registers(dev)
-        if registers is not None:
-            sections.append(Section(REGISTERS_SECTION, 0, registers))
-        if dev.VMSTATE is not None:
-            dev.vmstate_save_fds = fds  # the device's own descriptors follow (vmstate_fd)
-            try:
-                dstate = dev.get_device_state()
-            finally:
-                dev.vmstate_save_fds = None
-            name = description_of(dev.VMSTATE).name
-            if type(dstate) is not dev.VMSTATE:
-                raise StateError(f"get_device_state() returned {type(dstate).__name__}, "
-                                 f"expected {dev.VMSTATE.__name__}", section=name, instance_id=0)
-            sections.append(Section(name, 0, dstate))
+        sections = [Section(FUNCTION_SECTION, 0, fstate)]
+        dev.vmstate_save_fds = fds  # the device's own descriptors follow (vmstate_fd)
+        try:
+            for part in _parts(dev):
+                state = part.get()
+                if type(state) is not part.cls:
+                    raise StateError(f"{part.hook}() returned {type(state).__name__}, expected {part.cls.__name__}",
+                                     section=part.name, instance_id=0)
+                sections.append(Section(part.name, 0, state))
+        finally:
+            dev.vmstate_save_fds = None
     return VMStateSnapshot(dev.vmstate_device_type, vmstate_fingerprint(dev), tuple(sections), tuple(fds))
 
 
@@ -196,9 +233,10 @@ def load_device_stream(dev: PciDevice, data: bytes, fds: Sequence[int] | None = 
 
     All or nothing: the stream is decoded and checked completely (envelope,
     checksum, device type, fingerprint, every field, the framework state
-    against this device, ``check_device_state``), guest memory is mapped, and
-    only then is anything applied; if applying fails, the device is put back as
-    it was. A failed load raises and leaves the device untouched.
+    against this device, the registers, ``check_layer_state``,
+    ``check_device_state``), guest memory is mapped, and only then is anything
+    applied; if applying fails, the device is put back as it was. A failed load
+    raises and leaves the device untouched.
 
     Call it while quiesced (or before the device ever ran).
 
@@ -258,56 +296,52 @@ def load_device(dev: PciDevice, snapshot: VMStateSnapshot, fds: Sequence[int] | 
 def _apply_sections(dev: PciDevice, sections: list[Section], fds: Sequence[int] | None) -> LoadedResources:
     by_name = {s.name: s.state for s in sections}
     fstate = by_name.pop(FUNCTION_SECTION)
-    registers = by_name.pop(REGISTERS_SECTION, None)
-    device_section = next(iter(by_name.items()), None)
     dev.realize()
     with dev.lock:
         dev.vmstate_load_fds = list(fds) if fds is not None else None  # vmstate_load_fd()
         try:
-            return _apply_sections_locked(dev, fstate, registers, device_section, fds)
+            parts = [(part, by_name[part.name]) for part in _parts(dev)]
+            return _apply_sections_locked(dev, fstate, parts, fds)
         finally:
             dev.vmstate_load_fds = None
 
 
-def _apply_sections_locked(dev: PciDevice, fstate: FunctionState, registers: RegistersState | None,
-                           device_section: tuple[str, Any] | None, fds: Sequence[int] | None) -> LoadedResources:
+def _apply_sections_locked(dev: PciDevice, fstate: FunctionState, parts: list[tuple[_Part, Any]],
+                           fds: Sequence[int] | None) -> LoadedResources:
     memory = dev.memory
     check_function_state(dev, fstate, fds, memory)
-    if registers is not None:
-        check_registers(dev, registers)
-    dname, dstate = device_section if device_section is not None else ("", None)
-    if device_section is not None:
+    for part, state in parts:
         try:
-            dev.check_device_state(dstate)
+            part.check(state)
         except VMStateError:
             raise
         except Exception as exc:
             raise StateError(f"the device refused the state: {type(exc).__name__}: {exc}",
-                             section=dname, instance_id=0) from exc
+                             section=part.name, instance_id=0) from exc
     res = build_resources(fstate, fds) if fds is not None else LoadedResources()
     try:
-        before = dev.get_device_state() if device_section is not None else None
+        before = [part.get() for part, _ in parts]
     except Exception:
         res.close()
         raise
     old = apply_function_state(dev, fstate, res, memory, partial(setattr, dev, "memory"))
-    old_registers = apply_registers(dev, registers) if registers is not None else None
+    done = 0
     try:
-        if device_section is not None:
-            dev.set_device_state(dstate)
+        for part, state in parts:
+            part.put(state)
+            done += 1
     except Exception as exc:
         undo_function_state(dev, old, partial(setattr, dev, "memory"))
-        if old_registers is not None:
-            apply_registers(dev, old_registers)
-        try:
-            dev.set_device_state(before)
-        except Exception as again:
-            dev.fail(again, "rollback of a failed vmstate load")
+        for (part, _), state in reversed(list(zip(parts, before, strict=True))[:done + 1]):
+            try:
+                part.put(state)
+            except Exception as again:
+                dev.fail(again, "rollback of a failed vmstate load")
         res.close()
         if isinstance(exc, VMStateError):
             raise
         raise StateError(f"applying the state failed: {type(exc).__name__}: {exc}",
-                         section=dname, instance_id=0) from exc
+                         section=parts[done][0].name, instance_id=0) from exc
     return res
 
 

@@ -134,7 +134,8 @@ def roundtrip(target: PciDevice | HostPciDevice, *, make: Callable[[], PciDevice
     (default: the source's class with the source's configuration object), is loaded
     with :func:`~pcidev.migration.load_device_stream`; then the round trip checks
     that nothing is half-loaded: the destination's configuration space, its
-    migratable registers (:mod:`pcidev.migration.registers`) and
+    migratable registers (:mod:`pcidev.migration.registers`), a layer's
+    :meth:`~pcidev.device.PciDevice.get_layer_state` and
     :meth:`~pcidev.device.PciDevice.get_device_state` equal the source's (but for
     the fields in ``ignore``, see :func:`state_differences`), and it has not
     failed. The destination then uses the source's guest memory and interrupt
@@ -183,6 +184,10 @@ def roundtrip(target: PciDevice | HostPciDevice, *, make: Callable[[], PciDevice
     diffs = state_differences(save_registers(src), save_registers(dest), ignore=ignore, path="registers")
     if diffs:
         problems.append("migratable registers differ: " + "; ".join(diffs))
+    if src.LAYER_VMSTATE is not None:  # a layer's section (pcidev.device.PciDevice.LAYER_VMSTATE)
+        diffs = state_differences(src.get_layer_state(), dest.get_layer_state(), ignore=ignore, path="layer")
+        if diffs:
+            problems.append("layer state differs: " + "; ".join(diffs))
     if src.VMSTATE is not None:
         diffs = state_differences(src.get_device_state(), dest.get_device_state(), ignore=ignore)
         if diffs:

@@ -6,7 +6,7 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /tmp /var/run
-for m in nvme-auth nvme-core nvme; do [ -e /mods/$m.ko ] && insmod /mods/$m.ko; done
+for m in nvme-auth nvme-core nvme virtio_blk virtio-rng; do [ -e /mods/$m.ko ] && insmod /mods/$m.ko; done
 echo "@@PCIDEV-START@@"
 echo "$guest_cmd" | base64 -d > /tmp/cmd.sh
 sh -x /tmp/cmd.sh 2>&1

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Build (or reuse) the VM tier's pieces: a Debian trixie chroot with QEMU >= 10.1 from
-# trixie-backports, the guest kernel and a busybox initramfs with nvme-cli, fio, lspci and the
-# nvme modules (see ../shared/reference/real-guest.md).  Idempotent: reuses what is present.
+# trixie-backports, the guest kernel and a busybox initramfs with nvme-cli, fio, lspci, the
+# nvme modules and the virtio_blk and virtio-rng modules (see ../shared/reference/real-guest.md).
+# Idempotent: reuses what is present.
 # Usage: setup_vm.sh [ROOT]   (default /var/cache/pcidev-vm).  Needs root.  Prints ROOT at the end.
 set -eu
 ROOT=${1:-${PCIDEV_VM_ROOT:-/var/cache/pcidev-vm}}
@@ -54,8 +55,8 @@ chroot "$ROOT" qemu-system-x86_64 --version | head -1
 
 KVER=$(ls "$ROOT/lib/modules" | sort | tail -1)
 mkdir -p "$ROOT/vm"
-# The initramfs is rebuilt when the init script changed (cheap: a few seconds).
-STAMP=$(cat "$HERE/guest_init.sh" | sha256sum | cut -c1-16)-$KVER
+# The initramfs is rebuilt when the init script or this script changed (cheap: a few seconds).
+STAMP=$(cat "$HERE/guest_init.sh" "$HERE/setup_vm.sh" | sha256sum | cut -c1-16)-$KVER
 if [ -f "$ROOT/vm/initrd.gz" ] && [ "$(cat "$ROOT/vm/initrd.stamp" 2>/dev/null)" = "$STAMP" ]; then
     echo "initramfs up to date"
 else
@@ -76,8 +77,11 @@ else
     done
     cp "$(readlink -f "$ROOT/lib64/ld-linux-x86-64.so.2")" "$STAGE/lib64/ld-linux-x86-64.so.2"
     [ -e "$ROOT/usr/share/misc/pci.ids" ] && cp "$ROOT/usr/share/misc/pci.ids" "$STAGE/usr/share/misc/"
-    for m in common/nvme-auth host/nvme-core host/nvme; do
-        f="$ROOT/lib/modules/$KVER/kernel/drivers/nvme/$m.ko.xz"
+    # nvme (three modules), and the virtio drivers the kernel does not build in
+    # (CONFIG_VIRTIO_PCI=y; virtio_blk and virtio-rng are modules without dependencies).
+    for m in nvme/common/nvme-auth nvme/host/nvme-core nvme/host/nvme block/virtio_blk \
+             char/hw_random/virtio-rng; do
+        f="$ROOT/lib/modules/$KVER/kernel/drivers/$m.ko.xz"
         [ -e "$f" ] && xz -dc "$f" > "$STAGE/mods/$(basename "$m").ko"
     done
     cp "$HERE/guest_init.sh" "$STAGE/init"

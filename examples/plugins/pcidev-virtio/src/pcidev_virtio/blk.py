@@ -1,0 +1,279 @@
+"""``virtio-blk``: a virtio block device (virtio 1.2 section 5.2) on the modern PCI transport.
+
+One request queue (``req.0``); a file or memory disk
+(:mod:`~pcidev_virtio.blk_backend`); the requests IN, OUT, FLUSH, GET_ID, DISCARD
+and WRITE_ZEROES (:mod:`~pcidev_virtio.blk_requests`). Properties:
+:class:`~pcidev_virtio.blk_config.VirtioBlkConfig`.
+
+Features offered: ``SEG_MAX`` (queue size - 2), ``BLK_SIZE``, ``TOPOLOGY``
+(physical block exponent, minimum I/O of one physical block), ``FLUSH``,
+``CONFIG_WCE`` (the driver switches write-back / write-through through the
+``writeback`` byte, as Linux's ``cache_type`` sysfs file does), ``DISCARD`` and
+``WRITE_ZEROES`` (both dropped for a read-only disk), ``RO`` with ``readonly=on``.
+Not offered: SIZE_MAX, GEOMETRY, MQ, LIFETIME, SECURE_ERASE, ZONED.
+
+Processing is synchronous: a driver's notification (:meth:`VirtioBlk.queue_notify`,
+called with ``device.lock`` held) carries out every available request and
+publishes the used entries before it returns. So no request is ever taken from
+the ring and left unfinished when the device quiesces; a request the driver made
+available without the device having taken it yet is still in the ring, whose
+indices migrate with the transport's state, and the destination takes it when it
+resumes (:meth:`VirtioBlk.on_resume` looks at every queue once, a kick the
+driver may have sent while the device was stopped being lost). Chains a
+transport hands back through :meth:`VirtioBlk.resubmit` are carried out the same way.
+
+Cache: with ``writeback`` (the default) a write completes when the backend has it
+and is durable after FLUSH (``fdatasync``); write-through (``writeback=off``, or the
+driver writing 0, or FLUSH not negotiated) makes every write durable before it
+completes (``RWF_DSYNC``).
+
+Migration: the transport migrates queues and features; the device adds the cache
+mode and, for a memory disk, the memfd (so a memory disk needs a UNIX socket;
+a file disk is opened by path at the destination).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import attrs
+
+from pcidev.errors import ConfigError
+from pcidev.properties import structure_config
+from pcidev.vmstate import FdRef, vmstate
+from pcidev.vmstate.errors import StateError
+from pcidev_virtio.blk_backend import BlkBackend, FileBackend, MemoryBackend
+from pcidev_virtio.blk_config import VirtioBlkConfig, config_space
+from pcidev_virtio.blk_requests import BlkLimits, BlkRequestEngine
+from pcidev_virtio.blk_spec import CONFIG_SIZE, WRITEBACK_OFFSET, BlkFeature
+from pcidev_virtio.device import VirtioPciDevice
+from pcidev_virtio.errors import VirtqueueError
+from pcidev_virtio.spec import Status, VirtioId
+from pcidev_virtio.virtqueue import VirtqElement, Virtqueue
+
+__all__ = ["VirtioBlk", "VirtioBlkConfig", "VirtioBlkState"]
+
+#: used entries pushed before the device publishes them (one interrupt per batch)
+_FLUSH_BATCH = 8
+
+
+@vmstate("virtio-blk", version=1)
+@attrs.frozen
+class VirtioBlkState:
+    """The block device's own state (the transport saves queues, features and status).
+
+    :ivar writeback: the cache mode (config space ``writeback``).
+    :ivar mem_fd: the memfd of a memory disk (its data), sent with the stream.
+    """
+
+    writeback: bool
+    mem_fd: FdRef | None = None
+
+
+def _open_backend(cfg: VirtioBlkConfig) -> BlkBackend:
+    if cfg.file is not None:
+        return FileBackend(cfg.file, cfg.size, read_only=cfg.readonly)
+    assert cfg.size is not None  # VirtioBlkConfig requires file= or size=
+    return MemoryBackend(cfg.size, read_only=cfg.readonly)
+
+
+class VirtioBlk(VirtioPciDevice):
+    """A virtio block device (see the module docstring).
+
+    :param config: a :class:`VirtioBlkConfig`, a property string
+        (``"file=/x.img,size=1G"``) or a mapping.
+    :param name: device name in logs.
+    :param props: the properties as keywords instead of ``config``.
+    :raises ConfigError: a bad property, or the image cannot be opened or created.
+    """
+
+    TYPE_NAME = "virtio-blk"
+    VIRTIO_DEVICE_ID: ClassVar[int] = VirtioId.BLOCK
+    CONFIG_CLASS = VirtioBlkConfig
+    VMSTATE = VirtioBlkState
+
+    def __init__(self, config: VirtioBlkConfig | str | dict[str, Any] | None = None, *,
+                 name: str | None = None, **props: Any) -> None:
+        if props:
+            if config is not None:
+                raise ConfigError("virtio-blk: give the properties as config or as keywords, not both")
+            config = props
+        cfg = structure_config(VirtioBlkConfig, config, what="virtio-blk")
+        backend = _open_backend(cfg)
+        if backend.size % cfg.logical_block_size:
+            backend.close()
+            raise ConfigError(f"virtio-blk: the disk's {backend.size} bytes are not a multiple of "
+                              f"logical_block_size={cfg.logical_block_size}")
+        self.cfg = cfg
+        #: the disk
+        self.backend = backend
+        #: carries out the requests
+        self.engine = BlkRequestEngine(backend, serial=(cfg.serial or "").encode("ascii"), limits=BlkLimits(
+            logical_block_size=cfg.logical_block_size,
+            max_discard_sectors=cfg.max_discard_sectors, max_discard_seg=cfg.max_discard_seg,
+            max_write_zeroes_sectors=cfg.max_write_zeroes_sectors, max_write_zeroes_seg=cfg.max_write_zeroes_seg))
+        #: config space ``writeback``: the driver's choice of cache mode
+        self.writeback = cfg.writeback
+        try:
+            super().__init__(name=name)
+        except BaseException:
+            backend.close()
+            raise
+
+    # -- the virtio device type ---------------------------------------------------------------
+    def device_features(self) -> int:
+        cfg = self.cfg
+        bits = [BlkFeature.SEG_MAX, BlkFeature.BLK_SIZE, BlkFeature.TOPOLOGY, BlkFeature.FLUSH,
+                BlkFeature.CONFIG_WCE]
+        if cfg.readonly:
+            bits.append(BlkFeature.RO)
+        else:
+            if cfg.discard:
+                bits.append(BlkFeature.DISCARD)
+            if cfg.write_zeroes:
+                bits.append(BlkFeature.WRITE_ZEROES)
+        return sum(1 << b for b in bits)
+
+    def queue_max_sizes(self) -> tuple[int, ...]:
+        return (self.cfg.queue_size,)
+
+    def device_config_size(self) -> int:
+        return CONFIG_SIZE
+
+    def device_config_read(self, offset: int, size: int) -> int:
+        if offset < 0 or size <= 0 or offset + size > CONFIG_SIZE:
+            return 0
+        raw = config_space(self.cfg, capacity_bytes=self.backend.size, writeback=self._config_writeback(),
+                           may_unmap=True)
+        return int.from_bytes(raw[offset:offset + size], "little")
+
+    def device_config_write(self, offset: int, size: int, value: int) -> None:
+        # Only ``writeback`` is writable, and only with VIRTIO_BLK_F_CONFIG_WCE (spec 5.2.4).
+        if offset == WRITEBACK_OFFSET and size == 1 and self.negotiated(BlkFeature.CONFIG_WCE) and value in (0, 1):
+            self.writeback = bool(value)
+            self._sync_engine()
+
+    def _config_writeback(self) -> bool:
+        """The ``writeback`` field: once features are negotiated, write-back needs FLUSH
+        (without it the device is write-through, spec 5.2.6.2)."""
+        if not self.status & Status.FEATURES_OK:
+            return self.writeback
+        return self.writeback and self.negotiated(BlkFeature.FLUSH)
+
+    def _sync_engine(self) -> None:
+        """The engine follows the negotiated features and the cache mode."""
+        engine = self.engine
+        engine.discard = self.negotiated(BlkFeature.DISCARD)
+        engine.write_zeroes = self.negotiated(BlkFeature.WRITE_ZEROES)
+        engine.writeback = self.writeback and self.negotiated(BlkFeature.FLUSH)
+
+    def driver_ok(self) -> None:
+        self._sync_engine()
+
+    def device_reset(self) -> None:
+        self.writeback = self.cfg.writeback
+        self._sync_engine()
+
+    def queue_notify(self, vq: Virtqueue) -> None:
+        self._sync_engine()
+        self._process_or_wait(vq)
+
+    def _process_or_wait(self, vq: Virtqueue) -> None:
+        """:meth:`_process`, unless guest memory is being remapped.
+
+        The queue's rings were in guest memory when the driver enabled it; if they are not
+        now, the host is remapping guest memory (QEMU's vfio-user client unmaps RAM and
+        maps it back in pieces when the BIOS area's attributes change, and SeaBIOS may
+        notify in between). Nothing was taken from the ring: the device looks again when
+        it resumes after the next map (:meth:`on_resume`) instead of needing a reset
+        (SeaBIOS would wait for the request forever).
+
+        :raises VirtqueueError: a malformed chain while the rings are mapped.
+        """
+        try:
+            self._process(vq)
+        except VirtqueueError as exc:
+            if vq.check_config() is None:
+                raise
+            self.log.info("queue %d: guest memory is being remapped (%s); looked at again after the next map",
+                          vq.index, exc)
+
+    def _process(self, vq: Virtqueue) -> None:
+        """Carry out every available request of ``vq``, publishing used entries in batches."""
+        pending = 0
+        try:
+            while (elem := vq.pop()) is not None:
+                vq.push(elem, self.engine.execute(elem))
+                pending += 1
+                if pending == _FLUSH_BATCH:
+                    vq.flush()
+                    pending = 0
+        finally:
+            if pending:
+                vq.flush()
+
+    def resubmit(self, vq: Virtqueue, elems: list[VirtqElement]) -> None:
+        self._sync_engine()
+        try:
+            for elem in elems:
+                vq.push(elem, self.engine.execute(elem))
+        finally:
+            vq.flush()
+
+    # -- migration ---------------------------------------------------------------------------
+    def device_fingerprint(self) -> dict[str, Any]:
+        fp = dict(super().device_fingerprint())
+        cfg = self.cfg
+        fp.update({
+            "virtio-blk.capacity": self.backend.size,
+            "virtio-blk.backend": self.backend.kind,
+            "virtio-blk.readonly": cfg.readonly,
+            "virtio-blk.logical_block_size": cfg.logical_block_size,
+            "virtio-blk.physical_block_size": cfg.physical_block_size or cfg.logical_block_size,
+            "virtio-blk.queue_size": cfg.queue_size,
+            "virtio-blk.features": self.device_features(),
+            "virtio-blk.serial": cfg.serial or "",
+        })
+        return fp
+
+    def get_device_state(self) -> VirtioBlkState:
+        mem_fd = self.vmstate_fd(self.backend.fd) if isinstance(self.backend, MemoryBackend) else None
+        return VirtioBlkState(writeback=self.writeback, mem_fd=mem_fd)
+
+    def check_device_state(self, state: VirtioBlkState) -> None:
+        memory = isinstance(self.backend, MemoryBackend)
+        if state.mem_fd is not None and not memory:
+            raise StateError("the stream carries a memory disk, this device has a file disk",
+                             section="virtio-blk", path="mem_fd")
+        if memory and (state.mem_fd is None or self.vmstate_load_fd(state.mem_fd) is None):
+            raise StateError("the memory disk's data did not arrive: a memory disk migrates only with "
+                             "file descriptors (a UNIX socket)", section="virtio-blk", path="mem_fd")
+
+    def set_device_state(self, state: VirtioBlkState) -> None:
+        self.writeback = state.writeback
+        fd = self.vmstate_load_fd(state.mem_fd)
+        if isinstance(self.backend, MemoryBackend) and fd is not None and fd != self.backend.fd:
+            old = self.backend
+            self.backend = MemoryBackend(old.size, read_only=old.read_only, fd=fd)
+            self.engine.backend = self.backend
+            old.close()
+        self._sync_engine()
+
+    def on_resume(self) -> None:
+        # A kick the driver sent while the device was stopped may be lost: look at every
+        # queue once (a destination takes what the source left in the ring).
+        super().on_resume()
+        with self.lock:
+            self._sync_engine()
+            if not (self.running and self.bus_master):
+                return
+            for vq in self.queues:
+                if vq.enabled:
+                    try:
+                        self._process_or_wait(vq)
+                    except VirtqueueError as exc:
+                        self.set_needs_reset(str(exc))
+
+    def on_close(self) -> None:
+        super().on_close()
+        self.backend.close()

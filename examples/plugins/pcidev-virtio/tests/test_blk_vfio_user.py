@@ -1,0 +1,80 @@
+"""virtio-blk served over vfio-user by ``pcidev serve --vfio-user SOCK virtio-blk,file=...`` in
+another process, driven by the software host through
+:class:`pcidev.transport.vfio_user.remote.VfioUserDevice` as QEMU's ``vfio-user-pci`` would
+(guest RAM as memfds, MSI-X through eventfds). Data is checked by CRC-32C per block, and in
+the image file itself."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import crc32c
+
+from pcidev.host import PCI_IRQ_MSIX, Machine
+from pcidev.transport.vfio_user.remote import VfioUserDevice
+from pcidev_virtio.blk_driver import BlkDriver
+from pcidev_virtio.blk_spec import BlkFeature, BlkStatus
+from pcidev_virtio.testing.driver import VirtioDriver
+
+BS = 512
+
+
+def crcs(data: bytes) -> list[int]:
+    return [crc32c.crc32c(data[i:i + BS]) for i in range(0, len(data), BS)]
+
+
+def test_the_software_host_drives_virtio_blk_over_vfio_user(tmp_path: Path) -> None:
+    img = tmp_path / "disk.img"
+    sock = str(tmp_path / "blk.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "pcidev", "-p", "no:nvme", "serve", "--vfio-user", sock,
+                             f"virtio-blk,file={img},size=4M,serial=vfio-user-disk"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "listening on" in line, line + proc.stdout.read()
+        data = os.urandom(1024 * BS)
+        with Machine(ram_size=32 << 20) as machine:
+            with VfioUserDevice.connect(sock) as remote:
+                assert (remote.vendor_id, remote.device_id, remote.msix_vectors) == (0x1AF4, 0x1042, 2)
+                pdev = machine.plug(remote)
+                pdev.enable_device()
+                pdev.set_master()
+                assert pdev.alloc_irq_vectors(2, 2, PCI_IRQ_MSIX) == 2
+                drv = VirtioDriver(machine, pdev)
+                assert drv.init() >> BlkFeature.DISCARD & 1
+                q = drv.queues[0]
+                blk = BlkDriver(q)
+                old = q.avail_idx
+                for i in range(0, 1024, 16):  # 64 writes, one kick
+                    blk.add_write(i, data[i * BS:(i + 16) * BS], split=[i + 1])
+                q.kick(old_idx=old)
+                done = q.wait(64, timeout=20)
+                assert [d.data for d in done] == [bytes([BlkStatus.OK])] * 64
+                assert blk.flush() == BlkStatus.OK
+                got = b""
+                for i in range(0, 1024, 128):
+                    status, part = blk.read(i, 128)
+                    assert status == BlkStatus.OK
+                    got += part
+                assert crcs(got) == crcs(data)
+                assert blk.get_id() == (BlkStatus.OK, b"vfio-user-disk".ljust(20, b"\0"))
+                assert blk.write_zeroes((0, 8)) == BlkStatus.OK and blk.discard((8, 8)) == BlkStatus.OK
+                assert blk.read(0, 16) == (BlkStatus.OK, bytes(16 * BS))
+                assert pdev.irq_count(1) >= 1
+                drv.reset()
+                assert pdev.recorder.stray == 0
+        assert proc.wait(20) == 0
+        on_disk = img.read_bytes()
+        assert len(on_disk) == 4 << 20
+        assert on_disk[:16 * BS] == bytes(16 * BS)
+        assert crcs(on_disk[16 * BS:1024 * BS]) == crcs(data[16 * BS:])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
