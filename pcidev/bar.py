@@ -239,6 +239,7 @@ class RegisterMap:
         self.size = size
         self.name = name
         self.migratable = migratable
+        self._migrating = 0
         self._regs: list[Register] = []
         self._starts: list[int] = []
         self._by_name: dict[str, Register] = {}
@@ -248,11 +249,19 @@ class RegisterMap:
             self.add(reg)
 
     def add(self, reg: Register) -> Register:
-        """Add ``reg``; it may not overlap another register or leave the BAR."""
+        """Add ``reg``; it may not overlap another register or leave the BAR. A
+        migratable one (see ``migratable``) needs a name of at most 64 bytes (UTF-8),
+        and a map has at most :data:`MAX_MIGRATABLE_REGISTERS` of them."""
         if reg.offset < 0 or reg.end > self.size:
             raise ConfigError(f"register {reg.name} at {reg.offset:#x} outside {self.size:#x}-byte map")
         if reg.name in self._by_name:
             raise ConfigError(f"duplicate register name {reg.name}")
+        migrates = self.migratable if reg.migrate is None else reg.migrate
+        if migrates and len(reg.name.encode()) > 64:
+            raise ConfigError(f"register {reg.name[:64]}...: a migratable register's name has at most 64 bytes")
+        if migrates and self._migrating >= MAX_MIGRATABLE_REGISTERS:
+            raise ConfigError(f"register {reg.name}: a map has at most {MAX_MIGRATABLE_REGISTERS} "
+                              "migratable registers")
         i = bisect.bisect_left(self._starts, reg.offset)
         if (i < len(self._regs) and self._regs[i].offset < reg.end) or (i > 0 and self._regs[i - 1].end > reg.offset):
             raise ConfigError(f"register {reg.name} overlaps another register")
@@ -260,6 +269,7 @@ class RegisterMap:
         self._starts.insert(i, reg.offset)
         self._by_name[reg.name] = reg
         self._by_offset[reg.offset] = reg
+        self._migrating += migrates
         return reg
 
     def add_array(self, name: str, offset: int, count: int, *, width: int = 4, stride: int | None = None,

@@ -290,3 +290,11 @@ def test_a_value_too_wide_for_its_register_is_refused() -> None:
                                          attrs.evolve(state.registers[2], value=1 << 16)))
     with pytest.raises(ConfigMismatchError, match="D: value 0x10000 does not fit 2 bytes"):
         _map(migratable=True).check_state(bad)
+
+
+def test_migratable_registers_have_limits() -> None:
+    with pytest.raises(ConfigError, match="at most 64 bytes"):
+        RegisterMap(4096, migratable=True).add(Register("X" * 65, 0))
+    RegisterMap(4096).add(Register("X" * 65, 0))  # not migratable: any name
+    with pytest.raises(ConfigError, match="at most 4096 migratable registers"):
+        RegisterMap(8 << 13, migratable=True).add_array("R", 0, 4097, width=8)

@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from pcidev.bar import Register
 from pcidev.host.machine import Machine
+from pcidev.migration import load_device_stream, save_device_stream
 from pcidev.plugins import load_registry, make_plugin_manager
 from pcidev.testing import plugged, roundtrip
 from pcidev.transport.link import RemoteDevice
 from pcidev.transport.link.process import DeviceProcess
+from pcidev.vmstate.errors import ConfigMismatchError
 
 TUTORIAL = Path(__file__).resolve().parents[2] / "examples" / "tutorial"
 if str(TUTORIAL) not in sys.path:
@@ -93,4 +96,20 @@ def test_migrates_between_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     finally:
         for proc in (source, dest):
             proc.stop()
+# [end test]
+
+
+# [test: layout]
+def test_a_destination_with_other_registers_refuses() -> None:
+    class Wider(scratchpad.ScratchpadDevice):
+        """A later scratchpad with one more register (migratable, as its map says)."""
+
+        def describe(self) -> None:
+            super().describe()
+            self.regs.add(Register("SCRATCH2", 0x14, 4))
+
+    src = scratchpad.ScratchpadDevice()
+    stream, fds = save_device_stream(src)
+    with pytest.raises(ConfigMismatchError, match="SCRATCH2: migratable here, not in the stream"):
+        load_device_stream(Wider(), stream, fds)
 # [end test]
