@@ -40,6 +40,7 @@ a private directory that is deleted). Errors reach the caller typed:
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import threading
@@ -372,7 +373,7 @@ def migrate_under_load(device_type: str, workload: Workload | Callable[[Workload
         raise PcidevError(f"migrate_under_load(): every must be >= 1, not {every}")
     work = workload if isinstance(workload, Workload) else _StepFunction(workload)
     dest_props = properties if destination_properties is None else destination_properties
-    workdir = tempfile.mkdtemp(prefix="pcidev-migrate-")
+    workdir = tempfile.mkdtemp(prefix=f"pcidev-migrate-{os.getpid()}-")  # whose run it was
     procs: list[DeviceProcess] = []
     thread: _WorkloadThread | None = None
     records: list[MigrationRecord] = []

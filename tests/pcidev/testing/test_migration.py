@@ -82,7 +82,8 @@ def _children() -> set[int]:
 
 
 def _workdirs() -> set[str]:
-    return {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("pcidev-migrate-")}
+    """This process's runner directories (another pytest run on the machine has its own)."""
+    return {p for p in os.listdir(tempfile.gettempdir()) if p.startswith(f"pcidev-migrate-{os.getpid()}-")}
 
 
 @pytest.fixture
