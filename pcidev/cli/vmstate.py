@@ -6,8 +6,9 @@
   than the stream's prefix announces (and at most 1 MiB of trailing bytes), so an
   endless input such as ``/dev/zero`` is an error line, not a hang.
 * ``pcidev vmstate schema DEVICE`` prints a device type's state description: the
-  framework section every device has, the type's own ``VMSTATE``, the features it
-  declares migratable and its static blockers.
+  framework section every device has, the migratable registers' section (known from a
+  device built with the given properties), the layer's and the type's own ``VMSTATE``,
+  the features it declares migratable and its static blockers.
 """
 
 from __future__ import annotations
@@ -20,31 +21,43 @@ from typing import Any, BinaryIO
 
 from pcidev.cli._command import CliContext, command
 from pcidev.device import PciDevice
-from pcidev.errors import PcidevError
+from pcidev.errors import ConfigError, PcidevError
 from pcidev.migration.function_state import FUNCTION_SECTION, FunctionState
+from pcidev.migration.registers import RegistersState, migratable_maps
 from pcidev.vmstate import dump_stream_json, schema_of
 from pcidev.vmstate.stream import MAGIC, PREFIX_SIZE, TRAILER_SIZE
 
 __all__ = ["COMMAND", "device_schema"]
 
 
-def device_schema(cls: type[PciDevice]) -> dict[str, Any]:
+def device_schema(cls: type[PciDevice], device: PciDevice | None = None) -> dict[str, Any]:
     """The full state description of a device class (what ``pcidev vmstate schema`` prints).
 
     :param cls: a :class:`~pcidev.device.PciDevice` subclass.
+    :param device: a device of that class, built with the properties whose schema is
+        wanted; the migratable registers (:mod:`pcidev.migration.registers`) are known
+        only from one (``registers`` is None without it).
     :returns: a JSON-ready dict.
     """
-    vm = getattr(cls, "VMSTATE", None)
+    vm = cls.VMSTATE
+    layer = cls.LAYER_VMSTATE
+    registers = device is not None and bool(migratable_maps(device))
     type_name = getattr(cls, "TYPE_NAME", "") or cls.__name__.lower()
+    sections = [{"name": FUNCTION_SECTION, "instance_id": 0, "owner": "framework"}]
+    for owner, desc in (("registers", RegistersState if registers else None), ("layer", layer), ("device", vm)):
+        if desc is not None:
+            sections.append({"name": schema_of(desc)["name"], "instance_id": 0, "owner": owner})
     return {
         "device_type": type_name,
-        "sections": [{"name": FUNCTION_SECTION, "instance_id": 0, "owner": "framework"}]
-        + ([{"name": schema_of(vm)["name"], "instance_id": 0, "owner": "device"}] if vm is not None else []),
+        "sections": sections,
         "framework": schema_of(FunctionState),
+        "registers": schema_of(RegistersState) if registers else None,
+        "layer": schema_of(layer) if layer is not None else None,
         "device": schema_of(vm) if vm is not None else None,
         "framework_features": sorted(cls.FRAMEWORK_FEATURES),
         "migratable_features": sorted(cls.MIGRATABLE_FEATURES),
-        "static_blockers": [] if vm is not None else [f"device type {type_name} has no vmstate description"],
+        "static_blockers": [] if len(sections) > 1 or device is None
+        else [f"device type {type_name} has no vmstate description"],
     }
 
 
@@ -53,7 +66,9 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     dump = sub.add_parser("dump", help="print a saved state stream as JSON")
     dump.add_argument("file", help="the stream ('-' for standard input)")
     schema = sub.add_parser("schema", help="print a device type's state description")
-    schema.add_argument("device", help="a registered device type (see 'pcidev plugins')")
+    schema.add_argument("device", metavar="DEVICE[,PROPS]",
+                        help="a registered device type (see 'pcidev plugins'), with properties if its defaults "
+                             "do not build one: its migratable registers are known only from a built device")
 
 
 #: trailing bytes after the checksum that ``dump`` reads (to count them) before it stops
@@ -108,6 +123,19 @@ def COMMAND(args: argparse.Namespace, ctx: CliContext) -> int:
             raise PcidevError(f"{args.file}: {exc}") from None
         print(json.dumps(doc, indent=2))
         return 0
-    cls = ctx.registry.get(args.device)
-    print(json.dumps(device_schema(cls), indent=2))
+    type_name, _, props = args.device.partition(",")
+    cls = ctx.registry.get(type_name)
+    try:
+        device = ctx.registry.create(type_name, props)
+    except ConfigError:
+        if props:
+            raise
+        device = None  # its defaults build none: the class-level description only
+    try:
+        if device is not None:
+            device.realize()
+        print(json.dumps(device_schema(cls, device), indent=2))
+    finally:
+        if device is not None:
+            device.close()
     return 0

@@ -5,12 +5,14 @@ tutorial includes these tests)."""
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 from pathlib import Path
 
 import pytest
 
 from pcidev.bar import Register
+from pcidev.cli import main as cli_main
 from pcidev.host.machine import Machine
 from pcidev.migration import load_device_stream, save_device_stream
 from pcidev.plugins import load_registry, make_plugin_manager
@@ -113,3 +115,18 @@ def test_a_destination_with_other_registers_refuses() -> None:
     with pytest.raises(ConfigMismatchError, match="SCRATCH2: migratable here, not in the stream"):
         load_device_stream(Wider(), stream, fds)
 # [end test]
+
+
+def test_schema_names_the_registers_section(monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """`pcidev vmstate schema` builds a device to learn its migratable registers: the
+    scratchpad, whose state is all registers, has a registers section and no blocker."""
+    monkeypatch.syspath_prepend(str(Path(scratchpad.__file__).parent))
+    assert cli_main(["-p", "scratchpad", "vmstate", "schema", "scratchpad,magic=3"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [(s["name"], s["owner"]) for s in doc["sections"]] == [("pcidev/function", "framework"),
+                                                                    ("pcidev/registers", "registers")]
+    assert doc["registers"]["name"] == "pcidev/registers" and doc["device"] is None
+    assert doc["static_blockers"] == []
+    assert cli_main(["-p", "scratchpad", "vmstate", "schema", "scratchpad,magic=nope"]) == 1
+    assert "magic" in capsys.readouterr().err
