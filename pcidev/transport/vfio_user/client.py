@@ -577,7 +577,11 @@ class VfioUserClient:
         :param fds: eventfds (``os.eventfd``); the caller keeps its copies.
         :param start: the first vector.
         """
-        self.set_irqs(index, protocol.IRQ_SET_DATA_EVENTFD | protocol.IRQ_SET_ACTION_TRIGGER, start, len(fds), fds)
+        flags = protocol.IRQ_SET_DATA_EVENTFD | protocol.IRQ_SET_ACTION_TRIGGER
+        limit = (self.server_caps or {}).get("max_msg_fds", len(fds))  # the server's fd limit per message
+        step = limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else 1
+        for first in range(0, len(fds), step) if fds else (0,):
+            self.set_irqs(index, flags, start + first, len(fds[first:first + step]), fds[first:first + step])
 
     def disable_irqs(self, index: int) -> None:
         """Take every eventfd of IRQ ``index`` away (the device's vectors are masked again)."""
