@@ -4,10 +4,9 @@
 # the set-up of docs/getting-started.md. The guest here is the host's own kernel and
 # initramfs (Debian's paths); use your guest's.
 set -e
-PCIDEV=${PCIDEV:-.venv/bin/pcidev}
 
 # [serve]
-$PCIDEV serve --vfio-user /tmp/pcidev-nvme0.sock nvme,ns=mem:size=64M &
+.venv/bin/pcidev serve --vfio-user /tmp/pcidev-nvme0.sock nvme,ns=mem:size=64M &
 while [ ! -S /tmp/pcidev-nvme0.sock ]; do sleep 0.1; done   # QEMU connects once, at start-up
 # [end serve]
 
@@ -19,4 +18,4 @@ qemu-system-x86_64 -accel tcg -smp 1 -m 1024M -nographic -no-reboot \
   -append "console=ttyS0 panic=-1" \
   -device '{"driver":"vfio-user-pci","id":"dev0","x-msg-timeout":30000,"socket":{"path":"/tmp/pcidev-nvme0.sock","type":"unix"}}'
 # [end qemu]
-wait   # pcidev serve exits when QEMU has gone
+wait   # pcidev serve exits when QEMU has gone (quit QEMU with Ctrl-a x)

@@ -3,7 +3,7 @@
 BAR0 (4 KiB)::
 
     0x00  COUNT  RW  the counter
-    0x04  STEP   RW  what TICK adds (new in version 2 of the device state; 1 after reset)
+    0x04  STEP   RW  bits 15:0: what TICK adds (new in version 2 of the device state; 1 after reset)
     0x08  TICK   WO  any write adds STEP to COUNT
 
 Version 1 of this device had no STEP register (TICK added 1) and migrated only ``count``.
@@ -48,7 +48,7 @@ class CounterDevice(PciDevice):
         """BAR0 with COUNT, STEP and TICK."""
         regs = RegisterMap(4096, name="counter-bar0")
         regs.add(Register("COUNT", 0x00, 4))
-        regs.add(Register("STEP", 0x04, 4, reset=1))
+        regs.add(Register("STEP", 0x04, 4, reset=1, mask=0xFFFF))
         regs.add(Register("TICK", 0x08, 4, Access.WO, on_write=self._tick))
         self.regs = regs
         self.add_mem_bar(0, 4096, regs)
@@ -63,10 +63,10 @@ class CounterDevice(PciDevice):
         return CounterState(count=self.regs["COUNT"].value, step=self.regs["STEP"].value)
 
     def check_device_state(self, state: CounterState) -> None:
-        """Refuse a step of zero: no released version could have saved it."""
-        if state.step == 0:
-            raise StateError("step 0 is not a valid counter state", section="howto-counter",
-                             instance_id=0, path="step")
+        """Refuse a step the 16-bit register cannot hold (a corrupt or foreign stream)."""
+        if state.step > 0xFFFF:
+            raise StateError(f"step {state.step:#x} does not fit the 16-bit STEP register",
+                             section="howto-counter", instance_id=0, path="step")
 
     def set_device_state(self, state: CounterState) -> None:
         """Apply a loaded state; a version-1 stream arrives here with ``step=1``."""

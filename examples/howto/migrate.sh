@@ -2,11 +2,11 @@
 # Move a device between two processes: docs/howto/migrate.md. Run from the repository's
 # root after the set-up of docs/getting-started.md: sh examples/howto/migrate.sh
 set -e
+# [processes]
 PYTHON=${PYTHON:-.venv/bin/python}
 DIR=$(mktemp -d)
 export PYTHONPATH=examples/howto   # where the device's plugin module (counter.py) is
 
-# [processes]
 # the source: serves howto-counter on a device link
 $PYTHON -m pcidev.transport.link.process -p counter --device howto-counter --link unix:$DIR/a.sock &
 SOURCE=$!

@@ -9,7 +9,7 @@ import os
 import struct
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -101,17 +101,14 @@ def test_bad_options_are_one_clear_error() -> None:
         without.create("nvme", "ns=sparse:size=1M")
 
 
-def test_served_over_vfio_user(tmp_path: Path) -> None:
+def test_served_over_vfio_user(tmp_path: Path, wait_listening: Callable[..., None]) -> None:
     """The command line of the how-to, driven as QEMU would (memfd RAM, MSI-X eventfds)."""
     sock = tmp_path / "nvme0.sock"
     env = dict(os.environ, PYTHONPATH=str(HOWTO))
     server = subprocess.Popen([sys.executable, "-m", "pcidev", "-p", "nvme_backend", "serve", "--vfio-user",
                                str(sock), "nvme,ns=sparse:size=64M"], env=env)
     try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            assert server.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_listening(sock, server)
         with Machine(ram_size=64 << 20) as machine, VfioUserDevice.connect(str(sock)) as ctrl:
             drv = NvmeDriver.attach(machine, ctrl, io_queues=1)
             drv.write(1, slba=0, data=b"\xa5" * 4096)

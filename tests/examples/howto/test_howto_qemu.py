@@ -27,12 +27,21 @@ SCRIPT = ROOT / "examples" / "howto" / "attach_qemu.sh"
 PUBLISHED_SOCKET = "/tmp/pcidev-nvme0.sock"
 
 FAKE_QEMU = f"""#!{sys.executable}
-import json, os, sys
+import json, os, sys, time
 from pcidev.dma import alloc_memfd
+from pcidev.errors import TransportError
 from pcidev.transport.vfio_user.client import VfioUserClient
 args = sys.argv[1:]
 dev = json.loads(args[args.index("-device") + 1])
-with VfioUserClient.connect(dev["socket"]["path"]) as client:
+# The socket file exists from bind(), a moment before listen(): QEMU connects once and would
+# fail in that gap; the stand-in retries, so that this test checks the commands, not the gap.
+for attempt in range(50):
+    try:
+        client = VfioUserClient.connect(dev["socket"]["path"])
+        break
+    except (OSError, TransportError):
+        time.sleep(0.05)
+with client:
     vendor = client.config_read(0x00, 2)
     ram = alloc_memfd(1 << 20, "guest-ram")            # a (small) shared memfd, as share=on gives
     client.dma_map(0, 1 << 20, ram)
@@ -116,9 +125,12 @@ def test_the_script_serves_a_client_connecting_like_qemu(tmp_path: Path) -> None
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
     sock = tmp_path / "nvme0.sock"
     script = tmp_path / "attach_qemu.sh"
-    script.write_text(SCRIPT.read_text(encoding="utf-8").replace(PUBLISHED_SOCKET, str(sock)), encoding="utf-8")
-    pcidev = Path(sys.executable).with_name("pcidev")
-    env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}", PCIDEV=str(pcidev),
+    pcidev = Path(sys.executable).with_name("pcidev")  # the script's .venv/bin/pcidev
+    text = SCRIPT.read_text(encoding="utf-8")
+    assert text.count(".venv/bin/pcidev serve ") == 1
+    script.write_text(text.replace(PUBLISHED_SOCKET, str(sock)).replace(".venv/bin/pcidev", str(pcidev)),
+                      encoding="utf-8")
+    env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}",
                FAKE_QEMU_OUT=str(tmp_path / "qemu.json"))
     proc = subprocess.run(["sh", str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -7,7 +7,7 @@ import importlib
 import os
 import subprocess
 import sys
-import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,18 +26,14 @@ PCIDEV = [sys.executable, "-m", "pcidev"]
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> object:
+def served(tmp_path: Path, wait_listening: Callable[..., None]) -> Iterator[tuple[Path, subprocess.Popen[str]]]:
     """``PYTHONPATH=examples/howto pcidev -p shared_page serve --vfio-user SOCK howto-mailbox``."""
     sock = tmp_path / "mailbox.sock"
     env = dict(os.environ, PYTHONPATH=str(HOWTO))
     proc = subprocess.Popen([*PCIDEV, "-p", "shared_page", "serve", "--vfio-user", str(sock), "howto-mailbox"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            assert proc.poll() is None, proc.communicate()[0]
-            assert time.monotonic() < deadline, "pcidev serve did not listen"
-            time.sleep(0.05)
+        wait_listening(sock, proc)
         yield sock, proc
     finally:
         if proc.poll() is None:

@@ -44,9 +44,9 @@ def test_state_survives_a_migration(pcidev_device) -> None:
 # [example: refusal]
 def test_a_bad_state_is_refused_and_the_source_kept(pcidev_device) -> None:
     dev = pcidev_device(counter.CounterDevice())
-    dev.iowrite32(0, STEP, 0)                          # a state check_device_state refuses
     source = dev.device
-    with pytest.raises(VMStateError, match="step 0"):
+    source.regs["STEP"].value = 0x10000                # corrupt: check_device_state refuses it
+    with pytest.raises(VMStateError, match="does not fit"):
         roundtrip(dev)
     assert dev.device is source                         # the handle still drives the source
 # [end example]
