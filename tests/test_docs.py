@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 from sphinx.util.inventory import InventoryFile
@@ -220,3 +221,15 @@ def test_nvme_reference_is_generated_from_the_code(built_site: Path) -> None:
     for name in ("Doorbell Buffer Config", "Dataset Management", "Commands Supported and Effects",
                  "Host behavior support"):
         assert name in page, name
+
+
+def test_diagrams_are_self_contained_svg() -> None:
+    """Diagrams are hand-written SVG committed with the docs: well-formed, no external
+    references (nothing is fetched or generated at build time)."""
+    svgs = sorted(DOCS.rglob("*.svg"))
+    assert svgs, "docs/images/architecture.svg is missing"
+    for svg in svgs:
+        root = ElementTree.parse(svg).getroot()
+        assert root.tag == "{http://www.w3.org/2000/svg}svg", svg
+        text = svg.read_text(encoding="utf-8")
+        assert "http://" not in text.replace("http://www.w3.org/", "") and "https://" not in text, svg
