@@ -3,6 +3,7 @@
 Run (from the repository's root, with pcidev installed in ``.venv``)::
 
     PYTHONPATH=examples/howto .venv/bin/pcidev -p shared_page serve --vfio-user /tmp/mailbox.sock howto-mailbox &
+    while [ ! -S /tmp/mailbox.sock ]; do sleep 0.1; done
     .venv/bin/python examples/howto/read_mailbox.py /tmp/mailbox.sock
 
 It does what QEMU's ``vfio-user-pci`` does with a sparse-mmap area: map it from the
