@@ -30,6 +30,7 @@ extensions = [
     "sphinx.ext.intersphinx",
     "sphinxarg.ext",
     "pcidev_docs_api",
+    "pcidev_docs_nvme",
 ]
 
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}

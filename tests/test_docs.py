@@ -7,20 +7,29 @@ docs/conf.py fetches intersphinx inventories only when ``PCIDEV_DOCS_INTERSPHINX
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
+import posixpath
 import re
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
+from sphinx.util.inventory import InventoryFile
 
 from pcidev import hookspecs
 from pcidev.cli import COMMANDS
+from pcidev.properties import describe_config
+from pcidev_nvme.config import NvmeConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
+if str(DOCS / "_ext") not in sys.path:
+    sys.path.insert(0, str(DOCS / "_ext"))
+from pcidev_docs_api import documented_modules  # noqa: E402  (docs/_ext is not a package)
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +119,7 @@ PUBLIC_MODULES = [
     "pcidev.properties", "pcidev.registry", "pcidev.plugins", "pcidev.hookspecs", "pcidev.vmstate",
     "pcidev.migration", "pcidev.pci.config", "pcidev.pci.capabilities", "pcidev.host",
     "pcidev.transport.address", "pcidev_nvme.config", "pcidev_nvme.backends", "pcidev.testing",
+    "pcidev.worker", "pcidev.transport.vfio_user.client", "pcidev.transport.vfio_user.remote",
     "pcidev.regions", "pcidev.pci.capabilities.vendor",
 ]
 
@@ -119,3 +129,108 @@ def test_public_module_has_an_api_page(built_site: Path, module: str) -> None:
     assert (DOCS / "api" / f"{module}.rst").is_file()
     page = (built_site / "api" / f"{module}.html").read_text(encoding="utf-8")
     assert f'id="module-{module}"' in page
+
+
+# -- every public name is documented ----------------------------------------------------------
+
+def _inventory_names(built_site: Path) -> set[str]:
+    """The Python objects of the built site's ``objects.inv`` (what intersphinx sees)."""
+    with open(built_site / "objects.inv", "rb") as f:
+        inventory = InventoryFile.load(f, "", posixpath.join)
+    items = inventory.data.items() if hasattr(inventory, "data") else inventory.items()
+    return {name for kind, entries in items if kind.startswith("py:") for name in entries}
+
+
+def test_every_public_name_is_in_the_object_inventory(built_site: Path) -> None:
+    """Each name of ``__all__`` of every module with an API page (docs/api/) is a documented
+    object of the site, under the name users import it by."""
+    documented = _inventory_names(built_site)
+    missing = [f"{module}.{name}" for module in documented_modules()
+               for name in getattr(importlib.import_module(module), "__all__", ())
+               if f"{module}.{name}" not in documented]
+    assert not missing, f"public names missing from the documentation's object inventory: {missing}"
+
+
+def test_every_public_module_has_an_api_page() -> None:
+    assert set(PUBLIC_MODULES) <= set(documented_modules())
+
+
+# -- the docs' code runs ------------------------------------------------------------------------
+
+#: An inline Python block in docs/**/*.md runs in a test unless the line right before its fence
+#: is this marker with a reason: <!-- not-runnable: REASON -->.
+NOT_RUNNABLE = re.compile(r"<!-- not-runnable: \S.* -->")
+_FENCE = re.compile(r"^(`{3,}|~{3,})\s*(?:python|py|\{code-block\}\s+python|\{code\}\s+python)\s*$")
+
+
+def python_blocks(page: Path) -> list[tuple[int, str, bool]]:
+    """The inline Python blocks of a Markdown page: ``(line, code, runnable)`` in page order.
+
+    :param page: a MyST page.
+    :returns: one entry per fenced block whose language is Python.
+    """
+    lines = page.read_text(encoding="utf-8").splitlines()
+    blocks = []
+    i = 0
+    while i < len(lines):
+        match = _FENCE.match(lines[i])
+        if match is None:
+            i += 1
+            continue
+        fence, start = match.group(1), i
+        i += 1
+        body = []
+        while i < len(lines) and not lines[i].startswith(fence):
+            if not lines[i].startswith(":"):  # a directive option, not code
+                body.append(lines[i])
+            i += 1
+        runnable = not (start > 0 and NOT_RUNNABLE.fullmatch(lines[start - 1].strip()))
+        blocks.append((start + 1, "\n".join(body) + "\n", runnable))
+        i += 1
+    return blocks
+
+
+def _doc_pages() -> list[Path]:
+    return sorted(p for p in DOCS.rglob("*.md") if "_build" not in p.parts)
+
+
+def test_python_block_convention_is_recognised(tmp_path: Path) -> None:
+    page = tmp_path / "p.md"
+    page.write_text("```python\nx = 1\n```\n\n<!-- not-runnable: a sketch -->\n```python\nnope(\n```\n"
+                    "```{code-block} python\n:caption: c\ny = 2\n```\n```\nnot python\n```\n", encoding="utf-8")
+    assert python_blocks(page) == [(1, "x = 1\n", True), (6, "nope(\n", False), (9, "y = 2\n", True)]
+
+
+@pytest.mark.parametrize("page", [p for p in _doc_pages() if any(run for _l, _c, run in python_blocks(p))],
+                         ids=lambda p: str(p.relative_to(DOCS)))
+def test_inline_python_blocks_run(page: Path, tmp_path: Path) -> None:
+    """The runnable blocks of a page run in order, in one fresh interpreter, as one script."""
+    blocks = python_blocks(page)
+    script = "".join(f"# {page.name}:{line}\n{code}\n" for line, code, runnable in blocks if runnable)
+    (tmp_path / "blocks.py").write_text(script, encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(tmp_path / "blocks.py")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, f"the Python blocks of {page.relative_to(ROOT)} failed:\n{proc.stderr}"
+
+
+# -- generated reference ---------------------------------------------------------------------------
+
+def test_nvme_reference_is_generated_from_the_code(built_site: Path) -> None:
+    page = (built_site / "nvme-reference.html").read_text(encoding="utf-8")
+    for prop in describe_config(NvmeConfig):
+        assert f"<code class=\"docutils literal notranslate\"><span class=\"pre\">{prop.name}" in page, prop.name
+    for name in ("Doorbell Buffer Config", "Dataset Management", "Commands Supported and Effects",
+                 "Host behavior support"):
+        assert name in page, name
+
+
+def test_diagrams_are_self_contained_svg() -> None:
+    """Diagrams are hand-written SVG committed with the docs: well-formed, no external
+    references (nothing is fetched or generated at build time)."""
+    svgs = sorted(DOCS.rglob("*.svg"))
+    assert svgs, "docs/images/architecture.svg is missing"
+    for svg in svgs:
+        root = ElementTree.parse(svg).getroot()
+        assert root.tag == "{http://www.w3.org/2000/svg}svg", svg
+        text = svg.read_text(encoding="utf-8")
+        assert "http://" not in text.replace("http://www.w3.org/", "") and "https://" not in text, svg

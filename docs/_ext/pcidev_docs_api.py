@@ -17,6 +17,8 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 from sphinx.application import Sphinx
+from sphinx.errors import PycodeError
+from sphinx.pycode import ModuleAnalyzer
 
 API_DIR = Path(__file__).resolve().parent.parent / "api"
 
@@ -132,20 +134,56 @@ def role_is_linkable(obj: object) -> bool:
     return inspect.isclass(obj) or inspect.isfunction(obj) or inspect.isbuiltin(obj)
 
 
+def undescribed_data(module: str, modules: dict[str, ModuleType]) -> list[tuple[str, object]]:
+    """The names of ``module.__all__`` documented on its page that autodoc leaves out: data
+    (constants, type aliases) without a ``#:`` comment in the module's source.
+
+    :param module: a documented module.
+    :param modules: the documented modules by name.
+    :returns: ``(name, value)`` for each, in ``__all__`` order.
+    """
+    mod = modules[module]
+    try:
+        described = {name for (_cls, name) in ModuleAnalyzer.for_module(module).find_attr_docs()}
+    except PycodeError:
+        described = set()
+    out = []
+    for name in getattr(mod, "__all__", ()):
+        obj = getattr(mod, name)
+        if inspect.isclass(obj) or inspect.isroutine(obj) or inspect.ismodule(obj) or name in described:
+            continue
+        if canonical_module(name, obj, modules) == module:
+            out.append((name, obj))
+    return out
+
+
+def _value_text(value: object) -> str:
+    text = f"{value:#x}" if isinstance(value, int) and not isinstance(value, bool) and value > 9 else repr(value)
+    return text if len(text) <= 80 and "\n" not in text else text[:77] + "..."
+
+
 def _on_source_read(app: Sphinx, docname: str, source: list[str]) -> None:
     if not docname.startswith("api/"):
         return
     module = docname.removeprefix("api/")
     if module not in _State.modules:
         return
+    lines: list[str] = []
+    data = undescribed_data(module, _State.modules)
+    if data:
+        lines += ["", "", "Constants", "-" * 9, "",
+                  "Public names of this module listed with their values (the module's description"
+                  " above says what they are for):", ""]
+        for name, value in data:
+            lines += [f".. py:data:: {name}", f"   :module: {module}", f"   :value: {_value_text(value)}", ""]
     items = reexports(module, _State.modules)
-    if not items:
-        return
-    lines = ["", "", "Re-exported here", "-" * 16, "",
-             f"Also importable from ``{module}``, documented where they are defined:", ""]
-    lines += [f"* ``{module}.{name}`` (from :mod:`{target.rsplit('.', 1)[0]}`)" if role == "literal"
-              else f"* :{role}:`{module}.{name} <{target}>`" for name, role, target in items]
-    source[0] += "\n".join(lines) + "\n"
+    if items:
+        lines += ["", "", "Re-exported here", "-" * 16, "",
+                  f"Also importable from ``{module}``, documented where they are defined:", ""]
+        lines += [f"* ``{module}.{name}`` (from :mod:`{target.rsplit('.', 1)[0]}`)" if role == "literal"
+                  else f"* :{role}:`{module}.{name} <{target}>`" for name, role, target in items]
+    if lines:
+        source[0] += "\n".join(lines) + "\n"
 
 
 def _on_env_updated(app: Sphinx, env: Any) -> list[str]:

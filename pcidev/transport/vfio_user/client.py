@@ -572,12 +572,19 @@ class VfioUserClient:
 
         For MSI-X the server unmasks a vector that gets an eventfd (QEMU emulates
         the table); the device's MSI-X enable bit is the caller's (config space).
+        The eventfds go in as many messages as the server's ``max_msg_fds``
+        (from VERSION) requires.
 
         :param index: ``IRQ_MSIX``, ``IRQ_MSI`` or ``IRQ_INTX``.
         :param fds: eventfds (``os.eventfd``); the caller keeps its copies.
         :param start: the first vector.
         """
-        self.set_irqs(index, protocol.IRQ_SET_DATA_EVENTFD | protocol.IRQ_SET_ACTION_TRIGGER, start, len(fds), fds)
+        flags = protocol.IRQ_SET_DATA_EVENTFD | protocol.IRQ_SET_ACTION_TRIGGER
+        # the server's fd limit per message (1 if it announced none; unknown before VERSION)
+        limit = len(fds) if self.server_caps is None else self.server_caps.get("max_msg_fds", 1)
+        step = limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else 1
+        for first in range(0, len(fds), step) if fds else (0,):
+            self.set_irqs(index, flags, start + first, len(fds[first:first + step]), fds[first:first + step])
 
     def disable_irqs(self, index: int) -> None:
         """Take every eventfd of IRQ ``index`` away (the device's vectors are masked again)."""

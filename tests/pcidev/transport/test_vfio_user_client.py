@@ -515,3 +515,26 @@ def test_the_client_announces_what_it_accepts(edu: Served) -> None:
     client, _ep, server = edu
     client.version()
     assert server.client_caps == {"max_msg_fds": 8, "max_data_xfer_size": 1 << 20}
+
+
+def test_eventfds_are_sent_at_most_max_msg_fds_per_message() -> None:
+    """SET_IRQS with more eventfds than the server takes in one message is split (the server
+    advertised ``max_msg_fds``; an NVMe controller has 65 MSI-X vectors)."""
+    class ManyVectors(PciDevice):
+        TYPE_NAME = "many-vectors-client-test"
+        VENDOR_ID = 0x1234
+        DEVICE_ID = 0x0003
+
+        def describe(self) -> None:
+            self.add_mem_bar(0, 0x4000, RamBacking(0x4000))
+            self.add_msix(20, bar=0, table_offset=0x2000, pba_offset=0x3000)
+
+    for client, _ep, server in _served(ManyVectors(), max_msg_fds=8):
+        client.version()
+        fds = [_eventfd() for _ in range(20)]
+        try:
+            client.set_irq_eventfds(protocol.IRQ_MSIX, fds)
+            assert server.counts["DEVICE_SET_IRQS"] == 3  # 8 + 8 + 4
+            assert client.device_info().num_irqs == protocol.NUM_IRQS  # the connection is fine
+        finally:
+            close_fds(fds)
