@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import socket
 import stat
 import time
@@ -17,7 +18,7 @@ import attrs
 
 from pcidev.errors import TransportError
 
-__all__ = ["Address", "Listener", "SocketFile", "connect", "listen", "listen_unix", "parse_address"]
+__all__ = ["MAX_UNIX_PATH", "Address", "Listener", "SocketFile", "connect", "listen", "listen_unix", "parse_address"]
 
 
 @attrs.frozen
@@ -193,14 +194,38 @@ def _remove_stale(path: str, what: str) -> None:
         raise TransportError(f"{what} {path}: cannot remove the stale socket: {exc.strerror or exc}") from None
 
 
+#: longest UNIX socket path a client can connect to (``sun_path`` holds 108 bytes with its NUL)
+MAX_UNIX_PATH = 107
+
+
+def _bind_hidden(directory: str, path: str, what: str) -> tuple[socket.socket, str]:
+    """A socket bound to a fresh hidden name in ``directory`` (where ``path`` will be)."""
+    for _ in range(64):
+        hidden = os.path.join(directory, f".pcidev-{secrets.token_hex(6)}.sock")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(hidden)
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.EADDRINUSE:
+                continue  # that name is taken: draw another
+            raise TransportError(f"{what} {path}: cannot listen there: {exc.strerror or exc}") from None
+        return sock, hidden
+    raise TransportError(f"{what} {path}: cannot find a free temporary name in {directory}")
+
+
 def listen_unix(path: str, *, backlog: int = 8, what: str = "socket") -> Listener:
     """Listen on the UNIX socket ``path``, replacing only a stale socket.
 
-    The bind comes first; only when something is at ``path`` is it looked at: a
-    socket nobody listens on (its server died) is removed and the bind retried;
-    anything else (a regular file, a directory, a symbolic link, a socket another
-    server listens on) is left alone and refused. :meth:`Listener.close` removes
-    the socket file only if it is still the one bound here.
+    The socket listens *before* it appears at ``path``: it is bound to a hidden name
+    in the same directory, listens, and is then hard-linked to ``path`` (a link never
+    replaces an entry) and the hidden name removed. So a client that waits for the
+    file to appear and connects at once is never refused. Only when something is
+    already at ``path`` is it looked at: a socket nobody listens on (its server died)
+    is removed and the link retried; anything else (a regular file, a directory, a
+    symbolic link, a socket another server listens on) is left alone and refused.
+    :meth:`Listener.close` removes the socket file only if it is still the one bound
+    here.
 
     :param path: the socket path.
     :param backlog: the listen backlog.
@@ -211,23 +236,32 @@ def listen_unix(path: str, *, backlog: int = 8, what: str = "socket") -> Listene
     """
     if not path or "\0" in path:
         raise TransportError(f"{what} {path!r}: not a usable socket path")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if len(os.fsencode(path)) > MAX_UNIX_PATH:
+        raise TransportError(f"{what} {path}: the path is longer than the {MAX_UNIX_PATH} bytes "
+                             "a UNIX socket address holds; choose a shorter one")
+    directory = os.path.dirname(path) or "."
+    sock, hidden = _bind_hidden(directory, path, what)
     try:
+        sock.listen(backlog)
         try:
-            sock.bind(path)
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                raise TransportError(f"{what} {path}: cannot listen there: {exc.strerror or exc}") from None
+            os.link(hidden, path)
+        except FileExistsError:
             _remove_stale(path, what)
             try:
-                sock.bind(path)
-            except OSError as exc2:
-                raise TransportError(f"{what} {path}: cannot listen there: {exc2.strerror or exc2}") from None
+                os.link(hidden, path)
+            except OSError as exc:
+                raise TransportError(f"{what} {path}: cannot listen there: {exc.strerror or exc}") from None
+        except OSError as exc:
+            raise TransportError(f"{what} {path}: cannot listen there: {exc.strerror or exc}") from None
         st = os.lstat(path)
-        sock.listen(backlog)
     except BaseException:
         sock.close()
         raise
+    finally:
+        try:
+            os.unlink(hidden)
+        except OSError:
+            pass
     return Listener(sock, Address("unix", path=path), SocketFile(path, st.st_dev, st.st_ino))
 
 

@@ -41,3 +41,43 @@ def test_listen_connect_and_stale_socket(tmp_path):
     assert tcp.address.port > 0 and not tcp.address.carries_fds and tcp.file is None
     connect(tcp.address).close()
     tcp.close()
+
+
+def test_the_socket_listens_before_its_file_appears(tmp_path):
+    """A client that connects the moment the socket file exists is never refused (the
+    socket listens under a hidden name first and is then linked into place)."""
+    import os
+    import socket
+    import threading
+
+    from pcidev.transport.address import listen_unix
+
+    refused = 0
+    for i in range(200):
+        path = str(tmp_path / f"s{i}.sock")
+        box: list = []
+        t = threading.Thread(target=lambda p=path, b=box: b.append(listen_unix(p)))
+        t.start()
+        while not os.path.exists(path):
+            pass
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            c.connect(path)
+        except ConnectionRefusedError:
+            refused += 1
+        finally:
+            c.close()
+        t.join()
+        box[0].close()
+    assert refused == 0
+    assert os.listdir(tmp_path) == []  # no hidden name left behind, every socket file removed
+
+
+def test_a_path_too_long_for_a_socket_is_one_clear_error(tmp_path):
+    from pcidev.transport.address import MAX_UNIX_PATH, listen_unix
+
+    path = str(tmp_path / ("x" * (MAX_UNIX_PATH + 1 - len(str(tmp_path)))))
+    with pytest.raises(TransportError, match="longer than"):
+        listen_unix(path)
+    with pytest.raises(TransportError, match="exists and is a directory"):
+        listen_unix(str(tmp_path))
