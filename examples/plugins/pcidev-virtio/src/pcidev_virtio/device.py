@@ -170,6 +170,8 @@ class VirtioPciDevice(PciDevice):
     SUBSYSTEM_VENDOR_ID = spec.VIRTIO_PCI_VENDOR_ID
     SUBSYSTEM_ID = 0x1100
     LAYER_VMSTATE = VirtioPciState
+    #: the transport's capabilities keep all their state in configuration space, which the
+    #: framework migrates; a device type adds its own features to these
     MIGRATABLE_FEATURES = frozenset({"cap:VirtioPciCap", "cap:VirtioNotifyCap", "cap:VirtioPciCfgCap"})
 
     def __init__(self, *, name: str | None = None) -> None:
@@ -235,7 +237,7 @@ class VirtioPciDevice(PciDevice):
 
     def queue_notify(self, vq: Virtqueue) -> None:
         """Override: the driver made buffers available in ``vq`` (called with
-        :attr:`lock` held, only after ``DRIVER_OK``, never while ``DEVICE_NEEDS_RESET``).
+        ``device.lock`` held, only after ``DRIVER_OK``, never while ``DEVICE_NEEDS_RESET``).
         A :class:`~pcidev_virtio.errors.VirtqueueError` raised here sets
         ``DEVICE_NEEDS_RESET``; a worker thread handling the queue calls
         :meth:`set_needs_reset` itself.
@@ -566,19 +568,24 @@ class VirtioPciDevice(PciDevice):
             self.device_reset()
 
     def on_reset(self, kind: ResetKind) -> None:
+        """A PCI reset (conventional, FLR) resets the virtio device too."""
         self.virtio_reset()
 
     def on_failure(self, exc: BaseException) -> None:
+        """A handler raised: show the driver ``DEVICE_NEEDS_RESET``."""
         self.set_needs_reset(f"device handler failed: {type(exc).__name__}: {exc}")
 
     # -- migration (the layer section) ------------------------------------------------------------------
     def layer_fingerprint(self) -> dict[str, Any]:
+        """The transport's configuration a destination must match: the virtio device id, the
+        queue sizes, the features offered and the device configuration's size."""
         return {"virtio.device_id": self.VIRTIO_DEVICE_ID,
                 "virtio.queue_sizes": [vq.max_size for vq in self._queues],
                 "virtio.device_features": self.offered_features(),
                 "virtio.config_size": self._config_size}
 
     def get_layer_state(self) -> VirtioPciState:
+        """The transport's state (the ``virtio-pci`` section)."""
         return VirtioPciState(status=self.status, device_feature_select=self.device_feature_select,
                               driver_feature_select=self.driver_feature_select,
                               driver_features=self.driver_features, config_msix_vector=self.config_msix_vector,
@@ -586,6 +593,12 @@ class VirtioPciDevice(PciDevice):
                               isr=self.isr, queues=tuple(vq.snapshot() for vq in self._queues))
 
     def check_layer_state(self, state: VirtioPciState) -> None:
+        """Refuse a transport state this device cannot take: another queue count, features
+        it does not offer, vectors beyond its MSI-X table, inconsistent queue indices.
+
+        :param state: the loaded section.
+        :raises StateError: naming the field.
+        """
         def reject(message: str, path: str) -> StateError:
             return StateError(message, section="virtio-pci", instance_id=0, path=path)
 
@@ -605,6 +618,10 @@ class VirtioPciDevice(PciDevice):
             vq.check_state(qstate, partial(_queue_reject, reject, i))
 
     def set_layer_state(self, state: VirtioPciState) -> None:
+        """Apply a checked transport state; chains in flight are resubmitted by :meth:`resume`.
+
+        :param state: the loaded section.
+        """
         self.status = state.status
         self.device_feature_select = state.device_feature_select
         self.driver_feature_select = state.driver_feature_select

@@ -117,11 +117,13 @@ class VirtioRng(VirtioPciDevice):
 
     # -- requests ------------------------------------------------------------------------------
     def queue_notify(self, vq: Virtqueue) -> None:
+        """Take every available chain and serve as many as the rate limit allows."""
         while (elem := vq.pop()) is not None:
             self._pending.append(elem)
         self._serve(vq)
 
     def resubmit(self, vq: Virtqueue, elems: list[VirtqElement]) -> None:
+        """After a migration: the source's requests in flight wait here as they did there."""
         self._pending.extend(elems)
         self._serve(vq)
 
@@ -212,10 +214,12 @@ class VirtioRng(VirtioPciDevice):
             self._pending.popleft().release()
 
     def device_reset(self) -> None:
+        """Drop the requests waiting (the driver reclaims them) and refill the quota."""
         self._drop_pending()
         self._quota = int(self.cfg.max_bytes)
 
     def on_close(self) -> None:
+        """Release the requests still waiting and close the source."""
         self._drop_pending()
         os.close(self._fd)
 
