@@ -288,3 +288,57 @@ def test_the_driver_refuses_a_device_that_is_not_virtio(machine):
     with pytest.raises(DriverError, match="not a modern virtio-pci device"):
         VirtioDriver(machine, pdev)
     pdev.device.close()
+
+
+def _private_memory(machine, dev):
+    """Give the device its own mapping of the machine's RAM, as a vfio-user server has."""
+    from pcidev.dma import GuestMemory
+
+    gm = GuestMemory()
+    gm.map(0, machine.ram_size, machine.ram_fd, name="ram")
+    dev.memory = gm
+    return gm
+
+
+def test_a_notification_while_guest_memory_is_remapped_waits_for_the_next_map(machine):
+    """QEMU's vfio-user client unmaps RAM and maps it back when the BIOS area changes;
+    firmware may notify in between. That is no malformed ring: the device looks again when
+    it resumes after the map."""
+    dev = VirtioRng()
+    pdev = plugged(machine, dev)
+    gm = _private_memory(machine, dev)
+    drv = VirtioDriver(machine, pdev)
+    drv.init()
+    q = drv.queues[0]
+    dev.quiesce()
+    gm.unmap(0)  # as DeviceEndpoint.dma_unmap does: quiesce, unmap, resume
+    dev.resume()
+    q.submit(in_lens=[32])
+    assert drv.status & S.DEVICE_NEEDS_RESET == 0 and q.poll() == []
+    dev.quiesce()
+    gm.map(0, machine.ram_size, machine.ram_fd, name="ram")
+    dev.resume()
+    [done] = q.wait(1, timeout=2)
+    assert done.written == 32
+    dev.close()
+    gm.close()
+
+
+def test_requests_waiting_for_the_rate_limit_do_not_pin_guest_memory(machine):
+    dev = VirtioRng("max_bytes=16,period=30")
+    pdev = plugged(machine, dev)
+    gm = _private_memory(machine, dev)
+    drv = VirtioDriver(machine, pdev)
+    drv.init()
+    q = drv.queues[0]
+    old = q.avail_idx
+    q.add(in_lens=[16])
+    q.add(in_lens=[16])
+    q.kick(old_idx=old)
+    assert dev.pending == 1
+    dev.quiesce()
+    gm.unmap(0)  # refused if a view of the waiting request were alive
+    gm.map(0, machine.ram_size, machine.ram_fd, name="ram")
+    dev.resume()
+    dev.close()
+    gm.close()

@@ -392,11 +392,24 @@ class VirtioPciDevice(PciDevice):
         if not (vq.enabled and self.running and self.bus_master):
             return 0
         with self.lock:
-            try:
-                self.queue_notify(vq)
-            except VirtqueueError as exc:
-                self.set_needs_reset(str(exc))
+            self._kick(vq)
         return 0
+
+    def _kick(self, vq: Virtqueue) -> None:
+        """:meth:`queue_notify`, with the transport's answer to a :class:`VirtqueueError`:
+        ``DEVICE_NEEDS_RESET``, unless the queue's rings are not in guest memory any more.
+        That happens while the host remaps guest memory (QEMU's vfio-user client unmaps RAM
+        and maps it back in pieces when the BIOS area changes, and firmware may notify in
+        between): nothing was taken from the ring, and the device looks at every queue
+        again when it resumes after the next map (:meth:`resume`)."""
+        try:
+            self.queue_notify(vq)
+        except VirtqueueError as exc:
+            if vq.check_config() is None:
+                self.set_needs_reset(str(exc))
+            else:
+                self.log.info("queue %d: its rings are not in guest memory now (%s); looked at again on resume",
+                              vq.index, exc)
 
     # -- common configuration -----------------------------------------------------------------------
     def _selected(self) -> Virtqueue | None:
@@ -533,10 +546,7 @@ class VirtioPciDevice(PciDevice):
             self.driver_ok()
             for vq in self._queues:
                 if vq.enabled and self.running and self.bus_master:
-                    try:
-                        self.queue_notify(vq)
-                    except VirtqueueError as exc:
-                        self.set_needs_reset(str(exc))
+                    self._kick(vq)
 
     def _features_acceptable(self) -> bool:
         features = self.driver_features
@@ -636,13 +646,21 @@ class VirtioPciDevice(PciDevice):
                                      for vq in self._queues)
 
     def resume(self) -> None:
-        """Resume the device; first, after a migration brought chains in flight, read them
+        """Resume the device. First, after a migration brought chains in flight, read them
         again from guest memory and hand them to :meth:`resubmit` (and publish used entries
-        the source pushed but did not flush)."""
-        if not self.closed and self._resubmit_pending:
+        the source pushed but did not flush); then, once the driver is running, look at
+        every enabled queue (:meth:`queue_notify`): a notification may have come while the
+        rings were not mapped (a transport resumes the device after each guest-memory map),
+        or have been held while the device was stopped."""
+        if not self.closed:
             with self.lock:
-                self._resubmit_pending = False
-                self._resubmit_all()
+                if self._resubmit_pending:
+                    self._resubmit_pending = False
+                    self._resubmit_all()
+                if self.running and self.bus_master and self.memory is not None:
+                    for vq in self._queues:
+                        if vq.enabled:
+                            self._kick(vq)
         super().resume()
 
     def _resubmit_all(self) -> None:
