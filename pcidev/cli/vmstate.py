@@ -56,8 +56,9 @@ def device_schema(cls: type[PciDevice], device: PciDevice | None = None) -> dict
         "device": schema_of(vm) if vm is not None else None,
         "framework_features": sorted(cls.FRAMEWORK_FEATURES),
         "migratable_features": sorted(cls.MIGRATABLE_FEATURES),
-        "static_blockers": [] if len(sections) > 1 or device is None
-        else [f"device type {type_name} has no vmstate description"],
+        "static_blockers": [] if len(sections) > 1 else
+        [f"device type {type_name} has no vmstate description" + ("" if device is not None else
+         " (nor migratable registers, as far as its class shows: give properties that build one to know)")],
     }
 
 
