@@ -19,7 +19,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 #: import name -> source directory
-PACKAGES = {"pcidev": ROOT / "pcidev", "pcidev_nvme": ROOT / "plugins" / "nvme" / "src" / "pcidev_nvme"}
+PACKAGES = {"pcidev": ROOT / "pcidev", "pcidev_nvme": ROOT / "plugins" / "nvme" / "src" / "pcidev_nvme",
+            "pcidev_virtio": ROOT / "examples" / "plugins" / "pcidev-virtio" / "src" / "pcidev_virtio"}
 #: compiled modules (no source here; built by pcidev/_native_build.py, possibly absent)
 EXTENSION_MODULES = ("pcidev._native",)
 
@@ -190,8 +191,13 @@ def test_the_core_does_not_import_the_layers_above_it(graph, core):
     assert sorted(m for m in _reachable(graph, core) if _within(m, ABOVE_CORE)) == []
 
 
+def test_no_import_cycle_in_the_virtio_plugin(graph):
+    nodes = {m for m in graph if _within(m, ("pcidev_virtio",))}
+    assert nodes and cycles(graph, nodes) == []
+
+
 def test_pcidev_never_imports_the_nvme_plugin(graph):
-    offenders = {m: sorted(t for t in targets if _within(t, ("pcidev_nvme",)))
+    offenders = {m: sorted(t for t in targets if _within(t, ("pcidev_nvme", "pcidev_virtio")))
                  for m, targets in graph.items() if _within(m, ("pcidev",))}
     assert {m: t for m, t in offenders.items() if t} == {}
 
