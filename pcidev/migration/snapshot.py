@@ -102,7 +102,7 @@ class _Part:
     hook: str  # the author hook behind ``get``, for error messages
     get: Callable[[], Any]
     check: Callable[[Any], None]
-    put: Callable[[Any], None]
+    put: Callable[[Any], object]
 
 
 def _parts(dev: PciDevice) -> list[_Part]:

@@ -200,8 +200,13 @@ MAX_UNIX_PATH = 107
 
 def _bind_hidden(directory: str, path: str, what: str) -> tuple[socket.socket, str]:
     """A socket bound to a fresh hidden name in ``directory`` (where ``path`` will be)."""
+    base = os.path.basename(path)
     for _ in range(64):
-        hidden = os.path.join(directory, f".pcidev-{secrets.token_hex(6)}.sock")
+        token = secrets.token_hex(4)
+        # named after the final one where it fits (what ss -x and /proc/net/unix show)
+        hidden = os.path.join(directory, f".{base}.{token}")
+        if len(os.fsencode(hidden)) > MAX_UNIX_PATH:
+            hidden = os.path.join(directory, f".pcidev-{token}")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(hidden)
@@ -218,8 +223,9 @@ def listen_unix(path: str, *, backlog: int = 8, what: str = "socket") -> Listene
     """Listen on the UNIX socket ``path``, replacing only a stale socket.
 
     The socket listens *before* it appears at ``path``: it is bound to a hidden name
-    in the same directory, listens, and is then hard-linked to ``path`` (a link never
-    replaces an entry) and the hidden name removed. So a client that waits for the
+    in the same directory (``.NAME.XXXXXXXX``, which is the name ``ss -x`` and
+    ``/proc/net/unix`` show), listens, and is then hard-linked to ``path`` (a link
+    never replaces an entry) and the hidden name removed. So a client that waits for the
     file to appear and connects at once is never refused. Only when something is
     already at ``path`` is it looked at: a socket nobody listens on (its server died)
     is removed and the link retried; anything else (a regular file, a directory, a
