@@ -12,8 +12,7 @@ describes a device's migrated state; the exception classes are those of
 
 from __future__ import annotations
 
-from pcidev import vmstate
-from pcidev._version import __version__
+from pcidev import _version, vmstate
 from pcidev.bar import Access, RamBacking, Register, RegisterMap
 from pcidev.device import PciDevice
 from pcidev.errors import (
@@ -40,6 +39,9 @@ from pcidev.vmstate.errors import (
     VersionError,
 )
 from pcidev.worker import Worker
+
+#: The version of pcidev (a PEP 440 string such as ``"0.1.0"``), also the distribution's version.
+__version__ = _version.__version__
 
 __all__ = [
     "__version__",

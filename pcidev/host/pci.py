@@ -30,6 +30,17 @@ from pcidev.errors import IrqError, PcidevError
 from pcidev.pci import ids
 from pcidev.pci.capabilities import express, msi, msix, pm
 
+__all__ = [
+    "PCI_IRQ_INTX",
+    "PCI_IRQ_MSI",
+    "PCI_IRQ_MSIX",
+    "PCI_IRQ_ALL_TYPES",
+    "HostBus",
+    "HostedDevice",
+    "InterruptRecorder",
+    "HostPciDevice",
+]
+
 
 class HostBus(Protocol):
     """What a :class:`HostPciDevice` needs of the machine it is plugged in (a
@@ -52,9 +63,13 @@ class HostBus(Protocol):
         """An I/O port write."""
 
 
+#: :meth:`HostPciDevice.alloc_irq_vectors` flag: allow INTx (Linux's ``PCI_IRQ_INTX``, include/linux/pci.h).
 PCI_IRQ_INTX = 1
+#: :meth:`HostPciDevice.alloc_irq_vectors` flag: allow MSI (Linux's ``PCI_IRQ_MSI``).
 PCI_IRQ_MSI = 2
+#: :meth:`HostPciDevice.alloc_irq_vectors` flag: allow MSI-X (Linux's ``PCI_IRQ_MSIX``).
 PCI_IRQ_MSIX = 4
+#: :meth:`HostPciDevice.alloc_irq_vectors` flags: allow any of MSI-X, MSI and INTx, in that order of preference.
 PCI_IRQ_ALL_TYPES = PCI_IRQ_INTX | PCI_IRQ_MSI | PCI_IRQ_MSIX
 
 MSI_ADDRESS = 0xFEE0_0000

@@ -73,6 +73,7 @@ from pcidev.vmstate.errors import ConfigMismatchError
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "MAGIC",
     "MAX_STREAM_SIZE",
     "MigrationResult",
     "IncomingResult",
@@ -81,7 +82,9 @@ __all__ = [
     "boot_id",
 ]
 
+#: Version of the migration channel protocol, sent in OFFER; a destination refuses another.
 PROTOCOL_VERSION = 1
+#: The 8 bytes every migration channel frame starts with.
 MAGIC = b"PCIDMIGR"
 _HEADER = struct.Struct("<8sHHI")
 #: the largest state stream a destination accepts (a garbage length must not make

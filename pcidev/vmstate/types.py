@@ -99,13 +99,21 @@ class MaxLength:
     n: int
 
 
+#: Unsigned 8-bit integer field: an ``int`` from 0 to 255.
 U8 = Annotated[int, UInt(8)]
+#: Unsigned 16-bit integer field: an ``int`` from 0 to 65535.
 U16 = Annotated[int, UInt(16)]
+#: Unsigned 32-bit integer field: an ``int`` from 0 to 2**32-1.
 U32 = Annotated[int, UInt(32)]
+#: Unsigned 64-bit integer field: an ``int`` from 0 to 2**64-1.
 U64 = Annotated[int, UInt(64)]
+#: Signed (two's-complement) 8-bit integer field: an ``int`` from -128 to 127.
 I8 = Annotated[int, SInt(8)]
+#: Signed (two's-complement) 16-bit integer field: an ``int`` from -32768 to 32767.
 I16 = Annotated[int, SInt(16)]
+#: Signed (two's-complement) 32-bit integer field: an ``int`` from -2**31 to 2**31-1.
 I32 = Annotated[int, SInt(32)]
+#: Signed (two's-complement) 64-bit integer field: an ``int`` from -2**63 to 2**63-1.
 I64 = Annotated[int, SInt(64)]
 Bool = bool
 

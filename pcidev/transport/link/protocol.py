@@ -61,16 +61,43 @@ __all__ = [
     "encode_body", "decode_body", "read_message", "send_message", "encode_error", "error_from_reply",
 ]
 
+#: The 4 bytes every message header starts with.
 MAGIC = b"PDLK"
+#: The 16-byte message header: magic, type u16, flags u16, id u32, body length u32.
 HEADER = struct.Struct("<4sHHII")
+#: Header flag: this message is the reply to the request with the same type and id.
 FLAG_REPLY = 1
+#: Header flag (with :data:`FLAG_REPLY`): the request failed; the body names the error (:func:`encode_error`).
 FLAG_ERROR = 2
 #: largest message body
 MAX_BODY = 1 << 20
 #: most descriptors one message may carry
 LINK_MAX_FDS = 64
-HELLO, CONFIG_READ, CONFIG_WRITE, BAR_READ, BAR_WRITE, ROM_READ = 1, 2, 3, 4, 5, 6
-DMA_MAP, DMA_UNMAP, SET_IRQS, STATUS, MIGRATE, RESUME = 7, 8, 9, 10, 11, 12
+#: Request type: the device's identity and layout (the reply is the device info map).
+HELLO = 1
+#: Request type: a configuration-space read, ``[offset, size]``.
+CONFIG_READ = 2
+#: Request type: a configuration-space write, ``[offset, size, value]``.
+CONFIG_WRITE = 3
+#: Request type: a BAR read, ``[bar, offset, size, check_decode]``.
+BAR_READ = 4
+#: Request type: a BAR write, ``[bar, offset, size, value, check_decode]``.
+BAR_WRITE = 5
+#: Request type: an expansion ROM read, ``[offset, size]``.
+ROM_READ = 6
+#: Request type: map guest memory from the file descriptor passed along.
+DMA_MAP = 7
+#: Request type: unmap a guest-memory range mapped by :data:`DMA_MAP`.
+DMA_UNMAP = 8
+#: Request type: the eventfds to signal for each interrupt vector and for INTx.
+SET_IRQS = 9
+#: Request type: the device's INTx level, failure and run state.
+STATUS = 10
+#: Request type: migrate the device to the destination listening at ``to`` (reply: the migration report).
+MIGRATE = 11
+#: Request type: resume a migrated-in device once the host attached its memory and eventfds.
+RESUME = 12
+#: The name of each request type (for logs and error messages).
 NAMES = {HELLO: "HELLO", CONFIG_READ: "CONFIG_READ", CONFIG_WRITE: "CONFIG_WRITE", BAR_READ: "BAR_READ",
          BAR_WRITE: "BAR_WRITE", ROM_READ: "ROM_READ", DMA_MAP: "DMA_MAP", DMA_UNMAP: "DMA_UNMAP",
          SET_IRQS: "SET_IRQS", STATUS: "STATUS", MIGRATE: "MIGRATE", RESUME: "RESUME"}

@@ -15,33 +15,57 @@ from pcidev.errors import TransportError
 # -- header ------------------------------------------------------------------------------
 #: id u16, command u16, size u32 (header included), flags u32, error u32
 HEADER = struct.Struct("<HHIII")
+#: Size in bytes of the message header (vfio-user spec, "Header"), counted in a message's size field.
 HEADER_SIZE = HEADER.size  # 16
 
+#: Header flags, message type (bits 0-3): a command (vfio-user spec, "Header").
 TYPE_COMMAND = 0
+#: Header flags, message type (bits 0-3): a reply (vfio-user spec, "Header").
 TYPE_REPLY = 1
+#: Mask of the message type bits (0-3) of the header flags.
 TYPE_MASK = 0xF
+#: Header flag bit 4, No_reply: the sender expects no reply to this command.
 FLAG_NO_REPLY = 0x10
+#: Header flag bit 5, Error: the reply reports a failure, its errno in the header's error field.
 FLAG_ERROR = 0x20
 
 # -- commands ----------------------------------------------------------------------------
+#: Command VFIO_USER_VERSION: negotiate the protocol version and capabilities (JSON).
 VERSION = 1
+#: Command VFIO_USER_DMA_MAP: the client adds a guest-memory region (optionally with a file descriptor to mmap).
 DMA_MAP = 2
+#: Command VFIO_USER_DMA_UNMAP: the client removes a guest-memory region (or all, with :data:`DMA_UNMAP_FLAG_ALL`).
 DMA_UNMAP = 3
+#: Command VFIO_USER_DEVICE_GET_INFO: device flags and the numbers of regions and IRQ indexes.
 DEVICE_GET_INFO = 4
+#: Command VFIO_USER_DEVICE_GET_REGION_INFO: one region's size, flags and capabilities (sparse mmap areas).
 DEVICE_GET_REGION_INFO = 5
+#: Command VFIO_USER_DEVICE_GET_REGION_IO_FDS: file descriptors (ioeventfds) for parts of a region.
 DEVICE_GET_REGION_IO_FDS = 6
+#: Command VFIO_USER_DEVICE_GET_IRQ_INFO: the count and flags of one IRQ index.
 DEVICE_GET_IRQ_INFO = 7
+#: Command VFIO_USER_DEVICE_SET_IRQS: set up, trigger, mask or unmask interrupts of an IRQ index (eventfds attached).
 DEVICE_SET_IRQS = 8
+#: Command VFIO_USER_REGION_READ: the client reads from a device region (config space, a BAR, the ROM).
 REGION_READ = 9
+#: Command VFIO_USER_REGION_WRITE: the client writes to a device region.
 REGION_WRITE = 10
+#: Command VFIO_USER_DMA_READ: the server reads guest memory the client did not map with a file descriptor.
 DMA_READ = 11
+#: Command VFIO_USER_DMA_WRITE: the server writes guest memory the client did not map with a file descriptor.
 DMA_WRITE = 12
+#: Command VFIO_USER_DEVICE_RESET: reset the device.
 DEVICE_RESET = 13
+#: Command VFIO_USER_REGION_WRITE_MULTI: several small region writes in one message (:data:`WRITE_MULTI_ENTRY_S`).
 REGION_WRITE_MULTI = 15
+#: Command VFIO_USER_DEVICE_FEATURE: get, set or probe a device feature (used for the migration state).
 DEVICE_FEATURE = 16
+#: Command VFIO_USER_MIG_DATA_READ: the client reads the next chunk of the device's migration data.
 MIG_DATA_READ = 17
+#: Command VFIO_USER_MIG_DATA_WRITE: the client sends the next chunk of migration data to the device.
 MIG_DATA_WRITE = 18
 
+#: The protocol's name of each command number (for logs and error messages).
 COMMAND_NAMES = {
     VERSION: "VERSION", DMA_MAP: "DMA_MAP", DMA_UNMAP: "DMA_UNMAP", DEVICE_GET_INFO: "DEVICE_GET_INFO",
     DEVICE_GET_REGION_INFO: "DEVICE_GET_REGION_INFO", DEVICE_GET_REGION_IO_FDS: "DEVICE_GET_REGION_IO_FDS",
@@ -66,6 +90,7 @@ REGION_INFO_S = struct.Struct("<IIIIQQ")
 CAP_HDR_S = struct.Struct("<HHI")
 #: sparse mmap: nr_areas, reserved; then areas of (offset u64, size u64)
 SPARSE_HDR_S = struct.Struct("<II")
+#: one sparse mmap area: offset u64, size u64 (follows :data:`SPARSE_HDR_S`)
 SPARSE_AREA_S = struct.Struct("<QQ")
 #: argsz, flags, index, count
 IRQ_INFO_S = struct.Struct("<IIII")
@@ -75,41 +100,75 @@ SET_IRQS_S = struct.Struct("<IIIII")
 REGION_ACCESS_S = struct.Struct("<QII")
 #: wr_cnt u64, then entries of offset u64, region u32, count u32, data[8]
 WRITE_MULTI_HDR_S = struct.Struct("<Q")
+#: one VFIO_USER_REGION_WRITE_MULTI entry: offset u64, region u32, count u32, data[8]
 WRITE_MULTI_ENTRY_S = struct.Struct("<QII8s")
 
+#: VFIO_USER_DMA_MAP flag: the device may read the region (VFIO_USER_F_DMA_REGION_READ).
 DMA_FLAG_READ = 0x1
+#: VFIO_USER_DMA_MAP flag: the device may write the region (VFIO_USER_F_DMA_REGION_WRITE).
 DMA_FLAG_WRITE = 0x2
+#: VFIO_USER_DMA_UNMAP flag: remove every region (Linux's VFIO_DMA_UNMAP_FLAG_ALL).
 DMA_UNMAP_FLAG_ALL = 0x2
 
+#: Device info flag: the device supports reset (Linux's VFIO_DEVICE_FLAGS_RESET).
 DEVICE_FLAGS_RESET = 0x1
+#: Device info flag: a PCI device (Linux's VFIO_DEVICE_FLAGS_PCI).
 DEVICE_FLAGS_PCI = 0x2
 
+#: Region info flag: the region can be read (Linux's VFIO_REGION_INFO_FLAG_READ).
 REGION_FLAG_READ = 0x1
+#: Region info flag: the region can be written (Linux's VFIO_REGION_INFO_FLAG_WRITE).
 REGION_FLAG_WRITE = 0x2
+#: Region info flag: the region can be mapped from the file descriptor of the reply (VFIO_REGION_INFO_FLAG_MMAP).
 REGION_FLAG_MMAP = 0x4
+#: Region info flag: capabilities follow the region info (Linux's VFIO_REGION_INFO_FLAG_CAPS).
 REGION_FLAG_CAPS = 0x8
 
+#: Region info capability id: sparse mmap areas (Linux's VFIO_REGION_INFO_CAP_SPARSE_MMAP).
 REGION_CAP_SPARSE_MMAP = 1
 
 #: Linux's VFIO_PCI_*_REGION_INDEX
 BAR0_REGION, BAR5_REGION, ROM_REGION, CONFIG_REGION, VGA_REGION = 0, 5, 6, 7, 8
+#: Number of regions of a PCI device: BARs 0-5, ROM, config space, VGA (Linux's VFIO_PCI_NUM_REGIONS).
 NUM_REGIONS = 9
 
-IRQ_INTX, IRQ_MSI, IRQ_MSIX, IRQ_ERR, IRQ_REQ = 0, 1, 2, 3, 4
+#: IRQ index of the legacy INTx pin (Linux's VFIO_PCI_INTX_IRQ_INDEX).
+IRQ_INTX = 0
+#: IRQ index of MSI (Linux's VFIO_PCI_MSI_IRQ_INDEX).
+IRQ_MSI = 1
+#: IRQ index of MSI-X (Linux's VFIO_PCI_MSIX_IRQ_INDEX).
+IRQ_MSIX = 2
+#: IRQ index of the error notification, AER (Linux's VFIO_PCI_ERR_IRQ_INDEX).
+IRQ_ERR = 3
+#: IRQ index of the device request notification (Linux's VFIO_PCI_REQ_IRQ_INDEX).
+IRQ_REQ = 4
+#: Number of IRQ indexes of a PCI device: INTx, MSI, MSI-X, ERR, REQ (Linux's VFIO_PCI_NUM_IRQS).
 NUM_IRQS = 5
 
+#: IRQ info flag: interrupts are signalled through eventfds (Linux's VFIO_IRQ_INFO_EVENTFD).
 IRQ_INFO_EVENTFD = 0x1
+#: IRQ info flag: the interrupts can be masked and unmasked (Linux's VFIO_IRQ_INFO_MASKABLE).
 IRQ_INFO_MASKABLE = 0x2
+#: IRQ info flag: the interrupt is masked when it fires, as INTx is (Linux's VFIO_IRQ_INFO_AUTOMASKED).
 IRQ_INFO_AUTOMASKED = 0x4
+#: IRQ info flag: the vector count cannot change while enabled (Linux's VFIO_IRQ_INFO_NORESIZE).
 IRQ_INFO_NORESIZE = 0x8
 
+#: VFIO_USER_DEVICE_SET_IRQS data type: no data (Linux's VFIO_IRQ_SET_DATA_NONE).
 IRQ_SET_DATA_NONE = 0x1
+#: VFIO_USER_DEVICE_SET_IRQS data type: one byte per vector (Linux's VFIO_IRQ_SET_DATA_BOOL).
 IRQ_SET_DATA_BOOL = 0x2
+#: VFIO_USER_DEVICE_SET_IRQS data type: one eventfd per vector, passed with the message (VFIO_IRQ_SET_DATA_EVENTFD).
 IRQ_SET_DATA_EVENTFD = 0x4
+#: VFIO_USER_DEVICE_SET_IRQS action: mask the vectors (Linux's VFIO_IRQ_SET_ACTION_MASK).
 IRQ_SET_ACTION_MASK = 0x8
+#: VFIO_USER_DEVICE_SET_IRQS action: unmask the vectors (Linux's VFIO_IRQ_SET_ACTION_UNMASK).
 IRQ_SET_ACTION_UNMASK = 0x10
+#: VFIO_USER_DEVICE_SET_IRQS action: trigger the vectors, or set their eventfds (VFIO_IRQ_SET_ACTION_TRIGGER).
 IRQ_SET_ACTION_TRIGGER = 0x20
+#: The data type bits of the SET_IRQS flags (Linux's VFIO_IRQ_SET_DATA_TYPE_MASK).
 IRQ_SET_DATA_MASK = IRQ_SET_DATA_NONE | IRQ_SET_DATA_BOOL | IRQ_SET_DATA_EVENTFD
+#: The action bits of the SET_IRQS flags (Linux's VFIO_IRQ_SET_ACTION_TYPE_MASK).
 IRQ_SET_ACTION_MASK_ALL = IRQ_SET_ACTION_MASK | IRQ_SET_ACTION_UNMASK | IRQ_SET_ACTION_TRIGGER
 
 

@@ -53,8 +53,11 @@ _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 if _IOV_MAX <= 0:
     _IOV_MAX = 1024
 
+#: ``fallocate(2)`` mode flag: do not change the file size (Linux ``FALLOC_FL_KEEP_SIZE``, <linux/falloc.h>).
 FALLOC_FL_KEEP_SIZE = 0x01
+#: ``fallocate(2)`` mode flag: deallocate the range, which then reads as zeros; needs :data:`FALLOC_FL_KEEP_SIZE`.
 FALLOC_FL_PUNCH_HOLE = 0x02
+#: ``fallocate(2)`` mode flag: make the range read as zeros, allocated (Linux ``FALLOC_FL_ZERO_RANGE``).
 FALLOC_FL_ZERO_RANGE = 0x10
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
@@ -228,7 +231,9 @@ class BaseBackend:
         return f"{self.kind} backend, {self.size} bytes"
 
 
+#: 1 MiB of zeros, the source of zero-filling writes (shared, immutable).
 ZEROS = bytes(1 << 20)
+#: A :class:`memoryview` of :data:`ZEROS`, sliced to write zeros without copying.
 ZEROS_MV = memoryview(ZEROS)
 
 
