@@ -30,8 +30,9 @@ DOCS = ROOT / "docs"
 if str(DOCS / "_ext") not in sys.path:
     sys.path.insert(0, str(DOCS / "_ext"))
 from pcidev_docs_api import (  # noqa: E402  (docs/_ext is not a package)
-    PENDING_DESCRIPTIONS,
+    canonical_module,
     documented_modules,
+    reexports,
     undescribed,
 )
 
@@ -162,27 +163,22 @@ def _documented() -> dict[str, object]:
 def test_every_public_name_has_a_description() -> None:
     """Each name an API page documents says what it is: a class or function has a docstring,
     data (a constant, a type alias) a ``#:`` comment where it is assigned.  Without one,
-    autodoc leaves data out; the docs extension then warns (failing the build) instead of
-    listing the value alone, but for the names of ``PENDING_DESCRIPTIONS``."""
+    autodoc leaves data out; the docs extension then warns (failing the build)."""
     modules = _documented()
-    missing = [f"{module}.{name}" for module in modules for name, _value in undescribed(module, modules)
-               if name not in PENDING_DESCRIPTIONS.get(module, ())]
+    missing = [f"{module}.{name}" for module in modules for name, _value in undescribed(module, modules)]
     assert not missing, (f"public names without a description (give data a '#:' comment on the line "
                          f"before its assignment, a class or function a docstring): {missing}")
 
 
-#: How many names ``PENDING_DESCRIPTIONS`` listed when the description check became strict.
-PENDING_AT_START = 55
-
-
-def test_pending_descriptions_only_shrink() -> None:
-    """``PENDING_DESCRIPTIONS`` (docs/_ext/pcidev_docs_api.py) lists only names still without
-    a description, and never more than it did at the start: describe a name, then remove it."""
+def test_equal_constants_of_two_modules_are_two_names() -> None:
+    """``msi.CTRL`` and ``msix.CTRL`` are both ``2``, one object: each is documented on its
+    own module's page, neither is a re-export of the other."""
     modules = _documented()
-    stale = [f"{module}.{name}" for module, names in PENDING_DESCRIPTIONS.items() for name in names
-             if module not in modules or name not in {n for n, _v in undescribed(module, modules)}]
-    assert not stale, f"described (or no longer public): remove from PENDING_DESCRIPTIONS: {stale}"
-    assert sum(len(names) for names in PENDING_DESCRIPTIONS.values()) <= PENDING_AT_START
+    msi, msix = "pcidev.pci.capabilities.msi", "pcidev.pci.capabilities.msix"
+    assert modules[msi].CTRL is modules[msix].CTRL
+    for module in (msi, msix):
+        assert canonical_module("CTRL", modules[module].CTRL, modules, module) == module
+        assert "CTRL" not in {name for name, _role, _target in reexports(module, modules)}
 
 
 def test_every_public_module_has_an_api_page() -> None:

@@ -9,12 +9,13 @@ package page lists it with a link instead.  The documented modules are the pages
 
 Every name a page documents needs a description: a docstring for a class or function, a
 ``#:`` comment for data (autodoc leaves data without one out).  A name without one is a
-build warning (an error under ``-W``) naming it, except the few still listed in
-:data:`PENDING_DESCRIPTIONS`, which a page lists with their values only.
+build warning (an error under ``-W``) naming it.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
 import importlib
 import inspect
 from pathlib import Path
@@ -27,34 +28,6 @@ from sphinx.pycode import ModuleAnalyzer
 from sphinx.util import logging
 
 API_DIR = Path(__file__).resolve().parent.parent / "api"
-
-#: Public data names still without a ``#:`` description, by module: each is listed on its
-#: page with its value only.  They are in files edited on other branches at the time the
-#: check became strict; describe them and remove them from here (tests/test_docs.py fails on
-#: an entry that is described already).  Nothing may be added: a new public name comes with
-#: its description.
-PENDING_DESCRIPTIONS: dict[str, tuple[str, ...]] = {
-    "pcidev.pci.capabilities.aer": (
-        "UNCOR_STATUS", "UNCOR_MASK", "UNCOR_SEVER", "COR_STATUS", "COR_MASK", "CAP_CTRL", "HEADER_LOG",
-        "UNCOR_SEVER_DEFAULT", "COR_MASK_DEFAULT",
-    ),
-    "pcidev.pci.capabilities.express": (
-        "FLAGS", "DEVCAP", "DEVCTL", "DEVSTA", "LNKCAP", "LNKCTL", "LNKSTA", "DEVCAP2", "DEVCTL2", "LNKCAP2",
-        "LNKCTL2", "LNKSTA2", "DEVCAP_FLR", "DEVCAP_RBER", "DEVCAP_EXT_TAG", "DEVCTL_BCR_FLR", "DEVCTL_RW",
-        "DEVCTL_DEFAULT", "DEVSTA_ERRORS", "LNKCTL_RW", "TYPE_ENDPOINT", "TYPE_RC_INTEGRATED",
-    ),
-    "pcidev.pci.capabilities.msi": (
-        "ADDR_LO", "CTRL_ENABLE", "CTRL_MMC_SHIFT", "CTRL_MME_SHIFT", "CTRL_MME_MASK", "CTRL_64BIT",
-        "CTRL_MASKBIT",
-    ),
-    "pcidev.pci.capabilities.msix": (
-        "CTRL", "TABLE", "PBA", "CTRL_ENABLE", "CTRL_MASKALL", "ENTRY_SIZE", "ENTRY_CTRL", "VECTOR_MASKED",
-        "MAX_VECTORS",
-    ),
-    "pcidev.pci.capabilities.pm": (
-        "PMC", "PMCSR", "STATE_MASK", "NO_SOFT_RESET", "PME_ENABLE", "PME_STATUS", "D0", "D3HOT",
-    ),
-}
 
 logger = logging.getLogger(__name__)
 
@@ -71,12 +44,18 @@ def _modules() -> dict[str, ModuleType]:
     return {name: importlib.import_module(name) for name in documented_modules()}
 
 
-def canonical_module(name: str, obj: object, modules: dict[str, ModuleType]) -> str | None:
+def canonical_module(name: str, obj: object, modules: dict[str, ModuleType], asking: str | None = None) -> str | None:
     """The documented module whose page documents ``obj``.
+
+    Data has no ``__module__``: its home is a module whose source assigns the name.  Two
+    modules assigning the same name an equal small value (``msi.CTRL`` and ``msix.CTRL``,
+    both ``2``) hold the same object, yet each is its own name: the ``asking`` module, if
+    it assigns the name itself, is the home of its own.
 
     :param name: the name ``obj`` is exported under.
     :param obj: the object.
     :param modules: the documented modules by name.
+    :param asking: the module whose name this is, if known.
     :returns: the module name, or ``None`` if no documented module holds ``obj``.
     """
     holders = [m for m in modules if getattr(modules[m], name, _MISSING) is obj and _documents(modules[m], name, obj)]
@@ -89,7 +68,31 @@ def canonical_module(name: str, obj: object, modules: dict[str, ModuleType]) -> 
         prefixes = [m for m in holders if defined_in.startswith(m + ".")]
         if prefixes:
             return max(prefixes, key=len)
+    else:
+        if asking in holders and name in _assigned_names(asking):
+            return asking
+        holders = [m for m in holders if name in _assigned_names(m)] or holders
     return max(holders, key=lambda m: (m.count("."), m))
+
+
+@functools.cache
+def _assigned_names(module: str) -> frozenset[str]:
+    """The names a module's source assigns at its top level (empty if it has no source)."""
+    try:
+        tree = ast.parse(inspect.getsource(importlib.import_module(module)))
+    except (OSError, TypeError):
+        return frozenset()
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, ast.AnnAssign | ast.AugAssign):
+            targets = [node.target]
+        else:
+            continue
+        for target in targets:
+            names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+    return frozenset(names)
 
 
 def _documents(module: ModuleType, name: str, obj: object) -> bool:
@@ -119,7 +122,7 @@ def _on_skip(app: Sphinx, what: str, name: str, obj: Any, skip: bool, options: A
         return None
     if getattr(_State.modules[current], name, _MISSING) is not obj:
         return None
-    home = canonical_module(name, obj, _State.modules)
+    home = canonical_module(name, obj, _State.modules, current)
     if home is not None and home != current:
         return True
     return None
@@ -152,11 +155,11 @@ def reexports(module: str, modules: dict[str, ModuleType]) -> list[tuple[str, st
             if obj.__name__ in modules:
                 out.append((name, "mod", obj.__name__))
             continue
-        home = canonical_module(name, obj, modules)
+        home = canonical_module(name, obj, modules, module)
         if home is not None and home != module:
             # autodoc documents data only with a ``#:`` comment, undocumented classes and
-            # functions not at all: those (only PENDING_DESCRIPTIONS, with the strict check)
-            # are listed by name, without a link.
+            # functions not at all: those (a build warning already) are listed by name,
+            # without a link.
             if role_is_linkable(obj):
                 role = _role(obj) if getattr(obj, "__doc__", None) else "literal"
             else:
@@ -191,7 +194,7 @@ def undescribed(module: str, modules: dict[str, ModuleType]) -> list[tuple[str, 
     out = []
     for name in getattr(mod, "__all__", ()):
         obj = getattr(mod, name)
-        if inspect.ismodule(obj) or canonical_module(name, obj, modules) != module:
+        if inspect.ismodule(obj) or canonical_module(name, obj, modules, module) != module:
             continue
         if inspect.isclass(obj) or inspect.isroutine(obj):
             if not (obj.__doc__ or "").strip():
@@ -201,11 +204,6 @@ def undescribed(module: str, modules: dict[str, ModuleType]) -> list[tuple[str, 
     return out
 
 
-def _value_text(value: object) -> str:
-    text = f"{value:#x}" if isinstance(value, int) and not isinstance(value, bool) and value > 9 else repr(value)
-    return text if len(text) <= 80 and "\n" not in text else text[:77] + "..."
-
-
 def _on_source_read(app: Sphinx, docname: str, source: list[str]) -> None:
     if not docname.startswith("api/"):
         return
@@ -213,21 +211,10 @@ def _on_source_read(app: Sphinx, docname: str, source: list[str]) -> None:
     if module not in _State.modules:
         return
     lines: list[str] = []
-    pending = PENDING_DESCRIPTIONS.get(module, ())
-    data = []
     for name, value in undescribed(module, _State.modules):
-        if name in pending and not (inspect.isclass(value) or inspect.isroutine(value)):
-            data.append((name, value))
-        else:
-            logger.warning("%s.%s is public (in __all__) but has no description: give it a %s",
-                           module, name, "docstring" if inspect.isclass(value) or inspect.isroutine(value)
-                           else "'#:' comment", location=docname)
-    if data:
-        lines += ["", "", "Constants", "-" * 9, "",
-                  "Public names of this module listed with their values (the module's description"
-                  " above says what they are for):", ""]
-        for name, value in data:
-            lines += [f".. py:data:: {name}", f"   :module: {module}", f"   :value: {_value_text(value)}", ""]
+        logger.warning("%s.%s is public (in __all__) but has no description: give it a %s",
+                       module, name, "docstring" if inspect.isclass(value) or inspect.isroutine(value)
+                       else "'#:' comment", location=docname)
     items = reexports(module, _State.modules)
     if items:
         lines += ["", "", "Re-exported here", "-" * 16, "",

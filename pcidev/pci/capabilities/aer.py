@@ -22,21 +22,30 @@ __all__ = [
     "UNCOR_BITS", "UNCOR_SEVER_DEFAULT", "COR_BITS", "COR_MASK_DEFAULT", "AerCapability",
 ]
 
+#: Uncorrectable Error Status register offset in the AER capability (PCI_ERR_UNCOR_STATUS)
 UNCOR_STATUS = 0x04
+#: Uncorrectable Error Mask register offset in the AER capability (PCI_ERR_UNCOR_MASK)
 UNCOR_MASK = 0x08
+#: Uncorrectable Error Severity register offset in the AER capability (PCI_ERR_UNCOR_SEVER)
 UNCOR_SEVER = 0x0C
+#: Correctable Error Status register offset in the AER capability (PCI_ERR_COR_STATUS)
 COR_STATUS = 0x10
+#: Correctable Error Mask register offset in the AER capability (PCI_ERR_COR_MASK)
 COR_MASK = 0x14
+#: Advanced Error Capabilities and Control register offset in the AER capability (PCI_ERR_CAP)
 CAP_CTRL = 0x18
+#: Header Log register offset (4 dwords) in the AER capability (PCI_ERR_HEADER_LOG)
 HEADER_LOG = 0x1C
 
 #: implemented uncorrectable error bits (DLP, SDES, poisoned TLP, FCP, completion
 #: timeout, completer abort, unexpected completion, overflow, malformed TLP, ECRC,
 #: unsupported request, ACS violation, internal error)
 UNCOR_BITS = 0x007FF030
+#: Uncorrectable Error Severity at reset: fatal for DLP, SDES, FCP, receiver overflow, malformed TLP, internal error
 UNCOR_SEVER_DEFAULT = 0x00462030
 #: implemented correctable error bits
 COR_BITS = 0x0000F1C1
+#: Correctable Error Mask at reset: Advisory Non-Fatal Error masked (PCI_ERR_COR_ADV_NFAT)
 COR_MASK_DEFAULT = 0x00002000
 
 

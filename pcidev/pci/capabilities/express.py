@@ -31,29 +31,51 @@ __all__ = [
     "PciExpressCapability",
 ]
 
+#: PCI Express Capabilities register offset in the PCIe capability (PCI_EXP_FLAGS)
 FLAGS = 0x02
+#: Device Capabilities register offset in the PCIe capability (PCI_EXP_DEVCAP)
 DEVCAP = 0x04
+#: Device Control register offset in the PCIe capability (PCI_EXP_DEVCTL)
 DEVCTL = 0x08
+#: Device Status register offset in the PCIe capability (PCI_EXP_DEVSTA)
 DEVSTA = 0x0A
+#: Link Capabilities register offset in the PCIe capability (PCI_EXP_LNKCAP)
 LNKCAP = 0x0C
+#: Link Control register offset in the PCIe capability (PCI_EXP_LNKCTL)
 LNKCTL = 0x10
+#: Link Status register offset in the PCIe capability (PCI_EXP_LNKSTA)
 LNKSTA = 0x12
+#: Device Capabilities 2 register offset in the PCIe capability (PCI_EXP_DEVCAP2)
 DEVCAP2 = 0x24
+#: Device Control 2 register offset in the PCIe capability (PCI_EXP_DEVCTL2)
 DEVCTL2 = 0x28
+#: Link Capabilities 2 register offset in the PCIe capability (PCI_EXP_LNKCAP2)
 LNKCAP2 = 0x2C
+#: Link Control 2 register offset in the PCIe capability (PCI_EXP_LNKCTL2)
 LNKCTL2 = 0x30
+#: Link Status 2 register offset in the PCIe capability (PCI_EXP_LNKSTA2)
 LNKSTA2 = 0x32
 
+#: Device Capabilities bit: Function Level Reset Capability (PCI_EXP_DEVCAP_FLR)
 DEVCAP_FLR = 1 << 28
+#: Device Capabilities bit: Role-Based Error Reporting (PCI_EXP_DEVCAP_RBER)
 DEVCAP_RBER = 1 << 15
+#: Device Capabilities bit: Extended Tag Field Supported (PCI_EXP_DEVCAP_EXT_TAG)
 DEVCAP_EXT_TAG = 1 << 5
+#: Device Control bit: Initiate Function Level Reset, always reads 0 (PCI_EXP_DEVCTL_BCR_FLR)
 DEVCTL_BCR_FLR = 0x8000
+#: Device Control bits the guest may write: all but Initiate FLR (bit 15, writable if FLR is advertised)
 DEVCTL_RW = 0x7FFF
-DEVCTL_DEFAULT = 0x2810  # relaxed ordering, no snoop, MRRS 512 B
+#: Device Control at reset: Relaxed Ordering, No Snoop, Max_Read_Request_Size 512 B (PCI_EXP_DEVCTL_READRQ_512B)
+DEVCTL_DEFAULT = 0x2810
+#: Device Status error-detected bits (RW1C): PCI_EXP_DEVSTA_CED, _NFED, _FED and _URD
 DEVSTA_ERRORS = 0x000F
-LNKCTL_RW = 0x0FFB  # everything but the reserved bit 2 and retrain (bit 5 is RW for ports only; kept simple)
+#: Link Control bits the guest may write: 11:0 but reserved bit 2 (Retrain Link, bit 5, is kept writable)
+LNKCTL_RW = 0x0FFB
 
+#: Device/Port Type of the PCI Express Capabilities register: PCI Express Endpoint (PCI_EXP_TYPE_ENDPOINT)
 TYPE_ENDPOINT = 0x0
+#: Device/Port Type of the PCI Express Capabilities register: RC Integrated Endpoint (PCI_EXP_TYPE_RC_END)
 TYPE_RC_INTEGRATED = 0x9
 
 _SPEEDS = {2.5: 1, 5.0: 2, 8.0: 3, 16.0: 4, 32.0: 5, 64.0: 6}

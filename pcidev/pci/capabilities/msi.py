@@ -26,13 +26,21 @@ __all__ = [
     "CTRL_MASKBIT", "MsiCapability",
 ]
 
+#: Message Control register offset in the MSI capability (PCI_MSI_FLAGS)
 CTRL = 2
+#: Message Address (low 32 bits) register offset in the MSI capability (PCI_MSI_ADDRESS_LO)
 ADDR_LO = 4
+#: Message Control bit: MSI Enable (PCI_MSI_FLAGS_ENABLE)
 CTRL_ENABLE = 0x0001
+#: Message Control shift of the Multiple Message Capable field, log2 of the vectors (mask PCI_MSI_FLAGS_QMASK)
 CTRL_MMC_SHIFT = 1
+#: Message Control shift of the Multiple Message Enable field, log2 of the vectors (mask PCI_MSI_FLAGS_QSIZE)
 CTRL_MME_SHIFT = 4
+#: Message Control mask of the Multiple Message Enable field (PCI_MSI_FLAGS_QSIZE)
 CTRL_MME_MASK = 0x0070
+#: Message Control bit: 64 Bit Address Capable (PCI_MSI_FLAGS_64BIT)
 CTRL_64BIT = 0x0080
+#: Message Control bit: Per-Vector Masking Capable (PCI_MSI_FLAGS_MASKBIT)
 CTRL_MASKBIT = 0x0100
 
 

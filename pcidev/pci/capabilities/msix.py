@@ -41,15 +41,24 @@ __all__ = [
     "MAX_VECTORS", "MsixState", "MsixCapability",
 ]
 
+#: Message Control register offset in the MSI-X capability (PCI_MSIX_FLAGS)
 CTRL = 2
+#: Table Offset/Table BIR register offset in the MSI-X capability (PCI_MSIX_TABLE)
 TABLE = 4
+#: PBA Offset/PBA BIR register offset in the MSI-X capability (PCI_MSIX_PBA)
 PBA = 8
+#: Message Control bit: MSI-X Enable (PCI_MSIX_FLAGS_ENABLE)
 CTRL_ENABLE = 0x8000
+#: Message Control bit: Function Mask, masks every vector (PCI_MSIX_FLAGS_MASKALL)
 CTRL_MASKALL = 0x4000
+#: Size in bytes of an MSI-X table entry (PCI_MSIX_ENTRY_SIZE)
 ENTRY_SIZE = 16
+#: Vector Control dword offset in an MSI-X table entry (PCI_MSIX_ENTRY_VECTOR_CTRL)
 ENTRY_CTRL = 12
+#: Vector Control bit: Mask Bit, set at reset (PCI_MSIX_ENTRY_CTRL_MASKBIT)
 VECTOR_MASKED = 0x1
 
+#: Most vectors an MSI-X table can have: the 11-bit Table Size field (PCI_MSIX_FLAGS_QSIZE) holds N - 1
 MAX_VECTORS = 2048
 
 _ENTRY = struct.Struct("<IIII")

@@ -22,13 +22,21 @@ __all__ = [
     "PowerManagementCapability",
 ]
 
+#: Power Management Capabilities register offset in the PM capability (PCI_PM_PMC)
 PMC = 2
+#: Power Management Control/Status register offset in the PM capability (PCI_PM_CTRL)
 PMCSR = 4
+#: PMCSR mask of the PowerState field (PCI_PM_CTRL_STATE_MASK)
 STATE_MASK = 0x0003
+#: PMCSR bit: No_Soft_Reset, state kept over D3hot to D0 (PCI_PM_CTRL_NO_SOFT_RESET)
 NO_SOFT_RESET = 0x0008
+#: PMCSR bit: PME_En (PCI_PM_CTRL_PME_ENABLE)
 PME_ENABLE = 0x0100
+#: PMCSR bit: PME_Status, RW1C (PCI_PM_CTRL_PME_STATUS)
 PME_STATUS = 0x8000
+#: PowerState value of D0, fully on (PCI_D0 in include/linux/pci.h)
 D0 = 0
+#: PowerState value of D3hot (PCI_D3hot in include/linux/pci.h)
 D3HOT = 3
 
 

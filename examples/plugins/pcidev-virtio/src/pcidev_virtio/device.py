@@ -84,9 +84,13 @@ MSIX_BAR = 1
 #: the BAR of the virtio structures
 VIRTIO_BAR = 4
 VIRTIO_BAR_SIZE = 0x4000
+#: offset in the virtio BAR of the common configuration structure (VIRTIO_PCI_CAP_COMMON_CFG)
 COMMON_OFFSET = 0x0000
+#: offset in the virtio BAR of the ISR status byte (VIRTIO_PCI_CAP_ISR_CFG)
 ISR_OFFSET = 0x1000
+#: offset in the virtio BAR of the device-specific configuration (VIRTIO_PCI_CAP_DEVICE_CFG)
 DEVICE_OFFSET = 0x2000
+#: offset in the virtio BAR of the queue notification area (VIRTIO_PCI_CAP_NOTIFY_CFG)
 NOTIFY_OFFSET = 0x3000
 REGION_SIZE = 0x1000
 #: bytes between two queues' notification addresses

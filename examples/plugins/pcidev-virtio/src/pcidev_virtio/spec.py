@@ -86,17 +86,24 @@ ISR_CONFIG = 0x2
 #: ``VIRTIO_MSI_NO_VECTOR``: no MSI-X vector is assigned
 NO_VECTOR = 0xFFFF
 
+#: descriptor flag ``VIRTQ_DESC_F_NEXT``: the chain continues in the ``next`` field
 VRING_DESC_F_NEXT = 1
+#: descriptor flag ``VIRTQ_DESC_F_WRITE``: the buffer is device-writable (else device-readable)
 VRING_DESC_F_WRITE = 2
+#: descriptor flag ``VIRTQ_DESC_F_INDIRECT``: the buffer is a table of descriptors
 VRING_DESC_F_INDIRECT = 4
+#: available ring flag ``VIRTQ_AVAIL_F_NO_INTERRUPT``: the driver asks for no interrupt
 VRING_AVAIL_F_NO_INTERRUPT = 1
+#: used ring flag ``VIRTQ_USED_F_NO_NOTIFY``: the device asks for no notification
 VRING_USED_F_NO_NOTIFY = 1
 
 #: ``struct virtq_desc``: addr (le64), len (le32), flags (le16), next (le16)
 DESC = struct.Struct("<QIHH")
+#: size in bytes of a ``struct virtq_desc`` (16)
 DESC_SIZE = DESC.size
 #: ``struct virtq_used_elem``: id (le32), len (le32)
 USED_ELEM = struct.Struct("<II")
+#: size in bytes of a ``struct virtq_used_elem`` (8)
 USED_ELEM_SIZE = USED_ELEM.size
 #: the largest split queue (spec 2.7: queue size up to 32768)
 MAX_QUEUE_SIZE = 32768
