@@ -19,8 +19,10 @@ import pytest
 
 from pcidev.errors import MigrationError
 from pcidev.host import Machine
+from pcidev.migration import load_device_stream, save_device_stream
 from pcidev.testing import plugged, roundtrip
 from pcidev.transport.link.process import DeviceProcess
+from pcidev.vmstate.errors import ConfigMismatchError
 from pcidev_virtio.blk import VirtioBlk
 from pcidev_virtio.blk_driver import BlkDriver, status_of
 from pcidev_virtio.blk_spec import WRITEBACK_OFFSET, BlkStatus
@@ -188,3 +190,24 @@ def test_virtio_blk_migrates_between_processes_with_requests_pending(tmp_path: P
     finally:
         for proc in procs:
             proc.stop()
+
+
+@pytest.mark.parametrize("dest_props, item", [("size=2M", "virtio-blk.capacity"),
+                                              ("file={tmp}/other.img,size=1M", "virtio-blk.backend"),
+                                              ("size=1M,readonly=on", "virtio-blk.readonly"),
+                                              ("size=1M,serial=other", "virtio-blk.serial")])
+def test_a_destination_configured_differently_refuses_naming_the_item(machine: Machine, tmp_path: Path,
+                                                                      dest_props: str, item: str) -> None:
+    src = VirtioBlk("size=1M")
+    pdev = plugged(machine, src)
+    VirtioDriver(machine, pdev).init()
+    src.quiesce()
+    stream, fds = save_device_stream(src)
+    dest = VirtioBlk(dest_props.format(tmp=tmp_path))
+    try:
+        with pytest.raises(ConfigMismatchError, match=item):
+            load_device_stream(dest, stream, fds)
+    finally:
+        dest.close()
+        src.resume()
+        src.close()

@@ -34,6 +34,7 @@ a file disk is opened by path at the destination).
 
 from __future__ import annotations
 
+import os
 from typing import Any, ClassVar
 
 import attrs
@@ -245,9 +246,20 @@ class VirtioBlk(VirtioPciDevice):
         if state.mem_fd is not None and not memory:
             raise StateError("the stream carries a memory disk, this device has a file disk",
                              section="virtio-blk", path="mem_fd")
-        if memory and (state.mem_fd is None or self.vmstate_load_fd(state.mem_fd) is None):
+        if not memory:
+            return
+        fd = self.vmstate_load_fd(state.mem_fd)
+        if fd is None:
             raise StateError("the memory disk's data did not arrive: a memory disk migrates only with "
                              "file descriptors (a UNIX socket)", section="virtio-blk", path="mem_fd")
+        try:
+            size = os.fstat(fd).st_size
+        except OSError as exc:
+            raise StateError(f"the memory disk's descriptor: {exc.strerror}", section="virtio-blk",
+                             path="mem_fd") from None
+        if size != self.backend.size:
+            raise StateError(f"the memory disk has {size} bytes, this device {self.backend.size}",
+                             section="virtio-blk", path="mem_fd")
 
     def set_device_state(self, state: VirtioBlkState) -> None:
         self.writeback = state.writeback
