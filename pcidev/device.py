@@ -388,8 +388,18 @@ class PciDevice:
 
     # -- guest accesses --------------------------------------------------------------------------
     def config_read(self, offset: int, size: int) -> int:
-        """A configuration read. :raises ConfigSpaceError: on a malformed access."""
-        return self.config.read(offset, size)
+        """A configuration read. A capability's read hook that raises puts the device in
+        its failed state (:meth:`fail`) and the stored bytes are read instead.
+
+        :raises ConfigSpaceError: on a malformed access.
+        """
+        try:
+            return self.config.read(offset, size)
+        except ConfigSpaceError:
+            raise
+        except Exception as exc:  # a capability's read hook failed
+            self.fail(exc, f"config read {offset:#x}+{size}")
+            return self.config.get(offset, size)
 
     def config_write(self, offset: int, size: int, value: int) -> None:
         """A configuration write. :raises ConfigSpaceError: on a malformed access."""

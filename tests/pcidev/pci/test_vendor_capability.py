@@ -66,3 +66,31 @@ def test_vendor_capabilities_in_the_chain():
 def test_bad_lengths_are_refused(length, body):
     with pytest.raises(ConfigError):
         VendorCapability(length, body=body)
+
+
+class Broken(VendorCapability):
+    def __init__(self) -> None:
+        super().__init__(8)
+
+    def setup(self) -> None:
+        super().setup()
+        self.set(4, 4, 0x1234)
+        self.on_read(4, 4, self._boom)
+
+    def _boom(self, offset: int, size: int) -> int | None:
+        raise RuntimeError("read hook bug")
+
+
+class BrokenDevice(PciDevice):
+    TYPE_NAME = "broken-cap-test"
+    VENDOR_ID, DEVICE_ID = 0x1B36, 0x00F5
+
+    def describe(self) -> None:
+        self.cap = self.add_capability(Broken())
+
+
+def test_a_read_hook_that_raises_fails_the_device_instead_of_escaping():
+    dev = BrokenDevice()
+    dev.realize()
+    assert dev.config_read(dev.cap.offset + 4, 4) == 0x1234  # the stored bytes
+    assert isinstance(dev.failed, RuntimeError)

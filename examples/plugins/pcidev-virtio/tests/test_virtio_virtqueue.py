@@ -104,6 +104,20 @@ def test_indirect_table(dev):
     vq.flush()
 
 
+def test_direct_descriptors_followed_by_an_indirect_one(dev):
+    """Spec 2.7.5.3.2: the device handles normal chained descriptors followed by one indirect."""
+    vq = make_vq(dev)
+    table = 0x8000
+    dev.memory.write(DATA, b"head")
+    desc(dev, 0, DATA + 64, 16, spec.VRING_DESC_F_WRITE, table=table)
+    desc(dev, 2, DATA, 4, spec.VRING_DESC_F_NEXT, 9)
+    desc(dev, 9, table, 16, spec.VRING_DESC_F_INDIRECT | spec.VRING_DESC_F_WRITE)  # WRITE ignored here
+    make_available(dev, vq, 2)
+    elem = vq.pop()
+    assert elem is not None and (elem.out_len(), elem.in_len()) == (4, 16)
+    vq.push(elem, 16)
+
+
 @pytest.mark.parametrize("build, message", [
     (lambda d: (desc(d, 0, DATA, 4, spec.VRING_DESC_F_NEXT, 1), desc(d, 1, DATA, 4, spec.VRING_DESC_F_NEXT, 0)),
      "longer than"),
@@ -114,9 +128,12 @@ def test_indirect_table(dev):
      "readable buffer after"),
     (lambda d: desc(d, 0, 0x8000, 0, spec.VRING_DESC_F_INDIRECT), "indirect table length"),
     (lambda d: desc(d, 0, 0x8000, 24, spec.VRING_DESC_F_INDIRECT), "indirect table length"),
-    (lambda d: desc(d, 0, 0x8000, 16 * (SIZE + 1), spec.VRING_DESC_F_INDIRECT), "exceeds the queue size"),
+    (lambda d: desc(d, 0, 0x8000, 16 * (SIZE + 1), spec.VRING_DESC_F_INDIRECT), "longer than the queue"),
+    (lambda d: (desc(d, 0, DATA, 4, spec.VRING_DESC_F_NEXT, 1), desc(d, 1, 0x8000, 16 * SIZE,
+                                                                       spec.VRING_DESC_F_INDIRECT)),
+     "longer than the queue"),
     (lambda d: desc(d, 0, RAM - 16, 32, spec.VRING_DESC_F_INDIRECT), "outside guest memory"),
-    (lambda d: desc(d, 0, 0x8000, 16, spec.VRING_DESC_F_INDIRECT | spec.VRING_DESC_F_NEXT, 1), "only descriptor"),
+    (lambda d: desc(d, 0, 0x8000, 16, spec.VRING_DESC_F_INDIRECT | spec.VRING_DESC_F_NEXT, 1), "must end"),
     (lambda d: (desc(d, 0, 0x8000, 16, spec.VRING_DESC_F_INDIRECT),
                 desc(d, 0, 0x9000, 16, spec.VRING_DESC_F_INDIRECT, table=0x8000)), "inside an indirect"),
     (lambda d: (desc(d, 0, 0x8000, 32, spec.VRING_DESC_F_INDIRECT),

@@ -170,6 +170,8 @@ class VirtioPciDevice(PciDevice):
     SUBSYSTEM_VENDOR_ID = spec.VIRTIO_PCI_VENDOR_ID
     SUBSYSTEM_ID = 0x1100
     LAYER_VMSTATE = VirtioPciState
+    #: the transport's capabilities keep all their state in configuration space, which the
+    #: framework migrates; a device type adds its own features to these
     MIGRATABLE_FEATURES = frozenset({"cap:VirtioPciCap", "cap:VirtioNotifyCap", "cap:VirtioPciCfgCap"})
 
     def __init__(self, *, name: str | None = None) -> None:
@@ -235,7 +237,7 @@ class VirtioPciDevice(PciDevice):
 
     def queue_notify(self, vq: Virtqueue) -> None:
         """Override: the driver made buffers available in ``vq`` (called with
-        :attr:`lock` held, only after ``DRIVER_OK``, never while ``DEVICE_NEEDS_RESET``).
+        ``device.lock`` held, only after ``DRIVER_OK``, never while ``DEVICE_NEEDS_RESET``).
         A :class:`~pcidev_virtio.errors.VirtqueueError` raised here sets
         ``DEVICE_NEEDS_RESET``; a worker thread handling the queue calls
         :meth:`set_needs_reset` itself.
@@ -390,11 +392,24 @@ class VirtioPciDevice(PciDevice):
         if not (vq.enabled and self.running and self.bus_master):
             return 0
         with self.lock:
-            try:
-                self.queue_notify(vq)
-            except VirtqueueError as exc:
-                self.set_needs_reset(str(exc))
+            self._kick(vq)
         return 0
+
+    def _kick(self, vq: Virtqueue) -> None:
+        """:meth:`queue_notify`, with the transport's answer to a :class:`VirtqueueError`:
+        ``DEVICE_NEEDS_RESET``, unless the queue's rings are not in guest memory any more.
+        That happens while the host remaps guest memory (QEMU's vfio-user client unmaps RAM
+        and maps it back in pieces when the BIOS area changes, and firmware may notify in
+        between): nothing was taken from the ring, and the device looks at every queue
+        again when it resumes after the next map (:meth:`resume`)."""
+        try:
+            self.queue_notify(vq)
+        except VirtqueueError as exc:
+            if vq.check_config() is None:
+                self.set_needs_reset(str(exc))
+            else:
+                self.log.info("queue %d: its rings are not in guest memory now (%s); looked at again on resume",
+                              vq.index, exc)
 
     # -- common configuration -----------------------------------------------------------------------
     def _selected(self) -> Virtqueue | None:
@@ -531,10 +546,7 @@ class VirtioPciDevice(PciDevice):
             self.driver_ok()
             for vq in self._queues:
                 if vq.enabled and self.running and self.bus_master:
-                    try:
-                        self.queue_notify(vq)
-                    except VirtqueueError as exc:
-                        self.set_needs_reset(str(exc))
+                    self._kick(vq)
 
     def _features_acceptable(self) -> bool:
         features = self.driver_features
@@ -566,19 +578,24 @@ class VirtioPciDevice(PciDevice):
             self.device_reset()
 
     def on_reset(self, kind: ResetKind) -> None:
+        """A PCI reset (conventional, FLR) resets the virtio device too."""
         self.virtio_reset()
 
     def on_failure(self, exc: BaseException) -> None:
+        """A handler raised: show the driver ``DEVICE_NEEDS_RESET``."""
         self.set_needs_reset(f"device handler failed: {type(exc).__name__}: {exc}")
 
     # -- migration (the layer section) ------------------------------------------------------------------
     def layer_fingerprint(self) -> dict[str, Any]:
+        """The transport's configuration a destination must match: the virtio device id, the
+        queue sizes, the features offered and the device configuration's size."""
         return {"virtio.device_id": self.VIRTIO_DEVICE_ID,
                 "virtio.queue_sizes": [vq.max_size for vq in self._queues],
                 "virtio.device_features": self.offered_features(),
                 "virtio.config_size": self._config_size}
 
     def get_layer_state(self) -> VirtioPciState:
+        """The transport's state (the ``virtio-pci`` section)."""
         return VirtioPciState(status=self.status, device_feature_select=self.device_feature_select,
                               driver_feature_select=self.driver_feature_select,
                               driver_features=self.driver_features, config_msix_vector=self.config_msix_vector,
@@ -586,6 +603,12 @@ class VirtioPciDevice(PciDevice):
                               isr=self.isr, queues=tuple(vq.snapshot() for vq in self._queues))
 
     def check_layer_state(self, state: VirtioPciState) -> None:
+        """Refuse a transport state this device cannot take: another queue count, features
+        it does not offer, vectors beyond its MSI-X table, inconsistent queue indices.
+
+        :param state: the loaded section.
+        :raises StateError: naming the field.
+        """
         def reject(message: str, path: str) -> StateError:
             return StateError(message, section="virtio-pci", instance_id=0, path=path)
 
@@ -605,6 +628,10 @@ class VirtioPciDevice(PciDevice):
             vq.check_state(qstate, partial(_queue_reject, reject, i))
 
     def set_layer_state(self, state: VirtioPciState) -> None:
+        """Apply a checked transport state; chains in flight are resubmitted by :meth:`resume`.
+
+        :param state: the loaded section.
+        """
         self.status = state.status
         self.device_feature_select = state.device_feature_select
         self.driver_feature_select = state.driver_feature_select
@@ -619,13 +646,21 @@ class VirtioPciDevice(PciDevice):
                                      for vq in self._queues)
 
     def resume(self) -> None:
-        """Resume the device; first, after a migration brought chains in flight, read them
+        """Resume the device. First, after a migration brought chains in flight, read them
         again from guest memory and hand them to :meth:`resubmit` (and publish used entries
-        the source pushed but did not flush)."""
-        if not self.closed and self._resubmit_pending:
+        the source pushed but did not flush); then, once the driver is running, look at
+        every enabled queue (:meth:`queue_notify`): a notification may have come while the
+        rings were not mapped (a transport resumes the device after each guest-memory map),
+        or have been held while the device was stopped."""
+        if not self.closed:
             with self.lock:
-                self._resubmit_pending = False
-                self._resubmit_all()
+                if self._resubmit_pending:
+                    self._resubmit_pending = False
+                    self._resubmit_all()
+                if self.running and self.bus_master and self.memory is not None:
+                    for vq in self._queues:
+                        if vq.enabled:
+                            self._kick(vq)
         super().resume()
 
     def _resubmit_all(self) -> None:

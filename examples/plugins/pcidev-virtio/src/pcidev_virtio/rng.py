@@ -105,8 +105,10 @@ class VirtioRng(VirtioPciDevice):
         except OSError as exc:
             raise ConfigError(f"virtio-rng: cannot open the source {path}: {exc.strerror}") from None
         self._looping = self.cfg.source != "urandom"
-        #: chains taken from the queue and not yet filled (rate limit), in order
-        self._pending: collections.deque[VirtqElement] = collections.deque()
+        #: heads of the chains taken from the queue and not yet filled (rate limit), in order;
+        #: their buffers are resolved again when they are served, so that nothing pins guest
+        #: memory while they wait (the host may remap it meanwhile)
+        self._pending: collections.deque[int] = collections.deque()
         #: random bytes handed to the driver since power-on
         self.served = 0
         self._quota = int(self.cfg.max_bytes)
@@ -117,12 +119,17 @@ class VirtioRng(VirtioPciDevice):
 
     # -- requests ------------------------------------------------------------------------------
     def queue_notify(self, vq: Virtqueue) -> None:
+        """Take every available chain and serve as many as the rate limit allows."""
         while (elem := vq.pop()) is not None:
-            self._pending.append(elem)
+            self._pending.append(elem.head)
+            elem.release()
         self._serve(vq)
 
     def resubmit(self, vq: Virtqueue, elems: list[VirtqElement]) -> None:
-        self._pending.extend(elems)
+        """After a migration: the source's requests in flight wait here as they did there."""
+        for elem in elems:
+            self._pending.append(elem.head)
+            elem.release()
         self._serve(vq)
 
     def _refill(self) -> None:
@@ -141,9 +148,14 @@ class VirtioRng(VirtioPciDevice):
             self._refill()
         done = False
         while self._pending and (not limited or self._quota > 0):
-            elem = self._pending.popleft()
-            budget = min(elem.in_len(), self._quota) if limited else elem.in_len()
-            written = self._fill(elem, budget)
+            elem = vq.read_chain(self._pending[0])
+            self._pending.popleft()
+            try:
+                budget = min(elem.in_len(), self._quota) if limited else elem.in_len()
+                written = self._fill(elem, budget)
+            except BaseException:
+                elem.release()
+                raise
             if limited:
                 self._quota -= written
             self.served += written
@@ -174,7 +186,11 @@ class VirtioRng(VirtioPciDevice):
         written = 0
         try:
             while views:
-                n = os.readv(self._fd, views[:_IOV_BATCH])
+                try:
+                    n = os.readv(self._fd, views[:_IOV_BATCH])
+                except OSError as exc:  # the source failed: the driver gets what was read
+                    self.log.warning("virtio-rng: reading the source failed: %s", exc)
+                    break
                 if n == 0:  # end of a file source: start again, unless it is empty
                     if not self._looping or os.lseek(self._fd, 0, os.SEEK_CUR) == 0:
                         break
@@ -208,14 +224,15 @@ class VirtioRng(VirtioPciDevice):
 
     # -- reset, teardown, migration ---------------------------------------------------------------
     def _drop_pending(self) -> None:
-        while self._pending:
-            self._pending.popleft().release()
+        self._pending.clear()
 
     def device_reset(self) -> None:
+        """Drop the requests waiting (the driver reclaims them) and refill the quota."""
         self._drop_pending()
         self._quota = int(self.cfg.max_bytes)
 
     def on_close(self) -> None:
+        """Release the requests still waiting and close the source."""
         self._drop_pending()
         os.close(self._fd)
 

@@ -14,11 +14,15 @@ Guest memory is reached only through the device's guarded ``dma``
 chain is checked completely before :meth:`Virtqueue.pop` returns it: a head or
 ``next`` index beyond the queue, a chain longer than the queue (a loop), an indirect
 descriptor without ``VIRTIO_F_INDIRECT_DESC``, indirect-in-indirect, an indirect table
-whose length is zero or not a multiple of 16, a device-readable buffer after a
-device-writable one, or a buffer outside guest memory raise
+whose length is zero or not a multiple of 16, an indirect descriptor that does not end
+its chain, a device-readable buffer after a device-writable one, or a buffer outside guest
+memory raise
 :class:`~pcidev_virtio.errors.VirtqueueError`, with nothing pinned; the transport then
 sets ``DEVICE_NEEDS_RESET``. Zero-length direct buffers are allowed (they contribute no
-view).
+view). A chain may be direct descriptors followed by one indirect descriptor (spec
+2.7.5.3.2); its length, direct descriptors plus the indirect table's entries, may not
+exceed the queue size (2.7.5.3.1: a device type offering ``seg_max`` keeps it below the
+queue size, as QEMU does with ``queue_size - 2``).
 
 Notification suppression: without ``VIRTIO_F_EVENT_IDX`` the driver's
 ``VRING_AVAIL_F_NO_INTERRUPT`` flag is honoured; with it, ``used_event`` decides
@@ -289,13 +293,14 @@ class Virtqueue:
                     raise self._fail("an indirect descriptor inside an indirect table")
                 if not self.owner.negotiated(spec.Feature.RING_INDIRECT_DESC):
                     raise self._fail("indirect descriptor without VIRTIO_F_INDIRECT_DESC")
-                if flags & spec.VRING_DESC_F_NEXT or out_bufs or in_bufs:
-                    raise self._fail("an indirect descriptor must be the only descriptor of its chain")
+                if flags & spec.VRING_DESC_F_NEXT:
+                    raise self._fail("an indirect descriptor with VIRTQ_DESC_F_NEXT (it must end its chain)")
                 if length == 0 or length % spec.DESC_SIZE:
                     raise self._fail(f"indirect table length {length} is not a positive multiple of 16")
                 entries = length // spec.DESC_SIZE
-                if entries > self.size:
-                    raise self._fail(f"indirect table of {entries} descriptors exceeds the queue size {self.size}")
+                if seen + entries > self.size:
+                    raise self._fail(f"chain of {seen} descriptors and an indirect table of {entries} is longer "
+                                     f"than the queue size {self.size}")
                 if not mem.is_mapped(addr, length):
                     raise self._fail(f"indirect table {addr:#x}+{length:#x} is outside guest memory")
                 self._walk(mem, addr, entries, 0, out_bufs, in_bufs, indirect=True)
