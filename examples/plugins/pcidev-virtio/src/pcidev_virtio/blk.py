@@ -1,6 +1,6 @@
 """``virtio-blk``: a virtio block device (virtio 1.2 section 5.2) on the modern PCI transport.
 
-One request queue (``req.0``); a file or memory disk
+One request queue (``req.0``), or ``num_queues`` with ``VIRTIO_BLK_F_MQ``; a file or memory disk
 (:mod:`~pcidev_virtio.blk_backend`); the requests IN, OUT, FLUSH, GET_ID, DISCARD
 and WRITE_ZEROES (:mod:`~pcidev_virtio.blk_requests`). Properties:
 :class:`~pcidev_virtio.blk_config.VirtioBlkConfig`.
@@ -10,7 +10,8 @@ Features offered: ``SEG_MAX`` (queue size - 2), ``BLK_SIZE``, ``TOPOLOGY``
 ``CONFIG_WCE`` (the driver switches write-back / write-through through the
 ``writeback`` byte, as Linux's ``cache_type`` sysfs file does), ``DISCARD`` and
 ``WRITE_ZEROES`` (both dropped for a read-only disk), ``RO`` with ``readonly=on``.
-Not offered: SIZE_MAX, GEOMETRY, MQ, LIFETIME, SECURE_ERASE, ZONED.
+``MQ`` with ``num_queues`` > 1. Not offered: SIZE_MAX, GEOMETRY, LIFETIME,
+SECURE_ERASE, ZONED.
 
 Processing is synchronous: a driver's notification (:meth:`VirtioBlk.queue_notify`,
 called with ``device.lock`` held) carries out every available request and
@@ -123,11 +124,13 @@ class VirtioBlk(VirtioPciDevice):
 
     # -- the virtio device type ---------------------------------------------------------------
     def device_features(self) -> int:
-        """SEG_MAX, BLK_SIZE, TOPOLOGY, FLUSH, CONFIG_WCE; RO for a read-only disk, else DISCARD
-        and WRITE_ZEROES as configured."""
+        """SEG_MAX, BLK_SIZE, TOPOLOGY, FLUSH, CONFIG_WCE; MQ with more than one queue; RO for a
+        read-only disk, else DISCARD and WRITE_ZEROES as configured."""
         cfg = self.cfg
         bits = [BlkFeature.SEG_MAX, BlkFeature.BLK_SIZE, BlkFeature.TOPOLOGY, BlkFeature.FLUSH,
                 BlkFeature.CONFIG_WCE]
+        if cfg.num_queues > 1:
+            bits.append(BlkFeature.MQ)
         if cfg.readonly:
             bits.append(BlkFeature.RO)
         else:
@@ -138,8 +141,8 @@ class VirtioBlk(VirtioPciDevice):
         return sum(1 << b for b in bits)
 
     def queue_max_sizes(self) -> tuple[int, ...]:
-        """One request queue of ``queue_size`` entries."""
-        return (self.cfg.queue_size,)
+        """``num_queues`` request queues of ``queue_size`` entries."""
+        return (self.cfg.queue_size,) * self.cfg.num_queues
 
     def device_config_size(self) -> int:
         """``struct virtio_blk_config``: 96 bytes."""
@@ -223,6 +226,7 @@ class VirtioBlk(VirtioPciDevice):
             "virtio-blk.logical_block_size": cfg.logical_block_size,
             "virtio-blk.physical_block_size": cfg.physical_block_size or cfg.logical_block_size,
             "virtio-blk.queue_size": cfg.queue_size,
+            "virtio-blk.num_queues": cfg.num_queues,
             "virtio-blk.features": self.device_features(),
             "virtio-blk.serial": cfg.serial or "",
         })
