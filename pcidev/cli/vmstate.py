@@ -6,8 +6,9 @@
   than the stream's prefix announces (and at most 1 MiB of trailing bytes), so an
   endless input such as ``/dev/zero`` is an error line, not a hang.
 * ``pcidev vmstate schema DEVICE`` prints a device type's state description: the
-  framework section every device has, the type's own ``VMSTATE``, the features it
-  declares migratable and its static blockers.
+  framework section every device has, a layer's section if its class has one
+  (``LAYER_VMSTATE``), the type's own ``VMSTATE``, the features it declares migratable
+  and its static blockers.
 """
 
 from __future__ import annotations
@@ -35,17 +36,25 @@ def device_schema(cls: type[PciDevice]) -> dict[str, Any]:
     :returns: a JSON-ready dict.
     """
     vm = getattr(cls, "VMSTATE", None)
+    layer = getattr(cls, "LAYER_VMSTATE", None)
     type_name = getattr(cls, "TYPE_NAME", "") or cls.__name__.lower()
-    return {
+    sections = [{"name": FUNCTION_SECTION, "instance_id": 0, "owner": "framework"}]
+    if layer is not None:
+        sections.append({"name": schema_of(layer)["name"], "instance_id": 0, "owner": "layer"})
+    if vm is not None:
+        sections.append({"name": schema_of(vm)["name"], "instance_id": 0, "owner": "device"})
+    schema: dict[str, Any] = {
         "device_type": type_name,
-        "sections": [{"name": FUNCTION_SECTION, "instance_id": 0, "owner": "framework"}]
-        + ([{"name": schema_of(vm)["name"], "instance_id": 0, "owner": "device"}] if vm is not None else []),
+        "sections": sections,
         "framework": schema_of(FunctionState),
         "device": schema_of(vm) if vm is not None else None,
         "framework_features": sorted(cls.FRAMEWORK_FEATURES),
         "migratable_features": sorted(cls.MIGRATABLE_FEATURES),
         "static_blockers": [] if vm is not None else [f"device type {type_name} has no vmstate description"],
     }
+    if layer is not None:  # a base class's own section (PciDevice.LAYER_VMSTATE)
+        schema["layer"] = schema_of(layer)
+    return schema
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:

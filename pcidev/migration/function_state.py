@@ -1,7 +1,8 @@
 """Framework-owned device state: what every :class:`~pcidev.device.PciDevice`
 migrates whatever its type, and the configuration fingerprint.
 
-A saved device is two vmstate sections (docs/migration.md):
+A saved device is two vmstate sections (docs/migration.md; three when its class has a layer,
+:attr:`~pcidev.device.PciDevice.LAYER_VMSTATE`, whose section comes between them):
 
 * ``pcidev/function`` instance 0 (:class:`FunctionState`): configuration space
   (which holds the BAR assignments, the command register, MSI registers and every

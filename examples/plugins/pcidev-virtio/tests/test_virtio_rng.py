@@ -87,3 +87,13 @@ def test_the_rate_limit_keeps_requests_in_flight_until_the_next_period(machine):
     [last] = q.wait(1, timeout=5)
     assert last.written == 60 and time.monotonic() - start >= 0.25
     dev.close()
+
+
+def test_vmstate_schema_shows_the_transport_layer(capsys):
+    import json
+
+    assert cli_main(["vmstate", "schema", "virtio-rng"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [(s["name"], s["owner"]) for s in out["sections"]] == [
+        ("pcidev/function", "framework"), ("virtio-pci", "layer"), ("virtio-rng", "device")]
+    assert out["layer"]["name"] == "virtio-pci" and out["static_blockers"] == []

@@ -150,6 +150,24 @@ def test_malformed_chains_are_refused_and_nothing_is_taken(dev, build, message):
     dev.memory.unmap(0)  # no view left pinned
 
 
+def test_a_chain_of_4_gib_or_more_is_refused():
+    """The used entry's length is 32 bits; the guest's RAM here is a sparse 6 GiB memfd."""
+    d = FakeDevice()
+    big = 6 << 30
+    fd = alloc_memfd(big, "vq-big")
+    d.memory.map(1 << 32, big, fd)
+    os.close(fd)
+    try:
+        vq = make_vq(d)
+        desc(d, 0, 1 << 32, 3 << 30, spec.VRING_DESC_F_WRITE | spec.VRING_DESC_F_NEXT, 1)
+        desc(d, 1, (1 << 32) + (3 << 30), 3 << 30, spec.VRING_DESC_F_WRITE)
+        make_available(d, vq, 0)
+        with pytest.raises(VirtqueueError, match="2\\*\\*32"):
+            vq.pop()
+    finally:
+        d.memory.close()
+
+
 def test_indirect_without_the_feature_is_refused(dev):
     dev.features = 0
     vq = make_vq(dev)

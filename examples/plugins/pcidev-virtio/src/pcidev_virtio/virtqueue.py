@@ -15,8 +15,8 @@ chain is checked completely before :meth:`Virtqueue.pop` returns it: a head or
 ``next`` index beyond the queue, a chain longer than the queue (a loop), an indirect
 descriptor without ``VIRTIO_F_INDIRECT_DESC``, indirect-in-indirect, an indirect table
 whose length is zero or not a multiple of 16, an indirect descriptor that does not end
-its chain, a device-readable buffer after a device-writable one, or a buffer outside guest
-memory raise
+its chain, a device-readable buffer after a device-writable one, a buffer outside guest
+memory, or a chain of 2**32 bytes or more raise
 :class:`~pcidev_virtio.errors.VirtqueueError`, with nothing pinned; the transport then
 sets ``DEVICE_NEEDS_RESET``. Zero-length direct buffers are allowed (they contribute no
 view). A chain may be direct descriptors followed by one indirect descriptor (spec
@@ -51,6 +51,8 @@ __all__ = ["VirtqElement", "Virtqueue", "VirtqueueState", "QueueOwner", "vring_n
 
 #: the most in-flight heads a saved queue may list (a queue holds at most this many chains)
 MAX_INFLIGHT = spec.MAX_QUEUE_SIZE
+#: the longest chain in bytes (the used entry's length is 32 bits)
+MAX_CHAIN_BYTES = 0xFFFF_FFFF
 
 
 def vring_need_event(event: int, new: int, old: int) -> bool:
@@ -271,6 +273,9 @@ class Virtqueue:
         in_bufs: list[memoryview] = []
         try:
             self._walk(mem, self.desc, size, head, out_bufs, in_bufs, indirect=False)
+            total = sum(b.nbytes for b in out_bufs) + sum(b.nbytes for b in in_bufs)
+            if total > MAX_CHAIN_BYTES:
+                raise self._fail(f"chain of {total} bytes (at most 2**32 - 1, spec 2.7.13.1)")
         except BaseException:
             for buf in (*out_bufs, *in_bufs):
                 buf.release()
