@@ -147,7 +147,7 @@ def test_a_chain_that_became_malformed_after_migration_needs_reset(machine, open
 
 
 def test_virtio_rng_migrates_between_processes_with_requests_in_flight(tmp_path):
-    props = {"max_bytes": 256, "period": 0.05}
+    props = {"max_bytes": 256, "period": 0.2}  # a batch of 16 x 128 bytes takes 1.4 s or more
     src = DeviceProcess("virtio-rng", f"unix:{tmp_path}/a.sock", options=props)
     d1 = DeviceProcess("virtio-rng", f"unix:{tmp_path}/b.sock", options=props, incoming=f"unix:{tmp_path}/b-in.sock")
     d2 = DeviceProcess("virtio-rng", f"unix:{tmp_path}/c.sock", options=props, incoming="tcp:127.0.0.1:0")
@@ -167,10 +167,10 @@ def test_virtio_rng_migrates_between_processes_with_requests_in_flight(tmp_path)
             got = []
             for dest in (d1, d2):
                 old = q.avail_idx
-                for _ in range(16):  # 16 x 128 bytes: 8 periods' worth at 256 bytes per 50 ms
+                for _ in range(16):  # 16 x 128 bytes: 8 periods' worth
                     q.add(in_lens=[128])
                 q.kick(old_idx=old)
-                time.sleep(0.06)
+                time.sleep(0.05)
                 report = pdev.device.migrate(dest.incoming, timeout=10)
                 assert report["state_size"] < 8192
                 got += q.wait(16, timeout=20)

@@ -359,3 +359,33 @@ def test_requests_waiting_for_the_rate_limit_do_not_pin_guest_memory(machine):
     dev.resume()
     dev.close()
     gm.close()
+
+
+@settings(max_examples=150, deadline=None)
+@given(desc_table=st.binary(min_size=16 * 8, max_size=16 * 8), avail=st.binary(min_size=4 + 2 * 8 + 2,
+                                                                              max_size=4 + 2 * 8 + 2),
+       indirect=st.booleans())
+def test_a_device_fed_garbage_rings_serves_or_needs_reset_and_recovers(desc_table, avail, indirect):
+    """The whole path (notification, pop, fill, push, flush, interrupt) on random ring
+    contents: no exception, no failed device, nothing left pinned, and a reset recovers."""
+    with Machine(ram_size=8 << 20) as machine:
+        dev = VirtioRng()
+        pdev = plugged(machine, dev)
+        gm = _private_memory(machine, dev)
+        drv = VirtioDriver(machine, pdev)
+        drv.init(queue_sizes=[8])
+        q = drv.queues[0]
+        machine.write(q.desc, desc_table)
+        machine.write(q.avail, avail)
+        drv.notify(q)
+        assert dev.failed is None
+        status = drv.status
+        assert status & S.DRIVER_OK
+        dev.quiesce()
+        gm.unmap(0)  # no view of guest memory is alive
+        gm.map(0, machine.ram_size, machine.ram_fd, name="ram")
+        dev.resume()
+        drv.init()
+        assert drv.queues[0].request(in_lens=[8], indirect=indirect).written == 8
+        dev.close()
+        gm.close()

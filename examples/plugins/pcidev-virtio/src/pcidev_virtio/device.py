@@ -154,7 +154,10 @@ class VirtioPciDevice(PciDevice):
     the device is described, so set what they read before calling ``super().__init__``),
     and override :meth:`queue_notify` and the other hooks below. The transport's state is
     migrated by the transport; a subclass declaring ``MIGRATABLE_FEATURES`` keeps the
-    transport's: ``VirtioPciDevice.MIGRATABLE_FEATURES | {...}``.
+    transport's: ``VirtioPciDevice.MIGRATABLE_FEATURES | {...}``. A subclass that needs more
+    in its description (another capability, a worker) overrides :meth:`describe` and calls
+    ``super().describe()`` first; one that overrides :meth:`resume` or ``on_resume()`` calls
+    the base class's too.
 
     :param name: device name in logs.
     """
@@ -328,6 +331,8 @@ class VirtioPciDevice(PciDevice):
 
     # -- description ------------------------------------------------------------------------------
     def describe(self) -> None:
+        """Declare the BARs, the virtio capabilities, MSI-X (one vector more than queues) and
+        the PM and PCI Express capabilities, and build the queues."""
         sizes = tuple(self.queue_max_sizes())
         if not 1 <= len(sizes) <= MAX_QUEUES:
             raise ConfigError(f"{type(self).__name__}: {len(sizes)} queues (1..{MAX_QUEUES} supported)")

@@ -112,7 +112,8 @@ class VirtioRng(VirtioPciDevice):
         #: random bytes handed to the driver since power-on
         self.served = 0
         self._quota = int(self.cfg.max_bytes)
-        self._window = time.monotonic()
+        #: when the current rate-limit period started (None: at the next request)
+        self._window: float | None = None
         super().__init__(name=name)
         self.worker = self.add_worker(self._step, name="virtio-rng",
                                       idle_poll=min(self.cfg.period, 0.05)) if self.cfg.max_bytes else None
@@ -133,8 +134,9 @@ class VirtioRng(VirtioPciDevice):
         self._serve(vq)
 
     def _refill(self) -> None:
+        """Start a new period (and its quota) if the current one is over, or none began."""
         now = time.monotonic()
-        if now - self._window >= self.cfg.period:
+        if self._window is None or now - self._window >= self.cfg.period:
             self._window = now
             self._quota = int(self.cfg.max_bytes)
 
@@ -230,6 +232,7 @@ class VirtioRng(VirtioPciDevice):
         """Drop the requests waiting (the driver reclaims them) and refill the quota."""
         self._drop_pending()
         self._quota = int(self.cfg.max_bytes)
+        self._window = None
 
     def on_close(self) -> None:
         """Release the requests still waiting and close the source."""
