@@ -114,7 +114,11 @@ class VirtioRng(VirtioPciDevice):
         self._quota = int(self.cfg.max_bytes)
         #: when the current rate-limit period started (None: at the next request)
         self._window: float | None = None
-        super().__init__(name=name)
+        try:
+            super().__init__(name=name)
+        except BaseException:
+            os.close(self._fd)
+            raise
         self.worker = self.add_worker(self._step, name="virtio-rng",
                                       idle_poll=min(self.cfg.period, 0.05)) if self.cfg.max_bytes else None
 
