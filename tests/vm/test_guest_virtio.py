@@ -6,6 +6,8 @@ initramfs loads. The guest reads ``/dev/hwrng`` and runs fio with crc32c verific
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 
 from test_guest_nvme import fio_result, lines
@@ -67,3 +69,30 @@ dmesg | grep -i -E 'virtio|vda'; true
     res = fio_result(r.output)
     assert res.get("write_iops", 0) > 0 and res.get("read_iops", 0) > 0
     assert not re.search(r"^\[.*(virtio|vda).*(timeout|error|fail)", r.output, re.M | re.I)
+
+
+def test_read_only_image_4k_blocks_and_multiqueue(boot, vm_root, request):
+    """A read-only image with 4 KiB blocks and two request queues (Linux takes one per
+    CPU: one here): the guest sees the image's exact bytes, cannot write, and switches the
+    cache mode through ``cache_type`` (the writeback byte of config space)."""
+    img = vm_root / "vm" / f"{request.node.name[:40]}.img"
+    content = os.urandom(4 << 20)
+    img.write_bytes(content)
+    try:
+        r = boot("""
+echo RO=$(cat /sys/block/vda/ro) LBS=$(cat /sys/block/vda/queue/logical_block_size)
+echo PBS=$(cat /sys/block/vda/queue/physical_block_size)
+echo SUM=$(md5sum </dev/vda)
+dd if=/dev/zero of=/dev/vda bs=4k count=1 oflag=direct 2>/dev/null || echo WRITE-REFUSED
+echo "write through" > /sys/block/vda/cache_type
+echo CACHE=$(cat /sys/block/vda/cache_type)
+echo SUM2=$(md5sum </dev/vda)
+dmesg | grep -i -E 'virtio|vda'
+""", [f"virtio-blk,file={img},readonly=on,logical_block_size=4k,num_queues=2"])
+    finally:
+        img.unlink()
+    assert r.ok, r.console[-4000:]
+    got = lines(r.output)
+    want = hashlib.md5(content).hexdigest()
+    assert {"RO=1 LBS=4096", "PBS=4096", f"SUM={want} -", "WRITE-REFUSED", "CACHE=write through",
+            f"SUM2={want} -"} <= got, r.output[-3000:]

@@ -52,6 +52,8 @@ def test_properties_parse_with_the_common_grammar() -> None:
     ("size=4k,serial=caf\u00e9", "ASCII"),
     ("size=4k,queue_size=100", "power of two"),
     ("size=4k,max_discard_seg=0", "from 1"),
+    ("size=4k,num_queues=0", "from 1 to 64"),
+    ("size=4k,num_queues=65", "from 1 to 64"),
     ("size=4k,bogus=1", "unknown property bogus"),
 ])
 def test_bad_properties_are_one_clear_error(props: str, message: str) -> None:

@@ -236,3 +236,27 @@ def test_garbage_requests_complete_with_a_status(disk: Disk, rtype: int, sector:
     status, _data = disk.blk.raw(rtype, sector, payload, in_data)
     assert status in (BlkStatus.OK, BlkStatus.IOERR, BlkStatus.UNSUPP)
     assert disk.dev.running
+
+
+def test_multiqueue(machine: Machine, disks: list[Disk]) -> None:
+    d = Disk(machine, VirtioBlk("size=2M,num_queues=4,queue_size=64"))
+    disks.append(d)
+    assert d.features >> BlkFeature.MQ & 1
+    assert d.drv.read_config(0x22, 2) == 4 and len(d.drv.queues) == 4
+    blks = [BlkDriver(q) for q in d.drv.queues]
+    data = [os.urandom(16 * BS) for _ in range(4)]
+    for i, (blk, chunk) in enumerate(zip(blks, data, strict=True)):  # each queue its own area
+        old = blk.queue.avail_idx
+        for j in range(4):
+            blk.add_write(i * 64 + j * 4, chunk[j * 4 * BS:(j + 1) * 4 * BS])
+        blk.queue.kick(old_idx=old)
+    for blk in blks:
+        assert [c.data for c in blk.queue.wait(4, timeout=10)] == [bytes([BlkStatus.OK])] * 4
+    for i, chunk in enumerate(data):  # read back through another queue
+        status, got = blks[(i + 1) % 4].read(i * 64, 16)
+        assert status == BlkStatus.OK and crcs(got) == crcs(chunk)
+    assert all(d.pdev.irq_count(q.vector) >= 1 for q in d.drv.queues)
+
+
+def test_one_queue_does_not_offer_mq(disk: Disk) -> None:
+    assert not disk.features >> BlkFeature.MQ & 1 and disk.drv.read_config(0x22, 2) == 1

@@ -12,6 +12,9 @@ a transport does report in flight (taken, not returned) go through ``resubmit()`
 from __future__ import annotations
 
 import os
+import random
+import threading
+import time
 from pathlib import Path
 
 import crc32c
@@ -19,8 +22,10 @@ import pytest
 
 from pcidev.errors import MigrationError
 from pcidev.host import Machine
+from pcidev.migration import load_device_stream, save_device_stream
 from pcidev.testing import plugged, roundtrip
 from pcidev.transport.link.process import DeviceProcess
+from pcidev.vmstate.errors import ConfigMismatchError
 from pcidev_virtio.blk import VirtioBlk
 from pcidev_virtio.blk_driver import BlkDriver, status_of
 from pcidev_virtio.blk_spec import WRITEBACK_OFFSET, BlkStatus
@@ -186,5 +191,91 @@ def test_virtio_blk_migrates_between_processes_with_requests_pending(tmp_path: P
             assert status == BlkStatus.OK and ident == bytes(20)
         assert src.proc.wait(10) == 0 and src.wait_event("exit")["reason"] == "migrated"
     finally:
+        for proc in procs:
+            proc.stop()
+
+
+@pytest.mark.parametrize("dest_props, item", [("size=2M", "virtio-blk.capacity"),
+                                              ("file={tmp}/other.img,size=1M", "virtio-blk.backend"),
+                                              ("size=1M,readonly=on", "virtio-blk.readonly"),
+                                              ("size=1M,serial=other", "virtio-blk.serial")])
+def test_a_destination_configured_differently_refuses_naming_the_item(machine: Machine, tmp_path: Path,
+                                                                      dest_props: str, item: str) -> None:
+    src = VirtioBlk("size=1M")
+    pdev = plugged(machine, src)
+    VirtioDriver(machine, pdev).init()
+    src.quiesce()
+    stream, fds = save_device_stream(src)
+    dest = VirtioBlk(dest_props.format(tmp=tmp_path))
+    try:
+        with pytest.raises(ConfigMismatchError, match=item):
+            load_device_stream(dest, stream, fds)
+    finally:
+        dest.close()
+        src.resume()
+        src.close()
+
+
+def test_migrations_between_processes_under_a_running_workload(tmp_path: Path) -> None:
+    """A workload thread keeps four writes in flight and reads back what it wrote while the
+    main thread migrates the disk three times; every block is checked at the end."""
+    props = f"file={tmp_path}/disk.img,size=4M"
+    procs = [DeviceProcess("virtio-blk", f"unix:{tmp_path}/p0.sock", options=props)]
+    procs += [DeviceProcess("virtio-blk", f"unix:{tmp_path}/p{i}.sock", options=props,
+                            incoming=f"unix:{tmp_path}/p{i}-in.sock") for i in (1, 2, 3)]
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    counts = {"writes": 0, "reads": 0}
+    shadow = Shadow(8192)
+    try:
+        with Machine(ram_size=64 << 20) as machine:
+            procs[0].wait_event("ready")
+            pdev = machine.plug_remote(procs[0].link, timeout=10)
+            pdev.enable_device()
+            pdev.set_master()
+            assert pdev.alloc_irq_vectors(2, 2) == 2
+            drv = VirtioDriver(machine, pdev)
+            drv.init()
+            q = drv.queues[0]
+            blk = BlkDriver(q, timeout=20)
+            rnd = random.Random(8)
+
+            def workload() -> None:
+                try:
+                    while not stop.is_set():
+                        old = q.avail_idx
+                        sectors = rnd.sample(range(0, 8192, 8), 4)
+                        for s in sectors:
+                            add_writes(blk, shadow, s, 1)
+                        q.kick(old_idx=old)
+                        all_ok(q, 4)
+                        counts["writes"] += 4
+                        s = rnd.choice(sectors)
+                        status, data = blk.read(s, 8)
+                        assert status == BlkStatus.OK and crcs(data) == shadow.crc[s:s + 8]
+                        counts["reads"] += 1
+                except BaseException as exc:  # reported by the main thread
+                    errors.append(exc)
+
+            worker = threading.Thread(target=workload)
+            worker.start()
+            for dest in procs[1:]:
+                dest.wait_event("listening")
+                before = counts["writes"]
+                while counts["writes"] < before + 40 and not errors:
+                    time.sleep(0.01)
+                pdev.device.migrate(dest.incoming, timeout=20)
+            before = counts["writes"]
+            while counts["writes"] < before + 40 and not errors:
+                time.sleep(0.01)
+            stop.set()
+            worker.join(30)
+            assert not worker.is_alive()
+            assert not errors, repr(errors[0])
+            assert pdev.device.info["pid"] == procs[3].pid
+            shadow.verify(blk)
+            assert counts["writes"] >= 160 and counts["reads"] >= 40
+    finally:
+        stop.set()
         for proc in procs:
             proc.stop()

@@ -1,6 +1,6 @@
 """``virtio-blk``: a virtio block device (virtio 1.2 section 5.2) on the modern PCI transport.
 
-One request queue (``req.0``); a file or memory disk
+One request queue (``req.0``), or ``num_queues`` with ``VIRTIO_BLK_F_MQ``; a file or memory disk
 (:mod:`~pcidev_virtio.blk_backend`); the requests IN, OUT, FLUSH, GET_ID, DISCARD
 and WRITE_ZEROES (:mod:`~pcidev_virtio.blk_requests`). Properties:
 :class:`~pcidev_virtio.blk_config.VirtioBlkConfig`.
@@ -10,7 +10,8 @@ Features offered: ``SEG_MAX`` (queue size - 2), ``BLK_SIZE``, ``TOPOLOGY``
 ``CONFIG_WCE`` (the driver switches write-back / write-through through the
 ``writeback`` byte, as Linux's ``cache_type`` sysfs file does), ``DISCARD`` and
 ``WRITE_ZEROES`` (both dropped for a read-only disk), ``RO`` with ``readonly=on``.
-Not offered: SIZE_MAX, GEOMETRY, MQ, LIFETIME, SECURE_ERASE, ZONED.
+``MQ`` with ``num_queues`` > 1. Not offered: SIZE_MAX, GEOMETRY, LIFETIME,
+SECURE_ERASE, ZONED.
 
 Processing is synchronous: a driver's notification (:meth:`VirtioBlk.queue_notify`,
 called with ``device.lock`` held) carries out every available request and
@@ -18,9 +19,10 @@ publishes the used entries before it returns. So no request is ever taken from
 the ring and left unfinished when the device quiesces; a request the driver made
 available without the device having taken it yet is still in the ring, whose
 indices migrate with the transport's state, and the destination takes it when it
-resumes (:meth:`VirtioBlk.on_resume` looks at every queue once, a kick the
-driver may have sent while the device was stopped being lost). Chains a
-transport hands back through :meth:`VirtioBlk.resubmit` are carried out the same way.
+resumes (the transport looks at every enabled queue when the device resumes: a
+kick the driver sent while the device was stopped, or while the host was remapping
+guest memory, is not lost). Chains the transport hands back through
+:meth:`VirtioBlk.resubmit` are carried out the same way.
 
 Cache: with ``writeback`` (the default) a write completes when the backend has it
 and is durable after FLUSH (``fdatasync``); write-through (``writeback=off``, or the
@@ -34,6 +36,7 @@ a file disk is opened by path at the destination).
 
 from __future__ import annotations
 
+import os
 from typing import Any, ClassVar
 
 import attrs
@@ -47,7 +50,6 @@ from pcidev_virtio.blk_config import VirtioBlkConfig, config_space
 from pcidev_virtio.blk_requests import BlkLimits, BlkRequestEngine
 from pcidev_virtio.blk_spec import CONFIG_SIZE, WRITEBACK_OFFSET, BlkFeature
 from pcidev_virtio.device import VirtioPciDevice
-from pcidev_virtio.errors import VirtqueueError
 from pcidev_virtio.spec import Status, VirtioId
 from pcidev_virtio.virtqueue import VirtqElement, Virtqueue
 
@@ -122,9 +124,13 @@ class VirtioBlk(VirtioPciDevice):
 
     # -- the virtio device type ---------------------------------------------------------------
     def device_features(self) -> int:
+        """SEG_MAX, BLK_SIZE, TOPOLOGY, FLUSH, CONFIG_WCE; MQ with more than one queue; RO for a
+        read-only disk, else DISCARD and WRITE_ZEROES as configured."""
         cfg = self.cfg
         bits = [BlkFeature.SEG_MAX, BlkFeature.BLK_SIZE, BlkFeature.TOPOLOGY, BlkFeature.FLUSH,
                 BlkFeature.CONFIG_WCE]
+        if cfg.num_queues > 1:
+            bits.append(BlkFeature.MQ)
         if cfg.readonly:
             bits.append(BlkFeature.RO)
         else:
@@ -135,12 +141,15 @@ class VirtioBlk(VirtioPciDevice):
         return sum(1 << b for b in bits)
 
     def queue_max_sizes(self) -> tuple[int, ...]:
-        return (self.cfg.queue_size,)
+        """``num_queues`` request queues of ``queue_size`` entries."""
+        return (self.cfg.queue_size,) * self.cfg.num_queues
 
     def device_config_size(self) -> int:
+        """``struct virtio_blk_config``: 96 bytes."""
         return CONFIG_SIZE
 
     def device_config_read(self, offset: int, size: int) -> int:
+        """A little-endian field (or part of one) of the configuration space."""
         if offset < 0 or size <= 0 or offset + size > CONFIG_SIZE:
             return 0
         raw = config_space(self.cfg, capacity_bytes=self.backend.size, writeback=self._config_writeback(),
@@ -148,6 +157,7 @@ class VirtioBlk(VirtioPciDevice):
         return int.from_bytes(raw[offset:offset + size], "little")
 
     def device_config_write(self, offset: int, size: int, value: int) -> None:
+        """The driver sets the cache mode (``writeback``, 0 or 1, with CONFIG_WCE); other writes are ignored."""
         # Only ``writeback`` is writable, and only with VIRTIO_BLK_F_CONFIG_WCE (spec 5.2.4).
         if offset == WRITEBACK_OFFSET and size == 1 and self.negotiated(BlkFeature.CONFIG_WCE) and value in (0, 1):
             self.writeback = bool(value)
@@ -168,35 +178,18 @@ class VirtioBlk(VirtioPciDevice):
         engine.writeback = self.writeback and self.negotiated(BlkFeature.FLUSH)
 
     def driver_ok(self) -> None:
+        """The engine takes the negotiated features."""
         self._sync_engine()
 
     def device_reset(self) -> None:
+        """Back to the configured cache mode."""
         self.writeback = self.cfg.writeback
         self._sync_engine()
 
     def queue_notify(self, vq: Virtqueue) -> None:
+        """Carry out every available request of the queue (``device.lock`` is held)."""
         self._sync_engine()
-        self._process_or_wait(vq)
-
-    def _process_or_wait(self, vq: Virtqueue) -> None:
-        """:meth:`_process`, unless guest memory is being remapped.
-
-        The queue's rings were in guest memory when the driver enabled it; if they are not
-        now, the host is remapping guest memory (QEMU's vfio-user client unmaps RAM and
-        maps it back in pieces when the BIOS area's attributes change, and SeaBIOS may
-        notify in between). Nothing was taken from the ring: the device looks again when
-        it resumes after the next map (:meth:`on_resume`) instead of needing a reset
-        (SeaBIOS would wait for the request forever).
-
-        :raises VirtqueueError: a malformed chain while the rings are mapped.
-        """
-        try:
-            self._process(vq)
-        except VirtqueueError as exc:
-            if vq.check_config() is None:
-                raise
-            self.log.info("queue %d: guest memory is being remapped (%s); looked at again after the next map",
-                          vq.index, exc)
+        self._process(vq)
 
     def _process(self, vq: Virtqueue) -> None:
         """Carry out every available request of ``vq``, publishing used entries in batches."""
@@ -213,6 +206,7 @@ class VirtioBlk(VirtioPciDevice):
                 vq.flush()
 
     def resubmit(self, vq: Virtqueue, elems: list[VirtqElement]) -> None:
+        """Carry out the chains that were in flight at a migration source."""
         self._sync_engine()
         try:
             for elem in elems:
@@ -222,6 +216,7 @@ class VirtioBlk(VirtioPciDevice):
 
     # -- migration ---------------------------------------------------------------------------
     def device_fingerprint(self) -> dict[str, Any]:
+        """Capacity, disk kind, read-only, block sizes, queue size, features and serial."""
         fp = dict(super().device_fingerprint())
         cfg = self.cfg
         fp.update({
@@ -231,25 +226,43 @@ class VirtioBlk(VirtioPciDevice):
             "virtio-blk.logical_block_size": cfg.logical_block_size,
             "virtio-blk.physical_block_size": cfg.physical_block_size or cfg.logical_block_size,
             "virtio-blk.queue_size": cfg.queue_size,
+            "virtio-blk.num_queues": cfg.num_queues,
             "virtio-blk.features": self.device_features(),
             "virtio-blk.serial": cfg.serial or "",
         })
         return fp
 
     def get_device_state(self) -> VirtioBlkState:
+        """The cache mode and, for a memory disk, its memfd."""
         mem_fd = self.vmstate_fd(self.backend.fd) if isinstance(self.backend, MemoryBackend) else None
         return VirtioBlkState(writeback=self.writeback, mem_fd=mem_fd)
 
     def check_device_state(self, state: VirtioBlkState) -> None:
+        """A memory disk needs its memfd, of the right size, with the stream.
+
+        :raises StateError: it did not arrive, or does not fit.
+        """
         memory = isinstance(self.backend, MemoryBackend)
         if state.mem_fd is not None and not memory:
             raise StateError("the stream carries a memory disk, this device has a file disk",
                              section="virtio-blk", path="mem_fd")
-        if memory and (state.mem_fd is None or self.vmstate_load_fd(state.mem_fd) is None):
+        if not memory:
+            return
+        fd = self.vmstate_load_fd(state.mem_fd)
+        if fd is None:
             raise StateError("the memory disk's data did not arrive: a memory disk migrates only with "
                              "file descriptors (a UNIX socket)", section="virtio-blk", path="mem_fd")
+        try:
+            size = os.fstat(fd).st_size
+        except OSError as exc:
+            raise StateError(f"the memory disk's descriptor: {exc.strerror}", section="virtio-blk",
+                             path="mem_fd") from None
+        if size != self.backend.size:
+            raise StateError(f"the memory disk has {size} bytes, this device {self.backend.size}",
+                             section="virtio-blk", path="mem_fd")
 
     def set_device_state(self, state: VirtioBlkState) -> None:
+        """Take the cache mode, and a memory disk's memory from the source."""
         self.writeback = state.writeback
         fd = self.vmstate_load_fd(state.mem_fd)
         if isinstance(self.backend, MemoryBackend) and fd is not None and fd != self.backend.fd:
@@ -259,21 +272,7 @@ class VirtioBlk(VirtioPciDevice):
             old.close()
         self._sync_engine()
 
-    def on_resume(self) -> None:
-        # A kick the driver sent while the device was stopped may be lost: look at every
-        # queue once (a destination takes what the source left in the ring).
-        super().on_resume()
-        with self.lock:
-            self._sync_engine()
-            if not (self.running and self.bus_master):
-                return
-            for vq in self.queues:
-                if vq.enabled:
-                    try:
-                        self._process_or_wait(vq)
-                    except VirtqueueError as exc:
-                        self.set_needs_reset(str(exc))
-
     def on_close(self) -> None:
+        """Close the disk."""
         super().on_close()
         self.backend.close()

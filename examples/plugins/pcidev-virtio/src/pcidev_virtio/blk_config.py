@@ -18,7 +18,10 @@ from pcidev.errors import ConfigError
 from pcidev.properties import Size
 from pcidev_virtio.blk_spec import CONFIG, ID_BYTES, SECTOR_SHIFT
 
-__all__ = ["VirtioBlkConfig", "config_space"]
+__all__ = ["MAX_REQUEST_QUEUES", "VirtioBlkConfig", "config_space"]
+
+#: The most request queues a device may have (each has its own MSI-X vector).
+MAX_REQUEST_QUEUES = 64
 
 
 def _block_size(inst: Any, attr: attrs.Attribute[Any], value: int | None) -> None:
@@ -34,6 +37,11 @@ def _serial(inst: Any, attr: attrs.Attribute[str | None], value: str | None) -> 
 def _positive_u32(inst: Any, attr: attrs.Attribute[int], value: int) -> None:
     if not 1 <= value <= 0xFFFFFFFF:
         raise ConfigError(f"{attr.name}={value} must be from 1 to 0xffffffff")
+
+
+def _num_queues(inst: Any, attr: attrs.Attribute[int], value: int) -> None:
+    if not 1 <= value <= MAX_REQUEST_QUEUES:
+        raise ConfigError(f"num_queues={value} must be from 1 to {MAX_REQUEST_QUEUES}")
 
 
 def _queue_size(inst: Any, attr: attrs.Attribute[int], value: int) -> None:
@@ -78,7 +86,9 @@ class VirtioBlkConfig:
     max_write_zeroes_seg: int = attrs.field(default=32, validator=_positive_u32, metadata={
         "help": "most segments in one write-zeroes request"})
     queue_size: int = attrs.field(default=256, validator=_queue_size, metadata={
-        "help": "entries of the request queue (seg_max is two less)"})
+        "help": "entries of each request queue (seg_max is two less)"})
+    num_queues: int = attrs.field(default=1, validator=_num_queues, metadata={
+        "help": "request queues; more than one offers VIRTIO_BLK_F_MQ (Linux uses at most one per CPU)"})
 
     def __attrs_post_init__(self) -> None:
         if self.file is None and self.size is None:
@@ -108,7 +118,7 @@ def config_space(cfg: VirtioBlkConfig, *, capacity_bytes: int, writeback: bool, 
     """The device configuration space (:data:`pcidev_virtio.blk_spec.CONFIG`, 96 bytes).
 
     Fields of features the device does not offer are zero (the driver reads them only
-    when the feature is negotiated); MQ is not offered, so ``num_queues`` reads 1.
+    when the feature is negotiated).
 
     :param cfg: the properties.
     :param capacity_bytes: the disk's size.
@@ -125,7 +135,7 @@ def config_space(cfg: VirtioBlkConfig, *, capacity_bytes: int, writeback: bool, 
         cfg.physical_block_exp, 0,          # topology: physical block, alignment_offset 0,
         1 << cfg.physical_block_exp, 0,     # min_io_size one physical block, opt_io_size none
         int(writeback),
-        1,                                  # num_queues
+        cfg.num_queues,
         cfg.max_discard_sectors, cfg.max_discard_seg, cfg.discard_sector_alignment,
         cfg.max_write_zeroes_sectors, cfg.max_write_zeroes_seg, int(may_unmap),
         0, 0, 0,                            # secure erase: not offered
