@@ -131,3 +131,36 @@ def test_memory_backend_from_an_fd_shares_the_data() -> None:
             MemoryBackend(4096, fd=a.fd)
     finally:
         a.close()
+
+
+def test_processes_creating_one_image_together_all_open_it(tmp_path):
+    """The processes of a migration start together with the same file=...,size=...:
+    whoever creates the image, every one opens the same complete file (none sees it
+    half-made, none fails with 'File exists')."""
+    import threading
+
+    path = tmp_path / "disk.img"
+    for round_ in range(50):
+        if path.exists():
+            path.unlink()
+        out: list = []
+        barrier = threading.Barrier(4)
+
+        def open_it(box=out, b=barrier):
+            b.wait()
+            try:
+                box.append(FileBackend(str(path), 1 << 20))
+            except Exception as exc:  # noqa: BLE001 - collected and asserted below
+                box.append(exc)
+
+        threads = [threading.Thread(target=open_it) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(isinstance(b, FileBackend) and b.size == 1 << 20 for b in out), (round_, out)
+        inodes = {os.fstat(b.fd).st_ino for b in out}
+        assert inodes == {path.stat().st_ino}
+        for b in out:
+            b.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.img"]  # no hidden name left

@@ -6,10 +6,10 @@ copy in Python), plus flush, discard (deallocate) and zeroing.
 
 :class:`FileBackend`
     A raw image file or block device. A missing file is created sparse with
-    ``size`` bytes (``O_EXCL``); an existing file is never truncated, resized or
-    overwritten by opening it: when ``size`` is given it must equal the file's
-    size. A file this backend created is removed again if the backend then
-    refuses it. ``read_only`` opens it read-only (the device offers
+    ``size`` bytes, atomically (made under a hidden name and linked into place, so
+    processes started together, as in a migration, all open the same complete
+    file); an existing file is never truncated, resized or overwritten by opening
+    it: when ``size`` is given it must equal the file's size. ``read_only`` opens it read-only (the device offers
     ``VIRTIO_BLK_F_RO``) and every write is refused.
 :class:`MemoryBackend`
     A memfd of ``size`` bytes (tests, scratch disks). Its descriptor can travel
@@ -240,6 +240,37 @@ def _check_size(size: int, what: str) -> None:
         raise ConfigError(f"{what}={size} must be a positive multiple of {SECTOR_SIZE}")
 
 
+def _create_image(path: str, size: int) -> int | None:
+    """Create the image ``path`` sparse with ``size`` bytes, atomically: it is made under
+    a hidden name in the same directory and linked into place (a link never replaces an
+    entry), so no other process sees it half-made and nothing at ``path`` is overwritten.
+
+    :returns: its descriptor (read-write), or None when something appeared at ``path``
+        meanwhile (the caller opens that instead).
+    :raises ConfigError: the directory does not take the file.
+    """
+    hidden = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(4).hex()}.new")
+    try:
+        fd = os.open(hidden, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise ConfigError(f"cannot create image {path}: {exc.strerror}") from exc
+    try:
+        os.ftruncate(fd, size)
+        os.link(hidden, path)
+    except FileExistsError:
+        os.close(fd)
+        return None
+    except OSError as exc:
+        os.close(fd)
+        raise ConfigError(f"cannot create image {path}: {exc.strerror}") from exc
+    finally:
+        try:
+            os.unlink(hidden)
+        except OSError:
+            pass
+    return fd
+
+
 class FileBackend(BlkBackend):
     """A raw image file or block device (see the module docstring for the rules).
 
@@ -255,43 +286,38 @@ class FileBackend(BlkBackend):
 
     def __init__(self, path: str, size: int | None = None, *, read_only: bool = False) -> None:
         self.path = os.path.abspath(path)
-        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
-        exists = os.path.exists(self.path)
-        if not exists:
+        if not os.path.exists(self.path):
             if read_only:
                 raise ConfigError(f"image {self.path} does not exist (and readonly=on)")
             if size is None:
                 raise ConfigError(f"image {self.path} does not exist: give size=... to create it")
             _check_size(size, "size")
-            flags |= os.O_CREAT | os.O_EXCL
+            fd = _create_image(self.path, size)
+            if fd is not None:
+                super().__init__(fd, size, read_only=read_only)
+                return
+            # another process created it meanwhile (the processes of a migration start
+            # together): open theirs, like any existing image
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
         try:
-            fd = os.open(self.path, flags, 0o644)
+            fd = os.open(self.path, flags)
         except OSError as exc:
             raise ConfigError(f"cannot open image {self.path}: {exc.strerror}") from exc
         try:
-            if not exists:
-                assert size is not None  # checked above
-                os.ftruncate(fd, size)
-            else:
-                st = os.fstat(fd)
-                if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-                    raise ConfigError(f"{self.path} is neither a regular file nor a block device")
-                actual = os.lseek(fd, 0, os.SEEK_END)  # a block device has no st_size
-                if size is not None and size != actual:
-                    raise ConfigError(f"image {self.path} has {actual} bytes, not the size={size} given")
-                size = actual
-                _check_size(size, f"size of {self.path}")
+            st = os.fstat(fd)
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                raise ConfigError(f"{self.path} is neither a regular file nor a block device")
+            actual = os.lseek(fd, 0, os.SEEK_END)  # a block device has no st_size
+            if size is not None and size != actual:
+                raise ConfigError(f"image {self.path} has {actual} bytes, not the size={size} given")
+            _check_size(actual, f"size of {self.path}")
         except OSError as exc:
             os.close(fd)
-            if not exists:
-                os.unlink(self.path)
             raise ConfigError(f"cannot size image {self.path}: {exc.strerror}") from exc
         except ConfigError:
             os.close(fd)
-            if not exists:
-                os.unlink(self.path)
             raise
-        super().__init__(fd, size, read_only=read_only)
+        super().__init__(fd, actual, read_only=read_only)
 
     def describe(self) -> str:
         """One line for logs."""
