@@ -150,7 +150,7 @@ def test_processes_creating_one_image_together_all_open_it(tmp_path):
             b.wait()
             try:
                 box.append(FileBackend(str(path), 1 << 20))
-            except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            except Exception as exc:  # collected and asserted below
                 box.append(exc)
 
         threads = [threading.Thread(target=open_it) for _ in range(4)]
