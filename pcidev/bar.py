@@ -216,10 +216,12 @@ class RegisterState:
 @vmstate("pcidev/register-map", version=1)
 @attrs.frozen
 class RegisterMapState:
-    """The migratable registers of one :class:`RegisterMap`, in offset order, and the
-    BAR it answers."""
+    """The migratable registers of one :class:`RegisterMap`, in offset order, the BAR it
+    answers and where in that BAR it starts (0 unless it is a sub-region of a
+    :class:`~pcidev.regions.RegionMap`)."""
 
     bar: U8
+    base: U32
     registers: VarArray[RegisterState, MAX_MIGRATABLE_REGISTERS]
 
 
@@ -294,13 +296,15 @@ class RegisterMap:
         """The registers whose values migrate, in offset order."""
         return [r for r in self._regs if (self.migratable if r.migrate is None else r.migrate)]
 
-    def save_state(self, bar: int) -> RegisterMapState:
+    def save_state(self, bar: int, base: int = 0) -> RegisterMapState:
         """The stored values of the migratable registers (call it while the device is quiesced).
 
         :param bar: the index of the BAR this map answers.
+        :param base: where the map starts in that BAR (a :class:`~pcidev.regions.RegionMap`
+            sub-region's offset; 0 when the map answers the whole BAR).
         :returns: the state.
         """
-        return RegisterMapState(bar=bar, registers=tuple(
+        return RegisterMapState(bar=bar, base=base, registers=tuple(
             RegisterState(name=r.name, offset=r.offset, width=r.width, value=r.value)
             for r in self.migratable_registers()))
 
@@ -325,10 +329,10 @@ class RegisterMap:
         if not diffs and len(theirs) != len(state.registers):
             diffs.append("a register appears twice in the stream")
         if diffs:
-            where = self.name or f"BAR{state.bar}"
+            where = self.name or (f"BAR{state.bar}" + (f"+{state.base:#x}" if state.base else ""))
             raise ConfigMismatchError(f"register map {where!r}: the stream's migratable registers differ from "
                                       "this device's: " + "; ".join(sorted(diffs)), differences=sorted(diffs),
-                                      section="pcidev/registers", path=f"bar{state.bar}")
+                                      section="pcidev/registers", path=f"bar{state.bar}+{state.base:#x}")
 
     def load_state(self, state: RegisterMapState) -> None:
         """Set the stored values a checked state carries (no ``on_write`` hook runs).

@@ -26,7 +26,7 @@ def device_blockers(device: PciDevice) -> list[str]:
     :returns: the reasons, all of them (empty: the device can migrate).
     """
     reasons = []
-    if device.VMSTATE is None and not migratable_maps(device):
+    if device.VMSTATE is None and device.LAYER_VMSTATE is None and not migratable_maps(device):
         reasons.append(f"device type {device.vmstate_device_type} has no vmstate description")
     allowed = device.FRAMEWORK_FEATURES | frozenset(device.MIGRATABLE_FEATURES)
     for feature in sorted(device.enabled_features() - allowed):

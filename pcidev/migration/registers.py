@@ -8,7 +8,9 @@ section, between the framework's function section and the device's own
 Each map owns its part (:meth:`~pcidev.bar.RegisterMap.save_state`,
 :meth:`~pcidev.bar.RegisterMap.check_state`,
 :meth:`~pcidev.bar.RegisterMap.load_state`); this module gathers the maps of the
-device's BARs, in BAR order. A device without migratable registers has no such
+device's BARs, in BAR order: a BAR's own map, and the maps that answer sub-regions
+of a BAR composed with a :class:`~pcidev.regions.RegionMap` (at any depth), in
+offset order. A device without migratable registers has no such
 section, so its streams are unchanged.
 """
 
@@ -16,16 +18,21 @@ from __future__ import annotations
 
 import attrs
 
-from pcidev.bar import RegisterMap, RegisterMapState
+from pcidev.bar import BarHandler, RegisterMap, RegisterMapState
 from pcidev.device import PciDevice
+from pcidev.errors import ConfigError
+from pcidev.regions import RegionMap
 from pcidev.vmstate import VarArray, vmstate
 from pcidev.vmstate.errors import ConfigMismatchError
 
-__all__ = ["REGISTERS_SECTION", "RegistersState", "migratable_maps", "save_registers", "check_registers",
-           "apply_registers"]
+__all__ = ["REGISTERS_SECTION", "MAX_MIGRATABLE_MAPS", "RegistersState", "migratable_maps", "save_registers",
+           "check_registers", "apply_registers"]
 
 #: name of the section
 REGISTERS_SECTION = "pcidev/registers"
+
+#: most register maps with migratable registers one device may have
+MAX_MIGRATABLE_MAPS = 64
 
 
 @vmstate(REGISTERS_SECTION, version=1)
@@ -33,18 +40,32 @@ REGISTERS_SECTION = "pcidev/registers"
 class RegistersState:
     """The migratable registers of every register map of a device's BARs, in BAR order."""
 
-    maps: VarArray[RegisterMapState, 6]
+    maps: VarArray[RegisterMapState, MAX_MIGRATABLE_MAPS]
 
 
-def migratable_maps(device: PciDevice) -> list[tuple[int, RegisterMap]]:
-    """The ``(BAR index, map)`` of each BAR answered by a :class:`~pcidev.bar.RegisterMap`
-    with migratable registers, in BAR order.
+def _maps_in(handler: BarHandler, base: int) -> list[tuple[int, RegisterMap]]:
+    if isinstance(handler, RegisterMap):
+        return [(base, handler)] if handler.migratable_registers() else []
+    if isinstance(handler, RegionMap):
+        return [found for region in handler for found in _maps_in(region.handler, base + region.offset)]
+    return []
+
+
+def migratable_maps(device: PciDevice) -> list[tuple[int, int, RegisterMap]]:
+    """The ``(BAR index, offset in the BAR, map)`` of each :class:`~pcidev.bar.RegisterMap`
+    with migratable registers that answers a BAR or a sub-region of a BAR's
+    :class:`~pcidev.regions.RegionMap`, in BAR and offset order.
 
     :param device: the device (described).
     :returns: the maps; empty when the device declared no register migratable.
+    :raises ConfigError: more than :data:`MAX_MIGRATABLE_MAPS` maps.
     """
-    return [(bar.index, bar.handler) for bar in device.bars
-            if bar is not None and isinstance(bar.handler, RegisterMap) and bar.handler.migratable_registers()]
+    found = [(bar.index, base, m) for bar in device.bars if bar is not None
+             for base, m in _maps_in(bar.handler, 0)]
+    if len(found) > MAX_MIGRATABLE_MAPS:
+        raise ConfigError(f"{len(found)} register maps with migratable registers; at most "
+                          f"{MAX_MIGRATABLE_MAPS} are supported")
+    return found
 
 
 def save_registers(device: PciDevice) -> RegistersState | None:
@@ -53,7 +74,7 @@ def save_registers(device: PciDevice) -> RegistersState | None:
     :param device: the device (quiesced).
     """
     maps = migratable_maps(device)
-    return RegistersState(maps=tuple(m.save_state(bar) for bar, m in maps)) if maps else None
+    return RegistersState(maps=tuple(m.save_state(bar, base) for bar, base, m in maps)) if maps else None
 
 
 def check_registers(device: PciDevice, state: RegistersState) -> None:
@@ -61,16 +82,20 @@ def check_registers(device: PciDevice, state: RegistersState) -> None:
 
     :param device: the destination device.
     :param state: the loaded section.
-    :raises ConfigMismatchError: other BARs carry migratable registers, or a map's
-        registers differ (each difference named).
+    :raises ConfigMismatchError: other BARs (or places in a BAR) carry migratable
+        registers, or a map's registers differ (each difference named).
     """
-    maps = dict(migratable_maps(device))
-    bars = [m.bar for m in state.maps]
-    if bars != sorted(maps):
-        raise ConfigMismatchError(f"the stream has migratable registers in BARs {bars}, this device in BARs "
-                                  f"{sorted(maps)}", section=REGISTERS_SECTION)
+    maps = {(bar, base): m for bar, base, m in migratable_maps(device)}
+    places = [(m.bar, m.base) for m in state.maps]
+    if places != list(maps):
+        raise ConfigMismatchError(f"the stream has migratable registers at {_places(places)}, this device at "
+                                  f"{_places(list(maps))}", section=REGISTERS_SECTION)
     for saved in state.maps:
-        maps[saved.bar].check_state(saved)
+        maps[(saved.bar, saved.base)].check_state(saved)
+
+
+def _places(places: list[tuple[int, int]]) -> str:
+    return ", ".join(f"BAR{bar}+{base:#x}" for bar, base in places) or "no place"
 
 
 def apply_registers(device: PciDevice, state: RegistersState) -> RegistersState | None:
@@ -81,7 +106,7 @@ def apply_registers(device: PciDevice, state: RegistersState) -> RegistersState 
     :returns: the values before (to put back if the rest of the load fails).
     """
     before = save_registers(device)
-    maps = dict(migratable_maps(device))
+    maps = {(bar, base): m for bar, base, m in migratable_maps(device)}
     for saved in state.maps:
-        maps[saved.bar].load_state(saved)
+        maps[(saved.bar, saved.base)].load_state(saved)
     return before

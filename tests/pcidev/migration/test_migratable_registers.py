@@ -16,7 +16,8 @@ from pcidev.devices.edu import EduDevice
 from pcidev.errors import MigrationBlockedError
 from pcidev.host import Machine
 from pcidev.migration import device_blockers, load_device_stream, save_device_stream, vmstate_descriptions
-from pcidev.migration.registers import RegistersState
+from pcidev.migration.registers import RegistersState, migratable_maps
+from pcidev.regions import RegionMap
 from pcidev.testing import plugged, roundtrip
 from pcidev.vmstate import U32, peek_header, vmstate
 from pcidev.vmstate.errors import ConfigMismatchError, StateError
@@ -150,3 +151,45 @@ def test_roundtrip_compares_the_registers() -> None:
         pdev.iowrite32(0, 0x00, 41)
         dev = roundtrip(pdev)
         assert pdev.ioread32(0, 0x00) == 41 and dev.regs0["COUNT"].value == 41
+
+
+class Composed(PciDevice):
+    """Migratable registers in sub-regions of a BAR composed with a RegionMap (one of
+    them nested a level deeper), as a layered device such as virtio-pci builds its BAR."""
+
+    TYPE_NAME = "composed"
+    VENDOR_ID, DEVICE_ID, CLASS_CODE = 0x1234, 0x11F1, 0xFF0000
+    SECOND_AT = 0x800
+
+    def describe(self) -> None:
+        self.common = RegisterMap(0x100, [Register("MODE", 0x0, 4)], name="common", migratable=True)
+        self.inner = RegisterMap(0x10, [Register("LEVEL", 0x4, 2)], name="inner", migratable=True)
+        nested = RegionMap(0x400)
+        nested.add("inner", 0x200, 0x10, self.inner)
+        bar = RegionMap(0x1000)
+        bar.add("common", 0x0, 0x100, self.common)
+        bar.add("nested", self.SECOND_AT, 0x400, nested)
+        self.add_mem_bar(0, 0x1000, bar)
+
+
+class ComposedElsewhere(Composed):
+    SECOND_AT = 0x400
+
+
+def test_registers_in_region_map_sub_regions_migrate() -> None:
+    """A RegisterMap answering a RegionMap sub-region (at any depth) is carried like a
+    BAR's own map, keyed by BAR and offset; nothing is silently left behind."""
+    with Machine() as machine:
+        pdev = plugged(machine, Composed())
+        pdev.iowrite32(0, 0x0, 0xAB)
+        pdev.iowrite16(0, 0x800 + 0x200 + 0x4, 0x1234)
+        new = roundtrip(pdev)
+        assert isinstance(new, Composed)
+        assert new.common["MODE"].value == 0xAB and new.inner["LEVEL"].value == 0x1234
+        assert pdev.ioread16(0, 0xA04) == 0x1234
+        assert [(bar, base, m.name) for bar, base, m in migratable_maps(new)] == \
+            [(0, 0x0, "common"), (0, 0xA00, "inner")]
+        new.quiesce()
+        stream, fds = save_device_stream(new)
+        with pytest.raises(ConfigMismatchError, match=r"BAR0\+0xa00.*BAR0\+0x600"):
+            load_device_stream(ComposedElsewhere(), stream, fds)
