@@ -198,15 +198,26 @@ def _remove_stale(path: str, what: str) -> None:
 MAX_UNIX_PATH = 107
 
 
-def _bind_hidden(directory: str, path: str, what: str) -> tuple[socket.socket, str]:
-    """A socket bound to a fresh hidden name in ``directory`` (where ``path`` will be)."""
+def _hidden_name(directory: str, base: str) -> str | None:
+    """A fresh hidden name in ``directory`` that fits a socket address: named after the
+    final one where it fits (what ``ss -x`` and /proc/net/unix show), else shorter;
+    None when not even a short one fits (the final path is then within a few bytes of
+    the limit)."""
+    for name in (f".{base}.{secrets.token_hex(4)}", f".{secrets.token_hex(4)}", f".{secrets.token_hex(1)}"):
+        hidden = os.path.join(directory, name)
+        if len(os.fsencode(hidden)) <= MAX_UNIX_PATH:
+            return hidden
+    return None
+
+
+def _bind_hidden(directory: str, path: str, what: str) -> tuple[socket.socket, str] | None:
+    """A socket bound to a fresh hidden name in ``directory`` (where ``path`` will be),
+    or None when no hidden name fits a socket address there."""
     base = os.path.basename(path)
     for _ in range(64):
-        token = secrets.token_hex(4)
-        # named after the final one where it fits (what ss -x and /proc/net/unix show)
-        hidden = os.path.join(directory, f".{base}.{token}")
-        if len(os.fsencode(hidden)) > MAX_UNIX_PATH:
-            hidden = os.path.join(directory, f".pcidev-{token}")
+        hidden = _hidden_name(directory, base)
+        if hidden is None:
+            return None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(hidden)
@@ -219,6 +230,29 @@ def _bind_hidden(directory: str, path: str, what: str) -> tuple[socket.socket, s
     raise TransportError(f"{what} {path}: cannot find a free temporary name in {directory}")
 
 
+def _listen_in_place(path: str, backlog: int, what: str) -> Listener:
+    """Bind at ``path`` itself, then listen (a client connecting in between is refused):
+    for a path so close to the address limit that no hidden name fits beside it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            sock.bind(path)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise TransportError(f"{what} {path}: cannot listen there: {exc.strerror or exc}") from None
+            _remove_stale(path, what)
+            try:
+                sock.bind(path)
+            except OSError as exc2:
+                raise TransportError(f"{what} {path}: cannot listen there: {exc2.strerror or exc2}") from None
+        st = os.lstat(path)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return Listener(sock, Address("unix", path=path), SocketFile(path, st.st_dev, st.st_ino))
+
+
 def listen_unix(path: str, *, backlog: int = 8, what: str = "socket") -> Listener:
     """Listen on the UNIX socket ``path``, replacing only a stale socket.
 
@@ -226,7 +260,9 @@ def listen_unix(path: str, *, backlog: int = 8, what: str = "socket") -> Listene
     in the same directory (``.NAME.XXXXXXXX``, which is the name ``ss -x`` and
     ``/proc/net/unix`` show), listens, and is then hard-linked to ``path`` (a link
     never replaces an entry) and the hidden name removed. So a client that waits for the
-    file to appear and connects at once is never refused. Only when something is
+    file to appear and connects at once is never refused. (A path within two or three
+    bytes of the address limit leaves no room for a hidden name: it is bound in place
+    and listens right after, as plain servers do.) Only when something is
     already at ``path`` is it looked at: a socket nobody listens on (its server died)
     is removed and the link retried; anything else (a regular file, a directory, a
     symbolic link, a socket another server listens on) is left alone and refused.
@@ -246,7 +282,10 @@ def listen_unix(path: str, *, backlog: int = 8, what: str = "socket") -> Listene
         raise TransportError(f"{what} {path}: the path is longer than the {MAX_UNIX_PATH} bytes "
                              "a UNIX socket address holds; choose a shorter one")
     directory = os.path.dirname(path) or "."
-    sock, hidden = _bind_hidden(directory, path, what)
+    bound = _bind_hidden(directory, path, what)
+    if bound is None:
+        return _listen_in_place(path, backlog, what)
+    sock, hidden = bound
     try:
         sock.listen(backlog)
         try:

@@ -81,3 +81,23 @@ def test_a_path_too_long_for_a_socket_is_one_clear_error(tmp_path):
         listen_unix(path)
     with pytest.raises(TransportError, match="exists and is a directory"):
         listen_unix(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["s", "ab", "vfio-user.sock"])
+@pytest.mark.parametrize("room", [0, 1, 2, 3, 10, 20])
+def test_every_path_a_socket_address_holds_can_listen(tmp_path, name, room):
+    """Whatever the basename, a path up to the address limit listens (a hidden name is
+    used where one fits, else the socket binds in place) and is removed on close."""
+    import os
+
+    from pcidev.transport.address import MAX_UNIX_PATH, connect, listen_unix
+
+    pad = MAX_UNIX_PATH - room - len(str(tmp_path)) - 2 - len(name)
+    directory = tmp_path / ("d" * pad)
+    directory.mkdir()
+    path = directory / name
+    assert len(str(path)) == MAX_UNIX_PATH - room
+    listener = listen_unix(str(path))
+    connect(f"unix:{path}", timeout=1).close()
+    listener.close()
+    assert os.listdir(directory) == []
