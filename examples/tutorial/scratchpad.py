@@ -77,6 +77,13 @@ class ScratchpadDevice(PciDevice):
         self.add_standard_pcie_caps()
     # [end step]
 
+    # [step: fingerprint]
+    def device_fingerprint(self) -> dict[str, Any]:
+        """The configuration a destination must share: MAGIC is not carried (each side
+        takes it from its properties), so a destination with another ``magic`` refuses."""
+        return {"magic": self.cfg.magic}
+    # [end step]
+
     # [step: interrupt]
     def _doorbell(self, reg: Register, new: int, old: int) -> None:
         """A guest wrote DOORBELL: count it and raise MSI-X vector 0 (INTx without MSI-X)."""

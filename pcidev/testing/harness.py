@@ -168,6 +168,7 @@ def roundtrip(target: PciDevice | HostPciDevice, *, make: Callable[[], PciDevice
     try:
         res = load_device_stream(dest, stream, fds)
     except BaseException:
+        dest.owns_state = False  # a refused destination persists nothing over the source's
         teardown_device(dest)
         _resume_if(src, was_running)
         raise
@@ -193,9 +194,13 @@ def roundtrip(target: PciDevice | HostPciDevice, *, make: Callable[[], PciDevice
         if diffs:
             problems.append("device state differs: " + "; ".join(diffs))
     if problems:
+        dest.owns_state = False
         teardown_device(dest)
         _resume_if(src, was_running)
         raise RoundtripError(f"round trip of {src!r}: " + "; ".join(problems))
+    # as after a migration out: the destination owns the state now (a state file...)
+    src.migrated_out = True
+    src.owns_state = False
     teardown_device(src)
     if pdev is not None:
         pdev.device = dest

@@ -371,6 +371,9 @@ def migrate_under_load(device_type: str, workload: Workload | Callable[[Workload
         every = max(1, iterations // (count + 1)) if iterations is not None else 1
     if every < 1:
         raise PcidevError(f"migrate_under_load(): every must be >= 1, not {every}")
+    if iterations is not None and count and every * count >= iterations:
+        raise PcidevError(f"migrate_under_load(): {count} migrations every {every} iterations need more than "
+                          f"{every * count} iterations, not {iterations}: the last ones would run without load")
     work = workload if isinstance(workload, Workload) else _StepFunction(workload)
     dest_props = properties if destination_properties is None else destination_properties
     workdir = tempfile.mkdtemp(prefix=f"pcidev-migrate-{os.getpid()}-")  # whose run it was

@@ -130,3 +130,17 @@ def test_schema_names_the_registers_section(monkeypatch: pytest.MonkeyPatch,
     assert doc["static_blockers"] == []
     assert cli_main(["-p", "scratchpad", "vmstate", "schema", "scratchpad,magic=nope"]) == 1
     assert "magic" in capsys.readouterr().err
+
+
+def test_a_destination_with_another_magic_refuses() -> None:
+    """MAGIC is not carried: the fingerprint makes a destination with another magic refuse."""
+    with Machine() as machine:
+        pad = plugged(machine, scratchpad.ScratchpadDevice("magic=5"))
+        pad.device.quiesce()
+        stream, fds = save_device_stream(pad.device)
+        other = scratchpad.ScratchpadDevice("magic=6")
+        with pytest.raises(ConfigMismatchError, match="magic"):
+            load_device_stream(other, stream, fds)
+        other.close()
+        pad.device.resume()
+        assert pad.ioread32(0, 0x00) == 5

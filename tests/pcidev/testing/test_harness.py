@@ -163,3 +163,31 @@ def test_nvme_roundtrip_keeps_registers_and_config_space(pcidev_machine, pcidev_
     assert pdev.save_config() == before_config
     drv.device = new
     assert drv.read(1, 0, 1) == b"toolkit!" * 64
+
+
+def test_roundtrip_hands_state_ownership_to_the_destination():
+    """As after a migration out: the source is closed as migrated (it persists nothing
+    over the destination's state), the destination owns the state."""
+    with Machine() as machine:
+        pdev = plugged(machine, EduDevice())
+        src = pdev.device
+        dest = roundtrip(pdev)
+        assert src.closed and src.migrated_out and not src.owns_state
+        assert dest.owns_state and not dest.migrated_out
+
+
+def test_a_refused_roundtrip_destination_persists_nothing():
+    closed = []
+
+    class Watched(EduDevice):
+        TYPE_NAME = "edu-watched"  # another device type: the load refuses the stream
+
+        def on_close(self):
+            closed.append(self.owns_state)
+            super().on_close()
+
+    with Machine() as machine:
+        pdev = plugged(machine, EduDevice())
+        with pytest.raises(ConfigMismatchError):
+            roundtrip(pdev, make=Watched)
+        assert closed == [False] and pdev.device.owns_state and not pdev.device.closed

@@ -229,6 +229,7 @@ def test_keyboard_interrupt_during_a_callback_cleans_up(clean):
     ({"transport": "rdma"}, "transport must be one of unix, tcp"),
     ({"count": -1}, "count must be >= 0"),
     ({"every": 0}, "every must be >= 1"),
+    ({"count": 5, "every": 4, "iterations": 20}, "would run without load"),
 ])
 def test_bad_options_are_one_clear_line(clean, kwargs, message):
     with pytest.raises(PcidevError, match=message):
