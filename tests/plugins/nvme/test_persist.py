@@ -160,6 +160,8 @@ def test_a_read_only_image_still_reads_the_state_file_beside_it(tmp_path):
     saved = state.read_bytes()
     ctrl = NvmeController(f"serial=ro4,ns=file:path={img},readonly=on")
     try:
+        assert ctrl.smart.power_cycles == 3  # this power-on counts when the controller first runs
+        ctrl.mark_dirty()  # enabled: it runs
         assert ctrl.smart.power_cycles == 4
         assert ctrl.state_dir is None  # nothing is created beside the read-only image either
     finally:
@@ -226,3 +228,26 @@ def test_nothing_is_written_in_a_read_only_directory(tmp_path):
         finally:
             img_dir.chmod(0o755)
     assert _listing(img_dir) == before
+
+
+def test_a_controller_that_never_runs_as_owner_counts_no_power_on(tmp_path):
+    """A process built to receive a migration loads the state file but writes nothing and
+    counts no power cycle (the running controller owns the file); one that runs counts
+    its power-on when first enabled."""
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(1 << 20))
+    NvmeController(f"serial=wait,ns=file:path={img}").close()
+    state = tmp_path / "nvme-wait.state"
+    saved = state.read_bytes()
+    waiting = NvmeController(f"serial=wait,ns=file:path={img}")
+    assert state.read_bytes() == saved  # building it wrote nothing
+    waiting.owns_state = False  # it waited for a migration that never came
+    waiting.close()
+    assert state.read_bytes() == saved
+    ctrl = NvmeController(f"serial=wait,ns=file:path={img}")
+    try:
+        ctrl.mark_dirty()  # enabled
+        assert ctrl.smart.power_cycles == 2 and ctrl.smart.unsafe_shutdowns == 0
+    finally:
+        ctrl.close()
+    assert state.read_bytes() != saved

@@ -298,6 +298,10 @@ class PersistenceMixin:
         self.state_file = self._open_state_file()
         #: enabled and not shut down since: the next power-on counts an unsafe shutdown
         self._dirty = False
+        #: the power-on of this process, counted (and the file written) only when the
+        #: controller first runs as the state's owner: None once counted or taken over by
+        #: a migration in, else whether the last run ended unsafely
+        self._power_on_pending: bool | None = None
         self._load_state()
         self._last_save = time.monotonic()
 
@@ -306,8 +310,15 @@ class PersistenceMixin:
         """Enabled and not shut down cleanly (the next power-on counts an unsafe shutdown)."""
         return self._dirty
 
+    def _settle_power_on(self) -> None:
+        """Count this process's power-on if it is still pending (the first save as owner)."""
+        unsafe, self._power_on_pending = self._power_on_pending, None
+        if unsafe is not None:
+            self.smart.power_on(unsafe=unsafe)
+
     def mark_dirty(self) -> None:
         """The controller was enabled: unclean until a shutdown (saved at once, the first time)."""
+        self._settle_power_on()
         if not self._dirty:
             self._dirty = True
             self.save_state()
@@ -318,11 +329,13 @@ class PersistenceMixin:
         self.save_state()
 
     def restore_dirty(self, dirty: bool) -> None:
-        """Take the flag of a migrated controller."""
+        """Take the flag of a migrated controller (whose source counted the power-on)."""
         self._dirty = dirty
+        self._power_on_pending = None
 
     def count_power_on(self) -> None:
         """A power-on: count it (and an unsafe shutdown if the last run did not shut down), saved now."""
+        self._settle_power_on()
         self.smart.power_on(unsafe=self._dirty)
         self.mark_clean()
 
@@ -376,9 +389,11 @@ class PersistenceMixin:
             self.error_log.restore(ErrorLogState(count=st.error_count))
             self.firmware.restore(self._persisted_firmware(st.firmware))
             self._load_created(st.created)
-        self.smart.power_on(unsafe=st is not None and st.dirty)
+        # Counted when the controller first runs as the owner of this state (enabled, a
+        # save, closed as owner), not now: a process waiting for a migration in must not
+        # count a power cycle, nor write the file the running controller owns.
+        self._power_on_pending = st is not None and st.dirty
         self._dirty = False
-        self.save_state()
 
     def _persisted_firmware(self, fw: FirmwareState) -> FirmwareState:
         """Saved firmware slots fitted to this controller: slot 1 is the configured
@@ -408,6 +423,7 @@ class PersistenceMixin:
         """Write SMART counters, the error count, firmware slots, the clean flag and the
         file-backed namespaces created by Namespace Management to the state file."""
         self._last_save = time.monotonic()
+        self._settle_power_on()
         if self.state_file.path is None:
             return
         fw = self.firmware.snapshot()
