@@ -40,7 +40,6 @@ import enum
 import logging
 import mmap
 import os
-import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
@@ -48,6 +47,7 @@ import attrs
 
 from pcidev.dma import alloc_memfd
 from pcidev.errors import ConfigError, MmioError
+from pcidev.ratelog import RateLimitedLog
 from pcidev.vmstate import U8, U32, U64, Str, VarArray, vmstate
 from pcidev.vmstate.errors import ConfigMismatchError
 
@@ -94,30 +94,6 @@ class CallbackHandler:
 
     def write(self, offset: int, size: int, value: int) -> None:
         self.fn(offset, size, True, value)
-
-
-class _RateLimitedLog:
-    """At most ``burst`` lines per ``period`` seconds; counts what it suppressed."""
-
-    def __init__(self, logger: logging.Logger, burst: int = 10, period: float = 5.0) -> None:
-        self.logger = logger
-        self.burst = burst
-        self.period = period
-        self._window = 0.0
-        self._count = 0
-        self.suppressed = 0
-
-    def __call__(self, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._window > self.period:
-            if self.suppressed:
-                self.logger.warning("%d similar messages suppressed", self.suppressed)
-            self._window, self._count, self.suppressed = now, 0, 0
-        if self._count < self.burst:
-            self._count += 1
-            self.logger.warning(msg, *args)
-        else:
-            self.suppressed += 1
 
 
 class Access(enum.Enum):
@@ -246,7 +222,7 @@ class RegisterMap:
         self._starts: list[int] = []
         self._by_name: dict[str, Register] = {}
         self._by_offset: dict[int, Register] = {}
-        self._unassigned_log = _RateLimitedLog(log)
+        self._unassigned_log = RateLimitedLog(log)
         for reg in registers:
             self.add(reg)
 

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import bisect
 import logging
-import time
 from collections.abc import Iterator
 
 import attrs
 
 from pcidev.bar import BarHandler
 from pcidev.errors import ConfigError
+from pcidev.ratelog import RateLimitedLog
 
 __all__ = ["Region", "RegionMap"]
 
@@ -71,8 +71,7 @@ class RegionMap:
         self.name = name
         self._regions: list[Region] = []
         self._starts: list[int] = []
-        self._last_log = 0.0
-        self._suppressed = 0
+        self._unassigned_log = RateLimitedLog(log)
 
     def add(self, name: str, offset: int, size: int, handler: BarHandler) -> Region:
         """Add a region; it may not overlap another one or leave the BAR.
@@ -115,14 +114,8 @@ class RegionMap:
         return region if offset + size <= region.end else None
 
     def _unassigned(self, what: str, offset: int, size: int) -> None:
-        now = time.monotonic()
-        if now - self._last_log >= 5.0:
-            extra = f" ({self._suppressed} more suppressed)" if self._suppressed else ""
-            log.warning("%s: %s of %d bytes at %#x is outside every region%s", self.name or "bar", what, size,
-                        offset, extra)
-            self._last_log, self._suppressed = now, 0
-        else:
-            self._suppressed += 1
+        self._unassigned_log("%s: %s of %d bytes at %#x is outside every region", self.name or "bar", what, size,
+                             offset)
 
     def read(self, offset: int, size: int) -> int:
         region = self.find(offset, size)

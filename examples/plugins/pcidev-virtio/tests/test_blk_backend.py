@@ -164,3 +164,26 @@ def test_processes_creating_one_image_together_all_open_it(tmp_path):
         for b in out:
             b.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.img"]  # no hidden name left
+
+
+def test_where_holes_cannot_be_punched_a_discard_writes_nothing(tmp_path, monkeypatch):
+    """A discard is advisory: on a file system without hole punching it neither writes
+    zeros (allocating a sparse image) nor fails; write-zeroes with UNMAP still zeroes."""
+    import errno
+
+    from pcidev_virtio import blk_backend
+
+    def no_holes(fd, mode, offset, length):
+        raise OSError(errno.EOPNOTSUPP, "not supported")
+
+    b = FileBackend(str(tmp_path / "sparse.img"), 64 << 20)
+    try:
+        os.pwrite(b.fd, b"\xAA" * 4096, 0)
+        monkeypatch.setattr(blk_backend, "_fallocate_mode", no_holes)
+        allocated = os.fstat(b.fd).st_blocks
+        b.discard(1 << 20, 32 << 20)
+        assert os.fstat(b.fd).st_blocks == allocated
+        b.write_zeroes(0, 4096, unmap=True)
+        assert os.pread(b.fd, 4096, 0) == bytes(4096)
+    finally:
+        b.close()

@@ -17,8 +17,8 @@ copy in Python), plus flush, discard (deallocate) and zeroing.
     process.
 
 Both discard by punching holes (``fallocate(PUNCH_HOLE | KEEP_SIZE)``): a
-discarded range reads back as zeros. Where the file system cannot punch holes,
-discard and unmapping write-zeroes fall back to writing zeros.
+discarded range reads back as zeros. Where the file system cannot punch holes, a
+discard does nothing (it is advisory) and an unmapping write-zeroes writes zeros.
 
 Errors: constructors raise :class:`~pcidev.errors.ConfigError` (one line);
 I/O methods raise :class:`OSError`, which the request engine turns into
@@ -179,32 +179,39 @@ class BlkBackend:
         os.fdatasync(self.fd)
 
     def discard(self, offset: int, length: int) -> None:
-        """Deallocate ``[offset, offset + length)``: it reads back as zeros.
+        """Deallocate ``[offset, offset + length)`` where the file system can (holes are
+        punched: the range then reads back as zeros). A discard is advisory: where holes
+        cannot be punched it does nothing (it never writes zeros, which would allocate a
+        sparse image and stall the device on a large range).
 
         :raises OSError: the disk is read-only or the operation failed.
         """
         self._writable()
-        if length <= 0:
-            return
+        if length > 0:
+            self._punch(offset, length)
+
+    def _punch(self, offset: int, length: int) -> bool:
+        """Punch a hole; False where the file system cannot."""
         try:
             _fallocate_mode(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
-            self._write_zero_bytes(offset, length)
+            return False
+        return True
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         """Set ``[offset, offset + length)`` to zeros.
 
-        :param unmap: the range may be deallocated (a discard that reads as zeros);
-            otherwise it stays allocated (``FALLOC_FL_ZERO_RANGE``, else zeros are written).
+        :param unmap: the range may be deallocated (a hole punched where the file system
+            can); otherwise, or where it cannot, it stays allocated (``FALLOC_FL_ZERO_RANGE``,
+            else zeros are written).
         :raises OSError: the disk is read-only or the operation failed.
         """
         self._writable()
         if length <= 0:
             return
-        if unmap:
-            self.discard(offset, length)
+        if unmap and self._punch(offset, length):
             return
         try:
             _fallocate_mode(self.fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, length)

@@ -41,6 +41,7 @@ from typing import Protocol
 import attrs
 
 from pcidev.errors import ConfigError
+from pcidev.ratelog import RateLimitedLog
 from pcidev_virtio.blk_backend import SECTOR_SIZE, BlkBackend
 from pcidev_virtio.blk_spec import (
     DWZ_SEGMENT,
@@ -163,6 +164,8 @@ class BlkRequestEngine:
         self.discard = False
         self.write_zeroes = False
         self.writeback = True
+        #: warnings a guest can trigger once per request, rate-limited
+        self._guest_error = RateLimitedLog(log)
 
     # -- one request -------------------------------------------------------------------------
     def execute(self, elem: Element) -> int:
@@ -175,7 +178,7 @@ class BlkRequestEngine:
         ins = elem.in_bufs
         in_len = total_len(ins)
         if in_len == 0:
-            log.warning("virtio-blk: a request without a status byte (no device-writable buffer) is dropped")
+            self._guest_error("virtio-blk: a request without a status byte (no device-writable buffer) is dropped")
             return 0
         outs = elem.out_bufs
         out_len = total_len(outs)
@@ -212,7 +215,7 @@ class BlkRequestEngine:
                     return BlkStatus.UNSUPP
                 return self._segments(payload, discard=False)
         except OSError as exc:
-            log.warning("virtio-blk: request type %d at sector %d failed: %s", rtype, sector, exc)
+            self._guest_error("virtio-blk: request type %d at sector %d failed: %s", rtype, sector, exc)
             return BlkStatus.IOERR
         return BlkStatus.UNSUPP
 

@@ -56,7 +56,6 @@ to :meth:`VirtioPciDevice.resubmit`.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any, ClassVar
@@ -65,6 +64,7 @@ import attrs
 
 from pcidev import ConfigError, PciDevice, ResetKind, StateError
 from pcidev.bar import CallbackHandler, RegisterMap
+from pcidev.ratelog import RateLimitedLog
 from pcidev.regions import RegionMap
 from pcidev.vmstate import U8, U16, U32, U64, VarArray, vmstate
 from pcidev_virtio import spec
@@ -134,21 +134,6 @@ def _queue_reject(reject: Callable[[str, str], StateError], index: int, message:
     return reject(message, f"queues[{index}].{field}")
 
 
-class _RateLimited:
-    """One warning per ``period`` seconds at most (a guest can repeat a bad access forever)."""
-
-    def __init__(self, logger: logging.Logger, period: float = 5.0) -> None:
-        self.logger = logger
-        self.period = period
-        self._last = -period
-
-    def __call__(self, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last >= self.period:
-            self._last = now
-            self.logger.warning(msg, *args)
-
-
 class VirtioPciDevice(PciDevice):
     """Base class of virtio devices over the modern PCI transport.
 
@@ -182,7 +167,9 @@ class VirtioPciDevice(PciDevice):
     MIGRATABLE_FEATURES = frozenset({"cap:VirtioPciCap", "cap:VirtioNotifyCap", "cap:VirtioPciCfgCap"})
 
     def __init__(self, *, name: str | None = None) -> None:
-        self._bad_access = _RateLimited(log)
+        self._bad_access = RateLimitedLog(log)
+        #: warnings a guest can trigger once per request (malformed requests, failed I/O)
+        self.guest_error = RateLimitedLog(log)
         #: ``device_status``
         self.status = 0
         self.device_feature_select = 0
@@ -197,6 +184,9 @@ class VirtioPciDevice(PciDevice):
         self.isr = 0
         #: a migration loaded chains in flight: resubmit them when the device resumes
         self._resubmit_pending = False
+        #: the guest-memory layout the queues last worked with (set at DRIVER_OK, grown on
+        #: resume): while memory is smaller than that, the host is remapping it
+        self._working_layout: frozenset[tuple[int, int]] = frozenset()
         super().__init__(name=name)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -293,6 +283,29 @@ class VirtioPciDevice(PciDevice):
             self.config_generation = (self.config_generation + 1) & 0xFF
             if self.status & spec.Status.DRIVER_OK:
                 self._config_interrupt()
+
+    def _layout(self) -> frozenset[tuple[int, int]]:
+        mem = self.memory
+        return frozenset((r.gpa, r.size) for r in mem.regions()) if mem is not None else frozenset()
+
+    def queue_error(self, vq: Virtqueue, exc: VirtqueueError) -> bool:
+        """Answer a :class:`~pcidev_virtio.errors.VirtqueueError` met while serving ``vq``: ``DEVICE_NEEDS_RESET``,
+        unless guest memory is being remapped (the queue's rings are not mapped, or memory
+        lacks regions the queues worked with). A host remaps guest memory piecewise (QEMU's
+        vfio-user client unmaps RAM and maps it back when the BIOS area changes, and
+        firmware may notify in between); nothing was taken from the ring, and the device
+        looks at every queue again when it resumes after the next map (:meth:`resume`).
+        Call it with ``device.lock`` held.
+
+        :param vq: the queue.
+        :param exc: what was wrong.
+        :returns: True when the queue waits for the next map instead.
+        """
+        if vq.check_config() is not None or not self._layout() >= self._working_layout:
+            self.log.info("queue %d: guest memory is being remapped (%s); looked at again on resume", vq.index, exc)
+            return True
+        self.set_needs_reset(str(exc))
+        return False
 
     def set_needs_reset(self, reason: str) -> None:
         """Enter ``DEVICE_NEEDS_RESET`` (spec 2.1.2): queues stop until the driver resets
@@ -406,19 +419,11 @@ class VirtioPciDevice(PciDevice):
 
     def _kick(self, vq: Virtqueue) -> None:
         """:meth:`queue_notify`, with the transport's answer to a :class:`VirtqueueError`:
-        ``DEVICE_NEEDS_RESET``, unless the queue's rings are not in guest memory any more.
-        That happens while the host remaps guest memory (QEMU's vfio-user client unmaps RAM
-        and maps it back in pieces when the BIOS area changes, and firmware may notify in
-        between): nothing was taken from the ring, and the device looks at every queue
-        again when it resumes after the next map (:meth:`resume`)."""
+        :meth:`queue_error` (``DEVICE_NEEDS_RESET``, or wait while guest memory is remapped)."""
         try:
             self.queue_notify(vq)
         except VirtqueueError as exc:
-            if vq.check_config() is None:
-                self.set_needs_reset(str(exc))
-            else:
-                self.log.info("queue %d: its rings are not in guest memory now (%s); looked at again on resume",
-                              vq.index, exc)
+            self.queue_error(vq, exc)
 
     # -- common configuration -----------------------------------------------------------------------
     def _selected(self) -> Virtqueue | None:
@@ -552,6 +557,7 @@ class VirtioPciDevice(PciDevice):
             new &= ~status.DRIVER_OK  # DRIVER_OK without negotiated features is not taken
         self.status = int(new)
         if new & status.DRIVER_OK and not old & status.DRIVER_OK:
+            self._working_layout = self._layout()
             self.driver_ok()
             for vq in self._queues:
                 if vq.enabled and self.running and self.bus_master:
@@ -663,6 +669,9 @@ class VirtioPciDevice(PciDevice):
         or have been held while the device was stopped."""
         if not self.closed:
             with self.lock:
+                layout = self._layout()
+                if layout > self._working_layout:
+                    self._working_layout = layout  # memory grew: the queues work with all of it
                 if self._resubmit_pending:
                     self._resubmit_pending = False
                     self._resubmit_all()
@@ -681,10 +690,11 @@ class VirtioPciDevice(PciDevice):
                     continue
                 elems = [vq.read_chain(head) for head in heads]
             except VirtqueueError as exc:
-                self.set_needs_reset(f"after migration: {exc}")
+                if self.queue_error(vq, exc):
+                    self._resubmit_pending = True  # again after the next map
                 return
             try:
                 self.resubmit(vq, elems)
             except VirtqueueError as exc:
-                self.set_needs_reset(str(exc))
+                self.queue_error(vq, exc)
 

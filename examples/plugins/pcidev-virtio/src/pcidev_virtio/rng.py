@@ -195,7 +195,7 @@ class VirtioRng(VirtioPciDevice):
                 try:
                     n = os.readv(self._fd, views[:_IOV_BATCH])
                 except OSError as exc:  # the source failed: the driver gets what was read
-                    self.log.warning("virtio-rng: reading the source failed: %s", exc)
+                    self.guest_error("virtio-rng: reading the source failed: %s", exc)
                     break
                 if n == 0:  # end of a file source: start again, unless it is empty
                     if not self._looping or os.lseek(self._fd, 0, os.SEEK_CUR) == 0:
@@ -220,7 +220,7 @@ class VirtioRng(VirtioPciDevice):
         try:
             return self._serve(self.queues[0])
         except VirtqueueError as exc:
-            self.set_needs_reset(str(exc))
+            self.queue_error(self.queues[0], exc)  # the chain stays pending if memory is being remapped
             return False
 
     @property
