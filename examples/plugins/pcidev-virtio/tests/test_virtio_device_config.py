@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import pytest
+
+from pcidev.errors import ConfigError
 from pcidev.testing import plugged
 from pcidev_virtio import spec
 from pcidev_virtio.device import DEVICE_OFFSET, VIRTIO_BAR, VirtioPciDevice
@@ -85,3 +88,11 @@ def test_the_driver_may_use_fewer_and_smaller_queues(machine):
     assert [(q.index, q.size) for q in drv.queues] == [(0, 16)]
     assert drv.queues[0].request(out=[b"x"], in_lens=[1]).data == b"x"
     dev.close()
+
+
+def test_more_queues_than_msix_vectors_is_one_clear_error() -> None:
+    class Wide(Echo):
+        QUEUE_SIZES: ClassVar[tuple[int, ...]] = (16,) * 128
+
+    with pytest.raises(ConfigError, match=r"128 queues \(1\.\.127 supported"):
+        Wide()

@@ -74,7 +74,7 @@ from pcidev_virtio.virtqueue import VirtqElement, Virtqueue, VirtqueueState
 
 __all__ = [
     "VirtioPciDevice", "VirtioPciState", "MSIX_BAR", "VIRTIO_BAR", "COMMON_OFFSET", "ISR_OFFSET",
-    "DEVICE_OFFSET", "NOTIFY_OFFSET", "NOTIFY_MULTIPLIER", "MAX_QUEUES",
+    "DEVICE_OFFSET", "NOTIFY_OFFSET", "NOTIFY_MULTIPLIER", "MAX_QUEUES", "MAX_MSIX_QUEUES",
 ]
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,9 @@ REGION_SIZE = 0x1000
 NOTIFY_MULTIPLIER = 4
 #: the most queues the notification area has room for
 MAX_QUEUES = REGION_SIZE // NOTIFY_MULTIPLIER
+#: most queues a device type may have: MSI-X table (at 0x000, before the PBA at 0x800)
+#: holds 128 vectors, one per queue and one for configuration changes
+MAX_MSIX_QUEUES = 0x800 // 16 - 1
 _MASK32 = 0xFFFFFFFF
 #: a common configuration field: (width, getter, setter or None for a read-only field)
 _Field = tuple[int, Callable[[], int], Callable[[int], None] | None]
@@ -351,8 +354,9 @@ class VirtioPciDevice(PciDevice):
         """Declare the BARs, the virtio capabilities, MSI-X (one vector more than queues) and
         the PM and PCI Express capabilities, and build the queues."""
         sizes = tuple(self.queue_max_sizes())
-        if not 1 <= len(sizes) <= MAX_QUEUES:
-            raise ConfigError(f"{type(self).__name__}: {len(sizes)} queues (1..{MAX_QUEUES} supported)")
+        if not 1 <= len(sizes) <= MAX_MSIX_QUEUES:
+            raise ConfigError(f"{type(self).__name__}: {len(sizes)} queues (1..{MAX_MSIX_QUEUES} supported: "
+                              "one MSI-X vector each and one for configuration changes)")
         self._queues = [Virtqueue(self, i, size) for i, size in enumerate(sizes)]
         config_size = self.device_config_size()
         if not 0 <= config_size <= REGION_SIZE:

@@ -29,9 +29,13 @@ Notification suppression: without ``VIRTIO_F_EVENT_IDX`` the driver's
 whether a flush interrupts, and the device publishes ``avail_event`` (the available
 index it will look at next) so the driver kicks only when needed.
 
-Memory ordering: CPython's accesses through :class:`pcidev.dma.GuestMemory` are
-single loads and stores issued in program order; used entries are written before the
-used index that publishes them.
+Memory ordering: the driver runs on other CPUs, which may see a store after a later
+load (even x86 lets a load pass an earlier store). A full fence
+(:func:`pcidev.native.fence`) orders the used entries before the used index that
+publishes them, that index before the read of ``used_event`` or the flags (else an
+interrupt the driver waits for may be missed), and the ``avail_event`` store before
+the available index is read again (else a kick may be missed), as Linux's
+``virtio_mb()`` does on the driver side.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import attrs
 
 from pcidev import DmaError
 from pcidev.dma import GuestMemory
+from pcidev.native import fence
 from pcidev.vmstate import U16, U64, VarArray, vmstate
 from pcidev_virtio import spec
 from pcidev_virtio.errors import VirtqueueError
@@ -225,6 +230,7 @@ class Virtqueue:
         if avail == self.last_avail_idx:
             if self.owner.negotiated(spec.Feature.RING_EVENT_IDX):
                 self._set_avail_event(mem, self.last_avail_idx)
+                fence()  # the avail_event store before the idx load (the driver fences its side)
                 avail = self.avail_idx()  # the driver may have added one before it saw avail_event
             if avail == self.last_avail_idx:
                 return None
@@ -360,8 +366,10 @@ class Virtqueue:
             return
         mem = self._memory()
         try:
+            fence()  # the used entries before the idx that publishes them
             mem.write_u16(self.device + 2, new)
             self.published_used_idx = new
+            fence()  # the idx store before the used_event / flags load (a missed interrupt otherwise)
             if self.owner.negotiated(spec.Feature.RING_EVENT_IDX):
                 event = mem.read_u16(self.driver + 4 + 2 * self.size)
                 wanted = vring_need_event(event, new, old)
