@@ -187,3 +187,13 @@ def test_where_holes_cannot_be_punched_a_discard_writes_nothing(tmp_path, monkey
         assert os.pread(b.fd, 4096, 0) == bytes(4096)
     finally:
         b.close()
+
+
+def test_an_image_made_for_a_refused_device_is_removed_and_nothing_else(tmp_path):
+    made = FileBackend(str(tmp_path / "new.img"), 1 << 20)
+    made.abandon()
+    assert not (tmp_path / "new.img").exists()
+    (tmp_path / "theirs.img").write_bytes(bytes(1 << 20))
+    theirs = FileBackend(str(tmp_path / "theirs.img"), 1 << 20)
+    theirs.abandon()
+    assert (tmp_path / "theirs.img").exists()  # a user's file is never removed

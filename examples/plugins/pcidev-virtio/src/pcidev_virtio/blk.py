@@ -103,7 +103,7 @@ class VirtioBlk(VirtioPciDevice):
         cfg = structure_config(VirtioBlkConfig, config, what="virtio-blk")
         backend = _open_backend(cfg)
         if backend.size % cfg.logical_block_size:
-            backend.close()
+            backend.abandon()
             raise ConfigError(f"virtio-blk: the disk's {backend.size} bytes are not a multiple of "
                               f"logical_block_size={cfg.logical_block_size}")
         self.cfg = cfg
@@ -119,7 +119,7 @@ class VirtioBlk(VirtioPciDevice):
         try:
             super().__init__(name=name)
         except BaseException:
-            backend.close()
+            backend.abandon()  # an image made for this device goes again
             raise
 
     # -- the virtio device type ---------------------------------------------------------------

@@ -237,6 +237,11 @@ class BlkBackend:
         if fd >= 0:
             os.close(fd)
 
+    def abandon(self) -> None:
+        """Close, and undo what opening did (the device using it was refused): a file
+        backend removes an image it created."""
+        self.close()
+
     def describe(self) -> str:
         """One line for logs."""
         return f"{self.kind} backend, {self.size} bytes{', read-only' if self.read_only else ''}"
@@ -293,6 +298,8 @@ class FileBackend(BlkBackend):
 
     def __init__(self, path: str, size: int | None = None, *, read_only: bool = False) -> None:
         self.path = os.path.abspath(path)
+        #: (st_dev, st_ino) of the image when this backend created it, else None
+        self.created: tuple[int, int] | None = None
         if not os.path.exists(self.path):
             if read_only:
                 raise ConfigError(f"image {self.path} does not exist (and readonly=on)")
@@ -301,6 +308,8 @@ class FileBackend(BlkBackend):
             _check_size(size, "size")
             fd = _create_image(self.path, size)
             if fd is not None:
+                st = os.fstat(fd)
+                self.created = (st.st_dev, st.st_ino)
                 super().__init__(fd, size, read_only=read_only)
                 return
             # another process created it meanwhile (the processes of a migration start
@@ -325,6 +334,19 @@ class FileBackend(BlkBackend):
             os.close(fd)
             raise
         super().__init__(fd, actual, read_only=read_only)
+
+    def abandon(self) -> None:
+        """Close; remove the image if this backend created it and it is still that file."""
+        self.close()
+        if self.created is None:
+            return
+        try:
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self.created:
+                os.unlink(self.path)
+        except OSError:
+            pass
+        self.created = None
 
     def describe(self) -> str:
         """One line for logs."""
