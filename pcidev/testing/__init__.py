@@ -13,12 +13,14 @@ without pytest:
   same type and configuration, as a migration does, in this process;
 * :func:`migrate_under_load`: migrate a device of any registered type between
   processes N times while a :class:`Workload` keeps running on it and verifies
-  itself (:mod:`pcidev.testing.migration`).
+  itself (:mod:`pcidev.testing.migration`);
+* :func:`served`: serve a device over vfio-user with ``pcidev serve`` in a process of
+  its own, to drive it as QEMU would (:mod:`pcidev.testing.served`).
 """
 
 from __future__ import annotations
 
-from pcidev.testing.harness import RoundtripError, plugged, roundtrip, state_differences, teardown_device
+from pcidev.testing.harness import RoundtripError, plugged, probe, roundtrip, state_differences, teardown_device
 from pcidev.testing.migration import (
     MigrationRecord,
     MigrationRunResult,
@@ -27,7 +29,8 @@ from pcidev.testing.migration import (
     WorkloadError,
     migrate_under_load,
 )
+from pcidev.testing.served import ServedDevice, served
 
 __all__ = ["RoundtripError", "plugged", "roundtrip", "state_differences", "teardown_device",
            "migrate_under_load", "Workload", "WorkloadContext", "WorkloadError", "MigrationRecord",
-           "MigrationRunResult"]
+           "MigrationRunResult", "probe", "served", "ServedDevice"]

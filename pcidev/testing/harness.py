@@ -24,7 +24,7 @@ from pcidev.migration.snapshot import load_device_stream, save_device_stream
 from pcidev.plugins import load_registry, make_plugin_manager
 from pcidev.registry import DeviceRegistry
 
-__all__ = ["RoundtripError", "plugged", "roundtrip", "state_differences", "teardown_device"]
+__all__ = ["RoundtripError", "plugged", "probe", "roundtrip", "state_differences", "teardown_device"]
 
 
 class RoundtripError(MigrationError):
@@ -58,6 +58,18 @@ def plugged(machine: Machine, device: str | PciDevice, props: str | Mapping[str,
             raise PcidevError("plugged(): properties go with a type name, not with a device instance")
         dev = device
     pdev = machine.plug(dev)
+    probe(pdev, vectors)
+    return pdev
+
+
+def probe(pdev: HostPciDevice, vectors: int = 0) -> None:
+    """Enable a plugged device as a driver's probe does: memory and I/O decoding, bus
+    mastering, and interrupt vectors (MSI-X, else MSI, else INTx).
+
+    :param pdev: the host's handle on the device.
+    :param vectors: exactly this many vectors (an :class:`~pcidev.errors.IrqError` if
+        not available); 0: up to 32, whatever the device offers.
+    """
     pdev.enable_device()
     pdev.set_master()
     try:
@@ -65,7 +77,6 @@ def plugged(machine: Machine, device: str | PciDevice, props: str | Mapping[str,
     except IrqError:
         if vectors:
             raise  # asked for, not available
-    return pdev
 
 
 def teardown_device(device: PciDevice) -> None:

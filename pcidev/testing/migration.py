@@ -50,9 +50,10 @@ from typing import Any
 
 import attrs
 
-from pcidev.errors import IrqError, PcidevError
+from pcidev.errors import PcidevError
 from pcidev.host.machine import Machine
 from pcidev.host.pci import HostPciDevice
+from pcidev.testing.harness import probe as probe_device
 from pcidev.transport.link.process import DeviceProcess
 from pcidev.transport.link.remote import RemoteDevice
 
@@ -302,17 +303,6 @@ class _WorkloadThread(threading.Thread):
             self.join(timeout)
 
 
-def _probe(pdev: HostPciDevice, vectors: int) -> None:
-    """Enable the device as a driver's probe does (see :func:`pcidev.testing.plugged`)."""
-    pdev.enable_device()
-    pdev.set_master()
-    try:
-        pdev.alloc_irq_vectors(vectors or 1, vectors or 32)
-    except IrqError:
-        if vectors:
-            raise
-
-
 def migrate_under_load(device_type: str, workload: Workload | Callable[[WorkloadContext], bool | None], *,
                        count: int = 5, every: int | None = None, iterations: int | None = None,
                        transport: str = "unix", properties: str | Mapping[str, Any] = "",
@@ -417,7 +407,7 @@ def migrate_under_load(device_type: str, workload: Workload | Callable[[Workload
             if not isinstance(remote, RemoteDevice):  # plug_remote's handle holds the link proxy
                 raise PcidevError(f"plug_remote gave a {type(remote).__name__}, not a RemoteDevice")
             if probe:
-                _probe(pdev, vectors)
+                probe_device(pdev, vectors)
             ctx = WorkloadContext(machine, pdev)
             if on_ready is not None:
                 on_ready(ctx)

@@ -11,7 +11,6 @@ import os
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +29,7 @@ from pcidev.dma import alloc_memfd
 from pcidev.errors import TransportError
 from pcidev.host.machine import Machine
 from pcidev.host.pci import PCI_IRQ_MSIX
+from pcidev.testing import served
 from pcidev.transport.endpoint import DeviceEndpoint
 from pcidev.transport.fdpass import close_fds, send_all
 from pcidev.transport.vfio_user import protocol
@@ -405,20 +405,8 @@ def test_garbage_from_the_server_is_a_typed_error_never_a_hang_or_a_leak(op: str
 # -- end to end: pcidev serve in another process ----------------------------------------------
 @pytest.fixture
 def served_edu(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    path = str(tmp_path / "edu.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "pcidev", "-p", "no:nvme", "serve", "--vfio-user", path, "edu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "listening on" in line, line
-        yield path, proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+    with served("edu", directory=tmp_path) as dev:
+        yield dev.path, dev.proc
 
 
 def test_end_to_end_guest_ram_dma_and_msix_against_pcidev_serve(

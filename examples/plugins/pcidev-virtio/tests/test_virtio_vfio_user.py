@@ -6,7 +6,6 @@ another process, driven by the software host through
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 
 from pcidev.host import PCI_IRQ_MSIX, Machine
 from pcidev.pci import ids
+from pcidev.testing import served
 from pcidev.transport.vfio_user.client import VfioUserClient
 from pcidev.transport.vfio_user.remote import VfioUserDevice
 from pcidev_virtio import spec
@@ -22,20 +22,8 @@ from pcidev_virtio.testing.driver import VirtioDriver
 
 @pytest.fixture
 def served_rng(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    path = str(tmp_path / "rng.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "pcidev", "-p", "no:nvme", "serve", "--vfio-user", path,
-                             "virtio-rng"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "listening on" in line, line + proc.stdout.read()
-        yield path, proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+    with served("virtio-rng", directory=tmp_path) as dev:
+        yield dev.path, dev.proc
 
 
 def test_the_regions_qemu_sees(served_rng):
