@@ -7,13 +7,12 @@ the image file itself."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import crc32c
 
 from pcidev.host import PCI_IRQ_MSIX, Machine
+from pcidev.testing import served
 from pcidev.transport.vfio_user.remote import VfioUserDevice
 from pcidev_virtio.blk_driver import BlkDriver
 from pcidev_virtio.blk_spec import BlkFeature, BlkStatus
@@ -28,17 +27,10 @@ def crcs(data: bytes) -> list[int]:
 
 def test_the_software_host_drives_virtio_blk_over_vfio_user(tmp_path: Path) -> None:
     img = tmp_path / "disk.img"
-    sock = str(tmp_path / "blk.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "pcidev", "-p", "no:nvme", "serve", "--vfio-user", sock,
-                             f"virtio-blk,file={img},size=4M,serial=vfio-user-disk"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "listening on" in line, line + proc.stdout.read()
+    with served("virtio-blk", f"file={img},size=4M,serial=vfio-user-disk", directory=tmp_path) as served_blk:
         data = os.urandom(1024 * BS)
         with Machine(ram_size=32 << 20) as machine:
-            with VfioUserDevice.connect(sock) as remote:
+            with VfioUserDevice.connect(served_blk.path) as remote:
                 assert (remote.vendor_id, remote.device_id, remote.msix_vectors) == (0x1AF4, 0x1042, 2)
                 pdev = machine.plug(remote)
                 pdev.enable_device()
@@ -67,14 +59,8 @@ def test_the_software_host_drives_virtio_blk_over_vfio_user(tmp_path: Path) -> N
                 assert pdev.irq_count(1) >= 1
                 drv.reset()
                 assert pdev.recorder.stray == 0
-        assert proc.wait(20) == 0
+        assert served_blk.wait() == 0
         on_disk = img.read_bytes()
         assert len(on_disk) == 4 << 20
         assert on_disk[:16 * BS] == bytes(16 * BS)
         assert crcs(on_disk[16 * BS:1024 * BS]) == crcs(data[16 * BS:])
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
