@@ -23,7 +23,7 @@ import pytest
 from pcidev.errors import MigrationError
 from pcidev.host import Machine
 from pcidev.migration import load_device_stream, save_device_stream
-from pcidev.testing import plugged, roundtrip
+from pcidev.testing import plugged, probe, roundtrip
 from pcidev.transport.link.process import DeviceProcess
 from pcidev.vmstate.errors import ConfigMismatchError
 from pcidev_virtio.blk import VirtioBlk
@@ -133,9 +133,7 @@ def test_a_memory_disk_does_not_migrate_without_descriptors(tmp_path: Path) -> N
         with Machine(ram_size=16 << 20) as machine:
             src.wait_event("ready")
             pdev = machine.plug_remote(src.link, timeout=10)
-            pdev.enable_device()
-            pdev.set_master()
-            pdev.alloc_irq_vectors(2, 2)
+            probe(pdev, 2)
             drv = VirtioDriver(machine, pdev)
             drv.init()
             blk = BlkDriver(drv.queues[0])
@@ -163,9 +161,7 @@ def test_virtio_blk_migrates_between_processes_with_requests_pending(tmp_path: P
         with Machine(ram_size=64 << 20) as machine:
             src.wait_event("ready")
             pdev = machine.plug_remote(src.link, timeout=10)
-            pdev.enable_device()
-            pdev.set_master()
-            assert pdev.alloc_irq_vectors(2, 2) == 2
+            probe(pdev, 2)
             drv = VirtioDriver(machine, pdev)
             drv.init()
             q = drv.queues[0]
@@ -231,9 +227,7 @@ def test_migrations_between_processes_under_a_running_workload(tmp_path: Path) -
         with Machine(ram_size=64 << 20) as machine:
             procs[0].wait_event("ready")
             pdev = machine.plug_remote(procs[0].link, timeout=10)
-            pdev.enable_device()
-            pdev.set_master()
-            assert pdev.alloc_irq_vectors(2, 2) == 2
+            probe(pdev, 2)
             drv = VirtioDriver(machine, pdev)
             drv.init()
             q = drv.queues[0]

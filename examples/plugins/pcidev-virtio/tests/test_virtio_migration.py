@@ -12,7 +12,7 @@ import pytest
 
 from pcidev.host import Machine
 from pcidev.migration import load_device_stream, save_device_stream
-from pcidev.testing import plugged, roundtrip
+from pcidev.testing import plugged, probe, roundtrip
 from pcidev.transport.link.process import DeviceProcess
 from pcidev.vmstate import dump_stream_json
 from pcidev.vmstate.errors import ConfigMismatchError, StateError
@@ -156,9 +156,7 @@ def test_virtio_rng_migrates_between_processes_with_requests_in_flight(tmp_path)
         with Machine(ram_size=32 << 20) as machine:
             src.wait_event("ready")
             pdev = machine.plug_remote(src.link, timeout=10)
-            pdev.enable_device()
-            pdev.set_master()
-            assert pdev.alloc_irq_vectors(2, 2) == 2
+            probe(pdev, 2)
             drv = VirtioDriver(machine, pdev)
             drv.init()
             q = drv.queues[0]

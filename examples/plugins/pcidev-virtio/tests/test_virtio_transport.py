@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from pcidev.host import PCI_IRQ_INTX, Machine
 from pcidev.pci import ids
-from pcidev.testing import plugged
+from pcidev.testing import plugged, probe
 from pcidev_virtio import spec
 from pcidev_virtio.device import NOTIFY_MULTIPLIER, NOTIFY_OFFSET, VIRTIO_BAR
 from pcidev_virtio.errors import DriverError
@@ -291,9 +291,7 @@ def test_hostile_register_accesses_never_raise_or_fail_the_device(ops):
         assert dev.failed is None
         pdev.set_power_state(0)
         pdev.flr()  # a function reset brings it back whatever happened
-        pdev.enable_device()
-        pdev.set_master()
-        pdev.alloc_irq_vectors(2, 2)
+        probe(pdev, 2)
         drv = VirtioDriver(machine, pdev)
         drv.init()
         assert drv.queues[0].request(in_lens=[4]).written == 4
