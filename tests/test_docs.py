@@ -125,7 +125,7 @@ PUBLIC_MODULES = [
     "pcidev.migration", "pcidev.pci.config", "pcidev.pci.capabilities", "pcidev.host",
     "pcidev.transport.address", "pcidev_nvme.config", "pcidev_nvme.backends", "pcidev.testing",
     "pcidev.worker", "pcidev.transport.vfio_user.client", "pcidev.transport.vfio_user.remote",
-    "pcidev.regions", "pcidev.ratelog", "pcidev.pci.capabilities.vendor",
+    "pcidev.regions", "pcidev.ratelog", "pcidev.images", "pcidev.pci.capabilities.vendor",
 ]
 
 

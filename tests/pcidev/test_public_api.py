@@ -26,7 +26,7 @@ def test_the_package_root_exports_the_device_author_surface():
                                     "pcidev.pci.capabilities.pm", "pcidev.pci.capabilities.msi",
                                     "pcidev.pci.capabilities.msix", "pcidev.pci.capabilities.express",
                                     "pcidev.pci.capabilities.aer", "pcidev.pci.capabilities.vendor",
-                                    "pcidev.regions", "pcidev.ratelog", "pcidev.migration",
+                                    "pcidev.regions", "pcidev.ratelog", "pcidev.images", "pcidev.migration",
                                     "pcidev.migration.registers",
                                     "pcidev.worker", "pcidev.testing"])
 def test_core_modules_declare_all_and_every_name_exists(module):

@@ -484,3 +484,34 @@ def test_any_backend_options_are_a_backend_or_one_config_error(kind, options):
     except ConfigError:
         return
     backend.close()
+
+
+def test_processes_creating_one_image_together_all_open_it(tmp_path):
+    """A migration's processes start together with the same file=...,size=...: each opens
+    the one complete image (none fails with 'File exists' or sees it half-sized)."""
+    import threading
+
+    from pcidev_nvme.backends.file import FileBackend
+
+    path = tmp_path / "ns.img"
+    for _ in range(30):
+        if path.exists():
+            path.unlink()
+        out: list = []
+        barrier = threading.Barrier(4)
+
+        def open_it(box=out, b=barrier):
+            b.wait()
+            try:
+                box.append(FileBackend(str(path), 1 << 20))
+            except Exception as exc:  # collected and asserted below
+                box.append(exc)
+
+        threads = [threading.Thread(target=open_it) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(isinstance(b, FileBackend) and b.size == 1 << 20 for b in out), out
+        for b in out:
+            b.close()

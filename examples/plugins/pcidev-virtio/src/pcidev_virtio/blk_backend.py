@@ -34,6 +34,7 @@ import os
 import stat
 
 from pcidev.errors import ConfigError
+from pcidev.images import create_image
 
 __all__ = [
     "SECTOR_SIZE",
@@ -252,37 +253,6 @@ def _check_size(size: int, what: str) -> None:
         raise ConfigError(f"{what}={size} must be a positive multiple of {SECTOR_SIZE}")
 
 
-def _create_image(path: str, size: int) -> int | None:
-    """Create the image ``path`` sparse with ``size`` bytes, atomically: it is made under
-    a hidden name in the same directory and linked into place (a link never replaces an
-    entry), so no other process sees it half-made and nothing at ``path`` is overwritten.
-
-    :returns: its descriptor (read-write), or None when something appeared at ``path``
-        meanwhile (the caller opens that instead).
-    :raises ConfigError: the directory does not take the file.
-    """
-    hidden = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(4).hex()}.new")
-    try:
-        fd = os.open(hidden, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        raise ConfigError(f"cannot create image {path}: {exc.strerror}") from exc
-    try:
-        os.ftruncate(fd, size)
-        os.link(hidden, path)
-    except FileExistsError:
-        os.close(fd)
-        return None
-    except OSError as exc:
-        os.close(fd)
-        raise ConfigError(f"cannot create image {path}: {exc.strerror}") from exc
-    finally:
-        try:
-            os.unlink(hidden)
-        except OSError:
-            pass
-    return fd
-
-
 class FileBackend(BlkBackend):
     """A raw image file or block device (see the module docstring for the rules).
 
@@ -306,7 +276,7 @@ class FileBackend(BlkBackend):
             if size is None:
                 raise ConfigError(f"image {self.path} does not exist: give size=... to create it")
             _check_size(size, "size")
-            fd = _create_image(self.path, size)
+            fd = create_image(self.path, size)
             if fd is not None:
                 st = os.fstat(fd)
                 self.created = (st.st_dev, st.st_ino)

@@ -21,6 +21,7 @@ from typing import Any
 import attrs
 
 from pcidev.errors import ConfigError
+from pcidev.images import create_image
 from pcidev.properties import Size
 from pcidev_nvme.backends.base import (
     FALLOC_FL_KEEP_SIZE,
@@ -89,24 +90,28 @@ class FileBackend(BaseBackend):
         self.direct = direct
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
         exists = os.path.exists(self.path)
+        created: int | None = None
         if not exists:
             if read_only:
                 raise ConfigError(f"image {self.path} does not exist (and readonly=on)")
             if size is None:
                 raise ConfigError(f"image {self.path} does not exist: give size=... to create it")
-            flags |= os.O_CREAT | os.O_EXCL
+            check_size(size, f"size of {self.path}")
+            created = create_image(self.path, size)  # None: another process made it meanwhile
+            exists = created is None
+        if exists:
+            try:
+                fd = os.open(self.path, flags)
+            except OSError as exc:
+                raise ConfigError(f"cannot open image {self.path}: {exc.strerror}") from exc
+        else:
+            assert created is not None
+            fd = created  # read-write (readonly=on needs an existing image), sparse, sized
         try:
-            fd = os.open(self.path, flags, 0o644)
-        except OSError as exc:
-            raise ConfigError(f"cannot open image {self.path}: {exc.strerror}") from exc
-        try:
-            st = os.fstat(fd)
-            if not exists:
-                assert size is not None  # a new image needs size= (checked above)
-                os.ftruncate(fd, size)
-            elif not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-                raise ConfigError(f"{self.path} is neither a regular file nor a block device")
-            else:
+            if exists:
+                st = os.fstat(fd)
+                if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                    raise ConfigError(f"{self.path} is neither a regular file nor a block device")
                 actual = os.lseek(fd, 0, os.SEEK_END)  # block devices have no st_size
                 if size is None:
                     size = actual
@@ -114,6 +119,7 @@ class FileBackend(BaseBackend):
                     raise ConfigError(
                         f"image {self.path} has {actual} bytes, not the size={size} given"
                     )
+            assert size is not None
             check_size(size, f"size of {self.path}")
         except OSError as exc:
             os.close(fd)
