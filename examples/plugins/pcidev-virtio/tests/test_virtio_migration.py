@@ -9,9 +9,12 @@ import time
 
 import attrs
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
+from pcidev.errors import VMStateError
 from pcidev.host import Machine
-from pcidev.migration import load_device_stream, save_device_stream
+from pcidev.migration import load_device, load_device_stream, save_device, save_device_stream
 from pcidev.testing import plugged, probe, roundtrip
 from pcidev.transport.link.process import DeviceProcess
 from pcidev.vmstate import dump_stream_json
@@ -188,3 +191,49 @@ def test_virtio_rng_migrates_between_processes_with_requests_in_flight(tmp_path)
 def test_the_transport_alone_cannot_be_registered_without_a_device_id():
     assert VirtioPciDevice.DEVICE_ID == 0  # no virtio id: not a device type of its own
     assert VirtioRng.DEVICE_ID == 0x1044
+
+
+_u16 = st.integers(0, 0xFFFF)
+_u64 = st.one_of(st.integers(0, 1 << 26), st.integers(0, (1 << 64) - 1))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_garbage_layer_states_are_refused_or_served_never_crash(machine, opened, data):
+    """A hostile or corrupt stream carries any values in the transport's section: the
+    load refuses it (a VMStateError, the destination untouched) or applies it, and the
+    device then serves or needs a reset: no other exception, no hang."""
+    pdev, _drv, _q = _busy_rng(machine, opened=opened)
+    src = pdev.device
+    src.quiesce()
+    snap = save_device(src)
+    good = src.get_layer_state()
+    queue = good.queues[0]
+    def keep_or(value, garbage):  # each field: as saved, or garbage (both paths get exercised)
+        return data.draw(st.one_of(st.just(value), garbage))
+
+    bad_queue = attrs.evolve(
+        queue, size=keep_or(queue.size, st.sampled_from([0, 1, 3, 1 << 15, 0xFFFF])),
+        enabled=keep_or(queue.enabled, st.booleans()), msix_vector=keep_or(queue.msix_vector, _u16),
+        desc=keep_or(queue.desc, _u64), driver=keep_or(queue.driver, _u64), device=keep_or(queue.device, _u64),
+        last_avail_idx=keep_or(queue.last_avail_idx, _u16), used_idx=keep_or(queue.used_idx, _u16),
+        inflight=keep_or(queue.inflight, st.lists(_u16, max_size=8).map(tuple)))
+    bad = attrs.evolve(good, status=keep_or(good.status, st.integers(0, 0xFF)),
+                       queue_select=keep_or(good.queue_select, _u16),
+                       config_msix_vector=keep_or(good.config_msix_vector, _u16), queues=(bad_queue,))
+    sections = tuple(s._replace(state=bad) if s.name == "virtio-pci" else s for s in snap.sections)
+    dest = VirtioRng(SLOW)
+    opened.append(dest)
+    try:
+        res = load_device(dest, attrs.evolve(snap, sections=sections))
+    except VMStateError:
+        event("refused")
+        assert dest.status == 0 and dest.failed is None  # refused before anything was applied
+        return
+    event("applied")
+    dest.attach(src.memory, src.irq.sink)  # the host's memory and interrupts, as roundtrip() does
+    res.close()
+    dest.resume()
+    assert dest.failed is None
+    if dest.running:
+        dest.quiesce()  # a worker serving garbage chains stops cleanly
