@@ -66,9 +66,11 @@ move a device between processes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Self
 
 from pcidev.bar import Bar, BarHandler, BarKind, RamBacking
@@ -692,6 +694,35 @@ class PciDevice:
         """Override: start (or restart) background work. Called when a transport
         starts serving the device, after a failed migration on the source, and after
         a load on the destination."""
+
+    # -- transport hints: a fast transport calls these; the defaults do nothing ---------------------
+    def batch(self) -> AbstractContextManager[None]:
+        """Override: a context in which the transport delivers several guest accesses
+        in a row (a burst of posted doorbell writes, say). Work started inside may
+        defer its completions and interrupts to the end of the context, so that they
+        go out once per burst. The default does nothing.
+
+        :returns: a context manager (entered and left on the transport's thread).
+        """
+        return contextlib.nullcontext()
+
+    def poll_work(self) -> bool:
+        """Override: look for work the guest posted without an access that traps
+        (a queue tail written to shared memory, say) and start it. A polling
+        transport calls this while it is idle-polling.
+
+        :returns: whether work was found (the transport keeps polling while it is).
+        """
+        return False
+
+    def set_polling(self, active: bool) -> None:
+        """Override: the transport announces that it polls (:meth:`poll_work`) while
+        ``active``, so the device may ask the guest not to notify it (e.g. NVMe
+        shadow-doorbell event indexes); when it stops polling the device must ask
+        for notifications again before it returns. The default ignores it.
+
+        :param active: whether the transport now polls.
+        """
 
     # -- migration: what the framework's migration calls ------------------------------------------
     @property

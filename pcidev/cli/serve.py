@@ -16,7 +16,7 @@ import argparse
 from pcidev.cli._command import CliContext, command
 from pcidev.cli.describe import describe_text
 from pcidev.properties import split_device_spec, split_properties
-from pcidev.transport.vfio_user.server import listen_vfio_user, serve_device
+from pcidev.transport.vfio_user.serving import listen_vfio_user, serve_device
 
 __all__ = ["COMMAND"]
 

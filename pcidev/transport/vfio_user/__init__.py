@@ -1,8 +1,10 @@
 """vfio-user transport: serve a pcidev device to QEMU's ``vfio-user-pci`` client, and
 drive a served device from Python.
 
-:mod:`.protocol` holds the wire formats, :mod:`.server` the server (one client per
-socket, the device behind a :class:`~pcidev.transport.endpoint.DeviceEndpoint`),
+:mod:`.protocol` holds the wire formats; :mod:`.reader` reads messages, :mod:`.loop`
+runs one connection, :mod:`.server` answers its messages (the device behind a
+:class:`~pcidev.transport.endpoint.DeviceEndpoint`), :mod:`.conn` holds the
+connection's own state and :mod:`.serving` runs a device on a socket;
 :mod:`.client` the client (:class:`VfioUserClient`) and :mod:`.remote` the software
 host's view of a served device (:class:`VfioUserDevice`, for
 :meth:`pcidev.host.Machine.plug`).
@@ -12,7 +14,8 @@ The protocol is QEMU's ``docs/interop/vfio-user.rst``.
 from pcidev.transport.vfio_user.client import VfioUserClient
 from pcidev.transport.vfio_user.protocol import VfioUserError
 from pcidev.transport.vfio_user.remote import VfioUserDevice
-from pcidev.transport.vfio_user.server import VfioUserServer, listen_vfio_user, serve_device
+from pcidev.transport.vfio_user.server import VfioUserServer
+from pcidev.transport.vfio_user.serving import listen_vfio_user, serve_device
 
 __all__ = ["VfioUserClient", "VfioUserDevice", "VfioUserError", "VfioUserServer", "listen_vfio_user",
            "serve_device"]

@@ -1,6 +1,8 @@
-"""A vfio-user server: one client (QEMU's ``vfio-user-pci``) per connection.
+"""A vfio-user server: the handlers of one client's (QEMU's ``vfio-user-pci``) connection.
 
-The server reads one message at a time, in order, calls the device's
+The server takes one message at a time, in order (read by
+:class:`~pcidev.transport.vfio_user.reader.MessageReader`, driven by
+:class:`~pcidev.transport.vfio_user.loop.ConnectionLoop`), calls the device's
 :class:`~pcidev.transport.endpoint.DeviceEndpoint`, and answers. Every malformed
 or refused request gets an ERROR reply with an errno (unless it was sent with
 NO_REPLY); nothing a client sends can raise out of :meth:`VfioUserServer.serve`.
@@ -22,16 +24,10 @@ import errno
 import json
 import logging
 import os
-import signal
 import socket
-import sys
-import threading
-from typing import Any, TextIO
-
-import pluggy
+from typing import Any
 
 from pcidev.bar import RamBacking
-from pcidev.device import PciDevice
 from pcidev.errors import (
     ConfigError,
     ConfigSpaceError,
@@ -44,19 +40,17 @@ from pcidev.errors import (
 from pcidev.pci.capabilities.msi import MsiCapability
 from pcidev.pci.capabilities.msix import ENTRY_CTRL, ENTRY_SIZE, MsixCapability
 from pcidev.pci.config import ResetKind
-from pcidev.transport.address import Listener, listen_unix
 from pcidev.transport.endpoint import DeviceEndpoint
-from pcidev.transport.fdpass import close_fds, recv_exact, send_all
+from pcidev.transport.fdpass import close_fds, send_all
 from pcidev.transport.vfio_user import protocol
+from pcidev.transport.vfio_user.conn import ConnectionState
+from pcidev.transport.vfio_user.loop import ConnectionLoop
 from pcidev.transport.vfio_user.protocol import VfioUserError
+from pcidev.transport.vfio_user.reader import Message, MessageReader
 
 log = logging.getLogger(__name__)
 
-__all__ = ["VfioUserServer", "listen_vfio_user", "serve_device"]
-
-#: payload bytes beyond max_data_xfer_size a message may carry (its own fixed fields)
-_SLACK = 4096
-
+__all__ = ["VfioUserServer"]
 
 def _chunks(offset: int, count: int, widths: tuple[int, ...]) -> list[tuple[int, int]]:
     """Split ``[offset, offset+count)`` into naturally aligned accesses of ``widths``."""
@@ -87,74 +81,92 @@ class VfioUserServer:
         self.endpoint = endpoint
         self.device = endpoint.device
         self.sock = sock
-        self.max_msg_fds = max_msg_fds
-        self.max_data_xfer_size = max_data_xfer_size
-        #: what the client said in VERSION (None before)
-        self.client_caps: dict[str, Any] | None = None
-        #: DMA ranges the client gave without an fd: address -> (size, flags)
-        self.nofd_maps: dict[int, tuple[int, int]] = {}
-        #: vectors of each IRQ index that have an eventfd
-        self.irq_vectors: dict[int, set[int]] = {i: set() for i in range(protocol.NUM_IRQS)}
-        self.intx_masked = False
-        #: messages handled, by command name
-        self.counts: dict[str, int] = {}
-        self._stop = threading.Event()
+        #: the connection's own state (what the client set up; travels in a handover)
+        self.conn = ConnectionState(max_msg_fds=max_msg_fds, max_data_xfer_size=max_data_xfer_size)
+        self.reader = MessageReader(sock, max_msg_fds=max_msg_fds, max_data_xfer_size=max_data_xfer_size)
+        self.loop = ConnectionLoop(self.handle_message, self.reader)
+
+    @property
+    def max_msg_fds(self) -> int:
+        """The most fds accepted with one message (advertised)."""
+        return self.conn.max_msg_fds
+
+    @property
+    def max_data_xfer_size(self) -> int:
+        """The most data in one region access (advertised)."""
+        return self.conn.max_data_xfer_size
+
+    @property
+    def client_caps(self) -> dict[str, Any] | None:
+        """What the client said in VERSION (None before)."""
+        return self.conn.client_caps
+
+    @property
+    def nofd_maps(self) -> dict[int, tuple[int, int]]:
+        """DMA ranges the client gave without an fd: address -> (size, flags)."""
+        return self.conn.nofd_maps
+
+    @property
+    def irq_vectors(self) -> dict[int, set[int]]:
+        """Vectors of each IRQ index that have an eventfd."""
+        return self.conn.irq_vectors
+
+    @property
+    def intx_masked(self) -> bool:
+        """Whether the client masked INTx."""
+        return self.conn.intx_masked
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Messages handled, by command name."""
+        return self.conn.counts
 
     # -- loop ---------------------------------------------------------------------------
     def stop(self) -> None:
-        """Make :meth:`serve` return (shuts the socket's read side)."""
-        self._stop.set()
-        try:
-            self.sock.shutdown(socket.SHUT_RD)
-        except OSError:
-            pass
+        """Make :meth:`serve` return at the next message boundary (any thread). The
+        socket is not shut down: only this process stops reading it."""
+        self.loop.wake()
 
     def serve(self) -> str:
-        """Handle messages until the client leaves. :returns: why it ended."""
+        """Handle messages until the client leaves or :meth:`stop`. Closes the socket.
+
+        :returns: why it ended.
+        """
         try:
-            while not self._stop.is_set():
-                try:
-                    reason = self.handle_one()
-                except TransportError as exc:
-                    log.info("vfio-user connection ended: %s", exc)
-                    return f"transport: {exc}"
-                if reason is not None:
-                    return reason
-            return "stopped"
+            return self.loop.run()
         finally:
+            self.loop.close()
             try:
                 self.sock.close()
             except OSError:
                 pass
 
     def handle_one(self) -> str | None:
-        """Read and answer one message. :returns: a reason to stop, or None."""
-        raw, fds = recv_exact(self.sock, protocol.HEADER_SIZE, max_fds=self.max_msg_fds, eof_ok=True)
-        if not raw:
+        """Read and answer one message (blocks). :returns: a reason to stop, or None."""
+        msg = self.reader.read()
+        if msg is None:
             return "eof"
-        mid, cmd, size, flags, _err = protocol.HEADER.unpack(raw)
-        try:
-            if size < protocol.HEADER_SIZE:
-                close_fds(fds)
-                self._error(mid, cmd, flags, errno.EINVAL, f"message size {size} is smaller than its header")
-                return None
-            if size - protocol.HEADER_SIZE > self.max_data_xfer_size + _SLACK:
-                close_fds(fds)
-                self._error(mid, cmd, flags, errno.E2BIG, f"message size {size} exceeds the maximum")
-                return "oversized message"
-            body = b""
-            if size > protocol.HEADER_SIZE:
-                body, extra = recv_exact(self.sock, size - protocol.HEADER_SIZE, max_fds=0)
-        except BaseException:
+        return self.handle_message(msg)
+
+    def handle_message(self, msg: Message) -> str | None:
+        """Answer one message read by the reader (the reply is sent when this returns).
+
+        :returns: a reason to end the connection, or None.
+        :raises TransportError: the reply could not be sent.
+        """
+        mid, cmd, flags, body, fds = msg.mid, msg.cmd, msg.flags, msg.body, msg.fds
+        if msg.error is not None:
             close_fds(fds)
-            raise
+            self._error(mid, cmd, flags, msg.error[0], msg.error[1])
+            return "oversized message" if msg.fatal else None
         kind = flags & protocol.TYPE_MASK
         if kind == protocol.TYPE_REPLY:
             close_fds(fds)
             log.warning("vfio-user: unexpected reply id %d cmd %d (the server sends no requests)", mid, cmd)
             return None
         name = protocol.COMMAND_NAMES.get(cmd, str(cmd))
-        self.counts[name] = self.counts.get(name, 0) + 1
+        counts = self.conn.counts
+        counts[name] = counts.get(name, 0) + 1
         out_fds: list[int] = []
         try:
             if kind != protocol.TYPE_COMMAND:
@@ -238,7 +250,7 @@ class VfioUserServer:
             if not isinstance(inner, dict):
                 raise VfioUserError(errno.EINVAL, "VERSION: 'capabilities' is not an object")
             caps = inner
-        self.client_caps = caps
+        self.conn.client_caps = caps
         mine = json.dumps({"capabilities": {"max_msg_fds": self.max_msg_fds,
                                             "max_data_xfer_size": self.max_data_xfer_size}},
                           separators=(",", ":")).encode() + b"\0"
@@ -452,9 +464,9 @@ class VfioUserServer:
             if flag:
                 with irq.lock:
                     if action == protocol.IRQ_SET_ACTION_MASK:
-                        self.intx_masked = True
+                        self.conn.intx_masked = True
                     else:
-                        self.intx_masked = False
+                        self.conn.intx_masked = False
                         fd = self.endpoint.sink.intx_fd
                         if fd is not None and self.endpoint.intx_level:
                             os.eventfd_write(fd, 1)  # still asserted: level-triggered
@@ -559,7 +571,7 @@ class VfioUserServer:
             with dev.irq.lock:  # the table was masked by the reset; eventfds stay
                 for v in self.irq_vectors[protocol.IRQ_MSIX]:
                     self._msix_mask(v, False)
-        self.intx_masked = False
+        self.conn.intx_masked = False
         return b"", []
 
     _HANDLERS = {
@@ -569,82 +581,3 @@ class VfioUserServer:
         protocol.DEVICE_SET_IRQS: _set_irqs, protocol.REGION_READ: _region_read, protocol.REGION_WRITE: _region_write,
         protocol.REGION_WRITE_MULTI: _write_multi, protocol.DEVICE_RESET: _reset,
     }
-
-
-# -- running a device -------------------------------------------------------------------------
-def listen_vfio_user(path: str) -> Listener:
-    """Listen on the vfio-user socket ``path`` (:func:`pcidev.transport.address.listen_unix`:
-    only a stale socket is replaced), for :func:`serve_device`.
-
-    Create the listener before building the device, so that a refused path leaves
-    nothing behind (a device may create files when it is built).
-
-    :param path: the socket path.
-    :returns: the listener.
-    :raises TransportError: the socket cannot be created (one line naming the cause).
-    """
-    return listen_unix(path, backlog=1, what="vfio-user socket")
-
-
-def serve_device(device: PciDevice, path: str, *, pm: pluggy.PluginManager | None = None, once: bool = True,
-                 out: TextIO | None = None, listener: Listener | None = None) -> int:
-    """Serve ``device`` over vfio-user on the UNIX socket ``path``.
-
-    Listens (:func:`listen_vfio_user`, unless ``listener`` is given), prints one
-    ``listening`` line, serves one client until it leaves (QEMU never reconnects)
-    and returns 0. SIGTERM/SIGINT end it cleanly. The device and the listener
-    are closed at the end.
-
-    :param device: the device, e.g. from :meth:`pcidev.registry.DeviceRegistry.create`.
-    :param path: the socket path.
-    :param pm: the plugin manager (migration blockers of its plugins).
-    :param once: return after the first client (else serve the next one).
-    :param out: where the status lines go (standard output).
-    :param listener: a listener from :func:`listen_vfio_user` on ``path`` (owned
-        by this function from now on, closed when it returns or raises).
-    :returns: the exit status.
-    :raises TransportError: the socket cannot be created (one line naming the cause).
-    """
-    out = sys.stdout if out is None else out
-    try:
-        endpoint = DeviceEndpoint(device, pm=pm)
-    except BaseException:
-        if listener is not None:
-            listener.close()
-        raise
-    try:
-        if listener is None:
-            listener = listen_vfio_user(path)
-    except BaseException:
-        endpoint.close()
-        raise
-    server: VfioUserServer | None = None
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        endpoint.start()
-        print(f"pcidev: vfio-user server for {device.TYPE_NAME or type(device).__name__} listening on "
-              f"{path} (pid {os.getpid()})", file=out, flush=True)
-        while True:
-            conn, _ = listener.sock.accept()
-            server = VfioUserServer(endpoint, conn)
-            reason = server.serve()
-            if not server.counts:
-                # closed before its first message (another server probing whether
-                # this socket is live, say): not the client; keep listening
-                log.info("a connection closed before its first message (%s); still listening", reason)
-                continue
-            print(f"pcidev: client left ({reason}); messages: {json.dumps(server.counts, sort_keys=True)}",
-                  file=out, flush=True)
-            if once:
-                return 0
-    except OSError as exc:
-        raise TransportError(f"vfio-user socket {path}: {exc.strerror or exc}") from exc
-    finally:
-        listener.close()
-        endpoint.close()
-        device.close()  # the device's life ends with the server: workers joined, on_close() (NVMe saves its state)

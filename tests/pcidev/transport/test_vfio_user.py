@@ -591,7 +591,7 @@ def test_serve_device_closes_the_device_when_the_client_leaves(tmp_path):
     """The served device's life ends with the server: close() joins its workers."""
     import io
 
-    from pcidev.transport.vfio_user.server import listen_vfio_user, serve_device
+    from pcidev.transport.vfio_user.serving import listen_vfio_user, serve_device
 
     path = str(tmp_path / "edu.sock")
     dev = EduDevice(engine=True)
