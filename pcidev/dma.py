@@ -81,6 +81,7 @@ import operator
 import os
 import struct
 import sys
+import threading
 import weakref
 from bisect import bisect_right
 from collections.abc import Callable, Iterable
@@ -94,7 +95,7 @@ from pcidev.errors import DmaError
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
 
-__all__ = ["ADDRESS_LIMIT", "GuestMemory", "MemoryRegion", "alloc_memfd"]
+__all__ = ["ADDRESS_LIMIT", "DIRTY_PAGE", "DirtyLog", "GuestMemory", "MemoryRegion", "alloc_memfd"]
 
 ADDRESS_LIMIT = 1 << 64
 """One past the highest guest physical address."""
@@ -117,6 +118,15 @@ _u32_pack = _U32.pack_into
 _u64_pack = _U64.pack_into
 
 _MMAP_KWARGS: dict[str, Any] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+
+DIRTY_PAGE = 4096
+"""The granule of :class:`DirtyLog`: one flag per 4 KiB page of a tracked range."""
+
+#: the most pages one :class:`DirtyLog` tracks (64 GiB of guest memory at 4 KiB)
+MAX_DIRTY_PAGES = 1 << 24
+#: the most ranges one :class:`DirtyLog` tracks
+MAX_DIRTY_RANGES = 4096
+_ASCII01 = bytes.maketrans(b"\x00\x01", b"01")
 
 
 def alloc_memfd(size: int, name: str = "pcidev-ram", *, seal: bool = True) -> int:
@@ -276,6 +286,145 @@ class _Access:
         self._views = []
 
 
+class DirtyLog:
+    """Which pages of guest memory a device wrote since the last report (DMA dirty logging).
+
+    Tracks a set of guest-physical ranges with one byte per :data:`DIRTY_PAGE` page.
+    :class:`GuestMemory` marks pages on every write path while its
+    :attr:`~GuestMemory.dirty` is set: after a plain write (so a report racing with it
+    reports the page now or in the next report, never not at all), and when it hands
+    out writable views (the write through them comes later, so such a page stays
+    reported until :meth:`settle` says the device is quiescent: its writes are done).
+    Reporting more pages than were written is allowed; fewer never.
+
+    Thread-safe: the device's threads mark while the transport reports.
+
+    :param ranges: ``(iova, length)`` pairs, each a multiple of :data:`DIRTY_PAGE`,
+        non-empty, not overlapping (any order).
+    :raises DmaError: a range is misaligned, empty, overlaps another or wraps past
+        ``2**64``; too many ranges or pages.
+    """
+
+    def __init__(self, ranges: Iterable[tuple[int, int]]) -> None:
+        spans = sorted((operator.index(a), operator.index(n)) for a, n in ranges)
+        if len(spans) > MAX_DIRTY_RANGES:
+            raise DmaError(f"dirty logging: {len(spans)} ranges (at most {MAX_DIRTY_RANGES})")
+        pages = 0
+        prev_end = 0
+        for a, n in spans:
+            if a < 0 or n <= 0 or a % DIRTY_PAGE or n % DIRTY_PAGE or a + n > ADDRESS_LIMIT:
+                raise DmaError(f"dirty logging: bad range {_fmt(a, n)} (page-aligned, non-empty, below 2**64)")
+            if a < prev_end:
+                raise DmaError(f"dirty logging: range {_fmt(a, n)} overlaps another")
+            prev_end = a + n
+            pages += n // DIRTY_PAGE
+        if pages > MAX_DIRTY_PAGES:
+            raise DmaError(f"dirty logging: {pages} pages to track (at most {MAX_DIRTY_PAGES})")
+        self._starts = [a for a, _ in spans]
+        self._ends = [a + n for a, n in spans]
+        self._dirty = [bytearray(n // DIRTY_PAGE) for _, n in spans]
+        self._viewed = [bytearray(n // DIRTY_PAGE) for _, n in spans]
+        self._lock = threading.Lock()
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        """The tracked ranges ``(iova, length)``, sorted."""
+        return [(a, e - a) for a, e in zip(self._starts, self._ends, strict=True)]
+
+    def _set(self, maps: tuple[list[bytearray], ...], gpa: int, length: int) -> None:
+        end = gpa + length
+        starts, ends = self._starts, self._ends
+        i = max(bisect_right(starts, gpa) - 1, 0)
+        with self._lock:
+            while i < len(starts) and starts[i] < end:
+                lo, hi = max(gpa, starts[i]), min(end, ends[i])
+                if lo < hi:
+                    first = (lo - starts[i]) // DIRTY_PAGE
+                    last = (hi - 1 - starts[i]) // DIRTY_PAGE
+                    for bm in maps:
+                        if first == last:
+                            bm[i][first] = 1
+                        else:
+                            bm[i][first : last + 1] = b"\x01" * (last + 1 - first)
+                i += 1
+
+    def mark(self, gpa: int, length: int) -> None:
+        """Record that ``[gpa, gpa + length)`` was written (parts outside every range are ignored)."""
+        if length > 0:
+            self._set((self._dirty,), gpa, length)
+
+    def mark_view(self, gpa: int, length: int) -> None:
+        """Record writable views of ``[gpa, gpa + length)``: reported until :meth:`settle`."""
+        if length > 0:
+            self._set((self._dirty, self._viewed), gpa, length)
+
+    def settle(self) -> None:
+        """The device is quiescent (every write through a view it took is done): pages
+        of writable views are reported once more, then no longer for the views alone."""
+        with self._lock:
+            for d, v in zip(self._dirty, self._viewed, strict=True):
+                if any(v):
+                    merged = int.from_bytes(d, "little") | int.from_bytes(v, "little")
+                    d[:] = merged.to_bytes(len(d), "little")
+                    v[:] = bytes(len(v))
+
+    @staticmethod
+    def bitmap_size(length: int, page_size: int) -> int:
+        """Bytes of the bitmap of ``length`` bytes at ``page_size``: whole u64 words."""
+        pages = -(-length // page_size)
+        return -(-pages // 64) * 8
+
+    def report(self, iova: int, length: int, page_size: int) -> bytes:
+        """The dirty bitmap of ``[iova, iova + length)``, then clear it (report and clear).
+
+        Bit *i* (of u64 little-endian words: bit ``i % 64`` of word ``i // 64``) is
+        set when the page ``iova + i * page_size`` was written, or overlaps a page
+        that was.
+
+        :param iova: first address, a multiple of ``page_size``.
+        :param length: bytes, a positive multiple of ``page_size``.
+        :param page_size: a power of two, at least :data:`DIRTY_PAGE`.
+        :returns: :meth:`bitmap_size` bytes.
+        :raises DmaError: a bad page size or alignment, or part of the range is not tracked.
+        """
+        if page_size < DIRTY_PAGE or page_size & (page_size - 1):
+            raise DmaError(f"dirty report: page size {page_size:#x} is not a power of two >= {DIRTY_PAGE:#x}")
+        if iova < 0 or length <= 0 or iova % page_size or length % page_size or iova + length > ADDRESS_LIMIT:
+            raise DmaError(f"dirty report: range {_fmt(iova, length)} is not whole pages of {page_size:#x}")
+        end = iova + length
+        parts: list[tuple[int, int, int]] = []  # (range index, first page, last page + 1)
+        cur = iova
+        i = max(bisect_right(self._starts, iova) - 1, 0)
+        while cur < end:
+            if i >= len(self._starts) or not self._starts[i] <= cur < self._ends[i]:
+                raise DmaError(f"dirty report: {cur:#x} of {_fmt(iova, length)} is not logged")
+            hi = min(end, self._ends[i])
+            parts.append((i, (cur - self._starts[i]) // DIRTY_PAGE, (hi - self._starts[i]) // DIRTY_PAGE))
+            cur = hi
+            i += 1
+        pages = bytearray()
+        with self._lock:
+            for i, a, b in parts:
+                d, v = self._dirty[i], self._viewed[i]
+                if any(v[a:b]):
+                    pages += (int.from_bytes(d[a:b], "little") | int.from_bytes(v[a:b], "little")).to_bytes(
+                        b - a, "little")
+                else:
+                    pages += d[a:b]
+                d[a:b] = bytes(b - a)
+        k = page_size // DIRTY_PAGE
+        if k > 1:
+            if k <= 64:
+                acc = 0
+                for j in range(k):
+                    acc |= int.from_bytes(pages[j::k], "little")
+                pages = bytearray(acc.to_bytes(len(pages) // k, "little"))
+            else:
+                pages = bytearray(1 if pages.find(1, p, p + k) >= 0 else 0 for p in range(0, len(pages), k))
+        bits = int(pages[::-1].translate(_ASCII01), 2) if pages else 0
+        return bits.to_bytes(self.bitmap_size(length, page_size), "little")
+
+
 class GuestMemory:
     """The guest-physical address space as seen by one device: fd-backed regions.
 
@@ -295,6 +444,9 @@ class GuestMemory:
         self._fds: dict[int, int] = {}  # gpa -> own fd, shared with the finalizer
         self._closed = False
         self._finalizer = weakref.finalize(self, _close_fds, self._fds)
+        #: the dirty-page log while DMA logging is on (:meth:`start_dirty_log`), else None;
+        #: every write path marks the pages it wrote in it
+        self.dirty: DirtyLog | None = None
 
     # ------------------------------------------------------------------ table
 
@@ -471,6 +623,35 @@ class GuestMemory:
         """
         return [(r.desc, r.fd) for r in self._table[1]]
 
+    def start_dirty_log(self, ranges: Iterable[tuple[int, int]] | None = None) -> DirtyLog:
+        """Start logging the pages the device writes (:attr:`dirty`).
+
+        :param ranges: ``(iova, length)`` ranges, page-aligned; None: every mapped
+            region now (widened to whole pages). Regions mapped later inside a range
+            are logged too; an unmap keeps its pages' bits.
+        :returns: the new log.
+        :raises DmaError: logging is on already, or bad ranges (see :class:`DirtyLog`).
+        """
+        if self.dirty is not None:
+            raise DmaError("dirty logging is already on")
+        if ranges is None:
+            spans: list[list[int]] = []
+            for r in self.regions():
+                lo = r.gpa - r.gpa % DIRTY_PAGE
+                hi = min(-(-r.end // DIRTY_PAGE) * DIRTY_PAGE, ADDRESS_LIMIT)
+                if spans and lo <= spans[-1][1]:
+                    spans[-1][1] = max(spans[-1][1], hi)
+                else:
+                    spans.append([lo, hi])
+            ranges = [(lo, hi - lo) for lo, hi in spans]
+        log = DirtyLog(ranges)
+        self.dirty = log
+        return log
+
+    def stop_dirty_log(self) -> None:
+        """Stop logging (idempotent)."""
+        self.dirty = None
+
     def close(self) -> None:
         """Unmap every region. Idempotent.
 
@@ -603,11 +784,15 @@ class GuestMemory:
         if r.writable and r.gpa <= gpa and gpa + n <= r.end:
             off = gpa - r.delta
             r.mm[off : off + n] = data
+            if self.dirty is not None:
+                self.dirty.mark(gpa, n)
             return
         pos = 0
         for r, off, k in self._resolve(gpa, n, True):
             r.mm[off : off + k] = data[pos : pos + k]
             pos += k
+        if self.dirty is not None:
+            self.dirty.mark(gpa, n)
 
     def fill(self, gpa: int, length: int, byte: int = 0) -> None:
         """Set ``length`` bytes at ``gpa`` to ``byte``.
@@ -622,6 +807,8 @@ class GuestMemory:
             raise ValueError(f"fill byte {byte!r} is not in 0..255")
         for r, off, n in self._resolve(gpa, length, True):
             r.pin.fill(off, n, byte)
+        if self.dirty is not None:
+            self.dirty.mark(gpa, length)
 
     def copy(self, dst_gpa: int, src_gpa: int, length: int) -> None:
         """Copy ``length`` bytes from ``src_gpa`` to ``dst_gpa`` (``memmove`` semantics).
@@ -642,6 +829,8 @@ class GuestMemory:
             # One mapping: memmove copes with overlap.
             r = dst[0][0]
             r.pin.move(dst[0][1], src[0][1], length)
+            if self.dirty is not None:
+                self.dirty.mark(dst_gpa, length)
             return
         # Different mappings may alias the same file pages, which memmove cannot
         # see: go through a bounce buffer (correct whatever the aliasing).
@@ -654,6 +843,8 @@ class GuestMemory:
         for r, off, n in dst:
             r.mm[off : off + n] = memoryview(bounce)[pos : pos + n]
             pos += n
+        if self.dirty is not None:
+            self.dirty.mark(dst_gpa, length)
 
     # --------------------------------------------------------- typed access
 
@@ -681,6 +872,8 @@ class GuestMemory:
             if r.writable and gpa <= r.end - st.size:
                 self._last = r
                 st.pack_into(r.mm, gpa - r.delta, *values)
+                if self.dirty is not None:
+                    self.dirty.mark(gpa, st.size)
                 return
         self._write_slow(gpa, st.pack(*values))
 
@@ -689,6 +882,8 @@ class GuestMemory:
         for r, off, n in self._resolve(gpa, len(data), True):
             r.mm[off : off + n] = data[pos : pos + n]
             pos += n
+        if self.dirty is not None:
+            self.dirty.mark(gpa, len(data))
 
     def read_u8(self, gpa: int) -> int:
         """Read one byte at ``gpa``.
@@ -745,6 +940,8 @@ class GuestMemory:
         r = self._last
         if r.writable and r.gpa <= gpa < r.end:
             _u8_pack(r.mm, gpa - r.delta, value)
+            if self.dirty is not None:
+                self.dirty.mark(gpa, 1)
             return
         self._pack_slow(_U8, gpa, (value,))
 
@@ -759,6 +956,8 @@ class GuestMemory:
         r = self._last
         if r.writable and r.gpa <= gpa <= r.end - 2:
             _u16_pack(r.mm, gpa - r.delta, value)
+            if self.dirty is not None:
+                self.dirty.mark(gpa, 2)
             return
         self._pack_slow(_U16, gpa, (value,))
 
@@ -773,6 +972,8 @@ class GuestMemory:
         r = self._last
         if r.writable and r.gpa <= gpa <= r.end - 4:
             _u32_pack(r.mm, gpa - r.delta, value)
+            if self.dirty is not None:
+                self.dirty.mark(gpa, 4)
             return
         self._pack_slow(_U32, gpa, (value,))
 
@@ -787,6 +988,8 @@ class GuestMemory:
         r = self._last
         if r.writable and r.gpa <= gpa <= r.end - 8:
             _u64_pack(r.mm, gpa - r.delta, value)
+            if self.dirty is not None:
+                self.dirty.mark(gpa, 8)
             return
         self._pack_slow(_U64, gpa, (value,))
 
@@ -819,6 +1022,8 @@ class GuestMemory:
         if r.writable and r.gpa <= gpa <= r.end - len(data):
             off = gpa - r.delta
             r.mm[off : off + len(data)] = data
+            if self.dirty is not None:
+                self.dirty.mark(gpa, len(data))
             return
         self._write_slow(gpa, data)
 
@@ -876,9 +1081,13 @@ class GuestMemory:
         r = self._last
         if r.writable and r.gpa <= gpa <= r.end - 4 and not gpa & 3:
             r.pin.store32(gpa - r.delta, value)
+            if self.dirty is not None:
+                self.dirty.mark(gpa, 4)
             return
         p, off = self._ordered_slow(gpa, 4, True)
         p.store32(off, value)
+        if self.dirty is not None:
+            self.dirty.mark(gpa, 4)
 
     def store64(self, gpa: int, value: int) -> None:
         """Single aligned 64-bit store with release ordering.
@@ -891,9 +1100,13 @@ class GuestMemory:
         r = self._last
         if r.writable and r.gpa <= gpa <= r.end - 8 and not gpa & 7:
             r.pin.store64(gpa - r.delta, value)
+            if self.dirty is not None:
+                self.dirty.mark(gpa, 8)
             return
         p, off = self._ordered_slow(gpa, 8, True)
         p.store64(off, value)
+        if self.dirty is not None:
+            self.dirty.mark(gpa, 8)
 
     # --------------------------------------------------------------- views
 
@@ -917,9 +1130,13 @@ class GuestMemory:
             if not write:
                 return [r.mv_ro[off : off + length]]
             if r.writable:
+                if self.dirty is not None:
+                    self.dirty.mark_view(gpa, length)
                 return [r.mv_rw[off : off + length]]
         segs = self._resolve(gpa, length, write)
         if write:
+            if self.dirty is not None:
+                self.dirty.mark_view(gpa, length)
             return [s[0].mv_rw[s[1] : s[1] + s[2]] for s in segs]
         return [s[0].mv_ro[s[1] : s[1] + s[2]] for s in segs]
 
@@ -936,6 +1153,7 @@ class GuestMemory:
         :raises DmaError: any entry is invalid (see the module docstring).
         """
         views: list[memoryview] = []
+        dirty = self.dirty if write else None
         try:
             for entry in sgl:
                 try:
@@ -954,6 +1172,8 @@ class GuestMemory:
                 else:
                     for r, off, n in self._resolve(gpa, length, write):
                         views.append((r.mv_rw if write else r.mv_ro)[off : off + n])
+                if dirty is not None and length:
+                    dirty.mark_view(gpa, length)
         except BaseException:
             # Release what was created so far: a traceback keeps this frame's
             # locals alive, and unreleased views would block unmap.
