@@ -144,6 +144,9 @@ class PciDevice:
     #: features of this device type that its VMSTATE (or the framework) migrates;
     #: an enabled feature missing here blocks migration (see :meth:`enabled_features`)
     MIGRATABLE_FEATURES: ClassVar[frozenset[str]] = frozenset()
+    #: features whose state travels only as file descriptors (:meth:`vmstate_fd`): a
+    #: migration that carries none (vfio-user MIG_DATA) is blocked while one is enabled
+    FD_FEATURES: ClassVar[frozenset[str]] = frozenset()
     #: framework features the framework itself migrates (config space holds them,
     #: or the framework section does); not meant to be changed by device types
     FRAMEWORK_FEATURES: ClassVar[frozenset[str]] = frozenset(

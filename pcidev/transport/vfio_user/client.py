@@ -341,13 +341,15 @@ class VfioUserClient:
 
         The server's ``max_data_xfer_size`` (if smaller) becomes the client's.
 
-        :param caps: the client's capabilities (default: ``max_msg_fds`` and
-            ``max_data_xfer_size``).
+        :param caps: the client's capabilities (default: ``max_msg_fds``,
+            ``max_data_xfer_size`` and ``migration``, so that a server's reply, never
+            longer than the request, has room for its own).
         :returns: the server's capabilities (``{}`` if it sent none).
         :raises VfioUserError: the server refused the version.
         """
         mine = caps if caps is not None else {"max_msg_fds": _MAX_REPLY_FDS,
-                                              "max_data_xfer_size": self.max_data_xfer_size}
+                                              "max_data_xfer_size": self.max_data_xfer_size,
+                                              "migration": {"pgsize": protocol.MIGRATION_PGSIZE}}
         text = json.dumps({"capabilities": mine}, separators=(",", ":")).encode() + b"\0"
         rep = self.request(protocol.VERSION, protocol.VERSION_HDR.pack(0, 0) + text)
         self._no_fds(rep, "VERSION")

@@ -172,6 +172,70 @@ IRQ_SET_DATA_MASK = IRQ_SET_DATA_NONE | IRQ_SET_DATA_BOOL | IRQ_SET_DATA_EVENTFD
 IRQ_SET_ACTION_MASK_ALL = IRQ_SET_ACTION_MASK | IRQ_SET_ACTION_UNMASK | IRQ_SET_ACTION_TRIGGER
 
 
+# -- migration (VFIO migration v2 over the socket: DEVICE_FEATURE, MIG_DATA_READ/WRITE) ----------
+#: DEVICE_FEATURE header: argsz u32, flags u32 (the feature in bits 0-15, GET/SET/PROBE above), then data
+DEVICE_FEATURE_S = struct.Struct("<II")
+#: DEVICE_FEATURE flags: the feature number's bits (Linux's VFIO_DEVICE_FEATURE_MASK).
+FEATURE_MASK = 0xFFFF
+#: DEVICE_FEATURE flag: read the feature (Linux's VFIO_DEVICE_FEATURE_GET).
+FEATURE_GET = 1 << 16
+#: DEVICE_FEATURE flag: set the feature (Linux's VFIO_DEVICE_FEATURE_SET).
+FEATURE_SET = 1 << 17
+#: DEVICE_FEATURE flag: ask whether GET/SET (also given) are supported (Linux's VFIO_DEVICE_FEATURE_PROBE).
+FEATURE_PROBE = 1 << 18
+#: Feature 1: the migration capabilities, GET: a u64 of ``MIGRATION_*`` flags.
+FEATURE_MIGRATION = 1
+#: Feature 2: the migration state, GET/SET: :data:`MIG_STATE_S`.
+FEATURE_MIG_DEVICE_STATE = 2
+#: Feature 6: start DMA dirty-page logging, SET: :data:`LOGGING_CONTROL_S` + ranges.
+FEATURE_DMA_LOGGING_START = 6
+#: Feature 7: stop DMA dirty-page logging, SET: the same body as START.
+FEATURE_DMA_LOGGING_STOP = 7
+#: Feature 8: report and clear dirty pages, GET: :data:`LOGGING_REPORT_S`, the reply appends the bitmap.
+FEATURE_DMA_LOGGING_REPORT = 8
+#: MIGRATION flag: the device supports STOP_COPY (required; Linux's VFIO_MIGRATION_STOP_COPY).
+MIGRATION_STOP_COPY = 0x1
+#: MIGRATION flag: the RUNNING_P2P states (Linux's VFIO_MIGRATION_P2P; not offered by pcidev).
+MIGRATION_P2P = 0x2
+#: MIGRATION flag: the PRE_COPY states (Linux's VFIO_MIGRATION_PRE_COPY).
+MIGRATION_PRE_COPY = 0x4
+#: MIGRATION GET data: the flags u64
+MIGRATION_S = struct.Struct("<Q")
+#: MIG_DEVICE_STATE data: device_state u32, data_fd u32 (unused in vfio-user: 0xFFFFFFFF)
+MIG_STATE_S = struct.Struct("<II")
+#: Migration state (Linux's enum vfio_device_mig_state): failed; left only by DEVICE_RESET.
+MIG_STATE_ERROR = 0
+#: Migration state: stopped, no guest accesses progress, no DMA.
+MIG_STATE_STOP = 1
+#: Migration state: running (the state outside a migration).
+MIG_STATE_RUNNING = 2
+#: Migration state: stopped, its state readable with MIG_DATA_READ.
+MIG_STATE_STOP_COPY = 3
+#: Migration state: stopped, taking a state with MIG_DATA_WRITE.
+MIG_STATE_RESUMING = 4
+#: Migration state: running without peer-to-peer DMA (refused: P2P is not offered).
+MIG_STATE_RUNNING_P2P = 5
+#: Migration state: running, early state readable with MIG_DATA_READ.
+MIG_STATE_PRE_COPY = 6
+#: Migration state: PRE_COPY without peer-to-peer DMA (refused: P2P is not offered).
+MIG_STATE_PRE_COPY_P2P = 7
+#: The name of each migration state (logs, errors).
+MIG_STATE_NAMES = {MIG_STATE_ERROR: "ERROR", MIG_STATE_STOP: "STOP", MIG_STATE_RUNNING: "RUNNING",
+                   MIG_STATE_STOP_COPY: "STOP_COPY", MIG_STATE_RESUMING: "RESUMING",
+                   MIG_STATE_RUNNING_P2P: "RUNNING_P2P", MIG_STATE_PRE_COPY: "PRE_COPY",
+                   MIG_STATE_PRE_COPY_P2P: "PRE_COPY_P2P"}
+#: DMA_LOGGING_START/STOP data: page_size u64, num_ranges u32, reserved u32; then ranges
+LOGGING_CONTROL_S = struct.Struct("<QII")
+#: one logging range: iova u64, length u64
+LOGGING_RANGE_S = struct.Struct("<QQ")
+#: DMA_LOGGING_REPORT data: iova u64, length u64, page_size u64 (the reply appends the bitmap)
+LOGGING_REPORT_S = struct.Struct("<QQQ")
+#: MIG_DATA_READ request: argsz u32, size u32; the reply and MIG_DATA_WRITE append the data
+MIG_DATA_S = struct.Struct("<II")
+#: The page size pcidev advertises for migration (VERSION ``migration.pgsize``).
+MIGRATION_PGSIZE = 4096
+
+
 class VfioUserError(TransportError):
     """A request the server refuses: answered with an ERROR reply carrying :attr:`errno`.
 

@@ -10,6 +10,18 @@ A message whose size cannot be trusted (larger than the advertised maximum) is
 answered with ``E2BIG`` and ends the connection, because the stream cannot be
 re-synchronized.
 
+**A client that leaves is not a dead device** (the spec's "Socket Disconnection
+Behavior"): when the connection ends by EOF or a transport error,
+:meth:`VfioUserServer.disconnect` quiesces the device, unmaps the client's memory,
+removes its eventfds (MSI-X vectors masked, so interrupts latch as pending) and resets
+the connection's state, keeping the device's. The next client's first BAR access or
+``DEVICE_RESET`` resumes the device (config space and info requests do not).
+
+**Migration** (VFIO migration v2 over the socket): ``DEVICE_FEATURE`` with the
+``MIGRATION``, ``MIG_DEVICE_STATE`` and ``DMA_LOGGING_*`` features and
+``MIG_DATA_READ/WRITE`` (:mod:`~pcidev.transport.vfio_user.migration`; dirty pages are
+logged by the device's :class:`~pcidev.dma.GuestMemory`). docs/vfio-user-migration.md.
+
 Regions are Linux's ``VFIO_PCI_*``: BAR0..5, the expansion ROM (6), config space
 (7), VGA (8, empty). A BAR whose handler is a :class:`~pcidev.bar.RamBacking` is
 offered for mmap with a sparse-mmap capability over its memfd. Interrupts are
@@ -24,7 +36,10 @@ import errno
 import json
 import logging
 import os
+import select
 import socket
+import threading
+from types import TracebackType
 from typing import Any
 
 from pcidev.bar import RamBacking
@@ -35,6 +50,7 @@ from pcidev.errors import (
     IrqError,
     MigrationError,
     MmioError,
+    PcidevError,
     TransportError,
 )
 from pcidev.pci.capabilities.msi import MsiCapability
@@ -45,12 +61,22 @@ from pcidev.transport.fdpass import close_fds, send_all
 from pcidev.transport.vfio_user import protocol
 from pcidev.transport.vfio_user.conn import ConnectionState
 from pcidev.transport.vfio_user.loop import ConnectionLoop
+from pcidev.transport.vfio_user.migration import MIGRATION_FLAGS, MigrationStateMachine
 from pcidev.transport.vfio_user.protocol import VfioUserError
 from pcidev.transport.vfio_user.reader import Message, MessageReader
 
 log = logging.getLogger(__name__)
 
-__all__ = ["VfioUserServer"]
+__all__ = ["ExtraClientGuard", "VfioUserServer", "client_left"]
+
+
+def client_left(reason: str) -> bool:
+    """Whether a connection ended because of its client (EOF, a transport error, a message
+    that broke the stream), as opposed to a wake-up hook (a handover stops reading)."""
+    return reason == "eof" or reason.startswith("transport:") or reason == _OVERSIZED
+
+
+_OVERSIZED = "oversized message"
 
 def _chunks(offset: int, count: int, widths: tuple[int, ...]) -> list[tuple[int, int]]:
     """Split ``[offset, offset+count)`` into naturally aligned accesses of ``widths``."""
@@ -85,6 +111,12 @@ class VfioUserServer:
         self.conn = ConnectionState(max_msg_fds=max_msg_fds, max_data_xfer_size=max_data_xfer_size)
         self.reader = MessageReader(sock, max_msg_fds=max_msg_fds, max_data_xfer_size=max_data_xfer_size)
         self.loop = ConnectionLoop(self.handle_message, self.reader)
+        #: the migration state machine (its state is ``conn.mig_state``)
+        self.migration = MigrationStateMachine(self.device, self.conn, pm=endpoint.pm, settle=self._settle_dirty,
+                                               loaded=self._remirror_msix)
+        #: the device was left quiesced by a client that went away: the first BAR access
+        #: or DEVICE_RESET of this connection resumes it
+        self.dormant = self.device.quiesced
 
     @property
     def max_msg_fds(self) -> int:
@@ -130,16 +162,90 @@ class VfioUserServer:
     def serve(self) -> str:
         """Handle messages until the client leaves or :meth:`stop`. Closes the socket.
 
+        When the client left (:func:`client_left`), :meth:`disconnect` runs; when a
+        wake-up hook ended the loop (a handover), nothing is torn down.
+
         :returns: why it ended.
         """
         try:
-            return self.loop.run()
+            reason = self.loop.run()
         finally:
             self.loop.close()
             try:
                 self.sock.close()
             except OSError:
                 pass
+        if client_left(reason):
+            self.disconnect()
+        return reason
+
+    def disconnect(self) -> None:
+        """The client left: quiesce the device (no DMA lands in memory about to vanish),
+        unmap every DMA region and fd-less map, remove every eventfd (MSI-X vectors masked:
+        interrupts latch as pending; INTx cleared), stop dirty logging, reset the
+        migration state machine to RUNNING and the connection state (its message counts
+        stay). The device keeps its state and stays quiesced until the next client's
+        first BAR access or DEVICE_RESET. Never raises (what fails is logged).
+        """
+        dev = self.device
+        try:
+            dev.quiesce()
+        except Exception:  # a device that does not stop: tear down all the same
+            log.exception("vfio-user: the device did not quiesce when its client left")
+        memory = self.endpoint.memory
+        memory.stop_dirty_log()
+        self.migration.reset()
+        self.conn.nofd_maps.clear()
+        for region in memory.regions():
+            try:
+                self.endpoint.dma_unmap(region.gpa, region.size)
+            except PcidevError as exc:
+                log.warning("vfio-user: cannot unmap %#x+%#x after the client left: %s", region.gpa, region.size,
+                            exc)
+        sink = self.endpoint.sink
+        with dev.irq.lock:
+            for index, vectors in self.conn.irq_vectors.items():
+                for v in sorted(vectors):
+                    self._assign(index, v, None)
+            for v in sorted(sink.vector_fds):  # eventfds this connection did not record (adopted)
+                self._assign(protocol.IRQ_MSIX, v, None)
+            if sink.intx_fd is not None:
+                self._assign(protocol.IRQ_INTX, 0, None)
+        counts = self.conn.counts
+        self.conn = ConnectionState(max_msg_fds=self.conn.max_msg_fds,
+                                    max_data_xfer_size=self.conn.max_data_xfer_size, counts=counts)
+        self.migration.conn = self.conn
+        self.dormant = True
+
+    def migration_busy(self) -> str | None:
+        """Why the device is not simply running on this connection, or None: a migration
+        state other than RUNNING, or DMA dirty logging on. A handover refuses then."""
+        if self.conn.mig_state != protocol.MIG_STATE_RUNNING:
+            return f"migration state {protocol.MIG_STATE_NAMES.get(self.conn.mig_state, self.conn.mig_state)}"
+        if self.endpoint.memory.dirty is not None:
+            return "DMA dirty logging is on"
+        return None
+
+    def _wake(self) -> None:
+        """Resume a device a previous client left quiesced (first BAR access, DEVICE_RESET)."""
+        self.dormant = False
+        if self.device.quiesced and self.conn.mig_state == protocol.MIG_STATE_RUNNING:
+            self.device.resume()
+
+    def _settle_dirty(self) -> None:
+        log_ = self.endpoint.memory.dirty
+        if log_ is not None:
+            log_.settle()
+
+    def _remirror_msix(self) -> None:
+        """After a load: the MSI-X mask bits mirror this connection's eventfds again."""
+        msix = self.device.caps.find(MsixCapability)
+        if msix is None:
+            return
+        have = self.conn.irq_vectors[protocol.IRQ_MSIX]
+        with self.device.lock, self.device.irq.lock:
+            for v in range(msix.nvectors):
+                self._msix_mask(v, v not in have)
 
     def handle_one(self) -> str | None:
         """Read and answer one message (blocks). :returns: a reason to stop, or None."""
@@ -158,7 +264,7 @@ class VfioUserServer:
         if msg.error is not None:
             close_fds(fds)
             self._error(mid, cmd, flags, msg.error[0], msg.error[1])
-            return "oversized message" if msg.fatal else None
+            return _OVERSIZED if msg.fatal else None
         kind = flags & protocol.TYPE_MASK
         if kind == protocol.TYPE_REPLY:
             close_fds(fds)
@@ -219,8 +325,6 @@ class VfioUserServer:
             raise VfioUserError(errno.EINVAL, f"command {cmd} carries no file descriptors")
         handler = self._HANDLERS.get(cmd)
         if handler is None:
-            if cmd == protocol.DEVICE_FEATURE:
-                raise VfioUserError(errno.ENOTTY, "no device features")
             raise VfioUserError(errno.ENOSYS, f"unsupported command {cmd}")
         return handler(self, body, fds)
 
@@ -251,14 +355,16 @@ class VfioUserServer:
                 raise VfioUserError(errno.EINVAL, "VERSION: 'capabilities' is not an object")
             caps = inner
         self.conn.client_caps = caps
-        mine = json.dumps({"capabilities": {"max_msg_fds": self.max_msg_fds,
-                                            "max_data_xfer_size": self.max_data_xfer_size}},
-                          separators=(",", ":")).encode() + b"\0"
-        if len(mine) > len(text):  # never larger than the client's own request (its buffer)
-            mine = b"{}\0"
-            if len(mine) > len(text):
-                mine = b""
+        limits = {"max_msg_fds": self.max_msg_fds, "max_data_xfer_size": self.max_data_xfer_size}
+        for mine in (self._caps_json({**limits, "migration": {"pgsize": protocol.MIGRATION_PGSIZE}}),
+                     self._caps_json(limits), b"{}\0", b""):
+            if len(mine) <= len(text):  # never larger than the client's own request (its buffer)
+                break
         return protocol.VERSION_HDR.pack(0, 0) + mine, []
+
+    @staticmethod
+    def _caps_json(caps: dict[str, Any]) -> bytes:
+        return json.dumps({"capabilities": caps}, separators=(",", ":")).encode() + b"\0"
 
     # DMA ------------------------------------------------------------------------------------
     def _overlaps(self, addr: int, size: int) -> bool:
@@ -538,6 +644,8 @@ class VfioUserServer:
     def _region_read(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
         self._need(body, protocol.REGION_ACCESS_S.size, "REGION_READ")
         offset, region, count = protocol.REGION_ACCESS_S.unpack_from(body)
+        if self.dormant and region <= protocol.BAR5_REGION:
+            self._wake()
         data = self.read_region(region, offset, count)
         return protocol.REGION_ACCESS_S.pack(offset, region, len(data)) + data, []
 
@@ -547,6 +655,8 @@ class VfioUserServer:
         data = body[protocol.REGION_ACCESS_S.size:]
         if len(data) != count:
             raise VfioUserError(errno.EINVAL, f"REGION_WRITE: count {count} but {len(data)} data bytes")
+        if self.dormant and region <= protocol.BAR5_REGION:
+            self._wake()
         self.write_region(region, offset, data)
         return protocol.REGION_ACCESS_S.pack(offset, region, count), []
 
@@ -560,18 +670,127 @@ class VfioUserServer:
         for _off, _reg, count, _data in entries:
             if not 1 <= count <= 8:
                 raise VfioUserError(errno.EINVAL, f"REGION_WRITE_MULTI: count {count}")
+        if self.dormant and any(reg <= protocol.BAR5_REGION for _o, reg, _c, _d in entries):
+            self._wake()
         for off, reg, count, data in entries:
             self.write_region(reg, off, data[:count])
         return protocol.WRITE_MULTI_HDR_S.pack(n), []
 
     def _reset(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
         dev = self.device
+        stopped = self.conn.mig_state != protocol.MIG_STATE_RUNNING or self.dormant
+        self.migration.reset()  # any state, ERROR included, -> RUNNING
+        self.endpoint.memory.stop_dirty_log()
         with dev.lock:
             dev.reset(ResetKind.FLR)
             with dev.irq.lock:  # the table was masked by the reset; eventfds stay
                 for v in self.irq_vectors[protocol.IRQ_MSIX]:
                     self._msix_mask(v, False)
         self.conn.intx_masked = False
+        self.dormant = False
+        if stopped and dev.quiesced:
+            dev.resume()
+        return b"", []
+
+    # migration ------------------------------------------------------------------------------
+    _FEATURE_OPS = {
+        protocol.FEATURE_MIGRATION: protocol.FEATURE_GET,
+        protocol.FEATURE_MIG_DEVICE_STATE: protocol.FEATURE_GET | protocol.FEATURE_SET,
+        protocol.FEATURE_DMA_LOGGING_START: protocol.FEATURE_SET,
+        protocol.FEATURE_DMA_LOGGING_STOP: protocol.FEATURE_SET,
+        protocol.FEATURE_DMA_LOGGING_REPORT: protocol.FEATURE_GET,
+    }
+
+    def _device_feature(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
+        hdr = protocol.DEVICE_FEATURE_S
+        self._need(body, hdr.size, "DEVICE_FEATURE")
+        argsz, flags = hdr.unpack_from(body)
+        if argsz < hdr.size:
+            raise VfioUserError(errno.EINVAL, f"DEVICE_FEATURE: argsz {argsz}")
+        ops = flags & (protocol.FEATURE_GET | protocol.FEATURE_SET | protocol.FEATURE_PROBE)
+        if flags & ~(protocol.FEATURE_MASK | ops):
+            raise VfioUserError(errno.EINVAL, f"DEVICE_FEATURE: unknown flags {flags:#x}")
+        feature = flags & protocol.FEATURE_MASK
+        supported = self._FEATURE_OPS.get(feature)
+        if supported is None:
+            raise VfioUserError(errno.EINVAL, f"DEVICE_FEATURE: feature {feature} is not supported")
+        asked = ops & (protocol.FEATURE_GET | protocol.FEATURE_SET)
+        if ops & protocol.FEATURE_PROBE:
+            if asked & ~supported:
+                raise VfioUserError(errno.EINVAL, f"DEVICE_FEATURE: feature {feature} lacks operation {asked:#x}")
+            return hdr.pack(hdr.size, flags), []
+        if asked not in (protocol.FEATURE_GET, protocol.FEATURE_SET) or not asked & supported:
+            raise VfioUserError(errno.EINVAL, f"DEVICE_FEATURE: operation {asked:#x} on feature {feature}")
+        data = body[hdr.size:]
+        if feature == protocol.FEATURE_MIGRATION:
+            out = protocol.MIGRATION_S.pack(MIGRATION_FLAGS)
+        elif feature == protocol.FEATURE_MIG_DEVICE_STATE:
+            if asked == protocol.FEATURE_SET:
+                self._need(data, protocol.MIG_STATE_S.size, "DEVICE_FEATURE MIG_DEVICE_STATE")
+                target, _data_fd = protocol.MIG_STATE_S.unpack_from(data)
+                self.migration.set_state(target)
+            out = protocol.MIG_STATE_S.pack(self.migration.state, 0xFFFF_FFFF)
+        elif feature == protocol.FEATURE_DMA_LOGGING_START:
+            self._logging_start(data)
+            out = b""
+        elif feature == protocol.FEATURE_DMA_LOGGING_STOP:
+            self.endpoint.memory.stop_dirty_log()
+            out = b""
+        else:
+            out = self._logging_report(data)
+        reply = hdr.pack(hdr.size + len(out), flags) + out
+        if len(reply) > max(argsz, hdr.size) and asked == protocol.FEATURE_GET:
+            raise VfioUserError(errno.EINVAL, f"DEVICE_FEATURE: a reply of {len(reply)} bytes, argsz {argsz}")
+        return reply, []
+
+    def _logging_start(self, data: bytes) -> None:
+        ctl = protocol.LOGGING_CONTROL_S
+        self._need(data, ctl.size, "DMA_LOGGING_START")
+        page_size, nranges, _rsvd = ctl.unpack_from(data)
+        if page_size < protocol.MIGRATION_PGSIZE or page_size & (page_size - 1):
+            raise VfioUserError(errno.EINVAL, f"DMA_LOGGING_START: page size {page_size:#x}")
+        rng = protocol.LOGGING_RANGE_S
+        if len(data) < ctl.size + nranges * rng.size:
+            raise VfioUserError(errno.EINVAL, f"DMA_LOGGING_START: {nranges} ranges in {len(data)} bytes")
+        memory = self.endpoint.memory
+        if memory.dirty is not None:
+            raise VfioUserError(errno.EBUSY, "DMA_LOGGING_START: logging is on already")
+        ranges = [rng.unpack_from(data, ctl.size + i * rng.size) for i in range(nranges)]
+        for iova, length in ranges:
+            if iova % page_size or length % page_size:
+                raise VfioUserError(errno.EINVAL, f"DMA_LOGGING_START: range {iova:#x}+{length:#x} is not "
+                                                  f"whole pages of {page_size:#x}")
+        memory.start_dirty_log(ranges if ranges else None)  # DmaError: EINVAL
+
+    def _logging_report(self, data: bytes) -> bytes:
+        rep_s = protocol.LOGGING_REPORT_S
+        self._need(data, rep_s.size, "DMA_LOGGING_REPORT")
+        iova, length, page_size = rep_s.unpack_from(data)
+        dirty = self.endpoint.memory.dirty
+        if dirty is None:
+            raise VfioUserError(errno.EINVAL, "DMA_LOGGING_REPORT: logging is off")
+        if page_size < protocol.MIGRATION_PGSIZE or page_size & (page_size - 1) or length <= 0:
+            raise VfioUserError(errno.EINVAL, f"DMA_LOGGING_REPORT: page size {page_size:#x}, length {length:#x}")
+        if dirty.bitmap_size(length, page_size) > self.max_data_xfer_size:
+            raise VfioUserError(errno.E2BIG, f"DMA_LOGGING_REPORT: a bitmap of {length:#x} bytes at {page_size:#x} "
+                                             f"exceeds {self.max_data_xfer_size} bytes")
+        return data[:rep_s.size] + dirty.report(iova, length, page_size)
+
+    def _mig_data_read(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
+        self._need(body, protocol.MIG_DATA_S.size, "MIG_DATA_READ")
+        argsz, size = protocol.MIG_DATA_S.unpack_from(body)
+        if argsz < protocol.MIG_DATA_S.size:
+            raise VfioUserError(errno.EINVAL, f"MIG_DATA_READ: argsz {argsz}")
+        data = self.migration.read(min(size, self.max_data_xfer_size))
+        return protocol.MIG_DATA_S.pack(protocol.MIG_DATA_S.size + len(data), len(data)) + data, []
+
+    def _mig_data_write(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
+        self._need(body, protocol.MIG_DATA_S.size, "MIG_DATA_WRITE")
+        argsz, size = protocol.MIG_DATA_S.unpack_from(body)
+        data = body[protocol.MIG_DATA_S.size:]
+        if argsz < protocol.MIG_DATA_S.size or size != len(data):
+            raise VfioUserError(errno.EINVAL, f"MIG_DATA_WRITE: argsz {argsz}, size {size}, {len(data)} data bytes")
+        self.migration.write(data)
         return b"", []
 
     _HANDLERS = {
@@ -580,4 +799,61 @@ class VfioUserServer:
         protocol.DEVICE_GET_REGION_INFO: _region_info, protocol.DEVICE_GET_IRQ_INFO: _irq_info,
         protocol.DEVICE_SET_IRQS: _set_irqs, protocol.REGION_READ: _region_read, protocol.REGION_WRITE: _region_write,
         protocol.REGION_WRITE_MULTI: _write_multi, protocol.DEVICE_RESET: _reset,
+        protocol.DEVICE_FEATURE: _device_feature, protocol.MIG_DATA_READ: _mig_data_read,
+        protocol.MIG_DATA_WRITE: _mig_data_write,
     }
+
+
+class ExtraClientGuard:
+    """While one client is served, accept and close every other connection (logged),
+    so that a second client is told at once instead of waiting unaccepted. A connection
+    that arrives after the served client hung up is its successor (a reconnect): it is
+    kept in :attr:`next_client` for the accept loop.
+
+    Use as a context manager around :meth:`VfioUserServer.serve`.
+
+    :param listener: the listening socket.
+    :param served: the served client's socket.
+    """
+
+    def __init__(self, listener: socket.socket, served: socket.socket) -> None:
+        self.listener = listener
+        #: the connection that came after the served client left, if any (the caller's)
+        self.next_client: socket.socket | None = None
+        self._served_fd = os.dup(served.fileno())  # polled for a hang-up; never reused meanwhile
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._thread = threading.Thread(target=self._run, name="vfio-user-extra-clients", daemon=True)
+
+    def __enter__(self) -> ExtraClientGuard:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        os.write(self._wake_w, b"x")
+        self._thread.join()
+        close_fds([self._served_fd, self._wake_r, self._wake_w])
+
+    def _served_gone(self) -> bool:
+        p = select.poll()
+        p.register(self._served_fd, select.POLLIN | select.POLLRDHUP)
+        return any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL)
+                   for _fd, ev in p.poll(0))
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self.listener.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while True:
+            events = dict(poller.poll())
+            if self._wake_r in events:
+                return
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                continue
+            if self._served_gone():
+                self.next_client = conn
+                return
+            log.warning("vfio-user: a second client connected while one is served; closing it")
+            conn.close()

@@ -20,7 +20,7 @@ from pcidev.device import PciDevice
 from pcidev.errors import TransportError
 from pcidev.transport.address import Listener, listen_unix
 from pcidev.transport.endpoint import DeviceEndpoint
-from pcidev.transport.vfio_user.server import VfioUserServer
+from pcidev.transport.vfio_user.server import ExtraClientGuard, VfioUserServer
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +84,13 @@ def serve_device(device: PciDevice, path: str, *, pm: pluggy.PluginManager | Non
         endpoint.start()
         print(f"pcidev: vfio-user server for {device.TYPE_NAME or type(device).__name__} listening on "
               f"{path} (pid {os.getpid()})", file=out, flush=True)
+        pending = None
         while True:
-            conn, _ = listener.sock.accept()
+            conn = pending if pending is not None else listener.sock.accept()[0]
             server = VfioUserServer(endpoint, conn)
-            reason = server.serve()
+            with ExtraClientGuard(listener.sock, conn) as guard:  # a second client is closed at once
+                reason = server.serve()  # a client that left: server.disconnect() ran
+            pending = guard.next_client
             if not server.counts:
                 # closed before its first message (another server probing whether
                 # this socket is live, say): not the client; keep listening

@@ -99,7 +99,7 @@ def test_version_reply_is_short_and_sane(edu):
     assert (major, minor) == (0, 0)
     assert body.endswith(b"\0") and len(body) <= 4 + len(QEMU_CAPS)
     caps = json.loads(body[4:-1])["capabilities"]
-    assert caps == {"max_msg_fds": 8, "max_data_xfer_size": 1 << 20}
+    assert caps == {"max_msg_fds": 8, "max_data_xfer_size": 1 << 20, "migration": {"pgsize": 4096}}
     assert server.client_caps["max_msg_fds"] == 16
     # a client with a short string gets a reply no larger than its request
     body = client.request(protocol.VERSION, protocol.VERSION_HDR.pack(0, 0) + b"{}\0").payload
@@ -319,7 +319,7 @@ def test_intx_eventfd_mask_unmask_and_reset(edu):
 def test_unknown_commands_and_bad_framing(edu):
     client, _ep, server = edu
     assert _refused(client, 99) == errno.ENOSYS
-    assert _refused(client, protocol.DEVICE_FEATURE, b"\0" * 8) == errno.ENOTTY
+    assert _refused(client, protocol.DEVICE_FEATURE, b"\0" * 8) == errno.EINVAL  # argsz 0
     assert _refused(client, protocol.DMA_READ, b"\0" * 16) == errno.ENOSYS
     # fds on a command that takes none are refused and closed
     efd = os.eventfd(0)
@@ -416,7 +416,7 @@ def test_cli_serve_vfio_user_process(tmp_path):
         sock.settimeout(10)
         sock.connect(str(path))
         client = VfioUserClient(sock, timeout=10)
-        assert client.version() == {"max_msg_fds": 8, "max_data_xfer_size": 1 << 20}
+        assert client.version() == {"max_msg_fds": 8, "max_data_xfer_size": 1 << 20, "migration": {"pgsize": 4096}}
         body = client.request(protocol.DEVICE_GET_INFO, protocol.DEVICE_INFO_S.pack(16, 0, 0, 0)).payload
         assert protocol.DEVICE_INFO_S.unpack(body)[1:] == (3, 9, 5)
         assert int.from_bytes(client.read(protocol.CONFIG_REGION, 0, 2), "little") == 0x1B36
@@ -539,7 +539,7 @@ def test_a_second_server_on_a_live_socket_leaves_the_first_serving(tmp_path, cap
         sock.settimeout(10)
         sock.connect(str(path))
         client = VfioUserClient(sock, timeout=10)
-        assert client.version() == {"max_msg_fds": 8, "max_data_xfer_size": 1 << 20}
+        assert client.version() == {"max_msg_fds": 8, "max_data_xfer_size": 1 << 20, "migration": {"pgsize": 4096}}
         assert proc.poll() is None
         sock.close()
         assert proc.wait(20) == 0

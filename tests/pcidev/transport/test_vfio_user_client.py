@@ -94,7 +94,7 @@ def test_version_info_and_config_space(edu: Served) -> None:
     client, ep, _server = edu
     assert client.server_caps is None
     caps = client.version()
-    assert caps == {"max_msg_fds": 8, "max_data_xfer_size": 1 << 20} == client.server_caps
+    assert caps == {"max_msg_fds": 8, "max_data_xfer_size": 1 << 20, "migration": {"pgsize": 4096}} == client.server_caps
     info = client.device_info()
     assert (info.flags, info.num_regions, info.num_irqs) == (
         protocol.DEVICE_FLAGS_RESET | protocol.DEVICE_FLAGS_PCI, protocol.NUM_REGIONS, protocol.NUM_IRQS)
@@ -502,7 +502,7 @@ def test_too_many_fds_in_a_reply_is_a_transport_error_and_leaks_none(
 def test_the_client_announces_what_it_accepts(edu: Served) -> None:
     client, _ep, server = edu
     client.version()
-    assert server.client_caps == {"max_msg_fds": 8, "max_data_xfer_size": 1 << 20}
+    assert server.client_caps == {"max_msg_fds": 8, "max_data_xfer_size": 1 << 20, "migration": {"pgsize": 4096}}
 
 
 def test_eventfds_are_sent_at_most_max_msg_fds_per_message() -> None:

@@ -569,6 +569,7 @@ class MigrationMixin:
     #: the ``nvme`` vmstate section
     VMSTATE: ClassVar[type[Any] | None] = NvmeState  # as declared by PciDevice
     MIGRATABLE_FEATURES = MIGRATABLE_FEATURES
+    FD_FEATURES = frozenset({"nvme-backend:mem"})  # the memfd travels with SCM_RIGHTS only
 
     _paused: bool
     _save_at_resume: bool
