@@ -9,6 +9,13 @@
 posted, and the MSI-X table is shadowed here so that a vector's eventfd becomes the
 message (address, data) the host programmed into that table entry.
 
+The connection can change under the same proxy (the host keeps driving the same
+object): :meth:`VfioUserDevice.reconnect` opens a new connection to a server whose
+previous client left (it re-sends VERSION, maps the same memory and installs the same
+eventfds), and :meth:`VfioUserDevice.retarget` switches to the destination of a
+migration (:func:`pcidev.transport.vfio_user.migration_client.migrate`). Neither may run
+while the host accesses the device.
+
 INTx: vfio-user signals an assertion through the eventfd and has no message for the
 deassertion, so each signal is delivered to the sink as a pulse (``intx(True)`` then
 ``intx(False)``). MSI (not MSI-X) is not routed.
@@ -41,8 +48,11 @@ class VfioUserDevice:
 
     realized = True
 
-    def __init__(self, client: VfioUserClient) -> None:
+    def __init__(self, client: VfioUserClient, *, path: str | os.PathLike[str] | None = None) -> None:
         self.client = client
+        #: the socket path connected to (what :meth:`reconnect` uses by default)
+        self.path = os.fspath(path) if path is not None else None
+        self._memory: GuestMemory | None = None
         info = client.device_info()
         if not info.flags & protocol.DEVICE_FLAGS_PCI:
             raise TransportError("vfio-user: the server's device is not a PCI device")
@@ -71,7 +81,7 @@ class VfioUserDevice:
         """
         client = VfioUserClient.connect(path, timeout=timeout)
         try:
-            return cls(client)
+            return cls(client, path=path)
         except BaseException:
             client.close()
             raise
@@ -122,17 +132,88 @@ class VfioUserDevice:
         :param sink: where interrupts go (None: nowhere).
         """
         if memory is not None:
-            for region, fd in memory.fds():
-                self.client.dma_map(region.gpa, region.size, fd, region.fd_offset, writable=region.writable)
+            self._memory = memory
+            self._map_memory(self.client, memory)
         self._sink = sink
         if sink is None or self._irqs is not None or self._closing:
             return
         irqs = self._irqs = InterruptEventfds(self.msix_vectors, self.has_intx, name="vfio-user-irq")
-        if irqs.vector_fds:
-            self.client.set_irq_eventfds(protocol.IRQ_MSIX, irqs.vector_fds)
-        if irqs.intx_fd is not None:
-            self.client.set_irq_eventfds(protocol.IRQ_INTX, [irqs.intx_fd])
+        self._install_eventfds(self.client)
         irqs.start(self._deliver_vector, self._deliver_intx)
+
+    @property
+    def memory(self) -> GuestMemory | None:
+        """The guest memory the server was given (:meth:`attach`, :meth:`reconnect`)."""
+        return self._memory
+
+    @staticmethod
+    def _map_memory(client: VfioUserClient, memory: GuestMemory) -> None:
+        for region, fd in memory.fds():
+            client.dma_map(region.gpa, region.size, fd, region.fd_offset, writable=region.writable)
+
+    def _install_eventfds(self, client: VfioUserClient) -> None:
+        irqs = self._irqs
+        if irqs is None:
+            return
+        if irqs.vector_fds:
+            client.set_irq_eventfds(protocol.IRQ_MSIX, irqs.vector_fds)
+        if irqs.intx_fd is not None:
+            client.set_irq_eventfds(protocol.IRQ_INTX, [irqs.intx_fd])
+
+    def establish(self, client: VfioUserClient) -> None:
+        """Give the server behind ``client`` what this proxy gave its own: the guest
+        memory (``DMA_MAP`` of the same fds) and the interrupt eventfds
+        (``DEVICE_SET_IRQS``). For a reconnect and a migration's destination.
+
+        :param client: a connected client after VERSION.
+        """
+        if self._memory is not None:
+            self._map_memory(client, self._memory)
+        self._install_eventfds(client)
+
+    # -- a new connection ------------------------------------------------------------------
+    def reconnect(self, path: str | os.PathLike[str] | None = None, *, memory: GuestMemory | None = None,
+                  timeout: float | None = None) -> None:
+        """Connect again to a server whose client left (this proxy's, or one that died):
+        close the old connection if it is still open, open a new one, send VERSION, map
+        the guest memory and install the same eventfds. The server resumes the device at
+        the first BAR access.
+
+        :param path: the socket (default: the one :meth:`connect` used).
+        :param memory: the guest memory to map from now on (default: the one :meth:`attach` gave).
+        :param timeout: seconds per request (default: the old connection's).
+        :raises TransportError: the server cannot be reached or refused the setup (the
+            proxy keeps the old, closed connection).
+        """
+        where = path if path is not None else self.path
+        if where is None:
+            raise TransportError("vfio-user: reconnect needs a socket path (the proxy was not made by connect())")
+        client = VfioUserClient.connect(where, timeout=self.client.timeout if timeout is None else timeout)
+        old_memory = self._memory
+        try:
+            if memory is not None:
+                self._memory = memory
+            self.establish(client)
+        except BaseException:
+            self._memory = old_memory
+            client.close()
+            raise
+        self.client.close()
+        self.client = client
+        self.path = os.fspath(where)
+
+    def retarget(self, client: VfioUserClient, *, path: str | os.PathLike[str] | None = None) -> VfioUserClient:
+        """Drive the device through ``client`` from now on (a migration's destination,
+        already given the memory and eventfds: :meth:`establish`). The MSI-X shadow
+        table and the eventfds stay.
+
+        :param client: the new connection (owned by the proxy from now on).
+        :param path: its socket path, for :meth:`reconnect` (default: unknown).
+        :returns: the previous connection (the caller's: close it when done with it).
+        """
+        old, self.client = self.client, client
+        self.path = os.fspath(path) if path is not None else None
+        return old
 
     def _deliver_vector(self, vector: int, count: int) -> None:
         sink = self._sink

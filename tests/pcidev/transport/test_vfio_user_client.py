@@ -94,7 +94,8 @@ def test_version_info_and_config_space(edu: Served) -> None:
     client, ep, _server = edu
     assert client.server_caps is None
     caps = client.version()
-    assert caps == {"max_msg_fds": 8, "max_data_xfer_size": 1 << 20, "migration": {"pgsize": 4096}} == client.server_caps
+    assert caps == {"max_msg_fds": 8, "max_data_xfer_size": 1 << 20,
+                    "migration": {"pgsize": 4096}} == client.server_caps
     info = client.device_info()
     assert (info.flags, info.num_regions, info.num_irqs) == (
         protocol.DEVICE_FLAGS_RESET | protocol.DEVICE_FLAGS_PCI, protocol.NUM_REGIONS, protocol.NUM_IRQS)
