@@ -1,0 +1,181 @@
+"""A vfio-user client that leaves is not a dead device: the server unmaps the client's
+memory and drops its eventfds but keeps the device, and serves the next client
+(``VfioUserDevice.reconnect``). NVMe with a file namespace, verified I/O on two queues
+with an AER outstanding, across reconnects."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import crc32c
+import pytest
+
+from pcidev.dma import GuestMemory
+from pcidev.host.machine import Machine
+from pcidev.transport.vfio_user.remote import VfioUserDevice
+from pcidev_nvme.testing.driver import NvmeDriver
+
+HERE = Path(__file__).resolve().parent
+BLOCK = 512
+CHUNK = 4096  # one write: 8 blocks
+
+
+class Server:
+    """``persistent_server.py`` in a process: serve_device(once=False)."""
+
+    def __init__(self, path: str, spec: str) -> None:
+        self.path = path
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "persistent_server.py"), path, spec],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self._sel = selectors.DefaultSelector()
+        assert self.proc.stdout is not None
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        self._sel.register(self.proc.stdout, selectors.EVENT_READ)
+        self._buf = ""
+        self.wait_for("listening on", 30)
+
+    def wait_for(self, text: str, timeout: float = 10.0, count: int = 1) -> None:
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        while sum(text in line for line in self.lines) < count:
+            left = deadline - time.monotonic()
+            assert left > 0, f"server never printed {text!r} x{count}: {self.lines}"
+            if self._sel.select(left):
+                chunk = self.proc.stdout.read()
+                assert chunk, f"server ended: {self.lines} {self._buf}"
+                self._buf += chunk
+                *done, self._buf = self._buf.split("\n")
+                self.lines.extend(done)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._sel.close()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+@pytest.fixture
+def nvme_server(tmp_path: Path) -> Iterator[Server]:
+    server = Server(str(tmp_path / "nvme.sock"), f"nvme,ns=file:path={tmp_path}/ns.img,size=4M")
+    try:
+        yield server
+    finally:
+        server.stop()
+    assert server.proc.returncode in (0, -15, 143), server.lines
+
+
+class Pattern:
+    """Written blocks and their crc32c, verified per block."""
+
+    def __init__(self) -> None:
+        self.crcs: dict[int, int] = {}
+
+    def write(self, drv: NvmeDriver, slba: int, qid: int) -> None:
+        data = os.urandom(CHUNK)
+        drv.write(1, slba, data, qid=qid)
+        for i in range(CHUNK // BLOCK):
+            self.crcs[slba + i] = crc32c.crc32c(data[i * BLOCK:(i + 1) * BLOCK])
+
+    def verify(self, drv: NvmeDriver, qids: tuple[int, ...] = (1, 2)) -> None:
+        lbas = sorted(self.crcs)
+        for n, first in enumerate(range(0, len(lbas), CHUNK // BLOCK)):
+            slba = lbas[first]
+            data = drv.read(1, slba, CHUNK // BLOCK, qid=qids[n % len(qids)])
+            for i in range(CHUNK // BLOCK):
+                assert crc32c.crc32c(data[i * BLOCK:(i + 1) * BLOCK]) == self.crcs[slba + i], f"LBA {slba + i}"
+
+
+def host_writes(drv: NvmeDriver) -> int:
+    raw = drv.get_log(0x02, 512)
+    return int.from_bytes(raw[80:96], "little")  # SMART Host Write Commands (u128)
+
+
+def error_event(drv: NvmeDriver, remote: VfioUserDevice) -> list[tuple[int, int, int]]:
+    """Ring the doorbell of an SQ that does not exist: the outstanding AER completes."""
+    remote.bar_write(0, 0x1000 + 8 * 9, 4, 1)
+    return drv.poll_events(2.0)
+
+
+def split_memory(machine: Machine) -> GuestMemory:
+    """The machine's RAM, remapped as two regions (other fds, other map table)."""
+    mem = GuestMemory()
+    half = machine.ram_size // 2
+    mem.map(0, half, machine.ram_fd, 0, name="low")
+    mem.map(half, machine.ram_size - half, machine.ram_fd, half, name="high")
+    return mem
+
+
+def test_a_client_that_leaves_and_comes_back_finds_its_device(nvme_server: Server) -> None:
+    with Machine(ram_size=64 << 20) as machine:
+        remote = VfioUserDevice.connect(nvme_server.path)
+        mem2: GuestMemory | None = None
+        try:
+            drv = NvmeDriver.attach(machine, remote, io_queues=2, io_depth=32, aers=1)
+            pattern = Pattern()
+            for i in range(16):
+                pattern.write(drv, i * 8, qid=1 + i % 2)
+            pattern.verify(drv)
+            writes = host_writes(drv)
+            assert writes >= 16
+
+            # the client goes away: only its socket closes
+            remote.client.close()
+            nvme_server.wait_for("client left")
+            remote.reconnect()
+            assert drv.csts & 1, "CSTS.RDY after the reconnect"
+            pattern.verify(drv)  # both queues still exist, the data is there
+            for i in range(16, 20):
+                pattern.write(drv, i * 8, qid=1 + i % 2)
+            pattern.verify(drv)
+            assert host_writes(drv) == writes + 4  # SMART counted on
+            assert error_event(drv, remote) == [(0, 0x00, 0x01)]  # the AER outstanding before
+
+            # a second reconnect, with the memory mapped differently
+            remote.client.close()
+            nvme_server.wait_for("client left", count=2)
+            mem2 = split_memory(machine)
+            remote.reconnect(memory=mem2)
+            assert drv.csts & 1
+            pattern.verify(drv, qids=(2, 1))
+            pattern.write(drv, 20 * 8, qid=2)
+            pattern.verify(drv)
+            assert host_writes(drv) == writes + 5
+            drv.close()
+        finally:
+            remote.close()
+            if mem2 is not None:
+                mem2.close()
+
+
+def test_a_second_client_is_closed_at_once_and_the_first_keeps_its_device(nvme_server: Server) -> None:
+    with Machine(ram_size=32 << 20) as machine, VfioUserDevice.connect(nvme_server.path) as remote:
+        drv = NvmeDriver.attach(machine, remote, io_queues=1, io_depth=16)
+        pattern = Pattern()
+        pattern.write(drv, 0, qid=1)
+        intruder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        intruder.settimeout(10)
+        intruder.connect(nvme_server.path)
+        assert intruder.recv(16) == b""  # accepted and closed, not left waiting
+        intruder.close()
+        pattern.verify(drv, qids=(1,))
+        pattern.write(drv, 8, qid=1)
+        pattern.verify(drv, qids=(1,))
+        drv.close()
+    # the first client left; a new one is served (its device still enabled)
+    nvme_server.wait_for("client left")
+    with VfioUserDevice.connect(nvme_server.path) as again:
+        assert again.bar_read(0, 0x1C, 4) & 1  # CSTS.RDY: drv.close() did not shut down
