@@ -1,4 +1,6 @@
-"""A vfio-user server that keeps serving after its client leaves, for the reconnect tests:
+"""A vfio-user server that keeps serving after its client leaves, for the reconnect tests.
+
+Usage::
 
     python persistent_server.py SOCKET DEVICE[,PROPS]
 
