@@ -1,0 +1,385 @@
+"""vfio-user migration (VFIO migration v2 over the socket), server side, driven by
+pcidev's client: the full migration of an NVMe controller between two ``pcidev serve``
+processes with verified I/O, every state arc, a refused stream, blockers, DMA dirty
+logging against a snapshot diff, and hostile DEVICE_FEATURE bodies."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import crc32c
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pcidev.devices.edu import EduDevice
+from pcidev.device import PciDevice
+from pcidev.host.machine import Machine
+from pcidev.testing import served
+from pcidev.transport.endpoint import DeviceEndpoint
+from pcidev.transport.vfio_user import protocol
+from pcidev.transport.vfio_user.client import VfioUserClient
+from pcidev.transport.vfio_user.migration import migration_path
+from pcidev.transport.vfio_user.migration_client import (
+    dirty_pages,
+    feature,
+    feature_probe,
+    logging_report,
+    logging_start,
+    logging_stop,
+    mig_read_all,
+    mig_state,
+    mig_write_all,
+    migrate,
+    migration_flags,
+    set_mig_state,
+)
+from pcidev.transport.vfio_user.protocol import (
+    MIG_STATE_ERROR,
+    MIG_STATE_PRE_COPY,
+    MIG_STATE_RESUMING,
+    MIG_STATE_RUNNING,
+    MIG_STATE_STOP,
+    MIG_STATE_STOP_COPY,
+    VfioUserError,
+)
+from pcidev.transport.vfio_user.remote import VfioUserDevice
+from pcidev.transport.vfio_user.server import VfioUserServer
+from pcidev_nvme.controller import NvmeController
+from pcidev_nvme.testing.driver import NvmeDriver
+
+BLOCK = 512
+CHUNK = 4096
+STATES = (MIG_STATE_STOP, MIG_STATE_RUNNING, MIG_STATE_STOP_COPY, MIG_STATE_RESUMING, MIG_STATE_PRE_COPY)
+
+
+class InProcess:
+    """A device served by a VfioUserServer in a thread, over a socketpair."""
+
+    def __init__(self, device: PciDevice) -> None:
+        self.endpoint = DeviceEndpoint(device)
+        self.endpoint.start()
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server = VfioUserServer(self.endpoint, a)
+        self.result: dict[str, str] = {}
+        self.thread = threading.Thread(target=lambda: self.result.setdefault("reason", self.server.serve()),
+                                       daemon=True)
+        self.thread.start()
+        self.client = VfioUserClient(b, timeout=20)
+        self.client.version()
+
+    def close(self) -> None:
+        self.client.close()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+        self.endpoint.close()
+
+
+@pytest.fixture
+def edu() -> Iterator[InProcess]:
+    srv = InProcess(EduDevice())
+    yield srv
+    srv.close()
+
+
+def refused(fn: Any, *args: Any) -> int:
+    with pytest.raises(VfioUserError) as info:
+        fn(*args)
+    return info.value.errno
+
+
+class Pattern:
+    """Written blocks and their crc32c, verified per block."""
+
+    def __init__(self) -> None:
+        self.crcs: dict[int, int] = {}
+
+    def write(self, drv: NvmeDriver, slba: int, qid: int) -> None:
+        data = os.urandom(CHUNK)
+        drv.write(1, slba, data, qid=qid)
+        for i in range(CHUNK // BLOCK):
+            self.crcs[slba + i] = crc32c.crc32c(data[i * BLOCK:(i + 1) * BLOCK])
+
+    def verify(self, drv: NvmeDriver, qids: tuple[int, ...] = (1, 2)) -> None:
+        lbas = sorted(self.crcs)
+        for n, first in enumerate(range(0, len(lbas), CHUNK // BLOCK)):
+            slba = lbas[first]
+            data = drv.read(1, slba, CHUNK // BLOCK, qid=qids[n % len(qids)])
+            for i in range(CHUNK // BLOCK):
+                assert crc32c.crc32c(data[i * BLOCK:(i + 1) * BLOCK]) == self.crcs[slba + i], f"LBA {slba + i}"
+
+
+def host_writes(drv: NvmeDriver) -> int:
+    return int.from_bytes(drv.get_log(0x02, 512)[80:96], "little")  # SMART Host Write Commands
+
+
+# -- the full migration ---------------------------------------------------------------------------
+def test_an_nvme_controller_migrates_between_two_pcidev_serve_processes(tmp_path: Path) -> None:
+    img = tmp_path / "ns.img"
+    spec = f"ns=file:path={img},size=4M,aerl=3"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with served("nvme", spec, plugin_specs=(), directory=tmp_path / "a") as src, \
+            served("nvme", spec, plugin_specs=(), directory=tmp_path / "b") as dst, \
+            Machine(ram_size=64 << 20) as machine:
+        remote = VfioUserDevice.connect(src.path)
+        try:
+            drv = NvmeDriver.attach(machine, remote, io_queues=2, io_depth=32, aers=2)
+            assert migration_flags(remote.client) == protocol.MIGRATION_STOP_COPY | protocol.MIGRATION_PRE_COPY
+            assert feature_probe(remote.client, protocol.FEATURE_MIG_DEVICE_STATE,
+                                 protocol.FEATURE_GET | protocol.FEATURE_SET)
+            pattern = Pattern()
+            for i in range(24):
+                pattern.write(drv, i * 8, qid=1 + i % 2)
+            pattern.verify(drv)
+            writes = host_writes(drv)
+
+            dst_client = VfioUserClient.connect(dst.path, timeout=20)
+            outcome = migrate(remote, dst_client, path=dst.path)
+            assert remote.client is dst_client and remote.path == dst.path
+            assert outcome.state_bytes > 0 and outcome.downtime >= 0
+            assert src.wait(20) == 0  # its client left (migrate closed it)
+
+            assert mig_state(remote.client) == MIG_STATE_RUNNING
+            assert drv.csts & 1  # CSTS.RDY on the destination
+            pattern.verify(drv)  # both queues exist there, the data reads back
+            for i in range(24, 30):
+                pattern.write(drv, i * 8, qid=1 + i % 2)
+            pattern.verify(drv, qids=(2, 1))
+            assert host_writes(drv) == writes + 6  # SMART carried and counting on
+            # the AERs outstanding on the source complete on the destination
+            remote.bar_write(0, 0x1000 + 8 * 9, 4, 1)  # a doorbell of an SQ that does not exist
+            assert drv.poll_events(2.0) == [(0, 0x00, 0x01)]
+            drv.close()
+        finally:
+            remote.close()
+        assert dst.wait(20) == 0
+
+
+# -- the state machine -----------------------------------------------------------------------------
+def _expected(cur: int, target: int) -> int | None:
+    """The spec's answer, written out by hand: the final state, or None for EINVAL."""
+    if cur == MIG_STATE_ERROR or target not in STATES:
+        return None
+    if cur == MIG_STATE_STOP_COPY and target == MIG_STATE_PRE_COPY:
+        return None
+    return target
+
+
+def _goto(srv: InProcess, state: int, stream: bytes) -> None:
+    c = srv.client
+    if state == MIG_STATE_ERROR:
+        set_mig_state(c, MIG_STATE_RESUMING)
+        mig_write_all(c, b"garbage")
+        assert refused(set_mig_state, c, MIG_STATE_STOP) == errno.EINVAL
+    else:
+        set_mig_state(c, state)
+        if state == MIG_STATE_RESUMING:
+            mig_write_all(c, stream)
+    assert mig_state(c) == state
+
+
+@pytest.mark.parametrize("cur", (*STATES, MIG_STATE_ERROR))
+def test_every_arc_is_taken_or_refused_as_the_spec_says(edu: InProcess, cur: int) -> None:
+    c = edu.client
+    set_mig_state(c, MIG_STATE_STOP_COPY)
+    stream = mig_read_all(c)
+    assert stream and mig_read_all(c) == b""  # a short read ended it; nothing more
+    set_mig_state(c, MIG_STATE_RUNNING)
+    for target in range(10):
+        c.reset()
+        assert mig_state(c) == MIG_STATE_RUNNING
+        _goto(edu, cur, stream)
+        want = _expected(cur, target)
+        if want is None:
+            assert refused(set_mig_state, c, target) == errno.EINVAL, (cur, target)
+            assert mig_state(c) == cur  # unchanged
+        else:
+            assert set_mig_state(c, target) == want, (cur, target)
+            assert mig_state(c) == want
+            running = want in (MIG_STATE_RUNNING, MIG_STATE_PRE_COPY)
+            assert edu.endpoint.device.quiesced is not running
+    c.reset()
+    assert mig_state(c) == MIG_STATE_RUNNING and not edu.endpoint.device.quiesced
+
+
+def test_the_arcs_are_single_steps_of_the_spec() -> None:
+    S, R, SC, RS, PC = STATES
+    assert migration_path(R, SC) == [S, SC]
+    assert migration_path(PC, SC) == [SC]
+    assert migration_path(S, PC) == [R, PC]
+    assert migration_path(RS, R) == [S, R]
+    assert migration_path(RS, PC) == [S, R, PC]
+    assert migration_path(SC, RS) == [S, RS]
+    assert migration_path(PC, S) == [R, S]
+
+
+def test_data_moves_only_in_its_states(edu: InProcess) -> None:
+    c = edu.client
+    assert refused(mig_read_all, c) == errno.EINVAL  # RUNNING
+    assert refused(mig_write_all, c, b"x") == errno.EINVAL
+    set_mig_state(c, MIG_STATE_PRE_COPY)
+    assert mig_read_all(c) == b""  # no early data: everything comes at the stop
+    set_mig_state(c, MIG_STATE_STOP_COPY)
+    stream = mig_read_all(c, 100)  # small chunks
+    assert refused(mig_write_all, c, b"x") == errno.EINVAL
+    set_mig_state(c, MIG_STATE_RESUMING)
+    mig_write_all(c, stream, 33)
+    set_mig_state(c, MIG_STATE_RUNNING)  # RESUMING -> STOP (load) -> RUNNING
+    assert not edu.endpoint.device.quiesced
+
+
+def test_a_corrupted_stream_fails_resuming_to_stop_and_only_reset_leaves_error(edu: InProcess) -> None:
+    c = edu.client
+    dev = edu.endpoint.device
+    set_mig_state(c, MIG_STATE_STOP_COPY)
+    stream = bytearray(mig_read_all(c))
+    set_mig_state(c, MIG_STATE_STOP)
+    before = bytes(dev.config.data)
+    stream[len(stream) // 2] ^= 0x40
+    set_mig_state(c, MIG_STATE_RESUMING)
+    mig_write_all(c, bytes(stream))
+    assert refused(set_mig_state, c, MIG_STATE_STOP) == errno.EINVAL
+    assert mig_state(c) == MIG_STATE_ERROR
+    assert bytes(dev.config.data) == before  # the load is all or nothing
+    for target in STATES:
+        assert refused(set_mig_state, c, target) == errno.EINVAL
+        assert mig_state(c) == MIG_STATE_ERROR
+    c.reset()
+    assert mig_state(c) == MIG_STATE_RUNNING and not dev.quiesced
+    assert c.config_read(0, 2) == 0x1234  # still served
+
+
+def test_a_mem_namespace_blocks_before_anything_stops() -> None:
+    srv = InProcess(NvmeController("ns=mem:size=1M"))
+    try:
+        c = srv.client
+        for target in (MIG_STATE_PRE_COPY, MIG_STATE_STOP_COPY):
+            with pytest.raises(VfioUserError) as info:
+                set_mig_state(c, target)
+            assert info.value.errno == errno.EBUSY
+            assert mig_state(c) == MIG_STATE_RUNNING and not srv.endpoint.device.quiesced
+        set_mig_state(c, MIG_STATE_STOP)  # stopping is fine; saving is not
+        assert refused(set_mig_state, c, MIG_STATE_STOP_COPY) == errno.EBUSY
+        assert mig_state(c) == MIG_STATE_STOP
+        set_mig_state(c, MIG_STATE_RUNNING)
+    finally:
+        srv.close()
+
+
+def test_the_server_drops_a_migration_and_logging_when_its_client_leaves(edu: InProcess) -> None:
+    c = edu.client
+    logging_start(c, [(0, 1 << 20)])
+    set_mig_state(c, MIG_STATE_STOP_COPY)
+    assert edu.server.migration_busy() == "migration state STOP_COPY"
+    c.close()
+    edu.thread.join(10)
+    assert edu.result["reason"] == "eof"
+    assert edu.server.migration_busy() is None  # RUNNING, logging off
+    assert edu.endpoint.memory.dirty is None
+    assert edu.server.dormant and edu.endpoint.device.quiesced  # kept for the next client
+
+
+# -- dirty logging ---------------------------------------------------------------------------------
+def test_reported_dirty_pages_cover_every_page_the_device_wrote(tmp_path: Path) -> None:
+    ram = 16 << 20
+    srv = InProcess(NvmeController(f"ns=file:path={tmp_path}/ns.img,size=2M"))
+    try:
+        with Machine(ram_size=ram) as machine:
+            remote = VfioUserDevice(srv.client)
+            drv = NvmeDriver.attach(machine, remote, io_queues=1, io_depth=16, aers=1)
+            pattern = Pattern()
+            pattern.write(drv, 0, qid=1)
+            c = srv.client
+            landing = [machine.alloc(4096) for _ in range(8)]  # read buffers the host never writes
+            before = os.pread(machine.ram_fd, ram, 0)
+            host = machine.memory.start_dirty_log()  # what the host itself writes (SQEs, write data)
+            logging_start(c)  # all mapped memory
+            reported: set[int] = set()
+            for i in range(1, 12):
+                pattern.write(drv, i * 8, qid=1)
+                if i % 4 == 0:
+                    reported |= set(dirty_pages(logging_report(c, 0, ram), 0))
+                drv.identify(0x01)
+                pattern.verify(drv, qids=(1,))
+                if i < len(landing):  # the device writes these pages only
+                    drv.io(1, 0x02, nsid=1, cdw10=i * 8, cdw12=7, buf=landing[i], length=4096)
+                    data = machine.memory.read(landing[i], 4096)
+                    assert crc32c.crc32c(data[:BLOCK]) == pattern.crcs[i * 8]
+            drv.get_log(0x02, 512)
+            set_mig_state(c, MIG_STATE_STOP)  # quiescent: every write through a view is done
+            reported |= set(dirty_pages(logging_report(c, 0, ram), 0))
+            after = os.pread(machine.ram_fd, ram, 0)
+            host_pages = set(dirty_pages(host.report(0, ram, 4096), 0))
+            machine.memory.stop_dirty_log()
+            changed = {p for p in range(0, ram, 4096) if before[p:p + 4096] != after[p:p + 4096]}
+            by_device = changed - host_pages
+            assert set(landing[1:]) <= by_device and len(by_device) >= 9  # + the CQs
+            assert by_device <= reported, sorted(by_device - reported)
+            assert logging_report(c, 0, ram) == bytes(ram // 4096 // 8)  # reported and cleared
+            # the bitmap is too large for one reply at 4 KiB pages beyond max_data_xfer_size
+            set_mig_state(c, MIG_STATE_RUNNING)
+            logging_stop(c)
+            assert refused(logging_report, c, 0, ram) == errno.EINVAL  # logging is off
+            pattern.verify(drv, qids=(1,))
+            drv.close()
+    finally:
+        srv.close()
+
+
+def test_logging_requests_are_checked(edu: InProcess) -> None:
+    c = edu.client
+    edu.server.conn.max_data_xfer_size = 4096
+    logging_start(c, [(0, 1 << 30)])
+    assert refused(logging_start, c) == errno.EBUSY  # already on
+    assert refused(logging_report, c, 0, 1 << 30) == errno.E2BIG  # 32 KiB of bitmap > 4 KiB
+    assert len(logging_report(c, 0, 1 << 27)) == 4096
+    assert refused(logging_report, c, 0x1000, 0x1000, 8192) == errno.EINVAL  # not whole pages
+    assert refused(logging_report, c, 1 << 30, 4096) == errno.EINVAL  # not logged
+    logging_stop(c)
+    assert refused(logging_start, c, [(0x800, 0x1000)]) == errno.EINVAL
+    assert refused(logging_start, c, [(0, 4096)], 1000) == errno.EINVAL
+
+
+# -- hostile requests ------------------------------------------------------------------------------
+def test_unsupported_features_and_operations_are_einval(edu: InProcess) -> None:
+    c = edu.client
+    G, S, P = protocol.FEATURE_GET, protocol.FEATURE_SET, protocol.FEATURE_PROBE
+    assert refused(feature, c, 3 | G) == errno.EINVAL  # no such feature here
+    assert refused(feature, c, protocol.FEATURE_MIGRATION | S, b"\0" * 8) == errno.EINVAL
+    assert refused(feature, c, protocol.FEATURE_MIG_DEVICE_STATE | G | S) == errno.EINVAL
+    assert refused(feature, c, protocol.FEATURE_MIG_DEVICE_STATE) == errno.EINVAL  # neither GET nor SET
+    assert not feature_probe(c, protocol.FEATURE_MIGRATION, S)
+    assert feature_probe(c, protocol.FEATURE_MIGRATION, G)
+    assert feature_probe(c, protocol.FEATURE_DMA_LOGGING_REPORT, G)
+    assert not feature_probe(c, protocol.FEATURE_DMA_LOGGING_START, G)
+    assert refused(feature, c, protocol.FEATURE_MIGRATION | G | (1 << 20)) == errno.EINVAL
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cmd=st.sampled_from([protocol.DEVICE_FEATURE, protocol.MIG_DATA_READ, protocol.MIG_DATA_WRITE]),
+       argsz=st.one_of(st.integers(0, 64), st.integers(0, 2**32 - 1)),
+       feat=st.one_of(st.sampled_from([1, 2, 6, 7, 8]), st.integers(0, 0xFFFF)),
+       ops=st.integers(0, 15),
+       data=st.binary(max_size=96))
+def test_hostile_feature_and_data_bodies_get_a_reply_never_an_exception(
+        edu: InProcess, cmd: int, argsz: int, feat: int, ops: int, data: bytes) -> None:
+    c = edu.client
+    flags = feat | (ops & 7) << 16 | (ops >> 3) << 24
+    body = struct.pack("<II", argsz, flags) + data
+    try:
+        c.request(cmd, body)
+    except VfioUserError:
+        pass
+    assert not c.closed and edu.thread.is_alive()
+    # whatever it did, the server answers and can be brought back to RUNNING, logging off
+    c.reset()
+    logging_stop(c)
+    assert mig_state(c) == MIG_STATE_RUNNING and c.config_read(0, 2) == 0x1234
