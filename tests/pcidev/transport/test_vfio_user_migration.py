@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pcidev.devices.edu import EduDevice
 from pcidev.device import PciDevice
+from pcidev.devices.edu import EduDevice
 from pcidev.host.machine import Machine
 from pcidev.testing import served
 from pcidev.transport.endpoint import DeviceEndpoint
@@ -351,7 +351,7 @@ def test_logging_requests_are_checked(edu: InProcess) -> None:
 # -- hostile requests ------------------------------------------------------------------------------
 def test_unsupported_features_and_operations_are_einval(edu: InProcess) -> None:
     c = edu.client
-    G, S, P = protocol.FEATURE_GET, protocol.FEATURE_SET, protocol.FEATURE_PROBE
+    G, S = protocol.FEATURE_GET, protocol.FEATURE_SET
     assert refused(feature, c, 3 | G) == errno.EINVAL  # no such feature here
     assert refused(feature, c, protocol.FEATURE_MIGRATION | S, b"\0" * 8) == errno.EINVAL
     assert refused(feature, c, protocol.FEATURE_MIG_DEVICE_STATE | G | S) == errno.EINVAL
