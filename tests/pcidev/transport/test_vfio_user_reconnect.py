@@ -132,10 +132,10 @@ def test_a_client_that_leaves_and_comes_back_finds_its_device(nvme_server: Serve
             writes = host_writes(drv)
             assert writes >= 16
 
-            # the client goes away: only its socket closes
+            # the client goes away (only its socket closes) and connects again at once
             remote.client.close()
-            nvme_server.wait_for("client left")
             remote.reconnect()
+            nvme_server.wait_for("client left")
             assert drv.csts & 1, "CSTS.RDY after the reconnect"
             pattern.verify(drv)  # both queues still exist, the data is there
             for i in range(16, 20):
