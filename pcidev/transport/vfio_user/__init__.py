@@ -5,9 +5,10 @@ drive a served device from Python.
 runs one connection, :mod:`.server` answers its messages (the device behind a
 :class:`~pcidev.transport.endpoint.DeviceEndpoint`), :mod:`.conn` holds the
 connection's own state and :mod:`.serving` runs a device on a socket;
-:mod:`.client` the client (:class:`VfioUserClient`) and :mod:`.remote` the software
-host's view of a served device (:class:`VfioUserDevice`, for
-:meth:`pcidev.host.Machine.plug`).
+:mod:`.migration` the migration state machine of a served device;
+:mod:`.client` the client (:class:`VfioUserClient`), :mod:`.migration_client` its
+migration requests and :mod:`.remote` the software host's view of a served device
+(:class:`VfioUserDevice`, for :meth:`pcidev.host.Machine.plug`).
 The protocol is QEMU's ``docs/interop/vfio-user.rst``.
 """
 

@@ -138,7 +138,7 @@ class MigrationStateMachine:
     """The migration states of one served device (see the module docstring).
 
     :param device: the served device.
-    :param conn: the connection state holding :attr:`~ConnectionState.mig_state`.
+    :param conn: the connection state holding :attr:`~pcidev.transport.vfio_user.conn.ConnectionState.mig_state`.
     :param pm: the plugin manager (its migration blockers).
     :param settle: called after the device is quiesced by an arc (the dirty-page log
         settles: the writes through views the device took are done).

@@ -220,7 +220,8 @@ def migrate(device: VfioUserDevice, dst: VfioUserClient, *, path: str | None = N
     ``dst``, and make the proxy drive it there.
 
     The steps (docs/vfio-user-migration.md): ``dst`` is given the same guest memory and
-    eventfds (:meth:`VfioUserDevice.establish`); the source starts dirty logging and goes
+    eventfds (:meth:`~pcidev.transport.vfio_user.remote.VfioUserDevice.establish`); the
+    source starts dirty logging and goes
     to PRE_COPY (its early data is read: empty for pcidev), then to STOP_COPY, and its
     state is read; the destination goes to RESUMING, takes the state, and goes through
     STOP to RUNNING; the source reports its dirty pages a last time, stops logging and
@@ -233,7 +234,8 @@ def migrate(device: VfioUserDevice, dst: VfioUserClient, *, path: str | None = N
     :param device: the source's proxy (plugged into the host, attached).
     :param dst: a connection to the destination server, after VERSION (owned by the proxy
         on success).
-    :param path: the destination's socket path (for a later :meth:`~VfioUserDevice.reconnect`).
+    :param path: the destination's socket path (for a later
+        :meth:`~pcidev.transport.vfio_user.remote.VfioUserDevice.reconnect`).
     :param chunk: bytes per MIG_DATA request (default: each connection's limit).
     :returns: the state size, the downtime and the dirty pages reported.
     :raises MigrationError: the migration failed (the source runs).
