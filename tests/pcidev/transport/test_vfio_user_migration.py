@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from pcidev.device import PciDevice
 from pcidev.devices.edu import EduDevice
+from pcidev.dma import alloc_memfd
 from pcidev.host.machine import Machine
 from pcidev.testing import served
 from pcidev.transport.endpoint import DeviceEndpoint
@@ -383,3 +384,27 @@ def test_hostile_feature_and_data_bodies_get_a_reply_never_an_exception(
     c.reset()
     logging_stop(c)
     assert mig_state(c) == MIG_STATE_RUNNING and c.config_read(0, 2) == 0x1234
+
+
+def test_the_destination_keeps_its_own_memory_and_it_must_match_the_streams() -> None:
+    fd = alloc_memfd(2 << 20)
+    src, good, bad = InProcess(EduDevice()), InProcess(EduDevice()), InProcess(EduDevice())
+    try:
+        src.client.dma_map(0x100000, 1 << 20, fd)
+        set_mig_state(src.client, MIG_STATE_STOP_COPY)
+        stream = mig_read_all(src.client)
+        good.client.dma_map(0x100000, 1 << 20, fd, 0)  # the same map, its own fd
+        bad.client.dma_map(0x200000, 1 << 20, fd)      # elsewhere
+        for dst, ok in ((good, True), (bad, False)):
+            set_mig_state(dst.client, MIG_STATE_RESUMING)
+            mig_write_all(dst.client, stream)
+            if ok:
+                assert set_mig_state(dst.client, MIG_STATE_RUNNING) == MIG_STATE_RUNNING
+                assert [(r.gpa, r.size) for r in dst.endpoint.memory.regions()] == [(0x100000, 1 << 20)]
+            else:
+                assert refused(set_mig_state, dst.client, MIG_STATE_STOP) == errno.EINVAL
+                assert mig_state(dst.client) == MIG_STATE_ERROR
+    finally:
+        for s in (src, good, bad):
+            s.close()
+        os.close(fd)

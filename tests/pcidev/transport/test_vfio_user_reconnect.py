@@ -10,6 +10,7 @@ import selectors
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +18,16 @@ from pathlib import Path
 import crc32c
 import pytest
 
-from pcidev.dma import GuestMemory
+from pcidev.devices.edu import EduDevice
+from pcidev.dma import GuestMemory, alloc_memfd
 from pcidev.host.machine import Machine
+from pcidev.pci.capabilities.msix import MsixCapability
+from pcidev.transport.endpoint import DeviceEndpoint
+from pcidev.transport.fdpass import close_fds
+from pcidev.transport.vfio_user import protocol
+from pcidev.transport.vfio_user.client import VfioUserClient
 from pcidev.transport.vfio_user.remote import VfioUserDevice
+from pcidev.transport.vfio_user.server import VfioUserServer
 from pcidev_nvme.testing.driver import NvmeDriver
 
 HERE = Path(__file__).resolve().parent
@@ -179,3 +187,56 @@ def test_a_second_client_is_closed_at_once_and_the_first_keeps_its_device(nvme_s
     nvme_server.wait_for("client left")
     with VfioUserDevice.connect(nvme_server.path) as again:
         assert again.bar_read(0, 0x1C, 4) & 1  # CSTS.RDY: drv.close() did not shut down
+
+
+# -- what a disconnect tears down, and what resumes the device (in process) ----------------------
+def _connect(ep: DeviceEndpoint) -> tuple[VfioUserServer, VfioUserClient, threading.Thread, dict[str, str]]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    server = VfioUserServer(ep, a)
+    result: dict[str, str] = {}
+    t = threading.Thread(target=lambda: result.setdefault("reason", server.serve()), daemon=True)
+    t.start()
+    client = VfioUserClient(b, timeout=10)
+    client.version()
+    return server, client, t, result
+
+
+@pytest.mark.parametrize("wake", ["bar-read", "bar-write", "reset"])
+def test_disconnect_tears_down_the_connection_and_the_next_client_resumes_the_device(wake: str) -> None:
+    ep = DeviceEndpoint(EduDevice())
+    ep.start()
+    dev = ep.device
+    fd = alloc_memfd(1 << 20)
+    efds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(2)]
+    try:
+        server, client, t, result = _connect(ep)
+        client.dma_map(0, 1 << 20, fd)
+        client.dma_map(1 << 20, 1 << 20, None)  # a range without an fd
+        client.set_irq_eventfds(protocol.IRQ_MSIX, efds)
+        msix = dev.caps.find(MsixCapability)
+        assert msix is not None and not msix.entry(0)[2]
+        client.close()
+        t.join(10)
+        assert result["reason"] == "eof"
+        assert ep.memory.regions() == [] and server.nofd_maps == {}
+        assert ep.sink.vector_fds == {} and ep.sink.intx_fd is None
+        assert msix.entry(0)[2] and msix.entry(1)[2]  # masked: interrupts latch as pending now
+        assert dev.quiesced and server.dormant and server.counts["DMA_MAP"] == 2
+
+        server, client, t, result = _connect(ep)
+        client.device_info()
+        client.config_read(0, 4)
+        client.region_info(0)
+        assert dev.quiesced  # config and info requests do not resume it
+        if wake == "bar-read":
+            assert client.read_int(0, 0, 4) == 0x010000ED  # edu's identification register
+        elif wake == "bar-write":
+            client.write_int(0, 4, 4, 0x12345678)
+        else:
+            client.reset()
+        assert not dev.quiesced and not server.dormant
+        client.close()
+        t.join(10)
+    finally:
+        close_fds(efds + [fd])
+        ep.close()
