@@ -412,3 +412,12 @@ def test_the_destination_keeps_its_own_memory_and_it_must_match_the_streams() ->
         for s in (src, good, bad):
             s.close()
         os.close(fd)
+
+
+def test_version_advertises_migration_only_if_the_reply_fits(edu: InProcess) -> None:
+    c = edu.client
+    assert c.version() == {"max_msg_fds": 8, "max_data_xfer_size": 1 << 20, "migration": {"pgsize": 4096}}
+    # a client whose own string is shorter gets what fits: the limits, then nothing
+    assert c.version({"max_msg_fds": 8, "max_data_xfer_size": 1 << 20}) == {
+        "max_msg_fds": 8, "max_data_xfer_size": 1 << 20}
+    assert c.version({"a": 1}) == {}
