@@ -69,14 +69,15 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ExtraClientGuard", "VfioUserServer", "client_left"]
 
+#: the reason of a connection ended by a message too large to skip (the stream is lost)
+_OVERSIZED = "oversized message"
+
 
 def client_left(reason: str) -> bool:
     """Whether a connection ended because of its client (EOF, a transport error, a message
     that broke the stream), as opposed to a wake-up hook (a handover stops reading)."""
     return reason == "eof" or reason.startswith("transport:") or reason == _OVERSIZED
 
-
-_OVERSIZED = "oversized message"
 
 def _chunks(offset: int, count: int, widths: tuple[int, ...]) -> list[tuple[int, int]]:
     """Split ``[offset, offset+count)`` into naturally aligned accesses of ``widths``."""
@@ -107,16 +108,27 @@ class VfioUserServer:
         self.endpoint = endpoint
         self.device = endpoint.device
         self.sock = sock
-        #: the connection's own state (what the client set up; travels in a handover)
-        self.conn = ConnectionState(max_msg_fds=max_msg_fds, max_data_xfer_size=max_data_xfer_size)
+        self._conn = ConnectionState(max_msg_fds=max_msg_fds, max_data_xfer_size=max_data_xfer_size)
         self.reader = MessageReader(sock, max_msg_fds=max_msg_fds, max_data_xfer_size=max_data_xfer_size)
         self.loop = ConnectionLoop(self.handle_message, self.reader)
         #: the migration state machine (its state is ``conn.mig_state``)
-        self.migration = MigrationStateMachine(self.device, self.conn, pm=endpoint.pm, settle=self._settle_dirty,
+        self.migration = MigrationStateMachine(self.device, self._conn, pm=endpoint.pm, settle=self._settle_dirty,
                                                loaded=self._remirror_msix)
         #: the device was left quiesced by a client that went away: the first BAR access
         #: or DEVICE_RESET of this connection resumes it
         self.dormant = self.device.quiesced
+
+    @property
+    def conn(self) -> ConnectionState:
+        """The connection's own state (what the client set up; travels in a handover).
+        Replace it as a whole (a handover's destination restores one): the migration state
+        machine follows."""
+        return self._conn
+
+    @conn.setter
+    def conn(self, state: ConnectionState) -> None:
+        self._conn = state
+        self.migration.conn = state
 
     @property
     def max_msg_fds(self) -> int:
@@ -214,7 +226,6 @@ class VfioUserServer:
         counts = self.conn.counts
         self.conn = ConnectionState(max_msg_fds=self.conn.max_msg_fds,
                                     max_data_xfer_size=self.conn.max_data_xfer_size, counts=counts)
-        self.migration.conn = self.conn
         self.dormant = True
 
     def migration_busy(self) -> str | None:

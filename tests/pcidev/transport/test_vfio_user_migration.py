@@ -27,6 +27,7 @@ from pcidev.testing import served
 from pcidev.transport.endpoint import DeviceEndpoint
 from pcidev.transport.vfio_user import protocol
 from pcidev.transport.vfio_user.client import VfioUserClient
+from pcidev.transport.vfio_user.conn import ConnectionState
 from pcidev.transport.vfio_user.migration import migration_path
 from pcidev.transport.vfio_user.migration_client import (
     dirty_pages,
@@ -421,3 +422,12 @@ def test_version_advertises_migration_only_if_the_reply_fits(edu: InProcess) -> 
     assert c.version({"max_msg_fds": 8, "max_data_xfer_size": 1 << 20}) == {
         "max_msg_fds": 8, "max_data_xfer_size": 1 << 20}
     assert c.version({"a": 1}) == {}
+
+
+def test_a_restored_connection_state_carries_the_migration_state(edu: InProcess) -> None:
+    """A handover's destination replaces the server's ConnectionState as a whole."""
+    meta = edu.server.conn.to_meta()
+    meta["mig_state"] = MIG_STATE_STOP
+    edu.server.conn = ConnectionState.from_meta(meta)
+    assert edu.server.migration.state == MIG_STATE_STOP == mig_state(edu.client)
+    assert edu.server.migration_busy() == "migration state STOP"
