@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from pcidev.device import PciDevice
 from pcidev.devices.edu import EduDevice
 from pcidev.dma import alloc_memfd
+from pcidev.errors import MigrationError
 from pcidev.host.machine import Machine
 from pcidev.testing import served
 from pcidev.transport.endpoint import DeviceEndpoint
@@ -431,3 +432,29 @@ def test_a_restored_connection_state_carries_the_migration_state(edu: InProcess)
     edu.server.conn = ConnectionState.from_meta(meta)
     assert edu.server.migration.state == MIG_STATE_STOP == mig_state(edu.client)
     assert edu.server.migration_busy() == "migration state STOP"
+
+
+def test_a_refused_migration_leaves_the_source_running(tmp_path: Path) -> None:
+    """The destination's configuration differs (another serial): its load fails, migrate()
+    raises, and the host goes on with the device at the source."""
+    src = InProcess(NvmeController(f"serial=SRC,ns=file:path={tmp_path}/a.img,size=2M"))
+    dst = InProcess(NvmeController(f"serial=DST,ns=file:path={tmp_path}/b.img,size=2M"))
+    try:
+        with Machine(ram_size=16 << 20) as machine:
+            remote = VfioUserDevice(src.client)
+            drv = NvmeDriver.attach(machine, remote, io_queues=2, io_depth=16, aers=1)
+            pattern = Pattern()
+            for i in range(4):
+                pattern.write(drv, i * 8, qid=1 + i % 2)
+            with pytest.raises(MigrationError, match="after the source stopped.*the source runs"):
+                migrate(remote, dst.client)
+            assert remote.client is src.client
+            assert mig_state(src.client) == MIG_STATE_RUNNING and src.server.migration_busy() is None
+            assert mig_state(dst.client) == MIG_STATE_ERROR
+            pattern.verify(drv)
+            pattern.write(drv, 40, qid=2)
+            pattern.verify(drv)
+            drv.close()
+    finally:
+        src.close()
+        dst.close()
