@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 import vm_guest
 
@@ -227,3 +228,43 @@ fio --name=lib --filename=/dev/nvme0n1 --size=16M --rw=randrw --bs=4k --iodepth=
     assert {"MIX-OK", "TRIM-OK", "LIBAIO-OK"} <= lines(r.output), r.output[-4000:]
     assert re.findall(r"err=\s*(\d+)", r.output) == ["0", "0", "0"]
     assert not re.search(r"^\[.*nvme.*timeout", r.output, re.M | re.I)
+
+
+def test_markers_during_and_nvme_args_in_a_real_run(boot):
+    """The harness itself under a real guest: ``nvme_args`` reach ``insmod nvme.ko``
+    (io_queue_depth=2: one command in flight per I/O queue, every completion fills its CQ),
+    a ``during`` thread samples the server's CPU while fio runs with crc32c verify between
+    the FIO-START and FIO-END marks, and reports the (unchanged) serving PID."""
+
+    def during(host):
+        start = host.wait_mark("FIO-START", 180)
+        samples = []
+        while start is not None and not host.seen("FIO-END") and not host.done.is_set():
+            host.set_pid(0, host.pid(0))
+            samples.append((time.monotonic(), host.cpu()[0]))
+            time.sleep(0.5)
+        return samples
+
+    r = boot("""
+echo QD=$(cat /sys/module/nvme/parameters/io_queue_depth)
+echo FIO-START
+fio --name=v --filename=/dev/nvme0n1 --size=16M --rw=randwrite --bs=4k --iodepth=16 --direct=1 \
+    --ioengine=io_uring --verify=crc32c --verify_backlog=256 --verify_fatal=1 --time_based --runtime=8 \
+    >/tmp/fio.out 2>&1; rc=$?
+echo FIO-END
+cat /tmp/fio.out
+test $rc = 0 && echo FIO-OK
+""", [NVME], nvme_args="io_queue_depth=2", markers=dict.fromkeys(("FIO-START", "FIO-END")), during=during)
+    assert r.ok, r.console[-4000:]
+    got = lines(r.output)
+    assert {"QD=2", "FIO-OK"} <= got, r.output[-3000:]
+    assert fio_result(r.output).get("err") == 0
+    assert [m.name for m in r.marks] == ["FIO-START", "FIO-END"]
+    assert r.mark("FIO-END").t - r.mark("FIO-START").t >= 8
+    assert r.pids == [r.pids[0][:1]]  # nobody reported another server
+    samples = r.during_result
+    assert len(samples) >= 10, samples
+    cpus = [c for _, c in samples]
+    assert all(c is not None for c in cpus) and cpus == sorted(cpus)  # CPU time only grows
+    assert r.cpu_between("FIO-START", "FIO-END") > 0
+    assert r.mark("FIO-START").cpu[0] <= cpus[0] and cpus[-1] <= r.mark("FIO-END").cpu[0]

@@ -281,6 +281,44 @@ class GuestRun:
 Markers = Mapping[str, Callable[[Mark], None] | None]
 
 
+class Console:
+    """The guest console as it arrives: every line kept, marker lines turned into marks.
+
+    :param host: where marks are recorded (with the servers' CPU time at that moment).
+    :param markers: line → callback (or None); a line matches when it is exactly the name
+        once stripped, so a ``sh -x`` trace (``+ echo FIO-START``) does not.
+    """
+
+    def __init__(self, host: Host, markers: Markers | None = None) -> None:
+        self.host = host
+        self.markers = dict(markers or {})
+        self.chunks: list[bytes] = []
+        self.error: BaseException | None = None  # the first exception a callback raised
+
+    def feed(self, raw: bytes) -> None:
+        """Take one line (with its line end) from QEMU's stdout."""
+        self.chunks.append(raw)
+        name = raw.decode("utf-8", "replace").strip()
+        if name not in self.markers:
+            return
+        mark = self.host.add_mark(name)
+        fn = self.markers[name]
+        if fn is not None:
+            try:
+                fn(mark)
+            except BaseException as exc:  # reported with the run, never lost
+                if self.error is None:
+                    self.error = exc
+
+    def read(self, stream: Any) -> None:
+        """Feed every line of ``stream`` until EOF (the reader thread's body)."""
+        for raw in iter(stream.readline, b""):
+            self.feed(raw)
+
+    def text(self) -> str:
+        return b"".join(self.chunks).decode("utf-8", "replace").replace("\r", "")
+
+
 def run_guest(script: str, devices: Sequence[str] = (), *, builtin_nvme: str | None = None,
               timeout: float = 240.0, mem_mb: int = 1024, root: Path = ROOT, tag: str = "t",
               msg_timeout_ms: int = 30000, kernel_args: str = "", nvme_args: str = "",
@@ -311,8 +349,7 @@ def run_guest(script: str, devices: Sequence[str] = (), *, builtin_nvme: str | N
     logs: list[Path] = []
     served: list[ServedDevice] = []
     host = Host(served)
-    watch = dict(markers or {})
-    chunks: list[bytes] = []
+    console = Console(host, markers)
     qemu: subprocess.Popen[bytes] | None = None
     reader: threading.Thread | None = None
     worker: threading.Thread | None = None
@@ -325,19 +362,6 @@ def run_guest(script: str, devices: Sequence[str] = (), *, builtin_nvme: str | N
              "-nographic", "-no-reboot", "-object", f"memory-backend-memfd,id=mem,size={mem_mb}M,share=on",
              "-machine", "q35,memory-backend=mem", "-kernel", "/vm/vmlinuz", "-initrd", "/vm/initrd.gz",
              "-append", append]
-
-    def read_console(stream: Any) -> None:
-        for raw in iter(stream.readline, b""):
-            chunks.append(raw)
-            name = raw.decode("utf-8", "replace").strip()
-            if name in watch:
-                mark = host.add_mark(name)
-                fn = watch[name]
-                if fn is not None:
-                    try:
-                        fn(mark)
-                    except BaseException as exc:  # reported with the run, never lost
-                        outcome.setdefault("marker_error", exc)
 
     def run_during() -> None:
         assert during is not None
@@ -375,7 +399,7 @@ def run_guest(script: str, devices: Sequence[str] = (), *, builtin_nvme: str | N
             with mounted(root):
                 qemu = subprocess.Popen(qargs, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT)
-                reader = threading.Thread(target=read_console, args=(qemu.stdout,), daemon=True)
+                reader = threading.Thread(target=console.read, args=(qemu.stdout,), daemon=True)
                 reader.start()
                 if during is not None:
                     worker = threading.Thread(target=run_during, daemon=True)
@@ -384,7 +408,7 @@ def run_guest(script: str, devices: Sequence[str] = (), *, builtin_nvme: str | N
                     qemu.wait(timeout)
                 except subprocess.TimeoutExpired:
                     _kill(qemu)
-                    chunks.append(b"\n@@HOST: timed out@@\n")
+                    console.feed(b"\n@@HOST: timed out@@\n")
                 reader.join(30)
         finally:
             host.done.set()
@@ -399,13 +423,13 @@ def run_guest(script: str, devices: Sequence[str] = (), *, builtin_nvme: str | N
                 for pid in d.pids:
                     if pid not in {s.pid for s in servers}:
                         _kill_pid(pid)
-    console = b"".join(chunks).decode("utf-8", "replace").replace("\r", "")
-    m = re.search(r"@@PCIDEV-RC=(\d+)@@", console)
-    start = console.find("@@PCIDEV-START@@")
-    end = console.find("@@PCIDEV-RC=")
-    output = console[start + 16:end] if start >= 0 and end > start else console
-    error = outcome.get("error", outcome.get("marker_error"))
-    return GuestRun(console=console, rc=int(m.group(1)) if m else None, output=output,
+    text = console.text()
+    m = re.search(r"@@PCIDEV-RC=(\d+)@@", text)
+    start = text.find("@@PCIDEV-START@@")
+    end = text.find("@@PCIDEV-RC=")
+    output = text[start + 16:end] if start >= 0 and end > start else text
+    error = outcome.get("error", console.error)
+    return GuestRun(console=text, rc=int(m.group(1)) if m else None, output=output,
                     qemu_rc=qemu.returncode if qemu else None,
                     servers=[p.read_text() for p in logs], seconds=time.monotonic() - t0,
                     marks=list(host.marks), pids=[list(d.pids) for d in served],
