@@ -163,14 +163,19 @@ def check_handovers(r: vm_guest.GuestRun, hos: list[Handover], count: int) -> di
     assert drops <= 1, pids  # increasing (allowing one wrap of pid_max)
     assert all(h.old_exited and h.new_alive for h in hos), [(h.old_exited, h.new_alive) for h in hos]
     downtimes = [float(h.report["downtime_ms"]) for h in hos]
-    return {
+    out: dict[str, Any] = {
         "handovers": len(hos),
         "downtime_ms_median": round(statistics.median(downtimes), 2),
         "downtime_ms_worst": round(max(downtimes), 2),
+        "downtime_ms_all": [round(d, 2) for d in downtimes],
         "handover_cli_s_median": round(statistics.median(h.seconds for h in hos), 2),
         "state_bytes": hos[-1].report["state_bytes"],
         "fds": hos[-1].report["fds"],
     }
+    for key in ("host_ms", "spawn_ms"):  # optional keys of the report (design 2.6)
+        if all(key in h.report for h in hos):
+            out[f"{key}_median"] = round(statistics.median(float(h.report[key]) for h in hos), 2)
+    return out
 
 
 def _report(name: str, r: vm_guest.GuestRun, fio: dict[str, float], ho: dict[str, Any]) -> dict[str, Any]:

@@ -376,8 +376,9 @@ def run_guest(script: str, devices: Sequence[str] = (), *, builtin_nvme: str | N
                 sock = vm / f"{tag}-dev{i}.sock"
                 log = vm / f"{tag}-dev{i}.log"
                 logs.append(log)
-                with contextlib.suppress(FileNotFoundError):
-                    sock.unlink()
+                for stale in (sock, sock.with_name(sock.name + ".ctl")):  # .ctl: the handover endpoint
+                    with contextlib.suppress(FileNotFoundError):
+                        stale.unlink()
                 fh = open(log, "w")
                 servers.append(subprocess.Popen([PYTHON, "-m", "pcidev", "serve", "--vfio-user", str(sock), spec],
                                                 stdout=fh, stderr=subprocess.STDOUT))
