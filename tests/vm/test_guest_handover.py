@@ -17,7 +17,6 @@ comes back is tested with pcidev's own client, outside this tier
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -32,7 +31,11 @@ import pytest
 import vm_guest
 from test_guest_nvme import fio_result, lines
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("pcidev.cli.handover") is None,
+import pcidev.cli
+
+# Written before `pcidev handover` landed (issue 9, WP-A builds it in parallel): remove this
+# guard once it is merged, so that a missing command fails the tier instead of skipping it.
+pytestmark = pytest.mark.skipif("handover" not in pcidev.cli.COMMANDS,
                                 reason="pcidev handover is not in this tree yet (issue 9, WP-A)")
 
 NVME = "nvme,ns=mem:size=64M"
