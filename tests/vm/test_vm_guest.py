@@ -12,6 +12,7 @@ from pathlib import Path
 
 import vm_guest
 
+SLEEPER = "import time; time.sleep(60)"
 BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < {secs}: pass\nprint('done', flush=True)\n"
 
 
@@ -80,11 +81,15 @@ def test_server_cpu_follows_a_new_pid_and_keeps_the_old_ones_time():
     assert dev.cpu() is None
 
 
-def test_kill_pid_ends_and_reaps_a_process_that_is_no_popen():
+def test_a_server_left_by_its_parent_is_found_by_socket_killed_and_reaped(tmp_path):
+    sock = tmp_path / "dev0.sock"
     with vm_guest.subreaper():
-        spawn = "import subprocess as s; print(s.Popen(['sleep', '60'], stdout=s.DEVNULL, stderr=s.DEVNULL).pid)"
-        parent = subprocess.run([sys.executable, "-c", spawn], capture_output=True, text=True, check=True)
+        child = f"import subprocess as s, sys; print(s.Popen([sys.executable, '-c', {SLEEPER!r}, {str(sock)!r}], " \
+                "stdout=s.DEVNULL, stderr=s.DEVNULL).pid)"
+        parent = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True)
         orphan = int(parent.stdout)
         assert vm_guest._alive(orphan)  # its parent exited: it is ours now (subreaper)
+        assert vm_guest._adopted_servers([sock]) == [orphan]
+        assert vm_guest._adopted_servers([tmp_path / "other.sock"]) == []
         vm_guest._kill_pid(orphan)
-    assert vm_guest.process_cpu(orphan) is None
+    assert vm_guest.process_cpu(orphan) is None  # ended and reaped

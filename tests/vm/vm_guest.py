@@ -147,6 +147,23 @@ def _kill_pid(pid: int, timeout: float = 5.0) -> None:
     _reap(pid)
 
 
+def _adopted_servers(sockets: Sequence[Path]) -> list[int]:
+    """Children of this process (a subreaper) whose command line names one of ``sockets``."""
+    me, found = os.getpid(), []
+    names = [str(s).encode() for s in sockets]
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2:].split()[1]) == me and any(n in cmdline for n in names):
+            found.append(int(entry.name))
+    return found
+
+
 def _reap(pid: int) -> None:
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
@@ -424,6 +441,8 @@ def run_guest(script: str, devices: Sequence[str] = (), *, builtin_nvme: str | N
                 for pid in d.pids:
                     if pid not in {s.pid for s in servers}:
                         _kill_pid(pid)
+            for pid in _adopted_servers([d.socket for d in served]):  # spawned by a server, never reported
+                _kill_pid(pid)
     text = console.text()
     m = re.search(r"@@PCIDEV-RC=(\d+)@@", text)
     start = text.find("@@PCIDEV-START@@")
