@@ -91,5 +91,16 @@ def test_a_server_left_by_its_parent_is_found_by_socket_killed_and_reaped(tmp_pa
         assert vm_guest._alive(orphan)  # its parent exited: it is ours now (subreaper)
         assert vm_guest._adopted_servers([sock]) == [orphan]
         assert vm_guest._adopted_servers([tmp_path / "other.sock"]) == []
-        vm_guest._kill_pid(orphan)
+        vm_guest._kill_pids([orphan])
     assert vm_guest.process_cpu(orphan) is None  # ended and reaped
+
+
+def test_a_server_deaf_to_sigterm_is_killed():
+    deaf = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+                             " print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert deaf.stdout.readline() == "ready\n"
+    t0 = time.monotonic()
+    vm_guest._kill_pids([deaf.pid], timeout=0.5)
+    assert time.monotonic() - t0 < 5
+    assert vm_guest.process_cpu(deaf.pid) is None  # killed and reaped
+    deaf.stdout.close()

@@ -130,21 +130,21 @@ def _kill(proc: subprocess.Popen[bytes] | None, timeout: float = 5.0) -> None:
         pass
 
 
-def _kill_pid(pid: int, timeout: float = 5.0) -> None:
-    """SIGTERM (then SIGKILL) a process that is not a Popen, and reap it if it is a child."""
+def _kill_pids(pids: Sequence[int], timeout: float = 5.0) -> None:
+    """SIGTERM (then SIGKILL) processes that are no Popen, all at once, and reap our children."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            if _alive(pid):
+        left = [p for p in pids if _alive(p)]
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            _reap(pid)
-            if not _alive(pid):
-                break
+        while left and time.monotonic() < deadline:
+            for pid in left:
+                _reap(pid)
+            left = [p for p in left if _alive(p)]
             time.sleep(0.02)
-        if not _alive(pid):
-            break
-    _reap(pid)
+    for pid in pids:
+        _reap(pid)
 
 
 def _adopted_servers(sockets: Sequence[Path]) -> list[int]:
@@ -437,12 +437,9 @@ def run_guest(script: str, devices: Sequence[str] = (), *, builtin_nvme: str | N
             _kill(qemu)
             for s in servers:
                 _kill(s)
-            for d in served:
-                for pid in d.pids:
-                    if pid not in {s.pid for s in servers}:
-                        _kill_pid(pid)
-            for pid in _adopted_servers([d.socket for d in served]):  # spawned by a server, never reported
-                _kill_pid(pid)
+            popen_pids = {s.pid for s in servers}
+            _kill_pids([pid for d in served for pid in d.pids if pid not in popen_pids])
+            _kill_pids(_adopted_servers([d.socket for d in served]))  # spawned by a server, never reported
     text = console.text()
     m = re.search(r"@@PCIDEV-RC=(\d+)@@", text)
     start = text.find("@@PCIDEV-START@@")
