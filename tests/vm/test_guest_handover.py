@@ -110,7 +110,9 @@ def repeated_handovers(count: int):
             at = start.t + FIRST + k * INTERVAL
             while time.monotonic() < at:
                 if host.seen("FIO-END") or host.done.is_set():
+                    await_old_exits(done)
                     return done
+                note_old_exits(done)
                 time.sleep(0.05)
             h = handover(host.sockets[0], pid_before=host.pid(0))
             done.append(h)
@@ -130,16 +132,24 @@ def took_over(host: vm_guest.Host, h: Handover) -> None:
     host.set_pid(0, new)
 
 
-def await_old_exits(hos: list[Handover], timeout: float = 10.0) -> None:
-    """Record when each old server exited (the servers are killed only after ``during``)."""
-    deadline = time.monotonic() + timeout
+def note_old_exits(hos: list[Handover]) -> bool:
+    """Record the old servers seen gone since the last look (seconds after their handover
+    command returned, to the polling interval); True when every one has exited."""
+    now, all_gone = time.monotonic(), True
     for h in hos:
-        if h.rc != 0:
-            continue
-        while vm_guest._alive(h.pid_before) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if not vm_guest._alive(h.pid_before):
-            h.old_exited_s = round(time.monotonic() - h.done_at, 2)
+        if h.rc == 0 and h.old_exited_s is None:
+            if vm_guest._alive(h.pid_before):
+                all_gone = False
+            else:
+                h.old_exited_s = round(now - h.done_at, 2)
+    return all_gone
+
+
+def await_old_exits(hos: list[Handover], timeout: float = 10.0) -> None:
+    """Wait until every old server has exited (the harness kills them only after ``during``)."""
+    deadline = time.monotonic() + timeout
+    while not note_old_exits(hos) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def fio_runtime(count: int) -> int:
@@ -163,19 +173,25 @@ def check_guest(r: vm_guest.GuestRun) -> dict[str, float]:
     return res
 
 
-def gaps_near_handovers(r: vm_guest.GuestRun, hos: list[Handover], slack_ms: float = 1500) -> dict[str, int]:
+def gaps_near_handovers(r: vm_guest.GuestRun, hos: list[Handover], slack_ms: float = 1500) -> dict[str, Any]:
     """The largest completion gap (>= 20 ms) that overlaps a handover (its command's run, widened
     by ``slack_ms`` for the offset between fio's clock and the FIO-START mark) and the largest
-    elsewhere in the same run: the handover's stall next to the loaded machine's own."""
+    elsewhere in the same run: the handover's stall next to the loaded machine's own. Gaps of
+    50 ms or more are listed as ``offset:length`` (ms; offset from the closest handover
+    command's return, give or take fio's start-up) to tell spawn-time from cut-time stalls."""
     start = r.mark("FIO-START").t
     windows = [((h.done_at - h.seconds - start) * 1000 - slack_ms, (h.done_at - start) * 1000 + slack_ms) for h in hos]
-    near, elsewhere = 0, 0
+    ends = [(h.done_at - start) * 1000 for h in hos]
+    near, elsewhere, big = 0, 0, []
     for at, length in ((int(a), int(b)) for a, b in re.findall(r"^GAP (\d+) (\d+)$", r.output, re.M)):
         if any(at < hi and at + length > lo for lo, hi in windows):
             near = max(near, length)
         else:
             elsewhere = max(elsewhere, length)
-    return {"stall_gap_near_handover_ms": near, "stall_gap_elsewhere_ms": elsewhere}
+        if length >= 50 and ends:  # where it falls: ms from the closest handover command's return
+            big.append(f"{min((at - e for e in ends), key=abs):+.0f}:{length}")
+    return {"stall_gap_near_handover_ms": near, "stall_gap_elsewhere_ms": elsewhere,
+            "stall_gaps_50ms_at_vs_handover_end": big}
 
 
 def check_handovers(r: vm_guest.GuestRun, hos: list[Handover], count: int) -> None:
@@ -210,7 +226,7 @@ def summarize(r: vm_guest.GuestRun, hos: list[Handover]) -> dict[str, Any]:
         "downtime_ms_all": [round(d, 2) for d in downtimes],
         "handover_cli_s_median": round(statistics.median(h.seconds for h in ok), 2),
         "handover_at_s": [round(h.done_at - r.mark("FIO-START").t, 1) for h in ok],
-        "old_exit_s": [h.old_exited_s for h in ok],
+        "old_exit_s": [h.old_exited_s for h in ok],  # after its handover command returned
         "state_bytes": ok[-1].report["state_bytes"],
         "fds": ok[-1].report["fds"],
     })
