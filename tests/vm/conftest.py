@@ -47,7 +47,8 @@ def vm_root():
 
 @pytest.fixture
 def boot(vm_root, request):
-    """``boot(script, devices)`` → :class:`vm_guest.GuestRun`; dumps the console on failure."""
+    """``boot(script, devices, **run_guest_kw)`` → :class:`vm_guest.GuestRun`; dumps the console
+    on failure, and fails the test when the run's ``during`` thread or a marker callback raised."""
     runs = []
 
     def run(script: str, devices=(), **kw):
@@ -55,6 +56,8 @@ def boot(vm_root, request):
         r = vm_guest.run_guest(script, devices, root=vm_root, tag=request.node.name[:40], **kw)
         runs.append(r)
         print(f"\n[{request.node.name}] boot+run {time.monotonic() - t0:.1f} s, guest rc={r.rc}")
+        if r.during_error is not None:  # the host-side thread (or a marker callback) failed
+            raise AssertionError(f"during the guest run: {r.during_error!r}") from r.during_error
         return r
 
     yield run

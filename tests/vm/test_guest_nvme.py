@@ -3,8 +3,9 @@ vfio-user to QEMU (TCG) by ``pcidev serve --vfio-user``."""
 
 from __future__ import annotations
 
-import json
+import os
 import re
+import time
 
 import vm_guest
 
@@ -16,7 +17,9 @@ def lines(text: str) -> set[str]:
 
 
 def fio_result(text: str) -> dict[str, float]:
-    """``{"err": n, "read_iops": x, "write_iops": y}`` from fio's normal output."""
+    """From fio's normal output (the first job's): ``err``, ``read_iops``, ``write_iops``,
+    ``ios`` (all I/Os issued, from ``issued rwts: total=``) and ``clat_max_ms`` (the largest
+    completion latency of any direction)."""
     out: dict[str, float] = {}
     m = re.search(r"err=\s*(\d+)", text)
     if m:
@@ -25,17 +28,19 @@ def fio_result(text: str) -> dict[str, float]:
         m = re.search(rf"\b{kind}: IOPS=([\d.]+)(k?)", text)
         if m:
             out[f"{kind}_iops"] = float(m.group(1)) * (1000 if m.group(2) else 1)
+    m = re.search(r"issued rwts: total=([\d,]+)", text)
+    if m:
+        out["ios"] = sum(int(n) for n in m.group(1).split(",") if n)
+    scale = {"nsec": 1e-6, "usec": 1e-3, "msec": 1.0}
+    maxima = [float(v) * (1000 if k else 1) * scale[unit]
+              for unit, v, k in re.findall(r"\bclat \((nsec|usec|msec)\): min=\s*[\d.]+k?, max=\s*([\d.]+)(k?)", text)]
+    if maxima:
+        out["clat_max_ms"] = max(maxima)
     return out
 
 
 def _record(name: str, data: dict) -> None:
-    path = vm_guest.ROOT / "vm" / "results.json"
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError):
-        results = {}
-    results[name] = data
-    path.write_text(json.dumps(results, indent=1, sort_keys=True))
+    vm_guest.record(name, data)
 
 
 def test_driver_binds_and_nvme_cli_works(boot):
@@ -109,17 +114,60 @@ done
     assert "pcidevA" in r.output and "pcidevB" in r.output
 
 
-def test_fio_randread_iodepth32_measure(boot):
-    r = boot("""
+RANDREAD_QD32 = """
+echo FIO-START
 fio --name=randread --filename=/dev/nvme0n1 --size=48M --rw=randread --bs=4k --iodepth=32 --direct=1 \
-    --ioengine=io_uring --time_based --runtime=10 && echo FIO-OK
-""", [NVME])
+    --ioengine=io_uring --time_based --runtime=15 >/tmp/fio.out 2>&1; rc=$?
+echo FIO-END
+cat /tmp/fio.out
+test $rc = 0 && echo FIO-OK
+"""
+
+
+def _randread(boot, devices=(), **kw) -> dict[str, float]:
+    """Run fio 4 KiB randread QD32 for 15 s; with a pcidev device, the server's CPU per I/O."""
+    r = boot(RANDREAD_QD32, devices, markers=dict.fromkeys(("FIO-START", "FIO-END")), **kw)
     assert r.ok, r.console[-4000:]
-    assert "FIO-OK" in lines(r.output)
+    assert "FIO-OK" in lines(r.output), r.output[-4000:]
     res = fio_result(r.output)
-    assert res.get("err") == 0 and res.get("read_iops", 0) > 0
-    _record("pcidev randread qd32 10s", res)
-    print(f"randread qd32: {res}")
+    assert res.get("err") == 0 and res.get("read_iops", 0) > 0 and res.get("ios", 0) > 0, r.output[-3000:]
+    wall = r.mark("FIO-END").t - r.mark("FIO-START").t
+    res["seconds"] = round(wall, 2)
+    if devices:
+        cpu = r.cpu_between("FIO-START", "FIO-END")
+        res["server_cpu_s"] = round(cpu, 2)
+        res["server_cpu_share"] = round(cpu / wall, 3)
+        res["server_cpu_us_per_io"] = round(cpu * 1e6 / res["ios"], 1)
+    return res
+
+
+def test_fio_randread_iodepth32_measure(boot):
+    """Measure fio 4 KiB randread QD32, 15 s, in the guest: pcidev over vfio-user with a ``mem`` and
+    with a ``file`` namespace (a 48M image), and QEMU's built-in nvme, in one session. Reports
+    the serving process's CPU per guest I/O (utime+stime between the guest's FIO-START and
+    FIO-END lines over fio's issued I/Os), IOPS and the ratio to QEMU's nvme. Measured, never
+    asserted: the machine is shared and TCG-bound."""
+    vm = vm_guest.ROOT / "vm"
+    img, state = vm / "measure-ns1.img", vm / "measure-nvme.state"
+    with open(img, "wb") as f:  # written, so reads hit data in the page cache, not holes
+        for _ in range(48):
+            f.write(os.urandom(1 << 20))
+    try:
+        results = {
+            "mem": _randread(boot, [NVME]),
+            "file": _randread(boot, [f"nvme,state_file={state},ns=file:path={img},size=48M"]),
+            "qemu-nvme": _randread(boot, builtin_nvme="128M"),
+        }
+    finally:
+        for p in (img, state):
+            p.unlink(missing_ok=True)
+    qemu_iops = results["qemu-nvme"]["read_iops"]
+    for kind in ("mem", "file"):
+        results[kind]["vs_qemu_nvme"] = round(results[kind]["read_iops"] / qemu_iops, 3)
+        _record(f"pcidev randread qd32 15s {kind}", results[kind])
+    _record("qemu nvme randread qd32 15s", results["qemu-nvme"])
+    for kind, res in results.items():
+        print(f"randread 4k qd32 15s {kind}: {res}")
 
 
 def test_controller_reset_function_reset_and_format(boot):
@@ -180,3 +228,43 @@ fio --name=lib --filename=/dev/nvme0n1 --size=16M --rw=randrw --bs=4k --iodepth=
     assert {"MIX-OK", "TRIM-OK", "LIBAIO-OK"} <= lines(r.output), r.output[-4000:]
     assert re.findall(r"err=\s*(\d+)", r.output) == ["0", "0", "0"]
     assert not re.search(r"^\[.*nvme.*timeout", r.output, re.M | re.I)
+
+
+def test_markers_during_and_nvme_args_in_a_real_run(boot):
+    """The harness itself under a real guest: ``nvme_args`` reach ``insmod nvme.ko``
+    (io_queue_depth=2: one command in flight per I/O queue, every completion fills its CQ),
+    a ``during`` thread samples the server's CPU while fio runs with crc32c verify between
+    the FIO-START and FIO-END marks, and reports the (unchanged) serving PID."""
+
+    def during(host):
+        start = host.wait_mark("FIO-START", 180)
+        samples = []
+        while start is not None and not host.seen("FIO-END") and not host.done.is_set():
+            host.set_pid(0, host.pid(0))
+            samples.append((time.monotonic(), host.cpu()[0]))
+            time.sleep(0.5)
+        return samples
+
+    r = boot("""
+echo QD=$(cat /sys/module/nvme/parameters/io_queue_depth)
+echo FIO-START
+fio --name=v --filename=/dev/nvme0n1 --size=16M --rw=randwrite --bs=4k --iodepth=16 --direct=1 \
+    --ioengine=io_uring --verify=crc32c --verify_backlog=256 --verify_fatal=1 --time_based --runtime=8 \
+    >/tmp/fio.out 2>&1; rc=$?
+echo FIO-END
+cat /tmp/fio.out
+test $rc = 0 && echo FIO-OK
+""", [NVME], nvme_args="io_queue_depth=2", markers=dict.fromkeys(("FIO-START", "FIO-END")), during=during)
+    assert r.ok, r.console[-4000:]
+    got = lines(r.output)
+    assert {"QD=2", "FIO-OK"} <= got, r.output[-3000:]
+    assert fio_result(r.output).get("err") == 0
+    assert [m.name for m in r.marks] == ["FIO-START", "FIO-END"]
+    assert r.mark("FIO-END").t - r.mark("FIO-START").t >= 8
+    assert r.pids == [r.pids[0][:1]]  # nobody reported another server
+    samples = r.during_result
+    assert len(samples) >= 10, samples
+    cpus = [c for _, c in samples]
+    assert all(c is not None for c in cpus) and cpus == sorted(cpus)  # CPU time only grows
+    assert r.cpu_between("FIO-START", "FIO-END") > 0
+    assert r.mark("FIO-START").cpu[0] <= cpus[0] and cpus[-1] <= r.mark("FIO-END").cpu[0]

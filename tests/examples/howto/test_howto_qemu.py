@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import json
 import os
 import shlex
@@ -65,6 +66,7 @@ class _Proc:
 
     def __init__(self, args: list[str], captured: list[list[str]], **_kw: Any) -> None:
         self.args, self.pid, self.returncode = args, -1, 0
+        self.stdout = io.BytesIO(b"@@PCIDEV-START@@@@PCIDEV-RC=0@@")  # the console, read line by line
         if args[0] == "chroot":
             captured.append(args)
         else:  # pcidev serve: "listen" at once
@@ -73,8 +75,8 @@ class _Proc:
     def poll(self) -> int:
         return 0
 
-    def communicate(self, timeout: float | None = None) -> tuple[bytes, None]:
-        return b"@@PCIDEV-START@@@@PCIDEV-RC=0@@", None
+    def wait(self, timeout: float | None = None) -> int:
+        return 0
 
 
 def vm_tier_qemu_args(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
