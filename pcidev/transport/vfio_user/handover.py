@@ -164,7 +164,10 @@ def request_handover(control: str, *, exec_path: str | None = None, timeout: flo
             raise TransportError(f"handover control socket {control}: {exc.strerror or exc}") from None
         request: dict[str, Any] = {"protocol": HANDOVER_PROTOCOL, "exec": exec_path, "timeout": float(timeout),
                                    "fault": fault}
-        send_meta(sock, HANDOVER, request)
+        try:
+            send_meta(sock, HANDOVER, request)
+        except TransportError:
+            pass  # refused before the request was read (and closed): the REPORT says why
         sock.settimeout(timeout + _ACK_TIMEOUT + _RUNNING_TIMEOUT + 10.0)
         try:
             kind, body, stray = recv_frame(sock)
@@ -462,7 +465,9 @@ class HandoverControl:
             log.exception("handover failed")
             job.outcome = {"ok": False, "reason": f"{type(exc).__name__}: {exc}"}
             handed = False
-        if not handed:
+        if handed:
+            self.stop()  # before the report: the next request must reach the new process
+        else:
             job.send_abort(str(job.outcome.get("reason", "")))  # the control thread reaps it
         job.done.set()
         return handed

@@ -134,7 +134,6 @@ class VfioUserService:
             job = self.control.take_cut()
             if job is not None and self.control.cut(job, server, self.listener):
                 self._handed_job = job
-                self.control.stop()  # the new process answers the control endpoint now
                 print(outcome_line(job.outcome), file=self.out, flush=True)
                 return _HANDED_OVER
         if self._deferred_signal is not None and not (self.control is not None and self.control.busy):
@@ -180,19 +179,15 @@ class VfioUserService:
             while True:
                 if server is None:
                     got = self._accept()
-                    if got is None:
-                        continue
-                    if isinstance(got, str):
+                    if not isinstance(got, VfioUserServer):
                         reason = got
                     else:
-                        server = got
-                        continue
-                else:
+                        server, reason = got, None
+                if server is not None:
                     reason = self._serve_one(server)
                     if reason not in (_HANDED_OVER, _SIGNALLED) and self._client_left(server, reason):
                         return 0
                     server = None
-                    continue
                 if reason == _HANDED_OVER:
                     handed = True
                     return 0
