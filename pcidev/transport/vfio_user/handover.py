@@ -380,7 +380,9 @@ class HandoverControl:
     def _run(self, conn: socket.socket) -> dict[str, Any]:
         try:
             req = self._read_request(conn)
-        except (TransportError, PermissionError) as exc:
+        except PermissionError as exc:
+            return {"ok": False, "refused": True, "reason": f"permission denied: {exc}"}
+        except TransportError as exc:
             return {"ok": False, "refused": True, "reason": f"bad request: {exc}"}
         why = self.precheck()
         if why is not None:

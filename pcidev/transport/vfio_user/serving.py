@@ -32,7 +32,7 @@ from pcidev.device import PciDevice
 from pcidev.errors import TransportError
 from pcidev.migration.blockers import collect_blockers
 from pcidev.transport.address import Listener, listen_unix
-from pcidev.transport.endpoint import DeviceEndpoint
+from pcidev.transport.endpoint import NEW, DeviceEndpoint
 from pcidev.transport.vfio_user.handover import HandoverControl, HandoverJob, adopt, outcome_line
 from pcidev.transport.vfio_user.server import VfioUserServer
 
@@ -147,6 +147,11 @@ class VfioUserService:
             return
         raise SystemExit(128 + signum)
 
+    def install_signals(self) -> None:
+        """Make SIGTERM/SIGINT end the service cleanly (deferred while a handover runs)."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
     # -- the loop ---------------------------------------------------------------------------
     def _accept(self) -> VfioUserServer | str | None:
         """Wait for a client (or a wake-up). :returns: its server, a reason to stop, or None."""
@@ -163,19 +168,23 @@ class VfioUserService:
         conn.set_inheritable(False)
         return VfioUserServer(self.endpoint, conn)
 
-    def run(self, server: VfioUserServer | None = None) -> int:
+    def run(self, server: VfioUserServer | None = None, *, banner: str | None = None) -> int:
         """Serve until the end (see the class): returns the exit status, closes what it owns.
 
         :param server: a connection to serve first (adopted in a handover).
+        :param banner: printed once the signals are handled and the endpoint runs.
         :raises TransportError: the socket failed (one line naming the cause).
         :raises SystemExit: SIGTERM/SIGINT (deferred while a handover runs).
         """
         handed = False
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
-        if self.control is not None:
-            self.control.start()
         try:
+            self.install_signals()
+            if self.endpoint.state == NEW:
+                self.endpoint.start()
+            if self.control is not None:
+                self.control.start()
+            if banner is not None:
+                print(banner, file=self.out, flush=True)
             while True:
                 if server is None:
                     got = self._accept()
@@ -293,14 +302,8 @@ def serve_device(device: PciDevice, path: str, *, pm: pluggy.PluginManager | Non
         raise
     service = VfioUserService(endpoint, listener, path, pm=pm, once=once, out=out, control=control,
                               child_args=child_args)
-    try:
-        endpoint.start()
-        print(f"pcidev: vfio-user server for {device.TYPE_NAME or type(device).__name__} listening on "
-              f"{path} (pid {os.getpid()})", file=out, flush=True)
-    except BaseException:
-        service._close(False)
-        raise
-    return service.run()
+    return service.run(banner=f"pcidev: vfio-user server for {device.TYPE_NAME or type(device).__name__} "
+                              f"listening on {path} (pid {os.getpid()})")
 
 
 def serve_adopted(device: PciDevice, path: str, chan_fd: int, *, pm: pluggy.PluginManager | None = None,
@@ -337,6 +340,6 @@ def serve_adopted(device: PciDevice, path: str, chan_fd: int, *, pm: pluggy.Plug
         raise
     service = VfioUserService(endpoint, adopted.listener, path, pm=pm, once=once, out=out,
                               control=adopted.control, child_args=child_args)
-    print(f"pcidev: vfio-user server for {device.TYPE_NAME or type(device).__name__} took over {path} from pid "
-          f"{adopted.old_pid} (pid {os.getpid()})", file=out, flush=True)
-    return service.run(adopted.server)
+    return service.run(adopted.server, banner=f"pcidev: vfio-user server for "
+                       f"{device.TYPE_NAME or type(device).__name__} took over {path} from pid {adopted.old_pid} "
+                       f"(pid {os.getpid()})")
