@@ -115,8 +115,18 @@ _HEADER = struct.Struct("<8sHHI")
 MAX_STREAM_SIZE = 256 << 20
 _MAX_META = 64 << 10
 OFFER, FDS, STATE, ACK, NACK, RUNNING = 1, 2, 3, 4, 5, 6
-#: frame types of a handover (see the module docstring)
-COMMIT, READY, CONN, ABORT, HANDOVER, REPORT = 7, 8, 9, 10, 11, 12
+#: frame type: the source gives the device up for good (after ACK, with ``commit=True``)
+COMMIT = 7
+#: frame type: a handover's new process is built and waits for the state
+READY = 8
+#: frame type: a handover's connection state and the sockets that move with it
+CONN = 9
+#: frame type: the source keeps the device; the destination must not run it
+ABORT = 10
+#: frame type: a request for a handover (``pcidev handover`` to the serving process)
+HANDOVER = 11
+#: frame type: the answer to HANDOVER (``ok``, ``reason`` and the figures)
+REPORT = 12
 _NAMES = {OFFER: "OFFER", FDS: "FDS", STATE: "STATE", ACK: "ACK", NACK: "NACK", RUNNING: "RUNNING",
           COMMIT: "COMMIT", READY: "READY", CONN: "CONN", ABORT: "ABORT", HANDOVER: "HANDOVER",
           REPORT: "REPORT"}
@@ -243,7 +253,7 @@ def send_frame(sock: socket.socket, kind: int, body: bytes = b"", fds: Sequence[
     :param sock: the connected channel.
     :param kind: the frame type (:data:`COMMIT`, :data:`CONN`...).
     :param body: the body.
-    :param fds: descriptors to attach (at most :data:`~pcidev.transport.fdpass.SCM_MAX_FD`).
+    :param fds: descriptors to attach (at most 253, Linux's ``SCM_MAX_FD``).
     :raises TransportError: the peer went away.
     """
     _send(sock, kind, body, fds)
