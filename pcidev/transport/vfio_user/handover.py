@@ -344,16 +344,17 @@ class HandoverControl:
         except Exception as exc:  # a bug must not kill the control thread silently
             log.exception("handover failed")
             report = {"ok": False, "reason": f"{type(exc).__name__}: {exc}"}
+        failed = not report.get("ok")
+        if failed:  # before the answer: the next request must find the server free
+            with self._lock:
+                self._job = None
+                self._busy = False
         try:
             self._answer(conn, report)
         finally:
-            with self._lock:
-                self._job = None
-                if job is None or not job.outcome.get("ok"):
-                    self._busy = False
             if job is not None:
                 job.reported.set()
-            if not report.get("ok"):
+            if failed:
                 self.wake()  # a signal may have been deferred meanwhile
 
     def _read_request(self, conn: socket.socket) -> dict[str, Any]:

@@ -200,8 +200,11 @@ def test_twenty_handovers_under_verified_nvme_io() -> None:
 
 
 def test_a_file_namespace_keeps_its_data_across_handovers(tmp_path: Path) -> None:
+    """A file namespace and a state file: the data, and the SMART power-on counts (the new
+    process neither counts a power cycle nor an unsafe shutdown), carry over."""
     img = tmp_path / "disk.img"
     with serving(f"nvme,ns=file:path={img},size=4M,state_dir={tmp_path}") as server, nvme(server.sock) as drv:
+        before = smart(drv)
         io = VerifiedIo(drv, slots=64)
         io.start()
         try:
@@ -213,6 +216,10 @@ def test_a_file_namespace_keeps_its_data_across_handovers(tmp_path: Path) -> Non
             io.join(30)
         assert not io.errors and io.writes > 0
         io.verify_all()
+        after = smart(drv)
+        assert after["host_writes"] - before["host_writes"] == io.writes
+        assert (after["power_cycles"], after["unsafe_shutdowns"]) == (before["power_cycles"],
+                                                                      before["unsafe_shutdowns"])
 
 
 # -- exactly once at the cut ---------------------------------------------------------------
