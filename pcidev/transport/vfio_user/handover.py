@@ -569,7 +569,11 @@ def adopt(chan_fd: int, endpoint: DeviceEndpoint, *, timeout: float = 30.0) -> A
     :raises PcidevError: the handover failed (one line).
     """
     fault = os.environ.get(FAULT_ENV) or None
-    chan = socket.socket(fileno=chan_fd)
+    try:
+        chan = socket.socket(fileno=chan_fd)
+    except OSError as exc:
+        raise TransportError(f"handover: --adopt {chan_fd} is not a socket from a serving process "
+                             f"({exc.strerror or exc})") from None
     received: list[int] = []
     try:
         chan.set_inheritable(False)
@@ -584,6 +588,8 @@ def adopt(chan_fd: int, endpoint: DeviceEndpoint, *, timeout: float = 30.0) -> A
         if kind != CONN:
             raise TransportError(f"handover: expected CONN, got frame type {kind}")
         meta = frame_meta(kind, body, {"protocol": int, "pending": bytes, "pending_fds": int})
+        if meta["protocol"] != HANDOVER_PROTOCOL:
+            raise TransportError(f"handover: protocol {meta['protocol']} (this pcidev speaks {HANDOVER_PROTOCOL})")
         npend = meta["pending_fds"]
         has_client = meta.get("conn") is not None
         if len(received) != 2 + int(has_client) + npend or npend < 0:

@@ -303,6 +303,31 @@ def test_posted_writes_and_reads_queued_at_the_cut_are_handled_exactly_once() ->
             os.close(efd)
 
 
+def test_a_message_half_sent_at_the_cut_is_answered_once() -> None:
+    """The client has sent half a REGION_READ when the handover is asked for: the
+    message is answered once, by whichever process reads its end, and the stream stays
+    in step."""
+    with serving("edu", "-p", "no:nvme") as server:
+        client = VfioUserClient.connect(server.sock)
+        try:
+            client.write_int(0, EDU_FACTORIAL, 4, 5)
+            msg = protocol.message(0x4242, protocol.REGION_READ, protocol.REGION_ACCESS_S.pack(EDU_FACTORIAL, 0, 4))
+            client.sock.sendall(msg[:20])  # the header and part of the body
+            reports: list[dict[str, Any]] = []
+            mover = threading.Thread(target=lambda: reports.append(server.handover()))
+            mover.start()
+            time.sleep(1.5)  # the new process is (nearly) ready; the old one waits for the message's end
+            client.sock.sendall(msg[20:])
+            rep = client.recv(20.0)
+            assert (rep.mid, rep.cmd, rep.error) == (0x4242, protocol.REGION_READ, 0)
+            assert int.from_bytes(rep.payload[-4:], "little") == 120
+            mover.join(60)
+            assert len(reports) == 1
+            assert client.read_int(0, EDU_FACTORIAL, 4) == 120  # no second reply was waiting
+        finally:
+            client.close()
+
+
 # -- more than 253 DMA regions ----------------------------------------------------------------
 DESC = struct.Struct("<QQII II")
 
