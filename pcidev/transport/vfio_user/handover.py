@@ -506,6 +506,8 @@ class HandoverControl:
         job.outcome = {"ok": True, "reason": "", "old_pid": os.getpid(), "new_pid": int(job.ready["pid"]),
                        "downtime_ms": round(downtime, 3), "state_bytes": result.state_size,
                        "fds": result.fds + len(conn_fds), "same_clock": result.same_clock,
+                       "quiesced_ms": round((result.stopped_at - cut_at) * 1000, 3),
+                       "acked_ms": round((result.acked_at - cut_at) * 1000, 3),
                        "new_version": str(job.ready.get("version", ""))}
         return True
 
