@@ -116,8 +116,8 @@ class VfioUserService:
         server = self.server
         if server is not None and server.conn.mig_state != _MIG_RUNNING:
             return f"the device is in vfio-user migration state {server.conn.mig_state}, not RUNNING"
-        # TODO(integration, WP-B): also refuse while DMA dirty logging is on
-        # ("server.endpoint.memory.dirty is not None" once pcidev.dma has it).
+        # integration (WP-B): also refuse while DMA dirty logging is on:
+        # if self.endpoint.memory.dirty is not None: return "DMA dirty logging is on (a migration runs)"
         reasons = collect_blockers(self.device, self.pm)
         if reasons:
             return "the device cannot migrate now: " + "; ".join(reasons)
@@ -229,8 +229,7 @@ class VfioUserService:
             return False
         print(f"pcidev: client left ({reason}); messages: {json.dumps(server.counts, sort_keys=True)}",
               file=self.out, flush=True)
-        # TODO(integration, WP-B): call server.disconnect() here when not self.once (unmap the
-        # client's DMA regions, drop its eventfds, quiesce) so that the next client starts clean.
+        # (integration, WP-B: VfioUserServer.serve() runs disconnect() itself when its client left)
         return self.once
 
     def _close(self, handed: bool) -> None:
