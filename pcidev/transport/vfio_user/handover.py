@@ -99,6 +99,8 @@ _UCRED = struct.Struct("<iII")  # struct ucred {pid_t pid; uid_t uid; gid_t gid}
 #: seconds the old process waits for the new one's acknowledgement, and for RUNNING after COMMIT
 _ACK_TIMEOUT = 10.0
 _RUNNING_TIMEOUT = 5.0
+#: seconds the serve thread may take to reach a message boundary after READY
+_BOUNDARY_TIMEOUT = 10.0
 
 
 def control_path(socket_path: str) -> str:
@@ -396,7 +398,17 @@ class HandoverControl:
         with self._lock:
             self._cut_wanted = job
         self.wake()
-        job.done.wait()
+        if not job.done.wait(_BOUNDARY_TIMEOUT):
+            with self._lock:
+                withdrawn = self._cut_wanted is job
+                if withdrawn:
+                    self._cut_wanted = None
+            if withdrawn:  # the serve thread never came by (a client stuck in the middle of a message)
+                job.outcome = {"ok": False, "reason": f"the server did not reach a message boundary in "
+                                                      f"{_BOUNDARY_TIMEOUT:g} s"}
+                job.send_abort(job.outcome["reason"])
+                job.done.set()
+            job.done.wait()  # the cut runs: it has its own timeouts
         if not job.outcome.get("ok"):
             job.kill()  # the serve thread already sent ABORT and serves on
             job.chan.close()

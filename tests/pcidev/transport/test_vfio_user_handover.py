@@ -328,6 +328,31 @@ def test_a_message_half_sent_at_the_cut_is_answered_once() -> None:
             client.close()
 
 
+def test_a_message_left_half_sent_never_blocks_the_server() -> None:
+    """The client stops in the middle of a message and stays there: the handover either
+    carries the partial message over (a buffering reader) or gives up after its boundary
+    timeout with one line and leaves the old process serving; either way the message is
+    answered once when it is complete."""
+    with serving("edu", "-p", "no:nvme") as server:
+        client = VfioUserClient.connect(server.sock)
+        try:
+            client.write_int(0, EDU_FACTORIAL, 4, 6)
+            msg = protocol.message(0x4343, protocol.REGION_READ, protocol.REGION_ACCESS_S.pack(EDU_FACTORIAL, 0, 4))
+            client.sock.sendall(msg[:10])  # not even the whole header
+            try:
+                report = server.handover()
+                assert report["new_pid"] == server.pid
+            except MigrationError as exc:
+                assert "did not reach a message boundary" in str(exc) and "\n" not in str(exc)
+                assert server.pid == server.proc.pid and server.proc.poll() is None
+            client.sock.sendall(msg[10:])
+            rep = client.recv(20.0)
+            assert (rep.mid, rep.error, int.from_bytes(rep.payload[-4:], "little")) == (0x4343, 0, 720)
+            assert client.read_int(0, EDU_FACTORIAL, 4) == 720
+        finally:
+            client.close()
+
+
 # -- more than 253 DMA regions ----------------------------------------------------------------
 DESC = struct.Struct("<QQII II")
 
