@@ -197,6 +197,7 @@ class HandoverJob:
     :ivar chan: the old process's end of the socketpair to it.
     :ivar fault: the failure asked of the new process (tests), or None.
     :ivar ready: the new process's READY (``pid``, ``version``, ``device_type``).
+    :ivar spawn_ms: from starting the new process to its READY.
     """
 
     proc: subprocess.Popen[bytes]
@@ -253,17 +254,15 @@ class HandoverControl:
     :param endpoint: the served device's endpoint.
     :param wake: makes the serve thread call :meth:`take_cut` soon, at a message boundary.
     :param precheck: why a handover cannot run now (a migration in progress...), or None.
-    :param out: where the status line of a handover goes.
     """
 
     def __init__(self, listener: Listener, *, child_args: Sequence[str], endpoint: DeviceEndpoint,
-                 wake: Callable[[], None], precheck: Precheck, out: Any = None) -> None:
+                 wake: Callable[[], None], precheck: Precheck) -> None:
         self.listener = listener
         self.child_args = list(child_args)
         self.endpoint = endpoint
         self.wake = wake
         self.precheck = precheck
-        self.out = out
         self._lock = threading.Lock()
         self._job: HandoverJob | None = None
         self._cut_wanted: HandoverJob | None = None
@@ -506,10 +505,12 @@ class HandoverControl:
             send_meta(job.chan, CONN, meta, conn_fds)
             result = self.endpoint.hand_over(job.chan, timeout=_ACK_TIMEOUT, running_timeout=_RUNNING_TIMEOUT,
                                              stall=job.kill)
-        except (MigrationError, TransportError) as exc:
+        except Exception as exc:  # the device runs here again (hand_over resumed it)
             if server is not None:
                 server.reader.prepend(pending, pending_fds)  # as if nothing had been taken
-            job.outcome = {"ok": False, "reason": str(exc)}
+            if not isinstance(exc, (MigrationError, TransportError)):
+                log.exception("handover failed")
+            job.outcome = {"ok": False, "reason": str(exc) or type(exc).__name__}
             return False
         close_fds(pending_fds)  # the new process has its own copies
         job.chan.close()

@@ -90,7 +90,7 @@ class VfioUserService:
         self.control: HandoverControl | None = None
         if control is not None:
             self.control = HandoverControl(control, child_args=child_args, endpoint=endpoint, wake=self.wake,
-                                           precheck=self._precheck, out=self.out)
+                                           precheck=self._precheck)
         self.server: VfioUserServer | None = None
         self._lock = threading.Lock()
         self._woken = threading.Event()

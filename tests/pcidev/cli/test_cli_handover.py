@@ -87,6 +87,12 @@ def test_handover_prints_one_line_and_json_with_the_documented_keys() -> None:
             assert report["old_pid"] == pids[1] and report["fds"] >= 3 and report["state_bytes"] > 0
             assert client.read_int(0, 0, 4) == EDU_ID  # the same connection, served by the third process
         assert os.path.exists(sock) and os.path.exists(sock + ".ctl")
+        os.kill(pids[-1], signal.SIGTERM)  # the last process removes the socket files it took over
+        deadline = time.monotonic() + 20
+        while _alive(pids[-1]):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert not os.path.exists(sock) and not os.path.exists(sock + ".ctl")
 
 
 def test_a_fault_before_the_confirmation_exits_1_with_one_line_and_the_server_stays() -> None:
