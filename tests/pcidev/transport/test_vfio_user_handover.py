@@ -81,13 +81,14 @@ class Server:
 
 
 @contextmanager
-def serving(spec: str, *plugins: str, extra: tuple[str, ...] = ()) -> Iterator[Server]:
+def serving(spec: str, *plugins: str, extra: tuple[str, ...] = (),
+            env: dict[str, str] | None = None) -> Iterator[Server]:
     where = tempfile.mkdtemp(prefix="pcidev-ho-")
     sock = os.path.join(where, "d.sock")
     log = Path(where) / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([*PCIDEV, *plugins, "serve", "--vfio-user", sock, *extra, spec],
-                                stdout=out, stderr=subprocess.STDOUT)
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
     server = Server(sock, proc, log)
     try:
         deadline = time.monotonic() + 60
@@ -483,3 +484,17 @@ def test_a_handover_without_a_client_moves_the_listener() -> None:
         with VfioUserClient.connect(server.sock) as client:
             assert client.read_int(0, 0, 4) == 0x010000ED
         assert report["new_pid"] == server.pid and _alive(server.pid)
+
+
+def test_systemd_hears_the_new_main_pid() -> None:
+    """With ``NOTIFY_SOCKET`` set (a systemd service), the new process announces itself
+    as the main PID once it runs the device."""
+    where = tempfile.mkdtemp(prefix="pcidev-notify-")
+    path = os.path.join(where, "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(path)
+        notify.settimeout(30)
+        with serving("edu", "-p", "no:nvme", env={**os.environ, "NOTIFY_SOCKET": path}) as server:
+            report = server.handover()
+            assert notify.recv(256) == f"MAINPID={report['new_pid']}\n".encode()
+    shutil.rmtree(where, ignore_errors=True)
