@@ -498,3 +498,31 @@ def test_systemd_hears_the_new_main_pid() -> None:
             report = server.handover()
             assert notify.recv(256) == f"MAINPID={report['new_pid']}\n".encode()
     shutil.rmtree(where, ignore_errors=True)
+
+
+def test_a_full_completion_queue_moves_with_its_backlog() -> None:
+    """The host stops reaping: a 4-entry CQ is full and the device holds the rest of 16
+    writes. After the handover every write completes exactly once and its data is there."""
+    with serving("nvme,ns=mem:size=4M") as server, nvme(server.sock, io_queues=1) as drv:
+        drv.delete_io_queue_pair(1)
+        drv.create_io_queue_pair(1, 32, cq_size=4)
+        machine = drv.machine
+        blocks = 4096 // drv.lba_size(1)
+        data = {i: os.urandom(4096) for i in range(16)}
+        bufs = []
+        cids = set()
+        for i, payload in data.items():
+            buf = machine.alloc(4096, 4096)
+            machine.write(buf, payload)
+            bufs.append(buf)
+            cids.add(drv.submit_rw(1, 0x01, nsid=1, slba=i * blocks, nlb=blocks, buf=buf))
+        time.sleep(0.3)  # the device fills the CQ and keeps the rest
+        server.handover()
+        got = drv.reap(1, min_completions=16, timeout=20)
+        assert sorted(c.cid for c in got) == sorted(cids) and all(c.ok for c in got)
+        time.sleep(0.2)
+        assert drv.poll(1) == []  # nothing twice
+        for buf in bufs:
+            machine.free(buf)
+        for i, payload in data.items():
+            assert drv.read(1, slba=i * blocks, nlb=blocks) == payload
