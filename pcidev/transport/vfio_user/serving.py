@@ -141,6 +141,10 @@ class VfioUserService:
         return None
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
+        if self._handed_job is not None and self._handed_job.reported.is_set():
+            # handed over and reported: only this process's copies are left (the kernel
+            # closes them; nothing is unlinked or saved), so a signal ends it at once
+            os._exit(0)
         if self.control is not None and self.control.busy:
             log.warning("signal %d deferred: a handover is running", signum)
             self._deferred_signal = signum
