@@ -97,6 +97,7 @@ class VfioUserService:
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._deferred_signal: int | None = None
         self._handed_job: HandoverJob | None = None
+        self._closed = False
 
     # -- waking the serve thread ------------------------------------------------------------
     def wake(self) -> None:
@@ -104,13 +105,15 @@ class VfioUserService:
         next message boundary (any thread)."""
         self._woken.set()
         with self._lock:
+            if self._closed:
+                return
             server = self.server
             if server is not None:
                 server.loop.wake()
-        try:
-            os.write(self._wake_w, b"w")
-        except OSError:
-            pass
+            try:
+                os.write(self._wake_w, b"w")
+            except OSError:
+                pass
 
     def _precheck(self) -> str | None:
         server = self.server
@@ -241,11 +244,13 @@ class VfioUserService:
             self._handed_job.reported.wait(5.0)  # the report must reach the CLI before this process ends
         if self.control is not None:
             self.control.stop()
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        with self._lock:
+            self._closed = True
+            for fd in (self._wake_r, self._wake_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
         if handed:
             # the new process listens on the same sockets now: close, never unlink
             self.listener.detach()
