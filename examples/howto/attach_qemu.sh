@@ -6,7 +6,7 @@
 set -e
 
 # [serve]
-.venv/bin/pcidev serve --vfio-user /tmp/pcidev-nvme0.sock nvme,ns=mem:size=64M &
+.venv/bin/pcidev serve --once --vfio-user /tmp/pcidev-nvme0.sock nvme,ns=mem:size=64M &
 while [ ! -S /tmp/pcidev-nvme0.sock ]; do sleep 0.1; done   # QEMU connects once, at start-up
 # [end serve]
 

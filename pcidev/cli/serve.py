@@ -7,40 +7,116 @@ apply). ``TYPE,help`` lists the type's properties instead (as ``pcidev describe`
 The socket is created first and the device built afterwards, so a refused socket
 path leaves no file a device writes when it is built (an image, a state file); a
 device that fails to build closes the socket again (its file is removed).
+
+By default the server keeps the device when a client leaves and waits for the
+next one (``--persist``); ``--once`` exits after the first client instead. Beside
+the socket, ``SOCKET.ctl`` (``--control``) is the handover control endpoint that
+``pcidev handover`` talks to (:mod:`pcidev.transport.vfio_user.handover`);
+``--adopt FD`` is how a handover starts the new process (not for interactive use).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 
-from pcidev.cli._command import CliContext, command
+from pcidev.cli._command import CliContext, UsageError, command
 from pcidev.cli.describe import describe_text
+from pcidev.device import PciDevice
 from pcidev.properties import split_device_spec, split_properties
-from pcidev.transport.vfio_user.serving import listen_vfio_user, serve_device
+from pcidev.transport.address import MAX_UNIX_PATH, Listener
+from pcidev.transport.vfio_user.handover import control_path, listen_control
+from pcidev.transport.vfio_user.serving import listen_vfio_user, serve_adopted, serve_device
 
-__all__ = ["COMMAND"]
+__all__ = ["COMMAND", "child_args", "pinned_spec"]
+
+log = logging.getLogger(__name__)
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vfio-user", metavar="SOCKET", required=True,
                         help="UNIX socket to serve the device on (QEMU's vfio-user-pci connects to it)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--persist", dest="once", action="store_false",
+                      help="keep the device when a client leaves and accept the next one (the default)")
+    mode.add_argument("--once", dest="once", action="store_true",
+                      help="exit when the first client leaves (the device is closed, its state saved)")
+    parser.set_defaults(once=False)
+    parser.add_argument("--control", metavar="PATH",
+                        help="the handover control socket (default SOCKET.ctl; mode 0600, same user only)")
+    parser.add_argument("--adopt", metavar="FD", type=int, help=argparse.SUPPRESS)
     parser.add_argument("device", metavar="DEVICE[,props]",
                         help="device type and properties, e.g. nvme,ns=mem:size=64M (nvme,help lists them)")
+
+
+def pinned_spec(spec: str, device: PciDevice) -> str:
+    """``spec`` with the properties the device chose itself written out, so that a
+    handover's new process builds the same device: today the serial number a
+    device without ``serial=`` made up (NVMe draws a random one).
+
+    :param spec: ``DEVICE[,props]`` as given.
+    :param device: the device built from it.
+    """
+    _type, props = split_device_spec(spec)
+    if any(key == "serial" for key, _v in split_properties(props)):
+        return spec
+    serial = getattr(getattr(device, "cfg", None), "serial", None)
+    if not isinstance(serial, str) or not serial or "," in serial:
+        return spec
+    return f"{spec},serial={serial}"
+
+
+def child_args(args: argparse.Namespace, ctx: CliContext, spec: str) -> list[str]:
+    """The arguments (after ``python -m pcidev``) of the process a handover starts:
+    the same plugins, socket, mode and device as this one.
+
+    :param args: this ``serve`` command's arguments.
+    :param ctx: its context (``-p`` options).
+    :param spec: the device spec (:func:`pinned_spec`).
+    """
+    out: list[str] = []
+    for p in ctx.plugin_specs:
+        out += ["-p", p]
+    out += ["serve", "--vfio-user", args.vfio_user, "--once" if args.once else "--persist"]
+    if args.control:
+        out += ["--control", args.control]
+    return out + [spec]
 
 
 @command("serve", help="serve a device to QEMU over vfio-user (pcidev serve --vfio-user SOCKET DEVICE[,props])",
          configure=_configure)
 def COMMAND(args: argparse.Namespace, ctx: CliContext) -> int | None:
-    """Build the device and serve it until its client leaves."""
+    """Build the device and serve it (until its client leaves with ``--once``)."""
     type_name, props = split_device_spec(args.device)
     if ("", "help") in split_properties(props):
         print(describe_text(ctx.registry, type_name))
         return 0
     registry = ctx.registry  # plugin errors before the socket exists
+    if args.adopt is not None:
+        if args.adopt < 0:
+            raise UsageError(f"--adopt {args.adopt}: not a file descriptor")
+        device = registry.create(type_name, props)
+        return serve_adopted(device, args.vfio_user, args.adopt, pm=ctx.pm, once=args.once,
+                             child_args=child_args(args, ctx, args.device))
     listener = listen_vfio_user(args.vfio_user)
+    control: Listener | None = None
+    ctl_path = args.control or control_path(args.vfio_user)
+    try:
+        if args.control is None and len(os.fsencode(ctl_path)) > MAX_UNIX_PATH:
+            log.warning("no handover control socket: %s is too long for a socket address (use --control)",
+                        ctl_path)
+        else:
+            control = listen_control(ctl_path)
+    except BaseException:
+        listener.close()
+        raise
     try:
         device = registry.create(type_name, props)
     except BaseException:
         listener.close()
+        if control is not None:
+            control.close()
         raise
-    return serve_device(device, args.vfio_user, pm=ctx.pm, listener=listener)
+    return serve_device(device, args.vfio_user, pm=ctx.pm, once=args.once, listener=listener, control=control,
+                        child_args=child_args(args, ctx, pinned_spec(args.device, device)))

@@ -40,6 +40,19 @@ Wire format of the migration channel (all integers little-endian)::
     ACK     4  msgpack {"link": address or nil, "deferred": bool, "boot_id"}
     NACK    5  msgpack {"error": error class name, "message"}
     RUNNING 6  msgpack {"running_at": CLOCK_MONOTONIC seconds, "boot_id"}
+    COMMIT  7  empty: the source gives the device up for good (only with ``commit=True``)
+    READY   8  msgpack: a handover's new process is built and waits (:mod:`pcidev.transport.vfio_user.handover`)
+    CONN    9  msgpack: a handover's connection state, + the sockets that move with it
+    ABORT  10  msgpack {"reason"}: the source keeps the device; the destination must not run it
+    HANDOVER 11 msgpack: a request for a handover (the ``pcidev handover`` command to the serving process)
+    REPORT 12  msgpack {"ok", "reason", ...}: the answer to HANDOVER
+
+With ``commit=True`` (the vfio-user handover, where both processes could read the
+same client socket), the source answers the ACK with COMMIT and the destination
+runs the device only after COMMIT: its RUNNING precedes its first guest access.
+Until COMMIT the source can still take the device back; after it, an end of the
+channel without RUNNING proves the destination never ran it, so the source may
+resume then too.
 
 Downtime is reported as the time from the source's stop to the destination's
 resume, both read from ``CLOCK_MONOTONIC``; the two are comparable only on the
@@ -80,6 +93,16 @@ __all__ = [
     "migrate_out",
     "migrate_in",
     "boot_id",
+    "COMMIT",
+    "READY",
+    "CONN",
+    "ABORT",
+    "HANDOVER",
+    "REPORT",
+    "send_frame",
+    "send_meta",
+    "recv_frame",
+    "frame_meta",
 ]
 
 #: Version of the migration channel protocol, sent in OFFER; a destination refuses another.
@@ -92,7 +115,21 @@ _HEADER = struct.Struct("<8sHHI")
 MAX_STREAM_SIZE = 256 << 20
 _MAX_META = 64 << 10
 OFFER, FDS, STATE, ACK, NACK, RUNNING = 1, 2, 3, 4, 5, 6
-_NAMES = {OFFER: "OFFER", FDS: "FDS", STATE: "STATE", ACK: "ACK", NACK: "NACK", RUNNING: "RUNNING"}
+#: frame type: the source gives the device up for good (after ACK, with ``commit=True``)
+COMMIT = 7
+#: frame type: a handover's new process is built and waits for the state
+READY = 8
+#: frame type: a handover's connection state and the sockets that move with it
+CONN = 9
+#: frame type: the source keeps the device; the destination must not run it
+ABORT = 10
+#: frame type: a request for a handover (``pcidev handover`` to the serving process)
+HANDOVER = 11
+#: frame type: the answer to HANDOVER (``ok``, ``reason`` and the figures)
+REPORT = 12
+_NAMES = {OFFER: "OFFER", FDS: "FDS", STATE: "STATE", ACK: "ACK", NACK: "NACK", RUNNING: "RUNNING",
+          COMMIT: "COMMIT", READY: "READY", CONN: "CONN", ABORT: "ABORT", HANDOVER: "HANDOVER",
+          REPORT: "REPORT"}
 
 
 def boot_id() -> str:
@@ -210,6 +247,45 @@ def _meta(kind: int, body: bytes, keys: dict[str, type | tuple[type, ...]]) -> d
     return meta
 
 
+def send_frame(sock: socket.socket, kind: int, body: bytes = b"", fds: Sequence[int] = ()) -> None:
+    """Send one frame of the migration channel (the caller keeps its ``fds``).
+
+    :param sock: the connected channel.
+    :param kind: the frame type (:data:`COMMIT`, :data:`CONN`...).
+    :param body: the body.
+    :param fds: descriptors to attach (at most 253, Linux's ``SCM_MAX_FD``).
+    :raises TransportError: the peer went away.
+    """
+    _send(sock, kind, body, fds)
+
+
+def send_meta(sock: socket.socket, kind: int, meta: dict[str, Any], fds: Sequence[int] = ()) -> None:
+    """Send one frame whose body is ``meta`` as msgpack (see :func:`send_frame`).
+
+    :raises TransportError: the peer went away.
+    """
+    _send_meta(sock, kind, meta, fds)
+
+
+def recv_frame(sock: socket.socket, *, max_fds: int = 0, max_len: int = _MAX_META) -> tuple[int, bytes, list[int]]:
+    """Receive one frame: ``(type, body, fds)``; the caller owns the fds.
+
+    :param max_fds: the most descriptors it may carry.
+    :param max_len: the longest body accepted.
+    :raises TransportError: the peer closed, timed out or sent garbage (bad magic,
+        an unknown type, a body too long, too many fds).
+    """
+    return _recv(sock, max_fds=max_fds, max_len=max_len)
+
+
+def frame_meta(kind: int, body: bytes, keys: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
+    """The msgpack map of a frame's body, with ``keys`` checked (name → allowed types).
+
+    :raises TransportError: not a msgpack map, or a key missing or of the wrong type.
+    """
+    return _meta(kind, body, keys)
+
+
 # ------------------------------------------------------------------- source
 def _refusal(body: bytes) -> MigrationError:
     """The error a NACK body carries, for the source's caller.
@@ -243,7 +319,8 @@ def _raise_refusal(sock: socket.socket, deadline: float, send_error: TransportEr
 
 
 def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginManager | None = None,
-                timeout: float = 10.0, running_timeout: float = 2.0) -> MigrationResult:
+                timeout: float = 10.0, running_timeout: float = 2.0, commit: bool = False,
+                stall: Callable[[], None] | None = None) -> MigrationResult:
     """Send ``device`` to the destination at the other end of ``sock``.
 
     The caller has stopped guest accesses to the device (a transport does so by
@@ -254,7 +331,14 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
     :param pm: plugin manager for the ``pcidev_migration_blockers`` hook.
     :param timeout: seconds to wait for the acknowledgement.
     :param running_timeout: seconds to wait, after the acknowledgement, for the
-        destination's running notice (only for the downtime report).
+        destination's running notice (only for the downtime report; with ``commit``,
+        before ``stall`` is called).
+    :param commit: answer the ACK with COMMIT and count the migration done only when
+        RUNNING arrives: if the channel ends first, the destination never ran the
+        device, and it runs again here (the vfio-user handover).
+    :param stall: with ``commit``, called when RUNNING does not come within
+        ``running_timeout``: it must end the destination (kill and reap it), after
+        which the device runs again here.
     :returns: sizes and timestamps.
     :raises MigrationBlockedError: blockers (nothing was stopped).
     :raises MigrationError: the migration failed; the device runs again on the source.
@@ -300,6 +384,9 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
             raise MigrationError(f"{exc}; the device runs again on the source") from exc
         raise MigrationError(f"migration failed ({type(exc).__name__}: {exc}); "
                              "the device runs again on the source") from exc
+    if commit:
+        return _commit(device, sock, meta, size=size, nfds=nfds, stopped_at=stopped_at, acked_at=acked_at,
+                       running_timeout=running_timeout, stall=stall, was_running=was_running)
     # Acknowledged: from here on the destination owns the device. Never resume,
     # and never persist its state when it is closed (PciDevice.owns_state).
     device.migrated_out = True
@@ -320,10 +407,47 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
                            running_at=running_at, same_clock=same, deferred=bool(meta["deferred"]), link=link)
 
 
+def _commit(device: PciDevice, sock: socket.socket, meta: dict[str, Any], *, size: int, nfds: int,
+            stopped_at: float, acked_at: float, running_timeout: float, stall: Callable[[], None] | None,
+            was_running: bool) -> MigrationResult:
+    """COMMIT after the ACK, then RUNNING or the end of the channel (see :func:`migrate_out`)."""
+    why = ""
+    try:
+        _send(sock, COMMIT)
+        sock.settimeout(running_timeout)
+        kind, body, stray = _recv(sock)
+        close_fds(stray)
+        running_at = None
+        if kind == RUNNING:
+            try:
+                running_at = _meta(kind, body, {"running_at": float})["running_at"]
+            except TransportError:
+                running_at = time.monotonic()  # it said it runs: it does, whatever its body says
+        if running_at is not None:
+            device.migrated_out = True
+            device.owns_state = False
+            same = bool(meta["boot_id"]) and meta["boot_id"] == boot_id()
+            return MigrationResult(state_size=size, fds=nfds, stopped_at=stopped_at, acked_at=acked_at,
+                                   running_at=running_at, same_clock=same, deferred=False,
+                                   link=meta.get("link") if isinstance(meta.get("link"), str) else None)
+        why = f"sent {_NAMES[kind]} instead of RUNNING"
+    except TransportError as exc:
+        why = f"did not confirm it runs ({exc})"
+    # No RUNNING: the destination never read the guest's socket (RUNNING comes first).
+    # End it anyway (it may be stuck before sending it), then run the device here again.
+    if stall is None:
+        raise MigrationError(f"the destination {why} after COMMIT; neither side runs the device")
+    stall()
+    if was_running:
+        device.resume()
+    raise MigrationError(f"the destination {why} after COMMIT; the device runs again on the source")
+
+
 # -------------------------------------------------------------- destination
 def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0, link: str | None = None,
                adopt: Callable[[LoadedResources], None] | None = None,
-               defer_without_fds: bool = True) -> IncomingResult:
+               defer_without_fds: bool = True, commit: bool = False,
+               committed: Callable[[], None] | None = None) -> IncomingResult:
     """Receive a device state on ``sock``, load it into ``device``, acknowledge,
     and resume the device.
 
@@ -337,6 +461,11 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
     :param defer_without_fds: over a socket without descriptors (TCP), do not
         resume: the host must attach memory and eventfds first (the ACK says
         ``deferred``).
+    :param commit: after the ACK, wait for the source's COMMIT; then send RUNNING
+        *before* resuming the device (the source treats an end of the channel
+        without RUNNING as "never ran"). ABORT or the end of the channel instead
+        of COMMIT raise :class:`~pcidev.errors.MigrationError`: the device must not run.
+    :param committed: with ``commit``, called after COMMIT and before RUNNING.
     :returns: the stream, the resources and timestamps.
     :raises TransportError: the channel broke or carried garbage (NACK sent if possible).
     :raises VMStateError: the stream was refused (NACK sent); the device is untouched.
@@ -404,7 +533,17 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
     except TransportError as exc:
         raise MigrationError(f"could not acknowledge ({exc}); the source keeps the device") from exc
     running_at = None
-    if not deferred:
+    if commit:
+        _await_commit(sock, timeout)
+        if committed is not None:
+            committed()
+        running_at = time.monotonic()
+        try:
+            _send_meta(sock, RUNNING, {"running_at": running_at, "boot_id": boot_id()})
+        except TransportError:
+            pass  # committed: the device is ours whether the source hears it or not
+        device.resume()
+    elif not deferred:
         device.resume()
         running_at = time.monotonic()
         try:
@@ -412,3 +551,23 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
         except TransportError:
             pass
     return IncomingResult(stream=stream, fds=len(fds), resources=res, loaded_at=loaded_at, running_at=running_at)
+
+
+def _await_commit(sock: socket.socket, timeout: float) -> None:
+    """Wait for COMMIT after the ACK. :raises MigrationError: ABORT, garbage or the end instead."""
+    try:
+        sock.settimeout(timeout)
+        kind, body, stray = _recv(sock)
+        close_fds(stray)
+    except TransportError as exc:
+        raise MigrationError(f"no COMMIT from the source ({exc}); the device must not run here") from exc
+    if kind == COMMIT:
+        return
+    reason = ""
+    if kind == ABORT:
+        try:
+            reason = str(_meta(kind, body, {}).get("reason", ""))
+        except TransportError:
+            pass
+    raise MigrationError(f"the source sent {_NAMES[kind]} instead of COMMIT"
+                         + (f" ({reason})" if reason else "") + "; the device must not run here")

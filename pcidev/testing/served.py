@@ -55,7 +55,8 @@ class ServedDevice:
 
 @contextmanager
 def served(device: str, props: str = "", *, plugin_specs: Sequence[str] = ("no:nvme",),
-           directory: str | os.PathLike[str] | None = None, start_timeout: float = 30.0) -> Iterator[ServedDevice]:
+           directory: str | os.PathLike[str] | None = None, start_timeout: float = 30.0,
+           once: bool = True) -> Iterator[ServedDevice]:
     """Serve a device of a registered type over vfio-user in a new process.
 
     :param device: the device type.
@@ -66,6 +67,8 @@ def served(device: str, props: str = "", *, plugin_specs: Sequence[str] = ("no:n
     :param directory: where the socket goes (default: a new temporary directory,
         removed at the end).
     :param start_timeout: seconds to wait for the server to listen.
+    :param once: the server ends when its client leaves (``serve --once``); else it
+        keeps the device for the next client (``--persist``, the command's default).
     :returns: a context manager yielding the :class:`ServedDevice`.
     :raises PcidevError: the server did not start (its output is in the message).
     """
@@ -76,7 +79,7 @@ def served(device: str, props: str = "", *, plugin_specs: Sequence[str] = ("no:n
     argv = [sys.executable, "-m", "pcidev"]
     for p in plugin_specs:
         argv += ["-p", p]
-    argv += ["serve", "--vfio-user", path, spec]
+    argv += ["serve", "--vfio-user", path, "--once" if once else "--persist", spec]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     started = False
     try:

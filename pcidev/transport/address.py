@@ -145,6 +145,12 @@ class Listener:
         if self.file is not None:
             self.file.remove()
 
+    def detach(self) -> None:
+        """Close this process's copy of the socket but leave its socket file: another
+        process (a handover's new one) listens on the same socket now."""
+        self.sock.close()
+        self.file = None
+
 
 def _someone_listens(path: str, what: str) -> bool:
     """Whether a server listens on the UNIX socket ``path`` (connect to find out).
@@ -230,7 +236,7 @@ def _bind_hidden(directory: str, path: str, what: str) -> tuple[socket.socket, s
     raise TransportError(f"{what} {path}: cannot find a free temporary name in {directory}")
 
 
-def _listen_in_place(path: str, backlog: int, what: str) -> Listener:
+def _listen_in_place(path: str, backlog: int, what: str, mode: int | None = None) -> Listener:
     """Bind at ``path`` itself, then listen (a client connecting in between is refused):
     for a path so close to the address limit that no hidden name fits beside it."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -245,6 +251,8 @@ def _listen_in_place(path: str, backlog: int, what: str) -> Listener:
                 sock.bind(path)
             except OSError as exc2:
                 raise TransportError(f"{what} {path}: cannot listen there: {exc2.strerror or exc2}") from None
+        if mode is not None:
+            os.chmod(path, mode)
         st = os.lstat(path)
         sock.listen(backlog)
     except BaseException:
@@ -253,7 +261,7 @@ def _listen_in_place(path: str, backlog: int, what: str) -> Listener:
     return Listener(sock, Address("unix", path=path), SocketFile(path, st.st_dev, st.st_ino))
 
 
-def listen_unix(path: str, *, backlog: int = 8, what: str = "socket") -> Listener:
+def listen_unix(path: str, *, backlog: int = 8, what: str = "socket", mode: int | None = None) -> Listener:
     """Listen on the UNIX socket ``path``, replacing only a stale socket.
 
     The socket listens *before* it appears at ``path``: it is bound to a hidden name
@@ -272,6 +280,8 @@ def listen_unix(path: str, *, backlog: int = 8, what: str = "socket") -> Listene
     :param path: the socket path.
     :param backlog: the listen backlog.
     :param what: how error messages name the socket (``vfio-user socket``...).
+    :param mode: permissions of the socket file (e.g. ``0o600``: only its owner may
+        connect), set before the file appears at ``path``.
     :returns: the listener.
     :raises TransportError: one line naming the cause (something else at ``path``,
         a read-only or missing directory, a path too long...).
@@ -284,9 +294,11 @@ def listen_unix(path: str, *, backlog: int = 8, what: str = "socket") -> Listene
     directory = os.path.dirname(path) or "."
     bound = _bind_hidden(directory, path, what)
     if bound is None:
-        return _listen_in_place(path, backlog, what)
+        return _listen_in_place(path, backlog, what, mode)
     sock, hidden = bound
     try:
+        if mode is not None:
+            os.chmod(hidden, mode)
         sock.listen(backlog)
         try:
             os.link(hidden, path)

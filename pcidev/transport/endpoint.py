@@ -27,7 +27,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import pluggy
@@ -276,6 +276,59 @@ class DeviceEndpoint:
         else:
             self.state = RUNNING
             self.resumed_at = result.running_at
+        return result
+
+    def hand_over(self, sock: socket.socket, *, timeout: float = 10.0, running_timeout: float = 5.0,
+                  stall: Callable[[], None]) -> MigrationResult:
+        """Send the device to a handover's new process at the other end of ``sock``
+        and commit (:func:`~pcidev.migration.channel.migrate_out` with ``commit``).
+
+        The caller has stopped reading the guest's socket at a message boundary. On
+        success (the new process confirmed it runs) the endpoint is :data:`MIGRATED`;
+        on failure the device runs here again.
+
+        :param sock: the connected channel to the new process.
+        :param timeout: seconds to wait for the acknowledgement.
+        :param running_timeout: seconds to wait for RUNNING after COMMIT.
+        :param stall: ends the new process when RUNNING does not come (kill and reap).
+        :raises MigrationBlockedError: blockers (nothing was stopped).
+        :raises MigrationError: the handover failed; the device runs here again.
+        """
+        self._check_state(RUNNING)
+        result = migrate_out(self.device, sock, pm=self.pm, timeout=timeout, running_timeout=running_timeout,
+                             commit=True, stall=stall)
+        self.state = MIGRATED
+        self.moved_to = f"pid {result.link}" if result.link else "a new process"
+        return result
+
+    def accept_handover(self, sock: socket.socket, *, timeout: float = 10.0,
+                        before_ack: Callable[[], None] | None = None,
+                        committed: Callable[[], None] | None = None) -> IncomingResult:
+        """Receive the device from the process that served it (a handover) and run
+        it once the source committed (:func:`~pcidev.migration.channel.migrate_in`
+        with ``commit``): RUNNING goes out before this returns, and before anything
+        reads the guest's socket here.
+
+        :param sock: the channel from the old process.
+        :param timeout: seconds to wait for each part of the stream and for COMMIT.
+        :param before_ack: called after the load, before the acknowledgement (an
+            exception refuses the state with a NACK).
+        :param committed: called after COMMIT, before RUNNING.
+        :raises VMStateError: the state was refused (the device is untouched).
+        :raises TransportError: the channel broke.
+        :raises MigrationError: no COMMIT (ABORT or the end): the device must not run here.
+        """
+        self._check_state(NEW)
+
+        def adopt(res: LoadedResources) -> None:
+            self._adopt(res)
+            if before_ack is not None:
+                before_ack()
+
+        result = migrate_in(self.device, sock, timeout=timeout, link=str(os.getpid()), adopt=adopt,
+                            commit=True, committed=committed)
+        self.state = RUNNING
+        self.resumed_at = result.running_at
         return result
 
     def _adopt(self, res: LoadedResources) -> None:

@@ -29,16 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
 import vm_guest
 from test_guest_nvme import fio_result, lines
-
-import pcidev.cli
-
-# Written before `pcidev handover` landed (issue 9, WP-A builds it in parallel): remove this
-# guard once it is merged, so that a missing command fails the tier instead of skipping it.
-pytestmark = pytest.mark.skipif("handover" not in pcidev.cli.COMMANDS,
-                                reason="pcidev handover is not in this tree yet (issue 9, WP-A)")
 
 NVME = "nvme,ns=mem:size=64M"
 HANDOVERS = int(os.environ.get("PCIDEV_VM_HANDOVERS", "12"))

@@ -2,7 +2,16 @@
 
 :func:`serve_device` is what ``pcidev serve --vfio-user`` runs: it listens on a
 UNIX socket, prints one ``listening`` line, and serves each client with a
-:class:`~pcidev.transport.vfio_user.server.VfioUserServer`.
+:class:`~pcidev.transport.vfio_user.server.VfioUserServer`. With ``once`` it
+returns when the first client leaves; without, the device keeps its state and
+the next client is accepted (``pcidev serve``'s default).
+
+With a control endpoint (``control``), a ``pcidev handover`` request moves the
+device and its client's connection to a new process
+(:mod:`pcidev.transport.vfio_user.handover`): the serve thread stops reading the
+client at a message boundary and hands everything over; on success it returns
+0 without removing the socket files, which the new process now serves.
+:func:`serve_adopted` is the new process's side (``serve --adopt FD``).
 """
 
 from __future__ import annotations
@@ -10,21 +19,27 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import signal
+import socket
 import sys
+import threading
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 import pluggy
 
 from pcidev.device import PciDevice
 from pcidev.errors import TransportError
+from pcidev.migration.blockers import collect_blockers
 from pcidev.transport.address import Listener, listen_unix
-from pcidev.transport.endpoint import DeviceEndpoint
+from pcidev.transport.endpoint import NEW, DeviceEndpoint
+from pcidev.transport.vfio_user.handover import HandoverControl, HandoverJob, adopt, outcome_line
 from pcidev.transport.vfio_user.server import ExtraClientGuard, VfioUserServer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["listen_vfio_user", "serve_device"]
+__all__ = ["VfioUserService", "listen_vfio_user", "serve_adopted", "serve_device"]
 
 
 def listen_vfio_user(path: str) -> Listener:
@@ -41,68 +56,309 @@ def listen_vfio_user(path: str) -> Listener:
     return listen_unix(path, backlog=1, what="vfio-user socket")
 
 
+#: vfio-user migration state RUNNING (``VFIO_DEVICE_STATE_RUNNING``): a handover needs it
+_MIG_RUNNING = 2
+_HANDED_OVER = "handed over"
+_SIGNALLED = "signal"
+
+
+class VfioUserService:
+    """The serving loop of one device on one vfio-user socket: accepts clients, serves
+    each, and runs the handovers its control endpoint asks for.
+
+    :param endpoint: the device's endpoint (started, or adopted from a handover).
+    :param listener: the vfio-user socket's listener (owned from now on).
+    :param path: the socket path (for messages).
+    :param pm: the plugin manager (migration blockers of its plugins).
+    :param once: return when the first client leaves (else the device keeps its
+        state and the next client is accepted).
+    :param out: where the status lines go.
+    :param control: the handover control endpoint (owned from now on), or None.
+    :param child_args: arguments of a handover's new process after ``python -m pcidev``.
+    """
+
+    def __init__(self, endpoint: DeviceEndpoint, listener: Listener, path: str, *,
+                 pm: pluggy.PluginManager | None = None, once: bool = False, out: TextIO | None = None,
+                 control: Listener | None = None, child_args: Sequence[str] = ()) -> None:
+        self.endpoint = endpoint
+        self.device = endpoint.device
+        self.listener = listener
+        self.path = path
+        self.pm = pm
+        self.once = once
+        self.out = sys.stdout if out is None else out
+        self.control_listener = control
+        self.control: HandoverControl | None = None
+        if control is not None:
+            self.control = HandoverControl(control, child_args=child_args, endpoint=endpoint, wake=self.wake,
+                                           precheck=self._precheck)
+        self.server: VfioUserServer | None = None
+        self._lock = threading.Lock()
+        self._woken = threading.Event()
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._deferred_signal: int | None = None
+        self._handed_job: HandoverJob | None = None
+        self._closed = False
+        self._next_client: socket.socket | None = None
+
+    # -- waking the serve thread ------------------------------------------------------------
+    def wake(self) -> None:
+        """Make the serve thread look at pending handovers and deferred signals at the
+        next message boundary (any thread)."""
+        self._woken.set()
+        with self._lock:
+            if self._closed:
+                return
+            server = self.server
+            if server is not None:
+                server.loop.wake()
+            try:
+                os.write(self._wake_w, b"w")
+            except OSError:
+                pass
+
+    def _precheck(self) -> str | None:
+        server = self.server
+        if server is not None and server.conn.mig_state != _MIG_RUNNING:
+            return f"the device is in vfio-user migration state {server.conn.mig_state}, not RUNNING"
+        if self.endpoint.memory.dirty is not None:
+            return "DMA dirty logging is on (a vfio-user migration runs)"
+        reasons = collect_blockers(self.device, self.pm)
+        if reasons:
+            return "the device cannot migrate now: " + "; ".join(reasons)
+        return None
+
+    def _on_wake(self, server: VfioUserServer | None) -> str | None:
+        self._woken.clear()
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except OSError:
+            pass
+        if self.control is not None:
+            job = self.control.take_cut()
+            if job is not None and self.control.cut(job, server, self.listener):
+                self._handed_job = job
+                print(outcome_line(job.outcome), file=self.out, flush=True)
+                return _HANDED_OVER
+        if self._deferred_signal is not None and not (self.control is not None and self.control.busy):
+            return _SIGNALLED
+        return None
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if self._handed_job is not None and self._handed_job.reported.is_set():
+            # handed over and reported: only this process's copies are left (the kernel
+            # closes them; nothing is unlinked or saved), so a signal ends it at once
+            os._exit(0)
+        if self.control is not None and self.control.busy:
+            log.warning("signal %d deferred: a handover is running", signum)
+            self._deferred_signal = signum
+            return
+        raise SystemExit(128 + signum)
+
+    def install_signals(self) -> None:
+        """Make SIGTERM/SIGINT end the service cleanly (deferred while a handover runs)."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _accept(self) -> VfioUserServer | str | None:
+        """Wait for a client (or a wake-up). :returns: its server, a reason to stop, or None."""
+        poller = select.poll()
+        poller.register(self.listener.sock.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        if not self._woken.is_set():
+            events = poller.poll()
+            if not any(fd == self.listener.sock.fileno() for fd, _ev in events):
+                return self._on_wake(None)
+        else:
+            return self._on_wake(None)
+        conn, _ = self.listener.sock.accept()
+        conn.set_inheritable(False)
+        return VfioUserServer(self.endpoint, conn)
+
+    def run(self, server: VfioUserServer | None = None, *, banner: str | None = None) -> int:
+        """Serve until the end (see the class): returns the exit status, closes what it owns.
+
+        :param server: a connection to serve first (adopted in a handover).
+        :param banner: printed once the signals are handled and the endpoint runs.
+        :raises TransportError: the socket failed (one line naming the cause).
+        :raises SystemExit: SIGTERM/SIGINT (deferred while a handover runs).
+        """
+        handed = False
+        try:
+            self.install_signals()
+            if self.endpoint.state == NEW:
+                self.endpoint.start()
+            if self.control is not None:
+                self.control.start()
+            if banner is not None:
+                print(banner, file=self.out, flush=True)
+            while True:
+                if server is None:
+                    got = self._accept()
+                    if not isinstance(got, VfioUserServer):
+                        reason = got
+                    else:
+                        server, reason = got, None
+                if server is not None:
+                    reason = self._serve_one(server)
+                    if reason not in (_HANDED_OVER, _SIGNALLED) and self._client_left(server, reason):
+                        return 0
+                    server = None
+                    nxt, self._next_client = self._next_client, None
+                    if nxt is not None and reason not in (_HANDED_OVER, _SIGNALLED):
+                        server = VfioUserServer(self.endpoint, nxt)
+                        continue
+                    if nxt is not None:
+                        nxt.close()
+                if reason == _HANDED_OVER:
+                    handed = True
+                    return 0
+                if reason == _SIGNALLED:
+                    assert self._deferred_signal is not None
+                    raise SystemExit(128 + self._deferred_signal)
+        except OSError as exc:
+            raise TransportError(f"vfio-user socket {self.path}: {exc.strerror or exc}") from exc
+        finally:
+            self._close(handed)
+
+    def _serve_one(self, server: VfioUserServer) -> str:
+        server.loop.on_wake = lambda: self._on_wake(server)
+        with self._lock:
+            self.server = server
+        if self._woken.is_set():
+            server.loop.wake()
+        try:
+            with ExtraClientGuard(self.listener.sock, server.sock) as guard:  # a second client is closed at once
+                reason = server.serve()  # closes the socket (never shuts it down); disconnect() if the client left
+            self._next_client = guard.next_client
+            return reason
+        finally:
+            with self._lock:
+                self.server = None
+
+    def _client_left(self, server: VfioUserServer, reason: str) -> bool:
+        """A client left: report it. :returns: whether to stop (``once``)."""
+        if not server.counts:
+            # closed before its first message (another server probing whether
+            # this socket is live, say): not the client; keep listening
+            log.info("a connection closed before its first message (%s); still listening", reason)
+            return False
+        print(f"pcidev: client left ({reason}); messages: {json.dumps(server.counts, sort_keys=True)}",
+              file=self.out, flush=True)
+        # (integration, WP-B: VfioUserServer.serve() runs disconnect() itself when its client left)
+        return self.once
+
+    def _close(self, handed: bool) -> None:
+        if self._handed_job is not None:
+            self._handed_job.reported.wait(5.0)  # the report must reach the CLI before this process ends
+        if self.control is not None:
+            self.control.stop()
+        with self._lock:
+            self._closed = True
+            for fd in (self._wake_r, self._wake_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        if handed:
+            # the new process listens on the same sockets now: close, never unlink
+            self.listener.detach()
+            if self.control_listener is not None:
+                self.control_listener.detach()
+        else:
+            self.listener.close()
+            if self.control_listener is not None:
+                self.control_listener.close()
+        # After a handover the device no longer owns its state (migrated_out):
+        # closing it joins its workers and persists nothing.
+        self.endpoint.close()
+        self.device.close()
+
+
 def serve_device(device: PciDevice, path: str, *, pm: pluggy.PluginManager | None = None, once: bool = True,
-                 out: TextIO | None = None, listener: Listener | None = None) -> int:
+                 out: TextIO | None = None, listener: Listener | None = None, control: Listener | None = None,
+                 child_args: Sequence[str] = ()) -> int:
     """Serve ``device`` over vfio-user on the UNIX socket ``path``.
 
     Listens (:func:`listen_vfio_user`, unless ``listener`` is given), prints one
-    ``listening`` line, serves one client until it leaves (QEMU never reconnects)
-    and returns 0. SIGTERM/SIGINT end it cleanly. The device and the listener
-    are closed at the end.
+    ``listening`` line, and serves clients (:class:`VfioUserService`): with
+    ``once``, until the first one leaves (QEMU never reconnects). SIGTERM/SIGINT
+    end it cleanly. The device and the listeners are closed at the end (after a
+    handover the socket files stay: the new process serves them).
 
     :param device: the device, e.g. from :meth:`pcidev.registry.DeviceRegistry.create`.
     :param path: the socket path.
     :param pm: the plugin manager (migration blockers of its plugins).
-    :param once: return after the first client (else serve the next one).
+    :param once: return after the first client (else serve the next one, the device
+        keeping its state).
     :param out: where the status lines go (standard output).
     :param listener: a listener from :func:`listen_vfio_user` on ``path`` (owned
         by this function from now on, closed when it returns or raises).
+    :param control: the handover control endpoint
+        (:func:`~pcidev.transport.vfio_user.handover.listen_control`), owned from now on.
+    :param child_args: the arguments of a handover's new process after
+        ``python -m pcidev`` (``serve ... DEVICE,props``; ``--adopt FD`` is appended).
     :returns: the exit status.
     :raises TransportError: the socket cannot be created (one line naming the cause).
     """
     out = sys.stdout if out is None else out
+    owned = [x for x in (listener, control) if x is not None]
     try:
         endpoint = DeviceEndpoint(device, pm=pm)
     except BaseException:
-        if listener is not None:
-            listener.close()
+        for x in owned:
+            x.close()
         raise
     try:
         if listener is None:
             listener = listen_vfio_user(path)
     except BaseException:
         endpoint.close()
+        for x in owned:
+            x.close()
         raise
-    server: VfioUserServer | None = None
+    service = VfioUserService(endpoint, listener, path, pm=pm, once=once, out=out, control=control,
+                              child_args=child_args)
+    return service.run(banner=f"pcidev: vfio-user server for {device.TYPE_NAME or type(device).__name__} "
+                              f"listening on {path} (pid {os.getpid()})")
 
-    def on_signal(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+def serve_adopted(device: PciDevice, path: str, chan_fd: int, *, pm: pluggy.PluginManager | None = None,
+                  once: bool = False, out: TextIO | None = None, child_args: Sequence[str] = (),
+                  timeout: float = 30.0) -> int:
+    """Take ``device``'s place in a handover (``pcidev serve --adopt FD``) and serve on.
+
+    The device was built here like the old process's (same type and properties);
+    the old process sends its state, the client's connection and its listeners
+    over ``chan_fd`` (:func:`~pcidev.transport.vfio_user.handover.adopt`). On any
+    failure before the device runs here, the old process keeps it: this returns 1
+    with one line, touching none of the sockets received.
+
+    :param device: the new device.
+    :param path: the vfio-user socket path (the old process's).
+    :param chan_fd: the socketpair end inherited from the old process.
+    :param pm: the plugin manager.
+    :param once: as :func:`serve_device`.
+    :param out: where the status lines go.
+    :param child_args: for the next handover, as :func:`serve_device`.
+    :param timeout: seconds to wait for each step of the handover.
+    :returns: the exit status.
+    """
+    out = sys.stdout if out is None else out
     try:
-        endpoint.start()
-        print(f"pcidev: vfio-user server for {device.TYPE_NAME or type(device).__name__} listening on "
-              f"{path} (pid {os.getpid()})", file=out, flush=True)
-        pending = None
-        while True:
-            conn = pending if pending is not None else listener.sock.accept()[0]
-            server = VfioUserServer(endpoint, conn)
-            with ExtraClientGuard(listener.sock, conn) as guard:  # a second client is closed at once
-                reason = server.serve()  # a client that left: server.disconnect() ran
-            pending = guard.next_client
-            if not server.counts:
-                # closed before its first message (another server probing whether
-                # this socket is live, say): not the client; keep listening
-                log.info("a connection closed before its first message (%s); still listening", reason)
-                continue
-            print(f"pcidev: client left ({reason}); messages: {json.dumps(server.counts, sort_keys=True)}",
-                  file=out, flush=True)
-            if once:
-                return 0
-    except OSError as exc:
-        raise TransportError(f"vfio-user socket {path}: {exc.strerror or exc}") from exc
-    finally:
-        listener.close()
-        endpoint.close()
-        device.close()  # the device's life ends with the server: workers joined, on_close() (NVMe saves its state)
+        endpoint = DeviceEndpoint(device, pm=pm)
+    except BaseException:
+        device.close()
+        raise
+    try:
+        adopted = adopt(chan_fd, endpoint, timeout=timeout)
+    except BaseException:
+        endpoint.close()  # NEW or never committed: persists nothing
+        raise
+    service = VfioUserService(endpoint, adopted.listener, path, pm=pm, once=once, out=out,
+                              control=adopted.control, child_args=child_args)
+    return service.run(adopted.server, banner=f"pcidev: vfio-user server for "
+                       f"{device.TYPE_NAME or type(device).__name__} took over {path} from pid {adopted.old_pid} "
+                       f"(pid {os.getpid()})")

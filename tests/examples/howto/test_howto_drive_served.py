@@ -15,7 +15,8 @@ SCRIPT = ROOT / "examples" / "howto" / "drive_served.py"
 def test_the_published_commands(tmp_path: Path, wait_listening: Callable[..., None]) -> None:
     sock = tmp_path / "pcidev-nvme0.sock"
     pcidev = Path(sys.executable).with_name("pcidev")  # .venv/bin/pcidev
-    server = subprocess.Popen([str(pcidev), "serve", "--vfio-user", str(sock), "nvme,ns=mem:size=64M"],
+    server = subprocess.Popen([str(pcidev), "serve", "--once", "--vfio-user", str(sock),
+                               "nvme,ns=mem:size=64M"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_listening(sock, server)

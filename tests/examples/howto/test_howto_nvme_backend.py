@@ -105,7 +105,7 @@ def test_served_over_vfio_user(tmp_path: Path, wait_listening: Callable[..., Non
     """The command line of the how-to, driven as QEMU would (memfd RAM, MSI-X eventfds)."""
     sock = tmp_path / "nvme0.sock"
     env = dict(os.environ, PYTHONPATH=str(HOWTO))
-    server = subprocess.Popen([sys.executable, "-m", "pcidev", "-p", "nvme_backend", "serve", "--vfio-user",
+    server = subprocess.Popen([sys.executable, "-m", "pcidev", "-p", "nvme_backend", "serve", "--once", "--vfio-user",
                                str(sock), "nvme,ns=sparse:size=64M"], env=env)
     try:
         wait_listening(sock, server)

@@ -27,10 +27,11 @@ PCIDEV = [sys.executable, "-m", "pcidev"]
 
 @pytest.fixture
 def served(tmp_path: Path, wait_listening: Callable[..., None]) -> Iterator[tuple[Path, subprocess.Popen[str]]]:
-    """``PYTHONPATH=examples/howto pcidev -p shared_page serve --vfio-user SOCK howto-mailbox``."""
+    """``PYTHONPATH=examples/howto pcidev -p shared_page serve --once --vfio-user SOCK howto-mailbox``."""
     sock = tmp_path / "mailbox.sock"
     env = dict(os.environ, PYTHONPATH=str(HOWTO))
-    proc = subprocess.Popen([*PCIDEV, "-p", "shared_page", "serve", "--vfio-user", str(sock), "howto-mailbox"],
+    proc = subprocess.Popen([*PCIDEV, "-p", "shared_page", "serve", "--once", "--vfio-user", str(sock),
+                             "howto-mailbox"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_listening(sock, proc)

@@ -407,7 +407,7 @@ def test_cli_serve_vfio_user_process(tmp_path):
 
     path = tmp_path / "nvme.sock"
     _stale_socket(path)
-    proc = subprocess.Popen([sys.executable, "-m", "pcidev", "serve", "--vfio-user", str(path),
+    proc = subprocess.Popen([sys.executable, "-m", "pcidev", "serve", "--once", "--vfio-user", str(path),
                              "nvme,ns=mem:size=1M"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         line = proc.stdout.readline()
@@ -423,7 +423,7 @@ def test_cli_serve_vfio_user_process(tmp_path):
         sock.close()
         assert proc.wait(20) == 0
         assert "client left (eof)" in proc.stdout.read()
-        assert not path.exists()
+        assert not path.exists() and not os.path.exists(f"{path}.ctl")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -529,8 +529,8 @@ def test_a_second_server_on_a_live_socket_leaves_the_first_serving(tmp_path, cap
     import sys
 
     path = tmp_path / "edu.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "pcidev", "-p", "no:nvme", "serve", "--vfio-user", str(path),
-                             "edu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "pcidev", "-p", "no:nvme", "serve", "--once", "--vfio-user",
+                             str(path), "edu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert "listening on" in proc.stdout.readline()
         status, err = _serve_cli(path, capsys)
