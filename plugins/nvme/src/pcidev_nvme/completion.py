@@ -3,14 +3,19 @@
 in :mod:`pcidev_nvme.request`). A completion goes to its request's CQ, or waits in the
 CQ's backlog while the CQ is full; a failed command adds an Error Information entry.
 Completions made during a doorbell batch (on the batch's thread) are posted together at
-its end (:meth:`CompletionMixin._complete_batch`): one lock, one memory write and one
-interrupt per CQ. The entries themselves are written by
+its end (:meth:`CompletionMixin._complete_batch`): one lock and one memory write per CQ,
+one interrupt per vector. Completions made outside a batch (backend I/O finishing on
+worker threads, timers) are *combined*: they join a shared list, and the thread that
+finds no other thread posting posts the whole list (and whatever the others add
+meanwhile) the same way; the poster counts as a batch in progress, so a quiesce
+(``batches_idle``) waits for it. The entries themselves are written by
 :meth:`~pcidev_nvme.queues.CompletionQueue.post_batch`, the only CQE writer.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -34,6 +39,11 @@ class CompletionMixin:
 
     _tls: BatchState
     _gen: int
+    _batches: int
+    _batch_lock: threading.Lock
+    _combined: list[Deferred]
+    _combine_lock: threading.Lock
+    _posting: bool
     error_log: ErrorLog
     interrupts: Interrupts
     smart: SmartCounters
@@ -50,6 +60,8 @@ class CompletionMixin:
 
         def _kick_throttled(self, cq: CompletionQueue) -> None: ...
 
+        def _end_batch(self, tls: BatchState) -> None: ...
+
     def complete(self, req: Request, status: int = 0, dw0: int = 0, dw1: int = 0, *,
                  error: NvmeStatusError | None = None) -> None:
         """Post the completion of ``req`` (thread-safe; call exactly once per request).
@@ -65,70 +77,67 @@ class CompletionMixin:
         :param error: the exception the status came from, if any.
 
         Completions made while a doorbell write is being processed (on that same
-        thread) are posted together when it ends, one interrupt per queue.
+        thread) are posted together when it ends, one interrupt per vector; others
+        may be posted by another thread that is posting at the time (see the module
+        docstring), shortly after this returns.
         """
         tls = self._tls
         if tls.depth:
             tls.done.append((req, status, dw0, dw1, error))
             return
-        sq = req.sq
-        if sq is None:
+        if req.sq is None:
             log.error("complete() of a request that did not come from a queue: %r", req)
             return
-        cq = sq.cq
-        sf = status_field(status, dnr=error.dnr if error is not None else True) if status else 0
-        posted = False
-        stale = False
-        cid = req.cid
-        phase = 0
+        # Outside a batch (a worker thread, a timer): combine. The completion joins the
+        # shared list; the thread that finds no poster running becomes the poster and
+        # posts everything the others add meanwhile, one interrupt per vector.
+        with self._combine_lock:
+            self._combined.append((req, status, dw0, dw1, error))
+            if self._posting:
+                return
+            self._posting = True
+            with self._batch_lock:  # a quiesce waits for the poster (batches_idle)
+                self._batches += 1
+        self._post_combined(tls)
+
+    def _init_completion(self) -> None:
+        """No combined completions pending and no poster running."""
+        #: completions made outside a batch, waiting for the poster
+        self._combined = []
+        self._combine_lock = threading.Lock()
+        #: a thread is posting :attr:`_combined` (it counts as a batch in progress)
+        self._posting = False
+
+    def _post_combined(self, tls: BatchState) -> None:
+        """Post the combined completions until none are left (the poster's loop)."""
+        tls.depth += 1
         try:
-            with cq.lock:
-                if req.done:
-                    log.warning("%r completed twice; the second completion is ignored", req)
-                    return
-                req.done = True
-                inflight = sq.inflight
-                if inflight.get(cid) is req:
-                    del inflight[cid]
-                if req.gen != self._gen or sq.gone or cq.gone:
-                    stale = True
-                else:
-                    tail = cq.tail
-                    nxt = tail + 1
-                    if nxt == cq.size:
-                        nxt = 0
-                    if cq.backlog or nxt == cq.head:
-                        # still reserved until posted (parked requests never were)
-                        if req.parked:
-                            cq.reserved += 1
-                        # the phase it will be posted with: backlog entries take the slots
-                        # from the tail on, in order
-                        phase = cq.phase ^ (((tail + len(cq.backlog)) // cq.size) & 1)
-                        cq.backlog.append((sq, cid, sf, dw0 & 0xFFFFFFFF, dw1 & 0xFFFFFFFF))
-                    else:
-                        if not req.parked:
-                            cq.reserved -= 1
-                        mem = self.dma  # DmaError without memory or Bus Master
-                        phase = cq.phase
-                        cq.post_batch(mem, ((dw0 & 0xFFFFFFFF, dw1 & 0xFFFFFFFF, sq.head, sq.sqid,
-                                             cid | (phase << 16) | (sf << 17)),))
-                        posted = True
-        except DmaError as exc:
-            self._fatal(f"cannot post a completion to CQ {cq.cqid}: {exc}")
-            return
-        if stale:
-            self._stale_completed()
-            return
-        if status:
-            self._log_error(req, sf, phase, error)
-        if sq.sqid:
-            self.smart.record_busy(req.t_fetch, time.monotonic())
-        if posted and cq.ien:
-            self.interrupts.signal(cq, 1)
-        if sq.deleting and not sq.inflight:
-            self._finish_sq_delete(sq)
-        if cq.throttled:
-            self._kick_throttled(cq)
+            while True:
+                with self._combine_lock:
+                    items = self._combined
+                    if not items:
+                        self._posting = False
+                        break
+                    self._combined = []
+                start = 0.0
+                for it in items:
+                    req = it[0]
+                    if req.sqid and (not start or req.t_fetch < start):
+                        start = req.t_fetch
+                self._complete_batch(items, tls)
+                if start:
+                    self.smart.record_busy(start, time.monotonic())
+        except BaseException:
+            with self._combine_lock:
+                self._posting = False
+            raise
+        finally:
+            tls.depth -= 1
+            try:
+                self._end_batch(tls)
+            finally:
+                with self._batch_lock:
+                    self._batches -= 1
 
     def _complete_batch(self, items: list[Deferred], tls: BatchState) -> None:
         """Post the completions deferred during a batch: one lock and one memory write

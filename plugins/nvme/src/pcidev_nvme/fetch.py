@@ -160,9 +160,8 @@ class FetchMixin:
             self.smart.record_busy(tls.start, time.monotonic())
         while tls.cqs or tls.kicks:
             cqs, tls.cqs = tls.cqs, {}
-            signal = self.interrupts.signal
-            for cq, n in cqs.items():
-                signal(cq, n)
+            if cqs:
+                self.interrupts.signal_many(cqs)
             kicks, tls.kicks = tls.kicks, []
             for sq in kicks:
                 if not sq.gone:
