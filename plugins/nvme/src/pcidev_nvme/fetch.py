@@ -27,7 +27,7 @@ from pcidev_nvme.limits import FETCH_BATCH, SQE_SIZE
 from pcidev_nvme.logs import SmartCounters
 from pcidev_nvme.queues import CompletionQueue, SubmissionQueue
 from pcidev_nvme.registers import DOORBELL_BASE
-from pcidev_nvme.request import Request, decode_sqe
+from pcidev_nvme.request import SQE, Request
 from pcidev_nvme.status import NvmeStatusError, Status
 
 __all__ = ["BatchState", "FetchMixin"]
@@ -128,6 +128,7 @@ class FetchMixin:
             tls.start = time.monotonic()
             with self._batch_lock:
                 self._batches += 1
+            self.io.begin_batch()
         tls.depth += 1
         try:
             while True:
@@ -152,6 +153,7 @@ class FetchMixin:
                         self._batches -= 1
 
     def _end_batch(self, tls: BatchState) -> None:
+        self.io.end_batch()
         if tls.done:
             done, tls.done = tls.done, []
             self._complete_batch(done, tls)
@@ -205,6 +207,8 @@ class FetchMixin:
                 cq.reserved += n
             try:
                 raw = sq.fetch(mem, n)
+                if type(raw) is not bytes:  # requests keep it: never a buffer that may change
+                    raw = bytes(raw)
             except DmaError as exc:
                 with cq.lock:
                     cq.reserved -= n
@@ -212,8 +216,24 @@ class FetchMixin:
                 return
             now = time.monotonic()
             gen = self._gen
-            for i in range(n):
-                req = decode_sqe(sqid, raw, i * SQE_SIZE, sq, gen, now)
+            formatting = self._formatting
+            unpack = SQE.unpack_from
+            new_request = object.__new__
+            submit = self.admin.submit if admin else self.io.submit
+            for off in range(0, n * SQE_SIZE, SQE_SIZE):
+                # decode_sqe, inline (the hot loop): raw is bytes, so the request keeps it
+                req = new_request(Request)
+                (req.opcode, req.flags, req.cid, req.nsid, req.cdw2, req.cdw3, req.mptr, req.prp1, req.prp2,
+                 req.cdw10, req.cdw11, req.cdw12, req.cdw13, req.cdw14, req.cdw15) = unpack(raw, off)
+                req.sqid = sqid
+                req._raw = raw
+                req._off = off
+                req.ctx = None
+                req.sq = sq
+                req.gen = gen
+                req.t_fetch = now
+                req.done = False
+                req.parked = False
                 cid = req.cid
                 if cid in inflight:
                     self.complete(req, Status.CMDID_CONFLICT,
@@ -223,11 +243,10 @@ class FetchMixin:
                 try:
                     if admin:
                         self.keep_alive(now)
-                        self.admin.submit(req)
-                    elif self._formatting and req.nsid in self._formatting:
+                    elif formatting and req.nsid in formatting:
                         self.complete(req, Status.FORMAT_IN_PROGRESS)
-                    else:
-                        self.io.submit(req)
+                        continue
+                    submit(req)
                 except Exception as exc:  # never lose a command to a bug
                     log.exception("%s: command %r failed unexpectedly", self.name, req)
                     if not req.done:

@@ -128,6 +128,13 @@ class _Rest:
         return self.fn(req, ns, self.done)
 
 
+class _Local(threading.local):
+    """Per-thread state of :class:`IoCommandSet`."""
+
+    #: [reads, read bytes, writes, written bytes] of the batch in progress, or None
+    tally: list[int] | None = None
+
+
 class Opcode:
     """NVM command set opcodes handled here."""
 
@@ -197,6 +204,7 @@ class IoCommandSet:
         self._cond = threading.Condition()
         self._inflight = 0
         self._closed = False
+        self._local = _Local()
         self._handlers: dict[int, _Handler] = {
             Opcode.READ: self._read,
             Opcode.WRITE: self._write,
@@ -251,36 +259,47 @@ class IoCommandSet:
                         mem = ctrl.dma
                         prp1 = req.prp1
                         page = ctrl.page_size
+                        read = op == 2
                         if not prp1 & 3 and length <= page - (prp1 & (page - 1)):
-                            views = mem.views(prp1, length, write=op == 2)
+                            views = mem.views(prp1, length, write=read)
                         else:
-                            views = mem.sg_views(
-                                prp_segments(mem, prp1, req.prp2, length, page), write=op == 2
-                            )
-                        done = length
+                            views = mem.sg_views(prp_segments(mem, prp1, req.prp2, length, page), write=read)
+                        offset = slba << shift
                         try:
-                            if op == 2:
-                                if inline:
-                                    backend.readv(views, slba << shift)
+                            if inline:
+                                if read:
+                                    backend.readv(views, offset)
                                 else:
-                                    done = cast(_NoWait, backend).readv_nowait(views, slba << shift)
+                                    backend.writev(views, offset,
+                                                   fua=bool(cdw12 & 0x40000000) or not ctrl.volatile_write_cache)
+                                done = length
+                            elif read:
+                                done = cast(_NoWait, backend).readv_nowait(views, offset)
+                            elif cdw12 & 0x40000000 or not ctrl.volatile_write_cache:
+                                done = 0  # a durable write never goes without waiting
                             else:
-                                fua = bool(cdw12 & 0x40000000) or not ctrl.volatile_write_cache
-                                if inline:
-                                    backend.writev(views, slba << shift, fua=fua)
-                                else:  # a durable write never goes without waiting
-                                    done = 0 if fua else cast(_NoWait, backend).writev_nowait(
-                                        views, slba << shift)
+                                done = cast(_NoWait, backend).writev_nowait(views, offset)
                         finally:
-                            for v in views:
-                                v.release()
+                            if len(views) == 1:
+                                views[0].release()
+                            else:
+                                for v in views:
+                                    v.release()
                         if done < length:
-                            self._dispatch(_Rest(self._read if op == 2 else self._write, done), req, ns)
+                            self._dispatch(_Rest(self._read if read else self._write, done), req, ns)
                             return
-                        if op == 2:
-                            ctrl.smart.record_read(length)
+                        tally = self._local.tally
+                        if tally is None:
+                            if read:
+                                ctrl.smart.record_read(length)
+                            else:
+                                ctrl.smart.record_write(length)
+                        elif read:
+                            tally[0] += 1
+                            tally[1] += length
                         else:
-                            ctrl.smart.record_write(length)
+                            tally[2] += 1
+                            tally[3] += length
                     except BaseException as exc:
                         self._fail(req, exc)
                         return
@@ -326,6 +345,20 @@ class IoCommandSet:
             self._fail(req, exc)
             return
         self._complete(req, 0, dw0)
+
+    def begin_batch(self) -> None:
+        """The controller starts a doorbell batch on this thread: the SMART counts of the
+        commands completed here are summed until :meth:`end_batch` (one update)."""
+        self._local.tally = [0, 0, 0, 0]
+
+    def end_batch(self) -> None:
+        """The batch on this thread ended: record its SMART counts."""
+        local = self._local
+        tally = local.tally
+        if tally is not None:
+            local.tally = None
+            if tally[0] or tally[2]:
+                self.ctrl.smart.record_io(*tally)
 
     def _all_inline(self) -> bool:
         return all(ns.backend.inline for ns in list(self.ctrl.namespaces.values()))
