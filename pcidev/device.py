@@ -66,6 +66,7 @@ move a device between processes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -692,6 +693,39 @@ class PciDevice:
         """Override: start (or restart) background work. Called when a transport
         starts serving the device, after a failed migration on the source, and after
         a load on the destination."""
+
+    # -- transport hints: batching and polling ------------------------------------------------------
+    def batch(self) -> contextlib.AbstractContextManager[None]:
+        """Override: a context manager around a burst of guest accesses that a transport
+        delivers together (for example a run of posted doorbell writes). Work done
+        inside it may defer its completions and interrupts to its end, so a burst
+        costs one of each instead of one per access. Nesting is allowed; the transport
+        leaves it before it answers the guest. The default does nothing.
+
+        Use: ``with device.batch(): device.bar_write(...)``.
+        """
+        return contextlib.nullcontext()
+
+    def poll_work(self) -> bool:
+        """Override: look for work the guest posted without notifying the device (for
+        example a queue index written only to guest memory). A polling transport calls
+        it when its poll times out while it is polling (see :meth:`set_polling`).
+        The default finds nothing.
+
+        :returns: True if work was found (the transport keeps polling eagerly).
+        """
+        return False
+
+    def set_polling(self, active: bool) -> None:
+        """Override: a transport announces that it polls (True: it calls
+        :meth:`poll_work` every short while) or that it stopped (False). A device
+        may then ask the guest for fewer notifications while polling, and must ask
+        for them again, and look for work once more, when polling stops. Without
+        any call the device behaves as if no transport polled. The default does
+        nothing.
+
+        :param active: the transport polls from now on (True) or no longer (False).
+        """
 
     # -- migration: what the framework's migration calls ------------------------------------------
     @property

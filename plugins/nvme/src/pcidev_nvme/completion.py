@@ -62,6 +62,10 @@ class CompletionMixin:
 
         def _end_batch(self, tls: BatchState) -> None: ...
 
+        def _cq_refresh_head(self, cq: CompletionQueue, mem: GuestMemory, tail: int) -> bool: ...
+
+        def _cq_arm(self, cq: CompletionQueue, mem: GuestMemory) -> int: ...
+
     def complete(self, req: Request, status: int = 0, dw0: int = 0, dw1: int = 0, *,
                  error: NvmeStatusError | None = None) -> None:
         """Post the completion of ``req`` (thread-safe; call exactly once per request).
@@ -160,7 +164,11 @@ class CompletionMixin:
                 with cq.lock:
                     tail, head, size, phase = cq.tail, cq.head, cq.size, cq.phase
                     backlog = cq.backlog
+                    backlogged = len(backlog)
+                    shadowed = cq.db_addr is not None and cq.cqid != 0
+                    mem: GuestMemory | None = None
                     posted_reserved = 0
+                    drained = 0
                     for req, status, dw0, dw1, error in its:
                         if req.done:
                             log.warning("%r completed twice; the second completion is ignored", req)
@@ -180,6 +188,13 @@ class CompletionMixin:
                         nxt = tail + 1
                         if nxt == size:
                             nxt = 0
+                        if nxt == head and not backlog and shadowed:
+                            # full as far as the last doorbell says: the host may have
+                            # consumed more and written only the shadow head
+                            if mem is None:
+                                mem = self.dma
+                            self._cq_refresh_head(cq, mem, tail)
+                            head = cq.head
                         if backlog or nxt == head:
                             if req.parked:
                                 cq.reserved += 1
@@ -197,9 +212,13 @@ class CompletionMixin:
                         if not nxt:
                             phase ^= 1
                     if entries:
-                        mem = self.dma  # DmaError without memory or Bus Master
+                        if mem is None:
+                            mem = self.dma  # DmaError without memory or Bus Master
                         cq.post_batch(mem, entries)
                         cq.reserved -= posted_reserved
+                    if shadowed and len(backlog) > backlogged:
+                        # completions wait for room: the host must ring at its next head
+                        drained = self._cq_arm(cq, mem if mem is not None else self.dma)
             except DmaError as exc:
                 self._fatal(f"cannot post completions to CQ {cq.cqid}: {exc}")
                 return
@@ -207,8 +226,8 @@ class CompletionMixin:
                 self._stale_completed()
             for req, sf, ph, error in errors:
                 self._log_error(req, sf, ph, error)
-            if entries and cq.ien:
-                tls.cqs[cq] = tls.cqs.get(cq, 0) + len(entries)
+            if (entries or drained) and cq.ien:
+                tls.cqs[cq] = tls.cqs.get(cq, 0) + len(entries) + drained
             for sq in deleting:
                 if sq.deleting and not sq.inflight:
                     self._finish_sq_delete(sq)

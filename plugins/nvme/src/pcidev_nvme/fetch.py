@@ -12,15 +12,18 @@ EventIdx published after the batch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from pcidev.dma import GuestMemory
 from pcidev.errors import DmaError
 from pcidev_nvme import aer as aer_mod
 from pcidev_nvme.admin import AdminCommandSet
+from pcidev_nvme.doorbells import ShadowDoorbells
 from pcidev_nvme.interrupts import Interrupts
 from pcidev_nvme.io import IoCommandSet
 from pcidev_nvme.limits import FETCH_BATCH, SQE_SIZE
@@ -67,6 +70,7 @@ class FetchMixin:
     io: IoCommandSet
     smart: SmartCounters
     interrupts: Interrupts
+    shadow: ShadowDoorbells
 
     if TYPE_CHECKING:  # provided by the other parts of NvmeController
         @property
@@ -124,12 +128,7 @@ class FetchMixin:
                 return
             sq.running = True
         tls = self._tls
-        if not tls.depth:
-            tls.start = time.monotonic()
-            with self._batch_lock:
-                self._batches += 1
-            self.io.begin_batch()
-        tls.depth += 1
+        self._enter_batch(tls)
         try:
             while True:
                 self._process_sq(sq)
@@ -144,13 +143,36 @@ class FetchMixin:
                 sq.rerun = False
             raise
         finally:
-            tls.depth -= 1
-            if not tls.depth:
-                try:
-                    self._end_batch(tls)
-                finally:
-                    with self._batch_lock:
-                        self._batches -= 1
+            self._leave_batch(tls)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """A burst of guest accesses (see :meth:`pcidev.device.PciDevice.batch`): the
+        doorbell writes inside it form one batch, so their completions are posted and
+        their interrupts raised once, at its end (one per completion queue and vector)."""
+        tls = self._tls
+        self._enter_batch(tls)
+        try:
+            yield
+        finally:
+            self._leave_batch(tls)
+
+    def _enter_batch(self, tls: BatchState) -> None:
+        if not tls.depth:
+            tls.start = time.monotonic()
+            with self._batch_lock:
+                self._batches += 1
+            self.io.begin_batch()
+        tls.depth += 1
+
+    def _leave_batch(self, tls: BatchState) -> None:
+        tls.depth -= 1
+        if not tls.depth:
+            try:
+                self._end_batch(tls)
+            finally:
+                with self._batch_lock:
+                    self._batches -= 1
 
     def _end_batch(self, tls: BatchState) -> None:
         self.io.end_batch()
@@ -254,11 +276,16 @@ class FetchMixin:
                                       error=NvmeStatusError(Status.INTERNAL, str(exc)))
             if sq.ei_addr is not None:
                 try:
-                    mem.store32(sq.ei_addr, sq.tail)
-                    # A host that wrote the shadow tail before seeing this EventIdx did not
-                    # ring the MMIO doorbell: look again, and fetch once more if it moved.
-                    if sq.db_addr is not None and mem.load32(sq.db_addr) != sq.tail:
-                        with sq.lock:
-                            sq.rerun = True
+                    if admin or not self.shadow.polling:
+                        mem.store32(sq.ei_addr, sq.tail)
+                        # A host that wrote the shadow tail before seeing this EventIdx did not
+                        # ring the MMIO doorbell: look again, and fetch once more if it moved.
+                        if sq.db_addr is not None and mem.load32(sq.db_addr) != sq.tail:
+                            with sq.lock:
+                                sq.rerun = True
+                    else:
+                        # A transport polls (poll_work): the host need not ring, until
+                        # set_polling(False) arms the EventIdx again.
+                        mem.store32(sq.ei_addr, (sq.tail - 1) % size)
                 except DmaError:
                     pass
