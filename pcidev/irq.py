@@ -212,7 +212,7 @@ class InterruptController:
             return False
 
     def notify_many(self, vectors: Iterable[int]) -> bool:
-        """Raise several message interrupts under one acquisition of :attr:`lock`
+        """Raise several message interrupts under one acquisition of the interrupt lock
         (a device that completed a batch of work on several vectors).
 
         Each vector is raised once, in the order given, exactly as :meth:`notify`
