@@ -162,7 +162,7 @@ class FetchMixin:
             tls.start = time.monotonic()
             with self._batch_lock:
                 self._batches += 1
-            self.io.begin_batch()
+            self.io.begin_batch(tls.done)
         tls.depth += 1
 
     def _leave_batch(self, tls: BatchState) -> None:

@@ -128,11 +128,21 @@ class _Rest:
         return self.fn(req, ns, self.done)
 
 
+class _Batch:
+    """What the fast path did during the core's batch on one thread."""
+
+    __slots__ = ("reads", "read_bytes", "writes", "written_bytes", "done")
+
+    def __init__(self, done: list[tuple[Request, int, int, int, Any]] | None) -> None:
+        self.reads = self.read_bytes = self.writes = self.written_bytes = 0
+        self.done = done
+
+
 class _Local(threading.local):
     """Per-thread state of :class:`IoCommandSet`."""
 
-    #: [reads, read bytes, writes, written bytes] of the batch in progress, or None
-    tally: list[int] | None = None
+    #: the core's batch in progress on this thread, or None
+    batch: _Batch | None = None
 
 
 class Opcode:
@@ -288,18 +298,21 @@ class IoCommandSet:
                         if done < length:
                             self._dispatch(_Rest(self._read if read else self._write, done), req, ns)
                             return
-                        tally = self._local.tally
-                        if tally is None:
+                        batch = self._local.batch
+                        if batch is not None:  # the core's doorbell batch: counted and completed at its end
                             if read:
-                                ctrl.smart.record_read(length)
+                                batch.reads += 1
+                                batch.read_bytes += length
                             else:
-                                ctrl.smart.record_write(length)
+                                batch.writes += 1
+                                batch.written_bytes += length
+                            if batch.done is not None:
+                                batch.done.append((req, 0, 0, 0, None))
+                                return
                         elif read:
-                            tally[0] += 1
-                            tally[1] += length
+                            ctrl.smart.record_read(length)
                         else:
-                            tally[2] += 1
-                            tally[3] += length
+                            ctrl.smart.record_write(length)
                     except BaseException as exc:
                         self._fail(req, exc)
                         return
@@ -346,19 +359,26 @@ class IoCommandSet:
             return
         self._complete(req, 0, dw0)
 
-    def begin_batch(self) -> None:
+    def begin_batch(self, done: list[tuple[Request, int, int, int, Any]] | None = None) -> None:
         """The controller starts a doorbell batch on this thread: the SMART counts of the
-        commands completed here are summed until :meth:`end_batch` (one update)."""
-        self._local.tally = [0, 0, 0, 0]
+        Reads and Writes completed on this thread are summed until :meth:`end_batch`
+        (one update).
+
+        :param done: the core's list of completions deferred to the end of the batch:
+            a Read or Write that succeeds on this thread is appended to it as
+            ``(req, 0, 0, 0, None)`` instead of going through ``ctrl.complete`` (None:
+            through ``ctrl.complete``).
+        """
+        self._local.batch = _Batch(done)
 
     def end_batch(self) -> None:
         """The batch on this thread ended: record its SMART counts."""
         local = self._local
-        tally = local.tally
-        if tally is not None:
-            local.tally = None
-            if tally[0] or tally[2]:
-                self.ctrl.smart.record_io(*tally)
+        batch = local.batch
+        if batch is not None:
+            local.batch = None
+            if batch.reads or batch.writes:
+                self.ctrl.smart.record_io(batch.reads, batch.read_bytes, batch.writes, batch.written_bytes)
 
     def _all_inline(self) -> bool:
         return all(ns.backend.inline for ns in list(self.ctrl.namespaces.values()))
