@@ -138,13 +138,17 @@ class Interrupts:
             if any(cq.ien for cq in counts):
                 self.legacy_update()
             return
+        # entries per vector (an admin CQ's vector is never coalesced: key -1 - vector)
+        per_vector: dict[int, int] = {}
+        for cq, n in counts.items():
+            if cq.ien:
+                key = cq.vector if cq.cqid else -1 - cq.vector
+                per_vector[key] = per_vector.get(key, 0) + n
         vectors: list[int] = []
         coalescing = self.coalescing_on
-        for cq, n in counts.items():
-            if not cq.ien:
-                continue
-            vec = cq.vector
-            if coalescing and cq.cqid and not self._aggregate(self.vectors[vec], n):
+        for key, n in per_vector.items():
+            vec = key if key >= 0 else -1 - key
+            if key >= 0 and coalescing and not self._aggregate(self.vectors[vec], n):
                 continue
             if vec not in vectors:
                 vectors.append(vec)
