@@ -144,95 +144,98 @@ class CompletionMixin:
                     self._batches -= 1
 
     def _complete_batch(self, items: list[Deferred], tls: BatchState) -> None:
-        """Post the completions deferred during a batch: one lock and one memory write
-        per completion queue, then each entry's phase dword in order."""
-        first_cq = items[0][0].sq.cq
-        if all(it[0].sq.cq is first_cq for it in items):
-            groups = [(first_cq, items)]
-        else:
-            by_cq: dict[CompletionQueue, list[Deferred]] = {}
-            for it in items:
-                by_cq.setdefault(it[0].sq.cq, []).append(it)
-            groups = list(by_cq.items())
+        """Post the completions deferred during a batch: one lock, one memory write and
+        one release store per completion queue (entries of one queue in order)."""
+        while items:
+            items = self._post_to_cq(items[0][0].sq.cq, items, tls)
+
+    def _post_to_cq(self, cq: CompletionQueue, items: list[Deferred], tls: BatchState) -> list[Deferred]:
+        """Post the completions of ``items`` that go to ``cq``; returns the others, in order
+        (empty when a DMA failure made the controller fatal: nothing more is posted)."""
         gen = self._gen
-        for cq, its in groups:
-            entries: list[CqeFields] = []
-            errors: list[tuple[Request, int, int, NvmeStatusError | None]] = []
-            deleting: list[SubmissionQueue] = []
-            stale = False
-            try:
-                with cq.lock:
-                    tail, head, size, phase = cq.tail, cq.head, cq.size, cq.phase
-                    backlog = cq.backlog
-                    backlogged = len(backlog)
-                    shadowed = cq.db_addr is not None and cq.cqid != 0
-                    mem: GuestMemory | None = None
-                    posted_reserved = 0
-                    drained = 0
-                    for req, status, dw0, dw1, error in its:
-                        if req.done:
-                            log.warning("%r completed twice; the second completion is ignored", req)
-                            continue
-                        req.done = True
-                        sq = req.sq
-                        cid = req.cid
-                        inflight = sq.inflight
-                        if inflight.get(cid) is req:
-                            del inflight[cid]
-                        if sq.deleting:
-                            deleting.append(sq)
-                        if req.gen != gen or sq.gone or cq.gone:
-                            stale = True
-                            continue
-                        sf = status_field(status, dnr=error.dnr if error is not None else True) if status else 0
-                        nxt = tail + 1
-                        if nxt == size:
-                            nxt = 0
-                        if nxt == head and not backlog and shadowed:
-                            # full as far as the last doorbell says: the host may have
-                            # consumed more and written only the shadow head
-                            if mem is None:
-                                mem = self.dma
-                            self._cq_refresh_head(cq, mem, tail)
-                            head = cq.head
-                        if backlog or nxt == head:
-                            if req.parked:
-                                cq.reserved += 1
-                            if status:  # with the phase it will be posted with
-                                errors.append((req, sf, phase ^ (((tail + len(backlog)) // size) & 1), error))
-                            backlog.append((sq, cid, sf, dw0 & 0xFFFFFFFF, dw1 & 0xFFFFFFFF))
-                            continue
-                        if not req.parked:
-                            posted_reserved += 1
-                        entries.append((dw0 & 0xFFFFFFFF, dw1 & 0xFFFFFFFF, sq.head, sq.sqid,
-                                        cid | (phase << 16) | (sf << 17)))
-                        if status:
-                            errors.append((req, sf, phase, error))
-                        tail = nxt
-                        if not nxt:
-                            phase ^= 1
-                    if entries:
+        rest: list[Deferred] = []
+        entries: list[CqeFields] = []
+        errors: list[tuple[Request, int, int, NvmeStatusError | None]] = []
+        deleting: list[SubmissionQueue] = []
+        stale = False
+        try:
+            with cq.lock:
+                tail, head, size, phase = cq.tail, cq.head, cq.size, cq.phase
+                backlog = cq.backlog
+                backlogged = len(backlog)
+                shadowed = cq.db_addr is not None and cq.cqid != 0
+                cq_gone = cq.gone
+                mem: GuestMemory | None = None
+                posted_reserved = 0
+                drained = 0
+                for req, status, dw0, dw1, error in items:
+                    sq = req.sq
+                    if sq.cq is not cq:
+                        rest.append((req, status, dw0, dw1, error))
+                        continue
+                    if req.done:
+                        log.warning("%r completed twice; the second completion is ignored", req)
+                        continue
+                    req.done = True
+                    cid = req.cid
+                    other = sq.inflight.pop(cid, None)
+                    if other is not req and other is not None:  # (a CID conflict's: not in flight)
+                        sq.inflight[cid] = other
+                    if sq.deleting:
+                        deleting.append(sq)
+                    if req.gen != gen or sq.gone or cq_gone:
+                        stale = True
+                        continue
+                    sf = status_field(status, dnr=error.dnr if error is not None else True) if status else 0
+                    nxt = tail + 1
+                    if nxt == size:
+                        nxt = 0
+                    if nxt == head and shadowed and not backlog:
+                        # full as far as the last doorbell says: the host may have
+                        # consumed more and written only the shadow head
                         if mem is None:
-                            mem = self.dma  # DmaError without memory or Bus Master
-                        cq.post_batch(mem, entries)
-                        cq.reserved -= posted_reserved
-                    if shadowed and len(backlog) > backlogged:
-                        # completions wait for room: the host must ring at its next head
-                        drained = self._cq_arm(cq, mem if mem is not None else self.dma)
-            except DmaError as exc:
-                self._fatal(f"cannot post completions to CQ {cq.cqid}: {exc}")
-                return
-            if stale:
-                self._stale_completed()
-            for req, sf, ph, error in errors:
-                self._log_error(req, sf, ph, error)
-            if (entries or drained) and cq.ien:
-                tls.cqs[cq] = tls.cqs.get(cq, 0) + len(entries) + drained
-            for sq in deleting:
-                if sq.deleting and not sq.inflight:
-                    self._finish_sq_delete(sq)
-            if cq.throttled:
-                self._kick_throttled(cq)
+                            mem = self.dma
+                        self._cq_refresh_head(cq, mem, tail)
+                        head = cq.head
+                    if backlog or nxt == head:
+                        if req.parked:
+                            cq.reserved += 1
+                        if status:  # with the phase it will be posted with
+                            errors.append((req, sf, phase ^ (((tail + len(backlog)) // size) & 1), error))
+                        backlog.append((sq, cid, sf, dw0 & 0xFFFFFFFF, dw1 & 0xFFFFFFFF))
+                        continue
+                    if not req.parked:
+                        posted_reserved += 1
+                    entries.append((dw0 & 0xFFFFFFFF, dw1 & 0xFFFFFFFF, sq.head, sq.sqid,
+                                    cid | (phase << 16) | (sf << 17)))
+                    if status:
+                        errors.append((req, sf, phase, error))
+                    tail = nxt
+                    if not nxt:
+                        phase ^= 1
+                if entries:
+                    if mem is None:
+                        mem = self.dma  # DmaError without memory or Bus Master
+                    cq.post_batch(mem, entries)
+                    cq.reserved -= posted_reserved
+                if shadowed and len(backlog) > backlogged:
+                    # completions wait for room: the host must ring at its next head
+                    drained = self._cq_arm(cq, mem if mem is not None else self.dma)
+        except DmaError as exc:
+            self._fatal(f"cannot post completions to CQ {cq.cqid}: {exc}")
+            return []
+        if stale:
+            self._stale_completed()
+        for req, sf, ph, error in errors:
+            self._log_error(req, sf, ph, error)
+        if (entries or drained) and cq.ien:
+            tls.cqs[cq] = tls.cqs.get(cq, 0) + len(entries) + drained
+        for sq in deleting:
+            if sq.deleting and not sq.inflight:
+                self._finish_sq_delete(sq)
+        if cq.throttled:
+            self._kick_throttled(cq)
+        return rest
 
     def _log_error(self, req: Request, sf: int, phase: int, error: NvmeStatusError | None) -> None:
         self.error_log.add(sqid=req.sqid, cid=req.cid, status_field=sf, phase=phase,

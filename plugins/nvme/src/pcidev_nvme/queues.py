@@ -36,6 +36,7 @@ import struct
 import threading
 import time
 from collections.abc import Sequence
+from itertools import starmap
 from typing import TYPE_CHECKING, Protocol
 
 import attrs
@@ -64,7 +65,6 @@ CqeFields = tuple[int, int, int, int, int]
 BacklogEntry = tuple["SubmissionQueue", int, int, int, int]
 
 _CQE = struct.Struct("<IIHHI")  # DW0, DW1, SQ head, SQ id, CID | phase << 16 | status << 17
-_U32 = struct.Struct("<I")
 assert _CQE.size == CQE_SIZE
 
 
@@ -180,17 +180,13 @@ class CompletionQueue:
         start = self.tail
         size = self.size
         n = len(entries)
-        blob = bytearray(CQE_SIZE * n)
-        pack = _CQE.pack_into
-        off = 0
-        for dw0, dw1, sqhd, sqid, dw3 in entries:
-            pack(blob, off, dw0, dw1, sqhd, sqid, dw3)
-            off += 16
+        packed = list(starmap(_CQE.pack, entries))
         # The first entry goes out with the stale phase and gets its phase dword last:
         # the host reads entries in order, so it looks at none of the batch until that
         # store, which is ordered after everything else.
-        first_dw3 = entries[0][4]
-        _U32.pack_into(blob, 12, first_dw3 ^ 0x10000)
+        dw0, dw1, sqhd, sqid, first_dw3 = entries[0]
+        packed[0] = _CQE.pack(dw0, dw1, sqhd, sqid, first_dw3 ^ 0x10000)
+        blob = b"".join(packed)
         first = size - start
         base = self.base
         if n <= first:
