@@ -191,6 +191,12 @@ class FetchMixin:
                 if not sq.gone:
                     self._kick(sq)
 
+    def _internal_error(self, req: Request, exc: Exception) -> None:
+        """A command set raised (a bug): complete ``req`` with Internal Error unless done."""
+        log.exception("%s: command %r failed unexpectedly", self.name, req, exc_info=exc)
+        if not req.done:
+            self.complete(req, Status.INTERNAL, error=NvmeStatusError(Status.INTERNAL, str(exc)))
+
     def _process_sq(self, sq: SubmissionQueue) -> None:
         if not self._running or sq.gone or sq.deleting:
             return
@@ -241,7 +247,7 @@ class FetchMixin:
             formatting = self._formatting
             unpack = SQE.unpack_from
             new_request = object.__new__
-            submit = self.admin.submit if admin else self.io.submit
+            reqs: list[Request] = []
             for off in range(0, n * SQE_SIZE, SQE_SIZE):
                 # decode_sqe, inline (the hot loop): raw is bytes, so the request keeps it
                 req = new_request(Request)
@@ -262,18 +268,21 @@ class FetchMixin:
                                   error=NvmeStatusError(Status.CMDID_CONFLICT, param_offset=2))
                     continue
                 inflight[cid] = req
-                try:
-                    if admin:
+                if admin:
+                    try:
                         self.keep_alive(now)
-                    elif formatting and req.nsid in formatting:
-                        self.complete(req, Status.FORMAT_IN_PROGRESS)
-                        continue
-                    submit(req)
-                except Exception as exc:  # never lose a command to a bug
-                    log.exception("%s: command %r failed unexpectedly", self.name, req)
-                    if not req.done:
-                        self.complete(req, Status.INTERNAL,
-                                      error=NvmeStatusError(Status.INTERNAL, str(exc)))
+                        self.admin.submit(req)
+                    except Exception as exc:  # never lose a command to a bug
+                        self._internal_error(req, exc)
+                elif formatting and req.nsid in formatting:
+                    self.complete(req, Status.FORMAT_IN_PROGRESS)
+                else:
+                    reqs.append(req)
+            if reqs:
+                try:
+                    self.io.submit_many(reqs)  # (completes each command itself, even on a bug)
+                except Exception:
+                    log.exception("%s: submitting %d I/O commands failed unexpectedly", self.name, len(reqs))
             if sq.ei_addr is not None:
                 try:
                     if admin or not self.shadow.polling:
