@@ -70,7 +70,6 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Self
 
 from pcidev.bar import Bar, BarHandler, BarKind, RamBacking
@@ -698,33 +697,37 @@ class PciDevice:
         starts serving the device, after a failed migration on the source, and after
         a load on the destination."""
 
-    # -- transport hints: a fast transport calls these; the defaults do nothing ---------------------
-    def batch(self) -> AbstractContextManager[None]:
-        """Override: a context in which the transport delivers several guest accesses
-        in a row (a burst of posted doorbell writes, say). Work started inside may
-        defer its completions and interrupts to the end of the context, so that they
-        go out once per burst. The default does nothing.
+    # -- transport hints: batching and polling ------------------------------------------------------
+    def batch(self) -> contextlib.AbstractContextManager[None]:
+        """Override: a context manager around a burst of guest accesses that a transport
+        delivers together (for example a run of posted doorbell writes). Work done
+        inside it may defer its completions and interrupts to its end, so a burst
+        costs one of each instead of one per access. Nesting is allowed; the transport
+        leaves it before it answers the guest. The default does nothing.
 
-        :returns: a context manager (entered and left on the transport's thread).
+        Use: ``with device.batch(): device.bar_write(...)``.
         """
         return contextlib.nullcontext()
 
     def poll_work(self) -> bool:
-        """Override: look for work the guest posted without an access that traps
-        (a queue tail written to shared memory, say) and start it. A polling
-        transport calls this while it is idle-polling.
+        """Override: look for work the guest posted without notifying the device (for
+        example a queue index written only to guest memory). A polling transport calls
+        it when its poll times out while it is polling (see :meth:`set_polling`).
+        The default finds nothing.
 
-        :returns: whether work was found (the transport keeps polling while it is).
+        :returns: True if work was found (the transport keeps polling eagerly).
         """
         return False
 
     def set_polling(self, active: bool) -> None:
-        """Override: the transport announces that it polls (:meth:`poll_work`) while
-        ``active``, so the device may ask the guest not to notify it (e.g. NVMe
-        shadow-doorbell event indexes); when it stops polling the device must ask
-        for notifications again before it returns. The default ignores it.
+        """Override: a transport announces that it polls (True: it calls
+        :meth:`poll_work` every short while) or that it stopped (False). A device
+        may then ask the guest for fewer notifications while polling, and must ask
+        for them again, and look for work once more, when polling stops. Without
+        any call the device behaves as if no transport polled. The default does
+        nothing.
 
-        :param active: whether the transport now polls.
+        :param active: the transport polls from now on (True) or no longer (False).
         """
 
     # -- migration: what the framework's migration calls ------------------------------------------

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 import attrs
@@ -210,6 +210,39 @@ class InterruptController:
                 msi.notify(vector)
                 return True
             return False
+
+    def notify_many(self, vectors: Iterable[int]) -> bool:
+        """Raise several message interrupts under one acquisition of the interrupt lock
+        (a device that completed a batch of work on several vectors).
+
+        Each vector is raised once, in the order given, exactly as :meth:`notify`
+        would; a vector that does not exist does not stop the others.
+
+        :param vectors: the vectors to raise.
+        :returns: True if MSI-X or MSI is enabled (see :meth:`notify`); False in INTx
+            mode, where nothing is raised.
+        :raises IrqError: after raising the valid vectors, if one of ``vectors`` does
+            not exist in the enabled mode (the first such error).
+        """
+        first: IrqError | None = None
+        with self.lock:
+            msix = self.msix
+            if msix is not None and msix.enabled:
+                raise_one = msix.notify
+            else:
+                msi = self.msi
+                if msi is None or not msi.enabled:
+                    return False
+                raise_one = msi.notify
+            for vector in vectors:
+                try:
+                    raise_one(vector)
+                except IrqError as exc:
+                    if first is None:
+                        first = exc
+        if first is not None:
+            raise first
+        return True
 
     def set_intx(self, level: bool) -> None:
         """Assert (True) or deassert (False) the device's INTx line."""

@@ -106,6 +106,48 @@ def test_msix_out_of_range_vector_is_typed_error(host) -> None:
         host.device.irq.notify(16)
 
 
+def test_notify_many_raises_each_vector_once_under_one_lock(host) -> None:
+    host.alloc_irq_vectors(16, 16)
+    dev = host.device
+    host.msix_mask(5, True)
+    acquired = []
+
+    class CountingLock:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __enter__(self):
+            acquired.append(1)
+            return self.inner.__enter__()
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+    real = dev.irq.lock
+    dev.irq.lock = CountingLock(real)
+    try:
+        assert dev.irq.notify_many([0, 5, 15]) is True
+    finally:
+        dev.irq.lock = real
+    assert len(acquired) == 1
+    assert host.irq_count(0) == 1 and host.irq_count(15) == 1
+    assert host.irq_count(5) == 0  # masked: latched pending, as notify() does
+    assert host.ioread64(0, PBA) == 1 << 5
+    # an out-of-range vector does not stop the valid ones, and is reported after them
+    with pytest.raises(IrqError):
+        dev.irq.notify_many([16, 3])
+    assert host.irq_count(3) == 1
+
+
+def test_notify_many_in_msi_and_intx_modes(host) -> None:
+    dev = host.device
+    assert dev.irq.notify_many([0]) is False  # INTx: nothing raised
+    assert host.irq_count(0) == 0
+    assert host.alloc_irq_vectors(1, 4, PCI_IRQ_MSI) == 4
+    assert dev.irq.notify_many([1, 2]) is True
+    assert host.irq_count(1) == 1 and host.irq_count(2) == 1
+
+
 def test_bus_master_off_blocks_messages(host) -> None:
     host.alloc_irq_vectors(1, 16)
     host.clear_master()

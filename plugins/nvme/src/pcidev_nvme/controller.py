@@ -129,6 +129,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self._running = False
         self._init_migration()
         self._init_fetch()
+        self._init_completion()
         self._csts = 0
         self._gen = 0
         self._shutting_down = False

@@ -23,6 +23,7 @@ import attrs
 
 from pcidev.dma import GuestMemory
 from pcidev.errors import DmaError
+from pcidev.pci.capabilities.msix import MsixCapability
 from pcidev_nvme import aer as aer_mod
 from pcidev_nvme.aer import AsyncEvents
 from pcidev_nvme.interrupts import Interrupts
@@ -50,6 +51,10 @@ class ShadowDoorbells:
     def __init__(self) -> None:
         #: (shadow doorbell buffer, EventIdx buffer) guest addresses, or None
         self.buffers: tuple[int, int] | None = None
+        #: a transport polls the shadow tails (:meth:`DoorbellsMixin.set_polling`): the
+        #: EventIdx values ask the host for few MMIO writes (not migrated: a transport
+        #: property, announced again by the destination's transport)
+        self.polling = False
 
     @property
     def enabled(self) -> bool:
@@ -118,6 +123,9 @@ class DoorbellsMixin:
 
         def _kick_throttled(self, cq: CompletionQueue) -> None: ...
 
+        @property
+        def msix(self) -> MsixCapability | None: ...
+
     def _doorbell_write(self, offset: int, size: int, value: int) -> None:
         if size == 8 and not offset & 7:
             self._doorbell_write(offset, 4, value & 0xFFFFFFFF)
@@ -177,11 +185,11 @@ class DoorbellsMixin:
                         mem.store32(cq.ei_addr, value)
                     else:
                         # The shadow head is never older than an MMIO write that may arrive late
-                        # (posted): take it, publish it as EventIdx, and look again in case the
-                        # host moved on meanwhile (it then saw the old EventIdx and rang nothing).
+                        # (posted): take it, publish the EventIdx for it, and look again in case
+                        # the host moved on meanwhile (it then saw the old EventIdx and rang nothing).
                         value = mem.load32(cq.db_addr)
                         while True:
-                            mem.store32(cq.ei_addr, value)
+                            mem.store32(cq.ei_addr, self._cq_event_idx(cq, value))
                             again = mem.load32(cq.db_addr)
                             if again == value:
                                 break
@@ -205,6 +213,118 @@ class DoorbellsMixin:
             self.interrupts.legacy_update()
         if cq.throttled:
             self._kick_throttled(cq)
+
+    # -- EventIdx policy ---------------------------------------------------------------------
+    def _cq_event_idx(self, cq: CompletionQueue, head: int) -> int:
+        """The EventIdx to publish for I/O CQ ``cq`` whose host head is ``head``.
+
+        Eager (``head``: the host rings at its next head update) unless a transport
+        polls, MSI-X is on and nothing waits for room in the queue (no backlog, no
+        throttled SQ): then ``head - 1``, and the host rings at most once per wrap. The
+        controller reads the shadow head itself when it needs room (before deciding
+        that the queue is full, :meth:`_cq_refresh_head`). INTx and MSI need prompt
+        heads for the pin status, so they stay eager.
+        """
+        if self.shadow.polling and not cq.backlog and not cq.throttled and head < cq.size:
+            msix = self.msix
+            if msix is not None and msix.enabled:
+                return (head - 1) % cq.size
+        return head
+
+    def _cq_refresh_head(self, cq: CompletionQueue, mem: GuestMemory, tail: int) -> bool:
+        """Take the host's shadow head of I/O CQ ``cq`` (call with ``cq.lock`` held), as if
+        it had rung; ``tail`` is where the caller is about to post. Returns whether the
+        head moved. An invalid shadow value is left alone (the MMIO write reports it).
+
+        :raises DmaError: the shadow buffer is not readable guest memory.
+        """
+        if cq.db_addr is None or not cq.cqid:
+            return False
+        value = mem.load32(cq.db_addr)
+        head, size = cq.head, cq.size
+        if value == head or value >= size or (value - head) % size > (tail - head) % size:
+            return False
+        cq.head = value
+        return True
+
+    def _cq_arm(self, cq: CompletionQueue, mem: GuestMemory) -> int:
+        """A completion waits for room in I/O CQ ``cq`` (call with ``cq.lock`` held):
+        publish EventIdx = head, so the host rings at its next head update, then look at
+        the shadow head once more (a host that saw the old EventIdx rang nothing) and
+        post what fits. Returns the entries posted.
+
+        :raises DmaError: the queue or the shadow buffers are not guest memory.
+        """
+        if cq.ei_addr is None or not cq.cqid:
+            return 0
+        mem.store32(cq.ei_addr, cq.head)
+        if self._cq_refresh_head(cq, mem, cq.tail) and cq.backlog:
+            return cq.drain_backlog(mem)
+        return 0
+
+    def poll_work(self) -> bool:
+        """A polling transport's look for work (see :meth:`pcidev.device.PciDevice.poll_work`):
+        fetch every I/O SQ whose shadow tail moved, and take the shadow head of every I/O
+        CQ with completions waiting for room.
+
+        :returns: True if an SQ had new entries.
+        """
+        if not self._running or not self.shadow.enabled:
+            return False
+        mem = self._dma_or_none()
+        if mem is None:
+            return False
+        found = False
+        for sq in list(self._sqs[1:]):
+            if sq is None or sq.gone or sq.deleting or sq.db_addr is None:
+                continue
+            try:
+                tail = mem.load32(sq.db_addr)
+            except DmaError:
+                continue
+            if tail != sq.tail and tail < sq.size:
+                found = True
+                self._kick(sq)
+        for cq in list(self._cqs[1:]):
+            if cq is not None and cq.backlog and cq.db_addr is not None:
+                self._cq_head_write(cq.cqid, cq.head, DOORBELL_BASE + 8 * cq.cqid + 4)
+        return found
+
+    def set_polling(self, active: bool) -> None:
+        """A transport polls (True) or stopped polling (False); see
+        :meth:`pcidev.device.PciDevice.set_polling`.
+
+        While polling, an I/O SQ's EventIdx is ``tail - 1`` after each fetch (the host
+        need not ring: :meth:`poll_work` reads the shadow tails), and with MSI-X an I/O
+        CQ's is ``head - 1`` while nothing waits for room. When polling stops, every
+        EventIdx is armed again (the current tail or head) and the shadow doorbells are
+        read once more, so that a value the host wrote only to the shadow is not lost.
+        The admin queues are never affected.
+
+        :param active: the transport polls from now on.
+        """
+        shadow = self.shadow
+        if shadow.polling == bool(active):
+            return
+        shadow.polling = bool(active)
+        if active:
+            return
+        mem = self._dma_or_none()
+        if mem is None:
+            return
+        for sq in list(self._sqs[1:]):
+            if sq is None or sq.gone or sq.ei_addr is None:
+                continue
+            try:
+                mem.store32(sq.ei_addr, sq.tail)
+                moved = sq.db_addr is not None and mem.load32(sq.db_addr) != sq.tail
+            except DmaError:
+                continue
+            if moved and self._running and not sq.deleting:
+                self._kick(sq)
+        for cq in list(self._cqs[1:]):
+            if cq is not None and not cq.gone and cq.ei_addr is not None:
+                self._cq_head_write(cq.cqid, cq.head, DOORBELL_BASE + 8 * cq.cqid + 4)
 
     def _dma_or_none(self) -> GuestMemory | None:
         try:

@@ -12,22 +12,25 @@ EventIdx published after the batch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from pcidev.dma import GuestMemory
 from pcidev.errors import DmaError
 from pcidev_nvme import aer as aer_mod
 from pcidev_nvme.admin import AdminCommandSet
+from pcidev_nvme.doorbells import ShadowDoorbells
 from pcidev_nvme.interrupts import Interrupts
 from pcidev_nvme.io import IoCommandSet
 from pcidev_nvme.limits import FETCH_BATCH, SQE_SIZE
 from pcidev_nvme.logs import SmartCounters
 from pcidev_nvme.queues import CompletionQueue, SubmissionQueue
 from pcidev_nvme.registers import DOORBELL_BASE
-from pcidev_nvme.request import Request, decode_sqe
+from pcidev_nvme.request import SQE, Request
 from pcidev_nvme.status import NvmeStatusError, Status
 
 __all__ = ["BatchState", "FetchMixin"]
@@ -67,6 +70,7 @@ class FetchMixin:
     io: IoCommandSet
     smart: SmartCounters
     interrupts: Interrupts
+    shadow: ShadowDoorbells
 
     if TYPE_CHECKING:  # provided by the other parts of NvmeController
         @property
@@ -124,11 +128,7 @@ class FetchMixin:
                 return
             sq.running = True
         tls = self._tls
-        if not tls.depth:
-            tls.start = time.monotonic()
-            with self._batch_lock:
-                self._batches += 1
-        tls.depth += 1
+        self._enter_batch(tls)
         try:
             while True:
                 self._process_sq(sq)
@@ -143,15 +143,39 @@ class FetchMixin:
                 sq.rerun = False
             raise
         finally:
-            tls.depth -= 1
-            if not tls.depth:
-                try:
-                    self._end_batch(tls)
-                finally:
-                    with self._batch_lock:
-                        self._batches -= 1
+            self._leave_batch(tls)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """A burst of guest accesses (see :meth:`pcidev.device.PciDevice.batch`): the
+        doorbell writes inside it form one batch, so their completions are posted and
+        their interrupts raised once, at its end (one per completion queue and vector)."""
+        tls = self._tls
+        self._enter_batch(tls)
+        try:
+            yield
+        finally:
+            self._leave_batch(tls)
+
+    def _enter_batch(self, tls: BatchState) -> None:
+        if not tls.depth:
+            tls.start = time.monotonic()
+            with self._batch_lock:
+                self._batches += 1
+            self.io.begin_batch(tls.done)
+        tls.depth += 1
+
+    def _leave_batch(self, tls: BatchState) -> None:
+        tls.depth -= 1
+        if not tls.depth:
+            try:
+                self._end_batch(tls)
+            finally:
+                with self._batch_lock:
+                    self._batches -= 1
 
     def _end_batch(self, tls: BatchState) -> None:
+        self.io.end_batch()
         if tls.done:
             done, tls.done = tls.done, []
             self._complete_batch(done, tls)
@@ -160,13 +184,18 @@ class FetchMixin:
             self.smart.record_busy(tls.start, time.monotonic())
         while tls.cqs or tls.kicks:
             cqs, tls.cqs = tls.cqs, {}
-            signal = self.interrupts.signal
-            for cq, n in cqs.items():
-                signal(cq, n)
+            if cqs:
+                self.interrupts.signal_many(cqs)
             kicks, tls.kicks = tls.kicks, []
             for sq in kicks:
                 if not sq.gone:
                     self._kick(sq)
+
+    def _internal_error(self, req: Request, exc: Exception) -> None:
+        """A command set raised (a bug): complete ``req`` with Internal Error unless done."""
+        log.exception("%s: command %r failed unexpectedly", self.name, req, exc_info=exc)
+        if not req.done:
+            self.complete(req, Status.INTERNAL, error=NvmeStatusError(Status.INTERNAL, str(exc)))
 
     def _process_sq(self, sq: SubmissionQueue) -> None:
         if not self._running or sq.gone or sq.deleting:
@@ -206,6 +235,8 @@ class FetchMixin:
                 cq.reserved += n
             try:
                 raw = sq.fetch(mem, n)
+                if type(raw) is not bytes:  # requests keep it: never a buffer that may change
+                    raw = bytes(raw)
             except DmaError as exc:
                 with cq.lock:
                     cq.reserved -= n
@@ -213,34 +244,57 @@ class FetchMixin:
                 return
             now = time.monotonic()
             gen = self._gen
-            for i in range(n):
-                req = decode_sqe(sqid, raw, i * SQE_SIZE, sq, gen, now)
+            formatting = self._formatting
+            unpack = SQE.unpack_from
+            new_request = object.__new__
+            reqs: list[Request] = []
+            for off in range(0, n * SQE_SIZE, SQE_SIZE):
+                # decode_sqe, inline (the hot loop): raw is bytes, so the request keeps it
+                req = new_request(Request)
+                (req.opcode, req.flags, req.cid, req.nsid, req.cdw2, req.cdw3, req.mptr, req.prp1, req.prp2,
+                 req.cdw10, req.cdw11, req.cdw12, req.cdw13, req.cdw14, req.cdw15) = unpack(raw, off)
+                req.sqid = sqid
+                req._raw = raw
+                req._off = off
+                req.ctx = None
+                req.sq = sq
+                req.gen = gen
+                req.t_fetch = now
+                req.done = False
+                req.parked = False
                 cid = req.cid
                 if cid in inflight:
                     self.complete(req, Status.CMDID_CONFLICT,
                                   error=NvmeStatusError(Status.CMDID_CONFLICT, param_offset=2))
                     continue
                 inflight[cid] = req
-                try:
-                    if admin:
+                if admin:
+                    try:
                         self.keep_alive(now)
                         self.admin.submit(req)
-                    elif self._formatting and req.nsid in self._formatting:
-                        self.complete(req, Status.FORMAT_IN_PROGRESS)
-                    else:
-                        self.io.submit(req)
-                except Exception as exc:  # never lose a command to a bug
-                    log.exception("%s: command %r failed unexpectedly", self.name, req)
-                    if not req.done:
-                        self.complete(req, Status.INTERNAL,
-                                      error=NvmeStatusError(Status.INTERNAL, str(exc)))
+                    except Exception as exc:  # never lose a command to a bug
+                        self._internal_error(req, exc)
+                elif formatting and req.nsid in formatting:
+                    self.complete(req, Status.FORMAT_IN_PROGRESS)
+                else:
+                    reqs.append(req)
+            if reqs:
+                try:
+                    self.io.submit_many(reqs)  # (completes each command itself, even on a bug)
+                except Exception:
+                    log.exception("%s: submitting %d I/O commands failed unexpectedly", self.name, len(reqs))
             if sq.ei_addr is not None:
                 try:
-                    mem.store32(sq.ei_addr, sq.tail)
-                    # A host that wrote the shadow tail before seeing this EventIdx did not
-                    # ring the MMIO doorbell: look again, and fetch once more if it moved.
-                    if sq.db_addr is not None and mem.load32(sq.db_addr) != sq.tail:
-                        with sq.lock:
-                            sq.rerun = True
+                    if admin or not self.shadow.polling:
+                        mem.store32(sq.ei_addr, sq.tail)
+                        # A host that wrote the shadow tail before seeing this EventIdx did not
+                        # ring the MMIO doorbell: look again, and fetch once more if it moved.
+                        if sq.db_addr is not None and mem.load32(sq.db_addr) != sq.tail:
+                            with sq.lock:
+                                sq.rerun = True
+                    else:
+                        # A transport polls (poll_work): the host need not ring, until
+                        # set_polling(False) arms the EventIdx again.
+                        mem.store32(sq.ei_addr, (sq.tail - 1) % size)
                 except DmaError:
                     pass

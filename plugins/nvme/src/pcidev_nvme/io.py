@@ -9,7 +9,11 @@ exactly once through ``ctrl.complete(req, status, dw0)``:
   backend is ``inline`` (memory, null) and for every command that fails its
   checks;
 * from a small pool of worker threads for the others (files), so a slow disk
-  never holds up register accesses. Completions may then come out of order.
+  never holds up register accesses. Completions may then come out of order. A
+  Read, or a Write that need not be durable, is first tried on the submitting
+  thread without blocking (the backend's ``readv_nowait`` / ``writev_nowait``,
+  ``RWF_NOWAIT`` for files: page-cache hits complete like memory); a worker does
+  what that left (all of it when it would block, the rest after a short transfer).
 
 Data moves between guest memory and the backend with no copy in Python: the data
 pointer (PRP or SGL, :mod:`pcidev_nvme.prp`) becomes memoryviews of guest RAM
@@ -48,7 +52,7 @@ import struct
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal, TypeGuard, overload
+from typing import Any, Literal, Protocol, TypeGuard, cast, overload
 
 from pcidev.dma import GuestMemory
 from pcidev.errors import DmaError
@@ -84,6 +88,61 @@ _Handler = Callable[[Request, Any], int]
 def _without_bit_buckets(segs: Sequence[tuple[int | None, int]]) -> TypeGuard[Sequence[tuple[int, int]]]:
     """Whether every piece has an address (no SGL Bit Bucket)."""
     return all(gpa is not None for gpa, _ in segs)
+
+
+def _after(views: list[memoryview], skip: int) -> list[memoryview]:
+    """The part of ``views`` after its first ``skip`` bytes (``views`` itself when
+    ``skip`` is 0; otherwise new views, which the caller releases)."""
+    if not skip:
+        return views
+    out = []
+    for v in views:
+        n = len(v)
+        if skip >= n:
+            skip -= n
+            continue
+        out.append(v[skip:])
+        skip = 0
+    return out
+
+
+class _NoWait(Protocol):
+    """A backend with ``nowait`` set (:class:`~pcidev_nvme.backends.BaseBackend`)."""
+
+    def readv_nowait(self, views: list[memoryview], offset: int) -> int: ...
+
+    def writev_nowait(self, views: list[memoryview], offset: int) -> int: ...
+
+
+class _Rest:
+    """The worker's part of a Read or Write whose first ``done`` bytes moved on the
+    submitting thread (an executor with the handler signature)."""
+
+    __slots__ = ("fn", "done")
+
+    def __init__(self, fn: Callable[[Request, Namespace, int], int], done: int) -> None:
+        self.fn = fn
+        self.done = done
+
+    def __call__(self, req: Request, ns: Namespace) -> int:
+        return self.fn(req, ns, self.done)
+
+
+class _Batch:
+    """What the fast path did during the core's batch on one thread."""
+
+    __slots__ = ("reads", "read_bytes", "writes", "written_bytes", "done")
+
+    def __init__(self, done: list[tuple[Request, int, int, int, Any]] | None) -> None:
+        self.reads = self.read_bytes = self.writes = self.written_bytes = 0
+        self.done = done
+
+
+class _Local(threading.local):
+    """Per-thread state of :class:`IoCommandSet`."""
+
+    #: the core's batch in progress on this thread, or None
+    batch: _Batch | None = None
 
 
 class Opcode:
@@ -155,6 +214,7 @@ class IoCommandSet:
         self._cond = threading.Condition()
         self._inflight = 0
         self._closed = False
+        self._local = _Local()
         self._handlers: dict[int, _Handler] = {
             Opcode.READ: self._read,
             Opcode.WRITE: self._write,
@@ -175,61 +235,117 @@ class IoCommandSet:
 
         :param req: a :class:`~pcidev_nvme.request.Request`.
         """
-        op = req.opcode
-        if (op == 2 or op == 1) and not req.flags:
-            # Fast path: Read or Write with PRPs on an inline (memory) backend, the
-            # benchmark's path. Same checks as the general path, fewer calls.
-            ns = self.ctrl.namespaces.get(req.nsid)
-            if ns is not None and ns.backend.inline and not self._closed:
-                try:
-                    if op == 1 and ns.read_only:
-                        raise NvmeStatusError(
-                            Status.NS_WRITE_PROTECTED, f"namespace {ns.nsid} is write protected"
-                        )
-                    slba = req.cdw10 | req.cdw11 << 32
-                    cdw12 = req.cdw12
-                    nlb = (cdw12 & 0xFFFF) + 1
-                    if slba + nlb > ns.nlbas:
-                        raise _lba_range(slba, nlb, ns)
-                    shift = ns.lba_shift
-                    length = nlb << shift
-                    ctrl = self.ctrl
-                    mdts = ctrl.mdts_bytes
-                    if mdts and length > mdts:
-                        raise NvmeStatusError(
-                            Status.INVALID_FIELD,
-                            f"transfer of {length} bytes exceeds MDTS ({mdts} bytes)",
-                            param_offset=_OFF_CDW12,
-                        )
-                    mem = ctrl.dma
-                    prp1 = req.prp1
-                    page = ctrl.page_size
-                    if not prp1 & 3 and length <= page - (prp1 & (page - 1)):
-                        views = mem.views(prp1, length, write=op == 2)
-                    else:
-                        views = mem.sg_views(
-                            prp_segments(mem, prp1, req.prp2, length, page), write=op == 2
-                        )
+        self.submit_many((req,))
+
+    def submit_many(self, reqs: Sequence[Request]) -> None:
+        """Execute each of ``reqs``, in order, as :meth:`submit` does (the controller's
+        fetch loop hands over the commands of one fetch together: the lookups every
+        command needs are made once).
+
+        :param reqs: requests from one submission queue.
+        """
+        ctrl = self.ctrl
+        namespaces = ctrl.namespaces
+        closed = self._closed
+        batch = self._local.batch
+        mem: GuestMemory | None = None  # ctrl.dma, at the first data transfer
+        page = ctrl.page_size
+        mdts = ctrl.mdts_bytes
+        # the namespace of the previous command (commands of a fetch mostly share one)
+        nsid = -1
+        ns: Namespace | None = None
+        backend: Any = None
+        inline = fast = False
+        nlbas = shift = 0
+        for req in reqs:
+            op = req.opcode
+            if (op == 2 or op == 1) and not req.flags and not closed:
+                # Fast path: Read or Write with PRPs, the benchmark's path. Same checks as
+                # the general path, fewer calls. An inline backend (memory) moves the data
+                # here; a backend that may block (a file) first moves what it can without
+                # blocking (page-cache hits), and a worker thread does the rest.
+                if req.nsid != nsid:
+                    nsid = req.nsid
+                    ns = namespaces.get(nsid)
+                    if ns is not None:
+                        backend = ns.backend
+                        inline = backend.inline
+                        fast = inline or getattr(backend, "nowait", False)
+                        nlbas = ns.nlbas
+                        shift = ns.lba_shift
+                if ns is not None and fast:
                     try:
-                        if op == 2:
-                            ns.backend.readv(views, slba << shift)
-                        else:
-                            ns.backend.writev(
-                                views, slba << shift,
-                                fua=bool(cdw12 & 0x40000000) or not ctrl.volatile_write_cache,
+                        if op == 1 and ns.read_only:
+                            raise NvmeStatusError(
+                                Status.NS_WRITE_PROTECTED, f"namespace {ns.nsid} is write protected"
                             )
-                    finally:
-                        for v in views:
-                            v.release()
-                    if op == 2:
-                        ctrl.smart.record_read(length)
-                    else:
-                        ctrl.smart.record_write(length)
-                except BaseException as exc:
-                    self._fail(req, exc)
-                    return
-                self._complete(req, 0, 0)
-                return
+                        slba = req.cdw10 | req.cdw11 << 32
+                        cdw12 = req.cdw12
+                        nlb = (cdw12 & 0xFFFF) + 1
+                        if slba + nlb > nlbas:
+                            raise _lba_range(slba, nlb, ns)
+                        length = nlb << shift
+                        if mdts and length > mdts:
+                            raise NvmeStatusError(
+                                Status.INVALID_FIELD,
+                                f"transfer of {length} bytes exceeds MDTS ({mdts} bytes)",
+                                param_offset=_OFF_CDW12,
+                            )
+                        if mem is None:
+                            mem = ctrl.dma
+                        prp1 = req.prp1
+                        read = op == 2
+                        if not prp1 & 3 and length <= page - (prp1 & (page - 1)):
+                            views = mem.views(prp1, length, write=read)
+                        else:
+                            views = mem.sg_views(prp_segments(mem, prp1, req.prp2, length, page), write=read)
+                        offset = slba << shift
+                        try:
+                            if inline:
+                                if read:
+                                    backend.readv(views, offset)
+                                else:
+                                    backend.writev(views, offset, fua=bool(cdw12 & 0x40000000)
+                                                   or not ctrl.volatile_write_cache)
+                                done = length
+                            elif read:
+                                done = cast(_NoWait, backend).readv_nowait(views, offset)
+                            elif cdw12 & 0x40000000 or not ctrl.volatile_write_cache:
+                                done = 0  # a durable write never goes without waiting
+                            else:
+                                done = cast(_NoWait, backend).writev_nowait(views, offset)
+                        finally:
+                            if len(views) == 1:
+                                views[0].release()
+                            else:
+                                for v in views:
+                                    v.release()
+                        if done < length:
+                            self._dispatch(_Rest(self._read if read else self._write, done), req, ns)
+                            continue
+                        if batch is not None:  # the core's batch: counted and completed at its end
+                            if read:
+                                batch.reads += 1
+                                batch.read_bytes += length
+                            else:
+                                batch.writes += 1
+                                batch.written_bytes += length
+                            if batch.done is not None:
+                                batch.done.append((req, 0, 0, 0, None))
+                                continue
+                        elif read:
+                            ctrl.smart.record_read(length)
+                        else:
+                            ctrl.smart.record_write(length)
+                    except BaseException as exc:
+                        self._fail(req, exc)
+                        continue
+                    self._complete(req, 0, 0)
+                    continue
+            self._submit_general(req)
+
+    def _submit_general(self, req: Request) -> None:
+        """Every command but the fast path's (see :meth:`submit`)."""
         try:
             handler = self._handlers.get(req.opcode)
             if handler is None:
@@ -270,6 +386,27 @@ class IoCommandSet:
             self._fail(req, exc)
             return
         self._complete(req, 0, dw0)
+
+    def begin_batch(self, done: list[tuple[Request, int, int, int, Any]] | None = None) -> None:
+        """The controller starts a doorbell batch on this thread: the SMART counts of the
+        Reads and Writes completed on this thread are summed until :meth:`end_batch`
+        (one update).
+
+        :param done: the core's list of completions deferred to the end of the batch:
+            a Read or Write that succeeds on this thread is appended to it as
+            ``(req, 0, 0, 0, None)`` instead of going through ``ctrl.complete`` (None:
+            through ``ctrl.complete``).
+        """
+        self._local.batch = _Batch(done)
+
+    def end_batch(self) -> None:
+        """The batch on this thread ended: record its SMART counts."""
+        local = self._local
+        batch = local.batch
+        if batch is not None:
+            local.batch = None
+            if batch.reads or batch.writes:
+                self.ctrl.smart.record_io(batch.reads, batch.read_bytes, batch.writes, batch.written_bytes)
 
     def _all_inline(self) -> bool:
         return all(ns.backend.inline for ns in list(self.ctrl.namespaces.values()))
@@ -447,16 +584,21 @@ class IoCommandSet:
 
     # -- commands -----------------------------------------------------------------------
 
-    def _read(self, req: Request, ns: Namespace) -> int:
+    def _read(self, req: Request, ns: Namespace, done: int = 0) -> int:
+        """Read (``done``: bytes already read into the front of the buffer)."""
         offset, length = self._rw_extent(req, ns, data=True)
         mem, segs = self._segments(req, length, to_host=True)
         backend = ns.backend
         if _without_bit_buckets(segs):
             views = self._views(mem, segs, True)
+            rest = _after(views, done)
             try:
-                if views:
-                    backend.readv(views, offset)
+                if rest:
+                    backend.readv(rest, offset + done)
             finally:
+                if rest is not views:
+                    for v in rest:
+                        v.release()
                 for v in views:
                     v.release()
         elif len(segs) > 1:
@@ -490,14 +632,20 @@ class IoCommandSet:
                 run.append((gpa, n))
                 pos += n
 
-    def _write(self, req: Request, ns: Namespace) -> int:
+    def _write(self, req: Request, ns: Namespace, done: int = 0) -> int:
+        """Write (``done``: bytes from the front of the buffer already written)."""
         self._check_writable(ns)
         offset, length = self._rw_extent(req, ns, data=True)
         mem, segs = self._segments(req, length, to_host=False)
         views = self._views(mem, segs, False)
+        rest = _after(views, done)
         try:
-            ns.backend.writev(views, offset, fua=self._durable(req.cdw12))
+            if rest:
+                ns.backend.writev(rest, offset + done, fua=self._durable(req.cdw12))
         finally:
+            if rest is not views:
+                for v in rest:
+                    v.release()
             for v in views:
                 v.release()
         self.ctrl.smart.record_write(length)

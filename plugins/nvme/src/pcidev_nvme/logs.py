@@ -186,6 +186,21 @@ class SmartCounters:
             self.host_write_commands += 1
             self.bytes_written += nbytes
 
+    def record_io(self, reads: int, read_bytes: int, writes: int, written_bytes: int) -> None:
+        """Count a batch of host commands at once (the I/O command set sums a doorbell
+        batch and records it at its end).
+
+        :param reads: read commands.
+        :param read_bytes: bytes they transferred.
+        :param writes: write commands.
+        :param written_bytes: bytes they transferred.
+        """
+        with self._lock:
+            self.host_read_commands += reads
+            self.bytes_read += read_bytes
+            self.host_write_commands += writes
+            self.bytes_written += written_bytes
+
     def record_media_error(self) -> None:
         """Count one unrecovered data integrity error."""
         with self._lock:

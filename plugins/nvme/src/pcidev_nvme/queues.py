@@ -23,10 +23,10 @@ CQE layout::
     08  SQ head pointer (15:0) | SQ identifier (31:16)
     0C  CID (15:0) | phase tag (16) | status field (31:17)
 
-All entries of a batch are written first with the stale phase, then the dword
-holding each phase tag, in order, with release ordering
-(:meth:`~pcidev.dma.GuestMemory.store32`), so a host that sees the new phase also
-sees the rest of the entry.
+All entries of a batch are written in one go, the first one with the stale phase;
+then the dword holding the first entry's phase tag, with release ordering
+(:meth:`~pcidev.dma.GuestMemory.store32`). A host reads entries in order, so it
+looks at none of the batch before that store, and then sees all of it.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import struct
 import threading
 import time
 from collections.abc import Sequence
+from itertools import starmap
 from typing import TYPE_CHECKING, Protocol
 
 import attrs
@@ -179,12 +180,13 @@ class CompletionQueue:
         start = self.tail
         size = self.size
         n = len(entries)
-        blob = bytearray(CQE_SIZE * n)
-        pack = _CQE.pack_into
-        off = 0
-        for dw0, dw1, sqhd, sqid, dw3 in entries:
-            pack(blob, off, dw0, dw1, sqhd, sqid, dw3 ^ 0x10000)  # the stale phase first
-            off += 16
+        packed = list(starmap(_CQE.pack, entries))
+        # The first entry goes out with the stale phase and gets its phase dword last:
+        # the host reads entries in order, so it looks at none of the batch until that
+        # store, which is ordered after everything else.
+        dw0, dw1, sqhd, sqid, first_dw3 = entries[0]
+        packed[0] = _CQE.pack(dw0, dw1, sqhd, sqid, first_dw3 ^ 0x10000)
+        blob = b"".join(packed)
         first = size - start
         base = self.base
         if n <= first:
@@ -193,16 +195,11 @@ class CompletionQueue:
             mv = memoryview(blob)
             mem.write(base + (start << 4), mv[:16 * first])
             mem.write(base, mv[16 * first:])
-        store = mem.store32
-        slot = start
-        for e in entries:
-            store(base + (slot << 4) + 12, e[4])
-            slot += 1
-            if slot == size:
-                slot = 0
+        mem.store32(base + (start << 4) + 12, first_dw3)
         if start + n >= size:
             self.phase ^= 1
-        self.tail = slot
+        slot = start + n
+        self.tail = slot if slot < size else slot - size
         self.posted_total += n
 
     def drain_backlog(self, mem: GuestMemory) -> int:

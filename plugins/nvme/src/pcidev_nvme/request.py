@@ -27,8 +27,6 @@ from __future__ import annotations
 import struct
 from typing import Any, Protocol
 
-import attrs
-
 from pcidev.dma import GuestMemory
 from pcidev_nvme.limits import SQE_SIZE
 from pcidev_nvme.logs import SmartCounters
@@ -43,17 +41,18 @@ SQE = struct.Struct("<BBHIIIQQQIIIIII")
 _unpack_from = SQE.unpack_from
 
 
-@attrs.define(slots=True, eq=False, repr=False)
 class Request:
     """A decoded Submission Queue Entry plus the core's bookkeeping.
 
-    Build one with :func:`decode_sqe`. Fields the data path may read:
+    Build one with :func:`decode_sqe` (the fetch loop's way: no validation, no
+    copy of the entry) or with the constructor (keyword names as below). Fields the
+    data path may read:
 
     :ivar sqid: submission queue the command came from (0 = admin).
     :ivar cid: command identifier (CDW0 31:16).
     :ivar opcode: CDW0 7:0.
     :ivar nsid: namespace identifier (DW1).
-    :ivar sqe: the 64 raw bytes of the entry, as fetched.
+    :ivar sqe: the 64 raw bytes of the entry, as fetched (read only).
     :ivar flags: CDW0 15:8 (FUSE in bits 1:0, PSDT in bits 7:6).
     :ivar cdw2: DW2.
     :ivar cdw3: DW3.
@@ -63,37 +62,77 @@ class Request:
     :ivar cdw10: DW10 … :ivar cdw15: DW15.
     :ivar ctx: free slot for whoever executes the command (the data path may
         keep per-command state here); the core never reads it.
+    :ivar sq: (core bookkeeping) the submission queue object it was fetched from.
+    :ivar gen: (core) controller generation at fetch; a completion from an older
+        generation is dropped.
+    :ivar t_fetch: (core) ``time.monotonic()`` of the fetch batch (controller busy time).
+    :ivar done: (core) True once the completion was handed to the core (exactly-once guard).
+    :ivar parked: (core) held by the controller indefinitely (an Asynchronous Event Request).
     """
+
+    __slots__ = ("sqid", "cid", "opcode", "nsid", "_raw", "_off", "flags", "cdw2", "cdw3", "mptr", "prp1", "prp2",
+                 "cdw10", "cdw11", "cdw12", "cdw13", "cdw14", "cdw15", "ctx", "sq", "gen", "t_fetch", "done",
+                 "parked")
 
     sqid: int
     cid: int
     opcode: int
     nsid: int
-    sqe: bytes
-    flags: int = 0
-    cdw2: int = 0
-    cdw3: int = 0
-    mptr: int = 0
-    prp1: int = 0
-    prp2: int = 0
-    cdw10: int = 0
-    cdw11: int = 0
-    cdw12: int = 0
-    cdw13: int = 0
-    cdw14: int = 0
-    cdw15: int = 0
-    ctx: Any = None
-    # -- core bookkeeping (not for the data path) ------------------------------------------
-    #: the submission queue object it was fetched from
-    sq: Any = None
-    #: controller generation at fetch; a completion from an older generation is dropped
-    gen: int = 0
-    #: time.monotonic() of the fetch batch (controller busy time)
-    t_fetch: float = 0.0
-    #: True once the completion was handed to the core (exactly-once guard)
-    done: bool = False
-    #: held by the controller indefinitely (an Asynchronous Event Request)
-    parked: bool = False
+    flags: int
+    cdw2: int
+    cdw3: int
+    mptr: int
+    prp1: int
+    prp2: int
+    cdw10: int
+    cdw11: int
+    cdw12: int
+    cdw13: int
+    cdw14: int
+    cdw15: int
+    ctx: Any
+    sq: Any
+    gen: int
+    t_fetch: float
+    done: bool
+    parked: bool
+
+    def __init__(self, sqid: int, cid: int, opcode: int, nsid: int, sqe: bytes, flags: int = 0, cdw2: int = 0,
+                 cdw3: int = 0, mptr: int = 0, prp1: int = 0, prp2: int = 0, cdw10: int = 0, cdw11: int = 0,
+                 cdw12: int = 0, cdw13: int = 0, cdw14: int = 0, cdw15: int = 0, ctx: Any = None, sq: Any = None,
+                 gen: int = 0, t_fetch: float = 0.0, done: bool = False, parked: bool = False) -> None:
+        self.sqid = sqid
+        self.cid = cid
+        self.opcode = opcode
+        self.nsid = nsid
+        self._raw = sqe
+        self._off = 0
+        self.flags = flags
+        self.cdw2 = cdw2
+        self.cdw3 = cdw3
+        self.mptr = mptr
+        self.prp1 = prp1
+        self.prp2 = prp2
+        self.cdw10 = cdw10
+        self.cdw11 = cdw11
+        self.cdw12 = cdw12
+        self.cdw13 = cdw13
+        self.cdw14 = cdw14
+        self.cdw15 = cdw15
+        self.ctx = ctx
+        self.sq = sq
+        self.gen = gen
+        self.t_fetch = t_fetch
+        self.done = done
+        self.parked = parked
+
+    @property
+    def sqe(self) -> bytes:
+        """The 64 raw bytes of the entry, as fetched."""
+        raw, off = self._raw, self._off
+        if not off and len(raw) == SQE_SIZE:
+            return bytes(raw)
+        return bytes(raw[off:off + SQE_SIZE])
 
     @property
     def fuse(self) -> int:
@@ -120,25 +159,37 @@ class Request:
                 f"cdw10={self.cdw10:#x} cdw11={self.cdw11:#x} cdw12={self.cdw12:#x}>")
 
 
+_new = object.__new__
+
+
 def decode_sqe(sqid: int, raw: bytes, offset: int = 0, sq: Any = None, gen: int = 0, t_fetch: float = 0.0) -> Request:
     """Decode the 64-byte entry at ``raw[offset:offset + 64]`` into a :class:`Request`.
 
     :param sqid: the submission queue it came from.
-    :param raw: a buffer holding at least ``offset + 64`` bytes.
+    :param raw: an immutable buffer (``bytes``) holding at least ``offset + 64`` bytes;
+        the request keeps a reference to it for :attr:`Request.sqe` (no copy).
     :param offset: where the entry starts.
     :param sq: the core's queue object (bookkeeping).
     :param gen: the controller generation (bookkeeping).
     :param t_fetch: fetch time (bookkeeping).
-    :returns: the request (its ``sqe`` is a copy of the 64 bytes).
+    :returns: the request.
     :raises struct.error: if ``raw`` is too short.
     """
-    (opc, flags, cid, nsid, cdw2, cdw3, mptr, prp1, prp2,
-     c10, c11, c12, c13, c14, c15) = _unpack_from(raw, offset)
-    sqe = raw[offset:offset + SQE_SIZE]
-    if type(sqe) is not bytes:
-        sqe = bytes(sqe)
-    return Request(sqid, cid, opc, nsid, sqe, flags, cdw2, cdw3, mptr, prp1, prp2, c10, c11, c12, c13, c14, c15,
-                   None, sq, gen, t_fetch)
+    req = _new(Request)
+    (req.opcode, req.flags, req.cid, req.nsid, req.cdw2, req.cdw3, req.mptr, req.prp1, req.prp2,
+     req.cdw10, req.cdw11, req.cdw12, req.cdw13, req.cdw14, req.cdw15) = _unpack_from(raw, offset)
+    if type(raw) is not bytes:  # a mutable buffer could change under the request: keep a copy
+        raw, offset = bytes(raw[offset:offset + SQE_SIZE]), 0
+    req.sqid = sqid
+    req._raw = raw
+    req._off = offset
+    req.ctx = None
+    req.sq = sq
+    req.gen = gen
+    req.t_fetch = t_fetch
+    req.done = False
+    req.parked = False
+    return req
 
 
 class ControllerPort(Protocol):

@@ -204,6 +204,30 @@ class BaseBackend:
     def writev(self, views: list[memoryview], offset: int, *, fua: bool = False) -> None:  # pragma: no cover
         raise NotImplementedError
 
+    #: :meth:`readv_nowait` / :meth:`writev_nowait` may move data (the I/O command set
+    #: tries them on the submitting thread before handing a command to its workers)
+    nowait = False
+
+    def readv_nowait(self, views: list[memoryview], offset: int) -> int:
+        """Read what can be read without blocking (page-cache hits), from ``offset`` on.
+
+        :param views: the destination buffers, filled in order.
+        :param offset: byte offset in the backend.
+        :returns: the bytes read (0 if it would block or is not supported); the I/O
+            command set hands the rest to a worker thread, which uses :meth:`Backend.readv`.
+        """
+        return 0
+
+    def writev_nowait(self, views: list[memoryview], offset: int) -> int:
+        """Write what can be written without blocking (never for a durable write: FUA
+        writes always go through :meth:`Backend.writev`).
+
+        :param views: the source buffers, in order.
+        :param offset: byte offset in the backend.
+        :returns: the bytes written (0 if it would block or is not supported).
+        """
+        return 0
+
     def flush(self) -> None:
         """Nothing to do for volatile or write-through backends."""
 

@@ -6,7 +6,9 @@ storage (``fdatasync`` / ``RWF_DSYNC``) before they complete. ``direct=on``
 opens it with ``O_DIRECT``: block sizes below the file system's direct-I/O
 alignment are refused, and guest buffers that are not aligned go through an
 aligned bounce buffer. ``readonly=on`` refuses writes. File I/O may block, so
-the I/O command set runs it on worker threads.
+the I/O command set first tries it without blocking on the submitting thread
+(``RWF_NOWAIT``: page-cache hits, and buffered writes that need no allocation;
+never a FUA write) and hands what is left to its worker threads.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ from pcidev_nvme.backends.base import (
 )
 
 __all__ = ["FileBackend", "FileConfig", "make_file"]
+
+#: ``RWF_NOWAIT`` (0 where :mod:`os` does not have it: no inline attempt)
+_RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
+
+_IOV_MAX = max(os.sysconf("SC_IOV_MAX"), 16) if hasattr(os, "sysconf") else 1024
 
 
 @attrs.define(kw_only=True)
@@ -135,6 +142,10 @@ class FileBackend(BaseBackend):
         self.min_block = 512
         self._bounce_lock = threading.Lock()
         self.identity_path = self.path + ".nvme-ids"
+        #: try RWF_NOWAIT I/O on the submitting thread first (buffered images only)
+        self.nowait = _RWF_NOWAIT != 0 and not direct
+        #: writes too (cleared when the file system refuses RWF_NOWAIT writes)
+        self._nowait_writes = self.nowait
         if direct:
             try:
                 self.dfd = os.open(self.path, (flags & ~(os.O_CREAT | os.O_EXCL)) | os.O_DIRECT)
@@ -183,6 +194,35 @@ class FileBackend(BaseBackend):
             self._bounce_write(views, offset, flags)
             return
         full_pwritev(self.fd, views, offset, flags)
+
+    def readv_nowait(self, views: list[memoryview], offset: int) -> int:
+        """``preadv(..., RWF_NOWAIT)``: what the page cache holds, without blocking
+        (buffered images only; 0 with ``O_DIRECT``, or when it would block)."""
+        if not self.nowait or len(views) > _IOV_MAX:
+            return 0
+        try:
+            return os.preadv(self.fd, views, offset, _RWF_NOWAIT)
+        except OSError as exc:
+            return self._nowait_refused(exc)
+
+    def writev_nowait(self, views: list[memoryview], offset: int) -> int:
+        """``pwritev(..., RWF_NOWAIT)`` of a non-durable write (buffered images only; 0
+        when read-only, with ``O_DIRECT``, or when it would block)."""
+        if not self._nowait_writes or self.read_only or len(views) > _IOV_MAX:
+            return 0
+        try:
+            return os.pwritev(self.fd, views, offset, _RWF_NOWAIT)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+                self._nowait_writes = False  # (ext4 has no buffered RWF_NOWAIT writes)
+            return 0  # (EAGAIN, EINVAL, or a real error the worker meets again and reports)
+
+    def _nowait_refused(self, exc: OSError) -> int:
+        """0 for "would block" and "not here" (the worker does the I/O, and reports a
+        real error); a file system without RWF_NOWAIT reads is not asked again."""
+        if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+            self.nowait = False
+        return 0  # (EAGAIN, EINVAL, or a real error the worker meets again and reports)
 
     def _bounce_read(self, views: list[memoryview], offset: int) -> None:
         total = sum(len(v) for v in views)
