@@ -690,8 +690,7 @@ class VfioUserServer:
     def _reset(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
         dev = self.device
         stopped = self.conn.mig_state != protocol.MIG_STATE_RUNNING or self.dormant
-        self.migration.reset()  # any state, ERROR included, -> RUNNING
-        self.endpoint.memory.stop_dirty_log()
+        self.migration.reset()  # any state, ERROR included, -> RUNNING; dirty logging goes on
         with dev.lock:
             dev.reset(ResetKind.FLR)
             with dev.irq.lock:  # the table was masked by the reset; eventfds stay
@@ -729,30 +728,40 @@ class VfioUserServer:
         if ops & protocol.FEATURE_PROBE:
             if asked & ~supported:
                 raise VfioUserError(errno.EINVAL, f"DEVICE_FEATURE: feature {feature} lacks operation {asked:#x}")
-            return hdr.pack(hdr.size, flags), []
+            return bytes(body), []  # SET and PROBE: the reply repeats the request
         if asked not in (protocol.FEATURE_GET, protocol.FEATURE_SET) or not asked & supported:
             raise VfioUserError(errno.EINVAL, f"DEVICE_FEATURE: operation {asked:#x} on feature {feature}")
         data = body[hdr.size:]
-        if feature == protocol.FEATURE_MIGRATION:
-            out = protocol.MIGRATION_S.pack(MIGRATION_FLAGS)
-        elif feature == protocol.FEATURE_MIG_DEVICE_STATE:
-            if asked == protocol.FEATURE_SET:
+        if asked == protocol.FEATURE_SET:
+            if feature == protocol.FEATURE_MIG_DEVICE_STATE:
                 self._need(data, protocol.MIG_STATE_S.size, "DEVICE_FEATURE MIG_DEVICE_STATE")
                 target, _data_fd = protocol.MIG_STATE_S.unpack_from(data)
                 self.migration.set_state(target)
-            out = protocol.MIG_STATE_S.pack(self.migration.state, 0xFFFF_FFFF)
-        elif feature == protocol.FEATURE_DMA_LOGGING_START:
-            self._logging_start(data)
-            out = b""
-        elif feature == protocol.FEATURE_DMA_LOGGING_STOP:
-            self.endpoint.memory.stop_dirty_log()
-            out = b""
+            elif feature == protocol.FEATURE_DMA_LOGGING_START:
+                self._logging_start(data)
+            else:
+                self.endpoint.memory.stop_dirty_log()
+            return bytes(body), []
+        # GET: the whole reply must fit the client's argsz, checked before anything is
+        # done (a report clears what it reports: a refused one must clear nothing)
+        if feature == protocol.FEATURE_DMA_LOGGING_REPORT:
+            report = self._logging_report_check(data)
+            room = protocol.LOGGING_REPORT_S.size + report[3]
         else:
-            out = self._logging_report(data)
-        reply = hdr.pack(hdr.size + len(out), flags) + out
-        if len(reply) > max(argsz, hdr.size) and asked == protocol.FEATURE_GET:
-            raise VfioUserError(errno.EINVAL, f"DEVICE_FEATURE: a reply of {len(reply)} bytes, argsz {argsz}")
-        return reply, []
+            room = protocol.MIGRATION_S.size if feature == protocol.FEATURE_MIGRATION else protocol.MIG_STATE_S.size
+        if hdr.size + room > argsz:
+            raise VfioUserError(errno.EINVAL, f"DEVICE_FEATURE: a reply of {hdr.size + room} bytes, argsz {argsz}")
+        if feature == protocol.FEATURE_MIGRATION:
+            out = protocol.MIGRATION_S.pack(MIGRATION_FLAGS)
+        elif feature == protocol.FEATURE_MIG_DEVICE_STATE:
+            out = protocol.MIG_STATE_S.pack(self.migration.state, 0xFFFF_FFFF)
+        else:
+            iova, length, page_size, _size = report
+            dirty = self.endpoint.memory.dirty
+            if dirty is None:  # pragma: no cover - checked above, on this thread
+                raise VfioUserError(errno.EINVAL, "DMA_LOGGING_REPORT: logging is off")
+            out = protocol.LOGGING_REPORT_S.pack(iova, length, page_size) + dirty.report(iova, length, page_size)
+        return hdr.pack(hdr.size + len(out), flags) + out, []
 
     def _logging_start(self, data: bytes) -> None:
         ctl = protocol.LOGGING_CONTROL_S
@@ -773,7 +782,8 @@ class VfioUserServer:
                                                   f"whole pages of {page_size:#x}")
         memory.start_dirty_log(ranges if ranges else None)  # DmaError: EINVAL
 
-    def _logging_report(self, data: bytes) -> bytes:
+    def _logging_report_check(self, data: bytes) -> tuple[int, int, int, int]:
+        """Validate a DMA_LOGGING_REPORT request: ``(iova, length, page_size, bitmap bytes)``."""
         rep_s = protocol.LOGGING_REPORT_S
         self._need(data, rep_s.size, "DMA_LOGGING_REPORT")
         iova, length, page_size = rep_s.unpack_from(data)
@@ -782,17 +792,21 @@ class VfioUserServer:
             raise VfioUserError(errno.EINVAL, "DMA_LOGGING_REPORT: logging is off")
         if page_size < protocol.MIGRATION_PGSIZE or page_size & (page_size - 1) or length <= 0:
             raise VfioUserError(errno.EINVAL, f"DMA_LOGGING_REPORT: page size {page_size:#x}, length {length:#x}")
-        if dirty.bitmap_size(length, page_size) > self.max_data_xfer_size:
-            raise VfioUserError(errno.E2BIG, f"DMA_LOGGING_REPORT: a bitmap of {length:#x} bytes at {page_size:#x} "
-                                             f"exceeds {self.max_data_xfer_size} bytes")
-        return data[:rep_s.size] + dirty.report(iova, length, page_size)
+        size = dirty.bitmap_size(length, page_size)
+        if size > self.max_data_xfer_size:
+            raise VfioUserError(errno.E2BIG, f"DMA_LOGGING_REPORT: a bitmap of {size} bytes for {length:#x} bytes "
+                                             f"at {page_size:#x} exceeds {self.max_data_xfer_size} bytes")
+        return iova, length, page_size, size
 
     def _mig_data_read(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
         self._need(body, protocol.MIG_DATA_S.size, "MIG_DATA_READ")
         argsz, size = protocol.MIG_DATA_S.unpack_from(body)
-        if argsz < protocol.MIG_DATA_S.size:
-            raise VfioUserError(errno.EINVAL, f"MIG_DATA_READ: argsz {argsz}")
-        data = self.migration.read(min(size, self.max_data_xfer_size))
+        if size > self.max_data_xfer_size:  # never shortened: a short reply means the end of the stream
+            raise VfioUserError(errno.EINVAL, f"MIG_DATA_READ: size {size} above max_data_xfer_size "
+                                              f"{self.max_data_xfer_size}")
+        if argsz < protocol.MIG_DATA_S.size + size:
+            raise VfioUserError(errno.EINVAL, f"MIG_DATA_READ: argsz {argsz} leaves no room for {size} bytes")
+        data = self.migration.read(size)
         return protocol.MIG_DATA_S.pack(protocol.MIG_DATA_S.size + len(data), len(data)) + data, []
 
     def _mig_data_write(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:

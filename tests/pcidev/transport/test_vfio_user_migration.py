@@ -458,3 +458,84 @@ def test_a_refused_migration_leaves_the_source_running(tmp_path: Path) -> None:
     finally:
         src.close()
         dst.close()
+
+
+# -- review regressions ----------------------------------------------------------------------------
+RAM = 0x100000
+
+
+def _report_raw(c: VfioUserClient, room: int) -> None:
+    feature(c, protocol.FEATURE_DMA_LOGGING_REPORT | protocol.FEATURE_GET,
+            protocol.LOGGING_REPORT_S.pack(RAM, 1 << 20, 4096), reply_room=room)
+
+
+def test_a_report_refused_for_its_argsz_clears_nothing(edu: InProcess) -> None:
+    fd = alloc_memfd(1 << 20)
+    try:
+        edu.client.dma_map(RAM, 1 << 20, fd)
+        logging_start(edu.client)
+        edu.endpoint.memory.write(RAM + 0x3000, b"x")  # a device write
+        full = protocol.LOGGING_REPORT_S.size + 32  # 256 pages: 4 words
+        for room in (0, full - 1):
+            assert refused(_report_raw, edu.client, room) == errno.EINVAL
+        assert dirty_pages(logging_report(edu.client, RAM, 1 << 20), RAM) == [RAM + 0x3000]
+        assert dirty_pages(logging_report(edu.client, RAM, 1 << 20), RAM) == []  # reported, then cleared
+    finally:
+        os.close(fd)
+
+
+def _read_raw(c: VfioUserClient, argsz: int, size: int) -> bytes:
+    rep = c.request(protocol.MIG_DATA_READ, protocol.MIG_DATA_S.pack(argsz, size))
+    return bytes(rep.payload[protocol.MIG_DATA_S.size:])
+
+
+def test_mig_data_read_beyond_the_limit_or_argsz_is_refused_not_shortened(edu: InProcess) -> None:
+    c = edu.client
+    set_mig_state(c, MIG_STATE_STOP_COPY)
+    stream = mig_read_all(c, 100)
+    set_mig_state(c, MIG_STATE_STOP)
+    set_mig_state(c, MIG_STATE_STOP_COPY)
+    limit = edu.server.max_data_xfer_size
+    assert refused(_read_raw, c, 8 + limit + 1, limit + 1) == errno.EINVAL  # a short reply would end the stream
+    assert refused(_read_raw, c, 8, 100) == errno.EINVAL  # the reply would not fit argsz
+    assert refused(_read_raw, c, 8 + 99, 100) == errno.EINVAL
+    assert _read_raw(c, 8 + 100, 100) == stream[:100]  # nothing was consumed by the refusals
+    # a server whose limit is below the chunk asked for: the client caps its requests
+    edu.server.conn.max_data_xfer_size = c.max_data_xfer_size = 1024
+    assert len(stream) > 2048
+    assert stream[:100] + mig_read_all(c, 4096) == stream
+    set_mig_state(c, MIG_STATE_RESUMING)
+    mig_write_all(c, stream, 4096)
+    set_mig_state(c, MIG_STATE_RUNNING)  # the stream read in capped pieces loads
+
+
+def test_device_reset_keeps_dirty_logging_on(edu: InProcess) -> None:
+    fd = alloc_memfd(1 << 20)
+    try:
+        edu.client.dma_map(RAM, 1 << 20, fd)
+        logging_start(edu.client)
+        edu.client.reset()
+        assert edu.endpoint.memory.dirty is not None
+        edu.endpoint.memory.write_u32(RAM + 0x5000, 7)  # a device write after the reset
+        assert dirty_pages(logging_report(edu.client, RAM, 1 << 20), RAM) == [RAM + 0x5000]
+        logging_stop(edu.client)
+        assert edu.endpoint.memory.dirty is None
+    finally:
+        os.close(fd)
+
+
+def test_feature_set_and_probe_replies_repeat_the_request(edu: InProcess) -> None:
+    c = edu.client
+    G, S, P = protocol.FEATURE_GET, protocol.FEATURE_SET, protocol.FEATURE_PROBE
+    ctl = protocol.LOGGING_CONTROL_S.pack(4096, 0, 0)
+    for flags, data in ((protocol.FEATURE_MIGRATION | G | P, b""),
+                        (protocol.FEATURE_MIG_DEVICE_STATE | S | P, b""),
+                        (protocol.FEATURE_DMA_LOGGING_REPORT | G | P, bytes(24)),
+                        (protocol.FEATURE_MIG_DEVICE_STATE | S, protocol.MIG_STATE_S.pack(MIG_STATE_STOP, 0xFFFF_FFFF)),
+                        (protocol.FEATURE_MIG_DEVICE_STATE | S,
+                         protocol.MIG_STATE_S.pack(MIG_STATE_RUNNING, 0xFFFF_FFFF)),
+                        (protocol.FEATURE_DMA_LOGGING_START | S, ctl),
+                        (protocol.FEATURE_DMA_LOGGING_STOP | S, ctl)):
+        body = protocol.DEVICE_FEATURE_S.pack(8 + len(data), flags) + data
+        assert bytes(c.request(protocol.DEVICE_FEATURE, body).payload) == body, hex(flags)
+    assert mig_state(c) == MIG_STATE_RUNNING and edu.endpoint.memory.dirty is None
