@@ -832,24 +832,35 @@ class VfioUserServer:
 class ExtraClientGuard:
     """While one client is served, accept and close every other connection (logged),
     so that a second client is told at once instead of waiting unaccepted. A connection
-    that arrives after the served client hung up is its successor (a reconnect): it is
-    kept in :attr:`next_client` for the accept loop.
+    that arrives after the served client hung up, or while it hangs up (within
+    ``grace`` seconds of the accept: a client that connects anew and then closes its old
+    connection), is its successor (a reconnect): it is kept in :attr:`next_client` for
+    the accept loop.
+
+    The listener is non-blocking while the guard runs (an accept that finds nothing
+    never blocks it); the guard ends on the wake-up of :meth:`__exit__`, or when the
+    listener fails (``POLLERR``/``POLLNVAL``, an accept error other than "nothing there").
 
     Use as a context manager around :meth:`VfioUserServer.serve`.
 
     :param listener: the listening socket.
     :param served: the served client's socket.
+    :param grace: seconds a newcomer may wait for the served client to hang up before it
+        is closed as a second client.
     """
 
-    def __init__(self, listener: socket.socket, served: socket.socket) -> None:
+    def __init__(self, listener: socket.socket, served: socket.socket, *, grace: float = 0.2) -> None:
         self.listener = listener
+        self.grace = grace
         #: the connection that came after the served client left, if any (the caller's)
         self.next_client: socket.socket | None = None
         self._served_fd = os.dup(served.fileno())  # polled for a hang-up; never reused meanwhile
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._timeout = listener.gettimeout()
         self._thread = threading.Thread(target=self._run, name="vfio-user-extra-clients", daemon=True)
 
     def __enter__(self) -> ExtraClientGuard:
+        self.listener.setblocking(False)
         self._thread.start()
         return self
 
@@ -858,26 +869,42 @@ class ExtraClientGuard:
         os.write(self._wake_w, b"x")
         self._thread.join()
         close_fds([self._served_fd, self._wake_r, self._wake_w])
+        try:
+            self.listener.settimeout(self._timeout)
+        except OSError:  # closed meanwhile
+            pass
 
-    def _served_gone(self) -> bool:
+    def _served_gone(self, wait: float) -> bool:
+        """Whether the served client hung up, waiting up to ``wait`` seconds for it."""
         p = select.poll()
-        p.register(self._served_fd, select.POLLIN | select.POLLRDHUP)
-        return any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL)
-                   for _fd, ev in p.poll(0))
+        p.register(self._served_fd, select.POLLRDHUP)
+        gone = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
+        return any(ev & gone for _fd, ev in p.poll(max(0, int(wait * 1000))))
 
     def _run(self) -> None:
+        try:
+            lfd = self.listener.fileno()
+        except OSError:
+            return
         poller = select.poll()
-        poller.register(self.listener.fileno(), select.POLLIN)
+        poller.register(lfd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         while True:
             events = dict(poller.poll())
             if self._wake_r in events:
                 return
+            if events.get(lfd, 0) & (select.POLLERR | select.POLLNVAL | select.POLLHUP):
+                log.warning("vfio-user: the listening socket failed; no longer closing extra clients")
+                return
             try:
                 conn, _ = self.listener.accept()
-            except OSError:
-                continue
-            if self._served_gone():
+            except (BlockingIOError, InterruptedError):
+                continue  # nothing there after all
+            except OSError as exc:
+                log.warning("vfio-user: accept failed (%s); no longer closing extra clients", exc)
+                return
+            conn.setblocking(True)
+            if self._served_gone(self.grace):
                 self.next_client = conn
                 return
             log.warning("vfio-user: a second client connected while one is served; closing it")
