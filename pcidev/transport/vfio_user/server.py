@@ -780,7 +780,20 @@ class VfioUserServer:
             if iova % page_size or length % page_size:
                 raise VfioUserError(errno.EINVAL, f"DMA_LOGGING_START: range {iova:#x}+{length:#x} is not "
                                                   f"whole pages of {page_size:#x}")
-        memory.start_dirty_log(ranges if ranges else None)  # DmaError: EINVAL
+        # The log starts with the device quiesced: a write in flight (a backend read into
+        # a writable view taken before the start, as NVMe's preadv) is drained first, so
+        # every write that lands after the start goes through a view marked in the log.
+        dev = self.device
+        running = not dev.quiesced
+        try:
+            dev.quiesce()
+        except MigrationError as exc:
+            raise VfioUserError(errno.EBUSY, f"DMA_LOGGING_START: the device does not stop: {exc}") from exc
+        try:
+            memory.start_dirty_log(ranges if ranges else None)  # DmaError: EINVAL
+        finally:
+            if running:
+                dev.resume()
 
     def _logging_report_check(self, data: bytes) -> tuple[int, int, int, int]:
         """Validate a DMA_LOGGING_REPORT request: ``(iova, length, page_size, bitmap bytes)``."""

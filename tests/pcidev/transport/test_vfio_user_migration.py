@@ -539,3 +539,68 @@ def test_feature_set_and_probe_replies_repeat_the_request(edu: InProcess) -> Non
         body = protocol.DEVICE_FEATURE_S.pack(8 + len(data), flags) + data
         assert bytes(c.request(protocol.DEVICE_FEATURE, body).payload) == body, hex(flags)
     assert mig_state(c) == MIG_STATE_RUNNING and edu.endpoint.memory.dirty is None
+
+
+class InFlightRead(EduDevice):
+    """An edu with a backend read in flight: a writable view of guest memory taken
+    before logging starts and written when the backend answers (as an NVMe ``file``
+    namespace's ``preadv``); quiescing drains it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer = threading.Event()
+        self.quiescing = threading.Event()
+        self.landed = False
+        self._backend: threading.Thread | None = None
+
+    def begin_read(self, gpa: int) -> None:
+        assert self.memory is not None
+        views = self.memory.views(gpa, 4096, write=True)
+
+        def backend() -> None:
+            self.answer.wait(30)
+            views[0][:4] = b"DATA"  # the read lands in guest memory
+            views[0].release()
+            self.landed = True
+
+        self._backend = threading.Thread(target=backend, daemon=True)
+        self._backend.start()
+
+    def drain(self) -> None:
+        if self._backend is not None:
+            self._backend.join(30)
+
+    def on_quiesce(self) -> None:
+        self.quiescing.set()
+        super().on_quiesce()
+        self.drain()
+
+
+def test_a_write_in_flight_when_logging_starts_is_drained_or_logged() -> None:
+    dev = InFlightRead()
+    srv = InProcess(dev)
+    fd = alloc_memfd(1 << 20)
+    try:
+        c = srv.client
+        c.dma_map(RAM, 1 << 20, fd)
+        dev.begin_read(RAM + 0x5000)
+        dev.quiescing.clear()  # (the map quiesced it)
+        started = threading.Event()
+        starter = threading.Thread(target=lambda: (logging_start(c), started.set()), daemon=True)
+        starter.start()
+        while not (started.is_set() or dev.quiescing.is_set()):  # START answered, or draining the device
+            starter.join(0.01)
+        start_returned_first = started.is_set()
+        dev.answer.set()  # the backend answers: the read lands now
+        starter.join(30)
+        dev.drain()
+        assert started.is_set() and dev.landed
+        pages = dirty_pages(logging_report(c, RAM, 1 << 20), RAM)
+        if start_returned_first:  # the write landed while logging was on: it must be reported
+            assert RAM + 0x5000 in pages
+        assert dev.quiescing.is_set(), "START did not drain the device's in-flight write"
+        assert not dev.quiesced  # running again
+        assert os.pread(fd, 4, 0x5000) == b"DATA"
+    finally:
+        srv.close()
+        os.close(fd)
