@@ -5,7 +5,8 @@ The server takes one message at a time, in order (read by
 :class:`~pcidev.transport.vfio_user.loop.ConnectionLoop`), calls the device's
 :class:`~pcidev.transport.endpoint.DeviceEndpoint`, and answers. Every malformed
 or refused request gets an ERROR reply with an errno (unless it was sent with
-NO_REPLY); nothing a client sends can raise out of :meth:`VfioUserServer.serve`.
+NO_REPLY); an unexpected exception in a handler is answered with ``EIO`` and logged, so a
+client's request does not end the server (a reply that cannot be sent ends the connection).
 A message whose size cannot be trusted (larger than the advertised maximum) is
 answered with ``E2BIG`` and ends the connection, because the stream cannot be
 re-synchronized.
@@ -33,12 +34,15 @@ is removed.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
 import select
 import socket
 import threading
+import weakref
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -50,7 +54,6 @@ from pcidev.errors import (
     IrqError,
     MigrationError,
     MmioError,
-    PcidevError,
     TransportError,
 )
 from pcidev.pci.capabilities.msi import MsiCapability
@@ -71,6 +74,10 @@ __all__ = ["ExtraClientGuard", "VfioUserServer", "client_left"]
 
 #: the reason of a connection ended by a message too large to skip (the stream is lost)
 _OVERSIZED = "oversized message"
+
+#: endpoints whose device migrated out (VfioUserServer.migrated_out): outlives the
+#: connection and its server object, as the device does
+_MIGRATED_OUT: weakref.WeakSet[DeviceEndpoint] = weakref.WeakSet()
 
 
 def client_left(reason: str) -> bool:
@@ -113,10 +120,37 @@ class VfioUserServer:
         self.loop = ConnectionLoop(self.handle_message, self.reader)
         #: the migration state machine (its state is ``conn.mig_state``)
         self.migration = MigrationStateMachine(self.device, self._conn, pm=endpoint.pm, settle=self._settle_dirty,
-                                               loaded=self._remirror_msix)
+                                               loaded=self._remirror_msix, arc=self._arc_taken)
+        if self.migrated_out:  # a previous client migrated the device out: it is stopped, and says so
+            self._conn.mig_state = protocol.MIG_STATE_STOP
         #: the device was left quiesced by a client that went away: the first BAR access
         #: or DEVICE_RESET of this connection resumes it
         self.dormant = self.device.quiesced
+
+    @property
+    def migrated_out(self) -> bool:
+        """Whether the device's state was saved for a migration (it reached STOP_COPY) and
+        it has not run since: its state lives on at the destination, so it must not run
+        here again by itself (a ``file`` namespace would be written by two processes).
+        Outlives the connection: a later client finds the device in STOP, and neither its
+        BAR accesses nor anything else resume it but ``DEVICE_RESET`` or an explicit
+        ``MIG_DEVICE_STATE`` RUNNING. Cleared by those and by a successful load
+        (RESUMING to STOP)."""
+        return self.endpoint in _MIGRATED_OUT
+
+    @migrated_out.setter
+    def migrated_out(self, value: bool) -> None:
+        if value:
+            _MIGRATED_OUT.add(self.endpoint)
+        else:
+            _MIGRATED_OUT.discard(self.endpoint)
+
+    def _arc_taken(self, cur: int, nxt: int) -> None:
+        if nxt == protocol.MIG_STATE_STOP_COPY:
+            self.migrated_out = True
+        elif (cur, nxt) in ((protocol.MIG_STATE_STOP, protocol.MIG_STATE_RUNNING),
+                            (protocol.MIG_STATE_RESUMING, protocol.MIG_STATE_STOP)):
+            self.migrated_out = False
 
     @property
     def conn(self) -> ConnectionState:
@@ -195,27 +229,40 @@ class VfioUserServer:
         """The client left: quiesce the device (no DMA lands in memory about to vanish),
         unmap every DMA region and fd-less map, remove every eventfd (MSI-X vectors masked:
         interrupts latch as pending; INTx cleared), stop dirty logging, reset the
-        migration state machine to RUNNING and the connection state (its message counts
-        stay). The device keeps its state and stays quiesced until the next client's
-        first BAR access or DEVICE_RESET. Never raises (what fails is logged).
+        migration state machine and the connection state (its message counts stay). The
+        device keeps its state and stays quiesced until the next client's first BAR
+        access or DEVICE_RESET (a device that migrated out stays stopped: see
+        :attr:`migrated_out`).
+
+        Never raises: each step that fails is logged in one line and the others still
+        run. A region whose views are still alive (a device that did not quiesce) leaves
+        the table all the same (:meth:`GuestMemory.unmap <pcidev.dma.GuestMemory.unmap>`
+        with ``forget_views``), so the next client's ``DMA_MAP`` of the same range works.
         """
         dev = self.device
-        try:
-            dev.quiesce()
-        except Exception:  # a device that does not stop: tear down all the same
-            log.exception("vfio-user: the device did not quiesce when its client left")
         memory = self.endpoint.memory
-        memory.stop_dirty_log()
-        self.migration.reset()
-        self.conn.nofd_maps.clear()
-        for region in memory.regions():
+
+        def step(what: str, fn: Callable[[], object]) -> None:
             try:
-                self.endpoint.dma_unmap(region.gpa, region.size)
-            except PcidevError as exc:
-                log.warning("vfio-user: cannot unmap %#x+%#x after the client left: %s", region.gpa, region.size,
-                            exc)
+                fn()
+            except Exception as exc:  # a client that left must not take the server down
+                log.warning("vfio-user: after the client left, %s failed: %s: %s", what, type(exc).__name__, exc)
+
+        step("quiescing the device", dev.quiesce)
+        step("stopping dirty logging", memory.stop_dirty_log)
+        step("resetting the migration state", self.migration.reset)
+        step("forgetting fd-less maps", self.conn.nofd_maps.clear)
+        for region in memory.regions():
+            step(f"unmapping {region.gpa:#x}+{region.size:#x}",
+                 functools.partial(memory.unmap, region.gpa, region.size, forget_views=True))
+        step("removing the eventfds", self._drop_eventfds)
+        counts = self.conn.counts
+        self.conn = self._fresh_conn(counts)
+        self.dormant = True
+
+    def _drop_eventfds(self) -> None:
         sink = self.endpoint.sink
-        with dev.irq.lock:
+        with self.device.irq.lock:
             for index, vectors in self.conn.irq_vectors.items():
                 for v in sorted(vectors):
                     self._assign(index, v, None)
@@ -223,10 +270,14 @@ class VfioUserServer:
                 self._assign(protocol.IRQ_MSIX, v, None)
             if sink.intx_fd is not None:
                 self._assign(protocol.IRQ_INTX, 0, None)
-        counts = self.conn.counts
-        self.conn = ConnectionState(max_msg_fds=self.conn.max_msg_fds,
-                                    max_data_xfer_size=self.conn.max_data_xfer_size, counts=counts)
-        self.dormant = True
+
+    def _fresh_conn(self, counts: dict[str, int] | None = None) -> ConnectionState:
+        """The state of a connection that set nothing up yet (in STOP if the device migrated out)."""
+        conn = ConnectionState(max_msg_fds=self.conn.max_msg_fds, max_data_xfer_size=self.conn.max_data_xfer_size,
+                               counts={} if counts is None else counts)
+        if self.migrated_out:
+            conn.mig_state = protocol.MIG_STATE_STOP
+        return conn
 
     def migration_busy(self) -> str | None:
         """Why the device is not simply running on this connection, or None: a migration
@@ -690,6 +741,7 @@ class VfioUserServer:
     def _reset(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
         dev = self.device
         stopped = self.conn.mig_state != protocol.MIG_STATE_RUNNING or self.dormant
+        self.migrated_out = False
         self.migration.reset()  # any state, ERROR included, -> RUNNING; dirty logging goes on
         with dev.lock:
             dev.reset(ResetKind.FLR)
@@ -851,7 +903,7 @@ class ExtraClientGuard:
     the accept loop.
 
     The listener is non-blocking while the guard runs (an accept that finds nothing
-    never blocks it); the guard ends on the wake-up of :meth:`__exit__`, or when the
+    never blocks it); the guard ends on the wake-up at the end of its ``with`` block, or when the
     listener fails (``POLLERR``/``POLLNVAL``, an accept error other than "nothing there").
 
     Use as a context manager around :meth:`VfioUserServer.serve`.

@@ -66,9 +66,12 @@ STATES = (MIG_STATE_STOP, MIG_STATE_RUNNING, MIG_STATE_STOP_COPY, MIG_STATE_RESU
 class InProcess:
     """A device served by a VfioUserServer in a thread, over a socketpair."""
 
-    def __init__(self, device: PciDevice) -> None:
-        self.endpoint = DeviceEndpoint(device)
-        self.endpoint.start()
+    def __init__(self, device: PciDevice | None = None, *, endpoint: DeviceEndpoint | None = None) -> None:
+        if endpoint is None:  # a new device; else the next client of a served one
+            assert device is not None
+            endpoint = DeviceEndpoint(device)
+            endpoint.start()
+        self.endpoint = endpoint
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.server = VfioUserServer(self.endpoint, a)
         self.result: dict[str, str] = {}
@@ -78,11 +81,12 @@ class InProcess:
         self.client = VfioUserClient(b, timeout=20)
         self.client.version()
 
-    def close(self) -> None:
+    def close(self, *, keep_device: bool = False) -> None:
         self.client.close()
         self.thread.join(10)
         assert not self.thread.is_alive()
-        self.endpoint.close()
+        if not keep_device:
+            self.endpoint.close()
 
 
 @pytest.fixture
@@ -285,7 +289,8 @@ def test_the_server_drops_a_migration_and_logging_when_its_client_leaves(edu: In
     c.close()
     edu.thread.join(10)
     assert edu.result["reason"] == "eof"
-    assert edu.server.migration_busy() is None  # RUNNING, logging off
+    # logging off; the device reached STOP_COPY: it migrated out, and stays stopped
+    assert edu.server.migration_busy() == "migration state STOP" and edu.server.migrated_out
     assert edu.endpoint.memory.dirty is None
     assert edu.server.dormant and edu.endpoint.device.quiesced  # kept for the next client
 
@@ -603,4 +608,87 @@ def test_a_write_in_flight_when_logging_starts_is_drained_or_logged() -> None:
         assert os.pread(fd, 4, 0x5000) == b"DATA"
     finally:
         srv.close()
+        os.close(fd)
+
+
+def test_a_source_that_migrated_out_stays_stopped_for_the_next_client_until_reset(edu: InProcess) -> None:
+    c = edu.client
+    dev = edu.endpoint.device
+    set_mig_state(c, MIG_STATE_STOP_COPY)
+    stream = mig_read_all(c)
+    set_mig_state(c, MIG_STATE_STOP)  # as migrate() leaves a source
+    edu.close(keep_device=True)
+    assert edu.result["reason"] == "eof" and dev.quiesced
+    nxt = InProcess(endpoint=edu.endpoint)
+    try:
+        assert mig_state(nxt.client) == MIG_STATE_STOP  # it says so
+        assert nxt.client.read_int(0, 0, 4) == 0x010000ED  # a BAR access is served...
+        nxt.client.write_int(0, 4, 4, 1)
+        assert dev.quiesced and nxt.server.migrated_out  # ...and does not resume it
+        nxt.client.reset()
+        assert not dev.quiesced and not nxt.server.migrated_out
+        assert mig_state(nxt.client) == MIG_STATE_RUNNING
+    finally:
+        nxt.close(keep_device=True)
+    # an aborted migration (the client took it back to RUNNING) is not a migration out
+    again = InProcess(endpoint=edu.endpoint)
+    try:
+        assert mig_state(again.client) == MIG_STATE_RUNNING
+        set_mig_state(again.client, MIG_STATE_STOP_COPY)
+        assert mig_read_all(again.client) != b"" and again.server.migrated_out
+        set_mig_state(again.client, MIG_STATE_RUNNING)
+        assert not again.server.migrated_out and not dev.quiesced
+        # a destination that loaded a stream did not migrate out
+        set_mig_state(again.client, MIG_STATE_RESUMING)
+        mig_write_all(again.client, stream)
+        set_mig_state(again.client, MIG_STATE_STOP)
+        assert not again.server.migrated_out
+        set_mig_state(again.client, MIG_STATE_RUNNING)
+    finally:
+        again.close()
+
+
+def test_disconnect_never_raises_and_a_stuck_view_does_not_block_the_next_map(edu: InProcess,
+                                                                             caplog: pytest.LogCaptureFixture) -> None:
+    fd = alloc_memfd(1 << 20)
+    dev = edu.endpoint.device
+    try:
+        edu.client.dma_map(RAM, 1 << 20, fd)
+        stuck = edu.endpoint.memory.views(RAM + 0x2000, 64, write=True)  # a write that never finished
+
+        def broken_quiesce() -> None:
+            raise RuntimeError("the device is wedged")
+
+        dev.quiesce = broken_quiesce  # type: ignore[method-assign]
+        edu.close(keep_device=True)
+        assert edu.result["reason"] == "eof"  # serve() returned: disconnect() did not raise
+        del dev.quiesce
+        assert edu.endpoint.memory.regions() == []
+        assert "quiescing the device failed: RuntimeError: the device is wedged" in caplog.text
+        nxt = InProcess(endpoint=edu.endpoint)
+        try:
+            nxt.client.dma_map(RAM, 1 << 20, fd)  # the range is free: no EEXIST
+            stuck[0][:4] = b"late"
+            assert edu.endpoint.memory.read(RAM + 0x2000, 4) == b"late"  # the same memfd
+            stuck[0].release()
+        finally:
+            nxt.close(keep_device=True)
+    finally:
+        edu.endpoint.close()
+        os.close(fd)
+
+
+def test_logging_without_ranges_covers_memory_mapped_after_the_start(edu: InProcess) -> None:
+    fd = alloc_memfd(2 << 20)
+    try:
+        c = edu.client
+        c.dma_map(RAM, 1 << 20, fd)
+        logging_start(c)  # no ranges: all mapped memory, now and later
+        c.dma_map(4 << 20, 1 << 20, fd, 1 << 20)
+        edu.endpoint.memory.write_u64(4 << 20 | 0x7000, 1)
+        assert dirty_pages(logging_report(c, 4 << 20, 1 << 20), 4 << 20) == [4 << 20 | 0x7000]
+        # a region beyond what the log can track is refused, not left unlogged
+        assert refused(c.dma_map, 1 << 40, 1 << 37, fd) == errno.EINVAL
+        assert edu.endpoint.memory.region_at(1 << 40) is None
+    finally:
         os.close(fd)
