@@ -417,9 +417,15 @@ class VfioUserServer:
                 raise VfioUserError(errno.EINVAL, "VERSION: 'capabilities' is not an object")
             caps = inner
         self.conn.client_caps = caps
-        limits = {"max_msg_fds": self.max_msg_fds, "max_data_xfer_size": self.max_data_xfer_size}
-        for mine in (self._caps_json({**limits, "migration": {"pgsize": protocol.MIGRATION_PGSIZE}}),
-                     self._caps_json(limits), b"{}\0", b""):
+        limits: dict[str, Any] = {"max_msg_fds": self.max_msg_fds, "max_data_xfer_size": self.max_data_xfer_size}
+        full = dict(limits)
+        theirs = caps.get("migration")
+        if isinstance(theirs, dict):  # only what the client proposed: the reply's capabilities are a subset
+            mig: dict[str, Any] = {"pgsize": protocol.MIGRATION_PGSIZE}
+            if "max_bitmap_size" in theirs:  # a DMA_LOGGING_REPORT bitmap fits one reply
+                mig["max_bitmap_size"] = self.max_data_xfer_size
+            full["migration"] = mig
+        for mine in (self._caps_json(full), self._caps_json(limits), b"{}\0", b""):
             if len(mine) <= len(text):  # never larger than the client's own request (its buffer)
                 break
         return protocol.VERSION_HDR.pack(0, 0) + mine, []

@@ -430,6 +430,15 @@ def test_version_advertises_migration_only_if_the_reply_fits(edu: InProcess) -> 
     assert c.version({"a": 1}) == {}
 
 
+def test_version_adds_migration_only_if_the_client_proposed_it(edu: InProcess) -> None:
+    c = edu.client
+    limits = {"max_msg_fds": 8, "max_data_xfer_size": 1 << 20}
+    assert c.version({**limits, "padding": "x" * 64}) == limits  # room enough, but not proposed
+    assert c.version({**limits, "migration": {"pgsize": 4096, "max_bitmap_size": 1 << 28}}) == {
+        **limits, "migration": {"pgsize": 4096, "max_bitmap_size": 1 << 20}}  # the bitmap limit of a report
+    assert c.version({**limits, "migration": "yes"}) == limits  # not an object: not proposed
+
+
 def test_a_restored_connection_state_carries_the_migration_state(edu: InProcess) -> None:
     """A handover's destination replaces the server's ConnectionState as a whole."""
     meta = edu.server.conn.to_meta()
