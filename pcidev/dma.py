@@ -321,7 +321,10 @@ class DirtyLog:
     Memory: two bytes per tracked page (at most :data:`MAX_DIRTY_PAGES` pages, 32 MiB).
     A mark inside the range marked last takes a fast path (no search).
 
-    Thread-safe: the device's threads mark while the transport reports.
+    Thread-safe: the device's threads mark while the transport reports. Plain marks take
+    no lock (a store into a ``bytearray`` is atomic under the GIL); a report copies its
+    pages in one step and clears only those it reports, so a mark racing with it is
+    either in this report (its page is read after the report) or kept for the next.
 
     :param ranges: ``(iova, length)`` pairs, each a multiple of :data:`DIRTY_PAGE`,
         non-empty, not overlapping (any order).
@@ -333,7 +336,7 @@ class DirtyLog:
 
     def __init__(self, ranges: Iterable[tuple[int, int]], *, follow_maps: bool = False) -> None:
         spans = sorted((operator.index(a), operator.index(n)) for a, n in ranges)
-        self._check(spans, 0)
+        self._check(spans, 0, 0)
         prev_end = 0
         for a, n in spans:
             if a < prev_end:
@@ -350,10 +353,12 @@ class DirtyLog:
         self._hit: tuple[int, int, bytearray] = (ADDRESS_LIMIT + 1, 0, bytearray())
         self._lock = threading.Lock()
 
-    def _check(self, spans: list[tuple[int, int]], have: int) -> None:
-        if len(spans) + len(getattr(self, "_starts", ())) > MAX_DIRTY_RANGES:
+    @staticmethod
+    def _check(spans: list[tuple[int, int]], have_ranges: int, have_pages: int) -> None:
+        """Raise if ``spans`` are malformed, or too many with what is tracked already."""
+        if len(spans) + have_ranges > MAX_DIRTY_RANGES:
             raise DmaError(f"dirty logging: more than {MAX_DIRTY_RANGES} ranges")
-        pages = have
+        pages = have_pages
         for a, n in spans:
             if a < 0 or n <= 0 or a % DIRTY_PAGE or n % DIRTY_PAGE or a + n > ADDRESS_LIMIT:
                 raise DmaError(f"dirty logging: bad range {_fmt(a, n)} (page-aligned, non-empty, below 2**64)")
@@ -388,7 +393,7 @@ class DirtyLog:
     def check_add(self, gpa: int, length: int) -> None:
         """Raise :class:`~pcidev.errors.DmaError` if :meth:`add` of this region would exceed the limits."""
         with self._lock:
-            self._check(self._uncovered(gpa, length), self._pages)
+            self._check(self._uncovered(gpa, length), len(self._starts), self._pages)
 
     def add(self, gpa: int, length: int) -> None:
         """Track the pages of ``[gpa, gpa + length)`` too (widened to whole pages; pages
@@ -398,7 +403,7 @@ class DirtyLog:
         """
         with self._lock:
             new = self._uncovered(gpa, length)
-            self._check(new, self._pages)
+            self._check(new, len(self._starts), self._pages)
             for a, n in new:
                 i = bisect_right(self._starts, a)
                 self._starts.insert(i, a)
