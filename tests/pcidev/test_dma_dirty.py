@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
+import threading
 
 import pytest
 
@@ -225,3 +227,32 @@ def test_unmap_forgetting_views_frees_the_range_at_once():
     finally:
         gm.close()
         os.close(fd)
+
+
+def test_marks_racing_with_reports_are_never_lost():
+    """Marks take no lock: every page marked once, while another thread reports and
+    clears again and again, is in one of the reports."""
+    npages = 1 << 14
+    log = DirtyLog([(0, npages * DIRTY_PAGE), (1 << 30, DIRTY_PAGE)])
+    seen: set[int] = set()
+    done = threading.Event()
+
+    def writer() -> None:
+        for i in range(npages):
+            log.mark(i * DIRTY_PAGE + 8, 4 if i % 3 else DIRTY_PAGE)  # some marks cover two pages
+            if i % 1024 == 0:
+                log.mark(1 << 30, 1)  # another range: the fast path's range changes
+        done.set()
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        t = threading.Thread(target=writer)
+        t.start()
+        while not done.is_set():
+            seen |= pages(log.report(0, npages * DIRTY_PAGE, DIRTY_PAGE))
+        t.join()
+    finally:
+        sys.setswitchinterval(old)
+    seen |= pages(log.report(0, npages * DIRTY_PAGE, DIRTY_PAGE))
+    assert seen == {i * DIRTY_PAGE for i in range(npages)}
