@@ -84,7 +84,7 @@ import sys
 import threading
 import weakref
 from bisect import bisect_right
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -95,7 +95,16 @@ from pcidev.errors import DmaError
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
 
-__all__ = ["ADDRESS_LIMIT", "DIRTY_PAGE", "DirtyLog", "GuestMemory", "MemoryRegion", "alloc_memfd"]
+__all__ = [
+    "ADDRESS_LIMIT",
+    "DIRTY_PAGE",
+    "MAX_DIRTY_PAGES",
+    "MAX_DIRTY_RANGES",
+    "DirtyLog",
+    "GuestMemory",
+    "MemoryRegion",
+    "alloc_memfd",
+]
 
 ADDRESS_LIMIT = 1 << 64
 """One past the highest guest physical address."""
@@ -126,7 +135,19 @@ DIRTY_PAGE = 4096
 MAX_DIRTY_PAGES = 1 << 24
 #: the most ranges one :class:`DirtyLog` tracks
 MAX_DIRTY_RANGES = 4096
+_DIRTY_SHIFT = 12  # log2(DIRTY_PAGE)
 _ASCII01 = bytes.maketrans(b"\x00\x01", b"01")
+
+
+def _runs(flags: bytearray) -> Iterator[tuple[int, int]]:
+    """The ``[lo, hi)`` runs of non-zero bytes of a 0/1 page map."""
+    pos = flags.find(1)
+    while pos >= 0:
+        end = flags.find(0, pos)
+        if end < 0:
+            end = len(flags)
+        yield pos, end
+        pos = flags.find(1, end)
 
 
 def alloc_memfd(size: int, name: str = "pcidev-ram", *, seal: bool = True) -> int:
@@ -297,59 +318,133 @@ class DirtyLog:
     reported until :meth:`settle` says the device is quiescent: its writes are done).
     Reporting more pages than were written is allowed; fewer never.
 
-    Thread-safe: the device's threads mark while the transport reports.
+    Memory: two bytes per tracked page (at most :data:`MAX_DIRTY_PAGES` pages, 32 MiB).
+    A mark inside the range marked last takes a fast path (no search).
+
+    Thread-safe: the device's threads mark while the transport reports. Plain marks take
+    no lock (a store into a ``bytearray`` is atomic under the GIL); a report copies its
+    pages in one step and clears only those it reports, so a mark racing with it is
+    either in this report (its page is read after the report) or kept for the next.
 
     :param ranges: ``(iova, length)`` pairs, each a multiple of :data:`DIRTY_PAGE`,
         non-empty, not overlapping (any order).
+    :param follow_maps: the log covers "all mapped memory": :meth:`GuestMemory.map`
+        adds each region mapped later (:meth:`add`).
     :raises DmaError: a range is misaligned, empty, overlaps another or wraps past
         ``2**64``; too many ranges or pages.
     """
 
-    def __init__(self, ranges: Iterable[tuple[int, int]]) -> None:
+    def __init__(self, ranges: Iterable[tuple[int, int]], *, follow_maps: bool = False) -> None:
         spans = sorted((operator.index(a), operator.index(n)) for a, n in ranges)
-        if len(spans) > MAX_DIRTY_RANGES:
-            raise DmaError(f"dirty logging: {len(spans)} ranges (at most {MAX_DIRTY_RANGES})")
-        pages = 0
+        self._check(spans, 0, 0)
         prev_end = 0
         for a, n in spans:
-            if a < 0 or n <= 0 or a % DIRTY_PAGE or n % DIRTY_PAGE or a + n > ADDRESS_LIMIT:
-                raise DmaError(f"dirty logging: bad range {_fmt(a, n)} (page-aligned, non-empty, below 2**64)")
             if a < prev_end:
                 raise DmaError(f"dirty logging: range {_fmt(a, n)} overlaps another")
             prev_end = a + n
-            pages += n // DIRTY_PAGE
-        if pages > MAX_DIRTY_PAGES:
-            raise DmaError(f"dirty logging: {pages} pages to track (at most {MAX_DIRTY_PAGES})")
+        #: whether regions mapped later are added (logging of "all mapped memory")
+        self.follow_maps = follow_maps
         self._starts = [a for a, _ in spans]
         self._ends = [a + n for a, n in spans]
         self._dirty = [bytearray(n // DIRTY_PAGE) for _, n in spans]
         self._viewed = [bytearray(n // DIRTY_PAGE) for _, n in spans]
+        self._pages = sum(n // DIRTY_PAGE for _, n in spans)
+        # the range marked last (start, end, its dirty bytes): the fast path of mark()
+        self._hit: tuple[int, int, bytearray] = (ADDRESS_LIMIT + 1, 0, bytearray())
         self._lock = threading.Lock()
+
+    @staticmethod
+    def _check(spans: list[tuple[int, int]], have_ranges: int, have_pages: int) -> None:
+        """Raise if ``spans`` are malformed, or too many with what is tracked already."""
+        if len(spans) + have_ranges > MAX_DIRTY_RANGES:
+            raise DmaError(f"dirty logging: more than {MAX_DIRTY_RANGES} ranges")
+        pages = have_pages
+        for a, n in spans:
+            if a < 0 or n <= 0 or a % DIRTY_PAGE or n % DIRTY_PAGE or a + n > ADDRESS_LIMIT:
+                raise DmaError(f"dirty logging: bad range {_fmt(a, n)} (page-aligned, non-empty, below 2**64)")
+            pages += n // DIRTY_PAGE
+        if pages > MAX_DIRTY_PAGES:
+            raise DmaError(f"dirty logging: {pages} pages to track (at most {MAX_DIRTY_PAGES})")
 
     @property
     def ranges(self) -> list[tuple[int, int]]:
         """The tracked ranges ``(iova, length)``, sorted."""
-        return [(a, e - a) for a, e in zip(self._starts, self._ends, strict=True)]
+        with self._lock:
+            return [(a, e - a) for a, e in zip(self._starts, self._ends, strict=True)]
+
+    def _uncovered(self, gpa: int, length: int) -> list[tuple[int, int]]:
+        """The whole pages around ``[gpa, gpa + length)`` that no range tracks yet."""
+        lo = gpa - gpa % DIRTY_PAGE
+        hi = min(-(-(gpa + length) // DIRTY_PAGE) * DIRTY_PAGE, ADDRESS_LIMIT)
+        out = []
+        cur = lo
+        for s, e in zip(self._starts, self._ends, strict=True):
+            if e <= cur:
+                continue
+            if s >= hi:
+                break
+            if s > cur:
+                out.append((cur, s - cur))
+            cur = max(cur, e)
+        if cur < hi:
+            out.append((cur, hi - cur))
+        return out
+
+    def check_add(self, gpa: int, length: int) -> None:
+        """Raise :class:`~pcidev.errors.DmaError` if :meth:`add` of this region would exceed the limits."""
+        with self._lock:
+            self._check(self._uncovered(gpa, length), len(self._starts), self._pages)
+
+    def add(self, gpa: int, length: int) -> None:
+        """Track the pages of ``[gpa, gpa + length)`` too (widened to whole pages; pages
+        tracked already keep their bits).
+
+        :raises DmaError: beyond :data:`MAX_DIRTY_PAGES` or :data:`MAX_DIRTY_RANGES`.
+        """
+        with self._lock:
+            new = self._uncovered(gpa, length)
+            self._check(new, len(self._starts), self._pages)
+            for a, n in new:
+                i = bisect_right(self._starts, a)
+                self._starts.insert(i, a)
+                self._ends.insert(i, a + n)
+                self._dirty.insert(i, bytearray(n // DIRTY_PAGE))
+                self._viewed.insert(i, bytearray(n // DIRTY_PAGE))
+                self._pages += n // DIRTY_PAGE
 
     def _set(self, maps: tuple[list[bytearray], ...], gpa: int, length: int) -> None:
         end = gpa + length
-        starts, ends = self._starts, self._ends
-        i = max(bisect_right(starts, gpa) - 1, 0)
         with self._lock:
+            starts, ends = self._starts, self._ends
+            i = max(bisect_right(starts, gpa) - 1, 0)
             while i < len(starts) and starts[i] < end:
                 lo, hi = max(gpa, starts[i]), min(end, ends[i])
                 if lo < hi:
-                    first = (lo - starts[i]) // DIRTY_PAGE
-                    last = (hi - 1 - starts[i]) // DIRTY_PAGE
+                    first = (lo - starts[i]) >> _DIRTY_SHIFT
+                    last = (hi - 1 - starts[i]) >> _DIRTY_SHIFT
                     for bm in maps:
                         if first == last:
                             bm[i][first] = 1
                         else:
                             bm[i][first : last + 1] = b"\x01" * (last + 1 - first)
+                    if maps[0] is self._dirty:
+                        self._hit = (starts[i], ends[i], self._dirty[i])
                 i += 1
 
     def mark(self, gpa: int, length: int) -> None:
         """Record that ``[gpa, gpa + length)`` was written (parts outside every range are ignored)."""
+        lo, hi, d = self._hit
+        if lo <= gpa and gpa + length <= hi:  # inside the range marked last: no search
+            if length > 0:
+                # no lock: a store into a bytearray is atomic under the GIL, and a report
+                # clears only the pages it reports (see report())
+                first = (gpa - lo) >> _DIRTY_SHIFT
+                last = (gpa + length - 1 - lo) >> _DIRTY_SHIFT
+                if first == last:
+                    d[first] = 1
+                else:
+                    d[first : last + 1] = b"\x01" * (last + 1 - first)
+            return
         if length > 0:
             self._set((self._dirty,), gpa, length)
 
@@ -364,8 +459,8 @@ class DirtyLog:
         with self._lock:
             for d, v in zip(self._dirty, self._viewed, strict=True):
                 if any(v):
-                    merged = int.from_bytes(d, "little") | int.from_bytes(v, "little")
-                    d[:] = merged.to_bytes(len(d), "little")
+                    for lo, hi in _runs(v):  # only sets pages: a concurrent mark is never undone
+                        d[lo:hi] = b"\x01" * (hi - lo)
                     v[:] = bytes(len(v))
 
     @staticmethod
@@ -392,26 +487,30 @@ class DirtyLog:
         if iova < 0 or length <= 0 or iova % page_size or length % page_size or iova + length > ADDRESS_LIMIT:
             raise DmaError(f"dirty report: range {_fmt(iova, length)} is not whole pages of {page_size:#x}")
         end = iova + length
-        parts: list[tuple[int, int, int]] = []  # (range index, first page, last page + 1)
-        cur = iova
-        i = max(bisect_right(self._starts, iova) - 1, 0)
-        while cur < end:
-            if i >= len(self._starts) or not self._starts[i] <= cur < self._ends[i]:
-                raise DmaError(f"dirty report: {cur:#x} of {_fmt(iova, length)} is not logged")
-            hi = min(end, self._ends[i])
-            parts.append((i, (cur - self._starts[i]) // DIRTY_PAGE, (hi - self._starts[i]) // DIRTY_PAGE))
-            cur = hi
-            i += 1
         pages = bytearray()
-        with self._lock:
+        with self._lock:  # add() may insert ranges meanwhile: indexes are taken under the lock
+            parts: list[tuple[int, int, int]] = []  # (range index, first page, last page + 1)
+            cur = iova
+            i = max(bisect_right(self._starts, iova) - 1, 0)
+            while cur < end:
+                if i >= len(self._starts) or not self._starts[i] <= cur < self._ends[i]:
+                    raise DmaError(f"dirty report: {cur:#x} of {_fmt(iova, length)} is not logged")
+                hi = min(end, self._ends[i])
+                parts.append((i, (cur - self._starts[i]) // DIRTY_PAGE, (hi - self._starts[i]) // DIRTY_PAGE))
+                cur = hi
+                i += 1
             for i, a, b in parts:
                 d, v = self._dirty[i], self._viewed[i]
+                got = d[a:b]  # one copy (atomic under the GIL; marks take no lock)
+                # clear only the pages reported: a mark that lands meanwhile on another page
+                # stays for the next report, and one on a reported page is covered by this
+                # report (the page is read after it)
+                for lo, hi in _runs(got):
+                    d[a + lo : a + hi] = bytes(hi - lo)
                 if any(v[a:b]):
-                    pages += (int.from_bytes(d[a:b], "little") | int.from_bytes(v[a:b], "little")).to_bytes(
-                        b - a, "little")
-                else:
-                    pages += d[a:b]
-                d[a:b] = bytes(b - a)
+                    got = bytearray((int.from_bytes(got, "little") | int.from_bytes(v[a:b], "little")).to_bytes(
+                        b - a, "little"))
+                pages += got
         k = page_size // DIRTY_PAGE
         if k > 1:
             if k <= 64:
@@ -494,6 +593,10 @@ class GuestMemory:
             raise DmaError(f"map {_fmt(gpa, size)} overlaps {regions[i - 1].desc}")
         if i < len(regions) and regions[i].gpa < gpa + size:
             raise DmaError(f"map {_fmt(gpa, size)} overlaps {regions[i].desc}")
+        d = self.dirty
+        follow = d is not None and d.follow_maps
+        if d is not None and follow:
+            d.check_add(gpa, size)  # logging "all mapped memory": this region must fit the log
 
         aligned_off = fd_offset - fd_offset % _PAGE
         window = fd_offset - aligned_off
@@ -525,11 +628,13 @@ class GuestMemory:
             mm.close()
             os.close(own_fd)
             raise
+        if d is not None and follow:
+            d.add(gpa, size)  # before the region is reachable: its first write is logged
         self._table = ([*starts[:i], gpa, *starts[i:]], [*regions[:i], r, *regions[i:]])
         self._fds[gpa] = own_fd
         return r.desc
 
-    def unmap(self, gpa: int, size: int | None = None) -> None:
+    def unmap(self, gpa: int, size: int | None = None, *, forget_views: bool = False) -> None:
         """Unmap the region that starts at ``gpa``.
 
         All or nothing: if views of the region are still alive the region stays
@@ -537,9 +642,15 @@ class GuestMemory:
         views (leave the ``access`` block, ``view.release()``, or drop them) and
         retry.
 
+        With ``forget_views`` the region leaves the table all the same (its range is free
+        for a new map at once): the mapping itself lives on, unreachable through this
+        object, until the last view of it is released. For a transport whose client left
+        while a view was stuck (no write through it reaches the next client's memory).
+
         :param gpa: start address of a mapped region.
         :param size: if given, must equal the region's size (a vfio-user
             ``DMA_UNMAP`` carries both).
+        :param forget_views: do not refuse because views are alive (see above).
         :raises DmaError: no region starts at ``gpa``, ``size`` does not match, or
             views of the region are still exported.
         """
@@ -551,7 +662,14 @@ class GuestMemory:
         r = regions[i]
         if size is not None and size != r.desc.size:
             raise DmaError(f"unmap: size {size:#x} does not match region {_fmt(gpa, r.desc.size)}")
-        self._release_region(r)
+        if forget_views:
+            r.unexport()
+            try:
+                r.mm.close()
+            except BufferError:
+                pass  # the views keep the mapping until they are released; this object forgets it
+        else:
+            self._release_region(r)
         self._table = (starts[:i] + starts[i + 1 :], regions[:i] + regions[i + 1 :])
         self._last = _NO_REGION
         os.close(self._fds.pop(gpa))
@@ -626,14 +744,17 @@ class GuestMemory:
     def start_dirty_log(self, ranges: Iterable[tuple[int, int]] | None = None) -> DirtyLog:
         """Start logging the pages the device writes (:attr:`dirty`).
 
-        :param ranges: ``(iova, length)`` ranges, page-aligned; None: every mapped
-            region now (widened to whole pages). Regions mapped later inside a range
-            are logged too; an unmap keeps its pages' bits.
+        :param ranges: ``(iova, length)`` ranges, page-aligned; None: all mapped memory,
+            now and later: every region mapped now and every region mapped while logging
+            (widened to whole pages; :meth:`map` refuses a region beyond the log's limits).
+            With ranges, regions mapped later inside a range are logged too. An unmap
+            keeps its pages' bits.
         :returns: the new log.
         :raises DmaError: logging is on already, or bad ranges (see :class:`DirtyLog`).
         """
         if self.dirty is not None:
             raise DmaError("dirty logging is already on")
+        follow = ranges is None
         if ranges is None:
             spans: list[list[int]] = []
             for r in self.regions():
@@ -644,7 +765,7 @@ class GuestMemory:
                 else:
                     spans.append([lo, hi])
             ranges = [(lo, hi - lo) for lo, hi in spans]
-        log = DirtyLog(ranges)
+        log = DirtyLog(ranges, follow_maps=follow)
         self.dirty = log
         return log
 
@@ -784,15 +905,17 @@ class GuestMemory:
         if r.writable and r.gpa <= gpa and gpa + n <= r.end:
             off = gpa - r.delta
             r.mm[off : off + n] = data
-            if self.dirty is not None:
-                self.dirty.mark(gpa, n)
+            d = self.dirty
+            if d is not None:
+                d.mark(gpa, n)
             return
         pos = 0
         for r, off, k in self._resolve(gpa, n, True):
             r.mm[off : off + k] = data[pos : pos + k]
             pos += k
-        if self.dirty is not None:
-            self.dirty.mark(gpa, n)
+        d = self.dirty
+        if d is not None:
+            d.mark(gpa, n)
 
     def fill(self, gpa: int, length: int, byte: int = 0) -> None:
         """Set ``length`` bytes at ``gpa`` to ``byte``.
@@ -807,8 +930,9 @@ class GuestMemory:
             raise ValueError(f"fill byte {byte!r} is not in 0..255")
         for r, off, n in self._resolve(gpa, length, True):
             r.pin.fill(off, n, byte)
-        if self.dirty is not None:
-            self.dirty.mark(gpa, length)
+        d = self.dirty
+        if d is not None:
+            d.mark(gpa, length)
 
     def copy(self, dst_gpa: int, src_gpa: int, length: int) -> None:
         """Copy ``length`` bytes from ``src_gpa`` to ``dst_gpa`` (``memmove`` semantics).
@@ -829,8 +953,9 @@ class GuestMemory:
             # One mapping: memmove copes with overlap.
             r = dst[0][0]
             r.pin.move(dst[0][1], src[0][1], length)
-            if self.dirty is not None:
-                self.dirty.mark(dst_gpa, length)
+            d = self.dirty
+            if d is not None:
+                d.mark(dst_gpa, length)
             return
         # Different mappings may alias the same file pages, which memmove cannot
         # see: go through a bounce buffer (correct whatever the aliasing).
@@ -843,8 +968,9 @@ class GuestMemory:
         for r, off, n in dst:
             r.mm[off : off + n] = memoryview(bounce)[pos : pos + n]
             pos += n
-        if self.dirty is not None:
-            self.dirty.mark(dst_gpa, length)
+        d = self.dirty
+        if d is not None:
+            d.mark(dst_gpa, length)
 
     # --------------------------------------------------------- typed access
 
@@ -872,8 +998,9 @@ class GuestMemory:
             if r.writable and gpa <= r.end - st.size:
                 self._last = r
                 st.pack_into(r.mm, gpa - r.delta, *values)
-                if self.dirty is not None:
-                    self.dirty.mark(gpa, st.size)
+                d = self.dirty
+                if d is not None:
+                    d.mark(gpa, st.size)
                 return
         self._write_slow(gpa, st.pack(*values))
 
@@ -882,8 +1009,9 @@ class GuestMemory:
         for r, off, n in self._resolve(gpa, len(data), True):
             r.mm[off : off + n] = data[pos : pos + n]
             pos += n
-        if self.dirty is not None:
-            self.dirty.mark(gpa, len(data))
+        d = self.dirty
+        if d is not None:
+            d.mark(gpa, len(data))
 
     def read_u8(self, gpa: int) -> int:
         """Read one byte at ``gpa``.
@@ -940,8 +1068,9 @@ class GuestMemory:
         r = self._last
         if r.writable and r.gpa <= gpa < r.end:
             _u8_pack(r.mm, gpa - r.delta, value)
-            if self.dirty is not None:
-                self.dirty.mark(gpa, 1)
+            d = self.dirty
+            if d is not None:
+                d.mark(gpa, 1)
             return
         self._pack_slow(_U8, gpa, (value,))
 
@@ -956,8 +1085,9 @@ class GuestMemory:
         r = self._last
         if r.writable and r.gpa <= gpa <= r.end - 2:
             _u16_pack(r.mm, gpa - r.delta, value)
-            if self.dirty is not None:
-                self.dirty.mark(gpa, 2)
+            d = self.dirty
+            if d is not None:
+                d.mark(gpa, 2)
             return
         self._pack_slow(_U16, gpa, (value,))
 
@@ -972,8 +1102,9 @@ class GuestMemory:
         r = self._last
         if r.writable and r.gpa <= gpa <= r.end - 4:
             _u32_pack(r.mm, gpa - r.delta, value)
-            if self.dirty is not None:
-                self.dirty.mark(gpa, 4)
+            d = self.dirty
+            if d is not None:
+                d.mark(gpa, 4)
             return
         self._pack_slow(_U32, gpa, (value,))
 
@@ -988,8 +1119,9 @@ class GuestMemory:
         r = self._last
         if r.writable and r.gpa <= gpa <= r.end - 8:
             _u64_pack(r.mm, gpa - r.delta, value)
-            if self.dirty is not None:
-                self.dirty.mark(gpa, 8)
+            d = self.dirty
+            if d is not None:
+                d.mark(gpa, 8)
             return
         self._pack_slow(_U64, gpa, (value,))
 
@@ -1022,8 +1154,9 @@ class GuestMemory:
         if r.writable and r.gpa <= gpa <= r.end - len(data):
             off = gpa - r.delta
             r.mm[off : off + len(data)] = data
-            if self.dirty is not None:
-                self.dirty.mark(gpa, len(data))
+            d = self.dirty
+            if d is not None:
+                d.mark(gpa, len(data))
             return
         self._write_slow(gpa, data)
 
@@ -1081,13 +1214,15 @@ class GuestMemory:
         r = self._last
         if r.writable and r.gpa <= gpa <= r.end - 4 and not gpa & 3:
             r.pin.store32(gpa - r.delta, value)
-            if self.dirty is not None:
-                self.dirty.mark(gpa, 4)
+            d = self.dirty
+            if d is not None:
+                d.mark(gpa, 4)
             return
         p, off = self._ordered_slow(gpa, 4, True)
         p.store32(off, value)
-        if self.dirty is not None:
-            self.dirty.mark(gpa, 4)
+        d = self.dirty
+        if d is not None:
+            d.mark(gpa, 4)
 
     def store64(self, gpa: int, value: int) -> None:
         """Single aligned 64-bit store with release ordering.
@@ -1100,13 +1235,15 @@ class GuestMemory:
         r = self._last
         if r.writable and r.gpa <= gpa <= r.end - 8 and not gpa & 7:
             r.pin.store64(gpa - r.delta, value)
-            if self.dirty is not None:
-                self.dirty.mark(gpa, 8)
+            d = self.dirty
+            if d is not None:
+                d.mark(gpa, 8)
             return
         p, off = self._ordered_slow(gpa, 8, True)
         p.store64(off, value)
-        if self.dirty is not None:
-            self.dirty.mark(gpa, 8)
+        d = self.dirty
+        if d is not None:
+            d.mark(gpa, 8)
 
     # --------------------------------------------------------------- views
 
@@ -1130,13 +1267,15 @@ class GuestMemory:
             if not write:
                 return [r.mv_ro[off : off + length]]
             if r.writable:
-                if self.dirty is not None:
-                    self.dirty.mark_view(gpa, length)
+                d = self.dirty
+                if d is not None:
+                    d.mark_view(gpa, length)
                 return [r.mv_rw[off : off + length]]
         segs = self._resolve(gpa, length, write)
         if write:
-            if self.dirty is not None:
-                self.dirty.mark_view(gpa, length)
+            d = self.dirty
+            if d is not None:
+                d.mark_view(gpa, length)
             return [s[0].mv_rw[s[1] : s[1] + s[2]] for s in segs]
         return [s[0].mv_ro[s[1] : s[1] + s[2]] for s in segs]
 

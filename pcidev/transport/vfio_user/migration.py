@@ -144,15 +144,19 @@ class MigrationStateMachine:
         settles: the writes through views the device took are done).
     :param loaded: called after a successful load (the server re-mirrors the MSI-X mask
         bits of the vectors that have an eventfd on this connection).
+    :param arc: called with ``(from, to)`` after each arc applied (the server remembers a
+        device that migrated out).
     """
 
     def __init__(self, device: PciDevice, conn: ConnectionState, *, pm: pluggy.PluginManager | None = None,
-                 settle: Callable[[], None] | None = None, loaded: Callable[[], None] | None = None) -> None:
+                 settle: Callable[[], None] | None = None, loaded: Callable[[], None] | None = None,
+                 arc: Callable[[int, int], None] | None = None) -> None:
         self.device = device
         self.conn = conn
         self.pm = pm
         self._settle = settle
         self._loaded = loaded
+        self._arc = arc
         #: the stream being read (PRE_COPY: empty; STOP_COPY: the saved state) or written (RESUMING)
         self._buffer = bytearray()
         self._cursor = 0
@@ -192,9 +196,12 @@ class MigrationStateMachine:
             if reasons:
                 raise VfioUserError(errno.EBUSY, "the device cannot migrate: " + "; ".join(reasons))
         for step in path:
-            self._step(self.state, step)
-            log.debug("vfio-user migration: %s -> %s", _name(self.state), _name(step))
+            cur = self.state
+            self._step(cur, step)
+            log.debug("vfio-user migration: %s -> %s", _name(cur), _name(step))
             self.conn.mig_state = step
+            if self._arc is not None:
+                self._arc(cur, step)
         return self.state
 
     def _quiesce(self) -> None:
@@ -237,6 +244,7 @@ class MigrationStateMachine:
             self.device.quiesce()  # it is (STOP); a device never run here too
             self._buffer, self._cursor = bytearray(), 0
         elif cur == _RES and nxt == _STOP:
+            # the loader takes bytes: one copy, then the buffer is freed before the load
             data = bytes(self._buffer)
             self._buffer, self._cursor = bytearray(), 0
             try:

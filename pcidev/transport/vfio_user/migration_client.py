@@ -105,12 +105,13 @@ def set_mig_state(client: VfioUserClient, state: int) -> int:
 def mig_read_all(client: VfioUserClient, chunk: int | None = None) -> bytes:
     """MIG_DATA_READ until a short read: the whole state (PRE_COPY: what there is so far).
 
-    :param chunk: bytes per request (default: the connection's ``max_data_xfer_size``).
+    :param chunk: bytes per request (default and at most: the connection's negotiated
+        ``max_data_xfer_size``; a server refuses more, as a shorter reply would end the stream).
     """
-    size = chunk or client.max_data_xfer_size
+    size = min(chunk or client.max_data_xfer_size, client.max_data_xfer_size)
     out = bytearray()
     while True:
-        rep = client.request(protocol.MIG_DATA_READ, protocol.MIG_DATA_S.pack(protocol.MIG_DATA_S.size, size))
+        rep = client.request(protocol.MIG_DATA_READ, protocol.MIG_DATA_S.pack(protocol.MIG_DATA_S.size + size, size))
         body = rep.payload
         if rep.fds or len(body) < protocol.MIG_DATA_S.size:
             raise TransportError("vfio-user: malformed MIG_DATA_READ reply")
@@ -126,9 +127,9 @@ def mig_read_all(client: VfioUserClient, chunk: int | None = None) -> bytes:
 def mig_write_all(client: VfioUserClient, data: bytes, chunk: int | None = None) -> None:
     """MIG_DATA_WRITE of ``data`` in pieces (RESUMING).
 
-    :param chunk: bytes per request (default: the connection's ``max_data_xfer_size``).
+    :param chunk: bytes per request (default and at most: the connection's ``max_data_xfer_size``).
     """
-    size = chunk or client.max_data_xfer_size
+    size = min(chunk or client.max_data_xfer_size, client.max_data_xfer_size)
     for pos in range(0, len(data), size):
         piece = data[pos:pos + size]
         client.request(protocol.MIG_DATA_WRITE,

@@ -175,9 +175,10 @@ class VfioUserDevice:
     def reconnect(self, path: str | os.PathLike[str] | None = None, *, memory: GuestMemory | None = None,
                   timeout: float | None = None) -> None:
         """Connect again to a server whose client left (this proxy's, or one that died):
-        close the old connection if it is still open, open a new one, send VERSION, map
-        the guest memory and install the same eventfds. The server resumes the device at
-        the first BAR access.
+        close the old connection first (a vfio-user server serves one client at a time
+        and closes a second one at once), then open a new one, send VERSION, map the
+        guest memory and install the same eventfds. The server resumes the device at the
+        first BAR access.
 
         :param path: the socket (default: the one :meth:`connect` used).
         :param memory: the guest memory to map from now on (default: the one :meth:`attach` gave).
@@ -188,7 +189,9 @@ class VfioUserDevice:
         where = path if path is not None else self.path
         if where is None:
             raise TransportError("vfio-user: reconnect needs a socket path (the proxy was not made by connect())")
-        client = VfioUserClient.connect(where, timeout=self.client.timeout if timeout is None else timeout)
+        timeout = self.client.timeout if timeout is None else timeout
+        self.client.close()  # before connecting: the server takes the next client only once this one left
+        client = VfioUserClient.connect(where, timeout=timeout)
         old_memory = self._memory
         try:
             if memory is not None:
@@ -198,7 +201,6 @@ class VfioUserDevice:
             self._memory = old_memory
             client.close()
             raise
-        self.client.close()
         self.client = client
         self.path = os.fspath(where)
 

@@ -5,7 +5,8 @@ The server takes one message at a time, in order (read by
 :class:`~pcidev.transport.vfio_user.loop.ConnectionLoop`), calls the device's
 :class:`~pcidev.transport.endpoint.DeviceEndpoint`, and answers. Every malformed
 or refused request gets an ERROR reply with an errno (unless it was sent with
-NO_REPLY); nothing a client sends can raise out of :meth:`VfioUserServer.serve`.
+NO_REPLY); an unexpected exception in a handler is answered with ``EIO`` and logged, so a
+client's request does not end the server (a reply that cannot be sent ends the connection).
 A message whose size cannot be trusted (larger than the advertised maximum) is
 answered with ``E2BIG`` and ends the connection, because the stream cannot be
 re-synchronized.
@@ -33,12 +34,15 @@ is removed.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
 import select
 import socket
 import threading
+import weakref
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -50,7 +54,6 @@ from pcidev.errors import (
     IrqError,
     MigrationError,
     MmioError,
-    PcidevError,
     TransportError,
 )
 from pcidev.pci.capabilities.msi import MsiCapability
@@ -71,6 +74,10 @@ __all__ = ["ExtraClientGuard", "VfioUserServer", "client_left"]
 
 #: the reason of a connection ended by a message too large to skip (the stream is lost)
 _OVERSIZED = "oversized message"
+
+#: endpoints whose device migrated out (VfioUserServer.migrated_out): outlives the
+#: connection and its server object, as the device does
+_MIGRATED_OUT: weakref.WeakSet[DeviceEndpoint] = weakref.WeakSet()
 
 
 def client_left(reason: str) -> bool:
@@ -113,10 +120,37 @@ class VfioUserServer:
         self.loop = ConnectionLoop(self.handle_message, self.reader)
         #: the migration state machine (its state is ``conn.mig_state``)
         self.migration = MigrationStateMachine(self.device, self._conn, pm=endpoint.pm, settle=self._settle_dirty,
-                                               loaded=self._remirror_msix)
+                                               loaded=self._remirror_msix, arc=self._arc_taken)
+        if self.migrated_out:  # a previous client migrated the device out: it is stopped, and says so
+            self._conn.mig_state = protocol.MIG_STATE_STOP
         #: the device was left quiesced by a client that went away: the first BAR access
         #: or DEVICE_RESET of this connection resumes it
         self.dormant = self.device.quiesced
+
+    @property
+    def migrated_out(self) -> bool:
+        """Whether the device's state was saved for a migration (it reached STOP_COPY) and
+        it has not run since: its state lives on at the destination, so it must not run
+        here again by itself (a ``file`` namespace would be written by two processes).
+        Outlives the connection: a later client finds the device in STOP, and neither its
+        BAR accesses nor anything else resume it but ``DEVICE_RESET`` or an explicit
+        ``MIG_DEVICE_STATE`` RUNNING. Cleared by those and by a successful load
+        (RESUMING to STOP)."""
+        return self.endpoint in _MIGRATED_OUT
+
+    @migrated_out.setter
+    def migrated_out(self, value: bool) -> None:
+        if value:
+            _MIGRATED_OUT.add(self.endpoint)
+        else:
+            _MIGRATED_OUT.discard(self.endpoint)
+
+    def _arc_taken(self, cur: int, nxt: int) -> None:
+        if nxt == protocol.MIG_STATE_STOP_COPY:
+            self.migrated_out = True
+        elif (cur, nxt) in ((protocol.MIG_STATE_STOP, protocol.MIG_STATE_RUNNING),
+                            (protocol.MIG_STATE_RESUMING, protocol.MIG_STATE_STOP)):
+            self.migrated_out = False
 
     @property
     def conn(self) -> ConnectionState:
@@ -195,27 +229,40 @@ class VfioUserServer:
         """The client left: quiesce the device (no DMA lands in memory about to vanish),
         unmap every DMA region and fd-less map, remove every eventfd (MSI-X vectors masked:
         interrupts latch as pending; INTx cleared), stop dirty logging, reset the
-        migration state machine to RUNNING and the connection state (its message counts
-        stay). The device keeps its state and stays quiesced until the next client's
-        first BAR access or DEVICE_RESET. Never raises (what fails is logged).
+        migration state machine and the connection state (its message counts stay). The
+        device keeps its state and stays quiesced until the next client's first BAR
+        access or DEVICE_RESET (a device that migrated out stays stopped: see
+        :attr:`migrated_out`).
+
+        Never raises: each step that fails is logged in one line and the others still
+        run. A region whose views are still alive (a device that did not quiesce) leaves
+        the table all the same (:meth:`GuestMemory.unmap <pcidev.dma.GuestMemory.unmap>`
+        with ``forget_views``), so the next client's ``DMA_MAP`` of the same range works.
         """
         dev = self.device
-        try:
-            dev.quiesce()
-        except Exception:  # a device that does not stop: tear down all the same
-            log.exception("vfio-user: the device did not quiesce when its client left")
         memory = self.endpoint.memory
-        memory.stop_dirty_log()
-        self.migration.reset()
-        self.conn.nofd_maps.clear()
-        for region in memory.regions():
+
+        def step(what: str, fn: Callable[[], object]) -> None:
             try:
-                self.endpoint.dma_unmap(region.gpa, region.size)
-            except PcidevError as exc:
-                log.warning("vfio-user: cannot unmap %#x+%#x after the client left: %s", region.gpa, region.size,
-                            exc)
+                fn()
+            except Exception as exc:  # a client that left must not take the server down
+                log.warning("vfio-user: after the client left, %s failed: %s: %s", what, type(exc).__name__, exc)
+
+        step("quiescing the device", dev.quiesce)
+        step("stopping dirty logging", memory.stop_dirty_log)
+        step("resetting the migration state", self.migration.reset)
+        step("forgetting fd-less maps", self.conn.nofd_maps.clear)
+        for region in memory.regions():
+            step(f"unmapping {region.gpa:#x}+{region.size:#x}",
+                 functools.partial(memory.unmap, region.gpa, region.size, forget_views=True))
+        step("removing the eventfds", self._drop_eventfds)
+        counts = self.conn.counts
+        self.conn = self._fresh_conn(counts)
+        self.dormant = True
+
+    def _drop_eventfds(self) -> None:
         sink = self.endpoint.sink
-        with dev.irq.lock:
+        with self.device.irq.lock:
             for index, vectors in self.conn.irq_vectors.items():
                 for v in sorted(vectors):
                     self._assign(index, v, None)
@@ -223,10 +270,14 @@ class VfioUserServer:
                 self._assign(protocol.IRQ_MSIX, v, None)
             if sink.intx_fd is not None:
                 self._assign(protocol.IRQ_INTX, 0, None)
-        counts = self.conn.counts
-        self.conn = ConnectionState(max_msg_fds=self.conn.max_msg_fds,
-                                    max_data_xfer_size=self.conn.max_data_xfer_size, counts=counts)
-        self.dormant = True
+
+    def _fresh_conn(self, counts: dict[str, int] | None = None) -> ConnectionState:
+        """The state of a connection that set nothing up yet (in STOP if the device migrated out)."""
+        conn = ConnectionState(max_msg_fds=self.conn.max_msg_fds, max_data_xfer_size=self.conn.max_data_xfer_size,
+                               counts={} if counts is None else counts)
+        if self.migrated_out:
+            conn.mig_state = protocol.MIG_STATE_STOP
+        return conn
 
     def migration_busy(self) -> str | None:
         """Why the device is not simply running on this connection, or None: a migration
@@ -366,9 +417,15 @@ class VfioUserServer:
                 raise VfioUserError(errno.EINVAL, "VERSION: 'capabilities' is not an object")
             caps = inner
         self.conn.client_caps = caps
-        limits = {"max_msg_fds": self.max_msg_fds, "max_data_xfer_size": self.max_data_xfer_size}
-        for mine in (self._caps_json({**limits, "migration": {"pgsize": protocol.MIGRATION_PGSIZE}}),
-                     self._caps_json(limits), b"{}\0", b""):
+        limits: dict[str, Any] = {"max_msg_fds": self.max_msg_fds, "max_data_xfer_size": self.max_data_xfer_size}
+        full = dict(limits)
+        theirs = caps.get("migration")
+        if isinstance(theirs, dict):  # only what the client proposed: the reply's capabilities are a subset
+            mig: dict[str, Any] = {"pgsize": protocol.MIGRATION_PGSIZE}
+            if "max_bitmap_size" in theirs:  # a DMA_LOGGING_REPORT bitmap fits one reply
+                mig["max_bitmap_size"] = self.max_data_xfer_size
+            full["migration"] = mig
+        for mine in (self._caps_json(full), self._caps_json(limits), b"{}\0", b""):
             if len(mine) <= len(text):  # never larger than the client's own request (its buffer)
                 break
         return protocol.VERSION_HDR.pack(0, 0) + mine, []
@@ -690,8 +747,8 @@ class VfioUserServer:
     def _reset(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
         dev = self.device
         stopped = self.conn.mig_state != protocol.MIG_STATE_RUNNING or self.dormant
-        self.migration.reset()  # any state, ERROR included, -> RUNNING
-        self.endpoint.memory.stop_dirty_log()
+        self.migrated_out = False
+        self.migration.reset()  # any state, ERROR included, -> RUNNING; dirty logging goes on
         with dev.lock:
             dev.reset(ResetKind.FLR)
             with dev.irq.lock:  # the table was masked by the reset; eventfds stay
@@ -729,30 +786,40 @@ class VfioUserServer:
         if ops & protocol.FEATURE_PROBE:
             if asked & ~supported:
                 raise VfioUserError(errno.EINVAL, f"DEVICE_FEATURE: feature {feature} lacks operation {asked:#x}")
-            return hdr.pack(hdr.size, flags), []
+            return bytes(body), []  # SET and PROBE: the reply repeats the request
         if asked not in (protocol.FEATURE_GET, protocol.FEATURE_SET) or not asked & supported:
             raise VfioUserError(errno.EINVAL, f"DEVICE_FEATURE: operation {asked:#x} on feature {feature}")
         data = body[hdr.size:]
-        if feature == protocol.FEATURE_MIGRATION:
-            out = protocol.MIGRATION_S.pack(MIGRATION_FLAGS)
-        elif feature == protocol.FEATURE_MIG_DEVICE_STATE:
-            if asked == protocol.FEATURE_SET:
+        if asked == protocol.FEATURE_SET:
+            if feature == protocol.FEATURE_MIG_DEVICE_STATE:
                 self._need(data, protocol.MIG_STATE_S.size, "DEVICE_FEATURE MIG_DEVICE_STATE")
                 target, _data_fd = protocol.MIG_STATE_S.unpack_from(data)
                 self.migration.set_state(target)
-            out = protocol.MIG_STATE_S.pack(self.migration.state, 0xFFFF_FFFF)
-        elif feature == protocol.FEATURE_DMA_LOGGING_START:
-            self._logging_start(data)
-            out = b""
-        elif feature == protocol.FEATURE_DMA_LOGGING_STOP:
-            self.endpoint.memory.stop_dirty_log()
-            out = b""
+            elif feature == protocol.FEATURE_DMA_LOGGING_START:
+                self._logging_start(data)
+            else:
+                self.endpoint.memory.stop_dirty_log()
+            return bytes(body), []
+        # GET: the whole reply must fit the client's argsz, checked before anything is
+        # done (a report clears what it reports: a refused one must clear nothing)
+        if feature == protocol.FEATURE_DMA_LOGGING_REPORT:
+            report = self._logging_report_check(data)
+            room = protocol.LOGGING_REPORT_S.size + report[3]
         else:
-            out = self._logging_report(data)
-        reply = hdr.pack(hdr.size + len(out), flags) + out
-        if len(reply) > max(argsz, hdr.size) and asked == protocol.FEATURE_GET:
-            raise VfioUserError(errno.EINVAL, f"DEVICE_FEATURE: a reply of {len(reply)} bytes, argsz {argsz}")
-        return reply, []
+            room = protocol.MIGRATION_S.size if feature == protocol.FEATURE_MIGRATION else protocol.MIG_STATE_S.size
+        if hdr.size + room > argsz:
+            raise VfioUserError(errno.EINVAL, f"DEVICE_FEATURE: a reply of {hdr.size + room} bytes, argsz {argsz}")
+        if feature == protocol.FEATURE_MIGRATION:
+            out = protocol.MIGRATION_S.pack(MIGRATION_FLAGS)
+        elif feature == protocol.FEATURE_MIG_DEVICE_STATE:
+            out = protocol.MIG_STATE_S.pack(self.migration.state, 0xFFFF_FFFF)
+        else:
+            iova, length, page_size, _size = report
+            dirty = self.endpoint.memory.dirty
+            if dirty is None:  # pragma: no cover - checked above, on this thread
+                raise VfioUserError(errno.EINVAL, "DMA_LOGGING_REPORT: logging is off")
+            out = protocol.LOGGING_REPORT_S.pack(iova, length, page_size) + dirty.report(iova, length, page_size)
+        return hdr.pack(hdr.size + len(out), flags) + out, []
 
     def _logging_start(self, data: bytes) -> None:
         ctl = protocol.LOGGING_CONTROL_S
@@ -771,9 +838,23 @@ class VfioUserServer:
             if iova % page_size or length % page_size:
                 raise VfioUserError(errno.EINVAL, f"DMA_LOGGING_START: range {iova:#x}+{length:#x} is not "
                                                   f"whole pages of {page_size:#x}")
-        memory.start_dirty_log(ranges if ranges else None)  # DmaError: EINVAL
+        # The log starts with the device quiesced: a write in flight (a backend read into
+        # a writable view taken before the start, as NVMe's preadv) is drained first, so
+        # every write that lands after the start goes through a view marked in the log.
+        dev = self.device
+        running = not dev.quiesced
+        try:
+            dev.quiesce()
+        except MigrationError as exc:
+            raise VfioUserError(errno.EBUSY, f"DMA_LOGGING_START: the device does not stop: {exc}") from exc
+        try:
+            memory.start_dirty_log(ranges if ranges else None)  # DmaError: EINVAL
+        finally:
+            if running:
+                dev.resume()
 
-    def _logging_report(self, data: bytes) -> bytes:
+    def _logging_report_check(self, data: bytes) -> tuple[int, int, int, int]:
+        """Validate a DMA_LOGGING_REPORT request: ``(iova, length, page_size, bitmap bytes)``."""
         rep_s = protocol.LOGGING_REPORT_S
         self._need(data, rep_s.size, "DMA_LOGGING_REPORT")
         iova, length, page_size = rep_s.unpack_from(data)
@@ -782,17 +863,21 @@ class VfioUserServer:
             raise VfioUserError(errno.EINVAL, "DMA_LOGGING_REPORT: logging is off")
         if page_size < protocol.MIGRATION_PGSIZE or page_size & (page_size - 1) or length <= 0:
             raise VfioUserError(errno.EINVAL, f"DMA_LOGGING_REPORT: page size {page_size:#x}, length {length:#x}")
-        if dirty.bitmap_size(length, page_size) > self.max_data_xfer_size:
-            raise VfioUserError(errno.E2BIG, f"DMA_LOGGING_REPORT: a bitmap of {length:#x} bytes at {page_size:#x} "
-                                             f"exceeds {self.max_data_xfer_size} bytes")
-        return data[:rep_s.size] + dirty.report(iova, length, page_size)
+        size = dirty.bitmap_size(length, page_size)
+        if size > self.max_data_xfer_size:
+            raise VfioUserError(errno.E2BIG, f"DMA_LOGGING_REPORT: a bitmap of {size} bytes for {length:#x} bytes "
+                                             f"at {page_size:#x} exceeds {self.max_data_xfer_size} bytes")
+        return iova, length, page_size, size
 
     def _mig_data_read(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
         self._need(body, protocol.MIG_DATA_S.size, "MIG_DATA_READ")
         argsz, size = protocol.MIG_DATA_S.unpack_from(body)
-        if argsz < protocol.MIG_DATA_S.size:
-            raise VfioUserError(errno.EINVAL, f"MIG_DATA_READ: argsz {argsz}")
-        data = self.migration.read(min(size, self.max_data_xfer_size))
+        if size > self.max_data_xfer_size:  # never shortened: a short reply means the end of the stream
+            raise VfioUserError(errno.EINVAL, f"MIG_DATA_READ: size {size} above max_data_xfer_size "
+                                              f"{self.max_data_xfer_size}")
+        if argsz < protocol.MIG_DATA_S.size + size:
+            raise VfioUserError(errno.EINVAL, f"MIG_DATA_READ: argsz {argsz} leaves no room for {size} bytes")
+        data = self.migration.read(size)
         return protocol.MIG_DATA_S.pack(protocol.MIG_DATA_S.size + len(data), len(data)) + data, []
 
     def _mig_data_write(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
@@ -818,24 +903,35 @@ class VfioUserServer:
 class ExtraClientGuard:
     """While one client is served, accept and close every other connection (logged),
     so that a second client is told at once instead of waiting unaccepted. A connection
-    that arrives after the served client hung up is its successor (a reconnect): it is
-    kept in :attr:`next_client` for the accept loop.
+    that arrives after the served client hung up, or while it hangs up (within
+    ``grace`` seconds of the accept: a client that connects anew and then closes its old
+    connection), is its successor (a reconnect): it is kept in :attr:`next_client` for
+    the accept loop.
+
+    The listener is non-blocking while the guard runs (an accept that finds nothing
+    never blocks it); the guard ends on the wake-up at the end of its ``with`` block, or when the
+    listener fails (``POLLERR``/``POLLNVAL``, an accept error other than "nothing there").
 
     Use as a context manager around :meth:`VfioUserServer.serve`.
 
     :param listener: the listening socket.
     :param served: the served client's socket.
+    :param grace: seconds a newcomer may wait for the served client to hang up before it
+        is closed as a second client.
     """
 
-    def __init__(self, listener: socket.socket, served: socket.socket) -> None:
+    def __init__(self, listener: socket.socket, served: socket.socket, *, grace: float = 0.2) -> None:
         self.listener = listener
+        self.grace = grace
         #: the connection that came after the served client left, if any (the caller's)
         self.next_client: socket.socket | None = None
         self._served_fd = os.dup(served.fileno())  # polled for a hang-up; never reused meanwhile
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._timeout = listener.gettimeout()
         self._thread = threading.Thread(target=self._run, name="vfio-user-extra-clients", daemon=True)
 
     def __enter__(self) -> ExtraClientGuard:
+        self.listener.setblocking(False)
         self._thread.start()
         return self
 
@@ -844,26 +940,42 @@ class ExtraClientGuard:
         os.write(self._wake_w, b"x")
         self._thread.join()
         close_fds([self._served_fd, self._wake_r, self._wake_w])
+        try:
+            self.listener.settimeout(self._timeout)
+        except OSError:  # closed meanwhile
+            pass
 
-    def _served_gone(self) -> bool:
+    def _served_gone(self, wait: float) -> bool:
+        """Whether the served client hung up, waiting up to ``wait`` seconds for it."""
         p = select.poll()
-        p.register(self._served_fd, select.POLLIN | select.POLLRDHUP)
-        return any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL)
-                   for _fd, ev in p.poll(0))
+        p.register(self._served_fd, select.POLLRDHUP)
+        gone = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
+        return any(ev & gone for _fd, ev in p.poll(max(0, int(wait * 1000))))
 
     def _run(self) -> None:
+        try:
+            lfd = self.listener.fileno()
+        except OSError:
+            return
         poller = select.poll()
-        poller.register(self.listener.fileno(), select.POLLIN)
+        poller.register(lfd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         while True:
             events = dict(poller.poll())
             if self._wake_r in events:
                 return
+            if events.get(lfd, 0) & (select.POLLERR | select.POLLNVAL | select.POLLHUP):
+                log.warning("vfio-user: the listening socket failed; no longer closing extra clients")
+                return
             try:
                 conn, _ = self.listener.accept()
-            except OSError:
-                continue
-            if self._served_gone():
+            except (BlockingIOError, InterruptedError):
+                continue  # nothing there after all
+            except OSError as exc:
+                log.warning("vfio-user: accept failed (%s); no longer closing extra clients", exc)
+                return
+            conn.setblocking(True)
+            if self._served_gone(self.grace):
                 self.next_client = conn
                 return
             log.warning("vfio-user: a second client connected while one is served; closing it")

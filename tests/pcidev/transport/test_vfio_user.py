@@ -99,7 +99,9 @@ def test_version_reply_is_short_and_sane(edu):
     assert (major, minor) == (0, 0)
     assert body.endswith(b"\0") and len(body) <= 4 + len(QEMU_CAPS)
     caps = json.loads(body[4:-1])["capabilities"]
-    assert caps == {"max_msg_fds": 8, "max_data_xfer_size": 1 << 20, "migration": {"pgsize": 4096}}
+    # QEMU proposes migration with max_bitmap_size: the bitmap limit of a report is max_data_xfer_size
+    assert caps == {"max_msg_fds": 8, "max_data_xfer_size": 1 << 20,
+                    "migration": {"pgsize": 4096, "max_bitmap_size": 1 << 20}}
     assert server.client_caps["max_msg_fds"] == 16
     # a client with a short string gets a reply no larger than its request
     body = client.request(protocol.VERSION, protocol.VERSION_HDR.pack(0, 0) + b"{}\0").payload

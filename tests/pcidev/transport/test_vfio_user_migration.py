@@ -66,9 +66,12 @@ STATES = (MIG_STATE_STOP, MIG_STATE_RUNNING, MIG_STATE_STOP_COPY, MIG_STATE_RESU
 class InProcess:
     """A device served by a VfioUserServer in a thread, over a socketpair."""
 
-    def __init__(self, device: PciDevice) -> None:
-        self.endpoint = DeviceEndpoint(device)
-        self.endpoint.start()
+    def __init__(self, device: PciDevice | None = None, *, endpoint: DeviceEndpoint | None = None) -> None:
+        if endpoint is None:  # a new device; else the next client of a served one
+            assert device is not None
+            endpoint = DeviceEndpoint(device)
+            endpoint.start()
+        self.endpoint = endpoint
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.server = VfioUserServer(self.endpoint, a)
         self.result: dict[str, str] = {}
@@ -78,11 +81,12 @@ class InProcess:
         self.client = VfioUserClient(b, timeout=20)
         self.client.version()
 
-    def close(self) -> None:
+    def close(self, *, keep_device: bool = False) -> None:
         self.client.close()
         self.thread.join(10)
         assert not self.thread.is_alive()
-        self.endpoint.close()
+        if not keep_device:
+            self.endpoint.close()
 
 
 @pytest.fixture
@@ -285,7 +289,8 @@ def test_the_server_drops_a_migration_and_logging_when_its_client_leaves(edu: In
     c.close()
     edu.thread.join(10)
     assert edu.result["reason"] == "eof"
-    assert edu.server.migration_busy() is None  # RUNNING, logging off
+    # logging off; the device reached STOP_COPY: it migrated out, and stays stopped
+    assert edu.server.migration_busy() == "migration state STOP" and edu.server.migrated_out
     assert edu.endpoint.memory.dirty is None
     assert edu.server.dormant and edu.endpoint.device.quiesced  # kept for the next client
 
@@ -425,6 +430,15 @@ def test_version_advertises_migration_only_if_the_reply_fits(edu: InProcess) -> 
     assert c.version({"a": 1}) == {}
 
 
+def test_version_adds_migration_only_if_the_client_proposed_it(edu: InProcess) -> None:
+    c = edu.client
+    limits = {"max_msg_fds": 8, "max_data_xfer_size": 1 << 20}
+    assert c.version({**limits, "padding": "x" * 64}) == limits  # room enough, but not proposed
+    assert c.version({**limits, "migration": {"pgsize": 4096, "max_bitmap_size": 1 << 28}}) == {
+        **limits, "migration": {"pgsize": 4096, "max_bitmap_size": 1 << 20}}  # the bitmap limit of a report
+    assert c.version({**limits, "migration": "yes"}) == limits  # not an object: not proposed
+
+
 def test_a_restored_connection_state_carries_the_migration_state(edu: InProcess) -> None:
     """A handover's destination replaces the server's ConnectionState as a whole."""
     meta = edu.server.conn.to_meta()
@@ -458,3 +472,232 @@ def test_a_refused_migration_leaves_the_source_running(tmp_path: Path) -> None:
     finally:
         src.close()
         dst.close()
+
+
+# -- review regressions ----------------------------------------------------------------------------
+RAM = 0x100000
+
+
+def _report_raw(c: VfioUserClient, room: int) -> None:
+    feature(c, protocol.FEATURE_DMA_LOGGING_REPORT | protocol.FEATURE_GET,
+            protocol.LOGGING_REPORT_S.pack(RAM, 1 << 20, 4096), reply_room=room)
+
+
+def test_a_report_refused_for_its_argsz_clears_nothing(edu: InProcess) -> None:
+    fd = alloc_memfd(1 << 20)
+    try:
+        edu.client.dma_map(RAM, 1 << 20, fd)
+        logging_start(edu.client)
+        edu.endpoint.memory.write(RAM + 0x3000, b"x")  # a device write
+        full = protocol.LOGGING_REPORT_S.size + 32  # 256 pages: 4 words
+        for room in (0, full - 1):
+            assert refused(_report_raw, edu.client, room) == errno.EINVAL
+        assert dirty_pages(logging_report(edu.client, RAM, 1 << 20), RAM) == [RAM + 0x3000]
+        assert dirty_pages(logging_report(edu.client, RAM, 1 << 20), RAM) == []  # reported, then cleared
+    finally:
+        os.close(fd)
+
+
+def _read_raw(c: VfioUserClient, argsz: int, size: int) -> bytes:
+    rep = c.request(protocol.MIG_DATA_READ, protocol.MIG_DATA_S.pack(argsz, size))
+    return bytes(rep.payload[protocol.MIG_DATA_S.size:])
+
+
+def test_mig_data_read_beyond_the_limit_or_argsz_is_refused_not_shortened(edu: InProcess) -> None:
+    c = edu.client
+    set_mig_state(c, MIG_STATE_STOP_COPY)
+    stream = mig_read_all(c, 100)
+    set_mig_state(c, MIG_STATE_STOP)
+    set_mig_state(c, MIG_STATE_STOP_COPY)
+    limit = edu.server.max_data_xfer_size
+    assert refused(_read_raw, c, 8 + limit + 1, limit + 1) == errno.EINVAL  # a short reply would end the stream
+    assert refused(_read_raw, c, 8, 100) == errno.EINVAL  # the reply would not fit argsz
+    assert refused(_read_raw, c, 8 + 99, 100) == errno.EINVAL
+    assert _read_raw(c, 8 + 100, 100) == stream[:100]  # nothing was consumed by the refusals
+    # a server whose limit is below the chunk asked for: the client caps its requests
+    edu.server.conn.max_data_xfer_size = c.max_data_xfer_size = 1024
+    assert len(stream) > 2048
+    assert stream[:100] + mig_read_all(c, 4096) == stream
+    set_mig_state(c, MIG_STATE_RESUMING)
+    mig_write_all(c, stream, 4096)
+    set_mig_state(c, MIG_STATE_RUNNING)  # the stream read in capped pieces loads
+
+
+def test_device_reset_keeps_dirty_logging_on(edu: InProcess) -> None:
+    fd = alloc_memfd(1 << 20)
+    try:
+        edu.client.dma_map(RAM, 1 << 20, fd)
+        logging_start(edu.client)
+        edu.client.reset()
+        assert edu.endpoint.memory.dirty is not None
+        edu.endpoint.memory.write_u32(RAM + 0x5000, 7)  # a device write after the reset
+        assert dirty_pages(logging_report(edu.client, RAM, 1 << 20), RAM) == [RAM + 0x5000]
+        logging_stop(edu.client)
+        assert edu.endpoint.memory.dirty is None
+    finally:
+        os.close(fd)
+
+
+def test_feature_set_and_probe_replies_repeat_the_request(edu: InProcess) -> None:
+    c = edu.client
+    G, S, P = protocol.FEATURE_GET, protocol.FEATURE_SET, protocol.FEATURE_PROBE
+    ctl = protocol.LOGGING_CONTROL_S.pack(4096, 0, 0)
+    for flags, data in ((protocol.FEATURE_MIGRATION | G | P, b""),
+                        (protocol.FEATURE_MIG_DEVICE_STATE | S | P, b""),
+                        (protocol.FEATURE_DMA_LOGGING_REPORT | G | P, bytes(24)),
+                        (protocol.FEATURE_MIG_DEVICE_STATE | S, protocol.MIG_STATE_S.pack(MIG_STATE_STOP, 0xFFFF_FFFF)),
+                        (protocol.FEATURE_MIG_DEVICE_STATE | S,
+                         protocol.MIG_STATE_S.pack(MIG_STATE_RUNNING, 0xFFFF_FFFF)),
+                        (protocol.FEATURE_DMA_LOGGING_START | S, ctl),
+                        (protocol.FEATURE_DMA_LOGGING_STOP | S, ctl)):
+        body = protocol.DEVICE_FEATURE_S.pack(8 + len(data), flags) + data
+        assert bytes(c.request(protocol.DEVICE_FEATURE, body).payload) == body, hex(flags)
+    assert mig_state(c) == MIG_STATE_RUNNING and edu.endpoint.memory.dirty is None
+
+
+class InFlightRead(EduDevice):
+    """An edu with a backend read in flight: a writable view of guest memory taken
+    before logging starts and written when the backend answers (as an NVMe ``file``
+    namespace's ``preadv``); quiescing drains it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer = threading.Event()
+        self.quiescing = threading.Event()
+        self.landed = False
+        self._backend: threading.Thread | None = None
+
+    def begin_read(self, gpa: int) -> None:
+        assert self.memory is not None
+        views = self.memory.views(gpa, 4096, write=True)
+
+        def backend() -> None:
+            self.answer.wait(30)
+            views[0][:4] = b"DATA"  # the read lands in guest memory
+            views[0].release()
+            self.landed = True
+
+        self._backend = threading.Thread(target=backend, daemon=True)
+        self._backend.start()
+
+    def drain(self) -> None:
+        if self._backend is not None:
+            self._backend.join(30)
+
+    def on_quiesce(self) -> None:
+        self.quiescing.set()
+        super().on_quiesce()
+        self.drain()
+
+
+def test_a_write_in_flight_when_logging_starts_is_drained_or_logged() -> None:
+    dev = InFlightRead()
+    srv = InProcess(dev)
+    fd = alloc_memfd(1 << 20)
+    try:
+        c = srv.client
+        c.dma_map(RAM, 1 << 20, fd)
+        dev.begin_read(RAM + 0x5000)
+        dev.quiescing.clear()  # (the map quiesced it)
+        started = threading.Event()
+        starter = threading.Thread(target=lambda: (logging_start(c), started.set()), daemon=True)
+        starter.start()
+        while not (started.is_set() or dev.quiescing.is_set()):  # START answered, or draining the device
+            starter.join(0.01)
+        start_returned_first = started.is_set()
+        dev.answer.set()  # the backend answers: the read lands now
+        starter.join(30)
+        dev.drain()
+        assert started.is_set() and dev.landed
+        pages = dirty_pages(logging_report(c, RAM, 1 << 20), RAM)
+        if start_returned_first:  # the write landed while logging was on: it must be reported
+            assert RAM + 0x5000 in pages
+        assert dev.quiescing.is_set(), "START did not drain the device's in-flight write"
+        assert not dev.quiesced  # running again
+        assert os.pread(fd, 4, 0x5000) == b"DATA"
+    finally:
+        srv.close()
+        os.close(fd)
+
+
+def test_a_source_that_migrated_out_stays_stopped_for_the_next_client_until_reset(edu: InProcess) -> None:
+    c = edu.client
+    dev = edu.endpoint.device
+    set_mig_state(c, MIG_STATE_STOP_COPY)
+    stream = mig_read_all(c)
+    set_mig_state(c, MIG_STATE_STOP)  # as migrate() leaves a source
+    edu.close(keep_device=True)
+    assert edu.result["reason"] == "eof" and dev.quiesced
+    nxt = InProcess(endpoint=edu.endpoint)
+    try:
+        assert mig_state(nxt.client) == MIG_STATE_STOP  # it says so
+        assert nxt.client.read_int(0, 0, 4) == 0x010000ED  # a BAR access is served...
+        nxt.client.write_int(0, 4, 4, 1)
+        assert dev.quiesced and nxt.server.migrated_out  # ...and does not resume it
+        nxt.client.reset()
+        assert not dev.quiesced and not nxt.server.migrated_out
+        assert mig_state(nxt.client) == MIG_STATE_RUNNING
+    finally:
+        nxt.close(keep_device=True)
+    # an aborted migration (the client took it back to RUNNING) is not a migration out
+    again = InProcess(endpoint=edu.endpoint)
+    try:
+        assert mig_state(again.client) == MIG_STATE_RUNNING
+        set_mig_state(again.client, MIG_STATE_STOP_COPY)
+        assert mig_read_all(again.client) != b"" and again.server.migrated_out
+        set_mig_state(again.client, MIG_STATE_RUNNING)
+        assert not again.server.migrated_out and not dev.quiesced
+        # a destination that loaded a stream did not migrate out
+        set_mig_state(again.client, MIG_STATE_RESUMING)
+        mig_write_all(again.client, stream)
+        set_mig_state(again.client, MIG_STATE_STOP)
+        assert not again.server.migrated_out
+        set_mig_state(again.client, MIG_STATE_RUNNING)
+    finally:
+        again.close()
+
+
+def test_disconnect_never_raises_and_a_stuck_view_does_not_block_the_next_map(edu: InProcess,
+                                                                             caplog: pytest.LogCaptureFixture) -> None:
+    fd = alloc_memfd(1 << 20)
+    dev = edu.endpoint.device
+    try:
+        edu.client.dma_map(RAM, 1 << 20, fd)
+        stuck = edu.endpoint.memory.views(RAM + 0x2000, 64, write=True)  # a write that never finished
+
+        def broken_quiesce() -> None:
+            raise RuntimeError("the device is wedged")
+
+        dev.quiesce = broken_quiesce  # type: ignore[method-assign]
+        edu.close(keep_device=True)
+        assert edu.result["reason"] == "eof"  # serve() returned: disconnect() did not raise
+        del dev.quiesce
+        assert edu.endpoint.memory.regions() == []
+        assert "quiescing the device failed: RuntimeError: the device is wedged" in caplog.text
+        nxt = InProcess(endpoint=edu.endpoint)
+        try:
+            nxt.client.dma_map(RAM, 1 << 20, fd)  # the range is free: no EEXIST
+            stuck[0][:4] = b"late"
+            assert edu.endpoint.memory.read(RAM + 0x2000, 4) == b"late"  # the same memfd
+            stuck[0].release()
+        finally:
+            nxt.close(keep_device=True)
+    finally:
+        edu.endpoint.close()
+        os.close(fd)
+
+
+def test_logging_without_ranges_covers_memory_mapped_after_the_start(edu: InProcess) -> None:
+    fd = alloc_memfd(2 << 20)
+    try:
+        c = edu.client
+        c.dma_map(RAM, 1 << 20, fd)
+        logging_start(c)  # no ranges: all mapped memory, now and later
+        c.dma_map(4 << 20, 1 << 20, fd, 1 << 20)
+        edu.endpoint.memory.write_u64(4 << 20 | 0x7000, 1)
+        assert dirty_pages(logging_report(c, 4 << 20, 1 << 20), 4 << 20) == [4 << 20 | 0x7000]
+        # a region beyond what the log can track is refused, not left unlogged
+        assert refused(c.dma_map, 1 << 40, 1 << 37, fd) == errno.EINVAL
+        assert edu.endpoint.memory.region_at(1 << 40) is None
+    finally:
+        os.close(fd)

@@ -27,7 +27,7 @@ from pcidev.transport.fdpass import close_fds
 from pcidev.transport.vfio_user import protocol
 from pcidev.transport.vfio_user.client import VfioUserClient
 from pcidev.transport.vfio_user.remote import VfioUserDevice
-from pcidev.transport.vfio_user.server import VfioUserServer
+from pcidev.transport.vfio_user.server import ExtraClientGuard, VfioUserServer
 from pcidev_nvme.testing.driver import NvmeDriver
 
 HERE = Path(__file__).resolve().parent
@@ -240,3 +240,64 @@ def test_disconnect_tears_down_the_connection_and_the_next_client_resumes_the_de
     finally:
         close_fds(efds + [fd])
         ep.close()
+
+
+# -- review regressions: reconnect ordering and the guard -----------------------------------------
+def test_reconnect_with_the_old_connection_still_open(tmp_path: Path) -> None:
+    server = Server(str(tmp_path / "edu.sock"), "edu")
+    try:
+        with VfioUserDevice.connect(server.path) as remote:
+            remote.bar_write(0, 0x04, 4, 0x0BADF00D)  # edu's scratch register: the card-liveness check
+            assert remote.bar_read(0, 0x04, 4) == 0xF4520FF2  # it reads the complement
+            old = remote.client
+            remote.reconnect()  # the old connection is open: it must be closed first
+            assert old.closed and remote.client is not old
+            assert remote.bar_read(0, 0x04, 4) == 0xF4520FF2  # the same device, its state kept
+        server.wait_for("client left", count=2)
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def listener(tmp_path: Path) -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(tmp_path / "guard.sock"))
+    sock.listen(4)
+    yield sock
+    sock.close()
+
+
+def test_the_guard_takes_a_newcomer_as_the_next_client_once_the_old_one_closed(listener: socket.socket) -> None:
+    served, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    newcomer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with ExtraClientGuard(listener, served, grace=30) as guard:
+            newcomer.connect(listener.getsockname())  # before the served client leaves...
+            peer.close()                              # ...which it does within the grace
+            guard._thread.join(30)
+        assert guard.next_client is not None
+        guard.next_client.sendall(b"ping")
+        assert newcomer.recv(4) == b"ping"  # the newcomer's connection, kept open
+        guard.next_client.close()
+        assert listener.gettimeout() is None  # blocking again for the accept loop
+    finally:
+        for s in (served, peer, newcomer):
+            s.close()
+
+
+def test_the_guard_closes_a_second_client_and_stops_when_the_listener_fails(listener: socket.socket) -> None:
+    served, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with ExtraClientGuard(listener, served, grace=0.01) as guard:
+            intruder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            intruder.settimeout(10)
+            intruder.connect(listener.getsockname())
+            assert intruder.recv(16) == b""  # closed: the served client is still there
+            intruder.close()
+            listener.shutdown(socket.SHUT_RDWR)  # POLLHUP, accept fails: the guard ends instead of spinning
+            guard._thread.join(10)
+            assert not guard._thread.is_alive()
+        assert guard.next_client is None
+    finally:
+        served.close()
+        peer.close()
