@@ -44,6 +44,7 @@ from pcidev.transport.endpoint import DeviceEndpoint
 from pcidev.transport.fdpass import close_fds, send_all
 from pcidev.transport.vfio_user import protocol
 from pcidev.transport.vfio_user.conn import ConnectionState
+from pcidev.transport.vfio_user.fastpath import FastPath
 from pcidev.transport.vfio_user.loop import ConnectionLoop
 from pcidev.transport.vfio_user.protocol import VfioUserError
 from pcidev.transport.vfio_user.reader import Message, MessageReader
@@ -84,7 +85,7 @@ class VfioUserServer:
         #: the connection's own state (what the client set up; travels in a handover)
         self.conn = ConnectionState(max_msg_fds=max_msg_fds, max_data_xfer_size=max_data_xfer_size)
         self.reader = MessageReader(sock, max_msg_fds=max_msg_fds, max_data_xfer_size=max_data_xfer_size)
-        self.loop = ConnectionLoop(self.handle_message, self.reader)
+        self.loop = ConnectionLoop(self.handle_message, self.reader, fast=FastPath(endpoint, self.conn))
 
     @property
     def max_msg_fds(self) -> int:
