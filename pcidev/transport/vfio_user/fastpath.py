@@ -59,7 +59,8 @@ _MIG_RUNNING = 2
 _REGION_WRITE = protocol.REGION_WRITE
 _POSTED = protocol.TYPE_COMMAND | protocol.FLAG_NO_REPLY
 _ACCESS = protocol.REGION_ACCESS_S
-_WRITE4_BODY = _ACCESS.size + 4
+_DATA = _ACCESS.size
+_WRITE4_BODY = _DATA + 4
 
 
 def doorbell_window(device: PciDevice) -> tuple[int, int, int] | None:
@@ -154,7 +155,7 @@ class FastPath:
                         out = msg
                         break
                     n += 1
-                    value = int.from_bytes(body[12:16], "little")
+                    value = int.from_bytes(body[_DATA:], "little")
                     if offset == last_off:
                         last_val = value
                         self.coalesced += 1
