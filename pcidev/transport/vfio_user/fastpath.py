@@ -34,6 +34,7 @@ says whether the device implements them at all.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 
@@ -140,32 +141,43 @@ class FastPath:
         last_off = -1
         last_val = 0
         out: Message | None = None
-        with dev.lock, dev.batch():
-            try:
-                while not is_set():
-                    msg = nxt()
-                    if msg is None:
-                        break
-                    body = msg.body
-                    if msg.cmd != _REGION_WRITE or msg.flags != _POSTED or len(body) != _WRITE4_BODY:
-                        out = msg
-                        break
-                    offset, region, count = unpack(body)
-                    if region != bar or count != 4 or offset & 3 or not lo <= offset < hi or msg.fds:
-                        out = msg
-                        break
-                    n += 1
-                    value = int.from_bytes(body[_DATA:], "little")
-                    if offset == last_off:
-                        last_val = value
-                        self.coalesced += 1
-                        continue
-                    if last_off >= 0:
-                        self._write(handler, bar, last_off, last_val)
-                    last_off, last_val = offset, value
-            finally:
-                if last_off >= 0:
+        batch = None
+        try:
+            while not is_set():
+                msg = nxt()
+                if msg is None:
+                    break
+                body = msg.body
+                if msg.cmd != _REGION_WRITE or msg.flags != _POSTED or len(body) != _WRITE4_BODY:
+                    out = msg
+                    break
+                offset, region, count = unpack(body)
+                if region != bar or count != 4 or offset & 3 or not lo <= offset < hi or msg.fds:
+                    out = msg
+                    break
+                n += 1
+                value = int.from_bytes(body[_DATA:], "little")
+                if offset == last_off:
+                    last_val = value
+                    self.coalesced += 1
+                    continue
+                if batch is None:  # a batch only around doorbell writes (never an empty one)
+                    batch = contextlib.ExitStack()
+                    batch.enter_context(dev.lock)
+                    batch.enter_context(dev.batch())
+                else:
                     self._write(handler, bar, last_off, last_val)
+                last_off, last_val = offset, value
+            if last_off >= 0:
+                self._write(handler, bar, last_off, last_val)
+        except Exception as exc:  # the device's batch hook failed: the device's bug, not the client's
+            dev.fail(exc, "vfio-user burst of doorbell writes")
+        finally:
+            if batch is not None:
+                try:
+                    batch.close()
+                except Exception as exc:
+                    dev.fail(exc, "vfio-user burst of doorbell writes")
         if n:
             self.writes += n
             counts = self.conn.counts
@@ -188,8 +200,12 @@ class FastPath:
         :returns: whether it found some.
         """
         dev = self.device
-        with dev.lock, dev.batch():
-            return dev.poll_work()
+        try:
+            with dev.lock, dev.batch():
+                return dev.poll_work()
+        except Exception as exc:
+            dev.fail(exc, "poll_work")
+            return False
 
     def set_polling(self, active: bool) -> None:
         """Tell the device whether the connection now polls (see
@@ -198,5 +214,8 @@ class FastPath:
             return
         self.polling = active
         dev = self.device
-        with dev.lock:
-            dev.set_polling(active)
+        try:
+            with dev.lock:
+                dev.set_polling(active)
+        except Exception as exc:
+            dev.fail(exc, f"set_polling({active})")

@@ -115,7 +115,7 @@ class MessageReader:
         avail = self._end - self._start
         if avail < _HSIZE:
             return False
-        size = _HEADER.unpack_from(self._buf, self._start)[2]
+        size: int = _HEADER.unpack_from(self._buf, self._start)[2]
         return size < _HSIZE or size - _HSIZE > self.max_body or size <= avail
 
     def pending(self) -> tuple[bytes, list[int]]:
@@ -232,7 +232,7 @@ class MessageReader:
         have = self._end - pos
         if have < _HSIZE:
             return _HSIZE - have
-        size = _HEADER.unpack_from(self._buf, pos)[2]
+        size: int = _HEADER.unpack_from(self._buf, pos)[2]
         if size - _HSIZE > self.max_body:
             return 0
         return max(size, _HSIZE) - have
