@@ -404,6 +404,7 @@ def run_vfio_user_benchmark(
     with _serve_nvme(f"mdts=7,ns=mem:size={ns_size}") as (path, proc):
         machine = Machine(ram_size=256 << 20)
         drv = None
+        remote = None
         try:
             remote = VfioUserDevice.connect(path)
             drv = NvmeDriver.attach(machine, remote, io_queues=1, io_depth=256)
@@ -425,9 +426,13 @@ def run_vfio_user_benchmark(
             setup["verified_blocks"] = _verify(drv, machine)
             return results, setup
         finally:
-            if drv is not None:
-                drv.close()
-            machine.close()  # closes the connection: the server ends
+            try:
+                if drv is not None:
+                    drv.close()
+            finally:
+                if remote is not None:
+                    remote.close()  # the server sees its client leave and ends
+                machine.close()
 
 
 def _layout(drv: Any, machine: Any, ns_size: int) -> int:
