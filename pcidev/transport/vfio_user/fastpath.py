@@ -13,7 +13,7 @@ aligned pieces and goes through the endpoint's state check, for every one of the
   another device can declare one with a ``doorbell_window = (bar, start, end)``
   attribute);
 * it applies only while the endpoint is running and the connection's migration state
-  is RUNNING (:attr:`~pcidev.transport.vfio_user.conn.ConnectionState.mig_state`);
+  is RUNNING (``ConnectionState.mig_state`` == 2);
   everything else, and every message that is not such a write, takes the generic path.
 
 :meth:`FastPath.burst` handles the run of such writes at the front of the reader's
@@ -38,6 +38,7 @@ import contextlib
 import logging
 import threading
 
+from pcidev.bar import BarHandler
 from pcidev.device import PciDevice
 from pcidev.errors import MmioError
 from pcidev.pci.capabilities.msix import MsixCapability
@@ -133,7 +134,9 @@ class FastPath:
         assert self.window is not None
         bar, lo, hi = self.window
         dev = self.device
-        handler = dev.bars[bar].handler  # type: ignore[union-attr]
+        b = dev.bars[bar]
+        assert b is not None  # doorbell_window() checked it
+        handler = b.handler
         unpack = _ACCESS.unpack_from
         nxt = reader.next
         is_set = stop.is_set
@@ -184,10 +187,10 @@ class FastPath:
             counts["REGION_WRITE"] = counts.get("REGION_WRITE", 0) + n
         return n, out
 
-    def _write(self, handler: object, bar: int, offset: int, value: int) -> None:
+    def _write(self, handler: BarHandler, bar: int, offset: int, value: int) -> None:
         """One doorbell write (under the device lock), failures as the generic path has them."""
         try:
-            handler.write(offset, 4, value)  # type: ignore[attr-defined]
+            handler.write(offset, 4, value)
         except MmioError as exc:  # posted: nobody to answer
             log.info("vfio-user: posted write BAR%d %#x refused: %s", bar, offset, exc)
         except Exception as exc:  # a device bug must not end the connection

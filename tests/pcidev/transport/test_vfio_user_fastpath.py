@@ -167,8 +167,10 @@ def test_a_device_without_poll_work_is_never_polled():
             fast = VfioUserServer(ep, a).loop.fast
             assert fast is not None
             assert fast.polls == (type(ctrl).poll_work is not PciDevice.poll_work)
-            bar, lo, hi = fast.window or (None, 0, 0)
-            assert (bar, lo) == (0, 0x1000) and hi <= ctrl.bars[0].size  # type: ignore[union-attr]
+            bar0 = ctrl.bars[0]
+            assert fast.window is not None and bar0 is not None
+            bar, lo, hi = fast.window
+            assert (bar, lo) == (0, 0x1000) and hi <= bar0.size
         ep.close()
     finally:
         ctrl.close()
