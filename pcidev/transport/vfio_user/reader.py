@@ -144,11 +144,12 @@ class MessageReader:
         if fds and (not data or self._group is not None):
             close_fds(fds)
             raise TransportError("vfio-user: file descriptors without a message to carry them")
-        rest = self._mv[self._start:self._end].tobytes()
+        old_start = self._start
+        rest = self._mv[old_start:self._end].tobytes()
         group = self._group
         self._set_buffer(bytes(data) + rest, max(self._chunk, len(data) + len(rest)))
         if group is not None:
-            self._group = (group[0] - self._start + len(data), group[1])
+            self._group = (group[0] - old_start + len(data), group[1])
         if fds:
             owner = self._last_start(0, len(data))
             if owner is None:  # pragma: no cover - data is not empty, so a message starts at 0

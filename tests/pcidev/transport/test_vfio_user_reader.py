@@ -296,3 +296,17 @@ def _check_chunking(a: socket.socket, b: socket.socket, pipe: int, bodies: list[
     assert got == _exact_parse(stream, fd_owner)
     assert not r.buffered()
 
+
+
+def test_prepend_in_front_of_buffered_bytes_keeps_their_fds(pair, pipe):
+    a, b = pair
+    r = _reader(b)
+    a.sendall(_msg(1))
+    send_all(a, _msg(2, b"fd"), [pipe])
+    r.fill()
+    m1 = r.next()
+    assert m1 is not None and m1.mid == 1  # message 2 (with its fd) stays buffered, not at the front
+    r.prepend(_msg(0, b"earlier"), [])
+    got = [r.next(), r.next()]
+    assert [(m.mid, len(m.fds)) for m in got if m is not None] == [(0, 0), (2, 1)]
+    close_fds(got[1].fds if got[1] is not None else [])
