@@ -26,11 +26,17 @@ from collections.abc import Iterable, Sequence
 
 from pcidev.errors import TransportError
 
-__all__ = ["SCM_MAX_FD", "close_fds", "recv_exact", "send_all", "is_unix"]
+__all__ = ["SCM_MAX_FD", "close_fds", "recv_exact", "recv_some", "send_all", "is_unix"]
 
 #: Linux's limit on descriptors in one ``SCM_RIGHTS`` message (include/net/scm.h).
 SCM_MAX_FD = 253
 _INT_SIZE = array.array("i").itemsize
+# plain ints: an ``enum.IntFlag`` operation costs more than the rest of a small read
+_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+_CLOEXEC_DONTWAIT = int(socket.MSG_CMSG_CLOEXEC) | int(socket.MSG_DONTWAIT)
+_CTRUNC = int(socket.MSG_CTRUNC)
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
 
 
 def close_fds(fds: Iterable[int]) -> None:
@@ -83,7 +89,7 @@ def _take_fds(ancdata: list[tuple[int, int, bytes]], out: list[int]) -> bool:
     """Collect SCM_RIGHTS fds from ``ancdata`` into ``out``; False on anything else."""
     ok = True
     for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
             usable = len(payload) - len(payload) % _INT_SIZE
             out.extend(array.array("i", payload[:usable]))
         else:
@@ -111,13 +117,14 @@ def recv_exact(sock: socket.socket, n: int, *, max_fds: int = 0,
     got = 0
     fds: list[int] = []
     space = socket.CMSG_SPACE(max(max_fds, 1) * _INT_SIZE)
+    unix = is_unix(sock)
     try:
         while got < n:
             try:
-                if is_unix(sock):
-                    nbytes, anc, flags, _ = sock.recvmsg_into([view[got:]], space, socket.MSG_CMSG_CLOEXEC)
-                    clean = _take_fds(anc, fds)
-                    if flags & socket.MSG_CTRUNC:
+                if unix:
+                    nbytes, anc, flags, _ = sock.recvmsg_into([view[got:]], space, _CLOEXEC)
+                    clean = not anc or _take_fds(anc, fds)
+                    if flags & _CTRUNC:
                         raise TransportError(
                             f"peer sent more file descriptors than the {max_fds} this message may carry")
                     if not clean:
@@ -144,3 +151,43 @@ def recv_exact(sock: socket.socket, n: int, *, max_fds: int = 0,
         close_fds(fds)
         raise
     return bytes(buf), fds
+
+
+def recv_some(sock: socket.socket, view: memoryview, *, max_fds: int, block: bool = False) -> tuple[int, list[int]]:
+    """One ``recvmsg`` into ``view``: whatever the socket holds, up to ``len(view)`` bytes.
+
+    Linux ends such a read after a segment that carried descriptors, so the fds
+    returned belong to the bytes of the last ``sendmsg`` that started in this read
+    (see :class:`pcidev.transport.vfio_user.reader.MessageReader`).
+
+    :param sock: a connected ``AF_UNIX`` stream socket.
+    :param view: where the bytes go (not empty).
+    :param max_fds: most descriptors accepted with one read (more is a protocol error).
+    :param block: wait for data (without it the read uses ``MSG_DONTWAIT``).
+    :returns: ``(nbytes, fds)``: ``nbytes`` is 0 at end of stream, -1 when nothing was
+        waiting (non-blocking only); the caller owns the fds (close-on-exec).
+    :raises TransportError: too many fds (``MSG_CTRUNC`` or over ``max_fds``),
+        non-fd ancillary data, or the socket failed. Received fds are closed first.
+    """
+    try:
+        nbytes, anc, flags, _ = sock.recvmsg_into((view,), socket.CMSG_SPACE(max(max_fds, 1) * _INT_SIZE),
+                                                  _CLOEXEC if block else _CLOEXEC_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return -1, []
+    except TimeoutError as exc:
+        raise TransportError("timed out waiting for the peer") from exc
+    except ConnectionResetError as exc:
+        raise TransportError("peer closed the connection abruptly") from exc
+    except OSError as exc:
+        raise TransportError(f"receive failed: {exc}") from exc
+    if not anc and not flags & _CTRUNC:
+        return nbytes, []
+    fds: list[int] = []
+    clean = _take_fds(anc, fds)
+    if flags & _CTRUNC or len(fds) > max_fds:
+        close_fds(fds)
+        raise TransportError(f"peer sent more file descriptors than the {max_fds} one message may carry")
+    if not clean:
+        close_fds(fds)
+        raise TransportError("peer sent unexpected ancillary data")
+    return nbytes, fds

@@ -154,6 +154,9 @@ class VfioUserClient:
             raise ValueError(f"timeout {timeout} is not positive")
         self.sock = sock
         self.timeout = timeout
+        # set once: a send never waits longer than this (a receive sets its own deadline
+        # and puts this back), so that a posted write costs no fcntl calls
+        sock.settimeout(timeout)
         self.max_data_xfer_size = max_data_xfer_size
         #: the server's capabilities from VERSION (None before :meth:`version`)
         self.server_caps: dict[str, Any] | None = None
@@ -231,7 +234,6 @@ class VfioUserClient:
             raise TransportError("vfio-user: the connection is closed")
         self._mid = (self._mid + 1) & 0xFFFF
         try:
-            self.sock.settimeout(self.timeout)
             send_all(self.sock, protocol.message(self._mid, cmd, payload, flags), fds)
         except TransportError as exc:
             raise self._broken(str(exc)) from exc
@@ -270,6 +272,16 @@ class VfioUserClient:
         """
         if self._closed:
             raise TransportError("vfio-user: the connection is closed")
+        try:
+            return self._recv(timeout)
+        finally:
+            if not self._closed:
+                try:
+                    self.sock.settimeout(self.timeout)
+                except OSError:
+                    pass
+
+    def _recv(self, timeout: float | None) -> Reply:
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         try:
             self.sock.settimeout(max(deadline - time.monotonic(), 1e-3))

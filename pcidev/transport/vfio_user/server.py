@@ -63,6 +63,7 @@ from pcidev.transport.endpoint import DeviceEndpoint
 from pcidev.transport.fdpass import close_fds, send_all
 from pcidev.transport.vfio_user import protocol
 from pcidev.transport.vfio_user.conn import ConnectionState
+from pcidev.transport.vfio_user.fastpath import FastPath
 from pcidev.transport.vfio_user.loop import ConnectionLoop
 from pcidev.transport.vfio_user.migration import MIGRATION_FLAGS, MigrationStateMachine
 from pcidev.transport.vfio_user.protocol import VfioUserError
@@ -117,7 +118,8 @@ class VfioUserServer:
         self.sock = sock
         self._conn = ConnectionState(max_msg_fds=max_msg_fds, max_data_xfer_size=max_data_xfer_size)
         self.reader = MessageReader(sock, max_msg_fds=max_msg_fds, max_data_xfer_size=max_data_xfer_size)
-        self.loop = ConnectionLoop(self.handle_message, self.reader)
+        self.fast = FastPath(endpoint, self._conn)
+        self.loop = ConnectionLoop(self.handle_message, self.reader, fast=self.fast)
         #: the migration state machine (its state is ``conn.mig_state``)
         self.migration = MigrationStateMachine(self.device, self._conn, pm=endpoint.pm, settle=self._settle_dirty,
                                                loaded=self._remirror_msix, arc=self._arc_taken)
@@ -163,6 +165,7 @@ class VfioUserServer:
     def conn(self, state: ConnectionState) -> None:
         self._conn = state
         self.migration.conn = state
+        self.fast.conn = state
 
     @property
     def max_msg_fds(self) -> int:

@@ -80,9 +80,14 @@ def test_loop_stops_only_between_messages_and_leaves_the_socket_readable():
         t.join(10)
         assert out == {"r": "handover"} and seen == [1, 2]
         loop.close()
-        # message 3 is still in the socket for the next reader (no shutdown happened)
-        nxt = MessageReader(b, max_msg_fds=1, max_data_xfer_size=64).read()
-        assert nxt is not None and nxt.mid == 3
+        # message 3 was read but not handled: it moves to the next reader with the
+        # reader's pending bytes, and the socket stays readable (no shutdown happened)
+        data, fds = reader.pending()
+        nxt_reader = MessageReader(b, max_msg_fds=1, max_data_xfer_size=64)
+        nxt_reader.prepend(data, fds)
+        a.sendall(_msg(4))
+        got = [nxt_reader.read(), nxt_reader.read()]
+        assert [m.mid for m in got if m is not None] == [3, 4]
 
 
 def test_wake_without_hook_stops_and_idle_hook_runs():

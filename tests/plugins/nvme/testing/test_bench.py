@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -56,3 +57,45 @@ def test_run_job_rejects_unsuitable_block_size():
         drv.close()
         ctrl.close()
         machine.close()
+
+
+def test_bench_both_transports_in_one_run(capsys):
+    """``--transport both``: the in-process keys unchanged, the vfio-user ones beside them,
+    the server's CPU counted, data verified on both, and the server process gone."""
+    rc = cli_main(["bench", "nvme", "--json", "--transport", "both", "--seconds", "0.3", "--size", "16M"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    result = json.loads(out)
+    for name, *_ in JOBS:
+        for prefix in ("", "vfio_user_"):
+            assert result[f"{prefix}{name}_iops"] > 0 and result[f"{prefix}{name}_errors"] == 0
+            assert result[f"{prefix}{name}_iops_per_cpu_s"] > 0
+            assert 0 < result[f"{prefix}{name}_p50_us"] <= result[f"{prefix}{name}_p99_us"]
+        assert result[f"vfio_user_{name}_server_cpu_us_per_io"] >= 0
+        assert f"{name}_server_cpu_us_per_io" not in result
+    assert result["vfio_user_vs_in_process_randread_4k_qd32"] > 0
+    setup = result["setup"]
+    assert setup["transport"] == "both"
+    assert setup["verified_blocks"] == setup["vfio_user_verified_blocks"] == 64
+
+
+def test_bench_vfio_user_reaps_its_server_on_ctrl_c(monkeypatch):
+    from pcidev_nvme.testing import bench
+
+    procs = []
+    real = bench._serve_nvme
+
+    @contextlib.contextmanager
+    def recording(props):
+        with real(props) as (path, proc):
+            procs.append(proc)
+            yield path, proc
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "_serve_nvme", recording)
+    monkeypatch.setattr(bench, "_layout", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_vfio_user_benchmark(seconds=0.1, ns_size=16 << 20)
+    assert len(procs) == 1 and procs[0].returncode is not None  # the server was reaped

@@ -20,6 +20,21 @@ For each: IOPS, MB/s (10^6 bytes) and the completion latency seen by the host
 microseconds. ``--json`` prints one JSON object with, among others, the keys
 ``randread_4k_qd32_iops``, ``randwrite_4k_qd32_iops`` and ``seqread_128k_qd8_mbps``.
 
+``--transport vfio-user`` runs the same jobs with the controller in a separate
+``pcidev serve --vfio-user`` process on a temporary socket, driven through pcidev's
+vfio-user client (:class:`~pcidev.transport.vfio_user.remote.VfioUserDevice`): guest
+RAM is a memfd the server maps (``DMA_MAP``), the driver uses shadow doorbells,
+doorbell writes are posted (``REGION_WRITE`` with ``NO_REPLY``) and interrupts come
+through eventfds, so no command waits for a round trip. Its figures count the CPU of
+both processes: the client's ``process_time`` and the server's ``utime + stime``
+from ``/proc/PID/stat``. Its JSON keys start with ``vfio_user_``
+(``vfio_user_randread_4k_qd32_iops``, ``..._iops_per_cpu_s``,
+``..._server_cpu_us_per_io``); ``setup.transport`` names the transport;
+``--transport both`` runs both in one run and adds
+``vfio_user_vs_in_process_randread_4k_qd32`` (the IOPS ratio). Each run ends by
+writing 64 blocks of a per-block pattern and reading them back
+(``verified_blocks``, ``vfio_user_verified_blocks``).
+
 The host loop keeps ``qd`` commands outstanding: it reaps whatever completed,
 resubmits one command per completion (each slot reuses its own buffer), and rings
 the SQ tail doorbell once per batch, as Linux does with ``blk_mq`` plugging. The
@@ -30,21 +45,34 @@ queue), so the figures measure the device model's Python path, not a disk.
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import json
+import os
 import random
+import shutil
+import subprocess
 import sys
+import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
 
+from pcidev.cli import serve as serve_cli
 from pcidev.errors import PcidevError
 from pcidev.host import Machine
 from pcidev.properties import parse_size
+from pcidev.transport.vfio_user.remote import VfioUserDevice
 from pcidev_nvme.controller import NvmeController
 from pcidev_nvme.testing.driver import NvmeDriver
 
-__all__ = ["JobResult", "main", "run_job", "run_benchmark"]
+__all__ = ["JobResult", "TRANSPORTS", "main", "run_job", "run_benchmark", "run_vfio_user_benchmark"]
+
+#: the values of ``--transport``
+TRANSPORTS = ("in-process", "vfio-user", "both")
 
 PAGE = 4096
 
@@ -63,6 +91,8 @@ class JobResult:
     :ivar cpu_seconds: CPU time the process used meanwhile (the controller runs in
         the host's thread, so this is the whole cost; on a busy machine
         ``ios / cpu_seconds`` is the figure that does not depend on the neighbours).
+    :ivar server_cpu_seconds: CPU time of the serving process meanwhile (vfio-user
+        only; counted in :attr:`iops_per_cpu_second`).
     """
 
     name: str
@@ -73,6 +103,7 @@ class JobResult:
     p99_us: float
     errors: int
     cpu_seconds: float = 0.0
+    server_cpu_seconds: float = 0.0
 
     @property
     def iops(self) -> float:
@@ -81,8 +112,14 @@ class JobResult:
 
     @property
     def iops_per_cpu_second(self) -> float:
-        """Commands per second of CPU time."""
-        return self.ios / self.cpu_seconds if self.cpu_seconds else 0.0
+        """Commands per second of CPU time (the client's and the server's)."""
+        cpu = self.cpu_seconds + self.server_cpu_seconds
+        return self.ios / cpu if cpu else 0.0
+
+    @property
+    def server_cpu_us_per_io(self) -> float:
+        """CPU microseconds the serving process spent per command."""
+        return self.server_cpu_seconds * 1e6 / self.ios if self.ios else 0.0
 
     @property
     def mbps(self) -> float:
@@ -229,27 +266,173 @@ def run_benchmark(
         t = time.perf_counter()
         _layout(drv, machine, ns_size)
         setup["layout_seconds"] = round(time.perf_counter() - t, 3)
-        results = []
-        prof = None
-        if profile:
-            import cProfile
-
-            prof = cProfile.Profile()
-            prof.enable()
-        try:
-            for name, opcode, bs, qd, sequential in jobs:
-                results.append(run_job(drv, machine, name=name, opcode=opcode, block_size=bs,
-                                       queue_depth=qd, seconds=seconds, sequential=sequential))
-        finally:
-            if prof is not None and profile:  # (prof exists only for a profile path)
-                prof.disable()
-                prof.dump_stats(profile)
+        results = _run_jobs(drv, machine, jobs, seconds, profile)
+        setup["verified_blocks"] = _verify(drv, machine)
+        setup["transport"] = "in-process"
         return results, setup
     finally:
         if drv is not None:
             drv.close()
         ctrl.close()
         machine.close()
+
+
+def _run_jobs(drv: Any, machine: Any, jobs: tuple[Job, ...], seconds: float, profile: str | None,
+              server_cpu: Any = None) -> list[JobResult]:
+    """Run ``jobs``; ``server_cpu()`` (if given) gives the serving process's CPU seconds."""
+    results = []
+    prof = None
+    if profile:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
+    try:
+        for name, opcode, bs, qd, sequential in jobs:
+            before = server_cpu() if server_cpu is not None else 0.0
+            r = run_job(drv, machine, name=name, opcode=opcode, block_size=bs, queue_depth=qd,
+                        seconds=seconds, sequential=sequential)
+            if server_cpu is not None:
+                r.server_cpu_seconds = server_cpu() - before
+            results.append(r)
+    finally:
+        if prof is not None and profile:  # (prof exists only for a profile path)
+            prof.disable()
+            prof.dump_stats(profile)
+    return results
+
+
+#: blocks written with a per-block pattern and read back at the end of a run
+VERIFY_BLOCKS = 64
+
+
+def _verify(drv: Any, machine: Any, nsid: int = 1) -> int:
+    """Write :data:`VERIFY_BLOCKS` 4 KiB blocks spread over the namespace, each with its
+    own pattern, read them back and compare. :returns: the blocks verified.
+    :raises PcidevError: a block came back different."""
+    info = drv.namespaces[nsid]
+    nlb = 4096 // info.lba_size
+    stride = max(1, info.nsze // nlb // VERIFY_BLOCKS) * nlb
+    rnd = random.Random(0x5EED)
+    blocks = [(i * stride, rnd.randbytes(4096)) for i in range(min(VERIFY_BLOCKS, info.nsze // nlb))]
+    for slba, data in blocks:
+        drv.write(nsid, slba, data)
+    for slba, data in blocks:
+        if drv.read(nsid, slba, nlb) != data:
+            raise PcidevError(f"verify: LBA {slba} read back different data")
+    return len(blocks)
+
+
+def _proc_cpu_seconds(pid: int) -> float:
+    """CPU seconds (utime + stime) of process ``pid``, all its threads, from ``/proc/PID/stat``."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _serve_has_once() -> bool:
+    """Whether ``pcidev serve`` has ``--once`` (exit when the client leaves)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    if serve_cli.COMMAND.configure is not None:
+        serve_cli.COMMAND.configure(parser)
+    return "--once" in parser.format_help()
+
+
+@contextlib.contextmanager
+def _serve_nvme(props: str, *, start_timeout: float = 60.0) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """``pcidev serve --vfio-user SOCK nvme,PROPS`` on a temporary socket, until the
+    block ends; the process is always reaped (also on an error or Ctrl-C).
+
+    :returns: a context manager yielding the socket path and the process.
+    :raises PcidevError: the server did not start (with its output).
+    """
+    where = tempfile.mkdtemp(prefix="pcidev-bench-")
+    path = os.path.join(where, "nvme.sock")
+    argv = [sys.executable, "-m", "pcidev", "serve", "--vfio-user", path]
+    if _serve_has_once():
+        argv.append("--once")
+    argv.append(f"nvme,{props}")
+    lines: collections.deque[str] = collections.deque(maxlen=50)
+    first = threading.Event()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            stdin=subprocess.DEVNULL)
+
+    def drain() -> None:  # keeps the pipe from filling up, keeps the last lines for errors
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            first.set()
+        first.set()
+
+    reader = threading.Thread(target=drain, name="bench-serve-output", daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + start_timeout
+        while not any("listening" in line for line in lines):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                reader.join(1)
+                raise PcidevError("pcidev serve did not start: " + " / ".join(lines))
+            first.wait(0.05)
+        yield path, proc
+    finally:
+        if proc.poll() is None:
+            try:
+                proc.wait(3)  # it ends when its client leaves
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        reader.join(5)
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def run_vfio_user_benchmark(
+    *, seconds: float = 3.0, ns_size: int = 256 << 20, jobs: tuple[Job, ...] = JOBS, profile: str | None = None
+) -> tuple[list[JobResult], dict[str, Any]]:
+    """:func:`run_benchmark` with the controller in a ``pcidev serve --vfio-user`` process.
+
+    :param seconds: run time of each job.
+    :param ns_size: namespace size in bytes (memory backend).
+    :param jobs: the jobs to run.
+    :param profile: write a cProfile of the jobs (the client side) to this file.
+    :returns: the job results (with the server's CPU) and facts about the setup.
+    :raises PcidevError: the server did not start or the driver failed.
+    """
+    with _serve_nvme(f"mdts=7,ns=mem:size={ns_size}") as (path, proc):
+        machine = Machine(ram_size=256 << 20)
+        drv = None
+        remote = None
+        try:
+            remote = VfioUserDevice.connect(path)
+            drv = NvmeDriver.attach(machine, remote, io_queues=1, io_depth=256)
+            drv.doorbell_buffer_config()
+            setup: dict[str, Any] = {
+                "namespace_bytes": ns_size,
+                "lba_size": drv.namespaces[1].lba_size,
+                "backend": "mem",
+                "io_queues": 1,
+                "python": sys.version.split()[0],
+                "transport": "vfio-user",
+                "shadow_doorbells": True,
+                "server_pid": proc.pid,
+            }
+            t = time.perf_counter()
+            _layout(drv, machine, ns_size)
+            setup["layout_seconds"] = round(time.perf_counter() - t, 3)
+            results = _run_jobs(drv, machine, jobs, seconds, profile, lambda: _proc_cpu_seconds(proc.pid))
+            setup["verified_blocks"] = _verify(drv, machine)
+            return results, setup
+        finally:
+            try:
+                if drv is not None:
+                    drv.close()
+            finally:
+                if remote is not None:
+                    remote.close()  # the server sees its client leave and ends
+                machine.close()
 
 
 def _layout(drv: Any, machine: Any, ns_size: int) -> int:
@@ -290,7 +473,37 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=3.0, help="run time of each job (default 3)")
     p.add_argument("--size", default="256M", help="namespace size (default 256M)")
     p.add_argument("--profile", metavar="FILE", help="write a cProfile of the jobs to FILE")
+    p.add_argument("--transport", choices=TRANSPORTS, default="in-process",
+                   help="in-process (default): the controller in this process; vfio-user: in a "
+                        "'pcidev serve --vfio-user' process driven through pcidev's client; both: one, then the other")
     return p
+
+
+def _keys(results: list[JobResult], prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for r in results:
+        out[f"{prefix}{r.name}_iops"] = round(r.iops)
+        out[f"{prefix}{r.name}_mbps"] = round(r.mbps, 1)
+        out[f"{prefix}{r.name}_p50_us"] = round(r.p50_us, 1)
+        out[f"{prefix}{r.name}_p99_us"] = round(r.p99_us, 1)
+        out[f"{prefix}{r.name}_errors"] = r.errors
+        out[f"{prefix}{r.name}_iops_per_cpu_s"] = round(r.iops_per_cpu_second)
+        if prefix:
+            out[f"{prefix}{r.name}_server_cpu_us_per_io"] = round(r.server_cpu_us_per_io, 2)
+            out[f"{prefix}{r.name}_client_cpu_us_per_io"] = round(r.cpu_seconds * 1e6 / r.ios, 2) if r.ios else 0.0
+    return out
+
+
+def _table(title: str, results: list[JobResult], seconds: float, *, server: bool) -> None:
+    print(title)
+    extra = f" {'srv us/IO':>9s}" if server else ""
+    print(f"{'job':20s} {'IOPS':>9s} {'MB/s':>8s} {'p50 us':>8s} {'p99 us':>8s} {'errors':>6s} "
+          f"{'CPU %':>6s} {'IOPS/CPU-s':>10s}{extra}")
+    for r in results:
+        cpu = r.cpu_seconds + r.server_cpu_seconds
+        extra = f" {r.server_cpu_us_per_io:9.1f}" if server else ""
+        print(f"{r.name:20s} {r.iops:9.0f} {r.mbps:8.1f} {r.p50_us:8.1f} {r.p99_us:8.1f} {r.errors:6d} "
+              f"{100 * cpu / r.seconds:6.0f} {r.iops_per_cpu_second:10.0f}{extra}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,24 +516,39 @@ def main(argv: list[str] | None = None) -> int:
     if args.seconds <= 0:
         raise PcidevError("--seconds must be positive")
     ns_size = parse_size(args.size, "--size")
-    results, setup = run_benchmark(seconds=args.seconds, ns_size=ns_size, profile=args.profile)
+    local: list[JobResult] = []
+    remote: list[JobResult] = []
+    setup: dict[str, Any] = {}
+    if args.transport in ("in-process", "both"):
+        local, setup = run_benchmark(seconds=args.seconds, ns_size=ns_size, profile=args.profile)
+    if args.transport in ("vfio-user", "both"):
+        remote, vsetup = run_vfio_user_benchmark(seconds=args.seconds, ns_size=ns_size,
+                                                 profile=None if local else args.profile)
+        if setup:
+            setup["vfio_user_verified_blocks"] = vsetup["verified_blocks"]
+            setup["vfio_user_layout_seconds"] = vsetup["layout_seconds"]
+        else:
+            setup = vsetup
+    setup["transport"] = args.transport
     if args.json:
-        out: dict[str, Any] = {}
-        for r in results:
-            out[f"{r.name}_iops"] = round(r.iops)
-            out[f"{r.name}_mbps"] = round(r.mbps, 1)
-            out[f"{r.name}_p50_us"] = round(r.p50_us, 1)
-            out[f"{r.name}_p99_us"] = round(r.p99_us, 1)
-            out[f"{r.name}_errors"] = r.errors
-            out[f"{r.name}_iops_per_cpu_s"] = round(r.iops_per_cpu_second)
+        out = _keys(local, "")
+        if remote:
+            out.update(_keys(remote, "vfio_user_"))
+        ratio_job = "randread_4k_qd32"
+        lr = next((r for r in local if r.name == ratio_job), None)
+        rr = next((r for r in remote if r.name == ratio_job), None)
+        if lr is not None and rr is not None and lr.iops and lr.iops_per_cpu_second:
+            out[f"vfio_user_vs_in_process_{ratio_job}"] = round(rr.iops / lr.iops, 3)
+            out[f"vfio_user_vs_in_process_{ratio_job}_per_cpu_s"] = round(
+                rr.iops_per_cpu_second / lr.iops_per_cpu_second, 3)
         out["setup"] = setup
         print(json.dumps(out))
     else:
-        print(f"NVMe through the software host, memory namespace of {ns_size >> 20} MiB, "
-              f"{setup['lba_size']} B blocks, one I/O queue, {args.seconds:g} s per job")
-        print(f"{'job':20s} {'IOPS':>9s} {'MB/s':>8s} {'p50 us':>8s} {'p99 us':>8s} {'errors':>6s} "
-              f"{'CPU %':>6s} {'IOPS/CPU-s':>10s}")
-        for r in results:
-            print(f"{r.name:20s} {r.iops:9.0f} {r.mbps:8.1f} {r.p50_us:8.1f} {r.p99_us:8.1f} {r.errors:6d} "
-                  f"{100 * r.cpu_seconds / r.seconds:6.0f} {r.iops_per_cpu_second:10.0f}")
-    return 1 if any(r.errors for r in results) else 0
+        if local:
+            _table(f"NVMe through the software host, memory namespace of {ns_size >> 20} MiB, "
+                   f"{setup['lba_size']} B blocks, one I/O queue, {args.seconds:g} s per job", local, args.seconds,
+                   server=False)
+        if remote:
+            _table(f"NVMe served over vfio-user by 'pcidev serve' (CPU: client + server), shadow doorbells, "
+                   f"{args.seconds:g} s per job", remote, args.seconds, server=True)
+    return 1 if any(r.errors for r in local + remote) else 0

@@ -587,15 +587,18 @@ class NvmeDriver:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
+            signalled = False
             if msix:
-                rec.wait(q.vector, above=seen, timeout=min(left, 0.05))
+                # an interrupt came: no need to look at CSTS (over vfio-user a register
+                # read is a round trip to the server)
+                signalled = bool(rec.wait(q.vector, above=seen, timeout=min(left, 0.05)))
             elif self.irq_mode == "intx":
                 rec.wait_intx(True, min(left, 0.01))
                 if rec.intx_level:
                     time.sleep(0.0001)
             else:
                 time.sleep(0.0001)
-            if self.read32(CSTS) & 0x2:
+            if not signalled and self.read32(CSTS) & 0x2:
                 err = NvmeDriverError(f"controller fatal status while waiting on queue {qid}")
                 err.partial = out
                 raise err
