@@ -220,6 +220,7 @@ class VfioUserServer:
             reason = self.loop.run()
         finally:
             self.loop.close()
+            self.reader.close()  # fds of a message read but never handled (a handover took its pending bytes first)
             try:
                 self.sock.close()
             except OSError:
