@@ -5,6 +5,8 @@ DMA failure on one CQ does not strand the other CQs' commands."""
 
 from __future__ import annotations
 
+import time
+
 from pcidev_nvme.testing.driver import READ
 
 
@@ -80,3 +82,21 @@ def test_set_polling_false_while_paused_posts_nothing(nvme_env):
     rest = drv.reap(1, min_completions=6 - len(got), timeout=2)
     assert len(got) + len(rest) == 6
 
+
+
+def test_a_dma_error_on_one_cq_does_not_strand_the_other_cqs_commands(nvme_env):
+    env = nvme_env("ns=mem:size=1M", io_queues=2)
+    ctrl, drv = env.ctrl, env.drv
+    buf = env.machine.alloc(4096)
+    ctrl.cq(1).base = 1 << 46  # CQ 1's memory is not guest RAM
+    with ctrl.batch():
+        drv.submit_rw(1, READ, nsid=1, slba=0, nlb=8, buf=buf)
+        drv.submit_rw(2, READ, nsid=1, slba=0, nlb=8, buf=buf)
+    assert drv.csts & 2  # CSTS.CFS
+    assert not ctrl.sq(1).inflight and not ctrl.sq(2).inflight
+    drv.write32(0x14, drv.read32(0x14) & ~1)  # CC.EN = 0
+    t = time.monotonic()
+    while drv.csts & 1 and time.monotonic() - t < 3:
+        time.sleep(0.01)
+    assert not drv.csts & 1, "the reset never finishes: a command stays in flight"
+    assert ctrl.fsm_state == "disabled"

@@ -44,6 +44,7 @@ class CompletionMixin:
     _combined: list[Deferred]
     _combine_lock: threading.Lock
     _posting: bool
+    name: str
     error_log: ErrorLog
     interrupts: Interrupts
     smart: SmartCounters
@@ -145,13 +146,51 @@ class CompletionMixin:
 
     def _complete_batch(self, items: list[Deferred], tls: BatchState) -> None:
         """Post the completions deferred during a batch: one lock, one memory write and
-        one release store per completion queue (entries of one queue in order)."""
+        one release store per completion queue (entries of one queue in order).
+
+        If posting fails (guest memory that is not, or a bug), the controller is
+        fatally failed and every completion not posted yet is dropped as a stale one
+        (its request done and out of its SQ's in-flight table, so that a reset finishes).
+        """
         while items:
-            items = self._post_to_cq(items[0][0].sq.cq, items, tls)
+            try:
+                items = self._post_to_cq(items[0][0].sq.cq, items, tls)
+            except DmaError as exc:
+                self._fatal(f"cannot post completions to CQ {items[0][0].sq.cq.cqid}: {exc}")
+                self._drop_completions(items)
+                return
+            except Exception as exc:  # a bug: nothing may stay in flight forever
+                log.exception("%s: posting %d completions failed unexpectedly", self.name, len(items))
+                self._fatal(f"internal error posting completions: {type(exc).__name__}: {exc}")
+                self._drop_completions(items)
+                return
+
+    def _drop_completions(self, items: list[Deferred]) -> None:
+        """Completions that will not be posted (the controller failed): each request is
+        done and leaves its SQ's in-flight table, as a stale one."""
+        deleting: set[SubmissionQueue] = set()
+        for it in items:
+            req = it[0]
+            sq = req.sq
+            with sq.cq.lock:
+                if req.done:
+                    continue
+                req.done = True
+                if sq.inflight.get(req.cid) is req:
+                    del sq.inflight[req.cid]
+            if sq.deleting:
+                deleting.add(sq)
+        for sq in deleting:
+            if sq.deleting and not sq.inflight:
+                self._finish_sq_delete(sq)
+        self._stale_completed()
 
     def _post_to_cq(self, cq: CompletionQueue, items: list[Deferred], tls: BatchState) -> list[Deferred]:
-        """Post the completions of ``items`` that go to ``cq``; returns the others, in order
-        (empty when a DMA failure made the controller fatal: nothing more is posted)."""
+        """Post the completions of ``items`` that go to ``cq``; returns the others, in order.
+
+        :raises DmaError: the queue or its shadow buffers are not guest memory (the
+            requests of ``cq`` taken so far are done and out of their in-flight tables).
+        """
         gen = self._gen
         rest: list[Deferred] = []
         entries: list[CqeFields] = []
@@ -221,18 +260,16 @@ class CompletionMixin:
                 if shadowed and len(backlog) > backlogged:
                     # completions wait for room: the host must ring at its next head
                     drained = self._cq_arm(cq, mem if mem is not None else self.dma)
-        except DmaError as exc:
-            self._fatal(f"cannot post completions to CQ {cq.cqid}: {exc}")
-            return []
+        finally:
+            for sq in deleting:
+                if sq.deleting and not sq.inflight:
+                    self._finish_sq_delete(sq)
         if stale:
             self._stale_completed()
         for req, sf, ph, error in errors:
             self._log_error(req, sf, ph, error)
         if (entries or drained) and cq.ien:
             tls.cqs[cq] = tls.cqs.get(cq, 0) + len(entries) + drained
-        for sq in deleting:
-            if sq.deleting and not sq.inflight:
-                self._finish_sq_delete(sq)
         if cq.throttled:
             self._kick_throttled(cq)
         return rest
