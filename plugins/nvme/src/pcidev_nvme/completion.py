@@ -28,10 +28,12 @@ from pcidev_nvme.queues import CompletionQueue, CqeFields, SubmissionQueue
 from pcidev_nvme.request import Request
 from pcidev_nvme.status import NvmeStatusError, status_field
 
-__all__ = ["CompletionMixin"]
+__all__ = ["COMBINE_ROUNDS", "CompletionMixin"]
 
 log = logging.getLogger(__name__)
 
+#: rounds of combined completions one thread posts before it leaves the posting role
+COMBINE_ROUNDS = 8
 
 
 class CompletionMixin:
@@ -114,8 +116,15 @@ class CompletionMixin:
         self._posting = False
 
     def _post_combined(self, tls: BatchState) -> None:
-        """Post the combined completions until none are left (the poster's loop)."""
+        """Post the combined completions until none are left (the poster's loop).
+
+        Each round's interrupts are raised at once (a steady stream of completions
+        does not delay them), and after :data:`COMBINE_ROUNDS` rounds the thread
+        leaves the posting role with its last round taken: the next completion's
+        thread becomes the poster, so that no thread is kept posting indefinitely.
+        """
         tls.depth += 1
+        rounds = 0
         try:
             while True:
                 with self._combine_lock:
@@ -124,6 +133,10 @@ class CompletionMixin:
                         self._posting = False
                         break
                     self._combined = []
+                    rounds += 1
+                    last = rounds >= COMBINE_ROUNDS
+                    if last:  # hand off: what comes after this round goes to a new poster
+                        self._posting = False
                 start = 0.0
                 for it in items:
                     req = it[0]
@@ -132,6 +145,12 @@ class CompletionMixin:
                 self._complete_batch(items, tls)
                 if start:
                     self.smart.record_busy(start, time.monotonic())
+                cqs = tls.cqs
+                if cqs:
+                    tls.cqs = {}
+                    self.interrupts.signal_many(cqs)
+                if last:
+                    break
         except BaseException:
             with self._combine_lock:
                 self._posting = False
