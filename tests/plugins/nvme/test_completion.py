@@ -190,6 +190,6 @@ def test_a_steady_stream_of_completions_neither_delays_interrupts_nor_keeps_the_
     assert all(len(r) <= COMBINE_ROUNDS for r in sessions)
     # every round's interrupt was raised before the same poster's next round began
     for r in sessions:
-        assert all(b > a for a, b in zip(r, r[1:])), sessions
+        assert all(b > a for a, b in zip(r, r[1:], strict=False)), sessions
     wait_until(ctrl.batches_idle, what="the posters")
     assert not ctrl._combined and not ctrl.sq(1).inflight
