@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import time
 
+from _helpers import GatedBackend, attach_namespace, wait_until
+
+from pcidev.pci.capabilities.msix import CTRL, CTRL_ENABLE
+from pcidev_nvme.queues import CompletionQueue
+from pcidev_nvme.status import Status
 from pcidev_nvme.testing.driver import READ
 
 
@@ -100,3 +105,164 @@ def test_a_dma_error_on_one_cq_does_not_strand_the_other_cqs_commands(nvme_env):
         time.sleep(0.01)
     assert not drv.csts & 1, "the reset never finishes: a command stays in flight"
     assert ctrl.fsm_state == "disabled"
+
+
+def _reset_finishes(drv, ctrl) -> None:
+    drv.write32(0x14, drv.read32(0x14) & ~1)  # CC.EN = 0
+    t = time.monotonic()
+    while drv.csts & 1 and time.monotonic() - t < 3:
+        time.sleep(0.01)
+    assert not drv.csts & 1, "the reset never finishes: a command stays in flight"
+    assert ctrl.fsm_state == "disabled"
+
+
+def _small_cq(env, cq_size: int = 4):
+    drv = env.drv
+    drv.delete_io_queue_pair(1)
+    drv.create_io_queue_pair(1, 16, cq_size=cq_size)
+    return drv.doorbell_buffer_config()
+
+
+def test_cq_arm_leaves_the_eventidx_of_the_head_it_ended_with(nvme_env):
+    env = nvme_env("ns=mem:size=1M", io_queues=1, io_depth=16)
+    ctrl, drv, mem = env.ctrl, env.drv, env.machine.memory
+    dbs, eis = _small_cq(env)
+    buf = env.machine.alloc(4096)
+    dma_type = type(ctrl.dma)
+    real = dma_type.store32
+    consumed = []
+
+    def store32(self, addr, value):
+        real(self, addr, value)
+        if addr == eis + 12 and ctrl.cq(1).backlog and not consumed:
+            # the host consumes the 3 entries after this EventIdx store and writes only
+            # the shadow head (it read the EventIdx before the store: no ring)
+            consumed.append(value)
+            drv.queues[1].cq_head = 3
+            real(self, dbs + 12, 3)
+
+    dma_type.store32 = store32
+    try:
+        with ctrl.batch():
+            for _ in range(5):
+                drv.submit_rw(1, READ, nsid=1, slba=0, nlb=8, buf=buf)
+    finally:
+        dma_type.store32 = real
+    cq = ctrl.cq(1)
+    assert consumed == [0]
+    assert cq.head == 3 and not cq.backlog and cq.posted_total == 5
+    assert mem.read_u32(eis + 12) == cq.head, "a stale CQ EventIdx after the arm's own refresh"
+    assert len(drv.poll(1)) == 2
+
+
+def test_a_shadow_head_beyond_what_was_written_is_not_taken(nvme_env, monkeypatch):
+    env = nvme_env("ns=mem:size=1M", io_queues=1, io_depth=16)
+    ctrl, drv, mem = env.ctrl, env.drv, env.machine.memory
+    dbs, _eis = _small_cq(env)
+    buf = env.machine.alloc(4096)
+    cq = ctrl.cq(1)
+    batches = []
+    real_post = CompletionQueue.post_batch
+
+    def post_batch(self, m, entries):
+        if self is cq:
+            batches.append(len(entries))
+        return real_post(self, m, entries)
+
+    monkeypatch.setattr(CompletionQueue, "post_batch", post_batch)
+    with ctrl.batch():  # two entries the host does not consume yet
+        for _ in range(2):
+            drv.submit_rw(1, READ, nsid=1, slba=0, nlb=8, buf=buf)
+    assert (cq.head, cq.tail, batches) == (0, 2, [2])
+    mem.write_u32(dbs + 12, 3)  # a head past entry 2, which is not written yet
+    with ctrl.batch():  # three more (as many as the reservation allows)
+        for _ in range(3):
+            drv.submit_rw(1, READ, nsid=1, slba=0, nlb=8, buf=buf)
+    # entry 2 is written before the host's head 3 is believed; then the rest
+    assert batches == [2, 1, 2], batches
+    assert cq.head == 3 and cq.posted_total == 5
+
+
+def test_msix_turned_off_while_polling_rearms_the_cq_eventidx(nvme_env):
+    env = nvme_env("ns=mem:size=1M", io_queues=1)
+    ctrl, drv, mem = env.ctrl, env.drv, env.machine.memory
+    _dbs, eis = drv.doorbell_buffer_config()
+    buf = env.machine.alloc(4096)
+    ctrl.set_polling(True)
+    drv.submit_rw(1, READ, nsid=1, slba=0, nlb=8, buf=buf)
+    assert len(drv.reap(1, min_completions=1)) == 1
+    cq = ctrl.cq(1)
+    assert mem.read_u32(eis + 12) == (cq.head - 1) % cq.size  # lazy: MSI-X and polling
+    cap = ctrl.msix
+    control = ctrl.config_read(cap.offset + CTRL, 2)
+    ctrl.config_write(cap.offset + CTRL, 2, control & ~CTRL_ENABLE)
+    assert not cap.enabled
+    assert mem.read_u32(eis + 12) == cq.head, "a lazy CQ EventIdx under INTx"
+
+
+def test_an_exception_escaping_submit_many_completes_every_command_of_the_fetch(nvme_env):
+    env = nvme_env("ns=mem:size=1M", io_queues=1)
+    ctrl, drv = env.ctrl, env.drv
+    buf = env.machine.alloc(4096)
+    real = ctrl.io.submit_many
+
+    def broken(reqs):
+        real(reqs[:1])
+        raise RuntimeError("a bug after the first command")
+
+    ctrl.io.submit_many = broken
+    for _ in range(4):
+        drv.submit_rw(1, READ, nsid=1, slba=0, nlb=8, buf=buf, ring=False)
+    drv.ring(1)
+    got = drv.reap(1, min_completions=4, timeout=2)
+    assert sorted(c.code for c in got) == [0, Status.INTERNAL, Status.INTERNAL, Status.INTERNAL]
+    assert not ctrl.sq(1).inflight
+    assert not drv.csts & 2
+
+
+def test_a_bug_while_posting_combined_completions_strands_nothing(nvme_env):
+    env = nvme_env("ns=mem:size=1M", io_queues=2)
+    ctrl, drv = env.ctrl, env.drv
+    gated = GatedBackend()
+    attach_namespace(ctrl, 2, gated)
+    drv.scan_namespaces()
+    buf = env.machine.alloc(4 * 512)
+    real = ctrl._post_to_cq
+    calls = []
+
+    def broken(cq, items, tls):
+        calls.append(len(items))
+        if len(calls) == 1:
+            raise RuntimeError("a bug while posting")
+        return real(cq, items, tls)
+
+    ctrl._post_to_cq = broken
+    gated.hold()
+    for i in range(4):
+        drv.submit(1 + i % 2, READ, nsid=2, cdw10=i, buf=buf + 512 * i, length=512, ring=False, tag=i)
+    drv.ring(1)
+    drv.ring(2)
+    wait_until(lambda: gated.waiting >= 1, what="a worker blocked")
+    gated.release()
+    wait_until(lambda: ctrl.io.inflight == 0 and ctrl.batches_idle(), what="the workers and the poster")
+    assert calls and drv.csts & 2  # the controller failed
+    assert not ctrl.sq(1).inflight and not ctrl.sq(2).inflight and not ctrl._combined
+    _reset_finishes(drv, ctrl)
+
+
+def test_set_polling_false_with_hostile_shadow_values_raises_no_event(nvme_env):
+    env = nvme_env("ns=mem:size=1M", io_queues=1)
+    ctrl, drv, mem = env.ctrl, env.drv, env.machine.memory
+    dbs, eis = drv.doorbell_buffer_config()
+    buf = env.machine.alloc(4096)
+    ctrl.set_polling(True)
+    drv.submit_rw(1, READ, nsid=1, slba=0, nlb=8, buf=buf)
+    assert len(drv.reap(1, min_completions=1)) == 1
+    before = ctrl.error_log.count
+    mem.write_u32(dbs + 8, 0xFFFF)  # SQ tail and CQ head beyond the queues
+    mem.write_u32(dbs + 12, 0xFFFF)
+    ctrl.set_polling(False)
+    assert ctrl.error_log.count == before, "an invalid-doorbell event nobody rang for"
+    sq, cq = ctrl.sq(1), ctrl.cq(1)
+    assert mem.read_u32(eis + 8) == sq.tail and mem.read_u32(eis + 12) == cq.head
+    assert sq.tail == 1 and cq.head == 1

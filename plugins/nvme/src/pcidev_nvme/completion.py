@@ -253,7 +253,7 @@ class CompletionMixin:
                         # consumed more and written only the shadow head
                         if mem is None:
                             mem = self.dma
-                        self._cq_refresh_head(cq, mem, tail)
+                        self._cq_refresh_head(cq, mem, cq.tail)  # (only what was written)
                         head = cq.head
                     if backlog or nxt == head:
                         if req.parked:
