@@ -5,6 +5,7 @@ DMA failure on one CQ does not strand the other CQs' commands."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 from _helpers import GatedBackend, attach_namespace, wait_until
@@ -266,3 +267,27 @@ def test_set_polling_false_with_hostile_shadow_values_raises_no_event(nvme_env):
     sq, cq = ctrl.sq(1), ctrl.cq(1)
     assert mem.read_u32(eis + 8) == sq.tail and mem.read_u32(eis + 12) == cq.head
     assert sq.tail == 1 and cq.head == 1
+
+
+def test_a_kick_of_a_paused_controller_with_a_moved_shadow_tail_returns(nvme_env):
+    """A fetch that finds the controller paused (a quiesce began meanwhile) publishes the
+    EventIdx and returns, even though the shadow tail moved: it is fetched at the resume."""
+    env = nvme_env("ns=mem:size=1M", io_queues=1)
+    ctrl, drv, mem = env.ctrl, env.drv, env.machine.memory
+    _dbs, eis = drv.doorbell_buffer_config()
+    buf = env.machine.alloc(4096)
+    ctrl.set_polling(True)
+    drv.submit_rw(1, READ, nsid=1, slba=0, nlb=8, buf=buf)
+    assert len(drv.reap(1, min_completions=1)) == 1
+    drv.submit_rw(1, READ, nsid=1, slba=0, nlb=8, buf=buf)  # shadow only (lazy EventIdx)
+    ctrl.quiesce()
+    ctrl.set_polling(False)  # the shadow tail is seen to have moved; nothing is fetched
+    kick = threading.Thread(target=ctrl._kick, args=(ctrl.sq(1),), daemon=True)
+    kick.start()
+    kick.join(2)
+    stuck = kick.is_alive()
+    ctrl.resume()
+    kick.join(2)
+    assert not stuck, "the fetch loop spun while the controller was paused"
+    assert mem.read_u32(eis + 8) == ctrl.sq(1).tail == 2
+    assert len(drv.reap(1, min_completions=1, timeout=2)) == 1

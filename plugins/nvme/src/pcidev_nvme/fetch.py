@@ -215,9 +215,9 @@ class FetchMixin:
         # value another policy left, a lazy one from before a migration, is replaced).
         if sq.ei_addr is not None:
             try:
-                if self._sq_event_idx(sq, mem):
+                if self._sq_event_idx(sq, mem) and self._running:
                     # the host wrote the shadow tail before it saw this EventIdx and did
-                    # not ring: fetch once more
+                    # not ring: fetch once more (a paused controller fetches at its resume)
                     with sq.lock:
                         sq.rerun = True
             except DmaError:
