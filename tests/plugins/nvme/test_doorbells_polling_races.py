@@ -291,3 +291,35 @@ def test_a_kick_of_a_paused_controller_with_a_moved_shadow_tail_returns(nvme_env
     assert not stuck, "the fetch loop spun while the controller was paused"
     assert mem.read_u32(eis + 8) == ctrl.sq(1).tail == 2
     assert len(drv.reap(1, min_completions=1, timeout=2)) == 1
+
+
+def test_a_bug_in_one_command_of_a_fetch_leaves_the_others_running(nvme_env):
+    """An exception that escapes a command's own handling in submit_many (here: posting
+    its error status fails once) ends that command with Internal Error; the commands
+    after it in the same fetch still run."""
+    env = nvme_env("ns=mem:size=1M", io_queues=1)
+    ctrl, drv = env.ctrl, env.drv
+    data = bytes(range(256)) * 16
+    drv.write(1, 0, data)
+    bufs = [env.machine.alloc(4096) for _ in range(4)]
+    real = ctrl.io._complete
+    failed = []
+
+    def complete(req, status=0, dw0=0, dw1=0, *, error=None):
+        if status and not failed:
+            failed.append(req.cid)
+            raise RuntimeError("a bug while completing")
+        return real(req, status, dw0, dw1, error=error)
+
+    ctrl.io._complete = complete
+    nlbas = drv.namespaces[1].nsze
+    cids = [drv.submit_rw(1, READ, nsid=1, slba=nlbas if i == 1 else 0, nlb=8, buf=bufs[i], ring=False)
+            for i in range(4)]
+    drv.ring(1)
+    got = {c.cid: c for c in drv.reap(1, min_completions=4, timeout=2)}
+    assert failed == [cids[1]]
+    assert got[cids[1]].code == Status.INTERNAL
+    for i in (0, 2, 3):
+        assert got[cids[i]].ok, got[cids[i]]
+        assert env.machine.memory.read(bufs[i], 4096) == data
+    assert not ctrl.sq(1).inflight
