@@ -259,7 +259,7 @@ class IoCommandSet:
         nlbas = shift = 0
         i = 0
         try:
-            for i, req in enumerate(reqs):
+            for i, req in enumerate(reqs):  # noqa: B007 (i is read by the except clause)
                 op = req.opcode
                 if (op == 2 or op == 1) and not req.flags and not closed:
                     # Fast path: Read or Write with PRPs, the benchmark's path. Same checks as
