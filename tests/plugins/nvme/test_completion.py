@@ -8,6 +8,7 @@ import threading
 
 from _helpers import GatedBackend, attach_namespace, wait_until
 
+from pcidev_nvme.completion import COMBINE_ROUNDS
 from pcidev_nvme.testing.driver import READ, WRITE
 
 
@@ -60,7 +61,9 @@ def test_worker_completions_are_combined_one_interrupt_per_vector(nvme_env):
     go.set()
     wait_until(ctrl.batches_idle, what="the poster")
     assert calls == [1, n - 1]
-    assert env.pdev.irq_count(1) == before + 1  # one message for both CQs on the vector
+    # one message per round of the poster (its first completion, then the 15 others),
+    # for both CQs on the vector
+    assert env.pdev.irq_count(1) == before + 2
     got = drv.poll(1) + drv.poll(2)
     assert sorted(c.tag for c in got) == list(range(n))
     assert all(c.ok for c in got)
@@ -141,3 +144,52 @@ def test_a_quiesce_waits_for_the_poster_and_finds_everything_posted(nvme_env):
     ctrl.resume()
     got = drv.reap(1, min_completions=8)
     assert sorted(c.tag for c in got) == list(range(8)) and all(c.ok for c in got)
+
+
+def test_a_steady_stream_of_completions_neither_delays_interrupts_nor_keeps_the_poster(nvme_env):
+    env = nvme_env("ns=mem:size=1M", io_queues=1)
+    drv, ctrl = env.drv, env.ctrl
+    gated = GatedBackend()
+    attach_namespace(ctrl, 2, gated)
+    drv.scan_namespaces()
+    n = 3 * COMBINE_ROUNDS
+    buf = env.machine.alloc(n * 512)
+    real, real_poster = ctrl._complete_batch, ctrl._post_combined
+    local = threading.local()
+    sessions: list[list[int]] = []  # per poster: the vector's messages when each round began
+
+    def poster(tls):
+        local.rounds = []
+        sessions.append(local.rounds)
+        try:
+            real_poster(tls)
+        finally:
+            local.rounds = None
+
+    def streaming_post(items, tls):
+        rounds = getattr(local, "rounds", None)
+        if rounds is not None:
+            rounds.append(env.pdev.irq_count(1))
+            if gated.waiting:  # one more completion arrives while this round is posted
+                gated.release(1)
+                wait_until(lambda: ctrl._combined or not ctrl._posting, what="the next completion")
+        real(items, tls)
+
+    ctrl._post_combined = poster
+    ctrl._complete_batch = streaming_post
+    gated.hold()
+    for i in range(n):
+        drv.submit(1, READ, nsid=2, cdw10=i, buf=buf + 512 * i, length=512, ring=False, tag=i)
+    drv.ring(1)
+    wait_until(lambda: gated.waiting >= 1, what="a worker blocked")
+    gated.release(1)
+    got = drv.reap(1, min_completions=n, timeout=10)
+    assert sorted(c.tag for c in got) == list(range(n)) and all(c.ok for c in got)
+    # the first poster posted COMBINE_ROUNDS rounds, then left the role to the next thread
+    assert len(sessions[0]) == COMBINE_ROUNDS and len(sessions) > 1
+    assert all(len(r) <= COMBINE_ROUNDS for r in sessions)
+    # every round's interrupt was raised before the same poster's next round began
+    for r in sessions:
+        assert all(b > a for a, b in zip(r, r[1:], strict=False)), sessions
+    wait_until(ctrl.batches_idle, what="the posters")
+    assert not ctrl._combined and not ctrl.sq(1).inflight

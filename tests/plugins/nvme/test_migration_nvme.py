@@ -722,3 +722,28 @@ def test_failed_and_shut_down_controllers_round_trip(hosts):
     csts = h.drv.csts
     dst = h.migrate()
     assert h.drv.csts == csts and (csts >> 2) & 3 == 2  # shutdown complete, still
+
+
+def test_a_migration_while_polling_rearms_the_lazy_eventidx(hosts):
+    """The source's transport polled (SQ EventIdx = tail - 1 in guest memory) and stopped
+    without set_polling(False); the destination does not poll: its restore publishes
+    every EventIdx eagerly, so the host rings again and I/O goes on (verified data)."""
+    h = hosts("serial=MIGP,ns=mem:size=1M", io_queues=1)
+    drv, mem = h.drv, h.machine.memory
+    _dbs, eis = drv.doorbell_buffer_config()
+    data = os.urandom(4096)
+    drv.write(1, 0, data)
+    h.ctrl.set_polling(True)
+    buf = h.machine.alloc(4096)
+    drv.submit_rw(1, READ, nsid=1, slba=0, nlb=8, buf=buf)  # rings: the device publishes tail - 1
+    assert [c.ok for c in drv.reap(1, min_completions=1)] == [True]
+    src_tail = h.ctrl.sq(1).tail
+    assert mem.read_u32(eis + 8) == (src_tail - 1) % h.ctrl.sq(1).size
+    dst = h.migrate()  # no set_polling(False) on the source
+    assert not dst.shadow.polling
+    assert mem.read_u32(eis + 8) == dst.sq(1).tail == src_tail
+    drv.submit_rw(1, READ, nsid=1, slba=0, nlb=8, buf=buf)
+    got = drv.reap(1, min_completions=1, timeout=2)
+    assert [c.ok for c in got] == [True], "the host did not ring: a stale lazy EventIdx"
+    assert h.machine.memory.read(buf, 4096) == data
+    assert drv.read(1, 0, 8) == data

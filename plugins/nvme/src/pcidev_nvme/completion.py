@@ -28,10 +28,12 @@ from pcidev_nvme.queues import CompletionQueue, CqeFields, SubmissionQueue
 from pcidev_nvme.request import Request
 from pcidev_nvme.status import NvmeStatusError, status_field
 
-__all__ = ["CompletionMixin"]
+__all__ = ["COMBINE_ROUNDS", "CompletionMixin"]
 
 log = logging.getLogger(__name__)
 
+#: rounds of combined completions one thread posts before it leaves the posting role
+COMBINE_ROUNDS = 8
 
 
 class CompletionMixin:
@@ -44,6 +46,7 @@ class CompletionMixin:
     _combined: list[Deferred]
     _combine_lock: threading.Lock
     _posting: bool
+    name: str
     error_log: ErrorLog
     interrupts: Interrupts
     smart: SmartCounters
@@ -64,7 +67,7 @@ class CompletionMixin:
 
         def _cq_refresh_head(self, cq: CompletionQueue, mem: GuestMemory, tail: int) -> bool: ...
 
-        def _cq_arm(self, cq: CompletionQueue, mem: GuestMemory) -> int: ...
+        def _cq_arm(self, cq: CompletionQueue, mem: GuestMemory, *, post: bool = True) -> int: ...
 
     def complete(self, req: Request, status: int = 0, dw0: int = 0, dw1: int = 0, *,
                  error: NvmeStatusError | None = None) -> None:
@@ -113,8 +116,15 @@ class CompletionMixin:
         self._posting = False
 
     def _post_combined(self, tls: BatchState) -> None:
-        """Post the combined completions until none are left (the poster's loop)."""
+        """Post the combined completions until none are left (the poster's loop).
+
+        Each round's interrupts are raised at once (a steady stream of completions
+        does not delay them), and after :data:`COMBINE_ROUNDS` rounds the thread
+        leaves the posting role with its last round taken: the next completion's
+        thread becomes the poster, so that no thread is kept posting indefinitely.
+        """
         tls.depth += 1
+        rounds = 0
         try:
             while True:
                 with self._combine_lock:
@@ -123,6 +133,10 @@ class CompletionMixin:
                         self._posting = False
                         break
                     self._combined = []
+                    rounds += 1
+                    last = rounds >= COMBINE_ROUNDS
+                    if last:  # hand off: what comes after this round goes to a new poster
+                        self._posting = False
                 start = 0.0
                 for it in items:
                     req = it[0]
@@ -131,6 +145,12 @@ class CompletionMixin:
                 self._complete_batch(items, tls)
                 if start:
                     self.smart.record_busy(start, time.monotonic())
+                cqs = tls.cqs
+                if cqs:
+                    tls.cqs = {}
+                    self.interrupts.signal_many(cqs)
+                if last:
+                    break
         except BaseException:
             with self._combine_lock:
                 self._posting = False
@@ -145,13 +165,51 @@ class CompletionMixin:
 
     def _complete_batch(self, items: list[Deferred], tls: BatchState) -> None:
         """Post the completions deferred during a batch: one lock, one memory write and
-        one release store per completion queue (entries of one queue in order)."""
+        one release store per completion queue (entries of one queue in order).
+
+        If posting fails (guest memory that is not, or a bug), the controller is
+        fatally failed and every completion not posted yet is dropped as a stale one
+        (its request done and out of its SQ's in-flight table, so that a reset finishes).
+        """
         while items:
-            items = self._post_to_cq(items[0][0].sq.cq, items, tls)
+            try:
+                items = self._post_to_cq(items[0][0].sq.cq, items, tls)
+            except DmaError as exc:
+                self._fatal(f"cannot post completions to CQ {items[0][0].sq.cq.cqid}: {exc}")
+                self._drop_completions(items)
+                return
+            except Exception as exc:  # a bug: nothing may stay in flight forever
+                log.exception("%s: posting %d completions failed unexpectedly", self.name, len(items))
+                self._fatal(f"internal error posting completions: {type(exc).__name__}: {exc}")
+                self._drop_completions(items)
+                return
+
+    def _drop_completions(self, items: list[Deferred]) -> None:
+        """Completions that will not be posted (the controller failed): each request is
+        done and leaves its SQ's in-flight table, as a stale one."""
+        deleting: set[SubmissionQueue] = set()
+        for it in items:
+            req = it[0]
+            sq = req.sq
+            with sq.cq.lock:
+                if req.done:
+                    continue
+                req.done = True
+                if sq.inflight.get(req.cid) is req:
+                    del sq.inflight[req.cid]
+            if sq.deleting:
+                deleting.add(sq)
+        for sq in deleting:
+            if sq.deleting and not sq.inflight:
+                self._finish_sq_delete(sq)
+        self._stale_completed()
 
     def _post_to_cq(self, cq: CompletionQueue, items: list[Deferred], tls: BatchState) -> list[Deferred]:
-        """Post the completions of ``items`` that go to ``cq``; returns the others, in order
-        (empty when a DMA failure made the controller fatal: nothing more is posted)."""
+        """Post the completions of ``items`` that go to ``cq``; returns the others, in order.
+
+        :raises DmaError: the queue or its shadow buffers are not guest memory (the
+            requests of ``cq`` taken so far are done and out of their in-flight tables).
+        """
         gen = self._gen
         rest: list[Deferred] = []
         entries: list[CqeFields] = []
@@ -195,7 +253,7 @@ class CompletionMixin:
                         # consumed more and written only the shadow head
                         if mem is None:
                             mem = self.dma
-                        self._cq_refresh_head(cq, mem, tail)
+                        self._cq_refresh_head(cq, mem, cq.tail)  # (only what was written)
                         head = cq.head
                     if backlog or nxt == head:
                         if req.parked:
@@ -221,18 +279,16 @@ class CompletionMixin:
                 if shadowed and len(backlog) > backlogged:
                     # completions wait for room: the host must ring at its next head
                     drained = self._cq_arm(cq, mem if mem is not None else self.dma)
-        except DmaError as exc:
-            self._fatal(f"cannot post completions to CQ {cq.cqid}: {exc}")
-            return []
+        finally:
+            for sq in deleting:
+                if sq.deleting and not sq.inflight:
+                    self._finish_sq_delete(sq)
         if stale:
             self._stale_completed()
         for req, sf, ph, error in errors:
             self._log_error(req, sf, ph, error)
         if (entries or drained) and cq.ien:
             tls.cqs[cq] = tls.cqs.get(cq, 0) + len(entries) + drained
-        for sq in deleting:
-            if sq.deleting and not sq.inflight:
-                self._finish_sq_delete(sq)
         if cq.throttled:
             self._kick_throttled(cq)
         return rest

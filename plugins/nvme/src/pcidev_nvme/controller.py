@@ -425,6 +425,17 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             self.update_running()
 
     # ------------------------------------------------------------------ interrupts
+    def config_write(self, offset: int, size: int, value: int) -> None:
+        """A configuration write (see :meth:`pcidev.device.PciDevice.config_write`); when
+        it turns MSI-X on or off while a transport polls, every EventIdx is published
+        again: a lazy CQ EventIdx is only for MSI-X (with INTx or MSI the pin status
+        needs prompt heads)."""
+        msix = self.msix
+        before = msix is not None and msix.enabled
+        super().config_write(offset, size, value)
+        if msix is not None and msix.enabled != before and self.shadow.polling:
+            self.rearm_event_idx()
+
     @property
     def msix(self) -> MsixCapability | None:
         """The MSI-X capability (found once, after :meth:`describe`)."""

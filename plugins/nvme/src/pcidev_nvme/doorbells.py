@@ -233,8 +233,9 @@ class DoorbellsMixin:
 
     def _cq_refresh_head(self, cq: CompletionQueue, mem: GuestMemory, tail: int) -> bool:
         """Take the host's shadow head of I/O CQ ``cq`` (call with ``cq.lock`` held), as if
-        it had rung; ``tail`` is where the caller is about to post. Returns whether the
-        head moved. An invalid shadow value is left alone (the MMIO write reports it).
+        it had rung; ``tail`` is where the caller is about to post (the host can only
+        have consumed up to it). Returns whether the head moved. A value outside what
+        was written is left alone (the MMIO write reports it).
 
         :raises DmaError: the shadow buffer is not readable guest memory.
         """
@@ -247,20 +248,107 @@ class DoorbellsMixin:
         cq.head = value
         return True
 
-    def _cq_arm(self, cq: CompletionQueue, mem: GuestMemory) -> int:
-        """A completion waits for room in I/O CQ ``cq`` (call with ``cq.lock`` held):
-        publish EventIdx = head, so the host rings at its next head update, then look at
-        the shadow head once more (a host that saw the old EventIdx rang nothing) and
-        post what fits. Returns the entries posted.
+    def _cq_arm(self, cq: CompletionQueue, mem: GuestMemory, *, post: bool = True) -> int:
+        """Publish I/O CQ ``cq``'s EventIdx for the current policy and its head (call with
+        ``cq.lock`` held), then look at the shadow head again (a host that saw the old
+        EventIdx rang nothing), until it stays put; with ``post``, the backlog is posted
+        as room appears. Returns the entries posted.
 
         :raises DmaError: the queue or the shadow buffers are not guest memory.
         """
         if cq.ei_addr is None or not cq.cqid:
             return 0
-        mem.store32(cq.ei_addr, cq.head)
-        if self._cq_refresh_head(cq, mem, cq.tail) and cq.backlog:
-            return cq.drain_backlog(mem)
-        return 0
+        drained = 0
+        while True:
+            if post and cq.backlog:
+                drained += cq.drain_backlog(mem)
+            mem.store32(cq.ei_addr, self._cq_event_idx(cq, cq.head))
+            if not self._cq_refresh_head(cq, mem, cq.tail):
+                return drained
+
+    def _sq_event_idx(self, sq: SubmissionQueue, mem: GuestMemory) -> bool:
+        """Publish SQ ``sq``'s EventIdx for the current policy (call from the thread that
+        fetches ``sq``, or with nothing fetching it): ``tail - 1`` for an I/O SQ while a
+        transport polls, else ``tail``. A lazy value is stored again eagerly if the poll
+        stopped meanwhile (:meth:`set_polling` then re-arms through the fetching thread).
+
+        :returns: the shadow tail moved on and is a valid tail (the host wrote it
+            without seeing the EventIdx: fetch again).
+        :raises DmaError: the buffers are not guest memory.
+        """
+        ei = sq.ei_addr
+        if ei is None:
+            return False
+        shadow = self.shadow
+        tail = sq.tail
+        if sq.sqid and shadow.polling:
+            mem.store32(ei, (tail - 1) % sq.size)
+            if shadow.polling:
+                return False
+        mem.store32(ei, tail)
+        if sq.db_addr is None:
+            return False
+        value = mem.load32(sq.db_addr)
+        return value != tail and value < sq.size
+
+    def _sq_rearm(self, sq: SubmissionQueue) -> None:
+        """Publish ``sq``'s EventIdx for the current policy and fetch what the shadow tail
+        shows beyond it, serialized with the fetch loop: if another thread fetches ``sq``
+        it does so again when done (its next pass publishes the EventIdx). While the
+        controller does not run, only the EventIdx is written."""
+        with sq.lock:
+            if sq.running:
+                sq.rerun = True
+                return
+            sq.running = True
+        moved = False
+        try:
+            mem = self._dma_or_none()
+            if mem is not None:
+                moved = self._sq_event_idx(sq, mem)
+        except DmaError:
+            pass
+        finally:
+            with sq.lock:
+                rerun = sq.rerun
+                sq.running = sq.rerun = False
+        if (moved or rerun) and self._running and not sq.gone and not sq.deleting:
+            self._kick(sq)
+
+    def _cq_rearm(self, cq: CompletionQueue) -> None:
+        """Publish I/O CQ ``cq``'s EventIdx for the current policy after taking a valid
+        shadow head; while the controller runs, post the backlog that now fits and
+        raise its interrupt. A paused controller posts nothing (its state is saved)."""
+        post = self._running
+        try:
+            with cq.lock:
+                if cq.gone:
+                    return
+                posted = self._cq_arm(cq, self.dma, post=post)
+        except DmaError as exc:
+            if post:
+                self._fatal(f"CQ {cq.cqid}: {exc}")
+            return
+        if posted and cq.ien:
+            self.interrupts.signal(cq, posted)
+        elif self.interrupts.irq_status:
+            self.interrupts.legacy_update()
+        if post and cq.throttled:
+            self._kick_throttled(cq)
+
+    def rearm_event_idx(self) -> None:
+        """Publish every I/O queue's EventIdx for the current policy and look at the shadow
+        doorbells once more (after a restore or resume, a change of the polling or of
+        MSI-X): a value left by another policy (a lazy ``tail - 1`` of a transport that
+        polled before a migration) would keep the host from ringing."""
+        if not self.shadow.enabled:
+            return
+        for sq in list(self._sqs[1:]):
+            if sq is not None and not sq.gone and not sq.deleting and sq.ei_addr is not None:
+                self._sq_rearm(sq)
+        for cq in list(self._cqs[1:]):
+            if cq is not None and not cq.gone and cq.ei_addr is not None:
+                self._cq_rearm(cq)
 
     def poll_work(self) -> bool:
         """A polling transport's look for work (see :meth:`pcidev.device.PciDevice.poll_work`):
@@ -298,8 +386,10 @@ class DoorbellsMixin:
         need not ring: :meth:`poll_work` reads the shadow tails), and with MSI-X an I/O
         CQ's is ``head - 1`` while nothing waits for room. When polling stops, every
         EventIdx is armed again (the current tail or head) and the shadow doorbells are
-        read once more, so that a value the host wrote only to the shadow is not lost.
-        The admin queues are never affected.
+        read once more, so that a value the host wrote only to the shadow is not lost
+        (an SQ being fetched by another thread is re-armed by that thread's next pass).
+        While the controller is paused or stopped only the EventIdx values are written:
+        nothing is fetched or posted. The admin queues are never affected.
 
         :param active: the transport polls from now on.
         """
@@ -307,24 +397,8 @@ class DoorbellsMixin:
         if shadow.polling == bool(active):
             return
         shadow.polling = bool(active)
-        if active:
-            return
-        mem = self._dma_or_none()
-        if mem is None:
-            return
-        for sq in list(self._sqs[1:]):
-            if sq is None or sq.gone or sq.ei_addr is None:
-                continue
-            try:
-                mem.store32(sq.ei_addr, sq.tail)
-                moved = sq.db_addr is not None and mem.load32(sq.db_addr) != sq.tail
-            except DmaError:
-                continue
-            if moved and self._running and not sq.deleting:
-                self._kick(sq)
-        for cq in list(self._cqs[1:]):
-            if cq is not None and not cq.gone and cq.ei_addr is not None:
-                self._cq_head_write(cq.cqid, cq.head, DOORBELL_BASE + 8 * cq.cqid + 4)
+        if not active:
+            self.rearm_event_idx()
 
     def _dma_or_none(self) -> GuestMemory | None:
         try:

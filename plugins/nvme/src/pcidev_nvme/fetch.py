@@ -87,6 +87,8 @@ class FetchMixin:
 
         def _doorbell_error(self, info: int, qid: int, offset: int, value: int) -> None: ...
 
+        def _sq_event_idx(self, sq: SubmissionQueue, mem: GuestMemory) -> bool: ...
+
     def _init_fetch(self) -> None:
         """No batch in progress on any thread."""
         self._tls = BatchState()
@@ -198,19 +200,42 @@ class FetchMixin:
             self.complete(req, Status.INTERNAL, error=NvmeStatusError(Status.INTERNAL, str(exc)))
 
     def _process_sq(self, sq: SubmissionQueue) -> None:
-        if not self._running or sq.gone or sq.deleting:
+        if sq.gone or sq.deleting:
             return
         try:
             mem = self.dma
+        except DmaError as exc:
+            if self._running:
+                self._fatal(f"SQ {sq.sqid}: {exc}")
+            return
+        if self._running:
+            if not self._fetch_sq(sq, mem):
+                return
+        # The EventIdx for the current policy, whether or not anything was fetched (a
+        # value another policy left, a lazy one from before a migration, is replaced).
+        if sq.ei_addr is not None:
+            try:
+                if self._sq_event_idx(sq, mem) and self._running:
+                    # the host wrote the shadow tail before it saw this EventIdx and did
+                    # not ring: fetch once more (a paused controller fetches at its resume)
+                    with sq.lock:
+                        sq.rerun = True
+            except DmaError:
+                pass
+
+    def _fetch_sq(self, sq: SubmissionQueue, mem: GuestMemory) -> bool:
+        """Fetch and dispatch the entries of ``sq`` up to its tail (shadow or MMIO).
+        Returns False if the controller failed (nothing more is done for ``sq``)."""
+        try:
             if sq.db_addr is not None:
                 tail = mem.load32(sq.db_addr)
                 if tail >= sq.size:
                     self._doorbell_error(aer_mod.INFO_INVALID_DB_VALUE, sq.sqid, DOORBELL_BASE + 8 * sq.sqid, tail)
-                    return
+                    return True
                 sq.tail = tail
         except DmaError as exc:
             self._fatal(f"SQ {sq.sqid}: {exc}")
-            return
+            return False
         cq = sq.cq
         size = sq.size
         sqid = sq.sqid
@@ -241,7 +266,7 @@ class FetchMixin:
                 with cq.lock:
                     cq.reserved -= n
                 self._fatal(f"cannot fetch from SQ {sqid}: {exc}")
-                return
+                return False
             now = time.monotonic()
             gen = self._gen
             formatting = self._formatting
@@ -281,20 +306,10 @@ class FetchMixin:
             if reqs:
                 try:
                     self.io.submit_many(reqs)  # (completes each command itself, even on a bug)
-                except Exception:
+                except Exception as exc:  # a bug: no command of the fetch is left without a completion
                     log.exception("%s: submitting %d I/O commands failed unexpectedly", self.name, len(reqs))
-            if sq.ei_addr is not None:
-                try:
-                    if admin or not self.shadow.polling:
-                        mem.store32(sq.ei_addr, sq.tail)
-                        # A host that wrote the shadow tail before seeing this EventIdx did not
-                        # ring the MMIO doorbell: look again, and fetch once more if it moved.
-                        if sq.db_addr is not None and mem.load32(sq.db_addr) != sq.tail:
-                            with sq.lock:
-                                sq.rerun = True
-                    else:
-                        # A transport polls (poll_work): the host need not ring, until
-                        # set_polling(False) arms the EventIdx again.
-                        mem.store32(sq.ei_addr, (sq.tail - 1) % size)
-                except DmaError:
-                    pass
+                    deferred = {id(d[0]) for d in self._tls.done}
+                    for req in reqs:
+                        if not req.done and id(req) not in deferred and inflight.get(req.cid) is req:
+                            self.complete(req, Status.INTERNAL, error=NvmeStatusError(Status.INTERNAL, str(exc)))
+        return True

@@ -257,92 +257,104 @@ class IoCommandSet:
         backend: Any = None
         inline = fast = False
         nlbas = shift = 0
-        for req in reqs:
-            op = req.opcode
-            if (op == 2 or op == 1) and not req.flags and not closed:
-                # Fast path: Read or Write with PRPs, the benchmark's path. Same checks as
-                # the general path, fewer calls. An inline backend (memory) moves the data
-                # here; a backend that may block (a file) first moves what it can without
-                # blocking (page-cache hits), and a worker thread does the rest.
-                if req.nsid != nsid:
-                    nsid = req.nsid
-                    ns = namespaces.get(nsid)
-                    if ns is not None:
-                        backend = ns.backend
-                        inline = backend.inline
-                        fast = inline or getattr(backend, "nowait", False)
-                        nlbas = ns.nlbas
-                        shift = ns.lba_shift
-                if ns is not None and fast:
-                    try:
-                        if op == 1 and ns.read_only:
-                            raise NvmeStatusError(
-                                Status.NS_WRITE_PROTECTED, f"namespace {ns.nsid} is write protected"
-                            )
-                        slba = req.cdw10 | req.cdw11 << 32
-                        cdw12 = req.cdw12
-                        nlb = (cdw12 & 0xFFFF) + 1
-                        if slba + nlb > nlbas:
-                            raise _lba_range(slba, nlb, ns)
-                        length = nlb << shift
-                        if mdts and length > mdts:
-                            raise NvmeStatusError(
-                                Status.INVALID_FIELD,
-                                f"transfer of {length} bytes exceeds MDTS ({mdts} bytes)",
-                                param_offset=_OFF_CDW12,
-                            )
-                        if mem is None:
-                            mem = ctrl.dma
-                        prp1 = req.prp1
-                        read = op == 2
-                        if not prp1 & 3 and length <= page - (prp1 & (page - 1)):
-                            views = mem.views(prp1, length, write=read)
-                        else:
-                            views = mem.sg_views(prp_segments(mem, prp1, req.prp2, length, page), write=read)
-                        offset = slba << shift
+        i = 0
+        try:
+            for i, req in enumerate(reqs):  # noqa: B007 (i is read by the except clause)
+                op = req.opcode
+                if (op == 2 or op == 1) and not req.flags and not closed:
+                    # Fast path: Read or Write with PRPs, the benchmark's path. Same checks as
+                    # the general path, fewer calls. An inline backend (memory) moves the data
+                    # here; a backend that may block (a file) first moves what it can without
+                    # blocking (page-cache hits), and a worker thread does the rest.
+                    if req.nsid != nsid:
+                        nsid = req.nsid
+                        ns = namespaces.get(nsid)
+                        if ns is not None:
+                            backend = ns.backend
+                            inline = backend.inline
+                            fast = inline or getattr(backend, "nowait", False)
+                            nlbas = ns.nlbas
+                            shift = ns.lba_shift
+                    if ns is not None and fast:
                         try:
-                            if inline:
-                                if read:
-                                    backend.readv(views, offset)
+                            if op == 1 and ns.read_only:
+                                raise NvmeStatusError(
+                                    Status.NS_WRITE_PROTECTED, f"namespace {ns.nsid} is write protected"
+                                )
+                            slba = req.cdw10 | req.cdw11 << 32
+                            cdw12 = req.cdw12
+                            nlb = (cdw12 & 0xFFFF) + 1
+                            if slba + nlb > nlbas:
+                                raise _lba_range(slba, nlb, ns)
+                            length = nlb << shift
+                            if mdts and length > mdts:
+                                raise NvmeStatusError(
+                                    Status.INVALID_FIELD,
+                                    f"transfer of {length} bytes exceeds MDTS ({mdts} bytes)",
+                                    param_offset=_OFF_CDW12,
+                                )
+                            if mem is None:
+                                mem = ctrl.dma
+                            prp1 = req.prp1
+                            read = op == 2
+                            if not prp1 & 3 and length <= page - (prp1 & (page - 1)):
+                                views = mem.views(prp1, length, write=read)
+                            else:
+                                views = mem.sg_views(prp_segments(mem, prp1, req.prp2, length, page), write=read)
+                            offset = slba << shift
+                            try:
+                                if inline:
+                                    if read:
+                                        backend.readv(views, offset)
+                                    else:
+                                        backend.writev(views, offset, fua=bool(cdw12 & 0x40000000)
+                                                       or not ctrl.volatile_write_cache)
+                                    done = length
+                                elif read:
+                                    done = cast(_NoWait, backend).readv_nowait(views, offset)
+                                elif cdw12 & 0x40000000 or not ctrl.volatile_write_cache:
+                                    done = 0  # a durable write never goes without waiting
                                 else:
-                                    backend.writev(views, offset, fua=bool(cdw12 & 0x40000000)
-                                                   or not ctrl.volatile_write_cache)
-                                done = length
-                            elif read:
-                                done = cast(_NoWait, backend).readv_nowait(views, offset)
-                            elif cdw12 & 0x40000000 or not ctrl.volatile_write_cache:
-                                done = 0  # a durable write never goes without waiting
-                            else:
-                                done = cast(_NoWait, backend).writev_nowait(views, offset)
-                        finally:
-                            if len(views) == 1:
-                                views[0].release()
-                            else:
-                                for v in views:
-                                    v.release()
-                        if done < length:
-                            self._dispatch(_Rest(self._read if read else self._write, done), req, ns)
-                            continue
-                        if batch is not None:  # the core's batch: counted and completed at its end
-                            if read:
-                                batch.reads += 1
-                                batch.read_bytes += length
-                            else:
-                                batch.writes += 1
-                                batch.written_bytes += length
-                            if batch.done is not None:
-                                batch.done.append((req, 0, 0, 0, None))
+                                    done = cast(_NoWait, backend).writev_nowait(views, offset)
+                            finally:
+                                if len(views) == 1:
+                                    views[0].release()
+                                else:
+                                    for v in views:
+                                        v.release()
+                            if done < length:
+                                self._dispatch(_Rest(self._read if read else self._write, done), req, ns)
                                 continue
-                        elif read:
-                            ctrl.smart.record_read(length)
-                        else:
-                            ctrl.smart.record_write(length)
-                    except BaseException as exc:
-                        self._fail(req, exc)
+                            if batch is not None:  # the core's batch: counted and completed at its end
+                                if read:
+                                    batch.reads += 1
+                                    batch.read_bytes += length
+                                else:
+                                    batch.writes += 1
+                                    batch.written_bytes += length
+                                if batch.done is not None:
+                                    batch.done.append((req, 0, 0, 0, None))
+                                    continue
+                            elif read:
+                                ctrl.smart.record_read(length)
+                            else:
+                                ctrl.smart.record_write(length)
+                        except BaseException as exc:
+                            self._fail(req, exc)
+                            continue
+                        self._complete(req, 0, 0)
                         continue
-                    self._complete(req, 0, 0)
-                    continue
-            self._submit_general(req)
+                self._submit_general(req)
+        except Exception as exc:  # a bug outside a command's own handling
+            log.exception("I/O command %r failed unexpectedly", reqs[i])
+            req = reqs[i]
+            if not req.done:  # (a second completion of a command is ignored by the controller)
+                try:
+                    self._complete(req, Status.INTERNAL, 0, error=NvmeStatusError(Status.INTERNAL, str(exc)))
+                except Exception:
+                    log.exception("completing %r failed", req)
+            if i + 1 < len(reqs):  # the commands after it were not started: run them
+                self.submit_many(reqs[i + 1:])
 
     def _submit_general(self, req: Request) -> None:
         """Every command but the fast path's (see :meth:`submit`)."""

@@ -583,6 +583,7 @@ class MigrationMixin:
     keep_alive_restart: Callable[[], None]
     save_soon: Callable[[], None]
     kick_all: Callable[[], None]
+    rearm_event_idx: Callable[[], None]
 
     def _init_migration(self) -> None:
         """Not paused, no state file write due."""
@@ -630,9 +631,12 @@ class MigrationMixin:
         self.interrupts.flush_coalesced()
 
     def restart_work(self) -> None:
-        """After an unpause: keep alive counted from now, events delivered, every SQ fetched."""
+        """After an unpause: keep alive counted from now, events delivered, every EventIdx
+        published for this process's polling policy (the source's transport may have
+        polled), every SQ fetched."""
         self.keep_alive_restart()
         self.aer.deliver()
+        self.rearm_event_idx()
         self.kick_all()
 
     # -- PciDevice hooks ----------------------------------------------------------------
