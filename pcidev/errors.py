@@ -14,6 +14,7 @@ __all__ = [
     "ConfigError",
     "ConfigMismatchError",
     "ConfigSpaceError",
+    "ConnectionLostError",
     "DeviceFailedError",
     "DmaError",
     "IrqError",
@@ -174,6 +175,12 @@ class MigrationError(PcidevError):
     """A migration did not complete. The source device is running again (it keeps
     its state until the destination acknowledges), unless the message says
     otherwise."""
+
+
+class ConnectionLostError(MigrationError):
+    """A handover's new process may have run the device after COMMIT and then failed
+    (its RUNNING came late or broken): neither process may run the device again, and
+    the client's connection is lost (closed)."""
 
 
 class MigrationBlockedError(MigrationError):

@@ -52,13 +52,15 @@ from typing import Any
 import attrs
 
 from pcidev._version import __version__
-from pcidev.errors import MigrationError, PcidevError, TransportError
+from pcidev.errors import ConnectionLostError, MigrationError, PcidevError, TransportError
 from pcidev.migration.channel import (
     ABORT,
     CONN,
     HANDOVER,
+    MAGIC,
     READY,
     REPORT,
+    SERVING,
     frame_meta,
     recv_frame,
     send_meta,
@@ -92,13 +94,17 @@ CONTROL_SUFFIX = ".ctl"
 #: environment variable that makes the new process fail on purpose (tests)
 FAULT_ENV = "PCIDEV_HANDOVER_FAULT"
 #: the failures :data:`FAULT_ENV` can ask for
-FAULTS = ("die-before-ack", "die-after-commit", "nack")
+FAULTS = ("die-before-ack", "die-after-commit", "nack", "hang-after-commit", "half-running")
 #: version of the HANDOVER request
 HANDOVER_PROTOCOL = 1
 _UCRED = struct.Struct("<iII")  # struct ucred {pid_t pid; uid_t uid; gid_t gid} (x86/arm little-endian)
-#: seconds the old process waits for the new one's acknowledgement, and for RUNNING after COMMIT
-_ACK_TIMEOUT = 10.0
-_RUNNING_TIMEOUT = 5.0
+#: The paused phase (the client's socket is read by nobody) must end well within QEMU's
+#: ``x-msg-timeout`` (5 s by default): at most _ACK_TIMEOUT seconds from the stop to the
+#: new process's acknowledgement, then at most _RUNNING_TIMEOUT for RUNNING after COMMIT
+#: (then a SIGKILL at once): in all at most _PAUSE_BUDGET seconds.
+_ACK_TIMEOUT = 2.0
+_RUNNING_TIMEOUT = 1.0
+_PAUSE_BUDGET = _ACK_TIMEOUT + _RUNNING_TIMEOUT
 #: seconds the serve thread may take to reach a message boundary after READY
 _BOUNDARY_TIMEOUT = 10.0
 
@@ -217,8 +223,13 @@ class HandoverJob:
         try:
             self.proc.wait(1.0)
         except subprocess.TimeoutExpired:
+            self.kill_now()
+
+    def kill_now(self) -> None:
+        """SIGKILL the new process at once and reap it (after COMMIT: it may be about to run)."""
+        if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait()
+        self.proc.wait()
 
     def send_abort(self, reason: str) -> None:
         """Tell the new process to give up (ABORT); it must not run the device."""
@@ -234,6 +245,10 @@ class HandoverJob:
         self.kill()
         self.chan.close()
 
+
+#: :meth:`HandoverControl.cut`'s outcomes: the new process serves; this one serves on;
+#: the connection is lost (neither may run the device)
+HANDED, KEPT, LOST = "handed", "kept", "lost"
 
 #: returns why a handover cannot start now (None: it can)
 Precheck = Callable[[], "str | None"]
@@ -294,6 +309,11 @@ class HandoverControl:
                 os.close(fd)
             except OSError:
                 pass
+
+    @property
+    def started(self) -> bool:
+        """Whether :meth:`start` ran."""
+        return self._thread is not None
 
     @property
     def busy(self) -> bool:
@@ -464,34 +484,38 @@ class HandoverControl:
             job, self._cut_wanted = self._cut_wanted, None
         return job
 
-    def cut(self, job: HandoverJob, server: VfioUserServer | None, listener: Listener) -> bool:
+    def cut(self, job: HandoverJob, server: VfioUserServer | None, listener: Listener) -> str:
         """Hand the device over (serve thread, at a message boundary; the client socket is
-        not read meanwhile). On failure everything is as before and serving goes on.
+        not read meanwhile). On failure everything is as before and serving goes on,
+        except when the connection is lost.
 
         :param job: from :meth:`take_cut`.
         :param server: the connection being served, or None between clients.
         :param listener: the vfio-user socket's listener.
-        :returns: whether the new process serves now (this one must stop).
+        :returns: :data:`HANDED` (the new process serves now: this one must stop),
+            :data:`KEPT` (rolled back: serve on) or :data:`LOST` (the new process may have
+            served the client and was killed: neither may run the device; close the
+            connection and exit 1).
         """
         try:
-            handed = self._cut(job, server, listener)
+            outcome = self._cut(job, server, listener)
         except Exception as exc:
             log.exception("handover failed")
             job.outcome = {"ok": False, "reason": f"{type(exc).__name__}: {exc}"}
-            handed = False
-        if handed:
+            outcome = KEPT
+        if outcome == HANDED:
             self.stop()  # before the report: the next request must reach the new process
-        else:
+        elif outcome == KEPT:
             job.send_abort(str(job.outcome.get("reason", "")))  # the control thread reaps it
         job.done.set()
-        return handed
+        return outcome
 
-    def _cut(self, job: HandoverJob, server: VfioUserServer | None, listener: Listener) -> bool:
+    def _cut(self, job: HandoverJob, server: VfioUserServer | None, listener: Listener) -> str:
         cut_at = time.monotonic()
         why = self.precheck()
         if why is not None:
             job.outcome = {"ok": False, "refused": True, "reason": why}
-            return False
+            return KEPT
         pending, pending_fds = server.reader.pending() if server is not None else (b"", [])
         try:
             files = {"listener": _file_meta(listener), "control": _file_meta(self.listener)}
@@ -499,30 +523,52 @@ class HandoverControl:
             if server is not None:
                 fds.append(server.sock.fileno())
             meta = {"protocol": HANDOVER_PROTOCOL, "conn": server.conn.to_meta() if server is not None else None,
-                    "pending": pending, "pending_fds": len(pending_fds), **files}
+                    "pending": pending, "pending_fds": len(pending_fds), "old_pid": os.getpid(), **files}
             conn_fds = fds + pending_fds
             job.chan.settimeout(_ACK_TIMEOUT)
             send_meta(job.chan, CONN, meta, conn_fds)
-            result = self.endpoint.hand_over(job.chan, timeout=_ACK_TIMEOUT, running_timeout=_RUNNING_TIMEOUT,
-                                             stall=job.kill)
+            result = self.endpoint.hand_over(job.chan, timeout=max(cut_at + _ACK_TIMEOUT - time.monotonic(), 0.001),
+                                             running_timeout=_RUNNING_TIMEOUT, stall=job.kill_now)
+        except ConnectionLostError as exc:  # the new process may have read the client: never resume
+            close_fds(pending_fds)
+            log.error("handover: %s", exc)
+            job.outcome = {"ok": False, "lost": True, "reason": str(exc)}
+            return LOST
         except Exception as exc:  # the device runs here again (hand_over resumed it)
             if server is not None:
                 server.reader.prepend(pending, pending_fds)  # as if nothing had been taken
             if not isinstance(exc, (MigrationError, TransportError)):
                 log.exception("handover failed")
             job.outcome = {"ok": False, "reason": str(exc) or type(exc).__name__}
-            return False
+            return KEPT
         close_fds(pending_fds)  # the new process has its own copies
+        running_at = result.running_at if result.running_at is not None else time.monotonic()
+        serving_at = _await_serving(job.chan)  # the new process's first poll of the client's socket
         job.chan.close()
-        assert result.running_at is not None  # a committed handover always reports RUNNING
-        downtime = (result.running_at - cut_at) * 1000
+        end = serving_at if serving_at is not None else running_at
         job.outcome = {"ok": True, "reason": "", "old_pid": os.getpid(), "new_pid": int(job.ready["pid"]),
-                       "downtime_ms": round(downtime, 3), "state_bytes": result.state_size,
+                       "downtime_ms": round((end - cut_at) * 1000, 3), "state_bytes": result.state_size,
                        "fds": result.fds + len(conn_fds), "same_clock": result.same_clock,
                        "quiesced_ms": round((result.stopped_at - cut_at) * 1000, 3),
                        "acked_ms": round((result.acked_at - cut_at) * 1000, 3),
+                       "running_ms": round((running_at - cut_at) * 1000, 3),
+                       "serving_reported": serving_at is not None,
                        "new_version": str(job.ready.get("version", ""))}
-        return True
+        return HANDED
+
+
+def _await_serving(chan: socket.socket) -> float | None:
+    """The new process's SERVING time (its first poll of the client's socket), or None
+    if it does not say within a second (it runs the device all the same)."""
+    try:
+        chan.settimeout(1.0)
+        kind, body, stray = recv_frame(chan)
+        close_fds(stray)
+        if kind != SERVING:
+            return None
+        return float(frame_meta(kind, body, {"serving_at": float})["serving_at"])
+    except (TransportError, OSError):
+        return None
 
 
 def _file_meta(listener: Listener) -> dict[str, Any] | None:
@@ -547,19 +593,42 @@ def outcome_line(report: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------- the new process
 @attrs.define
 class Adopted:
-    """What a handover's new process received, once it runs the device.
+    """What a handover's new process received.
 
     :ivar listener: the vfio-user socket's listener (the same socket file).
     :ivar control: the control endpoint's listener.
     :ivar server: the client's connection with its state and pending bytes, or None
         (no client was connected).
-    :ivar old_pid: the process that served the device before.
+    :ivar old_pid: the process that served the device before (from CONN).
+    :ivar chan: the channel to the old process until :meth:`serving` (then None).
     """
 
     listener: Listener
     control: Listener
     server: VfioUserServer | None
     old_pid: int
+    chan: socket.socket | None = None
+
+    def serving(self) -> None:
+        """Tell the old process this one polls the client's socket now (SERVING: the end
+        of the downtime it reports), and close the channel. Idempotent; never raises."""
+        chan, self.chan = self.chan, None
+        if chan is None:
+            return
+        try:
+            chan.settimeout(0.5)
+            send_meta(chan, SERVING, {"serving_at": time.monotonic()})
+        except (TransportError, OSError):
+            pass
+        finally:
+            chan.close()
+
+    def close(self) -> None:
+        """Close the channel (a handover that failed here; the sockets received stay open:
+        the old process serves them)."""
+        chan, self.chan = self.chan, None
+        if chan is not None:
+            chan.close()
 
 
 def _fault_exit(fault: str | None, at: str) -> None:
@@ -568,18 +637,38 @@ def _fault_exit(fault: str | None, at: str) -> None:
         os._exit(3)
 
 
-def adopt(chan_fd: int, endpoint: DeviceEndpoint, *, timeout: float = 30.0) -> Adopted:
+def _fault_after_commit(fault: str | None, chan: socket.socket) -> None:
+    """The failures after COMMIT (tests): die, hang, or send half a RUNNING and hang."""
+    _fault_exit(fault, "die-after-commit")
+    if fault in ("hang-after-commit", "half-running"):
+        log.warning("handover: failing on purpose (%s=%s)", FAULT_ENV, fault)
+        if fault == "half-running":
+            chan.sendall(MAGIC[:4])
+        time.sleep(3600)  # the old process kills this one
+        os._exit(3)
+
+
+#: called with what was received, before the acknowledgement (build everything the
+#: serving needs here: it is outside the downtime), or after COMMIT (just before RUNNING)
+AdoptHook = Callable[[Adopted], None]
+
+
+def adopt(chan_fd: int, endpoint: DeviceEndpoint, *, timeout: float = 30.0, prepare: AdoptHook | None = None,
+          committed: AdoptHook | None = None) -> Adopted:
     """Take the device and its connection over from the process at the other end of
     ``chan_fd`` (``serve --adopt FD``): READY, CONN, the device, ACK, COMMIT, RUNNING.
 
     Nothing here reads the client socket; when this returns, the device runs and
-    RUNNING has gone out, so the caller serves the connection. On an exception the
-    old process keeps (or takes back) the device: the caller must exit without
-    touching the sockets received (no ``shutdown``, no unlink).
+    RUNNING has gone out, so the caller serves the connection (and calls
+    :meth:`Adopted.serving` right before its first poll). On an exception the old
+    process keeps (or takes back) the device: the caller must exit without touching
+    the sockets received (no ``shutdown``, no unlink).
 
     :param chan_fd: this end of the socketpair (``--adopt``).
     :param endpoint: the endpoint of the device built here (not started).
     :param timeout: seconds to wait for each step.
+    :param prepare: called before the acknowledgement (an exception refuses the handover).
+    :param committed: called after COMMIT, before RUNNING (keep it short: the guest waits).
     :returns: what was received.
     :raises PcidevError: the handover failed (one line).
     """
@@ -602,7 +691,7 @@ def adopt(chan_fd: int, endpoint: DeviceEndpoint, *, timeout: float = 30.0) -> A
         kind, body, received = recv_frame(chan, max_fds=SCM_MAX_FD, max_len=1 << 24)
         if kind != CONN:
             raise TransportError(f"handover: expected CONN, got frame type {kind}")
-        meta = frame_meta(kind, body, {"protocol": int, "pending": bytes, "pending_fds": int})
+        meta = frame_meta(kind, body, {"protocol": int, "pending": bytes, "pending_fds": int, "old_pid": int})
         if meta["protocol"] != HANDOVER_PROTOCOL:
             raise TransportError(f"handover: protocol {meta['protocol']} (this pcidev speaks {HANDOVER_PROTOCOL})")
         npend = meta["pending_fds"]
@@ -615,26 +704,31 @@ def adopt(chan_fd: int, endpoint: DeviceEndpoint, *, timeout: float = 30.0) -> A
         client = socket.socket(fileno=received[2]) if has_client else None
         pending_fds = received[2 + int(has_client):]
         received = []
+        got = Adopted(listener=listener, control=control, server=None, old_pid=meta["old_pid"], chan=chan)
 
         def before_ack() -> None:
             _fault_exit(fault, "die-before-ack")
             if fault == "nack":
                 raise MigrationError(f"refusing on purpose ({FAULT_ENV}=nack)")
+            if client is not None and conn is not None:  # built now: outside the downtime
+                server = VfioUserServer(endpoint, client, max_msg_fds=conn.max_msg_fds,
+                                        max_data_xfer_size=conn.max_data_xfer_size)
+                server.conn = conn
+                server.dormant = False  # the device is loaded, not resumed yet: it runs after COMMIT
+                server.reader.prepend(meta["pending"], pending_fds)
+                got.server = server
+            if prepare is not None:
+                prepare(got)
 
-        endpoint.accept_handover(chan, timeout=timeout, before_ack=before_ack,
-                                 committed=lambda: _fault_exit(fault, "die-after-commit"))
+        def after_commit() -> None:
+            _fault_after_commit(fault, chan)
+            if committed is not None:
+                committed(got)
+
+        endpoint.accept_handover(chan, timeout=timeout, before_ack=before_ack, committed=after_commit)
     except BaseException:
         close_fds(received)
-        raise
-    finally:
         chan.close()
-    server = None
-    if client is not None and conn is not None:
-        server = VfioUserServer(endpoint, client, max_msg_fds=conn.max_msg_fds,
-                                max_data_xfer_size=conn.max_data_xfer_size)
-        server.conn = conn
-        server.reader.prepend(meta["pending"], pending_fds)
+        raise
     _notify_main_pid()
-    old_pid = os.getppid()
-    return Adopted(listener=listener, control=control, server=server, old_pid=old_pid)
-
+    return got

@@ -408,8 +408,11 @@ def _still_serves(drv: NvmeDriver, expect: dict[int, bytes]) -> None:
         assert drv.read(1, slba=slba, nlb=len(data) // drv.lba_size(1)) == data
 
 
-@pytest.mark.parametrize("fault", ["die-before-ack", "nack", "die-after-commit"])
+@pytest.mark.parametrize("fault", ["die-before-ack", "nack", "die-after-commit", "hang-after-commit"])
 def test_a_failing_new_process_leaves_the_old_one_serving(fault: str) -> None:
+    """Every failure before the new process could have read the client's socket (a new
+    process silent after COMMIT is killed at once): the old one serves on, with the
+    verified I/O going on."""
     with serving("nvme,ns=mem:size=4M") as server, nvme(server.sock, io_queues=1) as drv:
         expect = {1024: os.urandom(4096)}  # beyond the blocks VerifiedIo writes
         drv.write(1, slba=1024, data=expect[1024])
@@ -429,6 +432,48 @@ def test_a_failing_new_process_leaves_the_old_one_serving(fault: str) -> None:
         report = server.handover()  # and a real one works afterwards
         assert report["old_pid"] == server.proc.pid
         _still_serves(drv, expect)
+
+
+def test_a_new_process_that_may_have_served_loses_the_connection_and_never_two_readers() -> None:
+    """After COMMIT the new process sends half a RUNNING and hangs: it may have read the
+    client's socket, so the old process kills it and must not resume either. The client's
+    connection is closed, the CLI hears why, the old process exits 1 (never two readers)."""
+    with serving("nvme,ns=mem:size=4M") as server, nvme(server.sock, io_queues=1) as drv:
+        drv.write(1, slba=0, data=os.urandom(4096))
+        started = time.monotonic()
+        with pytest.raises(MigrationError, match="connection is lost") as info:
+            server.handover(fault="half-running")
+        assert "\n" not in str(info.value)
+        assert time.monotonic() - started < 10
+        assert server.proc.wait(20) == 1
+        with pytest.raises(TransportError):
+            drv.read(1, slba=0, nlb=4096 // drv.lba_size(1))
+        assert "connection is lost" in server.log.read_text()
+
+
+def test_the_pause_fits_in_the_clients_message_timeout() -> None:
+    """A new process silent after COMMIT: the whole pause (boundary to rollback) stays well
+    under QEMU's 5 s x-msg-timeout; a vCPU read during it is answered by the old process."""
+    with serving("edu", "-p", "no:nvme") as server, VfioUserClient.connect(server.sock) as client:
+        worst: list[float] = [0.0]
+        halt = threading.Event()
+
+        def probe() -> None:  # a vCPU reading a register again and again
+            while not halt.is_set():
+                t = time.monotonic()
+                assert client.read_int(0, 0, 4) == 0x010000ED
+                worst[0] = max(worst[0], time.monotonic() - t)
+                time.sleep(0.005)
+
+        t = threading.Thread(target=probe)
+        t.start()
+        try:
+            with pytest.raises(MigrationError, match="runs again on the source"):
+                server.handover(fault="hang-after-commit")
+        finally:
+            halt.set()
+            t.join(30)
+        assert 0.5 < worst[0] < 4.0, worst  # it did wait out the RUNNING timeout, within the budget
 
 
 def test_a_second_concurrent_handover_is_refused(tmp_path: Path) -> None:
