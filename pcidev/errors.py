@@ -17,6 +17,7 @@ __all__ = [
     "ConnectionLostError",
     "DeviceFailedError",
     "DmaError",
+    "HandoverDeniedError",
     "IrqError",
     "MigrationBlockedError",
     "MigrationError",
@@ -169,6 +170,10 @@ class TransportError(PcidevError):
     """A transport connection failed or carried a malformed message: bad framing,
     unexpected or truncated file descriptors, a peer that went away, or an error
     reply whose type the receiver does not know."""
+
+
+class HandoverDeniedError(TransportError):
+    """A handover was asked by a user other than the one the server runs as."""
 
 
 class MigrationError(PcidevError):

@@ -93,6 +93,7 @@ from pcidev.vmstate.errors import ConfigMismatchError
 __all__ = [
     "PROTOCOL_VERSION",
     "MAGIC",
+    "FRAME_HEADER",
     "MAX_STREAM_SIZE",
     "MigrationResult",
     "IncomingResult",
@@ -116,7 +117,9 @@ __all__ = [
 PROTOCOL_VERSION = 1
 #: The 8 bytes every migration channel frame starts with.
 MAGIC = b"PCIDMIGR"
-_HEADER = struct.Struct("<8sHHI")
+#: the header of every frame: magic, type, flags, body length
+FRAME_HEADER = struct.Struct("<8sHHI")
+_HEADER = FRAME_HEADER
 #: the largest state stream a destination accepts (a garbage length must not make
 #: it allocate gigabytes)
 MAX_STREAM_SIZE = 256 << 20

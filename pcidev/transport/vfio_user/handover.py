@@ -52,10 +52,11 @@ from typing import Any
 import attrs
 
 from pcidev._version import __version__
-from pcidev.errors import ConnectionLostError, MigrationError, PcidevError, TransportError
+from pcidev.errors import ConnectionLostError, HandoverDeniedError, MigrationError, PcidevError, TransportError
 from pcidev.migration.channel import (
     ABORT,
     CONN,
+    FRAME_HEADER,
     HANDOVER,
     MAGIC,
     READY,
@@ -97,7 +98,7 @@ FAULT_ENV = "PCIDEV_HANDOVER_FAULT"
 FAULTS = ("die-before-ack", "die-after-commit", "nack", "hang-after-commit", "half-running")
 #: version of the HANDOVER request
 HANDOVER_PROTOCOL = 1
-_UCRED = struct.Struct("<iII")  # struct ucred {pid_t pid; uid_t uid; gid_t gid} (x86/arm little-endian)
+_UCRED = struct.Struct("=iII")  # struct ucred {pid_t pid; uid_t uid; gid_t gid}: a native struct
 #: The paused phase (the client's socket is read by nobody) must end well within QEMU's
 #: ``x-msg-timeout`` (5 s by default): at most _ACK_TIMEOUT seconds from the stop to the
 #: new process's acknowledgement, then at most _RUNNING_TIMEOUT for RUNNING after COMMIT
@@ -107,6 +108,13 @@ _RUNNING_TIMEOUT = 1.0
 _PAUSE_BUDGET = _ACK_TIMEOUT + _RUNNING_TIMEOUT
 #: seconds the serve thread may take to reach a message boundary after READY
 _BOUNDARY_TIMEOUT = 10.0
+#: seconds a control connection may take to send its whole request
+_REQUEST_TIMEOUT = 2.0
+#: control connections read at once (more are answered "busy" at once)
+_MAX_READERS = 8
+#: the most the serving process takes after the request, beyond the CLI's ``timeout``
+#: (reaching the boundary, the pause, SIGKILL and reaping, SERVING): the CLI waits longer
+_SERVER_SLACK = _BOUNDARY_TIMEOUT + _ACK_TIMEOUT + _RUNNING_TIMEOUT + 5.0
 
 
 def control_path(socket_path: str) -> str:
@@ -176,11 +184,13 @@ def request_handover(control: str, *, exec_path: str | None = None, timeout: flo
             send_meta(sock, HANDOVER, request)
         except TransportError:
             pass  # refused before the request was read (and closed): the REPORT says why
-        sock.settimeout(timeout + _ACK_TIMEOUT + _RUNNING_TIMEOUT + 10.0)
+        waited = timeout + _SERVER_SLACK + 15.0  # longer than the server's worst case
+        sock.settimeout(waited)
         try:
             kind, body, stray = recv_frame(sock)
         except TransportError as exc:
-            raise TransportError(f"handover control socket {control}: no report ({exc})") from None
+            raise TransportError(f"handover control socket {control}: the server did not answer within "
+                                 f"{waited:g} s ({exc}); see its log for the outcome") from None
         close_fds(stray)
         if kind != REPORT:
             raise TransportError(f"handover control socket {control}: expected a REPORT, got frame type {kind}")
@@ -282,6 +292,11 @@ class HandoverControl:
         self._job: HandoverJob | None = None
         self._cut_wanted: HandoverJob | None = None
         self._busy = False
+        self._cutting = False
+        self._readers = 0
+        self._stopping: str | None = None
+        self._spawning: tuple[subprocess.Popen[bytes], socket.socket] | None = None
+        self._requests: list[threading.Thread] = []
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._thread: threading.Thread | None = None
         self._stopped = False
@@ -292,23 +307,53 @@ class HandoverControl:
         self._thread = threading.Thread(target=self._accept_loop, name="pcidev-handover-control", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, reason: str = "the server is stopping", *, wait_requests: bool = True) -> None:
         """Stop accepting requests and wait for the thread (not the listener: the caller
-        closes or detaches it). Idempotent."""
-        if self._stopped:
-            return
-        self._stopped = True
-        try:
-            os.write(self._stop_w, b"s")
-        except OSError:
-            pass
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(10.0)
-        for fd in (self._stop_r, self._stop_w):
+        closes or detaches it). A handover not yet at the cut is aborted (its new process
+        killed and reaped; its requester told ``reason``). Idempotent.
+
+        :param reason: why, for a requester whose handover is aborted.
+        :param wait_requests: also wait (up to 5 s each) for the requests being answered.
+        """
+        if not self._stopped:
+            self._stopped = True
+            self.abort_pending(reason)
             try:
-                os.close(fd)
+                os.write(self._stop_w, b"s")
             except OSError:
                 pass
+            if self._thread is not None and self._thread is not threading.current_thread():
+                self._thread.join(10.0)
+            for fd in (self._stop_r, self._stop_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        if wait_requests:  # their answers must go out before this process ends
+            for t in list(self._requests):
+                if t is not threading.current_thread():
+                    t.join(5.0)
+
+    def abort_pending(self, reason: str) -> None:
+        """Abort a handover that has not reached the cut (any thread): its new process is
+        killed and reaped, the requester hears ``reason``. A cut under way is not touched."""
+        with self._lock:
+            self._stopping = reason
+            spawning = self._spawning
+            job, self._cut_wanted = self._cut_wanted, None
+        if spawning is not None:
+            proc, chan = spawning
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            try:
+                chan.shutdown(socket.SHUT_RDWR)  # wakes the wait for READY
+            except OSError:
+                pass
+        if job is not None:
+            job.outcome = {"ok": False, "reason": reason}
+            job.send_abort(reason)
+            job.done.set()
 
     @property
     def started(self) -> bool:
@@ -317,8 +362,13 @@ class HandoverControl:
 
     @property
     def busy(self) -> bool:
-        """Whether a handover runs (signals are deferred meanwhile)."""
+        """Whether a handover runs (from its request to its report)."""
         return self._busy
+
+    @property
+    def cutting(self) -> bool:
+        """Whether the cut runs (the device is paused; signals are deferred meanwhile)."""
+        return self._cutting
 
     # -- control thread -----------------------------------------------------------------
     def _accept_loop(self) -> None:
@@ -338,14 +388,15 @@ class HandoverControl:
                 continue
             conn.set_inheritable(False)
             with self._lock:
-                take = not self._busy
+                take = self._readers < _MAX_READERS
                 if take:
-                    self._busy = True
+                    self._readers += 1
             if not take:
-                self._answer(conn, {"ok": False, "refused": True,
-                                    "reason": "a handover of this device is already in progress"})
+                self._answer(conn, {"ok": False, "refused": True, "reason": "too many control connections"})
                 continue
-            threading.Thread(target=self._serve_request, args=(conn,), name="pcidev-handover", daemon=True).start()
+            t = threading.Thread(target=self._serve_request, args=(conn,), name="pcidev-handover", daemon=True)
+            self._requests = [r for r in self._requests if r.is_alive()] + [t]
+            t.start()
 
     @staticmethod
     def _answer(conn: socket.socket, report: dict[str, Any]) -> None:
@@ -359,13 +410,35 @@ class HandoverControl:
 
     def _serve_request(self, conn: socket.socket) -> None:
         job: HandoverJob | None = None
+        took = False
         try:
-            report = self._run(conn)
+            try:
+                req = self._read_request(conn)
+            except HandoverDeniedError as exc:
+                req, report = None, {"ok": False, "refused": True, "reason": f"permission denied: {exc}"}
+            except TransportError as exc:
+                req, report = None, {"ok": False, "refused": True, "reason": f"bad request: {exc}"}
+            finally:
+                with self._lock:
+                    self._readers -= 1
+            if req is None:
+                self._answer(conn, report)
+                return
+            with self._lock:
+                take = not self._busy and self._stopping is None
+                if take:
+                    self._busy = took = True
+                why = self._stopping
+            if not take:
+                self._answer(conn, {"ok": False, "refused": True,
+                                    "reason": why or "a handover of this device is already in progress"})
+                return
+            report = self._run(req)
             job = self._job
         except Exception as exc:  # a bug must not kill the control thread silently
             log.exception("handover failed")
             report = {"ok": False, "reason": f"{type(exc).__name__}: {exc}"}
-        failed = not report.get("ok")
+        failed = not report.get("ok") and took
         if failed:  # before the answer: the next request must find the server free
             with self._lock:
                 self._job = None
@@ -381,10 +454,8 @@ class HandoverControl:
     def _read_request(self, conn: socket.socket) -> dict[str, Any]:
         uid = peer_uid(conn)
         if uid != os.getuid():
-            raise PermissionError(f"uid {uid} may not hand over a device served by uid {os.getuid()}")
-        conn.settimeout(5.0)
-        kind, body, stray = recv_frame(conn)
-        close_fds(stray)
+            raise HandoverDeniedError(f"uid {uid} may not hand over a device served by uid {os.getuid()}")
+        kind, body = _recv_request(conn, time.monotonic() + _REQUEST_TIMEOUT)
         if kind != HANDOVER:
             raise TransportError(f"expected a HANDOVER request, got frame type {kind}")
         req = frame_meta(kind, body, {"protocol": int, "timeout": float})
@@ -399,13 +470,7 @@ class HandoverControl:
             raise TransportError(f"unknown fault {fault!r}")
         return req
 
-    def _run(self, conn: socket.socket) -> dict[str, Any]:
-        try:
-            req = self._read_request(conn)
-        except PermissionError as exc:
-            return {"ok": False, "refused": True, "reason": f"permission denied: {exc}"}
-        except TransportError as exc:
-            return {"ok": False, "refused": True, "reason": f"bad request: {exc}"}
+    def _run(self, req: dict[str, Any]) -> dict[str, Any]:
         why = self.precheck()
         if why is not None:
             return {"ok": False, "refused": True, "reason": why}
@@ -415,7 +480,12 @@ class HandoverControl:
             return {"ok": False, "reason": f"the new process did not start: {exc}"}
         self._job = job
         with self._lock:
-            self._cut_wanted = job
+            stopping = self._stopping
+            if stopping is None:
+                self._cut_wanted = job
+        if stopping is not None:
+            job.abort(stopping)
+            return {"ok": False, "reason": stopping}
         self.wake()
         if not job.done.wait(_BOUNDARY_TIMEOUT):
             with self._lock:
@@ -455,15 +525,26 @@ class HandoverControl:
         finally:
             theirs.close()
         job = HandoverJob(proc=proc, chan=mine, fault=fault)
+        with self._lock:
+            stopping = self._stopping
+            if stopping is None:
+                self._spawning = (proc, mine)
         try:
+            if stopping is not None:
+                raise TransportError(stopping)
             mine.settimeout(timeout)
             try:
                 kind, body, stray = recv_frame(mine)
             except TransportError as exc:
                 code = proc.poll()
+                if self._stopping is not None:
+                    raise TransportError(f"{self._stopping} (the new process was killed)") from None
                 raise TransportError(f"it ended (status {code}) before it was ready" if code is not None
                                      else f"it was not ready in time ({exc})") from None
             close_fds(stray)
+            with self._lock:
+                if self._stopping is not None:
+                    raise TransportError(self._stopping)
             if kind != READY:
                 raise TransportError(f"expected READY, got frame type {kind}")
             job.ready = frame_meta(kind, body, {"pid": int, "device_type": str})
@@ -473,6 +554,9 @@ class HandoverControl:
         except BaseException as exc:
             job.abort(str(exc))
             raise
+        finally:
+            with self._lock:
+                self._spawning = None
         job.spawn_ms = round((time.monotonic() - started) * 1000, 3)
         return job
 
@@ -482,6 +566,7 @@ class HandoverControl:
         message boundary, then :meth:`cut`)."""
         with self._lock:
             job, self._cut_wanted = self._cut_wanted, None
+            self._cutting = job is not None  # signals are deferred from here to the end of the cut
         return job
 
     def cut(self, job: HandoverJob, server: VfioUserServer | None, listener: Listener) -> str:
@@ -497,16 +582,18 @@ class HandoverControl:
             served the client and was killed: neither may run the device; close the
             connection and exit 1).
         """
+        self._cutting = True
         try:
             outcome = self._cut(job, server, listener)
         except Exception as exc:
             log.exception("handover failed")
             job.outcome = {"ok": False, "reason": f"{type(exc).__name__}: {exc}"}
             outcome = KEPT
-        if outcome == HANDED:
-            self.stop()  # before the report: the next request must reach the new process
+        if outcome == HANDED:  # before the report: the next request must reach the new process
+            self.stop("handed over", wait_requests=False)
         elif outcome == KEPT:
             job.send_abort(str(job.outcome.get("reason", "")))  # the control thread reaps it
+        self._cutting = False
         job.done.set()
         return outcome
 
@@ -569,6 +656,37 @@ def _await_serving(chan: socket.socket) -> float | None:
         return float(frame_meta(kind, body, {"serving_at": float})["serving_at"])
     except (TransportError, OSError):
         return None
+
+
+def _recv_request(conn: socket.socket, deadline: float) -> tuple[int, bytes]:
+    """One frame from a control connection, whole by ``deadline`` (``CLOCK_MONOTONIC``),
+    however slowly its bytes come.
+
+    :raises TransportError: not in time, the end, or not a frame.
+    """
+    def take(n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TransportError(f"no whole request within {_REQUEST_TIMEOUT:g} s")
+            conn.settimeout(left)
+            try:
+                chunk = conn.recv(n - len(buf))
+            except TimeoutError:
+                raise TransportError(f"no whole request within {_REQUEST_TIMEOUT:g} s") from None
+            except OSError as exc:
+                raise TransportError(exc.strerror or str(exc)) from None
+            if not chunk:
+                raise TransportError("the connection ended before a whole request")
+            buf += chunk
+        return buf
+
+    head = take(FRAME_HEADER.size)
+    magic, kind, flags, length = FRAME_HEADER.unpack(head)
+    if magic != MAGIC or flags or kind != HANDOVER or length > 1 << 16:
+        raise TransportError("not a handover request")
+    return kind, take(length) if length else b""
 
 
 def _file_meta(listener: Listener) -> dict[str, Any] | None:

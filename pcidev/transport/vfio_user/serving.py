@@ -159,7 +159,7 @@ class VfioUserService:
                 self._handed_job = job  # the report must reach the CLI before this process ends
                 print(f"pcidev: {job.outcome['reason']}", file=self.out, flush=True)
                 return _LOST
-        if self._deferred_signal is not None and not (self.control is not None and self.control.busy):
+        if self._deferred_signal is not None and not (self.control is not None and self.control.cutting):
             return _SIGNALLED
         return None
 
@@ -168,8 +168,8 @@ class VfioUserService:
             # handed over and reported: only this process's copies are left (the kernel
             # closes them; nothing is unlinked or saved), so a signal ends it at once
             os._exit(0)
-        if self.control is not None and self.control.busy:
-            log.warning("signal %d deferred: a handover is running", signum)
+        if self._handed_job is not None or (self.control is not None and self.control.cutting):
+            log.warning("signal %d deferred: a handover's cut is running", signum)
             self._deferred_signal = signum
             return
         raise SystemExit(128 + signum)
@@ -231,6 +231,8 @@ class VfioUserService:
                 if server is not None:
                     reason = self._serve_one(server)
                     if reason not in (_HANDED_OVER, _SIGNALLED, _LOST) and self._client_left(server, reason):
+                        if self.control is not None:  # a handover being prepared has nothing left to move
+                            self.control.stop(f"the client left ({reason}) and the server ends (--once)")
                         return 0
                     server = None
                     nxt, self._next_client = self._next_client, None
@@ -245,8 +247,7 @@ class VfioUserService:
                 if reason == _LOST:
                     return 1
                 if reason == _SIGNALLED:
-                    assert self._deferred_signal is not None
-                    raise SystemExit(128 + self._deferred_signal)
+                    raise SystemExit(128 + (self._deferred_signal or signal.SIGTERM))
         except OSError as exc:
             raise TransportError(f"vfio-user socket {self.path}: {exc.strerror or exc}") from exc
         finally:

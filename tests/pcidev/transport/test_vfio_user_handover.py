@@ -479,6 +479,88 @@ def test_the_pause_fits_in_the_clients_message_timeout() -> None:
         assert 0.5 < worst[0] < 4.0, worst  # it did wait out the RUNNING timeout, within the budget
 
 
+def _gated_python(tmp_path: Path) -> tuple[Path, Path]:
+    """An interpreter for the new process that writes its pid and waits until never (the
+    test ends the handover meanwhile): ``(the script, the pid file)``."""
+    gate, pidfile, script = tmp_path / "gate", tmp_path / "child.pid", tmp_path / "gated-python"
+    os.mkfifo(gate)
+    script.write_text(f"#!/bin/sh\necho $$ > {pidfile}.tmp && mv {pidfile}.tmp {pidfile}\nread x < {gate}\n"
+                      f"exec {sys.executable} \"$@\"\n")
+    script.chmod(0o755)
+    return script, pidfile
+
+
+def _spawned(pidfile: Path) -> int:
+    deadline = time.monotonic() + 30
+    while not pidfile.exists():
+        assert time.monotonic() < deadline, "the new process did not start"
+        time.sleep(0.02)
+    return int(pidfile.read_text())
+
+
+def test_an_idle_control_connection_neither_blocks_handovers_nor_signals() -> None:
+    """A control connection that sends nothing: a real request still gets its handover, the
+    idle one is answered within the request deadline, and SIGTERM is not deferred by it."""
+    with serving("edu", "-p", "no:nvme") as server, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as idle:
+        idle.connect(control_path(server.sock))
+        idle.settimeout(10)
+        report = server.handover()
+        assert report["old_pid"] == server.proc.pid
+        kind, body, _fds = recv_frame(idle)
+        answer = frame_meta(kind, body, {"ok": bool, "reason": str})
+        assert not answer["ok"] and "no whole request" in answer["reason"]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as idle2:
+            idle2.connect(control_path(server.sock))
+            time.sleep(0.2)
+            os.kill(server.pid, signal.SIGTERM)
+            server.wait_gone(server.pid, timeout=5)
+
+
+def test_sigterm_while_the_new_process_starts_kills_it_and_ends(tmp_path: Path) -> None:
+    script, pidfile = _gated_python(tmp_path)
+    with serving("edu", "-p", "no:nvme") as server:
+        got: list[BaseException] = []
+
+        def ask() -> None:
+            try:
+                server.handover(exec_path=str(script))
+            except BaseException as exc:  # the failure is the point
+                got.append(exc)
+
+        t = threading.Thread(target=ask)
+        t.start()
+        child = _spawned(pidfile)
+        os.kill(server.proc.pid, signal.SIGTERM)
+        assert server.proc.wait(10) == 128 + signal.SIGTERM
+        t.join(10)
+        assert not _alive(child)
+        assert len(got) == 1 and isinstance(got[0], MigrationError) and "stopping" in str(got[0])
+
+
+def test_with_once_a_client_leaving_aborts_a_pending_handover(tmp_path: Path) -> None:
+    script, pidfile = _gated_python(tmp_path)
+    with serving("edu", "-p", "no:nvme", extra=("--once",)) as server:
+        client = VfioUserClient.connect(server.sock)
+        assert client.read_int(0, 0, 4) == 0x010000ED
+        got: list[BaseException] = []
+
+        def ask() -> None:
+            try:
+                server.handover(exec_path=str(script))
+            except BaseException as exc:  # the failure is the point
+                got.append(exc)
+
+        t = threading.Thread(target=ask)
+        t.start()
+        child = _spawned(pidfile)
+        client.close()
+        assert server.proc.wait(10) == 0
+        t.join(10)
+        assert not _alive(child)
+        assert len(got) == 1 and isinstance(got[0], MigrationError) and "client left" in str(got[0])
+
+
 def test_a_second_concurrent_handover_is_refused(tmp_path: Path) -> None:
     slow = tmp_path / "slow-python"
     slow.write_text(f"#!/bin/sh\nsleep 1.5\nexec {sys.executable} \"$@\"\n")
