@@ -528,7 +528,7 @@ def _nothing_arrived(sock: socket.socket) -> bool:
 def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0, link: str | None = None,
                adopt: Callable[[LoadedResources], None] | None = None,
                defer_without_fds: bool = True, commit: bool = False,
-               committed: Callable[[], None] | None = None) -> IncomingResult:
+               committed: Callable[[], None] | None = None, resume: bool = True) -> IncomingResult:
     """Receive a device state on ``sock``, load it into ``device``, acknowledge,
     and resume the device.
 
@@ -547,6 +547,8 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
         without RUNNING as "never ran"). ABORT or the end of the channel instead
         of COMMIT raise :class:`~pcidev.errors.MigrationError`: the device must not run.
     :param committed: with ``commit``, called after COMMIT and before RUNNING.
+    :param resume: with ``commit``, resume the device after RUNNING (False: it was not
+        running at the source, e.g. quiesced because its client left: it stays so).
     :returns: the stream, the resources and timestamps.
     :raises TransportError: the channel broke or carried garbage (NACK sent if possible).
     :raises VMStateError: the stream was refused (NACK sent); the device is untouched.
@@ -624,7 +626,8 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
         except TransportError as exc:
             # the source did not hear it, so it may run the device again: never run it here
             raise MigrationError(f"could not confirm RUNNING ({exc}); the device must not run here") from exc
-        device.resume()
+        if resume:
+            device.resume()
     elif not deferred:
         device.resume()
         running_at = time.monotonic()

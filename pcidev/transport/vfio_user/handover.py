@@ -610,7 +610,8 @@ class HandoverControl:
             if server is not None:
                 fds.append(server.sock.fileno())
             meta = {"protocol": HANDOVER_PROTOCOL, "conn": server.conn.to_meta() if server is not None else None,
-                    "pending": pending, "pending_fds": len(pending_fds), "old_pid": os.getpid(), **files}
+                    "pending": pending, "pending_fds": len(pending_fds), "old_pid": os.getpid(),
+                    "running": not self.endpoint.device.quiesced, **files}
             conn_fds = fds + pending_fds
             job.chan.settimeout(_ACK_TIMEOUT)
             send_meta(job.chan, CONN, meta, conn_fds)
@@ -640,6 +641,7 @@ class HandoverControl:
                        "acked_ms": round((result.acked_at - cut_at) * 1000, 3),
                        "running_ms": round((running_at - cut_at) * 1000, 3),
                        "serving_reported": serving_at is not None,
+                       "device_running": bool(meta["running"]),
                        "new_version": str(job.ready.get("version", ""))}
         return HANDED
 
@@ -719,6 +721,8 @@ class Adopted:
         (no client was connected).
     :ivar old_pid: the process that served the device before (from CONN).
     :ivar chan: the channel to the old process until :meth:`serving` (then None).
+    :ivar running: the device ran in the old process (else it was dormant, quiesced since
+        its client left, and stays so until a client's first BAR access).
     """
 
     listener: Listener
@@ -726,6 +730,7 @@ class Adopted:
     server: VfioUserServer | None
     old_pid: int
     chan: socket.socket | None = None
+    running: bool = True
 
     def serving(self) -> None:
         """Tell the old process this one polls the client's socket now (SERVING: the end
@@ -809,7 +814,9 @@ def adopt(chan_fd: int, endpoint: DeviceEndpoint, *, timeout: float = 30.0, prep
         kind, body, received = recv_frame(chan, max_fds=SCM_MAX_FD, max_len=1 << 24)
         if kind != CONN:
             raise TransportError(f"handover: expected CONN, got frame type {kind}")
-        meta = frame_meta(kind, body, {"protocol": int, "pending": bytes, "pending_fds": int, "old_pid": int})
+        meta = frame_meta(kind, body, {"protocol": int, "pending": bytes, "pending_fds": int, "old_pid": int,
+                                       "running": bool})
+        running = bool(meta["running"])
         if meta["protocol"] != HANDOVER_PROTOCOL:
             raise TransportError(f"handover: protocol {meta['protocol']} (this pcidev speaks {HANDOVER_PROTOCOL})")
         npend = meta["pending_fds"]
@@ -822,7 +829,8 @@ def adopt(chan_fd: int, endpoint: DeviceEndpoint, *, timeout: float = 30.0, prep
         client = socket.socket(fileno=received[2]) if has_client else None
         pending_fds = received[2 + int(has_client):]
         received = []
-        got = Adopted(listener=listener, control=control, server=None, old_pid=meta["old_pid"], chan=chan)
+        got = Adopted(listener=listener, control=control, server=None, old_pid=meta["old_pid"], chan=chan,
+                      running=running)
 
         def before_ack() -> None:
             _fault_exit(fault, "die-before-ack")
@@ -832,7 +840,9 @@ def adopt(chan_fd: int, endpoint: DeviceEndpoint, *, timeout: float = 30.0, prep
                 server = VfioUserServer(endpoint, client, max_msg_fds=conn.max_msg_fds,
                                         max_data_xfer_size=conn.max_data_xfer_size)
                 server.conn = conn
-                server.dormant = False  # the device is loaded, not resumed yet: it runs after COMMIT
+                # loaded, not resumed yet: it runs after COMMIT if it ran in the old process;
+                # else (its client left) the first BAR access of this one resumes it
+                server.dormant = not running
                 server.reader.prepend(meta["pending"], pending_fds)
                 got.server = server
             if prepare is not None:
@@ -843,7 +853,8 @@ def adopt(chan_fd: int, endpoint: DeviceEndpoint, *, timeout: float = 30.0, prep
             if committed is not None:
                 committed(got)
 
-        endpoint.accept_handover(chan, timeout=timeout, before_ack=before_ack, committed=after_commit)
+        endpoint.accept_handover(chan, timeout=timeout, before_ack=before_ack, committed=after_commit,
+                                 resume=running)
     except BaseException:
         close_fds(received)
         chan.close()

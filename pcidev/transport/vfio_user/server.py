@@ -81,6 +81,12 @@ _OVERSIZED = "oversized message"
 _MIGRATED_OUT: weakref.WeakSet[DeviceEndpoint] = weakref.WeakSet()
 
 
+def endpoint_migrated_out(endpoint: DeviceEndpoint) -> bool:
+    """Whether ``endpoint``'s device migrated out over vfio-user and has not run since
+    (:attr:`VfioUserServer.migrated_out`; outlives its connection)."""
+    return endpoint in _MIGRATED_OUT
+
+
 def client_left(reason: str) -> bool:
     """Whether a connection ended because of its client (EOF, a transport error, a message
     that broke the stream), as opposed to a wake-up hook (a handover stops reading)."""

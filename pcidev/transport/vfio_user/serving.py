@@ -43,7 +43,7 @@ from pcidev.transport.vfio_user.handover import (
     adopt,
     outcome_line,
 )
-from pcidev.transport.vfio_user.server import ExtraClientGuard, VfioUserServer
+from pcidev.transport.vfio_user.server import ExtraClientGuard, VfioUserServer, endpoint_migrated_out
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,9 @@ class VfioUserService:
                 pass
 
     def _precheck(self) -> str | None:
+        if endpoint_migrated_out(self.endpoint):
+            return ("the device migrated out over vfio-user (STOP_COPY reached) and has not run since: "
+                    "its state lives at the destination")
         server = self.server
         if server is not None and server.conn.mig_state != _MIG_RUNNING:
             return f"the device is in vfio-user migration state {server.conn.mig_state}, not RUNNING"
@@ -413,8 +416,9 @@ def serve_adopted(device: PciDevice, path: str, chan_fd: int, *, pm: pluggy.Plug
         service = services[0]
         if service.control is not None:
             service.control.start()
+        dormant = "" if got.running else " (dormant: the device waits, quiesced, for its next client)"
         print(f"pcidev: vfio-user server for {device.TYPE_NAME or type(device).__name__} took over {path} "
-              f"from pid {got.old_pid} (pid {os.getpid()})", file=out, flush=True)
+              f"from pid {got.old_pid} (pid {os.getpid()}){dormant}", file=out, flush=True)
 
     try:
         adopted = adopt(chan_fd, endpoint, timeout=timeout, prepare=prepare, committed=committed)

@@ -36,6 +36,7 @@ from pcidev.transport.fdpass import close_fds
 from pcidev.transport.vfio_user import protocol
 from pcidev.transport.vfio_user.client import VfioUserClient
 from pcidev.transport.vfio_user.handover import control_path, request_handover
+from pcidev.transport.vfio_user.migration_client import set_mig_state
 from pcidev.transport.vfio_user.remote import VfioUserDevice
 from pcidev_nvme.testing.driver import NvmeDriver
 
@@ -477,6 +478,51 @@ def test_the_pause_fits_in_the_clients_message_timeout() -> None:
             halt.set()
             t.join(30)
         assert 0.5 < worst[0] < 4.0, worst  # it did wait out the RUNNING timeout, within the budget
+
+
+def test_a_dormant_device_stays_dormant_in_the_new_process() -> None:
+    """A client left without shutting the controller down (queues live): the device is
+    quiesced until the next client. The handover keeps it so; the next client finds its data."""
+    with serving("nvme,ns=mem:size=4M") as server:
+        data = os.urandom(4096)
+        machine = Machine(ram_size=32 << 20)
+        remote = VfioUserDevice.connect(server.sock)
+        drv = NvmeDriver(machine, machine.plug(remote), io_queues=1)
+        drv.probe()
+        drv.write(1, slba=8, data=data)
+        remote.close()  # gone, controller still enabled
+        machine.close()
+        deadline = time.monotonic() + 10
+        while "client left" not in server.log.read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        report = server.handover()
+        assert report["device_running"] is False
+        server.wait_gone(server.proc.pid)
+        assert "(dormant: the device waits" in server.log.read_text()
+        with Machine(ram_size=32 << 20) as m2, VfioUserDevice.connect(server.sock) as r2:
+            d2 = NvmeDriver(m2, m2.plug(r2), io_queues=1)
+            d2.probe()
+            assert d2.read(1, slba=8, nlb=4096 // d2.lba_size(1)) == data
+            d2.close()
+
+
+def test_a_device_that_migrated_out_is_not_handed_over() -> None:
+    """After the vfio-user migration reached STOP_COPY the device's state lives at the
+    destination: a handover is refused, with its client connected or after it left."""
+    with serving("edu", "-p", "no:nvme") as server:
+        with VfioUserClient.connect(server.sock) as client:
+            set_mig_state(client, protocol.MIG_STATE_STOP_COPY)
+            with pytest.raises(MigrationError, match="handover refused"):
+                server.handover()
+        deadline = time.monotonic() + 10
+        while "client left" not in server.log.read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with pytest.raises(MigrationError, match="migrated out") as info:
+            server.handover()
+        assert "\n" not in str(info.value)
+        assert server.proc.poll() is None
 
 
 def _gated_python(tmp_path: Path) -> tuple[Path, Path]:
