@@ -137,15 +137,17 @@ def peer_uid(sock: socket.socket) -> int:
     return int(_UCRED.unpack(raw)[1])
 
 
-def _notify_main_pid() -> None:
-    """Tell systemd the service's main process is this one (``MAINPID``), if it asked."""
+def _notify_main_pid(pid: int) -> None:
+    """Tell systemd the service's main process is ``pid`` now (``MAINPID``), if it asked
+    (``NOTIFY_SOCKET``). The old process sends it (it is the main PID, which the default
+    ``NotifyAccess=main`` listens to); the new one too (heard with ``NotifyAccess=all``)."""
     where = os.environ.get("NOTIFY_SOCKET")
     if not where:
         return
     addr = "\0" + where[1:] if where.startswith("@") else where
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.sendto(f"MAINPID={os.getpid()}\n".encode(), addr)
+            s.sendto(f"MAINPID={pid}\n".encode(), addr)
     except OSError as exc:
         log.warning("handover: could not notify systemd of the new main pid: %s", exc)
 
@@ -630,6 +632,7 @@ class HandoverControl:
             job.outcome = {"ok": False, "reason": str(exc) or type(exc).__name__}
             return KEPT
         close_fds(pending_fds)  # the new process has its own copies
+        _notify_main_pid(int(job.ready["pid"]))  # still the main PID: systemd hears this one
         running_at = result.running_at if result.running_at is not None else time.monotonic()
         serving_at = _await_serving(job.chan)  # the new process's first poll of the client's socket
         job.chan.close()
@@ -859,5 +862,5 @@ def adopt(chan_fd: int, endpoint: DeviceEndpoint, *, timeout: float = 30.0, prep
         close_fds(received)
         chan.close()
         raise
-    _notify_main_pid()
+    _notify_main_pid(os.getpid())
     return got
