@@ -110,6 +110,7 @@ class VfioUserService:
         self._closed = False
         self._next_client: socket.socket | None = None
         self._signals_installed = False
+        self._guard: ExtraClientGuard | None = None
         #: called once right before the first poll of a socket (a handover's new process
         #: tells the old one: the end of the downtime it reports)
         self.on_serving: Callable[[], None] | None = None
@@ -153,7 +154,14 @@ class VfioUserService:
             pass
         if self.control is not None:
             job = self.control.take_cut()
-            outcome = self.control.cut(job, server, self.listener) if job is not None else None
+            guard = self._guard
+            outcome = None
+            if job is not None:
+                if guard is not None:
+                    guard.pause()  # before CONN: the listener is the new process's from then on
+                outcome = self.control.cut(job, server, self.listener)
+                if guard is not None and outcome not in (HANDED, LOST):
+                    guard.resume()
             if job is not None and outcome == HANDED:
                 self._handed_job = job
                 print(outcome_line(job.outcome), file=self.out, flush=True)
@@ -264,8 +272,12 @@ class VfioUserService:
             server.loop.wake()
         try:
             with ExtraClientGuard(self.listener.sock, server.sock) as guard:  # a second client is closed at once
+                self._guard = guard
                 self._mark_serving()
-                reason = server.serve()  # closes the socket (never shuts it down); disconnect() if the client left
+                try:
+                    reason = server.serve()
+                finally:
+                    self._guard = None  # closes the socket (never shuts it down); disconnect() if the client left
             self._next_client = guard.next_client
             return reason
         finally:

@@ -201,7 +201,8 @@ def test_twenty_handovers_under_verified_nvme_io() -> None:
         assert all(r["serving_reported"] and 0 < r["running_ms"] <= r["downtime_ms"] for r in reports)
         print(f"\nhandover downtime over {len(downtimes)}: median {statistics.median(downtimes):.2f} ms, "
               f"worst {max(downtimes):.2f} ms (to RUNNING: median "
-              f"{statistics.median(r['running_ms'] for r in reports):.2f} ms); spawn median {statistics.median(r['spawn_ms'] for r in reports):.0f} ms")
+              f"{statistics.median(r['running_ms'] for r in reports):.2f} ms); spawn median "
+              f"{statistics.median(r['spawn_ms'] for r in reports):.0f} ms")
 
 
 def test_a_file_namespace_keeps_its_data_across_handovers(tmp_path: Path) -> None:
