@@ -98,7 +98,7 @@ FAULT_ENV = "PCIDEV_HANDOVER_FAULT"
 FAULTS = ("die-before-ack", "die-after-commit", "nack", "hang-after-commit", "half-running")
 #: version of the HANDOVER request
 HANDOVER_PROTOCOL = 1
-_UCRED = struct.Struct("=iII")  # struct ucred {pid_t pid; uid_t uid; gid_t gid}: a native struct
+_UCRED = struct.Struct("@iII")  # struct ucred {pid_t pid; uid_t uid; gid_t gid}: a native struct
 #: The paused phase (the client's socket is read by nobody) must end well within QEMU's
 #: ``x-msg-timeout`` (5 s by default): at most _ACK_TIMEOUT seconds from the stop to the
 #: new process's acknowledgement, then at most _RUNNING_TIMEOUT for RUNNING after COMMIT

@@ -678,7 +678,7 @@ def test_systemd_hears_the_new_main_pid() -> None:
             try:
                 while len(heard) < 2:
                     data, anc, _flags, _addr = notify.recvmsg(256, socket.CMSG_SPACE(12))
-                    pid = next(struct.unpack("=iII", d)[0] for lvl, typ, d in anc
+                    pid = next(struct.unpack("@iII", d)[0] for lvl, typ, d in anc
                                if lvl == socket.SOL_SOCKET and typ == socket.SCM_CREDENTIALS)
                     heard.append((pid, data))
             except TimeoutError:
