@@ -749,13 +749,6 @@ class Adopted:
         finally:
             chan.close()
 
-    def close(self) -> None:
-        """Close the channel (a handover that failed here; the sockets received stay open:
-        the old process serves them)."""
-        chan, self.chan = self.chan, None
-        if chan is not None:
-            chan.close()
-
 
 def _fault_exit(fault: str | None, at: str) -> None:
     if fault == at:

@@ -178,7 +178,7 @@ class VfioUserService:
         if self._handed_job is not None and self._handed_job.reported.is_set():
             # handed over and reported: only this process's copies are left (the kernel
             # closes them; nothing is unlinked or saved), so a signal ends it at once
-            os._exit(0)
+            os._exit(0 if self._handed_job.outcome.get("ok") else 1)
         if self._handed_job is not None or (self.control is not None and self.control.cutting):
             log.warning("signal %d deferred: a handover's cut is running", signum)
             self._deferred_signal = signum
