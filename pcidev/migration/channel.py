@@ -452,6 +452,7 @@ def _commit(device: PciDevice, sock: socket.socket, meta: dict[str, Any], *, siz
     deadline = time.monotonic() + running_timeout
     why = ""
     try:
+        sock.settimeout(running_timeout)
         _send(sock, COMMIT)
         outcome, kind, body = _await_running(sock, deadline)
     except TransportError as exc:  # COMMIT did not go out: the destination is gone or stuck

@@ -585,6 +585,31 @@ def test_sigterm_while_the_new_process_starts_kills_it_and_ends(tmp_path: Path) 
         assert len(got) == 1 and isinstance(got[0], MigrationError) and "stopping" in str(got[0])
 
 
+def test_sigterm_during_the_cut_is_deferred_until_it_ends() -> None:
+    """SIGTERM while the device is paused (the new process hangs after COMMIT): the old
+    process finishes the cut (rolls back here), answers the requester, then ends."""
+    with serving("edu", "-p", "no:nvme") as server:
+        got: list[BaseException] = []
+
+        def ask() -> None:
+            try:
+                server.handover(fault="hang-after-commit")
+            except BaseException as exc:  # the failure is the point
+                got.append(exc)
+
+        t = threading.Thread(target=ask)
+        t.start()
+        deadline = time.monotonic() + 30
+        while "hang-after-commit" not in server.log.read_text():  # the new process is past COMMIT
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(server.proc.pid, signal.SIGTERM)
+        t.join(30)
+        assert len(got) == 1 and "runs again on the source" in str(got[0])
+        assert server.proc.wait(20) == 128 + signal.SIGTERM
+        assert "deferred" in server.log.read_text()
+
+
 def test_with_once_a_client_leaving_aborts_a_pending_handover(tmp_path: Path) -> None:
     script, pidfile = _gated_python(tmp_path)
     with serving("edu", "-p", "no:nvme", extra=("--once",)) as server:
