@@ -78,7 +78,10 @@ __all__ = [
     "CONTROL_SUFFIX",
     "FAULT_ENV",
     "FAULTS",
+    "HANDED",
     "HANDOVER_PROTOCOL",
+    "KEPT",
+    "LOST",
     "Adopted",
     "HandoverControl",
     "HandoverJob",
@@ -258,9 +261,12 @@ class HandoverJob:
         self.chan.close()
 
 
-#: :meth:`HandoverControl.cut`'s outcomes: the new process serves; this one serves on;
-#: the connection is lost (neither may run the device)
-HANDED, KEPT, LOST = "handed", "kept", "lost"
+#: :meth:`HandoverControl.cut`'s outcome: the new process serves (this one must stop)
+HANDED = "handed"
+#: :meth:`HandoverControl.cut`'s outcome: rolled back, this process serves on
+KEPT = "kept"
+#: :meth:`HandoverControl.cut`'s outcome: the connection is lost (neither may run the device)
+LOST = "lost"
 
 #: returns why a handover cannot start now (None: it can)
 Precheck = Callable[[], "str | None"]
