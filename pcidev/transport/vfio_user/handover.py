@@ -816,9 +816,12 @@ def adopt(chan_fd: int, endpoint: DeviceEndpoint, *, timeout: float = 30.0, prep
         kind, body, received = recv_frame(chan, max_fds=SCM_MAX_FD, max_len=1 << 24)
         if kind != CONN:
             raise TransportError(f"handover: expected CONN, got frame type {kind}")
-        meta = frame_meta(kind, body, {"protocol": int, "pending": bytes, "pending_fds": int, "old_pid": int,
-                                       "running": bool})
-        running = bool(meta["running"])
+        meta = frame_meta(kind, body, {"protocol": int, "pending": bytes, "pending_fds": int})
+        # (an old process of an older pcidev sends neither: it ran the device, and is our parent)
+        running = meta.get("running", True)
+        old_pid = meta.get("old_pid", os.getppid())
+        if not isinstance(running, bool) or not isinstance(old_pid, int):
+            raise TransportError("handover: CONN's 'running' or 'old_pid' is of the wrong type")
         if meta["protocol"] != HANDOVER_PROTOCOL:
             raise TransportError(f"handover: protocol {meta['protocol']} (this pcidev speaks {HANDOVER_PROTOCOL})")
         npend = meta["pending_fds"]
@@ -831,7 +834,7 @@ def adopt(chan_fd: int, endpoint: DeviceEndpoint, *, timeout: float = 30.0, prep
         client = socket.socket(fileno=received[2]) if has_client else None
         pending_fds = received[2 + int(has_client):]
         received = []
-        got = Adopted(listener=listener, control=control, server=None, old_pid=meta["old_pid"], chan=chan,
+        got = Adopted(listener=listener, control=control, server=None, old_pid=old_pid, chan=chan,
                       running=running)
 
         def before_ack() -> None:
