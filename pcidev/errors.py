@@ -14,8 +14,10 @@ __all__ = [
     "ConfigError",
     "ConfigMismatchError",
     "ConfigSpaceError",
+    "ConnectionLostError",
     "DeviceFailedError",
     "DmaError",
+    "HandoverDeniedError",
     "IrqError",
     "MigrationBlockedError",
     "MigrationError",
@@ -170,10 +172,20 @@ class TransportError(PcidevError):
     reply whose type the receiver does not know."""
 
 
+class HandoverDeniedError(TransportError):
+    """A handover was asked by a user other than the one the server runs as."""
+
+
 class MigrationError(PcidevError):
     """A migration did not complete. The source device is running again (it keeps
     its state until the destination acknowledges), unless the message says
     otherwise."""
+
+
+class ConnectionLostError(MigrationError):
+    """A handover's new process may have run the device after COMMIT and then failed
+    (its RUNNING came late or broken): neither process may run the device again, and
+    the client's connection is lost (closed)."""
 
 
 class MigrationBlockedError(MigrationError):

@@ -46,13 +46,17 @@ Wire format of the migration channel (all integers little-endian)::
     ABORT  10  msgpack {"reason"}: the source keeps the device; the destination must not run it
     HANDOVER 11 msgpack: a request for a handover (the ``pcidev handover`` command to the serving process)
     REPORT 12  msgpack {"ok", "reason", ...}: the answer to HANDOVER
+    SERVING 13 msgpack {"serving_at"}: a handover's new process polls the client's socket now
 
 With ``commit=True`` (the vfio-user handover, where both processes could read the
 same client socket), the source answers the ACK with COMMIT and the destination
 runs the device only after COMMIT: its RUNNING precedes its first guest access.
-Until COMMIT the source can still take the device back; after it, an end of the
-channel without RUNNING proves the destination never ran it, so the source may
-resume then too.
+Until COMMIT the source can still take the device back; after it, a clean end of
+the channel without a single byte proves the destination never ran it, so the
+source may resume then too. A RUNNING that comes too late (or half a frame) means
+the destination may have run it: it is killed and the device runs nowhere
+(:class:`~pcidev.errors.ConnectionLostError`). A destination whose RUNNING cannot be
+sent never runs the device.
 
 Downtime is reported as the time from the source's stop to the destination's
 resume, both read from ``CLOCK_MONOTONIC``; the two are comparable only on the
@@ -61,6 +65,7 @@ same machine, which the kernel boot id (sent in every message) confirms.
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
 import time
@@ -73,6 +78,7 @@ import pluggy
 
 from pcidev.device import PciDevice
 from pcidev.errors import (
+    ConnectionLostError,
     MigrationBlockedError,
     MigrationError,
     TransportError,
@@ -87,6 +93,7 @@ from pcidev.vmstate.errors import ConfigMismatchError
 __all__ = [
     "PROTOCOL_VERSION",
     "MAGIC",
+    "FRAME_HEADER",
     "MAX_STREAM_SIZE",
     "MigrationResult",
     "IncomingResult",
@@ -99,6 +106,7 @@ __all__ = [
     "ABORT",
     "HANDOVER",
     "REPORT",
+    "SERVING",
     "send_frame",
     "send_meta",
     "recv_frame",
@@ -109,7 +117,9 @@ __all__ = [
 PROTOCOL_VERSION = 1
 #: The 8 bytes every migration channel frame starts with.
 MAGIC = b"PCIDMIGR"
-_HEADER = struct.Struct("<8sHHI")
+#: the header of every frame: magic, type, flags, body length
+FRAME_HEADER = struct.Struct("<8sHHI")
+_HEADER = FRAME_HEADER
 #: the largest state stream a destination accepts (a garbage length must not make
 #: it allocate gigabytes)
 MAX_STREAM_SIZE = 256 << 20
@@ -127,9 +137,11 @@ ABORT = 10
 HANDOVER = 11
 #: frame type: the answer to HANDOVER (``ok``, ``reason`` and the figures)
 REPORT = 12
+#: frame type: a handover's new process polls the client's socket now (after RUNNING)
+SERVING = 13
 _NAMES = {OFFER: "OFFER", FDS: "FDS", STATE: "STATE", ACK: "ACK", NACK: "NACK", RUNNING: "RUNNING",
           COMMIT: "COMMIT", READY: "READY", CONN: "CONN", ABORT: "ABORT", HANDOVER: "HANDOVER",
-          REPORT: "REPORT"}
+          REPORT: "REPORT", SERVING: "SERVING"}
 
 
 def boot_id() -> str:
@@ -329,7 +341,8 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
     :param device: the running source device.
     :param sock: connected migration socket (UNIX: descriptors pass too).
     :param pm: plugin manager for the ``pcidev_migration_blockers`` hook.
-    :param timeout: seconds to wait for the acknowledgement.
+    :param timeout: seconds to wait for the acknowledgement (with ``commit``: in all,
+        from the stop to the acknowledgement).
     :param running_timeout: seconds to wait, after the acknowledgement, for the
         destination's running notice (only for the downtime report; with ``commit``,
         before ``stall`` is called).
@@ -337,10 +350,12 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
         RUNNING arrives: if the channel ends first, the destination never ran the
         device, and it runs again here (the vfio-user handover).
     :param stall: with ``commit``, called when RUNNING does not come within
-        ``running_timeout``: it must end the destination (kill and reap it), after
-        which the device runs again here.
+        ``running_timeout``: it must end the destination at once (SIGKILL and reap it).
+        The device runs again here only if not one byte came after COMMIT.
     :returns: sizes and timestamps.
     :raises MigrationBlockedError: blockers (nothing was stopped).
+    :raises ConnectionLostError: with ``commit``, the destination may have run the device
+        and failed (RUNNING late or broken): it was killed, and the device runs nowhere.
     :raises MigrationError: the migration failed; the device runs again on the source.
     """
     reasons = collect_blockers(device, pm)
@@ -351,24 +366,39 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
     stopped_at = time.monotonic()
     nfds = 0
     size = 0
+    # with commit (a handover: the guest waits), ``timeout`` bounds the whole way from the
+    # stop to the ACK; else each send and receive
+    ack_by = stopped_at + timeout
+
+    def budget() -> None:
+        if commit:
+            left = ack_by - time.monotonic()
+            if left <= 0:
+                raise TransportError(f"no acknowledgement within {timeout:g} s of the stop")
+            sock.settimeout(left)
+
     try:
         sock.settimeout(timeout)
         stream, fds = save_device_stream(device)
-        deadline = time.monotonic() + timeout  # for the reply to a failed send
+        deadline = ack_by if commit else time.monotonic() + timeout  # for the reply to a failed send
         size = len(stream)
         pass_fds = is_unix(sock)
         nfds = len(fds) if pass_fds else 0
         sent = list(fds) if pass_fds else []
         try:
+            budget()
             _send_meta(sock, OFFER, {"protocol": PROTOCOL_VERSION, "device_type": device.vmstate_device_type,
                                      "stream_size": size, "fds": nfds, "boot_id": boot_id()},
                        sent[:SCM_MAX_FD])
             for i in range(SCM_MAX_FD, len(sent), SCM_MAX_FD):
+                budget()
                 _send(sock, FDS, b"", sent[i:i + SCM_MAX_FD])
+            budget()
             _send(sock, STATE, stream)
         except TransportError as exc:
             _raise_refusal(sock, deadline, exc)
             raise
+        budget()
         kind, body, stray = _recv(sock)
         close_fds(stray)
         if kind == NACK:
@@ -410,44 +440,96 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
 def _commit(device: PciDevice, sock: socket.socket, meta: dict[str, Any], *, size: int, nfds: int,
             stopped_at: float, acked_at: float, running_timeout: float, stall: Callable[[], None] | None,
             was_running: bool) -> MigrationResult:
-    """COMMIT after the ACK, then RUNNING or the end of the channel (see :func:`migrate_out`)."""
+    """COMMIT after the ACK, then RUNNING or the end of the channel (see :func:`migrate_out`).
+
+    The destination sends RUNNING before anything else touches the device or the guest's
+    socket. So a clean end of the channel with not one byte after COMMIT proves it never
+    ran the device, and it runs here again. Anything else that is not a well-formed
+    RUNNING in time (a RUNNING too late, a part of a frame, another frame) means it may
+    have run it: the destination is killed and neither side runs the device
+    (:class:`~pcidev.errors.ConnectionLostError`).
+    """
+    deadline = time.monotonic() + running_timeout
     why = ""
     try:
-        _send(sock, COMMIT)
         sock.settimeout(running_timeout)
-        kind, body, stray = _recv(sock)
-        close_fds(stray)
-        running_at = None
-        if kind == RUNNING:
-            try:
-                running_at = _meta(kind, body, {"running_at": float})["running_at"]
-            except TransportError:
-                running_at = time.monotonic()  # it said it runs: it does, whatever its body says
-        if running_at is not None:
-            device.migrated_out = True
-            device.owns_state = False
-            same = bool(meta["boot_id"]) and meta["boot_id"] == boot_id()
-            return MigrationResult(state_size=size, fds=nfds, stopped_at=stopped_at, acked_at=acked_at,
-                                   running_at=running_at, same_clock=same, deferred=False,
-                                   link=meta.get("link") if isinstance(meta.get("link"), str) else None)
-        why = f"sent {_NAMES[kind]} instead of RUNNING"
-    except TransportError as exc:
-        why = f"did not confirm it runs ({exc})"
-    # No RUNNING: the destination never read the guest's socket (RUNNING comes first).
-    # End it anyway (it may be stuck before sending it), then run the device here again.
+        _send(sock, COMMIT)
+        outcome, kind, body = _await_running(sock, deadline)
+    except TransportError as exc:  # COMMIT did not go out: the destination is gone or stuck
+        outcome, kind, body, why = "silent", 0, b"", f"did not take COMMIT ({exc})"
+    if outcome == "frame" and kind == RUNNING:
+        try:
+            running_at = _meta(kind, body, {"running_at": float})["running_at"]
+        except TransportError:
+            running_at = time.monotonic()  # it said it runs: it does, whatever its body says
+        device.migrated_out = True
+        device.owns_state = False
+        same = bool(meta["boot_id"]) and meta["boot_id"] == boot_id()
+        return MigrationResult(state_size=size, fds=nfds, stopped_at=stopped_at, acked_at=acked_at,
+                               running_at=running_at, same_clock=same, deferred=False,
+                               link=meta.get("link") if isinstance(meta.get("link"), str) else None)
+    # No RUNNING in time: end the destination at once (no grace: it may be about to run).
     if stall is None:
-        raise MigrationError(f"the destination {why} after COMMIT; neither side runs the device")
+        raise MigrationError("the destination did not confirm it runs after COMMIT; neither side runs the device")
     stall()
-    if was_running:
-        device.resume()
-    raise MigrationError(f"the destination {why} after COMMIT; the device runs again on the source")
+    if outcome == "silent" and _nothing_arrived(sock):
+        # not one byte after COMMIT, and the destination is dead: it never ran the device
+        if was_running:
+            device.resume()
+        raise MigrationError(f"the destination {why or f'did not confirm it runs within {running_timeout:g} s'} "
+                             "after COMMIT (killed); the device runs again on the source")
+    device.migrated_out = True  # it may have run: its state is not ours any more
+    device.owns_state = False
+    what = (f"sent {_NAMES.get(kind, kind)} instead of RUNNING" if outcome == "frame"
+            else f"sent a broken frame ({why})" if outcome == "broken"
+            else f"confirmed too late (after {running_timeout:g} s)")
+    raise ConnectionLostError(f"the new process {what} after COMMIT and was killed; it may have served the "
+                              "client, so neither process runs the device: the client's connection is lost")
+
+
+def _await_running(sock: socket.socket, deadline: float) -> tuple[str, int, bytes]:
+    """Wait for the frame after COMMIT until ``deadline``.
+
+    :returns: ``("frame", kind, body)``; ``("silent", 0, b"")``: nothing arrived in time or
+        the channel ended cleanly; ``("broken", 0, b"")``: bytes arrived, but no whole frame.
+    """
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    if not poller.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+        return "silent", 0, b""
+    try:
+        sock.settimeout(0)
+        first = sock.recv(1, socket.MSG_PEEK)
+    except (BlockingIOError, InterruptedError):
+        return "silent", 0, b""
+    except OSError:
+        first = b""
+    if not first:
+        return "silent", 0, b""  # a clean end: not one byte
+    try:
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        kind, body, stray = _recv(sock)
+    except TransportError:
+        return "broken", 0, b""
+    close_fds(stray)
+    return "frame", kind, body
+
+
+def _nothing_arrived(sock: socket.socket) -> bool:
+    """Whether no byte waits on ``sock`` (its peer is dead and reaped: none can come)."""
+    try:
+        return not sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return True
+    except OSError:
+        return True  # reset: nothing readable
 
 
 # -------------------------------------------------------------- destination
 def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0, link: str | None = None,
                adopt: Callable[[LoadedResources], None] | None = None,
                defer_without_fds: bool = True, commit: bool = False,
-               committed: Callable[[], None] | None = None) -> IncomingResult:
+               committed: Callable[[], None] | None = None, resume: bool = True) -> IncomingResult:
     """Receive a device state on ``sock``, load it into ``device``, acknowledge,
     and resume the device.
 
@@ -466,6 +548,8 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
         without RUNNING as "never ran"). ABORT or the end of the channel instead
         of COMMIT raise :class:`~pcidev.errors.MigrationError`: the device must not run.
     :param committed: with ``commit``, called after COMMIT and before RUNNING.
+    :param resume: with ``commit``, resume the device after RUNNING (False: it was not
+        running at the source, e.g. quiesced because its client left: it stays so).
     :returns: the stream, the resources and timestamps.
     :raises TransportError: the channel broke or carried garbage (NACK sent if possible).
     :raises VMStateError: the stream was refused (NACK sent); the device is untouched.
@@ -540,9 +624,11 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
         running_at = time.monotonic()
         try:
             _send_meta(sock, RUNNING, {"running_at": running_at, "boot_id": boot_id()})
-        except TransportError:
-            pass  # committed: the device is ours whether the source hears it or not
-        device.resume()
+        except TransportError as exc:
+            # the source did not hear it, so it may run the device again: never run it here
+            raise MigrationError(f"could not confirm RUNNING ({exc}); the device must not run here") from exc
+        if resume:
+            device.resume()
     elif not deferred:
         device.resume()
         running_at = time.monotonic()

@@ -303,7 +303,7 @@ class DeviceEndpoint:
 
     def accept_handover(self, sock: socket.socket, *, timeout: float = 10.0,
                         before_ack: Callable[[], None] | None = None,
-                        committed: Callable[[], None] | None = None) -> IncomingResult:
+                        committed: Callable[[], None] | None = None, resume: bool = True) -> IncomingResult:
         """Receive the device from the process that served it (a handover) and run
         it once the source committed (:func:`~pcidev.migration.channel.migrate_in`
         with ``commit``): RUNNING goes out before this returns, and before anything
@@ -314,6 +314,8 @@ class DeviceEndpoint:
         :param before_ack: called after the load, before the acknowledgement (an
             exception refuses the state with a NACK).
         :param committed: called after COMMIT, before RUNNING.
+        :param resume: resume the device after RUNNING (False: it was quiesced at the
+            source, as a device whose client left: it stays quiesced).
         :raises VMStateError: the state was refused (the device is untouched).
         :raises TransportError: the channel broke.
         :raises MigrationError: no COMMIT (ABORT or the end): the device must not run here.
@@ -326,7 +328,7 @@ class DeviceEndpoint:
                 before_ack()
 
         result = migrate_in(self.device, sock, timeout=timeout, link=str(os.getpid()), adopt=adopt,
-                            commit=True, committed=committed)
+                            commit=True, committed=committed, resume=resume)
         self.state = RUNNING
         self.resumed_at = result.running_at
         return result

@@ -52,13 +52,16 @@ from typing import Any
 import attrs
 
 from pcidev._version import __version__
-from pcidev.errors import MigrationError, PcidevError, TransportError
+from pcidev.errors import ConnectionLostError, HandoverDeniedError, MigrationError, PcidevError, TransportError
 from pcidev.migration.channel import (
     ABORT,
     CONN,
+    FRAME_HEADER,
     HANDOVER,
+    MAGIC,
     READY,
     REPORT,
+    SERVING,
     frame_meta,
     recv_frame,
     send_meta,
@@ -75,7 +78,10 @@ __all__ = [
     "CONTROL_SUFFIX",
     "FAULT_ENV",
     "FAULTS",
+    "HANDED",
     "HANDOVER_PROTOCOL",
+    "KEPT",
+    "LOST",
     "Adopted",
     "HandoverControl",
     "HandoverJob",
@@ -92,15 +98,26 @@ CONTROL_SUFFIX = ".ctl"
 #: environment variable that makes the new process fail on purpose (tests)
 FAULT_ENV = "PCIDEV_HANDOVER_FAULT"
 #: the failures :data:`FAULT_ENV` can ask for
-FAULTS = ("die-before-ack", "die-after-commit", "nack")
+FAULTS = ("die-before-ack", "die-after-commit", "nack", "hang-after-commit", "half-running")
 #: version of the HANDOVER request
 HANDOVER_PROTOCOL = 1
-_UCRED = struct.Struct("<iII")  # struct ucred {pid_t pid; uid_t uid; gid_t gid} (x86/arm little-endian)
-#: seconds the old process waits for the new one's acknowledgement, and for RUNNING after COMMIT
-_ACK_TIMEOUT = 10.0
-_RUNNING_TIMEOUT = 5.0
+_UCRED = struct.Struct("@iII")  # struct ucred {pid_t pid; uid_t uid; gid_t gid}: a native struct
+#: The paused phase (the client's socket is read by nobody) must end well within QEMU's
+#: ``x-msg-timeout`` (5 s by default): at most _ACK_TIMEOUT seconds from the stop to the
+#: new process's acknowledgement, then at most _RUNNING_TIMEOUT for RUNNING after COMMIT
+#: (then a SIGKILL at once): in all at most _PAUSE_BUDGET seconds.
+_ACK_TIMEOUT = 2.0
+_RUNNING_TIMEOUT = 1.0
+_PAUSE_BUDGET = _ACK_TIMEOUT + _RUNNING_TIMEOUT
 #: seconds the serve thread may take to reach a message boundary after READY
 _BOUNDARY_TIMEOUT = 10.0
+#: seconds a control connection may take to send its whole request
+_REQUEST_TIMEOUT = 2.0
+#: control connections read at once (more are answered "busy" at once)
+_MAX_READERS = 8
+#: the most the serving process takes after the request, beyond the CLI's ``timeout``
+#: (reaching the boundary, the pause, SIGKILL and reaping, SERVING): the CLI waits longer
+_SERVER_SLACK = _BOUNDARY_TIMEOUT + _ACK_TIMEOUT + _RUNNING_TIMEOUT + 5.0
 
 
 def control_path(socket_path: str) -> str:
@@ -123,15 +140,17 @@ def peer_uid(sock: socket.socket) -> int:
     return int(_UCRED.unpack(raw)[1])
 
 
-def _notify_main_pid() -> None:
-    """Tell systemd the service's main process is this one (``MAINPID``), if it asked."""
+def _notify_main_pid(pid: int) -> None:
+    """Tell systemd the service's main process is ``pid`` now (``MAINPID``), if it asked
+    (``NOTIFY_SOCKET``). The old process sends it (it is the main PID, which the default
+    ``NotifyAccess=main`` listens to); the new one too (heard with ``NotifyAccess=all``)."""
     where = os.environ.get("NOTIFY_SOCKET")
     if not where:
         return
     addr = "\0" + where[1:] if where.startswith("@") else where
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.sendto(f"MAINPID={os.getpid()}\n".encode(), addr)
+            s.sendto(f"MAINPID={pid}\n".encode(), addr)
     except OSError as exc:
         log.warning("handover: could not notify systemd of the new main pid: %s", exc)
 
@@ -170,11 +189,13 @@ def request_handover(control: str, *, exec_path: str | None = None, timeout: flo
             send_meta(sock, HANDOVER, request)
         except TransportError:
             pass  # refused before the request was read (and closed): the REPORT says why
-        sock.settimeout(timeout + _ACK_TIMEOUT + _RUNNING_TIMEOUT + 10.0)
+        waited = timeout + _SERVER_SLACK + 15.0  # longer than the server's worst case
+        sock.settimeout(waited)
         try:
             kind, body, stray = recv_frame(sock)
         except TransportError as exc:
-            raise TransportError(f"handover control socket {control}: no report ({exc})") from None
+            raise TransportError(f"handover control socket {control}: the server did not answer within "
+                                 f"{waited:g} s ({exc}); see its log for the outcome") from None
         close_fds(stray)
         if kind != REPORT:
             raise TransportError(f"handover control socket {control}: expected a REPORT, got frame type {kind}")
@@ -217,8 +238,13 @@ class HandoverJob:
         try:
             self.proc.wait(1.0)
         except subprocess.TimeoutExpired:
+            self.kill_now()
+
+    def kill_now(self) -> None:
+        """SIGKILL the new process at once and reap it (after COMMIT: it may be about to run)."""
+        if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait()
+        self.proc.wait()
 
     def send_abort(self, reason: str) -> None:
         """Tell the new process to give up (ABORT); it must not run the device."""
@@ -234,6 +260,13 @@ class HandoverJob:
         self.kill()
         self.chan.close()
 
+
+#: :meth:`HandoverControl.cut`'s outcome: the new process serves (this one must stop)
+HANDED = "handed"
+#: :meth:`HandoverControl.cut`'s outcome: rolled back, this process serves on
+KEPT = "kept"
+#: :meth:`HandoverControl.cut`'s outcome: the connection is lost (neither may run the device)
+LOST = "lost"
 
 #: returns why a handover cannot start now (None: it can)
 Precheck = Callable[[], "str | None"]
@@ -267,6 +300,11 @@ class HandoverControl:
         self._job: HandoverJob | None = None
         self._cut_wanted: HandoverJob | None = None
         self._busy = False
+        self._cutting = False
+        self._readers = 0
+        self._stopping: str | None = None
+        self._spawning: tuple[subprocess.Popen[bytes], socket.socket] | None = None
+        self._requests: list[threading.Thread] = []
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._thread: threading.Thread | None = None
         self._stopped = False
@@ -277,28 +315,68 @@ class HandoverControl:
         self._thread = threading.Thread(target=self._accept_loop, name="pcidev-handover-control", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, reason: str = "the server is stopping", *, wait_requests: bool = True) -> None:
         """Stop accepting requests and wait for the thread (not the listener: the caller
-        closes or detaches it). Idempotent."""
-        if self._stopped:
-            return
-        self._stopped = True
-        try:
-            os.write(self._stop_w, b"s")
-        except OSError:
-            pass
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(10.0)
-        for fd in (self._stop_r, self._stop_w):
+        closes or detaches it). A handover not yet at the cut is aborted (its new process
+        killed and reaped; its requester told ``reason``). Idempotent.
+
+        :param reason: why, for a requester whose handover is aborted.
+        :param wait_requests: also wait (up to 5 s each) for the requests being answered.
+        """
+        if not self._stopped:
+            self._stopped = True
+            self.abort_pending(reason)
             try:
-                os.close(fd)
+                os.write(self._stop_w, b"s")
             except OSError:
                 pass
+            if self._thread is not None and self._thread is not threading.current_thread():
+                self._thread.join(10.0)
+            for fd in (self._stop_r, self._stop_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        if wait_requests:  # their answers must go out before this process ends
+            for t in list(self._requests):
+                if t is not threading.current_thread():
+                    t.join(5.0)
+
+    def abort_pending(self, reason: str) -> None:
+        """Abort a handover that has not reached the cut (any thread): its new process is
+        killed and reaped, the requester hears ``reason``. A cut under way is not touched."""
+        with self._lock:
+            self._stopping = reason
+            spawning = self._spawning
+            job, self._cut_wanted = self._cut_wanted, None
+        if spawning is not None:
+            proc, chan = spawning
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            try:
+                chan.shutdown(socket.SHUT_RDWR)  # wakes the wait for READY
+            except OSError:
+                pass
+        if job is not None:
+            job.outcome = {"ok": False, "reason": reason}
+            job.send_abort(reason)
+            job.done.set()
+
+    @property
+    def started(self) -> bool:
+        """Whether :meth:`start` ran."""
+        return self._thread is not None
 
     @property
     def busy(self) -> bool:
-        """Whether a handover runs (signals are deferred meanwhile)."""
+        """Whether a handover runs (from its request to its report)."""
         return self._busy
+
+    @property
+    def cutting(self) -> bool:
+        """Whether the cut runs (the device is paused; signals are deferred meanwhile)."""
+        return self._cutting
 
     # -- control thread -----------------------------------------------------------------
     def _accept_loop(self) -> None:
@@ -318,14 +396,15 @@ class HandoverControl:
                 continue
             conn.set_inheritable(False)
             with self._lock:
-                take = not self._busy
+                take = self._readers < _MAX_READERS
                 if take:
-                    self._busy = True
+                    self._readers += 1
             if not take:
-                self._answer(conn, {"ok": False, "refused": True,
-                                    "reason": "a handover of this device is already in progress"})
+                self._answer(conn, {"ok": False, "refused": True, "reason": "too many control connections"})
                 continue
-            threading.Thread(target=self._serve_request, args=(conn,), name="pcidev-handover", daemon=True).start()
+            t = threading.Thread(target=self._serve_request, args=(conn,), name="pcidev-handover", daemon=True)
+            self._requests = [r for r in self._requests if r.is_alive()] + [t]
+            t.start()
 
     @staticmethod
     def _answer(conn: socket.socket, report: dict[str, Any]) -> None:
@@ -339,13 +418,35 @@ class HandoverControl:
 
     def _serve_request(self, conn: socket.socket) -> None:
         job: HandoverJob | None = None
+        took = False
         try:
-            report = self._run(conn)
+            try:
+                req = self._read_request(conn)
+            except HandoverDeniedError as exc:
+                req, report = None, {"ok": False, "refused": True, "reason": f"permission denied: {exc}"}
+            except TransportError as exc:
+                req, report = None, {"ok": False, "refused": True, "reason": f"bad request: {exc}"}
+            finally:
+                with self._lock:
+                    self._readers -= 1
+            if req is None:
+                self._answer(conn, report)
+                return
+            with self._lock:
+                take = not self._busy and self._stopping is None
+                if take:
+                    self._busy = took = True
+                why = self._stopping
+            if not take:
+                self._answer(conn, {"ok": False, "refused": True,
+                                    "reason": why or "a handover of this device is already in progress"})
+                return
+            report = self._run(req)
             job = self._job
         except Exception as exc:  # a bug must not kill the control thread silently
             log.exception("handover failed")
             report = {"ok": False, "reason": f"{type(exc).__name__}: {exc}"}
-        failed = not report.get("ok")
+        failed = not report.get("ok") and took
         if failed:  # before the answer: the next request must find the server free
             with self._lock:
                 self._job = None
@@ -361,10 +462,8 @@ class HandoverControl:
     def _read_request(self, conn: socket.socket) -> dict[str, Any]:
         uid = peer_uid(conn)
         if uid != os.getuid():
-            raise PermissionError(f"uid {uid} may not hand over a device served by uid {os.getuid()}")
-        conn.settimeout(5.0)
-        kind, body, stray = recv_frame(conn)
-        close_fds(stray)
+            raise HandoverDeniedError(f"uid {uid} may not hand over a device served by uid {os.getuid()}")
+        kind, body = _recv_request(conn, time.monotonic() + _REQUEST_TIMEOUT)
         if kind != HANDOVER:
             raise TransportError(f"expected a HANDOVER request, got frame type {kind}")
         req = frame_meta(kind, body, {"protocol": int, "timeout": float})
@@ -379,13 +478,7 @@ class HandoverControl:
             raise TransportError(f"unknown fault {fault!r}")
         return req
 
-    def _run(self, conn: socket.socket) -> dict[str, Any]:
-        try:
-            req = self._read_request(conn)
-        except PermissionError as exc:
-            return {"ok": False, "refused": True, "reason": f"permission denied: {exc}"}
-        except TransportError as exc:
-            return {"ok": False, "refused": True, "reason": f"bad request: {exc}"}
+    def _run(self, req: dict[str, Any]) -> dict[str, Any]:
         why = self.precheck()
         if why is not None:
             return {"ok": False, "refused": True, "reason": why}
@@ -395,7 +488,12 @@ class HandoverControl:
             return {"ok": False, "reason": f"the new process did not start: {exc}"}
         self._job = job
         with self._lock:
-            self._cut_wanted = job
+            stopping = self._stopping
+            if stopping is None:
+                self._cut_wanted = job
+        if stopping is not None:
+            job.abort(stopping)
+            return {"ok": False, "reason": stopping}
         self.wake()
         if not job.done.wait(_BOUNDARY_TIMEOUT):
             with self._lock:
@@ -435,15 +533,26 @@ class HandoverControl:
         finally:
             theirs.close()
         job = HandoverJob(proc=proc, chan=mine, fault=fault)
+        with self._lock:
+            stopping = self._stopping
+            if stopping is None:
+                self._spawning = (proc, mine)
         try:
+            if stopping is not None:
+                raise TransportError(stopping)
             mine.settimeout(timeout)
             try:
                 kind, body, stray = recv_frame(mine)
             except TransportError as exc:
                 code = proc.poll()
+                if self._stopping is not None:
+                    raise TransportError(f"{self._stopping} (the new process was killed)") from None
                 raise TransportError(f"it ended (status {code}) before it was ready" if code is not None
                                      else f"it was not ready in time ({exc})") from None
             close_fds(stray)
+            with self._lock:
+                if self._stopping is not None:
+                    raise TransportError(self._stopping)
             if kind != READY:
                 raise TransportError(f"expected READY, got frame type {kind}")
             job.ready = frame_meta(kind, body, {"pid": int, "device_type": str})
@@ -453,6 +562,9 @@ class HandoverControl:
         except BaseException as exc:
             job.abort(str(exc))
             raise
+        finally:
+            with self._lock:
+                self._spawning = None
         job.spawn_ms = round((time.monotonic() - started) * 1000, 3)
         return job
 
@@ -462,36 +574,43 @@ class HandoverControl:
         message boundary, then :meth:`cut`)."""
         with self._lock:
             job, self._cut_wanted = self._cut_wanted, None
+            self._cutting = job is not None  # signals are deferred from here to the end of the cut
         return job
 
-    def cut(self, job: HandoverJob, server: VfioUserServer | None, listener: Listener) -> bool:
+    def cut(self, job: HandoverJob, server: VfioUserServer | None, listener: Listener) -> str:
         """Hand the device over (serve thread, at a message boundary; the client socket is
-        not read meanwhile). On failure everything is as before and serving goes on.
+        not read meanwhile). On failure everything is as before and serving goes on,
+        except when the connection is lost.
 
         :param job: from :meth:`take_cut`.
         :param server: the connection being served, or None between clients.
         :param listener: the vfio-user socket's listener.
-        :returns: whether the new process serves now (this one must stop).
+        :returns: :data:`HANDED` (the new process serves now: this one must stop),
+            :data:`KEPT` (rolled back: serve on) or :data:`LOST` (the new process may have
+            served the client and was killed: neither may run the device; close the
+            connection and exit 1).
         """
+        self._cutting = True
         try:
-            handed = self._cut(job, server, listener)
+            outcome = self._cut(job, server, listener)
         except Exception as exc:
             log.exception("handover failed")
             job.outcome = {"ok": False, "reason": f"{type(exc).__name__}: {exc}"}
-            handed = False
-        if handed:
-            self.stop()  # before the report: the next request must reach the new process
-        else:
+            outcome = KEPT
+        if outcome == HANDED:  # before the report: the next request must reach the new process
+            self.stop("handed over", wait_requests=False)
+        elif outcome == KEPT:
             job.send_abort(str(job.outcome.get("reason", "")))  # the control thread reaps it
+        self._cutting = False
         job.done.set()
-        return handed
+        return outcome
 
-    def _cut(self, job: HandoverJob, server: VfioUserServer | None, listener: Listener) -> bool:
+    def _cut(self, job: HandoverJob, server: VfioUserServer | None, listener: Listener) -> str:
         cut_at = time.monotonic()
         why = self.precheck()
         if why is not None:
             job.outcome = {"ok": False, "refused": True, "reason": why}
-            return False
+            return KEPT
         pending, pending_fds = server.reader.pending() if server is not None else (b"", [])
         try:
             files = {"listener": _file_meta(listener), "control": _file_meta(self.listener)}
@@ -499,30 +618,86 @@ class HandoverControl:
             if server is not None:
                 fds.append(server.sock.fileno())
             meta = {"protocol": HANDOVER_PROTOCOL, "conn": server.conn.to_meta() if server is not None else None,
-                    "pending": pending, "pending_fds": len(pending_fds), **files}
+                    "pending": pending, "pending_fds": len(pending_fds), "old_pid": os.getpid(),
+                    "running": not self.endpoint.device.quiesced, **files}
             conn_fds = fds + pending_fds
             job.chan.settimeout(_ACK_TIMEOUT)
             send_meta(job.chan, CONN, meta, conn_fds)
-            result = self.endpoint.hand_over(job.chan, timeout=_ACK_TIMEOUT, running_timeout=_RUNNING_TIMEOUT,
-                                             stall=job.kill)
+            result = self.endpoint.hand_over(job.chan, timeout=max(cut_at + _ACK_TIMEOUT - time.monotonic(), 0.001),
+                                             running_timeout=_RUNNING_TIMEOUT, stall=job.kill_now)
+        except ConnectionLostError as exc:  # the new process may have read the client: never resume
+            close_fds(pending_fds)
+            log.error("handover: %s", exc)
+            job.outcome = {"ok": False, "lost": True, "reason": str(exc)}
+            return LOST
         except Exception as exc:  # the device runs here again (hand_over resumed it)
             if server is not None:
                 server.reader.prepend(pending, pending_fds)  # as if nothing had been taken
             if not isinstance(exc, (MigrationError, TransportError)):
                 log.exception("handover failed")
             job.outcome = {"ok": False, "reason": str(exc) or type(exc).__name__}
-            return False
+            return KEPT
         close_fds(pending_fds)  # the new process has its own copies
+        _notify_main_pid(int(job.ready["pid"]))  # still the main PID: systemd hears this one
+        running_at = result.running_at if result.running_at is not None else time.monotonic()
+        serving_at = _await_serving(job.chan)  # the new process's first poll of the client's socket
         job.chan.close()
-        assert result.running_at is not None  # a committed handover always reports RUNNING
-        downtime = (result.running_at - cut_at) * 1000
+        end = serving_at if serving_at is not None else running_at
         job.outcome = {"ok": True, "reason": "", "old_pid": os.getpid(), "new_pid": int(job.ready["pid"]),
-                       "downtime_ms": round(downtime, 3), "state_bytes": result.state_size,
+                       "downtime_ms": round((end - cut_at) * 1000, 3), "state_bytes": result.state_size,
                        "fds": result.fds + len(conn_fds), "same_clock": result.same_clock,
                        "quiesced_ms": round((result.stopped_at - cut_at) * 1000, 3),
                        "acked_ms": round((result.acked_at - cut_at) * 1000, 3),
+                       "running_ms": round((running_at - cut_at) * 1000, 3),
+                       "serving_reported": serving_at is not None,
+                       "device_running": bool(meta["running"]),
                        "new_version": str(job.ready.get("version", ""))}
-        return True
+        return HANDED
+
+
+def _await_serving(chan: socket.socket) -> float | None:
+    """The new process's SERVING time (its first poll of the client's socket), or None
+    if it does not say within a second (it runs the device all the same)."""
+    try:
+        chan.settimeout(1.0)
+        kind, body, stray = recv_frame(chan)
+        close_fds(stray)
+        if kind != SERVING:
+            return None
+        return float(frame_meta(kind, body, {"serving_at": float})["serving_at"])
+    except (TransportError, OSError):
+        return None
+
+
+def _recv_request(conn: socket.socket, deadline: float) -> tuple[int, bytes]:
+    """One frame from a control connection, whole by ``deadline`` (``CLOCK_MONOTONIC``),
+    however slowly its bytes come.
+
+    :raises TransportError: not in time, the end, or not a frame.
+    """
+    def take(n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TransportError(f"no whole request within {_REQUEST_TIMEOUT:g} s")
+            conn.settimeout(left)
+            try:
+                chunk = conn.recv(n - len(buf))
+            except TimeoutError:
+                raise TransportError(f"no whole request within {_REQUEST_TIMEOUT:g} s") from None
+            except OSError as exc:
+                raise TransportError(exc.strerror or str(exc)) from None
+            if not chunk:
+                raise TransportError("the connection ended before a whole request")
+            buf += chunk
+        return buf
+
+    head = take(FRAME_HEADER.size)
+    magic, kind, flags, length = FRAME_HEADER.unpack(head)
+    if magic != MAGIC or flags or kind != HANDOVER or length > 1 << 16:
+        raise TransportError("not a handover request")
+    return kind, take(length) if length else b""
 
 
 def _file_meta(listener: Listener) -> dict[str, Any] | None:
@@ -547,19 +722,38 @@ def outcome_line(report: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------- the new process
 @attrs.define
 class Adopted:
-    """What a handover's new process received, once it runs the device.
+    """What a handover's new process received.
 
     :ivar listener: the vfio-user socket's listener (the same socket file).
     :ivar control: the control endpoint's listener.
     :ivar server: the client's connection with its state and pending bytes, or None
         (no client was connected).
-    :ivar old_pid: the process that served the device before.
+    :ivar old_pid: the process that served the device before (from CONN).
+    :ivar chan: the channel to the old process until :meth:`serving` (then None).
+    :ivar running: the device ran in the old process (else it was dormant, quiesced since
+        its client left, and stays so until a client's first BAR access).
     """
 
     listener: Listener
     control: Listener
     server: VfioUserServer | None
     old_pid: int
+    chan: socket.socket | None = None
+    running: bool = True
+
+    def serving(self) -> None:
+        """Tell the old process this one polls the client's socket now (SERVING: the end
+        of the downtime it reports), and close the channel. Idempotent; never raises."""
+        chan, self.chan = self.chan, None
+        if chan is None:
+            return
+        try:
+            chan.settimeout(0.5)
+            send_meta(chan, SERVING, {"serving_at": time.monotonic()})
+        except (TransportError, OSError):
+            pass
+        finally:
+            chan.close()
 
 
 def _fault_exit(fault: str | None, at: str) -> None:
@@ -568,18 +762,38 @@ def _fault_exit(fault: str | None, at: str) -> None:
         os._exit(3)
 
 
-def adopt(chan_fd: int, endpoint: DeviceEndpoint, *, timeout: float = 30.0) -> Adopted:
+def _fault_after_commit(fault: str | None, chan: socket.socket) -> None:
+    """The failures after COMMIT (tests): die, hang, or send half a RUNNING and hang."""
+    _fault_exit(fault, "die-after-commit")
+    if fault in ("hang-after-commit", "half-running"):
+        log.warning("handover: failing on purpose (%s=%s)", FAULT_ENV, fault)
+        if fault == "half-running":
+            chan.sendall(MAGIC[:4])
+        time.sleep(3600)  # the old process kills this one
+        os._exit(3)
+
+
+#: called with what was received, before the acknowledgement (build everything the
+#: serving needs here: it is outside the downtime), or after COMMIT (just before RUNNING)
+AdoptHook = Callable[[Adopted], None]
+
+
+def adopt(chan_fd: int, endpoint: DeviceEndpoint, *, timeout: float = 30.0, prepare: AdoptHook | None = None,
+          committed: AdoptHook | None = None) -> Adopted:
     """Take the device and its connection over from the process at the other end of
     ``chan_fd`` (``serve --adopt FD``): READY, CONN, the device, ACK, COMMIT, RUNNING.
 
     Nothing here reads the client socket; when this returns, the device runs and
-    RUNNING has gone out, so the caller serves the connection. On an exception the
-    old process keeps (or takes back) the device: the caller must exit without
-    touching the sockets received (no ``shutdown``, no unlink).
+    RUNNING has gone out, so the caller serves the connection (and calls
+    :meth:`Adopted.serving` right before its first poll). On an exception the old
+    process keeps (or takes back) the device: the caller must exit without touching
+    the sockets received (no ``shutdown``, no unlink).
 
     :param chan_fd: this end of the socketpair (``--adopt``).
     :param endpoint: the endpoint of the device built here (not started).
     :param timeout: seconds to wait for each step.
+    :param prepare: called before the acknowledgement (an exception refuses the handover).
+    :param committed: called after COMMIT, before RUNNING (keep it short: the guest waits).
     :returns: what was received.
     :raises PcidevError: the handover failed (one line).
     """
@@ -603,6 +817,11 @@ def adopt(chan_fd: int, endpoint: DeviceEndpoint, *, timeout: float = 30.0) -> A
         if kind != CONN:
             raise TransportError(f"handover: expected CONN, got frame type {kind}")
         meta = frame_meta(kind, body, {"protocol": int, "pending": bytes, "pending_fds": int})
+        # (an old process of an older pcidev sends neither: it ran the device, and is our parent)
+        running = meta.get("running", True)
+        old_pid = meta.get("old_pid", os.getppid())
+        if not isinstance(running, bool) or not isinstance(old_pid, int):
+            raise TransportError("handover: CONN's 'running' or 'old_pid' is of the wrong type")
         if meta["protocol"] != HANDOVER_PROTOCOL:
             raise TransportError(f"handover: protocol {meta['protocol']} (this pcidev speaks {HANDOVER_PROTOCOL})")
         npend = meta["pending_fds"]
@@ -615,26 +834,35 @@ def adopt(chan_fd: int, endpoint: DeviceEndpoint, *, timeout: float = 30.0) -> A
         client = socket.socket(fileno=received[2]) if has_client else None
         pending_fds = received[2 + int(has_client):]
         received = []
+        got = Adopted(listener=listener, control=control, server=None, old_pid=old_pid, chan=chan,
+                      running=running)
 
         def before_ack() -> None:
             _fault_exit(fault, "die-before-ack")
             if fault == "nack":
                 raise MigrationError(f"refusing on purpose ({FAULT_ENV}=nack)")
+            if client is not None and conn is not None:  # built now: outside the downtime
+                server = VfioUserServer(endpoint, client, max_msg_fds=conn.max_msg_fds,
+                                        max_data_xfer_size=conn.max_data_xfer_size)
+                server.conn = conn
+                # loaded, not resumed yet: it runs after COMMIT if it ran in the old process;
+                # else (its client left) the first BAR access of this one resumes it
+                server.dormant = not running
+                server.reader.prepend(meta["pending"], pending_fds)
+                got.server = server
+            if prepare is not None:
+                prepare(got)
 
-        endpoint.accept_handover(chan, timeout=timeout, before_ack=before_ack,
-                                 committed=lambda: _fault_exit(fault, "die-after-commit"))
+        def after_commit() -> None:
+            _fault_after_commit(fault, chan)
+            if committed is not None:
+                committed(got)
+
+        endpoint.accept_handover(chan, timeout=timeout, before_ack=before_ack, committed=after_commit,
+                                 resume=running)
     except BaseException:
         close_fds(received)
-        raise
-    finally:
         chan.close()
-    server = None
-    if client is not None and conn is not None:
-        server = VfioUserServer(endpoint, client, max_msg_fds=conn.max_msg_fds,
-                                max_data_xfer_size=conn.max_data_xfer_size)
-        server.conn = conn
-        server.reader.prepend(meta["pending"], pending_fds)
-    _notify_main_pid()
-    old_pid = os.getppid()
-    return Adopted(listener=listener, control=control, server=server, old_pid=old_pid)
-
+        raise
+    _notify_main_pid(os.getpid())
+    return got

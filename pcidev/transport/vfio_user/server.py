@@ -81,6 +81,12 @@ _OVERSIZED = "oversized message"
 _MIGRATED_OUT: weakref.WeakSet[DeviceEndpoint] = weakref.WeakSet()
 
 
+def endpoint_migrated_out(endpoint: DeviceEndpoint) -> bool:
+    """Whether ``endpoint``'s device migrated out over vfio-user and has not run since
+    (:attr:`VfioUserServer.migrated_out`; outlives its connection)."""
+    return endpoint in _MIGRATED_OUT
+
+
 def client_left(reason: str) -> bool:
     """Whether a connection ended because of its client (EOF, a transport error, a message
     that broke the stream), as opposed to a wake-up hook (a handover stops reading)."""
@@ -912,9 +918,13 @@ class ExtraClientGuard:
     connection), is its successor (a reconnect): it is kept in :attr:`next_client` for
     the accept loop.
 
-    The listener is non-blocking while the guard runs (an accept that finds nothing
-    never blocks it); the guard ends on the wake-up at the end of its ``with`` block, or when the
-    listener fails (``POLLERR``/``POLLNVAL``, an accept error other than "nothing there").
+    The listener's file status is never changed: its open file description is shared
+    with a handover's new process (``O_NONBLOCK`` would be that process's too). The guard
+    accepts only after ``poll`` saw a connection waiting, which cannot block while it is
+    the only acceptor: the serving loop does not accept while a client is served, and
+    :meth:`pause` stops the guard before a handover passes the listener on (:meth:`resume`
+    after a rollback). The guard ends on the wake-up at the end of its ``with`` block, or
+    when the listener fails (``POLLERR``/``POLLHUP``/``POLLNVAL``, an accept error).
 
     Use as a context manager around :meth:`VfioUserServer.serve`.
 
@@ -931,23 +941,38 @@ class ExtraClientGuard:
         self.next_client: socket.socket | None = None
         self._served_fd = os.dup(served.fileno())  # polled for a hang-up; never reused meanwhile
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._timeout = listener.gettimeout()
         self._thread = threading.Thread(target=self._run, name="vfio-user-extra-clients", daemon=True)
+        self._ended = False  # the listener failed or the successor came: no restart
 
     def __enter__(self) -> ExtraClientGuard:
-        self.listener.setblocking(False)
         self._thread.start()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
+        self.pause()
+        close_fds([self._served_fd, self._wake_r, self._wake_w])
+
+    def pause(self) -> None:
+        """Stop accepting and wait for the guard's thread (a handover is about to pass the
+        listener on). Idempotent."""
+        if not self._thread.is_alive():
+            return
         os.write(self._wake_w, b"x")
         self._thread.join()
-        close_fds([self._served_fd, self._wake_r, self._wake_w])
         try:
-            self.listener.settimeout(self._timeout)
-        except OSError:  # closed meanwhile
+            while os.read(self._wake_r, 64):
+                pass
+        except OSError:
             pass
+
+    def resume(self) -> None:
+        """Accept again after :meth:`pause` (a handover rolled back); nothing if the guard
+        ended by itself."""
+        if self._thread.is_alive() or self._ended:
+            return
+        self._thread = threading.Thread(target=self._run, name="vfio-user-extra-clients", daemon=True)
+        self._thread.start()
 
     def _served_gone(self, wait: float) -> bool:
         """Whether the served client hung up, waiting up to ``wait`` seconds for it."""
@@ -960,6 +985,7 @@ class ExtraClientGuard:
         try:
             lfd = self.listener.fileno()
         except OSError:
+            self._ended = True
             return
         poller = select.poll()
         poller.register(lfd, select.POLLIN)
@@ -970,17 +996,20 @@ class ExtraClientGuard:
                 return
             if events.get(lfd, 0) & (select.POLLERR | select.POLLNVAL | select.POLLHUP):
                 log.warning("vfio-user: the listening socket failed; no longer closing extra clients")
+                self._ended = True
                 return
             try:
-                conn, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                continue  # nothing there after all
+                conn, _ = self.listener.accept()  # a connection waits (poll): does not block
+            except InterruptedError:
+                continue
             except OSError as exc:
                 log.warning("vfio-user: accept failed (%s); no longer closing extra clients", exc)
+                self._ended = True
                 return
             conn.setblocking(True)
             if self._served_gone(self.grace):
                 self.next_client = conn
+                self._ended = True
                 return
             log.warning("vfio-user: a second client connected while one is served; closing it")
             conn.close()

@@ -24,7 +24,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 import pluggy
@@ -34,8 +34,16 @@ from pcidev.errors import TransportError
 from pcidev.migration.blockers import collect_blockers
 from pcidev.transport.address import Listener, listen_unix
 from pcidev.transport.endpoint import NEW, DeviceEndpoint
-from pcidev.transport.vfio_user.handover import HandoverControl, HandoverJob, adopt, outcome_line
-from pcidev.transport.vfio_user.server import ExtraClientGuard, VfioUserServer
+from pcidev.transport.vfio_user.handover import (
+    HANDED,
+    LOST,
+    Adopted,
+    HandoverControl,
+    HandoverJob,
+    adopt,
+    outcome_line,
+)
+from pcidev.transport.vfio_user.server import ExtraClientGuard, VfioUserServer, endpoint_migrated_out
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +68,7 @@ def listen_vfio_user(path: str) -> Listener:
 _MIG_RUNNING = 2
 _HANDED_OVER = "handed over"
 _SIGNALLED = "signal"
+_LOST = "connection lost in a handover"
 
 
 class VfioUserService:
@@ -100,6 +109,11 @@ class VfioUserService:
         self._handed_job: HandoverJob | None = None
         self._closed = False
         self._next_client: socket.socket | None = None
+        self._signals_installed = False
+        self._guard: ExtraClientGuard | None = None
+        #: called once right before the first poll of a socket (a handover's new process
+        #: tells the old one: the end of the downtime it reports)
+        self.on_serving: Callable[[], None] | None = None
 
     # -- waking the serve thread ------------------------------------------------------------
     def wake(self) -> None:
@@ -118,6 +132,9 @@ class VfioUserService:
                 pass
 
     def _precheck(self) -> str | None:
+        if endpoint_migrated_out(self.endpoint):
+            return ("the device migrated out over vfio-user (STOP_COPY reached) and has not run since: "
+                    "its state lives at the destination")
         server = self.server
         if server is not None and server.conn.mig_state != _MIG_RUNNING:
             return f"the device is in vfio-user migration state {server.conn.mig_state}, not RUNNING"
@@ -137,11 +154,23 @@ class VfioUserService:
             pass
         if self.control is not None:
             job = self.control.take_cut()
-            if job is not None and self.control.cut(job, server, self.listener):
+            guard = self._guard
+            outcome = None
+            if job is not None:
+                if guard is not None:
+                    guard.pause()  # before CONN: the listener is the new process's from then on
+                outcome = self.control.cut(job, server, self.listener)
+                if guard is not None and outcome not in (HANDED, LOST):
+                    guard.resume()
+            if job is not None and outcome == HANDED:
                 self._handed_job = job
                 print(outcome_line(job.outcome), file=self.out, flush=True)
                 return _HANDED_OVER
-        if self._deferred_signal is not None and not (self.control is not None and self.control.busy):
+            if job is not None and outcome == LOST:
+                self._handed_job = job  # the report must reach the CLI before this process ends
+                print(f"pcidev: {job.outcome['reason']}", file=self.out, flush=True)
+                return _LOST
+        if self._deferred_signal is not None and not (self.control is not None and self.control.cutting):
             return _SIGNALLED
         return None
 
@@ -149,17 +178,25 @@ class VfioUserService:
         if self._handed_job is not None and self._handed_job.reported.is_set():
             # handed over and reported: only this process's copies are left (the kernel
             # closes them; nothing is unlinked or saved), so a signal ends it at once
-            os._exit(0)
-        if self.control is not None and self.control.busy:
-            log.warning("signal %d deferred: a handover is running", signum)
+            os._exit(0 if self._handed_job.outcome.get("ok") else 1)
+        if self._handed_job is not None or (self.control is not None and self.control.cutting):
+            log.warning("signal %d deferred: a handover's cut is running", signum)
             self._deferred_signal = signum
             return
         raise SystemExit(128 + signum)
 
     def install_signals(self) -> None:
-        """Make SIGTERM/SIGINT end the service cleanly (deferred while a handover runs)."""
+        """Make SIGTERM/SIGINT end the service cleanly (deferred while a handover runs). Idempotent."""
+        if self._signals_installed:
+            return
+        self._signals_installed = True
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+
+    def _mark_serving(self) -> None:
+        hook, self.on_serving = self.on_serving, None
+        if hook is not None:
+            hook()
 
     # -- the loop ---------------------------------------------------------------------------
     def _accept(self) -> VfioUserServer | str | None:
@@ -168,6 +205,7 @@ class VfioUserService:
         poller.register(self.listener.sock.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         if not self._woken.is_set():
+            self._mark_serving()
             events = poller.poll()
             if not any(fd == self.listener.sock.fileno() for fd, _ev in events):
                 return self._on_wake(None)
@@ -190,7 +228,7 @@ class VfioUserService:
             self.install_signals()
             if self.endpoint.state == NEW:
                 self.endpoint.start()
-            if self.control is not None:
+            if self.control is not None and not self.control.started:
                 self.control.start()
             if banner is not None:
                 print(banner, file=self.out, flush=True)
@@ -203,11 +241,13 @@ class VfioUserService:
                         server, reason = got, None
                 if server is not None:
                     reason = self._serve_one(server)
-                    if reason not in (_HANDED_OVER, _SIGNALLED) and self._client_left(server, reason):
+                    if reason not in (_HANDED_OVER, _SIGNALLED, _LOST) and self._client_left(server, reason):
+                        if self.control is not None:  # a handover being prepared has nothing left to move
+                            self.control.stop(f"the client left ({reason}) and the server ends (--once)")
                         return 0
                     server = None
                     nxt, self._next_client = self._next_client, None
-                    if nxt is not None and reason not in (_HANDED_OVER, _SIGNALLED):
+                    if nxt is not None and reason not in (_HANDED_OVER, _SIGNALLED, _LOST):
                         server = VfioUserServer(self.endpoint, nxt)
                         continue
                     if nxt is not None:
@@ -215,9 +255,10 @@ class VfioUserService:
                 if reason == _HANDED_OVER:
                     handed = True
                     return 0
+                if reason == _LOST:
+                    return 1
                 if reason == _SIGNALLED:
-                    assert self._deferred_signal is not None
-                    raise SystemExit(128 + self._deferred_signal)
+                    raise SystemExit(128 + (self._deferred_signal or signal.SIGTERM))
         except OSError as exc:
             raise TransportError(f"vfio-user socket {self.path}: {exc.strerror or exc}") from exc
         finally:
@@ -231,7 +272,12 @@ class VfioUserService:
             server.loop.wake()
         try:
             with ExtraClientGuard(self.listener.sock, server.sock) as guard:  # a second client is closed at once
-                reason = server.serve()  # closes the socket (never shuts it down); disconnect() if the client left
+                self._guard = guard
+                self._mark_serving()
+                try:
+                    reason = server.serve()
+                finally:
+                    self._guard = None  # closes the socket (never shuts it down); disconnect() if the client left
             self._next_client = guard.next_client
             return reason
         finally:
@@ -249,6 +295,22 @@ class VfioUserService:
               file=self.out, flush=True)
         # (integration, WP-B: VfioUserServer.serve() runs disconnect() itself when its client left)
         return self.once
+
+    def discard(self) -> None:
+        """Forget a service that never ran (a handover that failed in the new process):
+        stop its control thread, close its own pipes; the listeners stay open (the old
+        process serves them)."""
+        if self.control is not None:
+            self.control.stop()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for fd in (self._wake_r, self._wake_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
     def _close(self, handed: bool) -> None:
         if self._handed_job is not None:
@@ -352,13 +414,29 @@ def serve_adopted(device: PciDevice, path: str, chan_fd: int, *, pm: pluggy.Plug
     except BaseException:
         device.close()
         raise
+    services: list[VfioUserService] = []
+
+    def prepare(got: Adopted) -> None:
+        # everything serving needs is built before the acknowledgement: outside the downtime
+        service = VfioUserService(endpoint, got.listener, path, pm=pm, once=once, out=out,
+                                  control=got.control, child_args=child_args)
+        service.install_signals()
+        service.on_serving = got.serving
+        services.append(service)
+
+    def committed(got: Adopted) -> None:
+        service = services[0]
+        if service.control is not None:
+            service.control.start()
+        dormant = "" if got.running else " (dormant: the device waits, quiesced, for its next client)"
+        print(f"pcidev: vfio-user server for {device.TYPE_NAME or type(device).__name__} took over {path} "
+              f"from pid {got.old_pid} (pid {os.getpid()}){dormant}", file=out, flush=True)
+
     try:
-        adopted = adopt(chan_fd, endpoint, timeout=timeout)
+        adopted = adopt(chan_fd, endpoint, timeout=timeout, prepare=prepare, committed=committed)
     except BaseException:
+        for service in services:
+            service.discard()
         endpoint.close()  # NEW or never committed: persists nothing
         raise
-    service = VfioUserService(endpoint, adopted.listener, path, pm=pm, once=once, out=out,
-                              control=adopted.control, child_args=child_args)
-    return service.run(adopted.server, banner=f"pcidev: vfio-user server for "
-                       f"{device.TYPE_NAME or type(device).__name__} took over {path} from pid {adopted.old_pid} "
-                       f"(pid {os.getpid()})")
+    return services[0].run(adopted.server)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from pcidev.errors import TransportError
+from pcidev.errors import MigrationError, TransportError
 from pcidev.migration.channel import HANDOVER, frame_meta, recv_frame, send_meta
 from pcidev.transport.vfio_user.client import VfioUserClient
 from pcidev.transport.vfio_user.handover import request_handover
@@ -136,25 +136,30 @@ def test_serve_persists_by_default_and_once_exits_after_the_first_client() -> No
         assert not os.path.exists(sock) and not os.path.exists(sock + ".ctl")
 
 
-def test_sigterm_during_a_handover_waits_for_it(tmp_path: Path) -> None:
+def test_sigterm_while_the_new_process_starts_aborts_the_handover(tmp_path: Path) -> None:
+    """Before the cut a signal is not deferred: the handover is aborted (the new process
+    killed), the requester hears why, and the server ends as the signal asked."""
     slow = tmp_path / "slow-python"
     slow.write_text(f"#!/bin/sh\nsleep 2\nexec {sys.executable} \"$@\"\n")
     slow.chmod(0o755)
-    with edu_server() as (sock, proc, pids):
+    with edu_server() as (sock, proc, _pids):
         with VfioUserClient.connect(sock) as client:
-            reports: list[dict[str, object]] = []
-            t = threading.Thread(target=lambda: reports.append(
-                request_handover(sock + ".ctl", exec_path=str(slow))))
+            assert client.read_int(0, 0, 4) == EDU_ID
+            errors: list[BaseException] = []
+
+            def ask() -> None:
+                try:
+                    request_handover(sock + ".ctl", exec_path=str(slow))
+                except MigrationError as exc:
+                    errors.append(exc)
+
+            t = threading.Thread(target=ask)
             t.start()
             time.sleep(0.5)
-            os.kill(proc.pid, signal.SIGTERM)  # deferred: the handover goes on
+            os.kill(proc.pid, signal.SIGTERM)
             t.join(120)
-            assert len(reports) == 1
-            new_pid = reports[0]["new_pid"]
-            assert isinstance(new_pid, int)
-            pids.append(new_pid)
-            assert proc.wait(20) == 0
-            assert client.read_int(0, 0, 4) == EDU_ID
+            assert len(errors) == 1 and "stopping" in str(errors[0])
+            assert proc.wait(20) == 128 + signal.SIGTERM
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to connect as another user")

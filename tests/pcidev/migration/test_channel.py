@@ -5,15 +5,17 @@ input to the destination."""
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
 import threading
+import time
 
 import msgpack
 import pytest
 
 from pcidev.devices.edu import DESC, EduDevice
-from pcidev.errors import MigrationError, TransportError, VMStateError
+from pcidev.errors import ConnectionLostError, MigrationError, TransportError, VMStateError
 from pcidev.host import Machine
 from pcidev.migration import MAGIC, migrate_in, migrate_out, save_device_stream
 from pcidev.vmstate.errors import ChecksumError, ConfigMismatchError, StreamError
@@ -418,3 +420,60 @@ def test_unannounced_fds_are_closed_and_refused(machine):
     finally:
         os.close(r)
         os.close(w)
+
+
+# ------------------------------------------------------------ commit (handover)
+def _committed_pair(source, committed, stall):
+    """migrate_out/migrate_in with commit; ``committed`` runs in the destination after COMMIT."""
+    a, b = socket.socketpair()
+    dest = CountingEdu(autorun=False, chunk=512)
+    t, got = _run_peer(lambda: migrate_in(dest, b, commit=True, committed=lambda: committed(b)))
+    try:
+        with pytest.raises(MigrationError) as info:
+            migrate_out(source.device, a, commit=True, timeout=5.0, running_timeout=0.3, stall=lambda: stall(a))
+    finally:
+        t.join(5)
+        a.close()
+        b.close()
+    return info.value, dest, got
+
+
+def test_a_running_that_comes_after_the_timeout_loses_the_connection(source):
+    """RUNNING arrives between the source's timeout and the kill: the destination may have
+    served the client, so the source never resumes (no two readers on one socket)."""
+    late = threading.Event()
+
+    def committed(_b):
+        late.wait(5)  # RUNNING goes out only once the source gave up waiting
+
+    def stall(a):  # the kill comes just after the destination's RUNNING got out
+        late.set()
+        assert select.select([a], [], [], 5)[0]
+
+    resumes = source.device.resumes
+    err, dest, got = _committed_pair(source, committed, stall)
+    assert isinstance(err, ConnectionLostError) and "lost" in str(err)
+    assert source.device.resumes == resumes and source.device.quiesced
+    assert source.device.migrated_out and not source.device.owns_state
+
+
+def test_a_destination_silent_after_commit_is_killed_and_the_source_resumes(source):
+    killed = []
+    resumes = source.device.resumes
+    err, dest, got = _committed_pair(source, lambda b: b.shutdown(socket.SHUT_WR), lambda a: killed.append(1))
+    assert not isinstance(err, ConnectionLostError) and "runs again on the source" in str(err)
+    assert killed == [1] and source.device.resumes == resumes + 1 and not source.device.quiesced
+    # the destination could not send RUNNING: it must not run the device either
+    assert isinstance(got["error"], MigrationError) and dest.resumes == 0
+
+
+def test_half_a_running_frame_loses_the_connection(source):
+    def committed(b):
+        b.sendall(MAGIC[:4])
+        time.sleep(1.0)
+        raise RuntimeError("dies mid-frame")
+
+    resumes = source.device.resumes
+    err, _dest, _got = _committed_pair(source, committed, lambda a: None)
+    assert isinstance(err, ConnectionLostError)
+    assert source.device.resumes == resumes and source.device.quiesced

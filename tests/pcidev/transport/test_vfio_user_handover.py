@@ -36,6 +36,7 @@ from pcidev.transport.fdpass import close_fds
 from pcidev.transport.vfio_user import protocol
 from pcidev.transport.vfio_user.client import VfioUserClient
 from pcidev.transport.vfio_user.handover import control_path, request_handover
+from pcidev.transport.vfio_user.migration_client import set_mig_state
 from pcidev.transport.vfio_user.remote import VfioUserDevice
 from pcidev_nvme.testing.driver import NvmeDriver
 
@@ -196,8 +197,12 @@ def test_twenty_handovers_under_verified_nvme_io() -> None:
         downtimes = [r["downtime_ms"] for r in reports]
         assert all(0 < d < 2000 for d in downtimes)
         assert all(r["same_clock"] and r["state_bytes"] > 0 and r["fds"] > 3 for r in reports)
+        # the downtime ends at the new process's first poll of the client socket, after RUNNING
+        assert all(r["serving_reported"] and 0 < r["running_ms"] <= r["downtime_ms"] for r in reports)
         print(f"\nhandover downtime over {len(downtimes)}: median {statistics.median(downtimes):.2f} ms, "
-              f"worst {max(downtimes):.2f} ms; spawn median {statistics.median(r['spawn_ms'] for r in reports):.0f} ms")
+              f"worst {max(downtimes):.2f} ms (to RUNNING: median "
+              f"{statistics.median(r['running_ms'] for r in reports):.2f} ms); spawn median "
+              f"{statistics.median(r['spawn_ms'] for r in reports):.0f} ms")
 
 
 def test_a_file_namespace_keeps_its_data_across_handovers(tmp_path: Path) -> None:
@@ -408,8 +413,11 @@ def _still_serves(drv: NvmeDriver, expect: dict[int, bytes]) -> None:
         assert drv.read(1, slba=slba, nlb=len(data) // drv.lba_size(1)) == data
 
 
-@pytest.mark.parametrize("fault", ["die-before-ack", "nack", "die-after-commit"])
+@pytest.mark.parametrize("fault", ["die-before-ack", "nack", "die-after-commit", "hang-after-commit"])
 def test_a_failing_new_process_leaves_the_old_one_serving(fault: str) -> None:
+    """Every failure before the new process could have read the client's socket (a new
+    process silent after COMMIT is killed at once): the old one serves on, with the
+    verified I/O going on."""
     with serving("nvme,ns=mem:size=4M") as server, nvme(server.sock, io_queues=1) as drv:
         expect = {1024: os.urandom(4096)}  # beyond the blocks VerifiedIo writes
         drv.write(1, slba=1024, data=expect[1024])
@@ -429,6 +437,200 @@ def test_a_failing_new_process_leaves_the_old_one_serving(fault: str) -> None:
         report = server.handover()  # and a real one works afterwards
         assert report["old_pid"] == server.proc.pid
         _still_serves(drv, expect)
+
+
+def test_a_new_process_that_may_have_served_loses_the_connection_and_never_two_readers() -> None:
+    """After COMMIT the new process sends half a RUNNING and hangs: it may have read the
+    client's socket, so the old process kills it and must not resume either. The client's
+    connection is closed, the CLI hears why, the old process exits 1 (never two readers)."""
+    with serving("nvme,ns=mem:size=4M") as server, nvme(server.sock, io_queues=1) as drv:
+        drv.write(1, slba=0, data=os.urandom(4096))
+        started = time.monotonic()
+        with pytest.raises(MigrationError, match="connection is lost") as info:
+            server.handover(fault="half-running")
+        assert "\n" not in str(info.value)
+        assert time.monotonic() - started < 10
+        assert server.proc.wait(20) == 1
+        with pytest.raises(TransportError):
+            drv.read(1, slba=0, nlb=4096 // drv.lba_size(1))
+        assert "connection is lost" in server.log.read_text()
+
+
+def test_the_pause_fits_in_the_clients_message_timeout() -> None:
+    """A new process silent after COMMIT: the whole pause (boundary to rollback) stays well
+    under QEMU's 5 s x-msg-timeout; a vCPU read during it is answered by the old process."""
+    with serving("edu", "-p", "no:nvme") as server, VfioUserClient.connect(server.sock) as client:
+        worst: list[float] = [0.0]
+        halt = threading.Event()
+
+        def probe() -> None:  # a vCPU reading a register again and again
+            while not halt.is_set():
+                t = time.monotonic()
+                assert client.read_int(0, 0, 4) == 0x010000ED
+                worst[0] = max(worst[0], time.monotonic() - t)
+                time.sleep(0.005)
+
+        t = threading.Thread(target=probe)
+        t.start()
+        try:
+            with pytest.raises(MigrationError, match="runs again on the source"):
+                server.handover(fault="hang-after-commit")
+        finally:
+            halt.set()
+            t.join(30)
+        assert 0.5 < worst[0] < 4.0, worst  # it did wait out the RUNNING timeout, within the budget
+
+
+def test_a_dormant_device_stays_dormant_in_the_new_process() -> None:
+    """A client left without shutting the controller down (queues live): the device is
+    quiesced until the next client. The handover keeps it so; the next client finds its data."""
+    with serving("nvme,ns=mem:size=4M") as server:
+        data = os.urandom(4096)
+        machine = Machine(ram_size=32 << 20)
+        remote = VfioUserDevice.connect(server.sock)
+        drv = NvmeDriver(machine, machine.plug(remote), io_queues=1)
+        drv.probe()
+        drv.write(1, slba=8, data=data)
+        remote.close()  # gone, controller still enabled
+        machine.close()
+        deadline = time.monotonic() + 10
+        while "client left" not in server.log.read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        report = server.handover()
+        assert report["device_running"] is False
+        server.wait_gone(server.proc.pid)
+        assert "(dormant: the device waits" in server.log.read_text()
+        with Machine(ram_size=32 << 20) as m2, VfioUserDevice.connect(server.sock) as r2:
+            d2 = NvmeDriver(m2, m2.plug(r2), io_queues=1)
+            d2.probe()
+            assert d2.read(1, slba=8, nlb=4096 // d2.lba_size(1)) == data
+            d2.close()
+
+
+def test_a_device_that_migrated_out_is_not_handed_over() -> None:
+    """After the vfio-user migration reached STOP_COPY the device's state lives at the
+    destination: a handover is refused, with its client connected or after it left."""
+    with serving("edu", "-p", "no:nvme") as server:
+        with VfioUserClient.connect(server.sock) as client:
+            set_mig_state(client, protocol.MIG_STATE_STOP_COPY)
+            with pytest.raises(MigrationError, match="handover refused"):
+                server.handover()
+        deadline = time.monotonic() + 10
+        while "client left" not in server.log.read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with pytest.raises(MigrationError, match="migrated out") as info:
+            server.handover()
+        assert "\n" not in str(info.value)
+        assert server.proc.poll() is None
+
+
+def _gated_python(tmp_path: Path) -> tuple[Path, Path]:
+    """An interpreter for the new process that writes its pid and waits until never (the
+    test ends the handover meanwhile): ``(the script, the pid file)``."""
+    gate, pidfile, script = tmp_path / "gate", tmp_path / "child.pid", tmp_path / "gated-python"
+    os.mkfifo(gate)
+    script.write_text(f"#!/bin/sh\necho $$ > {pidfile}.tmp && mv {pidfile}.tmp {pidfile}\nread x < {gate}\n"
+                      f"exec {sys.executable} \"$@\"\n")
+    script.chmod(0o755)
+    return script, pidfile
+
+
+def _spawned(pidfile: Path) -> int:
+    deadline = time.monotonic() + 30
+    while not pidfile.exists():
+        assert time.monotonic() < deadline, "the new process did not start"
+        time.sleep(0.02)
+    return int(pidfile.read_text())
+
+
+def test_an_idle_control_connection_neither_blocks_handovers_nor_signals() -> None:
+    """A control connection that sends nothing: a real request still gets its handover, the
+    idle one is answered within the request deadline, and SIGTERM is not deferred by it."""
+    with serving("edu", "-p", "no:nvme") as server, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as idle:
+        idle.connect(control_path(server.sock))
+        idle.settimeout(10)
+        report = server.handover()
+        assert report["old_pid"] == server.proc.pid
+        kind, body, _fds = recv_frame(idle)
+        answer = frame_meta(kind, body, {"ok": bool, "reason": str})
+        assert not answer["ok"] and "no whole request" in answer["reason"]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as idle2:
+            idle2.connect(control_path(server.sock))
+            time.sleep(0.2)
+            os.kill(server.pid, signal.SIGTERM)
+            server.wait_gone(server.pid, timeout=5)
+
+
+def test_sigterm_while_the_new_process_starts_kills_it_and_ends(tmp_path: Path) -> None:
+    script, pidfile = _gated_python(tmp_path)
+    with serving("edu", "-p", "no:nvme") as server:
+        got: list[BaseException] = []
+
+        def ask() -> None:
+            try:
+                server.handover(exec_path=str(script))
+            except BaseException as exc:  # the failure is the point
+                got.append(exc)
+
+        t = threading.Thread(target=ask)
+        t.start()
+        child = _spawned(pidfile)
+        os.kill(server.proc.pid, signal.SIGTERM)
+        assert server.proc.wait(10) == 128 + signal.SIGTERM
+        t.join(10)
+        assert not _alive(child)
+        assert len(got) == 1 and isinstance(got[0], MigrationError) and "stopping" in str(got[0])
+
+
+def test_sigterm_during_the_cut_is_deferred_until_it_ends() -> None:
+    """SIGTERM while the device is paused (the new process hangs after COMMIT): the old
+    process finishes the cut (rolls back here), answers the requester, then ends."""
+    with serving("edu", "-p", "no:nvme") as server:
+        got: list[BaseException] = []
+
+        def ask() -> None:
+            try:
+                server.handover(fault="hang-after-commit")
+            except BaseException as exc:  # the failure is the point
+                got.append(exc)
+
+        t = threading.Thread(target=ask)
+        t.start()
+        deadline = time.monotonic() + 30
+        while "hang-after-commit" not in server.log.read_text():  # the new process is past COMMIT
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(server.proc.pid, signal.SIGTERM)
+        t.join(30)
+        assert len(got) == 1 and "runs again on the source" in str(got[0])
+        assert server.proc.wait(20) == 128 + signal.SIGTERM
+        assert "deferred" in server.log.read_text()
+
+
+def test_with_once_a_client_leaving_aborts_a_pending_handover(tmp_path: Path) -> None:
+    script, pidfile = _gated_python(tmp_path)
+    with serving("edu", "-p", "no:nvme", extra=("--once",)) as server:
+        client = VfioUserClient.connect(server.sock)
+        assert client.read_int(0, 0, 4) == 0x010000ED
+        got: list[BaseException] = []
+
+        def ask() -> None:
+            try:
+                server.handover(exec_path=str(script))
+            except BaseException as exc:  # the failure is the point
+                got.append(exc)
+
+        t = threading.Thread(target=ask)
+        t.start()
+        child = _spawned(pidfile)
+        client.close()
+        assert server.proc.wait(10) == 0
+        t.join(10)
+        assert not _alive(child)
+        assert len(got) == 1 and isinstance(got[0], MigrationError) and "client left" in str(got[0])
 
 
 def test_a_second_concurrent_handover_is_refused(tmp_path: Path) -> None:
@@ -487,17 +689,27 @@ def test_a_handover_without_a_client_moves_the_listener() -> None:
 
 
 def test_systemd_hears_the_new_main_pid() -> None:
-    """With ``NOTIFY_SOCKET`` set (a systemd service), the new process announces itself
-    as the main PID once it runs the device."""
+    """With ``NOTIFY_SOCKET`` set (a systemd service), the old process (the main PID, the
+    only one the default ``NotifyAccess=main`` hears) announces the new main PID."""
     where = tempfile.mkdtemp(prefix="pcidev-notify-")
     path = os.path.join(where, "notify")
+    heard: list[tuple[int, bytes]] = []
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         notify.bind(path)
-        notify.settimeout(30)
+        notify.settimeout(2)
         with serving("edu", "-p", "no:nvme", env={**os.environ, "NOTIFY_SOCKET": path}) as server:
             report = server.handover()
-            assert notify.recv(256) == f"MAINPID={report['new_pid']}\n".encode()
+            try:
+                while len(heard) < 2:
+                    data, anc, _flags, _addr = notify.recvmsg(256, socket.CMSG_SPACE(12))
+                    pid = next(struct.unpack("@iII", d)[0] for lvl, typ, d in anc
+                               if lvl == socket.SOL_SOCKET and typ == socket.SCM_CREDENTIALS)
+                    heard.append((pid, data))
+            except TimeoutError:
+                pass
     shutil.rmtree(where, ignore_errors=True)
+    assert (report["old_pid"], f"MAINPID={report['new_pid']}\n".encode()) in heard, heard
 
 
 def test_a_full_completion_queue_moves_with_its_backlog() -> None:

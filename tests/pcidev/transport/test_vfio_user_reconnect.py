@@ -5,7 +5,9 @@ with an AER outstanding, across reconnects."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import select
 import selectors
 import socket
 import subprocess
@@ -301,3 +303,43 @@ def test_the_guard_closes_a_second_client_and_stops_when_the_listener_fails(list
     finally:
         served.close()
         peer.close()
+
+
+def test_the_guard_never_changes_the_listeners_file_status(listener: socket.socket) -> None:
+    """O_NONBLOCK belongs to the open file description, which a handover shares with the
+    new process: the guard must not flip it (its accept waits for poll instead)."""
+    served, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    before = fcntl.fcntl(listener.fileno(), fcntl.F_GETFL)
+    try:
+        with ExtraClientGuard(listener, served, grace=0.01):
+            assert fcntl.fcntl(listener.fileno(), fcntl.F_GETFL) == before
+            intruder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            intruder.settimeout(10)
+            intruder.connect(listener.getsockname())
+            assert intruder.recv(16) == b""  # still closes a second client
+            intruder.close()
+            assert fcntl.fcntl(listener.fileno(), fcntl.F_GETFL) == before
+        assert fcntl.fcntl(listener.fileno(), fcntl.F_GETFL) == before
+    finally:
+        served.close()
+        peer.close()
+
+
+def test_a_paused_guard_accepts_nothing_until_resumed(listener: socket.socket) -> None:
+    """Paused (a handover passes the listener on), the guard leaves newcomers queued for
+    whoever serves next; resumed (rolled back), it closes them again."""
+    served, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    newcomer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with ExtraClientGuard(listener, served, grace=0.01) as guard:
+            guard.pause()
+            assert not guard._thread.is_alive()
+            newcomer.connect(listener.getsockname())
+            assert select.select([listener], [], [], 0.3)[0] == [listener]  # still queued: nobody took it
+            guard.resume()
+            newcomer.settimeout(10)
+            assert newcomer.recv(16) == b""
+        assert guard.next_client is None
+    finally:
+        for s in (served, peer, newcomer):
+            s.close()
