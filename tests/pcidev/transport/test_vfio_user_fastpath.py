@@ -111,7 +111,10 @@ def test_posted_doorbell_writes_go_in_one_batch_that_ends_before_a_reply(served)
             + _write(5, 0x100, 4) + _write(6, 0x10, 9) + _write(7, 0x108, 5, posted=False) + _write(8, 0x108, 6))
     replies = _run(server, client, data, 2)
     assert len(replies) == 2
-    events = [e for e in dev.events if e[0] != "polling"]
+    # the loop may poll (and announce it) while it waits for the client's shutdown: a loaded
+    # machine delays that past the hot poll's timeout; what is checked here is the order of
+    # batches, writes and replies
+    events = [e for e in dev.events if e[0] not in ("polling", "poll")]
     assert events == [
         ("batch",), ("write", 0x100, 2), ("write", 0x104, 3), ("end",),   # 1 and 2 collapse to the last value
         ("read", 0x0),                                                    # the reply goes out after the batch
@@ -129,7 +132,8 @@ def test_outside_the_running_migration_state_every_write_takes_the_generic_path(
     dev, server, client = served
     server.conn.mig_state = 0  # STOP
     _run(server, client, _write(1, 0x100, 1) + _write(2, 0x100, 2), 0)
-    assert dev.events == [("write", 0x100, 1), ("write", 0x100, 2)]  # no batch, nothing collapsed
+    events = [e for e in dev.events if e[0] not in ("polling", "poll")]
+    assert events == [("write", 0x100, 1), ("write", 0x100, 2)]  # no batch, nothing collapsed
     assert server.loop.fast is not None and server.loop.fast.writes == 0
 
 
