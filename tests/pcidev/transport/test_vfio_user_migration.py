@@ -18,6 +18,7 @@ import crc32c
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from nvme_blocks import BLOCK, Pattern, host_writes
 
 from pcidev.device import PciDevice
 from pcidev.devices.edu import EduDevice
@@ -58,8 +59,6 @@ from pcidev.transport.vfio_user.server import VfioUserServer
 from pcidev_nvme.controller import NvmeController
 from pcidev_nvme.testing.driver import NvmeDriver
 
-BLOCK = 512
-CHUNK = 4096
 STATES = (MIG_STATE_STOP, MIG_STATE_RUNNING, MIG_STATE_STOP_COPY, MIG_STATE_RESUMING, MIG_STATE_PRE_COPY)
 
 
@@ -100,31 +99,6 @@ def refused(fn: Any, *args: Any) -> int:
     with pytest.raises(VfioUserError) as info:
         fn(*args)
     return info.value.errno
-
-
-class Pattern:
-    """Written blocks and their crc32c, verified per block."""
-
-    def __init__(self) -> None:
-        self.crcs: dict[int, int] = {}
-
-    def write(self, drv: NvmeDriver, slba: int, qid: int) -> None:
-        data = os.urandom(CHUNK)
-        drv.write(1, slba, data, qid=qid)
-        for i in range(CHUNK // BLOCK):
-            self.crcs[slba + i] = crc32c.crc32c(data[i * BLOCK:(i + 1) * BLOCK])
-
-    def verify(self, drv: NvmeDriver, qids: tuple[int, ...] = (1, 2)) -> None:
-        lbas = sorted(self.crcs)
-        for n, first in enumerate(range(0, len(lbas), CHUNK // BLOCK)):
-            slba = lbas[first]
-            data = drv.read(1, slba, CHUNK // BLOCK, qid=qids[n % len(qids)])
-            for i in range(CHUNK // BLOCK):
-                assert crc32c.crc32c(data[i * BLOCK:(i + 1) * BLOCK]) == self.crcs[slba + i], f"LBA {slba + i}"
-
-
-def host_writes(drv: NvmeDriver) -> int:
-    return int.from_bytes(drv.get_log(0x02, 512)[80:96], "little")  # SMART Host Write Commands
 
 
 # -- the full migration ---------------------------------------------------------------------------

@@ -17,8 +17,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import crc32c
 import pytest
+from nvme_blocks import Pattern, host_writes
 
 from pcidev.devices.edu import EduDevice
 from pcidev.dma import GuestMemory, alloc_memfd
@@ -33,8 +33,6 @@ from pcidev.transport.vfio_user.server import ExtraClientGuard, VfioUserServer
 from pcidev_nvme.testing.driver import NvmeDriver
 
 HERE = Path(__file__).resolve().parent
-BLOCK = 512
-CHUNK = 4096  # one write: 8 blocks
 
 
 class Server:
@@ -86,32 +84,6 @@ def nvme_server(tmp_path: Path) -> Iterator[Server]:
     finally:
         server.stop()
     assert server.proc.returncode in (0, -15, 143), server.lines
-
-
-class Pattern:
-    """Written blocks and their crc32c, verified per block."""
-
-    def __init__(self) -> None:
-        self.crcs: dict[int, int] = {}
-
-    def write(self, drv: NvmeDriver, slba: int, qid: int) -> None:
-        data = os.urandom(CHUNK)
-        drv.write(1, slba, data, qid=qid)
-        for i in range(CHUNK // BLOCK):
-            self.crcs[slba + i] = crc32c.crc32c(data[i * BLOCK:(i + 1) * BLOCK])
-
-    def verify(self, drv: NvmeDriver, qids: tuple[int, ...] = (1, 2)) -> None:
-        lbas = sorted(self.crcs)
-        for n, first in enumerate(range(0, len(lbas), CHUNK // BLOCK)):
-            slba = lbas[first]
-            data = drv.read(1, slba, CHUNK // BLOCK, qid=qids[n % len(qids)])
-            for i in range(CHUNK // BLOCK):
-                assert crc32c.crc32c(data[i * BLOCK:(i + 1) * BLOCK]) == self.crcs[slba + i], f"LBA {slba + i}"
-
-
-def host_writes(drv: NvmeDriver) -> int:
-    raw = drv.get_log(0x02, 512)
-    return int.from_bytes(raw[80:96], "little")  # SMART Host Write Commands (u128)
 
 
 def error_event(drv: NvmeDriver, remote: VfioUserDevice) -> list[tuple[int, int, int]]:
