@@ -146,6 +146,11 @@ class PciDevice:
     #: features whose state travels only as file descriptors (:meth:`vmstate_fd`): a
     #: migration that carries none (vfio-user MIG_DATA) is blocked while one is enabled
     FD_FEATURES: ClassVar[frozenset[str]] = frozenset()
+    #: ``(bar, start, end)``: BAR offsets whose 4-byte writes only record a value (queue
+    #: doorbells), so a transport may deliver a burst of them in one :meth:`batch` and
+    #: keep only the last value per register; None (the default): no such window. The
+    #: vfio-user fast path clips it to the BAR and never lets it overlap an MSI-X structure.
+    DOORBELL_WINDOW: ClassVar[tuple[int, int, int] | None] = None
     #: framework features the framework itself migrates (config space holds them,
     #: or the framework section does); not meant to be changed by device types
     FRAMEWORK_FEATURES: ClassVar[frozenset[str]] = frozenset(

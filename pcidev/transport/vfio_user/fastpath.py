@@ -8,10 +8,10 @@ aligned pieces and goes through the endpoint's state check, for every one of the
 :class:`FastPath` handles exactly those writes with a precomputed bound instead:
 
 * the message is a posted ``REGION_WRITE`` (flags == ``NO_REPLY``) of 4 bytes,
-  4-aligned, inside the device's **doorbell window** (for an NVMe controller, PCI class
-  code 01:08:02, BAR0 from 0x1000 up to the MSI-X structures or the end of the BAR;
-  another device can declare one with a ``doorbell_window = (bar, start, end)``
-  attribute);
+  4-aligned, inside the device's **doorbell window**
+  (:attr:`PciDevice.DOORBELL_WINDOW <pcidev.device.PciDevice.DOORBELL_WINDOW>`; the NVMe
+  controller declares BAR0 from 0x1000, clipped to the MSI-X structures or the end of
+  the BAR);
 * it applies only while the endpoint is running and the connection's migration state
   is RUNNING (``ConnectionState.mig_state`` == 2);
   everything else, and every message that is not such a write, takes the generic path.
@@ -51,10 +51,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["FastPath", "doorbell_window"]
 
-#: PCI class code of an NVMe controller (mass storage, non-volatile memory, NVM Express)
-NVME_CLASS = 0x010802
-#: NVMe doorbells start at this offset of BAR0 (NVMe base specification, "Controller Registers")
-NVME_DOORBELLS = 0x1000
 #: migration state RUNNING (``VFIO_DEVICE_STATE_RUNNING``)
 _MIG_RUNNING = 2
 
@@ -69,17 +65,14 @@ def doorbell_window(device: PciDevice) -> tuple[int, int, int] | None:
     """The device's doorbell window ``(bar, start, end)``: BAR offsets whose 4-byte
     writes only record a value (a queue index) and may be coalesced, or None.
 
-    The device's own ``doorbell_window`` attribute wins; an NVMe controller (by its
-    class code) has BAR0 from 0x1000 up to its MSI-X table or PBA, or the end of BAR0.
-    The window never overlaps an MSI-X structure.
+    The device type declares it (:attr:`~pcidev.device.PciDevice.DOORBELL_WINDOW`);
+    it is clipped to the BAR's size and up to an MSI-X table or PBA above its start
+    (None if such a structure overlaps its start).
     """
-    declared = getattr(device, "doorbell_window", None)
-    if declared is not None:
-        bar, start, end = (int(v) for v in declared)
-    elif device.class_code == NVME_CLASS:
-        bar, start, end = 0, NVME_DOORBELLS, 1 << 64
-    else:
+    declared = device.DOORBELL_WINDOW
+    if declared is None:
         return None
+    bar, start, end = declared
     if not 0 <= bar <= 5 or (b := device.bars[bar]) is None:
         return None
     end = min(end, b.size)

@@ -37,7 +37,7 @@ class DoorbellDevice(PciDevice):
     VENDOR_ID = 0x1234
     DEVICE_ID = 0x0DB0
     CLASS_CODE = 0x00FF00
-    doorbell_window = (0, 0x100, 0x200)
+    DOORBELL_WINDOW = (0, 0x100, 0x200)
 
     def __init__(self, work: int = 0) -> None:
         self.events: list[tuple[object, ...]] = []

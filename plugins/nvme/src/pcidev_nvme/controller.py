@@ -61,6 +61,7 @@ from pcidev_nvme.registers import (
     CSTS_CFS,
     CSTS_RDY,
     CSTS_SHST_SHIFT,
+    DOORBELL_BASE,
     SHST_COMPLETE,
     SHST_NORMAL,
     SHST_PROCESSING,
@@ -108,6 +109,9 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
     INTERRUPT_PIN = 1
     #: the configuration class (for tools that build devices from properties)
     CONFIG_CLASS = NvmeConfig
+    #: doorbells from 0x1000 of BAR0 (the fast vfio-user path clips the window to the
+    #: BAR and the MSI-X table)
+    DOORBELL_WINDOW = (0, DOORBELL_BASE, 1 << 64)
 
     def __init__(self, config: NvmeConfig | Mapping[str, Any] | str | None = None, *, name: str | None = None) -> None:
         self.cfg = cfg = NvmeConfig.coerce(config)
