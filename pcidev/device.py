@@ -691,6 +691,16 @@ class PciDevice:
             return None
         return fds[ref.index]
 
+    def inheritable_fds(self) -> dict[str, int]:
+        """Override: the descriptors a handover's new process should take over instead
+        of opening its own (a disk image opened by path: the path may name another file
+        by now), by a key the device's backend looks up with
+        :func:`pcidev.inheritance.take_inherited` while the new process builds the
+        device (see :mod:`pcidev.inheritance`). Borrowed: the caller duplicates them.
+        The default: none.
+        """
+        return {}
+
     def on_quiesce(self) -> None:
         """Override: stop background work at a consistent point: after return no
         thread of the device touches its state or guest memory, and no request is

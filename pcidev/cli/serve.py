@@ -12,7 +12,9 @@ By default the server keeps the device when a client leaves and waits for the
 next one (``--persist``); ``--once`` exits after the first client instead. Beside
 the socket, ``SOCKET.ctl`` (``--control``) is the handover control endpoint that
 ``pcidev handover`` talks to (:mod:`pcidev.transport.vfio_user.handover`);
-``--adopt FD`` is how a handover starts the new process (not for interactive use).
+``--adopt FD`` is how a handover starts the new process (not for interactive use),
+with ``--inherit-fd FD:KEY`` for each descriptor the old device passes on (its disk
+images: :mod:`pcidev.inheritance`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import os
 from pcidev.cli._command import CliContext, UsageError, command
 from pcidev.cli.describe import describe_text
 from pcidev.device import PciDevice
+from pcidev.inheritance import inheriting, parse_inherit_arg
 from pcidev.properties import split_device_spec, split_properties
 from pcidev.transport.address import MAX_UNIX_PATH, Listener
 from pcidev.transport.vfio_user.handover import control_path, listen_control
@@ -46,6 +49,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--control", metavar="PATH",
                         help="the handover control socket (default SOCKET.ctl; mode 0600, same user only)")
     parser.add_argument("--adopt", metavar="FD", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--inherit-fd", metavar="FD:KEY", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("device", metavar="DEVICE[,props]",
                         help="device type and properties, e.g. nvme,ns=mem:size=64M (nvme,help lists them)")
 
@@ -93,10 +97,17 @@ def COMMAND(args: argparse.Namespace, ctx: CliContext) -> int | None:
         print(describe_text(ctx.registry, type_name))
         return 0
     registry = ctx.registry  # plugin errors before the socket exists
+    if args.inherit_fd and args.adopt is None:
+        raise UsageError("--inherit-fd is for a handover's new process (with --adopt)")
     if args.adopt is not None:
         if args.adopt < 0:
             raise UsageError(f"--adopt {args.adopt}: not a file descriptor")
-        device = registry.create(type_name, props)
+        try:
+            inherited = parse_inherit_arg(args.inherit_fd)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        with inheriting(inherited):  # the old process's images, not their paths
+            device = registry.create(type_name, props)
         return serve_adopted(device, args.vfio_user, args.adopt, pm=ctx.pm, once=args.once,
                              child_args=child_args(args, ctx, args.device))
     listener = listen_vfio_user(args.vfio_user)

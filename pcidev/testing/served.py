@@ -11,21 +11,29 @@ host with :class:`~pcidev.transport.vfio_user.remote.VfioUserDevice`::
             pdev = machine.plug(remote)
             ...
         assert dev.wait() == 0  # the server ends when its client leaves
+
+:meth:`ServedDevice.handover` moves the device to a new process (``pcidev handover``)
+while a client stays connected; the new process is followed (:attr:`ServedDevice.pid`)
+and stopped at the end like the first one.
 """
 
 from __future__ import annotations
 
 import os
 import selectors
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import attrs
 
 from pcidev.errors import PcidevError
+from pcidev.transport.vfio_user.handover import control_path, request_handover
 
 __all__ = ["ServedDevice", "served"]
 
@@ -42,15 +50,59 @@ class ServedDevice:
     path: str
     proc: subprocess.Popen[str]
     banner: str
+    #: the processes that served the device, in order (the first is ``proc``)
+    pids: list[int] = attrs.field(factory=list)
 
-    def wait(self, timeout: float = 20.0) -> int:
-        """Wait for the server to end (it does when its client leaves).
+    def __attrs_post_init__(self) -> None:
+        if not self.pids:
+            self.pids.append(self.proc.pid)
+
+    @property
+    def pid(self) -> int:
+        """The process serving the device now."""
+        return self.pids[-1]
+
+    def handover(self, **kwargs: Any) -> dict[str, Any]:
+        """Hand the device to a new process (``pcidev handover``) and follow it.
+
+        :param kwargs: for :func:`~pcidev.transport.vfio_user.handover.request_handover`
+            (``timeout``, ``exec_path``).
+        :returns: the handover's report (``downtime_ms``, ``new_pid``...).
+        :raises MigrationError: the handover failed (the same process serves on).
+        """
+        report = request_handover(control_path(self.path), **kwargs)
+        self.pids.append(int(report["new_pid"]))
+        return report
+
+    def wait(self, timeout: float = 20.0) -> int | None:
+        """Wait for the server to end (it does when its client leaves, with ``once``).
 
         :param timeout: seconds.
-        :returns: its exit status.
+        :returns: its exit status, or None after a handover (the process serving now
+            is not a child of this one: its status cannot be read).
         :raises subprocess.TimeoutExpired: it is still running.
         """
-        return self.proc.wait(timeout)
+        if self.pid == self.proc.pid:
+            return self.proc.wait(timeout)
+        _wait_gone(self.pid, timeout)
+        return None
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(f"pid {pid}", timeout)
+        time.sleep(0.02)
 
 
 @contextmanager
@@ -89,8 +141,18 @@ def served(device: str, props: str = "", *, plugin_specs: Sequence[str] = ("no:n
             rest = proc.stdout.read() if proc.poll() is not None else ""
             raise PcidevError(f"pcidev serve {spec} did not start: {(banner + rest).strip()}")
         started = True
-        yield ServedDevice(path, proc, banner.strip())
+        dev = ServedDevice(path, proc, banner.strip())
+        yield dev
     finally:
+        for pid in (dev.pids[1:] if started else []):  # the processes handovers started
+            if _alive(pid):
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                    _wait_gone(pid, 5)
+                except ProcessLookupError:
+                    pass
+                except subprocess.TimeoutExpired:
+                    os.kill(pid, signal.SIGKILL)
         if proc.poll() is None:
             proc.terminate()  # the server removes its socket
             try:

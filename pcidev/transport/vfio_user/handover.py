@@ -15,7 +15,10 @@ Who does what:
 * **The old process spawns the new one**: ``python -m pcidev [-p ...] serve
   --vfio-user SOCKET ... DEVICE,props --adopt FD`` with one end of a socketpair as
   ``FD``. It keeps serving while the new process starts and builds its device,
-  until the new one says READY.
+  until the new one says READY. Descriptors the device names in
+  :meth:`~pcidev.device.PciDevice.inheritable_fds` (its disk images) are passed at
+  the start (``--inherit-fd FD:KEY``, :mod:`pcidev.inheritance`): the new process
+  builds its device on them and never reopens their paths.
 * **The cut**: the old process stops reading the client socket at a message
   boundary (every request read so far answered; the bytes of a message read only
   in part travel as ``pending``), sends CONN (the connection state, the client
@@ -53,6 +56,7 @@ import attrs
 
 from pcidev._version import __version__
 from pcidev.errors import ConnectionLostError, HandoverDeniedError, MigrationError, PcidevError, TransportError
+from pcidev.inheritance import format_inherit_arg
 from pcidev.migration.channel import (
     ABORT,
     CONN,
@@ -515,6 +519,31 @@ class HandoverControl:
             return job.outcome
         return {**job.outcome, "spawn_ms": job.spawn_ms}
 
+    def _inheritable(self) -> dict[str, int]:
+        """Copies of the device's :meth:`~pcidev.device.PciDevice.inheritable_fds`
+        (owned by the caller), for the new process (:mod:`pcidev.inheritance`).
+
+        :raises MigrationError: the device's method failed or returned something else
+            than keys and open descriptors.
+        """
+        try:
+            fds = self.endpoint.device.inheritable_fds()
+        except Exception as exc:
+            raise MigrationError(f"the device's inheritable_fds() failed: {type(exc).__name__}: {exc}") from exc
+        out: dict[str, int] = {}
+        try:
+            for key, fd in dict(fds).items():
+                if not isinstance(key, str) or not key or "\0" in key or type(fd) is not int:
+                    raise MigrationError(f"the device's inheritable_fds() returned {key!r}: {fd!r}")
+                try:
+                    out[key] = os.dup(fd)
+                except OSError as exc:
+                    raise MigrationError(f"the device's descriptor {key!r} ({fd}): {exc.strerror}") from None
+        except BaseException:
+            close_fds(list(out.values()))
+            raise
+        return out
+
     def _spawn(self, exe: str, fault: str | None, timeout: float) -> HandoverJob:
         """Start the new process and wait for its READY (the device is served meanwhile)."""
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -525,13 +554,19 @@ class HandoverControl:
             env[FAULT_ENV] = fault
         argv = [exe, "-m", "pcidev", *self.child_args, "--adopt", str(theirs.fileno())]
         started = time.monotonic()
+        inherit: dict[str, int] = {}
         try:
-            proc = subprocess.Popen(argv, pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
-        except OSError:
+            inherit = self._inheritable()
+            for key, fd in inherit.items():
+                argv += ["--inherit-fd", format_inherit_arg(key, fd)]
+            proc = subprocess.Popen(argv, pass_fds=[theirs.fileno(), *inherit.values()], env=env,
+                                    stdin=subprocess.DEVNULL)
+        except BaseException:
             mine.close()
             raise
         finally:
             theirs.close()
+            close_fds(list(inherit.values()))
         job = HandoverJob(proc=proc, chan=mine, fault=fault)
         with self._lock:
             stopping = self._stopping

@@ -122,6 +122,19 @@ def test_a_control_path_that_is_not_a_server_is_one_line(tmp_path: Path) -> None
     assert run.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--inherit-fd", "5:k"], "--inherit-fd is for a handover's new process (with --adopt)"),
+    (["--adopt", "7", "--inherit-fd", "999:k"], "--inherit-fd '999:k': descriptor 999 is not open"),
+    (["--adopt", "7", "--inherit-fd", "k"], "--inherit-fd 'k': expected FD:KEY with FD 3 or more"),
+])
+def test_inherited_descriptors_given_by_hand_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    """``--adopt`` and ``--inherit-fd`` are a handover's; a user who tries them gets one line."""
+    run = subprocess.run([*PCIDEV, "-p", "no:nvme", "serve", "--vfio-user", str(tmp_path / "s.sock"), *args, "edu"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and run.stderr.startswith(f"pcidev: error: {message}")
+    assert run.stderr.count("\n") == 1 and os.listdir(tmp_path) == []
+
+
 def test_serve_persists_by_default_and_once_exits_after_the_first_client() -> None:
     with edu_server() as (sock, proc, _pids):
         for _ in range(2):

@@ -228,6 +228,53 @@ def test_a_file_namespace_keeps_its_data_across_handovers(tmp_path: Path) -> Non
                                                                       before["unsafe_shutdowns"])
 
 
+def _open_files(pid: int) -> set[tuple[int, int]]:
+    """(st_dev, st_ino) of every file ``pid`` holds open."""
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            st = os.stat(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        out.add((st.st_dev, st.st_ino))
+    return out
+
+
+def _inode(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino
+
+
+def test_the_image_moves_as_a_descriptor_never_reopened_by_path(tmp_path: Path) -> None:
+    """The new process takes the old one's image descriptor: a path renamed and replaced
+    by another file, then the image unlinked, change nothing the guest sees."""
+    img = tmp_path / "disk.img"
+    with serving(f"nvme,ns=file:path={img},size=4M") as server, nvme(server.sock) as drv:
+        io = VerifiedIo(drv, slots=64)
+        io.start()
+        try:
+            time.sleep(0.2)
+            moved = tmp_path / "renamed.img"
+            os.rename(img, moved)
+            img.write_bytes(b"\xee" * (4 << 20))  # a decoy of the same size at the path
+            disk = _inode(moved)
+            server.handover()
+            assert disk in _open_files(server.pid) and _inode(img) not in _open_files(server.pid)
+            time.sleep(0.2)
+            os.unlink(moved)  # the guest's disk has no name left at all
+            server.handover()
+            assert disk in _open_files(server.pid)
+            time.sleep(0.2)
+        finally:
+            io.halt.set()
+            io.join(30)
+        assert not io.errors and io.writes > 0 and io.reads > 0, io.errors
+        io.verify_all()
+    assert img.read_bytes() == b"\xee" * (4 << 20)  # the decoy was never written
+    left = sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".state"))  # (the controller's)
+    assert left == ["disk.img", "disk.img.nvme-ids"]  # no image was created at the path
+
+
 # -- exactly once at the cut ---------------------------------------------------------------
 EDU_LIVENESS, EDU_FACTORIAL, EDU_IRQ_RAISE, EDU_IRQ_ACK = 0x04, 0x08, 0x60, 0x64
 VEC_FACT = 1

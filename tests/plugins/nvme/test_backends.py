@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from pcidev import hookimpl
 from pcidev.errors import ConfigError, PluginError
+from pcidev.inheritance import image_key, inheriting
 from pcidev.plugins import load_registry, make_plugin_manager
 from pcidev.properties import parse_size
 from pcidev_nvme.backends import (
@@ -269,6 +270,47 @@ def test_file_direct_aligned_and_bounced(tmp_path):
         out.close()
     finally:
         b.close()
+
+
+def test_file_built_in_a_handover_takes_the_inherited_image_not_the_path(tmp_path):
+    """A handover's new process builds its namespace on the old one's descriptors: a
+    path renamed, replaced or unlinked meanwhile is never opened, nor created."""
+    path = str(tmp_path / "disk.img")
+    old = FileBackend(path, 4 * MiB, direct=True)
+    try:
+        old.writev([memoryview(pattern(4096, seed=3))], 0)
+        fds = old.inheritable_fds()
+        assert set(fds) == {image_key(path, read_only=False), image_key(path, read_only=False, direct=True)}
+        os.rename(path, path + ".moved")
+        with open(path, "wb") as decoy:  # another file at the path now
+            decoy.write(b"\xee" * 8192)
+        with inheriting({k: os.dup(fd) for k, fd in fds.items()}):
+            new = FileBackend(path, 4 * MiB, direct=True)
+        try:
+            got = bytearray(4096)
+            new.readv([memoryview(got)], 0)
+            assert got == pattern(4096, seed=3)
+            new.writev([memoryview(pattern(4096, seed=4))], 4096)
+            assert os.path.sameopenfile(new.fd, old.fd)
+        finally:
+            new.close()
+        assert open(path, "rb").read() == b"\xee" * 8192  # the decoy untouched
+        os.unlink(path)
+        with inheriting({k: os.dup(fd) for k, fd in old.inheritable_fds().items()}):
+            again = FileBackend(path, 4 * MiB, direct=True)  # no path: no new image either
+        again.close()
+        assert not os.path.exists(path)
+        assert open(path + ".moved", "rb").read(8192)[4096:] == pattern(4096, seed=4)
+        # a size that does not match the inherited image is refused as for any image
+        with inheriting({image_key(path, read_only=False): os.dup(old.fd)}), \
+                pytest.raises(ConfigError, match="has 4194304 bytes"):
+            FileBackend(path, 8 * MiB)
+        # a read-only namespace never gets a writable descriptor (another key)
+        with inheriting({image_key(path, read_only=False): os.dup(old.fd)}), \
+                pytest.raises(ConfigError, match="does not exist"):
+            FileBackend(path, read_only=True)
+    finally:
+        old.close()
 
 
 # ------------------------------------------------------------------------------ registry

@@ -64,3 +64,37 @@ def test_the_software_host_drives_virtio_blk_over_vfio_user(tmp_path: Path) -> N
         assert len(on_disk) == 4 << 20
         assert on_disk[:16 * BS] == bytes(16 * BS)
         assert crcs(on_disk[16 * BS:1024 * BS]) == crcs(data[16 * BS:])
+
+
+def test_a_file_disk_handed_over_keeps_its_image_whatever_its_path_names(tmp_path: Path) -> None:
+    """``pcidev handover``: the new process takes the old one's image descriptor; the path
+    renamed and replaced by another file, then the image unlinked, change nothing."""
+    img = tmp_path / "disk.img"
+    with served("virtio-blk", f"file={img},size=4M", directory=tmp_path) as dev:
+        with Machine(ram_size=32 << 20) as machine, VfioUserDevice.connect(dev.path) as remote:
+            pdev = machine.plug(remote)
+            pdev.enable_device()
+            pdev.set_master()
+            assert pdev.alloc_irq_vectors(2, 2, PCI_IRQ_MSIX) == 2
+            drv = VirtioDriver(machine, pdev)
+            drv.init()
+            blk = BlkDriver(drv.queues[0])
+            written = {}
+            for step in range(3):
+                data = os.urandom(64 * BS)
+                assert blk.write(step * 64, data) == BlkStatus.OK
+                written[step * 64] = crcs(data)
+                if step == 0:
+                    os.rename(img, tmp_path / "renamed.img")
+                    img.write_bytes(b"\xee" * (4 << 20))  # a decoy at the path
+                elif step == 1:
+                    os.unlink(tmp_path / "renamed.img")
+                else:
+                    break
+                report = dev.handover()
+                assert report["new_pid"] == dev.pid != dev.proc.pid
+            for sector, want in written.items():
+                status, got = blk.read(sector, 64)
+                assert status == BlkStatus.OK and crcs(got) == want
+            assert dev.proc.wait(20) == 0 and len(dev.pids) == 3
+    assert img.read_bytes() == b"\xee" * (4 << 20)

@@ -24,7 +24,9 @@ What travels (section ``nvme`` version 1, see :class:`NvmeState`):
   and, for a ``mem`` namespace, an :class:`~pcidev.vmstate.FdRef` to its memfd.
 
 **Namespace contents are not in the stream.** A ``file`` namespace is reopened by
-the destination from its own configuration (the same path: the fingerprint has it);
+the destination from its own configuration (the same path: the fingerprint has it),
+except in a handover, whose new process takes the old one's descriptors of the image
+(:func:`inheritable_fds`, :mod:`pcidev.inheritance`) and never opens the path;
 a ``mem`` namespace's memfd travels with the stream (``SCM_RIGHTS``) and the
 destination maps it instead of its own empty one, so a migration over TCP (no
 descriptors) refuses a controller with ``mem`` namespaces; ``null`` namespaces hold
@@ -139,7 +141,7 @@ class MigrationHost(Protocol):
 
 __all__ = ["NvmeState", "SqState", "CqState", "CqeState", "AerState", "EventState", "FeaturesState", "TlerState",
            "SmartState", "FirmwareState", "FwChunk", "NamespaceState", "MIGRATABLE_FEATURES", "fingerprint",
-           "features", "blockers", "quiesce", "resume", "save", "check", "apply", "MigrationMixin"]
+           "features", "blockers", "inheritable_fds", "quiesce", "resume", "save", "check", "apply", "MigrationMixin"]
 
 SECTION = "nvme"
 MAX_QUEUES = 1025
@@ -265,6 +267,20 @@ def fingerprint(ctrl: MigrationHost) -> dict[str, Any]:
         "nvme.lba_formats": [list(f) for f in LBA_FORMATS],
         "nvme.namespaces": namespaces,
     }
+
+
+def inheritable_fds(ctrl: MigrationHost) -> dict[str, int]:
+    """The namespaces' backend descriptors a handover's new process takes over (a
+    ``file`` image: the new process never reopens its path, see :mod:`pcidev.inheritance`)."""
+    out: dict[str, int] = {}
+    with ctrl.state_lock:  # (asked from the handover's control thread)
+        backends = [ns.backend for ns in ctrl.allocated.values()]
+    for b in backends:
+        # optional in the Backend protocol: plugin backends without it pass nothing
+        get = getattr(b, "inheritable_fds", None)
+        if get is not None:
+            out.update(get())
+    return out
 
 
 # ----------------------------------------------------------------------------- quiesce / resume
@@ -646,6 +662,9 @@ class MigrationMixin:
 
     def device_fingerprint(self: MigrationHost) -> dict[str, Any]:
         return fingerprint(self)
+
+    def inheritable_fds(self: MigrationHost) -> dict[str, int]:
+        return inheritable_fds(self)
 
     def on_quiesce(self: MigrationHost) -> None:
         quiesce(self)

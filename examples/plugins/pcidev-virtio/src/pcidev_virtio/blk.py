@@ -31,7 +31,8 @@ completes (``RWF_DSYNC``).
 
 Migration: the transport migrates queues and features; the device adds the cache
 mode and, for a memory disk, the memfd (so a memory disk needs a UNIX socket;
-a file disk is opened by path at the destination).
+a file disk is opened by path at the destination, except by a handover's new
+process, which takes the old one's descriptor: :meth:`VirtioBlk.inheritable_fds`).
 """
 
 from __future__ import annotations
@@ -231,6 +232,11 @@ class VirtioBlk(VirtioPciDevice):
             "virtio-blk.serial": cfg.serial or "",
         })
         return fp
+
+    def inheritable_fds(self) -> dict[str, int]:
+        """A file disk's image descriptor (a handover's new process takes it instead of
+        reopening the path)."""
+        return self.backend.inheritable_fds() if isinstance(self.backend, FileBackend) else {}
 
     def get_device_state(self) -> VirtioBlkState:
         """The cache mode and, for a memory disk, its memfd."""

@@ -9,8 +9,10 @@ copy in Python), plus flush, discard (deallocate) and zeroing.
     ``size`` bytes, atomically (made under a hidden name and linked into place, so
     processes started together, as in a migration, all open the same complete
     file); an existing file is never truncated, resized or overwritten by opening
-    it: when ``size`` is given it must equal the file's size. ``read_only`` opens it read-only (the device offers
-    ``VIRTIO_BLK_F_RO``) and every write is refused.
+    it: when ``size`` is given it must equal the file's size. ``read_only`` opens it
+    read-only (the device offers ``VIRTIO_BLK_F_RO``) and every write is refused. In
+    a handover's new process the old one's descriptor is taken instead of the path
+    (:mod:`pcidev.inheritance`).
 :class:`MemoryBackend`
     A memfd of ``size`` bytes (tests, scratch disks). Its descriptor can travel
     with a migration stream, so a memory disk follows the device to another
@@ -35,6 +37,7 @@ import stat
 
 from pcidev.errors import ConfigError
 from pcidev.images import create_image
+from pcidev.inheritance import image_key, take_inherited
 
 __all__ = [
     "SECTOR_SIZE",
@@ -270,7 +273,9 @@ class FileBackend(BlkBackend):
         self.path = os.path.abspath(path)
         #: (st_dev, st_ino) of the image when this backend created it, else None
         self.created: tuple[int, int] | None = None
-        if not os.path.exists(self.path):
+        # a handover's new process takes the old one's image, whatever the path names now
+        inherited = take_inherited(image_key(self.path, read_only=read_only))
+        if inherited is None and not os.path.exists(self.path):
             if read_only:
                 raise ConfigError(f"image {self.path} does not exist (and readonly=on)")
             if size is None:
@@ -286,7 +291,7 @@ class FileBackend(BlkBackend):
             # together): open theirs, like any existing image
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
         try:
-            fd = os.open(self.path, flags)
+            fd = inherited if inherited is not None else os.open(self.path, flags)
         except OSError as exc:
             raise ConfigError(f"cannot open image {self.path}: {exc.strerror}") from exc
         try:
@@ -304,6 +309,10 @@ class FileBackend(BlkBackend):
             os.close(fd)
             raise
         super().__init__(fd, actual, read_only=read_only)
+
+    def inheritable_fds(self) -> dict[str, int]:
+        """The image's descriptor, for a handover's new process (:mod:`pcidev.inheritance`)."""
+        return {image_key(self.path, read_only=self.read_only): self.fd} if self.fd >= 0 else {}
 
     def abandon(self) -> None:
         """Close; remove the image if this backend created it and it is still that file."""

@@ -204,6 +204,13 @@ class BaseBackend:
     def writev(self, views: list[memoryview], offset: int, *, fua: bool = False) -> None:  # pragma: no cover
         raise NotImplementedError
 
+    def inheritable_fds(self) -> dict[str, int]:
+        """The descriptors a handover's new process should take instead of opening
+        its own, by :func:`pcidev.inheritance.take_inherited` key (borrowed; see
+        :mod:`pcidev.inheritance`). The default: none (a backend holding nothing opened
+        by path). Optional: a backend without this method passes nothing."""
+        return {}
+
     #: :meth:`readv_nowait` / :meth:`writev_nowait` may move data (the I/O command set
     #: tries them on the submitting thread before handing a command to its workers)
     nowait = False

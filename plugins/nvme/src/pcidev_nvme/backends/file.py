@@ -24,6 +24,7 @@ import attrs
 
 from pcidev.errors import ConfigError
 from pcidev.images import create_image
+from pcidev.inheritance import image_key, take_inherited
 from pcidev.properties import Size
 from pcidev_nvme.backends.base import (
     FALLOC_FL_KEEP_SIZE,
@@ -96,9 +97,14 @@ class FileBackend(BaseBackend):
         self.read_only = read_only
         self.direct = direct
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
-        exists = os.path.exists(self.path)
+        # a handover's new process takes the old one's descriptor: the path may name
+        # another file by now (renamed, unlinked, replaced), the guest's disk is this one
+        inherited = take_inherited(image_key(self.path, read_only=read_only))
+        exists = inherited is not None or os.path.exists(self.path)
         created: int | None = None
-        if not exists:
+        if inherited is not None:
+            fd = inherited
+        elif not exists:
             if read_only:
                 raise ConfigError(f"image {self.path} does not exist (and readonly=on)")
             if size is None:
@@ -106,7 +112,9 @@ class FileBackend(BaseBackend):
             check_size(size, f"size of {self.path}")
             created = create_image(self.path, size)  # None: another process made it meanwhile
             exists = created is None
-        if exists:
+        if inherited is not None:
+            pass
+        elif exists:
             try:
                 fd = os.open(self.path, flags)
             except OSError as exc:
@@ -148,7 +156,8 @@ class FileBackend(BaseBackend):
         self._nowait_writes = self.nowait
         if direct:
             try:
-                self.dfd = os.open(self.path, (flags & ~(os.O_CREAT | os.O_EXCL)) | os.O_DIRECT)
+                dfd = take_inherited(image_key(self.path, read_only=read_only, direct=True))
+                self.dfd = dfd if dfd is not None else os.open(self.path, flags | os.O_DIRECT)
             except OSError as exc:
                 os.close(fd)
                 raise ConfigError(f"cannot open {self.path} with O_DIRECT: {exc.strerror}") from exc
@@ -289,6 +298,13 @@ class FileBackend(BaseBackend):
             if fd >= 0:
                 setattr(self, attr, -1)
                 os.close(fd)
+
+    def inheritable_fds(self) -> dict[str, int]:
+        """The image's descriptors, for a handover's new process (:mod:`pcidev.inheritance`)."""
+        out = {image_key(self.path, read_only=self.read_only): self.fd}
+        if self.dfd >= 0:
+            out[image_key(self.path, read_only=self.read_only, direct=True)] = self.dfd
+        return out
 
     def describe(self) -> str:
         """One line for logs."""
