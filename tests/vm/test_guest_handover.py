@@ -267,10 +267,13 @@ def test_handover_with_full_cqs_and_outstanding_aers(boot):
     check_handovers(r, r.during_result, count)
 
 
-def test_a_refused_handover_leaves_the_old_process_serving(boot):
+def test_a_refused_handover_leaves_the_old_process_serving(boot, tmp_path):
     """``--fault die-before-ack``: the new process dies before confirming, the command exits 1
     with one line on stderr, the same process keeps serving and the guest sees nothing; a
-    normal handover then succeeds."""
+    normal handover then succeeds. The namespace is a file image whose path is renamed away
+    and replaced by a decoy once fio runs: the new processes take the old one's descriptor
+    (fio's verify reads back what was written before), never the path."""
+    img = tmp_path / "disk.img"
 
     def during(host: vm_guest.Host) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -278,6 +281,8 @@ def test_a_refused_handover_leaves_the_old_process_serving(boot):
         if start is None:
             return out
         time.sleep(FIRST)
+        os.rename(img, tmp_path / "renamed.img")
+        img.write_bytes(b"\xee" * (64 << 20))
         pid = host.pid(0)
         out["refused"] = handover(host.sockets[0], "--fault", "die-before-ack", pid_before=pid)
         out["alive_after_refusal"] = vm_guest._alive(pid)
@@ -288,8 +293,8 @@ def test_a_refused_handover_leaves_the_old_process_serving(boot):
             await_old_exits([h])
         return out
 
-    r = boot(FIO_VERIFY.replace("RUNTIME", "20"), [NVME], markers=dict.fromkeys(("FIO-START", "FIO-END")),
-             during=during, timeout=300)
+    r = boot(FIO_VERIFY.replace("RUNTIME", "20"), [f"nvme,ns=file:path={img},size=64M"],
+             markers=dict.fromkeys(("FIO-START", "FIO-END")), during=during, timeout=300)
     check_guest(r)
     out = r.during_result
     refused, ok = out["refused"], out["ok"]
@@ -298,6 +303,7 @@ def test_a_refused_handover_leaves_the_old_process_serving(boot):
     assert out["alive_after_refusal"]
     assert ok.rc == 0, ok.stderr
     assert ok.report["old_pid"] == refused.pid_before  # the same process served until then
+    assert img.read_bytes() == b"\xee" * (64 << 20)  # the decoy at the path was never used
     assert r.pids[0] == [refused.pid_before, ok.report["new_pid"]]
     assert ok.done_at < r.mark("FIO-END").t
     vm_guest.record("handover refused then done", {"refused_stderr": refused.stderr.strip(),
