@@ -1,0 +1,288 @@
+"""Identify tells the truth: every capability the controller advertises works, and every
+command it rejects as unsupported is not advertised.
+
+Three walks:
+
+* every admin and I/O opcode (0..255): the Commands Supported and Effects log lists it
+  exactly when the controller does not answer Invalid Opcode;
+* the command bits of OACS and ONCS (and SANICAP) agree with that log;
+* every other set bit of the walked Identify fields (and of CAP) has an exerciser in
+  :data:`EXERCISERS` that uses it; a bit set without one fails, so a capability cannot be
+  advertised without a test here.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+import pytest
+from _helpers import make_env
+
+from pcidev_nvme.logs import firmware_image
+from pcidev_nvme.status import Status
+from pcidev_nvme.testing.driver import NvmeDriver
+
+INVALID_OPCODE = Status.INVALID_OPCODE
+
+#: OACS bit -> the admin opcodes it advertises (NVMe Base 2.0, Identify Controller)
+OACS_OPCODES = {0: (0x81, 0x82), 1: (0x80,), 2: (0x10, 0x11), 3: (0x0D, 0x15), 4: (0x14,), 5: (0x19, 0x1A),
+                6: (0x1D, 0x1E), 7: (0x1C,), 8: (0x7C,), 9: (0x86,), 10: (0x24,)}
+#: ONCS bit -> the I/O opcodes it advertises (bit 4, Save/Select in features, and bit 6,
+#: Timestamp, are features: exercised below)
+ONCS_OPCODES = {0: (0x05,), 1: (0x04,), 2: (0x09,), 3: (0x08,), 5: (0x0D, 0x0E, 0x11, 0x15), 7: (0x0C,),
+                8: (0x19,)}
+
+
+@pytest.fixture
+def env():
+    e = make_env("ns=mem:size=16M", io_queues=1)
+    yield e
+    e.close()
+
+
+def _u16(b: bytes, off: int) -> int:
+    return int(struct.unpack_from("<H", b, off)[0])
+
+
+def _u32(b: bytes, off: int) -> int:
+    return int(struct.unpack_from("<I", b, off)[0])
+
+
+def _effects(drv: NvmeDriver) -> tuple[set[int], set[int]]:
+    log = drv.get_log(0x05, 4096)
+    admin = {op for op in range(256) if _u32(log, 4 * op) & 1}
+    io = {op for op in range(256) if _u32(log, 1024 + 4 * op) & 1}
+    return admin, io
+
+
+#: admin opcodes not submitted blind: an AER stays outstanding until an event
+_NOT_BLIND = {0x0C}
+
+
+def test_the_effects_log_lists_exactly_the_opcodes_the_controller_accepts(env):
+    drv = env.drv
+    admin, io = _effects(drv)
+    assert {0x00, 0x01, 0x02, 0x04, 0x05, 0x06, 0x09, 0x0A, 0x0C} <= admin  # the mandatory ones
+    assert {0x00, 0x01, 0x02} <= io
+    for op in range(256):
+        if op in _NOT_BLIND:
+            continue
+        comp = drv.admin(op, check=False, nsid=0)
+        rejected = comp.code == INVALID_OPCODE
+        assert rejected == (op not in admin), f"admin opcode {op:#04x}: status {comp.code:#x}, listed {op in admin}"
+    for op in range(256):
+        comp = drv.io(1, op, check=False, nsid=1)
+        rejected = comp.code == INVALID_OPCODE
+        assert rejected == (op not in io), f"I/O opcode {op:#04x}: status {comp.code:#x}, listed {op in io}"
+
+
+def test_oacs_oncs_and_sanicap_agree_with_the_effects_log(env):
+    drv = env.drv
+    idc = drv.identify(0x01)
+    admin, io = _effects(drv)
+    oacs, oncs = _u16(idc, 256), _u16(idc, 520)
+    for bit, ops in OACS_OPCODES.items():
+        for op in ops:
+            assert bool(oacs >> bit & 1) == (op in admin), f"OACS bit {bit} vs admin opcode {op:#04x}"
+    for bit, ops in ONCS_OPCODES.items():
+        for op in ops:
+            assert bool(oncs >> bit & 1) == (op in io), f"ONCS bit {bit} vs I/O opcode {op:#04x}"
+    sanicap = _u32(idc, 328)
+    assert bool(sanicap & 0x7) == (0x84 in admin), "SANICAP vs Sanitize"
+
+
+# -- exercisers of the other advertised bits -----------------------------------------------
+Exerciser = Callable[[NvmeDriver], None]
+
+
+def _flush_broadcast(drv: NvmeDriver) -> None:  # VWC bits 2:1 = 11b
+    drv.io(1, 0x00, nsid=0xFFFFFFFF)
+
+
+def _vwc_present(drv: NvmeDriver) -> None:  # VWC bit 0: Set Features 06h toggles the cache
+    drv.set_features(0x06, 0)
+    assert drv.get_features(0x06).dw0 & 1 == 0
+    drv.set_features(0x06, 1)
+    assert drv.get_features(0x06).dw0 & 1 == 1
+
+
+def _sgl(drv: NvmeDriver) -> None:  # SGLS bits 1:0 = 01b: SGLs for I/O data
+    data = bytes(range(256)) * 16
+    drv.write(1, slba=8, data=data, sgl=True)
+    assert drv.read(1, slba=8, nlb=len(data) // drv.lba_size(1), sgl=True) == data
+
+
+def _sgl_bit_bucket(drv: NvmeDriver) -> None:  # SGLS bit 16: a bit bucket discards read data
+    bs = drv.lba_size(1)
+    drv.write(1, slba=16, data=bytes([0x5A]) * bs + bytes([0xA5]) * bs)
+    buf = drv.machine.alloc(4096, 4096)
+    try:
+        drv.mem.write(buf, bytes(bs))
+        drv.io(1, 0x02, nsid=1, cdw10=16, cdw12=1, segments=[(None, bs), (buf, bs)])
+        assert drv.mem.read(buf, bs) == bytes([0xA5]) * bs
+    finally:
+        drv.machine.free(buf)
+
+
+def _lpa_effects(drv: NvmeDriver) -> None:  # LPA bit 1: the Commands Supported and Effects log
+    assert _effects(drv)[0]
+
+
+def _lpa_extended(drv: NvmeDriver) -> None:  # LPA bit 2: extended NUMD and a log page offset
+    whole = drv.get_log(0x05, 4096)
+    assert drv.get_log(0x05, 512, offset=1024) == whole[1024:1536]
+
+
+def _oaes_ns_attr(drv: NvmeDriver) -> None:  # OAES bit 8: Namespace Attribute Notices
+    assert drv.get_features(0x0B).dw0 >> 8 & 1 in (0, 1)
+    drv.set_features(0x0B, 1 << 8)
+    assert drv.get_features(0x0B).dw0 >> 8 & 1 == 1
+    before = len(drv.events)
+    drv.arm_aer()
+    ctrl_list = struct.pack("<HH", 1, _u16(drv.identify(0x01), 78)).ljust(4096, b"\0")
+    drv.admin(0x15, nsid=1, cdw10=1, data=ctrl_list)  # detach
+    drv.admin(0x15, nsid=1, cdw10=0, data=ctrl_list)  # attach again
+    drv.poll_events(2.0)  # (the event may already have been taken while the detach completed)
+    assert (2, 0x00, 0x04) in drv.events[before:], drv.events  # notice, attribute changed, log 04h
+
+
+def _oaes_fw_activation(drv: NvmeDriver) -> None:  # OAES bit 9: Firmware Activation Notices
+    drv.set_features(0x0B, 1 << 9)
+    assert drv.get_features(0x0B).dw0 >> 9 & 1 == 1
+
+
+def _frmw(drv: NvmeDriver) -> None:  # FRMW: slot 1 read-only, 3 slots, activation without reset
+    image = firmware_image("9.9")
+    for off in range(0, len(image), 4096):
+        chunk = image[off:off + 4096]
+        drv.admin(0x11, data=chunk, cdw10=len(chunk) // 4 - 1, cdw11=off // 4)
+    drv.admin(0x10, cdw10=(3 << 3) | 3)  # CA=3: replace slot 3 and activate without a reset
+    assert drv.get_log(0x03, 512)[0] & 7 == 3
+    assert drv.identify(0x01)[64:72] == b"9.9     "
+    assert drv.admin(0x10, cdw10=(0 << 3) | 1, check=False).code == Status.INVALID_FW_SLOT  # slot 1 is RO
+
+
+def _ctratt_elbas(drv: NvmeDriver) -> None:  # CTRATT bit 15: extended LBA formats (CNS 05h, CSI 0)
+    ns = drv.identify(0x05, nsid=1, csi=0)
+    assert len(ns) == 4096
+
+
+def _kas(drv: NvmeDriver) -> None:  # KAS: Keep Alive, Set Features 0Fh
+    drv.set_features(0x0F, 10000)
+    assert drv.get_features(0x0F).dw0 == 10000
+    drv.admin(0x18)
+
+
+def _ocfs(drv: NvmeDriver) -> None:  # OCFS bit 0: the controller copy format 0
+    bs = drv.lba_size(1)
+    data = bytes([7]) * bs
+    drv.write(1, slba=40, data=data)
+    rng = drv.machine.alloc(4096, 4096)
+    try:
+        drv.mem.write(rng, struct.pack("<8xQH22x", 40, 0).ljust(32, b"\0"))
+        drv.io(1, 0x19, nsid=1, cdw10=41, cdw12=0, prp1=rng)
+    finally:
+        drv.machine.free(rng)
+    assert drv.read(1, slba=41, nlb=1) == data
+
+
+def _icsvscc(drv: NvmeDriver) -> None:  # ICSVSCC bit 0: format of NVMe vendor specific (nothing to use)
+    pass
+
+
+def _dlfeat(drv: NvmeDriver) -> None:  # DLFEAT: deallocated reads zeros; Write Zeroes may deallocate
+    bs = drv.lba_size(1)
+    drv.write(1, slba=60, data=b"\x11" * bs)
+    drv.io(1, 0x08, nsid=1, cdw10=60, cdw12=1 << 25)  # Write Zeroes, DEAC
+    assert drv.read(1, slba=60, nlb=1) == bytes(bs)
+
+
+def _nsfeat_optperf(drv: NvmeDriver) -> None:  # NSFEAT bit 4: NPWG/NPWA/NPDG/NPDA/NOWS valid
+    ns = drv.identify(0x00, nsid=1)
+    npwg, npwa, npdg, npda, nows = struct.unpack_from("<5H", ns, 64)
+    assert npwg >= 0 and nows >= 0 and npdg >= 0 and npwa >= 0 and npda >= 0
+
+
+def _css_ncss(drv: NvmeDriver) -> None:  # CAP.CSS bit 0: the NVM command set
+    assert drv.read64(0) >> 37 & 1
+
+
+def _css_iocs(drv: NvmeDriver) -> None:  # CAP.CSS bit 6: I/O command sets (CC.CSS = 110b)
+    drv.disable()
+    drv.enable(css=6)
+    drv.probe()
+
+
+def _crms_crwms(drv: NvmeDriver) -> None:  # CAP.CRMS bit 0: ready with media (CC.CRIME=0), CRTO.CRWMT
+    crwmt = drv.read32(0x68) & 0xFFFF  # CRTO.CRWMT, 500 ms units; CAP.TO mirrors it (up to FFh)
+    assert crwmt and min(crwmt, 0xFF) == drv.read64(0) >> 24 & 0xFF
+    assert drv.read32(0x14) >> 24 & 1 == 0 and drv.csts & 1
+
+
+def _oncs_save(drv: NvmeDriver) -> None:  # ONCS bit 4: SEL in Get Features (supported capabilities)
+    assert drv.get_features(0x04, sel=3).ok
+
+
+def _oncs_timestamp(drv: NvmeDriver) -> None:  # ONCS bit 6: Timestamp feature
+    drv.set_features(0x0E, data=(1234567).to_bytes(8, "little"))
+    ts = int.from_bytes(drv.get_features(0x0E, length=8).tag[:6], "little")
+    assert 1234567 <= ts < 1234567 + 60_000
+
+
+#: (field, bit) -> exerciser; CAP bits are ("cap", bit)
+EXERCISERS: dict[tuple[str, int], Exerciser] = {
+    ("vwc", 0): _vwc_present, ("vwc", 1): _flush_broadcast, ("vwc", 2): _flush_broadcast,
+    ("sgls", 0): _sgl, ("sgls", 16): _sgl_bit_bucket,
+    ("lpa", 1): _lpa_effects, ("lpa", 2): _lpa_extended,
+    ("oaes", 8): _oaes_ns_attr, ("oaes", 9): _oaes_fw_activation,
+    ("frmw", 0): _frmw, ("frmw", 1): _frmw, ("frmw", 2): _frmw, ("frmw", 4): _frmw,
+    ("ctratt", 15): _ctratt_elbas,
+    ("kas", 0): _kas,
+    ("ocfs", 0): _ocfs,
+    ("icsvscc", 0): _icsvscc,
+    ("dlfeat", 0): _dlfeat, ("dlfeat", 3): _dlfeat,
+    ("nsfeat", 4): _nsfeat_optperf,
+    ("oncs", 4): _oncs_save, ("oncs", 6): _oncs_timestamp,
+    ("cap", 37): _css_ncss, ("cap", 43): _css_iocs, ("cap", 59): _crms_crwms,
+}
+
+#: fields walked: name -> (structure, offset, bytes); "idc" Identify Controller, "idns" Identify Namespace
+FIELDS = {"oaes": ("idc", 92, 4), "ctratt": ("idc", 96, 4), "frmw": ("idc", 260, 1), "lpa": ("idc", 261, 1),
+          "kas": ("idc", 320, 2), "fuses": ("idc", 522, 2), "fna": ("idc", 524, 1), "vwc": ("idc", 525, 1),
+          "icsvscc": ("idc", 530, 1), "ocfs": ("idc", 534, 2), "sgls": ("idc", 536, 4),
+          "nsfeat": ("idns", 24, 1), "mc": ("idns", 27, 1), "dpc": ("idns", 28, 1), "dlfeat": ("idns", 33, 1)}
+#: CAP bits that are capabilities (not sizes or timeouts): CSS 37..44, NSSRS 36, BPS 45, CMBS 57, PMRS 56,
+#: CRMS 59..60, NSSS 61
+CAP_BITS = [36, *range(37, 45), 45, 56, 57, 59, 60, 61]
+#: ONCS bits that are not commands (the command bits are walked against the effects log)
+ONCS_FEATURE_BITS = (4, 6)
+
+
+def _advertised(drv: NvmeDriver) -> list[tuple[str, int]]:
+    structs = {"idc": drv.identify(0x01), "idns": drv.identify(0x00, nsid=1)}
+    out = []
+    for name, (which, off, size) in FIELDS.items():
+        value = int.from_bytes(structs[which][off:off + size], "little")
+        out += [(name, bit) for bit in range(8 * size) if value >> bit & 1]
+    oncs = _u16(structs["idc"], 520)
+    out += [("oncs", bit) for bit in ONCS_FEATURE_BITS if oncs >> bit & 1]
+    cap = drv.read64(0)
+    out += [("cap", bit) for bit in CAP_BITS if cap >> bit & 1]
+    return out
+
+
+def test_every_advertised_bit_has_an_exerciser(env):
+    missing = [f"{name} bit {bit}" for name, bit in _advertised(env.drv) if (name, bit) not in EXERCISERS]
+    assert missing == [], "advertised without a test that uses it: " + ", ".join(missing)
+
+
+def test_every_advertised_bit_works(env):
+    drv = env.drv
+    seen: set[Exerciser] = set()
+    for key in _advertised(drv):
+        ex = EXERCISERS.get(key)
+        if ex is None or ex in seen:
+            continue
+        seen.add(ex)
+        ex(drv)
