@@ -697,7 +697,9 @@ class PciDevice:
         by now), by a key the device's backend looks up with
         :func:`pcidev.inheritance.take_inherited` while the new process builds the
         device (see :mod:`pcidev.inheritance`). Borrowed: the caller duplicates them.
-        The default: none.
+        Called from the handover's control thread while the device runs: read what is
+        stable (a backend's descriptor), take the device's lock for the rest. The
+        default: none.
         """
         return {}
 

@@ -103,7 +103,7 @@ def COMMAND(args: argparse.Namespace, ctx: CliContext) -> int | None:
         if args.adopt < 0:
             raise UsageError(f"--adopt {args.adopt}: not a file descriptor")
         try:
-            inherited = parse_inherit_arg(args.inherit_fd)
+            inherited = parse_inherit_arg(args.inherit_fd, reserved=(args.adopt,))
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         with inheriting(inherited):  # the old process's images, not their paths

@@ -69,6 +69,7 @@ class ServedDevice:
             (``timeout``, ``exec_path``).
         :returns: the handover's report (``downtime_ms``, ``new_pid``...).
         :raises MigrationError: the handover failed (the same process serves on).
+        :raises TransportError: the server's control endpoint cannot be reached.
         """
         report = request_handover(control_path(self.path), **kwargs)
         self.pids.append(int(report["new_pid"]))
@@ -140,19 +141,20 @@ def served(device: str, props: str = "", *, plugin_specs: Sequence[str] = ("no:n
         if "listening on" not in banner:
             rest = proc.stdout.read() if proc.poll() is not None else ""
             raise PcidevError(f"pcidev serve {spec} did not start: {(banner + rest).strip()}")
-        started = True
         dev = ServedDevice(path, proc, banner.strip())
+        started = True
         yield dev
     finally:
-        for pid in (dev.pids[1:] if started else []):  # the processes handovers started
-            if _alive(pid):
-                try:
-                    os.kill(pid, signal.SIGTERM)
-                    _wait_gone(pid, 5)
-                except ProcessLookupError:
-                    pass
-                except subprocess.TimeoutExpired:
-                    os.kill(pid, signal.SIGKILL)
+        # the process a handover started last (the ones before it ended by themselves:
+        # their PIDs may belong to others by now)
+        if started and dev.pid != proc.pid and _alive(dev.pid):
+            try:
+                os.kill(dev.pid, signal.SIGTERM)
+                _wait_gone(dev.pid, 5)
+            except ProcessLookupError:
+                pass
+            except subprocess.TimeoutExpired:
+                os.kill(dev.pid, signal.SIGKILL)
         if proc.poll() is None:
             proc.terminate()  # the server removes its socket
             try:
@@ -162,11 +164,12 @@ def served(device: str, props: str = "", *, plugin_specs: Sequence[str] = ("no:n
         proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
-        if started and os.path.exists(path):  # the socket of the server started here
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        for sock in (path, control_path(path)) if started else ():  # the sockets of the server started here
+            if os.path.exists(sock):
+                try:
+                    os.unlink(sock)
+                except OSError:
+                    pass
         if own_dir:
             try:
                 os.rmdir(where)

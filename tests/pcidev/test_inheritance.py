@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from pcidev.errors import ConfigError
 from pcidev.inheritance import format_inherit_arg, image_key, inheriting, parse_inherit_arg, take_inherited
 
 
@@ -28,17 +29,34 @@ def test_nothing_is_inherited_outside_a_handover():
     assert take_inherited(image_key("/x.img", read_only=False)) is None
 
 
-def test_each_descriptor_is_taken_once_and_the_rest_closed(tmp_path):
-    a, b = os.open(tmp_path, os.O_RDONLY), os.open(tmp_path, os.O_RDONLY)
+def test_every_taker_gets_its_own_duplicate_and_the_offer_is_closed_at_the_end(tmp_path):
+    a = os.open(tmp_path, os.O_RDONLY)
     os.set_inheritable(a, True)
-    with inheriting({"k:a": a, "k:b": b}):
-        assert not os.get_inheritable(a)  # the new process's own children do not get them
-        assert take_inherited("k:a") == a
-        assert take_inherited("k:a") is None
+    with inheriting({"k:a": a}):
+        assert not os.get_inheritable(a)  # the new process's own children do not get it
+        one, two = take_inherited("k:a"), take_inherited("k:a")  # two namespaces on one image
+        assert one is not None and two is not None and len({one, two, a}) == 3
+        assert os.path.sameopenfile(one, a) and os.path.sameopenfile(two, a)
         assert take_inherited("k:other") is None
-    assert take_inherited("k:b") is None  # the context ended
-    assert _is_open(a) and not _is_open(b)  # the taker owns a; b nobody took
-    os.close(a)
+    assert take_inherited("k:a") is None  # the context ended
+    assert not _is_open(a) and _is_open(one) and _is_open(two)  # the takers own theirs
+    os.close(one)
+    os.close(two)
+
+
+def test_a_descriptor_nobody_took_refuses_the_build(tmp_path):
+    a, b = os.open(tmp_path, os.O_RDONLY), os.open(tmp_path, os.O_RDONLY)
+    with pytest.raises(ConfigError, match="did not take the descriptor.*k:b: it would serve another file"):
+        with inheriting({"k:a": a, "k:b": b}):
+            os.close(take_inherited("k:a"))
+    assert not _is_open(a) and not _is_open(b)
+
+
+def test_a_build_that_fails_keeps_its_own_error_and_closes_the_offer(tmp_path):
+    a = os.open(tmp_path, os.O_RDONLY)
+    with pytest.raises(RuntimeError, match="the build failed"), inheriting({"k:a": a}):
+        raise RuntimeError("the build failed")
+    assert not _is_open(a)
 
 
 def test_arguments_round_trip_and_bad_ones_are_one_line(tmp_path):
@@ -53,5 +71,7 @@ def test_arguments_round_trip_and_bad_ones_are_one_line(tmp_path):
             parse_inherit_arg([f"{fd}:k", f"{fd}:k2"])
         with pytest.raises(ValueError, match="not open"):
             parse_inherit_arg(["999999:k"])
+        with pytest.raises(ValueError, match="is the handover channel"):
+            parse_inherit_arg([f"{fd}:k"], reserved=(fd,))
     finally:
         os.close(fd)

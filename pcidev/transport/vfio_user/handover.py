@@ -223,11 +223,13 @@ class HandoverJob:
     :ivar fault: the failure asked of the new process (tests), or None.
     :ivar ready: the new process's READY (``pid``, ``version``, ``device_type``).
     :ivar spawn_ms: from starting the new process to its READY.
+    :ivar inherited: descriptors passed at the start (the device's images).
     """
 
     proc: subprocess.Popen[bytes]
     chan: socket.socket
     fault: str | None = None
+    inherited: int = 0
     ready: dict[str, Any] = attrs.Factory(dict)
     spawn_ms: float = 0.0
     #: set by the serve thread when the cut ended (handed over or rolled back)
@@ -527,12 +529,12 @@ class HandoverControl:
             than keys and open descriptors.
         """
         try:
-            fds = self.endpoint.device.inheritable_fds()
+            fds = dict(self.endpoint.device.inheritable_fds())
         except Exception as exc:
             raise MigrationError(f"the device's inheritable_fds() failed: {type(exc).__name__}: {exc}") from exc
         out: dict[str, int] = {}
         try:
-            for key, fd in dict(fds).items():
+            for key, fd in fds.items():
                 if not isinstance(key, str) or not key or "\0" in key or type(fd) is not int:
                     raise MigrationError(f"the device's inheritable_fds() returned {key!r}: {fd!r}")
                 try:
@@ -567,7 +569,7 @@ class HandoverControl:
         finally:
             theirs.close()
             close_fds(list(inherit.values()))
-        job = HandoverJob(proc=proc, chan=mine, fault=fault)
+        job = HandoverJob(proc=proc, chan=mine, fault=fault, inherited=len(inherit))
         with self._lock:
             stopping = self._stopping
             if stopping is None:
@@ -680,7 +682,7 @@ class HandoverControl:
         end = serving_at if serving_at is not None else running_at
         job.outcome = {"ok": True, "reason": "", "old_pid": os.getpid(), "new_pid": int(job.ready["pid"]),
                        "downtime_ms": round((end - cut_at) * 1000, 3), "state_bytes": result.state_size,
-                       "fds": result.fds + len(conn_fds), "same_clock": result.same_clock,
+                       "fds": result.fds + len(conn_fds) + job.inherited, "same_clock": result.same_clock,
                        "quiesced_ms": round((result.stopped_at - cut_at) * 1000, 3),
                        "acked_ms": round((result.acked_at - cut_at) * 1000, 3),
                        "running_ms": round((running_at - cut_at) * 1000, 3),

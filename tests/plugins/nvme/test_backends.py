@@ -25,6 +25,7 @@ from pcidev_nvme.backends import (
     add_backend,
     create_backend,
 )
+from pcidev_nvme.controller import NvmeController
 from pcidev_nvme.namespace import make_namespace
 
 MiB = 1 << 20
@@ -272,11 +273,17 @@ def test_file_direct_aligned_and_bounced(tmp_path):
         b.close()
 
 
-def test_file_built_in_a_handover_takes_the_inherited_image_not_the_path(tmp_path):
+def test_file_built_in_a_handover_takes_the_inherited_image_not_the_path(tmp_path, monkeypatch):
     """A handover's new process builds its namespace on the old one's descriptors: a
     path renamed, replaced or unlinked meanwhile is never opened, nor created."""
     path = str(tmp_path / "disk.img")
     old = FileBackend(path, 4 * MiB, direct=True)
+    real_open = os.open
+
+    def never_the_image(p, *args, **kwargs):
+        assert os.fspath(p) != path, "the image path was opened"
+        return real_open(p, *args, **kwargs)
+
     try:
         old.writev([memoryview(pattern(4096, seed=3))], 0)
         fds = old.inheritable_fds()
@@ -284,8 +291,10 @@ def test_file_built_in_a_handover_takes_the_inherited_image_not_the_path(tmp_pat
         os.rename(path, path + ".moved")
         with open(path, "wb") as decoy:  # another file at the path now
             decoy.write(b"\xee" * 8192)
+        monkeypatch.setattr(os, "open", never_the_image)
         with inheriting({k: os.dup(fd) for k, fd in fds.items()}):
             new = FileBackend(path, 4 * MiB, direct=True)
+        monkeypatch.undo()
         try:
             got = bytearray(4096)
             new.readv([memoryview(got)], 0)
@@ -306,9 +315,28 @@ def test_file_built_in_a_handover_takes_the_inherited_image_not_the_path(tmp_pat
                 pytest.raises(ConfigError, match="has 4194304 bytes"):
             FileBackend(path, 8 * MiB)
         # a read-only namespace never gets a writable descriptor (another key)
-        with inheriting({image_key(path, read_only=False): os.dup(old.fd)}), \
-                pytest.raises(ConfigError, match="does not exist"):
+        with pytest.raises(ConfigError, match="does not exist"), \
+                inheriting({image_key(path, read_only=False): os.dup(old.fd)}):
             FileBackend(path, read_only=True)
+    finally:
+        old.close()
+
+
+def test_two_namespaces_on_one_image_both_take_the_inherited_file(tmp_path):
+    path = tmp_path / "shared.img"
+    old = NvmeController(f"ns=file:path={path},size=1M,ns=file:path={path}")
+    try:
+        fds = old.inheritable_fds()
+        assert list(fds) == [image_key(str(path), read_only=False)]
+        os.rename(path, tmp_path / "moved.img")
+        path.write_bytes(bytes(1 << 20))  # a decoy
+        with inheriting({k: os.dup(fd) for k, fd in fds.items()}):
+            new = NvmeController(f"ns=file:path={path},size=1M,ns=file:path={path}")
+        try:
+            for nsid in (1, 2):
+                assert os.path.sameopenfile(new.allocated[nsid].backend.fd, old.allocated[1].backend.fd)
+        finally:
+            new.close()
     finally:
         old.close()
 

@@ -273,8 +273,10 @@ def inheritable_fds(ctrl: MigrationHost) -> dict[str, int]:
     """The namespaces' backend descriptors a handover's new process takes over (a
     ``file`` image: the new process never reopens its path, see :mod:`pcidev.inheritance`)."""
     out: dict[str, int] = {}
-    with ctrl.state_lock:  # (asked from the handover's control thread)
-        backends = [ns.backend for ns in ctrl.allocated.values()]
+    # (asked from the handover's control thread while the device runs: a namespace that
+    # Namespace Management changes meanwhile blocks the cut, so a stale answer is refused)
+    with ctrl.state_lock:
+        backends = [ns.backend for ns in list(ctrl.allocated.values())]
     for b in backends:
         # optional in the Backend protocol: plugin backends without it pass nothing
         get = getattr(b, "inheritable_fds", None)

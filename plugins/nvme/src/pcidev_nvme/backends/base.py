@@ -152,6 +152,9 @@ class Backend(Protocol):
     :ivar min_block: smallest block size usable (``O_DIRECT`` alignment), 512 or more.
     :ivar identity_path: a file where the namespace may persist its identifiers and
         format next to the data (``None``: nothing is persisted).
+
+    Optional: ``inheritable_fds()`` (see :meth:`BaseBackend.inheritable_fds`), the
+    descriptors a handover's new process takes instead of opening paths.
     """
 
     kind: str

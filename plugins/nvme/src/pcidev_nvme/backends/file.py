@@ -157,10 +157,15 @@ class FileBackend(BaseBackend):
         if direct:
             try:
                 dfd = take_inherited(image_key(self.path, read_only=read_only, direct=True))
+                if dfd is None and inherited is not None:  # never mix the inherited file and the path
+                    raise ConfigError(f"the old process passed {self.path} without its O_DIRECT descriptor")
                 self.dfd = dfd if dfd is not None else os.open(self.path, flags | os.O_DIRECT)
             except OSError as exc:
                 os.close(fd)
                 raise ConfigError(f"cannot open {self.path} with O_DIRECT: {exc.strerror}") from exc
+            except ConfigError:
+                os.close(fd)
+                raise
             try:
                 self.min_block = _probe_direct_alignment(self.dfd)
             except ConfigError:
@@ -301,6 +306,8 @@ class FileBackend(BaseBackend):
 
     def inheritable_fds(self) -> dict[str, int]:
         """The image's descriptors, for a handover's new process (:mod:`pcidev.inheritance`)."""
+        if self.fd < 0:  # closed (a namespace being deleted)
+            return {}
         out = {image_key(self.path, read_only=self.read_only): self.fd}
         if self.dfd >= 0:
             out[image_key(self.path, read_only=self.read_only, direct=True)] = self.dfd
