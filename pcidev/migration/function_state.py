@@ -40,12 +40,11 @@ import attrs
 from pcidev.bar import RamBacking, RamMapping
 from pcidev.device import PciDevice
 from pcidev.dma import GuestMemory
-from pcidev.errors import DeviceFailedError, DmaError
+from pcidev.errors import ConfigError, DeviceFailedError, DmaError
 from pcidev.irq import EventfdSink, InterruptSink, InterruptState
 from pcidev.pci.capabilities.base import ExtCapability
 from pcidev.pci.capabilities.msi import MsiCapability
 from pcidev.pci.capabilities.msix import MAX_VECTORS, MsixCapability, MsixState
-from pcidev.errors import ConfigError
 from pcidev.vmstate import U8, U64, FdRef, Str, VarArray, VarBytes, vmstate
 from pcidev.vmstate.errors import StateError
 

@@ -36,11 +36,14 @@ from typing import Any
 
 from pcidev.bar import Register
 from pcidev.device import PciDevice
+from pcidev.dma import GuestMemory
 from pcidev.errors import DmaError
+from pcidev.pci import ids
 from pcidev.pci.capabilities.msix import MsixCapability
 from pcidev.pci.config import ResetKind
 from pcidev_nvme.admin import AdminCommandSet, AdminWorker
 from pcidev_nvme.aer import AsyncEvents
+from pcidev_nvme.cmb import CMB_BAR, ControllerMemoryBuffer
 from pcidev_nvme.completion import CompletionMixin
 from pcidev_nvme.config import NvmeConfig
 from pcidev_nvme.doorbells import DoorbellsMixin, ShadowDoorbells
@@ -83,6 +86,9 @@ __all__ = ["NvmeController"]
 
 log = logging.getLogger(__name__)
 
+# the command register's low byte and its Bus Master bit (the dma property's hot path)
+_COMMAND = ids.COMMAND
+_MASTER = int(ids.Command.MASTER)
 
 
 class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin, NamespaceSetMixin, HealthMixin,
@@ -163,19 +169,27 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         except BaseException:
             self._close_namespaces()
             self.timer.close()
+            if self.cmb is not None:
+                self.cmb.close()
             raise
 
     # ------------------------------------------------------------------ description
     def describe(self) -> None:
         cfg = self.cfg
-        self._cap = cap_value(cfg.mqes)
+        #: the Controller Memory Buffer (BAR2), or None without ``cmb_size``
+        self.cmb: ControllerMemoryBuffer | None = (ControllerMemoryBuffer(cfg.cmb_size, self.name)
+                                                   if cfg.cmb_size else None)
+        extra = self.cmb.registers() if self.cmb is not None else []
+        self._cap = cap_value(cfg.mqes, cmbs=self.cmb is not None)
         regs = build_register_map(f"nvme-bar0[{self.name}]", self._cap, intms=lambda r: self.interrupts.intms,
                                   on_intms=self._intms_written, on_intmc=self._intmc_written,
-                                  on_cc=self._cc_written, csts=lambda r: self._csts)
+                                  on_cc=self._cc_written, csts=lambda r: self._csts, extra=extra)
         self.regs = regs
         layout = bar_layout(cfg.max_ioqpairs, cfg.msix_vectors, cfg.msix_bar)
         self._db_window = layout.doorbell_window
         self.add_mem_bar(0, layout.bar0_size, Bar0(regs, self._doorbell_write, layout.doorbell_window), bits64=True)
+        if self.cmb is not None:
+            self.add_mem_bar(CMB_BAR, self.cmb.bar_size, self.cmb.ram, bits64=True, prefetchable=True)
         if layout.bar4_size:
             self.add_mem_bar(4, layout.bar4_size, ZeroBar(), bits64=True)
         self.add_msix(cfg.msix_vectors, bar=layout.msix_bar, table_offset=layout.table_offset,
@@ -188,6 +202,20 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         return super().enabled_features() | migration_features(self)
 
     # ------------------------------------------------------------------ contract
+    @property
+    def dma(self) -> GuestMemory:
+        """Guest memory for DMA (see :attr:`pcidev.device.PciDevice.dma`); while the
+        CMB's controller memory space is enabled, the view that sends CMB addresses to
+        the CMB (:class:`~pcidev_nvme.cmb.CmbMemory`)."""
+        memory = self.memory
+        if memory is not None and self.config.data[_COMMAND] & _MASTER:
+            cmb = self.cmb
+            if cmb is None:
+                return memory
+            window = cmb.window
+            return memory if window is None else window.over(memory)
+        return super().dma  # raises DmaError
+
     @property
     def ready(self) -> bool:
         """CSTS.RDY."""
@@ -224,6 +252,8 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         if self.owns_state:  # not after a migration out: the destination owns the state file
             self.save_state()
         self._close_namespaces()
+        if self.cmb is not None:
+            self.cmb.close()
         super().close()
 
     def __enter__(self) -> NvmeController:
@@ -405,6 +435,8 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         dropped; bus mastering is off after the reset, so they cannot DMA either).
         """
         with self.state_lock:
+            if self.cmb is not None:
+                self.cmb.reset()
             self._gen += 1
             self._drop_parked()
             self._state = ST_RESETTING
