@@ -18,8 +18,8 @@ from pcidev.host import Machine
 from pcidev.migration import descriptor_blockers
 from pcidev.pci.config import ResetKind
 from pcidev.testing import roundtrip
-from pcidev_nvme.cmb import CmbMemory
 from pcidev_nvme.controller import NvmeController
+from pcidev_nvme.controller_memory import ControllerMemoryView
 from pcidev_nvme.status import Status
 from pcidev_nvme.testing.driver import READ, WRITE, NvmeDriver, NvmeDriverError
 
@@ -84,7 +84,9 @@ def test_registers_and_their_transitions(nvme_env) -> None:
     base, size = drv.cmb_enable()
     assert (base, size) == (pdev.bar_address(2), 2 << 20)
     assert drv.read32(CMBSTS) == 0 and drv.read64(CMBMSC) == base | 3
-    assert isinstance(ctrl.dma, CmbMemory) and ctrl.dma.contains(base) and not ctrl.dma.contains(base + size)
+    view = ctrl.dma
+    assert isinstance(view, ControllerMemoryView) and view.window_of(base) is ctrl.cmb.window
+    assert view.window_of(base + size) is None and view.window_of(base - 1) is None
     # a controller reset keeps them (Linux writes them again anyway); a function-level reset clears them
     drv.disable()
     assert drv.read64(CMBMSC) == base | 3
@@ -262,7 +264,7 @@ def test_migration_with_sqes_waiting_in_the_cmb(nvme_env) -> None:
     finally:
         os.close(src_fd)
     assert dst.cmb.snapshot() == regs and regs.cmbmsc & 3 == 3
-    assert isinstance(dst.dma, CmbMemory)
+    assert isinstance(dst.dma, ControllerMemoryView)
     drv.ring(2)
     got = drv.reap(2, min_completions=16)
     assert len(got) == 16 and all(c.ok for c in got)

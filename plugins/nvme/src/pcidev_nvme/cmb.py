@@ -16,9 +16,9 @@ registers (NVMe Base 2.0, 3.1.4.14 to 3.1.4.19; names as in libnvme ``types.h``)
 
 **Controller memory space.** While CMBMSC.CMSE is 1 (with CRE), addresses in
 ``[CBA, CBA + N MiB)`` are CMB addresses: the controller's DMA view
-(:class:`CmbMemory`, what :attr:`NvmeController.dma
-<pcidev_nvme.controller.NvmeController.dma>` returns then) sends them to the CMB's
-memory and every other address to guest memory. A CBA that is not aligned to the CMB
+(:class:`~pcidev_nvme.controller_memory.ControllerMemoryView`, what
+:attr:`NvmeController.dma <pcidev_nvme.controller.NvmeController.dma>` returns then)
+sends them to the CMB's memory and every other address to guest memory. A CBA that is not aligned to the CMB
 size unit (1 MiB) or whose range would pass 2**64 is refused: CMBSTS.CBAI is set and
 CMSE stays 0. CMBSTS.CBAI is cleared by the next valid CMSE write.
 
@@ -42,18 +42,15 @@ see :mod:`pcidev.migration.function_state`); the registers travel as the optiona
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable
 
 import attrs
 
 from pcidev.bar import Access, RamBacking, Register
-from pcidev.dma import GuestMemory
-from pcidev.errors import DmaError
 from pcidev.vmstate import U32, U64, vmstate
-from pcidev_nvme.status import NvmeStatusError, Status
+from pcidev_nvme.controller_memory import MemoryWindow, close_window, invalid_use, map_window
 
-__all__ = ["CMB_BAR", "CmbMemory", "CmbState", "ControllerMemoryBuffer", "CMBMSC_CRE", "CMBMSC_CMSE",
+__all__ = ["CMB_BAR", "CmbState", "ControllerMemoryBuffer", "CMBMSC_CRE", "CMBMSC_CMSE",
            "CMBSTS_CBAI", "CMBSZ_SQS", "CMBSZ_CQS", "CMBSZ_LISTS", "CMBSZ_RDS", "CMBSZ_WDS", "SZU_1M"]
 
 #: the BAR holding the CMB
@@ -84,134 +81,17 @@ class CmbState:
     cmbsts: U32
 
 
-def _mixed(what: str) -> NvmeStatusError:
-    return NvmeStatusError(Status.INVALID_USE_OF_CMB, what, dnr=True)
-
-
-class CmbMemory(GuestMemory):
-    """The controller's DMA view while its CMB is addressable: guest memory, with the
-    CMB's addresses sent to the CMB (see the module docstring for the mixing rule).
-
-    It is a :class:`~pcidev.dma.GuestMemory` for the data path (``read``, ``write``,
-    ``views``, ``sg_views``, ``access``, ``load32``...), but maps nothing itself: each
-    access goes to :attr:`host` or to the CMB's own mapping.
-
-    :param cmb: the CMB's memory, mapped at ``[start, end)``.
-    :param start: the first CMB address (CBA).
-    :param end: one past the last.
-    """
-
-    def __init__(self, cmb: GuestMemory, start: int, end: int) -> None:
-        super().__init__(max_regions=1)
-        self.cmb = cmb
-        self.start = start
-        self.end = end
-        self.host: GuestMemory = cmb  # set by over() before any use
-
-    def over(self, host: GuestMemory) -> CmbMemory:
-        """This view on top of ``host`` (the device's guest memory now)."""
-        if self.host is not host:
-            self.host = host
-        return self
-
-    def _side(self, gpa: int, length: int) -> GuestMemory:
-        if gpa >= self.end or gpa + length <= self.start:
-            return self.host
-        if gpa >= self.start and gpa + length <= self.end:
-            return self.cmb
-        raise _mixed(f"[{gpa:#x}, +{length:#x}) straddles the edge of the controller memory buffer "
-                     f"[{self.start:#x}, {self.end:#x})")
-
-    def contains(self, gpa: int) -> bool:
-        """Whether ``gpa`` is a CMB address."""
-        return self.start <= gpa < self.end
-
-    # -- the data path's accesses --------------------------------------------------------
-    def read(self, gpa: int, length: int) -> bytes:
-        return self._side(gpa, length).read(gpa, length)
-
-    def read_into(self, gpa: int, buf: Any) -> None:
-        with memoryview(buf) as mv:
-            self._side(gpa, mv.nbytes).read_into(gpa, buf)
-
-    def write(self, gpa: int, data: Any) -> None:
-        with memoryview(data) as mv:
-            self._side(gpa, mv.nbytes).write(gpa, data)
-
-    def fill(self, gpa: int, length: int, byte: int = 0) -> None:
-        self._side(gpa, length).fill(gpa, length, byte)
-
-    def copy(self, dst_gpa: int, src_gpa: int, length: int) -> None:
-        src, dst = self._side(src_gpa, length), self._side(dst_gpa, length)
-        if src is dst:
-            src.copy(dst_gpa, src_gpa, length)
-        else:
-            dst.write(dst_gpa, src.read(src_gpa, length))
-
-    def load32(self, gpa: int) -> int:
-        return self._side(gpa, 4).load32(gpa)
-
-    def load64(self, gpa: int) -> int:
-        return self._side(gpa, 8).load64(gpa)
-
-    def store32(self, gpa: int, value: int) -> None:
-        self._side(gpa, 4).store32(gpa, value)
-
-    def store64(self, gpa: int, value: int) -> None:
-        self._side(gpa, 8).store64(gpa, value)
-
-    def read_u32(self, gpa: int) -> int:
-        return self._side(gpa, 4).read_u32(gpa)
-
-    def write_u32(self, gpa: int, value: int) -> None:
-        self._side(gpa, 4).write_u32(gpa, value)
-
-    def is_mapped(self, gpa: int, length: int, *, write: bool = False) -> bool:
-        try:
-            side = self._side(gpa, length)
-        except NvmeStatusError:
-            return False
-        return side.is_mapped(gpa, length, write=write)
-
-    def views(self, gpa: int, length: int, *, write: bool = False) -> list[memoryview]:
-        return self._side(gpa, length).views(gpa, length, write=write)
-
-    def sg_views(self, sgl: Iterable[tuple[int, int]], *, write: bool = False) -> list[memoryview]:
-        """Views of a scatter-gather list: all of it in the CMB or all in guest memory,
-        else Invalid Use of Controller Memory Buffer."""
-        entries = list(sgl)
-        start, end = self.start, self.end
-        in_cmb = 0
-        for entry in entries:
-            try:
-                gpa, length = entry
-            except (TypeError, ValueError):
-                raise DmaError(f"bad scatter-gather entry {entry!r}") from None
-            if not length:
-                continue
-            if gpa >= end or gpa + length <= start:
-                if in_cmb > 0:
-                    raise _mixed("a data buffer mixes controller memory buffer and host memory")
-                in_cmb = -1
-            elif gpa >= start and gpa + length <= end:
-                if in_cmb < 0:
-                    raise _mixed("a data buffer mixes host memory and controller memory buffer")
-                in_cmb = 1
-            else:
-                raise _mixed(f"a data buffer piece [{gpa:#x}, +{length:#x}) straddles the edge of the "
-                             "controller memory buffer")
-        return (self.cmb if in_cmb > 0 else self.host).sg_views(entries, write=write)
-
-
 class ControllerMemoryBuffer:
     """The CMB of one controller (see the module docstring): BAR2's memory, its registers
     and, while controller memory space is enabled, the controller's DMA view.
 
     :param size_mib: the CMB size in MiB (>= 1).
     :param name: the controller's name (for the memfd).
+    :param changed: called when :attr:`window` changed (the controller recomposes its DMA view).
     """
 
-    def __init__(self, size_mib: int, name: str) -> None:
+    def __init__(self, size_mib: int, name: str, changed: Callable[[], None]) -> None:
+        self._changed = changed
         self.size_mib = size_mib
         #: the CMB's bytes (the start of BAR2)
         self.size = size_mib * _UNIT
@@ -220,10 +100,9 @@ class ControllerMemoryBuffer:
         self.ram = RamBacking(self.bar_size, name=f"nvme-cmb[{name}]")
         self.msc = Register("CMBMSC", 0x50, 8, Access.RW, on_write=self._msc_written)
         self.sts = Register("CMBSTS", 0x58, 4, Access.RO)
-        #: the controller's DMA view while controller memory space is enabled, else None
-        self.window: CmbMemory | None = None
-        self._mapped: GuestMemory | None = None
-        self._mapped_key: tuple[int, int] | None = None
+        #: the CMB's addresses while controller memory space is enabled, else None
+        self.window: MemoryWindow | None = None
+        self._window_key: tuple[int, int] | None = None
 
     # -- registers ---------------------------------------------------------------------------
     def registers(self) -> list[Register]:
@@ -263,21 +142,20 @@ class ControllerMemoryBuffer:
         reg.value = value
         self._place()
 
-    def _place(self) -> None:
-        """Make :attr:`window` follow CMBMSC (and the RAM BAR's descriptor)."""
+    def _place(self, *, force: bool = False) -> None:
+        """Make :attr:`window` follow CMBMSC (with ``force``, map the RAM BAR's descriptor
+        again: a load adopted another one)."""
         msc = self.msc.value
-        if not (msc & CMBMSC_CMSE and msc & CMBMSC_CRE):
-            self.window = None
+        key = None
+        if msc & CMBMSC_CMSE and msc & CMBMSC_CRE:
+            key = (msc & CMBMSC_CBA_MASK, self.ram.fd)
+        if key == self._window_key and not force:
             return
-        cba = msc & CMBMSC_CBA_MASK
-        key = (cba, self.ram.fd)
-        if self._mapped_key != key or self._mapped is None:
-            mapped = GuestMemory(max_regions=1)
-            mapped.map(cba, self.size, self.ram.fd, 0, writable=True, name="nvme-cmb")
-            old, self._mapped, self._mapped_key = self._mapped, mapped, key
-            if old is not None:
-                _close_quietly(old)
-        self.window = CmbMemory(self._mapped, cba, cba + self.size)
+        old = self.window
+        self.window = map_window("CMB", key[0], self.size, key[1]) if key is not None else None
+        self._window_key = key
+        self._changed()
+        close_window(old)
 
     def refuse_cq(self, base: int, nbytes: int) -> None:
         """Create I/O Completion Queue: a queue in the CMB is not supported (CMBSZ.CQS = 0).
@@ -285,8 +163,8 @@ class ControllerMemoryBuffer:
         :raises NvmeStatusError: Invalid Use of Controller Memory Buffer.
         """
         w = self.window
-        if w is not None and base < w.end and base + nbytes > w.start:
-            raise _mixed(f"completion queues in the controller memory buffer are not supported "
+        if w is not None and w.overlaps(base, nbytes):
+            raise invalid_use(f"completion queues in the controller memory buffer are not supported "
                          f"(CQ at {base:#x})")
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -305,7 +183,7 @@ class ControllerMemoryBuffer:
         values), and map the RAM BAR's current descriptor (the one a load adopted)."""
         self.msc.value = st.cmbmsc if st is not None else 0
         self.sts.value = st.cmbsts if st is not None else 0
-        self._place()
+        self._place(force=True)
 
     def check(self, st: CmbState) -> str | None:
         """Why ``st`` cannot apply, or None."""
@@ -319,16 +197,7 @@ class ControllerMemoryBuffer:
         return None
 
     def close(self) -> None:
-        """Unmap the DMA view and close the RAM BAR."""
-        self.window = None
-        if self._mapped is not None:
-            _close_quietly(self._mapped)
-            self._mapped = None
+        """Unmap the window and close the RAM BAR."""
+        old, self.window, self._window_key = self.window, None, None
+        close_window(old)
         self.ram.close()
-
-
-def _close_quietly(mem: GuestMemory) -> None:
-    try:
-        mem.close()
-    except DmaError:
-        pass  # views still alive: the mappings go with them

@@ -18,6 +18,9 @@ What travels (section ``nvme`` version 1, see :class:`NvmeState`):
 * the Controller Memory Buffer's registers (optional subsection ``nvme/cmb``,
   :class:`~pcidev_nvme.cmb.CmbState`); its contents are a RAM BAR, which the framework
   migrates (the memfd travels over UNIX sockets; over TCP it blocks);
+* the Persistent Memory Region's registers (optional subsection ``nvme/pmr``,
+  :class:`~pcidev_nvme.pmr.PmrState`); its contents are in its file (a file-backed RAM
+  BAR: the descriptor travels over UNIX sockets, over TCP the destination maps the path);
 * SMART counters (bytes, commands, busy time, power cycles, power-on time, unsafe
   shutdowns, media errors, temperature times), the temperature, injected and
   reported critical warnings; the Error Information log (count and entries);
@@ -94,6 +97,7 @@ from pcidev_nvme.logs import (
     SmartState,
 )
 from pcidev_nvme.namespace import LBA_FORMATS, Namespace, NamespaceState
+from pcidev_nvme.pmr import PersistentMemoryRegion, PmrState
 from pcidev_nvme.queues import CompletionQueue, CqeState, CqState, SqState, SubmissionQueue
 from pcidev_nvme.registers import ControllerState
 
@@ -115,6 +119,7 @@ class MigrationHost(Protocol):
     state_lock: threading.RLock
     admin_worker: AdminWorker
     cmb: ControllerMemoryBuffer | None
+    pmr: PersistentMemoryRegion | None
 
     @property
     def allocated(self) -> Mapping[int, Namespace]: ...
@@ -192,6 +197,7 @@ class NvmeState:
     dbbuf_eis: U64 = 0
     dbbuf: Bool = False
     cmb: CmbState | None = None
+    pmr: PmrState | None = None
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -273,6 +279,7 @@ def fingerprint(ctrl: MigrationHost) -> dict[str, Any]:
         "nvme.lba_formats": [list(f) for f in LBA_FORMATS],
         "nvme.namespaces": namespaces,
         **({"nvme.cmb_size": cfg.cmb_size} if cfg.cmb_size else {}),
+        **({"nvme.pmr": [os.path.abspath(cfg.pmr), int(cfg.pmr_size)]} if cfg.pmr is not None else {}),
     }
 
 
@@ -365,7 +372,8 @@ def save(ctrl: MigrationHost) -> NvmeState:
         error_count=errors.count, error_entries=errors.entries, firmware=ctrl.firmware.snapshot(),
         changed_ns=changed.nsids, changed_ns_overflow=changed.overflow, namespaces=tuple(namespaces),
         dbbuf_dbs=db.dbs, dbbuf_eis=db.eis, dbbuf=db.enabled,
-        cmb=ctrl.cmb.snapshot() if ctrl.cmb is not None else None)
+        cmb=ctrl.cmb.snapshot() if ctrl.cmb is not None else None,
+        pmr=ctrl.pmr.snapshot() if ctrl.pmr is not None else None)
 
 
 # ----------------------------------------------------------------------------- check
@@ -511,6 +519,12 @@ def check(ctrl: MigrationHost, st: NvmeState) -> None:
         why = ctrl.cmb.check(st.cmb)
         if why is not None:
             raise _fail(why, "cmb")
+    if st.pmr is not None:
+        if ctrl.pmr is None:
+            raise _fail("persistent memory region registers for a controller without a PMR", "pmr")
+        why = ctrl.pmr.check(st.pmr)
+        if why is not None:
+            raise _fail(why, "pmr")
 
 
 # ----------------------------------------------------------------------------- apply
@@ -587,6 +601,8 @@ def apply(ctrl: MigrationHost, st: NvmeState) -> None:
         ctrl.set_attached(attached)
         if ctrl.cmb is not None:  # (after the framework adopted the source's CMB memfd)
             ctrl.cmb.restore(st.cmb)
+        if ctrl.pmr is not None:  # (likewise its file)
+            ctrl.pmr.restore(st.pmr)
         ctrl.finish_restore()
 
 
