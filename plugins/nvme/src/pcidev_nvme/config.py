@@ -142,8 +142,8 @@ class NvmeConfig:
     :param fw_slots: firmware slots (1..7); slot 1 is read-only.
     :param dbbuf: support Doorbell Buffer Config (shadow doorbells).
     :param cntlid: controller identifier.
-    :param cmb_size: Controller Memory Buffer size in MiB (0: none): BAR2, see :mod:`pcidev_nvme.cmb`.
-    :param pmr: file backing a Persistent Memory Region (None: none): BAR4, see :mod:`pcidev_nvme.pmr`.
+    :param cmb_size: Controller Memory Buffer size in MiB (0: none): BAR2, see ``pcidev_nvme.cmb``.
+    :param pmr: file backing a Persistent Memory Region (None: none): BAR4, see ``pcidev_nvme.pmr``.
     :param pmr_size: size of the PMR (a power of two, at least 4 KiB); a missing file is
         created at this size, an existing one must have it.
     :param backends: namespace backends by name (``DeviceRegistry.create`` fills it with the
