@@ -545,7 +545,7 @@ class RamBacking:
         """Map a duplicate of ``fd`` (the caller keeps ``fd``) as this backing's contents
         would be, without installing it (see :meth:`swap`).
 
-        :param fd: a memfd or regular file of at least :attr:`size` bytes.
+        :param fd: a memfd or regular file of at least ``size`` bytes (the BAR's).
         :raises ConfigError: the descriptor is unusable or too small.
         """
         try:
