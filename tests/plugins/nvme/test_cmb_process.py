@@ -3,12 +3,14 @@ device link, pcidev.transport.link.process) while the host keeps writing through
 the CMB, with data buffers in the CMB and in host memory: the CMB's memfd travels with the
 stream and the destination adopts it. Every block is checked by its crc32c after each
 round and all of them at the end. A migration over TCP is refused with one reason (the
-CMB's memfd cannot travel) and the source keeps running."""
+CMB's memfd cannot travel) and the source keeps running. A PMR (a file) migrates over
+UNIX sockets and over TCP."""
 
 from __future__ import annotations
 
 import random
 import threading
+import time
 
 import crc32c
 import pytest
@@ -114,6 +116,48 @@ def test_cmb_sqs_and_data_migrate_between_processes(tmp_path) -> None:
         # RAM + the mem namespace + the CMB's memfd + 3 MSI-X eventfds + INTx
         assert report["fds"] == 7, report
         assert src.proc.wait(10) == 0 and src.wait_event("exit")["reason"] == "migrated"
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+def test_a_pmr_migrates_over_unix_and_over_tcp(tmp_path) -> None:
+    """The PMR is a file-backed RAM BAR: over a UNIX socket the destination adopts the
+    source's descriptor of the file, over TCP it maps the same path; both see the data."""
+    img = tmp_path / "ns.img"
+    with open(img, "wb") as f:
+        f.truncate(1 << 20)
+    opts = f"serial=XPMRPROC,pmr={tmp_path / 'pmr'},pmr_size=1M,max_ioqpairs=1,msix_vectors=2," \
+           f"ns=file:path={img},size=1M"
+    src = DeviceProcess("nvme", f"unix:{tmp_path}/a.sock", options=opts)
+    src.wait_event("ready")  # the image's identity file first (in the fingerprint)
+    dst = DeviceProcess("nvme", f"unix:{tmp_path}/b.sock", options=opts, incoming=f"unix:{tmp_path}/b-in.sock")
+    tcp = DeviceProcess("nvme", f"unix:{tmp_path}/t.sock", options=opts, incoming="tcp:127.0.0.1:0")
+    procs = [src, dst, tcp]
+    try:
+        with Machine(ram_size=32 << 20) as machine:
+            p = machine.plug_remote(src.link, timeout=10)
+            drv = NvmeDriver(machine, p, io_queues=1, aers=0)
+            drv.probe()
+            drv.write32(0xE04, 1)  # PMRCTL.EN
+            words = [crc32c.crc32c(i.to_bytes(4, "little")) for i in range(512)]
+            for i, w in enumerate(words):
+                p.bar_write(4, 8 * i, 4, w)
+            dst.wait_event("listening")
+            p.device.migrate(dst.incoming, timeout=20)
+            assert p.device.info["pid"] == dst.pid
+            assert [p.bar_read(4, 8 * i, 4) for i in range(512)] == words
+            tcp.incoming = tcp.wait_event("listening")["incoming"]
+            report = p.device.migrate(tcp.incoming, timeout=20)
+            assert report["fds"] == 0 and p.device.info["pid"] == tcp.pid
+            assert [p.bar_read(4, 8 * i, 4) for i in range(512)] == words
+            assert drv.read32(0xE04) == 1  # PMRCTL.EN travelled
+            deadline = time.monotonic() + 1.0
+            while drv.read32(0xE08) & (1 << 8):  # and it is ready within PMRTO
+                assert time.monotonic() < deadline
+            with open(tmp_path / "pmr", "rb") as f:  # (a PMRSTS read made it persistent)
+                raw = f.read(8 * 512)
+            assert [int.from_bytes(raw[8 * i:8 * i + 4], "little") for i in range(512)] == words
     finally:
         for proc in procs:
             proc.stop()
