@@ -5,8 +5,9 @@ A device declares each BAR with a *handler* that answers accesses by
 
 * :class:`RegisterMap`: declarative registers (name, offset, width, access,
   reset value, read/write hooks), including arrays such as doorbells;
-* :class:`RamBacking`: RAM-like memory in a sealed memfd, so a transport can hand
-  the fd to another process to mmap (optionally only *sparse* areas of it);
+* :class:`RamBacking`: RAM-like memory in a sealed memfd (or a file), so a transport
+  can hand the fd to another process to mmap (optionally only *sparse* areas of it);
+  the framework migrates its contents (the descriptor travels with the stream);
 * any object with ``read(offset, size) -> int`` and ``write(offset, size, value)``
   (see :class:`BarHandler`), e.g. :class:`CallbackHandler`.
 
@@ -37,9 +38,11 @@ from __future__ import annotations
 
 import bisect
 import enum
+import fcntl
 import logging
 import mmap
 import os
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
@@ -47,13 +50,14 @@ import attrs
 
 from pcidev.dma import alloc_memfd
 from pcidev.errors import ConfigError, MmioError
+from pcidev.inheritance import take_inherited
 from pcidev.ratelog import RateLimitedLog
 from pcidev.vmstate import U8, U32, U64, Str, VarArray, vmstate
 from pcidev.vmstate.errors import ConfigMismatchError
 
 __all__ = [
-    "BarKind", "BarHandler", "CallbackHandler", "Access", "Register", "RegisterMap", "RamBacking", "Bar",
-    "RegisterState", "RegisterMapState", "MAX_MIGRATABLE_REGISTERS",
+    "BarKind", "BarHandler", "CallbackHandler", "Access", "Register", "RegisterMap", "RamBacking", "RamMapping", "Bar",
+    "ram_file_key", "RegisterState", "RegisterMapState", "MAX_MIGRATABLE_REGISTERS",
 ]
 
 #: most migratable registers one map may have
@@ -381,20 +385,109 @@ class RegisterMap:
                                  self.name or "bar", size, offset)
 
 
+def ram_file_key(path: str) -> str:
+    """The :mod:`pcidev.inheritance` key of a RAM BAR file opened at ``path`` (made
+    absolute): a handover's new process takes the old one's descriptor under it.
+
+    :param path: the file's path as configured.
+    """
+    return f"ram-bar:{os.path.abspath(path)}"
+
+
+class RamMapping:
+    """One descriptor of a :class:`RamBacking` and its shared mapping (what
+    :meth:`RamBacking.map_fd` makes and :meth:`RamBacking.swap` installs).
+
+    :ivar fd: the descriptor (owned).
+    :ivar mem: the ``MAP_SHARED`` mapping of its first ``size`` bytes.
+    """
+
+    def __init__(self, fd: int, mem: mmap.mmap) -> None:
+        self.fd = fd
+        self.mem = mem
+
+    def close(self) -> None:
+        """Unmap and close (a mapping something still holds a view of is left to the
+        garbage collector)."""
+        try:
+            self.mem.close()
+        except BufferError:
+            pass
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _open_ram_file(path: str, size: int) -> int:
+    """Open (or create, never truncate) the file of a file-backed RAM BAR."""
+    inherited = take_inherited(ram_file_key(path))
+    if inherited is not None:
+        fd = inherited
+    else:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            created = True
+        except FileExistsError:
+            created = False
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except OSError as exc:
+                raise ConfigError(f"RAM BAR file {path}: cannot open it read-write: {exc.strerror}") from None
+        except OSError as exc:
+            raise ConfigError(f"RAM BAR file {path}: cannot create it: {exc.strerror}") from None
+        if created:
+            try:
+                os.ftruncate(fd, size)
+            except OSError as exc:
+                os.close(fd)
+                os.unlink(path)
+                raise ConfigError(f"RAM BAR file {path}: cannot size it to {size} bytes: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        os.close(fd)
+        raise ConfigError(f"RAM BAR file {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ConfigError(f"RAM BAR file {path} is not a regular file")
+    if st.st_size != size:
+        os.close(fd)
+        raise ConfigError(f"RAM BAR file {path} has {st.st_size} bytes, the BAR needs {size} "
+                          "(an existing file is never resized: give its size or another path)")
+    return fd
+
+
 class RamBacking:
-    """RAM-like BAR contents in a sealed memfd.
+    """RAM-like BAR contents in a sealed memfd, or in a file (``path``).
 
     The fd can be passed to another process, which may mmap the areas listed in
     ``sparse_areas`` (all of it by default), as vfio-user's sparse mmap
     capability describes.
 
+    **Migration.** The framework migrates the contents of every RAM BAR (the feature
+    ``bar<N>-ram``): the descriptor travels with the stream (an
+    :class:`~pcidev.vmstate.FdRef` in the ``pcidev/function`` section) and the
+    destination's backing *adopts* it (:meth:`adopt`: it maps the source's memfd and
+    closes its own), so that both processes, and a vfio-user client that mapped the
+    BAR, see the same memory. Over a transport that carries no descriptors (TCP,
+    vfio-user migration data) a memfd-backed BAR blocks migration; a file-backed one
+    keeps the destination's own mapping of the same path.
+
+    **File backing** (``path``): the file is mapped ``MAP_SHARED``, so its contents
+    survive the process; it is created at ``size`` bytes if missing, and an existing
+    file of another size is refused (:class:`~pcidev.errors.ConfigError`), never
+    resized. In a handover the new process takes the old one's descriptor
+    (:func:`ram_file_key`, :mod:`pcidev.inheritance`) instead of opening the path.
+
     :param size: bytes (a multiple of the page size).
     :param sparse_areas: ``(offset, size)`` page-aligned areas another process may map.
     :param name: memfd name.
+    :param path: back the BAR by this file instead of a memfd.
+    :raises ConfigError: a bad size or area, or a file that cannot be used.
     """
 
     def __init__(self, size: int, *, sparse_areas: Iterable[tuple[int, int]] | None = None,
-                 name: str = "pcidev-bar") -> None:
+                 name: str = "pcidev-bar", path: str | None = None) -> None:
         if size <= 0 or size % mmap.PAGESIZE:
             raise ConfigError(f"RAM BAR size {size:#x} must be a positive multiple of the page size")
         areas = [(0, size)] if sparse_areas is None else list(sparse_areas)
@@ -403,19 +496,91 @@ class RamBacking:
                 raise ConfigError(f"sparse area {off:#x}+{length:#x} is not page-aligned inside the BAR")
         self.size = size
         self.sparse_areas = areas
-        self.fd = alloc_memfd(size, name)
-        self.mem = mmap.mmap(self.fd, size)
+        #: the backing file's path, or None for a memfd
+        self.path = path
+        fd = _open_ram_file(path, size) if path is not None else alloc_memfd(size, name)
+        try:
+            self._map = RamMapping(fd, mmap.mmap(fd, size))
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @property
+    def fd(self) -> int:
+        """The descriptor of the contents (a memfd or the file; -1 after :meth:`close`)."""
+        return self._map.fd
+
+    @property
+    def mem(self) -> mmap.mmap:
+        """The shared mapping of the contents."""
+        return self._map.mem
 
     def read(self, offset: int, size: int) -> int:
-        return int.from_bytes(self.mem[offset:offset + size], "little")
+        return int.from_bytes(self._map.mem[offset:offset + size], "little")
 
     def write(self, offset: int, size: int, value: int) -> None:
-        self.mem[offset:offset + size] = value.to_bytes(size, "little")
+        self._map.mem[offset:offset + size] = value.to_bytes(size, "little")
+
+    def flush(self, offset: int = 0, size: int | None = None) -> None:
+        """Make the contents durable (``msync``): for a file, what was written is on
+        the file's storage when this returns; for a memfd it does nothing useful.
+
+        :param offset: first byte (rounded down to a page).
+        :param size: bytes (default: to the end).
+        """
+        start = offset - offset % mmap.PAGESIZE
+        end = self.size if size is None else min(self.size, offset + size)
+        if end > start:
+            self._map.mem.flush(start, end - start)
+
+    # -- migration: taking over another process's descriptor ---------------------------------
+    def same_file(self, fd: int) -> bool:
+        """Whether ``fd`` is the file this backing maps already."""
+        try:
+            return os.path.sameopenfile(fd, self._map.fd)
+        except OSError:
+            return False
+
+    def map_fd(self, fd: int) -> RamMapping:
+        """Map a duplicate of ``fd`` (the caller keeps ``fd``) as this backing's contents
+        would be, without installing it (see :meth:`swap`).
+
+        :param fd: a memfd or regular file of at least ``size`` bytes (the BAR's).
+        :raises ConfigError: the descriptor is unusable or too small.
+        """
+        try:
+            size = os.fstat(fd).st_size
+        except OSError as exc:
+            raise ConfigError(f"RAM BAR descriptor {fd}: {exc.strerror}") from None
+        if size < self.size:
+            raise ConfigError(f"RAM BAR descriptor {fd} has {size} bytes, the BAR {self.size}")
+        own = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0)
+        try:
+            return RamMapping(own, mmap.mmap(own, self.size))
+        except (OSError, ValueError) as exc:
+            os.close(own)
+            raise ConfigError(f"RAM BAR descriptor {fd}: cannot map it: {exc}") from None
+
+    def swap(self, mapping: RamMapping) -> RamMapping:
+        """Install ``mapping`` (from :meth:`map_fd`) and return the one it replaces (the
+        caller closes it, or swaps it back)."""
+        old, self._map = self._map, mapping
+        return old
+
+    def adopt(self, fd: int) -> None:
+        """Take over ``fd`` (borrowed: a duplicate is kept): map it, and close this
+        backing's own descriptor and mapping. What a migration's destination does with
+        the source's memfd.
+
+        :raises ConfigError: see :meth:`map_fd` (the backing is unchanged then).
+        """
+        if self.same_file(fd):
+            return
+        self.swap(self.map_fd(fd)).close()
 
     def close(self) -> None:
-        """Unmap and close the memfd."""
-        self.mem.close()
-        os.close(self.fd)
+        """Unmap and close the descriptor."""
+        self._map.close()
 
 
 @attrs.define(eq=False)

@@ -72,7 +72,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, ClassVar, Self
 
-from pcidev.bar import Bar, BarHandler, BarKind, RamBacking
+from pcidev.bar import Bar, BarHandler, BarKind, RamBacking, ram_file_key
 from pcidev.dma import GuestMemory
 from pcidev.errors import ConfigError, ConfigSpaceError, DmaError, MigrationBlockedError, MmioError
 from pcidev.irq import InterruptController, InterruptSink
@@ -560,8 +560,8 @@ class PciDevice:
         ``pm``, ``pcie``, ``aer`` (capabilities), ``intx`` (an interrupt pin),
         ``rom`` (an expansion ROM), ``cap:<ClassName>`` for any other capability
         (it may keep state outside config space), and ``bar<N>-ram`` for a BAR
-        backed by :class:`~pcidev.bar.RamBacking` (its contents are not migrated by
-        the framework). Override and extend ``super().enabled_features()`` with the
+        backed by :class:`~pcidev.bar.RamBacking` (the framework migrates its contents
+        as a file descriptor, see :meth:`ram_bars`). Override and extend ``super().enabled_features()`` with the
         device's own features (``"cmb"``, ``"sgl"``, ``"zns"``...). Every feature
         that is neither in :attr:`FRAMEWORK_FEATURES` nor in
         :attr:`MIGRATABLE_FEATURES` blocks migration with a reason naming it.
@@ -581,6 +581,33 @@ class PciDevice:
             if bar is not None and isinstance(bar.handler, RamBacking):
                 features.add(f"bar{bar.index}-ram")
         return features
+
+    def ram_bars(self) -> list[Bar]:
+        """The BARs backed by a :class:`~pcidev.bar.RamBacking`, in index order. The
+        framework migrates their contents (their ``bar<N>-ram`` features are the
+        framework's): the descriptor travels with the stream and the destination's
+        backing adopts it, so a migration that carries no descriptors (TCP, vfio-user
+        migration data) is blocked by a memfd-backed one (see
+        :func:`pcidev.migration.descriptor_blockers`).
+
+        :returns: the BARs.
+        """
+        return [b for b in self.bars if b is not None and isinstance(b.handler, RamBacking)]
+
+    def ram_bar_features(self) -> frozenset[str]:
+        """The ``bar<N>-ram`` features of :meth:`ram_bars` (migrated by the framework)."""
+        return frozenset(f"bar{b.index}-ram" for b in self.ram_bars())
+
+    def framework_inheritable_fds(self) -> dict[str, int]:
+        """The descriptors of file-backed RAM BARs (:func:`pcidev.bar.ram_file_key`), which a
+        handover's new process takes over as it does :meth:`inheritable_fds` (borrowed)."""
+        out: dict[str, int] = {}
+        for bar in self.ram_bars():
+            ram = bar.handler
+            assert isinstance(ram, RamBacking)  # ram_bars()
+            if ram.path is not None and ram.fd >= 0:
+                out[ram_file_key(ram.path)] = ram.fd
+        return out
 
     def device_migration_blockers(self) -> list[str]:
         """Override: reasons specific to the device's *current* state why it cannot

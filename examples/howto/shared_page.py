@@ -12,6 +12,8 @@ BAR2 (8 KiB, RAM backed by a memfd: :class:`~pcidev.bar.RamBacking`)::
             it and reads the messages with no message to the device process at all
 
 A RAM BAR has no registers: every access, trapped or mapped, reads and writes the memfd.
+The framework migrates BAR2's contents (its memfd travels with the stream and the
+destination adopts it); the device's own state is SEQ.
 """
 
 from __future__ import annotations
@@ -24,19 +26,19 @@ from pcidev import hookimpl
 from pcidev.bar import Access, RamBacking, Register, RegisterMap
 from pcidev.device import PciDevice
 from pcidev.registry import DeviceRegistry
-from pcidev.vmstate import U32, Bytes, vmstate
+from pcidev.vmstate import U32, vmstate
 
 PAGE = 4096
 MAILBOX = PAGE  # offset of the mapped page in BAR2
 
 
-@vmstate("howto-mailbox", version=1)
+# version 2: the framework migrates the RAM BAR (version 1 carried its bytes here)
+@vmstate("howto-mailbox", version=2, min_version=2)
 @attrs.frozen
 class MailboxState:
-    """SEQ and the whole RAM BAR: the framework does not migrate RAM BAR contents."""
+    """SEQ (the framework migrates the RAM BAR's contents)."""
 
     seq: U32
-    ram: Bytes[2 * PAGE]
 
 
 # [device]
@@ -47,8 +49,6 @@ class MailboxDevice(PciDevice):
     VENDOR_ID = 0x1234
     DEVICE_ID = 0x3A11
     VMSTATE = MailboxState
-    # the device migrates BAR2's contents itself (get_device_state), so bar2-ram is migratable
-    MIGRATABLE_FEATURES = frozenset({"bar2-ram"})
 
     def describe(self) -> None:
         """BAR0 registers; BAR2 RAM with one sparse-mmap area (the mailbox page)."""
@@ -68,13 +68,12 @@ class MailboxDevice(PciDevice):
 # [end device]
 
     def get_device_state(self) -> MailboxState:
-        """SEQ and the RAM BAR's bytes."""
-        return MailboxState(seq=self.regs["SEQ"].value, ram=bytes(self.ram.mem))
+        """SEQ."""
+        return MailboxState(seq=self.regs["SEQ"].value)
 
     def set_device_state(self, state: MailboxState) -> None:
-        """Put SEQ and the RAM BAR back."""
+        """Put SEQ back (the framework has already adopted the source's BAR2 memfd)."""
         self.regs["SEQ"].value = state.seq
-        self.ram.mem[:] = state.ram
 
     def on_close(self) -> None:
         """Release the RAM BAR's memfd."""

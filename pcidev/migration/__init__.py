@@ -17,7 +17,7 @@ reverse) and below the transports:
 
 from __future__ import annotations
 
-from pcidev.migration.blockers import collect_blockers, device_blockers
+from pcidev.migration.blockers import collect_blockers, descriptor_blockers, device_blockers
 from pcidev.migration.channel import (
     MAGIC,
     MAX_STREAM_SIZE,
@@ -36,6 +36,8 @@ from pcidev.migration.function_state import (
     LoadedResources,
     MsixState,
     OwnedEventfdSink,
+    RamBarsState,
+    RamBarState,
     framework_fingerprint,
 )
 from pcidev.migration.registers import REGISTERS_SECTION, RegistersState
@@ -65,9 +67,12 @@ __all__ = [
     "MigrationResult",
     "MsixState",
     "OwnedEventfdSink",
+    "RamBarState",
+    "RamBarsState",
     "VMStateSnapshot",
     "boot_id",
     "collect_blockers",
+    "descriptor_blockers",
     "device_blockers",
     "framework_fingerprint",
     "load_device",

@@ -9,7 +9,7 @@ from pcidev.device import PciDevice
 from pcidev.migration.registers import migratable_maps
 from pcidev.plugins import hook_migration_blockers
 
-__all__ = ["device_blockers", "collect_blockers"]
+__all__ = ["device_blockers", "collect_blockers", "descriptor_blockers"]
 
 
 def device_blockers(device: PciDevice) -> list[str]:
@@ -17,7 +17,8 @@ def device_blockers(device: PciDevice) -> list[str]:
     no :attr:`~pcidev.device.PciDevice.VMSTATE` and no migratable register
     (:mod:`pcidev.migration.registers`); each enabled feature
     (:meth:`~pcidev.device.PciDevice.enabled_features`) that is not in
-    ``FRAMEWORK_FEATURES`` or ``MIGRATABLE_FEATURES``; and
+    ``FRAMEWORK_FEATURES``, ``MIGRATABLE_FEATURES`` or the RAM BARs' ``bar<N>-ram``
+    (:meth:`~pcidev.device.PciDevice.ram_bars`, migrated by the framework); and
     :meth:`~pcidev.device.PciDevice.device_migration_blockers` (a failure of that
     hook is itself a reason). Plugins add theirs through the
     ``pcidev_migration_blockers`` hook (:func:`collect_blockers` gathers both).
@@ -28,7 +29,7 @@ def device_blockers(device: PciDevice) -> list[str]:
     reasons = []
     if device.VMSTATE is None and device.LAYER_VMSTATE is None and not migratable_maps(device):
         reasons.append(f"device type {device.vmstate_device_type} has no vmstate description")
-    allowed = device.FRAMEWORK_FEATURES | frozenset(device.MIGRATABLE_FEATURES)
+    allowed = device.FRAMEWORK_FEATURES | device.ram_bar_features() | frozenset(device.MIGRATABLE_FEATURES)
     for feature in sorted(device.enabled_features() - allowed):
         reasons.append(f"feature {feature!r} is enabled but device type {device.vmstate_device_type} "
                        "does not declare it migratable")
@@ -53,4 +54,28 @@ def collect_blockers(device: PciDevice, pm: pluggy.PluginManager | None = None) 
     reasons = device_blockers(device)
     if pm is not None:
         reasons.extend(hook_migration_blockers(pm, device))
+    return reasons
+
+
+def descriptor_blockers(device: PciDevice, carrier: str) -> list[str]:
+    """Why ``device`` cannot migrate over a channel that carries no file descriptors
+    (TCP, vfio-user migration data): each memfd-backed RAM BAR (its contents travel
+    as the memfd; a file-backed one is reopened by the destination) and each enabled
+    feature in :attr:`~pcidev.device.PciDevice.FD_FEATURES`.
+
+    :param device: the device.
+    :param carrier: what carries the state, for the sentences ("a migration over TCP").
+    :returns: the reasons (empty: nothing needs a descriptor).
+    """
+    reasons = []
+    for bar in device.ram_bars():
+        if getattr(bar.handler, "path", None) is None:
+            reasons.append(f"RAM BAR{bar.index} (feature 'bar{bar.index}-ram') migrates only as a file descriptor "
+                           f"(its memfd), which {carrier} cannot carry")
+    try:
+        fd_bound = sorted(device.enabled_features() & device.FD_FEATURES)
+    except Exception as exc:
+        return [*reasons, f"enabled_features() failed: {type(exc).__name__}: {exc}"]
+    reasons.extend(f"feature {f!r} migrates only as a file descriptor, which {carrier} cannot carry"
+                   for f in fd_bound)
     return reasons

@@ -25,7 +25,9 @@ The destination side, :func:`migrate_in`, receives, loads (all or nothing:
 :func:`~pcidev.migration.snapshot.load_device_stream`), acknowledges, then resumes the device and
 sends the running notice.
 
-Over TCP no descriptors travel: the destination loads without them and must be
+Over TCP no descriptors travel, so state that migrates only as a descriptor (a
+memfd-backed RAM BAR, a device's ``FD_FEATURES``) blocks the migration before anything
+stops (:func:`~pcidev.migration.blockers.descriptor_blockers`); otherwise the destination loads without them and must be
 given the guest memory (the same regions) and the interrupt eventfds by the host
 before it runs; it acknowledges with ``deferred`` set and does not resume by
 itself (the device link's ``RESUME`` does it, see :mod:`pcidev.transport.link`).
@@ -84,7 +86,7 @@ from pcidev.errors import (
     TransportError,
     VMStateError,
 )
-from pcidev.migration.blockers import collect_blockers
+from pcidev.migration.blockers import collect_blockers, descriptor_blockers
 from pcidev.migration.function_state import LoadedResources
 from pcidev.migration.snapshot import load_device_stream, save_device_stream
 from pcidev.transport.fdpass import SCM_MAX_FD, close_fds, is_unix, recv_exact, send_all
@@ -359,6 +361,8 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
     :raises MigrationError: the migration failed; the device runs again on the source.
     """
     reasons = collect_blockers(device, pm)
+    if not is_unix(sock):
+        reasons += descriptor_blockers(device, "a migration over TCP")
     if reasons:
         raise MigrationBlockedError(reasons)
     was_running = not device.quiesced

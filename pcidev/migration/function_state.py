@@ -8,7 +8,9 @@ A saved device is two vmstate sections (docs/migration.md; three when its class 
   (which holds the BAR assignments, the command register, MSI registers and every
   capability), the MSI-X table and Pending Bit Array, the INTx level, the failed
   flag, the guest-memory map and the interrupt eventfds, both as out-of-band
-  file-descriptor references (:class:`~pcidev.vmstate.FdRef`);
+  file-descriptor references (:class:`~pcidev.vmstate.FdRef`), and the RAM BARs
+  (:class:`RamBarsState`: each :class:`~pcidev.bar.RamBacking`'s descriptor, which
+  the destination's backing adopts);
 * the device type's own section, described by its ``VMSTATE`` class, instance 0.
 
 The stream header carries the configuration fingerprint
@@ -35,14 +37,15 @@ from typing import Any
 
 import attrs
 
+from pcidev.bar import RamBacking, RamMapping
 from pcidev.device import PciDevice
 from pcidev.dma import GuestMemory
-from pcidev.errors import DeviceFailedError, DmaError
+from pcidev.errors import ConfigError, DeviceFailedError, DmaError
 from pcidev.irq import EventfdSink, InterruptSink, InterruptState
 from pcidev.pci.capabilities.base import ExtCapability
 from pcidev.pci.capabilities.msi import MsiCapability
 from pcidev.pci.capabilities.msix import MAX_VECTORS, MsixCapability, MsixState
-from pcidev.vmstate import U64, FdRef, Str, VarArray, VarBytes, vmstate
+from pcidev.vmstate import U8, U64, FdRef, Str, VarArray, VarBytes, vmstate
 from pcidev.vmstate.errors import StateError
 
 __all__ = [
@@ -51,6 +54,8 @@ __all__ = [
     "MsixState",
     "DmaRegionState",
     "EventfdState",
+    "RamBarState",
+    "RamBarsState",
     "LoadedResources",
     "OwnedEventfdSink",
     "framework_fingerprint",
@@ -59,6 +64,7 @@ __all__ = [
     "build_resources",
     "apply_function_state",
     "undo_function_state",
+    "commit_function_state",
 ]
 
 #: Section name of the framework state (instance 0).
@@ -91,6 +97,25 @@ class EventfdState:
     intx: FdRef | None = None
 
 
+@vmstate("pcidev/ram-bar")
+@attrs.frozen
+class RamBarState:
+    """One RAM BAR (:class:`~pcidev.bar.RamBacking`): its index, size and descriptor."""
+
+    bar: U8
+    size: U64
+    fd: FdRef
+
+
+@vmstate("pcidev/ram-bars")
+@attrs.frozen
+class RamBarsState:
+    """The RAM BARs of a function, in index order: their contents travel as descriptors
+    that the destination's backings adopt (:meth:`~pcidev.bar.RamBacking.adopt`)."""
+
+    bars: VarArray[RamBarState, 6]
+
+
 @vmstate(FUNCTION_SECTION)
 @attrs.frozen
 class FunctionState:
@@ -101,7 +126,8 @@ class FunctionState:
     ``intx_asserted`` is the device's INTx request; ``intx_line`` the level the
     interrupt sink was last told. ``dma`` is the guest-memory map. The MSI-X
     subsection is written for devices with MSI-X, the eventfd subsection when the
-    interrupt sink is an :class:`~pcidev.irq.EventfdSink`.
+    interrupt sink is an :class:`~pcidev.irq.EventfdSink`, the RAM BAR subsection for
+    devices with RAM BARs (a stream without it leaves their contents as they are).
     """
 
     config: VarBytes[4096]
@@ -112,6 +138,7 @@ class FunctionState:
     dma: VarArray[DmaRegionState, MAX_REGIONS]
     msix: MsixState | None = None
     eventfds: EventfdState | None = None
+    ram_bars: RamBarsState | None = None
 
 
 @attrs.frozen
@@ -226,6 +253,16 @@ def save_function_state(device: PciDevice, memory: GuestMemory | None) -> tuple[
             intx = FdRef(len(fds))
             fds.append(sink.intx_fd)
         eventfds = EventfdState(vectors=tuple(vectors), intx=intx)
+    ram_bars = None
+    rams = device.ram_bars()
+    if rams:
+        entries = []
+        for bar in rams:
+            ram = bar.handler
+            assert isinstance(ram, RamBacking)  # ram_bars()
+            entries.append(RamBarState(bar=bar.index, size=ram.size, fd=FdRef(len(fds))))
+            fds.append(ram.fd)
+        ram_bars = RamBarsState(bars=tuple(entries))
     failed = device.failed
     irq_state = device.irq.snapshot()
     state = FunctionState(
@@ -238,6 +275,7 @@ def save_function_state(device: PciDevice, memory: GuestMemory | None) -> tuple[
         dma=tuple(regions),
         msix=msix_state,
         eventfds=eventfds,
+        ram_bars=ram_bars,
     )
     return state, fds
 
@@ -288,6 +326,8 @@ def check_function_state(device: PciDevice, st: FunctionState, fds: Sequence[int
         if have != want:
             raise _fail("the stream's guest-memory map differs from the memory attached to this device "
                         f"(stream {len(want)} region(s), attached {len(have)})", "dma")
+    if st.ram_bars is not None:
+        _check_ram_bars(device, st.ram_bars, fds)
     if st.eventfds is not None and fds is not None:
         refs = [(f"eventfds.vectors[{v}]", r) for v, r in enumerate(st.eventfds.vectors) if r is not None]
         if st.eventfds.intx is not None:
@@ -295,6 +335,38 @@ def check_function_state(device: PciDevice, st: FunctionState, fds: Sequence[int
         for where, ref in refs:
             if ref.index >= len(fds):
                 raise _fail(f"fd index {ref.index} but only {len(fds)} fds arrived", where)
+
+
+def _ram_backing(device: PciDevice, index: int) -> RamBacking | None:
+    bar = device.bars[index] if 0 <= index < len(device.bars) else None
+    ram = bar.handler if bar is not None else None
+    return ram if isinstance(ram, RamBacking) else None
+
+
+def _check_ram_bars(device: PciDevice, st: RamBarsState, fds: Sequence[int] | None) -> None:
+    want = [b.index for b in device.ram_bars()]
+    got = [r.bar for r in st.bars]
+    if got != want:
+        raise _fail(f"RAM BARs {got} in the stream, this device has {want}", "ram_bars")
+    for i, r in enumerate(st.bars):
+        where = f"ram_bars.bars[{i}]"
+        ram = _ram_backing(device, r.bar)
+        assert ram is not None  # the lists are equal
+        if r.size != ram.size:
+            raise _fail(f"RAM BAR{r.bar} has {r.size} bytes in the stream, {ram.size} here", where + ".size")
+        if fds is None:
+            if ram.path is None:
+                raise _fail(f"the contents of RAM BAR{r.bar} travel only as a file descriptor (its memfd), "
+                            "and this migration carried none (TCP)", where + ".fd")
+            continue  # a file-backed BAR keeps its own mapping of the file
+        if r.fd.index >= len(fds):
+            raise _fail(f"fd index {r.fd.index} but only {len(fds)} fds arrived", where + ".fd")
+        try:
+            size = os.fstat(fds[r.fd.index]).st_size
+        except OSError as exc:
+            raise _fail(f"unusable file descriptor: {exc.strerror}", where + ".fd") from None
+        if size < ram.size:
+            raise _fail(f"the descriptor of RAM BAR{r.bar} has {size} bytes, the BAR {ram.size}", where + ".fd")
 
 
 def build_resources(st: FunctionState, fds: Sequence[int]) -> LoadedResources:
@@ -348,11 +420,40 @@ class AppliedFunctionState:
     memory: GuestMemory | None
     memory_replaced: bool
     sink: InterruptSink
+    #: the RAM BAR mappings replaced by adopted descriptors: closed by
+    #: :func:`commit_function_state`, put back by :func:`undo_function_state`
+    ram: tuple[tuple[RamBacking, RamMapping], ...] = ()
+
+
+def _map_ram_bars(device: PciDevice, st: FunctionState,
+                  fds: Sequence[int] | None) -> list[tuple[RamBacking, RamMapping]]:
+    """Map the stream's RAM BAR descriptors (nothing installed yet); a backing that
+    already maps that file (an in-process reload) is left out."""
+    if st.ram_bars is None or fds is None:
+        return []
+    out: list[tuple[RamBacking, RamMapping]] = []
+    try:
+        for i, r in enumerate(st.ram_bars.bars):
+            ram = _ram_backing(device, r.bar)
+            assert ram is not None  # checked
+            fd = fds[r.fd.index]
+            if ram.same_file(fd):
+                continue
+            try:
+                out.append((ram, ram.map_fd(fd)))
+            except ConfigError as exc:
+                raise _fail(str(exc), f"ram_bars.bars[{i}].fd") from None
+    except BaseException:
+        for _ram, mapping in out:
+            mapping.close()
+        raise
+    return out
 
 
 def apply_function_state(device: PciDevice, st: FunctionState, res: LoadedResources,
                          memory: GuestMemory | None,
-                         set_memory: Callable[[GuestMemory | None], None]) -> AppliedFunctionState:
+                         set_memory: Callable[[GuestMemory | None], None],
+                         fds: Sequence[int] | None = None) -> AppliedFunctionState:
     """Apply a checked framework state.
 
     :param device: the destination device (quiesced, its lock held).
@@ -360,13 +461,18 @@ def apply_function_state(device: PciDevice, st: FunctionState, res: LoadedResour
     :param res: what :func:`build_resources` created (attached here).
     :param memory: the guest memory the device has now (kept for a rollback).
     :param set_memory: attaches new guest memory to the device.
-    :returns: what it replaced, for :func:`undo_function_state`.
+    :param fds: the stream's descriptors (its RAM BARs' are adopted), None without.
+    :returns: what it replaced, for :func:`undo_function_state` (or
+        :func:`commit_function_state` once the whole load succeeded).
+    :raises StateError: a RAM BAR descriptor cannot be mapped (nothing was changed).
     """
+    maps = _map_ram_bars(device, st, fds)
+    replaced = tuple((ram, ram.swap(mapping)) for ram, mapping in maps)
     msix = device.caps.find(MsixCapability)
     old = AppliedFunctionState(config=bytes(device.config.data),
                                msix=msix.snapshot() if msix is not None else None,
                                intx=device.irq.snapshot(), failed=device.failed, memory=memory,
-                               memory_replaced=res.memory is not None, sink=device.irq.sink)
+                               memory_replaced=res.memory is not None, sink=device.irq.sink, ram=replaced)
     device.config.data[:] = st.config
     device.caps.config_loaded()
     if msix is not None and st.msix is not None:
@@ -398,3 +504,14 @@ def undo_function_state(device: PciDevice, old: AppliedFunctionState,
     if old.memory_replaced:
         set_memory(old.memory)
     device.irq.sink = old.sink
+    for ram, mapping in old.ram:
+        ram.swap(mapping).close()
+
+
+def commit_function_state(old: AppliedFunctionState) -> None:
+    """The whole load succeeded: close the RAM BAR mappings the adopted descriptors replaced.
+
+    :param old: what :func:`apply_function_state` returned.
+    """
+    for _ram, mapping in old.ram:
+        mapping.close()

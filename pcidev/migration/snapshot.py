@@ -33,6 +33,7 @@ from pcidev.migration.function_state import (
     apply_function_state,
     build_resources,
     check_function_state,
+    commit_function_state,
     framework_fingerprint,
     save_function_state,
     undo_function_state,
@@ -324,7 +325,11 @@ def _apply_sections_locked(dev: PciDevice, fstate: FunctionState, parts: list[tu
     except Exception:
         res.close()
         raise
-    old = apply_function_state(dev, fstate, res, memory, partial(setattr, dev, "memory"))
+    try:
+        old = apply_function_state(dev, fstate, res, memory, partial(setattr, dev, "memory"), fds)
+    except BaseException:
+        res.close()
+        raise
     done = 0
     try:
         for part, state in parts:
@@ -342,6 +347,7 @@ def _apply_sections_locked(dev: PciDevice, fstate: FunctionState, parts: list[tu
             raise
         raise StateError(f"applying the state failed: {type(exc).__name__}: {exc}",
                          section=parts[done][0].name, instance_id=0) from exc
+    commit_function_state(old)
     return res
 
 

@@ -529,7 +529,8 @@ class HandoverControl:
             than keys and open descriptors.
         """
         try:
-            fds = dict(self.endpoint.device.inheritable_fds())
+            device = self.endpoint.device
+            fds = {**device.framework_inheritable_fds(), **dict(device.inheritable_fds())}  # + RAM BAR files
         except Exception as exc:
             raise MigrationError(f"the device's inheritable_fds() failed: {type(exc).__name__}: {exc}") from exc
         out: dict[str, int] = {}

@@ -22,7 +22,8 @@ handover, which refuses unless it is ``RUNNING``).
   own ``DMA_MAP`` and ``DEVICE_SET_IRQS``, and the load keeps the memory attached there
   (checking that it matches the stream's map). State that travels only as a descriptor
   (an NVMe ``mem`` namespace: :attr:`PciDevice.FD_FEATURES
-  <pcidev.device.PciDevice.FD_FEATURES>`) blocks: ``EBUSY`` before anything stops.
+  <pcidev.device.PciDevice.FD_FEATURES>`, a memfd-backed RAM BAR) blocks: ``EBUSY``
+  before anything stops.
 * ``RESUMING`` to ``STOP`` loads the received stream, all or nothing; a stream the
   device refuses fails the arc with ``EINVAL`` and leaves the state machine in
   ``ERROR``, which only a ``DEVICE_RESET`` leaves (:meth:`MigrationStateMachine.reset`).
@@ -38,7 +39,13 @@ import pluggy
 
 from pcidev.device import PciDevice
 from pcidev.errors import MigrationError, PcidevError
-from pcidev.migration import MAX_STREAM_SIZE, collect_blockers, load_device_stream, save_device_stream
+from pcidev.migration import (
+    MAX_STREAM_SIZE,
+    collect_blockers,
+    descriptor_blockers,
+    load_device_stream,
+    save_device_stream,
+)
 from pcidev.transport.vfio_user import protocol
 from pcidev.transport.vfio_user.conn import ConnectionState
 from pcidev.transport.vfio_user.protocol import (
@@ -117,21 +124,15 @@ def migration_path(current: int, target: int) -> list[int]:
 def migration_blockers(device: PciDevice, pm: pluggy.PluginManager | None = None) -> list[str]:
     """Why ``device`` cannot migrate over vfio-user now: every reason of
     :func:`~pcidev.migration.collect_blockers`, and each enabled feature in the
-    device's :attr:`~pcidev.device.PciDevice.FD_FEATURES` (the migration data carries
+    device's :attr:`~pcidev.device.PciDevice.FD_FEATURES` and each memfd-backed RAM BAR
+    (:func:`~pcidev.migration.blockers.descriptor_blockers`: the migration data carries
     no file descriptors).
 
     :param device: the device.
     :param pm: the plugin manager (its plugins' blockers).
     :returns: the reasons (empty: it may migrate).
     """
-    reasons = collect_blockers(device, pm)
-    try:
-        fd_bound = sorted(device.enabled_features() & device.FD_FEATURES)
-    except Exception as exc:
-        return [*reasons, f"enabled_features() failed: {type(exc).__name__}: {exc}"]
-    reasons.extend(f"feature {f!r} migrates only as a file descriptor, which vfio-user migration data "
-                   "cannot carry" for f in fd_bound)
-    return reasons
+    return [*collect_blockers(device, pm), *descriptor_blockers(device, "vfio-user migration data")]
 
 
 class MigrationStateMachine:

@@ -52,6 +52,7 @@ from pcidev_nvme import identify as idfy
 from pcidev_nvme import limits
 from pcidev_nvme import logs as nlogs
 from pcidev_nvme.aer import INFO_FW_ACTIVATION, AsyncEvents
+from pcidev_nvme.cmb import ControllerMemoryBuffer
 from pcidev_nvme.config import NamespaceSpec, NvmeConfig
 from pcidev_nvme.features import Features
 from pcidev_nvme.namespace import LBA_FORMATS, Namespace
@@ -73,6 +74,7 @@ class AdminHost(ControllerPort, Protocol):
     firmware: nlogs.FirmwareSlots
     error_log: nlogs.ErrorLog
     changed_ns: nlogs.ChangedNamespaces
+    cmb: ControllerMemoryBuffer | None
 
     @property
     def allocated(self) -> Mapping[int, Namespace]: ...
@@ -307,6 +309,8 @@ class AdminCommandSet:
         msix = ctrl.msix
         if iv >= ctrl.cfg.msix_vectors or (iv and not (msix is not None and msix.enabled)):
             raise _err(Status.INVALID_INTERRUPT_VECTOR, f"interrupt vector {iv} is invalid", OFF_CDW11 + 2)
+        if ctrl.cmb is not None:  # CQs in the CMB are not supported (CMBSZ.CQS = 0)
+            ctrl.cmb.refuse_cq(req.prp1, qsize * 16)
         self._queue_memory(req.prp1, qsize * 16, write=True)
         ctrl.add_cq(CompletionQueue(qid, req.prp1, qsize, iv, ien))
         return 0

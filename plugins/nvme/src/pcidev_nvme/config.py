@@ -142,6 +142,10 @@ class NvmeConfig:
     :param fw_slots: firmware slots (1..7); slot 1 is read-only.
     :param dbbuf: support Doorbell Buffer Config (shadow doorbells).
     :param cntlid: controller identifier.
+    :param cmb_size: Controller Memory Buffer size in MiB (0: none): BAR2, see ``pcidev_nvme.cmb``.
+    :param pmr: file backing a Persistent Memory Region (None: none): BAR4, see ``pcidev_nvme.pmr``.
+    :param pmr_size: size of the PMR (a power of two, at least 4 KiB); a missing file is
+        created at this size, an existing one must have it.
     :param backends: namespace backends by name (``DeviceRegistry.create`` fills it with the
         registry's ``nvme-backend`` components); None for the built-ins. Not a property.
     """
@@ -199,12 +203,27 @@ class NvmeConfig:
         "help": "support Doorbell Buffer Config (shadow doorbells)"})
     cntlid: int = attrs.field(default=0, validator=_between(0, 0xFFEF), metadata={
         "help": "controller identifier"})
+    cmb_size: int = attrs.field(default=0, validator=_between(0, 4096), metadata={
+        "help": "Controller Memory Buffer size in MiB (0 = none): BAR2, SQs and data in the CMB"})
+    pmr: str | None = attrs.field(default=None, metadata={
+        "help": "file backing a Persistent Memory Region (BAR4; created at pmr_size if missing, "
+                "never resized)"})
+    pmr_size: Size = attrs.field(default=Size(1 << 20), validator=_between(4096, 1 << 40), metadata={
+        "help": "Persistent Memory Region size (a power of two)"})
     #: the namespace backends by name, filled by ``DeviceRegistry.create`` from the
     #: registry's ``nvme-backend`` components (None: the built-in backends). Not a property.
     backends: Mapping[str, Any] | None = attrs.field(default=None, eq=False, repr=False, metadata={
         "component": "nvme-backend"})
 
     def __attrs_post_init__(self) -> None:
+        if self.pmr is not None:
+            if not self.pmr:
+                raise ConfigError("nvme: pmr= needs a file path")
+            if self.msix_bar == 4:
+                raise ConfigError("nvme: pmr= puts the Persistent Memory Region in BAR4, where msix_bar=4 puts "
+                                  "the MSI-X table: use msix_bar=0 with a PMR")
+            if self.pmr_size & (self.pmr_size - 1):
+                raise ConfigError(f"nvme: pmr_size={int(self.pmr_size)} is not a power of two")
         if len(self.namespaces) > self.max_namespaces:
             raise ConfigError(f"nvme: {len(self.namespaces)} namespaces exceed max_namespaces={self.max_namespaces}")
 

@@ -36,13 +36,17 @@ from typing import Any
 
 from pcidev.bar import Register
 from pcidev.device import PciDevice
+from pcidev.dma import GuestMemory
 from pcidev.errors import DmaError
+from pcidev.pci import ids
 from pcidev.pci.capabilities.msix import MsixCapability
 from pcidev.pci.config import ResetKind
 from pcidev_nvme.admin import AdminCommandSet, AdminWorker
 from pcidev_nvme.aer import AsyncEvents
+from pcidev_nvme.cmb import CMB_BAR, ControllerMemoryBuffer
 from pcidev_nvme.completion import CompletionMixin
 from pcidev_nvme.config import NvmeConfig
+from pcidev_nvme.controller_memory import ControllerMemoryView
 from pcidev_nvme.doorbells import DoorbellsMixin, ShadowDoorbells
 from pcidev_nvme.features import Features
 from pcidev_nvme.fetch import FetchMixin
@@ -55,6 +59,7 @@ from pcidev_nvme.migration import MigrationMixin
 from pcidev_nvme.migration import features as migration_features
 from pcidev_nvme.namespaces import NamespaceSetMixin
 from pcidev_nvme.persist import PersistenceMixin
+from pcidev_nvme.pmr import PMR_BAR, PersistentMemoryRegion
 from pcidev_nvme.queues import CompletionQueue, QueueSetMixin, SubmissionQueue
 from pcidev_nvme.registers import (
     CC_EN,
@@ -83,6 +88,9 @@ __all__ = ["NvmeController"]
 
 log = logging.getLogger(__name__)
 
+# the command register's low byte and its Bus Master bit (the dma property's hot path)
+_COMMAND = ids.COMMAND
+_MASTER = int(ids.Command.MASTER)
 
 
 class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin, NamespaceSetMixin, HealthMixin,
@@ -163,19 +171,44 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         except BaseException:
             self._close_namespaces()
             self.timer.close()
+            if self.cmb is not None:
+                self.cmb.close()
+            if self.pmr is not None:
+                self.pmr.close()
             raise
 
     # ------------------------------------------------------------------ description
     def describe(self) -> None:
         cfg = self.cfg
-        self._cap = cap_value(cfg.mqes)
+        #: the controller's DMA view while the CMB or PMR has controller memory space, else None
+        self._ctrl_memory: ControllerMemoryView | None = None
+        #: the Controller Memory Buffer (BAR2), or None without ``cmb_size``
+        self.cmb: ControllerMemoryBuffer | None = (ControllerMemoryBuffer(cfg.cmb_size, self.name,
+                                                                          self._windows_changed)
+                                                   if cfg.cmb_size else None)
+        #: the Persistent Memory Region (BAR4), or None without ``pmr``
+        self.pmr: PersistentMemoryRegion | None = None
+        if cfg.pmr is not None:
+            try:
+                self.pmr = PersistentMemoryRegion(cfg.pmr, int(cfg.pmr_size), self.name, self._windows_changed)
+            except BaseException:
+                if self.cmb is not None:
+                    self.cmb.close()
+                raise
+        extra = [*(self.cmb.registers() if self.cmb is not None else ()),
+                 *(self.pmr.registers() if self.pmr is not None else ())]
+        self._cap = cap_value(cfg.mqes, cmbs=self.cmb is not None, pmrs=self.pmr is not None)
         regs = build_register_map(f"nvme-bar0[{self.name}]", self._cap, intms=lambda r: self.interrupts.intms,
                                   on_intms=self._intms_written, on_intmc=self._intmc_written,
-                                  on_cc=self._cc_written, csts=lambda r: self._csts)
+                                  on_cc=self._cc_written, csts=lambda r: self._csts, extra=extra)
         self.regs = regs
         layout = bar_layout(cfg.max_ioqpairs, cfg.msix_vectors, cfg.msix_bar)
         self._db_window = layout.doorbell_window
         self.add_mem_bar(0, layout.bar0_size, Bar0(regs, self._doorbell_write, layout.doorbell_window), bits64=True)
+        if self.cmb is not None:
+            self.add_mem_bar(CMB_BAR, self.cmb.bar_size, self.cmb.ram, bits64=True, prefetchable=True)
+        if self.pmr is not None:
+            self.add_mem_bar(PMR_BAR, self.pmr.size, self.pmr.ram, bits64=True, prefetchable=True)
         if layout.bar4_size:
             self.add_mem_bar(4, layout.bar4_size, ZeroBar(), bits64=True)
         self.add_msix(cfg.msix_vectors, bar=layout.msix_bar, table_offset=layout.table_offset,
@@ -188,6 +221,23 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         return super().enabled_features() | migration_features(self)
 
     # ------------------------------------------------------------------ contract
+    @property
+    def dma(self) -> GuestMemory:
+        """Guest memory for DMA (see :attr:`pcidev.device.PciDevice.dma`); while the
+        CMB's or PMR's controller memory space is enabled, the view that sends their
+        addresses to them (:class:`~pcidev_nvme.controller_memory.ControllerMemoryView`)."""
+        memory = self.memory
+        if memory is not None and self.config.data[_COMMAND] & _MASTER:
+            view = self._ctrl_memory
+            return memory if view is None else view.over(memory)
+        return super().dma  # raises DmaError
+
+    def _windows_changed(self) -> None:
+        """The CMB's or PMR's controller memory space changed: recompose the DMA view."""
+        windows = [w for w in (self.cmb.window if self.cmb is not None else None,
+                               self.pmr.window if self.pmr is not None else None) if w is not None]
+        self._ctrl_memory = ControllerMemoryView(windows) if windows else None
+
     @property
     def ready(self) -> bool:
         """CSTS.RDY."""
@@ -224,6 +274,10 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         if self.owns_state:  # not after a migration out: the destination owns the state file
             self.save_state()
         self._close_namespaces()
+        if self.cmb is not None:
+            self.cmb.close()
+        if self.pmr is not None:
+            self.pmr.close()
         super().close()
 
     def __enter__(self) -> NvmeController:
@@ -405,6 +459,10 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         dropped; bus mastering is off after the reset, so they cannot DMA either).
         """
         with self.state_lock:
+            if self.cmb is not None:
+                self.cmb.reset()
+            if self.pmr is not None:
+                self.pmr.reset()
             self._gen += 1
             self._drop_parked()
             self._state = ST_RESETTING

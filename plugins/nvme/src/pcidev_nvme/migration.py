@@ -15,6 +15,12 @@ What travels (section ``nvme`` version 1, see :class:`NvmeState`):
   (its value at the save, counted on from the load), error recovery per
   namespace, host behavior support;
 * the shadow doorbell buffer (DBS, EIS); per-queue shadow addresses follow from it;
+* the Controller Memory Buffer's registers (optional subsection ``nvme/cmb``,
+  :class:`~pcidev_nvme.cmb.CmbState`); its contents are a RAM BAR, which the framework
+  migrates (the memfd travels over UNIX sockets; over TCP it blocks);
+* the Persistent Memory Region's registers (optional subsection ``nvme/pmr``,
+  :class:`~pcidev_nvme.pmr.PmrState`); its contents are in its file (a file-backed RAM
+  BAR: the descriptor travels over UNIX sockets, over TCP the destination maps the path);
 * SMART counters (bytes, commands, busy time, power cycles, power-on time, unsafe
   shutdowns, media errors, temperature times), the temperature, injected and
   reported critical warnings; the Error Information log (count and entries);
@@ -73,6 +79,7 @@ from pcidev.vmstate.errors import StateError
 from pcidev_nvme.admin import AdminWorker
 from pcidev_nvme.aer import AerState, AsyncEvents, EventState
 from pcidev_nvme.backends import MemoryBackend
+from pcidev_nvme.cmb import CmbState, ControllerMemoryBuffer
 from pcidev_nvme.config import NvmeConfig
 from pcidev_nvme.doorbells import ShadowDoorbells, ShadowDoorbellsState
 from pcidev_nvme.features import Features, FeaturesState, TlerState
@@ -90,6 +97,7 @@ from pcidev_nvme.logs import (
     SmartState,
 )
 from pcidev_nvme.namespace import LBA_FORMATS, Namespace, NamespaceState
+from pcidev_nvme.pmr import PersistentMemoryRegion, PmrState
 from pcidev_nvme.queues import CompletionQueue, CqeState, CqState, SqState, SubmissionQueue
 from pcidev_nvme.registers import ControllerState
 
@@ -110,6 +118,8 @@ class MigrationHost(Protocol):
     shadow: ShadowDoorbells
     state_lock: threading.RLock
     admin_worker: AdminWorker
+    cmb: ControllerMemoryBuffer | None
+    pmr: PersistentMemoryRegion | None
 
     @property
     def allocated(self) -> Mapping[int, Namespace]: ...
@@ -186,6 +196,8 @@ class NvmeState:
     dbbuf_dbs: U64 = 0
     dbbuf_eis: U64 = 0
     dbbuf: Bool = False
+    cmb: CmbState | None = None
+    pmr: PmrState | None = None
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -266,6 +278,8 @@ def fingerprint(ctrl: MigrationHost) -> dict[str, Any]:
         "nvme.dbbuf": cfg.dbbuf, "nvme.capacity": cfg.capacity,
         "nvme.lba_formats": [list(f) for f in LBA_FORMATS],
         "nvme.namespaces": namespaces,
+        **({"nvme.cmb_size": cfg.cmb_size} if cfg.cmb_size else {}),
+        **({"nvme.pmr": [os.path.abspath(cfg.pmr), int(cfg.pmr_size)]} if cfg.pmr is not None else {}),
     }
 
 
@@ -359,7 +373,9 @@ def save(ctrl: MigrationHost) -> NvmeState:
         features=ctrl.features.snapshot(irq.vector_cd), smart=ctrl.smart.snapshot(),
         error_count=errors.count, error_entries=errors.entries, firmware=ctrl.firmware.snapshot(),
         changed_ns=changed.nsids, changed_ns_overflow=changed.overflow, namespaces=tuple(namespaces),
-        dbbuf_dbs=db.dbs, dbbuf_eis=db.eis, dbbuf=db.enabled)
+        dbbuf_dbs=db.dbs, dbbuf_eis=db.eis, dbbuf=db.enabled,
+        cmb=ctrl.cmb.snapshot() if ctrl.cmb is not None else None,
+        pmr=ctrl.pmr.snapshot() if ctrl.pmr is not None else None)
 
 
 # ----------------------------------------------------------------------------- check
@@ -499,6 +515,18 @@ def check(ctrl: MigrationHost, st: NvmeState) -> None:
         raise _fail("shadow doorbells on a controller without Doorbell Buffer Config", "dbbuf")
     if st.dbbuf and (st.dbbuf_dbs & 0xFFF or st.dbbuf_eis & 0xFFF):
         raise _fail("shadow doorbell buffers are not page aligned", "dbbuf_dbs")
+    if st.cmb is not None:
+        if ctrl.cmb is None:
+            raise _fail("controller memory buffer registers for a controller without a CMB", "cmb")
+        why = ctrl.cmb.check(st.cmb)
+        if why is not None:
+            raise _fail(why, "cmb")
+    if st.pmr is not None:
+        if ctrl.pmr is None:
+            raise _fail("persistent memory region registers for a controller without a PMR", "pmr")
+        why = ctrl.pmr.check(st.pmr)
+        if why is not None:
+            raise _fail(why, "pmr")
 
 
 # ----------------------------------------------------------------------------- apply
@@ -573,6 +601,10 @@ def apply(ctrl: MigrationHost, st: NvmeState) -> None:
             if n.attached:
                 attached.append(n.nsid)
         ctrl.set_attached(attached)
+        if ctrl.cmb is not None:  # (after the framework adopted the source's CMB memfd)
+            ctrl.cmb.restore(st.cmb)
+        if ctrl.pmr is not None:  # (likewise its file)
+            ctrl.pmr.restore(st.pmr)
         ctrl.finish_restore()
 
 

@@ -4,15 +4,15 @@
 BAR0::
 
     000h CAP     MQES, CQR=1, AMS=0, TO=15 (7.5 s), DSTRD=0, CSS = NVM + I/O command sets,
-                 MPSMIN=0 (4 KiB), MPSMAX=4 (64 KiB), CRWMS=1
+                 MPSMIN=0 (4 KiB), MPSMAX=4 (64 KiB), CRWMS=1, CMBS / PMRS with a CMB / PMR
     008h VS      2.0
     00Ch INTMS   write 1 to mask a vector (pin-based / MSI)
     010h INTMC   write 1 to unmask
     014h CC      EN CSS MPS AMS SHN IOSQES IOCQES
     01Ch CSTS    RDY CFS SHST
     024h AQA     ASQS ACQS
-    028h ASQ     038h.. CMB/BP/PMR registers read 0
-    030h ACQ
+    028h ASQ     038h.. CMB registers (:mod:`pcidev_nvme.cmb`), BP and NSSD read 0
+    030h ACQ     E00h.. PMR registers (:mod:`pcidev_nvme.pmr`)
     068h CRTO    CRWMT = 7.5 s
     1000h + 8*qid      SQ y tail doorbell
     1000h + 8*qid + 4  CQ y head doorbell
@@ -23,18 +23,19 @@ INTMS/INTMC/CC/CSTS lives in :mod:`pcidev_nvme.controller`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import attrs
 
 from pcidev.bar import Access, Register, RegisterMap
+from pcidev.errors import ConfigError
 
 __all__ = [
     "ControllerState", "Bar0", "build_register_map", "cap_value", "ZeroBar", "DOORBELL_BASE", "ST_DISABLED",
     "ST_READY", "ST_RESETTING", "ST_FAILED", "REG_CAP", "REG_VS", "REG_INTMS", "REG_INTMC", "REG_CC", "REG_CSTS",
     "REG_NSSR", "REG_AQA", "REG_ASQ", "REG_ACQ", "REG_CRTO", "CC_EN", "CC_MASK", "CSTS_RDY", "CSTS_CFS",
     "CSTS_SHST_SHIFT", "SHST_NORMAL", "SHST_PROCESSING", "SHST_COMPLETE", "CAP_CSS_NVM", "CAP_CSS_IOCS",
-    "CSS_NVM", "CSS_ALL", "CSS_ADMIN_ONLY", "MPSMIN", "MPSMAX", "CAP_TO"
+    "CSS_NVM", "CSS_ALL", "CSS_ADMIN_ONLY", "MPSMIN", "MPSMAX", "CAP_TO", "CAP_CMBS", "CAP_PMRS"
 ]
 
 #: BAR0 offset of the first doorbell (registers below, doorbells from here on)
@@ -85,13 +86,21 @@ class ControllerState:
     page_size: int
 
 
-def cap_value(mqes: int) -> int:
-    """CAP: MQES, CQR=1, TO, CSS (NVM + I/O command sets), MPSMIN, MPSMAX, CRWMS."""
+#: CAP.PMRS (a Persistent Memory Region) and CAP.CMBS (CMBLOC/CMBSZ behind CMBMSC.CRE)
+CAP_PMRS = 1 << 56
+CAP_CMBS = 1 << 57
+
+
+def cap_value(mqes: int, *, cmbs: bool = False, pmrs: bool = False) -> int:
+    """CAP: MQES, CQR=1, TO, CSS (NVM + I/O command sets), MPSMIN, MPSMAX, CRWMS, and
+    CMBS / PMRS when the controller has a CMB / PMR."""
     return (mqes | (1 << 16) | (CAP_TO << 24) | ((CAP_CSS_NVM | CAP_CSS_IOCS) << 37)
-            | (MPSMIN << 48) | (MPSMAX << 52) | (1 << 59))
+            | (MPSMIN << 48) | (MPSMAX << 52) | (1 << 59) | (CAP_CMBS if cmbs else 0) | (CAP_PMRS if pmrs else 0))
 
 
-#: registers that read 0 (controller memory buffer, boot partitions, NSSD, PMR): name, offset, width
+#: registers that read 0 unless a component supplies them (controller memory buffer:
+#: :mod:`pcidev_nvme.cmb`; boot partitions; NSSD; persistent memory region:
+#: :mod:`pcidev_nvme.pmr`): name, offset, width
 _ZERO_REGISTERS = (("CMBLOC", 0x38, 4), ("CMBSZ", 0x3C, 4), ("BPINFO", 0x40, 4), ("BPRSEL", 0x44, 4),
                    ("BPMBL", 0x48, 8), ("CMBMSC", 0x50, 8), ("CMBSTS", 0x58, 4), ("CMBEBS", 0x5C, 4),
                    ("CMBSWTP", 0x60, 4), ("NSSD", 0x64, 4), ("PMRCAP", 0xE00, 4), ("PMRCTL", 0xE04, 4),
@@ -105,7 +114,7 @@ _OnWrite = Callable[[Register, int, int], None]
 
 def build_register_map(name: str, cap: int, *, intms: Callable[[Register], int], on_intms: _OnWrite,
                        on_intmc: _OnWrite, on_cc: _OnWrite,
-                       csts: Callable[[Register], int]) -> RegisterMap:
+                       csts: Callable[[Register], int], extra: Iterable[Register] = ()) -> RegisterMap:
     """The BAR0 register map below the doorbells (see the module docstring).
 
     :param name: the map's name in logs.
@@ -115,6 +124,9 @@ def build_register_map(name: str, cap: int, *, intms: Callable[[Register], int],
     :param on_intmc: write handler of INTMC.
     :param on_cc: write handler of CC.
     :param csts: reads CSTS.
+    :param extra: registers of the CMB and PMR components, each in place of the
+        read-as-zero register of the same name, offset and width.
+    :raises ConfigError: an extra register that is not one of those.
     """
     regs = RegisterMap(DOORBELL_BASE, name=name)
     ro = Access.RO
@@ -128,8 +140,15 @@ def build_register_map(name: str, cap: int, *, intms: Callable[[Register], int],
     regs.add(Register("AQA", REG_AQA, 4, mask=0x0FFF0FFF))
     regs.add(Register("ASQ", REG_ASQ, 8, mask=~0xFFF & (2**64 - 1)))
     regs.add(Register("ACQ", REG_ACQ, 8, mask=~0xFFF & (2**64 - 1)))
+    supplied = {r.name: r for r in extra}
     for reg_name, off, width in _ZERO_REGISTERS:
-        regs.add(Register(reg_name, off, width, ro))
+        reg = supplied.pop(reg_name, None)
+        if reg is not None and (reg.offset, reg.width) != (off, width):
+            raise ConfigError(f"register {reg_name}: {reg.width} bytes at {reg.offset:#x}, "
+                              f"expected {width} at {off:#x}")
+        regs.add(reg if reg is not None else Register(reg_name, off, width, ro))
+    if supplied:
+        raise ConfigError(f"registers {sorted(supplied)} are not CMB or PMR registers")
     regs.add(Register("CRTO", REG_CRTO, 4, ro, reset=CAP_TO))
     return regs
 

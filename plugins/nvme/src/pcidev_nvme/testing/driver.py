@@ -49,6 +49,7 @@ PAGE = 4096
 
 # register offsets
 CAP, VS, INTMS, INTMC, CC, CSTS, AQA, ASQ, ACQ = 0x00, 0x08, 0x0C, 0x10, 0x14, 0x1C, 0x24, 0x28, 0x30
+CMBLOC, CMBSZ, CMBMSC, CMBSTS = 0x38, 0x3C, 0x50, 0x58
 
 
 class NvmeDriverError(PcidevError):
@@ -128,14 +129,17 @@ def _sgl_desc(addr: int, length: int, dtype: int) -> bytes:
 class IoQueue:
     """Host state of one SQ/CQ pair (also used for the admin queue)."""
 
-    def __init__(self, drv: NvmeDriver, qid: int, sq_size: int, cq_size: int, vector: int) -> None:
+    def __init__(self, drv: NvmeDriver, qid: int, sq_size: int, cq_size: int, vector: int, *,
+                 sq_in_cmb: bool = False) -> None:
         m = drv.machine
         self.drv = drv
         self.qid = qid
         self.sq_size = sq_size
         self.cq_size = cq_size
         self.vector = vector
-        self.sq_base = m.alloc(sq_size * 64, PAGE)
+        #: the SQ lives in the controller memory buffer (written through BAR2)
+        self.sq_in_cmb = sq_in_cmb
+        self.sq_base = drv.cmb_alloc(sq_size * 64) if sq_in_cmb else m.alloc(sq_size * 64, PAGE)
         self.cq_base = m.alloc(cq_size * 16, PAGE)
         self.sq_tail = 0
         self.sq_head = 0
@@ -161,7 +165,8 @@ class IoQueue:
 
     def free(self) -> None:
         m = self.drv.machine
-        for addr in (self.sq_base, self.cq_base, *(p for chain in self.prp_chain.values() for p in chain)):
+        own = () if self.sq_in_cmb else (self.sq_base,)
+        for addr in (*own, self.cq_base, *(p for chain in self.prp_chain.values() for p in chain)):
             m.free(addr)
         self.prp_pages.clear()
         self.prp_chain.clear()
@@ -205,6 +210,10 @@ class NvmeDriver:
         self._bar_read = pdev.bar_read
         self._recorder = pdev.recorder
         self._dbbuf: tuple[int, int] | None = None
+        #: the controller memory buffer once :meth:`cmb_enable` ran: (bus address, size), and
+        #: the next free byte of it (a bump allocator for queues and buffers)
+        self.cmb: tuple[int, int] | None = None
+        self._cmb_next = 0
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -315,10 +324,11 @@ class NvmeDriver:
         return 0
 
     def create_io_queue_pair(self, qid: int, size: int, *, vector: int | None = None, ien: bool = True,
-                             cq_size: int | None = None) -> IoQueue:
-        """Create I/O CQ ``qid`` then SQ ``qid`` bound to it."""
+                             cq_size: int | None = None, sq_in_cmb: bool = False) -> IoQueue:
+        """Create I/O CQ ``qid`` then SQ ``qid`` bound to it (with ``sq_in_cmb``, the SQ in
+        the controller memory buffer, as Linux's ``nvme.use_cmb_sqes``: :meth:`cmb_enable` first)."""
         vector = self._vector_for(qid) if vector is None else vector
-        q = IoQueue(self, qid, size, cq_size or size, vector)
+        q = IoQueue(self, qid, size, cq_size or size, vector, sq_in_cmb=sq_in_cmb)
         try:
             self.admin(0x05, prp1=q.cq_base, cdw10=((q.cq_size - 1) << 16) | qid,
                        cdw11=(vector << 16) | (2 if ien else 0) | 1, what=f"create CQ {qid}")
@@ -345,6 +355,69 @@ class NvmeDriver:
         self.admin(0x04, cdw10=qid, what=f"delete CQ {qid}")
         del self.queues[qid]
         q.free()
+
+    # ---------------------------------------------------------------- controller memory buffer
+    def cmb_enable(self, *, cba: int | None = None) -> tuple[int, int]:
+        """Map the controller memory buffer as Linux's ``nvme_map_cmb`` does: CMBMSC.CRE,
+        read CMBLOC and CMBSZ, then CMBMSC.CMSE with CBA = the BAR's bus address (or
+        ``cba``). Returns ``(bus address, size)``.
+
+        :raises NvmeDriverError: no CMB (CAP.CMBS clear or CMBSZ 0), or CMBSTS.CBAI set.
+        """
+        if not (self.cap >> 57) & 1:
+            raise NvmeDriverError("the controller has no CMB (CAP.CMBS is 0)")
+        self.write32(CMBMSC, 1)  # CRE
+        cmbloc, cmbsz = self.read32(CMBLOC), self.read32(CMBSZ)
+        if not cmbsz:
+            raise NvmeDriverError("CMBSZ reads 0 with CMBMSC.CRE set")
+        size = ((cmbsz >> 12) & 0xFFFFF) << (12 + 4 * ((cmbsz >> 8) & 0xF))
+        base = (self.pdev.bar_address(cmbloc & 7) + (cmbloc >> 12) * (4096 << 4 * ((cmbsz >> 8) & 0xF))
+                if cba is None else cba)
+        value = base | 0x3  # CRE | CMSE
+        self.write32(CMBMSC + 4, value >> 32)  # hi_lo_writeq, as Linux
+        self.write32(CMBMSC, value & 0xFFFFFFFF)
+        if self.read32(CMBSTS) & 1:
+            raise NvmeDriverError(f"CMBSTS.CBAI: the controller refused CBA {base:#x}")
+        self.cmb = (base, size)
+        self._cmb_next = 0
+        return self.cmb
+
+    def cmb_alloc(self, size: int, align: int = PAGE) -> int:
+        """``size`` bytes of the controller memory buffer (bus address); never freed."""
+        if self.cmb is None:
+            raise NvmeDriverError("cmb_enable() first")
+        base, total = self.cmb
+        start = (self._cmb_next + align - 1) & ~(align - 1)
+        if start + size > total:
+            raise NvmeDriverError(f"the CMB has no {size} bytes left")
+        self._cmb_next = start + size
+        return base + start
+
+    def _cmb_offset(self, addr: int, length: int) -> int:
+        if self.cmb is None or not self.cmb[0] <= addr <= addr + length <= self.cmb[0] + self.cmb[1]:
+            raise NvmeDriverError(f"[{addr:#x}, +{length:#x}) is not in the CMB")
+        return addr - self.cmb[0] + ((self.read32(CMBLOC) >> 12) << 12)
+
+    def cmb_write(self, addr: int, data: bytes) -> None:
+        """Write ``data`` at bus address ``addr`` of the CMB through BAR2 (MMIO writes)."""
+        off = self._cmb_offset(addr, len(data))
+        bar = self.read32(CMBLOC) & 7
+        pos = 0
+        while pos < len(data):
+            n = 8 if not (off + pos) & 7 and len(data) - pos >= 8 else 1
+            self._bar_write(bar, off + pos, n, int.from_bytes(data[pos:pos + n], "little"))
+            pos += n
+
+    def cmb_read(self, addr: int, length: int) -> bytes:
+        """Read ``length`` bytes at bus address ``addr`` of the CMB through BAR2."""
+        off = self._cmb_offset(addr, length)
+        bar = self.read32(CMBLOC) & 7
+        out = bytearray()
+        while len(out) < length:
+            pos = len(out)
+            n = 8 if not (off + pos) & 7 and length - pos >= 8 else 1
+            out += self._bar_read(bar, off + pos, n).to_bytes(n, "little")
+        return bytes(out)
 
     # ---------------------------------------------------------------- submission
     def _prp(self, q: IoQueue, cid: int, buf: int, length: int) -> tuple[int, int]:
@@ -442,8 +515,12 @@ class NvmeDriver:
                 prp1_v, prp2_v = self._prp(q, cid, buf, length)
         else:
             prp1_v, prp2_v = prp1 or 0, prp2
-        self.mem.write_struct(_SQE, q.sq_base + tail * 64, opcode, flags, cid, nsid, cdw2, cdw3, mptr,
-                              prp1_v, prp2_v, cdw10, cdw11, cdw12, cdw13, cdw14, cdw15)
+        if q.sq_in_cmb:
+            self.cmb_write(q.sq_base + tail * 64, _SQE.pack(opcode, flags, cid, nsid, cdw2, cdw3, mptr, prp1_v,
+                                                              prp2_v, cdw10, cdw11, cdw12, cdw13, cdw14, cdw15))
+        else:
+            self.mem.write_struct(_SQE, q.sq_base + tail * 64, opcode, flags, cid, nsid, cdw2, cdw3, mptr,
+                                  prp1_v, prp2_v, cdw10, cdw11, cdw12, cdw13, cdw14, cdw15)
         q.pending[cid] = (tag, opcode)
         q.sq_tail = nxt
         if ring:
@@ -460,7 +537,10 @@ class NvmeDriver:
         if nxt == q.sq_head:
             raise NvmeDriverError(f"SQ {qid} is full")
         cid = int.from_bytes(sqe[2:4], "little")
-        self.mem.write(q.sq_base + tail * 64, sqe)
+        if q.sq_in_cmb:
+            self.cmb_write(q.sq_base + tail * 64, sqe)
+        else:
+            self.mem.write(q.sq_base + tail * 64, sqe)
         q.pending[cid] = (tag, sqe[0])
         if cid in q.free_cids:
             q.free_cids.remove(cid)
@@ -770,8 +850,12 @@ class NvmeDriver:
         else:
             flags = 0
             p1, p2 = self._prp(q, cid, buf, length)
-        self.mem.write_struct(_SQE, q.sq_base + tail * 64, opcode, flags, cid, nsid, 0, 0, 0, p1, p2,
-                              slba & 0xFFFFFFFF, slba >> 32, ((nlb - 1) & 0xFFFF) | (int(fua) << 30), 0, 0, 0)
+        fields = (opcode, flags, cid, nsid, 0, 0, 0, p1, p2, slba & 0xFFFFFFFF, slba >> 32,
+                  ((nlb - 1) & 0xFFFF) | (int(fua) << 30), 0, 0, 0)
+        if q.sq_in_cmb:
+            self.cmb_write(q.sq_base + tail * 64, _SQE.pack(*fields))
+        else:
+            self.mem.write_struct(_SQE, q.sq_base + tail * 64, *fields)
         q.pending[cid] = (tag, opcode)
         q.sq_tail = nxt
         if ring:

@@ -1,0 +1,203 @@
+"""The Controller Memory Buffer (CMB): memory of the controller that the host maps through
+BAR2 and that the controller reads and writes as if it were host memory.
+
+``cmb_size=N`` (MiB) gives the controller BAR2, a 64-bit prefetchable RAM BAR
+(:class:`~pcidev.bar.RamBacking`, a memfd, offered for mmap to a vfio-user client so the
+guest's accesses never trap) whose first N MiB are the CMB, and CAP.CMBS. The NVMe 1.4
+registers (NVMe Base 2.0, 3.1.4.14 to 3.1.4.19; names as in libnvme ``types.h``)::
+
+    038h CMBLOC   BIR = 2, OFST = 0                 (reads 0 until CMBMSC.CRE is set)
+    03Ch CMBSZ    SQS = 1, CQS = 0, LISTS = 1, RDS = 1, WDS = 1, SZU = 1 MiB, SZ = N
+                                                    (reads 0 until CMBMSC.CRE is set)
+    050h CMBMSC   CRE (bit 0), CMSE (bit 1), CBA (bits 63:12)
+    058h CMBSTS   CBAI (bit 0): the host set CMSE with an invalid CBA
+    05Ch CMBEBS   0 (no elasticity buffer reported)
+    060h CMBSWTP  0 (no sustained write throughput reported)
+
+**Controller memory space.** While CMBMSC.CMSE is 1 (with CRE), addresses in
+``[CBA, CBA + N MiB)`` are CMB addresses: the controller's DMA view
+(:class:`~pcidev_nvme.controller_memory.ControllerMemoryView`, what
+:attr:`NvmeController.dma <pcidev_nvme.controller.NvmeController.dma>` returns then)
+sends them to the CMB's memory and every other address to guest memory. A CBA that is not aligned to the CMB
+size unit (1 MiB) or whose range would pass 2**64 is refused: CMBSTS.CBAI is set and
+CMSE stays 0. CMBSTS.CBAI is cleared by the next valid CMSE write.
+
+**What may live in the CMB**: I/O submission queues (Linux's ``nvme.use_cmb_sqes``:
+the fetch path reads the entries from the CMB), PRP lists and SGL segments (LISTS),
+and read and write data (RDS, WDS). Completion queues may not (CQS = 0): Create I/O
+Completion Queue with its base in the CMB fails with Invalid Use of Controller Memory
+Buffer. The admin queues stay in host memory.
+
+**Mixing rule** (as QEMU's): the data buffer of one command is either wholly in the CMB
+or wholly in host memory; a PRP or SGL data pointer that mixes the two, or one piece
+that straddles the CMB's edge, fails with Invalid Use of Controller Memory Buffer
+(00h/12h, DNR). PRP lists and SGL segments themselves may be in either.
+
+**Reset and migration.** A PCI reset (conventional, FLR) clears CMBMSC and CMBSTS; a
+controller reset (CC.EN 1 to 0) keeps them (Linux writes them again after every
+reset). The contents are a RAM BAR, which the framework migrates (the memfd travels;
+see :mod:`pcidev.migration.function_state`); the registers travel as the optional
+``cmb`` subsection of the ``nvme`` section (:class:`CmbState`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import attrs
+
+from pcidev.bar import Access, RamBacking, Register
+from pcidev.vmstate import U32, U64, vmstate
+from pcidev_nvme.controller_memory import MemoryWindow, close_window, invalid_use, map_window
+
+__all__ = ["CMB_BAR", "CmbState", "ControllerMemoryBuffer", "CMBMSC_CRE", "CMBMSC_CMSE",
+           "CMBSTS_CBAI", "CMBSZ_SQS", "CMBSZ_CQS", "CMBSZ_LISTS", "CMBSZ_RDS", "CMBSZ_WDS", "SZU_1M"]
+
+#: the BAR holding the CMB
+CMB_BAR = 2
+#: CMBMSC fields
+CMBMSC_CRE = 1 << 0
+CMBMSC_CMSE = 1 << 1
+CMBMSC_CBA_MASK = ((1 << 64) - 1) & ~0xFFF
+#: CMBSTS.CBAI
+CMBSTS_CBAI = 1 << 0
+#: CMBSZ support bits
+CMBSZ_SQS = 1 << 0
+CMBSZ_CQS = 1 << 1
+CMBSZ_LISTS = 1 << 2
+CMBSZ_RDS = 1 << 3
+CMBSZ_WDS = 1 << 4
+#: CMBSZ.SZU value of 1 MiB units
+SZU_1M = 2
+_UNIT = 1 << 20
+
+
+@vmstate("nvme/cmb", version=1)
+@attrs.frozen
+class CmbState:
+    """The CMB's registers: CMBMSC (CRE, CMSE, CBA) and CMBSTS (CBAI)."""
+
+    cmbmsc: U64
+    cmbsts: U32
+
+
+class ControllerMemoryBuffer:
+    """The CMB of one controller (see the module docstring): BAR2's memory, its registers
+    and, while controller memory space is enabled, the controller's DMA view.
+
+    :param size_mib: the CMB size in MiB (>= 1).
+    :param name: the controller's name (for the memfd).
+    :param changed: called when :attr:`window` changed (the controller recomposes its DMA view).
+    """
+
+    def __init__(self, size_mib: int, name: str, changed: Callable[[], None]) -> None:
+        self._changed = changed
+        self.size_mib = size_mib
+        #: the CMB's bytes (the start of BAR2)
+        self.size = size_mib * _UNIT
+        #: BAR2's size: the CMB rounded up to a power of two
+        self.bar_size = 1 << (self.size - 1).bit_length()
+        self.ram = RamBacking(self.bar_size, name=f"nvme-cmb[{name}]")
+        self.msc = Register("CMBMSC", 0x50, 8, Access.RW, on_write=self._msc_written)
+        self.sts = Register("CMBSTS", 0x58, 4, Access.RO)
+        #: the CMB's addresses while controller memory space is enabled, else None
+        self.window: MemoryWindow | None = None
+        self._window_key: tuple[int, int] | None = None
+
+    # -- registers ---------------------------------------------------------------------------
+    def registers(self) -> list[Register]:
+        """CMBLOC, CMBSZ, CMBMSC, CMBSTS, CMBEBS and CMBSWTP for the BAR0 register map."""
+        ro = Access.RO
+        return [Register("CMBLOC", 0x38, 4, ro, on_read=lambda r: self.cmbloc),
+                Register("CMBSZ", 0x3C, 4, ro, on_read=lambda r: self.cmbsz),
+                self.msc, self.sts,
+                Register("CMBEBS", 0x5C, 4, ro), Register("CMBSWTP", 0x60, 4, ro)]
+
+    @property
+    def enabled_registers(self) -> bool:
+        """CMBMSC.CRE: CMBLOC and CMBSZ report the CMB."""
+        return bool(self.msc.value & CMBMSC_CRE)
+
+    @property
+    def cmbloc(self) -> int:
+        """CMBLOC: BAR2, offset 0 (0 until CMBMSC.CRE)."""
+        return CMB_BAR if self.enabled_registers else 0
+
+    @property
+    def cmbsz(self) -> int:
+        """CMBSZ: submission queues, lists, read and write data; 1 MiB units (0 until CMBMSC.CRE)."""
+        if not self.enabled_registers:
+            return 0
+        return CMBSZ_SQS | CMBSZ_LISTS | CMBSZ_RDS | CMBSZ_WDS | (SZU_1M << 8) | (self.size_mib << 12)
+
+    def _msc_written(self, reg: Register, new: int, old: int) -> None:
+        value = new & (CMBMSC_CRE | CMBMSC_CMSE | CMBMSC_CBA_MASK)
+        if value & CMBMSC_CMSE:
+            cba = value & CMBMSC_CBA_MASK
+            if not value & CMBMSC_CRE or cba % _UNIT or cba + self.size > 1 << 64:
+                self.sts.value = CMBSTS_CBAI
+                value &= ~CMBMSC_CMSE
+            else:
+                self.sts.value = 0
+        reg.value = value
+        self._place()
+
+    def _place(self, *, force: bool = False) -> None:
+        """Make :attr:`window` follow CMBMSC (with ``force``, map the RAM BAR's descriptor
+        again: a load adopted another one)."""
+        msc = self.msc.value
+        key = None
+        if msc & CMBMSC_CMSE and msc & CMBMSC_CRE:
+            key = (msc & CMBMSC_CBA_MASK, self.ram.fd)
+        if key == self._window_key and not force:
+            return
+        old = self.window
+        self.window = map_window("CMB", key[0], self.size, key[1]) if key is not None else None
+        self._window_key = key
+        self._changed()
+        close_window(old)
+
+    def refuse_cq(self, base: int, nbytes: int) -> None:
+        """Create I/O Completion Queue: a queue in the CMB is not supported (CMBSZ.CQS = 0).
+
+        :raises NvmeStatusError: Invalid Use of Controller Memory Buffer.
+        """
+        w = self.window
+        if w is not None and w.overlaps(base, nbytes):
+            raise invalid_use(f"completion queues in the controller memory buffer are not supported "
+                         f"(CQ at {base:#x})")
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def reset(self) -> None:
+        """A PCI reset: CMBMSC and CMBSTS cleared, controller memory space disabled."""
+        self.msc.value = 0
+        self.sts.value = 0
+        self._place()
+
+    def snapshot(self) -> CmbState:
+        """The registers."""
+        return CmbState(cmbmsc=self.msc.value, cmbsts=self.sts.value)
+
+    def restore(self, st: CmbState | None) -> None:
+        """Take the registers of a checked state (None: a stream without them: reset
+        values), and map the RAM BAR's current descriptor (the one a load adopted)."""
+        self.msc.value = st.cmbmsc if st is not None else 0
+        self.sts.value = st.cmbsts if st is not None else 0
+        self._place(force=True)
+
+    def check(self, st: CmbState) -> str | None:
+        """Why ``st`` cannot apply, or None."""
+        if st.cmbmsc & ~(CMBMSC_CRE | CMBMSC_CMSE | CMBMSC_CBA_MASK):
+            return f"CMBMSC {st.cmbmsc:#x} sets reserved bits"
+        if st.cmbsts & ~CMBSTS_CBAI:
+            return f"CMBSTS {st.cmbsts:#x} sets reserved bits"
+        cba = st.cmbmsc & CMBMSC_CBA_MASK
+        if st.cmbmsc & CMBMSC_CMSE and (cba % _UNIT or cba + self.size > 1 << 64 or not st.cmbmsc & CMBMSC_CRE):
+            return f"controller memory space enabled at an invalid CBA {cba:#x}"
+        return None
+
+    def close(self) -> None:
+        """Unmap the window and close the RAM BAR."""
+        old, self.window, self._window_key = self.window, None, None
+        close_window(old)
+        self.ram.close()

@@ -1,0 +1,265 @@
+"""RAM BARs migrate (pcidev.migration.function_state, the ``ram_bars`` subsection of
+``pcidev/function``): the destination adopts the source's memfd, a file-backed BAR its
+file; a migration without descriptors refuses a memfd-backed BAR with one clear reason;
+loads stay all or nothing."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import attrs
+import crc32c
+import pytest
+
+from pcidev.bar import RamBacking, Register, RegisterMap, ram_file_key
+from pcidev.device import PciDevice
+from pcidev.errors import ConfigError, MigrationBlockedError
+from pcidev.host import Machine
+from pcidev.inheritance import inheriting
+from pcidev.migration import (
+    FunctionState,
+    VMStateSnapshot,
+    descriptor_blockers,
+    load_device,
+    load_device_stream,
+    migrate_out,
+    save_device,
+    save_device_stream,
+)
+from pcidev.testing import plugged, roundtrip
+from pcidev.transport.vfio_user.migration import migration_blockers
+from pcidev.vmstate import U32, vmstate
+from pcidev.vmstate.errors import StateError
+
+PAGE = 4096
+SIZE = 4 * PAGE
+
+
+@vmstate("test/ram-bar-device")
+@attrs.frozen
+class RamDevState:
+    x: U32
+
+
+class RamDev(PciDevice):
+    """Registers in BAR0 (X), RAM in BAR2 (a memfd, or ``path``)."""
+
+    TYPE_NAME = "test-ram-bar"
+    CLASS_CODE = 0xFF0000
+    VMSTATE = RamDevState
+
+    def __init__(self, path: str | None = None, *, refuse: bool = False, name: str | None = None) -> None:
+        self.path = path
+        self.refuse = refuse
+        super().__init__(name=name)
+
+    def describe(self) -> None:
+        self.regs = RegisterMap(4096, [Register("X", 0)])
+        self.add_mem_bar(0, 4096, self.regs)
+        self.ram = RamBacking(SIZE, path=self.path, name="test-bar2")
+        self.add_mem_bar(2, SIZE, self.ram, bits64=True, prefetchable=True)
+
+    def get_device_state(self) -> RamDevState:
+        return RamDevState(x=self.regs["X"].value)
+
+    def set_device_state(self, state: RamDevState) -> None:
+        if self.refuse:
+            raise RuntimeError("refused on purpose")
+        self.regs["X"].value = state.x
+
+    def on_close(self) -> None:
+        self.ram.close()
+
+
+def _pattern(seed: int) -> bytes:
+    return b"".join(crc32c.crc32c(bytes([seed, i & 0xFF, i >> 8])).to_bytes(4, "little") for i in range(SIZE // 4))
+
+
+def _blocks(ram: RamBacking) -> list[int]:
+    return [crc32c.crc32c(ram.mem[i:i + 512]) for i in range(0, SIZE, 512)]
+
+
+def test_the_destination_adopts_the_sources_memfd() -> None:
+    src, dst = RamDev(), RamDev()
+    try:
+        src.ram.mem[:] = _pattern(1)
+        src.regs["X"].value = 7
+        want = _blocks(src.ram)
+        src.quiesce()
+        stream, fds = save_device_stream(src)
+        res = load_device_stream(dst, stream, fds)
+        res.close()
+        # the same memory, not a copy: every block, and a write on either side shows on the other
+        assert os.path.sameopenfile(dst.ram.fd, src.ram.fd)
+        assert _blocks(dst.ram) == want and dst.regs["X"].value == 7
+        dst.ram.write(0x100, 4, 0xDEADBEEF)
+        assert src.ram.read(0x100, 4) == 0xDEADBEEF
+        # the framework section lists it: BAR2, its size, the descriptor after the others
+        snap = save_device(dst)
+        fstate = snap.sections[0].state
+        assert isinstance(fstate, FunctionState) and fstate.ram_bars is not None
+        (entry,) = fstate.ram_bars.bars
+        assert (entry.bar, entry.size) == (2, SIZE)
+        assert os.path.sameopenfile(snap.fds[entry.fd.index], src.ram.fd)
+    finally:
+        src.close()
+        dst.close()
+    assert dst.ram.fd == -1  # its own memfd was closed at the adoption, the adopted one at close
+
+
+def test_a_failed_load_keeps_the_destinations_own_memory() -> None:
+    src, dst = RamDev(), RamDev(refuse=True)
+    try:
+        src.ram.mem[:] = _pattern(2)
+        dst.ram.mem[:] = _pattern(3)
+        own = _blocks(dst.ram)
+        src.quiesce()
+        stream, fds = save_device_stream(src)
+        with pytest.raises(StateError, match="refused on purpose"):
+            load_device_stream(dst, stream, fds)
+        assert not os.path.sameopenfile(dst.ram.fd, src.ram.fd)
+        assert _blocks(dst.ram) == own
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_without_descriptors_a_memfd_bar_is_refused_and_a_file_bar_stays(tmp_path) -> None:
+    src, dst = RamDev(), RamDev()
+    try:
+        src.quiesce()
+        stream, _fds = save_device_stream(src)
+        with pytest.raises(StateError, match="travel only as a file descriptor") as info:
+            load_device_stream(dst, stream, None)
+        assert info.value.path == "ram_bars.bars[0].fd"
+    finally:
+        src.close()
+        dst.close()
+    path = str(tmp_path / "bar2.img")
+    src, dst = RamDev(path), RamDev(path)
+    try:
+        src.ram.mem[:] = _pattern(4)
+        src.quiesce()
+        stream, _fds = save_device_stream(src)
+        load_device_stream(dst, stream, None).close()  # the same file, mapped by both
+        assert _blocks(dst.ram) == _blocks(src.ram)
+        assert descriptor_blockers(src, "a migration over TCP") == []
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_a_stream_without_the_subsection_leaves_the_contents() -> None:
+    src, dst = RamDev(), RamDev()
+    try:
+        dst.ram.mem[:] = _pattern(5)
+        own = _blocks(dst.ram)
+        src.quiesce()
+        snap = save_device(src)
+        fstate = snap.sections[0].state
+        old = attrs.evolve(fstate, ram_bars=None)  # as a stream from before RAM BARs migrated
+        sections = (snap.sections[0]._replace(state=old), *snap.sections[1:])
+        older = VMStateSnapshot(snap.device_type, snap.fingerprint, sections, snap.fds)
+        load_device_stream(dst, older.to_bytes(), list(snap.fds)).close()
+        assert _blocks(dst.ram) == own
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_a_descriptor_too_small_is_refused_untouched() -> None:
+    src, dst = RamDev(), RamDev()
+    small = os.memfd_create("small")
+    try:
+        os.ftruncate(small, PAGE)
+        src.quiesce()
+        snap = save_device(src)
+        fds = list(snap.fds)
+        fds[snap.sections[0].state.ram_bars.bars[0].fd.index] = small
+        with pytest.raises(StateError, match="has 4096 bytes, the BAR 16384"):
+            load_device(dst, snap, fds)
+        assert not os.path.sameopenfile(dst.ram.fd, small)
+    finally:
+        os.close(small)
+        src.close()
+        dst.close()
+
+
+def test_migration_over_tcp_is_refused_before_anything_stops() -> None:
+    lsock = socket.create_server(("127.0.0.1", 0))
+    a = socket.create_connection(lsock.getsockname())
+    b, _ = lsock.accept()
+    lsock.close()
+    dev = RamDev()
+    try:
+        with pytest.raises(MigrationBlockedError) as info:
+            migrate_out(dev, a)
+        assert info.value.reasons == [
+            "RAM BAR2 (feature 'bar2-ram') migrates only as a file descriptor (its memfd), "
+            "which a migration over TCP cannot carry"]
+        assert not dev.quiesced
+        # vfio-user migration data carries no descriptors either
+        assert migration_blockers(dev) == [
+            "RAM BAR2 (feature 'bar2-ram') migrates only as a file descriptor (its memfd), "
+            "which vfio-user migration data cannot carry"]
+    finally:
+        a.close()
+        b.close()
+        dev.close()
+
+
+def test_through_the_software_host_the_guest_sees_its_data_after_a_roundtrip() -> None:
+    with Machine(ram_size=16 << 20) as machine:
+        pdev = plugged(machine, RamDev())
+        for i in range(0, SIZE, 64):
+            pdev.iowrite32(2, i, crc32c.crc32c(i.to_bytes(4, "little")))
+        roundtrip(pdev)
+        assert all(pdev.ioread32(2, i) == crc32c.crc32c(i.to_bytes(4, "little")) for i in range(0, SIZE, 64))
+
+
+# -------------------------------------------------------------------------- file backing
+def test_a_file_is_created_at_the_bar_size_and_keeps_its_contents(tmp_path) -> None:
+    path = str(tmp_path / "pmr.img")
+    ram = RamBacking(SIZE, path=path)
+    try:
+        assert os.path.getsize(path) == SIZE and ram.path == path
+        ram.mem[:] = _pattern(6)
+        ram.flush()
+    finally:
+        ram.close()
+    again = RamBacking(SIZE, path=path)  # "a restart": the contents are the file's
+    try:
+        assert bytes(again.mem) == _pattern(6)
+    finally:
+        again.close()
+
+
+def test_an_existing_file_of_another_size_is_refused_and_untouched(tmp_path) -> None:
+    path = tmp_path / "user.img"
+    path.write_bytes(b"user data" * 100)
+    with pytest.raises(ConfigError, match="has 900 bytes, the BAR needs 16384") as info:
+        RamBacking(SIZE, path=str(path))
+    assert "never resized" in str(info.value)
+    assert path.read_bytes() == b"user data" * 100
+    with pytest.raises(ConfigError, match="not a regular file|cannot open"):
+        RamBacking(SIZE, path=str(tmp_path))
+
+
+def test_a_handover_hands_the_file_over_instead_of_the_path(tmp_path) -> None:
+    path = str(tmp_path / "bar.img")
+    dev = RamDev(path)
+    try:
+        dev.ram.mem[:4] = b"old!"
+        fds = dev.framework_inheritable_fds()
+        assert list(fds) == [ram_file_key(path)]
+        os.rename(path, path + ".moved")  # the path now names nothing: it must not be created
+        with inheriting({k: os.dup(fd) for k, fd in fds.items()}):
+            new = RamDev(path)
+        try:
+            assert not os.path.exists(path)
+            assert os.path.sameopenfile(new.ram.fd, dev.ram.fd) and bytes(new.ram.mem[:4]) == b"old!"
+        finally:
+            new.close()
+    finally:
+        dev.close()

@@ -1,0 +1,289 @@
+"""The Controller Memory Buffer (pcidev_nvme.cmb) through the software host: registers
+and their transitions, SQs in the CMB with verified I/O, PRP/SGL data and PRP lists in
+the CMB, the mixing rules, CQs in the CMB refused, resets, and migration of the CMB's
+contents and registers (in process; between processes in test_cmb_process.py)."""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+
+import crc32c
+import pytest
+from _helpers import Env
+
+from pcidev.bar import RamBacking
+from pcidev.host import Machine
+from pcidev.migration import descriptor_blockers
+from pcidev.pci.config import ResetKind
+from pcidev.testing import roundtrip
+from pcidev_nvme.controller import NvmeController
+from pcidev_nvme.controller_memory import ControllerMemoryView
+from pcidev_nvme.status import Status
+from pcidev_nvme.testing.driver import READ, WRITE, NvmeDriver, NvmeDriverError
+
+CMB = "cmb_size=2,max_ioqpairs=4,msix_vectors=5,ns=mem:size=4M"
+CMBLOC, CMBSZ, CMBMSC, CMBSTS, CMBEBS, CMBSWTP = 0x38, 0x3C, 0x50, 0x58, 0x5C, 0x60
+INVALID_USE_OF_CMB = 0x12
+CLOCK_FIELDS = ("smart.power_on_us", "smart.busy_us", "features.timestamp")
+
+
+def _env(nvme_env, config: str = CMB, **kw) -> Env:
+    kw.setdefault("io_queues", 2)
+    return nvme_env(config, **kw)
+
+
+def _cmb_sq(drv: NvmeDriver, qid: int = 2, size: int = 64) -> None:
+    """Queue pair ``qid`` again, its SQ in the CMB."""
+    if drv.cmb is None:
+        drv.cmb_enable()
+    drv.delete_io_queue_pair(qid)
+    drv.create_io_queue_pair(qid, size, sq_in_cmb=True)
+
+
+def _blocks(seed: int, n: int) -> bytes:
+    rnd = random.Random(seed)
+    return rnd.randbytes(512 * n)
+
+
+def _crcs(data: bytes) -> list[int]:
+    return [crc32c.crc32c(data[i:i + 512]) for i in range(0, len(data), 512)]
+
+
+# ----------------------------------------------------------------------------- registers
+def test_registers_and_their_transitions(nvme_env) -> None:
+    env = _env(nvme_env)
+    drv, ctrl, pdev = env.drv, env.ctrl, env.pdev
+    assert (drv.cap >> 57) & 1  # CAP.CMBS
+    sizes = pdev.size_bars()
+    assert sizes[2][0] == 2 << 20
+    bar2 = ctrl.bars[2]
+    assert bar2 is not None and bar2.is_64bit and bar2.prefetchable and isinstance(bar2.handler, RamBacking)
+    # 1.4 rule: CMBLOC and CMBSZ read 0 until CMBMSC.CRE
+    assert (drv.read32(CMBLOC), drv.read32(CMBSZ), drv.read64(CMBMSC), drv.read32(CMBSTS)) == (0, 0, 0, 0)
+    drv.write32(CMBMSC, 1)
+    assert drv.read32(CMBLOC) == 2  # BIR 2, OFST 0
+    # SQS, CQS=0, LISTS, RDS, WDS; SZU 1 MiB; SZ 2
+    assert drv.read32(CMBSZ) == 0b11101 | (2 << 8) | (2 << 12)
+    assert (drv.read32(CMBEBS), drv.read32(CMBSWTP)) == (0, 0)
+    assert ctrl.cmb is not None and ctrl.cmb.window is None and ctrl.dma is env.machine.memory
+    # CMSE with a CBA not aligned to the 1 MiB unit: refused, CBAI, CMSE stays 0
+    bad = pdev.bar_address(2) + 0x1000
+    drv.write32(CMBMSC + 4, bad >> 32)
+    drv.write32(CMBMSC, (bad & 0xFFFFFFFF) | 3)
+    assert drv.read32(CMBSTS) == 1 and drv.read64(CMBMSC) & 3 == 1 and ctrl.cmb.window is None
+    # CMSE without CRE: refused as well
+    drv.write32(CMBMSC, 2)
+    assert drv.read32(CMBSTS) == 1 and drv.read64(CMBMSC) & 3 == 0
+    # a CBA whose range passes 2**64
+    drv.write32(CMBMSC + 4, 0xFFFFFFFF)
+    drv.write32(CMBMSC, 0xFFF00003)
+    assert drv.read32(CMBSTS) == 1 and not drv.read64(CMBMSC) & 2
+    # valid: CBAI cleared, controller memory space at CBA
+    base, size = drv.cmb_enable()
+    assert (base, size) == (pdev.bar_address(2), 2 << 20)
+    assert drv.read32(CMBSTS) == 0 and drv.read64(CMBMSC) == base | 3
+    view = ctrl.dma
+    assert isinstance(view, ControllerMemoryView) and view.window_of(base) is ctrl.cmb.window
+    assert view.window_of(base + size) is None and view.window_of(base - 1) is None
+    # a controller reset keeps them (Linux writes them again anyway); a function-level reset clears them
+    drv.disable()
+    assert drv.read64(CMBMSC) == base | 3
+    ctrl.reset(ResetKind.FLR)
+    regs = ctrl.regs  # (memory space is off after the FLR: read the registers directly)
+    assert (regs.read(CMBMSC, 8), regs.read(CMBSTS, 4), regs.read(CMBSZ, 4)) == (0, 0, 0)
+    assert ctrl.cmb.window is None
+
+
+def test_without_a_cmb_nothing_changes(nvme_env) -> None:
+    env = _env(nvme_env, "ns=mem:size=1M")
+    drv, ctrl = env.drv, env.ctrl
+    assert not (drv.cap >> 57) & 1 and ctrl.cmb is None and ctrl.bars[2] is None
+    drv.write32(CMBMSC, 3)
+    assert (drv.read32(CMBLOC), drv.read32(CMBSZ), drv.read64(CMBMSC)) == (0, 0, 0)
+    assert ctrl.dma is env.machine.memory  # the hot path hands out guest memory itself
+    with pytest.raises(NvmeDriverError, match="no CMB"):
+        drv.cmb_enable()
+
+
+def test_cmb_size_must_be_in_range() -> None:
+    from pcidev.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cmb_size=5000 is out of range 0..4096"):
+        NvmeController("cmb_size=5000")
+
+
+# ----------------------------------------------------------------------------- SQ in the CMB
+def test_sq_in_the_cmb_with_verified_io(nvme_env) -> None:
+    env = _env(nvme_env)
+    drv, m = env.drv, env.machine
+    _cmb_sq(drv, 2)
+    assert drv.queues[2].sq_in_cmb
+    base, size = drv.cmb
+    assert base <= drv.queues[2].sq_base < base + size
+    want: dict[int, int] = {}
+    buf = m.alloc(32 * 4096)
+    for rnd in range(4):
+        cids = []
+        for k in range(32):  # QD 32: every SQE written into the CMB through BAR2, one doorbell
+            slba = (rnd * 32 + k) * 8
+            data = _blocks(rnd * 100 + k, 8)
+            m.write(buf + k * 4096, data)
+            cids.append(drv.submit_rw(2, WRITE, nsid=1, slba=slba, nlb=8, buf=buf + k * 4096, ring=False))
+            for i, c in enumerate(_crcs(data)):
+                want[slba + i] = c
+        drv.ring(2)
+        got = drv.reap(2, min_completions=32)
+        assert len(got) == 32 and all(c.ok for c in got)
+    for slba in range(0, 4 * 32 * 8, 64):  # read back through the CMB SQ as well
+        data = drv.read(1, slba, 64, qid=2)
+        assert _crcs(data) == [want[slba + i] for i in range(64)]
+    # the fetch path read the SQEs from the CMB: host memory never held them
+    assert not env.machine.memory.is_mapped(drv.queues[2].sq_base, 64)
+
+
+def test_cq_in_the_cmb_is_refused(nvme_env) -> None:
+    env = _env(nvme_env)
+    drv = env.drv
+    base, _ = drv.cmb_enable()
+    drv.delete_io_queue_pair(2)
+    comp = drv.admin(0x05, prp1=base, cdw10=(63 << 16) | 2, cdw11=(2 << 16) | 3, check=False)
+    assert comp.code == INVALID_USE_OF_CMB and comp.dnr
+    # an SQ straddling the CMB's end is refused too
+    _, size = drv.cmb
+    cq = env.machine.alloc(64 * 16, 4096)
+    drv.admin(0x05, prp1=cq, cdw10=(63 << 16) | 2, cdw11=(2 << 16) | 3)
+    comp = drv.admin(0x01, prp1=base + size - 4096, cdw10=(127 << 16) | 2, cdw11=(2 << 16) | 1, check=False)
+    assert comp.code == INVALID_USE_OF_CMB and comp.dnr
+
+
+# ----------------------------------------------------------------------------- data in the CMB
+@pytest.mark.parametrize("nlb", [8, 16, 64])  # one page, PRP2 a page, PRP2 a list
+def test_prp_data_in_the_cmb(nvme_env, nlb: int) -> None:
+    env = _env(nvme_env)
+    drv = env.drv
+    drv.cmb_enable()
+    wbuf, rbuf = drv.cmb_alloc(nlb * 512), drv.cmb_alloc(nlb * 512)
+    data = _blocks(nlb, nlb)
+    drv.cmb_write(wbuf, data)
+    drv.io(1, WRITE, nsid=1, cdw10=100, cdw12=nlb - 1, buf=wbuf, length=len(data))
+    drv.io(1, READ, nsid=1, cdw10=100, cdw12=nlb - 1, buf=rbuf, length=len(data))
+    assert _crcs(drv.cmb_read(rbuf, len(data))) == _crcs(data)
+    assert drv.read(1, 100, nlb) == data  # and through host memory
+
+
+def test_a_prp_list_in_the_cmb(nvme_env) -> None:
+    env = _env(nvme_env)
+    drv, m = env.drv, env.machine
+    drv.cmb_enable()
+    # data in host memory, the PRP list in the CMB (LISTS); then data in the CMB, list in the CMB
+    for in_cmb in (False, True):
+        pages = [drv.cmb_alloc(4096) if in_cmb else m.alloc(4096, 4096) for _ in range(4)]
+        plist = drv.cmb_alloc(64)
+        drv.cmb_write(plist, struct.pack("<3Q", *pages[1:]))
+        data = _blocks(in_cmb, 32)
+        for i, p in enumerate(pages):
+            chunk = data[i * 4096:(i + 1) * 4096]
+            drv.cmb_write(p, chunk) if in_cmb else m.write(p, chunk)
+        drv.io(1, WRITE, nsid=1, cdw10=200, cdw12=31, prp1=pages[0], prp2=plist)
+        assert drv.read(1, 200, 32) == data
+
+
+def test_sgl_data_in_the_cmb(nvme_env) -> None:
+    env = _env(nvme_env)
+    drv = env.drv
+    drv.cmb_enable()
+    assert int.from_bytes(drv.id_ctrl[536:540], "little") & 3  # SGLS
+    buf = drv.cmb_alloc(8 * 512)
+    data = _blocks(9, 8)
+    drv.cmb_write(buf, data)
+    drv.io(1, WRITE, nsid=1, cdw10=300, cdw12=7, segments=[(buf, 2048), (buf + 2048, 2048)])
+    assert drv.read(1, 300, 8) == data
+
+
+def test_mixing_cmb_and_host_memory_is_refused(nvme_env) -> None:
+    env = _env(nvme_env)
+    drv, m = env.drv, env.machine
+    base, size = drv.cmb_enable()
+    cmb_page, host_page = drv.cmb_alloc(4096), m.alloc(4096, 4096)
+    cases = {
+        "PRP1 in the CMB, PRP2 in host memory": dict(prp1=cmb_page, prp2=host_page),
+        "PRP1 in host memory, PRP2 in the CMB": dict(prp1=host_page, prp2=cmb_page),
+        "a piece straddling the CMB's end": dict(prp1=base + size - 512, prp2=0),
+    }
+    for what, ptrs in cases.items():
+        nlb = 16 if ptrs["prp2"] else 2
+        for op in (WRITE, READ):
+            comp = drv.io(1, op, nsid=1, cdw10=0, cdw12=nlb - 1, check=False, **ptrs)
+            assert comp.code == INVALID_USE_OF_CMB and comp.dnr, what
+    # a PRP list mixing CMB and host pages
+    plist = m.alloc(4096, 4096)
+    m.write(plist, struct.pack("<3Q", host_page, cmb_page, host_page))
+    comp = drv.io(1, WRITE, nsid=1, cdw10=0, cdw12=31, prp1=host_page, prp2=plist, check=False)
+    assert comp.code == INVALID_USE_OF_CMB and comp.dnr
+    # an SGL mixing them
+    comp = drv.io(1, WRITE, nsid=1, cdw10=0, cdw12=7, segments=[(cmb_page, 2048), (host_page, 2048)],
+                  check=False)
+    assert comp.code == INVALID_USE_OF_CMB and comp.dnr
+    assert Status.INVALID_USE_OF_CMB == INVALID_USE_OF_CMB
+
+
+def test_without_controller_memory_space_cmb_addresses_are_host_addresses(nvme_env) -> None:
+    env = _env(nvme_env)
+    drv = env.drv
+    base, _ = drv.cmb_enable()
+    drv.write32(CMBMSC, 1)  # CMSE off: the controller no longer recognises its CMB
+    comp = drv.io(1, WRITE, nsid=1, cdw10=0, cdw12=7, buf=base, length=4096, check=False)
+    assert comp.code == Status.DATA_TRANSFER_ERROR
+
+
+# ----------------------------------------------------------------------------- migration
+def test_migration_with_sqes_waiting_in_the_cmb(nvme_env) -> None:
+    """Commands sit in the CMB SQ (tail not rung) and their data in the CMB; after the
+    round trip the destination fetches them from the adopted memfd."""
+    env = _env(nvme_env)
+    drv, pdev = env.drv, env.pdev
+    _cmb_sq(drv, 2)
+    want: dict[int, int] = {}
+    bufs = [drv.cmb_alloc(4096) for _ in range(16)]
+    for k, b in enumerate(bufs):
+        data = _blocks(1000 + k, 8)
+        drv.cmb_write(b, data)
+        drv.submit_rw(2, WRITE, nsid=1, slba=k * 8, nlb=8, buf=b, ring=False)
+        want.update({k * 8 + i: c for i, c in enumerate(_crcs(data))})
+    src = env.ctrl
+    assert src.cmb is not None
+    assert "bar2-ram" in src.enabled_features() and descriptor_blockers(src, "TCP")
+    regs = src.cmb.snapshot()
+    src_fd = os.dup(src.cmb.ram.fd)
+    try:
+        dst = roundtrip(pdev, ignore=CLOCK_FIELDS)
+        assert isinstance(dst, NvmeController) and dst.cmb is not None
+        assert os.path.sameopenfile(dst.cmb.ram.fd, src_fd)  # the source's memfd, adopted
+    finally:
+        os.close(src_fd)
+    assert dst.cmb.snapshot() == regs and regs.cmbmsc & 3 == 3
+    assert isinstance(dst.dma, ControllerMemoryView)
+    drv.ring(2)
+    got = drv.reap(2, min_completions=16)
+    assert len(got) == 16 and all(c.ok for c in got)
+    data = drv.read(1, 0, 128, qid=2)
+    assert _crcs(data) == [want[i] for i in range(128)]
+
+
+def test_a_second_controller_on_the_same_machine_keeps_its_own_cmb() -> None:
+    with Machine(ram_size=64 << 20) as machine:
+        a, b = NvmeController(CMB, name="a"), NvmeController(CMB, name="b")
+        try:
+            da = NvmeDriver.attach(machine, a, io_queues=1, aers=0)
+            db = NvmeDriver.attach(machine, b, io_queues=1, aers=0)
+            ba, _ = da.cmb_enable()
+            bb, _ = db.cmb_enable()
+            assert ba != bb
+            da.cmb_write(ba, b"A" * 64)
+            db.cmb_write(bb, b"B" * 64)
+            assert da.cmb_read(ba, 64) == b"A" * 64 and db.cmb_read(bb, 64) == b"B" * 64
+        finally:
+            a.close()
+            b.close()
