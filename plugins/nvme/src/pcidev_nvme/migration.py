@@ -21,7 +21,14 @@ What travels (section ``nvme`` version 1, see :class:`NvmeState`):
   firmware slots, the active and next-reset slot, a partly downloaded image;
   the Changed Namespace List;
 * per namespace: attached or not, the LBA format (Format NVM may have changed it)
-  and, for a ``mem`` namespace, an :class:`~pcidev.vmstate.FdRef` to its memfd.
+  and, for a ``mem`` namespace, an :class:`~pcidev.vmstate.FdRef` to its memfd;
+* optional subsections, written only when there is something to carry (a stream
+  from before them still loads): the Write Uncorrectable marks
+  (:mod:`~pcidev_nvme.uncorrectable`), the aborts of commands not fetched yet
+  (:mod:`~pcidev_nvme.abort`), the sanitize status and an operation in progress
+  (:mod:`~pcidev_nvme.sanitize`: the destination continues it where the source
+  stopped), the self-test results and a test in progress (:mod:`~pcidev_nvme.selftest`:
+  it continues with its elapsed time).
 
 **Namespace contents are not in the stream.** A ``file`` namespace is reopened by
 the destination from its own configuration (the same path: the fingerprint has it),
@@ -37,7 +44,8 @@ kind, size, path, O_DIRECT, read-only, NGUID).
 
 **Quiescing** (:func:`quiesce`): stop fetching (no SQ batch in progress), drain the
 backend I/O in flight (:meth:`IoCommandSet.drain`) and the admin worker (Format,
-shutdown), so every command fetched so far has completed: its completion is in the
+shutdown), stop a sanitize operation at a chunk boundary and the self-test's clock,
+so every command fetched so far has completed: its completion is in the
 CQ or in the CQ's backlog (which travels). Only AERs stay outstanding, and they
 travel. Pending coalesced interrupts are delivered and timers stopped. Nothing is
 lost or duplicated: SQ entries between head and tail stay in guest memory and the
@@ -70,6 +78,7 @@ import attrs
 from pcidev.errors import ConfigError, MigrationError
 from pcidev.vmstate import U8, U32, U64, Bool, Bytes, VarArray, vmstate
 from pcidev.vmstate.errors import StateError
+from pcidev_nvme.abort import Aborts, AbortsState
 from pcidev_nvme.admin import AdminWorker
 from pcidev_nvme.aer import AerState, AsyncEvents, EventState
 from pcidev_nvme.backends import MemoryBackend
@@ -92,6 +101,9 @@ from pcidev_nvme.logs import (
 from pcidev_nvme.namespace import LBA_FORMATS, Namespace, NamespaceState
 from pcidev_nvme.queues import CompletionQueue, CqeState, CqState, SqState, SubmissionQueue
 from pcidev_nvme.registers import ControllerState
+from pcidev_nvme.sanitize import SANACT_BLOCK_ERASE, SANACT_CRYPTO_ERASE, Sanitizer, SanitizeState
+from pcidev_nvme.selftest import SelfTest, SelfTestState
+from pcidev_nvme.uncorrectable import Uncorrectable, UncorrectableState
 
 
 class MigrationHost(Protocol):
@@ -110,6 +122,10 @@ class MigrationHost(Protocol):
     shadow: ShadowDoorbells
     state_lock: threading.RLock
     admin_worker: AdminWorker
+    uncorrectable: Uncorrectable
+    aborts: Aborts
+    sanitizer: Sanitizer
+    selftest: SelfTest
 
     @property
     def allocated(self) -> Mapping[int, Namespace]: ...
@@ -186,6 +202,10 @@ class NvmeState:
     dbbuf_dbs: U64 = 0
     dbbuf_eis: U64 = 0
     dbbuf: Bool = False
+    uncorrectable: UncorrectableState | None = None
+    aborts: AbortsState | None = None
+    sanitize: SanitizeState | None = None
+    self_test: SelfTestState | None = None
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -309,12 +329,19 @@ def quiesce(ctrl: MigrationHost, timeout: float = 30.0) -> None:
     if marker is not None:  # admin work in the background (Format NVM, shutdown): FIFO, one worker
         wait("admin work (Format NVM, shutdown)", marker.done)
     wait("a fetch batch", ctrl.batches_idle)  # kicks made by the last completions
+    if not ctrl.sanitizer.pause(max(deadline - time.monotonic(), 0.0)):
+        resume(ctrl)
+        raise MigrationError(f"nvme: the sanitize operation did not pause within {timeout:g} s; "
+                             "the controller keeps running")
+    ctrl.selftest.pause()
     ctrl.stop_timers()  # coalesced completions get their interrupt before the stop
 
 
 def resume(ctrl: MigrationHost) -> None:
     """Run again: fetch what was submitted meanwhile, restart keep alive, deliver events."""
     was = ctrl.unpause()
+    ctrl.sanitizer.resume()
+    ctrl.selftest.resume()
     if was and ctrl.running:
         ctrl.restart_work()
 
@@ -357,7 +384,8 @@ def save(ctrl: MigrationHost) -> NvmeState:
         features=ctrl.features.snapshot(irq.vector_cd), smart=ctrl.smart.snapshot(),
         error_count=errors.count, error_entries=errors.entries, firmware=ctrl.firmware.snapshot(),
         changed_ns=changed.nsids, changed_ns_overflow=changed.overflow, namespaces=tuple(namespaces),
-        dbbuf_dbs=db.dbs, dbbuf_eis=db.eis, dbbuf=db.enabled)
+        dbbuf_dbs=db.dbs, dbbuf_eis=db.eis, dbbuf=db.enabled, uncorrectable=ctrl.uncorrectable.snapshot(),
+        aborts=ctrl.aborts.snapshot(), sanitize=ctrl.sanitizer.snapshot(), self_test=ctrl.selftest.snapshot())
 
 
 # ----------------------------------------------------------------------------- check
@@ -497,6 +525,46 @@ def check(ctrl: MigrationHost, st: NvmeState) -> None:
         raise _fail("shadow doorbells on a controller without Doorbell Buffer Config", "dbbuf")
     if st.dbbuf and (st.dbbuf_dbs & 0xFFF or st.dbbuf_eis & 0xFFF):
         raise _fail("shadow doorbell buffers are not page aligned", "dbbuf_dbs")
+    _check_admin_features(ctrl, st)
+
+
+def _check_admin_features(ctrl: MigrationHost, st: NvmeState) -> None:
+    """The subsections of Write Uncorrectable, Abort, Sanitize and Device Self-test."""
+    lbafs = {n.nsid: n.lbaf for n in st.namespaces}
+    if st.uncorrectable is not None:
+        for j, r in enumerate(st.uncorrectable.ranges):
+            ns = ctrl.allocated.get(r.nsid)
+            if ns is None:
+                raise _fail(f"uncorrectable blocks of namespace {r.nsid}, which does not exist",
+                            f"uncorrectable.ranges[{j}].nsid")
+            nlbas = ns.size // LBA_FORMATS[lbafs[r.nsid]][0]
+            if r.nlb == 0 or r.slba + r.nlb > nlbas:
+                raise _fail(f"uncorrectable blocks {r.slba}+{r.nlb} outside namespace {r.nsid} ({nlbas} blocks)",
+                            f"uncorrectable.ranges[{j}]")
+    if st.aborts is not None:
+        for j, p in enumerate(st.aborts.pending):
+            if p.sqid >= len(st.sqs) or st.sqs[p.sqid] is None:
+                raise _fail(f"an abort for SQ {p.sqid}, which does not exist", f"aborts.pending[{j}].sqid")
+    san = st.sanitize
+    if san is not None:
+        if san.sstat > 4 or san.failure_mode > 2:
+            raise _fail(f"sanitize status {san.sstat} / failure mode {san.failure_mode}", "sanitize.sstat")
+        if san.running:
+            if not SANACT_BLOCK_ERASE <= san.action <= SANACT_CRYPTO_ERASE:
+                raise _fail(f"sanitize action {san.action} in progress", "sanitize.action")
+            nsids = sorted(ctrl.allocated)
+            if san.ns_index > len(nsids) or (san.ns_index < len(nsids)
+                                              and san.offset > ctrl.allocated[nsids[san.ns_index]].size):
+                raise _fail(f"sanitize position {san.ns_index}/{san.offset} is outside the namespaces",
+                            "sanitize.offset")
+            if san.offset % 4096:
+                raise _fail(f"sanitize offset {san.offset} is not at a chunk boundary", "sanitize.offset")
+    test = st.self_test
+    if test is not None:
+        if test.current not in (0, 1, 2):
+            raise _fail(f"self-test operation {test.current}", "self_test.current")
+        if test.current and test.nsid not in (0, 0xFFFFFFFF) and test.nsid not in ctrl.allocated:
+            raise _fail(f"self-test of namespace {test.nsid}, which does not exist", "self_test.nsid")
 
 
 # ----------------------------------------------------------------------------- apply
@@ -571,6 +639,10 @@ def apply(ctrl: MigrationHost, st: NvmeState) -> None:
             if n.attached:
                 attached.append(n.nsid)
         ctrl.set_attached(attached)
+        ctrl.uncorrectable.restore(st.uncorrectable)
+        ctrl.aborts.restore(st.aborts)
+        ctrl.sanitizer.restore(st.sanitize)
+        ctrl.selftest.restore(st.self_test)
         ctrl.finish_restore()
 
 
