@@ -142,6 +142,8 @@ class NvmeConfig:
     :param fw_slots: firmware slots (1..7); slot 1 is read-only.
     :param dbbuf: support Doorbell Buffer Config (shadow doorbells).
     :param cntlid: controller identifier.
+    :param sanitize_rate: bytes per second a sanitize alters (0: no limit).
+    :param selftest_speedup: divides the device self-test durations.
     :param backends: namespace backends by name (``DeviceRegistry.create`` fills it with the
         registry's ``nvme-backend`` components); None for the built-ins. Not a property.
     """
@@ -199,6 +201,11 @@ class NvmeConfig:
         "help": "support Doorbell Buffer Config (shadow doorbells)"})
     cntlid: int = attrs.field(default=0, validator=_between(0, 0xFFEF), metadata={
         "help": "controller identifier"})
+    sanitize_rate: Size = attrs.field(default=Size(0), validator=_between(0, (1 << 64) - 1), metadata={
+        "help": "bytes per second a sanitize operation alters (0: as fast as the backends go; "
+                "a low rate makes its progress visible)"})
+    selftest_speedup: int = attrs.field(default=1, validator=_between(1, 1_000_000), metadata={
+        "help": "divides the device self-test durations (short: 2 s, extended: EDSTT minutes), for tests"})
     #: the namespace backends by name, filled by ``DeviceRegistry.create`` from the
     #: registry's ``nvme-backend`` components (None: the built-in backends). Not a property.
     backends: Mapping[str, Any] | None = attrs.field(default=None, eq=False, repr=False, metadata={

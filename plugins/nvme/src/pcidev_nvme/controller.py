@@ -175,9 +175,11 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             #: Device Self-test (:mod:`pcidev_nvme.selftest`)
             self.selftest = SelfTest(self, self.uncorrectable, lambda: self.smart.power_on_hours)
             self.selftest.extended_seconds = 60.0 * edstt_minutes(self.total_capacity)
+            self.selftest.time_scale = 1.0 / cfg.selftest_speedup
             #: Sanitize (:mod:`pcidev_nvme.sanitize`)
             self.sanitizer = Sanitizer(self, self.uncorrectable, self.aer.post, self._sanitize_refuse,
                                        lambda: self.smart.host_write_commands, on_start=self._sanitize_started)
+            self.sanitizer.rate = float(cfg.sanitize_rate) or None
             self.admin = AdminCommandSet(self)
         except BaseException:
             self._close_namespaces()
