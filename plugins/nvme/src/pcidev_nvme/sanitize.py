@@ -287,7 +287,6 @@ class Sanitizer:
         return min(int(frac * 65536), 0xFFFE)
 
     def _work(self) -> None:
-        deadline_wait = 0.0
         while True:
             with self._lock:
                 while self._paused and not self._closed:
@@ -306,17 +305,27 @@ class Sanitizer:
                 self._finish(failed=True)
                 return
             if done:
+                with self._lock:  # a quiesce in progress: the destination (or the resume) finishes
+                    while self._paused and not self._closed:
+                        self._at_boundary = True
+                        self._lock.notify_all()
+                        self._lock.wait()
+                    if self._closed:
+                        self._at_boundary = True
+                        self._lock.notify_all()
+                        return
                 self._finish(failed=False)
                 return
             if self.rate:
-                deadline_wait = CHUNK / self.rate
                 with self._lock:
                     self._at_boundary = True
                     self._lock.notify_all()
-                    self._lock.wait(deadline_wait)
+                    self._lock.wait(CHUNK / self.rate)
 
     def _step(self) -> bool:
         """Alter one chunk; True once the whole operation is done."""
+        if self.passes_done >= self._steps():
+            return True  # (restored after the last chunk, before the completion)
         nsids = sorted(self.ctrl.allocated)
         if self.ns_index == 0 and self.offset == 0 and self.passes_done == 0:
             t_end = time.monotonic() + 30

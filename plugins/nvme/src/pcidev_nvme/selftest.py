@@ -196,7 +196,12 @@ class SelfTest:
                 frac = min(self.elapsed() / self._duration, 1.0) if self._duration > 0 else 1.0
                 current = self.current
             if current == STC_EXTENDED:
-                self._read_media(frac)
+                try:
+                    self._read_media(frac)
+                except Exception:  # a namespace closed under the test (the controller is closing)
+                    if self._closed:
+                        return
+                    raise
             if frac >= 1.0:
                 self._complete(token)
                 return
@@ -301,6 +306,9 @@ class SelfTest:
         with self._lock:
             self._closed = True
             self._lock.notify_all()
+            t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=10)
 
     # -- the log page --------------------------------------------------------------------------
     def log_page(self) -> bytes:
