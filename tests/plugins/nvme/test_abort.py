@@ -11,6 +11,7 @@ import time
 import pytest
 from _helpers import GatedBackend, attach_namespace, wait_until
 
+from pcidev_nvme.abort import Aborts, AbortsState, PendingAbort
 from pcidev_nvme.io import DEFAULT_WORKERS
 from pcidev_nvme.status import Status
 from pcidev_nvme.testing.driver import WRITE
@@ -80,6 +81,11 @@ def test_abort_a_command_still_in_the_submission_queue(env):
     sq = env.ctrl.sq(2)
     assert sq.pending == 1  # not fetched
     assert drv.abort(2, second).dw0 & 1 == 0
+    state = env.ctrl.aborts.snapshot()  # what a migration carries now
+    assert state == AbortsState((PendingAbort(2, second),))
+    other = Aborts(env.ctrl, env.ctrl.io, env.ctrl.aer)
+    other.restore(state)
+    assert other.take(2, second) and not other.active
     backend.release()
     seen = reap_all(drv, 2, {first, second})
     assert seen == {first: [0], second: [Status.ABORT_REQUESTED]}

@@ -10,6 +10,7 @@ import time
 
 import pytest
 from _helpers import expect_status
+from test_migration_nvme import Host
 
 from pcidev_nvme.features import FID_NAMES
 from pcidev_nvme.status import Status
@@ -85,3 +86,18 @@ def test_supported_features_log_lists_exactly_the_supported(env):
     for fid in supported:  # and each works
         env.drv.get_features(fid, cdw11=0, nsid=1 if fid == 0x05 else 0,
                              length={0x0E: 8, 0x16: 512}.get(fid, 0))
+
+
+def test_write_atomicity_and_vector_settings_migrate():
+    host = Host("serial=featm,msix_vectors=4,max_ioqpairs=2,ns=mem:size=1M", io_queues=1, aers=0)
+    try:
+        drv = host.drv
+        drv.write(1, 0, b"\x33" * 4096)
+        drv.set_features(0x0A, 1)
+        drv.set_features(0x09, 3 | (1 << 16))
+        host.migrate()
+        assert drv.get_features(0x0A).dw0 == 1
+        assert drv.get_features(0x09, cdw11=3).dw0 == 3 | (1 << 16)
+        assert drv.read(1, 0, 8) == b"\x33" * 4096
+    finally:
+        host.close()

@@ -8,16 +8,20 @@ import json
 import os
 import struct
 
+import attrs
 import crc32c
 import pytest
 from _helpers import expect_status, smart
 from test_migration_nvme import Host
 
+from pcidev.vmstate.errors import StateError
 from pcidev_nvme.controller import NvmeController
+from pcidev_nvme.migration import check, save
 from pcidev_nvme.status import Status
 from pcidev_nvme.testing.driver import NvmeDriver
-from pcidev_nvme.uncorrectable import SIDECAR_SUFFIX, Uncorrectable
+from pcidev_nvme.uncorrectable import SIDECAR_SUFFIX, Uncorrectable, UncorrectableState, WuRange
 
+NLB = (4 << 20) // 512
 WU, READ, WRITE, COMPARE, WZ, DSM, VERIFY, COPY = 0x04, 0x02, 0x01, 0x05, 0x08, 0x09, 0x0C, 0x19
 
 
@@ -200,3 +204,21 @@ def test_marks_migrate_with_verified_data():
         assert drv.read(1, 0, 64) == data
     finally:
         host.close()
+
+
+def test_a_stream_with_impossible_marks_is_refused(nvme_env):
+    env = nvme_env("ns=mem:size=4M")
+    ctrl = env.ctrl
+    env.drv.write_uncorrectable(1, 3, 2)
+    ctrl.quiesce()
+    try:
+        st = save(ctrl)
+        assert st.uncorrectable == UncorrectableState((WuRange(1, 3, 2),))
+        check(ctrl, st)
+        for bad in (WuRange(1, NLB - 1, 2), WuRange(2, 0, 1), WuRange(1, 0, 0)):
+            with pytest.raises(StateError):
+                check(ctrl, attrs.evolve(st, uncorrectable=UncorrectableState((bad,))))
+        assert ctrl.uncorrectable.ranges(1) == [(3, 2)]  # nothing changed
+        check(ctrl, attrs.evolve(st, uncorrectable=None))  # a stream from before marks existed
+    finally:
+        ctrl.resume()
