@@ -236,3 +236,17 @@ def test_self_test_and_marks_migrate_between_processes(tmp_path):
     finally:
         src.stop()
         dst.stop()
+
+
+def test_format_and_detach_abort_a_test_of_their_namespace(env):
+    drv = env.drv
+    drv.device_self_test(EXTENDED, nsid=2)
+    drv.admin(0x80, nsid=1, cdw10=0)  # another namespace: the test goes on
+    assert drv.self_test_log()[0] == EXTENDED
+    drv.admin(0x80, nsid=2, cdw10=0)
+    e = entries(drv.self_test_log())[0]
+    assert e["result"] == 4 and e["nsid"] == 2
+    drv.device_self_test(EXTENDED, nsid=0xFFFFFFFF)
+    drv.admin(0x15, nsid=1, cdw10=1, data=struct.pack("<HH", 1, env.ctrl.cfg.cntlid))  # detach namespace 1
+    e = entries(drv.self_test_log())[0]
+    assert e["result"] == 3 and drv.self_test_log()[0] == 0

@@ -73,7 +73,7 @@ from pcidev_nvme.prp import prp_segments
 from pcidev_nvme.queues import CompletionQueue, SubmissionQueue
 from pcidev_nvme.request import ControllerPort, Request
 from pcidev_nvme.sanitize import LID_SANITIZE, Sanitizer
-from pcidev_nvme.selftest import LID_SELF_TEST, SelfTest
+from pcidev_nvme.selftest import LID_SELF_TEST, RESULT_ABORTED_FORMAT, RESULT_ABORTED_NS_REMOVED, SelfTest
 from pcidev_nvme.status import NvmeStatusError, Status
 from pcidev_nvme.uncorrectable import Uncorrectable
 
@@ -723,6 +723,7 @@ class AdminCommandSet:
             raise _err(Status.INVALID_NSID, f"namespace {nsid:#x} is not allocated", OFF_NSID)
         for n in targets:
             ctrl.uncorrectable.clear_namespace(n)
+            ctrl.selftest.namespace_changed(n, RESULT_ABORTED_NS_REMOVED)
             ns, was_attached, created_spec = ctrl.remove_namespace(n)
             if was_attached:
                 ctrl.namespace_changed(n)
@@ -759,6 +760,7 @@ class AdminCommandSet:
             ctrl.attach_namespace(nsid)  # Namespace Already Attached if it is
         else:
             ctrl.detach_namespace(nsid)  # Namespace Not Attached if it is not
+            ctrl.selftest.namespace_changed(nsid, RESULT_ABORTED_NS_REMOVED)
         ctrl.namespace_changed(nsid)
         if nsid in ctrl.created:
             ctrl.save_state()
@@ -799,6 +801,7 @@ class AdminCommandSet:
             while time.monotonic() < deadline and ctrl.io_inflight_for(ids):
                 time.sleep(0.001)
             for ns in targets:
+                ctrl.selftest.namespace_changed(ns.nsid, RESULT_ABORTED_FORMAT)
                 ns.format(lbaf, ses)
                 ctrl.uncorrectable.clear_namespace(ns.nsid)
         except NvmeStatusError as exc:

@@ -24,7 +24,9 @@ Number 7, the NSID and failing LBA, and status Unrecovered Read Error (SCT 2h, S
 (VDI: NSID, FLBA, SCT and SC valid).
 
 A short test is aborted by a Controller Level Reset (result 2h); an extended one
-continues across it. Starting a sanitize aborts a test (result 9h).
+continues across it. A test of a namespace that is deleted or detached is aborted with
+result 3h, one that a Format NVM reaches with 4h; starting a sanitize aborts a test
+(result 9h).
 :attr:`SelfTest.time_scale` scales every duration (tests use 0.01).
 
 Log (``struct nvme_self_test_log``): current operation, completion percentage, then 20
@@ -52,7 +54,8 @@ from pcidev_nvme.status import NvmeStatusError, Status
 from pcidev_nvme.uncorrectable import Uncorrectable
 
 __all__ = ["SelfTest", "SelfTestState", "LID_SELF_TEST", "STC_SHORT", "STC_EXTENDED", "STC_ABORT", "RESULT_OK",
-           "RESULT_ABORTED_CMD", "RESULT_ABORTED_RESET", "RESULT_SEGMENT_FAILED", "RESULT_ABORTED_SANITIZE",
+           "RESULT_ABORTED_CMD", "RESULT_ABORTED_RESET",
+           "RESULT_ABORTED_NS_REMOVED", "RESULT_ABORTED_FORMAT", "RESULT_SEGMENT_FAILED", "RESULT_ABORTED_SANITIZE",
            "RESULT_UNUSED", "SEGMENT_MEDIA", "EXTENDED_RATE", "edstt_minutes"]
 
 LID_SELF_TEST = 0x06
@@ -60,6 +63,8 @@ STC_SHORT, STC_EXTENDED, STC_ABORT = 0x1, 0x2, 0xF
 RESULT_OK = 0x0
 RESULT_ABORTED_CMD = 0x1
 RESULT_ABORTED_RESET = 0x2
+RESULT_ABORTED_NS_REMOVED = 0x3
+RESULT_ABORTED_FORMAT = 0x4
 RESULT_SEGMENT_FAILED = 0x7
 RESULT_ABORTED_SANITIZE = 0x9
 RESULT_UNUSED = 0xF
@@ -274,6 +279,11 @@ class SelfTest:
             self._token += 1
             self._lock.notify_all()
         return True
+
+    def namespace_changed(self, nsid: int, result: int) -> None:
+        """Namespace ``nsid`` was removed (result 3h) or formatted (4h): a test that covers it ends."""
+        if self.current and self.nsid in (nsid, _BROADCAST):
+            self.abort(result)
 
     def controller_reset(self) -> None:
         """A Controller Level Reset: a short test is aborted (result 2h); an extended one continues."""
