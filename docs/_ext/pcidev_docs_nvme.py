@@ -47,17 +47,19 @@ ADMIN_NAMES = {
     0x04: "Delete I/O Completion Queue", 0x05: "Create I/O Completion Queue", 0x06: "Identify",
     0x08: "Abort", 0x09: "Set Features", 0x0A: "Get Features", 0x0C: "Asynchronous Event Request",
     0x0D: "Namespace Management", 0x10: "Firmware Commit", 0x11: "Firmware Image Download",
-    0x15: "Namespace Attachment", 0x18: "Keep Alive", 0x7C: "Doorbell Buffer Config", 0x80: "Format NVM",
+    0x14: "Device Self-test", 0x15: "Namespace Attachment", 0x18: "Keep Alive", 0x7C: "Doorbell Buffer Config",
+    0x80: "Format NVM", 0x84: "Sanitize", 0x86: "Get LBA Status",
 }
 #: NVM command set I/O command names by opcode.
 IO_NAMES = {
-    0x00: "Flush", 0x01: "Write", 0x02: "Read", 0x05: "Compare", 0x08: "Write Zeroes",
+    0x00: "Flush", 0x01: "Write", 0x02: "Read", 0x04: "Write Uncorrectable", 0x05: "Compare", 0x08: "Write Zeroes",
     0x09: "Dataset Management", 0x0C: "Verify", 0x19: "Copy",
 }
 #: Log page names by log identifier.
 LOG_NAMES = {
     0x01: "Error Information", 0x02: "SMART / Health Information", 0x03: "Firmware Slot Information",
-    0x04: "Changed Namespace List", 0x05: "Commands Supported and Effects",
+    0x04: "Changed Namespace List", 0x05: "Commands Supported and Effects", 0x06: "Device Self-test",
+    0x12: "Feature Identifiers Supported and Effects", 0x81: "Sanitize Status",
 }
 #: Commands Supported and Effects bits shown in the tables (bit, heading).
 EFFECTS = ((1, "LBCC"), (2, "NCC"), (3, "NIC"), (4, "CCC"))

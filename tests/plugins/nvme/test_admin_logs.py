@@ -31,7 +31,7 @@ def env(nvme_env):
 
 def test_log_page_errors(env):
     drv = env.drv
-    expect_status(drv, Status.INVALID_LOG_PAGE, GET_LOG, param=40, **log_args(0x06, 512))
+    expect_status(drv, Status.INVALID_LOG_PAGE, GET_LOG, param=40, **log_args(0x07, 512))
     expect_status(drv, Status.INVALID_LOG_PAGE, GET_LOG, **log_args(0xC0, 512))
     expect_status(drv, Status.INVALID_FIELD, GET_LOG, param=48, **log_args(0x02, 64, offset=2))
     expect_status(drv, Status.INVALID_FIELD, GET_LOG, param=48, **log_args(0x02, 64, offset=516))
@@ -190,12 +190,14 @@ def test_commands_supported_and_effects(env):
     page = env.drv.get_log(0x05, 4096)
     acs = struct.unpack_from("<256I", page, 0)
     iocs = struct.unpack_from("<256I", page, 1024)
-    for opc in (0x00, 0x01, 0x02, 0x04, 0x05, 0x06, 0x08, 0x09, 0x0A, 0x0C, 0x0D, 0x10, 0x11, 0x15, 0x18, 0x7C, 0x80):
+    for opc in (0x00, 0x01, 0x02, 0x04, 0x05, 0x06, 0x08, 0x09, 0x0A, 0x0C, 0x0D, 0x10, 0x11, 0x14, 0x15, 0x18, 0x7C,
+                0x80, 0x84, 0x86):
         assert acs[opc] & 1, hex(opc)
-    assert not acs[0x03] & 1 and not acs[0x14] & 1
+    assert not acs[0x03] & 1 and not acs[0x19] & 1
+    assert acs[0x84] & 0b10  # sanitize changes LBA content
     assert acs[0x80] & 0b10  # format changes LBA content
     assert acs[0x15] & 0b1000  # attachment changes the namespace inventory
-    for opc in (0x00, 0x01, 0x02, 0x05, 0x08, 0x09, 0x0C, 0x19):
+    for opc in (0x00, 0x01, 0x02, 0x04, 0x05, 0x08, 0x09, 0x0C, 0x19):
         assert iocs[opc] & 1, hex(opc)
     assert iocs[0x01] & 0b10 and not iocs[0x02] & 0b10
 

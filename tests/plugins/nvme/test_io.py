@@ -88,7 +88,7 @@ def read_blocks(ctrl, ios, slba: int, nlb: int, *, ns=1) -> bytes:
 
 
 def test_exported_limits():
-    assert ONCS & 0b1_1000_1101 == ONCS  # compare, DSM, write zeroes, verify, copy
+    assert ONCS & 0b1_1000_1111 == ONCS  # compare, write uncorrectable, DSM, write zeroes, verify, copy
     assert SGLS & 0x3 == 1 and SGLS & (1 << 16)
     mssrl, mcl, msrc = COPY_LIMITS
     assert mssrl <= mcl and msrc < 256
@@ -279,7 +279,7 @@ def test_invalid_namespace(env, nsid):
         assert err.param_offset == 4
 
 
-@pytest.mark.parametrize("opcode", [0x03, 0x04, 0x0D, 0x11, 0x7F, 0x80, 0xFF])
+@pytest.mark.parametrize("opcode", [0x03, 0x06, 0x0D, 0x11, 0x7F, 0x80, 0xFF])
 def test_invalid_opcode(env, opcode):
     ctrl, ios = env
     err = fails(ctrl, ios, command(opcode), Status.INVALID_OPCODE)

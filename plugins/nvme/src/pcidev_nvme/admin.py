@@ -13,7 +13,8 @@ Opcode  Command                             Statuses besides Success
                                             Invalid Interrupt Vector, Invalid Field, PRP
                                             Offset Invalid, Data Transfer Error
 06h     Identify                            Invalid Field (CNS/CSI), Invalid Namespace
-08h     Abort                               DW0 bit 0 = 1: not aborted
+08h     Abort                               DW0 bit 0 = 1: not aborted (see
+                                            :mod:`pcidev_nvme.abort`)
 09h     Set Features                        see :mod:`pcidev_nvme.features`
 0Ah     Get Features                        see :mod:`pcidev_nvme.features`
 0Ch     Asynchronous Event Request          Asynchronous Event Request Limit Exceeded
@@ -22,12 +23,22 @@ Opcode  Command                             Statuses besides Success
                                             Unavailable, Thin Provisioning Not Supported
 10h     Firmware Commit                     Invalid Firmware Slot, Invalid Firmware Image
 11h     Firmware Image Download             Invalid Field, Overlapping Range
+14h     Device Self-test                    Invalid Field, Invalid Namespace, Device
+                                            Self-test In Progress (:mod:`pcidev_nvme.selftest`)
 15h     Namespace Attachment                Namespace Already Attached, Namespace Not
                                             Attached, Controller List Invalid
 18h     Keep Alive
 7Ch     Doorbell Buffer Config              Invalid Field
 80h     Format NVM                          Invalid Format, Invalid Field, Invalid Namespace
+84h     Sanitize                            Invalid Field, Sanitize In Progress, Command
+                                            Sequence Error (:mod:`pcidev_nvme.sanitize`)
+86h     Get LBA Status                      Invalid Namespace, LBA Out of Range, Invalid
+                                            Field (:mod:`pcidev_nvme.lba_status`)
 ======  ==================================  ==============================================
+
+While a sanitize operation runs, the commands it does not allow complete with
+Sanitize In Progress (after a failed one, Sanitize Failed) before anything else is
+checked (:meth:`pcidev_nvme.sanitize.Sanitizer.check_admin`).
 
 Every command: unknown opcode → Invalid Opcode; fused or SGL (PSDT ≠ 0) → Invalid
 Field; a data pointer outside guest memory → Data Transfer Error. Each failure
@@ -51,16 +62,21 @@ from pcidev.pci.capabilities.msix import MsixCapability
 from pcidev_nvme import identify as idfy
 from pcidev_nvme import limits
 from pcidev_nvme import logs as nlogs
+from pcidev_nvme.abort import Aborts
 from pcidev_nvme.aer import INFO_FW_ACTIVATION, AsyncEvents
 from pcidev_nvme.cmb import ControllerMemoryBuffer
 from pcidev_nvme.config import NamespaceSpec, NvmeConfig
 from pcidev_nvme.features import Features
+from pcidev_nvme.lba_status import get_lba_status
 from pcidev_nvme.namespace import LBA_FORMATS, Namespace
 from pcidev_nvme.namespaces import RemovedNamespace
 from pcidev_nvme.prp import prp_segments
 from pcidev_nvme.queues import CompletionQueue, SubmissionQueue
 from pcidev_nvme.request import ControllerPort, Request
+from pcidev_nvme.sanitize import LID_SANITIZE, Sanitizer
+from pcidev_nvme.selftest import LID_SELF_TEST, RESULT_ABORTED_FORMAT, RESULT_ABORTED_NS_REMOVED, SelfTest
 from pcidev_nvme.status import NvmeStatusError, Status
+from pcidev_nvme.uncorrectable import Uncorrectable
 
 
 class AdminHost(ControllerPort, Protocol):
@@ -75,6 +91,10 @@ class AdminHost(ControllerPort, Protocol):
     error_log: nlogs.ErrorLog
     changed_ns: nlogs.ChangedNamespaces
     cmb: ControllerMemoryBuffer | None
+    aborts: Aborts
+    sanitizer: Sanitizer
+    selftest: SelfTest
+    uncorrectable: Uncorrectable
 
     @property
     def allocated(self) -> Mapping[int, Namespace]: ...
@@ -173,21 +193,26 @@ class Opcode:
     FW_COMMIT = 0x10
     FW_DOWNLOAD = 0x11
     NS_ATTACHMENT = 0x15
+    DEVICE_SELF_TEST = 0x14
     KEEP_ALIVE = 0x18
     DBBUF_CONFIG = 0x7C
     FORMAT_NVM = 0x80
+    SANITIZE = 0x84
+    GET_LBA_STATUS = 0x86
 
 
 # SQE byte offsets (Error Information parameter location)
 OFF_OPCODE, OFF_FLAGS, OFF_NSID, OFF_DPTR = 0, 1, 4, 24
 OFF_PRP2 = 32
-OFF_CDW10, OFF_CDW11, OFF_CDW12, OFF_CDW14 = 40, 44, 48, 56
+OFF_CDW10, OFF_CDW11, OFF_CDW12, OFF_CDW13, OFF_CDW14 = 40, 44, 48, 52, 56
 
 BROADCAST = 0xFFFFFFFF
 #: largest firmware image accepted
 FW_MAX_IMAGE = 16 << 20
 
 _E = nlogs.CMD_EFFECTS
+#: Feature Identifiers Supported and Effects
+LID_FEATURES_SUPPORTED = 0x12
 
 
 def _err(status: int, msg: str, off: int | None = None) -> NvmeStatusError:
@@ -219,6 +244,9 @@ class AdminCommandSet:
             Opcode.NS_ATTACHMENT: self._ns_attachment,
             Opcode.KEEP_ALIVE: self._keep_alive,
             Opcode.FORMAT_NVM: self._format,
+            Opcode.DEVICE_SELF_TEST: self._device_self_test,
+            Opcode.SANITIZE: self._sanitize,
+            Opcode.GET_LBA_STATUS: self._get_lba_status,
         }
         if ctrl.cfg.dbbuf:
             self._handlers[Opcode.DBBUF_CONFIG] = self._dbbuf_config
@@ -236,6 +264,7 @@ class AdminCommandSet:
                 raise _err(Status.INVALID_FIELD, "fused admin commands are not supported", OFF_FLAGS)
             if req.flags & 0xC0:
                 raise _err(Status.INVALID_FIELD, "admin commands use PRPs (PSDT must be 0)", OFF_FLAGS)
+            ctrl.sanitizer.check_admin(req.opcode, req.cdw10 & 0xFF)
             dw0 = handler(req)
         except NvmeStatusError as exc:
             ctrl.complete(req, exc.status, error=exc)
@@ -451,6 +480,14 @@ class AdminCommandSet:
             if csi != 0:
                 raise _err(Status.INVALID_FIELD, f"I/O command set {csi} is not supported", OFF_CDW14 + 3)
             page = nlogs.effects_log(self.admin_effects(), self.io_effects())
+        elif lid == LID_SELF_TEST:
+            if req.nsid not in (0, BROADCAST):
+                raise _err(Status.INVALID_FIELD, "the Device Self-test log is kept per controller", OFF_NSID)
+            page = ctrl.selftest.log_page()
+        elif lid == LID_SANITIZE:
+            page = ctrl.sanitizer.log_page()
+        elif lid == LID_FEATURES_SUPPORTED:
+            page = ctrl.features.supported_log()
         else:
             raise _err(Status.INVALID_LOG_PAGE, f"log page {lid:#04x} is not supported", OFF_CDW10)
         if offset > len(page):
@@ -468,6 +505,7 @@ class AdminCommandSet:
         eff[Opcode.NS_ATTACHMENT] = _E["nic"] | _E["ncc"]
         eff[Opcode.FW_COMMIT] = _E["ccc"]
         eff[Opcode.FORMAT_NVM] = _E["lbcc"] | _E["ncc"] | _E["cse_ns"]
+        eff[Opcode.SANITIZE] = _E["lbcc"]
         return eff
 
     @staticmethod
@@ -512,11 +550,24 @@ class AdminCommandSet:
 
     # -- misc ----------------------------------------------------------------------------------------
     def _abort(self, req: Request) -> int:
-        sqid = req.cdw10 & 0xFFFF
-        cid = req.cdw10 >> 16
-        if sqid == 0 and self.ctrl.aer.abort(cid):
-            return 0
-        return 1  # not aborted
+        return self.ctrl.aborts.abort(req.cdw10 & 0xFFFF, req.cdw10 >> 16)
+
+    # -- sanitize, self-test, LBA status ----------------------------------------------------------
+    def _sanitize(self, req: Request) -> int:
+        self.ctrl.sanitizer.command(req.cdw10, req.cdw11)
+        return 0
+
+    def _device_self_test(self, req: Request) -> int:
+        self.ctrl.selftest.command(req.nsid, req.cdw10)
+        return 0
+
+    def _get_lba_status(self, req: Request) -> int:
+        ctrl = self.ctrl
+        ns = ctrl.namespaces.get(req.nsid)
+        if ns is None:
+            raise _err(Status.INVALID_NSID, f"namespace {req.nsid:#x} is not attached", OFF_NSID)
+        self.to_host(req, get_lba_status(ns, ctrl.uncorrectable, req.cdw10, req.cdw11, req.cdw12, req.cdw13))
+        return 0
 
     def _async_event(self, req: Request) -> int | None:
         ctrl = self.ctrl
@@ -675,6 +726,8 @@ class AdminCommandSet:
         else:
             raise _err(Status.INVALID_NSID, f"namespace {nsid:#x} is not allocated", OFF_NSID)
         for n in targets:
+            ctrl.uncorrectable.clear_namespace(n)
+            ctrl.selftest.namespace_changed(n, RESULT_ABORTED_NS_REMOVED)
             ns, was_attached, created_spec = ctrl.remove_namespace(n)
             if was_attached:
                 ctrl.namespace_changed(n)
@@ -711,6 +764,7 @@ class AdminCommandSet:
             ctrl.attach_namespace(nsid)  # Namespace Already Attached if it is
         else:
             ctrl.detach_namespace(nsid)  # Namespace Not Attached if it is not
+            ctrl.selftest.namespace_changed(nsid, RESULT_ABORTED_NS_REMOVED)
         ctrl.namespace_changed(nsid)
         if nsid in ctrl.created:
             ctrl.save_state()
@@ -751,7 +805,9 @@ class AdminCommandSet:
             while time.monotonic() < deadline and ctrl.io_inflight_for(ids):
                 time.sleep(0.001)
             for ns in targets:
+                ctrl.selftest.namespace_changed(ns.nsid, RESULT_ABORTED_FORMAT)
                 ns.format(lbaf, ses)
+                ctrl.uncorrectable.clear_namespace(ns.nsid)
         except NvmeStatusError as exc:
             ctrl.end_format(ids)
             ctrl.complete(req, exc.status, error=exc)

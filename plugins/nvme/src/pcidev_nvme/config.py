@@ -146,6 +146,8 @@ class NvmeConfig:
     :param pmr: file backing a Persistent Memory Region (None: none): BAR4, see ``pcidev_nvme.pmr``.
     :param pmr_size: size of the PMR (a power of two, at least 4 KiB); a missing file is
         created at this size, an existing one must have it.
+    :param sanitize_rate: bytes per second a sanitize alters (0: no limit).
+    :param selftest_speedup: divides the device self-test durations.
     :param backends: namespace backends by name (``DeviceRegistry.create`` fills it with the
         registry's ``nvme-backend`` components); None for the built-ins. Not a property.
     """
@@ -210,6 +212,11 @@ class NvmeConfig:
                 "never resized)"})
     pmr_size: Size = attrs.field(default=Size(1 << 20), validator=_between(4096, 1 << 40), metadata={
         "help": "Persistent Memory Region size (a power of two)"})
+    sanitize_rate: Size = attrs.field(default=Size(0), validator=_between(0, (1 << 64) - 1), metadata={
+        "help": "bytes per second a sanitize operation alters (0: as fast as the backends go; "
+                "a low rate makes its progress visible)"})
+    selftest_speedup: int = attrs.field(default=1, validator=_between(1, 1_000_000), metadata={
+        "help": "divides the device self-test durations (short: 2 s, extended: EDSTT minutes), for tests"})
     #: the namespace backends by name, filled by ``DeviceRegistry.create`` from the
     #: registry's ``nvme-backend`` components (None: the built-in backends). Not a property.
     backends: Mapping[str, Any] | None = attrs.field(default=None, eq=False, repr=False, metadata={

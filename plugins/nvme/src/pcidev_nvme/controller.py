@@ -41,6 +41,7 @@ from pcidev.errors import DmaError
 from pcidev.pci import ids
 from pcidev.pci.capabilities.msix import MsixCapability
 from pcidev.pci.config import ResetKind
+from pcidev_nvme.abort import Aborts
 from pcidev_nvme.admin import AdminCommandSet, AdminWorker
 from pcidev_nvme.aer import AsyncEvents
 from pcidev_nvme.cmb import CMB_BAR, ControllerMemoryBuffer
@@ -57,6 +58,7 @@ from pcidev_nvme.limits import SHUTDOWN_DRAIN_TIMEOUT
 from pcidev_nvme.logs import ChangedNamespaces, ErrorLog, FirmwareSlots, SmartCounters
 from pcidev_nvme.migration import MigrationMixin
 from pcidev_nvme.migration import features as migration_features
+from pcidev_nvme.namespace import may_write_beside
 from pcidev_nvme.namespaces import NamespaceSetMixin
 from pcidev_nvme.persist import PersistenceMixin
 from pcidev_nvme.pmr import PMR_BAR, PersistentMemoryRegion
@@ -64,9 +66,11 @@ from pcidev_nvme.queues import CompletionQueue, QueueSetMixin, SubmissionQueue
 from pcidev_nvme.registers import (
     CC_EN,
     CSTS_CFS,
+    CSTS_NSSRO,
     CSTS_RDY,
     CSTS_SHST_SHIFT,
     DOORBELL_BASE,
+    NSSR_MAGIC,
     SHST_COMPLETE,
     SHST_NORMAL,
     SHST_PROCESSING,
@@ -83,6 +87,9 @@ from pcidev_nvme.registers import (
     enable_problem,
 )
 from pcidev_nvme.request import SQE_SIZE
+from pcidev_nvme.sanitize import Sanitizer
+from pcidev_nvme.selftest import RESULT_ABORTED_SANITIZE, SelfTest, edstt_minutes
+from pcidev_nvme.uncorrectable import SIDECAR_SUFFIX, Uncorrectable
 
 __all__ = ["NvmeController"]
 
@@ -161,12 +168,26 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self.changed_ns = ChangedNamespaces()
         self.features = Features(self)
         self.aer = AsyncEvents(self.complete, cfg.aerl + 1)
+        #: Write Uncorrectable marks (:mod:`pcidev_nvme.uncorrectable`)
+        self.uncorrectable = Uncorrectable(self._wu_sidecar)
 
         self._init_namespaces()
         try:
             self._make_namespaces()
             self._init_persist()
-            self.io = IoCommandSet(self)
+            for nsid in sorted(self.allocated):
+                self.uncorrectable.load(nsid)
+            self.io = IoCommandSet(self, uncorrectable=self.uncorrectable)
+            #: Abort of outstanding commands (:mod:`pcidev_nvme.abort`)
+            self.aborts = Aborts(self, self.io, self.aer)
+            #: Device Self-test (:mod:`pcidev_nvme.selftest`)
+            self.selftest = SelfTest(self, self.uncorrectable, lambda: self.smart.power_on_hours)
+            self.selftest.extended_seconds = 60.0 * edstt_minutes(self.total_capacity)
+            self.selftest.time_scale = 1.0 / cfg.selftest_speedup
+            #: Sanitize (:mod:`pcidev_nvme.sanitize`)
+            self.sanitizer = Sanitizer(self, self.uncorrectable, self.aer.post, self._sanitize_refuse,
+                                       lambda: self.smart.host_write_commands, on_start=self._sanitize_started)
+            self.sanitizer.rate = float(cfg.sanitize_rate) or None
             self.admin = AdminCommandSet(self)
         except BaseException:
             self._close_namespaces()
@@ -200,7 +221,8 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self._cap = cap_value(cfg.mqes, cmbs=self.cmb is not None, pmrs=self.pmr is not None)
         regs = build_register_map(f"nvme-bar0[{self.name}]", self._cap, intms=lambda r: self.interrupts.intms,
                                   on_intms=self._intms_written, on_intmc=self._intmc_written,
-                                  on_cc=self._cc_written, csts=lambda r: self._csts, extra=extra)
+                                  on_cc=self._cc_written, csts=lambda r: self._csts, extra=extra,
+                                  on_csts=self._csts_written, on_nssr=self._nssr_written)
         self.regs = regs
         layout = bar_layout(cfg.max_ioqpairs, cfg.msix_vectors, cfg.msix_bar)
         self._db_window = layout.doorbell_window
@@ -266,6 +288,8 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self._closed = True
         self._running = False
         self.timer.close()
+        self.sanitizer.close()
+        self.selftest.close()
         try:
             self.io.close()
         except Exception:
@@ -315,6 +339,59 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
                     self._set_shst(SHST_NORMAL)
                     self._shutting_down = False
                     self.update_running()
+
+    def _csts_written(self, reg: Register, new: int, old: int) -> None:
+        """CSTS: NSSRO is write 1 to clear (the other fields are read-only)."""
+        reg.value = 0
+        if new & CSTS_NSSRO:
+            with self.state_lock:
+                self._csts &= ~CSTS_NSSRO
+
+    def _nssr_written(self, reg: Register, new: int, old: int) -> None:
+        """NSSR: writing 4E564D65h ("NVMe") resets the NVM subsystem; any other value is ignored.
+
+        An NVM Subsystem Reset resets this (its only) controller at once, as a PCI reset
+        does (commands in flight complete into nothing), and puts CC, AQA, ASQ and ACQ
+        back to their defaults (the host enables the controller again); CSTS.NSSRO is then
+        set. What survives a controller reset survives it too: a sanitize operation in
+        progress continues, an extended self-test continues (a short one is aborted). The
+        PCI function (configuration space, BARs, MSI-X) is not reset: the link stays up.
+        """
+        reg.value = 0
+        if new != NSSR_MAGIC:
+            return
+        log.info("%s: NVM Subsystem Reset", self.name)
+        with self.state_lock:
+            self._gen += 1
+            self._drop_parked()
+            self._state = ST_RESETTING
+            self._draining = []
+            self._shutting_down = False
+            self._csts = 0
+            self._enable_pending = False
+            regs = self.regs
+            for name in ("CC", "AQA", "ASQ", "ACQ"):
+                regs[name].value = 0
+            self._finish_reset()
+            self._csts |= CSTS_NSSRO
+
+    def _sanitize_refuse(self, status: int) -> None:
+        """What I/O completes with while a sanitize runs or failed (0: executed)."""
+        self.io.refuse = status
+
+    def _sanitize_started(self) -> None:
+        """A sanitize operation started: a device self-test in progress is aborted."""
+        self.selftest.abort(RESULT_ABORTED_SANITIZE)
+
+    def _wu_sidecar(self, nsid: int) -> str | None:
+        """The Write Uncorrectable sidecar of namespace ``nsid`` (beside its image), or None."""
+        ns = self.allocated.get(nsid)
+        if ns is None:
+            return None
+        path = getattr(ns.backend, "path", None)  # a file backend's image (not in the Backend protocol)
+        if not isinstance(path, str) or not path or not may_write_beside(ns.backend):
+            return None
+        return path + SIDECAR_SUFFIX
 
     def _set_shst(self, shst: int) -> None:
         self._csts = (self._csts & ~(3 << CSTS_SHST_SHIFT)) | (shst << CSTS_SHST_SHIFT)
@@ -416,6 +493,8 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self.irq.set_intx(False)
         if self.firmware.activate_pending():
             log.info("%s: firmware slot %d active after reset", self.name, self.firmware.active)
+        self.selftest.controller_reset()
+        self.aborts.forget_queue()
         self._state = ST_DISABLED
         self._csts &= ~(CSTS_RDY | CSTS_CFS)
         self.failed = None
@@ -468,7 +547,8 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             self._state = ST_RESETTING
             self._draining = []
             self._shutting_down = False
-            self._csts = 0
+            # NSSRO survives every reset but a power-on
+            self._csts = 0 if kind is ResetKind.POWER_ON else self._csts & CSTS_NSSRO
             self._enable_pending = False
             self._finish_reset()
             if kind is ResetKind.POWER_ON:

@@ -15,7 +15,10 @@ FID    Feature                          Notes
                                         request before the next reset gets the
                                         same allocation
 08h    Interrupt Coalescing             THR / TIME, applied to I/O completion queues
-09h    Interrupt Vector Configuration   per vector: Coalescing Disable
+09h    Interrupt Vector Configuration   per vector (every vector the controller has,
+                                        IV in CDW11 15:0): Coalescing Disable
+0Ah    Write Atomicity Normal           DN (bit 0); AWUN = NAWUN = 0, so writes of one
+                                        block are atomic either way
 0Bh    Asynchronous Event Configuration SMART critical warnings, NS attribute and
                                         firmware activation notices
 0Eh    Timestamp                        8-byte data buffer
@@ -31,6 +34,11 @@ the controller's migration).
 Select (CDW10 10:8) supports current, default, saved (= default: nothing is
 saveable) and supported capabilities. Set with Save (CDW10 bit 31) fails with
 Feature Identifier Not Saveable.
+
+Not supported (Invalid Field, and not in the Feature Identifiers Supported and Effects
+log, LID 12h, :meth:`Features.supported_log`): Endurance Group Event Configuration
+(18h: no endurance groups are advertised), Sanitize Config (17h: SANICAP.NDI is
+clear), LBA Status Information Attributes (15h) and every other identifier.
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ from pcidev_nvme.namespace import Namespace
 from pcidev_nvme.request import Request
 from pcidev_nvme.status import NvmeStatusError, Status
 
-__all__ = ["Features", "FeaturesState", "TlerState", "FID_NAMES"]
+__all__ = ["Features", "FeaturesState", "TlerState", "WriteAtomicityState", "FID_NAMES"]
 
 #: most namespaces with an error recovery setting in a migration stream
 MAX_NS = 1024
@@ -65,12 +73,14 @@ FID_ASYNC_EVENT = 0x0B
 FID_TIMESTAMP = 0x0E
 FID_KATO = 0x0F
 FID_HOST_BEHAVIOR = 0x16
+FID_WRITE_ATOMICITY = 0x0A
 
 FID_NAMES = {
     FID_ARBITRATION: "arbitration", FID_POWER_MGMT: "power management",
     FID_TEMP_THRESHOLD: "temperature threshold", FID_ERROR_RECOVERY: "error recovery",
     FID_VWC: "volatile write cache", FID_NUM_QUEUES: "number of queues",
     FID_IRQ_COALESCING: "interrupt coalescing", FID_IRQ_CONFIG: "interrupt vector configuration",
+    FID_WRITE_ATOMICITY: "write atomicity normal",
     FID_ASYNC_EVENT: "asynchronous event configuration", FID_TIMESTAMP: "timestamp",
     FID_KATO: "keep alive timer", FID_HOST_BEHAVIOR: "host behavior support",
 }
@@ -97,6 +107,14 @@ class TlerState:
     value: U16
 
 
+@vmstate("nvme/write-atomicity")
+@attrs.frozen
+class WriteAtomicityState:
+    """Write Atomicity Normal (feature 0Ah): Disable Normal."""
+
+    dn: Bool
+
+
 @vmstate("nvme/features")
 @attrs.frozen
 class FeaturesState:
@@ -119,6 +137,9 @@ class FeaturesState:
     host_behavior: Bytes[512]
     tler: VarArray[TlerState, MAX_NS] = ()
     vector_cd: VarArray[Bool, 2048] = ()
+    write_atomicity: WriteAtomicityState | None = None
+
+
 
 
 class FeaturesHost(Protocol):
@@ -156,6 +177,7 @@ class Features:
             FID_IRQ_COALESCING: 0,
             FID_ASYNC_EVENT: 0,
             FID_KATO: 0,
+            FID_WRITE_ATOMICITY: 0,
         }
 
     def reset(self) -> None:
@@ -191,7 +213,8 @@ class Features:
             kato=v[FID_KATO], temp_over=self.temp_over, temp_under=self.temp_under, nsq=self.nsq,
             ncq=self.ncq, nq_allocated=self.nq_allocated, timestamp=self.timestamp_now(),
             timestamp_origin=self.timestamp_origin, host_behavior=bytes(self.host_behavior),
-            tler=tuple(TlerState(n, t) for n, t in sorted(self.tler.items())), vector_cd=vector_cd)
+            tler=tuple(TlerState(n, t) for n, t in sorted(self.tler.items())), vector_cd=vector_cd,
+            write_atomicity=WriteAtomicityState(True) if v[FID_WRITE_ATOMICITY] & 1 else None)
 
     def restore(self, state: FeaturesState) -> None:
         """Take the values of a checked ``state`` (the timestamp counts on from now)."""
@@ -204,6 +227,7 @@ class Features:
         v[FID_IRQ_COALESCING] = state.coalescing
         v[FID_ASYNC_EVENT] = state.aec
         v[FID_KATO] = state.kato
+        v[FID_WRITE_ATOMICITY] = int(state.write_atomicity is not None and state.write_atomicity.dn)
         self.temp_over, self.temp_under = state.temp_over, state.temp_under
         self.nsq, self.ncq, self.nq_allocated = state.nsq, state.ncq, state.nq_allocated
         self.timestamp_base = state.timestamp
@@ -331,6 +355,9 @@ class Features:
         if fid == FID_VWC:
             self.values[fid] = v & 1
             return 0
+        if fid == FID_WRITE_ATOMICITY:
+            self.values[fid] = v & 1
+            return 0
         if fid == FID_NUM_QUEUES:
             nsqr, ncqr = v & 0xFFFF, v >> 16
             if nsqr == 0xFFFF or ncqr == 0xFFFF:
@@ -384,6 +411,17 @@ class Features:
             self.host_behavior = bytes(data[:512])
             return 0
         raise NvmeStatusError(Status.INVALID_FIELD, f"feature {fid:#x} is not changeable")  # pragma: no cover
+
+    @staticmethod
+    def supported_log() -> bytes:
+        """The Feature Identifiers Supported and Effects log page (LID 12h): FSUPP and the
+        scope of every supported feature, UDCC for none, CCC for Number of Queues."""
+        page = bytearray(1024)
+        for fid in FID_NAMES:
+            scope = (1 << 20) if fid in _PER_NS else (1 << 21)  # namespace / controller scope
+            ccc = (1 << 4) if fid == FID_NUM_QUEUES else 0
+            struct.pack_into("<I", page, 4 * fid, 1 | ccc | scope)
+        return bytes(page)
 
     @staticmethod
     def data_length(fid: int) -> int:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from pcidev.dma import GuestMemory
 from pcidev.errors import DmaError
 from pcidev_nvme import aer as aer_mod
+from pcidev_nvme.abort import Aborts
 from pcidev_nvme.admin import AdminCommandSet
 from pcidev_nvme.doorbells import ShadowDoorbells
 from pcidev_nvme.interrupts import Interrupts
@@ -68,6 +69,7 @@ class FetchMixin:
     name: str
     admin: AdminCommandSet
     io: IoCommandSet
+    aborts: Aborts
     smart: SmartCounters
     interrupts: Interrupts
     shadow: ShadowDoorbells
@@ -270,6 +272,7 @@ class FetchMixin:
             now = time.monotonic()
             gen = self._gen
             formatting = self._formatting
+            aborts = self.aborts
             unpack = SQE.unpack_from
             new_request = object.__new__
             reqs: list[Request] = []
@@ -293,6 +296,11 @@ class FetchMixin:
                                   error=NvmeStatusError(Status.CMDID_CONFLICT, param_offset=2))
                     continue
                 inflight[cid] = req
+                if aborts.active and aborts.take(sqid, cid):  # aborted before it was fetched
+                    self.complete(req, Status.ABORT_REQUESTED,
+                                  error=NvmeStatusError(Status.ABORT_REQUESTED, "aborted before it was fetched",
+                                                        dnr=False))
+                    continue
                 if admin:
                     try:
                         self.keep_alive(now)

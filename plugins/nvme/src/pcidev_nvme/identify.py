@@ -22,6 +22,8 @@ from pcidev_nvme import limits
 from pcidev_nvme.config import NvmeConfig
 from pcidev_nvme.logs import FirmwareSlots
 from pcidev_nvme.namespace import Namespace
+from pcidev_nvme.sanitize import SANICAP
+from pcidev_nvme.selftest import edstt_minutes
 
 
 class IdentifyHost(Protocol):
@@ -41,8 +43,9 @@ __all__ = ["identify_controller", "nsid_list", "identify_ctrl_csi_nvm", "identif
 IDENTIFY_SIZE = 4096
 
 #: Optional Admin Command Support: Format NVM (1), Firmware Commit/Download (2),
-#: Namespace Management (3), Doorbell Buffer Config (8, when enabled)
-OACS = (1 << 1) | (1 << 2) | (1 << 3)
+#: Namespace Management (3), Device Self-test (4), Get LBA Status (9), Doorbell
+#: Buffer Config (8, when enabled)
+OACS = (1 << 1) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 9)
 OACS_DBBUF = 1 << 8
 #: Log Page Attributes: Commands Supported and Effects (1), extended data (2)
 LPA = (1 << 1) | (1 << 2)
@@ -88,7 +91,7 @@ def identify_controller(ctrl: IdentifyHost) -> bytes:
     # FGUID (112..127) zero, CRDT1..3 zero
     oacs = OACS | (OACS_DBBUF if cfg.dbbuf else 0)
     struct.pack_into("<H", buf, 256, oacs)
-    buf[258] = 3  # ACL: 4 concurrent Aborts
+    buf[258] = 3  # ACL: 4 concurrent Aborts (each completes at once: the limit is never reached)
     buf[259] = cfg.aerl
     buf[260] = FRMW_SLOT1_RO | (cfg.fw_slots << 1) | FRMW_NO_RESET
     buf[261] = LPA
@@ -100,8 +103,10 @@ def identify_controller(ctrl: IdentifyHost) -> bytes:
     cap = ctrl.total_capacity
     buf[280:296] = cap.to_bytes(16, "little")  # TNVMCAP
     buf[296:312] = max(cap - ctrl.allocated_capacity, 0).to_bytes(16, "little")  # UNVMCAP
+    struct.pack_into("<HB", buf, 316, edstt_minutes(cap), 1)  # EDSTT; DSTO: one self-test in the subsystem
     struct.pack_into("<H", buf, 320, KAS)
     struct.pack_into("<HH", buf, 324, 0, 0)  # MNTMT MXTMT: no thermal management
+    struct.pack_into("<I", buf, 328, SANICAP)  # block erase, overwrite, crypto erase
     buf[512] = 0x66  # SQES
     buf[513] = 0x44  # CQES
     struct.pack_into("<HI", buf, 514, 0, cfg.max_namespaces)  # MAXCMD NN

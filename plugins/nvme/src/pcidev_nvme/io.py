@@ -1,5 +1,5 @@
-"""The NVM I/O command set: Read, Write, Flush, Write Zeroes, Dataset Management,
-Compare, Verify and Copy.
+"""The NVM I/O command set: Read, Write, Flush, Write Uncorrectable, Write Zeroes,
+Dataset Management, Compare, Verify and Copy.
 
 :class:`IoCommandSet` executes one :class:`~pcidev_nvme.request.Request` at a time
 as the controller hands them over (:meth:`IoCommandSet.submit`) and reports each
@@ -34,6 +34,9 @@ malformed data pointer                                 PRP Offset Invalid / SGL 
 data pointer outside guest memory, bus mastering off   Data Transfer Error (byte 24)
 Copy format or limits                                  Invalid Field / Cmd Size Limit
 Compare mismatch                                       Compare Failure
+a block marked by Write Uncorrectable is read          Unrecovered Read Error (LBA)
+a sanitize operation is in progress (all but Flush)    Sanitize In Progress
+the command was aborted (Abort) before its I/O began   Command Abort Requested
 backend I/O error on read / write                      Unrecovered Read Error / Write Fault
 backend out of space                                   Capacity Exceeded
 =====================================================  =============================
@@ -62,6 +65,7 @@ from pcidev_nvme.namespace import Namespace
 from pcidev_nvme.prp import OFF_DPTR1, data_segments, prp_segments
 from pcidev_nvme.request import ControllerPort, Request
 from pcidev_nvme.status import NvmeStatusError, Status
+from pcidev_nvme.uncorrectable import Uncorrectable
 
 __all__ = [
     "COPY_LIMITS",
@@ -151,6 +155,7 @@ class Opcode:
     FLUSH = 0x00
     WRITE = 0x01
     READ = 0x02
+    WRITE_UNCORRECTABLE = 0x04
     COMPARE = 0x05
     WRITE_ZEROES = 0x08
     DSM = 0x09
@@ -175,7 +180,7 @@ _OFF_NSID = 4
 _OFF_CDW10 = 40
 _OFF_CDW12 = 48
 
-_WRITE_PROTECTED = {Opcode.WRITE, Opcode.WRITE_ZEROES, Opcode.COPY}
+_WRITE_PROTECTED = {Opcode.WRITE, Opcode.WRITE_ZEROES, Opcode.COPY, Opcode.WRITE_UNCORRECTABLE}
 
 
 def _lba_range(slba: int, nlb: int, ns: Namespace) -> NvmeStatusError:
@@ -204,10 +209,20 @@ class IoCommandSet:
         ``dma``, ``page_size``, ``mdts_bytes``, ``namespaces``, ``smart`` and
         ``complete``.
     :param workers: size of the worker pool for backends that may block.
+    :param uncorrectable: the Write Uncorrectable marks (None: a set of its own).
+
+    :ivar refuse: a status every command but Flush completes with at once (Sanitize In
+        Progress while a sanitize operation runs, Sanitize Failed in its failure mode),
+        or 0; set by the controller.
     """
 
-    def __init__(self, ctrl: ControllerPort, *, workers: int = DEFAULT_WORKERS) -> None:
+    def __init__(self, ctrl: ControllerPort, *, workers: int = DEFAULT_WORKERS,
+                 uncorrectable: Uncorrectable | None = None) -> None:
         self.ctrl = ctrl
+        self.uncorrectable = uncorrectable if uncorrectable is not None else Uncorrectable()
+        self.refuse = 0
+        #: commands handed to the workers and not started yet (an Abort may take them)
+        self._queued: set[Request] = set()
         self._complete = ctrl.complete
         self._workers = max(1, int(workers))
         self._pool: ThreadPoolExecutor | None = None
@@ -224,6 +239,7 @@ class IoCommandSet:
             Opcode.COMPARE: self._compare,
             Opcode.VERIFY: self._verify,
             Opcode.COPY: self._copy,
+            Opcode.WRITE_UNCORRECTABLE: self._write_uncorrectable,
         }
 
     # -- submission -------------------------------------------------------------------
@@ -258,9 +274,14 @@ class IoCommandSet:
         inline = fast = False
         nlbas = shift = 0
         i = 0
+        wu = self.uncorrectable
+        refuse = self.refuse
         try:
             for i, req in enumerate(reqs):  # noqa: B007 (i is read by the except clause)
                 op = req.opcode
+                if refuse and op != Opcode.FLUSH:
+                    self._complete(req, refuse, 0, error=NvmeStatusError(refuse, "refused while sanitizing"))
+                    continue
                 if (op == 2 or op == 1) and not req.flags and not closed:
                     # Fast path: Read or Write with PRPs, the benchmark's path. Same checks as
                     # the general path, fewer calls. An inline backend (memory) moves the data
@@ -293,6 +314,11 @@ class IoCommandSet:
                                     f"transfer of {length} bytes exceeds MDTS ({mdts} bytes)",
                                     param_offset=_OFF_CDW12,
                                 )
+                            if wu.active:
+                                if op == 2:
+                                    self._check_marks(ns, slba, nlb)
+                                else:
+                                    wu.clear(nsid, slba, nlb)
                             if mem is None:
                                 mem = ctrl.dma
                             prp1 = req.prp1
@@ -427,17 +453,45 @@ class IoCommandSet:
         """Hand the command to a worker thread."""
         if self._closed:
             raise NvmeStatusError(Status.INTERNAL, "the I/O command set is closed")
+        # a Read or Write whose first part already moved is not abortable (see abort())
+        abortable = not (isinstance(handler, _Rest) and handler.done)
         with self._cond:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="nvme-io")
             self._inflight += 1
+            if abortable:
+                self._queued.add(req)
         try:
             self._pool.submit(self._run, handler, req, ns)
         except BaseException:
+            with self._cond:
+                self._queued.discard(req)
             self._done()
             raise
 
+    def abort(self, req: Request) -> bool:
+        """Abort ``req`` if a worker has not started it yet: it completes now with Command
+        Abort Requested and the worker skips it. Backend I/O already issued is never
+        cancelled (data integrity first): a command whose I/O began, or a Read or Write
+        whose first part moved on the submitting thread, is not aborted.
+
+        :returns: whether the command was aborted (it then completed here, exactly once).
+        """
+        with self._cond:
+            if req not in self._queued:
+                return False
+            self._queued.discard(req)
+        self._complete(req, Status.ABORT_REQUESTED, 0,
+                       error=NvmeStatusError(Status.ABORT_REQUESTED, "aborted by an Abort command", dnr=False))
+        return True
+
     def _run(self, handler: _Handler, req: Request, ns: Namespace | None) -> None:
+        with self._cond:
+            if req in self._queued:
+                self._queued.discard(req)
+            elif not (isinstance(handler, _Rest) and handler.done):  # taken by abort(), which completed it
+                self._done()
+                return
         try:
             dw0 = handler(req, ns)
         except BaseException as exc:
@@ -588,6 +642,14 @@ class IoCommandSet:
         bit 30) is set, or the host disabled the volatile write cache (Feature 06h)."""
         return bool(cdw12 & (1 << 30)) or not self.ctrl.volatile_write_cache
 
+    def _check_marks(self, ns: Namespace, slba: int, nlb: int) -> None:
+        """Unrecovered Read Error if a block of the range is marked by Write Uncorrectable."""
+        lba = self.uncorrectable.first_marked(ns.nsid, slba, nlb)
+        if lba is not None:
+            self._media_error()
+            raise NvmeStatusError(Status.UNRECOVERED_READ_ERROR,
+                                  f"LBA {lba:#x} of namespace {ns.nsid} is marked uncorrectable", lba=lba)
+
     def _check_writable(self, ns: Namespace) -> None:
         if ns.read_only:
             raise NvmeStatusError(
@@ -599,6 +661,8 @@ class IoCommandSet:
     def _read(self, req: Request, ns: Namespace, done: int = 0) -> int:
         """Read (``done``: bytes already read into the front of the buffer)."""
         offset, length = self._rw_extent(req, ns, data=True)
+        if self.uncorrectable.active:
+            self._check_marks(ns, offset >> ns.lba_shift, length >> ns.lba_shift)
         mem, segs = self._segments(req, length, to_host=True)
         backend = ns.backend
         if _without_bit_buckets(segs):
@@ -660,11 +724,13 @@ class IoCommandSet:
                     v.release()
             for v in views:
                 v.release()
+        self.uncorrectable.clear(ns.nsid, offset >> ns.lba_shift, length >> ns.lba_shift)
         self.ctrl.smart.record_write(length)
         return 0
 
     def _compare(self, req: Request, ns: Namespace) -> int:
         offset, length = self._rw_extent(req, ns, data=True)
+        self._check_marks(ns, offset >> ns.lba_shift, length >> ns.lba_shift)
         mem, segs = self._segments(req, length, to_host=False)
         views = self._views(mem, segs, False)
         try:
@@ -690,6 +756,7 @@ class IoCommandSet:
 
     def _verify(self, req: Request, ns: Namespace) -> int:
         offset, length = self._rw_extent(req, ns, data=False)
+        self._check_marks(ns, offset >> ns.lba_shift, length >> ns.lba_shift)
         req_len = length
         backend = ns.backend
         if backend.inline:  # memory cannot fail to read
@@ -722,6 +789,7 @@ class IoCommandSet:
         offset, length = self._rw_extent(req, ns, data=False)
         cdw12 = req.cdw12
         backend = ns.backend
+        self.uncorrectable.clear(ns.nsid, offset >> ns.lba_shift, length >> ns.lba_shift)
         if cdw12 & (1 << 25):  # DEAC: deallocate (DLFEAT: reads return zeros)
             backend.deallocate(offset, length)
         else:
@@ -750,6 +818,7 @@ class IoCommandSet:
             shift = ns.lba_shift
             for slba, nlb in ranges:
                 ns.backend.deallocate(slba << shift, nlb << shift)
+                self.uncorrectable.clear(ns.nsid, slba, nlb)
             if not self.ctrl.volatile_write_cache:
                 ns.backend.flush()
         return 0
@@ -796,6 +865,8 @@ class IoCommandSet:
             ranges.append((slba, nlb))
         if sdlba + total > ns.nlbas:
             raise _lba_range(sdlba, total, ns)
+        for slba, nlb in ranges:
+            self._check_marks(ns, slba, nlb)
         shift = ns.lba_shift
         buf = bytearray(total << shift)
         mv = memoryview(buf)
@@ -805,9 +876,22 @@ class IoCommandSet:
                 n = nlb << shift
                 ns.backend.readv([mv[pos : pos + n]], slba << shift)
                 pos += n
+            self.uncorrectable.clear(ns.nsid, sdlba, total)
             ns.backend.writev([mv], sdlba << shift, fua=self._durable(cdw12))
         finally:
             mv.release()
         self.ctrl.smart.record_write(len(buf))
         return 0
 
+
+    def _write_uncorrectable(self, req: Request, ns: Namespace) -> int:
+        """Write Uncorrectable: mark SLBA..SLBA+NLB; the data underneath stays as it was,
+        reads fail until the blocks are written or deallocated (:mod:`pcidev_nvme.uncorrectable`)."""
+        self._check_writable(ns)
+        slba = req.cdw10 | req.cdw11 << 32
+        nlb = (req.cdw12 & 0xFFFF) + 1
+        if slba + nlb > ns.nlbas:
+            raise _lba_range(slba, nlb, ns)
+        if not self.uncorrectable.mark(ns.nsid, slba, nlb):
+            raise NvmeStatusError(Status.CAP_EXCEEDED, "too many ranges are marked uncorrectable", lba=slba)
+        return 0

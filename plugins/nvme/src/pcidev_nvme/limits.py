@@ -28,10 +28,10 @@ STATE_SAVE_INTERVAL = 60.0
 #: how long a shutdown waits for commands in flight before giving up on them
 SHUTDOWN_DRAIN_TIMEOUT = 10.0
 
-#: Identify Controller ONCS bits of the NVM command set: Compare (0), Dataset
-#: Management (2), Write Zeroes (3), Verify (7), Copy (8). The core ORs in its own
-#: (Save/Select in features, timestamp).
-ONCS = (1 << 0) | (1 << 2) | (1 << 3) | (1 << 7) | (1 << 8)
+#: Identify Controller ONCS bits of the NVM command set: Compare (0), Write
+#: Uncorrectable (1), Dataset Management (2), Write Zeroes (3), Verify (7), Copy (8).
+#: The core ORs in its own (Save/Select in features, timestamp).
+ONCS = (1 << 0) | (1 << 1) | (1 << 2) | (1 << 3) | (1 << 7) | (1 << 8)
 
 #: Identify Controller SGLS: SGLs supported without alignment or granularity
 #: requirement (bits 1:0 = 01b), SGL Bit Bucket descriptor supported (bit 16).

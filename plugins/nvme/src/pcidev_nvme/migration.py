@@ -27,7 +27,14 @@ What travels (section ``nvme`` version 1, see :class:`NvmeState`):
   firmware slots, the active and next-reset slot, a partly downloaded image;
   the Changed Namespace List;
 * per namespace: attached or not, the LBA format (Format NVM may have changed it)
-  and, for a ``mem`` namespace, an :class:`~pcidev.vmstate.FdRef` to its memfd.
+  and, for a ``mem`` namespace, an :class:`~pcidev.vmstate.FdRef` to its memfd;
+* optional subsections, written only when there is something to carry (a stream
+  from before them still loads): the Write Uncorrectable marks
+  (:mod:`~pcidev_nvme.uncorrectable`), the aborts of commands not fetched yet
+  (:mod:`~pcidev_nvme.abort`), the sanitize status and an operation in progress
+  (:mod:`~pcidev_nvme.sanitize`: the destination continues it where the source
+  stopped), the self-test results and a test in progress (:mod:`~pcidev_nvme.selftest`:
+  it continues with its elapsed time).
 
 **Namespace contents are not in the stream.** A ``file`` namespace is reopened by
 the destination from its own configuration (the same path: the fingerprint has it),
@@ -43,7 +50,8 @@ kind, size, path, O_DIRECT, read-only, NGUID).
 
 **Quiescing** (:func:`quiesce`): stop fetching (no SQ batch in progress), drain the
 backend I/O in flight (:meth:`IoCommandSet.drain`) and the admin worker (Format,
-shutdown), so every command fetched so far has completed: its completion is in the
+shutdown), stop a sanitize operation at a chunk boundary and the self-test's clock,
+so every command fetched so far has completed: its completion is in the
 CQ or in the CQ's backlog (which travels). Only AERs stay outstanding, and they
 travel. Pending coalesced interrupts are delivered and timers stopped. Nothing is
 lost or duplicated: SQ entries between head and tail stay in guest memory and the
@@ -76,6 +84,7 @@ import attrs
 from pcidev.errors import ConfigError, MigrationError
 from pcidev.vmstate import U8, U32, U64, Bool, Bytes, VarArray, vmstate
 from pcidev.vmstate.errors import StateError
+from pcidev_nvme.abort import Aborts, AbortsState
 from pcidev_nvme.admin import AdminWorker
 from pcidev_nvme.aer import AerState, AsyncEvents, EventState
 from pcidev_nvme.backends import MemoryBackend
@@ -100,6 +109,9 @@ from pcidev_nvme.namespace import LBA_FORMATS, Namespace, NamespaceState
 from pcidev_nvme.pmr import PersistentMemoryRegion, PmrState
 from pcidev_nvme.queues import CompletionQueue, CqeState, CqState, SqState, SubmissionQueue
 from pcidev_nvme.registers import ControllerState
+from pcidev_nvme.sanitize import SANACT_BLOCK_ERASE, SANACT_CRYPTO_ERASE, Sanitizer, SanitizeState
+from pcidev_nvme.selftest import SelfTest, SelfTestState
+from pcidev_nvme.uncorrectable import Uncorrectable, UncorrectableState
 
 
 class MigrationHost(Protocol):
@@ -120,6 +132,10 @@ class MigrationHost(Protocol):
     admin_worker: AdminWorker
     cmb: ControllerMemoryBuffer | None
     pmr: PersistentMemoryRegion | None
+    uncorrectable: Uncorrectable
+    aborts: Aborts
+    sanitizer: Sanitizer
+    selftest: SelfTest
 
     @property
     def allocated(self) -> Mapping[int, Namespace]: ...
@@ -198,6 +214,10 @@ class NvmeState:
     dbbuf: Bool = False
     cmb: CmbState | None = None
     pmr: PmrState | None = None
+    uncorrectable: UncorrectableState | None = None
+    aborts: AbortsState | None = None
+    sanitize: SanitizeState | None = None
+    self_test: SelfTestState | None = None
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -325,12 +345,19 @@ def quiesce(ctrl: MigrationHost, timeout: float = 30.0) -> None:
     if marker is not None:  # admin work in the background (Format NVM, shutdown): FIFO, one worker
         wait("admin work (Format NVM, shutdown)", marker.done)
     wait("a fetch batch", ctrl.batches_idle)  # kicks made by the last completions
+    if not ctrl.sanitizer.pause(max(deadline - time.monotonic(), 0.0)):
+        resume(ctrl)
+        raise MigrationError(f"nvme: the sanitize operation did not pause within {timeout:g} s; "
+                             "the controller keeps running")
+    ctrl.selftest.pause()
     ctrl.stop_timers()  # coalesced completions get their interrupt before the stop
 
 
 def resume(ctrl: MigrationHost) -> None:
     """Run again: fetch what was submitted meanwhile, restart keep alive, deliver events."""
     was = ctrl.unpause()
+    ctrl.sanitizer.resume()
+    ctrl.selftest.resume()
     if was and ctrl.running:
         ctrl.restart_work()
 
@@ -375,7 +402,8 @@ def save(ctrl: MigrationHost) -> NvmeState:
         changed_ns=changed.nsids, changed_ns_overflow=changed.overflow, namespaces=tuple(namespaces),
         dbbuf_dbs=db.dbs, dbbuf_eis=db.eis, dbbuf=db.enabled,
         cmb=ctrl.cmb.snapshot() if ctrl.cmb is not None else None,
-        pmr=ctrl.pmr.snapshot() if ctrl.pmr is not None else None)
+        pmr=ctrl.pmr.snapshot() if ctrl.pmr is not None else None, uncorrectable=ctrl.uncorrectable.snapshot(),
+        aborts=ctrl.aborts.snapshot(), sanitize=ctrl.sanitizer.snapshot(), self_test=ctrl.selftest.snapshot())
 
 
 # ----------------------------------------------------------------------------- check
@@ -527,6 +555,46 @@ def check(ctrl: MigrationHost, st: NvmeState) -> None:
         why = ctrl.pmr.check(st.pmr)
         if why is not None:
             raise _fail(why, "pmr")
+    _check_admin_features(ctrl, st)
+
+
+def _check_admin_features(ctrl: MigrationHost, st: NvmeState) -> None:
+    """The subsections of Write Uncorrectable, Abort, Sanitize and Device Self-test."""
+    lbafs = {n.nsid: n.lbaf for n in st.namespaces}
+    if st.uncorrectable is not None:
+        for j, r in enumerate(st.uncorrectable.ranges):
+            ns = ctrl.allocated.get(r.nsid)
+            if ns is None:
+                raise _fail(f"uncorrectable blocks of namespace {r.nsid}, which does not exist",
+                            f"uncorrectable.ranges[{j}].nsid")
+            nlbas = ns.size // LBA_FORMATS[lbafs[r.nsid]][0]
+            if r.nlb == 0 or r.slba + r.nlb > nlbas:
+                raise _fail(f"uncorrectable blocks {r.slba}+{r.nlb} outside namespace {r.nsid} ({nlbas} blocks)",
+                            f"uncorrectable.ranges[{j}]")
+    if st.aborts is not None:
+        for j, p in enumerate(st.aborts.pending):
+            if p.sqid >= len(st.sqs) or st.sqs[p.sqid] is None:
+                raise _fail(f"an abort for SQ {p.sqid}, which does not exist", f"aborts.pending[{j}].sqid")
+    san = st.sanitize
+    if san is not None:
+        if san.sstat > 4 or san.failure_mode > 2:
+            raise _fail(f"sanitize status {san.sstat} / failure mode {san.failure_mode}", "sanitize.sstat")
+        if san.running:
+            if not SANACT_BLOCK_ERASE <= san.action <= SANACT_CRYPTO_ERASE:
+                raise _fail(f"sanitize action {san.action} in progress", "sanitize.action")
+            nsids = sorted(ctrl.allocated)
+            if san.ns_index > len(nsids) or (san.ns_index < len(nsids)
+                                              and san.offset > ctrl.allocated[nsids[san.ns_index]].size):
+                raise _fail(f"sanitize position {san.ns_index}/{san.offset} is outside the namespaces",
+                            "sanitize.offset")
+            if san.offset % 4096:
+                raise _fail(f"sanitize offset {san.offset} is not at a chunk boundary", "sanitize.offset")
+    test = st.self_test
+    if test is not None:
+        if test.current not in (0, 1, 2):
+            raise _fail(f"self-test operation {test.current}", "self_test.current")
+        if test.current and test.nsid not in (0, 0xFFFFFFFF) and test.nsid not in ctrl.allocated:
+            raise _fail(f"self-test of namespace {test.nsid}, which does not exist", "self_test.nsid")
 
 
 # ----------------------------------------------------------------------------- apply
@@ -605,6 +673,10 @@ def apply(ctrl: MigrationHost, st: NvmeState) -> None:
             ctrl.cmb.restore(st.cmb)
         if ctrl.pmr is not None:  # (likewise its file)
             ctrl.pmr.restore(st.pmr)
+        ctrl.uncorrectable.restore(st.uncorrectable)
+        ctrl.aborts.restore(st.aborts)
+        ctrl.sanitizer.restore(st.sanitize)
+        ctrl.selftest.restore(st.self_test)
         ctrl.finish_restore()
 
 

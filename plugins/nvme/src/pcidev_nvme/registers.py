@@ -3,13 +3,14 @@
 
 BAR0::
 
-    000h CAP     MQES, CQR=1, AMS=0, TO=15 (7.5 s), DSTRD=0, CSS = NVM + I/O command sets,
-                 MPSMIN=0 (4 KiB), MPSMAX=4 (64 KiB), CRWMS=1, CMBS / PMRS with a CMB / PMR
+    000h CAP     MQES, CQR=1, AMS=0, TO=15 (7.5 s), DSTRD=0, NSSRS=1, CSS = NVM + I/O command
+                 sets, MPSMIN=0 (4 KiB), MPSMAX=4 (64 KiB), CRWMS=1, CMBS / PMRS with a CMB / PMR
     008h VS      2.0
     00Ch INTMS   write 1 to mask a vector (pin-based / MSI)
     010h INTMC   write 1 to unmask
     014h CC      EN CSS MPS AMS SHN IOSQES IOCQES
-    01Ch CSTS    RDY CFS SHST
+    01Ch CSTS    RDY CFS SHST NSSRO (RW1C)
+    020h NSSR    write 4E564D65h ("NVMe") for an NVM Subsystem Reset; reads 0
     024h AQA     ASQS ACQS
     028h ASQ     038h.. CMB registers (:mod:`pcidev_nvme.cmb`), BP and NSSD read 0
     030h ACQ     E00h.. PMR registers (:mod:`pcidev_nvme.pmr`)
@@ -35,7 +36,8 @@ __all__ = [
     "ST_READY", "ST_RESETTING", "ST_FAILED", "REG_CAP", "REG_VS", "REG_INTMS", "REG_INTMC", "REG_CC", "REG_CSTS",
     "REG_NSSR", "REG_AQA", "REG_ASQ", "REG_ACQ", "REG_CRTO", "CC_EN", "CC_MASK", "CSTS_RDY", "CSTS_CFS",
     "CSTS_SHST_SHIFT", "SHST_NORMAL", "SHST_PROCESSING", "SHST_COMPLETE", "CAP_CSS_NVM", "CAP_CSS_IOCS",
-    "CSS_NVM", "CSS_ALL", "CSS_ADMIN_ONLY", "MPSMIN", "MPSMAX", "CAP_TO", "CAP_CMBS", "CAP_PMRS"
+    "CSTS_NSSRO", "NSSR_MAGIC", "CAP_NSSRS", "CSS_NVM", "CSS_ALL", "CSS_ADMIN_ONLY", "MPSMIN", "MPSMAX", "CAP_TO",
+    "CAP_CMBS", "CAP_PMRS"
 ]
 
 #: BAR0 offset of the first doorbell (registers below, doorbells from here on)
@@ -62,6 +64,12 @@ CC_MASK = 0x00FFFFF1
 CSTS_RDY = 1 << 0
 CSTS_CFS = 1 << 1
 CSTS_SHST_SHIFT = 2
+#: CSTS.NSSRO: an NVM Subsystem Reset occurred (write 1 to clear)
+CSTS_NSSRO = 1 << 4
+#: the value whose write to NSSR resets the NVM subsystem ("NVMe")
+NSSR_MAGIC = 0x4E564D65
+#: CAP.NSSRS: NVM Subsystem Reset supported
+CAP_NSSRS = 1 << 36
 SHST_NORMAL, SHST_PROCESSING, SHST_COMPLETE = 0, 1, 2
 
 CAP_CSS_NVM = 1 << 0
@@ -92,9 +100,9 @@ CAP_CMBS = 1 << 57
 
 
 def cap_value(mqes: int, *, cmbs: bool = False, pmrs: bool = False) -> int:
-    """CAP: MQES, CQR=1, TO, CSS (NVM + I/O command sets), MPSMIN, MPSMAX, CRWMS, and
+    """CAP: MQES, CQR=1, TO, NSSRS, CSS (NVM + I/O command sets), MPSMIN, MPSMAX, CRWMS, and
     CMBS / PMRS when the controller has a CMB / PMR."""
-    return (mqes | (1 << 16) | (CAP_TO << 24) | ((CAP_CSS_NVM | CAP_CSS_IOCS) << 37)
+    return (mqes | (1 << 16) | (CAP_TO << 24) | CAP_NSSRS | ((CAP_CSS_NVM | CAP_CSS_IOCS) << 37)
             | (MPSMIN << 48) | (MPSMAX << 52) | (1 << 59) | (CAP_CMBS if cmbs else 0) | (CAP_PMRS if pmrs else 0))
 
 
@@ -114,7 +122,8 @@ _OnWrite = Callable[[Register, int, int], None]
 
 def build_register_map(name: str, cap: int, *, intms: Callable[[Register], int], on_intms: _OnWrite,
                        on_intmc: _OnWrite, on_cc: _OnWrite,
-                       csts: Callable[[Register], int], extra: Iterable[Register] = ()) -> RegisterMap:
+                       csts: Callable[[Register], int], extra: Iterable[Register] = (),
+                       on_csts: _OnWrite | None = None, on_nssr: _OnWrite | None = None) -> RegisterMap:
     """The BAR0 register map below the doorbells (see the module docstring).
 
     :param name: the map's name in logs.
@@ -127,6 +136,8 @@ def build_register_map(name: str, cap: int, *, intms: Callable[[Register], int],
     :param extra: registers of the CMB and PMR components, each in place of the
         read-as-zero register of the same name, offset and width.
     :raises ConfigError: an extra register that is not one of those.
+    :param on_csts: write handler of CSTS (NSSRO is write 1 to clear; None: read-only).
+    :param on_nssr: write handler of NSSR (gets the value written; None: read-only).
     """
     regs = RegisterMap(DOORBELL_BASE, name=name)
     ro = Access.RO
@@ -135,8 +146,14 @@ def build_register_map(name: str, cap: int, *, intms: Callable[[Register], int],
     regs.add(Register("INTMS", REG_INTMS, 4, on_read=intms, on_write=on_intms))
     regs.add(Register("INTMC", REG_INTMC, 4, on_read=intms, on_write=on_intmc))
     regs.add(Register("CC", REG_CC, 4, mask=CC_MASK, on_write=on_cc))
-    regs.add(Register("CSTS", REG_CSTS, 4, ro, on_read=csts))
-    regs.add(Register("NSSR", REG_NSSR, 4, ro))
+    if on_csts is None:
+        regs.add(Register("CSTS", REG_CSTS, 4, ro, on_read=csts))
+    else:
+        regs.add(Register("CSTS", REG_CSTS, 4, mask=CSTS_NSSRO, on_read=csts, on_write=on_csts))
+    if on_nssr is None:
+        regs.add(Register("NSSR", REG_NSSR, 4, ro))
+    else:
+        regs.add(Register("NSSR", REG_NSSR, 4, on_read=lambda r: 0, on_write=on_nssr))
     regs.add(Register("AQA", REG_AQA, 4, mask=0x0FFF0FFF))
     regs.add(Register("ASQ", REG_ASQ, 8, mask=~0xFFF & (2**64 - 1)))
     regs.add(Register("ACQ", REG_ACQ, 8, mask=~0xFFF & (2**64 - 1)))

@@ -35,6 +35,7 @@ __all__ = [
     "Backend",
     "BaseBackend",
     "check_size",
+    "data_extents",
     "fallocate",
     "full_preadv",
     "full_pwritev",
@@ -79,6 +80,25 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"fallocate(mode={mode:#x}): {os.strerror(err)}")
+
+
+def data_extents(fd: int, offset: int, length: int) -> list[tuple[int, int]]:
+    """The data extents of file ``fd`` within ``offset .. offset + length``
+    (``SEEK_DATA`` / ``SEEK_HOLE``), as (offset, length) in ascending order."""
+    out: list[tuple[int, int]] = []
+    end = offset + length
+    pos = offset
+    while pos < end:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data after pos
+            break
+        if start >= end:
+            break
+        stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
+        out.append((start, stop - start))
+        pos = stop
+    return out
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
@@ -256,6 +276,12 @@ class BaseBackend:
     def allocated_bytes(self) -> int:
         """Default: everything is allocated."""
         return self.size
+
+    def allocated_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """The parts of ``offset .. offset + length`` that hold data, as (offset, length)
+        in ascending order (holes -- never written or deallocated -- left out). Optional in
+        the :class:`Backend` protocol (Get LBA Status); the default: all of it."""
+        return [(offset, length)] if length > 0 else []
 
     def close(self) -> None:
         """Nothing to release."""

@@ -31,6 +31,7 @@ from pcidev_nvme.backends.base import (
     FALLOC_FL_ZERO_RANGE,
     BaseBackend,
     check_size,
+    data_extents,
     fallocate,
     full_preadv,
     full_pwritev,
@@ -295,6 +296,10 @@ class FileBackend(BaseBackend):
     def allocated_bytes(self) -> int:
         """Bytes of the file that hold data (``st_blocks``; holes do not count)."""
         return min(self.size, os.fstat(self.fd).st_blocks * 512)
+
+    def allocated_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """The file's data extents in the range (``SEEK_DATA`` / ``SEEK_HOLE``)."""
+        return data_extents(self.fd, offset, length)
 
     def close(self) -> None:
         """Close the file. Idempotent."""

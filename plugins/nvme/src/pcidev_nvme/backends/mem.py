@@ -207,6 +207,25 @@ class MemoryBackend(BaseBackend):
         """Bytes of the pages written and not deallocated since."""
         return (len(self._written) - self._unwritten) << _PAGE_SHIFT
 
+    def allocated_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """The runs of written pages in the range, from the map of written pages."""
+        out: list[tuple[int, int]] = []
+        end = offset + length
+        a, b = offset >> _PAGE_SHIFT, (end + _PAGE_MASK) >> _PAGE_SHIFT
+        written = self._written
+        p = a
+        while p < b:
+            s = written.find(1, p, b)
+            if s < 0:
+                break
+            e = written.find(0, s, b)
+            if e < 0:
+                e = b
+            lo, hi = max(s << _PAGE_SHIFT, offset), min(e << _PAGE_SHIFT, end)
+            out.append((lo, hi - lo))
+            p = e
+        return out
+
     def close(self) -> None:
         """Unmap and close. Idempotent."""
         with self._lock:

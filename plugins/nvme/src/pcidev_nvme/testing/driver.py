@@ -41,6 +41,9 @@ __all__ = ["NvmeDriver", "Completion", "NvmeCommandError", "NvmeDriverError", "N
            "READ", "WRITE", "FLUSH", "sgl_data_block"]
 
 READ, WRITE, FLUSH = 0x02, 0x01, 0x00
+WRITE_UNCORRECTABLE = 0x04
+#: the NSSR register and the value that resets the NVM subsystem ("NVMe")
+NSSR, NSSR_RESET = 0x20, 0x4E564D65
 
 _SQE = struct.Struct("<BBHIIIQQQIIIIII")
 _CQE = struct.Struct("<IIHHHH")
@@ -300,6 +303,20 @@ class NvmeDriver:
         self.cap = pdev.lo_hi_readq(0, CAP)
         if self.read32(CC) & 1:
             self.disable()
+        self._bring_up()
+
+    def restart(self) -> None:
+        """Set the controller up again after a reset that left it disabled (an NVM
+        Subsystem Reset): what :meth:`probe` does after the PCI part."""
+        for q in self.queues.values():
+            q.free()
+        self.queues.clear()
+        self._dbbuf = None
+        if self.read32(CC) & 1:
+            self.disable()
+        self._bring_up()
+
+    def _bring_up(self) -> None:
         self.enable()
         self.id_ctrl = self.identify(0x01)
         mdts = self.id_ctrl[77]
@@ -898,6 +915,47 @@ class NvmeDriver:
 
     def flush(self, nsid: int, *, qid: int = 1) -> None:
         self.io(qid, FLUSH, nsid=nsid, what="flush")
+
+    def write_uncorrectable(self, nsid: int, slba: int, nlb: int, *, qid: int = 1, check: bool = True) -> Completion:
+        """Write Uncorrectable (I/O 04h): mark ``nlb`` blocks from ``slba``."""
+        return self.io(qid, WRITE_UNCORRECTABLE, nsid=nsid, cdw10=slba & 0xFFFFFFFF, cdw11=slba >> 32,
+                       cdw12=(nlb - 1) & 0xFFFF, check=check, what="write uncorrectable")
+
+    # ---------------------------------------------------------------- admin features
+    def abort(self, sqid: int, cid: int) -> Completion:
+        """Abort (admin 08h) command ``cid`` of SQ ``sqid``; DW0 bit 0 = 0 means aborted."""
+        return self.admin(0x08, cdw10=(cid << 16) | sqid, what="abort")
+
+    def sanitize(self, sanact: int, *, ause: bool = False, owpass: int = 0, oipbp: bool = False,
+                 ndas: bool = False, ovrpat: int = 0, check: bool = True) -> Completion:
+        """Sanitize (admin 84h): start a sanitize operation (it completes at once)."""
+        cdw10 = (sanact & 7) | (int(ause) << 3) | ((owpass & 0xF) << 4) | (int(oipbp) << 8) | (int(ndas) << 9)
+        return self.admin(0x84, cdw10=cdw10, cdw11=ovrpat, check=check, what="sanitize")
+
+    def sanitize_log(self) -> dict[str, int]:
+        """The Sanitize Status log page (81h), decoded (``struct nvme_sanitize_log_page``)."""
+        raw = self.get_log(0x81, 512)
+        names = ("sprog", "sstat", "scdw10", "eto", "etbe", "etce", "etond", "etbend", "etcend")
+        return dict(zip(names, struct.unpack_from("<HHIIIIIII", raw), strict=True))
+
+    def device_self_test(self, stc: int, *, nsid: int = 0, check: bool = True) -> Completion:
+        """Device Self-test (admin 14h) with self-test code ``stc``."""
+        return self.admin(0x14, nsid=nsid, cdw10=stc, check=check, what="device self-test")
+
+    def self_test_log(self) -> bytes:
+        """The Device Self-test log page (06h), 564 bytes."""
+        return self.get_log(0x06, 564, nsid=0)
+
+    def get_lba_status(self, nsid: int, slba: int, *, mndw: int = 1023, rl: int = 0, atype: int = 0x11,
+                       check: bool = True) -> Completion:
+        """Get LBA Status (admin 86h); the data ((MNDW + 1) * 4 bytes) is in ``.tag``."""
+        return self.admin(0x86, nsid=nsid, cdw10=slba & 0xFFFFFFFF, cdw11=slba >> 32, cdw12=mndw,
+                          cdw13=(atype << 24) | (rl & 0xFFFF), length=(mndw + 1) * 4, check=check,
+                          what="get lba status")
+
+    def subsystem_reset(self) -> None:
+        """Write "NVMe" to NSSR (an NVM Subsystem Reset); the controller must be enabled again."""
+        self.write32(NSSR, NSSR_RESET)
 
     # ---------------------------------------------------------------- teardown
     def shutdown(self, *, abrupt: bool = False) -> None:

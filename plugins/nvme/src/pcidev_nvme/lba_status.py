@@ -1,0 +1,125 @@
+"""Get LBA Status (admin opcode 86h).
+
+The command returns LBA Status Descriptors (``struct nvme_lba_status_desc``: DSLBA,
+NLB, Status) for the logical blocks ``SLBA`` (CDW10-11) .. ``SLBA + RL - 1`` (RL,
+CDW13 15:0; 0 = up to the end of the namespace) of the namespace NSID, chosen by the
+Action Type (ATYPE, CDW13 31:24):
+
+=====  ===========================================================================
+ATYPE  Descriptors
+=====  ===========================================================================
+02h    the allocated ranges (Status 2h): the blocks that hold data, from the
+       backend's extents (``allocated_ranges``: ``SEEK_DATA`` / ``SEEK_HOLE`` on an
+       image file or a memfd, the page map of memory). The ranges between them are
+       deallocated or were never written (they read as zeroes).
+10h    scan, then return the Potentially Unrecoverable LBAs (Status 1h: each may
+       report Unrecovered Read Error): the blocks marked by Write Uncorrectable --
+       the controller tracks every such block, so a scan finds no others.
+11h    the tracked Potentially Unrecoverable LBAs (Status 1h): the same blocks.
+=====  ===========================================================================
+
+A descriptor covers at most FFFFFFFFh blocks (longer ranges take several). The data
+(``struct nvme_lba_status``) is an 8-byte header -- NLSD, the number of descriptors,
+and CMPC, the completion condition -- then the descriptors; at most what MNDW (CDW12,
+the 0's based number of dwords) allows is returned. CMPC is 1h when the descriptors
+were cut short by MNDW (more follow: ask again from after the last one), 2h when every
+descriptor of the range was returned.
+
+Statuses: NSID not attached -> Invalid Namespace; SLBA beyond the namespace -> LBA Out
+of Range; another ATYPE -> Invalid Field. The LBA Status Information Alert (feature
+15h, log 0Eh) is not advertised.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from pcidev_nvme.namespace import Namespace
+from pcidev_nvme.status import NvmeStatusError, Status
+from pcidev_nvme.uncorrectable import Uncorrectable
+
+__all__ = ["get_lba_status", "ATYPE_ALLOCATED", "ATYPE_SCAN_UNTRACKED", "ATYPE_TRACKED", "LBARS_ERR",
+           "LBARS_ALLOCATED", "CMPC_MNDW", "CMPC_RANGE"]
+
+ATYPE_ALLOCATED = 0x02
+ATYPE_SCAN_UNTRACKED = 0x10
+ATYPE_TRACKED = 0x11
+#: descriptor Status: each block may report Unrecovered Read Error
+LBARS_ERR = 0x1
+#: descriptor Status: the blocks are allocated
+LBARS_ALLOCATED = 0x2
+#: completion condition: cut short by MNDW / the whole range returned
+CMPC_MNDW, CMPC_RANGE = 0x1, 0x2
+
+_HEAD = struct.Struct("<IB3x")
+_DESC = struct.Struct("<QIxB2x")
+_OFF_CDW10, _OFF_CDW13 = 40, 52
+_MAX_NLB = 0xFFFFFFFF
+
+
+def _allocated(ns: Namespace, slba: int, nlb: int) -> list[tuple[int, int]]:
+    """The allocated LBA ranges within ``slba .. slba + nlb``: a block partly allocated counts."""
+    shift = ns.lba_shift
+    get = getattr(ns.backend, "allocated_ranges", None)  # optional in the Backend protocol
+    if get is None:
+        return [(slba, nlb)]
+    out: list[tuple[int, int]] = []
+    for off, n in get(slba << shift, nlb << shift):
+        a = off >> shift
+        b = (off + n + (1 << shift) - 1) >> shift
+        if out and out[-1][0] + out[-1][1] >= a:
+            start = out[-1][0]
+            out[-1] = (start, max(b, start + out[-1][1]) - start)
+        else:
+            out.append((a, b - a))
+    return out
+
+
+def _clip(ranges: list[tuple[int, int]], slba: int, end: int) -> list[tuple[int, int]]:
+    out = []
+    for s, n in ranges:
+        a, b = max(s, slba), min(s + n, end)
+        if a < b:
+            out.append((a, b - a))
+    return out
+
+
+def get_lba_status(ns: Namespace, uncorrectable: Uncorrectable, cdw10: int, cdw11: int, cdw12: int,
+                   cdw13: int) -> bytes:
+    """Execute Get LBA Status on ``ns``; returns the data ((MNDW + 1) * 4 bytes).
+
+    :raises NvmeStatusError: LBA Out of Range, Invalid Field.
+    """
+    slba = cdw10 | cdw11 << 32
+    length = ((cdw12 & 0xFFFFFFFF) + 1) * 4
+    rl = cdw13 & 0xFFFF
+    atype = cdw13 >> 24
+    if atype not in (ATYPE_ALLOCATED, ATYPE_SCAN_UNTRACKED, ATYPE_TRACKED):
+        raise NvmeStatusError(Status.INVALID_FIELD, f"action type {atype:#04x} is not supported",
+                              param_offset=_OFF_CDW13 + 3)
+    if slba >= ns.nlbas:
+        raise NvmeStatusError(Status.LBA_RANGE, f"SLBA {slba:#x} is beyond namespace {ns.nsid}",
+                              param_offset=_OFF_CDW10, lba=slba)
+    end = ns.nlbas if rl == 0 else min(slba + rl, ns.nlbas)
+    if atype == ATYPE_ALLOCATED:
+        ranges = _allocated(ns, slba, end - slba)
+        status = LBARS_ALLOCATED
+    else:
+        ranges = _clip(uncorrectable.ranges(ns.nsid), slba, end)
+        status = LBARS_ERR
+    descs: list[tuple[int, int]] = []
+    for s, n in ranges:
+        while n > 0:
+            k = min(n, _MAX_NLB)
+            descs.append((s, k))
+            s += k
+            n -= k
+    room = max(0, (min(length, 1 << 20) - _HEAD.size) // _DESC.size)
+    cmpc = CMPC_RANGE
+    if len(descs) > room:
+        descs = descs[:room]
+        cmpc = CMPC_MNDW
+    out = bytearray(_HEAD.pack(len(descs), cmpc))
+    for s, n in descs:
+        out += _DESC.pack(s, n, status)
+    return bytes(out[:length])

@@ -1,0 +1,122 @@
+"""Abort (admin 08h, pcidev_nvme.abort) of any outstanding command: one waiting for a
+worker, one still in its submission queue, an Asynchronous Event Request; and what is
+not aborted (I/O already started, unknown commands). Every aborted command completes
+exactly once, with Command Abort Requested, and its data never reaches the namespace."""
+
+from __future__ import annotations
+
+import collections
+import time
+
+import pytest
+from _helpers import GatedBackend, attach_namespace, wait_until
+
+from pcidev_nvme.abort import Aborts, AbortsState, PendingAbort
+from pcidev_nvme.io import DEFAULT_WORKERS
+from pcidev_nvme.status import Status
+from pcidev_nvme.testing.driver import WRITE
+
+NS = 2
+
+
+@pytest.fixture
+def env(nvme_env):
+    env = nvme_env("ns=mem:size=4M", io_queues=2)
+    env.backend = GatedBackend(1 << 20)
+    attach_namespace(env.ctrl, NS, env.backend)
+    env.drv.scan_namespaces()
+    return env
+
+
+def submit_write(drv, qid: int, slba: int, fill: int) -> int:
+    buf = drv.machine.alloc(4096, 4096)
+    drv.mem.write(buf, bytes([fill]) * 512)
+    return drv.submit(qid, WRITE, nsid=NS, cdw10=slba, cdw12=0, buf=buf, length=512)
+
+
+def reap_all(drv, qid: int, cids: set[int], timeout: float = 10.0) -> dict[int, list[int]]:
+    """Completions of ``cids`` by CID (a list each, to count them)."""
+    seen: dict[int, list[int]] = collections.defaultdict(list)
+    deadline = time.monotonic() + timeout
+    while set(seen) != cids and time.monotonic() < deadline:
+        for c in drv.poll(qid):
+            seen[c.cid].append(c.code)
+        time.sleep(0.001)
+    time.sleep(0.05)
+    for c in drv.poll(qid):  # nothing more may come
+        seen[c.cid].append(c.code)
+    return seen
+
+
+def test_abort_a_command_waiting_for_a_worker(env):
+    drv, backend = env.drv, env.backend
+    backend.hold()
+    cids = [submit_write(drv, 1, i, 0x10 + i) for i in range(DEFAULT_WORKERS + 2)]
+    wait_until(lambda: backend.waiting == DEFAULT_WORKERS, what="the workers to block")
+    queued, started = cids[-1], cids[0]
+    assert drv.abort(1, queued).dw0 & 1 == 0  # aborted
+    assert drv.abort(1, started).dw0 & 1 == 1  # its write is under way: not aborted
+    assert drv.abort(1, queued).dw0 & 1 == 1  # already completed
+    backend.release()
+    seen = reap_all(drv, 1, set(cids))
+    assert seen[queued] == [Status.ABORT_REQUESTED]
+    for cid in cids[:-1]:
+        assert seen[cid] == [0], cid
+    # data: the aborted write never happened, the others did
+    for i in range(DEFAULT_WORKERS + 1):
+        assert backend.data[i * 512:(i + 1) * 512] == bytes([0x10 + i]) * 512
+    assert backend.data[(DEFAULT_WORKERS + 1) * 512:(DEFAULT_WORKERS + 2) * 512] == bytes(512)
+    entry = env.ctrl.error_log.entries()[0]
+    assert entry["cid"] == queued and entry["status"] & 0x7FF == Status.ABORT_REQUESTED
+
+
+def test_abort_a_command_still_in_the_submission_queue(env):
+    drv, backend = env.drv, env.backend
+    drv.delete_io_queue_pair(2)
+    drv.create_io_queue_pair(2, 8, cq_size=2)  # room for one completion: the next command waits in the SQ
+    backend.hold()
+    first = submit_write(drv, 2, 0, 0xA1)
+    wait_until(lambda: backend.waiting == 1, what="the first write to block")
+    second = submit_write(drv, 2, 1, 0xA2)
+    sq = env.ctrl.sq(2)
+    assert sq.pending == 1  # not fetched
+    assert drv.abort(2, second).dw0 & 1 == 0
+    state = env.ctrl.aborts.snapshot()  # what a migration carries now
+    assert state == AbortsState((PendingAbort(2, second),))
+    other = Aborts(env.ctrl, env.ctrl.io, env.ctrl.aer)
+    other.restore(state)
+    assert other.take(2, second) and not other.active
+    backend.release()
+    seen = reap_all(drv, 2, {first, second})
+    assert seen == {first: [0], second: [Status.ABORT_REQUESTED]}
+    assert backend.data[:512] == b"\xa1" * 512 and backend.data[512:1024] == bytes(512)
+    assert not env.ctrl.aborts.active  # the remembered abort was used once
+
+
+def test_abort_an_asynchronous_event_request(env):
+    drv = env.drv
+    cid = drv.submit(0, 0x0C, tag="mine")
+    wait_until(lambda: env.ctrl.aer.outstanding, what="the AER to be parked")
+    assert drv.abort(0, cid).dw0 & 1 == 0
+    comp = drv.wait_for(0, cid)
+    assert comp.code == Status.ABORT_REQUESTED
+
+
+def test_what_is_not_aborted(env):
+    drv = env.drv
+    assert drv.abort(1, 0x1234).dw0 & 1 == 1  # no such command
+    assert drv.abort(7, 1).dw0 & 1 == 1  # no such queue
+    # an admin command being executed (the Abort itself)
+    cid = drv.submit(0, 0x08, cdw10=(0xBEEF << 16))
+    comp = drv.wait_for(0, cid)
+    assert comp.ok and comp.dw0 & 1 == 1
+    # memory I/O completes before an Abort can see it
+    drv.write(1, 0, b"\x55" * 512)
+    assert drv.read(1, 0, 1) == b"\x55" * 512
+
+
+def test_identify_acl_and_effects(env):
+    idc = env.drv.identify(1)
+    assert idc[258] == 3
+    effects = env.drv.get_log(0x05, 4096)
+    assert effects[4 * 0x08] & 1

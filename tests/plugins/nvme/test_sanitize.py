@@ -1,0 +1,308 @@
+"""Sanitize (admin 84h, pcidev_nvme.sanitize): block erase, overwrite, crypto erase,
+with and without No-Deallocate After Sanitize; the Sanitize Status log byte by byte;
+the commands refused while it runs; a controller reset or an NVM Subsystem Reset in
+the middle; the failure modes; the completion event; migration of an operation in
+progress (the destination finishes it)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import struct
+import time
+
+import crc32c
+import pytest
+from _helpers import GatedBackend, attach_namespace, expect_status
+from test_migration_nvme import Host
+
+from pcidev.host import Machine
+from pcidev.transport.link.process import DeviceProcess
+from pcidev_nvme.sanitize import CHUNK, SANICAP
+from pcidev_nvme.status import Status
+from pcidev_nvme.testing.driver import NvmeDriver
+
+BLOCK_ERASE, OVERWRITE, CRYPTO, EXIT = 2, 3, 4, 1
+SIZE = 4 << 20
+NLB = SIZE // 512
+
+
+def fill(drv, nsid: int = 1) -> list[int]:
+    """Write a distinct pattern to every block; returns the crc32c of each."""
+    crcs = []
+    for slba in range(0, NLB, 256):
+        data = b"".join(struct.pack("<IQ", nsid, slba + i) * 42 + bytes(8) for i in range(256))
+        drv.write(nsid, slba, data)
+        crcs += [crc32c.crc32c(data[i * 512:(i + 1) * 512]) for i in range(256)]
+    return crcs
+
+
+def blocks(drv, nsid: int = 1) -> list[bytes]:
+    out = []
+    for slba in range(0, NLB, 256):
+        data = drv.read(nsid, slba, 256)
+        out += [data[i * 512:(i + 1) * 512] for i in range(256)]
+    return out
+
+
+def wait_done(drv, timeout: float = 20.0) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        log = drv.sanitize_log()
+        if log["sstat"] & 7 != 2:
+            return log
+        assert time.monotonic() < deadline, "the sanitize did not finish"
+        time.sleep(0.01)
+
+
+def completion_events(drv, timeout: float = 2.0) -> int:
+    """How many Sanitize Operation Completed events the host got (waits for the first)."""
+    ev = (6, 0x01, 0x81)  # I/O command specific status, sanitize operation completed, log 81h
+    deadline = time.monotonic() + timeout
+    while ev not in drv.events and time.monotonic() < deadline:
+        drv.poll_events(0.05)
+    return drv.events.count(ev)
+
+
+def nuse(drv, nsid: int = 1) -> int:
+    return struct.unpack_from("<Q", drv.identify(0, nsid=nsid), 16)[0]
+
+
+@pytest.fixture
+def env(nvme_env):
+    return nvme_env(f"ns=mem:size={SIZE}", io_queues=1, aers=1)
+
+
+def test_sanicap_in_identify(env):
+    idc = env.drv.identify(1)
+    assert struct.unpack_from("<I", idc, 328)[0] == SANICAP
+    assert SANICAP & 0x7 == 0x7 and not SANICAP & (1 << 29) and SANICAP >> 30 == 1
+
+
+def test_log_before_any_sanitize(env):
+    raw = env.drv.get_log(0x81, 512)
+    sprog, sstat, scdw10 = struct.unpack_from("<HHI", raw)
+    assert (sprog, sstat, scdw10) == (0xFFFF, 0, 0)
+    eto, etbe, etce, etond, etbend, etcend = struct.unpack_from("<6I", raw, 8)
+    assert 0 < etbe <= eto and etce == etbe and etond == etbend == etcend >= etbe
+    assert raw[32:] == bytes(480)
+
+
+def test_block_erase(env):
+    drv = env.drv
+    before = fill(drv)
+    assert nuse(drv) == NLB
+    drv.sanitize(BLOCK_ERASE)
+    log = wait_done(drv)
+    assert log["sstat"] == 1 | (1 << 8)  # completed, global data erased
+    assert log["sprog"] == 0xFFFF and log["scdw10"] == BLOCK_ERASE
+    after = blocks(drv)
+    assert all(b == bytes(512) for b in after)
+    assert [crc32c.crc32c(b) for b in after] != before
+    assert nuse(drv) == 0  # deallocated
+    assert completion_events(drv) == 1
+    drv.write(1, 0, b"\x01" * 512)  # user data written: no longer globally erased
+    assert drv.sanitize_log()["sstat"] == 1
+
+
+def test_block_erase_no_deallocate(env):
+    drv = env.drv
+    fill(drv)
+    drv.sanitize(BLOCK_ERASE, ndas=True)
+    log = wait_done(drv)
+    assert log["sstat"] & 7 == 1 and log["scdw10"] == BLOCK_ERASE | (1 << 9)
+    assert all(b == bytes(512) for b in blocks(drv))
+    assert nuse(drv) == NLB  # zeroes written, still allocated (NODMMAS = 01b: nothing more happens)
+
+
+@pytest.mark.parametrize("owpass,oipbp,ndas", [(1, False, True), (2, True, True), (3, True, True),
+                                                 (0, False, True), (2, False, False)])
+def test_overwrite(env, owpass, oipbp, ndas):
+    drv = env.drv
+    fill(drv)
+    pat = 0xA5C3_0F12
+    drv.sanitize(OVERWRITE, owpass=owpass, oipbp=oipbp, ndas=ndas, ovrpat=pat)
+    log = wait_done(drv)
+    passes = owpass or 16
+    assert log["sstat"] & 7 == 1 and (log["sstat"] >> 3) & 0x1F == passes & 0x1F
+    if not ndas:
+        expect = bytes(512)
+    else:
+        last = pat ^ 0xFFFFFFFF if oipbp and passes % 2 == 0 else pat
+        expect = struct.pack("<I", last) * 128
+    assert all(b == expect for b in blocks(drv))
+
+
+def test_crypto_erase(env):
+    drv, ctrl = env.drv, env.ctrl
+    before = fill(drv)
+    drv.sanitize(CRYPTO, ndas=True)
+    assert wait_done(drv)["sstat"] & 7 == 1
+    after = blocks(drv)
+    key = ctrl.sanitizer.keys[1]
+    for lba in (0, 1, NLB - 1):
+        digest = hashlib.blake2b(struct.pack("<Q", lba), key=key).digest()
+        assert after[lba] == digest * 8
+    assert len(set(after)) == NLB  # every block differs
+    assert all(crc32c.crc32c(b) != c for b, c in zip(after, before, strict=True))
+    drv.sanitize(CRYPTO, ndas=True)  # a new key: unrelated to the last time too
+    assert wait_done(drv)["sstat"] & 7 == 1
+    again = blocks(drv)
+    assert all(a != b for a, b in zip(after, again, strict=True))
+    drv.sanitize(CRYPTO)
+    assert wait_done(drv)["sstat"] & 7 == 1
+    assert all(b == bytes(512) for b in blocks(drv)) and nuse(drv) == 0
+
+
+def test_invalid_actions(env):
+    drv = env.drv
+    for cdw10 in (0, 5, 6, 7, BLOCK_ERASE | (1 << 10)):
+        expect_status(drv, Status.INVALID_FIELD, 0x84, cdw10=cdw10)
+    drv.sanitize(EXIT)  # not in failure mode: nothing to do
+    assert drv.sanitize_log()["sstat"] == 0
+
+
+def test_refusals_while_sanitizing(env):
+    drv, ctrl = env.drv, env.ctrl
+    fill(drv)
+    ctrl.sanitizer.rate = CHUNK * 4  # a second for the namespace
+    drv.sanitize(BLOCK_ERASE, ndas=True)
+    log = drv.sanitize_log()
+    assert log["sstat"] & 7 == 2 and log["sprog"] < 0xFFFF
+    buf = drv.machine.alloc(4096, 4096)
+    expect_status(drv, Status.SANITIZE_IN_PROGRESS, 0x02, qid=1, nsid=1, cdw10=0, cdw12=0, buf=buf, length=512)
+    expect_status(drv, Status.SANITIZE_IN_PROGRESS, 0x01, qid=1, nsid=1, cdw10=0, cdw12=0, buf=buf, length=512)
+    expect_status(drv, Status.SANITIZE_IN_PROGRESS, 0x08, qid=1, nsid=1, cdw10=0, cdw12=0)
+    drv.flush(1)  # allowed
+    for opc, kw in ((0x80, {"nsid": 1}), (0x84, {"cdw10": BLOCK_ERASE}), (0x14, {"cdw10": 1}),
+                    (0x86, {"nsid": 1, "cdw13": 0x11 << 24}), (0x10, {"cdw10": 1 << 3}), (0x0D, {})):
+        expect_status(drv, Status.SANITIZE_IN_PROGRESS, opc, **kw)
+    expect_status(drv, Status.SANITIZE_IN_PROGRESS, 0x02, cdw10=(127 << 16) | 0x07, buf=buf, length=512)
+    # allowed admin commands
+    drv.identify(1)
+    drv.get_features(0x07)
+    drv.get_log(0x02, 512)
+    drv.get_log(0x01, 64)
+    prog = [drv.sanitize_log()["sprog"]]
+    while drv.sanitize_log()["sstat"] & 7 == 2:
+        prog.append(drv.sanitize_log()["sprog"])
+        time.sleep(0.05)
+    progress = [p for p in prog if p != 0xFFFF]
+    assert progress == sorted(progress) and len(set(progress)) > 1
+    drv.write(1, 0, b"\x07" * 512)  # accepted again
+    assert drv.read(1, 0, 2) == b"\x07" * 512 + bytes(512)
+
+
+@pytest.mark.parametrize("how", ["controller-reset", "subsystem-reset"])
+def test_sanitize_continues_across_resets(env, how):
+    drv, ctrl = env.drv, env.ctrl
+    fill(drv)
+    ctrl.sanitizer.rate = CHUNK * 4
+    drv.sanitize(OVERWRITE, owpass=1, ndas=True, ovrpat=0x11223344)
+    time.sleep(0.3)
+    if how == "controller-reset":
+        drv.disable()
+    else:
+        drv.subsystem_reset()
+    drv.restart()
+    log = drv.sanitize_log()
+    assert log["sstat"] & 7 == 2 and 0 < log["sprog"] < 0xFFFF
+    expect_status(drv, Status.SANITIZE_IN_PROGRESS, 0x02, qid=1, nsid=1, cdw10=0, cdw12=0,
+                  buf=drv.machine.alloc(4096, 4096), length=512)
+    assert wait_done(drv)["sstat"] & 7 == 1
+    assert completion_events(drv) == 1
+    assert all(b == struct.pack("<I", 0x11223344) * 128 for b in blocks(drv))
+
+
+class FailingBackend(GatedBackend):
+    """Memory whose deallocation fails while ``broken`` is set."""
+
+    broken = True
+
+    def deallocate(self, offset, length):
+        if self.broken:
+            raise OSError(errno.EIO, "injected media failure")
+        super().deallocate(offset, length)
+
+
+@pytest.mark.parametrize("ause", [True, False])
+def test_failure_modes(nvme_env, ause):
+    env = nvme_env(f"ns=mem:size={SIZE}", io_queues=1, aers=1)
+    drv = env.drv
+    backend = FailingBackend(1 << 20)
+    attach_namespace(env.ctrl, 2, backend)
+    drv.scan_namespaces()
+    drv.sanitize(BLOCK_ERASE, ause=ause)
+    log = wait_done(drv)
+    assert log["sstat"] & 7 == 3  # failed
+    buf = drv.machine.alloc(4096, 4096)
+    expect_status(drv, Status.SANITIZE_FAILED, 0x02, qid=1, nsid=1, cdw10=0, cdw12=0, buf=buf, length=512)
+    expect_status(drv, Status.SANITIZE_FAILED, 0x80, nsid=1)
+    drv.identify(1)
+    if ause:
+        drv.sanitize(EXIT)  # unrestricted: exit the failure mode
+    else:
+        expect_status(drv, Status.CMD_SEQ_ERROR, 0x84, cdw10=EXIT)
+        backend.broken = False
+        drv.sanitize(BLOCK_ERASE)  # restricted: only a new sanitize recovers
+        assert wait_done(drv)["sstat"] & 7 == 1
+    drv.write(1, 0, b"\x42" * 512)
+    assert drv.read(1, 0, 1) == b"\x42" * 512
+
+
+def test_sanitize_in_progress_migrates_and_finishes_at_the_destination():
+    host = Host(f"serial=san1,ns=mem:size={SIZE}", io_queues=1, aers=1)
+    try:
+        drv = host.drv
+        before = fill(drv)
+        host.ctrl.sanitizer.rate = CHUNK * 2
+        drv.sanitize(OVERWRITE, owpass=2, oipbp=True, ndas=True, ovrpat=0xDEADBEEF)
+        time.sleep(0.6)
+        src_prog = drv.sanitize_log()["sprog"]
+        assert 0 < src_prog < 0xFFFF
+        src = host.ctrl
+        dst = host.migrate()
+        assert src.sanitizer.running and src.sanitizer.progress() >= src_prog  # stopped where it was
+        assert dst.sanitizer.ever
+        assert wait_done(drv)["sstat"] == 1 | (2 << 3) | (1 << 8)
+        after = blocks(drv)
+        assert all(b == struct.pack("<I", 0xDEADBEEF ^ 0xFFFFFFFF) * 128 for b in after)
+        assert [crc32c.crc32c(b) for b in after] != before
+        assert completion_events(drv) == 1
+        time.sleep(0.1)
+        assert src.sanitizer.running  # the source never went on (the destination owns the operation)
+    finally:
+        host.close()
+
+
+def test_sanitize_in_progress_migrates_between_processes(tmp_path):
+    opts = f"serial=SANX,max_ioqpairs=2,msix_vectors=3,sanitize_rate=4M,ns=mem:size={SIZE}"
+    src = DeviceProcess("nvme", f"unix:{tmp_path}/a.sock", options=opts)
+    dst = DeviceProcess("nvme", f"unix:{tmp_path}/b.sock", options=opts, incoming=f"unix:{tmp_path}/b-in.sock")
+    try:
+        with Machine(ram_size=64 << 20) as machine:
+            src.wait_event("ready")
+            p = machine.plug_remote(src.link, timeout=10)
+            drv = NvmeDriver(machine, p, io_queues=1, aers=1)
+            drv.probe()
+            before = fill(drv)
+            drv.sanitize(OVERWRITE, owpass=1, ndas=True, ovrpat=0x0BADF00D)
+            time.sleep(0.3)
+            prog = drv.sanitize_log()["sprog"]
+            assert 0 < prog < 0xFFFF
+            dst.wait_event("listening")
+            p.device.migrate(dst.incoming, timeout=20)
+            assert p.device.info["pid"] == dst.pid
+            log = drv.sanitize_log()
+            assert log["sstat"] & 7 == 2 and prog <= log["sprog"] < 0xFFFF  # it goes on from there
+            comp = drv.io(1, 0x02, nsid=1, cdw10=0, cdw12=0, buf=machine.alloc(4096, 4096), length=512, check=False)
+            assert comp.code == Status.SANITIZE_IN_PROGRESS
+            assert wait_done(drv)["sstat"] & 7 == 1
+            after = blocks(drv)
+            assert all(b == struct.pack("<I", 0x0BADF00D) * 128 for b in after)
+            assert all(crc32c.crc32c(b) != c for b, c in zip(after, before, strict=True))
+            assert completion_events(drv) == 1
+        assert src.proc.wait(10) == 0
+    finally:
+        src.stop()
+        dst.stop()
