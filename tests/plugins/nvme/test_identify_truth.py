@@ -14,6 +14,7 @@ Three walks:
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Callable
 
 import pytest
@@ -34,9 +35,14 @@ ONCS_OPCODES = {0: (0x05,), 1: (0x04,), 2: (0x09,), 3: (0x08,), 5: (0x0D, 0x0E, 
                 8: (0x19,)}
 
 
-@pytest.fixture
-def env():
-    e = make_env("ns=mem:size=16M", io_queues=1)
+#: configurations walked: the default, and one with every optional capability switched on
+CONFIGS = {"default": "ns=mem:size=16M",
+           "cmb+pmr": "ns=mem:size=16M,cmb_size=2,pmr={tmp}/pmr.img,pmr_size=1M"}
+
+
+@pytest.fixture(params=sorted(CONFIGS))
+def env(request, tmp_path):
+    e = make_env(CONFIGS[request.param].format(tmp=tmp_path), io_queues=1)
     yield e
     e.close()
 
@@ -220,6 +226,39 @@ def _crms_crwms(drv: NvmeDriver) -> None:  # CAP.CRMS bit 0: ready with media (C
     assert drv.read32(0x14) >> 24 & 1 == 0 and drv.csts & 1
 
 
+def _nssrs(drv: NvmeDriver) -> None:  # CAP.NSSRS: "NVMe" in NSSR resets, CSTS.NSSRO says so
+    drv.subsystem_reset()
+    assert drv.csts & 1 << 4 and not drv.read32(0x14) & 1  # NSSRO set, CC.EN cleared
+    drv.write32(0x1C, 1 << 4)  # RW1C
+    assert not drv.csts & 1 << 4
+    drv.restart()
+    bs = drv.lba_size(1)
+    drv.write(1, slba=0, data=b"\x42" * bs)
+    assert drv.read(1, slba=0, nlb=1) == b"\x42" * bs
+
+
+def _cmbs(drv: NvmeDriver) -> None:  # CAP.CMBS: a CMB with SQs and data in it
+    drv.cmb_enable()
+    drv.delete_io_queue_pair(1)
+    drv.create_io_queue_pair(1, 16, sq_in_cmb=True)
+    bs = drv.lba_size(1)
+    buf = drv.cmb_alloc(4096)
+    drv.cmb_write(buf, b"\x6c" * bs)
+    drv.io(1, 0x01, nsid=1, cdw10=90, cdw12=0, prp1=buf)  # Write from the CMB, through an SQ in it
+    assert drv.read(1, slba=90, nlb=1) == b"\x6c" * bs
+    drv.delete_io_queue_pair(1)
+    drv.create_io_queue_pair(1, drv.io_depth)
+
+
+def _pmrs(drv: NvmeDriver) -> None:  # CAP.PMRS: the PMR enables and becomes ready within PMRTO
+    drv.write32(0xE04, 1)  # PMRCTL.EN
+    timeout = (drv.read32(0xE00) >> 16 & 0xFF) * 0.5 or 0.5  # PMRTO, 500 ms units
+    deadline = time.monotonic() + timeout
+    while drv.read32(0xE08) & 1 << 8:  # PMRSTS.NRDY
+        assert time.monotonic() < deadline, "PMR not ready within PMRTO"
+        time.sleep(0.005)
+
+
 def _oncs_save(drv: NvmeDriver) -> None:  # ONCS bit 4: SEL in Get Features (supported capabilities)
     assert drv.get_features(0x04, sel=3).ok
 
@@ -244,7 +283,7 @@ EXERCISERS: dict[tuple[str, int], Exerciser] = {
     ("dlfeat", 0): _dlfeat, ("dlfeat", 3): _dlfeat,
     ("nsfeat", 4): _nsfeat_optperf,
     ("oncs", 4): _oncs_save, ("oncs", 6): _oncs_timestamp,
-    ("cap", 37): _css_ncss, ("cap", 43): _css_iocs, ("cap", 59): _crms_crwms,
+    ("cap", 36): _nssrs, ("cap", 56): _pmrs, ("cap", 57): _cmbs, ("cap", 37): _css_ncss, ("cap", 43): _css_iocs, ("cap", 59): _crms_crwms,
 }
 
 #: fields walked: name -> (structure, offset, bytes); "idc" Identify Controller, "idns" Identify Namespace
