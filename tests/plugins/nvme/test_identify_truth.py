@@ -283,7 +283,8 @@ EXERCISERS: dict[tuple[str, int], Exerciser] = {
     ("dlfeat", 0): _dlfeat, ("dlfeat", 3): _dlfeat,
     ("nsfeat", 4): _nsfeat_optperf,
     ("oncs", 4): _oncs_save, ("oncs", 6): _oncs_timestamp,
-    ("cap", 36): _nssrs, ("cap", 56): _pmrs, ("cap", 57): _cmbs, ("cap", 37): _css_ncss, ("cap", 43): _css_iocs, ("cap", 59): _crms_crwms,
+    ("cap", 36): _nssrs, ("cap", 56): _pmrs, ("cap", 57): _cmbs, ("cap", 37): _css_ncss,
+    ("cap", 43): _css_iocs, ("cap", 59): _crms_crwms,
 }
 
 #: fields walked: name -> (structure, offset, bytes); "idc" Identify Controller, "idns" Identify Namespace
