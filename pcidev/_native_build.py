@@ -10,6 +10,17 @@ The C functions take a base pointer (a ``ffi.from_buffer`` of the caller's buffe
 plus a byte offset; :mod:`pcidev.native` bounds- and alignment-checks every
 argument before calling them, so none of them validates anything itself.
 Multi-byte values are little-endian in memory whatever the host's byte order.
+
+The two CRCs of NVMe end-to-end data protection (the Guard of protection information)
+are table driven; their tables are computed here at build time (:func:`crc_tables`)
+and compiled in as constants:
+
+* ``pcidev_crc16_t10dif``: CRC-16/T10-DIF (polynomial 0x8BB7, not reflected, initial
+  value 0, no final XOR), the 16-bit Guard;
+* ``pcidev_crc64_nvme``: CRC-64/NVME (polynomial 0xAD93D23594C93659, reflected, initial
+  value and final XOR all ones), the 64-bit Guard. The function takes and returns the
+  finished value (it inverts on entry and exit), so a CRC over two pieces is
+  ``crc64(piece2, crc64(piece1, 0))``.
 """
 
 from __future__ import annotations
@@ -24,7 +35,69 @@ void pcidev_store64(uint8_t *base, size_t off, uint64_t value);
 void pcidev_fence(void);
 void pcidev_memmove(uint8_t *dst, size_t dst_off, const uint8_t *src, size_t src_off, size_t n);
 void pcidev_memset(uint8_t *dst, size_t off, int byte, size_t n);
+uint16_t pcidev_crc16_t10dif(uint16_t crc, const uint8_t *buf, size_t n);
+uint64_t pcidev_crc64_nvme(uint64_t crc, const uint8_t *buf, size_t n);
 """
+
+#: CRC-16/T10-DIF generator polynomial (MSB first)
+CRC16_T10DIF_POLY = 0x8BB7
+#: CRC-64/NVME generator polynomial (normal form; the table uses its reflection)
+CRC64_NVME_POLY = 0xAD93D23594C93659
+
+
+def _reflect(value: int, bits: int) -> int:
+    return int(f"{value:0{bits}b}"[::-1], 2)
+
+
+def crc_tables() -> tuple[list[int], list[int]]:
+    """The 256-entry tables of CRC-16/T10-DIF (MSB first) and CRC-64/NVME (reflected)."""
+    t16 = []
+    for i in range(256):
+        c = i << 8
+        for _ in range(8):
+            c = ((c << 1) ^ CRC16_T10DIF_POLY) if c & 0x8000 else c << 1
+        t16.append(c & 0xFFFF)
+    rpoly = _reflect(CRC64_NVME_POLY, 64)
+    t64 = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ rpoly if c & 1 else c >> 1
+        t64.append(c)
+    return t16, t64
+
+
+def _crc_source() -> str:
+    t16, t64 = crc_tables()
+    rows16 = ",\n    ".join(", ".join(f"0x{v:04x}" for v in t16[i:i + 8]) for i in range(0, 256, 8))
+    rows64 = ",\n    ".join(", ".join(f"0x{v:016x}ULL" for v in t64[i:i + 4]) for i in range(0, 256, 4))
+    return f"""
+static const uint16_t pcidev_crc16_table[256] = {{
+    {rows16}
+}};
+
+static const uint64_t pcidev_crc64_table[256] = {{
+    {rows64}
+}};
+
+/* CRC-16/T10-DIF over n bytes, continuing from crc (0 to start). */
+static uint16_t pcidev_crc16_t10dif(uint16_t crc, const uint8_t *buf, size_t n)
+{{
+    for (size_t i = 0; i < n; i++)
+        crc = (uint16_t)((crc << 8) ^ pcidev_crc16_table[((crc >> 8) ^ buf[i]) & 0xff]);
+    return crc;
+}}
+
+/* CRC-64/NVME over n bytes, continuing from the finished value crc (0 to start). */
+static uint64_t pcidev_crc64_nvme(uint64_t crc, const uint8_t *buf, size_t n)
+{{
+    crc = ~crc;
+    for (size_t i = 0; i < n; i++)
+        crc = (crc >> 8) ^ pcidev_crc64_table[(crc ^ buf[i]) & 0xff];
+    return ~crc;
+}}
+"""
+
 
 SOURCE = r"""
 #include <stdint.h>
@@ -83,7 +156,7 @@ static void pcidev_memset(uint8_t *dst, size_t off, int byte, size_t n)
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
-ffibuilder.set_source("pcidev._native", SOURCE, extra_compile_args=["-O2"])
+ffibuilder.set_source("pcidev._native", SOURCE + _crc_source(), extra_compile_args=["-O2"])
 
 if __name__ == "__main__":  # pragma: no cover - developer convenience
     import pathlib
