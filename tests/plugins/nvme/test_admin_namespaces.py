@@ -60,7 +60,7 @@ def test_create_errors(env):
     expect_status(drv, Status.INVALID_FIELD, NS_MGMT, cdw10=0, data=ns_data(0))
     expect_status(drv, Status.INVALID_FIELD, NS_MGMT, cdw10=0, data=ns_data(8, ncap=16))
     expect_status(drv, Status.THIN_PROVISIONING_NOT_SUPPORTED, NS_MGMT, cdw10=0, data=ns_data(16, ncap=8))
-    expect_status(drv, Status.INVALID_FORMAT, NS_MGMT, cdw10=0, data=ns_data(16, flbas=5))
+    expect_status(drv, Status.INVALID_FORMAT, NS_MGMT, cdw10=0, data=ns_data(16, flbas=15))
     expect_status(drv, Status.INVALID_FIELD, NS_MGMT, cdw10=0, data=ns_data(16, dps=1))
     expect_status(drv, Status.INVALID_FIELD, NS_MGMT, cdw10=0, data=ns_data(9))  # 4.5 KiB
     expect_status(drv, Status.NS_INSUFFICIENT_CAPACITY, NS_MGMT, cdw10=0, data=ns_data(1 << 20, flbas=1))
@@ -147,7 +147,7 @@ def test_format_switches_lba_size_and_erases(env):
 
 def test_format_errors(env):
     drv = env.drv
-    expect_status(drv, Status.INVALID_FORMAT, FORMAT, nsid=1, cdw10=7, param=40)
+    expect_status(drv, Status.INVALID_FORMAT, FORMAT, nsid=1, cdw10=15, param=40)
     expect_status(drv, Status.INVALID_FORMAT, FORMAT, nsid=1, cdw10=1 << 5)  # protection information
     expect_status(drv, Status.INVALID_FIELD, FORMAT, nsid=1, cdw10=2 << 9)  # crypto erase
     expect_status(drv, Status.INVALID_NSID, FORMAT, nsid=2, cdw10=0)

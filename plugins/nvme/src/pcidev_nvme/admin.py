@@ -54,7 +54,7 @@ from pcidev_nvme import logs as nlogs
 from pcidev_nvme.aer import INFO_FW_ACTIVATION, AsyncEvents
 from pcidev_nvme.config import NamespaceSpec, NvmeConfig
 from pcidev_nvme.features import Features
-from pcidev_nvme.namespace import LBA_FORMATS, Namespace
+from pcidev_nvme.namespace import LBA_FORMATS, LBAF_TABLE, Namespace, format_problem
 from pcidev_nvme.namespaces import RemovedNamespace
 from pcidev_nvme.prp import prp_segments
 from pcidev_nvme.queues import CompletionQueue, SubmissionQueue
@@ -412,9 +412,9 @@ class AdminCommandSet:
     def _common_ns(self) -> bytes:
         """Identify Namespace for NSID FFFFFFFFh: capabilities common to all namespaces."""
         buf = bytearray(idfy.IDENTIFY_SIZE)
-        buf[25] = len(LBA_FORMATS) - 1  # NLBAF
-        for i, (size, rp) in enumerate(LBA_FORMATS):
-            struct.pack_into("<I", buf, 128 + 4 * i, (size.bit_length() - 1) << 16 | rp << 24)
+        buf[25] = len(LBAF_TABLE) - 1  # NLBAF
+        for i, f in enumerate(LBAF_TABLE):
+            struct.pack_into("<I", buf, 128 + 4 * i, f.lbaf_entry())
         return bytes(buf)
 
     # -- logs ----------------------------------------------------------------------------------------
@@ -717,7 +717,9 @@ class AdminCommandSet:
         ctrl = self.ctrl
         c = req.cdw10
         lbaf = (c & 0xF) | ((c >> 12) & 3) << 4
+        mset = (c >> 4) & 1
         pi = (c >> 5) & 7
+        pil = (c >> 8) & 1
         ses = (c >> 9) & 7
         nsid = req.nsid
         if nsid == BROADCAST:
@@ -729,17 +731,22 @@ class AdminCommandSet:
             targets = [ns]
         if lbaf >= len(LBA_FORMATS):
             raise _err(Status.INVALID_FORMAT, f"LBA format {lbaf} is not supported", OFF_CDW10)
-        if pi:
-            raise _err(Status.INVALID_FORMAT, "protection information is not supported", OFF_CDW10)
+        if pi > 3:
+            raise _err(Status.INVALID_FORMAT, f"protection information type {pi} is reserved", OFF_CDW10)
+        for ns in targets:
+            problem = format_problem(lbaf, pi, pil, mset, ns.backend)
+            if problem is not None:
+                raise _err(Status.INVALID_FORMAT, f"namespace {ns.nsid}: {problem}", OFF_CDW10)
         if ses > 1:
             raise _err(Status.INVALID_FIELD, f"secure erase setting {ses} is not supported", OFF_CDW10 + 1)
         busy = ctrl.begin_format({ns.nsid for ns in targets})
         if busy:
             raise _err(Status.FORMAT_IN_PROGRESS, f"namespace(s) {busy} are being formatted")
-        ctrl.admin_worker.submit(self._format_work, req, targets, lbaf, ses)
+        ctrl.admin_worker.submit(self._format_work, req, targets, lbaf, ses, pi, pil, mset)
         return None
 
-    def _format_work(self, req: Request, targets: list[Namespace], lbaf: int, ses: int) -> None:
+    def _format_work(self, req: Request, targets: list[Namespace], lbaf: int, ses: int, pi: int = 0, pil: int = 0,
+                     mset: int = 0) -> None:
         ctrl = self.ctrl
         ids = {ns.nsid for ns in targets}
         try:
@@ -747,7 +754,7 @@ class AdminCommandSet:
             while time.monotonic() < deadline and ctrl.io_inflight_for(ids):
                 time.sleep(0.001)
             for ns in targets:
-                ns.format(lbaf, ses)
+                ns.format(lbaf, ses, pi, pil, mset)
         except NvmeStatusError as exc:
             ctrl.end_format(ids)
             ctrl.complete(req, exc.status, error=exc)

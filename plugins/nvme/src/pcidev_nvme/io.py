@@ -59,6 +59,7 @@ from pcidev.errors import DmaError
 from pcidev_nvme.backends import Backend
 from pcidev_nvme.limits import COPY_LIMITS, DMRL, DMRSL, DMSL, MAX_DSM_RANGES, OCFS, ONCS, SGLS, VSL, WZSL
 from pcidev_nvme.namespace import Namespace
+from pcidev_nvme.protected_io import ProtectedIo
 from pcidev_nvme.prp import OFF_DPTR1, data_segments, prp_segments
 from pcidev_nvme.request import ControllerPort, Request
 from pcidev_nvme.status import NvmeStatusError, Status
@@ -215,6 +216,8 @@ class IoCommandSet:
         self._inflight = 0
         self._closed = False
         self._local = _Local()
+        #: the metadata and protection information side of namespaces with metadata
+        self._protected = ProtectedIo(ctrl)
         self._handlers: dict[int, _Handler] = {
             Opcode.READ: self._read,
             Opcode.WRITE: self._write,
@@ -272,7 +275,8 @@ class IoCommandSet:
                         if ns is not None:
                             backend = ns.backend
                             inline = backend.inline
-                            fast = inline or getattr(backend, "nowait", False)
+                            # (namespaces with metadata take the general path)
+                            fast = (inline or getattr(backend, "nowait", False)) and not ns.ms
                             nlbas = ns.nlbas
                             shift = ns.lba_shift
                     if ns is not None and fast:
@@ -598,6 +602,8 @@ class IoCommandSet:
 
     def _read(self, req: Request, ns: Namespace, done: int = 0) -> int:
         """Read (``done``: bytes already read into the front of the buffer)."""
+        if ns.ms:
+            return self._protected.read(req, ns)
         offset, length = self._rw_extent(req, ns, data=True)
         mem, segs = self._segments(req, length, to_host=True)
         backend = ns.backend
@@ -647,6 +653,8 @@ class IoCommandSet:
     def _write(self, req: Request, ns: Namespace, done: int = 0) -> int:
         """Write (``done``: bytes from the front of the buffer already written)."""
         self._check_writable(ns)
+        if ns.ms:
+            return self._protected.write(req, ns)
         offset, length = self._rw_extent(req, ns, data=True)
         mem, segs = self._segments(req, length, to_host=False)
         views = self._views(mem, segs, False)
@@ -664,6 +672,8 @@ class IoCommandSet:
         return 0
 
     def _compare(self, req: Request, ns: Namespace) -> int:
+        if ns.ms:
+            return self._protected.compare(req, ns)
         offset, length = self._rw_extent(req, ns, data=True)
         mem, segs = self._segments(req, length, to_host=False)
         views = self._views(mem, segs, False)
@@ -689,6 +699,8 @@ class IoCommandSet:
         return 0
 
     def _verify(self, req: Request, ns: Namespace) -> int:
+        if ns.ms:
+            return self._protected.verify(req, ns)
         offset, length = self._rw_extent(req, ns, data=False)
         req_len = length
         backend = ns.backend
@@ -719,6 +731,8 @@ class IoCommandSet:
 
     def _write_zeroes(self, req: Request, ns: Namespace) -> int:
         self._check_writable(ns)
+        if ns.ms:
+            return self._protected.write_zeroes(req, ns)
         offset, length = self._rw_extent(req, ns, data=False)
         cdw12 = req.cdw12
         backend = ns.backend
@@ -750,6 +764,8 @@ class IoCommandSet:
             shift = ns.lba_shift
             for slba, nlb in ranges:
                 ns.backend.deallocate(slba << shift, nlb << shift)
+                if ns.ms:
+                    self._protected.deallocate(ns, slba, nlb)
             if not self.ctrl.volatile_write_cache:
                 ns.backend.flush()
         return 0
@@ -796,6 +812,8 @@ class IoCommandSet:
             ranges.append((slba, nlb))
         if sdlba + total > ns.nlbas:
             raise _lba_range(sdlba, total, ns)
+        if ns.ms:
+            return self._protected.copy(req, ns, raw, ranges, sdlba)
         shift = ns.lba_shift
         buf = bytearray(total << shift)
         mv = memoryview(buf)
