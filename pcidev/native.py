@@ -807,8 +807,10 @@ if CffiPinned is not None and hasattr(_lib, "pcidev_crc64_nvme"):
         n = len(data) if type(data) is bytes else memoryview(data).nbytes
         return int(_c_crc64(crc, _from_buffer("uint8_t[]", data), n))
 
-    CRC_BACKEND = "cffi"
 else:
     crc16_t10dif = py_crc16_t10dif
     crc64_nvme = py_crc64_nvme
-    CRC_BACKEND = "python"
+
+CRC_BACKEND: str = "python" if crc16_t10dif is py_crc16_t10dif else "cffi"
+"""Which CRC implementation :func:`crc16_t10dif` and :func:`crc64_nvme` use: ``"cffi"`` (the
+extension's C functions) or ``"python"`` (no extension, or one built before it had them)."""

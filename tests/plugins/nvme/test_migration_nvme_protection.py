@@ -16,7 +16,9 @@ import crc32c
 import pytest
 from test_migration_nvme import Host, _slow_files
 
+from pcidev import native
 from pcidev.host import Machine
+from pcidev.inheritance import image_key
 from pcidev.transport.link.process import DeviceProcess
 from pcidev_nvme.controller import NvmeController
 from pcidev_nvme.testing.driver import WRITE, NvmeDriver
@@ -45,8 +47,6 @@ def metadata_bytes(ctrl: NvmeController) -> dict[int, bytes]:
 
 def host_pi(data: bytes, lba: int) -> bytes:
     """The 16b Guard PI of a 512-byte block of namespace 1 (type 1, PI last = all the metadata)."""
-    from pcidev import native
-
     return (native.py_crc16_t10dif(data).to_bytes(2, "big") + APP.to_bytes(2, "big")
             + (lba & 0xFFFFFFFF).to_bytes(4, "big"))
 
@@ -247,3 +247,13 @@ def test_restore_changes_the_destination_format(pi):
     finally:
         src.close()
         dst.close()
+
+
+def test_handover_offers_the_metadata_sidecar(tmp_path):
+    ctrl = NvmeController(f"ns=file:path={tmp_path}/h.img,size=1M,lbaf=2,pi=1")
+    try:
+        fds = ctrl.inheritable_fds()
+        assert image_key(f"{tmp_path}/h.img", read_only=False) in fds
+        assert image_key(f"{tmp_path}/h.img.nvme-meta", read_only=False) in fds
+    finally:
+        ctrl.close()
