@@ -54,8 +54,10 @@ from pcidev_nvme import logs as nlogs
 from pcidev_nvme.aer import INFO_FW_ACTIVATION, AsyncEvents
 from pcidev_nvme.config import NamespaceSpec, NvmeConfig
 from pcidev_nvme.features import Features
+from pcidev_nvme.metadata import SIDECAR_SUFFIX
 from pcidev_nvme.namespace import LBA_FORMATS, LBAF_TABLE, Namespace, format_problem
 from pcidev_nvme.namespaces import RemovedNamespace
+from pcidev_nvme.protection import pi_size
 from pcidev_nvme.prp import prp_segments
 from pcidev_nvme.queues import CompletionQueue, SubmissionQueue
 from pcidev_nvme.request import ControllerPort, Request
@@ -617,8 +619,11 @@ class AdminCommandSet:
             raise _err(Status.INVALID_FIELD, f"NSZE {nsze} / NCAP {ncap} are invalid")
         if ncap < nsze:
             raise _err(Status.THIN_PROVISIONING_NOT_SUPPORTED, "NCAP must equal NSZE")
-        if dps:
-            raise _err(Status.INVALID_FIELD, "end-to-end protection is not supported")
+        pi, pil, mset = dps & 7, dps >> 3 & 1, flbas >> 4 & 1
+        if pi > 3 or dps >> 4:
+            raise _err(Status.INVALID_FIELD, f"DPS {dps:#x} is invalid")
+        if pi and LBAF_TABLE[lbaf].ms < pi_size(LBAF_TABLE[lbaf].pif):
+            raise _err(Status.INVALID_FORMAT, f"LBA format {lbaf} has no room for protection information")
         if nmic > 1:
             raise _err(Status.INVALID_FIELD, f"NMIC {nmic:#x} is invalid")
         if anagrpid:
@@ -635,6 +640,8 @@ class AdminCommandSet:
             raise _err(Status.NS_ID_UNAVAILABLE, "every namespace identifier is in use")
         nsid = free[0]
         spec = self._create_spec(nsid, size, lbaf)
+        if pi or pil or mset:
+            spec += f",pi={pi},pil={pil},mset={mset}"
         try:
             ns = ctrl.make_namespace(nsid, spec)
         except (ConfigError, PcidevError, OSError) as exc:
@@ -650,7 +657,7 @@ class AdminCommandSet:
         kind = ctrl.cfg.ns_create
         if kind == "file" and ctrl.state_dir:
             path = os.path.join(ctrl.state_dir, f"nvme-{ctrl.cfg.serial}-ns{nsid}.img".replace("/", "_"))
-            for stale in (path, path + ".nvme-ids"):
+            for stale in (path, path + ".nvme-ids", path + SIDECAR_SUFFIX):
                 try:
                     os.unlink(stale)
                 except FileNotFoundError:
@@ -680,7 +687,8 @@ class AdminCommandSet:
                 log.exception("closing deleted namespace %d failed", n)
             if created_spec is not None:
                 path = getattr(ns.backend, "path", None)
-                for victim in (path, getattr(ns.backend, "identity_path", None)):
+                meta_path = getattr(ns.meta, "path", None)
+                for victim in (path, getattr(ns.backend, "identity_path", None), meta_path):
                     if victim:
                         try:
                             os.unlink(victim)

@@ -33,10 +33,17 @@ transfer larger than MDTS                              Invalid Field (byte 48)
 malformed data pointer                                 PRP Offset Invalid / SGL statuses
 data pointer outside guest memory, bus mastering off   Data Transfer Error (byte 24)
 Copy format or limits                                  Invalid Field / Cmd Size Limit
+PRINFO invalid for the namespace's PI type              Invalid Protection Information
+PI check failed (PRCHK: Guard, App Tag, Ref Tag)       End-to-end Guard / Application
+                                                       Tag / Reference Tag Check Error
 Compare mismatch                                       Compare Failure
 backend I/O error on read / write                      Unrecovered Read Error / Write Fault
 backend out of space                                   Capacity Exceeded
 =====================================================  =============================
+
+Namespaces formatted with metadata (``Namespace.ms``) take the general path, whose
+handlers hand them to :class:`~pcidev_nvme.protected_io.ProtectedIo` (metadata buffers,
+extended LBAs, protection information); the fast path never sees them.
 
 The identify fields that describe this command set come from
 :mod:`pcidev_nvme.limits` (re-exported here): :data:`ONCS`, :data:`SGLS`, :data:`OCFS`,
