@@ -760,7 +760,7 @@ def _tables() -> tuple[tuple[int, ...], tuple[int, ...]]:
 _T16, _T64 = _tables()
 
 
-def py_crc16_t10dif(data: ReadableBuffer, crc: int = 0) -> int:
+def py_crc16_t10dif(data: Any, crc: int = 0) -> int:
     """Pure-Python :func:`crc16_t10dif` (the fallback; also what tests compare against)."""
     t = _T16
     crc &= 0xFFFF
@@ -769,7 +769,7 @@ def py_crc16_t10dif(data: ReadableBuffer, crc: int = 0) -> int:
     return crc
 
 
-def py_crc64_nvme(data: ReadableBuffer, crc: int = 0) -> int:
+def py_crc64_nvme(data: Any, crc: int = 0) -> int:
     """Pure-Python :func:`crc64_nvme` (the fallback; also what tests compare against)."""
     t = _T64
     crc = ~crc & _MAX64
@@ -783,7 +783,7 @@ if CffiPinned is not None and hasattr(_lib, "pcidev_crc64_nvme"):
     _c_crc16 = _lib.pcidev_crc16_t10dif
     _c_crc64 = _lib.pcidev_crc64_nvme
 
-    def crc16_t10dif(data: ReadableBuffer, crc: int = 0) -> int:
+    def crc16_t10dif(data: Any, crc: int = 0) -> int:
         """CRC-16/T10-DIF of ``data`` (the 16-bit Guard of NVMe protection information):
         polynomial 0x8BB7, initial value 0, not reflected, no final XOR. The check value
         (of ``b"123456789"``) is 0xD0DB.
@@ -795,7 +795,7 @@ if CffiPinned is not None and hasattr(_lib, "pcidev_crc64_nvme"):
         n = len(data) if type(data) is bytes else memoryview(data).nbytes
         return int(_c_crc16(crc, _from_buffer("uint8_t[]", data), n))
 
-    def crc64_nvme(data: ReadableBuffer, crc: int = 0) -> int:
+    def crc64_nvme(data: Any, crc: int = 0) -> int:
         """CRC-64/NVME of ``data`` (the 64-bit Guard; Linux's ``crc64_rocksoft``):
         reflected polynomial 0xAD93D23594C93659, initial value and final XOR all ones.
         The check value (of ``b"123456789"``) is 0xAE8B14860A799888.
