@@ -414,3 +414,14 @@ def test_file_namespace_keeps_metadata_and_setting_across_restarts(nvme_env, tmp
     comp, d, m = rw(env2.drv, lay, READ, 7, 2, prinfo=ALL, ref=7, app=3)
     assert comp.code == 0 and d == data
     assert m == lay.with_pi(data, bytes(16), 2, 3, 7)
+
+
+def test_flush_reaches_the_metadata(nvme_env, tmp_path):
+    env, drv, _lay = make(nvme_env, 2, 1, kind="file", tmp_path=tmp_path)
+    meta = env.ctrl.allocated[1].meta
+    calls = []
+    real = meta.flush
+    meta.flush = lambda: (calls.append(1), real())[1]
+    drv.flush(1)
+    drv.io(1, 0x00, nsid=0xFFFFFFFF)  # the broadcast Flush too
+    assert len(calls) == 2

@@ -502,7 +502,7 @@ class AdminCommandSet:
         status = 0
         for ns in list(self.ctrl.namespaces.values()):
             try:
-                ns.backend.flush()
+                ns.flush()
             except OSError as exc:
                 log.warning("flush of namespace %d failed: %s", ns.nsid, exc)
                 status = Status.INTERNAL

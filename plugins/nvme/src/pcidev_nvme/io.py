@@ -728,12 +728,12 @@ class IoCommandSet:
         return 0
 
     def _flush(self, req: Request, ns: Namespace) -> int:
-        ns.backend.flush()
+        ns.flush()
         return 0
 
     def _flush_all(self, req: Request, ns: Namespace | None) -> int:
         for each in list(self.ctrl.namespaces.values()):
-            each.backend.flush()
+            each.flush()
         return 0
 
     def _write_zeroes(self, req: Request, ns: Namespace) -> int:

@@ -635,6 +635,15 @@ class Namespace:
             self.meta.close()
         self.backend.close()
 
+    def flush(self) -> None:
+        """Make every completed write durable: the data, then the metadata.
+
+        :raises OSError: the backend or the metadata store failed to flush.
+        """
+        self.backend.flush()
+        if self.meta is not None:
+            self.meta.flush()
+
     def inheritable_fds(self) -> dict[str, int]:
         """The descriptors of the namespace's metadata store a handover's new process
         takes over (the backend's are asked separately)."""
