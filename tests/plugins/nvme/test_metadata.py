@@ -62,9 +62,21 @@ def test_sidecar_keeps_contents_and_refuses_foreign_files(tmp_path):
     again = FileMetadata(8, 32, None, image=img)
     assert again.read(1, 1) == b"persist!"
     again.close()
-    # another geometry: ours, so it starts empty; erase also does
+    # another geometry: it reads empty, and the file is left alone until the first write (a
+    # migration's destination opens it while the source still uses it in the old format)
     other = FileMetadata(16, 16, None, image=img)
     assert other.read(1, 1) == bytes(16)
+    same = FileMetadata(8, 32, None, image=img)
+    assert same.read(1, 1) == b"persist!"
+    other.write(0, b"x" * 16)  # starts it afresh in the new format
+    assert other.read(0, 2) == b"x" * 16 + bytes(16)
+    same.close()
+    third = FileMetadata(8, 32, None, image=img)
+    assert third.read(1, 1) == bytes(8)
+    third.close()
+    erased = FileMetadata(16, 16, None, image=img, erase=True)  # Format NVM
+    assert erased.read(0, 1) == bytes(16)
+    erased.close()
     other.remove()
     assert not os.path.exists(img + ".nvme-meta")
     # a file of that name that is not ours

@@ -257,3 +257,26 @@ def test_handover_offers_the_metadata_sidecar(tmp_path):
         assert image_key(f"{tmp_path}/h.img.nvme-meta", read_only=False) in fds
     finally:
         ctrl.close()
+
+
+def test_a_formatted_file_namespace_keeps_its_metadata_when_the_destination_config_differs(tmp_path):
+    """The destination is built from a spec naming another format than the source's last
+    Format NVM: it must not touch the sidecar the source still uses, and takes the source's
+    format (and metadata) at the restore."""
+    h = Host(f"serial=MIGFMT,ns=file:path={tmp_path}/f.img,size=1M,lbaf=2,pi=1", io_queues=1)
+    try:
+        drv = h.drv
+        drv.admin(0x80, nsid=1, cdw10=3 | 1 << 5)  # LBAF 3 (4096+8), PI type 1
+        drv.scan_namespaces()
+        data = os.urandom(4 * 4096)
+        assert drv.io_md(WRITE, 1, 8, 4, data=data, prinfo=PRACT, ref=8, app=APP)[0].ok
+        h.migrate()
+        ns = h.ctrl.allocated[1]
+        assert (ns.lbaf, ns.pi, ns.meta.kind) == (3, 1, "file")
+        comp, back, _m = drv.io_md(READ, 1, 8, 4, data_len=len(data), prinfo=PRACT | ALL, ref=8, app=APP)
+        assert comp.ok and back == data
+        comp, _d, meta = drv.io_md(READ, 1, 8, 4, data_len=len(data), meta_len=32)
+        assert comp.ok
+        assert [meta[i * 8 + 4:i * 8 + 8] for i in range(4)] == [(8 + i).to_bytes(4, "big") for i in range(4)]
+    finally:
+        h.close()

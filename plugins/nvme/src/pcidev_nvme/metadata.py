@@ -12,7 +12,11 @@ layout and an image stays a plain image:
     metadata size, block count, PI layout) then the metadata, sparse. It is created
     when first needed and never written over unless it carries pcidev's header (a
     foreign file of that name is refused: :class:`~pcidev.errors.ConfigError`);
-    formatting to an LBA format without metadata removes it. A destination process
+    formatting to an LBA format without metadata removes it. A sidecar of another
+    format (a spec naming another ``lbaf`` than the last Format NVM) is left alone until
+    the first write, which starts it afresh: a migration's destination, built from its
+    configuration while the source still uses the file, takes the source's format at
+    the restore and so never rewrites it. A destination process
     opens the same path; a handover's new process takes the old one's descriptor
     (:meth:`FileMetadata.inheritable_fds`, :mod:`pcidev.inheritance`).
 ``null`` namespaces (:class:`NullMetadata`)
@@ -239,6 +243,9 @@ class FileMetadata(MetadataStore):
         self.path = image + SIDECAR_SUFFIX
         self.read_only = read_only
         self._fd = -1
+        #: the sidecar describes another format: read as empty, rewritten at the first write
+        self._stale = False
+        self._stale_lock = threading.Lock()
         fd = take_inherited(image_key(self.path, read_only=read_only))
         if fd is None:
             flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
@@ -267,13 +274,17 @@ class FileMetadata(MetadataStore):
                 raise ConfigError(f"{self.path} exists and is not a pcidev metadata file: not overwriting it")
             magic, version, h_ms, h_nlbas, h_pattern = _HEADER.unpack(header)
             want = (_VERSION, ms, nlbas, (pattern or b"")[:16].ljust(16, b"\0"))
-            if erase or (version, h_ms, h_nlbas, h_pattern) != want:
+            if erase:
+                self._initialise(fd)
+            elif (version, h_ms, h_nlbas, h_pattern) != want:
                 if read_only:
                     raise ConfigError(f"{self.path} holds metadata of another LBA format (read-only image)")
-                if not erase:
-                    log.warning("%s holds metadata of another format (%d bytes x %d blocks): starting empty",
-                                self.path, h_ms, h_nlbas)
-                self._initialise(fd)
+                # Not rewritten now: a migration's destination is built from its configuration
+                # while the source still uses the sidecar (its restore then asks for the format
+                # the header has). The first write starts it afresh; until then it reads empty.
+                log.warning("%s holds metadata of another format (%d bytes x %d blocks): it starts "
+                            "empty at the first write", self.path, h_ms, h_nlbas)
+                self._stale = True
         except OSError as exc:
             os.close(fd)
             raise ConfigError(f"cannot read {self.path}: {exc.strerror}") from exc
@@ -290,8 +301,17 @@ class FileMetadata(MetadataStore):
         os.pwrite(fd, _HEADER.pack(_MAGIC, _VERSION, self.ms, self.nlbas, pattern), 0)
         os.fsync(fd)
 
+    def _fresh(self) -> None:
+        """Start a stale sidecar afresh (header of this format, empty metadata)."""
+        with self._stale_lock:
+            if self._stale:
+                self._initialise(self._fd)
+                self._stale = False
+
     def _read(self, offset: int, length: int) -> bytes | bytearray:
         buf = bytearray(length)
+        if self._stale:
+            return buf
         mv = memoryview(buf)
         pos = 0
         while pos < length:
@@ -305,6 +325,8 @@ class FileMetadata(MetadataStore):
     def _write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
         if self.read_only:
             raise OSError(errno.EROFS, "the image is read-only")
+        if self._stale:
+            self._fresh()
         flags = os.RWF_DSYNC if fua else 0
         mv = memoryview(data)
         pos = 0
@@ -317,6 +339,8 @@ class FileMetadata(MetadataStore):
     def _zero(self, offset: int, length: int) -> None:
         if self.read_only:
             raise OSError(errno.EROFS, "the image is read-only")
+        if self._stale:
+            self._fresh()
         os.pwrite(self._fd, bytes(length), _HEADER_SIZE + offset)
 
     def flush(self) -> None:
