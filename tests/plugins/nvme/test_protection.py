@@ -128,3 +128,14 @@ def test_command_rules():
     wide = PiFormat(1, PIF_64B, 16, 512, False)
     assert wide.initial_ref(0xFFFF_1234, 0x5678) == 0x1234_0000_5678
     assert t1.initial_ref(0xFFFF_1234, 0x5678) == 0x5678
+
+
+@pytest.mark.parametrize(("pif", "ms", "first"), [(PIF_16B, 8, False), (PIF_16B, 64, False), (PIF_16B, 64, True),
+                                                  (PIF_64B, 16, True), (PIF_64B, 64, False)])
+@pytest.mark.parametrize("pi_type", [1, 2, 3])
+def test_zero_blocks_metadata_is_generate_over_zeros(pif, ms, first, pi_type):
+    fmt = PiFormat(pi_type, pif, ms, 512, first)
+    top = fmt.ref_mask - 2  # the tags wrap inside the run
+    want = bytearray(ms * 7)
+    fmt.generate(memoryview(bytes(512 * 7)), memoryview(want), 7, top, 0xA55A)
+    assert fmt.zero_blocks_metadata(7, top, 0xA55A) == want

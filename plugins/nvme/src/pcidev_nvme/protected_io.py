@@ -291,13 +291,11 @@ class ProtectedIo:
         if meta_store is not None:
             if pif is not None and tags is not None and cdw12 & PRINFO_PRACT:
                 ref, app, _mask = tags
-                chunk = 4096
+                chunk = 16384
                 for first in range(0, nlb, chunk):
                     n = min(chunk, nlb - first)
-                    meta = bytearray(n * ns.ms)
                     step = 0 if pif.pi_type == 3 else first
-                    pif.generate(memoryview(bytes(n * ns.lba_size)), memoryview(meta), n, ref + step, app)
-                    meta_store.write(slba + first, meta)
+                    meta_store.write(slba + first, pif.zero_blocks_metadata(n, ref + step, app))
             else:
                 meta_store.deallocate(slba, nlb)
         if self._durable(cdw12):

@@ -190,6 +190,38 @@ class PiFormat:
             else:
                 meta[at:at + 8] = guard.to_bytes(2, "big") + app.to_bytes(2, "big") + r.to_bytes(4, "big")
 
+    def zero_blocks_metadata(self, nblocks: int, ref: int, app: int) -> bytearray:
+        """The metadata of ``nblocks`` zeroed blocks whose metadata is zeroed too, with
+        their PI generated (Write Zeroes with PRACT): the same as :meth:`generate` over
+        zeros, built a byte column at a time instead of a block at a time.
+
+        :param ref: the first block's Reference Tag (ILBRT).
+        :param app: the Application Tag (LBAT).
+        """
+        ms, off, size = self.ms, self.offset, self.size
+        wide = self.pif == PIF_64B
+        zeros = bytes(self.lba_size)
+        before = bytes(off) if not self.first else b""
+        if wide:
+            guard = crc64_nvme(before, crc64_nvme(zeros)) if before else crc64_nvme(zeros)
+            head = guard.to_bytes(8, "big") + app.to_bytes(2, "big")
+        else:
+            guard = crc16_t10dif(before, crc16_t10dif(zeros)) if before else crc16_t10dif(zeros)
+            head = guard.to_bytes(2, "big") + app.to_bytes(2, "big")
+        rwidth = size - len(head)
+        mask = self.ref_mask
+        if self.pi_type == 3:
+            refs = (ref & mask).to_bytes(rwidth, "big") * nblocks
+        else:
+            refs = b"".join(((ref + i) & mask).to_bytes(rwidth, "big") for i in range(nblocks))
+        out = bytearray(nblocks * ms)
+        for j, byte in enumerate(head):
+            if byte:
+                out[off + j::ms] = bytes((byte,)) * nblocks
+        for k in range(rwidth):
+            out[off + len(head) + k::ms] = refs[k::rwidth]
+        return out
+
     def check(self, data: memoryview, meta: memoryview, nblocks: int, *, slba: int, cdw12: int,
               ref: int, app: int, app_mask: int) -> None:
         """Check the PI of ``nblocks`` blocks as the PRCHK bits of ``cdw12`` ask.
