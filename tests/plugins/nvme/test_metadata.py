@@ -137,3 +137,21 @@ def test_namespaces_choose_their_store(tmp_path):
     finally:
         ns.close()
     assert open_metadata(object(), 8, 8, None, erase=False) is None  # plugin backends: none
+
+
+def test_a_format_change_keeps_the_open_sidecar_and_remove_spares_a_replacement(tmp_path):
+    img = str(tmp_path / "k.img")
+    ns = make_namespace(1, f"file:path={img},size=1M,lbaf=2,pi=1")
+    try:
+        ns.meta.write(0, b"\x00" * 8)
+        os.rename(img + ".nvme-meta", img + ".elsewhere")  # the path no longer names the open file
+        ns.format(3, 0, 1, 0, 0)  # another format with metadata: the same file, not the path
+        assert not os.path.exists(img + ".nvme-meta")
+        assert os.path.getsize(img + ".elsewhere") == 4096 + 8 * 256
+        with open(img + ".nvme-meta", "wb") as f:  # a decoy at the path
+            f.write(b"decoy")
+        ns.format(0, 0)  # no metadata: the store goes, the decoy stays
+        assert ns.meta is None
+        assert open(img + ".nvme-meta", "rb").read() == b"decoy"
+    finally:
+        ns.close()

@@ -231,6 +231,9 @@ class FileMetadata(MetadataStore):
     :param read_only: the image is read-only: the sidecar must exist and is not written.
     :param erase: start from empty metadata (Format NVM) instead of keeping what the
         sidecar holds.
+    :param fd: the sidecar already open (owned from now on): a namespace changing format
+        keeps the file it has (in a handover's new process, the inherited one) rather
+        than opening the path again.
     :raises ConfigError: the sidecar cannot be created or opened, a file of that name is
         not pcidev's, or (read-only) it is missing or describes another format.
     """
@@ -238,7 +241,7 @@ class FileMetadata(MetadataStore):
     kind = "file"
 
     def __init__(self, ms: int, nlbas: int, pattern: bytes | None, *, image: str, read_only: bool = False,
-                 erase: bool = False) -> None:
+                 erase: bool = False, fd: int | None = None) -> None:
         super().__init__(ms, nlbas, pattern)
         self.path = image + SIDECAR_SUFFIX
         self.read_only = read_only
@@ -246,7 +249,8 @@ class FileMetadata(MetadataStore):
         #: the sidecar describes another format: read as empty, rewritten at the first write
         self._stale = False
         self._stale_lock = threading.Lock()
-        fd = take_inherited(image_key(self.path, read_only=read_only))
+        if fd is None:
+            fd = take_inherited(image_key(self.path, read_only=read_only))
         if fd is None:
             flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
             try:
@@ -352,11 +356,29 @@ class FileMetadata(MetadataStore):
             os.close(fd)
 
     def remove(self) -> None:
-        self.close()
+        """Close and unlink the sidecar -- if the path still names the file this store
+        has open (after a rename or replacement of it, nothing is unlinked)."""
+        fd = self._fd
         try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+            same = fd >= 0 and os.path.samestat(os.fstat(fd), os.stat(self.path))
+        except OSError:
+            same = False
+        self.close()
+        if same:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    @property
+    def is_open(self) -> bool:
+        """The sidecar is open (not closed yet)."""
+        return self._fd >= 0
+
+    def reopen(self, ms: int, nlbas: int, pattern: bytes | None, *, erase: bool) -> FileMetadata:
+        """The same sidecar file (this store's descriptor, not the path) for another format."""
+        return FileMetadata(ms, nlbas, pattern, image=self.path[:-len(SIDECAR_SUFFIX)], read_only=self.read_only,
+                            erase=erase, fd=os.dup(self._fd))
 
     def inheritable_fds(self) -> dict[str, int]:
         return {image_key(self.path, read_only=self.read_only): self._fd} if self._fd >= 0 else {}
@@ -368,7 +390,7 @@ def metadata_supported(backend: Any) -> bool:
 
 
 def open_metadata(backend: Any, ms: int, nlbas: int, pattern: bytes | None, *, erase: bool,
-                  mem_fd: int | None = None) -> MetadataStore | None:
+                  mem_fd: int | None = None, current: MetadataStore | None = None) -> MetadataStore | None:
     """The metadata store for a namespace over ``backend``.
 
     :param backend: the namespace's data backend (its kind picks the store).
@@ -377,6 +399,8 @@ def open_metadata(backend: Any, ms: int, nlbas: int, pattern: bytes | None, *, e
     :param pattern: the PI store pattern, None without PI.
     :param erase: start empty (Format NVM) rather than keep a sidecar's contents.
     :param mem_fd: for ``mem``: a migrated metadata memfd to map instead of a new one.
+    :param current: the namespace's store so far: a ``file`` namespace keeps its sidecar's
+        descriptor (:meth:`FileMetadata.reopen`).
     :returns: the store, or None when the backend has none (plugin backends).
     :raises ConfigError: the store cannot be made.
     """
@@ -384,6 +408,8 @@ def open_metadata(backend: Any, ms: int, nlbas: int, pattern: bytes | None, *, e
     if kind == "mem":
         return MemMetadata(ms, nlbas, pattern, fd=mem_fd)
     if kind == "file":
+        if isinstance(current, FileMetadata) and current.is_open:
+            return current.reopen(ms, nlbas, pattern, erase=erase)
         return FileMetadata(ms, nlbas, pattern, image=str(backend.path),
                             read_only=bool(getattr(backend, "read_only", False)), erase=erase)
     if kind == "null":

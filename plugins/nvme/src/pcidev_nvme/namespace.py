@@ -429,7 +429,8 @@ class Namespace:
         if f.ms:
             pattern = protection.store_pattern if protection is not None else None
             try:
-                new_meta = open_metadata(self.backend, f.ms, nlbas, pattern, erase=erase, mem_fd=mem_fd)
+                new_meta = open_metadata(self.backend, f.ms, nlbas, pattern, erase=erase, mem_fd=mem_fd,
+                                         current=meta)
             except ConfigError as exc:
                 if config:
                     raise
