@@ -15,6 +15,7 @@ import struct
 
 import pytest
 from _helpers import error_entries, make_env
+from _protection_exercisers import PROTECTION_EXERCISERS
 
 from pcidev import native
 from pcidev_nvme.namespace import LBAF_TABLE
@@ -425,3 +426,16 @@ def test_flush_reaches_the_metadata(nvme_env, tmp_path):
     drv.flush(1)
     drv.io(1, 0x00, nsid=0xFFFFFFFF)  # the broadcast Flush too
     assert len(calls) == 2
+
+
+def test_the_identify_truth_exercisers_of_protection_pass(nvme_env):
+    """test_identify_truth.py's walk takes these exercisers; each one runs here as well."""
+    env = nvme_env("ns=mem:size=16M", io_queues=1)
+    idc, idns = env.drv.identify(0x01), env.drv.identify(0x00, nsid=1)
+    advertised = {("sgls", b) for b in range(32) if struct.unpack_from("<I", idc, 536)[0] >> b & 1}
+    advertised |= {("mc", b) for b in range(8) if idns[27] >> b & 1}
+    advertised |= {("dpc", b) for b in range(8) if idns[28] >> b & 1}
+    assert {k for k in advertised if k[0] != "sgls" or k[1] == 19} == set(PROTECTION_EXERCISERS)
+    for exercise in PROTECTION_EXERCISERS.values():
+        exercise(env.drv)
+    assert env.drv.namespaces[1].ms == 0  # formatted back
