@@ -55,13 +55,31 @@ def test_create_attach_use_detach_delete(env):
     assert int.from_bytes(drv.identify(0x01)[296:312], "little") == (64 << 20) - (4 << 20)
 
 
+def test_create_with_metadata_and_protection(env):
+    drv, ctrl = env.drv, env.ctrl
+    nsid = create(drv, 2048, flbas=0x12, dps=0x9)  # LBAF 2 (512+8), extended LBAs, PI type 1 first
+    drv.admin(NS_ATTACH, nsid=nsid, cdw10=0, data=CTRL_LIST)
+    drv.scan_namespaces()
+    info = drv.namespaces[nsid]
+    assert (info.lba_size, info.ms, info.extended, info.pi, info.pil) == (512, 8, True, 1, True)
+    assert ctrl.allocated[nsid].meta is not None
+    data = b"m" * 512
+    comp, _b, _m = drv.io_md(0x01, nsid, 3, 1, data=data, prinfo=8, ref=3)  # PRACT: the host sends data only
+    assert comp.ok
+    comp, buf, _m = drv.io_md(0x02, nsid, 3, 1, data_len=520, prinfo=7, ref=3)
+    assert comp.ok and buf[:512] == data
+    drv.admin(NS_ATTACH, nsid=nsid, cdw10=1, data=CTRL_LIST)
+    drv.admin(NS_MGMT, nsid=nsid, cdw10=1)
+
+
 def test_create_errors(env):
     drv = env.drv
     expect_status(drv, Status.INVALID_FIELD, NS_MGMT, cdw10=0, data=ns_data(0))
     expect_status(drv, Status.INVALID_FIELD, NS_MGMT, cdw10=0, data=ns_data(8, ncap=16))
     expect_status(drv, Status.THIN_PROVISIONING_NOT_SUPPORTED, NS_MGMT, cdw10=0, data=ns_data(16, ncap=8))
-    expect_status(drv, Status.INVALID_FORMAT, NS_MGMT, cdw10=0, data=ns_data(16, flbas=5))
-    expect_status(drv, Status.INVALID_FIELD, NS_MGMT, cdw10=0, data=ns_data(16, dps=1))
+    expect_status(drv, Status.INVALID_FORMAT, NS_MGMT, cdw10=0, data=ns_data(16, flbas=15))
+    expect_status(drv, Status.INVALID_FORMAT, NS_MGMT, cdw10=0, data=ns_data(16, dps=1))  # PI, no metadata
+    expect_status(drv, Status.INVALID_FIELD, NS_MGMT, cdw10=0, data=ns_data(16, flbas=2, dps=4))  # type 4
     expect_status(drv, Status.INVALID_FIELD, NS_MGMT, cdw10=0, data=ns_data(9))  # 4.5 KiB
     expect_status(drv, Status.NS_INSUFFICIENT_CAPACITY, NS_MGMT, cdw10=0, data=ns_data(1 << 20, flbas=1))
     expect_status(drv, Status.INVALID_FIELD, NS_MGMT, cdw10=0, cdw11=2 << 24, data=ns_data(16))
@@ -147,7 +165,7 @@ def test_format_switches_lba_size_and_erases(env):
 
 def test_format_errors(env):
     drv = env.drv
-    expect_status(drv, Status.INVALID_FORMAT, FORMAT, nsid=1, cdw10=7, param=40)
+    expect_status(drv, Status.INVALID_FORMAT, FORMAT, nsid=1, cdw10=15, param=40)
     expect_status(drv, Status.INVALID_FORMAT, FORMAT, nsid=1, cdw10=1 << 5)  # protection information
     expect_status(drv, Status.INVALID_FIELD, FORMAT, nsid=1, cdw10=2 << 9)  # crypto erase
     expect_status(drv, Status.INVALID_NSID, FORMAT, nsid=2, cdw10=0)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import pytest
 from _helpers import make_env
+from _protection_exercisers import PROTECTION_EXERCISERS
 
 from pcidev_nvme.logs import firmware_image
 from pcidev_nvme.status import Status
@@ -286,6 +287,8 @@ EXERCISERS: dict[tuple[str, int], Exerciser] = {
     ("cap", 36): _nssrs, ("cap", 56): _pmrs, ("cap", 57): _cmbs, ("cap", 37): _css_ncss,
     ("cap", 43): _css_iocs, ("cap", 59): _crms_crwms,
 }
+
+EXERCISERS.update(PROTECTION_EXERCISERS)  # metadata and protection information
 
 #: fields walked: name -> (structure, offset, bytes); "idc" Identify Controller, "idns" Identify Namespace
 FIELDS = {"oaes": ("idc", 92, 4), "ctratt": ("idc", 96, 4), "frmw": ("idc", 260, 1), "lpa": ("idc", 261, 1),

@@ -416,7 +416,7 @@ def _bad_states(st: NvmeState):
         st, namespaces=(attrs.evolve(st.namespaces[0], mem_fd=type(st.namespaces[0].mem_fd)(40)),)
         + st.namespaces[1:])
     yield "namespaces[1].lbaf", attrs.evolve(st, namespaces=st.namespaces[:1] + (
-        attrs.evolve(st.namespaces[1], lbaf=7),))
+        attrs.evolve(st.namespaces[1], lbaf=15),))
     yield "firmware.active", attrs.evolve(st, firmware=attrs.evolve(st.firmware, active=3))
     yield "state", attrs.evolve(st, state=9)
     yield "sqs", attrs.evolve(st, state=0)

@@ -51,9 +51,11 @@ def test_identify_namespace_512(ns):
     f = idns(ns)
     assert f["nsze"] == f["ncap"] == 8 * MiB // 512
     assert f["nuse"] == 0  # nothing written yet
-    assert f["nlbaf"] == 1  # two formats, 0's based
+    assert f["nlbaf"] == 8  # nine formats, 0's based (2..8 with metadata: test_protection.py)
     assert f["flbas"] == 0
-    assert f["mc"] == f["dpc"] == f["dps"] == f["nmic"] == 0
+    assert f["mc"] == 0x3  # extended LBAs and separate metadata buffers
+    assert f["dpc"] == 0x1F  # PI types 1, 2, 3, first or last in the metadata
+    assert f["dps"] == f["nmic"] == 0
     assert f["dlfeat"] == 0x09  # deallocated blocks read zeros; Write Zeroes may deallocate
     assert f["nsfeat"] & 0x10  # NPWG..NOWS valid
     assert f["nvmcap"] == 8 * MiB
@@ -65,7 +67,8 @@ def test_identify_namespace_512(ns):
     lbads = [(x >> 16) & 0xFF for x in f["lbafs"][:2]]
     assert lbads == [9, 12]
     assert all(x & 0xFFFF == 0 for x in f["lbafs"][:2])  # no metadata
-    assert f["lbafs"][2:] == [0] * 14
+    assert [x & 0xFFFF for x in f["lbafs"][2:9]] == [8, 8, 16, 16, 64, 64, 64]
+    assert f["lbafs"][9:] == [0] * 7
 
 
 def test_nuse_counts_written_blocks(ns):
@@ -131,7 +134,7 @@ def test_format_user_data_erase_reaches_stable_storage(tmp_path, monkeypatch):
 
 def test_format_errors(ns):
     with pytest.raises(NvmeStatusError) as ei:
-        ns.format(2, 0)
+        ns.format(15, 0)
     assert ei.value.status == Status.INVALID_FORMAT
     with pytest.raises(NvmeStatusError) as ei:
         ns.format(0, 2)  # cryptographic erase
@@ -164,8 +167,14 @@ def test_read_only_namespace(tmp_path):
         n.close()
 
 
-def test_csi_nvm_identify_is_zero(ns):
-    assert ns.identify_csi_nvm() == bytes(4096)
+def test_csi_nvm_identify_gives_the_pi_format_of_each_lba_format(ns):
+    raw = ns.identify_csi_nvm()
+    assert raw[:12] == bytes(12)  # LBSTM, PIC: no storage tags
+    elbaf = struct.unpack_from("<16I", raw, 12)
+    # PIF (bits 8:7): 64b Guard for 512+16, 4096+16 and the second 4096+64; STS 0 everywhere
+    assert [e >> 7 & 3 for e in elbaf[:9]] == [0, 0, 0, 0, 2, 2, 0, 0, 2]
+    assert all(e & 0x7F == 0 for e in elbaf) and elbaf[9:] == (0,) * 7
+    assert raw[12 + 4 * 9:] == bytes(4096 - 12 - 36)
 
 
 def test_id_descriptors(ns):
@@ -285,7 +294,12 @@ def test_parse_spec_forms():
         ":size=1M",
         "mem:size",
         "mem:size=1M,size=2M",
-        "mem:size=1M,lbaf=2",
+        "mem:size=1M,lbaf=9",
+        "mem:size=1M,pi=1",
+        "mem:size=1M,lbaf=2,pi=4",
+        "mem:size=1M,lbaf=2,pil=2",
+        "mem:size=1M,lbaf=4,pi=1,mset=3",
+        "mem:size=1M,lbaf=2,pi=1,lba_size=512",
         "mem:size=1M,lba_size=1024",
         "mem:size=1M,lbaf=0,lba_size=512",
         "mem:size=1M,uuid=nope",

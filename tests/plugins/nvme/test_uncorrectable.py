@@ -222,3 +222,22 @@ def test_a_stream_with_impossible_marks_is_refused(nvme_env):
         check(ctrl, attrs.evolve(st, uncorrectable=None))  # a stream from before marks existed
     finally:
         ctrl.resume()
+
+
+def test_marks_hold_on_a_protection_information_namespace(nvme_env):
+    """A PI type 1 namespace (its commands take the protected path): a marked block fails a
+    read, a compare and a verify, and a PRACT write clears the mark."""
+    drv = nvme_env("ns=mem:size=4M,lbaf=2,pi=1", io_queues=1).drv
+    data = pattern(0, 8)
+    comp, _, _ = drv.io_md(WRITE, 1, 0, 8, data=data, prinfo=8)  # PRACT: the controller adds the PI
+    assert comp.ok
+    assert drv.write_uncorrectable(1, 2, 3).ok
+    for opcode in (READ, VERIFY):
+        comp, _, _ = drv.io_md(opcode, 1, 0, 8, data_len=len(data), prinfo=8 | 7)
+        assert comp.code == Status.UNRECOVERED_READ_ERROR, hex(comp.code)
+    comp, _, _ = drv.io_md(COMPARE, 1, 0, 8, data=data, prinfo=8 | 7)
+    assert comp.code == Status.UNRECOVERED_READ_ERROR
+    comp, _, _ = drv.io_md(WRITE, 1, 2, 3, data=pattern(2, 3), prinfo=8, ref=2)  # type 1: ref tag = LBA
+    assert comp.ok
+    comp, got, _ = drv.io_md(READ, 1, 0, 8, data_len=len(data), prinfo=8 | 7)
+    assert comp.ok and got == data

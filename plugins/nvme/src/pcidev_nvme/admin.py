@@ -68,8 +68,10 @@ from pcidev_nvme.cmb import ControllerMemoryBuffer
 from pcidev_nvme.config import NamespaceSpec, NvmeConfig
 from pcidev_nvme.features import Features
 from pcidev_nvme.lba_status import get_lba_status
-from pcidev_nvme.namespace import LBA_FORMATS, Namespace
+from pcidev_nvme.metadata import SIDECAR_SUFFIX
+from pcidev_nvme.namespace import LBA_FORMATS, LBAF_TABLE, Namespace, format_problem
 from pcidev_nvme.namespaces import RemovedNamespace
+from pcidev_nvme.protection import pi_size
 from pcidev_nvme.prp import prp_segments
 from pcidev_nvme.queues import CompletionQueue, SubmissionQueue
 from pcidev_nvme.request import ControllerPort, Request
@@ -445,9 +447,9 @@ class AdminCommandSet:
     def _common_ns(self) -> bytes:
         """Identify Namespace for NSID FFFFFFFFh: capabilities common to all namespaces."""
         buf = bytearray(idfy.IDENTIFY_SIZE)
-        buf[25] = len(LBA_FORMATS) - 1  # NLBAF
-        for i, (size, rp) in enumerate(LBA_FORMATS):
-            struct.pack_into("<I", buf, 128 + 4 * i, (size.bit_length() - 1) << 16 | rp << 24)
+        buf[25] = len(LBAF_TABLE) - 1  # NLBAF
+        for i, f in enumerate(LBAF_TABLE):
+            struct.pack_into("<I", buf, 128 + 4 * i, f.lbaf_entry())
         return bytes(buf)
 
     # -- logs ----------------------------------------------------------------------------------------
@@ -542,7 +544,7 @@ class AdminCommandSet:
         status = 0
         for ns in list(self.ctrl.namespaces.values()):
             try:
-                ns.backend.flush()
+                ns.flush()
             except OSError as exc:
                 log.warning("flush of namespace %d failed: %s", ns.nsid, exc)
                 status = Status.INTERNAL
@@ -672,8 +674,11 @@ class AdminCommandSet:
             raise _err(Status.INVALID_FIELD, f"NSZE {nsze} / NCAP {ncap} are invalid")
         if ncap < nsze:
             raise _err(Status.THIN_PROVISIONING_NOT_SUPPORTED, "NCAP must equal NSZE")
-        if dps:
-            raise _err(Status.INVALID_FIELD, "end-to-end protection is not supported")
+        pi, pil, mset = dps & 7, dps >> 3 & 1, flbas >> 4 & 1
+        if pi > 3 or dps >> 4:
+            raise _err(Status.INVALID_FIELD, f"DPS {dps:#x} is invalid")
+        if pi and LBAF_TABLE[lbaf].ms < pi_size(LBAF_TABLE[lbaf].pif):
+            raise _err(Status.INVALID_FORMAT, f"LBA format {lbaf} has no room for protection information")
         if nmic > 1:
             raise _err(Status.INVALID_FIELD, f"NMIC {nmic:#x} is invalid")
         if anagrpid:
@@ -690,6 +695,8 @@ class AdminCommandSet:
             raise _err(Status.NS_ID_UNAVAILABLE, "every namespace identifier is in use")
         nsid = free[0]
         spec = self._create_spec(nsid, size, lbaf)
+        if pi or pil or mset:
+            spec += f",pi={pi},pil={pil},mset={mset}"
         try:
             ns = ctrl.make_namespace(nsid, spec)
         except (ConfigError, PcidevError, OSError) as exc:
@@ -705,7 +712,7 @@ class AdminCommandSet:
         kind = ctrl.cfg.ns_create
         if kind == "file" and ctrl.state_dir:
             path = os.path.join(ctrl.state_dir, f"nvme-{ctrl.cfg.serial}-ns{nsid}.img".replace("/", "_"))
-            for stale in (path, path + ".nvme-ids"):
+            for stale in (path, path + ".nvme-ids", path + SIDECAR_SUFFIX):
                 try:
                     os.unlink(stale)
                 except FileNotFoundError:
@@ -737,7 +744,8 @@ class AdminCommandSet:
                 log.exception("closing deleted namespace %d failed", n)
             if created_spec is not None:
                 path = getattr(ns.backend, "path", None)
-                for victim in (path, getattr(ns.backend, "identity_path", None)):
+                meta_path = getattr(ns.meta, "path", None)
+                for victim in (path, getattr(ns.backend, "identity_path", None), meta_path):
                     if victim:
                         try:
                             os.unlink(victim)
@@ -775,7 +783,9 @@ class AdminCommandSet:
         ctrl = self.ctrl
         c = req.cdw10
         lbaf = (c & 0xF) | ((c >> 12) & 3) << 4
+        mset = (c >> 4) & 1
         pi = (c >> 5) & 7
+        pil = (c >> 8) & 1
         ses = (c >> 9) & 7
         nsid = req.nsid
         if nsid == BROADCAST:
@@ -787,17 +797,22 @@ class AdminCommandSet:
             targets = [ns]
         if lbaf >= len(LBA_FORMATS):
             raise _err(Status.INVALID_FORMAT, f"LBA format {lbaf} is not supported", OFF_CDW10)
-        if pi:
-            raise _err(Status.INVALID_FORMAT, "protection information is not supported", OFF_CDW10)
+        if pi > 3:
+            raise _err(Status.INVALID_FORMAT, f"protection information type {pi} is reserved", OFF_CDW10)
+        for ns in targets:
+            problem = format_problem(lbaf, pi, pil, mset, ns.backend)
+            if problem is not None:
+                raise _err(Status.INVALID_FORMAT, f"namespace {ns.nsid}: {problem}", OFF_CDW10)
         if ses > 1:
             raise _err(Status.INVALID_FIELD, f"secure erase setting {ses} is not supported", OFF_CDW10 + 1)
         busy = ctrl.begin_format({ns.nsid for ns in targets})
         if busy:
             raise _err(Status.FORMAT_IN_PROGRESS, f"namespace(s) {busy} are being formatted")
-        ctrl.admin_worker.submit(self._format_work, req, targets, lbaf, ses)
+        ctrl.admin_worker.submit(self._format_work, req, targets, lbaf, ses, pi, pil, mset)
         return None
 
-    def _format_work(self, req: Request, targets: list[Namespace], lbaf: int, ses: int) -> None:
+    def _format_work(self, req: Request, targets: list[Namespace], lbaf: int, ses: int, pi: int = 0, pil: int = 0,
+                     mset: int = 0) -> None:
         ctrl = self.ctrl
         ids = {ns.nsid for ns in targets}
         try:
@@ -806,7 +821,7 @@ class AdminCommandSet:
                 time.sleep(0.001)
             for ns in targets:
                 ctrl.selftest.namespace_changed(ns.nsid, RESULT_ABORTED_FORMAT)
-                ns.format(lbaf, ses)
+                ns.format(lbaf, ses, pi, pil, mset)
                 ctrl.uncorrectable.clear_namespace(ns.nsid)
         except NvmeStatusError as exc:
             ctrl.end_format(ids)

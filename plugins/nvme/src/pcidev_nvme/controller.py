@@ -523,7 +523,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             time.sleep(0.001)
         for ns in list(self.namespaces.values()):
             try:
-                ns.backend.flush()
+                ns.flush()
             except Exception as exc:
                 log.warning("%s: flushing namespace %d at shutdown failed: %s", self.name, ns.nsid, exc)
         with self.state_lock:

@@ -33,6 +33,9 @@ transfer larger than MDTS                              Invalid Field (byte 48)
 malformed data pointer                                 PRP Offset Invalid / SGL statuses
 data pointer outside guest memory, bus mastering off   Data Transfer Error (byte 24)
 Copy format or limits                                  Invalid Field / Cmd Size Limit
+PRINFO invalid for the namespace's PI type              Invalid Protection Information
+PI check failed (PRCHK: Guard, App Tag, Ref Tag)       End-to-end Guard / Application
+                                                       Tag / Reference Tag Check Error
 Compare mismatch                                       Compare Failure
 a block marked by Write Uncorrectable is read          Unrecovered Read Error (LBA)
 a sanitize operation is in progress (all but Flush)    Sanitize In Progress
@@ -40,6 +43,10 @@ the command was aborted (Abort) before its I/O began   Command Abort Requested
 backend I/O error on read / write                      Unrecovered Read Error / Write Fault
 backend out of space                                   Capacity Exceeded
 =====================================================  =============================
+
+Namespaces formatted with metadata (``Namespace.ms``) take the general path, whose
+handlers hand them to :class:`~pcidev_nvme.protected_io.ProtectedIo` (metadata buffers,
+extended LBAs, protection information); the fast path never sees them.
 
 The identify fields that describe this command set come from
 :mod:`pcidev_nvme.limits` (re-exported here): :data:`ONCS`, :data:`SGLS`, :data:`OCFS`,
@@ -62,6 +69,7 @@ from pcidev.errors import DmaError
 from pcidev_nvme.backends import Backend
 from pcidev_nvme.limits import COPY_LIMITS, DMRL, DMRSL, DMSL, MAX_DSM_RANGES, OCFS, ONCS, SGLS, VSL, WZSL
 from pcidev_nvme.namespace import Namespace
+from pcidev_nvme.protected_io import ProtectedIo
 from pcidev_nvme.prp import OFF_DPTR1, data_segments, prp_segments
 from pcidev_nvme.request import ControllerPort, Request
 from pcidev_nvme.status import NvmeStatusError, Status
@@ -202,6 +210,11 @@ def _os_status(exc: OSError, *, write: bool) -> int:
     return Status.INTERNAL
 
 
+def _lba_extent(req: Request) -> tuple[int, int]:
+    """(SLBA, NLB) of a Read/Write-like command (CDW10-11, CDW12 15:0 zero's based)."""
+    return req.cdw10 | (req.cdw11 << 32), (req.cdw12 & 0xFFFF) + 1
+
+
 class IoCommandSet:
     """Executes NVM I/O commands for one controller.
 
@@ -230,6 +243,8 @@ class IoCommandSet:
         self._inflight = 0
         self._closed = False
         self._local = _Local()
+        #: the metadata and protection information side of namespaces with metadata
+        self._protected = ProtectedIo(ctrl)
         self._handlers: dict[int, _Handler] = {
             Opcode.READ: self._read,
             Opcode.WRITE: self._write,
@@ -293,7 +308,8 @@ class IoCommandSet:
                         if ns is not None:
                             backend = ns.backend
                             inline = backend.inline
-                            fast = inline or getattr(backend, "nowait", False)
+                            # (namespaces with metadata take the general path)
+                            fast = (inline or getattr(backend, "nowait", False)) and not ns.ms
                             nlbas = ns.nlbas
                             shift = ns.lba_shift
                     if ns is not None and fast:
@@ -660,6 +676,10 @@ class IoCommandSet:
 
     def _read(self, req: Request, ns: Namespace, done: int = 0) -> int:
         """Read (``done``: bytes already read into the front of the buffer)."""
+        if ns.ms:
+            if self.uncorrectable.active:
+                self._check_marks(ns, *_lba_extent(req))
+            return self._protected.read(req, ns)
         offset, length = self._rw_extent(req, ns, data=True)
         if self.uncorrectable.active:
             self._check_marks(ns, offset >> ns.lba_shift, length >> ns.lba_shift)
@@ -711,6 +731,10 @@ class IoCommandSet:
     def _write(self, req: Request, ns: Namespace, done: int = 0) -> int:
         """Write (``done``: bytes from the front of the buffer already written)."""
         self._check_writable(ns)
+        if ns.ms:
+            status = self._protected.write(req, ns)
+            self.uncorrectable.clear(ns.nsid, *_lba_extent(req))
+            return status
         offset, length = self._rw_extent(req, ns, data=True)
         mem, segs = self._segments(req, length, to_host=False)
         views = self._views(mem, segs, False)
@@ -729,6 +753,9 @@ class IoCommandSet:
         return 0
 
     def _compare(self, req: Request, ns: Namespace) -> int:
+        if ns.ms:
+            self._check_marks(ns, *_lba_extent(req))
+            return self._protected.compare(req, ns)
         offset, length = self._rw_extent(req, ns, data=True)
         self._check_marks(ns, offset >> ns.lba_shift, length >> ns.lba_shift)
         mem, segs = self._segments(req, length, to_host=False)
@@ -755,6 +782,9 @@ class IoCommandSet:
         return 0
 
     def _verify(self, req: Request, ns: Namespace) -> int:
+        if ns.ms:
+            self._check_marks(ns, *_lba_extent(req))
+            return self._protected.verify(req, ns)
         offset, length = self._rw_extent(req, ns, data=False)
         self._check_marks(ns, offset >> ns.lba_shift, length >> ns.lba_shift)
         req_len = length
@@ -776,16 +806,20 @@ class IoCommandSet:
         return 0
 
     def _flush(self, req: Request, ns: Namespace) -> int:
-        ns.backend.flush()
+        ns.flush()
         return 0
 
     def _flush_all(self, req: Request, ns: Namespace | None) -> int:
         for each in list(self.ctrl.namespaces.values()):
-            each.backend.flush()
+            each.flush()
         return 0
 
     def _write_zeroes(self, req: Request, ns: Namespace) -> int:
         self._check_writable(ns)
+        if ns.ms:
+            status = self._protected.write_zeroes(req, ns)
+            self.uncorrectable.clear(ns.nsid, *_lba_extent(req))
+            return status
         offset, length = self._rw_extent(req, ns, data=False)
         cdw12 = req.cdw12
         backend = ns.backend
@@ -819,6 +853,8 @@ class IoCommandSet:
             for slba, nlb in ranges:
                 ns.backend.deallocate(slba << shift, nlb << shift)
                 self.uncorrectable.clear(ns.nsid, slba, nlb)
+                if ns.ms:
+                    self._protected.deallocate(ns, slba, nlb)
             if not self.ctrl.volatile_write_cache:
                 ns.backend.flush()
         return 0
@@ -867,6 +903,10 @@ class IoCommandSet:
             raise _lba_range(sdlba, total, ns)
         for slba, nlb in ranges:
             self._check_marks(ns, slba, nlb)
+        if ns.ms:
+            status = self._protected.copy(req, ns, raw, ranges, sdlba)
+            self.uncorrectable.clear(ns.nsid, sdlba, total)
+            return status
         shift = ns.lba_shift
         buf = bytearray(total << shift)
         mv = memoryview(buf)

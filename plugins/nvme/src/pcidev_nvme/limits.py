@@ -34,8 +34,9 @@ SHUTDOWN_DRAIN_TIMEOUT = 10.0
 ONCS = (1 << 0) | (1 << 1) | (1 << 2) | (1 << 3) | (1 << 7) | (1 << 8)
 
 #: Identify Controller SGLS: SGLs supported without alignment or granularity
-#: requirement (bits 1:0 = 01b), SGL Bit Bucket descriptor supported (bit 16).
-SGLS = 0x1 | (1 << 16)
+#: requirement (bits 1:0 = 01b), SGL Bit Bucket descriptor supported (bit 16), MPTR
+#: holding an SGL descriptor for metadata (PSDT 10b, MSDS, bit 19).
+SGLS = 0x1 | (1 << 16) | (1 << 19)
 
 #: Identify Controller OCFS: Copy source range descriptor format 0 supported.
 OCFS = 0x1

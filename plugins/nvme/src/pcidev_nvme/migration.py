@@ -27,7 +27,11 @@ What travels (section ``nvme`` version 1, see :class:`NvmeState`):
   firmware slots, the active and next-reset slot, a partly downloaded image;
   the Changed Namespace List;
 * per namespace: attached or not, the LBA format (Format NVM may have changed it)
-  and, for a ``mem`` namespace, an :class:`~pcidev.vmstate.FdRef` to its memfd;
+  and, for a ``mem`` namespace, an :class:`~pcidev.vmstate.FdRef` to its memfd; for a
+  namespace with metadata or protection information the optional subsection
+  :class:`~pcidev_nvme.metadata.MetadataState` (PI type and location, extended LBAs and,
+  for ``mem``, an ``FdRef`` to the metadata memfd; a ``file`` namespace's sidecar
+  ``IMAGE.nvme-meta`` is reopened by path, or taken over as a descriptor in a handover);
 * optional subsections, written only when there is something to carry (a stream
   from before them still loads): the Write Uncorrectable marks
   (:mod:`~pcidev_nvme.uncorrectable`), the aborts of commands not fetched yet
@@ -105,7 +109,7 @@ from pcidev_nvme.logs import (
     SmartCounters,
     SmartState,
 )
-from pcidev_nvme.namespace import LBA_FORMATS, Namespace, NamespaceState
+from pcidev_nvme.namespace import LBA_FORMATS, LBAF_TABLE, Namespace, NamespaceState
 from pcidev_nvme.pmr import PersistentMemoryRegion, PmrState
 from pcidev_nvme.queues import CompletionQueue, CqeState, CqState, SqState, SubmissionQueue
 from pcidev_nvme.registers import ControllerState
@@ -296,7 +300,9 @@ def fingerprint(ctrl: MigrationHost) -> dict[str, Any]:
         "nvme.mdts": cfg.mdts, "nvme.msix_vectors": cfg.msix_vectors, "nvme.aerl": cfg.aerl,
         "nvme.elpe": cfg.elpe, "nvme.max_namespaces": cfg.max_namespaces, "nvme.fw_slots": cfg.fw_slots,
         "nvme.dbbuf": cfg.dbbuf, "nvme.capacity": cfg.capacity,
-        "nvme.lba_formats": [list(f) for f in LBA_FORMATS],
+        # the formats without metadata, as every version has them (a namespace in a format with
+        # metadata travels with a subsection an older destination refuses)
+        "nvme.lba_formats": [[f.size, f.rp] for f in LBAF_TABLE if not f.ms],
         "nvme.namespaces": namespaces,
         **({"nvme.cmb_size": cfg.cmb_size} if cfg.cmb_size else {}),
         **({"nvme.pmr": [os.path.abspath(cfg.pmr), int(cfg.pmr_size)]} if cfg.pmr is not None else {}),
@@ -310,12 +316,13 @@ def inheritable_fds(ctrl: MigrationHost) -> dict[str, int]:
     # (asked from the handover's control thread while the device runs: a namespace that
     # Namespace Management changes meanwhile blocks the cut, so a stale answer is refused)
     with ctrl.state_lock:
-        backends = [ns.backend for ns in list(ctrl.allocated.values())]
-    for b in backends:
+        namespaces = list(ctrl.allocated.values())
+    for ns in namespaces:
         # optional in the Backend protocol: plugin backends without it pass nothing
-        get = getattr(b, "inheritable_fds", None)
+        get = getattr(ns.backend, "inheritable_fds", None)
         if get is not None:
             out.update(get())
+        out.update(ns.inheritable_fds())  # the metadata sidecar of a file namespace
     return out
 
 
@@ -391,7 +398,10 @@ def save(ctrl: MigrationHost) -> NvmeState:
         fd: int = getattr(b, "fd", -1)  # a mem backend's memfd (not part of the Backend protocol)
         if getattr(b, "kind", None) == "mem" and fd >= 0:
             ref = ctrl.vmstate_fd(fd)
-        namespaces.append(ns.snapshot(attached=nsid in ctrl.namespaces, mem_fd=ref))
+        meta_ref = None
+        if ns.meta is not None and ns.meta.mem_fd >= 0:
+            meta_ref = ctrl.vmstate_fd(ns.meta.mem_fd)
+        namespaces.append(ns.snapshot(attached=nsid in ctrl.namespaces, mem_fd=ref, meta_fd=meta_ref))
     db = ctrl.shadow.snapshot()
     return NvmeState(
         state=_STATES.index(fsm.state), cc=fsm.cc, csts=fsm.csts, aqa=fsm.aqa, asq=fsm.asq, acq=fsm.acq,
@@ -518,8 +528,24 @@ def check(ctrl: MigrationHost, st: NvmeState) -> None:
     for j, n in enumerate(st.namespaces):
         ns = ctrl.allocated[n.nsid]
         p = f"namespaces[{j}]"
-        if n.lbaf >= len(LBA_FORMATS) or LBA_FORMATS[n.lbaf][0] < getattr(ns.backend, "min_block", 512):
-            raise _fail(f"LBA format {n.lbaf} is not usable for namespace {n.nsid}", p + ".lbaf")
+        problem = ns.restore_problem(n)
+        if problem is not None:
+            raise _fail(f"namespace {n.nsid}: {problem}", p + ".lbaf")
+        m = n.metadata
+        if m is not None and m.mem_fd is not None:
+            if getattr(ns.backend, "kind", None) != "mem":
+                raise _fail(f"namespace {n.nsid} is not a mem namespace here", p + ".metadata.mem_fd")
+            mfd = ctrl.vmstate_load_fd(m.mem_fd)
+            if mfd is None:
+                raise _fail(f"the metadata of namespace {n.nsid} (fd {m.mem_fd.index}) did not arrive",
+                            p + ".metadata.mem_fd")
+            try:
+                msize = os.fstat(mfd).st_size
+            except OSError as exc:
+                raise _fail(f"fd {m.mem_fd.index}: {exc.strerror}", p + ".metadata.mem_fd") from None
+            if msize != ns.metadata_bytes(n.lbaf):
+                raise _fail(f"namespace {n.nsid}'s metadata has {msize} bytes, not {ns.metadata_bytes(n.lbaf)}",
+                            p + ".metadata.mem_fd")
         is_mem = getattr(ns.backend, "kind", None) == "mem"
         # (no reference: a state taken outside a save, e.g. the rollback copy; the namespace
         # keeps the memory it has)
@@ -665,7 +691,11 @@ def apply(ctrl: MigrationHost, st: NvmeState) -> None:
                     old.close()
                 except Exception:
                     pass
-            ns.restore(n)
+            m = n.metadata
+            meta_fd = ctrl.vmstate_load_fd(m.mem_fd) if m is not None and m.mem_fd is not None else None
+            if meta_fd is not None and ns.meta is not None and os.path.sameopenfile(meta_fd, ns.meta.mem_fd):
+                meta_fd = None  # already this memory (an in-process reload)
+            ns.restore(n, meta_fd=meta_fd)
             if n.attached:
                 attached.append(n.nsid)
         ctrl.set_attached(attached)

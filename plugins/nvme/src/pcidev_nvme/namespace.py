@@ -14,8 +14,19 @@ the rest goes to the backend (whose options are its config class, e.g.
 :class:`~pcidev_nvme.backends.MemConfig`):
 
 ``lbaf``
-    initial LBA format: ``0`` = 512-byte blocks (default), ``1`` = 4096-byte blocks.
-    ``lba_size=512|4096`` is accepted as a synonym.
+    initial LBA format (:data:`LBAF_TABLE`): ``0`` = 512-byte blocks (default), ``1`` =
+    4096-byte blocks, ``2`` .. ``8`` with metadata (512+8, 4096+8, 512+16, 4096+16,
+    512+64, 4096+64 with the 16b Guard PI format, 4096+64 with the 64b Guard one).
+    ``lba_size=512|4096`` is accepted as a synonym for ``0`` and ``1``.
+``pi``
+    protection information type: ``0`` none (default), ``1``, ``2`` or ``3``; needs an
+    LBA format whose metadata holds the PI (8 bytes for the 16b Guard format, 16 for the
+    64b one).
+``pil``
+    ``1``: the PI is in the first bytes of the metadata; ``0`` (default): the last.
+``mset``
+    ``1``: extended LBAs, the metadata travels at the end of each block's data in the
+    data buffer; ``0`` (default): in a separate buffer (the command's MPTR).
 ``uuid``, ``nguid``, ``eui64``
     identifiers (hex; UUID in any form :class:`uuid.UUID` accepts).
 
@@ -28,8 +39,13 @@ Identifiers are stable across restarts:
 3. else (no identity file, or one that cannot be written) they are derived from the
    controller serial number and the NSID with SHA-256 (same serial and NSID, same identifiers).
 
-The identity file also remembers the LBA format chosen by Format NVM, so a file
-namespace keeps its block size across restarts (an explicit ``lbaf`` wins). It is
+The identity file also remembers the LBA format (and ``pi``, ``pil``, ``mset``) chosen by
+Format NVM, so a file namespace keeps its block size across restarts (an explicit
+``lbaf`` wins, with the ``pi``, ``pil`` and ``mset`` the spec gives).
+
+Metadata (LBA formats with MS > 0) lives apart from the data
+(:mod:`pcidev_nvme.metadata`: a second memfd, a sidecar ``IMAGE.nvme-meta``, nothing for
+``null``); protection information is :mod:`pcidev_nvme.protection`. It is
 never written beside a read-only image (``readonly=on``, or a directory this process
 cannot write, :func:`may_write_beside`): such a namespace uses the derived identifiers
 (or the ones an existing identity file holds).
@@ -57,10 +73,14 @@ from pcidev.properties import PropertyError, Size, split_properties
 from pcidev.vmstate import U8, U32, Bool, FdRef, vmstate
 from pcidev_nvme.backends import Backend, BackendFactory, create_backend, take_options
 from pcidev_nvme.limits import COPY_LIMITS
+from pcidev_nvme.metadata import MetadataState, MetadataStore, metadata_supported, open_metadata
+from pcidev_nvme.protection import PIF_16B, PIF_64B, PiFormat, pi_size
 from pcidev_nvme.status import NvmeStatusError, Status
 
 __all__ = [
+    "LBAF_TABLE",
     "LBA_FORMATS",
+    "LbaFormat",
     "Namespace",
     "NamespaceOptions",
     "NamespaceState",
@@ -69,8 +89,58 @@ __all__ = [
     "parse_spec",
 ]
 
-#: Supported LBA formats: (LBA data size, relative performance), index = LBAF number.
-LBA_FORMATS: tuple[tuple[int, int], ...] = ((512, 1), (4096, 0))
+
+@attrs.frozen
+class LbaFormat:
+    """One LBA format (Identify Namespace LBAF, and ELBAF of CNS 05h).
+
+    :ivar size: logical block data size in bytes (LBADS = log2).
+    :ivar ms: metadata bytes per block (MS).
+    :ivar pif: protection information format of the metadata (ELBAF PIF:
+        :data:`~pcidev_nvme.protection.PIF_16B` or :data:`~pcidev_nvme.protection.PIF_64B`).
+    :ivar rp: relative performance (0 best).
+    """
+
+    size: int
+    ms: int = 0
+    pif: int = PIF_16B
+    rp: int = 0
+
+    def lbaf_entry(self) -> int:
+        """The 32-bit LBA Format entry: MS 15:0, LBADS 23:16, RP 25:24."""
+        return self.ms | (self.size.bit_length() - 1) << 16 | self.rp << 24
+
+    def elbaf_entry(self) -> int:
+        """The 32-bit Extended LBA Format entry: STS 6:0 (no storage tag), PIF 8:7."""
+        return self.pif << 7
+
+
+#: The supported LBA formats, index = LBAF number. 0 and 1 are the formats without
+#: metadata every earlier version had; the rest carry metadata.
+LBAF_TABLE: tuple[LbaFormat, ...] = (
+    LbaFormat(512, rp=1),
+    LbaFormat(4096),
+    LbaFormat(512, 8, PIF_16B, 1),
+    LbaFormat(4096, 8, PIF_16B),
+    LbaFormat(512, 16, PIF_64B, 1),
+    LbaFormat(4096, 16, PIF_64B),
+    LbaFormat(512, 64, PIF_16B, 1),
+    LbaFormat(4096, 64, PIF_16B),
+    LbaFormat(4096, 64, PIF_64B),
+)
+
+#: (LBA data size, relative performance) of each of :data:`LBAF_TABLE`.
+LBA_FORMATS: tuple[tuple[int, int], ...] = tuple((f.size, f.rp) for f in LBAF_TABLE)
+
+#: Identify Namespace MC: extended LBAs (0) and separate metadata buffers (1) supported
+MC_EXTENDED = 1 << 0
+MC_SEPARATE = 1 << 1
+#: Identify Namespace DPC: PI types 1, 2, 3, PI first (3) and last (4) in the metadata
+DPC_ALL = 0x1F
+#: DPS bit 3: the PI is the first bytes of the metadata
+DPS_PI_FIRST = 1 << 3
+#: FLBAS bit 4: extended LBAs
+FLBAS_EXTENDED = 1 << 4
 
 #: Identify data structures are one 4 KiB page.
 IDENTIFY_SIZE = 4096
@@ -172,8 +242,40 @@ def _random_ids() -> tuple[bytes, bytes, uuidlib.UUID]:
 
 
 def _check_lbaf(inst: Any, attr: attrs.Attribute[int | None], value: int | None) -> None:
-    if value is not None and not 0 <= value < len(LBA_FORMATS):
-        raise ConfigError(f"lbaf={value} must be 0 (512 B) or 1 (4 KiB)")
+    if value is not None and not 0 <= value < len(LBAF_TABLE):
+        raise ConfigError(f"lbaf={value} must be 0 .. {len(LBAF_TABLE) - 1}")
+
+
+def _check_range(hi: int) -> Callable[[Any, attrs.Attribute[int | None], int | None], None]:
+    def check(inst: Any, attr: attrs.Attribute[int | None], value: int | None) -> None:
+        if value is not None and not 0 <= value <= hi:
+            raise ConfigError(f"{attr.name}={value} must be 0 .. {hi}")
+    return check
+
+
+def format_problem(lbaf: int, pi: int, pil: int, mset: int, backend: Any) -> str | None:
+    """Why a format setting cannot be used on ``backend`` (None: it can).
+
+    :param lbaf: LBA format index.
+    :param pi: PI type (0 none).
+    :param pil: 1 = PI first in the metadata.
+    :param mset: 1 = extended LBAs.
+    :param backend: the data backend (its ``min_block`` and kind).
+    """
+    if not 0 <= lbaf < len(LBAF_TABLE):
+        return f"LBA format {lbaf} is not supported"
+    f = LBAF_TABLE[lbaf]
+    min_block = getattr(backend, "min_block", 512)
+    if f.size < min_block:
+        return f"LBA format {lbaf} ({f.size}-byte blocks) is smaller than the backend's block size {min_block}"
+    if not 0 <= pi <= 3 or pil not in (0, 1) or mset not in (0, 1):
+        return f"protection setting pi={pi} pil={pil} mset={mset} is invalid"
+    if pi and f.ms < pi_size(f.pif):
+        return (f"LBA format {lbaf} has {f.ms} bytes of metadata, too few for "
+                f"{pi_size(f.pif)} bytes of protection information")
+    if f.ms and not metadata_supported(backend):
+        return f"the {getattr(backend, 'kind', '?')} backend cannot keep metadata (LBA format {lbaf})"
+    return None
 
 
 def _check_lba_size(inst: Any, attr: attrs.Attribute[Size | None], value: Size | None) -> None:
@@ -203,6 +305,13 @@ class NamespaceOptions:
                 "(default: 0, or what the image's identity file remembers)"})
     lba_size: Size | None = attrs.field(default=None, validator=_check_lba_size, metadata={
         "help": "initial logical block size, 512 or 4096 (instead of lbaf)"})
+    pi: int | None = attrs.field(default=None, validator=_check_range(3), metadata={
+        "help": "protection information type 0 (none), 1, 2 or 3 (needs an LBA format with metadata)"})
+    pil: int | None = attrs.field(default=None, validator=_check_range(1), metadata={
+        "help": "1: protection information in the first bytes of the metadata, 0: the last"})
+    mset: int | None = attrs.field(default=None, validator=_check_range(1), metadata={
+        "help": "1: extended LBAs (metadata at the end of each block in the data buffer), "
+                "0: a separate metadata buffer"})
     uuid: str | None = attrs.field(default=None, validator=_check_uuid, metadata={
         "help": "namespace UUID (default: stored beside the image, else derived from serial and NSID)"})
     nguid: str | None = attrs.field(default=None, validator=_check_id(16), metadata={
@@ -220,16 +329,24 @@ class NamespaceOptions:
             return [lba for lba, _rp in LBA_FORMATS].index(self.lba_size)
         return self.lbaf
 
+    def protection(self) -> tuple[int, int, int] | None:
+        """``(pi, pil, mset)`` if any of them is given (the others 0), else None."""
+        if self.pi is None and self.pil is None and self.mset is None:
+            return None
+        return self.pi or 0, self.pil or 0, self.mset or 0
+
 
 @vmstate("nvme/namespace")
 @attrs.frozen
 class NamespaceState:
-    """A namespace: attached or not, its LBA format, the memory of a ``mem`` backend."""
+    """A namespace: attached or not, its LBA format, the memory of a ``mem`` backend, and
+    (a subsection, for a namespace with metadata or protection) the metadata setting."""
 
     nsid: U32
     attached: Bool
     lbaf: U8
     mem_fd: FdRef | None = None
+    metadata: MetadataState | None = None
 
 
 class Namespace:
@@ -237,15 +354,27 @@ class Namespace:
 
     :param nsid: namespace identifier (1-based).
     :param backend: where the data lives.
-    :param lbaf: LBA format index (see :data:`LBA_FORMATS`).
+    :param lbaf: LBA format index (see :data:`LBAF_TABLE`).
+    :param pi: protection information type (0 none, 1..3).
+    :param pil: 1: the PI is in the first bytes of the metadata.
+    :param mset: 1: extended LBAs.
     :param nguid: 16-byte Namespace Globally Unique Identifier.
     :param eui64: 8-byte IEEE Extended Unique Identifier.
     :param uuid: Namespace UUID.
     :raises ConfigError: the backend's size is not a multiple of 4096, or the LBA
         format is unknown or smaller than the backend allows.
 
-    ``lba_size``, ``lba_shift`` and ``nlbas`` change only in :meth:`format`; the
-    controller quiesces I/O to the namespace around it.
+    ``lba_size``, ``lba_shift``, ``nlbas``, ``ms``, ``pi`` and the metadata store change
+    only in :meth:`format` (and a migration's :meth:`restore`); the controller quiesces
+    I/O to the namespace around it.
+
+    :ivar ms: metadata bytes per block (0: the LBA format has none; the I/O command set
+        takes its metadata path only when this is non-zero).
+    :ivar pi: protection information type (0 none).
+    :ivar pil: 1 when the PI is first in the metadata.
+    :ivar mset: 1 for extended LBAs (only meaningful with metadata).
+    :ivar protection: the :class:`~pcidev_nvme.protection.PiFormat` when ``pi`` is set.
+    :ivar meta: the :class:`~pcidev_nvme.metadata.MetadataStore` when ``ms`` is set.
     """
 
     def __init__(
@@ -254,6 +383,9 @@ class Namespace:
         backend: Backend,
         *,
         lbaf: int = 0,
+        pi: int = 0,
+        pil: int = 0,
+        mset: int = 0,
         nguid: bytes | None = None,
         eui64: bytes | None = None,
         uuid: uuidlib.UUID | None = None,
@@ -273,41 +405,89 @@ class Namespace:
         if len(self.nguid) != 16 or len(self.eui64) != 8:
             raise ConfigError("NGUID must be 16 bytes and EUI-64 8 bytes")
         self._lock = threading.Lock()
-        self._set_format(lbaf, config=True)
+        self.meta: MetadataStore | None = None
+        self.ms = 0
+        self._set_format(lbaf, pi, pil, mset, config=True)
 
     # -- format ---------------------------------------------------------------------------
 
     def _usable(self, lbaf: int) -> bool:
-        return 0 <= lbaf < len(LBA_FORMATS) and LBA_FORMATS[lbaf][0] >= getattr(
-            self.backend, "min_block", 512
-        )
+        return format_problem(lbaf, 0, 0, 0, self.backend) is None
 
-    def _set_format(self, lbaf: int, *, config: bool = False) -> None:
-        if not self._usable(lbaf):
+    def _set_format(self, lbaf: int, pi: int = 0, pil: int = 0, mset: int = 0, *, config: bool = False,
+                    erase: bool = False, mem_fd: int | None = None) -> None:
+        problem = format_problem(lbaf, pi, pil, mset, self.backend)
+        if problem is not None:
             if config:
-                raise ConfigError(
-                    f"namespace {self.nsid}: LBA format {lbaf} is unknown or smaller than the "
-                    f"backend's block size {getattr(self.backend, 'min_block', 512)}"
-                )
-            raise NvmeStatusError(Status.INVALID_FORMAT, f"LBA format {lbaf} is not usable")
+                raise ConfigError(f"namespace {self.nsid}: {problem}")
+            raise NvmeStatusError(Status.INVALID_FORMAT, problem, param_offset=40)
+        f = LBAF_TABLE[lbaf]
+        lba_shift = f.size.bit_length() - 1
+        nlbas = self.size >> lba_shift
+        protection = PiFormat(pi, f.pif, f.ms, f.size, bool(pil)) if pi else None
+        meta = self.meta
+        if f.ms:
+            pattern = protection.store_pattern if protection is not None else None
+            try:
+                new_meta = open_metadata(self.backend, f.ms, nlbas, pattern, erase=erase, mem_fd=mem_fd,
+                                         current=meta)
+            except ConfigError as exc:
+                if config:
+                    raise
+                raise NvmeStatusError(Status.INTERNAL, f"namespace {self.nsid}: {exc}") from exc
+            if meta is not None and meta is not new_meta:
+                meta.close()
+            self.meta = new_meta
+        elif meta is not None:
+            self.meta = None
+            meta.remove()
         self.lbaf = lbaf
-        self.lba_size = LBA_FORMATS[lbaf][0]
-        self.lba_shift = self.lba_size.bit_length() - 1
-        self.nlbas = self.size >> self.lba_shift
+        self.lba_size = f.size
+        self.lba_shift = lba_shift
+        self.nlbas = nlbas
+        self.pi = pi
+        self.pil = pil
+        self.mset = mset
+        self.protection = protection
+        self.ms = f.ms
 
     # -- state ---------------------------------------------------------------------------
-    def snapshot(self, *, attached: bool, mem_fd: FdRef | None = None) -> NamespaceState:
+    def snapshot(self, *, attached: bool, mem_fd: FdRef | None = None,
+                 meta_fd: FdRef | None = None) -> NamespaceState:
         """The namespace's state.
 
         :param attached: whether the controller has it attached.
         :param mem_fd: reference to the descriptor of its memory (a ``mem`` backend).
+        :param meta_fd: reference to the descriptor of its metadata memory (a ``mem``
+            backend with metadata).
         """
-        return NamespaceState(nsid=self.nsid, attached=attached, lbaf=self.lbaf, mem_fd=mem_fd)
+        meta = None
+        if self.ms or self.pi or self.mset:
+            meta = MetadataState(pi=self.pi, pil=bool(self.pil), mset=bool(self.mset), mem_fd=meta_fd)
+        return NamespaceState(nsid=self.nsid, attached=attached, lbaf=self.lbaf, mem_fd=mem_fd, metadata=meta)
 
-    def restore(self, state: NamespaceState) -> None:
-        """Take the LBA format of a checked ``state``."""
-        if self.lbaf != state.lbaf:
-            self._set_format(state.lbaf)
+    def restore(self, state: NamespaceState, *, meta_fd: int | None = None) -> None:
+        """Take the LBA format and metadata setting of a checked ``state``.
+
+        :param meta_fd: the migrated metadata memfd (a ``mem`` namespace): mapped
+            instead of this namespace's own metadata memory.
+        """
+        m = state.metadata
+        want = (state.lbaf, m.pi, int(m.pil), int(m.mset)) if m is not None else (state.lbaf, 0, 0, 0)
+        if (self.lbaf, self.pi, self.pil, self.mset) != want or meta_fd is not None:
+            self._set_format(*want, mem_fd=meta_fd)
+
+    def restore_problem(self, state: NamespaceState) -> str | None:
+        """Why ``state``'s format cannot apply here (None: it can)."""
+        m = state.metadata
+        if m is None:
+            return format_problem(state.lbaf, 0, 0, 0, self.backend)
+        return format_problem(state.lbaf, m.pi, int(m.pil), int(m.mset), self.backend)
+
+    def metadata_bytes(self, lbaf: int) -> int:
+        """Bytes of metadata the LBA format ``lbaf`` needs on this namespace."""
+        f = LBAF_TABLE[lbaf]
+        return f.ms * (self.size >> (f.size.bit_length() - 1))
 
     def replace_backend(self, backend: Backend) -> Backend:
         """Use ``backend`` (same size: migrated memory) from now on; returns the old one."""
@@ -319,10 +499,13 @@ class Namespace:
         """Whether the namespace is write protected (its backend refuses writes)."""
         return bool(getattr(self.backend, "read_only", False))
 
-    def format(self, lbaf: int, ses: int) -> None:
+    def format(self, lbaf: int, ses: int, pi: int = 0, pil: int = 0, mset: int = 0) -> None:
         """Format NVM on this namespace: switch LBA format, optionally erase.
 
         :param lbaf: the new LBA format index.
+        :param pi: protection information type (0 none).
+        :param pil: 1: PI first in the metadata.
+        :param mset: 1: extended LBAs.
         :param ses: Secure Erase Settings: 0 none, 1 user data erase; 2
             (cryptographic erase) is not supported. In both supported cases every
             block is deallocated and reads zeros, on stable storage before this
@@ -334,10 +517,9 @@ class Namespace:
             format; Invalid Field for an unsupported ``ses``; Namespace is Write
             Protected for a read-only backend.
         """
-        if not self._usable(lbaf):
-            raise NvmeStatusError(
-                Status.INVALID_FORMAT, f"LBA format {lbaf} is not supported", param_offset=40
-            )
+        problem = format_problem(lbaf, pi, pil, mset, self.backend)
+        if problem is not None:
+            raise NvmeStatusError(Status.INVALID_FORMAT, problem, param_offset=40)
         if ses not in (0, 1):
             raise NvmeStatusError(
                 Status.INVALID_FIELD, f"secure erase setting {ses} is not supported",
@@ -351,7 +533,7 @@ class Namespace:
                 self.backend.flush()  # the erase survives a crash right after it
             except OSError as exc:
                 raise NvmeStatusError(Status.INTERNAL, f"erase failed: {exc}") from exc
-            self._set_format(lbaf)
+            self._set_format(lbaf, pi, pil, mset, erase=True)
             _save_identity(self)
 
     # -- identify -------------------------------------------------------------------------
@@ -381,11 +563,11 @@ class Namespace:
             self.nlbas,  # NCAP
             min(self.nuse(), self.nlbas),  # NUSE
             NSFEAT_OPTPERF,  # NSFEAT: NPWG..NOWS are valid
-            len(LBA_FORMATS) - 1,  # NLBAF (0's based)
-            self.lbaf & 0xF | (self.lbaf >> 4 & 0x3) << 5,  # FLBAS
-            0,  # MC: no metadata
-            0,  # DPC: no protection information
-            0,  # DPS
+            len(LBAF_TABLE) - 1,  # NLBAF (0's based)
+            self.flbas,  # FLBAS
+            MC_EXTENDED | MC_SEPARATE,  # MC
+            DPC_ALL,  # DPC: types 1, 2, 3, PI first or last
+            self.pi | (DPS_PI_FIRST if self.pi and self.pil else 0),  # DPS
             0,  # NMIC: private namespace
             0,  # RESCAP
             0,  # FPI
@@ -402,19 +584,34 @@ class Namespace:
         buf[99] = 1 if self.read_only else 0  # NSATTR: write protected
         buf[104:120] = self.nguid
         buf[120:128] = self.eui64
-        for i, (size, rp) in enumerate(LBA_FORMATS):
-            _U32.pack_into(buf, 128 + 4 * i, (size.bit_length() - 1) << 16 | rp << 24)
+        for i, f in enumerate(LBAF_TABLE):
+            _U32.pack_into(buf, 128 + 4 * i, f.lbaf_entry())
         return bytes(buf)
+
+    @property
+    def flbas(self) -> int:
+        """Identify Namespace FLBAS: format index 3:0 and 6:5, extended LBAs (bit 4)."""
+        ext = FLBAS_EXTENDED if self.ms and self.mset else 0
+        return self.lbaf & 0xF | ext | (self.lbaf >> 4 & 0x3) << 5
+
+    @property
+    def extended(self) -> bool:
+        """Metadata travels interleaved with the data (extended LBAs)."""
+        return bool(self.ms and self.mset)
 
     def identify_csi_nvm(self) -> bytes:
         """The NVM command set specific Identify Namespace structure (CNS 05h, CSI 0).
 
-        No storage tags and no protection information: LBSTM, PIC and every
-        extended LBA format are zero.
+        No storage tags: LBSTM and PIC (whose bits are about storage tags and the
+        qualified PI formats) are zero; ELBAF (byte 12 on, one dword per LBA format)
+        gives each format's protection information format (16b or 64b Guard, STS 0).
 
         :returns: 4096 bytes.
         """
-        return bytes(IDENTIFY_SIZE)
+        buf = bytearray(IDENTIFY_SIZE)
+        for i, f in enumerate(LBAF_TABLE):
+            _U32.pack_into(buf, 12 + 4 * i, f.elbaf_entry())
+        return bytes(buf)
 
     def id_descriptors(self) -> bytes:
         """The Namespace Identification Descriptor list (CNS 03h): EUI-64, NGUID,
@@ -434,8 +631,24 @@ class Namespace:
         return bytes(out)
 
     def close(self) -> None:
-        """Close the backend. Idempotent."""
+        """Close the backend and the metadata store. Idempotent."""
+        if self.meta is not None:
+            self.meta.close()
         self.backend.close()
+
+    def flush(self) -> None:
+        """Make every completed write durable: the data, then the metadata.
+
+        :raises OSError: the backend or the metadata store failed to flush.
+        """
+        self.backend.flush()
+        if self.meta is not None:
+            self.meta.flush()
+
+    def inheritable_fds(self) -> dict[str, int]:
+        """The descriptors of the namespace's metadata store a handover's new process
+        takes over (the backend's are asked separately)."""
+        return self.meta.inheritable_fds() if self.meta is not None else {}
 
     def __repr__(self) -> str:
         return (
@@ -485,6 +698,8 @@ def _save_identity(ns: Namespace) -> bool:
         "uuid": str(ns.uuid),
         "lbaf": ns.lbaf,
     }
+    if ns.pi or ns.pil or ns.mset:
+        data.update(pi=ns.pi, pil=ns.pil, mset=ns.mset)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -528,6 +743,7 @@ def make_namespace(
     kind, options = parse_spec(spec)
     ns_options = take_options(NamespaceOptions, options, what="namespace")
     lbaf = ns_options.format_index()
+    protection = ns_options.protection()
     explicit: dict[str, Any] = {}
     if ns_options.uuid is not None:
         explicit["uuid"] = _parse_uuid(ns_options.uuid)
@@ -555,13 +771,20 @@ def make_namespace(
                     raise ConfigError(f"namespace identity file {path} lacks {exc}") from None
                 if lbaf is None and isinstance(stored.get("lbaf"), int):
                     lbaf = stored["lbaf"]
+                    if protection is None:
+                        kept = [stored.get(k, 0) for k in ("pi", "pil", "mset")]
+                        if all(isinstance(v, int) for v in kept):
+                            protection = (kept[0], kept[1], kept[2])
         nguid = explicit.get("nguid", nguid)
         eui64 = explicit.get("eui64", eui64)
         uuid = explicit.get("uuid", uuid)
         if lbaf is None:
             lbaf = 0 if getattr(backend, "min_block", 512) <= 512 else 1
-        ns = Namespace(nsid, backend, lbaf=lbaf, nguid=nguid, eui64=eui64, uuid=uuid)
-        if path and (stored is None or stored.get("lbaf") != ns.lbaf or explicit):
+        pi, pil, mset = protection or (0, 0, 0)
+        ns = Namespace(nsid, backend, lbaf=lbaf, pi=pi, pil=pil, mset=mset, nguid=nguid, eui64=eui64, uuid=uuid)
+        remembered = (stored.get("lbaf"), stored.get("pi", 0), stored.get("pil", 0),
+                      stored.get("mset", 0)) if stored is not None else None
+        if path and (remembered != (ns.lbaf, ns.pi, ns.pil, ns.mset) or explicit):
             if not _save_identity(ns) and stored is None:
                 # Random identifiers that cannot be remembered would change on every
                 # start: use the derived ones (stable for this serial and NSID).

@@ -342,6 +342,8 @@ class Sanitizer:
         self.offset += n
         if self.offset >= ns.size:
             self.uncorrectable.clear_namespace(ns.nsid)
+            if ns.meta is not None:  # the metadata (and PI) is user data too: never written again
+                ns.meta.deallocate(0, ns.nlbas)
             self.ns_index += 1
             self.offset = 0
         return False

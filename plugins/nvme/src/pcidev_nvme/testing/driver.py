@@ -118,6 +118,13 @@ class NamespaceInfo:
     nsze: int
     lba_size: int
     raw: bytes = attrs.field(repr=False, default=b"")
+    #: metadata bytes per block of the current LBA format (LBAF MS)
+    ms: int = 0
+    #: extended LBAs (FLBAS bit 4): the metadata travels in the data buffer
+    extended: bool = False
+    #: protection information type (DPS 2:0) and PI first in the metadata (DPS bit 3)
+    pi: int = 0
+    pil: bool = False
 
 
 def sgl_data_block(addr: int, length: int) -> bytes:
@@ -823,8 +830,11 @@ class NvmeDriver:
             nsze = struct.unpack_from("<Q", idns, 0)[0]
             flbas = idns[26]
             lbaf = (flbas & 0xF) | ((flbas >> 5) & 3) << 4
-            lbads = (struct.unpack_from("<I", idns, 128 + 4 * lbaf)[0] >> 16) & 0xFF
-            self.namespaces[nsid] = NamespaceInfo(nsid, nsze, 1 << lbads, idns)
+            entry = struct.unpack_from("<I", idns, 128 + 4 * lbaf)[0]
+            lbads = (entry >> 16) & 0xFF
+            self.namespaces[nsid] = NamespaceInfo(nsid, nsze, 1 << lbads, idns, ms=entry & 0xFFFF,
+                                                  extended=bool(flbas & 0x10), pi=idns[29] & 7,
+                                                  pil=bool(idns[29] & 8))
         return self.namespaces
 
     def doorbell_buffer_config(self) -> tuple[int, int]:
@@ -956,6 +966,55 @@ class NvmeDriver:
     def subsystem_reset(self) -> None:
         """Write "NVMe" to NSSR (an NVM Subsystem Reset); the controller must be enabled again."""
         self.write32(NSSR, NSSR_RESET)
+
+    def io_md(self, opcode: int, nsid: int, slba: int, nlb: int, *, data: bytes | None = None,
+              meta: bytes | None = None, data_len: int = 0, meta_len: int = 0, prinfo: int = 0, ref: int = 0,
+              app: int = 0, app_mask: int = 0xFFFF, fua: bool = False, sgl: bool = False, meta_sgl: bool = False,
+              cdw12_extra: int = 0, qid: int = 1, timeout: float | None = None) -> tuple[Completion, bytes, bytes]:
+        """A Read, Write, Compare or Verify with a metadata buffer and protection settings.
+
+        The data buffer holds ``data`` (or ``data_len`` bytes: with extended LBAs the
+        metadata is in it); the metadata buffer (MPTR) holds ``meta`` (or ``meta_len``
+        bytes; none when both are empty). ``meta_sgl`` names the metadata buffer with an
+        SGL Data Block descriptor (PSDT 10b, the data with one too); ``sgl`` the data
+        alone (PSDT 01b, MPTR a plain address).
+
+        :param prinfo: the PRINFO field (bit 3 PRACT, 2 Guard, 1 Application Tag, 0
+            Reference Tag check).
+        :param ref: the initial reference tag (CDW14, and CDW3 above 32 bits).
+        :param app: the application tag (CDW15 15:0).
+        :param app_mask: the application tag mask (CDW15 31:16).
+        :returns: the completion and the data and metadata buffers' contents afterwards.
+        """
+        dlen = len(data) if data is not None else data_len
+        mlen = len(meta) if meta is not None else meta_len
+        dbuf = self.machine.alloc(max(dlen, PAGE), PAGE)
+        mbuf = self.machine.alloc(max(mlen, PAGE), PAGE) if mlen else 0
+        dbuf_desc = self.machine.alloc(PAGE, PAGE) if meta_sgl else 0
+        try:
+            if data is not None:
+                self.mem.write(dbuf, bytes(data))
+            if meta is not None and mlen:
+                self.mem.write(mbuf, bytes(meta))
+            fields: dict[str, Any] = {}
+            mptr = mbuf
+            if meta_sgl:
+                self.mem.write(dbuf_desc, sgl_data_block(mbuf, mlen))
+                mptr = dbuf_desc
+                fields.update(flags=0x80, prp1=dbuf, prp2=dlen)
+            else:
+                fields.update(buf=dbuf, length=dlen, sgl=sgl)
+            cdw12 = ((nlb - 1) & 0xFFFF) | (prinfo & 0xF) << 26 | int(fua) << 30 | cdw12_extra
+            comp = self.io(qid, opcode, check=False, timeout=timeout, nsid=nsid, cdw10=slba & 0xFFFFFFFF,
+                           cdw11=slba >> 32, cdw12=cdw12, cdw3=(ref >> 32) & 0xFFFF, cdw14=ref & 0xFFFFFFFF,
+                           cdw15=(app & 0xFFFF) | (app_mask & 0xFFFF) << 16, mptr=mptr, **fields)
+            return comp, self.mem.read(dbuf, dlen), self.mem.read(mbuf, mlen) if mlen else b""
+        finally:
+            self.machine.free(dbuf)
+            if mbuf:
+                self.machine.free(mbuf)
+            if dbuf_desc:
+                self.machine.free(dbuf_desc)
 
     # ---------------------------------------------------------------- teardown
     def shutdown(self, *, abrupt: bool = False) -> None:

@@ -1,0 +1,417 @@
+"""Where a namespace's per-block metadata lives, apart from its data.
+
+A namespace formatted with metadata (an LBA format with MS > 0) keeps ``ms`` bytes
+per logical block here, never in the data backend, so every data backend keeps its
+layout and an image stays a plain image:
+
+``mem`` namespaces (:class:`MemMetadata`)
+    a second memfd (``pcidev-nvme-meta``). It migrates like the data: its descriptor
+    travels as an :class:`~pcidev.vmstate.FdRef` (:class:`MetadataState`).
+``file`` namespaces (:class:`FileMetadata`)
+    a sidecar file ``IMAGE.nvme-meta`` beside the image: a 4 KiB header (magic,
+    metadata size, block count, PI layout) then the metadata, sparse. It is created
+    when first needed and never written over unless it carries pcidev's header (a
+    foreign file of that name is refused: :class:`~pcidev.errors.ConfigError`);
+    formatting to an LBA format without metadata removes it. A sidecar of another
+    format (a spec naming another ``lbaf`` than the last Format NVM) is left alone until
+    the first write, which starts it afresh: a migration's destination, built from its
+    configuration while the source still uses the file, takes the source's format at
+    the restore and so never rewrites it. A destination process
+    opens the same path; a handover's new process takes the old one's descriptor
+    (:meth:`FileMetadata.inheritable_fds`, :mod:`pcidev.inheritance`).
+``null`` namespaces (:class:`NullMetadata`)
+    nothing is kept: metadata reads as never written.
+
+Protection information is kept **complemented** (XOR with the format's
+:attr:`~pcidev_nvme.protection.PiFormat.store_pattern`), so a hole -- a block never
+written, deallocated or written with zeroes without PRACT -- reads as PI of all ones:
+the escape values (and Guard FFFFh, DLFEAT bit 4 cleared) the spec gives deallocated
+blocks. Other metadata bytes read as zeros there (DLFEAT 001b).
+
+Other backends (plugins) have no metadata store: LBA formats with metadata are not
+usable on them (:func:`open_metadata` returns None).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import stat
+import struct
+import threading
+from typing import Any
+
+import attrs
+
+from pcidev.errors import ConfigError
+from pcidev.inheritance import image_key, take_inherited
+from pcidev.vmstate import U8, Bool, FdRef, vmstate
+
+__all__ = [
+    "FileMetadata",
+    "MemMetadata",
+    "MetadataState",
+    "MetadataStore",
+    "NullMetadata",
+    "SIDECAR_SUFFIX",
+    "metadata_supported",
+    "open_metadata",
+]
+
+log = logging.getLogger(__name__)
+
+#: the sidecar of image ``X`` is ``X`` + this
+SIDECAR_SUFFIX = ".nvme-meta"
+
+_HEADER_SIZE = 4096
+_MAGIC = b"pcidev-nvme-meta"
+_HEADER = struct.Struct("<16sIIQ16s")  # magic, version, ms, nlbas, PI store pattern (first 16 bytes)
+_VERSION = 1
+
+
+@vmstate("nvme/namespace-metadata")
+@attrs.frozen
+class MetadataState:
+    """A namespace's metadata setting (beyond its LBA format) and, for ``mem``, the
+    memory holding the metadata.
+
+    :ivar pi: PI type (0 none, 1..3).
+    :ivar pil: the PI sits in the first bytes of the metadata.
+    :ivar mset: extended LBAs (metadata interleaved with the data).
+    :ivar mem_fd: the metadata memfd of a ``mem`` namespace.
+    """
+
+    pi: U8
+    pil: Bool
+    mset: Bool
+    mem_fd: FdRef | None = None
+
+
+def _xor(buf: bytes | bytearray | memoryview, pattern: bytes | None, n: int) -> bytes | bytearray | memoryview:
+    """``buf`` with ``pattern`` (one block's) XORed into each of its ``n`` blocks."""
+    if pattern is None or not n:
+        return buf
+    length = len(pattern) * n
+    return (int.from_bytes(buf, "little") ^ int.from_bytes(pattern * n, "little")).to_bytes(length, "little")
+
+
+class MetadataStore:
+    """``nlbas`` blocks of ``ms`` metadata bytes (base class).
+
+    :param ms: metadata bytes per block.
+    :param nlbas: blocks.
+    :param pattern: one block's PI mask (the PI is stored complemented), None without PI.
+    """
+
+    kind = "none"
+
+    def __init__(self, ms: int, nlbas: int, pattern: bytes | None) -> None:
+        self.ms = ms
+        self.nlbas = nlbas
+        self.nbytes = ms * nlbas
+        self.pattern = pattern
+
+    def read(self, lba: int, n: int) -> bytearray:
+        """The metadata of blocks ``lba .. lba + n - 1``."""
+        raw = self._read(lba * self.ms, n * self.ms)
+        out = _xor(raw, self.pattern, n)
+        return out if type(out) is bytearray else bytearray(out)
+
+    def write(self, lba: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+        """Store the metadata of ``len(data) // ms`` blocks from ``lba``."""
+        n = len(data) // self.ms
+        self._write(lba * self.ms, _xor(data, self.pattern, n), fua)
+
+    def deallocate(self, lba: int, n: int) -> None:
+        """Forget the metadata of ``n`` blocks (it reads as never written)."""
+        if n:
+            self._zero(lba * self.ms, n * self.ms)
+
+    def _read(self, offset: int, length: int) -> bytes | bytearray:
+        return bytes(length)
+
+    def _write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
+        pass
+
+    def _zero(self, offset: int, length: int) -> None:
+        pass
+
+    def flush(self) -> None:
+        """Make the written metadata durable."""
+
+    def close(self) -> None:
+        """Release the store (its contents stay where they are). Idempotent."""
+
+    def remove(self) -> None:
+        """Close and drop the contents for good (a format to an LBA format without
+        metadata)."""
+        self.close()
+
+    def inheritable_fds(self) -> dict[str, int]:
+        """Descriptors a handover's new process takes over (see :mod:`pcidev.inheritance`)."""
+        return {}
+
+    @property
+    def mem_fd(self) -> int:
+        """The memfd of a memory store (-1 otherwise)."""
+        return -1
+
+
+class NullMetadata(MetadataStore):
+    """A ``null`` namespace's metadata: nothing is kept."""
+
+    kind = "null"
+
+
+class MemMetadata(MetadataStore):
+    """Metadata in a memfd (a ``mem`` namespace).
+
+    :param fd: an existing memfd of the right size (a migrated namespace's; duplicated),
+        or None for a new one.
+    :raises ConfigError: no memory, or ``fd`` is not a file of the right size.
+    """
+
+    kind = "mem"
+
+    def __init__(self, ms: int, nlbas: int, pattern: bytes | None, *, fd: int | None = None) -> None:
+        super().__init__(ms, nlbas, pattern)
+        size = self.nbytes
+        try:
+            if fd is None:
+                self._fd = os.memfd_create("pcidev-nvme-meta", os.MFD_CLOEXEC)
+                os.ftruncate(self._fd, size)
+            else:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+                    raise ConfigError(f"namespace metadata descriptor is not a {size}-byte memory file "
+                                      f"({st.st_size} bytes)")
+                self._fd = os.dup(fd)
+                os.set_inheritable(self._fd, False)
+        except OSError as exc:
+            raise ConfigError(f"cannot allocate {size} bytes of namespace metadata: {exc}") from exc
+        try:
+            self._mm = mmap.mmap(self._fd, size, mmap.MAP_SHARED)
+        except OSError as exc:
+            os.close(self._fd)
+            raise ConfigError(f"cannot map the namespace metadata: {exc}") from exc
+        self._mv = memoryview(self._mm)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def mem_fd(self) -> int:
+        return self._fd
+
+    def _read(self, offset: int, length: int) -> bytes | bytearray:
+        return bytearray(self._mv[offset:offset + length])
+
+    def _write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
+        self._mv[offset:offset + len(data)] = data
+
+    def _zero(self, offset: int, length: int) -> None:
+        self._mv[offset:offset + length] = bytes(length)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._mv.release()
+            self._mm.close()
+            os.close(self._fd)
+            self._fd = -1
+
+
+class FileMetadata(MetadataStore):
+    """Metadata in the sidecar file ``IMAGE.nvme-meta``.
+
+    :param image: the image's path (absolute).
+    :param read_only: the image is read-only: the sidecar must exist and is not written.
+    :param erase: start from empty metadata (Format NVM) instead of keeping what the
+        sidecar holds.
+    :param fd: the sidecar already open (owned from now on): a namespace changing format
+        keeps the file it has (in a handover's new process, the inherited one) rather
+        than opening the path again.
+    :raises ConfigError: the sidecar cannot be created or opened, a file of that name is
+        not pcidev's, or (read-only) it is missing or describes another format.
+    """
+
+    kind = "file"
+
+    def __init__(self, ms: int, nlbas: int, pattern: bytes | None, *, image: str, read_only: bool = False,
+                 erase: bool = False, fd: int | None = None) -> None:
+        super().__init__(ms, nlbas, pattern)
+        self.path = image + SIDECAR_SUFFIX
+        self.read_only = read_only
+        self._fd = -1
+        #: the sidecar describes another format: read as empty, rewritten at the first write
+        self._stale = False
+        self._stale_lock = threading.Lock()
+        if fd is None:
+            fd = take_inherited(image_key(self.path, read_only=read_only))
+        if fd is None:
+            flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+            try:
+                fd = os.open(self.path, flags)
+            except FileNotFoundError:
+                if read_only:
+                    raise ConfigError(f"{self.path} (the metadata of a read-only image) does not exist") from None
+                try:
+                    fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o644)
+                except OSError as exc:
+                    raise ConfigError(f"cannot create {self.path}: {exc.strerror}") from exc
+                try:
+                    self._initialise(fd)
+                except OSError as exc:
+                    os.close(fd)
+                    os.unlink(self.path)
+                    raise ConfigError(f"cannot initialise {self.path}: {exc.strerror}") from exc
+                self._fd = fd
+                return
+            except OSError as exc:
+                raise ConfigError(f"cannot open {self.path}: {exc.strerror}") from exc
+        try:
+            header = os.pread(fd, _HEADER.size, 0)
+            if len(header) < _HEADER.size or not header.startswith(_MAGIC):
+                raise ConfigError(f"{self.path} exists and is not a pcidev metadata file: not overwriting it")
+            magic, version, h_ms, h_nlbas, h_pattern = _HEADER.unpack(header)
+            want = (_VERSION, ms, nlbas, (pattern or b"")[:16].ljust(16, b"\0"))
+            if erase:
+                self._initialise(fd)
+            elif (version, h_ms, h_nlbas, h_pattern) != want:
+                if read_only:
+                    raise ConfigError(f"{self.path} holds metadata of another LBA format (read-only image)")
+                # Not rewritten now: a migration's destination is built from its configuration
+                # while the source still uses the sidecar (its restore then asks for the format
+                # the header has). The first write starts it afresh; until then it reads empty.
+                log.warning("%s holds metadata of another format (%d bytes x %d blocks): it starts "
+                            "empty at the first write", self.path, h_ms, h_nlbas)
+                self._stale = True
+        except OSError as exc:
+            os.close(fd)
+            raise ConfigError(f"cannot read {self.path}: {exc.strerror}") from exc
+        except ConfigError:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def _initialise(self, fd: int) -> None:
+        """Empty metadata of this geometry: header, then a hole of ``nbytes``."""
+        os.ftruncate(fd, 0)
+        os.ftruncate(fd, _HEADER_SIZE + self.nbytes)
+        pattern = (self.pattern or b"")[:16].ljust(16, b"\0")
+        os.pwrite(fd, _HEADER.pack(_MAGIC, _VERSION, self.ms, self.nlbas, pattern), 0)
+        os.fsync(fd)
+
+    def _fresh(self) -> None:
+        """Start a stale sidecar afresh (header of this format, empty metadata)."""
+        with self._stale_lock:
+            if self._stale:
+                self._initialise(self._fd)
+                self._stale = False
+
+    def _read(self, offset: int, length: int) -> bytes | bytearray:
+        buf = bytearray(length)
+        if self._stale:
+            return buf
+        mv = memoryview(buf)
+        pos = 0
+        while pos < length:
+            got = os.preadv(self._fd, [mv[pos:]], _HEADER_SIZE + offset + pos)
+            if got <= 0:
+                raise OSError(errno.EIO, f"short read of {self.path}")
+            pos += got
+        mv.release()
+        return buf
+
+    def _write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
+        if self.read_only:
+            raise OSError(errno.EROFS, "the image is read-only")
+        if self._stale:
+            self._fresh()
+        flags = os.RWF_DSYNC if fua else 0
+        mv = memoryview(data)
+        pos = 0
+        try:
+            while pos < len(mv):
+                pos += os.pwritev(self._fd, [mv[pos:]], _HEADER_SIZE + offset + pos, flags)
+        finally:
+            mv.release()
+
+    def _zero(self, offset: int, length: int) -> None:
+        if self.read_only:
+            raise OSError(errno.EROFS, "the image is read-only")
+        if self._stale:
+            self._fresh()
+        os.pwrite(self._fd, bytes(length), _HEADER_SIZE + offset)
+
+    def flush(self) -> None:
+        os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def remove(self) -> None:
+        """Close and unlink the sidecar -- if the path still names the file this store
+        has open (after a rename or replacement of it, nothing is unlinked)."""
+        fd = self._fd
+        try:
+            same = fd >= 0 and os.path.samestat(os.fstat(fd), os.stat(self.path))
+        except OSError:
+            same = False
+        self.close()
+        if same:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    @property
+    def is_open(self) -> bool:
+        """The sidecar is open (not closed yet)."""
+        return self._fd >= 0
+
+    def reopen(self, ms: int, nlbas: int, pattern: bytes | None, *, erase: bool) -> FileMetadata:
+        """The same sidecar file (this store's descriptor, not the path) for another format."""
+        return FileMetadata(ms, nlbas, pattern, image=self.path[:-len(SIDECAR_SUFFIX)], read_only=self.read_only,
+                            erase=erase, fd=os.dup(self._fd))
+
+    def inheritable_fds(self) -> dict[str, int]:
+        return {image_key(self.path, read_only=self.read_only): self._fd} if self._fd >= 0 else {}
+
+
+def metadata_supported(backend: Any) -> bool:
+    """Whether ``backend`` can have a metadata store (``mem`` with a memfd, ``file``, ``null``)."""
+    return getattr(backend, "kind", None) in ("mem", "file", "null")
+
+
+def open_metadata(backend: Any, ms: int, nlbas: int, pattern: bytes | None, *, erase: bool,
+                  mem_fd: int | None = None, current: MetadataStore | None = None) -> MetadataStore | None:
+    """The metadata store for a namespace over ``backend``.
+
+    :param backend: the namespace's data backend (its kind picks the store).
+    :param ms: metadata bytes per block (> 0).
+    :param nlbas: blocks.
+    :param pattern: the PI store pattern, None without PI.
+    :param erase: start empty (Format NVM) rather than keep a sidecar's contents.
+    :param mem_fd: for ``mem``: a migrated metadata memfd to map instead of a new one.
+    :param current: the namespace's store so far: a ``file`` namespace keeps its sidecar's
+        descriptor (:meth:`FileMetadata.reopen`).
+    :returns: the store, or None when the backend has none (plugin backends).
+    :raises ConfigError: the store cannot be made.
+    """
+    kind = getattr(backend, "kind", None)
+    if kind == "mem":
+        return MemMetadata(ms, nlbas, pattern, fd=mem_fd)
+    if kind == "file":
+        if isinstance(current, FileMetadata) and current.is_open:
+            return current.reopen(ms, nlbas, pattern, erase=erase)
+        return FileMetadata(ms, nlbas, pattern, image=str(backend.path),
+                            read_only=bool(getattr(backend, "read_only", False)), erase=erase)
+    if kind == "null":
+        return NullMetadata(ms, nlbas, pattern)
+    return None

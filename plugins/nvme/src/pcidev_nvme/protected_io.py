@@ -1,0 +1,345 @@
+"""I/O commands on namespaces formatted with metadata: the metadata transfer and
+protection information of Read, Write, Compare, Verify, Write Zeroes, Dataset
+Management and Copy.
+
+:class:`~pcidev_nvme.io.IoCommandSet` hands a command here when its namespace has
+metadata (``Namespace.ms`` non-zero: one test per command; namespaces without metadata
+never come here, and the fast path does not take them).
+
+Where the metadata travels (NVMe Base 2.0, "Metadata Region"):
+
+* **extended LBAs** (FLBAS bit 4, ``mset=1``): each block's metadata follows its data
+  in the data buffer, which holds ``NLB * (LBA size + MS)`` bytes;
+* **separate buffer**: the data buffer holds the data, MPTR the metadata: with PSDT 00b
+  or 01b MPTR is the address of one contiguous buffer, with PSDT 10b the address of an
+  SGL descriptor (a Data Block, or a Segment / Last Segment leading to more:
+  :func:`~pcidev_nvme.prp.sgl_segments`; Bit Buckets allowed on reads).
+
+With PRACT set and metadata exactly as large as the PI, no metadata moves at all: the
+controller inserts the PI on a write and strips it on a read
+(:mod:`pcidev_nvme.protection`). The data is staged in a bounce buffer, so what is
+checked is what is stored (the guest cannot change it between the check and the write).
+MDTS counts the metadata of extended LBAs.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+from pcidev.dma import GuestMemory
+from pcidev_nvme.namespace import Namespace
+from pcidev_nvme.protection import PRINFO_PRACT, PiFormat
+from pcidev_nvme.prp import PSDT_SGL_MPTR_SGL, data_segments, sgl_segments
+from pcidev_nvme.request import ControllerPort, Request
+from pcidev_nvme.status import NvmeStatusError, Status
+
+__all__ = ["ProtectedIo", "interleave", "split_extended"]
+
+_OFF_CDW10 = 40
+_OFF_CDW12 = 48
+_OFF_MPTR = 16
+_COPY_RANGE0 = struct.Struct("<8xQH6xIHH")  # SLBA, NLB (0's based), EILBRT, ELBAT, ELBATM
+
+
+def interleave(data: bytes | bytearray | memoryview, meta: bytes | bytearray | memoryview, nlb: int, lbs: int,
+               ms: int) -> bytearray:
+    """Extended LBAs: each block's data followed by its metadata."""
+    step = lbs + ms
+    out = bytearray(nlb * step)
+    for i in range(nlb):
+        at = i * step
+        out[at:at + lbs] = data[i * lbs:(i + 1) * lbs]
+        out[at + lbs:at + step] = meta[i * ms:(i + 1) * ms]
+    return out
+
+
+def split_extended(buf: bytes | bytearray | memoryview, nlb: int, lbs: int, ms: int) -> tuple[bytearray, bytearray]:
+    """The data and the metadata of an extended-LBA buffer."""
+    step = lbs + ms
+    data = bytearray(nlb * lbs)
+    meta = bytearray(nlb * ms)
+    for i in range(nlb):
+        at = i * step
+        data[i * lbs:(i + 1) * lbs] = buf[at:at + lbs]
+        meta[i * ms:(i + 1) * ms] = buf[at + lbs:at + step]
+    return data, meta
+
+
+def _gather(mem: GuestMemory, segs: Sequence[tuple[int | None, int]], length: int) -> bytearray:
+    # (host-to-controller pointers have no bit buckets: prp.sgl_segments refuses them)
+    buf = bytearray(length)
+    views = mem.sg_views([(gpa, n) for gpa, n in segs if gpa is not None], write=False)
+    try:
+        pos = 0
+        for v in views:
+            n = len(v)
+            buf[pos:pos + n] = v
+            pos += n
+    finally:
+        for v in views:
+            v.release()
+    return buf
+
+
+def _scatter(mem: GuestMemory, segs: Sequence[tuple[int | None, int]], data: bytes | bytearray) -> None:
+    real = [(gpa, n) for gpa, n in segs if gpa is not None]
+    views = mem.sg_views(real, write=True)  # every piece is checked before anything moves
+    try:
+        pos = 0
+        it = iter(views)
+        for gpa, n in segs:
+            if gpa is not None:
+                next(it)[:] = data[pos:pos + n]
+            pos += n
+    finally:
+        for v in views:
+            v.release()
+
+
+class ProtectedIo:
+    """The metadata and protection information side of the NVM I/O commands.
+
+    :param ctrl: the controller (``dma``, ``page_size``, ``mdts_bytes``, ``smart``,
+        ``volatile_write_cache``).
+    """
+
+    def __init__(self, ctrl: ControllerPort) -> None:
+        self.ctrl = ctrl
+
+    # -- buffers ----------------------------------------------------------------------
+
+    def _extent(self, req: Request, ns: Namespace) -> tuple[int, int]:
+        slba = req.cdw10 | req.cdw11 << 32
+        nlb = (req.cdw12 & 0xFFFF) + 1
+        if slba + nlb > ns.nlbas:
+            raise NvmeStatusError(
+                Status.LBA_RANGE, f"LBAs {slba:#x}+{nlb} exceed namespace {ns.nsid} ({ns.nlbas} blocks)",
+                param_offset=_OFF_CDW10, lba=slba,
+            )
+        return slba, nlb
+
+    @staticmethod
+    def _moves_metadata(ns: Namespace, cdw12: int) -> bool:
+        """Whether metadata travels between host and controller (not with PRACT and
+        metadata that is only the PI)."""
+        pif = ns.protection
+        return not (pif is not None and cdw12 & PRINFO_PRACT and ns.ms == pif.size)
+
+    def _host_length(self, ns: Namespace, nlb: int, with_meta: bool) -> int:
+        length = nlb * ns.lba_size
+        if ns.extended and with_meta:
+            length += nlb * ns.ms
+        mdts = self.ctrl.mdts_bytes
+        if mdts and length > mdts:
+            raise NvmeStatusError(
+                Status.INVALID_FIELD, f"transfer of {length} bytes exceeds MDTS ({mdts} bytes)",
+                param_offset=_OFF_CDW12,
+            )
+        return length
+
+    def _data_segs(self, req: Request, length: int, *, to_host: bool) -> Sequence[tuple[int | None, int]]:
+        return data_segments(self.ctrl.dma, req, length, self.ctrl.page_size, to_host=to_host)
+
+    def _meta_segs(self, req: Request, length: int, *, to_host: bool) -> Sequence[tuple[int | None, int]]:
+        """The metadata buffer MPTR names for ``length`` bytes."""
+        mem = self.ctrl.dma
+        if req.flags >> 6 == PSDT_SGL_MPTR_SGL:
+            try:
+                desc = mem.read(req.mptr, 16)
+            except Exception as exc:  # DmaError: the descriptor is not in guest memory
+                raise NvmeStatusError(Status.DATA_TRANSFER_ERROR, f"metadata SGL descriptor: {exc}",
+                                      param_offset=_OFF_MPTR) from None
+            return sgl_segments(mem, desc, length, allow_bit_bucket=to_host)
+        return [(req.mptr, length)]
+
+    def _from_host(self, req: Request, ns: Namespace, nlb: int) -> tuple[bytearray, bytearray]:
+        """The data and metadata a write-like command carries (metadata zeros when PRACT
+        inserts the PI)."""
+        moves = self._moves_metadata(ns, req.cdw12)
+        length = self._host_length(ns, nlb, moves)
+        mem = self.ctrl.dma
+        segs = self._data_segs(req, length, to_host=False)
+        buf = _gather(mem, segs, length)
+        if not moves:
+            return buf, bytearray(nlb * ns.ms)
+        if ns.extended:
+            return split_extended(buf, nlb, ns.lba_size, ns.ms)
+        mlen = nlb * ns.ms
+        msegs = self._meta_segs(req, mlen, to_host=False)
+        return buf, _gather(mem, msegs, mlen)
+
+    def _to_host(self, req: Request, ns: Namespace, nlb: int, data: bytearray, meta: bytearray) -> None:
+        moves = self._moves_metadata(ns, req.cdw12)
+        length = self._host_length(ns, nlb, moves)
+        mem = self.ctrl.dma
+        segs = self._data_segs(req, length, to_host=True)
+        if not moves:
+            _scatter(mem, segs, data)
+        elif ns.extended:
+            _scatter(mem, segs, interleave(data, meta, nlb, ns.lba_size, ns.ms))
+        else:
+            msegs = self._meta_segs(req, len(meta), to_host=True)
+            _scatter(mem, segs, data)
+            _scatter(mem, msegs, meta)
+
+    def _stored(self, ns: Namespace, slba: int, nlb: int) -> tuple[bytearray, bytearray]:
+        data = bytearray(nlb * ns.lba_size)
+        ns.backend.readv([memoryview(data)], slba << ns.lba_shift)
+        meta = ns.meta.read(slba, nlb) if ns.meta is not None else bytearray(nlb * ns.ms)
+        return data, meta
+
+    def _store(self, ns: Namespace, slba: int, data: bytearray, meta: bytearray, fua: bool) -> None:
+        ns.backend.writev([memoryview(data)], slba << ns.lba_shift, fua=fua)
+        if ns.meta is not None:
+            ns.meta.write(slba, meta, fua=fua)
+
+    def _durable(self, cdw12: int) -> bool:
+        return bool(cdw12 & (1 << 30)) or not self.ctrl.volatile_write_cache
+
+    @staticmethod
+    def _tags(pif: PiFormat, req: Request, slba: int, cdw12: int) -> tuple[int, int, int]:
+        """(initial reference tag, application tag, application tag mask), the command's
+        PRINFO settings checked."""
+        ref = pif.initial_ref(req.cdw3, req.cdw14)
+        pif.check_command(slba, cdw12, ref)
+        return ref, req.cdw15 & 0xFFFF, req.cdw15 >> 16
+
+    def _check(self, ns: Namespace, req: Request, slba: int, nlb: int, data: bytearray, meta: bytearray) -> None:
+        pif = ns.protection
+        if pif is None:
+            return
+        ref, app, mask = self._tags(pif, req, slba, req.cdw12)
+        pif.check(memoryview(data), memoryview(meta), nlb, slba=slba, cdw12=req.cdw12, ref=ref, app=app,
+                  app_mask=mask)
+
+    # -- commands ---------------------------------------------------------------------
+
+    def read(self, req: Request, ns: Namespace) -> int:
+        """Read: data and metadata from the store, PI checked, to the host."""
+        slba, nlb = self._extent(req, ns)
+        self._host_length(ns, nlb, self._moves_metadata(ns, req.cdw12))
+        pif = ns.protection
+        if pif is not None:
+            self._tags(pif, req, slba, req.cdw12)  # Invalid Protection Information before any work
+        data, meta = self._stored(ns, slba, nlb)
+        self._check(ns, req, slba, nlb, data, meta)
+        self._to_host(req, ns, nlb, data, meta)
+        self.ctrl.smart.record_read(len(data))
+        return 0
+
+    def write(self, req: Request, ns: Namespace) -> int:
+        """Write: data and metadata from the host, PI checked or generated, stored."""
+        slba, nlb = self._extent(req, ns)
+        cdw12 = req.cdw12
+        pif = ns.protection
+        tags = self._tags(pif, req, slba, cdw12) if pif is not None else None
+        data, meta = self._from_host(req, ns, nlb)
+        if pif is not None and tags is not None:
+            ref, app, mask = tags
+            if cdw12 & PRINFO_PRACT:
+                pif.generate(memoryview(data), memoryview(meta), nlb, ref, app)
+            else:
+                pif.check(memoryview(data), memoryview(meta), nlb, slba=slba, cdw12=cdw12, ref=ref, app=app,
+                          app_mask=mask)
+        self._store(ns, slba, data, meta, self._durable(cdw12))
+        self.ctrl.smart.record_write(len(data))
+        return 0
+
+    def compare(self, req: Request, ns: Namespace) -> int:
+        """Compare: the stored blocks (PI checked) against the host's data and metadata."""
+        slba, nlb = self._extent(req, ns)
+        if ns.protection is not None:
+            self._tags(ns.protection, req, slba, req.cdw12)
+        host_data, host_meta = self._from_host(req, ns, nlb)
+        data, meta = self._stored(ns, slba, nlb)
+        self._check(ns, req, slba, nlb, data, meta)
+        lbs, ms = ns.lba_size, ns.ms
+        moves = self._moves_metadata(ns, req.cdw12)
+        for i in range(nlb):
+            if (data[i * lbs:(i + 1) * lbs] != host_data[i * lbs:(i + 1) * lbs]
+                    or moves and meta[i * ms:(i + 1) * ms] != host_meta[i * ms:(i + 1) * ms]):
+                raise NvmeStatusError(Status.COMPARE_FAILURE, f"data differs at LBA {slba + i:#x}", lba=slba + i)
+        self.ctrl.smart.record_read(len(data))
+        return 0
+
+    def verify(self, req: Request, ns: Namespace) -> int:
+        """Verify: read the stored blocks and check their PI (nothing moves to the host)."""
+        slba, nlb = self._extent(req, ns)
+        if ns.protection is not None:
+            self._tags(ns.protection, req, slba, req.cdw12)
+        data, meta = self._stored(ns, slba, nlb)
+        self._check(ns, req, slba, nlb, data, meta)
+        self.ctrl.smart.record_read(len(data))
+        return 0
+
+    def write_zeroes(self, req: Request, ns: Namespace) -> int:
+        """Write Zeroes: the data (and the metadata) zeroed; with PRACT on a PI namespace
+        the PI of the zeroed blocks is generated, otherwise the metadata reads as never
+        written (PI all ones: the escape values)."""
+        slba, nlb = self._extent(req, ns)
+        cdw12 = req.cdw12
+        pif = ns.protection
+        backend = ns.backend
+        offset, length = slba << ns.lba_shift, nlb << ns.lba_shift
+        tags = self._tags(pif, req, slba, cdw12) if pif is not None else None
+        if cdw12 & (1 << 25):  # DEAC
+            backend.deallocate(offset, length)
+        else:
+            backend.write_zeroes(offset, length)
+        meta_store = ns.meta
+        if meta_store is not None:
+            if pif is not None and tags is not None and cdw12 & PRINFO_PRACT:
+                ref, app, _mask = tags
+                chunk = 16384
+                for first in range(0, nlb, chunk):
+                    n = min(chunk, nlb - first)
+                    step = 0 if pif.pi_type == 3 else first
+                    meta_store.write(slba + first, pif.zero_blocks_metadata(n, ref + step, app))
+            else:
+                meta_store.deallocate(slba, nlb)
+        if self._durable(cdw12):
+            backend.flush()
+            if meta_store is not None:
+                meta_store.flush()
+        return 0
+
+    def deallocate(self, ns: Namespace, slba: int, nlb: int) -> None:
+        """Dataset Management deallocation: the metadata of the range too."""
+        if ns.meta is not None:
+            ns.meta.deallocate(slba, nlb)
+
+    def copy(self, req: Request, ns: Namespace, raw: bytes | bytearray, ranges: list[tuple[int, int]],
+             sdlba: int) -> int:
+        """Copy (descriptor format 0) with metadata: each source range's data and metadata,
+        its PI checked as PRINFOR asks (CDW12 15:12, expected tags from the range entry),
+        then written at SDLBA with PI checked or regenerated as PRINFOW asks (CDW12 29:26,
+        CDW14/CDW15 as for a Write)."""
+        cdw12 = req.cdw12
+        pif = ns.protection
+        datas: list[bytearray] = []
+        metas: list[bytearray] = []
+        for i, (slba, nlb) in enumerate(ranges):
+            data, meta = self._stored(ns, slba, nlb)
+            if pif is not None:
+                prinfor = (cdw12 >> 12 & 0xF) << 26
+                _slba, _nlb, eilbrt, elbat, elbatm = _COPY_RANGE0.unpack_from(raw, i * 32)
+                pif.check_command(slba, prinfor, eilbrt)
+                pif.check(memoryview(data), memoryview(meta), nlb, slba=slba, cdw12=prinfor, ref=eilbrt,
+                          app=elbat, app_mask=elbatm)
+            datas.append(data)
+            metas.append(meta)
+        data = bytearray().join(datas)
+        meta = bytearray().join(metas)
+        total = sum(n for _s, n in ranges)
+        if pif is not None:
+            ref, app, mask = self._tags(pif, req, sdlba, cdw12)
+            if cdw12 & PRINFO_PRACT:
+                pif.generate(memoryview(data), memoryview(meta), total, ref, app)
+            else:
+                pif.check(memoryview(data), memoryview(meta), total, slba=sdlba, cdw12=cdw12, ref=ref, app=app,
+                          app_mask=mask)
+        self._store(ns, sdlba, data, meta, self._durable(cdw12))
+        self.ctrl.smart.record_write(len(data))
+        return 0
+

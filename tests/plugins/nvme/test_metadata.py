@@ -1,0 +1,157 @@
+"""pcidev_nvme.metadata: where metadata lives (memfd, sidecar IMAGE.nvme-meta, nothing),
+the complemented PI so holes read as the escape values, the sidecar's header (a foreign
+file is never overwritten), read-only images, handover descriptors."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pcidev.errors import ConfigError
+from pcidev.inheritance import image_key, inheriting
+from pcidev_nvme.metadata import FileMetadata, MemMetadata, NullMetadata, open_metadata
+from pcidev_nvme.namespace import make_namespace
+
+PATTERN = bytes(8) + b"\xff" * 8  # 16 bytes of metadata, PI last
+
+
+@pytest.mark.parametrize("kind", ["mem", "file", "null"])
+def test_holes_read_as_escaped_pi_and_writes_round_trip(kind, tmp_path):
+    if kind == "mem":
+        store = MemMetadata(16, 64, PATTERN)
+    elif kind == "file":
+        store = FileMetadata(16, 64, PATTERN, image=str(tmp_path / "x.img"))
+    else:
+        store = NullMetadata(16, 64, PATTERN)
+    try:
+        assert store.read(3, 2) == PATTERN * 2
+        meta = os.urandom(48)
+        store.write(10, meta)
+        assert store.read(10, 3) == (meta if kind != "null" else PATTERN * 3)
+        store.deallocate(11, 1)
+        if kind != "null":
+            assert store.read(10, 3) == meta[:16] + PATTERN + meta[32:]
+    finally:
+        store.close()
+
+
+def test_mem_metadata_from_a_migrated_fd():
+    a = MemMetadata(8, 128, None)
+    try:
+        a.write(5, b"12345678")
+        b = MemMetadata(8, 128, None, fd=a.mem_fd)
+        try:
+            assert b.read(5, 1) == b"12345678"
+            b.write(6, b"abcdefgh")
+            assert a.read(6, 1) == b"abcdefgh"  # the same memory
+        finally:
+            b.close()
+        with pytest.raises(ConfigError):
+            MemMetadata(8, 64, None, fd=a.mem_fd)  # another size
+    finally:
+        a.close()
+
+
+def test_sidecar_keeps_contents_and_refuses_foreign_files(tmp_path):
+    img = str(tmp_path / "d.img")
+    s = FileMetadata(8, 32, None, image=img)
+    s.write(1, b"persist!")
+    s.flush()
+    s.close()
+    again = FileMetadata(8, 32, None, image=img)
+    assert again.read(1, 1) == b"persist!"
+    again.close()
+    # another geometry: it reads empty, and the file is left alone until the first write (a
+    # migration's destination opens it while the source still uses it in the old format)
+    other = FileMetadata(16, 16, None, image=img)
+    assert other.read(1, 1) == bytes(16)
+    same = FileMetadata(8, 32, None, image=img)
+    assert same.read(1, 1) == b"persist!"
+    other.write(0, b"x" * 16)  # starts it afresh in the new format
+    assert other.read(0, 2) == b"x" * 16 + bytes(16)
+    same.close()
+    third = FileMetadata(8, 32, None, image=img)
+    assert third.read(1, 1) == bytes(8)
+    third.close()
+    erased = FileMetadata(16, 16, None, image=img, erase=True)  # Format NVM
+    assert erased.read(0, 1) == bytes(16)
+    erased.close()
+    other.remove()
+    assert not os.path.exists(img + ".nvme-meta")
+    # a file of that name that is not ours
+    with open(img + ".nvme-meta", "wb") as f:
+        f.write(b"precious user data" * 300)
+    with pytest.raises(ConfigError, match="not a pcidev metadata file"):
+        FileMetadata(8, 32, None, image=img)
+    with open(img + ".nvme-meta", "rb") as f:
+        assert f.read(18) == b"precious user data"
+
+
+def test_read_only_images_need_their_sidecar(tmp_path):
+    img = str(tmp_path / "r.img")
+    with pytest.raises(ConfigError, match="does not exist"):
+        FileMetadata(8, 32, None, image=img, read_only=True)
+    FileMetadata(8, 32, None, image=img).close()
+    ro = FileMetadata(8, 32, None, image=img, read_only=True)
+    try:
+        with pytest.raises(OSError):
+            ro.write(0, bytes(8))
+    finally:
+        ro.close()
+
+
+def test_handover_takes_the_sidecar_descriptor(tmp_path):
+    img = str(tmp_path / "h.img")
+    old = FileMetadata(8, 32, None, image=img)
+    old.write(2, b"handover")
+    fds = old.inheritable_fds()
+    key = image_key(img + ".nvme-meta", read_only=False)
+    assert list(fds) == [key]
+    os.rename(img + ".nvme-meta", img + ".moved")  # the path now names nothing
+    dup = os.dup(fds[key])
+    with inheriting({key: dup}):
+        new = FileMetadata(8, 32, None, image=img)
+    try:
+        assert new.read(2, 1) == b"handover"
+        assert not os.path.exists(img + ".nvme-meta")  # the path was never opened or created
+    finally:
+        new.close()
+        old.close()
+
+
+def test_namespaces_choose_their_store(tmp_path):
+    for spec, kind in (("mem:size=1M,lbaf=2", "mem"), (f"file:path={tmp_path}/n.img,size=1M,lbaf=3,pi=1", "file"),
+                       ("null:size=1M,lbaf=4,pi=2", "null")):
+        ns = make_namespace(1, spec)
+        try:
+            assert ns.meta is not None and ns.meta.kind == kind
+            if kind == "file":
+                assert os.path.exists(f"{tmp_path}/n.img.nvme-meta")
+                assert ns.inheritable_fds()
+        finally:
+            ns.close()
+    ns = make_namespace(1, "mem:size=1M")
+    try:
+        assert ns.meta is None and ns.ms == 0
+    finally:
+        ns.close()
+    assert open_metadata(object(), 8, 8, None, erase=False) is None  # plugin backends: none
+
+
+def test_a_format_change_keeps_the_open_sidecar_and_remove_spares_a_replacement(tmp_path):
+    img = str(tmp_path / "k.img")
+    ns = make_namespace(1, f"file:path={img},size=1M,lbaf=2,pi=1")
+    try:
+        ns.meta.write(0, b"\x00" * 8)
+        os.rename(img + ".nvme-meta", img + ".elsewhere")  # the path no longer names the open file
+        ns.format(3, 0, 1, 0, 0)  # another format with metadata: the same file, not the path
+        assert not os.path.exists(img + ".nvme-meta")
+        assert os.path.getsize(img + ".elsewhere") == 4096 + 8 * 256
+        with open(img + ".nvme-meta", "wb") as f:  # a decoy at the path
+            f.write(b"decoy")
+        ns.format(0, 0)  # no metadata: the store goes, the decoy stays
+        assert ns.meta is None
+        assert open(img + ".nvme-meta", "rb").read() == b"decoy"
+    finally:
+        ns.close()
