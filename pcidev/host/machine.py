@@ -179,9 +179,10 @@ class Machine:
 
     def _route(self, addr: int, size: int, io: bool) -> tuple[HostPciDevice, tuple[int | str, int]]:
         for pdev in self.devices:
-            hit = pdev.decode(addr, size, io)
-            if hit is not None:
-                return pdev, hit
+            for fn in (pdev, *pdev.virtfns):
+                hit = fn.decode(addr, size, io)
+                if hit is not None:
+                    return fn, hit
         raise MmioError(f"no device decodes {'I/O' if io else 'memory'} address {addr:#x}")
 
     def mmio_read(self, addr: int, size: int) -> int:
