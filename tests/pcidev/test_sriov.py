@@ -20,11 +20,14 @@ from pcidev.bar import Access, Register, RegisterMap
 from pcidev.device import PciDevice
 from pcidev.errors import ConfigError
 from pcidev.host import Machine
-from pcidev.migration import load_device_stream, save_device_stream
+from pcidev.migration import load_device_stream, migrate_in, migrate_out, save_device_stream
+from pcidev.migration.virtual_functions import SriovState, check_vfs
+from pcidev.migration.virtual_functions import VfState as Entry
 from pcidev.pci import ids
 from pcidev.pci.capabilities import sriov as sr
 from pcidev.sriov import VfBar, VirtualFunction, add_sriov, functions_of
 from pcidev.vmstate import U32, VarBytes, vmstate
+from pcidev.vmstate.errors import StateError
 
 VF_BAR_SIZE = 0x4000
 BLOCK = 512
@@ -252,9 +255,6 @@ def test_pf_with_two_vfs_migrates_in_process(machine):
 
 
 def test_a_stream_with_more_vfs_than_total_is_refused(machine):
-    from pcidev.migration.virtual_functions import SriovState, VfState as Entry, check_vfs
-    from pcidev.vmstate.errors import StateError
-
     pf = SriovPf(name="pf")
     pf.realize()
     with pytest.raises(StateError, match="TotalVFs is 4"):
@@ -277,8 +277,6 @@ CHILD = textwrap.dedent("""
 
 
 def test_pf_with_two_vfs_migrates_to_another_process_and_back(machine, tmp_path):
-    from pcidev.migration import migrate_in, migrate_out
-
     pf = SriovPf(name="src")
     p = machine.plug(pf)
     p.enable_device()
