@@ -92,6 +92,7 @@ from pcidev_nvme.logs import (
 from pcidev_nvme.namespace import LBA_FORMATS, Namespace, NamespaceState
 from pcidev_nvme.queues import CompletionQueue, CqeState, CqState, SqState, SubmissionQueue
 from pcidev_nvme.registers import ControllerState
+from pcidev_nvme.virtualization import Virtualization, VirtualizationState
 
 
 class MigrationHost(Protocol):
@@ -110,6 +111,7 @@ class MigrationHost(Protocol):
     shadow: ShadowDoorbells
     state_lock: threading.RLock
     admin_worker: AdminWorker
+    virtualization: Virtualization | None
 
     @property
     def allocated(self) -> Mapping[int, Namespace]: ...
@@ -186,6 +188,8 @@ class NvmeState:
     dbbuf_dbs: U64 = 0
     dbbuf_eis: U64 = 0
     dbbuf: Bool = False
+    #: SR-IOV: the primary controller's secondary controllers (pcidev_nvme.virtualization)
+    virtualization: VirtualizationState | None = None
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -266,6 +270,8 @@ def fingerprint(ctrl: MigrationHost) -> dict[str, Any]:
         "nvme.dbbuf": cfg.dbbuf, "nvme.capacity": cfg.capacity,
         "nvme.lba_formats": [list(f) for f in LBA_FORMATS],
         "nvme.namespaces": namespaces,
+        **({"nvme.sriov": [cfg.sriov_max_vfs, cfg.sriov_vq_flexible, cfg.sriov_vi_flexible,
+                           cfg.sriov_max_vq_per_vf, cfg.sriov_max_vi_per_vf]} if cfg.sriov_max_vfs else {}),
     }
 
 
@@ -357,7 +363,8 @@ def save(ctrl: MigrationHost) -> NvmeState:
         features=ctrl.features.snapshot(irq.vector_cd), smart=ctrl.smart.snapshot(),
         error_count=errors.count, error_entries=errors.entries, firmware=ctrl.firmware.snapshot(),
         changed_ns=changed.nsids, changed_ns_overflow=changed.overflow, namespaces=tuple(namespaces),
-        dbbuf_dbs=db.dbs, dbbuf_eis=db.eis, dbbuf=db.enabled)
+        dbbuf_dbs=db.dbs, dbbuf_eis=db.eis, dbbuf=db.enabled,
+        virtualization=ctrl.virtualization.snapshot() if ctrl.virtualization is not None else None)
 
 
 # ----------------------------------------------------------------------------- check
@@ -372,6 +379,12 @@ def check(ctrl: MigrationHost, st: NvmeState) -> None:
     if st.state >= len(_STATES):
         raise _fail(f"controller state {st.state} is unknown", "state")
     ready = _STATES[st.state] != "disabled"  # a failed controller keeps its queues until the reset
+    virt = ctrl.virtualization
+    if (virt is None) != (st.virtualization is None):
+        raise _fail("SR-IOV state " + ("missing" if virt is not None else "present for a controller without SR-IOV"),
+                    "virtualization")
+    if virt is not None and st.virtualization is not None:
+        virt.check(st.virtualization, {n.nsid for n in st.namespaces})
     page = st.page_size
     if page < 4096 or page > 65536 or page & (page - 1):
         raise _fail(f"memory page size {page} is not 4 KiB..64 KiB", "page_size")
@@ -571,6 +584,8 @@ def apply(ctrl: MigrationHost, st: NvmeState) -> None:
             if n.attached:
                 attached.append(n.nsid)
         ctrl.set_attached(attached)
+        if ctrl.virtualization is not None and st.virtualization is not None:
+            ctrl.virtualization.restore(st.virtualization)
         ctrl.finish_restore()
 
 
