@@ -110,8 +110,11 @@ class AdminHost(ControllerPort, Protocol):
     def attach_namespace(self, nsid: int) -> None: ...
     def detach_namespace(self, nsid: int) -> None: ...
     admin_worker: AdminWorker
-    #: interrupt vectors the controller offers now (SR-IOV resources)
-    vector_limit: int
+    @property
+    def vector_limit(self) -> int:
+        """Interrupt vectors the controller offers now (SR-IOV resources)."""
+    def adjust_oacs(self, oacs: int) -> int:
+        """The OACS bits of this controller (SR-IOV)."""
     #: SR-IOV: the primary controller's secondary controllers, else None
     virtualization: Virtualization | None
     def save_state(self) -> None: ...

@@ -56,7 +56,7 @@ from pcidev_nvme.limits import SHUTDOWN_DRAIN_TIMEOUT
 from pcidev_nvme.logs import ChangedNamespaces, ErrorLog, FirmwareSlots, SmartCounters
 from pcidev_nvme.migration import MigrationMixin
 from pcidev_nvme.migration import features as migration_features
-from pcidev_nvme.namespaces import NamespaceSetMixin
+from pcidev_nvme.namespaces import NamespaceSetMixin, RemovedNamespace
 from pcidev_nvme.persist import PersistenceMixin
 from pcidev_nvme.queues import CompletionQueue, QueueSetMixin, SubmissionQueue
 from pcidev_nvme.registers import (
@@ -80,7 +80,6 @@ from pcidev_nvme.registers import (
     cap_value,
     enable_problem,
 )
-from pcidev_nvme.namespaces import RemovedNamespace
 from pcidev_nvme.request import SQE_SIZE
 from pcidev_nvme.virtualization import OACS_VMS, Virtualization, resources_of
 

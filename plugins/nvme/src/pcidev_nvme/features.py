@@ -129,9 +129,12 @@ class FeaturesHost(Protocol):
     #: coalescing (08h) and Coalescing Disable (09h)
     interrupts: Interrupts
 
-    #: I/O queue pairs and interrupt vectors the controller offers now (SR-IOV resources)
-    io_queue_limit: int
-    vector_limit: int
+    @property
+    def io_queue_limit(self) -> int:
+        """I/O queue pairs the controller offers now (SR-IOV resources)."""
+    @property
+    def vector_limit(self) -> int:
+        """Interrupt vectors the controller offers now (SR-IOV resources)."""
 
     def check_temperature(self) -> None: ...
     def io_queues_exist(self) -> bool: ...
