@@ -113,7 +113,7 @@ class VirtualFunction(PciDevice):
         self.__dict__.setdefault("_vf_releases", []).append(release)
 
     def close(self) -> None:
-        """Close the VF (:meth:`PciDevice.close`), then run what :meth:`add_release` registered."""
+        """Close the VF (:meth:`~pcidev.device.PciDevice.close`), then run what :meth:`add_release` registered."""
         super().close()
         releases: list[Callable[[], None]] = self.__dict__.pop("_vf_releases", [])
         for release in releases:
@@ -187,7 +187,7 @@ class SriovFunctions:
     # -- life cycle -----------------------------------------------------------------------------
     def build(self, num_vfs: int) -> list[PciDevice]:
         """Build ``num_vfs`` VFs (replacing any there are), attach them to the PF's
-        memory and announce them; they are not started (:meth:`PciDevice.resume`).
+        memory and announce them; they are not started (:meth:`~pcidev.device.PciDevice.resume`).
 
         :returns: the VFs.
         :raises ConfigError: the factory built something that is not a fitting VF.

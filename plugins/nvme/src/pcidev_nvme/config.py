@@ -143,7 +143,7 @@ class NvmeConfig:
     :param dbbuf: support Doorbell Buffer Config (shadow doorbells).
     :param cntlid: controller identifier.
     :param sriov_max_vfs: SR-IOV: TotalVFs, each VF a secondary controller (0: no SR-IOV);
-        see :mod:`pcidev_nvme.virtualization` for the resource properties below.
+        see ``pcidev_nvme.virtualization`` for the resource properties below.
     :param sriov_vq_flexible: flexible queue resources (a VF's admin queue counts as one)
         shared by the secondary controllers and the primary; the primary keeps
         ``max_ioqpairs - sriov_vq_flexible`` private I/O queue pairs.
