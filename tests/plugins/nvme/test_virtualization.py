@@ -236,7 +236,11 @@ def test_secondary_online_does_verified_io_on_its_namespace_while_the_primary_do
     assert _status(h.attach(2, 5)) == Status.CONTROLLER_LIST_INVALID
     h.pdev.enable_sriov(2)
     vd = h.probe_vf(0)
-    assert struct.unpack_from("<H", vd.id_ctrl, 78)[0] == 1  # CNTLID
+    assert struct.unpack_from("<H", vd.id_ctrl, 78)[0] == 1 and vd.id_ctrl[111] == 1  # CNTLID, CNTRLTYPE
+    effects = vd.get_log(0x05, 4096)
+    assert struct.unpack_from("<I", effects, 4 * 0x0D)[0] == 0 and struct.unpack_from("<I", effects, 4 * 0x1C)[0] == 0
+    pf_effects = h.drv.get_log(0x05, 4096)
+    assert struct.unpack_from("<I", pf_effects, 4 * 0x1C)[0] & 1  # CSUPP: Virtualization Management
     oacs = struct.unpack_from("<H", vd.id_ctrl, 256)[0]
     assert not oacs & (1 << 7) and not oacs & (1 << 3)  # no VMS, no NMS on a secondary
     assert sorted(vd.namespaces) == [2] and vd.io_queue_count == 2  # NVQ 3 = admin + 2 I/O

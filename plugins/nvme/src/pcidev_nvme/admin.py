@@ -486,7 +486,7 @@ class AdminCommandSet:
         eff[Opcode.NS_ATTACHMENT] = _E["nic"] | _E["ncc"]
         eff[Opcode.FW_COMMIT] = _E["ccc"]
         eff[Opcode.FORMAT_NVM] = _E["lbcc"] | _E["ncc"] | _E["cse_ns"]
-        return eff
+        return {opc: e for opc, e in eff.items() if opc in self._handlers}  # (a secondary has fewer)
 
     @staticmethod
     def io_effects() -> dict[int, int]:

@@ -279,6 +279,8 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             return
         self._closed = True
         self._running = False
+        while self.virtual_functions:  # SR-IOV: the secondaries go first (they use the namespaces)
+            self.virtual_functions.pop().close()
         self.timer.close()
         try:
             self.io.close()
