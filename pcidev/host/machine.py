@@ -179,10 +179,13 @@ class Machine:
 
     def _route(self, addr: int, size: int, io: bool) -> tuple[HostPciDevice, tuple[int | str, int]]:
         for pdev in self.devices:
-            for fn in (pdev, *pdev.virtfns):
-                hit = fn.decode(addr, size, io)
+            hit = pdev.decode(addr, size, io)
+            if hit is not None:
+                return pdev, hit
+            for vf in pdev.virtfns:  # SR-IOV: a PF's virtual functions
+                hit = vf.decode(addr, size, io)
                 if hit is not None:
-                    return fn, hit
+                    return vf, hit
         raise MmioError(f"no device decodes {'I/O' if io else 'memory'} address {addr:#x}")
 
     def mmio_read(self, addr: int, size: int) -> int:
