@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 VfFactory = Callable[[PciDevice, int], "VirtualFunction"]
 
 _NO_DECODE = int(ids.Command.IO | ids.Command.MEMORY)
+#: end of the type-0 header's BAR registers
+_BARS_END = ids.BASE_ADDRESS_0 + 24
 
 
 class VirtualFunction(PciDevice):
@@ -107,6 +109,69 @@ class VirtualFunction(PciDevice):
         if cap is None or self.bars[index] is None:
             return 0
         return cap.vf_bar_address(self.vf_index, index)
+
+    # -- presented alone: a transport serves the VF as a device of its own ------------------------
+    #: the VF is served on a socket of its own (vfio-user): its configuration space then
+    #: shows what the kernel's ``vfio-pci`` shows of a VF (see :meth:`config_read`)
+    standalone: bool = False
+
+    def _shown_bars(self) -> dict[int, int]:
+        shown: dict[int, int] = self.__dict__.setdefault("_vf_shown_bars", {})
+        return shown
+
+    def config_read(self, offset: int, size: int) -> int:
+        """A configuration read. While :attr:`standalone`, as the kernel's ``vfio-pci``
+        shows a VF: Vendor ID and Device ID read as the PF's vendor and VF Device ID, and
+        the BAR registers are emulated (sized by writing all ones, like any BAR).
+
+        :raises ConfigSpaceError: on a malformed access.
+        """
+        value = super().config_read(offset, size)
+        if not self.standalone or offset >= _BARS_END:
+            return value
+        cap, pf = self.physfn_cap, self.physfn
+        shown = bytearray(value.to_bytes(size, "little"))
+        emulated = bytearray(_BARS_END)
+        if cap is not None and pf is not None:
+            emulated[ids.VENDOR_ID:ids.VENDOR_ID + 2] = pf.vendor_id.to_bytes(2, "little")
+            emulated[ids.DEVICE_ID:ids.DEVICE_ID + 2] = cap.vf_device_id.to_bytes(2, "little")
+        for reg, val in self._bar_registers().items():
+            emulated[reg:reg + 4] = val.to_bytes(4, "little")
+        for i in range(size):
+            pos = offset + i
+            if pos < 4 or ids.BASE_ADDRESS_0 <= pos < _BARS_END:
+                shown[i] = emulated[pos]
+        return int.from_bytes(shown, "little")
+
+    def config_write(self, offset: int, size: int, value: int) -> None:
+        """A configuration write; while :attr:`standalone` the BAR registers are emulated."""
+        if self.standalone and ids.BASE_ADDRESS_0 <= offset < _BARS_END:
+            self.config._check(offset, size)
+            regs = self._bar_registers()
+            data = bytearray(_BARS_END)
+            for reg, val in regs.items():
+                data[reg:reg + 4] = val.to_bytes(4, "little")
+            data[offset:offset + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+            shown = self._shown_bars()
+            for reg in regs:
+                shown[reg] = int.from_bytes(data[reg:reg + 4], "little")
+            return
+        super().config_write(offset, size, value)
+
+    def _bar_registers(self) -> dict[int, int]:
+        """The emulated BAR registers of a standalone VF: address bits as written, masked
+        by the size, and the type bits."""
+        shown = self._shown_bars()
+        out: dict[int, int] = {}
+        for bar in self.bars:
+            if bar is None:
+                continue
+            reg = ids.BASE_ADDRESS_0 + 4 * bar.index
+            mask = ~(bar.size - 1) & ((1 << 64) - 1)
+            out[reg] = (shown.get(reg, 0) & mask & 0xFFFFFFF0) | bar.flags
+            if bar.is_64bit:
+                out[reg + 4] = shown.get(reg + 4, 0) & (mask >> 32)
+        return out
 
     def add_release(self, release: Callable[[], None]) -> None:
         """Call ``release`` once the VF is closed (what a migration mapped for it)."""
@@ -219,7 +284,8 @@ class SriovFunctions:
                     watcher.vf_removed(vf)
                 except Exception:
                     log.exception("a VF watcher failed")
-            vf.quiesce()
+            if not vf.closed:  # (a transport serving the VF may have closed it)
+                vf.quiesce()
             vf.close()
 
 
