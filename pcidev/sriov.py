@@ -92,10 +92,9 @@ class VirtualFunction(PciDevice):
         cfg = self.config
         cfg.set16(ids.VENDOR_ID, 0xFFFF)
         cfg.set16(ids.DEVICE_ID, 0xFFFF)
-        wmask = cfg.get(ids.COMMAND, 2)  # keep the value; narrow the mask
-        cfg.set_writable(ids.COMMAND, 2, int.from_bytes(cfg.wmask[ids.COMMAND:ids.COMMAND + 2], "little")
-                         & ~_NO_DECODE)
-        cfg.set16(ids.COMMAND, wmask & ~_NO_DECODE)
+        writable = int.from_bytes(cfg.wmask[ids.COMMAND:ids.COMMAND + 2], "little")
+        cfg.set_writable(ids.COMMAND, 2, writable & ~_NO_DECODE)
+        cfg.set16(ids.COMMAND, cfg.get16(ids.COMMAND) & ~_NO_DECODE)
         cfg.set_writable(ids.INTERRUPT_LINE, 1, 0)
         cfg.set8(ids.INTERRUPT_LINE, 0)
         cfg.freeze_defaults()

@@ -307,3 +307,25 @@ def test_pf_with_two_vfs_migrates_to_another_process_and_back(machine, tmp_path)
     back.close()
     pf.close()
     del res
+
+
+def test_a_standalone_vf_shows_what_vfio_pci_shows(machine):
+    pf = SriovPf(name="pf")
+    p = machine.plug(pf)
+    p.enable_device()
+    vf = p.enable_sriov(1)[0].device
+    assert vf.config_read(ids.VENDOR_ID, 4) == 0xFFFFFFFF
+    vf.standalone = True  # served alone (vfio-user): the PF's vendor, the VF Device ID, BARs that size
+    assert vf.config_read(ids.VENDOR_ID, 4) == 0x00F1_1B36
+    assert vf.config_read(ids.DEVICE_ID, 1) == 0xF1
+    bar = ids.BASE_ADDRESS_0
+    assert vf.config_read(bar, 4) == 0x4  # 64-bit memory
+    vf.config_write(bar, 4, 0xFFFFFFFF)
+    vf.config_write(bar + 4, 4, 0xFFFFFFFF)
+    assert vf.config_read(bar, 4) == (~(VF_BAR_SIZE - 1) & 0xFFFFFFF0) | 0x4
+    assert vf.config_read(bar + 4, 4) == 0xFFFFFFFF
+    vf.config_write(bar, 2, 0x1234)  # a partial write keeps the other bytes
+    assert vf.config_read(bar, 4) == (~(VF_BAR_SIZE - 1) & 0xFFFF0000) | 0x0004
+    assert vf.config_read(bar + 8, 4) == 0  # no BAR2
+    assert vf.config.get32(bar) == 0  # the VF's own registers stay read-only zero
+    assert vf.config_read(ids.COMMAND, 2) == vf.config.get16(ids.COMMAND)
