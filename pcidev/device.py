@@ -83,6 +83,7 @@ from pcidev.pci.capabilities.express import PciExpressCapability
 from pcidev.pci.capabilities.msi import MsiCapability
 from pcidev.pci.capabilities.msix import MsixCapability
 from pcidev.pci.capabilities.pm import D0, PMCSR, PowerManagementCapability
+from pcidev.pci.capabilities.sriov import SriovCapability
 from pcidev.pci.config import ConfigSpace, ResetKind
 from pcidev.vmstate import FdRef
 from pcidev.worker import Worker
@@ -154,7 +155,7 @@ class PciDevice:
     #: framework features the framework itself migrates (config space holds them,
     #: or the framework section does); not meant to be changed by device types
     FRAMEWORK_FEATURES: ClassVar[frozenset[str]] = frozenset(
-        {"intx", "msi", "msix", "pm", "pcie", "aer", "rom"})
+        {"intx", "msi", "msix", "pm", "pcie", "aer", "rom", "sriov"})
 
     def __init__(self, *, name: str | None = None) -> None:
         self.name = name or self.TYPE_NAME or type(self).__name__.lower()
@@ -197,6 +198,10 @@ class PciDevice:
         self.owns_state = True
         #: the workers of :meth:`add_worker`, quiesced, resumed and closed with the device
         self.workers: list[Worker] = []
+        #: SR-IOV: the virtual functions of this physical function while VF Enable is set
+        #: (kept by :class:`pcidev.sriov.SriovFunctions`); quiesced before, resumed after
+        #: and closed before the PF itself
+        self.virtual_functions: list[PciDevice] = []
         #: during a save by :mod:`pcidev.migration`: the descriptors the stream
         #: carries (:meth:`vmstate_fd` appends to it); None otherwise
         self.vmstate_save_fds: list[int] | None = None
@@ -557,7 +562,7 @@ class PciDevice:
         """Features this instance has enabled (the migration allow-list checks them).
 
         The framework reports what it finds in the description: ``msix``, ``msi``,
-        ``pm``, ``pcie``, ``aer`` (capabilities), ``intx`` (an interrupt pin),
+        ``pm``, ``pcie``, ``aer``, ``sriov`` (capabilities), ``intx`` (an interrupt pin),
         ``rom`` (an expansion ROM), ``cap:<ClassName>`` for any other capability
         (it may keep state outside config space), and ``bar<N>-ram`` for a BAR
         backed by :class:`~pcidev.bar.RamBacking` (the framework migrates its contents
@@ -569,7 +574,7 @@ class PciDevice:
         :returns: a new set of feature names.
         """
         names = {MsixCapability: "msix", MsiCapability: "msi", PowerManagementCapability: "pm",
-                 PciExpressCapability: "pcie", AerCapability: "aer"}
+                 PciExpressCapability: "pcie", AerCapability: "aer", SriovCapability: "sriov"}
         features: set[str] = set()
         for cap in self.caps:
             features.add(names.get(type(cap), f"cap:{type(cap).__name__}"))
@@ -787,6 +792,8 @@ class PciDevice:
         Idempotent. The caller stops guest accesses (a transport stops reading
         its socket at a message boundary).
         """
+        for vf in self.virtual_functions:
+            vf.quiesce()
         if not self.quiesced:
             for worker in self.workers:
                 worker.quiesce()
@@ -804,6 +811,8 @@ class PciDevice:
         self.on_resume()
         for worker in self.workers:
             worker.resume()
+        for vf in self.virtual_functions:
+            vf.resume()
 
     # -- teardown ------------------------------------------------------------------------------
     def close(self) -> None:
@@ -814,6 +823,8 @@ class PciDevice:
         if self.closed:
             return
         self.closed = True
+        while self.virtual_functions:
+            self.virtual_functions.pop().close()
         for worker in self.workers:
             worker.close()
         try:

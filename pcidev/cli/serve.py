@@ -12,7 +12,9 @@ By default the server keeps the device when a client leaves and waits for the
 next one (``--persist``); ``--once`` exits after the first client instead. Beside
 the socket, ``SOCKET.ctl`` (``--control``) is the handover control endpoint that
 ``pcidev handover`` talks to (:mod:`pcidev.transport.vfio_user.handover`);
-``--adopt FD`` is how a handover starts the new process (not for interactive use),
+``--sriov-vfs N`` enables N virtual functions of a device with SR-IOV at the start and
+serves VF ``k`` on ``SOCKET.vf<k>`` (QEMU's ``vfio-user-pci`` attaches one device per
+socket; docs/sriov.md). ``--adopt FD`` is how a handover starts the new process (not for interactive use),
 with ``--inherit-fd FD:KEY`` for each descriptor the old device passes on (its disk
 images: :mod:`pcidev.inheritance`).
 """
@@ -26,6 +28,7 @@ import os
 from pcidev.cli._command import CliContext, UsageError, command
 from pcidev.cli.describe import describe_text
 from pcidev.device import PciDevice
+from pcidev.errors import ConfigError
 from pcidev.inheritance import inheriting, parse_inherit_arg
 from pcidev.properties import split_device_spec, split_properties
 from pcidev.transport.address import MAX_UNIX_PATH, Listener
@@ -48,6 +51,9 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(once=False)
     parser.add_argument("--control", metavar="PATH",
                         help="the handover control socket (default SOCKET.ctl; mode 0600, same user only)")
+    parser.add_argument("--sriov-vfs", metavar="N", type=int, default=0,
+                        help="SR-IOV: enable N virtual functions at the start and serve VF k on SOCKET.vf<k> "
+                             "(a device type with an SR-IOV capability, e.g. nvme,sriov_max_vfs=...)")
     parser.add_argument("--adopt", metavar="FD", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--inherit-fd", metavar="FD:KEY", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("device", metavar="DEVICE[,props]",
@@ -97,6 +103,10 @@ def COMMAND(args: argparse.Namespace, ctx: CliContext) -> int | None:
         print(describe_text(ctx.registry, type_name))
         return 0
     registry = ctx.registry  # plugin errors before the socket exists
+    if args.sriov_vfs < 0:
+        raise UsageError(f"--sriov-vfs {args.sriov_vfs}: not a number of VFs")
+    if args.sriov_vfs and args.adopt is not None:
+        raise UsageError("--sriov-vfs cannot be combined with a handover (--adopt)")
     if args.inherit_fd and args.adopt is None:
         raise UsageError("--inherit-fd is for a handover's new process (with --adopt)")
     if args.adopt is not None:
@@ -129,5 +139,9 @@ def COMMAND(args: argparse.Namespace, ctx: CliContext) -> int | None:
         if control is not None:
             control.close()
         raise
-    return serve_device(device, args.vfio_user, pm=ctx.pm, once=args.once, listener=listener, control=control,
-                        child_args=child_args(args, ctx, pinned_spec(args.device, device)))
+    try:
+        return serve_device(device, args.vfio_user, pm=ctx.pm, once=args.once, listener=listener, control=control,
+                            child_args=child_args(args, ctx, pinned_spec(args.device, device)),
+                            sriov_vfs=args.sriov_vfs)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None

@@ -182,6 +182,10 @@ class Machine:
             hit = pdev.decode(addr, size, io)
             if hit is not None:
                 return pdev, hit
+            for vf in pdev.virtfns:  # SR-IOV: a PF's virtual functions
+                hit = vf.decode(addr, size, io)
+                if hit is not None:
+                    return vf, hit
         raise MmioError(f"no device decodes {'I/O' if io else 'memory'} address {addr:#x}")
 
     def mmio_read(self, addr: int, size: int) -> int:

@@ -28,7 +28,8 @@ from pcidev.device import PciDevice
 from pcidev.dma import GuestMemory
 from pcidev.errors import IrqError, PcidevError
 from pcidev.pci import ids
-from pcidev.pci.capabilities import express, msi, msix, pm
+from pcidev.pci.capabilities import express, msi, msix, pm, sriov
+from pcidev.sriov import SriovFunctions, VirtualFunction, functions_of
 
 __all__ = [
     "PCI_IRQ_INTX",
@@ -174,11 +175,19 @@ class HostPciDevice:
     :param slot: the slot number on the machine.
     """
 
-    def __init__(self, machine: HostBus, device: HostedDevice, slot: int) -> None:
+    def __init__(self, machine: HostBus, device: HostedDevice, slot: int, *,
+                 physfn: HostPciDevice | None = None, vf_index: int = 0) -> None:
         self.machine = machine
         self._lock: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-        self.device = device
+        #: SR-IOV: the PF of a virtual function's handle (None for a PF or an ordinary function)
+        self.physfn = physfn
+        #: SR-IOV: the VF's number (0-based) when :attr:`physfn` is set
+        self.vf_index = vf_index
+        #: SR-IOV: the handles of the PF's virtual functions while VF Enable is set
+        self.virtfns: list[HostPciDevice] = []
+        self._sriov: SriovFunctions | None = None
         self.slot = slot
+        self.device = device
         self.recorder = InterruptRecorder()
         #: per BAR: (address, size, kind) once assigned
         self.resources: dict[int | str, tuple[int, int, str]] = {}
@@ -197,6 +206,112 @@ class HostPciDevice:
         # an in-process device: hold its lock like a transport; a remote proxy: its
         # server holds the lock in the device's process
         self._lock = device.lock if isinstance(device, PciDevice) else contextlib.nullcontext()
+        self._follow_virtfns(device)
+
+    # -- SR-IOV: the virtual functions of an in-process PF ---------------------------------------
+    @property
+    def routing_id(self) -> int:
+        """Bus/device/function number: ``slot << 3`` on bus 0 for a PF, the PF's plus
+        First VF Offset plus ``k`` times VF Stride for its VF ``k``."""
+        if self.physfn is None:
+            return self.slot << 3
+        cap = self.physfn.sriov_capability()
+        assert cap is not None
+        return cap.vf_routing_id(self.physfn.routing_id, self.vf_index)
+
+    def sriov_capability(self) -> sriov.SriovCapability | None:
+        """The in-process PF's SR-IOV capability, or None."""
+        return self._sriov.cap if self._sriov is not None else None
+
+    def _follow_virtfns(self, device: HostedDevice) -> None:
+        """Watch an in-process PF's virtual functions; when the handle is re-pointed at
+        another device (a migrated copy), its VFs take over the existing VF handles."""
+        if self._sriov is not None:
+            self._sriov.unwatch(self)
+        self._sriov = functions_of(device) if isinstance(device, PciDevice) else None
+        if self._sriov is None:
+            self.virtfns = []
+            return
+        self._sriov.watch(self)
+        vfs = [vf for vf in self._sriov.vfs if isinstance(vf, VirtualFunction)]
+        handles, self.virtfns = self.virtfns, []
+        for k, vf in enumerate(vfs):
+            if k < len(handles):
+                handles[k].device = vf
+                vf.irq.sink = handles[k].recorder
+                self.virtfns.append(handles[k])
+            else:
+                self.vf_added(vf)
+
+    def vf_added(self, vf: VirtualFunction) -> None:
+        """Enumerate a new VF: a handle with its BARs placed from the PF's VF BARs and its
+        interrupts recorded (part of :class:`~pcidev.sriov.VfWatcher`)."""
+        handle = HostPciDevice(self.machine, vf, self.slot, physfn=self, vf_index=vf.vf_index)
+        cap = vf.physfn_cap
+        assert cap is not None
+        for bar in cap.vf_bars:
+            handle.resources[bar.index] = (cap.vf_bar_address(vf.vf_index, bar.index),
+                                           cap.vf_bar_size(bar.index), "mem64" if bar.bits64 else "mem32")
+        vf.attach(vf.physfn.memory if vf.physfn is not None else None, handle.recorder)
+        self.virtfns.append(handle)
+
+    def vf_removed(self, vf: VirtualFunction) -> None:
+        """Forget a VF's handle (part of :class:`~pcidev.sriov.VfWatcher`)."""
+        self.virtfns = [h for h in self.virtfns if h.device is not vf]
+
+    def _probe_vf_bar(self, off: int) -> tuple[int, bool]:
+        """Size one VF BAR at config offset ``off`` (all ones, read back, restore)."""
+        orig = self.config_read32(off)
+        self.config_write32(off, 0xFFFFFFFF)
+        val = self.config_read32(off)
+        self.config_write32(off, orig)
+        if val == 0:
+            return 0, False
+        if val & ids.BAR_MEM_TYPE_64:
+            orig_hi = self.config_read32(off + 4)
+            self.config_write32(off + 4, 0xFFFFFFFF)
+            hi = self.config_read32(off + 4)
+            self.config_write32(off + 4, orig_hi)
+            return (~((hi << 32) | (val & ~0xF)) & 0xFFFFFFFFFFFFFFFF) + 1, True
+        return (~(val & ~0xF) & 0xFFFFFFFF) + 1, False
+
+    def enable_sriov(self, num_vfs: int) -> list[HostPciDevice]:
+        """Size and assign the VF BARs (room for TotalVFs), write NumVFs and set VF
+        Enable and VF MSE, as Linux's ``pci_enable_sriov`` does.
+
+        :returns: the handles of the new VFs (also in :attr:`virtfns`).
+        :raises PcidevError: the device has no SR-IOV capability or the VFs did not appear.
+        """
+        pos = self.find_ext_capability(ids.ExtCapId.SRIOV)
+        if not pos:
+            raise PcidevError("device has no SR-IOV capability")
+        total = self.config_read16(pos + sriov.TOTAL_VF)
+        i = 0
+        while i < 6:
+            off = pos + sriov.BAR + 4 * i
+            size, is64 = self._probe_vf_bar(off)
+            if size:
+                span = 1 << (size * total - 1).bit_length()
+                addr = self.machine.window_alloc("mem64" if is64 else "mem32", span)
+                self.config_write32(off, addr & 0xFFFFFFFF)
+                if is64:
+                    self.config_write32(off + 4, addr >> 32)
+            i += 2 if is64 else 1
+        self.config_write16(pos + sriov.NUM_VF, num_vfs)
+        ctrl = self.config_read16(pos + sriov.CTRL)
+        self.config_write16(pos + sriov.CTRL, ctrl | sriov.CTRL_VFE | sriov.CTRL_MSE)
+        if isinstance(self._device, PciDevice) and len(self.virtfns) != num_vfs:
+            raise PcidevError(f"{len(self.virtfns)} VFs appeared, {num_vfs} were asked for")
+        return list(self.virtfns)
+
+    def disable_sriov(self) -> None:
+        """Clear VF Enable and VF MSE, then NumVFs (``pci_disable_sriov``)."""
+        pos = self.find_ext_capability(ids.ExtCapId.SRIOV)
+        if not pos:
+            raise PcidevError("device has no SR-IOV capability")
+        ctrl = self.config_read16(pos + sriov.CTRL)
+        self.config_write16(pos + sriov.CTRL, ctrl & ~(sriov.CTRL_VFE | sriov.CTRL_MSE))
+        self.config_write16(pos + sriov.NUM_VF, 0)
 
     # -- bus cycles: every access to the device goes through _access -------------------------
     def _access(self, op: Callable[..., _T], *args: int) -> _T:
@@ -245,10 +360,17 @@ class HostPciDevice:
 
     @property
     def vendor(self) -> int:
+        """The Vendor ID (a VF's reads FFFFh: its PF's, as Linux takes it)."""
+        if self.physfn is not None:
+            return self.physfn.vendor
         return self.config_read16(ids.VENDOR_ID)
 
     @property
     def device_id(self) -> int:
+        """The Device ID (a VF's: the PF's VF Device ID, as Linux takes it)."""
+        if self.physfn is not None:
+            pos = self.physfn.find_ext_capability(ids.ExtCapId.SRIOV)
+            return self.physfn.config_read16(pos + sriov.VF_DID)
         return self.config_read16(ids.DEVICE_ID)
 
     @property

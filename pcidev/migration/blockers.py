@@ -37,6 +37,8 @@ def device_blockers(device: PciDevice) -> list[str]:
         reasons.extend(str(r) for r in device.device_migration_blockers())
     except Exception as exc:
         reasons.append(f"device_migration_blockers() failed: {type(exc).__name__}: {exc}")
+    for k, vf in enumerate(device.virtual_functions):  # SR-IOV: a PF migrates with its VFs
+        reasons.extend(f"VF {k}: {reason}" for reason in device_blockers(vf))
     return reasons
 
 

@@ -46,6 +46,14 @@ from pcidev.migration.registers import (
     migratable_maps,
     save_registers,
 )
+from pcidev.migration.virtual_functions import (
+    SRIOV_SECTION,
+    SriovState,
+    check_vfs,
+    has_virtual_functions,
+    load_vfs,
+    save_vfs,
+)
 from pcidev.vmstate import Section, description_of, fingerprint_differences, load, save
 from pcidev.vmstate.codec import codec_for
 from pcidev.vmstate.errors import ConfigMismatchError, StateError
@@ -119,6 +127,9 @@ def _parts(dev: PciDevice) -> list[_Part]:
     if dev.VMSTATE is not None:
         parts.append(_Part(description_of(dev.VMSTATE).name, dev.VMSTATE, "get_device_state",
                            dev.get_device_state, dev.check_device_state, dev.set_device_state))
+    if has_virtual_functions(dev):  # a PF's VFs, last: they are built on the PF's loaded state
+        parts.append(_Part(SRIOV_SECTION, SriovState, "save_vfs", partial(save_vfs, dev, save_device_stream),
+                           partial(check_vfs, dev), partial(load_vfs, dev, load_stream=load_device_stream)))
     return parts
 
 

@@ -30,8 +30,10 @@ from typing import Any, TextIO
 import pluggy
 
 from pcidev.device import PciDevice
-from pcidev.errors import TransportError
+from pcidev.errors import ConfigError, TransportError
 from pcidev.migration.blockers import collect_blockers
+from pcidev.pci.capabilities import sriov as sriov_regs
+from pcidev.sriov import SriovFunctions, VirtualFunction, functions_of
 from pcidev.transport.address import Listener, listen_unix
 from pcidev.transport.endpoint import NEW, DeviceEndpoint
 from pcidev.transport.vfio_user.handover import (
@@ -47,7 +49,8 @@ from pcidev.transport.vfio_user.server import ExtraClientGuard, VfioUserServer, 
 
 log = logging.getLogger(__name__)
 
-__all__ = ["VfioUserService", "listen_vfio_user", "serve_adopted", "serve_device"]
+__all__ = ["VfioUserService", "VfSockets", "enable_vfs", "listen_vfio_user", "serve_adopted", "serve_device",
+           "vf_socket_path"]
 
 
 def listen_vfio_user(path: str) -> Listener:
@@ -69,6 +72,9 @@ _MIG_RUNNING = 2
 _HANDED_OVER = "handed over"
 _SIGNALLED = "signal"
 _LOST = "connection lost in a handover"
+_STOPPED = "stopped"
+#: reasons that end the service rather than a client's session
+_ENDS = (_HANDED_OVER, _SIGNALLED, _LOST, _STOPPED)
 
 
 class VfioUserService:
@@ -84,11 +90,13 @@ class VfioUserService:
     :param out: where the status lines go.
     :param control: the handover control endpoint (owned from now on), or None.
     :param child_args: arguments of a handover's new process after ``python -m pcidev``.
+    :param signals: make SIGTERM/SIGINT end the service (only from the main thread; a VF's
+        service in a thread of its own is ended by :meth:`stop`).
     """
 
     def __init__(self, endpoint: DeviceEndpoint, listener: Listener, path: str, *,
                  pm: pluggy.PluginManager | None = None, once: bool = False, out: TextIO | None = None,
-                 control: Listener | None = None, child_args: Sequence[str] = ()) -> None:
+                 control: Listener | None = None, child_args: Sequence[str] = (), signals: bool = True) -> None:
         self.endpoint = endpoint
         self.device = endpoint.device
         self.listener = listener
@@ -109,7 +117,8 @@ class VfioUserService:
         self._handed_job: HandoverJob | None = None
         self._closed = False
         self._next_client: socket.socket | None = None
-        self._signals_installed = False
+        self._signals_installed = not signals
+        self._stop_requested = False
         self._guard: ExtraClientGuard | None = None
         #: called once right before the first poll of a socket (a handover's new process
         #: tells the old one: the end of the downtime it reports)
@@ -131,7 +140,15 @@ class VfioUserService:
             except OSError:
                 pass
 
+    def stop(self) -> None:
+        """End the service at the next message boundary (any thread): its client is
+        dropped, the socket removed and the device closed."""
+        self._stop_requested = True
+        self.wake()
+
     def _precheck(self) -> str | None:
+        if self.device.virtual_functions:
+            return "the device's VFs are served on sockets of their own: a handover cannot move them"
         if endpoint_migrated_out(self.endpoint):
             return ("the device migrated out over vfio-user (STOP_COPY reached) and has not run since: "
                     "its state lives at the destination")
@@ -172,6 +189,8 @@ class VfioUserService:
                 return _LOST
         if self._deferred_signal is not None and not (self.control is not None and self.control.cutting):
             return _SIGNALLED
+        if self._stop_requested:
+            return _STOPPED
         return None
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -241,13 +260,13 @@ class VfioUserService:
                         server, reason = got, None
                 if server is not None:
                     reason = self._serve_one(server)
-                    if reason not in (_HANDED_OVER, _SIGNALLED, _LOST) and self._client_left(server, reason):
+                    if reason not in _ENDS and self._client_left(server, reason):
                         if self.control is not None:  # a handover being prepared has nothing left to move
                             self.control.stop(f"the client left ({reason}) and the server ends (--once)")
                         return 0
                     server = None
                     nxt, self._next_client = self._next_client, None
-                    if nxt is not None and reason not in (_HANDED_OVER, _SIGNALLED, _LOST):
+                    if nxt is not None and reason not in _ENDS:
                         server = VfioUserServer(self.endpoint, nxt)
                         continue
                     if nxt is not None:
@@ -257,6 +276,8 @@ class VfioUserService:
                     return 0
                 if reason == _LOST:
                     return 1
+                if reason == _STOPPED:
+                    return 0
                 if reason == _SIGNALLED:
                     raise SystemExit(128 + (self._deferred_signal or signal.SIGTERM))
         except OSError as exc:
@@ -341,7 +362,7 @@ class VfioUserService:
 
 def serve_device(device: PciDevice, path: str, *, pm: pluggy.PluginManager | None = None, once: bool = True,
                  out: TextIO | None = None, listener: Listener | None = None, control: Listener | None = None,
-                 child_args: Sequence[str] = ()) -> int:
+                 child_args: Sequence[str] = (), sriov_vfs: int = 0) -> int:
     """Serve ``device`` over vfio-user on the UNIX socket ``path``.
 
     Listens (:func:`listen_vfio_user`, unless ``listener`` is given), prints one
@@ -362,6 +383,9 @@ def serve_device(device: PciDevice, path: str, *, pm: pluggy.PluginManager | Non
         (:func:`~pcidev.transport.vfio_user.handover.listen_control`), owned from now on.
     :param child_args: the arguments of a handover's new process after
         ``python -m pcidev`` (``serve ... DEVICE,props``; ``--adopt FD`` is appended).
+    :param sriov_vfs: SR-IOV: enable this many VFs at the start. A device with SR-IOV has
+        VF ``k`` served on ``PATH.vf<k>`` while it exists (:class:`VfSockets`), whoever set
+        VF Enable; a handover is refused while there are VFs.
     :returns: the exit status.
     :raises TransportError: the socket cannot be created (one line naming the cause).
     """
@@ -383,8 +407,31 @@ def serve_device(device: PciDevice, path: str, *, pm: pluggy.PluginManager | Non
         raise
     service = VfioUserService(endpoint, listener, path, pm=pm, once=once, out=out, control=control,
                               child_args=child_args)
-    return service.run(banner=f"pcidev: vfio-user server for {device.TYPE_NAME or type(device).__name__} "
-                              f"listening on {path} (pid {os.getpid()})")
+    vf_sockets: VfSockets | None = None
+    functions = functions_of(device)
+    if functions is not None or sriov_vfs:
+        try:
+            if functions is None:
+                raise ConfigError(f"device type {device.TYPE_NAME} has no SR-IOV capability (--sriov-vfs)")
+            vf_sockets = VfSockets(functions, path, pm=pm, out=out)  # also VFs the PF's client enables
+            if sriov_vfs:
+                enable_vfs(device, sriov_vfs)
+        except BaseException:
+            if vf_sockets is not None:
+                vf_sockets.close()
+            service.discard()
+            listener.close()
+            if control is not None:
+                control.close()
+            endpoint.close()
+            device.close()
+            raise
+    try:
+        return service.run(banner=f"pcidev: vfio-user server for {device.TYPE_NAME or type(device).__name__} "
+                                  f"listening on {path} (pid {os.getpid()})")
+    finally:
+        if vf_sockets is not None:
+            vf_sockets.close()
 
 
 def serve_adopted(device: PciDevice, path: str, chan_fd: int, *, pm: pluggy.PluginManager | None = None,
@@ -440,3 +487,95 @@ def serve_adopted(device: PciDevice, path: str, chan_fd: int, *, pm: pluggy.Plug
         endpoint.close()  # NEW or never committed: persists nothing
         raise
     return services[0].run(adopted.server)
+
+
+# ------------------------------------------------------------------------------------------ SR-IOV
+def vf_socket_path(path: str, k: int) -> str:
+    """The socket VF ``k`` (0-based) of the PF served on ``path`` is served on: ``PATH.vf<k>``."""
+    return f"{path}.vf{k}"
+
+
+class VfSockets:
+    """Serves each virtual function of a PF on a vfio-user socket of its own
+    (:func:`vf_socket_path`) while VF Enable is set: QEMU's ``vfio-user-pci`` attaches one
+    device per socket. Each VF gets its own endpoint (its client's memory and eventfds) and
+    a serving thread; a VF that goes (VF Enable cleared, the PF reset) has its socket closed.
+    A :class:`~pcidev.sriov.VfWatcher`.
+
+    :param functions: the PF's virtual functions.
+    :param path: the PF's socket path.
+    :param pm: the plugin manager.
+    :param out: where the status lines go.
+    """
+
+    def __init__(self, functions: SriovFunctions, path: str, *, pm: pluggy.PluginManager | None = None,
+                 out: TextIO | None = None) -> None:
+        self.functions = functions
+        self.path = path
+        self.pm = pm
+        self.out = sys.stdout if out is None else out
+        self._served: dict[int, tuple[VfioUserService, threading.Thread]] = {}
+        self._lock = threading.Lock()
+        functions.watch(self)
+
+    def vf_added(self, vf: VirtualFunction) -> None:
+        """Listen on the VF's socket and serve it in a thread."""
+        vpath = vf_socket_path(self.path, vf.vf_index)
+        vf.standalone = True
+        try:
+            listener = listen_vfio_user(vpath)
+        except TransportError as exc:
+            log.error("VF %d is not served: %s", vf.vf_index, exc)
+            return
+        endpoint = DeviceEndpoint(vf, pm=self.pm)
+        service = VfioUserService(endpoint, listener, vpath, pm=self.pm, once=False, out=self.out, signals=False)
+        thread = threading.Thread(target=self._run, args=(service, vf.vf_index, vpath), name=f"vfio-user[{vf.name}]",
+                                  daemon=True)
+        with self._lock:
+            self._served[vf.vf_index] = (service, thread)
+        thread.start()
+
+    def _run(self, service: VfioUserService, k: int, vpath: str) -> None:
+        try:
+            service.run(banner=f"pcidev: VF {k} served on {vpath}")
+        except Exception:
+            log.exception("serving VF %d failed", k)
+
+    def vf_removed(self, vf: VirtualFunction) -> None:
+        """Stop serving the VF and remove its socket."""
+        with self._lock:
+            got = self._served.pop(vf.vf_index, None)
+        if got is not None:
+            service, thread = got
+            service.stop()
+            thread.join(10.0)
+
+    def close(self) -> None:
+        """Stop serving every VF (the PF's service ends)."""
+        self.functions.unwatch(self)
+        with self._lock:
+            served, self._served = list(self._served.values()), {}
+        for service, _thread in served:
+            service.stop()
+        for _service, thread in served:
+            thread.join(10.0)
+
+
+def enable_vfs(device: PciDevice, num_vfs: int) -> None:
+    """Set NumVFs, VF Enable and VF MSE in ``device``'s SR-IOV capability, as a host does
+    (``sriov_numvfs``) before it hands its VFs out.
+
+    :raises ConfigError: the device has no SR-IOV capability, or too few VFs, or they did not appear.
+    """
+    functions = functions_of(device)
+    if functions is None:
+        raise ConfigError(f"device type {device.TYPE_NAME or type(device).__name__} has no SR-IOV capability")
+    cap = functions.cap
+    if not 0 < num_vfs <= cap.total_vfs:
+        raise ConfigError(f"{num_vfs} VFs asked for, TotalVFs is {cap.total_vfs}")
+    assert cap.offset is not None
+    with device.lock:
+        device.config_write(cap.offset + sriov_regs.NUM_VF, 2, num_vfs)
+        device.config_write(cap.offset + sriov_regs.CTRL, 2, sriov_regs.CTRL_VFE | sriov_regs.CTRL_MSE)
+    if len(functions.vfs) != num_vfs or device.failed is not None:
+        raise ConfigError(f"the VFs did not appear: {device.failed}")

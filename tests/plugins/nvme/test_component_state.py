@@ -66,7 +66,7 @@ def test_interrupts():
 
 
 def _ctrl_stub():
-    return types.SimpleNamespace(cfg=NvmeConfig(serial="S"), namespaces={},
+    return types.SimpleNamespace(cfg=NvmeConfig(serial="S"), namespaces={}, io_queue_limit=64, vector_limit=65,
                                  interrupts=types.SimpleNamespace(set_coalescing=lambda thr, tim: None))
 
 

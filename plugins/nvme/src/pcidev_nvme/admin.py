@@ -79,6 +79,7 @@ from pcidev_nvme.sanitize import LID_SANITIZE, Sanitizer
 from pcidev_nvme.selftest import LID_SELF_TEST, RESULT_ABORTED_FORMAT, RESULT_ABORTED_NS_REMOVED, SelfTest
 from pcidev_nvme.status import NvmeStatusError, Status
 from pcidev_nvme.uncorrectable import Uncorrectable
+from pcidev_nvme.virtualization import Virtualization
 
 
 class AdminHost(ControllerPort, Protocol):
@@ -133,6 +134,13 @@ class AdminHost(ControllerPort, Protocol):
     def attach_namespace(self, nsid: int) -> None: ...
     def detach_namespace(self, nsid: int) -> None: ...
     admin_worker: AdminWorker
+    @property
+    def vector_limit(self) -> int:
+        """Interrupt vectors the controller offers now (SR-IOV resources)."""
+    def adjust_oacs(self, oacs: int) -> int:
+        """The OACS bits of this controller (SR-IOV)."""
+    #: SR-IOV: the primary controller's secondary controllers, else None
+    virtualization: Virtualization | None
     def save_state(self) -> None: ...
     def maybe_save_state(self) -> None: ...
 
@@ -197,6 +205,7 @@ class Opcode:
     NS_ATTACHMENT = 0x15
     DEVICE_SELF_TEST = 0x14
     KEEP_ALIVE = 0x18
+    VIRT_MGMT = 0x1C
     DBBUF_CONFIG = 0x7C
     FORMAT_NVM = 0x80
     SANITIZE = 0x84
@@ -252,6 +261,13 @@ class AdminCommandSet:
         }
         if ctrl.cfg.dbbuf:
             self._handlers[Opcode.DBBUF_CONFIG] = self._dbbuf_config
+        if ctrl.virtualization is not None:
+            self._handlers[Opcode.VIRT_MGMT] = self._virt_mgmt
+
+    def remove_commands(self, *opcodes: int) -> None:
+        """Stop supporting ``opcodes`` (a secondary controller manages no namespaces)."""
+        for opcode in opcodes:
+            self._handlers.pop(opcode, None)
 
     # -- dispatch ------------------------------------------------------------------------------
     def submit(self, req: Request) -> None:
@@ -338,7 +354,7 @@ class AdminCommandSet:
         ien = bool(flags & 2)
         iv = req.cdw11 >> 16
         msix = ctrl.msix
-        if iv >= ctrl.cfg.msix_vectors or (iv and not (msix is not None and msix.enabled)):
+        if iv >= ctrl.vector_limit or (iv and not (msix is not None and msix.enabled)):
             raise _err(Status.INVALID_INTERRUPT_VECTOR, f"interrupt vector {iv} is invalid", OFF_CDW11 + 2)
         if ctrl.cmb is not None:  # CQs in the CMB are not supported (CMBSZ.CQS = 0)
             ctrl.cmb.refuse_cq(req.prp1, qsize * 16)
@@ -434,11 +450,17 @@ class AdminCommandSet:
             if not self._nsid_valid(nsid):
                 raise _err(Status.INVALID_NSID, f"namespace {nsid:#x} is not valid", OFF_NSID)
             ids = [ctrl.cfg.cntlid] if nsid in ctrl.namespaces else []
+            if ctrl.virtualization is not None:
+                ids += ctrl.virtualization.attached_to(nsid)
             data = idfy.controller_list(ids, cntid)
         elif cns == 0x13:
-            data = idfy.controller_list([ctrl.cfg.cntlid], cntid)
+            virt = ctrl.virtualization
+            data = idfy.controller_list(virt.controller_ids() if virt is not None else [ctrl.cfg.cntlid], cntid)
         elif cns == 0x1C:
             data = idfy.io_command_set_vector()
+        elif cns in (0x14, 0x15) and ctrl.virtualization is not None:
+            virt = ctrl.virtualization
+            data = virt.primary_capabilities() if cns == 0x14 else virt.secondary_list(cntid)
         else:
             raise _err(Status.INVALID_FIELD, f"CNS {cns:#04x} is not supported", OFF_CDW10)
         self.to_host(req, data)
@@ -508,7 +530,7 @@ class AdminCommandSet:
         eff[Opcode.FW_COMMIT] = _E["ccc"]
         eff[Opcode.FORMAT_NVM] = _E["lbcc"] | _E["ncc"] | _E["cse_ns"]
         eff[Opcode.SANITIZE] = _E["lbcc"]
-        return eff
+        return {opc: e for opc, e in eff.items() if opc in self._handlers}  # (a secondary has fewer)
 
     @staticmethod
     def io_effects() -> dict[int, int]:
@@ -766,17 +788,32 @@ class AdminCommandSet:
         if count == 0 or count > 2047:
             raise _err(Status.CONTROLLER_LIST_INVALID, f"controller list of {count} entries")
         ids = struct.unpack_from(f"<{count}H", data, 2)
-        if len(set(ids)) != count or any(i != ctrl.cfg.cntlid for i in ids):
+        virt = ctrl.virtualization
+        known = set(virt.controller_ids()) if virt is not None else {ctrl.cfg.cntlid}
+        if len(set(ids)) != count or any(i not in known for i in ids):
             raise _err(Status.CONTROLLER_LIST_INVALID, f"controller list {list(ids)} names unknown controllers")
-        if sel == 0:
-            ctrl.attach_namespace(nsid)  # Namespace Already Attached if it is
-        else:
-            ctrl.detach_namespace(nsid)  # Namespace Not Attached if it is not
-            ctrl.selftest.namespace_changed(nsid, RESULT_ABORTED_NS_REMOVED)
-        ctrl.namespace_changed(nsid)
+        for cntlid in ids:  # Namespace Already Attached / Not Attached stop at the first refusal
+            if cntlid == ctrl.cfg.cntlid:
+                if sel == 0:
+                    ctrl.attach_namespace(nsid)
+                else:
+                    ctrl.detach_namespace(nsid)
+                    ctrl.selftest.namespace_changed(nsid, RESULT_ABORTED_NS_REMOVED)
+                ctrl.namespace_changed(nsid)
+            elif virt is not None:  # a secondary controller (its VF, if enabled, takes the change)
+                if sel == 0:
+                    virt.attach(cntlid, nsid)
+                else:
+                    virt.detach(cntlid, nsid)
         if nsid in ctrl.created:
             ctrl.save_state()
         return 0
+
+    # -- virtualization ------------------------------------------------------------------------------------
+    def _virt_mgmt(self, req: Request) -> int:
+        virt = self.ctrl.virtualization
+        assert virt is not None  # the handler exists only then
+        return virt.manage(req.cdw10, req.cdw11)
 
     # -- format --------------------------------------------------------------------------------------------
     def _format(self, req: Request) -> int | None:

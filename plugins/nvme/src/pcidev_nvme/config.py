@@ -148,6 +148,17 @@ class NvmeConfig:
         created at this size, an existing one must have it.
     :param sanitize_rate: bytes per second a sanitize alters (0: no limit).
     :param selftest_speedup: divides the device self-test durations.
+    :param sriov_max_vfs: SR-IOV: TotalVFs, each VF a secondary controller (0: no SR-IOV);
+        see ``pcidev_nvme.virtualization`` for the resource properties below.
+    :param sriov_vq_flexible: flexible queue resources (a VF's admin queue counts as one)
+        shared by the secondary controllers and the primary; the primary keeps
+        ``max_ioqpairs - sriov_vq_flexible`` private I/O queue pairs.
+    :param sriov_vi_flexible: flexible interrupt (MSI-X vector) resources; the primary keeps
+        ``msix_vectors - sriov_vi_flexible`` private vectors.
+    :param sriov_max_vq_per_vf: most queue resources one secondary controller may be given
+        (0: ``sriov_vq_flexible / sriov_max_vfs``).
+    :param sriov_max_vi_per_vf: most interrupt resources one secondary controller may be
+        given (0: ``sriov_vi_flexible / sriov_max_vfs``).
     :param backends: namespace backends by name (``DeviceRegistry.create`` fills it with the
         registry's ``nvme-backend`` components); None for the built-ins. Not a property.
     """
@@ -217,6 +228,16 @@ class NvmeConfig:
                 "a low rate makes its progress visible)"})
     selftest_speedup: int = attrs.field(default=1, validator=_between(1, 1_000_000), metadata={
         "help": "divides the device self-test durations (short: 2 s, extended: EDSTT minutes), for tests"})
+    sriov_max_vfs: int = attrs.field(default=0, validator=_between(0, 127), metadata={
+        "help": "SR-IOV TotalVFs, each VF a secondary controller (0: no SR-IOV)"})
+    sriov_vq_flexible: int = attrs.field(default=0, validator=_between(0, 0xFFFF), metadata={
+        "help": "SR-IOV flexible queue resources (a VF's admin queue counts as one)"})
+    sriov_vi_flexible: int = attrs.field(default=0, validator=_between(0, 0xFFFF), metadata={
+        "help": "SR-IOV flexible interrupt (MSI-X vector) resources"})
+    sriov_max_vq_per_vf: int = attrs.field(default=0, validator=_between(0, 0xFFFF), metadata={
+        "help": "most queue resources one secondary controller takes (0: vq_flexible / max_vfs)"})
+    sriov_max_vi_per_vf: int = attrs.field(default=0, validator=_between(0, 0xFFFF), metadata={
+        "help": "most interrupt resources one secondary controller takes (0: vi_flexible / max_vfs)"})
     #: the namespace backends by name, filled by ``DeviceRegistry.create`` from the
     #: registry's ``nvme-backend`` components (None: the built-in backends). Not a property.
     backends: Mapping[str, Any] | None = attrs.field(default=None, eq=False, repr=False, metadata={

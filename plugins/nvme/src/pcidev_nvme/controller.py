@@ -34,15 +34,18 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import attrs
+
 from pcidev.bar import Register
 from pcidev.device import PciDevice
 from pcidev.dma import GuestMemory
-from pcidev.errors import DmaError
+from pcidev.errors import ConfigError, DmaError
 from pcidev.pci import ids
 from pcidev.pci.capabilities.msix import MsixCapability
 from pcidev.pci.config import ResetKind
+from pcidev.sriov import VfBar, VirtualFunction, add_sriov
 from pcidev_nvme.abort import Aborts
-from pcidev_nvme.admin import AdminCommandSet, AdminWorker
+from pcidev_nvme.admin import AdminCommandSet, AdminWorker, Opcode
 from pcidev_nvme.aer import AsyncEvents
 from pcidev_nvme.cmb import CMB_BAR, ControllerMemoryBuffer
 from pcidev_nvme.completion import CompletionMixin
@@ -59,7 +62,7 @@ from pcidev_nvme.logs import ChangedNamespaces, ErrorLog, FirmwareSlots, SmartCo
 from pcidev_nvme.migration import MigrationMixin
 from pcidev_nvme.migration import features as migration_features
 from pcidev_nvme.namespace import may_write_beside
-from pcidev_nvme.namespaces import NamespaceSetMixin
+from pcidev_nvme.namespaces import NamespaceSetMixin, RemovedNamespace
 from pcidev_nvme.persist import PersistenceMixin
 from pcidev_nvme.pmr import PMR_BAR, PersistentMemoryRegion
 from pcidev_nvme.queues import CompletionQueue, QueueSetMixin, SubmissionQueue
@@ -90,8 +93,9 @@ from pcidev_nvme.request import SQE_SIZE
 from pcidev_nvme.sanitize import Sanitizer
 from pcidev_nvme.selftest import RESULT_ABORTED_SANITIZE, SelfTest, edstt_minutes
 from pcidev_nvme.uncorrectable import SIDECAR_SUFFIX, Uncorrectable
+from pcidev_nvme.virtualization import OACS_VMS, Virtualization, resources_of
 
-__all__ = ["NvmeController"]
+__all__ = ["NvmeController", "NvmeVirtualFunction"]
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +135,10 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
     def __init__(self, config: NvmeConfig | Mapping[str, Any] | str | None = None, *, name: str | None = None) -> None:
         self.cfg = cfg = NvmeConfig.coerce(config)
         self._closed = False
+        res = resources_of(cfg)
+        #: SR-IOV: the secondary controllers of this primary controller (None without SR-IOV)
+        self.virtualization: Virtualization | None = None if res is None else Virtualization(
+            cfg, res, offline=self._secondary_offline, attached_changed=self._secondary_attached_changed)
         super().__init__(name=name)
         self.vendor_id = cfg.vendor_id
         self.device_id = cfg.device_id
@@ -236,11 +244,67 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self.add_msix(cfg.msix_vectors, bar=layout.msix_bar, table_offset=layout.table_offset,
                       pba_offset=layout.pba_offset)
         self.add_standard_pcie_caps(flr=True, aer=True)
+        virt = self.virtualization
+        if virt is not None:  # SR-IOV: each VF a secondary controller with BAR0 sized for its maximum
+            vf = bar_layout(virt.res.max_vq_per_vf - 1, virt.res.max_vi_per_vf, 0)
+            self.sriov = add_sriov(self, total_vfs=virt.res.max_vfs, vf_device_id=cfg.device_id,
+                                   factory=self._make_vf, vf_bars=[VfBar(0, vf.bar0_size, bits64=True)],
+                                   layout=lambda num_vfs, ari: (1, 1))
 
     def enabled_features(self) -> set[str]:
         """PciDevice's features and the optional NVMe features this controller uses
         (:func:`pcidev_nvme.migration.features`)."""
         return super().enabled_features() | migration_features(self)
+
+    # ------------------------------------------------------------------ SR-IOV (primary controller)
+    def _make_vf(self, pf: PciDevice, k: int) -> NvmeVirtualFunction:
+        return NvmeVirtualFunction(self, k)
+
+    def _secondary(self, k: int) -> NvmeVirtualFunction | None:
+        """The live controller of secondary ``k`` (its VF is enabled), else None."""
+        vfs = self.virtual_functions
+        vf = vfs[k] if k < len(vfs) else None
+        return vf if isinstance(vf, NvmeVirtualFunction) else None
+
+    def _secondary_offline(self, k: int) -> None:
+        vf = self._secondary(k)
+        if vf is not None:
+            vf.went_offline()
+
+    def _secondary_attached_changed(self, k: int) -> None:
+        vf = self._secondary(k)
+        if vf is not None and self.virtualization is not None:
+            vf.take_attached(self.virtualization.attached(k))
+
+    def remove_namespace(self, nsid: int) -> RemovedNamespace:
+        """Delete namespace ``nsid`` (see :meth:`NamespaceSetMixin.remove_namespace`), also
+        from every secondary controller it is attached to."""
+        removed = super().remove_namespace(nsid)
+        if self.virtualization is not None:
+            self.virtualization.namespace_deleted(nsid)
+        return removed
+
+    @property
+    def io_queue_limit(self) -> int:
+        """I/O queue pairs offered now: ``max_ioqpairs``, or with SR-IOV the private ones
+        plus the flexible ones allocated to this primary."""
+        virt = self.virtualization
+        return self.cfg.max_ioqpairs if virt is None else virt.primary_io_queues
+
+    @property
+    def vector_limit(self) -> int:
+        """Interrupt vectors offered now (``msix_vectors``, or the private plus flexible ones)."""
+        virt = self.virtualization
+        return self.cfg.msix_vectors if virt is None else virt.primary_vectors
+
+    def adjust_oacs(self, oacs: int) -> int:
+        """Identify Controller OACS: Virtualization Management on a primary controller."""
+        return oacs | (OACS_VMS if self.virtualization is not None else 0)
+
+    def enable_refusal(self) -> str | None:
+        """Why CC.EN cannot make the controller ready beyond the register checks (None here;
+        a secondary controller that is offline or lacks resources)."""
+        return None
 
     # ------------------------------------------------------------------ contract
     @property
@@ -287,6 +351,8 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             return
         self._closed = True
         self._running = False
+        while self.virtual_functions:  # SR-IOV: the secondaries go first (they use the namespaces)
+            self.virtual_functions.pop().close()
         self.timer.close()
         self.sanitizer.close()
         self.selftest.close()
@@ -413,7 +479,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         aqa, asq, acq = regs["AQA"].value, regs["ASQ"].value, regs["ACQ"].value
         asqs, acqs = (aqa & 0xFFF) + 1, ((aqa >> 16) & 0xFFF) + 1
         mps = (regs["CC"].value >> 7) & 0xF
-        problem = enable_problem(regs["CC"].value, aqa, asq, acq)
+        problem = enable_problem(regs["CC"].value, aqa, asq, acq) or self.enable_refusal()
         mem = self.memory  # bus mastering may still be off: only check the ranges
         if problem is None and mem is not None:
             try:
@@ -498,6 +564,8 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self._state = ST_DISABLED
         self._csts &= ~(CSTS_RDY | CSTS_CFS)
         self.failed = None
+        if self.virtualization is not None:  # the pending flexible allocation applies
+            self.virtualization.primary_reset()
         self.update_running()
         if self._enable_pending or self.regs["CC"].value & CC_EN:
             self._enable_pending = False
@@ -632,3 +700,78 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
     def __repr__(self) -> str:
         return (f"<NvmeController {self.name!r} {self.vendor_id:04x}:{self.device_id:04x} "
                 f"state={self._state} csts={self._csts:#x} ns={sorted(self.namespaces)}>")
+
+
+class NvmeVirtualFunction(VirtualFunction, NvmeController):
+    """A secondary controller: the NVMe controller of one VF of a primary controller.
+
+    It shares the primary's namespaces (those attached to its CNTLID by Namespace
+    Attachment), has its own queues, interrupts and registers, and its CNTLID is the
+    primary's plus ``k + 1``. Its BAR0 is sized for ``sriov_max_vq_per_vf`` queues and
+    ``sriov_max_vi_per_vf`` vectors; what it may use is what Virtualization Management
+    assigned (NVQ - 1 I/O queue pairs, NVI vectors), and CC.EN sets CSTS.CFS while it is
+    offline. It manages no namespaces (no Namespace Management or Attachment).
+
+    :param primary: the primary controller.
+    :param k: the VF's index (0-based).
+    """
+
+    TYPE_NAME = "nvme-vf"
+
+    def __init__(self, primary: NvmeController, k: int) -> None:
+        virt = primary.virtualization
+        if virt is None:
+            raise ConfigError("nvme: the primary controller has no SR-IOV")
+        res = virt.res
+        cfg = attrs.evolve(primary.cfg, max_ioqpairs=res.max_vq_per_vf - 1,
+                           msix_vectors=res.max_vi_per_vf, msix_bar=0, cntlid=virt.scid(k), sriov_max_vfs=0,
+                           sriov_vq_flexible=0, sriov_vi_flexible=0, sriov_max_vq_per_vf=0, sriov_max_vi_per_vf=0,
+                           state_dir=None, state_file=None)
+        #: the primary controller and this secondary's index
+        self.primary = primary
+        self.secondary_index = k
+        self._virt = virt
+        super().__init__(cfg, name=f"{primary.name}-vf{k}")
+        self.allocated = primary.allocated  # the primary's namespaces (one table, shared)
+        self.created = primary.created
+        self.set_attached(virt.attached(k) & set(self.allocated))
+        self.admin.remove_commands(Opcode.NS_MANAGEMENT, Opcode.NS_ATTACHMENT)
+
+    @property
+    def io_queue_limit(self) -> int:
+        """I/O queue pairs: NVQ less the admin queue."""
+        return max(min(self._virt.secondary(self.secondary_index)[1] - 1, self.cfg.max_ioqpairs), 1)
+
+    @property
+    def vector_limit(self) -> int:
+        """Interrupt vectors: NVI."""
+        return max(min(self._virt.secondary(self.secondary_index)[2], self.cfg.msix_vectors), 1)
+
+    def adjust_oacs(self, oacs: int) -> int:
+        """No Namespace Management (bit 3) on a secondary controller."""
+        return oacs & ~(1 << 3)
+
+    def enable_refusal(self) -> str | None:
+        """Offline, or without queue and interrupt resources: CC.EN sets CSTS.CFS."""
+        return self._virt.enable_problem(self.secondary_index)
+
+    def went_offline(self) -> None:
+        """Virtualization Management took the secondary offline: a controller reset."""
+        with self.lock, self.state_lock:
+            if self._state != ST_DISABLED:
+                self._begin_reset()
+            self._csts &= ~CSTS_RDY
+
+    def take_attached(self, nsids: set[int]) -> None:
+        """The primary changed the namespaces attached to this secondary."""
+        with self.state_lock:
+            before = set(self.namespaces)
+            self.set_attached(nsids & set(self.allocated))
+            for nsid in sorted(before ^ set(self.namespaces)):
+                self.namespace_changed(nsid)
+
+    def _make_namespaces(self) -> None:
+        """The namespaces are the primary's (shared once built, see ``__init__``)."""
+
+    def _close_namespaces(self) -> None:
+        """The namespaces are the primary's: it closes them."""

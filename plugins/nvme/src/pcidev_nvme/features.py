@@ -150,6 +150,13 @@ class FeaturesHost(Protocol):
     #: coalescing (08h) and Coalescing Disable (09h)
     interrupts: Interrupts
 
+    @property
+    def io_queue_limit(self) -> int:
+        """I/O queue pairs the controller offers now (SR-IOV resources)."""
+    @property
+    def vector_limit(self) -> int:
+        """Interrupt vectors the controller offers now (SR-IOV resources)."""
+
     def check_temperature(self) -> None: ...
     def io_queues_exist(self) -> bool: ...
     def keep_alive_changed(self) -> None: ...
@@ -167,8 +174,7 @@ class Features:
 
     # -- state -------------------------------------------------------------------------
     def defaults(self) -> dict[int, int]:
-        cfg = self.ctrl.cfg
-        nq = cfg.max_ioqpairs - 1
+        nq = self.ctrl.io_queue_limit - 1
         return {
             FID_ARBITRATION: 0x7,  # AB = no limit
             FID_POWER_MGMT: 0,
@@ -193,8 +199,8 @@ class Features:
         self.timestamp_set_at = time.monotonic()
         self.timestamp_origin = 0
         #: what Number of Queues allocated, 1-based counts
-        self.nsq = cfg.max_ioqpairs
-        self.ncq = cfg.max_ioqpairs
+        self.nsq = self.ctrl.io_queue_limit
+        self.ncq = self.ctrl.io_queue_limit
         #: Number of Queues was set since the last reset (the allocation is then fixed)
         self.nq_allocated = False
         self._push_coalescing()
@@ -368,7 +374,7 @@ class Features:
             if self.nq_allocated:  # "the value allocated shall not change between resets"
                 return self.values[fid]
             self.nq_allocated = True
-            maxq = ctrl.cfg.max_ioqpairs
+            maxq = ctrl.io_queue_limit
             self.nsq = min(nsqr + 1, maxq)
             self.ncq = min(ncqr + 1, maxq)
             val = (self.nsq - 1) | ((self.ncq - 1) << 16)
@@ -440,7 +446,7 @@ class Features:
         return [nsid]
 
     def _check_vector(self, iv: int) -> None:
-        if iv >= self.ctrl.cfg.msix_vectors:
+        if iv >= self.ctrl.vector_limit:
             raise NvmeStatusError(Status.INVALID_FIELD, f"interrupt vector {iv} does not exist",
                                   param_offset=_OFF_CDW11)
 

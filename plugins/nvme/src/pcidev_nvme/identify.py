@@ -36,6 +36,8 @@ class IdentifyHost(Protocol):
     def total_capacity(self) -> int: ...
     @property
     def allocated_capacity(self) -> int: ...
+    def adjust_oacs(self, oacs: int) -> int:
+        """The OACS bits of this controller (SR-IOV: VMS on a primary, no NMS on a secondary)."""
 
 __all__ = ["identify_controller", "nsid_list", "identify_ctrl_csi_nvm", "identify_ns_independent",
            "controller_list", "io_command_set_vector", "IDENTIFY_SIZE", "OACS", "LPA", "OAES", "CTRATT"]
@@ -89,7 +91,7 @@ def identify_controller(ctrl: IdentifyHost) -> bytes:
     struct.pack_into("<II", buf, 92, OAES, CTRATT)
     buf[111] = 1  # CNTRLTYPE: I/O controller
     # FGUID (112..127) zero, CRDT1..3 zero
-    oacs = OACS | (OACS_DBBUF if cfg.dbbuf else 0)
+    oacs = ctrl.adjust_oacs(OACS | (OACS_DBBUF if cfg.dbbuf else 0))
     struct.pack_into("<H", buf, 256, oacs)
     buf[258] = 3  # ACL: 4 concurrent Aborts (each completes at once: the limit is never reached)
     buf[259] = cfg.aerl

@@ -116,6 +116,7 @@ from pcidev_nvme.registers import ControllerState
 from pcidev_nvme.sanitize import SANACT_BLOCK_ERASE, SANACT_CRYPTO_ERASE, Sanitizer, SanitizeState
 from pcidev_nvme.selftest import SelfTest, SelfTestState
 from pcidev_nvme.uncorrectable import Uncorrectable, UncorrectableState
+from pcidev_nvme.virtualization import Virtualization, VirtualizationState
 
 
 class MigrationHost(Protocol):
@@ -140,6 +141,7 @@ class MigrationHost(Protocol):
     aborts: Aborts
     sanitizer: Sanitizer
     selftest: SelfTest
+    virtualization: Virtualization | None
 
     @property
     def allocated(self) -> Mapping[int, Namespace]: ...
@@ -222,6 +224,8 @@ class NvmeState:
     aborts: AbortsState | None = None
     sanitize: SanitizeState | None = None
     self_test: SelfTestState | None = None
+    #: SR-IOV: the primary controller's secondary controllers (pcidev_nvme.virtualization)
+    virtualization: VirtualizationState | None = None
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -306,6 +310,8 @@ def fingerprint(ctrl: MigrationHost) -> dict[str, Any]:
         "nvme.namespaces": namespaces,
         **({"nvme.cmb_size": cfg.cmb_size} if cfg.cmb_size else {}),
         **({"nvme.pmr": [os.path.abspath(cfg.pmr), int(cfg.pmr_size)]} if cfg.pmr is not None else {}),
+        **({"nvme.sriov": [cfg.sriov_max_vfs, cfg.sriov_vq_flexible, cfg.sriov_vi_flexible,
+                           cfg.sriov_max_vq_per_vf, cfg.sriov_max_vi_per_vf]} if cfg.sriov_max_vfs else {}),
     }
 
 
@@ -413,7 +419,8 @@ def save(ctrl: MigrationHost) -> NvmeState:
         dbbuf_dbs=db.dbs, dbbuf_eis=db.eis, dbbuf=db.enabled,
         cmb=ctrl.cmb.snapshot() if ctrl.cmb is not None else None,
         pmr=ctrl.pmr.snapshot() if ctrl.pmr is not None else None, uncorrectable=ctrl.uncorrectable.snapshot(),
-        aborts=ctrl.aborts.snapshot(), sanitize=ctrl.sanitizer.snapshot(), self_test=ctrl.selftest.snapshot())
+        aborts=ctrl.aborts.snapshot(), sanitize=ctrl.sanitizer.snapshot(), self_test=ctrl.selftest.snapshot(),
+        virtualization=ctrl.virtualization.snapshot() if ctrl.virtualization is not None else None)
 
 
 # ----------------------------------------------------------------------------- check
@@ -428,6 +435,12 @@ def check(ctrl: MigrationHost, st: NvmeState) -> None:
     if st.state >= len(_STATES):
         raise _fail(f"controller state {st.state} is unknown", "state")
     ready = _STATES[st.state] != "disabled"  # a failed controller keeps its queues until the reset
+    virt = ctrl.virtualization
+    if (virt is None) != (st.virtualization is None):
+        raise _fail("SR-IOV state " + ("missing" if virt is not None else "present for a controller without SR-IOV"),
+                    "virtualization")
+    if virt is not None and st.virtualization is not None:
+        virt.check(st.virtualization, {n.nsid for n in st.namespaces})
     page = st.page_size
     if page < 4096 or page > 65536 or page & (page - 1):
         raise _fail(f"memory page size {page} is not 4 KiB..64 KiB", "page_size")
@@ -707,6 +720,8 @@ def apply(ctrl: MigrationHost, st: NvmeState) -> None:
         ctrl.aborts.restore(st.aborts)
         ctrl.sanitizer.restore(st.sanitize)
         ctrl.selftest.restore(st.self_test)
+        if ctrl.virtualization is not None and st.virtualization is not None:
+            ctrl.virtualization.restore(st.virtualization)
         ctrl.finish_restore()
 
 

@@ -1,0 +1,420 @@
+"""NVMe virtualization (pcidev_nvme.virtualization; SR-IOV through the software host): the
+primary controller's Identify CNS 14h / 15h bytes, every Virtualization Management action
+and refusal, OACS.VMS, per-function CNTLID, secondary controllers that refuse CC.EN while
+offline or without resources, a secondary brought online doing crc32c-verified I/O on a
+namespace attached to it while the primary does I/O, and a PF with two VFs migrating (in
+process, and to another process and back) with every block verified across it."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+
+import attrs
+import crc32c
+import pytest
+
+from pcidev.host import Machine
+from pcidev.migration import (
+    load_device,
+    load_device_stream,
+    migrate_in,
+    migrate_out,
+    save_device,
+    save_device_stream,
+)
+from pcidev.pci import ids
+from pcidev.pci.capabilities import sriov as sr
+from pcidev.vmstate import Section
+from pcidev.vmstate.errors import StateError
+from pcidev_nvme.config import NvmeConfig
+from pcidev_nvme.controller import NvmeController, NvmeVirtualFunction
+from pcidev_nvme.status import Status
+from pcidev_nvme.testing.driver import NvmeCommandError, NvmeDriver, NvmeDriverError
+
+CFG = ("serial=SRIOV,max_ioqpairs=8,msix_vectors=9,sriov_max_vfs=2,sriov_vq_flexible=6,sriov_vi_flexible=4,"
+       "ns=mem:size=2M,ns=mem:size=2M,ns=mem:size=2M")
+VM = 0x1C
+OFFLINE, ASSIGN, ONLINE, PRIMARY = 0x7, 0x8, 0x9, 0x1
+
+
+class Host:
+    def __init__(self, config: str = CFG) -> None:
+        self.machine = Machine(ram_size=96 << 20)
+        self.ctrl = NvmeController(config, name="pf")
+        self.pdev = self.machine.plug(self.ctrl)
+        self.drv = NvmeDriver(self.machine, self.pdev, io_queues=2)
+        self.drv.probe()
+        self.vf_drvs: list[NvmeDriver] = []
+        self.closing: list = []
+
+    def vm(self, act: int, cntlid: int, rt: int = 0, nr: int = 0, check: bool = False):
+        return self.drv.admin(VM, cdw10=act | rt << 8 | cntlid << 16, cdw11=nr, check=check)
+
+    def attach(self, nsid: int, *cntlids: int, sel: int = 0):
+        data = struct.pack(f"<H{len(cntlids)}H", len(cntlids), *cntlids).ljust(4096, b"\0")
+        return self.drv.admin(0x15, nsid=nsid, cdw10=sel, data=data, check=False)
+
+    def bring_up(self, k: int, nsid: int) -> None:
+        """Give secondary k 3 VQ and 2 VI, online, attach ``nsid``."""
+        scid = k + 1
+        assert self.vm(ASSIGN, scid, 0, 3).ok and self.vm(ASSIGN, scid, 1, 2).ok
+        assert self.vm(ONLINE, scid).ok
+        assert self.attach(nsid, scid).ok
+
+    def probe_vf(self, k: int, **kw) -> NvmeDriver:
+        drv = NvmeDriver(self.machine, self.pdev.virtfns[k], **{"io_queues": 2, **kw})
+        drv.probe()
+        self.vf_drvs.append(drv)
+        return drv
+
+    def close(self) -> None:
+        for d in (*self.vf_drvs, self.drv):
+            try:
+                d.close()
+            except Exception:
+                pass
+        self.ctrl.close()
+        for c in self.closing:
+            c.close()
+        self.machine.close()
+
+
+@pytest.fixture
+def host():
+    h = Host()
+    yield h
+    h.close()
+
+
+def _status(comp) -> int:
+    return comp.status & 0x7FF
+
+
+# ------------------------------------------------------------------------------------------- config
+@pytest.mark.parametrize("extra, match", [
+    ("sriov_max_vfs=2,sriov_vq_flexible=2,sriov_vi_flexible=4", "at least 2 queue"),
+    ("sriov_max_vfs=2,sriov_vq_flexible=8,sriov_vi_flexible=4", "primary keeps"),
+    ("sriov_max_vfs=2,sriov_vq_flexible=6,sriov_vi_flexible=4,sriov_max_vq_per_vf=7", "exceed the flexible"),
+])
+def test_bad_sriov_configurations_are_refused(extra, match):
+    with pytest.raises(Exception, match=match):
+        NvmeController(f"max_ioqpairs=8,msix_vectors=9,{extra},ns=mem:size=1M")
+
+
+def test_no_sriov_by_default():
+    ctrl = NvmeController("ns=mem:size=1M")
+    try:
+        assert ctrl.virtualization is None and ctrl.caps.find(sr.SriovCapability) is None
+        assert NvmeConfig().sriov_max_vfs == 0
+    finally:
+        ctrl.close()
+
+
+# ------------------------------------------------------------------------------------------- identify
+def test_identify_primary_capabilities_and_secondary_list(host):
+    drv = host.drv
+    oacs, = struct.unpack_from("<H", drv.id_ctrl, 256)
+    assert oacs & (1 << 7)  # VMS
+    assert struct.unpack_from("<H", drv.id_ctrl, 78)[0] == 0 and drv.id_ctrl[111] == 1  # CNTLID, CNTRLTYPE I/O
+    cap = drv.identify(0x14)
+    assert struct.unpack_from("<HHB", cap, 0) == (0, 0, 3)
+    # VQFRT VQRFA VQRFAP VQPRT VQFRSM VQGRAN / the VI ones
+    assert struct.unpack_from("<IIHHHH", cap, 32) == (6, 0, 0, 3, 3, 1)
+    assert struct.unpack_from("<IIHHHH", cap, 64) == (4, 0, 0, 5, 2, 1)
+    assert cap[5:32] == bytes(27) and cap[80:] == bytes(4096 - 80)
+    lst = drv.identify(0x15)
+    assert lst[0] == 2 and lst[1:32] == bytes(31)
+    # SCID PCID SCS VFN NVQ NVI
+    assert [struct.unpack_from("<HHB3xHHH", lst, 32 + 32 * i) for i in range(2)] == [
+        (1, 0, 0, 1, 0, 0), (2, 0, 0, 2, 0, 0)]
+    assert drv.identify(0x15, cntid=2)[0] == 1
+    assert struct.unpack_from("<H", drv.identify(0x15, cntid=2), 32)[0] == 2
+    assert drv.identify(0x15, cntid=3)[0] == 0
+    # the controllers of the subsystem (CNS 13h)
+    assert struct.unpack_from("<HHHH", drv.identify(0x13), 0) == (3, 0, 1, 2)
+
+
+def test_identify_14h_15h_without_sriov_are_invalid_field():
+    machine = Machine(ram_size=32 << 20)
+    ctrl = NvmeController("ns=mem:size=1M")
+    drv = NvmeDriver.attach(machine, ctrl)
+    try:
+        for cns in (0x14, 0x15):
+            c = drv.admin(0x06, cdw10=cns, length=4096, check=False)
+            assert _status(c) == Status.INVALID_FIELD
+        assert _status(drv.admin(VM, cdw10=ASSIGN | 1 << 16, check=False)) == Status.INVALID_OPCODE
+        assert not struct.unpack_from("<H", drv.id_ctrl, 256)[0] & (1 << 7)
+    finally:
+        drv.close()
+        ctrl.close()
+        machine.close()
+
+
+# ------------------------------------------------------------------------------------------- management
+def test_virtualization_management_actions_and_refusals(host):
+    h = host
+    # assign: per-VF maximum, resource types, unknown controllers
+    assert h.vm(ASSIGN, 1, 0, 3).dw0 == 3
+    assert h.vm(ASSIGN, 1, 1, 2).dw0 == 2
+    assert _status(h.vm(ASSIGN, 2, 0, 4)) == Status.INVALID_NUM_CTRL_RESOURCES  # > VQFRSM 3
+    assert _status(h.vm(ASSIGN, 2, 1, 3)) == Status.INVALID_NUM_CTRL_RESOURCES  # > VIFRSM 2
+    assert _status(h.vm(ASSIGN, 2, 2, 1)) == Status.INVALID_RESOURCE_ID
+    assert _status(h.vm(ASSIGN, 3, 0, 1)) == Status.INVALID_CTRL_ID
+    assert _status(h.vm(ASSIGN, 0, 0, 1)) == Status.INVALID_CTRL_ID  # the primary is no secondary
+    assert _status(h.vm(0x2, 1)) == Status.INVALID_FIELD  # reserved action
+    # online needs resources; an online secondary takes no assignment
+    assert _status(h.vm(ONLINE, 2)) == Status.SEC_CTRL_STATE_INVALID
+    assert h.vm(ONLINE, 1).ok
+    assert _status(h.vm(ASSIGN, 1, 0, 2)) == Status.SEC_CTRL_STATE_INVALID
+    assert _status(h.vm(ONLINE, 9)) == Status.INVALID_CTRL_ID
+    lst = h.drv.identify(0x15)
+    assert struct.unpack_from("<HHB3xHHH", lst, 32) == (1, 0, 1, 1, 3, 2)
+    cap = h.drv.identify(0x14)
+    assert struct.unpack_from("<II", cap, 32) == (6, 3) and struct.unpack_from("<II", cap, 64) == (4, 2)
+    # the pool: 3 of 6 VQ left, 2 of 4 VI
+    assert h.vm(ASSIGN, 2, 0, 3).ok and h.vm(ASSIGN, 2, 1, 2).ok
+    assert _status(h.vm(PRIMARY, 0, 0, 1)) == Status.INVALID_NUM_CTRL_RESOURCES  # nothing free
+    assert _status(h.vm(PRIMARY, 1, 0, 0)) == Status.INVALID_CTRL_ID
+    assert _status(h.vm(PRIMARY, 0, 3, 0)) == Status.INVALID_RESOURCE_ID
+    # offline, then the resources can go back
+    assert h.vm(OFFLINE, 1).ok and h.vm(OFFLINE, 1).ok  # idempotent
+    assert _status(h.vm(OFFLINE, 7)) == Status.INVALID_CTRL_ID
+    assert h.vm(ASSIGN, 1, 0, 0).dw0 == 0 and h.vm(ASSIGN, 1, 1, 0).ok
+    assert _status(h.vm(ONLINE, 1)) == Status.SEC_CTRL_STATE_INVALID
+    # primary flexible allocation: takes effect at the primary's next controller reset
+    assert h.vm(PRIMARY, 0, 0, 3).dw0 == 3 and h.vm(PRIMARY, 0, 1, 2).dw0 == 2
+    assert _status(h.vm(ASSIGN, 1, 0, 1)) == Status.INVALID_NUM_CTRL_RESOURCES  # the pool is promised
+    assert struct.unpack_from("<H", h.drv.identify(0x14), 40)[0] == 0  # VQRFAP: still 0
+    assert h.drv.get_features(0x07).dw0 == (1 | 1 << 16)  # 2 private I/O queue pairs
+    h.drv.disable()
+    h.drv.enable()
+    cap = h.drv.identify(0x14)
+    assert struct.unpack_from("<H", cap, 40)[0] == 3 and struct.unpack_from("<H", cap, 72)[0] == 2
+    assert h.drv.set_features(0x07, 0xFFFE_FFFE) == (4 | 4 << 16)  # 2 private + 3 flexible
+    # vectors: 5 private + 2 flexible
+    c = h.drv.admin(0x05, cdw10=1 | 15 << 16, cdw11=1 | 2 | 7 << 16, prp1=h.machine.alloc(4096), check=False)
+    assert _status(c) == Status.INVALID_INTERRUPT_VECTOR
+
+
+def test_secondary_offline_or_without_resources_refuses_to_become_ready(host):
+    h = host
+    vfs = h.pdev.enable_sriov(2)
+    assert [v.routing_id for v in vfs] == [1, 2]  # QEMU's offset 1, stride 1
+    assert all(isinstance(v.device, NvmeVirtualFunction) for v in vfs)
+    for k in range(2):
+        drv = NvmeDriver(h.machine, vfs[k], io_queues=1)
+        h.vf_drvs.append(drv)
+        with pytest.raises(NvmeDriverError, match="fatal status"):
+            drv.probe()
+        csts = vfs[k].ioread32(0, 0x1C)
+        assert csts & 2 and not csts & 1  # CFS, not RDY
+    # resources but offline: still refused; online: ready
+    assert h.vm(ASSIGN, 1, 0, 3).ok and h.vm(ASSIGN, 1, 1, 2).ok
+    drv = h.vf_drvs[0]
+    drv.disable()
+    with pytest.raises(NvmeDriverError, match="fatal status"):
+        drv.enable()
+    drv.disable()
+    assert h.vm(ONLINE, 1).ok
+    drv.enable()
+    assert drv.csts & 1
+    # going offline resets the secondary: RDY drops, and CC.EN set again fails it
+    assert h.vm(OFFLINE, 1).ok
+    assert not drv.csts & 1
+
+
+def test_secondary_online_does_verified_io_on_its_namespace_while_the_primary_does_io(host):
+    h = host
+    h.bring_up(0, 2)
+    assert _status(h.attach(2, 1)) == Status.NS_ALREADY_ATTACHED
+    assert _status(h.attach(2, 5)) == Status.CONTROLLER_LIST_INVALID
+    h.pdev.enable_sriov(2)
+    vd = h.probe_vf(0)
+    assert struct.unpack_from("<H", vd.id_ctrl, 78)[0] == 1 and vd.id_ctrl[111] == 1  # CNTLID, CNTRLTYPE
+    effects = vd.get_log(0x05, 4096)
+    assert struct.unpack_from("<I", effects, 4 * 0x0D)[0] == 0 and struct.unpack_from("<I", effects, 4 * 0x1C)[0] == 0
+    pf_effects = h.drv.get_log(0x05, 4096)
+    assert struct.unpack_from("<I", pf_effects, 4 * 0x1C)[0] & 1  # CSUPP: Virtualization Management
+    oacs = struct.unpack_from("<H", vd.id_ctrl, 256)[0]
+    assert not oacs & (1 << 7) and not oacs & (1 << 3)  # no VMS, no NMS on a secondary
+    assert sorted(vd.namespaces) == [2] and vd.io_queue_count == 2  # NVQ 3 = admin + 2 I/O
+    assert _status(vd.admin(VM, cdw10=ASSIGN | 2 << 16, check=False)) == Status.INVALID_OPCODE
+    assert _status(vd.admin(0x0D, check=False)) == Status.INVALID_OPCODE  # no Namespace Management
+    # beyond its resources: queue 3 and vector 2 do not exist
+    c = vd.admin(0x05, cdw10=3 | 15 << 16, cdw11=1, prp1=h.machine.alloc(4096), check=False)
+    assert _status(c) == Status.QID_INVALID
+    # the namespaces attached to the primary controller and to the secondary (CNS 12h)
+    assert struct.unpack_from("<HHH", h.drv.identify(0x12, nsid=2), 0) == (2, 0, 1)
+    # interleaved verified I/O: VF on namespace 2, PF on namespace 1
+    rnd = random.Random(5)
+    crcs: dict[tuple[int, int], int] = {}
+    for i in range(64):
+        for drv, nsid in ((vd, 2), (h.drv, 1)):
+            slba = rnd.randrange(0, 4096 - 8)
+            data = os.urandom(8 * 512)
+            drv.write(nsid, slba, data, qid=1 + i % 2)
+            for b in range(8):
+                crcs[(nsid, slba + b)] = crc32c.crc32c(data[b * 512:(b + 1) * 512])
+    for (nsid, lba), crc in crcs.items():
+        assert crc32c.crc32c((vd if nsid == 2 else h.drv).read(nsid, lba, 1)) == crc
+    # the primary sees what the secondary wrote (one namespace)
+    lba, crc = next((k[1], v) for k, v in crcs.items() if k[0] == 2)
+    assert crc32c.crc32c(h.drv.read(2, lba, 1)) == crc
+    # detach: the secondary no longer sees namespace 2
+    assert h.attach(2, 1, sel=1).ok
+    assert h.pdev.virtfns[0].device.namespaces == {}
+    with pytest.raises(NvmeCommandError):
+        vd.read(2, 0, 1)
+    assert _status(h.attach(2, 1, sel=1)) == Status.NS_NOT_ATTACHED
+
+
+def test_disabling_vfs_removes_the_secondaries_but_keeps_their_state(host):
+    h = host
+    h.bring_up(0, 3)
+    vfs = h.pdev.enable_sriov(1)
+    vd = h.probe_vf(0)
+    vd.write(3, 10, b"\x5a" * 512)
+    h.vf_drvs.remove(vd)
+    h.pdev.disable_sriov()
+    assert h.ctrl.virtual_functions == [] and vfs[0].device.closed
+    assert h.drv.read(3, 10, 1) == b"\x5a" * 512  # the namespace stays (the primary's)
+    assert struct.unpack_from("<HHB3xHHH", h.drv.identify(0x15), 32) == (1, 0, 1, 1, 3, 2)
+    h.pdev.enable_sriov(1)
+    vd = h.probe_vf(0)
+    assert vd.read(3, 10, 1) == b"\x5a" * 512
+
+
+# ------------------------------------------------------------------------------------------- migration
+def _workload(h: Host, drvs: list[tuple[NvmeDriver, int]], crcs: dict, seed: int, rounds: int = 24) -> None:
+    rnd = random.Random(seed)
+    for _ in range(rounds):
+        for drv, nsid in drvs:
+            slba = rnd.randrange(0, 4096 - 8)
+            nlb = rnd.choice([1, 4, 8])
+            data = os.urandom(nlb * 512)
+            drv.write(nsid, slba, data, qid=rnd.choice([1, 2]))
+            for b in range(nlb):
+                crcs[(nsid, slba + b)] = crc32c.crc32c(data[b * 512:(b + 1) * 512])
+
+
+def _verify(drvs: list[tuple[NvmeDriver, int]], crcs: dict) -> int:
+    zero = crc32c.crc32c(bytes(512))
+    checked = 0
+    for drv, nsid in drvs:
+        for slba in range(0, 4096, 128):
+            data = drv.read(nsid, slba, 128)
+            for b in range(128):
+                assert crc32c.crc32c(data[b * 512:(b + 1) * 512]) == crcs.get((nsid, slba + b), zero), (nsid, slba + b)
+                checked += 1
+    return checked
+
+
+def _repoint(h: Host, dst: NvmeController) -> None:
+    """The host drives ``dst`` (and its VFs) from now on."""
+    dst.irq.sink = h.pdev.recorder
+    h.pdev.device = dst
+    for drv, pdev in zip([h.drv, *h.vf_drvs], [h.pdev, *h.pdev.virtfns], strict=True):
+        drv.device, drv._bar_write, drv._bar_read = pdev.device, pdev.bar_write, pdev.bar_read
+
+
+def _two_vfs(h: Host) -> list[tuple[NvmeDriver, int]]:
+    h.bring_up(0, 2)
+    h.bring_up(1, 3)
+    h.pdev.enable_sriov(2)
+    return [(h.drv, 1), (h.probe_vf(0), 2), (h.probe_vf(1), 3)]
+
+
+def test_pf_with_two_vfs_migrates_in_process_with_verified_io(host):
+    h = host
+    drvs = _two_vfs(h)
+    crcs: dict = {}
+    _workload(h, drvs, crcs, 1)
+    src = h.ctrl
+    src.quiesce()
+    data, fds = save_device_stream(src)
+    dst = NvmeController(src.cfg, name="dst")
+    h.closing.append(load_device_stream(dst, data, fds))
+    assert len(dst.virtual_functions) == 2
+    assert dst.virtualization.snapshot() == src.virtualization.snapshot()
+    _repoint(h, dst)
+    dst.resume()
+    h.closing.append(src)
+    h.ctrl = dst
+    assert _verify(drvs, crcs) == 3 * 4096
+    _workload(h, drvs, crcs, 2)
+    assert _verify(drvs, crcs) == 3 * 4096
+    # the secondaries' queues and identities came along
+    assert [struct.unpack_from("<H", d.identify(0x01), 78)[0] for d, _ in drvs] == [0, 1, 2]
+
+
+CHILD = textwrap.dedent("""
+    import socket, sys
+    from pcidev.migration import migrate_in, migrate_out
+    from pcidev_nvme.controller import NvmeController
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(sys.argv[1])
+    dev = NvmeController(sys.argv[2], name="child")
+    migrate_in(dev, sock)
+    assert len(dev.virtual_functions) == 2, dev.virtual_functions
+    dev.quiesce()
+    migrate_out(dev, sock)
+    dev.close()
+""")
+
+
+def test_pf_with_two_vfs_migrates_to_another_process_and_back_with_verified_io(host, tmp_path):
+    h = host
+    drvs = _two_vfs(h)
+    crcs: dict = {}
+    _workload(h, drvs, crcs, 3)
+    path = str(tmp_path / "mig.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+    src = h.ctrl
+    child = subprocess.Popen([sys.executable, "-c", CHILD, path, CFG])
+    try:
+        conn, _ = srv.accept()
+        src.quiesce()
+        report = migrate_out(src, conn, timeout=30)
+        back = NvmeController(src.cfg, name="back")
+        result = migrate_in(back, conn, timeout=30, resume=False)
+        assert child.wait(30) == 0
+    finally:
+        child.kill()
+        srv.close()
+    assert report.state_size > 0
+    h.closing += [src, result.resources]
+    _repoint(h, back)
+    h.ctrl = back
+    assert _verify(drvs, crcs) == 3 * 4096
+    _workload(h, drvs, crcs, 4)
+    assert _verify(drvs, crcs) == 3 * 4096
+
+
+def test_vf_count_in_the_stream_must_match_numvfs(host):
+    h = host
+    _two_vfs(h)
+    h.ctrl.quiesce()
+    snap = save_device(h.ctrl)
+    dst = NvmeController(h.ctrl.cfg, name="dst")
+    try:
+        # a stream whose config says 2 VFs but the sriov section carries one
+        sections = list(snap.sections)
+        vfs = sections[-1]
+        assert vfs.name == "pcidev/sriov"
+        sections[-1] = Section(vfs.name, vfs.instance_id, attrs.evolve(vfs.state, vfs=vfs.state.vfs[:1]))
+        with pytest.raises(StateError, match="NumVFs say 2"):
+            load_device(dst, attrs.evolve(snap, sections=tuple(sections)))
+        assert dst.virtual_functions == []
+        assert not dst.caps.find(sr.SriovCapability).vf_enable
+    finally:
+        dst.close()
+        h.ctrl.resume()
+    assert h.pdev.config_read16(h.pdev.find_ext_capability(ids.ExtCapId.SRIOV) + sr.NUM_VF) == 2
