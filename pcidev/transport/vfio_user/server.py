@@ -548,8 +548,9 @@ class VfioUserServer:
             caps = (protocol.CAP_HDR_S.pack(protocol.REGION_CAP_SPARSE_MMAP, 1, 0)
                     + protocol.SPARSE_HDR_S.pack(len(ram.sparse_areas), 0) + areas)
         needed = protocol.REGION_INFO_S.size + len(caps)
-        if needed > argsz:  # the client retries with a buffer this large
-            return protocol.REGION_INFO_S.pack(needed, flags, index, 0, size, 0), []
+        if needed > argsz:  # the client retries with a buffer this large; no CAPS flag without
+            # the capabilities (QEMU refuses a reply with CAPS whose cap_offset is not inside it)
+            return protocol.REGION_INFO_S.pack(needed, flags & ~protocol.REGION_FLAG_CAPS, index, 0, size, 0), []
         out = protocol.REGION_INFO_S.pack(needed, flags, index, cap_offset, size, 0) + caps
         return out, ([ram.fd] if ram is not None else [])
 

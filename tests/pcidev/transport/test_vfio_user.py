@@ -140,8 +140,10 @@ def test_region_info_sparse_mmap_for_a_ram_bar():
     try:
         rep = client.request(protocol.DEVICE_GET_REGION_INFO, protocol.REGION_INFO_S.pack(32, 0, 2, 0, 0, 0))
         first, fds = rep.payload, rep.fds
-        argsz = protocol.REGION_INFO_S.unpack_from(first)[0]
+        argsz, flags, _i, cap_off, _s, _o = protocol.REGION_INFO_S.unpack_from(first)
         assert len(first) == 32 and fds == [] and argsz > 32  # "retry with a larger buffer"
+        # without the capabilities, no CAPS flag (QEMU's client refuses CAPS with cap_offset 0)
+        assert not flags & protocol.REGION_FLAG_CAPS and cap_off == 0
         rep = client.request(protocol.DEVICE_GET_REGION_INFO, protocol.REGION_INFO_S.pack(argsz, 0, 2, 0, 0, 0))
         body, fds = rep.payload, rep.fds
         _a, flags, _i, cap_off, size, off = protocol.REGION_INFO_S.unpack_from(body)
