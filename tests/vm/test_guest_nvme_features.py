@@ -92,3 +92,5 @@ fio --name=v --filename=/dev/nvme0n1 --size=16M --rw=randwrite --bs=4k --iodepth
 """, ["nvme,ns=mem:size=32M,cmb_size=16"])
     assert r.ok, r.console[-4000:]
     assert "FIO-OK" in lines(r.output), r.output[-3000:]
+    # it read a non-zero CMBSZ after setting CMBMSC.CRE, then found no P2PDMA to register it with
+    assert "failed to register the CMB" in r.output, r.output[-3000:]
