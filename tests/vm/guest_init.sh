@@ -9,7 +9,7 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /tmp /var/run
-for m in nvme-auth nvme-core nvme virtio_blk virtio-rng; do
+for m in nvme-keyring nvme-auth nvme-core nvme virtio_blk virtio-rng; do
     args=""
     [ "$m" = nvme ] && args=$(echo "${nvme_args:-}" | tr , ' ')
     # shellcheck disable=SC2086  # one word per parameter

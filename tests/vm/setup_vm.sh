@@ -55,11 +55,12 @@ chroot "$ROOT" qemu-system-x86_64 --version | head -1
 
 KVER=$(ls "$ROOT/lib/modules" | sort | tail -1)
 mkdir -p "$ROOT/vm"
-# The initramfs is rebuilt when the init script or this script changed (cheap: a few seconds).
-STAMP=$(cat "$HERE/guest_init.sh" "$HERE/setup_vm.sh" | sha256sum | cut -c1-16)-$KVER
-if [ -f "$ROOT/vm/initrd.gz" ] && [ "$(cat "$ROOT/vm/initrd.stamp" 2>/dev/null)" = "$STAMP" ]; then
-    echo "initramfs up to date"
-else
+
+# build_initrd MODULES_DIR OUT: the busybox initramfs (tools from the chroot, nvme and virtio
+# modules from MODULES_DIR) at OUT.
+build_initrd() {
+    MODDIR=$1
+    OUT=$2
     STAGE=$(mktemp -d /tmp/pcidev-vm-stage.XXXXXX)
     mkdir -p "$STAGE/bin" "$STAGE/proc" "$STAGE/sys" "$STAGE/dev" "$STAGE/tmp" "$STAGE/mods" \
              "$STAGE/lib64" "$STAGE/lib/x86_64-linux-gnu" "$STAGE/usr/lib/x86_64-linux-gnu" \
@@ -77,19 +78,56 @@ else
     done
     cp "$(readlink -f "$ROOT/lib64/ld-linux-x86-64.so.2")" "$STAGE/lib64/ld-linux-x86-64.so.2"
     [ -e "$ROOT/usr/share/misc/pci.ids" ] && cp "$ROOT/usr/share/misc/pci.ids" "$STAGE/usr/share/misc/"
-    # nvme (three modules), and the virtio drivers the kernel does not build in
-    # (CONFIG_VIRTIO_PCI=y; virtio_blk and virtio-rng are modules without dependencies).
-    for m in nvme/common/nvme-auth nvme/host/nvme-core nvme/host/nvme block/virtio_blk \
-             char/hw_random/virtio-rng; do
-        f="$ROOT/lib/modules/$KVER/kernel/drivers/$m.ko.xz"
+    # nvme (its modules; nvme-keyring only where nvme-core needs it), and the virtio drivers
+    # the kernel does not build in (CONFIG_VIRTIO_PCI=y; virtio_blk and virtio-rng are
+    # modules without dependencies). guest_init.sh loads them in this order.
+    for m in nvme/common/nvme-keyring nvme/common/nvme-auth nvme/host/nvme-core nvme/host/nvme \
+             block/virtio_blk char/hw_random/virtio-rng; do
+        f="$MODDIR/kernel/drivers/$m.ko.xz"
         [ -e "$f" ] && xz -dc "$f" > "$STAGE/mods/$(basename "$m").ko"
     done
     cp "$HERE/guest_init.sh" "$STAGE/init"
     chmod +x "$STAGE/init"
-    (cd "$STAGE" && find . | cpio -o -H newc --quiet | gzip -1) > "$ROOT/vm/initrd.gz.tmp"
-    mv "$ROOT/vm/initrd.gz.tmp" "$ROOT/vm/initrd.gz"
+    (cd "$STAGE" && find . | cpio -o -H newc --quiet | gzip -1) > "$OUT.tmp"
+    mv "$OUT.tmp" "$OUT"
+    rm -rf --one-file-system "$STAGE"
+}
+
+# The initramfs is rebuilt when the init script or this script changed (cheap: a few seconds).
+STAMP=$(cat "$HERE/guest_init.sh" "$HERE/setup_vm.sh" | sha256sum | cut -c1-16)-$KVER
+if [ -f "$ROOT/vm/initrd.gz" ] && [ "$(cat "$ROOT/vm/initrd.stamp" 2>/dev/null)" = "$STAMP" ]; then
+    echo "initramfs up to date"
+else
+    build_initrd "$ROOT/lib/modules/$KVER" "$ROOT/vm/initrd.gz"
     cp "$ROOT/boot/vmlinuz-$KVER" "$ROOT/vm/vmlinuz"
     echo "$STAMP" > "$ROOT/vm/initrd.stamp"
-    rm -rf --one-file-system "$STAGE"
+fi
+
+# A second guest kernel, trixie-backports' newest, for what Debian's 6.12 lacks:
+# CONFIG_PCI_P2PDMA, without which Linux's nvme driver never puts its submission queues in a
+# Controller Memory Buffer. Unpacked (not installed) under vm/p2p; run_guest(kernel="p2p").
+P2P="$ROOT/vm/p2p"
+BPK=$(chroot "$ROOT" apt-cache depends -t trixie-backports linux-image-amd64 2>/dev/null \
+      | sed -n 's/^ *Depends: linux-image-\(.*\)$/\1/p' | head -1)
+[ -n "$BPK" ] || { echo "setup_vm.sh: no kernel in trixie-backports" >&2; exit 1; }
+P2PSTAMP=$STAMP-$BPK
+if [ -f "$P2P/initrd.gz" ] && [ "$(cat "$P2P/stamp" 2>/dev/null)" = "$P2PSTAMP" ]; then
+    echo "p2p kernel $BPK up to date"
+else
+    rm -rf --one-file-system "$P2P"
+    mkdir -p "$P2P/dl" "$P2P/root"
+    if ! chroot "$ROOT" sh -c "cd /vm/p2p/dl && apt-get download -q linux-binary-$BPK linux-modules-$BPK" \
+        >/dev/null 2>&1; then
+        chroot "$ROOT" apt-get update -q
+        chroot "$ROOT" sh -c "cd /vm/p2p/dl && apt-get download -q linux-binary-$BPK linux-modules-$BPK"
+    fi
+    for d in "$P2P"/dl/*.deb; do dpkg-deb -x "$d" "$P2P/root"; done
+    MODDIR=$(ls -d "$P2P"/root/usr/lib/modules/* "$P2P"/root/lib/modules/* 2>/dev/null | head -1)
+    [ -n "$MODDIR" ] || { echo "setup_vm.sh: $BPK has no modules" >&2; exit 1; }
+    build_initrd "$MODDIR" "$P2P/initrd.gz"
+    if [ -e "$MODDIR/vmlinuz" ]; then cp "$MODDIR/vmlinuz" "$P2P/vmlinuz"
+    else cp "$P2P"/root/boot/vmlinuz-* "$P2P/vmlinuz"; fi
+    rm -rf --one-file-system "$P2P/dl" "$P2P/root"
+    echo "$P2PSTAMP" > "$P2P/stamp"
 fi
 echo "$ROOT"

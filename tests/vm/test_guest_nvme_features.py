@@ -94,3 +94,27 @@ fio --name=v --filename=/dev/nvme0n1 --size=16M --rw=randwrite --bs=4k --iodepth
     assert "FIO-OK" in lines(r.output), r.output[-3000:]
     # it read a non-zero CMBSZ after setting CMBMSC.CRE, then found no P2PDMA to register it with
     assert "failed to register the CMB" in r.output, r.output[-3000:]
+
+
+def test_linux_puts_its_submission_queues_in_the_cmb(boot):
+    """With trixie-backports' kernel (``CONFIG_PCI_P2PDMA``), Linux's nvme driver registers the
+    CMB as P2P memory and, ``use_cmb_sqes`` being its default, allocates its I/O submission
+    queues from it: the P2P pool's free space shrinks by their size; fio verifies every block
+    written through SQs in the CMB."""
+    r = boot("""
+uname -r
+dmesg | grep -i cmb
+d=/sys/bus/pci/devices
+echo P2P-SIZE=$(cat $d/*/p2pmem/size 2>/dev/null) P2P-FREE=$(cat $d/*/p2pmem/available 2>/dev/null)
+echo CMB-SQES=$(cat /sys/module/nvme/parameters/use_cmb_sqes)
+fio --name=v --filename=/dev/nvme0n1 --size=16M --rw=randwrite --bs=4k --iodepth=16 --direct=1 \
+    --ioengine=io_uring --verify=crc32c --verify_fatal=1 >/tmp/fio.out 2>&1 && echo FIO-OK || cat /tmp/fio.out
+echo NVME-ERRORS=$(dmesg | grep -ciE 'nvme.*(timeout|reset|failed)')
+""", ["nvme,ns=mem:size=32M,cmb_size=16"], kernel="p2p")
+    assert r.ok, r.console[-4000:]
+    got = lines(r.output)
+    assert {"FIO-OK", "NVME-ERRORS=0", "CMB-SQES=Y"} <= got, r.output[-4000:]
+    m = re.search(r"^P2P-SIZE=(\d+) P2P-FREE=(\d+)$", r.output, re.M)
+    assert m, r.output[-3000:]
+    size, free = int(m.group(1)), int(m.group(2))
+    assert size == 16 << 20 and free < size, (size, free)  # the SQs took their share

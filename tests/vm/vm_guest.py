@@ -336,11 +336,15 @@ class Console:
         return b"".join(self.chunks).decode("utf-8", "replace").replace("\r", "")
 
 
+#: run_guest(kernel=...) -> (kernel, initramfs) inside the chroot (setup_vm.sh makes both)
+KERNELS = {"default": ("/vm/vmlinuz", "/vm/initrd.gz"), "p2p": ("/vm/p2p/vmlinuz", "/vm/p2p/initrd.gz")}
+
+
 def run_guest(script: str, devices: Sequence[str] = (), *, builtin_nvme: str | None = None,
               timeout: float = 240.0, mem_mb: int = 1024, root: Path = ROOT, tag: str = "t",
               msg_timeout_ms: int = 30000, kernel_args: str = "", nvme_args: str = "",
               markers: Markers | None = None, during: Callable[[Host], Any] | None = None,
-              during_join: float = 90.0) -> GuestRun:
+              during_join: float = 90.0, kernel: str = "default") -> GuestRun:
     """Boot the guest, run ``script`` (busybox sh) in it, return the console and status.
 
     :param devices: pcidev device specs, each served by its own ``pcidev serve --vfio-user``.
@@ -355,6 +359,9 @@ def run_guest(script: str, devices: Sequence[str] = (), *, builtin_nvme: str | N
         return value or exception lands in :attr:`GuestRun.during_result` /
         :attr:`GuestRun.during_error`. It should return soon after ``host.done`` is set.
     :param during_join: seconds to wait for ``during`` after QEMU ended.
+    :param kernel: ``"default"`` (Debian's kernel, the one every figure is measured with) or
+        ``"p2p"`` (trixie-backports' newest, which has ``CONFIG_PCI_P2PDMA``: Linux's nvme
+        driver then uses a Controller Memory Buffer for its submission queues).
     """
     vm = root / "vm"
     cmd_b64 = base64.b64encode(script.encode()).decode()
@@ -377,7 +384,7 @@ def run_guest(script: str, devices: Sequence[str] = (), *, builtin_nvme: str | N
         append += f" nvme_args={nvme_args}"
     qargs = ["chroot", str(root), "qemu-system-x86_64", "-accel", "tcg", "-smp", "1", "-m", f"{mem_mb}M",
              "-nographic", "-no-reboot", "-object", f"memory-backend-memfd,id=mem,size={mem_mb}M,share=on",
-             "-machine", "q35,memory-backend=mem", "-kernel", "/vm/vmlinuz", "-initrd", "/vm/initrd.gz",
+             "-machine", "q35,memory-backend=mem", "-kernel", KERNELS[kernel][0], "-initrd", KERNELS[kernel][1],
              "-append", append]
 
     def run_during() -> None:
