@@ -354,11 +354,10 @@ def _check_ram_bars(device: PciDevice, st: RamBarsState, fds: Sequence[int] | No
         assert ram is not None  # the lists are equal
         if r.size != ram.size:
             raise _fail(f"RAM BAR{r.bar} has {r.size} bytes in the stream, {ram.size} here", where + ".size")
-        if fds is None:
-            if ram.path is None:
-                raise _fail(f"the contents of RAM BAR{r.bar} travel only as a file descriptor (its memfd), "
-                            "and this migration carried none (TCP)", where + ".fd")
-            continue  # a file-backed BAR keeps its own mapping of the file
+        if fds is None:  # (a file by its path could name another file on another host)
+            what = "its memfd" if ram.path is None else "its file's"
+            raise _fail(f"the contents of RAM BAR{r.bar} travel only as a file descriptor ({what}), "
+                        "and this migration carried none (TCP)", where + ".fd")
         if r.fd.index >= len(fds):
             raise _fail(f"fd index {r.fd.index} but only {len(fds)} fds arrived", where + ".fd")
         try:

@@ -26,6 +26,7 @@ from pcidev_nvme.testing.driver import READ, WRITE, NvmeDriver, NvmeDriverError
 CMB = "cmb_size=2,max_ioqpairs=4,msix_vectors=5,ns=mem:size=4M"
 CMBLOC, CMBSZ, CMBMSC, CMBSTS, CMBEBS, CMBSWTP = 0x38, 0x3C, 0x50, 0x58, 0x5C, 0x60
 INVALID_USE_OF_CMB = 0x12
+CDPMLS, CDPCILS = 1 << 5, 1 << 6
 CLOCK_FIELDS = ("smart.power_on_us", "smart.busy_us", "features.timestamp")
 
 
@@ -63,23 +64,27 @@ def test_registers_and_their_transitions(nvme_env) -> None:
     # 1.4 rule: CMBLOC and CMBSZ read 0 until CMBMSC.CRE
     assert (drv.read32(CMBLOC), drv.read32(CMBSZ), drv.read64(CMBMSC), drv.read32(CMBSTS)) == (0, 0, 0, 0)
     drv.write32(CMBMSC, 1)
-    assert drv.read32(CMBLOC) == 2  # BIR 2, OFST 0
+    assert drv.read32(CMBLOC) == 2 | CDPMLS | CDPCILS  # BIR 2, OFST 0, lists anywhere
     # SQS, CQS=0, LISTS, RDS, WDS; SZU 1 MiB; SZ 2
     assert drv.read32(CMBSZ) == 0b11101 | (2 << 8) | (2 << 12)
     assert (drv.read32(CMBEBS), drv.read32(CMBSWTP)) == (0, 0)
     assert ctrl.cmb is not None and ctrl.cmb.window is None and ctrl.dma is env.machine.memory
-    # CMSE with a CBA not aligned to the 1 MiB unit: refused, CBAI, CMSE stays 0
-    bad = pdev.bar_address(2) + 0x1000
-    drv.write32(CMBMSC + 4, bad >> 32)
-    drv.write32(CMBMSC, (bad & 0xFFFFFFFF) | 3)
-    assert drv.read32(CMBSTS) == 1 and drv.read64(CMBMSC) & 3 == 1 and ctrl.cmb.window is None
-    # CMSE without CRE: refused as well
-    drv.write32(CMBMSC, 2)
-    assert drv.read32(CMBSTS) == 1 and drv.read64(CMBMSC) & 3 == 0
-    # a CBA whose range passes 2**64
+    # a CBA whose range passes 2**64: CBAI, no controller memory space; CMBMSC reads back as written
     drv.write32(CMBMSC + 4, 0xFFFFFFFF)
     drv.write32(CMBMSC, 0xFFF00003)
-    assert drv.read32(CMBSTS) == 1 and not drv.read64(CMBMSC) & 2
+    assert drv.read32(CMBSTS) == 1 and drv.read64(CMBMSC) == 0xFFFFFFFF_FFF00003 and ctrl.cmb.window is None
+    # CMSE written 0 (or CRE 0): CBAI cleared
+    drv.write32(CMBMSC, 0xFFF00001)
+    assert drv.read32(CMBSTS) == 0
+    drv.write32(CMBMSC, 0xFFF00003)
+    assert drv.read32(CMBSTS) == 1
+    drv.write32(CMBMSC, 0xFFF00002)  # with CRE 0, CMSE has no effect: no CBAI, no window, kept as written
+    assert drv.read32(CMBSTS) == 0 and drv.read64(CMBMSC) & 3 == 2 and ctrl.cmb.window is None
+    # a CBA not aligned to the 1 MiB size unit is valid (the spec asks only for the range)
+    odd = pdev.bar_address(2) + 0x1000
+    drv.write32(CMBMSC + 4, odd >> 32)
+    drv.write32(CMBMSC, (odd & 0xFFFFFFFF) | 3)
+    assert drv.read32(CMBSTS) == 0 and ctrl.cmb.window is not None and ctrl.cmb.window.start == odd
     # valid: CBAI cleared, controller memory space at CBA
     base, size = drv.cmb_enable()
     assert (base, size) == (pdev.bar_address(2), 2 << 20)
@@ -87,13 +92,65 @@ def test_registers_and_their_transitions(nvme_env) -> None:
     view = ctrl.dma
     assert isinstance(view, ControllerMemoryView) and view.window_of(base) is ctrl.cmb.window
     assert view.window_of(base + size) is None and view.window_of(base - 1) is None
-    # a controller reset keeps them (Linux writes them again anyway); a function-level reset clears them
+    # a controller reset and a function-level reset keep them; a conventional reset clears them
     drv.disable()
     assert drv.read64(CMBMSC) == base | 3
     ctrl.reset(ResetKind.FLR)
-    regs = ctrl.regs  # (memory space is off after the FLR: read the registers directly)
+    regs = ctrl.regs  # (memory space is off after the reset: read the registers directly)
+    assert (regs.read(CMBMSC, 8), regs.read(CMBSTS, 4), regs.read(CMBSZ, 4)) == (base | 3, 0, 0b11101 | 0x2200)
+    assert ctrl.cmb.window is not None
+    ctrl.reset(ResetKind.CONVENTIONAL)
     assert (regs.read(CMBMSC, 8), regs.read(CMBSTS, 4), regs.read(CMBSZ, 4)) == (0, 0, 0)
     assert ctrl.cmb.window is None
+
+
+def test_cmbmsc_survives_a_function_level_reset(nvme_env) -> None:
+    """Linux maps the CMB once (nvme_map_cmb returns early when it has one) and never
+    writes CMBMSC after pci_reset_function: its CMB SQs must keep working."""
+    env = _env(nvme_env)
+    drv, pdev = env.drv, env.pdev
+    _cmb_sq(drv, 2)
+    buf = env.machine.alloc(8 * 4096)
+    data = _blocks(77, 64)
+    env.machine.write(buf, data[:8 * 4096])
+    drv.io(2, WRITE, nsid=1, cdw10=0, cdw12=63, buf=buf, length=len(data[:8 * 4096]))
+    pdev.reset_function()  # sysfs reset / error recovery: FLR with the header restored
+    for q in drv.queues.values():
+        q.free()
+    drv.queues.clear()
+    drv.probe()  # nvme_reset_work: nvme_map_cmb does nothing the second time
+    assert drv.read64(CMBMSC) == drv.cmb[0] | 3 and drv.read32(CMBSTS) == 0
+    drv.delete_io_queue_pair(2)
+    drv.create_io_queue_pair(2, 64, sq_in_cmb=True)
+    assert _crcs(drv.read(1, 0, 64, qid=2)) == _crcs(data)
+
+
+def test_admin_sq_in_the_cmb(nvme_env) -> None:
+    """CMBSZ.SQS covers the admin SQ: CC.EN with ASQ in the CMB works; ACQ there (CQS 0) is
+    refused with CSTS.CFS."""
+    env = _env(nvme_env)
+    drv = env.drv
+    drv.cmb_enable()
+    drv.disable()  # (a controller reset keeps CMBMSC)
+    drv.enable(admin_sq_in_cmb=True)
+    assert drv.queues[0].sq_in_cmb
+    ident = drv.identify(0x01)
+    assert ident[:2] == drv.id_ctrl[:2]
+    assert not env.machine.memory.is_mapped(drv.queues[0].sq_base, 64)
+    drv.create_io_queue_pair(1, 16)  # admin commands fetched from the CMB
+    data = _blocks(5, 8)
+    buf = env.machine.alloc(4096)
+    env.machine.write(buf, data)
+    drv.io(1, WRITE, nsid=1, cdw10=8, cdw12=7, buf=buf, length=4096)
+    assert drv.read(1, 8, 8) == data
+    # ACQ in the CMB: CSTS.CFS
+    drv.disable()
+    pdev = env.pdev
+    pdev.iowrite32(0, 0x24, (15 << 16) | 15)
+    pdev.lo_hi_writeq(0, 0x28, env.machine.alloc(16 * 64, 4096))
+    pdev.lo_hi_writeq(0, 0x30, drv.cmb_alloc(16 * 16))
+    pdev.iowrite32(0, 0x14, (6 << 4) | (6 << 16) | (4 << 20) | 1)
+    assert drv.read32(0x1C) & 3 == 2  # CFS, not RDY
 
 
 def test_without_a_cmb_nothing_changes(nvme_env) -> None:
