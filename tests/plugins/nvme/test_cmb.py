@@ -344,3 +344,121 @@ def test_a_second_controller_on_the_same_machine_keeps_its_own_cmb() -> None:
         finally:
             a.close()
             b.close()
+
+
+# ----------------------------------------------------------------------------- with a PMR as well
+PMRCTL, PMRSTS, PMRMSCL, PMRMSCU = 0xE04, 0xE08, 0xE14, 0xE18
+
+
+def _both(nvme_env, tmp_path) -> Env:
+    return _env(nvme_env, f"cmb_size=2,pmr={tmp_path / 'pmr'},pmr_size=1M,max_ioqpairs=4,msix_vectors=5,"
+                "ns=mem:size=4M")
+
+
+def _pmr_on(drv: NvmeDriver, cba: int) -> int:
+    drv.write32(PMRCTL, 1)
+    while drv.read32(PMRSTS) & (1 << 8):
+        pass
+    drv.write32(PMRMSCU, cba >> 32)
+    drv.write32(PMRMSCL, (cba & 0xFFFFF000) | 2)
+    return drv.read32(PMRSTS)
+
+
+def test_cmb_and_pmr_windows_may_not_overlap(nvme_env, tmp_path) -> None:
+    env = _both(nvme_env, tmp_path)
+    drv, ctrl = env.drv, env.ctrl
+    assert ctrl.cmb is not None and ctrl.pmr is not None
+    base, size = drv.cmb_enable()
+    # the PMR's CBA inside the CMB's enabled range: PMRSTS.CBAI, no PMR window
+    assert _pmr_on(drv, base + (1 << 20)) & (1 << 12) and ctrl.pmr.window is None
+    # and the other way round: the PMR where it belongs, then a CMB CBA over it
+    assert not _pmr_on(drv, env.pdev.bar_address(4)) & (1 << 12) and ctrl.pmr.window is not None
+    pmr = env.pdev.bar_address(4)
+    drv.write32(CMBMSC + 4, pmr >> 32)
+    drv.write32(CMBMSC, (pmr & 0xFFFFFFFF) | 3)
+    assert drv.read32(CMBSTS) == 1 and ctrl.cmb.window is None
+    view = ctrl.dma
+    assert isinstance(view, ControllerMemoryView) and [w.name for w in view.windows] == ["PMR"]
+    drv.write32(CMBMSC, (base & 0xFFFFFFFF) | 3)
+    drv.write32(CMBMSC + 4, base >> 32)
+    assert drv.read32(CMBSTS) == 0 and {w.name for w in ctrl.dma.windows} == {"CMB", "PMR"}
+
+
+def test_one_data_buffer_in_the_cmb_and_the_pmr_is_refused(nvme_env, tmp_path) -> None:
+    env = _both(nvme_env, tmp_path)
+    drv = env.drv
+    drv.cmb_enable()
+    pmr = env.pdev.bar_address(4)
+    assert not _pmr_on(drv, pmr) & (1 << 12)
+    cmb_page = drv.cmb_alloc(4096)
+    for prp1, prp2 in ((cmb_page, pmr), (pmr, cmb_page)):
+        for op in (WRITE, READ):
+            comp = drv.io(1, op, nsid=1, cdw10=0, cdw12=15, prp1=prp1, prp2=prp2, check=False)
+            assert comp.code == INVALID_USE_OF_CMB and comp.dnr
+    comp = drv.io(1, WRITE, nsid=1, cdw10=0, cdw12=7, segments=[(cmb_page, 2048), (pmr, 2048)], check=False)
+    assert comp.code == INVALID_USE_OF_CMB and comp.dnr
+    # data wholly in the PMR with its PRP list in the CMB works (CMBLOC.CDPMLS)
+    data = _blocks(11, 24)
+    for i in range(0, len(data), 8):
+        env.pdev.bar_write(4, i, 8, int.from_bytes(data[i:i + 8], "little"))
+    plist = drv.cmb_alloc(64)
+    drv.cmb_write(plist, struct.pack("<2Q", pmr + 4096, pmr + 8192))
+    assert drv.io(1, WRITE, nsid=1, cdw10=40, cdw12=23, prp1=pmr, prp2=plist).ok
+    assert drv.read(1, 40, 24) == data
+
+
+# ----------------------------------------------------------------------------- the view's contract
+def test_the_view_follows_the_guest_memory_contract(nvme_env) -> None:
+    """Every accessor goes to the right memory; an access straddling the CMB's edge raises a
+    DmaError (what completion posting, shadow doorbells and the SQ fetch expect) that is
+    also the Invalid Use of Controller Memory Buffer status a command completes with."""
+    from pcidev.errors import DmaError
+    from pcidev_nvme.controller_memory import ControllerMemoryError
+    from pcidev_nvme.status import NvmeStatusError
+
+    env = _env(nvme_env)
+    drv, ctrl, m = env.drv, env.ctrl, env.machine
+    base, size = drv.cmb_enable()
+    view = ctrl.dma
+    assert isinstance(view, ControllerMemoryView)
+    drv.cmb_write(base, struct.pack("<QQ", 0x1122334455667788, 0x99AABBCCDDEEFF00))
+    assert (view.read_u8(base), view.read_u16(base), view.read_u32(base), view.read_u64(base)) == (
+        0x88, 0x7788, 0x55667788, 0x1122334455667788)
+    st = struct.Struct("<QQ")
+    assert view.read_struct(st, base) == (0x1122334455667788, 0x99AABBCCDDEEFF00)
+    view.write_u64(base + 16, 7)
+    view.write_u16(base + 24, 8)
+    view.write_u8(base + 26, 9)
+    view.write_struct(st, base + 32, 1, 2)
+    assert drv.cmb_read(base + 16, 32) == struct.pack("<QHB5xQQ", 7, 8, 9, 1, 2)
+    assert view.region_at(base) is not None and view.region_at(base).name == "nvme-cmb"
+    assert view.fd_of(base) >= 0
+    host = m.alloc(4096, 4096)
+    view.write_u64(host, 5)
+    assert m.memory.read_u64(host) == 5 and view.region_at(host) == m.memory.region_at(host)
+    assert view.regions() == m.memory.regions() and view.dirty is m.memory.dirty
+    with pytest.raises(DmaError):
+        view.map(0, 4096, -1)
+    for access in (lambda: view.read_u64(base + size - 4), lambda: view.write_u32(base - 2, 0),
+                   lambda: view.read(base - 8, 16), lambda: view.views(base + size - 8, 16)):
+        with pytest.raises(ControllerMemoryError) as info:
+            access()
+        assert isinstance(info.value, DmaError) and isinstance(info.value, NvmeStatusError)
+        assert info.value.status == INVALID_USE_OF_CMB
+
+
+def test_a_window_change_never_unmaps_under_a_user(nvme_env) -> None:
+    """A thread that took the DMA view before CMBMSC changed keeps a valid mapping."""
+    env = _env(nvme_env)
+    drv, ctrl = env.drv, env.ctrl
+    base, _ = drv.cmb_enable()
+    drv.cmb_write(base, b"12345678")
+    old = ctrl.dma
+    assert isinstance(old, ControllerMemoryView)
+    drv.write32(CMBMSC, 1)  # controller memory space off
+    assert ctrl.dma is env.machine.memory
+    assert old.read(base, 8) == b"12345678"  # the old view still reads the CMB
+    drv.cmb = None
+    drv.cmb_enable()
+    ctrl.reset(ResetKind.CONVENTIONAL)
+    assert old.read(base, 8) == b"12345678"
