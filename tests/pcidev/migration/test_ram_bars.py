@@ -271,3 +271,25 @@ def test_a_handover_hands_the_file_over_instead_of_the_path(tmp_path) -> None:
             new.close()
     finally:
         dev.close()
+
+
+def test_a_failure_while_applying_the_function_state_puts_the_own_mapping_back(monkeypatch) -> None:
+    src, dst = RamDev(), RamDev()
+    try:
+        src.ram.mem[:] = _pattern(7)
+        dst.ram.mem[:] = _pattern(8)
+        own = _blocks(dst.ram)
+        src.quiesce()
+        stream, fds = save_device_stream(src)
+
+        def boom() -> None:
+            raise RuntimeError("capability refused the configuration")
+
+        monkeypatch.setattr(dst.caps, "config_loaded", boom)
+        with pytest.raises(RuntimeError, match="capability refused"):
+            load_device_stream(dst, stream, fds)
+        assert not os.path.sameopenfile(dst.ram.fd, src.ram.fd)
+        assert _blocks(dst.ram) == own
+    finally:
+        src.close()
+        dst.close()

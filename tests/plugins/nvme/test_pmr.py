@@ -219,3 +219,44 @@ def test_a_handover_passes_the_pmr_file_not_its_path(tmp_path) -> None:
         with open(str(path) + ".moved", "rb") as f:
             assert f.read(8192) == data + data
         drv.close()
+
+
+def test_pmrsts_barrier_failures_set_err_and_reads_while_not_ready_do_not_flush(tmp_path, monkeypatch) -> None:
+    with Machine(ram_size=32 << 20) as machine, NvmeController(_config(tmp_path / "pmr")) as ctrl:
+        drv = _attach(machine, ctrl)
+        flushes = []
+
+        def failing(self, offset=0, size=None):
+            flushes.append(offset)
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(RamBacking, "flush", failing)
+        for _ in range(5):  # disabled: polling PMRSTS does no msync
+            assert drv.read32(PMRSTS) & NRDY
+        assert flushes == []
+        monkeypatch.undo()
+        _enable(drv)
+        monkeypatch.setattr(RamBacking, "flush", failing)
+        sts = drv.read32(PMRSTS)  # the barrier fails: PMRSTS.ERR, the controller carries on
+        assert sts & 0xFF == 1 and flushes == [0] and not drv.csts & 2
+        assert drv.read32(PMRSTS) & 0xFF == 1 and flushes == [0]  # sticky, no more barriers
+        drv.identify(0x01)  # the controller still works
+        monkeypatch.undo()
+        ctrl.reset(ResetKind.FLR)  # until a function reset
+        assert ctrl.pmr is not None and ctrl.pmr.pmrsts & 0xFF == 0
+
+
+def test_a_pci_reset_makes_an_enabled_pmr_persistent(tmp_path, monkeypatch) -> None:
+    with Machine(ram_size=32 << 20) as machine, NvmeController(_config(tmp_path / "pmr")) as ctrl:
+        drv = _attach(machine, ctrl)
+        _enable(drv)
+        flushes = []
+        real = RamBacking.flush
+
+        def spy(self, offset=0, size=None):
+            flushes.append(offset)
+            real(self, offset, size)
+
+        monkeypatch.setattr(RamBacking, "flush", spy)
+        ctrl.reset(ResetKind.FLR)
+        assert flushes == [0] and ctrl.regs.read(PMRCTL, 4) == 0
