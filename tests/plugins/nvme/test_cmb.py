@@ -462,3 +462,43 @@ def test_a_window_change_never_unmaps_under_a_user(nvme_env) -> None:
     drv.cmb_enable()
     ctrl.reset(ResetKind.CONVENTIONAL)
     assert old.read(base, 8) == b"12345678"
+
+
+def test_a_failed_nvme_load_leaves_the_cmb_window_on_the_destinations_own_memfd(monkeypatch) -> None:
+    from pcidev.errors import StateError
+    from pcidev.migration import load_device_stream, save_device_stream
+    from pcidev_nvme.cmb import CmbState
+
+    cba = 0x40_0000_0000
+    src = NvmeController(CMB)
+    dst = NvmeController(src.cfg)  # (the same configuration: serial, namespace identifiers)
+    try:
+        assert src.cmb is not None and dst.cmb is not None
+        for ctrl, tag in ((src, b"source.."), (dst, b"own.....")):
+            ctrl.cmb.restore(CmbState(cmbmsc=cba | 3, cmbsts=0))
+            ctrl.cmb.ram.mem[:8] = tag
+        src.quiesce()
+        stream, fds = save_device_stream(src)
+
+        def boom(*args: object) -> None:
+            raise RuntimeError("refused on purpose")
+
+        monkeypatch.setattr(dst.uncorrectable, "restore", boom)  # (after the CMB took its registers)
+        with pytest.raises(StateError, match="refused on purpose"):
+            load_device_stream(dst, stream, fds)
+        assert not os.path.sameopenfile(dst.cmb.ram.fd, src.cmb.ram.fd)
+        assert dst.cmb.window is not None and dst.cmb.window.memory.read(cba, 8) == b"own....."
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_a_failure_while_describing_closes_the_cmb_and_the_pmr(monkeypatch, tmp_path) -> None:
+    def boom(self: NvmeController) -> None:
+        raise RuntimeError("describe failed on purpose")
+
+    monkeypatch.setattr(NvmeController, "_describe_bars", boom)
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(RuntimeError, match="on purpose"):
+        NvmeController(f"cmb_size=2,pmr={tmp_path / 'pmr'},pmr_size=1M,ns=mem:size=1M")
+    assert set(os.listdir("/proc/self/fd")) <= before  # the CMB's memfd and the PMR's file are closed
