@@ -9,6 +9,7 @@ import os
 import random
 import struct
 
+import attrs
 import crc32c
 import pytest
 from _helpers import Env
@@ -502,3 +503,31 @@ def test_a_failure_while_describing_closes_the_cmb_and_the_pmr(monkeypatch, tmp_
     with pytest.raises(RuntimeError, match="on purpose"):
         NvmeController(f"cmb_size=2,pmr={tmp_path / 'pmr'},pmr_size=1M,ns=mem:size=1M")
     assert set(os.listdir("/proc/self/fd")) <= before  # the CMB's memfd and the PMR's file are closed
+
+
+def test_migration_keeps_which_window_was_refused(nvme_env, tmp_path) -> None:
+    """The PMR took an address first, the CMB was then refused (CBAI) there: after the
+    round trip the same one is refused, whatever order the components restore in."""
+    env = _both(nvme_env, tmp_path)
+    drv, pdev = env.drv, env.pdev
+    pmr = pdev.bar_address(4)
+    assert not _pmr_on(drv, pmr) & (1 << 12)
+    drv.write32(CMBMSC, 1)
+    drv.write32(CMBMSC + 4, pmr >> 32)
+    drv.write32(CMBMSC, (pmr & 0xFFFFFFFF) | 3)
+    assert drv.read32(CMBSTS) == 1
+    dst = roundtrip(pdev, ignore=CLOCK_FIELDS)
+    assert isinstance(dst, NvmeController) and dst.cmb is not None and dst.pmr is not None
+    assert dst.cmb.window is None and dst.pmr.window is not None and drv.read32(CMBSTS) == 1
+    assert not drv.read32(PMRSTS) & (1 << 12)
+    # a stream whose CMB and PMR both claim the same addresses is refused
+    from pcidev_nvme.cmb import CmbState
+    from pcidev_nvme.migration import check
+    from pcidev_nvme.pmr import PmrState
+
+    state = dst.get_device_state()
+    forged = attrs.evolve(state, cmb=CmbState(cmbmsc=pmr | 3, cmbsts=0),
+                          pmr=PmrState(pmrctl=1, pmrmscl=(pmr & 0xFFFFF000) | 2, pmrmscu=pmr >> 32, cbai=False,
+                                       ready=True))
+    with pytest.raises(Exception, match="controller memory spaces overlap"):
+        check(dst, forged)

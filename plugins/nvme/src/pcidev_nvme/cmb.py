@@ -223,6 +223,15 @@ class ControllerMemoryBuffer:
             self.msc.value = st.cmbmsc if st is not None else 0
             self._evaluate(force=True)
 
+    def state_range(self, st: CmbState) -> tuple[int, int] | None:
+        """The controller memory space ``st`` enables (CRE and CMSE set, CBAI clear, the
+        range below 2**64), or None."""
+        cba = st.cmbmsc & CMBMSC_CBA_MASK
+        if (st.cmbmsc & CMBMSC_CRE and st.cmbmsc & CMBMSC_CMSE and not st.cmbsts & CMBSTS_CBAI
+                and cba + self.size <= 1 << 64):
+            return (cba, cba + self.size)
+        return None
+
     def check(self, st: CmbState) -> str | None:
         """Why ``st`` cannot apply, or None."""
         if st.cmbmsc & ~(CMBMSC_CRE | CMBMSC_CMSE | CMBMSC_CBA_MASK):

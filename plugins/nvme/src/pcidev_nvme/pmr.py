@@ -258,6 +258,14 @@ class PersistentMemoryRegion:
         return PmrState(pmrctl=self.ctl.value, pmrmscl=self.mscl.value, pmrmscu=self.mscu.value,
                         cbai=self.cbai, ready=self.ready)
 
+    def state_range(self, st: PmrState) -> tuple[int, int] | None:
+        """The controller memory space ``st`` enables (EN and CMSE set, CBAI clear, the
+        range below 2**64), or None."""
+        cba = (st.pmrmscu << 32) | (st.pmrmscl & 0xFFFFF000)
+        if st.pmrctl & PMRCTL_EN and st.pmrmscl & PMRMSC_CMSE and not st.cbai and cba + self.size <= 1 << 64:
+            return (cba, cba + self.size)
+        return None
+
     def check(self, st: PmrState) -> str | None:
         """Why ``st`` cannot apply, or None."""
         if st.pmrctl & ~PMRCTL_EN:
