@@ -265,7 +265,8 @@ class Bar0:
         self.regs = regs
         self.doorbell_write = doorbell_write
         self.db_end = db_end
-        self._own = [r for r in regs if all(r is not c for c in components)]
+        theirs = {id(r) for r in components}
+        self._own = [r for r in regs if id(r) not in theirs]
 
     def read(self, offset: int, size: int) -> int:
         if offset < DOORBELL_BASE:
