@@ -437,7 +437,7 @@ def _open_ram_file(path: str, size: int) -> int:
             raise ConfigError(f"RAM BAR file {path}: cannot create it: {exc.strerror}") from None
         if created:
             try:
-                os.ftruncate(fd, size)
+                os.posix_fallocate(fd, 0, size)  # no holes: a write into one could SIGBUS
             except OSError as exc:
                 os.close(fd)
                 os.unlink(path)
@@ -470,11 +470,13 @@ class RamBacking:
     destination's backing *adopts* it (:meth:`adopt`: it maps the source's memfd and
     closes its own), so that both processes, and a vfio-user client that mapped the
     BAR, see the same memory. Over a transport that carries no descriptors (TCP,
-    vfio-user migration data) a memfd-backed BAR blocks migration; a file-backed one
-    keeps the destination's own mapping of the same path.
+    vfio-user migration data) every RAM BAR blocks migration (a file-backed one as well:
+    its path could name another file on the destination's host).
 
     **File backing** (``path``): the file is mapped ``MAP_SHARED``, so its contents
-    survive the process; it is created at ``size`` bytes if missing, and an existing
+    survive the process; it is created at ``size`` bytes if missing (allocated with
+    ``posix_fallocate``: a write through the mapping into a hole of a sparse file on a
+    full file system would raise SIGBUS; an existing file is used as it is), and an existing
     file of another size is refused (:class:`~pcidev.errors.ConfigError`), never
     resized. In a handover the new process takes the old one's descriptor
     (:func:`ram_file_key`, :mod:`pcidev.inheritance`) instead of opening the path.

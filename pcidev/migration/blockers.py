@@ -61,9 +61,10 @@ def collect_blockers(device: PciDevice, pm: pluggy.PluginManager | None = None) 
 
 def descriptor_blockers(device: PciDevice, carrier: str) -> list[str]:
     """Why ``device`` cannot migrate over a channel that carries no file descriptors
-    (TCP, vfio-user migration data): each memfd-backed RAM BAR (its contents travel
-    as the memfd; a file-backed one is reopened by the destination) and each enabled
-    feature in :attr:`~pcidev.device.PciDevice.FD_FEATURES`.
+    (TCP, vfio-user migration data): each RAM BAR (its contents travel as its descriptor:
+    a memfd, or the file of a file-backed one, which a destination on another host could
+    not reach by its path) and each enabled feature in
+    :attr:`~pcidev.device.PciDevice.FD_FEATURES`.
 
     :param device: the device.
     :param carrier: what carries the state, for the sentences ("a migration over TCP").
@@ -71,9 +72,9 @@ def descriptor_blockers(device: PciDevice, carrier: str) -> list[str]:
     """
     reasons = []
     for bar in device.ram_bars():
-        if getattr(bar.handler, "path", None) is None:
-            reasons.append(f"RAM BAR{bar.index} (feature 'bar{bar.index}-ram') migrates only as a file descriptor "
-                           f"(its memfd), which {carrier} cannot carry")
+        what = "its memfd" if getattr(bar.handler, "path", None) is None else "its file's"
+        reasons.append(f"RAM BAR{bar.index} (feature 'bar{bar.index}-ram') migrates only as a file descriptor "
+                       f"({what}), which {carrier} cannot carry")
     try:
         fd_bound = sorted(device.enabled_features() & device.FD_FEATURES)
     except Exception as exc:

@@ -30,6 +30,7 @@ and :func:`pcidev.migration.load_device`; device authors use those, not this mod
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from collections.abc import Callable, Sequence
@@ -354,11 +355,10 @@ def _check_ram_bars(device: PciDevice, st: RamBarsState, fds: Sequence[int] | No
         assert ram is not None  # the lists are equal
         if r.size != ram.size:
             raise _fail(f"RAM BAR{r.bar} has {r.size} bytes in the stream, {ram.size} here", where + ".size")
-        if fds is None:
-            if ram.path is None:
-                raise _fail(f"the contents of RAM BAR{r.bar} travel only as a file descriptor (its memfd), "
-                            "and this migration carried none (TCP)", where + ".fd")
-            continue  # a file-backed BAR keeps its own mapping of the file
+        if fds is None:  # (a file by its path could name another file on another host)
+            what = "its memfd" if ram.path is None else "its file's"
+            raise _fail(f"the contents of RAM BAR{r.bar} travel only as a file descriptor ({what}), "
+                        "and this migration carried none (TCP)", where + ".fd")
         if r.fd.index >= len(fds):
             raise _fail(f"fd index {r.fd.index} but only {len(fds)} fds arrived", where + ".fd")
         try:
@@ -473,16 +473,21 @@ def apply_function_state(device: PciDevice, st: FunctionState, res: LoadedResour
                                msix=msix.snapshot() if msix is not None else None,
                                intx=device.irq.snapshot(), failed=device.failed, memory=memory,
                                memory_replaced=res.memory is not None, sink=device.irq.sink, ram=replaced)
-    device.config.data[:] = st.config
-    device.caps.config_loaded()
-    if msix is not None and st.msix is not None:
-        msix.restore(st.msix)
-    device.irq.restore(InterruptState(intx_asserted=st.intx_asserted, intx_line=st.intx_line))
-    device.failed = DeviceFailedError(st.failure or "failed on the source") if st.failed else None
-    if res.memory is not None:
-        set_memory(res.memory)
-    if res.sink is not None:
-        device.irq.sink = res.sink
+    try:
+        device.config.data[:] = st.config
+        device.caps.config_loaded()
+        if msix is not None and st.msix is not None:
+            msix.restore(st.msix)
+        device.irq.restore(InterruptState(intx_asserted=st.intx_asserted, intx_line=st.intx_line))
+        device.failed = DeviceFailedError(st.failure or "failed on the source") if st.failed else None
+        if res.memory is not None:
+            set_memory(res.memory)
+        if res.sink is not None:
+            device.irq.sink = res.sink
+    except BaseException:
+        with contextlib.suppress(Exception):  # (the first failure is the one to report)
+            undo_function_state(device, old, set_memory)
+        raise
     return old
 
 
@@ -494,18 +499,20 @@ def undo_function_state(device: PciDevice, old: AppliedFunctionState,
     :param old: what :func:`apply_function_state` returned.
     :param set_memory: attaches guest memory to the device.
     """
-    device.config.data[:] = old.config
-    device.caps.config_loaded()
-    msix = device.caps.find(MsixCapability)
-    if msix is not None and old.msix is not None:
-        msix.restore(old.msix)
-    device.irq.restore(old.intx)
-    device.failed = old.failed
-    if old.memory_replaced:
-        set_memory(old.memory)
-    device.irq.sink = old.sink
-    for ram, mapping in old.ram:
-        ram.swap(mapping).close()
+    try:
+        device.config.data[:] = old.config
+        device.caps.config_loaded()
+        msix = device.caps.find(MsixCapability)
+        if msix is not None and old.msix is not None:
+            msix.restore(old.msix)
+        device.irq.restore(old.intx)
+        device.failed = old.failed
+        if old.memory_replaced:
+            set_memory(old.memory)
+        device.irq.sink = old.sink
+    finally:  # the device's own RAM BAR mappings come back whatever failed above
+        for ram, mapping in old.ram:
+            ram.swap(mapping).close()
 
 
 def commit_function_state(old: AppliedFunctionState) -> None:

@@ -125,26 +125,33 @@ def test_a_failed_load_keeps_the_destinations_own_memory() -> None:
         dst.close()
 
 
-def test_without_descriptors_a_memfd_bar_is_refused_and_a_file_bar_stays(tmp_path) -> None:
+def test_without_descriptors_every_ram_bar_is_refused(tmp_path) -> None:
+    """A memfd cannot travel without descriptors, and a file-backed BAR's path could name
+    another file on the destination's host (here: another file at another path, whose
+    contents a load must not silently take for the source's)."""
     src, dst = RamDev(), RamDev()
     try:
         src.quiesce()
         stream, _fds = save_device_stream(src)
-        with pytest.raises(StateError, match="travel only as a file descriptor") as info:
+        with pytest.raises(StateError, match=r"travel only as a file descriptor \(its memfd\)") as info:
             load_device_stream(dst, stream, None)
         assert info.value.path == "ram_bars.bars[0].fd"
     finally:
         src.close()
         dst.close()
-    path = str(tmp_path / "bar2.img")
-    src, dst = RamDev(path), RamDev(path)
+    src, dst = RamDev(str(tmp_path / "a.img")), RamDev(str(tmp_path / "b.img"))
     try:
         src.ram.mem[:] = _pattern(4)
+        dst.ram.mem[:] = _pattern(5)
+        own = _blocks(dst.ram)
+        assert descriptor_blockers(src, "a migration over TCP") == [
+            "RAM BAR2 (feature 'bar2-ram') migrates only as a file descriptor (its file's), "
+            "which a migration over TCP cannot carry"]
         src.quiesce()
         stream, _fds = save_device_stream(src)
-        load_device_stream(dst, stream, None).close()  # the same file, mapped by both
-        assert _blocks(dst.ram) == _blocks(src.ram)
-        assert descriptor_blockers(src, "a migration over TCP") == []
+        with pytest.raises(StateError, match=r"travel only as a file descriptor \(its file's\)") as info:
+            load_device_stream(dst, stream, None)
+        assert info.value.path == "ram_bars.bars[0].fd" and _blocks(dst.ram) == own
     finally:
         src.close()
         dst.close()
@@ -224,6 +231,7 @@ def test_a_file_is_created_at_the_bar_size_and_keeps_its_contents(tmp_path) -> N
     ram = RamBacking(SIZE, path=path)
     try:
         assert os.path.getsize(path) == SIZE and ram.path == path
+        assert os.stat(path).st_blocks * 512 >= SIZE  # allocated, not sparse: no SIGBUS on a full disk
         ram.mem[:] = _pattern(6)
         ram.flush()
     finally:
@@ -263,3 +271,25 @@ def test_a_handover_hands_the_file_over_instead_of_the_path(tmp_path) -> None:
             new.close()
     finally:
         dev.close()
+
+
+def test_a_failure_while_applying_the_function_state_puts_the_own_mapping_back(monkeypatch) -> None:
+    src, dst = RamDev(), RamDev()
+    try:
+        src.ram.mem[:] = _pattern(7)
+        dst.ram.mem[:] = _pattern(8)
+        own = _blocks(dst.ram)
+        src.quiesce()
+        stream, fds = save_device_stream(src)
+
+        def boom() -> None:
+            raise RuntimeError("capability refused the configuration")
+
+        monkeypatch.setattr(dst.caps, "config_loaded", boom)
+        with pytest.raises(RuntimeError, match="capability refused"):
+            load_device_stream(dst, stream, fds)
+        assert not os.path.sameopenfile(dst.ram.fd, src.ram.fd)
+        assert _blocks(dst.ram) == own
+    finally:
+        src.close()
+        dst.close()

@@ -331,6 +331,8 @@ class AdminCommandSet:
         try:
             for v in ctrl.dma.views(base, nbytes, write=write):
                 v.release()
+        except NvmeStatusError:  # (Invalid Use of Controller Memory Buffer)
+            raise
         except DmaError as exc:
             raise _err(Status.DATA_TRANSFER_ERROR, f"queue memory: {exc}", OFF_DPTR) from None
 

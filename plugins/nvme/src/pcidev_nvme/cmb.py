@@ -6,52 +6,61 @@ BAR2 and that the controller reads and writes as if it were host memory.
 guest's accesses never trap) whose first N MiB are the CMB, and CAP.CMBS. The NVMe 1.4
 registers (NVMe Base 2.0, 3.1.4.14 to 3.1.4.19; names as in libnvme ``types.h``)::
 
-    038h CMBLOC   BIR = 2, OFST = 0                 (reads 0 until CMBMSC.CRE is set)
+    038h CMBLOC   BIR = 2, CDPMLS = 1, CDPCILS = 1, OFST = 0  (reads 0 until CMBMSC.CRE is set)
     03Ch CMBSZ    SQS = 1, CQS = 0, LISTS = 1, RDS = 1, WDS = 1, SZU = 1 MiB, SZ = N
                                                     (reads 0 until CMBMSC.CRE is set)
-    050h CMBMSC   CRE (bit 0), CMSE (bit 1), CBA (bits 63:12)
-    058h CMBSTS   CBAI (bit 0): the host set CMSE with an invalid CBA
+    050h CMBMSC   CRE (bit 0), CMSE (bit 1), CBA (bits 63:12): read back as written
+    058h CMBSTS   CBAI (bit 0): CRE and CMSE are set and CBA is invalid
     05Ch CMBEBS   0 (no elasticity buffer reported)
     060h CMBSWTP  0 (no sustained write throughput reported)
 
-**Controller memory space.** While CMBMSC.CMSE is 1 (with CRE), addresses in
-``[CBA, CBA + N MiB)`` are CMB addresses: the controller's DMA view
+**Controller memory space.** While CMBMSC.CRE and CMSE are 1 and CBA is valid,
+addresses in ``[CBA, CBA + N MiB)`` are CMB addresses: the controller's DMA view
 (:class:`~pcidev_nvme.controller_memory.ControllerMemoryView`, what
 :attr:`NvmeController.dma <pcidev_nvme.controller.NvmeController.dma>` returns then)
-sends them to the CMB's memory and every other address to guest memory. A CBA that is not aligned to the CMB
-size unit (1 MiB) or whose range would pass 2**64 is refused: CMBSTS.CBAI is set and
-CMSE stays 0. CMBSTS.CBAI is cleared by the next valid CMSE write.
+sends them to the CMB's memory and every other address to guest memory. CBA is invalid
+when the range would pass 2**64 or overlaps the PMR's enabled controller memory space
+(:mod:`pcidev_nvme.pmr`); then CMBSTS.CBAI is set and the CMB has no controller memory
+space. Each CMBMSC write evaluates them again (CBAI is cleared when CRE or CMSE is 0 or CBA
+is valid); with CRE 0, CMSE has no effect. The register keeps what the host wrote.
 
-**What may live in the CMB**: I/O submission queues (Linux's ``nvme.use_cmb_sqes``:
-the fetch path reads the entries from the CMB), PRP lists and SGL segments (LISTS),
-and read and write data (RDS, WDS). Completion queues may not (CQS = 0): Create I/O
-Completion Queue with its base in the CMB fails with Invalid Use of Controller Memory
-Buffer. The admin queues stay in host memory.
+**What may live in the CMB**: admin and I/O submission queues (Linux's
+``nvme.use_cmb_sqes``: the fetch path reads the entries from the CMB), PRP lists and SGL
+segments (LISTS), and read and write data (RDS, WDS). Completion queues may not (CQS = 0):
+Create I/O Completion Queue with its base in the CMB fails with Invalid Use of Controller
+Memory Buffer, and CC.EN with ACQ in the CMB sets CSTS.CFS.
 
-**Mixing rule** (as QEMU's): the data buffer of one command is either wholly in the CMB
-or wholly in host memory; a PRP or SGL data pointer that mixes the two, or one piece
-that straddles the CMB's edge, fails with Invalid Use of Controller Memory Buffer
-(00h/12h, DNR). PRP lists and SGL segments themselves may be in either.
+**Mixing rule** (as QEMU's): the data buffer of one command is wholly in the CMB, wholly
+in the PMR or wholly in host memory; a PRP or SGL data pointer that mixes them, or one piece
+that straddles the CMB's edge, fails with Invalid Use of Controller Memory Buffer (00h/12h,
+DNR). PRP lists and SGL segments may be in either, whether or not the command's
+submission queue is in the CMB (CMBLOC.CDPCILS) and even when the data is in the other
+memory (CMBLOC.CDPMLS).
 
-**Reset and migration.** A PCI reset (conventional, FLR) clears CMBMSC and CMBSTS; a
-controller reset (CC.EN 1 to 0) keeps them (Linux writes them again after every
-reset). The contents are a RAM BAR, which the framework migrates (the memfd travels;
+**Reset and migration.** A conventional or power-on reset clears CMBMSC and CMBSTS. A
+Function Level Reset (and vfio-user's device reset, which is one) and a controller
+reset (CC.EN 1 to 0) keep them (NVMe Base 2.1: CMBMSC is not reset by a Controller Reset
+or an FLR; Linux maps the CMB once, in ``nvme_map_cmb``, and never writes CMBMSC again).
+The contents are a RAM BAR, which the framework migrates (the memfd travels;
 see :mod:`pcidev.migration.function_state`); the registers travel as the optional
 ``cmb`` subsection of the ``nvme`` section (:class:`CmbState`).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import attrs
 
 from pcidev.bar import Access, RamBacking, Register
+from pcidev.pci.config import ResetKind
 from pcidev.vmstate import U32, U64, vmstate
-from pcidev_nvme.controller_memory import MemoryWindow, close_window, invalid_use, map_window
+from pcidev_nvme.controller_memory import MemoryWindow, invalid_use, map_window, ranges_overlap
 
 __all__ = ["CMB_BAR", "CmbState", "ControllerMemoryBuffer", "CMBMSC_CRE", "CMBMSC_CMSE",
-           "CMBSTS_CBAI", "CMBSZ_SQS", "CMBSZ_CQS", "CMBSZ_LISTS", "CMBSZ_RDS", "CMBSZ_WDS", "SZU_1M"]
+           "CMBSTS_CBAI", "CMBLOC_CDPMLS", "CMBLOC_CDPCILS",
+           "CMBSZ_SQS", "CMBSZ_CQS", "CMBSZ_LISTS", "CMBSZ_RDS", "CMBSZ_WDS", "SZU_1M"]
 
 #: the BAR holding the CMB
 CMB_BAR = 2
@@ -59,6 +68,10 @@ CMB_BAR = 2
 CMBMSC_CRE = 1 << 0
 CMBMSC_CMSE = 1 << 1
 CMBMSC_CBA_MASK = ((1 << 64) - 1) & ~0xFFF
+#: CMBLOC.CDPMLS (PRP lists / SGLs and their data may be in different memories) and
+#: CMBLOC.CDPCILS (PRP lists / SGLs may be in the CMB whatever memory the SQ is in)
+CMBLOC_CDPMLS = 1 << 5
+CMBLOC_CDPCILS = 1 << 6
 #: CMBSTS.CBAI
 CMBSTS_CBAI = 1 << 0
 #: CMBSZ support bits
@@ -75,7 +88,8 @@ _UNIT = 1 << 20
 @vmstate("nvme/cmb", version=1)
 @attrs.frozen
 class CmbState:
-    """The CMB's registers: CMBMSC (CRE, CMSE, CBA) and CMBSTS (CBAI)."""
+    """The CMB's registers: CMBMSC (CRE, CMSE, CBA) and CMBSTS (CBAI; evaluated again
+    on restore)."""
 
     cmbmsc: U64
     cmbsts: U32
@@ -88,10 +102,17 @@ class ControllerMemoryBuffer:
     :param size_mib: the CMB size in MiB (>= 1).
     :param name: the controller's name (for the memfd).
     :param changed: called when :attr:`window` changed (the controller recomposes its DMA view).
+    :param other: the range ``(start, end)`` of the PMR's enabled controller memory space,
+        or None (a CBA overlapping it is invalid).
+    :param lock: serializes changes of the controller's windows (one per controller).
     """
 
-    def __init__(self, size_mib: int, name: str, changed: Callable[[], None]) -> None:
+    def __init__(self, size_mib: int, name: str, changed: Callable[[], None], *,
+                 other: Callable[[], tuple[int, int] | None] = lambda: None,
+                 lock: threading.RLock | None = None) -> None:
         self._changed = changed
+        self._other = other
+        self._lock = lock if lock is not None else threading.RLock()
         self.size_mib = size_mib
         #: the CMB's bytes (the start of BAR2)
         self.size = size_mib * _UNIT
@@ -120,8 +141,8 @@ class ControllerMemoryBuffer:
 
     @property
     def cmbloc(self) -> int:
-        """CMBLOC: BAR2, offset 0 (0 until CMBMSC.CRE)."""
-        return CMB_BAR if self.enabled_registers else 0
+        """CMBLOC: BAR2, offset 0, CDPMLS and CDPCILS (0 until CMBMSC.CRE)."""
+        return CMB_BAR | CMBLOC_CDPMLS | CMBLOC_CDPCILS if self.enabled_registers else 0
 
     @property
     def cmbsz(self) -> int:
@@ -130,32 +151,42 @@ class ControllerMemoryBuffer:
             return 0
         return CMBSZ_SQS | CMBSZ_LISTS | CMBSZ_RDS | CMBSZ_WDS | (SZU_1M << 8) | (self.size_mib << 12)
 
-    def _msc_written(self, reg: Register, new: int, old: int) -> None:
-        value = new & (CMBMSC_CRE | CMBMSC_CMSE | CMBMSC_CBA_MASK)
-        if value & CMBMSC_CMSE:
-            cba = value & CMBMSC_CBA_MASK
-            if not value & CMBMSC_CRE or cba % _UNIT or cba + self.size > 1 << 64:
-                self.sts.value = CMBSTS_CBAI
-                value &= ~CMBMSC_CMSE
-            else:
-                self.sts.value = 0
-        reg.value = value
-        self._place()
+    @property
+    def enabled_range(self) -> tuple[int, int] | None:
+        """``(CBA, CBA + size)`` while controller memory space is enabled, else None."""
+        w = self.window
+        return (w.start, w.end) if w is not None else None
 
-    def _place(self, *, force: bool = False) -> None:
-        """Make :attr:`window` follow CMBMSC (with ``force``, map the RAM BAR's descriptor
-        again: a load adopted another one)."""
+    def _invalid(self, msc: int) -> str | None:
+        """Why the CBA of ``msc`` (CRE and CMSE set) is invalid, or None."""
+        cba = msc & CMBMSC_CBA_MASK
+        if cba + self.size > 1 << 64:
+            return f"CBA {cba:#x}: the CMB would pass 2**64"
+        if ranges_overlap((cba, cba + self.size), self._other()):
+            return f"CBA {cba:#x}: the CMB would overlap the PMR's controller memory space"
+        return None
+
+    def _msc_written(self, reg: Register, new: int, old: int) -> None:
+        with self._lock:
+            reg.value = new & (CMBMSC_CRE | CMBMSC_CMSE | CMBMSC_CBA_MASK)
+            self._evaluate()
+
+    def _evaluate(self, *, force: bool = False) -> None:
+        """Derive CMBSTS.CBAI and the window from CMBMSC (CRE, CMSE, CBA's validity)."""
         msc = self.msc.value
         key = None
-        if msc & CMBMSC_CMSE and msc & CMBMSC_CRE:
-            key = (msc & CMBMSC_CBA_MASK, self.ram.fd)
+        self.sts.value = 0
+        if msc & CMBMSC_CRE and msc & CMBMSC_CMSE:
+            if self._invalid(msc) is None:
+                key = (msc & CMBMSC_CBA_MASK, self.ram.fd)
+            else:
+                self.sts.value = CMBSTS_CBAI
         if key == self._window_key and not force:
             return
-        old = self.window
+        # the old window is only dropped: a thread may still use it (the GC unmaps it)
         self.window = map_window("CMB", key[0], self.size, key[1]) if key is not None else None
         self._window_key = key
         self._changed()
-        close_window(old)
 
     def refuse_cq(self, base: int, nbytes: int) -> None:
         """Create I/O Completion Queue: a queue in the CMB is not supported (CMBSZ.CQS = 0).
@@ -165,14 +196,20 @@ class ControllerMemoryBuffer:
         w = self.window
         if w is not None and w.overlaps(base, nbytes):
             raise invalid_use(f"completion queues in the controller memory buffer are not supported "
-                         f"(CQ at {base:#x})")
+                              f"(CQ at {base:#x})")
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def reset(self) -> None:
-        """A PCI reset: CMBMSC and CMBSTS cleared, controller memory space disabled."""
-        self.msc.value = 0
-        self.sts.value = 0
-        self._place()
+    def reset(self, kind: ResetKind) -> None:
+        """A PCI reset: a conventional or power-on reset clears CMBMSC and CMBSTS (controller
+        memory space disabled); a Function Level Reset keeps them.
+
+        :param kind: the reset.
+        """
+        if kind is ResetKind.FLR:
+            return
+        with self._lock:
+            self.msc.value = 0
+            self._evaluate()
 
     def snapshot(self) -> CmbState:
         """The registers."""
@@ -180,10 +217,20 @@ class ControllerMemoryBuffer:
 
     def restore(self, st: CmbState | None) -> None:
         """Take the registers of a checked state (None: a stream without them: reset
-        values), and map the RAM BAR's current descriptor (the one a load adopted)."""
-        self.msc.value = st.cmbmsc if st is not None else 0
-        self.sts.value = st.cmbsts if st is not None else 0
-        self._place(force=True)
+        values), and map the RAM BAR's current descriptor (the one a load adopted);
+        CMBSTS.CBAI follows from CMBMSC."""
+        with self._lock:
+            self.msc.value = st.cmbmsc if st is not None else 0
+            self._evaluate(force=True)
+
+    def state_range(self, st: CmbState) -> tuple[int, int] | None:
+        """The controller memory space ``st`` enables (CRE and CMSE set, CBAI clear, the
+        range below 2**64), or None."""
+        cba = st.cmbmsc & CMBMSC_CBA_MASK
+        if (st.cmbmsc & CMBMSC_CRE and st.cmbmsc & CMBMSC_CMSE and not st.cmbsts & CMBSTS_CBAI
+                and cba + self.size <= 1 << 64):
+            return (cba, cba + self.size)
+        return None
 
     def check(self, st: CmbState) -> str | None:
         """Why ``st`` cannot apply, or None."""
@@ -191,13 +238,10 @@ class ControllerMemoryBuffer:
             return f"CMBMSC {st.cmbmsc:#x} sets reserved bits"
         if st.cmbsts & ~CMBSTS_CBAI:
             return f"CMBSTS {st.cmbsts:#x} sets reserved bits"
-        cba = st.cmbmsc & CMBMSC_CBA_MASK
-        if st.cmbmsc & CMBMSC_CMSE and (cba % _UNIT or cba + self.size > 1 << 64 or not st.cmbmsc & CMBMSC_CRE):
-            return f"controller memory space enabled at an invalid CBA {cba:#x}"
         return None
 
     def close(self) -> None:
-        """Unmap the window and close the RAM BAR."""
-        old, self.window, self._window_key = self.window, None, None
-        close_window(old)
+        """Drop the window and close the RAM BAR."""
+        with self._lock:
+            self.window, self._window_key = None, None
         self.ram.close()

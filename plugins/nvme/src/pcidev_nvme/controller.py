@@ -211,19 +211,31 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         cfg = self.cfg
         #: the controller's DMA view while the CMB or PMR has controller memory space, else None
         self._ctrl_memory: ControllerMemoryView | None = None
-        #: the Controller Memory Buffer (BAR2), or None without ``cmb_size``
-        self.cmb: ControllerMemoryBuffer | None = (ControllerMemoryBuffer(cfg.cmb_size, self.name,
-                                                                          self._windows_changed)
-                                                   if cfg.cmb_size else None)
-        #: the Persistent Memory Region (BAR4), or None without ``pmr``
+        #: serializes changes of the CMB's and PMR's windows and the view composed of them
+        self._windows_lock = threading.RLock()
+        self.cmb: ControllerMemoryBuffer | None = None
         self.pmr: PersistentMemoryRegion | None = None
-        if cfg.pmr is not None:
-            try:
-                self.pmr = PersistentMemoryRegion(cfg.pmr, int(cfg.pmr_size), self.name, self._windows_changed)
-            except BaseException:
-                if self.cmb is not None:
-                    self.cmb.close()
-                raise
+        try:
+            #: the Controller Memory Buffer (BAR2), or None without ``cmb_size``
+            self.cmb = (ControllerMemoryBuffer(cfg.cmb_size, self.name, self._windows_changed,
+                                               other=self._pmr_range, lock=self._windows_lock)
+                        if cfg.cmb_size else None)
+            #: the Persistent Memory Region (BAR4), or None without ``pmr``
+            self.pmr = (PersistentMemoryRegion(cfg.pmr, int(cfg.pmr_size), self.name, self._windows_changed,
+                                               other=self._cmb_range, lock=self._windows_lock)
+                        if cfg.pmr is not None else None)
+            self._describe_bars()
+        except BaseException:
+            if self.cmb is not None:
+                self.cmb.close()
+            if self.pmr is not None:
+                self.pmr.close()
+            raise
+
+    def _describe_bars(self) -> None:
+        """BAR0's registers, BAR2 (CMB), BAR4 (PMR or MSI-X), MSI-X, the PCIe
+        capabilities and SR-IOV (part of :meth:`describe`)."""
+        cfg = self.cfg
         extra = [*(self.cmb.registers() if self.cmb is not None else ()),
                  *(self.pmr.registers() if self.pmr is not None else ())]
         self._cap = cap_value(cfg.mqes, cmbs=self.cmb is not None, pmrs=self.pmr is not None)
@@ -234,7 +246,8 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self.regs = regs
         layout = bar_layout(cfg.max_ioqpairs, cfg.msix_vectors, cfg.msix_bar)
         self._db_window = layout.doorbell_window
-        self.add_mem_bar(0, layout.bar0_size, Bar0(regs, self._doorbell_write, layout.doorbell_window), bits64=True)
+        bar0 = Bar0(regs, self._doorbell_write, layout.doorbell_window, components=extra)
+        self.add_mem_bar(0, layout.bar0_size, bar0, bits64=True)
         if self.cmb is not None:
             self.add_mem_bar(CMB_BAR, self.cmb.bar_size, self.cmb.ram, bits64=True, prefetchable=True)
         if self.pmr is not None:
@@ -320,9 +333,16 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
 
     def _windows_changed(self) -> None:
         """The CMB's or PMR's controller memory space changed: recompose the DMA view."""
-        windows = [w for w in (self.cmb.window if self.cmb is not None else None,
-                               self.pmr.window if self.pmr is not None else None) if w is not None]
-        self._ctrl_memory = ControllerMemoryView(windows) if windows else None
+        with self._windows_lock:
+            windows = [w for w in (self.cmb.window if self.cmb is not None else None,
+                                   self.pmr.window if self.pmr is not None else None) if w is not None]
+            self._ctrl_memory = ControllerMemoryView(windows) if windows else None
+
+    def _cmb_range(self) -> tuple[int, int] | None:
+        return self.cmb.enabled_range if self.cmb is not None else None
+
+    def _pmr_range(self) -> tuple[int, int] | None:
+        return self.pmr.enabled_range if self.pmr is not None else None
 
     @property
     def ready(self) -> bool:
@@ -482,7 +502,13 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         problem = enable_problem(regs["CC"].value, aqa, asq, acq) or self.enable_refusal()
         mem = self.memory  # bus mastering may still be off: only check the ranges
         if problem is None and mem is not None:
+            view = self._ctrl_memory  # (the admin SQ may be in the CMB: CMBSZ.SQS)
+            cmb = self.cmb.window if self.cmb is not None else None
             try:
+                if cmb is not None and cmb.overlaps(acq, acqs * 16):
+                    raise DmaError("ACQ is in the controller memory buffer (CMBSZ.CQS is 0)")
+                if view is not None:
+                    mem = view.over(mem)
                 for v in mem.views(asq, asqs * SQE_SIZE) + mem.views(acq, acqs * 16, write=True):
                     v.release()
             except DmaError as exc:
@@ -606,10 +632,10 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         dropped; bus mastering is off after the reset, so they cannot DMA either).
         """
         with self.state_lock:
-            if self.cmb is not None:
-                self.cmb.reset()
             if self.pmr is not None:
                 self.pmr.reset()
+            if self.cmb is not None:
+                self.cmb.reset(kind)
             self._gen += 1
             self._drop_parked()
             self._state = ST_RESETTING

@@ -9,29 +9,54 @@ controller composes the windows into one :class:`ControllerMemoryView`, which it
 ``dma`` property returns instead of guest memory (without windows it returns guest
 memory itself: one comparison on the hot path).
 
-**Mixing rule** (as QEMU's): the data buffer of one command is either wholly in
-controller memory or wholly in host memory; a PRP or SGL data pointer that mixes the two,
-or one piece that straddles a window's edge, fails with Invalid Use of Controller Memory
-Buffer (00h/12h, DNR). PRP lists and SGL segments may be in either.
+**Mixing rule** (as QEMU's): the data buffer of one command is wholly in one memory: the
+CMB, the PMR or host memory; a PRP or SGL data pointer that mixes two of them, or one piece
+that straddles a window's edge, fails with Invalid Use of Controller Memory Buffer (00h/12h,
+DNR). PRP lists and SGL segments may be in either, whatever memory the command's queue and
+its data are in (CMBLOC.CDPMLS and CDPCILS are set).
+
+**Errors.** Every accessor of the view raises :class:`ControllerMemoryError` for such an
+access: a :class:`~pcidev.errors.DmaError` (so the paths that are not a command's data
+transfer -- completion posting, shadow doorbells, SQ fetch -- treat it as any failed DMA)
+that is also the :class:`~pcidev_nvme.status.NvmeStatusError` a command completes with.
+
+**Windows are never unmapped eagerly**: a window that is replaced or disabled is only
+dropped; the fetch and I/O threads that still hold the previous view keep a valid mapping,
+which the garbage collector unmaps once nobody uses it.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import attrs
 
-from pcidev.dma import GuestMemory
+from pcidev.dma import DirtyLog, GuestMemory, MemoryRegion
 from pcidev.errors import DmaError
 from pcidev_nvme.status import NvmeStatusError, Status
 
-__all__ = ["ControllerMemoryView", "MemoryWindow", "map_window", "invalid_use"]
+__all__ = ["ControllerMemoryView", "ControllerMemoryError", "MemoryWindow", "map_window", "invalid_use",
+           "ranges_overlap"]
 
 
-def invalid_use(what: str) -> NvmeStatusError:
-    """Invalid Use of Controller Memory Buffer (DNR)."""
-    return NvmeStatusError(Status.INVALID_USE_OF_CMB, what, dnr=True)
+class ControllerMemoryError(NvmeStatusError, DmaError):
+    """An access that breaks the controller memory rules: Invalid Use of Controller Memory
+    Buffer (00h/12h, DNR) for a command, a failed DMA for everything else."""
+
+
+def invalid_use(what: str) -> ControllerMemoryError:
+    """Invalid Use of Controller Memory Buffer (DNR).
+
+    :param what: the message.
+    """
+    return ControllerMemoryError(Status.INVALID_USE_OF_CMB, what, dnr=True)
+
+
+def ranges_overlap(a: tuple[int, int] | None, b: tuple[int, int] | None) -> bool:
+    """Whether two ``(start, end)`` ranges (None: no range) overlap."""
+    return a is not None and b is not None and a[0] < b[1] and b[0] < a[1]
 
 
 @attrs.frozen
@@ -64,23 +89,14 @@ def map_window(name: str, start: int, size: int, fd: int) -> MemoryWindow:
     return MemoryWindow(name, start, start + size, mem)
 
 
-def close_window(window: MemoryWindow | None) -> None:
-    """Unmap a window (views still alive keep their mapping)."""
-    if window is not None:
-        try:
-            window.memory.close()
-        except DmaError:
-            pass
-
-
 class ControllerMemoryView(GuestMemory):
     """Guest memory with controller memory windows (see the module docstring).
 
-    A :class:`~pcidev.dma.GuestMemory` for the data path (``read``, ``write``, ``views``,
-    ``sg_views``, ``access``, ``load32``...) that maps nothing itself: each access goes
-    to :attr:`host` or to the window holding it.
+    A :class:`~pcidev.dma.GuestMemory` that maps nothing itself: every accessor sends the
+    access to :attr:`host` or to the window holding it (an access that straddles a
+    window's edge raises :class:`ControllerMemoryError`).
 
-    :param windows: the windows (disjoint).
+    :param windows: the windows (disjoint: the CMB and PMR refuse overlapping base addresses).
     """
 
     def __init__(self, windows: Sequence[MemoryWindow]) -> None:
@@ -103,12 +119,56 @@ class ControllerMemoryView(GuestMemory):
 
     def _side(self, gpa: int, length: int) -> GuestMemory:
         for w in self.windows:
-            if gpa < w.end and gpa + length > w.start:
+            if gpa < w.end and gpa + max(length, 1) > w.start:
                 if gpa >= w.start and gpa + length <= w.end:
                     return w.memory
                 raise invalid_use(f"[{gpa:#x}, +{length:#x}) straddles the edge of the {w.name} "
                                   f"[{w.start:#x}, {w.end:#x})")
+        if self.host is self:
+            raise DmaError("controller memory view used before it was put over guest memory")
         return self.host
+
+    # -- what the view maps: nothing of its own ------------------------------------------
+    @property
+    def dirty(self) -> DirtyLog | None:
+        """The host memory's dirty log (writes to controller memory are not logged: its
+        contents migrate as the RAM BAR)."""
+        return None if self.host is self else self.host.dirty
+
+    @dirty.setter
+    def dirty(self, value: DirtyLog | None) -> None:
+        pass  # (GuestMemory.__init__ sets it; the host's log is the one that counts)
+
+    def map(self, gpa: int, size: int, fd: int, fd_offset: int = 0, *, writable: bool = True,
+            name: str = "") -> MemoryRegion:
+        raise DmaError("a controller memory view maps nothing itself: map guest memory")
+
+    def unmap(self, gpa: int, size: int | None = None, *, forget_views: bool = False) -> None:
+        raise DmaError("a controller memory view maps nothing itself: unmap guest memory")
+
+    def regions(self) -> list[MemoryRegion]:
+        return [] if self.host is self else self.host.regions()
+
+    def fds(self) -> list[tuple[MemoryRegion, int]]:
+        return [] if self.host is self else self.host.fds()
+
+    def region_at(self, gpa: int) -> MemoryRegion | None:
+        try:
+            return self._side(gpa, 1).region_at(gpa)
+        except DmaError:
+            return None
+
+    def fd_of(self, gpa: int) -> int:
+        return self._side(gpa, 1).fd_of(gpa)
+
+    def start_dirty_log(self, ranges: Iterable[tuple[int, int]] | None = None) -> DirtyLog:
+        if self.host is self:
+            raise DmaError("controller memory view used before it was put over guest memory")
+        return self.host.start_dirty_log(ranges)
+
+    def stop_dirty_log(self) -> None:
+        if self.host is not self:
+            self.host.stop_dirty_log()
 
     # -- the data path's accesses --------------------------------------------------------
     def read(self, gpa: int, length: int) -> bytes:
@@ -132,6 +192,36 @@ class ControllerMemoryView(GuestMemory):
         else:
             dst.write(dst_gpa, src.read(src_gpa, length))
 
+    def read_u8(self, gpa: int) -> int:
+        return self._side(gpa, 1).read_u8(gpa)
+
+    def read_u16(self, gpa: int) -> int:
+        return self._side(gpa, 2).read_u16(gpa)
+
+    def read_u32(self, gpa: int) -> int:
+        return self._side(gpa, 4).read_u32(gpa)
+
+    def read_u64(self, gpa: int) -> int:
+        return self._side(gpa, 8).read_u64(gpa)
+
+    def write_u8(self, gpa: int, value: int) -> None:
+        self._side(gpa, 1).write_u8(gpa, value)
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        self._side(gpa, 2).write_u16(gpa, value)
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        self._side(gpa, 4).write_u32(gpa, value)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self._side(gpa, 8).write_u64(gpa, value)
+
+    def read_struct(self, st: struct.Struct, gpa: int) -> tuple[Any, ...]:
+        return self._side(gpa, st.size).read_struct(st, gpa)
+
+    def write_struct(self, st: struct.Struct, gpa: int, *values: Any) -> None:
+        self._side(gpa, st.size).write_struct(st, gpa, *values)
+
     def load32(self, gpa: int) -> int:
         return self._side(gpa, 4).load32(gpa)
 
@@ -144,16 +234,10 @@ class ControllerMemoryView(GuestMemory):
     def store64(self, gpa: int, value: int) -> None:
         self._side(gpa, 8).store64(gpa, value)
 
-    def read_u32(self, gpa: int) -> int:
-        return self._side(gpa, 4).read_u32(gpa)
-
-    def write_u32(self, gpa: int, value: int) -> None:
-        self._side(gpa, 4).write_u32(gpa, value)
-
     def is_mapped(self, gpa: int, length: int, *, write: bool = False) -> bool:
         try:
             side = self._side(gpa, length)
-        except NvmeStatusError:
+        except DmaError:
             return False
         return side.is_mapped(gpa, length, write=write)
 
@@ -161,12 +245,14 @@ class ControllerMemoryView(GuestMemory):
         return self._side(gpa, length).views(gpa, length, write=write)
 
     def sg_views(self, sgl: Iterable[tuple[int, int]], *, write: bool = False) -> list[memoryview]:
-        """Views of a scatter-gather list: all of it in controller memory or all in guest
-        memory, else Invalid Use of Controller Memory Buffer."""
+        """Views of a scatter-gather list: all of it in one memory (the CMB, the PMR or
+        guest memory), else Invalid Use of Controller Memory Buffer."""
         entries = list(sgl)
         sides: list[GuestMemory] = []
         host = self.host
-        in_host = in_ctrl = False
+        if host is self:
+            raise DmaError("controller memory view used before it was put over guest memory")
+        used: GuestMemory | None = None
         for entry in entries:
             try:
                 gpa, length = entry
@@ -176,13 +262,12 @@ class ControllerMemoryView(GuestMemory):
             sides.append(side)
             if not length:
                 continue
-            if side is host:
-                in_host = True
-            else:
-                in_ctrl = True
-            if in_host and in_ctrl:
-                raise invalid_use("a data buffer mixes controller memory and host memory")
-        if not in_ctrl:
+            if used is None:
+                used = side
+            elif side is not used:
+                what = "controller memory and host memory" if host in (side, used) else "the CMB and the PMR"
+                raise invalid_use(f"a data buffer mixes {what}")
+        if used is None or used is host:
             return host.sg_views(entries, write=write)
         views: list[memoryview] = []
         try:

@@ -632,6 +632,8 @@ class IoCommandSet:
     def _views(mem: GuestMemory, segs: Iterable[tuple[int, int]], write: bool) -> list[memoryview]:
         try:
             return mem.sg_views(segs, write=write)
+        except NvmeStatusError:  # (Invalid Use of Controller Memory Buffer)
+            raise
         except DmaError as exc:
             raise NvmeStatusError(
                 Status.DATA_TRANSFER_ERROR, str(exc), param_offset=OFF_DPTR1

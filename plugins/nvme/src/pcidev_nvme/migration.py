@@ -92,8 +92,9 @@ from pcidev_nvme.abort import Aborts, AbortsState
 from pcidev_nvme.admin import AdminWorker
 from pcidev_nvme.aer import AerState, AsyncEvents, EventState
 from pcidev_nvme.backends import MemoryBackend
-from pcidev_nvme.cmb import CmbState, ControllerMemoryBuffer
+from pcidev_nvme.cmb import CMBSTS_CBAI, CmbState, ControllerMemoryBuffer
 from pcidev_nvme.config import NvmeConfig
+from pcidev_nvme.controller_memory import ranges_overlap
 from pcidev_nvme.doorbells import ShadowDoorbells, ShadowDoorbellsState
 from pcidev_nvme.features import Features, FeaturesState, TlerState
 from pcidev_nvme.interrupts import Interrupts, InterruptsState, Timer
@@ -594,6 +595,9 @@ def check(ctrl: MigrationHost, st: NvmeState) -> None:
         why = ctrl.pmr.check(st.pmr)
         if why is not None:
             raise _fail(why, "pmr")
+    if (ctrl.cmb is not None and ctrl.pmr is not None and st.cmb is not None and st.pmr is not None
+            and ranges_overlap(ctrl.cmb.state_range(st.cmb), ctrl.pmr.state_range(st.pmr))):
+        raise _fail("the CMB's and the PMR's controller memory spaces overlap", "pmr")
     _check_admin_features(ctrl, st)
 
 
@@ -712,10 +716,7 @@ def apply(ctrl: MigrationHost, st: NvmeState) -> None:
             if n.attached:
                 attached.append(n.nsid)
         ctrl.set_attached(attached)
-        if ctrl.cmb is not None:  # (after the framework adopted the source's CMB memfd)
-            ctrl.cmb.restore(st.cmb)
-        if ctrl.pmr is not None:  # (likewise its file)
-            ctrl.pmr.restore(st.pmr)
+        _restore_controller_memory(ctrl, st)
         ctrl.uncorrectable.restore(st.uncorrectable)
         ctrl.aborts.restore(st.aborts)
         ctrl.sanitizer.restore(st.sanitize)
@@ -723,6 +724,23 @@ def apply(ctrl: MigrationHost, st: NvmeState) -> None:
         if ctrl.virtualization is not None and st.virtualization is not None:
             ctrl.virtualization.restore(st.virtualization)
         ctrl.finish_restore()
+
+
+def _restore_controller_memory(ctrl: MigrationHost, st: NvmeState) -> None:
+    """The CMB's and PMR's registers and windows (after the framework adopted the source's
+    CMB memfd and PMR file). Each derives CBAI from its registers and the other's window:
+    both windows go first, and the one whose CBAI the source had set (an overlap with
+    the other's window) comes back last, so that the same one is refused here."""
+    cmb, pmr = ctrl.cmb, ctrl.pmr
+    if cmb is not None and pmr is not None:
+        cmb.restore(None)
+        pmr.restore(None)
+    cmb_last = st.cmb is not None and bool(st.cmb.cmbsts & CMBSTS_CBAI)
+    for which in ("pmr", "cmb") if cmb_last else ("cmb", "pmr"):
+        if which == "cmb" and cmb is not None:
+            cmb.restore(st.cmb)
+        elif which == "pmr" and pmr is not None:
+            pmr.restore(st.pmr)
 
 
 # ----------------------------------------------------------------------------- the controller's side

@@ -20,24 +20,49 @@ cannot be combined with a PMR. CAP.PMRS is set. The registers (NVMe Base 2.0, 3.
 **Enable and ready.** Setting PMRCTL.EN sets PMRSTS.NRDY, which clears once the region
 is ready (:data:`READY_DELAY` later, within PMRCAP.PMRTO); clearing EN sets NRDY again.
 
-**Write barrier** (PMRWBM bit 1): a read of PMRSTS makes every prior write to the PMR
-persistent: the controller calls ``msync`` on the file before answering.
+**Write barrier** (PMRWBM bit 1): a read of PMRSTS while the PMR is ready makes every
+prior write to the PMR persistent: the controller calls ``msync`` on the file before
+answering (not while it is disabled or not ready: nothing can have been written through
+the controller then). A failed ``msync`` sets PMRSTS.ERR (01h), which stays set until
+the next PCI reset (it does not migrate).
+
+**Deviation: BAR4 is not gated by PMRCTL.EN or NRDY.** NVMe Base 2.0 8.2.4 says that
+writes to the PMR while it is disabled or not ready do not update its memory. BAR4 is a
+RAM BAR that a vfio-user client maps (sparse mmap, so that the guest's accesses never
+trap), and an access through such a mapping cannot be refused or dropped by the server:
+here, writes through BAR4 update the file whatever PMRCTL.EN and PMRSTS.NRDY say (and reads
+return its contents). Hosts follow the spec's order (enable, wait for NRDY to clear,
+then write), which behaves the same on both; only a host that writes a disabled PMR and
+expects the write to vanish sees the difference. The controller's own data transfers
+reach the PMR only while it is enabled (see below).
 
 **Controller memory space** (PMRCAP.CMSS): while PMRMSCL.CMSE is 1 and the PMR is
 enabled, addresses in ``[CBA, CBA + size)`` are PMR addresses for the controller's data
-transfers (:mod:`pcidev_nvme.controller_memory`, with the CMB's mixing rule). A CBA whose
-range would pass 2**64 is refused: PMRSTS.CBAI is set and CMSE stays 0. Write PMRMSCU
-before PMRMSCL (a PMRMSCU write while CMSE is set moves the window).
+transfers (:mod:`pcidev_nvme.controller_memory`, with the CMB's mixing rule). CBA is
+invalid when the range would pass 2**64 or overlaps the CMB's enabled controller memory
+space; then PMRSTS.CBAI is set and the PMR has no controller memory space. Each PMRMSCL
+or PMRMSCU write evaluates them again (CBAI is cleared when CMSE is 0 or CBA is valid);
+PMRMSCL keeps what the host wrote. Write PMRMSCU before PMRMSCL (a PMRMSCU write while
+CMSE is set moves the window).
 
-**Reset and migration.** A PCI reset clears PMRCTL and PMRMSCL/U (the contents stay, in
-the file); a controller reset does not touch the PMR. The contents are a file-backed RAM
-BAR, which the framework migrates (its descriptor travels over UNIX sockets and in a
-handover; over TCP the destination maps the same path); the registers travel as the
-optional ``pmr`` subsection of the ``nvme`` section (:class:`PmrState`).
+**Reset and migration.** A PCI reset makes the contents persistent (when the PMR was
+enabled), then clears PMRCTL, PMRMSCL/U and PMRSTS (the contents stay, in the file); a
+controller reset does not touch the PMR. The contents are a file-backed RAM BAR, which
+the framework migrates as its descriptor over UNIX sockets and in a handover; a
+migration that cannot carry descriptors (TCP, vfio-user migration data) is blocked, as a
+destination on another host would map another file. The registers travel as the optional
+``pmr`` subsection of the ``nvme`` section (:class:`PmrState`).
+
+**Sparse files.** A file the controller creates is allocated in full
+(``posix_fallocate``), so a write through the mapping cannot hit a hole on a full file
+system (which would raise SIGBUS in the server or in QEMU). An existing file is used as
+it is: make sure it is not sparse (``fallocate -l SIZE PATH``).
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -45,10 +70,10 @@ import attrs
 
 from pcidev.bar import Access, RamBacking, Register
 from pcidev.vmstate import U32, Bool, vmstate
-from pcidev_nvme.controller_memory import MemoryWindow, close_window, map_window
+from pcidev_nvme.controller_memory import MemoryWindow, map_window, ranges_overlap
 
 __all__ = ["PMR_BAR", "PmrState", "PersistentMemoryRegion", "READY_DELAY", "pmrcap_value", "PMRCTL_EN",
-           "PMRSTS_NRDY", "PMRSTS_CBAI", "PMRMSC_CMSE", "PMRWBM_PMRSTS_READ"]
+           "PMRSTS_NRDY", "PMRSTS_CBAI", "PMRSTS_ERR", "PMRMSC_CMSE", "PMRWBM_PMRSTS_READ"]
 
 #: the BAR holding the PMR
 PMR_BAR = 4
@@ -68,10 +93,13 @@ PMRTO = 2
 READY_DELAY = 0.02
 #: PMRCTL.EN, PMRSTS fields, PMRMSCL.CMSE
 PMRCTL_EN = 1 << 0
+PMRSTS_ERR = 0x01
 PMRSTS_NRDY = 1 << 8
 PMRSTS_CBAI = 1 << 12
 PMRMSC_CMSE = 1 << 1
 _MSCL_MASK = 0xFFFFF000 | PMRMSC_CMSE
+
+log = logging.getLogger(__name__)
 
 
 def pmrcap_value() -> int:
@@ -84,7 +112,8 @@ def pmrcap_value() -> int:
 @vmstate("nvme/pmr", version=1)
 @attrs.frozen
 class PmrState:
-    """The PMR's registers: PMRCTL, PMRMSCL/U, PMRSTS.CBAI, and whether it was ready."""
+    """The PMR's registers: PMRCTL, PMRMSCL/U, PMRSTS.CBAI (evaluated again on restore),
+    and whether it was ready."""
 
     pmrctl: U32
     pmrmscl: U32
@@ -100,11 +129,18 @@ class PersistentMemoryRegion:
     :param size: its size (a power of two, at least a page).
     :param name: the controller's name.
     :param changed: called when :attr:`window` changed (the controller recomposes its DMA view).
+    :param other: the range ``(start, end)`` of the CMB's enabled controller memory space,
+        or None (a CBA overlapping it is invalid).
+    :param lock: serializes changes of the controller's windows (one per controller).
     :raises ConfigError: the file cannot be used (another size, not a regular file...).
     """
 
-    def __init__(self, path: str, size: int, name: str, changed: Callable[[], None]) -> None:
+    def __init__(self, path: str, size: int, name: str, changed: Callable[[], None], *,
+                 other: Callable[[], tuple[int, int] | None] = lambda: None,
+                 lock: threading.RLock | None = None) -> None:
         self._changed = changed
+        self._other = other
+        self._lock = lock if lock is not None else threading.RLock()
         self.path = path
         self.size = size
         self.ram = RamBacking(size, path=path, name=f"nvme-pmr[{name}]")
@@ -112,10 +148,10 @@ class PersistentMemoryRegion:
         self.mscl = Register("PMRMSCL", 0xE14, 4, Access.RW, mask=_MSCL_MASK, on_write=self._msc_written)
         self.mscu = Register("PMRMSCU", 0xE18, 4, Access.RW, on_write=self._msc_written)
         self.cbai = False
+        #: PMRSTS.ERR: a write barrier failed (until the next PCI reset)
+        self.error = False
         #: when the PMR becomes ready (monotonic seconds), None while disabled
         self.ready_at: float | None = None
-        #: write barriers done (a PMRSTS read: msync of the file)
-        self.barriers = 0
         #: the PMR's addresses while its controller memory space is enabled, else None
         self.window: MemoryWindow | None = None
         self._window_key: tuple[int, int] | None = None
@@ -141,60 +177,94 @@ class PersistentMemoryRegion:
     @property
     def pmrsts(self) -> int:
         """PMRSTS without the write barrier a guest read makes."""
-        return (0 if self.ready else PMRSTS_NRDY) | (PMRSTS_CBAI if self.cbai else 0)
+        return ((PMRSTS_ERR if self.error else 0) | (0 if self.ready else PMRSTS_NRDY)
+                | (PMRSTS_CBAI if self.cbai else 0))
+
+    @property
+    def enabled_range(self) -> tuple[int, int] | None:
+        """``(CBA, CBA + size)`` while controller memory space is enabled, else None."""
+        w = self.window
+        return (w.start, w.end) if w is not None else None
 
     def _sts_read(self, reg: Register) -> int:
-        self.ram.flush()  # PMRWBM bit 1: the read makes every prior write persistent
-        self.barriers += 1
+        if self.ready and not self.error:  # PMRWBM bit 1: the read makes every prior write persistent
+            self._barrier("a PMRSTS read")
         return self.pmrsts
 
-    def _ctl_written(self, reg: Register, new: int, old: int) -> None:
-        if new & PMRCTL_EN and not old & PMRCTL_EN:
-            self.ready_at = time.monotonic() + READY_DELAY
-        elif old & PMRCTL_EN and not new & PMRCTL_EN:
-            self.ready_at = None
+    def _barrier(self, why: str) -> None:
+        """Make the file durable (``msync``); a failure sets PMRSTS.ERR (never fails the controller)."""
+        try:
             self.ram.flush()
-        self._place()
+        except (OSError, ValueError) as exc:
+            log.error("PMR %s: the write barrier of %s failed: %s; PMRSTS.ERR set", self.path, why, exc)
+            self.error = True
+
+    def _ctl_written(self, reg: Register, new: int, old: int) -> None:
+        with self._lock:
+            if new & PMRCTL_EN and not old & PMRCTL_EN:
+                self.ready_at = time.monotonic() + READY_DELAY
+            elif old & PMRCTL_EN and not new & PMRCTL_EN:
+                self.ready_at = None
+                self._barrier("disabling the PMR")
+            self._evaluate()
 
     def _msc_written(self, reg: Register, new: int, old: int) -> None:
-        if self.mscl.value & PMRMSC_CMSE:
-            cba = self._cba
-            if cba + self.size > 1 << 64:
-                self.cbai = True
-                self.mscl.value &= ~PMRMSC_CMSE
-            else:
-                self.cbai = False
-        self._place()
+        with self._lock:
+            self._evaluate()
 
     @property
     def _cba(self) -> int:
         return (self.mscu.value << 32) | (self.mscl.value & 0xFFFFF000)
 
-    def _place(self, *, force: bool = False) -> None:
-        """Make :attr:`window` follow PMRCTL.EN, PMRMSCL.CMSE and the CBA."""
-        key = (self._cba, self.ram.fd) if self.enabled and self.mscl.value & PMRMSC_CMSE else None
+    def _invalid(self) -> str | None:
+        """Why the CBA is invalid, or None."""
+        cba = self._cba
+        if cba + self.size > 1 << 64:
+            return f"CBA {cba:#x}: the PMR would pass 2**64"
+        if ranges_overlap((cba, cba + self.size), self._other()):
+            return f"CBA {cba:#x}: the PMR would overlap the CMB's controller memory space"
+        return None
+
+    def _evaluate(self, *, force: bool = False) -> None:
+        """Derive PMRSTS.CBAI and :attr:`window` from PMRCTL.EN, PMRMSCL.CMSE and the CBA."""
+        key = None
+        self.cbai = False
+        if self.mscl.value & PMRMSC_CMSE:
+            if self._invalid() is not None:
+                self.cbai = True
+            elif self.enabled:
+                key = (self._cba, self.ram.fd)
         if key == self._window_key and not force:
             return
-        old = self.window
+        # the old window is only dropped: a thread may still use it (the GC unmaps it)
         self.window = map_window("PMR", key[0], self.size, key[1]) if key is not None else None
         self._window_key = key
         self._changed()
-        close_window(old)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def reset(self) -> None:
-        """A PCI reset: disabled, controller memory space off (the contents stay)."""
-        if self.enabled:
-            self.ram.flush()
-        self.ctl.value = self.mscl.value = self.mscu.value = 0
-        self.cbai = False
-        self.ready_at = None
-        self._place()
+        """A PCI reset: the contents made persistent (when enabled), then disabled,
+        controller memory space off, PMRSTS.ERR cleared (the contents stay)."""
+        with self._lock:
+            if self.enabled:
+                self._barrier("a PCI reset")
+            self.ctl.value = self.mscl.value = self.mscu.value = 0
+            self.error = False
+            self.ready_at = None
+            self._evaluate()
 
     def snapshot(self) -> PmrState:
         """The registers."""
         return PmrState(pmrctl=self.ctl.value, pmrmscl=self.mscl.value, pmrmscu=self.mscu.value,
                         cbai=self.cbai, ready=self.ready)
+
+    def state_range(self, st: PmrState) -> tuple[int, int] | None:
+        """The controller memory space ``st`` enables (EN and CMSE set, CBAI clear, the
+        range below 2**64), or None."""
+        cba = (st.pmrmscu << 32) | (st.pmrmscl & 0xFFFFF000)
+        if st.pmrctl & PMRCTL_EN and st.pmrmscl & PMRMSC_CMSE and not st.cbai and cba + self.size <= 1 << 64:
+            return (cba, cba + self.size)
+        return None
 
     def check(self, st: PmrState) -> str | None:
         """Why ``st`` cannot apply, or None."""
@@ -202,30 +272,27 @@ class PersistentMemoryRegion:
             return f"PMRCTL {st.pmrctl:#x} sets reserved bits"
         if st.pmrmscl & ~_MSCL_MASK:
             return f"PMRMSCL {st.pmrmscl:#x} sets reserved bits"
-        cba = (st.pmrmscu << 32) | (st.pmrmscl & 0xFFFFF000)
-        if st.pmrmscl & PMRMSC_CMSE and cba + self.size > 1 << 64:
-            return f"controller memory space enabled at an invalid CBA {cba:#x}"
         return None
 
     def restore(self, st: PmrState | None) -> None:
         """Take the registers of a checked state (None: reset values) and map the RAM BAR's
         current descriptor (the one a load adopted). A PMR that was enabled but not yet
         ready becomes ready :data:`READY_DELAY` from now."""
-        self.ctl.value = st.pmrctl if st is not None else 0
-        self.mscl.value = st.pmrmscl if st is not None else 0
-        self.mscu.value = st.pmrmscu if st is not None else 0
-        self.cbai = st.cbai if st is not None else False
-        if not self.enabled:
-            self.ready_at = None
-        else:
-            assert st is not None  # enabled
-            self.ready_at = time.monotonic() + (0.0 if st.ready else READY_DELAY)
-        self._place(force=True)
+        with self._lock:
+            self.ctl.value = st.pmrctl if st is not None else 0
+            self.mscl.value = st.pmrmscl if st is not None else 0
+            self.mscu.value = st.pmrmscu if st is not None else 0
+            if not self.enabled:
+                self.ready_at = None
+            else:
+                assert st is not None  # enabled
+                self.ready_at = time.monotonic() + (0.0 if st.ready else READY_DELAY)
+            self._evaluate(force=True)
 
     def close(self) -> None:
-        """Make the contents persistent, unmap the window and close the file."""
-        old, self.window, self._window_key = self.window, None, None
-        close_window(old)
+        """Make the contents persistent, drop the window and close the file."""
+        with self._lock:
+            self.window, self._window_key = None, None
         if self.ram.fd >= 0:
-            self.ram.flush()
+            self._barrier("closing the PMR")
         self.ram.close()

@@ -169,6 +169,8 @@ def prp_segments(
         count = take + chain
         try:
             raw = mem.read(list_addr, count << 3)
+        except NvmeStatusError:  # (Invalid Use of Controller Memory Buffer)
+            raise
         except DmaError as exc:
             raise _transfer_error(f"PRP list at {list_addr:#x}: {exc}", OFF_PRP2) from None
         entries = struct.unpack(f"<{count}Q", raw)
@@ -358,6 +360,8 @@ def sgl_segments(
             )
         try:
             raw = mem.read(seg_addr, seg_len)
+        except NvmeStatusError:  # (Invalid Use of Controller Memory Buffer)
+            raise
         except DmaError as exc:
             raise _transfer_error(f"SGL segment at {seg_addr:#x}: {exc}", None) from None
         descs = list(_DESC.iter_unpack(raw))
@@ -442,5 +446,7 @@ def map_views(
     """
     try:
         return mem.sg_views(segments, write=write)
+    except NvmeStatusError:  # (Invalid Use of Controller Memory Buffer)
+        raise
     except DmaError as exc:
         raise _transfer_error(str(exc), OFF_DPTR1) from None

@@ -255,12 +255,18 @@ class Bar0:
     :param regs: the register map.
     :param doorbell_write: ``(offset, size, value)`` for a write at or above 1000h.
     :param db_end: end of the doorbell window (the MSI-X table may follow).
+    :param components: the registers a component owns (the CMB's and the PMR's): a PCI
+        reset leaves them to their component (its ``reset``), which knows what the reset
+        keeps.
     """
 
-    def __init__(self, regs: RegisterMap, doorbell_write: Callable[[int, int, int], None], db_end: int) -> None:
+    def __init__(self, regs: RegisterMap, doorbell_write: Callable[[int, int, int], None], db_end: int,
+                 components: Iterable[Register] = ()) -> None:
         self.regs = regs
         self.doorbell_write = doorbell_write
         self.db_end = db_end
+        theirs = {id(r) for r in components}
+        self._own = [r for r in regs if id(r) not in theirs]
 
     def read(self, offset: int, size: int) -> int:
         if offset < DOORBELL_BASE:
@@ -280,7 +286,9 @@ class Bar0:
         self.regs.write(offset, size, value)
 
     def reset(self) -> None:
-        self.regs.reset()
+        """A PCI reset: every register this map owns back to its reset value."""
+        for reg in self._own:
+            reg.value = reg.reset & ((1 << (8 * reg.width)) - 1)
 
 
 class ZeroBar:

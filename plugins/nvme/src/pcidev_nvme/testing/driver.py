@@ -224,6 +224,7 @@ class NvmeDriver:
         #: the next free byte of it (a bump allocator for queues and buffers)
         self.cmb: tuple[int, int] | None = None
         self._cmb_next = 0
+        self._cmb_bar_offset = 0
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -277,13 +278,15 @@ class NvmeDriver:
     def _to(self) -> float:
         return max(((self.cap >> 24) & 0xFF) * 0.5, 1.0)
 
-    def enable(self, *, mps: int = 0, css: int | None = None) -> None:
+    def enable(self, *, mps: int = 0, css: int | None = None, admin_sq_in_cmb: bool = False) -> None:
         """Program the admin queues and set CC.EN = 1; wait for CSTS.RDY.
 
+        :param admin_sq_in_cmb: the admin SQ in the controller memory buffer
+            (:meth:`cmb_enable` first).
         :raises NvmeDriverError: if the controller does not become ready.
         """
         pdev = self.pdev
-        admin = IoQueue(self, 0, self.admin_depth, self.admin_depth, 0)
+        admin = IoQueue(self, 0, self.admin_depth, self.admin_depth, 0, sq_in_cmb=admin_sq_in_cmb)
         self.queues[0] = admin
         pdev.iowrite32(0, AQA, ((self.admin_depth - 1) << 16) | (self.admin_depth - 1))
         pdev.lo_hi_writeq(0, ASQ, admin.sq_base)
@@ -394,9 +397,10 @@ class NvmeDriver:
         cmbloc, cmbsz = self.read32(CMBLOC), self.read32(CMBSZ)
         if not cmbsz:
             raise NvmeDriverError("CMBSZ reads 0 with CMBMSC.CRE set")
-        size = ((cmbsz >> 12) & 0xFFFFF) << (12 + 4 * ((cmbsz >> 8) & 0xF))
-        base = (self.pdev.bar_address(cmbloc & 7) + (cmbloc >> 12) * (4096 << 4 * ((cmbsz >> 8) & 0xF))
-                if cba is None else cba)
+        unit = 4096 << 4 * ((cmbsz >> 8) & 0xF)  # CMBSZ.SZU
+        size = ((cmbsz >> 12) & 0xFFFFF) * unit
+        self._cmb_bar_offset = (cmbloc >> 12) * unit  # CMBLOC.OFST, in SZU units (as nvme_map_cmb)
+        base = self.pdev.bar_address(cmbloc & 7) + self._cmb_bar_offset if cba is None else cba
         value = base | 0x3  # CRE | CMSE
         self.write32(CMBMSC + 4, value >> 32)  # hi_lo_writeq, as Linux
         self.write32(CMBMSC, value & 0xFFFFFFFF)
@@ -420,7 +424,7 @@ class NvmeDriver:
     def _cmb_offset(self, addr: int, length: int) -> int:
         if self.cmb is None or not self.cmb[0] <= addr <= addr + length <= self.cmb[0] + self.cmb[1]:
             raise NvmeDriverError(f"[{addr:#x}, +{length:#x}) is not in the CMB")
-        return addr - self.cmb[0] + ((self.read32(CMBLOC) >> 12) << 12)
+        return addr - self.cmb[0] + self._cmb_bar_offset
 
     def cmb_write(self, addr: int, data: bytes) -> None:
         """Write ``data`` at bus address ``addr`` of the CMB through BAR2 (MMIO writes)."""
