@@ -14,7 +14,7 @@ import os
 import struct
 
 import pytest
-from _helpers import error_entries, make_env
+from _helpers import error_entries, expect_status, make_env
 from _protection_exercisers import PROTECTION_EXERCISERS
 
 from pcidev import native
@@ -298,15 +298,16 @@ def test_copy_moves_metadata_and_remaps_pi(nvme_env):
     desc = drv.machine.alloc(4096)
     try:
         # one range: LBAs 1..2 (EILBRT 1, ELBAT 9, ELBATM FFFFh), read checks all; write with PRACT at 20
+        # (PRINFOR.PRACT and PRINFOW.PRACT must be equal)
         drv.mem.write(desc, struct.pack("<8xQH6xIHH", 1, 1, 1, 9, 0xFFFF))
-        drv.io(1, COPY, nsid=1, cdw10=20, cdw12=0 | (ALL << 12) | (PRACT << 26), cdw14=20, cdw15=9,
+        drv.io(1, COPY, nsid=1, cdw10=20, cdw12=0 | ((ALL | PRACT) << 12) | (PRACT << 26), cdw14=20, cdw15=9,
                buf=desc, length=32)
         comp, d, m = rw(drv, lay, READ, 20, 2, prinfo=ALL, ref=20, app=9)
         assert comp.code == 0 and d == data[512:1536]
         # a source whose PI fails the read check is not copied
         drv.mem.write(desc, struct.pack("<8xQH6xIHH", 1, 1, 1, 8, 0xFFFF))
-        comp = drv.io(1, COPY, nsid=1, check=False, cdw10=30, cdw12=0 | (APP << 12) | (PRACT << 26), cdw14=30,
-                      buf=desc, length=32)
+        comp = drv.io(1, COPY, nsid=1, check=False, cdw10=30, cdw12=0 | ((APP | PRACT) << 12) | (PRACT << 26),
+                      cdw14=30, buf=desc, length=32)
         assert comp.code == Status.APP_TAG_CHECK
         # without PRACT on the write side the source PI is checked against the destination's tags
         drv.mem.write(desc, struct.pack("<8xQH6xIHH", 1, 0, 1, 9, 0xFFFF))
@@ -333,12 +334,24 @@ def test_separate_metadata_with_sgls(nvme_env):
     dbuf = drv.machine.alloc(8192)
     try:
         drv.mem.write(desc, sgl_descriptor(mbuf, 8, SGL_DATA_BLOCK))
-        comp = drv.io(1, READ, check=False, nsid=1, cdw10=6, cdw12=1, flags=0x80, prp1=dbuf, prp2=8192,
-                      mptr=desc)
-        assert comp.code == Status.DATA_SGL_LEN_INVALID
-        # the metadata pointer outside guest memory
-        comp = drv.io(1, READ, check=False, nsid=1, cdw10=6, cdw12=1, buf=dbuf, length=8192, mptr=1 << 50)
-        assert comp.code == Status.DATA_TRANSFER_ERROR
+        # is Metadata SGL Length Invalid (not the data's status), located at MPTR (SQE byte 16)
+        expect_status(drv, Status.MD_SGL_LEN_INVALID, READ, qid=1, param=16, nsid=1, cdw10=6, cdw12=1,
+                      flags=0x80, prp1=dbuf, prp2=8192, mptr=desc)
+        expect_status(drv, Status.MD_SGL_LEN_INVALID, WRITE, qid=1, param=16, nsid=1, cdw10=6, cdw12=1,
+                      flags=0x80, prp1=dbuf, prp2=8192, mptr=desc)
+        # a data SGL of the wrong length keeps the data's status and location
+        drv.mem.write(desc, sgl_descriptor(mbuf, 16, SGL_DATA_BLOCK))
+        expect_status(drv, Status.DATA_SGL_LEN_INVALID, READ, qid=1, param=24, nsid=1, cdw10=6, cdw12=1,
+                      flags=0x80, prp1=dbuf, prp2=4096, mptr=desc)
+        # the metadata pointer outside guest memory: Data Transfer Error at MPTR, read or write
+        for opcode in (READ, WRITE):
+            expect_status(drv, Status.DATA_TRANSFER_ERROR, opcode, qid=1, param=16, nsid=1, cdw10=6, cdw12=1,
+                          buf=dbuf, length=8192, mptr=1 << 50)
+        # a metadata SGL descriptor naming memory outside the guest
+        drv.mem.write(desc, sgl_descriptor(1 << 50, 16, SGL_DATA_BLOCK))
+        for opcode in (READ, WRITE):
+            expect_status(drv, Status.DATA_TRANSFER_ERROR, opcode, qid=1, param=16, nsid=1, cdw10=6, cdw12=1,
+                          flags=0x80, prp1=dbuf, prp2=8192, mptr=desc)
     finally:
         for a in (mbuf, desc, dbuf):
             drv.machine.free(a)

@@ -20,25 +20,47 @@ controller inserts the PI on a write and strips it on a read
 (:mod:`pcidev_nvme.protection`). The data is staged in a bounce buffer, so what is
 checked is what is stored (the guest cannot change it between the check and the write).
 MDTS counts the metadata of extended LBAs.
+
+Errors in the metadata pointer carry the metadata statuses: a metadata SGL that does
+not describe the metadata's length is Metadata SGL Length Invalid, and the parameter
+error location of a metadata pointer problem is MPTR (SQE byte 16).
+
+Data and metadata are two stores: each command holds the LBA-range locks of its blocks
+(:class:`RangeLocks`) around the pair, so a read never sees one write's data with
+another's PI and overlapping writes never leave a mix (single-block atomicity, as
+Identify promises). Deallocations (Dataset Management, Write Zeroes) drop the metadata
+first, then the data: in between, and after a crash there, the PI reads as the escape
+values (unchecked), never as stale PI over new data. A write stores the data, then the
+metadata: after a crash between the two, a block may hold new data under its old PI
+(with the write cache enabled and no FUA the host expects nothing of such a write
+anyway).
+
+Compare and Verify refuse PRACT on namespaces with protection information (Invalid
+Protection Information, as QEMU does): neither transfers PI the controller could insert
+or strip.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 from pcidev.dma import GuestMemory
+from pcidev.errors import DmaError
 from pcidev_nvme.namespace import Namespace
-from pcidev_nvme.protection import PRINFO_PRACT, PiFormat
+from pcidev_nvme.protection import PIF_16B, PRINFO_PRACT, PiFormat
 from pcidev_nvme.prp import PSDT_SGL_MPTR_SGL, data_segments, sgl_segments
 from pcidev_nvme.request import ControllerPort, Request
 from pcidev_nvme.status import NvmeStatusError, Status
 
-__all__ = ["ProtectedIo", "interleave", "split_extended"]
+__all__ = ["ProtectedIo", "RangeLocks", "interleave", "split_extended"]
 
 _OFF_CDW10 = 40
 _OFF_CDW12 = 48
 _OFF_MPTR = 16
+_OFF_DPTR = 24
 _COPY_RANGE0 = struct.Struct("<8xQH6xIHH")  # SLBA, NLB (0's based), EILBRT, ELBAT, ELBATM
 
 
@@ -97,6 +119,53 @@ def _scatter(mem: GuestMemory, segs: Sequence[tuple[int | None, int]], data: byt
             v.release()
 
 
+class RangeLocks:
+    """Striped locks over LBA regions: a command holds the stripes of the regions its
+    blocks fall in (in index order, so two commands never wait on each other in a
+    cycle) while it reads or changes the data and metadata of those blocks.
+
+    :param stripes: number of locks.
+    :param region_shift: log2 of the blocks per region.
+    """
+
+    def __init__(self, stripes: int = 64, region_shift: int = 8) -> None:
+        self._locks = [threading.Lock() for _ in range(stripes)]
+        self._shift = region_shift
+
+    def _indexes(self, nsid: int, ranges: Iterable[tuple[int, int]]) -> list[int]:
+        n = len(self._locks)
+        out: set[int] = set()
+        for slba, nlb in ranges:
+            if nlb <= 0:
+                continue
+            first, last = slba >> self._shift, (slba + nlb - 1) >> self._shift
+            if last - first + 1 >= n:
+                return list(range(n))
+            out.update((nsid * 0x9E3779B1 + r) % n for r in range(first, last + 1))
+        return sorted(out)
+
+    @contextmanager
+    def hold(self, nsid: int, ranges: Iterable[tuple[int, int]]) -> Iterator[None]:
+        """Hold the locks of ``(slba, nlb)`` ranges of namespace ``nsid``."""
+        taken = [self._locks[i] for i in self._indexes(nsid, ranges)]
+        for lock in taken:
+            lock.acquire()
+        try:
+            yield
+        finally:
+            for lock in reversed(taken):
+                lock.release()
+
+
+def _meta_error(exc: NvmeStatusError) -> NvmeStatusError:
+    """A data-pointer error of the metadata pointer, as the metadata's status."""
+    status = Status.MD_SGL_LEN_INVALID if exc.status == Status.DATA_SGL_LEN_INVALID else exc.status
+    where = _OFF_MPTR if exc.param_offset is not None and _OFF_DPTR <= exc.param_offset < _OFF_CDW10 \
+        else exc.param_offset
+    msg = str(exc).split(": ", 1)[-1]
+    return NvmeStatusError(status, f"metadata pointer: {msg}", param_offset=where, lba=exc.lba, dnr=exc.dnr)
+
+
 class ProtectedIo:
     """The metadata and protection information side of the NVM I/O commands.
 
@@ -106,6 +175,7 @@ class ProtectedIo:
 
     def __init__(self, ctrl: ControllerPort) -> None:
         self.ctrl = ctrl
+        self.locks = RangeLocks()
 
     # -- buffers ----------------------------------------------------------------------
 
@@ -147,11 +217,30 @@ class ProtectedIo:
         if req.flags >> 6 == PSDT_SGL_MPTR_SGL:
             try:
                 desc = mem.read(req.mptr, 16)
-            except Exception as exc:  # DmaError: the descriptor is not in guest memory
+            except DmaError as exc:  # the descriptor is not in guest memory
                 raise NvmeStatusError(Status.DATA_TRANSFER_ERROR, f"metadata SGL descriptor: {exc}",
                                       param_offset=_OFF_MPTR) from None
-            return sgl_segments(mem, desc, length, allow_bit_bucket=to_host)
+            try:
+                return sgl_segments(mem, desc, length, allow_bit_bucket=to_host)
+            except NvmeStatusError as exc:
+                raise _meta_error(exc) from None
         return [(req.mptr, length)]
+
+    @staticmethod
+    def _meta_gather(mem: GuestMemory, segs: Sequence[tuple[int | None, int]], length: int) -> bytearray:
+        try:
+            return _gather(mem, segs, length)
+        except DmaError as exc:
+            raise NvmeStatusError(Status.DATA_TRANSFER_ERROR, f"metadata buffer: {exc}",
+                                  param_offset=_OFF_MPTR) from None
+
+    @staticmethod
+    def _meta_scatter(mem: GuestMemory, segs: Sequence[tuple[int | None, int]], data: bytes | bytearray) -> None:
+        try:
+            _scatter(mem, segs, data)
+        except DmaError as exc:
+            raise NvmeStatusError(Status.DATA_TRANSFER_ERROR, f"metadata buffer: {exc}",
+                                  param_offset=_OFF_MPTR) from None
 
     def _from_host(self, req: Request, ns: Namespace, nlb: int) -> tuple[bytearray, bytearray]:
         """The data and metadata a write-like command carries (metadata zeros when PRACT
@@ -167,7 +256,7 @@ class ProtectedIo:
             return split_extended(buf, nlb, ns.lba_size, ns.ms)
         mlen = nlb * ns.ms
         msegs = self._meta_segs(req, mlen, to_host=False)
-        return buf, _gather(mem, msegs, mlen)
+        return buf, self._meta_gather(mem, msegs, mlen)
 
     def _to_host(self, req: Request, ns: Namespace, nlb: int, data: bytearray, meta: bytearray) -> None:
         moves = self._moves_metadata(ns, req.cdw12)
@@ -181,18 +270,20 @@ class ProtectedIo:
         else:
             msegs = self._meta_segs(req, len(meta), to_host=True)
             _scatter(mem, segs, data)
-            _scatter(mem, msegs, meta)
+            self._meta_scatter(mem, msegs, meta)
 
     def _stored(self, ns: Namespace, slba: int, nlb: int) -> tuple[bytearray, bytearray]:
         data = bytearray(nlb * ns.lba_size)
-        ns.backend.readv([memoryview(data)], slba << ns.lba_shift)
-        meta = ns.meta.read(slba, nlb) if ns.meta is not None else bytearray(nlb * ns.ms)
+        with self.locks.hold(ns.nsid, ((slba, nlb),)):
+            ns.backend.readv([memoryview(data)], slba << ns.lba_shift)
+            meta = ns.meta.read(slba, nlb) if ns.meta is not None else bytearray(nlb * ns.ms)
         return data, meta
 
     def _store(self, ns: Namespace, slba: int, data: bytearray, meta: bytearray, fua: bool) -> None:
-        ns.backend.writev([memoryview(data)], slba << ns.lba_shift, fua=fua)
-        if ns.meta is not None:
-            ns.meta.write(slba, meta, fua=fua)
+        with self.locks.hold(ns.nsid, ((slba, len(data) >> ns.lba_shift),)):
+            ns.backend.writev([memoryview(data)], slba << ns.lba_shift, fua=fua)
+            if ns.meta is not None:
+                ns.meta.write(slba, meta, fua=fua)
 
     def _durable(self, cdw12: int) -> bool:
         return bool(cdw12 & (1 << 30)) or not self.ctrl.volatile_write_cache
@@ -246,9 +337,17 @@ class ProtectedIo:
         self.ctrl.smart.record_write(len(data))
         return 0
 
+    @staticmethod
+    def _refuse_pract(ns: Namespace, req: Request, what: str) -> None:
+        if ns.protection is not None and req.cdw12 & PRINFO_PRACT:
+            raise NvmeStatusError(Status.INVALID_PROT_INFO, f"{what} with PRACT set",
+                                  param_offset=_OFF_CDW12 + 3)
+
     def compare(self, req: Request, ns: Namespace) -> int:
-        """Compare: the stored blocks (PI checked) against the host's data and metadata."""
+        """Compare: the stored blocks (PI checked) against the host's data and metadata
+        (PRACT refused on a PI namespace: the controller has no PI to insert or strip)."""
         slba, nlb = self._extent(req, ns)
+        self._refuse_pract(ns, req, "Compare")
         if ns.protection is not None:
             self._tags(ns.protection, req, slba, req.cdw12)
         host_data, host_meta = self._from_host(req, ns, nlb)
@@ -264,8 +363,10 @@ class ProtectedIo:
         return 0
 
     def verify(self, req: Request, ns: Namespace) -> int:
-        """Verify: read the stored blocks and check their PI (nothing moves to the host)."""
+        """Verify: read the stored blocks and check their PI (nothing moves to the host;
+        PRACT refused on a PI namespace)."""
         slba, nlb = self._extent(req, ns)
+        self._refuse_pract(ns, req, "Verify")
         if ns.protection is not None:
             self._tags(ns.protection, req, slba, req.cdw12)
         data, meta = self._stored(ns, slba, nlb)
@@ -282,39 +383,64 @@ class ProtectedIo:
         pif = ns.protection
         backend = ns.backend
         offset, length = slba << ns.lba_shift, nlb << ns.lba_shift
-        tags = self._tags(pif, req, slba, cdw12) if pif is not None else None
-        if cdw12 & (1 << 25):  # DEAC
-            backend.deallocate(offset, length)
-        else:
-            backend.write_zeroes(offset, length)
+        # PRINFO matters only with PRACT (the PI of the zeroed blocks is generated from
+        # it); without PRACT nothing is checked, so nothing is refused
+        pract = pif is not None and cdw12 & PRINFO_PRACT
+        tags = self._tags(pif, req, slba, cdw12) if pif is not None and pract else None
         meta_store = ns.meta
-        if meta_store is not None:
-            if pif is not None and tags is not None and cdw12 & PRINFO_PRACT:
+        with self.locks.hold(ns.nsid, ((slba, nlb),)):
+            if meta_store is not None:
+                meta_store.deallocate(slba, nlb)  # first: in between, the PI reads as unchecked
+            if cdw12 & (1 << 25):  # DEAC
+                backend.deallocate(offset, length)
+            else:
+                backend.write_zeroes(offset, length)
+            if meta_store is not None and pif is not None and tags is not None:
                 ref, app, _mask = tags
                 chunk = 16384
                 for first in range(0, nlb, chunk):
                     n = min(chunk, nlb - first)
                     step = 0 if pif.pi_type == 3 else first
                     meta_store.write(slba + first, pif.zero_blocks_metadata(n, ref + step, app))
-            else:
-                meta_store.deallocate(slba, nlb)
         if self._durable(cdw12):
-            backend.flush()
-            if meta_store is not None:
-                meta_store.flush()
+            ns.flush()
         return 0
 
     def deallocate(self, ns: Namespace, slba: int, nlb: int) -> None:
-        """Dataset Management deallocation: the metadata of the range too."""
-        if ns.meta is not None:
-            ns.meta.deallocate(slba, nlb)
+        """Dataset Management deallocation of a namespace with metadata: the metadata
+        (first), then the data of the range."""
+        with self.locks.hold(ns.nsid, ((slba, nlb),)):
+            if ns.meta is not None:
+                ns.meta.deallocate(slba, nlb)
+            ns.backend.deallocate(slba << ns.lba_shift, nlb << ns.lba_shift)
+
+    @staticmethod
+    def copy_problem(req: Request, ns: Namespace) -> NvmeStatusError | None:
+        """Why a Copy cannot run on this namespace with metadata (None: it can): the 16-bit
+        Guard's descriptor format 0 on a namespace with the 64b Guard (whose format 1
+        with 48-bit tags is not supported: OCFS bit 1 is clear) is Invalid Format;
+        PRINFOR.PRACT unlike PRINFOW.PRACT is Invalid Field."""
+        pif = ns.protection
+        if pif is None:
+            return None
+        cdw12 = req.cdw12
+        if pif.pif != PIF_16B:
+            return NvmeStatusError(
+                Status.INVALID_FORMAT,
+                "Copy descriptor format 0 on a namespace with the 64b Guard (format 1 is not supported)",
+                param_offset=_OFF_CDW12 + 1,
+            )
+        if bool(cdw12 & 1 << 15) != bool(cdw12 & PRINFO_PRACT):
+            return NvmeStatusError(Status.INVALID_FIELD, "PRINFOR.PRACT differs from PRINFOW.PRACT",
+                                   param_offset=_OFF_CDW12 + 1)
+        return None
 
     def copy(self, req: Request, ns: Namespace, raw: bytes | bytearray, ranges: list[tuple[int, int]],
              sdlba: int) -> int:
         """Copy (descriptor format 0) with metadata: each source range's data and metadata,
         its PI checked as PRINFOR asks (CDW12 15:12, expected tags from the range entry),
         then written at SDLBA with PI checked or regenerated as PRINFOW asks (CDW12 29:26,
-        CDW14/CDW15 as for a Write)."""
+        CDW14/CDW15 as for a Write). The caller has asked :meth:`copy_problem` first."""
         cdw12 = req.cdw12
         pif = ns.protection
         datas: list[bytearray] = []
