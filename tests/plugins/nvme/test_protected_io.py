@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
+import time
 
 import pytest
 from _helpers import error_entries, expect_status, make_env
@@ -452,3 +454,117 @@ def test_the_identify_truth_exercisers_of_protection_pass(nvme_env):
     for exercise in PROTECTION_EXERCISERS.values():
         exercise(env.drv)
     assert env.drv.namespaces[1].ms == 0  # formatted back
+
+
+def test_compare_and_verify_refuse_pract(nvme_env):
+    """Compare and Verify with PRACT on a PI namespace: Invalid Protection Information (the
+    controller has no PI to insert or strip there). 512+64 type 1: a Compare with PRACT
+    used to compare PI bytes the host never sent and fail."""
+    _env, drv, lay = make(nvme_env, 6, 1)
+    data = os.urandom(2 * 512)
+    meta = os.urandom(2 * 64)
+    assert rw(drv, lay, WRITE, 4, 2, data, meta, prinfo=PRACT, ref=4, app=7)[0].code == 0
+    comp = rw(drv, lay, COMPARE, 4, 2, data, meta, prinfo=PRACT | ALL, ref=4, app=7)[0]
+    assert comp.code == Status.INVALID_PROT_INFO and comp.dnr
+    assert rw(drv, lay, VERIFY, 4, 2, prinfo=PRACT | GUARD, ref=4)[0].code == Status.INVALID_PROT_INFO
+    # without PRACT both work on what the PRACT write stored
+    _c, _d, stored = rw(drv, lay, READ, 4, 2, prinfo=ALL, ref=4, app=7)
+    assert rw(drv, lay, COMPARE, 4, 2, data, stored, prinfo=ALL, ref=4, app=7)[0].code == 0
+    assert rw(drv, lay, VERIFY, 4, 2, prinfo=ALL, ref=4, app=7)[0].code == 0
+
+
+def test_copy_on_64b_guard_namespaces_and_unequal_pract(nvme_env):
+    """Copy descriptor format 0 carries 32-bit tags: refused (Invalid Format) on a 64b Guard
+    namespace, whose format 1 is not offered (OCFS bit 1 clear); PRINFOR.PRACT unlike
+    PRINFOW.PRACT is Invalid Field."""
+    _env, drv, lay = make(nvme_env, 4, 1)  # 512+16, 64b Guard
+    data = os.urandom(2 * 512)
+    assert rw(drv, lay, WRITE, 0, 2, data, prinfo=PRACT, ref=0, app=1)[0].code == 0
+    desc = drv.machine.alloc(4096)
+    try:
+        drv.mem.write(desc, struct.pack("<8xQH6xIHH", 0, 1, 0, 1, 0xFFFF))
+        expect_status(drv, Status.INVALID_FORMAT, COPY, qid=1, param=49, nsid=1, cdw10=8, cdw14=8,
+                      cdw12=(PRACT << 12) | (PRACT << 26), buf=desc, length=32)
+        _e2, drv2, lay2 = make(nvme_env, 2, 1)  # 512+8, 16b Guard
+        assert rw(drv2, lay2, WRITE, 0, 2, data, prinfo=PRACT, ref=0, app=1)[0].code == 0
+        desc2 = drv2.machine.alloc(4096)
+        drv2.mem.write(desc2, struct.pack("<8xQH6xIHH", 0, 1, 0, 1, 0xFFFF))
+        expect_status(drv2, Status.INVALID_FIELD, COPY, qid=1, param=49, nsid=1, cdw10=8, cdw14=8,
+                      cdw12=(ALL << 12) | (PRACT << 26), buf=desc2, length=32)
+        expect_status(drv2, Status.INVALID_FIELD, COPY, qid=1, param=49, nsid=1, cdw10=8, cdw14=8,
+                      cdw12=(PRACT << 12), buf=desc2, length=32)
+        expect_status(drv2, 0, COPY, qid=1, nsid=1, cdw10=8, cdw14=8, cdw12=((ALL | PRACT) << 12) | (PRACT << 26),
+                      buf=desc2, length=32)
+        comp, d, _m = rw(drv2, lay2, READ, 8, 2, prinfo=ALL, ref=8, app=0)
+        assert comp.code == 0 and d == data
+    finally:
+        drv.machine.free(desc)
+
+
+def test_discard_of_a_whole_file_namespace_punches_the_sidecar(nvme_env, tmp_path):
+    """Dataset Management over every block of a file namespace with metadata: the sidecar
+    gets a hole (no zeros written, no buffer of the range), the PI reads as escaped."""
+    env = nvme_env(f"ns=file:path={tmp_path}/d.img,size=256M,lbaf=2,pi=1", io_queues=1)
+    drv, lay = env.drv, Layout(2, 1, 0, 0)
+    nlbas = (256 << 20) // 512
+    data = os.urandom(64 * 512)
+    for slba in (0, nlbas - 64):
+        assert rw(drv, lay, WRITE, slba, 64, data, prinfo=PRACT, ref=slba & 0xFFFFFFFF)[0].code == 0
+    sidecar = f"{tmp_path}/d.img.nvme-meta"
+    dsm = drv.machine.alloc(4096)
+    try:
+        drv.mem.write(dsm, struct.pack("<IIQ", 0, nlbas, 0))
+        drv.io(1, DSM, nsid=1, cdw10=0, cdw11=1 << 2, buf=dsm, length=4096)
+    finally:
+        drv.machine.free(dsm)
+    assert os.stat(sidecar).st_blocks * 512 <= 64 << 10
+    comp, d, m = rw(drv, lay, READ, nlbas - 64, 64, prinfo=ALL, ref=(nlbas - 64) & 0xFFFFFFFF)
+    assert comp.code == 0 and d == bytes(len(d)) and m == b"\xff" * len(m)
+
+
+def test_a_read_never_sees_new_data_under_old_pi(nvme_env, tmp_path):
+    """A file namespace runs commands on the worker pool: a read of a block being written
+    waits for the write's data and metadata together (it used to see the new data with
+    the old PI: Guard Check Error)."""
+    env = nvme_env(f"ns=file:path={tmp_path}/c.img,size=1M,lbaf=2,pi=1", io_queues=2)
+    drv = env.drv
+    lay = Layout(2, 1, 0, 0)
+    old, new = os.urandom(512), os.urandom(512)
+    assert rw(drv, lay, WRITE, 3, 1, old, prinfo=PRACT, ref=3)[0].code == 0
+    store = env.ctrl.namespaces[1].meta
+    entered, go = threading.Event(), threading.Event()
+    real_write = store.write
+
+    def slow_write(lba, data, *, fua=False):
+        entered.set()
+        go.wait(5)
+        real_write(lba, data, fua=fua)
+
+    store.write = slow_write
+    wbuf, rbuf = drv.machine.alloc(4096), drv.machine.alloc(4096)
+    try:
+        drv.mem.write(wbuf, new)
+        cid_w = drv.submit(1, WRITE, nsid=1, cdw10=3, cdw12=PRACT << 26, cdw14=3, buf=wbuf, length=512)
+        assert entered.wait(5)  # the new data is stored, its PI not yet
+        cid_r = drv.submit(2, READ, nsid=1, cdw10=3, cdw12=(PRACT | ALL) << 26, cdw14=3, buf=rbuf, length=512)
+        time.sleep(0.3)
+        go.set()
+        comp_r = drv.wait_for(2, cid_r)
+        assert drv.wait_for(1, cid_w).ok
+        assert comp_r.ok, f"status {comp_r.code:#x}"
+        assert drv.mem.read(rbuf, 512) == new
+    finally:
+        go.set()
+        store.write = real_write
+        drv.machine.free(wbuf)
+        drv.machine.free(rbuf)
+
+
+def test_write_zeroes_without_pract_checks_nothing(nvme_env):
+    """Write Zeroes without PRACT stores no PI (the blocks read escaped): its PRCHK bits are
+    not checked, so type 3 with the Reference Tag check is no error."""
+    _env, drv, lay = make(nvme_env, 2, 3)
+    comp = drv.io(1, WRITE_ZEROES, check=False, nsid=1, cdw10=0, cdw12=3 | (REF << 26))
+    assert comp.code == 0
+    comp = drv.io(1, WRITE_ZEROES, check=False, nsid=1, cdw10=0, cdw12=3 | ((PRACT | REF) << 26))
+    assert comp.code == Status.INVALID_PROT_INFO
