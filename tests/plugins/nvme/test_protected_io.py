@@ -568,3 +568,58 @@ def test_write_zeroes_without_pract_checks_nothing(nvme_env):
     assert comp.code == 0
     comp = drv.io(1, WRITE_ZEROES, check=False, nsid=1, cdw10=0, cdw12=3 | ((PRACT | REF) << 26))
     assert comp.code == Status.INVALID_PROT_INFO
+
+
+def _plugin_like(ns):
+    """A backend of a kind that keeps no metadata, over ``ns``'s own memory."""
+    real = ns.backend
+
+    class Plugin:
+        kind = "plugin"
+        size = real.size
+        min_block = 512
+        read_only = False
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    return Plugin()
+
+
+def test_identify_offers_only_what_each_namespace_can_use(nvme_env):
+    """Identify lists LBA formats with metadata, MC and DPC only for a namespace whose
+    backend keeps metadata; NSID FFFFFFFFh reports what all namespaces share, for CNS 00h
+    and (the ELBAF table) CNS 05h."""
+    env = nvme_env("ns=mem:size=1M", io_queues=1)
+    drv = env.drv
+    idns = drv.identify(0x00, nsid=1)
+    common = drv.identify(0x00, nsid=0xFFFFFFFF)
+    for s in (idns, common):
+        assert (s[25], s[27], s[28]) == (len(LBAF_TABLE) - 1, 3, 0x1F)
+    assert common[128:128 + 4 * len(LBAF_TABLE)] == idns[128:128 + 4 * len(LBAF_TABLE)]
+    elbaf = drv.identify(0x05, nsid=1)
+    assert drv.identify(0x05, nsid=0xFFFFFFFF) == elbaf
+    assert struct.unpack_from("<I", elbaf, 12 + 4 * 4)[0] >> 7 & 3 == 2  # LBAF 4: 64b Guard
+    ns = env.ctrl.allocated[1]
+    old = ns.replace_backend(_plugin_like(ns))
+    try:
+        for nsid in (1, 0xFFFFFFFF):
+            s = drv.identify(0x00, nsid=nsid)
+            assert (s[25], s[27], s[28]) == (1, 0, 0)
+            assert s[128 + 8:128 + 4 * len(LBAF_TABLE)] == bytes(4 * (len(LBAF_TABLE) - 2))
+            assert drv.identify(0x05, nsid=nsid)[12 + 8:12 + 4 * len(LBAF_TABLE)] == bytes(4 * (len(LBAF_TABLE) - 2))
+        comp = drv.admin(FORMAT_NVM, check=False, nsid=1, cdw10=2)
+        assert comp.code == Status.INVALID_FORMAT
+    finally:
+        ns.replace_backend(old)
+
+
+def test_no_metadata_subsection_without_metadata(nvme_env):
+    """Format NVM with MSET=1 to an LBA format without metadata: the namespace's state has
+    no metadata subsection (which an older destination would refuse for nothing)."""
+    env = nvme_env("ns=mem:size=1M", io_queues=1)
+    assert env.drv.admin(FORMAT_NVM, nsid=1, cdw10=0 | 1 << 4).ok
+    ns = env.ctrl.allocated[1]
+    assert ns.mset == 1
+    assert ns.snapshot(attached=True).metadata is None
+    assert env.drv.identify(0x00, nsid=1)[26] & 0x10 == 0  # FLBAS: no extended LBAs

@@ -15,8 +15,10 @@ the rest goes to the backend (whose options are its config class, e.g.
 
 ``lbaf``
     initial LBA format (:data:`LBAF_TABLE`): ``0`` = 512-byte blocks (default), ``1`` =
-    4096-byte blocks, ``2`` .. ``8`` with metadata (512+8, 4096+8, 512+16, 4096+16,
-    512+64, 4096+64 with the 16b Guard PI format, 4096+64 with the 64b Guard one).
+    4096-byte blocks, ``2`` .. ``8`` with metadata: 512+8 and 4096+8 (16b Guard PI
+    format), 512+16 and 4096+16 (64b Guard), 512+64 and 4096+64 (16b Guard), 4096+64
+    (64b Guard). Only ``mem``, ``file`` (on a regular image) and ``null`` namespaces
+    offer ``2`` .. ``8``; Identify lists only the formats a namespace can use.
     ``lba_size=512|4096`` is accepted as a synonym for ``0`` and ``1``.
 ``pi``
     protection information type: ``0`` none (default), ``1``, ``2`` or ``3``; needs an
@@ -84,8 +86,11 @@ __all__ = [
     "Namespace",
     "NamespaceOptions",
     "NamespaceState",
+    "identify_capabilities",
+    "identify_elbaf",
     "may_write_beside",
     "make_namespace",
+    "offered_formats",
     "parse_spec",
 ]
 
@@ -251,6 +256,37 @@ def _check_range(hi: int) -> Callable[[Any, attrs.Attribute[int | None], int | N
         if value is not None and not 0 <= value <= hi:
             raise ConfigError(f"{attr.name}={value} must be 0 .. {hi}")
     return check
+
+
+def offered_formats(metadata: bool) -> tuple[LbaFormat, ...]:
+    """The LBA formats Identify lists: all of :data:`LBAF_TABLE` when metadata can be
+    kept, else the formats without metadata (0 and 1)."""
+    return LBAF_TABLE if metadata else tuple(f for f in LBAF_TABLE if not f.ms)
+
+
+def identify_capabilities(buf: bytearray, metadata: bool) -> None:
+    """Fill the format fields of an Identify Namespace structure: NLBAF, MC, DPC and the
+    LBA Format list (the formats :func:`offered_formats` gives)."""
+    formats = offered_formats(metadata)
+    buf[25] = len(formats) - 1  # NLBAF (0's based)
+    buf[27] = MC_EXTENDED | MC_SEPARATE if metadata else 0  # MC
+    buf[28] = DPC_ALL if metadata else 0  # DPC: types 1, 2, 3, PI first or last
+    for i, f in enumerate(formats):
+        _U32.pack_into(buf, 128 + 4 * i, f.lbaf_entry())
+
+
+def identify_elbaf(metadata: bool) -> bytes:
+    """The NVM command set specific Identify Namespace structure (CNS 05h, CSI 0) for the
+    formats :func:`offered_formats` gives.
+
+    No storage tags: LBSTM and PIC (whose bits are about storage tags and the qualified
+    PI formats) are zero; ELBAF (byte 12 on, one dword per LBA format) gives each format's
+    protection information format (16b or 64b Guard, STS 0).
+    """
+    buf = bytearray(IDENTIFY_SIZE)
+    for i, f in enumerate(offered_formats(metadata)):
+        _U32.pack_into(buf, 12 + 4 * i, f.elbaf_entry())
+    return bytes(buf)
 
 
 def format_problem(lbaf: int, pi: int, pil: int, mset: int, backend: Any) -> str | None:
@@ -462,7 +498,7 @@ class Namespace:
             backend with metadata).
         """
         meta = None
-        if self.ms or self.pi or self.mset:
+        if self.ms:  # (pi and mset mean nothing without metadata)
             meta = MetadataState(pi=self.pi, pil=bool(self.pil), mset=bool(self.mset), mem_fd=meta_fd)
         return NamespaceState(nsid=self.nsid, attached=attached, lbaf=self.lbaf, mem_fd=mem_fd, metadata=meta)
 
@@ -563,10 +599,10 @@ class Namespace:
             self.nlbas,  # NCAP
             min(self.nuse(), self.nlbas),  # NUSE
             NSFEAT_OPTPERF,  # NSFEAT: NPWG..NOWS are valid
-            len(LBAF_TABLE) - 1,  # NLBAF (0's based)
+            0,  # NLBAF: identify_capabilities
             self.flbas,  # FLBAS
-            MC_EXTENDED | MC_SEPARATE,  # MC
-            DPC_ALL,  # DPC: types 1, 2, 3, PI first or last
+            0,  # MC: identify_capabilities
+            0,  # DPC: identify_capabilities
             self.pi | (DPS_PI_FIRST if self.pi and self.pil else 0),  # DPS
             0,  # NMIC: private namespace
             0,  # RESCAP
@@ -584,9 +620,13 @@ class Namespace:
         buf[99] = 1 if self.read_only else 0  # NSATTR: write protected
         buf[104:120] = self.nguid
         buf[120:128] = self.eui64
-        for i, f in enumerate(LBAF_TABLE):
-            _U32.pack_into(buf, 128 + 4 * i, f.lbaf_entry())
+        identify_capabilities(buf, self.metadata_capable)
         return bytes(buf)
+
+    @property
+    def metadata_capable(self) -> bool:
+        """Whether this namespace's backend can keep metadata (LBA formats 2 .. 8)."""
+        return metadata_supported(self.backend)
 
     @property
     def flbas(self) -> int:
@@ -600,18 +640,12 @@ class Namespace:
         return bool(self.ms and self.mset)
 
     def identify_csi_nvm(self) -> bytes:
-        """The NVM command set specific Identify Namespace structure (CNS 05h, CSI 0).
-
-        No storage tags: LBSTM and PIC (whose bits are about storage tags and the
-        qualified PI formats) are zero; ELBAF (byte 12 on, one dword per LBA format)
-        gives each format's protection information format (16b or 64b Guard, STS 0).
+        """The NVM command set specific Identify Namespace structure (CNS 05h, CSI 0):
+        :func:`identify_elbaf` of the formats this namespace offers.
 
         :returns: 4096 bytes.
         """
-        buf = bytearray(IDENTIFY_SIZE)
-        for i, f in enumerate(LBAF_TABLE):
-            _U32.pack_into(buf, 12 + 4 * i, f.elbaf_entry())
-        return bytes(buf)
+        return identify_elbaf(self.metadata_capable)
 
     def id_descriptors(self) -> bytes:
         """The Namespace Identification Descriptor list (CNS 03h): EUI-64, NGUID,
