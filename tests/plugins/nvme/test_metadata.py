@@ -12,8 +12,15 @@ import pytest
 
 from pcidev.errors import ConfigError
 from pcidev.inheritance import image_key, inheriting
-from pcidev_nvme.metadata import FileMetadata, MemMetadata, NullMetadata, metadata_supported, open_metadata
-from pcidev_nvme.namespace import format_problem, make_namespace
+from pcidev_nvme.metadata import (
+    FileMetadata,
+    MemMetadata,
+    MetadataState,
+    NullMetadata,
+    metadata_supported,
+    open_metadata,
+)
+from pcidev_nvme.namespace import NamespaceState, format_problem, make_namespace
 
 PATTERN = bytes(8) + b"\xff" * 8  # 16 bytes of metadata, PI last
 
@@ -258,3 +265,27 @@ def test_images_on_block_devices_have_no_metadata_formats(tmp_path):
     assert format_problem(0, 0, 0, 0, backend) is None
     regular = types.SimpleNamespace(kind="file", path=str(tmp_path / "r.img"), read_only=False, min_block=512)
     assert metadata_supported(regular)
+
+
+def test_restore_problem_opens_the_sidecar_before_the_restore(tmp_path):
+    """A migration's check phase finds a sidecar that cannot be used (here a foreign file
+    of that name), instead of the restore failing halfway; a usable one is opened then and
+    taken by the restore."""
+    img = str(tmp_path / "r.img")
+    ns = make_namespace(1, f"file:path={img},size=1M")
+    try:
+        state = NamespaceState(nsid=1, attached=True, lbaf=2,
+                               metadata=MetadataState(pi=1, pil=False, mset=False))
+        with open(img + ".nvme-meta", "wb") as f:
+            f.write(b"not pcidev's" * 400)
+        assert "not a pcidev metadata file" in (ns.restore_problem(state) or "")
+        assert ns.ms == 0
+        os.unlink(img + ".nvme-meta")
+        assert ns.restore_problem(state) is None
+        assert os.path.exists(img + ".nvme-meta")  # opened (created) in the check phase
+        ns.restore(state)
+        assert (ns.lbaf, ns.pi, ns.ms) == (2, 1, 8) and ns.meta is not None
+        ns.meta.write(0, b"\x01" * 8)
+        assert ns.meta.read(0, 1) == b"\x01" * 8
+    finally:
+        ns.close()

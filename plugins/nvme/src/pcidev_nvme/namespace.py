@@ -76,7 +76,7 @@ from pcidev.vmstate import U8, U32, Bool, FdRef, vmstate
 from pcidev_nvme.backends import Backend, BackendFactory, create_backend, take_options
 from pcidev_nvme.limits import COPY_LIMITS
 from pcidev_nvme.metadata import MetadataState, MetadataStore, metadata_supported, open_metadata
-from pcidev_nvme.protection import PIF_16B, PIF_64B, PiFormat, pi_size
+from pcidev_nvme.protection import PIF_16B, PIF_64B, PiFormat, pi_size, warn_slow_crcs
 from pcidev_nvme.status import NvmeStatusError, Status
 
 __all__ = [
@@ -442,6 +442,8 @@ class Namespace:
             raise ConfigError("NGUID must be 16 bytes and EUI-64 8 bytes")
         self._lock = threading.Lock()
         self.meta: MetadataStore | None = None
+        #: a metadata store opened by :meth:`restore_problem` for the format it checked
+        self._prepared: tuple[tuple[int, int, int, int], MetadataStore] | None = None
         self.ms = 0
         self._set_format(lbaf, pi, pil, mset, config=True)
 
@@ -451,7 +453,8 @@ class Namespace:
         return format_problem(lbaf, 0, 0, 0, self.backend) is None
 
     def _set_format(self, lbaf: int, pi: int = 0, pil: int = 0, mset: int = 0, *, config: bool = False,
-                    erase: bool = False, mem_fd: int | None = None) -> None:
+                    erase: bool = False, mem_fd: int | None = None,
+                    prepared: MetadataStore | None = None) -> None:
         problem = format_problem(lbaf, pi, pil, mset, self.backend)
         if problem is not None:
             if config:
@@ -461,12 +464,14 @@ class Namespace:
         lba_shift = f.size.bit_length() - 1
         nlbas = self.size >> lba_shift
         protection = PiFormat(pi, f.pif, f.ms, f.size, bool(pil)) if pi else None
+        if protection is not None:
+            warn_slow_crcs()
         meta = self.meta
         if f.ms:
             pattern = protection.store_pattern if protection is not None else None
             try:
-                new_meta = open_metadata(self.backend, f.ms, nlbas, pattern, erase=erase, mem_fd=mem_fd,
-                                         current=meta)
+                new_meta = prepared if prepared is not None else open_metadata(
+                    self.backend, f.ms, nlbas, pattern, erase=erase, mem_fd=mem_fd, current=meta)
             except ConfigError as exc:
                 if config:
                     raise
@@ -508,17 +513,52 @@ class Namespace:
         :param meta_fd: the migrated metadata memfd (a ``mem`` namespace): mapped
             instead of this namespace's own metadata memory.
         """
-        m = state.metadata
-        want = (state.lbaf, m.pi, int(m.pil), int(m.mset)) if m is not None else (state.lbaf, 0, 0, 0)
+        want = self._wanted(state)
+        prepared, self._prepared = self._prepared, None
+        store = None
+        if prepared is not None:
+            if prepared[0] == want and meta_fd is None:
+                store = prepared[1]
+            else:
+                prepared[1].close()
         if (self.lbaf, self.pi, self.pil, self.mset) != want or meta_fd is not None:
-            self._set_format(*want, mem_fd=meta_fd)
+            self._set_format(*want, mem_fd=meta_fd, prepared=store)
+        elif store is not None:  # (not needed after all)
+            store.close()
+
+    @staticmethod
+    def _wanted(state: NamespaceState) -> tuple[int, int, int, int]:
+        m = state.metadata
+        return (state.lbaf, m.pi, int(m.pil), int(m.mset)) if m is not None else (state.lbaf, 0, 0, 0)
 
     def restore_problem(self, state: NamespaceState) -> str | None:
-        """Why ``state``'s format cannot apply here (None: it can)."""
-        m = state.metadata
-        if m is None:
-            return format_problem(state.lbaf, 0, 0, 0, self.backend)
-        return format_problem(state.lbaf, m.pi, int(m.pil), int(m.mset), self.backend)
+        """Why ``state``'s format cannot apply here (None: it can). A ``file`` namespace
+        whose format changes opens its metadata sidecar now (a file that cannot be opened
+        or is not pcidev's is a problem here, not a failure halfway through the restore);
+        :meth:`restore` then takes that store."""
+        want = self._wanted(state)
+        problem = format_problem(*want, self.backend)
+        if problem is not None:
+            return problem
+        self._drop_prepared()
+        f = LBAF_TABLE[want[0]]
+        if (not f.ms or (self.lbaf, self.pi, self.pil, self.mset) == want
+                or getattr(self.backend, "kind", None) != "file"):
+            return None
+        pattern = PiFormat(want[1], f.pif, f.ms, f.size, bool(want[2])).store_pattern if want[1] else None
+        try:
+            store = open_metadata(self.backend, f.ms, self.size >> (f.size.bit_length() - 1), pattern,
+                                  erase=False, current=self.meta)
+        except ConfigError as exc:
+            return str(exc)
+        if store is not None:
+            self._prepared = (want, store)
+        return None
+
+    def _drop_prepared(self) -> None:
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None:
+            prepared[1].close()
 
     def metadata_bytes(self, lbaf: int) -> int:
         """Bytes of metadata the LBA format ``lbaf`` needs on this namespace."""
@@ -666,6 +706,7 @@ class Namespace:
 
     def close(self) -> None:
         """Close the backend and the metadata store. Idempotent."""
+        self._drop_prepared()
         if self.meta is not None:
             self.meta.close()
         self.backend.close()
