@@ -623,3 +623,20 @@ def test_no_metadata_subsection_without_metadata(nvme_env):
     assert ns.mset == 1
     assert ns.snapshot(attached=True).metadata is None
     assert env.drv.identify(0x00, nsid=1)[26] & 0x10 == 0  # FLBAS: no extended LBAs
+
+
+def test_a_bad_data_pointer_is_reported_before_the_stored_pi(nvme_env):
+    """A Read's data pointer errors come before the backend read and the PI check: a bad
+    PRP over a block whose PI fails the Guard check is PRP Offset Invalid, not 282h."""
+    _env, drv, lay = make(nvme_env, 2, 1)
+    data = os.urandom(512)
+    bad = b"\x00\x00" + bytes(2) + (5).to_bytes(4, "big")  # a Guard that is not the CRC
+    assert rw(drv, lay, WRITE, 5, 1, data, bad, prinfo=0)[0].code == 0
+    assert rw(drv, lay, READ, 5, 1, prinfo=GUARD, ref=5)[0].code == Status.GUARD_CHECK
+    dbuf, mbuf = drv.machine.alloc(4096), drv.machine.alloc(4096)
+    try:
+        expect_status(drv, Status.PRP_OFFSET_INVALID, READ, qid=1, param=24, nsid=1, cdw10=5,
+                      cdw12=GUARD << 26, cdw14=5, prp1=dbuf + 1, mptr=mbuf)
+    finally:
+        drv.machine.free(dbuf)
+        drv.machine.free(mbuf)

@@ -258,17 +258,22 @@ class ProtectedIo:
         msegs = self._meta_segs(req, mlen, to_host=False)
         return buf, self._meta_gather(mem, msegs, mlen)
 
-    def _to_host(self, req: Request, ns: Namespace, nlb: int, data: bytearray, meta: bytearray) -> None:
-        moves = self._moves_metadata(ns, req.cdw12)
-        length = self._host_length(ns, nlb, moves)
+    def _host_segs(self, req: Request, ns: Namespace, nlb: int, moves: bool
+                   ) -> tuple[Sequence[tuple[int | None, int]], Sequence[tuple[int | None, int]] | None]:
+        """The data and (separate buffer) metadata pieces of a controller-to-host
+        transfer: pointer errors before any work."""
+        segs = self._data_segs(req, self._host_length(ns, nlb, moves), to_host=True)
+        msegs = self._meta_segs(req, nlb * ns.ms, to_host=True) if moves and not ns.extended else None
+        return segs, msegs
+
+    def _to_host(self, ns: Namespace, nlb: int, data: bytearray, meta: bytearray, moves: bool,
+                 segs: Sequence[tuple[int | None, int]], msegs: Sequence[tuple[int | None, int]] | None) -> None:
         mem = self.ctrl.dma
-        segs = self._data_segs(req, length, to_host=True)
         if not moves:
             _scatter(mem, segs, data)
-        elif ns.extended:
+        elif msegs is None:  # extended LBAs
             _scatter(mem, segs, interleave(data, meta, nlb, ns.lba_size, ns.ms))
         else:
-            msegs = self._meta_segs(req, len(meta), to_host=True)
             _scatter(mem, segs, data)
             self._meta_scatter(mem, msegs, meta)
 
@@ -296,11 +301,19 @@ class ProtectedIo:
         pif.check_command(slba, cdw12, ref)
         return ref, req.cdw15 & 0xFFFF, req.cdw15 >> 16
 
-    def _check(self, ns: Namespace, req: Request, slba: int, nlb: int, data: bytearray, meta: bytearray) -> None:
+    def _tags_of(self, ns: Namespace, req: Request, slba: int) -> tuple[int, int, int] | None:
+        """:meth:`_tags` on a PI namespace (Invalid Protection Information before any
+        work), None without PI."""
         pif = ns.protection
-        if pif is None:
+        return self._tags(pif, req, slba, req.cdw12) if pif is not None else None
+
+    @staticmethod
+    def _check(ns: Namespace, req: Request, slba: int, nlb: int, data: bytearray, meta: bytearray,
+               tags: tuple[int, int, int] | None) -> None:
+        pif = ns.protection
+        if pif is None or tags is None:
             return
-        ref, app, mask = self._tags(pif, req, slba, req.cdw12)
+        ref, app, mask = tags
         pif.check(memoryview(data), memoryview(meta), nlb, slba=slba, cdw12=req.cdw12, ref=ref, app=app,
                   app_mask=mask)
 
@@ -309,13 +322,13 @@ class ProtectedIo:
     def read(self, req: Request, ns: Namespace) -> int:
         """Read: data and metadata from the store, PI checked, to the host."""
         slba, nlb = self._extent(req, ns)
-        self._host_length(ns, nlb, self._moves_metadata(ns, req.cdw12))
-        pif = ns.protection
-        if pif is not None:
-            self._tags(pif, req, slba, req.cdw12)  # Invalid Protection Information before any work
+        moves = self._moves_metadata(ns, req.cdw12)
+        self._host_length(ns, nlb, moves)  # MDTS, then Invalid PI, then the pointers: as for a Write
+        tags = self._tags_of(ns, req, slba)
+        segs, msegs = self._host_segs(req, ns, nlb, moves)
         data, meta = self._stored(ns, slba, nlb)
-        self._check(ns, req, slba, nlb, data, meta)
-        self._to_host(req, ns, nlb, data, meta)
+        self._check(ns, req, slba, nlb, data, meta, tags)
+        self._to_host(ns, nlb, data, meta, moves, segs, msegs)
         self.ctrl.smart.record_read(len(data))
         return 0
 
@@ -324,6 +337,7 @@ class ProtectedIo:
         slba, nlb = self._extent(req, ns)
         cdw12 = req.cdw12
         pif = ns.protection
+        self._host_length(ns, nlb, self._moves_metadata(ns, cdw12))  # MDTS before Invalid PI, as for a Read
         tags = self._tags(pif, req, slba, cdw12) if pif is not None else None
         data, meta = self._from_host(req, ns, nlb)
         if pif is not None and tags is not None:
@@ -348,11 +362,10 @@ class ProtectedIo:
         (PRACT refused on a PI namespace: the controller has no PI to insert or strip)."""
         slba, nlb = self._extent(req, ns)
         self._refuse_pract(ns, req, "Compare")
-        if ns.protection is not None:
-            self._tags(ns.protection, req, slba, req.cdw12)
+        tags = self._tags_of(ns, req, slba)
         host_data, host_meta = self._from_host(req, ns, nlb)
         data, meta = self._stored(ns, slba, nlb)
-        self._check(ns, req, slba, nlb, data, meta)
+        self._check(ns, req, slba, nlb, data, meta, tags)
         lbs, ms = ns.lba_size, ns.ms
         moves = self._moves_metadata(ns, req.cdw12)
         for i in range(nlb):
@@ -367,10 +380,9 @@ class ProtectedIo:
         PRACT refused on a PI namespace)."""
         slba, nlb = self._extent(req, ns)
         self._refuse_pract(ns, req, "Verify")
-        if ns.protection is not None:
-            self._tags(ns.protection, req, slba, req.cdw12)
+        tags = self._tags_of(ns, req, slba)
         data, meta = self._stored(ns, slba, nlb)
-        self._check(ns, req, slba, nlb, data, meta)
+        self._check(ns, req, slba, nlb, data, meta, tags)
         self.ctrl.smart.record_read(len(data))
         return 0
 
