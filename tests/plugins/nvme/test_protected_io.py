@@ -640,3 +640,14 @@ def test_a_bad_data_pointer_is_reported_before_the_stored_pi(nvme_env):
     finally:
         drv.machine.free(dbuf)
         drv.machine.free(mbuf)
+
+
+def test_lba_range_comes_before_uncorrectable_marks(nvme_env):
+    """On a namespace with metadata, a range running past the end that covers a marked
+    block is LBA Out of Range, as without metadata (not Unrecovered Read Error)."""
+    _env, drv, lay = make(nvme_env, 2, 1)
+    last = (1 << 20) // 512 - 1
+    assert drv.write_uncorrectable(1, last, 1).ok
+    for opcode in (READ, VERIFY):
+        assert rw(drv, lay, opcode, last, 2, prinfo=0)[0].code == Status.LBA_RANGE
+    assert rw(drv, lay, READ, last, 1, prinfo=0)[0].code == Status.UNRECOVERED_READ_ERROR

@@ -659,7 +659,11 @@ class IoCommandSet:
         return bool(cdw12 & (1 << 30)) or not self.ctrl.volatile_write_cache
 
     def _check_marks(self, ns: Namespace, slba: int, nlb: int) -> None:
-        """Unrecovered Read Error if a block of the range is marked by Write Uncorrectable."""
+        """Unrecovered Read Error if a block of the range is marked by Write Uncorrectable
+        (a range past the namespace's end is left to the LBA range check: LBA Out of Range
+        comes first)."""
+        if slba + nlb > ns.nlbas:
+            return
         lba = self.uncorrectable.first_marked(ns.nsid, slba, nlb)
         if lba is not None:
             self._media_error()
