@@ -21,6 +21,7 @@ from _protection_exercisers import PROTECTION_EXERCISERS
 
 from pcidev import native
 from pcidev_nvme.namespace import LBAF_TABLE
+from pcidev_nvme.protected_io import RangeLocks
 from pcidev_nvme.prp import SGL_DATA_BLOCK, sgl_descriptor
 from pcidev_nvme.status import Status
 
@@ -651,3 +652,44 @@ def test_lba_range_comes_before_uncorrectable_marks(nvme_env):
     for opcode in (READ, VERIFY):
         assert rw(drv, lay, opcode, last, 2, prinfo=0)[0].code == Status.LBA_RANGE
     assert rw(drv, lay, READ, last, 1, prinfo=0)[0].code == Status.UNRECOVERED_READ_ERROR
+
+
+def test_range_locks_share_reads_and_exclude_writes():
+    locks = RangeLocks(stripes=8, region_shift=4)
+    inside = threading.Barrier(2, timeout=5)
+    order: list[str] = []
+
+    def reader():
+        with locks.hold(1, [(0, 4)], write=False):
+            inside.wait()  # both readers inside at once
+            order.append("r")
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert order == ["r", "r"]
+    held = threading.Event()
+    done = threading.Event()
+
+    def writer():
+        with locks.hold(1, [(2, 1)], write=True):
+            held.set()
+            time.sleep(0.2)
+            order.append("w")
+
+    def late_reader():
+        held.wait(5)
+        with locks.hold(1, [(0, 40)], write=False):  # overlaps the writer's region
+            order.append("r2")
+        done.set()
+
+    w, r = threading.Thread(target=writer), threading.Thread(target=late_reader)
+    w.start()
+    r.start()
+    w.join(5)
+    r.join(5)
+    assert done.is_set() and order[2:] == ["w", "r2"]
+    with locks.hold(1, [(0, 1 << 40)], write=True):  # a huge range takes every stripe, once each
+        pass

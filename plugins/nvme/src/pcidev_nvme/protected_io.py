@@ -26,8 +26,8 @@ not describe the metadata's length is Metadata SGL Length Invalid, and the param
 error location of a metadata pointer problem is MPTR (SQE byte 16).
 
 Data and metadata are two stores: each command holds the LBA-range locks of its blocks
-(:class:`RangeLocks`) around the pair, so a read never sees one write's data with
-another's PI and overlapping writes never leave a mix (single-block atomicity, as
+(:class:`RangeLocks`: shared by reads, exclusive for changes) around the pair, so a read
+never sees one write's data with another's PI and overlapping writes never leave a mix (single-block atomicity, as
 Identify promises). Deallocations (Dataset Management, Write Zeroes) drop the metadata
 first, then the data: in between, and after a crash there, the PI reads as the escape
 values (unchecked), never as stale PI over new data. A write stores the data, then the
@@ -119,17 +119,53 @@ def _scatter(mem: GuestMemory, segs: Sequence[tuple[int | None, int]], data: byt
             v.release()
 
 
+class _Stripe:
+    """A readers-writer lock: readers share it, a writer has it alone; a waiting writer
+    holds back new readers (no starvation)."""
+
+    __slots__ = ("_cond", "_readers", "_writer", "_waiting")
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._waiting = 0
+
+    def acquire(self, write: bool) -> None:
+        with self._cond:
+            if write:
+                self._waiting += 1
+                while self._writer or self._readers:
+                    self._cond.wait()
+                self._waiting -= 1
+                self._writer = True
+            else:
+                while self._writer or self._waiting:
+                    self._cond.wait()
+                self._readers += 1
+
+    def release(self, write: bool) -> None:
+        with self._cond:
+            if write:
+                self._writer = False
+            else:
+                self._readers -= 1
+            if not self._readers:
+                self._cond.notify_all()
+
+
 class RangeLocks:
-    """Striped locks over LBA regions: a command holds the stripes of the regions its
-    blocks fall in (in index order, so two commands never wait on each other in a
-    cycle) while it reads or changes the data and metadata of those blocks.
+    """Striped readers-writer locks over LBA regions: a command holds the stripes of the
+    regions its blocks fall in (in index order, so two commands never wait on each other
+    in a cycle) while it reads (shared) or changes (exclusive) the data and metadata of
+    those blocks.
 
     :param stripes: number of locks.
     :param region_shift: log2 of the blocks per region.
     """
 
     def __init__(self, stripes: int = 64, region_shift: int = 8) -> None:
-        self._locks = [threading.Lock() for _ in range(stripes)]
+        self._locks = [_Stripe() for _ in range(stripes)]
         self._shift = region_shift
 
     def _indexes(self, nsid: int, ranges: Iterable[tuple[int, int]]) -> list[int]:
@@ -145,16 +181,18 @@ class RangeLocks:
         return sorted(out)
 
     @contextmanager
-    def hold(self, nsid: int, ranges: Iterable[tuple[int, int]]) -> Iterator[None]:
-        """Hold the locks of ``(slba, nlb)`` ranges of namespace ``nsid``."""
-        taken = [self._locks[i] for i in self._indexes(nsid, ranges)]
-        for lock in taken:
-            lock.acquire()
+    def hold(self, nsid: int, ranges: Iterable[tuple[int, int]], *, write: bool) -> Iterator[None]:
+        """Hold the locks of ``(slba, nlb)`` ranges of namespace ``nsid``, shared
+        (``write=False``) or exclusive."""
+        taken: list[_Stripe] = []
         try:
+            for i in self._indexes(nsid, ranges):
+                self._locks[i].acquire(write)
+                taken.append(self._locks[i])
             yield
         finally:
             for lock in reversed(taken):
-                lock.release()
+                lock.release(write)
 
 
 def _meta_error(exc: NvmeStatusError) -> NvmeStatusError:
@@ -279,13 +317,13 @@ class ProtectedIo:
 
     def _stored(self, ns: Namespace, slba: int, nlb: int) -> tuple[bytearray, bytearray]:
         data = bytearray(nlb * ns.lba_size)
-        with self.locks.hold(ns.nsid, ((slba, nlb),)):
+        with self.locks.hold(ns.nsid, ((slba, nlb),), write=False):
             ns.backend.readv([memoryview(data)], slba << ns.lba_shift)
             meta = ns.meta.read(slba, nlb) if ns.meta is not None else bytearray(nlb * ns.ms)
         return data, meta
 
     def _store(self, ns: Namespace, slba: int, data: bytearray, meta: bytearray, fua: bool) -> None:
-        with self.locks.hold(ns.nsid, ((slba, len(data) >> ns.lba_shift),)):
+        with self.locks.hold(ns.nsid, ((slba, len(data) >> ns.lba_shift),), write=True):
             ns.backend.writev([memoryview(data)], slba << ns.lba_shift, fua=fua)
             if ns.meta is not None:
                 ns.meta.write(slba, meta, fua=fua)
@@ -400,7 +438,7 @@ class ProtectedIo:
         pract = pif is not None and cdw12 & PRINFO_PRACT
         tags = self._tags(pif, req, slba, cdw12) if pif is not None and pract else None
         meta_store = ns.meta
-        with self.locks.hold(ns.nsid, ((slba, nlb),)):
+        with self.locks.hold(ns.nsid, ((slba, nlb),), write=True):
             if meta_store is not None:
                 meta_store.deallocate(slba, nlb)  # first: in between, the PI reads as unchecked
             if cdw12 & (1 << 25):  # DEAC
@@ -421,7 +459,7 @@ class ProtectedIo:
     def deallocate(self, ns: Namespace, slba: int, nlb: int) -> None:
         """Dataset Management deallocation of a namespace with metadata: the metadata
         (first), then the data of the range."""
-        with self.locks.hold(ns.nsid, ((slba, nlb),)):
+        with self.locks.hold(ns.nsid, ((slba, nlb),), write=True):
             if ns.meta is not None:
                 ns.meta.deallocate(slba, nlb)
             ns.backend.deallocate(slba << ns.lba_shift, nlb << ns.lba_shift)
