@@ -5,13 +5,22 @@ file is never overwritten), read-only images, handover descriptors."""
 from __future__ import annotations
 
 import os
+import stat
+import types
 
 import pytest
 
 from pcidev.errors import ConfigError
 from pcidev.inheritance import image_key, inheriting
-from pcidev_nvme.metadata import FileMetadata, MemMetadata, NullMetadata, open_metadata
-from pcidev_nvme.namespace import make_namespace
+from pcidev_nvme.metadata import (
+    FileMetadata,
+    MemMetadata,
+    MetadataState,
+    NullMetadata,
+    metadata_supported,
+    open_metadata,
+)
+from pcidev_nvme.namespace import NamespaceState, format_problem, make_namespace
 
 PATTERN = bytes(8) + b"\xff" * 8  # 16 bytes of metadata, PI last
 
@@ -153,5 +162,130 @@ def test_a_format_change_keeps_the_open_sidecar_and_remove_spares_a_replacement(
         ns.format(0, 0)  # no metadata: the store goes, the decoy stays
         assert ns.meta is None
         assert open(img + ".nvme-meta", "rb").read() == b"decoy"
+    finally:
+        ns.close()
+
+
+def _allocated(fd: int) -> int:
+    return os.fstat(fd).st_blocks * 512
+
+
+@pytest.mark.parametrize("kind", ["mem", "file"])
+def test_deallocation_punches_holes_instead_of_writing_zeros(kind, tmp_path):
+    """A deallocation frees the metadata's storage (a hole), whatever its size: no buffer
+    of the range's zeros, no zeros written into the sparse sidecar or the memfd."""
+    nlbas = 1 << 20  # 8 MiB of metadata
+    if kind == "mem":
+        store = MemMetadata(8, nlbas, PATTERN[8:])
+        fd = store.mem_fd
+    else:
+        store = FileMetadata(8, nlbas, PATTERN[8:], image=str(tmp_path / "big.img"))
+        fd = store._fd
+    try:
+        chunk = os.urandom(8 * 4096)
+        for lba in range(0, nlbas, 4096):
+            store.write(lba, chunk)
+        assert _allocated(fd) >= 8 << 20
+        store.deallocate(0, nlbas)
+        assert _allocated(fd) < 1 << 20, "the deallocated metadata still takes space"
+        assert store.read(0, 2) == PATTERN[8:] * 2  # escaped PI
+        assert store.read(nlbas - 1, 1) == PATTERN[8:]
+        # a part of a page: the rest of the page keeps its metadata
+        store.write(0, chunk[:8 * 16])
+        store.deallocate(3, 5)
+        assert store.read(0, 16) == chunk[:24] + PATTERN[8:] * 5 + chunk[64:128]
+    finally:
+        store.close()
+
+
+def test_sidecar_header_tells_pi_last_from_no_pi(tmp_path):
+    """64 bytes of metadata with the PI last: the first 16 bytes of its layout are zeros, as
+    without PI; the header still tells them apart, so a sidecar of the other layout is stale
+    (it reads as empty) instead of being read back un-complemented."""
+    img = str(tmp_path / "m.img")
+    pi_last = bytes(56) + b"\xff" * 8
+    s = FileMetadata(64, 16, pi_last, image=img)
+    meta = os.urandom(64)
+    s.write(2, meta)
+    s.close()
+    t = FileMetadata(64, 16, None, image=img)
+    try:
+        assert t.read(2, 1) == bytes(64)  # stale: empty, not the complemented bytes
+    finally:
+        t.close()
+    u = FileMetadata(64, 16, pi_last, image=img)  # the same layout again: still there
+    try:
+        assert u.read(2, 1) == meta
+    finally:
+        u.close()
+
+
+def test_a_truncated_sidecar_reads_as_holes(tmp_path):
+    img = str(tmp_path / "t.img")
+    s = FileMetadata(8, 1024, None, image=img)
+    s.write(0, b"abcdefgh")
+    s.close()
+    os.truncate(img + ".nvme-meta", 4096 + 64)  # the header and 8 blocks' metadata
+    t = FileMetadata(8, 1024, None, image=img)
+    try:
+        assert t.read(0, 1) == b"abcdefgh"
+        assert t.read(4, 8) == bytes(64)  # across the end: zeros, no EIO
+        assert t.read(1000, 2) == bytes(16)
+    finally:
+        t.close()
+
+
+def test_a_sidecar_that_is_not_a_regular_file_is_refused(tmp_path):
+    img = str(tmp_path / "f.img")
+    os.mkfifo(img + ".nvme-meta")
+    with pytest.raises(ConfigError, match="not a regular file"):
+        FileMetadata(8, 16, None, image=img)  # neither blocks nor reads the FIFO
+
+
+def _block_device(tmp_path) -> str:
+    for name in sorted(os.listdir("/dev")):
+        path = os.path.join("/dev", name)
+        try:
+            if stat.S_ISBLK(os.stat(path).st_mode):
+                return path
+        except OSError:
+            continue
+    path = str(tmp_path / "blk")
+    os.mknod(path, stat.S_IFBLK | 0o600, os.makedev(7, 0))
+    return path
+
+
+def test_images_on_block_devices_have_no_metadata_formats(tmp_path):
+    """The sidecar of /dev/sdX would be a RAM file in /dev, lost at reboot: LBA formats
+    with metadata are refused on block devices."""
+    backend = types.SimpleNamespace(kind="file", path=_block_device(tmp_path), read_only=False, min_block=512)
+    assert not metadata_supported(backend)
+    assert open_metadata(backend, 8, 64, None, erase=False) is None
+    assert format_problem(2, 0, 0, 0, backend) is not None
+    assert format_problem(0, 0, 0, 0, backend) is None
+    regular = types.SimpleNamespace(kind="file", path=str(tmp_path / "r.img"), read_only=False, min_block=512)
+    assert metadata_supported(regular)
+
+
+def test_restore_problem_opens_the_sidecar_before_the_restore(tmp_path):
+    """A migration's check phase finds a sidecar that cannot be used (here a foreign file
+    of that name), instead of the restore failing halfway; a usable one is opened then and
+    taken by the restore."""
+    img = str(tmp_path / "r.img")
+    ns = make_namespace(1, f"file:path={img},size=1M")
+    try:
+        state = NamespaceState(nsid=1, attached=True, lbaf=2,
+                               metadata=MetadataState(pi=1, pil=False, mset=False))
+        with open(img + ".nvme-meta", "wb") as f:
+            f.write(b"not pcidev's" * 400)
+        assert "not a pcidev metadata file" in (ns.restore_problem(state) or "")
+        assert ns.ms == 0
+        os.unlink(img + ".nvme-meta")
+        assert ns.restore_problem(state) is None
+        assert os.path.exists(img + ".nvme-meta")  # opened (created) in the check phase
+        ns.restore(state)
+        assert (ns.lbaf, ns.pi, ns.ms) == (2, 1, 8) and ns.meta is not None
+        ns.meta.write(0, b"\x01" * 8)
+        assert ns.meta.read(0, 1) == b"\x01" * 8
     finally:
         ns.close()

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
+import time
 
 import pytest
-from _helpers import error_entries, make_env
+from _helpers import error_entries, expect_status, make_env
 from _protection_exercisers import PROTECTION_EXERCISERS
 
 from pcidev import native
 from pcidev_nvme.namespace import LBAF_TABLE
+from pcidev_nvme.protected_io import RangeLocks
 from pcidev_nvme.prp import SGL_DATA_BLOCK, sgl_descriptor
 from pcidev_nvme.status import Status
 
@@ -298,15 +301,16 @@ def test_copy_moves_metadata_and_remaps_pi(nvme_env):
     desc = drv.machine.alloc(4096)
     try:
         # one range: LBAs 1..2 (EILBRT 1, ELBAT 9, ELBATM FFFFh), read checks all; write with PRACT at 20
+        # (PRINFOR.PRACT and PRINFOW.PRACT must be equal)
         drv.mem.write(desc, struct.pack("<8xQH6xIHH", 1, 1, 1, 9, 0xFFFF))
-        drv.io(1, COPY, nsid=1, cdw10=20, cdw12=0 | (ALL << 12) | (PRACT << 26), cdw14=20, cdw15=9,
+        drv.io(1, COPY, nsid=1, cdw10=20, cdw12=0 | ((ALL | PRACT) << 12) | (PRACT << 26), cdw14=20, cdw15=9,
                buf=desc, length=32)
         comp, d, m = rw(drv, lay, READ, 20, 2, prinfo=ALL, ref=20, app=9)
         assert comp.code == 0 and d == data[512:1536]
         # a source whose PI fails the read check is not copied
         drv.mem.write(desc, struct.pack("<8xQH6xIHH", 1, 1, 1, 8, 0xFFFF))
-        comp = drv.io(1, COPY, nsid=1, check=False, cdw10=30, cdw12=0 | (APP << 12) | (PRACT << 26), cdw14=30,
-                      buf=desc, length=32)
+        comp = drv.io(1, COPY, nsid=1, check=False, cdw10=30, cdw12=0 | ((APP | PRACT) << 12) | (PRACT << 26),
+                      cdw14=30, buf=desc, length=32)
         assert comp.code == Status.APP_TAG_CHECK
         # without PRACT on the write side the source PI is checked against the destination's tags
         drv.mem.write(desc, struct.pack("<8xQH6xIHH", 1, 0, 1, 9, 0xFFFF))
@@ -333,12 +337,24 @@ def test_separate_metadata_with_sgls(nvme_env):
     dbuf = drv.machine.alloc(8192)
     try:
         drv.mem.write(desc, sgl_descriptor(mbuf, 8, SGL_DATA_BLOCK))
-        comp = drv.io(1, READ, check=False, nsid=1, cdw10=6, cdw12=1, flags=0x80, prp1=dbuf, prp2=8192,
-                      mptr=desc)
-        assert comp.code == Status.DATA_SGL_LEN_INVALID
-        # the metadata pointer outside guest memory
-        comp = drv.io(1, READ, check=False, nsid=1, cdw10=6, cdw12=1, buf=dbuf, length=8192, mptr=1 << 50)
-        assert comp.code == Status.DATA_TRANSFER_ERROR
+        # is Metadata SGL Length Invalid (not the data's status), located at MPTR (SQE byte 16)
+        expect_status(drv, Status.MD_SGL_LEN_INVALID, READ, qid=1, param=16, nsid=1, cdw10=6, cdw12=1,
+                      flags=0x80, prp1=dbuf, prp2=8192, mptr=desc)
+        expect_status(drv, Status.MD_SGL_LEN_INVALID, WRITE, qid=1, param=16, nsid=1, cdw10=6, cdw12=1,
+                      flags=0x80, prp1=dbuf, prp2=8192, mptr=desc)
+        # a data SGL of the wrong length keeps the data's status and location
+        drv.mem.write(desc, sgl_descriptor(mbuf, 16, SGL_DATA_BLOCK))
+        expect_status(drv, Status.DATA_SGL_LEN_INVALID, READ, qid=1, param=24, nsid=1, cdw10=6, cdw12=1,
+                      flags=0x80, prp1=dbuf, prp2=4096, mptr=desc)
+        # the metadata pointer outside guest memory: Data Transfer Error at MPTR, read or write
+        for opcode in (READ, WRITE):
+            expect_status(drv, Status.DATA_TRANSFER_ERROR, opcode, qid=1, param=16, nsid=1, cdw10=6, cdw12=1,
+                          buf=dbuf, length=8192, mptr=1 << 50)
+        # a metadata SGL descriptor naming memory outside the guest
+        drv.mem.write(desc, sgl_descriptor(1 << 50, 16, SGL_DATA_BLOCK))
+        for opcode in (READ, WRITE):
+            expect_status(drv, Status.DATA_TRANSFER_ERROR, opcode, qid=1, param=16, nsid=1, cdw10=6, cdw12=1,
+                          flags=0x80, prp1=dbuf, prp2=8192, mptr=desc)
     finally:
         for a in (mbuf, desc, dbuf):
             drv.machine.free(a)
@@ -439,3 +455,241 @@ def test_the_identify_truth_exercisers_of_protection_pass(nvme_env):
     for exercise in PROTECTION_EXERCISERS.values():
         exercise(env.drv)
     assert env.drv.namespaces[1].ms == 0  # formatted back
+
+
+def test_compare_and_verify_refuse_pract(nvme_env):
+    """Compare and Verify with PRACT on a PI namespace: Invalid Protection Information (the
+    controller has no PI to insert or strip there). 512+64 type 1: a Compare with PRACT
+    used to compare PI bytes the host never sent and fail."""
+    _env, drv, lay = make(nvme_env, 6, 1)
+    data = os.urandom(2 * 512)
+    meta = os.urandom(2 * 64)
+    assert rw(drv, lay, WRITE, 4, 2, data, meta, prinfo=PRACT, ref=4, app=7)[0].code == 0
+    comp = rw(drv, lay, COMPARE, 4, 2, data, meta, prinfo=PRACT | ALL, ref=4, app=7)[0]
+    assert comp.code == Status.INVALID_PROT_INFO and comp.dnr
+    assert rw(drv, lay, VERIFY, 4, 2, prinfo=PRACT | GUARD, ref=4)[0].code == Status.INVALID_PROT_INFO
+    # without PRACT both work on what the PRACT write stored
+    _c, _d, stored = rw(drv, lay, READ, 4, 2, prinfo=ALL, ref=4, app=7)
+    assert rw(drv, lay, COMPARE, 4, 2, data, stored, prinfo=ALL, ref=4, app=7)[0].code == 0
+    assert rw(drv, lay, VERIFY, 4, 2, prinfo=ALL, ref=4, app=7)[0].code == 0
+
+
+def test_copy_on_64b_guard_namespaces_and_unequal_pract(nvme_env):
+    """Copy descriptor format 0 carries 32-bit tags: refused (Invalid Format) on a 64b Guard
+    namespace, whose format 1 is not offered (OCFS bit 1 clear); PRINFOR.PRACT unlike
+    PRINFOW.PRACT is Invalid Field."""
+    _env, drv, lay = make(nvme_env, 4, 1)  # 512+16, 64b Guard
+    data = os.urandom(2 * 512)
+    assert rw(drv, lay, WRITE, 0, 2, data, prinfo=PRACT, ref=0, app=1)[0].code == 0
+    desc = drv.machine.alloc(4096)
+    try:
+        drv.mem.write(desc, struct.pack("<8xQH6xIHH", 0, 1, 0, 1, 0xFFFF))
+        expect_status(drv, Status.INVALID_FORMAT, COPY, qid=1, param=49, nsid=1, cdw10=8, cdw14=8,
+                      cdw12=(PRACT << 12) | (PRACT << 26), buf=desc, length=32)
+        _e2, drv2, lay2 = make(nvme_env, 2, 1)  # 512+8, 16b Guard
+        assert rw(drv2, lay2, WRITE, 0, 2, data, prinfo=PRACT, ref=0, app=1)[0].code == 0
+        desc2 = drv2.machine.alloc(4096)
+        drv2.mem.write(desc2, struct.pack("<8xQH6xIHH", 0, 1, 0, 1, 0xFFFF))
+        expect_status(drv2, Status.INVALID_FIELD, COPY, qid=1, param=49, nsid=1, cdw10=8, cdw14=8,
+                      cdw12=(ALL << 12) | (PRACT << 26), buf=desc2, length=32)
+        expect_status(drv2, Status.INVALID_FIELD, COPY, qid=1, param=49, nsid=1, cdw10=8, cdw14=8,
+                      cdw12=(PRACT << 12), buf=desc2, length=32)
+        expect_status(drv2, 0, COPY, qid=1, nsid=1, cdw10=8, cdw14=8, cdw12=((ALL | PRACT) << 12) | (PRACT << 26),
+                      buf=desc2, length=32)
+        comp, d, _m = rw(drv2, lay2, READ, 8, 2, prinfo=ALL, ref=8, app=0)
+        assert comp.code == 0 and d == data
+    finally:
+        drv.machine.free(desc)
+
+
+def test_discard_of_a_whole_file_namespace_punches_the_sidecar(nvme_env, tmp_path):
+    """Dataset Management over every block of a file namespace with metadata: the sidecar
+    gets a hole (no zeros written, no buffer of the range), the PI reads as escaped."""
+    env = nvme_env(f"ns=file:path={tmp_path}/d.img,size=256M,lbaf=2,pi=1", io_queues=1)
+    drv, lay = env.drv, Layout(2, 1, 0, 0)
+    nlbas = (256 << 20) // 512
+    data = os.urandom(64 * 512)
+    for slba in (0, nlbas - 64):
+        assert rw(drv, lay, WRITE, slba, 64, data, prinfo=PRACT, ref=slba & 0xFFFFFFFF)[0].code == 0
+    sidecar = f"{tmp_path}/d.img.nvme-meta"
+    dsm = drv.machine.alloc(4096)
+    try:
+        drv.mem.write(dsm, struct.pack("<IIQ", 0, nlbas, 0))
+        drv.io(1, DSM, nsid=1, cdw10=0, cdw11=1 << 2, buf=dsm, length=4096)
+    finally:
+        drv.machine.free(dsm)
+    assert os.stat(sidecar).st_blocks * 512 <= 64 << 10
+    comp, d, m = rw(drv, lay, READ, nlbas - 64, 64, prinfo=ALL, ref=(nlbas - 64) & 0xFFFFFFFF)
+    assert comp.code == 0 and d == bytes(len(d)) and m == b"\xff" * len(m)
+
+
+def test_a_read_never_sees_new_data_under_old_pi(nvme_env, tmp_path):
+    """A file namespace runs commands on the worker pool: a read of a block being written
+    waits for the write's data and metadata together (it used to see the new data with
+    the old PI: Guard Check Error)."""
+    env = nvme_env(f"ns=file:path={tmp_path}/c.img,size=1M,lbaf=2,pi=1", io_queues=2)
+    drv = env.drv
+    lay = Layout(2, 1, 0, 0)
+    old, new = os.urandom(512), os.urandom(512)
+    assert rw(drv, lay, WRITE, 3, 1, old, prinfo=PRACT, ref=3)[0].code == 0
+    store = env.ctrl.namespaces[1].meta
+    entered, go = threading.Event(), threading.Event()
+    real_write = store.write
+
+    def slow_write(lba, data, *, fua=False):
+        entered.set()
+        go.wait(5)
+        real_write(lba, data, fua=fua)
+
+    store.write = slow_write
+    wbuf, rbuf = drv.machine.alloc(4096), drv.machine.alloc(4096)
+    try:
+        drv.mem.write(wbuf, new)
+        cid_w = drv.submit(1, WRITE, nsid=1, cdw10=3, cdw12=PRACT << 26, cdw14=3, buf=wbuf, length=512)
+        assert entered.wait(5)  # the new data is stored, its PI not yet
+        cid_r = drv.submit(2, READ, nsid=1, cdw10=3, cdw12=(PRACT | ALL) << 26, cdw14=3, buf=rbuf, length=512)
+        time.sleep(0.3)
+        go.set()
+        comp_r = drv.wait_for(2, cid_r)
+        assert drv.wait_for(1, cid_w).ok
+        assert comp_r.ok, f"status {comp_r.code:#x}"
+        assert drv.mem.read(rbuf, 512) == new
+    finally:
+        go.set()
+        store.write = real_write
+        drv.machine.free(wbuf)
+        drv.machine.free(rbuf)
+
+
+def test_write_zeroes_without_pract_checks_nothing(nvme_env):
+    """Write Zeroes without PRACT stores no PI (the blocks read escaped): its PRCHK bits are
+    not checked, so type 3 with the Reference Tag check is no error."""
+    _env, drv, lay = make(nvme_env, 2, 3)
+    comp = drv.io(1, WRITE_ZEROES, check=False, nsid=1, cdw10=0, cdw12=3 | (REF << 26))
+    assert comp.code == 0
+    comp = drv.io(1, WRITE_ZEROES, check=False, nsid=1, cdw10=0, cdw12=3 | ((PRACT | REF) << 26))
+    assert comp.code == Status.INVALID_PROT_INFO
+
+
+def _plugin_like(ns):
+    """A backend of a kind that keeps no metadata, over ``ns``'s own memory."""
+    real = ns.backend
+
+    class Plugin:
+        kind = "plugin"
+        size = real.size
+        min_block = 512
+        read_only = False
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    return Plugin()
+
+
+def test_identify_offers_only_what_each_namespace_can_use(nvme_env):
+    """Identify lists LBA formats with metadata, MC and DPC only for a namespace whose
+    backend keeps metadata; NSID FFFFFFFFh reports what all namespaces share, for CNS 00h
+    and (the ELBAF table) CNS 05h."""
+    env = nvme_env("ns=mem:size=1M", io_queues=1)
+    drv = env.drv
+    idns = drv.identify(0x00, nsid=1)
+    common = drv.identify(0x00, nsid=0xFFFFFFFF)
+    for s in (idns, common):
+        assert (s[25], s[27], s[28]) == (len(LBAF_TABLE) - 1, 3, 0x1F)
+    assert common[128:128 + 4 * len(LBAF_TABLE)] == idns[128:128 + 4 * len(LBAF_TABLE)]
+    elbaf = drv.identify(0x05, nsid=1)
+    assert drv.identify(0x05, nsid=0xFFFFFFFF) == elbaf
+    assert struct.unpack_from("<I", elbaf, 12 + 4 * 4)[0] >> 7 & 3 == 2  # LBAF 4: 64b Guard
+    ns = env.ctrl.allocated[1]
+    old = ns.replace_backend(_plugin_like(ns))
+    try:
+        for nsid in (1, 0xFFFFFFFF):
+            s = drv.identify(0x00, nsid=nsid)
+            assert (s[25], s[27], s[28]) == (1, 0, 0)
+            assert s[128 + 8:128 + 4 * len(LBAF_TABLE)] == bytes(4 * (len(LBAF_TABLE) - 2))
+            assert drv.identify(0x05, nsid=nsid)[12 + 8:12 + 4 * len(LBAF_TABLE)] == bytes(4 * (len(LBAF_TABLE) - 2))
+        comp = drv.admin(FORMAT_NVM, check=False, nsid=1, cdw10=2)
+        assert comp.code == Status.INVALID_FORMAT
+    finally:
+        ns.replace_backend(old)
+
+
+def test_no_metadata_subsection_without_metadata(nvme_env):
+    """Format NVM with MSET=1 to an LBA format without metadata: the namespace's state has
+    no metadata subsection (which an older destination would refuse for nothing)."""
+    env = nvme_env("ns=mem:size=1M", io_queues=1)
+    assert env.drv.admin(FORMAT_NVM, nsid=1, cdw10=0 | 1 << 4).ok
+    ns = env.ctrl.allocated[1]
+    assert ns.mset == 1
+    assert ns.snapshot(attached=True).metadata is None
+    assert env.drv.identify(0x00, nsid=1)[26] & 0x10 == 0  # FLBAS: no extended LBAs
+
+
+def test_a_bad_data_pointer_is_reported_before_the_stored_pi(nvme_env):
+    """A Read's data pointer errors come before the backend read and the PI check: a bad
+    PRP over a block whose PI fails the Guard check is PRP Offset Invalid, not 282h."""
+    _env, drv, lay = make(nvme_env, 2, 1)
+    data = os.urandom(512)
+    bad = b"\x00\x00" + bytes(2) + (5).to_bytes(4, "big")  # a Guard that is not the CRC
+    assert rw(drv, lay, WRITE, 5, 1, data, bad, prinfo=0)[0].code == 0
+    assert rw(drv, lay, READ, 5, 1, prinfo=GUARD, ref=5)[0].code == Status.GUARD_CHECK
+    dbuf, mbuf = drv.machine.alloc(4096), drv.machine.alloc(4096)
+    try:
+        expect_status(drv, Status.PRP_OFFSET_INVALID, READ, qid=1, param=24, nsid=1, cdw10=5,
+                      cdw12=GUARD << 26, cdw14=5, prp1=dbuf + 1, mptr=mbuf)
+    finally:
+        drv.machine.free(dbuf)
+        drv.machine.free(mbuf)
+
+
+def test_lba_range_comes_before_uncorrectable_marks(nvme_env):
+    """On a namespace with metadata, a range running past the end that covers a marked
+    block is LBA Out of Range, as without metadata (not Unrecovered Read Error)."""
+    _env, drv, lay = make(nvme_env, 2, 1)
+    last = (1 << 20) // 512 - 1
+    assert drv.write_uncorrectable(1, last, 1).ok
+    for opcode in (READ, VERIFY):
+        assert rw(drv, lay, opcode, last, 2, prinfo=0)[0].code == Status.LBA_RANGE
+    assert rw(drv, lay, READ, last, 1, prinfo=0)[0].code == Status.UNRECOVERED_READ_ERROR
+
+
+def test_range_locks_share_reads_and_exclude_writes():
+    locks = RangeLocks(stripes=8, region_shift=4)
+    inside = threading.Barrier(2, timeout=5)
+    order: list[str] = []
+
+    def reader():
+        with locks.hold(1, [(0, 4)], write=False):
+            inside.wait()  # both readers inside at once
+            order.append("r")
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert order == ["r", "r"]
+    held = threading.Event()
+    done = threading.Event()
+
+    def writer():
+        with locks.hold(1, [(2, 1)], write=True):
+            held.set()
+            time.sleep(0.2)
+            order.append("w")
+
+    def late_reader():
+        held.wait(5)
+        with locks.hold(1, [(0, 40)], write=False):  # overlaps the writer's region
+            order.append("r2")
+        done.set()
+
+    w, r = threading.Thread(target=writer), threading.Thread(target=late_reader)
+    w.start()
+    r.start()
+    w.join(5)
+    r.join(5)
+    assert done.is_set() and order[2:] == ["w", "r2"]
+    with locks.hold(1, [(0, 1 << 40)], write=True):  # a huge range takes every stripe, once each
+        pass

@@ -4,11 +4,14 @@ and the command-level rules (Invalid Protection Information)."""
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 
 import pytest
 
 from pcidev import native
+from pcidev_nvme import protection
 from pcidev_nvme.protection import PIF_16B, PIF_64B, PRCHK_APP, PRCHK_GUARD, PRCHK_REF, PRINFO_PRACT, PiFormat
 from pcidev_nvme.status import NvmeStatusError, Status
 
@@ -139,3 +142,15 @@ def test_zero_blocks_metadata_is_generate_over_zeros(pif, ms, first, pi_type):
     want = bytearray(ms * 7)
     fmt.generate(memoryview(bytes(512 * 7)), memoryview(want), 7, top, 0xA55A)
     assert fmt.zero_blocks_metadata(7, top, 0xA55A) == want
+
+
+def test_a_warning_when_pi_runs_on_the_pure_python_crcs(monkeypatch, caplog):
+    monkeypatch.setattr(protection.native, "FALLBACK_REASON", None)
+    assert not protection.warn_slow_crcs()
+    monkeypatch.setattr(protection.native, "FALLBACK_REASON", "no extension")
+    monkeypatch.setattr(protection, "_warned", threading.Event())
+    with caplog.at_level(logging.WARNING, logger="pcidev_nvme.protection"):
+        assert protection.warn_slow_crcs()
+        assert protection.warn_slow_crcs()
+    assert [r.getMessage() for r in caplog.records].count(
+        "protection information uses the pure-Python CRCs (no extension): PI I/O is slow") == 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import struct
 import time
 
@@ -321,3 +322,28 @@ def test_sanitize_erases_the_protection_information_too(nvme_env, ndas):
     comp, got, _ = drv.io_md(0x02, 1, 0, 8, data_len=len(data), prinfo=8 | 7)  # strip, check all
     assert comp.ok, hex(comp.code)
     assert got == bytes(len(data))
+
+
+def test_sanitize_punches_the_metadata_sidecar_and_flushes_it(nvme_env, tmp_path):
+    """A file namespace with PI: the sanitize deallocates the sidecar's metadata as a hole
+    (not written zeros) and its end flushes the metadata as well as the data."""
+    env = nvme_env(f"ns=file:path={tmp_path}/s.img,size=8M,lbaf=2,pi=1", io_queues=1, aers=0)
+    drv = env.drv
+    data = bytes(range(256)) * 256  # 128 blocks
+    for slba in range(0, 16384, 128):
+        assert drv.io_md(0x01, 1, slba, 128, data=data, prinfo=8, ref=slba)[0].ok
+    sidecar = f"{tmp_path}/s.img.nvme-meta"
+    assert os.stat(sidecar).st_blocks * 512 >= 16384 * 8
+    store = env.ctrl.allocated[1].meta
+    flushed = []
+    real_flush = store.flush
+    store.flush = lambda: (flushed.append(1), real_flush())[1]
+    try:
+        drv.sanitize(2)  # block erase
+        wait_done(drv)
+    finally:
+        store.flush = real_flush
+    assert flushed, "the sanitize did not flush the metadata"
+    assert os.stat(sidecar).st_blocks * 512 <= 64 << 10
+    comp, got, _ = drv.io_md(0x02, 1, 16000, 8, data_len=8 * 512, prinfo=8 | 7, ref=16000)
+    assert comp.ok and got == bytes(8 * 512)

@@ -69,7 +69,14 @@ from pcidev_nvme.config import NamespaceSpec, NvmeConfig
 from pcidev_nvme.features import Features
 from pcidev_nvme.lba_status import get_lba_status
 from pcidev_nvme.metadata import SIDECAR_SUFFIX
-from pcidev_nvme.namespace import LBA_FORMATS, LBAF_TABLE, Namespace, format_problem
+from pcidev_nvme.namespace import (
+    LBA_FORMATS,
+    LBAF_TABLE,
+    Namespace,
+    format_problem,
+    identify_capabilities,
+    identify_elbaf,
+)
 from pcidev_nvme.namespaces import RemovedNamespace
 from pcidev_nvme.protection import pi_size
 from pcidev_nvme.prp import prp_segments
@@ -416,8 +423,8 @@ class AdminCommandSet:
         if cns in (0x00, 0x05, 0x08, 0x11):
             if cns == 0x05 and csi != 0:
                 raise _err(Status.INVALID_FIELD, f"I/O command set {csi} is not supported", OFF_CDW11 + 3)
-            if nsid == BROADCAST and cns in (0x00, 0x11):
-                data = self._common_ns()
+            if nsid == BROADCAST and cns in (0x00, 0x05, 0x11):
+                data = self._common_ns(csi_nvm=cns == 0x05)
             elif not self._nsid_valid(nsid):
                 raise _err(Status.INVALID_NSID, f"namespace {nsid:#x} is not valid", OFF_NSID)
             else:
@@ -468,12 +475,15 @@ class AdminCommandSet:
         self.to_host(req, data)
         return 0
 
-    def _common_ns(self) -> bytes:
-        """Identify Namespace for NSID FFFFFFFFh: capabilities common to all namespaces."""
+    def _common_ns(self, *, csi_nvm: bool = False) -> bytes:
+        """Identify Namespace for NSID FFFFFFFFh: capabilities common to all namespaces
+        (LBA formats with metadata, MC and DPC only if every namespace can keep metadata);
+        with ``csi_nvm`` the NVM command set specific structure (CNS 05h: the ELBAF table)."""
+        metadata = all(ns.metadata_capable for ns in self.ctrl.allocated.values())
+        if csi_nvm:
+            return identify_elbaf(metadata)
         buf = bytearray(idfy.IDENTIFY_SIZE)
-        buf[25] = len(LBAF_TABLE) - 1  # NLBAF
-        for i, f in enumerate(LBAF_TABLE):
-            struct.pack_into("<I", buf, 128 + 4 * i, f.lbaf_entry())
+        identify_capabilities(buf, metadata)
         return bytes(buf)
 
     # -- logs ----------------------------------------------------------------------------------------

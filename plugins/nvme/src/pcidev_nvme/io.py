@@ -661,7 +661,11 @@ class IoCommandSet:
         return bool(cdw12 & (1 << 30)) or not self.ctrl.volatile_write_cache
 
     def _check_marks(self, ns: Namespace, slba: int, nlb: int) -> None:
-        """Unrecovered Read Error if a block of the range is marked by Write Uncorrectable."""
+        """Unrecovered Read Error if a block of the range is marked by Write Uncorrectable
+        (a range past the namespace's end is left to the LBA range check: LBA Out of Range
+        comes first)."""
+        if slba + nlb > ns.nlbas:
+            return
         lba = self.uncorrectable.first_marked(ns.nsid, slba, nlb)
         if lba is not None:
             self._media_error()
@@ -853,12 +857,13 @@ class IoCommandSet:
             self._check_writable(ns)
             shift = ns.lba_shift
             for slba, nlb in ranges:
-                ns.backend.deallocate(slba << shift, nlb << shift)
-                self.uncorrectable.clear(ns.nsid, slba, nlb)
-                if ns.ms:
+                if ns.ms:  # the metadata and the data, under the range's lock
                     self._protected.deallocate(ns, slba, nlb)
+                else:
+                    ns.backend.deallocate(slba << shift, nlb << shift)
+                self.uncorrectable.clear(ns.nsid, slba, nlb)
             if not self.ctrl.volatile_write_cache:
-                ns.backend.flush()
+                ns.flush()  # the data and the metadata
         return 0
 
     def _copy(self, req: Request, ns: Namespace) -> int:
@@ -871,6 +876,10 @@ class IoCommandSet:
                 Status.INVALID_FIELD, f"Copy descriptor format {desfmt} is not supported",
                 param_offset=_OFF_CDW12 + 1,
             )
+        if ns.ms:
+            problem = self._protected.copy_problem(req, ns)
+            if problem is not None:
+                raise problem
         mssrl, mcl, msrc = COPY_LIMITS
         if nr > msrc:
             raise NvmeStatusError(

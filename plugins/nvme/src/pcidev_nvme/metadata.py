@@ -9,7 +9,10 @@ layout and an image stays a plain image:
     travels as an :class:`~pcidev.vmstate.FdRef` (:class:`MetadataState`).
 ``file`` namespaces (:class:`FileMetadata`)
     a sidecar file ``IMAGE.nvme-meta`` beside the image: a 4 KiB header (magic,
-    metadata size, block count, PI layout) then the metadata, sparse. It is created
+    metadata size, block count, the whole per-block PI layout) then the metadata, sparse
+    (a deallocation punches a hole; a sidecar shorter than its header says reads as
+    holes past its end). Images on block devices have no sidecar (it would land in
+    ``/dev``): LBA formats with metadata are not usable there. It is created
     when first needed and never written over unless it carries pcidev's header (a
     foreign file of that name is refused: :class:`~pcidev.errors.ConfigError`);
     formatting to an LBA format without metadata removes it. A sidecar of another
@@ -48,6 +51,7 @@ import attrs
 from pcidev.errors import ConfigError
 from pcidev.inheritance import image_key, take_inherited
 from pcidev.vmstate import U8, Bool, FdRef, vmstate
+from pcidev_nvme.backends import punch_hole
 
 __all__ = [
     "FileMetadata",
@@ -67,8 +71,32 @@ SIDECAR_SUFFIX = ".nvme-meta"
 
 _HEADER_SIZE = 4096
 _MAGIC = b"pcidev-nvme-meta"
-_HEADER = struct.Struct("<16sIIQ16s")  # magic, version, ms, nlbas, PI store pattern (first 16 bytes)
-_VERSION = 1
+#: magic, version, ms, nlbas, PI store pattern (first 16 bytes: version 1), whole pattern (version 2)
+_HEADER = struct.Struct("<16sIIQ16s64s")
+_HEADER_V1 = struct.Struct("<16sIIQ16s")
+_VERSION = 2
+#: bytes zeroed per write where a hole cannot be punched
+_ZERO_CHUNK = 1 << 20
+
+
+def _zero_fd(fd: int, offset: int, length: int) -> None:
+    """Make ``[offset, offset + length)`` of ``fd`` read as zeros: a punched hole (no
+    allocation, any size), else writes of zeros a chunk at a time."""
+    try:
+        punch_hole(fd, offset, length)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+    zeros = bytes(min(length, _ZERO_CHUNK))
+    end = offset + length
+    pos = offset
+    while pos < end:
+        pos += os.pwrite(fd, zeros[:min(len(zeros), end - pos)], pos)
+
+
+def _header_pattern(pattern: bytes | None) -> bytes:
+    return (pattern or b"").ljust(64, b"\0")
 
 
 @vmstate("nvme/namespace-metadata")
@@ -211,7 +239,9 @@ class MemMetadata(MetadataStore):
         self._mv[offset:offset + len(data)] = data
 
     def _zero(self, offset: int, length: int) -> None:
-        self._mv[offset:offset + length] = bytes(length)
+        # a hole in the memfd (pages freed, the mapping reads zeros), never a buffer of
+        # ``length`` zeros: a discard of a whole large namespace is one call
+        _zero_fd(self._fd, offset, length)
 
     def close(self) -> None:
         with self._lock:
@@ -252,7 +282,8 @@ class FileMetadata(MetadataStore):
         if fd is None:
             fd = take_inherited(image_key(self.path, read_only=read_only))
         if fd is None:
-            flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+            # O_NONBLOCK: a FIFO of that name must not block the open (it is refused below)
+            flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC | os.O_NONBLOCK
             try:
                 fd = os.open(self.path, flags)
             except FileNotFoundError:
@@ -273,14 +304,15 @@ class FileMetadata(MetadataStore):
             except OSError as exc:
                 raise ConfigError(f"cannot open {self.path}: {exc.strerror}") from exc
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError(f"{self.path} exists and is not a regular file: not using it for metadata")
             header = os.pread(fd, _HEADER.size, 0)
-            if len(header) < _HEADER.size or not header.startswith(_MAGIC):
+            if len(header) < _HEADER_V1.size or not header.startswith(_MAGIC):
                 raise ConfigError(f"{self.path} exists and is not a pcidev metadata file: not overwriting it")
-            magic, version, h_ms, h_nlbas, h_pattern = _HEADER.unpack(header)
-            want = (_VERSION, ms, nlbas, (pattern or b"")[:16].ljust(16, b"\0"))
             if erase:
                 self._initialise(fd)
-            elif (version, h_ms, h_nlbas, h_pattern) != want:
+            elif not self._same_format(header):
+                h_ms, h_nlbas = _HEADER_V1.unpack_from(header)[2:4]
                 if read_only:
                     raise ConfigError(f"{self.path} holds metadata of another LBA format (read-only image)")
                 # Not rewritten now: a migration's destination is built from its configuration
@@ -289,6 +321,7 @@ class FileMetadata(MetadataStore):
                 log.warning("%s holds metadata of another format (%d bytes x %d blocks): it starts "
                             "empty at the first write", self.path, h_ms, h_nlbas)
                 self._stale = True
+            os.set_blocking(fd, True)
         except OSError as exc:
             os.close(fd)
             raise ConfigError(f"cannot read {self.path}: {exc.strerror}") from exc
@@ -297,12 +330,24 @@ class FileMetadata(MetadataStore):
             raise
         self._fd = fd
 
+    def _same_format(self, header: bytes) -> bool:
+        """Whether ``header`` describes this store's geometry and PI layout. A version-1
+        header kept only the first 16 bytes of the PI layout: it matches only when the
+        metadata is no larger (larger metadata may hide the PI past them)."""
+        _magic, version, h_ms, h_nlbas, h_pattern16 = _HEADER_V1.unpack_from(header)
+        if (h_ms, h_nlbas) != (self.ms, self.nlbas):
+            return False
+        full = _header_pattern(self.pattern)
+        if version == 1:
+            return self.ms <= 16 and h_pattern16 == full[:16]
+        return version == _VERSION and len(header) >= _HEADER.size and _HEADER.unpack(header)[5] == full
+
     def _initialise(self, fd: int) -> None:
         """Empty metadata of this geometry: header, then a hole of ``nbytes``."""
         os.ftruncate(fd, 0)
         os.ftruncate(fd, _HEADER_SIZE + self.nbytes)
-        pattern = (self.pattern or b"")[:16].ljust(16, b"\0")
-        os.pwrite(fd, _HEADER.pack(_MAGIC, _VERSION, self.ms, self.nlbas, pattern), 0)
+        full = _header_pattern(self.pattern)
+        os.pwrite(fd, _HEADER.pack(_MAGIC, _VERSION, self.ms, self.nlbas, full[:16], full), 0)
         os.fsync(fd)
 
     def _fresh(self) -> None:
@@ -321,7 +366,7 @@ class FileMetadata(MetadataStore):
         while pos < length:
             got = os.preadv(self._fd, [mv[pos:]], _HEADER_SIZE + offset + pos)
             if got <= 0:
-                raise OSError(errno.EIO, f"short read of {self.path}")
+                break  # past the end of a truncated sidecar: holes (the rest stays zeros)
             pos += got
         mv.release()
         return buf
@@ -345,7 +390,7 @@ class FileMetadata(MetadataStore):
             raise OSError(errno.EROFS, "the image is read-only")
         if self._stale:
             self._fresh()
-        os.pwrite(self._fd, bytes(length), _HEADER_SIZE + offset)
+        _zero_fd(self._fd, _HEADER_SIZE + offset, length)
 
     def flush(self) -> None:
         os.fdatasync(self._fd)
@@ -384,9 +429,20 @@ class FileMetadata(MetadataStore):
         return {image_key(self.path, read_only=self.read_only): self._fd} if self._fd >= 0 else {}
 
 
+def _on_block_device(backend: Any) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(str(backend.path)).st_mode)
+    except (OSError, AttributeError):
+        return False
+
+
 def metadata_supported(backend: Any) -> bool:
-    """Whether ``backend`` can have a metadata store (``mem`` with a memfd, ``file``, ``null``)."""
-    return getattr(backend, "kind", None) in ("mem", "file", "null")
+    """Whether ``backend`` can have a metadata store (``mem``, ``file`` on a regular
+    image -- not a block device, whose sidecar would land in ``/dev`` --, ``null``)."""
+    kind = getattr(backend, "kind", None)
+    if kind == "file":
+        return not _on_block_device(backend)
+    return kind in ("mem", "null")
 
 
 def open_metadata(backend: Any, ms: int, nlbas: int, pattern: bytes | None, *, erase: bool,
@@ -408,6 +464,8 @@ def open_metadata(backend: Any, ms: int, nlbas: int, pattern: bytes | None, *, e
     if kind == "mem":
         return MemMetadata(ms, nlbas, pattern, fd=mem_fd)
     if kind == "file":
+        if _on_block_device(backend):
+            return None
         if isinstance(current, FileMetadata) and current.is_open:
             return current.reopen(ms, nlbas, pattern, erase=erase)
         return FileMetadata(ms, nlbas, pattern, image=str(backend.path),

@@ -15,8 +15,10 @@ the rest goes to the backend (whose options are its config class, e.g.
 
 ``lbaf``
     initial LBA format (:data:`LBAF_TABLE`): ``0`` = 512-byte blocks (default), ``1`` =
-    4096-byte blocks, ``2`` .. ``8`` with metadata (512+8, 4096+8, 512+16, 4096+16,
-    512+64, 4096+64 with the 16b Guard PI format, 4096+64 with the 64b Guard one).
+    4096-byte blocks, ``2`` .. ``8`` with metadata: 512+8 and 4096+8 (16b Guard PI
+    format), 512+16 and 4096+16 (64b Guard), 512+64 and 4096+64 (16b Guard), 4096+64
+    (64b Guard). Only ``mem``, ``file`` (on a regular image) and ``null`` namespaces
+    offer ``2`` .. ``8``; Identify lists only the formats a namespace can use.
     ``lba_size=512|4096`` is accepted as a synonym for ``0`` and ``1``.
 ``pi``
     protection information type: ``0`` none (default), ``1``, ``2`` or ``3``; needs an
@@ -74,7 +76,7 @@ from pcidev.vmstate import U8, U32, Bool, FdRef, vmstate
 from pcidev_nvme.backends import Backend, BackendFactory, create_backend, take_options
 from pcidev_nvme.limits import COPY_LIMITS
 from pcidev_nvme.metadata import MetadataState, MetadataStore, metadata_supported, open_metadata
-from pcidev_nvme.protection import PIF_16B, PIF_64B, PiFormat, pi_size
+from pcidev_nvme.protection import PIF_16B, PIF_64B, PiFormat, pi_size, warn_slow_crcs
 from pcidev_nvme.status import NvmeStatusError, Status
 
 __all__ = [
@@ -84,8 +86,11 @@ __all__ = [
     "Namespace",
     "NamespaceOptions",
     "NamespaceState",
+    "identify_capabilities",
+    "identify_elbaf",
     "may_write_beside",
     "make_namespace",
+    "offered_formats",
     "parse_spec",
 ]
 
@@ -253,6 +258,37 @@ def _check_range(hi: int) -> Callable[[Any, attrs.Attribute[int | None], int | N
     return check
 
 
+def offered_formats(metadata: bool) -> tuple[LbaFormat, ...]:
+    """The LBA formats Identify lists: all of :data:`LBAF_TABLE` when metadata can be
+    kept, else the formats without metadata (0 and 1)."""
+    return LBAF_TABLE if metadata else tuple(f for f in LBAF_TABLE if not f.ms)
+
+
+def identify_capabilities(buf: bytearray, metadata: bool) -> None:
+    """Fill the format fields of an Identify Namespace structure: NLBAF, MC, DPC and the
+    LBA Format list (the formats :func:`offered_formats` gives)."""
+    formats = offered_formats(metadata)
+    buf[25] = len(formats) - 1  # NLBAF (0's based)
+    buf[27] = MC_EXTENDED | MC_SEPARATE if metadata else 0  # MC
+    buf[28] = DPC_ALL if metadata else 0  # DPC: types 1, 2, 3, PI first or last
+    for i, f in enumerate(formats):
+        _U32.pack_into(buf, 128 + 4 * i, f.lbaf_entry())
+
+
+def identify_elbaf(metadata: bool) -> bytes:
+    """The NVM command set specific Identify Namespace structure (CNS 05h, CSI 0) for the
+    formats :func:`offered_formats` gives.
+
+    No storage tags: LBSTM and PIC (whose bits are about storage tags and the qualified
+    PI formats) are zero; ELBAF (byte 12 on, one dword per LBA format) gives each format's
+    protection information format (16b or 64b Guard, STS 0).
+    """
+    buf = bytearray(IDENTIFY_SIZE)
+    for i, f in enumerate(offered_formats(metadata)):
+        _U32.pack_into(buf, 12 + 4 * i, f.elbaf_entry())
+    return bytes(buf)
+
+
 def format_problem(lbaf: int, pi: int, pil: int, mset: int, backend: Any) -> str | None:
     """Why a format setting cannot be used on ``backend`` (None: it can).
 
@@ -406,6 +442,8 @@ class Namespace:
             raise ConfigError("NGUID must be 16 bytes and EUI-64 8 bytes")
         self._lock = threading.Lock()
         self.meta: MetadataStore | None = None
+        #: a metadata store opened by :meth:`restore_problem` for the format it checked
+        self._prepared: tuple[tuple[int, int, int, int], MetadataStore] | None = None
         self.ms = 0
         self._set_format(lbaf, pi, pil, mset, config=True)
 
@@ -415,7 +453,8 @@ class Namespace:
         return format_problem(lbaf, 0, 0, 0, self.backend) is None
 
     def _set_format(self, lbaf: int, pi: int = 0, pil: int = 0, mset: int = 0, *, config: bool = False,
-                    erase: bool = False, mem_fd: int | None = None) -> None:
+                    erase: bool = False, mem_fd: int | None = None,
+                    prepared: MetadataStore | None = None) -> None:
         problem = format_problem(lbaf, pi, pil, mset, self.backend)
         if problem is not None:
             if config:
@@ -425,12 +464,14 @@ class Namespace:
         lba_shift = f.size.bit_length() - 1
         nlbas = self.size >> lba_shift
         protection = PiFormat(pi, f.pif, f.ms, f.size, bool(pil)) if pi else None
+        if protection is not None:
+            warn_slow_crcs()
         meta = self.meta
         if f.ms:
             pattern = protection.store_pattern if protection is not None else None
             try:
-                new_meta = open_metadata(self.backend, f.ms, nlbas, pattern, erase=erase, mem_fd=mem_fd,
-                                         current=meta)
+                new_meta = prepared if prepared is not None else open_metadata(
+                    self.backend, f.ms, nlbas, pattern, erase=erase, mem_fd=mem_fd, current=meta)
             except ConfigError as exc:
                 if config:
                     raise
@@ -462,7 +503,7 @@ class Namespace:
             backend with metadata).
         """
         meta = None
-        if self.ms or self.pi or self.mset:
+        if self.ms:  # (pi and mset mean nothing without metadata)
             meta = MetadataState(pi=self.pi, pil=bool(self.pil), mset=bool(self.mset), mem_fd=meta_fd)
         return NamespaceState(nsid=self.nsid, attached=attached, lbaf=self.lbaf, mem_fd=mem_fd, metadata=meta)
 
@@ -472,17 +513,52 @@ class Namespace:
         :param meta_fd: the migrated metadata memfd (a ``mem`` namespace): mapped
             instead of this namespace's own metadata memory.
         """
-        m = state.metadata
-        want = (state.lbaf, m.pi, int(m.pil), int(m.mset)) if m is not None else (state.lbaf, 0, 0, 0)
+        want = self._wanted(state)
+        prepared, self._prepared = self._prepared, None
+        store = None
+        if prepared is not None:
+            if prepared[0] == want and meta_fd is None:
+                store = prepared[1]
+            else:
+                prepared[1].close()
         if (self.lbaf, self.pi, self.pil, self.mset) != want or meta_fd is not None:
-            self._set_format(*want, mem_fd=meta_fd)
+            self._set_format(*want, mem_fd=meta_fd, prepared=store)
+        elif store is not None:  # (not needed after all)
+            store.close()
+
+    @staticmethod
+    def _wanted(state: NamespaceState) -> tuple[int, int, int, int]:
+        m = state.metadata
+        return (state.lbaf, m.pi, int(m.pil), int(m.mset)) if m is not None else (state.lbaf, 0, 0, 0)
 
     def restore_problem(self, state: NamespaceState) -> str | None:
-        """Why ``state``'s format cannot apply here (None: it can)."""
-        m = state.metadata
-        if m is None:
-            return format_problem(state.lbaf, 0, 0, 0, self.backend)
-        return format_problem(state.lbaf, m.pi, int(m.pil), int(m.mset), self.backend)
+        """Why ``state``'s format cannot apply here (None: it can). A ``file`` namespace
+        whose format changes opens its metadata sidecar now (a file that cannot be opened
+        or is not pcidev's is a problem here, not a failure halfway through the restore);
+        :meth:`restore` then takes that store."""
+        want = self._wanted(state)
+        problem = format_problem(*want, self.backend)
+        if problem is not None:
+            return problem
+        self._drop_prepared()
+        f = LBAF_TABLE[want[0]]
+        if (not f.ms or (self.lbaf, self.pi, self.pil, self.mset) == want
+                or getattr(self.backend, "kind", None) != "file"):
+            return None
+        pattern = PiFormat(want[1], f.pif, f.ms, f.size, bool(want[2])).store_pattern if want[1] else None
+        try:
+            store = open_metadata(self.backend, f.ms, self.size >> (f.size.bit_length() - 1), pattern,
+                                  erase=False, current=self.meta)
+        except ConfigError as exc:
+            return str(exc)
+        if store is not None:
+            self._prepared = (want, store)
+        return None
+
+    def _drop_prepared(self) -> None:
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None:
+            prepared[1].close()
 
     def metadata_bytes(self, lbaf: int) -> int:
         """Bytes of metadata the LBA format ``lbaf`` needs on this namespace."""
@@ -563,10 +639,10 @@ class Namespace:
             self.nlbas,  # NCAP
             min(self.nuse(), self.nlbas),  # NUSE
             NSFEAT_OPTPERF,  # NSFEAT: NPWG..NOWS are valid
-            len(LBAF_TABLE) - 1,  # NLBAF (0's based)
+            0,  # NLBAF: identify_capabilities
             self.flbas,  # FLBAS
-            MC_EXTENDED | MC_SEPARATE,  # MC
-            DPC_ALL,  # DPC: types 1, 2, 3, PI first or last
+            0,  # MC: identify_capabilities
+            0,  # DPC: identify_capabilities
             self.pi | (DPS_PI_FIRST if self.pi and self.pil else 0),  # DPS
             0,  # NMIC: private namespace
             0,  # RESCAP
@@ -584,9 +660,13 @@ class Namespace:
         buf[99] = 1 if self.read_only else 0  # NSATTR: write protected
         buf[104:120] = self.nguid
         buf[120:128] = self.eui64
-        for i, f in enumerate(LBAF_TABLE):
-            _U32.pack_into(buf, 128 + 4 * i, f.lbaf_entry())
+        identify_capabilities(buf, self.metadata_capable)
         return bytes(buf)
+
+    @property
+    def metadata_capable(self) -> bool:
+        """Whether this namespace's backend can keep metadata (LBA formats 2 .. 8)."""
+        return metadata_supported(self.backend)
 
     @property
     def flbas(self) -> int:
@@ -600,18 +680,12 @@ class Namespace:
         return bool(self.ms and self.mset)
 
     def identify_csi_nvm(self) -> bytes:
-        """The NVM command set specific Identify Namespace structure (CNS 05h, CSI 0).
-
-        No storage tags: LBSTM and PIC (whose bits are about storage tags and the
-        qualified PI formats) are zero; ELBAF (byte 12 on, one dword per LBA format)
-        gives each format's protection information format (16b or 64b Guard, STS 0).
+        """The NVM command set specific Identify Namespace structure (CNS 05h, CSI 0):
+        :func:`identify_elbaf` of the formats this namespace offers.
 
         :returns: 4096 bytes.
         """
-        buf = bytearray(IDENTIFY_SIZE)
-        for i, f in enumerate(LBAF_TABLE):
-            _U32.pack_into(buf, 12 + 4 * i, f.elbaf_entry())
-        return bytes(buf)
+        return identify_elbaf(self.metadata_capable)
 
     def id_descriptors(self) -> bytes:
         """The Namespace Identification Descriptor list (CNS 03h): EUI-64, NGUID,
@@ -632,6 +706,7 @@ class Namespace:
 
     def close(self) -> None:
         """Close the backend and the metadata store. Idempotent."""
+        self._drop_prepared()
         if self.meta is not None:
             self.meta.close()
         self.backend.close()

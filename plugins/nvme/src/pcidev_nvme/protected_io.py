@@ -20,25 +20,47 @@ controller inserts the PI on a write and strips it on a read
 (:mod:`pcidev_nvme.protection`). The data is staged in a bounce buffer, so what is
 checked is what is stored (the guest cannot change it between the check and the write).
 MDTS counts the metadata of extended LBAs.
+
+Errors in the metadata pointer carry the metadata statuses: a metadata SGL that does
+not describe the metadata's length is Metadata SGL Length Invalid, and the parameter
+error location of a metadata pointer problem is MPTR (SQE byte 16).
+
+Data and metadata are two stores: each command holds the LBA-range locks of its blocks
+(:class:`RangeLocks`: shared by reads, exclusive for changes) around the pair, so a read
+never sees one write's data with another's PI and overlapping writes never leave a mix (single-block atomicity, as
+Identify promises). Deallocations (Dataset Management, Write Zeroes) drop the metadata
+first, then the data: in between, and after a crash there, the PI reads as the escape
+values (unchecked), never as stale PI over new data. A write stores the data, then the
+metadata: after a crash between the two, a block may hold new data under its old PI
+(with the write cache enabled and no FUA the host expects nothing of such a write
+anyway).
+
+Compare and Verify refuse PRACT on namespaces with protection information (Invalid
+Protection Information, as QEMU does): neither transfers PI the controller could insert
+or strip.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 from pcidev.dma import GuestMemory
+from pcidev.errors import DmaError
 from pcidev_nvme.namespace import Namespace
-from pcidev_nvme.protection import PRINFO_PRACT, PiFormat
+from pcidev_nvme.protection import PIF_16B, PRINFO_PRACT, PiFormat
 from pcidev_nvme.prp import PSDT_SGL_MPTR_SGL, data_segments, sgl_segments
 from pcidev_nvme.request import ControllerPort, Request
 from pcidev_nvme.status import NvmeStatusError, Status
 
-__all__ = ["ProtectedIo", "interleave", "split_extended"]
+__all__ = ["ProtectedIo", "RangeLocks", "interleave", "split_extended"]
 
 _OFF_CDW10 = 40
 _OFF_CDW12 = 48
 _OFF_MPTR = 16
+_OFF_DPTR = 24
 _COPY_RANGE0 = struct.Struct("<8xQH6xIHH")  # SLBA, NLB (0's based), EILBRT, ELBAT, ELBATM
 
 
@@ -97,6 +119,91 @@ def _scatter(mem: GuestMemory, segs: Sequence[tuple[int | None, int]], data: byt
             v.release()
 
 
+class _Stripe:
+    """A readers-writer lock: readers share it, a writer has it alone; a waiting writer
+    holds back new readers (no starvation)."""
+
+    __slots__ = ("_cond", "_readers", "_writer", "_waiting")
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._waiting = 0
+
+    def acquire(self, write: bool) -> None:
+        with self._cond:
+            if write:
+                self._waiting += 1
+                while self._writer or self._readers:
+                    self._cond.wait()
+                self._waiting -= 1
+                self._writer = True
+            else:
+                while self._writer or self._waiting:
+                    self._cond.wait()
+                self._readers += 1
+
+    def release(self, write: bool) -> None:
+        with self._cond:
+            if write:
+                self._writer = False
+            else:
+                self._readers -= 1
+            if not self._readers:
+                self._cond.notify_all()
+
+
+class RangeLocks:
+    """Striped readers-writer locks over LBA regions: a command holds the stripes of the
+    regions its blocks fall in (in index order, so two commands never wait on each other
+    in a cycle) while it reads (shared) or changes (exclusive) the data and metadata of
+    those blocks.
+
+    :param stripes: number of locks.
+    :param region_shift: log2 of the blocks per region.
+    """
+
+    def __init__(self, stripes: int = 64, region_shift: int = 8) -> None:
+        self._locks = [_Stripe() for _ in range(stripes)]
+        self._shift = region_shift
+
+    def _indexes(self, nsid: int, ranges: Iterable[tuple[int, int]]) -> list[int]:
+        n = len(self._locks)
+        out: set[int] = set()
+        for slba, nlb in ranges:
+            if nlb <= 0:
+                continue
+            first, last = slba >> self._shift, (slba + nlb - 1) >> self._shift
+            if last - first + 1 >= n:
+                return list(range(n))
+            out.update((nsid * 0x9E3779B1 + r) % n for r in range(first, last + 1))
+        return sorted(out)
+
+    @contextmanager
+    def hold(self, nsid: int, ranges: Iterable[tuple[int, int]], *, write: bool) -> Iterator[None]:
+        """Hold the locks of ``(slba, nlb)`` ranges of namespace ``nsid``, shared
+        (``write=False``) or exclusive."""
+        taken: list[_Stripe] = []
+        try:
+            for i in self._indexes(nsid, ranges):
+                self._locks[i].acquire(write)
+                taken.append(self._locks[i])
+            yield
+        finally:
+            for lock in reversed(taken):
+                lock.release(write)
+
+
+def _meta_error(exc: NvmeStatusError) -> NvmeStatusError:
+    """A data-pointer error of the metadata pointer, as the metadata's status."""
+    status = Status.MD_SGL_LEN_INVALID if exc.status == Status.DATA_SGL_LEN_INVALID else exc.status
+    where = _OFF_MPTR if exc.param_offset is not None and _OFF_DPTR <= exc.param_offset < _OFF_CDW10 \
+        else exc.param_offset
+    msg = str(exc).split(": ", 1)[-1]
+    return NvmeStatusError(status, f"metadata pointer: {msg}", param_offset=where, lba=exc.lba, dnr=exc.dnr)
+
+
 class ProtectedIo:
     """The metadata and protection information side of the NVM I/O commands.
 
@@ -106,6 +213,7 @@ class ProtectedIo:
 
     def __init__(self, ctrl: ControllerPort) -> None:
         self.ctrl = ctrl
+        self.locks = RangeLocks()
 
     # -- buffers ----------------------------------------------------------------------
 
@@ -147,11 +255,30 @@ class ProtectedIo:
         if req.flags >> 6 == PSDT_SGL_MPTR_SGL:
             try:
                 desc = mem.read(req.mptr, 16)
-            except Exception as exc:  # DmaError: the descriptor is not in guest memory
+            except DmaError as exc:  # the descriptor is not in guest memory
                 raise NvmeStatusError(Status.DATA_TRANSFER_ERROR, f"metadata SGL descriptor: {exc}",
                                       param_offset=_OFF_MPTR) from None
-            return sgl_segments(mem, desc, length, allow_bit_bucket=to_host)
+            try:
+                return sgl_segments(mem, desc, length, allow_bit_bucket=to_host)
+            except NvmeStatusError as exc:
+                raise _meta_error(exc) from None
         return [(req.mptr, length)]
+
+    @staticmethod
+    def _meta_gather(mem: GuestMemory, segs: Sequence[tuple[int | None, int]], length: int) -> bytearray:
+        try:
+            return _gather(mem, segs, length)
+        except DmaError as exc:
+            raise NvmeStatusError(Status.DATA_TRANSFER_ERROR, f"metadata buffer: {exc}",
+                                  param_offset=_OFF_MPTR) from None
+
+    @staticmethod
+    def _meta_scatter(mem: GuestMemory, segs: Sequence[tuple[int | None, int]], data: bytes | bytearray) -> None:
+        try:
+            _scatter(mem, segs, data)
+        except DmaError as exc:
+            raise NvmeStatusError(Status.DATA_TRANSFER_ERROR, f"metadata buffer: {exc}",
+                                  param_offset=_OFF_MPTR) from None
 
     def _from_host(self, req: Request, ns: Namespace, nlb: int) -> tuple[bytearray, bytearray]:
         """The data and metadata a write-like command carries (metadata zeros when PRACT
@@ -167,32 +294,39 @@ class ProtectedIo:
             return split_extended(buf, nlb, ns.lba_size, ns.ms)
         mlen = nlb * ns.ms
         msegs = self._meta_segs(req, mlen, to_host=False)
-        return buf, _gather(mem, msegs, mlen)
+        return buf, self._meta_gather(mem, msegs, mlen)
 
-    def _to_host(self, req: Request, ns: Namespace, nlb: int, data: bytearray, meta: bytearray) -> None:
-        moves = self._moves_metadata(ns, req.cdw12)
-        length = self._host_length(ns, nlb, moves)
+    def _host_segs(self, req: Request, ns: Namespace, nlb: int, moves: bool
+                   ) -> tuple[Sequence[tuple[int | None, int]], Sequence[tuple[int | None, int]] | None]:
+        """The data and (separate buffer) metadata pieces of a controller-to-host
+        transfer: pointer errors before any work."""
+        segs = self._data_segs(req, self._host_length(ns, nlb, moves), to_host=True)
+        msegs = self._meta_segs(req, nlb * ns.ms, to_host=True) if moves and not ns.extended else None
+        return segs, msegs
+
+    def _to_host(self, ns: Namespace, nlb: int, data: bytearray, meta: bytearray, moves: bool,
+                 segs: Sequence[tuple[int | None, int]], msegs: Sequence[tuple[int | None, int]] | None) -> None:
         mem = self.ctrl.dma
-        segs = self._data_segs(req, length, to_host=True)
         if not moves:
             _scatter(mem, segs, data)
-        elif ns.extended:
+        elif msegs is None:  # extended LBAs
             _scatter(mem, segs, interleave(data, meta, nlb, ns.lba_size, ns.ms))
         else:
-            msegs = self._meta_segs(req, len(meta), to_host=True)
             _scatter(mem, segs, data)
-            _scatter(mem, msegs, meta)
+            self._meta_scatter(mem, msegs, meta)
 
     def _stored(self, ns: Namespace, slba: int, nlb: int) -> tuple[bytearray, bytearray]:
         data = bytearray(nlb * ns.lba_size)
-        ns.backend.readv([memoryview(data)], slba << ns.lba_shift)
-        meta = ns.meta.read(slba, nlb) if ns.meta is not None else bytearray(nlb * ns.ms)
+        with self.locks.hold(ns.nsid, ((slba, nlb),), write=False):
+            ns.backend.readv([memoryview(data)], slba << ns.lba_shift)
+            meta = ns.meta.read(slba, nlb) if ns.meta is not None else bytearray(nlb * ns.ms)
         return data, meta
 
     def _store(self, ns: Namespace, slba: int, data: bytearray, meta: bytearray, fua: bool) -> None:
-        ns.backend.writev([memoryview(data)], slba << ns.lba_shift, fua=fua)
-        if ns.meta is not None:
-            ns.meta.write(slba, meta, fua=fua)
+        with self.locks.hold(ns.nsid, ((slba, len(data) >> ns.lba_shift),), write=True):
+            ns.backend.writev([memoryview(data)], slba << ns.lba_shift, fua=fua)
+            if ns.meta is not None:
+                ns.meta.write(slba, meta, fua=fua)
 
     def _durable(self, cdw12: int) -> bool:
         return bool(cdw12 & (1 << 30)) or not self.ctrl.volatile_write_cache
@@ -205,11 +339,19 @@ class ProtectedIo:
         pif.check_command(slba, cdw12, ref)
         return ref, req.cdw15 & 0xFFFF, req.cdw15 >> 16
 
-    def _check(self, ns: Namespace, req: Request, slba: int, nlb: int, data: bytearray, meta: bytearray) -> None:
+    def _tags_of(self, ns: Namespace, req: Request, slba: int) -> tuple[int, int, int] | None:
+        """:meth:`_tags` on a PI namespace (Invalid Protection Information before any
+        work), None without PI."""
         pif = ns.protection
-        if pif is None:
+        return self._tags(pif, req, slba, req.cdw12) if pif is not None else None
+
+    @staticmethod
+    def _check(ns: Namespace, req: Request, slba: int, nlb: int, data: bytearray, meta: bytearray,
+               tags: tuple[int, int, int] | None) -> None:
+        pif = ns.protection
+        if pif is None or tags is None:
             return
-        ref, app, mask = self._tags(pif, req, slba, req.cdw12)
+        ref, app, mask = tags
         pif.check(memoryview(data), memoryview(meta), nlb, slba=slba, cdw12=req.cdw12, ref=ref, app=app,
                   app_mask=mask)
 
@@ -218,13 +360,13 @@ class ProtectedIo:
     def read(self, req: Request, ns: Namespace) -> int:
         """Read: data and metadata from the store, PI checked, to the host."""
         slba, nlb = self._extent(req, ns)
-        self._host_length(ns, nlb, self._moves_metadata(ns, req.cdw12))
-        pif = ns.protection
-        if pif is not None:
-            self._tags(pif, req, slba, req.cdw12)  # Invalid Protection Information before any work
+        moves = self._moves_metadata(ns, req.cdw12)
+        self._host_length(ns, nlb, moves)  # MDTS, then Invalid PI, then the pointers: as for a Write
+        tags = self._tags_of(ns, req, slba)
+        segs, msegs = self._host_segs(req, ns, nlb, moves)
         data, meta = self._stored(ns, slba, nlb)
-        self._check(ns, req, slba, nlb, data, meta)
-        self._to_host(req, ns, nlb, data, meta)
+        self._check(ns, req, slba, nlb, data, meta, tags)
+        self._to_host(ns, nlb, data, meta, moves, segs, msegs)
         self.ctrl.smart.record_read(len(data))
         return 0
 
@@ -233,6 +375,7 @@ class ProtectedIo:
         slba, nlb = self._extent(req, ns)
         cdw12 = req.cdw12
         pif = ns.protection
+        self._host_length(ns, nlb, self._moves_metadata(ns, cdw12))  # MDTS before Invalid PI, as for a Read
         tags = self._tags(pif, req, slba, cdw12) if pif is not None else None
         data, meta = self._from_host(req, ns, nlb)
         if pif is not None and tags is not None:
@@ -246,14 +389,21 @@ class ProtectedIo:
         self.ctrl.smart.record_write(len(data))
         return 0
 
+    @staticmethod
+    def _refuse_pract(ns: Namespace, req: Request, what: str) -> None:
+        if ns.protection is not None and req.cdw12 & PRINFO_PRACT:
+            raise NvmeStatusError(Status.INVALID_PROT_INFO, f"{what} with PRACT set",
+                                  param_offset=_OFF_CDW12 + 3)
+
     def compare(self, req: Request, ns: Namespace) -> int:
-        """Compare: the stored blocks (PI checked) against the host's data and metadata."""
+        """Compare: the stored blocks (PI checked) against the host's data and metadata
+        (PRACT refused on a PI namespace: the controller has no PI to insert or strip)."""
         slba, nlb = self._extent(req, ns)
-        if ns.protection is not None:
-            self._tags(ns.protection, req, slba, req.cdw12)
+        self._refuse_pract(ns, req, "Compare")
+        tags = self._tags_of(ns, req, slba)
         host_data, host_meta = self._from_host(req, ns, nlb)
         data, meta = self._stored(ns, slba, nlb)
-        self._check(ns, req, slba, nlb, data, meta)
+        self._check(ns, req, slba, nlb, data, meta, tags)
         lbs, ms = ns.lba_size, ns.ms
         moves = self._moves_metadata(ns, req.cdw12)
         for i in range(nlb):
@@ -264,12 +414,13 @@ class ProtectedIo:
         return 0
 
     def verify(self, req: Request, ns: Namespace) -> int:
-        """Verify: read the stored blocks and check their PI (nothing moves to the host)."""
+        """Verify: read the stored blocks and check their PI (nothing moves to the host;
+        PRACT refused on a PI namespace)."""
         slba, nlb = self._extent(req, ns)
-        if ns.protection is not None:
-            self._tags(ns.protection, req, slba, req.cdw12)
+        self._refuse_pract(ns, req, "Verify")
+        tags = self._tags_of(ns, req, slba)
         data, meta = self._stored(ns, slba, nlb)
-        self._check(ns, req, slba, nlb, data, meta)
+        self._check(ns, req, slba, nlb, data, meta, tags)
         self.ctrl.smart.record_read(len(data))
         return 0
 
@@ -282,39 +433,64 @@ class ProtectedIo:
         pif = ns.protection
         backend = ns.backend
         offset, length = slba << ns.lba_shift, nlb << ns.lba_shift
-        tags = self._tags(pif, req, slba, cdw12) if pif is not None else None
-        if cdw12 & (1 << 25):  # DEAC
-            backend.deallocate(offset, length)
-        else:
-            backend.write_zeroes(offset, length)
+        # PRINFO matters only with PRACT (the PI of the zeroed blocks is generated from
+        # it); without PRACT nothing is checked, so nothing is refused
+        pract = pif is not None and cdw12 & PRINFO_PRACT
+        tags = self._tags(pif, req, slba, cdw12) if pif is not None and pract else None
         meta_store = ns.meta
-        if meta_store is not None:
-            if pif is not None and tags is not None and cdw12 & PRINFO_PRACT:
+        with self.locks.hold(ns.nsid, ((slba, nlb),), write=True):
+            if meta_store is not None:
+                meta_store.deallocate(slba, nlb)  # first: in between, the PI reads as unchecked
+            if cdw12 & (1 << 25):  # DEAC
+                backend.deallocate(offset, length)
+            else:
+                backend.write_zeroes(offset, length)
+            if meta_store is not None and pif is not None and tags is not None:
                 ref, app, _mask = tags
                 chunk = 16384
                 for first in range(0, nlb, chunk):
                     n = min(chunk, nlb - first)
                     step = 0 if pif.pi_type == 3 else first
                     meta_store.write(slba + first, pif.zero_blocks_metadata(n, ref + step, app))
-            else:
-                meta_store.deallocate(slba, nlb)
         if self._durable(cdw12):
-            backend.flush()
-            if meta_store is not None:
-                meta_store.flush()
+            ns.flush()
         return 0
 
     def deallocate(self, ns: Namespace, slba: int, nlb: int) -> None:
-        """Dataset Management deallocation: the metadata of the range too."""
-        if ns.meta is not None:
-            ns.meta.deallocate(slba, nlb)
+        """Dataset Management deallocation of a namespace with metadata: the metadata
+        (first), then the data of the range."""
+        with self.locks.hold(ns.nsid, ((slba, nlb),), write=True):
+            if ns.meta is not None:
+                ns.meta.deallocate(slba, nlb)
+            ns.backend.deallocate(slba << ns.lba_shift, nlb << ns.lba_shift)
+
+    @staticmethod
+    def copy_problem(req: Request, ns: Namespace) -> NvmeStatusError | None:
+        """Why a Copy cannot run on this namespace with metadata (None: it can): the 16-bit
+        Guard's descriptor format 0 on a namespace with the 64b Guard (whose format 1
+        with 48-bit tags is not supported: OCFS bit 1 is clear) is Invalid Format;
+        PRINFOR.PRACT unlike PRINFOW.PRACT is Invalid Field."""
+        pif = ns.protection
+        if pif is None:
+            return None
+        cdw12 = req.cdw12
+        if pif.pif != PIF_16B:
+            return NvmeStatusError(
+                Status.INVALID_FORMAT,
+                "Copy descriptor format 0 on a namespace with the 64b Guard (format 1 is not supported)",
+                param_offset=_OFF_CDW12 + 1,
+            )
+        if bool(cdw12 & 1 << 15) != bool(cdw12 & PRINFO_PRACT):
+            return NvmeStatusError(Status.INVALID_FIELD, "PRINFOR.PRACT differs from PRINFOW.PRACT",
+                                   param_offset=_OFF_CDW12 + 1)
+        return None
 
     def copy(self, req: Request, ns: Namespace, raw: bytes | bytearray, ranges: list[tuple[int, int]],
              sdlba: int) -> int:
         """Copy (descriptor format 0) with metadata: each source range's data and metadata,
         its PI checked as PRINFOR asks (CDW12 15:12, expected tags from the range entry),
         then written at SDLBA with PI checked or regenerated as PRINFOW asks (CDW12 29:26,
-        CDW14/CDW15 as for a Write)."""
+        CDW14/CDW15 as for a Write). The caller has asked :meth:`copy_problem` first."""
         cdw12 = req.cdw12
         pif = ns.protection
         datas: list[bytearray] = []

@@ -45,8 +45,12 @@ never written passes every check, as Linux's block integrity expects.
 
 from __future__ import annotations
 
+import logging
+import threading
+
 import attrs
 
+from pcidev import native
 from pcidev.native import crc16_t10dif, crc64_nvme
 from pcidev_nvme.status import NvmeStatusError, Status
 
@@ -60,7 +64,11 @@ __all__ = [
     "PI_TYPES",
     "PiFormat",
     "pi_size",
+    "warn_slow_crcs",
 ]
+
+log = logging.getLogger(__name__)
+_warned = threading.Event()
 
 #: Protection Information Format (ELBAF bits 8:7): 16b Guard, 64b Guard
 PIF_16B = 0
@@ -78,6 +86,19 @@ _PRCHK = PRCHK_GUARD | PRCHK_APP | PRCHK_REF
 
 _OFF_CDW12 = 48
 _OFF_CDW14 = 56
+
+
+def warn_slow_crcs() -> bool:
+    """Log (once per process) that protection information is computed with the
+    pure-Python CRCs, when the native extension is missing: each block's Guard then costs
+    microseconds. :returns: whether the fallback is in use."""
+    reason = native.FALLBACK_REASON
+    if reason is None:
+        return False
+    if not _warned.is_set():
+        _warned.set()
+        log.warning("protection information uses the pure-Python CRCs (%s): PI I/O is slow", reason)
+    return True
 
 
 def pi_size(pif: int) -> int:

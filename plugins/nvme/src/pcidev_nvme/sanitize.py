@@ -338,12 +338,14 @@ class Sanitizer:
             return self.passes_done >= self._steps()
         ns = self.ctrl.allocated[nsids[self.ns_index]]
         n = min(CHUNK, ns.size - self.offset)
+        if self.offset == 0 and ns.meta is not None:
+            # the metadata (and PI) is user data too: gone (a punched hole) before the data
+            # is touched, so an interrupted sanitize leaves unchecked PI, never stale PI
+            ns.meta.deallocate(0, ns.nlbas)
         self._alter(ns, self.offset, n)
         self.offset += n
         if self.offset >= ns.size:
             self.uncorrectable.clear_namespace(ns.nsid)
-            if ns.meta is not None:  # the metadata (and PI) is user data too: never written again
-                ns.meta.deallocate(0, ns.nlbas)
             self.ns_index += 1
             self.offset = 0
         return False
@@ -372,7 +374,7 @@ class Sanitizer:
     def _finish(self, *, failed: bool) -> None:
         for ns in list(self.ctrl.allocated.values()):
             try:
-                ns.backend.flush()
+                ns.flush()  # the data and the metadata
             except OSError as exc:
                 log.warning("flush after sanitize of namespace %d failed: %s", ns.nsid, exc)
                 failed = True
