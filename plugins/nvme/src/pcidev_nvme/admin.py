@@ -386,7 +386,9 @@ class AdminCommandSet:
         sq = ctrl.sq(qid) if qid else None
         if sq is None or sq.deleting:
             raise _err(Status.QID_INVALID, f"submission queue {qid} does not exist", OFF_CDW10)
-        return 0 if ctrl.delete_sq(sq, req) else None
+        done = ctrl.delete_sq(sq, req)
+        ctrl.aborts.forget_queue(qid)  # its entries are never fetched: their aborts go with it
+        return 0 if done else None
 
     def _delete_cq(self, req: Request) -> int:
         ctrl = self.ctrl
