@@ -241,3 +241,18 @@ def test_marks_hold_on_a_protection_information_namespace(nvme_env):
     assert comp.ok
     comp, got, _ = drv.io_md(READ, 1, 0, 8, data_len=len(data), prinfo=8 | 7)
     assert comp.ok and got == data
+
+
+def test_a_failed_write_keeps_the_marks(nvme_env):
+    """A write whose data cannot be fetched (its PRP points outside guest memory) fails
+    and leaves the blocks marked: they still read as Unrecovered Read Error, never as the
+    stale data underneath (the fast path clears the marks after the write, not before)."""
+    env = nvme_env("ns=mem:size=4M")
+    drv = env.drv
+    drv.write(1, 0, pattern(0, 8))
+    drv.write_uncorrectable(1, 0, 8)
+    bad = drv.machine.ram_size + (1 << 30)  # no guest memory there
+    comp = drv.io(1, WRITE, nsid=1, cdw10=2, cdw12=1, prp1=bad, check=False)
+    assert comp.code == Status.DATA_TRANSFER_ERROR
+    assert read_status(drv, 2, 2) == Status.UNRECOVERED_READ_ERROR
+    assert env.ctrl.uncorrectable.ranges(1) == [(0, 8)]

@@ -330,11 +330,8 @@ class IoCommandSet:
                                     f"transfer of {length} bytes exceeds MDTS ({mdts} bytes)",
                                     param_offset=_OFF_CDW12,
                                 )
-                            if wu.active:
-                                if op == 2:
-                                    self._check_marks(ns, slba, nlb)
-                                else:
-                                    wu.clear(nsid, slba, nlb)
+                            if op == 2 and wu.active:
+                                self._check_marks(ns, slba, nlb)
                             if mem is None:
                                 mem = ctrl.dma
                             prp1 = req.prp1
@@ -364,9 +361,11 @@ class IoCommandSet:
                                 else:
                                     for v in views:
                                         v.release()
-                            if done < length:
+                            if done < length:  # (the worker's _write clears the marks after the write)
                                 self._dispatch(_Rest(self._read if read else self._write, done), req, ns)
                                 continue
+                            if not read and wu.active:  # written: the marks go (never before the write)
+                                wu.clear(nsid, slba, nlb)
                             if batch is not None:  # the core's batch: counted and completed at its end
                                 if read:
                                     batch.reads += 1
