@@ -363,6 +363,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self.admin_worker.shutdown()
         if self.owns_state:  # not after a migration out: the destination owns the state file
             self.save_state()
+        self.uncorrectable.flush()
         self._close_namespaces()
         if self.cmb is not None:
             self.cmb.close()

@@ -932,5 +932,6 @@ class IoCommandSet:
         if slba + nlb > ns.nlbas:
             raise _lba_range(slba, nlb, ns)
         if not self.uncorrectable.mark(ns.nsid, slba, nlb):
-            raise NvmeStatusError(Status.CAP_EXCEEDED, "too many ranges are marked uncorrectable", lba=slba)
+            raise NvmeStatusError(Status.CAP_EXCEEDED, "too many blocks are marked uncorrectable", lba=slba)
+        self.uncorrectable.sync(ns.nsid)  # the mark is on disk when the command completes
         return 0

@@ -363,6 +363,7 @@ def quiesce(ctrl: MigrationHost, timeout: float = 30.0) -> None:
         raise MigrationError(f"nvme: the sanitize operation did not pause within {timeout:g} s; "
                              "the controller keeps running")
     ctrl.selftest.pause()
+    ctrl.uncorrectable.flush(max(deadline - time.monotonic(), 0.0))  # no sidecar write after the handover
     ctrl.stop_timers()  # coalesced completions get their interrupt before the stop
 
 
