@@ -580,7 +580,8 @@ class AdminCommandSet:
 
     # -- sanitize, self-test, LBA status ----------------------------------------------------------
     def _sanitize(self, req: Request) -> int:
-        self.ctrl.sanitizer.command(req.cdw10, req.cdw11)
+        marker = self.ctrl.admin_worker.marker()  # a Format NVM still running: the erase waits for it
+        self.ctrl.sanitizer.command(req.cdw10, req.cdw11, before=marker.done if marker is not None else None)
         return 0
 
     def _device_self_test(self, req: Request) -> int:

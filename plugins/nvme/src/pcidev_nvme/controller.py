@@ -194,7 +194,12 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             self.selftest.time_scale = 1.0 / cfg.selftest_speedup
             #: Sanitize (:mod:`pcidev_nvme.sanitize`)
             self.sanitizer = Sanitizer(self, self.uncorrectable, self.aer.post, self._sanitize_refuse,
-                                       lambda: self.smart.host_write_commands, on_start=self._sanitize_started)
+                                       lambda: self.smart.host_write_commands, on_start=self._sanitize_started,
+                                       pmr_enabled=lambda: self.pmr is not None and self.pmr.enabled)
+            self.io.altered = self.sanitizer.data_written
+            if self.pmr is not None:  # NRDY while a sanitize runs or failed; enabling clears Global Data Erased
+                self.pmr.held = lambda: bool(self.sanitizer.refuses())
+                self.pmr.on_enable = self.sanitizer.data_written
             self.sanitizer.rate = float(cfg.sanitize_rate) or None
             self.admin = AdminCommandSet(self)
         except BaseException:

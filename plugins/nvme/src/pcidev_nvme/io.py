@@ -233,6 +233,9 @@ class IoCommandSet:
                  uncorrectable: Uncorrectable | None = None) -> None:
         self.ctrl = ctrl
         self.uncorrectable = uncorrectable if uncorrectable is not None else Uncorrectable()
+        #: called after a Write Zeroes or a Write Uncorrectable (commands the SMART write
+        #: count leaves out) altered user data: the Sanitize Status log's Global Data Erased
+        self.altered: Callable[[], None] = lambda: None
         self.refuse = 0
         #: commands handed to the workers and not started yet (an Abort may take them)
         self._queued: set[Request] = set()
@@ -818,15 +821,17 @@ class IoCommandSet:
         if ns.ms:
             status = self._protected.write_zeroes(req, ns)
             self.uncorrectable.clear(ns.nsid, *_lba_extent(req))
+            self.altered()
             return status
         offset, length = self._rw_extent(req, ns, data=False)
         cdw12 = req.cdw12
         backend = ns.backend
-        self.uncorrectable.clear(ns.nsid, offset >> ns.lba_shift, length >> ns.lba_shift)
         if cdw12 & (1 << 25):  # DEAC: deallocate (DLFEAT: reads return zeros)
             backend.deallocate(offset, length)
         else:
             backend.write_zeroes(offset, length)
+        self.uncorrectable.clear(ns.nsid, offset >> ns.lba_shift, length >> ns.lba_shift)  # (after: done)
+        self.altered()
         if self._durable(cdw12):
             backend.flush()
         return 0
@@ -934,4 +939,5 @@ class IoCommandSet:
         if not self.uncorrectable.mark(ns.nsid, slba, nlb):
             raise NvmeStatusError(Status.CAP_EXCEEDED, "too many blocks are marked uncorrectable", lba=slba)
         self.uncorrectable.sync(ns.nsid)  # the mark is on disk when the command completes
+        self.altered()
         return 0
