@@ -422,18 +422,23 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
     def _nssr_written(self, reg: Register, new: int, old: int) -> None:
         """NSSR: writing 4E564D65h ("NVMe") resets the NVM subsystem; any other value is ignored.
 
-        An NVM Subsystem Reset resets this (its only) controller at once, as a PCI reset
-        does (commands in flight complete into nothing), and puts CC, AQA, ASQ and ACQ
-        back to their defaults (the host enables the controller again); CSTS.NSSRO is then
-        set. What survives a controller reset survives it too: a sanitize operation in
-        progress continues, an extended self-test continues (a short one is aborted). The
-        PCI function (configuration space, BARs, MSI-X) is not reset: the link stays up.
+        An NVM Subsystem Reset resets this (its only) controller at once (commands in
+        flight complete into nothing), puts CC, AQA, ASQ and ACQ back to their defaults
+        (the host enables the controller again), and disables the Controller Memory
+        Buffer (CMBMSC, CMBSTS) and the Persistent Memory Region (PMRCTL, PMRMSC; its
+        contents stay); CSTS.NSSRO is then set -- unless the reset activated a new
+        firmware image (a slot committed with "activate at the next reset"). What
+        survives a controller reset survives it too: a sanitize operation in progress
+        continues, an extended self-test continues (a short one is aborted). The PCI
+        function (configuration space, BARs, MSI-X) is not reset: the link stays up.
         """
         reg.value = 0
         if new != NSSR_MAGIC:
             return
         log.info("%s: NVM Subsystem Reset", self.name)
         with self.state_lock:
+            self._reset_memory_regions()
+            firmware = self.firmware.active
             self._gen += 1
             self._drop_parked()
             self._state = ST_RESETTING
@@ -445,7 +450,16 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             for name in ("CC", "AQA", "ASQ", "ACQ"):
                 regs[name].value = 0
             self._finish_reset()
-            self._csts |= CSTS_NSSRO
+            if self.firmware.active == firmware:
+                self._csts |= CSTS_NSSRO
+
+    def _reset_memory_regions(self) -> None:
+        """The CMB and the PMR back to their reset values (an NVM Subsystem Reset; a PCI
+        reset does the same in :meth:`on_reset`)."""
+        if self.cmb is not None:
+            self.cmb.reset()
+        if self.pmr is not None:
+            self.pmr.reset()
 
     def _sanitize_refuse(self, status: int) -> None:
         """What I/O completes with while a sanitize runs or failed (0: executed)."""
