@@ -18,6 +18,7 @@ from test_migration_nvme import Host
 
 from pcidev.host import Machine
 from pcidev.transport.link.process import DeviceProcess
+from pcidev_nvme.controller import NvmeController
 from pcidev_nvme.sanitize import CHUNK, SANICAP
 from pcidev_nvme.status import Status
 from pcidev_nvme.testing.driver import NvmeDriver
@@ -446,3 +447,50 @@ def test_the_completion_event_is_in_the_snapshot_of_a_quiesce_during_finish(nvme
         ctrl.resume()
     assert st.sanitize.sstat == 1 and not st.sanitize.running
     assert (6, 0x01, 0x81) in [(e.etype, e.info, e.lid) for e in st.aer.queued]
+
+
+def test_a_sanitize_continues_after_a_restart(tmp_path):
+    """The sanitize state lives in the state file: a controller restarted in the middle
+    of an overwrite reports it in progress, refuses I/O, and finishes it once it runs;
+    a failure mode is remembered across a restart too."""
+    img = tmp_path / "disk.img"
+    cfg = f"serial=sanp,state_dir={tmp_path},ns=file:path={img},size={SIZE}"
+
+    def start():
+        machine = Machine(ram_size=64 << 20)
+        ctrl = NvmeController(cfg)
+        return machine, ctrl, NvmeDriver.attach(machine, ctrl, io_queues=1, aers=1)
+
+    machine, ctrl, drv = start()
+    try:
+        fill(drv)
+        ctrl.sanitizer.rate = CHUNK * 2  # about two seconds
+        drv.sanitize(OVERWRITE, owpass=1, ndas=True, ovrpat=0x0BADF00D)
+        time.sleep(0.3)
+        assert drv.sanitize_log()["sstat"] & 7 == 2
+    finally:
+        drv.close()
+        ctrl.close()  # power off in the middle
+        machine.close()
+    machine, ctrl, drv = start()
+    try:
+        log = drv.sanitize_log()
+        assert log["sstat"] & 7 == 2 and log["scdw10"] & 7 == OVERWRITE
+        expect_status(drv, Status.SANITIZE_IN_PROGRESS, 0x02, qid=1, nsid=1, cdw10=0, cdw12=0,
+                      buf=drv.machine.alloc(4096, 4096), length=512)
+        assert wait_done(drv)["sstat"] & 7 == 1
+        assert completion_events(drv) == 1
+        assert all(b == struct.pack("<I", 0x0BADF00D) * 128 for b in blocks(drv))
+    finally:
+        drv.close()
+        ctrl.close()
+        machine.close()
+    machine, ctrl, drv = start()
+    try:
+        assert drv.sanitize_log()["sstat"] & 7 == 1  # the log is kept across power cycles
+        drv.write(1, 0, b"\x42" * 512)
+        assert drv.read(1, 0, 1) == b"\x42" * 512
+    finally:
+        drv.close()
+        ctrl.close()
+        machine.close()

@@ -193,10 +193,11 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             self.selftest.extended_seconds = 60.0 * edstt_minutes(self.total_capacity)
             self.selftest.time_scale = 1.0 / cfg.selftest_speedup
             #: Sanitize (:mod:`pcidev_nvme.sanitize`)
-            self.sanitizer = Sanitizer(self, self.uncorrectable, self.aer.post, self._sanitize_refuse,
+            self.sanitizer = Sanitizer(self, self.uncorrectable, self._sanitize_event, self._sanitize_refuse,
                                        lambda: self.smart.host_write_commands, on_start=self._sanitize_started,
                                        pmr_enabled=lambda: self.pmr is not None and self.pmr.enabled)
             self.io.altered = self.sanitizer.data_written
+            self.restore_persisted_sanitize()  # a sanitize survives a restart (the state file)
             if self.pmr is not None:  # NRDY while a sanitize runs or failed; enabling clears Global Data Erased
                 self.pmr.held = lambda: bool(self.sanitizer.refuses())
                 self.pmr.on_enable = self.sanitizer.data_written
@@ -466,8 +467,15 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self.io.refuse = status
 
     def _sanitize_started(self) -> None:
-        """A sanitize operation started: a device self-test in progress is aborted."""
+        """A sanitize operation started: a device self-test in progress is aborted; the
+        state file is written soon (a sanitize continues after a restart)."""
         self.selftest.abort(RESULT_ABORTED_SANITIZE)
+        self.save_soon()
+
+    def _sanitize_event(self, etype: int, info: int, lid: int) -> None:
+        """A sanitize operation ended: its event, and the state file written soon."""
+        self.aer.post(etype, info, lid)
+        self.save_soon()
 
     def _wu_sidecar(self, nsid: int) -> str | None:
         """The Write Uncorrectable sidecar of namespace ``nsid`` (beside its image), or None."""
