@@ -494,3 +494,41 @@ def test_a_sanitize_continues_after_a_restart(tmp_path):
         drv.close()
         ctrl.close()
         machine.close()
+
+
+def test_the_sanitize_waits_for_a_stuck_write_without_a_limit(nvme_env, monkeypatch):
+    """A write stuck in the backend when the Sanitize comes: the operation waits for it
+    however long it takes (the clock jumping far ahead changes nothing), so the write can
+    never land on media the sanitize already erased."""
+    import pcidev_nvme.sanitize as sanitize_mod
+
+    env = nvme_env(f"ns=mem:size={SIZE}", io_queues=1, aers=1)
+    drv, ctrl = env.drv, env.ctrl
+    backend = GatedBackend(1 << 20)
+    attach_namespace(ctrl, 2, backend)
+    drv.scan_namespaces()
+    backend.hold()
+    buf = drv.machine.alloc(4096, 4096)
+    drv.mem.write(buf, b"\xee" * 512)
+    cid = drv.submit(1, 0x01, nsid=2, cdw10=0, cdw12=0, buf=buf, length=512)
+    deadline = time.monotonic() + 5
+    while backend.waiting != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    drv.sanitize(BLOCK_ERASE)
+    real = time.monotonic
+
+    class Clock:  # the sanitize's clock only: far in the future
+        @staticmethod
+        def monotonic() -> float:
+            return real() + 3600
+
+        sleep = staticmethod(time.sleep)
+
+    monkeypatch.setattr(sanitize_mod, "time", Clock)
+    time.sleep(0.3)
+    assert ctrl.sanitizer.running and ctrl.sanitizer.ns_index == 0 and ctrl.sanitizer.offset == 0
+    backend.release()
+    assert drv.wait_for(1, cid).ok
+    assert wait_done(drv)["sstat"] & 7 == 1
+    assert bytes(backend.data[:512]) == bytes(512)  # the write landed before the erase
