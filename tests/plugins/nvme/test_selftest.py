@@ -250,3 +250,29 @@ def test_format_and_detach_abort_a_test_of_their_namespace(env):
     drv.admin(0x15, nsid=1, cdw10=1, data=struct.pack("<HH", 1, env.ctrl.cfg.cntlid))  # detach namespace 1
     e = entries(drv.self_test_log())[0]
     assert e["result"] == 3 and drv.self_test_log()[0] == 0
+
+
+def test_an_inactive_namespace_is_an_invalid_field(env):
+    drv = env.drv
+    drv.admin(0x15, nsid=2, cdw10=1, data=struct.pack("<HH", 1, env.ctrl.cfg.cntlid))  # detach namespace 2
+    expect_status(drv, Status.INVALID_FIELD, 0x14, nsid=2, cdw10=SHORT, param=4)
+    expect_status(drv, Status.INVALID_NSID, 0x14, nsid=9, cdw10=SHORT, param=4)
+
+
+def test_the_extended_duration_follows_edstt(nvme_env):
+    """EDSTT follows the capacity (a namespace added grows TNVMCAP): so does the extended
+    test's duration, read when a test starts."""
+    from _helpers import attach_namespace
+
+    from pcidev_nvme.backends.mem import MemoryBackend
+
+    env = nvme_env("capacity=4M,ns=mem:size=4M", io_queues=1)
+    st = env.ctrl.selftest
+
+    def edstt() -> int:
+        return struct.unpack_from("<H", env.drv.identify(1), 316)[0]
+
+    assert st.extended_seconds == 60.0 * edstt()
+    before = edstt()
+    attach_namespace(env.ctrl, 2, MemoryBackend(16 << 30))
+    assert edstt() > before and st.extended_seconds == 60.0 * edstt()

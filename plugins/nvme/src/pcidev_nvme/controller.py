@@ -190,7 +190,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             self.aborts = Aborts(self, self.io, self.aer)
             #: Device Self-test (:mod:`pcidev_nvme.selftest`)
             self.selftest = SelfTest(self, self.uncorrectable, lambda: self.smart.power_on_hours)
-            self.selftest.extended_seconds = 60.0 * edstt_minutes(self.total_capacity)
+            self.selftest.edstt_seconds = lambda: 60.0 * edstt_minutes(self.total_capacity)  # (follows TNVMCAP)
             self.selftest.time_scale = 1.0 / cfg.selftest_speedup
             #: Sanitize (:mod:`pcidev_nvme.sanitize`)
             self.sanitizer = Sanitizer(self, self.uncorrectable, self._sanitize_event, self._sanitize_refuse,

@@ -628,7 +628,7 @@ def _check_admin_features(ctrl: MigrationHost, st: NvmeState) -> None:
                 raise _fail(f"sanitize position {san.ns_index}/{san.offset} is outside the namespaces",
                             "sanitize.offset")
             if san.offset % 4096:
-                raise _fail(f"sanitize offset {san.offset} is not at a chunk boundary", "sanitize.offset")
+                raise _fail(f"sanitize offset {san.offset} is not 4 KiB aligned", "sanitize.offset")
     test = st.self_test
     if test is not None:
         if test.current not in (0, 1, 2):
