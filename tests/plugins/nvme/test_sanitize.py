@@ -532,3 +532,33 @@ def test_the_sanitize_waits_for_a_stuck_write_without_a_limit(nvme_env, monkeypa
     assert drv.wait_for(1, cid).ok
     assert wait_done(drv)["sstat"] & 7 == 1
     assert bytes(backend.data[:512]) == bytes(512)  # the write landed before the erase
+
+
+def test_error_log_lbas_read_0_while_sanitizing(env):
+    drv, ctrl = env.drv, env.ctrl
+    expect_status(drv, Status.LBA_RANGE, 0x02, qid=1, nsid=1, cdw10=NLB + 5, cdw12=0,
+                  buf=drv.machine.alloc(4096, 4096), length=512)
+    lba = struct.unpack_from("<Q", drv.get_log(0x01, 64), 16)[0]
+    assert lba == NLB + 5
+    ctrl.sanitizer.rate = CHUNK * 2
+    drv.sanitize(BLOCK_ERASE)
+    assert struct.unpack_from("<Q", drv.get_log(0x01, 64), 16)[0] == 0
+    ctrl.sanitizer.rate = None
+    wait_done(drv)
+    assert struct.unpack_from("<Q", drv.get_log(0x01, 64), 16)[0] == NLB + 5
+
+
+def test_an_unreported_completion_event_of_an_earlier_sanitize_is_dropped(nvme_env):
+    env = nvme_env(f"ns=mem:size={SIZE}", io_queues=1, aers=0)  # no AER: events stay queued
+    drv, ctrl = env.drv, env.ctrl
+    ev = (6, 0x01, 0x81)
+    drv.sanitize(BLOCK_ERASE)
+    wait_done(drv)
+    assert list(ctrl.aer.queued) == [ev]
+    ctrl.sanitizer.rate = CHUNK * 2
+    drv.sanitize(BLOCK_ERASE)
+    assert drv.sanitize_log()["sstat"] & 7 == 2
+    assert ev not in ctrl.aer.queued  # it would tell the host the new one is done
+    ctrl.sanitizer.rate = None
+    wait_done(drv)
+    assert list(ctrl.aer.queued) == [ev]

@@ -230,6 +230,15 @@ def _err(status: int, msg: str, off: int | None = None) -> NvmeStatusError:
     return NvmeStatusError(status, msg, param_offset=off)
 
 
+def _without_lbas(page: bytes) -> bytes:
+    """An Error Information log page with the LBA field (bytes 16..23) of each 64-byte
+    entry cleared (what it reports while a sanitize operation is in progress)."""
+    out = bytearray(page)
+    for off in range(16, len(out) - 7, 64):
+        out[off:off + 8] = bytes(8)
+    return bytes(out)
+
+
 class AdminCommandSet:
     """Executes admin commands for one controller.
 
@@ -494,6 +503,8 @@ class AdminCommandSet:
             raise _err(Status.INVALID_FIELD, f"{length} bytes exceed MDTS", OFF_CDW10 + 2)
         if lid == nlogs.LID_ERROR:
             page = ctrl.error_log.page()
+            if ctrl.sanitizer.busy:  # while a sanitize runs the LBA of every entry reads 0
+                page = _without_lbas(page)
         elif lid == nlogs.LID_SMART:
             if req.nsid not in (0, BROADCAST):
                 raise _err(Status.INVALID_FIELD, "SMART is not kept per namespace (LPA bit 0 is clear)", OFF_NSID)

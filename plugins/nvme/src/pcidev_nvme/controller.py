@@ -90,7 +90,7 @@ from pcidev_nvme.registers import (
     enable_problem,
 )
 from pcidev_nvme.request import SQE_SIZE
-from pcidev_nvme.sanitize import Sanitizer
+from pcidev_nvme.sanitize import SANITIZE_COMPLETED_EVENT, Sanitizer
 from pcidev_nvme.selftest import RESULT_ABORTED_SANITIZE, SelfTest, edstt_minutes
 from pcidev_nvme.uncorrectable import SIDECAR_SUFFIX, Uncorrectable
 from pcidev_nvme.virtualization import OACS_VMS, Virtualization, resources_of
@@ -470,6 +470,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         """A sanitize operation started: a device self-test in progress is aborted; the
         state file is written soon (a sanitize continues after a restart)."""
         self.selftest.abort(RESULT_ABORTED_SANITIZE)
+        self.aer.discard(*SANITIZE_COMPLETED_EVENT)  # one of an earlier operation, not reported yet
         self.save_soon()
 
     def _sanitize_event(self, etype: int, info: int, lid: int) -> None:

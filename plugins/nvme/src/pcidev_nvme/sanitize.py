@@ -35,8 +35,10 @@ a deliberate deviation from the spec's list, of the Commands Supported and Effec
 Firmware Slot (03h), Device Self-test (06h) and Feature Identifiers Supported (12h)
 logs are refused. A controller reset (CC.EN 1->0, a PCI reset, an NVM Subsystem
 Reset) does not stop it: the operation goes on and the commands stay refused
-after the reset. When it ends, an asynchronous event of type I/O Command Specific Status
-(6h), information Sanitize Operation Completed (01h), log page 81h is posted.
+after the reset. The Error Information log reports LBA 0 in every entry meanwhile. When
+it ends, an asynchronous event of type I/O Command Specific Status (6h), information
+Sanitize Operation Completed (01h), log page 81h is posted (one of an earlier operation
+still queued, not reported, is dropped when a new operation starts).
 
 **Refused** (nothing starts): while the Persistent Memory Region is enabled (Sanitize
 Prohibited While Persistent Memory Region is Enabled, 01h/23h; and while a sanitize
@@ -89,7 +91,8 @@ from pcidev_nvme.uncorrectable import Uncorrectable
 
 __all__ = ["Sanitizer", "SanitizeState", "SanitizeKey", "LID_SANITIZE", "SANICAP", "SANACT_EXIT_FAILURE",
            "SANACT_BLOCK_ERASE", "SANACT_OVERWRITE", "SANACT_CRYPTO_ERASE", "SSTAT_NEVER", "SSTAT_SUCCESS",
-           "SSTAT_IN_PROGRESS", "SSTAT_FAILED", "INFO_SANITIZE_COMPLETED", "ALLOWED_ADMIN", "ALLOWED_LOGS"]
+           "SSTAT_IN_PROGRESS", "SSTAT_FAILED", "INFO_SANITIZE_COMPLETED", "SANITIZE_COMPLETED_EVENT", "ALLOWED_ADMIN",
+           "ALLOWED_LOGS"]
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +104,8 @@ SANICAP = 0x7 | (1 << 30)
 #: asynchronous event type I/O Command Specific Status and its Sanitize Operation Completed information
 AER_IO_SPECIFIC = 6
 INFO_SANITIZE_COMPLETED = 0x01
+#: the event a sanitize operation posts when it ends (type, information, log page)
+SANITIZE_COMPLETED_EVENT = (AER_IO_SPECIFIC, INFO_SANITIZE_COMPLETED, 0x81)
 #: admin opcodes processed while a sanitize runs (the others: Sanitize In Progress)
 ALLOWED_ADMIN = frozenset({0x00, 0x01, 0x02, 0x04, 0x05, 0x06, 0x08, 0x09, 0x0A, 0x0C, 0x18, 0x7C})
 #: log pages Get Log Page returns while a sanitize runs
