@@ -198,6 +198,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
                                        pmr_enabled=lambda: self.pmr is not None and self.pmr.enabled)
             self.io.altered = self.sanitizer.data_written
             self.restore_persisted_sanitize()  # a sanitize survives a restart (the state file)
+            self.restore_persisted_self_test()  # and the self-test results, an extended test
             if self.pmr is not None:  # NRDY while a sanitize runs or failed; enabling clears Global Data Erased
                 self.pmr.held = lambda: bool(self.sanitizer.refuses())
                 self.pmr.on_enable = self.sanitizer.data_written
