@@ -6,6 +6,7 @@ exactly once, with Command Abort Requested, and its data never reaches the names
 from __future__ import annotations
 
 import collections
+import threading
 import time
 
 import pytest
@@ -120,3 +121,65 @@ def test_identify_acl_and_effects(env):
     assert idc[258] == 3
     effects = env.drv.get_log(0x05, 4096)
     assert effects[4 * 0x08] & 1
+
+
+def _one_waiting_in_the_sq(env) -> tuple[int, int]:
+    """SQ 2 with room for one completion: the first write blocks in the backend, the
+    second waits unfetched in the SQ. Returns their CIDs (the backend is held)."""
+    drv, backend = env.drv, env.backend
+    drv.delete_io_queue_pair(2)
+    drv.create_io_queue_pair(2, 8, cq_size=2)
+    backend.hold()
+    first = submit_write(drv, 2, 0, 0xA1)
+    wait_until(lambda: backend.waiting == 1, what="the first write to block")
+    second = submit_write(drv, 2, 1, 0xA2)
+    assert env.ctrl.sq(2).pending == 1
+    return first, second
+
+
+def test_deleting_the_queue_forgets_its_aborts(env):
+    """A remembered abort goes with its SQ: the migration check stays happy and a
+    command with the same CID on the recreated queue runs."""
+    from pcidev_nvme.migration import check, save
+
+    drv, backend, ctrl = env.drv, env.backend, env.ctrl
+    first, stuck = _one_waiting_in_the_sq(env)
+    assert drv.abort(2, stuck).dw0 & 1 == 0
+    assert ctrl.aborts.snapshot() == AbortsState((PendingAbort(2, stuck),))
+    # Delete SQ 2 waits for the first write (released a moment later); the second is never fetched
+    threading.Timer(0.2, backend.release).start()
+    drv.delete_io_queue_pair(2)
+    assert ctrl.aborts.snapshot() is None and not ctrl.aborts.active
+    ctrl.quiesce()
+    try:
+        check(ctrl, save(ctrl))  # no abort for a queue that does not exist
+    finally:
+        ctrl.resume()
+    drv.create_io_queue_pair(2, 8)
+    buf = drv.machine.alloc(4096, 4096)
+    drv.mem.write(buf, b"\xd7" * 512)
+    comp = drv.io(2, WRITE, nsid=NS, cdw10=9, cdw12=0, buf=buf, length=512, cid=stuck, check=False)
+    assert comp.code == 0
+    assert backend.data[9 * 512:10 * 512] == b"\xd7" * 512
+
+
+def test_an_abort_racing_with_the_fetch_is_never_both(env, monkeypatch):
+    """The entry is fetched while the Abort searches the SQ (a completion kicks the
+    throttled queue): the command is aborted, not executed, and nothing stays behind."""
+    drv, backend, ctrl = env.drv, env.backend, env.ctrl
+    first, second = _one_waiting_in_the_sq(env)
+    sq = ctrl.sq(2)
+    search = Aborts._in_queue
+
+    def search_then_fetch(self, q, cid):
+        found = search(self, q, cid)
+        backend.release()  # the first write completes; its completion fetches the second
+        wait_until(lambda: sq.pending == 0, what="the second write to be fetched")
+        return found
+
+    monkeypatch.setattr(Aborts, "_in_queue", search_then_fetch)
+    assert drv.abort(2, second).dw0 & 1 == 0
+    seen = reap_all(drv, 2, {first, second})
+    assert seen == {first: [0], second: [Status.ABORT_REQUESTED]}
+    assert backend.data[512:1024] == bytes(512)  # the aborted write never ran
+    assert not ctrl.aborts.active

@@ -89,3 +89,29 @@ def test_statuses(env):
     for atype in (0, 1, 3, 0x12, 0xFF):
         expect_status(drv, Status.INVALID_FIELD, 0x86, nsid=1, cdw12=15, cdw13=atype << 24,
                       buf=drv.machine.alloc(4096, 4096), length=64, param=55)
+
+
+def test_rl_0_stops_once_mndw_is_full(nvme_env, monkeypatch):
+    """RL = 0 (to the end of the namespace) with a small MNDW: the backend is asked about
+    the front only, not about the whole namespace, and the answer is cut at MNDW."""
+    env = nvme_env("ns=mem:size=1G")
+    drv = env.drv
+    for slba in range(0, 4096, 16):  # 256 allocated extents in the first 2 MiB
+        drv.write(1, slba, b"\x01" * 512)
+    backend = env.ctrl.namespaces[1].backend
+    asked: list[int] = []
+    real = backend.allocated_ranges
+
+    def counting(offset, length):
+        asked.append(length)
+        return real(offset, length)
+
+    monkeypatch.setattr(backend, "allocated_ranges", counting)
+    cmpc, descs = decode(drv.get_lba_status(1, 0, mndw=(8 + 2 * 16) // 4 - 1, atype=0x02).tag)
+    assert cmpc == CMPC_MNDW and [d[0] for d in descs] == [0, 16]
+    assert sum(asked) <= 64 << 20  # one window of the 1 GiB namespace
+    # the whole list when it fits: every extent, across the windows
+    asked.clear()
+    cmpc, descs = decode(drv.get_lba_status(1, 0, mndw=(8 + 300 * 16) // 4 - 1, atype=0x02).tag)
+    assert cmpc == CMPC_RANGE and [d[0] for d in descs] == list(range(0, 4096, 16))
+    assert sum(asked) == 1 << 30

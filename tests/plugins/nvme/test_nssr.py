@@ -65,3 +65,41 @@ def test_subsystem_reset(env):
 
 def test_nssr_magic_is_nvme_in_ascii():
     assert struct.pack(">I", NSSR_MAGIC) == b"NVMe"
+
+
+def test_subsystem_reset_disables_the_cmb_and_the_pmr(nvme_env, tmp_path):
+    """NSSR resets CMBMSC and the PMR registers (PMRCTL.EN, PMRMSC) as a PCI reset does;
+    the PMR's contents stay."""
+    env = nvme_env(f"cmb_size=2,pmr={tmp_path}/pmr,pmr_size=1M,ns=mem:size=4M", io_queues=1)
+    drv = env.drv
+    pmrctl, pmrsts, pmrmscl, cmbmsc = 0xE04, 0xE08, 0xE14, 0x50
+    drv.cmb_enable()
+    assert drv.read32(cmbmsc) & 0b11 == 0b11
+    drv.write32(pmrctl, 1)
+    drv.write32(pmrmscl, 0x2 | 0x8000_0000)  # CMSE at a CBA
+    env.pdev.bar_write(4, 0, 8, 0x1122334455667788)
+    drv.subsystem_reset()
+    assert drv.read32(CSTS) & CSTS_NSSRO
+    assert drv.read32(cmbmsc) == 0
+    assert drv.read32(pmrctl) == 0 and drv.read32(pmrmscl) == 0 and drv.read32(pmrsts) & (1 << 8)
+    assert env.ctrl.pmr.window is None and env.ctrl.cmb.window is None
+    assert env.pdev.bar_read(4, 0, 8) == 0x1122334455667788
+    drv.restart()
+    drv.write(1, 0, b"\x33" * 512)
+    assert drv.read(1, 0, 1) == b"\x33" * 512
+
+
+def test_nssro_stays_clear_when_the_reset_activates_firmware(nvme_env):
+    from pcidev_nvme.logs import firmware_image
+
+    env = nvme_env("ns=mem:size=1M", io_queues=0, aers=0)
+    drv = env.drv
+    image = firmware_image("2.0", bytes(4096))
+    drv.admin(0x11, cdw10=len(image) // 4 - 1, cdw11=0, data=image)
+    drv.admin(0x10, cdw10=(1 << 3) | 2)  # replace slot 2, activate at the next reset
+    drv.subsystem_reset()
+    assert not drv.read32(CSTS) & CSTS_NSSRO
+    drv.restart()
+    assert drv.identify(0x01)[64:72] == b"2.0     "
+    drv.subsystem_reset()  # nothing pending: NSSRO set
+    assert drv.read32(CSTS) & CSTS_NSSRO

@@ -19,6 +19,7 @@ from test_migration_nvme import Host
 
 from pcidev.host import Machine
 from pcidev.transport.link.process import DeviceProcess
+from pcidev_nvme.controller import NvmeController
 from pcidev_nvme.sanitize import CHUNK, SANICAP
 from pcidev_nvme.status import Status
 from pcidev_nvme.testing.driver import NvmeDriver
@@ -347,3 +348,243 @@ def test_sanitize_punches_the_metadata_sidecar_and_flushes_it(nvme_env, tmp_path
     assert os.stat(sidecar).st_blocks * 512 <= 64 << 10
     comp, got, _ = drv.io_md(0x02, 1, 16000, 8, data_len=8 * 512, prinfo=8 | 7, ref=16000)
     assert comp.ok and got == bytes(8 * 512)
+
+
+def test_refused_with_a_write_protected_namespace(nvme_env, tmp_path):
+    """A read-only image: the Sanitize is refused with Namespace is Write Protected and
+    nothing changes (before the fix it started, failed and left the controller in the
+    restricted failure mode until a restart)."""
+    img = tmp_path / "ro.img"
+    img.write_bytes(b"\x5a" * SIZE)
+    env = nvme_env(f"ns=mem:size={SIZE},ns=file:path={img},size={SIZE},readonly=on", io_queues=1, aers=1)
+    drv = env.drv
+    comp = expect_status(drv, Status.NS_WRITE_PROTECTED, 0x84, cdw10=BLOCK_ERASE)
+    assert comp.dnr
+    assert drv.sanitize_log()["sstat"] == 0  # never sanitized
+    assert drv.read(2, 0, 1) == b"\x5a" * 512
+    drv.write(1, 0, b"\x01" * 512)
+    assert drv.read(1, 0, 1) == b"\x01" * 512
+
+
+def _pmr_enable(drv) -> None:
+    drv.write32(0xE04, 1)  # PMRCTL.EN
+    deadline = time.monotonic() + 2.0
+    while drv.read32(0xE08) & (1 << 8):  # PMRSTS.NRDY
+        assert time.monotonic() < deadline, "the PMR did not become ready"
+        time.sleep(0.002)
+
+
+def test_the_persistent_memory_region_and_sanitize(nvme_env, tmp_path):
+    """Sanitize while the PMR is enabled: Sanitize Prohibited While Persistent Memory
+    Region is Enabled (01h/23h). Enabling the PMR while a sanitize runs keeps NRDY set
+    until it ends; enabling it clears Global Data Erased."""
+    env = nvme_env(f"pmr={tmp_path}/pmr,pmr_size=1M,ns=mem:size={SIZE}", io_queues=1, aers=1)
+    drv, ctrl = env.drv, env.ctrl
+    fill(drv)
+    _pmr_enable(drv)
+    comp = expect_status(drv, Status.PMR_SAN_PROHIBITED, 0x84, cdw10=BLOCK_ERASE)
+    assert comp.code == 0x123  # SCT 1, SC 23h
+    assert drv.sanitize_log()["sstat"] == 0 and drv.read(1, 0, 1) != bytes(512)
+    drv.write32(0xE04, 0)  # disabled: allowed
+    ctrl.sanitizer.rate = CHUNK * 4
+    drv.sanitize(BLOCK_ERASE)
+    drv.write32(0xE04, 1)  # enabled while the sanitize runs: not ready until it ends
+    time.sleep(0.1)
+    assert drv.read32(0xE08) & (1 << 8)
+    assert wait_done(drv)["sstat"] == 1 | (1 << 8)
+    assert not drv.read32(0xE08) & (1 << 8)
+    drv.write32(0xE04, 0)
+    assert drv.sanitize_log()["sstat"] == 1 | (1 << 8)
+    drv.write32(0xE04, 1)  # the PMR's contents are user data: no longer globally erased
+    assert drv.sanitize_log()["sstat"] == 1
+
+
+def test_global_data_erased_clears_on_write_zeroes_and_write_uncorrectable(env):
+    drv = env.drv
+    for opcode in (0x08, 0x04):  # Write Zeroes, Write Uncorrectable
+        drv.sanitize(BLOCK_ERASE)
+        assert wait_done(drv)["sstat"] == 1 | (1 << 8)
+        drv.io(1, opcode, nsid=1, cdw10=3, cdw12=0)
+        assert drv.sanitize_log()["sstat"] == 1, hex(opcode)
+
+
+def test_restricted_failure_mode_needs_ause_0(nvme_env):
+    env = nvme_env(f"ns=mem:size={SIZE}", io_queues=1, aers=1)
+    drv = env.drv
+    backend = FailingBackend(1 << 20)
+    attach_namespace(env.ctrl, 2, backend)
+    drv.scan_namespaces()
+    drv.sanitize(BLOCK_ERASE, ause=False)
+    assert wait_done(drv)["sstat"] & 7 == 3
+    expect_status(drv, Status.SANITIZE_FAILED, 0x84, cdw10=BLOCK_ERASE | (1 << 3))  # AUSE=1: refused
+    assert drv.sanitize_log()["sstat"] & 7 == 3
+    backend.broken = False
+    drv.sanitize(BLOCK_ERASE, ause=False)
+    assert wait_done(drv)["sstat"] & 7 == 1
+
+
+def test_log_estimates(env):
+    """ETO covers 16 overwrite passes; the No-Deallocate Media Modification estimates are
+    not reported (FFFFFFFFh: NODMMAS = 01b)."""
+    env.ctrl.sanitizer.rate = float(SIZE)  # a second per pass
+    log = env.drv.sanitize_log()
+    assert log["eto"] >= 16 and log["etbe"] >= 1 and log["etce"] == log["etbe"]
+    assert log["etond"] == log["etbend"] == log["etcend"] == 0xFFFFFFFF
+
+
+def test_logs_refused_while_sanitizing(env):
+    drv, ctrl = env.drv, env.ctrl
+    ctrl.sanitizer.rate = CHUNK * 2
+    drv.sanitize(BLOCK_ERASE, ndas=True)
+    buf = drv.machine.alloc(4096, 4096)
+    for lid in (0x03, 0x06, 0x12):
+        expect_status(drv, Status.SANITIZE_IN_PROGRESS, 0x02, cdw10=(127 << 16) | lid, buf=buf, length=512)
+    for lid in (0x01, 0x02, 0x04, 0x05, 0x81):
+        drv.get_log(lid, 512)
+    ctrl.sanitizer.rate = None
+    assert wait_done(drv)["sstat"] & 7 == 1
+
+
+def test_the_completion_event_is_in_the_snapshot_of_a_quiesce_during_finish(nvme_env, monkeypatch):
+    """A quiesce that comes while the worker finishes waits until the completion event is
+    queued: the snapshot holds the completed status and the event together."""
+    import threading
+
+    from pcidev_nvme.migration import save
+
+    env = nvme_env(f"ns=mem:size={SIZE}", io_queues=1, aers=0)  # no AER outstanding: the event queues
+    ctrl = env.ctrl
+    san = ctrl.sanitizer
+    posting = threading.Event()
+    post = san._post_event
+
+    def slow_post(*args):
+        posting.set()
+        time.sleep(0.3)  # a quiesce arrives meanwhile
+        post(*args)
+
+    monkeypatch.setattr(san, "_post_event", slow_post)
+    env.drv.sanitize(BLOCK_ERASE)
+    assert posting.wait(5)
+    ctrl.quiesce()
+    try:
+        st = save(ctrl)
+    finally:
+        ctrl.resume()
+    assert st.sanitize.sstat == 1 and not st.sanitize.running
+    assert (6, 0x01, 0x81) in [(e.etype, e.info, e.lid) for e in st.aer.queued]
+
+
+def test_a_sanitize_continues_after_a_restart(tmp_path):
+    """The sanitize state lives in the state file: a controller restarted in the middle
+    of an overwrite reports it in progress, refuses I/O, and finishes it once it runs;
+    a failure mode is remembered across a restart too."""
+    img = tmp_path / "disk.img"
+    cfg = f"serial=sanp,state_dir={tmp_path},ns=file:path={img},size={SIZE}"
+
+    def start():
+        machine = Machine(ram_size=64 << 20)
+        ctrl = NvmeController(cfg)
+        return machine, ctrl, NvmeDriver.attach(machine, ctrl, io_queues=1, aers=1)
+
+    machine, ctrl, drv = start()
+    try:
+        fill(drv)
+        ctrl.sanitizer.rate = CHUNK * 2  # about two seconds
+        drv.sanitize(OVERWRITE, owpass=1, ndas=True, ovrpat=0x0BADF00D)
+        time.sleep(0.3)
+        assert drv.sanitize_log()["sstat"] & 7 == 2
+    finally:
+        drv.close()
+        ctrl.close()  # power off in the middle
+        machine.close()
+    machine, ctrl, drv = start()
+    try:
+        log = drv.sanitize_log()
+        assert log["sstat"] & 7 == 2 and log["scdw10"] & 7 == OVERWRITE
+        expect_status(drv, Status.SANITIZE_IN_PROGRESS, 0x02, qid=1, nsid=1, cdw10=0, cdw12=0,
+                      buf=drv.machine.alloc(4096, 4096), length=512)
+        assert wait_done(drv)["sstat"] & 7 == 1
+        assert completion_events(drv) == 1
+        assert all(b == struct.pack("<I", 0x0BADF00D) * 128 for b in blocks(drv))
+    finally:
+        drv.close()
+        ctrl.close()
+        machine.close()
+    machine, ctrl, drv = start()
+    try:
+        assert drv.sanitize_log()["sstat"] & 7 == 1  # the log is kept across power cycles
+        drv.write(1, 0, b"\x42" * 512)
+        assert drv.read(1, 0, 1) == b"\x42" * 512
+    finally:
+        drv.close()
+        ctrl.close()
+        machine.close()
+
+
+def test_the_sanitize_waits_for_a_stuck_write_without_a_limit(nvme_env, monkeypatch):
+    """A write stuck in the backend when the Sanitize comes: the operation waits for it
+    however long it takes (the clock jumping far ahead changes nothing), so the write can
+    never land on media the sanitize already erased."""
+    import pcidev_nvme.sanitize as sanitize_mod
+
+    env = nvme_env(f"ns=mem:size={SIZE}", io_queues=1, aers=1)
+    drv, ctrl = env.drv, env.ctrl
+    backend = GatedBackend(1 << 20)
+    attach_namespace(ctrl, 2, backend)
+    drv.scan_namespaces()
+    backend.hold()
+    buf = drv.machine.alloc(4096, 4096)
+    drv.mem.write(buf, b"\xee" * 512)
+    cid = drv.submit(1, 0x01, nsid=2, cdw10=0, cdw12=0, buf=buf, length=512)
+    deadline = time.monotonic() + 5
+    while backend.waiting != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    drv.sanitize(BLOCK_ERASE)
+    real = time.monotonic
+
+    class Clock:  # the sanitize's clock only: far in the future
+        @staticmethod
+        def monotonic() -> float:
+            return real() + 3600
+
+        sleep = staticmethod(time.sleep)
+
+    monkeypatch.setattr(sanitize_mod, "time", Clock)
+    time.sleep(0.3)
+    assert ctrl.sanitizer.running and ctrl.sanitizer.ns_index == 0 and ctrl.sanitizer.offset == 0
+    backend.release()
+    assert drv.wait_for(1, cid).ok
+    assert wait_done(drv)["sstat"] & 7 == 1
+    assert bytes(backend.data[:512]) == bytes(512)  # the write landed before the erase
+
+
+def test_error_log_lbas_read_0_while_sanitizing(env):
+    drv, ctrl = env.drv, env.ctrl
+    expect_status(drv, Status.LBA_RANGE, 0x02, qid=1, nsid=1, cdw10=NLB + 5, cdw12=0,
+                  buf=drv.machine.alloc(4096, 4096), length=512)
+    lba = struct.unpack_from("<Q", drv.get_log(0x01, 64), 16)[0]
+    assert lba == NLB + 5
+    ctrl.sanitizer.rate = CHUNK * 2
+    drv.sanitize(BLOCK_ERASE)
+    assert struct.unpack_from("<Q", drv.get_log(0x01, 64), 16)[0] == 0
+    ctrl.sanitizer.rate = None
+    wait_done(drv)
+    assert struct.unpack_from("<Q", drv.get_log(0x01, 64), 16)[0] == NLB + 5
+
+
+def test_an_unreported_completion_event_of_an_earlier_sanitize_is_dropped(nvme_env):
+    env = nvme_env(f"ns=mem:size={SIZE}", io_queues=1, aers=0)  # no AER: events stay queued
+    drv, ctrl = env.drv, env.ctrl
+    ev = (6, 0x01, 0x81)
+    drv.sanitize(BLOCK_ERASE)
+    wait_done(drv)
+    assert list(ctrl.aer.queued) == [ev]
+    ctrl.sanitizer.rate = CHUNK * 2
+    drv.sanitize(BLOCK_ERASE)
+    assert drv.sanitize_log()["sstat"] & 7 == 2
+    assert ev not in ctrl.aer.queued  # it would tell the host the new one is done
+    ctrl.sanitizer.rate = None
+    wait_done(drv)
+    assert list(ctrl.aer.queued) == [ev]

@@ -250,3 +250,74 @@ def test_format_and_detach_abort_a_test_of_their_namespace(env):
     drv.admin(0x15, nsid=1, cdw10=1, data=struct.pack("<HH", 1, env.ctrl.cfg.cntlid))  # detach namespace 1
     e = entries(drv.self_test_log())[0]
     assert e["result"] == 3 and drv.self_test_log()[0] == 0
+
+
+def test_an_inactive_namespace_is_an_invalid_field(env):
+    drv = env.drv
+    drv.admin(0x15, nsid=2, cdw10=1, data=struct.pack("<HH", 1, env.ctrl.cfg.cntlid))  # detach namespace 2
+    expect_status(drv, Status.INVALID_FIELD, 0x14, nsid=2, cdw10=SHORT, param=4)
+    expect_status(drv, Status.INVALID_NSID, 0x14, nsid=9, cdw10=SHORT, param=4)
+
+
+def test_the_extended_duration_follows_edstt(nvme_env):
+    """EDSTT follows the capacity (a namespace added grows TNVMCAP): so does the extended
+    test's duration, read when a test starts."""
+    from _helpers import attach_namespace
+
+    from pcidev_nvme.backends.mem import MemoryBackend
+
+    env = nvme_env("capacity=4M,ns=mem:size=4M", io_queues=1)
+    st = env.ctrl.selftest
+
+    def edstt() -> int:
+        return struct.unpack_from("<H", env.drv.identify(1), 316)[0]
+
+    assert st.extended_seconds == 60.0 * edstt()
+    before = edstt()
+    attach_namespace(env.ctrl, 2, MemoryBackend(16 << 30))
+    assert edstt() > before and st.extended_seconds == 60.0 * edstt()
+
+
+def test_results_and_an_extended_test_survive_a_power_cycle(tmp_path):
+    """The state file keeps the self-test results; an extended test in progress at the
+    power-off continues after it (a short one is aborted by it)."""
+    cfg = f"serial=stp,state_dir={tmp_path},ns=mem:size=4M"
+
+    def start():
+        machine = Machine(ram_size=64 << 20)
+        ctrl = NvmeController(cfg)
+        fast(ctrl, short=0.05, extended=1.5)
+        return machine, ctrl, NvmeDriver.attach(machine, ctrl, io_queues=1, aers=0)
+
+    def stop(machine, ctrl, drv):
+        drv.close()
+        ctrl.close()
+        machine.close()
+
+    machine, ctrl, drv = start()
+    try:
+        drv.device_self_test(SHORT)
+        wait_idle(drv)
+        drv.device_self_test(EXTENDED)
+        time.sleep(0.3)
+        assert drv.self_test_log()[0] == EXTENDED
+    finally:
+        stop(machine, ctrl, drv)
+    machine, ctrl, drv = start()
+    try:
+        assert drv.self_test_log()[0] == EXTENDED  # continues
+        log = wait_idle(drv)
+        e = entries(log)
+        assert (e[0]["code"], e[0]["result"]) == (EXTENDED, 0) and (e[1]["code"], e[1]["result"]) == (SHORT, 0)
+        drv.device_self_test(SHORT)
+        time.sleep(0.01)
+    finally:
+        stop(machine, ctrl, drv)
+    machine, ctrl, drv = start()
+    try:
+        e = entries(drv.self_test_log())
+        assert [x["code"] for x in e[:3]] == [SHORT, EXTENDED, SHORT]
+        assert e[0]["result"] in (0, 2)  # done before the power-off, or aborted by it
+        assert drv.self_test_log()[0] == 0
+    finally:
+        stop(machine, ctrl, drv)

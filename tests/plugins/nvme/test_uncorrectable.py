@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
+import time
 
 import attrs
 import crc32c
@@ -19,7 +21,7 @@ from pcidev_nvme.controller import NvmeController
 from pcidev_nvme.migration import check, save
 from pcidev_nvme.status import Status
 from pcidev_nvme.testing.driver import NvmeDriver
-from pcidev_nvme.uncorrectable import SIDECAR_SUFFIX, Uncorrectable, UncorrectableState, WuRange
+from pcidev_nvme.uncorrectable import MAX_RANGES, SIDECAR_SUFFIX, Uncorrectable, UncorrectableState, WuRange
 
 NLB = (4 << 20) // 512
 WU, READ, WRITE, COMPARE, WZ, DSM, VERIFY, COPY = 0x04, 0x02, 0x01, 0x05, 0x08, 0x09, 0x0C, 0x19
@@ -139,6 +141,7 @@ def test_marks_persist_beside_the_image(tmp_path):
         assert ctrl.uncorrectable.ranges(1) == [(2, 3)]
         assert read_status(drv, 3, 1) == Status.UNRECOVERED_READ_ERROR
         drv.write(1, 2, pattern(50, 3))
+        assert ctrl.uncorrectable.flush()  # (a write that clears marks does not wait for the sidecar)
         assert not os.path.exists(side)  # no mark left: the sidecar is gone
         assert drv.read(1, 0, 8) == pattern(0, 2) + pattern(50, 3) + pattern(5, 3)
     finally:
@@ -241,3 +244,104 @@ def test_marks_hold_on_a_protection_information_namespace(nvme_env):
     assert comp.ok
     comp, got, _ = drv.io_md(READ, 1, 0, 8, data_len=len(data), prinfo=8 | 7)
     assert comp.ok and got == data
+
+
+def test_a_failed_write_keeps_the_marks(nvme_env):
+    """A write whose data cannot be fetched (its PRP points outside guest memory) fails
+    and leaves the blocks marked: they still read as Unrecovered Read Error, never as the
+    stale data underneath (the fast path clears the marks after the write, not before)."""
+    env = nvme_env("ns=mem:size=4M")
+    drv = env.drv
+    drv.write(1, 0, pattern(0, 8))
+    drv.write_uncorrectable(1, 0, 8)
+    bad = drv.machine.ram_size + (1 << 30)  # no guest memory there
+    comp = drv.io(1, WRITE, nsid=1, cdw10=2, cdw12=1, prp1=bad, check=False)
+    assert comp.code == Status.DATA_TRANSFER_ERROR
+    assert read_status(drv, 2, 2) == Status.UNRECOVERED_READ_ERROR
+    assert env.ctrl.uncorrectable.ranges(1) == [(0, 8)]
+
+
+def test_splits_never_grow_past_the_migration_bound(nvme_env):
+    """Rewriting every other block of a marked range splits it once per write: the marks
+    are bounded by their potential, so the ranges never exceed what a stream carries."""
+    wu = Uncorrectable()
+    assert not wu.mark(1, 0, 2 * MAX_RANGES + 1)  # could split into MAX_RANGES + 1 ranges
+    assert wu.ranges(1) == [] and not wu.active
+    assert wu.mark(1, 0, 2 * MAX_RANGES)
+    for lba in range(1, 2 * MAX_RANGES, 2):
+        wu.clear(1, lba, 1)
+    assert wu.count() == MAX_RANGES
+    assert not wu.mark(2, 0, 1)  # full: nothing more is marked
+    state = wu.snapshot()
+    assert state is not None and len(state.ranges) == MAX_RANGES
+    other = Uncorrectable()
+    other.restore(state)
+    assert other.count() == MAX_RANGES and other.first_marked(1, 1, 1) is None and other.first_marked(1, 2, 1) == 2
+    wu.clear(1, 0, 2 * MAX_RANGES)
+    assert wu.mark(2, 0, 2)  # room again
+    # through the command: Capacity Exceeded, nothing marked
+    env = nvme_env("ns=mem:size=100M")
+    assert env.drv.write_uncorrectable(1, 0, 65536).ok
+    for slba in (65536, 131072):
+        comp = env.drv.io(1, WU, nsid=1, cdw10=slba, cdw12=0xFFFF, check=False)
+        assert (comp.code, slba) == (0 if slba == 65536 else Status.CAP_EXCEEDED, slba)
+    assert env.ctrl.uncorrectable.ranges(1) == [(0, 131072)]
+    comp = expect_status(env.drv, Status.CAP_EXCEEDED, WU, qid=1, nsid=1, cdw10=140_000, cdw12=0)
+    assert env.ctrl.uncorrectable.ranges(1) == [(0, 131072)]
+
+
+def test_sidecar_loads_and_restores_in_bulk(tmp_path, monkeypatch):
+    """Loading or restoring thousands of ranges writes the sidecar at most once (not once
+    per range, each with an fsync), and never on the restoring thread."""
+    side = str(tmp_path / "img") + SIDECAR_SUFFIX
+    ranges = [[i * 4, 2] for i in range(5000)]
+    with open(side, "w") as f:
+        json.dump({"format": "pcidev-nvme-write-uncorrectable", "version": 1, "nsid": 1, "ranges": ranges}, f)
+    writes: list[str] = []
+    original = Uncorrectable._write_sidecar
+
+    def counting(self, nsid):
+        writes.append(threading.current_thread().name)
+        original(self, nsid)
+
+    monkeypatch.setattr(Uncorrectable, "_write_sidecar", counting)
+    wu = Uncorrectable(lambda nsid: side)
+    t0 = time.monotonic()
+    wu.load(1)
+    assert time.monotonic() - t0 < 2
+    assert wu.ranges(1) == [tuple(r) for r in ranges] and writes == []
+    state = wu.snapshot()
+    other = Uncorrectable(lambda nsid: side)
+    t0 = time.monotonic()
+    other.restore(state)
+    assert time.monotonic() - t0 < 2
+    assert other.flush()
+    assert 1 <= len(writes) <= 1 and writes[0] != threading.current_thread().name
+    assert json.load(open(side))["ranges"] == ranges
+
+
+def test_concurrent_changes_leave_a_sidecar_that_agrees(tmp_path, caplog):
+    """Four threads marking and clearing at once: no write collides (unique temporary
+    files, one writer), and the sidecar ends equal to the marks in memory."""
+    side = str(tmp_path / "img") + SIDECAR_SUFFIX
+    wu = Uncorrectable(lambda nsid: side)
+
+    def churn(k: int) -> None:
+        for i in range(300):
+            lba = k * 10_000 + i * 3
+            wu.mark(1, lba, 2)
+            if i % 3 == 0:
+                wu.clear(1, lba + 1, 1)
+
+    threads = [threading.Thread(target=churn, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wu.flush()
+    assert [tuple(r) for r in json.load(open(side))["ranges"]] == wu.ranges(1)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] == []
+    fresh = Uncorrectable(lambda nsid: side)
+    fresh.load(1)
+    assert fresh.ranges(1) == wu.ranges(1)

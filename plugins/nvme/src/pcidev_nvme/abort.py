@@ -8,7 +8,8 @@ in bits 15:0, CID in bits 31:16):
   the host rang, e.g. while its completion queue is full): the (SQID, CID) is
   remembered; when the controller fetches that entry it completes it at once with
   Command Abort Requested (00h/07h) without executing it. The Abort completes with
-  DW0 bit 0 = 0 (aborted);
+  DW0 bit 0 = 0 (aborted). A Delete I/O Submission Queue (or a controller reset)
+  forgets the remembered aborts of its queue;
 * **fetched, an I/O command waiting for a worker thread** (backends that may block):
   it completes now with Command Abort Requested and the worker skips it; DW0 bit 0 = 0;
 * **fetched, an Asynchronous Event Request**: it completes with Command Abort
@@ -47,6 +48,8 @@ __all__ = ["Aborts", "AbortsState", "PendingAbort", "NOT_ABORTED", "ABORTED"]
 ABORTED, NOT_ABORTED = 0, 1
 #: most remembered aborts of commands not fetched yet
 MAX_PENDING = 4096
+#: submission queue entries read at once when an Abort searches a queue
+_SCAN_ENTRIES = 1024
 
 
 @vmstate("nvme/pending-abort")
@@ -98,41 +101,64 @@ class Aborts:
     def abort(self, sqid: int, cid: int) -> int:
         """Execute an Abort of command ``cid`` of submission queue ``sqid``.
 
+        A command still in its submission queue is remembered *before* the queue is
+        searched, so a fetch racing with the search (a completion thread kicking a
+        throttled queue) either finds the remembered abort and completes the command
+        aborted, or fetched the entry before: then the abort is taken back and the
+        command is treated as fetched (it is never both executed and reported aborted).
+
         :returns: the completion's DW0 (:data:`ABORTED` or :data:`NOT_ABORTED`).
         """
         sq = self.ctrl.sq(sqid)
-        if sq is None or sq.gone:
+        if sq is None or sq.gone or sq.deleting:
             return NOT_ABORTED
         req = sq.inflight.get(cid)
         if req is not None:
-            if req.done:
-                return NOT_ABORTED
-            if req.parked:
-                return ABORTED if sqid == 0 and self.aer.abort(cid) else NOT_ABORTED
-            if sqid != 0 and self.io.abort(req):
+            return self._abort_fetched(sqid, cid, req)
+        key = (sqid, cid)
+        with self._lock:
+            if key in self._pending:  # aborted already, not fetched yet
                 return ABORTED
-            return NOT_ABORTED
+            if len(self._pending) >= MAX_PENDING:
+                return NOT_ABORTED
+            self._pending.add(key)
         if self._in_queue(sq, cid):
-            with self._lock:
-                if len(self._pending) >= MAX_PENDING:
-                    return NOT_ABORTED
-                self._pending.add((sqid, cid))
+            return ABORTED  # not fetched when the search began: the fetch will find the abort
+        with self._lock:
+            if key not in self._pending:
+                return ABORTED  # fetched meanwhile, and the fetch took the abort
+            self._pending.discard(key)
+        req = sq.inflight.get(cid)  # fetched meanwhile, before the abort was remembered
+        return NOT_ABORTED if req is None else self._abort_fetched(sqid, cid, req)
+
+    def _abort_fetched(self, sqid: int, cid: int, req: Request) -> int:
+        """The Abort of a fetched command ``req``."""
+        if req.done:
+            return NOT_ABORTED
+        if req.parked:
+            return ABORTED if sqid == 0 and self.aer.abort(cid) else NOT_ABORTED
+        if sqid != 0 and self.io.abort(req):
             return ABORTED
         return NOT_ABORTED
 
     def _in_queue(self, sq: Any, cid: int) -> bool:
-        """Whether an entry with ``cid`` waits in ``sq`` between its head and tail."""
-        n = sq.pending
+        """Whether an entry with ``cid`` waits in ``sq`` between its head and tail (the
+        ring is read in bulk, :data:`_SCAN_ENTRIES` entries at a time)."""
+        head = sq.head
+        n = (sq.tail - head) % sq.size
         if not n:
             return False
+        want = cid.to_bytes(2, "little")
         try:
             mem = self.ctrl.dma
-            head = sq.head
-            for i in range(n):
-                slot = (head + i) % sq.size
-                raw = mem.read(sq.base + slot * SQE_SIZE + 2, 2)
-                if int.from_bytes(raw, "little") == cid:
-                    return True
+            while n:
+                count = min(n, sq.size - head, _SCAN_ENTRIES)
+                raw = mem.read(sq.base + head * SQE_SIZE, count * SQE_SIZE)
+                for off in range(2, count * SQE_SIZE, SQE_SIZE):
+                    if raw[off:off + 2] == want:
+                        return True
+                head = (head + count) % sq.size
+                n -= count
         except DmaError:
             return False
         return False

@@ -237,6 +237,15 @@ def _err(status: int, msg: str, off: int | None = None) -> NvmeStatusError:
     return NvmeStatusError(status, msg, param_offset=off)
 
 
+def _without_lbas(page: bytes) -> bytes:
+    """An Error Information log page with the LBA field (bytes 16..23) of each 64-byte
+    entry cleared (what it reports while a sanitize operation is in progress)."""
+    out = bytearray(page)
+    for off in range(16, len(out) - 7, 64):
+        out[off:off + 8] = bytes(8)
+    return bytes(out)
+
+
 class AdminCommandSet:
     """Executes admin commands for one controller.
 
@@ -395,7 +404,9 @@ class AdminCommandSet:
         sq = ctrl.sq(qid) if qid else None
         if sq is None or sq.deleting:
             raise _err(Status.QID_INVALID, f"submission queue {qid} does not exist", OFF_CDW10)
-        return 0 if ctrl.delete_sq(sq, req) else None
+        done = ctrl.delete_sq(sq, req)
+        ctrl.aborts.forget_queue(qid)  # its entries are never fetched: their aborts go with it
+        return 0 if done else None
 
     def _delete_cq(self, req: Request) -> int:
         ctrl = self.ctrl
@@ -504,6 +515,8 @@ class AdminCommandSet:
             raise _err(Status.INVALID_FIELD, f"{length} bytes exceed MDTS", OFF_CDW10 + 2)
         if lid == nlogs.LID_ERROR:
             page = ctrl.error_log.page()
+            if ctrl.sanitizer.busy:  # while a sanitize runs the LBA of every entry reads 0
+                page = _without_lbas(page)
         elif lid == nlogs.LID_SMART:
             if req.nsid not in (0, BROADCAST):
                 raise _err(Status.INVALID_FIELD, "SMART is not kept per namespace (LPA bit 0 is clear)", OFF_NSID)
@@ -590,7 +603,8 @@ class AdminCommandSet:
 
     # -- sanitize, self-test, LBA status ----------------------------------------------------------
     def _sanitize(self, req: Request) -> int:
-        self.ctrl.sanitizer.command(req.cdw10, req.cdw11)
+        marker = self.ctrl.admin_worker.marker()  # a Format NVM still running: the erase waits for it
+        self.ctrl.sanitizer.command(req.cdw10, req.cdw11, before=marker.done if marker is not None else None)
         return 0
 
     def _device_self_test(self, req: Request) -> int:

@@ -117,6 +117,14 @@ class AsyncEvents:
             self.queued.append(ev)
         self.deliver()
 
+    def discard(self, etype: int, info: int, lid: int) -> None:
+        """Forget a queued event not reported yet (it no longer applies)."""
+        with self._lock:
+            try:
+                self.queued.remove((etype, info, lid))
+            except ValueError:
+                pass
+
     def log_read(self, lid: int, rae: bool, *, notice_info: int | None = None) -> None:
         """The host read log page ``lid``; with ``rae`` clear, unmask every event type whose
         reported event is associated with that log page."""

@@ -90,7 +90,7 @@ from pcidev_nvme.registers import (
     enable_problem,
 )
 from pcidev_nvme.request import SQE_SIZE
-from pcidev_nvme.sanitize import Sanitizer
+from pcidev_nvme.sanitize import SANITIZE_COMPLETED_EVENT, Sanitizer
 from pcidev_nvme.selftest import RESULT_ABORTED_SANITIZE, SelfTest, edstt_minutes
 from pcidev_nvme.uncorrectable import SIDECAR_SUFFIX, Uncorrectable
 from pcidev_nvme.virtualization import OACS_VMS, Virtualization, resources_of
@@ -190,11 +190,18 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             self.aborts = Aborts(self, self.io, self.aer)
             #: Device Self-test (:mod:`pcidev_nvme.selftest`)
             self.selftest = SelfTest(self, self.uncorrectable, lambda: self.smart.power_on_hours)
-            self.selftest.extended_seconds = 60.0 * edstt_minutes(self.total_capacity)
+            self.selftest.edstt_seconds = lambda: 60.0 * edstt_minutes(self.total_capacity)  # (follows TNVMCAP)
             self.selftest.time_scale = 1.0 / cfg.selftest_speedup
             #: Sanitize (:mod:`pcidev_nvme.sanitize`)
-            self.sanitizer = Sanitizer(self, self.uncorrectable, self.aer.post, self._sanitize_refuse,
-                                       lambda: self.smart.host_write_commands, on_start=self._sanitize_started)
+            self.sanitizer = Sanitizer(self, self.uncorrectable, self._sanitize_event, self._sanitize_refuse,
+                                       lambda: self.smart.host_write_commands, on_start=self._sanitize_started,
+                                       pmr_enabled=lambda: self.pmr is not None and self.pmr.enabled)
+            self.io.altered = self.sanitizer.data_written
+            self.restore_persisted_sanitize()  # a sanitize survives a restart (the state file)
+            self.restore_persisted_self_test()  # and the self-test results, an extended test
+            if self.pmr is not None:  # NRDY while a sanitize runs or failed; enabling clears Global Data Erased
+                self.pmr.held = lambda: bool(self.sanitizer.refuses())
+                self.pmr.on_enable = self.sanitizer.data_written
             self.sanitizer.rate = float(cfg.sanitize_rate) or None
             self.admin = AdminCommandSet(self)
         except BaseException:
@@ -383,6 +390,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self.admin_worker.shutdown()
         if self.owns_state:  # not after a migration out: the destination owns the state file
             self.save_state()
+        self.uncorrectable.flush()
         self._close_namespaces()
         if self.cmb is not None:
             self.cmb.close()
@@ -436,18 +444,23 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
     def _nssr_written(self, reg: Register, new: int, old: int) -> None:
         """NSSR: writing 4E564D65h ("NVMe") resets the NVM subsystem; any other value is ignored.
 
-        An NVM Subsystem Reset resets this (its only) controller at once, as a PCI reset
-        does (commands in flight complete into nothing), and puts CC, AQA, ASQ and ACQ
-        back to their defaults (the host enables the controller again); CSTS.NSSRO is then
-        set. What survives a controller reset survives it too: a sanitize operation in
-        progress continues, an extended self-test continues (a short one is aborted). The
-        PCI function (configuration space, BARs, MSI-X) is not reset: the link stays up.
+        An NVM Subsystem Reset resets this (its only) controller at once (commands in
+        flight complete into nothing), puts CC, AQA, ASQ and ACQ back to their defaults
+        (the host enables the controller again), and disables the Controller Memory
+        Buffer (CMBMSC, CMBSTS) and the Persistent Memory Region (PMRCTL, PMRMSC; its
+        contents stay); CSTS.NSSRO is then set -- unless the reset activated a new
+        firmware image (a slot committed with "activate at the next reset"). What
+        survives a controller reset survives it too: a sanitize operation in progress
+        continues, an extended self-test continues (a short one is aborted). The PCI
+        function (configuration space, BARs, MSI-X) is not reset: the link stays up.
         """
         reg.value = 0
         if new != NSSR_MAGIC:
             return
         log.info("%s: NVM Subsystem Reset", self.name)
         with self.state_lock:
+            self._reset_memory_regions()
+            firmware = self.firmware.active
             self._gen += 1
             self._drop_parked()
             self._state = ST_RESETTING
@@ -459,15 +472,32 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             for name in ("CC", "AQA", "ASQ", "ACQ"):
                 regs[name].value = 0
             self._finish_reset()
-            self._csts |= CSTS_NSSRO
+            if self.firmware.active == firmware:
+                self._csts |= CSTS_NSSRO
+
+    def _reset_memory_regions(self) -> None:
+        """The CMB and the PMR back to their reset values (an NVM Subsystem Reset; a PCI
+        reset does the same in :meth:`on_reset`)."""
+        if self.cmb is not None:
+            self.cmb.reset()
+        if self.pmr is not None:
+            self.pmr.reset()
 
     def _sanitize_refuse(self, status: int) -> None:
         """What I/O completes with while a sanitize runs or failed (0: executed)."""
         self.io.refuse = status
 
     def _sanitize_started(self) -> None:
-        """A sanitize operation started: a device self-test in progress is aborted."""
+        """A sanitize operation started: a device self-test in progress is aborted; the
+        state file is written soon (a sanitize continues after a restart)."""
         self.selftest.abort(RESULT_ABORTED_SANITIZE)
+        self.aer.discard(*SANITIZE_COMPLETED_EVENT)  # one of an earlier operation, not reported yet
+        self.save_soon()
+
+    def _sanitize_event(self, etype: int, info: int, lid: int) -> None:
+        """A sanitize operation ended: its event, and the state file written soon."""
+        self.aer.post(etype, info, lid)
+        self.save_soon()
 
     def _wu_sidecar(self, nsid: int) -> str | None:
         """The Write Uncorrectable sidecar of namespace ``nsid`` (beside its image), or None."""

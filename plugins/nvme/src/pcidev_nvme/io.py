@@ -233,6 +233,9 @@ class IoCommandSet:
                  uncorrectable: Uncorrectable | None = None) -> None:
         self.ctrl = ctrl
         self.uncorrectable = uncorrectable if uncorrectable is not None else Uncorrectable()
+        #: called after a Write Zeroes or a Write Uncorrectable (commands the SMART write
+        #: count leaves out) altered user data: the Sanitize Status log's Global Data Erased
+        self.altered: Callable[[], None] = lambda: None
         self.refuse = 0
         #: commands handed to the workers and not started yet (an Abort may take them)
         self._queued: set[Request] = set()
@@ -330,11 +333,8 @@ class IoCommandSet:
                                     f"transfer of {length} bytes exceeds MDTS ({mdts} bytes)",
                                     param_offset=_OFF_CDW12,
                                 )
-                            if wu.active:
-                                if op == 2:
-                                    self._check_marks(ns, slba, nlb)
-                                else:
-                                    wu.clear(nsid, slba, nlb)
+                            if op == 2 and wu.active:
+                                self._check_marks(ns, slba, nlb)
                             if mem is None:
                                 mem = ctrl.dma
                             prp1 = req.prp1
@@ -364,9 +364,11 @@ class IoCommandSet:
                                 else:
                                     for v in views:
                                         v.release()
-                            if done < length:
+                            if done < length:  # (the worker's _write clears the marks after the write)
                                 self._dispatch(_Rest(self._read if read else self._write, done), req, ns)
                                 continue
+                            if not read and wu.active:  # written: the marks go (never before the write)
+                                wu.clear(nsid, slba, nlb)
                             if batch is not None:  # the core's batch: counted and completed at its end
                                 if read:
                                     batch.reads += 1
@@ -825,15 +827,17 @@ class IoCommandSet:
         if ns.ms:
             status = self._protected.write_zeroes(req, ns)
             self.uncorrectable.clear(ns.nsid, *_lba_extent(req))
+            self.altered()
             return status
         offset, length = self._rw_extent(req, ns, data=False)
         cdw12 = req.cdw12
         backend = ns.backend
-        self.uncorrectable.clear(ns.nsid, offset >> ns.lba_shift, length >> ns.lba_shift)
         if cdw12 & (1 << 25):  # DEAC: deallocate (DLFEAT: reads return zeros)
             backend.deallocate(offset, length)
         else:
             backend.write_zeroes(offset, length)
+        self.uncorrectable.clear(ns.nsid, offset >> ns.lba_shift, length >> ns.lba_shift)  # (after: done)
+        self.altered()
         if self._durable(cdw12):
             backend.flush()
         return 0
@@ -944,5 +948,7 @@ class IoCommandSet:
         if slba + nlb > ns.nlbas:
             raise _lba_range(slba, nlb, ns)
         if not self.uncorrectable.mark(ns.nsid, slba, nlb):
-            raise NvmeStatusError(Status.CAP_EXCEEDED, "too many ranges are marked uncorrectable", lba=slba)
+            raise NvmeStatusError(Status.CAP_EXCEEDED, "too many blocks are marked uncorrectable", lba=slba)
+        self.uncorrectable.sync(ns.nsid)  # the mark is on disk when the command completes
+        self.altered()
         return 0

@@ -55,23 +55,32 @@ _HEAD = struct.Struct("<IB3x")
 _DESC = struct.Struct("<QIxB2x")
 _OFF_CDW10, _OFF_CDW13 = 40, 52
 _MAX_NLB = 0xFFFFFFFF
+#: bytes of the namespace the backend is asked about at once
+_WINDOW = 64 << 20
 
 
-def _allocated(ns: Namespace, slba: int, nlb: int) -> list[tuple[int, int]]:
-    """The allocated LBA ranges within ``slba .. slba + nlb``: a block partly allocated counts."""
+def _allocated(ns: Namespace, slba: int, nlb: int, most: int) -> list[tuple[int, int]]:
+    """The allocated LBA ranges within ``slba .. slba + nlb``: a block partly allocated
+    counts. The backend is asked window by window (:data:`_WINDOW` bytes), and no further
+    once more than ``most`` ranges are known (the rest could not be returned anyway)."""
     shift = ns.lba_shift
     get = getattr(ns.backend, "allocated_ranges", None)  # optional in the Backend protocol
     if get is None:
         return [(slba, nlb)]
     out: list[tuple[int, int]] = []
-    for off, n in get(slba << shift, nlb << shift):
-        a = off >> shift
-        b = (off + n + (1 << shift) - 1) >> shift
-        if out and out[-1][0] + out[-1][1] >= a:
-            start = out[-1][0]
-            out[-1] = (start, max(b, start + out[-1][1]) - start)
-        else:
-            out.append((a, b - a))
+    pos, end = slba, slba + nlb
+    window = max(1, _WINDOW >> shift)
+    while pos < end and len(out) <= most:
+        n = min(window, end - pos)
+        for off, k in get(pos << shift, n << shift):
+            a = off >> shift
+            b = (off + k + (1 << shift) - 1) >> shift
+            if out and out[-1][0] + out[-1][1] >= a:
+                start = out[-1][0]
+                out[-1] = (start, max(b, start + out[-1][1]) - start)
+            else:
+                out.append((a, b - a))
+        pos += n
     return out
 
 
@@ -101,8 +110,9 @@ def get_lba_status(ns: Namespace, uncorrectable: Uncorrectable, cdw10: int, cdw1
         raise NvmeStatusError(Status.LBA_RANGE, f"SLBA {slba:#x} is beyond namespace {ns.nsid}",
                               param_offset=_OFF_CDW10, lba=slba)
     end = ns.nlbas if rl == 0 else min(slba + rl, ns.nlbas)
+    room = max(0, (min(length, 1 << 20) - _HEAD.size) // _DESC.size)
     if atype == ATYPE_ALLOCATED:
-        ranges = _allocated(ns, slba, end - slba)
+        ranges = _allocated(ns, slba, end - slba, room)
         status = LBARS_ALLOCATED
     else:
         ranges = _clip(uncorrectable.ranges(ns.nsid), slba, end)
@@ -114,7 +124,8 @@ def get_lba_status(ns: Namespace, uncorrectable: Uncorrectable, cdw10: int, cdw1
             descs.append((s, k))
             s += k
             n -= k
-    room = max(0, (min(length, 1 << 20) - _HEAD.size) // _DESC.size)
+        if len(descs) > room:
+            break
     cmpc = CMPC_RANGE
     if len(descs) > room:
         descs = descs[:room]

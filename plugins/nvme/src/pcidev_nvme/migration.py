@@ -364,6 +364,7 @@ def quiesce(ctrl: MigrationHost, timeout: float = 30.0) -> None:
         raise MigrationError(f"nvme: the sanitize operation did not pause within {timeout:g} s; "
                              "the controller keeps running")
     ctrl.selftest.pause()
+    ctrl.uncorrectable.flush(max(deadline - time.monotonic(), 0.0))  # no sidecar write after the handover
     ctrl.stop_timers()  # coalesced completions get their interrupt before the stop
 
 
@@ -631,7 +632,7 @@ def _check_admin_features(ctrl: MigrationHost, st: NvmeState) -> None:
                 raise _fail(f"sanitize position {san.ns_index}/{san.offset} is outside the namespaces",
                             "sanitize.offset")
             if san.offset % 4096:
-                raise _fail(f"sanitize offset {san.offset} is not at a chunk boundary", "sanitize.offset")
+                raise _fail(f"sanitize offset {san.offset} is not 4 KiB aligned", "sanitize.offset")
     test = st.self_test
     if test is not None:
         if test.current not in (0, 1, 2):

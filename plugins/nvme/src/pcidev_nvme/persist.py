@@ -5,7 +5,13 @@ version 1): the serial number it belongs to, the clean/unclean flag (an enabled
 controller powered off without a shutdown notification counts an unsafe shutdown at
 the next power-on), the SMART counters (:class:`~pcidev_nvme.logs.SmartState`), the
 lifetime error count, the firmware slots (:class:`~pcidev_nvme.logs.FirmwareState`)
-and the file-backed namespaces created by Namespace Management. These are the same
+the file-backed namespaces created by Namespace Management and the sanitize status
+with an operation in progress (:class:`~pcidev_nvme.sanitize.SanitizeState`: the
+spec has a sanitize continue across power cycles and keep its log; a restarted
+controller refuses what it refused and, once it first runs as the state's owner,
+continues the operation where the last save left it) and the device self-test results
+with a test in progress (:class:`~pcidev_nvme.selftest.SelfTestState`: a short test
+is aborted by the power cycle, an extended one continues). These are the same
 state classes live migration carries, written with the same codec
 (:func:`pcidev.vmstate.save`: versioned, range-checked, CRC-protected).
 
@@ -47,6 +53,8 @@ from pcidev_nvme.config import NamespaceSpec, NvmeConfig
 from pcidev_nvme.limits import STATE_SAVE_INTERVAL
 from pcidev_nvme.logs import ErrorLog, ErrorLogState, FirmwareSlots, FirmwareState, SmartCounters, SmartState
 from pcidev_nvme.namespace import Namespace, may_write_beside
+from pcidev_nvme.sanitize import Sanitizer, SanitizeState
+from pcidev_nvme.selftest import SelfTest, SelfTestState
 
 __all__ = ["PersistenceMixin", "PersistState", "CreatedNamespaceState", "StateFile", "STATE_SECTION", "DEVICE_TYPE",
            "state_file_name", "legacy_state_file_name", "upgrade_legacy"]
@@ -81,6 +89,10 @@ class PersistState:
     error_count: U64
     firmware: FirmwareState
     created: VarArray[CreatedNamespaceState, MAX_CREATED] = ()
+    #: the sanitize status and an operation in progress (optional: files from before it load)
+    sanitize: SanitizeState | None = None
+    #: the device self-test results and a test in progress (optional, as ``sanitize``)
+    self_test: SelfTestState | None = None
 
 
 def state_file_name(serial: str) -> str:
@@ -287,6 +299,8 @@ class PersistenceMixin:
     allocated: dict[int, Namespace]
     namespaces: dict[int, Namespace]
     created: dict[int, str]
+    sanitizer: Sanitizer
+    selftest: SelfTest
 
     if TYPE_CHECKING:  # provided by the other parts of NvmeController
         def make_namespace(self, nsid: int, spec: NamespaceSpec) -> Namespace: ...
@@ -302,6 +316,12 @@ class PersistenceMixin:
         #: controller first runs as the state's owner: None once counted or taken over by
         #: a migration in, else whether the last run ended unsafely
         self._power_on_pending: bool | None = None
+        #: the sanitize state the file held (taken by :meth:`restore_persisted_sanitize`)
+        self._persisted_sanitize: SanitizeState | None = None
+        self._persisted_self_test: SelfTestState | None = None
+        self._self_test_waiting = False
+        #: a sanitize operation from the file waits to continue until the first run as owner
+        self._sanitize_waiting = False
         self._load_state()
         self._last_save = time.monotonic()
 
@@ -315,6 +335,39 @@ class PersistenceMixin:
         unsafe, self._power_on_pending = self._power_on_pending, None
         if unsafe is not None:
             self.smart.power_on(unsafe=unsafe)
+        if self._sanitize_waiting:
+            self._sanitize_waiting = False
+            self.sanitizer.resume()  # the interrupted operation continues
+        if self._self_test_waiting:
+            self._self_test_waiting = False
+            self.selftest.resume()  # an extended self-test continues after a power cycle
+
+    def restore_persisted_sanitize(self) -> None:
+        """Take the sanitize state the file held (call once :attr:`sanitizer` exists): its
+        status and refusals now, an operation in progress continues at the first run as
+        the state's owner (a migration in replaces it instead)."""
+        st, self._persisted_sanitize = self._persisted_sanitize, None
+        if st is None:
+            return
+        self.sanitizer.restore(st)
+        if st.running:
+            self._sanitize_waiting = True
+        else:
+            self.sanitizer.resume()
+
+    def restore_persisted_self_test(self) -> None:
+        """Take the device self-test results the file held (call once :attr:`selftest`
+        exists); a short test in progress was aborted by the power cycle, an extended one
+        continues at the first run as the state's owner."""
+        st, self._persisted_self_test = self._persisted_self_test, None
+        if st is None:
+            return
+        self.selftest.restore(st)
+        self.selftest.controller_reset()  # (a short test: aborted)
+        if self.selftest.current:
+            self._self_test_waiting = True
+        else:
+            self.selftest.resume()
 
     def mark_dirty(self) -> None:
         """The controller was enabled: unclean until a shutdown (saved at once, the first time)."""
@@ -332,6 +385,7 @@ class PersistenceMixin:
         """Take the flag of a migrated controller (whose source counted the power-on)."""
         self._dirty = dirty
         self._power_on_pending = None
+        self._sanitize_waiting = self._self_test_waiting = False  # (the migrated state replaced the file's)
 
     def count_power_on(self) -> None:
         """A power-on: count it (and an unsafe shutdown if the last run did not shut down), saved now."""
@@ -389,6 +443,8 @@ class PersistenceMixin:
             self.error_log.restore(ErrorLogState(count=st.error_count))
             self.firmware.restore(self._persisted_firmware(st.firmware))
             self._load_created(st.created)
+            self._persisted_sanitize = st.sanitize
+            self._persisted_self_test = st.self_test
         # Counted when the controller first runs as the owner of this state (enabled, a
         # save, closed as owner), not now: a process waiting for a migration in must not
         # count a power cycle, nor write the file the running controller owns.
@@ -429,9 +485,13 @@ class PersistenceMixin:
         fw = self.firmware.snapshot()
         created = tuple(CreatedNamespaceState(nsid=n, spec=spec, attached=n in self.namespaces)
                         for n, spec in sorted(self.created.items()))
+        sanitizer: Sanitizer | None = getattr(self, "sanitizer", None)  # (None while the controller is made)
+        selftest: SelfTest | None = getattr(self, "selftest", None)
         self.state_file.save(PersistState(
             serial=self.cfg.serial_number, dirty=self._dirty, smart=self.smart.snapshot(),
-            error_count=self.error_log.count, firmware=attrs.evolve(fw, staged=()), created=created))
+            error_count=self.error_log.count, firmware=attrs.evolve(fw, staged=()), created=created,
+            sanitize=sanitizer.snapshot() if sanitizer is not None else None,
+            self_test=selftest.snapshot() if selftest is not None else None))
 
     def maybe_save_state(self) -> None:
         """Save the state file if the last save is older than :data:`STATE_SAVE_INTERVAL`."""

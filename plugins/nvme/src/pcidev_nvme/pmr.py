@@ -155,6 +155,10 @@ class PersistentMemoryRegion:
         #: the PMR's addresses while its controller memory space is enabled, else None
         self.window: MemoryWindow | None = None
         self._window_key: tuple[int, int] | None = None
+        #: while ``held()`` (a sanitize operation runs or failed) PMRSTS.NRDY stays set
+        self.held: Callable[[], bool] = lambda: False
+        #: called when the host sets PMRCTL.EN (user data may change: Global Data Erased clears)
+        self.on_enable: Callable[[], None] = lambda: None
 
     # -- registers ---------------------------------------------------------------------------
     def registers(self) -> list[Register]:
@@ -172,7 +176,7 @@ class PersistentMemoryRegion:
     @property
     def ready(self) -> bool:
         """Enabled and ready (PMRSTS.NRDY clear)."""
-        return self.ready_at is not None and time.monotonic() >= self.ready_at
+        return self.ready_at is not None and time.monotonic() >= self.ready_at and not self.held()
 
     @property
     def pmrsts(self) -> int:
@@ -203,6 +207,7 @@ class PersistentMemoryRegion:
         with self._lock:
             if new & PMRCTL_EN and not old & PMRCTL_EN:
                 self.ready_at = time.monotonic() + READY_DELAY
+                self.on_enable()
             elif old & PMRCTL_EN and not new & PMRCTL_EN:
                 self.ready_at = None
                 self._barrier("disabling the PMR")

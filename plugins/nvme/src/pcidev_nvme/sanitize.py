@@ -29,25 +29,39 @@ zeroes). Every Write Uncorrectable mark is cleared.
 completes with Sanitize In Progress (00h/1Dh), and so does every admin command but
 Abort, Asynchronous Event Request, the queue commands, Doorbell Buffer Config, Get/Set
 Features, Identify, Keep Alive and Get Log Page of the Error Information, SMART,
-Firmware Slot, Changed Namespace List, Commands Supported and Effects, Device
-Self-test, Feature Identifiers Supported and Sanitize Status logs
-(:meth:`Sanitizer.refuses`). A controller reset (CC.EN 1->0, a PCI reset, an NVM
-Subsystem Reset) does not stop it: the operation goes on and the commands stay refused
-after the reset. When it ends, an asynchronous event of type I/O Command Specific Status
-(6h), information Sanitize Operation Completed (01h), log page 81h is posted.
+Changed Namespace List and Sanitize Status logs (:meth:`Sanitizer.refuses`) -- and,
+a deliberate deviation from the spec's list, of the Commands Supported and Effects log
+(05h), which Linux reads when it re-initialises a controller after a reset. The
+Firmware Slot (03h), Device Self-test (06h) and Feature Identifiers Supported (12h)
+logs are refused. A controller reset (CC.EN 1->0, a PCI reset, an NVM Subsystem
+Reset) does not stop it: the operation goes on and the commands stay refused
+after the reset. The Error Information log reports LBA 0 in every entry meanwhile. When
+it ends, an asynchronous event of type I/O Command Specific Status (6h), information
+Sanitize Operation Completed (01h), log page 81h is posted (one of an earlier operation
+still queued, not reported, is dropped when a new operation starts).
+
+**Refused** (nothing starts): while the Persistent Memory Region is enabled (Sanitize
+Prohibited While Persistent Memory Region is Enabled, 01h/23h; and while a sanitize
+runs or failed, an enabled PMR keeps PMRSTS.NRDY set), while a namespace is write
+protected (a read-only image: Namespace is Write Protected, 00h/20h). The operation
+starts once the admin work queued before (a Format NVM) and the I/O in flight are
+done, without a time limit (nothing written before may land on erased media).
 
 **Failure**: if the backend fails, the operation fails (SSTAT 011b); with AUSE=1 the
 controller is in the *unrestricted* failure mode and Exit Failure Mode ends it, with
-AUSE=0 in the *restricted* one where only a new sanitize (not Exit Failure Mode:
-Command Sequence Error) ends it. Until then the refused commands complete with Sanitize
+AUSE=0 in the *restricted* one where only a new sanitize with AUSE=0 ends it (Exit
+Failure Mode: Command Sequence Error; AUSE=1: Sanitize Failed). Until then the refused commands complete with Sanitize
 Failed (00h/1Ch).
 
 **Log page** (``struct nvme_sanitize_log_page``): SPROG (progress, numerator over 65536,
 FFFFh when none runs), SSTAT (status 2:0, completed overwrite passes 7:3, Global Data
-Erased 8: set by a successful sanitize, cleared by the next Write or Copy), SCDW10 of
+Erased 8: set by a successful sanitize, cleared by the next Write, Copy, Write Zeroes or
+Write Uncorrectable or by enabling the Persistent Memory Region), SCDW10 of
 the command that started the last operation, and the estimated times (seconds) of
-overwrite (one pass), block erase and crypto erase, with and without NDAS, from
-:attr:`Sanitizer.rate`.
+an overwrite (16 passes, the most OWPASS asks for), a block erase and a crypto erase
+from :attr:`Sanitizer.rate`; the three "with No-Deallocate Media Modification" times
+are FFFFFFFFh (not reported: NODMMAS = 01b, the media is not modified after a
+sanitize with NDAS).
 
 **Migration**: :meth:`Sanitizer.snapshot` / :meth:`Sanitizer.restore` carry the status
 and an operation in progress (action, passes, pattern, the namespace and offset reached),
@@ -77,7 +91,8 @@ from pcidev_nvme.uncorrectable import Uncorrectable
 
 __all__ = ["Sanitizer", "SanitizeState", "SanitizeKey", "LID_SANITIZE", "SANICAP", "SANACT_EXIT_FAILURE",
            "SANACT_BLOCK_ERASE", "SANACT_OVERWRITE", "SANACT_CRYPTO_ERASE", "SSTAT_NEVER", "SSTAT_SUCCESS",
-           "SSTAT_IN_PROGRESS", "SSTAT_FAILED", "INFO_SANITIZE_COMPLETED", "ALLOWED_ADMIN", "ALLOWED_LOGS"]
+           "SSTAT_IN_PROGRESS", "SSTAT_FAILED", "INFO_SANITIZE_COMPLETED", "SANITIZE_COMPLETED_EVENT", "ALLOWED_ADMIN",
+           "ALLOWED_LOGS"]
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +104,14 @@ SANICAP = 0x7 | (1 << 30)
 #: asynchronous event type I/O Command Specific Status and its Sanitize Operation Completed information
 AER_IO_SPECIFIC = 6
 INFO_SANITIZE_COMPLETED = 0x01
+#: the event a sanitize operation posts when it ends (type, information, log page)
+SANITIZE_COMPLETED_EVENT = (AER_IO_SPECIFIC, INFO_SANITIZE_COMPLETED, 0x81)
 #: admin opcodes processed while a sanitize runs (the others: Sanitize In Progress)
 ALLOWED_ADMIN = frozenset({0x00, 0x01, 0x02, 0x04, 0x05, 0x06, 0x08, 0x09, 0x0A, 0x0C, 0x18, 0x7C})
 #: log pages Get Log Page returns while a sanitize runs
-ALLOWED_LOGS = frozenset({0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x12, LID_SANITIZE})
+ALLOWED_LOGS = frozenset({0x01, 0x02, 0x04, 0x05, LID_SANITIZE})
+#: an estimated time the log page does not report
+NO_ESTIMATE = 0xFFFFFFFF
 #: bytes one step of the worker alters
 CHUNK = 1 << 20
 #: bytes per second the estimated times assume when :attr:`Sanitizer.rate` is unset
@@ -147,6 +166,8 @@ class Sanitizer:
     :param set_refuse: ``set_refuse(status)``: what I/O completes with (0: executed).
     :param writes: the SMART host write command count (Global Data Erased).
     :param on_start: called when an operation starts (a device self-test is aborted).
+    :param pmr_enabled: whether the Persistent Memory Region is enabled (PMRCTL.EN): a
+        sanitize is then refused.
 
     :ivar rate: bytes per second the worker alters (None: as fast as the backend goes);
         tests slow it down to watch the progress.
@@ -154,13 +175,16 @@ class Sanitizer:
 
     def __init__(self, ctrl: SanitizeHost, uncorrectable: Uncorrectable, post_event: Callable[[int, int, int], None],
                  set_refuse: Callable[[int], None], writes: Callable[[], int],
-                 on_start: Callable[[], None] | None = None) -> None:
+                 on_start: Callable[[], None] | None = None, pmr_enabled: Callable[[], bool] | None = None) -> None:
         self.ctrl = ctrl
         self.uncorrectable = uncorrectable
         self._post_event = post_event
         self._set_refuse = set_refuse
         self._writes = writes
         self._on_start = on_start or (lambda: None)
+        self._pmr_enabled = pmr_enabled or (lambda: False)
+        #: done() of the admin work queued before the Sanitize command (a Format NVM)
+        self._before: Callable[[], bool] = lambda: True
         self.rate: float | None = None
         self._lock = threading.Condition()
         self.sstat = SSTAT_NEVER
@@ -214,11 +238,22 @@ class Sanitizer:
                               + ("while a sanitize operation is in progress" if self.running
                                  else "until the failed sanitize is recovered"))
 
+    def data_written(self) -> None:
+        """User data changed by something the SMART write count leaves out (Write Zeroes,
+        Write Uncorrectable, enabling the Persistent Memory Region): Global Data Erased clears."""
+        with self._lock:
+            self.global_erased = False
+
     # -- the command ----------------------------------------------------------------------
-    def command(self, cdw10: int, cdw11: int) -> None:
+    def command(self, cdw10: int, cdw11: int, before: Callable[[], bool] | None = None) -> None:
         """Execute a Sanitize command (it completes at once; the operation runs on).
 
-        :raises NvmeStatusError: Invalid Field, Sanitize In Progress, Command Sequence Error.
+        :param before: ``before()`` is True once the admin work queued before this command
+            (a Format NVM in the background) is done: the operation waits for it.
+        :raises NvmeStatusError: Invalid Field, Sanitize In Progress, Command Sequence Error,
+            Sanitize Failed (AUSE=1 in the restricted failure mode), Namespace is Write
+            Protected (a read-only namespace), Sanitize Prohibited While Persistent Memory
+            Region is Enabled.
         """
         sanact = cdw10 & 7
         ause = bool(cdw10 & (1 << 3))
@@ -237,6 +272,14 @@ class Sanitizer:
                 self.failure_mode = 0
                 self._set_refuse(0)
                 return
+            if self.failure_mode == 2 and ause:
+                raise NvmeStatusError(Status.SANITIZE_FAILED, "restricted failure mode: only a sanitize with "
+                                      "AUSE=0 recovers", param_offset=_OFF_CDW10)
+            if self._pmr_enabled():
+                raise NvmeStatusError(Status.PMR_SAN_PROHIBITED, "the Persistent Memory Region is enabled")
+            protected = sorted(n for n, ns in self.ctrl.allocated.items() if ns.read_only)
+            if protected:
+                raise NvmeStatusError(Status.NS_WRITE_PROTECTED, f"namespace(s) {protected} are write protected")
             self.ever = True
             self.running = True
             self.action = sanact
@@ -249,6 +292,7 @@ class Sanitizer:
             self.global_erased = False
             self.failure_mode = 0
             self._ause = ause
+            self._before = before or (lambda: True)
             if sanact == SANACT_CRYPTO_ERASE:
                 self.keys = {nsid: os.urandom(32) for nsid in sorted(self.ctrl.allocated)}
             self._set_refuse(Status.SANITIZE_IN_PROGRESS)
@@ -328,14 +372,19 @@ class Sanitizer:
             return True  # (restored after the last chunk, before the completion)
         nsids = sorted(self.ctrl.allocated)
         if self.ns_index == 0 and self.offset == 0 and self.passes_done == 0:
-            t_end = time.monotonic() + 30
-            while self.ctrl.io_inflight_for(set(nsids)) and time.monotonic() < t_end:
+            # Nothing written before the command may land after its region was erased: wait
+            # (without a limit: a stuck write must not survive a "successful" sanitize) for
+            # the admin work queued before (a Format NVM) and the I/O in flight.
+            while not self._closed and (not self._before() or self.ctrl.io_inflight_for(set(nsids))):
                 time.sleep(0.001)
+            if self._closed:
+                return False
         if self.ns_index >= len(nsids):
-            self.passes_done += 1
-            self.ns_index = 0
-            self.offset = 0
-            return self.passes_done >= self._steps()
+            with self._lock:
+                self.passes_done += 1
+                self.ns_index = 0
+                self.offset = 0
+                return self.passes_done >= self._steps()
         ns = self.ctrl.allocated[nsids[self.ns_index]]
         n = min(CHUNK, ns.size - self.offset)
         if self.offset == 0 and ns.meta is not None:
@@ -343,11 +392,13 @@ class Sanitizer:
             # is touched, so an interrupted sanitize leaves unchecked PI, never stale PI
             ns.meta.deallocate(0, ns.nlbas)
         self._alter(ns, self.offset, n)
-        self.offset += n
-        if self.offset >= ns.size:
+        if self.offset + n >= ns.size:
             self.uncorrectable.clear_namespace(ns.nsid)
-            self.ns_index += 1
-            self.offset = 0
+        with self._lock:  # (SPROG never goes backwards)
+            self.offset += n
+            if self.offset >= ns.size:
+                self.ns_index += 1
+                self.offset = 0
         return False
 
     def _alter(self, ns: Namespace, offset: int, n: int) -> None:
@@ -390,9 +441,12 @@ class Sanitizer:
                 self.global_erased = True
                 self.writes_at_erase = self._writes()
                 self._set_refuse(0)
+        # the event is queued before a quiesce can see the boundary: a snapshot taken after
+        # the pause has the completed status and the event together
+        self._post_event(AER_IO_SPECIFIC, INFO_SANITIZE_COMPLETED, LID_SANITIZE)
+        with self._lock:
             self._at_boundary = True
             self._lock.notify_all()
-        self._post_event(AER_IO_SPECIFIC, INFO_SANITIZE_COMPLETED, LID_SANITIZE)
 
     # -- pause / resume / close ------------------------------------------------------------------
     def pause(self, timeout: float = 30.0) -> bool:
@@ -400,7 +454,7 @@ class Sanitizer:
         with self._lock:
             self._paused = True
             deadline = time.monotonic() + timeout
-            while self.running and not self._at_boundary:
+            while not self._at_boundary:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -442,12 +496,12 @@ class Sanitizer:
             return min(max(1, math.ceil(nbytes / rate)), 0xFFFFFFFE)
 
         erase = secs(total / 64)  # deallocation is cheap: a sixty-fourth of writing everything
-        write = secs(total)
         page = bytearray(512)
         _LOG.pack_into(page, 0, sprog, sstat, scdw10,
-                       secs(total) + erase,  # overwrite (1 pass), then the deallocation
+                       secs(16 * total) + erase,  # overwrite (16 passes), then the deallocation
                        erase, erase,  # block erase, crypto erase
-                       write, write, write)  # the same with No-Deallocate After Sanitize
+                       # "with No-Deallocate Media Modification": none (SANICAP.NODMMAS = 01b)
+                       NO_ESTIMATE, NO_ESTIMATE, NO_ESTIMATE)
         return bytes(page)
 
     # -- state --------------------------------------------------------------------------------

@@ -105,6 +105,8 @@ class SelfTestHost(Protocol):
 
     @property
     def namespaces(self) -> Mapping[int, Namespace]: ...
+    @property
+    def allocated(self) -> Mapping[int, Namespace]: ...
 
 
 class SelfTest:
@@ -121,8 +123,9 @@ class SelfTest:
         self._poh = power_on_hours
         #: seconds a short test takes (before :attr:`time_scale`)
         self.short_seconds = 2.0
-        #: seconds an extended test takes (before :attr:`time_scale`); set by the controller from EDSTT
-        self.extended_seconds = 60.0
+        #: seconds EDSTT asks for an extended test now (the controller: from the capacity)
+        self.edstt_seconds: Callable[[], float] = lambda: 60.0
+        self._extended_seconds: float | None = None
         #: multiplies every duration (tests: 0.01)
         self.time_scale = 1.0
         self._lock = threading.Condition()
@@ -140,11 +143,22 @@ class SelfTest:
         self._token = 0
         self.ever = False
 
+    @property
+    def extended_seconds(self) -> float:
+        """Seconds an extended test takes (before :attr:`time_scale`): EDSTT as Identify
+        Controller reports it when the test starts, unless set (tests)."""
+        return self._extended_seconds if self._extended_seconds is not None else self.edstt_seconds()
+
+    @extended_seconds.setter
+    def extended_seconds(self, seconds: float) -> None:
+        self._extended_seconds = seconds
+
     # -- the command -----------------------------------------------------------------------
     def command(self, nsid: int, cdw10: int) -> None:
         """Execute a Device Self-test command.
 
-        :raises NvmeStatusError: Invalid Field, Invalid Namespace, Device Self-test In Progress.
+        :raises NvmeStatusError: Invalid Field (also for an allocated namespace that is not
+            attached), Invalid Namespace, Device Self-test In Progress.
         """
         stc = cdw10 & 0xF
         if stc not in (STC_SHORT, STC_EXTENDED, STC_ABORT):
@@ -154,7 +168,10 @@ class SelfTest:
             self.abort(RESULT_ABORTED_CMD)
             return
         if nsid not in (0, _BROADCAST) and nsid not in self.ctrl.namespaces:
-            raise NvmeStatusError(Status.INVALID_NSID, f"namespace {nsid:#x} is not attached", param_offset=_OFF_NSID)
+            if nsid in self.ctrl.allocated:  # an inactive namespace (allocated, not attached)
+                raise NvmeStatusError(Status.INVALID_FIELD, f"namespace {nsid} is not attached",
+                                      param_offset=_OFF_NSID)
+            raise NvmeStatusError(Status.INVALID_NSID, f"namespace {nsid:#x} does not exist", param_offset=_OFF_NSID)
         with self._lock:
             if self.current:
                 raise NvmeStatusError(Status.SELF_TEST_IN_PROGRESS, "a device self-test is in progress")

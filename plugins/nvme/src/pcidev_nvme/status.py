@@ -102,6 +102,7 @@ class Status(enum.IntEnum):
     SEC_CTRL_STATE_INVALID = 0x120
     INVALID_NUM_CTRL_RESOURCES = 0x121
     INVALID_RESOURCE_ID = 0x122
+    PMR_SAN_PROHIBITED = 0x123  # Sanitize Prohibited While Persistent Memory Region is Enabled
     ANA_GROUP_ID_INVALID = 0x124
     CMD_SIZE_LIMIT_EXCEEDED = 0x183  # Copy: command size limit exceeded
     CONFLICTING_ATTRS = 0x180

@@ -9,10 +9,21 @@ Unrecovered Read Error (02h/81h) and the first marked LBA in its Error Informati
 entry; the data underneath is kept as it was (a rewrite of part of a marked range
 clears only that part).
 
+**Bound.** A migration stream carries at most :data:`MAX_RANGES` ranges, and a write
+into the middle of a marked range splits it in two. So the marks are bounded by their
+*potential*: a range of *n* blocks can split into at most ceil(*n*/2) ranges, a rewrite
+or a deallocation never raises the sum of ceil(*n*/2) over all ranges, and a Write
+Uncorrectable that would raise it above :data:`MAX_RANGES` fails with Capacity Exceeded
+(nothing is marked). That allows at least 65,536 (up to 131,072) marked blocks.
+
 **Persistence.** The marks of a namespace whose backend is an image file live in a
 small JSON sidecar beside it, ``IMAGE.nvme-wu`` (like the identity file
-``IMAGE.nvme-ids``), written atomically each time the marks of that namespace
-change and removed when none are left. A file at that path that this plugin did not
+``IMAGE.nvme-ids``), replaced atomically (a unique temporary file, fsync, rename) by
+one background writer thread after the marks of that namespace change -- coalesced:
+many changes make one write -- and removed when none are left. A Write Uncorrectable
+waits for its mark to be on disk before it completes (:meth:`Uncorrectable.sync`);
+the writes and deallocations that clear marks do not wait. :meth:`Uncorrectable.flush`
+waits for every pending write (a quiesce, a close). A file at that path that this plugin did not
 write is never overwritten (one warning; the marks are then kept in memory only),
 and nothing is written beside a read-only image. Memory namespaces keep their marks
 in memory (they lose their data at a restart anyway).
@@ -29,8 +40,10 @@ import bisect
 import json
 import logging
 import os
+import tempfile
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 
 import attrs
 
@@ -42,8 +55,11 @@ log = logging.getLogger(__name__)
 
 #: suffix of the sidecar file beside an image
 SIDECAR_SUFFIX = ".nvme-wu"
-#: most marked ranges kept over all namespaces (a migration stream carries at most this)
+#: most marked ranges over all namespaces (a migration stream carries at most this); also
+#: the bound of the ranges' potential (see the module docstring)
 MAX_RANGES = 65536
+#: seconds a Write Uncorrectable waits for its mark to reach the sidecar
+SYNC_TIMEOUT = 30.0
 _FORMAT = "pcidev-nvme-write-uncorrectable"
 
 
@@ -65,6 +81,74 @@ class UncorrectableState:
     ranges: VarArray[WuRange, MAX_RANGES] = ()
 
 
+def _potential(n: int) -> int:
+    """The most ranges a range of ``n`` blocks can split into (every other block rewritten)."""
+    return (n + 1) // 2
+
+
+class _SidecarWriter:
+    """One background thread that writes the sidecars of changed namespaces, coalesced.
+
+    :param write: ``write(nsid)`` writes the current sidecar of ``nsid``.
+    """
+
+    def __init__(self, write: Callable[[int], None]) -> None:
+        self._write = write
+        self._cond = threading.Condition()
+        self._dirty: set[int] = set()
+        #: nsid -> changes asked for / changes on disk (a change's number)
+        self._asked: dict[int, int] = {}
+        self._written: dict[int, int] = {}
+        self._thread: threading.Thread | None = None
+
+    def changed(self, nsids: Iterable[int]) -> None:
+        """The marks of ``nsids`` changed: write their sidecars soon."""
+        with self._cond:
+            for nsid in nsids:
+                self._asked[nsid] = self._asked.get(nsid, 0) + 1
+                self._dirty.add(nsid)
+            if self._dirty and self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="nvme-wu-sidecar", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._dirty:
+                    self._thread = None
+                    self._cond.notify_all()
+                    return
+                nsid = min(self._dirty)
+                self._dirty.discard(nsid)
+                seq = self._asked[nsid]
+            try:
+                self._write(nsid)
+            except Exception:  # never lose the thread (and the waiters) to a bug
+                log.exception("writing the Write Uncorrectable sidecar of namespace %d failed", nsid)
+            with self._cond:
+                self._written[nsid] = max(self._written.get(nsid, 0), seq)
+                self._cond.notify_all()
+
+    def wait(self, nsid: int | None = None, timeout: float = SYNC_TIMEOUT) -> bool:
+        """Wait until the changes of ``nsid`` so far (None: of every namespace) are written."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            if nsid is None:
+                def done() -> bool:
+                    return self._thread is None and not self._dirty
+            else:
+                want = self._asked.get(nsid, 0)
+
+                def done() -> bool:
+                    return self._written.get(nsid, 0) >= want
+            while not done():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+
 class Uncorrectable:
     """The Write Uncorrectable marks of one controller's namespaces (see the module docstring).
 
@@ -77,8 +161,11 @@ class Uncorrectable:
         self._lock = threading.Lock()
         #: nsid -> (starts, ends): disjoint [start, end) LBA ranges, sorted
         self._ranges: dict[int, tuple[list[int], list[int]]] = {}
+        #: the sum of :func:`_potential` over every range (bounded by MAX_RANGES)
+        self._potential = 0
         #: sidecar paths found to be somebody else's file: never written
         self._foreign: set[str] = set()
+        self._writer = _SidecarWriter(self._write_sidecar)
         #: any block marked at all (the data path's one cheap test)
         self.active = False
 
@@ -111,22 +198,33 @@ class Uncorrectable:
 
     # -- changes -------------------------------------------------------------------------------
     def mark(self, nsid: int, slba: int, nlb: int) -> bool:
-        """Mark ``nlb`` blocks from ``slba``; returns False if the table is full (nothing marked)."""
+        """Mark ``nlb`` blocks from ``slba``; returns False (nothing marked) if the marks'
+        potential would exceed :data:`MAX_RANGES` (see the module docstring)."""
         with self._lock:
-            starts, ends = self._ranges.setdefault(nsid, ([], []))
-            end = slba + nlb
-            # ranges touching [slba, end) merge with it
-            i = bisect.bisect_left(ends, slba)
-            j = bisect.bisect_right(starts, end)
-            if i < j:
-                slba = min(slba, starts[i])
-                end = max(end, ends[j - 1])
-            elif sum(len(s) for s, _ in self._ranges.values()) >= MAX_RANGES:
+            if not self._mark_locked(nsid, slba, nlb, bounded=True):
                 return False
-            starts[i:j] = [slba]
-            ends[i:j] = [end]
-            self.active = True
-        self._persist(nsid)
+        self._writer.changed((nsid,))
+        return True
+
+    def _mark_locked(self, nsid: int, slba: int, nlb: int, *, bounded: bool) -> bool:
+        starts, ends = self._ranges.setdefault(nsid, ([], []))
+        end = slba + nlb
+        # ranges touching [slba, end) merge with it
+        i = bisect.bisect_left(ends, slba)
+        j = bisect.bisect_right(starts, end)
+        if i < j:
+            slba = min(slba, starts[i])
+            end = max(end, ends[j - 1])
+        potential = (self._potential - sum(_potential(e - s) for s, e in zip(starts[i:j], ends[i:j], strict=True))
+                     + _potential(end - slba))
+        if bounded and potential > MAX_RANGES:
+            if not starts:
+                del self._ranges[nsid]
+            return False
+        starts[i:j] = [slba]
+        ends[i:j] = [end]
+        self._potential = potential
+        self.active = True
         return True
 
     def clear(self, nsid: int, slba: int, nlb: int) -> None:
@@ -136,7 +234,7 @@ class Uncorrectable:
         with self._lock:
             if not self._clear_locked(nsid, slba, nlb):
                 return
-        self._persist(nsid)
+        self._writer.changed((nsid,))
 
     def _clear_locked(self, nsid: int, slba: int, nlb: int) -> bool:
         r = self._ranges.get(nsid)
@@ -156,6 +254,13 @@ class Uncorrectable:
         if ends[j - 1] > end:
             new_s.append(end)
             new_e.append(ends[j - 1])
+        if len(new_s) - (j - i) + sum(len(s) for s, _ in self._ranges.values()) > MAX_RANGES:
+            # (only after restoring marks whose potential was over the bound): the
+            # range stays whole -- these blocks read as an error, never as stale data
+            log.warning("namespace %d: too many uncorrectable ranges to unmark %d+%d", nsid, slba, nlb)
+            return False
+        self._potential += (sum(_potential(e - s) for s, e in zip(new_s, new_e, strict=True))
+                            - sum(_potential(e - s) for s, e in zip(starts[i:j], ends[i:j], strict=True)))
         starts[i:j] = new_s
         ends[i:j] = new_e
         if not starts:
@@ -166,12 +271,25 @@ class Uncorrectable:
     def clear_namespace(self, nsid: int) -> None:
         """Every block of ``nsid`` was erased (Format NVM, Sanitize) or it is gone."""
         with self._lock:
-            if self._ranges.pop(nsid, None) is None:
+            r = self._ranges.pop(nsid, None)
+            if r is None:
                 return
+            self._potential -= sum(_potential(e - s) for s, e in zip(*r, strict=True))
             self.active = bool(self._ranges)
-        self._persist(nsid)
+        self._writer.changed((nsid,))
 
     # -- persistence -----------------------------------------------------------------------------
+    def sync(self, nsid: int) -> None:
+        """Wait until the changes to the marks of ``nsid`` so far are in its sidecar (a
+        namespace without one: at once)."""
+        if self._sidecar(nsid) and not self._writer.wait(nsid):
+            log.warning("the Write Uncorrectable sidecar of namespace %d was not written within %g s",
+                        nsid, SYNC_TIMEOUT)
+
+    def flush(self, timeout: float = SYNC_TIMEOUT) -> bool:
+        """Wait until every sidecar write asked for is done; returns whether it finished."""
+        return self._writer.wait(None, timeout)
+
     def load(self, nsid: int) -> None:
         """Take the marks the sidecar of ``nsid`` holds (at power-on). A sidecar that is
         not this plugin's is left alone and never written (one warning)."""
@@ -189,21 +307,29 @@ class Uncorrectable:
         if not isinstance(data, dict) or data.get("format") != _FORMAT or not isinstance(data.get("ranges"), list):
             self._not_ours(path, "not a Write Uncorrectable sidecar of this plugin")
             return
-        for item in data["ranges"]:
-            if (isinstance(item, list) and len(item) == 2 and all(isinstance(v, int) and v >= 0 for v in item)
-                    and item[1] > 0):
-                self.mark(nsid, item[0], item[1])
+        dropped = 0
+        with self._lock:  # one bulk insert; the file already holds what it says
+            for item in data["ranges"]:
+                if (isinstance(item, list) and len(item) == 2 and all(isinstance(v, int) and v >= 0 for v in item)
+                        and item[1] > 0):
+                    if not self._mark_locked(nsid, item[0], item[1], bounded=True):
+                        dropped += 1
+        if dropped:
+            log.warning("%s: %d ranges beyond the bound of %d were not taken", path, dropped, MAX_RANGES)
+            self._writer.changed((nsid,))
 
     def _not_ours(self, path: str, why: str) -> None:
         self._foreign.add(path)
         log.warning("%s is not usable as a Write Uncorrectable sidecar (%s): it is left as it is and the marks "
                     "of its namespace are kept in memory only", path, why)
 
-    def _persist(self, nsid: int) -> None:
+    def _write_sidecar(self, nsid: int) -> None:
+        """Replace the sidecar of ``nsid`` by the marks now (only the writer thread calls this)."""
         path = self._sidecar(nsid)
         if not path or path in self._foreign:
             return
         ranges = self.ranges(nsid)
+        tmp: str | None = None
         try:
             if not ranges:
                 try:
@@ -211,15 +337,23 @@ class Uncorrectable:
                 except FileNotFoundError:
                     pass
                 return
-            tmp = f"{path}.tmp{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as f:
+            fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
+                                       dir=os.path.dirname(path) or ".")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump({"format": _FORMAT, "version": 1, "nsid": nsid, "ranges": [list(r) for r in ranges]}, f)
                 f.write("\n")
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+            tmp = None
         except OSError as exc:
             log.warning("cannot write the Write Uncorrectable sidecar %s: %s", path, exc)
+        finally:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
 
     # -- state -------------------------------------------------------------------------------
     def snapshot(self) -> UncorrectableState | None:
@@ -230,12 +364,14 @@ class Uncorrectable:
         return UncorrectableState(ranges=tuple(out)) if out else None
 
     def restore(self, state: UncorrectableState | None) -> None:
-        """Take the marks of ``state`` (None: no block is marked); sidecars are rewritten."""
+        """Take the marks of ``state`` (None: no block is marked); the sidecars are
+        rewritten in the background (after the restore, never inside it)."""
         with self._lock:
             old = set(self._ranges)
             self._ranges = {}
-            self.active = False
-        for r in () if state is None else state.ranges:
-            self.mark(r.nsid, r.slba, r.nlb)
-        for nsid in old - set(self._ranges):
-            self._persist(nsid)
+            self._potential = 0
+            for r in () if state is None else state.ranges:  # (a valid source's marks: all taken)
+                self._mark_locked(r.nsid, r.slba, r.nlb, bounded=False)
+            self.active = bool(self._ranges)
+            changed = old | set(self._ranges)
+        self._writer.changed(sorted(changed))
