@@ -480,7 +480,8 @@ def test_a_sanitize_continues_after_a_restart(tmp_path):
     of an overwrite reports it in progress, refuses I/O, and finishes it once it runs;
     a failure mode is remembered across a restart too."""
     img = tmp_path / "disk.img"
-    cfg = f"serial=sanp,state_dir={tmp_path},ns=file:path={img},size={SIZE}"
+    # (the rate as a property: the restarted controller must not finish before it is looked at)
+    cfg = f"serial=sanp,state_dir={tmp_path},ns=file:path={img},size={SIZE},sanitize_rate={CHUNK * 2}"
 
     def start():
         machine = Machine(ram_size=64 << 20)
@@ -490,8 +491,7 @@ def test_a_sanitize_continues_after_a_restart(tmp_path):
     machine, ctrl, drv = start()
     try:
         fill(drv)
-        ctrl.sanitizer.rate = CHUNK * 2  # about two seconds
-        drv.sanitize(OVERWRITE, owpass=1, ndas=True, ovrpat=0x0BADF00D)
+        drv.sanitize(OVERWRITE, owpass=1, ndas=True, ovrpat=0x0BADF00D)  # about two seconds
         time.sleep(0.3)
         assert drv.sanitize_log()["sstat"] & 7 == 2
     finally:

@@ -459,7 +459,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             return
         log.info("%s: NVM Subsystem Reset", self.name)
         with self.state_lock:
-            self._reset_memory_regions()
+            self._reset_memory_regions(ResetKind.CONVENTIONAL)
             firmware = self.firmware.active
             self._gen += 1
             self._drop_parked()
@@ -475,13 +475,14 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             if self.firmware.active == firmware:
                 self._csts |= CSTS_NSSRO
 
-    def _reset_memory_regions(self) -> None:
-        """The CMB and the PMR back to their reset values (an NVM Subsystem Reset; a PCI
-        reset does the same in :meth:`on_reset`)."""
-        if self.cmb is not None:
-            self.cmb.reset()
+    def _reset_memory_regions(self, kind: ResetKind) -> None:
+        """The PMR, then the CMB, back to their reset values for a reset of ``kind`` (a PCI
+        reset; an NVM Subsystem Reset resets them as a conventional one: the PMR disabled,
+        CMBMSC cleared; an FLR keeps CMBMSC)."""
         if self.pmr is not None:
             self.pmr.reset()
+        if self.cmb is not None:
+            self.cmb.reset(kind)
 
     def _sanitize_refuse(self, status: int) -> None:
         """What I/O completes with while a sanitize runs or failed (0: executed)."""
@@ -662,10 +663,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         dropped; bus mastering is off after the reset, so they cannot DMA either).
         """
         with self.state_lock:
-            if self.pmr is not None:
-                self.pmr.reset()
-            if self.cmb is not None:
-                self.cmb.reset(kind)
+            self._reset_memory_regions(kind)
             self._gen += 1
             self._drop_parked()
             self._state = ST_RESETTING
