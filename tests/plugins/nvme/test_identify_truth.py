@@ -100,6 +100,16 @@ def test_oacs_oncs_and_sanicap_agree_with_the_effects_log(env):
     assert bool(sanicap & 0x7) == (0x84 in admin), "SANICAP vs Sanitize"
 
 
+def test_directives_advertised_work(env):
+    """OACS bit 5: Directive Receive returns the Identify directive's parameters (the
+    directive types supported and enabled), Directive Send refuses what it must."""
+    drv = env.drv
+    assert _u16(drv.identify(0x01), 256) >> 5 & 1
+    params = drv.admin(0x1A, nsid=1, cdw10=1023, cdw11=0x01, length=4096).tag  # Identify, Return Parameters
+    assert _u32(params, 0) & 1 and _u32(params, 32) & 1
+    assert drv.admin(0x19, nsid=1, cdw11=0x01, cdw12=0, check=False).code == Status.INVALID_FIELD
+
+
 # -- exercisers of the other advertised bits -----------------------------------------------
 Exerciser = Callable[[NvmeDriver], None]
 

@@ -28,6 +28,9 @@ Opcode  Command                             Statuses besides Success
 15h     Namespace Attachment                Namespace Already Attached, Namespace Not
                                             Attached, Controller List Invalid
 18h     Keep Alive
+19h     Directive Send                      Invalid Field, Invalid Namespace
+                                            (:mod:`pcidev_nvme.directives`)
+1Ah     Directive Receive                   Invalid Field, Invalid Namespace
 7Ch     Doorbell Buffer Config              Invalid Field
 80h     Format NVM                          Invalid Format, Invalid Field, Invalid Namespace
 84h     Sanitize                            Invalid Field, Sanitize In Progress, Command
@@ -66,6 +69,7 @@ from pcidev_nvme.abort import Aborts
 from pcidev_nvme.aer import INFO_FW_ACTIVATION, AsyncEvents
 from pcidev_nvme.cmb import ControllerMemoryBuffer
 from pcidev_nvme.config import NamespaceSpec, NvmeConfig
+from pcidev_nvme.directives import directive_receive, directive_send
 from pcidev_nvme.features import Features
 from pcidev_nvme.lba_status import get_lba_status
 from pcidev_nvme.metadata import SIDECAR_SUFFIX
@@ -206,6 +210,8 @@ class Opcode:
     NS_ATTACHMENT = 0x15
     DEVICE_SELF_TEST = 0x14
     KEEP_ALIVE = 0x18
+    DIRECTIVE_SEND = 0x19
+    DIRECTIVE_RECEIVE = 0x1A
     VIRT_MGMT = 0x1C
     DBBUF_CONFIG = 0x7C
     FORMAT_NVM = 0x80
@@ -255,6 +261,8 @@ class AdminCommandSet:
             Opcode.FW_DOWNLOAD: self._fw_download,
             Opcode.NS_ATTACHMENT: self._ns_attachment,
             Opcode.KEEP_ALIVE: self._keep_alive,
+            Opcode.DIRECTIVE_SEND: self._directive_send,
+            Opcode.DIRECTIVE_RECEIVE: self._directive_receive,
             Opcode.FORMAT_NVM: self._format,
             Opcode.DEVICE_SELF_TEST: self._device_self_test,
             Opcode.SANITIZE: self._sanitize,
@@ -621,6 +629,18 @@ class AdminCommandSet:
             ctrl.unpark(req)
             raise _err(Status.AER_LIMIT, "asynchronous event request limit exceeded")
         return None
+
+    def _directive_send(self, req: Request) -> int:
+        directive_send(req.cdw11, req.cdw12, req.nsid, self.ctrl.namespaces)
+        return 0  # pragma: no cover (every operation is refused)
+
+    def _directive_receive(self, req: Request) -> int:
+        length = (req.cdw10 + 1) * 4
+        mdts = self.ctrl.mdts_bytes
+        if mdts and length > mdts:
+            raise _err(Status.INVALID_FIELD, f"{length} bytes exceed MDTS", OFF_CDW10)
+        self.to_host(req, directive_receive(req.cdw10, req.cdw11, req.nsid, self.ctrl.namespaces))
+        return 0
 
     def _keep_alive(self, req: Request) -> int:
         self.ctrl.keep_alive()

@@ -46,9 +46,10 @@ __all__ = ["identify_controller", "nsid_list", "identify_ctrl_csi_nvm", "identif
 IDENTIFY_SIZE = 4096
 
 #: Optional Admin Command Support: Format NVM (1), Firmware Commit/Download (2),
-#: Namespace Management (3), Device Self-test (4), Get LBA Status (9), Doorbell
-#: Buffer Config (8, when enabled)
-OACS = (1 << 1) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 9)
+#: Namespace Management (3), Device Self-test (4), Directives (5: the Identify
+#: directive, :mod:`pcidev_nvme.directives`), Get LBA Status (9), Doorbell Buffer
+#: Config (8, when enabled)
+OACS = (1 << 1) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 9)
 OACS_DBBUF = 1 << 8
 #: Log Page Attributes: Commands Supported and Effects (1), extended data (2), the
 #: Supported Log Pages, Commands / Feature Identifiers / NVMe-MI Commands Supported and
