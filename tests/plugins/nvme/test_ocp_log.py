@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import struct
 
+import attrs
 import pytest
 from _helpers import expect_status, make_env, smart
+from test_migration_nvme import Host
 
+from pcidev.migration import load_device_stream, save_device_stream
+from pcidev.vmstate.errors import ConfigMismatchError
+from pcidev_nvme.controller import NvmeController
 from pcidev_nvme.logs import OCP_SMART_GUID, SmartCounters, ocp_smart_page
 from pcidev_nvme.status import Status
 
@@ -112,3 +117,30 @@ def test_the_page_survives_a_restart_with_the_counters(tmp_path):
         assert struct.unpack_from("<I", page, 112)[0] == 1
     finally:
         env.close()
+
+
+def test_the_counters_behind_the_page_migrate_and_the_destination_must_offer_it():
+    host = Host("serial=ocpm,ocp=on,ns=mem:size=4M", io_queues=1, aers=0)
+    try:
+        drv = host.drv
+        pattern = bytes(range(256)) * 32
+        drv.write(1, 16, pattern)
+        drv.read(1, 16, len(pattern) // 512)
+        before = drv.get_log(0xC0, 512)
+        src = host.ctrl
+        src.quiesce()
+        data, fds = save_device_stream(src)
+        # a destination without ocp=on would lose the log page: it refuses by configuration
+        other = NvmeController(attrs.evolve(src.cfg, ocp=False))
+        try:
+            with pytest.raises(ConfigMismatchError, match="nvme.ocp"):
+                load_device_stream(other, data, fds)
+        finally:
+            other.close()
+        src.resume()
+        host.migrate()  # the same configuration (verifies every block)
+        after = drv.get_log(0xC0, 512)
+        assert after[:32] == before[:32] and after[56:64] == before[56:64] and after[494:] == before[494:]
+        assert drv.read(1, 16, len(pattern) // 512) == pattern
+    finally:
+        host.close()
