@@ -47,7 +47,8 @@ ADMIN_NAMES = {
     0x04: "Delete I/O Completion Queue", 0x05: "Create I/O Completion Queue", 0x06: "Identify",
     0x08: "Abort", 0x09: "Set Features", 0x0A: "Get Features", 0x0C: "Asynchronous Event Request",
     0x0D: "Namespace Management", 0x10: "Firmware Commit", 0x11: "Firmware Image Download",
-    0x14: "Device Self-test", 0x15: "Namespace Attachment", 0x18: "Keep Alive", 0x7C: "Doorbell Buffer Config",
+    0x14: "Device Self-test", 0x15: "Namespace Attachment", 0x18: "Keep Alive", 0x19: "Directive Send",
+    0x1A: "Directive Receive", 0x7C: "Doorbell Buffer Config",
     0x80: "Format NVM", 0x84: "Sanitize", 0x86: "Get LBA Status",
 }
 #: NVM command set I/O command names by opcode.
@@ -60,6 +61,8 @@ LOG_NAMES = {
     0x01: "Error Information", 0x02: "SMART / Health Information", 0x03: "Firmware Slot Information",
     0x04: "Changed Namespace List", 0x05: "Commands Supported and Effects", 0x06: "Device Self-test",
     0x12: "Feature Identifiers Supported and Effects", 0x81: "Sanitize Status",
+    0x00: "Supported Log Pages", 0x13: "NVMe-MI Commands Supported and Effects",
+    0xC0: "OCP SMART / Health Information Extended (``ocp=on``)",
 }
 #: Commands Supported and Effects bits shown in the tables (bit, heading).
 EFFECTS = ((1, "LBCC"), (2, "NCC"), (3, "NIC"), (4, "CCC"))

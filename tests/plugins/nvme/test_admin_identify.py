@@ -96,7 +96,10 @@ def test_identify_namespace_and_lists(env):
     (0x07, 0, 1, Status.INVALID_FIELD, 47),
     (0x08, 0, 0, Status.INVALID_NSID, 4),
     (0x04, 0, 0, Status.INVALID_FIELD, 40),
-    (0x1F, 0, 0, Status.INVALID_FIELD, 40),
+    (0x1D, 0, 0, Status.INVALID_FIELD, 40),
+    (0x1F, 0, 0, Status.INVALID_NSID, 4),
+    (0x1B, 1, 2, Status.INVALID_FIELD, 47),
+    (0x1A, 0, 1, Status.INVALID_FIELD, 47),
     (0xFF, 0, 0, Status.INVALID_FIELD, 40),
 ])
 def test_identify_errors(env, cns, nsid, csi, status, param):

@@ -69,7 +69,7 @@ def test_timestamp_and_host_behavior(env):
     expect_status(drv, Status.INVALID_FIELD, SET, cdw10=0x16, buf=buf, length=512)
 
 
-@pytest.mark.parametrize("fid", [0x03, 0x0C, 0x0D, 0x10, 0x11, 0x12, 0x13, 0x15, 0x17, 0x18, 0x19, 0x7F, 0x80])
+@pytest.mark.parametrize("fid", [0x03, 0x0C, 0x0D, 0x10, 0x11, 0x12, 0x13, 0x15, 0x17, 0x18, 0x1A, 0x7F, 0x80])
 def test_features_not_advertised_are_invalid(env, fid):
     expect_status(env.drv, Status.INVALID_FIELD, GET, cdw10=fid, param=40)
     expect_status(env.drv, Status.INVALID_FIELD, SET, cdw10=fid, param=40)

@@ -38,7 +38,8 @@ ONCS_OPCODES = {0: (0x05,), 1: (0x04,), 2: (0x09,), 3: (0x08,), 5: (0x0D, 0x0E, 
 
 #: configurations walked: the default, and one with every optional capability switched on
 CONFIGS = {"default": "ns=mem:size=16M",
-           "cmb+pmr": "ns=mem:size=16M,cmb_size=2,pmr={tmp}/pmr.img,pmr_size=1M"}
+           "cmb+pmr": "ns=mem:size=16M,cmb_size=2,pmr={tmp}/pmr.img,pmr_size=1M",
+           "ocp": "ns=mem:size=16M,ocp=on"}
 
 
 @pytest.fixture(params=sorted(CONFIGS))
@@ -99,6 +100,16 @@ def test_oacs_oncs_and_sanicap_agree_with_the_effects_log(env):
     assert bool(sanicap & 0x7) == (0x84 in admin), "SANICAP vs Sanitize"
 
 
+def test_directives_advertised_work(env):
+    """OACS bit 5: Directive Receive returns the Identify directive's parameters (the
+    directive types supported and enabled), Directive Send refuses what it must."""
+    drv = env.drv
+    assert _u16(drv.identify(0x01), 256) >> 5 & 1
+    params = drv.admin(0x1A, nsid=1, cdw10=1023, cdw11=0x01, length=4096).tag  # Identify, Return Parameters
+    assert _u32(params, 0) & 1 and _u32(params, 32) & 1
+    assert drv.admin(0x19, nsid=1, cdw11=0x01, cdw12=0, check=False).code == Status.INVALID_FIELD
+
+
 # -- exercisers of the other advertised bits -----------------------------------------------
 Exerciser = Callable[[NvmeDriver], None]
 
@@ -139,6 +150,24 @@ def _lpa_effects(drv: NvmeDriver) -> None:  # LPA bit 1: the Commands Supported 
 def _lpa_extended(drv: NvmeDriver) -> None:  # LPA bit 2: extended NUMD and a log page offset
     whole = drv.get_log(0x05, 4096)
     assert drv.get_log(0x05, 512, offset=1024) == whole[1024:1536]
+
+
+#: OCP SMART / Health Information Extended: its Log Page GUID (bytes 511:496)
+_OCP_GUID = bytes.fromhex("C5AF1028EABFF2A49C4F6F7CC914D5AF")
+
+
+def _lpa_supported_logs(drv: NvmeDriver) -> None:  # LPA bit 5: LIDs 00h, 05h, 12h, 13h
+    page = drv.get_log(0x00, 1024)
+    listed = {lid for lid in range(256) if _u32(page, 4 * lid) & 1}
+    assert {0x00, 0x05, 0x12, 0x13} <= listed
+    for lid in range(256):
+        numd = 512 // 4 - 1
+        comp = drv.admin(0x02, check=False, nsid=0xFFFFFFFF, cdw10=(numd << 16) | lid, length=512)
+        assert (comp.code != Status.INVALID_LOG_PAGE) == (lid in listed), f"log page {lid:#04x}: {comp.code:#x}"
+    assert drv.get_log(0x13, 4096) == bytes(4096)  # NVMe-MI Commands Supported and Effects: none
+    assert _u32(drv.get_log(0x12, 1024), 4 * 0x19) & 1  # features supported log: e.g. 19h
+    if 0xC0 in listed:  # ocp=on: the OCP SMART extended log
+        assert drv.get_log(0xC0, 512)[496:] == _OCP_GUID
 
 
 def _oaes_ns_attr(drv: NvmeDriver) -> None:  # OAES bit 8: Namespace Attribute Notices
@@ -274,7 +303,7 @@ def _oncs_timestamp(drv: NvmeDriver) -> None:  # ONCS bit 6: Timestamp feature
 EXERCISERS: dict[tuple[str, int], Exerciser] = {
     ("vwc", 0): _vwc_present, ("vwc", 1): _flush_broadcast, ("vwc", 2): _flush_broadcast,
     ("sgls", 0): _sgl, ("sgls", 16): _sgl_bit_bucket,
-    ("lpa", 1): _lpa_effects, ("lpa", 2): _lpa_extended,
+    ("lpa", 1): _lpa_effects, ("lpa", 2): _lpa_extended, ("lpa", 5): _lpa_supported_logs,
     ("oaes", 8): _oaes_ns_attr, ("oaes", 9): _oaes_fw_activation,
     ("frmw", 0): _frmw, ("frmw", 1): _frmw, ("frmw", 2): _frmw, ("frmw", 4): _frmw,
     ("ctratt", 15): _ctratt_elbas,

@@ -28,6 +28,9 @@ Opcode  Command                             Statuses besides Success
 15h     Namespace Attachment                Namespace Already Attached, Namespace Not
                                             Attached, Controller List Invalid
 18h     Keep Alive
+19h     Directive Send                      Invalid Field, Invalid Namespace
+                                            (:mod:`pcidev_nvme.directives`)
+1Ah     Directive Receive                   Invalid Field, Invalid Namespace
 7Ch     Doorbell Buffer Config              Invalid Field
 80h     Format NVM                          Invalid Format, Invalid Field, Invalid Namespace
 84h     Sanitize                            Invalid Field, Sanitize In Progress, Command
@@ -66,6 +69,7 @@ from pcidev_nvme.abort import Aborts
 from pcidev_nvme.aer import INFO_FW_ACTIVATION, AsyncEvents
 from pcidev_nvme.cmb import ControllerMemoryBuffer
 from pcidev_nvme.config import NamespaceSpec, NvmeConfig
+from pcidev_nvme.directives import directive_receive, directive_send
 from pcidev_nvme.features import Features
 from pcidev_nvme.lba_status import get_lba_status
 from pcidev_nvme.metadata import SIDECAR_SUFFIX
@@ -105,6 +109,7 @@ class AdminHost(ControllerPort, Protocol):
     sanitizer: Sanitizer
     selftest: SelfTest
     uncorrectable: Uncorrectable
+    smart: nlogs.SmartCounters
 
     @property
     def allocated(self) -> Mapping[int, Namespace]: ...
@@ -212,6 +217,8 @@ class Opcode:
     NS_ATTACHMENT = 0x15
     DEVICE_SELF_TEST = 0x14
     KEEP_ALIVE = 0x18
+    DIRECTIVE_SEND = 0x19
+    DIRECTIVE_RECEIVE = 0x1A
     VIRT_MGMT = 0x1C
     DBBUF_CONFIG = 0x7C
     FORMAT_NVM = 0x80
@@ -270,6 +277,8 @@ class AdminCommandSet:
             Opcode.FW_DOWNLOAD: self._fw_download,
             Opcode.NS_ATTACHMENT: self._ns_attachment,
             Opcode.KEEP_ALIVE: self._keep_alive,
+            Opcode.DIRECTIVE_SEND: self._directive_send,
+            Opcode.DIRECTIVE_RECEIVE: self._directive_receive,
             Opcode.FORMAT_NVM: self._format,
             Opcode.DEVICE_SELF_TEST: self._device_self_test,
             Opcode.SANITIZE: self._sanitize,
@@ -431,32 +440,33 @@ class AdminCommandSet:
         csi = req.cdw11 >> 24
         nsid = req.nsid
         zero = bytes(idfy.IDENTIFY_SIZE)
-        if cns in (0x00, 0x05, 0x08, 0x11):
-            if cns == 0x05 and csi != 0:
+        if cns in (0x00, 0x05, 0x08, 0x11, 0x1B, 0x1F):
+            if cns in (0x05, 0x1B) and csi != 0:
                 raise _err(Status.INVALID_FIELD, f"I/O command set {csi} is not supported", OFF_CDW11 + 3)
             if nsid == BROADCAST and cns in (0x00, 0x05, 0x11):
                 data = self._common_ns(csi_nvm=cns == 0x05)
             elif not self._nsid_valid(nsid):
                 raise _err(Status.INVALID_NSID, f"namespace {nsid:#x} is not valid", OFF_NSID)
             else:
-                table = ctrl.allocated if cns == 0x11 else ctrl.namespaces
+                # 11h / 1Bh / 1Fh: any allocated namespace, attached or not
+                table = ctrl.allocated if cns in (0x11, 0x1B, 0x1F) else ctrl.namespaces
                 ns = table.get(nsid)
                 if ns is None:
                     data = zero
-                elif cns == 0x05:
+                elif cns in (0x05, 0x1B):
                     data = ns.identify_csi_nvm()
-                elif cns == 0x08:
-                    data = idfy.identify_ns_independent(ns, attached=True)
+                elif cns in (0x08, 0x1F):
+                    data = idfy.identify_ns_independent(ns, attached=nsid in ctrl.namespaces)
                 else:
                     data = ns.identify()
         elif cns == 0x01:
             data = idfy.identify_controller(ctrl)
-        elif cns in (0x02, 0x07, 0x10):
-            if cns == 0x07 and csi != 0:
+        elif cns in (0x02, 0x07, 0x10, 0x1A):
+            if cns in (0x07, 0x1A) and csi != 0:
                 raise _err(Status.INVALID_FIELD, f"I/O command set {csi} is not supported", OFF_CDW11 + 3)
             if nsid >= 0xFFFFFFFE:
                 raise _err(Status.INVALID_NSID, f"NSID {nsid:#x} cannot start a list", OFF_NSID)
-            data = idfy.nsid_list(ctrl.allocated if cns == 0x10 else ctrl.namespaces, nsid)
+            data = idfy.nsid_list(ctrl.allocated if cns in (0x10, 0x1A) else ctrl.namespaces, nsid)
         elif cns == 0x03:
             ns = ctrl.namespaces.get(nsid)
             if ns is None:
@@ -537,6 +547,14 @@ class AdminCommandSet:
             page = ctrl.sanitizer.log_page()
         elif lid == LID_FEATURES_SUPPORTED:
             page = ctrl.features.supported_log()
+        elif lid == nlogs.LID_SUPPORTED:
+            page = nlogs.supported_logs_page(self.log_pages())
+        elif lid == nlogs.LID_MI_EFFECTS:
+            page = bytes(4096)  # no NVMe-MI commands
+        elif lid == nlogs.LID_OCP_SMART and ctrl.cfg.ocp:
+            if req.nsid not in (0, BROADCAST):
+                raise _err(Status.INVALID_FIELD, "the OCP SMART log is kept per controller", OFF_NSID)
+            page = nlogs.ocp_smart_page(ctrl.smart)
         else:
             raise _err(Status.INVALID_LOG_PAGE, f"log page {lid:#04x} is not supported", OFF_CDW10)
         if offset > len(page):
@@ -546,6 +564,14 @@ class AdminCommandSet:
             ctrl.changed_ns.page(clear=True)
         ctrl.aer.log_read(lid, rae)
         return 0
+
+    def log_pages(self) -> list[int]:
+        """The log identifiers Get Log Page answers (the Supported Log Pages log, LID 00h)."""
+        lids = [nlogs.LID_SUPPORTED, nlogs.LID_ERROR, nlogs.LID_SMART, nlogs.LID_FW_SLOT, nlogs.LID_CHANGED_NS,
+                nlogs.LID_EFFECTS, LID_SELF_TEST, LID_FEATURES_SUPPORTED, nlogs.LID_MI_EFFECTS, LID_SANITIZE]
+        if self.ctrl.cfg.ocp:
+            lids.append(nlogs.LID_OCP_SMART)
+        return lids
 
     def admin_effects(self) -> dict[int, int]:
         """Commands Supported and Effects of the admin commands."""
@@ -629,6 +655,18 @@ class AdminCommandSet:
             ctrl.unpark(req)
             raise _err(Status.AER_LIMIT, "asynchronous event request limit exceeded")
         return None
+
+    def _directive_send(self, req: Request) -> int:
+        directive_send(req.cdw11, req.cdw12, req.nsid, self.ctrl.namespaces)
+        return 0  # pragma: no cover (every operation is refused)
+
+    def _directive_receive(self, req: Request) -> int:
+        length = (req.cdw10 + 1) * 4
+        mdts = self.ctrl.mdts_bytes
+        if mdts and length > mdts:
+            raise _err(Status.INVALID_FIELD, f"{length} bytes exceed MDTS", OFF_CDW10)
+        self.to_host(req, directive_receive(req.cdw10, req.cdw11, req.nsid, self.ctrl.namespaces))
+        return 0
 
     def _keep_alive(self, req: Request) -> int:
         self.ctrl.keep_alive()

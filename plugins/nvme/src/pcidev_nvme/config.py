@@ -148,6 +148,8 @@ class NvmeConfig:
         created at this size, an existing one must have it.
     :param sanitize_rate: bytes per second a sanitize alters (0: no limit).
     :param selftest_speedup: divides the device self-test durations.
+    :param ocp: offer the OCP Datacenter NVMe SSD "SMART / Health Information Extended"
+        log page (LID C0h), as QEMU's ``ocp=on``; see ``pcidev_nvme.logs.ocp_smart_page``.
     :param sriov_max_vfs: SR-IOV: TotalVFs, each VF a secondary controller (0: no SR-IOV);
         see ``pcidev_nvme.virtualization`` for the resource properties below.
     :param sriov_vq_flexible: flexible queue resources (a VF's admin queue counts as one)
@@ -228,6 +230,8 @@ class NvmeConfig:
                 "a low rate makes its progress visible)"})
     selftest_speedup: int = attrs.field(default=1, validator=_between(1, 1_000_000), metadata={
         "help": "divides the device self-test durations (short: 2 s, extended: EDSTT minutes), for tests"})
+    ocp: bool = attrs.field(default=False, metadata={
+        "help": "offer the OCP SMART / Health Information Extended log page (LID C0h)"})
     sriov_max_vfs: int = attrs.field(default=0, validator=_between(0, 127), metadata={
         "help": "SR-IOV TotalVFs, each VF a secondary controller (0: no SR-IOV)"})
     sriov_vq_flexible: int = attrs.field(default=0, validator=_between(0, 0xFFFF), metadata={

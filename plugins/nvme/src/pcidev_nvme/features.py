@@ -24,6 +24,9 @@ FID    Feature                          Notes
 0Eh    Timestamp                        8-byte data buffer
 0Fh    Keep Alive Timer                 KATO in ms (rounded up to 100 ms)
 16h    Host Behavior Support            512-byte data buffer
+19h    I/O Command Set Profile          IOCSCI (CDW11 8:0): only combination 0 (NVM, the
+                                        one Identify CNS 1Ch reports); any other index
+                                        → I/O Command Set Combination Rejected
 =====  ==============================  ===================================================
 
 :meth:`Features.snapshot` / :meth:`Features.restore` carry every current value
@@ -74,6 +77,7 @@ FID_TIMESTAMP = 0x0E
 FID_KATO = 0x0F
 FID_HOST_BEHAVIOR = 0x16
 FID_WRITE_ATOMICITY = 0x0A
+FID_IOCS_PROFILE = 0x19
 
 FID_NAMES = {
     FID_ARBITRATION: "arbitration", FID_POWER_MGMT: "power management",
@@ -83,6 +87,7 @@ FID_NAMES = {
     FID_WRITE_ATOMICITY: "write atomicity normal",
     FID_ASYNC_EVENT: "asynchronous event configuration", FID_TIMESTAMP: "timestamp",
     FID_KATO: "keep alive timer", FID_HOST_BEHAVIOR: "host behavior support",
+    FID_IOCS_PROFILE: "i/o command set profile",
 }
 
 _PER_NS = {FID_ERROR_RECOVERY}
@@ -184,6 +189,7 @@ class Features:
             FID_ASYNC_EVENT: 0,
             FID_KATO: 0,
             FID_WRITE_ATOMICITY: 0,
+            FID_IOCS_PROFILE: 0,  # the only combination: nothing to keep or migrate
         }
 
     def reset(self) -> None:
@@ -408,6 +414,12 @@ class Features:
                 kato = 0xFFFFFFFF // 100 * 100
             self.values[fid] = kato
             ctrl.keep_alive_changed()
+            return 0
+        if fid == FID_IOCS_PROFILE:
+            if v & 0x1FF:
+                raise NvmeStatusError(Status.IOCS_COMBINATION_REJECTED,
+                                      f"I/O command set combination {v & 0x1FF} does not exist (CNS 1Ch lists 0)",
+                                      param_offset=_OFF_CDW11)
             return 0
         if fid == FID_HOST_BEHAVIOR:
             assert data is not None

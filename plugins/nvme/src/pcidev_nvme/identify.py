@@ -2,9 +2,10 @@
 ones come from :class:`~pcidev_nvme.namespace.Namespace`).
 
 * CNS 01h Identify Controller (:func:`identify_controller`);
-* CNS 02h / 07h / 10h active and allocated NSID lists (:func:`nsid_list`);
+* CNS 02h / 07h / 10h / 1Ah active and allocated NSID lists (:func:`nsid_list`);
 * CNS 06h I/O command set specific Identify Controller, CSI 0 (:func:`identify_ctrl_csi_nvm`);
-* CNS 08h I/O command set independent Identify Namespace (:func:`identify_ns_independent`);
+* CNS 08h / 1Fh I/O command set independent Identify Namespace, of an active / an
+  allocated namespace (:func:`identify_ns_independent`; NSTAT says whether it is attached);
 * CNS 12h / 13h controller lists (:func:`controller_list`);
 * CNS 1Ch I/O command set profile (:func:`io_command_set_vector`).
 
@@ -45,12 +46,15 @@ __all__ = ["identify_controller", "nsid_list", "identify_ctrl_csi_nvm", "identif
 IDENTIFY_SIZE = 4096
 
 #: Optional Admin Command Support: Format NVM (1), Firmware Commit/Download (2),
-#: Namespace Management (3), Device Self-test (4), Get LBA Status (9), Doorbell
-#: Buffer Config (8, when enabled)
-OACS = (1 << 1) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 9)
+#: Namespace Management (3), Device Self-test (4), Directives (5: the Identify
+#: directive, :mod:`pcidev_nvme.directives`), Get LBA Status (9), Doorbell Buffer
+#: Config (8, when enabled)
+OACS = (1 << 1) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 9)
 OACS_DBBUF = 1 << 8
-#: Log Page Attributes: Commands Supported and Effects (1), extended data (2)
-LPA = (1 << 1) | (1 << 2)
+#: Log Page Attributes: Commands Supported and Effects (1), extended data (2), the
+#: Supported Log Pages, Commands / Feature Identifiers / NVMe-MI Commands Supported and
+#: Effects logs (5: LIDs 00h, 05h, 12h, 13h)
+LPA = (1 << 1) | (1 << 2) | (1 << 5)
 #: Optional Asynchronous Events Supported: Namespace Attribute (8), Firmware Activation (9)
 OAES = (1 << 8) | (1 << 9)
 #: Controller Attributes: Extended LBA Formats Supported (15)

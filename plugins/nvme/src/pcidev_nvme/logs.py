@@ -8,7 +8,10 @@
 * :class:`FirmwareSlots` (LID 03h): slot contents, the active slot and the
   slot activated at the next reset;
 * :class:`ChangedNamespaces` (LID 04h);
-* :func:`effects_log` (LID 05h): Commands Supported and Effects.
+* :func:`effects_log` (LID 05h): Commands Supported and Effects;
+* :func:`supported_logs_page` (LID 00h): Supported Log Pages;
+* :func:`ocp_smart_page` (LID C0h, with ``ocp=on``): the OCP Datacenter NVMe SSD
+  specification's SMART / Health Information Extended log, from :class:`SmartCounters`.
 
 Each component exposes ``snapshot()`` and ``restore(state)`` of a frozen state class
 defined beside it (:class:`ErrorLogState`, :class:`SmartState`,
@@ -24,6 +27,7 @@ import math
 import struct
 import threading
 import time
+from collections.abc import Iterable
 
 import attrs
 import crc32c
@@ -32,7 +36,9 @@ from pcidev.vmstate import U8, U16, U32, U64, Str, VarArray, vmstate
 
 __all__ = ["ErrorLog", "ErrorLogState", "SmartCounters", "SmartState", "FirmwareSlots", "FirmwareState", "FwChunk",
            "firmware_image", "parse_firmware_image", "ChangedNamespaces", "ChangedNsState", "effects_log",
-           "LID_ERROR", "LID_SMART", "LID_FW_SLOT", "LID_CHANGED_NS", "LID_EFFECTS", "CMD_EFFECTS"]
+           "LID_ERROR", "LID_SMART", "LID_FW_SLOT", "LID_CHANGED_NS", "LID_EFFECTS", "CMD_EFFECTS",
+           "LID_SUPPORTED", "LID_MI_EFFECTS", "LID_OCP_SMART", "OCP_SMART_GUID", "ocp_smart_page",
+           "supported_logs_page"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +47,11 @@ LID_SMART = 0x02
 LID_FW_SLOT = 0x03
 LID_CHANGED_NS = 0x04
 LID_EFFECTS = 0x05
+LID_SUPPORTED = 0x00
+#: NVMe-MI Commands Supported and Effects (no NVMe-MI commands: all zero)
+LID_MI_EFFECTS = 0x13
+#: OCP Datacenter NVMe SSD: SMART / Health Information Extended ("SMART cloud attributes")
+LID_OCP_SMART = 0xC0
 
 _ERR_ENTRY = struct.Struct("<QHHHHQIBB2xQH22x")
 assert _ERR_ENTRY.size == 64
@@ -308,6 +319,11 @@ class SmartCounters:
             self.injected_warning = state.injected_warning
             self.reported_warning = state.reported_warning
 
+    def media_totals(self) -> tuple[int, int, int, int]:
+        """(bytes written, bytes read, media errors, unsafe shutdowns), read together."""
+        with self._lock:
+            return self.bytes_written, self.bytes_read, self.media_errors, self.unsafe_shutdowns
+
     def power_on(self, *, unsafe: bool) -> None:
         """Count a power cycle (and an unsafe shutdown before it)."""
         with self._lock:
@@ -551,4 +567,47 @@ def effects_log(admin: dict[int, int], io: dict[int, int]) -> bytes:
         struct.pack_into("<I", buf, 4 * opc, eff | CMD_EFFECTS["csupp"])
     for opc, eff in io.items():
         struct.pack_into("<I", buf, 1024 + 4 * opc, eff | CMD_EFFECTS["csupp"])
+    return bytes(buf)
+
+
+def supported_logs_page(lids: Iterable[int]) -> bytes:
+    """The Supported Log Pages log page (LID 00h): one LIDSUPP dword per log identifier,
+    LSUPP (bit 0) set for each of ``lids``; IOS (index offsets) is never set."""
+    page = bytearray(1024)
+    for lid in lids:
+        struct.pack_into("<I", page, 4 * lid, 1)
+    return bytes(page)
+
+
+#: Log Page GUID of the OCP SMART / Health Information Extended log (bytes 511:496),
+#: AFD514C97C6F4F9CA4F2BFEA2810AFC5h, stored little-endian
+OCP_SMART_GUID = bytes.fromhex("AFD514C97C6F4F9CA4F2BFEA2810AFC5")[::-1]
+#: Log Page Version (bytes 495:494) of OCP Datacenter NVMe SSD specification 2.0
+OCP_SMART_VERSION = 3
+#: DSSD Specification Version 2.0.0, errata 0: major (103), minor (102:101), point (100:99), errata (98)
+OCP_DSSD_VERSION = (2, 0, 0, 0)
+
+
+def ocp_smart_page(smart: SmartCounters) -> bytes:
+    """The 512-byte OCP SMART / Health Information Extended log page (LID C0h).
+
+    From the counters the controller keeps: Physical Media Units Written / Read
+    (bytes 15:0 / 31:16, in bytes: the media is the backend, written as the host
+    wrote it), Uncorrectable Read Error Count (63:56: the media and data integrity
+    errors), Incomplete Shutdowns (115:112: the unsafe shutdowns); the DSSD
+    Specification Version, the Log Page Version and the Log Page GUID. Everything
+    the emulation has no counterpart for (NAND blocks, ECC, throttling, capacitor,
+    PCIe errors, endurance estimate, ...) is zero.
+    """
+    buf = bytearray(512)
+    written, read, media_errors, unsafe = smart.media_totals()
+    for off, v in ((0, written), (16, read)):
+        v = min(v, 2**128 - 1)
+        struct.pack_into("<QQ", buf, off, v & (2**64 - 1), v >> 64)
+    struct.pack_into("<Q", buf, 56, min(media_errors, 2**64 - 1))
+    major, minor, point, errata = OCP_DSSD_VERSION
+    struct.pack_into("<BHHB", buf, 98, errata, point, minor, major)
+    struct.pack_into("<I", buf, 112, min(unsafe, 2**32 - 1))
+    struct.pack_into("<H", buf, 494, OCP_SMART_VERSION)
+    buf[496:512] = OCP_SMART_GUID
     return bytes(buf)

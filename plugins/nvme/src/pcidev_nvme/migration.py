@@ -310,6 +310,7 @@ def fingerprint(ctrl: MigrationHost) -> dict[str, Any]:
         "nvme.lba_formats": [[f.size, f.rp] for f in LBAF_TABLE if not f.ms],
         "nvme.namespaces": namespaces,
         **({"nvme.cmb_size": cfg.cmb_size} if cfg.cmb_size else {}),
+        **({"nvme.ocp": True} if cfg.ocp else {}),
         **({"nvme.pmr": [os.path.abspath(cfg.pmr), int(cfg.pmr_size)]} if cfg.pmr is not None else {}),
         **({"nvme.sriov": [cfg.sriov_max_vfs, cfg.sriov_vq_flexible, cfg.sriov_vi_flexible,
                            cfg.sriov_max_vq_per_vf, cfg.sriov_max_vi_per_vf]} if cfg.sriov_max_vfs else {}),
