@@ -139,6 +139,8 @@ class AdminHost(ControllerPort, Protocol):
         """Interrupt vectors the controller offers now (SR-IOV resources)."""
     def adjust_oacs(self, oacs: int) -> int:
         """The OACS bits of this controller (SR-IOV)."""
+    def adjust_identify(self, buf: bytearray) -> None:
+        """Change the finished Identify Controller data (SR-IOV: CMIC, SANICAP)."""
     #: SR-IOV: the primary controller's secondary controllers, else None
     virtualization: Virtualization | None
     def save_state(self) -> None: ...
@@ -792,7 +794,14 @@ class AdminCommandSet:
         known = set(virt.controller_ids()) if virt is not None else {ctrl.cfg.cntlid}
         if len(set(ids)) != count or any(i not in known for i in ids):
             raise _err(Status.CONTROLLER_LIST_INVALID, f"controller list {list(ids)} names unknown controllers")
-        for cntlid in ids:  # Namespace Already Attached / Not Attached stop at the first refusal
+        for cntlid in ids:  # every entry is checked before any is applied (no partial attachment)
+            k = virt.index_of(cntlid) if virt is not None and cntlid != ctrl.cfg.cntlid else None
+            has = nsid in ctrl.namespaces if k is None or virt is None else nsid in virt.attached(k)
+            if sel == 0 and has:
+                raise _err(Status.NS_ALREADY_ATTACHED, f"namespace {nsid} is already attached to {cntlid}")
+            if sel == 1 and not has:
+                raise _err(Status.NS_NOT_ATTACHED, f"namespace {nsid} is not attached to {cntlid}")
+        for cntlid in ids:
             if cntlid == ctrl.cfg.cntlid:
                 if sel == 0:
                     ctrl.attach_namespace(nsid)

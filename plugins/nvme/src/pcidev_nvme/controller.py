@@ -61,7 +61,7 @@ from pcidev_nvme.limits import SHUTDOWN_DRAIN_TIMEOUT
 from pcidev_nvme.logs import ChangedNamespaces, ErrorLog, FirmwareSlots, SmartCounters
 from pcidev_nvme.migration import MigrationMixin
 from pcidev_nvme.migration import features as migration_features
-from pcidev_nvme.namespace import may_write_beside
+from pcidev_nvme.namespace import Namespace, may_write_beside
 from pcidev_nvme.namespaces import NamespaceSetMixin, RemovedNamespace
 from pcidev_nvme.persist import PersistenceMixin
 from pcidev_nvme.pmr import PMR_BAR, PersistentMemoryRegion
@@ -83,6 +83,7 @@ from pcidev_nvme.registers import (
     ST_RESETTING,
     Bar0,
     ControllerState,
+    CAP_NSSRS,
     ZeroBar,
     bar_layout,
     build_register_map,
@@ -95,7 +96,15 @@ from pcidev_nvme.selftest import RESULT_ABORTED_SANITIZE, SelfTest, edstt_minute
 from pcidev_nvme.uncorrectable import SIDECAR_SUFFIX, Uncorrectable
 from pcidev_nvme.virtualization import OACS_VMS, Virtualization, resources_of
 
-__all__ = ["NvmeController", "NvmeVirtualFunction"]
+__all__ = ["NvmeController", "NvmeVirtualFunction", "CMIC_MULTI_CTRL", "CMIC_SRIOV_VF"]
+
+#: Identify Controller CMIC bit 1: the NVM subsystem may contain two or more controllers
+CMIC_MULTI_CTRL = 1 << 1
+#: CMIC bit 2: the controller is associated with an SR-IOV virtual function
+CMIC_SRIOV_VF = 1 << 2
+#: OACS bits a secondary controller clears: Format NVM (1), Firmware Commit/Download (2),
+#: Namespace Management (3) -- they act on state shared with the primary and the other secondaries
+_OACS_NOT_ON_SECONDARY = (1 << 1) | (1 << 2) | (1 << 3)
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +185,9 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self.changed_ns = ChangedNamespaces()
         self.features = Features(self)
         self.aer = AsyncEvents(self.complete, cfg.aerl + 1)
-        #: Write Uncorrectable marks (:mod:`pcidev_nvme.uncorrectable`)
-        self.uncorrectable = Uncorrectable(self._wu_sidecar)
+        #: Write Uncorrectable marks (:mod:`pcidev_nvme.uncorrectable`; with SR-IOV one object
+        #: for the primary and its secondaries: the namespaces are shared)
+        self.uncorrectable = self._make_uncorrectable()
 
         self._init_namespaces()
         try:
@@ -300,6 +310,25 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
     def adjust_oacs(self, oacs: int) -> int:
         """Identify Controller OACS: Virtualization Management on a primary controller."""
         return oacs | (OACS_VMS if self.virtualization is not None else 0)
+
+    def adjust_identify(self, buf: bytearray) -> None:
+        """The last word on Identify Controller (CNS 01h): with SR-IOV, CMIC bit 1 (the NVM
+        subsystem may hold two or more controllers: the primary and its secondaries share
+        the subsystem NQN, and Linux accepts a second controller only with this bit)."""
+        if self.virtualization is not None:
+            buf[76] |= CMIC_MULTI_CTRL
+
+    def add_namespace(self, nsid: int, ns: Namespace, *, created_spec: str | None = None,
+                      attached: bool = False) -> None:
+        """Allocate namespace ``nsid`` (see :meth:`NamespaceSetMixin.add_namespace`); with SR-IOV
+        it may be attached to the secondary controllers too: Identify Namespace NMIC bit 0."""
+        super().add_namespace(nsid, ns, created_spec=created_spec, attached=attached)
+        if self.virtualization is not None:
+            ns.shared = True
+
+    def _make_uncorrectable(self) -> Uncorrectable:
+        """The Write Uncorrectable marks (a secondary controller uses its primary's)."""
+        return Uncorrectable(self._wu_sidecar)
 
     def enable_refusal(self) -> str | None:
         """Why CC.EN cannot make the controller ready beyond the register checks (None here;
@@ -442,8 +471,12 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             self._csts |= CSTS_NSSRO
 
     def _sanitize_refuse(self, status: int) -> None:
-        """What I/O completes with while a sanitize runs or failed (0: executed)."""
+        """What I/O completes with while a sanitize runs or failed (0: executed); a sanitize
+        acts on the whole NVM subsystem, so the secondary controllers' I/O too."""
         self.io.refuse = status
+        for vf in list(self.virtual_functions):
+            if isinstance(vf, NvmeVirtualFunction):
+                vf.io.refuse = status
 
     def _sanitize_started(self) -> None:
         """A sanitize operation started: a device self-test in progress is aborted."""
@@ -723,10 +756,11 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
         if virt is None:
             raise ConfigError("nvme: the primary controller has no SR-IOV")
         res = virt.res
+        # (no CMB or PMR: a VF has BAR0 only, and the PMR's file is the primary's)
         cfg = attrs.evolve(primary.cfg, max_ioqpairs=res.max_vq_per_vf - 1,
                            msix_vectors=res.max_vi_per_vf, msix_bar=0, cntlid=virt.scid(k), sriov_max_vfs=0,
                            sriov_vq_flexible=0, sriov_vi_flexible=0, sriov_max_vq_per_vf=0, sriov_max_vi_per_vf=0,
-                           state_dir=None, state_file=None)
+                           state_dir=None, state_file=None, cmb_size=0, pmr=None)
         #: the primary controller and this secondary's index
         self.primary = primary
         self.secondary_index = k
@@ -735,7 +769,33 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
         self.allocated = primary.allocated  # the primary's namespaces (one table, shared)
         self.created = primary.created
         self.set_attached(virt.attached(k) & set(self.allocated))
-        self.admin.remove_commands(Opcode.NS_MANAGEMENT, Opcode.NS_ATTACHMENT)
+        # what acts on state beyond the I/O of its attached namespaces stays with the primary
+        self.admin.remove_commands(Opcode.NS_MANAGEMENT, Opcode.NS_ATTACHMENT, Opcode.FORMAT_NVM,
+                                   Opcode.SANITIZE, Opcode.FW_COMMIT, Opcode.FW_DOWNLOAD)
+        self.io.refuse = primary.io.refuse  # a sanitize of the subsystem in progress
+
+    def describe(self) -> None:
+        """The controller's PCI function, without NVM Subsystem Reset (CAP.NSSRS clear: the
+        subsystem is the primary's)."""
+        super().describe()
+        self._cap &= ~CAP_NSSRS
+        cap = self.regs["CAP"]
+        cap.reset = cap.value = self._cap
+
+    def _nssr_written(self, reg: Register, new: int, old: int) -> None:
+        """NSSR is reserved on a secondary controller (CAP.NSSRS clear): writes are ignored."""
+        reg.value = 0
+
+    def _make_uncorrectable(self) -> Uncorrectable:
+        """The primary's Write Uncorrectable marks: one object (and one sidecar writer) for
+        the shared namespaces."""
+        return self.primary.uncorrectable
+
+    def adjust_identify(self, buf: bytearray) -> None:
+        """CMIC bits 1 and 2 (a controller of a multi-controller subsystem, on an SR-IOV VF);
+        SANICAP 0 (no Sanitize on a secondary controller)."""
+        buf[76] |= CMIC_MULTI_CTRL | CMIC_SRIOV_VF
+        buf[328:332] = bytes(4)
 
     @property
     def io_queue_limit(self) -> int:
@@ -748,8 +808,9 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
         return max(min(self._virt.secondary(self.secondary_index)[2], self.cfg.msix_vectors), 1)
 
     def adjust_oacs(self, oacs: int) -> int:
-        """No Namespace Management (bit 3) on a secondary controller."""
-        return oacs & ~(1 << 3)
+        """No Format NVM (bit 1), Firmware Commit/Download (bit 2) or Namespace Management
+        (bit 3) on a secondary controller."""
+        return oacs & ~_OACS_NOT_ON_SECONDARY
 
     def enable_refusal(self) -> str | None:
         """Offline, or without queue and interrupt resources: CC.EN sets CSTS.CFS."""
