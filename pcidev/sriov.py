@@ -172,6 +172,16 @@ class VirtualFunction(PciDevice):
                 out[reg + 4] = shown.get(reg + 4, 0) & (mask >> 32)
         return out
 
+    def device_migration_blockers(self) -> list[str]:
+        """The VF type's reasons, and while :attr:`standalone`: a VF migrates only with its PF
+        (its stream inside the PF's), so neither a VF served on a socket of its own nor the PF
+        of such VFs migrates (the destination's PF would rebuild the VFs other clients use)."""
+        reasons = list(super().device_migration_blockers())
+        if self.standalone:
+            reasons.append(f"VF {self.vf_index} is served on a socket of its own: a VF migrates only "
+                           "inside its PF's stream, and a PF whose VFs are served standalone does not migrate")
+        return reasons
+
     def add_release(self, release: Callable[[], None]) -> None:
         """Call ``release`` once the VF is closed (what a migration mapped for it)."""
         self.__dict__.setdefault("_vf_releases", []).append(release)

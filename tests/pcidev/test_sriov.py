@@ -21,6 +21,7 @@ from pcidev.device import PciDevice
 from pcidev.errors import ConfigError
 from pcidev.host import Machine
 from pcidev.migration import load_device_stream, migrate_in, migrate_out, save_device_stream
+from pcidev.migration.blockers import device_blockers
 from pcidev.migration.virtual_functions import SriovState, check_vfs
 from pcidev.migration.virtual_functions import VfState as Entry
 from pcidev.pci import ids
@@ -329,3 +330,16 @@ def test_a_standalone_vf_shows_what_vfio_pci_shows(machine):
     assert vf.config_read(bar + 8, 4) == 0  # no BAR2
     assert vf.config.get32(bar) == 0  # the VF's own registers stay read-only zero
     assert vf.config_read(ids.COMMAND, 2) == vf.config.get16(ids.COMMAND)
+
+
+def test_a_standalone_vf_blocks_its_own_and_its_pf_migration(machine):
+    pf = SriovPf(name="pf")
+    pdev = machine.plug(pf)
+    try:
+        vfs = pdev.enable_sriov(2)
+        assert device_blockers(pf) == []
+        vfs[1].device.standalone = True  # served on a socket of its own (pcidev serve)
+        assert any("VF 1 is served on a socket of its own" in r for r in device_blockers(vfs[1].device))
+        assert any(r.startswith("VF 1: VF 1 is served on a socket of its own") for r in device_blockers(pf))
+    finally:
+        pf.close()

@@ -7,6 +7,7 @@ and does crc32c-verified I/O on its namespace while the PF does I/O too."""
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import subprocess
@@ -19,7 +20,10 @@ import pytest
 from pcidev.errors import MigrationError
 from pcidev.host import Machine
 from pcidev.pci import ids
+from pcidev.transport.vfio_user import protocol
 from pcidev.transport.vfio_user.handover import control_path, request_handover
+from pcidev.transport.vfio_user.migration_client import mig_state, set_mig_state
+from pcidev.transport.vfio_user.protocol import VfioUserError
 from pcidev.transport.vfio_user.remote import VfioUserDevice
 from pcidev_nvme.testing.driver import NvmeDriver
 
@@ -132,6 +136,36 @@ def test_vfs_the_pf_client_enables_get_sockets_and_lose_them_when_it_disables_th
         assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_vfio_user_migration_of_served_vfs_or_their_pf_is_refused(tmp_path):
+    path = str(tmp_path / "f.sock")
+    spec = SPEC.replace("ns=mem:size=2M,ns=mem:size=2M", f"ns=file:path={tmp_path / 'a.img'},size=2M")
+    proc = subprocess.Popen([sys.executable, "-m", "pcidev", "serve", "--vfio-user", path, "--sriov-vfs", "1", spec],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for p in (path, path + ".vf0"):
+            _wait_for(p, proc)
+        with VfioUserDevice.connect(path) as pf, VfioUserDevice.connect(path + ".vf0") as vf:
+            # the PF: its destination would rebuild the VFs other clients use
+            for client in (pf.client, vf.client):
+                with pytest.raises(VfioUserError) as exc:
+                    set_mig_state(client, protocol.MIG_STATE_STOP_COPY)
+                assert exc.value.errno == errno.EBUSY and mig_state(client) == protocol.MIG_STATE_RUNNING
+            # a VF alone takes no state either (it would bypass the primary's records)
+            with pytest.raises(VfioUserError) as exc:
+                set_mig_state(vf.client, protocol.MIG_STATE_RESUMING)
+            assert exc.value.errno == errno.EBUSY and mig_state(vf.client) == protocol.MIG_STATE_RUNNING
+            assert vf.config_read(ids.VENDOR_ID, 2) == 0x1B36
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
         if proc.stdout is not None:

@@ -533,3 +533,45 @@ def test_vfs_of_a_primary_with_cmb_and_pmr_have_neither(tmp_path):
         assert h.ctrl.cmb is not None and h.ctrl.pmr is not None
     finally:
         h.close()
+
+
+# ------------------------------------------------------------------------------------------- a secondary's own stream
+def _with_nvme(snap, **changes):
+    sections = list(snap.sections)
+    j = next(i for i, s in enumerate(sections) if s.name == "nvme")
+    sections[j] = Section("nvme", sections[j].instance_id, attrs.evolve(sections[j].state, **changes))
+    return attrs.evolve(snap, sections=tuple(sections))
+
+
+def test_a_secondary_stream_must_agree_with_the_primary_records(host):
+    h = host
+    h.bring_up(0, 2)
+    h.pdev.enable_sriov(1)
+    vd = h.probe_vf(0, io_queues=2)
+    vd.write(2, 3, b"\x77" * 512)
+    vf = h.pdev.virtfns[0].device
+    vf.quiesce()
+    snap = save_device(vf)
+    st = next(s.state for s in snap.sections if s.name == "nvme")
+    # namespaces the primary never attached to it
+    forged = tuple(attrs.evolve(n, attached=True) for n in st.namespaces)
+    with pytest.raises(StateError, match=r"namespaces \[1, 2, 3\] attached, the primary controller attached \[2\]"):
+        load_device(vf, _with_nvme(snap, namespaces=forged))
+    assert sorted(vf.namespaces) == [2]
+    # another format for a shared namespace: the primary's namespace keeps its own
+    ns1 = h.ctrl.allocated[1]
+    before = ns1.lbaf
+    reformatted = tuple(attrs.evolve(n, lbaf=1) if n.nsid == 1 else n for n in st.namespaces)
+    load_device(vf, _with_nvme(snap, namespaces=reformatted))
+    assert ns1.lbaf == before and h.ctrl.allocated[1].lba_size == 512
+    vf.resume()
+    assert vd.read(2, 3, 1) == b"\x77" * 512
+    # fewer resources (offline, NVQ 2, online): its queue 2 no longer exists; offline: not ready
+    vf.quiesce()
+    assert h.vm(OFFLINE, 1).ok and h.vm(ASSIGN, 1, 0, 2).ok
+    with pytest.raises(StateError, match="enabled, but"):
+        load_device(vf, snap)
+    assert h.vm(ONLINE, 1).ok
+    with pytest.raises(StateError, match=r"I/O queue 2 beyond the 1"):
+        load_device(vf, snap)
+    vf.resume()

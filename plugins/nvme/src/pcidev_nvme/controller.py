@@ -44,6 +44,7 @@ from pcidev.pci import ids
 from pcidev.pci.capabilities.msix import MsixCapability
 from pcidev.pci.config import ResetKind
 from pcidev.sriov import VfBar, VirtualFunction, add_sriov
+from pcidev.vmstate.errors import StateError
 from pcidev_nvme.abort import Aborts
 from pcidev_nvme.admin import AdminCommandSet, AdminWorker, Opcode
 from pcidev_nvme.aer import AsyncEvents
@@ -59,7 +60,8 @@ from pcidev_nvme.interrupts import Interrupts, Timer
 from pcidev_nvme.io import IoCommandSet
 from pcidev_nvme.limits import SHUTDOWN_DRAIN_TIMEOUT
 from pcidev_nvme.logs import ChangedNamespaces, ErrorLog, FirmwareSlots, SmartCounters
-from pcidev_nvme.migration import MigrationMixin
+from pcidev_nvme.migration import SECTION as NVME_SECTION
+from pcidev_nvme.migration import MigrationMixin, NvmeState
 from pcidev_nvme.migration import features as migration_features
 from pcidev_nvme.namespace import Namespace, may_write_beside
 from pcidev_nvme.namespaces import NamespaceSetMixin, RemovedNamespace
@@ -830,6 +832,40 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
             self.set_attached(nsids & set(self.allocated))
             for nsid in sorted(before ^ set(self.namespaces)):
                 self.namespace_changed(nsid)
+
+    # -- migration: a secondary's state loads inside its primary's stream ----------------------------------
+    def check_device_state(self, state: NvmeState) -> None:
+        """Refuse, beyond the controller's checks, a state that disagrees with the primary's
+        records (loaded before the VFs): other attached namespaces, ready while offline or
+        without resources, queues beyond NVQ.
+
+        :raises StateError: naming the field.
+        """
+        super().check_device_state(state)
+        k = self.secondary_index
+
+        def fail(why: str, path: str) -> StateError:
+            return StateError(f"secondary controller {self._virt.scid(k)}: {why}", section=NVME_SECTION,
+                              instance_id=0, path=path)
+
+        want = sorted(self._virt.attached(k) & set(self.allocated))
+        got = sorted(n.nsid for n in state.namespaces if n.attached)
+        if got != want:
+            raise fail(f"namespaces {got} attached, the primary controller attached {want}", "namespaces")
+        if state.state != 0 and (problem := self._virt.enable_problem(k)) is not None:
+            raise fail(f"enabled, but {problem}", "state")
+        limit = self.io_queue_limit
+        for name, queues in (("sqs", state.sqs), ("cqs", state.cqs)):
+            for i, q in enumerate(queues):
+                if q is not None and i > limit:
+                    raise fail(f"I/O queue {i} beyond the {limit} it was assigned (NVQ)", f"{name}[{i}]")
+
+    def set_device_state(self, state: NvmeState) -> None:
+        """Apply a checked state; the shared namespaces' formats, memory and Write
+        Uncorrectable marks stay as they are (they are the primary's, loaded with it)."""
+        namespaces = tuple(self.allocated[n.nsid].snapshot(attached=n.attached) for n in state.namespaces)
+        super().set_device_state(attrs.evolve(state, namespaces=namespaces,
+                                              uncorrectable=self.uncorrectable.snapshot()))
 
     def _make_namespaces(self) -> None:
         """The namespaces are the primary's (shared once built, see ``__init__``)."""
