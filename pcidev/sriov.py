@@ -228,6 +228,9 @@ class SriovFunctions:
         #: the live VFs, VF 0 first (the same list as the PF's ``virtual_functions``)
         self.vfs: list[PciDevice] = pf.virtual_functions
         self._watchers: list[VfWatcher] = []
+        #: the state a failed load's rollback puts back and the VFs it describes (see
+        #: :func:`pcidev.migration.virtual_functions.save_vfs`)
+        self.kept: tuple[object, tuple[PciDevice, ...]] | None = None
         cap.listener = self
 
     # -- watchers ---------------------------------------------------------------------------
@@ -267,17 +270,51 @@ class SriovFunctions:
         :raises ConfigError: the factory built something that is not a fitting VF.
         """
         self.remove_all()
-        for k in range(num_vfs):
-            vf = self.factory(self.pf, k)
-            if not isinstance(vf, VirtualFunction):
-                vf.close()
-                raise ConfigError(f"the VF factory built a {type(vf).__name__}, not a VirtualFunction")
+        return self.install(self.make(num_vfs))
+
+    def make(self, num_vfs: int) -> list[VirtualFunction]:
+        """Build ``num_vfs`` VFs aside: bound to the PF and attached to its memory, but
+        neither live nor announced (a migration loads them before :meth:`install`).
+
+        :returns: the VFs.
+        :raises ConfigError: the factory built something that is not a fitting VF (those
+            built are closed again).
+        """
+        made: list[VirtualFunction] = []
+        try:
+            for k in range(num_vfs):
+                vf = self.factory(self.pf, k)
+                if not isinstance(vf, VirtualFunction):
+                    vf.close()
+                    raise ConfigError(f"the VF factory built a {type(vf).__name__}, not a VirtualFunction")
+                try:
+                    vf.bind_physfn(self.pf, self.cap, k)
+                    vf.attach(self.pf.memory, None)
+                except BaseException:
+                    vf.close()
+                    raise
+                made.append(vf)
+        except BaseException:
+            self.discard(made)
+            raise
+        return made
+
+    @staticmethod
+    def discard(vfs: Sequence[VirtualFunction]) -> None:
+        """Close VFs :meth:`make` built that never went live."""
+        for vf in reversed(vfs):
             try:
-                vf.bind_physfn(self.pf, self.cap, k)
-                vf.attach(self.pf.memory, None)
-            except BaseException:
                 vf.close()
-                raise
+            except Exception:
+                log.exception("closing a VF that never went live failed")
+
+    def install(self, vfs: Sequence[VirtualFunction]) -> list[PciDevice]:
+        """Make VFs from :meth:`make` the live ones (replacing any there are) and announce them.
+
+        :returns: the live VFs.
+        """
+        self.remove_all()
+        for vf in vfs:
             self.vfs.append(vf)
             for watcher in list(self._watchers):
                 watcher.vf_added(vf)

@@ -19,6 +19,7 @@ import attrs
 import crc32c
 import pytest
 
+from pcidev.errors import ConfigMismatchError
 from pcidev.host import Machine
 from pcidev.migration import (
     load_device,
@@ -575,3 +576,28 @@ def test_a_secondary_stream_must_agree_with_the_primary_records(host):
     with pytest.raises(StateError, match=r"I/O queue 2 beyond the 1"):
         load_device(vf, snap)
     vf.resume()
+
+
+def test_a_failed_load_into_a_pf_with_live_vfs_leaves_pf_and_vfs_as_they_were(host):
+    h = host
+    drvs = _two_vfs(h)
+    crcs: dict = {}
+    _workload(h, drvs, crcs, 7)
+    vfs_before = list(h.ctrl.virtual_functions)
+    h.ctrl.quiesce()
+    snap = save_device(h.ctrl)
+    sections = list(snap.sections)
+    vfs = sections[-1]
+    sections[-1] = Section(vfs.name, vfs.instance_id, attrs.evolve(vfs.state, vfs=vfs.state.vfs[:1]))
+    with pytest.raises(StateError, match="NumVFs say 2"):
+        load_device(h.ctrl, attrs.evolve(snap, sections=tuple(sections)))
+    # a VF that refuses its stream (VF 1 given VF 0's: another CNTLID): all or nothing as well
+    sections[-1] = Section(vfs.name, vfs.instance_id, attrs.evolve(vfs.state, vfs=vfs.state.vfs[::-1]))
+    with pytest.raises(ConfigMismatchError, match="cntlid: stream has 2, this device has 1"):
+        load_device(h.ctrl, attrs.evolve(snap, sections=tuple(sections)))
+    h.ctrl.resume()
+    assert h.ctrl.failed is None and h.ctrl.virtual_functions == vfs_before
+    assert all(not vf.closed for vf in vfs_before)
+    assert _verify(drvs, crcs) > 0
+    _workload(h, drvs, crcs, 8)
+    assert _verify(drvs, crcs) > 0

@@ -69,6 +69,7 @@ from pcidev_nvme.persist import PersistenceMixin
 from pcidev_nvme.pmr import PMR_BAR, PersistentMemoryRegion
 from pcidev_nvme.queues import CompletionQueue, QueueSetMixin, SubmissionQueue
 from pcidev_nvme.registers import (
+    CAP_NSSRS,
     CC_EN,
     CSTS_CFS,
     CSTS_NSSRO,
@@ -85,7 +86,6 @@ from pcidev_nvme.registers import (
     ST_RESETTING,
     Bar0,
     ControllerState,
-    CAP_NSSRS,
     ZeroBar,
     bar_layout,
     build_register_map,
