@@ -200,7 +200,7 @@ class PciDevice:
         self.workers: list[Worker] = []
         #: SR-IOV: the virtual functions of this physical function while VF Enable is set
         #: (kept by :class:`pcidev.sriov.SriovFunctions`); quiesced before, resumed after
-        #: and closed before the PF itself
+        #: (but for those a transport of their own serves) and closed before the PF itself
         self.virtual_functions: list[PciDevice] = []
         #: during a save by :mod:`pcidev.migration`: the descriptors the stream
         #: carries (:meth:`vmstate_fd` appends to it); None otherwise
@@ -792,7 +792,7 @@ class PciDevice:
         Idempotent. The caller stops guest accesses (a transport stops reading
         its socket at a message boundary).
         """
-        for vf in self.virtual_functions:
+        for vf in self._dependent_vfs():
             vf.quiesce()
         if not self.quiesced:
             for worker in self.workers:
@@ -811,8 +811,14 @@ class PciDevice:
         self.on_resume()
         for worker in self.workers:
             worker.resume()
-        for vf in self.virtual_functions:
+        for vf in self._dependent_vfs():
             vf.resume()
+
+    def _dependent_vfs(self) -> list[PciDevice]:
+        """The VFs quiesced and resumed with this PF: not those a transport of their own
+        serves (:attr:`pcidev.sriov.VirtualFunction.standalone`): their clients are not the
+        PF's, and that transport quiesces and resumes them."""
+        return [vf for vf in self.virtual_functions if not getattr(vf, "standalone", False)]
 
     # -- teardown ------------------------------------------------------------------------------
     def close(self) -> None:

@@ -343,3 +343,18 @@ def test_a_standalone_vf_blocks_its_own_and_its_pf_migration(machine):
         assert any(r.startswith("VF 1: VF 1 is served on a socket of its own") for r in device_blockers(pf))
     finally:
         pf.close()
+
+
+def test_the_pf_quiesces_and_resumes_only_the_vfs_without_a_transport_of_their_own(machine):
+    pf = SriovPf(name="pf")
+    pdev = machine.plug(pf)
+    try:
+        vfs = pdev.enable_sriov(2)
+        vfs[0].device.standalone = True  # its own client: its transport quiesces and resumes it
+        pf.quiesce()
+        assert pf.quiesced and vfs[1].device.quiesced and not vfs[0].device.quiesced
+        vfs[0].device.quiesce()
+        pf.resume()
+        assert not pf.quiesced and not vfs[1].device.quiesced and vfs[0].device.quiesced
+    finally:
+        pf.close()

@@ -170,3 +170,38 @@ def test_vfio_user_migration_of_served_vfs_or_their_pf_is_refused(tmp_path):
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_a_vf_keeps_serving_its_client_when_the_pf_client_leaves(tmp_path):
+    path = str(tmp_path / "q.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "pcidev", "serve", "--vfio-user", path, "--sriov-vfs", "1", SPEC],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for p in (path, path + ".vf0"):
+            _wait_for(p, proc)
+        with Machine(ram_size=64 << 20) as machine, VfioUserDevice.connect(path + ".vf0") as vf:
+            with VfioUserDevice.connect(path) as pf:
+                pdrv = NvmeDriver.attach(machine, pf, io_queues=1)
+                for cdw10, nr in ((0x8 | 1 << 16, 3), (0x8 | 1 << 8 | 1 << 16, 2), (0x9 | 1 << 16, 0)):
+                    pdrv.admin(0x1C, cdw10=cdw10, cdw11=nr)
+                pdrv.admin(0x15, nsid=2, data=struct.pack("<HH", 1, 1).ljust(4096, b"\0"))
+                vdrv = NvmeDriver(machine, machine.plug(vf), io_queues=2)
+                vdrv.probe()
+                before = os.urandom(4096)
+                vdrv.write(2, 0, before)
+                pdrv.close()
+            # the PF's client left (the PF is quiesced): the VF's client goes on
+            after = os.urandom(4096)
+            vdrv.write(2, 8, after, qid=2)
+            assert crc32c.crc32c(vdrv.read(2, 0, 8)) == crc32c.crc32c(before)
+            assert crc32c.crc32c(vdrv.read(2, 8, 8, qid=2)) == crc32c.crc32c(after)
+            vdrv.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
