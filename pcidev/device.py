@@ -202,6 +202,10 @@ class PciDevice:
         #: (kept by :class:`pcidev.sriov.SriovFunctions`); quiesced before, resumed after
         #: (but for those a transport of their own serves) and closed before the PF itself
         self.virtual_functions: list[PciDevice] = []
+        #: SR-IOV: ends every virtual function (the one way they go at the PF's close:
+        #: :meth:`pcidev.sriov.SriovFunctions.remove_all` once the PF has SR-IOV, which tells
+        #: the watchers -- the host, the transports serving VFs -- before it closes them)
+        self.remove_virtual_functions: Callable[[], None] = self._close_virtual_functions
         #: during a save by :mod:`pcidev.migration`: the descriptors the stream
         #: carries (:meth:`vmstate_fd` appends to it); None otherwise
         self.vmstate_save_fds: list[int] | None = None
@@ -829,14 +833,17 @@ class PciDevice:
         if self.closed:
             return
         self.closed = True
-        while self.virtual_functions:
-            self.virtual_functions.pop().close()
+        self.remove_virtual_functions()
         for worker in self.workers:
             worker.close()
         try:
             self.on_close()
         except Exception:
             self.log.exception("on_close failed")
+
+    def _close_virtual_functions(self) -> None:
+        while self.virtual_functions:
+            self.virtual_functions.pop().close()
 
     def on_close(self) -> None:
         """Override: release what the device holds (threads it started itself, files,

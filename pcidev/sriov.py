@@ -232,6 +232,7 @@ class SriovFunctions:
         #: :func:`pcidev.migration.virtual_functions.save_vfs`)
         self.kept: tuple[object, tuple[PciDevice, ...]] | None = None
         cap.listener = self
+        pf.remove_virtual_functions = self.remove_all  # the PF's close ends its VFs here too
 
     # -- watchers ---------------------------------------------------------------------------
     def watch(self, watcher: VfWatcher) -> None:
@@ -321,15 +322,16 @@ class SriovFunctions:
         return list(self.vfs)
 
     def remove_all(self) -> None:
-        """Announce, quiesce and close every VF, last first."""
+        """Announce, quiesce and close every VF, last first (VF Enable cleared, the PF reset
+        or closed): a watcher serving a VF stops serving it before it is closed."""
         while self.vfs:
             vf = self.vfs.pop()
-            assert isinstance(vf, VirtualFunction)
-            for watcher in list(self._watchers):
-                try:
-                    watcher.vf_removed(vf)
-                except Exception:
-                    log.exception("a VF watcher failed")
+            if isinstance(vf, VirtualFunction):  # (what install() added)
+                for watcher in list(self._watchers):
+                    try:
+                        watcher.vf_removed(vf)
+                    except Exception:
+                        log.exception("a VF watcher failed")
             if not vf.closed:  # (a transport serving the VF may have closed it)
                 vf.quiesce()
             vf.close()

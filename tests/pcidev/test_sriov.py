@@ -358,3 +358,12 @@ def test_the_pf_quiesces_and_resumes_only_the_vfs_without_a_transport_of_their_o
         assert not pf.quiesced and not vfs[1].device.quiesced and vfs[0].device.quiesced
     finally:
         pf.close()
+
+
+def test_closing_the_pf_ends_its_vfs_through_the_watchers(machine):
+    pf = SriovPf(name="pf")
+    pdev = machine.plug(pf)
+    vfs = [h.device for h in pdev.enable_sriov(2)]
+    pf.close()
+    assert pdev.virtfns == []  # the host was told (no stale handles)
+    assert pf.virtual_functions == [] and all(vf.closed for vf in vfs)

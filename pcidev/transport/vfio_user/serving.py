@@ -549,6 +549,9 @@ class VfSockets:
             service, thread = got
             service.stop()
             thread.join(10.0)
+            if thread.is_alive():
+                log.error("VF %d: its vfio-user service did not stop within 10 s; the VF is closed under it",
+                          vf.vf_index)
 
     def close(self) -> None:
         """Stop serving every VF (the PF's service ends)."""

@@ -601,3 +601,11 @@ def test_a_failed_load_into_a_pf_with_live_vfs_leaves_pf_and_vfs_as_they_were(ho
     assert _verify(drvs, crcs) > 0
     _workload(h, drvs, crcs, 8)
     assert _verify(drvs, crcs) > 0
+
+
+def test_closing_the_primary_ends_the_secondaries_through_the_watchers(host):
+    h = host
+    h.bring_up(0, 2)
+    vfs = [v.device for v in h.pdev.enable_sriov(2)]
+    h.ctrl.close()
+    assert h.pdev.virtfns == [] and all(vf.closed for vf in vfs)

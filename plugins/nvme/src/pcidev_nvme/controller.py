@@ -382,8 +382,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             return
         self._closed = True
         self._running = False
-        while self.virtual_functions:  # SR-IOV: the secondaries go first (they use the namespaces)
-            self.virtual_functions.pop().close()
+        self.remove_virtual_functions()  # SR-IOV: the secondaries go first (they use the namespaces)
         self.timer.close()
         self.sanitizer.close()
         self.selftest.close()
