@@ -486,7 +486,14 @@ def serve_adopted(device: PciDevice, path: str, chan_fd: int, *, pm: pluggy.Plug
             service.discard()
         endpoint.close()  # NEW or never committed: persists nothing
         raise
-    return services[0].run(adopted.server)
+    # SR-IOV (handed over with VF Enable clear): the VFs the PF's client enables get sockets, as in serve_device
+    functions = functions_of(device)
+    vf_sockets = VfSockets(functions, path, pm=pm, out=out) if functions is not None else None
+    try:
+        return services[0].run(adopted.server)
+    finally:
+        if vf_sockets is not None:
+            vf_sockets.close()
 
 
 # ------------------------------------------------------------------------------------------ SR-IOV

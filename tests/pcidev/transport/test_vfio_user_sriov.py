@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -205,3 +206,39 @@ def test_a_vf_keeps_serving_its_client_when_the_pf_client_leaves(tmp_path):
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_after_a_handover_vfs_the_pf_client_enables_still_get_sockets(tmp_path):
+    path = str(tmp_path / "h.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "pcidev", "serve", "--vfio-user", path, SPEC],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    new_pid = None
+    try:
+        _wait_for(control_path(path), proc)
+        report = request_handover(control_path(path), timeout=30)
+        new_pid = report["new_pid"]
+        assert proc.wait(30) == 0  # the old process handed over and ended
+        with Machine(ram_size=32 << 20) as machine, VfioUserDevice.connect(path) as pf:
+            p = machine.plug(pf)
+            p.enable_device()
+            p.enable_sriov(1)
+            deadline = time.monotonic() + 10
+            while not os.path.exists(path + ".vf0"):
+                assert time.monotonic() < deadline, "no socket for the VF after the handover"
+                time.sleep(0.05)
+            with VfioUserDevice.connect(path + ".vf0") as vf:
+                assert vf.config_read(ids.DEVICE_ID, 2) == 0x0010
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        if new_pid is not None:
+            try:
+                os.kill(new_pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + 20
+            while os.path.exists(f"/proc/{new_pid}") and time.monotonic() < deadline:
+                time.sleep(0.05)
