@@ -609,3 +609,13 @@ def test_closing_the_primary_ends_the_secondaries_through_the_watchers(host):
     vfs = [v.device for v in h.pdev.enable_sriov(2)]
     h.ctrl.close()
     assert h.pdev.virtfns == [] and all(vf.closed for vf in vfs)
+
+
+def test_a_secondary_lists_the_subsystem_controllers_and_a_namespace_s_controllers(host):
+    h = host
+    h.bring_up(0, 2)
+    h.pdev.enable_sriov(1)
+    vd = h.probe_vf(0)
+    assert struct.unpack_from("<HHHH", vd.identify(0x13), 0) == (3, 0, 1, 2)  # CNS 13h: the subsystem's
+    assert struct.unpack_from("<HHH", vd.identify(0x12, nsid=2), 0) == (2, 0, 1)  # CNS 12h: primary and itself
+    assert vd.identify(0x12, nsid=3)[:2] == b"\x01\x00"  # namespace 3: the primary's only

@@ -141,6 +141,10 @@ class AdminHost(ControllerPort, Protocol):
         """The OACS bits of this controller (SR-IOV)."""
     def adjust_identify(self, buf: bytearray) -> None:
         """Change the finished Identify Controller data (SR-IOV: CMIC, SANICAP)."""
+    def subsystem_controllers(self) -> list[int]:
+        """The CNTLIDs of the NVM subsystem's controllers (Identify CNS 13h)."""
+    def controllers_attached(self, nsid: int) -> list[int]:
+        """The CNTLIDs of the controllers namespace ``nsid`` is attached to (CNS 12h)."""
     #: SR-IOV: the primary controller's secondary controllers, else None
     virtualization: Virtualization | None
     def save_state(self) -> None: ...
@@ -451,13 +455,9 @@ class AdminCommandSet:
         elif cns == 0x12:
             if not self._nsid_valid(nsid):
                 raise _err(Status.INVALID_NSID, f"namespace {nsid:#x} is not valid", OFF_NSID)
-            ids = [ctrl.cfg.cntlid] if nsid in ctrl.namespaces else []
-            if ctrl.virtualization is not None:
-                ids += ctrl.virtualization.attached_to(nsid)
-            data = idfy.controller_list(ids, cntid)
+            data = idfy.controller_list(ctrl.controllers_attached(nsid), cntid)
         elif cns == 0x13:
-            virt = ctrl.virtualization
-            data = idfy.controller_list(virt.controller_ids() if virt is not None else [ctrl.cfg.cntlid], cntid)
+            data = idfy.controller_list(ctrl.subsystem_controllers(), cntid)
         elif cns == 0x1C:
             data = idfy.io_command_set_vector()
         elif cns in (0x14, 0x15) and ctrl.virtualization is not None:

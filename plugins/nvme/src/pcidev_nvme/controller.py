@@ -320,6 +320,16 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         if self.virtualization is not None:
             buf[76] |= CMIC_MULTI_CTRL
 
+    def subsystem_controllers(self) -> list[int]:
+        """The CNTLIDs of the NVM subsystem's controllers: this one and its secondaries (CNS 13h)."""
+        virt = self.virtualization
+        return virt.controller_ids() if virt is not None else [self.cfg.cntlid]
+
+    def controllers_attached(self, nsid: int) -> list[int]:
+        """The CNTLIDs of the controllers namespace ``nsid`` is attached to (CNS 12h)."""
+        ids = [self.cfg.cntlid] if nsid in self.namespaces else []
+        return ids + (self.virtualization.attached_to(nsid) if self.virtualization is not None else [])
+
     def add_namespace(self, nsid: int, ns: Namespace, *, created_spec: str | None = None,
                       attached: bool = False) -> None:
         """Allocate namespace ``nsid`` (see :meth:`NamespaceSetMixin.add_namespace`); with SR-IOV
@@ -786,6 +796,14 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
     def _nssr_written(self, reg: Register, new: int, old: int) -> None:
         """NSSR is reserved on a secondary controller (CAP.NSSRS clear): writes are ignored."""
         reg.value = 0
+
+    def subsystem_controllers(self) -> list[int]:
+        """The subsystem's controllers, as the primary knows them (CNS 13h)."""
+        return self.primary.subsystem_controllers()
+
+    def controllers_attached(self, nsid: int) -> list[int]:
+        """The controllers namespace ``nsid`` is attached to, as the primary knows them (CNS 12h)."""
+        return self.primary.controllers_attached(nsid)
 
     def _make_uncorrectable(self) -> Uncorrectable:
         """The primary's Write Uncorrectable marks: one object (and one sidecar writer) for
