@@ -367,3 +367,20 @@ def test_closing_the_pf_ends_its_vfs_through_the_watchers(machine):
     pf.close()
     assert pdev.virtfns == []  # the host was told (no stale handles)
     assert pf.virtual_functions == [] and all(vf.closed for vf in vfs)
+
+
+def test_system_page_size_is_read_only_while_vf_enable_is_set(machine):
+    pf = SriovPf(name="pf")
+    pdev = machine.plug(pf)
+    try:
+        vfs = pdev.enable_sriov(2)
+        pos = pdev.find_ext_capability(ids.ExtCapId.SRIOV)
+        where = [v.resources[0] for v in vfs]
+        pdev.config_write32(pos + sr.SYS_PGSIZE, 2)  # 8 KiB would move and resize live VF BARs
+        assert pdev.config_read32(pos + sr.SYS_PGSIZE) == 1
+        assert pf.sriov.cap.vf_bar_address(1, 0) == where[1][0]
+        pdev.disable_sriov()
+        pdev.config_write32(pos + sr.SYS_PGSIZE, 2)
+        assert pdev.config_read32(pos + sr.SYS_PGSIZE) == 2
+    finally:
+        pf.close()

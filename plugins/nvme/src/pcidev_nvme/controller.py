@@ -872,6 +872,9 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
         if state.state != 0 and (problem := self._virt.enable_problem(k)) is not None:
             raise fail(f"enabled, but {problem}", "state")
         limit = self.io_queue_limit
+        f = state.features
+        if state.state != 0 and max(f.nsq, f.ncq) > limit:  # (enabling set them within NVQ - 1)
+            raise fail(f"Number of Queues {f.nsq}/{f.ncq} beyond the {limit} it was assigned (NVQ)", "features.nsq")
         for name, queues in (("sqs", state.sqs), ("cqs", state.cqs)):
             for i, q in enumerate(queues):
                 if q is not None and i > limit:
