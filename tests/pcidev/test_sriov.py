@@ -384,3 +384,15 @@ def test_system_page_size_is_read_only_while_vf_enable_is_set(machine):
         assert pdev.config_read32(pos + sr.SYS_PGSIZE) == 2
     finally:
         pf.close()
+
+
+def test_a_vf_routing_id_beyond_ffffh_is_refused_not_wrapped(machine):
+    pf = SriovPf(name="pf")
+    machine.plug(pf)
+    try:
+        cap = pf.sriov.cap
+        assert cap.vf_routing_id(0xFE00, 0) == 0xFE00 + cap.first_vf_offset == 0xFF00
+        with pytest.raises(ConfigError, match="beyond FFFFh"):
+            cap.vf_routing_id(0xFFFF, 0)
+    finally:
+        pf.close()

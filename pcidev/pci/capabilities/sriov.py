@@ -324,5 +324,11 @@ class SriovCapability(ExtCapability):
         return self.vf_bar_base(index) + vf * self.vf_bar_size(index)
 
     def vf_routing_id(self, pf_routing_id: int, vf: int) -> int:
-        """The routing ID of VF ``vf`` (0-based) of a PF at ``pf_routing_id``."""
-        return (pf_routing_id + self.first_vf_offset + vf * self.vf_stride) & 0xFFFF
+        """The routing ID of VF ``vf`` (0-based) of a PF at ``pf_routing_id``.
+
+        :raises ConfigError: it is beyond the last routing ID (FFFFh): no such function.
+        """
+        rid = pf_routing_id + self.first_vf_offset + vf * self.vf_stride
+        if rid > 0xFFFF:
+            raise ConfigError(f"VF {vf}'s routing ID {rid:#x} is beyond FFFFh")
+        return rid

@@ -583,7 +583,8 @@ def enable_vfs(device: PciDevice, num_vfs: int) -> None:
     cap = functions.cap
     if not 0 < num_vfs <= cap.total_vfs:
         raise ConfigError(f"{num_vfs} VFs asked for, TotalVFs is {cap.total_vfs}")
-    assert cap.offset is not None
+    if cap.offset is None:
+        raise ConfigError("the SR-IOV capability is not placed in configuration space (the device is not realized)")
     with device.lock:
         device.config_write(cap.offset + sriov_regs.NUM_VF, 2, num_vfs)
         device.config_write(cap.offset + sriov_regs.CTRL, 2, sriov_regs.CTRL_VFE | sriov_regs.CTRL_MSE)
