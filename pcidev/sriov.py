@@ -8,10 +8,12 @@ Device ID, the BARs every VF has, and a *factory* that builds virtual function `
         def describe(self):
             ...
             self.sriov = add_sriov(self, total_vfs=4, vf_device_id=0x11E9,
-                                   vf_bars=[VfBar(0, 0x4000, bits64=True)],
-                                   factory=lambda pf, k: Vf(pf, k, name=f"{pf.name}-vf{k}"))
+                                   vf_bars=[VfBar(0, 0x4000, bits64=True)], factory=Vf)
 
     class Vf(VirtualFunction):
+        def __init__(self, pf, k):
+            super().__init__(name=f"{pf.name}-vf{k}")
+
         def describe(self):
             self.add_mem_bar(0, 0x4000, MyRegisters(), bits64=True)   # sizes as declared above
             self.add_msix(2, bar=0, table_offset=0x2000, pba_offset=0x3000)
@@ -28,9 +30,11 @@ configuration space follows the VF rules: Vendor and Device ID read FFFFh, its
 BAR registers read zero (the VF's BAR ``i`` sits at the PF's VF BAR ``i`` plus
 ``k`` times its size), Memory and I/O Space Enable are read-only zero and the
 VF decodes its BARs while the PF's VF MSE is set; it has no INTx (MSI-X is
-allowed). The PF quiesces, resumes and closes its VFs with itself
-(:attr:`PciDevice.virtual_functions <pcidev.device.PciDevice.virtual_functions>`),
-and its migration carries them (:mod:`pcidev.migration.virtual_functions`).
+allowed). The PF quiesces and resumes its VFs with itself, but those a transport of
+their own serves (:attr:`VirtualFunction.standalone`), and closes them first
+(:attr:`PciDevice.virtual_functions <pcidev.device.PciDevice.virtual_functions>`,
+:meth:`SriovFunctions.remove_all`); its migration carries them
+(:mod:`pcidev.migration.virtual_functions`).
 """
 
 from __future__ import annotations
