@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 VfFactory = Callable[[PciDevice, int], "VirtualFunction"]
 
 _NO_DECODE = int(ids.Command.IO | ids.Command.MEMORY)
+#: Command bits read-only zero on a VF: I/O and Memory Space Enable (the PF's VF MSE decodes),
+#: Interrupt Disable (a VF has no INTx)
+_VF_COMMAND_RO = _NO_DECODE | int(ids.Command.INTX_DISABLE)
 #: end of the type-0 header's BAR registers
 _BARS_END = ids.BASE_ADDRESS_0 + 24
 
@@ -89,7 +92,7 @@ class VirtualFunction(PciDevice):
 
     def realize(self) -> None:
         """Realize as a VF: Vendor/Device ID read FFFFh, no BAR registers, Memory and
-        I/O Space Enable read-only zero."""
+        I/O Space Enable and Interrupt Disable read-only zero."""
         if self.realized:
             return
         super().realize()
@@ -97,8 +100,8 @@ class VirtualFunction(PciDevice):
         cfg.set16(ids.VENDOR_ID, 0xFFFF)
         cfg.set16(ids.DEVICE_ID, 0xFFFF)
         writable = int.from_bytes(cfg.wmask[ids.COMMAND:ids.COMMAND + 2], "little")
-        cfg.set_writable(ids.COMMAND, 2, writable & ~_NO_DECODE)
-        cfg.set16(ids.COMMAND, cfg.get16(ids.COMMAND) & ~_NO_DECODE)
+        cfg.set_writable(ids.COMMAND, 2, writable & ~_VF_COMMAND_RO)
+        cfg.set16(ids.COMMAND, cfg.get16(ids.COMMAND) & ~_VF_COMMAND_RO)
         cfg.set_writable(ids.INTERRUPT_LINE, 1, 0)
         cfg.set8(ids.INTERRUPT_LINE, 0)
         cfg.freeze_defaults()

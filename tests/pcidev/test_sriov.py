@@ -396,3 +396,16 @@ def test_a_vf_routing_id_beyond_ffffh_is_refused_not_wrapped(machine):
             cap.vf_routing_id(0xFFFF, 0)
     finally:
         pf.close()
+
+
+def test_a_vf_command_register_has_no_decode_or_interrupt_disable_bits(machine):
+    pf = SriovPf(name="pf")
+    pdev = machine.plug(pf)
+    try:
+        vf = pdev.enable_sriov(1)[0]
+        vf.config_write16(ids.COMMAND, 0xFFFF)
+        cmd = vf.config_read16(ids.COMMAND)
+        assert cmd & int(ids.Command.MASTER) and not cmd & int(ids.Command.IO | ids.Command.MEMORY
+                                                             | ids.Command.INTX_DISABLE)
+    finally:
+        pf.close()
