@@ -200,8 +200,12 @@ class PciDevice:
         self.workers: list[Worker] = []
         #: SR-IOV: the virtual functions of this physical function while VF Enable is set
         #: (kept by :class:`pcidev.sriov.SriovFunctions`); quiesced before, resumed after
-        #: and closed before the PF itself
+        #: (but for those a transport of their own serves) and closed before the PF itself
         self.virtual_functions: list[PciDevice] = []
+        #: SR-IOV: ends every virtual function (the one way they go at the PF's close:
+        #: :meth:`pcidev.sriov.SriovFunctions.remove_all` once the PF has SR-IOV, which tells
+        #: the watchers -- the host, the transports serving VFs -- before it closes them)
+        self.remove_virtual_functions: Callable[[], None] = self._close_virtual_functions
         #: during a save by :mod:`pcidev.migration`: the descriptors the stream
         #: carries (:meth:`vmstate_fd` appends to it); None otherwise
         self.vmstate_save_fds: list[int] | None = None
@@ -792,7 +796,7 @@ class PciDevice:
         Idempotent. The caller stops guest accesses (a transport stops reading
         its socket at a message boundary).
         """
-        for vf in self.virtual_functions:
+        for vf in self._dependent_vfs():
             vf.quiesce()
         if not self.quiesced:
             for worker in self.workers:
@@ -811,8 +815,14 @@ class PciDevice:
         self.on_resume()
         for worker in self.workers:
             worker.resume()
-        for vf in self.virtual_functions:
+        for vf in self._dependent_vfs():
             vf.resume()
+
+    def _dependent_vfs(self) -> list[PciDevice]:
+        """The VFs quiesced and resumed with this PF: not those a transport of their own
+        serves (:attr:`pcidev.sriov.VirtualFunction.standalone`): their clients are not the
+        PF's, and that transport quiesces and resumes them."""
+        return [vf for vf in self.virtual_functions if not getattr(vf, "standalone", False)]
 
     # -- teardown ------------------------------------------------------------------------------
     def close(self) -> None:
@@ -823,14 +833,17 @@ class PciDevice:
         if self.closed:
             return
         self.closed = True
-        while self.virtual_functions:
-            self.virtual_functions.pop().close()
+        self.remove_virtual_functions()
         for worker in self.workers:
             worker.close()
         try:
             self.on_close()
         except Exception:
             self.log.exception("on_close failed")
+
+    def _close_virtual_functions(self) -> None:
+        while self.virtual_functions:
+            self.virtual_functions.pop().close()
 
     def on_close(self) -> None:
         """Override: release what the device holds (threads it started itself, files,

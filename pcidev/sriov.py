@@ -8,10 +8,12 @@ Device ID, the BARs every VF has, and a *factory* that builds virtual function `
         def describe(self):
             ...
             self.sriov = add_sriov(self, total_vfs=4, vf_device_id=0x11E9,
-                                   vf_bars=[VfBar(0, 0x4000, bits64=True)],
-                                   factory=lambda pf, k: Vf(pf, k, name=f"{pf.name}-vf{k}"))
+                                   vf_bars=[VfBar(0, 0x4000, bits64=True)], factory=Vf)
 
     class Vf(VirtualFunction):
+        def __init__(self, pf, k):
+            super().__init__(name=f"{pf.name}-vf{k}")
+
         def describe(self):
             self.add_mem_bar(0, 0x4000, MyRegisters(), bits64=True)   # sizes as declared above
             self.add_msix(2, bar=0, table_offset=0x2000, pba_offset=0x3000)
@@ -28,9 +30,11 @@ configuration space follows the VF rules: Vendor and Device ID read FFFFh, its
 BAR registers read zero (the VF's BAR ``i`` sits at the PF's VF BAR ``i`` plus
 ``k`` times its size), Memory and I/O Space Enable are read-only zero and the
 VF decodes its BARs while the PF's VF MSE is set; it has no INTx (MSI-X is
-allowed). The PF quiesces, resumes and closes its VFs with itself
-(:attr:`PciDevice.virtual_functions <pcidev.device.PciDevice.virtual_functions>`),
-and its migration carries them (:mod:`pcidev.migration.virtual_functions`).
+allowed). The PF quiesces and resumes its VFs with itself, but those a transport of
+their own serves (:attr:`VirtualFunction.standalone`), and closes them first
+(:attr:`PciDevice.virtual_functions <pcidev.device.PciDevice.virtual_functions>`,
+:meth:`SriovFunctions.remove_all`); its migration carries them
+(:mod:`pcidev.migration.virtual_functions`).
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ log = logging.getLogger(__name__)
 VfFactory = Callable[[PciDevice, int], "VirtualFunction"]
 
 _NO_DECODE = int(ids.Command.IO | ids.Command.MEMORY)
+#: Command bits read-only zero on a VF: I/O and Memory Space Enable (the PF's VF MSE decodes),
+#: Interrupt Disable (a VF has no INTx)
+_VF_COMMAND_RO = _NO_DECODE | int(ids.Command.INTX_DISABLE)
 #: end of the type-0 header's BAR registers
 _BARS_END = ids.BASE_ADDRESS_0 + 24
 
@@ -85,7 +92,7 @@ class VirtualFunction(PciDevice):
 
     def realize(self) -> None:
         """Realize as a VF: Vendor/Device ID read FFFFh, no BAR registers, Memory and
-        I/O Space Enable read-only zero."""
+        I/O Space Enable and Interrupt Disable read-only zero."""
         if self.realized:
             return
         super().realize()
@@ -93,8 +100,8 @@ class VirtualFunction(PciDevice):
         cfg.set16(ids.VENDOR_ID, 0xFFFF)
         cfg.set16(ids.DEVICE_ID, 0xFFFF)
         writable = int.from_bytes(cfg.wmask[ids.COMMAND:ids.COMMAND + 2], "little")
-        cfg.set_writable(ids.COMMAND, 2, writable & ~_NO_DECODE)
-        cfg.set16(ids.COMMAND, cfg.get16(ids.COMMAND) & ~_NO_DECODE)
+        cfg.set_writable(ids.COMMAND, 2, writable & ~_VF_COMMAND_RO)
+        cfg.set16(ids.COMMAND, cfg.get16(ids.COMMAND) & ~_VF_COMMAND_RO)
         cfg.set_writable(ids.INTERRUPT_LINE, 1, 0)
         cfg.set8(ids.INTERRUPT_LINE, 0)
         cfg.freeze_defaults()
@@ -172,6 +179,16 @@ class VirtualFunction(PciDevice):
                 out[reg + 4] = shown.get(reg + 4, 0) & (mask >> 32)
         return out
 
+    def device_migration_blockers(self) -> list[str]:
+        """The VF type's reasons, and while :attr:`standalone`: a VF migrates only with its PF
+        (its stream inside the PF's), so neither a VF served on a socket of its own nor the PF
+        of such VFs migrates (the destination's PF would rebuild the VFs other clients use)."""
+        reasons = list(super().device_migration_blockers())
+        if self.standalone:
+            reasons.append(f"VF {self.vf_index} is served on a socket of its own: a VF migrates only "
+                           "inside its PF's stream, and a PF whose VFs are served standalone does not migrate")
+        return reasons
+
     def add_release(self, release: Callable[[], None]) -> None:
         """Call ``release`` once the VF is closed (what a migration mapped for it)."""
         self.__dict__.setdefault("_vf_releases", []).append(release)
@@ -218,7 +235,11 @@ class SriovFunctions:
         #: the live VFs, VF 0 first (the same list as the PF's ``virtual_functions``)
         self.vfs: list[PciDevice] = pf.virtual_functions
         self._watchers: list[VfWatcher] = []
+        #: the state a failed load's rollback puts back and the VFs it describes (see
+        #: :func:`pcidev.migration.virtual_functions.save_vfs`)
+        self.kept: tuple[object, tuple[PciDevice, ...]] | None = None
         cap.listener = self
+        pf.remove_virtual_functions = self.remove_all  # the PF's close ends its VFs here too
 
     # -- watchers ---------------------------------------------------------------------------
     def watch(self, watcher: VfWatcher) -> None:
@@ -257,32 +278,67 @@ class SriovFunctions:
         :raises ConfigError: the factory built something that is not a fitting VF.
         """
         self.remove_all()
-        for k in range(num_vfs):
-            vf = self.factory(self.pf, k)
-            if not isinstance(vf, VirtualFunction):
-                vf.close()
-                raise ConfigError(f"the VF factory built a {type(vf).__name__}, not a VirtualFunction")
+        return self.install(self.make(num_vfs))
+
+    def make(self, num_vfs: int) -> list[VirtualFunction]:
+        """Build ``num_vfs`` VFs aside: bound to the PF and attached to its memory, but
+        neither live nor announced (a migration loads them before :meth:`install`).
+
+        :returns: the VFs.
+        :raises ConfigError: the factory built something that is not a fitting VF (those
+            built are closed again).
+        """
+        made: list[VirtualFunction] = []
+        try:
+            for k in range(num_vfs):
+                vf = self.factory(self.pf, k)
+                if not isinstance(vf, VirtualFunction):
+                    vf.close()
+                    raise ConfigError(f"the VF factory built a {type(vf).__name__}, not a VirtualFunction")
+                try:
+                    vf.bind_physfn(self.pf, self.cap, k)
+                    vf.attach(self.pf.memory, None)
+                except BaseException:
+                    vf.close()
+                    raise
+                made.append(vf)
+        except BaseException:
+            self.discard(made)
+            raise
+        return made
+
+    @staticmethod
+    def discard(vfs: Sequence[VirtualFunction]) -> None:
+        """Close VFs :meth:`make` built that never went live."""
+        for vf in reversed(vfs):
             try:
-                vf.bind_physfn(self.pf, self.cap, k)
-                vf.attach(self.pf.memory, None)
-            except BaseException:
                 vf.close()
-                raise
+            except Exception:
+                log.exception("closing a VF that never went live failed")
+
+    def install(self, vfs: Sequence[VirtualFunction]) -> list[PciDevice]:
+        """Make VFs from :meth:`make` the live ones (replacing any there are) and announce them.
+
+        :returns: the live VFs.
+        """
+        self.remove_all()
+        for vf in vfs:
             self.vfs.append(vf)
             for watcher in list(self._watchers):
                 watcher.vf_added(vf)
         return list(self.vfs)
 
     def remove_all(self) -> None:
-        """Announce, quiesce and close every VF, last first."""
+        """Announce, quiesce and close every VF, last first (VF Enable cleared, the PF reset
+        or closed): a watcher serving a VF stops serving it before it is closed."""
         while self.vfs:
             vf = self.vfs.pop()
-            assert isinstance(vf, VirtualFunction)
-            for watcher in list(self._watchers):
-                try:
-                    watcher.vf_removed(vf)
-                except Exception:
-                    log.exception("a VF watcher failed")
+            if isinstance(vf, VirtualFunction):  # (what install() added)
+                for watcher in list(self._watchers):
+                    try:
+                        watcher.vf_removed(vf)
+                    except Exception:
+                        log.exception("a VF watcher failed")
             if not vf.closed:  # (a transport serving the VF may have closed it)
                 vf.quiesce()
             vf.close()

@@ -26,7 +26,7 @@ from typing import Any, Protocol, TypeVar
 
 from pcidev.device import PciDevice
 from pcidev.dma import GuestMemory
-from pcidev.errors import IrqError, PcidevError
+from pcidev.errors import ConfigError, IrqError, PcidevError
 from pcidev.pci import ids
 from pcidev.pci.capabilities import express, msi, msix, pm, sriov
 from pcidev.sriov import SriovFunctions, VirtualFunction, functions_of
@@ -216,7 +216,8 @@ class HostPciDevice:
         if self.physfn is None:
             return self.slot << 3
         cap = self.physfn.sriov_capability()
-        assert cap is not None
+        if cap is None:
+            raise ConfigError(f"VF {self.vf_index}: its PF no longer has an SR-IOV capability")
         return cap.vf_routing_id(self.physfn.routing_id, self.vf_index)
 
     def sriov_capability(self) -> sriov.SriovCapability | None:
@@ -248,7 +249,8 @@ class HostPciDevice:
         interrupts recorded (part of :class:`~pcidev.sriov.VfWatcher`)."""
         handle = HostPciDevice(self.machine, vf, self.slot, physfn=self, vf_index=vf.vf_index)
         cap = vf.physfn_cap
-        assert cap is not None
+        if cap is None:
+            raise ConfigError(f"VF {vf.vf_index} was announced before it was bound to its PF")
         for bar in cap.vf_bars:
             handle.resources[bar.index] = (cap.vf_bar_address(vf.vf_index, bar.index),
                                            cap.vf_bar_size(bar.index), "mem64" if bar.bits64 else "mem32")

@@ -8,8 +8,10 @@ device) and the descriptors that stream names, carried with the PF's (``FdRef``)
 
 On load the PF's configuration space (VF Enable, NumVFs, the VF BARs) has already
 been applied with the framework section, and the PF's own section too: the VFs are
-then built with the PF's factory (without the guest-visible VF Enable transition) and
-each loads its stream. A failed load of any VF closes what was built, and the
+then built aside with the PF's factory (without the guest-visible VF Enable transition),
+each loads its stream, and only then do they replace the live VFs. A failed load of any
+VF closes what was built and leaves the live VFs as they were (the rollback copy of the
+section, whose streams name descriptors it does not carry, then keeps them), and the
 framework puts the PF back as it was.
 """
 
@@ -22,7 +24,7 @@ import attrs
 from pcidev.device import PciDevice
 from pcidev.errors import ConfigError
 from pcidev.migration.function_state import LoadedResources
-from pcidev.sriov import VirtualFunction, functions_of
+from pcidev.sriov import functions_of
 from pcidev.vmstate import FdRef, VarArray, VarBytes, vmstate
 from pcidev.vmstate.errors import StateError
 
@@ -78,7 +80,12 @@ def save_vfs(dev: PciDevice, save_stream: SaveStream) -> SriovState:
         stream, fds = save_stream(vf)
         refs = [dev.vmstate_fd(fd) for fd in fds]
         entries.append(VfState(stream=stream, fds=tuple(r for r in refs if r is not None)))
-    return SriovState(vfs=tuple(entries))
+    state = SriovState(vfs=tuple(entries))
+    if functions is not None and dev.vmstate_save_fds is None:
+        # a rollback copy: its streams name descriptors it does not carry, so putting it
+        # back means keeping these very VFs (load_vfs leaves them live when it fails)
+        functions.kept = (state, tuple(functions.vfs))
+    return state
 
 
 def _fail(reason: str, path: str = "vfs") -> StateError:
@@ -105,23 +112,27 @@ def load_vfs(dev: PciDevice, state: SriovState, load_stream: LoadStream) -> None
     :param state: the checked state.
     :param load_stream: loads one VF.
     :raises StateError: the VF count differs from the loaded VF Enable/NumVFs, or a VF
-        refused its stream (the VFs built are closed again).
+        refused its stream (the VFs built are closed again, the live ones stay).
     """
     functions = functions_of(dev)
     if functions is None:
         raise _fail("the device has no SR-IOV capability")
+    kept = functions.kept
+    if kept is not None and kept[0] is state:  # the rollback of a failed load
+        functions.kept = None
+        if tuple(functions.vfs) == kept[1]:
+            return  # the VFs it describes are still live
     cap = functions.cap
     want = cap.num_vfs if cap.vf_enable else 0
     if len(state.vfs) != want:
         raise _fail(f"{len(state.vfs)} VFs saved but VF Enable/NumVFs say {want}")
     loaded = dev.vmstate_load_fds
     try:
-        vfs = functions.build(len(state.vfs))
+        vfs = functions.make(len(state.vfs))  # aside: the live VFs stay until every stream loaded
     except ConfigError as exc:
         raise _fail(f"cannot build the VFs: {exc}") from exc
     try:
         for k, (vf, entry) in enumerate(zip(vfs, state.vfs, strict=True)):
-            assert isinstance(vf, VirtualFunction)
             fds: list[int] | None = None
             if loaded is not None:
                 fds = []
@@ -134,5 +145,7 @@ def load_vfs(dev: PciDevice, state: SriovState, load_stream: LoadStream) -> None
             res = load_stream(vf, entry.stream, fds)
             vf.add_release(res.close)
     except BaseException:
-        functions.remove_all()
+        functions.discard(vfs)
         raise
+    functions.kept = None
+    functions.install(vfs)

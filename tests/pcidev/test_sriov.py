@@ -21,6 +21,7 @@ from pcidev.device import PciDevice
 from pcidev.errors import ConfigError
 from pcidev.host import Machine
 from pcidev.migration import load_device_stream, migrate_in, migrate_out, save_device_stream
+from pcidev.migration.blockers import device_blockers
 from pcidev.migration.virtual_functions import SriovState, check_vfs
 from pcidev.migration.virtual_functions import VfState as Entry
 from pcidev.pci import ids
@@ -329,3 +330,82 @@ def test_a_standalone_vf_shows_what_vfio_pci_shows(machine):
     assert vf.config_read(bar + 8, 4) == 0  # no BAR2
     assert vf.config.get32(bar) == 0  # the VF's own registers stay read-only zero
     assert vf.config_read(ids.COMMAND, 2) == vf.config.get16(ids.COMMAND)
+
+
+def test_a_standalone_vf_blocks_its_own_and_its_pf_migration(machine):
+    pf = SriovPf(name="pf")
+    pdev = machine.plug(pf)
+    try:
+        vfs = pdev.enable_sriov(2)
+        assert device_blockers(pf) == []
+        vfs[1].device.standalone = True  # served on a socket of its own (pcidev serve)
+        assert any("VF 1 is served on a socket of its own" in r for r in device_blockers(vfs[1].device))
+        assert any(r.startswith("VF 1: VF 1 is served on a socket of its own") for r in device_blockers(pf))
+    finally:
+        pf.close()
+
+
+def test_the_pf_quiesces_and_resumes_only_the_vfs_without_a_transport_of_their_own(machine):
+    pf = SriovPf(name="pf")
+    pdev = machine.plug(pf)
+    try:
+        vfs = pdev.enable_sriov(2)
+        vfs[0].device.standalone = True  # its own client: its transport quiesces and resumes it
+        pf.quiesce()
+        assert pf.quiesced and vfs[1].device.quiesced and not vfs[0].device.quiesced
+        vfs[0].device.quiesce()
+        pf.resume()
+        assert not pf.quiesced and not vfs[1].device.quiesced and vfs[0].device.quiesced
+    finally:
+        pf.close()
+
+
+def test_closing_the_pf_ends_its_vfs_through_the_watchers(machine):
+    pf = SriovPf(name="pf")
+    pdev = machine.plug(pf)
+    vfs = [h.device for h in pdev.enable_sriov(2)]
+    pf.close()
+    assert pdev.virtfns == []  # the host was told (no stale handles)
+    assert pf.virtual_functions == [] and all(vf.closed for vf in vfs)
+
+
+def test_system_page_size_is_read_only_while_vf_enable_is_set(machine):
+    pf = SriovPf(name="pf")
+    pdev = machine.plug(pf)
+    try:
+        vfs = pdev.enable_sriov(2)
+        pos = pdev.find_ext_capability(ids.ExtCapId.SRIOV)
+        where = [v.resources[0] for v in vfs]
+        pdev.config_write32(pos + sr.SYS_PGSIZE, 2)  # 8 KiB would move and resize live VF BARs
+        assert pdev.config_read32(pos + sr.SYS_PGSIZE) == 1
+        assert pf.sriov.cap.vf_bar_address(1, 0) == where[1][0]
+        pdev.disable_sriov()
+        pdev.config_write32(pos + sr.SYS_PGSIZE, 2)
+        assert pdev.config_read32(pos + sr.SYS_PGSIZE) == 2
+    finally:
+        pf.close()
+
+
+def test_a_vf_routing_id_beyond_ffffh_is_refused_not_wrapped(machine):
+    pf = SriovPf(name="pf")
+    machine.plug(pf)
+    try:
+        cap = pf.sriov.cap
+        assert cap.vf_routing_id(0xFE00, 0) == 0xFE00 + cap.first_vf_offset == 0xFF00
+        with pytest.raises(ConfigError, match="beyond FFFFh"):
+            cap.vf_routing_id(0xFFFF, 0)
+    finally:
+        pf.close()
+
+
+def test_a_vf_command_register_has_no_decode_or_interrupt_disable_bits(machine):
+    pf = SriovPf(name="pf")
+    pdev = machine.plug(pf)
+    try:
+        vf = pdev.enable_sriov(1)[0]
+        vf.config_write16(ids.COMMAND, 0xFFFF)
+        cmd = vf.config_read16(ids.COMMAND)
+        assert cmd & int(ids.Command.MASTER) and not cmd & int(ids.Command.IO | ids.Command.MEMORY
+                                                             | ids.Command.INTX_DISABLE)
+    finally:
+        pf.close()

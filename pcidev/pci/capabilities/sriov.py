@@ -8,7 +8,7 @@ Layout (PCIe Base spec, SR-IOV chapter; Linux ``PCI_SRIOV_*``)::
     10  NumVFs (16, RW while VF Enable=0)  12  Function Dependency Link (8, RO)
     14  First VF Offset (16, RO)           16  VF Stride (16, RO)
     1A  VF Device ID (16, RO)
-    1C  Supported Page Sizes (32, RO)      20  System Page Size (32, RW)
+    1C  Supported Page Sizes (32, RO)      20  System Page Size (32, RW while VF Enable=0)
     24  VF BAR0..VF BAR5 (6 x 32)          3C  VF Migration State Array Offset (RO)
 
 Control: bit 0 VF Enable, bit 3 VF Memory Space Enable (VF MSE), bit 4 ARI Capable
@@ -196,12 +196,12 @@ class SriovCapability(ExtCapability):
         self.on_write(SYS_PGSIZE, 4, self._page_size_written)
 
     def _update_masks(self) -> None:
-        """Write masks that depend on the registers: NumVFs and ARI only while VF
-        Enable is clear, VF BAR address bits from the system page size."""
+        """Write masks that depend on the registers: NumVFs, ARI and System Page Size only
+        while VF Enable is clear, VF BAR address bits from the system page size."""
         vfe = bool(self.get(CTRL, 2) & CTRL_VFE)
         self.writable(CTRL, 2, CTRL_VFE | CTRL_MSE | (0 if vfe else CTRL_ARI))
         self.writable(NUM_VF, 2, 0 if vfe else 0xFFFF)
-        self.writable(SYS_PGSIZE, 4, 0xFFFFFFFF)
+        self.writable(SYS_PGSIZE, 4, 0 if vfe else 0xFFFFFFFF)  # (it sizes and places live VF BARs)
         for bar in self.vf_bars:
             mask = ~(self.vf_bar_size(bar.index) - 1) & ((1 << 64) - 1)
             self.writable(BAR + 4 * bar.index, 4, mask & 0xFFFFFFF0)
@@ -324,5 +324,11 @@ class SriovCapability(ExtCapability):
         return self.vf_bar_base(index) + vf * self.vf_bar_size(index)
 
     def vf_routing_id(self, pf_routing_id: int, vf: int) -> int:
-        """The routing ID of VF ``vf`` (0-based) of a PF at ``pf_routing_id``."""
-        return (pf_routing_id + self.first_vf_offset + vf * self.vf_stride) & 0xFFFF
+        """The routing ID of VF ``vf`` (0-based) of a PF at ``pf_routing_id``.
+
+        :raises ConfigError: it is beyond the last routing ID (FFFFh): no such function.
+        """
+        rid = pf_routing_id + self.first_vf_offset + vf * self.vf_stride
+        if rid > 0xFFFF:
+            raise ConfigError(f"VF {vf}'s routing ID {rid:#x} is beyond FFFFh")
+        return rid

@@ -46,6 +46,7 @@ from pcidev.migration import (
     load_device_stream,
     save_device_stream,
 )
+from pcidev.sriov import VirtualFunction
 from pcidev.transport.vfio_user import protocol
 from pcidev.transport.vfio_user.conn import ConnectionState
 from pcidev.transport.vfio_user.protocol import (
@@ -192,6 +193,10 @@ class MigrationStateMachine:
             unchanged) or does not stop (the state reached so far).
         """
         path = migration_path(self.state, target)
+        if _RES in path and isinstance(self.device, VirtualFunction) and self.device.standalone:
+            # (a VF's state loads only inside its PF's, checked against the PF's records)
+            raise VfioUserError(errno.EBUSY, f"VF {self.device.vf_index} migrates only with its PF: "
+                                "its socket takes no migration data")
         if any(s in (_PC, _SC) for s in path) and self.state not in (_PC, _SC):
             reasons = migration_blockers(self.device, self.pm)
             if reasons:

@@ -486,7 +486,14 @@ def serve_adopted(device: PciDevice, path: str, chan_fd: int, *, pm: pluggy.Plug
             service.discard()
         endpoint.close()  # NEW or never committed: persists nothing
         raise
-    return services[0].run(adopted.server)
+    # SR-IOV (handed over with VF Enable clear): the VFs the PF's client enables get sockets, as in serve_device
+    functions = functions_of(device)
+    vf_sockets = VfSockets(functions, path, pm=pm, out=out) if functions is not None else None
+    try:
+        return services[0].run(adopted.server)
+    finally:
+        if vf_sockets is not None:
+            vf_sockets.close()
 
 
 # ------------------------------------------------------------------------------------------ SR-IOV
@@ -549,6 +556,9 @@ class VfSockets:
             service, thread = got
             service.stop()
             thread.join(10.0)
+            if thread.is_alive():
+                log.error("VF %d: its vfio-user service did not stop within 10 s; the VF is closed under it",
+                          vf.vf_index)
 
     def close(self) -> None:
         """Stop serving every VF (the PF's service ends)."""
@@ -573,7 +583,8 @@ def enable_vfs(device: PciDevice, num_vfs: int) -> None:
     cap = functions.cap
     if not 0 < num_vfs <= cap.total_vfs:
         raise ConfigError(f"{num_vfs} VFs asked for, TotalVFs is {cap.total_vfs}")
-    assert cap.offset is not None
+    if cap.offset is None:
+        raise ConfigError("the SR-IOV capability is not placed in configuration space (the device is not realized)")
     with device.lock:
         device.config_write(cap.offset + sriov_regs.NUM_VF, 2, num_vfs)
         device.config_write(cap.offset + sriov_regs.CTRL, 2, sriov_regs.CTRL_VFE | sriov_regs.CTRL_MSE)

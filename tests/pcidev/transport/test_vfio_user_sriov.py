@@ -7,7 +7,9 @@ and does crc32c-verified I/O on its namespace while the PF does I/O too."""
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -19,7 +21,10 @@ import pytest
 from pcidev.errors import MigrationError
 from pcidev.host import Machine
 from pcidev.pci import ids
+from pcidev.transport.vfio_user import protocol
 from pcidev.transport.vfio_user.handover import control_path, request_handover
+from pcidev.transport.vfio_user.migration_client import mig_state, set_mig_state
+from pcidev.transport.vfio_user.protocol import VfioUserError
 from pcidev.transport.vfio_user.remote import VfioUserDevice
 from pcidev_nvme.testing.driver import NvmeDriver
 
@@ -136,3 +141,104 @@ def test_vfs_the_pf_client_enables_get_sockets_and_lose_them_when_it_disables_th
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_vfio_user_migration_of_served_vfs_or_their_pf_is_refused(tmp_path):
+    path = str(tmp_path / "f.sock")
+    spec = SPEC.replace("ns=mem:size=2M,ns=mem:size=2M", f"ns=file:path={tmp_path / 'a.img'},size=2M")
+    proc = subprocess.Popen([sys.executable, "-m", "pcidev", "serve", "--vfio-user", path, "--sriov-vfs", "1", spec],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for p in (path, path + ".vf0"):
+            _wait_for(p, proc)
+        with VfioUserDevice.connect(path) as pf, VfioUserDevice.connect(path + ".vf0") as vf:
+            # the PF: its destination would rebuild the VFs other clients use
+            for client in (pf.client, vf.client):
+                with pytest.raises(VfioUserError) as exc:
+                    set_mig_state(client, protocol.MIG_STATE_STOP_COPY)
+                assert exc.value.errno == errno.EBUSY and mig_state(client) == protocol.MIG_STATE_RUNNING
+            # a VF alone takes no state either (it would bypass the primary's records)
+            with pytest.raises(VfioUserError) as exc:
+                set_mig_state(vf.client, protocol.MIG_STATE_RESUMING)
+            assert exc.value.errno == errno.EBUSY and mig_state(vf.client) == protocol.MIG_STATE_RUNNING
+            assert vf.config_read(ids.VENDOR_ID, 2) == 0x1B36
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_a_vf_keeps_serving_its_client_when_the_pf_client_leaves(tmp_path):
+    path = str(tmp_path / "q.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "pcidev", "serve", "--vfio-user", path, "--sriov-vfs", "1", SPEC],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for p in (path, path + ".vf0"):
+            _wait_for(p, proc)
+        with Machine(ram_size=64 << 20) as machine, VfioUserDevice.connect(path + ".vf0") as vf:
+            with VfioUserDevice.connect(path) as pf:
+                pdrv = NvmeDriver.attach(machine, pf, io_queues=1)
+                for cdw10, nr in ((0x8 | 1 << 16, 3), (0x8 | 1 << 8 | 1 << 16, 2), (0x9 | 1 << 16, 0)):
+                    pdrv.admin(0x1C, cdw10=cdw10, cdw11=nr)
+                pdrv.admin(0x15, nsid=2, data=struct.pack("<HH", 1, 1).ljust(4096, b"\0"))
+                vdrv = NvmeDriver(machine, machine.plug(vf), io_queues=2)
+                vdrv.probe()
+                before = os.urandom(4096)
+                vdrv.write(2, 0, before)
+                pdrv.close()
+            # the PF's client left (the PF is quiesced): the VF's client goes on
+            after = os.urandom(4096)
+            vdrv.write(2, 8, after, qid=2)
+            assert crc32c.crc32c(vdrv.read(2, 0, 8)) == crc32c.crc32c(before)
+            assert crc32c.crc32c(vdrv.read(2, 8, 8, qid=2)) == crc32c.crc32c(after)
+            vdrv.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_after_a_handover_vfs_the_pf_client_enables_still_get_sockets(tmp_path):
+    path = str(tmp_path / "h.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "pcidev", "serve", "--vfio-user", path, SPEC],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    new_pid = None
+    try:
+        _wait_for(control_path(path), proc)
+        report = request_handover(control_path(path), timeout=30)
+        new_pid = report["new_pid"]
+        assert proc.wait(30) == 0  # the old process handed over and ended
+        with Machine(ram_size=32 << 20) as machine, VfioUserDevice.connect(path) as pf:
+            p = machine.plug(pf)
+            p.enable_device()
+            p.enable_sriov(1)
+            deadline = time.monotonic() + 10
+            while not os.path.exists(path + ".vf0"):
+                assert time.monotonic() < deadline, "no socket for the VF after the handover"
+                time.sleep(0.05)
+            with VfioUserDevice.connect(path + ".vf0") as vf:
+                assert vf.config_read(ids.DEVICE_ID, 2) == 0x0010
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        if new_pid is not None:
+            try:
+                os.kill(new_pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + 20
+            while os.path.exists(f"/proc/{new_pid}") and time.monotonic() < deadline:
+                time.sleep(0.05)

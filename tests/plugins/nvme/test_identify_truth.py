@@ -18,9 +18,11 @@ import time
 from collections.abc import Callable
 
 import pytest
-from _helpers import make_env
+from _helpers import Env, make_env
 from _protection_exercisers import PROTECTION_EXERCISERS
 
+from pcidev_nvme.controller import NvmeVirtualFunction
+from pcidev_nvme.identify import identify_controller
 from pcidev_nvme.logs import firmware_image
 from pcidev_nvme.status import Status
 from pcidev_nvme.testing.driver import NvmeDriver
@@ -36,17 +38,37 @@ ONCS_OPCODES = {0: (0x05,), 1: (0x04,), 2: (0x09,), 3: (0x08,), 5: (0x0D, 0x0E, 
                 8: (0x19,)}
 
 
-#: configurations walked: the default, and one with every optional capability switched on
+_SRIOV = "ns=mem:size=16M,max_ioqpairs=8,msix_vectors=9,sriov_max_vfs=2,sriov_vq_flexible=6,sriov_vi_flexible=4"
+#: configurations walked: the default, one with every optional capability switched on, an
+#: SR-IOV primary controller, and (``sriov-secondary``) the secondary controller of its VF 0
+#: (online, 3 VQ and 2 VI, namespace 1 attached to it and to the primary)
 CONFIGS = {"default": "ns=mem:size=16M",
            "cmb+pmr": "ns=mem:size=16M,cmb_size=2,pmr={tmp}/pmr.img,pmr_size=1M",
-           "ocp": "ns=mem:size=16M,ocp=on"}
+           "ocp": "ns=mem:size=16M,ocp=on",
+           "sriov": _SRIOV,
+           "sriov-secondary": _SRIOV}
 
 
 @pytest.fixture(params=sorted(CONFIGS))
 def env(request, tmp_path):
     e = make_env(CONFIGS[request.param].format(tmp=tmp_path), io_queues=1)
-    yield e
-    e.close()
+    if request.param != "sriov-secondary":
+        yield e
+        e.close()
+        return
+    for cdw10, nr in ((0x8 | 1 << 16, 3), (0x8 | 1 << 8 | 1 << 16, 2), (0x9 | 1 << 16, 0)):
+        e.drv.admin(0x1C, cdw10=cdw10, cdw11=nr)
+    e.drv.admin(0x15, nsid=1, data=struct.pack("<HH", 1, 1).ljust(4096, b"\0"))
+    vpdev = e.pdev.enable_sriov(1)[0]
+    vdrv = NvmeDriver(e.machine, vpdev, io_queues=1, aers=0)
+    try:
+        vdrv.probe()
+        venv = Env(e.machine, vpdev.device, vdrv, vpdev)
+        venv.primary_drv = e.drv  # type: ignore[attr-defined]  # (the namespace formats are the primary's)
+        yield venv
+    finally:
+        vdrv.close()
+        e.close()
 
 
 def _u16(b: bytes, off: int) -> int:
@@ -176,9 +198,16 @@ def _oaes_ns_attr(drv: NvmeDriver) -> None:  # OAES bit 8: Namespace Attribute N
     assert drv.get_features(0x0B).dw0 >> 8 & 1 == 1
     before = len(drv.events)
     drv.arm_aer()
-    ctrl_list = struct.pack("<HH", 1, _u16(drv.identify(0x01), 78)).ljust(4096, b"\0")
-    drv.admin(0x15, nsid=1, cdw10=1, data=ctrl_list)  # detach
-    drv.admin(0x15, nsid=1, cdw10=0, data=ctrl_list)  # attach again
+    ctrl = drv.device
+    if isinstance(ctrl, NvmeVirtualFunction):  # a secondary: the primary changes its namespaces
+        virt = ctrl.primary.virtualization
+        assert virt is not None
+        virt.detach(ctrl.cfg.cntlid, 1)
+        virt.attach(ctrl.cfg.cntlid, 1)
+    else:
+        ctrl_list = struct.pack("<HH", 1, _u16(drv.identify(0x01), 78)).ljust(4096, b"\0")
+        drv.admin(0x15, nsid=1, cdw10=1, data=ctrl_list)  # detach
+        drv.admin(0x15, nsid=1, cdw10=0, data=ctrl_list)  # attach again
     drv.poll_events(2.0)  # (the event may already have been taken while the detach completed)
     assert (2, 0x00, 0x04) in drv.events[before:], drv.events  # notice, attribute changed, log 04h
 
@@ -189,6 +218,12 @@ def _oaes_fw_activation(drv: NvmeDriver) -> None:  # OAES bit 9: Firmware Activa
 
 
 def _frmw(drv: NvmeDriver) -> None:  # FRMW: slot 1 read-only, 3 slots, activation without reset
+    if isinstance(drv.device, NvmeVirtualFunction):  # a secondary: the slots are the subsystem's
+        frmw = drv.identify(0x01)[260]
+        log = drv.get_log(0x03, 512)
+        assert log[0] & 7 == 1 and log[8:16] == drv.identify(0x01)[64:72] and frmw >> 1 & 7 == 3
+        assert drv.admin(0x10, cdw10=(3 << 3) | 3, check=False).code == INVALID_OPCODE  # the primary updates
+        return
     image = firmware_image("9.9")
     for off in range(0, len(image), 4096):
         chunk = image[off:off + 4096]
@@ -299,6 +334,37 @@ def _oncs_timestamp(drv: NvmeDriver) -> None:  # ONCS bit 6: Timestamp feature
     assert 1234567 <= ts < 1234567 + 60_000
 
 
+def _cmic_multi_ctrl(drv: NvmeDriver) -> None:  # CMIC bit 1: the subsystem has two or more controllers
+    ids = drv.identify(0x13)
+    n = _u16(ids, 0)
+    cntlids = struct.unpack_from(f"<{n}H", ids, 2)
+    assert n >= 2 and _u16(drv.identify(0x01), 78) in cntlids
+
+
+def _cmic_sriov_vf(drv: NvmeDriver) -> None:  # CMIC bit 2: a controller of an SR-IOV VF
+    ctrl = drv.device
+    assert isinstance(ctrl, NvmeVirtualFunction) and ctrl.physfn is not None
+    assert _u16(drv.identify(0x01), 78) == ctrl.primary.cfg.cntlid + ctrl.vf_index + 1
+    assert drv.identify(0x01)[768:1024] == identify_controller(ctrl.primary)[768:1024]  # one subsystem NQN
+
+
+def _nmic_shared(drv: NvmeDriver) -> None:  # NMIC bit 0: namespace 1 attached to two controllers at once
+    own = _u16(drv.identify(0x01), 78)
+    attached = drv.identify(0x12, nsid=1)
+    if _u16(attached, 0) < 2:  # the primary: attach it to secondary 1 too
+        other = next(c for c in struct.unpack_from("<8H", drv.identify(0x13), 2) if c != own)
+        drv.admin(0x15, nsid=1, data=struct.pack("<HH", 1, other).ljust(4096, b"\0"))
+        attached = drv.identify(0x12, nsid=1)
+        cntlids = struct.unpack_from(f"<{_u16(attached, 0)}H", attached, 2)
+        drv.admin(0x15, nsid=1, cdw10=1, data=struct.pack("<HH", 1, other).ljust(4096, b"\0"))
+    else:
+        cntlids = struct.unpack_from(f"<{_u16(attached, 0)}H", attached, 2)
+    assert len(cntlids) >= 2 and own in cntlids
+    data = bytes(range(256)) * 2
+    drv.write(1, 40, data)
+    assert drv.read(1, 40, 1) == data
+
+
 #: (field, bit) -> exerciser; CAP bits are ("cap", bit)
 EXERCISERS: dict[tuple[str, int], Exerciser] = {
     ("vwc", 0): _vwc_present, ("vwc", 1): _flush_broadcast, ("vwc", 2): _flush_broadcast,
@@ -307,6 +373,7 @@ EXERCISERS: dict[tuple[str, int], Exerciser] = {
     ("oaes", 8): _oaes_ns_attr, ("oaes", 9): _oaes_fw_activation,
     ("frmw", 0): _frmw, ("frmw", 1): _frmw, ("frmw", 2): _frmw, ("frmw", 4): _frmw,
     ("ctratt", 15): _ctratt_elbas,
+    ("cmic", 1): _cmic_multi_ctrl, ("cmic", 2): _cmic_sriov_vf, ("nmic", 0): _nmic_shared,
     ("kas", 0): _kas,
     ("ocfs", 0): _ocfs,
     ("icsvscc", 0): _icsvscc,
@@ -323,6 +390,7 @@ EXERCISERS.update(PROTECTION_EXERCISERS)  # metadata and protection information
 FIELDS = {"oaes": ("idc", 92, 4), "ctratt": ("idc", 96, 4), "frmw": ("idc", 260, 1), "lpa": ("idc", 261, 1),
           "kas": ("idc", 320, 2), "fuses": ("idc", 522, 2), "fna": ("idc", 524, 1), "vwc": ("idc", 525, 1),
           "icsvscc": ("idc", 530, 1), "ocfs": ("idc", 534, 2), "sgls": ("idc", 536, 4),
+          "cmic": ("idc", 76, 1), "nmic": ("idns", 30, 1),
           "nsfeat": ("idns", 24, 1), "mc": ("idns", 27, 1), "dpc": ("idns", 28, 1), "dlfeat": ("idns", 33, 1)}
 #: CAP bits that are capabilities (not sizes or timeouts): CSS 37..44, NSSRS 36, BPS 45, CMBS 57, PMRS 56,
 #: CRMS 59..60, NSSS 61
@@ -357,4 +425,26 @@ def test_every_advertised_bit_works(env):
         if ex is None or ex in seen:
             continue
         seen.add(ex)
-        ex(drv)
+        # a secondary controller cannot format: the namespace's protection capabilities are
+        # exercised through its primary (one namespace, shared)
+        primary = getattr(env, "primary_drv", None)
+        ex(primary if primary is not None and key in PROTECTION_EXERCISERS else drv)
+
+
+def test_virtualization_management_works_exactly_when_advertised(env):
+    drv = env.drv
+    vms = _u16(drv.identify(0x01), 256) >> 7 & 1
+    comp = drv.admin(0x1C, cdw10=0x8 | 2 << 16, cdw11=2, check=False)  # assign 2 VQ to secondary 2
+    if not vms:
+        assert comp.code == INVALID_OPCODE
+        assert drv.admin(0x06, cdw10=0x14, length=4096, check=False).code == Status.INVALID_FIELD
+        return
+    assert comp.code == 0 and comp.dw0 == 2
+    assert drv.admin(0x1C, cdw10=0x8 | 1 << 8 | 2 << 16, cdw11=1).dw0 == 1  # 1 VI
+    drv.admin(0x1C, cdw10=0x9 | 2 << 16)  # online
+    lst = drv.identify(0x15, cntid=2)
+    assert lst[0] == 1 and struct.unpack_from("<HHB3xHHH", lst, 32) == (2, 0, 1, 2, 2, 1)
+    drv.admin(0x1C, cdw10=0x7 | 2 << 16)  # offline
+    drv.admin(0x1C, cdw10=0x8 | 2 << 16, cdw11=0)
+    drv.admin(0x1C, cdw10=0x8 | 1 << 8 | 2 << 16, cdw11=0)
+    assert struct.unpack_from("<HHB3xHHH", drv.identify(0x15, cntid=2), 32) == (2, 0, 0, 2, 0, 0)

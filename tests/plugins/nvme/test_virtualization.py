@@ -19,6 +19,7 @@ import attrs
 import crc32c
 import pytest
 
+from pcidev.errors import ConfigMismatchError
 from pcidev.host import Machine
 from pcidev.migration import (
     load_device,
@@ -418,3 +419,206 @@ def test_vf_count_in_the_stream_must_match_numvfs(host):
         dst.close()
         h.ctrl.resume()
     assert h.pdev.config_read16(h.pdev.find_ext_capability(ids.ExtCapId.SRIOV) + sr.NUM_VF) == 2
+
+
+# ------------------------------------------------------------------------------------------- shared state
+def _read_status(drv: NvmeDriver, nsid: int, lba: int) -> int:
+    try:
+        drv.read(nsid, lba, 1)
+    except NvmeCommandError as exc:
+        return exc.status & 0x7FF
+    return 0
+
+
+def test_write_uncorrectable_marks_are_one_set_for_primary_and_secondary(host):
+    h = host
+    h.bring_up(0, 2)
+    h.pdev.enable_sriov(1)
+    vd = h.probe_vf(0)
+    assert h.pdev.virtfns[0].device.uncorrectable is h.ctrl.uncorrectable
+    h.drv.write(2, 10, b"\x11" * 512)
+    h.drv.write_uncorrectable(2, 10, 1)
+    assert _read_status(h.drv, 2, 10) == _read_status(vd, 2, 10) == Status.UNRECOVERED_READ_ERROR
+    vd.write(2, 10, b"\x22" * 512)  # a write clears the mark, for every controller
+    assert h.drv.read(2, 10, 1) == vd.read(2, 10, 1) == b"\x22" * 512
+    vd.write_uncorrectable(2, 20, 2)
+    assert _read_status(h.drv, 2, 21) == Status.UNRECOVERED_READ_ERROR
+
+
+def test_secondary_has_no_sanitize_format_firmware_or_subsystem_reset(host):
+    h = host
+    h.bring_up(0, 2)
+    h.pdev.enable_sriov(1)
+    vd = h.probe_vf(0)
+    vf = h.pdev.virtfns[0]
+    vd.write(2, 0, b"\x33" * 512)
+    h.drv.write(1, 0, b"\x44" * 512)
+    for opc in (0x84, 0x80, 0x10, 0x11):  # Sanitize, Format NVM, Firmware Commit, Firmware Download
+        assert _status(vd.admin(opc, nsid=2, cdw10=2, check=False)) == Status.INVALID_OPCODE, hex(opc)
+    assert h.drv.read(1, 0, 1) == b"\x44" * 512 and vd.read(2, 0, 1) == b"\x33" * 512
+    oacs = struct.unpack_from("<H", vd.id_ctrl, 256)[0]
+    assert not oacs & 0b1110 and oacs & (1 << 4)  # no Format, Firmware, NS Management; Self-test stays
+    assert struct.unpack_from("<I", vd.id_ctrl, 328)[0] == 0  # SANICAP
+    assert struct.unpack_from("<I", h.drv.id_ctrl, 328)[0] != 0
+    effects = vd.get_log(0x05, 4096)
+    assert all(struct.unpack_from("<I", effects, 4 * opc)[0] == 0 for opc in (0x84, 0x80, 0x10, 0x11))
+    pf_effects = h.drv.get_log(0x05, 4096)
+    assert all(struct.unpack_from("<I", pf_effects, 4 * opc)[0] & 1 for opc in (0x84, 0x80, 0x10, 0x11))
+    # CAP.NSSRS clear on the secondary; an NSSR write there resets nothing
+    assert not vf.ioread64(0, 0) & (1 << 36) and h.pdev.ioread64(0, 0) & (1 << 36)
+    vf.iowrite32(0, 0x20, 0x4E564D65)
+    assert vd.csts & 1 and not vd.csts & (1 << 4) and h.drv.csts & 1
+    assert vd.read(2, 0, 1) == b"\x33" * 512
+
+
+def test_a_primary_sanitize_holds_the_secondaries_io_too(host):
+    h = host
+    h.bring_up(0, 2)
+    h.pdev.enable_sriov(1)
+    vd = h.probe_vf(0)
+    vf = h.pdev.virtfns[0].device
+    h.ctrl._sanitize_refuse(Status.SANITIZE_IN_PROGRESS)
+    try:
+        assert vf.io.refuse == Status.SANITIZE_IN_PROGRESS
+        assert _read_status(vd, 2, 0) == Status.SANITIZE_IN_PROGRESS
+    finally:
+        h.ctrl._sanitize_refuse(0)
+    assert _read_status(vd, 2, 0) == 0
+
+
+def test_identify_says_multi_controller_subsystem_and_shared_namespaces(host):
+    h = host
+    h.bring_up(0, 2)
+    h.pdev.enable_sriov(1)
+    vd = h.probe_vf(0)
+    assert h.drv.id_ctrl[76] == 0b010  # CMIC: multi-controller subsystem
+    assert vd.id_ctrl[76] == 0b110  # and an SR-IOV VF
+    assert h.drv.id_ctrl[768:1024] == vd.id_ctrl[768:1024]  # one subsystem NQN
+    assert struct.unpack_from("<H", h.drv.id_ctrl, 78) != struct.unpack_from("<H", vd.id_ctrl, 78)
+    idns_pf, idns_vf = h.drv.identify(0x00, nsid=2), vd.identify(0x00, nsid=2)
+    assert idns_pf[30] == idns_vf[30] == 1  # NMIC: shared
+    assert idns_pf[104:128] == idns_vf[104:128]  # NGUID, EUI64: one namespace
+    machine = Machine(ram_size=32 << 20)
+    ctrl = NvmeController("ns=mem:size=1M")
+    drv = NvmeDriver.attach(machine, ctrl)
+    try:  # without SR-IOV: one controller, private namespaces
+        assert drv.id_ctrl[76] == 0 and drv.identify(0x00, nsid=1)[30] == 0
+    finally:
+        drv.close()
+        ctrl.close()
+        machine.close()
+
+
+def test_namespace_attachment_checks_every_entry_before_applying_any(host):
+    h = host
+    assert h.attach(3, 0, sel=1).ok  # namespace 3 off the primary
+    assert h.attach(3, 1).ok  # onto secondary 1
+    assert _status(h.attach(3, 0, 1)) == Status.NS_ALREADY_ATTACHED
+    assert 3 not in h.ctrl.namespaces  # the primary's entry was not applied
+    assert _status(h.attach(3, 1, 0, sel=1)) == Status.NS_NOT_ATTACHED
+    assert h.ctrl.virtualization.attached(0) == {3}  # nor the secondary's detach
+    assert h.attach(3, 0, 2).ok and 3 in h.ctrl.namespaces and h.ctrl.virtualization.attached(1) == {3}
+
+
+def test_vfs_of_a_primary_with_cmb_and_pmr_have_neither(tmp_path):
+    h = Host(CFG + f",cmb_size=1,pmr={tmp_path / 'pmr'},pmr_size=1M")
+    try:
+        h.bring_up(0, 2)
+        vfs = h.pdev.enable_sriov(1)
+        assert h.ctrl.failed is None and len(h.ctrl.virtual_functions) == 1
+        vf = vfs[0].device
+        assert vf.cmb is None and vf.pmr is None and [b.index for b in vf.bars if b is not None] == [0]
+        vd = h.probe_vf(0)
+        vd.write(2, 5, b"\x66" * 512)
+        assert h.drv.read(2, 5, 1) == b"\x66" * 512
+        assert h.ctrl.cmb is not None and h.ctrl.pmr is not None
+    finally:
+        h.close()
+
+
+# ------------------------------------------------------------------------------------------- a secondary's own stream
+def _with_nvme(snap, **changes):
+    sections = list(snap.sections)
+    j = next(i for i, s in enumerate(sections) if s.name == "nvme")
+    sections[j] = Section("nvme", sections[j].instance_id, attrs.evolve(sections[j].state, **changes))
+    return attrs.evolve(snap, sections=tuple(sections))
+
+
+def test_a_secondary_stream_must_agree_with_the_primary_records(host):
+    h = host
+    h.bring_up(0, 2)
+    h.pdev.enable_sriov(1)
+    vd = h.probe_vf(0, io_queues=2)
+    vd.write(2, 3, b"\x77" * 512)
+    vf = h.pdev.virtfns[0].device
+    vf.quiesce()
+    snap = save_device(vf)
+    st = next(s.state for s in snap.sections if s.name == "nvme")
+    # namespaces the primary never attached to it
+    forged = tuple(attrs.evolve(n, attached=True) for n in st.namespaces)
+    with pytest.raises(StateError, match=r"namespaces \[1, 2, 3\] attached, the primary controller attached \[2\]"):
+        load_device(vf, _with_nvme(snap, namespaces=forged))
+    assert sorted(vf.namespaces) == [2]
+    # another format for a shared namespace: the primary's namespace keeps its own
+    ns1 = h.ctrl.allocated[1]
+    before = ns1.lbaf
+    reformatted = tuple(attrs.evolve(n, lbaf=1) if n.nsid == 1 else n for n in st.namespaces)
+    load_device(vf, _with_nvme(snap, namespaces=reformatted))
+    assert ns1.lbaf == before and h.ctrl.allocated[1].lba_size == 512
+    vf.resume()
+    assert vd.read(2, 3, 1) == b"\x77" * 512
+    # fewer resources (offline, NVQ 2, online): its queue 2 no longer exists; offline: not ready
+    vf.quiesce()
+    assert h.vm(OFFLINE, 1).ok and h.vm(ASSIGN, 1, 0, 2).ok
+    with pytest.raises(StateError, match="enabled, but"):
+        load_device(vf, snap)
+    assert h.vm(ONLINE, 1).ok
+    with pytest.raises(StateError, match=r"Number of Queues 2/2 beyond the 1"):
+        load_device(vf, snap)
+    forged_features = attrs.evolve(st.features, nsq=1, ncq=1)
+    with pytest.raises(StateError, match=r"I/O queue 2 beyond the 1"):
+        load_device(vf, _with_nvme(snap, features=forged_features))
+    vf.resume()
+
+
+def test_a_failed_load_into_a_pf_with_live_vfs_leaves_pf_and_vfs_as_they_were(host):
+    h = host
+    drvs = _two_vfs(h)
+    crcs: dict = {}
+    _workload(h, drvs, crcs, 7)
+    vfs_before = list(h.ctrl.virtual_functions)
+    h.ctrl.quiesce()
+    snap = save_device(h.ctrl)
+    sections = list(snap.sections)
+    vfs = sections[-1]
+    sections[-1] = Section(vfs.name, vfs.instance_id, attrs.evolve(vfs.state, vfs=vfs.state.vfs[:1]))
+    with pytest.raises(StateError, match="NumVFs say 2"):
+        load_device(h.ctrl, attrs.evolve(snap, sections=tuple(sections)))
+    # a VF that refuses its stream (VF 1 given VF 0's: another CNTLID): all or nothing as well
+    sections[-1] = Section(vfs.name, vfs.instance_id, attrs.evolve(vfs.state, vfs=vfs.state.vfs[::-1]))
+    with pytest.raises(ConfigMismatchError, match="cntlid: stream has 2, this device has 1"):
+        load_device(h.ctrl, attrs.evolve(snap, sections=tuple(sections)))
+    h.ctrl.resume()
+    assert h.ctrl.failed is None and h.ctrl.virtual_functions == vfs_before
+    assert all(not vf.closed for vf in vfs_before)
+    assert _verify(drvs, crcs) > 0
+    _workload(h, drvs, crcs, 8)
+    assert _verify(drvs, crcs) > 0
+
+
+def test_closing_the_primary_ends_the_secondaries_through_the_watchers(host):
+    h = host
+    h.bring_up(0, 2)
+    vfs = [v.device for v in h.pdev.enable_sriov(2)]
+    h.ctrl.close()
+    assert h.pdev.virtfns == [] and all(vf.closed for vf in vfs)
+
+
+def test_a_secondary_lists_the_subsystem_controllers_and_a_namespace_s_controllers(host):
+    h = host
+    h.bring_up(0, 2)
+    h.pdev.enable_sriov(1)
+    vd = h.probe_vf(0)
+    assert struct.unpack_from("<HHHH", vd.identify(0x13), 0) == (3, 0, 1, 2)  # CNS 13h: the subsystem's
+    assert struct.unpack_from("<HHH", vd.identify(0x12, nsid=2), 0) == (2, 0, 1)  # CNS 12h: primary and itself
+    assert vd.identify(0x12, nsid=3)[:2] == b"\x01\x00"  # namespace 3: the primary's only

@@ -151,6 +151,12 @@ class AdminHost(ControllerPort, Protocol):
         """Interrupt vectors the controller offers now (SR-IOV resources)."""
     def adjust_oacs(self, oacs: int) -> int:
         """The OACS bits of this controller (SR-IOV)."""
+    def adjust_identify(self, buf: bytearray) -> None:
+        """Change the finished Identify Controller data (SR-IOV: CMIC, SANICAP)."""
+    def subsystem_controllers(self) -> list[int]:
+        """The CNTLIDs of the NVM subsystem's controllers (Identify CNS 13h)."""
+    def controllers_attached(self, nsid: int) -> list[int]:
+        """The CNTLIDs of the controllers namespace ``nsid`` is attached to (CNS 12h)."""
     #: SR-IOV: the primary controller's secondary controllers, else None
     virtualization: Virtualization | None
     def save_state(self) -> None: ...
@@ -479,13 +485,9 @@ class AdminCommandSet:
         elif cns == 0x12:
             if not self._nsid_valid(nsid):
                 raise _err(Status.INVALID_NSID, f"namespace {nsid:#x} is not valid", OFF_NSID)
-            ids = [ctrl.cfg.cntlid] if nsid in ctrl.namespaces else []
-            if ctrl.virtualization is not None:
-                ids += ctrl.virtualization.attached_to(nsid)
-            data = idfy.controller_list(ids, cntid)
+            data = idfy.controller_list(ctrl.controllers_attached(nsid), cntid)
         elif cns == 0x13:
-            virt = ctrl.virtualization
-            data = idfy.controller_list(virt.controller_ids() if virt is not None else [ctrl.cfg.cntlid], cntid)
+            data = idfy.controller_list(ctrl.subsystem_controllers(), cntid)
         elif cns == 0x1C:
             data = idfy.io_command_set_vector()
         elif cns in (0x14, 0x15) and ctrl.virtualization is not None:
@@ -856,7 +858,14 @@ class AdminCommandSet:
         known = set(virt.controller_ids()) if virt is not None else {ctrl.cfg.cntlid}
         if len(set(ids)) != count or any(i not in known for i in ids):
             raise _err(Status.CONTROLLER_LIST_INVALID, f"controller list {list(ids)} names unknown controllers")
-        for cntlid in ids:  # Namespace Already Attached / Not Attached stop at the first refusal
+        for cntlid in ids:  # every entry is checked before any is applied (no partial attachment)
+            k = virt.index_of(cntlid) if virt is not None and cntlid != ctrl.cfg.cntlid else None
+            has = nsid in ctrl.namespaces if k is None or virt is None else nsid in virt.attached(k)
+            if sel == 0 and has:
+                raise _err(Status.NS_ALREADY_ATTACHED, f"namespace {nsid} is already attached to {cntlid}")
+            if sel == 1 and not has:
+                raise _err(Status.NS_NOT_ATTACHED, f"namespace {nsid} is not attached to {cntlid}")
+        for cntlid in ids:
             if cntlid == ctrl.cfg.cntlid:
                 if sel == 0:
                     ctrl.attach_namespace(nsid)

@@ -44,6 +44,7 @@ from pcidev.pci import ids
 from pcidev.pci.capabilities.msix import MsixCapability
 from pcidev.pci.config import ResetKind
 from pcidev.sriov import VfBar, VirtualFunction, add_sriov
+from pcidev.vmstate.errors import StateError
 from pcidev_nvme.abort import Aborts
 from pcidev_nvme.admin import AdminCommandSet, AdminWorker, Opcode
 from pcidev_nvme.aer import AsyncEvents
@@ -59,14 +60,16 @@ from pcidev_nvme.interrupts import Interrupts, Timer
 from pcidev_nvme.io import IoCommandSet
 from pcidev_nvme.limits import SHUTDOWN_DRAIN_TIMEOUT
 from pcidev_nvme.logs import ChangedNamespaces, ErrorLog, FirmwareSlots, SmartCounters
-from pcidev_nvme.migration import MigrationMixin
+from pcidev_nvme.migration import SECTION as NVME_SECTION
+from pcidev_nvme.migration import MigrationMixin, NvmeState
 from pcidev_nvme.migration import features as migration_features
-from pcidev_nvme.namespace import may_write_beside
+from pcidev_nvme.namespace import Namespace, may_write_beside
 from pcidev_nvme.namespaces import NamespaceSetMixin, RemovedNamespace
 from pcidev_nvme.persist import PersistenceMixin
 from pcidev_nvme.pmr import PMR_BAR, PersistentMemoryRegion
 from pcidev_nvme.queues import CompletionQueue, QueueSetMixin, SubmissionQueue
 from pcidev_nvme.registers import (
+    CAP_NSSRS,
     CC_EN,
     CSTS_CFS,
     CSTS_NSSRO,
@@ -95,7 +98,15 @@ from pcidev_nvme.selftest import RESULT_ABORTED_SANITIZE, SelfTest, edstt_minute
 from pcidev_nvme.uncorrectable import SIDECAR_SUFFIX, Uncorrectable
 from pcidev_nvme.virtualization import OACS_VMS, Virtualization, resources_of
 
-__all__ = ["NvmeController", "NvmeVirtualFunction"]
+__all__ = ["NvmeController", "NvmeVirtualFunction", "CMIC_MULTI_CTRL", "CMIC_SRIOV_VF"]
+
+#: Identify Controller CMIC bit 1: the NVM subsystem may contain two or more controllers
+CMIC_MULTI_CTRL = 1 << 1
+#: CMIC bit 2: the controller is associated with an SR-IOV virtual function
+CMIC_SRIOV_VF = 1 << 2
+#: OACS bits a secondary controller clears: Format NVM (1), Firmware Commit/Download (2),
+#: Namespace Management (3) -- they act on state shared with the primary and the other secondaries
+_OACS_NOT_ON_SECONDARY = (1 << 1) | (1 << 2) | (1 << 3)
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +187,9 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self.changed_ns = ChangedNamespaces()
         self.features = Features(self)
         self.aer = AsyncEvents(self.complete, cfg.aerl + 1)
-        #: Write Uncorrectable marks (:mod:`pcidev_nvme.uncorrectable`)
-        self.uncorrectable = Uncorrectable(self._wu_sidecar)
+        #: Write Uncorrectable marks (:mod:`pcidev_nvme.uncorrectable`; with SR-IOV one object
+        #: for the primary and its secondaries: the namespaces are shared)
+        self.uncorrectable = self._make_uncorrectable()
 
         self._init_namespaces()
         try:
@@ -321,6 +333,35 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         """Identify Controller OACS: Virtualization Management on a primary controller."""
         return oacs | (OACS_VMS if self.virtualization is not None else 0)
 
+    def adjust_identify(self, buf: bytearray) -> None:
+        """The last word on Identify Controller (CNS 01h): with SR-IOV, CMIC bit 1 (the NVM
+        subsystem may hold two or more controllers: the primary and its secondaries share
+        the subsystem NQN, and Linux accepts a second controller only with this bit)."""
+        if self.virtualization is not None:
+            buf[76] |= CMIC_MULTI_CTRL
+
+    def subsystem_controllers(self) -> list[int]:
+        """The CNTLIDs of the NVM subsystem's controllers: this one and its secondaries (CNS 13h)."""
+        virt = self.virtualization
+        return virt.controller_ids() if virt is not None else [self.cfg.cntlid]
+
+    def controllers_attached(self, nsid: int) -> list[int]:
+        """The CNTLIDs of the controllers namespace ``nsid`` is attached to (CNS 12h)."""
+        ids = [self.cfg.cntlid] if nsid in self.namespaces else []
+        return ids + (self.virtualization.attached_to(nsid) if self.virtualization is not None else [])
+
+    def add_namespace(self, nsid: int, ns: Namespace, *, created_spec: str | None = None,
+                      attached: bool = False) -> None:
+        """Allocate namespace ``nsid`` (see :meth:`NamespaceSetMixin.add_namespace`); with SR-IOV
+        it may be attached to the secondary controllers too: Identify Namespace NMIC bit 0."""
+        super().add_namespace(nsid, ns, created_spec=created_spec, attached=attached)
+        if self.virtualization is not None:
+            ns.shared = True
+
+    def _make_uncorrectable(self) -> Uncorrectable:
+        """The Write Uncorrectable marks (a secondary controller uses its primary's)."""
+        return Uncorrectable(self._wu_sidecar)
+
     def enable_refusal(self) -> str | None:
         """Why CC.EN cannot make the controller ready beyond the register checks (None here;
         a secondary controller that is offline or lacks resources)."""
@@ -378,8 +419,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             return
         self._closed = True
         self._running = False
-        while self.virtual_functions:  # SR-IOV: the secondaries go first (they use the namespaces)
-            self.virtual_functions.pop().close()
+        self.remove_virtual_functions()  # SR-IOV: the secondaries go first (they use the namespaces)
         self.timer.close()
         self.sanitizer.close()
         self.selftest.close()
@@ -485,8 +525,12 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             self.cmb.reset(kind)
 
     def _sanitize_refuse(self, status: int) -> None:
-        """What I/O completes with while a sanitize runs or failed (0: executed)."""
+        """What I/O completes with while a sanitize runs or failed (0: executed); a sanitize
+        acts on the whole NVM subsystem, so the secondary controllers' I/O too."""
         self.io.refuse = status
+        for vf in list(self.virtual_functions):
+            if isinstance(vf, NvmeVirtualFunction):
+                vf.io.refuse = status
 
     def _sanitize_started(self) -> None:
         """A sanitize operation started: a device self-test in progress is aborted; the
@@ -777,10 +821,11 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
         if virt is None:
             raise ConfigError("nvme: the primary controller has no SR-IOV")
         res = virt.res
+        # (no CMB or PMR: a VF has BAR0 only, and the PMR's file is the primary's)
         cfg = attrs.evolve(primary.cfg, max_ioqpairs=res.max_vq_per_vf - 1,
                            msix_vectors=res.max_vi_per_vf, msix_bar=0, cntlid=virt.scid(k), sriov_max_vfs=0,
                            sriov_vq_flexible=0, sriov_vi_flexible=0, sriov_max_vq_per_vf=0, sriov_max_vi_per_vf=0,
-                           state_dir=None, state_file=None)
+                           state_dir=None, state_file=None, cmb_size=0, pmr=None)
         #: the primary controller and this secondary's index
         self.primary = primary
         self.secondary_index = k
@@ -789,7 +834,41 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
         self.allocated = primary.allocated  # the primary's namespaces (one table, shared)
         self.created = primary.created
         self.set_attached(virt.attached(k) & set(self.allocated))
-        self.admin.remove_commands(Opcode.NS_MANAGEMENT, Opcode.NS_ATTACHMENT)
+        # what acts on state beyond the I/O of its attached namespaces stays with the primary
+        self.admin.remove_commands(Opcode.NS_MANAGEMENT, Opcode.NS_ATTACHMENT, Opcode.FORMAT_NVM,
+                                   Opcode.SANITIZE, Opcode.FW_COMMIT, Opcode.FW_DOWNLOAD)
+        self.io.refuse = primary.io.refuse  # a sanitize of the subsystem in progress
+
+    def describe(self) -> None:
+        """The controller's PCI function, without NVM Subsystem Reset (CAP.NSSRS clear: the
+        subsystem is the primary's)."""
+        super().describe()
+        self._cap &= ~CAP_NSSRS
+        cap = self.regs["CAP"]
+        cap.reset = cap.value = self._cap
+
+    def _nssr_written(self, reg: Register, new: int, old: int) -> None:
+        """NSSR is reserved on a secondary controller (CAP.NSSRS clear): writes are ignored."""
+        reg.value = 0
+
+    def subsystem_controllers(self) -> list[int]:
+        """The subsystem's controllers, as the primary knows them (CNS 13h)."""
+        return self.primary.subsystem_controllers()
+
+    def controllers_attached(self, nsid: int) -> list[int]:
+        """The controllers namespace ``nsid`` is attached to, as the primary knows them (CNS 12h)."""
+        return self.primary.controllers_attached(nsid)
+
+    def _make_uncorrectable(self) -> Uncorrectable:
+        """The primary's Write Uncorrectable marks: one object (and one sidecar writer) for
+        the shared namespaces."""
+        return self.primary.uncorrectable
+
+    def adjust_identify(self, buf: bytearray) -> None:
+        """CMIC bits 1 and 2 (a controller of a multi-controller subsystem, on an SR-IOV VF);
+        SANICAP 0 (no Sanitize on a secondary controller)."""
+        buf[76] |= CMIC_MULTI_CTRL | CMIC_SRIOV_VF
+        buf[328:332] = bytes(4)
 
     @property
     def io_queue_limit(self) -> int:
@@ -802,8 +881,9 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
         return max(min(self._virt.secondary(self.secondary_index)[2], self.cfg.msix_vectors), 1)
 
     def adjust_oacs(self, oacs: int) -> int:
-        """No Namespace Management (bit 3) on a secondary controller."""
-        return oacs & ~(1 << 3)
+        """No Format NVM (bit 1), Firmware Commit/Download (bit 2) or Namespace Management
+        (bit 3) on a secondary controller."""
+        return oacs & ~_OACS_NOT_ON_SECONDARY
 
     def enable_refusal(self) -> str | None:
         """Offline, or without queue and interrupt resources: CC.EN sets CSTS.CFS."""
@@ -823,6 +903,43 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
             self.set_attached(nsids & set(self.allocated))
             for nsid in sorted(before ^ set(self.namespaces)):
                 self.namespace_changed(nsid)
+
+    # -- migration: a secondary's state loads inside its primary's stream ----------------------------------
+    def check_device_state(self, state: NvmeState) -> None:
+        """Refuse, beyond the controller's checks, a state that disagrees with the primary's
+        records (loaded before the VFs): other attached namespaces, ready while offline or
+        without resources, queues beyond NVQ.
+
+        :raises StateError: naming the field.
+        """
+        super().check_device_state(state)
+        k = self.secondary_index
+
+        def fail(why: str, path: str) -> StateError:
+            return StateError(f"secondary controller {self._virt.scid(k)}: {why}", section=NVME_SECTION,
+                              instance_id=0, path=path)
+
+        want = sorted(self._virt.attached(k) & set(self.allocated))
+        got = sorted(n.nsid for n in state.namespaces if n.attached)
+        if got != want:
+            raise fail(f"namespaces {got} attached, the primary controller attached {want}", "namespaces")
+        if state.state != 0 and (problem := self._virt.enable_problem(k)) is not None:
+            raise fail(f"enabled, but {problem}", "state")
+        limit = self.io_queue_limit
+        f = state.features
+        if state.state != 0 and max(f.nsq, f.ncq) > limit:  # (enabling set them within NVQ - 1)
+            raise fail(f"Number of Queues {f.nsq}/{f.ncq} beyond the {limit} it was assigned (NVQ)", "features.nsq")
+        for name, queues in (("sqs", state.sqs), ("cqs", state.cqs)):
+            for i, q in enumerate(queues):
+                if q is not None and i > limit:
+                    raise fail(f"I/O queue {i} beyond the {limit} it was assigned (NVQ)", f"{name}[{i}]")
+
+    def set_device_state(self, state: NvmeState) -> None:
+        """Apply a checked state; the shared namespaces' formats, memory and Write
+        Uncorrectable marks stay as they are (they are the primary's, loaded with it)."""
+        namespaces = tuple(self.allocated[n.nsid].snapshot(attached=n.attached) for n in state.namespaces)
+        super().set_device_state(attrs.evolve(state, namespaces=namespaces,
+                                              uncorrectable=self.uncorrectable.snapshot()))
 
     def _make_namespaces(self) -> None:
         """The namespaces are the primary's (shared once built, see ``__init__``)."""

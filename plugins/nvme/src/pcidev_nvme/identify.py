@@ -39,6 +39,8 @@ class IdentifyHost(Protocol):
     def allocated_capacity(self) -> int: ...
     def adjust_oacs(self, oacs: int) -> int:
         """The OACS bits of this controller (SR-IOV: VMS on a primary, no NMS on a secondary)."""
+    def adjust_identify(self, buf: bytearray) -> None:
+        """Change the finished Identify Controller data of this controller (SR-IOV: CMIC, SANICAP)."""
 
 __all__ = ["identify_controller", "nsid_list", "identify_ctrl_csi_nvm", "identify_ns_independent",
            "controller_list", "io_command_set_vector", "IDENTIFY_SIZE", "OACS", "LPA", "OAES", "CTRATT"]
@@ -130,6 +132,7 @@ def identify_controller(ctrl: IdentifyHost) -> bytes:
     buf[768:768 + 256] = subnqn.encode("ascii")[:255].ljust(256, b"\0")
     # Power state 0: 25 W, operational
     struct.pack_into("<HBBII", buf, 2048, 2500, 0, 0, 16, 4)
+    ctrl.adjust_identify(buf)
     return bytes(buf)
 
 

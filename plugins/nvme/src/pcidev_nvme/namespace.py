@@ -413,6 +413,9 @@ class Namespace:
     :ivar meta: the :class:`~pcidev_nvme.metadata.MetadataStore` when ``ms`` is set.
     """
 
+    #: may be attached to two or more controllers (Identify Namespace NMIC bit 0; SR-IOV)
+    shared: bool = False
+
     def __init__(
         self,
         nsid: int,
@@ -644,7 +647,7 @@ class Namespace:
             0,  # MC: identify_capabilities
             0,  # DPC: identify_capabilities
             self.pi | (DPS_PI_FIRST if self.pi and self.pil else 0),  # DPS
-            0,  # NMIC: private namespace
+            int(self.shared),  # NMIC bit 0: may be attached to two or more controllers (SR-IOV)
             0,  # RESCAP
             0,  # FPI
             DLFEAT_READ_ZEROES | DLFEAT_WZ_DEAC,  # DLFEAT
