@@ -486,6 +486,27 @@ def test_a_primary_sanitize_holds_the_secondaries_io_too(host):
     assert _read_status(vd, 2, 0) == 0
 
 
+def test_a_sanitize_running_when_the_pf_migrates_still_holds_the_secondaries_io(host):
+    """The hold survives a migration: the VFs load after the PF, and a VF's own (never
+    running) sanitizer must not release it (found by the cross-package review)."""
+    h = host
+    h.bring_up(0, 2)
+    h.pdev.enable_sriov(1)
+    h.probe_vf(0)
+    src = h.ctrl
+    src.sanitizer.rate = 1.0  # a byte per second: it runs throughout
+    h.drv.sanitize(2)  # block erase
+    assert src.io.refuse == Status.SANITIZE_IN_PROGRESS
+    src.quiesce()
+    data, fds = save_device_stream(src)
+    dst = NvmeController(src.cfg, name="dst")
+    h.closing.append(load_device_stream(dst, data, fds))
+    h.closing.append(src)
+    assert dst.sanitizer.running and dst.io.refuse == Status.SANITIZE_IN_PROGRESS
+    assert [vf.io.refuse for vf in dst.virtual_functions] == [Status.SANITIZE_IN_PROGRESS]
+    dst.sanitizer.rate = None
+
+
 def test_identify_says_multi_controller_subsystem_and_shared_namespaces(host):
     h = host
     h.bring_up(0, 2)

@@ -939,7 +939,10 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
         Uncorrectable marks stay as they are (they are the primary's, loaded with it)."""
         namespaces = tuple(self.allocated[n.nsid].snapshot(attached=n.attached) for n in state.namespaces)
         super().set_device_state(attrs.evolve(state, namespaces=namespaces,
-                                              uncorrectable=self.uncorrectable.snapshot()))
+                                              uncorrectable=self.uncorrectable.snapshot(), sanitize=None))
+        # a sanitize of the subsystem is the primary's (loaded before its VFs): its hold on I/O
+        # applies here too, whatever this controller's own (never running) sanitizer said
+        self.io.refuse = self.primary.io.refuse
 
     def _make_namespaces(self) -> None:
         """The namespaces are the primary's (shared once built, see ``__init__``)."""
