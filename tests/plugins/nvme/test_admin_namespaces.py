@@ -9,6 +9,7 @@ import time
 import pytest
 from _helpers import GatedBackend, attach_namespace, expect_status, make_env, wait_until
 
+from pcidev_nvme import admin as admin_mod
 from pcidev_nvme.status import Status
 from pcidev_nvme.testing.driver import READ
 
@@ -170,6 +171,41 @@ def test_format_errors(env):
     expect_status(drv, Status.INVALID_FIELD, FORMAT, nsid=1, cdw10=2 << 9)  # crypto erase
     expect_status(drv, Status.INVALID_NSID, FORMAT, nsid=2, cdw10=0)
     expect_status(drv, Status.INVALID_NSID, FORMAT, nsid=0, cdw10=0)
+
+
+def test_a_format_whose_io_never_drains_fails_and_formats_nothing(nvme_env, monkeypatch):
+    """I/O in flight that does not finish within 30 s (a stuck backend): the Format NVM fails
+    with Internal Error and nothing is formatted -- it never runs under a write that may
+    still land (it used to format anyway)."""
+    env = nvme_env("ns=mem:size=1M", io_queues=1)
+    drv, ctrl = env.drv, env.ctrl
+    gated = GatedBackend()
+    attach_namespace(ctrl, 2, gated)
+    drv.scan_namespaces()
+    gated.data[:512] = b"\x77" * 512
+    buf = env.machine.alloc(4096)
+    gated.hold()
+    rcid = drv.submit(1, READ, nsid=2, buf=buf, length=512, tag="stuck")
+    wait_until(lambda: gated.waiting == 1)
+
+    class Clock:  # the Format's clock jumps past its 30 s at once
+        t = time.monotonic()
+
+        @staticmethod
+        def monotonic() -> float:
+            Clock.t += 31
+            return Clock.t
+
+        sleep = staticmethod(time.sleep)
+
+    monkeypatch.setattr(admin_mod, "time", Clock)
+    fcid = drv.submit(0, FORMAT, nsid=2, cdw10=0)
+    comp = drv.wait_for(0, fcid)
+    assert comp.code == Status.INTERNAL
+    gated.release()
+    assert drv.wait_for(1, rcid).ok
+    assert bytes(gated.data[:512]) == b"\x77" * 512  # not formatted
+    assert drv.io(1, READ, nsid=2, buf=buf, length=512).ok  # and no longer "being formatted"
 
 
 def test_io_during_format_is_refused(nvme_env):

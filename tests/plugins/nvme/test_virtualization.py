@@ -507,6 +507,40 @@ def test_a_sanitize_running_when_the_pf_migrates_still_holds_the_secondaries_io(
     dst.sanitizer.rate = None
 
 
+def test_a_primary_format_holds_the_secondaries_io_and_counts_their_io_in_flight(host):
+    """The primary's Format NVM covers the shared namespace on every controller: while it
+    runs, a secondary's I/O to it is Format In Progress, and the primary's wait for I/O in
+    flight sees the secondaries' commands (cross-package review)."""
+    h = host
+    h.bring_up(0, 2)
+    h.pdev.enable_sriov(1)
+    vd = h.probe_vf(0)
+    vf = h.pdev.virtfns[0].device
+    assert h.ctrl.begin_format({2}) == []
+    try:
+        assert _read_status(vd, 2, 0) == Status.FORMAT_IN_PROGRESS
+    finally:
+        h.ctrl.end_format({2})
+    assert _read_status(vd, 2, 0) == 0
+    seen = []
+    vf.io_inflight_for = lambda nsids: seen.append(set(nsids)) or True  # a command of the VF in flight
+    assert h.ctrl.io_inflight_for({2}) and seen == [{2}]
+
+
+def test_a_primary_sanitize_aborts_the_secondaries_self_test(host):
+    h = host
+    h.bring_up(0, 2)
+    h.pdev.enable_sriov(1)
+    vd = h.probe_vf(0)
+    vd.device_self_test(2, nsid=0xFFFFFFFF)  # extended: runs for minutes
+    assert vd.self_test_log()[0] == 2  # in progress
+    h.ctrl.sanitizer.rate = 1.0
+    h.drv.sanitize(2)
+    log = vd.self_test_log()
+    assert log[0] == 0 and log[4] & 0xF == 0x9, log[:8]  # aborted by a sanitize operation
+    h.ctrl.sanitizer.rate = None
+
+
 def test_identify_says_multi_controller_subsystem_and_shared_namespaces(host):
     h = host
     h.bring_up(0, 2)

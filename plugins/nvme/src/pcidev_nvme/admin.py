@@ -927,7 +927,10 @@ class AdminCommandSet:
         ids = {ns.nsid for ns in targets}
         try:
             deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and ctrl.io_inflight_for(ids):
+            while ctrl.io_inflight_for(ids):  # (every controller's: the secondaries' too)
+                if time.monotonic() > deadline:  # a stuck write must not land after the format
+                    raise _err(Status.INTERNAL, f"I/O to namespace(s) {sorted(ids)} did not finish within "
+                                                "30 s; nothing was formatted")
                 time.sleep(0.001)
             for ns in targets:
                 ctrl.selftest.namespace_changed(ns.nsid, RESULT_ABORTED_FORMAT)

@@ -340,6 +340,31 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         if self.virtualization is not None:
             buf[76] |= CMIC_MULTI_CTRL
 
+    # -- the subsystem's shared namespaces: the primary's Format NVM and Sanitize cover the
+    # -- secondaries' I/O too (they share the namespace table)
+    def _secondaries(self) -> list[NvmeVirtualFunction]:
+        return [vf for vf in list(self.virtual_functions) if isinstance(vf, NvmeVirtualFunction)]
+
+    def io_inflight_for(self, nsids: set[int]) -> bool:
+        """Whether an I/O command for one of ``nsids`` is in flight on this controller or,
+        for a primary, on one of its secondary controllers."""
+        return super().io_inflight_for(nsids) or any(vf.io_inflight_for(nsids) for vf in self._secondaries())
+
+    def begin_format(self, nsids: set[int]) -> list[int]:
+        """As :meth:`NamespaceSetMixin.begin_format`, and the secondaries refuse I/O to
+        ``nsids`` (Format In Progress) until :meth:`end_format` too."""
+        busy = super().begin_format(nsids)
+        if not busy:
+            for vf in self._secondaries():
+                vf.begin_format(nsids)
+        return busy
+
+    def end_format(self, nsids: set[int]) -> None:
+        """As :meth:`NamespaceSetMixin.end_format`, on the secondaries too."""
+        super().end_format(nsids)
+        for vf in self._secondaries():
+            vf.end_format(nsids)
+
     def subsystem_controllers(self) -> list[int]:
         """The CNTLIDs of the NVM subsystem's controllers: this one and its secondaries (CNS 13h)."""
         virt = self.virtualization
@@ -536,6 +561,8 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         """A sanitize operation started: a device self-test in progress is aborted; the
         state file is written soon (a sanitize continues after a restart)."""
         self.selftest.abort(RESULT_ABORTED_SANITIZE)
+        for vf in self._secondaries():  # a sanitize of the subsystem aborts their self-tests too
+            vf.selftest.abort(RESULT_ABORTED_SANITIZE)
         self.aer.discard(*SANITIZE_COMPLETED_EVENT)  # one of an earlier operation, not reported yet
         self.save_soon()
 
