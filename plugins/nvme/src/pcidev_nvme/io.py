@@ -71,7 +71,7 @@ from pcidev_nvme.limits import COPY_LIMITS, DMRL, DMRSL, DMSL, MAX_DSM_RANGES, O
 from pcidev_nvme.namespace import Namespace
 from pcidev_nvme.protected_io import ProtectedIo
 from pcidev_nvme.prp import OFF_DPTR1, data_segments, prp_segments
-from pcidev_nvme.request import ControllerPort, Request
+from pcidev_nvme.request import ControllerPort, Request, lba_extent
 from pcidev_nvme.status import NvmeStatusError, Status
 from pcidev_nvme.uncorrectable import Uncorrectable
 
@@ -208,11 +208,6 @@ def _os_status(exc: OSError, *, write: bool) -> int:
     if exc.errno in (errno.EIO, errno.ENXIO, errno.ENODEV, errno.EBADMSG, errno.EUCLEAN):
         return Status.WRITE_FAULT if write else Status.UNRECOVERED_READ_ERROR
     return Status.INTERNAL
-
-
-def _lba_extent(req: Request) -> tuple[int, int]:
-    """(SLBA, NLB) of a Read/Write-like command (CDW10-11, CDW12 15:0 zero's based)."""
-    return req.cdw10 | (req.cdw11 << 32), (req.cdw12 & 0xFFFF) + 1
 
 
 class IoCommandSet:
@@ -593,8 +588,7 @@ class IoCommandSet:
 
     def _rw_extent(self, req: Request, ns: Namespace, *, data: bool) -> tuple[int, int]:
         """Check SLBA/NLB (CDW10-12) and MDTS; return (byte offset, byte length)."""
-        slba = req.cdw10 | req.cdw11 << 32
-        nlb = (req.cdw12 & 0xFFFF) + 1
+        slba, nlb = lba_extent(req)
         if slba + nlb > ns.nlbas:
             raise _lba_range(slba, nlb, ns)
         shift = ns.lba_shift
@@ -686,7 +680,7 @@ class IoCommandSet:
         """Read (``done``: bytes already read into the front of the buffer)."""
         if ns.ms:
             if self.uncorrectable.active:
-                self._check_marks(ns, *_lba_extent(req))
+                self._check_marks(ns, *lba_extent(req))
             return self._protected.read(req, ns)
         offset, length = self._rw_extent(req, ns, data=True)
         if self.uncorrectable.active:
@@ -741,7 +735,7 @@ class IoCommandSet:
         self._check_writable(ns)
         if ns.ms:
             status = self._protected.write(req, ns)
-            self.uncorrectable.clear(ns.nsid, *_lba_extent(req))
+            self.uncorrectable.clear(ns.nsid, *lba_extent(req))
             return status
         offset, length = self._rw_extent(req, ns, data=True)
         mem, segs = self._segments(req, length, to_host=False)
@@ -762,7 +756,7 @@ class IoCommandSet:
 
     def _compare(self, req: Request, ns: Namespace) -> int:
         if ns.ms:
-            self._check_marks(ns, *_lba_extent(req))
+            self._check_marks(ns, *lba_extent(req))
             return self._protected.compare(req, ns)
         offset, length = self._rw_extent(req, ns, data=True)
         self._check_marks(ns, offset >> ns.lba_shift, length >> ns.lba_shift)
@@ -791,7 +785,7 @@ class IoCommandSet:
 
     def _verify(self, req: Request, ns: Namespace) -> int:
         if ns.ms:
-            self._check_marks(ns, *_lba_extent(req))
+            self._check_marks(ns, *lba_extent(req))
             return self._protected.verify(req, ns)
         offset, length = self._rw_extent(req, ns, data=False)
         self._check_marks(ns, offset >> ns.lba_shift, length >> ns.lba_shift)
@@ -826,7 +820,7 @@ class IoCommandSet:
         self._check_writable(ns)
         if ns.ms:
             status = self._protected.write_zeroes(req, ns)
-            self.uncorrectable.clear(ns.nsid, *_lba_extent(req))
+            self.uncorrectable.clear(ns.nsid, *lba_extent(req))
             self.altered()
             return status
         offset, length = self._rw_extent(req, ns, data=False)
@@ -943,8 +937,7 @@ class IoCommandSet:
         """Write Uncorrectable: mark SLBA..SLBA+NLB; the data underneath stays as it was,
         reads fail until the blocks are written or deallocated (:mod:`pcidev_nvme.uncorrectable`)."""
         self._check_writable(ns)
-        slba = req.cdw10 | req.cdw11 << 32
-        nlb = (req.cdw12 & 0xFFFF) + 1
+        slba, nlb = lba_extent(req)
         if slba + nlb > ns.nlbas:
             raise _lba_range(slba, nlb, ns)
         if not self.uncorrectable.mark(ns.nsid, slba, nlb):

@@ -52,7 +52,7 @@ from pcidev.errors import DmaError
 from pcidev_nvme.namespace import Namespace
 from pcidev_nvme.protection import PIF_16B, PRINFO_PRACT, PiFormat
 from pcidev_nvme.prp import PSDT_SGL_MPTR_SGL, data_segments, sgl_segments
-from pcidev_nvme.request import ControllerPort, Request
+from pcidev_nvme.request import ControllerPort, Request, lba_extent
 from pcidev_nvme.status import NvmeStatusError, Status
 
 __all__ = ["ProtectedIo", "RangeLocks", "interleave", "split_extended"]
@@ -218,8 +218,7 @@ class ProtectedIo:
     # -- buffers ----------------------------------------------------------------------
 
     def _extent(self, req: Request, ns: Namespace) -> tuple[int, int]:
-        slba = req.cdw10 | req.cdw11 << 32
-        nlb = (req.cdw12 & 0xFFFF) + 1
+        slba, nlb = lba_extent(req)
         if slba + nlb > ns.nlbas:
             raise NvmeStatusError(
                 Status.LBA_RANGE, f"LBAs {slba:#x}+{nlb} exceed namespace {ns.nsid} ({ns.nlbas} blocks)",

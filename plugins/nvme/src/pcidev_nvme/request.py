@@ -33,7 +33,7 @@ from pcidev_nvme.logs import SmartCounters
 from pcidev_nvme.namespace import Namespace
 from pcidev_nvme.status import NvmeStatusError
 
-__all__ = ["Request", "SQE", "SQE_SIZE", "decode_sqe", "ControllerPort"]
+__all__ = ["Request", "SQE", "SQE_SIZE", "decode_sqe", "lba_extent", "ControllerPort"]
 
 
 #: opcode, flags, cid, nsid, cdw2, cdw3, mptr, prp1, prp2, cdw10..cdw15
@@ -190,6 +190,12 @@ def decode_sqe(sqid: int, raw: bytes, offset: int = 0, sq: Any = None, gen: int 
     req.done = False
     req.parked = False
     return req
+
+
+def lba_extent(req: Request) -> tuple[int, int]:
+    """(SLBA, NLB) of a command that addresses logical blocks like Read and Write: SLBA in
+    CDW10-11, NLB in CDW12 bits 15:0 (zero's based). Not checked against a namespace."""
+    return req.cdw10 | req.cdw11 << 32, (req.cdw12 & 0xFFFF) + 1
 
 
 class ControllerPort(Protocol):
