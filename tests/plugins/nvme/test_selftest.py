@@ -158,6 +158,10 @@ def test_sanitize_aborts_a_self_test(env):
     drv = env.drv
     drv.device_self_test(EXTENDED, nsid=1)
     drv.sanitize(2)
+    deadline = time.monotonic() + 20  # log 06h is refused while the sanitize runs
+    while drv.sanitize_log()["sstat"] & 7 == 2:
+        assert time.monotonic() < deadline, "the sanitize did not finish"
+        time.sleep(0.01)
     e = entries(drv.self_test_log())[0]
     assert e["result"] == 9 and e["code"] == EXTENDED
 
