@@ -90,6 +90,22 @@ def served():
     ep.close()
 
 
+def _accesses(events: list[tuple[object, ...]]) -> list[tuple[object, ...]]:
+    """The events without polling: the loop may poll (and announce it) while it waits for
+    the client's shutdown, and its re-check after arming runs a poll in a batch of its own.
+    A loaded machine delays the shutdown past the hot poll's timeout, so how often that
+    happens is timing; what the tests check is the order of batches, accesses and replies."""
+    out: list[tuple[object, ...]] = []
+    for e in events:
+        if e[0] in ("polling", "poll"):
+            continue
+        if e == ("end",) and out and out[-1] == ("batch",):
+            out.pop()  # a batch that held nothing but a poll
+            continue
+        out.append(e)
+    return out
+
+
 def _run(server: VfioUserServer, client: socket.socket, data: bytes, replies: int) -> list[bytes]:
     """Send ``data`` in one write, serve until the client closes, return the replies."""
     out: list[bytes] = []
@@ -111,11 +127,7 @@ def test_posted_doorbell_writes_go_in_one_batch_that_ends_before_a_reply(served)
             + _write(5, 0x100, 4) + _write(6, 0x10, 9) + _write(7, 0x108, 5, posted=False) + _write(8, 0x108, 6))
     replies = _run(server, client, data, 2)
     assert len(replies) == 2
-    # the loop may poll (and announce it) while it waits for the client's shutdown: a loaded
-    # machine delays that past the hot poll's timeout; what is checked here is the order of
-    # batches, writes and replies
-    events = [e for e in dev.events if e[0] not in ("polling", "poll")]
-    assert events == [
+    assert _accesses(dev.events) == [
         ("batch",), ("write", 0x100, 2), ("write", 0x104, 3), ("end",),   # 1 and 2 collapse to the last value
         ("read", 0x0),                                                    # the reply goes out after the batch
         ("batch",), ("write", 0x100, 4), ("end",),
@@ -132,8 +144,7 @@ def test_outside_the_running_migration_state_every_write_takes_the_generic_path(
     dev, server, client = served
     server.conn.mig_state = 0  # STOP
     _run(server, client, _write(1, 0x100, 1) + _write(2, 0x100, 2), 0)
-    events = [e for e in dev.events if e[0] not in ("polling", "poll")]
-    assert events == [("write", 0x100, 1), ("write", 0x100, 2)]  # no batch, nothing collapsed
+    assert _accesses(dev.events) == [("write", 0x100, 1), ("write", 0x100, 2)]  # no batch, nothing collapsed
     assert server.loop.fast is not None and server.loop.fast.writes == 0
 
 
