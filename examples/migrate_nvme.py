@@ -110,7 +110,8 @@ def run(args: argparse.Namespace) -> tuple[VerifiedIo, MigrationRunResult]:
         config = f"serial=MIGDEMO,max_ioqpairs={args.queues},msix_vectors={args.queues + 1}," + ",".join(nss)
         workload = VerifiedIo(args.qd, args.queues)
         # [example: run nvme]
-        result = migrate_under_load("nvme", workload, count=args.migrations, iterations=args.rounds,
+        rounds = args.rounds if args.rounds is not None else max(24, 2 * (args.migrations + 1))
+        result = migrate_under_load("nvme", workload, count=args.migrations, iterations=rounds,
                                     properties=config, transport="tcp" if args.tcp else "unix",
                                     plugin_specs=args.plugin_specs, ram_size=128 << 20,
                                     probe=False)  # the NVMe driver probes the controller itself
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the options, run, report."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--migrations", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=24, help="rounds of QD writes per queue, each read back")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="rounds of QD writes per queue, each read back (default: 24, or two per migration)")
     ap.add_argument("--qd", type=int, default=32, help="commands in flight per queue")
     ap.add_argument("--queues", type=int, default=2)
     ap.add_argument("--ns-size", type=int, default=4 << 20, help="bytes per namespace")
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         workload, result = run(args)
     except PcidevError as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     migrations = result.migrations
     if args.json:

@@ -5,8 +5,9 @@ examples use, for any registered device type:
 
 1. the device starts in its own process (a device-link process,
    :class:`~pcidev.transport.link.process.DeviceProcess`), with the properties and
-   plugin selection given; one destination process per migration starts after it
-   and waits for its incoming migration;
+   plugin selection given; the destination of each migration starts once the one
+   before has completed (the first once the source is ready), while the workload
+   runs, and waits for its incoming migration;
 2. a software host (:class:`~pcidev.host.Machine`) plugs the device
    (:meth:`~pcidev.host.Machine.plug_remote`) and, unless ``probe=False``, enables
    it as a driver's probe does;
@@ -396,11 +397,18 @@ def migrate_under_load(device_type: str, workload: Workload | Callable[[Workload
         # destinations start once the source is up: a device may create files its
         # fingerprint names (NVMe's image identity) that they must find, not race for
         source.wait_event("ready", timeout=start_timeout)
-        for k in range(1, count + 1):
+
+        def start_destination(k: int) -> None:
+            # one destination at a time, started while the workload runs before the
+            # migration that needs it: no process waits for an incoming migration longer
+            # than one workload interval, however many migrations are asked for
             incoming = "tcp:127.0.0.1:0" if transport == "tcp" else f"unix:{workdir}/dev-{k}-in.sock"
             procs.append(DeviceProcess(destination_type or device_type, f"unix:{workdir}/dev-{k}.sock",
                                        options=dest_props,
                                        incoming=incoming, plugin_specs=plugin_specs))
+
+        if count:
+            start_destination(1)
         with Machine(ram_size=ram_size) as machine:
             pdev = machine.plug_remote(source.link, timeout=start_timeout)
             remote = pdev.device
@@ -411,7 +419,6 @@ def migrate_under_load(device_type: str, workload: Workload | Callable[[Workload
             ctx = WorkloadContext(machine, pdev)
             if on_ready is not None:
                 on_ready(ctx)
-            addresses = [str(d.wait_event("listening", timeout=start_timeout)["incoming"]) for d in procs[1:]]
             thread = _WorkloadThread(work, ctx, iterations)
             try:
                 thread.start()
@@ -423,9 +430,12 @@ def migrate_under_load(device_type: str, workload: Workload | Callable[[Workload
                     if thread.error is not None:
                         raise workload_failed()
                     src_pid, dest = procs[k - 1].pid, procs[k]
+                    address = str(dest.wait_event("listening", timeout=start_timeout)["incoming"])
+                    if thread.error is not None:  # it kept running while the destination started
+                        raise workload_failed()
                     at = ctx.iteration
                     try:
-                        report = remote.migrate(addresses[k - 1], timeout=migration_timeout)
+                        report = remote.migrate(address, timeout=migration_timeout)
                     except PcidevError as exc:
                         exc.add_note(f"migration {k} of {count} of {device_type} (process {src_pid} -> "
                                      f"{dest.pid}, {transport}) at workload iteration {at}; "
@@ -441,6 +451,8 @@ def migrate_under_load(device_type: str, workload: Workload | Callable[[Workload
                         host_pause=float(report["host_pause"]),
                         sections=tuple(loaded.get("sections") or ()), report=report)
                     records.append(record)
+                    if k < count:
+                        start_destination(k + 1)
                     if on_migration is not None:
                         on_migration(record, ctx)
                 try:  # `every` more steps, or up to the limit (the workload then ends by itself)

@@ -18,6 +18,7 @@ import pytest
 from pcidev.devices.edu import DESC, STATUS_DONE
 from pcidev.errors import MigrationError, PcidevError
 from pcidev.testing import (
+    MigrationRecord,
     MigrationRunResult,
     Workload,
     WorkloadContext,
@@ -81,6 +82,14 @@ def _children() -> set[int]:
     return out
 
 
+def _state(pid: int) -> str | None:
+    """A process's state letter (R, S, Z, ...), None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def _workdirs() -> set[str]:
     """This process's runner directories (another pytest run on the machine has its own)."""
     return {p for p in os.listdir(tempfile.gettempdir()) if p.startswith(f"pcidev-migrate-{os.getpid()}-")}
@@ -132,6 +141,22 @@ def test_edu_migrates_five_times_while_the_workload_verifies(clean):
     text = str(result)
     assert "edu: 5 migrations over unix" in text and "migration 5: process" in text
     assert repr(result).startswith("<MigrationRunResult edu x5 over unix, max downtime")
+
+
+def test_destinations_start_one_at_a_time_when_needed(clean):
+    """Each destination starts after the migration before it: at any migration the run has
+    at most the device's process and the next destination waiting (50 destinations
+    started up front used to time out waiting for their turn on a busy machine)."""
+    waiting: list[int] = []
+
+    def count(rec: MigrationRecord, ctx: WorkloadContext) -> None:
+        live = {k for k in _children() if _state(k) not in ("Z", "X", None)}  # earlier sources have exited
+        waiting.append(len(live - {rec.destination_pid, rec.source_pid}))
+
+    result = migrate_under_load("edu", EduCopies(), count=6, every=1, properties=EDU, on_migration=count)
+    assert [m.index for m in result.migrations] == [1, 2, 3, 4, 5, 6]
+    assert waiting[:-1] == [1] * 5 and waiting[-1] == 0  # the next destination, none after the last
+    assert len(set(result.pids)) == 7 and _gone(result.pids)
 
 
 def test_over_tcp_with_a_step_function(clean):

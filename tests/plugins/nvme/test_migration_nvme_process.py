@@ -201,3 +201,22 @@ def test_migrate_nvme_example_runs(capsys):
     assert migrate_nvme.main(["--migrations", "1", "--rounds", "4", "--qd", "8", "--ns-size", str(1 << 20)]) == 0
     out = capsys.readouterr().out
     assert "migration 1: to process" in out and "0 CRC-32C mismatches" in out
+
+
+def test_migrate_nvme_example_many_migrations_json(capsys):
+    """More migrations than the default rounds (once refused), each destination started when
+    needed; --json is one JSON object on stdout."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "examples"))
+    try:
+        import migrate_nvme
+    finally:
+        sys.path.pop(0)
+    assert migrate_nvme.main(["--migrations", "25", "--qd", "4", "--queues", "1", "--ns-size", str(1 << 20),
+                              "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["migrations"]) == 25 and out["mismatches"] == 0
+    assert len({m["pid"] for m in out["migrations"]}) == 25 and out["blocks_checked"] == 2 * 2048
