@@ -550,9 +550,10 @@ def copy_format_problem(ns: Namespace, desfmt: int, cdw12: int) -> NvmeStatusErr
 
 
 def copy_incompatible(sns: Namespace, dns: Namespace, cdw12: int) -> NvmeStatusError | None:
-    """Whether a range of namespace ``sns`` can be copied into namespace ``dns`` (formats 2h
-    and 3h; None: it can). Within one namespace only PRINFOR.PRACT unlike PRINFOW.PRACT
-    (with protection information) is refused, Invalid Field; across namespaces (Incompatible
+    """Why a range of namespace ``sns`` cannot be copied into ``dns`` (None: it can).
+
+    Formats 2h and 3h. Within one namespace only PRINFOR.PRACT unlike PRINFOW.PRACT (with
+    protection information) is refused, Invalid Field; across namespaces (Incompatible
     Namespace or Format, the rules QEMU applies, plus equal logical block sizes):
 
     * neither has protection information: the same block and metadata sizes;
