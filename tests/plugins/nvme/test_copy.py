@@ -14,14 +14,19 @@ import os
 import struct
 import threading
 
+import crc32c
 import pytest
 from _copy_exercisers import copy, f0, f1, f2, f3, set_cdfe
 from _helpers import expect_status, wait_until
 
 from pcidev import native
+from pcidev.host import Machine
+from pcidev.migration import load_device_stream, save_device_stream
+from pcidev_nvme.controller import NvmeController
 from pcidev_nvme.limits import COPY_LIMITS, OCFS
 from pcidev_nvme.sanitize import CHUNK
 from pcidev_nvme.status import Status
+from pcidev_nvme.testing.driver import NvmeDriver
 
 READ, WRITE, COPY, FORMAT_NVM = 0x02, 0x01, 0x19, 0x80
 PRACT, GUARD, APP, REF = 8, 4, 2, 1
@@ -460,3 +465,44 @@ def test_copies_in_opposite_directions_at_once(nvme_env, tmp_path, pi):
             drv.machine.free(buf)
     assert read(1, 100) == b and read(2, 100) == a
     assert read(1, 0) == a and read(2, 0) == b
+
+
+# ------------------------------------------------------------------------------ migration
+
+
+def test_cdfe_and_copied_data_survive_a_migration():
+    """CDFE travels with the features (the Host Behavior Support data): after an in-process
+    migration the destination takes format 2h copies; every block checked by crc32c."""
+    machine = Machine(ram_size=64 << 20)
+    src = NvmeController("ns=mem:size=1M,ns=mem:size=1M,lbaf=2,pi=1", name="src")
+    pdev = machine.plug(src)
+    drv = NvmeDriver(machine, pdev, io_queues=1, aers=0)
+    dst = res = None
+    try:
+        drv.probe()
+        drv.scan_namespaces()
+        set_cdfe(drv, CDFE_2)
+        a = fill(drv, 1, 0, 8)
+        assert copy(drv, 2, 0, [f2(1, 0, 8)], 2, prinfow=PRACT, ref=0).ok
+        src.quiesce()
+        data, fds = save_device_stream(src)
+        dst = NvmeController(src.cfg, name="dst")
+        res = load_device_stream(dst, data, fds)
+        dst.irq.sink = pdev.recorder
+        pdev.device = dst
+        drv.device, drv._bar_write, drv._bar_read = dst, dst.bar_write, dst.bar_read
+        dst.resume()
+        assert dst.features.copy_formats_enabled == CDFE_2
+        comp, back, _m = _read_pi(drv, 2, 0, 8, 8, ref=0)
+        assert comp.ok and [crc32c.crc32c(back[i * 512:(i + 1) * 512]) for i in range(8)] == \
+            [crc32c.crc32c(b) for b in a]
+        assert copy(drv, 1, 100, [f2(2, 0, 8, 0, 0, 0)], 2, prinfor=ALL | PRACT).ok
+        assert [crc32c.crc32c(b) for b in blocks_at(drv, 1, 100, 8)] == [crc32c.crc32c(b) for b in a]
+    finally:
+        drv.close()
+        for c in (dst, src):
+            if c is not None:
+                c.close()
+        if res is not None:
+            res.close()
+        machine.close()
