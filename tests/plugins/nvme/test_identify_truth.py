@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 import pytest
+from _copy_exercisers import COPY_EXERCISERS, COPY_FORMATTING
 from _helpers import Env, make_env
 from _protection_exercisers import PROTECTION_EXERCISERS
 
@@ -385,6 +386,7 @@ EXERCISERS: dict[tuple[str, int], Exerciser] = {
 }
 
 EXERCISERS.update(PROTECTION_EXERCISERS)  # metadata and protection information
+EXERCISERS.update(COPY_EXERCISERS)  # Copy descriptor formats 1h..3h (OCFS bits 1..3)
 
 #: fields walked: name -> (structure, offset, bytes); "idc" Identify Controller, "idns" Identify Namespace
 FIELDS = {"oaes": ("idc", 92, 4), "ctratt": ("idc", 96, 4), "frmw": ("idc", 260, 1), "lpa": ("idc", 261, 1),
@@ -428,7 +430,8 @@ def test_every_advertised_bit_works(env):
         # a secondary controller cannot format: the namespace's protection capabilities are
         # exercised through its primary (one namespace, shared)
         primary = getattr(env, "primary_drv", None)
-        ex(primary if primary is not None and key in PROTECTION_EXERCISERS else drv)
+        formats = key in PROTECTION_EXERCISERS or key in COPY_FORMATTING
+        ex(primary if primary is not None and formats else drv)
 
 
 def test_virtualization_management_works_exactly_when_advertised(env):

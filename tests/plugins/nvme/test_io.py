@@ -472,7 +472,9 @@ def test_copy_limits_and_errors(env):
     fails(ctrl, ios, copy_cmd(ctrl, 0, [(0, 1)] * (msrc + 2)), Status.CMD_SIZE_LIMIT_EXCEEDED)
     fails(ctrl, ios, copy_cmd(ctrl, 0, [(0, mssrl + 1)]), Status.CMD_SIZE_LIMIT_EXCEEDED)
     fails(ctrl, ios, copy_cmd(ctrl, 0, [(0, mssrl)] * (mcl // mssrl + 1)), Status.CMD_SIZE_LIMIT_EXCEEDED)
-    fails(ctrl, ios, copy_cmd(ctrl, 0, [(0, 1)], desfmt=1), Status.INVALID_FIELD)
+    fails(ctrl, ios, copy_cmd(ctrl, 0, [(0, 1)], desfmt=4), Status.INVALID_FIELD)  # not in OCFS
+    fails(ctrl, ios, copy_cmd(ctrl, 0, [(0, 1)], desfmt=2), Status.INVALID_FIELD)  # not enabled (CDFE)
+    fails(ctrl, ios, copy_cmd(ctrl, 0, [(0, 1)], desfmt=1), Status.INVALID_FORMAT)  # the 64b Guard's format
     err = fails(ctrl, ios, copy_cmd(ctrl, ns.nlbas - 2, [(0, 4)]), Status.LBA_RANGE)
     assert err.lba == ns.nlbas - 2
     err = fails(ctrl, ios, copy_cmd(ctrl, 0, [(ns.nlbas, 1)]), Status.LBA_RANGE)

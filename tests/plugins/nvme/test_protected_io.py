@@ -476,8 +476,8 @@ def test_compare_and_verify_refuse_pract(nvme_env):
 
 def test_copy_on_64b_guard_namespaces_and_unequal_pract(nvme_env):
     """Copy descriptor format 0 carries 32-bit tags: refused (Invalid Format) on a 64b Guard
-    namespace, whose format 1 is not offered (OCFS bit 1 clear); PRINFOR.PRACT unlike
-    PRINFOW.PRACT is Invalid Field."""
+    namespace, which takes format 1 (test_copy.py); PRINFOR.PRACT unlike PRINFOW.PRACT is
+    Invalid Field."""
     _env, drv, lay = make(nvme_env, 4, 1)  # 512+16, 64b Guard
     data = os.urandom(2 * 512)
     assert rw(drv, lay, WRITE, 0, 2, data, prinfo=PRACT, ref=0, app=1)[0].code == 0

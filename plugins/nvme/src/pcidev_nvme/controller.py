@@ -209,6 +209,8 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
                                        lambda: self.smart.host_write_commands, on_start=self._sanitize_started,
                                        pmr_enabled=lambda: self.pmr is not None and self.pmr.enabled)
             self.io.altered = self.sanitizer.data_written
+            self.io.copy_formats_enabled = lambda: self.features.copy_formats_enabled  # (HBS CDFE)
+            self.io.format_in_progress = lambda nsid: nsid in self._formatting  # (a Copy's source namespace)
             self.restore_persisted_sanitize()  # a sanitize survives a restart (the state file)
             self.restore_persisted_self_test()  # and the self-test results, an extended test
             if self.pmr is not None:  # NRDY while a sanitize runs or failed; enabling clears Global Data Erased
@@ -348,7 +350,8 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
     def io_inflight_for(self, nsids: set[int]) -> bool:
         """Whether an I/O command for one of ``nsids`` is in flight on this controller or,
         for a primary, on one of its secondary controllers."""
-        return super().io_inflight_for(nsids) or any(vf.io_inflight_for(nsids) for vf in self._secondaries())
+        return (super().io_inflight_for(nsids) or self.io.copying_from(nsids)  # (Copy source namespaces too)
+                or any(vf.io_inflight_for(nsids) for vf in self._secondaries()))
 
     def begin_format(self, nsids: set[int]) -> list[int]:
         """As :meth:`NamespaceSetMixin.begin_format`, and the secondaries refuse I/O to

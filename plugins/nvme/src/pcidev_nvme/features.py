@@ -23,7 +23,9 @@ FID    Feature                          Notes
                                         firmware activation notices
 0Eh    Timestamp                        8-byte data buffer
 0Fh    Keep Alive Timer                 KATO in ms (rounded up to 100 ms)
-16h    Host Behavior Support            512-byte data buffer
+16h    Host Behavior Support            512-byte data buffer; ACRE, ETDAS, LBAFEE 0 or 1;
+                                        CDFE (bytes 5:4) enables Copy descriptor formats
+                                        2h/3h (bits 2, 3; others reserved: Invalid Field)
 19h    I/O Command Set Profile          IOCSCI (CDW11 8:0): only combination 0 (NVM, the
                                         one Identify CNS 1Ch reports); any other index
                                         → I/O Command Set Combination Rejected
@@ -55,11 +57,12 @@ import attrs
 from pcidev.vmstate import U8, U16, U32, U64, Bool, Bytes, VarArray, vmstate
 from pcidev_nvme.config import NvmeConfig
 from pcidev_nvme.interrupts import Interrupts
+from pcidev_nvme.limits import OCFS
 from pcidev_nvme.namespace import Namespace
 from pcidev_nvme.request import Request
 from pcidev_nvme.status import NvmeStatusError, Status
 
-__all__ = ["Features", "FeaturesState", "TlerState", "WriteAtomicityState", "FID_NAMES"]
+__all__ = ["Features", "FeaturesState", "TlerState", "WriteAtomicityState", "FID_NAMES", "CDFE_SUPPORTED"]
 
 #: most namespaces with an error recovery setting in a migration stream
 MAX_NS = 1024
@@ -89,6 +92,12 @@ FID_NAMES = {
     FID_KATO: "keep alive timer", FID_HOST_BEHAVIOR: "host behavior support",
     FID_IOCS_PROFILE: "i/o command set profile",
 }
+
+#: Host Behavior Support CDFE (Copy Descriptor Formats Enable, bytes 5:4 of the data)
+_CDFE = struct.Struct("<H")
+#: the CDFE bits the controller honours: formats 2h and 3h where OCFS offers them (bits 2 and
+#: 3); the rest are reserved
+CDFE_SUPPORTED = OCFS & ((1 << 2) | (1 << 3))
 
 _PER_NS = {FID_ERROR_RECOVERY}
 #: AEC bits the controller honours: critical warnings 0..4, NS attribute (8), FW activation (9)
@@ -267,6 +276,12 @@ class Features:
         return self.values[FID_ASYNC_EVENT]
 
     @property
+    def copy_formats_enabled(self) -> int:
+        """Host Behavior Support CDFE (bytes 5:4): bit n set enables Copy descriptor format
+        n (only 2h and 3h need enabling)."""
+        return int(_CDFE.unpack_from(self.host_behavior, 4)[0])
+
+    @property
     def write_cache(self) -> bool:
         return bool(self.values[FID_VWC] & 1)
 
@@ -426,6 +441,11 @@ class Features:
             acre, etdas, lbafee = data[0], data[1], data[2]
             if acre > 1 or etdas > 1 or lbafee > 1:
                 raise NvmeStatusError(Status.INVALID_FIELD, "host behavior support: a field is out of range")
+            (cdfe,) = _CDFE.unpack_from(data, 4)
+            if cdfe & ~CDFE_SUPPORTED:
+                raise NvmeStatusError(Status.INVALID_FIELD,
+                                      f"host behavior support: CDFE {cdfe:#06x} enables no Copy descriptor format "
+                                      f"the controller has (only {CDFE_SUPPORTED:#x})")
             self.host_behavior = bytes(data[:512])
             return 0
         raise NvmeStatusError(Status.INVALID_FIELD, f"feature {fid:#x} is not changeable")  # pragma: no cover

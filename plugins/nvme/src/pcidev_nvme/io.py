@@ -32,7 +32,14 @@ SLBA + NLB beyond the namespace                        LBA Out of Range (byte 40
 transfer larger than MDTS                              Invalid Field (byte 48)
 malformed data pointer                                 PRP Offset Invalid / SGL statuses
 data pointer outside guest memory, bus mastering off   Data Transfer Error (byte 24)
-Copy format or limits                                  Invalid Field / Cmd Size Limit
+Copy format not offered, or 2h/3h not enabled (CDFE)  Invalid Field (byte 49)
+Copy format for the other Guard (0h/2h vs 1h/3h)       Invalid Format (byte 49)
+Copy limits (MSRC, MSSRL, MCL)                         Cmd Size Limit Exceeded
+Copy source NSID 0, FFFFFFFFh, not attached            Invalid Namespace
+Copy source namespace being formatted                  Format In Progress
+Copy source and destination formats that do not fit    Incompatible Namespace or Format
+Copy source overlapping the destination (2h, 3h)       Overlapping I/O Range
+Copy source range asking for Fast Copy Only            Fast Copy Not Possible
 PRINFO invalid for the namespace's PI type              Invalid Protection Information
 PI check failed (PRCHK: Guard, App Tag, Ref Tag)       End-to-end Guard / Application
                                                        Tag / Reference Tag Check Error
@@ -69,7 +76,7 @@ from pcidev.errors import DmaError
 from pcidev_nvme.backends import Backend
 from pcidev_nvme.limits import COPY_LIMITS, DMRL, DMRSL, DMSL, MAX_DSM_RANGES, OCFS, ONCS, SGLS, VSL, WZSL
 from pcidev_nvme.namespace import Namespace
-from pcidev_nvme.protected_io import ProtectedIo
+from pcidev_nvme.protected_io import CopySource, ProtectedIo, copy_format_problem, copy_incompatible
 from pcidev_nvme.prp import OFF_DPTR1, data_segments, prp_segments
 from pcidev_nvme.request import ControllerPort, Request, lba_extent
 from pcidev_nvme.status import NvmeStatusError, Status
@@ -179,7 +186,21 @@ VERIFY_CHUNK = 1 << 20
 
 _BROADCAST = 0xFFFFFFFF
 _DSM_RANGE = struct.Struct("<IIQ")  # context attributes, length (LBAs), starting LBA
-_COPY_RANGE0 = struct.Struct("<8xQH14x")  # source range entry format 0: SLBA, NLB (0's based)
+#: Copy source range entries (NVM Command Set, "Source Range Entries Copy Descriptor
+#: Format" 0h..3h; libnvme ``struct nvme_copy_range``, ``_f1``, ``_f2``, ``_f3``):
+#: format 0h (32 bytes): SLBA, NLB (0's based), EILBRT, ELBAT, ELBATM;
+#: format 1h (40 bytes): SLBA, NLB, ELBT (80 bits, big-endian: storage tag above the
+#: 48-bit reference tag), ELBAT, ELBATM;
+#: format 2h (32 bytes): SNSID, SLBA, NLB, SOPT, EILBRT, ELBAT, ELBATM;
+#: format 3h (40 bytes): SNSID, SLBA, NLB, SOPT, ELBT, ELBAT, ELBATM
+_COPY_ENTRY = (
+    struct.Struct("<8xQH6xIHH"),
+    struct.Struct("<8xQH8x10sHH"),
+    struct.Struct("<I4xQH4xHIHH"),
+    struct.Struct("<I4xQH4xH2x10sHH"),
+)
+#: SOPT bit 15: Fast Copy Only
+_SOPT_FCO = 1 << 15
 
 # Byte offsets in the SQE (Error Information "parameter error location").
 _OFF_OPCODE = 0
@@ -198,6 +219,34 @@ def _lba_range(slba: int, nlb: int, ns: Namespace) -> NvmeStatusError:
         param_offset=_OFF_CDW10,
         lba=slba,
     )
+
+
+def _copy_entry(raw: bytes | bytearray, desfmt: int, i: int
+                ) -> tuple[int | None, int, int, int, int, int, int]:
+    """Source range entry ``i`` of a Copy descriptor of format ``desfmt``: (SNSID or None,
+    SLBA, NLB 0's based, SOPT, expected initial reference tag, ELBAT, ELBATM); the 48-bit
+    reference tag of formats 1h and 3h is the low bits of ELBT (no storage tag: STS 0)."""
+    entry = _COPY_ENTRY[desfmt]
+    fields = entry.unpack_from(raw, i * entry.size)
+    if desfmt == 0:
+        slba, nlb0, ref, app, mask = fields
+        return None, slba, nlb0, 0, ref, app, mask
+    if desfmt == 1:
+        slba, nlb0, elbt, app, mask = fields
+        return None, slba, nlb0, 0, int.from_bytes(elbt[4:], "big"), app, mask
+    if desfmt == 2:
+        snsid, slba, nlb0, sopt, ref, app, mask = fields
+        return snsid, slba, nlb0, sopt, ref, app, mask
+    snsid, slba, nlb0, sopt, elbt, app, mask = fields
+    return snsid, slba, nlb0, sopt, int.from_bytes(elbt[4:], "big"), app, mask
+
+
+def _copy_snsids(raw: bytes | bytearray, desfmt: int, count: int) -> set[int]:
+    """The source namespace identifiers of the entries (formats 2h and 3h; none otherwise)."""
+    if desfmt < 2:
+        return set()
+    size = _COPY_ENTRY[desfmt].size
+    return {int.from_bytes(raw[i * size:i * size + 4], "little") for i in range(count)}
 
 
 def _os_status(exc: OSError, *, write: bool) -> int:
@@ -232,6 +281,14 @@ class IoCommandSet:
         #: count leaves out) altered user data: the Sanitize Status log's Global Data Erased
         self.altered: Callable[[], None] = lambda: None
         self.refuse = 0
+        #: Host Behavior Support CDFE: the Copy descriptor formats (bit n: format n) the host
+        #: enabled; set by the controller to its features' value
+        self.copy_formats_enabled: Callable[[], int] = lambda: 0
+        #: whether a Format NVM of the namespace is in progress (a Copy's source namespace);
+        #: set by the controller
+        self.format_in_progress: Callable[[int], bool] = lambda nsid: False
+        #: source namespaces (other than the destination) of the Copies running: NSID -> count
+        self._copying_from: dict[int, int] = {}
         #: commands handed to the workers and not started yet (an Abort may take them)
         self._queued: set[Request] = set()
         self._complete = ctrl.complete
@@ -865,31 +922,123 @@ class IoCommandSet:
         return 0
 
     def _copy(self, req: Request, ns: Namespace) -> int:
+        """Copy (descriptor formats 0h..3h) into namespace ``ns`` (see :meth:`_copy_sources`
+        for the checks); the source namespaces of formats 2h and 3h are held against a
+        Format NVM (:meth:`copying_from`) until it completes."""
         self._check_writable(ns)
         cdw12 = req.cdw12
         nr = cdw12 & 0xFF
         desfmt = (cdw12 >> 8) & 0xF
-        if desfmt != 0:
+        if desfmt > 3 or not OCFS >> desfmt & 1:
             raise NvmeStatusError(
                 Status.INVALID_FIELD, f"Copy descriptor format {desfmt} is not supported",
                 param_offset=_OFF_CDW12 + 1,
             )
-        if ns.ms:
-            problem = self._protected.copy_problem(req, ns)
-            if problem is not None:
-                raise problem
-        mssrl, mcl, msrc = COPY_LIMITS
+        if desfmt >= 2 and not self.copy_formats_enabled() >> desfmt & 1:
+            raise NvmeStatusError(
+                Status.INVALID_FIELD,
+                f"Copy descriptor format {desfmt} is not enabled (Host Behavior Support CDFE)",
+                param_offset=_OFF_CDW12 + 1,
+            )
+        problem = copy_format_problem(ns, desfmt, cdw12)
+        if problem is not None:
+            raise problem
+        msrc = COPY_LIMITS[2]
         if nr > msrc:
             raise NvmeStatusError(
                 Status.CMD_SIZE_LIMIT_EXCEEDED, f"{nr + 1} source ranges exceed {msrc + 1}",
                 param_offset=_OFF_CDW12,
             )
-        raw = self._fetch(req, (nr + 1) * _COPY_RANGE0.size)
+        entry = _COPY_ENTRY[desfmt]
+        raw = self._fetch(req, (nr + 1) * entry.size)
+        others = {n for n in _copy_snsids(raw, desfmt, nr + 1) if n != ns.nsid}
+        if not others:
+            return self._copy_checked(req, ns, raw, desfmt)
+        with self._cond:
+            for n in others:
+                self._copying_from[n] = self._copying_from.get(n, 0) + 1
+        try:
+            return self._copy_checked(req, ns, raw, desfmt)
+        finally:
+            with self._cond:
+                for n in others:
+                    left = self._copying_from[n] - 1
+                    if left:
+                        self._copying_from[n] = left
+                    else:
+                        del self._copying_from[n]
+
+    def copying_from(self, nsids: set[int]) -> bool:
+        """Whether a Copy (format 2h or 3h) reading one of ``nsids`` as a source namespace
+        is running (a Format NVM of the namespace waits for it, as for the I/O to it).
+
+        :param nsids: namespace identifiers.
+        """
+        with self._cond:
+            return any(n in self._copying_from for n in nsids)
+
+    def _copy_checked(self, req: Request, ns: Namespace, raw: bytearray, desfmt: int) -> int:
+        sources = self._copy_sources(req, ns, raw, desfmt)
+        cdw12 = req.cdw12
         sdlba = req.cdw10 | req.cdw11 << 32
-        ranges = []
+        total = sum(src.nlb for src in sources)
+        if sdlba + total > ns.nlbas:
+            raise _lba_range(sdlba, total, ns)
+        if desfmt >= 2:
+            for src in sources:
+                if src.ns is ns and src.slba < sdlba + total and sdlba < src.slba + src.nlb:
+                    raise NvmeStatusError(
+                        Status.OVERLAPPING_IO_RANGE,
+                        f"source LBAs {src.slba:#x}+{src.nlb} overlap the destination {sdlba:#x}+{total}",
+                        lba=src.slba,
+                    )
+        for src in sources:
+            self._check_marks(src.ns, src.slba, src.nlb)
+        if ns.ms or any(src.ns.ms for src in sources):
+            status = self._protected.copy(req, ns, sources, sdlba)
+            self.uncorrectable.clear(ns.nsid, sdlba, total)
+            return status
+        shift = ns.lba_shift
+        buf = bytearray(total << shift)
+        mv = memoryview(buf)
+        try:
+            pos = 0
+            for src in sources:
+                n = src.nlb << shift
+                src.ns.backend.readv([mv[pos : pos + n]], src.slba << shift)
+                pos += n
+            self.uncorrectable.clear(ns.nsid, sdlba, total)
+            ns.backend.writev([mv], sdlba << shift, fua=self._durable(cdw12))
+        finally:
+            mv.release()
+        self.ctrl.smart.record_write(len(buf))
+        return 0
+
+    def _copy_sources(self, req: Request, ns: Namespace, raw: bytearray, desfmt: int) -> list[CopySource]:
+        """The source ranges of a Copy into ``ns``, each checked, in the order a range meets
+        the checks: its source namespace (formats 2h, 3h: 0, FFFFFFFFh or not attached is
+        Invalid Namespace, one being formatted Format In Progress), MSSRL and MCL (Command
+        Size Limit Exceeded), the namespaces' compatibility (:func:`copy_incompatible`),
+        its LBAs on the source namespace (LBA Out of Range), SOPT Fast Copy Only (Fast Copy
+        Not Possible: no copy is a fast one)."""
+        mssrl, mcl, _msrc = COPY_LIMITS
+        namespaces = self.ctrl.namespaces
+        cdw12 = req.cdw12
+        entry = _COPY_ENTRY[desfmt]
+        sources: list[CopySource] = []
         total = 0
-        for i in range(nr + 1):
-            slba, nlb0 = _COPY_RANGE0.unpack_from(raw, i * _COPY_RANGE0.size)
+        for i in range(len(raw) // entry.size):
+            snsid, slba, nlb0, sopt, ref, app, mask = _copy_entry(raw, desfmt, i)
+            sns = ns
+            if snsid is not None and snsid != ns.nsid:
+                found = namespaces.get(snsid) if snsid not in (0, _BROADCAST) else None
+                if found is None:
+                    raise NvmeStatusError(Status.INVALID_NSID,
+                                          f"source range {i}: namespace {snsid:#x} is not attached")
+                if self.format_in_progress(snsid):
+                    raise NvmeStatusError(Status.FORMAT_IN_PROGRESS,
+                                          f"source range {i}: namespace {snsid} is being formatted")
+                sns = found
             nlb = nlb0 + 1
             if nlb > mssrl:
                 raise NvmeStatusError(
@@ -901,37 +1050,21 @@ class IoCommandSet:
                 raise NvmeStatusError(
                     Status.CMD_SIZE_LIMIT_EXCEEDED, f"Copy of more than {mcl} blocks"
                 )
-            if slba + nlb > ns.nlbas:
+            if desfmt >= 2:
+                problem = copy_incompatible(sns, ns, cdw12)
+                if problem is not None:
+                    raise problem
+            if slba + nlb > sns.nlbas:
                 raise NvmeStatusError(
                     Status.LBA_RANGE,
-                    f"source range {i}: LBAs {slba:#x}+{nlb} exceed namespace {ns.nsid}",
+                    f"source range {i}: LBAs {slba:#x}+{nlb} exceed namespace {sns.nsid}",
                     lba=slba,
                 )
-            ranges.append((slba, nlb))
-        if sdlba + total > ns.nlbas:
-            raise _lba_range(sdlba, total, ns)
-        for slba, nlb in ranges:
-            self._check_marks(ns, slba, nlb)
-        if ns.ms:
-            status = self._protected.copy(req, ns, raw, ranges, sdlba)
-            self.uncorrectable.clear(ns.nsid, sdlba, total)
-            return status
-        shift = ns.lba_shift
-        buf = bytearray(total << shift)
-        mv = memoryview(buf)
-        try:
-            pos = 0
-            for slba, nlb in ranges:
-                n = nlb << shift
-                ns.backend.readv([mv[pos : pos + n]], slba << shift)
-                pos += n
-            self.uncorrectable.clear(ns.nsid, sdlba, total)
-            ns.backend.writev([mv], sdlba << shift, fua=self._durable(cdw12))
-        finally:
-            mv.release()
-        self.ctrl.smart.record_write(len(buf))
-        return 0
-
+            if sopt & _SOPT_FCO:
+                raise NvmeStatusError(Status.FAST_COPY_NOT_POSSIBLE,
+                                      f"source range {i} asks for a fast copy (SOPT.FCO): none is")
+            sources.append(CopySource(sns, slba, nlb, ref, app, mask))
+        return sources
 
     def _write_uncorrectable(self, req: Request, ns: Namespace) -> int:
         """Write Uncorrectable: mark SLBA..SLBA+NLB; the data underneath stays as it was,

@@ -38,8 +38,10 @@ ONCS = (1 << 0) | (1 << 1) | (1 << 2) | (1 << 3) | (1 << 7) | (1 << 8)
 #: holding an SGL descriptor for metadata (PSDT 10b, MSDS, bit 19).
 SGLS = 0x1 | (1 << 16) | (1 << 19)
 
-#: Identify Controller OCFS: Copy source range descriptor format 0 supported.
-OCFS = 0x1
+#: Identify Controller OCFS: Copy source range descriptor formats 0h (16b Guard tags), 1h
+#: (64b Guard: 48-bit reference tags), 2h and 3h (the same with a source namespace per range:
+#: cross-namespace copy, usable once the host enables them in Host Behavior Support CDFE).
+OCFS = 0xF
 
 #: Copy limits (Identify Namespace MSSRL, MCL, MSRC): at most 128 logical blocks per
 #: source range, 1024 blocks per command, 128 source ranges (MSRC is 0's based).

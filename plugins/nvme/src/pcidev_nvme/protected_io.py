@@ -42,10 +42,10 @@ or strip.
 
 from __future__ import annotations
 
-import struct
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import NamedTuple
 
 from pcidev.dma import GuestMemory
 from pcidev.errors import DmaError
@@ -55,13 +55,33 @@ from pcidev_nvme.prp import PSDT_SGL_MPTR_SGL, data_segments, sgl_segments
 from pcidev_nvme.request import ControllerPort, Request, lba_extent
 from pcidev_nvme.status import NvmeStatusError, Status
 
-__all__ = ["ProtectedIo", "RangeLocks", "interleave", "split_extended"]
+__all__ = ["CopySource", "ProtectedIo", "RangeLocks", "copy_format_problem", "copy_incompatible", "interleave",
+           "split_extended"]
 
 _OFF_CDW10 = 40
 _OFF_CDW12 = 48
 _OFF_MPTR = 16
 _OFF_DPTR = 24
-_COPY_RANGE0 = struct.Struct("<8xQH6xIHH")  # SLBA, NLB (0's based), EILBRT, ELBAT, ELBATM
+
+
+class CopySource(NamedTuple):
+    """One source range of a Copy, as its descriptor entry gives it.
+
+    :ivar ns: the source namespace (the destination's for formats 0h and 1h).
+    :ivar slba: first logical block.
+    :ivar nlb: number of logical blocks (1-based).
+    :ivar ref: the expected initial logical block reference tag (EILBRT, or the low 48 bits
+        of ELBT in formats 1h and 3h).
+    :ivar app: the expected logical block application tag (ELBAT).
+    :ivar mask: the application tag mask (ELBATM).
+    """
+
+    ns: Namespace
+    slba: int
+    nlb: int
+    ref: int
+    app: int
+    mask: int
 
 
 def interleave(data: bytes | bytearray | memoryview, meta: bytes | bytearray | memoryview, nlb: int, lbs: int,
@@ -463,50 +483,36 @@ class ProtectedIo:
                 ns.meta.deallocate(slba, nlb)
             ns.backend.deallocate(slba << ns.lba_shift, nlb << ns.lba_shift)
 
-    @staticmethod
-    def copy_problem(req: Request, ns: Namespace) -> NvmeStatusError | None:
-        """Why a Copy cannot run on this namespace with metadata (None: it can): the 16-bit
-        Guard's descriptor format 0 on a namespace with the 64b Guard (whose format 1
-        with 48-bit tags is not supported: OCFS bit 1 is clear) is Invalid Format;
-        PRINFOR.PRACT unlike PRINFOW.PRACT is Invalid Field."""
-        pif = ns.protection
-        if pif is None:
-            return None
+    def copy(self, req: Request, dns: Namespace, sources: Sequence[CopySource], sdlba: int) -> int:
+        """Copy with metadata on the destination or a source (any descriptor format; the
+        caller checked the limits, the ranges, :func:`copy_format_problem` and
+        :func:`copy_incompatible`): each source range's data and metadata, its PI checked
+        as PRINFOR asks (CDW12 15:12, expected tags from the range entry) and, with
+        PRINFOR.PRACT and metadata that is only the PI, stripped; then written at SDLBA
+        with PI checked or generated as PRINFOW asks (CDW12 29:26, CDW2/CDW3/CDW14 and
+        CDW15 as for a Write). Each range is read under its shared lock, the destination
+        written under its exclusive one: never two held at once, so copies in opposite
+        directions between two namespaces cannot wait on each other."""
         cdw12 = req.cdw12
-        if pif.pif != PIF_16B:
-            return NvmeStatusError(
-                Status.INVALID_FORMAT,
-                "Copy descriptor format 0 on a namespace with the 64b Guard (format 1 is not supported)",
-                param_offset=_OFF_CDW12 + 1,
-            )
-        if bool(cdw12 & 1 << 15) != bool(cdw12 & PRINFO_PRACT):
-            return NvmeStatusError(Status.INVALID_FIELD, "PRINFOR.PRACT differs from PRINFOW.PRACT",
-                                   param_offset=_OFF_CDW12 + 1)
-        return None
-
-    def copy(self, req: Request, ns: Namespace, raw: bytes | bytearray, ranges: list[tuple[int, int]],
-             sdlba: int) -> int:
-        """Copy (descriptor format 0) with metadata: each source range's data and metadata,
-        its PI checked as PRINFOR asks (CDW12 15:12, expected tags from the range entry),
-        then written at SDLBA with PI checked or regenerated as PRINFOW asks (CDW12 29:26,
-        CDW14/CDW15 as for a Write). The caller has asked :meth:`copy_problem` first."""
-        cdw12 = req.cdw12
-        pif = ns.protection
+        prinfor = (cdw12 >> 12 & 0xF) << 26
         datas: list[bytearray] = []
         metas: list[bytearray] = []
-        for i, (slba, nlb) in enumerate(ranges):
-            data, meta = self._stored(ns, slba, nlb)
-            if pif is not None:
-                prinfor = (cdw12 >> 12 & 0xF) << 26
-                _slba, _nlb, eilbrt, elbat, elbatm = _COPY_RANGE0.unpack_from(raw, i * 32)
-                pif.check_command(slba, prinfor, eilbrt)
-                pif.check(memoryview(data), memoryview(meta), nlb, slba=slba, cdw12=prinfor, ref=eilbrt,
-                          app=elbat, app_mask=elbatm)
+        for src in sources:
+            sns = src.ns
+            data, meta = self._stored(sns, src.slba, src.nlb)
+            spif = sns.protection
+            if spif is not None:
+                spif.check_command(src.slba, prinfor, src.ref)
+                spif.check(memoryview(data), memoryview(meta), src.nlb, slba=src.slba, cdw12=prinfor, ref=src.ref,
+                           app=src.app, app_mask=src.mask)
+            if sns.ms != dns.ms:  # (compatible: the PI is stripped, or inserted below)
+                meta = bytearray(src.nlb * dns.ms)
             datas.append(data)
             metas.append(meta)
         data = bytearray().join(datas)
         meta = bytearray().join(metas)
-        total = sum(n for _s, n in ranges)
+        total = sum(src.nlb for src in sources)
+        pif = dns.protection
         if pif is not None:
             ref, app, mask = self._tags(pif, req, sdlba, cdw12)
             if cdw12 & PRINFO_PRACT:
@@ -514,7 +520,79 @@ class ProtectedIo:
             else:
                 pif.check(memoryview(data), memoryview(meta), total, slba=sdlba, cdw12=cdw12, ref=ref, app=app,
                           app_mask=mask)
-        self._store(ns, sdlba, data, meta, self._durable(cdw12))
+        self._store(dns, sdlba, data, meta, self._durable(cdw12))
         self.ctrl.smart.record_write(len(data))
         return 0
 
+
+def copy_format_problem(ns: Namespace, desfmt: int, cdw12: int) -> NvmeStatusError | None:
+    """Why descriptor format ``desfmt`` cannot copy into namespace ``ns`` (None: it can).
+
+    Formats 0h and 2h carry the 16b Guard's 32-bit tags, 1h and 3h the 64b Guard's 48-bit
+    reference tag: on a namespace whose protection information has the other Guard the
+    format is Invalid Format (as QEMU answers). A namespace without protection information
+    takes the 16b formats (0h, 2h). PRINFOR.PRACT unlike PRINFOW.PRACT on a namespace with
+    protection information is Invalid Field for a copy within it (formats 0h, 1h; per range
+    for 2h, 3h: :func:`copy_incompatible`).
+    """
+    pif = ns.protection
+    wide = pif is not None and pif.pif != PIF_16B
+    if bool(desfmt & 1) != wide:
+        guard = "64b" if wide else "16b (or no)"
+        return NvmeStatusError(Status.INVALID_FORMAT,
+                               f"Copy descriptor format {desfmt} does not fit namespace {ns.nsid}'s {guard} Guard "
+                               f"protection information (formats {'1 and 3' if wide else '0 and 2'} do)",
+                               param_offset=_OFF_CDW12 + 1)
+    if pif is not None and desfmt < 2 and bool(cdw12 & 1 << 15) != bool(cdw12 & PRINFO_PRACT):
+        return NvmeStatusError(Status.INVALID_FIELD, "PRINFOR.PRACT differs from PRINFOW.PRACT",
+                               param_offset=_OFF_CDW12 + 1)
+    return None
+
+
+def copy_incompatible(sns: Namespace, dns: Namespace, cdw12: int) -> NvmeStatusError | None:
+    """Why a range of namespace ``sns`` cannot be copied into ``dns`` (None: it can).
+
+    Formats 2h and 3h. Within one namespace only PRINFOR.PRACT unlike PRINFOW.PRACT (with
+    protection information) is refused, Invalid Field; across namespaces (Incompatible
+    Namespace or Format, the rules QEMU applies, plus equal logical block sizes):
+
+    * neither has protection information: the same block and metadata sizes;
+    * both have it: the same LBA format and PI settings (type, position, Guard) and
+      PRINFOR.PRACT equal to PRINFOW.PRACT;
+    * only the destination: PRINFOW.PRACT set (the PI is generated), the source without
+      metadata, the destination's metadata only the PI;
+    * only the source: PRINFOR.PRACT set (the PI is stripped), the destination without
+      metadata, the source's metadata only the PI.
+    """
+    spi, dpi = sns.protection, dns.protection
+    pract_r, pract_w = bool(cdw12 & 1 << 15), bool(cdw12 & PRINFO_PRACT)
+    if sns is dns:
+        if spi is not None and pract_r != pract_w:
+            return NvmeStatusError(Status.INVALID_FIELD, "PRINFOR.PRACT differs from PRINFOW.PRACT",
+                                   param_offset=_OFF_CDW12 + 1)
+        return None
+    why = None
+    if sns.lba_size != dns.lba_size:
+        why = f"logical block sizes differ ({sns.lba_size} and {dns.lba_size} bytes)"
+    elif spi is None and dpi is None:
+        if sns.ms != dns.ms:
+            why = f"metadata sizes differ ({sns.ms} and {dns.ms} bytes)"
+    elif spi is not None and dpi is not None:
+        if pract_r != pract_w:
+            why = "PRINFOR.PRACT differs from PRINFOW.PRACT"
+        elif (sns.ms, spi.pi_type, spi.first, spi.pif) != (dns.ms, dpi.pi_type, dpi.first, dpi.pif):
+            why = "the metadata or protection information settings differ"
+    elif dpi is not None:
+        if not pract_w:
+            why = "the destination has protection information and PRINFOW.PRACT is clear"
+        elif sns.ms or dns.ms != dpi.size:
+            why = "the source has metadata or the destination's is more than its protection information"
+    else:
+        assert spi is not None
+        if not pract_r:
+            why = "the source has protection information and PRINFOR.PRACT is clear"
+        elif dns.ms or sns.ms != spi.size:
+            why = "the destination has metadata or the source's is more than its protection information"
+    if why is None:
+        return None
+    return NvmeStatusError(Status.INCOMPATIBLE_NS, f"namespace {sns.nsid} cannot be copied to {dns.nsid}: {why}")

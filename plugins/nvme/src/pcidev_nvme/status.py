@@ -106,6 +106,9 @@ class Status(enum.IntEnum):
     PMR_SAN_PROHIBITED = 0x123  # Sanitize Prohibited While Persistent Memory Region is Enabled
     ANA_GROUP_ID_INVALID = 0x124
     CMD_SIZE_LIMIT_EXCEEDED = 0x183  # Copy: command size limit exceeded
+    INCOMPATIBLE_NS = 0x185  # Copy: Incompatible Namespace or Format (source vs destination)
+    FAST_COPY_NOT_POSSIBLE = 0x186  # Copy: a range asks for Fast Copy Only (SOPT.FCO)
+    OVERLAPPING_IO_RANGE = 0x187  # Copy: a source range overlaps the destination range
     CONFLICTING_ATTRS = 0x180
     INVALID_PROT_INFO = 0x181
     WRITE_TO_RO = 0x182

@@ -1,0 +1,508 @@
+"""Copy (I/O opcode 19h) with source range descriptor formats 0h..3h, end to end through the
+software host: the data each format copies (checked block by block), cross-namespace copies
+(formats 2h and 3h) with and without metadata and protection information (16b and 64b
+Guard), Host Behavior Support CDFE, every refusal and its status, the Format NVM hold on a
+source namespace and copies running in opposite directions at once.
+
+Descriptors are built from the NVM Command Set layouts in ``_copy_exercisers``; the
+expected PI is computed from the spec in ``test_protected_io``'s way (big-endian fields, CRC
+over the data)."""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+
+import crc32c
+import pytest
+from _copy_exercisers import copy, f0, f1, f2, f3, set_cdfe
+from _helpers import expect_status, wait_until
+
+from pcidev import native
+from pcidev.host import Machine
+from pcidev.migration import load_device_stream, save_device_stream
+from pcidev_nvme.controller import NvmeController
+from pcidev_nvme.limits import COPY_LIMITS, OCFS
+from pcidev_nvme.sanitize import CHUNK
+from pcidev_nvme.status import Status
+from pcidev_nvme.testing.driver import NvmeDriver
+
+READ, WRITE, COPY, FORMAT_NVM = 0x02, 0x01, 0x19, 0x80
+PRACT, GUARD, APP, REF = 8, 4, 2, 1
+ALL = GUARD | APP | REF
+CDFE_2, CDFE_3 = 1 << 2, 1 << 3
+
+
+def block(nsid: int, lba: int, bs: int, seed: int = 0) -> bytes:
+    """A block that names where it was written (a misplaced block shows at once)."""
+    head = struct.pack("<IQI", nsid, lba, seed)
+    body = bytes(((i * 131 + lba * 7 + nsid * 13 + seed) >> 2) & 0xFF for i in range(bs - len(head)))
+    return head + body
+
+
+def fill(drv, nsid: int, slba: int, nlb: int, seed: int = 0) -> list[bytes]:
+    bs = drv.lba_size(nsid)
+    blocks = [block(nsid, slba + i, bs, seed) for i in range(nlb)]
+    drv.write(nsid, slba, b"".join(blocks))
+    return blocks
+
+
+def blocks_at(drv, nsid: int, slba: int, nlb: int) -> list[bytes]:
+    bs = drv.lba_size(nsid)
+    raw = drv.read(nsid, slba, nlb)
+    return [raw[i * bs:(i + 1) * bs] for i in range(nlb)]
+
+
+def two(nvme_env, first: str = "mem:size=1M", second: str = "mem:size=1M", **kw):
+    env = nvme_env(f"ns={first},ns={second}", **kw)
+    env.drv.scan_namespaces()
+    return env, env.drv
+
+
+# ------------------------------------------------------------------------------ formats and data
+
+
+def test_ocfs_advertises_the_four_formats(nvme_env):
+    env = nvme_env("ns=mem:size=1M")
+    assert struct.unpack_from("<H", env.drv.identify(0x01), 534)[0] == OCFS == 0xF
+
+
+def test_formats_0_and_2_copy_the_right_blocks_within_and_across_namespaces(nvme_env):
+    _env, drv = two(nvme_env)
+    a = fill(drv, 1, 0, 16, seed=1)
+    b = fill(drv, 2, 0, 16, seed=2)
+    assert copy(drv, 1, 100, [f0(3, 2), f0(10, 4), f0(0, 1)], 0).ok
+    assert blocks_at(drv, 1, 100, 7) == a[3:5] + a[10:14] + a[0:1]
+    set_cdfe(drv, CDFE_2)
+    # ranges from namespace 2 and 1 into namespace 1, and from 1 into 2
+    comp = copy(drv, 1, 200, [f2(2, 5, 3), f2(1, 8, 2), f2(2, 0, 1)], 2)
+    assert comp.ok, hex(comp.status)
+    assert blocks_at(drv, 1, 200, 6) == b[5:8] + a[8:10] + b[0:1]
+    comp = copy(drv, 2, 300, [f2(1, 12, 4)], 2)
+    assert comp.ok, hex(comp.status)
+    assert blocks_at(drv, 2, 300, 4) == a[12:16]
+    assert blocks_at(drv, 2, 0, 16) == b  # the sources are untouched
+    assert blocks_at(drv, 1, 0, 16) == a
+
+
+def test_cdfe_enables_formats_2_and_3_and_rejects_reserved_bits(nvme_env):
+    _env, drv = two(nvme_env)
+    fill(drv, 2, 0, 2)
+    # disabled: Invalid Field at CDW12 byte 1 (the format)
+    expect_status(drv, Status.INVALID_FIELD, COPY, qid=1, param=49, **_fields(drv, 1, 0, [f2(2, 0, 1)], 2))
+    for reserved in (1 << 0, 1 << 1, 1 << 4, 1 << 15, CDFE_2 | 1 << 8):
+        comp = set_cdfe(drv, reserved, check=False)
+        assert comp.code == Status.INVALID_FIELD and comp.dnr, hex(reserved)
+    set_cdfe(drv, CDFE_2 | CDFE_3)
+    hbs = drv.get_features(0x16, length=512).tag
+    assert struct.unpack_from("<H", hbs, 4)[0] == CDFE_2 | CDFE_3
+    assert copy(drv, 1, 10, [f2(2, 0, 1)], 2).ok
+    # format 3 is enabled too, but carries the 64b Guard's tags: not for this namespace
+    assert copy(drv, 1, 10, [f3(2, 0, 1)], 3).code == Status.INVALID_FORMAT
+    set_cdfe(drv, CDFE_3)  # format 2 alone disabled again
+    assert copy(drv, 1, 10, [f2(2, 0, 1)], 2).code == Status.INVALID_FIELD
+    # a controller reset brings every feature back to its default: CDFE 0
+    set_cdfe(drv, CDFE_2)
+    drv.restart()
+    assert copy(drv, 1, 10, [f2(2, 0, 1)], 2).code == Status.INVALID_FIELD
+
+
+def _fields(drv, nsid, sdlba, entries, desfmt):
+    """Fields for expect_status (the descriptor buffer stays allocated: tests are short)."""
+    raw = b"".join(entries)
+    buf = drv.machine.alloc(4096, 4096)
+    drv.mem.write(buf, raw)
+    return {"nsid": nsid, "cdw10": sdlba, "cdw12": (len(entries) - 1) | desfmt << 8, "buf": buf, "length": len(raw)}
+
+
+@pytest.mark.parametrize("desfmt", [4, 5, 0xF])
+def test_formats_the_controller_does_not_offer_are_invalid_field(nvme_env, desfmt):
+    env = nvme_env("ns=mem:size=1M")
+    set_cdfe(env.drv, CDFE_2 | CDFE_3)
+    expect_status(env.drv, Status.INVALID_FIELD, COPY, qid=1, param=49, **_fields(env.drv, 1, 8, [f0(0, 1)], desfmt))
+
+
+# ------------------------------------------------------------------------------ refusals
+
+
+def test_source_namespace_refusals(nvme_env):
+    env = nvme_env("ns=mem:size=1M,ns=mem:size=64K,max_namespaces=8", io_queues=1)
+    drv = env.drv
+    drv.scan_namespaces()
+    set_cdfe(drv, CDFE_2)
+    small = drv.namespaces[2].nsze
+    for snsid in (0, 0xFFFFFFFF, 3, 7):  # 0, broadcast, not allocated
+        assert copy(drv, 1, 0, [f2(snsid, 0, 1)], 2).code == Status.INVALID_NSID, snsid
+    # an allocated namespace that is detached from this controller
+    ctrl_list = struct.pack("<HH", 1, struct.unpack_from("<H", drv.identify(0x01), 78)[0]).ljust(4096, b"\0")
+    drv.admin(0x15, nsid=2, cdw10=1, data=ctrl_list)
+    assert copy(drv, 1, 0, [f2(2, 0, 1)], 2).code == Status.INVALID_NSID
+    drv.admin(0x15, nsid=2, cdw10=0, data=ctrl_list)
+    # LBAs beyond the SOURCE namespace (the destination has room): LBA Out of Range, its LBA
+    before = env.ctrl.error_log.count
+    assert copy(drv, 1, 0, [f2(2, small - 1, 2)], 2).code == Status.LBA_RANGE
+    assert env.ctrl.error_log.count == before + 1 and env.ctrl.error_log.entries()[0]["lba"] == small - 1
+    assert copy(drv, 1, 0, [f2(2, small - 2, 2)], 2).ok
+    # the destination range is checked against the destination
+    assert copy(drv, 2, small - 1, [f2(1, 0, 2)], 2).code == Status.LBA_RANGE
+    # Fast Copy Only: no copy here is a fast one
+    assert copy(drv, 1, 0, [f2(2, 0, 1, sopt=1 << 15)], 2).code == Status.FAST_COPY_NOT_POSSIBLE
+    # a source range overlapping the destination in the same namespace (2h, 3h)
+    assert copy(drv, 1, 4, [f2(1, 0, 8)], 2).code == Status.OVERLAPPING_IO_RANGE
+    assert copy(drv, 1, 4, [f2(1, 5, 2)], 2).code == Status.OVERLAPPING_IO_RANGE  # (4..5 and 5..6)
+    assert copy(drv, 1, 4, [f2(1, 2, 2)], 2).ok  # adjacent on either side is not overlapping
+    assert copy(drv, 1, 4, [f2(1, 6, 2)], 2).ok
+    assert copy(drv, 1, 4, [f2(1, 0, 2), f2(1, 6, 1)], 2).code == Status.OVERLAPPING_IO_RANGE  # (4..6)
+    assert copy(drv, 1, 4, [f2(2, 4, 4)], 2).ok  # the same LBAs of another namespace are not either
+
+
+def test_limits_apply_to_every_format(nvme_env):
+    _env, drv = two(nvme_env)
+    set_cdfe(drv, CDFE_2)
+    mssrl, mcl, msrc = COPY_LIMITS
+    for desfmt, entry in ((0, lambda s, n: f0(s, n)), (2, lambda s, n: f2(2, s, n))):
+        assert copy(drv, 1, 0, [entry(0, 1)] * (msrc + 2), desfmt).code == Status.CMD_SIZE_LIMIT_EXCEEDED
+        assert copy(drv, 1, 0, [entry(0, mssrl + 1)], desfmt).code == Status.CMD_SIZE_LIMIT_EXCEEDED
+        over = [entry(0, mssrl)] * (mcl // mssrl + 1)
+        assert copy(drv, 1, 0, over, desfmt).code == Status.CMD_SIZE_LIMIT_EXCEEDED
+        assert copy(drv, 1, 0, [entry(0, mssrl)] * (mcl // mssrl), desfmt).ok
+
+
+def test_read_only_destination_and_source(nvme_env, tmp_path):
+    img = tmp_path / "ro.img"
+    img.write_bytes(bytes(range(256)) * 4096)
+    _env, drv = two(nvme_env, f"file:path={img},readonly=on", "mem:size=1M")
+    set_cdfe(drv, CDFE_2)
+    assert copy(drv, 1, 0, [f2(2, 0, 1)], 2).code == Status.NS_WRITE_PROTECTED
+    assert copy(drv, 1, 0, [f0(8, 1)], 0).code == Status.NS_WRITE_PROTECTED
+    assert copy(drv, 2, 10, [f2(1, 3, 2)], 2).ok  # a read-only source is fine
+    assert drv.read(2, 10, 2) == img.read_bytes()[3 * 512:5 * 512]
+
+
+def test_uncorrectable_source_blocks_fail_the_copy(nvme_env):
+    env, drv = two(nvme_env)
+    set_cdfe(drv, CDFE_2)
+    fill(drv, 2, 0, 8)
+    drv.write_uncorrectable(2, 5, 1)
+    before = env.ctrl.error_log.count
+    assert copy(drv, 1, 0, [f2(2, 0, 4), f2(2, 4, 3)], 2).code == Status.UNRECOVERED_READ_ERROR
+    assert env.ctrl.error_log.entries()[0]["lba"] == 5 and env.ctrl.error_log.count == before + 1
+    assert drv.read(1, 0, 4) == bytes(4 * 512)  # nothing was written
+    # marks on the destination go when the copy rewrites the blocks
+    drv.write_uncorrectable(1, 2, 1)
+    assert copy(drv, 1, 0, [f2(2, 0, 4)], 2).ok
+    assert drv.read(1, 2, 1) == block(2, 2, 512)
+
+
+def test_a_sanitize_in_progress_refuses_copies(nvme_env):
+    env, drv = two(nvme_env, "mem:size=4M", "mem:size=4M")
+    set_cdfe(drv, CDFE_2)
+    env.ctrl.sanitizer.rate = CHUNK * 4  # slow enough to watch
+    drv.sanitize(2)  # block erase
+    try:
+        assert copy(drv, 1, 0, [f2(2, 0, 1)], 2).code == Status.SANITIZE_IN_PROGRESS
+    finally:
+        env.ctrl.sanitizer.rate = None
+        wait_until(lambda: drv.sanitize_log()["sstat"] & 0x7 != 2, 30, "the sanitize to end")
+
+
+# ------------------------------------------------------------------------------ metadata and PI across namespaces
+
+
+def _pi(lbaf: int, data: bytes, app: int, ref: int) -> bytes:
+    if lbaf in (4, 5, 8):
+        guard = native.py_crc64_nvme(data)
+        return guard.to_bytes(8, "big") + app.to_bytes(2, "big") + (ref & 0xFFFF_FFFF_FFFF).to_bytes(6, "big")
+    return native.py_crc16_t10dif(data).to_bytes(2, "big") + app.to_bytes(2, "big") + \
+        (ref & 0xFFFF_FFFF).to_bytes(4, "big")
+
+
+def _write_pi(drv, nsid, slba, data, *, app, ref):
+    comp, _d, _m = drv.io_md(WRITE, nsid, slba, len(data) // 512, data=data, prinfo=PRACT, ref=ref, app=app)
+    assert comp.ok, hex(comp.status)
+
+
+def _read_pi(drv, nsid, slba, nlb, ms, *, prinfo=ALL, app=0, ref=0):
+    comp, data, meta = drv.io_md(READ, nsid, slba, nlb, data_len=nlb * 512, meta_len=nlb * ms, prinfo=prinfo,
+                                 ref=ref, app=app)
+    return comp, data, meta
+
+
+def test_cross_namespace_copy_with_16b_guard_pi(nvme_env):
+    _env, drv = two(nvme_env, "mem:size=1M,lbaf=2,pi=2", "mem:size=1M,lbaf=2,pi=2")
+    set_cdfe(drv, CDFE_2)
+    data = os.urandom(4 * 512)
+    _write_pi(drv, 2, 8, data, app=0x1234, ref=0x5000)
+    # PRACT both ways: the source PI is checked (expected tags from the entry) and the
+    # destination's generated from the command's ILBRT / LBAT
+    comp = copy(drv, 1, 40, [f2(2, 8, 4, 0x5000, 0x1234, 0xFFFF)], 2, prinfor=ALL | PRACT, prinfow=PRACT,
+                ref=0x900, app=0x4321)
+    assert comp.ok, hex(comp.status)
+    comp, back, meta = _read_pi(drv, 1, 40, 4, 8, app=0x4321, ref=0x900)
+    assert comp.ok and back == data
+    assert meta == b"".join(_pi(2, data[i * 512:(i + 1) * 512], 0x4321, 0x900 + i) for i in range(4))
+    # without PRACT the PI travels as stored: the destination checks it against ILBRT
+    comp = copy(drv, 1, 60, [f2(2, 8, 4, 0x5000, 0x1234, 0xFFFF)], 2, prinfor=ALL, prinfow=ALL, ref=0x5000,
+                app=0x1234)
+    assert comp.ok, hex(comp.status)
+    comp, back, meta = _read_pi(drv, 1, 60, 4, 8, app=0x1234, ref=0x5000)
+    assert comp.ok and back == data
+    # PRCHK failures on the source: the status of the check, the source LBA, nothing written
+    cases = [(f2(2, 8, 4, 0x5000, 0x1235, 0xFFFF), APP, Status.APP_TAG_CHECK, 8),
+             (f2(2, 8, 4, 0x5001, 0x1234, 0xFFFF), REF, Status.REF_TAG_CHECK, 8)]
+    for entry, chk, status, lba in cases:
+        comp = copy(drv, 1, 80, [entry], 2, prinfor=chk | PRACT, prinfow=PRACT, ref=80)
+        assert comp.code == status, hex(comp.code)
+        assert _env.ctrl.error_log.entries()[0]["lba"] == lba
+    # a block whose Guard does not match its data (written without checks)
+    bad = bytearray(_pi(2, data[:512], 0x1234, 0x5000))
+    bad[0] ^= 0xFF
+    comp, _d, _m = drv.io_md(WRITE, 2, 20, 1, data=data[:512], meta=bytes(bad), prinfo=0)
+    assert comp.ok
+    comp = copy(drv, 1, 80, [f2(2, 20, 1, 0x5000, 0x1234, 0xFFFF)], 2, prinfor=GUARD | PRACT, prinfow=PRACT,
+                ref=80)
+    assert comp.code == Status.GUARD_CHECK
+    comp, back, _m = _read_pi(drv, 1, 80, 1, 8, prinfo=0)
+    assert back == bytes(512)
+
+
+def test_copy_between_namespaces_with_and_without_pi(nvme_env):
+    """PI generated into a PI namespace from one without metadata (PRINFOW.PRACT), and
+    stripped from a PI namespace into one without (PRINFOR.PRACT); without PRACT each is
+    Incompatible Namespace or Format."""
+    env = nvme_env("ns=mem:size=1M,ns=mem:size=1M,lbaf=2,pi=1")
+    drv = env.drv
+    drv.scan_namespaces()
+    set_cdfe(drv, CDFE_2)
+    plain = fill(drv, 1, 0, 4)
+    assert copy(drv, 2, 16, [f2(1, 0, 4)], 2, prinfow=PRACT, ref=16, app=5).ok
+    comp, back, meta = _read_pi(drv, 2, 16, 4, 8, app=5, ref=16)
+    assert comp.ok and back == b"".join(plain)
+    assert meta == b"".join(_pi(2, plain[i], 5, 16 + i) for i in range(4))
+    assert copy(drv, 2, 16, [f2(1, 0, 4)], 2, prinfow=ALL, ref=16).code == Status.INCOMPATIBLE_NS
+    # and back: the PI checked (type 1: EILBRT is the source LBA) and stripped
+    assert copy(drv, 1, 100, [f2(2, 16, 4, 16, 5, 0xFFFF)], 2, prinfor=ALL | PRACT).ok
+    assert blocks_at(drv, 1, 100, 4) == plain
+    assert copy(drv, 1, 100, [f2(2, 16, 4, 16, 5, 0xFFFF)], 2, prinfor=ALL).code == Status.INCOMPATIBLE_NS
+    assert copy(drv, 1, 100, [f2(2, 16, 4, 17, 5, 0xFFFF)], 2, prinfor=REF | PRACT).code == Status.INVALID_PROT_INFO
+
+
+@pytest.mark.parametrize(("first", "second"), [
+    ("mem:size=1M", "mem:size=1M,lbaf=1"),  # block sizes differ
+    ("mem:size=1M,lbaf=2", "mem:size=1M"),  # metadata (no PI) on one side only
+    ("mem:size=1M,lbaf=2,pi=1", "mem:size=1M,lbaf=2,pi=2"),  # PI types differ
+    ("mem:size=1M,lbaf=2,pi=1", "mem:size=1M,lbaf=2,pi=1,pil=1"),  # PI first vs last
+    ("mem:size=1M,lbaf=2,pi=1", "mem:size=1M,lbaf=6,pi=1"),  # metadata sizes differ
+    ("mem:size=1M,lbaf=6,pi=1", "mem:size=1M"),  # the PI is not the whole metadata: no PRACT insertion
+    ("mem:size=1M", "mem:size=1M,lbaf=6,pi=1"),  # nor stripping
+])
+def test_incompatible_namespaces(nvme_env, first, second):
+    _env, drv = two(nvme_env, first, second)
+    set_cdfe(drv, CDFE_2)
+    for prinfo in (0, PRACT):
+        comp = copy(drv, 1, 0, [f2(2, 0, 1)], 2, prinfor=prinfo, prinfow=prinfo)
+        assert comp.code == Status.INCOMPATIBLE_NS and comp.dnr, (prinfo, hex(comp.code))
+    # within one namespace a PI format mismatch between PRACTs is Invalid Field instead
+    if "pi=" in first:
+        assert copy(drv, 1, 8, [f2(1, 0, 1)], 2, prinfor=PRACT).code == Status.INVALID_FIELD
+
+
+def test_pract_must_agree_across_pi_namespaces(nvme_env):
+    _env, drv = two(nvme_env, "mem:size=1M,lbaf=2,pi=1", "mem:size=1M,lbaf=2,pi=1")
+    set_cdfe(drv, CDFE_2)
+    assert copy(drv, 1, 0, [f2(2, 0, 1)], 2, prinfor=PRACT).code == Status.INCOMPATIBLE_NS
+    assert copy(drv, 1, 0, [f2(2, 0, 1)], 2, prinfow=PRACT).code == Status.INCOMPATIBLE_NS
+
+
+# ------------------------------------------------------------------------------ the 64b Guard
+
+
+def test_format_1_checks_and_regenerates_48_bit_tags(nvme_env):
+    env = nvme_env("ns=mem:size=1M,lbaf=4,pi=2")
+    drv = env.drv
+    drv.scan_namespaces()
+    data = os.urandom(3 * 512)
+    big = 0x1234_5678_9A00  # a reference tag beyond 32 bits
+    _write_pi(drv, 1, 4, data, app=0x42, ref=big)
+    comp = copy(drv, 1, 50, [f1(4, 3, big, 0x42, 0xFFFF)], 1, prinfor=ALL | PRACT, prinfow=PRACT,
+                ref=0xABCD_0000_0010, app=0x43)
+    assert comp.ok, hex(comp.status)
+    comp, back, meta = _read_pi(drv, 1, 50, 3, 16, app=0x43, ref=0xABCD_0000_0010)
+    assert comp.ok and back == data
+    assert meta == b"".join(_pi(4, data[i * 512:(i + 1) * 512], 0x43, 0xABCD_0000_0010 + i) for i in range(3))
+    # only the low 48 bits of ELBT are the reference tag: one off in bit 40 fails the check
+    comp = copy(drv, 1, 70, [f1(4, 3, big ^ 1 << 40, 0x42, 0xFFFF)], 1, prinfor=REF | PRACT, prinfow=PRACT,
+                ref=70)
+    assert comp.code == Status.REF_TAG_CHECK
+    # without PRACT the stored PI goes along and the write side checks it with the 48-bit ILBRT
+    comp = copy(drv, 1, 80, [f1(4, 3, big, 0x42, 0xFFFF)], 1, prinfor=ALL, prinfow=ALL, ref=big, app=0x42)
+    assert comp.ok, hex(comp.status)
+    comp, back, _m = _read_pi(drv, 1, 80, 3, 16, app=0x42, ref=big)
+    assert comp.ok and back == data
+    comp = copy(drv, 1, 90, [f1(4, 3, big, 0x42, 0xFFFF)], 1, prinfor=ALL, prinfow=REF, ref=big + 1)
+    assert comp.code == Status.REF_TAG_CHECK
+
+
+def test_format_0_on_64b_guard_and_format_1_on_16b_guard_are_invalid_format(nvme_env):
+    env64 = nvme_env("ns=mem:size=1M,lbaf=4,pi=1")
+    expect_status(env64.drv, Status.INVALID_FORMAT, COPY, qid=1, param=49,
+                  **_fields(env64.drv, 1, 8, [f0(0, 1)], 0))
+    set_cdfe(env64.drv, CDFE_2 | CDFE_3)
+    expect_status(env64.drv, Status.INVALID_FORMAT, COPY, qid=1, param=49,
+                  **_fields(env64.drv, 1, 8, [f2(1, 0, 1)], 2))
+    env16 = nvme_env("ns=mem:size=1M,lbaf=2,pi=1")
+    expect_status(env16.drv, Status.INVALID_FORMAT, COPY, qid=1, param=49,
+                  **_fields(env16.drv, 1, 8, [f1(0, 1)], 1))
+    envno = nvme_env("ns=mem:size=1M")  # no PI: the 16b formats
+    expect_status(envno.drv, Status.INVALID_FORMAT, COPY, qid=1, param=49,
+                  **_fields(envno.drv, 1, 8, [f1(0, 1)], 1))
+
+
+def test_format_3_across_64b_guard_namespaces(nvme_env):
+    _env, drv = two(nvme_env, "mem:size=1M,lbaf=5,pi=1", "mem:size=1M,lbaf=5,pi=1")
+    set_cdfe(drv, CDFE_3)
+    data = os.urandom(2 * 4096)
+    comp, _d, _m = drv.io_md(WRITE, 2, 7, 2, data=data, prinfo=PRACT, ref=7, app=9)
+    assert comp.ok
+    comp = copy(drv, 1, 30, [f3(2, 7, 2, 7, 9, 0xFFFF)], 3, prinfor=ALL | PRACT, prinfow=PRACT, ref=30, app=9)
+    assert comp.ok, hex(comp.status)
+    comp, back, meta = drv.io_md(READ, 1, 30, 2, data_len=8192, meta_len=32, prinfo=ALL, ref=30, app=9)
+    assert comp.ok and back == data
+    assert meta == b"".join(_pi(5, data[i * 4096:(i + 1) * 4096], 9, 30 + i) for i in range(2))
+    # format 2 (the 16b Guard's tags) is Invalid Format here even when enabled
+    set_cdfe(drv, CDFE_2 | CDFE_3)
+    assert copy(drv, 1, 30, [f2(2, 7, 2)], 2, prinfor=PRACT, prinfow=PRACT).code == Status.INVALID_FORMAT
+    # a type 1 source with the wrong expected reference tag (not its LBA): Invalid PI
+    comp = copy(drv, 1, 30, [f3(2, 7, 2, 8, 9, 0xFFFF)], 3, prinfor=REF | PRACT, prinfow=PRACT, ref=30)
+    assert comp.code == Status.INVALID_PROT_INFO
+
+
+# ------------------------------------------------------------------------------ holds and locks
+
+
+def test_a_format_of_the_source_namespace_waits_for_the_copy_and_refuses_new_ones(nvme_env, tmp_path):
+    env, drv = two(nvme_env, f"file:path={tmp_path}/d.img,size=1M", "mem:size=1M")
+    set_cdfe(drv, CDFE_2)
+    src = fill(drv, 2, 0, 4)
+    sns = env.ctrl.namespaces[2]
+    entered, go = threading.Event(), threading.Event()
+    real = sns.backend.readv
+
+    def slow_readv(views, offset):
+        entered.set()
+        go.wait(10)
+        return real(views, offset)
+
+    sns.backend.readv = slow_readv
+    buf = drv.machine.alloc(4096, 4096)
+    try:
+        drv.mem.write(buf, f2(2, 0, 4))
+        cid = drv.submit(1, COPY, nsid=1, cdw10=10, cdw12=2 << 8, buf=buf, length=32)
+        assert entered.wait(10)
+        assert env.ctrl.io_inflight_for({2})  # a Format NVM of namespace 2 would wait for it
+        go.set()
+        assert drv.wait_for(1, cid).ok
+    finally:
+        sns.backend.readv = real
+        go.set()
+        drv.machine.free(buf)
+    wait_until(lambda: not env.ctrl.io_inflight_for({2}), 5, "the copy to let go of namespace 2")
+    assert blocks_at(drv, 1, 10, 4) == src
+    # while namespace 2 is being formatted, a copy reading it is Format In Progress
+    assert not env.ctrl.begin_format({2})
+    try:
+        assert copy(drv, 1, 0, [f2(2, 0, 1)], 2).code == Status.FORMAT_IN_PROGRESS
+        assert copy(drv, 1, 0, [f2(1, 40, 1)], 2).ok  # its own namespace is fine
+    finally:
+        env.ctrl.end_format({2})
+    assert copy(drv, 1, 0, [f2(2, 0, 1)], 2).ok
+
+
+@pytest.mark.parametrize("pi", [False, True])
+def test_copies_in_opposite_directions_at_once(nvme_env, tmp_path, pi):
+    """Copies 1 <- 2 and 2 <- 1 on two queues, many at once on the worker threads (file
+    namespaces; with PI, under the metadata's range locks): no deadlock, every block where
+    it belongs."""
+    spec = ",lbaf=2,pi=1" if pi else ""
+    _env, drv = two(nvme_env, f"file:path={tmp_path}/a.img,size=1M{spec}",
+                    f"file:path={tmp_path}/b.img,size=1M{spec}", io_queues=2)
+    set_cdfe(drv, CDFE_2)
+
+    def write(nsid, seed):
+        blocks = [block(nsid, i, 512, seed) for i in range(64)]
+        if pi:
+            _write_pi(drv, nsid, 0, b"".join(blocks), app=0, ref=0)
+        else:
+            drv.write(nsid, 0, b"".join(blocks))
+        return blocks
+
+    def read(nsid, slba):
+        if pi:
+            comp, data, _m = _read_pi(drv, nsid, slba, 64, 8, ref=slba)
+            assert comp.ok, hex(comp.status)
+        else:
+            data = drv.read(nsid, slba, 64)
+        return [data[i * 512:(i + 1) * 512] for i in range(64)]
+
+    a, b = write(1, 1), write(2, 2)
+    prinfo = (ALL | PRACT) << 12 | PRACT << 26 if pi else 0
+    bufs, cids = [], []
+    try:
+        for i in range(16):
+            for qid, dst, src in ((1, 1, 2), (2, 2, 1)):
+                buf = drv.machine.alloc(4096, 4096)
+                bufs.append(buf)
+                drv.mem.write(buf, f2(src, 4 * i, 4, 4 * i, 0, 0))
+                sdlba = 100 + 4 * i
+                cids.append((qid, drv.submit(qid, COPY, nsid=dst, cdw10=sdlba, cdw14=sdlba, cdw12=2 << 8 | prinfo,
+                                             buf=buf, length=32)))
+        for qid, cid in cids:
+            comp = drv.wait_for(qid, cid, 30)
+            assert comp.ok, hex(comp.status)
+    finally:
+        for buf in bufs:
+            drv.machine.free(buf)
+    assert read(1, 100) == b and read(2, 100) == a
+    assert read(1, 0) == a and read(2, 0) == b
+
+
+# ------------------------------------------------------------------------------ migration
+
+
+def test_cdfe_and_copied_data_survive_a_migration():
+    """CDFE travels with the features (the Host Behavior Support data): after an in-process
+    migration the destination takes format 2h copies; every block checked by crc32c."""
+    machine = Machine(ram_size=64 << 20)
+    src = NvmeController("ns=mem:size=1M,ns=mem:size=1M,lbaf=2,pi=1", name="src")
+    pdev = machine.plug(src)
+    drv = NvmeDriver(machine, pdev, io_queues=1, aers=0)
+    dst = res = None
+    try:
+        drv.probe()
+        drv.scan_namespaces()
+        set_cdfe(drv, CDFE_2)
+        a = fill(drv, 1, 0, 8)
+        assert copy(drv, 2, 0, [f2(1, 0, 8)], 2, prinfow=PRACT, ref=0).ok
+        src.quiesce()
+        data, fds = save_device_stream(src)
+        dst = NvmeController(src.cfg, name="dst")
+        res = load_device_stream(dst, data, fds)
+        dst.irq.sink = pdev.recorder
+        pdev.device = dst
+        drv.device, drv._bar_write, drv._bar_read = dst, dst.bar_write, dst.bar_read
+        dst.resume()
+        assert dst.features.copy_formats_enabled == CDFE_2
+        comp, back, _m = _read_pi(drv, 2, 0, 8, 8, ref=0)
+        assert comp.ok and [crc32c.crc32c(back[i * 512:(i + 1) * 512]) for i in range(8)] == \
+            [crc32c.crc32c(b) for b in a]
+        assert copy(drv, 1, 100, [f2(2, 0, 8, 0, 0, 0)], 2, prinfor=ALL | PRACT).ok
+        assert [crc32c.crc32c(b) for b in blocks_at(drv, 1, 100, 8)] == [crc32c.crc32c(b) for b in a]
+    finally:
+        drv.close()
+        for c in (dst, src):
+            if c is not None:
+                c.close()
+        if res is not None:
+            res.close()
+        machine.close()
