@@ -20,7 +20,6 @@ from pcidev.migration import load_device_stream, save_device_stream
 from pcidev.vmstate.errors import ConfigMismatchError
 from pcidev_nvme.atomicity import (
     AtomicLimits,
-    Atomicity,
     NamespaceAtomicity,
     RangeLockTable,
     effective_limits,

@@ -47,8 +47,8 @@ from pcidev.sriov import VfBar, VirtualFunction, add_sriov
 from pcidev.vmstate.errors import StateError
 from pcidev_nvme.abort import Aborts
 from pcidev_nvme.admin import AdminCommandSet, AdminWorker, Opcode
-from pcidev_nvme.atomicity import Atomicity
 from pcidev_nvme.aer import AsyncEvents
+from pcidev_nvme.atomicity import Atomicity
 from pcidev_nvme.cmb import CMB_BAR, ControllerMemoryBuffer
 from pcidev_nvme.completion import CompletionMixin
 from pcidev_nvme.config import NvmeConfig
