@@ -501,3 +501,16 @@ def test_secondary_controllers_share_the_primary_lock_table():
         assert vf.atomicity.awun == 7
     finally:
         env.close()
+
+
+@pytest.mark.parametrize("props, message", [
+    ("nvme,atomic.awun=1,atomic.awupf=3,ns=mem:size=1M", "atomic.awupf=3 exceeds atomic.awun=1"),
+    ("nvme,ns=mem:size=1M,atomic.nabsn=5", "not a power of two"),
+    ("nvme,mdts=2,ns=mem:size=1M,atomic.nawun=63", "exceeds MDTS"),
+])
+def test_the_command_line_says_one_line(props, message, tmp_path, capsys):
+    from pcidev.cli import main
+
+    assert main(["serve", "--vfio-user", str(tmp_path / "s.sock"), props]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
