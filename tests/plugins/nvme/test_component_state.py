@@ -9,6 +9,7 @@ import attrs
 
 from pcidev.vmstate import decode_state, encode_state, is_vmstate
 from pcidev_nvme.aer import AER_NOTICE, AER_SMART, AsyncEvents
+from pcidev_nvme.atomicity import Atomicity
 from pcidev_nvme.backends import MemoryBackend
 from pcidev_nvme.config import NvmeConfig
 from pcidev_nvme.doorbells import ShadowDoorbells
@@ -67,7 +68,8 @@ def test_interrupts():
 
 def _ctrl_stub():
     return types.SimpleNamespace(cfg=NvmeConfig(serial="S"), namespaces={}, io_queue_limit=64, vector_limit=65,
-                                 interrupts=types.SimpleNamespace(set_coalescing=lambda thr, tim: None))
+                                 interrupts=types.SimpleNamespace(set_coalescing=lambda thr, tim: None),
+                                 atomicity=Atomicity())
 
 
 def test_features():

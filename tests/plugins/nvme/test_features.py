@@ -7,6 +7,7 @@ import types
 
 import attrs
 
+from pcidev_nvme.atomicity import Atomicity
 from pcidev_nvme.config import NvmeConfig
 from pcidev_nvme.features import FID_IRQ_COALESCING, Features
 from pcidev_nvme.interrupts import Interrupts, Timer
@@ -29,7 +30,7 @@ def test_restore_and_reset_reach_the_interrupts():
         cq = CompletionQueue(1, 0x10000, 16, 2, True)  # an I/O CQ on vector 2
         irq = Interrupts(host, [None, cq], timer, 4)
         ctrl = types.SimpleNamespace(cfg=NvmeConfig(serial="S"), namespaces={}, interrupts=irq, io_queue_limit=64,
-                                     vector_limit=65)
+                                     vector_limit=65, atomicity=Atomicity())
         source = Features(ctrl)
         source.values[FID_IRQ_COALESCING] = (255 << 8) | 7  # 8 entries or 25.5 ms
         state = source.snapshot()

@@ -47,7 +47,8 @@ CONFIGS = {"default": "ns=mem:size=16M",
            "cmb+pmr": "ns=mem:size=16M,cmb_size=2,pmr={tmp}/pmr.img,pmr_size=1M",
            "ocp": "ns=mem:size=16M,ocp=on",
            "sriov": _SRIOV,
-           "sriov-secondary": _SRIOV}
+           "sriov-secondary": _SRIOV,
+           "atomic": "atomic.awun=7,atomic.awupf=3,ns=mem:size=16M,atomic.nawun=15,atomic.nawupf=7,atomic.nabsn=15"}
 
 
 @pytest.fixture(params=sorted(CONFIGS))
@@ -276,6 +277,18 @@ def _nsfeat_optperf(drv: NvmeDriver) -> None:  # NSFEAT bit 4: NPWG/NPWA/NPDG/NP
     assert npwg >= 0 and nows >= 0 and npdg >= 0 and npwa >= 0 and npda >= 0
 
 
+def _nsfeat_nsabp(drv: NvmeDriver) -> None:  # NSFEAT bit 1: NAWUN/NAWUPF/NACWU are this namespace's
+    nawun, nawupf, nacwu = struct.unpack_from("<3H", drv.identify(0x00, nsid=1), 34)
+    assert nawun and nawupf <= nawun and nacwu == 0
+    ctrl = drv.device
+    ns = ctrl.namespaces[1]
+    assert ctrl.atomicity.limits(ns).unit == nawun + 1 and ctrl.atomicity.serialises(ns)
+    data = bytes(range(256)) * 2 * (nawun + 1)  # one atomic unit, under its range lock
+    drv.write(1, 16 * (nawun + 1), data)
+    assert drv.read(1, 16 * (nawun + 1), nawun + 1) == data
+    assert ctrl.atomicity.locks.held == 0
+
+
 def _css_ncss(drv: NvmeDriver) -> None:  # CAP.CSS bit 0: the NVM command set
     assert drv.read64(0) >> 37 & 1
 
@@ -379,7 +392,7 @@ EXERCISERS: dict[tuple[str, int], Exerciser] = {
     ("ocfs", 0): _ocfs,
     ("icsvscc", 0): _icsvscc,
     ("dlfeat", 0): _dlfeat, ("dlfeat", 3): _dlfeat,
-    ("nsfeat", 4): _nsfeat_optperf,
+    ("nsfeat", 4): _nsfeat_optperf, ("nsfeat", 1): _nsfeat_nsabp,
     ("oncs", 4): _oncs_save, ("oncs", 6): _oncs_timestamp,
     ("cap", 36): _nssrs, ("cap", 56): _pmrs, ("cap", 57): _cmbs, ("cap", 37): _css_ncss,
     ("cap", 43): _css_iocs, ("cap", 59): _crms_crwms,

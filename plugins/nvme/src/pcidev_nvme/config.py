@@ -33,6 +33,7 @@ import attrs
 
 from pcidev.errors import ConfigError, PcidevError
 from pcidev.properties import PropertyError, Size, collect_pairs, converter, structure_config
+from pcidev_nvme.atomicity import controller_problem
 from pcidev_nvme.backends import BUILTIN_BACKEND_CONFIGS
 from pcidev_nvme.namespace import NamespaceOptions, parse_spec
 
@@ -161,6 +162,11 @@ class NvmeConfig:
         (0: ``sriov_vq_flexible / sriov_max_vfs``).
     :param sriov_max_vi_per_vf: most interrupt resources one secondary controller may be
         given (0: ``sriov_vi_flexible / sriov_max_vfs``).
+    :param awun: Identify AWUN, the atomic write unit of every namespace in normal
+        operation, logical blocks, 0's based (QEMU ``atomic.awun``; see ``pcidev_nvme.atomicity``).
+    :param awupf: Identify AWUPF, the power-fail atomic write unit (<= awun; ``atomic.awupf``).
+    :param atomic_dn: the default of Write Atomicity Normal DN (feature 0Ah; ``atomic.dn``):
+        set, only AWUPF / NAWUPF apply.
     :param backends: namespace backends by name (``DeviceRegistry.create`` fills it with the
         registry's ``nvme-backend`` components); None for the built-ins. Not a property.
     """
@@ -242,6 +248,15 @@ class NvmeConfig:
         "help": "most queue resources one secondary controller takes (0: vq_flexible / max_vfs)"})
     sriov_max_vi_per_vf: int = attrs.field(default=0, validator=_between(0, 0xFFFF), metadata={
         "help": "most interrupt resources one secondary controller takes (0: vi_flexible / max_vfs)"})
+    awun: int = attrs.field(default=0, validator=_between(0, 0xFFFF), metadata={
+        "key": "atomic.awun", "aliases": ("awun",),
+        "help": "AWUN: atomic write unit of every namespace, logical blocks, 0's based (0: single blocks)"})
+    awupf: int = attrs.field(default=0, validator=_between(0, 0xFFFF), metadata={
+        "key": "atomic.awupf", "aliases": ("awupf",),
+        "help": "AWUPF: power-fail atomic write unit, logical blocks, 0's based (<= awun)"})
+    atomic_dn: bool = attrs.field(default=False, metadata={
+        "key": "atomic.dn", "aliases": ("atomic_dn",),
+        "help": "default of Write Atomicity Normal DN (feature 0Ah): on, only AWUPF/NAWUPF apply"})
     #: the namespace backends by name, filled by ``DeviceRegistry.create`` from the
     #: registry's ``nvme-backend`` components (None: the built-in backends). Not a property.
     backends: Mapping[str, Any] | None = attrs.field(default=None, eq=False, repr=False, metadata={
@@ -256,6 +271,9 @@ class NvmeConfig:
                                   "the MSI-X table: use msix_bar=0 with a PMR")
             if self.pmr_size & (self.pmr_size - 1):
                 raise ConfigError(f"nvme: pmr_size={int(self.pmr_size)} is not a power of two")
+        problem = controller_problem(self.awun, self.awupf)
+        if problem is not None:
+            raise ConfigError(f"nvme: {problem}")
         if len(self.namespaces) > self.max_namespaces:
             raise ConfigError(f"nvme: {len(self.namespaces)} namespaces exceed max_namespaces={self.max_namespaces}")
 

@@ -48,6 +48,7 @@ from pcidev.vmstate.errors import StateError
 from pcidev_nvme.abort import Aborts
 from pcidev_nvme.admin import AdminCommandSet, AdminWorker, Opcode
 from pcidev_nvme.aer import AsyncEvents
+from pcidev_nvme.atomicity import Atomicity
 from pcidev_nvme.cmb import CMB_BAR, ControllerMemoryBuffer
 from pcidev_nvme.completion import CompletionMixin
 from pcidev_nvme.config import NvmeConfig
@@ -185,6 +186,9 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self.smart = SmartCounters(cfg.temperature)
         self.firmware = FirmwareSlots(cfg.fw_slots, cfg.firmware)
         self.changed_ns = ChangedNamespaces()
+        #: atomic write limits and the range locks that keep them (:mod:`pcidev_nvme.atomicity`;
+        #: DN comes from the features)
+        self.atomicity = Atomicity(cfg.awun, cfg.awupf)
         self.features = Features(self)
         self.aer = AsyncEvents(self.complete, cfg.aerl + 1)
         #: Write Uncorrectable marks (:mod:`pcidev_nvme.uncorrectable`; with SR-IOV one object
@@ -197,7 +201,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             self._init_persist()
             for nsid in sorted(self.allocated):
                 self.uncorrectable.load(nsid)
-            self.io = IoCommandSet(self, uncorrectable=self.uncorrectable)
+            self.io = IoCommandSet(self, uncorrectable=self.uncorrectable, atomicity=self.atomicity)
             #: Abort of outstanding commands (:mod:`pcidev_nvme.abort`)
             self.aborts = Aborts(self, self.io, self.aer)
             #: Device Self-test (:mod:`pcidev_nvme.selftest`)
@@ -868,6 +872,7 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
         self.admin.remove_commands(Opcode.NS_MANAGEMENT, Opcode.NS_ATTACHMENT, Opcode.FORMAT_NVM,
                                    Opcode.SANITIZE, Opcode.FW_COMMIT, Opcode.FW_DOWNLOAD)
         self.io.refuse = primary.io.refuse  # a sanitize of the subsystem in progress
+        self.atomicity.locks = primary.atomicity.locks  # one range lock table for the shared namespaces
 
     def describe(self) -> None:
         """The controller's PCI function, without NVM Subsystem Reset (CAP.NSSRS clear: the

@@ -17,8 +17,9 @@ FID    Feature                          Notes
 08h    Interrupt Coalescing             THR / TIME, applied to I/O completion queues
 09h    Interrupt Vector Configuration   per vector (every vector the controller has,
                                         IV in CDW11 15:0): Coalescing Disable
-0Ah    Write Atomicity Normal           DN (bit 0); AWUN = NAWUN = 0, so writes of one
-                                        block are atomic either way
+0Ah    Write Atomicity Normal           DN (bit 0): set, only AWUPF / NAWUPF apply
+                                        (default: ``atomic.dn``); the limits in effect
+                                        are :mod:`pcidev_nvme.atomicity`'s
 0Bh    Asynchronous Event Configuration SMART critical warnings, NS attribute and
                                         firmware activation notices
 0Eh    Timestamp                        8-byte data buffer
@@ -55,6 +56,7 @@ from typing import Protocol
 import attrs
 
 from pcidev.vmstate import U8, U16, U32, U64, Bool, Bytes, VarArray, vmstate
+from pcidev_nvme.atomicity import Atomicity
 from pcidev_nvme.config import NvmeConfig
 from pcidev_nvme.interrupts import Interrupts
 from pcidev_nvme.limits import OCFS
@@ -163,6 +165,8 @@ class FeaturesHost(Protocol):
     namespaces: dict[int, Namespace]
     #: coalescing (08h) and Coalescing Disable (09h)
     interrupts: Interrupts
+    #: the atomic write limits Write Atomicity Normal (0Ah) selects
+    atomicity: Atomicity
 
     @property
     def io_queue_limit(self) -> int:
@@ -197,7 +201,7 @@ class Features:
             FID_IRQ_COALESCING: 0,
             FID_ASYNC_EVENT: 0,
             FID_KATO: 0,
-            FID_WRITE_ATOMICITY: 0,
+            FID_WRITE_ATOMICITY: int(self.ctrl.cfg.atomic_dn),
             FID_IOCS_PROFILE: 0,  # the only combination: nothing to keep or migrate
         }
 
@@ -219,6 +223,7 @@ class Features:
         #: Number of Queues was set since the last reset (the allocation is then fixed)
         self.nq_allocated = False
         self._push_coalescing()
+        self._push_dn()
 
     # -- state -------------------------------------------------------------------------------
     def snapshot(self, vector_cd: tuple[bool, ...] = ()) -> FeaturesState:
@@ -257,6 +262,7 @@ class Features:
         self.host_behavior = bytes(state.host_behavior)
         self.tler = {t.nsid: t.value for t in state.tler}
         self._push_coalescing()
+        self._push_dn()
 
     # -- helpers for the controller --------------------------------------------------------
     @property
@@ -270,6 +276,10 @@ class Features:
         interrupts keep a copy for their per-completion path, and this is the only
         place that writes it (called by :meth:`reset`, :meth:`restore` and Set Features)."""
         self.ctrl.interrupts.set_coalescing(*self.coalescing)
+
+    def _push_dn(self) -> None:
+        """Give the atomicity the current DN (feature 0Ah), as :meth:`_push_coalescing` does."""
+        self.ctrl.atomicity.set_dn(bool(self.values[FID_WRITE_ATOMICITY] & 1))
 
     @property
     def aec(self) -> int:
@@ -384,6 +394,7 @@ class Features:
             return 0
         if fid == FID_WRITE_ATOMICITY:
             self.values[fid] = v & 1
+            self._push_dn()
             return 0
         if fid == FID_NUM_QUEUES:
             nsqr, ncqr = v & 0xFFFF, v >> 16

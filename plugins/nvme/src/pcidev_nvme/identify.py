@@ -122,7 +122,7 @@ def identify_controller(ctrl: IdentifyHost) -> bytes:
     struct.pack_into("<H", buf, 522, 0)  # FUSES
     buf[524] = 0  # FNA: format per namespace, no crypto erase
     buf[525] = 0x07  # VWC: present, flush with broadcast NSID supported
-    struct.pack_into("<HH", buf, 526, 0, 0)  # AWUN AWUPF
+    struct.pack_into("<HH", buf, 526, cfg.awun, cfg.awupf)  # AWUN AWUPF (pcidev_nvme.atomicity)
     buf[530] = 1  # ICSVSCC
     buf[531] = 0  # NWPC
     struct.pack_into("<HH", buf, 532, 0, limits.OCFS)  # ACWU OCFS

@@ -55,6 +55,10 @@ Namespaces formatted with metadata (``Namespace.ms``) take the general path, who
 handlers hand them to :class:`~pcidev_nvme.protected_io.ProtectedIo` (metadata buffers,
 extended LBAs, protection information); the fast path never sees them.
 
+Namespaces whose atomic write unit in effect is larger than one block
+(:mod:`pcidev_nvme.atomicity`) take the general path too: each command there holds the
+range lock of its blocks while its handler runs (:meth:`IoCommandSet._execute`).
+
 The identify fields that describe this command set come from
 :mod:`pcidev_nvme.limits` (re-exported here): :data:`ONCS`, :data:`SGLS`, :data:`OCFS`,
 :data:`COPY_LIMITS`, :data:`DMRL`, :data:`DMRSL`, :data:`DMSL`, :data:`WZSL`,
@@ -73,6 +77,7 @@ from typing import Any, Literal, Protocol, TypeGuard, cast, overload
 
 from pcidev.dma import GuestMemory
 from pcidev.errors import DmaError
+from pcidev_nvme.atomicity import Atomicity
 from pcidev_nvme.backends import Backend
 from pcidev_nvme.limits import COPY_LIMITS, DMRL, DMRSL, DMSL, MAX_DSM_RANGES, OCFS, ONCS, SGLS, VSL, WZSL
 from pcidev_nvme.namespace import Namespace
@@ -267,6 +272,8 @@ class IoCommandSet:
         ``complete``.
     :param workers: size of the worker pool for backends that may block.
     :param uncorrectable: the Write Uncorrectable marks (None: a set of its own).
+    :param atomicity: the atomic write limits and range locks (None: one of its own, with
+        nothing configured).
 
     :ivar refuse: a status every command but Flush completes with at once (Sanitize In
         Progress while a sanitize operation runs, Sanitize Failed in its failure mode),
@@ -274,8 +281,9 @@ class IoCommandSet:
     """
 
     def __init__(self, ctrl: ControllerPort, *, workers: int = DEFAULT_WORKERS,
-                 uncorrectable: Uncorrectable | None = None) -> None:
+                 uncorrectable: Uncorrectable | None = None, atomicity: Atomicity | None = None) -> None:
         self.ctrl = ctrl
+        self.atomicity = atomicity if atomicity is not None else Atomicity()
         self.uncorrectable = uncorrectable if uncorrectable is not None else Uncorrectable()
         #: called after a Write Zeroes or a Write Uncorrectable (commands the SMART write
         #: count leaves out) altered user data: the Sanitize Status log's Global Data Erased
@@ -346,6 +354,7 @@ class IoCommandSet:
         i = 0
         wu = self.uncorrectable
         refuse = self.refuse
+        serialises = self.atomicity.serialises
         try:
             for i, req in enumerate(reqs):  # noqa: B007 (i is read by the except clause)
                 op = req.opcode
@@ -363,8 +372,10 @@ class IoCommandSet:
                         if ns is not None:
                             backend = ns.backend
                             inline = backend.inline
-                            # (namespaces with metadata take the general path)
-                            fast = (inline or getattr(backend, "nowait", False)) and not ns.ms
+                            # (namespaces with metadata, or atomic units of more than a
+                            # block, take the general path)
+                            fast = ((inline or getattr(backend, "nowait", False)) and not ns.ms
+                                    and not serialises(ns))
                             nlbas = ns.nlbas
                             shift = ns.lba_shift
                     if ns is not None and fast:
@@ -489,11 +500,21 @@ class IoCommandSet:
             if not inline:
                 self._dispatch(handler, req, ns)
                 return
-            dw0 = handler(req, ns)
+            dw0 = self._execute(handler, req, ns)
         except BaseException as exc:
             self._fail(req, exc)
             return
         self._complete(req, 0, dw0)
+
+    def _execute(self, handler: _Handler, req: Request, ns: Namespace | None) -> int:
+        """Run ``handler``; on a namespace the atomicity serialises, under the range lock
+        of the command's blocks (:meth:`~pcidev_nvme.atomicity.Atomicity.hold`)."""
+        atomicity = self.atomicity
+        if ns is None or not atomicity.serialises(ns):
+            return handler(req, ns)
+        slba, nlb = lba_extent(req)
+        with atomicity.hold(req.opcode, ns.nsid, slba, nlb):
+            return handler(req, ns)
 
     def begin_batch(self, done: list[tuple[Request, int, int, int, Any]] | None = None) -> None:
         """The controller starts a doorbell batch on this thread: the SMART counts of the
@@ -563,7 +584,7 @@ class IoCommandSet:
                 self._done()
                 return
         try:
-            dw0 = handler(req, ns)
+            dw0 = self._execute(handler, req, ns)
         except BaseException as exc:
             self._fail(req, exc)
         else:

@@ -91,6 +91,7 @@ from pcidev.vmstate.errors import StateError
 from pcidev_nvme.abort import Aborts, AbortsState
 from pcidev_nvme.admin import AdminWorker
 from pcidev_nvme.aer import AerState, AsyncEvents, EventState
+from pcidev_nvme.atomicity import fingerprint_entry
 from pcidev_nvme.backends import MemoryBackend
 from pcidev_nvme.cmb import CMBSTS_CBAI, CmbState, ControllerMemoryBuffer
 from pcidev_nvme.config import NvmeConfig
@@ -314,6 +315,8 @@ def fingerprint(ctrl: MigrationHost) -> dict[str, Any]:
         **({"nvme.pmr": [os.path.abspath(cfg.pmr), int(cfg.pmr_size)]} if cfg.pmr is not None else {}),
         **({"nvme.sriov": [cfg.sriov_max_vfs, cfg.sriov_vq_flexible, cfg.sriov_vi_flexible,
                            cfg.sriov_max_vq_per_vf, cfg.sriov_max_vi_per_vf]} if cfg.sriov_max_vfs else {}),
+        **fingerprint_entry(cfg.awun, cfg.awupf, cfg.atomic_dn,
+                            [(nsid, ctrl.allocated.get(nsid)) for nsid in range(1, len(cfg.namespaces) + 1)]),
     }
 
 

@@ -31,6 +31,10 @@ the rest goes to the backend (whose options are its config class, e.g.
     data buffer; ``0`` (default): in a separate buffer (the command's MPTR).
 ``uuid``, ``nguid``, ``eui64``
     identifiers (hex; UUID in any form :class:`uuid.UUID` accepts).
+``atomic.nawun``, ``atomic.nawupf``, ``atomic.nabsn``, ``atomic.nabo``, ``atomic.nabspf``
+    the namespace's own atomicity parameters (0's based logical block counts, as QEMU's
+    properties of the same names; ``nawun=`` ... also work): see
+    :mod:`pcidev_nvme.atomicity`. NSFEAT.NSABP is set when NAWUN or NAWUPF is.
 
 Identifiers are stable across restarts:
 
@@ -73,6 +77,7 @@ import attrs
 from pcidev.errors import ConfigError
 from pcidev.properties import PropertyError, Size, split_properties
 from pcidev.vmstate import U8, U32, Bool, FdRef, vmstate
+from pcidev_nvme.atomicity import NO_ATOMICITY, NSFEAT_NSABP, NamespaceAtomicity
 from pcidev_nvme.backends import Backend, BackendFactory, create_backend, take_options
 from pcidev_nvme.limits import COPY_LIMITS
 from pcidev_nvme.metadata import MetadataState, MetadataStore, metadata_supported, open_metadata
@@ -331,6 +336,15 @@ def _check_uuid(inst: Any, attr: attrs.Attribute[str | None], value: str | None)
         _parse_uuid(value)
 
 
+def _atomic_field(name: str, what: str) -> Any:
+    """An ``atomic.NAME`` option: a 0's based 16-bit count of logical blocks."""
+    def check(inst: Any, attr: attrs.Attribute[int], value: int) -> None:
+        if not 0 <= value <= 0xFFFF:
+            raise ConfigError(f"atomic.{name}={value} must be 0 .. 65535")
+    return attrs.field(default=0, validator=check, metadata={
+        "key": f"atomic.{name}", "aliases": (name,), "help": what})
+
+
 @attrs.define(kw_only=True)
 class NamespaceOptions:
     """The options of a namespace spec that belong to the namespace, not its backend
@@ -354,10 +368,25 @@ class NamespaceOptions:
         "help": "NGUID, 16 bytes in hex (default: as uuid)"})
     eui64: str | None = attrs.field(default=None, validator=_check_id(8), metadata={
         "help": "EUI-64, 8 bytes in hex (default: as uuid)"})
+    nawun: int = _atomic_field("nawun", "NAWUN: atomic write unit of this namespace, logical blocks, 0's "
+                               "based (0: the controller's atomic.awun)")
+    nawupf: int = _atomic_field("nawupf", "NAWUPF: power-fail atomic write unit, 0's based (0: atomic.awupf); "
+                                "<= nawun")
+    nabsn: int = _atomic_field("nabsn", "NABSN: atomic boundary size for NAWUN, 0's based, a power of two "
+                               "minus one (0: no boundaries)")
+    nabo: int = _atomic_field("nabo", "NABO: LBA of the first atomic boundary")
+    nabspf: int = _atomic_field("nabspf", "NABSPF: atomic boundary size for NAWUPF, 0's based (0: none)")
 
     def __attrs_post_init__(self) -> None:
         if self.lbaf is not None and self.lba_size is not None:
             raise ConfigError("give lbaf or lba_size, not both")
+        problem = self.atomicity().problem()
+        if problem is not None:
+            raise ConfigError(problem)
+
+    def atomicity(self) -> NamespaceAtomicity:
+        """The namespace's own atomicity parameters (:mod:`pcidev_nvme.atomicity`)."""
+        return NamespaceAtomicity(self.nawun, self.nawupf, self.nabsn, self.nabo, self.nabspf)
 
     def format_index(self) -> int | None:
         """The LBA format asked for (``lbaf``, or the one of ``lba_size``), None if neither."""
@@ -415,6 +444,9 @@ class Namespace:
 
     #: may be attached to two or more controllers (Identify Namespace NMIC bit 0; SR-IOV)
     shared: bool = False
+    #: the namespace's own atomicity parameters (configuration: NAWUN, NAWUPF, NABSN, NABO,
+    #: NABSPF; :mod:`pcidev_nvme.atomicity` keeps the limits in effect)
+    atomic: NamespaceAtomicity = NO_ATOMICITY
 
     def __init__(
         self,
@@ -641,7 +673,7 @@ class Namespace:
             self.nlbas,  # NSZE
             self.nlbas,  # NCAP
             min(self.nuse(), self.nlbas),  # NUSE
-            NSFEAT_OPTPERF,  # NSFEAT: NPWG..NOWS are valid
+            NSFEAT_OPTPERF | (NSFEAT_NSABP if self.atomic.nsabp else 0),  # NSFEAT: NPWG..NOWS valid; NSABP
             0,  # NLBAF: identify_capabilities
             self.flbas,  # FLBAS
             0,  # MC: identify_capabilities
@@ -652,7 +684,7 @@ class Namespace:
             0,  # FPI
             DLFEAT_READ_ZEROES | DLFEAT_WZ_DEAC,  # DLFEAT
         )
-        # 34.. NAWUN NAWUPF NACWU NABSN NABO NABSPF: 0 (controller values apply)
+        struct.pack_into("<6H", buf, 34, *self.atomic.identify_fields())  # NAWUN NAWUPF NACWU NABSN NABO NABSPF
         # NOIOB (46): no optimal I/O boundary.
         buf[48:64] = self.size.to_bytes(16, "little")  # NVMCAP
         npwg = per_page - 1
@@ -860,6 +892,7 @@ def make_namespace(
             lbaf = 0 if getattr(backend, "min_block", 512) <= 512 else 1
         pi, pil, mset = protection or (0, 0, 0)
         ns = Namespace(nsid, backend, lbaf=lbaf, pi=pi, pil=pil, mset=mset, nguid=nguid, eui64=eui64, uuid=uuid)
+        ns.atomic = ns_options.atomicity()
         remembered = (stored.get("lbaf"), stored.get("pi", 0), stored.get("pil", 0),
                       stored.get("mset", 0)) if stored is not None else None
         if path and (remembered != (ns.lbaf, ns.pi, ns.pil, ns.mset) or explicit):

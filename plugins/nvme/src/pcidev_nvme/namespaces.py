@@ -13,7 +13,9 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from pcidev.errors import ConfigError
 from pcidev_nvme import aer as aer_mod
+from pcidev_nvme.atomicity import namespace_problem
 from pcidev_nvme.backends import BUILTIN_BACKENDS
 from pcidev_nvme.config import NamespaceSpec, NvmeConfig
 from pcidev_nvme.logs import ChangedNamespaces
@@ -91,8 +93,15 @@ class NamespaceSetMixin:
 
     def _make_namespaces(self) -> None:
         """The configured namespaces, NSID 1, 2, ... in order, attached."""
-        for i, spec in enumerate(self.cfg.namespaces, start=1):
-            self.add_namespace(i, self.make_namespace(i, spec), attached=True)
+        cfg = self.cfg
+        for i, spec in enumerate(cfg.namespaces, start=1):
+            ns = self.make_namespace(i, spec)
+            problem = namespace_problem(cfg.awun, cfg.awupf, ns.atomic, ns.lba_size,
+                                        (4096 << cfg.mdts) if cfg.mdts else None)
+            if problem is not None:  # (the atomicity the namespace's options and the controller's give)
+                ns.close()
+                raise ConfigError(f"nvme: namespace {i}: {problem}")
+            self.add_namespace(i, ns, attached=True)
 
     # -- the verbs that change the tables ----------------------------------------------------------
     def add_namespace(self, nsid: int, ns: Namespace, *, created_spec: str | None = None,

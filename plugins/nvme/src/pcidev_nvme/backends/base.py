@@ -133,7 +133,8 @@ def take_options(cls: type[_C], options: dict[str, Any], *, what: str) -> _C:
     :returns: the config.
     :raises ConfigError: a bad value or a missing required option.
     """
-    names = {f.name for f in attrs.fields(cls)}
+    names = {spelling for f in attrs.fields(cls)
+             for spelling in (f.name, f.metadata.get("key", f.name), *f.metadata.get("aliases", ()))}
     mine = {k: options.pop(k) for k in list(options) if k in names}
     return structure_config(cls, mine, what=what)
 

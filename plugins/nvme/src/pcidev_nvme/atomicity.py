@@ -1,0 +1,372 @@
+"""Atomic operations (NVMe Base 2.0, "Atomic Operations"; NVM Command Set 1.0, "Atomic
+Operations"): the atomic write units a controller and its namespaces report, the limits in
+effect under Write Atomicity Normal (feature 0Ah), and the LBA-range locks that make them
+hold.
+
+What is configured
+    The controller's AWUN and AWUPF (Identify Controller bytes 526 and 528, 0's based
+    counts of logical blocks; ``atomic.awun`` / ``atomic.awupf`` as QEMU names them) apply to
+    every namespace. A namespace may report its own (:class:`NamespaceAtomicity`):
+    NAWUN and NAWUPF (Identify Namespace bytes 34 and 36, with NSFEAT bit 1, NSABP, set
+    when either is non-zero; 0 in one of them means the controller's value applies),
+    and atomic boundaries: NABSN and NABSPF (bytes 40 and 44, 0's based sizes, a power of
+    two; 0 means no boundaries) starting at LBA NABO (byte 42). ACWU / NACWU stay 0: the
+    controller has no fused Compare and Write.
+
+What is in effect (:func:`effective_limits`)
+    With Disable Normal (DN, feature 0Ah bit 0) clear, the unit is NAWUN + 1 (or AWUN + 1)
+    logical blocks and the boundary NABSN + 1; with DN set the host has said it does not
+    need AWUN / NAWUN, and only AWUPF / NAWUPF apply: the unit is NAWUPF + 1 (or AWUPF + 1)
+    and the boundary NABSPF + 1. A write of at most the unit that does not cross a boundary
+    is atomic (:meth:`AtomicLimits.atomic`).
+
+How it holds (:class:`Atomicity`, :class:`RangeLockTable`)
+    Commands on namespaces with a unit of one block run as before (the fast path: no lock,
+    no check). On a namespace whose unit in effect is larger, every command that reads or
+    changes user data holds a range lock on its blocks while it runs: Read, Compare and
+    Verify shared, Write, Write Zeroes and Write Uncorrectable exclusive, Dataset Management
+    and Copy (whose ranges are in host memory) the whole namespace exclusive. Overlapping
+    commands therefore never run at the same time when one of them writes, so no command
+    sees an atomic write half done and two overlapping writes never leave a mix of blocks;
+    commands larger than the unit, or across a boundary, are not atomic by the spec but are
+    serialised all the same (pcidev never tears one). Non-overlapping commands still run
+    in parallel. A change of DN applies to the commands submitted after the Set Features
+    completes.
+
+    Power-fail atomicity (AWUPF) is what the backend gives: the serialisation makes the
+    unit atomic to other commands; a crash of the host under a ``file`` image keeps what the
+    page cache wrote back, in pages of the file system's size.
+
+Configuration is part of the controller's and the namespaces' identity: the migration
+fingerprint carries it (:func:`fingerprint_entry`), and DN travels with the features
+(:class:`~pcidev_nvme.features.WriteAtomicityState`), which give it back here
+(:meth:`Atomicity.set_dn`) on a reset, a restore and a Set Features.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import attrs
+
+__all__ = ["AtomicLimits", "Atomicity", "NamespaceAtomicity", "NO_ATOMICITY", "RangeLockTable",
+           "controller_problem", "effective_limits", "fingerprint_entry", "namespace_problem", "NSFEAT_NSABP"]
+
+#: Identify Namespace NSFEAT bit 1 (NSABP, libnvme ``NVME_NS_FEAT_NATOMIC``): NAWUN, NAWUPF and
+#: NACWU are defined for this namespace
+NSFEAT_NSABP = 1 << 1
+
+#: the largest value of a 16-bit Identify field
+_U16_MAX = 0xFFFF
+
+# NVM command set opcodes (as :class:`pcidev_nvme.io.Opcode`, which imports this module)
+_WRITE, _READ, _WRITE_UNCORRECTABLE, _COMPARE, _WRITE_ZEROES, _DSM, _VERIFY, _COPY = (
+    0x01, 0x02, 0x04, 0x05, 0x08, 0x09, 0x0C, 0x19)
+_SHARED = frozenset((_READ, _COMPARE, _VERIFY))
+_EXCLUSIVE = frozenset((_WRITE, _WRITE_ZEROES, _WRITE_UNCORRECTABLE))
+_WHOLE = frozenset((_DSM, _COPY))
+#: a range past any namespace's end: the whole namespace
+_EVERYTHING = ((0, 1 << 64),)
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and not n & (n - 1)
+
+
+@attrs.frozen
+class NamespaceAtomicity:
+    """A namespace's own atomicity parameters, as Identify Namespace reports them (0's based
+    counts of logical blocks; 0: the controller's value, or no boundary).
+
+    :ivar nawun: Namespace Atomic Write Unit Normal.
+    :ivar nawupf: Namespace Atomic Write Unit Power Fail.
+    :ivar nabsn: Namespace Atomic Boundary Size Normal (boundary NABSN + 1, a power of two).
+    :ivar nabo: Namespace Atomic Boundary Offset: the LBA of the first boundary.
+    :ivar nabspf: Namespace Atomic Boundary Size Power Fail.
+    """
+
+    nawun: int = 0
+    nawupf: int = 0
+    nabsn: int = 0
+    nabo: int = 0
+    nabspf: int = 0
+
+    @property
+    def nsabp(self) -> bool:
+        """Whether NSFEAT.NSABP is set: the namespace reports its own NAWUN or NAWUPF."""
+        return bool(self.nawun or self.nawupf)
+
+    @property
+    def configured(self) -> bool:
+        """Whether any parameter differs from the default."""
+        return self != NO_ATOMICITY
+
+    def identify_fields(self) -> tuple[int, int, int, int, int, int]:
+        """NAWUN, NAWUPF, NACWU, NABSN, NABO, NABSPF (Identify Namespace bytes 34..45)."""
+        return self.nawun, self.nawupf, 0, self.nabsn, self.nabo, self.nabspf
+
+    def problem(self) -> str | None:
+        """Why these parameters contradict each other (None: they do not).
+
+        NAWUPF <= NAWUN; a boundary is a power of two (NABSN + 1, NABSPF + 1) no smaller
+        than its unit; NABO is 0 without boundaries and below each boundary size.
+        """
+        for name in ("nawun", "nawupf", "nabsn", "nabo", "nabspf"):
+            value = getattr(self, name)
+            if not 0 <= value <= _U16_MAX:
+                return f"atomic.{name}={value} must be 0 .. {_U16_MAX}"
+        if self.nawun and self.nawupf > self.nawun:
+            return f"atomic.nawupf={self.nawupf} exceeds atomic.nawun={self.nawun} (NAWUPF <= NAWUN)"
+        for size, unit, what, unit_name in ((self.nabsn, self.nawun, "nabsn", "nawun"),
+                                            (self.nabspf, self.nawupf, "nabspf", "nawupf")):
+            if size and not _power_of_two(size + 1):
+                return f"atomic.{what}={size}: the boundary ({size} + 1 blocks) is not a power of two"
+            if size and size < unit:
+                return f"atomic.{what}={size} is smaller than atomic.{unit_name}={unit} (a boundary holds the unit)"
+        if self.nabo:
+            if not (self.nabsn or self.nabspf):
+                return f"atomic.nabo={self.nabo} needs a boundary (atomic.nabsn or atomic.nabspf)"
+            for size, what in ((self.nabsn, "nabsn"), (self.nabspf, "nabspf")):
+                if size and self.nabo > size:
+                    return f"atomic.nabo={self.nabo} exceeds atomic.{what}={size}"
+        return None
+
+
+#: a namespace without parameters of its own
+NO_ATOMICITY = NamespaceAtomicity()
+
+
+@attrs.frozen
+class AtomicLimits:
+    """The atomicity in effect on one namespace.
+
+    :ivar unit: logical blocks a write may have and be atomic (1: single blocks only).
+    :ivar boundary: atomic boundary size in logical blocks (0: none).
+    :ivar offset: LBA of the first boundary (NABO).
+    """
+
+    unit: int
+    boundary: int = 0
+    offset: int = 0
+
+    def atomic(self, slba: int, nlb: int) -> bool:
+        """Whether a write of ``nlb`` blocks at ``slba`` is atomic: at most :attr:`unit`
+        blocks and, with boundaries, within one boundary (blocks before NABO are outside
+        every boundary: a write there of more than one block is not atomic)."""
+        if nlb > self.unit:
+            return False
+        if nlb <= 1 or not self.boundary:
+            return True
+        if slba < self.offset:
+            return False
+        first = (slba - self.offset) // self.boundary
+        last = (slba + nlb - 1 - self.offset) // self.boundary
+        return first == last
+
+
+def effective_limits(awun: int, awupf: int, ns: NamespaceAtomicity, dn: bool) -> AtomicLimits:
+    """The limits in effect: DN clear, the Normal values (NAWUN or AWUN, NABSN); DN set,
+    only the Power Fail ones (NAWUPF or AWUPF, NABSPF).
+
+    :param awun: the controller's AWUN (0's based).
+    :param awupf: the controller's AWUPF (0's based).
+    :param ns: the namespace's own parameters.
+    :param dn: Write Atomicity Normal DN.
+    """
+    if dn:
+        unit, size = (ns.nawupf or awupf), ns.nabspf
+    else:
+        unit, size = (ns.nawun or awun), ns.nabsn
+    return AtomicLimits(unit + 1, size + 1 if size else 0, ns.nabo if size else 0)
+
+
+def controller_problem(awun: int, awupf: int) -> str | None:
+    """Why the controller's AWUN / AWUPF cannot be used (None: they can)."""
+    for name, value in (("awun", awun), ("awupf", awupf)):
+        if not 0 <= value <= _U16_MAX:
+            return f"atomic.{name}={value} must be 0 .. {_U16_MAX}"
+    if awupf > awun:
+        return f"atomic.awupf={awupf} exceeds atomic.awun={awun} (AWUPF <= AWUN)"
+    return None
+
+
+def namespace_problem(awun: int, awupf: int, ns: NamespaceAtomicity, lba_size: int,
+                      mdts_bytes: int | None) -> str | None:
+    """Why a namespace's parameters do not fit the controller's (None: they fit).
+
+    A namespace's own unit is no smaller than the controller's (the controller's values are
+    the baseline every namespace keeps); the namespace's NAWUPF, or AWUPF, is no larger than
+    its NAWUN, or AWUN; no unit is larger than MDTS lets a command transfer (with the
+    namespace's block size).
+
+    :param lba_size: the namespace's logical block size in bytes.
+    :param mdts_bytes: the controller's largest transfer (None: unlimited).
+    """
+    problem = ns.problem()
+    if problem is not None:
+        return problem
+    if ns.nawun and ns.nawun < awun:
+        return f"atomic.nawun={ns.nawun} is smaller than the controller's atomic.awun={awun}"
+    if ns.nawupf and ns.nawupf < awupf:
+        return f"atomic.nawupf={ns.nawupf} is smaller than the controller's atomic.awupf={awupf}"
+    normal, power_fail = ns.nawun or awun, ns.nawupf or awupf
+    if power_fail > normal:
+        return f"the power-fail unit ({power_fail} + 1 blocks) exceeds the normal unit ({normal} + 1 blocks)"
+    for size, unit, what in ((ns.nabsn, normal, "nabsn"), (ns.nabspf, power_fail, "nabspf")):
+        if size and size < unit:
+            return f"atomic.{what}={size} is smaller than the atomic write unit in effect ({unit}, 0's based)"
+    if mdts_bytes:
+        for unit, what in ((normal, "awun/nawun"), (power_fail, "awupf/nawupf")):
+            if (unit + 1) * lba_size > mdts_bytes:
+                return (f"the atomic write unit {what}={unit} ({(unit + 1) * lba_size} bytes of "
+                        f"{lba_size}-byte blocks) exceeds MDTS ({mdts_bytes} bytes)")
+    return None
+
+
+class AtomicNamespace(Protocol):
+    """What :class:`Atomicity` reads of a namespace."""
+
+    nsid: int
+    atomic: NamespaceAtomicity
+
+
+class _Claim:
+    """Ranges of one namespace one command holds (shared or exclusive)."""
+
+    __slots__ = ("nsid", "ranges", "write")
+
+    def __init__(self, nsid: int, ranges: Sequence[tuple[int, int]], write: bool) -> None:
+        self.nsid = nsid
+        self.ranges = ranges  # (first LBA, end LBA) pairs
+        self.write = write
+
+    def conflicts(self, other: _Claim) -> bool:
+        """Whether the two cannot be held at once: same namespace, overlapping ranges, a writer."""
+        if self.nsid != other.nsid or not (self.write or other.write):
+            return False
+        return any(s1 < e2 and s2 < e1 for s1, e1 in self.ranges for s2, e2 in other.ranges)
+
+
+class RangeLockTable:
+    """Readers-writer locks over exact LBA ranges: a claim waits while a claim it overlaps
+    is held (and one of them writes), or while an earlier waiting claim it overlaps waits
+    (first come, first served: a stream of readers never starves a writer, and since a claim
+    only ever waits for older ones, no two wait for each other).
+
+    Shared by the controllers that share the namespaces (an SR-IOV primary and its
+    secondaries).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._held: list[_Claim] = []
+        self._waiting: list[_Claim] = []
+
+    def acquire(self, nsid: int, ranges: Sequence[tuple[int, int]], *, write: bool) -> _Claim:
+        """Take ``(start, end)`` LBA ranges of namespace ``nsid``, waiting as long as needed.
+
+        :returns: the claim to give to :meth:`release`.
+        """
+        claim = _Claim(nsid, ranges, write)
+        with self._cond:
+            held, waiting = self._held, self._waiting
+            if not waiting and not any(claim.conflicts(h) for h in held):
+                held.append(claim)
+                return claim
+            waiting.append(claim)
+            try:
+                while True:
+                    ahead = waiting[:waiting.index(claim)]
+                    if not any(claim.conflicts(h) for h in held) and not any(claim.conflicts(w) for w in ahead):
+                        break
+                    self._cond.wait()
+            finally:
+                waiting.remove(claim)
+            held.append(claim)
+        return claim
+
+    def release(self, claim: _Claim) -> None:
+        """Give back what :meth:`acquire` took."""
+        with self._cond:
+            self._held.remove(claim)
+            if self._waiting:
+                self._cond.notify_all()
+
+    @property
+    def held(self) -> int:
+        """Claims held now."""
+        return len(self._held)
+
+
+class Atomicity:
+    """The atomic write limits of one controller and the serialisation that keeps them.
+
+    Owns no migrated state: the configuration is the controller's and the namespaces'
+    (the fingerprint compares it), DN belongs to the features, which push it here.
+
+    :param awun: the controller's AWUN (0's based).
+    :param awupf: the controller's AWUPF (0's based).
+    :param locks: the range lock table (None: one of its own).
+
+    :ivar locks: the :class:`RangeLockTable` commands hold.
+    """
+
+    def __init__(self, awun: int = 0, awupf: int = 0, *, locks: RangeLockTable | None = None) -> None:
+        self.awun = awun
+        self.awupf = awupf
+        self.dn = False
+        self.locks = locks if locks is not None else RangeLockTable()
+
+    def set_dn(self, dn: bool) -> None:
+        """Write Atomicity Normal changed (Set Features, a reset, a restore): the limits in
+        effect follow from now on."""
+        self.dn = bool(dn)
+
+    def limits(self, ns: AtomicNamespace) -> AtomicLimits:
+        """The limits in effect on ``ns`` (:func:`effective_limits`)."""
+        return effective_limits(self.awun, self.awupf, ns.atomic, self.dn)
+
+    def serialises(self, ns: AtomicNamespace) -> bool:
+        """Whether commands on ``ns`` hold range locks: its unit in effect is more than one block."""
+        p = ns.atomic
+        return bool((p.nawupf or self.awupf) if self.dn else (p.nawun or self.awun))
+
+    @contextmanager
+    def hold(self, opcode: int, nsid: int, slba: int, nlb: int) -> Iterator[None]:
+        """Hold the range lock an I/O command needs while it runs (nothing for a command
+        that neither reads nor changes user data).
+
+        :param opcode: the NVM command's opcode.
+        :param nsid: its namespace.
+        :param slba: its first LBA (Read, Write, Compare, Verify, Write Zeroes, Write
+            Uncorrectable).
+        :param nlb: its number of blocks (1-based).
+        """
+        if opcode in _SHARED or opcode in _EXCLUSIVE:
+            claim = self.locks.acquire(nsid, ((slba, slba + max(nlb, 1)),), write=opcode in _EXCLUSIVE)
+        elif opcode in _WHOLE:
+            claim = self.locks.acquire(nsid, _EVERYTHING, write=True)
+        else:
+            yield
+            return
+        try:
+            yield
+        finally:
+            self.locks.release(claim)
+
+
+def fingerprint_entry(awun: int, awupf: int, dn: bool, namespaces: Sequence[tuple[int, Any]]) -> dict[str, Any]:
+    """The migration fingerprint's atomicity entry (empty when nothing is configured, so a
+    controller without atomic parameters matches one from before they existed).
+
+    :param namespaces: ``(nsid, namespace)`` of the configured namespaces (a namespace's
+        ``atomic``, when it has one).
+    """
+    per_ns = [[nsid, *attrs.astuple(p)] for nsid, ns in namespaces
+              if (p := getattr(ns, "atomic", NO_ATOMICITY)).configured]
+    if not (awun or awupf or dn or per_ns):
+        return {}
+    return {"nvme.atomic": [awun, awupf, bool(dn), per_ns]}
