@@ -61,7 +61,7 @@ from pcidev_nvme.io import IoCommandSet
 from pcidev_nvme.limits import SHUTDOWN_DRAIN_TIMEOUT
 from pcidev_nvme.logs import ChangedNamespaces, ErrorLog, FirmwareSlots, SmartCounters
 from pcidev_nvme.migration import SECTION as NVME_SECTION
-from pcidev_nvme.migration import MigrationMixin, NvmeState
+from pcidev_nvme.migration import MigrationMixin, NvmeState, discard_prepared
 from pcidev_nvme.migration import features as migration_features
 from pcidev_nvme.namespace import Namespace, may_write_beside
 from pcidev_nvme.namespaces import NamespaceSetMixin, RemovedNamespace
@@ -456,6 +456,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         if self.owns_state:  # not after a migration out: the destination owns the state file
             self.save_state()
         self.uncorrectable.flush()
+        self.load_undo.commit()  # what a load replaced (never rolled back now)
         self._close_namespaces()
         if self.cmb is not None:
             self.cmb.close()
@@ -940,6 +941,13 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
         :raises StateError: naming the field.
         """
         super().check_device_state(state)
+        try:
+            self._check_against_primary(state)
+        except BaseException:
+            discard_prepared(self)
+            raise
+
+    def _check_against_primary(self, state: NvmeState) -> None:
         k = self.secondary_index
 
         def fail(why: str, path: str) -> StateError:
