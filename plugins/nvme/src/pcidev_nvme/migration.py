@@ -378,6 +378,11 @@ class LoadUndo:
         """A backend or metadata store a load replaced: closed (or removed) at :meth:`commit`."""
         self._retired.append((thing, remove))
 
+    def settle(self) -> None:
+        """A quiesce or resume: the load is committed, no rollback copy is current."""
+        self._kept = None
+        self.commit()
+
     def forget(self) -> None:
         """The rollback put the retired things back in use: nothing to close."""
         self._retired = []
@@ -385,7 +390,6 @@ class LoadUndo:
     def commit(self) -> None:
         """The load is committed: close what it replaced."""
         retired, self._retired = self._retired, []
-        self._kept = None
         for thing, remove in retired:
             try:
                 if remove and isinstance(thing, MetadataStore):
@@ -399,7 +403,7 @@ class LoadUndo:
 def _settle(ctrl: MigrationHost) -> None:
     """A quiesce or resume: the last load is committed; stores a load's checks opened for a
     load that never applied (a later section refused) are closed."""
-    ctrl.load_undo.commit()
+    ctrl.load_undo.settle()
     with ctrl.state_lock:
         for ns in list(ctrl.allocated.values()):
             ns.drop_prepared()
