@@ -179,7 +179,7 @@ def test_a_metadata_memfd_that_cannot_be_mapped_changes_nothing():
         src.close()
 
 
-def test_a_load_failing_after_the_vf_part_applied_keeps_the_destination_memory_open():
+def test_what_a_load_replaced_is_closed_once_the_load_is_committed():
     """What a successful apply replaced is closed once the load is committed (the resume),
     not before: the rollback of a later failure needs it."""
     src, dst = Host(PI_CFG, io_queues=1), Host(PI_CFG, io_queues=1)

@@ -822,7 +822,7 @@ def _prepare_namespaces(ctrl: MigrationHost, st: NvmeState) -> dict[int, MemoryB
     swaps: dict[int, MemoryBackend] = {}
     j = 0
     try:
-        for j, n in enumerate(st.namespaces):
+        for j, n in enumerate(st.namespaces):  # noqa: B007 (j is read by the except clause)
             ns = ctrl.allocated[n.nsid]
             fd = ctrl.vmstate_load_fd(n.mem_fd) if n.mem_fd is not None else None
             # check(): a mem namespace, whose backend has an fd (not in the Backend protocol;
