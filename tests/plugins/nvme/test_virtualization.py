@@ -31,6 +31,7 @@ from pcidev.migration import (
 )
 from pcidev.pci import ids
 from pcidev.pci.capabilities import sriov as sr
+from pcidev.pci.config import ResetKind
 from pcidev.vmstate import Section
 from pcidev.vmstate.errors import StateError
 from pcidev_nvme.config import NvmeConfig
@@ -677,3 +678,55 @@ def test_a_secondary_lists_the_subsystem_controllers_and_a_namespace_s_controlle
     assert struct.unpack_from("<HHHH", vd.identify(0x13), 0) == (3, 0, 1, 2)  # CNS 13h: the subsystem's
     assert struct.unpack_from("<HHH", vd.identify(0x12, nsid=2), 0) == (2, 0, 1)  # CNS 12h: primary and itself
     assert vd.identify(0x12, nsid=3)[:2] == b"\x01\x00"  # namespace 3: the primary's only
+
+
+def test_a_primary_format_holds_a_secondary_across_its_reset_and_one_enabled_meanwhile(host):
+    """The primary's Format NVM holds the shared namespace on the secondaries until its end
+    of format: a secondary's own controller reset or FLR does not release it, and a VF
+    enabled while the format runs is held too (cross-package review)."""
+    h = host
+    h.bring_up(0, 2)
+    h.bring_up(1, 2)
+    h.pdev.enable_sriov(1)
+    vd = h.probe_vf(0)
+    assert h.ctrl.begin_format({2}) == []
+    try:
+        vd.disable()
+        vd.restart()
+        assert _read_status(vd, 2, 0) == Status.FORMAT_IN_PROGRESS
+        h.pdev.virtfns[0].device.on_reset(ResetKind.FLR)
+        vd.restart()
+        assert _read_status(vd, 2, 0) == Status.FORMAT_IN_PROGRESS
+        h.pdev.disable_sriov()
+        h.vf_drvs.clear()
+        h.pdev.enable_sriov(2)
+        vds = [h.probe_vf(0), h.probe_vf(1)]
+        assert all(_read_status(d, 2, 0) == Status.FORMAT_IN_PROGRESS for d in vds)
+    finally:
+        h.ctrl.end_format({2})
+    assert all(_read_status(d, 2, 0) == 0 for d in vds)
+
+
+def test_an_nvm_subsystem_reset_of_the_primary_resets_every_secondary(host):
+    """NSSR resets every controller of the NVM subsystem: the live secondaries too (CC,
+    AQA, ASQ, ACQ back to 0, not ready, queues gone; their CSTS.NSSRO stays clear: the
+    field is valid only with CAP.NSSRS, which a secondary clears); the namespaces keep
+    their data (cross-package review)."""
+    h = host
+    drvs = _two_vfs(h)
+    crcs: dict = {}
+    _workload(h, drvs, crcs, 31)
+    vfs = [p.device for p in h.pdev.virtfns]
+    assert all(vf.fsm_state == "ready" for vf in vfs)
+    h.drv.subsystem_reset()
+    assert h.drv.read32(0x1C) & (1 << 4) and not h.drv.read32(0x1C) & 1  # NSSRO, not ready
+    for drv, vf in zip(h.vf_drvs, vfs, strict=True):
+        csts = drv.read32(0x1C)
+        assert not csts & 1 and not csts & (1 << 4), hex(csts)
+        assert [drv.read32(r) for r in (0x14, 0x24)] == [0, 0] and vf.fsm_state == "disabled"
+        assert not any(vf.submission_queues)
+    for d, _nsid in drvs:
+        d.restart()
+    assert _verify(drvs, crcs) == 3 * 4096
+    _workload(h, drvs, crcs, 32)
+    assert _verify(drvs, crcs) == 3 * 4096

@@ -510,20 +510,37 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
     def _nssr_written(self, reg: Register, new: int, old: int) -> None:
         """NSSR: writing 4E564D65h ("NVMe") resets the NVM subsystem; any other value is ignored.
 
-        An NVM Subsystem Reset resets this (its only) controller at once (commands in
-        flight complete into nothing), puts CC, AQA, ASQ and ACQ back to their defaults
-        (the host enables the controller again), and disables the Controller Memory
-        Buffer (CMBMSC, CMBSTS) and the Persistent Memory Region (PMRCTL, PMRMSC; its
-        contents stay); CSTS.NSSRO is then set -- unless the reset activated a new
-        firmware image (a slot committed with "activate at the next reset"). What
-        survives a controller reset survives it too: a sanitize operation in progress
-        continues, an extended self-test continues (a short one is aborted). The PCI
-        function (configuration space, BARs, MSI-X) is not reset: the link stays up.
+        An NVM Subsystem Reset resets every controller of the subsystem -- this one and,
+        on an SR-IOV primary, each live secondary controller (:meth:`subsystem_reset`; a
+        secondary's CSTS.NSSRO stays clear: NSSRO is valid only with CAP.NSSRS, which a
+        secondary controller clears).
         """
         reg.value = 0
         if new != NSSR_MAGIC:
             return
         log.info("%s: NVM Subsystem Reset", self.name)
+        with self.state_lock:
+            self.subsystem_reset()
+        # the subsystem's other controllers reset too; their CSTS.NSSRO stays clear: the
+        # field is valid only on a controller with CAP.NSSRS, which a secondary's is not
+        for vf in self._secondaries():
+            vf.subsystem_reset(nssro=False)
+
+    def subsystem_reset(self, *, nssro: bool | None = None) -> bool:
+        """This controller's part of an NVM Subsystem Reset: it resets at once (commands in
+        flight complete into nothing), CC, AQA, ASQ and ACQ go back to their defaults (the
+        host enables the controller again), and the Controller Memory Buffer (CMBMSC,
+        CMBSTS) and the Persistent Memory Region (PMRCTL, PMRMSC; its contents stay) are
+        disabled; CSTS.NSSRO is then set -- unless the reset activated a new firmware image
+        (a slot committed with "activate at the next reset"). What survives a controller
+        reset survives it too: a sanitize operation in progress continues, an extended
+        self-test continues (a short one is aborted), a Format NVM in progress finishes.
+        The PCI function (configuration space, BARs, MSI-X) is not reset: the link stays up.
+
+        :param nssro: whether to set CSTS.NSSRO (False on a secondary controller); None:
+            unless the reset activated another firmware slot.
+        :returns: whether CSTS.NSSRO was set.
+        """
         with self.state_lock:
             self._reset_memory_regions(ResetKind.CONVENTIONAL)
             firmware = self.firmware.active
@@ -538,8 +555,11 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             for name in ("CC", "AQA", "ASQ", "ACQ"):
                 regs[name].value = 0
             self._finish_reset()
-            if self.firmware.active == firmware:
+            if nssro is None:
+                nssro = self.firmware.active == firmware
+            if nssro:
                 self._csts |= CSTS_NSSRO
+            return nssro
 
     def _reset_memory_regions(self, kind: ResetKind) -> None:
         """The PMR, then the CMB, back to their reset values for a reset of ``kind`` (a PCI
@@ -681,7 +701,8 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self.features.reset()
         self.interrupts.reset()
         self.shadow.reset()
-        self.formats_cleared()
+        # (not the namespaces being formatted: a Format NVM runs on in the admin worker,
+        # whose end of format releases them -- until then their I/O is Format In Progress)
         self.smart.clear_reported()
         self.keep_alive_stop()
         self.timer.cancel_all()
@@ -866,6 +887,8 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
         self.admin.remove_commands(Opcode.NS_MANAGEMENT, Opcode.NS_ATTACHMENT, Opcode.FORMAT_NVM,
                                    Opcode.SANITIZE, Opcode.FW_COMMIT, Opcode.FW_DOWNLOAD)
         self.io.refuse = primary.io.refuse  # a sanitize of the subsystem in progress
+        with primary.state_lock:  # a Format NVM of the primary in progress covers this one too
+            self._formatting |= primary._formatting
 
     def describe(self) -> None:
         """The controller's PCI function, without NVM Subsystem Reset (CAP.NSSRS clear: the
