@@ -730,3 +730,74 @@ def test_an_nvm_subsystem_reset_of_the_primary_resets_every_secondary(host):
     assert _verify(drvs, crcs) == 3 * 4096
     _workload(h, drvs, crcs, 32)
     assert _verify(drvs, crcs) == 3 * 4096
+
+
+def _wait_sanitized(drv: NvmeDriver) -> dict[str, int]:
+    import time
+
+    deadline = time.monotonic() + 20
+    while (log := drv.sanitize_log())["sstat"] & 7 == 2:
+        assert time.monotonic() < deadline, "the sanitize did not finish"
+        time.sleep(0.01)
+    return log
+
+
+@pytest.mark.parametrize("how", ["write", "write zeroes", "write uncorrectable"])
+def test_a_secondary_write_clears_the_primary_s_global_data_erased(host, how):
+    """Global Data Erased (Sanitize Status SSTAT bit 8) is the NVM subsystem's: a write
+    through a secondary clears it as one through the primary does; the secondary's log 81h
+    is the primary's (cross-package review)."""
+    h = host
+    h.bring_up(0, 2)
+    h.pdev.enable_sriov(1)
+    vd = h.probe_vf(0)
+    h.drv.sanitize(2)  # block erase
+    log = _wait_sanitized(h.drv)
+    assert log["sstat"] == 1 | 1 << 8
+    assert vd.sanitize_log() == log
+    h.drv.read(1, 0, 1)  # reads and the primary's other commands leave it set
+    assert h.drv.sanitize_log()["sstat"] & 1 << 8
+    if how == "write":
+        vd.write(2, 7, b"\x42" * 512)
+    elif how == "write zeroes":
+        vd.io(1, 0x08, nsid=2, cdw10=7)
+    else:
+        vd.io(1, 0x04, nsid=2, cdw10=7)
+    assert not h.drv.sanitize_log()["sstat"] & 1 << 8
+    assert not vd.sanitize_log()["sstat"] & 1 << 8
+
+
+def test_a_secondary_refuses_what_the_primary_s_sanitize_forbids(host):
+    """While the primary's sanitize runs, the secondaries' admin commands the spec does not
+    allow during a sanitize (Device Self-test, Get LBA Status, Get Log Page of the self-test
+    log) complete with Sanitize In Progress, those it allows are processed; the same with
+    Sanitize Failed in the failure mode (cross-package review)."""
+    h = host
+    h.bring_up(0, 2)
+    h.pdev.enable_sriov(1)
+    vd = h.probe_vf(0)
+    h.ctrl.sanitizer.rate = 1 << 20  # 1 MiB/s: 6 MiB of namespaces take seconds
+    try:
+        h.drv.sanitize(3, ovrpat=0x5A5A5A5A)  # overwrite
+        assert h.drv.sanitize_log()["sstat"] & 7 == 2
+        for status, refused in (
+            (vd.device_self_test(1, nsid=0xFFFFFFFF, check=False), True),
+            (vd.get_lba_status(2, 0, check=False), True),
+            (vd.admin(0x02, nsid=0xFFFFFFFF, cdw10=0x06 | (564 // 4 - 1) << 16, length=564, check=False), True),
+            (vd.admin(0x06, cdw10=0x01, length=4096, check=False), False),  # Identify
+            (vd.admin(0x02, nsid=0xFFFFFFFF, cdw10=0x81 | (512 // 4 - 1) << 16, length=512, check=False), False),
+        ):
+            assert (_status(status) == Status.SANITIZE_IN_PROGRESS) == refused, (hex(status.status), refused)
+    finally:
+        h.ctrl.sanitizer.rate = None
+    _wait_sanitized(h.drv)
+    assert vd.self_test_log()[0] == 0  # the refused Device Self-test started nothing
+    assert vd.device_self_test(1, nsid=0xFFFFFFFF, check=False).ok
+    assert vd.get_lba_status(2, 0, check=False).ok
+    # the failure mode: Sanitize Failed on the secondary too, until the primary recovers
+    h.ctrl.sanitizer.restore(attrs.evolve(h.ctrl.sanitizer.snapshot(), sstat=3, failure_mode=1, running=False))
+    try:
+        assert _status(vd.get_lba_status(2, 0, check=False)) == Status.SANITIZE_FAILED
+    finally:
+        h.drv.sanitize(1)  # Exit Failure Mode
+    assert vd.get_lba_status(2, 0, check=False).ok

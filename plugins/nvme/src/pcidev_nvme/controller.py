@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -182,7 +182,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
 
         # logs, counters, persistent state
         self.error_log = ErrorLog(cfg.elpe + 1)
-        self.smart = SmartCounters(cfg.temperature)
+        self.smart = self._make_smart(cfg.temperature)
         self.firmware = FirmwareSlots(cfg.fw_slots, cfg.firmware)
         self.changed_ns = ChangedNamespaces()
         self.features = Features(self)
@@ -382,6 +382,11 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         super().add_namespace(nsid, ns, created_spec=created_spec, attached=attached)
         if self.virtualization is not None:
             ns.shared = True
+
+    def _make_smart(self, temperature: int) -> SmartCounters:
+        """The SMART / Health counters (a secondary controller's also tell the primary's
+        sanitize status of its writes)."""
+        return SmartCounters(temperature)
 
     def _make_uncorrectable(self) -> Uncorrectable:
         """The Write Uncorrectable marks (a secondary controller uses its primary's)."""
@@ -849,6 +854,28 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
                 f"state={self._state} csts={self._csts:#x} ns={sorted(self.namespaces)}>")
 
 
+class _SecondarySmart(SmartCounters):
+    """A secondary controller's SMART / Health counters: its host writes also alter the
+    subsystem's data, so each counted write clears the primary's Global Data Erased.
+
+    :param temperature: as :class:`~pcidev_nvme.logs.SmartCounters`.
+    :param written: the primary sanitizer's ``data_written``.
+    """
+
+    def __init__(self, temperature: int, written: Callable[[], None]) -> None:
+        super().__init__(temperature)
+        self._written = written
+
+    def record_write(self, nbytes: int) -> None:
+        super().record_write(nbytes)
+        self._written()
+
+    def record_io(self, reads: int, read_bytes: int, writes: int, written_bytes: int) -> None:
+        super().record_io(reads, read_bytes, writes, written_bytes)
+        if writes:
+            self._written()
+
+
 class NvmeVirtualFunction(VirtualFunction, NvmeController):
     """A secondary controller: the NVMe controller of one VF of a primary controller.
 
@@ -887,6 +914,7 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
         self.admin.remove_commands(Opcode.NS_MANAGEMENT, Opcode.NS_ATTACHMENT, Opcode.FORMAT_NVM,
                                    Opcode.SANITIZE, Opcode.FW_COMMIT, Opcode.FW_DOWNLOAD)
         self.io.refuse = primary.io.refuse  # a sanitize of the subsystem in progress
+        self.sanitizer.follow(primary.sanitizer)  # refusals, log 81h, Global Data Erased: the subsystem's
         with primary.state_lock:  # a Format NVM of the primary in progress covers this one too
             self._formatting |= primary._formatting
 
@@ -914,6 +942,11 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
         """The primary's Write Uncorrectable marks: one object (and one sidecar writer) for
         the shared namespaces."""
         return self.primary.uncorrectable
+
+    def _make_smart(self, temperature: int) -> SmartCounters:
+        """This controller's counters, whose host writes clear the primary's Global Data
+        Erased (the Sanitize Status is the NVM subsystem's)."""
+        return _SecondarySmart(temperature, self.primary.sanitizer.data_written)
 
     def adjust_identify(self, buf: bytearray) -> None:
         """CMIC bits 1 and 2 (a controller of a multi-controller subsystem, on an SR-IOV VF);
