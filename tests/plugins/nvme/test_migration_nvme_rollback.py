@@ -23,10 +23,11 @@ from test_virtualization import Host as SriovHost
 from test_virtualization import _two_vfs, _verify, _workload
 
 from pcidev.errors import VMStateError
-from pcidev.migration import load_device, save_device
-from pcidev.vmstate import Section
+from pcidev.migration import FunctionState, load_device, save_device
+from pcidev.vmstate import Section, load, peek_header, save
 from pcidev.vmstate.errors import StateError
 from pcidev_nvme.controller import NvmeController
+from pcidev_nvme.migration import NvmeState
 
 PI_CFG = "serial=MDRB,max_ioqpairs=2,msix_vectors=3,ns=mem:size=1M,lbaf=2,pi=1,ns=mem:size=1M"
 
@@ -56,8 +57,27 @@ def _vf_disagrees_with_primary(snap):
     return _sections(snap, "nvme", attrs.evolve(st, virtualization=attrs.evolve(virt, secondaries=secs)))
 
 
-@pytest.mark.parametrize("corrupt", [_garbled_vf_stream, _vf_disagrees_with_primary])
-def test_a_load_failing_in_the_vfs_part_leaves_the_destination_pf_as_it_was(corrupt):
+def _vf_refuses_its_own_stream(snap):
+    # VF 1's nvme section has a memory page size no controller has: only the VF's own check
+    # (when it loads, after the primary's state was applied) refuses it
+    vfs = _section(snap, "pcidev/sriov")
+    data = vfs.vfs[1].stream
+    header = peek_header(data)
+    sections = load(data, device_type=header.device_type, fingerprint=header.fingerprint,
+                     descriptions=[FunctionState, NvmeState])
+    sections = [Section(s.name, s.instance_id, attrs.evolve(s.state, page_size=1000)) if s.name == "nvme" else s
+                for s in sections]
+    bad = attrs.evolve(vfs.vfs[1], stream=save(header.device_type, header.fingerprint, sections))
+    return _sections(snap, "pcidev/sriov", attrs.evolve(vfs, vfs=(vfs.vfs[0], bad)))
+
+
+@pytest.mark.parametrize("corrupt, late", [(_garbled_vf_stream, False), (_vf_disagrees_with_primary, False),
+                                           (_vf_refuses_its_own_stream, True)])
+def test_a_load_failing_in_the_vfs_part_leaves_the_destination_pf_as_it_was(corrupt, late):
+    """A VF stream that does not decode or disagrees with the primary's records the load
+    brings is refused in the check phase (nothing applied); one that only the VF's own
+    check refuses fails after the primary's state was applied, and the rollback puts the
+    destination's own memory back."""
     src, dst = SriovHost(), SriovHost()
     try:
         s_drvs, d_drvs = _two_vfs(src), _two_vfs(dst)
@@ -72,9 +92,15 @@ def test_a_load_failing_in_the_vfs_part_leaves_the_destination_pf_as_it_was(corr
         backends = {n: ns.backend for n, ns in d.allocated.items()}
         vfs = list(d.virtual_functions)
         before = namespace_crcs(d)
+        applied: list[object] = []
+        real_set = d.set_device_state
+        d.set_device_state = lambda st: applied.append(st) or real_set(st)
         with pytest.raises(VMStateError) as info:
             load_device(d, bad)
+        del d.set_device_state
         assert "\n" not in str(info.value) and d.failed is None
+        assert len(applied) == (2 if late else 0), str(info.value)  # (late: the apply, then the rollback)
+        assert info.value.section == ("nvme" if late else "pcidev/sriov"), str(info.value)
         # its own memory, open, unchanged block for block
         assert {n: ns.backend for n, ns in d.allocated.items()} == backends
         assert all(b.fd >= 0 for b in backends.values())

@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -39,12 +39,15 @@ import attrs
 from pcidev.bar import Register
 from pcidev.device import PciDevice
 from pcidev.dma import GuestMemory
-from pcidev.errors import ConfigError, DmaError
+from pcidev.errors import ConfigError, DmaError, VMStateError
+from pcidev.migration import FunctionState
 from pcidev.pci import ids
 from pcidev.pci.capabilities.msix import MsixCapability
 from pcidev.pci.config import ResetKind
 from pcidev.sriov import VfBar, VirtualFunction, add_sriov
-from pcidev.vmstate.errors import StateError
+from pcidev.vmstate import load as load_sections
+from pcidev.vmstate import peek_header
+from pcidev.vmstate.errors import ConfigMismatchError, StateError
 from pcidev_nvme.abort import Aborts
 from pcidev_nvme.admin import AdminCommandSet, AdminWorker, Opcode
 from pcidev_nvme.aer import AsyncEvents
@@ -96,7 +99,7 @@ from pcidev_nvme.request import SQE_SIZE
 from pcidev_nvme.sanitize import SANITIZE_COMPLETED_EVENT, Sanitizer
 from pcidev_nvme.selftest import RESULT_ABORTED_SANITIZE, SelfTest, edstt_minutes
 from pcidev_nvme.uncorrectable import SIDECAR_SUFFIX, Uncorrectable
-from pcidev_nvme.virtualization import OACS_VMS, Virtualization, resources_of
+from pcidev_nvme.virtualization import OACS_VMS, Virtualization, VirtualizationState, resources_of
 
 __all__ = ["NvmeController", "NvmeVirtualFunction", "CMIC_MULTI_CTRL", "CMIC_SRIOV_VF"]
 
@@ -109,6 +112,9 @@ CMIC_SRIOV_VF = 1 << 2
 _OACS_NOT_ON_SECONDARY = (1 << 1) | (1 << 2) | (1 << 3)
 
 log = logging.getLogger(__name__)
+
+#: the framework's section of a PF's VFs (pcidev.migration.virtual_functions)
+SRIOV_SECTION = "pcidev/sriov"
 
 # the command register's low byte and its Bus Master bit (the dma property's hot path)
 _COMMAND = ids.COMMAND
@@ -396,6 +402,44 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         """Why CC.EN cannot make the controller ready beyond the register checks (None here;
         a secondary controller that is offline or lacks resources)."""
         return None
+
+    def check_vf_streams(self, streams: Sequence[bytes]) -> None:
+        """SR-IOV, the check phase of a load: each VF's stream decodes, and its secondary
+        controller agrees with the primary's records this load brings (accepted by
+        :meth:`check_device_state` just before): the namespaces attached to it, enabled only
+        online and with resources, no queue beyond NVQ. So such a stream is refused before
+        anything is applied, not when the VF loads after the primary's state was applied
+        (each VF's own stream is checked in full then).
+
+        :raises StateError: naming the VF and the field.
+        """
+        virt = self.virtualization
+        records = virt.checked if virt is not None else None
+        if virt is None or records is None:
+            return
+        for k, data in enumerate(streams[:virt.res.max_vfs]):
+            where = f"vfs[{k}].stream"
+            try:
+                header = peek_header(data)
+                cntlid = header.fingerprint.get("nvme.cntlid")
+                if cntlid != virt.scid(k):  # (another VF's stream)
+                    diff = f"nvme.cntlid: stream has {cntlid!r}, this device has {virt.scid(k)}"
+                    raise ConfigMismatchError(f"VF {k}: device configuration differs from the stream's: {diff}",
+                                              differences=[diff], section=SRIOV_SECTION, instance_id=0, path=where)
+                sections = load_sections(data, device_type=header.device_type, fingerprint=header.fingerprint,
+                                         descriptions=[FunctionState, NvmeState])
+            except ConfigMismatchError:
+                raise
+            except VMStateError as exc:
+                raise StateError(f"VF {k}: {exc}", section=SRIOV_SECTION, instance_id=0, path=where) from exc
+            st = next((s.state for s in sections if s.name == NVME_SECTION), None)
+            if not isinstance(st, NvmeState):
+                raise StateError(f"VF {k}: the stream has no {NVME_SECTION} section", section=SRIOV_SECTION,
+                                 instance_id=0, path=where)
+            problem = secondary_problem(virt, k, st, set(self.allocated), records)
+            if problem is not None:
+                raise StateError(f"VF {k}: secondary controller {virt.scid(k)}: {problem[0]}", section=SRIOV_SECTION,
+                                 instance_id=0, path=f"{where}:{NVME_SECTION}.{problem[1]}")
 
     # ------------------------------------------------------------------ contract
     @property
@@ -854,6 +898,22 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
                 f"state={self._state} csts={self._csts:#x} ns={sorted(self.namespaces)}>")
 
 
+def secondary_problem(virt: Virtualization, k: int, state: NvmeState, allocated: set[int],
+                      records: VirtualizationState | None = None) -> tuple[str, str] | None:
+    """Why the saved state of secondary ``k``'s controller disagrees with the primary's
+    records (:meth:`~pcidev_nvme.virtualization.Virtualization.secondary_problem`).
+
+    :param records: the records a load brings (checked, not applied yet); None: the live ones.
+    :returns: ``(reason, field path in the secondary's nvme section)``, or None.
+    """
+    return virt.secondary_problem(
+        k, attached=[n.nsid for n in state.namespaces if n.attached], enabled=state.state != 0,
+        nsq=state.features.nsq, ncq=state.features.ncq,
+        queue_ids=[(name, i) for name, queues in (("sqs", state.sqs), ("cqs", state.cqs))
+                   for i, q in enumerate(queues) if q is not None],
+        allocated=allocated, records=records)
+
+
 class _SecondarySmart(SmartCounters):
     """A secondary controller's SMART / Health counters: its host writes also alter the
     subsystem's data, so each counted write clears the primary's Global Data Erased.
@@ -1005,25 +1065,10 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
 
     def _check_against_primary(self, state: NvmeState) -> None:
         k = self.secondary_index
-
-        def fail(why: str, path: str) -> StateError:
-            return StateError(f"secondary controller {self._virt.scid(k)}: {why}", section=NVME_SECTION,
-                              instance_id=0, path=path)
-
-        want = sorted(self._virt.attached(k) & set(self.allocated))
-        got = sorted(n.nsid for n in state.namespaces if n.attached)
-        if got != want:
-            raise fail(f"namespaces {got} attached, the primary controller attached {want}", "namespaces")
-        if state.state != 0 and (problem := self._virt.enable_problem(k)) is not None:
-            raise fail(f"enabled, but {problem}", "state")
-        limit = self.io_queue_limit
-        f = state.features
-        if state.state != 0 and max(f.nsq, f.ncq) > limit:  # (enabling set them within NVQ - 1)
-            raise fail(f"Number of Queues {f.nsq}/{f.ncq} beyond the {limit} it was assigned (NVQ)", "features.nsq")
-        for name, queues in (("sqs", state.sqs), ("cqs", state.cqs)):
-            for i, q in enumerate(queues):
-                if q is not None and i > limit:
-                    raise fail(f"I/O queue {i} beyond the {limit} it was assigned (NVQ)", f"{name}[{i}]")
+        problem = secondary_problem(self._virt, k, state, set(self.allocated))
+        if problem is not None:
+            raise StateError(f"secondary controller {self._virt.scid(k)}: {problem[0]}", section=NVME_SECTION,
+                             instance_id=0, path=problem[1])
 
     def set_device_state(self, state: NvmeState) -> None:
         """Apply a checked state; the shared namespaces' formats, memory and Write
