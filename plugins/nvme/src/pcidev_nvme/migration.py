@@ -68,6 +68,12 @@ frozen class defined beside it: :mod:`~pcidev_nvme.queues`, :mod:`~pcidev_nvme.a
 registers); :class:`NvmeState` composes them, and this module adds the checks that
 span components, quiescing, blockers and the fingerprint.
 
+**Loading** (:func:`check`, :func:`apply`): nothing changes until every check passed; the
+apply maps the migrated memory and metadata first (what can fail), then each component takes
+its part. What the load replaced (the destination's own namespace memory and metadata
+stores) stays open until the load is committed (:class:`LoadUndo`): if a later part of the
+load fails (an SR-IOV VF's stream), the framework's rollback puts it back.
+
 What blocks (allow-list, :data:`MIGRATABLE_FEATURES`): namespaces whose backend
 is not ``mem`` (memfd), ``file`` or ``null`` (plugin backends, anonymous
 memory), namespaces created or deleted by Namespace Management (the destination builds
