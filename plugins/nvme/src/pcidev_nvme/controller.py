@@ -64,7 +64,7 @@ from pcidev_nvme.io import IoCommandSet
 from pcidev_nvme.limits import SHUTDOWN_DRAIN_TIMEOUT
 from pcidev_nvme.logs import ChangedNamespaces, ErrorLog, FirmwareSlots, SmartCounters
 from pcidev_nvme.migration import SECTION as NVME_SECTION
-from pcidev_nvme.migration import MigrationMixin, NvmeState, discard_prepared
+from pcidev_nvme.migration import MigrationMixin, NvmeState
 from pcidev_nvme.migration import features as migration_features
 from pcidev_nvme.namespace import Namespace, may_write_beside
 from pcidev_nvme.namespaces import NamespaceSetMixin, RemovedNamespace
@@ -951,6 +951,7 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
     """
 
     TYPE_NAME = "nvme-vf"
+    owns_namespaces = False  # the primary's (shared)
 
     def __init__(self, primary: NvmeController, k: int) -> None:
         virt = primary.virtualization
@@ -1057,13 +1058,6 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
         :raises StateError: naming the field.
         """
         super().check_device_state(state)
-        try:
-            self._check_against_primary(state)
-        except BaseException:
-            discard_prepared(self)
-            raise
-
-    def _check_against_primary(self, state: NvmeState) -> None:
         k = self.secondary_index
         problem = secondary_problem(self._virt, k, state, set(self.allocated))
         if problem is not None:

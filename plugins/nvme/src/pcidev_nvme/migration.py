@@ -153,6 +153,7 @@ class MigrationHost(Protocol):
     virtualization: Virtualization | None
     load_undo: LoadUndo
     vmstate_save_fds: list[int] | None
+    owns_namespaces: bool
 
     @property
     def allocated(self) -> Mapping[int, Namespace]: ...
@@ -411,14 +412,15 @@ def _settle(ctrl: MigrationHost) -> None:
     load that never applied (a later section refused) are closed."""
     ctrl.load_undo.settle()
     with ctrl.state_lock:
-        for ns in list(ctrl.allocated.values()):
-            ns.drop_prepared()
+        discard_prepared(ctrl)
 
 
 def discard_prepared(ctrl: MigrationHost) -> None:
-    """A check failed: close the metadata stores the checks opened for the apply."""
-    for ns in list(ctrl.allocated.values()):
-        ns.drop_prepared()
+    """A check failed: close the metadata stores the checks opened for the apply (of the
+    namespaces the controller owns: a secondary controller leaves its primary's alone)."""
+    if ctrl.owns_namespaces:
+        for ns in list(ctrl.allocated.values()):
+            ns.drop_prepared()
 
 
 # ----------------------------------------------------------------------------- quiesce / resume
