@@ -14,8 +14,10 @@ again (and deletes it only when it created it)."""
 from __future__ import annotations
 
 import os
+import random
 
 import attrs
+import crc32c
 import pytest
 from test_migration_nvme import Host, namespace_crcs
 from test_migration_nvme_protection import APP, PRACT, WRITE, PiBlocks, metadata_bytes
@@ -133,7 +135,7 @@ def _pi_write(h: Host, slba: int, data: bytes) -> None:
 
 
 def _fill(h: Host, blocks: PiBlocks, seed: int) -> None:
-    rnd = __import__("random").Random(seed)
+    rnd = random.Random(seed)
     for _ in range(40):
         slba = rnd.randrange(0, h.drv.namespaces[1].nsze - 8)
         data = os.urandom(8 * 512)
@@ -154,8 +156,6 @@ def _verify_pi(h: Host, blocks: PiBlocks) -> None:
         assert blocks.verify_all() == drv.namespaces[1].nsze
     finally:
         drv.namespaces[2] = ns2
-    import crc32c
-
     zero = crc32c.crc32c(bytes(512))
     for slba in range(0, ns2.nsze, 64):
         data = drv.read(2, slba, 64)

@@ -6,11 +6,14 @@ namespaces keep their data."""
 from __future__ import annotations
 
 import struct
+import threading
+import time
 
 import pytest
 
 from pcidev.pci.config import ResetKind
 from pcidev_nvme.registers import CAP_NSSRS, CSTS_NSSRO, NSSR_MAGIC, REG_NSSR
+from pcidev_nvme.status import Status
 
 CAP, CC, CSTS, AQA = 0x00, 0x14, 0x1C, 0x24
 
@@ -139,10 +142,6 @@ def test_a_reset_during_a_format_keeps_the_namespace_held_until_the_format_ends(
     command in flight): until its end of format
     the namespace's I/O is Format In Progress (never the half-formatted namespace's
     blocks), then every block reads zeroes; the other namespace is untouched throughout."""
-    import threading
-
-    from pcidev_nvme.status import Status
-
     env = nvme_env("ns=mem:size=1M,ns=mem:size=1M", io_queues=1)
     drv, ctrl = env.drv, env.ctrl
     blocks = {lba: bytes([lba + 1]) * 512 for lba in range(16)}
@@ -169,9 +168,9 @@ def test_a_reset_during_a_format_keeps_the_namespace_held_until_the_format_ends(
         assert all(drv.read(2, lba, 1) == data for lba, data in blocks.items())
     finally:
         gate.set()
-    deadline = __import__("time").monotonic() + 20
+    deadline = time.monotonic() + 20
     while _status(drv, 0x02, 1, 0) == Status.FORMAT_IN_PROGRESS:
-        assert __import__("time").monotonic() < deadline, "the format never ended"
+        assert time.monotonic() < deadline, "the format never ended"
     assert drv.read(1, 0, 16) == bytes(16 * 512)  # formatted: every block zeroes
     assert all(drv.read(2, lba, 1) == data for lba, data in blocks.items())
     drv.write(1, 5, b"\x55" * 512)

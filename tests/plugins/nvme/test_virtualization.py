@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 
 import attrs
 import crc32c
@@ -732,8 +733,6 @@ def test_an_nvm_subsystem_reset_of_the_primary_resets_every_secondary(host):
 
 
 def _wait_sanitized(drv: NvmeDriver) -> dict[str, int]:
-    import time
-
     deadline = time.monotonic() + 20
     while (log := drv.sanitize_log())["sstat"] & 7 == 2:
         assert time.monotonic() < deadline, "the sanitize did not finish"
