@@ -69,7 +69,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Self
 
 from pcidev.bar import Bar, BarHandler, BarKind, RamBacking, ram_file_key
@@ -690,6 +690,17 @@ class PciDevice:
 
         :param state: an instance of :attr:`VMSTATE`.
         :raises StateError: the state does not fit.
+        """
+
+    def check_vf_streams(self, streams: Sequence[bytes]) -> None:
+        """Override (an SR-IOV PF): refuse its VFs' saved streams (VF 0 first) in the check
+        phase of a load, after :meth:`check_device_state` of the same load accepted the PF's
+        own state -- e.g. what a VF's state must agree with in that state. Must not change
+        the device. The default accepts them (each VF still checks its own stream when it
+        loads, after the PF's state is applied).
+
+        :param streams: the VFs' vmstate streams.
+        :raises VMStateError: a stream does not fit.
         """
 
     def set_device_state(self, state: Any) -> None:

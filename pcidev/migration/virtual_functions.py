@@ -93,7 +93,8 @@ def _fail(reason: str, path: str = "vfs") -> StateError:
 
 
 def check_vfs(dev: PciDevice, state: SriovState) -> None:
-    """Refuse a state with more VFs than the PF's TotalVFs (before anything is applied).
+    """Refuse a state with more VFs than the PF's TotalVFs, and VF streams the PF refuses
+    (:meth:`~pcidev.device.PciDevice.check_vf_streams`), before anything is applied.
 
     :raises StateError: naming the field.
     """
@@ -101,6 +102,7 @@ def check_vfs(dev: PciDevice, state: SriovState) -> None:
     total = functions.cap.total_vfs if functions is not None else 0
     if len(state.vfs) > total:
         raise _fail(f"{len(state.vfs)} VFs but TotalVFs is {total}")
+    dev.check_vf_streams([vf.stream for vf in state.vfs])
 
 
 def load_vfs(dev: PciDevice, state: SriovState, load_stream: LoadStream) -> None:

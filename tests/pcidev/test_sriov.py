@@ -262,6 +262,38 @@ def test_a_stream_with_more_vfs_than_total_is_refused(machine):
         check_vfs(pf, SriovState(vfs=tuple(Entry(stream=b"", fds=()) for _ in range(5))))
 
 
+def test_the_pf_checks_its_vf_streams_before_anything_is_applied(machine):
+    """check_vfs hands the VFs' streams to the PF's check_vf_streams hook; a refusal there
+    comes before any section is applied (the PF's own state stays, no VF is built)."""
+    seen: list[list[bytes]] = []
+
+    class Picky(SriovPf):
+        def check_vf_streams(self, streams):
+            seen.append(list(streams))
+            if len(streams) > 1:
+                raise StateError("two VFs are one too many", section="pcidev/sriov", path="vfs[1]")
+
+    pf = Picky(name="src")
+    p = machine.plug(pf)
+    p.enable_device()
+    p.iowrite32(0, 0, 0x77)
+    vfs = p.enable_sriov(2)
+    for v in vfs:
+        _probe_vf(v)
+    pf.quiesce()
+    data, fds = save_device_stream(pf)
+    pf.resume()
+    dst = Picky(name="dst")
+    try:
+        with pytest.raises(StateError, match="one too many"):
+            load_device_stream(dst, data, fds)
+        assert len(seen) == 1 and len(seen[0]) == 2 and all(seen[0])
+        assert dst.regs["SCRATCH"].value == 0 and dst.virtual_functions == []
+    finally:
+        dst.close()
+        pf.close()
+
+
 CHILD = textwrap.dedent("""
     import socket, sys
     sys.path.insert(0, sys.argv[2])

@@ -781,3 +781,37 @@ def test_submit_many_completes_each_command_on_its_own(tmp_path):
     finally:
         ios.close()
         ctrl.close()
+
+
+def test_the_fast_path_reads_the_write_cache_and_write_protection_anew_for_each_batch():
+    """The inline Write path reads ``volatile_write_cache`` and the namespace's write
+    protection once per batch (submit_many), never longer: a change between batches (a
+    Set Features 06h, a namespace becoming read-only) applies to the next command."""
+    ctrl = FakeController()
+    ctrl.namespaces[1] = ns = make_namespace(1, "mem:size=1M")
+    ios = IoCommandSet(ctrl)
+    b = ns.backend
+    fuas: list[bool] = []
+    real = b.writev
+
+    def writev(views, offset, *, fua=False):
+        fuas.append(fua)
+        return real(views, offset, fua=fua)
+
+    b.writev = writev
+    try:
+        write_blocks(ctrl, ios, 0, pattern(512, 1))
+        ctrl.volatile_write_cache = False
+        write_blocks(ctrl, ios, 1, pattern(512, 2))
+        ctrl.volatile_write_cache = True
+        write_blocks(ctrl, ios, 2, pattern(512, 3))
+        assert fuas == [False, True, False]
+        b.read_only = True
+        buf = ctrl.alloc(512)
+        fails(ctrl, ios, rw(Opcode.WRITE, 3, 1, prp1=buf), Status.NS_WRITE_PROTECTED)
+        b.read_only = False
+        write_blocks(ctrl, ios, 3, pattern(512, 4))
+        assert read_blocks(ctrl, ios, 0, 4) == b"".join(pattern(512, k) for k in (1, 2, 3, 4))
+    finally:
+        ios.close()
+        ctrl.close()

@@ -6,11 +6,14 @@ namespaces keep their data."""
 from __future__ import annotations
 
 import struct
+import threading
+import time
 
 import pytest
 
 from pcidev.pci.config import ResetKind
 from pcidev_nvme.registers import CAP_NSSRS, CSTS_NSSRO, NSSR_MAGIC, REG_NSSR
+from pcidev_nvme.status import Status
 
 CAP, CC, CSTS, AQA = 0x00, 0x14, 0x1C, 0x24
 
@@ -103,3 +106,73 @@ def test_nssro_stays_clear_when_the_reset_activates_firmware(nvme_env):
     assert drv.identify(0x01)[64:72] == b"2.0     "
     drv.subsystem_reset()  # nothing pending: NSSRO set
     assert drv.read32(CSTS) & CSTS_NSSRO
+
+
+# ------------------------------------------------------------------------ a reset during a Format NVM
+def _status(drv, opcode: int, nsid: int, lba: int) -> int:
+    buf = drv.machine.alloc(4096)
+    try:
+        if opcode == 0x01:
+            drv.machine.write(buf, b"\xee" * 512)
+        cid = drv.submit(1, opcode, nsid=nsid, cdw10=lba, buf=buf, length=512)
+        comp = drv.reap(1)[0]
+        assert comp.cid == cid
+        return comp.status & 0x7FF
+    finally:
+        drv.machine.free(buf)
+
+
+def _reset(env, kind: str) -> None:
+    drv = env.drv
+    if kind == "nssr":
+        drv.subsystem_reset()
+        drv.restart()
+    else:  # a Function Level Reset: the driver sets the function up again
+        env.pdev.reset_function()
+        for q in drv.queues.values():
+            q.free()
+        drv.queues.clear()
+        drv.probe()
+
+
+@pytest.mark.parametrize("kind", ["nssr", "flr"])
+def test_a_reset_during_a_format_keeps_the_namespace_held_until_the_format_ends(nvme_env, kind):
+    """An NVM Subsystem Reset or an FLR resets the controller at once, but the Format NVM
+    runs on in the admin worker (a controller reset by CC.EN waits for it, as for any
+    command in flight): until its end of format
+    the namespace's I/O is Format In Progress (never the half-formatted namespace's
+    blocks), then every block reads zeroes; the other namespace is untouched throughout."""
+    env = nvme_env("ns=mem:size=1M,ns=mem:size=1M", io_queues=1)
+    drv, ctrl = env.drv, env.ctrl
+    blocks = {lba: bytes([lba + 1]) * 512 for lba in range(16)}
+    for nsid in (1, 2):
+        for lba, data in blocks.items():
+            drv.write(nsid, lba, data)
+    ns = ctrl.allocated[1]
+    entered, gate = threading.Event(), threading.Event()
+    real = ns.backend.deallocate
+
+    def slow(offset, length):
+        entered.set()
+        assert gate.wait(20)
+        return real(offset, length)
+
+    ns.backend.deallocate = slow
+    try:
+        drv.submit(0, 0x80, nsid=1, cdw10=0)  # Format NVM, LBA format 0, no secure erase
+        assert entered.wait(10)
+        _reset(env, kind)
+        assert ctrl.fsm_state == "ready"
+        for op in (0x02, 0x01):  # neither the old blocks nor a write that the erase would undo
+            assert _status(drv, op, 1, 3) == Status.FORMAT_IN_PROGRESS
+        assert all(drv.read(2, lba, 1) == data for lba, data in blocks.items())
+    finally:
+        gate.set()
+    deadline = time.monotonic() + 20
+    while _status(drv, 0x02, 1, 0) == Status.FORMAT_IN_PROGRESS:
+        assert time.monotonic() < deadline, "the format never ended"
+    assert drv.read(1, 0, 16) == bytes(16 * 512)  # formatted: every block zeroes
+    assert all(drv.read(2, lba, 1) == data for lba, data in blocks.items())
+    drv.write(1, 5, b"\x55" * 512)
+    assert drv.read(1, 5, 1) == b"\x55" * 512
+    assert drv.admin(0x80, nsid=1, cdw10=0, check=False).ok  # and a new format is not "in progress"

@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 
 import attrs
 import crc32c
@@ -31,6 +32,7 @@ from pcidev.migration import (
 )
 from pcidev.pci import ids
 from pcidev.pci.capabilities import sriov as sr
+from pcidev.pci.config import ResetKind
 from pcidev.vmstate import Section
 from pcidev.vmstate.errors import StateError
 from pcidev_nvme.config import NvmeConfig
@@ -534,11 +536,10 @@ def test_a_primary_sanitize_aborts_the_secondaries_self_test(host):
     vd = h.probe_vf(0)
     vd.device_self_test(2, nsid=0xFFFFFFFF)  # extended: runs for minutes
     assert vd.self_test_log()[0] == 2  # in progress
-    h.ctrl.sanitizer.rate = 1.0
     h.drv.sanitize(2)
+    _wait_sanitized(h.drv)  # (log 06h is refused on every controller while the subsystem sanitizes)
     log = vd.self_test_log()
     assert log[0] == 0 and log[4] & 0xF == 0x9, log[:8]  # aborted by a sanitize operation
-    h.ctrl.sanitizer.rate = None
 
 
 def test_identify_says_multi_controller_subsystem_and_shared_namespaces(host):
@@ -677,3 +678,124 @@ def test_a_secondary_lists_the_subsystem_controllers_and_a_namespace_s_controlle
     assert struct.unpack_from("<HHHH", vd.identify(0x13), 0) == (3, 0, 1, 2)  # CNS 13h: the subsystem's
     assert struct.unpack_from("<HHH", vd.identify(0x12, nsid=2), 0) == (2, 0, 1)  # CNS 12h: primary and itself
     assert vd.identify(0x12, nsid=3)[:2] == b"\x01\x00"  # namespace 3: the primary's only
+
+
+def test_a_primary_format_holds_a_secondary_across_its_reset_and_one_enabled_meanwhile(host):
+    """The primary's Format NVM holds the shared namespace on the secondaries until its end
+    of format: a secondary's own controller reset or FLR does not release it, and a VF
+    enabled while the format runs is held too (cross-package review)."""
+    h = host
+    h.bring_up(0, 2)
+    h.bring_up(1, 2)
+    h.pdev.enable_sriov(1)
+    vd = h.probe_vf(0)
+    assert h.ctrl.begin_format({2}) == []
+    try:
+        vd.disable()
+        vd.restart()
+        assert _read_status(vd, 2, 0) == Status.FORMAT_IN_PROGRESS
+        h.pdev.virtfns[0].device.on_reset(ResetKind.FLR)
+        vd.restart()
+        assert _read_status(vd, 2, 0) == Status.FORMAT_IN_PROGRESS
+        h.pdev.disable_sriov()
+        h.vf_drvs.clear()
+        h.pdev.enable_sriov(2)
+        vds = [h.probe_vf(0), h.probe_vf(1)]
+        assert all(_read_status(d, 2, 0) == Status.FORMAT_IN_PROGRESS for d in vds)
+    finally:
+        h.ctrl.end_format({2})
+    assert all(_read_status(d, 2, 0) == 0 for d in vds)
+
+
+def test_an_nvm_subsystem_reset_of_the_primary_resets_every_secondary(host):
+    """NSSR resets every controller of the NVM subsystem: the live secondaries too (CC,
+    AQA, ASQ, ACQ back to 0, not ready, queues gone; their CSTS.NSSRO stays clear: the
+    field is valid only with CAP.NSSRS, which a secondary clears); the namespaces keep
+    their data (cross-package review)."""
+    h = host
+    drvs = _two_vfs(h)
+    crcs: dict = {}
+    _workload(h, drvs, crcs, 31)
+    vfs = [p.device for p in h.pdev.virtfns]
+    assert all(vf.fsm_state == "ready" for vf in vfs)
+    h.drv.subsystem_reset()
+    assert h.drv.read32(0x1C) & (1 << 4) and not h.drv.read32(0x1C) & 1  # NSSRO, not ready
+    for drv, vf in zip(h.vf_drvs, vfs, strict=True):
+        csts = drv.read32(0x1C)
+        assert not csts & 1 and not csts & (1 << 4), hex(csts)
+        assert [drv.read32(r) for r in (0x14, 0x24)] == [0, 0] and vf.fsm_state == "disabled"
+        assert not any(vf.submission_queues)
+    for d, _nsid in drvs:
+        d.restart()
+    assert _verify(drvs, crcs) == 3 * 4096
+    _workload(h, drvs, crcs, 32)
+    assert _verify(drvs, crcs) == 3 * 4096
+
+
+def _wait_sanitized(drv: NvmeDriver) -> dict[str, int]:
+    deadline = time.monotonic() + 20
+    while (log := drv.sanitize_log())["sstat"] & 7 == 2:
+        assert time.monotonic() < deadline, "the sanitize did not finish"
+        time.sleep(0.01)
+    return log
+
+
+@pytest.mark.parametrize("how", ["write", "write zeroes", "write uncorrectable"])
+def test_a_secondary_write_clears_the_primary_s_global_data_erased(host, how):
+    """Global Data Erased (Sanitize Status SSTAT bit 8) is the NVM subsystem's: a write
+    through a secondary clears it as one through the primary does; the secondary's log 81h
+    is the primary's (cross-package review)."""
+    h = host
+    h.bring_up(0, 2)
+    h.pdev.enable_sriov(1)
+    vd = h.probe_vf(0)
+    h.drv.sanitize(2)  # block erase
+    log = _wait_sanitized(h.drv)
+    assert log["sstat"] == 1 | 1 << 8
+    assert vd.sanitize_log() == log
+    h.drv.read(1, 0, 1)  # reads and the primary's other commands leave it set
+    assert h.drv.sanitize_log()["sstat"] & 1 << 8
+    if how == "write":
+        vd.write(2, 7, b"\x42" * 512)
+    elif how == "write zeroes":
+        vd.io(1, 0x08, nsid=2, cdw10=7)
+    else:
+        vd.io(1, 0x04, nsid=2, cdw10=7)
+    assert not h.drv.sanitize_log()["sstat"] & 1 << 8
+    assert not vd.sanitize_log()["sstat"] & 1 << 8
+
+
+def test_a_secondary_refuses_what_the_primary_s_sanitize_forbids(host):
+    """While the primary's sanitize runs, the secondaries' admin commands the spec does not
+    allow during a sanitize (Device Self-test, Get LBA Status, Get Log Page of the self-test
+    log) complete with Sanitize In Progress, those it allows are processed; the same with
+    Sanitize Failed in the failure mode (cross-package review)."""
+    h = host
+    h.bring_up(0, 2)
+    h.pdev.enable_sriov(1)
+    vd = h.probe_vf(0)
+    h.ctrl.sanitizer.rate = 1 << 20  # 1 MiB/s: 6 MiB of namespaces take seconds
+    try:
+        h.drv.sanitize(3, ovrpat=0x5A5A5A5A)  # overwrite
+        assert h.drv.sanitize_log()["sstat"] & 7 == 2
+        for status, refused in (
+            (vd.device_self_test(1, nsid=0xFFFFFFFF, check=False), True),
+            (vd.get_lba_status(2, 0, check=False), True),
+            (vd.admin(0x02, nsid=0xFFFFFFFF, cdw10=0x06 | (564 // 4 - 1) << 16, length=564, check=False), True),
+            (vd.admin(0x06, cdw10=0x01, length=4096, check=False), False),  # Identify
+            (vd.admin(0x02, nsid=0xFFFFFFFF, cdw10=0x81 | (512 // 4 - 1) << 16, length=512, check=False), False),
+        ):
+            assert (_status(status) == Status.SANITIZE_IN_PROGRESS) == refused, (hex(status.status), refused)
+    finally:
+        h.ctrl.sanitizer.rate = None
+    _wait_sanitized(h.drv)
+    assert vd.self_test_log()[0] == 0  # the refused Device Self-test started nothing
+    assert vd.device_self_test(1, nsid=0xFFFFFFFF, check=False).ok
+    assert vd.get_lba_status(2, 0, check=False).ok
+    # the failure mode: Sanitize Failed on the secondary too, until the primary recovers
+    h.ctrl.sanitizer.restore(attrs.evolve(h.ctrl.sanitizer.snapshot(), sstat=3, failure_mode=1, running=False))
+    try:
+        assert _status(vd.get_lba_status(2, 0, check=False)) == Status.SANITIZE_FAILED
+    finally:
+        h.drv.sanitize(1)  # Exit Failure Mode
+    assert vd.get_lba_status(2, 0, check=False).ok

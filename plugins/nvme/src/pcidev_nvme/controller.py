@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -39,12 +39,15 @@ import attrs
 from pcidev.bar import Register
 from pcidev.device import PciDevice
 from pcidev.dma import GuestMemory
-from pcidev.errors import ConfigError, DmaError
+from pcidev.errors import ConfigError, DmaError, VMStateError
+from pcidev.migration import FunctionState
 from pcidev.pci import ids
 from pcidev.pci.capabilities.msix import MsixCapability
 from pcidev.pci.config import ResetKind
 from pcidev.sriov import VfBar, VirtualFunction, add_sriov
-from pcidev.vmstate.errors import StateError
+from pcidev.vmstate import load as load_sections
+from pcidev.vmstate import peek_header
+from pcidev.vmstate.errors import ConfigMismatchError, StateError
 from pcidev_nvme.abort import Aborts
 from pcidev_nvme.admin import AdminCommandSet, AdminWorker, Opcode
 from pcidev_nvme.aer import AsyncEvents
@@ -97,7 +100,7 @@ from pcidev_nvme.request import SQE_SIZE
 from pcidev_nvme.sanitize import SANITIZE_COMPLETED_EVENT, Sanitizer
 from pcidev_nvme.selftest import RESULT_ABORTED_SANITIZE, SelfTest, edstt_minutes
 from pcidev_nvme.uncorrectable import SIDECAR_SUFFIX, Uncorrectable
-from pcidev_nvme.virtualization import OACS_VMS, Virtualization, resources_of
+from pcidev_nvme.virtualization import OACS_VMS, Virtualization, VirtualizationState, resources_of
 
 __all__ = ["NvmeController", "NvmeVirtualFunction", "CMIC_MULTI_CTRL", "CMIC_SRIOV_VF"]
 
@@ -110,6 +113,9 @@ CMIC_SRIOV_VF = 1 << 2
 _OACS_NOT_ON_SECONDARY = (1 << 1) | (1 << 2) | (1 << 3)
 
 log = logging.getLogger(__name__)
+
+#: the framework's section of a PF's VFs (pcidev.migration.virtual_functions)
+SRIOV_SECTION = "pcidev/sriov"
 
 # the command register's low byte and its Bus Master bit (the dma property's hot path)
 _COMMAND = ids.COMMAND
@@ -183,7 +189,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
 
         # logs, counters, persistent state
         self.error_log = ErrorLog(cfg.elpe + 1)
-        self.smart = SmartCounters(cfg.temperature)
+        self.smart = self._make_smart(cfg.temperature)
         self.firmware = FirmwareSlots(cfg.fw_slots, cfg.firmware)
         self.changed_ns = ChangedNamespaces()
         #: atomic write limits and the range locks that keep them (:mod:`pcidev_nvme.atomicity`;
@@ -390,6 +396,11 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         if self.virtualization is not None:
             ns.shared = True
 
+    def _make_smart(self, temperature: int) -> SmartCounters:
+        """The SMART / Health counters (a secondary controller's also tell the primary's
+        sanitize status of its writes)."""
+        return SmartCounters(temperature)
+
     def _make_uncorrectable(self) -> Uncorrectable:
         """The Write Uncorrectable marks (a secondary controller uses its primary's)."""
         return Uncorrectable(self._wu_sidecar)
@@ -398,6 +409,44 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         """Why CC.EN cannot make the controller ready beyond the register checks (None here;
         a secondary controller that is offline or lacks resources)."""
         return None
+
+    def check_vf_streams(self, streams: Sequence[bytes]) -> None:
+        """SR-IOV, the check phase of a load: each VF's stream decodes, and its secondary
+        controller agrees with the primary's records this load brings (accepted by
+        :meth:`check_device_state` just before): the namespaces attached to it, enabled only
+        online and with resources, no queue beyond NVQ. So such a stream is refused before
+        anything is applied, not when the VF loads after the primary's state was applied
+        (each VF's own stream is checked in full then).
+
+        :raises StateError: naming the VF and the field.
+        """
+        virt = self.virtualization
+        records = virt.checked if virt is not None else None
+        if virt is None or records is None:
+            return
+        for k, data in enumerate(streams[:virt.res.max_vfs]):
+            where = f"vfs[{k}].stream"
+            try:
+                header = peek_header(data)
+                cntlid = header.fingerprint.get("nvme.cntlid")
+                if cntlid != virt.scid(k):  # (another VF's stream)
+                    diff = f"nvme.cntlid: stream has {cntlid!r}, this device has {virt.scid(k)}"
+                    raise ConfigMismatchError(f"VF {k}: device configuration differs from the stream's: {diff}",
+                                              differences=[diff], section=SRIOV_SECTION, instance_id=0, path=where)
+                sections = load_sections(data, device_type=header.device_type, fingerprint=header.fingerprint,
+                                         descriptions=[FunctionState, NvmeState])
+            except ConfigMismatchError:
+                raise
+            except VMStateError as exc:
+                raise StateError(f"VF {k}: {exc}", section=SRIOV_SECTION, instance_id=0, path=where) from exc
+            st = next((s.state for s in sections if s.name == NVME_SECTION), None)
+            if not isinstance(st, NvmeState):
+                raise StateError(f"VF {k}: the stream has no {NVME_SECTION} section", section=SRIOV_SECTION,
+                                 instance_id=0, path=where)
+            problem = secondary_problem(virt, k, st, set(self.allocated), records)
+            if problem is not None:
+                raise StateError(f"VF {k}: secondary controller {virt.scid(k)}: {problem[0]}", section=SRIOV_SECTION,
+                                 instance_id=0, path=f"{where}:{NVME_SECTION}.{problem[1]}")
 
     # ------------------------------------------------------------------ contract
     @property
@@ -463,6 +512,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         if self.owns_state:  # not after a migration out: the destination owns the state file
             self.save_state()
         self.uncorrectable.flush()
+        self.load_undo.commit()  # what a load replaced (never rolled back now)
         self._close_namespaces()
         if self.cmb is not None:
             self.cmb.close()
@@ -516,20 +566,37 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
     def _nssr_written(self, reg: Register, new: int, old: int) -> None:
         """NSSR: writing 4E564D65h ("NVMe") resets the NVM subsystem; any other value is ignored.
 
-        An NVM Subsystem Reset resets this (its only) controller at once (commands in
-        flight complete into nothing), puts CC, AQA, ASQ and ACQ back to their defaults
-        (the host enables the controller again), and disables the Controller Memory
-        Buffer (CMBMSC, CMBSTS) and the Persistent Memory Region (PMRCTL, PMRMSC; its
-        contents stay); CSTS.NSSRO is then set -- unless the reset activated a new
-        firmware image (a slot committed with "activate at the next reset"). What
-        survives a controller reset survives it too: a sanitize operation in progress
-        continues, an extended self-test continues (a short one is aborted). The PCI
-        function (configuration space, BARs, MSI-X) is not reset: the link stays up.
+        An NVM Subsystem Reset resets every controller of the subsystem -- this one and,
+        on an SR-IOV primary, each live secondary controller (:meth:`subsystem_reset`; a
+        secondary's CSTS.NSSRO stays clear: NSSRO is valid only with CAP.NSSRS, which a
+        secondary controller clears).
         """
         reg.value = 0
         if new != NSSR_MAGIC:
             return
         log.info("%s: NVM Subsystem Reset", self.name)
+        with self.state_lock:
+            self.subsystem_reset()
+        # the subsystem's other controllers reset too; their CSTS.NSSRO stays clear: the
+        # field is valid only on a controller with CAP.NSSRS, which a secondary's is not
+        for vf in self._secondaries():
+            vf.subsystem_reset(nssro=False)
+
+    def subsystem_reset(self, *, nssro: bool | None = None) -> bool:
+        """This controller's part of an NVM Subsystem Reset: it resets at once (commands in
+        flight complete into nothing), CC, AQA, ASQ and ACQ go back to their defaults (the
+        host enables the controller again), and the Controller Memory Buffer (CMBMSC,
+        CMBSTS) and the Persistent Memory Region (PMRCTL, PMRMSC; its contents stay) are
+        disabled; CSTS.NSSRO is then set -- unless the reset activated a new firmware image
+        (a slot committed with "activate at the next reset"). What survives a controller
+        reset survives it too: a sanitize operation in progress continues, an extended
+        self-test continues (a short one is aborted), a Format NVM in progress finishes.
+        The PCI function (configuration space, BARs, MSI-X) is not reset: the link stays up.
+
+        :param nssro: whether to set CSTS.NSSRO (False on a secondary controller); None:
+            unless the reset activated another firmware slot.
+        :returns: whether CSTS.NSSRO was set.
+        """
         with self.state_lock:
             self._reset_memory_regions(ResetKind.CONVENTIONAL)
             firmware = self.firmware.active
@@ -544,8 +611,11 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             for name in ("CC", "AQA", "ASQ", "ACQ"):
                 regs[name].value = 0
             self._finish_reset()
-            if self.firmware.active == firmware:
+            if nssro is None:
+                nssro = self.firmware.active == firmware
+            if nssro:
                 self._csts |= CSTS_NSSRO
+            return nssro
 
     def _reset_memory_regions(self, kind: ResetKind) -> None:
         """The PMR, then the CMB, back to their reset values for a reset of ``kind`` (a PCI
@@ -687,7 +757,8 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self.features.reset()
         self.interrupts.reset()
         self.shadow.reset()
-        self.formats_cleared()
+        # (not the namespaces being formatted: a Format NVM runs on in the admin worker,
+        # whose end of format releases them -- until then their I/O is Format In Progress)
         self.smart.clear_reported()
         self.keep_alive_stop()
         self.timer.cancel_all()
@@ -834,6 +905,44 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
                 f"state={self._state} csts={self._csts:#x} ns={sorted(self.namespaces)}>")
 
 
+def secondary_problem(virt: Virtualization, k: int, state: NvmeState, allocated: set[int],
+                      records: VirtualizationState | None = None) -> tuple[str, str] | None:
+    """Why the saved state of secondary ``k``'s controller disagrees with the primary's
+    records (:meth:`~pcidev_nvme.virtualization.Virtualization.secondary_problem`).
+
+    :param records: the records a load brings (checked, not applied yet); None: the live ones.
+    :returns: ``(reason, field path in the secondary's nvme section)``, or None.
+    """
+    return virt.secondary_problem(
+        k, attached=[n.nsid for n in state.namespaces if n.attached], enabled=state.state != 0,
+        nsq=state.features.nsq, ncq=state.features.ncq,
+        queue_ids=[(name, i) for name, queues in (("sqs", state.sqs), ("cqs", state.cqs))
+                   for i, q in enumerate(queues) if q is not None],
+        allocated=allocated, records=records)
+
+
+class _SecondarySmart(SmartCounters):
+    """A secondary controller's SMART / Health counters: its host writes also alter the
+    subsystem's data, so each counted write clears the primary's Global Data Erased.
+
+    :param temperature: as :class:`~pcidev_nvme.logs.SmartCounters`.
+    :param written: the primary sanitizer's ``data_written``.
+    """
+
+    def __init__(self, temperature: int, written: Callable[[], None]) -> None:
+        super().__init__(temperature)
+        self._written = written
+
+    def record_write(self, nbytes: int) -> None:
+        super().record_write(nbytes)
+        self._written()
+
+    def record_io(self, reads: int, read_bytes: int, writes: int, written_bytes: int) -> None:
+        super().record_io(reads, read_bytes, writes, written_bytes)
+        if writes:
+            self._written()
+
+
 class NvmeVirtualFunction(VirtualFunction, NvmeController):
     """A secondary controller: the NVMe controller of one VF of a primary controller.
 
@@ -849,6 +958,7 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
     """
 
     TYPE_NAME = "nvme-vf"
+    owns_namespaces = False  # the primary's (shared)
 
     def __init__(self, primary: NvmeController, k: int) -> None:
         virt = primary.virtualization
@@ -873,6 +983,9 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
                                    Opcode.SANITIZE, Opcode.FW_COMMIT, Opcode.FW_DOWNLOAD)
         self.io.refuse = primary.io.refuse  # a sanitize of the subsystem in progress
         self.atomicity.locks = primary.atomicity.locks  # one range lock table for the shared namespaces
+        self.sanitizer.follow(primary.sanitizer)  # refusals, log 81h, Global Data Erased: the subsystem's
+        with primary.state_lock:  # a Format NVM of the primary in progress covers this one too
+            self._formatting |= primary._formatting
 
     def describe(self) -> None:
         """The controller's PCI function, without NVM Subsystem Reset (CAP.NSSRS clear: the
@@ -898,6 +1011,11 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
         """The primary's Write Uncorrectable marks: one object (and one sidecar writer) for
         the shared namespaces."""
         return self.primary.uncorrectable
+
+    def _make_smart(self, temperature: int) -> SmartCounters:
+        """This controller's counters, whose host writes clear the primary's Global Data
+        Erased (the Sanitize Status is the NVM subsystem's)."""
+        return _SecondarySmart(temperature, self.primary.sanitizer.data_written)
 
     def adjust_identify(self, buf: bytearray) -> None:
         """CMIC bits 1 and 2 (a controller of a multi-controller subsystem, on an SR-IOV VF);
@@ -949,25 +1067,10 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
         """
         super().check_device_state(state)
         k = self.secondary_index
-
-        def fail(why: str, path: str) -> StateError:
-            return StateError(f"secondary controller {self._virt.scid(k)}: {why}", section=NVME_SECTION,
-                              instance_id=0, path=path)
-
-        want = sorted(self._virt.attached(k) & set(self.allocated))
-        got = sorted(n.nsid for n in state.namespaces if n.attached)
-        if got != want:
-            raise fail(f"namespaces {got} attached, the primary controller attached {want}", "namespaces")
-        if state.state != 0 and (problem := self._virt.enable_problem(k)) is not None:
-            raise fail(f"enabled, but {problem}", "state")
-        limit = self.io_queue_limit
-        f = state.features
-        if state.state != 0 and max(f.nsq, f.ncq) > limit:  # (enabling set them within NVQ - 1)
-            raise fail(f"Number of Queues {f.nsq}/{f.ncq} beyond the {limit} it was assigned (NVQ)", "features.nsq")
-        for name, queues in (("sqs", state.sqs), ("cqs", state.cqs)):
-            for i, q in enumerate(queues):
-                if q is not None and i > limit:
-                    raise fail(f"I/O queue {i} beyond the {limit} it was assigned (NVQ)", f"{name}[{i}]")
+        problem = secondary_problem(self._virt, k, state, set(self.allocated))
+        if problem is not None:
+            raise StateError(f"secondary controller {self._virt.scid(k)}: {problem[0]}", section=NVME_SECTION,
+                             instance_id=0, path=problem[1])
 
     def set_device_state(self, state: NvmeState) -> None:
         """Apply a checked state; the shared namespaces' formats, memory and Write

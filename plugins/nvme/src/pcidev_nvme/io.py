@@ -349,12 +349,14 @@ class IoCommandSet:
         nsid = -1
         ns: Namespace | None = None
         backend: Any = None
-        inline = fast = False
+        inline = fast = read_only = False
         nlbas = shift = 0
         i = 0
         wu = self.uncorrectable
         refuse = self.refuse
         serialises = self.atomicity.serialises
+        # read once per batch (a Set Features of the cache applies from the next fetch on)
+        durable = not ctrl.volatile_write_cache
         try:
             for i, req in enumerate(reqs):  # noqa: B007 (i is read by the except clause)
                 op = req.opcode
@@ -378,9 +380,10 @@ class IoCommandSet:
                                     and not serialises(ns))
                             nlbas = ns.nlbas
                             shift = ns.lba_shift
+                            read_only = ns.read_only
                     if ns is not None and fast:
                         try:
-                            if op == 1 and ns.read_only:
+                            if op == 1 and read_only:
                                 raise NvmeStatusError(
                                     Status.NS_WRITE_PROTECTED, f"namespace {ns.nsid} is write protected"
                                 )
@@ -412,12 +415,11 @@ class IoCommandSet:
                                     if read:
                                         backend.readv(views, offset)
                                     else:
-                                        backend.writev(views, offset, fua=bool(cdw12 & 0x40000000)
-                                                       or not ctrl.volatile_write_cache)
+                                        backend.writev(views, offset, fua=bool(cdw12 & 0x40000000) or durable)
                                     done = length
                                 elif read:
                                     done = cast(_NoWait, backend).readv_nowait(views, offset)
-                                elif cdw12 & 0x40000000 or not ctrl.volatile_write_cache:
+                                elif cdw12 & 0x40000000 or durable:
                                     done = 0  # a durable write never goes without waiting
                                 else:
                                     done = cast(_NoWait, backend).writev_nowait(views, offset)

@@ -177,6 +177,11 @@ class MetadataStore:
         metadata)."""
         self.close()
 
+    def discard(self) -> None:
+        """Close a store that was never used (opened for a migration's load that failed):
+        only what it created itself is dropped (:meth:`FileMetadata.discard`)."""
+        self.close()
+
     def inheritable_fds(self) -> dict[str, int]:
         """Descriptors a handover's new process takes over (see :mod:`pcidev.inheritance`)."""
         return {}
@@ -276,6 +281,8 @@ class FileMetadata(MetadataStore):
         self.path = image + SIDECAR_SUFFIX
         self.read_only = read_only
         self._fd = -1
+        #: this store created the sidecar (it did not exist): :meth:`discard` may unlink it
+        self.created = False
         #: the sidecar describes another format: read as empty, rewritten at the first write
         self._stale = False
         self._stale_lock = threading.Lock()
@@ -300,6 +307,7 @@ class FileMetadata(MetadataStore):
                     os.unlink(self.path)
                     raise ConfigError(f"cannot initialise {self.path}: {exc.strerror}") from exc
                 self._fd = fd
+                self.created = True
                 return
             except OSError as exc:
                 raise ConfigError(f"cannot open {self.path}: {exc.strerror}") from exc
@@ -414,6 +422,15 @@ class FileMetadata(MetadataStore):
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
+
+    def discard(self) -> None:
+        """Close a store that was never used (a migration's check prepared it, then the
+        load failed): the sidecar is unlinked only if this store created it -- a file the
+        process found there (the source's metadata) is never deleted."""
+        if self.created:
+            self.remove()
+        else:
+            self.close()
 
     @property
     def is_open(self) -> bool:

@@ -68,6 +68,12 @@ frozen class defined beside it: :mod:`~pcidev_nvme.queues`, :mod:`~pcidev_nvme.a
 registers); :class:`NvmeState` composes them, and this module adds the checks that
 span components, quiescing, blockers and the fingerprint.
 
+**Loading** (:func:`check`, :func:`apply`): nothing changes until every check passed; the
+apply maps the migrated memory and metadata first (what can fail), then each component takes
+its part. What the load replaced (the destination's own namespace memory and metadata
+stores) stays open until the load is committed (:class:`LoadUndo`): if a later part of the
+load fails (an SR-IOV VF's stream), the framework's rollback puts it back.
+
 What blocks (allow-list, :data:`MIGRATABLE_FEATURES`): namespaces whose backend
 is not ``mem`` (memfd), ``file`` or ``null`` (plugin backends, anonymous
 memory), namespaces created or deleted by Namespace Management (the destination builds
@@ -77,6 +83,7 @@ its namespaces from its configuration), and a controller reset still waiting for
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -111,7 +118,8 @@ from pcidev_nvme.logs import (
     SmartCounters,
     SmartState,
 )
-from pcidev_nvme.namespace import LBA_FORMATS, LBAF_TABLE, Namespace, NamespaceState
+from pcidev_nvme.metadata import MetadataStore
+from pcidev_nvme.namespace import LBA_FORMATS, LBAF_TABLE, Namespace, NamespaceHolding, NamespaceState
 from pcidev_nvme.pmr import PersistentMemoryRegion, PmrState
 from pcidev_nvme.queues import CompletionQueue, CqeState, CqState, SqState, SubmissionQueue
 from pcidev_nvme.registers import ControllerState
@@ -144,6 +152,9 @@ class MigrationHost(Protocol):
     sanitizer: Sanitizer
     selftest: SelfTest
     virtualization: Virtualization | None
+    load_undo: LoadUndo
+    vmstate_save_fds: list[int] | None
+    owns_namespaces: bool
 
     @property
     def allocated(self) -> Mapping[int, Namespace]: ...
@@ -175,7 +186,10 @@ class MigrationHost(Protocol):
 
 __all__ = ["NvmeState", "SqState", "CqState", "CqeState", "AerState", "EventState", "FeaturesState", "TlerState",
            "SmartState", "FirmwareState", "FwChunk", "NamespaceState", "MIGRATABLE_FEATURES", "fingerprint",
-           "features", "blockers", "inheritable_fds", "quiesce", "resume", "save", "check", "apply", "MigrationMixin"]
+           "features", "blockers", "inheritable_fds", "quiesce", "resume", "save", "check", "apply", "LoadUndo",
+           "MigrationMixin"]
+
+log = logging.getLogger(__name__)
 
 SECTION = "nvme"
 MAX_QUEUES = 1025
@@ -337,6 +351,81 @@ def inheritable_fds(ctrl: MigrationHost) -> dict[str, int]:
     return out
 
 
+# ----------------------------------------------------------------------------- a load's undo
+class LoadUndo:
+    """What a vmstate load replaced, kept until the load is committed (owned by the
+    controller's migration part, :class:`MigrationMixin`).
+
+    A load maps the source's namespace memory and metadata in place of the destination's
+    own. A later part of the same load can still fail (the SR-IOV VFs' streams load after
+    the ``nvme`` section), and the framework then puts the device back by applying the
+    state it saved just before -- whose namespaces name no descriptor. So the replaced
+    backends and metadata stores stay open (:meth:`retire`) until the load is committed
+    (:meth:`commit`: the next quiesce, resume or load, or the close), and the state saved
+    outside a save remembers what every namespace held (:meth:`keep`): applying that very
+    state (:meth:`kept_for`) puts it back and closes what the failed load opened.
+    """
+
+    def __init__(self) -> None:
+        self._kept: tuple[NvmeState, dict[int, NamespaceHolding]] | None = None
+        #: replaced backends and stores, with whether a store is to be removed (a format
+        #: without metadata) rather than closed
+        self._retired: list[tuple[Any, bool]] = []
+
+    def keep(self, st: NvmeState, held: dict[int, NamespaceHolding]) -> None:
+        """``st`` was saved outside a save (a load's rollback copy): what the namespaces held."""
+        self._kept = (st, held)
+
+    def kept_for(self, st: NvmeState) -> dict[int, NamespaceHolding] | None:
+        """What the namespaces held when ``st`` was saved, if ``st`` is the rollback copy."""
+        kept = self._kept
+        if kept is None or kept[0] is not st:
+            return None
+        self._kept = None
+        return kept[1]
+
+    def retire(self, thing: Any, *, remove: bool = False) -> None:
+        """A backend or metadata store a load replaced: closed (or removed) at :meth:`commit`."""
+        self._retired.append((thing, remove))
+
+    def settle(self) -> None:
+        """A quiesce or resume: the load is committed, no rollback copy is current."""
+        self._kept = None
+        self.commit()
+
+    def forget(self) -> None:
+        """The rollback put the retired things back in use: nothing to close."""
+        self._retired = []
+
+    def commit(self) -> None:
+        """The load is committed: close what it replaced."""
+        retired, self._retired = self._retired, []
+        for thing, remove in retired:
+            try:
+                if remove and isinstance(thing, MetadataStore):
+                    thing.remove()
+                else:
+                    thing.close()
+            except Exception:
+                log.exception("closing what a vmstate load replaced failed")
+
+
+def _settle(ctrl: MigrationHost) -> None:
+    """A quiesce or resume: the last load is committed; stores a load's checks opened for a
+    load that never applied (a later section refused) are closed."""
+    ctrl.load_undo.settle()
+    with ctrl.state_lock:
+        discard_prepared(ctrl)
+
+
+def discard_prepared(ctrl: MigrationHost) -> None:
+    """A check failed: close the metadata stores the checks opened for the apply (of the
+    namespaces the controller owns: a secondary controller leaves its primary's alone)."""
+    if ctrl.owns_namespaces:
+        for ns in list(ctrl.allocated.values()):
+            ns.drop_prepared()
+
+
 # ----------------------------------------------------------------------------- quiesce / resume
 def quiesce(ctrl: MigrationHost, timeout: float = 30.0) -> None:
     """Bring the controller to a consistent point (see the module docstring).
@@ -345,6 +434,7 @@ def quiesce(ctrl: MigrationHost, timeout: float = 30.0) -> None:
         stuck backend); the controller runs again.
     """
     ctrl.pause()
+    _settle(ctrl)
     deadline = time.monotonic() + timeout
 
     def wait(what: str, done: Callable[[], bool]) -> None:
@@ -374,6 +464,7 @@ def quiesce(ctrl: MigrationHost, timeout: float = 30.0) -> None:
 
 def resume(ctrl: MigrationHost) -> None:
     """Run again: fetch what was submitted meanwhile, restart keep alive, deliver events."""
+    _settle(ctrl)
     was = ctrl.unpause()
     ctrl.sanitizer.resume()
     ctrl.selftest.resume()
@@ -415,7 +506,7 @@ def save(ctrl: MigrationHost) -> NvmeState:
             meta_ref = ctrl.vmstate_fd(ns.meta.mem_fd)
         namespaces.append(ns.snapshot(attached=nsid in ctrl.namespaces, mem_fd=ref, meta_fd=meta_ref))
     db = ctrl.shadow.snapshot()
-    return NvmeState(
+    st = NvmeState(
         state=_STATES.index(fsm.state), cc=fsm.cc, csts=fsm.csts, aqa=fsm.aqa, asq=fsm.asq, acq=fsm.acq,
         intms=irq.intms, shutting_down=fsm.shutting_down, dirty=fsm.dirty, page_size=fsm.page_size,
         sqs=tuple(sqs), cqs=tuple(cqs), aer=ctrl.aer.snapshot(),
@@ -427,6 +518,9 @@ def save(ctrl: MigrationHost) -> NvmeState:
         pmr=ctrl.pmr.snapshot() if ctrl.pmr is not None else None, uncorrectable=ctrl.uncorrectable.snapshot(),
         aborts=ctrl.aborts.snapshot(), sanitize=ctrl.sanitizer.snapshot(), self_test=ctrl.selftest.snapshot(),
         virtualization=ctrl.virtualization.snapshot() if ctrl.virtualization is not None else None)
+    if ctrl.vmstate_save_fds is None:  # not a save: a load's rollback copy (or a test's look)
+        ctrl.load_undo.keep(st, {nsid: ns.holding() for nsid, ns in ctrl.allocated.items()})
+    return st
 
 
 # ----------------------------------------------------------------------------- check
@@ -435,7 +529,17 @@ def _fail(why: str, path: str) -> StateError:
 
 
 def check(ctrl: MigrationHost, st: NvmeState) -> None:
-    """Refuse a state that cannot apply to this controller (nothing is changed)."""
+    """Refuse a state that cannot apply to this controller (nothing is changed: a metadata
+    sidecar a namespace's check opened for the apply is closed again when a later check
+    refuses the state)."""
+    try:
+        _check(ctrl, st)
+    except BaseException:
+        discard_prepared(ctrl)
+        raise
+
+
+def _check(ctrl: MigrationHost, st: NvmeState) -> None:
     cfg = ctrl.cfg
     nq = cfg.max_ioqpairs + 1
     if st.state >= len(_STATES):
@@ -647,25 +751,19 @@ def _check_admin_features(ctrl: MigrationHost, st: NvmeState) -> None:
 
 # ----------------------------------------------------------------------------- apply
 def apply(ctrl: MigrationHost, st: NvmeState) -> None:
-    """Apply a checked state (the controller is quiesced or has never run)."""
-    # 1. what can fail first: map the migrated namespace memory (nothing changed yet)
+    """Apply a checked state (the controller is quiesced or has never run).
+
+    What a load replaces (namespace memory, metadata stores) stays open until the load is
+    committed (:class:`LoadUndo`); applying the load's rollback copy puts it back.
+    """
+    undo = ctrl.load_undo
+    held = undo.kept_for(st)
     swaps: dict[int, MemoryBackend] = {}
-    try:
-        for n in st.namespaces:
-            fd = ctrl.vmstate_load_fd(n.mem_fd) if n.mem_fd is not None else None
-            if fd is None:
-                continue
-            ns = ctrl.allocated[n.nsid]
-            # check(): a mem namespace, whose backend has an fd (not in the Backend protocol;
-            # without one, -1 makes sameopenfile raise OSError, handled below)
-            mem_fd: int = getattr(ns.backend, "fd", -1)
-            if os.path.sameopenfile(fd, mem_fd):
-                continue  # already this memory (an in-process reload)
-            swaps[n.nsid] = MemoryBackend.from_fd(fd, ns.size)
-    except (ConfigError, OSError):
-        for b in swaps.values():
-            b.close()
-        raise
+    if held is None:
+        undo.commit()  # an earlier load's: committed by this one
+        # 1. what can fail first, nothing changed yet: map the migrated namespace memory and
+        # metadata, open the metadata stores the formats need
+        swaps = _prepare_namespaces(ctrl, st)
 
     # 2. each component takes its part
     with ctrl.state_lock:
@@ -704,23 +802,17 @@ def apply(ctrl: MigrationHost, st: NvmeState) -> None:
         ctrl.changed_ns.restore(ChangedNsState(nsids=tuple(st.changed_ns), overflow=st.changed_ns_overflow))
 
         # namespaces: migrated memory, format, attachment
-        attached = []
-        for n in st.namespaces:
-            ns = ctrl.allocated[n.nsid]
-            if n.nsid in swaps:
-                old = ns.replace_backend(swaps.pop(n.nsid))
-                try:
-                    old.close()
-                except Exception:
-                    pass
-            m = n.metadata
-            meta_fd = ctrl.vmstate_load_fd(m.mem_fd) if m is not None and m.mem_fd is not None else None
-            if meta_fd is not None and ns.meta is not None and os.path.sameopenfile(meta_fd, ns.meta.mem_fd):
-                meta_fd = None  # already this memory (an in-process reload)
-            ns.restore(n, meta_fd=meta_fd)
-            if n.attached:
-                attached.append(n.nsid)
-        ctrl.set_attached(attached)
+        if held is not None:
+            _take_back(ctrl, held)
+        else:
+            for n in st.namespaces:
+                ns = ctrl.allocated[n.nsid]
+                if n.nsid in swaps:
+                    undo.retire(ns.replace_backend(swaps.pop(n.nsid)))
+                old = ns.restore(n)
+                if old is not None:
+                    undo.retire(old, remove=ns.meta is None)
+        ctrl.set_attached([n.nsid for n in st.namespaces if n.attached])
         _restore_controller_memory(ctrl, st)
         ctrl.uncorrectable.restore(st.uncorrectable)
         ctrl.aborts.restore(st.aborts)
@@ -729,6 +821,56 @@ def apply(ctrl: MigrationHost, st: NvmeState) -> None:
         if ctrl.virtualization is not None and st.virtualization is not None:
             ctrl.virtualization.restore(st.virtualization)
         ctrl.finish_restore()
+
+
+def _prepare_namespaces(ctrl: MigrationHost, st: NvmeState) -> dict[int, MemoryBackend]:
+    """Step 1 of :func:`apply`: the migrated memory of the ``mem`` namespaces mapped (by
+    NSID) and every metadata store the formats need opened (held by the namespaces until
+    their restore). On failure everything opened is closed again and nothing changed.
+
+    :raises StateError: a descriptor cannot be mapped.
+    """
+    swaps: dict[int, MemoryBackend] = {}
+    j = 0
+    try:
+        for j, n in enumerate(st.namespaces):  # noqa: B007 (j is read by the except clause)
+            ns = ctrl.allocated[n.nsid]
+            fd = ctrl.vmstate_load_fd(n.mem_fd) if n.mem_fd is not None else None
+            # check(): a mem namespace, whose backend has an fd (not in the Backend protocol;
+            # without one, -1 makes sameopenfile raise OSError, handled below)
+            if fd is not None and not os.path.sameopenfile(fd, getattr(ns.backend, "fd", -1)):
+                swaps[n.nsid] = MemoryBackend.from_fd(fd, ns.size)  # (else: already this memory)
+            m = n.metadata
+            meta_fd = ctrl.vmstate_load_fd(m.mem_fd) if m is not None and m.mem_fd is not None else None
+            if (meta_fd is not None and ns.meta is not None and ns.meta.mem_fd >= 0
+                    and os.path.sameopenfile(meta_fd, ns.meta.mem_fd)):
+                meta_fd = None  # already this memory (an in-process reload)
+            ns.prepare_restore(n, meta_fd=meta_fd)
+    except (ConfigError, OSError) as exc:
+        for b in swaps.values():
+            b.close()
+        discard_prepared(ctrl)
+        raise _fail(f"namespace {st.namespaces[j].nsid}: {exc}", f"namespaces[{j}]") from exc
+    return swaps
+
+
+def _take_back(ctrl: MigrationHost, held: dict[int, NamespaceHolding]) -> None:
+    """The rollback of a failed load: every namespace holds again what it held before it,
+    and what the load opened is closed."""
+    for nsid, h in held.items():
+        ns = ctrl.allocated.get(nsid)
+        if ns is None:
+            continue
+        ns.drop_prepared()
+        now = ns.reinstate(h)
+        try:
+            if now.backend is not h.backend:
+                now.backend.close()
+            if now.meta is not None and now.meta is not h.meta:
+                now.meta.discard()
+        except Exception:
+            log.exception("closing what a failed vmstate load opened failed")
+    ctrl.load_undo.forget()
 
 
 def _restore_controller_memory(ctrl: MigrationHost, st: NvmeState) -> None:
@@ -781,6 +923,8 @@ class MigrationMixin:
         self._paused = False
         #: a restore happened: write the state file after the resume (outside the downtime)
         self._save_at_resume = False
+        #: what a vmstate load replaced, until it is committed (or rolled back)
+        self.load_undo = LoadUndo()
 
     @property
     def paused(self) -> bool:

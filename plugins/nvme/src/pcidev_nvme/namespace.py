@@ -90,6 +90,7 @@ __all__ = [
     "LbaFormat",
     "Namespace",
     "NamespaceOptions",
+    "NamespaceHolding",
     "NamespaceState",
     "identify_capabilities",
     "identify_elbaf",
@@ -414,6 +415,16 @@ class NamespaceState:
     metadata: MetadataState | None = None
 
 
+@attrs.frozen(eq=False)
+class NamespaceHolding:
+    """What a namespace holds (:meth:`Namespace.holding`): its data backend, its metadata
+    store and its format ``(lbaf, pi, pil, mset)``."""
+
+    backend: Backend
+    meta: MetadataStore | None
+    fmt: tuple[int, int, int, int]
+
+
 class Namespace:
     """One namespace: a backend seen as ``nlbas`` logical blocks of ``lba_size`` bytes.
 
@@ -495,37 +506,52 @@ class Namespace:
             if config:
                 raise ConfigError(f"namespace {self.nsid}: {problem}")
             raise NvmeStatusError(Status.INVALID_FORMAT, problem, param_offset=40)
-        f = LBAF_TABLE[lbaf]
-        lba_shift = f.size.bit_length() - 1
-        nlbas = self.size >> lba_shift
-        protection = PiFormat(pi, f.pif, f.ms, f.size, bool(pil)) if pi else None
-        if protection is not None:
+        if pi:
             warn_slow_crcs()
-        meta = self.meta
-        if f.ms:
-            pattern = protection.store_pattern if protection is not None else None
+        new_meta = None
+        if LBAF_TABLE[lbaf].ms:
             try:
-                new_meta = prepared if prepared is not None else open_metadata(
-                    self.backend, f.ms, nlbas, pattern, erase=erase, mem_fd=mem_fd, current=meta)
+                new_meta = prepared if prepared is not None else self._open_store(
+                    (lbaf, pi, pil, mset), erase=erase, mem_fd=mem_fd)
             except ConfigError as exc:
                 if config:
                     raise
                 raise NvmeStatusError(Status.INTERNAL, f"namespace {self.nsid}: {exc}") from exc
-            if meta is not None and meta is not new_meta:
-                meta.close()
-            self.meta = new_meta
-        elif meta is not None:
-            self.meta = None
-            meta.remove()
+        old = self._install(lbaf, pi, pil, mset, new_meta)
+        if old is not None and old is not new_meta:
+            if new_meta is None:
+                old.remove()
+            else:
+                old.close()
+
+    def _open_store(self, want: tuple[int, int, int, int], *, erase: bool,
+                    mem_fd: int | None = None) -> MetadataStore | None:
+        """A metadata store for the format ``want`` (its LBA format has metadata).
+
+        :raises ConfigError: the store cannot be made.
+        """
+        lbaf, pi, pil, _mset = want
+        f = LBAF_TABLE[lbaf]
+        pattern = PiFormat(pi, f.pif, f.ms, f.size, bool(pil)).store_pattern if pi else None
+        return open_metadata(self.backend, f.ms, self.size >> (f.size.bit_length() - 1), pattern,
+                             erase=erase, mem_fd=mem_fd, current=self.meta)
+
+    def _install(self, lbaf: int, pi: int, pil: int, mset: int, meta: MetadataStore | None) -> MetadataStore | None:
+        """Take the format and the metadata store (checked, opened); returns the store it
+        replaces (still open: the caller closes it), None if there was none or it stays."""
+        f = LBAF_TABLE[lbaf]
+        old = self.meta
+        self.meta = meta if f.ms else None
         self.lbaf = lbaf
         self.lba_size = f.size
-        self.lba_shift = lba_shift
-        self.nlbas = nlbas
+        self.lba_shift = f.size.bit_length() - 1
+        self.nlbas = self.size >> self.lba_shift
         self.pi = pi
         self.pil = pil
         self.mset = mset
-        self.protection = protection
+        self.protection = PiFormat(pi, f.pif, f.ms, f.size, bool(pil)) if pi else None
         self.ms = f.ms
+        return old if old is not None and old is not self.meta else None
 
     # -- state ---------------------------------------------------------------------------
     def snapshot(self, *, attached: bool, mem_fd: FdRef | None = None,
@@ -542,24 +568,76 @@ class Namespace:
             meta = MetadataState(pi=self.pi, pil=bool(self.pil), mset=bool(self.mset), mem_fd=meta_fd)
         return NamespaceState(nsid=self.nsid, attached=attached, lbaf=self.lbaf, mem_fd=mem_fd, metadata=meta)
 
-    def restore(self, state: NamespaceState, *, meta_fd: int | None = None) -> None:
-        """Take the LBA format and metadata setting of a checked ``state``.
+    def prepare_restore(self, state: NamespaceState, *, meta_fd: int | None = None) -> None:
+        """The part of a restore that can fail, done before anything changes: open the
+        metadata store :meth:`restore` takes for ``state``'s format (a ``file`` namespace's
+        sidecar :meth:`restore_problem` opened is kept).
 
-        :param meta_fd: the migrated metadata memfd (a ``mem`` namespace): mapped
+        :param meta_fd: the migrated metadata memfd (a ``mem`` namespace), to map
             instead of this namespace's own metadata memory.
+        :raises ConfigError: the store cannot be made (then nothing is held open).
+        """
+        want = self._wanted(state)
+        if not LBAF_TABLE[want[0]].ms:
+            self.drop_prepared()
+            return
+        if meta_fd is None:
+            prepared = self._prepared
+            if prepared is not None and prepared[0] == want:
+                return  # (restore_problem opened it)
+            self.drop_prepared()
+            if (self.lbaf, self.pi, self.pil, self.mset) == want:
+                return  # it keeps the store it has
+        else:
+            self.drop_prepared()
+        store = self._open_store(want, erase=False, mem_fd=meta_fd)
+        if store is not None:
+            self._prepared = (want, store)
+
+    def restore(self, state: NamespaceState) -> MetadataStore | None:
+        """Take the LBA format and metadata setting of a checked ``state``, with the store
+        :meth:`prepare_restore` (or :meth:`restore_problem`) opened for it.
+
+        :returns: the metadata store it replaced, still open: the caller closes it once
+            the load is committed (or puts it back with :meth:`reinstate`); None if
+            nothing was replaced.
+        :raises NvmeStatusError: (without a prepared store only) the store cannot be opened.
         """
         want = self._wanted(state)
         prepared, self._prepared = self._prepared, None
         store = None
         if prepared is not None:
-            if prepared[0] == want and meta_fd is None:
+            if prepared[0] == want:
                 store = prepared[1]
             else:
-                prepared[1].close()
-        if (self.lbaf, self.pi, self.pil, self.mset) != want or meta_fd is not None:
-            self._set_format(*want, mem_fd=meta_fd, prepared=store)
-        elif store is not None:  # (not needed after all)
-            store.close()
+                prepared[1].discard()
+        if store is None:
+            if (self.lbaf, self.pi, self.pil, self.mset) == want:
+                return None
+            if LBAF_TABLE[want[0]].ms:
+                try:
+                    store = self._open_store(want, erase=False)
+                except ConfigError as exc:
+                    raise NvmeStatusError(Status.INTERNAL, f"namespace {self.nsid}: {exc}") from exc
+        if want[1]:
+            warn_slow_crcs()
+        return self._install(*want, store)
+
+    def holding(self) -> NamespaceHolding:
+        """What the namespace holds now: its backend, metadata store and format (what a
+        failed vmstate load puts back with :meth:`reinstate`)."""
+        return NamespaceHolding(self.backend, self.meta, (self.lbaf, self.pi, self.pil, self.mset))
+
+    def reinstate(self, held: NamespaceHolding) -> NamespaceHolding:
+        """Hold ``held`` again (from :meth:`holding` before a load that failed).
+
+        :returns: what it held instead (the failed load's memory and stores: the caller
+            closes what differs from ``held``).
+        """
+        now = self.holding()
+        self.backend = held.backend
+        self._install(*held.fmt, held.meta)
+        return now
 
     @staticmethod
     def _wanted(state: NamespaceState) -> tuple[int, int, int, int]:
@@ -575,7 +653,7 @@ class Namespace:
         problem = format_problem(*want, self.backend)
         if problem is not None:
             return problem
-        self._drop_prepared()
+        self.drop_prepared()
         f = LBAF_TABLE[want[0]]
         if (not f.ms or (self.lbaf, self.pi, self.pil, self.mset) == want
                 or getattr(self.backend, "kind", None) != "file"):
@@ -590,10 +668,13 @@ class Namespace:
             self._prepared = (want, store)
         return None
 
-    def _drop_prepared(self) -> None:
+    def drop_prepared(self) -> None:
+        """Close the metadata store :meth:`restore_problem` or :meth:`prepare_restore`
+        opened (the load failed or was not applied): a sidecar is unlinked only if that
+        store created it (:meth:`~pcidev_nvme.metadata.MetadataStore.discard`)."""
         prepared, self._prepared = self._prepared, None
         if prepared is not None:
-            prepared[1].close()
+            prepared[1].discard()
 
     def metadata_bytes(self, lbaf: int) -> int:
         """Bytes of metadata the LBA format ``lbaf`` needs on this namespace."""
@@ -741,7 +822,7 @@ class Namespace:
 
     def close(self) -> None:
         """Close the backend and the metadata store. Idempotent."""
-        self._drop_prepared()
+        self.drop_prepared()
         if self.meta is not None:
             self.meta.close()
         self.backend.close()

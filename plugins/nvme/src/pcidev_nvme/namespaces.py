@@ -70,6 +70,9 @@ class NamespaceSetMixin:
         #: NSIDs being formatted: I/O to them completes with Format In Progress
         self._formatting = set()
 
+    #: the namespaces are this controller's own (a secondary controller's are its primary's)
+    owns_namespaces = True
+
     @property
     def total_capacity(self) -> int:
         """TNVMCAP: the configured capacity, or what is allocated if that is more."""

@@ -207,15 +207,30 @@ class Sanitizer:
         self._closed = False
         #: AUSE of the operation in progress (the failure mode it leads to)
         self._ause = False
+        #: a secondary controller's: the primary's sanitizer (:meth:`follow`)
+        self._subsystem: Sanitizer | None = None
+
+    def follow(self, subsystem: Sanitizer) -> None:
+        """Make this the sanitizer of a secondary controller (SR-IOV), which never runs an
+        operation itself: a sanitize acts on the whole NVM subsystem, so while the
+        primary's (``subsystem``) runs or failed this controller refuses what it refuses
+        (:meth:`refuses`, :meth:`check_admin`), its Sanitize Status log is the primary's
+        (the log's scope is the NVM subsystem), and its writes clear the primary's
+        Global Data Erased (:meth:`data_written`)."""
+        self._subsystem = subsystem
 
     # -- what the controller asks -------------------------------------------------------
     @property
     def busy(self) -> bool:
-        """A sanitize operation is in progress."""
-        return self.running
+        """A sanitize operation is in progress (on a secondary controller: the primary's)."""
+        sub = self._subsystem
+        return self.running if sub is None else sub.running
 
     def refuses(self) -> int:
         """The status refused commands complete with now (0: none is refused)."""
+        sub = self._subsystem
+        if sub is not None:
+            return sub.refuses()
         if self.running:
             return Status.SANITIZE_IN_PROGRESS
         if self.failure_mode:
@@ -235,12 +250,17 @@ class Sanitizer:
         if opcode in ALLOWED_ADMIN and (opcode != 0x02 or lid in ALLOWED_LOGS):
             return
         raise NvmeStatusError(status, f"admin opcode {opcode:#04x} is refused "
-                              + ("while a sanitize operation is in progress" if self.running
+                              + ("while a sanitize operation is in progress" if self.busy
                                  else "until the failed sanitize is recovered"))
 
     def data_written(self) -> None:
         """User data changed by something the SMART write count leaves out (Write Zeroes,
-        Write Uncorrectable, enabling the Persistent Memory Region): Global Data Erased clears."""
+        Write Uncorrectable, enabling the Persistent Memory Region; on a secondary controller
+        its writes too): Global Data Erased clears."""
+        sub = self._subsystem
+        if sub is not None:
+            sub.data_written()
+            return
         with self._lock:
             self.global_erased = False
 
@@ -481,7 +501,10 @@ class Sanitizer:
 
     # -- the log page ------------------------------------------------------------------------
     def log_page(self) -> bytes:
-        """The 512-byte Sanitize Status log page."""
+        """The 512-byte Sanitize Status log page (on a secondary controller: the primary's)."""
+        sub = self._subsystem
+        if sub is not None:
+            return sub.log_page()
         with self._lock:
             ge = self.global_erased and self._writes() == self.writes_at_erase
             if self.global_erased and not ge:

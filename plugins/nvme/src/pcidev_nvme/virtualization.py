@@ -162,6 +162,9 @@ class Virtualization:
         #: flexible resources allocated to the primary now (VQRFAP/VIRFAP) and at its next reset
         self.vqfa = self.vifa = 0
         self.vqfa_next = self.vifa_next = 0
+        #: the state the check of a load accepted last (:meth:`check`): what the VFs' streams
+        #: of that load must agree with before anything is applied
+        self.checked: VirtualizationState | None = None
 
     # -- identities -------------------------------------------------------------------------
     @property
@@ -384,6 +387,46 @@ class Virtualization:
             raise fail("more queue resources allocated than there are flexible ones", "vqfa")
         if sum(s.nvi for s in st.secondaries) + max(st.vifa, st.vifa_next) > res.vi_flexible:
             raise fail("more interrupt resources allocated than there are flexible ones", "vifa")
+        self.checked = st
+
+    def secondary_problem(self, k: int, *, attached: list[int], enabled: bool, nsq: int, ncq: int,
+                          queue_ids: list[tuple[str, int]], allocated: set[int],
+                          records: VirtualizationState | None = None) -> tuple[str, str] | None:
+        """Why the saved state of secondary ``k``'s controller disagrees with the primary's
+        records: other attached namespaces, enabled while offline or without resources,
+        queues beyond NVQ.
+
+        :param attached: the NSIDs the saved state has attached.
+        :param enabled: it is enabled (not disabled).
+        :param nsq: its Number of Queues (submission queues).
+        :param ncq: its Number of Queues (completion queues).
+        :param queue_ids: ``("sqs" or "cqs", queue id)`` of every queue it has.
+        :param allocated: the NSIDs that exist.
+        :param records: the primary's records a load brings (checked, not applied yet);
+            None: the live ones.
+        :returns: ``(reason, field path in the secondary's nvme section)``, or None.
+        """
+        if records is None:
+            s = self.secondaries[k]
+            online, nvq, nvi, mine = s.online, s.nvq, s.nvi, set(s.attached)
+        else:
+            r = records.secondaries[k]
+            online, nvq, nvi, mine = r.online, r.nvq, r.nvi, set(r.attached)
+        want = sorted(mine & allocated)
+        if sorted(attached) != want:
+            return f"namespaces {sorted(attached)} attached, the primary controller attached {want}", "namespaces"
+        if enabled and not online:
+            return f"enabled, but secondary controller {self.scid(k)} is offline", "state"
+        if enabled and (nvq < _MIN_VQ or nvi < _MIN_VI):
+            return (f"enabled, but secondary controller {self.scid(k)} has too few resources (NVQ {nvq}, NVI {nvi})",
+                    "state")
+        limit = max(min(nvq - 1, self.res.max_vq_per_vf - 1), 1)  # (its io_queue_limit)
+        if enabled and max(nsq, ncq) > limit:  # (enabling set them within NVQ - 1)
+            return f"Number of Queues {nsq}/{ncq} beyond the {limit} it was assigned (NVQ)", "features.nsq"
+        for name, qid in queue_ids:
+            if qid > limit:
+                return f"I/O queue {qid} beyond the {limit} it was assigned (NVQ)", f"{name}[{qid}]"
+        return None
 
     def restore(self, st: VirtualizationState) -> None:
         """Take a checked state."""
