@@ -53,6 +53,7 @@ from pcidev_nvme.completion import CompletionMixin
 from pcidev_nvme.config import NvmeConfig
 from pcidev_nvme.controller_memory import ControllerMemoryView
 from pcidev_nvme.doorbells import DoorbellsMixin, ShadowDoorbells
+from pcidev_nvme.endurance import EnduranceGroup
 from pcidev_nvme.features import Features
 from pcidev_nvme.fetch import FetchMixin
 from pcidev_nvme.health import HealthMixin
@@ -187,6 +188,12 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self.changed_ns = ChangedNamespaces()
         self.features = Features(self)
         self.aer = AsyncEvents(self.complete, cfg.aerl + 1)
+        #: endurance group 1 as this controller reports it (:mod:`pcidev_nvme.endurance`)
+        self.endurance = EnduranceGroup(
+            self.aer, lambda: [c.smart for c in self.subsystem_live_controllers()],
+            lambda: sum(c.error_log.count for c in self.subsystem_live_controllers()),
+            lambda: (self.total_capacity, max(self.total_capacity - self.allocated_capacity, 0)),
+            lambda: self.features.aec)
         #: Write Uncorrectable marks (:mod:`pcidev_nvme.uncorrectable`; with SR-IOV one object
         #: for the primary and its secondaries: the namespaces are shared)
         self.uncorrectable = self._make_uncorrectable()
@@ -291,6 +298,12 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
     # ------------------------------------------------------------------ SR-IOV (primary controller)
     def _make_vf(self, pf: PciDevice, k: int) -> NvmeVirtualFunction:
         return NvmeVirtualFunction(self, k)
+
+    def subsystem_live_controllers(self) -> list[NvmeController]:
+        """The NVM subsystem's controllers that exist now: this one and, on a primary
+        controller, the secondaries whose VF is enabled (their SMART counters make up the
+        endurance group's)."""
+        return [self, *(vf for vf in self.virtual_functions if isinstance(vf, NvmeVirtualFunction))]
 
     def _secondary(self, k: int) -> NvmeVirtualFunction | None:
         """The live controller of secondary ``k`` (its VF is enabled), else None."""
@@ -682,6 +695,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self.shadow.reset()
         self.formats_cleared()
         self.smart.clear_reported()
+        self.endurance.reset()
         self.keep_alive_stop()
         self.timer.cancel_all()
         self.irq.set_intx(False)
@@ -881,6 +895,10 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
     def subsystem_controllers(self) -> list[int]:
         """The subsystem's controllers, as the primary knows them (CNS 13h)."""
         return self.primary.subsystem_controllers()
+
+    def subsystem_live_controllers(self) -> list[NvmeController]:
+        """The primary's view: one endurance group for the whole subsystem."""
+        return self.primary.subsystem_live_controllers()
 
     def controllers_attached(self, nsid: int) -> list[int]:
         """The controllers namespace ``nsid`` is attached to, as the primary knows them (CNS 12h)."""

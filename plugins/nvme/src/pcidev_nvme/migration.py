@@ -96,6 +96,7 @@ from pcidev_nvme.cmb import CMBSTS_CBAI, CmbState, ControllerMemoryBuffer
 from pcidev_nvme.config import NvmeConfig
 from pcidev_nvme.controller_memory import ranges_overlap
 from pcidev_nvme.doorbells import ShadowDoorbells, ShadowDoorbellsState
+from pcidev_nvme.endurance import EnduranceGroup, EnduranceState
 from pcidev_nvme.features import Features, FeaturesState, TlerState
 from pcidev_nvme.interrupts import Interrupts, InterruptsState, Timer
 from pcidev_nvme.io import IoCommandSet
@@ -143,6 +144,7 @@ class MigrationHost(Protocol):
     sanitizer: Sanitizer
     selftest: SelfTest
     virtualization: Virtualization | None
+    endurance: EnduranceGroup
 
     @property
     def allocated(self) -> Mapping[int, Namespace]: ...
@@ -227,6 +229,8 @@ class NvmeState:
     self_test: SelfTestState | None = None
     #: SR-IOV: the primary controller's secondary controllers (pcidev_nvme.virtualization)
     virtualization: VirtualizationState | None = None
+    #: the endurance group: feature 18h, its event aggregate log (pcidev_nvme.endurance)
+    endurance: EnduranceState | None = None
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -423,7 +427,8 @@ def save(ctrl: MigrationHost) -> NvmeState:
         cmb=ctrl.cmb.snapshot() if ctrl.cmb is not None else None,
         pmr=ctrl.pmr.snapshot() if ctrl.pmr is not None else None, uncorrectable=ctrl.uncorrectable.snapshot(),
         aborts=ctrl.aborts.snapshot(), sanitize=ctrl.sanitizer.snapshot(), self_test=ctrl.selftest.snapshot(),
-        virtualization=ctrl.virtualization.snapshot() if ctrl.virtualization is not None else None)
+        virtualization=ctrl.virtualization.snapshot() if ctrl.virtualization is not None else None,
+        endurance=ctrl.endurance.snapshot())
 
 
 # ----------------------------------------------------------------------------- check
@@ -725,6 +730,7 @@ def apply(ctrl: MigrationHost, st: NvmeState) -> None:
         ctrl.selftest.restore(st.self_test)
         if ctrl.virtualization is not None and st.virtualization is not None:
             ctrl.virtualization.restore(st.virtualization)
+        ctrl.endurance.restore(st.endurance)
         ctrl.finish_restore()
 
 
