@@ -90,6 +90,7 @@ from pcidev_nvme.namespace import (
     identify_elbaf,
 )
 from pcidev_nvme.namespaces import RemovedNamespace
+from pcidev_nvme.pmr import PersistentMemoryRegion
 from pcidev_nvme.protection import pi_size
 from pcidev_nvme.prp import prp_segments
 from pcidev_nvme.queues import CompletionQueue, SubmissionQueue
@@ -113,6 +114,7 @@ class AdminHost(ControllerPort, Protocol):
     error_log: nlogs.ErrorLog
     changed_ns: nlogs.ChangedNamespaces
     cmb: ControllerMemoryBuffer | None
+    pmr: PersistentMemoryRegion | None
     aborts: Aborts
     sanitizer: Sanitizer
     selftest: SelfTest
@@ -400,6 +402,8 @@ class AdminCommandSet:
             raise _err(Status.INVALID_INTERRUPT_VECTOR, f"interrupt vector {iv} is invalid", OFF_CDW11 + 2)
         if ctrl.cmb is not None:  # CQs in the CMB are not supported (CMBSZ.CQS = 0)
             ctrl.cmb.refuse_cq(req.prp1, qsize * 16)
+        if ctrl.pmr is not None:  # nor queues in the PMR (it holds data only)
+            ctrl.pmr.refuse_queue(req.prp1, qsize * 16, "completion")
         self._queue_memory(req.prp1, qsize * 16, write=True)
         ctrl.add_cq(CompletionQueue(qid, req.prp1, qsize, iv, ien))
         return 0
@@ -418,6 +422,8 @@ class AdminCommandSet:
             raise _err(Status.CQ_INVALID, f"completion queue {cqid} does not exist", OFF_CDW11 + 2)
         if not req.cdw11 & 1:
             raise _err(Status.INVALID_FIELD, "physically non-contiguous queues are not supported", OFF_CDW11)
+        if ctrl.pmr is not None:  # queues in the PMR are not supported (it holds data only)
+            ctrl.pmr.refuse_queue(req.prp1, qsize * 64, "submission")
         self._queue_memory(req.prp1, qsize * 64, write=False)
         ctrl.add_sq(SubmissionQueue(qid, req.prp1, qsize, cq, (req.cdw11 >> 1) & 3))
         return 0
