@@ -15,7 +15,7 @@ from _helpers import expect_status, make_env
 from test_migration_nvme import Host
 from test_virtualization import Host as SriovHost
 
-from pcidev_nvme.endurance import ENDGID, EnduranceGroup, EnduranceState, endurance_group_list
+from pcidev_nvme.endurance import ENDGID, EnduranceGroup, EnduranceState, MediaTotals, endurance_group_list
 from pcidev_nvme.status import Status
 from pcidev_nvme.testing.driver import NvmeDriver
 
@@ -203,14 +203,16 @@ def test_component_state_round_trips_and_old_streams_load():
     from pcidev_nvme.logs import SmartCounters
 
     smart = SmartCounters()
-    eg = EnduranceGroup(AsyncEvents(lambda *a: None, 4), lambda: [smart], lambda: 0, lambda: (0, 0), lambda: 0)
+    eg = EnduranceGroup(AsyncEvents(lambda *a: None, 4), lambda: [smart], MediaTotals, lambda: (0, 0), lambda: 0)
     assert eg.snapshot() is None  # the default: no subsection in the stream
     eg.set_feature(1 | 0x04 << 16)
     smart.inject_warning(0x04)
     eg.check()
+    eg.retire(MediaTotals(1, 2, 3, 4, 5, 6))
+    eg.retire(MediaTotals(1, 1, 1, 1, 1, 1))
     st = eg.snapshot()
-    assert st == EnduranceState(event_config=0x04, pending=True, reported=0x04)
-    other = EnduranceGroup(AsyncEvents(lambda *a: None, 4), lambda: [smart], lambda: 0, lambda: (0, 0), lambda: 0)
+    assert st == EnduranceState(event_config=0x04, pending=True, reported=0x04, retired=MediaTotals(2, 3, 4, 5, 6, 7))
+    other = EnduranceGroup(AsyncEvents(lambda *a: None, 4), lambda: [smart], MediaTotals, lambda: (0, 0), lambda: 0)
     other.restore(st)
     assert other.snapshot() == st
     other.restore(None)  # a stream from before endurance groups
@@ -282,5 +284,44 @@ def test_sriov_secondary_reports_the_subsystems_endurance_group():
             assert _eg_log(h.drv).tag[0] == _eg_log(vd).tag[0] == 0x01  # the group's warning, seen by both
         finally:
             h.ctrl.virtual_functions[0].inject_critical_warning(0)
+    finally:
+        h.close()
+
+
+def test_a_disabled_vfs_counters_stay_in_the_group_and_migrate():
+    from test_virtualization import _repoint
+
+    from pcidev.migration import load_device_stream, save_device_stream
+    from pcidev_nvme.controller import NvmeController
+
+    h = SriovHost()
+    try:
+        h.bring_up(0, 2)
+        h.pdev.enable_sriov(1)
+        vd = h.probe_vf(0, aers=0)
+        vcrcs = _verified_io(vd, 2, 0, 5)
+        _check(vd, 2, vcrcs)
+        before = _eg_log(h.drv).tag
+        vf_smart = vd.get_log(0x02, 512)
+        assert _u128(vf_smart, 80) >= 5
+        h.vf_drvs.remove(vd)
+        vd.close()
+        h.pdev.disable_sriov()  # the secondary is gone: its counters stay in the group's
+        after = _eg_log(h.drv).tag
+        assert after[48:160] == before[48:160]
+        pf_smart = h.drv.get_log(0x02, 512)
+        assert _u128(after, 112) == _u128(pf_smart, 80) + _u128(vf_smart, 80)
+        # and they migrate (the endurance subsection)
+        src = h.ctrl
+        src.quiesce()
+        data, fds = save_device_stream(src)
+        dst = NvmeController(src.cfg, name="dst")
+        h.closing.append(load_device_stream(dst, data, fds))
+        _repoint(h, dst)
+        dst.resume()
+        h.closing.append(src)
+        h.ctrl = dst
+        assert _eg_log(h.drv).tag[48:160] == after[48:160]
+        _check(h.drv, 2, vcrcs)  # the VF's data, read through the primary
     finally:
         h.close()

@@ -53,7 +53,7 @@ from pcidev_nvme.completion import CompletionMixin
 from pcidev_nvme.config import NvmeConfig
 from pcidev_nvme.controller_memory import ControllerMemoryView
 from pcidev_nvme.doorbells import DoorbellsMixin, ShadowDoorbells
-from pcidev_nvme.endurance import EnduranceGroup
+from pcidev_nvme.endurance import EnduranceGroup, MediaTotals
 from pcidev_nvme.features import Features
 from pcidev_nvme.fetch import FetchMixin
 from pcidev_nvme.health import HealthMixin
@@ -190,8 +190,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self.aer = AsyncEvents(self.complete, cfg.aerl + 1)
         #: endurance group 1 as this controller reports it (:mod:`pcidev_nvme.endurance`)
         self.endurance = EnduranceGroup(
-            self.aer, lambda: [c.smart for c in self.subsystem_live_controllers()],
-            lambda: sum(c.error_log.count for c in self.subsystem_live_controllers()),
+            self.aer, lambda: [c.smart for c in self.subsystem_live_controllers()], self.endurance_totals,
             lambda: (self.total_capacity, max(self.total_capacity - self.allocated_capacity, 0)),
             lambda: self.features.aec)
         #: Write Uncorrectable marks (:mod:`pcidev_nvme.uncorrectable`; with SR-IOV one object
@@ -304,6 +303,14 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         controller, the secondaries whose VF is enabled (their SMART counters make up the
         endurance group's)."""
         return [self, *(vf for vf in self.virtual_functions if isinstance(vf, NvmeVirtualFunction))]
+
+    def endurance_totals(self) -> MediaTotals:
+        """The endurance group's counters: every live controller's, and those of the
+        secondaries that are gone (kept by this primary's endurance group)."""
+        totals = self.endurance.retired
+        for c in self.subsystem_live_controllers():
+            totals = totals + MediaTotals.of(c.smart, c.error_log.count)
+        return totals
 
     def _secondary(self, k: int) -> NvmeVirtualFunction | None:
         """The live controller of secondary ``k`` (its VF is enabled), else None."""
@@ -899,6 +906,18 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
     def subsystem_live_controllers(self) -> list[NvmeController]:
         """The primary's view: one endurance group for the whole subsystem."""
         return self.primary.subsystem_live_controllers()
+
+    def endurance_totals(self) -> MediaTotals:
+        """The primary's: one endurance group for the whole subsystem."""
+        return self.primary.endurance_totals()
+
+    def close(self) -> None:
+        """Close the secondary; when its VF is disabled (the primary stays), the primary's
+        endurance group keeps counting what this controller read and wrote."""
+        primary = self.primary
+        if not self._closed and self.owns_state and not primary._closed:
+            primary.endurance.retire(MediaTotals.of(self.smart, self.error_log.count))
+        super().close()
 
     def controllers_attached(self, nsid: int) -> list[int]:
         """The controllers namespace ``nsid`` is attached to, as the primary knows them (CNS 12h)."""

@@ -9,7 +9,9 @@ What the controller reports of it (NVMe Base 2.0, 3.2.3 and the figures named be
 * Get Log Page 09h, Endurance Group Information (LSI = the group's identifier; any other
   identifier: Invalid Field in Command), built by :meth:`EnduranceGroup.information_page`
   from the SMART / Health counters of the NVM subsystem's controllers
-  (:class:`~pcidev_nvme.logs.SmartCounters`): with one controller, Data Units Read /
+  (:class:`~pcidev_nvme.logs.SmartCounters`, summed by :class:`MediaTotals`; those of a
+  secondary controller whose VF was disabled stay counted, :meth:`EnduranceGroup.retire`):
+  with one controller, Data Units Read /
   Written, Host Read / Write Commands and Media and Data Integrity Errors equal the SMART
   log's; Media Units Written equals Data Units Written (the media is written as the host
   writes); Available Spare, its threshold and Percentage Used are the SMART log's (100, 10,
@@ -30,9 +32,10 @@ warnings are). Feature 18h belongs to the controller: a controller reset sets it
 its default (no warning enabled), as every feature here (none is saveable).
 
 :class:`EnduranceGroup` owns the feature value, the aggregate log's contents and the
-warnings reported; :meth:`EnduranceGroup.snapshot` / :meth:`EnduranceGroup.restore`
-carry them (:class:`EnduranceState`, the optional ``endurance`` subsection of the
-``nvme`` vmstate section). The counters are the SMART log's and migrate with it.
+warnings reported, and the counters of the secondary controllers that are gone;
+:meth:`EnduranceGroup.snapshot` / :meth:`EnduranceGroup.restore` carry them
+(:class:`EnduranceState`, the optional ``endurance`` subsection of the ``nvme`` vmstate
+section). The live controllers' counters are their SMART logs' and migrate with them.
 """
 
 from __future__ import annotations
@@ -44,14 +47,14 @@ from collections.abc import Callable, Iterable
 
 import attrs
 
-from pcidev.vmstate import U8, Bool, vmstate
+from pcidev.vmstate import U8, U64, Bool, vmstate
 from pcidev_nvme.aer import AER_NOTICE, AsyncEvents
 from pcidev_nvme.logs import SmartCounters
 from pcidev_nvme.status import NvmeStatusError, Status
 
 __all__ = ["ENDGID", "ENDGIDMAX", "CTRATT_EGS", "OAES_EG_EVENT", "AEC_EG_EVENT", "LID_ENDURANCE_GROUP",
            "LID_EG_EVENT_AGGREGATE", "FID_EG_EVENT_CONFIG", "INFO_EG_EVENT", "EG_WARNINGS", "EnduranceState",
-           "EnduranceGroup", "endurance_group_list"]
+           "EnduranceGroup", "MediaTotals", "endurance_group_list"]
 
 #: the one endurance group's identifier (Identify Namespace ENDGID of every namespace)
 ENDGID = 1
@@ -91,34 +94,61 @@ def endurance_group_list(above: int) -> bytes:
     return struct.pack(f"<H{len(ids)}H", len(ids), *ids).ljust(4096, b"\0")
 
 
+@vmstate("nvme/media-totals")
+@attrs.frozen
+class MediaTotals:
+    """What the endurance group's counters are made of: bytes read and written, host read
+    and write commands, media and data integrity errors, Error Information log entries."""
+
+    bytes_read: U64 = 0
+    bytes_written: U64 = 0
+    host_reads: U64 = 0
+    host_writes: U64 = 0
+    media_errors: U64 = 0
+    error_entries: U64 = 0
+
+    def __add__(self, other: MediaTotals) -> MediaTotals:
+        return MediaTotals(*(min(a + b, 2**64 - 1) for a, b in zip(attrs.astuple(self), attrs.astuple(other),
+                                                                   strict=True)))
+
+    @classmethod
+    def of(cls, smart: SmartCounters, error_entries: int) -> MediaTotals:
+        """The totals of one controller: its SMART counters and its error count."""
+        written, read, media_errors, _unsafe = smart.media_totals()
+        return cls(read, written, smart.host_read_commands, smart.host_write_commands, media_errors, error_entries)
+
+
 @vmstate("nvme/endurance")
 @attrs.frozen
 class EnduranceState:
     """Feature 18h of group 1 (EGCW), whether group 1 is in the Endurance Group Event
-    Aggregate log, and the critical warnings already reported."""
+    Aggregate log, the critical warnings already reported, and the counters of secondary
+    controllers that are gone (their VF was disabled)."""
 
     event_config: U8
     pending: Bool
     reported: U8
+    retired: MediaTotals
 
 
 class EnduranceGroup:
     """The endurance group as one controller reports it (see the module docstring).
 
     :param aer: the controller's asynchronous events.
-    :param counters: the SMART counters of the NVM subsystem's controllers (the group's
-        media is theirs).
-    :param error_entries: the Error Information log entries of those controllers, lifetime.
+    :param counters: the SMART counters of the NVM subsystem's controllers (their injected
+        critical warnings are the group's).
+    :param totals: the group's :class:`MediaTotals` (the subsystem's controllers', and
+        those retired, :meth:`retire`, on the primary controller).
     :param capacity: (total, unallocated) NVM capacity in bytes.
     :param aec: the current Asynchronous Event Configuration (feature 0Bh).
     """
 
     def __init__(self, aer: AsyncEvents, counters: Callable[[], Iterable[SmartCounters]],
-                 error_entries: Callable[[], int], capacity: Callable[[], tuple[int, int]],
+                 totals: Callable[[], MediaTotals], capacity: Callable[[], tuple[int, int]],
                  aec: Callable[[], int]) -> None:
         self._aer = aer
         self._counters = counters
-        self._error_entries = error_entries
+        self._totals = totals
         self._capacity = capacity
         self._aec = aec
         self._lock = threading.Lock()
@@ -128,6 +158,8 @@ class EnduranceGroup:
         self.pending = False
         #: critical warnings reported (again only after they cleared)
         self.reported = 0
+        #: the counters of secondary controllers that are gone (their VF was disabled)
+        self.retired = MediaTotals()
 
     # -- what the group reports ----------------------------------------------------------------
     def critical_warning(self) -> int:
@@ -155,14 +187,7 @@ class EnduranceGroup:
         :raises NvmeStatusError: Invalid Field in Command for any group but 1.
         """
         self.check_id(endgid, offset=_OFF_CDW11 + 2)
-        read = written = reads = writes = media_errors = 0
-        for smart in self._counters():
-            written_b, read_b, errors, _unsafe = smart.media_totals()
-            read += read_b
-            written += written_b
-            media_errors += errors
-            reads += smart.host_read_commands
-            writes += smart.host_write_commands
+        t = self._totals()
         total, unallocated = self._capacity()
         buf = bytearray(_INFO_SIZE)
         buf[0] = self.critical_warning()
@@ -175,13 +200,13 @@ class EnduranceGroup:
             struct.pack_into("<QQ", buf, off, v & (2**64 - 1), v >> 64)
 
         # 32: Endurance Estimate 0 (not reported)
-        u128(48, _units(read))
-        u128(64, _units(written))
-        u128(80, _units(written))  # Media Units Written
-        u128(96, reads)
-        u128(112, writes)
-        u128(128, media_errors)
-        u128(144, self._error_entries())
+        u128(48, _units(t.bytes_read))
+        u128(64, _units(t.bytes_written))
+        u128(80, _units(t.bytes_written))  # Media Units Written
+        u128(96, t.host_reads)
+        u128(112, t.host_writes)
+        u128(128, t.media_errors)
+        u128(144, t.error_entries)
         u128(160, total)
         u128(176, unallocated)
         return bytes(buf)
@@ -236,6 +261,11 @@ class EnduranceGroup:
         if self._aec() & AEC_EG_EVENT:
             self._aer.post(AER_NOTICE, INFO_EG_EVENT, LID_EG_EVENT_AGGREGATE)
 
+    def retire(self, totals: MediaTotals) -> None:
+        """Keep counting ``totals`` (a secondary controller's, its VF being disabled)."""
+        with self._lock:
+            self.retired = self.retired + totals
+
     def reset(self) -> None:
         """Controller reset: feature 18h back to its default; the warnings present are
         reported again once enabled (the aggregate log keeps its entry until read)."""
@@ -248,16 +278,18 @@ class EnduranceGroup:
         """The state, or None while it is the default (the stream then has no subsection,
         as before endurance groups)."""
         with self._lock:
-            if not (self.event_config or self.pending or self.reported):
+            if not (self.event_config or self.pending or self.reported or self.retired != MediaTotals()):
                 return None
-            return EnduranceState(event_config=self.event_config, pending=self.pending, reported=self.reported)
+            return EnduranceState(event_config=self.event_config, pending=self.pending, reported=self.reported,
+                                  retired=self.retired)
 
     def restore(self, state: EnduranceState | None) -> None:
         """Take ``state`` (None, a stream from before endurance groups: the defaults)."""
         with self._lock:
             if state is None:
-                self.event_config, self.pending, self.reported = 0, False, 0
+                self.event_config, self.pending, self.reported, self.retired = 0, False, 0, MediaTotals()
                 return
             self.event_config = state.event_config & EG_WARNINGS
             self.pending = state.pending
             self.reported = state.reported & EG_WARNINGS
+            self.retired = state.retired
