@@ -62,6 +62,7 @@ LOG_NAMES = {
     0x04: "Changed Namespace List", 0x05: "Commands Supported and Effects", 0x06: "Device Self-test",
     0x12: "Feature Identifiers Supported and Effects", 0x81: "Sanitize Status",
     0x00: "Supported Log Pages", 0x13: "NVMe-MI Commands Supported and Effects",
+    0x09: "Endurance Group Information", 0x0F: "Endurance Group Event Aggregate",
     0xC0: "OCP SMART / Health Information Extended (``ocp=on``)",
 }
 #: Commands Supported and Effects bits shown in the tables (bit, heading).

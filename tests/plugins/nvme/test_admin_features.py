@@ -107,7 +107,7 @@ def test_interrupt_vector_configuration(env):
 def test_async_event_configuration(env):
     drv = env.drv
     drv.set_features(0x0B, 0xFFFFFFFF)
-    assert drv.get_features(0x0B).dw0 == 0x31F  # only what the controller supports
+    assert drv.get_features(0x0B).dw0 == 0x431F  # only what the controller supports (14: endurance group events)
     drv.set_features(0x0B, 0)
     assert drv.get_features(0x0B).dw0 == 0
 

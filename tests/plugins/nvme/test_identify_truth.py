@@ -241,6 +241,34 @@ def _ctratt_elbas(drv: NvmeDriver) -> None:  # CTRATT bit 15: extended LBA forma
     assert len(ns) == 4096
 
 
+def _ctratt_endurance_groups(drv: NvmeDriver) -> None:  # CTRATT bit 4: endurance group 1 (ENDGIDMAX)
+    assert _u16(drv.identify(0x01), 340) == 1 and _u16(drv.identify(0x00, nsid=1), 102) == 1  # ENDGIDMAX, ENDGID
+    assert struct.unpack_from("<HH", drv.identify(0x19), 0) == (1, 1)  # CNS 19h: one group, 1
+    info = drv.admin(0x02, nsid=0, cdw10=(127 << 16) | 0x09, cdw11=1 << 16, length=512).tag  # LSI = 1
+    assert int.from_bytes(info[112:128], "little") == int.from_bytes(drv.get_log(0x02, 512)[80:96], "little")
+    bad = drv.admin(0x02, nsid=0, cdw10=(127 << 16) | 0x09, cdw11=2 << 16, length=512, check=False)
+    assert bad.code == Status.INVALID_FIELD
+
+
+def _oaes_eg_event(drv: NvmeDriver) -> None:  # OAES bit 14: Endurance Group Event Aggregate notices
+    drv.set_features(0x0B, 1 << 14)
+    drv.set_features(0x18, 1 | 0x0D << 16)  # group 1: spare, reliability, read-only
+    before = len(drv.events)
+    drv.arm_aer()
+    drv.device.inject_critical_warning(1 << 2)  # reliability degraded
+    try:
+        deadline = time.monotonic() + 2.0
+        while (2, 0x06, 0x0F) not in drv.events[before:] and time.monotonic() < deadline:
+            drv.get_log(0x04, 4096)  # notices stay masked after another exerciser's until its log is read
+            if drv.poll_events(0.1):
+                drv.arm_aer()
+        assert (2, 0x06, 0x0F) in drv.events[before:], drv.events
+        assert struct.unpack_from("<QH", drv.get_log(0x0F, 512), 0) == (1, 1)
+        assert struct.unpack_from("<Q", drv.get_log(0x0F, 512), 0) == (0,)  # read with RAE clear: emptied
+    finally:
+        drv.device.inject_critical_warning(0)
+
+
 def _kas(drv: NvmeDriver) -> None:  # KAS: Keep Alive, Set Features 0Fh
     drv.set_features(0x0F, 10000)
     assert drv.get_features(0x0F).dw0 == 10000
@@ -384,9 +412,9 @@ EXERCISERS: dict[tuple[str, int], Exerciser] = {
     ("vwc", 0): _vwc_present, ("vwc", 1): _flush_broadcast, ("vwc", 2): _flush_broadcast,
     ("sgls", 0): _sgl, ("sgls", 16): _sgl_bit_bucket,
     ("lpa", 1): _lpa_effects, ("lpa", 2): _lpa_extended, ("lpa", 5): _lpa_supported_logs,
-    ("oaes", 8): _oaes_ns_attr, ("oaes", 9): _oaes_fw_activation,
+    ("oaes", 8): _oaes_ns_attr, ("oaes", 9): _oaes_fw_activation, ("oaes", 14): _oaes_eg_event,
     ("frmw", 0): _frmw, ("frmw", 1): _frmw, ("frmw", 2): _frmw, ("frmw", 4): _frmw,
-    ("ctratt", 15): _ctratt_elbas,
+    ("ctratt", 15): _ctratt_elbas, ("ctratt", 4): _ctratt_endurance_groups,
     ("cmic", 1): _cmic_multi_ctrl, ("cmic", 2): _cmic_sriov_vf, ("nmic", 0): _nmic_shared,
     ("kas", 0): _kas,
     ("ocfs", 0): _ocfs,

@@ -67,7 +67,8 @@ def test_registers(tmp_path) -> None:
         bar4 = ctrl.bars[4]
         assert bar4 is not None and bar4.is_64bit and bar4.prefetchable and isinstance(bar4.handler, RamBacking)
         assert drv.pdev.size_bars()[4][0] == SIZE
-        assert (drv.read32(PMRCTL), drv.read32(PMRSTS), drv.read32(PMREBS), drv.read32(PMRSWTP)) == (0, NRDY, 0, 0)
+        # PMRSTS.NRDY's reset value is 0 (it is set by disabling the PMR)
+        assert (drv.read32(PMRCTL), drv.read32(PMRSTS), drv.read32(PMREBS), drv.read32(PMRSWTP)) == (0, 0, 0, 0)
         assert (drv.read32(PMRMSCL), drv.read32(PMRMSCU)) == (0, 0)
         drv.write32(PMRCTL, 0xFFFFFFFF)  # only EN is writable
         assert drv.read32(PMRCTL) == 1
@@ -92,6 +93,29 @@ def test_enable_and_ready_timing(tmp_path) -> None:
         assert drv.read32(PMRCTL) == 1 and not drv.read32(PMRSTS) & NRDY
         ctrl.reset(ResetKind.FLR)
         assert ctrl.regs.read(PMRCTL, 4) == 0 and ctrl.pmr is not None and not ctrl.pmr.ready
+        assert ctrl.regs.read(PMRSTS, 4) == 0  # NRDY back to its reset value
+
+
+def test_nrdy_is_0_at_power_on_and_set_by_disabling_and_that_migrates(tmp_path) -> None:
+    from pcidev.migration import load_device_stream, save_device_stream
+
+    with Machine(ram_size=32 << 20) as machine, NvmeController(_config(tmp_path / "pmr")) as ctrl:
+        drv = _attach(machine, ctrl)
+        assert drv.read32(PMRSTS) & NRDY == 0 and drv.read32(PMRCTL) == 0  # never enabled
+        _enable(drv)
+        drv.write32(PMRCTL, 0)
+        assert drv.read32(PMRSTS) & NRDY  # disabled by the host
+        for enabled_once in (True, False):
+            ctrl.quiesce()
+            data, fds = save_device_stream(ctrl)
+            with NvmeController(ctrl.cfg, name="dst") as dst:
+                res = load_device_stream(dst, data, fds)
+                try:
+                    assert dst.regs.read(PMRSTS, 4) & NRDY == (NRDY if enabled_once else 0)
+                finally:
+                    res.close()
+            ctrl.resume()
+            ctrl.reset(ResetKind.FLR)  # back to the reset value for the second round
 
 
 def test_a_pmrsts_read_is_a_write_barrier(tmp_path, monkeypatch) -> None:
@@ -232,7 +256,7 @@ def test_pmrsts_barrier_failures_set_err_and_reads_while_not_ready_do_not_flush(
 
         monkeypatch.setattr(RamBacking, "flush", failing)
         for _ in range(5):  # disabled: polling PMRSTS does no msync
-            assert drv.read32(PMRSTS) & NRDY
+            assert drv.read32(PMRSTS) & 0xFF == 0  # (no ERR: no barrier ran)
         assert flushes == []
         monkeypatch.undo()
         _enable(drv)

@@ -7,7 +7,8 @@ Opcode  Command                             Statuses besides Success
 01h     Create I/O Submission Queue         Invalid Queue Identifier, Invalid Queue Size,
                                             Completion Queue Invalid, Invalid Field (PC=0),
                                             PRP Offset Invalid, Data Transfer Error
-02h     Get Log Page                        Invalid Log Page, Invalid Field
+02h     Get Log Page                        Invalid Log Page, Invalid Field (a bad offset,
+                                            an endurance group but 1 in LSI for 09h)
 04h     Delete I/O Completion Queue         Invalid Queue Identifier, Invalid Queue Deletion
 05h     Create I/O Completion Queue         Invalid Queue Identifier, Invalid Queue Size,
                                             Invalid Interrupt Vector, Invalid Field, PRP
@@ -70,6 +71,13 @@ from pcidev_nvme.aer import INFO_FW_ACTIVATION, AsyncEvents
 from pcidev_nvme.cmb import ControllerMemoryBuffer
 from pcidev_nvme.config import NamespaceSpec, NvmeConfig
 from pcidev_nvme.directives import directive_receive, directive_send
+from pcidev_nvme.endurance import (
+    ENDGID,
+    LID_EG_EVENT_AGGREGATE,
+    LID_ENDURANCE_GROUP,
+    EnduranceGroup,
+    endurance_group_list,
+)
 from pcidev_nvme.features import Features
 from pcidev_nvme.lba_status import get_lba_status
 from pcidev_nvme.metadata import SIDECAR_SUFFIX
@@ -82,6 +90,7 @@ from pcidev_nvme.namespace import (
     identify_elbaf,
 )
 from pcidev_nvme.namespaces import RemovedNamespace
+from pcidev_nvme.pmr import PersistentMemoryRegion
 from pcidev_nvme.protection import pi_size
 from pcidev_nvme.prp import prp_segments
 from pcidev_nvme.queues import CompletionQueue, SubmissionQueue
@@ -105,11 +114,13 @@ class AdminHost(ControllerPort, Protocol):
     error_log: nlogs.ErrorLog
     changed_ns: nlogs.ChangedNamespaces
     cmb: ControllerMemoryBuffer | None
+    pmr: PersistentMemoryRegion | None
     aborts: Aborts
     sanitizer: Sanitizer
     selftest: SelfTest
     uncorrectable: Uncorrectable
     smart: nlogs.SmartCounters
+    endurance: EnduranceGroup
 
     @property
     def allocated(self) -> Mapping[int, Namespace]: ...
@@ -391,6 +402,8 @@ class AdminCommandSet:
             raise _err(Status.INVALID_INTERRUPT_VECTOR, f"interrupt vector {iv} is invalid", OFF_CDW11 + 2)
         if ctrl.cmb is not None:  # CQs in the CMB are not supported (CMBSZ.CQS = 0)
             ctrl.cmb.refuse_cq(req.prp1, qsize * 16)
+        if ctrl.pmr is not None:  # nor queues in the PMR (it holds data only)
+            ctrl.pmr.refuse_queue(req.prp1, qsize * 16, "completion")
         self._queue_memory(req.prp1, qsize * 16, write=True)
         ctrl.add_cq(CompletionQueue(qid, req.prp1, qsize, iv, ien))
         return 0
@@ -409,6 +422,8 @@ class AdminCommandSet:
             raise _err(Status.CQ_INVALID, f"completion queue {cqid} does not exist", OFF_CDW11 + 2)
         if not req.cdw11 & 1:
             raise _err(Status.INVALID_FIELD, "physically non-contiguous queues are not supported", OFF_CDW11)
+        if ctrl.pmr is not None:  # queues in the PMR are not supported (it holds data only)
+            ctrl.pmr.refuse_queue(req.prp1, qsize * 64, "submission")
         self._queue_memory(req.prp1, qsize * 64, write=False)
         ctrl.add_sq(SubmissionQueue(qid, req.prp1, qsize, cq, (req.cdw11 >> 1) & 3))
         return 0
@@ -490,6 +505,8 @@ class AdminCommandSet:
             data = idfy.controller_list(ctrl.subsystem_controllers(), cntid)
         elif cns == 0x1C:
             data = idfy.io_command_set_vector()
+        elif cns == 0x19:
+            data = endurance_group_list(req.cdw11 & 0xFFFF)
         elif cns in (0x14, 0x15) and ctrl.virtualization is not None:
             virt = ctrl.virtualization
             data = virt.primary_capabilities() if cns == 0x14 else virt.secondary_list(cntid)
@@ -553,6 +570,10 @@ class AdminCommandSet:
             page = nlogs.supported_logs_page(self.log_pages())
         elif lid == nlogs.LID_MI_EFFECTS:
             page = bytes(4096)  # no NVMe-MI commands
+        elif lid == LID_ENDURANCE_GROUP:
+            page = ctrl.endurance.information_page(req.cdw11 >> 16)  # LSI: the endurance group
+        elif lid == LID_EG_EVENT_AGGREGATE:
+            page = ctrl.endurance.aggregate_page(clear=False)
         elif lid == nlogs.LID_OCP_SMART and ctrl.cfg.ocp:
             if req.nsid not in (0, BROADCAST):
                 raise _err(Status.INVALID_FIELD, "the OCP SMART log is kept per controller", OFF_NSID)
@@ -564,13 +585,16 @@ class AdminCommandSet:
         self.to_host(req, page[offset:offset + length])
         if lid == nlogs.LID_CHANGED_NS and not rae:
             ctrl.changed_ns.page(clear=True)
+        elif lid == LID_EG_EVENT_AGGREGATE and not rae:
+            ctrl.endurance.aggregate_page(clear=True)
         ctrl.aer.log_read(lid, rae)
         return 0
 
     def log_pages(self) -> list[int]:
         """The log identifiers Get Log Page answers (the Supported Log Pages log, LID 00h)."""
         lids = [nlogs.LID_SUPPORTED, nlogs.LID_ERROR, nlogs.LID_SMART, nlogs.LID_FW_SLOT, nlogs.LID_CHANGED_NS,
-                nlogs.LID_EFFECTS, LID_SELF_TEST, LID_FEATURES_SUPPORTED, nlogs.LID_MI_EFFECTS, LID_SANITIZE]
+                nlogs.LID_EFFECTS, LID_SELF_TEST, LID_FEATURES_SUPPORTED, nlogs.LID_MI_EFFECTS, LID_SANITIZE,
+                LID_ENDURANCE_GROUP, LID_EG_EVENT_AGGREGATE]
         if self.ctrl.cfg.ocp:
             lids.append(nlogs.LID_OCP_SMART)
         return lids
@@ -771,8 +795,10 @@ class AdminCommandSet:
             raise _err(Status.INVALID_FIELD, f"NMIC {nmic:#x} is invalid")
         if anagrpid:
             raise _err(Status.ANA_GROUP_ID_INVALID, "ANA is not supported")
-        if nvmsetid or endgid:
-            raise _err(Status.INVALID_FIELD, "NVM sets and endurance groups are not supported")
+        if nvmsetid:
+            raise _err(Status.INVALID_FIELD, "NVM sets are not supported")
+        if endgid not in (0, ENDGID):
+            raise _err(Status.INVALID_FIELD, f"endurance group {endgid} does not exist (only {ENDGID})")
         size = nsze * LBA_FORMATS[lbaf][0]
         if size % 4096:
             raise _err(Status.INVALID_FIELD, f"namespace size {size} is not a multiple of 4 KiB")

@@ -57,6 +57,7 @@ from pcidev_nvme.completion import CompletionMixin
 from pcidev_nvme.config import NvmeConfig
 from pcidev_nvme.controller_memory import ControllerMemoryView
 from pcidev_nvme.doorbells import DoorbellsMixin, ShadowDoorbells
+from pcidev_nvme.endurance import EnduranceGroup, MediaTotals
 from pcidev_nvme.features import Features
 from pcidev_nvme.fetch import FetchMixin
 from pcidev_nvme.health import HealthMixin
@@ -197,6 +198,11 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self.atomicity = Atomicity(cfg.awun, cfg.awupf)
         self.features = Features(self)
         self.aer = AsyncEvents(self.complete, cfg.aerl + 1)
+        #: endurance group 1 as this controller reports it (:mod:`pcidev_nvme.endurance`)
+        self.endurance = EnduranceGroup(
+            self.aer, lambda: [c.smart for c in self.subsystem_live_controllers()], self.endurance_totals,
+            lambda: (self.total_capacity, max(self.total_capacity - self.allocated_capacity, 0)),
+            lambda: self.features.aec)
         #: Write Uncorrectable marks (:mod:`pcidev_nvme.uncorrectable`; with SR-IOV one object
         #: for the primary and its secondaries: the namespaces are shared)
         self.uncorrectable = self._make_uncorrectable()
@@ -303,6 +309,20 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
     # ------------------------------------------------------------------ SR-IOV (primary controller)
     def _make_vf(self, pf: PciDevice, k: int) -> NvmeVirtualFunction:
         return NvmeVirtualFunction(self, k)
+
+    def subsystem_live_controllers(self) -> list[NvmeController]:
+        """The NVM subsystem's controllers that exist now: this one and, on a primary
+        controller, the secondaries whose VF is enabled (their SMART counters make up the
+        endurance group's)."""
+        return [self, *(vf for vf in self.virtual_functions if isinstance(vf, NvmeVirtualFunction))]
+
+    def endurance_totals(self) -> MediaTotals:
+        """The endurance group's counters: every live controller's, and those of the
+        secondaries that are gone (kept by this primary's endurance group)."""
+        totals = self.endurance.retired
+        for c in self.subsystem_live_controllers():
+            totals = totals + MediaTotals.of(c.smart, c.error_log.count)
+        return totals
 
     def _secondary(self, k: int) -> NvmeVirtualFunction | None:
         """The live controller of secondary ``k`` (its VF is enabled), else None."""
@@ -760,6 +780,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         # (not the namespaces being formatted: a Format NVM runs on in the admin worker,
         # whose end of format releases them -- until then their I/O is Format In Progress)
         self.smart.clear_reported()
+        self.endurance.reset()
         self.keep_alive_stop()
         self.timer.cancel_all()
         self.irq.set_intx(False)
@@ -1002,6 +1023,22 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
     def subsystem_controllers(self) -> list[int]:
         """The subsystem's controllers, as the primary knows them (CNS 13h)."""
         return self.primary.subsystem_controllers()
+
+    def subsystem_live_controllers(self) -> list[NvmeController]:
+        """The primary's view: one endurance group for the whole subsystem."""
+        return self.primary.subsystem_live_controllers()
+
+    def endurance_totals(self) -> MediaTotals:
+        """The primary's: one endurance group for the whole subsystem."""
+        return self.primary.endurance_totals()
+
+    def close(self) -> None:
+        """Close the secondary; when its VF is disabled (the primary stays), the primary's
+        endurance group keeps counting what this controller read and wrote."""
+        primary = self.primary
+        if not self._closed and self.owns_state and not primary._closed:
+            primary.endurance.retire(MediaTotals.of(self.smart, self.error_log.count))
+        super().close()
 
     def controllers_attached(self, nsid: int) -> list[int]:
         """The controllers namespace ``nsid`` is attached to, as the primary knows them (CNS 12h)."""

@@ -13,7 +13,9 @@ memory itself: one comparison on the hot path).
 CMB, the PMR or host memory; a PRP or SGL data pointer that mixes two of them, or one piece
 that straddles a window's edge, fails with Invalid Use of Controller Memory Buffer (00h/12h,
 DNR). PRP lists and SGL segments may be in either, whatever memory the command's queue and
-its data are in (CMBLOC.CDPMLS and CDPCILS are set).
+its data are in (CMBLOC.CDPMLS and CDPCILS are set). A command's data buffer and its
+separate metadata buffer are both in the CMB or both outside it (CMBLOC.CDMMMS is clear:
+:func:`check_data_metadata`).
 
 **Errors.** Every accessor of the view raises :class:`ControllerMemoryError` for such an
 access: a :class:`~pcidev.errors.DmaError` (so the paths that are not a command's data
@@ -38,7 +40,7 @@ from pcidev.errors import DmaError
 from pcidev_nvme.status import NvmeStatusError, Status
 
 __all__ = ["ControllerMemoryView", "ControllerMemoryError", "MemoryWindow", "map_window", "invalid_use",
-           "ranges_overlap"]
+           "ranges_overlap", "check_data_metadata"]
 
 
 class ControllerMemoryError(NvmeStatusError, DmaError):
@@ -52,6 +54,33 @@ def invalid_use(what: str) -> ControllerMemoryError:
     :param what: the message.
     """
     return ControllerMemoryError(Status.INVALID_USE_OF_CMB, what, dnr=True)
+
+
+def check_data_metadata(mem: GuestMemory, data: Iterable[tuple[int | None, int]],
+                        meta: Iterable[tuple[int | None, int]]) -> None:
+    """CMBLOC.CDMMMS is clear: a command's data buffer and its separate metadata buffer
+    are both in the CMB or both outside it.
+
+    :param mem: the controller's DMA view (nothing to check without controller memory space).
+    :param data: the data buffer's pieces (address None: a bit bucket).
+    :param meta: the metadata buffer's pieces.
+    :raises ControllerMemoryError: Invalid Use of Controller Memory Buffer when one is in
+        the CMB and the other is not.
+    """
+    if not isinstance(mem, ControllerMemoryView):
+        return
+
+    def in_cmb(segs: Iterable[tuple[int | None, int]]) -> bool | None:
+        for gpa, length in segs:
+            if gpa is not None and length:
+                w = mem.window_of(gpa)
+                return w is not None and w.name == "CMB"
+        return None
+
+    d, m = in_cmb(data), in_cmb(meta)
+    if d is not None and m is not None and d != m:
+        raise invalid_use(f"the data buffer is {'in' if d else 'outside'} the CMB and the metadata buffer "
+                          f"{'in' if m else 'outside'} it (CMBLOC.CDMMMS is clear)")
 
 
 def ranges_overlap(a: tuple[int, int] | None, b: tuple[int, int] | None) -> bool:

@@ -27,6 +27,9 @@ FID    Feature                          Notes
 16h    Host Behavior Support            512-byte data buffer; ACRE, ETDAS, LBAFEE 0 or 1;
                                         CDFE (bytes 5:4) enables Copy descriptor formats
                                         2h/3h (bits 2, 3; others reserved: Invalid Field)
+18h    Endurance Group Event            per endurance group (ENDGID, CDW11 15:0; only group
+       Configuration                    1, else Invalid Field): EGCW (CDW11 23:16), kept
+                                        by :class:`~pcidev_nvme.endurance.EnduranceGroup`
 19h    I/O Command Set Profile          IOCSCI (CDW11 8:0): only combination 0 (NVM, the
                                         one Identify CNS 1Ch reports); any other index
                                         → I/O Command Set Combination Rejected
@@ -42,8 +45,7 @@ saveable) and supported capabilities. Set with Save (CDW10 bit 31) fails with
 Feature Identifier Not Saveable.
 
 Not supported (Invalid Field, and not in the Feature Identifiers Supported and Effects
-log, LID 12h, :meth:`Features.supported_log`): Endurance Group Event Configuration
-(18h: no endurance groups are advertised), Sanitize Config (17h: SANICAP.NDI is
+log, LID 12h, :meth:`Features.supported_log`): Sanitize Config (17h: SANICAP.NDI is
 clear), LBA Status Information Attributes (15h) and every other identifier.
 """
 
@@ -58,6 +60,7 @@ import attrs
 from pcidev.vmstate import U8, U16, U32, U64, Bool, Bytes, VarArray, vmstate
 from pcidev_nvme.atomicity import Atomicity
 from pcidev_nvme.config import NvmeConfig
+from pcidev_nvme.endurance import AEC_EG_EVENT, FID_EG_EVENT_CONFIG, EnduranceGroup
 from pcidev_nvme.interrupts import Interrupts
 from pcidev_nvme.limits import OCFS
 from pcidev_nvme.namespace import Namespace
@@ -93,6 +96,7 @@ FID_NAMES = {
     FID_ASYNC_EVENT: "asynchronous event configuration", FID_TIMESTAMP: "timestamp",
     FID_KATO: "keep alive timer", FID_HOST_BEHAVIOR: "host behavior support",
     FID_IOCS_PROFILE: "i/o command set profile",
+    FID_EG_EVENT_CONFIG: "endurance group event configuration",
 }
 
 #: Host Behavior Support CDFE (Copy Descriptor Formats Enable, bytes 5:4 of the data)
@@ -102,8 +106,11 @@ _CDFE = struct.Struct("<H")
 CDFE_SUPPORTED = OCFS & ((1 << 2) | (1 << 3))
 
 _PER_NS = {FID_ERROR_RECOVERY}
-#: AEC bits the controller honours: critical warnings 0..4, NS attribute (8), FW activation (9)
-AEC_SUPPORTED = 0x1F | (1 << 8) | (1 << 9)
+#: AEC bits the controller honours: critical warnings 0..4, NS attribute (8), FW activation (9),
+#: Endurance Group Event Aggregate Log Change (14)
+AEC_SUPPORTED = 0x1F | (1 << 8) | (1 << 9) | AEC_EG_EVENT
+#: features scoped to an endurance group (Feature Identifiers Supported and Effects: FSP bit 3)
+_PER_ENDGRP = {FID_EG_EVENT_CONFIG}
 
 SEL_CURRENT, SEL_DEFAULT, SEL_SAVED, SEL_CAPS = 0, 1, 2, 3
 CAP_SAVEABLE, CAP_NS, CAP_CHANGEABLE = 1, 2, 4
@@ -167,6 +174,8 @@ class FeaturesHost(Protocol):
     interrupts: Interrupts
     #: the atomic write limits Write Atomicity Normal (0Ah) selects
     atomicity: Atomicity
+    #: Endurance Group Event Configuration (18h)
+    endurance: EnduranceGroup
 
     @property
     def io_queue_limit(self) -> int:
@@ -317,6 +326,8 @@ class Features:
             raise NvmeStatusError(Status.INVALID_FIELD, f"select {sel} is reserved", param_offset=_OFF_CDW10 + 1)
         if fid in _PER_NS:
             self._check_ns(req, allow_broadcast=False)
+        if fid == FID_EG_EVENT_CONFIG:
+            self.ctrl.endurance.check_id(req.cdw11 & 0xFFFF)
         if sel == SEL_CAPS:
             caps = CAP_CHANGEABLE | (CAP_NS if fid in _PER_NS else 0)
             return caps, None
@@ -342,6 +353,8 @@ class Features:
             return 0, struct.pack("<Q", ts | (attrs << 48))
         if fid == FID_HOST_BEHAVIOR:
             return 0, bytes(512) if default else self.host_behavior
+        if fid == FID_EG_EVENT_CONFIG:
+            return ctrl.endurance.get_feature(req.cdw11, default=default), None
         values = self.defaults() if default else self.values
         return values[fid], None
 
@@ -447,6 +460,9 @@ class Features:
                                       f"I/O command set combination {v & 0x1FF} does not exist (CNS 1Ch lists 0)",
                                       param_offset=_OFF_CDW11)
             return 0
+        if fid == FID_EG_EVENT_CONFIG:
+            ctrl.endurance.set_feature(v)
+            return 0
         if fid == FID_HOST_BEHAVIOR:
             assert data is not None
             acre, etdas, lbafee = data[0], data[1], data[2]
@@ -467,7 +483,8 @@ class Features:
         scope of every supported feature, UDCC for none, CCC for Number of Queues."""
         page = bytearray(1024)
         for fid in FID_NAMES:
-            scope = (1 << 20) if fid in _PER_NS else (1 << 21)  # namespace / controller scope
+            # namespace / endurance group / controller scope
+            scope = (1 << 20) if fid in _PER_NS else (1 << 23) if fid in _PER_ENDGRP else (1 << 21)
             ccc = (1 << 4) if fid == FID_NUM_QUEUES else 0
             struct.pack_into("<I", page, 4 * fid, 1 | ccc | scope)
         return bytes(page)

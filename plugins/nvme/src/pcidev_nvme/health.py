@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from pcidev_nvme import aer as aer_mod
 from pcidev_nvme.aer import AsyncEvents
 from pcidev_nvme.config import NvmeConfig
+from pcidev_nvme.endurance import EnduranceGroup
 from pcidev_nvme.features import Features
 from pcidev_nvme.interrupts import Timer
 from pcidev_nvme.logs import ErrorLog, SmartCounters
@@ -37,6 +38,7 @@ class HealthMixin:
     features: Features
     aer: AsyncEvents
     error_log: ErrorLog
+    endurance: EnduranceGroup
 
     if TYPE_CHECKING:  # provided by the other parts of NvmeController
         def _fatal(self, why: str) -> None: ...
@@ -79,6 +81,7 @@ class HealthMixin:
         only after it cleared (so enabling a bit in AEC reports a condition already there)."""
         cw = self.critical_warning
         new = self.smart.report_warnings(cw, self.features.aec if self._state == ST_READY else 0)
+        self.endurance.check(ready=self._state == ST_READY)  # the endurance group's warnings (feature 18h)
         if not new:
             return
         for bit, info in ((1, aer_mod.INFO_SMART_TEMPERATURE), (0, aer_mod.INFO_SMART_SPARE),
@@ -91,7 +94,8 @@ class HealthMixin:
         """The SMART / Health Information log page (LID 02h)."""
         self.account_temperature()
         return self.smart.page(critical_warning=self.critical_warning, temperature=self.smart.temperature,
-                               error_entries=self.error_log.count)
+                               error_entries=self.error_log.count,
+                               eg_warning_summary=self.endurance.critical_warning())
 
     def notice(self, info: int, lid: int) -> None:
         """Post a notice AEN if its AEC bit is set (8: namespace attribute, 9: firmware activation)."""

@@ -7,7 +7,8 @@ ones come from :class:`~pcidev_nvme.namespace.Namespace`).
 * CNS 08h / 1Fh I/O command set independent Identify Namespace, of an active / an
   allocated namespace (:func:`identify_ns_independent`; NSTAT says whether it is attached);
 * CNS 12h / 13h controller lists (:func:`controller_list`);
-* CNS 1Ch I/O command set profile (:func:`io_command_set_vector`).
+* CNS 1Ch I/O command set profile (:func:`io_command_set_vector`);
+* CNS 19h, the Endurance Group List, is :func:`pcidev_nvme.endurance.endurance_group_list`.
 
 Offsets follow NVMe Base Specification 2.0, figures 275 (Identify Controller)
 and 280 (I/O command set independent Identify Namespace).
@@ -21,6 +22,7 @@ from typing import Protocol
 
 from pcidev_nvme import limits
 from pcidev_nvme.config import NvmeConfig
+from pcidev_nvme.endurance import CTRATT_EGS, ENDGIDMAX, OAES_EG_EVENT
 from pcidev_nvme.logs import FirmwareSlots
 from pcidev_nvme.namespace import Namespace
 from pcidev_nvme.sanitize import SANICAP
@@ -57,10 +59,12 @@ OACS_DBBUF = 1 << 8
 #: Supported Log Pages, Commands / Feature Identifiers / NVMe-MI Commands Supported and
 #: Effects logs (5: LIDs 00h, 05h, 12h, 13h)
 LPA = (1 << 1) | (1 << 2) | (1 << 5)
-#: Optional Asynchronous Events Supported: Namespace Attribute (8), Firmware Activation (9)
-OAES = (1 << 8) | (1 << 9)
-#: Controller Attributes: Extended LBA Formats Supported (15)
-CTRATT = 1 << 15
+#: Optional Asynchronous Events Supported: Namespace Attribute (8), Firmware Activation (9),
+#: Endurance Group Event Aggregate Log Change (14, :mod:`pcidev_nvme.endurance`)
+OAES = (1 << 8) | (1 << 9) | OAES_EG_EVENT
+#: Controller Attributes: Endurance Groups (4, :mod:`pcidev_nvme.endurance`), Extended LBA
+#: Formats Supported (15)
+CTRATT = CTRATT_EGS | (1 << 15)
 #: ONCS bits the core adds to the I/O command set's: Save/Select in features (4), Timestamp (6)
 ONCS_CORE = (1 << 4) | (1 << 6)
 #: Firmware Updates: slot 1 read-only (0), slot count (3:1), activation without reset (4)
@@ -115,6 +119,7 @@ def identify_controller(ctrl: IdentifyHost) -> bytes:
     struct.pack_into("<H", buf, 320, KAS)
     struct.pack_into("<HH", buf, 324, 0, 0)  # MNTMT MXTMT: no thermal management
     struct.pack_into("<I", buf, 328, SANICAP)  # block erase, overwrite, crypto erase
+    struct.pack_into("<HH", buf, 338, 0, ENDGIDMAX)  # NSETIDMAX (no NVM sets) ENDGIDMAX
     buf[512] = 0x66  # SQES
     buf[513] = 0x44  # CQES
     struct.pack_into("<HI", buf, 514, 0, cfg.max_namespaces)  # MAXCMD NN

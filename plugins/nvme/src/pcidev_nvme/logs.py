@@ -332,14 +332,19 @@ class SmartCounters:
                 self.unsafe_shutdowns += 1
 
     def page(self, *, critical_warning: int, temperature: int, spare: int = 100, spare_threshold: int = 10,
-             percent_used: int = 0, error_entries: int = 0) -> bytes:
-        """The 512-byte SMART / Health Information log page."""
+             percent_used: int = 0, error_entries: int = 0, eg_warning_summary: int = 0) -> bytes:
+        """The 512-byte SMART / Health Information log page.
+
+        :param eg_warning_summary: Endurance Group Critical Warning Summary (byte 6): the
+            critical warnings of the endurance groups (:mod:`pcidev_nvme.endurance`).
+        """
         buf = bytearray(512)
         buf[0] = critical_warning & 0xFF
         struct.pack_into("<H", buf, 1, temperature & 0xFFFF)
         buf[3] = spare
         buf[4] = spare_threshold
         buf[5] = min(percent_used, 255)
+        buf[6] = eg_warning_summary & 0xFF
 
         def u128(off: int, v: int) -> None:
             v = min(int(v), 2**128 - 1)

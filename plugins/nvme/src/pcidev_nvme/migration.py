@@ -104,6 +104,7 @@ from pcidev_nvme.cmb import CMBSTS_CBAI, CmbState, ControllerMemoryBuffer
 from pcidev_nvme.config import NvmeConfig
 from pcidev_nvme.controller_memory import ranges_overlap
 from pcidev_nvme.doorbells import ShadowDoorbells, ShadowDoorbellsState
+from pcidev_nvme.endurance import EnduranceGroup, EnduranceState
 from pcidev_nvme.features import Features, FeaturesState, TlerState
 from pcidev_nvme.interrupts import Interrupts, InterruptsState, Timer
 from pcidev_nvme.io import IoCommandSet
@@ -155,6 +156,7 @@ class MigrationHost(Protocol):
     load_undo: LoadUndo
     vmstate_save_fds: list[int] | None
     owns_namespaces: bool
+    endurance: EnduranceGroup
 
     @property
     def allocated(self) -> Mapping[int, Namespace]: ...
@@ -242,6 +244,8 @@ class NvmeState:
     self_test: SelfTestState | None = None
     #: SR-IOV: the primary controller's secondary controllers (pcidev_nvme.virtualization)
     virtualization: VirtualizationState | None = None
+    #: the endurance group: feature 18h, its event aggregate log (pcidev_nvme.endurance)
+    endurance: EnduranceState | None = None
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -517,7 +521,8 @@ def save(ctrl: MigrationHost) -> NvmeState:
         cmb=ctrl.cmb.snapshot() if ctrl.cmb is not None else None,
         pmr=ctrl.pmr.snapshot() if ctrl.pmr is not None else None, uncorrectable=ctrl.uncorrectable.snapshot(),
         aborts=ctrl.aborts.snapshot(), sanitize=ctrl.sanitizer.snapshot(), self_test=ctrl.selftest.snapshot(),
-        virtualization=ctrl.virtualization.snapshot() if ctrl.virtualization is not None else None)
+        virtualization=ctrl.virtualization.snapshot() if ctrl.virtualization is not None else None,
+        endurance=ctrl.endurance.snapshot())
     if ctrl.vmstate_save_fds is None:  # not a save: a load's rollback copy (or a test's look)
         ctrl.load_undo.keep(st, {nsid: ns.holding() for nsid, ns in ctrl.allocated.items()})
     return st
@@ -820,6 +825,7 @@ def apply(ctrl: MigrationHost, st: NvmeState) -> None:
         ctrl.selftest.restore(st.self_test)
         if ctrl.virtualization is not None and st.virtualization is not None:
             ctrl.virtualization.restore(st.virtualization)
+        ctrl.endurance.restore(st.endurance)
         ctrl.finish_restore()
 
 

@@ -774,6 +774,7 @@ class Namespace:
         mssrl, mcl, msrc = COPY_LIMITS
         struct.pack_into("<HIB", buf, 74, mssrl, mcl, msrc)  # MSSRL MCL MSRC
         buf[99] = 1 if self.read_only else 0  # NSATTR: write protected
+        struct.pack_into("<H", buf, 102, 1)  # ENDGID: the one endurance group (pcidev_nvme.endurance.ENDGID)
         buf[104:120] = self.nguid
         buf[120:128] = self.eui64
         identify_capabilities(buf, self.metadata_capable)

@@ -19,6 +19,9 @@ cannot be combined with a PMR. CAP.PMRS is set. The registers (NVMe Base 2.0, 3.
 
 **Enable and ready.** Setting PMRCTL.EN sets PMRSTS.NRDY, which clears once the region
 is ready (:data:`READY_DELAY` later, within PMRCAP.PMRTO); clearing EN sets NRDY again.
+NRDY's reset value is 0 (NVMe Base 2.0, PMRSTS; QEMU's PMRSTS reads 0 at power-on too): a
+PMR the host never enabled, and one after a PCI reset, reads NRDY = 0 with PMRCTL.EN = 0;
+only disabling it (EN 1 to 0) sets NRDY while it is disabled.
 
 **Write barrier** (PMRWBM bit 1): a read of PMRSTS while the PMR is ready makes every
 prior write to the PMR persistent: the controller calls ``msync`` on the file before
@@ -38,7 +41,9 @@ reach the PMR only while it is enabled (see below).
 
 **Controller memory space** (PMRCAP.CMSS): while PMRMSCL.CMSE is 1 and the PMR is
 enabled, addresses in ``[CBA, CBA + size)`` are PMR addresses for the controller's data
-transfers (:mod:`pcidev_nvme.controller_memory`, with the CMB's mixing rule). CBA is
+transfers (:mod:`pcidev_nvme.controller_memory`, with the CMB's mixing rule). The PMR
+holds data only (PMRCAP: RDS and WDS): Create I/O Submission / Completion Queue with a
+queue there fails with Invalid Use of Controller Memory Buffer (:meth:`PersistentMemoryRegion.refuse_queue`). CBA is
 invalid when the range would pass 2**64 or overlaps the CMB's enabled controller memory
 space; then PMRSTS.CBAI is set and the PMR has no controller memory space. Each PMRMSCL
 or PMRMSCU write evaluates them again (CBAI is cleared when CMSE is 0 or CBA is valid);
@@ -70,7 +75,7 @@ import attrs
 
 from pcidev.bar import Access, RamBacking, Register
 from pcidev.vmstate import U32, Bool, vmstate
-from pcidev_nvme.controller_memory import MemoryWindow, map_window, ranges_overlap
+from pcidev_nvme.controller_memory import MemoryWindow, invalid_use, map_window, ranges_overlap
 
 __all__ = ["PMR_BAR", "PmrState", "PersistentMemoryRegion", "READY_DELAY", "pmrcap_value", "PMRCTL_EN",
            "PMRSTS_NRDY", "PMRSTS_CBAI", "PMRSTS_ERR", "PMRMSC_CMSE", "PMRWBM_PMRSTS_READ"]
@@ -113,7 +118,8 @@ def pmrcap_value() -> int:
 @attrs.frozen
 class PmrState:
     """The PMR's registers: PMRCTL, PMRMSCL/U, PMRSTS.CBAI (evaluated again on restore),
-    and whether it was ready."""
+    and whether it was ready (disabled: whether PMRSTS.NRDY was clear; a stream from before
+    NRDY's reset value was 0 says False, NRDY set, as it read then)."""
 
     pmrctl: U32
     pmrmscl: U32
@@ -152,6 +158,8 @@ class PersistentMemoryRegion:
         self.error = False
         #: when the PMR becomes ready (monotonic seconds), None while disabled
         self.ready_at: float | None = None
+        #: PMRSTS.NRDY while disabled: 0 from a reset, 1 once the host cleared PMRCTL.EN
+        self.nrdy_disabled = False
         #: the PMR's addresses while its controller memory space is enabled, else None
         self.window: MemoryWindow | None = None
         self._window_key: tuple[int, int] | None = None
@@ -181,8 +189,8 @@ class PersistentMemoryRegion:
     @property
     def pmrsts(self) -> int:
         """PMRSTS without the write barrier a guest read makes."""
-        return ((PMRSTS_ERR if self.error else 0) | (0 if self.ready else PMRSTS_NRDY)
-                | (PMRSTS_CBAI if self.cbai else 0))
+        nrdy = not self.ready if self.enabled else self.nrdy_disabled or self.held()
+        return (PMRSTS_ERR if self.error else 0) | (PMRSTS_NRDY if nrdy else 0) | (PMRSTS_CBAI if self.cbai else 0)
 
     @property
     def enabled_range(self) -> tuple[int, int] | None:
@@ -210,6 +218,7 @@ class PersistentMemoryRegion:
                 self.on_enable()
             elif old & PMRCTL_EN and not new & PMRCTL_EN:
                 self.ready_at = None
+                self.nrdy_disabled = True
                 self._barrier("disabling the PMR")
             self._evaluate()
 
@@ -246,6 +255,21 @@ class PersistentMemoryRegion:
         self._window_key = key
         self._changed()
 
+    def refuse_queue(self, base: int, nbytes: int, what: str) -> None:
+        """Create I/O Submission / Completion Queue: queues in the PMR are not supported
+        (PMRCAP reports data reads and writes only, RDS and WDS: no queue support as the
+        CMB's CMBSZ.SQS / CQS would).
+
+        :param base: the queue's address (PRP1).
+        :param nbytes: its size.
+        :param what: ``"submission"`` or ``"completion"`` (for the message).
+        :raises NvmeStatusError: Invalid Use of Controller Memory Buffer.
+        """
+        w = self.window
+        if w is not None and w.overlaps(base, nbytes):
+            raise invalid_use(f"{what} queues in the persistent memory region are not supported "
+                              f"(queue at {base:#x})")
+
     # -- lifecycle ----------------------------------------------------------------------------
     def reset(self) -> None:
         """A PCI reset: the contents made persistent (when enabled), then disabled,
@@ -256,12 +280,14 @@ class PersistentMemoryRegion:
             self.ctl.value = self.mscl.value = self.mscu.value = 0
             self.error = False
             self.ready_at = None
+            self.nrdy_disabled = False  # the reset value
             self._evaluate()
 
     def snapshot(self) -> PmrState:
         """The registers."""
+        ready = self.ready if self.enabled else not self.nrdy_disabled  # (disabled: NRDY clear)
         return PmrState(pmrctl=self.ctl.value, pmrmscl=self.mscl.value, pmrmscu=self.mscu.value,
-                        cbai=self.cbai, ready=self.ready)
+                        cbai=self.cbai, ready=ready)
 
     def state_range(self, st: PmrState) -> tuple[int, int] | None:
         """The controller memory space ``st`` enables (EN and CMSE set, CBAI clear, the
@@ -289,6 +315,7 @@ class PersistentMemoryRegion:
             self.mscu.value = st.pmrmscu if st is not None else 0
             if not self.enabled:
                 self.ready_at = None
+                self.nrdy_disabled = st is not None and not st.ready
             else:
                 assert st is not None  # enabled
                 self.ready_at = time.monotonic() + (0.0 if st.ready else READY_DELAY)

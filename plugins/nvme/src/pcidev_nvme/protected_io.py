@@ -49,6 +49,7 @@ from typing import NamedTuple
 
 from pcidev.dma import GuestMemory
 from pcidev.errors import DmaError
+from pcidev_nvme.controller_memory import check_data_metadata
 from pcidev_nvme.namespace import Namespace
 from pcidev_nvme.protection import PIF_16B, PRINFO_PRACT, PiFormat
 from pcidev_nvme.prp import PSDT_SGL_MPTR_SGL, data_segments, sgl_segments
@@ -313,6 +314,7 @@ class ProtectedIo:
             return split_extended(buf, nlb, ns.lba_size, ns.ms)
         mlen = nlb * ns.ms
         msegs = self._meta_segs(req, mlen, to_host=False)
+        check_data_metadata(mem, segs, msegs)  # (CMBLOC.CDMMMS clear)
         return buf, self._meta_gather(mem, msegs, mlen)
 
     def _host_segs(self, req: Request, ns: Namespace, nlb: int, moves: bool
@@ -321,6 +323,8 @@ class ProtectedIo:
         transfer: pointer errors before any work."""
         segs = self._data_segs(req, self._host_length(ns, nlb, moves), to_host=True)
         msegs = self._meta_segs(req, nlb * ns.ms, to_host=True) if moves and not ns.extended else None
+        if msegs is not None:
+            check_data_metadata(self.ctrl.dma, segs, msegs)  # (CMBLOC.CDMMMS clear)
         return segs, msegs
 
     def _to_host(self, ns: Namespace, nlb: int, data: bytearray, meta: bytearray, moves: bool,

@@ -63,7 +63,9 @@ class Status(enum.IntEnum):
     NS_WRITE_PROTECTED = 0x020
     CMD_INTERRUPTED = 0x021
     TRANSIENT_TRANSPORT = 0x022
-    INVALID_IOCS = 0x02C
+    IOCS_NOT_SUPPORTED = 0x129  # I/O Command Set Not Supported
+    IOCS_NOT_ENABLED = 0x12A  # I/O Command Set Not Enabled
+    INVALID_IOCS = 0x12C  # Invalid I/O Command Set (command specific, SCT 1: libnvme NVME_SC_INVALID_IOCS)
     LBA_RANGE = 0x080
     CAP_EXCEEDED = 0x081
     NS_NOT_READY = 0x082
