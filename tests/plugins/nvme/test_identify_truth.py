@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import pytest
 from _helpers import Env, make_env
+from _numeric_exercisers import NUMERIC_EXERCISERS
 from _protection_exercisers import PROTECTION_EXERCISERS
 
 from pcidev_nvme.controller import NvmeVirtualFunction
@@ -39,6 +40,14 @@ ONCS_OPCODES = {0: (0x05,), 1: (0x04,), 2: (0x09,), 3: (0x08,), 5: (0x0D, 0x0E, 
 
 
 _SRIOV = "ns=mem:size=16M,max_ioqpairs=8,msix_vectors=9,sriov_max_vfs=2,sriov_vq_flexible=6,sriov_vi_flexible=4"
+#: everything on in one controller: SR-IOV with two VFs, a CMB, a PMR, the OCP log, and four
+#: namespaces: a plain ``mem`` one (NSID 1, which the exercisers use), a ``file`` one with
+#: PI type 1 in a 16b Guard format (4096+8), a ``file`` one with PI type 2 in a 64b Guard
+#: format (512+16, PI first, extended LBAs) and a ``mem`` one with PI type 3 (512+64, 16b Guard)
+_ALL = ("ns=mem:size=16M,ns=file:path={tmp}/pi16.img,size=1M,lbaf=3,pi=1,"
+        "ns=file:path={tmp}/pi64.img,size=1M,lbaf=4,pi=2,pil=1,mset=1,ns=mem:size=1M,lbaf=6,pi=3,"
+        "cmb_size=2,pmr={tmp}/pmr.img,pmr_size=1M,ocp=on,"
+        "max_ioqpairs=8,msix_vectors=9,sriov_max_vfs=2,sriov_vq_flexible=6,sriov_vi_flexible=4")
 #: configurations walked: the default, one with every optional capability switched on, an
 #: SR-IOV primary controller, and (``sriov-secondary``) the secondary controller of its VF 0
 #: (online, 3 VQ and 2 VI, namespace 1 attached to it and to the primary)
@@ -46,19 +55,24 @@ CONFIGS = {"default": "ns=mem:size=16M",
            "cmb+pmr": "ns=mem:size=16M,cmb_size=2,pmr={tmp}/pmr.img,pmr_size=1M",
            "ocp": "ns=mem:size=16M,ocp=on",
            "sriov": _SRIOV,
-           "sriov-secondary": _SRIOV}
+           "sriov-secondary": _SRIOV,
+           "all": _ALL,
+           "all-secondary": _ALL}
+#: configurations whose environment is the secondary controller of the primary's VF 0
+_SECONDARY = {"sriov-secondary", "all-secondary"}
 
 
 @pytest.fixture(params=sorted(CONFIGS))
 def env(request, tmp_path):
     e = make_env(CONFIGS[request.param].format(tmp=tmp_path), io_queues=1)
-    if request.param != "sriov-secondary":
+    if request.param not in _SECONDARY:
         yield e
         e.close()
         return
     for cdw10, nr in ((0x8 | 1 << 16, 3), (0x8 | 1 << 8 | 1 << 16, 2), (0x9 | 1 << 16, 0)):
         e.drv.admin(0x1C, cdw10=cdw10, cdw11=nr)
-    e.drv.admin(0x15, nsid=1, data=struct.pack("<HH", 1, 1).ljust(4096, b"\0"))
+    for nsid in e.drv.namespaces:  # every namespace attached to the secondary too
+        e.drv.admin(0x15, nsid=nsid, data=struct.pack("<HH", 1, 1).ljust(4096, b"\0"))
     vpdev = e.pdev.enable_sriov(1)[0]
     vdrv = NvmeDriver(e.machine, vpdev, io_queues=1, aers=0)
     try:
@@ -448,3 +462,10 @@ def test_virtualization_management_works_exactly_when_advertised(env):
     drv.admin(0x1C, cdw10=0x8 | 2 << 16, cdw11=0)
     drv.admin(0x1C, cdw10=0x8 | 1 << 8 | 2 << 16, cdw11=0)
     assert struct.unpack_from("<HHB3xHHH", drv.identify(0x15, cntid=2), 32) == (2, 0, 0, 2, 0, 0)
+
+
+# -- multi-bit and numeric fields (_numeric_exercisers) ------------------------------------------
+@pytest.mark.parametrize("field", sorted(NUMERIC_EXERCISERS))
+def test_every_numeric_field_holds(env, field):
+    """The limit or capability a multi-bit field reports is the one the controller enforces."""
+    NUMERIC_EXERCISERS[field](env)
