@@ -94,7 +94,8 @@ def _sanitize_finished(drv: NvmeDriver) -> dict[str, int]:
 def _sanicap(env: Env) -> None:
     """CES (0) / BES (1) / OWS (2): each advertised action sanitizes every namespace (they
     read zeroes afterwards, with every PI check passing); an unadvertised or reserved one
-    is refused with Invalid Field. NDI (29) clear: No-Deallocate After Sanitize is
+    is refused with Invalid Field (and every action while the Persistent Memory Region is
+    enabled, with Sanitize Prohibited While PMR is Enabled). NDI (29) clear: No-Deallocate After Sanitize is
     accepted. NODMMAS (31:30) = 01b: the media is not modified after such a sanitize (it
     reads what the operation wrote, and stays so) and the log reports no
     "with No-Deallocate Media Modification" times."""
@@ -105,6 +106,10 @@ def _sanicap(env: Env) -> None:
         return
     for sanact in (0, 5, 6, 7):  # reserved
         assert drv.sanitize(sanact, check=False).code == Status.INVALID_FIELD, sanact
+    if drv.read64(0) >> 56 & 1:  # CAP.PMRS: no sanitize while the PMR is enabled
+        drv.write32(0xE04, 1)  # PMRCTL.EN
+        assert drv.sanitize(2, check=False).code == Status.PMR_SAN_PROHIBITED
+        drv.write32(0xE04, 0)
     bs = drv.lba_size(1)
     for bit, sanact in ((1, 2), (2, 3), (0, 4)):  # BES block erase, OWS overwrite, CES crypto erase
         if not sanicap >> bit & 1:
@@ -131,6 +136,66 @@ def _sanicap(env: Env) -> None:
         time.sleep(0.05)
         assert drv.read(1, 0, 1) == pattern
         assert (log["etond"], log["etbend"], log["etcend"]) == (0xFFFFFFFF,) * 3, log
+
+
+# -- FNA, FUSES -------------------------------------------------------------------------------------------
+def _fna(env: Env) -> None:
+    """FNA bit 0 (format of all namespaces) clear: formatting namespace 1 leaves the others'
+    format alone; bit 1 (secure erase of all namespaces) clear: a user data erase (SES 1)
+    of namespace 1 erases it alone; bit 2 clear: a cryptographic erase (SES 2) is refused
+    with Invalid Field."""
+    drv = env.drv
+    idc = _idc(drv)
+    if not _u16(idc, 256) >> 1 & 1:  # no Format NVM (a secondary controller)
+        assert drv.admin(0x80, nsid=1, check=False).code == Status.INVALID_OPCODE
+        return
+    fna = idc[524]
+    bs = drv.lba_size(1)
+    others = sorted(n for n in drv.namespaces if n != 1)
+    flbas = {n: drv.identify(0x00, nsid=n)[26] for n in others}
+    kept = {}
+    for n in others:
+        lbs = drv.lba_size(n)
+        data = os.urandom(lbs)
+        info = drv.namespaces[n]
+        if info.extended and info.ms:
+            host = data if info.pi and info.ms in (8, 16) else data + bytes(info.ms)
+            assert drv.io_md(WRITE, n, 100, 1, data=host, prinfo=8 if info.pi else 0, ref=100)[0].ok
+        else:
+            assert drv.io_md(WRITE, n, 100, 1, data=data, meta=bytes(info.ms), prinfo=8 if info.pi else 0,
+                             ref=100)[0].ok
+        kept[n] = pi_read_ok(drv, n, 100, 1)
+    comp = drv.admin(0x80, nsid=1, cdw10=2 << 9, check=False)
+    assert (comp.code == Status.INVALID_FIELD) == (not fna >> 2 & 1), hex(comp.status)
+    drv.write(1, 0, b"\x61" * bs)
+    drv.admin(0x80, nsid=1, cdw10=1 | 1 << 9)  # LBA format 1, user data erase
+    drv.scan_namespaces()
+    assert drv.read(1, 0, 1) == bytes(4096)
+    drv.admin(0x80, nsid=1, cdw10=0)
+    drv.scan_namespaces()
+    if not fna & 1:
+        assert {n: drv.identify(0x00, nsid=n)[26] for n in others} == flbas
+    if not fna >> 1 & 1:
+        assert {n: pi_read_ok(drv, n, 100, 1) for n in others} == kept
+
+
+def _fuses(env: Env) -> None:
+    """FUSES bit 0 (Compare and Write) clear: a fused Compare or Write, and a fused admin
+    command, are refused with Invalid Field."""
+    drv = env.drv
+    fuses = _u16(_idc(drv), 522)
+    assert fuses & ~1 == 0
+    if fuses & 1:
+        raise AssertionError("FUSES bit 0 set: exercise Compare and Write here")
+    bs = drv.lba_size(1)
+    buf = drv.machine.alloc(PAGE, PAGE)
+    try:
+        for op, fuse in ((COMPARE, 1), (WRITE, 2)):
+            comp = drv.io(1, op, nsid=1, flags=fuse, buf=buf, length=bs, check=False)
+            assert comp.code == Status.INVALID_FIELD, (op, hex(comp.status))
+    finally:
+        drv.machine.free(buf)
+    assert drv.admin(0x06, cdw10=1, length=4096, flags=1, check=False).code == Status.INVALID_FIELD
 
 
 # -- DSTO, EDSTT --------------------------------------------------------------------------------
@@ -428,7 +493,9 @@ def _npss(env: Env) -> None:
 
 def _kas(env: Env) -> None:
     """KAS: the Keep Alive Timer (feature 0Fh) is kept in KAS units of 100 ms (a value in
-    between is rounded up), and Keep Alive (18h) works; 0 disables it."""
+    between is rounded up), and Keep Alive (18h) works; 0 disables it. With KATO set, Keep
+    Alive commands within it keep the controller up; without them it fails (CSTS.CFS, an
+    Error Information entry Keep Alive Timer Expired) soon after KATO."""
     drv = env.drv
     kas = _u16(_idc(drv), 320)
     if not kas:
@@ -442,6 +509,19 @@ def _kas(env: Env) -> None:
     drv.admin(0x18)
     drv.set_features(0x0F, 0)
     assert drv.get_features(0x0F).dw0 == 0
+    # the timer runs: Keep Alive within KATO keeps the controller up, silence fails it
+    kato = 2 * unit
+    drv.set_features(0x0F, kato)
+    for _ in range(6):
+        time.sleep(kato / 4000)
+        drv.admin(0x18)
+    assert not drv.csts & 2, "failed although Keep Alive came within KATO"
+    before = drv.device.error_log.count
+    _wait(lambda: bool(drv.csts & 2), timeout=kato / 1000 + 2 * unit / 1000 + 1.0, what="keep alive expiry")
+    entry = drv.device.error_log.entries()[0]
+    assert drv.device.error_log.count == before + 1 and entry["status"] & 0x7FF == Status.KA_TIMEOUT_EXPIRED
+    drv.restart()
+    assert drv.get_features(0x0F).dw0 == 0  # (a controller reset: the default, off)
 
 
 # -- SQES / CQES, MAXCMD, NN / MNAN, CMIC / NMIC ------------------------------------------------------------
@@ -654,7 +734,7 @@ def _css(env: Env) -> None:
 
 #: field -> exerciser (test_identify_truth.test_every_numeric_field_holds); extend at the end
 NUMERIC_EXERCISERS: dict[str, NumericExerciser] = {
-    "sanicap": _sanicap,
+    "sanicap": _sanicap, "fna": _fna, "fuses": _fuses,
     "dsto": _dsto, "edstt": _edstt,
     "mdts": _mdts,
     "mssrl/mcl/msrc": _copy_limits,
