@@ -23,7 +23,7 @@ from pcidev_nvme.controller import NvmeVirtualFunction
 from pcidev_nvme.status import Status
 from pcidev_nvme.testing.driver import IoQueue, NvmeCommandError, NvmeDriver, NvmeDriverError
 
-__all__ = ["NUMERIC_EXERCISERS", "NumericExerciser", "pi_read_ok", "namespace_count"]
+__all__ = ["NUMERIC_EXERCISERS", "NumericExerciser", "pi_read_ok", "controllers_present"]
 
 NumericExerciser = Callable[[Env], None]
 
@@ -60,13 +60,14 @@ def _wait(cond: Callable[[], bool], timeout: float = 20.0, what: str = "") -> No
         time.sleep(0.005)
 
 
-def namespace_count(drv: NvmeDriver) -> int:
-    """Controllers in the NVM subsystem as they actually are: the primary and its secondary
-    controllers (SR-IOV), or one."""
-    ctrl = drv.device
-    primary = ctrl.primary if isinstance(ctrl, NvmeVirtualFunction) else ctrl
-    virt = primary.virtualization
-    return 1 if virt is None else 1 + primary.cfg.sriov_max_vfs
+def controllers_present(env: Env) -> int:
+    """Controllers in the NVM subsystem as they actually are: the primary and the secondary
+    controllers its Secondary Controller List (CNS 15h) names, or one."""
+    primary = getattr(env, "primary_drv", None) or env.drv
+    if not _u16(_idc(primary), 256) >> 7 & 1:  # no Virtualization Management: one controller
+        assert not isinstance(env.drv.device, NvmeVirtualFunction)
+        return 1
+    return 1 + primary.identify(0x15)[0]  # NUMID
 
 
 def pi_read_ok(drv: NvmeDriver, nsid: int, slba: int, nlb: int) -> bytes:
@@ -252,8 +253,8 @@ def _edstt(env: Env) -> None:
 
 # -- MDTS -----------------------------------------------------------------------------------------
 def _mdts(env: Env) -> None:
-    """MDTS: a Read and a Write of exactly MDTS (in CAP.MPSMIN pages) work; one page more
-    is refused with Invalid Field."""
+    """MDTS: a Read, a Write and a Get Log Page of exactly MDTS (in CAP.MPSMIN pages) work;
+    one page more is refused with Invalid Field."""
     drv = env.drv
     mdts = _idc(drv)[77]
     if not mdts:
@@ -273,6 +274,11 @@ def _mdts(env: Env) -> None:
         for op in (READ, WRITE):
             comp = drv.io(1, op, nsid=1, cdw12=more - 1, buf=buf, length=limit + PAGE, check=False)
             assert comp.code == Status.INVALID_FIELD, (op, hex(comp.status))
+        for length, ok in ((limit, True), (limit + PAGE, False)):  # an admin command's transfer too
+            numd = length // 4 - 1
+            comp = drv.admin(0x02, nsid=0xFFFFFFFF, cdw10=(numd & 0xFFFF) << 16 | 0x05, cdw11=numd >> 16,
+                             buf=buf, length=length, check=False)
+            assert comp.ok if ok else comp.code == Status.INVALID_FIELD, (length, hex(comp.status))
     finally:
         drv.machine.free(buf)
 
@@ -616,7 +622,7 @@ def _cmic_nmic(env: Env) -> None:
     drv = env.drv
     idc = _idc(drv)
     cmic = idc[76]
-    present = namespace_count(drv)
+    present = controllers_present(env)
     ids = drv.identify(0x13)
     listed = set(struct.unpack_from(f"<{_u16(ids, 0)}H", ids, 2))
     assert len(listed) == present, (listed, present)
@@ -732,6 +738,65 @@ def _css(env: Env) -> None:
         drv.restart()
 
 
+def _cqr(env: Env) -> None:
+    """CAP.CQR: I/O queues must be physically contiguous: a Create I/O Completion or
+    Submission Queue with PC clear is refused with Invalid Field."""
+    drv = env.drv
+    if not drv.read64(0) >> 16 & 1:
+        return
+    drv.delete_io_queue_pair(1)
+    mem = drv.machine.alloc(2 * PAGE, PAGE)
+    try:
+        comp = drv.admin(0x05, prp1=mem, cdw10=15 << 16 | 1, cdw11=2, check=False)  # CQ 1, PC clear
+        assert comp.code == Status.INVALID_FIELD, hex(comp.status)
+        drv.admin(0x05, prp1=mem, cdw10=15 << 16 | 1, cdw11=1)  # CQ 1, contiguous, no interrupts
+        comp = drv.admin(0x01, prp1=mem + PAGE, cdw10=15 << 16 | 1, cdw11=1 << 16, check=False)  # SQ 1, PC clear
+        assert comp.code == Status.INVALID_FIELD, hex(comp.status)
+        drv.admin(0x04, cdw10=1)
+    finally:
+        drv.machine.free(mem)
+        drv.create_io_queue_pair(1, drv.io_depth)
+
+
+def _ams(env: Env) -> None:
+    """CAP.AMS: round robin always; weighted round robin (CC.AMS 001b) and vendor specific
+    (111b) only when advertised, else the enable fails (CSTS.CFS)."""
+    drv = env.drv
+    ams = drv.read64(0) >> 17 & 3
+    good = drv.read32(0x14) & ~1
+    try:
+        for value, bit in ((1, 0), (7, 1), (2, None), (3, None)):
+            csts = _enable_raw(drv, (good & ~(7 << 11)) | value << 11)
+            accepted = not csts & 2
+            assert accepted == (bit is not None and bool(ams >> bit & 1)), (value, hex(csts))
+    finally:
+        drv.restart()
+
+
+def _nssrs(env: Env) -> None:
+    """CAP.NSSRS: an NVM Subsystem Reset resets every controller of the subsystem. On a
+    secondary controller NSSRS is clear (NSSR is the primary's), and the primary's reset
+    resets it too: CSTS.NSSRO set, CC cleared, not ready; enabled again, its data is intact."""
+    drv = env.drv
+    primary = getattr(env, "primary_drv", None)
+    nssrs = drv.read64(0) >> 36 & 1
+    if primary is None:
+        assert nssrs == (not isinstance(drv.device, NvmeVirtualFunction))
+        return  # (the bit walk resets a controller of its own)
+    assert not nssrs
+    bs = drv.lba_size(1)
+    data = os.urandom(4 * bs)
+    drv.write(1, 20, data)
+    drv.write32(0x20, 0x4E564D65)  # reserved here: ignored
+    assert drv.csts & 1 and not drv.csts & 1 << 4
+    primary.subsystem_reset()
+    for d in (primary, drv):
+        assert d.csts & (1 << 4 | 1) == 1 << 4 and d.read32(0x14) == 0, hex(d.csts)
+        d.write32(0x1C, 1 << 4)
+        d.restart()
+    assert drv.read(1, 20, 4) == data and primary.read(1, 20, 4) == data
+
+
 #: field -> exerciser (test_identify_truth.test_every_numeric_field_holds); extend at the end
 NUMERIC_EXERCISERS: dict[str, NumericExerciser] = {
     "sanicap": _sanicap, "fna": _fna, "fuses": _fuses,
@@ -742,5 +807,6 @@ NUMERIC_EXERCISERS: dict[str, NumericExerciser] = {
     "oncs.save": _save_select,
     "aerl": _aerl, "elpe": _elpe, "npss": _npss, "kas": _kas,
     "sqes/cqes": _sqes_cqes, "maxcmd": _maxcmd, "nn/mnan": _nn_mnan, "cmic/nmic": _cmic_nmic,
-    "cap.mqes": _mqes, "cap.dstrd": _dstrd, "cap.to": _to, "cap.mps": _mps, "cap.css": _css,
+    "cap.nssrs": _nssrs, "cap.mqes": _mqes, "cap.cqr": _cqr, "cap.ams": _ams, "cap.dstrd": _dstrd,
+    "cap.to": _to, "cap.mps": _mps, "cap.css": _css,
 }

@@ -22,6 +22,7 @@ from _helpers import Env, make_env
 from _namespace_truth import check_namespace, check_namespace_via_cmb
 from _numeric_exercisers import NUMERIC_EXERCISERS
 from _protection_exercisers import PROTECTION_EXERCISERS
+from crc32c import crc32c
 
 from pcidev_nvme.controller import NvmeVirtualFunction
 from pcidev_nvme.identify import identify_controller
@@ -513,6 +514,35 @@ def test_dsto_with_sriov_each_controller_runs_its_own_self_test(tmp_path):
         assert plain.drv.identify(0x01)[318] & 1  # one controller: one self-test in the subsystem
     finally:
         plain.close()
+
+
+
+def test_nssr_resets_the_secondary_controllers_too():
+    """Regression: the primary's NVM Subsystem Reset reset the primary alone; its online
+    secondary controllers (of the same subsystem: CMIC bit 1, one subsystem NQN) stayed
+    enabled with their queues. Now each is reset (CSTS.NSSRO, CC cleared) and, enabled
+    again, finds its data (crc32c-checked blocks written before)."""
+    e = make_env(_SRIOV, io_queues=1)
+    try:
+        for cdw10, nr in ((0x8 | 1 << 16, 3), (0x8 | 1 << 8 | 1 << 16, 2), (0x9 | 1 << 16, 0)):
+            e.drv.admin(0x1C, cdw10=cdw10, cdw11=nr)
+        e.drv.admin(0x15, nsid=1, data=struct.pack("<HH", 1, 1).ljust(4096, b"\0"))
+        vdrv = NvmeDriver(e.machine, e.pdev.enable_sriov(1)[0], io_queues=1, aers=0)
+        try:
+            vdrv.probe()
+            blocks = [bytes([i]) * 512 for i in range(8)]
+            vdrv.write(1, 0, b"".join(blocks))
+            sums = [crc32c(b) for b in blocks]
+            e.drv.subsystem_reset()
+            assert vdrv.csts & (1 << 4 | 1) == 1 << 4 and vdrv.read32(0x14) == 0
+            vdrv.restart()
+            e.drv.restart()
+            got = vdrv.read(1, 0, 8)
+            assert [crc32c(got[i * 512:(i + 1) * 512]) for i in range(8)] == sums
+        finally:
+            vdrv.close()
+    finally:
+        e.close()
 
 
 # -- multi-bit and numeric fields (_numeric_exercisers) ------------------------------------------

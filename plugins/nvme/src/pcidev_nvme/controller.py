@@ -515,7 +515,21 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
     def _nssr_written(self, reg: Register, new: int, old: int) -> None:
         """NSSR: writing 4E564D65h ("NVMe") resets the NVM subsystem; any other value is ignored.
 
-        An NVM Subsystem Reset resets this (its only) controller at once (commands in
+        An NVM Subsystem Reset resets every controller of the subsystem: this one and, with
+        SR-IOV, its secondary controllers (:meth:`subsystem_reset`).
+        """
+        reg.value = 0
+        if new != NSSR_MAGIC:
+            return
+        log.info("%s: NVM Subsystem Reset", self.name)
+        activated = self.subsystem_reset()
+        for vf in self._secondaries():  # (its state lock released; the bus cycle holds self.lock)
+            vf.subsystem_reset(nssro=not activated)
+
+    def subsystem_reset(self, nssro: bool | None = None) -> bool:
+        """This controller's part of an NVM Subsystem Reset.
+
+        It resets the controller at once (commands in
         flight complete into nothing), puts CC, AQA, ASQ and ACQ back to their defaults
         (the host enables the controller again), and disables the Controller Memory
         Buffer (CMBMSC, CMBSTS) and the Persistent Memory Region (PMRCTL, PMRMSC; its
@@ -524,12 +538,12 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         survives a controller reset survives it too: a sanitize operation in progress
         continues, an extended self-test continues (a short one is aborted). The PCI
         function (configuration space, BARs, MSI-X) is not reset: the link stays up.
+
+        :param nssro: set CSTS.NSSRO (None: unless this reset activated new firmware; a
+            secondary controller follows its primary).
+        :returns: whether the reset activated a new firmware image.
         """
-        reg.value = 0
-        if new != NSSR_MAGIC:
-            return
-        log.info("%s: NVM Subsystem Reset", self.name)
-        with self.state_lock:
+        with self.lock, self.state_lock:
             self._reset_memory_regions(ResetKind.CONVENTIONAL)
             firmware = self.firmware.active
             self._gen += 1
@@ -543,8 +557,10 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             for name in ("CC", "AQA", "ASQ", "ACQ"):
                 regs[name].value = 0
             self._finish_reset()
-            if self.firmware.active == firmware:
+            activated = self.firmware.active != firmware
+            if not activated if nssro is None else nssro:
                 self._csts |= CSTS_NSSRO
+        return activated
 
     def _reset_memory_regions(self, kind: ResetKind) -> None:
         """The PMR, then the CMB, back to their reset values for a reset of ``kind`` (a PCI
@@ -881,7 +897,8 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
         cap.reset = cap.value = self._cap
 
     def _nssr_written(self, reg: Register, new: int, old: int) -> None:
-        """NSSR is reserved on a secondary controller (CAP.NSSRS clear): writes are ignored."""
+        """NSSR is reserved on a secondary controller (CAP.NSSRS clear): writes are ignored
+        (the primary's NVM Subsystem Reset resets it, :meth:`subsystem_reset`)."""
         reg.value = 0
 
     def subsystem_controllers(self) -> list[int]:
