@@ -241,12 +241,12 @@ def _edstt(env: Env) -> None:
     edstt = _u16(idc, 316)
     assert edstt >= 1
     st = drv.device.selftest
-    st.time_scale = 0.5 / (edstt * 60)  # EDSTT minutes are half a second
+    st.time_scale = 1.0 / (edstt * 60)  # EDSTT minutes are a second
     start = time.monotonic()
     drv.device_self_test(2, nsid=0xFFFFFFFF)
     _wait(lambda: not _self_test_running(drv), timeout=edstt * 60 * st.time_scale + 10, what="extended self-test")
     took = time.monotonic() - start
-    assert took <= edstt * 60 * st.time_scale + 0.5, (took, edstt)
+    assert took <= edstt * 60 * st.time_scale + 1.5, (took, edstt)  # (slack for a loaded machine)
     entry = drv.self_test_log()[4:32]
     assert entry[0] == (2 << 4) | 0, entry.hex()  # extended, completed without error
 
@@ -516,10 +516,10 @@ def _kas(env: Env) -> None:
     drv.set_features(0x0F, 0)
     assert drv.get_features(0x0F).dw0 == 0
     # the timer runs: Keep Alive within KATO keeps the controller up, silence fails it
-    kato = 2 * unit
+    kato = 5 * unit
     drv.set_features(0x0F, kato)
-    for _ in range(6):
-        time.sleep(kato / 4000)
+    for _ in range(4):
+        time.sleep(unit / 2000)
         drv.admin(0x18)
     assert not drv.csts & 2, "failed although Keep Alive came within KATO"
     before = drv.device.error_log.count
