@@ -599,7 +599,7 @@ def _nn_mnan(env: Env) -> None:
     drv = env.drv
     idc = _idc(drv)
     nn, mnan = _u32(idc, 516), _u32(idc, 540)
-    assert nn >= max(drv.namespaces) and mnan in (0, nn) or mnan <= nn
+    assert nn >= max(drv.namespaces) and mnan <= nn
     unused = max(n for n in range(1, nn + 1) if n not in drv.namespaces)
     assert drv.identify(0x00, nsid=unused) == bytes(4096)
     comp = drv.admin(0x06, nsid=nn + 1, cdw10=0x00, length=4096, check=False)
