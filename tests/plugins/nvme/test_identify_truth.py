@@ -50,9 +50,11 @@ _ALL = ("ns=mem:size=16M,ns=file:path={tmp}/pi16.img,size=1M,lbaf=3,pi=1,"
         "ns=file:path={tmp}/pi64.img,size=1M,lbaf=4,pi=2,pil=1,mset=1,ns=mem:size=1M,lbaf=6,pi=3,"
         "cmb_size=2,pmr={tmp}/pmr.img,pmr_size=1M,ocp=on,"
         "max_ioqpairs=8,msix_vectors=9,sriov_max_vfs=2,sriov_vq_flexible=6,sriov_vi_flexible=4")
-#: configurations walked: the default, one with every optional capability switched on, an
+#: configurations walked: the default, one with the CMB and the PMR, one with the OCP log, an
 #: SR-IOV primary controller, and (``sriov-secondary``) the secondary controller of its VF 0
-#: (online, 3 VQ and 2 VI, namespace 1 attached to it and to the primary)
+#: (online, 3 VQ and 2 VI, every namespace attached to it and to the primary); ``all`` is
+#: everything in one controller (:data:`_ALL`), walked as the primary (with VF 0 running beside
+#: it) and as that secondary. Add a configuration here and every test of the file runs on it.
 CONFIGS = {"default": "ns=mem:size=16M",
            "cmb+pmr": "ns=mem:size=16M,cmb_size=2,pmr={tmp}/pmr.img,pmr_size=1M",
            "ocp": "ns=mem:size=16M,ocp=on",
@@ -62,12 +64,14 @@ CONFIGS = {"default": "ns=mem:size=16M",
            "all-secondary": _ALL}
 #: configurations whose environment is the secondary controller of the primary's VF 0
 _SECONDARY = {"sriov-secondary", "all-secondary"}
+#: primary configurations walked with VF 0 enabled, online and probed beside them
+_WITH_VF = {"all"}
 
 
 @pytest.fixture(params=sorted(CONFIGS))
 def env(request, tmp_path):
     e = make_env(CONFIGS[request.param].format(tmp=tmp_path), io_queues=1)
-    if request.param not in _SECONDARY:
+    if request.param not in _SECONDARY | _WITH_VF:
         yield e
         e.close()
         return
@@ -79,9 +83,12 @@ def env(request, tmp_path):
     vdrv = NvmeDriver(e.machine, vpdev, io_queues=1, aers=0)
     try:
         vdrv.probe()
-        venv = Env(e.machine, vpdev.device, vdrv, vpdev)
-        venv.primary_drv = e.drv  # type: ignore[attr-defined]  # (the namespace formats are the primary's)
-        yield venv
+        if request.param in _SECONDARY:
+            venv = Env(e.machine, vpdev.device, vdrv, vpdev)
+            venv.primary_drv = e.drv  # type: ignore[attr-defined]  # (the namespace formats are the primary's)
+            yield venv
+        else:  # the primary, its VF 0 enabled and running beside it
+            yield e
     finally:
         vdrv.close()
         e.close()
