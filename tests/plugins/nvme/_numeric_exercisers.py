@@ -797,6 +797,41 @@ def _nssrs(env: Env) -> None:
     assert drv.read(1, 20, 4) == data and primary.read(1, 20, 4) == data
 
 
+def _sgls_fields(env: Env) -> None:
+    """SGLS bits 1:0 = 01b (no alignment or granularity requirement): an SGL Data Block at
+    an odd address works; bit 18 clear (SGL length larger than the data not supported): an
+    SGL longer, or shorter, than the transfer is refused with Data SGL Length Invalid."""
+    drv = env.drv
+    sgls = _u32(_idc(drv), 536)
+    if sgls & 3 != 1:
+        return
+    bs = drv.lba_size(1)
+    data = os.urandom(bs)
+    drv.write(1, 7, data)
+    buf = drv.machine.alloc(3 * PAGE, PAGE)
+    try:
+        assert drv.io(1, READ, nsid=1, cdw10=7, buf=buf + 1, length=bs, sgl=True).ok
+        assert drv.mem.read(buf + 1, bs) == data
+        longer = drv.io(1, READ, nsid=1, cdw10=7, buf=buf, length=2 * bs, sgl=True, check=False)
+        assert longer.ok if sgls >> 18 & 1 else longer.code == Status.DATA_SGL_LEN_INVALID, hex(longer.status)
+        shorter = drv.io(1, READ, nsid=1, cdw10=7, cdw12=1, buf=buf, length=bs, sgl=True, check=False)
+        assert shorter.code == Status.DATA_SGL_LEN_INVALID, hex(shorter.status)
+    finally:
+        drv.machine.free(buf)
+
+
+def _acl(env: Env) -> None:
+    """ACL: ACL+1 Aborts may be outstanding; each completes at once here, so even ACL+3
+    submitted in one doorbell write all complete (not aborted: nothing to abort) and the
+    limit (Abort Command Limit Exceeded) is never hit."""
+    drv = env.drv
+    acl = _idc(drv)[258]
+    cids = [drv.submit(0, 0x08, cdw10=(900 + i) << 16 | 1, ring=False) for i in range(acl + 3)]
+    drv.ring(0)
+    comps = [drv.wait_for(0, cid) for cid in cids]
+    assert all(c.ok and c.dw0 & 1 for c in comps), [hex(c.status) for c in comps]
+
+
 #: field -> exerciser (test_identify_truth.test_every_numeric_field_holds); extend at the end
 NUMERIC_EXERCISERS: dict[str, NumericExerciser] = {
     "sanicap": _sanicap, "fna": _fna, "fuses": _fuses,
@@ -805,6 +840,7 @@ NUMERIC_EXERCISERS: dict[str, NumericExerciser] = {
     "mssrl/mcl/msrc": _copy_limits,
     "dmrl/dmrsl/dmsl": _dataset_management_limits, "wzsl": _wzsl, "vsl": _vsl,
     "oncs.save": _save_select,
+    "sgls.fields": _sgls_fields, "acl": _acl,
     "aerl": _aerl, "elpe": _elpe, "npss": _npss, "kas": _kas,
     "sqes/cqes": _sqes_cqes, "maxcmd": _maxcmd, "nn/mnan": _nn_mnan, "cmic/nmic": _cmic_nmic,
     "cap.nssrs": _nssrs, "cap.mqes": _mqes, "cap.cqr": _cqr, "cap.ams": _ams, "cap.dstrd": _dstrd,
