@@ -832,6 +832,42 @@ def _acl(env: Env) -> None:
     assert all(c.ok and c.dw0 & 1 for c in comps), [hex(c.status) for c in comps]
 
 
+def _rtd3e(env: Env) -> None:
+    """RTD3E: a normal shutdown (CC.SHN 01b) completes (CSTS.SHST 10b) within RTD3E
+    microseconds; RTD3R 0 (not reported). The controller comes back when enabled again."""
+    drv = env.drv
+    rtd3r, rtd3e = struct.unpack_from("<II", _idc(drv), 84)
+    assert rtd3r == 0 and rtd3e > 0
+    bs = drv.lba_size(1)
+    data = os.urandom(bs)
+    drv.write(1, 9, data)
+    start = time.monotonic()
+    drv.shutdown()
+    assert time.monotonic() - start <= rtd3e / 1e6
+    drv.restart()
+    assert drv.read(1, 9, 1) == data
+
+
+def _unvmcap(env: Env) -> None:
+    """TNVMCAP / UNVMCAP: the unallocated capacity is the total less what the namespaces
+    take; a namespace created by Namespace Management takes its size from it, and gives
+    it back when deleted."""
+    drv = env.drv
+    idc = _idc(drv)
+    tnvmcap, unvmcap = (int.from_bytes(idc[o:o + 16], "little") for o in (280, 296))
+    assert unvmcap <= tnvmcap
+    if not _u16(idc, 256) >> 3 & 1:  # no Namespace Management (a secondary controller)
+        return
+    blocks = 2048
+    nsid = drv.admin(NS_MGMT, cdw10=0, data=struct.pack("<QQ", blocks, blocks).ljust(4096, b"\0")).dw0
+    try:
+        after = int.from_bytes(_idc(drv)[296:312], "little")
+        assert after == unvmcap - blocks * 512, (unvmcap, after)
+    finally:
+        drv.admin(NS_MGMT, nsid=nsid, cdw10=1)
+    assert int.from_bytes(_idc(drv)[296:312], "little") == unvmcap
+
+
 #: field -> exerciser (test_identify_truth.test_every_numeric_field_holds); extend at the end
 NUMERIC_EXERCISERS: dict[str, NumericExerciser] = {
     "sanicap": _sanicap, "fna": _fna, "fuses": _fuses,
@@ -841,6 +877,7 @@ NUMERIC_EXERCISERS: dict[str, NumericExerciser] = {
     "dmrl/dmrsl/dmsl": _dataset_management_limits, "wzsl": _wzsl, "vsl": _vsl,
     "oncs.save": _save_select,
     "sgls.fields": _sgls_fields, "acl": _acl,
+    "rtd3e": _rtd3e, "tnvmcap/unvmcap": _unvmcap,
     "aerl": _aerl, "elpe": _elpe, "npss": _npss, "kas": _kas,
     "sqes/cqes": _sqes_cqes, "maxcmd": _maxcmd, "nn/mnan": _nn_mnan, "cmic/nmic": _cmic_nmic,
     "cap.nssrs": _nssrs, "cap.mqes": _mqes, "cap.cqr": _cqr, "cap.ams": _ams, "cap.dstrd": _dstrd,
