@@ -112,6 +112,10 @@ CMIC_SRIOV_VF = 1 << 2
 #: OACS bits a secondary controller clears: Format NVM (1), Firmware Commit/Download (2),
 #: Namespace Management (3) -- they act on state shared with the primary and the other secondaries
 _OACS_NOT_ON_SECONDARY = (1 << 1) | (1 << 2) | (1 << 3)
+#: Identify Controller DSTO bit 0 (one device self-test in the NVM subsystem at a time):
+#: cleared with SR-IOV, where every controller runs its own self-test (one per controller)
+_DSTO_ONE_PER_SUBSYSTEM = 1 << 0
+_OFF_DSTO = 318
 
 log = logging.getLogger(__name__)
 
@@ -368,9 +372,11 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
     def adjust_identify(self, buf: bytearray) -> None:
         """The last word on Identify Controller (CNS 01h): with SR-IOV, CMIC bit 1 (the NVM
         subsystem may hold two or more controllers: the primary and its secondaries share
-        the subsystem NQN, and Linux accepts a second controller only with this bit)."""
+        the subsystem NQN, and Linux accepts a second controller only with this bit), and
+        DSTO bit 0 clear (each controller runs its own device self-test)."""
         if self.virtualization is not None:
             buf[76] |= CMIC_MULTI_CTRL
+            buf[_OFF_DSTO] &= ~_DSTO_ONE_PER_SUBSYSTEM
 
     # -- the subsystem's shared namespaces: the primary's Format NVM and Sanitize cover the
     # -- secondaries' I/O too (they share the namespace table)
@@ -1017,7 +1023,8 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
         cap.reset = cap.value = self._cap
 
     def _nssr_written(self, reg: Register, new: int, old: int) -> None:
-        """NSSR is reserved on a secondary controller (CAP.NSSRS clear): writes are ignored."""
+        """NSSR is reserved on a secondary controller (CAP.NSSRS clear): writes are ignored
+        (the primary's NVM Subsystem Reset resets it, :meth:`subsystem_reset`)."""
         reg.value = 0
 
     def subsystem_controllers(self) -> list[int]:
@@ -1056,9 +1063,11 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
 
     def adjust_identify(self, buf: bytearray) -> None:
         """CMIC bits 1 and 2 (a controller of a multi-controller subsystem, on an SR-IOV VF);
-        SANICAP 0 (no Sanitize on a secondary controller)."""
+        SANICAP 0 (no Sanitize on a secondary controller); DSTO bit 0 clear (a self-test per
+        controller: the secondary's runs beside the primary's)."""
         buf[76] |= CMIC_MULTI_CTRL | CMIC_SRIOV_VF
         buf[328:332] = bytes(4)
+        buf[_OFF_DSTO] &= ~_DSTO_ONE_PER_SUBSYSTEM
 
     @property
     def io_queue_limit(self) -> int:

@@ -1,6 +1,8 @@
 """Device Self-test (admin opcode 14h) and the Device Self-test log page (LID 06h).
 
-One self-test runs at a time in the NVM subsystem (Identify Controller DSTO bit 0):
+One self-test runs at a time in each controller; without SR-IOV that is one in the NVM
+subsystem (Identify Controller DSTO bit 0 set), with it each controller, primary or
+secondary, runs its own (DSTO bit 0 clear):
 
 * **short** (STC 1h): :attr:`SelfTest.short_seconds` long (default 2 s; under the
   spec's two minutes);
