@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 
+import attrs
 import crc32c
 import pytest
 from _helpers import expect_status, make_env
@@ -12,6 +13,9 @@ from test_migration_nvme import Host
 from test_virtualization import Host as SriovHost
 
 from pcidev.errors import ConfigError
+from pcidev.migration import load_device, save_device
+from pcidev.vmstate import Section
+from pcidev.vmstate.errors import StateError
 from pcidev_nvme.controller import NvmeController
 from pcidev_nvme.ns_smart import NamespaceSmart, NamespaceSmartState, NsSmartEntry
 from pcidev_nvme.persist import PersistState, StateFile
@@ -207,6 +211,31 @@ def test_a_stream_from_before_loads_with_zero_counters(hosts):
     assert _io_fields(_smart(drv, 1))[2:] == (3, 0)
 
 
+def test_a_stream_with_counters_of_a_missing_namespace_is_refused(hosts):
+    h = hosts("serial=nsm3,ns=mem:size=1M,ns=mem:size=1M", io_queues=1, aers=0)
+    crcs = _verified_io(h.drv, 2, 0, 2)
+    h.ctrl.quiesce()
+    snap = save_device(h.ctrl)
+    fs, sec = snap.sections
+    st = sec.state
+    assert [e.nsid for e in st.ns_smart.entries] == [2]
+    dst = NvmeController(h.ctrl.cfg, name="victim")
+    try:
+        dst.ns_smart.record_write(1, 512)
+        for bad in (NamespaceSmartState(entries=(NsSmartEntry(5, 0, 512, 0, 1),)),
+                    NamespaceSmartState(entries=(NsSmartEntry(2, 0, 512, 0, 1),) * 2)):
+            with pytest.raises(StateError) as info:
+                load_device(dst, attrs.evolve(snap, sections=(fs, Section("nvme", 0, attrs.evolve(st, ns_smart=bad)))))
+            assert info.value.path.startswith("ns_smart")
+            assert dst.ns_smart.counters(1) == (0, 512, 0, 1)  # untouched
+        load_device(dst, snap).close()
+        assert dst.ns_smart.counters(2) == h.ctrl.ns_smart.counters(2) and dst.ns_smart.counters(1) == (0,) * 4
+    finally:
+        dst.close()
+        h.ctrl.resume()
+    _check(h.drv, 2, crcs)
+
+
 # -- persistence --------------------------------------------------------------------------------
 def test_the_counters_persist_in_the_state_file(tmp_path):
     img = tmp_path / "a.img"
@@ -243,8 +272,6 @@ def test_a_state_file_from_before_loads(tmp_path):
     sf = StateFile(path)
     old = sf.load()
     assert old is not None and old.ns_smart is not None
-    import attrs
-
     sf.save(attrs.evolve(old, ns_smart=None))  # what an earlier version wrote
     assert isinstance(StateFile(path).load(), PersistState)
     env = make_env(cfg, io_queues=1)
