@@ -11,6 +11,7 @@ import time
 from pcidev.dma import GuestMemory, alloc_memfd
 from pcidev.errors import DmaError
 from pcidev_nvme.logs import SmartCounters
+from pcidev_nvme.ns_smart import NamespaceSmart
 from pcidev_nvme.request import SQE, decode_sqe
 
 PAGE = 4096
@@ -35,6 +36,7 @@ class FakeController:
         self.volatile_write_cache = True  # Feature 06h WCE
         self.namespaces: dict = {}
         self.smart = SmartCounters()
+        self.ns_smart = NamespaceSmart()
         self.results: dict[int, tuple[int, int, object]] = {}
         self.order: list[int] = []
         self.double: list[int] = []

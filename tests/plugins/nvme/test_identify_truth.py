@@ -190,6 +190,19 @@ def _sgl_bit_bucket(drv: NvmeDriver) -> None:  # SGLS bit 16: a bit bucket disca
         drv.machine.free(buf)
 
 
+def _lpa_smart_per_ns(drv: NvmeDriver) -> None:  # LPA bit 0: the SMART / Health log per namespace
+    def commands(nsid: int) -> tuple[int, int]:
+        page = drv.get_log(0x02, 512, nsid=nsid)
+        return struct.unpack_from("<QQ", page, 64)[0], struct.unpack_from("<QQ", page, 80)[0]
+
+    reads, writes = commands(1)
+    drv.write(1, slba=40, data=bytes([0x3C]) * drv.lba_size(1))
+    assert drv.read(1, slba=40, nlb=1) == bytes([0x3C]) * drv.lba_size(1)
+    assert commands(1) == (reads + 1, writes + 1)
+    assert drv.admin(0x02, check=False, nsid=0xFFFFFFF0, cdw10=(127 << 16) | 0x02, length=512).code \
+        == Status.INVALID_NSID
+
+
 def _lpa_effects(drv: NvmeDriver) -> None:  # LPA bit 1: the Commands Supported and Effects log
     assert _effects(drv)[0]
 
@@ -435,7 +448,7 @@ def _nmic_shared(drv: NvmeDriver) -> None:  # NMIC bit 0: namespace 1 attached t
 EXERCISERS: dict[tuple[str, int], Exerciser] = {
     ("vwc", 0): _vwc_present, ("vwc", 1): _flush_broadcast, ("vwc", 2): _flush_broadcast,
     ("sgls", 0): _sgl, ("sgls", 16): _sgl_bit_bucket,
-    ("lpa", 1): _lpa_effects, ("lpa", 2): _lpa_extended, ("lpa", 5): _lpa_supported_logs,
+    ("lpa", 0): _lpa_smart_per_ns, ("lpa", 1): _lpa_effects, ("lpa", 2): _lpa_extended, ("lpa", 5): _lpa_supported_logs,
     ("oaes", 8): _oaes_ns_attr, ("oaes", 9): _oaes_fw_activation, ("oaes", 14): _oaes_eg_event,
     ("frmw", 0): _frmw, ("frmw", 1): _frmw, ("frmw", 2): _frmw, ("frmw", 4): _frmw,
     ("ctratt", 15): _ctratt_elbas, ("ctratt", 4): _ctratt_endurance_groups,

@@ -146,7 +146,7 @@ class AdminHost(ControllerPort, Protocol):
     def keep_alive(self) -> None: ...
     def notice(self, info: int, lid: int) -> None: ...
     def namespace_changed(self, nsid: int) -> None: ...
-    def smart_page(self) -> bytes: ...
+    def smart_page(self, nsid: int | None = None) -> bytes: ...
     def io_inflight_for(self, nsids: set[int]) -> bool: ...
     def begin_format(self, nsids: set[int]) -> list[int]: ...
     def end_format(self, nsids: set[int]) -> None: ...
@@ -496,7 +496,7 @@ class AdminCommandSet:
         elif cns == 0x06:
             if csi != 0:
                 raise _err(Status.INVALID_FIELD, f"I/O command set {csi} is not supported", OFF_CDW11 + 3)
-            data = idfy.identify_ctrl_csi_nvm()
+            data = idfy.identify_ctrl_csi_nvm(ctrl.cfg.vsl)
         elif cns == 0x12:
             if not self._nsid_valid(nsid):
                 raise _err(Status.INVALID_NSID, f"namespace {nsid:#x} is not valid", OFF_NSID)
@@ -547,9 +547,12 @@ class AdminCommandSet:
             if ctrl.sanitizer.busy:  # while a sanitize runs the LBA of every entry reads 0
                 page = _without_lbas(page)
         elif lid == nlogs.LID_SMART:
-            if req.nsid not in (0, BROADCAST):
-                raise _err(Status.INVALID_FIELD, "SMART is not kept per namespace (LPA bit 0 is clear)", OFF_NSID)
-            page = ctrl.smart_page()
+            if req.nsid in (0, BROADCAST):
+                page = ctrl.smart_page()
+            elif req.nsid in ctrl.namespaces:  # LPA bit 0: the namespace's counters (pcidev_nvme.ns_smart)
+                page = ctrl.smart_page(req.nsid)
+            else:
+                raise _err(Status.INVALID_NSID, f"namespace {req.nsid:#x} is not active", OFF_NSID)
         elif lid == nlogs.LID_FW_SLOT:
             page = ctrl.firmware.page()
         elif lid == nlogs.LID_CHANGED_NS:

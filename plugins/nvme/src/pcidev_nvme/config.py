@@ -68,6 +68,19 @@ def _between(lo: int, hi: int) -> _Validator[_I]:
     return check
 
 
+#: the SMART critical warning bits ``smart_critical_warning`` may set (bit 1, the
+#: temperature, follows the composite temperature; bits 7:6 are reserved)
+WARNING_BITS = 0x3D
+
+
+def _warning_bits(inst: Any, attr: attrs.Attribute[int], value: int) -> None:
+    if not 0 <= value <= 0xFF:
+        raise ConfigError(f"{attr.name}={value} is out of range 0..0xff")
+    if value & ~WARNING_BITS:
+        raise ConfigError(f"{attr.name}={value:#x}: bits {value & ~WARNING_BITS:#x} cannot be set (allowed: "
+                          f"{WARNING_BITS:#x}; bit 1, the temperature, follows temperature=)")
+
+
 def _one_of(*choices: T) -> _Validator[T]:
     def check(inst: Any, attr: attrs.Attribute[T], value: T) -> None:
         if value not in choices:
@@ -167,6 +180,16 @@ class NvmeConfig:
     :param awupf: Identify AWUPF, the power-fail atomic write unit (<= awun; ``atomic.awupf``).
     :param atomic_dn: the default of Write Atomicity Normal DN (feature 0Ah; ``atomic.dn``):
         set, only AWUPF / NAWUPF apply.
+    :param smart_critical_warning: SMART critical warning bits set at start (QEMU's
+        ``smart_critical_warning``): 0 spare below threshold, 2 reliability degraded, 3
+        read-only, 4 volatile memory backup failed, 5 persistent memory region read-only
+        (bit 1, the temperature, follows ``temperature``); as
+        ``NvmeController.inject_critical_warning`` does later.
+    :param aer_max_queued: most asynchronous events kept while no Asynchronous Event
+        Request is outstanding (QEMU's ``aer_max_queued``; 1..256, the migration stream's bound).
+    :param vsl: Verify Size Limit (Identify CNS 06h VSL, QEMU's ``vsl``): a Verify of more
+        than 2^vsl minimum memory pages (4 KiB) of data fails with Invalid Field in
+        Command; 0 (default): no limit.
     :param backends: namespace backends by name (``DeviceRegistry.create`` fills it with the
         registry's ``nvme-backend`` components); None for the built-ins. Not a property.
     """
@@ -257,6 +280,13 @@ class NvmeConfig:
     atomic_dn: bool = attrs.field(default=False, metadata={
         "key": "atomic.dn", "aliases": ("atomic_dn",),
         "help": "default of Write Atomicity Normal DN (feature 0Ah): on, only AWUPF/NAWUPF apply"})
+    smart_critical_warning: int = attrs.field(default=0, validator=_warning_bits, metadata={"hex": True,
+        "help": "SMART critical warning bits set at start: 0 spare, 2 reliability, 3 read-only, "
+                "4 backup failed, 5 PMR read-only (bit 1 follows temperature)"})
+    aer_max_queued: int = attrs.field(default=64, validator=_between(1, 256), metadata={
+        "help": "most asynchronous events kept while no AER command is outstanding (1..256)"})
+    vsl: int = attrs.field(default=0, validator=_between(0, 255), metadata={
+        "help": "Verify Size Limit: at most 2^vsl 4 KiB pages per Verify (0 = no limit)"})
     #: the namespace backends by name, filled by ``DeviceRegistry.create`` from the
     #: registry's ``nvme-backend`` components (None: the built-in backends). Not a property.
     backends: Mapping[str, Any] | None = attrs.field(default=None, eq=False, repr=False, metadata={

@@ -70,6 +70,7 @@ from pcidev_nvme.migration import MigrationMixin, NvmeState
 from pcidev_nvme.migration import features as migration_features
 from pcidev_nvme.namespace import Namespace, may_write_beside
 from pcidev_nvme.namespaces import NamespaceSetMixin, RemovedNamespace
+from pcidev_nvme.ns_smart import NamespaceSmart
 from pcidev_nvme.persist import PersistenceMixin
 from pcidev_nvme.pmr import PMR_BAR, PersistentMemoryRegion
 from pcidev_nvme.queues import CompletionQueue, QueueSetMixin, SubmissionQueue
@@ -195,13 +196,16 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         # logs, counters, persistent state
         self.error_log = ErrorLog(cfg.elpe + 1)
         self.smart = self._make_smart(cfg.temperature)
+        #: per-namespace SMART counters (:mod:`pcidev_nvme.ns_smart`; with SR-IOV the primary's:
+        #: the namespaces are the subsystem's)
+        self.ns_smart = self._make_ns_smart()
         self.firmware = FirmwareSlots(cfg.fw_slots, cfg.firmware)
         self.changed_ns = ChangedNamespaces()
         #: atomic write limits and the range locks that keep them (:mod:`pcidev_nvme.atomicity`;
         #: DN comes from the features)
         self.atomicity = Atomicity(cfg.awun, cfg.awupf)
         self.features = Features(self)
-        self.aer = AsyncEvents(self.complete, cfg.aerl + 1)
+        self.aer = AsyncEvents(self.complete, cfg.aerl + 1, cfg.aer_max_queued)
         #: endurance group 1 as this controller reports it (:mod:`pcidev_nvme.endurance`)
         self.endurance = EnduranceGroup(
             self.aer, lambda: [c.smart for c in self.subsystem_live_controllers()], self.endurance_totals,
@@ -229,10 +233,13 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
                                        lambda: self.smart.host_write_commands, on_start=self._sanitize_started,
                                        pmr_enabled=lambda: self.pmr is not None and self.pmr.enabled)
             self.io.altered = self.sanitizer.data_written
+            self.io.verify_limit = 4096 << cfg.vsl if cfg.vsl else 0  # (VSL: units of CAP.MPSMIN)
             self.io.copy_formats_enabled = lambda: self.features.copy_formats_enabled  # (HBS CDFE)
             self.io.format_in_progress = lambda nsid: nsid in self._formatting  # (a Copy's source namespace)
             self.restore_persisted_sanitize()  # a sanitize survives a restart (the state file)
             self.restore_persisted_self_test()  # and the self-test results, an extended test
+            if cfg.smart_critical_warning:  # (QEMU's smart_critical_warning: set at start)
+                self.smart.inject_warning(cfg.smart_critical_warning)
             if self.pmr is not None:  # NRDY while a sanitize runs or failed; enabling clears Global Data Erased
                 self.pmr.held = lambda: bool(self.sanitizer.refuses())
                 self.pmr.on_enable = self.sanitizer.data_written
@@ -348,6 +355,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         """Delete namespace ``nsid`` (see :meth:`NamespaceSetMixin.remove_namespace`), also
         from every secondary controller it is attached to."""
         removed = super().remove_namespace(nsid)
+        self.ns_smart.forget(nsid)
         if self.virtualization is not None:
             self.virtualization.namespace_deleted(nsid)
         return removed
@@ -430,6 +438,10 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
     def _make_uncorrectable(self) -> Uncorrectable:
         """The Write Uncorrectable marks (a secondary controller uses its primary's)."""
         return Uncorrectable(self._wu_sidecar)
+
+    def _make_ns_smart(self) -> NamespaceSmart:
+        """The per-namespace SMART counters (a secondary controller uses its primary's)."""
+        return NamespaceSmart()
 
     def enable_refusal(self) -> str | None:
         """Why CC.EN cannot make the controller ready beyond the register checks (None here;
@@ -1055,6 +1067,11 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
         """The primary's Write Uncorrectable marks: one object (and one sidecar writer) for
         the shared namespaces."""
         return self.primary.uncorrectable
+
+    def _make_ns_smart(self) -> NamespaceSmart:
+        """The primary's per-namespace counters: the namespaces are shared, their counters
+        are the subsystem's."""
+        return self.primary.ns_smart
 
     def _make_smart(self, temperature: int) -> SmartCounters:
         """This controller's counters, whose host writes clear the primary's Global Data

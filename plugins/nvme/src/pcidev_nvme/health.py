@@ -20,6 +20,7 @@ from pcidev_nvme.endurance import EnduranceGroup
 from pcidev_nvme.features import Features
 from pcidev_nvme.interrupts import Timer
 from pcidev_nvme.logs import ErrorLog, SmartCounters
+from pcidev_nvme.ns_smart import NamespaceSmart
 from pcidev_nvme.registers import ST_READY
 from pcidev_nvme.status import DNR, Status
 
@@ -35,6 +36,7 @@ class HealthMixin:
     timer: Timer
     cfg: NvmeConfig
     smart: SmartCounters
+    ns_smart: NamespaceSmart
     features: Features
     aer: AsyncEvents
     error_log: ErrorLog
@@ -90,12 +92,15 @@ class HealthMixin:
             if new & (1 << bit):
                 self.aer.post(aer_mod.AER_SMART, info, 0x02)
 
-    def smart_page(self) -> bytes:
-        """The SMART / Health Information log page (LID 02h)."""
+    def smart_page(self, nsid: int | None = None) -> bytes:
+        """The SMART / Health Information log page (LID 02h): the controller's, or with
+        ``nsid`` that namespace's (its data units and host commands; the rest is the
+        controller's, :mod:`pcidev_nvme.ns_smart`)."""
         self.account_temperature()
         return self.smart.page(critical_warning=self.critical_warning, temperature=self.smart.temperature,
                                error_entries=self.error_log.count,
-                               eg_warning_summary=self.endurance.critical_warning())
+                               eg_warning_summary=self.endurance.critical_warning(),
+                               io_counts=None if nsid is None else self.ns_smart.counters(nsid))
 
     def notice(self, info: int, lid: int) -> None:
         """Post a notice AEN if its AEC bit is set (8: namespace attribute, 9: firmware activation)."""

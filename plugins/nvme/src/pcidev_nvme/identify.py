@@ -58,7 +58,7 @@ OACS_DBBUF = 1 << 8
 #: Log Page Attributes: Commands Supported and Effects (1), extended data (2), the
 #: Supported Log Pages, Commands / Feature Identifiers / NVMe-MI Commands Supported and
 #: Effects logs (5: LIDs 00h, 05h, 12h, 13h)
-LPA = (1 << 1) | (1 << 2) | (1 << 5)
+LPA = (1 << 0) | (1 << 1) | (1 << 2) | (1 << 5)
 #: Optional Asynchronous Events Supported: Namespace Attribute (8), Firmware Activation (9),
 #: Endurance Group Event Aggregate Log Change (14, :mod:`pcidev_nvme.endurance`)
 OAES = (1 << 8) | (1 << 9) | OAES_EG_EVENT
@@ -141,10 +141,13 @@ def identify_controller(ctrl: IdentifyHost) -> bytes:
     return bytes(buf)
 
 
-def identify_ctrl_csi_nvm() -> bytes:
-    """CNS 06h, CSI 00h: VSL, WZSL, WUSL, DMRL, DMRSL, DMSL from the I/O command set."""
+def identify_ctrl_csi_nvm(vsl: int = limits.VSL) -> bytes:
+    """CNS 06h, CSI 00h: VSL, WZSL, WUSL, DMRL, DMRSL, DMSL from the I/O command set.
+
+    :param vsl: the Verify Size Limit (the controller's ``vsl`` property; 0: no limit).
+    """
     buf = bytearray(IDENTIFY_SIZE)
-    buf[0] = limits.VSL
+    buf[0] = vsl & 0xFF
     buf[1] = limits.WZSL
     buf[2] = 0  # WUSL
     buf[3] = min(limits.DMRL, 255)

@@ -155,11 +155,13 @@ class _Rest:
 class _Batch:
     """What the fast path did during the core's batch on one thread."""
 
-    __slots__ = ("reads", "read_bytes", "writes", "written_bytes", "done")
+    __slots__ = ("reads", "read_bytes", "writes", "written_bytes", "done", "nsid")
 
     def __init__(self, done: list[tuple[Request, int, int, int, Any]] | None) -> None:
         self.reads = self.read_bytes = self.writes = self.written_bytes = 0
         self.done = done
+        #: the namespace the counts are of (a command of another one records them first)
+        self.nsid = -1
 
 
 class _Local(threading.local):
@@ -289,6 +291,8 @@ class IoCommandSet:
         #: count leaves out) altered user data: the Sanitize Status log's Global Data Erased
         self.altered: Callable[[], None] = lambda: None
         self.refuse = 0
+        #: Verify Size Limit in bytes of data (the controller's ``vsl`` property; 0: none)
+        self.verify_limit = VSL
         #: Host Behavior Support CDFE: the Copy descriptor formats (bit n: format n) the host
         #: enabled; set by the controller to its features' value
         self.copy_formats_enabled: Callable[[], int] = lambda: 0
@@ -435,6 +439,8 @@ class IoCommandSet:
                             if not read and wu.active:  # written: the marks go (never before the write)
                                 wu.clear(nsid, slba, nlb)
                             if batch is not None:  # the core's batch: counted and completed at its end
+                                if nsid != batch.nsid:  # (counted per namespace too)
+                                    self._record_batch(batch, nsid)
                                 if read:
                                     batch.reads += 1
                                     batch.read_bytes += length
@@ -446,8 +452,10 @@ class IoCommandSet:
                                     continue
                             elif read:
                                 ctrl.smart.record_read(length)
+                                ctrl.ns_smart.record_read(nsid, length)
                             else:
                                 ctrl.smart.record_write(length)
+                                ctrl.ns_smart.record_write(nsid, length)
                         except BaseException as exc:
                             self._fail(req, exc)
                             continue
@@ -536,8 +544,17 @@ class IoCommandSet:
         batch = local.batch
         if batch is not None:
             local.batch = None
-            if batch.reads or batch.writes:
-                self.ctrl.smart.record_io(batch.reads, batch.read_bytes, batch.writes, batch.written_bytes)
+            self._record_batch(batch, -1)
+
+    def _record_batch(self, batch: _Batch, nsid: int) -> None:
+        """Record the counts ``batch`` summed so far (the controller's and its namespace's)
+        and sum those of namespace ``nsid`` from now on."""
+        if batch.reads or batch.writes:
+            ctrl = self.ctrl
+            ctrl.smart.record_io(batch.reads, batch.read_bytes, batch.writes, batch.written_bytes)
+            ctrl.ns_smart.record_io(batch.nsid, batch.reads, batch.read_bytes, batch.writes, batch.written_bytes)
+            batch.reads = batch.read_bytes = batch.writes = batch.written_bytes = 0
+        batch.nsid = nsid
 
     def _all_inline(self) -> bool:
         return all(ns.backend.inline for ns in list(self.ctrl.namespaces.values()))
@@ -783,6 +800,7 @@ class IoCommandSet:
             self._read_with_buckets(mem, segs, backend, offset)
         # else a single bit bucket: nothing to transfer
         self.ctrl.smart.record_read(length)
+        self.ctrl.ns_smart.record_read(ns.nsid, length)
         return 0
 
     def _read_with_buckets(self, mem: GuestMemory, segs: Sequence[tuple[int | None, int]], backend: Backend,
@@ -832,6 +850,7 @@ class IoCommandSet:
                 v.release()
         self.uncorrectable.clear(ns.nsid, offset >> ns.lba_shift, length >> ns.lba_shift)
         self.ctrl.smart.record_write(length)
+        self.ctrl.ns_smart.record_write(ns.nsid, length)
         return 0
 
     def _compare(self, req: Request, ns: Namespace) -> int:
@@ -861,9 +880,14 @@ class IoCommandSet:
             for v in views:
                 v.release()
         self.ctrl.smart.record_read(length)
+        self.ctrl.ns_smart.record_read(ns.nsid, length)
         return 0
 
     def _verify(self, req: Request, ns: Namespace) -> int:
+        limit = self.verify_limit
+        if limit and lba_extent(req)[1] << ns.lba_shift > limit:
+            raise NvmeStatusError(Status.INVALID_FIELD, f"Verify of more than the Verify Size Limit ({limit} bytes)",
+                                  param_offset=_OFF_CDW12)
         if ns.ms:
             self._check_marks(ns, *lba_extent(req))
             return self._protected.verify(req, ns)
@@ -873,6 +897,7 @@ class IoCommandSet:
         backend = ns.backend
         if backend.inline:  # memory cannot fail to read
             self.ctrl.smart.record_read(length)
+            self.ctrl.ns_smart.record_read(ns.nsid, length)
             return 0
         buf = bytearray(min(length, VERIFY_CHUNK))
         mv = memoryview(buf)
@@ -885,6 +910,7 @@ class IoCommandSet:
         finally:
             mv.release()
         self.ctrl.smart.record_read(req_len)
+        self.ctrl.ns_smart.record_read(ns.nsid, req_len)
         return 0
 
     def _flush(self, req: Request, ns: Namespace) -> int:
@@ -1035,6 +1061,7 @@ class IoCommandSet:
         finally:
             mv.release()
         self.ctrl.smart.record_write(len(buf))
+        self.ctrl.ns_smart.record_write(ns.nsid, len(buf))
         return 0
 
     def _copy_sources(self, req: Request, ns: Namespace, raw: bytearray, desfmt: int) -> list[CopySource]:

@@ -332,11 +332,14 @@ class SmartCounters:
                 self.unsafe_shutdowns += 1
 
     def page(self, *, critical_warning: int, temperature: int, spare: int = 100, spare_threshold: int = 10,
-             percent_used: int = 0, error_entries: int = 0, eg_warning_summary: int = 0) -> bytes:
+             percent_used: int = 0, error_entries: int = 0, eg_warning_summary: int = 0,
+             io_counts: tuple[int, int, int, int] | None = None) -> bytes:
         """The 512-byte SMART / Health Information log page.
 
         :param eg_warning_summary: Endurance Group Critical Warning Summary (byte 6): the
             critical warnings of the endurance groups (:mod:`pcidev_nvme.endurance`).
+        :param io_counts: (bytes read, bytes written, read commands, write commands) to
+            report instead of these counters' (a namespace's log page); None: these.
         """
         buf = bytearray(512)
         buf[0] = critical_warning & 0xFF
@@ -351,10 +354,12 @@ class SmartCounters:
             struct.pack_into("<QQ", buf, off, v & (2**64 - 1), v >> 64)
 
         with self._lock:
-            u128(32, self.data_units_read)
-            u128(48, self.data_units_written)
-            u128(64, self.host_read_commands)
-            u128(80, self.host_write_commands)
+            if io_counts is None:
+                io_counts = (self.bytes_read, self.bytes_written, self.host_read_commands, self.host_write_commands)
+            u128(32, self._units(io_counts[0]))
+            u128(48, self._units(io_counts[1]))
+            u128(64, io_counts[2])
+            u128(80, io_counts[3])
             u128(96, self.busy_minutes)
             u128(112, self.power_cycles)
             u128(144, self.unsafe_shutdowns)

@@ -38,7 +38,8 @@ What travels (section ``nvme`` version 1, see :class:`NvmeState`):
   (:mod:`~pcidev_nvme.abort`), the sanitize status and an operation in progress
   (:mod:`~pcidev_nvme.sanitize`: the destination continues it where the source
   stopped), the self-test results and a test in progress (:mod:`~pcidev_nvme.selftest`:
-  it continues with its elapsed time).
+  it continues with its elapsed time), the per-namespace SMART counters
+  (:mod:`~pcidev_nvme.ns_smart`; only the primary's stream carries them with SR-IOV).
 
 **Namespace contents are not in the stream.** A ``file`` namespace is reopened by
 the destination from its own configuration (the same path: the fingerprint has it),
@@ -121,6 +122,7 @@ from pcidev_nvme.logs import (
 )
 from pcidev_nvme.metadata import MetadataStore
 from pcidev_nvme.namespace import LBA_FORMATS, LBAF_TABLE, Namespace, NamespaceHolding, NamespaceState
+from pcidev_nvme.ns_smart import NamespaceSmart, NamespaceSmartState
 from pcidev_nvme.pmr import PersistentMemoryRegion, PmrState
 from pcidev_nvme.queues import CompletionQueue, CqeState, CqState, SqState, SubmissionQueue
 from pcidev_nvme.registers import ControllerState
@@ -157,6 +159,7 @@ class MigrationHost(Protocol):
     vmstate_save_fds: list[int] | None
     owns_namespaces: bool
     endurance: EnduranceGroup
+    ns_smart: NamespaceSmart
 
     @property
     def allocated(self) -> Mapping[int, Namespace]: ...
@@ -246,6 +249,8 @@ class NvmeState:
     virtualization: VirtualizationState | None = None
     #: the endurance group: feature 18h, its event aggregate log (pcidev_nvme.endurance)
     endurance: EnduranceState | None = None
+    #: the per-namespace SMART counters (pcidev_nvme.ns_smart; the primary's with SR-IOV)
+    ns_smart: NamespaceSmartState | None = None
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -330,6 +335,8 @@ def fingerprint(ctrl: MigrationHost) -> dict[str, Any]:
         "nvme.namespaces": namespaces,
         **({"nvme.cmb_size": cfg.cmb_size} if cfg.cmb_size else {}),
         **({"nvme.ocp": True} if cfg.ocp else {}),
+        **({"nvme.vsl": cfg.vsl} if cfg.vsl else {}),  # (Identify CNS 06h, the Verify limit)
+        **({"nvme.aer_max_queued": cfg.aer_max_queued} if cfg.aer_max_queued != 64 else {}),
         **({"nvme.pmr": [os.path.abspath(cfg.pmr), int(cfg.pmr_size)]} if cfg.pmr is not None else {}),
         **({"nvme.sriov": [cfg.sriov_max_vfs, cfg.sriov_vq_flexible, cfg.sriov_vi_flexible,
                            cfg.sriov_max_vq_per_vf, cfg.sriov_max_vi_per_vf]} if cfg.sriov_max_vfs else {}),
@@ -522,7 +529,8 @@ def save(ctrl: MigrationHost) -> NvmeState:
         pmr=ctrl.pmr.snapshot() if ctrl.pmr is not None else None, uncorrectable=ctrl.uncorrectable.snapshot(),
         aborts=ctrl.aborts.snapshot(), sanitize=ctrl.sanitizer.snapshot(), self_test=ctrl.selftest.snapshot(),
         virtualization=ctrl.virtualization.snapshot() if ctrl.virtualization is not None else None,
-        endurance=ctrl.endurance.snapshot())
+        endurance=ctrl.endurance.snapshot(),
+        ns_smart=ctrl.ns_smart.snapshot_if_any() if ctrl.owns_namespaces else None)
     if ctrl.vmstate_save_fds is None:  # not a save: a load's rollback copy (or a test's look)
         ctrl.load_undo.keep(st, {nsid: ns.holding() for nsid, ns in ctrl.allocated.items()})
     return st
@@ -728,6 +736,10 @@ def _check_admin_features(ctrl: MigrationHost, st: NvmeState) -> None:
             if r.nlb == 0 or r.slba + r.nlb > nlbas:
                 raise _fail(f"uncorrectable blocks {r.slba}+{r.nlb} outside namespace {r.nsid} ({nlbas} blocks)",
                             f"uncorrectable.ranges[{j}]")
+    if st.ns_smart is not None:
+        why = ctrl.ns_smart.check(st.ns_smart, (n.nsid for n in st.namespaces))
+        if why is not None:
+            raise _fail(why, "ns_smart")
     if st.aborts is not None:
         for j, p in enumerate(st.aborts.pending):
             if p.sqid >= len(st.sqs) or st.sqs[p.sqid] is None:
@@ -826,6 +838,8 @@ def apply(ctrl: MigrationHost, st: NvmeState) -> None:
         if ctrl.virtualization is not None and st.virtualization is not None:
             ctrl.virtualization.restore(st.virtualization)
         ctrl.endurance.restore(st.endurance)
+        if ctrl.owns_namespaces:  # (a secondary's namespaces, and their counters, are its primary's)
+            ctrl.ns_smart.restore(st.ns_smart)
         ctrl.finish_restore()
 
 

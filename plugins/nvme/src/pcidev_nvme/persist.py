@@ -3,8 +3,10 @@
 What it keeps (:class:`PersistState`, the ``nvme/persist`` vmstate description,
 version 1): the serial number it belongs to, the clean/unclean flag (an enabled
 controller powered off without a shutdown notification counts an unsafe shutdown at
-the next power-on), the SMART counters (:class:`~pcidev_nvme.logs.SmartState`), the
-lifetime error count, the firmware slots (:class:`~pcidev_nvme.logs.FirmwareState`)
+the next power-on), the SMART counters (:class:`~pcidev_nvme.logs.SmartState`) and the
+per-namespace ones (:class:`~pcidev_nvme.ns_smart.NamespaceSmartState`, optional: files from
+before them load, their namespaces then count from zero), the lifetime error count, the
+firmware slots (:class:`~pcidev_nvme.logs.FirmwareState`)
 the file-backed namespaces created by Namespace Management and the sanitize status
 with an operation in progress (:class:`~pcidev_nvme.sanitize.SanitizeState`: the
 spec has a sanitize continue across power cycles and keep its log; a restarted
@@ -53,6 +55,7 @@ from pcidev_nvme.config import NamespaceSpec, NvmeConfig
 from pcidev_nvme.limits import STATE_SAVE_INTERVAL
 from pcidev_nvme.logs import ErrorLog, ErrorLogState, FirmwareSlots, FirmwareState, SmartCounters, SmartState
 from pcidev_nvme.namespace import Namespace, may_write_beside
+from pcidev_nvme.ns_smart import NamespaceSmart, NamespaceSmartState
 from pcidev_nvme.sanitize import Sanitizer, SanitizeState
 from pcidev_nvme.selftest import SelfTest, SelfTestState
 
@@ -93,6 +96,8 @@ class PersistState:
     sanitize: SanitizeState | None = None
     #: the device self-test results and a test in progress (optional, as ``sanitize``)
     self_test: SelfTestState | None = None
+    #: the per-namespace SMART counters (optional, as ``sanitize``; :mod:`pcidev_nvme.ns_smart`)
+    ns_smart: NamespaceSmartState | None = None
 
 
 def state_file_name(serial: str) -> str:
@@ -294,6 +299,7 @@ class PersistenceMixin:
     name: str
     cfg: NvmeConfig
     smart: SmartCounters
+    ns_smart: NamespaceSmart
     error_log: ErrorLog
     firmware: FirmwareSlots
     allocated: dict[int, Namespace]
@@ -445,6 +451,7 @@ class PersistenceMixin:
             self._load_created(st.created)
             self._persisted_sanitize = st.sanitize
             self._persisted_self_test = st.self_test
+            self.ns_smart.restore(st.ns_smart, keep=self.allocated)  # (of the namespaces that are there)
         # Counted when the controller first runs as the owner of this state (enabled, a
         # save, closed as owner), not now: a process waiting for a migration in must not
         # count a power cycle, nor write the file the running controller owns.
@@ -491,7 +498,8 @@ class PersistenceMixin:
             serial=self.cfg.serial_number, dirty=self._dirty, smart=self.smart.snapshot(),
             error_count=self.error_log.count, firmware=attrs.evolve(fw, staged=()), created=created,
             sanitize=sanitizer.snapshot() if sanitizer is not None else None,
-            self_test=selftest.snapshot() if selftest is not None else None))
+            self_test=selftest.snapshot() if selftest is not None else None,
+            ns_smart=self.ns_smart.snapshot_if_any()))
 
     def maybe_save_state(self) -> None:
         """Save the state file if the last save is older than :data:`STATE_SAVE_INTERVAL`."""

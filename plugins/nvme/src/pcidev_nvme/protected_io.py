@@ -391,6 +391,7 @@ class ProtectedIo:
         self._check(ns, req, slba, nlb, data, meta, tags)
         self._to_host(ns, nlb, data, meta, moves, segs, msegs)
         self.ctrl.smart.record_read(len(data))
+        self.ctrl.ns_smart.record_read(ns.nsid, len(data))
         return 0
 
     def write(self, req: Request, ns: Namespace) -> int:
@@ -410,6 +411,7 @@ class ProtectedIo:
                           app_mask=mask)
         self._store(ns, slba, data, meta, self._durable(cdw12))
         self.ctrl.smart.record_write(len(data))
+        self.ctrl.ns_smart.record_write(ns.nsid, len(data))
         return 0
 
     @staticmethod
@@ -434,6 +436,7 @@ class ProtectedIo:
                     or moves and meta[i * ms:(i + 1) * ms] != host_meta[i * ms:(i + 1) * ms]):
                 raise NvmeStatusError(Status.COMPARE_FAILURE, f"data differs at LBA {slba + i:#x}", lba=slba + i)
         self.ctrl.smart.record_read(len(data))
+        self.ctrl.ns_smart.record_read(ns.nsid, len(data))
         return 0
 
     def verify(self, req: Request, ns: Namespace) -> int:
@@ -445,6 +448,7 @@ class ProtectedIo:
         data, meta = self._stored(ns, slba, nlb)
         self._check(ns, req, slba, nlb, data, meta, tags)
         self.ctrl.smart.record_read(len(data))
+        self.ctrl.ns_smart.record_read(ns.nsid, len(data))
         return 0
 
     def write_zeroes(self, req: Request, ns: Namespace) -> int:
@@ -526,6 +530,7 @@ class ProtectedIo:
                           app_mask=mask)
         self._store(dns, sdlba, data, meta, self._durable(cdw12))
         self.ctrl.smart.record_write(len(data))
+        self.ctrl.ns_smart.record_write(dns.nsid, len(data))
         return 0
 
 

@@ -31,6 +31,7 @@ from pcidev.dma import GuestMemory
 from pcidev_nvme.limits import SQE_SIZE
 from pcidev_nvme.logs import SmartCounters
 from pcidev_nvme.namespace import Namespace
+from pcidev_nvme.ns_smart import NamespaceSmart
 from pcidev_nvme.status import NvmeStatusError
 
 __all__ = ["Request", "SQE", "SQE_SIZE", "decode_sqe", "lba_extent", "ControllerPort"]
@@ -205,12 +206,15 @@ class ControllerPort(Protocol):
     :ivar mdts_bytes: the largest data transfer (bytes), or None for no limit.
     :ivar namespaces: attached namespaces by NSID.
     :ivar smart: the SMART counters (:class:`~pcidev_nvme.logs.SmartCounters`).
+    :ivar ns_smart: the per-namespace SMART counters (:class:`~pcidev_nvme.ns_smart.NamespaceSmart`):
+        a command set counts each command there too, by its namespace's NSID.
     """
 
     page_size: int
     mdts_bytes: int | None
     namespaces: dict[int, Namespace]
     smart: SmartCounters
+    ns_smart: NamespaceSmart
 
     @property
     def dma(self) -> GuestMemory:
