@@ -16,7 +16,10 @@ FID    Feature                          Notes
                                         same allocation
 08h    Interrupt Coalescing             THR / TIME, applied to I/O completion queues
 09h    Interrupt Vector Configuration   per vector (every vector the controller has,
-                                        IV in CDW11 15:0): Coalescing Disable
+                                        IV in CDW11 15:0): Coalescing Disable; vector 0
+                                        (the admin completion queue's, which coalescing
+                                        never applies to) always reports CD set, and a
+                                        Set of it changes nothing
 0Ah    Write Atomicity Normal           DN (bit 0): set, only AWUPF / NAWUPF apply
                                         (default: ``atomic.dn``); the limits in effect
                                         are :mod:`pcidev_nvme.atomicity`'s
@@ -114,6 +117,9 @@ _PER_ENDGRP = {FID_EG_EVENT_CONFIG}
 
 SEL_CURRENT, SEL_DEFAULT, SEL_SAVED, SEL_CAPS = 0, 1, 2, 3
 CAP_SAVEABLE, CAP_NS, CAP_CHANGEABLE = 1, 2, 4
+
+#: the interrupt vector of the admin completion queue (never coalesced)
+ADMIN_VECTOR = 0
 
 _OFF_CDW10 = 40
 _OFF_CDW11 = 44
@@ -343,7 +349,9 @@ class Features:
         if fid == FID_IRQ_CONFIG:
             iv = req.cdw11 & 0xFFFF
             self._check_vector(iv)
-            cd = False if default else ctrl.interrupts.vector_cd(iv)
+            # vector 0 is the admin completion queue's, which coalescing never applies to
+            # (the interrupts never aggregate it): CD reads 1 there, whatever was set
+            cd = iv == ADMIN_VECTOR or (not default and ctrl.interrupts.vector_cd(iv))
             return iv | (int(cd) << 16), None
         if fid == FID_TIMESTAMP:
             if default:
@@ -432,7 +440,8 @@ class Features:
         if fid == FID_IRQ_CONFIG:
             iv = v & 0xFFFF
             self._check_vector(iv)
-            ctrl.interrupts.set_vector_cd(iv, bool(v & (1 << 16)))
+            if iv != ADMIN_VECTOR:  # (the admin vector's CD is fixed at 1: nothing to keep)
+                ctrl.interrupts.set_vector_cd(iv, bool(v & (1 << 16)))
             return 0
         if fid == FID_ASYNC_EVENT:
             self.values[fid] = v & AEC_SUPPORTED
