@@ -80,7 +80,24 @@ def test_error_recovery_per_namespace(env):
     expect_status(drv, Status.INVALID_NSID, GET, cdw10=0x05, nsid=0)
     expect_status(drv, Status.INVALID_NSID, GET, cdw10=0x05, nsid=0xFFFFFFFF)
     expect_status(drv, Status.INVALID_NSID, SET, cdw10=0x05, nsid=9)
-    expect_status(drv, Status.INVALID_FIELD, SET, cdw10=0x05, nsid=1, cdw11=1 << 16)  # DULBE
+    drv.set_features(0x05, (1 << 16) | 30, nsid=1)  # DULBE: the mem namespace has NSFEAT.DAE
+    assert drv.get_features(0x05, nsid=1).dw0 == (1 << 16) | 30
+    assert drv.get_features(0x05, nsid=1, sel=1).dw0 == 0
+
+
+def test_error_recovery_dulbe_needs_dae(nvme_env):
+    """DULBE only on a namespace that can tell unwritten blocks (NSFEAT.DAE): a null one
+    cannot (Invalid Field); a broadcast sets it where DAE is set and clears it elsewhere."""
+    env = nvme_env("ns=mem:size=4M,ns=null:size=4M", io_queues=1)
+    drv = env.drv
+    assert drv.identify(0, nsid=1)[24] & 0x4 and not drv.identify(0, nsid=2)[24] & 0x4
+    expect_status(drv, Status.INVALID_FIELD, SET, cdw10=0x05, nsid=2, cdw11=1 << 16, param=46)
+    assert drv.get_features(0x05, nsid=2).dw0 == 0
+    drv.set_features(0x05, (1 << 16) | 5, nsid=0xFFFFFFFF)
+    assert drv.get_features(0x05, nsid=1).dw0 == (1 << 16) | 5
+    assert drv.get_features(0x05, nsid=2).dw0 == 5
+    drv.set_features(0x05, 0, nsid=0xFFFFFFFF)
+    assert drv.get_features(0x05, nsid=1).dw0 == 0
 
 
 def test_volatile_write_cache(env):

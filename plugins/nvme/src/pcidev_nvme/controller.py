@@ -227,6 +227,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             self.io.altered = self.sanitizer.data_written
             self.io.copy_formats_enabled = lambda: self.features.copy_formats_enabled  # (HBS CDFE)
             self.io.format_in_progress = lambda nsid: nsid in self._formatting  # (a Copy's source namespace)
+            self.io.dulbe = self.features.dulbe_enabled  # (Error Recovery DULBE)
             self.restore_persisted_sanitize()  # a sanitize survives a restart (the state file)
             self.restore_persisted_self_test()  # and the self-test results, an extended test
             if self.pmr is not None:  # NRDY while a sanitize runs or failed; enabling clears Global Data Erased

@@ -167,6 +167,9 @@ CSI_NVM = 0
 
 # NSFEAT bits
 NSFEAT_THINP = 1 << 0
+#: NSFEAT.DAE: the Deallocated or Unwritten Logical Block error is supported (Error Recovery
+#: DULBE may be set): the backend tells its holes (:attr:`Namespace.dae`)
+NSFEAT_DAE = 1 << 2
 NSFEAT_OPTPERF = 1 << 4
 # DLFEAT: deallocated blocks read as zeros (001b); Write Zeroes supports DEAC (bit 3).
 DLFEAT_READ_ZEROES = 0x1
@@ -754,7 +757,8 @@ class Namespace:
             self.nlbas,  # NSZE
             self.nlbas,  # NCAP
             min(self.nuse(), self.nlbas),  # NUSE
-            NSFEAT_OPTPERF | (NSFEAT_NSABP if self.atomic.nsabp else 0),  # NSFEAT: NPWG..NOWS valid; NSABP
+            # NSFEAT: NPWG..NOWS valid; DAE; NSABP
+            NSFEAT_OPTPERF | (NSFEAT_DAE if self.dae else 0) | (NSFEAT_NSABP if self.atomic.nsabp else 0),
             0,  # NLBAF: identify_capabilities
             self.flbas,  # FLBAS
             0,  # MC: identify_capabilities
@@ -779,6 +783,14 @@ class Namespace:
         buf[120:128] = self.eui64
         identify_capabilities(buf, self.metadata_capable)
         return bytes(buf)
+
+    @property
+    def dae(self) -> bool:
+        """NSFEAT.DAE: the backend tells never-written and deallocated blocks from written
+        ones (its ``holes``: ``file`` and ``mem``; ``null`` keeps nothing and reports every
+        block written), so Error Recovery may enable the Deallocated or Unwritten Logical
+        Block error (:func:`pcidev_nvme.lba_status.first_deallocated`)."""
+        return bool(getattr(self.backend, "holes", False))
 
     @property
     def metadata_capable(self) -> bool:
