@@ -380,6 +380,9 @@ class NamespaceOptions:
                                "minus one (0: no boundaries)")
     nabo: int = _atomic_field("nabo", "NABO: LBA of the first atomic boundary")
     nabspf: int = _atomic_field("nabspf", "NABSPF: atomic boundary size for NAWUPF, 0's based (0: none)")
+    detached: bool = attrs.field(default=False, metadata={
+        "help": "on: the namespace starts allocated but not attached to the controller (Identify "
+                "CNS 10h/11h list it; Namespace Attachment attaches it), at every power-on"})
 
     def __attrs_post_init__(self) -> None:
         if self.lbaf is not None and self.lba_size is not None:
@@ -494,6 +497,8 @@ class Namespace:
         #: a metadata store opened by :meth:`restore_problem` for the format it checked
         self._prepared: tuple[tuple[int, int, int, int], MetadataStore] | None = None
         self.ms = 0
+        #: the ``detached`` option: the controller allocates it without attaching it at power-on
+        self.starts_detached = False
         self._set_format(lbaf, pi, pil, mset, config=True)
 
     # -- format ---------------------------------------------------------------------------
@@ -987,6 +992,7 @@ def make_namespace(
         pi, pil, mset = protection or (0, 0, 0)
         ns = Namespace(nsid, backend, lbaf=lbaf, pi=pi, pil=pil, mset=mset, nguid=nguid, eui64=eui64, uuid=uuid)
         ns.atomic = ns_options.atomicity()
+        ns.starts_detached = ns_options.detached
         remembered = (stored.get("lbaf"), stored.get("pi", 0), stored.get("pil", 0),
                       stored.get("mset", 0)) if stored is not None else None
         if path and (remembered != (ns.lbaf, ns.pi, ns.pil, ns.mset) or explicit):
