@@ -163,3 +163,24 @@ def _migrate_with_dulbe(host: Host) -> None:
     host.migrate()  # and back without DULBE
     assert drv.get_features(0x05, nsid=1).dw0 == 0
     assert blocks.verify_all() > 0
+
+
+def test_a_deleted_namespace_forgets_its_error_recovery(nvme_env):
+    """Namespace Management: DULBE and TLER of a deleted namespace go with it; one created
+    again with the same NSID starts at the defaults (and reads its blocks as zeroes)."""
+    env = nvme_env("ns=mem:size=4M,capacity=64M,max_namespaces=4", io_queues=1)
+    drv, ctrl = env.drv, env.ctrl
+    data = bytearray(4096)
+    struct.pack_into("<QQ", data, 0, 2048, 2048)
+    ctrl_list = struct.pack("<HH", 1, 0)
+    nsid = drv.admin(0x0D, cdw10=0, data=bytes(data)).dw0
+    drv.admin(0x15, nsid=nsid, cdw10=0, data=ctrl_list)
+    drv.set_features(0x05, DULBE | 9, nsid=nsid)
+    assert ctrl.features.dulbe_enabled(nsid)
+    drv.admin(0x0D, nsid=nsid, cdw10=1)  # delete (detaches it)
+    assert not ctrl.features.dulbe_enabled(nsid) and nsid not in ctrl.features.tler
+    assert drv.admin(0x0D, cdw10=0, data=bytes(data)).dw0 == nsid
+    drv.admin(0x15, nsid=nsid, cdw10=0, data=ctrl_list)
+    drv.scan_namespaces()
+    assert drv.get_features(0x05, nsid=nsid).dw0 == 0
+    assert drv.read(nsid, 0, 8) == bytes(4096)

@@ -350,6 +350,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         """Delete namespace ``nsid`` (see :meth:`NamespaceSetMixin.remove_namespace`), also
         from every secondary controller it is attached to."""
         removed = super().remove_namespace(nsid)
+        self.features.forget_namespace(nsid)  # (a namespace created again starts at the defaults)
         if self.virtualization is not None:
             self.virtualization.namespace_deleted(nsid)
         return removed

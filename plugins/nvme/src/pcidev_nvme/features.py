@@ -321,6 +321,15 @@ class Features:
         """Give the atomicity the current DN (feature 0Ah), as :meth:`_push_coalescing` does."""
         self.ctrl.atomicity.set_dn(bool(self.values[FID_WRITE_ATOMICITY] & 1))
 
+    def forget_namespace(self, nsid: int) -> None:
+        """Namespace ``nsid`` was deleted: its Error Recovery setting (TLER, DULBE) goes, so a
+        namespace created with the same NSID starts at the defaults.
+
+        :param nsid: the namespace identifier.
+        """
+        self.tler.pop(nsid, None)
+        self.dulbe.discard(nsid)
+
     def dulbe_enabled(self, nsid: int) -> bool:
         """Whether Error Recovery DULBE is set for namespace ``nsid`` (the I/O command set
         asks once per namespace lookup).
