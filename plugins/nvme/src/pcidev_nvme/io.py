@@ -60,7 +60,7 @@ extended LBAs, protection information); the fast path never sees them.
 
 Namespaces with Error Recovery DULBE set (``dulbe``, asked once per namespace lookup as
 ``read_only`` is read) take the general path too, whose Read, Compare, Verify and Copy
-ask the backend where its holes are (:func:`~pcidev_nvme.lba_status.first_deallocated`,
+ask the backend where its holes are (``pcidev_nvme.lba_status.first_deallocated``,
 the knowledge Get LBA Status reports); with DULBE clear nothing is asked.
 
 Namespaces whose atomic write unit in effect is larger than one block

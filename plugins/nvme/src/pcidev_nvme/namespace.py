@@ -794,7 +794,7 @@ class Namespace:
         """NSFEAT.DAE: the backend tells never-written and deallocated blocks from written
         ones (its ``holes``: ``file`` and ``mem``; ``null`` keeps nothing and reports every
         block written), so Error Recovery may enable the Deallocated or Unwritten Logical
-        Block error (:func:`pcidev_nvme.lba_status.first_deallocated`)."""
+        Block error (``pcidev_nvme.lba_status.first_deallocated``)."""
         return bool(getattr(self.backend, "holes", False))
 
     @property

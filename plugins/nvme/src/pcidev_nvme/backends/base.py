@@ -239,7 +239,7 @@ class BaseBackend:
 
     #: :meth:`allocated_ranges` tells the backend's holes (never written or deallocated) from
     #: its data: the namespace then advertises NSFEAT.DAE and the Deallocated or Unwritten
-    #: Logical Block error (:mod:`pcidev_nvme.lba_status`). False: every byte counts as written.
+    #: Logical Block error (``pcidev_nvme.lba_status``). False: every byte counts as written.
     holes = False
 
     #: :meth:`readv_nowait` / :meth:`writev_nowait` may move data (the I/O command set
