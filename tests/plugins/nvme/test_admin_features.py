@@ -80,7 +80,24 @@ def test_error_recovery_per_namespace(env):
     expect_status(drv, Status.INVALID_NSID, GET, cdw10=0x05, nsid=0)
     expect_status(drv, Status.INVALID_NSID, GET, cdw10=0x05, nsid=0xFFFFFFFF)
     expect_status(drv, Status.INVALID_NSID, SET, cdw10=0x05, nsid=9)
-    expect_status(drv, Status.INVALID_FIELD, SET, cdw10=0x05, nsid=1, cdw11=1 << 16)  # DULBE
+    drv.set_features(0x05, (1 << 16) | 30, nsid=1)  # DULBE: the mem namespace has NSFEAT.DAE
+    assert drv.get_features(0x05, nsid=1).dw0 == (1 << 16) | 30
+    assert drv.get_features(0x05, nsid=1, sel=1).dw0 == 0
+
+
+def test_error_recovery_dulbe_needs_dae(nvme_env):
+    """DULBE only on a namespace that can tell unwritten blocks (NSFEAT.DAE): a null one
+    cannot (Invalid Field); a broadcast sets it where DAE is set and clears it elsewhere."""
+    env = nvme_env("ns=mem:size=4M,ns=null:size=4M", io_queues=1)
+    drv = env.drv
+    assert drv.identify(0, nsid=1)[24] & 0x4 and not drv.identify(0, nsid=2)[24] & 0x4
+    expect_status(drv, Status.INVALID_FIELD, SET, cdw10=0x05, nsid=2, cdw11=1 << 16, param=46)
+    assert drv.get_features(0x05, nsid=2).dw0 == 0
+    drv.set_features(0x05, (1 << 16) | 5, nsid=0xFFFFFFFF)
+    assert drv.get_features(0x05, nsid=1).dw0 == (1 << 16) | 5
+    assert drv.get_features(0x05, nsid=2).dw0 == 5
+    drv.set_features(0x05, 0, nsid=0xFFFFFFFF)
+    assert drv.get_features(0x05, nsid=1).dw0 == 0
 
 
 def test_volatile_write_cache(env):
@@ -174,3 +191,29 @@ def test_largest_keep_alive_timeout_does_not_wrap(env):
     assert ctrl.csts & 0x3 == 0x1
     drv.set_features(0x0F, 0)  # disabled again
     assert drv.get_features(0x0F).dw0 == 0
+
+
+def test_interrupt_vector_configuration_admin_vector(env):
+    """Vector 0 is the admin completion queue's: coalescing never applies to it, so CD reads
+    1 (current, default and saved), and a Set clearing it changes nothing."""
+    drv = env.drv
+    assert drv.get_features(0x09, cdw11=0).dw0 == 1 << 16
+    assert drv.get_features(0x09, cdw11=0, sel=1).dw0 == 1 << 16
+    assert drv.get_features(0x09, cdw11=0, sel=2).dw0 == 1 << 16
+    drv.set_features(0x09, 0)  # CD clear: accepted, the vector stays uncoalesced
+    assert drv.get_features(0x09, cdw11=0).dw0 == 1 << 16
+    drv.set_features(0x09, (1 << 16) | 0)
+    assert drv.get_features(0x09, cdw11=0).dw0 == 1 << 16
+
+
+def test_admin_vector_never_coalesced_even_for_an_io_queue(nvme_env):
+    """An I/O completion queue sharing vector 0 is not coalesced either (CD reads 1 there)."""
+    env = nvme_env("ns=mem:size=4M", io_queues=0)
+    drv = env.drv
+    q = drv.create_io_queue_pair(1, 16, vector=0)
+    assert q.vector == 0
+    drv.set_features(0x08, (255 << 8) | 7)  # 8 entries or 25.5 ms
+    before = env.pdev.irq_count(0)
+    drv.submit(1, 0x00, nsid=1)  # one Flush: below the threshold, yet signalled at once
+    assert env.pdev.irq_count(0) == before + 1
+    assert len(drv.poll(1)) == 1

@@ -531,3 +531,87 @@ def test_migration_keeps_which_window_was_refused(nvme_env, tmp_path) -> None:
                                        ready=True))
     with pytest.raises(Exception, match="controller memory spaces overlap"):
         check(dst, forged)
+
+
+# ----------------------------------------------------------------------------- legacy (pre-1.4) CMB
+LEGACY = "cmb_size=2,legacy-cmb=on,max_ioqpairs=4,msix_vectors=5,ns=mem:size=4M"
+
+
+def test_legacy_cmb_registers(nvme_env) -> None:
+    """legacy-cmb=on: CAP.CMBS clear, CMBLOC/CMBSZ valid from the start, CMBMSC/CMBSTS
+    reserved (read 0, writes ignored), the CMB at BAR2's address with no CMBMSC write."""
+    env = _env(nvme_env, LEGACY)
+    drv, ctrl, pdev = env.drv, env.ctrl, env.pdev
+    assert not (drv.cap >> 57) & 1  # CAP.CMBS: no CMBMSC
+    assert drv.read32(CMBLOC) == 2 | CDPMLS | CDPCILS
+    assert drv.read32(CMBSZ) == 0b11101 | (2 << 8) | (2 << 12)  # SQS LISTS RDS WDS, 1 MiB units, 2
+    drv.write32(CMBMSC, 3)
+    drv.write32(CMBMSC + 4, 0x1234)
+    assert (drv.read64(CMBMSC), drv.read32(CMBSTS)) == (0, 0)
+    assert ctrl.cmb is not None and ctrl.cmb.enabled_range == (pdev.bar_address(2), pdev.bar_address(2) + (2 << 20))
+    assert isinstance(ctrl.dma, ControllerMemoryView)
+    base, size = drv.cmb_enable()
+    assert (base, size) == (pdev.bar_address(2), 2 << 20)
+    assert drv.read64(CMBMSC) == 0  # the driver wrote nothing there
+    # memory decoding off: no controller memory space; on again: back at BAR2
+    cmd = pdev.config_read(0x04, 2)
+    pdev.config_write(0x04, 2, cmd & ~0x2)
+    assert ctrl.cmb.enabled_range is None and ctrl.dma is env.machine.memory
+    pdev.config_write(0x04, 2, cmd)
+    assert ctrl.cmb.enabled_range == (base, base + size)
+
+
+def test_legacy_cmb_follows_bar2(nvme_env) -> None:
+    """The legacy CMB's controller memory space is wherever the guest puts BAR2."""
+    env = _env(nvme_env, LEGACY)
+    ctrl, pdev = env.ctrl, env.pdev
+    assert ctrl.cmb is not None
+    old = pdev.bar_address(2)
+    new = old + (64 << 20)
+    cmd = pdev.config_read(0x04, 2)
+    pdev.config_write(0x04, 2, cmd & ~0x2)  # as a kernel moving a BAR: decoding off first
+    pdev.config_write(0x18, 4, (new & 0xFFFFFFFF) | 0xC)
+    pdev.config_write(0x1C, 4, new >> 32)
+    assert ctrl.cmb.enabled_range is None
+    pdev.config_write(0x04, 2, cmd)
+    assert ctrl.cmb.enabled_range == (new, new + (2 << 20))
+    pdev.config_write(0x04, 2, cmd & ~0x2)
+    pdev.config_write(0x18, 4, (old & 0xFFFFFFFF) | 0xC)
+    pdev.config_write(0x1C, 4, old >> 32)
+    pdev.config_write(0x04, 2, cmd)
+    assert ctrl.cmb.enabled_range == (old, old + (2 << 20))
+
+
+def test_legacy_cmb_sqs_and_data_with_verified_io_and_migration(nvme_env) -> None:
+    """SQ entries and data in the legacy CMB (Linux's use_cmb_sqes on an old kernel), data
+    verified by crc32c before and after a migration round trip."""
+    env = _env(nvme_env, LEGACY)
+    drv, pdev = env.drv, env.pdev
+    _cmb_sq(drv, 2)
+    want: dict[int, int] = {}
+    bufs = [drv.cmb_alloc(4096) for _ in range(8)]
+    for k, b in enumerate(bufs):
+        data = _blocks(2000 + k, 8)
+        drv.cmb_write(b, data)
+        drv.submit_rw(2, WRITE, nsid=1, slba=k * 8, nlb=8, buf=b, ring=k < 4)
+        want.update({k * 8 + i: c for i, c in enumerate(_crcs(data))})
+    assert all(c.ok for c in drv.reap(2, min_completions=4))
+    dst = roundtrip(pdev, ignore=CLOCK_FIELDS)  # four SQEs still waiting in the CMB
+    assert isinstance(dst, NvmeController) and dst.cmb is not None and dst.cmb.legacy
+    assert dst.cmb.enabled_range == (pdev.bar_address(2), pdev.bar_address(2) + (2 << 20))
+    assert dst.cmb.snapshot().cmbmsc == 0
+    drv.ring(2)
+    assert all(c.ok for c in drv.reap(2, min_completions=4))
+    data = drv.read(1, 0, 64, qid=2)
+    assert _crcs(data) == [want[i] for i in range(64)]
+    back = drv.cmb_alloc(4096)
+    drv.submit_rw(2, READ, nsid=1, slba=8, nlb=8, buf=back)
+    assert all(c.ok for c in drv.reap(2, min_completions=1))
+    assert _crcs(drv.cmb_read(back, 4096)) == [want[8 + i] for i in range(8)]
+
+
+def test_legacy_cmb_needs_a_cmb() -> None:
+    from pcidev.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="legacy_cmb=on needs a CMB"):
+        NvmeController("legacy-cmb=on,ns=mem:size=1M", name="x")

@@ -354,6 +354,22 @@ def _nsfeat_nsabp(drv: NvmeDriver) -> None:  # NSFEAT bit 1: NAWUN/NAWUPF/NACWU 
     assert ctrl.atomicity.locks.held == 0
 
 
+def _nsfeat_dae(drv: NvmeDriver) -> None:  # NSFEAT bit 2: Error Recovery DULBE works
+    bs = drv.lba_size(1)
+    page = max(1, 4096 // bs)  # the backend's hole granularity, in blocks
+    slba = drv.namespaces[1].nsze // 2 // page * page
+    drv.io(1, 0x08, nsid=1, cdw10=slba, cdw12=(1 << 25) | (2 * page - 1))  # Write Zeroes, DEAC: 2 pages
+    drv.write(1, slba=slba, data=b"\x5a" * bs * page)
+    drv.set_features(0x05, 1 << 16, nsid=1)
+    try:
+        assert drv.get_features(0x05, nsid=1).dw0 == 1 << 16
+        drv.io(1, 0x0C, nsid=1, cdw10=slba, cdw12=page - 1)  # Verify: written
+        comp = drv.io(1, 0x0C, nsid=1, cdw10=slba, cdw12=2 * page - 1, check=False)
+        assert comp.code == Status.DEALLOCATED_OR_UNWRITTEN and comp.dnr
+    finally:
+        drv.set_features(0x05, 0, nsid=1)
+
+
 def _css_ncss(drv: NvmeDriver) -> None:  # CAP.CSS bit 0: the NVM command set
     assert drv.read64(0) >> 37 & 1
 
@@ -457,7 +473,7 @@ EXERCISERS: dict[tuple[str, int], Exerciser] = {
     ("ocfs", 0): _ocfs,
     ("icsvscc", 0): _icsvscc,
     ("dlfeat", 0): _dlfeat, ("dlfeat", 3): _dlfeat,
-    ("nsfeat", 4): _nsfeat_optperf, ("nsfeat", 1): _nsfeat_nsabp,
+    ("nsfeat", 4): _nsfeat_optperf, ("nsfeat", 1): _nsfeat_nsabp, ("nsfeat", 2): _nsfeat_dae,
     ("oncs", 4): _oncs_save, ("oncs", 6): _oncs_timestamp,
     ("cap", 36): _nssrs, ("cap", 56): _pmrs, ("cap", 57): _cmbs, ("cap", 37): _css_ncss,
     ("cap", 43): _css_iocs, ("cap", 59): _crms_crwms,

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pathlib
 import re
+import struct
 
 import pytest
+from test_migration_nvme import Blocks, Host
 
 import pcidev_nvme
 from pcidev_nvme.backends import MemoryBackend
@@ -99,3 +101,35 @@ def test_only_namespaces_py_changes_the_tables():
             if _WRITES.search(line):
                 offenders.append(f"{rel}:{lineno}: {line.strip()}")
     assert not offenders, "namespace tables changed outside namespaces.py:\n" + "\n".join(offenders)
+
+
+def test_detached_option_allocates_without_attaching(nvme_env):
+    """``detached=on`` (QEMU's nvme-ns ``detached``): allocated (CNS 10h/11h), not active
+    (CNS 02h, I/O refused) until Namespace Attachment attaches it; then usable; it migrates
+    detached and attached, with verified data."""
+    host = Host("ns=mem:size=4M,ns=mem:size=4M,detached=on,max_namespaces=4", io_queues=1)
+    try:
+        drv, ctrl = host.drv, host.ctrl
+        assert sorted(ctrl.allocated) == [1, 2] and sorted(ctrl.namespaces) == [1]
+        assert struct.unpack("<1024I", drv.identify(0x10))[:3] == (1, 2, 0)
+        assert struct.unpack("<1024I", drv.identify(0x02))[:2] == (1, 0)
+        assert drv.identify(0x11, nsid=2)[:8] == struct.pack("<Q", (4 << 20) // 512)
+        assert drv.identify(0x00, nsid=2) == bytes(4096)  # allocated, not active
+        buf = drv.machine.alloc(4096, 4096)
+        assert drv.io(1, 0x02, nsid=2, cdw10=0, cdw12=0, buf=buf, length=512, check=False).code == Status.INVALID_NSID
+        drv.machine.free(buf)
+        blocks = Blocks(drv)
+        drv.write(1, 0, b"1" * 4096)
+        blocks.record(1, 0, b"1" * 4096)
+        dst = host.migrate()  # detached stays detached
+        assert sorted(dst.allocated) == [1, 2] and sorted(dst.namespaces) == [1]
+        drv.admin(0x15, nsid=2, cdw10=0, data=struct.pack("<HH", 1, 0))  # attach to controller 0
+        drv.scan_namespaces()
+        assert struct.unpack("<1024I", drv.identify(0x02))[:3] == (1, 2, 0)
+        drv.write(2, 8, b"2" * 4096)
+        blocks.record(2, 8, b"2" * 4096)
+        dst = host.migrate()  # attached by the host: attached after the migration
+        assert sorted(dst.namespaces) == [1, 2]
+        assert blocks.verify_all() > 0
+    finally:
+        host.close()

@@ -24,6 +24,15 @@ when the range would pass 2**64 or overlaps the PMR's enabled controller memory 
 space. Each CMBMSC write evaluates them again (CBAI is cleared when CRE or CMSE is 0 or CBA
 is valid); with CRE 0, CMSE has no effect. The register keeps what the host wrote.
 
+**Legacy mode** (``legacy_cmb=on``, QEMU's ``legacy-cmb``): the CMB as NVMe 1.2 / 1.3
+define it, for kernels that predate CMBMSC (Linux before 5.x maps the CMB from CMBLOC /
+CMBSZ alone). CAP.CMBS is clear; CMBMSC and CMBSTS are reserved (read 0, writes ignored);
+CMBLOC and CMBSZ always report the CMB; and the CMB's controller memory space is BAR2's
+bus address itself, while BAR2 is assigned (non-zero) and memory decoding is on
+(COMMAND.MSE): every write of BAR2 or of the command register places it again (a BAR being
+sized, or overlapping the PMR's controller memory space, has none). The registers migrate
+as in 1.4 mode (CMBMSC 0); the place follows from configuration space, which migrates too.
+
 **What may live in the CMB**: admin and I/O submission queues (Linux's
 ``nvme.use_cmb_sqes``: the fetch path reads the entries from the CMB), PRP lists and SGL
 segments (LISTS), and read and write data (RDS, WDS). Completion queues may not (CQS = 0):
@@ -105,13 +114,18 @@ class ControllerMemoryBuffer:
     :param other: the range ``(start, end)`` of the PMR's enabled controller memory space,
         or None (a CBA overlapping it is invalid).
     :param lock: serializes changes of the controller's windows (one per controller).
+    :param legacy: the pre-1.4 CMB (see the module docstring): no CMBMSC, the CMB at BAR2.
+    :param bar_base: BAR2's bus address while the guest decodes it, else None (legacy mode).
     """
 
     def __init__(self, size_mib: int, name: str, changed: Callable[[], None], *,
                  other: Callable[[], tuple[int, int] | None] = lambda: None,
-                 lock: threading.RLock | None = None) -> None:
+                 lock: threading.RLock | None = None, legacy: bool = False,
+                 bar_base: Callable[[], int | None] = lambda: None) -> None:
         self._changed = changed
         self._other = other
+        self.legacy = legacy
+        self._bar_base = bar_base
         self._lock = lock if lock is not None else threading.RLock()
         self.size_mib = size_mib
         #: the CMB's bytes (the start of BAR2)
@@ -136,8 +150,8 @@ class ControllerMemoryBuffer:
 
     @property
     def enabled_registers(self) -> bool:
-        """CMBMSC.CRE: CMBLOC and CMBSZ report the CMB."""
-        return bool(self.msc.value & CMBMSC_CRE)
+        """CMBMSC.CRE (always, in legacy mode): CMBLOC and CMBSZ report the CMB."""
+        return self.legacy or bool(self.msc.value & CMBMSC_CRE)
 
     @property
     def cmbloc(self) -> int:
@@ -168,15 +182,28 @@ class ControllerMemoryBuffer:
 
     def _msc_written(self, reg: Register, new: int, old: int) -> None:
         with self._lock:
+            if self.legacy:  # (reserved before NVMe 1.4)
+                reg.value = 0
+                return
             reg.value = new & (CMBMSC_CRE | CMBMSC_CMSE | CMBMSC_CBA_MASK)
             self._evaluate()
+
+    def bar_moved(self) -> None:
+        """BAR2 or the command register was written: a legacy CMB follows BAR2's address."""
+        if self.legacy:
+            with self._lock:
+                self._evaluate()
 
     def _evaluate(self, *, force: bool = False) -> None:
         """Derive CMBSTS.CBAI and the window from CMBMSC (CRE, CMSE, CBA's validity)."""
         msc = self.msc.value
         key = None
         self.sts.value = 0
-        if msc & CMBMSC_CRE and msc & CMBMSC_CMSE:
+        if self.legacy:
+            base = self._bar_base()
+            if base is not None and self._invalid(base) is None:
+                key = (base, self.ram.fd)
+        elif msc & CMBMSC_CRE and msc & CMBMSC_CMSE:
             if self._invalid(msc) is None:
                 key = (msc & CMBMSC_CBA_MASK, self.ram.fd)
             else:
@@ -225,7 +252,9 @@ class ControllerMemoryBuffer:
 
     def state_range(self, st: CmbState) -> tuple[int, int] | None:
         """The controller memory space ``st`` enables (CRE and CMSE set, CBAI clear, the
-        range below 2**64), or None."""
+        range below 2**64), or None (always in legacy mode: the place is BAR2's)."""
+        if self.legacy:
+            return None
         cba = st.cmbmsc & CMBMSC_CBA_MASK
         if (st.cmbmsc & CMBMSC_CRE and st.cmbmsc & CMBMSC_CMSE and not st.cmbsts & CMBSTS_CBAI
                 and cba + self.size <= 1 << 64):
@@ -238,6 +267,8 @@ class ControllerMemoryBuffer:
             return f"CMBMSC {st.cmbmsc:#x} sets reserved bits"
         if st.cmbsts & ~CMBSTS_CBAI:
             return f"CMBSTS {st.cmbsts:#x} sets reserved bits"
+        if self.legacy and (st.cmbmsc or st.cmbsts):
+            return "CMBMSC / CMBSTS set for a legacy CMB (reserved there)"
         return None
 
     def close(self) -> None:

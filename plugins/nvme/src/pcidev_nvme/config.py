@@ -157,6 +157,8 @@ class NvmeConfig:
     :param dbbuf: support Doorbell Buffer Config (shadow doorbells).
     :param cntlid: controller identifier.
     :param cmb_size: Controller Memory Buffer size in MiB (0: none): BAR2, see ``pcidev_nvme.cmb``.
+    :param legacy_cmb: the CMB behaves as before NVMe 1.4 (QEMU's ``legacy-cmb=on``): CMBLOC
+        and CMBSZ always report it, and it is at BAR2's address without CMBMSC (CAP.CMBS clear).
     :param pmr: file backing a Persistent Memory Region (None: none): BAR4, see ``pcidev_nvme.pmr``.
     :param pmr_size: size of the PMR (a power of two, at least 4 KiB); a missing file is
         created at this size, an existing one must have it.
@@ -249,6 +251,10 @@ class NvmeConfig:
         "help": "controller identifier"})
     cmb_size: int = attrs.field(default=0, validator=_between(0, 4096), metadata={
         "help": "Controller Memory Buffer size in MiB (0 = none): BAR2, SQs and data in the CMB"})
+    legacy_cmb: bool = attrs.field(default=False, metadata={
+        "key": "legacy_cmb", "aliases": ("legacy-cmb",),
+        "help": "the CMB as before NVMe 1.4: CMBLOC/CMBSZ always valid, the CMB at BAR2's address "
+                "without CMBMSC (CAP.CMBS clear); for kernels older than 5.x's CMBMSC support"})
     pmr: str | None = attrs.field(default=None, metadata={
         "help": "file backing a Persistent Memory Region (BAR4; created at pmr_size if missing, "
                 "never resized)"})
@@ -301,6 +307,8 @@ class NvmeConfig:
                                   "the MSI-X table: use msix_bar=0 with a PMR")
             if self.pmr_size & (self.pmr_size - 1):
                 raise ConfigError(f"nvme: pmr_size={int(self.pmr_size)} is not a power of two")
+        if self.legacy_cmb and not self.cmb_size:
+            raise ConfigError("nvme: legacy_cmb=on needs a CMB (cmb_size=N MiB)")
         problem = controller_problem(self.awun, self.awupf)
         if problem is not None:
             raise ConfigError(f"nvme: {problem}")

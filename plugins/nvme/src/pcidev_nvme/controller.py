@@ -236,6 +236,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             self.io.verify_limit = 4096 << cfg.vsl if cfg.vsl else 0  # (VSL: units of CAP.MPSMIN)
             self.io.copy_formats_enabled = lambda: self.features.copy_formats_enabled  # (HBS CDFE)
             self.io.format_in_progress = lambda nsid: nsid in self._formatting  # (a Copy's source namespace)
+            self.io.dulbe = self.features.dulbe_enabled  # (Error Recovery DULBE)
             self.restore_persisted_sanitize()  # a sanitize survives a restart (the state file)
             self.restore_persisted_self_test()  # and the self-test results, an extended test
             if cfg.smart_critical_warning:  # (QEMU's smart_critical_warning: set at start)
@@ -266,7 +267,8 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         try:
             #: the Controller Memory Buffer (BAR2), or None without ``cmb_size``
             self.cmb = (ControllerMemoryBuffer(cfg.cmb_size, self.name, self._windows_changed,
-                                               other=self._pmr_range, lock=self._windows_lock)
+                                               other=self._pmr_range, lock=self._windows_lock,
+                                               legacy=cfg.legacy_cmb, bar_base=self._cmb_bar_base)
                         if cfg.cmb_size else None)
             #: the Persistent Memory Region (BAR4), or None without ``pmr``
             self.pmr = (PersistentMemoryRegion(cfg.pmr, int(cfg.pmr_size), self.name, self._windows_changed,
@@ -286,7 +288,8 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         cfg = self.cfg
         extra = [*(self.cmb.registers() if self.cmb is not None else ()),
                  *(self.pmr.registers() if self.pmr is not None else ())]
-        self._cap = cap_value(cfg.mqes, cmbs=self.cmb is not None, pmrs=self.pmr is not None)
+        # (a legacy CMB has no CMBMSC: CAP.CMBS clear)
+        self._cap = cap_value(cfg.mqes, cmbs=self.cmb is not None and not cfg.legacy_cmb, pmrs=self.pmr is not None)
         regs = build_register_map(f"nvme-bar0[{self.name}]", self._cap, intms=lambda r: self.interrupts.intms,
                                   on_intms=self._intms_written, on_intmc=self._intmc_written,
                                   on_cc=self._cc_written, csts=lambda r: self._csts, extra=extra,
@@ -298,6 +301,9 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self.add_mem_bar(0, layout.bar0_size, bar0, bits64=True)
         if self.cmb is not None:
             self.add_mem_bar(CMB_BAR, self.cmb.bar_size, self.cmb.ram, bits64=True, prefetchable=True)
+            if cfg.legacy_cmb:  # the legacy CMB follows BAR2's address and memory decoding
+                self.config.add_write_hook(ids.BASE_ADDRESS_0 + 4 * CMB_BAR, 8, self._cmb_bar_written)
+                self.config.add_write_hook(ids.COMMAND, 2, self._cmb_bar_written)
         if self.pmr is not None:
             self.add_mem_bar(PMR_BAR, self.pmr.size, self.pmr.ram, bits64=True, prefetchable=True)
         if layout.bar4_size:
@@ -356,6 +362,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         from every secondary controller it is attached to."""
         removed = super().remove_namespace(nsid)
         self.ns_smart.forget(nsid)
+        self.features.forget_namespace(nsid)  # (a namespace created again starts at the defaults)
         if self.virtualization is not None:
             self.virtualization.namespace_deleted(nsid)
         return removed
@@ -504,6 +511,17 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             windows = [w for w in (self.cmb.window if self.cmb is not None else None,
                                    self.pmr.window if self.pmr is not None else None) if w is not None]
             self._ctrl_memory = ControllerMemoryView(windows) if windows else None
+
+    def _cmb_bar_base(self) -> int | None:
+        """BAR2's bus address while it is assigned and memory decoding is on (the legacy CMB's
+        place), else None."""
+        if not self.command & ids.Command.MEMORY:
+            return None
+        return self.bar_address(CMB_BAR) or None
+
+    def _cmb_bar_written(self, offset: int, size: int, old: int, value: int) -> None:
+        if self.cmb is not None:
+            self.cmb.bar_moved()
 
     def _cmb_range(self) -> tuple[int, int] | None:
         return self.cmb.enabled_range if self.cmb is not None else None
@@ -1008,7 +1026,8 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
         cfg = attrs.evolve(primary.cfg, max_ioqpairs=res.max_vq_per_vf - 1,
                            msix_vectors=res.max_vi_per_vf, msix_bar=0, cntlid=virt.scid(k), sriov_max_vfs=0,
                            sriov_vq_flexible=0, sriov_vi_flexible=0, sriov_max_vq_per_vf=0, sriov_max_vi_per_vf=0,
-                           state_dir=None, state_file=None, cmb_size=0, pmr=None)
+                           state_dir=None, state_file=None, cmb_size=0, legacy_cmb=False,
+                           pmr=None)
         #: the primary controller and this secondary's index
         self.primary = primary
         self.secondary_index = k

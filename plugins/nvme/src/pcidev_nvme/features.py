@@ -8,7 +8,14 @@ FID    Feature                          Notes
 01h    Arbitration                      stored (round robin is the only mechanism)
 02h    Power Management                 one power state: PS must be 0
 04h    Temperature Threshold            composite sensor, over/under; may raise a SMART AEN
-05h    Error Recovery                   per namespace: TLER; DULBE is not supported
+05h    Error Recovery                   per namespace: TLER (15:0, kept, no effect: no
+                                        command retries) and DULBE (bit 16): Read,
+                                        Compare, Verify and Copy sources touching a
+                                        deallocated or unwritten block fail with
+                                        Deallocated or Unwritten Logical Block (02h/87h,
+                                        the LBA in the error entry); only on a namespace
+                                        with NSFEAT.DAE (else Invalid Field; a broadcast
+                                        sets it on those only)
 06h    Volatile Write Cache             WCE; disabling flushes every namespace
 07h    Number of Queues                 allocates up to ``max_ioqpairs``; only before
                                         the first I/O queue is created; a later
@@ -16,7 +23,10 @@ FID    Feature                          Notes
                                         same allocation
 08h    Interrupt Coalescing             THR / TIME, applied to I/O completion queues
 09h    Interrupt Vector Configuration   per vector (every vector the controller has,
-                                        IV in CDW11 15:0): Coalescing Disable
+                                        IV in CDW11 15:0): Coalescing Disable; vector 0
+                                        (the admin completion queue's, which coalescing
+                                        never applies to) always reports CD set, and a
+                                        Set of it changes nothing
 0Ah    Write Atomicity Normal           DN (bit 0): set, only AWUPF / NAWUPF apply
                                         (default: ``atomic.dn``); the limits in effect
                                         are :mod:`pcidev_nvme.atomicity`'s
@@ -67,7 +77,8 @@ from pcidev_nvme.namespace import Namespace
 from pcidev_nvme.request import Request
 from pcidev_nvme.status import NvmeStatusError, Status
 
-__all__ = ["Features", "FeaturesState", "TlerState", "WriteAtomicityState", "FID_NAMES", "CDFE_SUPPORTED"]
+__all__ = ["Features", "FeaturesState", "TlerState", "DulbeState", "WriteAtomicityState", "FID_NAMES",
+           "CDFE_SUPPORTED", "ERR_REC_DULBE"]
 
 #: most namespaces with an error recovery setting in a migration stream
 MAX_NS = 1024
@@ -106,6 +117,9 @@ _CDFE = struct.Struct("<H")
 CDFE_SUPPORTED = OCFS & ((1 << 2) | (1 << 3))
 
 _PER_NS = {FID_ERROR_RECOVERY}
+#: Error Recovery (05h) CDW11: TLER (15:0) and DULBE (bit 16)
+ERR_REC_TLER = 0xFFFF
+ERR_REC_DULBE = 1 << 16
 #: AEC bits the controller honours: critical warnings 0..4, NS attribute (8), FW activation (9),
 #: Endurance Group Event Aggregate Log Change (14)
 AEC_SUPPORTED = 0x1F | (1 << 8) | (1 << 9) | AEC_EG_EVENT
@@ -114,6 +128,9 @@ _PER_ENDGRP = {FID_EG_EVENT_CONFIG}
 
 SEL_CURRENT, SEL_DEFAULT, SEL_SAVED, SEL_CAPS = 0, 1, 2, 3
 CAP_SAVEABLE, CAP_NS, CAP_CHANGEABLE = 1, 2, 4
+
+#: the interrupt vector of the admin completion queue (never coalesced)
+ADMIN_VECTOR = 0
 
 _OFF_CDW10 = 40
 _OFF_CDW11 = 44
@@ -136,6 +153,14 @@ class WriteAtomicityState:
     """Write Atomicity Normal (feature 0Ah): Disable Normal."""
 
     dn: Bool
+
+
+@vmstate("nvme/dulbe")
+@attrs.frozen
+class DulbeState:
+    """Error Recovery DULBE (feature 05h bit 16): the namespaces that have it set."""
+
+    nsids: VarArray[U32, MAX_NS]
 
 
 @vmstate("nvme/features")
@@ -161,6 +186,8 @@ class FeaturesState:
     tler: VarArray[TlerState, MAX_NS] = ()
     vector_cd: VarArray[Bool, 2048] = ()
     write_atomicity: WriteAtomicityState | None = None
+    #: None: DULBE is clear on every namespace (a stream from before it existed)
+    dulbe: DulbeState | None = None
 
 
 
@@ -222,6 +249,8 @@ class Features:
         self.temp_over = cfg.warning_temp
         self.temp_under = 0
         self.tler: dict[int, int] = {}
+        #: the namespaces with Error Recovery DULBE set (read by the I/O command set)
+        self.dulbe: set[int] = set()
         self.host_behavior = bytes(512)
         self.timestamp_base = 0  # ms at the moment of setting
         self.timestamp_set_at = time.monotonic()
@@ -249,7 +278,8 @@ class Features:
             ncq=self.ncq, nq_allocated=self.nq_allocated, timestamp=self.timestamp_now(),
             timestamp_origin=self.timestamp_origin, host_behavior=bytes(self.host_behavior),
             tler=tuple(TlerState(n, t) for n, t in sorted(self.tler.items())), vector_cd=vector_cd,
-            write_atomicity=WriteAtomicityState(True) if v[FID_WRITE_ATOMICITY] & 1 else None)
+            write_atomicity=WriteAtomicityState(True) if v[FID_WRITE_ATOMICITY] & 1 else None,
+            dulbe=DulbeState(tuple(sorted(self.dulbe))) if self.dulbe else None)
 
     def restore(self, state: FeaturesState) -> None:
         """Take the values of a checked ``state`` (the timestamp counts on from now)."""
@@ -270,6 +300,7 @@ class Features:
         self.timestamp_origin = state.timestamp_origin
         self.host_behavior = bytes(state.host_behavior)
         self.tler = {t.nsid: t.value for t in state.tler}
+        self.dulbe = set(state.dulbe.nsids) if state.dulbe is not None else set()
         self._push_coalescing()
         self._push_dn()
 
@@ -289,6 +320,23 @@ class Features:
     def _push_dn(self) -> None:
         """Give the atomicity the current DN (feature 0Ah), as :meth:`_push_coalescing` does."""
         self.ctrl.atomicity.set_dn(bool(self.values[FID_WRITE_ATOMICITY] & 1))
+
+    def forget_namespace(self, nsid: int) -> None:
+        """Namespace ``nsid`` was deleted: its Error Recovery setting (TLER, DULBE) goes, so a
+        namespace created with the same NSID starts at the defaults.
+
+        :param nsid: the namespace identifier.
+        """
+        self.tler.pop(nsid, None)
+        self.dulbe.discard(nsid)
+
+    def dulbe_enabled(self, nsid: int) -> bool:
+        """Whether Error Recovery DULBE is set for namespace ``nsid`` (the I/O command set
+        asks once per namespace lookup).
+
+        :param nsid: the namespace identifier.
+        """
+        return nsid in self.dulbe
 
     @property
     def aec(self) -> int:
@@ -339,11 +387,15 @@ class Features:
                 return (ctrl.cfg.warning_temp if thsel == 0 else 0), None
             return (self.temp_over if thsel == 0 else self.temp_under), None
         if fid == FID_ERROR_RECOVERY:
-            return (0 if default else self.tler.get(req.nsid, 0)), None
+            if default:
+                return 0, None
+            return self.tler.get(req.nsid, 0) | (ERR_REC_DULBE if req.nsid in self.dulbe else 0), None
         if fid == FID_IRQ_CONFIG:
             iv = req.cdw11 & 0xFFFF
             self._check_vector(iv)
-            cd = False if default else ctrl.interrupts.vector_cd(iv)
+            # vector 0 is the admin completion queue's, which coalescing never applies to
+            # (the interrupts never aggregate it): CD reads 1 there, whatever was set
+            cd = iv == ADMIN_VECTOR or (not default and ctrl.interrupts.vector_cd(iv))
             return iv | (int(cd) << 16), None
         if fid == FID_TIMESTAMP:
             if default:
@@ -397,10 +449,17 @@ class Features:
             ctrl.check_temperature()
             return 0
         if fid == FID_ERROR_RECOVERY:
-            if v & (1 << 16):
-                raise NvmeStatusError(Status.INVALID_FIELD, "DULBE is not supported", param_offset=_OFF_CDW11 + 2)
+            dulbe = bool(v & ERR_REC_DULBE)
+            if dulbe and req.nsid != _BROADCAST and not ctrl.namespaces[req.nsid].dae:
+                raise NvmeStatusError(Status.INVALID_FIELD,
+                                      f"DULBE: namespace {req.nsid} cannot tell unwritten blocks (NSFEAT.DAE is clear)",
+                                      param_offset=_OFF_CDW11 + 2)
             for nsid in nsids:
-                self.tler[nsid] = v & 0xFFFF
+                self.tler[nsid] = v & ERR_REC_TLER
+                if dulbe and ctrl.namespaces[nsid].dae:
+                    self.dulbe.add(nsid)
+                else:
+                    self.dulbe.discard(nsid)
             return 0
         if fid == FID_VWC:
             self.values[fid] = v & 1
@@ -432,7 +491,8 @@ class Features:
         if fid == FID_IRQ_CONFIG:
             iv = v & 0xFFFF
             self._check_vector(iv)
-            ctrl.interrupts.set_vector_cd(iv, bool(v & (1 << 16)))
+            if iv != ADMIN_VECTOR:  # (the admin vector's CD is fixed at 1: nothing to keep)
+                ctrl.interrupts.set_vector_cd(iv, bool(v & (1 << 16)))
             return 0
         if fid == FID_ASYNC_EVENT:
             self.values[fid] = v & AEC_SUPPORTED

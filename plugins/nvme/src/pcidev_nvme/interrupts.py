@@ -3,7 +3,9 @@
 of pin-based interrupts, and the controller's :class:`Timer`.
 
 :class:`Interrupts` signals new completion entries: an MSI-X message (aggregated
-per vector while coalescing is on, for I/O queues) or, without MSI-X, the INTx
+per vector while coalescing is on, for I/O queues on vectors other than 0: vector 0 is
+the admin completion queue's, which coalescing never applies to, so Get Features 09h
+reports Coalescing Disable set for it) or, without MSI-X, the INTx
 level computed from every CQ with unconsumed entries and the INTMS mask.
 :meth:`Interrupts.snapshot` / :meth:`Interrupts.restore` carry INTMS and the
 per-vector Coalescing Disable bits (:class:`InterruptsState`).
@@ -110,7 +112,7 @@ class Interrupts:
         msix = host.msix
         if msix is not None and msix.enabled:
             vec = cq.vector
-            if self.coalescing_on and cq.cqid and not self._aggregate(self.vectors[vec], n):
+            if self.coalescing_on and vec and not self._aggregate(self.vectors[vec], n):  # (vector 0: admin)
                 return
             try:
                 host.irq.notify(vec)
@@ -138,11 +140,11 @@ class Interrupts:
             if any(cq.ien for cq in counts):
                 self.legacy_update()
             return
-        # entries per vector (an admin CQ's vector is never coalesced: key -1 - vector)
+        # entries per vector (an admin CQ's vector, vector 0, is never coalesced: key -1 - vector)
         per_vector: dict[int, int] = {}
         for cq, n in counts.items():
             if cq.ien:
-                key = cq.vector if cq.cqid else -1 - cq.vector
+                key = cq.vector if cq.cqid and cq.vector else -1 - cq.vector
                 per_vector[key] = per_vector.get(key, 0) + n
         vectors: list[int] = []
         coalescing = self.coalescing_on

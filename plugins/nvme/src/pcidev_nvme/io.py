@@ -45,6 +45,9 @@ PI check failed (PRCHK: Guard, App Tag, Ref Tag)       End-to-end Guard / Applic
                                                        Tag / Reference Tag Check Error
 Compare mismatch                                       Compare Failure
 a block marked by Write Uncorrectable is read          Unrecovered Read Error (LBA)
+a deallocated or unwritten block is read (Read,        Deallocated or Unwritten Logical
+Compare, Verify, Copy source) with Error Recovery       Block (LBA, DNR)
+DULBE set for the namespace
 a sanitize operation is in progress (all but Flush)    Sanitize In Progress
 the command was aborted (Abort) before its I/O began   Command Abort Requested
 backend I/O error on read / write                      Unrecovered Read Error / Write Fault
@@ -54,6 +57,11 @@ backend out of space                                   Capacity Exceeded
 Namespaces formatted with metadata (``Namespace.ms``) take the general path, whose
 handlers hand them to :class:`~pcidev_nvme.protected_io.ProtectedIo` (metadata buffers,
 extended LBAs, protection information); the fast path never sees them.
+
+Namespaces with Error Recovery DULBE set (``dulbe``, asked once per namespace lookup as
+``read_only`` is read) take the general path too, whose Read, Compare, Verify and Copy
+ask the backend where its holes are (``pcidev_nvme.lba_status.first_deallocated``,
+the knowledge Get LBA Status reports); with DULBE clear nothing is asked.
 
 Namespaces whose atomic write unit in effect is larger than one block
 (:mod:`pcidev_nvme.atomicity`) take the general path too: each command there holds the
@@ -79,6 +87,7 @@ from pcidev.dma import GuestMemory
 from pcidev.errors import DmaError
 from pcidev_nvme.atomicity import Atomicity
 from pcidev_nvme.backends import Backend
+from pcidev_nvme.lba_status import first_deallocated
 from pcidev_nvme.limits import COPY_LIMITS, DMRL, DMRSL, DMSL, MAX_DSM_RANGES, OCFS, ONCS, SGLS, VSL, WZSL
 from pcidev_nvme.namespace import Namespace
 from pcidev_nvme.protected_io import CopySource, ProtectedIo, copy_format_problem, copy_incompatible
@@ -299,6 +308,9 @@ class IoCommandSet:
         #: whether a Format NVM of the namespace is in progress (a Copy's source namespace);
         #: set by the controller
         self.format_in_progress: Callable[[int], bool] = lambda nsid: False
+        #: whether Error Recovery DULBE is set for a namespace (NSID); set by the controller to
+        #: its features' value
+        self.dulbe: Callable[[int], bool] = lambda nsid: False
         #: source namespaces (other than the destination) of the Copies running: NSID -> count
         self._copying_from: dict[int, int] = {}
         #: commands handed to the workers and not started yet (an Abort may take them)
@@ -359,6 +371,7 @@ class IoCommandSet:
         wu = self.uncorrectable
         refuse = self.refuse
         serialises = self.atomicity.serialises
+        dulbe = self.dulbe
         # read once per batch (a Set Features of the cache applies from the next fetch on)
         durable = not ctrl.volatile_write_cache
         try:
@@ -378,10 +391,10 @@ class IoCommandSet:
                         if ns is not None:
                             backend = ns.backend
                             inline = backend.inline
-                            # (namespaces with metadata, or atomic units of more than a
-                            # block, take the general path)
+                            # (namespaces with metadata, atomic units of more than a
+                            # block, or DULBE set take the general path)
                             fast = ((inline or getattr(backend, "nowait", False)) and not ns.ms
-                                    and not serialises(ns))
+                                    and not serialises(ns) and not dulbe(nsid))
                             nlbas = ns.nlbas
                             shift = ns.lba_shift
                             read_only = ns.read_only
@@ -765,6 +778,18 @@ class IoCommandSet:
             raise NvmeStatusError(Status.UNRECOVERED_READ_ERROR,
                                   f"LBA {lba:#x} of namespace {ns.nsid} is marked uncorrectable", lba=lba)
 
+    def _check_dulbe(self, ns: Namespace, slba: int, nlb: int) -> None:
+        """Deallocated or Unwritten Logical Block (DNR) if Error Recovery DULBE is set for
+        ``ns`` and a block of the range is deallocated or was never written (a range past the
+        namespace's end is left to the LBA range check)."""
+        if not self.dulbe(ns.nsid) or slba + nlb > ns.nlbas or nlb <= 0:
+            return
+        lba = first_deallocated(ns, slba, nlb)
+        if lba is not None:
+            raise NvmeStatusError(Status.DEALLOCATED_OR_UNWRITTEN,
+                                  f"LBA {lba:#x} of namespace {ns.nsid} is deallocated or unwritten (DULBE)",
+                                  lba=lba)
+
     def _check_writable(self, ns: Namespace) -> None:
         if ns.read_only:
             raise NvmeStatusError(
@@ -778,10 +803,13 @@ class IoCommandSet:
         if ns.ms:
             if self.uncorrectable.active:
                 self._check_marks(ns, *lba_extent(req))
+            self._check_dulbe(ns, *lba_extent(req))
             return self._protected.read(req, ns)
         offset, length = self._rw_extent(req, ns, data=True)
         if self.uncorrectable.active:
             self._check_marks(ns, offset >> ns.lba_shift, length >> ns.lba_shift)
+        if not done:  # (a Read whose first part moved was checked before)
+            self._check_dulbe(ns, offset >> ns.lba_shift, length >> ns.lba_shift)
         mem, segs = self._segments(req, length, to_host=True)
         backend = ns.backend
         if _without_bit_buckets(segs):
@@ -856,9 +884,11 @@ class IoCommandSet:
     def _compare(self, req: Request, ns: Namespace) -> int:
         if ns.ms:
             self._check_marks(ns, *lba_extent(req))
+            self._check_dulbe(ns, *lba_extent(req))
             return self._protected.compare(req, ns)
         offset, length = self._rw_extent(req, ns, data=True)
         self._check_marks(ns, offset >> ns.lba_shift, length >> ns.lba_shift)
+        self._check_dulbe(ns, offset >> ns.lba_shift, length >> ns.lba_shift)
         mem, segs = self._segments(req, length, to_host=False)
         views = self._views(mem, segs, False)
         try:
@@ -890,9 +920,11 @@ class IoCommandSet:
                                   param_offset=_OFF_CDW12)
         if ns.ms:
             self._check_marks(ns, *lba_extent(req))
+            self._check_dulbe(ns, *lba_extent(req))
             return self._protected.verify(req, ns)
         offset, length = self._rw_extent(req, ns, data=False)
         self._check_marks(ns, offset >> ns.lba_shift, length >> ns.lba_shift)
+        self._check_dulbe(ns, offset >> ns.lba_shift, length >> ns.lba_shift)
         req_len = length
         backend = ns.backend
         if backend.inline:  # memory cannot fail to read
@@ -1043,6 +1075,7 @@ class IoCommandSet:
                     )
         for src in sources:
             self._check_marks(src.ns, src.slba, src.nlb)
+            self._check_dulbe(src.ns, src.slba, src.nlb)
         if ns.ms or any(src.ns.ms for src in sources):
             status = self._protected.copy(req, ns, sources, sdlba)
             self.uncorrectable.clear(ns.nsid, sdlba, total)

@@ -28,6 +28,17 @@ descriptor of the range was returned.
 Statuses: NSID not attached -> Invalid Namespace; SLBA beyond the namespace -> LBA Out
 of Range; another ATYPE -> Invalid Field. The LBA Status Information Alert (feature
 15h, log 0Eh) is not advertised.
+
+**Deallocated or unwritten blocks.** The same knowledge decides the Deallocated or
+Unwritten Logical Block error (Error Recovery DULBE, :func:`first_deallocated`), so the
+two never disagree: a block is deallocated or unwritten when no byte of it is allocated
+(it lies wholly in a hole of the backend). Holes have the backend's granularity: 4 KiB
+pages for ``mem`` (its page map, rebuilt from the memfd's extents after a migration), the
+file system's block for a ``file`` image (``SEEK_HOLE``; a file system that cannot punch
+holes zeroes the range instead, which then stays allocated). A deallocation smaller than
+that granularity zeroes the blocks and leaves them allocated -- Identify Namespace NPDG /
+NPDA report the 4 KiB unit (:mod:`pcidev_nvme.namespace`). A backend without holes
+(``null``: it keeps nothing) reports every block allocated and has NSFEAT.DAE clear.
 """
 
 from __future__ import annotations
@@ -38,8 +49,8 @@ from pcidev_nvme.namespace import Namespace
 from pcidev_nvme.status import NvmeStatusError, Status
 from pcidev_nvme.uncorrectable import Uncorrectable
 
-__all__ = ["get_lba_status", "ATYPE_ALLOCATED", "ATYPE_SCAN_UNTRACKED", "ATYPE_TRACKED", "LBARS_ERR",
-           "LBARS_ALLOCATED", "CMPC_MNDW", "CMPC_RANGE"]
+__all__ = ["get_lba_status", "first_deallocated", "ATYPE_ALLOCATED", "ATYPE_SCAN_UNTRACKED", "ATYPE_TRACKED",
+           "LBARS_ERR", "LBARS_ALLOCATED", "CMPC_MNDW", "CMPC_RANGE"]
 
 ATYPE_ALLOCATED = 0x02
 ATYPE_SCAN_UNTRACKED = 0x10
@@ -82,6 +93,22 @@ def _allocated(ns: Namespace, slba: int, nlb: int, most: int) -> list[tuple[int,
                 out.append((a, b - a))
         pos += n
     return out
+
+
+def first_deallocated(ns: Namespace, slba: int, nlb: int) -> int | None:
+    """The first block of ``slba .. slba + nlb`` (inside the namespace) that is deallocated
+    or was never written -- no byte of it allocated, as Get LBA Status reports it -- or None.
+
+    :param ns: the namespace.
+    :param slba: the first block.
+    :param nlb: the number of blocks (1 or more).
+    """
+    pos = slba
+    for start, n in _allocated(ns, slba, nlb, nlb + 1):
+        if start > pos:
+            return pos
+        pos = max(pos, start + n)
+    return pos if pos < slba + nlb else None
 
 
 def _clip(ranges: list[tuple[int, int]], slba: int, end: int) -> list[tuple[int, int]]:

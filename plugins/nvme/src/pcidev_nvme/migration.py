@@ -639,6 +639,9 @@ def _check(ctrl: MigrationHost, st: NvmeState) -> None:
         if t.nsid not in ctrl.allocated:
             raise _fail(f"error recovery setting for namespace {t.nsid}, which does not exist",
                         f"features.tler[{j}].nsid")
+    for j, nsid in enumerate(f.dulbe.nsids if f.dulbe is not None else ()):
+        if nsid not in ctrl.allocated:
+            raise _fail(f"DULBE set for namespace {nsid}, which does not exist", f"features.dulbe.nsids[{j}]")
     if len(st.error_entries) > ctrl.error_log.capacity:
         raise _fail(f"{len(st.error_entries)} error entries, the log keeps {ctrl.error_log.capacity}",
                     "error_entries")

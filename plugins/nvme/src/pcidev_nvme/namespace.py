@@ -167,6 +167,9 @@ CSI_NVM = 0
 
 # NSFEAT bits
 NSFEAT_THINP = 1 << 0
+#: NSFEAT.DAE: the Deallocated or Unwritten Logical Block error is supported (Error Recovery
+#: DULBE may be set): the backend tells its holes (:attr:`Namespace.dae`)
+NSFEAT_DAE = 1 << 2
 NSFEAT_OPTPERF = 1 << 4
 # DLFEAT: deallocated blocks read as zeros (001b); Write Zeroes supports DEAC (bit 3).
 DLFEAT_READ_ZEROES = 0x1
@@ -377,6 +380,9 @@ class NamespaceOptions:
                                "minus one (0: no boundaries)")
     nabo: int = _atomic_field("nabo", "NABO: LBA of the first atomic boundary")
     nabspf: int = _atomic_field("nabspf", "NABSPF: atomic boundary size for NAWUPF, 0's based (0: none)")
+    detached: bool = attrs.field(default=False, metadata={
+        "help": "on: the namespace starts allocated but not attached to the controller (Identify "
+                "CNS 10h/11h list it; Namespace Attachment attaches it), at every power-on"})
 
     def __attrs_post_init__(self) -> None:
         if self.lbaf is not None and self.lba_size is not None:
@@ -491,6 +497,8 @@ class Namespace:
         #: a metadata store opened by :meth:`restore_problem` for the format it checked
         self._prepared: tuple[tuple[int, int, int, int], MetadataStore] | None = None
         self.ms = 0
+        #: the ``detached`` option: the controller allocates it without attaching it at power-on
+        self.starts_detached = False
         self._set_format(lbaf, pi, pil, mset, config=True)
 
     # -- format ---------------------------------------------------------------------------
@@ -754,7 +762,8 @@ class Namespace:
             self.nlbas,  # NSZE
             self.nlbas,  # NCAP
             min(self.nuse(), self.nlbas),  # NUSE
-            NSFEAT_OPTPERF | (NSFEAT_NSABP if self.atomic.nsabp else 0),  # NSFEAT: NPWG..NOWS valid; NSABP
+            # NSFEAT: NPWG..NOWS valid; DAE; NSABP
+            NSFEAT_OPTPERF | (NSFEAT_DAE if self.dae else 0) | (NSFEAT_NSABP if self.atomic.nsabp else 0),
             0,  # NLBAF: identify_capabilities
             self.flbas,  # FLBAS
             0,  # MC: identify_capabilities
@@ -779,6 +788,14 @@ class Namespace:
         buf[120:128] = self.eui64
         identify_capabilities(buf, self.metadata_capable)
         return bytes(buf)
+
+    @property
+    def dae(self) -> bool:
+        """NSFEAT.DAE: the backend tells never-written and deallocated blocks from written
+        ones (its ``holes``: ``file`` and ``mem``; ``null`` keeps nothing and reports every
+        block written), so Error Recovery may enable the Deallocated or Unwritten Logical
+        Block error (``pcidev_nvme.lba_status.first_deallocated``)."""
+        return bool(getattr(self.backend, "holes", False))
 
     @property
     def metadata_capable(self) -> bool:
@@ -975,6 +992,7 @@ def make_namespace(
         pi, pil, mset = protection or (0, 0, 0)
         ns = Namespace(nsid, backend, lbaf=lbaf, pi=pi, pil=pil, mset=mset, nguid=nguid, eui64=eui64, uuid=uuid)
         ns.atomic = ns_options.atomicity()
+        ns.starts_detached = ns_options.detached
         remembered = (stored.get("lbaf"), stored.get("pi", 0), stored.get("pil", 0),
                       stored.get("mset", 0)) if stored is not None else None
         if path and (remembered != (ns.lbaf, ns.pi, ns.pil, ns.mset) or explicit):

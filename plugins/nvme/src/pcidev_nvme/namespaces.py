@@ -95,7 +95,8 @@ class NamespaceSetMixin:
                               backends=self.backend_registry())
 
     def _make_namespaces(self) -> None:
-        """The configured namespaces, NSID 1, 2, ... in order, attached."""
+        """The configured namespaces, NSID 1, 2, ... in order, attached (but those with the
+        ``detached`` option: allocated only, for Namespace Attachment to attach)."""
         cfg = self.cfg
         for i, spec in enumerate(cfg.namespaces, start=1):
             ns = self.make_namespace(i, spec)
@@ -104,7 +105,7 @@ class NamespaceSetMixin:
             if problem is not None:  # (the atomicity the namespace's options and the controller's give)
                 ns.close()
                 raise ConfigError(f"nvme: namespace {i}: {problem}")
-            self.add_namespace(i, ns, attached=True)
+            self.add_namespace(i, ns, attached=not ns.starts_detached)
 
     # -- the verbs that change the tables ----------------------------------------------------------
     def add_namespace(self, nsid: int, ns: Namespace, *, created_spec: str | None = None,

@@ -175,7 +175,9 @@ class Backend(Protocol):
         format next to the data (``None``: nothing is persisted).
 
     Optional: ``inheritable_fds()`` (see :meth:`BaseBackend.inheritable_fds`), the
-    descriptors a handover's new process takes instead of opening paths.
+    descriptors a handover's new process takes instead of opening paths;
+    ``allocated_ranges()`` and ``holes`` (see :attr:`BaseBackend.holes`): where the
+    data is, for Get LBA Status and the Deallocated or Unwritten Logical Block error.
     """
 
     kind: str
@@ -234,6 +236,11 @@ class BaseBackend:
         :mod:`pcidev.inheritance`). The default: none (a backend holding nothing opened
         by path). Optional: a backend without this method passes nothing."""
         return {}
+
+    #: :meth:`allocated_ranges` tells the backend's holes (never written or deallocated) from
+    #: its data: the namespace then advertises NSFEAT.DAE and the Deallocated or Unwritten
+    #: Logical Block error (``pcidev_nvme.lba_status``). False: every byte counts as written.
+    holes = False
 
     #: :meth:`readv_nowait` / :meth:`writev_nowait` may move data (the I/O command set
     #: tries them on the submitting thread before handing a command to its workers)

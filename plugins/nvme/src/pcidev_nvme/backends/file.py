@@ -89,6 +89,8 @@ class FileBackend(BaseBackend):
     """
 
     kind = "file"
+    #: ``SEEK_DATA`` / ``SEEK_HOLE`` tell the holes (at the file system's block granularity)
+    holes = True
     inline = False
 
     def __init__(

@@ -54,6 +54,8 @@ class MemoryBackend(BaseBackend):
     """
 
     kind = "mem"
+    #: the map of written 4 KiB pages tells the holes
+    holes = True
     inline = True
 
     def __init__(self, size: int, *, anon: bool = False) -> None:

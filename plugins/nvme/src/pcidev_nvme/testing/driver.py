@@ -387,13 +387,19 @@ class NvmeDriver:
     def cmb_enable(self, *, cba: int | None = None) -> tuple[int, int]:
         """Map the controller memory buffer as Linux's ``nvme_map_cmb`` does: CMBMSC.CRE,
         read CMBLOC and CMBSZ, then CMBMSC.CMSE with CBA = the BAR's bus address (or
-        ``cba``). Returns ``(bus address, size)``.
+        ``cba``). Returns ``(bus address, size)``. With CAP.CMBS clear, a CMBSZ that reads
+        non-zero is a legacy (pre-1.4) CMB: it is at the BAR's address, no CMBMSC is written
+        (``cba`` must be None), as Linux does.
 
-        :raises NvmeDriverError: no CMB (CAP.CMBS clear or CMBSZ 0), or CMBSTS.CBAI set.
+        :raises NvmeDriverError: no CMB (CAP.CMBS clear and CMBSZ 0, or CMBSZ 0 with
+            CMBMSC.CRE set), or CMBSTS.CBAI set.
         """
-        if not (self.cap >> 57) & 1:
-            raise NvmeDriverError("the controller has no CMB (CAP.CMBS is 0)")
-        self.write32(CMBMSC, 1)  # CRE
+        legacy = not (self.cap >> 57) & 1
+        if legacy:
+            if not self.read32(CMBSZ) or cba is not None:
+                raise NvmeDriverError("the controller has no CMB (CAP.CMBS and CMBSZ are 0)")
+        else:
+            self.write32(CMBMSC, 1)  # CRE
         cmbloc, cmbsz = self.read32(CMBLOC), self.read32(CMBSZ)
         if not cmbsz:
             raise NvmeDriverError("CMBSZ reads 0 with CMBMSC.CRE set")
@@ -401,9 +407,10 @@ class NvmeDriver:
         size = ((cmbsz >> 12) & 0xFFFFF) * unit
         self._cmb_bar_offset = (cmbloc >> 12) * unit  # CMBLOC.OFST, in SZU units (as nvme_map_cmb)
         base = self.pdev.bar_address(cmbloc & 7) + self._cmb_bar_offset if cba is None else cba
-        value = base | 0x3  # CRE | CMSE
-        self.write32(CMBMSC + 4, value >> 32)  # hi_lo_writeq, as Linux
-        self.write32(CMBMSC, value & 0xFFFFFFFF)
+        if not legacy:
+            value = base | 0x3  # CRE | CMSE
+            self.write32(CMBMSC + 4, value >> 32)  # hi_lo_writeq, as Linux
+            self.write32(CMBMSC, value & 0xFFFFFFFF)
         if self.read32(CMBSTS) & 1:
             raise NvmeDriverError(f"CMBSTS.CBAI: the controller refused CBA {base:#x}")
         self.cmb = (base, size)
