@@ -799,3 +799,70 @@ def test_a_secondary_refuses_what_the_primary_s_sanitize_forbids(host):
     finally:
         h.drv.sanitize(1)  # Exit Failure Mode
     assert vd.get_lba_status(2, 0, check=False).ok
+
+
+def _between_make_and_install(monkeypatch, step) -> None:
+    """Run ``step`` when the VFs were built (``SriovFunctions.make``) but are not live yet:
+    the admin worker's or sanitizer thread's interleaving with a VF Enable, made
+    deterministic."""
+    from pcidev.sriov import SriovFunctions
+
+    real = SriovFunctions.install
+
+    def install(self, vfs):
+        step()
+        return real(self, vfs)
+
+    monkeypatch.setattr(SriovFunctions, "install", install)
+
+
+def test_a_format_ending_while_vfs_are_built_does_not_hold_them(host, monkeypatch):
+    """A VF built while the primary's Format NVM ends reads the primary's set of namespaces
+    being formatted, never a copy made at build time (review F2: the copy kept the
+    namespace formatting for ever, a reset did not clear it)."""
+    h = host
+    h.bring_up(0, 2)
+    assert h.ctrl.begin_format({2}) == []
+    _between_make_and_install(monkeypatch, lambda: h.ctrl.end_format({2}))
+    h.pdev.enable_sriov(2)
+    vd = h.probe_vf(0)
+    vd.write(2, 0, b"\x5a" * 512)
+    assert vd.read(2, 0, 1) == b"\x5a" * 512
+    assert h.drv.read(2, 0, 1) == b"\x5a" * 512
+
+
+def test_a_format_starting_while_vfs_are_built_holds_them(host, monkeypatch):
+    h = host
+    h.bring_up(0, 2)
+    _between_make_and_install(monkeypatch, lambda: h.ctrl.begin_format({2}))
+    h.pdev.enable_sriov(1)
+    vd = h.probe_vf(0)
+    try:
+        assert _read_status(vd, 2, 0) == Status.FORMAT_IN_PROGRESS
+        vd.disable()  # the secondary's own reset leaves the primary's format running
+        vd.restart()
+        assert _read_status(vd, 2, 0) == Status.FORMAT_IN_PROGRESS
+    finally:
+        h.ctrl.end_format({2})
+    assert _read_status(vd, 2, 0) == 0
+
+
+@pytest.mark.parametrize("starts", [True, False])
+def test_a_sanitize_starting_or_ending_while_vfs_are_built_reaches_them(host, monkeypatch, starts):
+    """A VF's I/O gate is the primary's sanitize refusal, read at each fetch: a sanitize
+    that starts while the VF is built refuses its writes, one that ends then lets its I/O
+    run (review F3: the VF copied the value at build time)."""
+    h = host
+    h.bring_up(0, 2)
+    before, during = (0, Status.SANITIZE_IN_PROGRESS) if starts else (Status.SANITIZE_IN_PROGRESS, 0)
+    h.ctrl._sanitize_refuse(before)
+    _between_make_and_install(monkeypatch, lambda: h.ctrl._sanitize_refuse(during))
+    try:
+        h.pdev.enable_sriov(1)
+        vd = h.probe_vf(0)
+        assert h.pdev.virtfns[0].device.io.refuse == during
+        assert _read_status(vd, 2, 0) == during
+    finally:
+        h.ctrl._sanitize_refuse(0)
+    vd.write(2, 0, b"\xa5" * 512)
+    assert vd.read(2, 0, 1) == b"\xa5" * 512

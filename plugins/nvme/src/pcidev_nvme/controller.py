@@ -217,7 +217,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             self._init_persist()
             for nsid in sorted(self.allocated):
                 self.uncorrectable.load(nsid)
-            self.io = IoCommandSet(self, uncorrectable=self.uncorrectable, atomicity=self.atomicity)
+            self.io = self._make_io()
             #: Abort of outstanding commands (:mod:`pcidev_nvme.abort`)
             self.aborts = Aborts(self, self.io, self.aer)
             #: Device Self-test (:mod:`pcidev_nvme.selftest`)
@@ -388,21 +388,6 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         for a primary, on one of its secondary controllers."""
         return (super().io_inflight_for(nsids) or self.io.copying_from(nsids)  # (Copy source namespaces too)
                 or any(vf.io_inflight_for(nsids) for vf in self._secondaries()))
-
-    def begin_format(self, nsids: set[int]) -> list[int]:
-        """As :meth:`NamespaceSetMixin.begin_format`, and the secondaries refuse I/O to
-        ``nsids`` (Format In Progress) until :meth:`end_format` too."""
-        busy = super().begin_format(nsids)
-        if not busy:
-            for vf in self._secondaries():
-                vf.begin_format(nsids)
-        return busy
-
-    def end_format(self, nsids: set[int]) -> None:
-        """As :meth:`NamespaceSetMixin.end_format`, on the secondaries too."""
-        super().end_format(nsids)
-        for vf in self._secondaries():
-            vf.end_format(nsids)
 
     def subsystem_controllers(self) -> list[int]:
         """The CNTLIDs of the NVM subsystem's controllers: this one and its secondaries (CNS 13h)."""
@@ -654,11 +639,13 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
 
     def _sanitize_refuse(self, status: int) -> None:
         """What I/O completes with while a sanitize runs or failed (0: executed); a sanitize
-        acts on the whole NVM subsystem, so the secondary controllers' I/O too."""
+        acts on the whole NVM subsystem: the secondary controllers' I/O reads this
+        controller's value (:class:`_SecondaryIo`)."""
         self.io.refuse = status
-        for vf in list(self.virtual_functions):
-            if isinstance(vf, NvmeVirtualFunction):
-                vf.io.refuse = status
+
+    def _make_io(self) -> IoCommandSet:
+        """The I/O command set (called once the namespaces and Write Uncorrectable marks exist)."""
+        return IoCommandSet(self, uncorrectable=self.uncorrectable, atomicity=self.atomicity)
 
     def _sanitize_started(self) -> None:
         """A sanitize operation started: a device self-test in progress is aborted; the
@@ -1008,11 +995,28 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
         # what acts on state beyond the I/O of its attached namespaces stays with the primary
         self.admin.remove_commands(Opcode.NS_MANAGEMENT, Opcode.NS_ATTACHMENT, Opcode.FORMAT_NVM,
                                    Opcode.SANITIZE, Opcode.FW_COMMIT, Opcode.FW_DOWNLOAD)
-        self.io.refuse = primary.io.refuse  # a sanitize of the subsystem in progress
         self.atomicity.locks = primary.atomicity.locks  # one range lock table for the shared namespaces
         self.sanitizer.follow(primary.sanitizer)  # refusals, log 81h, Global Data Erased: the subsystem's
-        with primary.state_lock:  # a Format NVM of the primary in progress covers this one too
-            self._formatting |= primary._formatting
+        # a Format NVM of the primary covers this one too: the primary's set itself (never a
+        # copy, which a format ending while the VF is built but not yet live would leave stale)
+        self._formatting = primary._formatting
+
+    def _make_io(self) -> IoCommandSet:
+        """An I/O command set whose sanitize refusal is the primary's, read at each fetch
+        (never a copy: a sanitize starting or ending while the VF is built but not yet live
+        would leave it stale)."""
+        return _SecondaryIo(self.primary.io, self, uncorrectable=self.uncorrectable, atomicity=self.atomicity)
+
+    def begin_format(self, nsids: set[int]) -> list[int]:
+        """Nothing: a secondary controller has no Format NVM, and its set of namespaces being
+        formatted is the primary's (the primary marks them)."""
+        return []
+
+    def end_format(self, nsids: set[int]) -> None:
+        """Nothing: the set is the primary's (see :meth:`begin_format`)."""
+
+    def formats_cleared(self) -> None:
+        """Nothing: a reset or restore of the secondary leaves the primary's Format NVM running."""
 
     def describe(self) -> None:
         """The controller's PCI function, without NVM Subsystem Reset (CAP.NSSRS clear: the
@@ -1124,12 +1128,35 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
         namespaces = tuple(self.allocated[n.nsid].snapshot(attached=n.attached) for n in state.namespaces)
         super().set_device_state(attrs.evolve(state, namespaces=namespaces,
                                               uncorrectable=self.uncorrectable.snapshot(), sanitize=None))
-        # a sanitize of the subsystem is the primary's (loaded before its VFs): its hold on I/O
-        # applies here too, whatever this controller's own (never running) sanitizer said
-        self.io.refuse = self.primary.io.refuse
+        # (a sanitize of the subsystem is the primary's, loaded before its VFs: its hold on I/O
+        # applies here too, read from the primary by _SecondaryIo)
 
     def _make_namespaces(self) -> None:
         """The namespaces are the primary's (shared once built, see ``__init__``)."""
 
     def _close_namespaces(self) -> None:
         """The namespaces are the primary's: it closes them."""
+
+
+class _SecondaryIo(IoCommandSet):
+    """A secondary controller's I/O command set: what I/O completes with while the
+    subsystem's sanitize runs or failed is the primary's :attr:`~IoCommandSet.refuse`, read
+    when a batch is fetched.
+
+    :param subsystem: the primary controller's I/O command set.
+    :param args: as :class:`IoCommandSet`.
+    :param kwargs: as :class:`IoCommandSet`.
+    """
+
+    def __init__(self, subsystem: IoCommandSet, *args: Any, **kwargs: Any) -> None:
+        self._subsystem = subsystem
+        super().__init__(*args, **kwargs)
+
+    @property
+    def refuse(self) -> int:
+        """The primary's refusal (0: none)."""
+        return self._subsystem.refuse
+
+    @refuse.setter
+    def refuse(self, status: int) -> None:
+        """Ignored: the secondary never sanitizes by itself (its sanitizer follows the primary's)."""
