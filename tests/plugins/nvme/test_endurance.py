@@ -325,3 +325,42 @@ def test_a_disabled_vfs_counters_stay_in_the_group_and_migrate():
         _check(h.drv, 2, vcrcs)  # the VF's data, read through the primary
     finally:
         h.close()
+
+
+def test_a_load_onto_live_vfs_carries_the_source_s_totals_only():
+    """Loading onto a destination whose own VFs are live: closing them (the load replaces
+    them) adds nothing to the migrated endurance group, whose log 09h is the source's
+    (review F4). The data is verified by the source's host driving a second destination
+    loaded from the first."""
+    from test_virtualization import _repoint, _two_vfs, _verify, _workload
+
+    from pcidev.migration import load_device, load_device_stream, save_device, save_device_stream
+    from pcidev_nvme.controller import NvmeController
+
+    src, dst = SriovHost(), SriovHost()
+    try:
+        s_drvs, d_drvs = _two_vfs(src), _two_vfs(dst)
+        crcs: dict = {}
+        _workload(src, s_drvs, crcs, 1)
+        _workload(dst, d_drvs, {}, 2)
+        assert _u128(_eg_log(dst.drv).tag, 112) >= 3 * 24
+        page = _eg_log(src.drv).tag
+        src.ctrl.quiesce()
+        dst.ctrl.quiesce()
+        load_device(dst.ctrl, save_device(src.ctrl))
+        assert dst.ctrl.endurance.information_page(1)[48:160] == page[48:160]
+        # on to a fresh controller the source's host drives: the data and log 09h came along
+        data, fds = save_device_stream(dst.ctrl)
+        again = NvmeController(src.ctrl.cfg, name="again")
+        src.closing.append(load_device_stream(again, data, fds))
+        _repoint(src, again)
+        again.resume()
+        src.closing.append(src.ctrl)
+        src.ctrl = again
+        assert _verify(s_drvs, crcs) == 3 * 4096
+        after = _eg_log(src.drv).tag
+        assert after[64:96] == page[64:96] and after[112:128] == page[112:128]  # written: unchanged
+        assert _u128(after, 96) > _u128(page, 96)  # (the reads since)
+    finally:
+        dst.close()
+        src.close()

@@ -328,6 +328,15 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             totals = totals + MediaTotals.of(c.smart, c.error_log.count)
         return totals
 
+    def set_device_state(self, state: NvmeState) -> None:
+        """Apply a checked state (a load). With SR-IOV the live secondaries are about to be
+        replaced by the stream's (or, if the load fails, kept and resumed): their counters
+        are in neither the loaded endurance group's nor, once closed, the destination's, so
+        closing them now retires nothing (:meth:`NvmeVirtualFunction.close`)."""
+        for vf in self._secondaries():
+            vf.retires_counters = False
+        super().set_device_state(state)
+
     def _secondary(self, k: int) -> NvmeVirtualFunction | None:
         """The live controller of secondary ``k`` (its VF is enabled), else None."""
         vfs = self.virtual_functions
@@ -997,6 +1006,10 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
                                    Opcode.SANITIZE, Opcode.FW_COMMIT, Opcode.FW_DOWNLOAD)
         self.atomicity.locks = primary.atomicity.locks  # one range lock table for the shared namespaces
         self.sanitizer.follow(primary.sanitizer)  # refusals, log 81h, Global Data Erased: the subsystem's
+        #: whether closing this controller adds its counters to the primary's endurance group
+        #: (:meth:`close`): from its first resume (its VF went live) until the primary applies
+        #: a loaded state that replaces it (the loaded group's totals are the source's)
+        self.retires_counters = False
         # a Format NVM of the primary covers this one too: the primary's set itself (never a
         # copy, which a format ending while the VF is built but not yet live would leave stale)
         self._formatting = primary._formatting
@@ -1043,11 +1056,18 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
         """The primary's: one endurance group for the whole subsystem."""
         return self.primary.endurance_totals()
 
+    def on_resume(self) -> None:
+        """Resume the controller; from now on its counters are the endurance group's
+        (:attr:`retires_counters`)."""
+        super().on_resume()
+        self.retires_counters = True
+
     def close(self) -> None:
         """Close the secondary; when its VF is disabled (the primary stays), the primary's
-        endurance group keeps counting what this controller read and wrote."""
+        endurance group keeps counting what this controller read and wrote -- not when a
+        load replaces it (:attr:`retires_counters`), nor for a VF a load built and discarded."""
         primary = self.primary
-        if not self._closed and self.owns_state and not primary._closed:
+        if not self._closed and self.owns_state and self.retires_counters and not primary._closed:
             primary.endurance.retire(MediaTotals.of(self.smart, self.error_log.count))
         super().close()
 
