@@ -542,6 +542,39 @@ def test_a_primary_sanitize_aborts_the_secondaries_self_test(host):
     assert log[0] == 0 and log[4] & 0xF == 0x9, log[:8]  # aborted by a sanitize operation
 
 
+@pytest.mark.parametrize("how", ["format", "delete", "detach"])
+def test_a_primary_format_delete_or_detach_aborts_the_secondary_s_self_test(how):
+    """The primary's Format NVM (result 4h), Namespace Management delete or detach from the
+    secondary (3h) ends the secondary's self-test of that namespace, as the primary's own
+    (review F12); a test of another namespace runs on."""
+    h = Host("serial=SRIOV,max_ioqpairs=8,msix_vectors=9,sriov_max_vfs=2,sriov_vq_flexible=6,"
+             "sriov_vi_flexible=4,ns=mem:size=2M,ns=mem:size=2M,ns=mem:size=2M,capacity=16M")
+    try:
+        h.bring_up(0, 2)
+        h.bring_up(1, 3)
+        h.pdev.enable_sriov(2)
+        vd, other = h.probe_vf(0), h.probe_vf(1)
+        vd.device_self_test(2, nsid=2)  # extended: runs for minutes
+        other.device_self_test(2, nsid=3)
+        h.drv.device_self_test(2, nsid=2)
+        assert vd.self_test_log()[0] == other.self_test_log()[0] == h.drv.self_test_log()[0] == 2
+        if how == "format":
+            assert h.drv.admin(0x80, nsid=2, cdw10=0, check=False, timeout=30).ok
+            want = 0x4
+        elif how == "delete":
+            assert h.drv.admin(0x0D, nsid=2, cdw10=1, check=False).ok
+            want = 0x3
+        else:
+            assert h.attach(2, 1, sel=1).ok  # detached from the secondary (CNTLID 1)
+            want = 0x3
+        log = vd.self_test_log()
+        assert log[0] == 0 and log[4] & 0xF == want, log[:8]
+        assert other.self_test_log()[0] == 2  # namespace 3's test runs on
+        assert h.drv.self_test_log()[0] == (2 if how == "detach" else 0)
+    finally:
+        h.close()
+
+
 def test_identify_says_multi_controller_subsystem_and_shared_namespaces(host):
     h = host
     h.bring_up(0, 2)

@@ -146,6 +146,7 @@ class AdminHost(ControllerPort, Protocol):
     def keep_alive(self) -> None: ...
     def notice(self, info: int, lid: int) -> None: ...
     def namespace_changed(self, nsid: int) -> None: ...
+    def selftests_namespace_changed(self, nsid: int, result: int) -> None: ...
     def smart_page(self) -> bytes: ...
     def io_inflight_for(self, nsids: set[int]) -> bool: ...
     def begin_format(self, nsids: set[int]) -> list[int]: ...
@@ -848,7 +849,7 @@ class AdminCommandSet:
             raise _err(Status.INVALID_NSID, f"namespace {nsid:#x} is not allocated", OFF_NSID)
         for n in targets:
             ctrl.uncorrectable.clear_namespace(n)
-            ctrl.selftest.namespace_changed(n, RESULT_ABORTED_NS_REMOVED)
+            ctrl.selftests_namespace_changed(n, RESULT_ABORTED_NS_REMOVED)  # (the secondaries' too)
             ns, was_attached, created_spec = ctrl.remove_namespace(n)
             if was_attached:
                 ctrl.namespace_changed(n)
@@ -959,7 +960,7 @@ class AdminCommandSet:
                                                 "30 s; nothing was formatted")
                 time.sleep(0.001)
             for ns in targets:
-                ctrl.selftest.namespace_changed(ns.nsid, RESULT_ABORTED_FORMAT)
+                ctrl.selftests_namespace_changed(ns.nsid, RESULT_ABORTED_FORMAT)  # (the secondaries' too)
                 ns.format(lbaf, ses, pi, pil, mset)
                 ctrl.uncorrectable.clear_namespace(ns.nsid)
         except NvmeStatusError as exc:

@@ -99,7 +99,7 @@ from pcidev_nvme.registers import (
 )
 from pcidev_nvme.request import SQE_SIZE
 from pcidev_nvme.sanitize import SANITIZE_COMPLETED_EVENT, Sanitizer
-from pcidev_nvme.selftest import RESULT_ABORTED_SANITIZE, SelfTest, edstt_minutes
+from pcidev_nvme.selftest import RESULT_ABORTED_NS_REMOVED, RESULT_ABORTED_SANITIZE, SelfTest, edstt_minutes
 from pcidev_nvme.uncorrectable import SIDECAR_SUFFIX, Uncorrectable
 from pcidev_nvme.virtualization import OACS_VMS, Virtualization, VirtualizationState, resources_of
 
@@ -352,6 +352,14 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         vf = self._secondary(k)
         if vf is not None and self.virtualization is not None:
             vf.take_attached(self.virtualization.attached(k))
+
+    def selftests_namespace_changed(self, nsid: int, result: int) -> None:
+        """Namespace ``nsid`` was formatted or deleted: the device self-test of every
+        controller of the subsystem covering it ends with ``result`` (this one's and, on a
+        primary controller, its secondaries', which run their own: DSTO bit 0 clear)."""
+        self.selftest.namespace_changed(nsid, result)
+        for vf in self._secondaries():
+            vf.selftest.namespace_changed(nsid, result)
 
     def remove_namespace(self, nsid: int) -> RemovedNamespace:
         """Delete namespace ``nsid`` (see :meth:`NamespaceSetMixin.remove_namespace`), also
@@ -1125,6 +1133,8 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
             before = set(self.namespaces)
             self.set_attached(nsids & set(self.allocated))
             for nsid in sorted(before ^ set(self.namespaces)):
+                if nsid not in self.namespaces:  # detached: a self-test covering it ends (3h)
+                    self.selftest.namespace_changed(nsid, RESULT_ABORTED_NS_REMOVED)
                 self.namespace_changed(nsid)
 
     # -- migration: a secondary's state loads inside its primary's stream ----------------------------------
