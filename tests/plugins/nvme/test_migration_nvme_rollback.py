@@ -264,3 +264,58 @@ def test_a_refused_state_closes_the_metadata_sidecar_its_check_opened(tmp_path, 
     finally:
         dst.close()
         src.close()
+
+
+def _memfds() -> int:
+    """The descriptors of this process on a namespace memfd."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:pcidev-nvme-ns"):
+                n += 1
+        except OSError:
+            pass
+    return n
+
+
+@pytest.mark.parametrize("where", ["smart", "namespace"])
+def test_a_load_failing_inside_the_apply_closes_the_source_memory_it_mapped(monkeypatch, where):
+    """A failure in the apply's second step (a component's restore raising, before or in the
+    namespace loop) rolls back and closes the source's namespace memory the first step
+    mapped: no descriptor keeps it alive (review F1). The destination's blocks are as
+    they were."""
+    src, dst = Host(PI_CFG, io_queues=1), Host(PI_CFG, io_queues=1)
+    try:
+        s_blocks, d_blocks = PiBlocks(src.drv), PiBlocks(dst.drv)
+        _fill(src, s_blocks, 5)
+        _fill(dst, d_blocks, 6)
+        src.ctrl.quiesce()
+        snap = save_device(src.ctrl)
+        d = dst.ctrl
+        d.quiesce()
+        before, data_before = _memfds(), namespace_crcs(d)
+        if where == "smart":
+            target, name = d.smart, "restore"
+        else:  # the first namespace's restore: namespace 2's mapped memory is not consumed yet
+            target, name = d.allocated[1], "restore"
+        real = getattr(target, name)
+        calls: list[int] = []
+
+        def boom(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("injected failure in the apply")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(target, name, boom)
+        with pytest.raises(StateError, match="injected failure"):
+            load_device(d, snap)
+        monkeypatch.undo()
+        assert d.failed is None and calls
+        assert _memfds() == before
+        assert namespace_crcs(d) == data_before
+        d.resume()
+        _verify_pi(dst, d_blocks)
+    finally:
+        dst.close()
+        src.close()
