@@ -765,6 +765,41 @@ def test_an_nvm_subsystem_reset_of_the_primary_resets_every_secondary(host):
     assert _verify(drvs, crcs) == 3 * 4096
 
 
+def test_an_nvm_subsystem_reset_waits_for_a_secondary_s_register_write(host):
+    """The primary's NSSR resets a secondary under the secondary's device lock, as its own
+    register writes run: a CC write in progress on the VF finishes first (review F7)."""
+    import threading
+
+    h = host
+    h.bring_up(0, 2)
+    h.pdev.enable_sriov(1)
+    vd = h.probe_vf(0)
+    vf = h.pdev.virtfns[0].device
+    held, release = threading.Event(), threading.Event()
+
+    def register_write_in_progress() -> None:
+        with vf.lock:
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=register_write_in_progress)
+    t.start()
+    assert held.wait(10)
+    nssr = threading.Thread(target=h.drv.subsystem_reset)
+    nssr.start()
+    try:
+        nssr.join(0.3)
+        assert nssr.is_alive() and vf.fsm_state == "ready" and vf.regs["CC"].value & 1  # waits for the VF lock
+    finally:
+        release.set()
+        t.join(10)
+        nssr.join(10)
+    assert not nssr.is_alive() and vf.fsm_state == "disabled" and vd.read32(0x14) == 0
+    vd.restart()
+    vd.write(2, 0, b"\x42" * 512)
+    assert vd.read(2, 0, 1) == b"\x42" * 512
+
+
 def _wait_sanitized(drv: NvmeDriver) -> dict[str, int]:
     deadline = time.monotonic() + 20
     while (log := drv.sanitize_log())["sstat"] & 7 == 2:

@@ -608,7 +608,8 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         # the subsystem's other controllers reset too; their CSTS.NSSRO stays clear: the
         # field is valid only on a controller with CAP.NSSRS, which a secondary's is not
         for vf in self._secondaries():
-            vf.subsystem_reset(nssro=False)
+            with vf.lock:  # (as its own register writes: a CC write never sees half of it)
+                vf.subsystem_reset(nssro=False)
 
     def subsystem_reset(self, *, nssro: bool | None = None) -> bool:
         """This controller's part of an NVM Subsystem Reset: it resets at once (commands in
