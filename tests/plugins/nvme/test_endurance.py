@@ -182,6 +182,28 @@ def test_event_aggregate_log_and_notice(env):
     ctrl.inject_critical_warning(0)
 
 
+def test_an_entry_added_while_log_0fh_is_read_stays_for_the_next_read(env, monkeypatch):
+    """Reading log 0Fh with RAE clear empties it only of what the host got: an entry added
+    between the copy and the clear (another thread's warning) stays (review F9)."""
+    drv, ctrl = env.drv, env.ctrl
+    drv.set_features(0x18, 1 | 1 << 16)
+    admin = ctrl.admin
+    real = admin.to_host
+
+    def to_host(req, data):
+        out = real(req, data)
+        if req.opcode == GET_LOG and req.cdw10 & 0xFF == 0x0F:
+            ctrl.inject_critical_warning(1 << 0)  # the group is added meanwhile
+        return out
+
+    monkeypatch.setattr(admin, "to_host", to_host)
+    assert drv.get_log(0x0F, 512) == bytes(512)  # the page the host got was empty ...
+    monkeypatch.undo()
+    assert struct.unpack_from("<QH", drv.get_log(0x0F, 512), 0) == (1, 1)  # ... the entry stays
+    assert drv.get_log(0x0F, 512) == bytes(512)
+    ctrl.inject_critical_warning(0)
+
+
 def test_namespace_management_takes_endurance_group_1(env):
     drv = env.drv
     for endgid, status in ((1, 0), (0, 0), (2, Status.INVALID_FIELD)):

@@ -574,7 +574,7 @@ class AdminCommandSet:
         elif lid == LID_ENDURANCE_GROUP:
             page = ctrl.endurance.information_page(req.cdw11 >> 16)  # LSI: the endurance group
         elif lid == LID_EG_EVENT_AGGREGATE:
-            page = ctrl.endurance.aggregate_page(clear=False)
+            page, eg_token = ctrl.endurance.aggregate_read()  # (cleared below of what it holds only)
         elif lid == nlogs.LID_OCP_SMART and ctrl.cfg.ocp:
             if req.nsid not in (0, BROADCAST):
                 raise _err(Status.INVALID_FIELD, "the OCP SMART log is kept per controller", OFF_NSID)
@@ -587,7 +587,7 @@ class AdminCommandSet:
         if lid == nlogs.LID_CHANGED_NS and not rae:
             ctrl.changed_ns.page(clear=True)
         elif lid == LID_EG_EVENT_AGGREGATE and not rae:
-            ctrl.endurance.aggregate_page(clear=True)
+            ctrl.endurance.aggregate_clear(eg_token)
         ctrl.aer.log_read(lid, rae)
         return 0
 

@@ -160,6 +160,8 @@ class EnduranceGroup:
         self.reported = 0
         #: the counters of secondary controllers that are gone (their VF was disabled)
         self.retired = MediaTotals()
+        #: how many times the group was added to the aggregate log (:meth:`aggregate_clear`)
+        self._added = 0
 
     # -- what the group reports ----------------------------------------------------------------
     def critical_warning(self) -> int:
@@ -214,11 +216,26 @@ class EnduranceGroup:
     def aggregate_page(self, *, clear: bool) -> bytes:
         """The Endurance Group Event Aggregate log page (LID 0Fh), 512 bytes; ``clear``
         (RAE cleared) empties it."""
+        page, token = self.aggregate_read()
+        if clear:
+            self.aggregate_clear(token)
+        return page
+
+    def aggregate_read(self) -> tuple[bytes, int]:
+        """The Endurance Group Event Aggregate log page and a token naming what it holds:
+        :meth:`aggregate_clear` with that token (once the page reached the host, RAE
+        cleared) empties the log only of what the host was given."""
         with self._lock:
             ids = [ENDGID] if self.pending else []
-            if clear:
+            token = self._added
+        return struct.pack(f"<Q{len(ids)}H", len(ids), *ids).ljust(_AGGREGATE_SIZE, b"\0"), token
+
+    def aggregate_clear(self, token: int) -> None:
+        """Empty the aggregate log read with ``token`` (:meth:`aggregate_read`), unless an
+        entry was added since: that one stays for the next read (its notice was posted)."""
+        with self._lock:
+            if self._added == token:
                 self.pending = False
-        return struct.pack(f"<Q{len(ids)}H", len(ids), *ids).ljust(_AGGREGATE_SIZE, b"\0")
 
     # -- feature 18h ------------------------------------------------------------------------------
     def get_feature(self, cdw11: int, *, default: bool) -> int:
@@ -258,6 +275,7 @@ class EnduranceGroup:
                 return
             self.reported |= new
             self.pending = True
+            self._added += 1
         if self._aec() & AEC_EG_EVENT:
             self._aer.post(AER_NOTICE, INFO_EG_EVENT, LID_EG_EVENT_AGGREGATE)
 
