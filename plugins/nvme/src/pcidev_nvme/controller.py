@@ -717,6 +717,10 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             try:
                 if cmb is not None and cmb.overlaps(acq, acqs * 16):
                     raise DmaError("ACQ is in the controller memory buffer (CMBSZ.CQS is 0)")
+                pmr = self.pmr.window if self.pmr is not None else None
+                if pmr is not None and (pmr.overlaps(asq, asqs * SQE_SIZE) or pmr.overlaps(acq, acqs * 16)):
+                    # (as I/O queues, pmr.refuse_queue: PMRCAP has no queue support)
+                    raise DmaError("an admin queue is in the persistent memory region")
                 if view is not None:
                     mem = view.over(mem)
                 for v in mem.views(asq, asqs * SQE_SIZE) + mem.views(acq, acqs * 16, write=True):
