@@ -296,16 +296,47 @@ def test_sriov_secondary_reports_the_subsystems_endurance_group():
         for eg_off, smart_off in ((96, 64), (112, 80)):
             assert _u128(pf_info, eg_off) == _u128(pf_smart, smart_off) + _u128(vf_smart, smart_off)
         assert _u128(vf_smart, 80) >= 6 and _u128(pf_smart, 80) >= 3
-        # feature 18h and the aggregate log are each controller's own
+        # feature 18h is the group's (one value for the subsystem); each controller has its
+        # own aggregate log, and a warning on one controller reaches every one's (review F8)
         vd.set_features(0x18, 1 | 1 << 16)
-        assert h.drv.get_features(0x18, cdw11=1).dw0 == 1
+        assert h.drv.get_features(0x18, cdw11=1).dw0 == 1 | 1 << 16
         h.ctrl.virtual_functions[0].inject_critical_warning(1 << 0)
         try:
             assert struct.unpack_from("<QH", vd.get_log(0x0F, 512), 0) == (1, 1)
-            assert h.drv.get_log(0x0F, 512) == bytes(512)
+            assert vd.get_log(0x0F, 512) == bytes(512)  # read with RAE clear: this one's emptied
+            assert struct.unpack_from("<QH", h.drv.get_log(0x0F, 512), 0) == (1, 1)
             assert _eg_log(h.drv).tag[0] == _eg_log(vd).tag[0] == 0x01  # the group's warning, seen by both
         finally:
             h.ctrl.virtual_functions[0].inject_critical_warning(0)
+    finally:
+        h.close()
+
+
+def test_feature_18h_is_the_group_s_and_a_primary_warning_reaches_the_secondary():
+    """Set Features 18h on the primary is what a secondary reports (Endurance Group scope),
+    a secondary's reset leaves it, and a warning appearing on the primary adds the group
+    to the secondary's aggregate log (review F8)."""
+    h = SriovHost()
+    try:
+        h.bring_up(0, 2)
+        h.pdev.enable_sriov(1)
+        vd = h.probe_vf(0, aers=0)
+        crcs = _verified_io(vd, 2, 0, 4)
+        h.drv.set_features(0x18, 1 | (1 << 3) << 16)
+        assert vd.get_features(0x18, cdw11=1).dw0 == 1 | (1 << 3) << 16
+        vd.disable()
+        vd.restart()  # the secondary's controller reset: the group's value stays
+        assert vd.get_features(0x18, cdw11=1).dw0 == 1 | (1 << 3) << 16
+        h.ctrl.inject_critical_warning(1 << 3)
+        try:
+            assert struct.unpack_from("<QH", vd.get_log(0x0F, 512), 0) == (1, 1)
+            assert struct.unpack_from("<QH", h.drv.get_log(0x0F, 512), 0) == (1, 1)
+        finally:
+            h.ctrl.inject_critical_warning(0)
+        _check(vd, 2, crcs)
+        h.drv.disable()
+        h.drv.restart()  # the primary's reset: the default again, for the group
+        assert vd.get_features(0x18, cdw11=1).dw0 == 1
     finally:
         h.close()
 

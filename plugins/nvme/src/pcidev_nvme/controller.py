@@ -206,7 +206,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self.endurance = EnduranceGroup(
             self.aer, lambda: [c.smart for c in self.subsystem_live_controllers()], self.endurance_totals,
             lambda: (self.total_capacity, max(self.total_capacity - self.allocated_capacity, 0)),
-            lambda: self.features.aec)
+            lambda: self.features.aec, changed=lambda: self.endurance_changed())
         #: Write Uncorrectable marks (:mod:`pcidev_nvme.uncorrectable`; with SR-IOV one object
         #: for the primary and its secondaries: the namespaces are shared)
         self.uncorrectable = self._make_uncorrectable()
@@ -319,6 +319,13 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         controller, the secondaries whose VF is enabled (their SMART counters make up the
         endurance group's)."""
         return [self, *(vf for vf in self.virtual_functions if isinstance(vf, NvmeVirtualFunction))]
+
+    def endurance_changed(self) -> None:
+        """The group's warnings or feature 18h may have changed: every live controller of
+        the subsystem checks (a warning appearing on one is the group's, in each one's
+        Endurance Group Event Aggregate log)."""
+        for c in self.subsystem_live_controllers():
+            c.endurance.check(ready=c.fsm_state == "ready")
 
     def endurance_totals(self) -> MediaTotals:
         """The endurance group's counters: every live controller's, and those of the
@@ -1019,6 +1026,7 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
                                    Opcode.SANITIZE, Opcode.FW_COMMIT, Opcode.FW_DOWNLOAD)
         self.atomicity.locks = primary.atomicity.locks  # one range lock table for the shared namespaces
         self.sanitizer.follow(primary.sanitizer)  # refusals, log 81h, Global Data Erased: the subsystem's
+        self.endurance.follow(primary.endurance)  # feature 18h: the endurance group's (the primary's)
         #: whether closing this controller adds its counters to the primary's endurance group
         #: (:meth:`close`): from its first resume (its VF went live) until the primary applies
         #: a loaded state that replaces it (the loaded group's totals are the source's)

@@ -28,8 +28,12 @@ What the controller reports of it (NVMe Base 2.0, 3.2.3 and the figures named be
   when the Asynchronous Event Configuration enables it (bit 14; OAES bit 14).
 
 A warning is reported once and again only after it cleared (as the SMART critical
-warnings are). Feature 18h belongs to the controller: a controller reset sets it back to
-its default (no warning enabled), as every feature here (none is saveable).
+warnings are). Feature 18h has Endurance Group scope: with SR-IOV the secondary
+controllers read and set the primary's value (:meth:`EnduranceGroup.follow`), and a
+warning appearing on any controller of the subsystem is checked by every live one
+(each keeps its own aggregate log and posts its own notice). A reset of the primary
+controller sets it back to its default (no warning enabled; none is saveable), a
+secondary's reset leaves it.
 
 :class:`EnduranceGroup` owns the feature value, the aggregate log's contents and the
 warnings reported, and the counters of the secondary controllers that are gone;
@@ -118,6 +122,15 @@ class MediaTotals:
         return cls(read, written, smart.host_read_commands, smart.host_write_commands, media_errors, error_entries)
 
 
+class _EventConfig:
+    """Feature 18h's value, one cell shared by the subsystem's controllers."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
 @vmstate("nvme/endurance")
 @attrs.frozen
 class EnduranceState:
@@ -145,15 +158,19 @@ class EnduranceGroup:
 
     def __init__(self, aer: AsyncEvents, counters: Callable[[], Iterable[SmartCounters]],
                  totals: Callable[[], MediaTotals], capacity: Callable[[], tuple[int, int]],
-                 aec: Callable[[], int]) -> None:
+                 aec: Callable[[], int], changed: Callable[[], None] | None = None) -> None:
         self._aer = aer
+        #: after a Set Features 18h: every controller of the subsystem checks (default: this one)
+        self._changed = changed if changed is not None else self.check
         self._counters = counters
         self._totals = totals
         self._capacity = capacity
         self._aec = aec
         self._lock = threading.Lock()
-        #: feature 18h: the critical warnings that add the group to the aggregate log
-        self.event_config = 0
+        #: feature 18h (the group's: shared with the secondaries, :meth:`follow`)
+        self._config = _EventConfig()
+        #: a secondary controller's: the primary's group (:meth:`follow`)
+        self._subsystem: EnduranceGroup | None = None
         #: the group is in the Endurance Group Event Aggregate log
         self.pending = False
         #: critical warnings reported (again only after they cleared)
@@ -162,6 +179,22 @@ class EnduranceGroup:
         self.retired = MediaTotals()
         #: how many times the group was added to the aggregate log (:meth:`aggregate_clear`)
         self._added = 0
+
+    def follow(self, subsystem: EnduranceGroup) -> None:
+        """Make this the group of a secondary controller: feature 18h is ``subsystem``'s
+        (Endurance Group scope); the aggregate log and the warnings reported stay this
+        controller's own."""
+        self._subsystem = subsystem
+        self._config = subsystem._config
+
+    @property
+    def event_config(self) -> int:
+        """Feature 18h: the critical warnings that add the group to the aggregate log."""
+        return self._config.value
+
+    @event_config.setter
+    def event_config(self, value: int) -> None:
+        self._config.value = value
 
     # -- what the group reports ----------------------------------------------------------------
     def critical_warning(self) -> int:
@@ -257,7 +290,7 @@ class EnduranceGroup:
         self.check_id(cdw11 & 0xFFFF)
         with self._lock:
             self.event_config = (cdw11 >> 16) & EG_WARNINGS
-        self.check()
+        self._changed()
 
     # -- events --------------------------------------------------------------------------------------
     def check(self, *, ready: bool = True) -> None:
@@ -285,10 +318,12 @@ class EnduranceGroup:
             self.retired = self.retired + totals
 
     def reset(self) -> None:
-        """Controller reset: feature 18h back to its default; the warnings present are
-        reported again once enabled (the aggregate log keeps its entry until read)."""
+        """Controller reset: feature 18h back to its default (not by a secondary's reset:
+        the value is the group's, the primary's); the warnings present are reported again
+        once enabled (the aggregate log keeps its entry until read)."""
         with self._lock:
-            self.event_config = 0
+            if self._subsystem is None:
+                self.event_config = 0
             self.reported = 0
 
     # -- state ------------------------------------------------------------------------------------------
@@ -304,10 +339,14 @@ class EnduranceGroup:
     def restore(self, state: EnduranceState | None) -> None:
         """Take ``state`` (None, a stream from before endurance groups: the defaults)."""
         with self._lock:
+            own = self._subsystem is None  # (a secondary's feature 18h is the primary's, loaded before it)
             if state is None:
-                self.event_config, self.pending, self.reported, self.retired = 0, False, 0, MediaTotals()
+                self.pending, self.reported, self.retired = False, 0, MediaTotals()
+                if own:
+                    self.event_config = 0
                 return
-            self.event_config = state.event_config & EG_WARNINGS
+            if own:
+                self.event_config = state.event_config & EG_WARNINGS
             self.pending = state.pending
             self.reported = state.reported & EG_WARNINGS
             self.retired = state.retired
