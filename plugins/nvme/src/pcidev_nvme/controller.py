@@ -320,6 +320,15 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         endurance group's)."""
         return [self, *(vf for vf in self.virtual_functions if isinstance(vf, NvmeVirtualFunction))]
 
+    def endurance_to_persist(self) -> MediaTotals:
+        """Beyond this controller's SMART counters: the retired secondaries' and the live
+        ones' (they have no state file: after a restart they count from zero, and what they
+        did stays in the group's totals as retired)."""
+        totals = self.endurance.retired
+        for vf in self._secondaries():
+            totals = totals + MediaTotals.of(vf.smart, vf.error_log.count)
+        return totals
+
     def endurance_changed(self) -> None:
         """The group's warnings or feature 18h may have changed: every live controller of
         the subsystem checks (a warning appearing on one is the group's, in each one's
@@ -1088,7 +1097,9 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
         endurance group keeps counting what this controller read and wrote -- not when a
         load replaces it (:attr:`retires_counters`), nor for a VF a load built and discarded."""
         primary = self.primary
-        if not self._closed and self.owns_state and self.retires_counters and not primary._closed:
+        # (also while the primary closes: it closes its VFs first, then saves the group's
+        # counters in its state file, endurance_to_persist)
+        if not self._closed and self.owns_state and self.retires_counters:
             primary.endurance.retire(MediaTotals.of(self.smart, self.error_log.count))
         super().close()
 
