@@ -319,3 +319,37 @@ def test_a_load_failing_inside_the_apply_closes_the_source_memory_it_mapped(monk
     finally:
         dst.close()
         src.close()
+
+
+def test_a_sidecar_the_check_created_is_gone_when_a_later_check_refuses(tmp_path):
+    """A ``file`` namespace's check creates the metadata sidecar of the incoming format to
+    see that it can; when a later part's check (a VF stream that does not decode) refuses
+    the load, the file is gone at once -- not at the destination's next quiesce or close,
+    by which time the source may use a sidecar of that name (review F6). A good load then
+    creates it, and the data migrated is the source's."""
+    img = str(tmp_path / "s.img")
+    sidecar = img + ".nvme-meta"
+    sriov = "max_ioqpairs=8,msix_vectors=9,sriov_max_vfs=2,sriov_vq_flexible=6,sriov_vi_flexible=4"
+    src = SriovHost(f"serial=SIDE2,{sriov},ns=file:path={img},size=1M,lbaf=3,pi=1,ns=mem:size=2M,ns=mem:size=2M")
+    dst = NvmeController(f"serial=SIDE2,{sriov},ns=file:path={img},size=1M,lbaf=0,ns=mem:size=2M,ns=mem:size=2M",
+                         name="dst")
+    try:
+        drvs = _two_vfs(src)
+        crcs: dict = {}
+        _workload(src, drvs[1:], crcs, 7)  # (the VFs' namespaces: 2 and 3)
+        src.ctrl.quiesce()
+        snap = save_device(src.ctrl)
+        want = namespace_crcs(src.ctrl)
+        os.unlink(sidecar)  # (the source keeps its descriptor: the destination must create one)
+        with pytest.raises(StateError):
+            load_device(dst, _garbled_vf_stream(snap))
+        assert not os.path.exists(sidecar)  # at once
+        assert dst.allocated[1].lbaf == 0 and dst.allocated[1].meta is None
+        load_device(dst, snap)
+        assert os.path.exists(sidecar) and dst.allocated[1].lbaf == 3
+        got = namespace_crcs(dst)
+        assert got == want and crcs
+        assert all(got[nsid][lba] == crc for (nsid, lba), crc in crcs.items())
+    finally:
+        dst.close()
+        src.close()
