@@ -81,9 +81,10 @@ def test_information_log_agrees_with_smart(env):
     smart = drv.get_log(0x02, 512)
     info = _eg_log(drv).tag
     assert info[0] == smart[0] & 0x0D == 0 and info[3:6] == smart[3:6] == bytes([100, 10, 0])
-    assert _u128(info, 48) == _u128(smart, 32) > 0  # data units read
-    assert _u128(info, 64) == _u128(smart, 48) > 0  # data units written
-    assert _u128(info, 80) == _u128(smart, 48)  # media units written
+    # data units read / written, media units written: billions of bytes, rounded up (some
+    # kilobytes here: 1), where the SMART log counts thousands of 512-byte units
+    assert _u128(info, 48) == 1 and _u128(smart, 32) > 0
+    assert _u128(info, 64) == _u128(info, 80) == 1 and _u128(smart, 48) > 0
     assert _u128(info, 96) == _u128(smart, 64) >= 41  # host read commands
     assert _u128(info, 112) == _u128(smart, 80) >= 40  # host write commands
     assert _u128(info, 128) == _u128(smart, 160) == 1  # media and data integrity errors
@@ -92,6 +93,23 @@ def test_information_log_agrees_with_smart(env):
     assert info[160:176] == idc[280:296] and info[176:192] == idc[296:312]  # TNVMCAP, UNVMCAP
     assert info[192:] == bytes(320) and info[32:48] == bytes(16)  # reserved; endurance estimate not reported
     assert _eg_log(drv, length=64, offset=48).tag == info[48:112]  # an offset into the page
+
+
+@pytest.mark.parametrize("nbytes, units", [(0, 0), (1, 1), (10**9, 1), (10**9 + 1, 2), (3 * 10**9, 3),
+                                           (512_000 * 5000, 3)])
+def test_data_and_media_units_are_billions_of_bytes_rounded_up(nbytes, units):
+    """Log 09h's Data Units Read / Written and Media Units Written count bytes in billions,
+    rounded up (the Endurance Group Information log figure; review F5), not the SMART
+    log's thousands of 512-byte units (5000 of those: 2.56 GB, 3 here)."""
+    from pcidev_nvme.aer import AsyncEvents
+
+    totals = MediaTotals(bytes_read=nbytes, bytes_written=2 * nbytes, host_reads=7, host_writes=9)
+    group = EnduranceGroup(AsyncEvents(lambda *a, **k: None, 1), lambda: [], lambda: totals,
+                           lambda: (0, 0), lambda: 0)
+    page = group.information_page(1)
+    assert _u128(page, 48) == units
+    assert _u128(page, 64) == _u128(page, 80) == -(-2 * nbytes // 10**9)
+    assert (_u128(page, 96), _u128(page, 112)) == (7, 9)
 
 
 @pytest.mark.parametrize("endgid", [0, 2, 0xFFFF])

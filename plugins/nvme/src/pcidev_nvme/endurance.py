@@ -11,11 +11,12 @@ What the controller reports of it (NVMe Base 2.0, 3.2.3 and the figures named be
   from the SMART / Health counters of the NVM subsystem's controllers
   (:class:`~pcidev_nvme.logs.SmartCounters`, summed by :class:`MediaTotals`; those of a
   secondary controller whose VF was disabled stay counted, :meth:`EnduranceGroup.retire`):
-  with one controller, Data Units Read /
-  Written, Host Read / Write Commands and Media and Data Integrity Errors equal the SMART
-  log's; Media Units Written equals Data Units Written (the media is written as the host
-  writes); Available Spare, its threshold and Percentage Used are the SMART log's (100, 10,
-  0); Total / Unallocated Endurance Group Capacity are TNVMCAP / UNVMCAP; the critical
+  Data Units Read / Written and Media Units Written count bytes in billions (a value of 1
+  is 1,000,000,000 bytes), rounded up -- unlike the SMART log's Data Units (thousands of
+  512-byte units); Media Units Written equals Data Units Written (the media is written as
+  the host writes); with one controller, Host Read / Write Commands and Media and Data
+  Integrity Errors equal the SMART log's; Available Spare, its threshold and Percentage
+  Used are the SMART log's (100, 10, 0); Total / Unallocated Endurance Group Capacity are TNVMCAP / UNVMCAP; the critical
   warning is the SMART critical warning's bits 0, 2 and 3 (spare, reliability, read-only),
   which the SMART log's Endurance Group Critical Warning Summary (byte 6) repeats;
 * Set / Get Features 18h, Endurance Group Event Configuration (CDW11 15:0 ENDGID, 23:16
@@ -44,7 +45,6 @@ section). The live controllers' counters are their SMART logs' and migrate with 
 
 from __future__ import annotations
 
-import math
 import struct
 import threading
 from collections.abc import Callable, Iterable
@@ -87,8 +87,9 @@ _OFF_CDW11 = 44
 
 
 def _units(nbytes: int) -> int:
-    """Thousands of 512-byte units, rounded up (the SMART log's Data Units)."""
-    return math.ceil(math.ceil(nbytes / 512) / 1000)
+    """Billions of bytes, rounded up (log 09h's Data and Media Units: the Endurance Group
+    Information log page figure; not the SMART log's unit)."""
+    return -(-nbytes // 1_000_000_000)
 
 
 def endurance_group_list(above: int) -> bytes:
