@@ -16,7 +16,8 @@ What the controller reports of it (NVMe Base 2.0, 3.2.3 and the figures named be
   512-byte units); Media Units Written equals Data Units Written (the media is written as
   the host writes); with one controller, Host Read / Write Commands and Media and Data
   Integrity Errors equal the SMART log's; Available Spare, its threshold and Percentage
-  Used are the SMART log's (100, 10, 0); Total / Unallocated Endurance Group Capacity are TNVMCAP / UNVMCAP; the critical
+  Used are the SMART log's (100, 10, 0); Total / Unallocated Endurance Group Capacity
+  are TNVMCAP / UNVMCAP; the critical
   warning is the SMART critical warning's bits 0, 2 and 3 (spare, reliability, read-only),
   which the SMART log's Endurance Group Critical Warning Summary (byte 6) repeats;
 * Set / Get Features 18h, Endurance Group Event Configuration (CDW11 15:0 ENDGID, 23:16
