@@ -79,3 +79,35 @@ def test_io_queues_in_the_pmr_are_refused(tmp_path):
         assert struct.unpack("<16H", drv.mem.read(host_cq, 32)) == (0,) * 16  # the refused pair's CQ: untouched
     finally:
         env.close()
+
+
+def test_admin_queues_in_the_pmr_are_refused_at_enable(tmp_path):
+    """CC.EN with ASQ or ACQ in the PMR's controller memory space: CSTS.CFS (no queue
+    support in the PMR, as ACQ in the CMB), nothing served from the PMR file (review F11);
+    the admin queues back in host memory: the controller comes up, verified I/O."""
+    env = make_env(f"pmr={tmp_path}/pmr.img,pmr_size=1M,max_ioqpairs=3,ns=mem:size=1M", io_queues=1)
+    try:
+        drv = env.drv
+        drv.write32(PMRCTL, 1)
+        while drv.read32(PMRSTS) & 1 << 8:
+            pass
+        base = drv.pdev.bar_address(4)
+        drv.write32(PMRMSCU, base >> 32)
+        drv.write32(PMRMSCL, (base & 0xFFFFF000) | 2)  # CMSE
+        host = drv.machine.alloc(8192, 4096)
+        for asq, acq in ((base, host), (host, base + 0x1000), (base, base + 0x1000)):
+            drv.disable()
+            drv.write32(0x24, 7 << 16 | 7)  # AQA: 8 entries each
+            for off, addr in ((0x28, asq), (0x30, acq)):
+                drv.write32(off, addr & 0xFFFFFFFF)
+                drv.write32(off + 4, addr >> 32)
+            drv.write32(0x14, drv.read32(0x14) | 1)
+            csts = drv.read32(0x1C)
+            assert csts & 2 and not csts & 1, (hex(asq), hex(acq), hex(csts))  # CFS, not ready
+            assert env.ctrl.sq(0) is None
+        drv.restart()  # the driver's own admin queues, in host memory
+        data = os.urandom(4096)
+        drv.write(1, 0, data)
+        assert drv.read(1, 0, 8) == data
+    finally:
+        env.close()

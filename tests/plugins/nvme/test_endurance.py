@@ -81,9 +81,10 @@ def test_information_log_agrees_with_smart(env):
     smart = drv.get_log(0x02, 512)
     info = _eg_log(drv).tag
     assert info[0] == smart[0] & 0x0D == 0 and info[3:6] == smart[3:6] == bytes([100, 10, 0])
-    assert _u128(info, 48) == _u128(smart, 32) > 0  # data units read
-    assert _u128(info, 64) == _u128(smart, 48) > 0  # data units written
-    assert _u128(info, 80) == _u128(smart, 48)  # media units written
+    # data units read / written, media units written: billions of bytes, rounded up (some
+    # kilobytes here: 1), where the SMART log counts thousands of 512-byte units
+    assert _u128(info, 48) == 1 and _u128(smart, 32) > 0
+    assert _u128(info, 64) == _u128(info, 80) == 1 and _u128(smart, 48) > 0
     assert _u128(info, 96) == _u128(smart, 64) >= 41  # host read commands
     assert _u128(info, 112) == _u128(smart, 80) >= 40  # host write commands
     assert _u128(info, 128) == _u128(smart, 160) == 1  # media and data integrity errors
@@ -92,6 +93,23 @@ def test_information_log_agrees_with_smart(env):
     assert info[160:176] == idc[280:296] and info[176:192] == idc[296:312]  # TNVMCAP, UNVMCAP
     assert info[192:] == bytes(320) and info[32:48] == bytes(16)  # reserved; endurance estimate not reported
     assert _eg_log(drv, length=64, offset=48).tag == info[48:112]  # an offset into the page
+
+
+@pytest.mark.parametrize("nbytes, units", [(0, 0), (1, 1), (10**9, 1), (10**9 + 1, 2), (3 * 10**9, 3),
+                                           (512_000 * 5000, 3)])
+def test_data_and_media_units_are_billions_of_bytes_rounded_up(nbytes, units):
+    """Log 09h's Data Units Read / Written and Media Units Written count bytes in billions,
+    rounded up (the Endurance Group Information log figure; review F5), not the SMART
+    log's thousands of 512-byte units (5000 of those: 2.56 GB, 3 here)."""
+    from pcidev_nvme.aer import AsyncEvents
+
+    totals = MediaTotals(bytes_read=nbytes, bytes_written=2 * nbytes, host_reads=7, host_writes=9)
+    group = EnduranceGroup(AsyncEvents(lambda *a, **k: None, 1), lambda: [], lambda: totals,
+                           lambda: (0, 0), lambda: 0)
+    page = group.information_page(1)
+    assert _u128(page, 48) == units
+    assert _u128(page, 64) == _u128(page, 80) == -(-2 * nbytes // 10**9)
+    assert (_u128(page, 96), _u128(page, 112)) == (7, 9)
 
 
 @pytest.mark.parametrize("endgid", [0, 2, 0xFFFF])
@@ -179,6 +197,28 @@ def test_event_aggregate_log_and_notice(env):
     ctrl.inject_critical_warning(1 << 0)
     assert _events_after(drv, n, 0.2) == []
     assert struct.unpack_from("<QH", drv.get_log(0x0F, 512), 0) == (1, 1)
+    ctrl.inject_critical_warning(0)
+
+
+def test_an_entry_added_while_log_0fh_is_read_stays_for_the_next_read(env, monkeypatch):
+    """Reading log 0Fh with RAE clear empties it only of what the host got: an entry added
+    between the copy and the clear (another thread's warning) stays (review F9)."""
+    drv, ctrl = env.drv, env.ctrl
+    drv.set_features(0x18, 1 | 1 << 16)
+    admin = ctrl.admin
+    real = admin.to_host
+
+    def to_host(req, data):
+        out = real(req, data)
+        if req.opcode == GET_LOG and req.cdw10 & 0xFF == 0x0F:
+            ctrl.inject_critical_warning(1 << 0)  # the group is added meanwhile
+        return out
+
+    monkeypatch.setattr(admin, "to_host", to_host)
+    assert drv.get_log(0x0F, 512) == bytes(512)  # the page the host got was empty ...
+    monkeypatch.undo()
+    assert struct.unpack_from("<QH", drv.get_log(0x0F, 512), 0) == (1, 1)  # ... the entry stays
+    assert drv.get_log(0x0F, 512) == bytes(512)
     ctrl.inject_critical_warning(0)
 
 
@@ -274,16 +314,47 @@ def test_sriov_secondary_reports_the_subsystems_endurance_group():
         for eg_off, smart_off in ((96, 64), (112, 80)):
             assert _u128(pf_info, eg_off) == _u128(pf_smart, smart_off) + _u128(vf_smart, smart_off)
         assert _u128(vf_smart, 80) >= 6 and _u128(pf_smart, 80) >= 3
-        # feature 18h and the aggregate log are each controller's own
+        # feature 18h is the group's (one value for the subsystem); each controller has its
+        # own aggregate log, and a warning on one controller reaches every one's (review F8)
         vd.set_features(0x18, 1 | 1 << 16)
-        assert h.drv.get_features(0x18, cdw11=1).dw0 == 1
+        assert h.drv.get_features(0x18, cdw11=1).dw0 == 1 | 1 << 16
         h.ctrl.virtual_functions[0].inject_critical_warning(1 << 0)
         try:
             assert struct.unpack_from("<QH", vd.get_log(0x0F, 512), 0) == (1, 1)
-            assert h.drv.get_log(0x0F, 512) == bytes(512)
+            assert vd.get_log(0x0F, 512) == bytes(512)  # read with RAE clear: this one's emptied
+            assert struct.unpack_from("<QH", h.drv.get_log(0x0F, 512), 0) == (1, 1)
             assert _eg_log(h.drv).tag[0] == _eg_log(vd).tag[0] == 0x01  # the group's warning, seen by both
         finally:
             h.ctrl.virtual_functions[0].inject_critical_warning(0)
+    finally:
+        h.close()
+
+
+def test_feature_18h_is_the_group_s_and_a_primary_warning_reaches_the_secondary():
+    """Set Features 18h on the primary is what a secondary reports (Endurance Group scope),
+    a secondary's reset leaves it, and a warning appearing on the primary adds the group
+    to the secondary's aggregate log (review F8)."""
+    h = SriovHost()
+    try:
+        h.bring_up(0, 2)
+        h.pdev.enable_sriov(1)
+        vd = h.probe_vf(0, aers=0)
+        crcs = _verified_io(vd, 2, 0, 4)
+        h.drv.set_features(0x18, 1 | (1 << 3) << 16)
+        assert vd.get_features(0x18, cdw11=1).dw0 == 1 | (1 << 3) << 16
+        vd.disable()
+        vd.restart()  # the secondary's controller reset: the group's value stays
+        assert vd.get_features(0x18, cdw11=1).dw0 == 1 | (1 << 3) << 16
+        h.ctrl.inject_critical_warning(1 << 3)
+        try:
+            assert struct.unpack_from("<QH", vd.get_log(0x0F, 512), 0) == (1, 1)
+            assert struct.unpack_from("<QH", h.drv.get_log(0x0F, 512), 0) == (1, 1)
+        finally:
+            h.ctrl.inject_critical_warning(0)
+        _check(vd, 2, crcs)
+        h.drv.disable()
+        h.drv.restart()  # the primary's reset: the default again, for the group
+        assert vd.get_features(0x18, cdw11=1).dw0 == 1
     finally:
         h.close()
 
@@ -323,5 +394,84 @@ def test_a_disabled_vfs_counters_stay_in_the_group_and_migrate():
         h.ctrl = dst
         assert _eg_log(h.drv).tag[48:160] == after[48:160]
         _check(h.drv, 2, vcrcs)  # the VF's data, read through the primary
+    finally:
+        h.close()
+
+
+def test_a_load_onto_live_vfs_carries_the_source_s_totals_only():
+    """Loading onto a destination whose own VFs are live: closing them (the load replaces
+    them) adds nothing to the migrated endurance group, whose log 09h is the source's
+    (review F4). The data is verified by the source's host driving a second destination
+    loaded from the first."""
+    from test_virtualization import _repoint, _two_vfs, _verify, _workload
+
+    from pcidev.migration import load_device, load_device_stream, save_device, save_device_stream
+    from pcidev_nvme.controller import NvmeController
+
+    src, dst = SriovHost(), SriovHost()
+    try:
+        s_drvs, d_drvs = _two_vfs(src), _two_vfs(dst)
+        crcs: dict = {}
+        _workload(src, s_drvs, crcs, 1)
+        _workload(dst, d_drvs, {}, 2)
+        assert _u128(_eg_log(dst.drv).tag, 112) >= 3 * 24
+        page = _eg_log(src.drv).tag
+        src.ctrl.quiesce()
+        dst.ctrl.quiesce()
+        load_device(dst.ctrl, save_device(src.ctrl))
+        assert dst.ctrl.endurance.information_page(1)[48:160] == page[48:160]
+        # on to a fresh controller the source's host drives: the data and log 09h came along
+        data, fds = save_device_stream(dst.ctrl)
+        again = NvmeController(src.ctrl.cfg, name="again")
+        src.closing.append(load_device_stream(again, data, fds))
+        _repoint(src, again)
+        again.resume()
+        src.closing.append(src.ctrl)
+        src.ctrl = again
+        assert _verify(s_drvs, crcs) == 3 * 4096
+        after = _eg_log(src.drv).tag
+        assert after[64:96] == page[64:96] and after[112:128] == page[112:128]  # written: unchanged
+        assert _u128(after, 96) > _u128(page, 96)  # (the reads since)
+    finally:
+        dst.close()
+        src.close()
+
+
+def test_the_group_s_totals_survive_a_restart_with_sriov(tmp_path):
+    """Log 09h after a power cycle still counts what the secondaries did (live or disabled
+    before it): the state file keeps the group's counters beyond the primary's SMART
+    counters (review F10). The data written through the secondary is verified after it."""
+    cfg = ("serial=EGP,max_ioqpairs=8,msix_vectors=9,sriov_max_vfs=2,sriov_vq_flexible=6,sriov_vi_flexible=4,"
+           f"state_dir={tmp_path},ns=mem:size=2M,ns=file:path={tmp_path}/b.img,size=2M,ns=mem:size=2M")
+    h = SriovHost(cfg)
+    try:
+        h.bring_up(0, 2)
+        h.bring_up(1, 3)
+        h.pdev.enable_sriov(2)
+        vd, other = h.probe_vf(0, aers=0), h.probe_vf(1, aers=0)
+        crcs = _verified_io(vd, 2, 0, 6)
+        _verified_io(other, 3, 0, 4)
+        _verified_io(h.drv, 1, 0, 3)
+        _check(vd, 2, crcs)
+        h.ctrl.save_state()  # (a periodic save while the secondaries are live)
+        before = _eg_log(h.drv).tag
+        assert _u128(before, 112) >= 13
+    finally:
+        h.close()
+    h = SriovHost(cfg)
+    try:
+        after = _eg_log(h.drv).tag
+        assert after[48:96] == before[48:96] and after[112:160] == before[112:160]
+        h.bring_up(0, 2)
+        h.pdev.enable_sriov(1)
+        vd = h.probe_vf(0, aers=0)
+        _check(vd, 2, crcs)
+        assert _u128(_eg_log(h.drv).tag, 112) == _u128(before, 112)  # (reads since: not writes)
+    finally:
+        h.close()
+    # a restart with the secondaries' VFs disabled before it: the same
+    h = SriovHost(cfg)
+    try:
+        assert _eg_log(h.drv).tag[112:160] == before[112:160]
     finally:
         h.close()

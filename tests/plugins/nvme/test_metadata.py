@@ -269,8 +269,8 @@ def test_images_on_block_devices_have_no_metadata_formats(tmp_path):
 
 def test_restore_problem_opens_the_sidecar_before_the_restore(tmp_path):
     """A migration's check phase finds a sidecar that cannot be used (here a foreign file
-    of that name), instead of the restore failing halfway; a usable one is opened then and
-    taken by the restore."""
+    of that name), instead of the restore failing halfway; a missing one is created to see
+    that it can be, removed again, and created by the apply's first step for the restore."""
     img = str(tmp_path / "r.img")
     ns = make_namespace(1, f"file:path={img},size=1M")
     try:
@@ -282,7 +282,11 @@ def test_restore_problem_opens_the_sidecar_before_the_restore(tmp_path):
         assert ns.ms == 0
         os.unlink(img + ".nvme-meta")
         assert ns.restore_problem(state) is None
-        assert os.path.exists(img + ".nvme-meta")  # opened (created) in the check phase
+        # created to check, removed at once (a later check may refuse the load: review F6);
+        # the apply's first step creates it again
+        assert not os.path.exists(img + ".nvme-meta")
+        ns.prepare_restore(state)
+        assert os.path.exists(img + ".nvme-meta")
         ns.restore(state)
         assert (ns.lbaf, ns.pi, ns.ms) == (2, 1, 8) and ns.meta is not None
         ns.meta.write(0, b"\x01" * 8)

@@ -264,3 +264,92 @@ def test_a_refused_state_closes_the_metadata_sidecar_its_check_opened(tmp_path, 
     finally:
         dst.close()
         src.close()
+
+
+def _memfds() -> int:
+    """The descriptors of this process on a namespace memfd."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:pcidev-nvme-ns"):
+                n += 1
+        except OSError:
+            pass
+    return n
+
+
+@pytest.mark.parametrize("where", ["smart", "namespace"])
+def test_a_load_failing_inside_the_apply_closes_the_source_memory_it_mapped(monkeypatch, where):
+    """A failure in the apply's second step (a component's restore raising, before or in the
+    namespace loop) rolls back and closes the source's namespace memory the first step
+    mapped: no descriptor keeps it alive (review F1). The destination's blocks are as
+    they were."""
+    src, dst = Host(PI_CFG, io_queues=1), Host(PI_CFG, io_queues=1)
+    try:
+        s_blocks, d_blocks = PiBlocks(src.drv), PiBlocks(dst.drv)
+        _fill(src, s_blocks, 5)
+        _fill(dst, d_blocks, 6)
+        src.ctrl.quiesce()
+        snap = save_device(src.ctrl)
+        d = dst.ctrl
+        d.quiesce()
+        before, data_before = _memfds(), namespace_crcs(d)
+        if where == "smart":
+            target, name = d.smart, "restore"
+        else:  # the first namespace's restore: namespace 2's mapped memory is not consumed yet
+            target, name = d.allocated[1], "restore"
+        real = getattr(target, name)
+        calls: list[int] = []
+
+        def boom(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("injected failure in the apply")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(target, name, boom)
+        with pytest.raises(StateError, match="injected failure"):
+            load_device(d, snap)
+        monkeypatch.undo()
+        assert d.failed is None and calls
+        assert _memfds() == before
+        assert namespace_crcs(d) == data_before
+        d.resume()
+        _verify_pi(dst, d_blocks)
+    finally:
+        dst.close()
+        src.close()
+
+
+def test_a_sidecar_the_check_created_is_gone_when_a_later_check_refuses(tmp_path):
+    """A ``file`` namespace's check creates the metadata sidecar of the incoming format to
+    see that it can; when a later part's check (a VF stream that does not decode) refuses
+    the load, the file is gone at once -- not at the destination's next quiesce or close,
+    by which time the source may use a sidecar of that name (review F6). A good load then
+    creates it, and the data migrated is the source's."""
+    img = str(tmp_path / "s.img")
+    sidecar = img + ".nvme-meta"
+    sriov = "max_ioqpairs=8,msix_vectors=9,sriov_max_vfs=2,sriov_vq_flexible=6,sriov_vi_flexible=4"
+    src = SriovHost(f"serial=SIDE2,{sriov},ns=file:path={img},size=1M,lbaf=3,pi=1,ns=mem:size=2M,ns=mem:size=2M")
+    dst = NvmeController(f"serial=SIDE2,{sriov},ns=file:path={img},size=1M,lbaf=0,ns=mem:size=2M,ns=mem:size=2M",
+                         name="dst")
+    try:
+        drvs = _two_vfs(src)
+        crcs: dict = {}
+        _workload(src, drvs[1:], crcs, 7)  # (the VFs' namespaces: 2 and 3)
+        src.ctrl.quiesce()
+        snap = save_device(src.ctrl)
+        want = namespace_crcs(src.ctrl)
+        os.unlink(sidecar)  # (the source keeps its descriptor: the destination must create one)
+        with pytest.raises(StateError):
+            load_device(dst, _garbled_vf_stream(snap))
+        assert not os.path.exists(sidecar)  # at once
+        assert dst.allocated[1].lbaf == 0 and dst.allocated[1].meta is None
+        load_device(dst, snap)
+        assert os.path.exists(sidecar) and dst.allocated[1].lbaf == 3
+        got = namespace_crcs(dst)
+        assert got == want and crcs
+        assert all(got[nsid][lba] == crc for (nsid, lba), crc in crcs.items())
+    finally:
+        dst.close()
+        src.close()

@@ -542,6 +542,39 @@ def test_a_primary_sanitize_aborts_the_secondaries_self_test(host):
     assert log[0] == 0 and log[4] & 0xF == 0x9, log[:8]  # aborted by a sanitize operation
 
 
+@pytest.mark.parametrize("how", ["format", "delete", "detach"])
+def test_a_primary_format_delete_or_detach_aborts_the_secondary_s_self_test(how):
+    """The primary's Format NVM (result 4h), Namespace Management delete or detach from the
+    secondary (3h) ends the secondary's self-test of that namespace, as the primary's own
+    (review F12); a test of another namespace runs on."""
+    h = Host("serial=SRIOV,max_ioqpairs=8,msix_vectors=9,sriov_max_vfs=2,sriov_vq_flexible=6,"
+             "sriov_vi_flexible=4,ns=mem:size=2M,ns=mem:size=2M,ns=mem:size=2M,capacity=16M")
+    try:
+        h.bring_up(0, 2)
+        h.bring_up(1, 3)
+        h.pdev.enable_sriov(2)
+        vd, other = h.probe_vf(0), h.probe_vf(1)
+        vd.device_self_test(2, nsid=2)  # extended: runs for minutes
+        other.device_self_test(2, nsid=3)
+        h.drv.device_self_test(2, nsid=2)
+        assert vd.self_test_log()[0] == other.self_test_log()[0] == h.drv.self_test_log()[0] == 2
+        if how == "format":
+            assert h.drv.admin(0x80, nsid=2, cdw10=0, check=False, timeout=30).ok
+            want = 0x4
+        elif how == "delete":
+            assert h.drv.admin(0x0D, nsid=2, cdw10=1, check=False).ok
+            want = 0x3
+        else:
+            assert h.attach(2, 1, sel=1).ok  # detached from the secondary (CNTLID 1)
+            want = 0x3
+        log = vd.self_test_log()
+        assert log[0] == 0 and log[4] & 0xF == want, log[:8]
+        assert other.self_test_log()[0] == 2  # namespace 3's test runs on
+        assert h.drv.self_test_log()[0] == (2 if how == "detach" else 0)
+    finally:
+        h.close()
+
+
 def test_identify_says_multi_controller_subsystem_and_shared_namespaces(host):
     h = host
     h.bring_up(0, 2)
@@ -732,6 +765,41 @@ def test_an_nvm_subsystem_reset_of_the_primary_resets_every_secondary(host):
     assert _verify(drvs, crcs) == 3 * 4096
 
 
+def test_an_nvm_subsystem_reset_waits_for_a_secondary_s_register_write(host):
+    """The primary's NSSR resets a secondary under the secondary's device lock, as its own
+    register writes run: a CC write in progress on the VF finishes first (review F7)."""
+    import threading
+
+    h = host
+    h.bring_up(0, 2)
+    h.pdev.enable_sriov(1)
+    vd = h.probe_vf(0)
+    vf = h.pdev.virtfns[0].device
+    held, release = threading.Event(), threading.Event()
+
+    def register_write_in_progress() -> None:
+        with vf.lock:
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=register_write_in_progress)
+    t.start()
+    assert held.wait(10)
+    nssr = threading.Thread(target=h.drv.subsystem_reset)
+    nssr.start()
+    try:
+        nssr.join(0.3)
+        assert nssr.is_alive() and vf.fsm_state == "ready" and vf.regs["CC"].value & 1  # waits for the VF lock
+    finally:
+        release.set()
+        t.join(10)
+        nssr.join(10)
+    assert not nssr.is_alive() and vf.fsm_state == "disabled" and vd.read32(0x14) == 0
+    vd.restart()
+    vd.write(2, 0, b"\x42" * 512)
+    assert vd.read(2, 0, 1) == b"\x42" * 512
+
+
 def _wait_sanitized(drv: NvmeDriver) -> dict[str, int]:
     deadline = time.monotonic() + 20
     while (log := drv.sanitize_log())["sstat"] & 7 == 2:
@@ -799,3 +867,70 @@ def test_a_secondary_refuses_what_the_primary_s_sanitize_forbids(host):
     finally:
         h.drv.sanitize(1)  # Exit Failure Mode
     assert vd.get_lba_status(2, 0, check=False).ok
+
+
+def _between_make_and_install(monkeypatch, step) -> None:
+    """Run ``step`` when the VFs were built (``SriovFunctions.make``) but are not live yet:
+    the admin worker's or sanitizer thread's interleaving with a VF Enable, made
+    deterministic."""
+    from pcidev.sriov import SriovFunctions
+
+    real = SriovFunctions.install
+
+    def install(self, vfs):
+        step()
+        return real(self, vfs)
+
+    monkeypatch.setattr(SriovFunctions, "install", install)
+
+
+def test_a_format_ending_while_vfs_are_built_does_not_hold_them(host, monkeypatch):
+    """A VF built while the primary's Format NVM ends reads the primary's set of namespaces
+    being formatted, never a copy made at build time (review F2: the copy kept the
+    namespace formatting for ever, a reset did not clear it)."""
+    h = host
+    h.bring_up(0, 2)
+    assert h.ctrl.begin_format({2}) == []
+    _between_make_and_install(monkeypatch, lambda: h.ctrl.end_format({2}))
+    h.pdev.enable_sriov(2)
+    vd = h.probe_vf(0)
+    vd.write(2, 0, b"\x5a" * 512)
+    assert vd.read(2, 0, 1) == b"\x5a" * 512
+    assert h.drv.read(2, 0, 1) == b"\x5a" * 512
+
+
+def test_a_format_starting_while_vfs_are_built_holds_them(host, monkeypatch):
+    h = host
+    h.bring_up(0, 2)
+    _between_make_and_install(monkeypatch, lambda: h.ctrl.begin_format({2}))
+    h.pdev.enable_sriov(1)
+    vd = h.probe_vf(0)
+    try:
+        assert _read_status(vd, 2, 0) == Status.FORMAT_IN_PROGRESS
+        vd.disable()  # the secondary's own reset leaves the primary's format running
+        vd.restart()
+        assert _read_status(vd, 2, 0) == Status.FORMAT_IN_PROGRESS
+    finally:
+        h.ctrl.end_format({2})
+    assert _read_status(vd, 2, 0) == 0
+
+
+@pytest.mark.parametrize("starts", [True, False])
+def test_a_sanitize_starting_or_ending_while_vfs_are_built_reaches_them(host, monkeypatch, starts):
+    """A VF's I/O gate is the primary's sanitize refusal, read at each fetch: a sanitize
+    that starts while the VF is built refuses its writes, one that ends then lets its I/O
+    run (review F3: the VF copied the value at build time)."""
+    h = host
+    h.bring_up(0, 2)
+    before, during = (0, Status.SANITIZE_IN_PROGRESS) if starts else (Status.SANITIZE_IN_PROGRESS, 0)
+    h.ctrl._sanitize_refuse(before)
+    _between_make_and_install(monkeypatch, lambda: h.ctrl._sanitize_refuse(during))
+    try:
+        h.pdev.enable_sriov(1)
+        vd = h.probe_vf(0)
+        assert h.pdev.virtfns[0].device.io.refuse == during
+        assert _read_status(vd, 2, 0) == during
+    finally:
+        h.ctrl._sanitize_refuse(0)
+    vd.write(2, 0, b"\xa5" * 512)
+    assert vd.read(2, 0, 1) == b"\xa5" * 512

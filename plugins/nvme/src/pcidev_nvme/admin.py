@@ -146,6 +146,7 @@ class AdminHost(ControllerPort, Protocol):
     def keep_alive(self) -> None: ...
     def notice(self, info: int, lid: int) -> None: ...
     def namespace_changed(self, nsid: int) -> None: ...
+    def selftests_namespace_changed(self, nsid: int, result: int) -> None: ...
     def smart_page(self, nsid: int | None = None) -> bytes: ...
     def io_inflight_for(self, nsids: set[int]) -> bool: ...
     def begin_format(self, nsids: set[int]) -> list[int]: ...
@@ -576,7 +577,7 @@ class AdminCommandSet:
         elif lid == LID_ENDURANCE_GROUP:
             page = ctrl.endurance.information_page(req.cdw11 >> 16)  # LSI: the endurance group
         elif lid == LID_EG_EVENT_AGGREGATE:
-            page = ctrl.endurance.aggregate_page(clear=False)
+            page, eg_token = ctrl.endurance.aggregate_read()  # (cleared below of what it holds only)
         elif lid == nlogs.LID_OCP_SMART and ctrl.cfg.ocp:
             if req.nsid not in (0, BROADCAST):
                 raise _err(Status.INVALID_FIELD, "the OCP SMART log is kept per controller", OFF_NSID)
@@ -589,7 +590,7 @@ class AdminCommandSet:
         if lid == nlogs.LID_CHANGED_NS and not rae:
             ctrl.changed_ns.page(clear=True)
         elif lid == LID_EG_EVENT_AGGREGATE and not rae:
-            ctrl.endurance.aggregate_page(clear=True)
+            ctrl.endurance.aggregate_clear(eg_token)
         ctrl.aer.log_read(lid, rae)
         return 0
 
@@ -851,7 +852,7 @@ class AdminCommandSet:
             raise _err(Status.INVALID_NSID, f"namespace {nsid:#x} is not allocated", OFF_NSID)
         for n in targets:
             ctrl.uncorrectable.clear_namespace(n)
-            ctrl.selftest.namespace_changed(n, RESULT_ABORTED_NS_REMOVED)
+            ctrl.selftests_namespace_changed(n, RESULT_ABORTED_NS_REMOVED)  # (the secondaries' too)
             ns, was_attached, created_spec = ctrl.remove_namespace(n)
             if was_attached:
                 ctrl.namespace_changed(n)
@@ -962,7 +963,7 @@ class AdminCommandSet:
                                                 "30 s; nothing was formatted")
                 time.sleep(0.001)
             for ns in targets:
-                ctrl.selftest.namespace_changed(ns.nsid, RESULT_ABORTED_FORMAT)
+                ctrl.selftests_namespace_changed(ns.nsid, RESULT_ABORTED_FORMAT)  # (the secondaries' too)
                 ns.format(lbaf, ses, pi, pil, mset)
                 ctrl.uncorrectable.clear_namespace(ns.nsid)
         except NvmeStatusError as exc:

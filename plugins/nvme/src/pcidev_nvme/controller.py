@@ -100,7 +100,7 @@ from pcidev_nvme.registers import (
 )
 from pcidev_nvme.request import SQE_SIZE
 from pcidev_nvme.sanitize import SANITIZE_COMPLETED_EVENT, Sanitizer
-from pcidev_nvme.selftest import RESULT_ABORTED_SANITIZE, SelfTest, edstt_minutes
+from pcidev_nvme.selftest import RESULT_ABORTED_NS_REMOVED, RESULT_ABORTED_SANITIZE, SelfTest, edstt_minutes
 from pcidev_nvme.uncorrectable import SIDECAR_SUFFIX, Uncorrectable
 from pcidev_nvme.virtualization import OACS_VMS, Virtualization, VirtualizationState, resources_of
 
@@ -210,7 +210,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self.endurance = EnduranceGroup(
             self.aer, lambda: [c.smart for c in self.subsystem_live_controllers()], self.endurance_totals,
             lambda: (self.total_capacity, max(self.total_capacity - self.allocated_capacity, 0)),
-            lambda: self.features.aec)
+            lambda: self.features.aec, changed=lambda: self.endurance_changed())
         #: Write Uncorrectable marks (:mod:`pcidev_nvme.uncorrectable`; with SR-IOV one object
         #: for the primary and its secondaries: the namespaces are shared)
         self.uncorrectable = self._make_uncorrectable()
@@ -221,7 +221,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             self._init_persist()
             for nsid in sorted(self.allocated):
                 self.uncorrectable.load(nsid)
-            self.io = IoCommandSet(self, uncorrectable=self.uncorrectable, atomicity=self.atomicity)
+            self.io = self._make_io()
             #: Abort of outstanding commands (:mod:`pcidev_nvme.abort`)
             self.aborts = Aborts(self, self.io, self.aer)
             #: Device Self-test (:mod:`pcidev_nvme.selftest`)
@@ -333,6 +333,22 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         endurance group's)."""
         return [self, *(vf for vf in self.virtual_functions if isinstance(vf, NvmeVirtualFunction))]
 
+    def endurance_to_persist(self) -> MediaTotals:
+        """Beyond this controller's SMART counters: the retired secondaries' and the live
+        ones' (they have no state file: after a restart they count from zero, and what they
+        did stays in the group's totals as retired)."""
+        totals = self.endurance.retired
+        for vf in self._secondaries():
+            totals = totals + MediaTotals.of(vf.smart, vf.error_log.count)
+        return totals
+
+    def endurance_changed(self) -> None:
+        """The group's warnings or feature 18h may have changed: every live controller of
+        the subsystem checks (a warning appearing on one is the group's, in each one's
+        Endurance Group Event Aggregate log)."""
+        for c in self.subsystem_live_controllers():
+            c.endurance.check(ready=c.fsm_state == "ready")
+
     def endurance_totals(self) -> MediaTotals:
         """The endurance group's counters: every live controller's, and those of the
         secondaries that are gone (kept by this primary's endurance group)."""
@@ -340,6 +356,15 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         for c in self.subsystem_live_controllers():
             totals = totals + MediaTotals.of(c.smart, c.error_log.count)
         return totals
+
+    def set_device_state(self, state: NvmeState) -> None:
+        """Apply a checked state (a load). With SR-IOV the live secondaries are about to be
+        replaced by the stream's (or, if the load fails, kept and resumed): their counters
+        are in neither the loaded endurance group's nor, once closed, the destination's, so
+        closing them now retires nothing (:meth:`NvmeVirtualFunction.close`)."""
+        for vf in self._secondaries():
+            vf.retires_counters = False
+        super().set_device_state(state)
 
     def _secondary(self, k: int) -> NvmeVirtualFunction | None:
         """The live controller of secondary ``k`` (its VF is enabled), else None."""
@@ -356,6 +381,14 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         vf = self._secondary(k)
         if vf is not None and self.virtualization is not None:
             vf.take_attached(self.virtualization.attached(k))
+
+    def selftests_namespace_changed(self, nsid: int, result: int) -> None:
+        """Namespace ``nsid`` was formatted or deleted: the device self-test of every
+        controller of the subsystem covering it ends with ``result`` (this one's and, on a
+        primary controller, its secondaries', which run their own: DSTO bit 0 clear)."""
+        self.selftest.namespace_changed(nsid, result)
+        for vf in self._secondaries():
+            vf.selftest.namespace_changed(nsid, result)
 
     def remove_namespace(self, nsid: int) -> RemovedNamespace:
         """Delete namespace ``nsid`` (see :meth:`NamespaceSetMixin.remove_namespace`), also
@@ -403,21 +436,6 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         for a primary, on one of its secondary controllers."""
         return (super().io_inflight_for(nsids) or self.io.copying_from(nsids)  # (Copy source namespaces too)
                 or any(vf.io_inflight_for(nsids) for vf in self._secondaries()))
-
-    def begin_format(self, nsids: set[int]) -> list[int]:
-        """As :meth:`NamespaceSetMixin.begin_format`, and the secondaries refuse I/O to
-        ``nsids`` (Format In Progress) until :meth:`end_format` too."""
-        busy = super().begin_format(nsids)
-        if not busy:
-            for vf in self._secondaries():
-                vf.begin_format(nsids)
-        return busy
-
-    def end_format(self, nsids: set[int]) -> None:
-        """As :meth:`NamespaceSetMixin.end_format`, on the secondaries too."""
-        super().end_format(nsids)
-        for vf in self._secondaries():
-            vf.end_format(nsids)
 
     def subsystem_controllers(self) -> list[int]:
         """The CNTLIDs of the NVM subsystem's controllers: this one and its secondaries (CNS 13h)."""
@@ -636,7 +654,8 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         # the subsystem's other controllers reset too; their CSTS.NSSRO stays clear: the
         # field is valid only on a controller with CAP.NSSRS, which a secondary's is not
         for vf in self._secondaries():
-            vf.subsystem_reset(nssro=False)
+            with vf.lock:  # (as its own register writes: a CC write never sees half of it)
+                vf.subsystem_reset(nssro=False)
 
     def subsystem_reset(self, *, nssro: bool | None = None) -> bool:
         """This controller's part of an NVM Subsystem Reset: it resets at once (commands in
@@ -684,11 +703,13 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
 
     def _sanitize_refuse(self, status: int) -> None:
         """What I/O completes with while a sanitize runs or failed (0: executed); a sanitize
-        acts on the whole NVM subsystem, so the secondary controllers' I/O too."""
+        acts on the whole NVM subsystem: the secondary controllers' I/O reads this
+        controller's value (:class:`_SecondaryIo`)."""
         self.io.refuse = status
-        for vf in list(self.virtual_functions):
-            if isinstance(vf, NvmeVirtualFunction):
-                vf.io.refuse = status
+
+    def _make_io(self) -> IoCommandSet:
+        """The I/O command set (called once the namespaces and Write Uncorrectable marks exist)."""
+        return IoCommandSet(self, uncorrectable=self.uncorrectable, atomicity=self.atomicity)
 
     def _sanitize_started(self) -> None:
         """A sanitize operation started: a device self-test in progress is aborted; the
@@ -742,6 +763,10 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             try:
                 if cmb is not None and cmb.overlaps(acq, acqs * 16):
                     raise DmaError("ACQ is in the controller memory buffer (CMBSZ.CQS is 0)")
+                pmr = self.pmr.window if self.pmr is not None else None
+                if pmr is not None and (pmr.overlaps(asq, asqs * SQE_SIZE) or pmr.overlaps(acq, acqs * 16)):
+                    # (as I/O queues, pmr.refuse_queue: PMRCAP has no queue support)
+                    raise DmaError("an admin queue is in the persistent memory region")
                 if view is not None:
                     mem = view.over(mem)
                 for v in mem.views(asq, asqs * SQE_SIZE) + mem.views(acq, acqs * 16, write=True):
@@ -1039,11 +1064,33 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
         # what acts on state beyond the I/O of its attached namespaces stays with the primary
         self.admin.remove_commands(Opcode.NS_MANAGEMENT, Opcode.NS_ATTACHMENT, Opcode.FORMAT_NVM,
                                    Opcode.SANITIZE, Opcode.FW_COMMIT, Opcode.FW_DOWNLOAD)
-        self.io.refuse = primary.io.refuse  # a sanitize of the subsystem in progress
         self.atomicity.locks = primary.atomicity.locks  # one range lock table for the shared namespaces
         self.sanitizer.follow(primary.sanitizer)  # refusals, log 81h, Global Data Erased: the subsystem's
-        with primary.state_lock:  # a Format NVM of the primary in progress covers this one too
-            self._formatting |= primary._formatting
+        self.endurance.follow(primary.endurance)  # feature 18h: the endurance group's (the primary's)
+        #: whether closing this controller adds its counters to the primary's endurance group
+        #: (:meth:`close`): from its first resume (its VF went live) until the primary applies
+        #: a loaded state that replaces it (the loaded group's totals are the source's)
+        self.retires_counters = False
+        # a Format NVM of the primary covers this one too: the primary's set itself (never a
+        # copy, which a format ending while the VF is built but not yet live would leave stale)
+        self._formatting = primary._formatting
+
+    def _make_io(self) -> IoCommandSet:
+        """An I/O command set whose sanitize refusal is the primary's, read at each fetch
+        (never a copy: a sanitize starting or ending while the VF is built but not yet live
+        would leave it stale)."""
+        return _SecondaryIo(self.primary.io, self, uncorrectable=self.uncorrectable, atomicity=self.atomicity)
+
+    def begin_format(self, nsids: set[int]) -> list[int]:
+        """Nothing: a secondary controller has no Format NVM, and its set of namespaces being
+        formatted is the primary's (the primary marks them)."""
+        return []
+
+    def end_format(self, nsids: set[int]) -> None:
+        """Nothing: the set is the primary's (see :meth:`begin_format`)."""
+
+    def formats_cleared(self) -> None:
+        """Nothing: a reset or restore of the secondary leaves the primary's Format NVM running."""
 
     def describe(self) -> None:
         """The controller's PCI function, without NVM Subsystem Reset (CAP.NSSRS clear: the
@@ -1070,11 +1117,20 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
         """The primary's: one endurance group for the whole subsystem."""
         return self.primary.endurance_totals()
 
+    def on_resume(self) -> None:
+        """Resume the controller; from now on its counters are the endurance group's
+        (:attr:`retires_counters`)."""
+        super().on_resume()
+        self.retires_counters = True
+
     def close(self) -> None:
         """Close the secondary; when its VF is disabled (the primary stays), the primary's
-        endurance group keeps counting what this controller read and wrote."""
+        endurance group keeps counting what this controller read and wrote -- not when a
+        load replaces it (:attr:`retires_counters`), nor for a VF a load built and discarded."""
         primary = self.primary
-        if not self._closed and self.owns_state and not primary._closed:
+        # (also while the primary closes: it closes its VFs first, then saves the group's
+        # counters in its state file, endurance_to_persist)
+        if not self._closed and self.owns_state and self.retires_counters:
             primary.endurance.retire(MediaTotals.of(self.smart, self.error_log.count))
         super().close()
 
@@ -1137,6 +1193,8 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
             before = set(self.namespaces)
             self.set_attached(nsids & set(self.allocated))
             for nsid in sorted(before ^ set(self.namespaces)):
+                if nsid not in self.namespaces:  # detached: a self-test covering it ends (3h)
+                    self.selftest.namespace_changed(nsid, RESULT_ABORTED_NS_REMOVED)
                 self.namespace_changed(nsid)
 
     # -- migration: a secondary's state loads inside its primary's stream ----------------------------------
@@ -1160,12 +1218,35 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
         namespaces = tuple(self.allocated[n.nsid].snapshot(attached=n.attached) for n in state.namespaces)
         super().set_device_state(attrs.evolve(state, namespaces=namespaces,
                                               uncorrectable=self.uncorrectable.snapshot(), sanitize=None))
-        # a sanitize of the subsystem is the primary's (loaded before its VFs): its hold on I/O
-        # applies here too, whatever this controller's own (never running) sanitizer said
-        self.io.refuse = self.primary.io.refuse
+        # (a sanitize of the subsystem is the primary's, loaded before its VFs: its hold on I/O
+        # applies here too, read from the primary by _SecondaryIo)
 
     def _make_namespaces(self) -> None:
         """The namespaces are the primary's (shared once built, see ``__init__``)."""
 
     def _close_namespaces(self) -> None:
         """The namespaces are the primary's: it closes them."""
+
+
+class _SecondaryIo(IoCommandSet):
+    """A secondary controller's I/O command set: what I/O completes with while the
+    subsystem's sanitize runs or failed is the primary's :attr:`~IoCommandSet.refuse`, read
+    when a batch is fetched.
+
+    :param subsystem: the primary controller's I/O command set.
+    :param args: as :class:`IoCommandSet`.
+    :param kwargs: as :class:`IoCommandSet`.
+    """
+
+    def __init__(self, subsystem: IoCommandSet, *args: Any, **kwargs: Any) -> None:
+        self._subsystem = subsystem
+        super().__init__(*args, **kwargs)
+
+    @property
+    def refuse(self) -> int:
+        """The primary's refusal (0: none)."""
+        return self._subsystem.refuse
+
+    @refuse.setter
+    def refuse(self, status: int) -> None:
+        """Ignored: the secondary never sanitizes by itself (its sanitizer follows the primary's)."""

@@ -11,11 +11,13 @@ What the controller reports of it (NVMe Base 2.0, 3.2.3 and the figures named be
   from the SMART / Health counters of the NVM subsystem's controllers
   (:class:`~pcidev_nvme.logs.SmartCounters`, summed by :class:`MediaTotals`; those of a
   secondary controller whose VF was disabled stay counted, :meth:`EnduranceGroup.retire`):
-  with one controller, Data Units Read /
-  Written, Host Read / Write Commands and Media and Data Integrity Errors equal the SMART
-  log's; Media Units Written equals Data Units Written (the media is written as the host
-  writes); Available Spare, its threshold and Percentage Used are the SMART log's (100, 10,
-  0); Total / Unallocated Endurance Group Capacity are TNVMCAP / UNVMCAP; the critical
+  Data Units Read / Written and Media Units Written count bytes in billions (a value of 1
+  is 1,000,000,000 bytes), rounded up -- unlike the SMART log's Data Units (thousands of
+  512-byte units); Media Units Written equals Data Units Written (the media is written as
+  the host writes); with one controller, Host Read / Write Commands and Media and Data
+  Integrity Errors equal the SMART log's; Available Spare, its threshold and Percentage
+  Used are the SMART log's (100, 10, 0); Total / Unallocated Endurance Group Capacity
+  are TNVMCAP / UNVMCAP; the critical
   warning is the SMART critical warning's bits 0, 2 and 3 (spare, reliability, read-only),
   which the SMART log's Endurance Group Critical Warning Summary (byte 6) repeats;
 * Set / Get Features 18h, Endurance Group Event Configuration (CDW11 15:0 ENDGID, 23:16
@@ -28,8 +30,12 @@ What the controller reports of it (NVMe Base 2.0, 3.2.3 and the figures named be
   when the Asynchronous Event Configuration enables it (bit 14; OAES bit 14).
 
 A warning is reported once and again only after it cleared (as the SMART critical
-warnings are). Feature 18h belongs to the controller: a controller reset sets it back to
-its default (no warning enabled), as every feature here (none is saveable).
+warnings are). Feature 18h has Endurance Group scope: with SR-IOV the secondary
+controllers read and set the primary's value (:meth:`EnduranceGroup.follow`), and a
+warning appearing on any controller of the subsystem is checked by every live one
+(each keeps its own aggregate log and posts its own notice). A reset of the primary
+controller sets it back to its default (no warning enabled; none is saveable), a
+secondary's reset leaves it.
 
 :class:`EnduranceGroup` owns the feature value, the aggregate log's contents and the
 warnings reported, and the counters of the secondary controllers that are gone;
@@ -40,7 +46,6 @@ section). The live controllers' counters are their SMART logs' and migrate with 
 
 from __future__ import annotations
 
-import math
 import struct
 import threading
 from collections.abc import Callable, Iterable
@@ -83,8 +88,9 @@ _OFF_CDW11 = 44
 
 
 def _units(nbytes: int) -> int:
-    """Thousands of 512-byte units, rounded up (the SMART log's Data Units)."""
-    return math.ceil(math.ceil(nbytes / 512) / 1000)
+    """Billions of bytes, rounded up (log 09h's Data and Media Units: the Endurance Group
+    Information log page figure; not the SMART log's unit)."""
+    return -(-nbytes // 1_000_000_000)
 
 
 def endurance_group_list(above: int) -> bytes:
@@ -118,6 +124,15 @@ class MediaTotals:
         return cls(read, written, smart.host_read_commands, smart.host_write_commands, media_errors, error_entries)
 
 
+class _EventConfig:
+    """Feature 18h's value, one cell shared by the subsystem's controllers."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
 @vmstate("nvme/endurance")
 @attrs.frozen
 class EnduranceState:
@@ -145,21 +160,43 @@ class EnduranceGroup:
 
     def __init__(self, aer: AsyncEvents, counters: Callable[[], Iterable[SmartCounters]],
                  totals: Callable[[], MediaTotals], capacity: Callable[[], tuple[int, int]],
-                 aec: Callable[[], int]) -> None:
+                 aec: Callable[[], int], changed: Callable[[], None] | None = None) -> None:
         self._aer = aer
+        #: after a Set Features 18h: every controller of the subsystem checks (default: this one)
+        self._changed = changed if changed is not None else self.check
         self._counters = counters
         self._totals = totals
         self._capacity = capacity
         self._aec = aec
         self._lock = threading.Lock()
-        #: feature 18h: the critical warnings that add the group to the aggregate log
-        self.event_config = 0
+        #: feature 18h (the group's: shared with the secondaries, :meth:`follow`)
+        self._config = _EventConfig()
+        #: a secondary controller's: the primary's group (:meth:`follow`)
+        self._subsystem: EnduranceGroup | None = None
         #: the group is in the Endurance Group Event Aggregate log
         self.pending = False
         #: critical warnings reported (again only after they cleared)
         self.reported = 0
         #: the counters of secondary controllers that are gone (their VF was disabled)
         self.retired = MediaTotals()
+        #: how many times the group was added to the aggregate log (:meth:`aggregate_clear`)
+        self._added = 0
+
+    def follow(self, subsystem: EnduranceGroup) -> None:
+        """Make this the group of a secondary controller: feature 18h is ``subsystem``'s
+        (Endurance Group scope); the aggregate log and the warnings reported stay this
+        controller's own."""
+        self._subsystem = subsystem
+        self._config = subsystem._config
+
+    @property
+    def event_config(self) -> int:
+        """Feature 18h: the critical warnings that add the group to the aggregate log."""
+        return self._config.value
+
+    @event_config.setter
+    def event_config(self, value: int) -> None:
+        self._config.value = value
 
     # -- what the group reports ----------------------------------------------------------------
     def critical_warning(self) -> int:
@@ -214,11 +251,26 @@ class EnduranceGroup:
     def aggregate_page(self, *, clear: bool) -> bytes:
         """The Endurance Group Event Aggregate log page (LID 0Fh), 512 bytes; ``clear``
         (RAE cleared) empties it."""
+        page, token = self.aggregate_read()
+        if clear:
+            self.aggregate_clear(token)
+        return page
+
+    def aggregate_read(self) -> tuple[bytes, int]:
+        """The Endurance Group Event Aggregate log page and a token naming what it holds:
+        :meth:`aggregate_clear` with that token (once the page reached the host, RAE
+        cleared) empties the log only of what the host was given."""
         with self._lock:
             ids = [ENDGID] if self.pending else []
-            if clear:
+            token = self._added
+        return struct.pack(f"<Q{len(ids)}H", len(ids), *ids).ljust(_AGGREGATE_SIZE, b"\0"), token
+
+    def aggregate_clear(self, token: int) -> None:
+        """Empty the aggregate log read with ``token`` (:meth:`aggregate_read`), unless an
+        entry was added since: that one stays for the next read (its notice was posted)."""
+        with self._lock:
+            if self._added == token:
                 self.pending = False
-        return struct.pack(f"<Q{len(ids)}H", len(ids), *ids).ljust(_AGGREGATE_SIZE, b"\0")
 
     # -- feature 18h ------------------------------------------------------------------------------
     def get_feature(self, cdw11: int, *, default: bool) -> int:
@@ -240,7 +292,7 @@ class EnduranceGroup:
         self.check_id(cdw11 & 0xFFFF)
         with self._lock:
             self.event_config = (cdw11 >> 16) & EG_WARNINGS
-        self.check()
+        self._changed()
 
     # -- events --------------------------------------------------------------------------------------
     def check(self, *, ready: bool = True) -> None:
@@ -258,6 +310,7 @@ class EnduranceGroup:
                 return
             self.reported |= new
             self.pending = True
+            self._added += 1
         if self._aec() & AEC_EG_EVENT:
             self._aer.post(AER_NOTICE, INFO_EG_EVENT, LID_EG_EVENT_AGGREGATE)
 
@@ -267,10 +320,12 @@ class EnduranceGroup:
             self.retired = self.retired + totals
 
     def reset(self) -> None:
-        """Controller reset: feature 18h back to its default; the warnings present are
-        reported again once enabled (the aggregate log keeps its entry until read)."""
+        """Controller reset: feature 18h back to its default (not by a secondary's reset:
+        the value is the group's, the primary's); the warnings present are reported again
+        once enabled (the aggregate log keeps its entry until read)."""
         with self._lock:
-            self.event_config = 0
+            if self._subsystem is None:
+                self.event_config = 0
             self.reported = 0
 
     # -- state ------------------------------------------------------------------------------------------
@@ -286,10 +341,14 @@ class EnduranceGroup:
     def restore(self, state: EnduranceState | None) -> None:
         """Take ``state`` (None, a stream from before endurance groups: the defaults)."""
         with self._lock:
+            own = self._subsystem is None  # (a secondary's feature 18h is the primary's, loaded before it)
             if state is None:
-                self.event_config, self.pending, self.reported, self.retired = 0, False, 0, MediaTotals()
+                self.pending, self.reported, self.retired = False, 0, MediaTotals()
+                if own:
+                    self.event_config = 0
                 return
-            self.event_config = state.event_config & EG_WARNINGS
+            if own:
+                self.event_config = state.event_config & EG_WARNINGS
             self.pending = state.pending
             self.reported = state.reported & EG_WARNINGS
             self.retired = state.retired

@@ -83,7 +83,7 @@ class HealthMixin:
         only after it cleared (so enabling a bit in AEC reports a condition already there)."""
         cw = self.critical_warning
         new = self.smart.report_warnings(cw, self.features.aec if self._state == ST_READY else 0)
-        self.endurance.check(ready=self._state == ST_READY)  # the endurance group's warnings (feature 18h)
+        self.endurance_changed()  # the endurance group's warnings (feature 18h)
         if not new:
             return
         for bit, info in ((1, aer_mod.INFO_SMART_TEMPERATURE), (0, aer_mod.INFO_SMART_SPARE),
@@ -91,6 +91,11 @@ class HealthMixin:
                           (4, aer_mod.INFO_SMART_RELIABILITY)):
             if new & (1 << bit):
                 self.aer.post(aer_mod.AER_SMART, info, 0x02)
+
+    def endurance_changed(self) -> None:
+        """The endurance group's warnings or feature 18h may have changed: the controllers
+        that report the group check it (this one; with SR-IOV every live controller)."""
+        self.endurance.check(ready=self._state == ST_READY)
 
     def smart_page(self, nsid: int | None = None) -> bytes:
         """The SMART / Health Information log page (LID 02h): the controller's, or with

@@ -786,6 +786,19 @@ def apply(ctrl: MigrationHost, st: NvmeState) -> None:
         swaps = _prepare_namespaces(ctrl, st)
 
     # 2. each component takes its part
+    try:
+        _apply_components(ctrl, st, held, swaps)
+    except BaseException:
+        for b in swaps.values():  # mapped in step 1, not consumed by the namespace loop
+            b.close()
+        raise
+
+
+def _apply_components(ctrl: MigrationHost, st: NvmeState, held: dict[int, NamespaceHolding] | None,
+                      swaps: dict[int, MemoryBackend]) -> None:
+    """Step 2 of :func:`apply`: each component takes its part (``swaps``: the mapped
+    memory step 1 prepared, popped as the namespaces take it)."""
+    undo = ctrl.load_undo
     with ctrl.state_lock:
         ctrl.restore(ControllerState(state=_STATES[st.state], cc=st.cc, csts=st.csts, aqa=st.aqa, asq=st.asq,
                                      acq=st.acq, shutting_down=st.shutting_down, dirty=st.dirty,

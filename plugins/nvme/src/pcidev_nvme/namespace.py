@@ -656,7 +656,9 @@ class Namespace:
         """Why ``state``'s format cannot apply here (None: it can). A ``file`` namespace
         whose format changes opens its metadata sidecar now (a file that cannot be opened
         or is not pcidev's is a problem here, not a failure halfway through the restore);
-        :meth:`restore` then takes that store."""
+        :meth:`restore` then takes that store. A sidecar this check had to create is
+        removed again at once (:meth:`prepare_restore` creates it in the apply): a load
+        refused by a later check leaves no file behind."""
         want = self._wanted(state)
         problem = format_problem(*want, self.backend)
         if problem is not None:
@@ -673,7 +675,13 @@ class Namespace:
         except ConfigError as exc:
             return str(exc)
         if store is not None:
-            self._prepared = (want, store)
+            if getattr(store, "created", False):
+                # made only to check: removed at once (a later part's check may refuse the
+                # load, and the framework does not say so); the apply's prepare_restore
+                # creates it again, once every check passed
+                store.discard()
+            else:
+                self._prepared = (want, store)
         return None
 
     def drop_prepared(self) -> None:

@@ -13,7 +13,12 @@ spec has a sanitize continue across power cycles and keep its log; a restarted
 controller refuses what it refused and, once it first runs as the state's owner,
 continues the operation where the last save left it) and the device self-test results
 with a test in progress (:class:`~pcidev_nvme.selftest.SelfTestState`: a short test
-is aborted by the power cycle, an extended one continues). These are the same
+is aborted by the power cycle, an extended one continues), and what the endurance
+group's counters (log 09h) hold beyond this controller's SMART counters
+(:class:`~pcidev_nvme.endurance.MediaTotals`: those of secondary controllers whose VF
+was disabled, and those of the live secondaries, which have no state file of their
+own; at power-on they are the group's retired counters, so the lifetime totals never
+go back). These are the same
 state classes live migration carries, written with the same codec
 (:func:`pcidev.vmstate.save`: versioned, range-checked, CRC-protected).
 
@@ -52,6 +57,7 @@ from pcidev.errors import ConfigError, ConfigMismatchError, PcidevError, Version
 from pcidev.vmstate import U32, U64, Bool, Str, VarArray, load, save, vmstate
 from pcidev.vmstate.stream import MAGIC as STREAM_MAGIC
 from pcidev_nvme.config import NamespaceSpec, NvmeConfig
+from pcidev_nvme.endurance import EnduranceGroup, MediaTotals
 from pcidev_nvme.limits import STATE_SAVE_INTERVAL
 from pcidev_nvme.logs import ErrorLog, ErrorLogState, FirmwareSlots, FirmwareState, SmartCounters, SmartState
 from pcidev_nvme.namespace import Namespace, may_write_beside
@@ -98,6 +104,9 @@ class PersistState:
     self_test: SelfTestState | None = None
     #: the per-namespace SMART counters (optional, as ``sanitize``; :mod:`pcidev_nvme.ns_smart`)
     ns_smart: NamespaceSmartState | None = None
+    #: the endurance group's counters beyond this controller's own (optional, as
+    #: ``sanitize``; absent while zero)
+    endurance: MediaTotals | None = None
 
 
 def state_file_name(serial: str) -> str:
@@ -302,6 +311,7 @@ class PersistenceMixin:
     ns_smart: NamespaceSmart
     error_log: ErrorLog
     firmware: FirmwareSlots
+    endurance: EnduranceGroup
     allocated: dict[int, Namespace]
     namespaces: dict[int, Namespace]
     created: dict[int, str]
@@ -452,6 +462,8 @@ class PersistenceMixin:
             self._persisted_sanitize = st.sanitize
             self._persisted_self_test = st.self_test
             self.ns_smart.restore(st.ns_smart, keep=self.allocated)  # (of the namespaces that are there)
+            if st.endurance is not None:  # (counted as retired: the secondaries start from zero)
+                self.endurance.retire(st.endurance)
         # Counted when the controller first runs as the owner of this state (enabled, a
         # save, closed as owner), not now: a process waiting for a migration in must not
         # count a power cycle, nor write the file the running controller owns.
@@ -482,6 +494,11 @@ class PersistenceMixin:
                 continue
             self.add_namespace(nsid, ns, created_spec=spec, attached=ent.attached)
 
+    def endurance_to_persist(self) -> MediaTotals:
+        """What the endurance group's counters hold beyond this controller's SMART
+        counters (which persist on their own): the retired secondaries' counters."""
+        return self.endurance.retired
+
     def save_state(self) -> None:
         """Write SMART counters, the error count, firmware slots, the clean flag and the
         file-backed namespaces created by Namespace Management to the state file."""
@@ -494,12 +511,14 @@ class PersistenceMixin:
                         for n, spec in sorted(self.created.items()))
         sanitizer: Sanitizer | None = getattr(self, "sanitizer", None)  # (None while the controller is made)
         selftest: SelfTest | None = getattr(self, "selftest", None)
+        endurance = self.endurance_to_persist()
         self.state_file.save(PersistState(
             serial=self.cfg.serial_number, dirty=self._dirty, smart=self.smart.snapshot(),
             error_count=self.error_log.count, firmware=attrs.evolve(fw, staged=()), created=created,
             sanitize=sanitizer.snapshot() if sanitizer is not None else None,
             self_test=selftest.snapshot() if selftest is not None else None,
-            ns_smart=self.ns_smart.snapshot_if_any()))
+            ns_smart=self.ns_smart.snapshot_if_any(),
+            endurance=endurance if endurance != MediaTotals() else None))
 
     def maybe_save_state(self) -> None:
         """Save the state file if the last save is older than :data:`STATE_SAVE_INTERVAL`."""
