@@ -142,10 +142,15 @@ def test_source_namespace_refusals(nvme_env):
     # LBAs beyond the SOURCE namespace (the destination has room): LBA Out of Range, its LBA
     before = env.ctrl.error_log.count
     assert copy(drv, 1, 0, [f2(2, small - 1, 2)], 2).code == Status.LBA_RANGE
-    assert env.ctrl.error_log.count == before + 1 and env.ctrl.error_log.entries()[0]["lba"] == small - 1
+    entry = env.ctrl.error_log.entries()[0]
+    assert env.ctrl.error_log.count == before + 1 and entry["lba"] == small - 1
+    assert entry["nsid"] == 2  # the LBA is the source namespace's: so is the entry
     assert copy(drv, 1, 0, [f2(2, small - 2, 2)], 2).ok
     # the destination range is checked against the destination
     assert copy(drv, 2, small - 1, [f2(1, 0, 2)], 2).code == Status.LBA_RANGE
+    assert env.ctrl.error_log.entries()[0]["nsid"] == 2
+    assert copy(drv, 1, drv.namespaces[1].nsze - 1, [f2(2, 0, 2)], 2).code == Status.LBA_RANGE
+    assert env.ctrl.error_log.entries()[0]["nsid"] == 1  # (the command's own namespace)
     # Fast Copy Only: no copy here is a fast one
     assert copy(drv, 1, 0, [f2(2, 0, 1, sopt=1 << 15)], 2).code == Status.FAST_COPY_NOT_POSSIBLE
     # a source range overlapping the destination in the same namespace (2h, 3h)
@@ -187,7 +192,9 @@ def test_uncorrectable_source_blocks_fail_the_copy(nvme_env):
     drv.write_uncorrectable(2, 5, 1)
     before = env.ctrl.error_log.count
     assert copy(drv, 1, 0, [f2(2, 0, 4), f2(2, 4, 3)], 2).code == Status.UNRECOVERED_READ_ERROR
-    assert env.ctrl.error_log.entries()[0]["lba"] == 5 and env.ctrl.error_log.count == before + 1
+    entry = env.ctrl.error_log.entries()[0]
+    assert entry["lba"] == 5 and env.ctrl.error_log.count == before + 1
+    assert entry["nsid"] == 2  # the source namespace's LBA 5, not the destination's
     assert drv.read(1, 0, 4) == bytes(4 * 512)  # nothing was written
     # marks on the destination go when the copy rewrites the blocks
     drv.write_uncorrectable(1, 2, 1)

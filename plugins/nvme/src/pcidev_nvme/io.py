@@ -1016,7 +1016,11 @@ class IoCommandSet:
                         lba=src.slba,
                     )
         for src in sources:
-            self._check_marks(src.ns, src.slba, src.nlb)
+            try:
+                self._check_marks(src.ns, src.slba, src.nlb)
+            except NvmeStatusError as exc:
+                exc.nsid = src.ns.nsid  # (the error is the source namespace's, at its LBA)
+                raise
         if ns.ms or any(src.ns.ms for src in sources):
             status = self._protected.copy(req, ns, sources, sdlba)
             self.uncorrectable.clear(ns.nsid, sdlba, total)
@@ -1081,7 +1085,7 @@ class IoCommandSet:
                 raise NvmeStatusError(
                     Status.LBA_RANGE,
                     f"source range {i}: LBAs {slba:#x}+{nlb} exceed namespace {sns.nsid}",
-                    lba=slba,
+                    lba=slba, nsid=sns.nsid,
                 )
             if sopt & _SOPT_FCO:
                 raise NvmeStatusError(Status.FAST_COPY_NOT_POSSIBLE,
