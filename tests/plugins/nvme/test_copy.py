@@ -426,6 +426,42 @@ def test_a_format_of_the_source_namespace_waits_for_the_copy_and_refuses_new_one
     assert copy(drv, 1, 0, [f2(2, 0, 1)], 2).ok
 
 
+def test_a_copy_from_a_file_namespace_into_a_memory_one_reads_on_a_worker(nvme_env, tmp_path):
+    """The submitting thread never waits for a file: a Copy 2h into a memory namespace
+    (whose commands run on the submitting thread) from a file namespace runs on a worker,
+    and while its source read is held, the memory namespace still answers at once."""
+    env, drv = two(nvme_env, "mem:size=1M", f"file:path={tmp_path}/s.img,size=1M", io_queues=2)
+    set_cdfe(drv, CDFE_2)
+    src = fill(drv, 2, 0, 4)
+    mine = fill(drv, 1, 50, 1)
+    sns = env.ctrl.namespaces[2]
+    readers: list[threading.Thread] = []
+    entered, go = threading.Event(), threading.Event()
+    real = sns.backend.readv
+
+    def slow_readv(views, offset):
+        readers.append(threading.current_thread())
+        entered.set()
+        go.wait(2)  # (on the submitting thread, this would hold up the submission)
+        return real(views, offset)
+
+    sns.backend.readv = slow_readv
+    buf = drv.machine.alloc(4096, 4096)
+    try:
+        drv.mem.write(buf, f2(2, 0, 4))
+        cid = drv.submit(2, COPY, nsid=1, cdw10=10, cdw12=2 << 8, buf=buf, length=32)
+        assert entered.wait(10)
+        assert threading.current_thread() not in readers
+        assert not go.is_set() and blocks_at(drv, 1, 50, 1) == mine
+        go.set()
+        assert drv.wait_for(2, cid).ok
+    finally:
+        sns.backend.readv = real
+        go.set()
+        drv.machine.free(buf)
+    assert blocks_at(drv, 1, 10, 4) == src
+
+
 @pytest.mark.parametrize("pi", [False, True])
 def test_copies_in_opposite_directions_at_once(nvme_env, tmp_path, pi):
     """Copies 1 <- 2 and 2 <- 1 on two queues, many at once on the worker threads (file

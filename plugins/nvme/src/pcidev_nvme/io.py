@@ -6,8 +6,9 @@ as the controller hands them over (:meth:`IoCommandSet.submit`) and reports each
 exactly once through ``ctrl.complete(req, status, dw0)``:
 
 * on the submitting thread, before ``submit`` returns, for namespaces whose
-  backend is ``inline`` (memory, null) and for every command that fails its
-  checks;
+  backend is ``inline`` (memory, null; a Copy of descriptor format 2h or 3h, whose
+  sources may be in any namespace, only when every namespace's is) and for every
+  command that fails its checks;
 * from a small pool of worker threads for the others (files), so a slow disk
   never holds up register accesses. Completions may then come out of order. A
   Read, or a Write that need not be durable, is first tried on the submitting
@@ -497,6 +498,9 @@ class IoCommandSet:
                 inline = self._all_inline()
             else:
                 inline = ns.backend.inline
+                if inline and req.opcode == Opcode.COPY and (req.cdw12 >> 8) & 0xF >= 2:
+                    # formats 2h, 3h read other namespaces too: never a file on this thread
+                    inline = self._all_inline()
             if self._closed:
                 raise NvmeStatusError(Status.INTERNAL, "the I/O command set is closed")
             if not inline:
