@@ -13,17 +13,20 @@ from __future__ import annotations
 import os
 import struct
 import threading
+import time
 
 import crc32c
 import pytest
 from _copy_exercisers import copy, f0, f1, f2, f3, set_cdfe
-from _helpers import expect_status, wait_until
+from _helpers import GatedBackend, expect_status, wait_until
 
 from pcidev import native
 from pcidev.host import Machine
 from pcidev.migration import load_device_stream, save_device_stream
+from pcidev_nvme.atomicity import NamespaceAtomicity
 from pcidev_nvme.controller import NvmeController
 from pcidev_nvme.limits import COPY_LIMITS, OCFS
+from pcidev_nvme.namespace import Namespace
 from pcidev_nvme.sanitize import CHUNK
 from pcidev_nvme.status import Status
 from pcidev_nvme.testing.driver import NvmeDriver
@@ -460,6 +463,123 @@ def test_a_copy_from_a_file_namespace_into_a_memory_one_reads_on_a_worker(nvme_e
         go.set()
         drv.machine.free(buf)
     assert blocks_at(drv, 1, 10, 4) == src
+
+
+class _HalfWayBackend(GatedBackend):
+    """Reads go straight through; a write puts its first half in place, then waits at the
+    gate before the rest: a write held half done, as a slow disk may leave it."""
+
+    def readv(self, views, offset):
+        for v in views:
+            v[:] = self.data[offset:offset + len(v)]
+            offset += len(v)
+
+    def writev(self, views, offset, *, fua=False):
+        data = b"".join(bytes(v) for v in views)
+        half = len(data) // 2
+        self.data[offset:offset + half] = data[:half]
+        self._wait()
+        self.data[offset + half:offset + len(data)] = data[half:]
+
+
+def _serialised(nvme_env, nawun: int = 7):
+    """Namespace 1 in memory, namespace 2 over a :class:`_HalfWayBackend` with atomic
+    writes of ``nawun + 1`` blocks; CDFE enables format 2h."""
+    env = nvme_env("ns=mem:size=1M", io_queues=2)
+    drv, ctrl = env.drv, env.ctrl
+    backend = _HalfWayBackend(1 << 20)
+    ns = Namespace(2, backend)
+    ns.atomic = NamespaceAtomicity(nawun=nawun)
+    ctrl.add_namespace(2, ns, attached=True)
+    drv.scan_namespaces()
+    set_cdfe(drv, CDFE_2)
+    assert ctrl.atomicity.serialises(ns) and not ctrl.atomicity.serialises(ctrl.namespaces[1])
+    return env, drv, backend
+
+
+@pytest.mark.parametrize("dst", [1, 2])
+def test_a_copy_never_reads_an_atomic_write_of_its_source_half_done(nvme_env, dst):
+    """An 8-block atomic Write to namespace 2 held half done in the backend: a Copy 2h of
+    those blocks (two ranges), into another namespace or elsewhere in namespace 2, waits for
+    it and copies the whole new data."""
+    env, drv, backend = _serialised(nvme_env)
+    fill(drv, 2, 0, 8, seed=1)
+    new = [block(2, i, 512, seed=2) for i in range(8)]
+    wbuf = drv.machine.alloc(4096, 4096)
+    cbuf = drv.machine.alloc(4096, 4096)
+    try:
+        drv.mem.write(wbuf, b"".join(new))
+        drv.mem.write(cbuf, f2(2, 0, 4) + f2(2, 4, 4))
+        backend.hold()
+        wcid = drv.submit(1, WRITE, nsid=2, cdw10=0, cdw12=7, buf=wbuf, length=4096)
+        wait_until(lambda: backend.waiting == 1, what="the write to be half done")
+        assert bytes(backend.data[:4 * 512]) == b"".join(new[:4])
+        ccid = drv.submit(2, COPY, nsid=dst, cdw10=100, cdw12=1 | 2 << 8, buf=cbuf, length=64)
+        time.sleep(0.1)
+        backend.release()
+        assert drv.wait_for(1, wcid).ok
+        assert drv.wait_for(2, ccid).ok
+    finally:
+        backend.release()
+        drv.machine.free(wbuf)
+        drv.machine.free(cbuf)
+    assert blocks_at(drv, dst, 100, 8) == new
+    assert env.ctrl.atomicity.locks.held == 0
+
+
+def test_copy_claims_only_its_ranges_and_only_after_its_checks(nvme_env):
+    """With a Write held half done at blocks 0..7 of serialised namespace 2: a Copy that
+    is refused answers at once, one that neither reads nor writes blocks 0..7 runs, one
+    whose destination overlaps them waits; the claims are each source namespace's ranges
+    shared, then the destination range exclusive, never two held by one copy at once."""
+    env, drv, backend = _serialised(nvme_env)
+    locks = env.ctrl.atomicity.locks
+    claims: list[tuple[int, tuple, bool, int]] = []
+    real_acquire = locks.acquire
+
+    def spy(nsid, ranges, *, write):
+        claims.append((nsid, tuple(ranges), write, locks.held))
+        return real_acquire(nsid, ranges, write=write)
+
+    locks.acquire = spy
+    old = fill(drv, 2, 0, 8, seed=1)
+    far = fill(drv, 2, 200, 4, seed=3)
+    new = [block(2, i, 512, seed=2) for i in range(8)]
+    bufs = [drv.machine.alloc(4096, 4096) for _ in range(3)]
+    try:
+        drv.mem.write(bufs[0], b"".join(new))
+        backend.hold()
+        wcid = drv.submit(1, WRITE, nsid=2, cdw10=0, cdw12=7, buf=bufs[0], length=4096)
+        wait_until(lambda: backend.waiting == 1, what="the write to be half done")
+        claims.clear()
+        # refused (DESFMT 4, NR above MSRC): no claim, no wait
+        assert copy(drv, 2, 100, [f2(2, 200, 1)], 4, qid=2).code == Status.INVALID_FIELD
+        assert copy(drv, 2, 100, [f0(200, 1)] * (COPY_LIMITS[2] + 2), 0, qid=2).code == \
+            Status.CMD_SIZE_LIMIT_EXCEEDED
+        assert copy(drv, 2, 100, [f2(9, 0, 1)], 2, qid=2).code == Status.INVALID_NSID
+        assert claims == []
+        # blocks 200..203 of 2 and 60 of 1 into 100..104 of 2: its write reaches the backend
+        drv.mem.write(bufs[1], f2(2, 200, 2) + f2(1, 60, 1) + f2(2, 202, 2))
+        c1 = drv.submit(2, COPY, nsid=2, cdw10=100, cdw12=2 | 2 << 8, buf=bufs[1], length=96)
+        wait_until(lambda: backend.waiting == 2, what="the copy's write to reach the backend")
+        assert claims == [(2, ((200, 202), (202, 204)), False, 1), (2, ((100, 105),), True, 1)]
+        # into 4..7 of 2: waits for the write's claim
+        drv.mem.write(bufs[2], f2(2, 200, 4))
+        c2 = drv.submit(2, COPY, nsid=2, cdw10=4, cdw12=2 << 8, buf=bufs[2], length=32)
+        wait_until(lambda: len(claims) == 4, what="the second copy's claims")
+        time.sleep(0.1)
+        assert backend.waiting == 2 and claims[3][:3] == (2, ((4, 8),), True)
+        backend.release()
+        assert drv.wait_for(1, wcid).ok and drv.wait_for(2, c1).ok and drv.wait_for(2, c2).ok
+    finally:
+        locks.acquire = real_acquire
+        backend.release()
+        for buf in bufs:
+            drv.machine.free(buf)
+    assert old != new
+    assert blocks_at(drv, 2, 0, 8) == new[:4] + far  # the second copy landed after the write
+    assert blocks_at(drv, 2, 100, 5) == far[:2] + [bytes(512)] + far[2:]
+    assert locks.held == 0
 
 
 @pytest.mark.parametrize("pi", [False, True])

@@ -69,6 +69,7 @@ The identify fields that describe this command set come from
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import struct
 import threading
@@ -938,12 +939,13 @@ class IoCommandSet:
         if deallocate and ranges:
             self._check_writable(ns)
             shift = ns.lba_shift
-            for slba, nlb in ranges:
-                if ns.ms:  # the metadata and the data, under the range's lock
-                    self._protected.deallocate(ns, slba, nlb)
-                else:
-                    ns.backend.deallocate(slba << shift, nlb << shift)
-                self.uncorrectable.clear(ns.nsid, slba, nlb)
+            with self.atomicity.hold_ranges(ns, [(slba, slba + nlb) for slba, nlb in ranges], write=True):
+                for slba, nlb in ranges:
+                    if ns.ms:  # the metadata and the data, under the range's lock
+                        self._protected.deallocate(ns, slba, nlb)
+                    else:
+                        ns.backend.deallocate(slba << shift, nlb << shift)
+                    self.uncorrectable.clear(ns.nsid, slba, nlb)
             if not self.ctrl.volatile_write_cache:
                 ns.flush()  # the data and the metadata
         return 0
@@ -1025,24 +1027,45 @@ class IoCommandSet:
             except NvmeStatusError as exc:
                 exc.nsid = src.ns.nsid  # (the error is the source namespace's, at its LBA)
                 raise
-        if ns.ms or any(src.ns.ms for src in sources):
-            status = self._protected.copy(req, ns, sources, sdlba)
-            self.uncorrectable.clear(ns.nsid, sdlba, total)
-            return status
-        shift = ns.lba_shift
+        protected = bool(ns.ms or any(src.ns.ms for src in sources))
+        shift = ns.lba_shift  # (every source has the destination's block size)
         buf = bytearray(total << shift)
+        metas: list[bytearray] = [bytearray()] * len(sources)
+        starts = list(itertools.accumulate((src.nlb for src in sources), initial=0))
+        # Each source namespace's ranges are read under one shared claim, then the
+        # destination is written under its exclusive one: one claim at a time, so copies
+        # between namespaces in opposite directions never wait for each other, and a
+        # namespace is held only while its own blocks move.
+        by_ns: dict[int, list[int]] = {}
+        for i, src in enumerate(sources):
+            by_ns.setdefault(src.ns.nsid, []).append(i)
         mv = memoryview(buf)
         try:
-            pos = 0
-            for src in sources:
-                n = src.nlb << shift
-                src.ns.backend.readv([mv[pos : pos + n]], src.slba << shift)
-                pos += n
-            self.uncorrectable.clear(ns.nsid, sdlba, total)
-            ns.backend.writev([mv], sdlba << shift, fua=self._durable(cdw12))
+            for indexes in by_ns.values():
+                sns = sources[indexes[0]].ns
+                claim = [(sources[i].slba, sources[i].slba + sources[i].nlb) for i in indexes]
+                try:
+                    with self.atomicity.hold_ranges(sns, claim, write=False):
+                        for i in indexes:
+                            src = sources[i]
+                            part = mv[starts[i] << shift:starts[i + 1] << shift]
+                            if protected:
+                                metas[i] = self._protected.copy_read(req, ns, src, part)
+                            else:
+                                sns.backend.readv([part], src.slba << shift)
+                except NvmeStatusError as exc:
+                    if exc.nsid is None:  # (the error is the source namespace's, at its LBA)
+                        exc.nsid = sns.nsid
+                    raise
+            with self.atomicity.hold_ranges(ns, ((sdlba, sdlba + total),), write=True):
+                if protected:
+                    self._protected.copy_write(req, ns, buf, bytearray().join(metas), sdlba)
+                else:
+                    ns.backend.writev([mv], sdlba << shift, fua=self._durable(cdw12))
+                    self.ctrl.smart.record_write(len(buf))
+                self.uncorrectable.clear(ns.nsid, sdlba, total)  # (after the write: it took)
         finally:
             mv.release()
-        self.ctrl.smart.record_write(len(buf))
         return 0
 
     def _copy_sources(self, req: Request, ns: Namespace, raw: bytearray, desfmt: int) -> list[CopySource]:
