@@ -392,7 +392,10 @@ def test_format_3_across_64b_guard_namespaces(nvme_env):
 
 
 def test_a_format_of_the_source_namespace_waits_for_the_copy_and_refuses_new_ones(nvme_env, tmp_path):
-    env, drv = two(nvme_env, f"file:path={tmp_path}/d.img,size=1M", "mem:size=1M")
+    """A Format NVM of a Copy's source namespace, issued while the copy reads it, completes
+    only after the copy, which copied the data from before the format; while the format
+    runs, copies reading the namespace are Format In Progress."""
+    env, drv = two(nvme_env, f"file:path={tmp_path}/d.img,size=1M", "mem:size=1M", io_queues=2)
     set_cdfe(drv, CDFE_2)
     src = fill(drv, 2, 0, 4)
     sns = env.ctrl.namespaces[2]
@@ -410,22 +413,23 @@ def test_a_format_of_the_source_namespace_waits_for_the_copy_and_refuses_new_one
         drv.mem.write(buf, f2(2, 0, 4))
         cid = drv.submit(1, COPY, nsid=1, cdw10=10, cdw12=2 << 8, buf=buf, length=32)
         assert entered.wait(10)
-        assert env.ctrl.io_inflight_for({2})  # a Format NVM of namespace 2 would wait for it
+        assert env.ctrl.io_inflight_for({2})
+        fcid = drv.submit(0, FORMAT_NVM, nsid=2, cdw10=0)  # a real format of the source
+        wait_until(lambda: env.ctrl.io.format_in_progress(2), 5, "the format to start")
+        time.sleep(0.1)
+        assert env.ctrl.io.format_in_progress(2)  # it waits for the copy
+        assert copy(drv, 1, 0, [f2(2, 0, 1)], 2, qid=2).code == Status.FORMAT_IN_PROGRESS
+        assert copy(drv, 1, 0, [f2(1, 40, 1)], 2, qid=2).ok  # its own namespace is fine
         go.set()
         assert drv.wait_for(1, cid).ok
+        assert drv.wait_for(0, fcid, 10).ok
     finally:
         sns.backend.readv = real
         go.set()
         drv.machine.free(buf)
-    wait_until(lambda: not env.ctrl.io_inflight_for({2}), 5, "the copy to let go of namespace 2")
-    assert blocks_at(drv, 1, 10, 4) == src
-    # while namespace 2 is being formatted, a copy reading it is Format In Progress
-    assert not env.ctrl.begin_format({2})
-    try:
-        assert copy(drv, 1, 0, [f2(2, 0, 1)], 2).code == Status.FORMAT_IN_PROGRESS
-        assert copy(drv, 1, 0, [f2(1, 40, 1)], 2).ok  # its own namespace is fine
-    finally:
-        env.ctrl.end_format({2})
+    assert not env.ctrl.io_inflight_for({2}) and not env.ctrl.io.format_in_progress(2)
+    assert blocks_at(drv, 1, 10, 4) == src  # what namespace 2 held before the format
+    assert drv.read(2, 0, 4) == bytes(4 * 512)  # which then formatted it
     assert copy(drv, 1, 0, [f2(2, 0, 1)], 2).ok
 
 
@@ -582,15 +586,25 @@ def test_copy_claims_only_its_ranges_and_only_after_its_checks(nvme_env):
     assert locks.held == 0
 
 
-@pytest.mark.parametrize("pi", [False, True])
-def test_copies_in_opposite_directions_at_once(nvme_env, tmp_path, pi):
+@pytest.mark.parametrize(("pi", "atomic"), [(False, False), (True, False), (False, True), (True, True)])
+def test_copies_in_opposite_directions_at_once(nvme_env, tmp_path, pi, atomic):
     """Copies 1 <- 2 and 2 <- 1 on two queues, many at once on the worker threads (file
-    namespaces; with PI, under the metadata's range locks): no deadlock, every block where
-    it belongs."""
-    spec = ",lbaf=2,pi=1" if pi else ""
-    _env, drv = two(nvme_env, f"file:path={tmp_path}/a.img,size=1M{spec}",
-                    f"file:path={tmp_path}/b.img,size=1M{spec}", io_queues=2)
+    namespaces; with PI, under the metadata's range locks; with atomic writes of 16 blocks,
+    under the atomicity claims, next to Writes of the same blocks): no deadlock, every
+    block where it belongs."""
+    spec = (",lbaf=2,pi=1" if pi else "") + (",atomic.nawun=15" if atomic else "")
+    env, drv = two(nvme_env, f"file:path={tmp_path}/a.img,size=1M{spec}",
+                   f"file:path={tmp_path}/b.img,size=1M{spec}", io_queues=2)
     set_cdfe(drv, CDFE_2)
+    locks = env.ctrl.atomicity.locks
+    taken = []
+    real_acquire = locks.acquire
+
+    def spy(nsid, ranges, *, write):
+        taken.append(nsid)
+        return real_acquire(nsid, ranges, write=write)
+
+    locks.acquire = spy
 
     def write(nsid, seed):
         blocks = [block(nsid, i, 512, seed) for i in range(64)]
@@ -620,14 +634,24 @@ def test_copies_in_opposite_directions_at_once(nvme_env, tmp_path, pi):
                 sdlba = 100 + 4 * i
                 cids.append((qid, drv.submit(qid, COPY, nsid=dst, cdw10=sdlba, cdw14=sdlba, cdw12=2 << 8 | prinfo,
                                              buf=buf, length=32)))
+                if atomic:  # a Write of the source blocks the copy reads: the same data again
+                    wbuf = drv.machine.alloc(4096, 4096)
+                    bufs.append(wbuf)
+                    again = b"".join((a if src == 1 else b)[4 * i:4 * i + 4])
+                    drv.mem.write(wbuf, again)
+                    cids.append((3 - qid, drv.submit(3 - qid, WRITE, nsid=src, cdw10=4 * i, cdw12=3 | PRACT << 26,
+                                                     cdw14=4 * i, buf=wbuf, length=2048)))
         for qid, cid in cids:
             comp = drv.wait_for(qid, cid, 30)
             assert comp.ok, hex(comp.status)
     finally:
+        locks.acquire = real_acquire
         for buf in bufs:
             drv.machine.free(buf)
     assert read(1, 100) == b and read(2, 100) == a
     assert read(1, 0) == a and read(2, 0) == b
+    assert bool(taken) == atomic and set(taken) == ({1, 2} if atomic else set())
+    assert locks.held == 0
 
 
 # ------------------------------------------------------------------------------ migration
