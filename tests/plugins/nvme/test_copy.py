@@ -15,6 +15,7 @@ import struct
 import threading
 import time
 
+import attrs
 import crc32c
 import pytest
 from _copy_exercisers import copy, f0, f1, f2, f3, set_cdfe
@@ -22,9 +23,12 @@ from _helpers import GatedBackend, expect_status, wait_until
 
 from pcidev import native
 from pcidev.host import Machine
-from pcidev.migration import load_device_stream, save_device_stream
+from pcidev.migration import load_device, load_device_stream, save_device, save_device_stream
+from pcidev.vmstate import Section
+from pcidev.vmstate.errors import StateError
 from pcidev_nvme.atomicity import NamespaceAtomicity
 from pcidev_nvme.controller import NvmeController
+from pcidev_nvme.features import CopyFormatsState
 from pcidev_nvme.limits import COPY_LIMITS, OCFS
 from pcidev_nvme.namespace import Namespace
 from pcidev_nvme.sanitize import CHUNK
@@ -693,3 +697,53 @@ def test_cdfe_and_copied_data_survive_a_migration():
         if res is not None:
             res.close()
         machine.close()
+
+
+def test_cdfe_travels_in_a_subsection_and_a_stream_with_a_bad_one_is_refused(nvme_env):
+    """A non-zero CDFE is carried twice: in the Host Behavior Support data and in the
+    ``copy_formats`` subsection, which a destination without formats 2h/3h does not know
+    and refuses (a zero CDFE writes no subsection: such a stream loads anywhere). A stream
+    whose CDFE has a reserved bit, or that the subsection does not repeat, is refused."""
+    env = nvme_env("ns=mem:size=1M,ns=mem:size=1M")
+    drv, ctrl = env.drv, env.ctrl
+    drv.scan_namespaces()
+    set_cdfe(drv, CDFE_2 | CDFE_3)
+    ctrl.quiesce()
+    snap = save_device(ctrl)
+    fs, nvme = snap.sections
+    st = nvme.state
+    assert st.features.copy_formats == CopyFormatsState(CDFE_2 | CDFE_3)
+    assert struct.unpack_from("<H", st.features.host_behavior, 4)[0] == CDFE_2 | CDFE_3
+
+    def with_features(**changes):
+        return attrs.evolve(snap, sections=(fs, Section("nvme", 0, attrs.evolve(
+            st, features=attrs.evolve(st.features, **changes)))))
+
+    def hbs(cdfe):
+        return bytes(4) + struct.pack("<H", cdfe) + bytes(506)
+
+    dst = NvmeController(ctrl.cfg, name="dst")
+    try:
+        for bad, path in (
+            (with_features(host_behavior=hbs(1 | CDFE_2), copy_formats=CopyFormatsState(1 | CDFE_2)),
+             "features.host_behavior"),  # bit 0 is reserved, as Set Features says
+            (with_features(host_behavior=hbs(1 << 4), copy_formats=CopyFormatsState(1 << 4)),
+             "features.host_behavior"),
+            (with_features(copy_formats=None), "features.copy_formats"),  # CDFE without its subsection
+            (with_features(copy_formats=CopyFormatsState(CDFE_2)), "features.copy_formats"),
+            (with_features(host_behavior=hbs(0)), "features.copy_formats"),
+        ):
+            with pytest.raises(StateError) as info:
+                load_device(dst, bad)
+            assert info.value.path == path, str(info.value)
+        load_device(dst, snap).close()
+        assert dst.features.copy_formats_enabled == CDFE_2 | CDFE_3
+    finally:
+        dst.close()
+        ctrl.resume()
+    set_cdfe(drv, 0)
+    ctrl.quiesce()
+    try:
+        assert save_device(ctrl).sections[1].state.features.copy_formats is None
+    finally:
+        ctrl.resume()
