@@ -160,6 +160,15 @@ def test_source_namespace_refusals(nvme_env):
     assert env.ctrl.error_log.entries()[0]["nsid"] == 1  # (the command's own namespace)
     # Fast Copy Only: no copy here is a fast one
     assert copy(drv, 1, 0, [f2(2, 0, 1, sopt=1 << 15)], 2).code == Status.FAST_COPY_NOT_POSSIBLE
+    # a command extension (CETYPE, byte 18 bits 3:0; CEV bytes 21:20): none is supported
+    for desfmt, entry in ((0, f0(0, 1)), (2, f2(2, 0, 1))):
+        with_cev = bytearray(entry)
+        with_cev[20:22] = b"\x34\x12"  # CEV alone (CETYPE 0) is ignored, as the reserved bits
+        with_cev[18] = 0xF0
+        assert copy(drv, 1, 20, [bytes(with_cev)], desfmt).ok
+        with_cetype = bytearray(entry)
+        with_cetype[18] = 1
+        assert copy(drv, 1, 20, [entry, bytes(with_cetype)], desfmt).code == Status.INVALID_FIELD
     # a source range overlapping the destination in the same namespace (2h, 3h)
     assert copy(drv, 1, 4, [f2(1, 0, 8)], 2).code == Status.OVERLAPPING_IO_RANGE
     assert copy(drv, 1, 4, [f2(1, 5, 2)], 2).code == Status.OVERLAPPING_IO_RANGE  # (4..5 and 5..6)

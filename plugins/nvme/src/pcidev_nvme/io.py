@@ -41,6 +41,7 @@ Copy source namespace being formatted                  Format In Progress
 Copy source and destination formats that do not fit    Incompatible Namespace or Format
 Copy source overlapping the destination (2h, 3h)       Overlapping I/O Range
 Copy source range asking for Fast Copy Only            Fast Copy Not Possible
+Copy source range with a command extension (CETYPE)    Invalid Field
 PRINFO invalid for the namespace's PI type              Invalid Protection Information
 PI check failed (PRCHK: Guard, App Tag, Ref Tag)       End-to-end Guard / Application
                                                        Tag / Reference Tag Check Error
@@ -58,7 +59,8 @@ extended LBAs, protection information); the fast path never sees them.
 
 Namespaces whose atomic write unit in effect is larger than one block
 (:mod:`pcidev_nvme.atomicity`) take the general path too: each command there holds the
-range lock of its blocks while its handler runs (:meth:`IoCommandSet._execute`).
+range lock of its blocks while its handler runs (:meth:`IoCommandSet._execute`);
+Dataset Management and Copy claim theirs once their ranges are fetched and checked.
 
 The identify fields that describe this command set come from
 :mod:`pcidev_nvme.limits` (re-exported here): :data:`ONCS`, :data:`SGLS`, :data:`OCFS`,
@@ -194,12 +196,21 @@ VERIFY_CHUNK = 1 << 20
 _BROADCAST = 0xFFFFFFFF
 _DSM_RANGE = struct.Struct("<IIQ")  # context attributes, length (LBAs), starting LBA
 #: Copy source range entries (NVM Command Set, "Source Range Entries Copy Descriptor
-#: Format" 0h..3h; libnvme ``struct nvme_copy_range``, ``_f1``, ``_f2``, ``_f3``):
+#: Format" 0h..3h; the offsets of libnvme ``struct nvme_copy_range``, ``_f1``, ``_f2``,
+#: ``_f3``):
 #: format 0h (32 bytes): SLBA, NLB (0's based), EILBRT, ELBAT, ELBATM;
 #: format 1h (40 bytes): SLBA, NLB, ELBT (80 bits, big-endian: storage tag above the
 #: 48-bit reference tag), ELBAT, ELBATM;
 #: format 2h (32 bytes): SNSID, SLBA, NLB, SOPT, EILBRT, ELBAT, ELBATM;
-#: format 3h (40 bytes): SNSID, SLBA, NLB, SOPT, ELBT, ELBAT, ELBATM
+#: format 3h (40 bytes): SNSID, SLBA, NLB, SOPT, ELBT, ELBAT, ELBATM.
+#: Byte order: EILBRT, ELBAT and ELBATM are little-endian, as Linux ``include/linux/nvme.h``
+#: declares them (``__le32 eilbrt; __le16 elbat; __le16 elbatm``) and QEMU reads them;
+#: current libnvme declares format 0h/2h's as big-endian (``__be32 elbt``) and writes
+#: ``cpu_to_be32``: a host using it with a non-zero EILBRT and reference tag checking sees
+#: tag mismatches here, as on QEMU. ELBT of 1h/3h is big-endian in all three.
+#: Byte 18 bits 3:0 are CETYPE (Command Extension Type, bytes 21:20 its value CEV): no
+#: command extension is supported, a non-zero CETYPE is Invalid Field (CEV is then
+#: ignored, as the other reserved bytes are).
 _COPY_ENTRY = (
     struct.Struct("<8xQH6xIHH"),
     struct.Struct("<8xQH8x10sHH"),
@@ -208,6 +219,8 @@ _COPY_ENTRY = (
 )
 #: SOPT bit 15: Fast Copy Only
 _SOPT_FCO = 1 << 15
+#: byte 18 of every source range entry: bits 3:0 CETYPE
+_COPY_CETYPE_BYTE = 18
 
 # Byte offsets in the SQE (Error Information "parameter error location").
 _OFF_OPCODE = 0
@@ -1074,7 +1087,8 @@ class IoCommandSet:
         Invalid Namespace, one being formatted Format In Progress), MSSRL and MCL (Command
         Size Limit Exceeded), the namespaces' compatibility (:func:`copy_incompatible`),
         its LBAs on the source namespace (LBA Out of Range), SOPT Fast Copy Only (Fast Copy
-        Not Possible: no copy is a fast one)."""
+        Not Possible: no copy is a fast one), CETYPE (Invalid Field: no command extension
+        is supported)."""
         mssrl, mcl, _msrc = COPY_LIMITS
         namespaces = self.ctrl.namespaces
         cdw12 = req.cdw12
@@ -1117,6 +1131,10 @@ class IoCommandSet:
             if sopt & _SOPT_FCO:
                 raise NvmeStatusError(Status.FAST_COPY_NOT_POSSIBLE,
                                       f"source range {i} asks for a fast copy (SOPT.FCO): none is")
+            cetype = raw[i * entry.size + _COPY_CETYPE_BYTE] & 0xF
+            if cetype:
+                raise NvmeStatusError(Status.INVALID_FIELD,
+                                      f"source range {i} has a command extension (CETYPE {cetype}): none is supported")
             sources.append(CopySource(sns, slba, nlb, ref, app, mask))
         return sources
 
