@@ -628,8 +628,8 @@ def _check(ctrl: MigrationHost, st: NvmeState) -> None:
         raise _fail(f"Number of Queues {f.nsq}/{f.ncq} exceeds {cfg.max_ioqpairs}", "features.nsq")
     if f.timestamp >= 1 << 48:
         raise _fail("timestamp wider than 48 bits", "features.timestamp")
-    if (problem := features_state_problem(f)) is not None:
-        raise _fail(*problem)
+    if (hbs_problem := features_state_problem(f)) is not None:
+        raise _fail(*hbs_problem)
     for j, t in enumerate(f.tler):
         if t.nsid not in ctrl.allocated:
             raise _fail(f"error recovery setting for namespace {t.nsid}, which does not exist",
