@@ -95,7 +95,7 @@ def _ocfs1(drv: NvmeDriver) -> None:  # OCFS bit 1: format 1h (64b Guard: 48-bit
     _copy_with_pi(drv, 1)
 
 
-def _ocfs2(drv: NvmeDriver) -> None:  # OCFS bit 2: format 2h (a source namespace per range) once CDFE enables it
+def _ocfs2(drv: NvmeDriver) -> None:  # OCFS bit 2: format 2h once CDFE enables it (SNSID 1, within namespace 1)
     bs = drv.lba_size(1)
     data = os.urandom(bs)
     drv.write(1, slba=50, data=data)

@@ -282,6 +282,52 @@ def test_a_read_waits_for_an_overlapping_atomic_write_in_flight(nvme_env):
     assert ctrl.atomicity.locks.held == 0
 
 
+class _GatedDeallocate(GatedBackend):
+    """A gated backend whose deallocations wait at the gate too."""
+
+    def deallocate(self, offset, length):
+        self._wait()
+        super().deallocate(offset, length)
+
+
+def test_dataset_management_claims_only_the_ranges_it_deallocates(nvme_env):
+    """With a write held in the backend at blocks 16..23 of a serialised namespace: a DSM
+    without AD (attributes only) completes at once, a deallocate elsewhere reaches the
+    backend, a deallocate of blocks of the write waits for it (and then wins)."""
+    env = nvme_env("ns=mem:size=4M", io_queues=2)
+    drv, ctrl = env.drv, env.ctrl
+    backend = _GatedDeallocate(1 << 20)
+    ns = Namespace(2, backend)
+    ns.atomic = NamespaceAtomicity(nawun=7)
+    ctrl.add_namespace(2, ns, attached=True)
+    drv.scan_namespaces()
+    data = b"".join(bytes([0x40 + i]) * 512 for i in range(8))
+    bufs = [drv.machine.alloc(4096, 4096) for _ in range(4)]
+    drv.mem.write(bufs[0], data)
+    drv.mem.write(bufs[1], struct.pack("<IIQ", 1, 8, 16))  # 16..23, context attributes only
+    drv.mem.write(bufs[2], struct.pack("<IIQ", 0, 8, 100))  # 100..107
+    drv.mem.write(bufs[3], struct.pack("<IIQ", 0, 2, 20) + struct.pack("<IIQ", 0, 0, 16))  # 20..21 (+ an empty one)
+    try:
+        backend.hold()
+        wcid = drv.submit(1, WRITE, nsid=2, cdw10=16, cdw12=7, buf=bufs[0], length=4096)
+        wait_until(lambda: backend.waiting == 1, what="the write to reach the backend")
+        attrs_only = drv.submit(2, 0x09, nsid=2, cdw10=0, cdw11=1 << 0, buf=bufs[1], length=16)
+        assert drv.wait_for(2, attrs_only, 5).ok  # no claim: it did not wait for the write
+        elsewhere = drv.submit(2, 0x09, nsid=2, cdw10=0, cdw11=1 << 2, buf=bufs[2], length=16)
+        wait_until(lambda: backend.waiting == 2, what="the deallocate elsewhere to reach the backend")
+        overlapping = drv.submit(2, 0x09, nsid=2, cdw10=1, cdw11=1 << 2, buf=bufs[3], length=32)
+        time.sleep(0.1)
+        assert backend.waiting == 2  # waits for the write's claim
+        backend.release()
+        assert all(drv.wait_for(q, c).ok for q, c in ((1, wcid), (2, elsewhere), (2, overlapping)))
+    finally:
+        backend.release()
+        for buf in bufs:
+            drv.machine.free(buf)
+    assert bytes(backend.data[16 * 512:24 * 512]) == data[:4 * 512] + bytes(2 * 512) + data[6 * 512:]
+    assert ctrl.atomicity.locks.held == 0
+
+
 # ----------------------------------------------------------------------------- the storm
 UNIT = 256  # blocks of 512 bytes per atomic unit (atomic.nawun=255): 128 KiB, 32 pages
 UNITS = 2  # the contended region: every command overlaps others

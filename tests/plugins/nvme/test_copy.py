@@ -13,17 +13,24 @@ from __future__ import annotations
 import os
 import struct
 import threading
+import time
 
+import attrs
 import crc32c
 import pytest
 from _copy_exercisers import copy, f0, f1, f2, f3, set_cdfe
-from _helpers import expect_status, wait_until
+from _helpers import GatedBackend, expect_status, wait_until
 
 from pcidev import native
 from pcidev.host import Machine
-from pcidev.migration import load_device_stream, save_device_stream
+from pcidev.migration import load_device, load_device_stream, save_device, save_device_stream
+from pcidev.vmstate import Section
+from pcidev.vmstate.errors import StateError
+from pcidev_nvme.atomicity import NamespaceAtomicity
 from pcidev_nvme.controller import NvmeController
+from pcidev_nvme.features import CopyFormatsState
 from pcidev_nvme.limits import COPY_LIMITS, OCFS
+from pcidev_nvme.namespace import Namespace
 from pcidev_nvme.sanitize import CHUNK
 from pcidev_nvme.status import Status
 from pcidev_nvme.testing.driver import NvmeDriver
@@ -142,12 +149,26 @@ def test_source_namespace_refusals(nvme_env):
     # LBAs beyond the SOURCE namespace (the destination has room): LBA Out of Range, its LBA
     before = env.ctrl.error_log.count
     assert copy(drv, 1, 0, [f2(2, small - 1, 2)], 2).code == Status.LBA_RANGE
-    assert env.ctrl.error_log.count == before + 1 and env.ctrl.error_log.entries()[0]["lba"] == small - 1
+    entry = env.ctrl.error_log.entries()[0]
+    assert env.ctrl.error_log.count == before + 1 and entry["lba"] == small - 1
+    assert entry["nsid"] == 2  # the LBA is the source namespace's: so is the entry
     assert copy(drv, 1, 0, [f2(2, small - 2, 2)], 2).ok
     # the destination range is checked against the destination
     assert copy(drv, 2, small - 1, [f2(1, 0, 2)], 2).code == Status.LBA_RANGE
+    assert env.ctrl.error_log.entries()[0]["nsid"] == 2
+    assert copy(drv, 1, drv.namespaces[1].nsze - 1, [f2(2, 0, 2)], 2).code == Status.LBA_RANGE
+    assert env.ctrl.error_log.entries()[0]["nsid"] == 1  # (the command's own namespace)
     # Fast Copy Only: no copy here is a fast one
     assert copy(drv, 1, 0, [f2(2, 0, 1, sopt=1 << 15)], 2).code == Status.FAST_COPY_NOT_POSSIBLE
+    # a command extension (CETYPE, byte 18 bits 3:0; CEV bytes 21:20): none is supported
+    for desfmt, entry in ((0, f0(0, 1)), (2, f2(2, 0, 1))):
+        with_cev = bytearray(entry)
+        with_cev[20:22] = b"\x34\x12"  # CEV alone (CETYPE 0) is ignored, as the reserved bits
+        with_cev[18] = 0xF0
+        assert copy(drv, 1, 20, [bytes(with_cev)], desfmt).ok
+        with_cetype = bytearray(entry)
+        with_cetype[18] = 1
+        assert copy(drv, 1, 20, [entry, bytes(with_cetype)], desfmt).code == Status.INVALID_FIELD
     # a source range overlapping the destination in the same namespace (2h, 3h)
     assert copy(drv, 1, 4, [f2(1, 0, 8)], 2).code == Status.OVERLAPPING_IO_RANGE
     assert copy(drv, 1, 4, [f2(1, 5, 2)], 2).code == Status.OVERLAPPING_IO_RANGE  # (4..5 and 5..6)
@@ -187,7 +208,9 @@ def test_uncorrectable_source_blocks_fail_the_copy(nvme_env):
     drv.write_uncorrectable(2, 5, 1)
     before = env.ctrl.error_log.count
     assert copy(drv, 1, 0, [f2(2, 0, 4), f2(2, 4, 3)], 2).code == Status.UNRECOVERED_READ_ERROR
-    assert env.ctrl.error_log.entries()[0]["lba"] == 5 and env.ctrl.error_log.count == before + 1
+    entry = env.ctrl.error_log.entries()[0]
+    assert entry["lba"] == 5 and env.ctrl.error_log.count == before + 1
+    assert entry["nsid"] == 2  # the source namespace's LBA 5, not the destination's
     assert drv.read(1, 0, 4) == bytes(4 * 512)  # nothing was written
     # marks on the destination go when the copy rewrites the blocks
     drv.write_uncorrectable(1, 2, 1)
@@ -382,7 +405,10 @@ def test_format_3_across_64b_guard_namespaces(nvme_env):
 
 
 def test_a_format_of_the_source_namespace_waits_for_the_copy_and_refuses_new_ones(nvme_env, tmp_path):
-    env, drv = two(nvme_env, f"file:path={tmp_path}/d.img,size=1M", "mem:size=1M")
+    """A Format NVM of a Copy's source namespace, issued while the copy reads it, completes
+    only after the copy, which copied the data from before the format; while the format
+    runs, copies reading the namespace are Format In Progress."""
+    env, drv = two(nvme_env, f"file:path={tmp_path}/d.img,size=1M", "mem:size=1M", io_queues=2)
     set_cdfe(drv, CDFE_2)
     src = fill(drv, 2, 0, 4)
     sns = env.ctrl.namespaces[2]
@@ -400,34 +426,198 @@ def test_a_format_of_the_source_namespace_waits_for_the_copy_and_refuses_new_one
         drv.mem.write(buf, f2(2, 0, 4))
         cid = drv.submit(1, COPY, nsid=1, cdw10=10, cdw12=2 << 8, buf=buf, length=32)
         assert entered.wait(10)
-        assert env.ctrl.io_inflight_for({2})  # a Format NVM of namespace 2 would wait for it
+        assert env.ctrl.io_inflight_for({2})
+        fcid = drv.submit(0, FORMAT_NVM, nsid=2, cdw10=0)  # a real format of the source
+        wait_until(lambda: env.ctrl.io.format_in_progress(2), 5, "the format to start")
+        time.sleep(0.1)
+        assert env.ctrl.io.format_in_progress(2)  # it waits for the copy
+        assert copy(drv, 1, 0, [f2(2, 0, 1)], 2, qid=2).code == Status.FORMAT_IN_PROGRESS
+        assert copy(drv, 1, 0, [f2(1, 40, 1)], 2, qid=2).ok  # its own namespace is fine
         go.set()
         assert drv.wait_for(1, cid).ok
+        assert drv.wait_for(0, fcid, 10).ok
     finally:
         sns.backend.readv = real
         go.set()
         drv.machine.free(buf)
-    wait_until(lambda: not env.ctrl.io_inflight_for({2}), 5, "the copy to let go of namespace 2")
-    assert blocks_at(drv, 1, 10, 4) == src
-    # while namespace 2 is being formatted, a copy reading it is Format In Progress
-    assert not env.ctrl.begin_format({2})
-    try:
-        assert copy(drv, 1, 0, [f2(2, 0, 1)], 2).code == Status.FORMAT_IN_PROGRESS
-        assert copy(drv, 1, 0, [f2(1, 40, 1)], 2).ok  # its own namespace is fine
-    finally:
-        env.ctrl.end_format({2})
+    assert not env.ctrl.io_inflight_for({2}) and not env.ctrl.io.format_in_progress(2)
+    assert blocks_at(drv, 1, 10, 4) == src  # what namespace 2 held before the format
+    assert drv.read(2, 0, 4) == bytes(4 * 512)  # which then formatted it
     assert copy(drv, 1, 0, [f2(2, 0, 1)], 2).ok
 
 
-@pytest.mark.parametrize("pi", [False, True])
-def test_copies_in_opposite_directions_at_once(nvme_env, tmp_path, pi):
-    """Copies 1 <- 2 and 2 <- 1 on two queues, many at once on the worker threads (file
-    namespaces; with PI, under the metadata's range locks): no deadlock, every block where
-    it belongs."""
-    spec = ",lbaf=2,pi=1" if pi else ""
-    _env, drv = two(nvme_env, f"file:path={tmp_path}/a.img,size=1M{spec}",
-                    f"file:path={tmp_path}/b.img,size=1M{spec}", io_queues=2)
+def test_a_copy_from_a_file_namespace_into_a_memory_one_reads_on_a_worker(nvme_env, tmp_path):
+    """The submitting thread never waits for a file: a Copy 2h into a memory namespace
+    (whose commands run on the submitting thread) from a file namespace runs on a worker,
+    and while its source read is held, the memory namespace still answers at once."""
+    env, drv = two(nvme_env, "mem:size=1M", f"file:path={tmp_path}/s.img,size=1M", io_queues=2)
     set_cdfe(drv, CDFE_2)
+    src = fill(drv, 2, 0, 4)
+    mine = fill(drv, 1, 50, 1)
+    sns = env.ctrl.namespaces[2]
+    readers: list[threading.Thread] = []
+    entered, go = threading.Event(), threading.Event()
+    real = sns.backend.readv
+
+    def slow_readv(views, offset):
+        readers.append(threading.current_thread())
+        entered.set()
+        go.wait(2)  # (on the submitting thread, this would hold up the submission)
+        return real(views, offset)
+
+    sns.backend.readv = slow_readv
+    buf = drv.machine.alloc(4096, 4096)
+    try:
+        drv.mem.write(buf, f2(2, 0, 4))
+        cid = drv.submit(2, COPY, nsid=1, cdw10=10, cdw12=2 << 8, buf=buf, length=32)
+        assert entered.wait(10)
+        assert threading.current_thread() not in readers
+        assert not go.is_set() and blocks_at(drv, 1, 50, 1) == mine
+        go.set()
+        assert drv.wait_for(2, cid).ok
+    finally:
+        sns.backend.readv = real
+        go.set()
+        drv.machine.free(buf)
+    assert blocks_at(drv, 1, 10, 4) == src
+
+
+class _HalfWayBackend(GatedBackend):
+    """Reads go straight through; a write puts its first half in place, then waits at the
+    gate before the rest: a write held half done, as a slow disk may leave it."""
+
+    def readv(self, views, offset):
+        for v in views:
+            v[:] = self.data[offset:offset + len(v)]
+            offset += len(v)
+
+    def writev(self, views, offset, *, fua=False):
+        data = b"".join(bytes(v) for v in views)
+        half = len(data) // 2
+        self.data[offset:offset + half] = data[:half]
+        self._wait()
+        self.data[offset + half:offset + len(data)] = data[half:]
+
+
+def _serialised(nvme_env, nawun: int = 7):
+    """Namespace 1 in memory, namespace 2 over a :class:`_HalfWayBackend` with atomic
+    writes of ``nawun + 1`` blocks; CDFE enables format 2h."""
+    env = nvme_env("ns=mem:size=1M", io_queues=2)
+    drv, ctrl = env.drv, env.ctrl
+    backend = _HalfWayBackend(1 << 20)
+    ns = Namespace(2, backend)
+    ns.atomic = NamespaceAtomicity(nawun=nawun)
+    ctrl.add_namespace(2, ns, attached=True)
+    drv.scan_namespaces()
+    set_cdfe(drv, CDFE_2)
+    assert ctrl.atomicity.serialises(ns) and not ctrl.atomicity.serialises(ctrl.namespaces[1])
+    return env, drv, backend
+
+
+@pytest.mark.parametrize("dst", [1, 2])
+def test_a_copy_never_reads_an_atomic_write_of_its_source_half_done(nvme_env, dst):
+    """An 8-block atomic Write to namespace 2 held half done in the backend: a Copy 2h of
+    those blocks (two ranges), into another namespace or elsewhere in namespace 2, waits for
+    it and copies the whole new data."""
+    env, drv, backend = _serialised(nvme_env)
+    fill(drv, 2, 0, 8, seed=1)
+    new = [block(2, i, 512, seed=2) for i in range(8)]
+    wbuf = drv.machine.alloc(4096, 4096)
+    cbuf = drv.machine.alloc(4096, 4096)
+    try:
+        drv.mem.write(wbuf, b"".join(new))
+        drv.mem.write(cbuf, f2(2, 0, 4) + f2(2, 4, 4))
+        backend.hold()
+        wcid = drv.submit(1, WRITE, nsid=2, cdw10=0, cdw12=7, buf=wbuf, length=4096)
+        wait_until(lambda: backend.waiting == 1, what="the write to be half done")
+        assert bytes(backend.data[:4 * 512]) == b"".join(new[:4])
+        ccid = drv.submit(2, COPY, nsid=dst, cdw10=100, cdw12=1 | 2 << 8, buf=cbuf, length=64)
+        time.sleep(0.1)
+        backend.release()
+        assert drv.wait_for(1, wcid).ok
+        assert drv.wait_for(2, ccid).ok
+    finally:
+        backend.release()
+        drv.machine.free(wbuf)
+        drv.machine.free(cbuf)
+    assert blocks_at(drv, dst, 100, 8) == new
+    assert env.ctrl.atomicity.locks.held == 0
+
+
+def test_copy_claims_only_its_ranges_and_only_after_its_checks(nvme_env):
+    """With a Write held half done at blocks 0..7 of serialised namespace 2: a Copy that
+    is refused answers at once, one that neither reads nor writes blocks 0..7 runs, one
+    whose destination overlaps them waits; the claims are each source namespace's ranges
+    shared, then the destination range exclusive, never two held by one copy at once."""
+    env, drv, backend = _serialised(nvme_env)
+    locks = env.ctrl.atomicity.locks
+    claims: list[tuple[int, tuple, bool, int]] = []
+    real_acquire = locks.acquire
+
+    def spy(nsid, ranges, *, write):
+        claims.append((nsid, tuple(ranges), write, locks.held))
+        return real_acquire(nsid, ranges, write=write)
+
+    locks.acquire = spy
+    old = fill(drv, 2, 0, 8, seed=1)
+    far = fill(drv, 2, 200, 4, seed=3)
+    new = [block(2, i, 512, seed=2) for i in range(8)]
+    bufs = [drv.machine.alloc(4096, 4096) for _ in range(3)]
+    try:
+        drv.mem.write(bufs[0], b"".join(new))
+        backend.hold()
+        wcid = drv.submit(1, WRITE, nsid=2, cdw10=0, cdw12=7, buf=bufs[0], length=4096)
+        wait_until(lambda: backend.waiting == 1, what="the write to be half done")
+        claims.clear()
+        # refused (DESFMT 4, NR above MSRC): no claim, no wait
+        assert copy(drv, 2, 100, [f2(2, 200, 1)], 4, qid=2).code == Status.INVALID_FIELD
+        assert copy(drv, 2, 100, [f0(200, 1)] * (COPY_LIMITS[2] + 2), 0, qid=2).code == \
+            Status.CMD_SIZE_LIMIT_EXCEEDED
+        assert copy(drv, 2, 100, [f2(9, 0, 1)], 2, qid=2).code == Status.INVALID_NSID
+        assert claims == []
+        # blocks 200..203 of 2 and 60 of 1 into 100..104 of 2: its write reaches the backend
+        drv.mem.write(bufs[1], f2(2, 200, 2) + f2(1, 60, 1) + f2(2, 202, 2))
+        c1 = drv.submit(2, COPY, nsid=2, cdw10=100, cdw12=2 | 2 << 8, buf=bufs[1], length=96)
+        wait_until(lambda: backend.waiting == 2, what="the copy's write to reach the backend")
+        assert claims == [(2, ((200, 202), (202, 204)), False, 1), (2, ((100, 105),), True, 1)]
+        # into 4..7 of 2: waits for the write's claim
+        drv.mem.write(bufs[2], f2(2, 200, 4))
+        c2 = drv.submit(2, COPY, nsid=2, cdw10=4, cdw12=2 << 8, buf=bufs[2], length=32)
+        wait_until(lambda: len(claims) == 4, what="the second copy's claims")
+        time.sleep(0.1)
+        assert backend.waiting == 2 and claims[3][:3] == (2, ((4, 8),), True)
+        backend.release()
+        assert drv.wait_for(1, wcid).ok and drv.wait_for(2, c1).ok and drv.wait_for(2, c2).ok
+    finally:
+        locks.acquire = real_acquire
+        backend.release()
+        for buf in bufs:
+            drv.machine.free(buf)
+    assert old != new
+    assert blocks_at(drv, 2, 0, 8) == new[:4] + far  # the second copy landed after the write
+    assert blocks_at(drv, 2, 100, 5) == far[:2] + [bytes(512)] + far[2:]
+    assert locks.held == 0
+
+
+@pytest.mark.parametrize(("pi", "atomic"), [(False, False), (True, False), (False, True), (True, True)])
+def test_copies_in_opposite_directions_at_once(nvme_env, tmp_path, pi, atomic):
+    """Copies 1 <- 2 and 2 <- 1 on two queues, many at once on the worker threads (file
+    namespaces; with PI, under the metadata's range locks; with atomic writes of 16 blocks,
+    under the atomicity claims, next to Writes of the same blocks): no deadlock, every
+    block where it belongs."""
+    spec = (",lbaf=2,pi=1" if pi else "") + (",atomic.nawun=15" if atomic else "")
+    env, drv = two(nvme_env, f"file:path={tmp_path}/a.img,size=1M{spec}",
+                   f"file:path={tmp_path}/b.img,size=1M{spec}", io_queues=2)
+    set_cdfe(drv, CDFE_2)
+    locks = env.ctrl.atomicity.locks
+    taken = []
+    real_acquire = locks.acquire
+
+    def spy(nsid, ranges, *, write):
+        taken.append(nsid)
+        return real_acquire(nsid, ranges, write=write)
+
+    locks.acquire = spy
 
     def write(nsid, seed):
         blocks = [block(nsid, i, 512, seed) for i in range(64)]
@@ -457,14 +647,24 @@ def test_copies_in_opposite_directions_at_once(nvme_env, tmp_path, pi):
                 sdlba = 100 + 4 * i
                 cids.append((qid, drv.submit(qid, COPY, nsid=dst, cdw10=sdlba, cdw14=sdlba, cdw12=2 << 8 | prinfo,
                                              buf=buf, length=32)))
+                if atomic:  # a Write of the source blocks the copy reads: the same data again
+                    wbuf = drv.machine.alloc(4096, 4096)
+                    bufs.append(wbuf)
+                    again = b"".join((a if src == 1 else b)[4 * i:4 * i + 4])
+                    drv.mem.write(wbuf, again)
+                    cids.append((3 - qid, drv.submit(3 - qid, WRITE, nsid=src, cdw10=4 * i, cdw12=3 | PRACT << 26,
+                                                     cdw14=4 * i, buf=wbuf, length=2048)))
         for qid, cid in cids:
             comp = drv.wait_for(qid, cid, 30)
             assert comp.ok, hex(comp.status)
     finally:
+        locks.acquire = real_acquire
         for buf in bufs:
             drv.machine.free(buf)
     assert read(1, 100) == b and read(2, 100) == a
     assert read(1, 0) == a and read(2, 0) == b
+    assert bool(taken) == atomic and set(taken) == ({1, 2} if atomic else set())
+    assert locks.held == 0
 
 
 # ------------------------------------------------------------------------------ migration
@@ -506,3 +706,53 @@ def test_cdfe_and_copied_data_survive_a_migration():
         if res is not None:
             res.close()
         machine.close()
+
+
+def test_cdfe_travels_in_a_subsection_and_a_stream_with_a_bad_one_is_refused(nvme_env):
+    """A non-zero CDFE is carried twice: in the Host Behavior Support data and in the
+    ``copy_formats`` subsection, which a destination without formats 2h/3h does not know
+    and refuses (a zero CDFE writes no subsection: such a stream loads anywhere). A stream
+    whose CDFE has a reserved bit, or that the subsection does not repeat, is refused."""
+    env = nvme_env("ns=mem:size=1M,ns=mem:size=1M")
+    drv, ctrl = env.drv, env.ctrl
+    drv.scan_namespaces()
+    set_cdfe(drv, CDFE_2 | CDFE_3)
+    ctrl.quiesce()
+    snap = save_device(ctrl)
+    fs, nvme = snap.sections
+    st = nvme.state
+    assert st.features.copy_formats == CopyFormatsState(CDFE_2 | CDFE_3)
+    assert struct.unpack_from("<H", st.features.host_behavior, 4)[0] == CDFE_2 | CDFE_3
+
+    def with_features(**changes):
+        return attrs.evolve(snap, sections=(fs, Section("nvme", 0, attrs.evolve(
+            st, features=attrs.evolve(st.features, **changes)))))
+
+    def hbs(cdfe):
+        return bytes(4) + struct.pack("<H", cdfe) + bytes(506)
+
+    dst = NvmeController(ctrl.cfg, name="dst")
+    try:
+        for bad, path in (
+            (with_features(host_behavior=hbs(1 | CDFE_2), copy_formats=CopyFormatsState(1 | CDFE_2)),
+             "features.host_behavior"),  # bit 0 is reserved, as Set Features says
+            (with_features(host_behavior=hbs(1 << 4), copy_formats=CopyFormatsState(1 << 4)),
+             "features.host_behavior"),
+            (with_features(copy_formats=None), "features.copy_formats"),  # CDFE without its subsection
+            (with_features(copy_formats=CopyFormatsState(CDFE_2)), "features.copy_formats"),
+            (with_features(host_behavior=hbs(0)), "features.copy_formats"),
+        ):
+            with pytest.raises(StateError) as info:
+                load_device(dst, bad)
+            assert info.value.path == path, str(info.value)
+        load_device(dst, snap).close()
+        assert dst.features.copy_formats_enabled == CDFE_2 | CDFE_3
+    finally:
+        dst.close()
+        ctrl.resume()
+    set_cdfe(drv, 0)
+    ctrl.quiesce()
+    try:
+        assert save_device(ctrl).sections[1].state.features.copy_formats is None
+    finally:
+        ctrl.resume()

@@ -24,8 +24,11 @@ How it holds (:class:`Atomicity`, :class:`RangeLockTable`)
     Commands on namespaces with a unit of one block run as before (the fast path: no lock,
     no check). On a namespace whose unit in effect is larger, every command that reads or
     changes user data holds a range lock on its blocks while it runs: Read, Compare and
-    Verify shared, Write, Write Zeroes and Write Uncorrectable exclusive, Dataset Management
-    and Copy (whose ranges are in host memory) the whole namespace exclusive. Overlapping
+    Verify shared, Write, Write Zeroes and Write Uncorrectable exclusive. Dataset Management
+    and Copy, whose ranges are in host memory, claim once they have fetched and checked them
+    (:meth:`Atomicity.hold_ranges`): Dataset Management the ranges it deallocates exclusive
+    (nothing without AD), Copy each source namespace's ranges shared while it reads them,
+    then its destination range exclusive while it writes it, never two claims at once. Overlapping
     commands therefore never run at the same time when one of them writes, so no command
     sees an atomic write half done and two overlapping writes never leave a mix of blocks;
     commands larger than the unit, or across a boundary, are not atomic by the spec but are
@@ -63,13 +66,9 @@ NSFEAT_NSABP = 1 << 1
 _U16_MAX = 0xFFFF
 
 # NVM command set opcodes (as :class:`pcidev_nvme.io.Opcode`, which imports this module)
-_WRITE, _READ, _WRITE_UNCORRECTABLE, _COMPARE, _WRITE_ZEROES, _DSM, _VERIFY, _COPY = (
-    0x01, 0x02, 0x04, 0x05, 0x08, 0x09, 0x0C, 0x19)
+_WRITE, _READ, _WRITE_UNCORRECTABLE, _COMPARE, _WRITE_ZEROES, _VERIFY = (0x01, 0x02, 0x04, 0x05, 0x08, 0x0C)
 _SHARED = frozenset((_READ, _COMPARE, _VERIFY))
 _EXCLUSIVE = frozenset((_WRITE, _WRITE_ZEROES, _WRITE_UNCORRECTABLE))
-_WHOLE = frozenset((_DSM, _COPY))
-#: a range past any namespace's end: the whole namespace
-_EVERYTHING = ((0, 1 << 64),)
 
 
 def _power_of_two(n: int) -> bool:
@@ -344,14 +343,35 @@ class Atomicity:
         :param slba: its first LBA (Read, Write, Compare, Verify, Write Zeroes, Write
             Uncorrectable).
         :param nlb: its number of blocks (1-based).
+
+        Dataset Management and Copy take nothing here: they claim the ranges they name once
+        they have fetched and checked them (:meth:`hold_ranges`).
         """
         if opcode in _SHARED or opcode in _EXCLUSIVE:
             claim = self.locks.acquire(nsid, ((slba, slba + max(nlb, 1)),), write=opcode in _EXCLUSIVE)
-        elif opcode in _WHOLE:
-            claim = self.locks.acquire(nsid, _EVERYTHING, write=True)
         else:
             yield
             return
+        try:
+            yield
+        finally:
+            self.locks.release(claim)
+
+    @contextmanager
+    def hold_ranges(self, ns: AtomicNamespace, ranges: Sequence[tuple[int, int]], *, write: bool) -> Iterator[None]:
+        """Hold ``(first LBA, end LBA)`` ranges of ``ns`` as one claim (shared, or exclusive
+        with ``write``) while the body runs: nothing on a namespace that does not serialise
+        (:meth:`serialises`) or for no range. A caller holds one such claim at a time (so two
+        commands never wait for each other).
+
+        :param ns: the namespace.
+        :param ranges: the ranges, in any order (they may overlap).
+        :param write: whether the body changes the blocks.
+        """
+        if not ranges or not self.serialises(ns):
+            yield
+            return
+        claim = self.locks.acquire(ns.nsid, tuple(ranges), write=write)
         try:
             yield
         finally:

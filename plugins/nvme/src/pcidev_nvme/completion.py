@@ -297,4 +297,4 @@ class CompletionMixin:
         self.error_log.add(sqid=req.sqid, cid=req.cid, status_field=sf, phase=phase,
                            param_offset=error.param_offset if error is not None else None,
                            lba=(error.lba or 0) if error is not None else 0,
-                           nsid=req.nsid)
+                           nsid=req.nsid if error is None or error.nsid is None else error.nsid)

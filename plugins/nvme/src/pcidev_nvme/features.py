@@ -48,7 +48,11 @@ FID    Feature                          Notes
 :meth:`Features.snapshot` / :meth:`Features.restore` carry every current value
 (:class:`FeaturesState`, the ``nvme/features`` vmstate description; its per-vector
 Coalescing Disable bits belong to :mod:`pcidev_nvme.interrupts` and are filled in by
-the controller's migration).
+the controller's migration). A non-zero CDFE also travels in the ``copy_formats``
+subsection (:class:`CopyFormatsState`): a destination from before Copy formats 2h/3h
+does not know it and refuses the stream, instead of taking the Host Behavior data and
+failing the guest's next cross-namespace Copy; :func:`state_problem` refuses a CDFE with
+a reserved bit, or one the subsection does not repeat.
 
 Select (CDW10 10:8) supports current, default, saved (= default: nothing is
 saveable) and supported capabilities. Set with Save (CDW10 bit 31) fails with
@@ -77,8 +81,8 @@ from pcidev_nvme.namespace import Namespace
 from pcidev_nvme.request import Request
 from pcidev_nvme.status import NvmeStatusError, Status
 
-__all__ = ["Features", "FeaturesState", "TlerState", "DulbeState", "WriteAtomicityState", "FID_NAMES",
-           "CDFE_SUPPORTED", "ERR_REC_DULBE"]
+__all__ = ["CopyFormatsState", "Features", "FeaturesState", "TlerState", "DulbeState", "WriteAtomicityState",
+           "FID_NAMES", "CDFE_SUPPORTED", "ERR_REC_DULBE", "state_problem"]
 
 #: most namespaces with an error recovery setting in a migration stream
 MAX_NS = 1024
@@ -163,6 +167,16 @@ class DulbeState:
     nsids: VarArray[U32, MAX_NS]
 
 
+@vmstate("nvme/copy-formats")
+@attrs.frozen
+class CopyFormatsState:
+    """Host Behavior Support CDFE (feature 16h, bytes 5:4 of the data), when non-zero: the
+    same value as in ``host_behavior``, in a subsection so that a destination that has no
+    Copy formats 2h/3h (and would drop them silently) refuses the stream."""
+
+    cdfe: U16
+
+
 @vmstate("nvme/features")
 @attrs.frozen
 class FeaturesState:
@@ -188,8 +202,26 @@ class FeaturesState:
     write_atomicity: WriteAtomicityState | None = None
     #: None: DULBE is clear on every namespace (a stream from before it existed)
     dulbe: DulbeState | None = None
+    #: Host Behavior Support CDFE, when non-zero (None: zero, or a stream from before it)
+    copy_formats: CopyFormatsState | None = None
 
 
+def state_problem(state: FeaturesState) -> tuple[str, str] | None:
+    """Why ``state`` cannot be restored, as (reason, field path), or None: Host Behavior
+    Support CDFE with a reserved bit (one Set Features refuses), or a CDFE that differs from
+    the ``copy_formats`` subsection's (which a source writes whenever CDFE is non-zero).
+
+    :param state: the features of a migration stream.
+    """
+    (cdfe,) = _CDFE.unpack_from(state.host_behavior, 4)
+    if cdfe & ~CDFE_SUPPORTED:
+        return (f"Host Behavior Support CDFE {cdfe:#06x} enables a Copy descriptor format this controller "
+                f"does not have (only {CDFE_SUPPORTED:#x})", "features.host_behavior")
+    carried = state.copy_formats.cdfe if state.copy_formats is not None else 0
+    if carried != cdfe:
+        return (f"Host Behavior Support CDFE {cdfe:#06x} differs from the copy_formats subsection's "
+                f"{carried:#06x}", "features.copy_formats")
+    return None
 
 
 class FeaturesHost(Protocol):
@@ -279,7 +311,8 @@ class Features:
             timestamp_origin=self.timestamp_origin, host_behavior=bytes(self.host_behavior),
             tler=tuple(TlerState(n, t) for n, t in sorted(self.tler.items())), vector_cd=vector_cd,
             write_atomicity=WriteAtomicityState(True) if v[FID_WRITE_ATOMICITY] & 1 else None,
-            dulbe=DulbeState(tuple(sorted(self.dulbe))) if self.dulbe else None)
+            dulbe=DulbeState(tuple(sorted(self.dulbe))) if self.dulbe else None,
+            copy_formats=CopyFormatsState(cdfe) if (cdfe := self.copy_formats_enabled) else None)
 
     def restore(self, state: FeaturesState) -> None:
         """Take the values of a checked ``state`` (the timestamp counts on from now)."""

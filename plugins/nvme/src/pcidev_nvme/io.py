@@ -6,8 +6,9 @@ as the controller hands them over (:meth:`IoCommandSet.submit`) and reports each
 exactly once through ``ctrl.complete(req, status, dw0)``:
 
 * on the submitting thread, before ``submit`` returns, for namespaces whose
-  backend is ``inline`` (memory, null) and for every command that fails its
-  checks;
+  backend is ``inline`` (memory, null; a Copy of descriptor format 2h or 3h, whose
+  sources may be in any namespace, only when every namespace's is) and for every
+  command that fails its checks;
 * from a small pool of worker threads for the others (files), so a slow disk
   never holds up register accesses. Completions may then come out of order. A
   Read, or a Write that need not be durable, is first tried on the submitting
@@ -40,6 +41,7 @@ Copy source namespace being formatted                  Format In Progress
 Copy source and destination formats that do not fit    Incompatible Namespace or Format
 Copy source overlapping the destination (2h, 3h)       Overlapping I/O Range
 Copy source range asking for Fast Copy Only            Fast Copy Not Possible
+Copy source range with a command extension (CETYPE)    Invalid Field
 PRINFO invalid for the namespace's PI type              Invalid Protection Information
 PI check failed (PRCHK: Guard, App Tag, Ref Tag)       End-to-end Guard / Application
                                                        Tag / Reference Tag Check Error
@@ -65,7 +67,8 @@ the knowledge Get LBA Status reports); with DULBE clear nothing is asked.
 
 Namespaces whose atomic write unit in effect is larger than one block
 (:mod:`pcidev_nvme.atomicity`) take the general path too: each command there holds the
-range lock of its blocks while its handler runs (:meth:`IoCommandSet._execute`).
+range lock of its blocks while its handler runs (:meth:`IoCommandSet._execute`);
+Dataset Management and Copy claim theirs once their ranges are fetched and checked.
 
 The identify fields that describe this command set come from
 :mod:`pcidev_nvme.limits` (re-exported here): :data:`ONCS`, :data:`SGLS`, :data:`OCFS`,
@@ -76,6 +79,7 @@ The identify fields that describe this command set come from
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import struct
 import threading
@@ -203,12 +207,21 @@ VERIFY_CHUNK = 1 << 20
 _BROADCAST = 0xFFFFFFFF
 _DSM_RANGE = struct.Struct("<IIQ")  # context attributes, length (LBAs), starting LBA
 #: Copy source range entries (NVM Command Set, "Source Range Entries Copy Descriptor
-#: Format" 0h..3h; libnvme ``struct nvme_copy_range``, ``_f1``, ``_f2``, ``_f3``):
+#: Format" 0h..3h; the offsets of libnvme ``struct nvme_copy_range``, ``_f1``, ``_f2``,
+#: ``_f3``):
 #: format 0h (32 bytes): SLBA, NLB (0's based), EILBRT, ELBAT, ELBATM;
 #: format 1h (40 bytes): SLBA, NLB, ELBT (80 bits, big-endian: storage tag above the
 #: 48-bit reference tag), ELBAT, ELBATM;
 #: format 2h (32 bytes): SNSID, SLBA, NLB, SOPT, EILBRT, ELBAT, ELBATM;
-#: format 3h (40 bytes): SNSID, SLBA, NLB, SOPT, ELBT, ELBAT, ELBATM
+#: format 3h (40 bytes): SNSID, SLBA, NLB, SOPT, ELBT, ELBAT, ELBATM.
+#: Byte order: EILBRT, ELBAT and ELBATM are little-endian, as Linux ``include/linux/nvme.h``
+#: declares them (``__le32 eilbrt; __le16 elbat; __le16 elbatm``) and QEMU reads them;
+#: current libnvme declares format 0h/2h's as big-endian (``__be32 elbt``) and writes
+#: ``cpu_to_be32``: a host using it with a non-zero EILBRT and reference tag checking sees
+#: tag mismatches here, as on QEMU. ELBT of 1h/3h is big-endian in all three.
+#: Byte 18 bits 3:0 are CETYPE (Command Extension Type, bytes 21:20 its value CEV): no
+#: command extension is supported, a non-zero CETYPE is Invalid Field (CEV is then
+#: ignored, as the other reserved bytes are).
 _COPY_ENTRY = (
     struct.Struct("<8xQH6xIHH"),
     struct.Struct("<8xQH8x10sHH"),
@@ -217,6 +230,8 @@ _COPY_ENTRY = (
 )
 #: SOPT bit 15: Fast Copy Only
 _SOPT_FCO = 1 << 15
+#: byte 18 of every source range entry: bits 3:0 CETYPE
+_COPY_CETYPE_BYTE = 18
 
 # Byte offsets in the SQE (Error Information "parameter error location").
 _OFF_OPCODE = 0
@@ -518,6 +533,9 @@ class IoCommandSet:
                 inline = self._all_inline()
             else:
                 inline = ns.backend.inline
+                if inline and req.opcode == Opcode.COPY and (req.cdw12 >> 8) & 0xF >= 2:
+                    # formats 2h, 3h read other namespaces too: never a file on this thread
+                    inline = self._all_inline()
             if self._closed:
                 raise NvmeStatusError(Status.INTERNAL, "the I/O command set is closed")
             if not inline:
@@ -992,12 +1010,13 @@ class IoCommandSet:
         if deallocate and ranges:
             self._check_writable(ns)
             shift = ns.lba_shift
-            for slba, nlb in ranges:
-                if ns.ms:  # the metadata and the data, under the range's lock
-                    self._protected.deallocate(ns, slba, nlb)
-                else:
-                    ns.backend.deallocate(slba << shift, nlb << shift)
-                self.uncorrectable.clear(ns.nsid, slba, nlb)
+            with self.atomicity.hold_ranges(ns, [(slba, slba + nlb) for slba, nlb in ranges], write=True):
+                for slba, nlb in ranges:
+                    if ns.ms:  # the metadata and the data, under the range's lock
+                        self._protected.deallocate(ns, slba, nlb)
+                    else:
+                        ns.backend.deallocate(slba << shift, nlb << shift)
+                    self.uncorrectable.clear(ns.nsid, slba, nlb)
             if not self.ctrl.volatile_write_cache:
                 ns.flush()  # the data and the metadata
         return 0
@@ -1074,27 +1093,52 @@ class IoCommandSet:
                         lba=src.slba,
                     )
         for src in sources:
-            self._check_marks(src.ns, src.slba, src.nlb)
-            self._check_dulbe(src.ns, src.slba, src.nlb)
-        if ns.ms or any(src.ns.ms for src in sources):
-            status = self._protected.copy(req, ns, sources, sdlba)
-            self.uncorrectable.clear(ns.nsid, sdlba, total)
-            return status
-        shift = ns.lba_shift
+            try:
+                self._check_marks(src.ns, src.slba, src.nlb)
+                self._check_dulbe(src.ns, src.slba, src.nlb)
+            except NvmeStatusError as exc:
+                exc.nsid = src.ns.nsid  # (the error is the source namespace's, at its LBA)
+                raise
+        protected = bool(ns.ms or any(src.ns.ms for src in sources))
+        shift = ns.lba_shift  # (every source has the destination's block size)
         buf = bytearray(total << shift)
+        metas: list[bytearray] = [bytearray()] * len(sources)
+        starts = list(itertools.accumulate((src.nlb for src in sources), initial=0))
+        # Each source namespace's ranges are read under one shared claim, then the
+        # destination is written under its exclusive one: one claim at a time, so copies
+        # between namespaces in opposite directions never wait for each other, and a
+        # namespace is held only while its own blocks move.
+        by_ns: dict[int, list[int]] = {}
+        for i, src in enumerate(sources):
+            by_ns.setdefault(src.ns.nsid, []).append(i)
         mv = memoryview(buf)
         try:
-            pos = 0
-            for src in sources:
-                n = src.nlb << shift
-                src.ns.backend.readv([mv[pos : pos + n]], src.slba << shift)
-                pos += n
-            self.uncorrectable.clear(ns.nsid, sdlba, total)
-            ns.backend.writev([mv], sdlba << shift, fua=self._durable(cdw12))
+            for indexes in by_ns.values():
+                sns = sources[indexes[0]].ns
+                claim = [(sources[i].slba, sources[i].slba + sources[i].nlb) for i in indexes]
+                try:
+                    with self.atomicity.hold_ranges(sns, claim, write=False):
+                        for i in indexes:
+                            src = sources[i]
+                            part = mv[starts[i] << shift:starts[i + 1] << shift]
+                            if protected:
+                                metas[i] = self._protected.copy_read(req, ns, src, part)
+                            else:
+                                sns.backend.readv([part], src.slba << shift)
+                except NvmeStatusError as exc:
+                    if exc.nsid is None:  # (the error is the source namespace's, at its LBA)
+                        exc.nsid = sns.nsid
+                    raise
+            with self.atomicity.hold_ranges(ns, ((sdlba, sdlba + total),), write=True):
+                if protected:
+                    self._protected.copy_write(req, ns, buf, bytearray().join(metas), sdlba)
+                else:
+                    ns.backend.writev([mv], sdlba << shift, fua=self._durable(cdw12))
+                    self.ctrl.smart.record_write(len(buf))
+                    self.ctrl.ns_smart.record_write(ns.nsid, len(buf))
+                self.uncorrectable.clear(ns.nsid, sdlba, total)  # (after the write: it took)
         finally:
             mv.release()
-        self.ctrl.smart.record_write(len(buf))
-        self.ctrl.ns_smart.record_write(ns.nsid, len(buf))
         return 0
 
     def _copy_sources(self, req: Request, ns: Namespace, raw: bytearray, desfmt: int) -> list[CopySource]:
@@ -1103,7 +1147,8 @@ class IoCommandSet:
         Invalid Namespace, one being formatted Format In Progress), MSSRL and MCL (Command
         Size Limit Exceeded), the namespaces' compatibility (:func:`copy_incompatible`),
         its LBAs on the source namespace (LBA Out of Range), SOPT Fast Copy Only (Fast Copy
-        Not Possible: no copy is a fast one)."""
+        Not Possible: no copy is a fast one), CETYPE (Invalid Field: no command extension
+        is supported)."""
         mssrl, mcl, _msrc = COPY_LIMITS
         namespaces = self.ctrl.namespaces
         cdw12 = req.cdw12
@@ -1141,11 +1186,15 @@ class IoCommandSet:
                 raise NvmeStatusError(
                     Status.LBA_RANGE,
                     f"source range {i}: LBAs {slba:#x}+{nlb} exceed namespace {sns.nsid}",
-                    lba=slba,
+                    lba=slba, nsid=sns.nsid,
                 )
             if sopt & _SOPT_FCO:
                 raise NvmeStatusError(Status.FAST_COPY_NOT_POSSIBLE,
                                       f"source range {i} asks for a fast copy (SOPT.FCO): none is")
+            cetype = raw[i * entry.size + _COPY_CETYPE_BYTE] & 0xF
+            if cetype:
+                raise NvmeStatusError(Status.INVALID_FIELD,
+                                      f"source range {i} has a command extension (CETYPE {cetype}): none is supported")
             sources.append(CopySource(sns, slba, nlb, ref, app, mask))
         return sources
 

@@ -107,6 +107,7 @@ from pcidev_nvme.controller_memory import ranges_overlap
 from pcidev_nvme.doorbells import ShadowDoorbells, ShadowDoorbellsState
 from pcidev_nvme.endurance import EnduranceGroup, EnduranceState
 from pcidev_nvme.features import Features, FeaturesState, TlerState
+from pcidev_nvme.features import state_problem as features_state_problem
 from pcidev_nvme.interrupts import Interrupts, InterruptsState, Timer
 from pcidev_nvme.io import IoCommandSet
 from pcidev_nvme.logs import (
@@ -635,6 +636,8 @@ def _check(ctrl: MigrationHost, st: NvmeState) -> None:
         raise _fail(f"Number of Queues {f.nsq}/{f.ncq} exceeds {cfg.max_ioqpairs}", "features.nsq")
     if f.timestamp >= 1 << 48:
         raise _fail("timestamp wider than 48 bits", "features.timestamp")
+    if (hbs_problem := features_state_problem(f)) is not None:
+        raise _fail(*hbs_problem)
     for j, t in enumerate(f.tler):
         if t.nsid not in ctrl.allocated:
             raise _fail(f"error recovery setting for namespace {t.nsid}, which does not exist",

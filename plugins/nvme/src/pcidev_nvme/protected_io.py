@@ -491,35 +491,35 @@ class ProtectedIo:
                 ns.meta.deallocate(slba, nlb)
             ns.backend.deallocate(slba << ns.lba_shift, nlb << ns.lba_shift)
 
-    def copy(self, req: Request, dns: Namespace, sources: Sequence[CopySource], sdlba: int) -> int:
-        """Copy with metadata on the destination or a source (any descriptor format; the
-        caller checked the limits, the ranges, :func:`copy_format_problem` and
-        :func:`copy_incompatible`): each source range's data and metadata, its PI checked
-        as PRINFOR asks (CDW12 15:12, expected tags from the range entry) and, with
-        PRINFOR.PRACT and metadata that is only the PI, stripped; then written at SDLBA
-        with PI checked or generated as PRINFOW asks (CDW12 29:26, CDW2/CDW3/CDW14 and
-        CDW15 as for a Write). Each range is read under its shared lock, the destination
-        written under its exclusive one: never two held at once, so copies in opposite
-        directions between two namespaces cannot wait on each other."""
+    def copy_read(self, req: Request, dns: Namespace, src: CopySource, data: memoryview) -> bytearray:
+        """One source range of a Copy with metadata on the destination or a source (any
+        descriptor format; the caller checked the limits, the ranges,
+        :func:`copy_format_problem` and :func:`copy_incompatible`, and holds the atomicity
+        claim): its data into ``data`` and its PI checked as PRINFOR asks (CDW12 15:12,
+        expected tags from the range entry), read under the range's shared lock.
+
+        :returns: the metadata to write for it on ``dns`` (zeros when the source's is
+            stripped or the source has none: :meth:`copy_write` inserts the PI).
+        """
+        sns = src.ns
+        stored, meta = self._stored(sns, src.slba, src.nlb)
+        spif = sns.protection
+        if spif is not None:
+            prinfor = (req.cdw12 >> 12 & 0xF) << 26
+            spif.check_command(src.slba, prinfor, src.ref)
+            spif.check(memoryview(stored), memoryview(meta), src.nlb, slba=src.slba, cdw12=prinfor, ref=src.ref,
+                       app=src.app, app_mask=src.mask)
+        data[:] = stored
+        if sns.ms != dns.ms:  # (compatible: the PI is stripped, or inserted by copy_write)
+            meta = bytearray(src.nlb * dns.ms)
+        return meta
+
+    def copy_write(self, req: Request, dns: Namespace, data: bytearray, meta: bytearray, sdlba: int) -> None:
+        """Write what :meth:`copy_read` gathered at SDLBA of ``dns``, with PI checked or
+        generated as PRINFOW asks (CDW12 29:26, CDW2/CDW3/CDW14 and CDW15 as for a Write),
+        under the destination's exclusive lock."""
         cdw12 = req.cdw12
-        prinfor = (cdw12 >> 12 & 0xF) << 26
-        datas: list[bytearray] = []
-        metas: list[bytearray] = []
-        for src in sources:
-            sns = src.ns
-            data, meta = self._stored(sns, src.slba, src.nlb)
-            spif = sns.protection
-            if spif is not None:
-                spif.check_command(src.slba, prinfor, src.ref)
-                spif.check(memoryview(data), memoryview(meta), src.nlb, slba=src.slba, cdw12=prinfor, ref=src.ref,
-                           app=src.app, app_mask=src.mask)
-            if sns.ms != dns.ms:  # (compatible: the PI is stripped, or inserted below)
-                meta = bytearray(src.nlb * dns.ms)
-            datas.append(data)
-            metas.append(meta)
-        data = bytearray().join(datas)
-        meta = bytearray().join(metas)
-        total = sum(src.nlb for src in sources)
+        total = len(data) >> dns.lba_shift
         pif = dns.protection
         if pif is not None:
             ref, app, mask = self._tags(pif, req, sdlba, cdw12)
@@ -531,7 +531,6 @@ class ProtectedIo:
         self._store(dns, sdlba, data, meta, self._durable(cdw12))
         self.ctrl.smart.record_write(len(data))
         self.ctrl.ns_smart.record_write(dns.nsid, len(data))
-        return 0
 
 
 def copy_format_problem(ns: Namespace, desfmt: int, cdw12: int) -> NvmeStatusError | None:

@@ -139,13 +139,17 @@ class NvmeStatusError(PcidevError):
     :param message: for logs and the Error Information log's context.
     :param param_offset: byte offset in the SQE of the offending field (Error
         Information "Parameter Error Location"), or None.
+    :param lba: the LBA the error is about (Error Information "LBA"), or None.
+    :param nsid: the namespace the error is about when it is not the command's (a Copy's
+        source namespace; Error Information "Namespace"), or None: the command's.
     """
 
     def __init__(self, status: int, message: str = "", *, param_offset: int | None = None,
-                 lba: int | None = None, dnr: bool = True) -> None:
+                 lba: int | None = None, dnr: bool = True, nsid: int | None = None) -> None:
         self.status = int(status)
         self.param_offset = param_offset
         self.lba = lba
+        self.nsid = nsid
         self.dnr = dnr
         try:
             name = Status(self.status).name
