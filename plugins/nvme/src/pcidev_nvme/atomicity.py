@@ -46,13 +46,13 @@ fingerprint carries it (:func:`fingerprint_entry`), and DN travels with the feat
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
 
 import attrs
 
-__all__ = ["AtomicLimits", "Atomicity", "NamespaceAtomicity", "NO_ATOMICITY", "RangeLockTable",
+__all__ = ["AtomicLimits", "Atomicity", "BlockLocks", "NamespaceAtomicity", "NO_ATOMICITY", "RangeLockTable",
            "controller_problem", "effective_limits", "fingerprint_entry", "namespace_problem", "NSFEAT_NSABP"]
 
 #: Identify Namespace NSFEAT bit 1 (NSABP, libnvme ``NVME_NS_FEAT_NATOMIC``): NAWUN, NAWUPF and
@@ -264,6 +264,8 @@ class RangeLockTable:
         self._cond = threading.Condition(threading.Lock())
         self._held: list[_Claim] = []
         self._waiting: list[_Claim] = []
+        #: the block locks of the same namespaces (every namespace without a larger unit)
+        self.blocks = BlockLocks()
 
     def acquire(self, nsid: int, ranges: Sequence[tuple[int, int]], *, write: bool) -> _Claim:
         """Take ``(start, end)`` LBA ranges of namespace ``nsid``, waiting as long as needed.
@@ -301,6 +303,135 @@ class RangeLockTable:
         return len(self._held)
 
 
+class BlockLocks:
+    """What keeps every logical block whole on namespaces without a larger unit: striped
+    writer locks with a sequence count per stripe (a seqlock), so writers exclude each
+    other and readers never wait for one another.
+
+    The bytes of a namespace fall in regions of ``1 << region_shift`` bytes (64 KiB: whole
+    pages, so a backend that works on pages, a hole punch of the ``mem`` backend, never
+    reaches past the regions it holds); region ``r`` of namespace ``nsid`` maps to stripe
+    ``(salt(nsid) + r) & (stripes - 1)``: a plain :class:`threading.Lock` in :attr:`locks`
+    and a count in :attr:`seqs`.
+
+    * A writer (Write, Write Zeroes, Dataset Management, Write Uncorrectable, Copy) holds
+      the lock of every stripe its blocks touch, taken in ascending index order
+      (:meth:`write`; :meth:`try_write` takes all or none without waiting), so two
+      writers never wait for each other in a cycle; it makes each count odd before it
+      changes data and even again after (:meth:`end_write`). Two overlapping writers share
+      a stripe: they never run at the same time, so their blocks never mix.
+    * A reader (Read, Compare, Verify) takes nothing: it notes the counts
+      (:meth:`seq`: None while a writer is at work), reads, and reads the counts again;
+      if they changed, a writer overlapped it and it reads again. After
+      :data:`READ_TRIES` failed tries it holds the locks (:meth:`take`), which a writer
+      then waits for: a stream of writers cannot starve a reader.
+
+    A command spanning as many regions as there are stripes takes them all. Commands that
+    only share a stripe (another region, or another namespace, mapping to it) wait for,
+    or read again after, each other needlessly, never wrongly.
+
+    Shared, like :class:`RangeLockTable`, by the controllers that share the namespaces.
+
+    :param stripes: number of stripes (a power of two).
+    :param region_shift: log2 of the bytes of a region.
+
+    :ivar locks: the writers' locks (the I/O fast path indexes them itself).
+    :ivar seqs: the sequence counts, odd while a writer holds the stripe.
+    :ivar mask: ``stripes - 1``.
+    :ivar shift: ``region_shift``.
+    """
+
+    __slots__ = ("locks", "seqs", "mask", "shift")
+
+    def __init__(self, stripes: int = 256, region_shift: int = 16) -> None:
+        if not _power_of_two(stripes):
+            raise ValueError(f"stripes={stripes} is not a power of two")
+        self.locks = [threading.Lock() for _ in range(stripes)]
+        self.seqs = [0] * stripes
+        self.mask = stripes - 1
+        self.shift = region_shift
+
+    @staticmethod
+    def salt(nsid: int) -> int:
+        """Where namespace ``nsid``'s regions start among the stripes (namespaces spread out)."""
+        return (nsid * 0x9E3779B1) >> 8
+
+    def indexes(self, spans: Iterable[tuple[int, int, int]]) -> list[int]:
+        """The sorted stripe indexes of ``(nsid, byte offset, byte length)`` spans (empty
+        spans have none)."""
+        mask, shift = self.mask, self.shift
+        out: set[int] = set()
+        for nsid, offset, length in spans:
+            if length <= 0:
+                continue
+            first, last = offset >> shift, (offset + length - 1) >> shift
+            if last - first >= mask:
+                return list(range(mask + 1))
+            salt = self.salt(nsid)
+            out.update((salt + r) & mask for r in range(first, last + 1))
+        return sorted(out)
+
+    def seq(self, indexes: Sequence[int]) -> list[int] | None:
+        """The counts of ``indexes`` (a reader compares them before and after it reads), or
+        None while a writer holds one of them."""
+        seqs = self.seqs
+        out = [seqs[i] for i in indexes]
+        for n in out:
+            if n & 1:
+                return None
+        return out
+
+    def try_write(self, indexes: Sequence[int]) -> bool:
+        """Take the locks of ``indexes`` for a writer without waiting, all or none: whether
+        they were taken (then the writer changes data and calls :meth:`end_write`)."""
+        locks = self.locks
+        for k, i in enumerate(indexes):
+            if not locks[i].acquire(False):
+                for j in indexes[:k]:
+                    locks[j].release()
+                return False
+        seqs = self.seqs
+        for i in indexes:
+            seqs[i] += 1
+        return True
+
+    def write(self, indexes: Sequence[int]) -> None:
+        """Take the locks of ``indexes`` for a writer, waiting as long as needed."""
+        self.take(indexes)
+        seqs = self.seqs
+        for i in indexes:
+            seqs[i] += 1
+
+    def end_write(self, indexes: Sequence[int]) -> None:
+        """The writer is done: counts even again, locks released."""
+        seqs = self.seqs
+        for i in indexes:
+            seqs[i] += 1
+        self.give(indexes)
+
+    def take(self, indexes: Sequence[int]) -> None:
+        """Hold the locks of ``indexes`` (ascending), waiting as long as needed: a reader
+        that must not be overtaken again (the counts do not change)."""
+        locks = self.locks
+        for i in indexes:
+            locks[i].acquire()
+
+    def give(self, indexes: Sequence[int]) -> None:
+        """Release what :meth:`take` took."""
+        locks = self.locks
+        for i in reversed(indexes):
+            locks[i].release()
+
+    @property
+    def held(self) -> int:
+        """Locks held now."""
+        return sum(lock.locked() for lock in self.locks)
+
+
+#: how often a reader reads again after a writer overlapped it before it holds the locks
+READ_TRIES = 2
+
+
 class Atomicity:
     """The atomic write limits of one controller and the serialisation that keeps them.
 
@@ -319,6 +450,12 @@ class Atomicity:
         self.awupf = awupf
         self.dn = False
         self.locks = locks if locks is not None else RangeLockTable()
+
+    @property
+    def blocks(self) -> BlockLocks:
+        """The block locks of the lock table (:attr:`locks`), which commands on namespaces
+        that do not serialise hold while they move data."""
+        return self.locks.blocks
 
     def set_dn(self, dn: bool) -> None:
         """Write Atomicity Normal changed (Set Features, a reset, a restore): the limits in

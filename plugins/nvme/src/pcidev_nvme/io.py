@@ -68,16 +68,18 @@ The identify fields that describe this command set come from
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import struct
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any, Literal, Protocol, TypeGuard, cast, overload
 
 from pcidev.dma import GuestMemory
 from pcidev.errors import DmaError
-from pcidev_nvme.atomicity import Atomicity
+from pcidev_nvme.atomicity import READ_TRIES, Atomicity
 from pcidev_nvme.backends import Backend
 from pcidev_nvme.limits import COPY_LIMITS, DMRL, DMRSL, DMSL, MAX_DSM_RANGES, OCFS, ONCS, SGLS, VSL, WZSL
 from pcidev_nvme.namespace import Namespace
@@ -167,6 +169,12 @@ class _Local(threading.local):
 
     #: the core's batch in progress on this thread, or None
     batch: _Batch | None = None
+    #: a command runs on the submitting thread: block locks are only tried, never waited for
+    inline: bool = False
+
+
+class _Busy(Exception):
+    """A block lock a command on the submitting thread needs is held: a worker runs it."""
 
 
 class Opcode:
@@ -355,6 +363,12 @@ class IoCommandSet:
         wu = self.uncorrectable
         refuse = self.refuse
         serialises = self.atomicity.serialises
+        blocks = self.atomicity.blocks
+        stripes = blocks.locks
+        seqs = blocks.seqs
+        smask = blocks.mask
+        sshift = blocks.shift
+        salt = 0
         # read once per batch (a Set Features of the cache applies from the next fetch on)
         durable = not ctrl.volatile_write_cache
         try:
@@ -381,6 +395,7 @@ class IoCommandSet:
                             nlbas = ns.nlbas
                             shift = ns.lba_shift
                             read_only = ns.read_only
+                            salt = blocks.salt(nsid)
                     if ns is not None and fast:
                         try:
                             if op == 1 and read_only:
@@ -410,19 +425,70 @@ class IoCommandSet:
                             else:
                                 views = mem.sg_views(prp_segments(mem, prp1, req.prp2, length, page), write=read)
                             offset = slba << shift
+                            # the block locks (atomicity.BlockLocks): a Read notes the counts of
+                            # its stripes and checks them after; a Write takes the locks without
+                            # waiting. A busy stripe (done -1) hands the command to a worker.
+                            first = offset >> sshift
+                            many: list[int] | None = None
+                            if first == (offset + length - 1) >> sshift:
+                                si = (salt + first) & smask
+                            else:
+                                many = blocks.indexes(((nsid, offset, length),))
                             try:
-                                if inline:
-                                    if read:
-                                        backend.readv(views, offset)
+                                if read:
+                                    if many is None:
+                                        seq = seqs[si]
+                                        if seq & 1:
+                                            done = -1
+                                        else:
+                                            if inline:
+                                                backend.readv(views, offset)
+                                                done = length
+                                            else:
+                                                done = cast(_NoWait, backend).readv_nowait(views, offset)
+                                            if seqs[si] != seq:
+                                                done = -1
                                     else:
-                                        backend.writev(views, offset, fua=bool(cdw12 & 0x40000000) or durable)
-                                    done = length
-                                elif read:
-                                    done = cast(_NoWait, backend).readv_nowait(views, offset)
-                                elif cdw12 & 0x40000000 or durable:
+                                        seen = blocks.seq(many)
+                                        if seen is None:
+                                            done = -1
+                                        else:
+                                            if inline:
+                                                backend.readv(views, offset)
+                                                done = length
+                                            else:
+                                                done = cast(_NoWait, backend).readv_nowait(views, offset)
+                                            if blocks.seq(many) != seen:
+                                                done = -1
+                                elif not inline and (cdw12 & 0x40000000 or durable):
                                     done = 0  # a durable write never goes without waiting
+                                elif many is None:
+                                    lock = stripes[si]
+                                    if not lock.acquire(False):
+                                        done = -1
+                                    else:
+                                        seqs[si] += 1
+                                        try:
+                                            if inline:
+                                                backend.writev(views, offset,
+                                                               fua=bool(cdw12 & 0x40000000) or durable)
+                                                done = length
+                                            else:
+                                                done = cast(_NoWait, backend).writev_nowait(views, offset)
+                                        finally:
+                                            seqs[si] += 1
+                                            lock.release()
+                                elif not blocks.try_write(many):
+                                    done = -1
                                 else:
-                                    done = cast(_NoWait, backend).writev_nowait(views, offset)
+                                    try:
+                                        if inline:
+                                            backend.writev(views, offset, fua=bool(cdw12 & 0x40000000) or durable)
+                                            done = length
+                                        else:
+                                            done = cast(_NoWait, backend).writev_nowait(views, offset)
+                                    finally:
+                                        blocks.end_write(many)
                             finally:
                                 if len(views) == 1:
                                     views[0].release()
@@ -430,7 +496,11 @@ class IoCommandSet:
                                     for v in views:
                                         v.release()
                             if done < length:  # (the worker's _write clears the marks after the write)
-                                self._dispatch(_Rest(self._read if read else self._write, done), req, ns)
+                                if done <= 0:
+                                    self._dispatch(self._read if read else self._write, req, ns)
+                                else:  # whole blocks only: the worker moves the rest under the locks
+                                    done = done >> shift << shift
+                                    self._dispatch(_Rest(self._read if read else self._write, done), req, ns)
                                 continue
                             if not read and wu.active:  # written: the marks go (never before the write)
                                 wu.clear(nsid, slba, nlb)
@@ -502,7 +572,15 @@ class IoCommandSet:
             if not inline:
                 self._dispatch(handler, req, ns)
                 return
-            dw0 = self._execute(handler, req, ns)
+            local = self._local
+            local.inline = True
+            try:
+                dw0 = self._execute(handler, req, ns)
+            except _Busy:  # nothing was done yet: a worker waits for the locks and runs it
+                self._dispatch(handler, req, ns)
+                return
+            finally:
+                local.inline = False
         except BaseException as exc:
             self._fail(req, exc)
             return
@@ -517,6 +595,64 @@ class IoCommandSet:
         slba, nlb = lba_extent(req)
         with atomicity.hold(req.opcode, ns.nsid, slba, nlb):
             return handler(req, ns)
+
+    def _guarded(self, ns: Namespace) -> bool:
+        """Whether commands on ``ns`` hold the block locks (:class:`~pcidev_nvme.atomicity.BlockLocks`):
+        every namespace but those with metadata (whose :class:`~pcidev_nvme.protected_io.RangeLocks`
+        already cover data and metadata) and those the atomicity serialises (whose range locks
+        cover the whole command)."""
+        return not ns.ms and not self.atomicity.serialises(ns)
+
+    def _indexes(self, spans: Iterable[tuple[Namespace, int, int]]) -> list[int]:
+        """The block lock stripes of ``(namespace, SLBA, NLB)`` spans on guarded namespaces."""
+        return self.atomicity.blocks.indexes([(ns.nsid, slba << ns.lba_shift, nlb << ns.lba_shift)
+                                              for ns, slba, nlb in spans if self._guarded(ns)])
+
+    @contextmanager
+    def _hold(self, spans: Iterable[tuple[Namespace, int, int]]) -> Iterator[None]:
+        """Hold the block locks of ``(namespace, SLBA, NLB)`` spans as a writer
+        (:meth:`~pcidev_nvme.atomicity.BlockLocks.write`) while the command changes data. A
+        worker waits for them; on the submitting thread they are only tried, and
+        :class:`_Busy` (raised before anything changed) hands the command to a worker."""
+        indexes = self._indexes(spans)
+        if not indexes:
+            yield
+            return
+        blocks = self.atomicity.blocks
+        if self._local.inline:
+            if not blocks.try_write(indexes):
+                raise _Busy
+        else:
+            blocks.write(indexes)
+        try:
+            yield
+        finally:
+            blocks.end_write(indexes)
+
+    def _stable(self, spans: Iterable[tuple[Namespace, int, int]], read: Callable[[], object]) -> None:
+        """Run ``read`` (which reads the blocks of ``spans``) until no writer overlapped it
+        (:class:`~pcidev_nvme.atomicity.BlockLocks`: the counts before and after are equal
+        and even); after :data:`~pcidev_nvme.atomicity.READ_TRIES` tries, under the locks.
+        On the submitting thread a writer at work raises :class:`_Busy` instead: a worker
+        reads."""
+        indexes = self._indexes(spans)
+        if not indexes:
+            read()
+            return
+        blocks = self.atomicity.blocks
+        for _ in range(READ_TRIES):
+            seen = blocks.seq(indexes)
+            if seen is not None:
+                read()
+                if blocks.seq(indexes) == seen:
+                    return
+            if self._local.inline:
+                raise _Busy
+        blocks.take(indexes)
+        try:
+            read()
+        finally:
+            blocks.give(indexes)
 
     def begin_batch(self, done: list[tuple[Request, int, int, int, Any]] | None = None) -> None:
         """The controller starts a doorbell batch on this thread: the SMART counts of the
@@ -767,12 +903,14 @@ class IoCommandSet:
             self._check_marks(ns, offset >> ns.lba_shift, length >> ns.lba_shift)
         mem, segs = self._segments(req, length, to_host=True)
         backend = ns.backend
+        shift = ns.lba_shift
         if _without_bit_buckets(segs):
             views = self._views(mem, segs, True)
             rest = _after(views, done)
             try:
                 if rest:
-                    backend.readv(rest, offset + done)
+                    self._stable(((ns, (offset + done) >> shift, (length - done) >> shift),),
+                                 lambda: backend.readv(rest, offset + done))
             finally:
                 if rest is not views:
                     for v in rest:
@@ -780,7 +918,8 @@ class IoCommandSet:
                 for v in views:
                     v.release()
         elif len(segs) > 1:
-            self._read_with_buckets(mem, segs, backend, offset)
+            self._stable(((ns, offset >> shift, length >> shift),),
+                         lambda: self._read_with_buckets(mem, segs, backend, offset))
         # else a single bit bucket: nothing to transfer
         self.ctrl.smart.record_read(length)
         return 0
@@ -821,9 +960,11 @@ class IoCommandSet:
         mem, segs = self._segments(req, length, to_host=False)
         views = self._views(mem, segs, False)
         rest = _after(views, done)
+        shift = ns.lba_shift
         try:
             if rest:
-                ns.backend.writev(rest, offset + done, fua=self._durable(req.cdw12))
+                with self._hold(((ns, (offset + done) >> shift, (length - done) >> shift),)):
+                    ns.backend.writev(rest, offset + done, fua=self._durable(req.cdw12))
         finally:
             if rest is not views:
                 for v in rest:
@@ -844,7 +985,8 @@ class IoCommandSet:
         views = self._views(mem, segs, False)
         try:
             stored = bytearray(length)
-            ns.backend.readv([memoryview(stored)], offset)
+            self._stable(((ns, offset >> ns.lba_shift, length >> ns.lba_shift),),
+                         lambda: ns.backend.readv([memoryview(stored)], offset))
             pos = 0
             for v in views:
                 n = len(v)
@@ -876,10 +1018,16 @@ class IoCommandSet:
             return 0
         buf = bytearray(min(length, VERIFY_CHUNK))
         mv = memoryview(buf)
+        shift = ns.lba_shift
         try:
-            while length:
+            while length:  # each chunk under its own block locks (a long Verify holds few at once)
                 n = min(length, len(buf))
-                backend.readv([mv[:n]], offset)
+                chunk = mv[:n]
+                try:
+                    self._stable(((ns, offset >> shift, n >> shift),),
+                                 functools.partial(backend.readv, [chunk], offset))
+                finally:
+                    chunk.release()
                 offset += n
                 length -= n
         finally:
@@ -906,10 +1054,11 @@ class IoCommandSet:
         offset, length = self._rw_extent(req, ns, data=False)
         cdw12 = req.cdw12
         backend = ns.backend
-        if cdw12 & (1 << 25):  # DEAC: deallocate (DLFEAT: reads return zeros)
-            backend.deallocate(offset, length)
-        else:
-            backend.write_zeroes(offset, length)
+        with self._hold(((ns, offset >> ns.lba_shift, length >> ns.lba_shift),)):
+            if cdw12 & (1 << 25):  # DEAC: deallocate (DLFEAT: reads return zeros)
+                backend.deallocate(offset, length)
+            else:
+                backend.write_zeroes(offset, length)
         self.uncorrectable.clear(ns.nsid, offset >> ns.lba_shift, length >> ns.lba_shift)  # (after: done)
         self.altered()
         if self._durable(cdw12):
@@ -934,12 +1083,13 @@ class IoCommandSet:
         if deallocate and ranges:
             self._check_writable(ns)
             shift = ns.lba_shift
-            for slba, nlb in ranges:
-                if ns.ms:  # the metadata and the data, under the range's lock
-                    self._protected.deallocate(ns, slba, nlb)
-                else:
-                    ns.backend.deallocate(slba << shift, nlb << shift)
-                self.uncorrectable.clear(ns.nsid, slba, nlb)
+            with self._hold([(ns, slba, nlb) for slba, nlb in ranges]):
+                for slba, nlb in ranges:
+                    if ns.ms:  # the metadata and the data, under the range's lock
+                        self._protected.deallocate(ns, slba, nlb)
+                    else:
+                        ns.backend.deallocate(slba << shift, nlb << shift)
+                    self.uncorrectable.clear(ns.nsid, slba, nlb)
             if not self.ctrl.volatile_write_cache:
                 ns.flush()  # the data and the metadata
         return 0
@@ -1002,7 +1152,6 @@ class IoCommandSet:
 
     def _copy_checked(self, req: Request, ns: Namespace, raw: bytearray, desfmt: int) -> int:
         sources = self._copy_sources(req, ns, raw, desfmt)
-        cdw12 = req.cdw12
         sdlba = req.cdw10 | req.cdw11 << 32
         total = sum(src.nlb for src in sources)
         if sdlba + total > ns.nlbas:
@@ -1017,6 +1166,14 @@ class IoCommandSet:
                     )
         for src in sources:
             self._check_marks(src.ns, src.slba, src.nlb)
+        # the block locks of the destination and of every source range (on namespaces that
+        # hold them; those with metadata take their own RangeLocks inside, after these)
+        with self._hold([(ns, sdlba, total), *((src.ns, src.slba, src.nlb) for src in sources)]):
+            return self._copy_data(req, ns, sources, sdlba, total)
+
+    def _copy_data(self, req: Request, ns: Namespace, sources: Sequence[CopySource], sdlba: int, total: int) -> int:
+        """Read the source ranges and write them at SDLBA (checked, under the locks)."""
+        cdw12 = req.cdw12
         if ns.ms or any(src.ns.ms for src in sources):
             status = self._protected.copy(req, ns, sources, sdlba)
             self.uncorrectable.clear(ns.nsid, sdlba, total)
@@ -1096,7 +1253,9 @@ class IoCommandSet:
         slba, nlb = lba_extent(req)
         if slba + nlb > ns.nlbas:
             raise _lba_range(slba, nlb, ns)
-        if not self.uncorrectable.mark(ns.nsid, slba, nlb):
+        with self._hold(((ns, slba, nlb),)):
+            marked = self.uncorrectable.mark(ns.nsid, slba, nlb)
+        if not marked:
             raise NvmeStatusError(Status.CAP_EXCEEDED, "too many blocks are marked uncorrectable", lba=slba)
         self.uncorrectable.sync(ns.nsid)  # the mark is on disk when the command completes
         self.altered()
