@@ -20,9 +20,19 @@ What is in effect (:func:`effective_limits`)
     and the boundary NABSPF + 1. A write of at most the unit that does not cross a boundary
     is atomic (:meth:`AtomicLimits.atomic`).
 
-How it holds (:class:`Atomicity`, :class:`RangeLockTable`)
-    Commands on namespaces with a unit of one block run as before (the fast path: no lock,
-    no check). On a namespace whose unit in effect is larger, every command that reads or
+How it holds (:class:`Atomicity`, :class:`BlockLocks`, :class:`RangeLockTable`)
+    With AWUN 0 (the default) every single logical block write is still atomic, and commands
+    do run at once (the threads ringing different queues' doorbells, the worker threads,
+    the submitting thread's non-blocking page-cache reads). Commands on namespaces whose
+    unit is one block keep the fast path and hold :class:`BlockLocks`: a writer the locks
+    of the 64 KiB regions it touches (two overlapping writes never run at once: their
+    blocks never mix), a reader nothing, re-reading when a writer overlapped it (its
+    sequence counts changed): no read returns a block half written, and reads never wait
+    for each other. On the submitting thread the locks are only tried; a busy one hands the
+    command to a worker (:mod:`pcidev_nvme.io`). Namespaces with metadata hold their own
+    :class:`~pcidev_nvme.protected_io.RangeLocks` instead (data and metadata together).
+
+    On a namespace whose unit in effect is larger, every command that reads or
     changes user data holds a range lock on its blocks while it runs: Read, Compare and
     Verify shared, Write, Write Zeroes and Write Uncorrectable exclusive, Dataset Management
     and Copy (whose ranges are in host memory) the whole namespace exclusive. Overlapping
@@ -30,8 +40,11 @@ How it holds (:class:`Atomicity`, :class:`RangeLockTable`)
     sees an atomic write half done and two overlapping writes never leave a mix of blocks;
     commands larger than the unit, or across a boundary, are not atomic by the spec but are
     serialised all the same (pcidev never tears one). Non-overlapping commands still run
-    in parallel. A change of DN applies to the commands submitted after the Set Features
-    completes.
+    in parallel. Such namespaces leave the fast path and take no block locks (the range
+    locks cover whole commands). Lock order, outermost first: the range lock table, the
+    block locks (a Copy's other namespaces), the metadata namespaces' range locks; none is
+    held across a migration (a quiesce drains the workers, who hold them). A change of DN
+    applies to the commands submitted after the Set Features completes.
 
     Power-fail atomicity (AWUPF) is what the backend gives: the serialisation makes the
     unit atomic to other commands; a crash of the host under a ``file`` image keeps what the

@@ -59,6 +59,17 @@ Namespaces whose atomic write unit in effect is larger than one block
 (:mod:`pcidev_nvme.atomicity`) take the general path too: each command there holds the
 range lock of its blocks while its handler runs (:meth:`IoCommandSet._execute`).
 
+Every other namespace keeps each logical block whole (the spec's single-block atomicity,
+AWUN 0) with :class:`~pcidev_nvme.atomicity.BlockLocks`: a command that changes data
+(Write, Write Zeroes, Dataset Management, Write Uncorrectable, Copy: destination and
+sources) holds the locks of the 64 KiB regions it touches while it does
+(:meth:`IoCommandSet._hold`); a Read, Compare or Verify takes none, but reads again when a
+writer overlapped it (the regions' sequence counts changed; :meth:`IoCommandSet._stable`).
+On the submitting thread nothing waits: the fast path indexes the stripes itself (a 4 KiB
+Read reads one count before and after, a Write tries one lock), and a busy stripe hands
+the command to a worker, which waits for it; a Read or Write moved only in part without
+blocking goes on in a worker from its first block not moved, under the locks again.
+
 The identify fields that describe this command set come from
 :mod:`pcidev_nvme.limits` (re-exported here): :data:`ONCS`, :data:`SGLS`, :data:`OCFS`,
 :data:`COPY_LIMITS`, :data:`DMRL`, :data:`DMRSL`, :data:`DMSL`, :data:`WZSL`,
