@@ -384,10 +384,21 @@ class BlockLocks:
             out.update((salt + r) & mask for r in range(first, last + 1))
         return sorted(out)
 
+    def span(self, nsid: int, offset: int, length: int) -> list[int]:
+        """The stripe indexes of one span (:meth:`indexes`; quicker for one region)."""
+        shift = self.shift
+        first = offset >> shift
+        if length > 0 and first == (offset + length - 1) >> shift:
+            return [(((nsid * 0x9E3779B1) >> 8) + first) & self.mask]  # (salt(nsid), inline)
+        return self.indexes(((nsid, offset, length),))
+
     def seq(self, indexes: Sequence[int]) -> list[int] | None:
         """The counts of ``indexes`` (a reader compares them before and after it reads), or
         None while a writer holds one of them."""
         seqs = self.seqs
+        if len(indexes) == 1:
+            n = seqs[indexes[0]]
+            return None if n & 1 else [n]
         out = [seqs[i] for i in indexes]
         for n in out:
             if n & 1:
@@ -410,17 +421,19 @@ class BlockLocks:
 
     def write(self, indexes: Sequence[int]) -> None:
         """Take the locks of ``indexes`` for a writer, waiting as long as needed."""
-        self.take(indexes)
-        seqs = self.seqs
+        locks, seqs = self.locks, self.seqs
+        for i in indexes:
+            locks[i].acquire()
         for i in indexes:
             seqs[i] += 1
 
     def end_write(self, indexes: Sequence[int]) -> None:
         """The writer is done: counts even again, locks released."""
-        seqs = self.seqs
+        locks, seqs = self.locks, self.seqs
         for i in indexes:
             seqs[i] += 1
-        self.give(indexes)
+        for i in reversed(indexes):
+            locks[i].release()
 
     def take(self, indexes: Sequence[int]) -> None:
         """Hold the locks of ``indexes`` (ascending), waiting as long as needed: a reader

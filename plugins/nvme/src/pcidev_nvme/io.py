@@ -152,17 +152,20 @@ class _NoWait(Protocol):
 
 
 class _Rest:
-    """The worker's part of a Read or Write whose first ``done`` bytes moved on the
-    submitting thread (an executor with the handler signature)."""
+    """The worker's part of a Read or Write the fast path handed over: its first ``done``
+    bytes moved on the submitting thread (0: none), ``stripes`` are the block locks of
+    the whole command, as the fast path found them (an executor with the handler signature)."""
 
-    __slots__ = ("fn", "done")
+    __slots__ = ("fn", "done", "stripes")
 
-    def __init__(self, fn: Callable[[Request, Namespace, int], int], done: int) -> None:
+    def __init__(self, fn: Callable[[Request, Namespace, int, list[int] | None], int], done: int,
+                 stripes: list[int] | None = None) -> None:
         self.fn = fn
         self.done = done
+        self.stripes = stripes
 
     def __call__(self, req: Request, ns: Namespace) -> int:
-        return self.fn(req, ns, self.done)
+        return self.fn(req, ns, self.done, self.stripes)
 
 
 class _Batch:
@@ -507,11 +510,10 @@ class IoCommandSet:
                                     for v in views:
                                         v.release()
                             if done < length:  # (the worker's _write clears the marks after the write)
-                                if done <= 0:
-                                    self._dispatch(self._read if read else self._write, req, ns)
-                                else:  # whole blocks only: the worker moves the rest under the locks
-                                    done = done >> shift << shift
-                                    self._dispatch(_Rest(self._read if read else self._write, done), req, ns)
+                                # whole blocks only: the worker moves the rest under the locks
+                                done = done >> shift << shift if done > 0 else 0
+                                self._dispatch(_Rest(self._read if read else self._write, done,
+                                                     [si] if many is None else many), req, ns)
                                 continue
                             if not read and wu.active:  # written: the marks go (never before the write)
                                 wu.clear(nsid, slba, nlb)
@@ -614,39 +616,51 @@ class IoCommandSet:
         cover the whole command)."""
         return not ns.ms and not self.atomicity.serialises(ns)
 
+    def _span(self, ns: Namespace, slba: int, nlb: int) -> list[int] | None:
+        """The block lock stripes of ``nlb`` blocks at ``slba`` (None: ``ns`` is not
+        :meth:`_guarded`)."""
+        if ns.ms or self.atomicity.serialises(ns):
+            return None
+        shift = ns.lba_shift
+        return self.atomicity.blocks.span(ns.nsid, slba << shift, nlb << shift)
+
     def _indexes(self, spans: Iterable[tuple[Namespace, int, int]]) -> list[int]:
         """The block lock stripes of ``(namespace, SLBA, NLB)`` spans on guarded namespaces."""
         return self.atomicity.blocks.indexes([(ns.nsid, slba << ns.lba_shift, nlb << ns.lba_shift)
                                               for ns, slba, nlb in spans if self._guarded(ns)])
 
-    @contextmanager
-    def _hold(self, spans: Iterable[tuple[Namespace, int, int]]) -> Iterator[None]:
-        """Hold the block locks of ``(namespace, SLBA, NLB)`` spans as a writer
-        (:meth:`~pcidev_nvme.atomicity.BlockLocks.write`) while the command changes data. A
-        worker waits for them; on the submitting thread they are only tried, and
-        :class:`_Busy` (raised before anything changed) hands the command to a worker."""
-        indexes = self._indexes(spans)
-        if not indexes:
-            yield
-            return
+    def _begin_write(self, indexes: list[int]) -> None:
+        """Take the block locks of ``indexes`` as a writer: a worker waits for them; on the
+        submitting thread they are only tried, and :class:`_Busy` (raised before anything
+        changed) hands the command to a worker. The caller ends with
+        :meth:`~pcidev_nvme.atomicity.BlockLocks.end_write`."""
         blocks = self.atomicity.blocks
         if self._local.inline:
             if not blocks.try_write(indexes):
                 raise _Busy
         else:
             blocks.write(indexes)
+
+    @contextmanager
+    def _hold(self, spans: Iterable[tuple[Namespace, int, int]]) -> Iterator[None]:
+        """Hold the block locks of ``(namespace, SLBA, NLB)`` spans as a writer
+        (:meth:`_begin_write`) while the command changes data."""
+        indexes = self._indexes(spans)
+        if not indexes:
+            yield
+            return
+        self._begin_write(indexes)
         try:
             yield
         finally:
-            blocks.end_write(indexes)
+            self.atomicity.blocks.end_write(indexes)
 
-    def _stable(self, spans: Iterable[tuple[Namespace, int, int]], read: Callable[[], object]) -> None:
-        """Run ``read`` (which reads the blocks of ``spans``) until no writer overlapped it
-        (:class:`~pcidev_nvme.atomicity.BlockLocks`: the counts before and after are equal
-        and even); after :data:`~pcidev_nvme.atomicity.READ_TRIES` tries, under the locks.
-        On the submitting thread a writer at work raises :class:`_Busy` instead: a worker
-        reads."""
-        indexes = self._indexes(spans)
+    def _stable(self, indexes: list[int] | None, read: Callable[[], object]) -> None:
+        """Run ``read`` (which reads the blocks of stripes ``indexes``; None or empty: no
+        locks) until no writer overlapped it (:class:`~pcidev_nvme.atomicity.BlockLocks`:
+        the counts before and after are equal and even); after
+        :data:`~pcidev_nvme.atomicity.READ_TRIES` tries, under the locks. On the submitting
+        thread a writer at work raises :class:`_Busy` instead: a worker reads."""
         if not indexes:
             read()
             return
@@ -903,8 +917,9 @@ class IoCommandSet:
 
     # -- commands -----------------------------------------------------------------------
 
-    def _read(self, req: Request, ns: Namespace, done: int = 0) -> int:
-        """Read (``done``: bytes already read into the front of the buffer)."""
+    def _read(self, req: Request, ns: Namespace, done: int = 0, stripes: list[int] | None = None) -> int:
+        """Read (``done``: bytes already read into the front of the buffer; ``stripes``: its
+        block locks, when the fast path found them)."""
         if ns.ms:
             if self.uncorrectable.active:
                 self._check_marks(ns, *lba_extent(req))
@@ -920,8 +935,9 @@ class IoCommandSet:
             rest = _after(views, done)
             try:
                 if rest:
-                    self._stable(((ns, (offset + done) >> shift, (length - done) >> shift),),
-                                 lambda: backend.readv(rest, offset + done))
+                    if stripes is None:
+                        stripes = self._span(ns, (offset + done) >> shift, (length - done) >> shift)
+                    self._stable(stripes, lambda: backend.readv(rest, offset + done))
             finally:
                 if rest is not views:
                     for v in rest:
@@ -929,7 +945,7 @@ class IoCommandSet:
                 for v in views:
                     v.release()
         elif len(segs) > 1:
-            self._stable(((ns, offset >> shift, length >> shift),),
+            self._stable(self._span(ns, offset >> shift, length >> shift),
                          lambda: self._read_with_buckets(mem, segs, backend, offset))
         # else a single bit bucket: nothing to transfer
         self.ctrl.smart.record_read(length)
@@ -960,8 +976,9 @@ class IoCommandSet:
                 run.append((gpa, n))
                 pos += n
 
-    def _write(self, req: Request, ns: Namespace, done: int = 0) -> int:
-        """Write (``done``: bytes from the front of the buffer already written)."""
+    def _write(self, req: Request, ns: Namespace, done: int = 0, stripes: list[int] | None = None) -> int:
+        """Write (``done``: bytes from the front of the buffer already written; ``stripes``:
+        its block locks, when the fast path found them)."""
         self._check_writable(ns)
         if ns.ms:
             status = self._protected.write(req, ns)
@@ -974,8 +991,16 @@ class IoCommandSet:
         shift = ns.lba_shift
         try:
             if rest:
-                with self._hold(((ns, (offset + done) >> shift, (length - done) >> shift),)):
+                held = stripes if stripes is not None else self._span(ns, (offset + done) >> shift,
+                                                                      (length - done) >> shift)
+                if held is None:
                     ns.backend.writev(rest, offset + done, fua=self._durable(req.cdw12))
+                else:
+                    self._begin_write(held)
+                    try:
+                        ns.backend.writev(rest, offset + done, fua=self._durable(req.cdw12))
+                    finally:
+                        self.atomicity.blocks.end_write(held)
         finally:
             if rest is not views:
                 for v in rest:
@@ -996,7 +1021,7 @@ class IoCommandSet:
         views = self._views(mem, segs, False)
         try:
             stored = bytearray(length)
-            self._stable(((ns, offset >> ns.lba_shift, length >> ns.lba_shift),),
+            self._stable(self._span(ns, offset >> ns.lba_shift, length >> ns.lba_shift),
                          lambda: ns.backend.readv([memoryview(stored)], offset))
             pos = 0
             for v in views:
@@ -1035,7 +1060,7 @@ class IoCommandSet:
                 n = min(length, len(buf))
                 chunk = mv[:n]
                 try:
-                    self._stable(((ns, offset >> shift, n >> shift),),
+                    self._stable(self._span(ns, offset >> shift, n >> shift),
                                  functools.partial(backend.readv, [chunk], offset))
                 finally:
                     chunk.release()
