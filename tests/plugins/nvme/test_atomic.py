@@ -426,10 +426,14 @@ def test_block_locks_map_regions_to_stripes_in_order():
     assert both == sorted(set(both)) and set(one) <= set(both)
     with pytest.raises(ValueError):
         BlockLocks(stripes=6)
+    rnd = random.Random(3)
+    for _ in range(500):  # span() is indexes() for one span, wrapping around the stripes too
+        nsid, offset, length = rnd.randrange(1, 5), rnd.randrange(1 << 22), rnd.randrange(1 << 20)
+        assert blocks.span(nsid, offset, length) == blocks.indexes(((nsid, offset, length),))
 
 
 def test_block_locks_writers_exclude_and_readers_see_them():
-    blocks = BlockLocks(stripes=8)
+    blocks = BlockLocks(stripes=8, region_shift=16)
     a, b = blocks.indexes(((1, 0, 4096),)), blocks.indexes(((1, 0, 2 << 16),))
     seen = blocks.seq(b)
     assert seen is not None and seen == [0, 0]
@@ -526,9 +530,9 @@ def test_a_busy_stripe_sends_an_inline_command_to_a_worker(nvme_env):
 
 
 # ----------------------------------------------------------------------------- single blocks
-AREA = 1024  # blocks of 512 bytes (512 KiB, 8 regions of the block locks) every command lands in
+AREA = 1024  # blocks of 512 bytes (512 KiB, 4 regions of the block locks) every command lands in
 _BLOCK = struct.Struct("<QQ")  # command tag, LBA
-_SIZES = (1, 1, 2, 7, 8, 16, 64, 128)  # blocks per command (128: 64 KiB, across regions)
+_SIZES = (1, 1, 2, 7, 8, 16, 64, 128, 256)  # blocks per command (256: 128 KiB, across regions)
 DSM = 0x09
 
 
@@ -635,9 +639,9 @@ def test_the_block_checker_sees_a_torn_block():
 def test_every_block_stays_whole_on_a_default_file_namespace(tmp_path):
     """The default atomicity (AWUN 0: one block) on a ``file`` namespace: host threads on
     four queues (each rings its own doorbell; the workers and the submitting threads' page
-    cache reads run at once) storm 256 blocks with overlapping Writes of up to 256 blocks,
-    Write Zeroes, deallocations and Reads; every block read is whole, and the blocks of two
-    overlapping writes never mix inside one."""
+    cache reads run at once) storm 384 blocks (two regions of the block locks) with
+    overlapping Writes of up to 256 blocks, Write Zeroes, deallocations and Reads; every
+    block read is whole, and the blocks of two overlapping writes never mix inside one."""
     env = make_env(f"ns=file:path={tmp_path}/a.img,size=4M", io_queues=4)
     try:
         ctrl = env.ctrl
@@ -645,7 +649,7 @@ def test_every_block_stays_whole_on_a_default_file_namespace(tmp_path):
         assert ctrl.atomicity.limits(ns) == AtomicLimits(1) and not ctrl.atomicity.serialises(ns)
         # (without the block locks this storm saw torn blocks -- reads racing writes in the
         # page cache -- in about half of the runs)
-        problems, commands = _block_storm(env.drv, queues=4, batches=500, area=256, sizes=(1, 8, 64, 128, 256))
+        problems, commands = _block_storm(env.drv, queues=4, batches=500, area=384, sizes=(1, 8, 64, 128, 256))
         assert commands == 4 * 500 * 8
         assert problems == [], f"{len(problems)} problems, first: {problems[:5]}"
         assert ctrl.atomicity.blocks.held == 0 and ctrl.io.inflight == 0

@@ -62,7 +62,7 @@ range lock of its blocks while its handler runs (:meth:`IoCommandSet._execute`).
 Every other namespace keeps each logical block whole (the spec's single-block atomicity,
 AWUN 0) with :class:`~pcidev_nvme.atomicity.BlockLocks`: a command that changes data
 (Write, Write Zeroes, Dataset Management, Write Uncorrectable, Copy: destination and
-sources) holds the locks of the 64 KiB regions it touches while it does
+sources) holds the locks of the 128 KiB regions it touches while it does
 (:meth:`IoCommandSet._hold`); a Read, Compare or Verify takes none, but reads again when a
 writer overlapped it (the regions' sequence counts changed; :meth:`IoCommandSet._stable`).
 On the submitting thread nothing waits: the fast path indexes the stripes itself (a 4 KiB
@@ -447,7 +447,7 @@ class IoCommandSet:
                             if first == (offset + length - 1) >> sshift:
                                 si = (salt + first) & smask
                             else:
-                                many = blocks.indexes(((nsid, offset, length),))
+                                many = blocks.span(nsid, offset, length)
                             try:
                                 if read:
                                     if many is None:
