@@ -324,20 +324,23 @@ class BlockLocks:
     The bytes of a namespace fall in regions of ``1 << region_shift`` bytes (128 KiB: whole
     pages, so a backend that works on pages, a hole punch of the ``mem`` backend, never
     reaches past the regions it holds); region ``r`` of namespace ``nsid`` maps to stripe
-    ``(salt(nsid) + r) & (stripes - 1)``: a plain :class:`threading.Lock` in :attr:`locks`
-    and a count in :attr:`seqs`.
+    ``(salt(nsid) + r) & (stripes - 1)``. A stripe is a token (a one-item list in
+    :attr:`tokens`: ``list.pop`` takes it, ``list.append`` gives it back, each one atomic
+    and far cheaper than a :class:`threading.Lock` tried without blocking) and a count in
+    :attr:`seqs`; who waits for a token waits on one condition, woken when a token comes
+    back while someone waits for it (:attr:`waiting`).
 
     * A writer (Write, Write Zeroes, Dataset Management, Write Uncorrectable, Copy) holds
-      the lock of every stripe its blocks touch, taken in ascending index order
+      the token of every stripe its blocks touch, taken in ascending index order
       (:meth:`write`; :meth:`try_write` takes all or none without waiting), so two
-      writers never wait for each other in a cycle; it makes each count odd before it
-      changes data and even again after (:meth:`end_write`). Two overlapping writers share
-      a stripe: they never run at the same time, so their blocks never mix.
-    * A reader (Read, Compare, Verify) takes nothing: it notes the counts
-      (:meth:`seq`: None while a writer is at work), reads, and reads the counts again;
-      if they changed, a writer overlapped it and it reads again. After
-      :data:`READ_TRIES` failed tries it holds the locks (:meth:`take`), which a writer
-      then waits for: a stream of writers cannot starve a reader.
+      writers never wait for each other in a cycle; it adds one to each count when it is
+      done, before it gives the tokens back (:meth:`end_write`). Two overlapping writers
+      share a stripe: they never run at the same time, so their blocks never mix.
+    * A reader (Read, Compare, Verify) takes nothing: it notes the counts (:meth:`seq`:
+      None while a token is out), reads, and checks again; if a token went out or a count
+      changed, a writer overlapped it and it reads again. After :data:`READ_TRIES` failed
+      tries it holds the tokens (:meth:`take`), which a writer then waits for: a stream of
+      writers cannot starve a reader.
 
     A command spanning as many regions as there are stripes takes them all. Commands that
     only share a stripe (another region, or another namespace, mapping to it) wait for,
@@ -348,21 +351,25 @@ class BlockLocks:
     :param stripes: number of stripes (a power of two).
     :param region_shift: log2 of the bytes of a region.
 
-    :ivar locks: the writers' locks (the I/O fast path indexes them itself).
-    :ivar seqs: the sequence counts, odd while a writer holds the stripe.
+    :ivar tokens: one list per stripe, holding one item while nobody holds the stripe (the
+        I/O fast path indexes them itself).
+    :ivar seqs: the sequence counts, one added by every writer when it is done.
+    :ivar waiting: per stripe, the threads waiting for its token.
     :ivar mask: ``stripes - 1``.
     :ivar shift: ``region_shift``.
     """
 
-    __slots__ = ("locks", "seqs", "mask", "shift")
+    __slots__ = ("tokens", "seqs", "waiting", "mask", "shift", "_cond")
 
     def __init__(self, stripes: int = 256, region_shift: int = 17) -> None:
         if not _power_of_two(stripes):
             raise ValueError(f"stripes={stripes} is not a power of two")
-        self.locks = [threading.Lock() for _ in range(stripes)]
+        self.tokens: list[list[bool]] = [[True] for _ in range(stripes)]
         self.seqs = [0] * stripes
+        self.waiting = [0] * stripes
         self.mask = stripes - 1
         self.shift = region_shift
+        self._cond = threading.Condition(threading.Lock())
 
     @staticmethod
     def salt(nsid: int) -> int:
@@ -404,64 +411,81 @@ class BlockLocks:
 
     def seq(self, indexes: Sequence[int]) -> list[int] | None:
         """The counts of ``indexes`` (a reader compares them before and after it reads), or
-        None while a writer holds one of them."""
-        seqs = self.seqs
-        if len(indexes) == 1:
-            n = seqs[indexes[0]]
-            return None if n & 1 else [n]
-        out = [seqs[i] for i in indexes]
-        for n in out:
-            if n & 1:
+        None while a token of them is out (a writer at work)."""
+        tokens, seqs = self.tokens, self.seqs
+        for i in indexes:
+            if not tokens[i]:
                 return None
-        return out
+        return [seqs[i] for i in indexes]
 
     def try_write(self, indexes: Sequence[int]) -> bool:
-        """Take the locks of ``indexes`` for a writer without waiting, all or none: whether
+        """Take the tokens of ``indexes`` for a writer without waiting, all or none: whether
         they were taken (then the writer changes data and calls :meth:`end_write`)."""
-        locks = self.locks
+        tokens = self.tokens
         for k, i in enumerate(indexes):
-            if not locks[i].acquire(False):
-                for j in indexes[:k]:
-                    locks[j].release()
+            try:
+                tokens[i].pop()
+            except IndexError:
+                self.give(indexes[:k])
                 return False
-        seqs = self.seqs
-        for i in indexes:
-            seqs[i] += 1
         return True
 
     def write(self, indexes: Sequence[int]) -> None:
-        """Take the locks of ``indexes`` for a writer, waiting as long as needed."""
-        locks, seqs = self.locks, self.seqs
-        for i in indexes:
-            locks[i].acquire()
-        for i in indexes:
-            seqs[i] += 1
+        """Take the tokens of ``indexes`` for a writer, waiting as long as needed."""
+        self.take(indexes)
 
     def end_write(self, indexes: Sequence[int]) -> None:
-        """The writer is done: counts even again, locks released."""
-        locks, seqs = self.locks, self.seqs
+        """The writer is done: one added to the counts, tokens given back."""
+        seqs = self.seqs
         for i in indexes:
             seqs[i] += 1
-        for i in reversed(indexes):
-            locks[i].release()
+        self.give(indexes)
 
     def take(self, indexes: Sequence[int]) -> None:
-        """Hold the locks of ``indexes`` (ascending), waiting as long as needed: a reader
-        that must not be overtaken again (the counts do not change)."""
-        locks = self.locks
+        """Hold the tokens of ``indexes`` (ascending), waiting as long as needed (a writer, or
+        a reader that must not be overtaken again: it leaves the counts as they are)."""
+        tokens = self.tokens
         for i in indexes:
-            locks[i].acquire()
+            try:
+                tokens[i].pop()
+            except IndexError:
+                self._wait(i)
+
+    def _wait(self, i: int) -> None:
+        """Wait for the token of stripe ``i`` and take it."""
+        token = self.tokens[i]
+        with self._cond:
+            self.waiting[i] += 1
+            try:
+                while True:
+                    try:
+                        token.pop()
+                        return
+                    except IndexError:
+                        self._cond.wait(0.05)  # (woken by give(); the timeout is a safety net)
+            finally:
+                self.waiting[i] -= 1
 
     def give(self, indexes: Sequence[int]) -> None:
-        """Release what :meth:`take` took."""
-        locks = self.locks
-        for i in reversed(indexes):
-            locks[i].release()
+        """Give back what :meth:`take` (or :meth:`try_write`) took, waking who waits."""
+        tokens, waiting = self.tokens, self.waiting
+        wake = False
+        for i in indexes:
+            tokens[i].append(True)
+            if waiting[i]:
+                wake = True
+        if wake:
+            self.wake()
+
+    def wake(self) -> None:
+        """Wake the threads waiting for a token (one came back)."""
+        with self._cond:
+            self._cond.notify_all()
 
     @property
     def held(self) -> int:
-        """Locks held now."""
-        return sum(lock.locked() for lock in self.locks)
+        """Stripes held now."""
+        return sum(not token for token in self.tokens)
 
 
 #: how often a reader reads again after a writer overlapped it before it holds the locks

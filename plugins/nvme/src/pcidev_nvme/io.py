@@ -66,7 +66,7 @@ sources) holds the locks of the 128 KiB regions it touches while it does
 (:meth:`IoCommandSet._hold`); a Read, Compare or Verify takes none, but reads again when a
 writer overlapped it (the regions' sequence counts changed; :meth:`IoCommandSet._stable`).
 On the submitting thread nothing waits: the fast path indexes the stripes itself (a 4 KiB
-Read reads one count before and after, a Write tries one lock), and a busy stripe hands
+Read reads one count before and after, a Write takes one token), and a busy stripe hands
 the command to a worker, which waits for it; a Read or Write moved only in part without
 blocking goes on in a worker from its first block not moved, under the locks again.
 
@@ -378,8 +378,9 @@ class IoCommandSet:
         refuse = self.refuse
         serialises = self.atomicity.serialises
         blocks = self.atomicity.blocks
-        stripes = blocks.locks
+        tokens = blocks.tokens
         seqs = blocks.seqs
+        waiting = blocks.waiting
         smask = blocks.mask
         sshift = blocks.shift
         salt = 0
@@ -440,7 +441,7 @@ class IoCommandSet:
                                 views = mem.sg_views(prp_segments(mem, prp1, req.prp2, length, page), write=read)
                             offset = slba << shift
                             # the block locks (atomicity.BlockLocks): a Read notes the counts of
-                            # its stripes and checks them after; a Write takes the locks without
+                            # its stripes and checks them after; a Write takes the tokens without
                             # waiting. A busy stripe (done -1) hands the command to a worker.
                             first = offset >> sshift
                             many: list[int] | None = None
@@ -451,8 +452,9 @@ class IoCommandSet:
                             try:
                                 if read:
                                     if many is None:
+                                        token = tokens[si]
                                         seq = seqs[si]
-                                        if seq & 1:
+                                        if not token:
                                             done = -1
                                         else:
                                             if inline:
@@ -460,7 +462,7 @@ class IoCommandSet:
                                                 done = length
                                             else:
                                                 done = cast(_NoWait, backend).readv_nowait(views, offset)
-                                            if seqs[si] != seq:
+                                            if not token or seqs[si] != seq:
                                                 done = -1
                                     else:
                                         seen = blocks.seq(many)
@@ -477,11 +479,12 @@ class IoCommandSet:
                                 elif not inline and (cdw12 & 0x40000000 or durable):
                                     done = 0  # a durable write never goes without waiting
                                 elif many is None:
-                                    lock = stripes[si]
-                                    if not lock.acquire(False):
+                                    token = tokens[si]
+                                    try:
+                                        token.pop()
+                                    except IndexError:
                                         done = -1
                                     else:
-                                        seqs[si] += 1
                                         try:
                                             if inline:
                                                 backend.writev(views, offset,
@@ -491,7 +494,9 @@ class IoCommandSet:
                                                 done = cast(_NoWait, backend).writev_nowait(views, offset)
                                         finally:
                                             seqs[si] += 1
-                                            lock.release()
+                                            token.append(True)
+                                            if waiting[si]:
+                                                blocks.wake()
                                 elif not blocks.try_write(many):
                                     done = -1
                                 else:
