@@ -18,6 +18,8 @@ from pcidev_nvme.status import Status
 from pcidev_nvme.testing.driver import WRITE
 
 NS = 2
+#: blocks of 512 bytes in a region of the block locks (pcidev_nvme.atomicity.BlockLocks)
+REGION = 256
 
 
 @pytest.fixture
@@ -52,7 +54,8 @@ def reap_all(drv, qid: int, cids: set[int], timeout: float = 10.0) -> dict[int, 
 def test_abort_a_command_waiting_for_a_worker(env):
     drv, backend = env.drv, env.backend
     backend.hold()
-    cids = [submit_write(drv, 1, i, 0x10 + i) for i in range(DEFAULT_WORKERS + 2)]
+    # (a region of the block locks apart: writes to one region would wait for each other)
+    cids = [submit_write(drv, 1, i * REGION, 0x10 + i) for i in range(DEFAULT_WORKERS + 2)]
     wait_until(lambda: backend.waiting == DEFAULT_WORKERS, what="the workers to block")
     queued, started = cids[-1], cids[0]
     assert drv.abort(1, queued).dw0 & 1 == 0  # aborted
@@ -65,8 +68,9 @@ def test_abort_a_command_waiting_for_a_worker(env):
         assert seen[cid] == [0], cid
     # data: the aborted write never happened, the others did
     for i in range(DEFAULT_WORKERS + 1):
-        assert backend.data[i * 512:(i + 1) * 512] == bytes([0x10 + i]) * 512
-    assert backend.data[(DEFAULT_WORKERS + 1) * 512:(DEFAULT_WORKERS + 2) * 512] == bytes(512)
+        assert backend.data[i * REGION * 512:i * REGION * 512 + 512] == bytes([0x10 + i]) * 512
+    last = (DEFAULT_WORKERS + 1) * REGION * 512
+    assert backend.data[last:last + 512] == bytes(512)
     entry = env.ctrl.error_log.entries()[0]
     assert entry["cid"] == queued and entry["status"] & 0x7FF == Status.ABORT_REQUESTED
 

@@ -15,7 +15,7 @@ from pcidev_nvme.testing.driver import READ, WRITE
 def test_worker_completions_are_combined_one_interrupt_per_vector(nvme_env):
     env = nvme_env("ns=mem:size=1M", io_queues=2)  # (three MSI-X vectors)
     drv, ctrl = env.drv, env.ctrl
-    gated = GatedBackend()
+    gated = GatedBackend(4 << 20)
     attach_namespace(ctrl, 2, gated)
     drv.scan_namespaces()
     # two queue pairs whose CQs share one vector
@@ -23,7 +23,9 @@ def test_worker_completions_are_combined_one_interrupt_per_vector(nvme_env):
         drv.delete_io_queue_pair(qid)
         drv.create_io_queue_pair(qid, 32, vector=1)
     data = bytes(range(256)) * 2
-    gated.data[:512 * 16] = data * 16
+    region = 256  # blocks of a region of the block locks: one command per region, none waits for another
+    for i in range(16):
+        gated.data[512 * region * i:512 * (region * i + 1)] = data
     buf = env.machine.alloc(16 * 512)
 
     # the first completion's poster stops inside its post until ``go`` is set
@@ -43,7 +45,8 @@ def test_worker_completions_are_combined_one_interrupt_per_vector(nvme_env):
     n = 16
     for i in range(n):
         qid = 1 + i % 2
-        drv.submit(qid, READ if i % 4 else WRITE, nsid=2, cdw10=i, buf=buf + 512 * i, length=512, ring=False, tag=i)
+        drv.submit(qid, READ if i % 4 else WRITE, nsid=2, cdw10=i * region, buf=buf + 512 * i, length=512,
+                   ring=False, tag=i)
         if i % 4 == 0:
             env.machine.memory.write(buf + 512 * i, data)
     drv.ring(1)
@@ -69,7 +72,7 @@ def test_worker_completions_are_combined_one_interrupt_per_vector(nvme_env):
     assert all(c.ok for c in got)
     for i in range(n):
         assert env.machine.memory.read(buf + 512 * i, 512) == data
-        assert gated.data[512 * i:512 * (i + 1)] == data
+        assert gated.data[512 * region * i:512 * (region * i + 1)] == data
     assert ctrl.cq(1).reserved == 0 and ctrl.cq(2).reserved == 0
     assert not ctrl.sq(1).inflight and not ctrl.sq(2).inflight
 
@@ -77,7 +80,7 @@ def test_worker_completions_are_combined_one_interrupt_per_vector(nvme_env):
 def test_combined_completions_under_four_threads_lose_nothing(nvme_env):
     env = nvme_env("ns=mem:size=1M", io_queues=0)
     drv, ctrl = env.drv, env.ctrl
-    gated = GatedBackend()
+    gated = GatedBackend(4 << 20)
     attach_namespace(ctrl, 2, gated)
     drv.scan_namespaces()
     drv.create_io_queue_pair(1, 64, cq_size=16, vector=0)  # a small CQ: some completions wait in the backlog
@@ -107,7 +110,7 @@ def test_combined_completions_under_four_threads_lose_nothing(nvme_env):
 def test_a_quiesce_waits_for_the_poster_and_finds_everything_posted(nvme_env):
     env = nvme_env("ns=mem:size=1M", io_queues=1)
     drv, ctrl = env.drv, env.ctrl
-    gated = GatedBackend()
+    gated = GatedBackend(4 << 20)
     attach_namespace(ctrl, 2, gated)
     drv.scan_namespaces()
     buf = env.machine.alloc(8 * 512)
@@ -149,7 +152,7 @@ def test_a_quiesce_waits_for_the_poster_and_finds_everything_posted(nvme_env):
 def test_a_steady_stream_of_completions_neither_delays_interrupts_nor_keeps_the_poster(nvme_env):
     env = nvme_env("ns=mem:size=1M", io_queues=1)
     drv, ctrl = env.drv, env.ctrl
-    gated = GatedBackend()
+    gated = GatedBackend(4 << 20)
     attach_namespace(ctrl, 2, gated)
     drv.scan_namespaces()
     n = 3 * COMBINE_ROUNDS

@@ -20,9 +20,19 @@ What is in effect (:func:`effective_limits`)
     and the boundary NABSPF + 1. A write of at most the unit that does not cross a boundary
     is atomic (:meth:`AtomicLimits.atomic`).
 
-How it holds (:class:`Atomicity`, :class:`RangeLockTable`)
-    Commands on namespaces with a unit of one block run as before (the fast path: no lock,
-    no check). On a namespace whose unit in effect is larger, every command that reads or
+How it holds (:class:`Atomicity`, :class:`BlockLocks`, :class:`RangeLockTable`)
+    With AWUN 0 (the default) every single logical block write is still atomic, and commands
+    do run at once (the threads ringing different queues' doorbells, the worker threads,
+    the submitting thread's non-blocking page-cache reads). Commands on namespaces whose
+    unit is one block keep the fast path and hold :class:`BlockLocks`: a writer the locks
+    of the 128 KiB regions it touches (two overlapping writes never run at once: their
+    blocks never mix), a reader nothing, re-reading when a writer overlapped it (its
+    sequence counts changed): no read returns a block half written, and reads never wait
+    for each other. On the submitting thread the locks are only tried; a busy one hands the
+    command to a worker (:mod:`pcidev_nvme.io`). Namespaces with metadata hold their own
+    :class:`~pcidev_nvme.protected_io.RangeLocks` instead (data and metadata together).
+
+    On a namespace whose unit in effect is larger, every command that reads or
     changes user data holds a range lock on its blocks while it runs: Read, Compare and
     Verify shared, Write, Write Zeroes and Write Uncorrectable exclusive. Dataset Management
     and Copy, whose ranges are in host memory, claim once they have fetched and checked them
@@ -33,8 +43,11 @@ How it holds (:class:`Atomicity`, :class:`RangeLockTable`)
     sees an atomic write half done and two overlapping writes never leave a mix of blocks;
     commands larger than the unit, or across a boundary, are not atomic by the spec but are
     serialised all the same (pcidev never tears one). Non-overlapping commands still run
-    in parallel. A change of DN applies to the commands submitted after the Set Features
-    completes.
+    in parallel. Such namespaces leave the fast path and take no block locks (the range
+    locks cover whole commands). Lock order, outermost first: the range lock table, the
+    block locks (a Copy's other namespaces), the metadata namespaces' range locks; none is
+    held across a migration (a quiesce drains the workers, who hold them). A change of DN
+    applies to the commands submitted after the Set Features completes.
 
     Power-fail atomicity (AWUPF) is what the backend gives: the serialisation makes the
     unit atomic to other commands; a crash of the host under a ``file`` image keeps what the
@@ -49,13 +62,13 @@ fingerprint carries it (:func:`fingerprint_entry`), and DN travels with the feat
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
 
 import attrs
 
-__all__ = ["AtomicLimits", "Atomicity", "NamespaceAtomicity", "NO_ATOMICITY", "RangeLockTable",
+__all__ = ["AtomicLimits", "Atomicity", "BlockLocks", "NamespaceAtomicity", "NO_ATOMICITY", "RangeLockTable",
            "controller_problem", "effective_limits", "fingerprint_entry", "namespace_problem", "NSFEAT_NSABP"]
 
 #: Identify Namespace NSFEAT bit 1 (NSABP, libnvme ``NVME_NS_FEAT_NATOMIC``): NAWUN, NAWUPF and
@@ -263,6 +276,8 @@ class RangeLockTable:
         self._cond = threading.Condition(threading.Lock())
         self._held: list[_Claim] = []
         self._waiting: list[_Claim] = []
+        #: the block locks of the same namespaces (every namespace without a larger unit)
+        self.blocks = BlockLocks()
 
     def acquire(self, nsid: int, ranges: Sequence[tuple[int, int]], *, write: bool) -> _Claim:
         """Take ``(start, end)`` LBA ranges of namespace ``nsid``, waiting as long as needed.
@@ -300,6 +315,182 @@ class RangeLockTable:
         return len(self._held)
 
 
+class BlockLocks:
+    """What keeps every logical block whole on namespaces without a larger unit: striped
+    writer locks with a sequence count per stripe (a seqlock), so writers exclude each
+    other and readers never wait for one another.
+
+    The bytes of a namespace fall in regions of ``1 << region_shift`` bytes (128 KiB: whole
+    pages, so a backend that works on pages, a hole punch of the ``mem`` backend, never
+    reaches past the regions it holds); region ``r`` of namespace ``nsid`` maps to stripe
+    ``(salt(nsid) + r) & (stripes - 1)``. A stripe is a token (a one-item list in
+    :attr:`tokens`: ``list.pop`` takes it, ``list.append`` gives it back, each one atomic
+    and far cheaper than a :class:`threading.Lock` tried without blocking) and a count in
+    :attr:`seqs`; who waits for a token waits on one condition, woken when a token comes
+    back while someone waits for it (:attr:`waiting`).
+
+    * A writer (Write, Write Zeroes, Dataset Management, Write Uncorrectable, Copy) holds
+      the token of every stripe its blocks touch, taken in ascending index order
+      (:meth:`write`; :meth:`try_write` takes all or none without waiting), so two
+      writers never wait for each other in a cycle; it adds one to each count when it is
+      done, before it gives the tokens back (:meth:`end_write`). Two overlapping writers
+      share a stripe: they never run at the same time, so their blocks never mix.
+    * A reader (Read, Compare, Verify) takes nothing: it notes the counts (:meth:`seq`:
+      None while a token is out), reads, and checks again; if a token went out or a count
+      changed, a writer overlapped it and it reads again. After :data:`READ_TRIES` failed
+      tries it holds the tokens (:meth:`take`), which a writer then waits for: a stream of
+      writers cannot starve a reader.
+
+    A command spanning as many regions as there are stripes takes them all. Commands that
+    only share a stripe (another region, or another namespace, mapping to it) wait for,
+    or read again after, each other needlessly, never wrongly.
+
+    Shared, like :class:`RangeLockTable`, by the controllers that share the namespaces.
+
+    :param stripes: number of stripes (a power of two).
+    :param region_shift: log2 of the bytes of a region.
+
+    :ivar tokens: one list per stripe, holding one item while nobody holds the stripe (the
+        I/O fast path indexes them itself).
+    :ivar seqs: the sequence counts, one added by every writer when it is done.
+    :ivar waiting: per stripe, the threads waiting for its token.
+    :ivar mask: ``stripes - 1``.
+    :ivar shift: ``region_shift``.
+    """
+
+    __slots__ = ("tokens", "seqs", "waiting", "mask", "shift", "_cond")
+
+    def __init__(self, stripes: int = 256, region_shift: int = 17) -> None:
+        if not _power_of_two(stripes):
+            raise ValueError(f"stripes={stripes} is not a power of two")
+        self.tokens: list[list[bool]] = [[True] for _ in range(stripes)]
+        self.seqs = [0] * stripes
+        self.waiting = [0] * stripes
+        self.mask = stripes - 1
+        self.shift = region_shift
+        self._cond = threading.Condition(threading.Lock())
+
+    @staticmethod
+    def salt(nsid: int) -> int:
+        """Where namespace ``nsid``'s regions start among the stripes (namespaces spread out)."""
+        return (nsid * 0x9E3779B1) >> 8
+
+    def indexes(self, spans: Iterable[tuple[int, int, int]]) -> list[int]:
+        """The sorted stripe indexes of ``(nsid, byte offset, byte length)`` spans (empty
+        spans have none)."""
+        mask, shift = self.mask, self.shift
+        out: set[int] = set()
+        for nsid, offset, length in spans:
+            if length <= 0:
+                continue
+            first, last = offset >> shift, (offset + length - 1) >> shift
+            if last - first >= mask:
+                return list(range(mask + 1))
+            salt = self.salt(nsid)
+            out.update((salt + r) & mask for r in range(first, last + 1))
+        return sorted(out)
+
+    def span(self, nsid: int, offset: int, length: int) -> list[int]:
+        """The sorted stripe indexes of one span (as :meth:`indexes`, quicker: the regions of
+        one span map to consecutive stripes, wrapping around at most once)."""
+        if length <= 0:
+            return []
+        shift, mask = self.shift, self.mask
+        first = offset >> shift
+        n = ((offset + length - 1) >> shift) - first + 1
+        base = (((nsid * 0x9E3779B1) >> 8) + first) & mask  # (salt(nsid), inline)
+        if n == 1:
+            return [base]
+        if n > mask:
+            return list(range(mask + 1))
+        end = base + n
+        if end <= mask + 1:
+            return list(range(base, end))
+        return [*range(end - mask - 1), *range(base, mask + 1)]
+
+    def seq(self, indexes: Sequence[int]) -> list[int] | None:
+        """The counts of ``indexes`` (a reader compares them before and after it reads), or
+        None while a token of them is out (a writer at work)."""
+        tokens, seqs = self.tokens, self.seqs
+        for i in indexes:
+            if not tokens[i]:
+                return None
+        return [seqs[i] for i in indexes]
+
+    def try_write(self, indexes: Sequence[int]) -> bool:
+        """Take the tokens of ``indexes`` for a writer without waiting, all or none: whether
+        they were taken (then the writer changes data and calls :meth:`end_write`)."""
+        tokens = self.tokens
+        for k, i in enumerate(indexes):
+            try:
+                tokens[i].pop()
+            except IndexError:
+                self.give(indexes[:k])
+                return False
+        return True
+
+    def write(self, indexes: Sequence[int]) -> None:
+        """Take the tokens of ``indexes`` for a writer, waiting as long as needed."""
+        self.take(indexes)
+
+    def end_write(self, indexes: Sequence[int]) -> None:
+        """The writer is done: one added to the counts, tokens given back."""
+        seqs = self.seqs
+        for i in indexes:
+            seqs[i] += 1
+        self.give(indexes)
+
+    def take(self, indexes: Sequence[int]) -> None:
+        """Hold the tokens of ``indexes`` (ascending), waiting as long as needed (a writer, or
+        a reader that must not be overtaken again: it leaves the counts as they are)."""
+        tokens = self.tokens
+        for i in indexes:
+            try:
+                tokens[i].pop()
+            except IndexError:
+                self._wait(i)
+
+    def _wait(self, i: int) -> None:
+        """Wait for the token of stripe ``i`` and take it."""
+        token = self.tokens[i]
+        with self._cond:
+            self.waiting[i] += 1
+            try:
+                while True:
+                    try:
+                        token.pop()
+                        return
+                    except IndexError:
+                        self._cond.wait(0.05)  # (woken by give(); the timeout is a safety net)
+            finally:
+                self.waiting[i] -= 1
+
+    def give(self, indexes: Sequence[int]) -> None:
+        """Give back what :meth:`take` (or :meth:`try_write`) took, waking who waits."""
+        tokens, waiting = self.tokens, self.waiting
+        wake = False
+        for i in indexes:
+            tokens[i].append(True)
+            if waiting[i]:
+                wake = True
+        if wake:
+            self.wake()
+
+    def wake(self) -> None:
+        """Wake the threads waiting for a token (one came back)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def held(self) -> int:
+        """Stripes held now."""
+        return sum(not token for token in self.tokens)
+
+
+#: how often a reader reads again after a writer overlapped it before it holds the locks
+READ_TRIES = 2
+
+
 class Atomicity:
     """The atomic write limits of one controller and the serialisation that keeps them.
 
@@ -318,6 +509,12 @@ class Atomicity:
         self.awupf = awupf
         self.dn = False
         self.locks = locks if locks is not None else RangeLockTable()
+
+    @property
+    def blocks(self) -> BlockLocks:
+        """The block locks of the lock table (:attr:`locks`), which commands on namespaces
+        that do not serialise hold while they move data."""
+        return self.locks.blocks
 
     def set_dn(self, dn: bool) -> None:
         """Write Atomicity Normal changed (Set Features, a reset, a restore): the limits in

@@ -70,6 +70,17 @@ Namespaces whose atomic write unit in effect is larger than one block
 range lock of its blocks while its handler runs (:meth:`IoCommandSet._execute`);
 Dataset Management and Copy claim theirs once their ranges are fetched and checked.
 
+Every other namespace keeps each logical block whole (the spec's single-block atomicity,
+AWUN 0) with :class:`~pcidev_nvme.atomicity.BlockLocks`: a command that changes data
+(Write, Write Zeroes, Dataset Management, Write Uncorrectable, Copy: destination and
+sources) holds the locks of the 128 KiB regions it touches while it does
+(:meth:`IoCommandSet._hold`); a Read, Compare or Verify takes none, but reads again when a
+writer overlapped it (the regions' sequence counts changed; :meth:`IoCommandSet._stable`).
+On the submitting thread nothing waits: the fast path indexes the stripes itself (a 4 KiB
+Read reads one count before and after, a Write takes one token), and a busy stripe hands
+the command to a worker, which waits for it; a Read or Write moved only in part without
+blocking goes on in a worker from its first block not moved, under the locks again.
+
 The identify fields that describe this command set come from
 :mod:`pcidev_nvme.limits` (re-exported here): :data:`ONCS`, :data:`SGLS`, :data:`OCFS`,
 :data:`COPY_LIMITS`, :data:`DMRL`, :data:`DMRSL`, :data:`DMSL`, :data:`WZSL`,
@@ -79,17 +90,19 @@ The identify fields that describe this command set come from
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
 import struct
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any, Literal, Protocol, TypeGuard, cast, overload
 
 from pcidev.dma import GuestMemory
 from pcidev.errors import DmaError
-from pcidev_nvme.atomicity import Atomicity
+from pcidev_nvme.atomicity import READ_TRIES, Atomicity
 from pcidev_nvme.backends import Backend
 from pcidev_nvme.lba_status import first_deallocated
 from pcidev_nvme.limits import COPY_LIMITS, DMRL, DMRSL, DMSL, MAX_DSM_RANGES, OCFS, ONCS, SGLS, VSL, WZSL
@@ -152,17 +165,20 @@ class _NoWait(Protocol):
 
 
 class _Rest:
-    """The worker's part of a Read or Write whose first ``done`` bytes moved on the
-    submitting thread (an executor with the handler signature)."""
+    """The worker's part of a Read or Write the fast path handed over: its first ``done``
+    bytes moved on the submitting thread (0: none), ``stripes`` are the block locks of
+    the whole command, as the fast path found them (an executor with the handler signature)."""
 
-    __slots__ = ("fn", "done")
+    __slots__ = ("fn", "done", "stripes")
 
-    def __init__(self, fn: Callable[[Request, Namespace, int], int], done: int) -> None:
+    def __init__(self, fn: Callable[[Request, Namespace, int, list[int] | None], int], done: int,
+                 stripes: list[int] | None = None) -> None:
         self.fn = fn
         self.done = done
+        self.stripes = stripes
 
     def __call__(self, req: Request, ns: Namespace) -> int:
-        return self.fn(req, ns, self.done)
+        return self.fn(req, ns, self.done, self.stripes)
 
 
 class _Batch:
@@ -182,6 +198,12 @@ class _Local(threading.local):
 
     #: the core's batch in progress on this thread, or None
     batch: _Batch | None = None
+    #: a command runs on the submitting thread: block locks are only tried, never waited for
+    inline: bool = False
+
+
+class _Busy(Exception):
+    """A block lock a command on the submitting thread needs is held: a worker runs it."""
 
 
 class Opcode:
@@ -387,6 +409,13 @@ class IoCommandSet:
         refuse = self.refuse
         serialises = self.atomicity.serialises
         dulbe = self.dulbe
+        blocks = self.atomicity.blocks
+        tokens = blocks.tokens
+        seqs = blocks.seqs
+        waiting = blocks.waiting
+        smask = blocks.mask
+        sshift = blocks.shift
+        salt = 0
         # read once per batch (a Set Features of the cache applies from the next fetch on)
         durable = not ctrl.volatile_write_cache
         try:
@@ -413,6 +442,7 @@ class IoCommandSet:
                             nlbas = ns.nlbas
                             shift = ns.lba_shift
                             read_only = ns.read_only
+                            salt = blocks.salt(nsid)
                     if ns is not None and fast:
                         try:
                             if op == 1 and read_only:
@@ -442,19 +472,74 @@ class IoCommandSet:
                             else:
                                 views = mem.sg_views(prp_segments(mem, prp1, req.prp2, length, page), write=read)
                             offset = slba << shift
+                            # the block locks (atomicity.BlockLocks): a Read notes the counts of
+                            # its stripes and checks them after; a Write takes the tokens without
+                            # waiting. A busy stripe (done -1) hands the command to a worker.
+                            first = offset >> sshift
+                            many: list[int] | None = None
+                            if first == (offset + length - 1) >> sshift:
+                                si = (salt + first) & smask
+                            else:
+                                many = blocks.span(nsid, offset, length)
                             try:
-                                if inline:
-                                    if read:
-                                        backend.readv(views, offset)
+                                if read:
+                                    if many is None:
+                                        token = tokens[si]
+                                        seq = seqs[si]
+                                        if not token:
+                                            done = -1
+                                        else:
+                                            if inline:
+                                                backend.readv(views, offset)
+                                                done = length
+                                            else:
+                                                done = cast(_NoWait, backend).readv_nowait(views, offset)
+                                            if not token or seqs[si] != seq:
+                                                done = -1
                                     else:
-                                        backend.writev(views, offset, fua=bool(cdw12 & 0x40000000) or durable)
-                                    done = length
-                                elif read:
-                                    done = cast(_NoWait, backend).readv_nowait(views, offset)
-                                elif cdw12 & 0x40000000 or durable:
+                                        seen = blocks.seq(many)
+                                        if seen is None:
+                                            done = -1
+                                        else:
+                                            if inline:
+                                                backend.readv(views, offset)
+                                                done = length
+                                            else:
+                                                done = cast(_NoWait, backend).readv_nowait(views, offset)
+                                            if blocks.seq(many) != seen:
+                                                done = -1
+                                elif not inline and (cdw12 & 0x40000000 or durable):
                                     done = 0  # a durable write never goes without waiting
+                                elif many is None:
+                                    token = tokens[si]
+                                    try:
+                                        token.pop()
+                                    except IndexError:
+                                        done = -1
+                                    else:
+                                        try:
+                                            if inline:
+                                                backend.writev(views, offset,
+                                                               fua=bool(cdw12 & 0x40000000) or durable)
+                                                done = length
+                                            else:
+                                                done = cast(_NoWait, backend).writev_nowait(views, offset)
+                                        finally:
+                                            seqs[si] += 1
+                                            token.append(True)
+                                            if waiting[si]:
+                                                blocks.wake()
+                                elif not blocks.try_write(many):
+                                    done = -1
                                 else:
-                                    done = cast(_NoWait, backend).writev_nowait(views, offset)
+                                    try:
+                                        if inline:
+                                            backend.writev(views, offset, fua=bool(cdw12 & 0x40000000) or durable)
+                                            done = length
+                                        else:
+                                            done = cast(_NoWait, backend).writev_nowait(views, offset)
+                                    finally:
+                                        blocks.end_write(many)
                             finally:
                                 if len(views) == 1:
                                     views[0].release()
@@ -462,7 +547,10 @@ class IoCommandSet:
                                     for v in views:
                                         v.release()
                             if done < length:  # (the worker's _write clears the marks after the write)
-                                self._dispatch(_Rest(self._read if read else self._write, done), req, ns)
+                                # whole blocks only: the worker moves the rest under the locks
+                                done = done >> shift << shift if done > 0 else 0
+                                self._dispatch(_Rest(self._read if read else self._write, done,
+                                                     [si] if many is None else many), req, ns)
                                 continue
                             if not read and wu.active:  # written: the marks go (never before the write)
                                 wu.clear(nsid, slba, nlb)
@@ -541,7 +629,15 @@ class IoCommandSet:
             if not inline:
                 self._dispatch(handler, req, ns)
                 return
-            dw0 = self._execute(handler, req, ns)
+            local = self._local
+            local.inline = True
+            try:
+                dw0 = self._execute(handler, req, ns)
+            except _Busy:  # nothing was done yet: a worker waits for the locks and runs it
+                self._dispatch(handler, req, ns)
+                return
+            finally:
+                local.inline = False
         except BaseException as exc:
             self._fail(req, exc)
             return
@@ -556,6 +652,76 @@ class IoCommandSet:
         slba, nlb = lba_extent(req)
         with atomicity.hold(req.opcode, ns.nsid, slba, nlb):
             return handler(req, ns)
+
+    def _guarded(self, ns: Namespace) -> bool:
+        """Whether commands on ``ns`` hold the block locks (:class:`~pcidev_nvme.atomicity.BlockLocks`):
+        every namespace but those with metadata (whose :class:`~pcidev_nvme.protected_io.RangeLocks`
+        already cover data and metadata) and those the atomicity serialises (whose range locks
+        cover the whole command)."""
+        return not ns.ms and not self.atomicity.serialises(ns)
+
+    def _span(self, ns: Namespace, slba: int, nlb: int) -> list[int] | None:
+        """The block lock stripes of ``nlb`` blocks at ``slba`` (None: ``ns`` is not
+        :meth:`_guarded`)."""
+        if ns.ms or self.atomicity.serialises(ns):
+            return None
+        shift = ns.lba_shift
+        return self.atomicity.blocks.span(ns.nsid, slba << shift, nlb << shift)
+
+    def _indexes(self, spans: Iterable[tuple[Namespace, int, int]]) -> list[int]:
+        """The block lock stripes of ``(namespace, SLBA, NLB)`` spans on guarded namespaces."""
+        return self.atomicity.blocks.indexes([(ns.nsid, slba << ns.lba_shift, nlb << ns.lba_shift)
+                                              for ns, slba, nlb in spans if self._guarded(ns)])
+
+    def _begin_write(self, indexes: list[int]) -> None:
+        """Take the block locks of ``indexes`` as a writer: a worker waits for them; on the
+        submitting thread they are only tried, and :class:`_Busy` (raised before anything
+        changed) hands the command to a worker. The caller ends with
+        :meth:`~pcidev_nvme.atomicity.BlockLocks.end_write`."""
+        blocks = self.atomicity.blocks
+        if self._local.inline:
+            if not blocks.try_write(indexes):
+                raise _Busy
+        else:
+            blocks.write(indexes)
+
+    @contextmanager
+    def _hold(self, spans: Iterable[tuple[Namespace, int, int]]) -> Iterator[None]:
+        """Hold the block locks of ``(namespace, SLBA, NLB)`` spans as a writer
+        (:meth:`_begin_write`) while the command changes data."""
+        indexes = self._indexes(spans)
+        if not indexes:
+            yield
+            return
+        self._begin_write(indexes)
+        try:
+            yield
+        finally:
+            self.atomicity.blocks.end_write(indexes)
+
+    def _stable(self, indexes: list[int] | None, read: Callable[[], object]) -> None:
+        """Run ``read`` (which reads the blocks of stripes ``indexes``; None or empty: no
+        locks) until no writer overlapped it (:class:`~pcidev_nvme.atomicity.BlockLocks`:
+        the counts before and after are equal and even); after
+        :data:`~pcidev_nvme.atomicity.READ_TRIES` tries, under the locks. On the submitting
+        thread a writer at work raises :class:`_Busy` instead: a worker reads."""
+        if not indexes:
+            read()
+            return
+        blocks = self.atomicity.blocks
+        for _ in range(READ_TRIES):
+            seen = blocks.seq(indexes)
+            if seen is not None:
+                read()
+                if blocks.seq(indexes) == seen:
+                    return
+            if self._local.inline:
+                raise _Busy
+        blocks.take(indexes)
+        try:
+            read()
+        finally:
+            blocks.give(indexes)
 
     def begin_batch(self, done: list[tuple[Request, int, int, int, Any]] | None = None) -> None:
         """The controller starts a doorbell batch on this thread: the SMART counts of the
@@ -816,8 +982,9 @@ class IoCommandSet:
 
     # -- commands -----------------------------------------------------------------------
 
-    def _read(self, req: Request, ns: Namespace, done: int = 0) -> int:
-        """Read (``done``: bytes already read into the front of the buffer)."""
+    def _read(self, req: Request, ns: Namespace, done: int = 0, stripes: list[int] | None = None) -> int:
+        """Read (``done``: bytes already read into the front of the buffer; ``stripes``: its
+        block locks, when the fast path found them)."""
         if ns.ms:
             if self.uncorrectable.active:
                 self._check_marks(ns, *lba_extent(req))
@@ -830,12 +997,15 @@ class IoCommandSet:
             self._check_dulbe(ns, offset >> ns.lba_shift, length >> ns.lba_shift)
         mem, segs = self._segments(req, length, to_host=True)
         backend = ns.backend
+        shift = ns.lba_shift
         if _without_bit_buckets(segs):
             views = self._views(mem, segs, True)
             rest = _after(views, done)
             try:
                 if rest:
-                    backend.readv(rest, offset + done)
+                    if stripes is None:
+                        stripes = self._span(ns, (offset + done) >> shift, (length - done) >> shift)
+                    self._stable(stripes, lambda: backend.readv(rest, offset + done))
             finally:
                 if rest is not views:
                     for v in rest:
@@ -843,7 +1013,8 @@ class IoCommandSet:
                 for v in views:
                     v.release()
         elif len(segs) > 1:
-            self._read_with_buckets(mem, segs, backend, offset)
+            self._stable(self._span(ns, offset >> shift, length >> shift),
+                         lambda: self._read_with_buckets(mem, segs, backend, offset))
         # else a single bit bucket: nothing to transfer
         self.ctrl.smart.record_read(length)
         self.ctrl.ns_smart.record_read(ns.nsid, length)
@@ -874,8 +1045,9 @@ class IoCommandSet:
                 run.append((gpa, n))
                 pos += n
 
-    def _write(self, req: Request, ns: Namespace, done: int = 0) -> int:
-        """Write (``done``: bytes from the front of the buffer already written)."""
+    def _write(self, req: Request, ns: Namespace, done: int = 0, stripes: list[int] | None = None) -> int:
+        """Write (``done``: bytes from the front of the buffer already written; ``stripes``:
+        its block locks, when the fast path found them)."""
         self._check_writable(ns)
         if ns.ms:
             status = self._protected.write(req, ns)
@@ -885,9 +1057,19 @@ class IoCommandSet:
         mem, segs = self._segments(req, length, to_host=False)
         views = self._views(mem, segs, False)
         rest = _after(views, done)
+        shift = ns.lba_shift
         try:
             if rest:
-                ns.backend.writev(rest, offset + done, fua=self._durable(req.cdw12))
+                held = stripes if stripes is not None else self._span(ns, (offset + done) >> shift,
+                                                                      (length - done) >> shift)
+                if held is None:
+                    ns.backend.writev(rest, offset + done, fua=self._durable(req.cdw12))
+                else:
+                    self._begin_write(held)
+                    try:
+                        ns.backend.writev(rest, offset + done, fua=self._durable(req.cdw12))
+                    finally:
+                        self.atomicity.blocks.end_write(held)
         finally:
             if rest is not views:
                 for v in rest:
@@ -911,7 +1093,8 @@ class IoCommandSet:
         views = self._views(mem, segs, False)
         try:
             stored = bytearray(length)
-            ns.backend.readv([memoryview(stored)], offset)
+            self._stable(self._span(ns, offset >> ns.lba_shift, length >> ns.lba_shift),
+                         lambda: ns.backend.readv([memoryview(stored)], offset))
             pos = 0
             for v in views:
                 n = len(v)
@@ -951,10 +1134,16 @@ class IoCommandSet:
             return 0
         buf = bytearray(min(length, VERIFY_CHUNK))
         mv = memoryview(buf)
+        shift = ns.lba_shift
         try:
-            while length:
+            while length:  # each chunk under its own block locks (a long Verify holds few at once)
                 n = min(length, len(buf))
-                backend.readv([mv[:n]], offset)
+                chunk = mv[:n]
+                try:
+                    self._stable(self._span(ns, offset >> shift, n >> shift),
+                                 functools.partial(backend.readv, [chunk], offset))
+                finally:
+                    chunk.release()
                 offset += n
                 length -= n
         finally:
@@ -982,10 +1171,11 @@ class IoCommandSet:
         offset, length = self._rw_extent(req, ns, data=False)
         cdw12 = req.cdw12
         backend = ns.backend
-        if cdw12 & (1 << 25):  # DEAC: deallocate (DLFEAT: reads return zeros)
-            backend.deallocate(offset, length)
-        else:
-            backend.write_zeroes(offset, length)
+        with self._hold(((ns, offset >> ns.lba_shift, length >> ns.lba_shift),)):
+            if cdw12 & (1 << 25):  # DEAC: deallocate (DLFEAT: reads return zeros)
+                backend.deallocate(offset, length)
+            else:
+                backend.write_zeroes(offset, length)
         self.uncorrectable.clear(ns.nsid, offset >> ns.lba_shift, length >> ns.lba_shift)  # (after: done)
         self.altered()
         if self._durable(cdw12):
@@ -1010,7 +1200,8 @@ class IoCommandSet:
         if deallocate and ranges:
             self._check_writable(ns)
             shift = ns.lba_shift
-            with self.atomicity.hold_ranges(ns, [(slba, slba + nlb) for slba, nlb in ranges], write=True):
+            with self.atomicity.hold_ranges(ns, [(slba, slba + nlb) for slba, nlb in ranges], write=True), \
+                    self._hold([(ns, slba, nlb) for slba, nlb in ranges]):
                 for slba, nlb in ranges:
                     if ns.ms:  # the metadata and the data, under the range's lock
                         self._protected.deallocate(ns, slba, nlb)
@@ -1079,7 +1270,6 @@ class IoCommandSet:
 
     def _copy_checked(self, req: Request, ns: Namespace, raw: bytearray, desfmt: int) -> int:
         sources = self._copy_sources(req, ns, raw, desfmt)
-        cdw12 = req.cdw12
         sdlba = req.cdw10 | req.cdw11 << 32
         total = sum(src.nlb for src in sources)
         if sdlba + total > ns.nlbas:
@@ -1099,6 +1289,16 @@ class IoCommandSet:
             except NvmeStatusError as exc:
                 exc.nsid = src.ns.nsid  # (the error is the source namespace's, at its LBA)
                 raise
+        # the block locks of the destination and of every source range (on namespaces that
+        # hold them: those without a larger atomic unit; the range claims of the others are
+        # taken inside, one at a time, and those with metadata take their own RangeLocks
+        # inside those)
+        with self._hold([(ns, sdlba, total), *((src.ns, src.slba, src.nlb) for src in sources)]):
+            return self._copy_data(req, ns, sources, sdlba, total)
+
+    def _copy_data(self, req: Request, ns: Namespace, sources: Sequence[CopySource], sdlba: int, total: int) -> int:
+        """Read the source ranges and write them at SDLBA (checked, under the block locks)."""
+        cdw12 = req.cdw12
         protected = bool(ns.ms or any(src.ns.ms for src in sources))
         shift = ns.lba_shift  # (every source has the destination's block size)
         buf = bytearray(total << shift)
@@ -1205,7 +1405,9 @@ class IoCommandSet:
         slba, nlb = lba_extent(req)
         if slba + nlb > ns.nlbas:
             raise _lba_range(slba, nlb, ns)
-        if not self.uncorrectable.mark(ns.nsid, slba, nlb):
+        with self._hold(((ns, slba, nlb),)):
+            marked = self.uncorrectable.mark(ns.nsid, slba, nlb)
+        if not marked:
             raise NvmeStatusError(Status.CAP_EXCEEDED, "too many blocks are marked uncorrectable", lba=slba)
         self.uncorrectable.sync(ns.nsid)  # the mark is on disk when the command completes
         self.altered()
