@@ -154,17 +154,45 @@ def test_dn_set_and_get_recompute_the_limits():
         env.close()
 
 
-def test_dn_default_and_dn_turning_serialisation_off():
+def test_dn_default_and_dn_changing_the_limits_not_the_locking():
+    """DN changes the limits reported, never whether commands on the namespace lock (review
+    E3/E4: the namespaces and the lock table are shared by every controller of an SR-IOV
+    subsystem, each with a DN of its own, and a DN changing under running commands must not
+    mix locked and unlocked ones)."""
     env = make_env("atomic.awun=7,atomic.dn=on,ns=mem:size=16M", io_queues=1)
     try:
         drv, ctrl = env.drv, env.ctrl
         ns = ctrl.namespaces[1]
         assert drv.get_features(FID_WRITE_ATOMICITY).dw0 == 1
         assert drv.get_features(FID_WRITE_ATOMICITY, sel=1).dw0 == 1  # atomic.dn is the default
-        # DN set and AWUPF 0: single blocks only, the fast path again
-        assert ctrl.atomicity.limits(ns) == AtomicLimits(1) and not ctrl.atomicity.serialises(ns)
+        # DN set and AWUPF 0: single blocks are what the host may count on; AWUN is configured,
+        # so commands lock all the same
+        assert ctrl.atomicity.limits(ns) == AtomicLimits(1) and ctrl.atomicity.serialises(ns)
         drv.set_features(FID_WRITE_ATOMICITY, 0)
         assert ctrl.atomicity.limits(ns) == AtomicLimits(8) and ctrl.atomicity.serialises(ns)
+    finally:
+        env.close()
+
+
+def test_a_secondary_setting_dn_does_not_bypass_the_primary_atomic_writes():
+    """Review E3: a VF whose host sets DN locked nothing on the namespace it shares with the
+    PF, so its writes ran through the blocks a PF atomic write held."""
+    env = make_env("atomic.awun=7,ns=mem:size=16M,max_ioqpairs=8,msix_vectors=9,sriov_max_vfs=2,"
+                   "sriov_vq_flexible=6,sriov_vi_flexible=4", io_queues=1)
+    try:
+        vf = env.pdev.enable_sriov(1)[0].device
+        ns = env.ctrl.namespaces[1]
+        vf.atomicity.set_dn(True)
+        assert vf.atomicity.serialises(ns) and env.ctrl.atomicity.serialises(ns)
+        claim = env.ctrl.atomicity.locks.acquire(1, ((0, 8),), write=True)  # a PF atomic write at work
+        got: list[bool] = []
+        t = threading.Thread(target=lambda: got.append(bool(vf.atomicity.locks.acquire(1, ((4, 5),), write=True))))
+        t.start()
+        t.join(0.3)
+        assert t.is_alive() and not got  # the VF's write waits for the PF's
+        env.ctrl.atomicity.locks.release(claim)
+        t.join(5)
+        assert got == [True]
     finally:
         env.close()
 

@@ -32,7 +32,9 @@ How it holds (:class:`Atomicity`, :class:`BlockLocks`, :class:`RangeLockTable`)
     command to a worker (:mod:`pcidev_nvme.io`). Namespaces with metadata hold their own
     :class:`~pcidev_nvme.protected_io.RangeLocks` instead (data and metadata together).
 
-    On a namespace whose unit in effect is larger, every command that reads or
+    On a namespace configured with a larger unit (AWUN, AWUPF, NAWUN or NAWUPF non-zero,
+    whatever DN says: DN changes the limits reported, never the locking, since the
+    namespaces and the lock table are shared by controllers with a DN each), every command that reads or
     changes user data holds a range lock on its blocks while it runs: Read, Compare and
     Verify shared, Write, Write Zeroes and Write Uncorrectable exclusive. Dataset Management
     and Copy, whose ranges are in host memory, claim once they have fetched and checked them
@@ -44,10 +46,12 @@ How it holds (:class:`Atomicity`, :class:`BlockLocks`, :class:`RangeLockTable`)
     commands larger than the unit, or across a boundary, are not atomic by the spec but are
     serialised all the same (pcidev never tears one). Non-overlapping commands still run
     in parallel. Such namespaces leave the fast path and take no block locks (the range
-    locks cover whole commands). Lock order, outermost first: the range lock table, the
-    block locks (a Copy's other namespaces), the metadata namespaces' range locks; none is
-    held across a migration (a quiesce drains the workers, who hold them). A change of DN
-    applies to the commands submitted after the Set Features completes.
+    locks cover whole commands). A namespace is guarded by the range lock table or by the
+    block locks, never both; a command on one namespace holds one of the two, and a Copy
+    takes the block locks of all its block-locked namespaces first (in stripe order), then
+    the range claims of the others one at a time, so no holder of a claim ever waits for a
+    block lock; the metadata namespaces' range locks come innermost. None is held across a
+    migration (a quiesce drains the workers, who hold them).
 
     Power-fail atomicity (AWUPF) is what the backend gives: the serialisation makes the
     unit atomic to other commands; a crash of the host under a ``file`` image keeps what the
@@ -526,9 +530,16 @@ class Atomicity:
         return effective_limits(self.awun, self.awupf, ns.atomic, self.dn)
 
     def serialises(self, ns: AtomicNamespace) -> bool:
-        """Whether commands on ``ns`` hold range locks: its unit in effect is more than one block."""
+        """Whether commands on ``ns`` hold range locks: a unit of more than one block is configured for it.
+
+        Whatever DN says: DN is one host's statement about what *it* needs and changes only
+        the limits Identify and Get Features report; the namespaces and the lock table are
+        shared (an SR-IOV primary and its secondaries, each with a DN of its own), and a DN
+        changing while commands run must not let locked and unlocked commands mix on one
+        namespace. With AWUPF <= AWUN the DN-clear unit is the larger anyway.
+        """
         p = ns.atomic
-        return bool((p.nawupf or self.awupf) if self.dn else (p.nawun or self.awun))
+        return bool(p.nawun or self.awun or p.nawupf or self.awupf)
 
     @contextmanager
     def hold(self, opcode: int, nsid: int, slba: int, nlb: int) -> Iterator[None]:
