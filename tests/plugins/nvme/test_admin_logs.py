@@ -10,7 +10,7 @@ import attrs
 import pytest
 from _helpers import expect_status, make_env, smart
 
-from pcidev_nvme.logs import SmartCounters, decode_error_entry
+from pcidev_nvme.logs import ChangedNamespaces, SmartCounters, decode_error_entry
 from pcidev_nvme.persist import StateFile
 from pcidev_nvme.status import Status
 from pcidev_nvme.testing.driver import READ, WRITE
@@ -237,3 +237,27 @@ def test_log_page_hostile_offsets_and_lengths(nvme_env):
     assert env.machine.read(buf, 8192) == b"\xEE" * 8192
     assert env.machine.read(guard, 4096) == b"\x5A" * 4096
     assert env.ctrl.csts & 0x3 == 0x1
+
+
+def test_changed_namespace_list_clear_keeps_what_changed_after_the_read():
+    """Get Log Page 04h with RAE clear reads the list, moves it to the host, then clears:
+    a namespace that changed in between stays for the next read (it was cleared unseen)."""
+    log = ChangedNamespaces()
+    log.add(3)
+    page, token = log.read()
+    assert struct.unpack_from("<2I", page) == (3, 0)
+    log.add(5)  # while the page travels to the host
+    log.clear(token)
+    assert struct.unpack_from("<2I", log.page(clear=True)) == (5, 0)
+    assert struct.unpack_from("<I", log.page(clear=False)) == (0,)
+    # an overflowed list (FFFFFFFFh: rescan everything) is cleared only if nothing came since
+    for n in range(1, ChangedNamespaces.LIMIT + 2):
+        log.add(n)
+    page, token = log.read()
+    assert struct.unpack_from("<2I", page) == (0xFFFFFFFF, 0)
+    log.add(7)
+    log.clear(token)
+    assert struct.unpack_from("<I", log.page(clear=False)) == (0xFFFFFFFF,)
+    page, token = log.read()
+    log.clear(token)
+    assert struct.unpack_from("<I", log.page(clear=False)) == (0,)

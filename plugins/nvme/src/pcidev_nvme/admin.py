@@ -557,7 +557,7 @@ class AdminCommandSet:
         elif lid == nlogs.LID_FW_SLOT:
             page = ctrl.firmware.page()
         elif lid == nlogs.LID_CHANGED_NS:
-            page = ctrl.changed_ns.page(clear=False)
+            page, ns_token = ctrl.changed_ns.read()  # (cleared below of what it holds only)
         elif lid == nlogs.LID_EFFECTS:
             if csi != 0:
                 raise _err(Status.INVALID_FIELD, f"I/O command set {csi} is not supported", OFF_CDW14 + 3)
@@ -588,7 +588,7 @@ class AdminCommandSet:
             raise _err(Status.INVALID_FIELD, f"offset {offset} is beyond the {len(page)}-byte log", OFF_CDW12)
         self.to_host(req, page[offset:offset + length])
         if lid == nlogs.LID_CHANGED_NS and not rae:
-            ctrl.changed_ns.page(clear=True)
+            ctrl.changed_ns.clear(ns_token)
         elif lid == LID_EG_EVENT_AGGREGATE and not rae:
             ctrl.endurance.aggregate_clear(eg_token)
         ctrl.aer.log_read(lid, rae)

@@ -533,9 +533,11 @@ class ChangedNamespaces:
         self._nsids: list[int] = []
         self._overflow = False
         self._lock = threading.Lock()
+        self._added = 0  # changes reported since power-on (also those an overflow swallowed)
 
     def add(self, nsid: int) -> None:
         with self._lock:
+            self._added += 1
             if self._overflow or nsid in self._nsids:
                 return
             if len(self._nsids) >= self.LIMIT:
@@ -546,11 +548,31 @@ class ChangedNamespaces:
                 self._nsids.sort()
 
     def page(self, clear: bool) -> bytes:
+        """The log page (4096 bytes); ``clear`` empties the list at once."""
+        page, token = self.read()
+        if clear:
+            self.clear(token)
+        return page
+
+    def read(self) -> tuple[bytes, tuple[tuple[int, ...], bool, int]]:
+        """The log page and a token naming what it holds: :meth:`clear` with that token
+        (once the page reached the host, RAE cleared) removes only what the host was given,
+        so a namespace changed between the read and the clear stays for the next read."""
         with self._lock:
-            ids = [0xFFFFFFFF] if self._overflow else list(self._nsids)
-            if clear:
-                self._nsids, self._overflow = [], False
-        return struct.pack(f"<{len(ids)}I", *ids).ljust(4096, b"\0")
+            ids = (0xFFFFFFFF,) if self._overflow else tuple(self._nsids)
+            token = (ids, self._overflow, self._added)
+        return struct.pack(f"<{len(ids)}I", *ids).ljust(4096, b"\0"), token
+
+    def clear(self, token: tuple[tuple[int, ...], bool, int]) -> None:
+        """Remove what the page read with ``token`` (:meth:`read`) listed."""
+        ids, overflow, added = token
+        with self._lock:
+            if overflow:
+                if self._added == added:  # (an overflowed list drops what is added meanwhile)
+                    self._nsids, self._overflow = [], False
+                return
+            given = set(ids)
+            self._nsids = [n for n in self._nsids if n not in given]
 
     def __len__(self) -> int:
         return len(self._nsids)
