@@ -109,7 +109,7 @@ from pcidev_nvme.limits import COPY_LIMITS, DMRL, DMRSL, DMSL, MAX_DSM_RANGES, O
 from pcidev_nvme.namespace import Namespace
 from pcidev_nvme.protected_io import CopySource, ProtectedIo, copy_format_problem, copy_incompatible
 from pcidev_nvme.prp import OFF_DPTR1, data_segments, prp_segments
-from pcidev_nvme.request import ControllerPort, Request, lba_extent
+from pcidev_nvme.request import ControllerPort, Request, count_read, count_write, lba_extent
 from pcidev_nvme.status import NvmeStatusError, Status
 from pcidev_nvme.uncorrectable import Uncorrectable
 
@@ -1016,8 +1016,7 @@ class IoCommandSet:
             self._stable(self._span(ns, offset >> shift, length >> shift),
                          lambda: self._read_with_buckets(mem, segs, backend, offset))
         # else a single bit bucket: nothing to transfer
-        self.ctrl.smart.record_read(length)
-        self.ctrl.ns_smart.record_read(ns.nsid, length)
+        count_read(self.ctrl, ns.nsid, length)
         return 0
 
     def _read_with_buckets(self, mem: GuestMemory, segs: Sequence[tuple[int | None, int]], backend: Backend,
@@ -1077,8 +1076,7 @@ class IoCommandSet:
             for v in views:
                 v.release()
         self.uncorrectable.clear(ns.nsid, offset >> ns.lba_shift, length >> ns.lba_shift)
-        self.ctrl.smart.record_write(length)
-        self.ctrl.ns_smart.record_write(ns.nsid, length)
+        count_write(self.ctrl, ns.nsid, length)
         return 0
 
     def _compare(self, req: Request, ns: Namespace) -> int:
@@ -1110,8 +1108,7 @@ class IoCommandSet:
         finally:
             for v in views:
                 v.release()
-        self.ctrl.smart.record_read(length)
-        self.ctrl.ns_smart.record_read(ns.nsid, length)
+        count_read(self.ctrl, ns.nsid, length)
         return 0
 
     def _verify(self, req: Request, ns: Namespace) -> int:
@@ -1129,8 +1126,7 @@ class IoCommandSet:
         req_len = length
         backend = ns.backend
         if backend.inline:  # memory cannot fail to read
-            self.ctrl.smart.record_read(length)
-            self.ctrl.ns_smart.record_read(ns.nsid, length)
+            count_read(self.ctrl, ns.nsid, length)
             return 0
         buf = bytearray(min(length, VERIFY_CHUNK))
         mv = memoryview(buf)
@@ -1148,8 +1144,7 @@ class IoCommandSet:
                 length -= n
         finally:
             mv.release()
-        self.ctrl.smart.record_read(req_len)
-        self.ctrl.ns_smart.record_read(ns.nsid, req_len)
+        count_read(self.ctrl, ns.nsid, req_len)
         return 0
 
     def _flush(self, req: Request, ns: Namespace) -> int:
@@ -1334,8 +1329,7 @@ class IoCommandSet:
                     self._protected.copy_write(req, ns, buf, bytearray().join(metas), sdlba)
                 else:
                     ns.backend.writev([mv], sdlba << shift, fua=self._durable(cdw12))
-                    self.ctrl.smart.record_write(len(buf))
-                    self.ctrl.ns_smart.record_write(ns.nsid, len(buf))
+                    count_write(self.ctrl, ns.nsid, len(buf))
                 self.uncorrectable.clear(ns.nsid, sdlba, total)  # (after the write: it took)
         finally:
             mv.release()

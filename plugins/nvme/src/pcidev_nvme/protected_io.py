@@ -53,7 +53,7 @@ from pcidev_nvme.controller_memory import check_data_metadata
 from pcidev_nvme.namespace import Namespace
 from pcidev_nvme.protection import PIF_16B, PRINFO_PRACT, PiFormat
 from pcidev_nvme.prp import PSDT_SGL_MPTR_SGL, data_segments, sgl_segments
-from pcidev_nvme.request import ControllerPort, Request, lba_extent
+from pcidev_nvme.request import ControllerPort, Request, count_read, count_write, lba_extent
 from pcidev_nvme.status import NvmeStatusError, Status
 
 __all__ = ["CopySource", "ProtectedIo", "RangeLocks", "copy_format_problem", "copy_incompatible", "interleave",
@@ -390,8 +390,7 @@ class ProtectedIo:
         data, meta = self._stored(ns, slba, nlb)
         self._check(ns, req, slba, nlb, data, meta, tags)
         self._to_host(ns, nlb, data, meta, moves, segs, msegs)
-        self.ctrl.smart.record_read(len(data))
-        self.ctrl.ns_smart.record_read(ns.nsid, len(data))
+        count_read(self.ctrl, ns.nsid, len(data))
         return 0
 
     def write(self, req: Request, ns: Namespace) -> int:
@@ -410,8 +409,7 @@ class ProtectedIo:
                 pif.check(memoryview(data), memoryview(meta), nlb, slba=slba, cdw12=cdw12, ref=ref, app=app,
                           app_mask=mask)
         self._store(ns, slba, data, meta, self._durable(cdw12))
-        self.ctrl.smart.record_write(len(data))
-        self.ctrl.ns_smart.record_write(ns.nsid, len(data))
+        count_write(self.ctrl, ns.nsid, len(data))
         return 0
 
     @staticmethod
@@ -435,8 +433,7 @@ class ProtectedIo:
             if (data[i * lbs:(i + 1) * lbs] != host_data[i * lbs:(i + 1) * lbs]
                     or moves and meta[i * ms:(i + 1) * ms] != host_meta[i * ms:(i + 1) * ms]):
                 raise NvmeStatusError(Status.COMPARE_FAILURE, f"data differs at LBA {slba + i:#x}", lba=slba + i)
-        self.ctrl.smart.record_read(len(data))
-        self.ctrl.ns_smart.record_read(ns.nsid, len(data))
+        count_read(self.ctrl, ns.nsid, len(data))
         return 0
 
     def verify(self, req: Request, ns: Namespace) -> int:
@@ -447,8 +444,7 @@ class ProtectedIo:
         tags = self._tags_of(ns, req, slba)
         data, meta = self._stored(ns, slba, nlb)
         self._check(ns, req, slba, nlb, data, meta, tags)
-        self.ctrl.smart.record_read(len(data))
-        self.ctrl.ns_smart.record_read(ns.nsid, len(data))
+        count_read(self.ctrl, ns.nsid, len(data))
         return 0
 
     def write_zeroes(self, req: Request, ns: Namespace) -> int:
@@ -529,8 +525,7 @@ class ProtectedIo:
                 pif.check(memoryview(data), memoryview(meta), total, slba=sdlba, cdw12=cdw12, ref=ref, app=app,
                           app_mask=mask)
         self._store(dns, sdlba, data, meta, self._durable(cdw12))
-        self.ctrl.smart.record_write(len(data))
-        self.ctrl.ns_smart.record_write(dns.nsid, len(data))
+        count_write(self.ctrl, dns.nsid, len(data))
 
 
 def copy_format_problem(ns: Namespace, desfmt: int, cdw12: int) -> NvmeStatusError | None:

@@ -34,7 +34,8 @@ from pcidev_nvme.namespace import Namespace
 from pcidev_nvme.ns_smart import NamespaceSmart
 from pcidev_nvme.status import NvmeStatusError
 
-__all__ = ["Request", "SQE", "SQE_SIZE", "decode_sqe", "lba_extent", "ControllerPort"]
+__all__ = ["Request", "SQE", "SQE_SIZE", "decode_sqe", "lba_extent", "ControllerPort", "count_read",
+           "count_write"]
 
 
 #: opcode, flags, cid, nsid, cdw2, cdw3, mptr, prp1, prp2, cdw10..cdw15
@@ -228,3 +229,16 @@ class ControllerPort(Protocol):
     def complete(self, req: Request, status: int = 0, dw0: int = 0, dw1: int = 0, *,
                  error: NvmeStatusError | None = None) -> None:
         """Post the completion of ``req`` (thread-safe; exactly once per request)."""
+
+
+def count_read(ctrl: ControllerPort, nsid: int, nbytes: int) -> None:
+    """Count a host read of ``nbytes`` on namespace ``nsid`` in the controller's SMART
+    counters and in the namespace's (the fast path's batches sum their own)."""
+    ctrl.smart.record_read(nbytes)
+    ctrl.ns_smart.record_read(nsid, nbytes)
+
+
+def count_write(ctrl: ControllerPort, nsid: int, nbytes: int) -> None:
+    """Count a host write of ``nbytes`` on namespace ``nsid``, as :func:`count_read`."""
+    ctrl.smart.record_write(nbytes)
+    ctrl.ns_smart.record_write(nsid, nbytes)
