@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from _helpers import Env, make_env
+from test_migration_nvme import Host
 
 
 @pytest.fixture
@@ -24,3 +25,19 @@ def nvme_env() -> Iterator[Callable[..., Env]]:
     yield factory
     for env in reversed(made):
         env.close()
+
+
+@pytest.fixture
+def hosts() -> Iterator[Callable[..., Host]]:
+    """A factory of in-process migration hosts (``test_migration_nvme.Host``), closed at
+    teardown, last made first."""
+    made: list[Host] = []
+
+    def make(*args, **kwargs) -> Host:
+        h = Host(*args, **kwargs)
+        made.append(h)
+        return h
+
+    yield make
+    for h in reversed(made):
+        h.close()

@@ -12,7 +12,6 @@ import struct
 import crc32c
 import pytest
 from _helpers import expect_status, make_env
-from test_migration_nvme import Host
 from test_virtualization import Host as SriovHost
 
 from pcidev_nvme.endurance import ENDGID, EnduranceGroup, EnduranceState, MediaTotals, endurance_group_list
@@ -277,20 +276,6 @@ def test_feature_aggregate_log_and_counters_migrate_with_verified_data(hosts):
     smart = drv.get_log(0x02, 512)
     info = _eg_log(drv).tag
     assert _u128(info, 96) == _u128(smart, 64) and _u128(info, 112) == _u128(smart, 80)
-
-
-@pytest.fixture
-def hosts():
-    made: list[Host] = []
-
-    def make(*args, **kwargs) -> Host:
-        h = Host(*args, **kwargs)
-        made.append(h)
-        return h
-
-    yield make
-    for h in reversed(made):
-        h.close()
 
 
 def test_sriov_secondary_reports_the_subsystems_endurance_group():

@@ -98,20 +98,6 @@ class Host:
         self.machine.close()
 
 
-@pytest.fixture
-def hosts():
-    made: list[Host] = []
-
-    def make(*args, **kwargs) -> Host:
-        h = Host(*args, **kwargs)
-        made.append(h)
-        return h
-
-    yield make
-    for h in reversed(made):
-        h.close()
-
-
 class Blocks:
     """Expected crc32c of every block of every namespace (absent: zeros)."""
 

@@ -9,7 +9,6 @@ import attrs
 import crc32c
 import pytest
 from _helpers import expect_status, make_env
-from test_migration_nvme import Host
 from test_virtualization import Host as SriovHost
 
 from pcidev.errors import ConfigError
@@ -169,20 +168,6 @@ def test_a_deleted_namespace_takes_its_counters_along(env):
 
 
 # -- migration -------------------------------------------------------------------------------------
-@pytest.fixture
-def hosts():
-    made: list[Host] = []
-
-    def make(*args, **kwargs) -> Host:
-        h = Host(*args, **kwargs)
-        made.append(h)
-        return h
-
-    yield make
-    for h in reversed(made):
-        h.close()
-
-
 def test_the_counters_migrate_with_verified_data(hosts):
     h = hosts("serial=nsm1,ns=mem:size=4M,ns=mem:size=4M", io_queues=1, aers=0)
     drv = h.drv
