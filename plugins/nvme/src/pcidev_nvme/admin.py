@@ -89,7 +89,7 @@ from pcidev_nvme.namespace import (
     identify_capabilities,
     identify_elbaf,
 )
-from pcidev_nvme.namespaces import RemovedNamespace
+from pcidev_nvme.namespaces import RemovedNamespace, persists
 from pcidev_nvme.pmr import PersistentMemoryRegion
 from pcidev_nvme.protection import pi_size
 from pcidev_nvme.prp import prp_segments
@@ -819,9 +819,8 @@ class AdminCommandSet:
             ns = ctrl.make_namespace(nsid, spec)
         except (ConfigError, PcidevError, OSError) as exc:
             raise _err(Status.NS_INSUFFICIENT_CAPACITY, f"cannot create the namespace: {exc}") from None
-        persistent = spec.startswith("file:")
-        ctrl.add_namespace(nsid, ns, created_spec=spec if persistent else None)
-        if persistent:
+        ctrl.add_namespace(nsid, ns, created_spec=spec)  # (its creation record migrates: pcidev_nvme.ns_records)
+        if persists(spec):
             ctrl.save_state()
         return nsid
 
@@ -860,7 +859,7 @@ class AdminCommandSet:
                 ns.close()
             except Exception:
                 log.exception("closing deleted namespace %d failed", n)
-            if created_spec is not None:
+            if created_spec is not None and persists(created_spec):
                 path = getattr(ns.backend, "path", None)
                 meta_path = getattr(ns.meta, "path", None)
                 for victim in (path, getattr(ns.backend, "identity_path", None), meta_path):
@@ -908,7 +907,7 @@ class AdminCommandSet:
                     virt.attach(cntlid, nsid)
                 else:
                     virt.detach(cntlid, nsid)
-        if nsid in ctrl.created:
+        if persists(ctrl.created.get(nsid, "")):
             ctrl.save_state()
         return 0
 

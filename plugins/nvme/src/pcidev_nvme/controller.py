@@ -1060,6 +1060,7 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
         super().__init__(cfg, name=f"{primary.name}-vf{k}")
         self.allocated = primary.allocated  # the primary's namespaces (one table, shared)
         self.created = primary.created
+        self.configured = primary.configured
         self.set_attached(virt.attached(k) & set(self.allocated))
         # what acts on state beyond the I/O of its attached namespaces stays with the primary
         self.admin.remove_commands(Opcode.NS_MANAGEMENT, Opcode.NS_ATTACHMENT, Opcode.FORMAT_NVM,

@@ -96,6 +96,7 @@ import attrs
 from pcidev.errors import ConfigError, MigrationError
 from pcidev.vmstate import U8, U32, U64, Bool, Bytes, VarArray, vmstate
 from pcidev.vmstate.errors import StateError
+from pcidev_nvme import ns_records
 from pcidev_nvme.abort import Aborts, AbortsState
 from pcidev_nvme.admin import AdminWorker
 from pcidev_nvme.aer import AerState, AsyncEvents, EventState
@@ -123,6 +124,8 @@ from pcidev_nvme.logs import (
 )
 from pcidev_nvme.metadata import MetadataStore
 from pcidev_nvme.namespace import LBA_FORMATS, LBAF_TABLE, Namespace, NamespaceHolding, NamespaceState
+from pcidev_nvme.namespaces import RemovedNamespace
+from pcidev_nvme.ns_records import NamespaceChangesState, NamespacePlan
 from pcidev_nvme.ns_smart import NamespaceSmart, NamespaceSmartState
 from pcidev_nvme.pmr import PersistentMemoryRegion, PmrState
 from pcidev_nvme.queues import CompletionQueue, CqeState, CqState, SqState, SubmissionQueue
@@ -166,7 +169,13 @@ class MigrationHost(Protocol):
     def allocated(self) -> Mapping[int, Namespace]: ...
     @property
     def namespaces(self) -> Mapping[int, Namespace]: ...
+    @property
+    def configured(self) -> Mapping[int, Namespace]: ...
     def set_attached(self, nsids: Iterable[int]) -> None: ...
+    def make_namespace(self, nsid: int, spec: str) -> Namespace: ...
+    def add_namespace(self, nsid: int, ns: Namespace, *, created_spec: str | None = None,
+                      attached: bool = False) -> None: ...
+    def remove_namespace(self, nsid: int) -> RemovedNamespace: ...
     @property
     def fsm_state(self) -> str: ...
     @property
@@ -252,6 +261,8 @@ class NvmeState:
     endurance: EnduranceState | None = None
     #: the per-namespace SMART counters (pcidev_nvme.ns_smart; the primary's with SR-IOV)
     ns_smart: NamespaceSmartState | None = None
+    #: what Namespace Management created and deleted (pcidev_nvme.ns_records; the primary's)
+    ns_management: NamespaceChangesState | None = None
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -263,14 +274,6 @@ def _backend_feature(ns: Any) -> str:
     if kind == "file" and getattr(b, "direct", False):
         return "nvme-backend:file-direct"
     return f"nvme-backend:{kind}"
-
-
-def _runtime_namespace_changes(ctrl: MigrationHost) -> tuple[list[int], list[int]]:
-    """(NSIDs created by Namespace Management, configured NSIDs it deleted)."""
-    configured = set(range(1, len(ctrl.cfg.namespaces) + 1))
-    created = sorted(set(ctrl.allocated) - configured)
-    deleted = sorted(configured - set(ctrl.allocated))
-    return created, deleted
 
 
 def features(ctrl: MigrationHost) -> set[str]:
@@ -286,21 +289,17 @@ def features(ctrl: MigrationHost) -> set[str]:
         out.add("nvme-multi-namespace")
     for ns in ctrl.allocated.values():
         out.add(_backend_feature(ns))
-    created, deleted = _runtime_namespace_changes(ctrl)
-    if created or deleted:
-        out.add("nvme-namespace-management-changes")
     return out
 
 
 def blockers(ctrl: MigrationHost) -> list[str]:
     """Reasons of the moment (the allow-list covers the configuration)."""
     out = []
-    created, deleted = _runtime_namespace_changes(ctrl)
-    for nsid in created:
-        out.append(f"namespace {nsid} was created by Namespace Management; the destination's "
-                   "configuration does not have it")
-    for nsid in deleted:
-        out.append(f"namespace {nsid} of the configuration was deleted by Namespace Management")
+    if ctrl.owns_namespaces:  # (created namespaces travel as records: pcidev_nvme.ns_records)
+        for nsid in ns_records.changes(ctrl)[0]:
+            why = ns_records.record_problem(ctrl.allocated[nsid])
+            if why is not None:
+                out.append(f"namespace {nsid} (created by Namespace Management): {why}")
     for ns in sorted(ctrl.allocated.values(), key=lambda n: n.nsid):
         feat = _backend_feature(ns)
         if feat not in MIGRATABLE_FEATURES:
@@ -315,9 +314,11 @@ def fingerprint(ctrl: MigrationHost) -> dict[str, Any]:
     """Configuration a destination must match exactly."""
     cfg = ctrl.cfg
     namespaces = []
-    for nsid in range(1, len(cfg.namespaces) + 1):  # the configured ones (changes are blockers)
-        ns = ctrl.allocated.get(nsid)
-        if ns is None:
+    # the configured namespaces, as the configuration built them (also once Namespace
+    # Management deleted them: what it changed travels in the stream, pcidev_nvme.ns_records)
+    for nsid in range(1, len(cfg.namespaces) + 1):
+        ns = ctrl.configured.get(nsid)
+        if ns is None:  # (a controller that shares another's table before it is built)
             namespaces.append([nsid, "deleted"])
             continue
         b = ns.backend
@@ -342,7 +343,7 @@ def fingerprint(ctrl: MigrationHost) -> dict[str, Any]:
         **({"nvme.sriov": [cfg.sriov_max_vfs, cfg.sriov_vq_flexible, cfg.sriov_vi_flexible,
                            cfg.sriov_max_vq_per_vf, cfg.sriov_max_vi_per_vf]} if cfg.sriov_max_vfs else {}),
         **fingerprint_entry(cfg.awun, cfg.awupf, cfg.atomic_dn,
-                            [(nsid, ctrl.allocated.get(nsid)) for nsid in range(1, len(cfg.namespaces) + 1)]),
+                            [(nsid, ctrl.configured.get(nsid)) for nsid in range(1, len(cfg.namespaces) + 1)]),
     }
 
 
@@ -383,6 +384,9 @@ class LoadUndo:
         #: replaced backends and stores, with whether a store is to be removed (a format
         #: without metadata) rather than closed
         self._retired: list[tuple[Any, bool]] = []
+        #: the namespaces the load added to the table and those it took out (in order)
+        self._added: list[int] = []
+        self._removed: list[tuple[int, RemovedNamespace]] = []
 
     def keep(self, st: NvmeState, held: dict[int, NamespaceHolding]) -> None:
         """``st`` was saved outside a save (a load's rollback copy): what the namespaces held."""
@@ -400,6 +404,22 @@ class LoadUndo:
         """A backend or metadata store a load replaced: closed (or removed) at :meth:`commit`."""
         self._retired.append((thing, remove))
 
+    def added(self, nsid: int) -> None:
+        """The load created namespace ``nsid`` (the rollback deletes and closes it)."""
+        self._added.append(nsid)
+
+    def removed(self, nsid: int, removed: RemovedNamespace) -> None:
+        """The load deleted namespace ``nsid``: closed at :meth:`commit` (never its image:
+        the source's), put back by the rollback."""
+        self._removed.append((nsid, removed))
+        self.retire(removed.ns)
+
+    def take_structure(self) -> tuple[list[int], list[tuple[int, RemovedNamespace]]]:
+        """(NSIDs the load added, what it removed), for the rollback to undo; forgotten here."""
+        out = (self._added, self._removed)
+        self._added, self._removed = [], []
+        return out
+
     def settle(self) -> None:
         """A quiesce or resume: the load is committed, no rollback copy is current."""
         self._kept = None
@@ -408,9 +428,11 @@ class LoadUndo:
     def forget(self) -> None:
         """The rollback put the retired things back in use: nothing to close."""
         self._retired = []
+        self._added, self._removed = [], []
 
     def commit(self) -> None:
         """The load is committed: close what it replaced."""
+        self._added, self._removed = [], []
         retired, self._retired = self._retired, []
         for thing, remove in retired:
             try:
@@ -531,7 +553,8 @@ def save(ctrl: MigrationHost) -> NvmeState:
         aborts=ctrl.aborts.snapshot(), sanitize=ctrl.sanitizer.snapshot(), self_test=ctrl.selftest.snapshot(),
         virtualization=ctrl.virtualization.snapshot() if ctrl.virtualization is not None else None,
         endurance=ctrl.endurance.snapshot(),
-        ns_smart=ctrl.ns_smart.snapshot_if_any() if ctrl.owns_namespaces else None)
+        ns_smart=ctrl.ns_smart.snapshot_if_any() if ctrl.owns_namespaces else None,
+        ns_management=ns_records.snapshot(ctrl) if ctrl.owns_namespaces else None)
     if ctrl.vmstate_save_fds is None:  # not a save: a load's rollback copy (or a test's look)
         ctrl.load_undo.keep(st, {nsid: ns.holding() for nsid, ns in ctrl.allocated.items()})
     return st
@@ -551,6 +574,22 @@ def check(ctrl: MigrationHost, st: NvmeState) -> None:
     except BaseException:
         discard_prepared(ctrl)
         raise
+
+
+def namespace_plan(ctrl: MigrationHost, st: NvmeState) -> NamespacePlan:
+    """How loading ``st`` changes the namespace table (:func:`pcidev_nvme.ns_records.plan`;
+    a secondary controller's table is its primary's, loaded before it: kept as it is).
+
+    :raises StateError: the records do not fit this controller, or the namespace list
+        differs from the one they make.
+    """
+    nsids = [n.nsid for n in st.namespaces]
+    if ctrl.owns_namespaces:
+        return ns_records.plan(ctrl, st.ns_management, nsids)
+    want = sorted(ctrl.allocated)
+    if nsids != want:
+        raise _fail(f"namespaces {nsids}, this controller has {want}", "namespaces")
+    return NamespacePlan(sizes={n: int(ns.size) for n, ns in ctrl.allocated.items()})
 
 
 def _check(ctrl: MigrationHost, st: NvmeState) -> None:
@@ -638,12 +677,14 @@ def _check(ctrl: MigrationHost, st: NvmeState) -> None:
         raise _fail("timestamp wider than 48 bits", "features.timestamp")
     if (hbs_problem := features_state_problem(f)) is not None:
         raise _fail(*hbs_problem)
+    plan = namespace_plan(ctrl, st)
+    sizes = plan.sizes
     for j, t in enumerate(f.tler):
-        if t.nsid not in ctrl.allocated:
+        if t.nsid not in sizes:
             raise _fail(f"error recovery setting for namespace {t.nsid}, which does not exist",
                         f"features.tler[{j}].nsid")
     for j, nsid in enumerate(f.dulbe.nsids if f.dulbe is not None else ()):
-        if nsid not in ctrl.allocated:
+        if nsid not in sizes:
             raise _fail(f"DULBE set for namespace {nsid}, which does not exist", f"features.dulbe.nsids[{j}]")
     if len(st.error_entries) > ctrl.error_log.capacity:
         raise _fail(f"{len(st.error_entries)} error entries, the log keeps {ctrl.error_log.capacity}",
@@ -663,19 +704,21 @@ def _check(ctrl: MigrationHost, st: NvmeState) -> None:
         raise _fail(f"next-reset firmware slot {fw.next_reset} is empty or does not exist", "firmware.next_reset")
     if sum(len(c.data) for c in fw.staged) > 64 << 20:
         raise _fail("a staged firmware image over 64 MiB", "firmware.staged")
-    want = sorted(ctrl.allocated)
-    got = [n.nsid for n in st.namespaces]
-    if got != want:
-        raise _fail(f"namespaces {got}, this controller has {want}", "namespaces")
     for j, n in enumerate(st.namespaces):
-        ns = ctrl.allocated[n.nsid]
         p = f"namespaces[{j}]"
-        problem = ns.restore_problem(n)
+        rec = plan.record(n.nsid)
+        if rec is None:  # a namespace this controller has
+            ns = ctrl.allocated[n.nsid]
+            problem = ns.restore_problem(n)
+            kind, nbytes = getattr(ns.backend, "kind", None), int(ns.size)
+        else:  # one the load creates
+            problem = ns_records.build_problem(rec, Namespace.wanted_format(n))
+            kind, nbytes = rec.kind, rec.size
         if problem is not None:
             raise _fail(f"namespace {n.nsid}: {problem}", p + ".lbaf")
         m = n.metadata
         if m is not None and m.mem_fd is not None:
-            if getattr(ns.backend, "kind", None) != "mem":
+            if kind != "mem":
                 raise _fail(f"namespace {n.nsid} is not a mem namespace here", p + ".metadata.mem_fd")
             mfd = ctrl.vmstate_load_fd(m.mem_fd)
             if mfd is None:
@@ -685,10 +728,11 @@ def _check(ctrl: MigrationHost, st: NvmeState) -> None:
                 msize = os.fstat(mfd).st_size
             except OSError as exc:
                 raise _fail(f"fd {m.mem_fd.index}: {exc.strerror}", p + ".metadata.mem_fd") from None
-            if msize != ns.metadata_bytes(n.lbaf):
-                raise _fail(f"namespace {n.nsid}'s metadata has {msize} bytes, not {ns.metadata_bytes(n.lbaf)}",
+            want_meta = LBAF_TABLE[n.lbaf].ms * (nbytes >> (LBAF_TABLE[n.lbaf].size.bit_length() - 1))
+            if msize != want_meta:
+                raise _fail(f"namespace {n.nsid}'s metadata has {msize} bytes, not {want_meta}",
                             p + ".metadata.mem_fd")
-        is_mem = getattr(ns.backend, "kind", None) == "mem"
+        is_mem = kind == "mem"
         # (no reference: a state taken outside a save, e.g. the rollback copy; the namespace
         # keeps the memory it has)
         if n.mem_fd is not None:
@@ -702,8 +746,8 @@ def _check(ctrl: MigrationHost, st: NvmeState) -> None:
                 size = os.fstat(fd).st_size
             except OSError as exc:
                 raise _fail(f"fd {n.mem_fd.index}: {exc.strerror}", p + ".mem_fd") from None
-            if size != ns.size:
-                raise _fail(f"namespace {n.nsid}'s memory has {size} bytes, not {ns.size}", p + ".mem_fd")
+            if size != nbytes:
+                raise _fail(f"namespace {n.nsid}'s memory has {size} bytes, not {nbytes}", p + ".mem_fd")
     for j, nsid in enumerate(st.changed_ns):
         if not 1 <= nsid <= 0xFFFFFFFE:
             raise _fail(f"NSID {nsid:#x}", f"changed_ns[{j}]")
@@ -726,19 +770,20 @@ def _check(ctrl: MigrationHost, st: NvmeState) -> None:
     if (ctrl.cmb is not None and ctrl.pmr is not None and st.cmb is not None and st.pmr is not None
             and ranges_overlap(ctrl.cmb.state_range(st.cmb), ctrl.pmr.state_range(st.pmr))):
         raise _fail("the CMB's and the PMR's controller memory spaces overlap", "pmr")
-    _check_admin_features(ctrl, st)
+    _check_admin_features(ctrl, st, sizes)
 
 
-def _check_admin_features(ctrl: MigrationHost, st: NvmeState) -> None:
-    """The subsections of Write Uncorrectable, Abort, Sanitize and Device Self-test."""
+def _check_admin_features(ctrl: MigrationHost, st: NvmeState, sizes: Mapping[int, int]) -> None:
+    """The subsections of Write Uncorrectable, Abort, Sanitize and Device Self-test
+    (``sizes``: the namespaces after the load, NSID -> bytes)."""
     lbafs = {n.nsid: n.lbaf for n in st.namespaces}
     if st.uncorrectable is not None:
         for j, r in enumerate(st.uncorrectable.ranges):
-            ns = ctrl.allocated.get(r.nsid)
-            if ns is None:
+            size = sizes.get(r.nsid)
+            if size is None:
                 raise _fail(f"uncorrectable blocks of namespace {r.nsid}, which does not exist",
                             f"uncorrectable.ranges[{j}].nsid")
-            nlbas = ns.size // LBA_FORMATS[lbafs[r.nsid]][0]
+            nlbas = size // LBA_FORMATS[lbafs[r.nsid]][0]
             if r.nlb == 0 or r.slba + r.nlb > nlbas:
                 raise _fail(f"uncorrectable blocks {r.slba}+{r.nlb} outside namespace {r.nsid} ({nlbas} blocks)",
                             f"uncorrectable.ranges[{j}]")
@@ -757,9 +802,9 @@ def _check_admin_features(ctrl: MigrationHost, st: NvmeState) -> None:
         if san.running:
             if not SANACT_BLOCK_ERASE <= san.action <= SANACT_CRYPTO_ERASE:
                 raise _fail(f"sanitize action {san.action} in progress", "sanitize.action")
-            nsids = sorted(ctrl.allocated)
+            nsids = sorted(sizes)
             if san.ns_index > len(nsids) or (san.ns_index < len(nsids)
-                                              and san.offset > ctrl.allocated[nsids[san.ns_index]].size):
+                                              and san.offset > sizes[nsids[san.ns_index]]):
                 raise _fail(f"sanitize position {san.ns_index}/{san.offset} is outside the namespaces",
                             "sanitize.offset")
             if san.offset % 4096:
@@ -768,7 +813,7 @@ def _check_admin_features(ctrl: MigrationHost, st: NvmeState) -> None:
     if test is not None:
         if test.current not in (0, 1, 2):
             raise _fail(f"self-test operation {test.current}", "self_test.current")
-        if test.current and test.nsid not in (0, 0xFFFFFFFF) and test.nsid not in ctrl.allocated:
+        if test.current and test.nsid not in (0, 0xFFFFFFFF) and test.nsid not in sizes:
             raise _fail(f"self-test of namespace {test.nsid}, which does not exist", "self_test.nsid")
 
 
@@ -782,27 +827,109 @@ def apply(ctrl: MigrationHost, st: NvmeState) -> None:
     undo = ctrl.load_undo
     held = undo.kept_for(st)
     swaps: dict[int, MemoryBackend] = {}
+    plan = NamespacePlan(sizes={})
+    built: dict[int, tuple[Namespace, str]] = {}
     if held is None:
         undo.commit()  # an earlier load's: committed by this one
-        # 1. what can fail first, nothing changed yet: map the migrated namespace memory and
-        # metadata, open the metadata stores the formats need
-        swaps = _prepare_namespaces(ctrl, st)
+        # 1. what can fail first, nothing changed yet: build the namespaces the source's
+        # Namespace Management created, map the migrated namespace memory and metadata,
+        # open the metadata stores the formats need
+        plan = namespace_plan(ctrl, st)  # (as checked)
+        built = _build_namespaces(ctrl, st, plan)
+        try:
+            swaps = _prepare_namespaces(ctrl, st, built)
+        except BaseException:
+            _close_built(ctrl, built)
+            raise
 
     # 2. each component takes its part
     try:
-        _apply_components(ctrl, st, held, swaps)
+        _apply_components(ctrl, st, held, swaps, plan, built)
     except BaseException:
         for b in swaps.values():  # mapped in step 1, not consumed by the namespace loop
             b.close()
+        _close_built(ctrl, built)
         raise
 
 
+def _build_namespaces(ctrl: MigrationHost, st: NvmeState, plan: NamespacePlan) -> dict[int, tuple[Namespace, str]]:
+    """Step 1 of :func:`apply`: the namespaces the load creates, built as Namespace
+    Management builds them (not in the tables yet), with the spec each is remembered by.
+
+    :raises StateError: one cannot be built here, or is not what its record says (a
+        ``file`` image whose identity file holds other identifiers); nothing stays open.
+    """
+    states = {n.nsid: n for n in st.namespaces}
+    index = {r.nsid: j for j, r in enumerate(st.ns_management.created)} if st.ns_management is not None else {}
+    built: dict[int, tuple[Namespace, str]] = {}
+    for rec in plan.build:
+        fmt = Namespace.wanted_format(states[rec.nsid])
+        where = f"ns_management.created[{index.get(rec.nsid, 0)}]"
+        try:
+            ns = ctrl.make_namespace(rec.nsid, ns_records.creation_spec(rec, fmt, build=True))
+        except (ConfigError, OSError) as exc:
+            _close_built(ctrl, built)
+            raise _fail(f"namespace {rec.nsid} cannot be created here: {exc}", where) from exc
+        built[rec.nsid] = (ns, ns_records.creation_spec(rec, fmt))
+        got = ns_records.record_of(ns)
+        if got != rec:
+            _close_built(ctrl, built)
+            differ = [a.name for a in attrs.fields(type(rec)) if getattr(got, a.name) != getattr(rec, a.name)]
+            raise _fail(f"namespace {rec.nsid} built here differs from the source's in {', '.join(differ)}", where)
+    return built
+
+
+def _close_built(ctrl: MigrationHost, built: Mapping[int, tuple[Namespace, str]]) -> None:
+    """Close the namespaces a failed load built and did not add to the tables (those it
+    added are the rollback's, :func:`_undo_structure`)."""
+    for nsid, (ns, _spec) in built.items():
+        if ctrl.allocated.get(nsid) is not ns:
+            try:
+                ns.close()
+            except Exception:
+                log.exception("closing namespace %d a failed vmstate load built failed", nsid)
+
+
+def _change_structure(ctrl: MigrationHost, plan: NamespacePlan, built: Mapping[int, tuple[Namespace, str]]) -> None:
+    """The namespace table becomes the source's: what it does not have is deleted (kept
+    open until the load is committed), what it created is added (detached: the
+    attachment follows the namespaces' states)."""
+    undo = ctrl.load_undo
+    for nsid in plan.remove:
+        undo.removed(nsid, ctrl.remove_namespace(nsid))
+    for nsid, (ns, spec) in sorted(built.items()):
+        ctrl.add_namespace(nsid, ns, created_spec=spec)
+        undo.added(nsid)
+
+
+def _undo_structure(ctrl: MigrationHost) -> None:
+    """The rollback of a failed load: the namespaces it created are deleted and closed,
+    the ones it deleted are back (with their attachment and creation spec)."""
+    added, removed = ctrl.load_undo.take_structure()
+    for nsid in reversed(added):
+        ns = ctrl.remove_namespace(nsid).ns
+        try:
+            ns.close()
+        except Exception:
+            log.exception("closing namespace %d a failed vmstate load created failed", nsid)
+    for nsid, r in reversed(removed):
+        ctrl.add_namespace(nsid, r.ns, created_spec=r.created_spec, attached=r.was_attached)
+
+
 def _apply_components(ctrl: MigrationHost, st: NvmeState, held: dict[int, NamespaceHolding] | None,
-                      swaps: dict[int, MemoryBackend]) -> None:
+                      swaps: dict[int, MemoryBackend], plan: NamespacePlan,
+                      built: Mapping[int, tuple[Namespace, str]]) -> None:
     """Step 2 of :func:`apply`: each component takes its part (``swaps``: the mapped
-    memory step 1 prepared, popped as the namespaces take it)."""
+    memory step 1 prepared, popped as the namespaces take it; ``plan`` and ``built``: the
+    namespaces the table loses and gains)."""
     undo = ctrl.load_undo
     with ctrl.state_lock:
+        # the namespace table first: deleting a namespace resets what other components
+        # keep of it (features, SMART counters), which they then take from the state
+        if held is not None:
+            _undo_structure(ctrl)
+        else:
+            _change_structure(ctrl, plan, built)
         ctrl.restore(ControllerState(state=_STATES[st.state], cc=st.cc, csts=st.csts, aqa=st.aqa, asq=st.asq,
                                      acq=st.acq, shutting_down=st.shutting_down, dirty=st.dirty,
                                      page_size=st.page_size))
@@ -843,11 +970,13 @@ def _apply_components(ctrl: MigrationHost, st: NvmeState, held: dict[int, Namesp
         else:
             for n in st.namespaces:
                 ns = ctrl.allocated[n.nsid]
+                new = n.nsid in built  # (what it replaces is its own, not the destination's before)
                 if n.nsid in swaps:
-                    undo.retire(ns.replace_backend(swaps.pop(n.nsid)))
+                    replaced = ns.replace_backend(swaps.pop(n.nsid))
+                    replaced.close() if new else undo.retire(replaced)
                 old = ns.restore(n)
                 if old is not None:
-                    undo.retire(old, remove=ns.meta is None)
+                    old.close() if new else undo.retire(old, remove=ns.meta is None)
         ctrl.set_attached([n.nsid for n in st.namespaces if n.attached])
         _restore_controller_memory(ctrl, st)
         ctrl.uncorrectable.restore(st.uncorrectable)
@@ -862,10 +991,12 @@ def _apply_components(ctrl: MigrationHost, st: NvmeState, held: dict[int, Namesp
         ctrl.finish_restore()
 
 
-def _prepare_namespaces(ctrl: MigrationHost, st: NvmeState) -> dict[int, MemoryBackend]:
+def _prepare_namespaces(ctrl: MigrationHost, st: NvmeState,
+                        built: Mapping[int, tuple[Namespace, str]]) -> dict[int, MemoryBackend]:
     """Step 1 of :func:`apply`: the migrated memory of the ``mem`` namespaces mapped (by
     NSID) and every metadata store the formats need opened (held by the namespaces until
-    their restore). On failure everything opened is closed again and nothing changed.
+    their restore; ``built``: the namespaces the load creates). On failure everything
+    opened is closed again (but the built namespaces: the caller's) and nothing changed.
 
     :raises StateError: a descriptor cannot be mapped.
     """
@@ -873,7 +1004,7 @@ def _prepare_namespaces(ctrl: MigrationHost, st: NvmeState) -> dict[int, MemoryB
     j = 0
     try:
         for j, n in enumerate(st.namespaces):  # noqa: B007 (j is read by the except clause)
-            ns = ctrl.allocated[n.nsid]
+            ns = built[n.nsid][0] if n.nsid in built else ctrl.allocated[n.nsid]
             fd = ctrl.vmstate_load_fd(n.mem_fd) if n.mem_fd is not None else None
             # check(): a mem namespace, whose backend has an fd (not in the Backend protocol;
             # without one, -1 makes sameopenfile raise OSError, handled below)

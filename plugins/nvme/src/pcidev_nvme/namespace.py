@@ -585,7 +585,7 @@ class Namespace:
             instead of this namespace's own metadata memory.
         :raises ConfigError: the store cannot be made (then nothing is held open).
         """
-        want = self._wanted(state)
+        want = self.wanted_format(state)
         if not LBAF_TABLE[want[0]].ms:
             self.drop_prepared()
             return
@@ -611,7 +611,7 @@ class Namespace:
             nothing was replaced.
         :raises NvmeStatusError: (without a prepared store only) the store cannot be opened.
         """
-        want = self._wanted(state)
+        want = self.wanted_format(state)
         prepared, self._prepared = self._prepared, None
         store = None
         if prepared is not None:
@@ -648,7 +648,8 @@ class Namespace:
         return now
 
     @staticmethod
-    def _wanted(state: NamespaceState) -> tuple[int, int, int, int]:
+    def wanted_format(state: NamespaceState) -> tuple[int, int, int, int]:
+        """The format ``(lbaf, pi, pil, mset)`` a namespace's ``state`` gives."""
         m = state.metadata
         return (state.lbaf, m.pi, int(m.pil), int(m.mset)) if m is not None else (state.lbaf, 0, 0, 0)
 
@@ -659,7 +660,7 @@ class Namespace:
         :meth:`restore` then takes that store. A sidecar this check had to create is
         removed again at once (:meth:`prepare_restore` creates it in the apply): a load
         refused by a later check leaves no file behind."""
-        want = self._wanted(state)
+        want = self.wanted_format(state)
         problem = format_problem(*want, self.backend)
         if problem is not None:
             return problem

@@ -22,9 +22,16 @@ from pcidev_nvme.logs import ChangedNamespaces
 from pcidev_nvme.namespace import Namespace, make_namespace
 from pcidev_nvme.status import NvmeStatusError, Status
 
-__all__ = ["NamespaceSetMixin", "RemovedNamespace"]
+__all__ = ["NamespaceSetMixin", "RemovedNamespace", "persists"]
 
 log = logging.getLogger(__name__)
+
+
+def persists(spec: str) -> bool:
+    """Whether a namespace Namespace Management created with ``spec`` outlives the process
+    (a ``file`` image: the state file brings it back at power-on; ``mem`` and ``null``
+    namespaces end with the process, as their contents do)."""
+    return spec.startswith("file:")
 
 
 class RemovedNamespace(NamedTuple):
@@ -47,13 +54,19 @@ class NamespaceSetMixin:
 
     :ivar namespaces: attached namespaces by NSID (what the I/O command set sees).
     :ivar allocated: every namespace that exists, attached or not, by NSID.
-    :ivar created: namespaces created by Namespace Management (restored at power-on):
-        NSID -> spec.
+    :ivar created: namespaces created by Namespace Management (or by a migration in, as
+        the source's Namespace Management did), NSID -> the spec it was built with; the
+        ``file`` ones (:func:`persists`) are saved in the state file and restored at power-on.
+    :ivar configured: the namespaces the configuration built at power-on, by NSID, kept
+        (closed) after Namespace Management deleted them: what the migration fingerprint
+        describes (:mod:`pcidev_nvme.ns_records`). A namespace is a configured one while
+        ``allocated[nsid] is configured[nsid]``.
     """
 
     namespaces: dict[int, Namespace]
     allocated: dict[int, Namespace]
     created: dict[int, str]
+    configured: dict[int, Namespace]
     _formatting: set[int]
     cfg: NvmeConfig
     state_lock: threading.RLock
@@ -67,6 +80,7 @@ class NamespaceSetMixin:
         self.namespaces = {}
         self.allocated = {}
         self.created = {}
+        self.configured = {}
         #: NSIDs being formatted: I/O to them completes with Format In Progress
         self._formatting = set()
 
@@ -106,6 +120,7 @@ class NamespaceSetMixin:
                 ns.close()
                 raise ConfigError(f"nvme: namespace {i}: {problem}")
             self.add_namespace(i, ns, attached=not ns.starts_detached)
+            self.configured[i] = ns
 
     # -- the verbs that change the tables ----------------------------------------------------------
     def add_namespace(self, nsid: int, ns: Namespace, *, created_spec: str | None = None,
@@ -115,7 +130,7 @@ class NamespaceSetMixin:
         :param nsid: its NSID (not allocated yet).
         :param ns: the namespace.
         :param created_spec: the spec to remember when Namespace Management created it
-            (saved in the state file and restored at power-on), else None.
+            (a ``file`` one is saved in the state file and restored at power-on), else None.
         :param attached: attach it too.
         :raises NvmeStatusError: Namespace Identifier Unavailable if ``nsid`` is allocated.
         """

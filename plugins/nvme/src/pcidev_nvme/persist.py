@@ -61,6 +61,7 @@ from pcidev_nvme.endurance import EnduranceGroup, MediaTotals
 from pcidev_nvme.limits import STATE_SAVE_INTERVAL
 from pcidev_nvme.logs import ErrorLog, ErrorLogState, FirmwareSlots, FirmwareState, SmartCounters, SmartState
 from pcidev_nvme.namespace import Namespace, may_write_beside
+from pcidev_nvme.namespaces import persists
 from pcidev_nvme.ns_smart import NamespaceSmart, NamespaceSmartState
 from pcidev_nvme.sanitize import Sanitizer, SanitizeState
 from pcidev_nvme.selftest import SelfTest, SelfTestState
@@ -508,7 +509,7 @@ class PersistenceMixin:
             return
         fw = self.firmware.snapshot()
         created = tuple(CreatedNamespaceState(nsid=n, spec=spec, attached=n in self.namespaces)
-                        for n, spec in sorted(self.created.items()))
+                        for n, spec in sorted(self.created.items()) if persists(spec))
         sanitizer: Sanitizer | None = getattr(self, "sanitizer", None)  # (None while the controller is made)
         selftest: SelfTest | None = getattr(self, "selftest", None)
         endurance = self.endurance_to_persist()
