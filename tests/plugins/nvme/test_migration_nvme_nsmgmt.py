@@ -1,0 +1,501 @@
+"""Namespaces created, deleted, attached or detached by Namespace Management migrate
+(pcidev_nvme.ns_records, the ``nvme/ns-management`` subsection of the ``nvme`` section).
+
+The source deletes a configured namespace, creates namespaces (one of them on the NSID
+the deleted one freed, one with an extended-LBA PI format, one left detached), detaches
+and attaches, and writes data recorded per block (crc32c). After the migration (in
+process, and between processes over UNIX) every block of every namespace reads back the
+same through the host (the PI checked by the controller), Identify (CNS 00h, 02h, 03h,
+10h, 11h, and the capacities of 01h) answers the same, the per-namespace state (SMART
+counters, error recovery, Write Uncorrectable marks, the Changed Namespace List) is the
+source's, and Namespace Management goes on working on the destination. Hostile records
+are refused with a StateError naming the field and change nothing; a stream without the
+subsection still loads; a load that fails late puts the table back."""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+
+import attrs
+import crc32c
+import pytest
+from test_migration_nvme import namespace_crcs
+
+from pcidev.host import Machine
+from pcidev.migration import VMStateSnapshot, device_blockers, load_device, load_device_stream, save_device
+from pcidev.transport.link.process import DeviceProcess
+from pcidev.vmstate import Section
+from pcidev.vmstate.errors import StateError
+from pcidev_nvme.controller import NvmeController
+from pcidev_nvme.migration import NvmeState
+from pcidev_nvme.ns_records import CreatedNamespaceRecord
+from pcidev_nvme.testing.driver import NvmeDriver
+
+NS_MGMT, NS_ATTACH, WRITE_UNC = 0x0D, 0x15, 0x04
+CTRL_LIST = struct.pack("<HH", 1, 0)
+READ, WRITE = 0x02, 0x01
+PRACT, PRCHK = 8, 7
+#: configured: 1 mem, 2 mem (deleted by the test), 3 null (detached by the test)
+CFG = "max_ioqpairs=2,msix_vectors=3,ns=mem:size=1M,ns=mem:size=1M,ns=null:size=1M,capacity=16M,max_namespaces=8"
+
+
+def ns_data(nsze: int, flbas: int = 0, dps: int = 0) -> bytes:
+    buf = bytearray(4096)
+    struct.pack_into("<QQ", buf, 0, nsze, nsze)
+    buf[26], buf[29] = flbas, dps
+    return bytes(buf)
+
+
+def create(drv: NvmeDriver, nsze: int, **kw) -> int:
+    return drv.admin(NS_MGMT, cdw10=0, data=ns_data(nsze, **kw)).dw0
+
+
+def attach(drv: NvmeDriver, nsid: int, *, detach: bool = False) -> None:
+    drv.admin(NS_ATTACH, nsid=nsid, cdw10=int(detach), data=CTRL_LIST)
+
+
+class Blocks:
+    """Every block written, by its crc32c; reads back every block of every attached
+    namespace (zeros where nothing was written), a PI namespace with every PI check."""
+
+    def __init__(self, drv: NvmeDriver) -> None:
+        self.drv = drv
+        self.crc: dict[tuple[int, int], int] = {}
+        #: blocks marked by Write Uncorrectable: a read of one fails with Unrecovered Read Error
+        self.marked: set[tuple[int, int]] = set()
+        self.rnd = random.Random(11)
+
+    def mark(self, nsid: int, slba: int, nlb: int) -> None:
+        assert self.drv.write_uncorrectable(nsid, slba, nlb).ok
+        for i in range(nlb):
+            self.marked.add((nsid, slba + i))
+            self.crc.pop((nsid, slba + i), None)
+
+    def write(self, nsid: int, count: int = 24) -> None:
+        drv = self.drv
+        info = drv.namespaces[nsid]
+        lbs = info.lba_size
+        for _ in range(count):
+            nlb = self.rnd.choice([1, 2, 4])
+            slba = self.rnd.randrange(0, info.nsze - nlb)
+            data = os.urandom(nlb * lbs)
+            if info.pi:
+                comp, _d, _m = drv.io_md(WRITE, nsid, slba, nlb, data=data, prinfo=PRACT, ref=slba)
+                assert comp.ok, comp
+            else:
+                drv.write(nsid, slba, data)
+            for i in range(nlb):
+                self.crc[(nsid, slba + i)] = crc32c.crc32c(data[i * lbs:(i + 1) * lbs])
+                self.marked.discard((nsid, slba + i))  # (a write clears the mark)
+
+    def _read_marked(self, nsid: int, slba: int, n: int) -> list[bytes | None]:
+        """Block by block, around the marked blocks (whose reads must fail)."""
+        out: list[bytes | None] = []
+        for lba in range(slba, slba + n):
+            comp, raw, _m = self.drv.io_md(READ, nsid, lba, 1, data_len=self.drv.namespaces[nsid].lba_size)
+            if (nsid, lba) in self.marked:
+                assert comp.code == 0x281, comp  # Unrecovered Read Error
+                out.append(None)
+            else:
+                assert comp.ok, comp
+                out.append(raw)
+        return out
+
+    def verify(self) -> int:
+        drv = self.drv
+        checked, bad = 0, []
+        for nsid, info in sorted(drv.namespaces.items()):
+            lbs, step = info.lba_size, 16
+            zero = crc32c.crc32c(bytes(lbs))
+            for slba in range(0, info.nsze, step):
+                n = min(step, info.nsze - slba)
+                if any((nsid, lba) in self.marked for lba in range(slba, slba + n)):
+                    blocks = self._read_marked(nsid, slba, n)
+                elif info.pi:  # extended LBAs: data + 8 bytes of PI per block
+                    comp, raw, _m = drv.io_md(READ, nsid, slba, n, data_len=n * (lbs + info.ms))
+                    assert comp.ok, comp
+                    blocks = [raw[i * (lbs + info.ms):i * (lbs + info.ms) + lbs] for i in range(n)]
+                else:
+                    data = drv.read(nsid, slba, n)
+                    blocks = [data[i * lbs:(i + 1) * lbs] for i in range(n)]
+                for i, b in enumerate(blocks):
+                    if b is not None and crc32c.crc32c(b) != self.crc.get((nsid, slba + i), zero):
+                        bad.append((nsid, slba + i))
+                    checked += 1
+        # the written blocks of PI namespaces once more, with Guard, Application and Reference Tag checks
+        for (nsid, lba) in sorted(self.crc):
+            info = drv.namespaces.get(nsid)
+            if info is not None and info.pi:
+                comp, _raw, _m = drv.io_md(READ, nsid, lba, 1, data_len=info.lba_size + info.ms, prinfo=PRCHK,
+                                           ref=lba)
+                assert comp.ok, (nsid, lba, comp)
+        assert not bad, f"{len(bad)} blocks differ, first {bad[:5]}"
+        return checked
+
+    def forget(self, nsid: int) -> None:
+        self.crc = {k: v for k, v in self.crc.items() if k[0] != nsid}
+
+
+def identify_all(drv: NvmeDriver) -> dict[str, bytes]:
+    """What Identify says about the namespaces: CNS 02h, 10h, 00h / 03h per active NSID,
+    11h per allocated NSID, and Identify Controller's capacities (TNVMCAP, UNVMCAP) and NN."""
+    out = {"02": drv.identify(0x02), "10": drv.identify(0x10)}
+    ctrl = drv.identify(0x01)
+    out["01"] = ctrl[280:312] + ctrl[516:520]
+    for nsid in (n for n in struct.unpack("<1024I", out["02"]) if n):
+        out[f"00/{nsid}"] = drv.identify(0x00, nsid=nsid)
+        out[f"03/{nsid}"] = drv.identify(0x03, nsid=nsid)
+    for nsid in (n for n in struct.unpack("<1024I", out["10"]) if n):
+        out[f"11/{nsid}"] = drv.identify(0x11, nsid=nsid)
+    return out
+
+
+def namespace_management(drv: NvmeDriver) -> dict[str, int]:
+    """The changes the tests make; returns the NSIDs created."""
+    drv.admin(NS_MGMT, nsid=2, cdw10=1)  # configured namespace 2 deleted: NSID 2 is free
+    a = create(drv, 256, flbas=1)  # 256 x 4 KiB: takes NSID 2
+    pi = create(drv, 2048, flbas=0x12, dps=0x9)  # LBAF 2 (512+8), extended LBAs, PI type 1 first
+    idle = create(drv, 512)  # 512 x 512 B, never attached
+    assert (a, pi, idle) == (2, 4, 5)
+    attach(drv, a)
+    attach(drv, pi)
+    attach(drv, a, detach=True)  # detached and attached again
+    attach(drv, a)
+    attach(drv, 3, detach=True)  # a configured namespace detached
+    drv.scan_namespaces()
+    assert sorted(drv.namespaces) == [1, 2, 4]
+    info = drv.namespaces[pi]
+    assert (info.lba_size, info.ms, info.extended, info.pi, info.pil) == (512, 8, True, 1, True)
+    return {"a": a, "pi": pi, "idle": idle}
+
+
+def per_namespace_state(drv: NvmeDriver, nsids) -> dict:
+    """SMART log per namespace, error recovery per namespace, the Changed Namespace List (kept: RAE)."""
+    out = {}
+    for nsid in nsids:
+        smart = drv.get_log(0x02, 512, nsid=nsid)
+        out[f"smart/{nsid}"] = smart[32:96]  # data units and commands read/written
+        out[f"tler/{nsid}"] = drv.get_features(0x05, nsid=nsid).dw0
+    out["changed"] = drv.get_log(0x04, 4096, rae=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- in process
+def test_created_deleted_attached_namespaces_migrate_in_process(hosts):
+    h = hosts(f"serial=NSM1,{CFG}", io_queues=2, aers=1)
+    drv = h.drv
+    made = namespace_management(drv)
+    a, pi = made["a"], made["pi"]
+    assert device_blockers(h.ctrl) == []  # no longer a blocker
+    blocks = Blocks(drv)
+    for nsid in (1, a, pi):
+        blocks.write(nsid)
+    drv.set_features(0x05, 0x10007, nsid=a)  # error recovery of a created namespace: TLER 7, DULBE
+    blocks.mark(a, 200, 2)  # Write Uncorrectable on a created namespace
+    ident = identify_all(drv)
+    state = per_namespace_state(drv, (1, a, pi))
+    assert struct.unpack("<6I", ident["10"][:24]) == (1, 2, 3, 4, 5, 0)  # allocated: 3 detached, 5 never attached
+    assert struct.unpack("<4I", ident["02"][:16]) == (1, 2, 4, 0)  # active
+    assert struct.unpack_from("<Q", ident["11/5"], 0)[0] == 512
+
+    dst = h.migrate()  # namespace_crcs of every block compared at the stop and after the load
+    assert dst.created.keys() == {a, pi, 5}
+    assert sorted(dst.allocated) == [1, 2, 3, 4, 5] and sorted(dst.namespaces) == [1, 2, 4]
+    assert dst.allocated[2] is not dst.configured[2]
+    assert identify_all(drv) == ident
+    assert per_namespace_state(drv, (1, a, pi)) == state
+    assert drv.get_features(0x05, nsid=a).dw0 == 0x10007
+    comp, _d, _m = drv.io_md(READ, a, 200, 1, data_len=4096)
+    assert comp.code == 0x281  # Unrecovered Read Error: the mark travelled
+    comp, _d, _m = drv.io_md(READ, a, 100, 1, data_len=4096)
+    assert comp.code == 0x287 or (a, 100) in blocks.crc  # DULBE travelled: an unwritten block is an error
+    drv.set_features(0x05, 7, nsid=a)  # (DULBE off: the read-back below reads unwritten blocks)
+    for nsid in (1, pi):
+        blocks.write(nsid, 8)
+    assert blocks.verify() == 256 + 2048 + 2048
+
+    # Namespace Management on the destination: delete and create again
+    drv.admin(NS_MGMT, nsid=5, cdw10=1)
+    assert create(drv, 128, flbas=1) == 5
+    attach(drv, 5)
+    drv.admin(NS_MGMT, nsid=a, cdw10=1)
+    blocks.forget(a)
+    assert create(drv, 64, flbas=1) == 2
+    attach(drv, 2)
+    drv.scan_namespaces()
+    for nsid in (2, 5):
+        blocks.write(nsid, 8)
+    checked = blocks.verify()
+    # and the destination migrates on: its table travels as it is now
+    crcs = namespace_crcs(h.ctrl)
+    ident = identify_all(drv)
+    h.migrate()
+    assert namespace_crcs(h.ctrl) == crcs and identify_all(drv) == ident
+    assert blocks.verify() == checked
+
+
+def test_an_old_stream_without_the_subsection_still_loads(hosts):
+    h = hosts(f"serial=NSM2,{CFG}", io_queues=1)
+    blocks = Blocks(h.drv)
+    blocks.write(1)
+    h.ctrl.quiesce()
+    snap = save_device(h.ctrl)
+    st = snap.sections[1].state
+    assert st.ns_management is None  # nothing changed: the subsection is left out
+    dst = NvmeController(h.ctrl.cfg, name="old")
+    try:
+        res = load_device(dst, snap)
+        res.close()
+        assert namespace_crcs(dst) == namespace_crcs(h.ctrl)
+    finally:
+        dst.close()
+        h.ctrl.resume()
+
+
+# ----------------------------------------------------------------------------- hostile records
+def _with_state(snap: VMStateSnapshot, state: NvmeState) -> VMStateSnapshot:
+    fs, _ = snap.sections
+    return attrs.evolve(snap, sections=(fs, Section("nvme", 0, state)))
+
+
+def _records(st: NvmeState, **kw) -> NvmeState:
+    return attrs.evolve(st, ns_management=attrs.evolve(st.ns_management, **kw))
+
+
+def _bad_states(st: NvmeState, tmp_path):
+    ch = st.ns_management
+    created = list(ch.created)
+    first = created[0]
+
+    def with_record(j: int, **kw) -> NvmeState:
+        return _records(st, created=tuple(attrs.evolve(r, **kw) if i == j else r for i, r in enumerate(created)))
+
+    yield "ns_management.created[0].nsid", with_record(0, nsid=99)  # beyond max_namespaces (8)
+    yield "ns_management.created[1].nsid", with_record(1, nsid=first.nsid)  # the same NSID twice
+    yield "ns_management.created[0].nsid", _records(st, deleted=())  # NSID 2 is configured and not deleted
+    yield "ns_management.created[0].size", with_record(0, size=1 << 40)  # more than the capacity
+    yield "ns_management.created[0].size", with_record(0, size=4097)
+    yield "ns_management.created[0].kind", with_record(0, kind="exotic")
+    yield "ns_management.created[0].path", with_record(0, path="/etc/passwd")  # a mem namespace with a path
+    yield "ns_management.created", _records(st, created=tuple(
+        attrs.evolve(r, size=8 << 20) for r in created))  # each fits, all together do not (16 MiB)
+    yield "ns_management.deleted[0]", _records(st, deleted=(7,))  # not a configured namespace
+    yield "ns_management.deleted[1]", _records(st, deleted=(2, 2))
+    yield "namespaces", _records(st, created=tuple(created[:-1]))  # namespace 5 in the list, no record
+    yield "namespaces[3].lbaf", attrs.evolve(st, namespaces=tuple(  # an unknown format for created namespace 4
+        attrs.evolve(n, lbaf=15) if n.nsid == 4 else n for n in st.namespaces))
+    missing = CreatedNamespaceRecord(nsid=6, kind="file", size=1 << 20, nguid=bytes(16), eui64=bytes(8),
+                                     uuid=bytes(16), path=str(tmp_path / "nowhere.img"))
+    yield "ns_management.created[3].path", _records(st, created=(*created, missing))
+    (tmp_path / "small.img").write_bytes(bytes(4096))
+    yield "ns_management.created[3].path", _records(st, created=(*created, attrs.evolve(
+        missing, path=str(tmp_path / "small.img"))))
+
+
+def test_hostile_records_are_refused_and_change_nothing(hosts, tmp_path):
+    h = hosts(f"serial=NSM3,{CFG}", io_queues=1)
+    namespace_management(h.drv)
+    h.ctrl.quiesce()
+    snap = save_device(h.ctrl)
+    st = snap.sections[1].state
+    assert [r.nsid for r in st.ns_management.created] == [2, 4, 5] and st.ns_management.deleted == (2,)
+    dst = NvmeController(h.ctrl.cfg, name="victim")
+    try:
+        table = dict(dst.allocated)
+        backends = {n: ns.backend for n, ns in table.items()}
+        before = dst.get_device_state()
+        seen = []
+        for path, bad in _bad_states(st, tmp_path):
+            with pytest.raises(StateError) as info:
+                load_device(dst, _with_state(snap, bad))
+            assert info.value.section == "nvme" and info.value.path == path, (path, str(info.value))
+            with pytest.raises(StateError):  # the same through an encoded stream
+                load_device_stream(dst, _with_state(snap, bad).to_bytes(), list(snap.fds))
+            assert dst.allocated == table and {n: ns.backend for n, ns in dst.allocated.items()} == backends
+            assert dst.created == {} and sorted(dst.namespaces) == [1, 2, 3]
+            assert dst.get_device_state().namespaces == before.namespaces
+            seen.append(path)
+        assert len(seen) == 14
+        res = load_device(dst, snap)  # the good one still loads
+        res.close()
+        assert sorted(dst.allocated) == [1, 2, 3, 4, 5] and namespace_crcs(dst) == namespace_crcs(h.ctrl)
+    finally:
+        dst.close()
+        h.ctrl.resume()
+
+
+def test_a_load_failing_late_puts_the_namespace_table_back(hosts, monkeypatch):
+    """The load deleted configured namespace 2 and created three; a later part of the apply
+    fails: the framework's rollback deletes the created ones and puts back the deleted one,
+    with its data (crc32c per block through the host)."""
+    h = hosts(f"serial=NSM4,{CFG}", io_queues=1)
+    namespace_management(h.drv)
+    h.ctrl.quiesce()
+    snap = save_device(h.ctrl)
+    h.ctrl.resume()
+    dhost = hosts(f"serial=NSM4,{CFG}", io_queues=1)
+    drv, dst = dhost.drv, dhost.ctrl
+    blocks = Blocks(drv)
+    for nsid in (1, 2):
+        blocks.write(nsid)
+    ident = identify_all(drv)
+    dst.quiesce()
+    table = dict(dst.allocated)
+    calls = []
+    real = dst.selftest.restore
+
+    def fail_once(state):
+        calls.append(state)
+        if len(calls) == 1:
+            assert sorted(dst.allocated) == [1, 2, 3, 4, 5]  # the table had changed
+            raise RuntimeError("injected")
+        real(state)
+
+    monkeypatch.setattr(dst.selftest, "restore", fail_once)
+    with pytest.raises(StateError, match="injected"):
+        load_device(dst, snap)
+    assert len(calls) == 2  # the load, then the rollback
+    assert dst.allocated == table and dst.created == {} and dst.configured[2] is dst.allocated[2]
+    assert dst.fsm_state != "failed"
+    dst.resume()
+    assert identify_all(drv) == ident
+    assert blocks.verify() == 2048 + 2048 + 2048
+
+
+# ----------------------------------------------------------------------------- file namespaces
+def test_created_file_namespace_is_reopened_by_path(hosts, tmp_path):
+    """ns_create=file: the image travels by path. A destination whose state file brought the
+    namespace back keeps it; one without (another state directory) reopens the image the
+    record names; one where the image is gone refuses, and the source's blocker list names
+    an image whose path no longer leads to it."""
+    src_dir, other = tmp_path / "src", tmp_path / "other"
+    src_dir.mkdir()
+    other.mkdir()
+    h = hosts(f"serial=NSM5,state_dir={src_dir},ns_create=file,{CFG}", io_queues=1)
+    drv = h.drv
+    made = namespace_management(drv)
+    images = sorted(src_dir.glob("*.img"))
+    assert len(images) == 3
+    blocks = Blocks(drv)
+    for nsid in (1, made["a"], made["pi"]):
+        blocks.write(nsid)
+    ident = identify_all(drv)
+    assert device_blockers(h.ctrl) == []
+    # a destination with the same state directory: its state file restored the namespaces
+    h.ctrl.quiesce()
+    snap = save_device(h.ctrl)
+    rec = {r.nsid: r for r in snap.sections[1].state.ns_management.created}
+    assert rec[2].kind == "file" and os.path.samefile(rec[2].path, h.ctrl.allocated[2].backend.path)
+    same = NvmeController(h.ctrl.cfg, name="same-dir")
+    try:
+        # (NSID 2 is configured: at power-on the configured namespace wins, as at a restart)
+        assert sorted(same.created) == [4, 5]
+        kept = dict(same.allocated)
+        load_device(same, snap).close()
+        assert all(same.allocated[n] is kept[n] for n in (4, 5))  # kept, not rebuilt
+        assert same.allocated[2] is not kept[2] and same.created[2].startswith("file:")
+        assert namespace_crcs(same) == namespace_crcs(h.ctrl)
+    finally:
+        same.close()
+    h.ctrl.resume()
+    # another state directory: the images are reopened by the records' paths
+    h.ctrl.cfg = attrs.evolve(h.ctrl.cfg, state_dir=str(other))  # (Host.migrate builds from src.cfg)
+    dst = h.migrate()
+    assert sorted(dst.created) == [2, 4, 5] and all(dst.created[n].startswith("file:") for n in (2, 4, 5))
+    assert identify_all(drv) == ident
+    assert blocks.verify() == 256 + 2048 + 2048
+    blocks.write(made["pi"], 4)
+    assert blocks.verify() == 256 + 2048 + 2048
+    assert sorted(p.name for p in other.glob("*.img")) == []  # nothing created here: reopened
+    # the destination's state file remembers them (a restart brings them back)
+    dst.save_state()
+    again = NvmeController(dst.cfg, name="restart")
+    try:  # (as on the source: a restart brings the configured namespace 2 back, not the created one)
+        assert sorted(again.created) == [4, 5]
+    finally:
+        again.close()
+    # an image renamed away: the source side reports it before anything stops
+    moved = tmp_path / "moved.img"
+    os.rename(dst.allocated[5].backend.path, moved)
+    reasons = device_blockers(dst)
+    assert len(reasons) == 1 and "namespace 5 (created by Namespace Management)" in reasons[0], reasons
+    os.rename(moved, dst.allocated[5].backend.path)
+    assert device_blockers(dst) == []
+
+
+def test_created_file_namespace_with_other_identifiers_is_refused_at_build(hosts, tmp_path):
+    """The image the record names carries other identifiers here (its identity file was
+    rewritten): the apply's first step refuses before anything changed."""
+    src_dir, other = tmp_path / "src", tmp_path / "other"
+    src_dir.mkdir()
+    other.mkdir()
+    h = hosts(f"serial=NSM6,state_dir={src_dir},ns_create=file,{CFG}", io_queues=1)
+    drv = h.drv
+    nsid = create(drv, 256, flbas=1)
+    attach(drv, nsid)
+    h.ctrl.quiesce()
+    snap = save_device(h.ctrl)
+    h.ctrl.resume()
+    ids = h.ctrl.allocated[nsid].backend.identity_path
+    text = open(ids).read()
+    nguid = h.ctrl.allocated[nsid].nguid.hex()
+    dst = NvmeController(attrs.evolve(h.ctrl.cfg, state_dir=str(other)), name="victim")
+    try:
+        table = dict(dst.allocated)
+        with open(ids, "w") as f:
+            f.write(text.replace(nguid, "ab" * 16))
+        with pytest.raises(StateError, match="differs from the source's in nguid") as info:
+            load_device(dst, snap)
+        assert info.value.path == "ns_management.created[0]"
+        assert dst.allocated == table and dst.created == {}
+        with open(ids, "w") as f:
+            f.write(text)
+        load_device(dst, snap).close()
+        assert sorted(dst.allocated) == [1, 2, 3, 4]
+    finally:
+        dst.close()
+
+
+# ----------------------------------------------------------------------------- between processes
+def test_namespace_management_migrates_between_processes(tmp_path):
+    opts = f"serial=NSMP,{CFG}"
+    src = DeviceProcess("nvme", f"unix:{tmp_path}/a.sock", options=opts)
+    procs = [src]
+    try:
+        with Machine(ram_size=64 << 20) as machine:
+            src.wait_event("ready")
+            p = machine.plug_remote(src.link, timeout=10)
+            drv = NvmeDriver(machine, p, io_queues=2, io_depth=64)
+            drv.probe()
+            made = namespace_management(drv)
+            blocks = Blocks(drv)
+            for nsid in (1, made["a"], made["pi"]):
+                blocks.write(nsid)
+            ident = identify_all(drv)
+            for hop in range(2):
+                dest = DeviceProcess("nvme", f"unix:{tmp_path}/d{hop}.sock", options=opts,
+                                     incoming=f"unix:{tmp_path}/d{hop}-in.sock")
+                procs.append(dest)
+                dest.wait_event("listening")
+                report = p.device.migrate(dest.incoming, timeout=20)
+                assert p.device.info["pid"] == dest.pid
+                # RAM, the memfds of namespaces 1 and of the created 2, 4 (and its metadata) and 5,
+                # 3 MSI-X eventfds, INTx
+                assert report["fds"] == 10, report
+                assert identify_all(drv) == ident
+                assert blocks.verify() == sum(i.nsze for i in drv.namespaces.values())
+                if hop == 0:  # Namespace Management on the destination, then on to the next
+                    drv.admin(NS_MGMT, nsid=5, cdw10=1)
+                    assert create(drv, 128, flbas=1) == 5
+                    attach(drv, 5)
+                    drv.scan_namespaces()
+                    blocks.write(5, 8)
+                    blocks.write(made["pi"], 8)
+                    ident = identify_all(drv)
+            assert blocks.verify() == 256 + 2048 + 2048 + 128
+        assert src.proc.wait(10) == 0
+    finally:
+        for proc in procs:
+            proc.stop()
