@@ -39,7 +39,16 @@ What travels (section ``nvme`` version 1, see :class:`NvmeState`):
   (:mod:`~pcidev_nvme.sanitize`: the destination continues it where the source
   stopped), the self-test results and a test in progress (:mod:`~pcidev_nvme.selftest`:
   it continues with its elapsed time), the per-namespace SMART counters
-  (:mod:`~pcidev_nvme.ns_smart`; only the primary's stream carries them with SR-IOV).
+  (:mod:`~pcidev_nvme.ns_smart`; only the primary's stream carries them with SR-IOV),
+  what Namespace Management created and deleted (:mod:`~pcidev_nvme.ns_records`: a
+  creation record per created namespace, the deleted configured NSIDs; the primary's).
+
+**Namespaces created or deleted by Namespace Management** migrate: the check phase
+checks the records (:func:`namespace_plan`), the apply's first step builds the missing
+namespaces as Namespace Management does (nothing in the tables yet), and the table then
+becomes the source's (``_change_structure``: deleted namespaces stay open until the
+load is committed, :class:`LoadUndo`; a rollback deletes what the load created and puts
+back what it deleted).
 
 **Namespace contents are not in the stream.** A ``file`` namespace is reopened by
 the destination from its own configuration (the same path: the fingerprint has it),
@@ -50,8 +59,8 @@ destination maps it instead of its own empty one, so a migration over TCP (no
 descriptors) refuses a controller with ``mem`` namespaces; ``null`` namespaces hold
 nothing. The fingerprint (:func:`fingerprint`) covers the configuration a
 destination must match: serial, model, queue count, MQES, MDTS, MSI-X vectors,
-AERL, ELPE, firmware slots, the LBA formats and every namespace (NSID, backend
-kind, size, path, O_DIRECT, read-only, NGUID).
+AERL, ELPE, firmware slots, the LBA formats and every configured namespace (NSID,
+backend kind, size, path, O_DIRECT, read-only, NGUID), as the configuration built it.
 
 **Quiescing** (:func:`quiesce`): stop fetching (no SQ batch in progress), drain the
 backend I/O in flight (:meth:`IoCommandSet.drain`) and the admin worker (Format,
@@ -77,8 +86,9 @@ load fails (an SR-IOV VF's stream), the framework's rollback puts it back.
 
 What blocks (allow-list, :data:`MIGRATABLE_FEATURES`): namespaces whose backend
 is not ``mem`` (memfd), ``file`` or ``null`` (plugin backends, anonymous
-memory), namespaces created or deleted by Namespace Management (the destination builds
-its namespaces from its configuration), and a controller reset still waiting for commands.
+memory), a created namespace a record cannot carry
+(:func:`~pcidev_nvme.ns_records.record_problem`: a ``file`` image its path no longer
+leads to), and a controller reset still waiting for commands.
 """
 
 
