@@ -14,6 +14,7 @@ subsection still loads; a load that fails late puts the table back."""
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import struct
@@ -22,9 +23,18 @@ import attrs
 import crc32c
 import pytest
 from test_migration_nvme import namespace_crcs
+from test_virtualization import Host as SriovHost
+from test_virtualization import _repoint, _verify, _workload
 
 from pcidev.host import Machine
-from pcidev.migration import VMStateSnapshot, device_blockers, load_device, load_device_stream, save_device
+from pcidev.migration import (
+    VMStateSnapshot,
+    device_blockers,
+    load_device,
+    load_device_stream,
+    save_device,
+    save_device_stream,
+)
 from pcidev.transport.link.process import DeviceProcess
 from pcidev.vmstate import Section
 from pcidev.vmstate.errors import StateError
@@ -136,6 +146,11 @@ class Blocks:
 
     def forget(self, nsid: int) -> None:
         self.crc = {k: v for k, v in self.crc.items() if k[0] != nsid}
+
+
+def open_fds() -> int:
+    gc.collect()
+    return len(os.listdir("/proc/self/fd"))
 
 
 def identify_all(drv: NvmeDriver) -> dict[str, bytes]:
@@ -306,6 +321,7 @@ def test_hostile_records_are_refused_and_change_nothing(hosts, tmp_path):
         table = dict(dst.allocated)
         backends = {n: ns.backend for n, ns in table.items()}
         before = dst.get_device_state()
+        fds = open_fds()
         seen = []
         for path, bad in _bad_states(st, tmp_path):
             with pytest.raises(StateError) as info:
@@ -318,6 +334,7 @@ def test_hostile_records_are_refused_and_change_nothing(hosts, tmp_path):
             assert dst.get_device_state().namespaces == before.namespaces
             seen.append(path)
         assert len(seen) == 14
+        assert open_fds() == fds  # nothing a refused load opened stays open
         res = load_device(dst, snap)  # the good one still loads
         res.close()
         assert sorted(dst.allocated) == [1, 2, 3, 4, 5] and namespace_crcs(dst) == namespace_crcs(h.ctrl)
@@ -354,9 +371,11 @@ def test_a_load_failing_late_puts_the_namespace_table_back(hosts, monkeypatch):
         real(state)
 
     monkeypatch.setattr(dst.selftest, "restore", fail_once)
+    fds = open_fds()
     with pytest.raises(StateError, match="injected"):
         load_device(dst, snap)
     assert len(calls) == 2  # the load, then the rollback
+    assert open_fds() == fds  # the namespaces the load created are closed
     assert dst.allocated == table and dst.created == {} and dst.configured[2] is dst.allocated[2]
     assert dst.fsm_state != "failed"
     dst.resume()
@@ -495,7 +514,41 @@ def test_namespace_management_migrates_between_processes(tmp_path):
                     blocks.write(made["pi"], 8)
                     ident = identify_all(drv)
             assert blocks.verify() == 256 + 2048 + 2048 + 128
-        assert src.proc.wait(10) == 0
+        assert src.proc.wait(10) == 0 and src.wait_event("exit")["reason"] == "migrated"
     finally:
         for proc in procs:
             proc.stop()
+
+
+# ----------------------------------------------------------------------------- SR-IOV
+def test_created_namespace_attached_to_a_secondary_migrates():
+    """An SR-IOV primary deletes configured namespace 3 and creates another one in its place
+    (NSID 3), attached to secondary controller 2 (VF 1): the VF's I/O on it goes on after the
+    migration with every block verified, and the VFs' streams load against the new table."""
+    h = SriovHost()
+    try:
+        h.drv.admin(NS_MGMT, nsid=3, cdw10=1)
+        assert create(h.drv, 4096) == 3  # 4096 x 512 B, in place of the deleted one
+        h.bring_up(0, 2)
+        h.bring_up(1, 3)
+        h.pdev.enable_sriov(2)
+        drvs = [(h.drv, 1), (h.probe_vf(0), 2), (h.probe_vf(1), 3)]
+        crcs: dict = {}
+        _workload(h, drvs, crcs, 5)
+        src = h.ctrl
+        assert device_blockers(src) == []
+        src.quiesce()
+        data, fds = save_device_stream(src)
+        dst = NvmeController(src.cfg, name="dst")
+        h.closing.append(load_device_stream(dst, data, fds))
+        assert dst.allocated[3] is not dst.configured[3] and dst.allocated[3].shared
+        assert dst.virtualization.snapshot() == src.virtualization.snapshot()
+        _repoint(h, dst)
+        dst.resume()
+        h.closing.append(src)
+        h.ctrl = dst
+        assert _verify(drvs, crcs) == 3 * 4096
+        _workload(h, drvs, crcs, 6)
+        assert _verify(drvs, crcs) == 3 * 4096
+    finally:
+        h.close()
