@@ -552,3 +552,44 @@ def test_created_namespace_attached_to_a_secondary_migrates():
         assert _verify(drvs, crcs) == 3 * 4096
     finally:
         h.close()
+
+
+def test_created_file_namespaces_migrate_over_tcp(tmp_path):
+    """ns_create=file and file configured namespaces: nothing needs a descriptor, so the
+    migration goes over TCP; the destination (same machine, same state directory) brings the
+    created images back from the state file or reopens them by the records' paths."""
+    images = []
+    for name in ("a.img", "b.img"):
+        images.append(tmp_path / name)
+        images[-1].write_bytes(b"")
+        os.truncate(images[-1], 1 << 20)
+    opts = (f"serial=NSMT,state_dir={tmp_path},ns_create=file,max_ioqpairs=2,msix_vectors=3,"
+            f"ns=file:path={images[0]},size=1M,ns=file:path={images[1]},size=1M,ns=null:size=1M,"
+            "capacity=16M,max_namespaces=8")
+    src = DeviceProcess("nvme", f"unix:{tmp_path}/a.sock", options=opts)
+    procs = [src]
+    try:
+        with Machine(ram_size=64 << 20) as machine:
+            src.wait_event("ready")
+            p = machine.plug_remote(src.link, timeout=10)
+            drv = NvmeDriver(machine, p, io_queues=2, io_depth=64)
+            drv.probe()
+            made = namespace_management(drv)
+            assert len(list(tmp_path.glob("nvme-NSMT-ns*.img"))) == 3
+            blocks = Blocks(drv)
+            for nsid in (1, made["a"], made["pi"]):
+                blocks.write(nsid)
+            ident = identify_all(drv)
+            # started now: the identity files and the state file are written
+            tcp = DeviceProcess("nvme", f"unix:{tmp_path}/t.sock", options=opts, incoming="tcp:127.0.0.1:0")
+            procs.append(tcp)
+            tcp.incoming = tcp.wait_event("listening")["incoming"]
+            report = p.device.migrate(tcp.incoming, timeout=20)
+            assert report["fds"] == 0 and p.device.info["pid"] == tcp.pid
+            assert identify_all(drv) == ident
+            assert blocks.verify() == 2048 + 256 + 2048
+            blocks.write(made["pi"], 8)
+            assert blocks.verify() == 2048 + 256 + 2048
+    finally:
+        for proc in procs:
+            proc.stop()
