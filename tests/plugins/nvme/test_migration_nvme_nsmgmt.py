@@ -307,6 +307,11 @@ def _bad_states(st: NvmeState, tmp_path):
     (tmp_path / "small.img").write_bytes(bytes(4096))
     yield "ns_management.created[3].path", _records(st, created=(*created, attrs.evolve(
         missing, path=str(tmp_path / "small.img"))))
+    ok = tmp_path / "ok.img"
+    ok.write_bytes(b"")
+    os.truncate(ok, 1 << 20)
+    yield "ns_management.created[4].path", _records(st, created=(  # two namespaces on one image
+        *created, attrs.evolve(missing, path=str(ok)), attrs.evolve(missing, nsid=7, path=str(ok))))
 
 
 def test_hostile_records_are_refused_and_change_nothing(hosts, tmp_path):
@@ -333,7 +338,7 @@ def test_hostile_records_are_refused_and_change_nothing(hosts, tmp_path):
             assert dst.created == {} and sorted(dst.namespaces) == [1, 2, 3]
             assert dst.get_device_state().namespaces == before.namespaces
             seen.append(path)
-        assert len(seen) == 14
+        assert len(seen) == 15
         assert open_fds() == fds  # nothing a refused load opened stays open
         res = load_device(dst, snap)  # the good one still loads
         res.close()

@@ -212,6 +212,7 @@ class MigrationHost(Protocol):
 __all__ = ["NvmeState", "SqState", "CqState", "CqeState", "AerState", "EventState", "FeaturesState", "TlerState",
            "SmartState", "FirmwareState", "FwChunk", "NamespaceState", "MIGRATABLE_FEATURES", "fingerprint",
            "features", "blockers", "inheritable_fds", "quiesce", "resume", "save", "check", "apply", "LoadUndo",
+           "namespace_plan",
            "MigrationMixin"]
 
 log = logging.getLogger(__name__)

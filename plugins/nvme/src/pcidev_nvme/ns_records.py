@@ -236,6 +236,7 @@ def plan(tables: NamespaceTables, state: NamespaceChangesState | None, nsids: Se
     sizes = {n: int(ns.size) for n, ns in configured.items() if n not in deleted}
     images = {n: str(getattr(ns.backend, "path", "") or "") for n, ns in configured.items() if n not in deleted}
     records: dict[int, CreatedNamespaceRecord] = {}
+    keep: set[int] = set()
     for j, rec in enumerate(ch.created):
         p = f"ns_management.created[{j}]"
         if not 1 <= rec.nsid <= cfg.max_namespaces:
@@ -245,14 +246,18 @@ def plan(tables: NamespaceTables, state: NamespaceChangesState | None, nsids: Se
         if rec.nsid in sizes:
             raise _fail(f"created namespace {rec.nsid} collides with configured namespace {rec.nsid}, "
                         "which is not deleted", p + ".nsid")
-        if rec.kind not in KINDS:
+        here = allocated.get(rec.nsid)
+        if here is not None and configured.get(rec.nsid) is not here and record_of(here) == rec:
+            keep.add(rec.nsid)  # this very namespace (brought back by the state file, a reload)
+        elif rec.kind not in KINDS:
             raise _fail(f"created namespace {rec.nsid} has backend {rec.kind!r} (Namespace Management "
                         f"creates {', '.join(KINDS)})", p + ".kind")
         if rec.size == 0 or rec.size % 4096 or rec.size > cfg.capacity:
             raise _fail(f"created namespace {rec.nsid} has {rec.size} bytes (a multiple of 4 KiB up to "
                         f"the capacity, {cfg.capacity})", p + ".size")
         if rec.kind == "file":
-            why = _image_problem(rec)
+            # (a namespace held here already has nothing to build or reach)
+            why = None if rec.nsid in keep else _image_problem(rec)
             if why is None:
                 clash = next((n for n, img in images.items() if img and _same_file(img, rec.path)), None)
                 if clash is not None:
@@ -271,16 +276,11 @@ def plan(tables: NamespaceTables, state: NamespaceChangesState | None, nsids: Se
     if list(nsids) != want:
         raise _fail(f"namespaces {list(nsids)}, the configuration and Namespace Management records make {want}",
                     "namespaces")
-    keep: set[int] = set()
     for nsid in sizes:
-        here = allocated.get(nsid)
-        wanted = records.get(nsid)
-        if wanted is None:
-            if here is None or here is not configured[nsid]:
+        if nsid not in records:
+            if allocated.get(nsid) is not configured[nsid]:
                 raise _fail(f"configured namespace {nsid} was deleted on this controller", "namespaces")
             keep.add(nsid)
-        elif here is not None and configured.get(nsid) is not here and record_of(here) == wanted:
-            keep.add(nsid)  # this very namespace (brought back by the state file, a reload)
     return NamespacePlan(sizes=sizes, remove=tuple(sorted(n for n in allocated if n not in keep)),
                          build=tuple(r for n, r in sorted(records.items()) if n not in keep))
 
