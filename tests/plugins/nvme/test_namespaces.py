@@ -76,7 +76,7 @@ def test_set_attached_keeps_the_dict(ctrl):
     assert ctrl.namespaces is table and not table and set(ctrl.allocated) == {1, 2}
 
 
-_TABLE = r"\.(?:namespaces|allocated|created)"
+_TABLE = r"\.(?:namespaces|allocated|created|configured)"
 _WRITES = re.compile(
     rf"{_TABLE}\[[^\]]*\]\s*=(?!=)"  # item assignment
     rf"|{_TABLE}\.(?:pop|popitem|clear|update|setdefault)\("  # mutating methods
