@@ -286,8 +286,9 @@ class FileMetadata(MetadataStore):
         #: the sidecar describes another format: read as empty, rewritten at the first write
         self._stale = False
         self._stale_lock = threading.Lock()
-        #: written since the last fdatasync began (a migration's stop skips a clean sidecar)
-        self.unflushed = False
+        #: written since the last fdatasync began, or none since the open (a migration's
+        #: stop skips a clean sidecar)
+        self.unflushed = True
         if fd is None:
             fd = take_inherited(image_key(self.path, read_only=read_only))
         if fd is None:

@@ -478,7 +478,7 @@ def _drain(ctrl: MigrationHost, deadline: float) -> None:
     budget = max(deadline - time.monotonic(), 0.0)
 
     def late(what: str) -> QuiesceTimeoutError:
-        return QuiesceTimeoutError(f"nvme: {what} did not finish within the quiesce budget ({budget:g} s); "
+        return QuiesceTimeoutError(f"nvme: {what} did not finish within the quiesce budget ({budget:.3g} s); "
                                    "the controller keeps running")
 
     def wait(what: str, done: Callable[[], bool]) -> None:
@@ -492,7 +492,7 @@ def _drain(ctrl: MigrationHost, deadline: float) -> None:
     try:
         ctrl.io.drain(deadline)
     except QuiesceTimeoutError as exc:
-        raise QuiesceTimeoutError(f"{exc} (budget {budget:g} s); the controller keeps running") from None
+        raise QuiesceTimeoutError(f"{exc} (budget {budget:.3g} s); the controller keeps running") from None
     marker = ctrl.admin_worker.marker()
     if marker is not None:  # admin work in the background (Format NVM, shutdown): FIFO, one worker
         try:

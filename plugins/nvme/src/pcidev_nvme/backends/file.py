@@ -152,8 +152,10 @@ class FileBackend(BaseBackend):
         super().__init__(size)
         self.fd = fd
         self.dfd = -1
-        #: written since the last fdatasync (set after each write: cleared just before one)
-        self._unflushed = False
+        #: written since the last fdatasync (set after each write: cleared just before one).
+        #: True at first: what another process wrote (a handover's old one, whose descriptor
+        #: this may be; an earlier run) may still be in the page cache only
+        self._unflushed = True
         #: a write-back error the stop's flush met, not reported to the host yet
         self._pending_error: OSError | None = None
         self.min_block = 512
@@ -284,7 +286,7 @@ class FileBackend(BaseBackend):
     @property
     def unflushed(self) -> bool:
         """Something was written (data, a deallocation, zeros) since the last ``fdatasync``
-        began: a flush has work to do. Optional in the :class:`~pcidev_nvme.backends.base.Backend`
+        began, or none was made since the image was opened: a flush has work to do. Optional in the :class:`~pcidev_nvme.backends.base.Backend`
         protocol (a migration's stop skips the backends that say False)."""
         return self._unflushed
 
