@@ -586,7 +586,6 @@ def test_a_stuck_backend_fails_the_quiesce_and_the_controller_keeps_running(host
     import threading
 
     from pcidev.errors import MigrationError
-    from pcidev_nvme import migration
 
     h = hosts(f"serial=MIG10,ns=file:path={tmp_path}/g.img,size=1M", io_queues=1)
     drv, m, ctrl = h.drv, h.machine, h.ctrl

@@ -320,6 +320,25 @@ def test_a_file_namespace_written_by_deallocate_and_write_zeroes_is_flushed_too(
     h.blocks.verify_all()
 
 
+def test_the_metadata_sidecar_of_a_file_namespace_is_flushed_at_the_stop(host, tmp_path, fdatasyncs):
+    img = tmp_path / "md.img"
+    h = host(lambda name: NvmeController(f"serial=STOP7,ns=file:path={img},size=1M,lbaf=2", name=name),
+             io_queues=1)
+    sidecar = Path(f"{img}.nvme-meta")
+    meta = os.urandom(8 * 4)
+    h.ctrl.namespaces[1].meta.write(16, meta)  # (what a Write with metadata stores)
+    h.ctrl.quiesce(5.0, flush=True)
+    h.ctrl.resume()
+    assert set(fdatasyncs) == {_file(img), _file(sidecar)}
+    before = len(fdatasyncs)
+    h.ctrl.namespaces[1].meta.write(20, meta)
+    h.ctrl.quiesce(5.0, flush=True)  # only the sidecar was written since
+    h.ctrl.resume()
+    assert fdatasyncs[before:] == [_file(sidecar)]
+    h.move()
+    assert h.ctrl.namespaces[1].meta.read(16, 4) == meta and h.ctrl.namespaces[1].meta.read(20, 4) == meta
+
+
 def test_a_failing_fdatasync_fails_the_migration_and_the_hosts_next_flush_hears_of_it(host, tmp_path, monkeypatch):
     img = tmp_path / "eio.img"
     h = host(lambda name: NvmeController(f"serial=STOP6,ns=mem:size=1M,ns=file:path={img},size=4M", name=name))
@@ -427,7 +446,7 @@ def test_between_processes_a_stuck_backend_fails_the_migrate_then_the_stop_flush
             os.kill(src.pid, signal.SIGKILL)  # right after the ACK
             assert p.device.info["pid"] == d2.pid
             synced = [line.split() for line in log.read_text().splitlines()]
-            image = "%d:%d" % _file(img)
+            image = "{}:{}".format(*_file(img))
             mine = [float(t) for pid, t, ident in synced if int(pid) == src.pid and ident == image]
             assert mine, synced
             assert mine[-1] <= report["acked_at"], (mine, report["acked_at"])  # (one clock: same host)

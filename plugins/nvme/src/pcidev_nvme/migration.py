@@ -195,8 +195,8 @@ class MigrationHost(Protocol):
 
 __all__ = ["NvmeState", "SqState", "CqState", "CqeState", "AerState", "EventState", "FeaturesState", "TlerState",
            "SmartState", "FirmwareState", "FwChunk", "NamespaceState", "MIGRATABLE_FEATURES", "fingerprint",
-           "features", "blockers", "inheritable_fds", "quiesce", "flush_namespaces", "DEFAULT_QUIESCE_TIMEOUT", "resume", "save", "check", "apply", "LoadUndo",
-           "MigrationMixin"]
+           "features", "blockers", "inheritable_fds", "quiesce", "flush_namespaces", "DEFAULT_QUIESCE_TIMEOUT",
+           "resume", "save", "check", "apply", "LoadUndo", "MigrationMixin"]
 
 log = logging.getLogger(__name__)
 

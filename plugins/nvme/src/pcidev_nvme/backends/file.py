@@ -286,8 +286,9 @@ class FileBackend(BaseBackend):
     @property
     def unflushed(self) -> bool:
         """Something was written (data, a deallocation, zeros) since the last ``fdatasync``
-        began, or none was made since the image was opened: a flush has work to do. Optional in the :class:`~pcidev_nvme.backends.base.Backend`
-        protocol (a migration's stop skips the backends that say False)."""
+        began, or none was made since the image was opened: a flush has work to do.
+        Optional in the :class:`~pcidev_nvme.backends.base.Backend` protocol (a
+        migration's stop skips the backends that say False)."""
         return self._unflushed
 
     def _sync(self) -> None:
