@@ -831,6 +831,8 @@ class PciDevice:
             from the caller.
         :param flush: also make what the device wrote durable (:attr:`quiesce_flush`): a
             migration to a destination that may open the same files from another host.
+            It applies to the call that quiesces the device (an already quiesced device
+            is left as it is).
         :raises MigrationError: :meth:`on_quiesce` failed, for example
             :class:`~pcidev.errors.QuiesceTimeoutError` past the budget: the device (its
             workers, the VFs this call quiesced) runs again, as before the call.
