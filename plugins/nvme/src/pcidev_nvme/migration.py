@@ -60,7 +60,13 @@ so every command fetched so far has completed: its completion is in the
 CQ or in the CQ's backlog (which travels). Only AERs stay outstanding, and they
 travel. Pending coalesced interrupts are delivered and timers stopped. Nothing is
 lost or duplicated: SQ entries between head and tail stay in guest memory and the
-destination fetches them once.
+destination fetches them once. Every wait ends at the quiesce's deadline
+(:attr:`pcidev.device.PciDevice.quiesce_deadline`): past it the quiesce fails with
+:class:`~pcidev.errors.QuiesceTimeoutError` and the controller runs on, its commands in
+flight completing there later (docs/migration.md §12 says why they are not carried to the
+destination instead). For a migration (:attr:`~pcidev.device.PciDevice.quiesce_flush`)
+the ``file`` images and sidecars written since their last ``fdatasync`` are then flushed
+(:func:`flush_namespaces`).
 
 Each component saves and restores its own state (``snapshot()`` / ``restore()`` of a
 frozen class defined beside it: :mod:`~pcidev_nvme.queues`, :mod:`~pcidev_nvme.aer`,
@@ -532,10 +538,15 @@ def flush_namespaces(ctrl: MigrationHost, deadline: float) -> None:
         host's next Flush, see :meth:`pcidev_nvme.backends.FileBackend.flush_at_stop`).
     """
     jobs: list[tuple[str, Callable[[], None]]] = []
+    kept = set()  # the jobs whose error stays pending for the host's next Flush
     for ns in sorted(ctrl.allocated.values(), key=lambda n: n.nsid):
         b = ns.backend
         if _has_work(b, BaseBackend):
-            jobs.append((f"namespace {ns.nsid} ({_describe(b)})", getattr(b, "flush_at_stop", b.flush)))
+            what = f"namespace {ns.nsid} ({_describe(b)})"
+            at_stop = getattr(b, "flush_at_stop", None)
+            if at_stop is not None:
+                kept.add(what)
+            jobs.append((what, at_stop if at_stop is not None else b.flush))
         meta = ns.meta
         if meta is not None and _has_work(meta, MetadataStore):
             where = getattr(meta, "path", "")
@@ -552,9 +563,10 @@ def flush_namespaces(ctrl: MigrationHost, deadline: float) -> None:
             why = f"{exc.strerror} (errno {exc.errno})" if isinstance(exc, OSError) and exc.strerror else str(exc)
             failed.append(f"{futures[fut]}: flush failed: {why}")
     if failed:
+        told = " (the host's next Flush reports the error)" if all(
+            f.split(": flush failed")[0] in kept for f in failed) else ""
         raise MigrationError("nvme: " + "; ".join(sorted(failed)) + "; writes the host was told are done may "
-                             "not be on stable storage, so the device stays here (the host's next Flush "
-                             "reports the error)")
+                             f"not be on stable storage, so the device stays here{told}")
     if pending:
         raise QuiesceTimeoutError("nvme: flushing " + ", ".join(sorted(futures[f] for f in pending))
                                   + f" did not finish within the quiesce budget (waited "
