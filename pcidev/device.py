@@ -69,6 +69,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Self
 
@@ -754,7 +755,15 @@ class PciDevice:
         """Override: stop background work at a consistent point: after return no
         thread of the device touches its state or guest memory, and no request is
         half-done (finish it, or record it in the state). Guest accesses are
-        stopped by the transport."""
+        stopped by the transport.
+
+        Respect :attr:`quiesce_deadline` when it is set: work that does not finish by
+        then (a backend request that never completes) raises
+        :class:`~pcidev.errors.QuiesceTimeoutError`, naming what waited. With
+        :attr:`quiesce_flush`, make what the device wrote durable once its work is
+        done. When this raises, :meth:`quiesce` calls :meth:`on_resume` (which must cope
+        with a partial quiesce) and the device runs on; the work still in flight
+        completes later, as if no quiesce had been tried."""
 
     def on_resume(self) -> None:
         """Override: start (or restart) background work. Called when a transport
@@ -800,21 +809,66 @@ class PciDevice:
         """The device type written into and expected from vmstate streams."""
         return self.TYPE_NAME or type(self).__name__.lower()
 
-    def quiesce(self) -> None:
+    #: while :meth:`quiesce` calls :meth:`on_quiesce`: the ``time.monotonic()`` by which the
+    #: device must be at its consistent point (None: the caller gave no budget; the device's
+    #: own limit applies). Read it in :meth:`on_quiesce` and raise
+    #: :class:`~pcidev.errors.QuiesceTimeoutError` when the work in flight does not finish.
+    quiesce_deadline: float | None = None
+    #: while :meth:`quiesce` calls :meth:`on_quiesce`: also make everything the device wrote
+    #: to its backing storage durable (``fdatasync`` of image files), so that a destination
+    #: that opens the same files from another host sees every acknowledged write
+    quiesce_flush: bool = False
+
+    def quiesce(self, timeout: float | None = None, *, flush: bool = False) -> None:
         """Stop the device at a consistent point: quiesce its workers (no step in
         progress when this returns), then call :meth:`on_quiesce`.
 
         Idempotent. The caller stops guest accesses (a transport stops reading
         its socket at a message boundary).
+
+        :param timeout: seconds :meth:`on_quiesce` may take (given to it as
+            :attr:`quiesce_deadline`; the VFs quiesced with a PF share it); None: no budget
+            from the caller.
+        :param flush: also make what the device wrote durable (:attr:`quiesce_flush`): a
+            migration to a destination that may open the same files from another host.
+            It applies to the call that quiesces the device (an already quiesced device
+            is left as it is).
+        :raises MigrationError: :meth:`on_quiesce` failed, for example
+            :class:`~pcidev.errors.QuiesceTimeoutError` past the budget: the device (its
+            workers, the VFs this call quiesced) runs again, as before the call.
         """
-        for vf in self._dependent_vfs():
-            vf.quiesce()
-        if not self.quiesced:
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        stopped: list[PciDevice] = []
+        try:
+            for vf in self._dependent_vfs():
+                if not vf.quiesced:
+                    vf.quiesce(None if deadline is None else deadline - time.monotonic(), flush=flush)
+                    stopped.append(vf)
+            if not self.quiesced:
+                for worker in self.workers:
+                    worker.quiesce()
+                self.quiesce_deadline, self.quiesce_flush = deadline, flush
+                try:
+                    self.on_quiesce()
+                except BaseException:
+                    self._undo_quiesce()
+                    raise
+                finally:
+                    self.quiesce_deadline, self.quiesce_flush = None, False
+                with self.lock:
+                    self.quiesced = True
+        except BaseException:
+            for vf in stopped:
+                vf.resume()
+            raise
+
+    def _undo_quiesce(self) -> None:
+        """:meth:`on_quiesce` raised: the device runs again (its :meth:`on_resume`, its workers)."""
+        try:
+            self.on_resume()
+        finally:
             for worker in self.workers:
-                worker.quiesce()
-            self.on_quiesce()
-            with self.lock:
-                self.quiesced = True
+                worker.resume()
 
     def resume(self) -> None:
         """Start or restart the device after :meth:`quiesce`: call :meth:`on_resume`,

@@ -25,6 +25,7 @@ __all__ = [
     "PcidevError",
     "PluginError",
     "PluginSpecError",
+    "QuiesceTimeoutError",
     "StateError",
     "StreamError",
     "TransportError",
@@ -186,6 +187,13 @@ class ConnectionLostError(MigrationError):
     """A handover's new process may have run the device after COMMIT and then failed
     (its RUNNING came late or broken): neither process may run the device again, and
     the client's connection is lost (closed)."""
+
+
+class QuiesceTimeoutError(MigrationError):
+    """The device did not reach a consistent point within the quiesce budget (a backend
+    request that does not complete: a stuck network server, a hung disk). The device runs
+    again where it was; the requests still in flight go on and complete there later.
+    The message names what waited (the namespaces, the oldest request's age)."""
 
 
 class MigrationBlockedError(MigrationError):

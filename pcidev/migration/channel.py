@@ -334,7 +334,8 @@ def _raise_refusal(sock: socket.socket, deadline: float, send_error: TransportEr
 
 def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginManager | None = None,
                 timeout: float = 10.0, running_timeout: float = 2.0, commit: bool = False,
-                stall: Callable[[], None] | None = None) -> MigrationResult:
+                stall: Callable[[], None] | None = None,
+                quiesce_timeout: float | None = 5.0) -> MigrationResult:
     """Send ``device`` to the destination at the other end of ``sock``.
 
     The caller has stopped guest accesses to the device (a transport does so by
@@ -354,8 +355,15 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
     :param stall: with ``commit``, called when RUNNING does not come within
         ``running_timeout``: it must end the destination at once (SIGKILL and reap it).
         The device runs again here only if not one byte came after COMMIT.
+    :param quiesce_timeout: seconds the device may take to reach its consistent point
+        (:meth:`PciDevice.quiesce <pcidev.device.PciDevice.quiesce>`; None: its own limit).
+        Without ``commit`` the quiesce also flushes what the device wrote (the destination
+        may open its files from another host); a handover's new process shares this one's
+        open files and page cache, and needs no flush.
     :returns: sizes and timestamps.
     :raises MigrationBlockedError: blockers (nothing was stopped).
+    :raises QuiesceTimeoutError: the device did not quiesce within ``quiesce_timeout``
+        (nothing was sent; it runs on here).
     :raises ConnectionLostError: with ``commit``, the destination may have run the device
         and failed (RUNNING late or broken): it was killed, and the device runs nowhere.
     :raises MigrationError: the migration failed; the device runs again on the source.
@@ -366,7 +374,7 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
     if reasons:
         raise MigrationBlockedError(reasons)
     was_running = not device.quiesced
-    device.quiesce()
+    device.quiesce(quiesce_timeout, flush=not commit)  # (on failure it runs on: nothing to undo)
     stopped_at = time.monotonic()
     nfds = 0
     size = 0

@@ -234,13 +234,16 @@ class DeviceEndpoint:
         return self.resumed_at
 
     # -- migration ------------------------------------------------------------------------
-    def migrate_to(self, address: str, *, timeout: float = 10.0) -> MigrationResult:
+    def migrate_to(self, address: str, *, timeout: float = 10.0,
+                   quiesce_timeout: float | None = 5.0) -> MigrationResult:
         """Migrate the device to the destination listening at ``address``.
 
         Blockers are checked before anything else (and before connecting). On
         success the endpoint is :data:`MIGRATED` and refuses further work; on
         failure the device runs here again.
 
+        :param quiesce_timeout: seconds the device may take to quiesce (see
+            :func:`~pcidev.migration.channel.migrate_out`).
         :raises MigrationBlockedError: blockers (nothing was stopped).
         :raises MigrationError: the migration failed; the device runs here again.
         """
@@ -253,7 +256,7 @@ class DeviceEndpoint:
         except TransportError as exc:
             raise MigrationError(f"cannot reach the destination: {exc}; the device keeps running here") from exc
         try:
-            result = migrate_out(self.device, sock, pm=self.pm, timeout=timeout)
+            result = migrate_out(self.device, sock, pm=self.pm, timeout=timeout, quiesce_timeout=quiesce_timeout)
         finally:
             sock.close()
         self.state = MIGRATED

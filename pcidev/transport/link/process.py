@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace, endpoint: DeviceEndpoint, listener: Listener) -> int:
     """Serve ``endpoint`` on ``listener``; closes both (and so the device) on every path."""
     link_addr = listener.address
-    server = LinkServer(endpoint, listener.sock)
+    server = LinkServer(endpoint, listener.sock, quiesce_timeout_ms=args.quiesce_timeout_ms)
     serving = False
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--incoming-timeout", type=float, default=60.0,
                     help="seconds to wait for the source to connect")
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds for each migration step")
+    ap.add_argument("--quiesce-timeout-ms", type=float, default=5000.0,
+                    help="a migration fails (the device runs on here) if the device does not quiesce "
+                         "within this budget (a stuck backend)")
     ap.add_argument("--events", action="store_true", help="print JSON event lines on standard output")
     return ap
 

@@ -26,7 +26,8 @@ type            request body (+ fds)                          reply body
 9 SET_IRQS      ``{vectors: [v, ...], intx: bool}`` + one     ``{}``
                 eventfd per vector, then the INTx eventfd
 10 STATUS       ``{}``                                        ``{intx, failed, state}``
-11 MIGRATE      ``{to: address, timeout: seconds}``           migration report map
+11 MIGRATE      ``{to: address, timeout: seconds,             migration report map
+                [quiesce_timeout_ms]}``
 12 RESUME       ``{}``                                        ``{resumed_at}``
 ==============  ============================================  =========================
 

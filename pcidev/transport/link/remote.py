@@ -286,7 +286,8 @@ class RemoteDevice:
         with self._access:
             self._switch(address, timeout)
 
-    def migrate(self, to: str, *, timeout: float = 30.0, link: str | None = None) -> dict[str, Any]:
+    def migrate(self, to: str, *, timeout: float = 30.0, link: str | None = None,
+                quiesce_timeout_ms: float | None = None) -> dict[str, Any]:
         """Ask the device's process to migrate it to the destination listening at
         ``to``, then follow it there. Accesses from other threads wait meanwhile and
         continue on the destination (or on the source if the migration failed).
@@ -294,6 +295,8 @@ class RemoteDevice:
         :param to: the destination's migration address.
         :param timeout: seconds for the migration.
         :param link: where the destination serves the device, if it does not say so itself.
+        :param quiesce_timeout_ms: the quiesce budget (None: the device process's
+            ``--quiesce-timeout-ms``); past it the migration fails and the device runs on.
         :returns: the report: ``state_size``, ``fds``, ``downtime`` (stop on the source
             to running on the destination, seconds; None if the clocks are not
             comparable), ``downtime_upper_bound``, ``host_pause`` (how long accesses
@@ -304,7 +307,10 @@ class RemoteDevice:
         """
         with self._access:
             t0 = time.monotonic()
-            report = dict(self._client.request(MIGRATE, {"to": to, "timeout": float(timeout)},
+            args: dict[str, Any] = {"to": to, "timeout": float(timeout)}
+            if quiesce_timeout_ms is not None:
+                args["quiesce_timeout_ms"] = float(quiesce_timeout_ms)
+            report = dict(self._client.request(MIGRATE, args,
                                                timeout=timeout + 10.0))
             target = report.get("link") or link
             if not isinstance(target, str):

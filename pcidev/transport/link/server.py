@@ -81,10 +81,13 @@ class LinkServer:
     :param endpoint: the device side.
     :param listener: a listening socket (see :func:`pcidev.transport.address.listen`).
     :param io_timeout: seconds a peer may take to finish sending a started message.
+    :param quiesce_timeout_ms: the quiesce budget of a MIGRATE that gives none.
     """
 
-    def __init__(self, endpoint: DeviceEndpoint, listener: socket.socket, *, io_timeout: float = 5.0) -> None:
+    def __init__(self, endpoint: DeviceEndpoint, listener: socket.socket, *, io_timeout: float = 5.0,
+                 quiesce_timeout_ms: float = 5000.0) -> None:
         self.endpoint = endpoint
+        self.quiesce_timeout_ms = quiesce_timeout_ms
         self.listener = listener
         self.io_timeout = io_timeout
         self._stop = False
@@ -247,7 +250,10 @@ class LinkServer:
             timeout = float(m["timeout"])
             if not 0 < timeout <= 3600:
                 raise TransportError("MIGRATE: timeout must be in (0, 3600] seconds")
-            result = ep.migrate_to(m["to"], timeout=timeout).as_dict()
+            qt = m.get("quiesce_timeout_ms", self.quiesce_timeout_ms)
+            if type(qt) not in (int, float) or not 0 < qt <= 3_600_000:
+                raise TransportError("MIGRATE: quiesce_timeout_ms must be in (0, 3600000]")
+            result = ep.migrate_to(m["to"], timeout=timeout, quiesce_timeout=qt / 1000).as_dict()
             self.migration = result
             return result
         if kind == RESUME:

@@ -212,7 +212,7 @@ class MigrationStateMachine:
 
     def _quiesce(self) -> None:
         try:
-            self.device.quiesce()
+            self.device.quiesce(flush=True)  # (as QEMU flushes its block devices at a VM stop)
         except MigrationError as exc:
             raise VfioUserError(errno.EBUSY, f"the device does not stop: {exc}") from exc
         if self._settle is not None:

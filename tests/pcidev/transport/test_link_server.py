@@ -44,6 +44,9 @@ def _request(sock, kind, body, *, raw=None, fds=(), mid=7):
     (9, {"vectors": [0], "intx": False}, None, "1 eventfds announced, 0 sent"),
     (11, {"to": 5, "timeout": 1}, None, "field 'to'"),
     (11, {"to": "unix:/x", "timeout": 0}, None, "timeout must be"),
+    (11, {"to": "unix:/x", "timeout": 1, "quiesce_timeout_ms": 0}, None, "quiesce_timeout_ms must be"),
+    (11, {"to": "unix:/x", "timeout": 1, "quiesce_timeout_ms": "5"}, None, "quiesce_timeout_ms must be"),
+    (11, {"to": "unix:/x", "timeout": 1, "quiesce_timeout_ms": True}, None, "quiesce_timeout_ms must be"),
     (12, {}, None, "expected awaiting-attach"),
 ])
 def test_bad_messages_get_error_replies(served, kind, body, raw, text):

@@ -240,6 +240,58 @@ def test_file_flush_and_fua_reach_stable_storage(tmp_path, monkeypatch):
     assert calls[-1][0] == "fdatasync"
 
 
+def test_file_flush_at_stop_only_when_written_and_a_write_back_error_reaches_the_next_flush(tmp_path, monkeypatch):
+    """flush_at_stop (a migration's stop) skips an image with nothing written since the
+    last fdatasync began; a write-back error it meets stays pending: it is raised again
+    by the next flush_at_stop and reported once by the host's next flush."""
+    calls = []
+    real = os.fdatasync
+    fail = {"on": False}
+
+    def fdatasync(fd):
+        calls.append(fd)
+        if fail["on"]:
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    b = FileBackend(str(tmp_path / "s.img"), 1 * MiB)
+    try:
+        assert b.unflushed  # a fresh open: what an earlier writer left is unknown
+        b.flush_at_stop()
+        assert len(calls) == 1 and not b.unflushed
+        b.flush_at_stop()
+        read(b, 0, 4096)
+        b.flush_at_stop()
+        assert len(calls) == 1  # nothing written: no system call
+        write(b, 0, pattern(4096, 1), fua=True)
+        b.flush_at_stop()
+        assert len(calls) == 1  # a FUA write is durable on its own
+        for change in (lambda: write(b, 0, pattern(4096, 2)), lambda: b.deallocate(0, 4096),
+                       lambda: b.write_zeroes(4096, 4096), lambda: b.writev_nowait([memoryview(bytes(4096))], 0)):
+            n = len(calls)
+            change()
+            if b.unflushed:  # (writev_nowait may write nothing: then nothing is due)
+                b.flush_at_stop()
+                assert len(calls) == n + 1 and not b.unflushed
+        write(b, 8192, pattern(4096, 3))
+        fail["on"] = True
+        with pytest.raises(OSError) as info:
+            b.flush_at_stop()
+        assert info.value.errno == errno.EIO and b.unflushed
+        fail["on"] = False
+        with pytest.raises(OSError):
+            b.flush_at_stop()  # pending: the host has not been told
+        with pytest.raises(OSError) as info:
+            b.flush()  # the host's Flush hears of it
+        assert info.value.errno == errno.EIO
+        b.flush()  # once
+        b.flush_at_stop()
+        assert not b.unflushed
+    finally:
+        b.close()
+
+
 def test_file_direct_aligned_and_bounced(tmp_path):
     b = FileBackend(str(tmp_path / "direct.img"), 4 * MiB, direct=True)
     try:

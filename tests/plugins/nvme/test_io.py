@@ -600,6 +600,44 @@ def test_slow_backend_completes_out_of_order_without_blocking_submit():
         ctrl.close()
 
 
+def test_drain_with_a_deadline_names_the_namespaces_and_the_oldest_command():
+    """A command stuck in the backend: the drain gives up at its deadline (the command goes
+    on), naming its namespace, the oldest command and how long it has waited."""
+    from pcidev.errors import QuiesceTimeoutError
+
+    ctrl = FakeController()
+    backend = GatedBackend()
+    ctrl.namespaces[1] = Namespace(1, backend)
+    ctrl.namespaces[2] = Namespace(2, GatedBackend())
+    ios = IoCommandSet(ctrl)
+    try:
+        buf = ctrl.alloc(PAGE)
+        oldest = rw(Opcode.READ, 0, 1, prp1=buf, cid=7)
+        oldest.sqid = 3
+        ios.submit(oldest)
+        time.sleep(0.05)
+        ios.submit(rw(Opcode.READ, 0, 1, prp1=buf, cid=8, nsid=2))
+        assert ios.describe_busy().startswith("2 command(s) on namespace(s) 1, 2; the oldest, a Read of namespace 1 "
+                                              "(CID 7 on SQ 3), has waited ")
+        t0 = time.monotonic()
+        with pytest.raises(QuiesceTimeoutError, match=r"backend I/O in flight .* namespace\(s\) 1, 2") as info:
+            ios.drain(time.monotonic() + 0.2)
+        assert 0.2 <= time.monotonic() - t0 < 3
+        waited = float(str(info.value).split("has waited ")[1].split(" s")[0])
+        assert waited >= 0.25  # (submitted 0.05 s before the 0.2 s drain began)
+        assert ios.inflight == 2  # they go on
+        backend.gate.set()
+        ctrl.namespaces[2].backend.gate.set()
+        ios.drain(time.monotonic() + 5)
+        assert ios.inflight == 0 and ios.describe_busy() == ""
+        assert ctrl.wait(oldest)[0] == 0
+    finally:
+        backend.gate.set()
+        ctrl.namespaces[2].backend.gate.set()
+        ios.close()
+        ctrl.close()
+
+
 def test_close_then_submit_fails_cleanly(tmp_path):
     ctrl = FakeController()
     ctrl.namespaces[1] = make_namespace(1, f"file:path={tmp_path}/c.img,size=1M")

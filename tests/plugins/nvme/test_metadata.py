@@ -293,3 +293,30 @@ def test_restore_problem_opens_the_sidecar_before_the_restore(tmp_path):
         assert ns.meta.read(0, 1) == b"\x01" * 8
     finally:
         ns.close()
+
+
+def test_a_file_store_knows_whether_it_has_unflushed_writes(tmp_path, monkeypatch):
+    """FileMetadata.unflushed (a migration's stop skips a clean sidecar): set at the open
+    (an earlier writer's pages may still be in the page cache) and by every non-FUA write
+    or deallocation, cleared by a flush."""
+    calls = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append(fd), real(fd))[1])
+    store = FileMetadata(8, 32, None, image=str(tmp_path / "u.img"))
+    try:
+        assert store.unflushed
+        store.flush()
+        assert not store.unflushed and len(calls) == 1
+        store.read(0, 4)
+        assert not store.unflushed
+        store.write(0, os.urandom(16), fua=True)
+        assert not store.unflushed  # durable on its own
+        store.write(2, os.urandom(16))
+        assert store.unflushed
+        store.flush()
+        store.deallocate(2, 2)
+        assert store.unflushed
+        store.flush()
+        assert not store.unflushed and len(calls) == 3
+    finally:
+        store.close()

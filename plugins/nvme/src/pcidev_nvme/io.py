@@ -95,13 +95,14 @@ import itertools
 import logging
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Literal, Protocol, TypeGuard, cast, overload
 
 from pcidev.dma import GuestMemory
-from pcidev.errors import DmaError
+from pcidev.errors import DmaError, QuiesceTimeoutError
 from pcidev_nvme.atomicity import READ_TRIES, Atomicity
 from pcidev_nvme.backends import Backend
 from pcidev_nvme.lba_status import first_deallocated
@@ -227,6 +228,11 @@ DEFAULT_WORKERS = 4
 VERIFY_CHUNK = 1 << 20
 
 _BROADCAST = 0xFFFFFFFF
+#: command names for messages (a drain past its deadline names the oldest command)
+_OPCODE_NAMES = {Opcode.FLUSH: "Flush", Opcode.WRITE: "Write", Opcode.READ: "Read",
+                 Opcode.WRITE_UNCORRECTABLE: "Write Uncorrectable", Opcode.COMPARE: "Compare",
+                 Opcode.WRITE_ZEROES: "Write Zeroes", Opcode.DSM: "Dataset Management",
+                 Opcode.VERIFY: "Verify", Opcode.COPY: "Copy"}
 _DSM_RANGE = struct.Struct("<IIQ")  # context attributes, length (LBAs), starting LBA
 #: Copy source range entries (NVM Command Set, "Source Range Entries Copy Descriptor
 #: Format" 0h..3h; the offsets of libnvme ``struct nvme_copy_range``, ``_f1``, ``_f2``,
@@ -356,7 +362,9 @@ class IoCommandSet:
         self._workers = max(1, int(workers))
         self._pool: ThreadPoolExecutor | None = None
         self._cond = threading.Condition()
-        self._inflight = 0
+        #: the commands with the workers, with the ``time.monotonic()`` they were handed over
+        #: (what a drain past its deadline names)
+        self._busy: dict[Request, float] = {}
         self._closed = False
         self._local = _Local()
         #: the metadata and protection information side of namespaces with metadata
@@ -765,7 +773,7 @@ class IoCommandSet:
         with self._cond:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="nvme-io")
-            self._inflight += 1
+            self._busy[req] = time.monotonic()
             if abortable:
                 self._queued.add(req)
         try:
@@ -773,7 +781,7 @@ class IoCommandSet:
         except BaseException:
             with self._cond:
                 self._queued.discard(req)
-            self._done()
+            self._done(req)
             raise
 
     def abort(self, req: Request) -> bool:
@@ -797,7 +805,7 @@ class IoCommandSet:
             if req in self._queued:
                 self._queued.discard(req)
             elif not (isinstance(handler, _Rest) and handler.done):  # taken by abort(), which completed it
-                self._done()
+                self._done(req)
                 return
         try:
             dw0 = self._execute(handler, req, ns)
@@ -809,12 +817,12 @@ class IoCommandSet:
             except Exception:  # pragma: no cover - the core's own failure
                 log.exception("completing %r failed", req)
         finally:
-            self._done()
+            self._done(req)
 
-    def _done(self) -> None:
+    def _done(self, req: Request) -> None:
         with self._cond:
-            self._inflight -= 1
-            if self._inflight == 0:
+            del self._busy[req]
+            if not self._busy:
                 self._cond.notify_all()
 
     def _fail(self, req: Request, exc: BaseException) -> None:
@@ -858,11 +866,40 @@ class IoCommandSet:
             except AttributeError:
                 pass
 
-    def drain(self) -> None:
-        """Wait until every command handed to the workers has completed."""
+    def drain(self, deadline: float | None = None) -> None:
+        """Wait until every command handed to the workers has completed.
+
+        :param deadline: ``time.monotonic()`` by which they must have (None: no limit).
+        :raises QuiesceTimeoutError: commands were still in flight at the deadline; they go
+            on, and complete later. The message names their namespaces and the oldest
+            command with its age (:meth:`describe_busy`).
+        """
         with self._cond:
-            while self._inflight:
-                self._cond.wait()
+            while self._busy:
+                if deadline is None:
+                    self._cond.wait()
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise QuiesceTimeoutError(f"nvme: backend I/O in flight did not complete in time: "
+                                              f"{self.describe_busy()}")
+                self._cond.wait(left)
+
+    def describe_busy(self) -> str:
+        """The commands with the workers, for an error message: how many, on which
+        namespaces, and the oldest one with how long it has waited ("" when none)."""
+        with self._cond:
+            busy = list(self._busy.items())
+        if not busy:
+            return ""
+        now = time.monotonic()
+        nsids = sorted({req.nsid for req, _ in busy})
+        spaces = ", ".join("all (broadcast Flush)" if n == _BROADCAST else str(n) for n in nsids)
+        req, since = min(busy, key=lambda item: item[1])
+        what = _OPCODE_NAMES.get(req.opcode, f"command {req.opcode:#04x}")
+        where = "all namespaces" if req.nsid == _BROADCAST else f"namespace {req.nsid}"
+        return (f"{len(busy)} command(s) on namespace(s) {spaces}; the oldest, a {what} of {where} "
+                f"(CID {req.cid} on SQ {req.sqid}), has waited {now - since:.3f} s")
 
     def close(self) -> None:
         """Drain, then stop the workers. Later submissions fail with Internal Error."""
@@ -873,10 +910,22 @@ class IoCommandSet:
         if pool is not None:
             pool.shutdown(wait=True)
 
+    def offload(self, fn: Callable[[], None]) -> Future[None]:
+        """Run ``fn`` on a worker thread (a migration's stop flushes the namespaces there:
+        in parallel, and a flush that never returns holds a worker, not the quiesce).
+
+        :returns: its future.
+        """
+        with self._cond:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="nvme-io")
+            pool = self._pool
+        return pool.submit(fn)
+
     @property
     def inflight(self) -> int:
         """Commands currently with the workers."""
-        return self._inflight
+        return len(self._busy)
 
     # -- helpers ------------------------------------------------------------------------
 

@@ -286,6 +286,9 @@ class FileMetadata(MetadataStore):
         #: the sidecar describes another format: read as empty, rewritten at the first write
         self._stale = False
         self._stale_lock = threading.Lock()
+        #: written since the last fdatasync began, or none since the open (a migration's
+        #: stop skips a clean sidecar)
+        self.unflushed = True
         if fd is None:
             fd = take_inherited(image_key(self.path, read_only=read_only))
         if fd is None:
@@ -392,16 +395,26 @@ class FileMetadata(MetadataStore):
                 pos += os.pwritev(self._fd, [mv[pos:]], _HEADER_SIZE + offset + pos, flags)
         finally:
             mv.release()
+            if not fua:
+                self.unflushed = True
 
     def _zero(self, offset: int, length: int) -> None:
         if self.read_only:
             raise OSError(errno.EROFS, "the image is read-only")
         if self._stale:
             self._fresh()
-        _zero_fd(self._fd, _HEADER_SIZE + offset, length)
+        try:
+            _zero_fd(self._fd, _HEADER_SIZE + offset, length)
+        finally:
+            self.unflushed = True
 
     def flush(self) -> None:
-        os.fdatasync(self._fd)
+        self.unflushed = False
+        try:
+            os.fdatasync(self._fd)
+        except BaseException:
+            self.unflushed = True
+            raise
 
     def close(self) -> None:
         fd, self._fd = self._fd, -1

@@ -69,7 +69,13 @@ so every command fetched so far has completed: its completion is in the
 CQ or in the CQ's backlog (which travels). Only AERs stay outstanding, and they
 travel. Pending coalesced interrupts are delivered and timers stopped. Nothing is
 lost or duplicated: SQ entries between head and tail stay in guest memory and the
-destination fetches them once.
+destination fetches them once. Every wait ends at the quiesce's deadline
+(:attr:`pcidev.device.PciDevice.quiesce_deadline`): past it the quiesce fails with
+:class:`~pcidev.errors.QuiesceTimeoutError` and the controller runs on, its commands in
+flight completing there later (docs/migration.md §12 says why they are not carried to the
+destination instead). For a migration (:attr:`~pcidev.device.PciDevice.quiesce_flush`)
+the ``file`` images and sidecars written since their last ``fdatasync`` are then flushed
+(:func:`flush_namespaces`).
 
 Each component saves and restores its own state (``snapshot()`` / ``restore()`` of a
 frozen class defined beside it: :mod:`~pcidev_nvme.queues`, :mod:`~pcidev_nvme.aer`,
@@ -94,6 +100,7 @@ leads to), and a controller reset still waiting for commands.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import threading
@@ -103,7 +110,7 @@ from typing import Any, ClassVar, Protocol
 
 import attrs
 
-from pcidev.errors import ConfigError, MigrationError
+from pcidev.errors import ConfigError, MigrationError, QuiesceTimeoutError
 from pcidev.vmstate import U8, U32, U64, Bool, Bytes, VarArray, vmstate
 from pcidev.vmstate.errors import StateError
 from pcidev_nvme import ns_records
@@ -111,7 +118,7 @@ from pcidev_nvme.abort import Aborts, AbortsState
 from pcidev_nvme.admin import AdminWorker
 from pcidev_nvme.aer import AerState, AsyncEvents, EventState
 from pcidev_nvme.atomicity import fingerprint_entry
-from pcidev_nvme.backends import MemoryBackend
+from pcidev_nvme.backends import BaseBackend, MemoryBackend
 from pcidev_nvme.cmb import CMBSTS_CBAI, CmbState, ControllerMemoryBuffer
 from pcidev_nvme.config import NvmeConfig
 from pcidev_nvme.controller_memory import ranges_overlap
@@ -174,6 +181,8 @@ class MigrationHost(Protocol):
     owns_namespaces: bool
     endurance: EnduranceGroup
     ns_smart: NamespaceSmart
+    quiesce_deadline: float | None
+    quiesce_flush: bool
 
     @property
     def allocated(self) -> Mapping[int, Namespace]: ...
@@ -211,9 +220,8 @@ class MigrationHost(Protocol):
 
 __all__ = ["NvmeState", "SqState", "CqState", "CqeState", "AerState", "EventState", "FeaturesState", "TlerState",
            "SmartState", "FirmwareState", "FwChunk", "NamespaceState", "MIGRATABLE_FEATURES", "fingerprint",
-           "features", "blockers", "inheritable_fds", "quiesce", "resume", "save", "check", "apply", "LoadUndo",
-           "namespace_plan",
-           "MigrationMixin"]
+           "features", "blockers", "inheritable_fds", "quiesce", "flush_namespaces", "DEFAULT_QUIESCE_TIMEOUT",
+           "resume", "save", "check", "apply", "LoadUndo", "namespace_plan", "MigrationMixin"]
 
 log = logging.getLogger(__name__)
 
@@ -472,39 +480,136 @@ def discard_prepared(ctrl: MigrationHost) -> None:
 
 
 # ----------------------------------------------------------------------------- quiesce / resume
-def quiesce(ctrl: MigrationHost, timeout: float = 30.0) -> None:
+#: seconds a quiesce waits for the work in flight when its caller gave no budget
+#: (:attr:`pcidev.device.PciDevice.quiesce_deadline` None: a transport's own stop)
+DEFAULT_QUIESCE_TIMEOUT = 30.0
+
+
+def quiesce(ctrl: MigrationHost, deadline: float | None = None, *, flush: bool = False) -> None:
     """Bring the controller to a consistent point (see the module docstring).
 
-    :raises MigrationError: something did not finish within ``timeout`` seconds (a
-        stuck backend); the controller runs again.
+    :param deadline: ``time.monotonic()`` by which every wait must be over (None:
+        :data:`DEFAULT_QUIESCE_TIMEOUT` from now).
+    :param flush: then make every namespace durable (:func:`flush_namespaces`).
+    :raises QuiesceTimeoutError: something did not finish by the deadline (a stuck backend:
+        the message names the namespaces and the oldest command's age); the controller
+        runs again, the commands in flight complete later.
+    :raises MigrationError: a flush failed (the message names the namespace); the
+        controller runs again.
     """
     ctrl.pause()
     _settle(ctrl)
-    deadline = time.monotonic() + timeout
+    if deadline is None:
+        deadline = time.monotonic() + DEFAULT_QUIESCE_TIMEOUT
+    try:
+        _drain(ctrl, deadline)
+        if flush:
+            flush_namespaces(ctrl, deadline)
+    except BaseException:
+        resume(ctrl)
+        raise
+    ctrl.stop_timers()  # coalesced completions get their interrupt before the stop
+
+
+def _drain(ctrl: MigrationHost, deadline: float) -> None:
+    """Every wait of :func:`quiesce`, each bounded by ``deadline``."""
+    budget = max(deadline - time.monotonic(), 0.0)
+
+    def late(what: str) -> QuiesceTimeoutError:
+        return QuiesceTimeoutError(f"nvme: {what} did not finish within the quiesce budget ({budget:.3g} s); "
+                                   "the controller keeps running")
 
     def wait(what: str, done: Callable[[], bool]) -> None:
         while not done():
             if time.monotonic() > deadline:
-                resume(ctrl)
-                raise MigrationError(f"nvme: {what} did not finish within {timeout:g} s; "
-                                     "the controller keeps running")
+                raise late(what)
             time.sleep(0.0002)
 
     # fetch batches in progress (another thread's doorbell, a completion kicking a throttled SQ)
     wait("a fetch batch", ctrl.fetch_idle)
-    wait("backend I/O in flight", lambda: not ctrl.io.inflight)
-    ctrl.io.drain()
+    try:
+        ctrl.io.drain(deadline)
+    except QuiesceTimeoutError as exc:
+        raise QuiesceTimeoutError(f"{exc} (budget {budget:.3g} s); the controller keeps running") from None
     marker = ctrl.admin_worker.marker()
     if marker is not None:  # admin work in the background (Format NVM, shutdown): FIFO, one worker
-        wait("admin work (Format NVM, shutdown)", marker.done)
+        try:
+            marker.result(max(deadline - time.monotonic(), 0.0))
+        except concurrent.futures.TimeoutError:
+            raise late("admin work in the background (Format NVM, a shutdown)") from None
     wait("a fetch batch", ctrl.batches_idle)  # kicks made by the last completions
     if not ctrl.sanitizer.pause(max(deadline - time.monotonic(), 0.0)):
-        resume(ctrl)
-        raise MigrationError(f"nvme: the sanitize operation did not pause within {timeout:g} s; "
-                             "the controller keeps running")
+        raise late("the sanitize operation's current chunk")
     ctrl.selftest.pause()
-    ctrl.uncorrectable.flush(max(deadline - time.monotonic(), 0.0))  # no sidecar write after the handover
-    ctrl.stop_timers()  # coalesced completions get their interrupt before the stop
+    # no sidecar write after the handover
+    if not ctrl.uncorrectable.flush(max(deadline - time.monotonic(), 0.0)):
+        raise late("writing the Write Uncorrectable sidecar")
+
+
+def _has_work(store: Any, base: type) -> bool:
+    """Whether flushing ``store`` (a backend or a metadata store) may have work to do: its
+    ``unflushed`` flag if it keeps one (``file``), else whether it has a flush of its own
+    (``mem`` and ``null`` inherit the base's, which does nothing)."""
+    unflushed = getattr(store, "unflushed", None)
+    if unflushed is not None:
+        return bool(unflushed)
+    return not (isinstance(store, base) and getattr(type(store), "flush", None) is getattr(base, "flush", None))
+
+
+def flush_namespaces(ctrl: MigrationHost, deadline: float) -> None:
+    """Make every namespace's acknowledged writes durable (a migration's stop, after the
+    drain): ``fdatasync`` of each ``file`` image and metadata sidecar written since its last
+    flush, run in parallel on the I/O workers; a store with nothing to flush costs nothing.
+    The state file, the ``.nvme-ids`` files and the Write Uncorrectable sidecars need
+    nothing here: each is replaced whole (a temporary file, ``fsync``, ``rename``) when it
+    changes.
+
+    :param deadline: ``time.monotonic()`` by which every flush must be done.
+    :raises QuiesceTimeoutError: a flush did not return by the deadline (it goes on).
+    :raises MigrationError: a flush failed (the write-back error stays pending for the
+        host's next Flush, see :meth:`pcidev_nvme.backends.FileBackend.flush_at_stop`).
+    """
+    jobs: list[tuple[str, Callable[[], None]]] = []
+    kept = set()  # the jobs whose error stays pending for the host's next Flush
+    for ns in sorted(ctrl.allocated.values(), key=lambda n: n.nsid):
+        b = ns.backend
+        if _has_work(b, BaseBackend):
+            what = f"namespace {ns.nsid} ({_describe(b)})"
+            at_stop = getattr(b, "flush_at_stop", None)
+            if at_stop is not None:
+                kept.add(what)
+            jobs.append((what, at_stop if at_stop is not None else b.flush))
+        meta = ns.meta
+        if meta is not None and _has_work(meta, MetadataStore):
+            where = getattr(meta, "path", "")
+            jobs.append((f"namespace {ns.nsid}'s metadata{f' ({where})' if where else ''}", meta.flush))
+    if not jobs:
+        return
+    t0 = time.monotonic()
+    futures = {ctrl.io.offload(fn): what for what, fn in jobs}
+    done, pending = concurrent.futures.wait(futures, max(deadline - time.monotonic(), 0.0))
+    failed = []
+    for fut in done:
+        exc = fut.exception()
+        if exc is not None:
+            why = f"{exc.strerror} (errno {exc.errno})" if isinstance(exc, OSError) and exc.strerror else str(exc)
+            failed.append(f"{futures[fut]}: flush failed: {why}")
+    if failed:
+        told = " (the host's next Flush reports the error)" if all(
+            f.split(": flush failed")[0] in kept for f in failed) else ""
+        raise MigrationError("nvme: " + "; ".join(sorted(failed)) + "; writes the host was told are done may "
+                             f"not be on stable storage, so the device stays here{told}")
+    if pending:
+        raise QuiesceTimeoutError("nvme: flushing " + ", ".join(sorted(futures[f] for f in pending))
+                                  + f" did not finish within the quiesce budget (waited "
+                                  f"{time.monotonic() - t0:.3f} s); the controller keeps running")
+    log.debug("flushed %d store(s) at the stop in %.3f ms", len(jobs), (time.monotonic() - t0) * 1000)
+
+
+def _describe(backend: Any) -> str:
+    path = getattr(backend, "path", None)
+    kind = getattr(backend, "kind", type(backend).__name__)
+    return f"{kind} {path}" if path else str(kind)
 
 
 def resume(ctrl: MigrationHost) -> None:
@@ -1166,7 +1271,7 @@ class MigrationMixin:
         return inheritable_fds(self)
 
     def on_quiesce(self: MigrationHost) -> None:
-        quiesce(self)
+        quiesce(self, self.quiesce_deadline, flush=self.quiesce_flush)
 
     def on_resume(self: MigrationHost) -> None:
         resume(self)

@@ -5,7 +5,9 @@ Created sparse when missing; deallocation punches holes
 storage (``fdatasync`` / ``RWF_DSYNC``) before they complete. ``direct=on``
 opens it with ``O_DIRECT``: block sizes below the file system's direct-I/O
 alignment are refused, and guest buffers that are not aligned go through an
-aligned bounce buffer. ``readonly=on`` refuses writes. File I/O may block, so
+aligned bounce buffer. ``readonly=on`` refuses writes. A migration's stop flushes with
+:meth:`FileBackend.flush_at_stop`, which costs nothing when nothing was written since the
+last ``fdatasync`` (:attr:`FileBackend.unflushed`). File I/O may block, so
 the I/O command set first tries it without blocking on the submitting thread
 (``RWF_NOWAIT``: page-cache hits, and buffered writes that need no allocation;
 never a FUA write) and hands what is left to its worker threads.
@@ -150,6 +152,12 @@ class FileBackend(BaseBackend):
         super().__init__(size)
         self.fd = fd
         self.dfd = -1
+        #: written since the last fdatasync (set after each write: cleared just before one).
+        #: True at first: what another process wrote (a handover's old one, whose descriptor
+        #: this may be; an earlier run) may still be in the page cache only
+        self._unflushed = True
+        #: a write-back error the stop's flush met, not reported to the host yet
+        self._pending_error: OSError | None = None
         self.min_block = 512
         self._bounce_lock = threading.Lock()
         self.identity_path = self.path + ".nvme-ids"
@@ -200,17 +208,21 @@ class FileBackend(BaseBackend):
         if self.read_only:
             raise OSError(errno.EROFS, "the image is read-only")
         flags = os.RWF_DSYNC if fua else 0
-        if self.dfd >= 0:
-            if self._aligned(views):
-                try:
-                    full_pwritev(self.dfd, views, offset, flags)
-                    return
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL:
-                        raise
-            self._bounce_write(views, offset, flags)
-            return
-        full_pwritev(self.fd, views, offset, flags)
+        try:
+            if self.dfd >= 0:
+                if self._aligned(views):
+                    try:
+                        full_pwritev(self.dfd, views, offset, flags)
+                        return
+                    except OSError as exc:
+                        if exc.errno != errno.EINVAL:
+                            raise
+                self._bounce_write(views, offset, flags)
+                return
+            full_pwritev(self.fd, views, offset, flags)
+        finally:
+            if not fua:  # (RWF_DSYNC: durable already; a failed write may have written a part)
+                self._unflushed = True
 
     def readv_nowait(self, views: list[memoryview], offset: int) -> int:
         """``preadv(..., RWF_NOWAIT)``: what the page cache holds, without blocking
@@ -228,7 +240,9 @@ class FileBackend(BaseBackend):
         if not self._nowait_writes or self.read_only or len(views) > _IOV_MAX:
             return 0
         try:
-            return os.pwritev(self.fd, views, offset, _RWF_NOWAIT)
+            n = os.pwritev(self.fd, views, offset, _RWF_NOWAIT)
+            self._unflushed = True
+            return n
         except OSError as exc:
             if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
                 self._nowait_writes = False  # (ext4 has no buffered RWF_NOWAIT writes)
@@ -269,9 +283,57 @@ class FileBackend(BaseBackend):
         finally:
             buf.close()
 
+    @property
+    def unflushed(self) -> bool:
+        """Something was written (data, a deallocation, zeros) since the last ``fdatasync``
+        began, or none was made since the image was opened: a flush has work to do.
+        Optional in the :class:`~pcidev_nvme.backends.base.Backend` protocol (a
+        migration's stop skips the backends that say False)."""
+        return self._unflushed
+
+    def _sync(self) -> None:
+        """``fdatasync``. The flag is cleared before the call: a write completing meanwhile
+        sets it again for the next flush."""
+        self._unflushed = False
+        try:
+            os.fdatasync(self.fd)
+        except BaseException:
+            self._unflushed = True
+            raise
+
     def flush(self) -> None:
-        """``fdatasync``: every completed write reaches stable storage."""
-        os.fdatasync(self.fd)
+        """``fdatasync``: every completed write reaches stable storage (the host's Flush:
+        always the system call, the file system's own write-back errors included).
+
+        :raises OSError: the file system reported a write-back error -- also one that a
+            migration's stop met first (:meth:`flush_at_stop`), reported here once.
+        """
+        err, self._pending_error = self._pending_error, None
+        if err is not None:
+            raise err
+        self._sync()
+
+    def flush_at_stop(self) -> None:
+        """The flush of a migration's stop (after the drain): ``fdatasync`` only if
+        something was written since the last one began (:attr:`unflushed`); a
+        write-back error it meets stays pending for the host's next Flush. Linux reports
+        such an error once per open file, to the first ``fdatasync`` after it: taken here,
+        the host would never learn that acknowledged writes may be lost. Optional in the
+        :class:`~pcidev_nvme.backends.base.Backend` protocol.
+
+        :raises OSError: the error (the migration fails, the device runs on here), or one
+            met earlier that the host has not been told about yet (the device must not move
+            before its host learns it).
+        """
+        if self._pending_error is not None:
+            raise self._pending_error
+        if not self._unflushed:
+            return  # nothing written since the last fdatasync began: no system call
+        try:
+            self._sync()
+        except OSError as exc:
+            self._pending_error = exc
+            raise
 
     def deallocate(self, offset: int, length: int) -> None:
         """Punch a hole (the blocks read as zeros and free their space)."""
@@ -283,6 +345,8 @@ class FileBackend(BaseBackend):
             if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
             super().write_zeroes(offset, length)
+        finally:
+            self._unflushed = True
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Zero the range, allocated (``FALLOC_FL_ZERO_RANGE``, else writes of zeros)."""
@@ -294,6 +358,8 @@ class FileBackend(BaseBackend):
             if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
             super().write_zeroes(offset, length)
+        finally:
+            self._unflushed = True
 
     def allocated_bytes(self) -> int:
         """Bytes of the file that hold data (``st_blocks``; holes do not count)."""
