@@ -584,6 +584,10 @@ def test_created_file_namespaces_migrate_over_tcp(tmp_path):
             blocks = Blocks(drv)
             for nsid in (1, made["a"], made["pi"]):
                 blocks.write(nsid)
+            for nsid in (1, made["a"], made["pi"]):
+                # NUSE of a file image is its allocated size (st_blocks), which the file system
+                # settles at write-back: the stop's fdatasync would change it after this Identify
+                drv.flush(nsid)
             ident = identify_all(drv)
             # started now: the identity files and the state file are written
             tcp = DeviceProcess("nvme", f"unix:{tmp_path}/t.sock", options=opts, incoming="tcp:127.0.0.1:0")
