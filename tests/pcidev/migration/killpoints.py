@@ -43,6 +43,7 @@ from pcidev.device import PciDevice
 from pcidev.errors import PcidevError
 from pcidev.migration import channel
 from pcidev.migration.channel import FRAME_HEADER, NACK, STATE, frame_meta, recv_frame, send_meta
+from pcidev.plugins import load_registry, make_plugin_manager
 from pcidev.transport.address import listen
 from pcidev.transport.endpoint import DeviceEndpoint
 from pcidev.transport.fdpass import SCM_MAX_FD, close_fds
@@ -169,7 +170,7 @@ def point_named(name: str) -> Point:
     raise ValueError(f"no kill point {name!r}")
 
 
-class Died(BaseException):  # noqa: N818 (not an error: the end of a destination that died on purpose)
+class Died(BaseException):
     """Raised through the destination's code after it died (in a thread)."""
 
 
@@ -565,9 +566,27 @@ def _say(**event: Any) -> None:
     os.write(1, (json.dumps(event) + "\n").encode())
 
 
-def _zygote_main() -> int:  # pragma: no cover - runs in its own process
-    from pcidev.plugins import load_registry, make_plugin_manager
+def _child(conn: socket.socket, device: PciDevice, point: Point, *, commit: bool) -> int:  # pragma: no cover
+    """A forked destination: receive the device on ``conn`` and SIGKILL this process at ``point``."""
+    try:
+        endpoint = DeviceEndpoint(device)
+        resumes = watch_resumes(device)
+        wire: Tripwire
 
+        def die() -> None:
+            _say(reached=point.name, ran=bool(resumes), trace=wire.trace)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        wire = Tripwire(conn, point, die)
+        _receive(endpoint, wire, commit=commit, link=NOWHERE, timeout=10)
+        _say(completed=True, trace=wire.trace)
+        return 0
+    except PcidevError as exc:
+        _say(error=f"{type(exc).__name__}: {exc}")
+        return 1
+
+
+def _zygote_main() -> int:  # pragma: no cover - runs in its own process
     registry = load_registry(make_plugin_manager())
     _say(ready=True)
     for line in sys.stdin:
@@ -587,19 +606,7 @@ def _zygote_main() -> int:  # pragma: no cover - runs in its own process
         if pid == 0:
             code = 1
             try:
-                endpoint = DeviceEndpoint(registry.create(req["device"], req["props"]))
-                resumes = watch_resumes(endpoint.device)
-
-                def die() -> None:
-                    _say(reached=point.name, ran=bool(resumes), trace=wire.trace)
-                    os.kill(os.getpid(), signal.SIGKILL)
-
-                wire = Tripwire(conn, point, die)
-                _receive(endpoint, wire, commit=req["commit"], link=NOWHERE, timeout=10)
-                _say(completed=True, trace=wire.trace)
-                code = 0
-            except PcidevError as exc:
-                _say(error=f"{type(exc).__name__}: {exc}")
+                code = _child(conn, registry.create(req["device"], req["props"]), point, commit=req["commit"])
             finally:
                 os._exit(code)
         conn.close()
