@@ -20,13 +20,17 @@ comes; the destination itself is the real :func:`~pcidev.migration.channel.migra
 (through :meth:`~pcidev.transport.endpoint.DeviceEndpoint.accept_incoming` or
 ``accept_handover``) on a fresh device.
 
-Run as a script (``python killpoints.py zygote``) it is the :class:`Zygote`'s process.
+Run as a script, ``python killpoints.py zygote`` is the :class:`Zygote`'s process, and
+``python killpoints.py handover POINT DEATH -m pcidev ARGS...`` a vfio-user handover's new
+process (``pcidev handover``'s ``exec``: :func:`handover_exec`) whose channel to the old
+one is a :class:`Tripwire`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import runpy
 import signal
 import socket
 import struct
@@ -616,5 +620,43 @@ def _zygote_main() -> int:  # pragma: no cover - runs in its own process
     return 0
 
 
+# ------------------------------------------------------------ a handover's new process
+def handover_exec(where: str, point: Point, death: str) -> str:
+    """An executable (in the directory ``where``) to give as a handover's ``exec``: the new
+    process it starts dies at ``point`` (``kill`` or ``hang``)."""
+    path = os.path.join(where, f"new-process-{point.name}-{death}")
+    with open(path, "w") as f:
+        script = os.path.abspath(__file__)
+        f.write(f'#!/bin/sh\nexec "{sys.executable}" "{script}" handover {point.name} {death} "$@"\n')
+    os.chmod(path, 0o755)
+    return path
+
+
+def _handover_main(point_name: str, death: str, argv: list[str]) -> int:  # pragma: no cover
+    """Run ``python -m pcidev`` with the handover channel watched (its first frame is READY)."""
+    point = point_named(point_name)
+    wires: list[Tripwire] = []
+    recv, send = channel._recv, channel._send
+
+    def die() -> None:
+        if death == "hang":
+            time.sleep(3600)  # the old process kills this one
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def wrap(sock: Any) -> Any:
+        if not wires:
+            wires.append(Tripwire(sock, point, die))
+        return wires[0] if wires[0].sock is sock else sock
+
+    channel._recv = lambda sock, **kw: recv(wrap(sock), **kw)  # type: ignore[assignment]
+    channel._send = lambda sock, kind, body=b"", fds=(): send(wrap(sock), kind, body, fds)  # type: ignore
+    assert argv[:2] == ["-m", "pcidev"], argv
+    sys.argv = ["pcidev", *argv[2:]]
+    runpy.run_module("pcidev", run_name="__main__", alter_sys=True)
+    return 0
+
+
 if __name__ == "__main__":  # pragma: no cover
+    if sys.argv[1:2] == ["handover"]:
+        sys.exit(_handover_main(sys.argv[2], sys.argv[3], sys.argv[4:]))
     sys.exit(_zygote_main() if sys.argv[1:] == ["zygote"] else 2)
