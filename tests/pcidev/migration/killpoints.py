@@ -3,7 +3,8 @@
 The points come from :data:`PROTOCOL`, the migration exchange of
 :mod:`pcidev.migration.channel` frame by frame (one line per frame type): a destination
 dies *before* each frame (before reading it, or before sending it), in the *middle* of
-each bulk frame (half of its body read) and *after* the last one. A frame type the
+each frame split in two (half of a large one read, half of a destination's answer
+written) and *after* the last one. A frame type the
 channel does not define (yet) gives no point; one it defines but this list does not
 name fails :func:`unlisted_frames` (so a new frame cannot be forgotten here).
 
@@ -67,7 +68,8 @@ class Step:
 
     :ivar name: the frame type's constant in :mod:`pcidev.migration.channel`.
     :ivar sender: who sends it (:data:`SOURCE` or :data:`DESTINATION`).
-    :ivar bulk: its body is large: a point in its middle too (source frames only).
+    :ivar split: a point in its middle too (half its bytes): a large frame, or an answer whose
+        half must not count as the whole.
     :ivar needs: when it is part of the exchange: ``""`` always, ``"fds"`` more descriptors
         than one frame carries, ``"commit"`` with ``commit=True``, ``"running"`` unless the
         destination waits for its host (``deferred``: over TCP without commit), ``"precopy"`` a
@@ -76,20 +78,20 @@ class Step:
 
     name: str
     sender: str
-    bulk: bool = False
+    split: bool = False
     needs: str = ""
 
 
 #: The migration exchange in the order its frames go (one line per frame type).
 PROTOCOL = (
     Step("MEMORY", SOURCE, needs="precopy"),  # pre-copy (protocol 2), while the device still runs
-    Step("CHUNK", SOURCE, bulk=True, needs="precopy"),
+    Step("CHUNK", SOURCE, split=True, needs="precopy"),
     Step("OFFER", SOURCE),
     Step("FDS", SOURCE, needs="fds"),
-    Step("STATE", SOURCE, bulk=True),
-    Step("ACK", DESTINATION),
+    Step("STATE", SOURCE, split=True),
+    Step("ACK", DESTINATION, split=True),
     Step("COMMIT", SOURCE, needs="commit"),
-    Step("RUNNING", DESTINATION, needs="running"),
+    Step("RUNNING", DESTINATION, split=True, needs="running"),
 )
 #: The frames that precede and follow it in a vfio-user handover (the new process's view).
 HANDOVER_BEFORE = (Step("READY", DESTINATION), Step("CONN", SOURCE))
@@ -144,7 +146,7 @@ class Point:
 def points(*, fds: bool = False, commit: bool = False, deferred: bool = False, precopy: bool = False,
            handover: bool = False) -> list[Point]:
     """The kill points of one configuration, in protocol order: before every frame, in the
-    middle of every bulk one, after the last.
+    middle of every split one, after the last.
 
     :param fds: more descriptors than one frame carries (UNIX).
     :param commit: the exchange ends with COMMIT and RUNNING (``commit=True``).
@@ -159,7 +161,7 @@ def points(*, fds: bool = False, commit: bool = False, deferred: bool = False, p
     out: list[Point] = []
     for step in steps:
         out.append(Point(step, "before"))
-        if step.bulk:
+        if step.split:
             out.append(Point(step, "mid"))
     out.append(Point(steps[-1], "after"))
     return out
@@ -228,7 +230,7 @@ class Tripwire:
             self._peek_header()
         kind, total, done = self._in
         if total and self._at(kind, "mid"):
-            half = FRAME_HEADER.size + (total - FRAME_HEADER.size) // 2
+            half = total // 2
             if done < half:
                 return min(want, half - done)
         return want
@@ -238,8 +240,7 @@ class Tripwire:
             return
         self._in[2] += n
         kind, total, done = self._in
-        half = FRAME_HEADER.size + (total - FRAME_HEADER.size) // 2
-        if done == half and self._at(kind, "mid"):
+        if done == total // 2 and self._at(kind, "mid"):
             self._trip()
         if done >= total:
             self._in = [0, 0, 0]
@@ -261,16 +262,23 @@ class Tripwire:
         return n
 
     # -- writing ---------------------------------------------------------------------------
-    def _write(self, data: bytes | memoryview) -> None:
+    def _write(self, data: bytes | memoryview) -> int:
+        """How many bytes of ``data`` may go (all, or up to the middle of the frame)."""
         if self._out[1] == 0 and len(data) >= FRAME_HEADER.size:
             _magic, kind, _flags, length = FRAME_HEADER.unpack(bytes(data[:FRAME_HEADER.size]))
             self._out = [kind, FRAME_HEADER.size + length, 0]
             if self._at(kind, "before"):
                 self._trip()
+        kind, total, done = self._out
+        if total and self._at(kind, "mid") and done < total // 2:
+            return min(len(data), total // 2 - done)
+        return len(data)
 
     def _wrote(self, n: int) -> None:
         self._out[2] += n
         kind, total, done = self._out
+        if total and done == total // 2 and self._at(kind, "mid"):
+            self._trip()
         if total and done >= total:
             self._out = [0, 0, 0]
             self.trace.append(channel._NAMES.get(kind, str(kind)))
@@ -279,14 +287,14 @@ class Tripwire:
                 self._trip()
 
     def sendmsg(self, buffers: list[memoryview], ancdata: Any = (), flags: int = 0) -> int:
-        self._write(buffers[0])
-        n = self.sock.sendmsg(buffers, ancdata, flags)
+        view = memoryview(buffers[0])
+        n = self.sock.sendmsg([view[:self._write(view)]], ancdata, flags)
         self._wrote(n)
         return n
 
     def send(self, data: bytes | memoryview, flags: int = 0) -> int:
-        self._write(data)
-        n = self.sock.send(data, flags)
+        view = memoryview(data)
+        n = self.sock.send(view[:self._write(view)], flags)
         self._wrote(n)
         return n
 

@@ -32,7 +32,7 @@ from killpoints import (
 )
 
 from pcidev.devices.edu import DESC, STATUS_DONE, EduDevice
-from pcidev.errors import MigrationError, PcidevError, TransportError
+from pcidev.errors import ConnectionLostError, MigrationError, PcidevError, TransportError
 from pcidev.host import Machine
 from pcidev.migration import channel, save_device_stream
 from pcidev.transport.address import connect, listen
@@ -172,13 +172,24 @@ class EduWork(threading.Thread):
         assert statuses == [CONSUMED] * self.posted, "a descriptor completed twice"
 
 
-def source_keeps(point: Point, commit: bool) -> bool:
-    """Whether the source must keep (resume) the device when the destination dies at ``point``:
-    before its ACK went out; with ``commit``, before its RUNNING went out."""
+def expected(point: Point, commit: bool) -> str:
+    """What becomes of the device when the destination dies at ``point``:
+
+    * ``"kept"``: it dies before its ACK went out whole (with ``commit``: its RUNNING), the
+      source runs the device again;
+    * ``"moved"``: the destination owns it (it may die with it: a crash of the process that
+      runs the device); the source never runs it again;
+    * ``"lost"``: with ``commit``, half a RUNNING: the destination may have run it, so the
+      source never resumes, and the destination is killed (ConnectionLostError).
+    """
     order = [s.name for s in PROTOCOL]
-    until = order.index("RUNNING" if commit else "ACK")  # the moment the destination owns it
+    until = order.index("RUNNING" if commit else "ACK")  # the frame that hands the device over
     at = order.index(point.step.name)
-    return at < until or (at == until and point.phase == "before")
+    if at != until:
+        return "kept" if at < until else "moved"
+    if point.phase == "mid":
+        return "lost" if commit else "kept"
+    return "kept" if point.phase == "before" else "moved"
 
 
 def _cases():
@@ -255,7 +266,8 @@ def test_a_destination_dying_at_each_step(request, tmp_path, transport, commit, 
             dev = src.device
             assert len(dev.pauses) == first + 1  # one stop for the attempt
             stopped_at, at_stop, resumed_at, at_resume = dev.pauses[-1]
-            if source_keeps(point, commit):
+            fate = expected(point, commit)
+            if fate == "kept":
                 assert isinstance(error, MigrationError) and "runs again on the source" in str(error), error
                 assert not dev.quiesced and not dev.migrated_out and dev.owns_state
                 assert src.endpoint.state == "running"
@@ -280,9 +292,16 @@ def test_a_destination_dying_at_each_step(request, tmp_path, transport, commit, 
                     served.close()
             else:
                 # after the ACK (with commit: after RUNNING) the destination owns the device: the
-                # source never resumes it, whatever becomes of the destination
+                # source never resumes it, whatever becomes of the destination; half a RUNNING
+                # (commit) may have been a destination that ran it: neither side runs it then
                 assert resumed_at is None and dev.quiesced and dev.migrated_out and not dev.owns_state
-                if commit:
+                assert src.endpoint.state == "migrated"
+                with pytest.raises(MigrationError, match="has migrated"):  # no access reaches it any more
+                    src.endpoint.bar_read(0, 0x110, 4)
+                if fate == "lost":
+                    assert isinstance(error, ConnectionLostError), error
+                    assert not outcome["ran"]
+                elif commit:
                     assert error is None, error
                 else:  # the host followed the device to a destination that died: it is lost
                     assert isinstance(error, TransportError) and "cannot connect" in str(error), error
