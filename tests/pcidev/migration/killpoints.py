@@ -44,7 +44,9 @@ from typing import Any
 
 import attrs
 
+from pcidev.bar import RamBacking
 from pcidev.device import PciDevice
+from pcidev.devices.edu import EduDevice
 from pcidev.errors import PcidevError
 from pcidev.migration import channel
 from pcidev.migration.channel import FRAME_HEADER, NACK, STATE, frame_meta, recv_frame, send_meta
@@ -174,6 +176,27 @@ def point_named(name: str) -> Point:
         if step.name == frame:
             return Point(step, phase)
     raise ValueError(f"no kill point {name!r}")
+
+
+class RamEdu(EduDevice):
+    """An edu with RAM in BAR 2: its memfd travels over UNIX; over TCP its contents (pre-copy,
+    where the channel has it; else a blocker)."""
+
+    RAM_SIZE = 64 << 10
+
+    def describe(self) -> None:
+        super().describe()
+        self.ram = RamBacking(self.RAM_SIZE, name="edu-ram")
+        self.add_mem_bar(2, self.RAM_SIZE, self.ram, bits64=True, prefetchable=True)
+
+    def on_close(self) -> None:
+        super().on_close()
+        self.ram.close()
+
+
+def make_device(registry: Any, device: str, props: str) -> PciDevice:
+    """``ram-edu`` (:class:`RamEdu`), or a registered device type."""
+    return RamEdu(props) if device == "ram-edu" else registry.create(device, props)
 
 
 class Died(BaseException):
@@ -618,7 +641,7 @@ def _zygote_main() -> int:  # pragma: no cover - runs in its own process
         if pid == 0:
             code = 1
             try:
-                code = _child(conn, registry.create(req["device"], req["props"]), point, commit=req["commit"])
+                code = _child(conn, make_device(registry, req["device"], req["props"]), point, commit=req["commit"])
             finally:
                 os._exit(code)
         conn.close()

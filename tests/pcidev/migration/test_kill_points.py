@@ -24,6 +24,7 @@ from killpoints import (
     PROTOCOL,
     DyingDestination,
     Point,
+    RamEdu,
     ServedDestination,
     Zygote,
     defined,
@@ -51,6 +52,10 @@ BATCH = 16
 CONSUMED = 0xC0DE  # the status the host writes into a descriptor it has verified
 
 
+#: the channel streams memory (pre-copy): a RAM BAR moves over TCP, and its frames are kill points
+PRECOPY = all(defined(step) for step in PROTOCOL if step.needs == "precopy")
+
+
 class WatchedEdu(EduDevice):
     """An edu that saves its state at every stop and at every resume after it:
     ``pauses`` holds ``[stopped_at, stream, resumed_at, stream]`` (None until resumed)."""
@@ -75,11 +80,15 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+class WatchedRamEdu(RamEdu, WatchedEdu):
+    """A RamEdu that saves its state at every stop and resume."""
+
+
 class EduSource:
     """The source: a WatchedEdu served over the device link in a thread, plugged into ``machine``."""
 
-    def __init__(self, tmp_path, machine: Machine, *, extra_regions: int = 0) -> None:
-        self.device = WatchedEdu(EDU_PROPS)
+    def __init__(self, tmp_path, machine: Machine, *, extra_regions: int = 0, ram: bool = False) -> None:
+        self.device = WatchedRamEdu(EDU_PROPS) if ram else WatchedEdu(EDU_PROPS)
         self.endpoint = DeviceEndpoint(self.device)
         for i in range(extra_regions):  # small regions beyond RAM: one descriptor each
             fd = os.memfd_create(f"extra{i}", os.MFD_CLOEXEC)
@@ -173,7 +182,8 @@ class EduWork(threading.Thread):
 
 
 def expected(point: Point, commit: bool) -> str:
-    """What becomes of the device when the destination dies at ``point``:
+    """What becomes of the device when the destination dies at ``point``.
+
 
     * ``"kept"``: it dies before its ACK went out whole (with ``commit``: its RUNNING), the
       source runs the device again;
@@ -193,14 +203,17 @@ def expected(point: Point, commit: bool) -> str:
 
 
 def _cases():
+    configs = [("unix", False), ("tcp", False)]
+    if PRECOPY:  # an edu with a RAM BAR over TCP: its contents stream before the state
+        configs.append(("tcp", True))
     out = []
-    for transport in ("unix", "tcp"):
+    for transport, ram in configs:
         for commit in (False, True):
-            for point in points(fds=transport == "unix", commit=commit, deferred=transport == "tcp"):
+            for point in points(fds=transport == "unix", commit=commit, deferred=transport == "tcp", precopy=ram):
                 for death in DEATHS:
                     mode = "commit" if commit else "link"
-                    out.append(pytest.param(transport, commit, point, death,
-                                            id=f"{transport}-{mode}-{point.name}-{death}"))
+                    out.append(pytest.param(transport, ram, commit, point, death,
+                                            id=f"{transport}{'-ram' if ram else ''}-{mode}-{point.name}-{death}"))
     return out
 
 
@@ -211,19 +224,22 @@ def zygote():
     z.close()
 
 
+def _edu(ram: bool) -> EduDevice:
+    return RamEdu(EDU_PROPS) if ram else EduDevice(EDU_PROPS)
+
+
 class _Dying:
     """One dying destination, a thread (reset, hang) or a process forked by the zygote (kill)."""
 
-    def __init__(self, request, address: str, point: Point, death: str, commit: bool) -> None:
+    def __init__(self, request, address: str, point: Point, death: str, commit: bool, ram: bool) -> None:
         self.death = death
         if death == "kill":
             self.zygote: Zygote = request.getfixturevalue("zygote")
-            self.address = self.zygote.start(device="edu", props=EDU_PROPS, address=address, point=point,
-                                             commit=commit)
+            self.address = self.zygote.start(device="ram-edu" if ram else "edu", props=EDU_PROPS, address=address,
+                                             point=point, commit=commit)
             self.thread = None
         else:
-            self.thread = DyingDestination(address, lambda: EduDevice(EDU_PROPS), point, death, commit=commit,
-                                           timeout=10)
+            self.thread = DyingDestination(address, lambda: _edu(ram), point, death, commit=commit, timeout=10)
             self.address = self.thread.address
         self.outcome: dict | None = None
 
@@ -242,30 +258,33 @@ class _Dying:
         return self.outcome
 
 
-@pytest.mark.parametrize(("transport", "commit", "point", "death"), _cases())
-def test_a_destination_dying_at_each_step(request, tmp_path, transport, commit, point, death):
+@pytest.mark.parametrize(("transport", "ram", "commit", "point", "death"), _cases())
+def test_a_destination_dying_at_each_step(request, tmp_path, transport, ram, commit, point, death):
     unix = transport == "unix"
     if death == "kill":
         request.getfixturevalue("zygote")  # started before the descriptors are counted
     dest_address = f"unix:{tmp_path}/dest.sock" if unix else "tcp:127.0.0.1:0"
     with Machine(ram_size=16 << 20) as machine:
-        src = EduSource(tmp_path, machine, extra_regions=EXTRA_REGIONS if unix else 0)
+        src = EduSource(tmp_path, machine, extra_regions=EXTRA_REGIONS if unix else 0, ram=ram)
         try:
+            dev = src.device
+            if ram:
+                dev.ram.mem[:] = os.urandom(RamEdu.RAM_SIZE)
+                ram_crc = crc32c.crc32c(dev.ram.mem)
             work = EduWork(machine, src.pdev)
             work.start()
             work.wait_batches(2)
             fds_before = _open_fds()
-            src.device.watching = True  # (the stops of DMA_MAP before change the state on purpose)
-            first = 0
-            dying = _Dying(request, dest_address, point, death, commit)
+            dev.watching = True  # (the stops of DMA_MAP before change the state on purpose)
+            dying = _Dying(request, dest_address, point, death, commit, ram)
             timeout = TIMEOUTS[death]
             error = _attempt(src, dying, commit, timeout)
             outcome = dying.end()
             assert outcome["reached"], f"the destination never reached {point.name}: {outcome}"
             assert outcome.get("status", -9) == -9
-            dev = src.device
-            assert len(dev.pauses) == first + 1  # one stop for the attempt
-            stopped_at, at_stop, resumed_at, at_resume = dev.pauses[-1]
+            # one stop for the attempt (none if it failed while pre-copy ran before the stop)
+            assert len(dev.pauses) == 1 or (point.step.needs == "precopy" and not dev.pauses), dev.pauses
+            stopped_at, at_stop, resumed_at, at_resume = dev.pauses[-1] if dev.pauses else [0.0, b"", 0.0, b""]
             fate = expected(point, commit)
             if fate == "kept":
                 assert isinstance(error, MigrationError) and "runs again on the source" in str(error), error
@@ -274,20 +293,21 @@ def test_a_destination_dying_at_each_step(request, tmp_path, transport, commit, 
                 assert not outcome["ran"], "the destination ran a device the source kept"
                 # the source's state is untouched until the ACK: the same at its resume as at its stop
                 assert at_resume == at_stop
+                assert not ram or crc32c.crc32c(dev.ram.mem) == ram_crc
                 bound = 2 * timeout + 2.0
                 assert resumed_at - stopped_at < bound, f"stopped {resumed_at - stopped_at:.2f} s"
                 assert _open_fds() == fds_before, "descriptors leaked"
                 assert src.pdev.device.info["pid"] == os.getpid()
                 work.wait_batches(2)  # the workload goes on, on the source
                 served = ServedDestination("tcp:127.0.0.1:0" if not unix else f"unix:{tmp_path}/healthy-in.sock",
-                                           f"unix:{tmp_path}/healthy.sock", lambda: EduDevice(EDU_PROPS))
+                                           f"unix:{tmp_path}/healthy.sock", lambda: _edu(ram))
                 try:
                     report = src.pdev.device.migrate(served.incoming, timeout=20)
                     assert report["deferred"] == (not unix)
                     work.wait_batches(2)  # and on the healthy destination
                     work.finish(served.endpoint.device)
-                    assert len(dev.pauses) == first + 2
                     assert dev.pauses[-1][2] is None and dev.migrated_out  # never resumed after the ACK
+                    assert not ram or crc32c.crc32c(served.endpoint.device.ram.mem) == ram_crc
                 finally:
                     served.close()
             else:
@@ -343,9 +363,10 @@ def test_every_frame_of_the_channel_is_a_step_or_named_as_none():
 
 def test_the_points_are_derived_from_the_frames():
     names = [p.name for p in points(fds=True, commit=True)]
-    assert names[:5] == ["before-OFFER", "before-FDS", "before-STATE", "mid-STATE", "before-ACK"]
-    assert names[-3:] == ["before-COMMIT", "before-RUNNING", "after-RUNNING"]
-    assert "before-COMMIT" not in [p.name for p in points()] and "before-FDS" not in [p.name for p in points()]
+    assert names == ["before-OFFER", "before-FDS", "before-STATE", "mid-STATE", "before-ACK", "mid-ACK",
+                     "before-COMMIT", "before-RUNNING", "mid-RUNNING", "after-RUNNING"]
+    assert [p.name for p in points(deferred=True)] == ["before-OFFER", "before-STATE", "mid-STATE", "before-ACK",
+                                                        "mid-ACK", "after-ACK"]
     precopy = [p.name for p in points(precopy=True)]
     for step in PROTOCOL:
         if step.needs == "precopy":  # pre-copy frames give points exactly when the channel has them
