@@ -29,6 +29,7 @@ one is a :class:`Tripwire`.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import runpy
@@ -57,6 +58,18 @@ from pcidev.transport.fdpass import SCM_MAX_FD, close_fds
 from pcidev.transport.link.server import LinkServer
 from pcidev.vmstate.dump import dump_stream_json
 
+
+def _framing_modules() -> list[Any]:
+    """The modules that frame the channel: :mod:`pcidev.migration.channel`, and the one it
+    takes its framing from (``pcidev.migration.frames``) where that exists."""
+    try:
+        return [channel, importlib.import_module("pcidev.migration.frames")]
+    except ImportError:
+        return [channel]
+
+
+#: frame type -> its name, as the channel knows them
+FRAME_NAMES: dict[int, str] = next(m._NAMES for m in _framing_modules() if hasattr(m, "_NAMES"))
 SOURCE = "source"
 DESTINATION = "destination"
 DEATHS = ("kill", "reset", "hang")
@@ -113,7 +126,7 @@ def unlisted_frames() -> list[str]:
     :data:`NOT_STEPS` name (must be empty)."""
     listed = {s.name for s in PROTOCOL + HANDOVER_BEFORE + HANDOVER_AFTER} | set(NOT_STEPS)
     names = {name for name, kind in vars(channel).items() if name.isupper() and isinstance(kind, int)
-             and kind in channel._NAMES and channel._NAMES[kind] == name}
+             and FRAME_NAMES.get(kind) == name}
     return sorted(names - listed)
 
 
@@ -267,7 +280,7 @@ class Tripwire:
             self._trip()
         if done >= total:
             self._in = [0, 0, 0]
-            self.trace.append(channel._NAMES.get(kind, str(kind)))
+            self.trace.append(FRAME_NAMES.get(kind, str(kind)))
             if self.point is not None and self.point.kind == kind and self.point.phase == "after" \
                     and self.trace.count(self.point.step.name) == 1:
                 self._trip()
@@ -304,7 +317,7 @@ class Tripwire:
             self._trip()
         if total and done >= total:
             self._out = [0, 0, 0]
-            self.trace.append(channel._NAMES.get(kind, str(kind)))
+            self.trace.append(FRAME_NAMES.get(kind, str(kind)))
             if self.point is not None and self.point.kind == kind and self.point.phase == "after" \
                     and self.trace.count(self.point.step.name) == 1:
                 self._trip()
@@ -667,7 +680,6 @@ def _handover_main(point_name: str, death: str, argv: list[str]) -> int:  # prag
     """Run ``python -m pcidev`` with the handover channel watched (its first frame is READY)."""
     point = point_named(point_name)
     wires: list[Tripwire] = []
-    recv, send = channel._recv, channel._send
 
     def die() -> None:
         if death == "hang":
@@ -679,8 +691,11 @@ def _handover_main(point_name: str, death: str, argv: list[str]) -> int:  # prag
             wires.append(Tripwire(sock, point, die))
         return wires[0] if wires[0].sock is sock else sock
 
-    channel._recv = lambda sock, **kw: recv(wrap(sock), **kw)  # type: ignore[assignment]
-    channel._send = lambda sock, kind, body=b"", fds=(): send(wrap(sock), kind, body, fds)  # type: ignore
+    for module in _framing_modules():  # every frame read or written passes here
+        if hasattr(module, "_recv") and hasattr(module, "_send"):
+            recv, send = module._recv, module._send
+            module._recv = lambda sock, recv=recv, **kw: recv(wrap(sock), **kw)
+            module._send = lambda sock, kind, body=b"", fds=(), send=send: send(wrap(sock), kind, body, fds)
     assert argv[:2] == ["-m", "pcidev"], argv
     sys.argv = ["pcidev", *argv[2:]]
     runpy.run_module("pcidev", run_name="__main__", alter_sys=True)
