@@ -43,7 +43,7 @@ from pcidev.transport.link.server import LinkServer
 EDU_PROPS = "engine=on,chunk=1024,delay=0.0002"
 #: the migration to a dying destination: each step's timeout (with commit: from the stop to
 #: the ACK), long where the death ends the wait at once, short where a hang waits it out
-TIMEOUTS = {"kill": 5.0, "reset": 5.0, "hang": 1.0}
+TIMEOUTS = {"kill": 5.0, "reset": 5.0, "hang": 0.6}
 #: more descriptors than one frame carries (OFFER takes 253, an FDS frame the rest)
 EXTRA_REGIONS = 300
 RING = 512
