@@ -70,6 +70,8 @@ def _framing_modules() -> list[Any]:
 
 #: frame type -> its name, as the channel knows them
 FRAME_NAMES: dict[int, str] = next(m._NAMES for m in _framing_modules() if hasattr(m, "_NAMES"))
+#: frame name -> its type
+FRAME_KINDS = {name: kind for kind, name in FRAME_NAMES.items()}
 SOURCE = "source"
 DESTINATION = "destination"
 DEATHS = ("kill", "reset", "hang")
@@ -118,22 +120,20 @@ NOT_STEPS = ("NACK", "ABORT", "HANDOVER", "REPORT")
 
 def defined(step: Step) -> bool:
     """Whether the channel defines the frame type of ``step``."""
-    return isinstance(getattr(channel, step.name, None), int)
+    return step.name in FRAME_KINDS
 
 
 def unlisted_frames() -> list[str]:
     """The channel's frame types that neither :data:`PROTOCOL`, the handover's steps nor
     :data:`NOT_STEPS` name (must be empty)."""
     listed = {s.name for s in PROTOCOL + HANDOVER_BEFORE + HANDOVER_AFTER} | set(NOT_STEPS)
-    names = {name for name, kind in vars(channel).items() if name.isupper() and isinstance(kind, int)
-             and FRAME_NAMES.get(kind) == name}
-    return sorted(names - listed)
+    return sorted(set(FRAME_KINDS) - listed)
 
 
 @attrs.frozen
 class Point:
-    """Where the destination dies: ``before``, in the ``middle`` of, or ``after`` the
-    first frame of ``step``'s type."""
+    """Where the destination dies: ``before``, in the middle (``mid``: half its bytes) of, or
+    ``after`` the first frame of ``step``'s type."""
 
     step: Step
     phase: str
@@ -141,21 +141,12 @@ class Point:
     @property
     def kind(self) -> int:
         """The frame type."""
-        value = getattr(channel, self.step.name)
-        assert isinstance(value, int)
-        return value
+        return FRAME_KINDS[self.step.name]
 
     @property
     def name(self) -> str:
         """``before-OFFER``, ``mid-STATE``, ``after-RUNNING``..."""
         return f"{self.phase}-{self.step.name}"
-
-    @property
-    def before_ack(self) -> bool:
-        """The destination dies before its ACK went out (the source must keep the device)."""
-        ack = [s.name for s in PROTOCOL].index("ACK")
-        at = [s.name for s in PROTOCOL].index(self.step.name) if self.step in PROTOCOL else -1
-        return self.step in HANDOVER_BEFORE or at < ack or (at == ack and self.phase == "before")
 
 
 def points(*, fds: bool = False, commit: bool = False, deferred: bool = False, precopy: bool = False,
@@ -246,6 +237,13 @@ class Tripwire:
         self._die()
         raise Died(self.point.name if self.point else "")
 
+    def _went(self, kind: int) -> None:
+        """A whole frame went through (read or written)."""
+        self.trace.append(FRAME_NAMES.get(kind, str(kind)))
+        if self.point is not None and self.point.kind == kind and self.point.phase == "after" \
+                and self.trace.count(self.point.step.name) == 1:
+            self._trip()
+
     # -- reading ---------------------------------------------------------------------------
     def _peek_header(self) -> None:
         deadline = time.monotonic() + (self.sock.gettimeout() or 3600.0)
@@ -280,10 +278,7 @@ class Tripwire:
             self._trip()
         if done >= total:
             self._in = [0, 0, 0]
-            self.trace.append(FRAME_NAMES.get(kind, str(kind)))
-            if self.point is not None and self.point.kind == kind and self.point.phase == "after" \
-                    and self.trace.count(self.point.step.name) == 1:
-                self._trip()
+            self._went(kind)
 
     def recvmsg_into(self, buffers: list[memoryview], ancbufsize: int = 0, flags: int = 0) -> Any:
         view = memoryview(buffers[0])
@@ -317,10 +312,7 @@ class Tripwire:
             self._trip()
         if total and done >= total:
             self._out = [0, 0, 0]
-            self.trace.append(FRAME_NAMES.get(kind, str(kind)))
-            if self.point is not None and self.point.kind == kind and self.point.phase == "after" \
-                    and self.trace.count(self.point.step.name) == 1:
-                self._trip()
+            self._went(kind)
 
     def sendmsg(self, buffers: list[memoryview], ancdata: Any = (), flags: int = 0) -> int:
         view = memoryview(buffers[0])

@@ -333,6 +333,7 @@ def test_a_destination_dying_at_each_step(request, tmp_path, transport, ram, com
         finally:
             work.halt.set()
             src.close()
+    assert sorted(p.name for p in tmp_path.glob("*.sock")) == []  # no socket file left behind
 
 
 def _attempt(src: EduSource, dying: _Dying, commit: bool, timeout: float) -> BaseException | None:

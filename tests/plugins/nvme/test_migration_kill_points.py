@@ -179,3 +179,4 @@ def test_nvme_keeps_running_when_the_destination_dies_before_the_ack(tmp_path, z
         src.stop()
         if healthy is not None:
             healthy.stop()
+    assert sorted(p.name for p in tmp_path.glob("*.sock")) == []  # no socket file left behind
