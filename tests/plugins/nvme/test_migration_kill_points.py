@@ -12,6 +12,7 @@ import importlib
 import os
 import random
 import sys
+import time
 from pathlib import Path
 
 import crc32c
@@ -150,8 +151,10 @@ def test_nvme_keeps_running_when_the_destination_dies_before_the_ack(tmp_path, z
                     else:
                         dying = DyingDestination(where("dying"), lambda: registry.create("nvme", opts), point, death)
                         address = dying.address
+                    started = time.monotonic()
                     with pytest.raises(MigrationError, match="runs again on the source") as info:
                         pdev.device.migrate(address, timeout=TIMEOUTS[death])
+                    assert time.monotonic() - started < 2 * TIMEOUTS[death] + 5.0  # the stop is bounded
                     if dying is None:
                         outcome = zygote.result()
                         assert outcome.get("reached") == name and outcome["status"] == -9, (name, outcome)
