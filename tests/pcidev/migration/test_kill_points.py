@@ -44,6 +44,8 @@ EDU_PROPS = "engine=on,chunk=1024,delay=0.0002"
 #: the migration to a dying destination: each step's timeout (with commit: from the stop to
 #: the ACK), long where the death ends the wait at once, short where a hang waits it out
 TIMEOUTS = {"kill": 5.0, "reset": 5.0, "hang": 0.6}
+#: a destination that hangs once it loaded the state needs the time to load it first
+LOADED_HANG_TIMEOUT = 1.5
 #: more descriptors than one frame carries (OFFER takes 253, an FDS frame the rest)
 EXTRA_REGIONS = 300
 RING = 512
@@ -277,7 +279,9 @@ def test_a_destination_dying_at_each_step(request, tmp_path, transport, ram, com
             fds_before = _open_fds()
             dev.watching = True  # (the stops of DMA_MAP before change the state on purpose)
             dying = _Dying(request, dest_address, point, death, commit, ram)
-            timeout = TIMEOUTS[death]
+            order = [s.name for s in PROTOCOL]
+            loaded = order.index(point.step.name) >= order.index("ACK")
+            timeout = LOADED_HANG_TIMEOUT if death == "hang" and loaded else TIMEOUTS[death]
             error = _attempt(src, dying, commit, timeout)
             outcome = dying.end()
             assert outcome["reached"], f"the destination never reached {point.name}: {outcome}"
