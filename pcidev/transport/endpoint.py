@@ -34,7 +34,14 @@ import pluggy
 
 from pcidev.device import PciDevice
 from pcidev.dma import GuestMemory
-from pcidev.errors import IrqError, MigrationBlockedError, MigrationError, PcidevError, TransportError
+from pcidev.errors import (
+    ConnectionLostError,
+    IrqError,
+    MigrationBlockedError,
+    MigrationError,
+    PcidevError,
+    TransportError,
+)
 from pcidev.migration import (
     IncomingResult,
     LoadedResources,
@@ -295,11 +302,19 @@ class DeviceEndpoint:
         :param running_timeout: seconds to wait for RUNNING after COMMIT.
         :param stall: ends the new process when RUNNING does not come (kill and reap).
         :raises MigrationBlockedError: blockers (nothing was stopped).
+        :raises ConnectionLostError: the new process may have run the device and was killed:
+            it runs nowhere, and this endpoint is :data:`MIGRATED` (it refuses every access).
         :raises MigrationError: the handover failed; the device runs here again.
         """
         self._check_state(RUNNING)
-        result = migrate_out(self.device, sock, pm=self.pm, timeout=timeout, running_timeout=running_timeout,
-                             commit=True, stall=stall)
+        try:
+            result = migrate_out(self.device, sock, pm=self.pm, timeout=timeout, running_timeout=running_timeout,
+                                 commit=True, stall=stall)
+        except ConnectionLostError:
+            # the new process may have run the device: it is nobody's here any more
+            self.state = MIGRATED
+            self.moved_to = "a new process that may have run it (killed: the connection is lost)"
+            raise
         self.state = MIGRATED
         self.moved_to = f"pid {result.link}" if result.link else "a new process"
         return result
