@@ -226,6 +226,8 @@ class MigrationRecord:
     :ivar sections: the loaded stream's sections as the destination reported them
         (name, version, subsections, scalar fields).
     :ivar report: the full report of :meth:`~pcidev.transport.link.RemoteDevice.migrate`.
+    :ivar stream: the vmstate stream the destination loaded, for the migration
+        :func:`migrate_under_load` was asked to keep (``keep_stream``); else None.
     """
 
     index: int
@@ -239,6 +241,7 @@ class MigrationRecord:
     host_pause: float
     sections: tuple[dict[str, Any], ...] = ()
     report: Mapping[str, Any] = attrs.field(factory=dict, repr=False)
+    stream: bytes | None = attrs.field(default=None, repr=False)
 
     @property
     def summary(self) -> Mapping[str, Any]:
@@ -359,6 +362,14 @@ class _WorkloadThread(threading.Thread):
             self.join(timeout)
 
 
+def _read_stream(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:  # the destination did not write it: the record says so with None
+        return None
+
+
 def migrate_under_load(device_type: str, workload: Workload | Callable[[WorkloadContext], bool | None], *,
                        count: int = 5, every: int | None = None, iterations: int | None = None,
                        transport: str = "unix", properties: str | Mapping[str, Any] | None = None,
@@ -369,7 +380,7 @@ def migrate_under_load(device_type: str, workload: Workload | Callable[[Workload
                        progress_timeout: float = 60.0, stop_timeout: float = 30.0,
                        on_migration: Callable[[MigrationRecord, WorkloadContext], object] | None = None,
                        on_ready: Callable[[WorkloadContext], object] | None = None,
-                       max_downtime_ms: float | None = None) -> MigrationRunResult:
+                       max_downtime_ms: float | None = None, keep_stream: int | None = None) -> MigrationRunResult:
     """Migrate a device of ``device_type`` between processes ``count`` times while
     ``workload`` keeps running on the software host (see the module docstring).
 
@@ -406,6 +417,8 @@ def migrate_under_load(device_type: str, workload: Workload | Callable[[Workload
     :param max_downtime_ms: the downtime budget of a pre-copy migration, passed to
         :meth:`~pcidev.transport.link.RemoteDevice.migrate` (None: its default); a
         :class:`~pcidev.errors.PcidevError` if this pcidev's device link has no pre-copy.
+    :param keep_stream: keep the vmstate stream of this migration (1 for the first) in its
+        :attr:`MigrationRecord.stream` (its destination writes what it loaded to a file).
     :returns: the run's result.
     :raises WorkloadError: the workload raised (``__cause__``) or stopped making progress.
     :raises MigrationError: a migration failed or was refused (the destination's
@@ -474,8 +487,8 @@ def migrate_under_load(device_type: str, workload: Workload | Callable[[Workload
             # than one workload interval, however many migrations are asked for
             incoming = "tcp:127.0.0.1:0" if transport == "tcp" else f"unix:{workdir}/dev-{k}-in.sock"
             procs.append(DeviceProcess(destination_type or device_type, f"unix:{workdir}/dev-{k}.sock",
-                                       options=dest_props,
-                                       incoming=incoming, plugin_specs=plugin_specs))
+                                       options=dest_props, incoming=incoming, plugin_specs=plugin_specs,
+                                       save_incoming=f"{workdir}/stream-{k}.bin" if k == keep_stream else None))
 
         if count:
             start_destination(1)
@@ -525,7 +538,8 @@ def migrate_under_load(device_type: str, workload: Workload | Callable[[Workload
                             downtime=report.get("downtime"),
                             downtime_upper_bound=float(report["downtime_upper_bound"]),
                             host_pause=float(report["host_pause"]),
-                            sections=tuple(loaded.get("sections") or ()), report=report)
+                            sections=tuple(loaded.get("sections") or ()), report=report,
+                            stream=_read_stream(f"{workdir}/stream-{k}.bin") if k == keep_stream else None)
                         records.append(record)
                     finally:
                         work.after_migration(ctx, record)
