@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             error = out["error"] = f"{out['migrations']} of {args.migrations} migrations ran"
         if args.json:
             print(json.dumps(out, indent=1, default=str))
-        elif result is not None:
+        elif result is not None and result.migrations:
             print_table(console, out)
         if error is not None:
             print(f"error: {error}", file=sys.stderr)

@@ -53,12 +53,15 @@ from pcidev.errors import PcidevError
 from pcidev.testing import MigrationRecord, Workload, WorkloadContext
 from pcidev_nvme.testing.driver import READ, WRITE, Completion, NvmeDriver, NvmeDriverError
 
-__all__ = ["VerifiedIo", "BLOCK_HEADER"]
+__all__ = ["VerifiedIo", "BLOCK_HEADER", "MAX_QD"]
 
 #: the header each written block starts with: CRC-32C of the rest of the block,
 #: NSID, LBA, write sequence number
 BLOCK_HEADER = struct.Struct("<IIQQ")
 SLOT = 4096
+#: the deepest queue depth: each SQ has ``2 * qd`` entries, at most the controller's
+#: default MQES + 1 (2048)
+MAX_QD = 1024
 #: seconds a step waits for the completions it expects before counting them lost
 STEP_TIMEOUT = 30.0
 #: seconds :meth:`VerifiedIo.before_migration` waits for the workload to hold a full CQ
@@ -114,7 +117,8 @@ class VerifiedIo(Workload):
         :func:`~pcidev.hookspecs.pcidev_migration_workload`): over UNIX a ``mem`` and a
         ``file`` namespace, over TCP the ``file`` namespace alone (a ``mem`` namespace
         cannot follow without its descriptor; when it can, add it here), each
-        ``ns_size`` bytes (default 4 MiB), the file in ``workdir``.
+        ``ns_size`` bytes (default 4 MiB, or twice what one step's commands address),
+        the file in ``workdir``.
 
         :param options: ``queues`` (8), ``qd`` (32), ``transport`` (``unix``),
             ``workdir`` (required), ``seed``, ``ns_size``, ``aers``, ``hold_every``.
@@ -122,8 +126,11 @@ class VerifiedIo(Workload):
         """
         queues, qd = int(options.get("queues") or 8), int(options.get("qd") or 32)
         transport = str(options.get("transport") or "unix")
-        size = int(options.get("ns_size") or 4 << 20)
+        size = int(options.get("ns_size") or max(4 << 20, 2 * queues * qd * SLOT))
         workdir = options.get("workdir")
+        if not 1 <= qd <= MAX_QD:
+            raise PcidevError(f"the NVMe workload's qd must be 1..{MAX_QD} (its SQs have 2 x qd entries, "
+                              f"at most MQES + 1), not {qd}")
         if workdir is None:
             raise PcidevError("the NVMe workload needs a workdir for its file namespace")
         if size < 2 * queues * qd * SLOT:
@@ -374,7 +381,7 @@ class VerifiedIo(Workload):
 
     def report(self) -> dict[str, Any]:
         return {"seed": self.seed, "queues": len(getattr(self, "qids", ())) or self.queues, "qd": self.qd,
-                "commands": self.commands, "writes": self.writes, "reads": self.reads,
+                "commands": self.commands, "writes": self.writes, "reads": self.reads, "readbacks": self.readbacks,
                 "blocks_written": self.blocks_written, "blocks_read": self.blocks_read,
                 "blocks_checked": self.blocks_checked, "mismatches": self.mismatches,
                 "lost_completions": self.lost, "duplicate_completions": self.duplicates,
