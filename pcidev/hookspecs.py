@@ -197,7 +197,7 @@ def pcidev_migration_summary(device: PciDevice) -> dict[str, Any]:
     Called by the migration channel (:func:`pcidev.migration.channel.migrate_out`) right
     after the stopped device's state was saved, through
     :func:`pcidev.plugins.hook_migration_summary`; the merged dictionaries travel in the
-    report as ``summary`` (:attr:`pcidev.migration.channel.MigrationResult.summary`). It is
+    report as ``summary`` (:class:`pcidev.migration.channel.MigrationResult`). It is
     evidence, not state: the NVMe plugin reports how many completion queues were full,
     how many completions were parked in their backlogs and how many Asynchronous Event
     Requests were outstanding at the stop, so a test can assert that a migration really

@@ -418,7 +418,7 @@ def migrate_under_load(device_type: str, workload: Workload | Callable[[Workload
         :meth:`~pcidev.transport.link.RemoteDevice.migrate` (None: its default); a
         :class:`~pcidev.errors.PcidevError` if this pcidev's device link has no pre-copy.
     :param keep_stream: keep the vmstate stream of this migration (1 for the first) in its
-        :attr:`MigrationRecord.stream` (its destination writes what it loaded to a file).
+        ``stream`` (:class:`MigrationRecord`) (its destination writes what it loaded to a file).
     :returns: the run's result.
     :raises WorkloadError: the workload raised (``__cause__``) or stopped making progress.
     :raises MigrationError: a migration failed or was refused (the destination's
