@@ -101,7 +101,7 @@ def check_args(args: argparse.Namespace) -> str | None:
 def stream_migration(args: argparse.Namespace) -> int:
     """Which migration's stream --save-stream keeps: the second (a stop with a full CQ
     for NVMe), or the only one."""
-    return min(2, args.migrations)
+    return min(2, int(args.migrations))
 
 
 def summarize(args: argparse.Namespace, workload: Workload, result: MigrationRunResult | None,
@@ -143,6 +143,19 @@ def summarize(args: argparse.Namespace, workload: Workload, result: MigrationRun
             "state_bytes": m.state_size, "fds": m.fds, "summary": dict(m.summary),
         } for m in migrations],
     }
+
+
+def missing_stops(out: dict[str, Any]) -> str | None:
+    """For a device whose plugin reports full CQs and outstanding AERs (NVMe), the run must
+    have stopped it so at least once (from the second migration on, the workload holds a CQ
+    full at every second stop): what did not happen, or None."""
+    summaries = [m["summary"] for m in out["per_migration"]]
+    missing = []
+    if out["migrations"] >= 2 and summaries and all("cqs_full" in s for s in summaries) and not out["cq_full_stops"]:
+        missing.append("a full CQ")
+    if summaries and all("aers_outstanding" in s for s in summaries) and not out["aer_stops"]:
+        missing.append("AERs outstanding")
+    return f"no migration stopped the device with {' or '.join(missing)}" if missing else None
 
 
 def _fmt(value: Any, unit: str = "") -> str:
@@ -235,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         out = summarize(args, workload, result, error, saved)
         if error is None and out["migrations"] != args.migrations:
             error = out["error"] = f"{out['migrations']} of {args.migrations} migrations ran"
+        if error is None:
+            error = out["error"] = missing_stops(out)
         if args.json:
             print(json.dumps(out, indent=1, default=str))
         elif result is not None and result.migrations:

@@ -86,3 +86,21 @@ def test_errors_are_one_line_and_status_1(capsys, argv, message):
     assert example.main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1, err
+
+
+def _out(*summaries):
+    return {"migrations": len(summaries), "per_migration": [{"summary": s} for s in summaries],
+            "cq_full_stops": sum(s.get("cqs_full", 0) > 0 for s in summaries),
+            "aer_stops": sum(s.get("aers_outstanding", 0) > 0 for s in summaries)}
+
+
+def test_a_run_without_the_stops_the_issue_asks_for_fails():
+    none = {"cqs_full": 0, "cq_backlog": 0, "aers_outstanding": 0}
+    full = {"cqs_full": 1, "cq_backlog": 3, "aers_outstanding": 4}
+    assert example.missing_stops(_out(none, none)) == \
+        "no migration stopped the device with a full CQ or AERs outstanding"
+    assert example.missing_stops(_out(dict(none, aers_outstanding=4), dict(none, aers_outstanding=4))) == \
+        "no migration stopped the device with a full CQ"
+    assert example.missing_stops(_out(dict(none, aers_outstanding=4), full)) is None
+    assert example.missing_stops(_out(dict(none, aers_outstanding=4))) is None  # one migration: no hold yet
+    assert example.missing_stops(_out({}, {})) is None  # a device that reports nothing (edu)
