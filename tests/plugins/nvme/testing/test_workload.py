@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
+import time
 
 import crc32c
 import pytest
@@ -103,7 +104,8 @@ def test_a_hold_keeps_queue_1_s_cq_full_with_completions_parked(run):
 
     def steps() -> None:
         try:
-            for _ in range(3):
+            deadline = time.monotonic() + 30
+            while not work.holds and time.monotonic() < deadline:  # until a step held the CQ full
                 work.step(ctx)
         except BaseException as exc:  # reported below
             errors.append(exc)

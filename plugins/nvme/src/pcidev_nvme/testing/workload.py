@@ -107,6 +107,8 @@ class VerifiedIo(Workload):
         self.holds = self.holds_missed = self.aer_events = 0
         self.problems: list[str] = []
         self.seq = 0
+        #: the fewest commands a queue had in flight when its doorbell rang
+        self.qd_min = qd
         self.recent: list[tuple[int, int]] = []
         self._hold = threading.Condition()
         self._hold_state = "idle"  # idle -> asked -> holding -> released -> idle
@@ -198,17 +200,17 @@ class VerifiedIo(Workload):
             for k in range(self.qd):
                 addr = self.buf + (qi * self.qd + k) * SLOT
                 readback = bool(self.recent) and rnd.random() < 0.25
-                if readback:  # read back a slot the step before wrote
-                    nsid, slot = self.recent.pop(rnd.randrange(len(self.recent)))
-                    if (nsid, slot) in used:
-                        continue
-                    op = READ
-                else:
-                    nsid = rnd.choice(nsids)
-                    slot = rnd.randrange(self.slots[nsid])
-                    if (nsid, slot) in used:
-                        continue
-                    op = WRITE if rnd.random() < 0.5 else READ
+                while True:  # a slot no other command of the step uses (at most half are taken)
+                    if readback and self.recent:  # read back a slot the step before wrote
+                        nsid, slot = self.recent.pop(rnd.randrange(len(self.recent)))
+                        op = READ
+                    else:
+                        readback = False
+                        nsid = rnd.choice(nsids)
+                        slot = rnd.randrange(self.slots[nsid])
+                        op = WRITE if rnd.random() < 0.5 else READ
+                    if (nsid, slot) not in used:
+                        break
                 used.add((nsid, slot))
                 lbs = drv.lba_size(nsid)
                 per = SLOT // lbs
@@ -225,6 +227,8 @@ class VerifiedIo(Workload):
                     raise AssertionError(f"the driver reused CID {cid} of SQ {qid} while outstanding")
                 self.outstanding[(qid, cid)] = (op, nsid, slba, nlb, crcs, addr, readback)
                 self.commands += 1
+            # the commands in flight on the queue when its doorbell rings
+            self.qd_min = min(self.qd_min, drv.queues[qid].outstanding)
             drv.ring(qid)
         self._maybe_hold()
         failed = []
@@ -380,7 +384,7 @@ class VerifiedIo(Workload):
             raise AssertionError(f"a temperature threshold event completed {len(new)} AERs, not 1: {new}")
 
     def report(self) -> dict[str, Any]:
-        return {"seed": self.seed, "queues": len(getattr(self, "qids", ())) or self.queues, "qd": self.qd,
+        return {"seed": self.seed, "queues": len(getattr(self, "qids", ())) or self.queues, "qd": self.qd_min,
                 "commands": self.commands, "writes": self.writes, "reads": self.reads, "readbacks": self.readbacks,
                 "blocks_written": self.blocks_written, "blocks_read": self.blocks_read,
                 "blocks_checked": self.blocks_checked, "mismatches": self.mismatches,
