@@ -543,6 +543,8 @@ def migrate_under_load(device_type: str, workload: Workload | Callable[[Workload
                         records.append(record)
                     finally:
                         work.after_migration(ctx, record)
+                    for done in procs[:k]:  # reap the sources that exited (no zombie per migration)
+                        done.proc.poll()
                     if k < count:
                         start_destination(k + 1)
                     if on_migration is not None:
