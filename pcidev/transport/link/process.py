@@ -143,8 +143,12 @@ def _serve(args: argparse.Namespace, endpoint: DeviceEndpoint, listener: Listene
                 result = endpoint.accept_incoming(conn, link=str(link_addr), timeout=args.timeout)
             finally:
                 conn.close()
-            if args.save_incoming:
-                Path(args.save_incoming).write_bytes(result.stream)
+            if args.save_incoming:  # a copy for inspection: failing to write it never stops the device
+                try:
+                    Path(args.save_incoming).write_bytes(result.stream)
+                except OSError as exc:
+                    print(f"pcidev link process: cannot write {args.save_incoming}: {exc.strerror or exc}",
+                          file=sys.stderr)
             _emit(args.events, "incoming", state_size=len(result.stream), fds=result.fds,
                   loaded_at=result.loaded_at, running_at=result.running_at, state=endpoint.state,
                   sections=_summary(result.stream))

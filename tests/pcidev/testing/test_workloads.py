@@ -10,8 +10,10 @@ import os
 import pytest
 
 from pcidev.errors import MigrationError, PcidevError
+from pcidev.host import Machine
 from pcidev.testing import MigrationRecord, Workload, WorkloadContext, migrate_under_load, standard_workload
 from pcidev.testing.edu import DmaCopies
+from pcidev.transport.link.process import DeviceProcess
 from pcidev.transport.link.remote import RemoteDevice
 from pcidev.vmstate import dump_stream_json
 
@@ -142,3 +144,25 @@ def test_a_device_type_without_a_standard_workload(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(PcidevError, match="device type 'edu-bare' has no standard workload"):
         standard_workload("edu-bare", workdir=tmp_path, plugin_specs=["pcidev_bare_edu"])
+
+
+def test_a_stream_copy_that_cannot_be_written_never_stops_the_destination(tmp_path):
+    """--save-incoming is for inspection: the destination serves the device even when the
+    copy cannot be written (the source gave the device up at the acknowledgement)."""
+    source = DeviceProcess("edu", f"unix:{tmp_path}/src.sock")
+    dest = DeviceProcess("edu", f"unix:{tmp_path}/dst.sock", incoming=f"unix:{tmp_path}/in.sock",
+                         save_incoming=str(tmp_path / "no-such-dir" / "stream.bin"))
+    try:
+        source.wait_event("ready")
+        address = str(dest.wait_event("listening")["incoming"])
+        with Machine() as machine:
+            pdev = machine.plug_remote(source.link)
+            pdev.enable_device()
+            pdev.iowrite32(0, 0x08, 5)  # FACTORIAL
+            pdev.device.migrate(address, timeout=20)
+            dest.wait_event("incoming")
+            assert pdev.ioread32(0, 0x08) == 120 and pdev.device.info["pid"] == dest.pid
+        assert any("cannot write" in line and "stream.bin" in line for line in dest.stderr_lines)
+    finally:
+        source.stop()
+        dest.stop()
