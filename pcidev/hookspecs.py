@@ -30,7 +30,11 @@ Lifecycle, in order:
 5. :func:`pcidev_register_devices` is called once per plugin by
    :func:`pcidev.plugins.load_registry`;
 6. :func:`pcidev_migration_blockers` is called whenever a running device is asked
-   whether it can migrate.
+   whether it can migrate; :func:`pcidev_migration_summary` once the stopped device's
+   state is saved, for the migration's report;
+7. :func:`pcidev_migration_workload` is called by the testing toolkit
+   (:func:`pcidev.testing.standard_workload`) when a test or an example asks for a
+   device type's standard workload.
 
 **Plugin-defined hooks.**  A plugin that wants hooks of its own puts their
 specifications, marked with :data:`hookspec`, in a module of its own and adds
@@ -74,6 +78,8 @@ import pluggy
 
 if TYPE_CHECKING:
     import argparse
+    from collections.abc import Mapping
+    from typing import Any
 
     from pcidev.device import PciDevice
     from pcidev.registry import DeviceRegistry
@@ -85,6 +91,8 @@ __all__ = [
     "pcidev_add_hookspecs",
     "pcidev_add_options",
     "pcidev_migration_blockers",
+    "pcidev_migration_summary",
+    "pcidev_migration_workload",
     "pcidev_register_devices",
 ]
 
@@ -178,5 +186,58 @@ def pcidev_migration_blockers(device: PciDevice) -> list[str]:
         fine as far as this plugin knows. An implementation that raises, or
         returns anything but a list of strings, blocks the migration with a
         reason naming the plugin.
+    """
+    raise NotImplementedError  # a specification: pluggy calls the implementations, never this
+
+
+@hookspec
+def pcidev_migration_summary(device: PciDevice) -> dict[str, Any]:
+    """Describe the state a stopped device is migrated in, for the migration's report.
+
+    Called by the migration channel (:func:`pcidev.migration.channel.migrate_out`) right
+    after the stopped device's state was saved, through
+    :func:`pcidev.plugins.hook_migration_summary`; the merged dictionaries travel in the
+    report as ``summary`` (:class:`pcidev.migration.channel.MigrationResult`). It is
+    evidence, not state: the NVMe plugin reports how many completion queues were full,
+    how many completions were parked in their backlogs and how many Asynchronous Event
+    Requests were outstanding at the stop, so a test can assert that a migration really
+    happened in such a state. Keep it cheap (the device is stopped) and never change the
+    device.
+
+    :param device: the stopped source device (of any type: return ``None`` or an empty
+        dictionary for devices you know nothing about).
+    :returns: figures by name (JSON-ready: numbers, strings, booleans). A plugin that
+        raises or returns anything but a dictionary never fails the migration: the
+        summary then holds one ``error`` entry naming it.
+    """
+    raise NotImplementedError  # a specification: pluggy calls the implementations, never this
+
+
+@hookspec
+def pcidev_migration_workload(device_type: str, options: Mapping[str, Any]) -> object | None:
+    """Provide the standard verified workload of ``device_type`` for migration tests.
+
+    :func:`pcidev.testing.standard_workload` calls it (through
+    :func:`pcidev.plugins.hook_migration_workload`) for
+    ``examples/migrate_between_processes.py``, the soak tests and any test that wants
+    "the usual load" on a device while it migrates (:func:`pcidev.testing.migrate_under_load`).
+    The first plugin (in pluggy's call order) that returns something wins.
+
+    The workload is a :class:`pcidev.testing.Workload`: it drives the device from the
+    software host, checks every result (data by CRC-32C per block, completions counted
+    so lost and duplicated ones are found) and says what device configuration it needs
+    (:attr:`~pcidev.testing.Workload.properties`, ``probe``, ``ram_size``); its
+    :meth:`~pcidev.testing.Workload.report` gives the figures (``mismatches``,
+    ``lost_completions``, ``duplicate_completions``...). See the NVMe plugin's
+    :class:`pcidev_nvme.testing.workload.VerifiedIo`.
+
+    :param device_type: the registered device type asked for (return ``None`` for one
+        that is not yours).
+    :param options: what the caller wants: ``queues`` (I/O queues to use), ``qd``
+        (commands in flight per queue), ``transport`` (``unix`` or ``tcp``: a workload
+        picks backings that can follow over it), ``workdir`` (a private directory for
+        backing files, removed after the run) and ``seed`` (for the random choices;
+        None: random). Ignore the ones that mean nothing for your device.
+    :returns: a :class:`pcidev.testing.Workload`, or ``None``.
     """
     raise NotImplementedError  # a specification: pluggy calls the implementations, never this

@@ -16,8 +16,9 @@ loading, :func:`~pcidev.hookspecs.pcidev_add_hookspecs` runs and every hook
 implementation must match a known specification: a misspelled hook name is a
 :class:`~pcidev.errors.PluginError` naming the hook and the plugin.
 
-The helpers :func:`load_registry`, :func:`add_plugin_options` and
-:func:`hook_migration_blockers` call a hook one plugin at a time
+The helpers :func:`load_registry`, :func:`add_plugin_options`,
+:func:`hook_migration_blockers`, :func:`hook_migration_summary` and
+:func:`hook_migration_workload` call a hook one plugin at a time
 (:func:`each_plugin`), so each error names the plugin that caused it and each
 registration is attributed to it (a failing ``pcidev_migration_blockers`` is a
 reason that refuses the migration, not an error).
@@ -29,8 +30,8 @@ import difflib
 import importlib
 import importlib.metadata
 import os
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 import pluggy
@@ -54,6 +55,8 @@ __all__ = [
     "add_plugin_options",
     "each_plugin",
     "hook_migration_blockers",
+    "hook_migration_summary",
+    "hook_migration_workload",
     "load_registry",
     "make_plugin_manager",
     "parse_plugin_specs",
@@ -436,6 +439,61 @@ def hook_migration_blockers(pm: pluggy.PluginManager, device: PciDevice) -> list
                     "pcidev_migration_blockers; expected a list of strings"
                 )
     return reasons
+
+
+def hook_migration_summary(pm: pluggy.PluginManager, device: PciDevice) -> dict[str, Any]:
+    """Ask every plugin to describe the stopped ``device``'s state
+    (:func:`~pcidev.hookspecs.pcidev_migration_summary`), one plugin at a time.
+
+    A plugin that raises or returns anything but a dictionary with string keys never
+    fails the migration: its part becomes an ``error`` entry naming it.
+
+    :param pm: the plugin manager.
+    :param device: the stopped device whose state was just saved.
+    :returns: every plugin's figures merged (a later plugin's key does not replace an
+        earlier one's).
+    """
+    out: dict[str, Any] = {}
+    for hook in each_plugin(pm, "pcidev_migration_summary"):
+        try:
+            results = hook(device=device)
+        except PluginError as exc:
+            out.setdefault("error", str(exc))
+            continue
+        for result in results:
+            if isinstance(result, dict) and all(isinstance(k, str) for k in result):
+                for key, value in result.items():
+                    out.setdefault(key, value)
+            else:
+                out.setdefault("error", f"plugin {hook.name!r} returned {_safe_repr(result):.100} from "
+                                        "pcidev_migration_summary; expected a dictionary")
+    return out
+
+
+_Workload = TypeVar("_Workload")
+
+
+def hook_migration_workload(pm: pluggy.PluginManager, device_type: str, options: Mapping[str, Any],
+                            kind: type[_Workload]) -> _Workload | None:
+    """The standard workload a plugin provides for ``device_type``
+    (:func:`~pcidev.hookspecs.pcidev_migration_workload`), asking one plugin at a time.
+
+    :param pm: the plugin manager.
+    :param device_type: the device type.
+    :param options: the caller's wishes (see the hook).
+    :param kind: the class a workload must be an instance of
+        (:class:`pcidev.testing.Workload`, which this module cannot import).
+    :returns: the first plugin's workload, or None when no plugin provides one.
+    :raises PluginError: naming the plugin, if its hook raises or returns something that
+        is not a ``kind``.
+    """
+    for hook in each_plugin(pm, "pcidev_migration_workload"):
+        for result in hook(device_type=device_type, options=options):
+            if not isinstance(result, kind):
+                raise PluginError(f"plugin {hook.name!r} returned {_safe_repr(result):.100} from "
+                                  f"pcidev_migration_workload; expected a {kind.__name__}")
+            return result
+    return None
 
 
 def _safe_repr(value: object) -> str:

@@ -170,8 +170,8 @@ def test_readme_quick_start_has_two_venv_commands():
         assert line.startswith("python3 -m venv .venv && ")
         assert ".venv/bin/pip install" in line
         assert "-e '.[test]'" in line
-    setup, demo = lines[0].rsplit(" && ", 1)
-    assert demo == ".venv/bin/pcidev demo"
+    setup, main_job = lines[0].rsplit(" && ", 1)
+    assert main_job == ".venv/bin/python examples/migrate_between_processes.py"
     setup2, tests = lines[1].rsplit(" && ", 1)
     assert setup2 == setup
     assert tests.startswith(".venv/bin/python -m pytest")

@@ -89,6 +89,7 @@ from pcidev.errors import (
 from pcidev.migration.blockers import collect_blockers, descriptor_blockers
 from pcidev.migration.function_state import LoadedResources
 from pcidev.migration.snapshot import load_device_stream, save_device_stream
+from pcidev.plugins import hook_migration_summary
 from pcidev.transport.fdpass import SCM_MAX_FD, close_fds, is_unix, recv_exact, send_all
 from pcidev.vmstate.errors import ConfigMismatchError
 
@@ -168,6 +169,9 @@ class MigrationResult:
     :ivar same_clock: source and destination share ``CLOCK_MONOTONIC`` (same boot id).
     :ivar deferred: the destination waits for its host to attach memory and resume.
     :ivar link: the address where the destination serves the device, if it said.
+    :ivar summary: what the plugins said of the stopped device's state
+        (:func:`~pcidev.hookspecs.pcidev_migration_summary`; NVMe: full CQs, parked
+        completions, outstanding AERs).
     """
 
     state_size: int
@@ -178,6 +182,7 @@ class MigrationResult:
     same_clock: bool = False
     deferred: bool = False
     link: str | None = None
+    summary: dict[str, Any] = attrs.field(factory=dict)
 
     @property
     def downtime(self) -> float | None:
@@ -198,7 +203,7 @@ class MigrationResult:
         return {"state_size": self.state_size, "fds": self.fds, "stopped_at": self.stopped_at,
                 "acked_at": self.acked_at, "running_at": self.running_at, "same_clock": self.same_clock,
                 "deferred": self.deferred, "link": self.link, "downtime": self.downtime,
-                "downtime_upper_bound": self.downtime_upper_bound, "boot_id": boot_id()}
+                "downtime_upper_bound": self.downtime_upper_bound, "boot_id": boot_id(), "summary": self.summary}
 
 
 @attrs.frozen
@@ -392,6 +397,7 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
     try:
         sock.settimeout(timeout)
         stream, fds = save_device_stream(device)
+        summary = hook_migration_summary(pm, device) if pm is not None else {}
         deadline = ack_by if commit else time.monotonic() + timeout  # for the reply to a failed send
         size = len(stream)
         pass_fds = is_unix(sock)
@@ -446,7 +452,8 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
         except (TransportError, OSError):
             pass
     return MigrationResult(state_size=size, fds=nfds, stopped_at=stopped_at, acked_at=acked_at,
-                           running_at=running_at, same_clock=same, deferred=bool(meta["deferred"]), link=link)
+                           running_at=running_at, same_clock=same, deferred=bool(meta["deferred"]), link=link,
+                           summary=summary)
 
 
 def _commit(device: PciDevice, sock: socket.socket, meta: dict[str, Any], *, size: int, nfds: int,

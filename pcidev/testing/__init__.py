@@ -14,6 +14,9 @@ without pytest:
 * :func:`migrate_under_load`: migrate a device of any registered type between
   processes N times while a :class:`Workload` keeps running on it and verifies
   itself (:mod:`pcidev.testing.migration`);
+* :func:`standard_workload`: the verified workload a device type's plugin provides
+  (with the device configuration it needs), for :func:`migrate_under_load`
+  (:mod:`pcidev.testing.workloads`);
 * :func:`served`: serve a device over vfio-user with ``pcidev serve`` in a process of
   its own, to drive it as QEMU would (:mod:`pcidev.testing.served`).
 """
@@ -30,7 +33,8 @@ from pcidev.testing.migration import (
     migrate_under_load,
 )
 from pcidev.testing.served import ServedDevice, served
+from pcidev.testing.workloads import standard_workload
 
 __all__ = ["RoundtripError", "plugged", "roundtrip", "state_differences", "teardown_device",
            "migrate_under_load", "Workload", "WorkloadContext", "WorkloadError", "MigrationRecord",
-           "MigrationRunResult", "probe", "served", "ServedDevice"]
+           "MigrationRunResult", "probe", "served", "ServedDevice", "standard_workload"]

@@ -41,6 +41,7 @@ a private directory that is deleted). Errors reach the caller typed:
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import tempfile
@@ -95,11 +96,14 @@ class WorkloadContext:
         :meth:`Workload.step` may check it.
     :ivar iteration: steps completed so far.
     :ivar migrations: migrations completed so far.
+    :ivar ended: set once the workload ended (finished, failed or stopped): a
+        :meth:`Workload.before_migration` waiting for it to reach a state gives up.
     """
 
     machine: Machine
     pdev: HostPciDevice
     stopping: threading.Event = attrs.field(factory=threading.Event)
+    ended: threading.Event = attrs.field(factory=threading.Event)
     iteration: int = 0
     migrations: int = 0
 
@@ -125,7 +129,22 @@ class Workload:
     Every method runs on the runner's workload thread, :meth:`verify` on the
     caller's. Raise (anything) on a verification failure: the runner stops and
     raises :class:`WorkloadError` from it.
+
+    A device type's *standard* workload (:func:`pcidev.testing.standard_workload`,
+    provided by its plugin) also says which device configuration it needs
+    (:attr:`properties`, :attr:`probe`, :attr:`ram_size`: :func:`migrate_under_load`
+    uses them when its caller gives none), may prepare the device's state for a
+    migration (:meth:`before_migration`, :meth:`after_migration`: a full completion
+    queue at the stop, for example) and counts what it checked (:meth:`report`).
     """
+
+    #: the device properties the workload needs (``key=value,...``)
+    properties: str = ""
+    #: whether the runner enables the device before :meth:`setup` (False: the
+    #: workload's driver probes it itself)
+    probe: bool = True
+    #: bytes of guest RAM the workload needs
+    ram_size: int = 64 << 20
 
     def setup(self, ctx: WorkloadContext) -> None:
         """Prepare (buffers in guest RAM, queues, rings) before the first step.
@@ -147,6 +166,33 @@ class Workload:
 
         :param ctx: the host and the device.
         """
+
+    def before_migration(self, ctx: WorkloadContext, index: int) -> None:
+        """Called on the runner's thread just before migration ``index`` starts, while
+        the workload runs. It may wait (briefly: it delays the migration) until the
+        workload brought the device into a state worth migrating. The default does nothing.
+
+        :param ctx: the host and the device.
+        :param index: 1 for the first migration.
+        """
+
+    def after_migration(self, ctx: WorkloadContext, record: MigrationRecord | None) -> None:
+        """Called on the runner's thread after each migration that
+        :meth:`before_migration` preceded, on every path: ``record`` is None when the
+        migration failed. The default does nothing.
+
+        :param ctx: the host and the device.
+        :param record: the migration, or None.
+        """
+
+    def report(self) -> dict[str, Any]:
+        """What the workload did and found, JSON-ready; a standard workload reports at
+        least ``mismatches``, ``lost_completions`` and ``duplicate_completions`` (None
+        for what the device gives no way to observe). The default: nothing.
+
+        :returns: figures by name.
+        """
+        return {}
 
 
 class _StepFunction(Workload):
@@ -180,6 +226,8 @@ class MigrationRecord:
     :ivar sections: the loaded stream's sections as the destination reported them
         (name, version, subsections, scalar fields).
     :ivar report: the full report of :meth:`~pcidev.transport.link.RemoteDevice.migrate`.
+    :ivar stream: the vmstate stream the destination loaded, for the migration
+        :func:`migrate_under_load` was asked to keep (``keep_stream``); else None.
     """
 
     index: int
@@ -193,6 +241,15 @@ class MigrationRecord:
     host_pause: float
     sections: tuple[dict[str, Any], ...] = ()
     report: Mapping[str, Any] = attrs.field(factory=dict, repr=False)
+    stream: bytes | None = attrs.field(default=None, repr=False)
+
+    @property
+    def summary(self) -> Mapping[str, Any]:
+        """What the device's plugins said of its state at the stop
+        (:func:`~pcidev.hookspecs.pcidev_migration_summary`; NVMe: ``cqs_full``,
+        ``cq_backlog``, ``sq_unfetched``, ``aers_outstanding``); empty if none did."""
+        summary = self.report.get("summary")
+        return summary if isinstance(summary, Mapping) else {}
 
     def __str__(self) -> str:
         down = f"{self.downtime * 1e3:.2f} ms" if self.downtime is not None else \
@@ -277,6 +334,7 @@ class _WorkloadThread(threading.Thread):
             self.error = exc
         finally:
             self.stopped_at = time.monotonic()
+            ctx.ended.set()
             with self.cond:
                 self.ended = True
                 self.cond.notify_all()
@@ -304,16 +362,25 @@ class _WorkloadThread(threading.Thread):
             self.join(timeout)
 
 
+def _read_stream(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:  # the destination did not write it: the record says so with None
+        return None
+
+
 def migrate_under_load(device_type: str, workload: Workload | Callable[[WorkloadContext], bool | None], *,
                        count: int = 5, every: int | None = None, iterations: int | None = None,
-                       transport: str = "unix", properties: str | Mapping[str, Any] = "",
+                       transport: str = "unix", properties: str | Mapping[str, Any] | None = None,
                        destination_properties: str | Mapping[str, Any] | None = None,
                        destination_type: str | None = None,
-                       plugin_specs: Sequence[str] = (), ram_size: int = 64 << 20, probe: bool = True,
+                       plugin_specs: Sequence[str] = (), ram_size: int | None = None, probe: bool | None = None,
                        vectors: int = 0, start_timeout: float = 30.0, migration_timeout: float = 20.0,
                        progress_timeout: float = 60.0, stop_timeout: float = 30.0,
                        on_migration: Callable[[MigrationRecord, WorkloadContext], object] | None = None,
-                       on_ready: Callable[[WorkloadContext], object] | None = None) -> MigrationRunResult:
+                       on_ready: Callable[[WorkloadContext], object] | None = None,
+                       max_downtime_ms: float | None = None, keep_stream: int | None = None) -> MigrationRunResult:
     """Migrate a device of ``device_type`` between processes ``count`` times while
     ``workload`` keeps running on the software host (see the module docstring).
 
@@ -326,7 +393,8 @@ def migrate_under_load(device_type: str, workload: Workload | Callable[[Workload
     :param iterations: stop the workload after this many steps in all (default:
         ``every`` steps after the last migration, or the workload's own end).
     :param transport: ``unix`` (descriptors travel) or ``tcp`` (localhost, none do).
-    :param properties: the device's properties (``key=value,...`` or a mapping).
+    :param properties: the device's properties (``key=value,...`` or a mapping;
+        default: the workload's :attr:`Workload.properties`).
     :param destination_properties: the destinations' properties (default: the same);
         ones the fingerprint covers make a destination refuse the stream.
     :param destination_type: the destinations' device type (default: the same);
@@ -334,10 +402,10 @@ def migrate_under_load(device_type: str, workload: Workload | Callable[[Workload
         of refusals wants.
     :param plugin_specs: ``-p`` options of the device processes (``no:NAME``,
         ``MODULE``; :func:`pcidev.plugins.parse_plugin_specs`).
-    :param ram_size: guest RAM of the host.
+    :param ram_size: guest RAM of the host (default: the workload's :attr:`Workload.ram_size`).
     :param probe: enable the device (BARs, decoding, bus mastering, interrupt
         vectors) before :meth:`Workload.setup`; False when the workload's driver
-        probes it itself.
+        probes it itself (default: the workload's :attr:`Workload.probe`).
     :param vectors: interrupt vectors to allocate when probing (0: as many as
         offered, up to 32).
     :param start_timeout: seconds for a device process to start (and listen).
@@ -346,6 +414,11 @@ def migrate_under_load(device_type: str, workload: Workload | Callable[[Workload
     :param stop_timeout: seconds the workload may take to stop after its last step.
     :param on_migration: called after each migration with its record (on the caller's thread).
     :param on_ready: called once the device is plugged (and probed), before the workload starts.
+    :param max_downtime_ms: the downtime budget of a pre-copy migration, passed to
+        :meth:`~pcidev.transport.link.RemoteDevice.migrate` (None: its default); a
+        :class:`~pcidev.errors.PcidevError` if this pcidev's device link has no pre-copy.
+    :param keep_stream: keep the vmstate stream of this migration (1 for the first) in its
+        ``stream`` (:class:`MigrationRecord`) (its destination writes what it loaded to a file).
     :returns: the run's result.
     :raises WorkloadError: the workload raised (``__cause__``) or stopped making progress.
     :raises MigrationError: a migration failed or was refused (the destination's
@@ -366,6 +439,16 @@ def migrate_under_load(device_type: str, workload: Workload | Callable[[Workload
         raise PcidevError(f"migrate_under_load(): {count} migrations every {every} iterations need more than "
                           f"{every * count} iterations, not {iterations}: the last ones would run without load")
     work = workload if isinstance(workload, Workload) else _StepFunction(workload)
+    if properties is None:
+        properties = work.properties
+    ram_size = work.ram_size if ram_size is None else ram_size
+    probe = work.probe if probe is None else probe
+    migrate_kwargs: dict[str, Any] = {}
+    if max_downtime_ms is not None:
+        if "max_downtime_ms" not in inspect.signature(RemoteDevice.migrate).parameters:
+            raise PcidevError("migrate_under_load(): max_downtime_ms needs pre-copy, which this pcidev's "
+                              "device link does not have")
+        migrate_kwargs["max_downtime_ms"] = max_downtime_ms
     dest_props = properties if destination_properties is None else destination_properties
     workdir = tempfile.mkdtemp(prefix=f"pcidev-migrate-{os.getpid()}-")  # whose run it was
     procs: list[DeviceProcess] = []
@@ -404,8 +487,8 @@ def migrate_under_load(device_type: str, workload: Workload | Callable[[Workload
             # than one workload interval, however many migrations are asked for
             incoming = "tcp:127.0.0.1:0" if transport == "tcp" else f"unix:{workdir}/dev-{k}-in.sock"
             procs.append(DeviceProcess(destination_type or device_type, f"unix:{workdir}/dev-{k}.sock",
-                                       options=dest_props,
-                                       incoming=incoming, plugin_specs=plugin_specs))
+                                       options=dest_props, incoming=incoming, plugin_specs=plugin_specs,
+                                       save_incoming=f"{workdir}/stream-{k}.bin" if k == keep_stream else None))
 
         if count:
             start_destination(1)
@@ -433,24 +516,35 @@ def migrate_under_load(device_type: str, workload: Workload | Callable[[Workload
                     address = str(dest.wait_event("listening", timeout=start_timeout)["incoming"])
                     if thread.error is not None:  # it kept running while the destination started
                         raise workload_failed()
-                    at = ctx.iteration
+                    record = None
                     try:
-                        report = remote.migrate(address, timeout=migration_timeout)
-                    except PcidevError as exc:
-                        exc.add_note(f"migration {k} of {count} of {device_type} (process {src_pid} -> "
-                                     f"{dest.pid}, {transport}) at workload iteration {at}; "
-                                     f"{len(records)} migrations had succeeded")
-                        raise
-                    loaded = dest.wait_event("incoming", timeout=start_timeout)
-                    ctx.migrations = k
-                    record = MigrationRecord(
-                        index=k, source_pid=src_pid, destination_pid=dest.pid, iteration=at,
-                        state_size=int(report["state_size"]), fds=int(report["fds"]),
-                        downtime=report.get("downtime"),
-                        downtime_upper_bound=float(report["downtime_upper_bound"]),
-                        host_pause=float(report["host_pause"]),
-                        sections=tuple(loaded.get("sections") or ()), report=report)
-                    records.append(record)
+                        try:
+                            work.before_migration(ctx, k)
+                        except Exception as exc:
+                            raise workload_failed(exc, f"in before_migration() of migration {k}") from exc
+                        at = ctx.iteration
+                        try:
+                            report = remote.migrate(address, timeout=migration_timeout, **migrate_kwargs)
+                        except PcidevError as exc:
+                            exc.add_note(f"migration {k} of {count} of {device_type} (process {src_pid} -> "
+                                         f"{dest.pid}, {transport}) at workload iteration {at}; "
+                                         f"{len(records)} migrations had succeeded")
+                            raise
+                        loaded = dest.wait_event("incoming", timeout=start_timeout)
+                        ctx.migrations = k
+                        record = MigrationRecord(
+                            index=k, source_pid=src_pid, destination_pid=dest.pid, iteration=at,
+                            state_size=int(report["state_size"]), fds=int(report["fds"]),
+                            downtime=report.get("downtime"),
+                            downtime_upper_bound=float(report["downtime_upper_bound"]),
+                            host_pause=float(report["host_pause"]),
+                            sections=tuple(loaded.get("sections") or ()), report=report,
+                            stream=_read_stream(f"{workdir}/stream-{k}.bin") if k == keep_stream else None)
+                        records.append(record)
+                    finally:
+                        work.after_migration(ctx, record)
+                    for done in procs[:k]:  # reap the sources that exited (no zombie per migration)
+                        done.proc.poll()
                     if k < count:
                         start_destination(k + 1)
                     if on_migration is not None:

@@ -44,6 +44,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from pcidev.errors import PcidevError, PluginSpecError, one_line
@@ -142,6 +143,12 @@ def _serve(args: argparse.Namespace, endpoint: DeviceEndpoint, listener: Listene
                 result = endpoint.accept_incoming(conn, link=str(link_addr), timeout=args.timeout)
             finally:
                 conn.close()
+            if args.save_incoming:  # a copy for inspection: failing to write it never stops the device
+                try:
+                    Path(args.save_incoming).write_bytes(result.stream)
+                except OSError as exc:
+                    print(f"pcidev link process: cannot write {args.save_incoming}: {exc.strerror or exc}",
+                          file=sys.stderr)
             _emit(args.events, "incoming", state_size=len(result.stream), fds=result.fds,
                   loaded_at=result.loaded_at, running_at=result.running_at, state=endpoint.state,
                   sections=_summary(result.stream))
@@ -171,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="one property of the device; repeatable")
     ap.add_argument("--incoming", help="wait for a migration on this address (unix:PATH or tcp:HOST:PORT)")
+    ap.add_argument("--save-incoming", metavar="PATH",
+                    help="also write the incoming migration's vmstate stream to PATH (pcidev vmstate dump reads it)")
     ap.add_argument("--incoming-timeout", type=float, default=60.0,
                     help="seconds to wait for the source to connect")
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds for each migration step")
@@ -196,7 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def spawn(device: str, link: str, *, options: str | Mapping[str, Any] | None = None, incoming: str | None = None,
           events: bool = False, stdout: Any = None, stderr: Any = None,
-          env: Mapping[str, str] | None = None, plugin_specs: Sequence[str] = ()) -> subprocess.Popen[str]:
+          env: Mapping[str, str] | None = None, plugin_specs: Sequence[str] = (),
+          save_incoming: str | None = None) -> subprocess.Popen[str]:
     """Start a device process (``python -m pcidev.transport.link.process``).
 
     :param device: device type.
@@ -207,6 +217,7 @@ def spawn(device: str, link: str, *, options: str | Mapping[str, Any] | None = N
     :param plugin_specs: ``-p`` options for the process (``no:NAME``, ``MODULE``), e.g.
         ``pcidev.cli.CliContext.plugin_specs``, so that it sees the plugins its
         starter sees; a ``MODULE`` must be importable there.
+    :param save_incoming: also write the incoming stream to this file.
     :returns: the process.
     """
     cmd = [sys.executable, "-m", "pcidev.transport.link.process", "--device", device, "--link", link]
@@ -220,6 +231,8 @@ def spawn(device: str, link: str, *, options: str | Mapping[str, Any] | None = N
             cmd += ["--set", f"{name}={text}"]
     if incoming:
         cmd += ["--incoming", incoming]
+    if save_incoming:
+        cmd += ["--save-incoming", save_incoming]
     if events:
         cmd.append("--events")
     return subprocess.Popen(cmd, stdout=stdout, stderr=stderr, text=True,
@@ -234,17 +247,20 @@ class DeviceProcess:
     :param options: the device's properties: a ``key=value,...`` string or a mapping.
     :param incoming: wait for a migration on this address first.
     :param plugin_specs: ``-p`` options for the process (see :func:`spawn`).
+    :param save_incoming: also write the incoming stream to this file.
     """
 
     def __init__(self, device: str, link: str, *, options: str | Mapping[str, Any] | None = None,
-                 incoming: str | None = None, plugin_specs: Sequence[str] = ()) -> None:
+                 incoming: str | None = None, plugin_specs: Sequence[str] = (),
+                 save_incoming: str | None = None) -> None:
         self.link = link
         self.incoming = incoming
         self.events: list[dict[str, Any]] = []
         self.stderr_lines: list[str] = []
         self._cond = threading.Condition()
         self.proc = spawn(device, link, options=options, incoming=incoming, events=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, plugin_specs=plugin_specs)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, plugin_specs=plugin_specs,
+                          save_incoming=save_incoming)
         self._readers = [threading.Thread(target=self._read_events, daemon=True),
                          threading.Thread(target=self._read_stderr, daemon=True)]
         for t in self._readers:

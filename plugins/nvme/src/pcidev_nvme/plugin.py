@@ -7,6 +7,10 @@ third-party plugin, and registers it under the name ``nvme`` (block it with
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+from pcidev.device import PciDevice
 from pcidev.hookspecs import hookimpl
 from pcidev.registry import DeviceRegistry
 from pcidev_nvme.backends import BUILTIN_BACKENDS, add_backend
@@ -50,3 +54,40 @@ def run_bench(argv: list[str]) -> int:
     :returns: the exit status.
     """
     return bench.main(argv)
+
+
+@hookimpl
+def pcidev_migration_summary(device: PciDevice) -> dict[str, int] | None:
+    """What the stopped controller's saved state holds that a migration test wants to
+    see happen (:func:`~pcidev.hookspecs.pcidev_migration_summary`): the completion
+    queues that were full (``cqs_full``), the completions parked in their backlogs
+    (``cq_backlog``, posted by the destination once the host frees slots), the
+    submission queue entries not fetched yet (``sq_unfetched``) and the outstanding
+    Asynchronous Event Requests (``aers_outstanding``).
+
+    :param device: the stopped device (None is returned for another type).
+    """
+    if not isinstance(device, NvmeController):
+        return None
+    cqs = [cq for cq in device.completion_queues if cq is not None]
+    sqs = [sq for sq in device.submission_queues if sq is not None]
+    with device.state_lock:
+        return {"cqs_full": sum(cq.full() for cq in cqs), "cq_backlog": sum(len(cq.backlog) for cq in cqs),
+                "sq_unfetched": sum((sq.tail - sq.head) % sq.size for sq in sqs),
+                "aers_outstanding": len(device.aer.outstanding)}
+
+
+@hookimpl
+def pcidev_migration_workload(device_type: str, options: Mapping[str, Any]) -> Any:
+    """The NVMe controller's standard verified workload
+    (:class:`pcidev_nvme.testing.workload.VerifiedIo`; see
+    :func:`~pcidev.hookspecs.pcidev_migration_workload`).
+
+    :param device_type: ``nvme`` (anything else: None).
+    :param options: ``queues``, ``qd``, ``transport``, ``workdir``, ``seed``.
+    """
+    if device_type != NvmeController.TYPE_NAME:
+        return None
+    # imported here: the host-side toolkit is not loaded in every device process
+    from pcidev_nvme.testing.workload import VerifiedIo
+    return VerifiedIo.from_options(options)

@@ -641,6 +641,20 @@ class NvmeDriver:
                 out = self._take_events(out)
         return out
 
+    def cq_posted(self, qid: int) -> int:
+        """How many entries the controller has posted on CQ ``qid`` that the host has not
+        taken yet (looked at, not consumed: no doorbell). ``cq_size - 1`` means the CQ is
+        full: the controller parks further completions until the host frees slots."""
+        q = self.queues[qid]
+        raw = self.mem.read(q.cq_base, q.cq_size * 16)
+        head, phase, n = q.cq_head, q.phase, 0
+        while n < q.cq_size - 1 and raw[16 * head + 14] & 1 == phase:
+            n += 1
+            head += 1
+            if head == q.cq_size:
+                head, phase = 0, phase ^ 1
+        return n
+
     def _ring_cq(self, q: IoQueue) -> None:
         head = q.cq_head
         if self._dbbuf is not None:
