@@ -51,6 +51,7 @@ import attrs
 from pcidev.dma import alloc_memfd
 from pcidev.errors import ConfigError, MmioError
 from pcidev.inheritance import take_inherited
+from pcidev.memory_source import DirtyBitmap
 from pcidev.ratelog import RateLimitedLog
 from pcidev.vmstate import U8, U32, U64, Str, VarArray, vmstate
 from pcidev.vmstate.errors import ConfigMismatchError
@@ -469,9 +470,16 @@ class RamBacking:
     :class:`~pcidev.vmstate.FdRef` in the ``pcidev/function`` section) and the
     destination's backing *adopts* it (:meth:`adopt`: it maps the source's memfd and
     closes its own), so that both processes, and a vfio-user client that mapped the
-    BAR, see the same memory. Over a transport that carries no descriptors (TCP,
-    vfio-user migration data) every RAM BAR blocks migration (a file-backed one as well:
-    its path could name another file on the destination's host).
+    BAR, see the same memory. Over a channel that carries no descriptors (TCP) the
+    contents travel instead (:meth:`pcidev.device.PciDevice.memory_sources`, pre-copy in
+    :mod:`pcidev.migration.precopy`): every write through :meth:`write` (the device's
+    MMIO path) marks :attr:`dirty`, which is exact as long as nothing else writes the
+    memory; whoever hands the descriptor to another process or maps it to write through
+    that mapping (a vfio-user client's sparse mmap, a device's own window on it) takes it
+    with :meth:`export_fd`, and the BAR is then tracked by comparing page hashes. A
+    file-backed BAR still blocks a migration without descriptors (its path could name
+    another file on the destination's host, and the destination would have to write
+    its own file), as it does in vfio-user migration data.
 
     **File backing** (``path``): the file is mapped ``MAP_SHARED``, so its contents
     survive the process; it is created at ``size`` bytes if missing (allocated with
@@ -500,6 +508,10 @@ class RamBacking:
         self.sparse_areas = areas
         #: the backing file's path, or None for a memfd
         self.path = path
+        #: the writes made through :meth:`write` while a migration tracks them (pre-copy)
+        self.dirty = DirtyBitmap(size)
+        #: the descriptor was handed out (:meth:`export_fd`): writes can bypass :meth:`write`
+        self.exported = False
         fd = _open_ram_file(path, size) if path is not None else alloc_memfd(size, name)
         try:
             self._map = RamMapping(fd, mmap.mmap(fd, size))
@@ -522,6 +534,17 @@ class RamBacking:
 
     def write(self, offset: int, size: int, value: int) -> None:
         self._map.mem[offset:offset + size] = value.to_bytes(size, "little")
+        self.dirty.mark(offset, size)  # after the store (see DirtyBitmap)
+
+    def export_fd(self) -> int:
+        """The descriptor, for a peer (or a mapping of the device's own) that may write the
+        memory without going through :meth:`write`: from now on the contents are tracked
+        by page hashes in a pre-copy, not by :attr:`dirty` alone (see the class docstring).
+
+        :returns: :attr:`fd` (borrowed).
+        """
+        self.exported = True
+        return self._map.fd
 
     def flush(self, offset: int = 0, size: int | None = None) -> None:
         """Make the contents durable (``msync``): for a file, what was written is on

@@ -60,6 +60,7 @@ __all__ = [
     "LoadedResources",
     "OwnedEventfdSink",
     "framework_fingerprint",
+    "all_descriptors",
     "save_function_state",
     "check_function_state",
     "build_resources",
@@ -286,19 +287,37 @@ def _fail(reason: str, path: str = "") -> StateError:
     return StateError(reason, section=FUNCTION_SECTION, instance_id=0, path=path)
 
 
-def check_function_state(device: PciDevice, st: FunctionState, fds: Sequence[int] | None,
+def all_descriptors(fds: Sequence[int | None] | None) -> Sequence[int] | None:
+    """``fds`` if every descriptor is there, else None.
+
+    Over a channel without descriptors whose memory contents travelled
+    (:mod:`pcidev.migration.precopy`), the load gets a list in which only those are
+    descriptors (staging memfds) and the rest None: guest memory and interrupt eventfds
+    are then treated as over TCP without descriptors (the host attaches them).
+
+    :param fds: what the load was given.
+    """
+    if fds is None or any(fd is None for fd in fds):
+        return None
+    return [fd for fd in fds if fd is not None]
+
+
+def check_function_state(device: PciDevice, st: FunctionState, fds: Sequence[int | None] | None,
                          memory: GuestMemory | None) -> None:
     """Check that ``st`` fits ``device`` before anything is applied.
 
     :param device: the destination device.
     :param st: the decoded framework state.
     :param fds: the descriptors received with the stream, or ``None`` when the
-        transport carries none (TCP).
+        transport carries none (TCP); a list with None at some indexes when only memory
+        contents travelled (see :func:`all_descriptors`: the RAM BARs' are used, guest
+        memory and eventfds are the host's to attach).
     :param memory: the destination's current guest memory (used when ``fds`` is None:
         if it has regions they must be the stream's; if it has none, the host maps
         them before the device resumes).
     :raises StateError: naming the field that does not fit.
     """
+    ram_fds, fds = fds, all_descriptors(fds)
     if len(st.config) != device.config.size:
         raise _fail(f"config space is {len(st.config)} bytes, this device has {device.config.size}", "config")
     msix = device.caps.find(MsixCapability)
@@ -328,7 +347,7 @@ def check_function_state(device: PciDevice, st: FunctionState, fds: Sequence[int
             raise _fail("the stream's guest-memory map differs from the memory attached to this device "
                         f"(stream {len(want)} region(s), attached {len(have)})", "dma")
     if st.ram_bars is not None:
-        _check_ram_bars(device, st.ram_bars, fds)
+        _check_ram_bars(device, st.ram_bars, ram_fds)
     if st.eventfds is not None and fds is not None:
         refs = [(f"eventfds.vectors[{v}]", r) for v, r in enumerate(st.eventfds.vectors) if r is not None]
         if st.eventfds.intx is not None:
@@ -344,7 +363,7 @@ def _ram_backing(device: PciDevice, index: int) -> RamBacking | None:
     return ram if isinstance(ram, RamBacking) else None
 
 
-def _check_ram_bars(device: PciDevice, st: RamBarsState, fds: Sequence[int] | None) -> None:
+def _check_ram_bars(device: PciDevice, st: RamBarsState, fds: Sequence[int | None] | None) -> None:
     want = [b.index for b in device.ram_bars()]
     got = [r.bar for r in st.bars]
     if got != want:
@@ -361,8 +380,12 @@ def _check_ram_bars(device: PciDevice, st: RamBarsState, fds: Sequence[int] | No
                         "and this migration carried none (TCP)", where + ".fd")
         if r.fd.index >= len(fds):
             raise _fail(f"fd index {r.fd.index} but only {len(fds)} fds arrived", where + ".fd")
+        fd = fds[r.fd.index]
+        if fd is None:
+            raise _fail(f"the contents of RAM BAR{r.bar} did not travel with this migration (no memory "
+                        "source of the source device stands for it)", where + ".fd")
         try:
-            size = os.fstat(fds[r.fd.index]).st_size
+            size = os.fstat(fd).st_size
         except OSError as exc:
             raise _fail(f"unusable file descriptor: {exc.strerror}", where + ".fd") from None
         if size < ram.size:
@@ -426,7 +449,7 @@ class AppliedFunctionState:
 
 
 def _map_ram_bars(device: PciDevice, st: FunctionState,
-                  fds: Sequence[int] | None) -> list[tuple[RamBacking, RamMapping]]:
+                  fds: Sequence[int | None] | None) -> list[tuple[RamBacking, RamMapping]]:
     """Map the stream's RAM BAR descriptors (nothing installed yet); a backing that
     already maps that file (an in-process reload) is left out."""
     if st.ram_bars is None or fds is None:
@@ -437,6 +460,7 @@ def _map_ram_bars(device: PciDevice, st: FunctionState,
             ram = _ram_backing(device, r.bar)
             assert ram is not None  # checked
             fd = fds[r.fd.index]
+            assert fd is not None  # checked
             if ram.same_file(fd):
                 continue
             try:
@@ -453,7 +477,7 @@ def _map_ram_bars(device: PciDevice, st: FunctionState,
 def apply_function_state(device: PciDevice, st: FunctionState, res: LoadedResources,
                          memory: GuestMemory | None,
                          set_memory: Callable[[GuestMemory | None], None],
-                         fds: Sequence[int] | None = None) -> AppliedFunctionState:
+                         fds: Sequence[int | None] | None = None) -> AppliedFunctionState:
     """Apply a checked framework state.
 
     :param device: the destination device (quiesced, its lock held).
@@ -461,7 +485,8 @@ def apply_function_state(device: PciDevice, st: FunctionState, res: LoadedResour
     :param res: what :func:`build_resources` created (attached here).
     :param memory: the guest memory the device has now (kept for a rollback).
     :param set_memory: attaches new guest memory to the device.
-    :param fds: the stream's descriptors (its RAM BARs' are adopted), None without.
+    :param fds: the stream's descriptors (its RAM BARs' are adopted: the source's, or
+        staging memfds holding their contents), None without.
     :returns: what it replaced, for :func:`undo_function_state` (or
         :func:`commit_function_state` once the whole load succeeded).
     :raises StateError: a RAM BAR descriptor cannot be mapped (nothing was changed).
