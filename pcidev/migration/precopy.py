@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import array
 import errno
+import math
 import mmap
 import os
 import select
@@ -138,7 +139,8 @@ class PrecopyReport:
     :ivar remainder_bytes: bytes sent at the stop (:meth:`Precopy.finish`).
     :ivar bandwidth: bytes per second measured while the device ran (0: nothing sent).
     :ivar estimated_downtime_ms: the copy time of the remainder estimated at the end
-        of the iterations (bandwidth and hashing rate), in milliseconds.
+        of the iterations (bandwidth and hashing rate), in milliseconds (infinite, None in
+        :meth:`as_dict`: not known, e.g. the first pass never ended).
     :ivar hashed_bytes: bytes hashed page by page (sources without a bitmap).
     :ivar hash_seconds: time spent hashing them.
     :ivar finish_seconds: time :meth:`Precopy.finish` took (part of the downtime).
@@ -158,7 +160,9 @@ class PrecopyReport:
         """A JSON-ready summary."""
         return {"iterations": self.iterations, "bytes_per_iteration": list(self.bytes_per_iteration),
                 "converged": self.converged, "remainder_bytes": self.remainder_bytes,
-                "bandwidth": self.bandwidth, "estimated_downtime_ms": self.estimated_downtime_ms,
+                "bandwidth": self.bandwidth,
+                "estimated_downtime_ms": (self.estimated_downtime_ms if math.isfinite(self.estimated_downtime_ms)
+                                          else None),
                 "hashed_bytes": self.hashed_bytes, "hash_seconds": self.hash_seconds,
                 "finish_seconds": self.finish_seconds}
 
@@ -210,8 +214,9 @@ class _Tracked:
         self.hashes: array.array[int] | None = None
         if self.bitmap is None:
             self.hashes = array.array("I", [_ZERO_PAGE_CRC]) * ((self.size + HASH_PAGE - 1) // HASH_PAGE)
-        #: bytes that changed in the last hash scan (the estimate of the next one)
-        self.changed_last = 0
+        #: bytes that changed in the last hash scan after the first copy (the estimate of
+        #: the next one; None: no such scan yet, the rate of change is unknown)
+        self.changed_last: int | None = None
 
     def close(self) -> None:
         if self.bitmap is not None:
@@ -345,6 +350,10 @@ class Precopy:
                 self._converged = bool(self._iter_bytes) and self._estimate() <= self.max_downtime_ms
         except BaseException as exc:
             self.abort()
+            if isinstance(exc, TransportError):  # a destination refuses, then closes unread
+                refusal = self._refusal(wait=min(self.timeout, 1.0))
+                if refusal is not None:
+                    raise MigrationError(f"{refusal}; the device keeps running on the source") from exc
             if isinstance(exc, MigrationError):
                 raise MigrationError(f"{exc}; the device keeps running on the source") from exc
             raise MigrationError(f"pre-copy failed ({type(exc).__name__}: {exc}); "
@@ -475,6 +484,9 @@ class Precopy:
         for t in self._tracked.values():
             if t.bitmap is not None:
                 dirty += t.bitmap.dirty_bytes()
+            elif t.changed_last is None:
+                self._estimate_ms = float("inf")  # scan once more to learn how fast it changes
+                return self._estimate_ms
             else:
                 dirty += t.changed_last
                 hashed += t.size
@@ -578,22 +590,30 @@ class Precopy:
 
     def _check_refusal(self) -> None:
         """Raise the destination's refusal if it sent one (it never speaks during pre-copy)."""
-        poller = select.poll()
-        poller.register(self.sock.fileno(), select.POLLIN)
-        if not poller.poll(0):
-            return
+        refusal = self._refusal(wait=0.0)
+        if refusal is not None:
+            raise refusal
+
+    def _refusal(self, *, wait: float) -> MigrationError | None:
+        """What the destination said, if it said anything within ``wait`` seconds (a
+        destination speaks during pre-copy only to refuse)."""
         try:
+            poller = select.poll()
+            poller.register(self.sock.fileno(), select.POLLIN)
+            if not poller.poll(int(wait * 1000)):
+                return None
+            self.sock.settimeout(max(wait, 0.1))
             kind, body, stray = recv_frame(self.sock)
-        except TransportError as exc:
-            raise MigrationError(f"the destination went away during pre-copy ({exc})") from None
+        except (TransportError, OSError, ValueError) as exc:
+            return MigrationError(f"the destination went away during pre-copy ({exc})")
         close_fds(stray)
         if kind == NACK:
             try:
                 meta = frame_meta(NACK, body, {"error": str, "message": str})
             except TransportError as exc:
-                raise MigrationError(f"the destination refused with a malformed NACK ({exc})") from None
-            raise MigrationError(f"the destination refused the memory: {meta['error']}: {meta['message']}")
-        raise MigrationError(f"the destination sent {frame_name(kind)} during pre-copy")
+                return MigrationError(f"the destination refused with a malformed NACK ({exc})")
+            return MigrationError(f"the destination refused the memory: {meta['error']}: {meta['message']}")
+        return MigrationError(f"the destination sent {frame_name(kind)} during pre-copy")
 
 
 # ------------------------------------------------------------------- destination
