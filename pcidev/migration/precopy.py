@@ -75,8 +75,8 @@ from pcidev.migration.frames import (
     frame_meta,
     frame_name,
     recv_frame,
-    send_frame,
     send_meta,
+    send_parts,
 )
 from pcidev.transport.fdpass import close_fds, is_unix
 
@@ -568,13 +568,13 @@ class Precopy:
         zero = _is_zero(data)
         if zero and skip_zero:
             return 0
-        body = _CHUNK_HEAD.pack(len(t.head), off, len(data)) + t.head + (b"" if zero else data)
-        send_frame(self.sock, CHUNK, body)
+        head = _CHUNK_HEAD.pack(len(t.head), off, len(data)) + t.head
+        send_parts(self.sock, CHUNK, (head,) if zero else (head, data))
         self._chunks += 1
         if self._state == "running":
             if self._chunks % _POLL_EVERY == 0:
                 self._check_refusal()
-            self._throttle(len(data) if not zero else len(body))
+            self._throttle(len(head) if zero else len(head) + len(data))
         return len(data)
 
     def _throttle(self, nbytes: int) -> None:
