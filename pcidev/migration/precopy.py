@@ -212,8 +212,15 @@ class _Tracked:
         self.head = self.name.encode()
         #: CRC-32C of each page as last sent (sources without a bitmap)
         self.hashes: array.array[int] | None = None
+        #: a read-only mapping to hash in place (sources without a bitmap)
+        self.map: mmap.mmap | None = None
         if self.bitmap is None:
             self.hashes = array.array("I", [_ZERO_PAGE_CRC]) * ((self.size + HASH_PAGE - 1) // HASH_PAGE)
+            try:
+                self.map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ)
+            except (OSError, ValueError):
+                os.close(self.fd)
+                raise
         #: bytes that changed in the last hash scan after the first copy (the estimate of
         #: the next one; None: no such scan yet, the rate of change is unknown)
         self.changed_last: int | None = None
@@ -221,6 +228,12 @@ class _Tracked:
     def close(self) -> None:
         if self.bitmap is not None:
             self.bitmap.stop()
+        if self.map is not None:
+            try:
+                self.map.close()
+            except BufferError:  # a scan in another thread still holds a view: the GC unmaps it
+                pass
+            self.map = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -442,7 +455,7 @@ class Precopy:
                 new.append(t)
                 if t.bitmap is not None:
                     t.bitmap.start()
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             for t in new:
                 t.close()
             raise MigrationError(f"a memory source is unusable: {exc}") from exc
@@ -522,41 +535,48 @@ class Precopy:
         return sent
 
     def _send_hashed(self, t: _Tracked, cancel: threading.Event | None, *, whole: bool) -> int:
+        """Hash every page of ``t`` in place (its read-only mapping: no copy), and send each
+        run of pages whose hash is not the one last sent. What is sent is a copy taken
+        after the scan, and the hash stored is that copy's: the destination holds exactly
+        what the stored hashes stand for, so the scan at the stop (nothing writes then)
+        finds every difference."""
         hashes = t.hashes
-        assert hashes is not None
+        assert hashes is not None and t.map is not None
         extents = list(_extents(t.fd, t.size)) if whole else [(0, t.size)]
         sent = changed = 0
-        for off, length in extents:
-            end = off + length
-            off -= off % HASH_PAGE
-            while off < end:
-                n = min(MAX_CHUNK, end - off)
-                data = os.pread(t.fd, n, off)
-                if len(data) != n:
-                    raise MigrationError(f"memory source {t.name!r}: short read at {off:#x}")
-                h0 = time.perf_counter()
-                view = memoryview(data)
-                crcs = [crc32c.crc32c(view[i:i + HASH_PAGE]) for i in range(0, n, HASH_PAGE)]
-                self._hash_time += time.perf_counter() - h0
-                self._hash_bytes += n
-                first = off // HASH_PAGE
-                # runs of changed pages, sent as they were hashed
-                run_start = -1
-                for k, crc in enumerate(crcs):
-                    if hashes[first + k] != crc:
-                        hashes[first + k] = crc
-                        if run_start < 0:
-                            run_start = k
-                    elif run_start >= 0:
-                        piece = data[run_start * HASH_PAGE:k * HASH_PAGE]
+        with memoryview(t.map) as whole_view:
+            for off, length in extents:
+                end = off + length
+                off -= off % HASH_PAGE
+                while off < end:
+                    n = min(MAX_CHUNK, end - off)
+                    h0 = time.perf_counter()
+                    with whole_view[off:off + n] as view:
+                        crcs = [crc32c.crc32c(view[i:i + HASH_PAGE]) for i in range(0, n, HASH_PAGE)]
+                    self._hash_time += time.perf_counter() - h0
+                    self._hash_bytes += n
+                    first = off // HASH_PAGE
+                    runs = []
+                    start = -1
+                    for k, crc in enumerate(crcs):
+                        if hashes[first + k] != crc:
+                            if start < 0:
+                                start = k
+                        elif start >= 0:
+                            runs.append((start, k))
+                            start = -1
+                    if start >= 0:
+                        runs.append((start, len(crcs)))
+                    for a, b in runs:
+                        lo, hi = off + a * HASH_PAGE, min(off + b * HASH_PAGE, t.size)
+                        piece = bytes(whole_view[lo:hi])
+                        with memoryview(piece) as pv:
+                            for k in range(a, b):
+                                i = (k - a) * HASH_PAGE
+                                hashes[first + k] = crc32c.crc32c(pv[i:i + HASH_PAGE])
                         changed += len(piece)
-                        sent += self._chunk(t, off + run_start * HASH_PAGE, piece, skip_zero=whole, cancel=cancel)
-                        run_start = -1
-                if run_start >= 0:
-                    piece = data[run_start * HASH_PAGE:]
-                    changed += len(piece)
-                    sent += self._chunk(t, off + run_start * HASH_PAGE, piece, skip_zero=whole, cancel=cancel)
-                off += n
+                        sent += self._chunk(t, lo, piece, skip_zero=whole, cancel=cancel)
+                    off += n
         if not whole:
             t.changed_last = changed
         return sent
