@@ -247,8 +247,12 @@ def test_a_destination_dying_during_precopy_leaves_the_source_running_untouched(
                 migrate_out(dev, a, precopy=p, timeout=5)
         t.join(10)
         a.close()
-        # MEMORY and 16 chunks: before the 17th frame the pre-copy itself sees it, later the stop
-        assert failed_in_precopy == (point != "offer" and point < 17)
+        # MEMORY and 16 chunks: before the 17th frame the pre-copy itself sees it; after the
+        # last one it may (its check for a refusal saw the end) or the stop does
+        if point == "offer":
+            assert not failed_in_precopy
+        elif point < 17:
+            assert failed_in_precopy
         assert p.failed and not dev.ram.dirty.tracking
         assert not dev.quiesced and not dev.migrated_out and dev.owns_state
         assert page_crcs(dev.ram) == before and dev.regs["X"].value == 5
