@@ -58,7 +58,18 @@ _HEADER = FRAME_HEADER
 #: it allocate gigabytes)
 MAX_STREAM_SIZE = 256 << 20
 _MAX_META = 64 << 10
-OFFER, FDS, STATE, ACK, NACK, RUNNING = 1, 2, 3, 4, 5, 6
+#: frame type: the source offers a state (its size, descriptors, protocol)
+OFFER = 1
+#: frame type: the next batch of descriptors (UNIX sockets)
+FDS = 2
+#: frame type: the vmstate stream
+STATE = 3
+#: frame type: the destination loaded the state
+ACK = 4
+#: frame type: the destination refuses (``error``, ``message``)
+NACK = 5
+#: frame type: the destination runs the device (``running_at``)
+RUNNING = 6
 #: frame type: the source gives the device up for good (after ACK, with ``commit=True``)
 COMMIT = 7
 #: frame type: a handover's new process is built and waits for the state

@@ -217,7 +217,7 @@ def test_a_ram_bar_migrates_over_tcp_while_mmio_writes_it():
         src.realize()
         _fill(src, 1)
         src.regs["X"].value = 42
-        result, incoming, p = _migrate(src, dst, writer_kw={"pause": 0.0005})
+        result, incoming, p = _migrate(src, dst, writer_kw={"pause": 0.002})
         assert src.quiesced and src.migrated_out
         assert page_crcs(dst.ram) == page_crcs(src.ram)  # every page, as the source had it at the stop
         assert dst.regs["X"].value == 42
