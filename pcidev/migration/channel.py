@@ -278,7 +278,8 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
     reasons = collect_blockers(device, pm)
     if not is_unix(sock):
         try:
-            if precopy is None:
+            if precopy is None or (not precopy.active and not precopy.failed):
+                # (an inactive one found no source when it was made: there may be some now)
                 precopy = Precopy(device, sock, max_iterations=0, timeout=timeout)
             sources = precopy.sources() if precopy.active else []
         except MigrationError as exc:

@@ -313,8 +313,12 @@ class Precopy:
         return sources
 
     def sources(self) -> list[MemorySource]:
-        """The sources found when it was made (what :meth:`run` announces)."""
-        return list(self._initial)
+        """The device's memory sources now, checked (on a UNIX channel: none; they may
+        differ from those :meth:`run` announced: :meth:`finish` announces the new ones).
+
+        :raises MigrationError: ``memory_sources()`` failed or returned unusable sources.
+        """
+        return self._sources() if not is_unix(self.sock) else []
 
     @property
     def report(self) -> PrecopyReport:
