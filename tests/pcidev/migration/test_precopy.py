@@ -546,3 +546,58 @@ def _drain(sock):
             time.sleep(0.001)
     except OSError:
         pass
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_a_destination_bar_a_peer_maps_gets_the_contents_copied_in(refuse):
+    """The destination's BAR memfd was handed to a client (vfio-user's sparse mmap): the
+    contents are copied into it, so the client's mapping sees them; a refused load puts
+    its own contents back."""
+
+    class Refusing(PrecopyDev):
+        def set_device_state(self, state):
+            if refuse:
+                raise RuntimeError("refused on purpose")
+            super().set_device_state(state)
+
+    src, dst = PrecopyDev(MiB), Refusing(MiB)
+    peer = None
+    try:
+        _fill(src, 10)
+        dst.ram.mem[:] = b"\x77" * MiB
+        own = page_crcs(dst.ram)
+        peer = mmap.mmap(dst.ram.export_fd(), MiB)
+        fd_before = dst.ram.fd
+        a, b = tcp_pair()
+        got = {}
+
+        def destination():
+            try:
+                got["value"] = migrate_in(dst, b, timeout=10)
+            except VMStateError as exc:
+                got["error"] = exc
+
+        t = threading.Thread(target=destination, daemon=True)
+        t.start()
+        try:
+            if refuse:
+                with pytest.raises(MigrationError, match="refused on purpose"):
+                    migrate_out(src, a, timeout=10)
+            else:
+                migrate_out(src, a, timeout=10)
+        finally:
+            t.join(10)
+            a.close()
+            b.close()
+        assert dst.ram.fd == fd_before  # its own memfd, the one the peer maps
+        if refuse:
+            assert page_crcs(dst.ram) == own and peer[:MiB] == b"\x77" * MiB
+            assert not src.quiesced
+        else:
+            assert page_crcs(dst.ram) == page_crcs(src.ram) and peer[:MiB] == bytes(src.ram.mem)
+            got["value"].resources.close()
+    finally:
+        if peer is not None:
+            peer.close()
+        src.close()
+        dst.close()
