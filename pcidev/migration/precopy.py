@@ -441,7 +441,8 @@ class Precopy:
             raise MigrationError(f"the memory contents could not be sent at the stop "
                                  f"({type(exc).__name__}: {exc})") from exc
         for t in self._tracked.values():
-            t.close()
+            if t.bitmap is not None:
+                t.bitmap.stop()  # (descriptors and mappings: release(), after the ACK)
         self._finish_time = time.monotonic() - t0
         self._state = "finished"
 
@@ -459,6 +460,12 @@ class Precopy:
         """Stop the tracking and release everything (failure paths; idempotent). The
         device is not touched."""
         self._state = "aborted"
+        self.release()
+
+    def release(self) -> None:
+        """Close the descriptors and mappings it holds, and stop any tracking (idempotent;
+        :func:`~pcidev.migration.channel.migrate_out` calls it after the ACK: unmapping
+        a large hashed source takes time, which must not count in the downtime)."""
         for t in self._tracked.values():
             t.close()
 
