@@ -51,6 +51,7 @@ import attrs
 from pcidev.dma import alloc_memfd
 from pcidev.errors import ConfigError, MmioError
 from pcidev.inheritance import take_inherited
+from pcidev.memory_source import DirtyBitmap
 from pcidev.ratelog import RateLimitedLog
 from pcidev.vmstate import U8, U32, U64, Str, VarArray, vmstate
 from pcidev.vmstate.errors import ConfigMismatchError
@@ -469,9 +470,17 @@ class RamBacking:
     :class:`~pcidev.vmstate.FdRef` in the ``pcidev/function`` section) and the
     destination's backing *adopts* it (:meth:`adopt`: it maps the source's memfd and
     closes its own), so that both processes, and a vfio-user client that mapped the
-    BAR, see the same memory. Over a transport that carries no descriptors (TCP,
-    vfio-user migration data) every RAM BAR blocks migration (a file-backed one as well:
-    its path could name another file on the destination's host).
+    BAR, see the same memory. Over a channel that carries no descriptors (TCP) the
+    contents travel instead (:meth:`pcidev.device.PciDevice.memory_sources`, pre-copy in
+    :mod:`pcidev.migration.precopy`): every write through :meth:`write` (the device's
+    MMIO path) marks :attr:`dirty`, which is exact as long as nothing else writes the
+    memory; whoever hands the descriptor to another process or maps it to write through
+    that mapping (a vfio-user client's sparse mmap, a device's own window on it) takes it
+    with :meth:`export_fd`, and the BAR is then tracked by comparing page hashes (and a
+    destination whose descriptor was handed out copies the contents into it instead of
+    adopting another). vfio-user migration data carries the contents too, copied at the
+    stop. A file-backed BAR still blocks both (its path could name another file on the
+    destination's host, and the destination would have to write its own file).
 
     **File backing** (``path``): the file is mapped ``MAP_SHARED``, so its contents
     survive the process; it is created at ``size`` bytes if missing (allocated with
@@ -500,6 +509,10 @@ class RamBacking:
         self.sparse_areas = areas
         #: the backing file's path, or None for a memfd
         self.path = path
+        #: the writes made through :meth:`write` while a migration tracks them (pre-copy)
+        self.dirty = DirtyBitmap(size)
+        #: the descriptor was handed out (:meth:`export_fd`): writes can bypass :meth:`write`
+        self.exported = False
         fd = _open_ram_file(path, size) if path is not None else alloc_memfd(size, name)
         try:
             self._map = RamMapping(fd, mmap.mmap(fd, size))
@@ -518,10 +531,46 @@ class RamBacking:
         return self._map.mem
 
     def read(self, offset: int, size: int) -> int:
+        """A guest read: ``size`` bytes at ``offset``, little-endian."""
         return int.from_bytes(self._map.mem[offset:offset + size], "little")
 
     def write(self, offset: int, size: int, value: int) -> None:
+        """A guest write (the MMIO path): store ``size`` bytes of ``value`` at ``offset``,
+        then mark :attr:`dirty` (a no-op unless a pre-copy tracks it)."""
         self._map.mem[offset:offset + size] = value.to_bytes(size, "little")
+        self.dirty.mark(offset, size)  # after the store (see DirtyBitmap)
+
+    def written_only_through_write(self) -> bool:
+        """Whether every write into the memory goes through :meth:`write` (so :attr:`dirty`
+        sees them all): the descriptor was never handed out (:meth:`export_fd`) and this
+        process maps the memory nowhere else (``/proc/self/maps``: a device's own window on
+        it, such as a controller's DMA view of its memory buffer, writes past :meth:`write`).
+        """
+        if self.exported:
+            return False
+        try:
+            st = os.fstat(self._map.fd)
+            with open("/proc/self/maps") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return False
+        dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+        count = 0
+        for line in lines:
+            fields = line.split(maxsplit=5)
+            if len(fields) >= 5 and fields[4] == str(st.st_ino) and fields[3] == dev:
+                count += 1
+        return count <= 1  # its own mapping
+
+    def export_fd(self) -> int:
+        """The descriptor, for a peer (or a mapping of the device's own) that may write the
+        memory without going through :meth:`write`: from now on the contents are tracked
+        by page hashes in a pre-copy, not by :attr:`dirty` alone (see the class docstring).
+
+        :returns: :attr:`fd` (borrowed).
+        """
+        self.exported = True
+        return self._map.fd
 
     def flush(self, offset: int = 0, size: int | None = None) -> None:
         """Make the contents durable (``msync``): for a file, what was written is on

@@ -77,6 +77,7 @@ from pcidev.bar import Bar, BarHandler, BarKind, RamBacking, ram_file_key
 from pcidev.dma import GuestMemory
 from pcidev.errors import ConfigError, ConfigSpaceError, DmaError, MigrationBlockedError, MmioError
 from pcidev.irq import InterruptController, InterruptSink
+from pcidev.memory_source import MemorySource
 from pcidev.pci import ids
 from pcidev.pci.capabilities.aer import AerCapability
 from pcidev.pci.capabilities.base import CapabilityList, CapT
@@ -212,7 +213,7 @@ class PciDevice:
         self.vmstate_save_fds: list[int] | None = None
         #: during a load by :mod:`pcidev.migration`: the descriptors that arrived
         #: with the stream (:meth:`vmstate_load_fd` reads it); None otherwise
-        self.vmstate_load_fds: list[int] | None = None
+        self.vmstate_load_fds: list[int | None] | None = None
         #: per BAR index, the MSI-X structures it holds: (start, end, read, write)
         self._overlays: dict[int, list[tuple[int, int, _OverlayRead, _OverlayWrite]]] = {}
         self._pm: PowerManagementCapability | None = None
@@ -596,13 +597,42 @@ class PciDevice:
         """The BARs backed by a :class:`~pcidev.bar.RamBacking`, in index order. The
         framework migrates their contents (their ``bar<N>-ram`` features are the
         framework's): the descriptor travels with the stream and the destination's
-        backing adopts it, so a migration that carries no descriptors (TCP, vfio-user
-        migration data) is blocked by a memfd-backed one (see
-        :func:`pcidev.migration.descriptor_blockers`).
+        backing adopts it; over TCP and in vfio-user migration data a memfd-backed one's
+        contents travel instead (:meth:`memory_sources`), and a file-backed one blocks
+        there (see :func:`pcidev.migration.descriptor_blockers`).
 
         :returns: the BARs.
         """
         return [b for b in self.bars if b is not None and isinstance(b.handler, RamBacking)]
+
+    def memory_sources(self) -> list[MemorySource]:
+        """The memory objects whose contents travel instead of their descriptor over a
+        migration channel that carries none (TCP; see :mod:`pcidev.migration.precopy`):
+        each names the descriptor the device's vmstate stream refers to by an
+        :class:`~pcidev.vmstate.FdRef`, and how its writes are tracked while the device
+        runs.
+
+        The default: one source ``"bar<N>"`` per memfd-backed RAM BAR (:meth:`ram_bars`),
+        whose :class:`~pcidev.memory_source.DirtyBitmap` the MMIO write path marks
+        (:meth:`pcidev.bar.RamBacking.write`), or with no bitmap (tracked by page hashes)
+        once its descriptor was handed out (:meth:`pcidev.bar.RamBacking.export_fd`: a
+        vfio-user client maps it) or this process maps it a second time
+        (:meth:`pcidev.bar.RamBacking.written_only_through_write`). A file-backed RAM BAR
+        has none (it still blocks a migration without descriptors). A device type adds its own objects (a memory
+        namespace, a metadata memfd) by extending ``super().memory_sources()``, and marks
+        their bitmaps on every write path *after* the write. Called while the device
+        runs (from a migration thread) and again when it is quiesced.
+
+        :returns: the sources, names unique within the device.
+        """
+        out = []
+        for bar in self.ram_bars():
+            ram = bar.handler
+            assert isinstance(ram, RamBacking)  # ram_bars()
+            if ram.path is None and ram.fd >= 0:
+                out.append(MemorySource(name=f"bar{bar.index}", fd=ram.fd, size=ram.size,
+                                        bitmap=ram.dirty if ram.written_only_through_write() else None))
+        return out
 
     def ram_bar_features(self) -> frozenset[str]:
         """The ``bar<N>-ram`` features of :meth:`ram_bars` (migrated by the framework)."""
@@ -733,7 +763,9 @@ class PciDevice:
         """During :meth:`check_device_state` / :meth:`set_device_state` of a load: the
         descriptor a :class:`~pcidev.vmstate.FdRef` of the device's state names (borrowed
         from the caller: duplicate what you keep), or None when the load carries no
-        descriptors (TCP, a snapshot) or ``ref`` is beyond those received."""
+        descriptors (TCP, a snapshot) or ``ref`` is beyond those received. Over TCP a
+        descriptor whose contents travelled (:meth:`memory_sources`) is a memfd of the
+        destination's holding them."""
         fds = self.vmstate_load_fds
         if ref is None or fds is None or not 0 <= ref.index < len(fds):
             return None

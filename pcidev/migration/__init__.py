@@ -11,6 +11,10 @@ reverse) and below the transports:
   (:func:`save_device`, :func:`load_device_stream`...);
 * :mod:`~pcidev.migration.blockers`: why a device cannot migrate now
   (:func:`collect_blockers`);
+* :mod:`~pcidev.migration.frames`: the frames of the ``PCIDMIGR`` channel;
+* :mod:`~pcidev.migration.precopy`: memory contents over a channel without
+  descriptors (:class:`Precopy` while the device runs, :class:`StagedMemory` on the
+  destination);
 * :mod:`~pcidev.migration.channel`: the ``PCIDMIGR`` wire protocol that moves a
   device between processes (:func:`migrate_out`, :func:`migrate_in`).
 """
@@ -40,6 +44,13 @@ from pcidev.migration.function_state import (
     RamBarState,
     framework_fingerprint,
 )
+from pcidev.migration.precopy import (
+    DirtyBitmap,
+    MemorySource,
+    Precopy,
+    PrecopyReport,
+    StagedMemory,
+)
 from pcidev.migration.registers import REGISTERS_SECTION, RegistersState
 from pcidev.migration.snapshot import (
     VMStateSnapshot,
@@ -59,16 +70,21 @@ __all__ = [
     "PROTOCOL_VERSION",
     "REGISTERS_SECTION",
     "RegistersState",
+    "DirtyBitmap",
     "DmaRegionState",
     "EventfdState",
     "FunctionState",
     "IncomingResult",
     "LoadedResources",
+    "MemorySource",
     "MigrationResult",
     "MsixState",
+    "Precopy",
+    "PrecopyReport",
     "OwnedEventfdSink",
     "RamBarState",
     "RamBarsState",
+    "StagedMemory",
     "VMStateSnapshot",
     "boot_id",
     "collect_blockers",

@@ -3,9 +3,13 @@ reasons and every plugin's ``pcidev_migration_blockers``."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+
 import pluggy
 
 from pcidev.device import PciDevice
+from pcidev.memory_source import MemorySource
 from pcidev.migration.registers import migratable_maps
 from pcidev.plugins import hook_migration_blockers
 
@@ -59,26 +63,52 @@ def collect_blockers(device: PciDevice, pm: pluggy.PluginManager | None = None) 
     return reasons
 
 
-def descriptor_blockers(device: PciDevice, carrier: str) -> list[str]:
+def descriptor_blockers(device: PciDevice, carrier: str,
+                        sources: Sequence[MemorySource] | None = None) -> list[str]:
     """Why ``device`` cannot migrate over a channel that carries no file descriptors
     (TCP, vfio-user migration data): each RAM BAR (its contents travel as its descriptor:
     a memfd, or the file of a file-backed one, which a destination on another host could
     not reach by its path) and each enabled feature in
-    :attr:`~pcidev.device.PciDevice.FD_FEATURES`.
+    :attr:`~pcidev.device.PciDevice.FD_FEATURES`, except what a memory source covers
+    (its contents travel instead: :meth:`~pcidev.device.PciDevice.memory_sources`, a
+    source whose descriptor is the BAR's, or whose ``covers`` names the feature).
 
     :param device: the device.
     :param carrier: what carries the state, for the sentences ("a migration over TCP").
+    :param sources: the memory sources whose contents the channel streams (None: it
+        streams none, as vfio-user migration data).
     :returns: the reasons (empty: nothing needs a descriptor).
     """
+    covered_files = set()
+    covered_features: set[str] = set()
+    for src in sources or ():
+        covered_features |= src.covers
+        try:
+            st = os.fstat(src.fd)
+        except OSError:
+            continue
+        covered_files.add((st.st_dev, st.st_ino))
     reasons = []
     for bar in device.ram_bars():
-        what = "its memfd" if getattr(bar.handler, "path", None) is None else "its file's"
+        ram = bar.handler
+        if _file_id(getattr(ram, "fd", -1)) in covered_files:
+            continue
+        what = "its memfd" if getattr(ram, "path", None) is None else "its file's"
         reasons.append(f"RAM BAR{bar.index} (feature 'bar{bar.index}-ram') migrates only as a file descriptor "
                        f"({what}), which {carrier} cannot carry")
     try:
-        fd_bound = sorted(device.enabled_features() & device.FD_FEATURES)
+        fd_bound = sorted((device.enabled_features() & device.FD_FEATURES) - covered_features)
     except Exception as exc:
         return [*reasons, f"enabled_features() failed: {type(exc).__name__}: {exc}"]
     reasons.extend(f"feature {f!r} migrates only as a file descriptor, which {carrier} cannot carry"
                    for f in fd_bound)
     return reasons
+
+
+def _file_id(fd: int) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of ``fd``, None if it is not open."""
+    try:
+        st = os.fstat(fd)
+    except (OSError, TypeError):
+        return None
+    return st.st_dev, st.st_ino

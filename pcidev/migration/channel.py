@@ -69,13 +69,11 @@ from __future__ import annotations
 
 import select
 import socket
-import struct
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
-import msgpack
 import pluggy
 
 from pcidev.device import PciDevice
@@ -87,10 +85,39 @@ from pcidev.errors import (
     VMStateError,
 )
 from pcidev.migration.blockers import collect_blockers, descriptor_blockers
+from pcidev.migration.frames import (
+    ABORT,
+    ACK,
+    CHUNK,
+    COMMIT,
+    CONN,
+    FDS,
+    FRAME_HEADER,
+    HANDOVER,
+    MAGIC,
+    MAX_STREAM_SIZE,
+    MEMORY,
+    NACK,
+    OFFER,
+    PROTOCOL_MEMORY,
+    PROTOCOL_VERSION,
+    READY,
+    REPORT,
+    RUNNING,
+    SERVING,
+    STATE,
+    boot_id,
+    frame_meta,
+    frame_name,
+    recv_frame,
+    send_frame,
+    send_meta,
+)
 from pcidev.migration.function_state import LoadedResources
+from pcidev.migration.precopy import MAX_CHUNK_FRAME, MAX_MEMORY_SIZE, Precopy, PrecopyReport, StagedMemory
 from pcidev.migration.snapshot import load_device_stream, save_device_stream
 from pcidev.plugins import hook_migration_summary
-from pcidev.transport.fdpass import SCM_MAX_FD, close_fds, is_unix, recv_exact, send_all
+from pcidev.transport.fdpass import SCM_MAX_FD, close_fds, is_unix
 from pcidev.vmstate.errors import ConfigMismatchError
 
 __all__ = [
@@ -116,47 +143,6 @@ __all__ = [
     "frame_meta",
 ]
 
-#: Version of the migration channel protocol, sent in OFFER; a destination refuses another.
-PROTOCOL_VERSION = 1
-#: The 8 bytes every migration channel frame starts with.
-MAGIC = b"PCIDMIGR"
-#: the header of every frame: magic, type, flags, body length
-FRAME_HEADER = struct.Struct("<8sHHI")
-_HEADER = FRAME_HEADER
-#: the largest state stream a destination accepts (a garbage length must not make
-#: it allocate gigabytes)
-MAX_STREAM_SIZE = 256 << 20
-_MAX_META = 64 << 10
-OFFER, FDS, STATE, ACK, NACK, RUNNING = 1, 2, 3, 4, 5, 6
-#: frame type: the source gives the device up for good (after ACK, with ``commit=True``)
-COMMIT = 7
-#: frame type: a handover's new process is built and waits for the state
-READY = 8
-#: frame type: a handover's connection state and the sockets that move with it
-CONN = 9
-#: frame type: the source keeps the device; the destination must not run it
-ABORT = 10
-#: frame type: a request for a handover (``pcidev handover`` to the serving process)
-HANDOVER = 11
-#: frame type: the answer to HANDOVER (``ok``, ``reason`` and the figures)
-REPORT = 12
-#: frame type: a handover's new process polls the client's socket now (after RUNNING)
-SERVING = 13
-_NAMES = {OFFER: "OFFER", FDS: "FDS", STATE: "STATE", ACK: "ACK", NACK: "NACK", RUNNING: "RUNNING",
-          COMMIT: "COMMIT", READY: "READY", CONN: "CONN", ABORT: "ABORT", HANDOVER: "HANDOVER",
-          REPORT: "REPORT", SERVING: "SERVING"}
-
-
-def boot_id() -> str:
-    """This machine's kernel boot id ('' if unknown): equal boot ids mean the
-    ``CLOCK_MONOTONIC`` readings of two processes are comparable."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
 @attrs.frozen
 class MigrationResult:
     """What :func:`migrate_out` reports.
@@ -172,6 +158,8 @@ class MigrationResult:
     :ivar summary: what the plugins said of the stopped device's state
         (:func:`~pcidev.hookspecs.pcidev_migration_summary`; NVMe: full CQs, parked
         completions, outstanding AERs).
+    :ivar precopy: what the memory contents' pre-copy did (a migration without
+        descriptors of a device with memory sources), else None.
     """
 
     state_size: int
@@ -183,6 +171,7 @@ class MigrationResult:
     deferred: bool = False
     link: str | None = None
     summary: dict[str, Any] = attrs.field(factory=dict)
+    precopy: PrecopyReport | None = None
 
     @property
     def downtime(self) -> float | None:
@@ -203,7 +192,8 @@ class MigrationResult:
         return {"state_size": self.state_size, "fds": self.fds, "stopped_at": self.stopped_at,
                 "acked_at": self.acked_at, "running_at": self.running_at, "same_clock": self.same_clock,
                 "deferred": self.deferred, "link": self.link, "downtime": self.downtime,
-                "downtime_upper_bound": self.downtime_upper_bound, "boot_id": boot_id(), "summary": self.summary}
+                "downtime_upper_bound": self.downtime_upper_bound, "boot_id": boot_id(), "summary": self.summary,
+                "precopy": self.precopy.as_dict() if self.precopy is not None else None}
 
 
 @attrs.frozen
@@ -224,94 +214,13 @@ class IncomingResult:
     running_at: float | None
 
 
-# ------------------------------------------------------------------ framing
-def _send(sock: socket.socket, kind: int, body: bytes = b"", fds: Sequence[int] = ()) -> None:
-    send_all(sock, _HEADER.pack(MAGIC, kind, 0, len(body)) + body, fds)
-
-
-def _send_meta(sock: socket.socket, kind: int, meta: dict[str, Any], fds: Sequence[int] = ()) -> None:
-    _send(sock, kind, msgpack.packb(meta, use_bin_type=True), fds)
-
-
-def _recv(sock: socket.socket, *, max_fds: int = 0, max_len: int = _MAX_META) -> tuple[int, bytes, list[int]]:
-    head, fds = recv_exact(sock, _HEADER.size, max_fds=max_fds)
-    try:
-        magic, kind, flags, length = _HEADER.unpack(head)
-        if magic != MAGIC:
-            raise TransportError(f"migration channel: bad magic {magic!r}")
-        if kind not in _NAMES or flags:
-            raise TransportError(f"migration channel: unknown frame type {kind} / flags {flags:#x}")
-        if length > max_len:
-            raise TransportError(f"migration channel: {_NAMES[kind]} frame of {length} bytes "
-                                 f"(at most {max_len})")
-        body = recv_exact(sock, length)[0] if length else b""
-    except BaseException:
-        close_fds(fds)
-        raise
-    return kind, body, fds
-
-
-def _meta(kind: int, body: bytes, keys: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
-    try:
-        meta = msgpack.unpackb(body, raw=False, strict_map_key=True)
-    except Exception as exc:
-        raise TransportError(f"migration channel: {_NAMES[kind]} body is not msgpack: {exc}") from None
-    if not isinstance(meta, dict):
-        raise TransportError(f"migration channel: {_NAMES[kind]} body is not a map")
-    for key, types in keys.items():
-        allowed = types if isinstance(types, tuple) else (types,)
-        value = meta.get(key)
-        if type(value) not in allowed and not (float in allowed and type(value) is int):
-            raise TransportError(f"migration channel: {_NAMES[kind]} field {key!r} missing or of the wrong type")
-    return meta
-
-
-def send_frame(sock: socket.socket, kind: int, body: bytes = b"", fds: Sequence[int] = ()) -> None:
-    """Send one frame of the migration channel (the caller keeps its ``fds``).
-
-    :param sock: the connected channel.
-    :param kind: the frame type (:data:`COMMIT`, :data:`CONN`...).
-    :param body: the body.
-    :param fds: descriptors to attach (at most 253, Linux's ``SCM_MAX_FD``).
-    :raises TransportError: the peer went away.
-    """
-    _send(sock, kind, body, fds)
-
-
-def send_meta(sock: socket.socket, kind: int, meta: dict[str, Any], fds: Sequence[int] = ()) -> None:
-    """Send one frame whose body is ``meta`` as msgpack (see :func:`send_frame`).
-
-    :raises TransportError: the peer went away.
-    """
-    _send_meta(sock, kind, meta, fds)
-
-
-def recv_frame(sock: socket.socket, *, max_fds: int = 0, max_len: int = _MAX_META) -> tuple[int, bytes, list[int]]:
-    """Receive one frame: ``(type, body, fds)``; the caller owns the fds.
-
-    :param max_fds: the most descriptors it may carry.
-    :param max_len: the longest body accepted.
-    :raises TransportError: the peer closed, timed out or sent garbage (bad magic,
-        an unknown type, a body too long, too many fds).
-    """
-    return _recv(sock, max_fds=max_fds, max_len=max_len)
-
-
-def frame_meta(kind: int, body: bytes, keys: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
-    """The msgpack map of a frame's body, with ``keys`` checked (name → allowed types).
-
-    :raises TransportError: not a msgpack map, or a key missing or of the wrong type.
-    """
-    return _meta(kind, body, keys)
-
-
 # ------------------------------------------------------------------- source
 def _refusal(body: bytes) -> MigrationError:
     """The error a NACK body carries, for the source's caller.
 
     :raises TransportError: the body is not a well-formed NACK.
     """
-    meta = _meta(NACK, body, {"error": str, "message": str})
+    meta = frame_meta(NACK, body, {"error": str, "message": str})
     return MigrationError(f"the destination refused the state: {meta['error']}: {meta['message']}")
 
 
@@ -328,7 +237,7 @@ def _raise_refusal(sock: socket.socket, deadline: float, send_error: TransportEr
     """
     try:
         sock.settimeout(max(deadline - time.monotonic(), 0.001))
-        kind, body, stray = _recv(sock)
+        kind, body, stray = recv_frame(sock)
         close_fds(stray)
         refusal = _refusal(body) if kind == NACK else None
     except (TransportError, OSError):
@@ -339,7 +248,7 @@ def _raise_refusal(sock: socket.socket, deadline: float, send_error: TransportEr
 
 def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginManager | None = None,
                 timeout: float = 10.0, running_timeout: float = 2.0, commit: bool = False,
-                stall: Callable[[], None] | None = None,
+                stall: Callable[[], None] | None = None, precopy: Precopy | None = None,
                 quiesce_timeout: float | None = 5.0) -> MigrationResult:
     """Send ``device`` to the destination at the other end of ``sock``.
 
@@ -365,6 +274,12 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
         Without ``commit`` the quiesce also flushes what the device wrote (the destination
         may open its files from another host); a handover's new process shares this one's
         open files and page cache, and needs no flush.
+    :param precopy: the :class:`~pcidev.migration.precopy.Precopy` that ran on ``sock``
+        while the device ran: after the stop its :meth:`~pcidev.migration.precopy.Precopy.finish`
+        sends the remainder (inside the downtime), and the OFFER maps the stream's
+        descriptors to its sources (protocol 2). Without one, a channel that carries no
+        descriptors and a device with memory sources get one with no iteration: every
+        content is copied at the stop. It is aborted (tracking stopped) on any failure.
     :returns: sizes and timestamps.
     :raises MigrationBlockedError: blockers (nothing was stopped).
     :raises QuiesceTimeoutError: the device did not quiesce within ``quiesce_timeout``
@@ -375,12 +290,32 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
     """
     reasons = collect_blockers(device, pm)
     if not is_unix(sock):
-        reasons += descriptor_blockers(device, "a migration over TCP")
+        try:
+            if precopy is None or (not precopy.active and not precopy.failed):
+                # (an inactive one found no source when it was made: there may be some now)
+                precopy = Precopy(device, sock, max_iterations=0, timeout=timeout)
+            sources = precopy.sources() if precopy.active else []
+        except MigrationError as exc:
+            reasons.append(str(exc))
+            sources = []
+        reasons += descriptor_blockers(device, "a migration over TCP", sources)
+    if precopy is not None and precopy.failed:
+        reasons.append("its pre-copy failed")
     if reasons:
+        if precopy is not None:
+            precopy.abort()
         raise MigrationBlockedError(reasons)
+    streams = precopy is not None and precopy.active
     was_running = not device.quiesced
-    device.quiesce(quiesce_timeout, flush=not commit)  # (on failure it runs on: nothing to undo)
+    # the downtime starts here: the guest's accesses are held already, and the drain and
+    # the flush of the quiesce are part of what it waits for
     stopped_at = time.monotonic()
+    try:
+        device.quiesce(quiesce_timeout, flush=not commit)  # (on failure it runs on: nothing to undo)
+    except BaseException:
+        if precopy is not None:
+            precopy.abort()
+        raise
     nfds = 0
     size = 0
     # with commit (a handover: the guest waits), ``timeout`` bounds the whole way from the
@@ -396,42 +331,57 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
 
     try:
         sock.settimeout(timeout)
+        deadline = ack_by if commit else time.monotonic() + timeout  # for the reply to a failed send
+        if streams:
+            assert precopy is not None
+            try:
+                precopy.finish()
+            except MigrationError as exc:
+                if isinstance(exc.__cause__, TransportError):
+                    _raise_refusal(sock, deadline, exc.__cause__)
+                raise
         stream, fds = save_device_stream(device)
         summary = hook_migration_summary(pm, device) if pm is not None else {}
-        deadline = ack_by if commit else time.monotonic() + timeout  # for the reply to a failed send
         size = len(stream)
         pass_fds = is_unix(sock)
         nfds = len(fds) if pass_fds else 0
         sent = list(fds) if pass_fds else []
+        offer: dict[str, Any] = {"protocol": PROTOCOL_VERSION, "device_type": device.vmstate_device_type,
+                                 "stream_size": size, "fds": nfds, "boot_id": boot_id()}
+        if streams:
+            assert precopy is not None
+            offer.update(protocol=PROTOCOL_MEMORY, stream_fds=len(fds), fd_sources=precopy.fd_sources(fds))
         try:
             budget()
-            _send_meta(sock, OFFER, {"protocol": PROTOCOL_VERSION, "device_type": device.vmstate_device_type,
-                                     "stream_size": size, "fds": nfds, "boot_id": boot_id()},
-                       sent[:SCM_MAX_FD])
+            send_meta(sock, OFFER, offer, sent[:SCM_MAX_FD])
             for i in range(SCM_MAX_FD, len(sent), SCM_MAX_FD):
                 budget()
-                _send(sock, FDS, b"", sent[i:i + SCM_MAX_FD])
+                send_frame(sock, FDS, b"", sent[i:i + SCM_MAX_FD])
             budget()
-            _send(sock, STATE, stream)
+            send_frame(sock, STATE, stream)
         except TransportError as exc:
             _raise_refusal(sock, deadline, exc)
             raise
         budget()
-        kind, body, stray = _recv(sock)
+        kind, body, stray = recv_frame(sock)
         close_fds(stray)
         if kind == NACK:
             raise _refusal(body)
         if kind != ACK:
-            raise TransportError(f"migration channel: expected ACK, got {_NAMES[kind]}")
-        meta = _meta(kind, body, {"deferred": bool, "boot_id": str})
+            raise TransportError(f"migration channel: expected ACK, got {frame_name(kind)}")
+        meta = frame_meta(kind, body, {"deferred": bool, "boot_id": str})
         acked_at = time.monotonic()
     except Exception as exc:
+        if precopy is not None:
+            precopy.abort()
         if was_running:
             device.resume()
         if isinstance(exc, MigrationError):
             raise MigrationError(f"{exc}; the device runs again on the source") from exc
         raise MigrationError(f"migration failed ({type(exc).__name__}: {exc}); "
                              "the device runs again on the source") from exc
+    if precopy is not None:
+        precopy.release()  # its descriptors and mappings: after the ACK, outside the downtime
     if commit:
         return _commit(device, sock, meta, size=size, nfds=nfds, stopped_at=stopped_at, acked_at=acked_at,
                        running_timeout=running_timeout, stall=stall, was_running=was_running)
@@ -445,15 +395,16 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
     if not meta["deferred"]:
         try:
             sock.settimeout(running_timeout)
-            kind, body, stray = _recv(sock)
+            kind, body, stray = recv_frame(sock)
             close_fds(stray)
             if kind == RUNNING:
-                running_at = _meta(kind, body, {"running_at": float})["running_at"]
+                running_at = frame_meta(kind, body, {"running_at": float})["running_at"]
         except (TransportError, OSError):
             pass
     return MigrationResult(state_size=size, fds=nfds, stopped_at=stopped_at, acked_at=acked_at,
                            running_at=running_at, same_clock=same, deferred=bool(meta["deferred"]), link=link,
-                           summary=summary)
+                           summary=summary,
+                           precopy=precopy.report if streams and precopy is not None else None)
 
 
 def _commit(device: PciDevice, sock: socket.socket, meta: dict[str, Any], *, size: int, nfds: int,
@@ -472,13 +423,13 @@ def _commit(device: PciDevice, sock: socket.socket, meta: dict[str, Any], *, siz
     why = ""
     try:
         sock.settimeout(running_timeout)
-        _send(sock, COMMIT)
+        send_frame(sock, COMMIT)
         outcome, kind, body = _await_running(sock, deadline)
     except TransportError as exc:  # COMMIT did not go out: the destination is gone or stuck
         outcome, kind, body, why = "silent", 0, b"", f"did not take COMMIT ({exc})"
     if outcome == "frame" and kind == RUNNING:
         try:
-            running_at = _meta(kind, body, {"running_at": float})["running_at"]
+            running_at = frame_meta(kind, body, {"running_at": float})["running_at"]
         except TransportError:
             running_at = time.monotonic()  # it said it runs: it does, whatever its body says
         device.migrated_out = True
@@ -499,7 +450,7 @@ def _commit(device: PciDevice, sock: socket.socket, meta: dict[str, Any], *, siz
                              "after COMMIT (killed); the device runs again on the source")
     device.migrated_out = True  # it may have run: its state is not ours any more
     device.owns_state = False
-    what = (f"sent {_NAMES.get(kind, kind)} instead of RUNNING" if outcome == "frame"
+    what = (f"sent {frame_name(kind)} instead of RUNNING" if outcome == "frame"
             else f"sent a broken frame ({why})" if outcome == "broken"
             else f"confirmed too late (after {running_timeout:g} s)")
     raise ConnectionLostError(f"the new process {what} after COMMIT and was killed; it may have served the "
@@ -527,7 +478,7 @@ def _await_running(sock: socket.socket, deadline: float) -> tuple[str, int, byte
         return "silent", 0, b""  # a clean end: not one byte
     try:
         sock.settimeout(max(deadline - time.monotonic(), 0.001))
-        kind, body, stray = _recv(sock)
+        kind, body, stray = recv_frame(sock)
     except TransportError:
         return "broken", 0, b""
     close_fds(stray)
@@ -548,7 +499,8 @@ def _nothing_arrived(sock: socket.socket) -> bool:
 def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0, link: str | None = None,
                adopt: Callable[[LoadedResources], None] | None = None,
                defer_without_fds: bool = True, commit: bool = False,
-               committed: Callable[[], None] | None = None, resume: bool = True) -> IncomingResult:
+               committed: Callable[[], None] | None = None, resume: bool = True,
+               max_memory: int = MAX_MEMORY_SIZE) -> IncomingResult:
     """Receive a device state on ``sock``, load it into ``device``, acknowledge,
     and resume the device.
 
@@ -569,6 +521,10 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
     :param committed: with ``commit``, called after COMMIT and before RUNNING.
     :param resume: with ``commit``, resume the device after RUNNING (False: it was not
         running at the source, e.g. quiesced because its client left: it stays so).
+    :param max_memory: over a channel without descriptors, the most bytes of memory
+        contents the source may announce (:class:`~pcidev.migration.precopy.StagedMemory`);
+        they are staged in memfds of this process and handed to the load in place of
+        the source's descriptors.
     :returns: the stream, the resources and timestamps.
     :raises TransportError: the channel broke or carried garbage (NACK sent if possible).
     :raises VMStateError: the stream was refused (NACK sent); the device is untouched.
@@ -577,15 +533,30 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
     """
     sock.settimeout(timeout)
     fds: list[int] = []
+    staged: StagedMemory | None = None
     try:
         try:
-            kind, body, fds = _recv(sock, max_fds=SCM_MAX_FD)
+            kind, body, fds = recv_frame(sock, max_fds=SCM_MAX_FD)
+            if kind == MEMORY:
+                close_fds(fds)
+                fds = []
+                if is_unix(sock):
+                    raise TransportError("migration channel: MEMORY on a socket that carries descriptors")
+                staged = StagedMemory(max_memory)
+                staged.announce(body)
+                kind, body, fds = _receive_memory(sock, staged)
             if kind != OFFER:
-                raise TransportError(f"migration channel: expected OFFER, got {_NAMES[kind]}")
-            offer = _meta(kind, body, {"protocol": int, "device_type": str, "stream_size": int, "fds": int,
-                                       "boot_id": str})
-            if offer["protocol"] != PROTOCOL_VERSION:
-                raise TransportError(f"migration protocol {offer['protocol']} is not {PROTOCOL_VERSION}")
+                raise TransportError(f"migration channel: expected OFFER, got {frame_name(kind)}")
+            offer = frame_meta(kind, body, {"protocol": int, "device_type": str, "stream_size": int, "fds": int,
+                                            "boot_id": str})
+            if offer["protocol"] == PROTOCOL_MEMORY and staged is None:
+                raise TransportError(f"migration protocol {PROTOCOL_MEMORY} OFFER without MEMORY first")
+            if offer["protocol"] == PROTOCOL_VERSION and staged is not None:
+                raise TransportError(f"migration protocol {PROTOCOL_VERSION} OFFER after MEMORY")
+            if offer["protocol"] not in (PROTOCOL_VERSION, PROTOCOL_MEMORY):
+                raise TransportError(f"migration protocol {offer['protocol']} is not {PROTOCOL_VERSION} "
+                                     f"or {PROTOCOL_MEMORY}")
+            load_fds: list[int | None] | None = staged.load_fds(offer) if staged is not None else None
             if offer["device_type"] != device.vmstate_device_type:
                 raise ConfigMismatchError(f"stream is for device type {offer['device_type']!r}, "
                                           f"this device is {device.vmstate_device_type!r}")
@@ -595,27 +566,45 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
             if want and not is_unix(sock):
                 raise TransportError("migration channel: fds announced on a socket that cannot carry them")
             while len(fds) < want:
-                kind, _body, more = _recv(sock, max_fds=min(SCM_MAX_FD, want - len(fds)))
+                kind, _body, more = recv_frame(sock, max_fds=min(SCM_MAX_FD, want - len(fds)))
                 fds.extend(more)
                 if kind != FDS or not more:
-                    raise TransportError(f"migration channel: expected FDS, got {_NAMES[kind]}")
+                    raise TransportError(f"migration channel: expected FDS, got {frame_name(kind)}")
             if len(fds) != want:
                 raise TransportError(f"migration channel: {len(fds)} fds arrived, {want} announced")
-            kind, stream, stray = _recv(sock, max_len=size)
+            kind, stream, stray = recv_frame(sock, max_len=size)
             close_fds(stray)
             if kind != STATE or len(stream) != size or stray:
                 raise TransportError(f"migration channel: expected a STATE of {size} bytes, got "
-                                     f"{_NAMES[kind]} of {len(stream)}")
-            use_fds = fds if is_unix(sock) else None
+                                     f"{frame_name(kind)} of {len(stream)}")
+            use_fds: Sequence[int | None] | None = fds if is_unix(sock) else load_fds
             res = load_device_stream(device, stream, use_fds)
         except (VMStateError, TransportError) as exc:
             try:
-                _send_meta(sock, NACK, {"error": type(exc).__name__, "message": str(exc)})
+                send_meta(sock, NACK, {"error": type(exc).__name__, "message": str(exc)})
             except TransportError:
                 pass
             raise
+    except BaseException:
+        if staged is not None:
+            staged.close()
+        raise
     finally:
         close_fds(fds)
+    try:
+        return _acknowledge(device, sock, stream=stream, nfds=len(fds), res=res, timeout=timeout, link=link,
+                            adopt=adopt, defer_without_fds=defer_without_fds, commit=commit,
+                            committed=committed, resume=resume)
+    finally:
+        if staged is not None:  # the load duplicated what it adopted; unmapping large staging
+            staged.close()      # memory takes long: after the ACK, outside the downtime
+
+
+def _acknowledge(device: PciDevice, sock: socket.socket, *, stream: bytes, nfds: int, res: LoadedResources,
+                 timeout: float, link: str | None, adopt: Callable[[LoadedResources], None] | None,
+                 defer_without_fds: bool, commit: bool, committed: Callable[[], None] | None,
+                 resume: bool) -> IncomingResult:
+    """The part of :func:`migrate_in` after the load: adopt, ACK, COMMIT, resume, RUNNING."""
     loaded_at = time.monotonic()
     deferred = defer_without_fds and not is_unix(sock)
     if adopt is not None:
@@ -625,14 +614,14 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
             # refuse the migration so the source resumes at once (instead of
             # waiting out its timeout), and release what the load created
             try:
-                _send_meta(sock, NACK, {"error": type(exc).__name__, "message": f"adopt failed: {exc}"})
+                send_meta(sock, NACK, {"error": type(exc).__name__, "message": f"adopt failed: {exc}"})
             except TransportError:
                 pass
             if res is not None:
                 res.close()
             raise MigrationError(f"the destination could not adopt the device: {exc}") from exc
     try:
-        _send_meta(sock, ACK, {"link": link, "deferred": deferred, "boot_id": boot_id()})
+        send_meta(sock, ACK, {"link": link, "deferred": deferred, "boot_id": boot_id()})
     except TransportError as exc:
         raise MigrationError(f"could not acknowledge ({exc}); the source keeps the device") from exc
     running_at = None
@@ -642,7 +631,7 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
             committed()
         running_at = time.monotonic()
         try:
-            _send_meta(sock, RUNNING, {"running_at": running_at, "boot_id": boot_id()})
+            send_meta(sock, RUNNING, {"running_at": running_at, "boot_id": boot_id()})
         except TransportError as exc:
             # the source did not hear it, so it may run the device again: never run it here
             raise MigrationError(f"could not confirm RUNNING ({exc}); the device must not run here") from exc
@@ -652,17 +641,32 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
         device.resume()
         running_at = time.monotonic()
         try:
-            _send_meta(sock, RUNNING, {"running_at": running_at, "boot_id": boot_id()})
+            send_meta(sock, RUNNING, {"running_at": running_at, "boot_id": boot_id()})
         except TransportError:
             pass
-    return IncomingResult(stream=stream, fds=len(fds), resources=res, loaded_at=loaded_at, running_at=running_at)
+    return IncomingResult(stream=stream, fds=nfds, resources=res, loaded_at=loaded_at, running_at=running_at)
+
+
+def _receive_memory(sock: socket.socket, staged: StagedMemory) -> tuple[int, bytes, list[int]]:
+    """Apply MEMORY and CHUNK frames until another frame comes, and return that one.
+
+    :raises TransportError: a frame refused by ``staged``, or garbage.
+    """
+    while True:
+        kind, body, fds = recv_frame(sock, max_len=MAX_CHUNK_FRAME)
+        if kind == CHUNK:
+            staged.apply(body)
+        elif kind == MEMORY:
+            staged.announce(body)
+        else:
+            return kind, body, fds
 
 
 def _await_commit(sock: socket.socket, timeout: float) -> None:
     """Wait for COMMIT after the ACK. :raises MigrationError: ABORT, garbage or the end instead."""
     try:
         sock.settimeout(timeout)
-        kind, body, stray = _recv(sock)
+        kind, body, stray = recv_frame(sock)
         close_fds(stray)
     except TransportError as exc:
         raise MigrationError(f"no COMMIT from the source ({exc}); the device must not run here") from exc
@@ -671,8 +675,8 @@ def _await_commit(sock: socket.socket, timeout: float) -> None:
     reason = ""
     if kind == ABORT:
         try:
-            reason = str(_meta(kind, body, {}).get("reason", ""))
+            reason = str(frame_meta(kind, body, {}).get("reason", ""))
         except TransportError:
             pass
-    raise MigrationError(f"the source sent {_NAMES[kind]} instead of COMMIT"
+    raise MigrationError(f"the source sent {frame_name(kind)} instead of COMMIT"
                          + (f" ({reason})" if reason else "") + "; the device must not run here")

@@ -60,6 +60,7 @@ __all__ = [
     "LoadedResources",
     "OwnedEventfdSink",
     "framework_fingerprint",
+    "all_descriptors",
     "save_function_state",
     "check_function_state",
     "build_resources",
@@ -286,19 +287,37 @@ def _fail(reason: str, path: str = "") -> StateError:
     return StateError(reason, section=FUNCTION_SECTION, instance_id=0, path=path)
 
 
-def check_function_state(device: PciDevice, st: FunctionState, fds: Sequence[int] | None,
+def all_descriptors(fds: Sequence[int | None] | None) -> Sequence[int] | None:
+    """``fds`` if every descriptor is there, else None.
+
+    Over a channel without descriptors whose memory contents travelled
+    (:mod:`pcidev.migration.precopy`), the load gets a list in which only those are
+    descriptors (staging memfds) and the rest None: guest memory and interrupt eventfds
+    are then treated as over TCP without descriptors (the host attaches them).
+
+    :param fds: what the load was given.
+    """
+    if fds is None or any(fd is None for fd in fds):
+        return None
+    return [fd for fd in fds if fd is not None]
+
+
+def check_function_state(device: PciDevice, st: FunctionState, fds: Sequence[int | None] | None,
                          memory: GuestMemory | None) -> None:
     """Check that ``st`` fits ``device`` before anything is applied.
 
     :param device: the destination device.
     :param st: the decoded framework state.
     :param fds: the descriptors received with the stream, or ``None`` when the
-        transport carries none (TCP).
+        transport carries none (TCP); a list with None at some indexes when only memory
+        contents travelled (see :func:`all_descriptors`: the RAM BARs' are used, guest
+        memory and eventfds are the host's to attach).
     :param memory: the destination's current guest memory (used when ``fds`` is None:
         if it has regions they must be the stream's; if it has none, the host maps
         them before the device resumes).
     :raises StateError: naming the field that does not fit.
     """
+    ram_fds, fds = fds, all_descriptors(fds)
     if len(st.config) != device.config.size:
         raise _fail(f"config space is {len(st.config)} bytes, this device has {device.config.size}", "config")
     msix = device.caps.find(MsixCapability)
@@ -328,7 +347,7 @@ def check_function_state(device: PciDevice, st: FunctionState, fds: Sequence[int
             raise _fail("the stream's guest-memory map differs from the memory attached to this device "
                         f"(stream {len(want)} region(s), attached {len(have)})", "dma")
     if st.ram_bars is not None:
-        _check_ram_bars(device, st.ram_bars, fds)
+        _check_ram_bars(device, st.ram_bars, ram_fds)
     if st.eventfds is not None and fds is not None:
         refs = [(f"eventfds.vectors[{v}]", r) for v, r in enumerate(st.eventfds.vectors) if r is not None]
         if st.eventfds.intx is not None:
@@ -344,7 +363,7 @@ def _ram_backing(device: PciDevice, index: int) -> RamBacking | None:
     return ram if isinstance(ram, RamBacking) else None
 
 
-def _check_ram_bars(device: PciDevice, st: RamBarsState, fds: Sequence[int] | None) -> None:
+def _check_ram_bars(device: PciDevice, st: RamBarsState, fds: Sequence[int | None] | None) -> None:
     want = [b.index for b in device.ram_bars()]
     got = [r.bar for r in st.bars]
     if got != want:
@@ -361,8 +380,12 @@ def _check_ram_bars(device: PciDevice, st: RamBarsState, fds: Sequence[int] | No
                         "and this migration carried none (TCP)", where + ".fd")
         if r.fd.index >= len(fds):
             raise _fail(f"fd index {r.fd.index} but only {len(fds)} fds arrived", where + ".fd")
+        fd = fds[r.fd.index]
+        if fd is None:
+            raise _fail(f"the contents of RAM BAR{r.bar} did not travel with this migration (no memory "
+                        "source of the source device stands for it)", where + ".fd")
         try:
-            size = os.fstat(fds[r.fd.index]).st_size
+            size = os.fstat(fd).st_size
         except OSError as exc:
             raise _fail(f"unusable file descriptor: {exc.strerror}", where + ".fd") from None
         if size < ram.size:
@@ -423,12 +446,16 @@ class AppliedFunctionState:
     #: the RAM BAR mappings replaced by adopted descriptors: closed by
     #: :func:`commit_function_state`, put back by :func:`undo_function_state`
     ram: tuple[tuple[RamBacking, RamMapping], ...] = ()
+    #: the contents of the RAM BARs copied into (their descriptor was handed out): put
+    #: back by :func:`undo_function_state`
+    ram_contents: tuple[tuple[RamBacking, bytes], ...] = ()
 
 
 def _map_ram_bars(device: PciDevice, st: FunctionState,
-                  fds: Sequence[int] | None) -> list[tuple[RamBacking, RamMapping]]:
+                  fds: Sequence[int | None] | None) -> list[tuple[RamBacking, RamMapping]]:
     """Map the stream's RAM BAR descriptors (nothing installed yet); a backing that
-    already maps that file (an in-process reload) is left out."""
+    already maps that file (an in-process reload) is left out, and so is one whose
+    descriptor was handed out (:func:`_read_ram_bars` copies into those)."""
     if st.ram_bars is None or fds is None:
         return []
     out: list[tuple[RamBacking, RamMapping]] = []
@@ -437,7 +464,8 @@ def _map_ram_bars(device: PciDevice, st: FunctionState,
             ram = _ram_backing(device, r.bar)
             assert ram is not None  # checked
             fd = fds[r.fd.index]
-            if ram.same_file(fd):
+            assert fd is not None  # checked
+            if ram.same_file(fd) or ram.exported:
                 continue
             try:
                 out.append((ram, ram.map_fd(fd)))
@@ -450,10 +478,36 @@ def _map_ram_bars(device: PciDevice, st: FunctionState,
     return out
 
 
+def _read_ram_bars(device: PciDevice, st: FunctionState,
+                   fds: Sequence[int | None] | None) -> list[tuple[RamBacking, bytes]]:
+    """The contents of the stream's RAM BAR descriptors for the backings whose own
+    descriptor was handed out (:meth:`~pcidev.bar.RamBacking.export_fd`: a vfio-user
+    client maps it): adopting another memfd would leave that client's mapping on the old
+    one, so the contents are copied into it instead (:func:`apply_function_state`)."""
+    if st.ram_bars is None or fds is None:
+        return []
+    out: list[tuple[RamBacking, bytes]] = []
+    for i, r in enumerate(st.ram_bars.bars):
+        ram = _ram_backing(device, r.bar)
+        assert ram is not None  # checked
+        fd = fds[r.fd.index]
+        assert fd is not None  # checked
+        if not ram.exported or ram.same_file(fd):
+            continue
+        try:
+            data = os.pread(fd, ram.size, 0)
+        except OSError as exc:
+            raise _fail(f"cannot read the descriptor: {exc.strerror}", f"ram_bars.bars[{i}].fd") from None
+        if len(data) != ram.size:
+            raise _fail(f"the descriptor gave {len(data)} bytes of {ram.size}", f"ram_bars.bars[{i}].fd")
+        out.append((ram, data))
+    return out
+
+
 def apply_function_state(device: PciDevice, st: FunctionState, res: LoadedResources,
                          memory: GuestMemory | None,
                          set_memory: Callable[[GuestMemory | None], None],
-                         fds: Sequence[int] | None = None) -> AppliedFunctionState:
+                         fds: Sequence[int | None] | None = None) -> AppliedFunctionState:
     """Apply a checked framework state.
 
     :param device: the destination device (quiesced, its lock held).
@@ -461,18 +515,25 @@ def apply_function_state(device: PciDevice, st: FunctionState, res: LoadedResour
     :param res: what :func:`build_resources` created (attached here).
     :param memory: the guest memory the device has now (kept for a rollback).
     :param set_memory: attaches new guest memory to the device.
-    :param fds: the stream's descriptors (its RAM BARs' are adopted), None without.
+    :param fds: the stream's descriptors (its RAM BARs' are adopted: the source's, or
+        staging memfds holding their contents), None without.
     :returns: what it replaced, for :func:`undo_function_state` (or
         :func:`commit_function_state` once the whole load succeeded).
     :raises StateError: a RAM BAR descriptor cannot be mapped (nothing was changed).
     """
+    copies = _read_ram_bars(device, st, fds)
     maps = _map_ram_bars(device, st, fds)
     replaced = tuple((ram, ram.swap(mapping)) for ram, mapping in maps)
+    overwritten = []
+    for ram, data in copies:
+        overwritten.append((ram, bytes(ram.mem)))
+        ram.mem[:] = data
     msix = device.caps.find(MsixCapability)
     old = AppliedFunctionState(config=bytes(device.config.data),
                                msix=msix.snapshot() if msix is not None else None,
                                intx=device.irq.snapshot(), failed=device.failed, memory=memory,
-                               memory_replaced=res.memory is not None, sink=device.irq.sink, ram=replaced)
+                               memory_replaced=res.memory is not None, sink=device.irq.sink, ram=replaced,
+                               ram_contents=tuple(overwritten))
     try:
         device.config.data[:] = st.config
         device.caps.config_loaded()
@@ -510,9 +571,11 @@ def undo_function_state(device: PciDevice, old: AppliedFunctionState,
         if old.memory_replaced:
             set_memory(old.memory)
         device.irq.sink = old.sink
-    finally:  # the device's own RAM BAR mappings come back whatever failed above
+    finally:  # the device's own RAM BAR mappings and contents come back whatever failed above
         for ram, mapping in old.ram:
             ram.swap(mapping).close()
+        for ram, contents in old.ram_contents:
+            ram.mem[:] = contents
 
 
 def commit_function_state(old: AppliedFunctionState) -> None:

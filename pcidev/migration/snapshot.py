@@ -30,6 +30,7 @@ from pcidev.migration.function_state import (
     FUNCTION_SECTION,
     FunctionState,
     LoadedResources,
+    all_descriptors,
     apply_function_state,
     build_resources,
     check_function_state,
@@ -240,7 +241,7 @@ def save_device_stream(dev: PciDevice) -> tuple[bytes, list[int]]:
         return snap.to_bytes(), list(snap.fds)
 
 
-def load_device_stream(dev: PciDevice, data: bytes, fds: Sequence[int] | None = None) -> LoadedResources:
+def load_device_stream(dev: PciDevice, data: bytes, fds: Sequence[int | None] | None = None) -> LoadedResources:
     """Load a stream saved by a device of the same type and configuration.
 
     All or nothing: the stream is decoded and checked completely (envelope,
@@ -260,7 +261,9 @@ def load_device_stream(dev: PciDevice, data: bytes, fds: Sequence[int] | None = 
         device then keeps the guest memory and interrupt sink it has; if that
         memory has regions they must be the stream's (same addresses, sizes,
         access), and if it has none the host must map the stream's regions and
-        install the eventfds before the device resumes.
+        install the eventfds before the device resumes. Over TCP with memory contents
+        (:mod:`pcidev.migration.precopy`): a list whose streamed indexes are staging
+        memfds and every other index None (guest memory and eventfds as without fds).
     :returns: the guest memory and interrupt sink created from ``fds`` (the
         device is attached to them; the caller owns them).
     :raises VMStateError: any problem, naming the section and field (the
@@ -275,7 +278,7 @@ def load_device_stream(dev: PciDevice, data: bytes, fds: Sequence[int] | None = 
         return _apply_sections(dev, sections, fds)
 
 
-def load_device(dev: PciDevice, snapshot: VMStateSnapshot, fds: Sequence[int] | None = None) -> LoadedResources:
+def load_device(dev: PciDevice, snapshot: VMStateSnapshot, fds: Sequence[int | None] | None = None) -> LoadedResources:
     """Load a snapshot from :func:`save_device` (same process), with the same
     checks and all-or-nothing guarantee as :func:`load_device_stream`.
 
@@ -305,7 +308,7 @@ def load_device(dev: PciDevice, snapshot: VMStateSnapshot, fds: Sequence[int] | 
         return _apply_sections(dev, list(snapshot.sections), snapshot.fds if fds is None else fds)
 
 
-def _apply_sections(dev: PciDevice, sections: list[Section], fds: Sequence[int] | None) -> LoadedResources:
+def _apply_sections(dev: PciDevice, sections: list[Section], fds: Sequence[int | None] | None) -> LoadedResources:
     by_name = {s.name: s.state for s in sections}
     fstate = by_name.pop(FUNCTION_SECTION)
     dev.realize()
@@ -319,7 +322,7 @@ def _apply_sections(dev: PciDevice, sections: list[Section], fds: Sequence[int] 
 
 
 def _apply_sections_locked(dev: PciDevice, fstate: FunctionState, parts: list[tuple[_Part, Any]],
-                           fds: Sequence[int] | None) -> LoadedResources:
+                           fds: Sequence[int | None] | None) -> LoadedResources:
     memory = dev.memory
     check_function_state(dev, fstate, fds, memory)
     for part, state in parts:
@@ -330,7 +333,8 @@ def _apply_sections_locked(dev: PciDevice, fstate: FunctionState, parts: list[tu
         except Exception as exc:
             raise StateError(f"the device refused the state: {type(exc).__name__}: {exc}",
                              section=part.name, instance_id=0) from exc
-    res = build_resources(fstate, fds) if fds is not None else LoadedResources()
+    carried = all_descriptors(fds)
+    res = build_resources(fstate, carried) if carried is not None else LoadedResources()
     try:
         before = [part.get() for part, _ in parts]
     except Exception:

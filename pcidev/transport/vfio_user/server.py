@@ -552,7 +552,7 @@ class VfioUserServer:
             # the capabilities (QEMU refuses a reply with CAPS whose cap_offset is not inside it)
             return protocol.REGION_INFO_S.pack(needed, flags & ~protocol.REGION_FLAG_CAPS, index, 0, size, 0), []
         out = protocol.REGION_INFO_S.pack(needed, flags, index, cap_offset, size, 0) + caps
-        return out, ([ram.fd] if ram is not None else [])
+        return out, ([ram.export_fd()] if ram is not None else [])
 
     def _irq_info(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
         self._need(body, protocol.IRQ_INFO_S.size, "DEVICE_GET_IRQ_INFO")

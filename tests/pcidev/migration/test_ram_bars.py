@@ -193,26 +193,37 @@ def test_a_descriptor_too_small_is_refused_untouched() -> None:
         dst.close()
 
 
-def test_migration_over_tcp_is_refused_before_anything_stops() -> None:
+def test_a_file_backed_bar_over_tcp_is_refused_before_anything_stops(tmp_path) -> None:
+    """A memfd-backed RAM BAR migrates over TCP by its contents (tests/pcidev/migration/
+    test_precopy.py); a file-backed one still blocks (its path could name another file
+    on the destination's host)."""
     lsock = socket.create_server(("127.0.0.1", 0))
     a = socket.create_connection(lsock.getsockname())
     b, _ = lsock.accept()
     lsock.close()
-    dev = RamDev()
+    dev = RamDev(str(tmp_path / "bar.img"))
     try:
         with pytest.raises(MigrationBlockedError) as info:
             migrate_out(dev, a)
         assert info.value.reasons == [
-            "RAM BAR2 (feature 'bar2-ram') migrates only as a file descriptor (its memfd), "
+            "RAM BAR2 (feature 'bar2-ram') migrates only as a file descriptor (its file's), "
             "which a migration over TCP cannot carry"]
         assert not dev.quiesced
-        # vfio-user migration data carries no descriptors either
-        assert migration_blockers(dev) == [
-            "RAM BAR2 (feature 'bar2-ram') migrates only as a file descriptor (its memfd), "
-            "which vfio-user migration data cannot carry"]
+        b.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            b.recv(1)  # not one byte was sent
     finally:
         a.close()
         b.close()
+        dev.close()
+
+
+def test_vfio_user_migration_data_carries_a_memfd_bar() -> None:
+    dev = RamDev()
+    try:
+        # its contents go with the data (tests/pcidev/transport/test_vfio_user_migration_ram_bars.py)
+        assert migration_blockers(dev) == []
+    finally:
         dev.close()
 
 

@@ -1,0 +1,210 @@
+"""The frames of the migration channel (``PCIDMIGR``, docs/migration.md §6): their
+types, the header, and sending and receiving one frame. :mod:`pcidev.migration.channel`
+(the exchange) and :mod:`pcidev.migration.precopy` (memory contents) build on it."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+
+from pcidev.errors import TransportError
+from pcidev.transport.fdpass import close_fds, recv_exact, send_all
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "PROTOCOL_MEMORY",
+    "MAGIC",
+    "FRAME_HEADER",
+    "MAX_STREAM_SIZE",
+    "OFFER",
+    "FDS",
+    "STATE",
+    "ACK",
+    "NACK",
+    "RUNNING",
+    "COMMIT",
+    "READY",
+    "CONN",
+    "ABORT",
+    "HANDOVER",
+    "REPORT",
+    "SERVING",
+    "MEMORY",
+    "CHUNK",
+    "boot_id",
+    "frame_name",
+    "send_frame",
+    "send_parts",
+    "send_meta",
+    "recv_frame",
+    "frame_meta",
+]
+
+#: Version of the migration channel protocol, sent in OFFER; a destination refuses another.
+PROTOCOL_VERSION = 1
+#: The protocol of a migration whose memory contents travel as frames (MEMORY, CHUNK):
+#: a channel without descriptors and a device with memory sources (pcidev.migration.precopy).
+PROTOCOL_MEMORY = 2
+#: The 8 bytes every migration channel frame starts with.
+MAGIC = b"PCIDMIGR"
+#: the header of every frame: magic, type, flags, body length
+FRAME_HEADER = struct.Struct("<8sHHI")
+_HEADER = FRAME_HEADER
+#: the largest state stream a destination accepts (a garbage length must not make
+#: it allocate gigabytes)
+MAX_STREAM_SIZE = 256 << 20
+_MAX_META = 64 << 10
+#: frame type: the source offers a state (its size, descriptors, protocol)
+OFFER = 1
+#: frame type: the next batch of descriptors (UNIX sockets)
+FDS = 2
+#: frame type: the vmstate stream
+STATE = 3
+#: frame type: the destination loaded the state
+ACK = 4
+#: frame type: the destination refuses (``error``, ``message``)
+NACK = 5
+#: frame type: the destination runs the device (``running_at``)
+RUNNING = 6
+#: frame type: the source gives the device up for good (after ACK, with ``commit=True``)
+COMMIT = 7
+#: frame type: a handover's new process is built and waits for the state
+READY = 8
+#: frame type: a handover's connection state and the sockets that move with it
+CONN = 9
+#: frame type: the source keeps the device; the destination must not run it
+ABORT = 10
+#: frame type: a request for a handover (``pcidev handover`` to the serving process)
+HANDOVER = 11
+#: frame type: the answer to HANDOVER (``ok``, ``reason`` and the figures)
+REPORT = 12
+#: frame type: a handover's new process polls the client's socket now (after RUNNING)
+SERVING = 13
+#: frame type: the memory sources whose contents follow (protocol 2, see pcidev.migration.precopy)
+MEMORY = 14
+#: frame type: a piece of a memory source's contents (protocol 2)
+CHUNK = 15
+_NAMES = {OFFER: "OFFER", FDS: "FDS", STATE: "STATE", ACK: "ACK", NACK: "NACK", RUNNING: "RUNNING",
+          COMMIT: "COMMIT", READY: "READY", CONN: "CONN", ABORT: "ABORT", HANDOVER: "HANDOVER",
+          REPORT: "REPORT", SERVING: "SERVING", MEMORY: "MEMORY", CHUNK: "CHUNK"}
+
+
+def boot_id() -> str:
+    """This machine's kernel boot id ('' if unknown): equal boot ids mean the
+    ``CLOCK_MONOTONIC`` readings of two processes are comparable."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _send(sock: socket.socket, kind: int, body: bytes = b"", fds: Sequence[int] = ()) -> None:
+    send_all(sock, _HEADER.pack(MAGIC, kind, 0, len(body)) + body, fds)
+
+
+def _send_meta(sock: socket.socket, kind: int, meta: dict[str, Any], fds: Sequence[int] = ()) -> None:
+    _send(sock, kind, msgpack.packb(meta, use_bin_type=True), fds)
+
+
+def _recv(sock: socket.socket, *, max_fds: int = 0, max_len: int = _MAX_META) -> tuple[int, bytes, list[int]]:
+    head, fds = recv_exact(sock, _HEADER.size, max_fds=max_fds)
+    try:
+        magic, kind, flags, length = _HEADER.unpack(head)
+        if magic != MAGIC:
+            raise TransportError(f"migration channel: bad magic {magic!r}")
+        if kind not in _NAMES or flags:
+            raise TransportError(f"migration channel: unknown frame type {kind} / flags {flags:#x}")
+        if length > max_len:
+            raise TransportError(f"migration channel: {_NAMES[kind]} frame of {length} bytes "
+                                 f"(at most {max_len})")
+        body = recv_exact(sock, length)[0] if length else b""
+    except BaseException:
+        close_fds(fds)
+        raise
+    return kind, body, fds
+
+
+def _meta(kind: int, body: bytes, keys: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
+    try:
+        meta = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception as exc:
+        raise TransportError(f"migration channel: {_NAMES[kind]} body is not msgpack: {exc}") from None
+    if not isinstance(meta, dict):
+        raise TransportError(f"migration channel: {_NAMES[kind]} body is not a map")
+    for key, types in keys.items():
+        allowed = types if isinstance(types, tuple) else (types,)
+        value = meta.get(key)
+        if type(value) not in allowed and not (float in allowed and type(value) is int):
+            raise TransportError(f"migration channel: {_NAMES[kind]} field {key!r} missing or of the wrong type")
+    return meta
+
+
+def send_frame(sock: socket.socket, kind: int, body: bytes = b"", fds: Sequence[int] = ()) -> None:
+    """Send one frame of the migration channel (the caller keeps its ``fds``).
+
+    :param sock: the connected channel.
+    :param kind: the frame type (:data:`COMMIT`, :data:`CONN`...).
+    :param body: the body.
+    :param fds: descriptors to attach (at most 253, Linux's ``SCM_MAX_FD``).
+    :raises TransportError: the peer went away.
+    """
+    _send(sock, kind, body, fds)
+
+
+def send_parts(sock: socket.socket, kind: int, parts: Sequence[bytes | memoryview]) -> None:
+    """Send one frame whose body is ``parts`` joined, without joining them (``sendmsg``
+    of the header and the parts: a large body is not copied). No descriptors.
+
+    :raises TransportError: the peer went away or the send timed out.
+    """
+    views = [memoryview(_HEADER.pack(MAGIC, kind, 0, sum(len(p) for p in parts)))]
+    views += [memoryview(p).cast("B") for p in parts if len(p)]
+    try:
+        while views:
+            sent = sock.sendmsg(views)
+            while views and sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            if sent:
+                views[0] = views[0][sent:]
+    except (BrokenPipeError, ConnectionResetError) as exc:
+        raise TransportError(f"send failed: peer closed the connection ({exc})") from exc
+    except (OSError, ValueError) as exc:
+        raise TransportError(f"send failed: {exc}") from exc
+
+
+def send_meta(sock: socket.socket, kind: int, meta: dict[str, Any], fds: Sequence[int] = ()) -> None:
+    """Send one frame whose body is ``meta`` as msgpack (see :func:`send_frame`).
+
+    :raises TransportError: the peer went away.
+    """
+    _send_meta(sock, kind, meta, fds)
+
+
+def recv_frame(sock: socket.socket, *, max_fds: int = 0, max_len: int = _MAX_META) -> tuple[int, bytes, list[int]]:
+    """Receive one frame: ``(type, body, fds)``; the caller owns the fds.
+
+    :param max_fds: the most descriptors it may carry.
+    :param max_len: the longest body accepted.
+    :raises TransportError: the peer closed, timed out or sent garbage (bad magic,
+        an unknown type, a body too long, too many fds).
+    """
+    return _recv(sock, max_fds=max_fds, max_len=max_len)
+
+
+def frame_meta(kind: int, body: bytes, keys: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
+    """The msgpack map of a frame's body, with ``keys`` checked (name → allowed types).
+
+    :raises TransportError: not a msgpack map, or a key missing or of the wrong type.
+    """
+    return _meta(kind, body, keys)
+
+
+def frame_name(kind: int) -> str:
+    """The name of frame type ``kind`` (``"OFFER"``...), or its number."""
+    return _NAMES.get(kind, str(kind))

@@ -1,0 +1,954 @@
+"""Memory contents over a migration channel without descriptors: pre-copy while the
+device runs, the rest at the stop, and the destination's staging (docs/migration.md §6).
+
+Over a UNIX socket a memfd that a device's vmstate stream names by an
+:class:`~pcidev.vmstate.FdRef` travels as itself (``SCM_RIGHTS``). Over TCP it cannot:
+its **contents** travel instead. The device lists such objects as
+:class:`~pcidev.memory_source.MemorySource` (:meth:`pcidev.device.PciDevice.memory_sources`:
+RAM BARs by default, a device's own memfds beside them), and:
+
+* the source (:class:`Precopy`) announces them in a ``MEMORY`` frame, then copies them
+  while the device keeps running (:meth:`Precopy.run`: the first pass skips holes with
+  ``SEEK_DATA``/``SEEK_HOLE`` and chunks of zeros; each further iteration sends what was
+  written since the previous one) until what is left fits the downtime budget at the
+  measured bandwidth, or ``max_iterations`` passed; after the caller stopped the device,
+  :meth:`Precopy.finish` sends the rest (inside the downtime), and
+  :func:`~pcidev.migration.channel.migrate_out` sends the OFFER (protocol 2, with
+  ``fd_sources``: which of the stream's descriptor indexes each source stands for) and
+  the state as usual;
+* what was written is known exactly from a :class:`~pcidev.memory_source.DirtyBitmap`
+  that the device marks on every write it makes; a source without one (a RAM BAR a
+  vfio-user client maps: its writes never pass through this process) is tracked by
+  the CRC-32C of each 4 KiB page, compared each iteration and at the stop (about
+  0.1 s of CPU per GiB hashed, plus the read: docs/migration.md §6);
+* the destination (:class:`StagedMemory`, driven by
+  :func:`~pcidev.migration.channel.migrate_in`) collects the contents in memfds of its
+  own (sparse: a chunk of zeros punches a hole), checks everything (sizes, names,
+  offsets, frame order), and hands the load a descriptor list in which each streamed
+  index is its staging memfd and every other index None (guest RAM and interrupt
+  eventfds: the host attaches them, as over TCP before). The staging memfds are closed
+  whatever happens (the load keeps duplicates of what it adopts).
+
+Nothing here changes the source device: reading its memory and the dirty bitmaps (the
+only new state, beside it) is all pre-copy does, so a destination that dies or refuses
+during pre-copy leaves the device running as it was (:meth:`Precopy.abort` stops the
+tracking).
+
+Wire format (frames of :mod:`pcidev.migration.frames`, little-endian)::
+
+    MEMORY 14  msgpack {"protocol": 2, "sources": [{"name": str, "size": int}...], "boot_id"}
+               (the first frame; another MEMORY may add sources before the OFFER)
+    CHUNK  15  "<HQI" name length, offset, length | name (UTF-8) | data: ``length``
+               bytes, or none (``length`` bytes of zeros: a hole)
+    OFFER   1  as in protocol 1, with "protocol": 2, "stream_fds": the number of the
+               stream's descriptors, "fd_sources": {str(index): source name}
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import math
+import mmap
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import attrs
+import crc32c
+import msgpack
+
+from pcidev.device import PciDevice
+from pcidev.dma import alloc_memfd
+from pcidev.errors import DmaError, MigrationError, TransportError
+from pcidev.memory_source import DirtyBitmap, MemorySource
+from pcidev.migration.frames import (
+    CHUNK,
+    FRAME_HEADER,
+    MAGIC,
+    MAX_STREAM_SIZE,
+    MEMORY,
+    NACK,
+    OFFER,
+    PROTOCOL_MEMORY,
+    STATE,
+    boot_id,
+    frame_meta,
+    frame_name,
+    recv_frame,
+    send_meta,
+    send_parts,
+)
+from pcidev.transport.fdpass import close_fds, is_unix
+
+__all__ = [
+    "DirtyBitmap",
+    "MemorySource",
+    "PrecopyReport",
+    "Precopy",
+    "StagedMemory",
+    "MAX_CHUNK",
+    "MAX_SOURCES",
+    "MAX_SOURCE_NAME",
+    "MAX_MEMORY_SIZE",
+    "MAX_CHUNK_FRAME",
+    "HASH_PAGE",
+    "pack_memory",
+    "unpack_memory",
+]
+
+#: the most data one CHUNK carries (1 MiB)
+MAX_CHUNK = 1 << 20
+#: the most memory sources one migration announces
+MAX_SOURCES = 64
+#: the longest source name (bytes of UTF-8)
+MAX_SOURCE_NAME = 64
+#: the sum of the announced sizes a destination accepts by default (16 GiB): staging
+#: memfds are sparse, but a hostile source could fill every byte it announced
+MAX_MEMORY_SIZE = 16 << 30
+#: the page whose CRC-32C tracks a source without a dirty bitmap
+HASH_PAGE = 4096
+_CHUNK_HEAD = struct.Struct("<HQI")
+#: the longest CHUNK body
+MAX_CHUNK_FRAME = _CHUNK_HEAD.size + MAX_SOURCE_NAME + MAX_CHUNK
+_ZEROS = bytes(MAX_CHUNK)
+_ZERO_PAGE_CRC = crc32c.crc32c(bytes(HASH_PAGE))
+#: how often (chunks) the source looks for a refusal from the destination during pre-copy
+_POLL_EVERY = 8
+
+
+def _is_zero(data: bytes) -> bool:
+    return data == (_ZEROS if len(data) == MAX_CHUNK else _ZEROS[:len(data)])
+
+
+def _check_name(name: object) -> str:
+    """A source name's checks (shared by both sides). :raises ValueError: why not."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("a source name must be a non-empty string")
+    if len(name.encode()) > MAX_SOURCE_NAME:
+        raise ValueError(f"source name {name[:MAX_SOURCE_NAME]!r}... is longer than {MAX_SOURCE_NAME} bytes")
+    return name
+
+
+# ------------------------------------------------------------------------ source
+@attrs.frozen
+class PrecopyReport:
+    """What a pre-copy did.
+
+    :ivar iterations: passes made while the device ran (the first copies everything).
+    :ivar bytes_per_iteration: bytes of contents sent in each pass.
+    :ivar converged: the remainder was estimated to fit ``max_downtime_ms`` at the
+        measured bandwidth when the iterations ended (False: ``max_iterations`` ended them).
+    :ivar remainder_bytes: bytes sent at the stop (:meth:`Precopy.finish`).
+    :ivar bandwidth: bytes per second measured while the device ran (0: nothing sent).
+    :ivar estimated_downtime_ms: the copy time of the remainder estimated at the end
+        of the iterations (bandwidth and hashing rate), in milliseconds (infinite, None in
+        :meth:`as_dict`: not known, e.g. the first pass never ended).
+    :ivar hashed_bytes: bytes hashed page by page (sources without a bitmap).
+    :ivar hash_seconds: time spent hashing them.
+    :ivar finish_seconds: time :meth:`Precopy.finish` took (part of the downtime).
+    """
+
+    iterations: int = 0
+    bytes_per_iteration: tuple[int, ...] = ()
+    converged: bool = False
+    remainder_bytes: int = 0
+    bandwidth: float = 0.0
+    estimated_downtime_ms: float = 0.0
+    hashed_bytes: int = 0
+    hash_seconds: float = 0.0
+    finish_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary."""
+        return {"iterations": self.iterations, "bytes_per_iteration": list(self.bytes_per_iteration),
+                "converged": self.converged, "remainder_bytes": self.remainder_bytes,
+                "bandwidth": self.bandwidth,
+                "estimated_downtime_ms": (self.estimated_downtime_ms if math.isfinite(self.estimated_downtime_ms)
+                                          else None),
+                "hashed_bytes": self.hashed_bytes, "hash_seconds": self.hash_seconds,
+                "finish_seconds": self.finish_seconds}
+
+
+def _file_id(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _reopen(fd: int) -> int:
+    """A descriptor of the same object with its own file offset (SEEK_DATA must not move
+    the device's), falling back to a duplicate."""
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return os.dup(fd)
+
+
+def _extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """The ranges of ``fd`` that hold data (``SEEK_DATA``/``SEEK_HOLE``; everything when
+    the file system cannot say)."""
+    off = 0
+    while off < size:
+        try:
+            start = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return
+            yield off, size - off
+            return
+        if start >= size:
+            return
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        yield start, end - start
+        off = end
+
+
+def _fd_sources(by_id: dict[tuple[int, int], str], fds: Sequence[int]) -> dict[str, str]:
+    """``{str(index): name}`` for each of ``fds`` that is one of ``by_id``'s objects."""
+    out = {}
+    for i, fd in enumerate(fds):
+        try:
+            name = by_id.get(_file_id(fd))
+        except OSError:
+            continue
+        if name is not None:
+            out[str(i)] = name
+    return out
+
+
+class _Tracked:
+    """One source on the sending side: its own descriptor, its identity and tracking."""
+
+    def __init__(self, src: MemorySource) -> None:
+        self.name = _check_name(src.name)
+        self.size = src.size
+        self.bitmap = src.bitmap
+        self.ident = _file_id(src.fd)
+        self.fd = _reopen(src.fd)
+        self.head = self.name.encode()
+        #: CRC-32C of each page as last sent (sources without a bitmap)
+        self.hashes: array.array[int] | None = None
+        #: a read-only mapping to hash in place (sources without a bitmap)
+        self.map: mmap.mmap | None = None
+        if self.bitmap is None:
+            self.hashes = array.array("I", [_ZERO_PAGE_CRC]) * ((self.size + HASH_PAGE - 1) // HASH_PAGE)
+            try:
+                self.map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ)
+            except (OSError, ValueError):
+                os.close(self.fd)
+                raise
+        #: bytes that changed in the last hash scan after the first copy (the estimate of
+        #: the next one; None: no such scan yet, the rate of change is unknown)
+        self.changed_last: int | None = None
+
+    def close(self) -> None:
+        if self.bitmap is not None:
+            self.bitmap.stop()
+        if self.map is not None:
+            try:
+                self.map.close()
+            except BufferError:  # a scan in another thread still holds a view: the GC unmaps it
+                pass
+            self.map = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Precopy:
+    """Pre-copy of a device's memory sources on an open migration channel; the device
+    keeps running (and serving) while :meth:`run` runs, in any thread.
+
+    ``active`` is False when nothing is streamed (a UNIX channel, which passes the
+    descriptors, or a device without memory sources): then every method does nothing
+    and :func:`~pcidev.migration.channel.migrate_out` sends protocol 1 as always.
+
+    :param device: the running source device.
+    :param sock: the connected migration channel.
+    :param max_downtime_ms: stop iterating once the remainder is estimated to take at
+        most this long to send (and hash) at the measured rates.
+    :param max_iterations: the most passes while the device runs (0: everything is
+        sent at the stop).
+    :param max_bandwidth: bytes per second the passes may send (None: unlimited); the
+        remainder at the stop is sent at full speed.
+    :param timeout: seconds each send may block.
+    :raises MigrationError: the device's memory sources are unusable (nothing started).
+    """
+
+    def __init__(self, device: PciDevice, sock: socket.socket, *, max_downtime_ms: float = 10.0,
+                 max_iterations: int = 30, max_bandwidth: float | None = None, timeout: float = 10.0) -> None:
+        if max_iterations < 0 or max_downtime_ms < 0 or (max_bandwidth is not None and max_bandwidth <= 0):
+            raise ValueError("max_iterations and max_downtime_ms must be >= 0, max_bandwidth > 0")
+        self.device = device
+        self.sock = sock
+        self.max_downtime_ms = max_downtime_ms
+        self.max_iterations = max_iterations
+        self.max_bandwidth = max_bandwidth
+        self.timeout = timeout
+        self._tracked: dict[str, _Tracked] = {}
+        self._state = "new"  # new, running, ran, finished, aborted
+        self._lock = threading.Lock()
+        self._iter_bytes: list[int] = []
+        self._sent_time = 0.0
+        self._sent_bytes = 0
+        self._hash_bytes = 0
+        self._hash_time = 0.0
+        self._converged = False
+        self._estimate_ms = 0.0
+        self._remainder = 0
+        self._finish_time = 0.0
+        self._chunks = 0
+        self._throttle_from = 0.0
+        self._throttle_bytes = 0
+        sources = self._sources() if not is_unix(sock) else []
+        self.active = bool(sources)
+        self._initial = sources
+
+    # -- what the engine knows -------------------------------------------------------------
+    def _sources(self) -> list[MemorySource]:
+        try:
+            sources = list(self.device.memory_sources())
+        except Exception as exc:
+            raise MigrationError(f"memory_sources() failed: {type(exc).__name__}: {exc}") from exc
+        names = set()
+        for src in sources:
+            try:
+                _check_name(src.name)
+            except ValueError as exc:
+                raise MigrationError(f"memory source: {exc}") from None
+            if src.name in names:
+                raise MigrationError(f"memory source {src.name!r} appears twice")
+            if src.size <= 0:
+                raise MigrationError(f"memory source {src.name!r} has size {src.size}")
+            if src.bitmap is not None and src.bitmap.size < src.size:
+                raise MigrationError(f"memory source {src.name!r}: its bitmap covers {src.bitmap.size} bytes "
+                                     f"of {src.size}")
+            names.add(src.name)
+        if len(sources) > MAX_SOURCES:
+            raise MigrationError(f"{len(sources)} memory sources (at most {MAX_SOURCES})")
+        return sources
+
+    def sources(self) -> list[MemorySource]:
+        """The device's memory sources now, checked (on a UNIX channel: none; they may
+        differ from those :meth:`run` announced: :meth:`finish` announces the new ones).
+
+        :raises MigrationError: ``memory_sources()`` failed or returned unusable sources.
+        """
+        return self._sources() if not is_unix(self.sock) else []
+
+    @property
+    def report(self) -> PrecopyReport:
+        """What it did so far."""
+        bw = self._sent_bytes / self._sent_time if self._sent_time > 0 else 0.0
+        return PrecopyReport(iterations=len(self._iter_bytes), bytes_per_iteration=tuple(self._iter_bytes),
+                             converged=self._converged, remainder_bytes=self._remainder, bandwidth=bw,
+                             estimated_downtime_ms=self._estimate_ms, hashed_bytes=self._hash_bytes,
+                             hash_seconds=self._hash_time, finish_seconds=self._finish_time)
+
+    @property
+    def failed(self) -> bool:
+        """It was aborted (a failure, or :meth:`abort`): it cannot finish."""
+        return self._state == "aborted"
+
+    # -- the source's side ----------------------------------------------------------------
+    def run(self, cancel: threading.Event | None = None) -> None:
+        """Announce the sources and copy them while the device runs: the first pass, then
+        passes of what was written since, until the remainder fits the downtime budget
+        or ``max_iterations`` passes were made. The device is never stopped or changed.
+
+        :param cancel: set it (from another thread) to end the pre-copy early (it then
+            aborts and raises).
+        :raises MigrationError: the destination refused (its reason), went away or
+            stalled, or ``cancel`` was set: the pre-copy is aborted (tracking stopped),
+            and the device keeps running untouched.
+        """
+        with self._lock:
+            if self._state != "new":
+                raise MigrationError(f"pre-copy cannot run: it is {self._state}")
+            self._state = "running"
+        if not self.active:
+            self._state = "ran"
+            return
+        try:
+            self.sock.settimeout(self.timeout)
+            self._announce(self._initial)
+            if self.max_iterations:
+                self._first_pass(cancel)
+            while len(self._iter_bytes) and len(self._iter_bytes) < self.max_iterations:
+                self._converged = self._estimate() <= self.max_downtime_ms
+                if self._converged:
+                    break
+                self._pass(cancel)
+            else:
+                self._converged = bool(self._iter_bytes) and self._estimate() <= self.max_downtime_ms
+        except BaseException as exc:
+            self.abort()
+            if isinstance(exc, TransportError):  # a destination refuses, then closes unread
+                refusal = self._refusal(wait=min(self.timeout, 1.0))
+                if refusal is not None:
+                    raise MigrationError(f"{refusal}; the device keeps running on the source") from exc
+            if isinstance(exc, MigrationError):
+                raise MigrationError(f"{exc}; the device keeps running on the source") from exc
+            raise MigrationError(f"pre-copy failed ({type(exc).__name__}: {exc}); "
+                                 "the device keeps running on the source") from exc
+        self._state = "ran"
+
+    def finish(self) -> None:
+        """Send what is left (call it with the device stopped: inside the downtime): a
+        source that appeared since the announcement is announced and sent whole, every
+        written range (bitmap) or changed page (hash) is sent, and the tracking stops.
+        A pre-copy that never ran announces and sends everything now.
+
+        :raises MigrationError: a source changed identity (another object under the same
+            name), the channel broke, or the pre-copy had failed before.
+        """
+        with self._lock:
+            if self._state in ("finished", "aborted", "running"):
+                raise MigrationError(f"pre-copy cannot finish: it is {self._state}")
+            first = self._state == "new"
+            self._state = "finishing"
+        if not self.active:
+            self._state = "finished"
+            return
+        t0 = time.monotonic()
+        self._throttle_from = 0.0  # the remainder goes at full speed
+        try:
+            self.sock.settimeout(self.timeout)
+            if first:
+                self._announce(self._initial)
+            fresh = []
+            lost_track = set()
+            for src in self._sources():
+                known = self._tracked.get(src.name)
+                if known is None:
+                    fresh.append(src)
+                elif known.ident != _file_id(src.fd):
+                    raise MigrationError(f"memory source {src.name!r} is another object than the one announced")
+                elif known.bitmap is not None and src.bitmap is None:
+                    lost_track.add(src.name)  # now written past its bitmap (mapped elsewhere): all of it
+            if fresh:
+                self._announce(fresh)
+            sent = 0
+            for t in self._tracked.values():
+                if t.name in lost_track:
+                    sent += self._send_everything(t)
+                else:
+                    sent += self._send_changes(t, None, whole=t.name in {s.name for s in fresh} or first)
+            self._remainder = sent
+        except BaseException as exc:
+            self.abort()
+            if isinstance(exc, MigrationError):
+                raise
+            raise MigrationError(f"the memory contents could not be sent at the stop "
+                                 f"({type(exc).__name__}: {exc})") from exc
+        for t in self._tracked.values():
+            if t.bitmap is not None:
+                t.bitmap.stop()  # (descriptors and mappings: release(), after the ACK)
+        self._finish_time = time.monotonic() - t0
+        self._state = "finished"
+
+    def fd_sources(self, fds: Sequence[int]) -> dict[str, str]:
+        """Which of a saved stream's descriptors each source stands for (matched by
+        device and inode), for the OFFER.
+
+        :param fds: the descriptors :func:`~pcidev.migration.snapshot.save_device_stream`
+            returned.
+        :returns: ``{str(index): source name}``.
+        """
+        return _fd_sources({t.ident: t.name for t in self._tracked.values()}, fds)
+
+    def abort(self) -> None:
+        """Stop the tracking and release everything (failure paths; idempotent). The
+        device is not touched."""
+        self._state = "aborted"
+        self.release()
+
+    def release(self) -> None:
+        """Close the descriptors and mappings it holds, and stop any tracking (idempotent;
+        :func:`~pcidev.migration.channel.migrate_out` calls it after the ACK: unmapping
+        a large hashed source takes time, which must not count in the downtime)."""
+        for t in self._tracked.values():
+            t.close()
+
+    # -- sending -----------------------------------------------------------------------------
+    def _announce(self, sources: Sequence[MemorySource]) -> None:
+        new = []
+        try:
+            for src in sources:
+                t = _Tracked(src)
+                new.append(t)
+                if t.bitmap is not None:
+                    t.bitmap.start()
+        except (OSError, ValueError) as exc:
+            for t in new:
+                t.close()
+            raise MigrationError(f"a memory source is unusable: {exc}") from exc
+        for t in new:
+            self._tracked[t.name] = t
+        total = sum(t.size for t in self._tracked.values())
+        if total > MAX_MEMORY_SIZE:
+            raise MigrationError(f"the memory sources hold {total} bytes; a destination accepts at most "
+                                 f"{MAX_MEMORY_SIZE} by default")
+        send_meta(self.sock, MEMORY, {"protocol": PROTOCOL_MEMORY, "boot_id": boot_id(),
+                                      "sources": [{"name": t.name, "size": t.size} for t in new]})
+
+    def _first_pass(self, cancel: threading.Event | None) -> None:
+        t0 = time.monotonic()
+        sent = 0
+        for t in self._tracked.values():
+            sent += self._send_changes(t, cancel, whole=True)
+        self._iteration_done(sent, time.monotonic() - t0)
+
+    def _pass(self, cancel: threading.Event | None) -> None:
+        t0 = time.monotonic()
+        sent = 0
+        for t in self._tracked.values():
+            sent += self._send_changes(t, cancel, whole=False)
+        self._iteration_done(sent, time.monotonic() - t0)
+
+    def _iteration_done(self, sent: int, seconds: float) -> None:
+        self._iter_bytes.append(sent)
+        if sent:
+            self._sent_bytes += sent
+            self._sent_time += seconds
+
+    def _estimate(self) -> float:
+        """Milliseconds the remainder would take now: what the bitmaps hold and what the
+        last hash scans found, at the measured bandwidth, plus a hash scan of every
+        hashed source at the measured hashing rate."""
+        dirty = 0
+        hashed = 0
+        for t in self._tracked.values():
+            if t.bitmap is not None:
+                dirty += t.bitmap.dirty_bytes()
+            elif t.changed_last is None:
+                self._estimate_ms = float("inf")  # scan once more to learn how fast it changes
+                return self._estimate_ms
+            else:
+                dirty += t.changed_last
+                hashed += t.size
+        bw = self._sent_bytes / self._sent_time if self._sent_time > 0 else 0.0
+        if self.max_bandwidth is not None:
+            bw = min(bw, self.max_bandwidth) if bw else self.max_bandwidth
+        hash_rate = self._hash_bytes / self._hash_time if self._hash_time > 0 else 0.0
+        if (dirty and not bw) or (hashed and not hash_rate):
+            self._estimate_ms = float("inf")
+        else:
+            self._estimate_ms = 1000.0 * ((dirty / bw if dirty else 0.0) + (hashed / hash_rate if hashed else 0.0))
+        return self._estimate_ms
+
+    def _send_changes(self, t: _Tracked, cancel: threading.Event | None, *, whole: bool) -> int:
+        """Send ``t``'s contents: all that holds data (``whole``: the first copy, zeros
+        skipped), else what its bitmap recorded or what its page hashes show changed."""
+        if t.hashes is not None:
+            return self._send_hashed(t, cancel, whole=whole)
+        assert t.bitmap is not None
+        ranges = t.bitmap.take()  # clears: read after it (see DirtyBitmap)
+        if whole:
+            ranges = list(_extents(t.fd, t.size))
+        sent = 0
+        for off, length in ranges:
+            end = off + length
+            while off < end:
+                n = min(MAX_CHUNK, end - off)
+                data = os.pread(t.fd, n, off)
+                if len(data) != n:
+                    raise MigrationError(f"memory source {t.name!r}: short read at {off:#x}")
+                sent += self._chunk(t, off, data, skip_zero=whole, cancel=cancel)
+                off += n
+        return sent
+
+    def _send_everything(self, t: _Tracked) -> int:
+        """Send all of ``t`` (chunks of zeros as holes): what the destination has of it is
+        not known to be right (its tracking was lost)."""
+        if t.bitmap is not None:
+            t.bitmap.take()
+        sent = 0
+        for off in range(0, t.size, MAX_CHUNK):
+            data = os.pread(t.fd, min(MAX_CHUNK, t.size - off), off)
+            if not data:
+                raise MigrationError(f"memory source {t.name!r}: short read at {off:#x}")
+            sent += self._chunk(t, off, data, skip_zero=False, cancel=None)
+        return sent
+
+    def _send_hashed(self, t: _Tracked, cancel: threading.Event | None, *, whole: bool) -> int:
+        """Hash every page of ``t`` in place (its read-only mapping: no copy), and send each
+        run of pages whose hash is not the one last sent. What is sent is a copy taken
+        after the scan, and the hash stored is that copy's: the destination holds exactly
+        what the stored hashes stand for, so the scan at the stop (nothing writes then)
+        finds every difference."""
+        hashes = t.hashes
+        assert hashes is not None and t.map is not None
+        extents = list(_extents(t.fd, t.size)) if whole else [(0, t.size)]
+        sent = changed = 0
+        with memoryview(t.map) as whole_view:
+            for off, length in extents:
+                end = off + length
+                off -= off % HASH_PAGE
+                while off < end:
+                    n = min(MAX_CHUNK, end - off)
+                    h0 = time.perf_counter()
+                    with whole_view[off:off + n] as view:
+                        crcs = [crc32c.crc32c(view[i:i + HASH_PAGE]) for i in range(0, n, HASH_PAGE)]
+                    self._hash_time += time.perf_counter() - h0
+                    self._hash_bytes += n
+                    first = off // HASH_PAGE
+                    runs = []
+                    start = -1
+                    for k, crc in enumerate(crcs):
+                        if hashes[first + k] != crc:
+                            if start < 0:
+                                start = k
+                        elif start >= 0:
+                            runs.append((start, k))
+                            start = -1
+                    if start >= 0:
+                        runs.append((start, len(crcs)))
+                    for a, b in runs:
+                        lo, hi = off + a * HASH_PAGE, min(off + b * HASH_PAGE, t.size)
+                        piece = bytes(whole_view[lo:hi])
+                        with memoryview(piece) as pv:
+                            for k in range(a, b):
+                                i = (k - a) * HASH_PAGE
+                                hashes[first + k] = crc32c.crc32c(pv[i:i + HASH_PAGE])
+                        changed += len(piece)
+                        sent += self._chunk(t, lo, piece, skip_zero=whole, cancel=cancel)
+                    off += n
+        if not whole:
+            t.changed_last = changed
+        return sent
+
+    def _chunk(self, t: _Tracked, off: int, data: bytes, *, skip_zero: bool, cancel: threading.Event | None) -> int:
+        """Send one CHUNK (a chunk of zeros: skipped on a first copy, else a hole)."""
+        if cancel is not None and cancel.is_set():
+            raise MigrationError("pre-copy cancelled")
+        zero = _is_zero(data)
+        if zero and skip_zero:
+            return 0
+        head = _CHUNK_HEAD.pack(len(t.head), off, len(data)) + t.head
+        send_parts(self.sock, CHUNK, (head,) if zero else (head, data))
+        self._chunks += 1
+        if self._state == "running":
+            if self._chunks % _POLL_EVERY == 0:
+                self._check_refusal()
+            self._throttle(len(head) if zero else len(head) + len(data))
+        return len(data)
+
+    def _throttle(self, nbytes: int) -> None:
+        if self.max_bandwidth is None:
+            return
+        now = time.monotonic()
+        if not self._throttle_from:
+            self._throttle_from, self._throttle_bytes = now, 0
+        self._throttle_bytes += nbytes
+        due = self._throttle_from + self._throttle_bytes / self.max_bandwidth
+        if due > now:
+            time.sleep(due - now)
+
+    def _check_refusal(self) -> None:
+        """Raise the destination's refusal if it sent one (it never speaks during pre-copy)."""
+        refusal = self._refusal(wait=0.0)
+        if refusal is not None:
+            raise refusal
+
+    def _refusal(self, *, wait: float) -> MigrationError | None:
+        """What the destination said, if it said anything within ``wait`` seconds (a
+        destination speaks during pre-copy only to refuse)."""
+        try:
+            poller = select.poll()
+            poller.register(self.sock.fileno(), select.POLLIN)
+            if not poller.poll(int(wait * 1000)):
+                return None
+            self.sock.settimeout(max(wait, 0.1))
+            kind, body, stray = recv_frame(self.sock)
+        except (TransportError, OSError, ValueError) as exc:
+            return MigrationError(f"the destination went away during pre-copy ({exc})")
+        close_fds(stray)
+        if kind == NACK:
+            try:
+                meta = frame_meta(NACK, body, {"error": str, "message": str})
+            except TransportError as exc:
+                return MigrationError(f"the destination refused with a malformed NACK ({exc})")
+            return MigrationError(f"the destination refused the memory: {meta['error']}: {meta['message']}")
+        return MigrationError(f"the destination sent {frame_name(kind)} during pre-copy")
+
+
+# ------------------------------------------------------------------- destination
+class _Staged:
+    def __init__(self, name: str, size: int) -> None:
+        self.name = name
+        self.size = size
+        try:
+            self.fd = alloc_memfd(size, f"pcidev-staging[{name}]")
+        except DmaError as exc:
+            raise TransportError(f"migration channel: cannot stage memory source {name!r} "
+                                 f"({size} bytes): {exc}") from None
+        try:
+            self.mem = mmap.mmap(self.fd, size)
+        except (OSError, ValueError) as exc:
+            os.close(self.fd)
+            raise TransportError(f"migration channel: cannot map the staging memfd of {name!r}: {exc}") from None
+
+    def close(self) -> None:
+        try:
+            self.mem.close()
+        except BufferError:
+            pass
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class StagedMemory:
+    """The destination's side of streamed memory: a staging memfd per announced source,
+    filled by CHUNK frames, handed to the load by descriptor index.
+
+    Every check refuses with :class:`~pcidev.errors.TransportError` (one sentence; the
+    channel NACKs with it): sizes (each > 0, the sum at most ``max_total``), names
+    (UTF-8, at most :data:`MAX_SOURCE_NAME` bytes, unique, at most :data:`MAX_SOURCES`),
+    a CHUNK naming an announced source with its range inside it and at most
+    :data:`MAX_CHUNK` bytes, and the OFFER's ``fd_sources`` (known names, indexes
+    inside ``stream_fds``). :meth:`close` releases everything; call it
+    whatever happened.
+
+    :param max_total: the largest sum of announced sizes accepted.
+    """
+
+    def __init__(self, max_total: int = MAX_MEMORY_SIZE) -> None:
+        self.max_total = max_total
+        self._sources: dict[str, _Staged] = {}
+        self._total = 0
+        #: bytes of contents applied (holes count their length)
+        self.received = 0
+
+    def announce(self, body: bytes) -> None:
+        """Apply a MEMORY frame: create a staging memfd per new source.
+
+        :raises TransportError: a malformed or unacceptable announcement.
+        """
+        meta = frame_meta(MEMORY, body, {"protocol": int, "sources": list, "boot_id": str})
+        if meta["protocol"] != PROTOCOL_MEMORY:
+            raise TransportError(f"migration channel: MEMORY of protocol {meta['protocol']}, "
+                                 f"expected {PROTOCOL_MEMORY}")
+        sources = meta["sources"]
+        if not sources or len(self._sources) + len(sources) > MAX_SOURCES:
+            raise TransportError(f"migration channel: MEMORY announces {len(sources)} sources "
+                                 f"({len(self._sources)} before; 1 to {MAX_SOURCES} in all)")
+        for entry in sources:
+            if not isinstance(entry, dict) or set(entry) != {"name", "size"}:
+                raise TransportError("migration channel: a MEMORY source is not a map of name and size")
+            try:
+                name = _check_name(entry["name"])
+            except ValueError as exc:
+                raise TransportError(f"migration channel: MEMORY: {exc}") from None
+            size = entry["size"]
+            if type(size) is not int or size <= 0:
+                raise TransportError(f"migration channel: MEMORY source {name!r} has size {size!r}")
+            if name in self._sources:
+                raise TransportError(f"migration channel: MEMORY source {name!r} announced twice")
+            if self._total + size > self.max_total:
+                raise TransportError(f"migration channel: MEMORY sources of more than {self.max_total} bytes "
+                                     "in all")
+            self._sources[name] = _Staged(name, size)
+            self._total += size
+
+    def apply(self, body: bytes) -> None:
+        """Apply a CHUNK frame to its staging memfd.
+
+        :raises TransportError: a malformed chunk, an unknown source, a range outside it.
+        """
+        if len(body) < _CHUNK_HEAD.size:
+            raise TransportError(f"migration channel: CHUNK of {len(body)} bytes is shorter than its header")
+        nlen, off, length = _CHUNK_HEAD.unpack_from(body)
+        start = _CHUNK_HEAD.size + nlen
+        if nlen > MAX_SOURCE_NAME or len(body) < start:
+            raise TransportError(f"migration channel: CHUNK with a source name of {nlen} bytes")
+        try:
+            name = body[_CHUNK_HEAD.size:start].decode()
+        except UnicodeDecodeError:
+            raise TransportError("migration channel: CHUNK source name is not UTF-8") from None
+        staged = self._sources.get(name)
+        if staged is None:
+            raise TransportError(f"migration channel: CHUNK for unknown memory source {name[:MAX_SOURCE_NAME]!r}")
+        if not 0 < length <= MAX_CHUNK:
+            raise TransportError(f"migration channel: CHUNK of {length} bytes (1 to {MAX_CHUNK})")
+        if off + length > staged.size:
+            raise TransportError(f"migration channel: CHUNK [{off:#x}, +{length:#x}) outside memory source "
+                                 f"{name!r} of {staged.size:#x} bytes")
+        data = memoryview(body)[start:]
+        if len(data) == length:
+            staged.mem[off:off + length] = data
+        elif not data:
+            self._zero(staged, off, length)
+        else:
+            raise TransportError(f"migration channel: CHUNK announces {length} bytes and carries {len(data)}")
+        self.received += length
+
+    @staticmethod
+    def _zero(staged: _Staged, off: int, length: int) -> None:
+        """Zero a range: whole pages are punched out (``MADV_REMOVE``), the edges written."""
+        end = off + length
+        lo = -(-off // mmap.PAGESIZE) * mmap.PAGESIZE
+        hi = end - end % mmap.PAGESIZE
+        if hi > lo:
+            try:
+                staged.mem.madvise(mmap.MADV_REMOVE, lo, hi - lo)
+            except OSError:
+                staged.mem[lo:hi] = bytes(hi - lo)
+            staged.mem[off:lo] = bytes(lo - off)
+            staged.mem[hi:end] = bytes(end - hi)
+        else:
+            staged.mem[off:end] = bytes(length)
+
+    @property
+    def names(self) -> list[str]:
+        """The announced sources."""
+        return list(self._sources)
+
+    def load_fds(self, offer: dict[str, Any]) -> list[int | None]:
+        """The descriptor list for the load from a protocol-2 OFFER: each index
+        ``fd_sources`` names is the source's staging memfd (borrowed: :meth:`close`
+        closes it), every other index None.
+
+        :raises TransportError: ``stream_fds`` or ``fd_sources`` missing or malformed, an
+            index outside the stream's descriptors, a name not announced.
+        """
+        count, mapping = offer.get("stream_fds"), offer.get("fd_sources")
+        if type(count) is not int or not 0 <= count <= 65536:
+            raise TransportError(f"migration channel: OFFER stream_fds {count!r} (0 to 65536)")
+        if not isinstance(mapping, dict):
+            raise TransportError("migration channel: OFFER fd_sources is not a map")
+        fds: list[int | None] = [None] * count
+        for key, name in mapping.items():
+            if not isinstance(key, str) or not key.isdigit() or not 0 <= int(key) < count:
+                raise TransportError(f"migration channel: OFFER fd_sources index {key!r} is not one of the "
+                                     f"stream's {count} descriptors")
+            staged = self._sources.get(name) if isinstance(name, str) else None
+            if staged is None:
+                raise TransportError(f"migration channel: OFFER fd_sources names {name!r}, which MEMORY "
+                                     "did not announce")
+            fds[int(key)] = staged.fd
+        return fds
+
+    def close(self) -> None:
+        """Unmap and close every staging memfd."""
+        for staged in self._sources.values():
+            staged.close()
+        self._sources.clear()
+
+
+# ------------------------------------------------------ contents in one buffer (no channel)
+def pack_memory(device_type: str, sources: Sequence[MemorySource], stream: bytes, fds: Sequence[int]) -> bytes:
+    """The frames a protocol-2 channel would carry at the stop, in one buffer: MEMORY, a
+    CHUNK per 1 MiB holding data (holes and zeros left out), OFFER and STATE. For a
+    transport whose migration data is one opaque byte stream and carries no descriptor
+    (vfio-user's MIG_DATA, :mod:`pcidev.transport.vfio_user.migration`); call it with the
+    device stopped.
+
+    :param device_type: the stream's device type.
+    :param sources: the memory sources whose contents go with it.
+    :param stream: the saved vmstate stream.
+    :param fds: the descriptors :func:`~pcidev.migration.snapshot.save_device_stream` returned.
+    :returns: the buffer (:func:`unpack_memory` reads it).
+    :raises MigrationError: a source is unusable.
+    """
+    def frame(kind: int, body: bytes) -> bytes:
+        return FRAME_HEADER.pack(MAGIC, kind, 0, len(body)) + body
+
+    parts = []
+    by_id: dict[tuple[int, int], str] = {}
+    announced = []
+    for src in sources:
+        try:
+            name = _check_name(src.name)
+            fd = _reopen(src.fd)
+        except (ValueError, OSError) as exc:
+            raise MigrationError(f"memory source {src.name!r} is unusable: {exc}") from None
+        try:
+            by_id[_file_id(fd)] = name
+            announced.append({"name": name, "size": src.size})
+            head = name.encode()
+            for off, length in _extents(fd, src.size):
+                end = off + length
+                while off < end:
+                    data = os.pread(fd, min(MAX_CHUNK, end - off), off)
+                    if not data:
+                        raise MigrationError(f"memory source {name!r}: short read at {off:#x}")
+                    if not _is_zero(data):
+                        parts.append(frame(CHUNK, _CHUNK_HEAD.pack(len(head), off, len(data)) + head + data))
+                    off += len(data)
+        finally:
+            os.close(fd)
+    memory = frame(MEMORY, msgpack.packb({"protocol": PROTOCOL_MEMORY, "boot_id": boot_id(), "sources": announced},
+                                         use_bin_type=True))
+    offer = frame(OFFER, msgpack.packb({"protocol": PROTOCOL_MEMORY, "device_type": device_type,
+                                        "stream_size": len(stream), "fds": 0, "boot_id": boot_id(),
+                                        "stream_fds": len(fds), "fd_sources": _fd_sources(by_id, fds)},
+                                       use_bin_type=True))
+    return b"".join([memory, *parts, offer, frame(STATE, stream)])
+
+
+def unpack_memory(data: bytes, *, max_memory: int = MAX_MEMORY_SIZE) -> tuple[bytes, list[int | None], StagedMemory]:
+    """Read a buffer of :func:`pack_memory` with every check of a protocol-2 channel
+    (:class:`StagedMemory`; frames in order: MEMORY first, CHUNK or MEMORY, one OFFER of
+    protocol 2, one STATE of its size, nothing after).
+
+    :param data: the buffer.
+    :param max_memory: the most bytes of contents accepted.
+    :returns: ``(stream, fds, staged)``: the load's descriptor list holds the staging
+        memfds of ``staged``, which the caller closes after the load.
+    :raises TransportError: anything malformed (nothing is left open).
+    """
+    staged = StagedMemory(max_memory)
+    try:
+        frames = _frames(data)
+        kind, body = next(frames, (0, b""))
+        if kind != MEMORY:
+            raise TransportError(f"memory data: expected MEMORY, got {frame_name(kind)}")
+        staged.announce(body)
+        for kind, body in frames:
+            if kind == CHUNK:
+                staged.apply(body)
+            elif kind == MEMORY:
+                staged.announce(body)
+            else:
+                break
+        if kind != OFFER:
+            raise TransportError(f"memory data: expected OFFER, got {frame_name(kind)}")
+        offer = frame_meta(OFFER, body, {"protocol": int, "stream_size": int})
+        if offer["protocol"] != PROTOCOL_MEMORY:
+            raise TransportError(f"memory data: OFFER of protocol {offer['protocol']}")
+        fds = staged.load_fds(offer)
+        kind, stream = next(frames, (0, b""))
+        if kind != STATE or len(stream) != offer["stream_size"]:
+            raise TransportError(f"memory data: expected a STATE of {offer['stream_size']} bytes, got "
+                                 f"{frame_name(kind)} of {len(stream)}")
+        if next(frames, None) is not None:
+            raise TransportError("memory data: frames after the STATE")
+    except BaseException:
+        staged.close()
+        raise
+    return stream, fds, staged
+
+
+def _frames(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """The frames of a buffer. :raises TransportError: a header or length that does not fit."""
+    pos = 0
+    view = memoryview(data)
+    while pos < len(data):
+        if len(data) - pos < FRAME_HEADER.size:
+            raise TransportError(f"memory data: {len(data) - pos} bytes left, less than a frame header")
+        magic, kind, flags, length = FRAME_HEADER.unpack_from(data, pos)
+        if magic != MAGIC or flags:
+            raise TransportError(f"memory data: bad frame header at byte {pos}")
+        limit = MAX_CHUNK_FRAME if kind == CHUNK else MAX_STREAM_SIZE if kind == STATE else 64 << 10
+        pos += FRAME_HEADER.size
+        if length > limit or length > len(data) - pos:
+            raise TransportError(f"memory data: {frame_name(kind)} frame of {length} bytes at byte {pos}")
+        yield kind, bytes(view[pos:pos + length])
+        pos += length
