@@ -93,7 +93,9 @@ from typing import Any, ClassVar, Protocol
 
 import attrs
 
+from pcidev.device import PciDevice
 from pcidev.errors import ConfigError, MigrationError
+from pcidev.memory_source import DirtyBitmap, MemorySource
 from pcidev.vmstate import U8, U32, U64, Bool, Bytes, VarArray, vmstate
 from pcidev.vmstate.errors import StateError
 from pcidev_nvme.abort import Aborts, AbortsState
@@ -121,7 +123,7 @@ from pcidev_nvme.logs import (
     SmartCounters,
     SmartState,
 )
-from pcidev_nvme.metadata import MetadataStore
+from pcidev_nvme.metadata import MemMetadata, MetadataStore
 from pcidev_nvme.namespace import LBA_FORMATS, LBAF_TABLE, Namespace, NamespaceHolding, NamespaceState
 from pcidev_nvme.ns_smart import NamespaceSmart, NamespaceSmartState
 from pcidev_nvme.pmr import PersistentMemoryRegion, PmrState
@@ -308,6 +310,40 @@ def blockers(ctrl: MigrationHost) -> list[str]:
                        "controller to another process")
     if ctrl.fsm_state == "resetting":
         out.append("a controller reset is waiting for commands in flight")
+    return out
+
+
+#: what a ``mem`` namespace's memory sources stand in for (its memfd over UNIX sockets)
+MEM_FD_FEATURE = "nvme-backend:mem"
+
+
+def memory_sources(ctrl: MigrationHost) -> list[MemorySource]:
+    """The memfds of the ``mem`` namespaces the controller has now (configured or created
+    by Namespace Management) and of their metadata, as memory sources: over a channel
+    without descriptors (TCP) their contents travel instead (pre-copy while the controller
+    serves I/O, the rest at the stop). Each is tracked by the dirty bitmap its store marks
+    on every write (:attr:`pcidev_nvme.backends.MemoryBackend.dirty`,
+    :attr:`pcidev_nvme.metadata.MemMetadata.dirty`). A name carries the memfd's inode, so
+    a store replaced while a pre-copy runs (Format NVM, a namespace deleted and created
+    again) is a new source, sent whole at the stop. A secondary controller (SR-IOV) has
+    none: its namespaces are the primary's."""
+    if not ctrl.owns_namespaces:
+        return []
+    out = []
+    for nsid, ns in sorted(list(ctrl.allocated.items())):  # a copy: namespaces may come and go meanwhile
+        b, meta = ns.backend, ns.meta
+        stores: list[tuple[str, int, int, DirtyBitmap | None]] = []
+        if isinstance(b, MemoryBackend) and b.fd >= 0:
+            stores.append((f"nvme/ns{nsid}", b.fd, b.size, b.dirty))
+        if isinstance(meta, MemMetadata) and meta.mem_fd >= 0:
+            stores.append((f"nvme/ns{nsid}/meta", meta.mem_fd, meta.nbytes, meta.dirty))
+        for name, fd, size, bitmap in stores:
+            try:
+                ino = os.fstat(fd).st_ino
+            except OSError:  # closed meanwhile: the namespace is gone
+                continue
+            out.append(MemorySource(name=f"{name}@{ino}", fd=fd, size=size, bitmap=bitmap,
+                                    covers=frozenset({MEM_FD_FEATURE})))
     return out
 
 
@@ -940,7 +976,9 @@ class MigrationMixin:
     #: the ``nvme`` vmstate section
     VMSTATE: ClassVar[type[Any] | None] = NvmeState  # as declared by PciDevice
     MIGRATABLE_FEATURES = MIGRATABLE_FEATURES
-    FD_FEATURES = frozenset({"nvme-backend:mem"})  # the memfd travels with SCM_RIGHTS only
+    # the memfd travels with SCM_RIGHTS; without descriptors (TCP) its contents travel instead
+    # (memory_sources(), which cover the feature); vfio-user migration data carries neither
+    FD_FEATURES = frozenset({MEM_FD_FEATURE})
 
     _paused: bool
     _save_at_resume: bool
@@ -1019,6 +1057,12 @@ class MigrationMixin:
 
     def device_fingerprint(self: MigrationHost) -> dict[str, Any]:
         return fingerprint(self)
+
+    def memory_sources(self: MigrationHost) -> list[MemorySource]:
+        """The RAM BARs' (the CMB: :meth:`PciDevice.memory_sources <pcidev.device.PciDevice.memory_sources>`)
+        and the ``mem`` namespaces' (:func:`memory_sources`)."""
+        assert isinstance(self, PciDevice)  # mixed into NvmeController, a PciDevice
+        return [*PciDevice.memory_sources(self), *memory_sources(self)]
 
     def inheritable_fds(self: MigrationHost) -> dict[str, int]:
         return inheritable_fds(self)
