@@ -19,7 +19,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pcidev.dma import GuestMemory
@@ -290,7 +290,8 @@ class RemoteDevice:
             self._switch(address, timeout)
 
     def migrate(self, to: str, *, timeout: float = 30.0, link: str | None = None, precopy: bool = True,
-                max_downtime_ms: float = 10.0, max_iterations: int = 30) -> dict[str, Any]:
+                max_downtime_ms: float = 10.0, max_iterations: int = 30,
+                after_precopy: Callable[[dict[str, Any]], object] | None = None) -> dict[str, Any]:
         """Ask the device's process to migrate it to the destination listening at
         ``to``, then follow it there.
 
@@ -308,6 +309,8 @@ class RemoteDevice:
         :param precopy: copy before the stop where the device's process can (False: one MIGRATE).
         :param max_downtime_ms: the downtime budget the pre-copy aims for.
         :param max_iterations: the most pre-copy passes (0: everything at the stop).
+        :param after_precopy: called with the PRECOPY reply (the pre-copy's figures) once it
+            ended, before the accesses are held (not called without a pre-copy phase).
         :returns: the report: ``state_size``, ``fds``, ``downtime`` (stop on the source
             to running on the destination, seconds; None if the clocks are not
             comparable), ``downtime_upper_bound``, ``host_pause`` (how long accesses
@@ -324,9 +327,12 @@ class RemoteDevice:
         t0 = time.monotonic()
         side = LinkClient(connect(self.address, timeout=self.io_timeout), io_timeout=self.io_timeout)
         try:
-            side.request(PRECOPY, {"to": to, "timeout": float(timeout), "max_downtime_ms": float(max_downtime_ms),
-                                   "max_iterations": int(max_iterations)}, timeout=timeout + 10.0)
+            reply = side.request(PRECOPY, {"to": to, "timeout": float(timeout),
+                                           "max_downtime_ms": float(max_downtime_ms),
+                                           "max_iterations": int(max_iterations)}, timeout=timeout + 10.0)
             precopy_seconds = time.monotonic() - t0
+            if after_precopy is not None:
+                after_precopy(dict(reply))
             with self._access:
                 return self._migrate_on(side, to, timeout, link, time.monotonic(), precopy_seconds)
         finally:
