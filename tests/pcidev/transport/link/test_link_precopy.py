@@ -216,12 +216,14 @@ def test_a_precopy_past_its_timeout_and_one_no_migrate_follows_are_given_up(link
     try:
         t0 = time.monotonic()
         err = raw.request(PRECOPY, _precopy(stuck.address, timeout=1.0))
-        assert isinstance(err, MigrationError) and "did not end within 1 s" in str(err), err
+        # the server's deadline or the stuck send's own timeout, whichever comes first
+        assert isinstance(err, MigrationError) and "keeps running" in str(err), err
+        assert "did not end within 1 s" in str(err) or "timed out" in str(err), err
         assert time.monotonic() - t0 < 15
         stuck.reading.set()
         assert stuck.eof.wait(20)
         _write_some(drv, crcs, 8, 0)
-        report = raw.request(PRECOPY, _precopy(idle.address, timeout=1.0))
+        report = raw.request(PRECOPY, _precopy(idle.address, timeout=3.0))
         assert report["bytes_per_iteration"][0] >= FILLED, report
         assert idle.eof.wait(20), "the session was not given up without a MIGRATE"
         # the pre-copy is gone: a MIGRATE now is a migration in one go (to nobody here)
