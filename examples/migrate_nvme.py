@@ -15,11 +15,16 @@ there (zeros where nothing was). Prints each migration's downtime and state size
 Run::
 
     .venv/bin/python examples/migrate_nvme.py [--migrations N] [--rounds N] [--qd N]
-        [--queues N] [--ns-size BYTES] [--tcp] [--json] [-p no:NAME | -p MODULE]...
+        [--queues N] [--ns-size BYTES] [--tcp [--mem]] [--fill] [--max-downtime-ms MS]
+        [--json] [-p no:NAME | -p MODULE]...
 
-With ``--tcp`` the controller has only the file namespace (a memory namespace
-cannot follow without descriptors) and migrates over TCP; the host re-attaches RAM
-and eventfds. Details: docs/migration.md section 12.
+With ``--tcp`` the controller migrates over TCP (no descriptors travel; the host
+re-attaches RAM and eventfds) with only the file namespace, or with ``--mem`` with
+the memory namespace too: its contents are copied while the workload keeps running
+(pre-copy, until what is left fits ``--max-downtime-ms``) and the rest at the stop;
+each migration's line shows the pre-copy's passes and bytes. ``--fill`` writes every
+block of the memory namespace before the workload starts (so that there is
+something to copy). Details: docs/migration.md sections 7 and 12.
 """
 
 from __future__ import annotations
@@ -45,8 +50,8 @@ class VerifiedIo(Workload):
     """Random writes at queue depth ``qd`` on every I/O queue, each block read back
     and checked by its CRC-32C; :meth:`verify` checks every block of every namespace."""
 
-    def __init__(self, qd: int, queues: int) -> None:
-        self.qd, self.queues = qd, queues
+    def __init__(self, qd: int, queues: int, fill: int | None = None) -> None:
+        self.qd, self.queues, self.fill = qd, queues, fill  # fill: a namespace to write whole first
         self.crc: dict[tuple[int, int], int] = {}  # (nsid, lba) -> CRC-32C last written
         self.commands = self.readbacks = self.blocks_checked = 0
         self.rnd = random.Random(1)
@@ -56,6 +61,17 @@ class VerifiedIo(Workload):
         self.drv.probe()  # enable, MSI-X, admin and I/O queues, namespaces
         self.qids = list(range(1, self.drv.io_queue_count + 1))
         self.buf = ctx.machine.alloc(len(self.qids) * self.qd * 4096)
+        if self.fill is not None:
+            self._fill(self.fill)
+
+    def _fill(self, nsid: int) -> None:
+        """Write every block of ``nsid`` with random data (128 KiB a command)."""
+        drv, lbs, chunk = self.drv, self.drv.lba_size(nsid), 128 << 10
+        for off in range(0, drv.namespaces[nsid].nsze * lbs, chunk):
+            data = self.rnd.randbytes(chunk)
+            drv.write(nsid, off // lbs, data, qid=self.qids[(off // chunk) % len(self.qids)])
+            for j in range(0, chunk, lbs):
+                self.crc[(nsid, (off + j) // lbs)] = crc32c.crc32c(data[j:j + lbs])
 
     def step(self, ctx: WorkloadContext) -> None:
         drv, m, rnd = self.drv, ctx.machine, self.rnd
@@ -106,14 +122,16 @@ def run(args: argparse.Namespace) -> tuple[VerifiedIo, MigrationRunResult]:
         img = tmp / "ns.img"
         with open(img, "wb") as f:
             f.truncate(args.ns_size)
-        nss = ([] if args.tcp else [f"ns=mem:size={args.ns_size}"]) + [f"ns=file:path={img},size={args.ns_size}"]
+        mem = not args.tcp or args.mem
+        nss = ([f"ns=mem:size={args.ns_size}"] if mem else []) + [f"ns=file:path={img},size={args.ns_size}"]
         config = f"serial=MIGDEMO,max_ioqpairs={args.queues},msix_vectors={args.queues + 1}," + ",".join(nss)
-        workload = VerifiedIo(args.qd, args.queues)
+        workload = VerifiedIo(args.qd, args.queues, fill=1 if mem and args.fill else None)
         # [example: run nvme]
         rounds = args.rounds if args.rounds is not None else max(24, 2 * (args.migrations + 1))
         result = migrate_under_load("nvme", workload, count=args.migrations, iterations=rounds,
                                     properties=config, transport="tcp" if args.tcp else "unix",
                                     plugin_specs=args.plugin_specs, ram_size=128 << 20,
+                                    max_downtime_ms=args.max_downtime_ms, migration_timeout=120.0,
                                     probe=False)  # the NVMe driver probes the controller itself
         # [end example]
         return workload, result
@@ -130,7 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--qd", type=int, default=32, help="commands in flight per queue")
     ap.add_argument("--queues", type=int, default=2)
     ap.add_argument("--ns-size", type=int, default=4 << 20, help="bytes per namespace")
-    ap.add_argument("--tcp", action="store_true", help="file namespace only, migrate over TCP")
+    ap.add_argument("--tcp", action="store_true", help="migrate over TCP (file namespace only, unless --mem)")
+    ap.add_argument("--mem", action="store_true",
+                    help="with --tcp: keep the memory namespace, whose contents travel (pre-copy)")
+    ap.add_argument("--fill", action="store_true", help="write every block of the memory namespace first")
+    ap.add_argument("--max-downtime-ms", type=float, default=10.0,
+                    help="the pre-copy's downtime budget (over TCP with --mem)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("-p", action="append", default=[], dest="plugin_specs", metavar="no:NAME|MODULE",
                     help="plugin selection of the device processes, as pcidev -p; repeatable")
@@ -150,6 +173,13 @@ def main(argv: list[str] | None = None) -> int:
             down = f"{m.downtime * 1e3:.2f} ms" if m.downtime is not None else "n/a"
             print(f"migration {m.index}: to process {m.destination_pid}: downtime {down}, "
                   f"host accesses held {m.host_pause * 1e3:.2f} ms, state {m.state_size} bytes + {m.fds} fds")
+            pre = m.report.get("precopy")
+            if pre:
+                passes = ", ".join(f"{n / 2**20:.1f}" for n in pre["bytes_per_iteration"]) or "none"
+                took = m.report.get("precopy_seconds") or 0.0
+                print(f"  pre-copy: {pre['iterations']} passes ({passes} MiB) in {took:.2f} s while the I/O "
+                      f"went on, {'converged' if pre['converged'] else 'did not converge'}; "
+                      f"{pre['remainder_bytes'] / 2**10:.0f} KiB at the stop")
         print(f"{workload.commands} writes at QD {args.qd} x {args.queues} queues, {workload.readbacks} read "
               f"back, {workload.blocks_checked} blocks checked at the end: 0 CRC-32C mismatches")
     return 0 if len(migrations) == args.migrations else 1

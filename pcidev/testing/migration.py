@@ -311,6 +311,7 @@ def migrate_under_load(device_type: str, workload: Workload | Callable[[Workload
                        destination_type: str | None = None,
                        plugin_specs: Sequence[str] = (), ram_size: int = 64 << 20, probe: bool = True,
                        vectors: int = 0, start_timeout: float = 30.0, migration_timeout: float = 20.0,
+                       max_downtime_ms: float = 10.0,
                        progress_timeout: float = 60.0, stop_timeout: float = 30.0,
                        on_migration: Callable[[MigrationRecord, WorkloadContext], object] | None = None,
                        on_ready: Callable[[WorkloadContext], object] | None = None) -> MigrationRunResult:
@@ -342,6 +343,8 @@ def migrate_under_load(device_type: str, workload: Workload | Callable[[Workload
         offered, up to 32).
     :param start_timeout: seconds for a device process to start (and listen).
     :param migration_timeout: seconds for each migration.
+    :param max_downtime_ms: the downtime budget of each migration's pre-copy
+        (:meth:`~pcidev.transport.link.RemoteDevice.migrate`).
     :param progress_timeout: seconds the workload may take for one iteration.
     :param stop_timeout: seconds the workload may take to stop after its last step.
     :param on_migration: called after each migration with its record (on the caller's thread).
@@ -435,7 +438,7 @@ def migrate_under_load(device_type: str, workload: Workload | Callable[[Workload
                         raise workload_failed()
                     at = ctx.iteration
                     try:
-                        report = remote.migrate(address, timeout=migration_timeout)
+                        report = remote.migrate(address, timeout=migration_timeout, max_downtime_ms=max_downtime_ms)
                     except PcidevError as exc:
                         exc.add_note(f"migration {k} of {count} of {device_type} (process {src_pid} -> "
                                      f"{dest.pid}, {transport}) at workload iteration {at}; "

@@ -234,7 +234,7 @@ class MemMetadata(MetadataStore):
         self._lock = threading.Lock()
         self._closed = False
         #: the writes since a migration started tracking them (marked after each write)
-        self.dirty = DirtyBitmap(max(size, 1))
+        self.dirty = DirtyBitmap(max(size, 1), 4096)  # a page: 512 blocks of 8 bytes
 
     @property
     def mem_fd(self) -> int:
