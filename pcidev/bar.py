@@ -530,9 +530,12 @@ class RamBacking:
         return self._map.mem
 
     def read(self, offset: int, size: int) -> int:
+        """A guest read: ``size`` bytes at ``offset``, little-endian."""
         return int.from_bytes(self._map.mem[offset:offset + size], "little")
 
     def write(self, offset: int, size: int, value: int) -> None:
+        """A guest write (the MMIO path): store ``size`` bytes of ``value`` at ``offset``,
+        then mark :attr:`dirty` (a no-op unless a pre-copy tracks it)."""
         self._map.mem[offset:offset + size] = value.to_bytes(size, "little")
         self.dirty.mark(offset, size)  # after the store (see DirtyBitmap)
 

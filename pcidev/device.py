@@ -596,8 +596,8 @@ class PciDevice:
         """The BARs backed by a :class:`~pcidev.bar.RamBacking`, in index order. The
         framework migrates their contents (their ``bar<N>-ram`` features are the
         framework's): the descriptor travels with the stream and the destination's
-        backing adopts it, so a migration that carries no descriptors (TCP, vfio-user
-        migration data) is blocked by a memfd-backed one (see
+        backing adopts it; over TCP a memfd-backed one's contents travel instead
+        (:meth:`memory_sources`), and in vfio-user migration data it blocks (see
         :func:`pcidev.migration.descriptor_blockers`).
 
         :returns: the BARs.

@@ -38,6 +38,7 @@ __all__ = [
     "boot_id",
     "frame_name",
     "send_frame",
+    "send_parts",
     "send_meta",
     "recv_frame",
     "frame_meta",
@@ -57,7 +58,18 @@ _HEADER = FRAME_HEADER
 #: it allocate gigabytes)
 MAX_STREAM_SIZE = 256 << 20
 _MAX_META = 64 << 10
-OFFER, FDS, STATE, ACK, NACK, RUNNING = 1, 2, 3, 4, 5, 6
+#: frame type: the source offers a state (its size, descriptors, protocol)
+OFFER = 1
+#: frame type: the next batch of descriptors (UNIX sockets)
+FDS = 2
+#: frame type: the vmstate stream
+STATE = 3
+#: frame type: the destination loaded the state
+ACK = 4
+#: frame type: the destination refuses (``error``, ``message``)
+NACK = 5
+#: frame type: the destination runs the device (``running_at``)
+RUNNING = 6
 #: frame type: the source gives the device up for good (after ACK, with ``commit=True``)
 COMMIT = 7
 #: frame type: a handover's new process is built and waits for the state
@@ -142,6 +154,28 @@ def send_frame(sock: socket.socket, kind: int, body: bytes = b"", fds: Sequence[
     :raises TransportError: the peer went away.
     """
     _send(sock, kind, body, fds)
+
+
+def send_parts(sock: socket.socket, kind: int, parts: Sequence[bytes | memoryview]) -> None:
+    """Send one frame whose body is ``parts`` joined, without joining them (``sendmsg``
+    of the header and the parts: a large body is not copied). No descriptors.
+
+    :raises TransportError: the peer went away or the send timed out.
+    """
+    views = [memoryview(_HEADER.pack(MAGIC, kind, 0, sum(len(p) for p in parts)))]
+    views += [memoryview(p).cast("B") for p in parts if len(p)]
+    try:
+        while views:
+            sent = sock.sendmsg(views)
+            while views and sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            if sent:
+                views[0] = views[0][sent:]
+    except (BrokenPipeError, ConnectionResetError) as exc:
+        raise TransportError(f"send failed: peer closed the connection ({exc})") from exc
+    except (OSError, ValueError) as exc:
+        raise TransportError(f"send failed: {exc}") from exc
 
 
 def send_meta(sock: socket.socket, kind: int, meta: dict[str, Any], fds: Sequence[int] = ()) -> None:

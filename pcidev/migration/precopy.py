@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import array
 import errno
+import math
 import mmap
 import os
 import select
@@ -74,8 +75,8 @@ from pcidev.migration.frames import (
     frame_meta,
     frame_name,
     recv_frame,
-    send_frame,
     send_meta,
+    send_parts,
 )
 from pcidev.transport.fdpass import close_fds, is_unix
 
@@ -138,7 +139,8 @@ class PrecopyReport:
     :ivar remainder_bytes: bytes sent at the stop (:meth:`Precopy.finish`).
     :ivar bandwidth: bytes per second measured while the device ran (0: nothing sent).
     :ivar estimated_downtime_ms: the copy time of the remainder estimated at the end
-        of the iterations (bandwidth and hashing rate), in milliseconds.
+        of the iterations (bandwidth and hashing rate), in milliseconds (infinite, None in
+        :meth:`as_dict`: not known, e.g. the first pass never ended).
     :ivar hashed_bytes: bytes hashed page by page (sources without a bitmap).
     :ivar hash_seconds: time spent hashing them.
     :ivar finish_seconds: time :meth:`Precopy.finish` took (part of the downtime).
@@ -158,7 +160,9 @@ class PrecopyReport:
         """A JSON-ready summary."""
         return {"iterations": self.iterations, "bytes_per_iteration": list(self.bytes_per_iteration),
                 "converged": self.converged, "remainder_bytes": self.remainder_bytes,
-                "bandwidth": self.bandwidth, "estimated_downtime_ms": self.estimated_downtime_ms,
+                "bandwidth": self.bandwidth,
+                "estimated_downtime_ms": (self.estimated_downtime_ms if math.isfinite(self.estimated_downtime_ms)
+                                          else None),
                 "hashed_bytes": self.hashed_bytes, "hash_seconds": self.hash_seconds,
                 "finish_seconds": self.finish_seconds}
 
@@ -208,14 +212,28 @@ class _Tracked:
         self.head = self.name.encode()
         #: CRC-32C of each page as last sent (sources without a bitmap)
         self.hashes: array.array[int] | None = None
+        #: a read-only mapping to hash in place (sources without a bitmap)
+        self.map: mmap.mmap | None = None
         if self.bitmap is None:
             self.hashes = array.array("I", [_ZERO_PAGE_CRC]) * ((self.size + HASH_PAGE - 1) // HASH_PAGE)
-        #: bytes that changed in the last hash scan (the estimate of the next one)
-        self.changed_last = 0
+            try:
+                self.map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ)
+            except (OSError, ValueError):
+                os.close(self.fd)
+                raise
+        #: bytes that changed in the last hash scan after the first copy (the estimate of
+        #: the next one; None: no such scan yet, the rate of change is unknown)
+        self.changed_last: int | None = None
 
     def close(self) -> None:
         if self.bitmap is not None:
             self.bitmap.stop()
+        if self.map is not None:
+            try:
+                self.map.close()
+            except BufferError:  # a scan in another thread still holds a view: the GC unmaps it
+                pass
+            self.map = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -345,6 +363,10 @@ class Precopy:
                 self._converged = bool(self._iter_bytes) and self._estimate() <= self.max_downtime_ms
         except BaseException as exc:
             self.abort()
+            if isinstance(exc, TransportError):  # a destination refuses, then closes unread
+                refusal = self._refusal(wait=min(self.timeout, 1.0))
+                if refusal is not None:
+                    raise MigrationError(f"{refusal}; the device keeps running on the source") from exc
             if isinstance(exc, MigrationError):
                 raise MigrationError(f"{exc}; the device keeps running on the source") from exc
             raise MigrationError(f"pre-copy failed ({type(exc).__name__}: {exc}); "
@@ -433,7 +455,7 @@ class Precopy:
                 new.append(t)
                 if t.bitmap is not None:
                     t.bitmap.start()
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             for t in new:
                 t.close()
             raise MigrationError(f"a memory source is unusable: {exc}") from exc
@@ -475,6 +497,9 @@ class Precopy:
         for t in self._tracked.values():
             if t.bitmap is not None:
                 dirty += t.bitmap.dirty_bytes()
+            elif t.changed_last is None:
+                self._estimate_ms = float("inf")  # scan once more to learn how fast it changes
+                return self._estimate_ms
             else:
                 dirty += t.changed_last
                 hashed += t.size
@@ -510,41 +535,48 @@ class Precopy:
         return sent
 
     def _send_hashed(self, t: _Tracked, cancel: threading.Event | None, *, whole: bool) -> int:
+        """Hash every page of ``t`` in place (its read-only mapping: no copy), and send each
+        run of pages whose hash is not the one last sent. What is sent is a copy taken
+        after the scan, and the hash stored is that copy's: the destination holds exactly
+        what the stored hashes stand for, so the scan at the stop (nothing writes then)
+        finds every difference."""
         hashes = t.hashes
-        assert hashes is not None
+        assert hashes is not None and t.map is not None
         extents = list(_extents(t.fd, t.size)) if whole else [(0, t.size)]
         sent = changed = 0
-        for off, length in extents:
-            end = off + length
-            off -= off % HASH_PAGE
-            while off < end:
-                n = min(MAX_CHUNK, end - off)
-                data = os.pread(t.fd, n, off)
-                if len(data) != n:
-                    raise MigrationError(f"memory source {t.name!r}: short read at {off:#x}")
-                h0 = time.perf_counter()
-                view = memoryview(data)
-                crcs = [crc32c.crc32c(view[i:i + HASH_PAGE]) for i in range(0, n, HASH_PAGE)]
-                self._hash_time += time.perf_counter() - h0
-                self._hash_bytes += n
-                first = off // HASH_PAGE
-                # runs of changed pages, sent as they were hashed
-                run_start = -1
-                for k, crc in enumerate(crcs):
-                    if hashes[first + k] != crc:
-                        hashes[first + k] = crc
-                        if run_start < 0:
-                            run_start = k
-                    elif run_start >= 0:
-                        piece = data[run_start * HASH_PAGE:k * HASH_PAGE]
+        with memoryview(t.map) as whole_view:
+            for off, length in extents:
+                end = off + length
+                off -= off % HASH_PAGE
+                while off < end:
+                    n = min(MAX_CHUNK, end - off)
+                    h0 = time.perf_counter()
+                    with whole_view[off:off + n] as view:
+                        crcs = [crc32c.crc32c(view[i:i + HASH_PAGE]) for i in range(0, n, HASH_PAGE)]
+                    self._hash_time += time.perf_counter() - h0
+                    self._hash_bytes += n
+                    first = off // HASH_PAGE
+                    runs = []
+                    start = -1
+                    for k, crc in enumerate(crcs):
+                        if hashes[first + k] != crc:
+                            if start < 0:
+                                start = k
+                        elif start >= 0:
+                            runs.append((start, k))
+                            start = -1
+                    if start >= 0:
+                        runs.append((start, len(crcs)))
+                    for a, b in runs:
+                        lo, hi = off + a * HASH_PAGE, min(off + b * HASH_PAGE, t.size)
+                        piece = bytes(whole_view[lo:hi])
+                        with memoryview(piece) as pv:
+                            for k in range(a, b):
+                                i = (k - a) * HASH_PAGE
+                                hashes[first + k] = crc32c.crc32c(pv[i:i + HASH_PAGE])
                         changed += len(piece)
-                        sent += self._chunk(t, off + run_start * HASH_PAGE, piece, skip_zero=whole, cancel=cancel)
-                        run_start = -1
-                if run_start >= 0:
-                    piece = data[run_start * HASH_PAGE:]
-                    changed += len(piece)
-                    sent += self._chunk(t, off + run_start * HASH_PAGE, piece, skip_zero=whole, cancel=cancel)
-                off += n
+                        sent += self._chunk(t, lo, piece, skip_zero=whole, cancel=cancel)
+                    off += n
         if not whole:
             t.changed_last = changed
         return sent
@@ -556,13 +588,13 @@ class Precopy:
         zero = _is_zero(data)
         if zero and skip_zero:
             return 0
-        body = _CHUNK_HEAD.pack(len(t.head), off, len(data)) + t.head + (b"" if zero else data)
-        send_frame(self.sock, CHUNK, body)
+        head = _CHUNK_HEAD.pack(len(t.head), off, len(data)) + t.head
+        send_parts(self.sock, CHUNK, (head,) if zero else (head, data))
         self._chunks += 1
         if self._state == "running":
             if self._chunks % _POLL_EVERY == 0:
                 self._check_refusal()
-            self._throttle(len(data) if not zero else len(body))
+            self._throttle(len(head) if zero else len(head) + len(data))
         return len(data)
 
     def _throttle(self, nbytes: int) -> None:
@@ -578,22 +610,30 @@ class Precopy:
 
     def _check_refusal(self) -> None:
         """Raise the destination's refusal if it sent one (it never speaks during pre-copy)."""
-        poller = select.poll()
-        poller.register(self.sock.fileno(), select.POLLIN)
-        if not poller.poll(0):
-            return
+        refusal = self._refusal(wait=0.0)
+        if refusal is not None:
+            raise refusal
+
+    def _refusal(self, *, wait: float) -> MigrationError | None:
+        """What the destination said, if it said anything within ``wait`` seconds (a
+        destination speaks during pre-copy only to refuse)."""
         try:
+            poller = select.poll()
+            poller.register(self.sock.fileno(), select.POLLIN)
+            if not poller.poll(int(wait * 1000)):
+                return None
+            self.sock.settimeout(max(wait, 0.1))
             kind, body, stray = recv_frame(self.sock)
-        except TransportError as exc:
-            raise MigrationError(f"the destination went away during pre-copy ({exc})") from None
+        except (TransportError, OSError, ValueError) as exc:
+            return MigrationError(f"the destination went away during pre-copy ({exc})")
         close_fds(stray)
         if kind == NACK:
             try:
                 meta = frame_meta(NACK, body, {"error": str, "message": str})
             except TransportError as exc:
-                raise MigrationError(f"the destination refused with a malformed NACK ({exc})") from None
-            raise MigrationError(f"the destination refused the memory: {meta['error']}: {meta['message']}")
-        raise MigrationError(f"the destination sent {frame_name(kind)} during pre-copy")
+                return MigrationError(f"the destination refused with a malformed NACK ({exc})")
+            return MigrationError(f"the destination refused the memory: {meta['error']}: {meta['message']}")
+        return MigrationError(f"the destination sent {frame_name(kind)} during pre-copy")
 
 
 # ------------------------------------------------------------------- destination

@@ -1,0 +1,75 @@
+"""A test device for the pre-copy tests: registers in BAR0, a memfd RAM BAR2 of a chosen
+size, and helpers to verify its contents page by page (CRC-32C)."""
+
+from __future__ import annotations
+
+import socket
+
+import attrs
+import crc32c
+
+from pcidev.bar import RamBacking, Register, RegisterMap
+from pcidev.device import PciDevice
+from pcidev.vmstate import U32, vmstate
+
+PAGE = 4096
+
+
+@vmstate("test/precopy-device")
+@attrs.frozen
+class PrecopyDevState:
+    x: U32
+
+
+class PrecopyDev(PciDevice):
+    """Registers in BAR0 (X), a memfd RAM BAR2 of ``size`` bytes (a power of two)."""
+
+    TYPE_NAME = "test-precopy"
+    CLASS_CODE = 0xFF0000
+    VMSTATE = PrecopyDevState
+
+    def __init__(self, size: int = 1 << 20, *, name: str | None = None) -> None:
+        self.size = size
+        super().__init__(name=name)
+
+    def describe(self) -> None:
+        self.regs = RegisterMap(4096, [Register("X", 0)])
+        self.add_mem_bar(0, 4096, self.regs)
+        self.ram = RamBacking(self.size, name="test-precopy-bar2")
+        self.add_mem_bar(2, self.size, self.ram, bits64=True)
+
+    def device_fingerprint(self) -> dict[str, int]:
+        return {"size": self.size}
+
+    def get_device_state(self) -> PrecopyDevState:
+        return PrecopyDevState(x=self.regs["X"].value)
+
+    def set_device_state(self, state: PrecopyDevState) -> None:
+        self.regs["X"].value = state.x
+
+    def on_close(self) -> None:
+        self.ram.close()
+
+
+def page_crcs(ram: RamBacking) -> list[int]:
+    """The CRC-32C of every page of ``ram``."""
+    mem = memoryview(ram.mem)
+    try:
+        return [crc32c.crc32c(mem[i:i + PAGE]) for i in range(0, ram.size, PAGE)]
+    finally:
+        mem.release()
+
+
+def tcp_pair(*, buffers: int | None = None) -> tuple[socket.socket, socket.socket]:
+    """A connected TCP pair on the loopback (``buffers``: the sender's and receiver's
+    socket buffer sizes, so that a large copy cannot sit in them whole)."""
+    lsock = socket.create_server(("127.0.0.1", 0))
+    a = socket.socket()
+    if buffers is not None:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffers)
+    a.connect(lsock.getsockname())
+    b, _ = lsock.accept()
+    lsock.close()
+    if buffers is not None:
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffers)
+    return a, b

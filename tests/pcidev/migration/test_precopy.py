@@ -1,0 +1,391 @@
+"""Pre-copy of memory contents over TCP (pcidev.migration.precopy): dirty bitmaps, the
+default memory sources of RAM BARs, and whole migrations between two threads while a
+third keeps writing the BAR (through MMIO, or through a direct mapping tracked by page
+hashes), with every page verified (CRC-32C) at the stop."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import random
+import socket
+import threading
+import time
+
+import pytest
+from precopy_device import PrecopyDev, page_crcs, tcp_pair
+
+from pcidev.bar import RamBacking
+from pcidev.errors import ConfigError, MigrationBlockedError, MigrationError
+from pcidev.memory_source import DirtyBitmap, MemorySource
+from pcidev.migration import descriptor_blockers, migrate_in, migrate_out
+from pcidev.migration.precopy import Precopy, PrecopyReport
+
+MiB = 1 << 20
+
+
+# ------------------------------------------------------------------------- DirtyBitmap
+def test_a_bitmap_records_only_while_tracking_and_merges_runs():
+    bm = DirtyBitmap(10 * 65536 + 100)
+    bm.mark(0, 10)
+    assert not bm.tracking and bm.take() == [] and bm.dirty_bytes() == 0
+    bm.start()
+    assert bm.tracking and bm.take() == [(0, 10 * 65536 + 100)]  # everything, cut to the size
+    assert bm.take() == []
+    bm.mark(65536 * 2 + 5, 1)
+    bm.mark(65536 * 3 - 1, 2)  # straddles granules 2 and 3
+    bm.mark(65536 * 10, 50)  # the last, partial granule
+    bm.mark(-5, 1)  # outside: ignored
+    bm.mark(10 * 65536 + 100, 8)
+    bm.mark(65536 * 7, 0)
+    assert bm.dirty_bytes() == 3 * 65536
+    assert bm.take() == [(2 * 65536, 2 * 65536), (10 * 65536, 100)]
+    assert bm.dirty_bytes() == 0
+    bm.stop()
+    bm.mark(0, 1)
+    assert not bm.tracking and bm.take() == []
+
+
+@pytest.mark.parametrize("size, granule", [(0, 65536), (4096, 1000), (4096, 2048), (4096, 3 * 4096)])
+def test_a_bad_bitmap_is_refused(size, granule):
+    with pytest.raises(ConfigError):
+        DirtyBitmap(size, granule)
+
+
+def test_no_mark_is_lost_when_take_races_with_writers():
+    """Writers store a value then mark; a reader takes and reads: every final value is
+    seen by some read after its mark (the rule of DirtyBitmap)."""
+    size = 256 * 4096
+    mem = bytearray(size)
+    bm = DirtyBitmap(size, 4096)
+    bm.start()
+    copy = bytearray(size)
+    stop = threading.Event()
+
+    def writer(seed):
+        rng = random.Random(seed)
+        while not stop.is_set():
+            off = rng.randrange(0, size // 8) * 8
+            mem[off:off + 8] = rng.randbytes(8)
+            bm.mark(off, 8)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:
+        for off, n in bm.take():
+            copy[off:off + n] = mem[off:off + n]
+    stop.set()
+    for t in threads:
+        t.join()
+    for off, n in bm.take():
+        copy[off:off + n] = mem[off:off + n]
+    assert copy == mem
+
+
+# ------------------------------------------------------------------- memory sources
+def test_the_default_sources_are_the_memfd_ram_bars(tmp_path):
+    dev = PrecopyDev(64 * 1024)
+    try:
+        (src,) = dev.memory_sources()
+        assert (src.name, src.fd, src.size, src.bitmap) == ("bar2", dev.ram.fd, 64 * 1024, dev.ram.dirty)
+        assert descriptor_blockers(dev, "a migration over TCP", [src]) == []
+        # the MMIO path marks it
+        dev.realize()
+        src.bitmap.start()
+        src.bitmap.take()
+        dev.bar_write(2, 0x1008, 8, 0x1122334455667788, check_decode=False)
+        assert src.bitmap.take() == [(0, 64 * 1024)]
+        src.bitmap.stop()
+        # handed out (a vfio-user client maps it): tracked by hashes
+        assert dev.ram.export_fd() == dev.ram.fd
+        (src,) = dev.memory_sources()
+        assert src.bitmap is None
+    finally:
+        dev.close()
+
+    class FileBar(PrecopyDev):
+        def describe(self):
+            super().describe()
+            self.ram.close()
+            self.ram = RamBacking(self.size, path=str(tmp_path / "bar.img"))
+            self.bars[2].handler = self.ram
+
+    dev = FileBar(64 * 1024)
+    try:
+        assert dev.memory_sources() == []
+    finally:
+        dev.close()
+
+
+def test_fd_features_block_unless_a_source_covers_them():
+    class FdDev(PrecopyDev):
+        FD_FEATURES = frozenset({"blob", "other"})
+        MIGRATABLE_FEATURES = frozenset({"blob", "other"})
+
+        def enabled_features(self):
+            return super().enabled_features() | {"blob", "other"}
+
+    dev = FdDev(64 * 1024)
+    try:
+        blob = MemorySource(name="blob", fd=dev.ram.fd, size=4096, covers=frozenset({"blob"}))
+        # (its descriptor is the BAR's memfd: it covers the BAR too)
+        assert descriptor_blockers(dev, "TCP", [blob]) == [
+            "feature 'other' migrates only as a file descriptor, which TCP cannot carry"]
+        assert len(descriptor_blockers(dev, "TCP")) == 3  # the BAR and both features
+    finally:
+        dev.close()
+
+
+# ----------------------------------------------------------------- whole migrations
+class Writer:
+    """A thread writing the source's BAR2 through MMIO (8 bytes at a time) until stopped."""
+
+    def __init__(self, dev, *, pause: float = 0.0, seed: int = 1, mapped: mmap.mmap | None = None,
+                 sweep: bool = False):
+        self.dev = dev
+        self.pause = pause
+        self.sweep = sweep  # one write per 64 KiB granule in turn: a few writes dirty everything
+        self.rng = random.Random(seed)
+        self.mapped = mapped
+        self.writes = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        size = self.dev.size
+        while not self.stop.is_set():
+            if self.sweep:
+                off = (self.writes * 65536 + self.rng.randrange(0, 8192) * 8) % size
+            else:
+                off = self.rng.randrange(0, size // 8) * 8
+            value = self.rng.getrandbits(64) | 1
+            if self.mapped is not None:
+                self.mapped[off:off + 8] = value.to_bytes(8, "little")
+            else:
+                with self.dev.lock:
+                    self.dev.bar_write(2, off, 8, value, check_decode=False)
+            self.writes += 1
+            if self.pause:
+                time.sleep(self.pause)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(10)
+
+
+def _fill(dev, seed):
+    """Data in the first half of the BAR, the second half left a hole."""
+    rng = random.Random(seed)
+    dev.ram.mem[:dev.size // 2] = rng.randbytes(dev.size // 2)
+
+
+def _migrate(src, dst, *, writer_kw=None, before_stop=None, **precopy_kw):
+    """Pre-copy while a writer writes, stop the writer, migrate; returns (result, incoming, report)."""
+    a, b = tcp_pair()
+    got = {}
+
+    def destination():
+        try:
+            got["value"] = migrate_in(dst, b, timeout=30)
+        except BaseException as exc:
+            got["error"] = exc
+
+    t = threading.Thread(target=destination, daemon=True)
+    t.start()
+    try:
+        p = Precopy(src, a, timeout=30, **precopy_kw)
+        assert p.active
+        with Writer(src, **(writer_kw or {})) as w:
+            time.sleep(0.05)
+            p.run()
+        assert w.writes > 0
+        if before_stop is not None:
+            before_stop()
+        result = migrate_out(src, a, precopy=p, timeout=30)
+    finally:
+        t.join(30)
+        a.close()
+        b.close()
+    assert "error" not in got, got.get("error")
+    return result, got["value"], p
+
+
+def test_a_ram_bar_migrates_over_tcp_while_mmio_writes_it():
+    src, dst = PrecopyDev(4 * MiB), PrecopyDev(4 * MiB)
+    try:
+        src.realize()
+        _fill(src, 1)
+        src.regs["X"].value = 42
+        result, incoming, p = _migrate(src, dst, writer_kw={"pause": 0.005})
+        assert src.quiesced and src.migrated_out
+        assert page_crcs(dst.ram) == page_crcs(src.ram)  # every page, as the source had it at the stop
+        assert dst.regs["X"].value == 42
+        rep = result.precopy
+        assert isinstance(rep, PrecopyReport) and rep == p.report
+        assert rep.converged and 1 <= rep.iterations <= 30
+        assert 2 * MiB <= rep.bytes_per_iteration[0] < 3 * MiB  # most of the hole was skipped
+        assert rep.bandwidth > 0 and rep.remainder_bytes < 4 * MiB
+        assert result.as_dict()["precopy"]["iterations"] == rep.iterations
+        assert result.deferred and result.fds == 0
+        assert not src.ram.dirty.tracking  # released
+        # the destination's BAR is its own memfd (the staging one it adopted), not shared
+        assert not os.path.sameopenfile(dst.ram.fd, src.ram.fd)
+        incoming.resources.close()
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_a_low_bandwidth_and_a_fast_writer_do_not_converge_but_migrate():
+    src, dst = PrecopyDev(MiB), PrecopyDev(MiB)
+    try:
+        src.realize()
+        _fill(src, 2)
+        result, incoming, _p = _migrate(src, dst, writer_kw={"sweep": True}, max_bandwidth=2 * MiB,
+                                        max_iterations=3)
+        rep = result.precopy
+        assert not rep.converged and rep.iterations == 3
+        assert rep.estimated_downtime_ms > 10
+        assert 0 < rep.bandwidth <= 2.5 * MiB  # throttled
+        assert page_crcs(dst.ram) == page_crcs(src.ram)
+        incoming.resources.close()
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_writes_through_a_direct_mapping_are_caught_by_page_hashes():
+    src, dst = PrecopyDev(2 * MiB), PrecopyDev(2 * MiB)
+    peer = None
+    try:
+        src.realize()
+        _fill(src, 3)
+        fd = src.ram.export_fd()  # a peer maps it: writes never pass through RamBacking.write
+        peer = mmap.mmap(fd, src.size)
+        assert src.memory_sources()[0].bitmap is None
+        a, b = tcp_pair()
+        got = {}
+        t = threading.Thread(target=lambda: got.setdefault("value", migrate_in(dst, b, timeout=30)), daemon=True)
+        t.start()
+        try:
+            p = Precopy(src, a, timeout=30)
+            with Writer(src, mapped=peer, pause=0.0002) as w:
+                time.sleep(0.05)
+                p.run()
+            assert w.writes > 0
+            # and a last write after the pre-copy, before the stop: only the hash at the stop sees it
+            peer[src.size - 8:] = b"lastword"
+            result = migrate_out(src, a, precopy=p, timeout=30)
+        finally:
+            t.join(30)
+            a.close()
+            b.close()
+        rep = result.precopy
+        assert rep.hashed_bytes >= 2 * src.size and rep.hash_seconds > 0 and rep.remainder_bytes >= 4096
+        assert bytes(dst.ram.mem[-8:]) == b"lastword"
+        assert page_crcs(dst.ram) == page_crcs(src.ram)
+        got["value"].resources.close()
+    finally:
+        if peer is not None:
+            peer.close()
+        src.close()
+        dst.close()
+
+
+def test_without_a_precopy_everything_is_copied_at_the_stop():
+    src, dst = PrecopyDev(MiB), PrecopyDev(MiB)
+    try:
+        _fill(src, 4)
+        a, b = tcp_pair()
+        got = {}
+        t = threading.Thread(target=lambda: got.setdefault("value", migrate_in(dst, b)), daemon=True)
+        t.start()
+        try:
+            result = migrate_out(src, a)
+        finally:
+            t.join(10)
+            a.close()
+            b.close()
+        assert result.precopy.iterations == 0 and result.precopy.remainder_bytes == MiB // 2
+        assert page_crcs(dst.ram) == page_crcs(src.ram)
+        got["value"].resources.close()
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_over_unix_nothing_is_streamed_and_the_memfd_travels():
+    src, dst = PrecopyDev(MiB), PrecopyDev(MiB)
+    try:
+        _fill(src, 5)
+        a, b = socket.socketpair()
+        p = Precopy(src, a)
+        assert not p.active
+        p.run()
+        got = {}
+        t = threading.Thread(target=lambda: got.setdefault("value", migrate_in(dst, b)), daemon=True)
+        t.start()
+        try:
+            result = migrate_out(src, a, precopy=p)
+        finally:
+            t.join(10)
+            a.close()
+            b.close()
+        assert result.precopy is None and result.as_dict()["precopy"] is None and result.fds == 1
+        assert os.path.sameopenfile(dst.ram.fd, src.ram.fd)
+        got["value"].resources.close()
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_a_precopy_runs_once_and_a_failed_one_blocks_the_migration():
+    src = PrecopyDev(64 * 1024)
+    a, b = tcp_pair()
+    try:
+        p = Precopy(src, a, timeout=1)
+        b.close()
+        with pytest.raises(MigrationError, match="keeps running on the source"):
+            for _ in range(50):  # the first sends may still land in the socket buffer
+                p = Precopy(src, a, timeout=1)
+                src.ram.mem[:8] = os.urandom(8)
+                p.run()
+        assert p.failed and not src.ram.dirty.tracking
+        with pytest.raises(MigrationError, match="cannot run"):
+            p.run()
+        with pytest.raises(MigrationBlockedError, match="its pre-copy failed"):
+            migrate_out(src, a, precopy=p)
+        assert not src.quiesced
+    finally:
+        a.close()
+        src.close()
+
+
+def test_bad_sources_are_refused_before_anything_starts():
+    class Twice(PrecopyDev):
+        def memory_sources(self):
+            return super().memory_sources() * 2
+
+    class Broken(PrecopyDev):
+        def memory_sources(self):
+            raise RuntimeError("no")
+
+    for cls, text in [(Twice, "appears twice"), (Broken, "memory_sources\\(\\) failed")]:
+        dev = cls(64 * 1024)
+        a, b = tcp_pair()
+        try:
+            with pytest.raises(MigrationError, match=text):
+                Precopy(dev, a)
+            with pytest.raises(MigrationBlockedError, match=text):
+                migrate_out(dev, a)
+            assert not dev.quiesced
+        finally:
+            a.close()
+            b.close()
+            dev.close()
