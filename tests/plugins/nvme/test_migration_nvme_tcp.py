@@ -33,6 +33,7 @@ from _copy_exercisers import copy, f0
 from pcidev.errors import MigrationError
 from pcidev.host import Machine
 from pcidev.transport.link.process import DeviceProcess
+from pcidev_nvme.backends import MemoryBackend, punch_hole
 from pcidev_nvme.testing.driver import WRITE, NvmeDriver
 
 QD = 32
@@ -137,6 +138,29 @@ def test_the_sources_follow_namespace_management_and_stay_quiet_untracked(nvme_e
     assert {s.name for s in ctrl.memory_sources()} == {s.name for s in srcs.values()}
     drv.admin(0x0D, nsid=nsid, cdw10=1)  # deleted: no longer a source
     assert sorted(_sources(ctrl)) == ["nvme/ns1"]
+
+
+def test_an_adopted_memfd_keeps_its_page_map_full_or_with_holes():
+    """``MemoryBackend.from_fd`` (the load of a migrated namespace): a memfd with every page
+    allocated is taken as all written without a scan; one with holes keeps them (NUSE)."""
+    size = 1 << 20
+    fd = os.memfd_create("t")
+    try:
+        os.ftruncate(fd, size)
+        os.pwrite(fd, os.urandom(size), 0)
+        full = MemoryBackend.from_fd(fd, size)
+        assert full.allocated_bytes() == size and full.allocated_ranges(0, size) == [(0, size)]
+        full.close()
+        punch_hole(fd, 8192, 3 * 4096)
+        holed = MemoryBackend.from_fd(fd, size)
+        assert holed.allocated_bytes() == size - 3 * 4096
+        assert holed.allocated_ranges(0, size) == [(0, 8192), (8192 + 3 * 4096, size - 8192 - 3 * 4096)]
+        v = bytearray(4 * 4096)
+        holed.readv([memoryview(v)], 4096)
+        assert v[4096:] == bytes(3 * 4096) and v[:4096] == os.pread(fd, 4096, 4096)
+        holed.close()
+    finally:
+        os.close(fd)
 
 
 # ------------------------------------------------------------------------- between processes

@@ -133,6 +133,11 @@ class MemoryBackend(BaseBackend):
         self._closed = False
         written = bytearray(size >> _PAGE_SHIFT)
         pos = 0
+        if st.st_blocks * 512 >= size:
+            # every page allocated: no hole to look for (SEEK_HOLE walks every page of a
+            # memfd, ~15 ms per 256 MiB, inside a migration's downtime)
+            written[:] = b"\x01" * len(written)
+            pos = size
         while pos < size:
             try:
                 start = os.lseek(self.fd, pos, os.SEEK_DATA)
