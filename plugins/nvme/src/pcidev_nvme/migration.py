@@ -17,7 +17,8 @@ What travels (section ``nvme`` version 1, see :class:`NvmeState`):
 * the shadow doorbell buffer (DBS, EIS); per-queue shadow addresses follow from it;
 * the Controller Memory Buffer's registers (optional subsection ``nvme/cmb``,
   :class:`~pcidev_nvme.cmb.CmbState`); its contents are a RAM BAR, which the framework
-  migrates (the memfd travels over UNIX sockets; over TCP it blocks);
+  migrates (the memfd travels over UNIX sockets; over TCP its contents, compared by page
+  hashes since controller DMA writes it through a mapping of its own);
 * the Persistent Memory Region's registers (optional subsection ``nvme/pmr``,
   :class:`~pcidev_nvme.pmr.PmrState`); its contents are in its file (a file-backed RAM
   BAR: the descriptor travels over UNIX sockets, over TCP the destination maps the path);
@@ -46,9 +47,10 @@ the destination from its own configuration (the same path: the fingerprint has i
 except in a handover, whose new process takes the old one's descriptors of the image
 (:func:`inheritable_fds`, :mod:`pcidev.inheritance`) and never opens the path;
 a ``mem`` namespace's memfd travels with the stream (``SCM_RIGHTS``) and the
-destination maps it instead of its own empty one, so a migration over TCP (no
-descriptors) refuses a controller with ``mem`` namespaces; ``null`` namespaces hold
-nothing. The fingerprint (:func:`fingerprint`) covers the configuration a
+destination maps it instead of its own empty one; over TCP (no descriptors) its
+contents travel instead (:func:`memory_sources`: copied while the controller serves
+I/O, the rest at the stop, into a memfd of the destination's that it maps the same
+way); ``null`` namespaces hold nothing. The fingerprint (:func:`fingerprint`) covers the configuration a
 destination must match: serial, model, queue count, MQES, MDTS, MSI-X vectors,
 AERL, ELPE, firmware slots, the LBA formats and every namespace (NSID, backend
 kind, size, path, O_DIRECT, read-only, NGUID).
