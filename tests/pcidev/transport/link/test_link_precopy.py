@@ -287,3 +287,44 @@ def test_a_precopy_to_nowhere_fails_and_the_device_runs_on(link, tmp_path):
         assert ep.state == "running"
     finally:
         raw.close()
+
+
+def test_a_host_migrates_a_device_of_an_older_server_with_migrate_alone(link, tmp_path, monkeypatch):
+    """A server whose HELLO does not say ``precopy`` (before this protocol) gets MIGRATE
+    alone; over TCP the namespace's contents then all go at the stop."""
+    from pcidev.transport.link.process import DeviceProcess
+    from pcidev.transport.link.remote import RemoteDevice
+
+    address, ep, drv, crcs = link
+    real_info = ep.info
+    monkeypatch.setattr(ep, "info", lambda: {k: v for k, v in real_info().items() if k != "precopy"})
+    old = RemoteDevice(address)
+    sent = []
+    real_request = old._client.request
+
+    def spy(kind, body=None, fds=(), *, timeout=None):
+        sent.append(kind)
+        return real_request(kind, body, fds, timeout=timeout)
+
+    old._client.request = spy
+    dest = DeviceProcess("nvme", f"unix:{tmp_path}/d.sock", options=f"serial=XLINKPRE,max_ioqpairs=1,"
+                         f"msix_vectors=2,ns=mem:size={NS}", incoming="tcp:127.0.0.1:0")
+    try:
+        incoming = dest.wait_event("listening", timeout=60)["incoming"]
+        _write_some(drv, crcs, 8, 0)
+        drv.pdev.device.close()  # the host's own proxy steps aside: 'old' drives the migration
+        report = old.migrate(incoming, timeout=30)
+        assert PRECOPY not in sent and MIGRATE in sent
+        assert report["precopy_seconds"] is None
+        assert report["precopy"]["iterations"] == 0 and report["precopy"]["remainder_bytes"] >= FILLED
+        assert ep.state == "migrated" and old.info["pid"] == dest.pid
+        # the destination holds every block (read through a fresh host)
+        with Machine(ram_size=32 << 20) as machine:
+            p = machine.plug_remote(old.address, timeout=10)
+            fresh = NvmeDriver(machine, p, io_queues=1, aers=0)
+            fresh.probe()
+            _verify(fresh, crcs)
+            fresh.close()
+    finally:
+        old.close()
+        dest.stop()
