@@ -186,7 +186,7 @@ class LinkServer:
                             self._connection_ended(client)
                             client.close()
                 if not self._stop:
-                    self.tend_precopy()
+                    self._tend_precopy()
         finally:
             self._end_precopy()
             sel.close()
@@ -208,7 +208,7 @@ class LinkServer:
         return max(job.deadline - time.monotonic(), 0.0) + 0.01
 
     def _start_precopy(self, conn: socket.socket, mid: int, body: bytes, fds: list[int]) -> None:
-        """Check a PRECOPY request and start its thread (the reply comes from :meth:`tend_precopy`).
+        """Check a PRECOPY request and start its thread (the reply comes from ``_tend_precopy``).
 
         :raises PcidevError: a malformed request, or a pre-copy already running.
         """
@@ -253,7 +253,7 @@ class LinkServer:
         self._precopy = job
         job.thread.start()
 
-    def tend_precopy(self) -> None:
+    def _tend_precopy(self) -> None:
         """The loop's part of the pre-copy: cancel it past its time, reply when it ended,
         and give an unused session up when no MIGRATE came in time."""
         job = self._precopy
@@ -305,7 +305,7 @@ class LinkServer:
             self._precopy = None
             job.close()
         else:
-            job.cancel()  # the thread ends soon; tend_precopy() then drops the job
+            job.cancel()  # the thread ends soon; _tend_precopy() then drops the job
 
     def _end_precopy(self) -> None:
         job, self._precopy = self._precopy, None
@@ -355,7 +355,7 @@ class LinkServer:
                 raise TransportError(f"unexpected flags {flags:#x} on a request")
             if kind == PRECOPY:
                 self._start_precopy(conn, mid, body, fds)
-                return True  # the reply comes when it ends (tend_precopy)
+                return True  # the reply comes when it ends (_tend_precopy)
             result = self.dispatch(kind, body, fds, conn=conn)
             fds = []
             reply, rflags = encode_body(result), FLAG_REPLY
