@@ -331,6 +331,8 @@ class RemoteDevice:
                                            "max_downtime_ms": float(max_downtime_ms),
                                            "max_iterations": int(max_iterations)}, timeout=timeout + 10.0)
             precopy_seconds = time.monotonic() - t0
+            if not isinstance(reply, dict):
+                raise TransportError(f"malformed PRECOPY reply {reply!r:.200}")
             if after_precopy is not None:
                 after_precopy(dict(reply))
             with self._access:
