@@ -476,10 +476,11 @@ class RamBacking:
     MMIO path) marks :attr:`dirty`, which is exact as long as nothing else writes the
     memory; whoever hands the descriptor to another process or maps it to write through
     that mapping (a vfio-user client's sparse mmap, a device's own window on it) takes it
-    with :meth:`export_fd`, and the BAR is then tracked by comparing page hashes. A
-    file-backed BAR still blocks a migration without descriptors (its path could name
-    another file on the destination's host, and the destination would have to write
-    its own file), as it does in vfio-user migration data.
+    with :meth:`export_fd`, and the BAR is then tracked by comparing page hashes (and a
+    destination whose descriptor was handed out copies the contents into it instead of
+    adopting another). vfio-user migration data carries the contents too, copied at the
+    stop. A file-backed BAR still blocks both (its path could name another file on the
+    destination's host, and the destination would have to write its own file).
 
     **File backing** (``path``): the file is mapped ``MAP_SHARED``, so its contents
     survive the process; it is created at ``size`` bytes if missing (allocated with

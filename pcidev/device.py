@@ -596,9 +596,9 @@ class PciDevice:
         """The BARs backed by a :class:`~pcidev.bar.RamBacking`, in index order. The
         framework migrates their contents (their ``bar<N>-ram`` features are the
         framework's): the descriptor travels with the stream and the destination's
-        backing adopts it; over TCP a memfd-backed one's contents travel instead
-        (:meth:`memory_sources`), and in vfio-user migration data it blocks (see
-        :func:`pcidev.migration.descriptor_blockers`).
+        backing adopts it; over TCP and in vfio-user migration data a memfd-backed one's
+        contents travel instead (:meth:`memory_sources`), and a file-backed one blocks
+        there (see :func:`pcidev.migration.descriptor_blockers`).
 
         :returns: the BARs.
         """

@@ -278,7 +278,8 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
     reasons = collect_blockers(device, pm)
     if not is_unix(sock):
         try:
-            if precopy is None:
+            if precopy is None or (not precopy.active and not precopy.failed):
+                # (an inactive one found no source when it was made: there may be some now)
                 precopy = Precopy(device, sock, max_iterations=0, timeout=timeout)
             sources = precopy.sources() if precopy.active else []
         except MigrationError as exc:
@@ -358,6 +359,8 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
             raise MigrationError(f"{exc}; the device runs again on the source") from exc
         raise MigrationError(f"migration failed ({type(exc).__name__}: {exc}); "
                              "the device runs again on the source") from exc
+    if precopy is not None:
+        precopy.release()  # its descriptors and mappings: after the ACK, outside the downtime
     if commit:
         return _commit(device, sock, meta, size=size, nfds=nfds, stopped_at=stopped_at, acked_at=acked_at,
                        running_timeout=running_timeout, stall=stall, was_running=was_running)
@@ -560,10 +563,26 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
             except TransportError:
                 pass
             raise
+    except BaseException:
+        if staged is not None:
+            staged.close()
+        raise
     finally:
         close_fds(fds)
-        if staged is not None:
-            staged.close()  # the load duplicated what it adopted
+    try:
+        return _acknowledge(device, sock, stream=stream, nfds=len(fds), res=res, timeout=timeout, link=link,
+                            adopt=adopt, defer_without_fds=defer_without_fds, commit=commit,
+                            committed=committed, resume=resume)
+    finally:
+        if staged is not None:  # the load duplicated what it adopted; unmapping large staging
+            staged.close()      # memory takes long: after the ACK, outside the downtime
+
+
+def _acknowledge(device: PciDevice, sock: socket.socket, *, stream: bytes, nfds: int, res: LoadedResources,
+                 timeout: float, link: str | None, adopt: Callable[[LoadedResources], None] | None,
+                 defer_without_fds: bool, commit: bool, committed: Callable[[], None] | None,
+                 resume: bool) -> IncomingResult:
+    """The part of :func:`migrate_in` after the load: adopt, ACK, COMMIT, resume, RUNNING."""
     loaded_at = time.monotonic()
     deferred = defer_without_fds and not is_unix(sock)
     if adopt is not None:
@@ -603,7 +622,7 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
             send_meta(sock, RUNNING, {"running_at": running_at, "boot_id": boot_id()})
         except TransportError:
             pass
-    return IncomingResult(stream=stream, fds=len(fds), resources=res, loaded_at=loaded_at, running_at=running_at)
+    return IncomingResult(stream=stream, fds=nfds, resources=res, loaded_at=loaded_at, running_at=running_at)
 
 
 def _receive_memory(sock: socket.socket, staged: StagedMemory) -> tuple[int, bytes, list[int]]:

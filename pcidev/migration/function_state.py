@@ -446,12 +446,16 @@ class AppliedFunctionState:
     #: the RAM BAR mappings replaced by adopted descriptors: closed by
     #: :func:`commit_function_state`, put back by :func:`undo_function_state`
     ram: tuple[tuple[RamBacking, RamMapping], ...] = ()
+    #: the contents of the RAM BARs copied into (their descriptor was handed out): put
+    #: back by :func:`undo_function_state`
+    ram_contents: tuple[tuple[RamBacking, bytes], ...] = ()
 
 
 def _map_ram_bars(device: PciDevice, st: FunctionState,
                   fds: Sequence[int | None] | None) -> list[tuple[RamBacking, RamMapping]]:
     """Map the stream's RAM BAR descriptors (nothing installed yet); a backing that
-    already maps that file (an in-process reload) is left out."""
+    already maps that file (an in-process reload) is left out, and so is one whose
+    descriptor was handed out (:func:`_read_ram_bars` copies into those)."""
     if st.ram_bars is None or fds is None:
         return []
     out: list[tuple[RamBacking, RamMapping]] = []
@@ -461,7 +465,7 @@ def _map_ram_bars(device: PciDevice, st: FunctionState,
             assert ram is not None  # checked
             fd = fds[r.fd.index]
             assert fd is not None  # checked
-            if ram.same_file(fd):
+            if ram.same_file(fd) or ram.exported:
                 continue
             try:
                 out.append((ram, ram.map_fd(fd)))
@@ -471,6 +475,32 @@ def _map_ram_bars(device: PciDevice, st: FunctionState,
         for _ram, mapping in out:
             mapping.close()
         raise
+    return out
+
+
+def _read_ram_bars(device: PciDevice, st: FunctionState,
+                   fds: Sequence[int | None] | None) -> list[tuple[RamBacking, bytes]]:
+    """The contents of the stream's RAM BAR descriptors for the backings whose own
+    descriptor was handed out (:meth:`~pcidev.bar.RamBacking.export_fd`: a vfio-user
+    client maps it): adopting another memfd would leave that client's mapping on the old
+    one, so the contents are copied into it instead (:func:`apply_function_state`)."""
+    if st.ram_bars is None or fds is None:
+        return []
+    out: list[tuple[RamBacking, bytes]] = []
+    for i, r in enumerate(st.ram_bars.bars):
+        ram = _ram_backing(device, r.bar)
+        assert ram is not None  # checked
+        fd = fds[r.fd.index]
+        assert fd is not None  # checked
+        if not ram.exported or ram.same_file(fd):
+            continue
+        try:
+            data = os.pread(fd, ram.size, 0)
+        except OSError as exc:
+            raise _fail(f"cannot read the descriptor: {exc.strerror}", f"ram_bars.bars[{i}].fd") from None
+        if len(data) != ram.size:
+            raise _fail(f"the descriptor gave {len(data)} bytes of {ram.size}", f"ram_bars.bars[{i}].fd")
+        out.append((ram, data))
     return out
 
 
@@ -491,13 +521,19 @@ def apply_function_state(device: PciDevice, st: FunctionState, res: LoadedResour
         :func:`commit_function_state` once the whole load succeeded).
     :raises StateError: a RAM BAR descriptor cannot be mapped (nothing was changed).
     """
+    copies = _read_ram_bars(device, st, fds)
     maps = _map_ram_bars(device, st, fds)
     replaced = tuple((ram, ram.swap(mapping)) for ram, mapping in maps)
+    overwritten = []
+    for ram, data in copies:
+        overwritten.append((ram, bytes(ram.mem)))
+        ram.mem[:] = data
     msix = device.caps.find(MsixCapability)
     old = AppliedFunctionState(config=bytes(device.config.data),
                                msix=msix.snapshot() if msix is not None else None,
                                intx=device.irq.snapshot(), failed=device.failed, memory=memory,
-                               memory_replaced=res.memory is not None, sink=device.irq.sink, ram=replaced)
+                               memory_replaced=res.memory is not None, sink=device.irq.sink, ram=replaced,
+                               ram_contents=tuple(overwritten))
     try:
         device.config.data[:] = st.config
         device.caps.config_loaded()
@@ -535,9 +571,11 @@ def undo_function_state(device: PciDevice, old: AppliedFunctionState,
         if old.memory_replaced:
             set_memory(old.memory)
         device.irq.sink = old.sink
-    finally:  # the device's own RAM BAR mappings come back whatever failed above
+    finally:  # the device's own RAM BAR mappings and contents come back whatever failed above
         for ram, mapping in old.ram:
             ram.swap(mapping).close()
+        for ram, contents in old.ram_contents:
+            ram.mem[:] = contents
 
 
 def commit_function_state(old: AppliedFunctionState) -> None:

@@ -61,6 +61,7 @@ from typing import Any
 
 import attrs
 import crc32c
+import msgpack
 
 from pcidev.device import PciDevice
 from pcidev.dma import alloc_memfd
@@ -68,9 +69,14 @@ from pcidev.errors import DmaError, MigrationError, TransportError
 from pcidev.memory_source import DirtyBitmap, MemorySource
 from pcidev.migration.frames import (
     CHUNK,
+    FRAME_HEADER,
+    MAGIC,
+    MAX_STREAM_SIZE,
     MEMORY,
     NACK,
+    OFFER,
     PROTOCOL_MEMORY,
+    STATE,
     boot_id,
     frame_meta,
     frame_name,
@@ -92,6 +98,8 @@ __all__ = [
     "MAX_MEMORY_SIZE",
     "MAX_CHUNK_FRAME",
     "HASH_PAGE",
+    "pack_memory",
+    "unpack_memory",
 ]
 
 #: the most data one CHUNK carries (1 MiB)
@@ -198,6 +206,19 @@ def _extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
         end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
         yield start, end - start
         off = end
+
+
+def _fd_sources(by_id: dict[tuple[int, int], str], fds: Sequence[int]) -> dict[str, str]:
+    """``{str(index): name}`` for each of ``fds`` that is one of ``by_id``'s objects."""
+    out = {}
+    for i, fd in enumerate(fds):
+        try:
+            name = by_id.get(_file_id(fd))
+        except OSError:
+            continue
+        if name is not None:
+            out[str(i)] = name
+    return out
 
 
 class _Tracked:
@@ -313,8 +334,12 @@ class Precopy:
         return sources
 
     def sources(self) -> list[MemorySource]:
-        """The sources found when it was made (what :meth:`run` announces)."""
-        return list(self._initial)
+        """The device's memory sources now, checked (on a UNIX channel: none; they may
+        differ from those :meth:`run` announced: :meth:`finish` announces the new ones).
+
+        :raises MigrationError: ``memory_sources()`` failed or returned unusable sources.
+        """
+        return self._sources() if not is_unix(self.sock) else []
 
     @property
     def report(self) -> PrecopyReport:
@@ -416,7 +441,8 @@ class Precopy:
             raise MigrationError(f"the memory contents could not be sent at the stop "
                                  f"({type(exc).__name__}: {exc})") from exc
         for t in self._tracked.values():
-            t.close()
+            if t.bitmap is not None:
+                t.bitmap.stop()  # (descriptors and mappings: release(), after the ACK)
         self._finish_time = time.monotonic() - t0
         self._state = "finished"
 
@@ -428,21 +454,18 @@ class Precopy:
             returned.
         :returns: ``{str(index): source name}``.
         """
-        by_id = {t.ident: t.name for t in self._tracked.values()}
-        out = {}
-        for i, fd in enumerate(fds):
-            try:
-                name = by_id.get(_file_id(fd))
-            except OSError:
-                continue
-            if name is not None:
-                out[str(i)] = name
-        return out
+        return _fd_sources({t.ident: t.name for t in self._tracked.values()}, fds)
 
     def abort(self) -> None:
         """Stop the tracking and release everything (failure paths; idempotent). The
         device is not touched."""
         self._state = "aborted"
+        self.release()
+
+    def release(self) -> None:
+        """Close the descriptors and mappings it holds, and stop any tracking (idempotent;
+        :func:`~pcidev.migration.channel.migrate_out` calls it after the ACK: unmapping
+        a large hashed source takes time, which must not count in the downtime)."""
         for t in self._tracked.values():
             t.close()
 
@@ -798,3 +821,115 @@ class StagedMemory:
         for staged in self._sources.values():
             staged.close()
         self._sources.clear()
+
+
+# ------------------------------------------------------ contents in one buffer (no channel)
+def pack_memory(device_type: str, sources: Sequence[MemorySource], stream: bytes, fds: Sequence[int]) -> bytes:
+    """The frames a protocol-2 channel would carry at the stop, in one buffer: MEMORY, a
+    CHUNK per 1 MiB holding data (holes and zeros left out), OFFER and STATE. For a
+    transport whose migration data is one opaque byte stream and carries no descriptor
+    (vfio-user's MIG_DATA, :mod:`pcidev.transport.vfio_user.migration`); call it with the
+    device stopped.
+
+    :param device_type: the stream's device type.
+    :param sources: the memory sources whose contents go with it.
+    :param stream: the saved vmstate stream.
+    :param fds: the descriptors :func:`~pcidev.migration.snapshot.save_device_stream` returned.
+    :returns: the buffer (:func:`unpack_memory` reads it).
+    :raises MigrationError: a source is unusable.
+    """
+    def frame(kind: int, body: bytes) -> bytes:
+        return FRAME_HEADER.pack(MAGIC, kind, 0, len(body)) + body
+
+    parts = []
+    by_id: dict[tuple[int, int], str] = {}
+    announced = []
+    for src in sources:
+        try:
+            name = _check_name(src.name)
+            fd = _reopen(src.fd)
+        except (ValueError, OSError) as exc:
+            raise MigrationError(f"memory source {src.name!r} is unusable: {exc}") from None
+        try:
+            by_id[_file_id(fd)] = name
+            announced.append({"name": name, "size": src.size})
+            head = name.encode()
+            for off, length in _extents(fd, src.size):
+                end = off + length
+                while off < end:
+                    data = os.pread(fd, min(MAX_CHUNK, end - off), off)
+                    if not data:
+                        raise MigrationError(f"memory source {name!r}: short read at {off:#x}")
+                    if not _is_zero(data):
+                        parts.append(frame(CHUNK, _CHUNK_HEAD.pack(len(head), off, len(data)) + head + data))
+                    off += len(data)
+        finally:
+            os.close(fd)
+    memory = frame(MEMORY, msgpack.packb({"protocol": PROTOCOL_MEMORY, "boot_id": boot_id(), "sources": announced},
+                                         use_bin_type=True))
+    offer = frame(OFFER, msgpack.packb({"protocol": PROTOCOL_MEMORY, "device_type": device_type,
+                                        "stream_size": len(stream), "fds": 0, "boot_id": boot_id(),
+                                        "stream_fds": len(fds), "fd_sources": _fd_sources(by_id, fds)},
+                                       use_bin_type=True))
+    return b"".join([memory, *parts, offer, frame(STATE, stream)])
+
+
+def unpack_memory(data: bytes, *, max_memory: int = MAX_MEMORY_SIZE) -> tuple[bytes, list[int | None], StagedMemory]:
+    """Read a buffer of :func:`pack_memory` with every check of a protocol-2 channel
+    (:class:`StagedMemory`; frames in order: MEMORY first, CHUNK or MEMORY, one OFFER of
+    protocol 2, one STATE of its size, nothing after).
+
+    :param data: the buffer.
+    :param max_memory: the most bytes of contents accepted.
+    :returns: ``(stream, fds, staged)``: the load's descriptor list holds the staging
+        memfds of ``staged``, which the caller closes after the load.
+    :raises TransportError: anything malformed (nothing is left open).
+    """
+    staged = StagedMemory(max_memory)
+    try:
+        frames = _frames(data)
+        kind, body = next(frames, (0, b""))
+        if kind != MEMORY:
+            raise TransportError(f"memory data: expected MEMORY, got {frame_name(kind)}")
+        staged.announce(body)
+        for kind, body in frames:
+            if kind == CHUNK:
+                staged.apply(body)
+            elif kind == MEMORY:
+                staged.announce(body)
+            else:
+                break
+        if kind != OFFER:
+            raise TransportError(f"memory data: expected OFFER, got {frame_name(kind)}")
+        offer = frame_meta(OFFER, body, {"protocol": int, "stream_size": int})
+        if offer["protocol"] != PROTOCOL_MEMORY:
+            raise TransportError(f"memory data: OFFER of protocol {offer['protocol']}")
+        fds = staged.load_fds(offer)
+        kind, stream = next(frames, (0, b""))
+        if kind != STATE or len(stream) != offer["stream_size"]:
+            raise TransportError(f"memory data: expected a STATE of {offer['stream_size']} bytes, got "
+                                 f"{frame_name(kind)} of {len(stream)}")
+        if next(frames, None) is not None:
+            raise TransportError("memory data: frames after the STATE")
+    except BaseException:
+        staged.close()
+        raise
+    return stream, fds, staged
+
+
+def _frames(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """The frames of a buffer. :raises TransportError: a header or length that does not fit."""
+    pos = 0
+    view = memoryview(data)
+    while pos < len(data):
+        if len(data) - pos < FRAME_HEADER.size:
+            raise TransportError(f"memory data: {len(data) - pos} bytes left, less than a frame header")
+        magic, kind, flags, length = FRAME_HEADER.unpack_from(data, pos)
+        if magic != MAGIC or flags:
+            raise TransportError(f"memory data: bad frame header at byte {pos}")
+        limit = MAX_CHUNK_FRAME if kind == CHUNK else MAX_STREAM_SIZE if kind == STATE else 64 << 10
+        pos += FRAME_HEADER.size
+        if length > limit or length > len(data) - pos:
+            raise TransportError(f"memory data: {frame_name(kind)} frame of {length} bytes at byte {pos}")
+        yield kind, bytes(view[pos:pos + length])
+        pos += length

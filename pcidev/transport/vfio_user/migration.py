@@ -20,10 +20,13 @@ handover, which refuses unless it is ``RUNNING``).
 * The data is the device's vmstate stream (docs/vmstate-format.md) **without file
   descriptors**: the destination re-establishes guest memory and interrupts with its
   own ``DMA_MAP`` and ``DEVICE_SET_IRQS``, and the load keeps the memory attached there
-  (checking that it matches the stream's map). State that travels only as a descriptor
-  (an NVMe ``mem`` namespace: :attr:`PciDevice.FD_FEATURES
-  <pcidev.device.PciDevice.FD_FEATURES>`, a memfd-backed RAM BAR) blocks: ``EBUSY``
-  before anything stops.
+  (checking that it matches the stream's map). A memfd-backed RAM BAR travels as its
+  contents: the data is then the frames of :func:`~pcidev.migration.precopy.pack_memory`
+  (MEMORY, CHUNKs, OFFER, STATE; all copied in STOP_COPY, when the client's vCPUs no
+  longer write the BAR through its mapping), and the destination copies the contents
+  into the BAR its client maps. Other state that travels only as a descriptor (an NVMe
+  ``mem`` namespace: :attr:`PciDevice.FD_FEATURES <pcidev.device.PciDevice.FD_FEATURES>`,
+  a file-backed RAM BAR) blocks: ``EBUSY`` before anything stops.
 * ``RESUMING`` to ``STOP`` loads the received stream, all or nothing; a stream the
   device refuses fails the arc with ``EINVAL`` and leaves the state machine in
   ``ERROR``, which only a ``DEVICE_RESET`` leaves (:meth:`MigrationStateMachine.reset`).
@@ -33,12 +36,14 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 from collections.abc import Callable
 
 import pluggy
 
 from pcidev.device import PciDevice
 from pcidev.errors import MigrationError, PcidevError
+from pcidev.memory_source import MemorySource
 from pcidev.migration import (
     MAX_STREAM_SIZE,
     collect_blockers,
@@ -46,6 +51,8 @@ from pcidev.migration import (
     load_device_stream,
     save_device_stream,
 )
+from pcidev.migration.frames import MAGIC
+from pcidev.migration.precopy import pack_memory, unpack_memory
 from pcidev.sriov import VirtualFunction
 from pcidev.transport.vfio_user import protocol
 from pcidev.transport.vfio_user.conn import ConnectionState
@@ -65,8 +72,11 @@ from pcidev.vmstate.errors import VMStateError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MIGRATION_FLAGS", "MigrationStateMachine", "migration_blockers", "migration_path"]
+__all__ = ["MIGRATION_FLAGS", "MAX_RAM_BAR_DATA", "MigrationStateMachine", "migration_blockers", "migration_path",
+           "ram_bar_sources"]
 
+#: the most bytes of RAM BAR contents the migration data carries (beside the stream)
+MAX_RAM_BAR_DATA = 256 << 20
 #: what the MIGRATION feature reports: STOP_COPY and PRE_COPY (no P2P)
 MIGRATION_FLAGS = protocol.MIGRATION_STOP_COPY | protocol.MIGRATION_PRE_COPY
 
@@ -125,15 +135,50 @@ def migration_path(current: int, target: int) -> list[int]:
 def migration_blockers(device: PciDevice, pm: pluggy.PluginManager | None = None) -> list[str]:
     """Why ``device`` cannot migrate over vfio-user now: every reason of
     :func:`~pcidev.migration.collect_blockers`, and each enabled feature in the
-    device's :attr:`~pcidev.device.PciDevice.FD_FEATURES` and each memfd-backed RAM BAR
+    device's :attr:`~pcidev.device.PciDevice.FD_FEATURES` and each file-backed RAM BAR
     (:func:`~pcidev.migration.blockers.descriptor_blockers`: the migration data carries
-    no file descriptors).
+    no file descriptors; a memfd RAM BAR's contents go with it, at most
+    :data:`MAX_RAM_BAR_DATA` bytes in all).
 
     :param device: the device.
     :param pm: the plugin manager (its plugins' blockers).
     :returns: the reasons (empty: it may migrate).
     """
-    return [*collect_blockers(device, pm), *descriptor_blockers(device, "vfio-user migration data")]
+    reasons = collect_blockers(device, pm)
+    try:
+        sources = ram_bar_sources(device)
+    except Exception as exc:
+        return [*reasons, f"memory_sources() failed: {type(exc).__name__}: {exc}"]
+    total = sum(s.size for s in sources)
+    if total > MAX_RAM_BAR_DATA:
+        reasons.append(f"its RAM BARs hold {total} bytes; vfio-user migration data carries at most "
+                       f"{MAX_RAM_BAR_DATA}")
+    return [*reasons, *descriptor_blockers(device, "vfio-user migration data", sources)]
+
+
+def ram_bar_sources(device: PciDevice) -> list[MemorySource]:
+    """The device's memory sources that are its memfd RAM BARs (their contents go into the
+    migration data; see the module docstring).
+
+    :param device: the device.
+    :returns: the sources, in the device's order.
+    """
+    bars = set()
+    for bar in device.ram_bars():
+        try:
+            st = os.fstat(getattr(bar.handler, "fd", -1))
+        except OSError:
+            continue
+        bars.add((st.st_dev, st.st_ino))
+    out = []
+    for src in device.memory_sources():
+        try:
+            st = os.fstat(src.fd)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in bars:
+            out.append(src)
+    return out
 
 
 class MigrationStateMachine:
@@ -220,8 +265,11 @@ class MigrationStateMachine:
 
     def _save(self) -> None:
         try:
-            stream, _fds = save_device_stream(self.device)  # the descriptors stay here (see the module)
-        except (PcidevError, VMStateError) as exc:
+            stream, fds = save_device_stream(self.device)  # the descriptors stay here (see the module)
+            sources = ram_bar_sources(self.device)
+            if sources:  # their contents instead
+                stream = pack_memory(self.device.vmstate_device_type, sources, stream, fds)
+        except (PcidevError, VMStateError, OSError) as exc:
             raise VfioUserError(errno.EBUSY, f"the device state cannot be saved: {exc}") from exc
         self._buffer = bytearray(stream)
         self._cursor = 0
@@ -254,7 +302,14 @@ class MigrationStateMachine:
             data = bytes(self._buffer)
             self._buffer, self._cursor = bytearray(), 0
             try:
-                load_device_stream(self.device, data, None)
+                if data.startswith(MAGIC):  # RAM BAR contents beside the stream
+                    stream, fds, staged = unpack_memory(data, max_memory=MAX_RAM_BAR_DATA)
+                    try:
+                        load_device_stream(self.device, stream, fds)
+                    finally:
+                        staged.close()
+                else:
+                    load_device_stream(self.device, data, None)
             except (VMStateError, PcidevError) as exc:
                 self.conn.mig_state = _ERR
                 raise VfioUserError(errno.EINVAL, f"the migration data was refused: {exc}") from exc
@@ -282,6 +337,6 @@ class MigrationStateMachine:
         """
         if self.state != _RES:
             raise VfioUserError(errno.EINVAL, f"MIG_DATA_WRITE in migration state {_name(self.state)}")
-        if len(self._buffer) + len(data) > MAX_STREAM_SIZE:
-            raise VfioUserError(errno.EFBIG, f"migration data beyond {MAX_STREAM_SIZE} bytes")
+        if len(self._buffer) + len(data) > MAX_STREAM_SIZE + MAX_RAM_BAR_DATA:
+            raise VfioUserError(errno.EFBIG, f"migration data beyond {MAX_STREAM_SIZE + MAX_RAM_BAR_DATA} bytes")
         self._buffer += data

@@ -12,14 +12,18 @@ import socket
 import threading
 import time
 
+import attrs
+import crc32c
 import pytest
 from precopy_device import PrecopyDev, page_crcs, tcp_pair
 
-from pcidev.bar import RamBacking
-from pcidev.errors import ConfigError, MigrationBlockedError, MigrationError
+from pcidev.bar import RamBacking, Register, RegisterMap
+from pcidev.device import PciDevice
+from pcidev.errors import ConfigError, MigrationBlockedError, MigrationError, TransportError, VMStateError
 from pcidev.memory_source import DirtyBitmap, MemorySource
 from pcidev.migration import descriptor_blockers, migrate_in, migrate_out
 from pcidev.migration.precopy import Precopy, PrecopyReport
+from pcidev.vmstate import FdRef, vmstate
 
 MiB = 1 << 20
 
@@ -389,3 +393,211 @@ def test_bad_sources_are_refused_before_anything_starts():
             a.close()
             b.close()
             dev.close()
+
+
+# ------------------------------------------------- a device's own memfd, and late sources
+@vmstate("test/precopy-blob-device")
+@attrs.frozen
+class BlobState:
+    blob: FdRef | None = None
+
+
+class BlobDev(PciDevice):
+    """A device whose state names a memfd of its own (as an NVMe ``mem`` namespace does):
+    a memory source only once ``offered`` (so one can appear between pre-copy and stop)."""
+
+    TYPE_NAME = "test-precopy-blob"
+    CLASS_CODE = 0xFF0000
+    VMSTATE = BlobState
+    FD_FEATURES = frozenset({"blob"})
+    MIGRATABLE_FEATURES = frozenset({"blob"})
+    SIZE = 3 * MiB + 4096
+
+    def __init__(self) -> None:
+        self.fd = os.memfd_create("blob", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, self.SIZE)
+        self.offered = True
+        super().__init__()
+
+    def describe(self):
+        self.add_mem_bar(0, 4096, RegisterMap(4096, [Register("X", 0)]))
+        self.ram = RamBacking(65536)  # a source from the start: the pre-copy is active
+        self.add_mem_bar(2, 65536, self.ram)
+
+    def enabled_features(self):
+        return super().enabled_features() | {"blob"}
+
+    def memory_sources(self):
+        mine = [MemorySource(name="blob", fd=self.fd, size=self.SIZE, covers=frozenset({"blob"}))]
+        return super().memory_sources() + (mine if self.offered else [])
+
+    def get_device_state(self):
+        return BlobState(blob=self.vmstate_fd(self.fd))
+
+    def check_device_state(self, state):
+        fd = self.vmstate_load_fd(state.blob)
+        if fd is None or os.fstat(fd).st_size != self.SIZE:
+            raise ValueError("no blob of the right size")
+
+    def set_device_state(self, state):
+        fd = self.vmstate_load_fd(state.blob)
+        os.close(self.fd)
+        self.fd = os.dup(fd)
+
+    def on_close(self):
+        os.close(self.fd)
+        self.ram.close()
+
+
+def _blob_crcs(fd, size):
+    return [crc32c.crc32c(os.pread(fd, PAGE_SIZE, i)) for i in range(0, size, PAGE_SIZE)]
+
+
+PAGE_SIZE = 4096
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_a_devices_own_memfd_travels_by_its_contents_even_when_it_appears_at_the_stop(late):
+    src, dst = BlobDev(), BlobDev()
+    try:
+        os.pwrite(src.fd, random.Random(8).randbytes(MiB), 0)
+        os.pwrite(src.fd, b"tail" * 1024, BlobDev.SIZE - 4096)  # a hole between
+        src.offered = not late
+        a, b = tcp_pair()
+        got = {}
+        t = threading.Thread(target=lambda: got.setdefault("value", migrate_in(dst, b, timeout=10)), daemon=True)
+        t.start()
+        try:
+            p = Precopy(src, a, timeout=10)
+            assert [s.name for s in p.sources()] == (["bar2"] if late else ["bar2", "blob"])
+            p.run()
+            src.offered = True  # late: announced by a second MEMORY at the stop, sent whole
+            result = migrate_out(src, a, precopy=p, timeout=10)
+        finally:
+            t.join(10)
+            a.close()
+            b.close()
+        assert result.precopy.remainder_bytes == (MiB + 4096 if late else 0)
+        assert _blob_crcs(dst.fd, BlobDev.SIZE) == _blob_crcs(src.fd, BlobDev.SIZE)
+        assert not os.path.sameopenfile(dst.fd, src.fd)
+        got["value"].resources.close()
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_a_source_that_became_another_object_fails_the_stop_and_the_device_runs_on():
+    src, dst = BlobDev(), BlobDev()
+    a, b = tcp_pair()
+    got = {}
+
+    def destination():
+        try:
+            migrate_in(dst, b, timeout=5)
+        except (TransportError, VMStateError) as exc:
+            got["error"] = exc
+
+    t = threading.Thread(target=destination, daemon=True)
+    t.start()
+    try:
+        p = Precopy(src, a, timeout=5)
+        p.run()
+        os.close(src.fd)
+        src.fd = os.memfd_create("other")
+        os.ftruncate(src.fd, BlobDev.SIZE)
+        with pytest.raises(MigrationError, match="'blob' is another object"):
+            migrate_out(src, a, precopy=p, timeout=5)
+        assert not src.quiesced and p.failed
+        t.join(10)
+        assert "error" in got  # the channel ended before any OFFER
+    finally:
+        t.join(10)
+        a.close()
+        b.close()
+        src.close()
+        dst.close()
+
+
+def test_a_cancelled_precopy_leaves_the_device_running():
+    src = PrecopyDev(16 * MiB)
+    a, b = tcp_pair(buffers=64 << 10)
+    cancel = threading.Event()
+    try:
+        src.ram.mem[:] = random.Random(9).randbytes(16 * MiB)
+        before = page_crcs(src.ram)
+        p = Precopy(src, a, timeout=10)
+        threading.Timer(0.05, cancel.set).start()
+        drain = threading.Thread(target=lambda: _drain(b), daemon=True)
+        drain.start()
+        with pytest.raises(MigrationError, match="cancelled"):
+            p.run(cancel)
+        assert p.failed and not src.ram.dirty.tracking and not src.quiesced
+        assert page_crcs(src.ram) == before
+    finally:
+        a.close()
+        b.close()
+        src.close()
+
+
+def _drain(sock):
+    """Read slowly (so that the pre-copy is still sending when it is cancelled)."""
+    try:
+        while sock.recv(4096):
+            time.sleep(0.001)
+    except OSError:
+        pass
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_a_destination_bar_a_peer_maps_gets_the_contents_copied_in(refuse):
+    """The destination's BAR memfd was handed to a client (vfio-user's sparse mmap): the
+    contents are copied into it, so the client's mapping sees them; a refused load puts
+    its own contents back."""
+
+    class Refusing(PrecopyDev):
+        def set_device_state(self, state):
+            if refuse:
+                raise RuntimeError("refused on purpose")
+            super().set_device_state(state)
+
+    src, dst = PrecopyDev(MiB), Refusing(MiB)
+    peer = None
+    try:
+        _fill(src, 10)
+        dst.ram.mem[:] = b"\x77" * MiB
+        own = page_crcs(dst.ram)
+        peer = mmap.mmap(dst.ram.export_fd(), MiB)
+        fd_before = dst.ram.fd
+        a, b = tcp_pair()
+        got = {}
+
+        def destination():
+            try:
+                got["value"] = migrate_in(dst, b, timeout=10)
+            except VMStateError as exc:
+                got["error"] = exc
+
+        t = threading.Thread(target=destination, daemon=True)
+        t.start()
+        try:
+            if refuse:
+                with pytest.raises(MigrationError, match="refused on purpose"):
+                    migrate_out(src, a, timeout=10)
+            else:
+                migrate_out(src, a, timeout=10)
+        finally:
+            t.join(10)
+            a.close()
+            b.close()
+        assert dst.ram.fd == fd_before  # its own memfd, the one the peer maps
+        if refuse:
+            assert page_crcs(dst.ram) == own and peer[:MiB] == b"\x77" * MiB
+            assert not src.quiesced
+        else:
+            assert page_crcs(dst.ram) == page_crcs(src.ram) and peer[:MiB] == bytes(src.ram.mem)
+            got["value"].resources.close()
+    finally:
+        if peer is not None:
+            peer.close()
+        src.close()
+        dst.close()
