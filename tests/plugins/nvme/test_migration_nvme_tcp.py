@@ -399,7 +399,7 @@ def test_the_host_keeps_doing_io_during_precopy_and_a_dead_destination_leaves_th
             assert at_reply >= at_start + 8 * QD, (at_start, at_reply)
             assert p.device.info["pid"] == dest.pid
             pre = report["precopy"]
-            assert pre["iterations"] >= 2 and pre["bytes_per_iteration"][0] >= 32 << 20, pre
+            assert pre["iterations"] >= 1 and pre["bytes_per_iteration"][0] >= 32 << 20, pre
             assert report["precopy_seconds"] > 0 and report["host_pause"] < report["precopy_seconds"]
             work.wait_completed(work.completed + 4 * QD)
             work.stop()
