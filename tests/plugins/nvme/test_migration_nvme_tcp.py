@@ -441,3 +441,19 @@ def test_a_migration_in_one_go_copies_everything_at_the_stop(tmp_path):
     finally:
         for proc in procs:
             proc.stop()
+
+
+def test_the_migrate_nvme_example_moves_a_filled_mem_namespace_over_tcp(capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "examples"))
+    try:
+        import migrate_nvme
+    finally:
+        sys.path.pop(0)
+    assert migrate_nvme.main(["--tcp", "--mem", "--fill", "--migrations", "2", "--rounds", "6", "--qd", "8",
+                              "--ns-size", str(2 << 20)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("pre-copy: ") == 2 and "2.0 MiB" in out and "0 CRC-32C mismatches" in out
+    assert "8192 blocks checked" in out  # both namespaces, every block
