@@ -540,6 +540,28 @@ class RamBacking:
         self._map.mem[offset:offset + size] = value.to_bytes(size, "little")
         self.dirty.mark(offset, size)  # after the store (see DirtyBitmap)
 
+    def written_only_through_write(self) -> bool:
+        """Whether every write into the memory goes through :meth:`write` (so :attr:`dirty`
+        sees them all): the descriptor was never handed out (:meth:`export_fd`) and this
+        process maps the memory nowhere else (``/proc/self/maps``: a device's own window on
+        it, such as a controller's DMA view of its memory buffer, writes past :meth:`write`).
+        """
+        if self.exported:
+            return False
+        try:
+            st = os.fstat(self._map.fd)
+            with open("/proc/self/maps") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return False
+        dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+        count = 0
+        for line in lines:
+            fields = line.split(maxsplit=5)
+            if len(fields) >= 5 and fields[4] == str(st.st_ino) and fields[3] == dev:
+                count += 1
+        return count <= 1  # its own mapping
+
     def export_fd(self) -> int:
         """The descriptor, for a peer (or a mapping of the device's own) that may write the
         memory without going through :meth:`write`: from now on the contents are tracked

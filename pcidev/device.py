@@ -615,8 +615,9 @@ class PciDevice:
         whose :class:`~pcidev.memory_source.DirtyBitmap` the MMIO write path marks
         (:meth:`pcidev.bar.RamBacking.write`), or with no bitmap (tracked by page hashes)
         once its descriptor was handed out (:meth:`pcidev.bar.RamBacking.export_fd`: a
-        vfio-user client maps it). A file-backed RAM BAR has none (it still blocks a
-        migration without descriptors). A device type adds its own objects (a memory
+        vfio-user client maps it) or this process maps it a second time
+        (:meth:`pcidev.bar.RamBacking.written_only_through_write`). A file-backed RAM BAR
+        has none (it still blocks a migration without descriptors). A device type adds its own objects (a memory
         namespace, a metadata memfd) by extending ``super().memory_sources()``, and marks
         their bitmaps on every write path *after* the write. Called while the device
         runs (from a migration thread) and again when it is quiesced.
@@ -629,7 +630,7 @@ class PciDevice:
             assert isinstance(ram, RamBacking)  # ram_bars()
             if ram.path is None and ram.fd >= 0:
                 out.append(MemorySource(name=f"bar{bar.index}", fd=ram.fd, size=ram.size,
-                                        bitmap=None if ram.exported else ram.dirty))
+                                        bitmap=ram.dirty if ram.written_only_through_write() else None))
         return out
 
     def ram_bar_features(self) -> frozenset[str]:

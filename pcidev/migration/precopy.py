@@ -422,17 +422,23 @@ class Precopy:
             if first:
                 self._announce(self._initial)
             fresh = []
+            lost_track = set()
             for src in self._sources():
                 known = self._tracked.get(src.name)
                 if known is None:
                     fresh.append(src)
                 elif known.ident != _file_id(src.fd):
                     raise MigrationError(f"memory source {src.name!r} is another object than the one announced")
+                elif known.bitmap is not None and src.bitmap is None:
+                    lost_track.add(src.name)  # now written past its bitmap (mapped elsewhere): all of it
             if fresh:
                 self._announce(fresh)
             sent = 0
             for t in self._tracked.values():
-                sent += self._send_changes(t, None, whole=t.name in {s.name for s in fresh} or first)
+                if t.name in lost_track:
+                    sent += self._send_everything(t)
+                else:
+                    sent += self._send_changes(t, None, whole=t.name in {s.name for s in fresh} or first)
             self._remainder = sent
         except BaseException as exc:
             self.abort()
@@ -555,6 +561,19 @@ class Precopy:
                     raise MigrationError(f"memory source {t.name!r}: short read at {off:#x}")
                 sent += self._chunk(t, off, data, skip_zero=whole, cancel=cancel)
                 off += n
+        return sent
+
+    def _send_everything(self, t: _Tracked) -> int:
+        """Send all of ``t`` (chunks of zeros as holes): what the destination has of it is
+        not known to be right (its tracking was lost)."""
+        if t.bitmap is not None:
+            t.bitmap.take()
+        sent = 0
+        for off in range(0, t.size, MAX_CHUNK):
+            data = os.pread(t.fd, min(MAX_CHUNK, t.size - off), off)
+            if not data:
+                raise MigrationError(f"memory source {t.name!r}: short read at {off:#x}")
+            sent += self._chunk(t, off, data, skip_zero=False, cancel=None)
         return sent
 
     def _send_hashed(self, t: _Tracked, cancel: threading.Event | None, *, whole: bool) -> int:

@@ -601,3 +601,38 @@ def test_a_destination_bar_a_peer_maps_gets_the_contents_copied_in(refuse):
             peer.close()
         src.close()
         dst.close()
+
+
+def test_a_second_mapping_in_this_process_switches_to_hashes_even_after_the_precopy():
+    """A device's own window on its RAM BAR (as a controller's DMA view of its memory
+    buffer) writes past RamBacking.write: the BAR is then tracked by hashes, and if the
+    window appeared after the pre-copy started the whole BAR is sent again at the stop."""
+    src, dst = PrecopyDev(MiB), PrecopyDev(MiB)
+    window = None
+    try:
+        _fill(src, 11)
+        assert src.memory_sources()[0].bitmap is src.ram.dirty
+        a, b = tcp_pair()
+        got = {}
+        t = threading.Thread(target=lambda: got.setdefault("value", migrate_in(dst, b, timeout=10)), daemon=True)
+        t.start()
+        try:
+            p = Precopy(src, a, timeout=10)
+            p.run()
+            window = mmap.mmap(src.ram.fd, MiB)  # not through export_fd
+            assert src.memory_sources()[0].bitmap is None
+            window[:4096] = b"\x00" * 4096  # zeros where data was: sent as a hole
+            window[MiB - 4096:] = b"\x42" * 4096
+            result = migrate_out(src, a, precopy=p, timeout=10)
+        finally:
+            t.join(10)
+            a.close()
+            b.close()
+        assert result.precopy.remainder_bytes == MiB
+        assert page_crcs(dst.ram) == page_crcs(src.ram)
+        got["value"].resources.close()
+    finally:
+        if window is not None:
+            window.close()
+        src.close()
+        dst.close()
