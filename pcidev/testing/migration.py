@@ -410,6 +410,8 @@ def migrate_under_load(device_type: str, workload: Workload | Callable[[Workload
         offered, up to 32).
     :param start_timeout: seconds for a device process to start (and listen).
     :param migration_timeout: seconds for each migration.
+    :param max_downtime_ms: the downtime budget of each migration's pre-copy
+        (:meth:`~pcidev.transport.link.RemoteDevice.migrate`).
     :param progress_timeout: seconds the workload may take for one iteration.
     :param stop_timeout: seconds the workload may take to stop after its last step.
     :param on_migration: called after each migration with its record (on the caller's thread).

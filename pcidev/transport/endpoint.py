@@ -18,6 +18,16 @@ or the :class:`~pcidev.errors.PcidevError` it raised. It calls :meth:`~DeviceEnd
 from its message loop, so no other message is read while the device moves: the
 device is quiesced at a message boundary, after every request read so far has
 been answered.
+
+A migration may have a phase before that one, while the device keeps serving the
+host: :meth:`~DeviceEndpoint.open_precopy` connects to the destination and returns a
+:class:`PrecopySession`, whose :meth:`~PrecopySession.run` (on a thread of the
+server's) copies the device's large state (:class:`~pcidev.migration.precopy.Precopy`:
+memory sources over a channel without descriptors) while the server's loop keeps
+serving guest accesses; :meth:`~DeviceEndpoint.migrate_to` then takes the session and
+sends only what is left inside the downtime. A session that is not used is closed
+(:meth:`PrecopySession.close`): the destination sees the channel end and discards
+what it received, the device here is untouched.
 """
 
 from __future__ import annotations
@@ -47,8 +57,11 @@ from pcidev.migration import (
     LoadedResources,
     MigrationResult,
     OwnedEventfdSink,
+    Precopy,
+    PrecopyReport,
     boot_id,
     collect_blockers,
+    descriptor_blockers,
     migrate_in,
     migrate_out,
     prepare_vmstate,
@@ -56,9 +69,9 @@ from pcidev.migration import (
 from pcidev.pci.capabilities.msi import MsiCapability
 from pcidev.pci.capabilities.msix import MsixCapability
 from pcidev.transport.address import connect
-from pcidev.transport.fdpass import close_fds
+from pcidev.transport.fdpass import close_fds, is_unix
 
-__all__ = ["DeviceEndpoint", "NEW", "RUNNING", "AWAITING_ATTACH", "MIGRATED", "CLOSED"]
+__all__ = ["DeviceEndpoint", "PrecopySession", "NEW", "RUNNING", "AWAITING_ATTACH", "MIGRATED", "CLOSED"]
 
 #: created, not started yet
 NEW = "new"
@@ -71,6 +84,82 @@ AWAITING_ATTACH = "awaiting-attach"
 MIGRATED = "migrated"
 #: closed
 CLOSED = "closed"
+
+
+class PrecopySession:
+    """An open migration channel on which the device's large state is copied while the
+    device keeps running (made by :meth:`DeviceEndpoint.open_precopy`, consumed by
+    :meth:`DeviceEndpoint.migrate_to`).
+
+    :param address: the destination's address.
+    :param sock: the connected migration channel (owned from now on).
+    :param precopy: the pre-copy engine on it.
+    :param timeout: seconds the whole pre-copy may take (:meth:`run` is cancelled after).
+    """
+
+    def __init__(self, address: str, sock: socket.socket, precopy: Precopy, *, timeout: float) -> None:
+        self.address = address
+        self.sock = sock
+        self.precopy = precopy
+        self.timeout = timeout
+        #: set to stop :meth:`run` early (see :meth:`cancel`)
+        self.cancelled = threading.Event()
+        #: ``CLOCK_MONOTONIC`` when :meth:`run` started and ended (None before)
+        self.started_at: float | None = None
+        self.ended_at: float | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+
+    @property
+    def report(self) -> PrecopyReport:
+        """The pre-copy's figures so far (iterations, bytes per iteration, ...)."""
+        return self.precopy.report
+
+    def run(self) -> None:
+        """Copy while the device runs, until the remainder fits the downtime budget or the
+        iteration limit (thread-safe against the running device).
+
+        :raises MigrationError: the pre-copy failed or was cancelled; the device runs on
+            untouched (the session must then be closed).
+        """
+        self.started_at = time.monotonic()
+        try:
+            self.precopy.run(self.cancelled)
+        except MigrationError:
+            raise
+        except Exception as exc:  # the channel broke (TransportError, OSError) or the engine failed
+            raise MigrationError(f"pre-copy to {self.address} failed ({type(exc).__name__}: {exc}); "
+                                 "the device keeps running here") from exc
+        finally:
+            self.ended_at = time.monotonic()
+        if self.cancelled.is_set():
+            raise MigrationError(f"pre-copy to {self.address} was cancelled; the device keeps running here")
+
+    def cancel(self) -> None:
+        """Make :meth:`run` return soon from any thread: its loop stops at the next chunk,
+        and a send blocked on a stuck destination fails at once (the channel is shut down)."""
+        self.cancelled.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Give the session up: the pre-copy's tracking stops, the channel closes (the
+        destination discards what it received). Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            self.precopy.abort()
+        finally:
+            self.sock.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` ran."""
+        return self._closed
 
 
 class DeviceEndpoint:
@@ -129,6 +218,7 @@ class DeviceEndpoint:
             "msix_vectors": msix.nvectors if msix is not None else 0,
             "msi_vectors": msi.nvectors if msi is not None else 0,
             "state": self.state, "resumed_at": self.resumed_at, "boot_id": boot_id(), "pid": os.getpid(),
+            "precopy": True,  # open_precopy() is available (the link's PRECOPY)
         }
 
     # -- guest accesses -----------------------------------------------------------------
@@ -241,18 +331,22 @@ class DeviceEndpoint:
         return self.resumed_at
 
     # -- migration ------------------------------------------------------------------------
-    def migrate_to(self, address: str, *, timeout: float = 10.0,
-                   quiesce_timeout: float | None = 5.0) -> MigrationResult:
-        """Migrate the device to the destination listening at ``address``.
+    def open_precopy(self, address: str, *, timeout: float = 10.0, max_downtime_ms: float = 10.0,
+                     max_iterations: int = 30) -> PrecopySession:
+        """Connect to the destination listening at ``address`` for a migration in two
+        phases: the returned session's :meth:`~PrecopySession.run` copies while the device
+        keeps running, then :meth:`migrate_to` with ``session=`` finishes it.
 
-        Blockers are checked before anything else (and before connecting). On
-        success the endpoint is :data:`MIGRATED` and refuses further work; on
-        failure the device runs here again.
+        Blockers are checked first (the descriptor-bound ones over a channel without
+        descriptors, once connected); nothing is stopped.
 
-        :param quiesce_timeout: seconds the device may take to quiesce (see
-            :func:`~pcidev.migration.channel.migrate_out`).
-        :raises MigrationBlockedError: blockers (nothing was stopped).
-        :raises MigrationError: the migration failed; the device runs here again.
+        :param address: the destination's migration address.
+        :param timeout: seconds for each step, and for the whole pre-copy.
+        :param max_downtime_ms: the downtime budget: the pre-copy ends when what is left
+            would take no longer to send at the measured bandwidth.
+        :param max_iterations: the most pre-copy passes (0: everything at the stop).
+        :raises MigrationBlockedError: blockers (nothing was stopped, nothing connected).
+        :raises MigrationError: the destination cannot be reached.
         """
         self._check_state(RUNNING)
         reasons = collect_blockers(self.device, self.pm)
@@ -263,9 +357,62 @@ class DeviceEndpoint:
         except TransportError as exc:
             raise MigrationError(f"cannot reach the destination: {exc}; the device keeps running here") from exc
         try:
-            result = migrate_out(self.device, sock, pm=self.pm, timeout=timeout, quiesce_timeout=quiesce_timeout)
-        finally:
+            sock.settimeout(timeout)
+            precopy = Precopy(self.device, sock, max_downtime_ms=max_downtime_ms,
+                              max_iterations=max_iterations, timeout=timeout)
+            if not is_unix(sock):
+                reasons = descriptor_blockers(self.device, "a migration over TCP",
+                                              precopy.sources() if precopy.active else [])
+                if reasons:
+                    raise MigrationBlockedError(reasons)
+        except BaseException:
             sock.close()
+            raise
+        return PrecopySession(str(address), sock, precopy, timeout=timeout)
+
+    def migrate_to(self, address: str, *, timeout: float = 10.0, session: PrecopySession | None = None,
+                   quiesce_timeout: float | None = 5.0) -> MigrationResult:
+        """Migrate the device to the destination listening at ``address``.
+
+        Blockers are checked before anything else (and before connecting). On
+        success the endpoint is :data:`MIGRATED` and refuses further work; on
+        failure the device runs here again.
+
+        :param session: a pre-copy to ``address`` that ran (:meth:`open_precopy`): its
+            channel is used and only the remainder is copied at the stop. It is closed
+            when this returns or raises.
+        :param quiesce_timeout: seconds the device may take to quiesce (see
+            :func:`~pcidev.migration.channel.migrate_out`).
+        :raises MigrationBlockedError: blockers (nothing was stopped).
+        :raises MigrationError: the migration failed; the device runs here again.
+        """
+        try:
+            self._check_state(RUNNING)
+            if session is not None and session.address != str(address):
+                raise MigrationError(f"the pre-copy went to {session.address}, not to {address}; "
+                                     "the device keeps running here")
+            if session is not None and session.closed:
+                raise MigrationError("the pre-copy's channel is closed; the device keeps running here")
+            reasons = collect_blockers(self.device, self.pm)
+            if reasons:
+                raise MigrationBlockedError(reasons)
+            if session is not None:
+                sock = session.sock
+            else:
+                try:
+                    sock = connect(address, timeout=timeout)
+                except TransportError as exc:
+                    raise MigrationError(f"cannot reach the destination: {exc}; "
+                                         "the device keeps running here") from exc
+            try:
+                result = migrate_out(self.device, sock, pm=self.pm, timeout=timeout,
+                                     precopy=session.precopy if session is not None else None,
+                                     quiesce_timeout=quiesce_timeout)
+            finally:
+                sock.close()
+        finally:
+            if session is not None:
+                session.close()
         self.state = MIGRATED
         self.moved_to = result.link or str(address)
         return result

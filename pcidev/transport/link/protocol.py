@@ -29,7 +29,24 @@ type            request body (+ fds)                          reply body
 11 MIGRATE      ``{to: address, timeout: seconds,             migration report map
                 [quiesce_timeout_ms]}``
 12 RESUME       ``{}``                                        ``{resumed_at}``
+13 PRECOPY      ``{to, timeout, max_downtime_ms,              pre-copy report map
+                max_iterations}``
 ==============  ============================================  =========================
+
+**Migration in two phases.** A host that wants the device to keep serving it while
+the large state is copied (pre-copy: a ``mem`` namespace or a RAM BAR over TCP) first
+sends PRECOPY *on a connection of its own* without holding its accesses: the server
+connects to the destination, runs the pre-copy in a thread while its loop keeps
+serving every connection, and replies once it converged (the remainder fits
+``max_downtime_ms``) or reached ``max_iterations``. The host then holds its
+accesses and sends MIGRATE on that same connection: the migration goes on over the
+open channel, and what is left is copied inside the downtime. One pre-copy at a time
+(a second PRECOPY is refused with :class:`~pcidev.errors.MigrationError`); it is
+cancelled (its channel closed, the device untouched) when its connection ends, when
+it runs longer than ``timeout``, or when no MIGRATE follows within ``timeout``. A
+MIGRATE without a PRECOPY before it migrates in one go, as before (a server's HELLO
+reply says ``precopy: true`` when it knows PRECOPY; a host talking to an older one
+sends MIGRATE alone).
 
 ``intx`` in access replies is the device's INTx output level after the access;
 the proxy forwards changes to the host's sink. Interrupt messages travel as
@@ -58,7 +75,7 @@ from pcidev.vmstate import errors as vmstate_errors
 __all__ = [
     "MAGIC", "HEADER", "FLAG_REPLY", "FLAG_ERROR", "MAX_BODY", "LINK_MAX_FDS", "U64_MAX",
     "HELLO", "CONFIG_READ", "CONFIG_WRITE", "BAR_READ", "BAR_WRITE", "ROM_READ",
-    "DMA_MAP", "DMA_UNMAP", "SET_IRQS", "STATUS", "MIGRATE", "RESUME", "NAMES", "MSI_ROUTE_ADDRESS",
+    "DMA_MAP", "DMA_UNMAP", "SET_IRQS", "STATUS", "MIGRATE", "RESUME", "PRECOPY", "NAMES", "MSI_ROUTE_ADDRESS",
     "encode_body", "decode_body", "read_message", "send_message", "encode_error", "error_from_reply",
 ]
 
@@ -98,10 +115,13 @@ STATUS = 10
 MIGRATE = 11
 #: Request type: resume a migrated-in device once the host attached its memory and eventfds.
 RESUME = 12
+#: Request type: start copying the device's large state to the destination at ``to`` while it
+#: keeps running (reply: the pre-copy report, once it converged or reached its limit).
+PRECOPY = 13
 #: The name of each request type (for logs and error messages).
 NAMES = {HELLO: "HELLO", CONFIG_READ: "CONFIG_READ", CONFIG_WRITE: "CONFIG_WRITE", BAR_READ: "BAR_READ",
          BAR_WRITE: "BAR_WRITE", ROM_READ: "ROM_READ", DMA_MAP: "DMA_MAP", DMA_UNMAP: "DMA_UNMAP",
-         SET_IRQS: "SET_IRQS", STATUS: "STATUS", MIGRATE: "MIGRATE", RESUME: "RESUME"}
+         SET_IRQS: "SET_IRQS", STATUS: "STATUS", MIGRATE: "MIGRATE", RESUME: "RESUME", PRECOPY: "PRECOPY"}
 #: the MSI address the proxy uses when it delivers an eventfd signal
 MSI_ROUTE_ADDRESS = 0xFEE0_0000
 #: largest integer a message field carries (values are u64)

@@ -9,7 +9,9 @@ guest RAM (the memfd passed with ``SCM_RIGHTS``), creates one eventfd per
 interrupt vector and delivers what they signal to the host's interrupt sink
 (vector *v* as ``sink.msi(v, MSI_ROUTE_ADDRESS, v)``, see
 :mod:`pcidev.transport.link.protocol`), and can follow the device to another
-process (:meth:`RemoteDevice.migrate`), holding the host's accesses meanwhile.
+process (:meth:`RemoteDevice.migrate`): first a pre-copy, on a connection of its own, while
+the host's accesses go on (when the device's process knows PRECOPY), then the
+migration itself, holding the host's accesses meanwhile.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pcidev.dma import GuestMemory
@@ -38,6 +40,7 @@ from pcidev.transport.link.protocol import (
     MIGRATE,
     MSI_ROUTE_ADDRESS,
     NAMES,
+    PRECOPY,
     RESUME,
     ROM_READ,
     SET_IRQS,
@@ -286,44 +289,83 @@ class RemoteDevice:
         with self._access:
             self._switch(address, timeout)
 
-    def migrate(self, to: str, *, timeout: float = 30.0, link: str | None = None,
+    def migrate(self, to: str, *, timeout: float = 30.0, link: str | None = None, precopy: bool = True,
+                max_downtime_ms: float = 10.0, max_iterations: int = 30,
+                after_precopy: Callable[[dict[str, Any]], object] | None = None,
                 quiesce_timeout_ms: float | None = None) -> dict[str, Any]:
         """Ask the device's process to migrate it to the destination listening at
-        ``to``, then follow it there. Accesses from other threads wait meanwhile and
-        continue on the destination (or on the source if the migration failed).
+        ``to``, then follow it there.
+
+        In two phases when the device's process offers it (its HELLO says ``precopy``)
+        and ``precopy`` is true: a PRECOPY on a second connection copies the device's large
+        state (a ``mem`` namespace or a RAM BAR over TCP) while this host's accesses go on,
+        until what is left fits ``max_downtime_ms`` or after ``max_iterations`` passes;
+        then MIGRATE on that connection stops the device and sends the rest. Accesses
+        from other threads wait only during MIGRATE and continue on the destination (or
+        on the source if the migration failed).
 
         :param to: the destination's migration address.
-        :param timeout: seconds for the migration.
+        :param timeout: seconds for the pre-copy, and again for the migration.
         :param link: where the destination serves the device, if it does not say so itself.
+        :param precopy: copy before the stop where the device's process can (False: one MIGRATE).
+        :param max_downtime_ms: the downtime budget the pre-copy aims for.
+        :param max_iterations: the most pre-copy passes (0: everything at the stop).
+        :param after_precopy: called with the PRECOPY reply (the pre-copy's figures) once it
+            ended, before the accesses are held (not called without a pre-copy phase).
         :param quiesce_timeout_ms: the quiesce budget (None: the device process's
             ``--quiesce-timeout-ms``); past it the migration fails and the device runs on.
         :returns: the report: ``state_size``, ``fds``, ``downtime`` (stop on the source
             to running on the destination, seconds; None if the clocks are not
             comparable), ``downtime_upper_bound``, ``host_pause`` (how long accesses
-            were held here), ...
+            were held here), ``precopy`` (iterations, bytes per iteration, ..., or None),
+            ``precopy_seconds`` (the first phase, while accesses went on), ...
         :raises MigrationBlockedError: blockers (nothing was stopped).
-        :raises MigrationError: the migration failed; the source device runs again.
+        :raises MigrationError: the migration (or its pre-copy) failed; the source device
+            runs on (again).
         :raises TransportError: the source process went away (the device is lost).
         """
-        with self._access:
-            t0 = time.monotonic()
-            args: dict[str, Any] = {"to": to, "timeout": float(timeout)}
-            if quiesce_timeout_ms is not None:
-                args["quiesce_timeout_ms"] = float(quiesce_timeout_ms)
-            report = dict(self._client.request(MIGRATE, args,
-                                               timeout=timeout + 10.0))
-            target = report.get("link") or link
-            if not isinstance(target, str):
-                raise TransportError("the migration succeeded but nobody said where the device is served now")
-            info, resumed_at = self._switch(target, timeout)
-            report["resumed_at"] = resumed_at
-            if isinstance(resumed_at, (int, float)) and info.get("boot_id") == report.get("boot_id") \
-                    and info.get("boot_id"):
-                report["downtime"] = resumed_at - report["stopped_at"]
-            report["host_pause"] = time.monotonic() - t0
-            report["destination_pid"] = info.get("pid")
-            self.migrations.append(report)
-            return report
+        if not precopy or not self.info.get("precopy"):
+            with self._access:
+                return self._migrate_on(self._client, to, timeout, link, time.monotonic(), None,
+                                        quiesce_timeout_ms)
+        t0 = time.monotonic()
+        side = LinkClient(connect(self.address, timeout=self.io_timeout), io_timeout=self.io_timeout)
+        try:
+            reply = side.request(PRECOPY, {"to": to, "timeout": float(timeout),
+                                           "max_downtime_ms": float(max_downtime_ms),
+                                           "max_iterations": int(max_iterations)}, timeout=timeout + 10.0)
+            precopy_seconds = time.monotonic() - t0
+            if not isinstance(reply, dict):
+                raise TransportError(f"malformed PRECOPY reply {reply!r:.200}")
+            if after_precopy is not None:
+                after_precopy(dict(reply))
+            with self._access:
+                return self._migrate_on(side, to, timeout, link, time.monotonic(), precopy_seconds,
+                                        quiesce_timeout_ms)
+        finally:
+            side.close()
+
+    def _migrate_on(self, client: LinkClient, to: str, timeout: float, link: str | None, t0: float,
+                    precopy_seconds: float | None, quiesce_timeout_ms: float | None) -> dict[str, Any]:
+        """MIGRATE on ``client`` (accesses held by the caller), then follow the device."""
+        args: dict[str, Any] = {"to": to, "timeout": float(timeout)}
+        if quiesce_timeout_ms is not None:
+            args["quiesce_timeout_ms"] = float(quiesce_timeout_ms)
+        report = dict(client.request(MIGRATE, args, timeout=timeout + 10.0))
+        target = report.get("link") or link
+        if not isinstance(target, str):
+            raise TransportError("the migration succeeded but nobody said where the device is served now")
+        info, resumed_at = self._switch(target, timeout)
+        report["resumed_at"] = resumed_at
+        if isinstance(resumed_at, (int, float)) and info.get("boot_id") == report.get("boot_id") \
+                and info.get("boot_id"):
+            report["downtime"] = resumed_at - report["stopped_at"]
+        report["host_pause"] = time.monotonic() - t0
+        report["precopy_seconds"] = precopy_seconds
+        report.setdefault("precopy", None)
+        report["destination_pid"] = info.get("pid")
+        self.migrations.append(report)
+        return report
 
     # -- teardown -------------------------------------------------------------------------------
     def close(self) -> None:

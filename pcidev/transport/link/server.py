@@ -4,6 +4,11 @@ transport-agnostic :class:`~pcidev.transport.endpoint.DeviceEndpoint`, and
 replies (:mod:`pcidev.transport.link.protocol`). A malformed message gets an
 error reply naming the problem; a connection whose framing is broken is closed;
 the server itself keeps running.
+
+One request is not answered at once: PRECOPY runs on a thread of its own
+(:class:`~pcidev.transport.endpoint.PrecopySession`) while the loop keeps serving
+every connection, and its reply goes out from the loop when it ends. The loop is the
+only writer of every connection.
 """
 
 from __future__ import annotations
@@ -12,10 +17,12 @@ import logging
 import os
 import selectors
 import socket
+import threading
+import time
 from typing import Any
 
-from pcidev.errors import PcidevError, TransportError
-from pcidev.transport.endpoint import DeviceEndpoint
+from pcidev.errors import MigrationError, PcidevError, TransportError
+from pcidev.transport.endpoint import RUNNING, DeviceEndpoint, PrecopySession
 from pcidev.transport.fdpass import close_fds
 from pcidev.transport.link.protocol import (
     BAR_READ,
@@ -30,6 +37,7 @@ from pcidev.transport.link.protocol import (
     LINK_MAX_FDS,
     MIGRATE,
     NAMES,
+    PRECOPY,
     RESUME,
     ROM_READ,
     SET_IRQS,
@@ -42,7 +50,10 @@ from pcidev.transport.link.protocol import (
     send_message,
 )
 
-__all__ = ["LinkServer"]
+__all__ = ["LinkServer", "MAX_PRECOPY_ITERATIONS"]
+
+#: the most pre-copy passes a PRECOPY request may ask for
+MAX_PRECOPY_ITERATIONS = 1000
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +84,43 @@ def _map(body: Any, keys: dict[str, type], what: str) -> dict[str, Any]:
     return body
 
 
+class _PrecopyJob:
+    """The pre-copy one connection asked for (the server runs one at a time).
+
+    Its thread opens the channel and runs the pre-copy; the loop replies when it ended,
+    then keeps the session for the MIGRATE that follows on the same connection.
+    """
+
+    def __init__(self, conn: socket.socket, mid: int, to: str, timeout: float) -> None:
+        self.conn: socket.socket | None = conn  # None once the connection ended
+        self.mid = mid
+        self.to = to
+        self.timeout = timeout
+        self.session: PrecopySession | None = None
+        self.error: BaseException | None = None
+        self.cancelled = threading.Event()
+        self.timed_out = False
+        #: set by the thread when it ended (then it wakes the loop)
+        self.done = threading.Event()
+        self.replied = False
+        #: ``CLOCK_MONOTONIC`` by which the pre-copy must end, then by which MIGRATE must come
+        self.deadline = time.monotonic() + timeout
+        self.thread: threading.Thread | None = None
+
+    def cancel(self) -> None:
+        """Stop the pre-copy soon (the thread closes what it opened)."""
+        self.cancelled.set()
+        session = self.session
+        if session is not None:
+            session.cancel()
+
+    def close(self) -> None:
+        """Give the session up (its channel closes; the device is untouched)."""
+        session = self.session
+        if session is not None:
+            session.close()
+
+
 class LinkServer:
     """Serves a :class:`~pcidev.transport.endpoint.DeviceEndpoint` over a listening
     UNIX socket, one message at a time (several connections may be open: a host
@@ -97,6 +145,7 @@ class LinkServer:
         self.exit_reason = ""
         #: the last migration report (source side)
         self.migration: dict[str, Any] | None = None
+        self._precopy: _PrecopyJob | None = None
 
     def stop(self) -> None:
         """Make :meth:`serve_forever` return (thread- and signal-safe)."""
@@ -116,7 +165,7 @@ class LinkServer:
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         try:
             while not self._stop:
-                for key, _events in sel.select():
+                for key, _events in sel.select(self._select_timeout()):
                     if self._stop:
                         break
                     if key.data == "accept":
@@ -137,8 +186,12 @@ class LinkServer:
                         if not self.handle(client):
                             sel.unregister(client)
                             self._conns.discard(client)
+                            self._connection_ended(client)
                             client.close()
+                if not self._stop:
+                    self._tend_precopy()
         finally:
+            self._end_precopy()
             sel.close()
             for conn in self._conns:
                 conn.close()
@@ -149,6 +202,139 @@ class LinkServer:
         if not self.exit_reason:
             self.exit_reason = "stopped"
         return self.exit_reason
+
+    # -- pre-copy ------------------------------------------------------------------------------
+    def _select_timeout(self) -> float | None:
+        job = self._precopy
+        if job is None:
+            return None
+        return max(job.deadline - time.monotonic(), 0.0) + 0.01
+
+    def _start_precopy(self, conn: socket.socket, mid: int, body: bytes, fds: list[int]) -> None:
+        """Check a PRECOPY request and start its thread (the reply comes from ``_tend_precopy``).
+
+        :raises PcidevError: a malformed request, or a pre-copy already running.
+        """
+        args = decode_body(body, "PRECOPY")
+        if fds:
+            raise TransportError(f"PRECOPY carries no file descriptors, got {len(fds)}")
+        m = _map(args, {"to": str, "timeout": float, "max_downtime_ms": float, "max_iterations": int}, "PRECOPY")
+        timeout, budget, limit = float(m["timeout"]), float(m["max_downtime_ms"]), m["max_iterations"]
+        if not 0 < timeout <= 3600:
+            raise TransportError("PRECOPY: timeout must be in (0, 3600] seconds")
+        if not 0 < budget <= 60_000:
+            raise TransportError("PRECOPY: max_downtime_ms must be in (0, 60000]")
+        if not 0 <= limit <= MAX_PRECOPY_ITERATIONS:
+            raise TransportError(f"PRECOPY: max_iterations must be in 0..{MAX_PRECOPY_ITERATIONS}")
+        busy = self._precopy
+        if busy is not None:
+            raise MigrationError(f"a pre-copy to {busy.to} is already running; one at a time "
+                                 "(the device keeps running here)")
+        if self.endpoint.state != RUNNING:  # a typed refusal before a thread starts
+            raise MigrationError(f"the device endpoint is {self.endpoint.state}, not running")
+        job = _PrecopyJob(conn, mid, m["to"], timeout)
+
+        def run() -> None:
+            try:
+                session = self.endpoint.open_precopy(job.to, timeout=timeout, max_downtime_ms=budget,
+                                                     max_iterations=limit)
+                job.session = session  # first, then the check: cancel() sees one or the other
+                if job.cancelled.is_set():
+                    session.cancel()
+                session.run()
+            except BaseException as exc:
+                job.error = exc
+                job.close()
+            finally:
+                job.done.set()
+                try:
+                    os.write(self._wake_w, b"p")
+                except OSError:
+                    pass
+
+        job.thread = threading.Thread(target=run, name="pcidev-link-precopy", daemon=True)
+        self._precopy = job
+        job.thread.start()
+
+    def _tend_precopy(self) -> None:
+        """The loop's part of the pre-copy: cancel it past its time, reply when it ended,
+        and give an unused session up when no MIGRATE came in time."""
+        job = self._precopy
+        if job is None:
+            return
+        now = time.monotonic()
+        if not job.done.is_set():
+            if now >= job.deadline and not job.cancelled.is_set():
+                job.timed_out = True
+                job.cancel()
+            return
+        if job.replied:
+            if now >= job.deadline:
+                log.warning("link: no MIGRATE within %g s of the pre-copy to %s; giving it up", job.timeout, job.to)
+                self._precopy = None
+                job.close()
+            return
+        job.replied = True
+        if job.conn is None or job.error is not None:
+            self._precopy = None
+            job.close()
+        if job.conn is None:
+            return
+        if job.error is None and job.session is not None:
+            started, ended = job.session.started_at, job.session.ended_at
+            reply = encode_body({**job.session.report.as_dict(),
+                                 "seconds": (ended - started) if started is not None and ended is not None else None})
+            rflags = FLAG_REPLY
+            job.deadline = now + job.timeout  # MIGRATE must follow within as long again
+        else:
+            err = job.error
+            if job.timed_out:
+                err = MigrationError(f"the pre-copy to {job.to} did not end within {job.timeout:g} s; "
+                                     "the device keeps running here")
+            elif not isinstance(err, PcidevError):
+                err = MigrationError(f"pre-copy failed ({type(err).__name__}: {err}); the device keeps running here")
+            reply, rflags = encode_error(err), FLAG_REPLY | FLAG_ERROR
+        try:
+            send_message(job.conn, PRECOPY, rflags, job.mid, reply)
+        except TransportError:
+            pass  # the connection's end is seen by the loop, which then gives the session up
+
+    def _connection_ended(self, conn: socket.socket) -> None:
+        job = self._precopy
+        if job is None or job.conn is not conn:
+            return
+        job.conn = None
+        if job.done.is_set():
+            self._precopy = None
+            job.close()
+        else:
+            job.cancel()  # the thread ends soon; _tend_precopy() then drops the job
+
+    def _end_precopy(self) -> None:
+        job, self._precopy = self._precopy, None
+        if job is None:
+            return
+        job.cancel()
+        if job.thread is not None:
+            job.thread.join(self.io_timeout + job.timeout)
+        job.close()
+
+    def _take_precopy(self, conn: socket.socket | None) -> PrecopySession | None:
+        """The pre-copy session a MIGRATE on ``conn`` finishes (None: a migration in one go).
+
+        :raises MigrationError: the pre-copy belongs to another connection or still runs.
+        """
+        job = self._precopy
+        if job is None:
+            return None
+        if job.conn is not conn:
+            raise MigrationError(f"a pre-copy to {job.to} is open on another connection; "
+                                 "the device keeps running here")
+        if not job.replied:
+            raise MigrationError("the pre-copy is still running (wait for its reply); "
+                                 "the device keeps running here")
+        self._precopy = None
+        return job.session
 
     def handle(self, conn: socket.socket) -> bool:
         """Read one message from ``conn``, execute it and reply.
@@ -170,7 +356,10 @@ class LinkServer:
         try:
             if flags:
                 raise TransportError(f"unexpected flags {flags:#x} on a request")
-            result = self.dispatch(kind, body, fds)
+            if kind == PRECOPY:
+                self._start_precopy(conn, mid, body, fds)
+                return True  # the reply comes when it ends (_tend_precopy)
+            result = self.dispatch(kind, body, fds, conn=conn)
             fds = []
             reply, rflags = encode_body(result), FLAG_REPLY
         except PcidevError as exc:
@@ -190,8 +379,11 @@ class LinkServer:
             self.stop()
         return True
 
-    def dispatch(self, kind: int, body: bytes, fds: list[int]) -> Any:
-        """Execute one request; takes ownership of ``fds`` (closes what it does not keep)."""
+    def dispatch(self, kind: int, body: bytes, fds: list[int], *, conn: socket.socket | None = None) -> Any:
+        """Execute one request; takes ownership of ``fds`` (closes what it does not keep).
+
+        :param conn: the connection it came on (a MIGRATE there finishes its pre-copy).
+        """
         ep = self.endpoint
         what = NAMES.get(kind)
         if what is None:
@@ -253,9 +445,12 @@ class LinkServer:
             qt = m.get("quiesce_timeout_ms", self.quiesce_timeout_ms)
             if type(qt) not in (int, float) or not 0 < qt <= 3_600_000:
                 raise TransportError("MIGRATE: quiesce_timeout_ms must be in (0, 3600000]")
-            result = ep.migrate_to(m["to"], timeout=timeout, quiesce_timeout=qt / 1000).as_dict()
+            session = self._take_precopy(conn)
+            result = ep.migrate_to(m["to"], timeout=timeout, session=session, quiesce_timeout=qt / 1000).as_dict()
             self.migration = result
             return result
         if kind == RESUME:
             return {"resumed_at": ep.resume_after_attach()}
+        if kind == PRECOPY:
+            raise TransportError("PRECOPY is answered by the server's loop (handle()), not by dispatch()")
         raise TransportError(f"unhandled link message {what}")  # pragma: no cover

@@ -202,10 +202,10 @@ class ControllerMemoryBuffer:
         if self.legacy:
             base = self._bar_base()
             if base is not None and self._invalid(base) is None:
-                key = (base, self.ram.fd)
+                key = (base, self.ram.export_fd())  # controller DMA writes it: hashed in a pre-copy
         elif msc & CMBMSC_CRE and msc & CMBMSC_CMSE:
             if self._invalid(msc) is None:
-                key = (msc & CMBMSC_CBA_MASK, self.ram.fd)
+                key = (msc & CMBMSC_CBA_MASK, self.ram.export_fd())
             else:
                 self.sts.value = CMBSTS_CBAI
         if key == self._window_key and not force:

@@ -50,6 +50,7 @@ import attrs
 
 from pcidev.errors import ConfigError
 from pcidev.inheritance import image_key, take_inherited
+from pcidev.memory_source import DirtyBitmap
 from pcidev.vmstate import U8, Bool, FdRef, vmstate
 from pcidev_nvme.backends import punch_hole
 
@@ -232,6 +233,8 @@ class MemMetadata(MetadataStore):
         self._mv = memoryview(self._mm)
         self._lock = threading.Lock()
         self._closed = False
+        #: the writes since a migration started tracking them (marked after each write)
+        self.dirty = DirtyBitmap(max(size, 1), 4096)  # a page: 512 blocks of 8 bytes
 
     @property
     def mem_fd(self) -> int:
@@ -242,11 +245,13 @@ class MemMetadata(MetadataStore):
 
     def _write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
         self._mv[offset:offset + len(data)] = data
+        self.dirty.mark(offset, len(data))
 
     def _zero(self, offset: int, length: int) -> None:
         # a hole in the memfd (pages freed, the mapping reads zeros), never a buffer of
         # ``length`` zeros: a discard of a whole large namespace is one call
         _zero_fd(self._fd, offset, length)
+        self.dirty.mark(offset, length)
 
     def close(self) -> None:
         with self._lock:

@@ -17,7 +17,8 @@ What travels (section ``nvme`` version 1, see :class:`NvmeState`):
 * the shadow doorbell buffer (DBS, EIS); per-queue shadow addresses follow from it;
 * the Controller Memory Buffer's registers (optional subsection ``nvme/cmb``,
   :class:`~pcidev_nvme.cmb.CmbState`); its contents are a RAM BAR, which the framework
-  migrates (the memfd travels over UNIX sockets; over TCP it blocks);
+  migrates (the memfd travels over UNIX sockets; over TCP its contents, compared by page
+  hashes since controller DMA writes it through a mapping of its own);
 * the Persistent Memory Region's registers (optional subsection ``nvme/pmr``,
   :class:`~pcidev_nvme.pmr.PmrState`); its contents are in its file (a file-backed RAM
   BAR: the descriptor travels over UNIX sockets, over TCP the destination maps the path);
@@ -55,9 +56,10 @@ the destination from its own configuration (the same path: the fingerprint has i
 except in a handover, whose new process takes the old one's descriptors of the image
 (:func:`inheritable_fds`, :mod:`pcidev.inheritance`) and never opens the path;
 a ``mem`` namespace's memfd travels with the stream (``SCM_RIGHTS``) and the
-destination maps it instead of its own empty one, so a migration over TCP (no
-descriptors) refuses a controller with ``mem`` namespaces; ``null`` namespaces hold
-nothing. The fingerprint (:func:`fingerprint`) covers the configuration a
+destination maps it instead of its own empty one; over TCP (no descriptors) its
+contents travel instead (:func:`memory_sources`: copied while the controller serves
+I/O, the rest at the stop, into a memfd of the destination's that it maps the same
+way); ``null`` namespaces hold nothing. The fingerprint (:func:`fingerprint`) covers the configuration a
 destination must match: serial, model, queue count, MQES, MDTS, MSI-X vectors,
 AERL, ELPE, firmware slots, the LBA formats and every configured namespace (NSID,
 backend kind, size, path, O_DIRECT, read-only, NGUID), as the configuration built it.
@@ -110,7 +112,9 @@ from typing import Any, ClassVar, Protocol
 
 import attrs
 
+from pcidev.device import PciDevice
 from pcidev.errors import ConfigError, MigrationError, QuiesceTimeoutError
+from pcidev.memory_source import DirtyBitmap, MemorySource
 from pcidev.vmstate import U8, U32, U64, Bool, Bytes, VarArray, vmstate
 from pcidev.vmstate.errors import StateError
 from pcidev_nvme import ns_records
@@ -139,7 +143,7 @@ from pcidev_nvme.logs import (
     SmartCounters,
     SmartState,
 )
-from pcidev_nvme.metadata import MetadataStore
+from pcidev_nvme.metadata import MemMetadata, MetadataStore
 from pcidev_nvme.namespace import LBA_FORMATS, LBAF_TABLE, Namespace, NamespaceHolding, NamespaceState
 from pcidev_nvme.namespaces import RemovedNamespace
 from pcidev_nvme.ns_records import NamespaceChangesState, NamespacePlan
@@ -326,6 +330,40 @@ def blockers(ctrl: MigrationHost) -> list[str]:
                        "controller to another process")
     if ctrl.fsm_state == "resetting":
         out.append("a controller reset is waiting for commands in flight")
+    return out
+
+
+#: what a ``mem`` namespace's memory sources stand in for (its memfd over UNIX sockets)
+MEM_FD_FEATURE = "nvme-backend:mem"
+
+
+def memory_sources(ctrl: MigrationHost) -> list[MemorySource]:
+    """The memfds of the ``mem`` namespaces the controller has now (configured or created
+    by Namespace Management) and of their metadata, as memory sources: over a channel
+    without descriptors (TCP) their contents travel instead (pre-copy while the controller
+    serves I/O, the rest at the stop). Each is tracked by the dirty bitmap its store marks
+    on every write (:attr:`pcidev_nvme.backends.MemoryBackend.dirty`,
+    :attr:`pcidev_nvme.metadata.MemMetadata.dirty`). A name carries the memfd's inode, so
+    a store replaced while a pre-copy runs (Format NVM, a namespace deleted and created
+    again) is a new source, sent whole at the stop. A secondary controller (SR-IOV) has
+    none: its namespaces are the primary's."""
+    if not ctrl.owns_namespaces:
+        return []
+    out = []
+    for nsid, ns in sorted(list(ctrl.allocated.items())):  # a copy: namespaces may come and go meanwhile
+        b, meta = ns.backend, ns.meta
+        stores: list[tuple[str, int, int, DirtyBitmap | None]] = []
+        if isinstance(b, MemoryBackend) and b.fd >= 0:
+            stores.append((f"nvme/ns{nsid}", b.fd, b.size, b.dirty))
+        if isinstance(meta, MemMetadata) and meta.mem_fd >= 0:
+            stores.append((f"nvme/ns{nsid}/meta", meta.mem_fd, meta.nbytes, meta.dirty))
+        for name, fd, size, bitmap in stores:
+            try:
+                ino = os.fstat(fd).st_ino
+            except OSError:  # closed meanwhile: the namespace is gone
+                continue
+            out.append(MemorySource(name=f"{name}@{ino}", fd=fd, size=size, bitmap=bitmap,
+                                    covers=frozenset({MEM_FD_FEATURE})))
     return out
 
 
@@ -1187,7 +1225,9 @@ class MigrationMixin:
     #: the ``nvme`` vmstate section
     VMSTATE: ClassVar[type[Any] | None] = NvmeState  # as declared by PciDevice
     MIGRATABLE_FEATURES = MIGRATABLE_FEATURES
-    FD_FEATURES = frozenset({"nvme-backend:mem"})  # the memfd travels with SCM_RIGHTS only
+    # the memfd travels with SCM_RIGHTS; without descriptors (TCP) its contents travel instead
+    # (memory_sources(), which cover the feature); vfio-user migration data carries neither
+    FD_FEATURES = frozenset({MEM_FD_FEATURE})
 
     _paused: bool
     _save_at_resume: bool
@@ -1266,6 +1306,12 @@ class MigrationMixin:
 
     def device_fingerprint(self: MigrationHost) -> dict[str, Any]:
         return fingerprint(self)
+
+    def memory_sources(self: MigrationHost) -> list[MemorySource]:
+        """The RAM BARs' (the CMB: :meth:`PciDevice.memory_sources <pcidev.device.PciDevice.memory_sources>`)
+        and the ``mem`` namespaces' (:func:`memory_sources`)."""
+        assert isinstance(self, PciDevice)  # mixed into NvmeController, a PciDevice
+        return [*PciDevice.memory_sources(self), *memory_sources(self)]
 
     def inheritable_fds(self: MigrationHost) -> dict[str, int]:
         return inheritable_fds(self)

@@ -116,9 +116,8 @@ class VerifiedIo(Workload):
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> VerifiedIo:
         """The standard workload and controller configuration for ``options`` (see
-        :func:`~pcidev.hookspecs.pcidev_migration_workload`): over UNIX a ``mem`` and a
-        ``file`` namespace, over TCP the ``file`` namespace alone (a ``mem`` namespace
-        cannot follow without its descriptor; when it can, add it here), each
+        :func:`~pcidev.hookspecs.pcidev_migration_workload`): a ``mem`` and a ``file``
+        namespace (over TCP the ``mem`` one's contents travel: pre-copy), each
         ``ns_size`` bytes (default 4 MiB, or twice what one step's commands address),
         the file in ``workdir``.
 
@@ -141,7 +140,7 @@ class VerifiedIo(Workload):
         image = Path(workdir) / "nvme-ns.img"
         with open(image, "wb") as f:
             f.truncate(size)
-        nss = ([] if transport == "tcp" else [f"ns=mem:size={size}"]) + [f"ns=file:path={image},size={size}"]
+        nss = [f"ns=mem:size={size}", f"ns=file:path={image},size={size}"]  # (over TCP the mem one's contents travel)
         props = f"serial=PCIDEVSOAK,max_ioqpairs={queues},msix_vectors={queues + 1}," + ",".join(nss)
         return cls(qd, queues, aers=int(options.get("aers", 4)), hold_every=int(options.get("hold_every", 2)),
                    seed=options.get("seed"), properties=props)
