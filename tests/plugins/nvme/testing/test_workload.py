@@ -142,17 +142,19 @@ def test_the_summary_is_for_nvme_controllers_only():
     assert plugin.pcidev_migration_summary(object()) is None
 
 
-def test_from_options_picks_namespaces_that_follow_the_transport(tmp_path):
+def test_from_options_has_a_mem_and_a_file_namespace_on_either_transport(tmp_path):
     unix = VerifiedIo.from_options({"workdir": tmp_path, "queues": 2, "qd": 32})
     assert "ns=mem:" in unix.properties and "ns=file:" in unix.properties and "max_ioqpairs=2" in unix.properties
     tcp = VerifiedIo.from_options({"workdir": tmp_path, "transport": "tcp"})
-    assert "ns=mem:" not in tcp.properties and f"path={tmp_path}/nvme-ns.img" in tcp.properties
+    # over TCP too: the mem namespace's contents travel (pre-copy)
+    assert "ns=mem:" in tcp.properties and f"path={tmp_path}/nvme-ns.img" in tcp.properties
     assert (tmp_path / "nvme-ns.img").stat().st_size == 4 << 20
     assert not unix.probe and unix.ram_size >= 64 << 20
 
 
 @pytest.mark.parametrize(("options", "message"), [
     ({}, "needs a workdir"),
+    ({"workdir": "WORKDIR", "transport": "rdma"}, "transport must be unix or tcp"),
     ({"workdir": "WORKDIR", "ns_size": 1 << 20}, "too small for 8 x 32 commands"),
 ])
 def test_from_options_refuses_with_one_line(tmp_path, options, message):

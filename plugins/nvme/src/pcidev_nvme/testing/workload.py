@@ -127,6 +127,8 @@ class VerifiedIo(Workload):
         """
         queues, qd = int(options.get("queues") or 8), int(options.get("qd") or 32)
         transport = str(options.get("transport") or "unix")
+        if transport not in ("unix", "tcp"):
+            raise PcidevError(f"the NVMe workload's transport must be unix or tcp, not {transport!r}")
         size = int(options.get("ns_size") or max(4 << 20, 2 * queues * qd * SLOT))
         workdir = options.get("workdir")
         if not 1 <= qd <= MAX_QD:
