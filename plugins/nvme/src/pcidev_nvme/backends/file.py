@@ -41,6 +41,7 @@ from pcidev_nvme.backends.base import (
     size_field,
     take_options,
 )
+from pcidev_nvme.backends.durability import Durability
 
 __all__ = ["FileBackend", "FileConfig", "make_file"]
 
@@ -152,12 +153,11 @@ class FileBackend(BaseBackend):
         super().__init__(size)
         self.fd = fd
         self.dfd = -1
-        #: written since the last fdatasync (set after each write: cleared just before one).
-        #: True at first: what another process wrote (a handover's old one, whose descriptor
-        #: this may be; an earlier run) may still be in the page cache only
-        self._unflushed = True
-        #: a write-back error the stop's flush met, not reported to the host yet
-        self._pending_error: OSError | None = None
+        #: the writes and fdatasync calls: clean only once an fdatasync that began after
+        #: the last write returned (unflushed at first: what another process wrote -- a
+        #: handover's old one, whose descriptor this may be; an earlier run -- may still be
+        #: in the page cache only); a write-back error the stop's flush met, kept for the host
+        self.durability = Durability()
         self.min_block = 512
         self._bounce_lock = threading.Lock()
         self.identity_path = self.path + ".nvme-ids"
@@ -222,7 +222,7 @@ class FileBackend(BaseBackend):
             full_pwritev(self.fd, views, offset, flags)
         finally:
             if not fua:  # (RWF_DSYNC: durable already; a failed write may have written a part)
-                self._unflushed = True
+                self.durability.wrote()
 
     def readv_nowait(self, views: list[memoryview], offset: int) -> int:
         """``preadv(..., RWF_NOWAIT)``: what the page cache holds, without blocking
@@ -241,7 +241,7 @@ class FileBackend(BaseBackend):
             return 0
         try:
             n = os.pwritev(self.fd, views, offset, _RWF_NOWAIT)
-            self._unflushed = True
+            self.durability.wrote()
             return n
         except OSError as exc:
             if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
@@ -285,21 +285,23 @@ class FileBackend(BaseBackend):
 
     @property
     def unflushed(self) -> bool:
-        """Something was written (data, a deallocation, zeros) since the last ``fdatasync``
-        began, or none was made since the image was opened: a flush has work to do.
+        """Written since the last ``fdatasync`` that returned successfully began (none
+        returned since the image was opened, or one is still blocked), or a write-back
+        error is pending: a flush has work to do (:class:`~pcidev_nvme.backends.durability.Durability`).
         Optional in the :class:`~pcidev_nvme.backends.base.Backend` protocol (a
         migration's stop skips the backends that say False)."""
-        return self._unflushed
+        return self.durability.unflushed
 
-    def _sync(self) -> None:
-        """``fdatasync``. The flag is cleared before the call: a write completing meanwhile
-        sets it again for the next flush."""
-        self._unflushed = False
-        try:
-            os.fdatasync(self.fd)
-        except BaseException:
-            self._unflushed = True
-            raise
+    @property
+    def syncing(self) -> bool:
+        """An ``fdatasync`` of the image began and has not returned (a migration's stop
+        waits for it rather than queueing another one). Optional, like :attr:`unflushed`."""
+        return self.durability.syncing
+
+    def wait_synced(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until no ``fdatasync`` of the image is in
+        progress; False if one still is. Optional, like :attr:`syncing`."""
+        return self.durability.wait_idle(timeout)
 
     def flush(self) -> None:
         """``fdatasync``: every completed write reaches stable storage (the host's Flush:
@@ -308,32 +310,20 @@ class FileBackend(BaseBackend):
         :raises OSError: the file system reported a write-back error -- also one that a
             migration's stop met first (:meth:`flush_at_stop`), reported here once.
         """
-        err, self._pending_error = self._pending_error, None
-        if err is not None:
-            raise err
-        self._sync()
+        self.durability.flush(self.fd)
 
     def flush_at_stop(self) -> None:
         """The flush of a migration's stop (after the drain): ``fdatasync`` only if
-        something was written since the last one began (:attr:`unflushed`); a
-        write-back error it meets stays pending for the host's next Flush. Linux reports
-        such an error once per open file, to the first ``fdatasync`` after it: taken here,
-        the host would never learn that acknowledged writes may be lost. Optional in the
-        :class:`~pcidev_nvme.backends.base.Backend` protocol.
+        :attr:`unflushed`; a write-back error it meets stays pending for the host's next
+        Flush. Linux reports such an error once per open file, to the first ``fdatasync``
+        after it: taken here, the host would never learn that acknowledged writes may be
+        lost. Optional in the :class:`~pcidev_nvme.backends.base.Backend` protocol.
 
         :raises OSError: the error (the migration fails, the device runs on here), or one
             met earlier that the host has not been told about yet (the device must not move
             before its host learns it).
         """
-        if self._pending_error is not None:
-            raise self._pending_error
-        if not self._unflushed:
-            return  # nothing written since the last fdatasync began: no system call
-        try:
-            self._sync()
-        except OSError as exc:
-            self._pending_error = exc
-            raise
+        self.durability.flush_at_stop(self.fd)
 
     def deallocate(self, offset: int, length: int) -> None:
         """Punch a hole (the blocks read as zeros and free their space)."""
@@ -346,7 +336,7 @@ class FileBackend(BaseBackend):
                 raise
             super().write_zeroes(offset, length)
         finally:
-            self._unflushed = True
+            self.durability.wrote()
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Zero the range, allocated (``FALLOC_FL_ZERO_RANGE``, else writes of zeros)."""
@@ -359,7 +349,7 @@ class FileBackend(BaseBackend):
                 raise
             super().write_zeroes(offset, length)
         finally:
-            self._unflushed = True
+            self.durability.wrote()
 
     def allocated_bytes(self) -> int:
         """Bytes of the file that hold data (``st_blocks``; holes do not count)."""
