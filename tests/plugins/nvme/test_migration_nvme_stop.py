@@ -372,7 +372,7 @@ def test_a_failing_fdatasync_fails_the_migration_and_the_hosts_next_flush_hears_
 
 
 def test_a_stop_whose_fdatasync_timed_out_flushes_again_and_takes_no_second_worker(host, tmp_path, monkeypatch):
-    """reviewG finding 1: an fdatasync stuck past the budget does not make the image clean:
+    """Review G, finding 1: an fdatasync stuck past the budget does not make the image clean:
     a retried stop waits for that same call (no second blocked worker) and fails again
     until it returned; then nothing is left to do, or a new flush covers later writes."""
     img = tmp_path / "stuck-sync.img"
@@ -417,7 +417,7 @@ def test_a_stop_whose_fdatasync_timed_out_flushes_again_and_takes_no_second_work
 
 
 def test_a_stuck_sidecar_fdatasync_keeps_the_sidecar_unflushed(host, tmp_path, monkeypatch):
-    """reviewG finding 1, the metadata sidecar: the same, the image being clean."""
+    """Review G, finding 1, the metadata sidecar: the same, the image being clean."""
     img = tmp_path / "stuck-meta.img"
     h = host(lambda name: NvmeController(f"serial=STOP9,ns=file:path={img},size=1M,lbaf=2", name=name),
              io_queues=1)
@@ -454,7 +454,7 @@ def test_a_stuck_sidecar_fdatasync_keeps_the_sidecar_unflushed(host, tmp_path, m
 
 
 def test_a_sidecar_write_back_error_stays_pending_for_the_next_migration_and_flush(host, tmp_path, monkeypatch):
-    """reviewG finding 2: an EIO the stop's fdatasync meets on the metadata sidecar is kept:
+    """Review G, finding 2: an EIO the stop's fdatasync meets on the metadata sidecar is kept:
     the retried migration refuses, the host's next Flush of the namespace fails (once)."""
     img = tmp_path / "meta-eio.img"
     h = host(lambda name: NvmeController(f"serial=STOPA,ns=file:path={img},size=1M,lbaf=2", name=name),
@@ -487,7 +487,7 @@ def test_a_sidecar_write_back_error_stays_pending_for_the_next_migration_and_flu
 
 
 def test_a_failed_quiesce_resumes_the_controller_once(host, tmp_path, monkeypatch):
-    """reviewG finding 10: PciDevice.quiesce resumes a controller whose quiesce failed (its
+    """Review G, finding 10: PciDevice.quiesce resumes a controller whose quiesce failed (its
     on_resume); the plugin does not resume it a second time itself."""
     img = tmp_path / "once.img"
     h = host(lambda name: NvmeController(f"serial=STOPB,ns=file:path={img},size=1M", name=name), io_queues=1)

@@ -59,6 +59,8 @@ class FileConfig:
     size: Size | None = size_field(required=False)
     direct: bool = attrs.field(default=False, metadata={"help": "open with O_DIRECT"})
     readonly: bool = attrs.field(default=False, metadata={"help": "refuse writes"})
+    nofollow: bool = attrs.field(default=False, metadata={
+        "help": "refuse an existing image that is a symbolic link (O_NOFOLLOW)"})
 
 
 def _probe_direct_alignment(fd: int) -> int:
@@ -87,6 +89,8 @@ class FileBackend(BaseBackend):
         match the file's size if given.
     :param direct: open with ``O_DIRECT``.
     :param read_only: open read-only and refuse writes.
+    :param nofollow: open an existing image with ``O_NOFOLLOW`` (a symbolic link is refused:
+        a migration reopening the image of a created namespace).
     :raises ConfigError: the file cannot be opened or created, sizes disagree, the
         size is not a multiple of 4096, or the file system refuses ``O_DIRECT``.
     """
@@ -97,16 +101,17 @@ class FileBackend(BaseBackend):
     inline = False
 
     def __init__(
-        self, path: str, size: int | None = None, *, direct: bool = False, read_only: bool = False
+        self, path: str, size: int | None = None, *, direct: bool = False, read_only: bool = False,
+        nofollow: bool = False,
     ) -> None:
         self.path = os.path.abspath(path)
         self.read_only = read_only
         self.direct = direct
-        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0)
         # a handover's new process takes the old one's descriptor: the path may name
         # another file by now (renamed, unlinked, replaced), the guest's disk is this one
         inherited = take_inherited(image_key(self.path, read_only=read_only))
-        exists = inherited is not None or os.path.exists(self.path)
+        exists = inherited is not None or (os.path.lexists if nofollow else os.path.exists)(self.path)
         created: int | None = None
         if inherited is not None:
             fd = inherited
@@ -388,4 +393,4 @@ def make_file(options: dict[str, Any]) -> FileBackend:
     if not options.get("path"):
         raise ConfigError("the file backend needs path=...")
     cfg = take_options(FileConfig, options, what="file backend")
-    return FileBackend(cfg.path, cfg.size, direct=cfg.direct, read_only=cfg.readonly)
+    return FileBackend(cfg.path, cfg.size, direct=cfg.direct, read_only=cfg.readonly, nofollow=cfg.nofollow)
