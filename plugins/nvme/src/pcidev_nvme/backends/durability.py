@@ -1,6 +1,6 @@
 """When a file's writes are durable: the ``fdatasync`` bookkeeping of the ``file`` image
 (:class:`~pcidev_nvme.backends.file.FileBackend`) and of its metadata sidecar
-(:class:`~pcidev_nvme.metadata.FileMetadata`).
+(``pcidev_nvme.metadata.FileMetadata``).
 
 A file counts as clean only once an ``fdatasync`` that *began after its last write* has
 *returned* successfully: each write takes a new generation number, each ``fdatasync``
@@ -8,10 +8,10 @@ notes the generation it began at and, only when it returns without error, record
 synced. A call that is still blocked (an NFS server gone away) or that failed leaves the
 file unflushed, so a migration's retried stop flushes again instead of moving a device
 whose acknowledged writes may not be on stable storage. The stop also asks whether an
-``fdatasync`` is still in progress (:attr:`Durability.syncing`) and waits for it rather
-than queueing another one behind it on a worker (:func:`pcidev_nvme.migration.flush_namespaces`).
+``fdatasync`` is still in progress (``Durability.syncing``) and waits for it rather
+than queueing another one behind it on a worker (``pcidev_nvme.migration.flush_namespaces``).
 
-A write-back error met by a migration's stop stays pending (:attr:`Durability.pending_error`):
+A write-back error met by a migration's stop stays pending (``Durability.pending_error``):
 Linux reports it once per open file, to the first ``fdatasync`` after it, so the stop keeps
 it for the host's next Flush and refuses every migration until the host has been told.
 """
