@@ -25,6 +25,7 @@ from pcidev_nvme.backends import (
     add_backend,
     create_backend,
 )
+from pcidev_nvme.backends.file import make_file
 from pcidev_nvme.controller import NvmeController
 from pcidev_nvme.namespace import make_namespace
 
@@ -290,6 +291,21 @@ def test_file_flush_at_stop_only_when_written_and_a_write_back_error_reaches_the
         assert not b.unflushed
     finally:
         b.close()
+
+
+def test_file_nofollow_refuses_a_symbolic_link(tmp_path):
+    """nofollow=on (a migration reopening a created namespace's image): a symbolic link in
+    the image's place is refused, the file it points to is not opened."""
+    target = tmp_path / "victim.img"
+    target.write_bytes(bytes(8192))
+    link = tmp_path / "link.img"
+    os.symlink(target, link)
+    with pytest.raises(ConfigError, match="cannot open image"):
+        make_file({"path": str(link), "nofollow": "on"})
+    b = make_file({"path": str(target), "nofollow": "on"})
+    b.close()
+    b = FileBackend(str(link))  # (a configured image may be a symbolic link)
+    b.close()
 
 
 def test_file_direct_aligned_and_bounced(tmp_path):

@@ -310,7 +310,9 @@ def _bad_states(st: NvmeState, tmp_path):
     ok = tmp_path / "ok.img"
     ok.write_bytes(b"")
     os.truncate(ok, 1 << 20)
-    yield "ns_management.created[4].path", _records(st, created=(  # two namespaces on one image
+    # an image of the right size, but not one this controller's Namespace Management creates
+    # (this one has no state directory at all: reviewG finding 3)
+    yield "ns_management.created[3].path", _records(st, created=(
         *created, attrs.evolve(missing, path=str(ok)), attrs.evolve(missing, nsid=7, path=str(ok))))
 
 
@@ -389,6 +391,13 @@ def test_a_load_failing_late_puts_the_namespace_table_back(hosts, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- file namespaces
+def _state_file_aside(state_dir, tmp_path) -> None:
+    """Move the state file of ``state_dir`` away: a destination made now sharing the state
+    directory does not bring the created namespaces back from it (an older copy)."""
+    for f in state_dir.glob("*.state"):
+        os.rename(f, tmp_path / f"{f.name}.aside")
+
+
 def test_created_file_namespace_is_reopened_by_path(hosts, tmp_path):
     """ns_create=file: the image travels by path. A destination whose state file brought the
     namespace back keeps it; one without (another state directory) reopens the image the
@@ -424,15 +433,28 @@ def test_created_file_namespace_is_reopened_by_path(hosts, tmp_path):
     finally:
         same.close()
     h.ctrl.resume()
-    # another state directory: the images are reopened by the records' paths
-    h.ctrl.cfg = attrs.evolve(h.ctrl.cfg, state_dir=str(other))  # (Host.migrate builds from src.cfg)
+    # another state directory: refused, nothing touched there or beside the images (the
+    # images are not the ones this controller's Namespace Management creates)
+    elsewhere = NvmeController(attrs.evolve(h.ctrl.cfg, state_dir=str(other)), name="other-dir")
+    try:
+        beside = sorted(os.listdir(src_dir))
+        with pytest.raises(StateError, match="is not the one Namespace Management creates here") as info:
+            load_device(elsewhere, snap)
+        assert info.value.path.startswith("ns_management.created[")
+        assert sorted(elsewhere.allocated) == [1, 2, 3] and elsewhere.created == {}
+        assert sorted(os.listdir(src_dir)) == beside and list(other.glob("*.img*")) == []
+    finally:
+        elsewhere.close()
+    # the same state directory, its state file without them (it is older): the images are
+    # reopened by the records' paths
+    _state_file_aside(src_dir, tmp_path)
     dst = h.migrate()
     assert sorted(dst.created) == [2, 4, 5] and all(dst.created[n].startswith("file:") for n in (2, 4, 5))
     assert identify_all(drv) == ident
     assert blocks.verify() == 256 + 2048 + 2048
     blocks.write(made["pi"], 4)
     assert blocks.verify() == 256 + 2048 + 2048
-    assert sorted(p.name for p in other.glob("*.img")) == []  # nothing created here: reopened
+    assert sorted(src_dir.glob("*.img")) == images  # nothing created: reopened
     # the destination's state file remembers them (a restart brings them back)
     dst.save_state()
     again = NvmeController(dst.cfg, name="restart")
@@ -465,7 +487,8 @@ def test_created_file_namespace_with_other_identifiers_is_refused_at_build(hosts
     ids = h.ctrl.allocated[nsid].backend.identity_path
     text = open(ids).read()
     nguid = h.ctrl.allocated[nsid].nguid.hex()
-    dst = NvmeController(attrs.evolve(h.ctrl.cfg, state_dir=str(other)), name="victim")
+    _state_file_aside(src_dir, tmp_path)
+    dst = NvmeController(h.ctrl.cfg, name="victim")
     try:
         table = dict(dst.allocated)
         with open(ids, "w") as f:
@@ -480,6 +503,59 @@ def test_created_file_namespace_with_other_identifiers_is_refused_at_build(hosts
         assert sorted(dst.allocated) == [1, 2, 3, 4]
     finally:
         dst.close()
+
+
+def test_a_record_naming_a_file_that_is_not_this_controllers_image_is_refused_untouched(hosts, tmp_path):
+    """Review G, finding 3: a created-namespace record naming another file of the right size
+    (another VM's image, with its identifiers known, or a symbolic link named like this
+    controller's image) is refused before anything is opened or written: no identity file
+    appears beside it, it is not adopted (so the guest's Namespace Delete cannot unlink it)."""
+    src_dir, elsewhere = tmp_path / "src", tmp_path / "someone-elses-vm"
+    src_dir.mkdir()
+    elsewhere.mkdir()
+    h = hosts(f"serial=NSM9,state_dir={src_dir},ns_create=file,{CFG}", io_queues=1)
+    nsid = create(h.drv, 256, flbas=1)
+    attach(h.drv, nsid)
+    h.ctrl.quiesce()
+    snap = save_device(h.ctrl)
+    h.ctrl.resume()
+    st = snap.sections[1].state
+    rec = st.ns_management.created[0]
+    victim = elsewhere / "disk.img"
+    content = os.urandom(4096) * (rec.size // 4096)
+    victim.write_bytes(content)
+    ns = h.ctrl.allocated[nsid]
+    victim_ids = elsewhere / "disk.img.nvme-ids"
+    mine = src_dir / f"nvme-NSM9-ns{nsid}.img"
+    assert rec.path == str(mine)
+    _state_file_aside(src_dir, tmp_path)
+    dst = NvmeController(h.ctrl.cfg, name="dst")
+    try:
+        table = dict(dst.allocated)
+        for label, bad in (("a file elsewhere", attrs.evolve(rec, path=str(victim))),
+                           ("elsewhere, identifiers known", attrs.evolve(rec, path=str(victim)))):
+            if label.endswith("known"):  # (the identifiers of the victim's namespace)
+                victim_ids.write_text(open(ns.backend.identity_path).read())
+            with pytest.raises(StateError, match="is not the one Namespace Management creates here") as info:
+                load_device(dst, _with_state(snap, _records(st, created=(bad,))))
+            assert info.value.path == "ns_management.created[0].path", label
+            assert dst.allocated == table and dst.created == {}
+        assert sorted(p.name for p in elsewhere.iterdir()) == ["disk.img", "disk.img.nvme-ids"]
+        victim_ids.unlink()
+        # a symbolic link where this controller's image would be, to the victim
+        os.rename(mine, tmp_path / "real.img")
+        os.symlink(victim, mine)
+        with pytest.raises(StateError, match="not a regular file"):
+            load_device(dst, snap)
+        assert dst.allocated == table and dst.created == {}
+        # the real image back: it loads
+        os.unlink(mine)
+        os.rename(tmp_path / "real.img", mine)
+        load_device(dst, snap).close()
+        assert sorted(dst.allocated) == [1, 2, 3, nsid] and dst.allocated[nsid].backend.path == str(mine)
+    finally:
+        dst.close()
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["disk.img"] and victim.read_bytes() == content
 
 
 # ----------------------------------------------------------------------------- between processes

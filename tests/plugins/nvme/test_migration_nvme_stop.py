@@ -371,6 +371,147 @@ def test_a_failing_fdatasync_fails_the_migration_and_the_hosts_next_flush_hears_
     h.blocks.verify_all()
 
 
+def test_a_stop_whose_fdatasync_timed_out_flushes_again_and_takes_no_second_worker(host, tmp_path, monkeypatch):
+    """Review G, finding 1: an fdatasync stuck past the budget does not make the image clean:
+    a retried stop waits for that same call (no second blocked worker) and fails again
+    until it returned; then nothing is left to do, or a new flush covers later writes."""
+    img = tmp_path / "stuck-sync.img"
+    h = host(lambda name: NvmeController(f"serial=STOP8,ns=file:path={img},size=1M", name=name), io_queues=1)
+    _fill(h, 1, 4)
+    gate = threading.Event()
+    real = os.fdatasync
+    calls: list[int] = []
+
+    def fdatasync(fd: int) -> None:
+        calls.append(fd)
+        if _file(fd) == _file(img):
+            gate.wait(30)  # the storage does not answer
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    try:
+        with pytest.raises(QuiesceTimeoutError, match="namespace 1"):
+            h.ctrl.quiesce(BUDGET, flush=True)
+        assert not h.ctrl.quiesced
+        backend = h.ctrl.namespaces[1].backend
+        assert backend.unflushed and backend.syncing  # the call began, it has not returned
+        for _ in range(3):  # retries: each one fails again, none queues another fdatasync
+            t0 = time.monotonic()
+            with pytest.raises(QuiesceTimeoutError, match="namespace 1"):
+                h.ctrl.quiesce(BUDGET, flush=True)
+            assert time.monotonic() - t0 >= BUDGET * 0.9
+        assert len(calls) == 1
+        _fill(h, 1, 2, first=256)  # the controller runs on
+    finally:
+        gate.set()
+    assert backend.wait_synced(10)
+    assert backend.unflushed  # written after the stuck call began
+    h.ctrl.quiesce(5.0, flush=True)
+    h.ctrl.resume()
+    assert len(calls) == 2 and not backend.unflushed
+    h.ctrl.quiesce(5.0, flush=True)  # clean: no system call
+    h.ctrl.resume()
+    assert len(calls) == 2
+    h.move()
+    h.blocks.verify_all()
+
+
+def test_a_stuck_sidecar_fdatasync_keeps_the_sidecar_unflushed(host, tmp_path, monkeypatch):
+    """Review G, finding 1, the metadata sidecar: the same, the image being clean."""
+    img = tmp_path / "stuck-meta.img"
+    h = host(lambda name: NvmeController(f"serial=STOP9,ns=file:path={img},size=1M,lbaf=2", name=name),
+             io_queues=1)
+    sidecar = Path(f"{img}.nvme-meta")
+    h.ctrl.quiesce(5.0, flush=True)
+    h.ctrl.resume()
+    meta = h.ctrl.namespaces[1].meta
+    data = os.urandom(8 * 4)
+    meta.write(16, data)
+    gate = threading.Event()
+    real = os.fdatasync
+    calls: list[int] = []
+
+    def fdatasync(fd: int) -> None:
+        calls.append(fd)
+        if _file(fd) == _file(sidecar):
+            gate.wait(30)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    try:
+        for _ in range(2):
+            with pytest.raises(QuiesceTimeoutError, match="namespace 1's metadata"):
+                h.ctrl.quiesce(BUDGET, flush=True)
+        assert meta.unflushed and meta.syncing and len(calls) == 1
+    finally:
+        gate.set()
+    assert meta.wait_synced(10) and not meta.unflushed
+    h.ctrl.quiesce(5.0, flush=True)
+    h.ctrl.resume()
+    assert len(calls) == 1
+    h.move()
+    assert h.ctrl.namespaces[1].meta.read(16, 4) == data
+
+
+def test_a_sidecar_write_back_error_stays_pending_for_the_next_migration_and_flush(host, tmp_path, monkeypatch):
+    """Review G, finding 2: an EIO the stop's fdatasync meets on the metadata sidecar is kept:
+    the retried migration refuses, the host's next Flush of the namespace fails (once)."""
+    img = tmp_path / "meta-eio.img"
+    h = host(lambda name: NvmeController(f"serial=STOPA,ns=file:path={img},size=1M,lbaf=2", name=name),
+             io_queues=1)
+    _fill(h, 1, 2)
+    sidecar = Path(f"{img}.nvme-meta")
+    data = os.urandom(8 * 4)
+    h.ctrl.namespaces[1].meta.write(16, data)
+    real = os.fdatasync
+    failing = {"left": 1}  # the kernel reports a write-back error once
+
+    def fdatasync(fd: int) -> None:
+        if failing["left"] and _file(fd) == _file(sidecar):
+            failing["left"] -= 1
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    with pytest.raises(MigrationError, match="metadata .*flush failed: Input/output error.*next Flush"):
+        h.move()
+    assert not h.ctrl.quiesced
+    with pytest.raises(MigrationError, match="metadata .*flush failed: Input/output error"):
+        h.move()  # pending: the host has not been told
+    cid = h.drv.submit(1, 0x00, nsid=1)  # Flush: reports it
+    assert not h.drv.wait_for(1, cid, timeout=10).ok
+    h.drv.flush(1)  # once
+    h.move()
+    h.blocks.verify_all()
+    assert h.ctrl.namespaces[1].meta.read(16, 4) == data
+
+
+def test_a_failed_quiesce_resumes_the_controller_once(host, tmp_path, monkeypatch):
+    """Review G, finding 10: PciDevice.quiesce resumes a controller whose quiesce failed (its
+    on_resume); the plugin does not resume it a second time itself."""
+    img = tmp_path / "once.img"
+    h = host(lambda name: NvmeController(f"serial=STOPB,ns=file:path={img},size=1M", name=name), io_queues=1)
+    _fill(h, 1, 2)
+    resumes: list[bool] = []
+    real_unpause = h.ctrl.unpause
+
+    def unpause() -> bool:
+        was = real_unpause()
+        resumes.append(was)
+        return was
+
+    monkeypatch.setattr(h.ctrl, "unpause", unpause)
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "EIO")))
+    with pytest.raises(MigrationError):
+        h.ctrl.quiesce(5.0, flush=True)
+    assert resumes == [True]
+    monkeypatch.undo()
+    cid = h.drv.submit(1, 0x00, nsid=1)  # Flush: the pending error, reported
+    assert not h.drv.wait_for(1, cid, timeout=10).ok
+    _fill(h, 1, 2, first=64)
+    h.blocks.verify_all()
+
+
 # ----------------------------------------------------------------------------- between processes
 def _plugin_env(monkeypatch, tmp_path: Path) -> tuple[Path, Path]:
     here = os.path.dirname(os.path.abspath(_stop_backends.__file__))

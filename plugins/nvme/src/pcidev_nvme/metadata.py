@@ -53,6 +53,7 @@ from pcidev.inheritance import image_key, take_inherited
 from pcidev.memory_source import DirtyBitmap
 from pcidev.vmstate import U8, Bool, FdRef, vmstate
 from pcidev_nvme.backends import punch_hole
+from pcidev_nvme.backends.durability import Durability
 
 __all__ = [
     "FileMetadata",
@@ -291,9 +292,9 @@ class FileMetadata(MetadataStore):
         #: the sidecar describes another format: read as empty, rewritten at the first write
         self._stale = False
         self._stale_lock = threading.Lock()
-        #: written since the last fdatasync began, or none since the open (a migration's
-        #: stop skips a clean sidecar)
-        self.unflushed = True
+        #: the writes and fdatasync calls (a migration's stop skips a clean sidecar), and a
+        #: write-back error the stop met, kept for the host's next Flush
+        self.durability = Durability()
         if fd is None:
             fd = take_inherited(image_key(self.path, read_only=read_only))
         if fd is None:
@@ -401,7 +402,7 @@ class FileMetadata(MetadataStore):
         finally:
             mv.release()
             if not fua:
-                self.unflushed = True
+                self.durability.wrote()
 
     def _zero(self, offset: int, length: int) -> None:
         if self.read_only:
@@ -411,15 +412,39 @@ class FileMetadata(MetadataStore):
         try:
             _zero_fd(self._fd, _HEADER_SIZE + offset, length)
         finally:
-            self.unflushed = True
+            self.durability.wrote()
+
+    @property
+    def unflushed(self) -> bool:
+        """Written since the last ``fdatasync`` that returned successfully began, or a
+        write-back error is pending (as :attr:`pcidev_nvme.backends.FileBackend.unflushed`)."""
+        return self.durability.unflushed
+
+    @property
+    def syncing(self) -> bool:
+        """An ``fdatasync`` of the sidecar began and has not returned."""
+        return self.durability.syncing
+
+    def wait_synced(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until no ``fdatasync`` of the sidecar is in
+        progress; False if one still is."""
+        return self.durability.wait_idle(timeout)
 
     def flush(self) -> None:
-        self.unflushed = False
-        try:
-            os.fdatasync(self._fd)
-        except BaseException:
-            self.unflushed = True
-            raise
+        """The host's Flush: a write-back error a migration's stop met is reported once,
+        else ``fdatasync``.
+
+        :raises OSError: that error, or the system call's.
+        """
+        self.durability.flush(self._fd)
+
+    def flush_at_stop(self) -> None:
+        """A migration's stop: ``fdatasync`` if :attr:`unflushed`; a write-back error it
+        meets stays pending for the host's next :meth:`flush`.
+
+        :raises OSError: the error, or one the host has not been told yet.
+        """
+        self.durability.flush_at_stop(self._fd)
 
     def close(self) -> None:
         fd, self._fd = self._fd, -1

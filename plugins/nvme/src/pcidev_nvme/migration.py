@@ -194,6 +194,8 @@ class MigrationHost(Protocol):
     def namespaces(self) -> Mapping[int, Namespace]: ...
     @property
     def configured(self) -> Mapping[int, Namespace]: ...
+    @property
+    def state_dir(self) -> str | None: ...
     def set_attached(self, nsids: Iterable[int]) -> None: ...
     def make_namespace(self, nsid: int, spec: str) -> Namespace: ...
     def add_namespace(self, nsid: int, ns: Namespace, *, created_spec: str | None = None,
@@ -530,22 +532,22 @@ def quiesce(ctrl: MigrationHost, deadline: float | None = None, *, flush: bool =
         :data:`DEFAULT_QUIESCE_TIMEOUT` from now).
     :param flush: then make every namespace durable (:func:`flush_namespaces`).
     :raises QuiesceTimeoutError: something did not finish by the deadline (a stuck backend:
-        the message names the namespaces and the oldest command's age); the controller
-        runs again, the commands in flight complete later.
-    :raises MigrationError: a flush failed (the message names the namespace); the
-        controller runs again.
+        the message names the namespaces and the oldest command's age); the caller runs
+        the controller again (:meth:`pcidev.device.PciDevice.quiesce` calls
+        :func:`resume`, which copes with a partial quiesce), the commands in flight
+        complete later.
+    :raises MigrationError: a flush failed (the message names the namespace); the caller
+        runs the controller again.
     """
     ctrl.pause()
     _settle(ctrl)
     if deadline is None:
         deadline = time.monotonic() + DEFAULT_QUIESCE_TIMEOUT
-    try:
-        _drain(ctrl, deadline)
-        if flush:
-            flush_namespaces(ctrl, deadline)
-    except BaseException:
-        resume(ctrl)
-        raise
+    # (a failure leaves the resume to the caller: PciDevice.quiesce calls on_resume, which
+    # copes with a partial quiesce)
+    _drain(ctrl, deadline)
+    if flush:
+        flush_namespaces(ctrl, deadline)
     ctrl.stop_timers()  # coalesced completions get their interrupt before the stop
 
 
@@ -597,35 +599,47 @@ def _has_work(store: Any, base: type) -> bool:
 def flush_namespaces(ctrl: MigrationHost, deadline: float) -> None:
     """Make every namespace's acknowledged writes durable (a migration's stop, after the
     drain): ``fdatasync`` of each ``file`` image and metadata sidecar written since its last
-    flush, run in parallel on the I/O workers; a store with nothing to flush costs nothing.
-    The state file, the ``.nvme-ids`` files and the Write Uncorrectable sidecars need
-    nothing here: each is replaced whole (a temporary file, ``fsync``, ``rename``) when it
-    changes.
+    successful flush began, run in parallel on the I/O workers; a store with nothing to
+    flush costs nothing. A store whose earlier ``fdatasync`` has not returned yet (an
+    earlier stop's that timed out) takes no further worker: the stop waits for that call,
+    then flushes again if it did not cover every write. The state file, the ``.nvme-ids``
+    files and the Write Uncorrectable sidecars need nothing here: each is replaced whole
+    (a temporary file, ``fsync``, ``rename``) when it changes.
 
     :param deadline: ``time.monotonic()`` by which every flush must be done.
     :raises QuiesceTimeoutError: a flush did not return by the deadline (it goes on).
     :raises MigrationError: a flush failed (the write-back error stays pending for the
         host's next Flush, see :meth:`pcidev_nvme.backends.FileBackend.flush_at_stop`).
     """
-    jobs: list[tuple[str, Callable[[], None]]] = []
+    jobs: list[tuple[str, Any, Callable[[], None]]] = []
     kept = set()  # the jobs whose error stays pending for the host's next Flush
     for ns in sorted(ctrl.allocated.values(), key=lambda n: n.nsid):
-        b = ns.backend
-        if _has_work(b, BaseBackend):
-            what = f"namespace {ns.nsid} ({_describe(b)})"
-            at_stop = getattr(b, "flush_at_stop", None)
+        stores: list[tuple[str, Any, type]] = [(f"namespace {ns.nsid} ({_describe(ns.backend)})", ns.backend,
+                                                BaseBackend)]
+        meta = ns.meta
+        if meta is not None:
+            where = getattr(meta, "path", "")
+            stores.append((f"namespace {ns.nsid}'s metadata{f' ({where})' if where else ''}", meta, MetadataStore))
+        for what, store, base in stores:
+            if not _has_work(store, base):
+                continue
+            at_stop = getattr(store, "flush_at_stop", None)
             if at_stop is not None:
                 kept.add(what)
-            jobs.append((what, at_stop if at_stop is not None else b.flush))
-        meta = ns.meta
-        if meta is not None and _has_work(meta, MetadataStore):
-            where = getattr(meta, "path", "")
-            jobs.append((f"namespace {ns.nsid}'s metadata{f' ({where})' if where else ''}", meta.flush))
+            jobs.append((what, store, at_stop if at_stop is not None else store.flush))
     if not jobs:
         return
     t0 = time.monotonic()
-    futures = {ctrl.io.offload(fn): what for what, fn in jobs}
-    done, pending = concurrent.futures.wait(futures, max(deadline - time.monotonic(), 0.0))
+
+    def left() -> float:
+        return max(deadline - time.monotonic(), 0.0)
+
+    # an fdatasync still in progress (an earlier stop's, stuck): wait for it, no new worker
+    waiting = [job for job in jobs if getattr(job[1], "syncing", False)]
+    futures = {ctrl.io.offload(fn): what for what, store, fn in jobs if not any(w[0] == what for w in waiting)}
+    late = [what for what, store, _ in waiting if not store.wait_synced(left())]
+    futures.update({ctrl.io.offload(fn): what for what, store, fn in waiting if what not in late and store.unflushed})
+    done, pending = concurrent.futures.wait(futures, left())
     failed = []
     for fut in done:
         exc = fut.exception()
@@ -637,8 +651,8 @@ def flush_namespaces(ctrl: MigrationHost, deadline: float) -> None:
             f.split(": flush failed")[0] in kept for f in failed) else ""
         raise MigrationError("nvme: " + "; ".join(sorted(failed)) + "; writes the host was told are done may "
                              f"not be on stable storage, so the device stays here{told}")
-    if pending:
-        raise QuiesceTimeoutError("nvme: flushing " + ", ".join(sorted(futures[f] for f in pending))
+    if pending or late:
+        raise QuiesceTimeoutError("nvme: flushing " + ", ".join(sorted([futures[f] for f in pending] + late))
                                   + f" did not finish within the quiesce budget (waited "
                                   f"{time.monotonic() - t0:.3f} s); the controller keeps running")
     log.debug("flushed %d store(s) at the stop in %.3f ms", len(jobs), (time.monotonic() - t0) * 1000)

@@ -91,6 +91,8 @@ class NamespaceTables(Protocol):
     cfg: NvmeConfig
 
     @property
+    def state_dir(self) -> str | None: ...
+    @property
     def allocated(self) -> Mapping[int, Namespace]: ...
     @property
     def configured(self) -> Mapping[int, Namespace]: ...
@@ -189,19 +191,42 @@ class _Planned:
     path: str = ""
 
 
-def _image_problem(rec: CreatedNamespaceRecord) -> str | None:
-    """Why the image of a ``file`` record cannot be reopened here (None: it can)."""
+def created_image_name(serial: str | None, nsid: int) -> str:
+    """The file name of the image Namespace Management creates for ``nsid`` in the state
+    directory (:meth:`pcidev_nvme.admin.AdminCommands` ``_create_spec``)."""
+    return f"nvme-{serial}-ns{nsid}.img".replace("/", "_")
+
+
+def _image_problem(rec: CreatedNamespaceRecord, state_dir: str | None, serial: str | None) -> str | None:
+    """Why the image of a ``file`` record cannot be reopened here (None: it can). Only the
+    image this controller's Namespace Management would create for that NSID is accepted
+    (``STATE_DIR/nvme-<serial>-ns<N>.img``, the directory resolved, the file itself no
+    symbolic link): a record naming any other file -- another VM's image, a symlink out
+    of the directory -- is refused before anything is opened, so a load never writes
+    beside, adopts or later deletes a file that is not this controller's."""
     if not os.path.isabs(rec.path):
         return f"image path {rec.path!r} is not absolute"
+    if not state_dir:
+        return (f"image {rec.path} is not this controller's: it has no state directory, where Namespace "
+                "Management creates images")
+    name = created_image_name(serial, rec.nsid)
     try:
-        st = os.stat(rec.path)
+        here = os.path.realpath(state_dir, strict=True)
+        there = os.path.realpath(os.path.dirname(rec.path), strict=True)
+    except OSError as exc:
+        return f"image {rec.path} cannot be reached here ({exc.strerror}): the destination must see the same file"
+    if os.path.basename(rec.path) != name or there != here:
+        return (f"image {rec.path} is not the one Namespace Management creates here for namespace {rec.nsid} "
+                f"({os.path.join(here, name)})")
+    try:
+        st = os.lstat(rec.path)
     except OSError as exc:
         return f"image {rec.path} cannot be reached here ({exc.strerror}): the destination must see the same file"
     if not stat.S_ISREG(st.st_mode):
         return f"image {rec.path} is not a regular file"
     if st.st_size != rec.size:
         return f"image {rec.path} has {st.st_size} bytes, the namespace {rec.size}"
-    if not os.access(rec.path, os.R_OK | os.W_OK):
+    if not os.access(rec.path, os.R_OK | os.W_OK, follow_symlinks=False):
         return f"image {rec.path} cannot be opened for reading and writing here"
     return None
 
@@ -257,7 +282,7 @@ def plan(tables: NamespaceTables, state: NamespaceChangesState | None, nsids: Se
                         f"the capacity, {cfg.capacity})", p + ".size")
         if rec.kind == "file":
             # (a namespace held here already has nothing to build or reach)
-            why = None if rec.nsid in keep else _image_problem(rec)
+            why = None if rec.nsid in keep else _image_problem(rec, tables.state_dir, cfg.serial)
             if why is None:
                 clash = next((n for n, img in images.items() if img and _same_file(img, rec.path)), None)
                 if clash is not None:
@@ -314,7 +339,8 @@ def creation_spec(rec: CreatedNamespaceRecord, fmt: tuple[int, int, int, int], *
     lbaf = fmt[0]
     if rec.kind == "file":
         escaped = rec.path.replace(",", ",,")  # the spec grammar: a literal comma is ",,"
-        size = "" if build else f",size={rec.size}"
+        # (built: never through a symbolic link planted where the checked image was)
+        size = ",nofollow=on" if build else f",size={rec.size}"
         return f"file:path={escaped}{size},lbaf={lbaf}{_protection(fmt)}"
     ids = f",nguid={rec.nguid.hex()},eui64={rec.eui64.hex()},uuid={uuidlib.UUID(bytes=rec.uuid)}"
     if build and rec.kind == "mem":

@@ -41,6 +41,7 @@ from pcidev_nvme.backends.base import (
     size_field,
     take_options,
 )
+from pcidev_nvme.backends.durability import Durability
 
 __all__ = ["FileBackend", "FileConfig", "make_file"]
 
@@ -58,6 +59,8 @@ class FileConfig:
     size: Size | None = size_field(required=False)
     direct: bool = attrs.field(default=False, metadata={"help": "open with O_DIRECT"})
     readonly: bool = attrs.field(default=False, metadata={"help": "refuse writes"})
+    nofollow: bool = attrs.field(default=False, metadata={
+        "help": "refuse an existing image that is a symbolic link (O_NOFOLLOW)"})
 
 
 def _probe_direct_alignment(fd: int) -> int:
@@ -86,6 +89,8 @@ class FileBackend(BaseBackend):
         match the file's size if given.
     :param direct: open with ``O_DIRECT``.
     :param read_only: open read-only and refuse writes.
+    :param nofollow: open an existing image with ``O_NOFOLLOW`` (a symbolic link is refused:
+        a migration reopening the image of a created namespace).
     :raises ConfigError: the file cannot be opened or created, sizes disagree, the
         size is not a multiple of 4096, or the file system refuses ``O_DIRECT``.
     """
@@ -96,16 +101,17 @@ class FileBackend(BaseBackend):
     inline = False
 
     def __init__(
-        self, path: str, size: int | None = None, *, direct: bool = False, read_only: bool = False
+        self, path: str, size: int | None = None, *, direct: bool = False, read_only: bool = False,
+        nofollow: bool = False,
     ) -> None:
         self.path = os.path.abspath(path)
         self.read_only = read_only
         self.direct = direct
-        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0)
         # a handover's new process takes the old one's descriptor: the path may name
         # another file by now (renamed, unlinked, replaced), the guest's disk is this one
         inherited = take_inherited(image_key(self.path, read_only=read_only))
-        exists = inherited is not None or os.path.exists(self.path)
+        exists = inherited is not None or (os.path.lexists if nofollow else os.path.exists)(self.path)
         created: int | None = None
         if inherited is not None:
             fd = inherited
@@ -152,12 +158,11 @@ class FileBackend(BaseBackend):
         super().__init__(size)
         self.fd = fd
         self.dfd = -1
-        #: written since the last fdatasync (set after each write: cleared just before one).
-        #: True at first: what another process wrote (a handover's old one, whose descriptor
-        #: this may be; an earlier run) may still be in the page cache only
-        self._unflushed = True
-        #: a write-back error the stop's flush met, not reported to the host yet
-        self._pending_error: OSError | None = None
+        #: the writes and fdatasync calls: clean only once an fdatasync that began after
+        #: the last write returned (unflushed at first: what another process wrote -- a
+        #: handover's old one, whose descriptor this may be; an earlier run -- may still be
+        #: in the page cache only); a write-back error the stop's flush met, kept for the host
+        self.durability = Durability()
         self.min_block = 512
         self._bounce_lock = threading.Lock()
         self.identity_path = self.path + ".nvme-ids"
@@ -222,7 +227,7 @@ class FileBackend(BaseBackend):
             full_pwritev(self.fd, views, offset, flags)
         finally:
             if not fua:  # (RWF_DSYNC: durable already; a failed write may have written a part)
-                self._unflushed = True
+                self.durability.wrote()
 
     def readv_nowait(self, views: list[memoryview], offset: int) -> int:
         """``preadv(..., RWF_NOWAIT)``: what the page cache holds, without blocking
@@ -241,7 +246,7 @@ class FileBackend(BaseBackend):
             return 0
         try:
             n = os.pwritev(self.fd, views, offset, _RWF_NOWAIT)
-            self._unflushed = True
+            self.durability.wrote()
             return n
         except OSError as exc:
             if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
@@ -285,21 +290,23 @@ class FileBackend(BaseBackend):
 
     @property
     def unflushed(self) -> bool:
-        """Something was written (data, a deallocation, zeros) since the last ``fdatasync``
-        began, or none was made since the image was opened: a flush has work to do.
+        """Written since the last ``fdatasync`` that returned successfully began (none
+        returned since the image was opened, or one is still blocked), or a write-back
+        error is pending: a flush has work to do (:class:`~pcidev_nvme.backends.durability.Durability`).
         Optional in the :class:`~pcidev_nvme.backends.base.Backend` protocol (a
         migration's stop skips the backends that say False)."""
-        return self._unflushed
+        return self.durability.unflushed
 
-    def _sync(self) -> None:
-        """``fdatasync``. The flag is cleared before the call: a write completing meanwhile
-        sets it again for the next flush."""
-        self._unflushed = False
-        try:
-            os.fdatasync(self.fd)
-        except BaseException:
-            self._unflushed = True
-            raise
+    @property
+    def syncing(self) -> bool:
+        """An ``fdatasync`` of the image began and has not returned (a migration's stop
+        waits for it rather than queueing another one). Optional, like :attr:`unflushed`."""
+        return self.durability.syncing
+
+    def wait_synced(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until no ``fdatasync`` of the image is in
+        progress; False if one still is. Optional, like :attr:`syncing`."""
+        return self.durability.wait_idle(timeout)
 
     def flush(self) -> None:
         """``fdatasync``: every completed write reaches stable storage (the host's Flush:
@@ -308,32 +315,20 @@ class FileBackend(BaseBackend):
         :raises OSError: the file system reported a write-back error -- also one that a
             migration's stop met first (:meth:`flush_at_stop`), reported here once.
         """
-        err, self._pending_error = self._pending_error, None
-        if err is not None:
-            raise err
-        self._sync()
+        self.durability.flush(self.fd)
 
     def flush_at_stop(self) -> None:
         """The flush of a migration's stop (after the drain): ``fdatasync`` only if
-        something was written since the last one began (:attr:`unflushed`); a
-        write-back error it meets stays pending for the host's next Flush. Linux reports
-        such an error once per open file, to the first ``fdatasync`` after it: taken here,
-        the host would never learn that acknowledged writes may be lost. Optional in the
-        :class:`~pcidev_nvme.backends.base.Backend` protocol.
+        :attr:`unflushed`; a write-back error it meets stays pending for the host's next
+        Flush. Linux reports such an error once per open file, to the first ``fdatasync``
+        after it: taken here, the host would never learn that acknowledged writes may be
+        lost. Optional in the :class:`~pcidev_nvme.backends.base.Backend` protocol.
 
         :raises OSError: the error (the migration fails, the device runs on here), or one
             met earlier that the host has not been told about yet (the device must not move
             before its host learns it).
         """
-        if self._pending_error is not None:
-            raise self._pending_error
-        if not self._unflushed:
-            return  # nothing written since the last fdatasync began: no system call
-        try:
-            self._sync()
-        except OSError as exc:
-            self._pending_error = exc
-            raise
+        self.durability.flush_at_stop(self.fd)
 
     def deallocate(self, offset: int, length: int) -> None:
         """Punch a hole (the blocks read as zeros and free their space)."""
@@ -346,7 +341,7 @@ class FileBackend(BaseBackend):
                 raise
             super().write_zeroes(offset, length)
         finally:
-            self._unflushed = True
+            self.durability.wrote()
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Zero the range, allocated (``FALLOC_FL_ZERO_RANGE``, else writes of zeros)."""
@@ -359,7 +354,7 @@ class FileBackend(BaseBackend):
                 raise
             super().write_zeroes(offset, length)
         finally:
-            self._unflushed = True
+            self.durability.wrote()
 
     def allocated_bytes(self) -> int:
         """Bytes of the file that hold data (``st_blocks``; holes do not count)."""
@@ -398,4 +393,4 @@ def make_file(options: dict[str, Any]) -> FileBackend:
     if not options.get("path"):
         raise ConfigError("the file backend needs path=...")
     cfg = take_options(FileConfig, options, what="file backend")
-    return FileBackend(cfg.path, cfg.size, direct=cfg.direct, read_only=cfg.readonly)
+    return FileBackend(cfg.path, cfg.size, direct=cfg.direct, read_only=cfg.readonly, nofollow=cfg.nofollow)
