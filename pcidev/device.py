@@ -877,8 +877,15 @@ class PciDevice:
                     vf.quiesce(None if deadline is None else deadline - time.monotonic(), flush=flush)
                     stopped.append(vf)
             if not self.quiesced:
-                for worker in self.workers:
-                    worker.quiesce()
+                paused: list[Worker] = []
+                try:
+                    for worker in self.workers:
+                        worker.quiesce()
+                        paused.append(worker)
+                except BaseException:
+                    for worker in paused:  # (the ones stopped before the failing one run again)
+                        worker.resume()
+                    raise
                 self.quiesce_deadline, self.quiesce_flush = deadline, flush
                 try:
                     self.on_quiesce()

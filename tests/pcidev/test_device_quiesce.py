@@ -108,3 +108,31 @@ def test_the_vfs_a_failed_quiesce_stopped_run_again_and_share_the_budget():
         pf.request_done.set()
         pf.quiesce(1.0)
         assert all(v.quiesced for v in vfs) and pf.quiesced
+
+
+class TwoWorkers(Stopper):
+    TYPE_NAME = "stopper2"
+
+    def describe(self) -> None:
+        super().describe()
+        self.second = self.add_worker(self._step, name="second", idle_poll=0.01)
+
+
+def test_the_workers_a_failed_quiesce_stopped_run_again(monkeypatch):
+    """A worker that cannot be stopped (here: its quiesce raises) fails the quiesce, and
+    the workers stopped before it step again (they stayed paused)."""
+    with TwoWorkers() as dev:
+        dev.resume()
+        assert dev.worker.running and dev.second.running
+
+        def broken() -> None:
+            raise RuntimeError("cannot stop")
+
+        monkeypatch.setattr(dev.second, "quiesce", broken)
+        with pytest.raises(RuntimeError, match="cannot stop"):
+            dev.quiesce(1.0)
+        assert not dev.quiesced and dev.worker.running
+        before = dev.steps
+        dev.worker.kick()
+        _wait(lambda: dev.steps > before)
+        monkeypatch.undo()  # (closing the device stops the second worker too)
