@@ -721,7 +721,7 @@ def test_abort_from_another_thread_waits_for_run_and_stops_the_tracking():
                     real(sources)
 
                 p._announce = slow_announce
-            t = threading.Thread(target=lambda: errors.append(_raises(p.run)), daemon=True)
+            t = threading.Thread(target=lambda e=errors, run=p.run: e.append(_raises(run)), daemon=True)
             t.start()
             if where == "announce":
                 assert entered.wait(5)

@@ -146,7 +146,8 @@ def _rewrite(data: bytes, kind: int, change) -> bytes:
 
 
 def _superscript_key(meta):
-    meta["fd_sources"] = {"\u00b2": name for name in meta["fd_sources"].values()}
+    (name,) = meta["fd_sources"].values()
+    meta["fd_sources"] = {"\u00b2": name}
 
 
 def _nul_name(meta):
