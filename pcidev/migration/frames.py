@@ -121,6 +121,9 @@ def _recv(sock: socket.socket, *, max_fds: int = 0, max_len: int = _MAX_META,
         _settimeout_until(sock, per, deadline)
         try:
             head, fds = recv_exact(sock, _HEADER.size, max_fds=max_fds)
+        except TransportError:
+            _check_deadline(deadline)
+            raise
         finally:
             sock.settimeout(per)
     try:
@@ -140,13 +143,18 @@ def _recv(sock: socket.socket, *, max_fds: int = 0, max_len: int = _MAX_META,
     return kind, body, fds
 
 
+def _check_deadline(deadline: float) -> None:
+    """:raises TransportError: ``deadline`` passed."""
+    if time.monotonic() >= deadline - 0.005:  # (a timeout set to end at it may fire a hair early)
+        raise TransportError("migration channel: the peer did not finish in time (overall deadline)")
+
+
 def _settimeout_until(sock: socket.socket, per: float | None, deadline: float) -> None:
     """Set ``sock``'s timeout to ``per`` seconds, or less so as to end by ``deadline``.
     :raises TransportError: the deadline passed."""
+    _check_deadline(deadline)
     left = deadline - time.monotonic()
-    if left <= 0:
-        raise TransportError("migration channel: the peer did not finish in time (overall deadline)")
-    sock.settimeout(left if per is None else min(per, left))
+    sock.settimeout(max(left if per is None else min(per, left), 0.001))
 
 
 def _recv_until(sock: socket.socket, n: int, deadline: float) -> bytes:
@@ -164,6 +172,7 @@ def _recv_until(sock: socket.socket, n: int, deadline: float) -> bytes:
             try:
                 nbytes = sock.recv_into(view[got:got + part])
             except TimeoutError as exc:
+                _check_deadline(deadline)
                 raise TransportError(f"timed out waiting for the peer ({got} of {n} bytes read)") from exc
             except OSError as exc:
                 raise TransportError(f"receive failed: {exc}") from exc

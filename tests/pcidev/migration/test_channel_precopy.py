@@ -83,7 +83,7 @@ def _feed(frames, *, unix=False, max_memory=None):
         kw = {} if max_memory is None else {"max_memory": max_memory}
         with pytest.raises((TransportError, VMStateError)) as info:
             migrate_in(dest, b, timeout=2.0, **kw)
-        assert _open_fds() == fds_before  # the staging memfds are closed
+        assert _open_fds() <= fds_before  # the staging memfds are closed (an earlier test's may close too)
         a.settimeout(2.0)
         kind, body, _ = recv_frame(a)
         assert kind == 5  # NACK
