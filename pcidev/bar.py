@@ -476,7 +476,11 @@ class RamBacking:
     MMIO path) marks :attr:`dirty`, which is exact as long as nothing else writes the
     memory; whoever hands the descriptor to another process or maps it to write through
     that mapping (a vfio-user client's sparse mmap, a device's own window on it) takes it
-    with :meth:`export_fd`, and the BAR is then tracked by comparing page hashes (and a
+    with :meth:`export_fd` (or reads :attr:`fd`: the descriptor read while a pre-copy
+    tracks the BAR, or after the last check that found it mapped once, counts as a
+    mapping made with it, for the rest of that tracking session: a window that exists
+    only for a while during the pre-copy is never missed), and the BAR is then tracked
+    by comparing page hashes or sent whole at the stop (and a
     destination whose descriptor was handed out copies the contents into it instead of
     adopting another). vfio-user migration data carries the contents too, copied at the
     stop. A file-backed BAR still blocks both (its path could name another file on the
@@ -513,6 +517,12 @@ class RamBacking:
         self.dirty = DirtyBitmap(size)
         #: the descriptor was handed out (:meth:`export_fd`): writes can bypass :meth:`write`
         self.exported = False
+        #: reads of :attr:`fd` so far, and their number at the last check that found the
+        #: memory mapped only once while not tracking (:meth:`written_only_through_write`)
+        self._fd_reads = 0
+        self._fd_reads_checked = -1
+        #: the :attr:`dirty` session in which exact tracking was lost (sticky until the next)
+        self._lost_session = -1
         fd = _open_ram_file(path, size) if path is not None else alloc_memfd(size, name)
         try:
             self._map = RamMapping(fd, mmap.mmap(fd, size))
@@ -522,7 +532,23 @@ class RamBacking:
 
     @property
     def fd(self) -> int:
-        """The descriptor of the contents (a memfd or the file; -1 after :meth:`close`)."""
+        """The descriptor of the contents (a memfd or the file; -1 after :meth:`close`).
+
+        Reading it counts as taking the descriptor to map or write the memory past
+        :meth:`write`: while :attr:`dirty` tracks, the BAR is no longer tracked exactly
+        for the rest of that session (see the class docstring; code that only needs the
+        object's identity reads :attr:`fd_for_identity`).
+        """
+        self._fd_reads += 1
+        if self.dirty.tracking:
+            self._lost_session = self.dirty.session
+        return self._map.fd
+
+    @property
+    def fd_for_identity(self) -> int:
+        """The descriptor, for code that neither maps nor writes through it (``fstat``, a
+        :class:`~pcidev.memory_source.MemorySource` that the pre-copy engine reads): unlike
+        :attr:`fd`, reading it does not end exact tracking."""
         return self._map.fd
 
     @property
@@ -542,11 +568,19 @@ class RamBacking:
 
     def written_only_through_write(self) -> bool:
         """Whether every write into the memory goes through :meth:`write` (so :attr:`dirty`
-        sees them all): the descriptor was never handed out (:meth:`export_fd`) and this
+        sees them all): the descriptor was never handed out (:meth:`export_fd`), this
         process maps the memory nowhere else (``/proc/self/maps``: a device's own window on
-        it, such as a controller's DMA view of its memory buffer, writes past :meth:`write`).
+        it, such as a controller's DMA view of its memory buffer, writes past :meth:`write`),
+        and, while :attr:`dirty` tracks, neither was the case at any point of this tracking
+        session: nobody read :attr:`fd` since the check before the session started, and no
+        check during it saw a second mapping (sticky: a window mapped and dropped again
+        during a pre-copy still counts).
         """
-        if self.exported:
+        tracking = self.dirty.tracking
+        if self.exported or (tracking and (self._lost_session == self.dirty.session
+                                           or self._fd_reads != self._fd_reads_checked)):
+            if tracking:
+                self._lost_session = self.dirty.session
             return False
         try:
             st = os.fstat(self._map.fd)
@@ -560,7 +594,13 @@ class RamBacking:
             fields = line.split(maxsplit=5)
             if len(fields) >= 5 and fields[4] == str(st.st_ino) and fields[3] == dev:
                 count += 1
-        return count <= 1  # its own mapping
+        if count > 1:  # mapped elsewhere in this process
+            if tracking:
+                self._lost_session = self.dirty.session
+            return False
+        if not tracking:
+            self._fd_reads_checked = self._fd_reads
+        return True
 
     def export_fd(self) -> int:
         """The descriptor, for a peer (or a mapping of the device's own) that may write the

@@ -629,8 +629,8 @@ class PciDevice:
         for bar in self.ram_bars():
             ram = bar.handler
             assert isinstance(ram, RamBacking)  # ram_bars()
-            if ram.path is None and ram.fd >= 0:
-                out.append(MemorySource(name=f"bar{bar.index}", fd=ram.fd, size=ram.size,
+            if ram.path is None and ram.fd_for_identity >= 0:
+                out.append(MemorySource(name=f"bar{bar.index}", fd=ram.fd_for_identity, size=ram.size,
                                         bitmap=ram.dirty if ram.written_only_through_write() else None))
         return out
 

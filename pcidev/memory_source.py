@@ -21,7 +21,7 @@ import attrs
 
 from pcidev.errors import ConfigError
 
-__all__ = ["DirtyBitmap", "MemorySource", "DEFAULT_GRANULE"]
+__all__ = ["DirtyBitmap", "MemorySource", "ContentDescriptors", "DEFAULT_GRANULE"]
 
 #: the default tracking granule of a :class:`DirtyBitmap` (64 KiB)
 DEFAULT_GRANULE = 65536
@@ -57,6 +57,13 @@ class DirtyBitmap:
         self._count = (size + granule - 1) >> self._shift
         self._bits = bytearray(self._count)
         self._tracking = False
+        self._session = 0
+
+    @property
+    def session(self) -> int:
+        """The number of :meth:`start` calls so far: what a writer that lost exact tracking
+        during a session records, so that it stays lost until the next one."""
+        return self._session
 
     @property
     def tracking(self) -> bool:
@@ -66,6 +73,7 @@ class DirtyBitmap:
     def start(self) -> None:
         """Begin tracking: everything counts as dirty until the first :meth:`take`."""
         self._bits[:] = _ONE * self._count
+        self._session += 1
         self._tracking = True
 
     def stop(self) -> None:
@@ -138,3 +146,19 @@ class MemorySource:
     size: int
     bitmap: DirtyBitmap | None = None
     covers: frozenset[str] = frozenset()
+
+
+class ContentDescriptors(list[int | None]):
+    """The descriptor list a load gets when only memory *contents* travelled (a channel
+    without descriptors, :mod:`pcidev.migration.precopy`): the indexes of ``names`` hold a
+    memfd of the destination's with the contents of the source's memory object of that
+    name; every other index is None. Guest memory and interrupt eventfds are never among
+    them (the host attaches those): the load checks that no index it names is one.
+
+    :param fds: the list (None where nothing travelled).
+    :param names: ``{index: source name}`` of the indexes that hold a descriptor.
+    """
+
+    def __init__(self, fds: list[int | None], names: dict[int, str]) -> None:
+        super().__init__(fds)
+        self.names = dict(names)

@@ -91,7 +91,7 @@ def descriptor_blockers(device: PciDevice, carrier: str,
     reasons = []
     for bar in device.ram_bars():
         ram = bar.handler
-        if _file_id(getattr(ram, "fd", -1)) in covered_files:
+        if _file_id(getattr(ram, "fd_for_identity", -1)) in covered_files:
             continue
         what = "its memfd" if getattr(ram, "path", None) is None else "its file's"
         reasons.append(f"RAM BAR{bar.index} (feature 'bar{bar.index}-ram') migrates only as a file descriptor "

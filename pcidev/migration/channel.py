@@ -114,7 +114,14 @@ from pcidev.migration.frames import (
     send_meta,
 )
 from pcidev.migration.function_state import LoadedResources
-from pcidev.migration.precopy import MAX_CHUNK_FRAME, MAX_MEMORY_SIZE, Precopy, PrecopyReport, StagedMemory
+from pcidev.migration.precopy import (
+    MAX_CHUNK_FRAME,
+    MAX_MEMORY_SIZE,
+    Precopy,
+    PrecopyReport,
+    StagedMemory,
+    destination_sources,
+)
 from pcidev.migration.snapshot import load_device_stream, save_device_stream
 from pcidev.plugins import hook_migration_summary
 from pcidev.transport.fdpass import SCM_MAX_FD, close_fds, is_unix
@@ -122,6 +129,7 @@ from pcidev.vmstate.errors import ConfigMismatchError
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "MIN_INCOMING_RATE",
     "MAGIC",
     "FRAME_HEADER",
     "MAX_STREAM_SIZE",
@@ -142,6 +150,10 @@ __all__ = [
     "recv_frame",
     "frame_meta",
 ]
+
+#: the slowest rate (bytes per second) at which :func:`migrate_in` waits, by default, for
+#: the memory and state a source announced (see its ``total_timeout``)
+MIN_INCOMING_RATE = 1 << 20
 
 @attrs.frozen
 class MigrationResult:
@@ -500,7 +512,7 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
                adopt: Callable[[LoadedResources], None] | None = None,
                defer_without_fds: bool = True, commit: bool = False,
                committed: Callable[[], None] | None = None, resume: bool = True,
-               max_memory: int = MAX_MEMORY_SIZE) -> IncomingResult:
+               max_memory: int = MAX_MEMORY_SIZE, total_timeout: float | None = None) -> IncomingResult:
     """Receive a device state on ``sock``, load it into ``device``, acknowledge,
     and resume the device.
 
@@ -522,9 +534,15 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
     :param resume: with ``commit``, resume the device after RUNNING (False: it was not
         running at the source, e.g. quiesced because its client left: it stays so).
     :param max_memory: over a channel without descriptors, the most bytes of memory
-        contents the source may announce (:class:`~pcidev.migration.precopy.StagedMemory`);
-        they are staged in memfds of this process and handed to the load in place of
-        the source's descriptors.
+        contents the source may announce (:class:`~pcidev.migration.precopy.StagedMemory`):
+        a cap above the real bound, which is this device's own memory sources (each
+        announced source must be one of them, of its exact size:
+        :func:`~pcidev.migration.precopy.destination_sources`); they are staged in memfds
+        of this process and handed to the load in place of the source's descriptors.
+    :param total_timeout: seconds the whole incoming stream (pre-copy included) may take
+        until the state has arrived; None: ``4 * timeout`` plus the announced bytes (memory
+        and state) twice at :data:`MIN_INCOMING_RATE` (a peer that trickles data just
+        inside ``timeout`` is cut off, then NACKed).
     :returns: the stream, the resources and timestamps.
     :raises TransportError: the channel broke or carried garbage (NACK sent if possible).
     :raises VMStateError: the stream was refused (NACK sent); the device is untouched.
@@ -532,19 +550,28 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
         resumes; this device must not run).
     """
     sock.settimeout(timeout)
+    started = time.monotonic()
     fds: list[int] = []
     staged: StagedMemory | None = None
+    announced = 0  # the state's bytes, once the OFFER said
+
+    def deadline() -> float:
+        if total_timeout is not None:
+            return started + total_timeout
+        memory = staged.announced_bytes if staged is not None else 0
+        return started + 4 * timeout + 2 * (memory + announced) / MIN_INCOMING_RATE
+
     try:
         try:
-            kind, body, fds = recv_frame(sock, max_fds=SCM_MAX_FD)
+            kind, body, fds = recv_frame(sock, max_fds=SCM_MAX_FD, deadline=deadline())
             if kind == MEMORY:
                 close_fds(fds)
                 fds = []
                 if is_unix(sock):
                     raise TransportError("migration channel: MEMORY on a socket that carries descriptors")
-                staged = StagedMemory(max_memory)
+                staged = StagedMemory(max_memory, destination_sources(device))
                 staged.announce(body)
-                kind, body, fds = _receive_memory(sock, staged)
+                kind, body, fds = _receive_memory(sock, staged, deadline)
             if kind != OFFER:
                 raise TransportError(f"migration channel: expected OFFER, got {frame_name(kind)}")
             offer = frame_meta(kind, body, {"protocol": int, "device_type": str, "stream_size": int, "fds": int,
@@ -565,14 +592,15 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
                 raise TransportError(f"migration channel: OFFER announces {want} fds and {size} bytes")
             if want and not is_unix(sock):
                 raise TransportError("migration channel: fds announced on a socket that cannot carry them")
+            announced = size
             while len(fds) < want:
-                kind, _body, more = recv_frame(sock, max_fds=min(SCM_MAX_FD, want - len(fds)))
+                kind, _body, more = recv_frame(sock, max_fds=min(SCM_MAX_FD, want - len(fds)), deadline=deadline())
                 fds.extend(more)
                 if kind != FDS or not more:
                     raise TransportError(f"migration channel: expected FDS, got {frame_name(kind)}")
             if len(fds) != want:
                 raise TransportError(f"migration channel: {len(fds)} fds arrived, {want} announced")
-            kind, stream, stray = recv_frame(sock, max_len=size)
+            kind, stream, stray = recv_frame(sock, max_len=size, deadline=deadline())
             close_fds(stray)
             if kind != STATE or len(stream) != size or stray:
                 raise TransportError(f"migration channel: expected a STATE of {size} bytes, got "
@@ -647,13 +675,16 @@ def _acknowledge(device: PciDevice, sock: socket.socket, *, stream: bytes, nfds:
     return IncomingResult(stream=stream, fds=nfds, resources=res, loaded_at=loaded_at, running_at=running_at)
 
 
-def _receive_memory(sock: socket.socket, staged: StagedMemory) -> tuple[int, bytes, list[int]]:
+def _receive_memory(sock: socket.socket, staged: StagedMemory,
+                    deadline: Callable[[], float]) -> tuple[int, bytes, list[int]]:
     """Apply MEMORY and CHUNK frames until another frame comes, and return that one.
 
-    :raises TransportError: a frame refused by ``staged``, or garbage.
+    :param deadline: when the whole incoming stream must have arrived (it grows with
+        what was announced).
+    :raises TransportError: a frame refused by ``staged``, garbage, or the deadline passed.
     """
     while True:
-        kind, body, fds = recv_frame(sock, max_len=MAX_CHUNK_FRAME)
+        kind, body, fds = recv_frame(sock, max_len=MAX_CHUNK_FRAME, deadline=deadline())
         if kind == CHUNK:
             staged.apply(body)
         elif kind == MEMORY:

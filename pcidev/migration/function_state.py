@@ -43,6 +43,7 @@ from pcidev.device import PciDevice
 from pcidev.dma import GuestMemory
 from pcidev.errors import ConfigError, DeviceFailedError, DmaError
 from pcidev.irq import EventfdSink, InterruptSink, InterruptState
+from pcidev.memory_source import ContentDescriptors
 from pcidev.pci.capabilities.base import ExtCapability
 from pcidev.pci.capabilities.msi import MsiCapability
 from pcidev.pci.capabilities.msix import MAX_VECTORS, MsixCapability, MsixState
@@ -288,16 +289,17 @@ def _fail(reason: str, path: str = "") -> StateError:
 
 
 def all_descriptors(fds: Sequence[int | None] | None) -> Sequence[int] | None:
-    """``fds`` if every descriptor is there, else None.
+    """``fds`` if the descriptors themselves travelled (every one is there), else None.
 
     Over a channel without descriptors whose memory contents travelled
-    (:mod:`pcidev.migration.precopy`), the load gets a list in which only those are
-    descriptors (staging memfds) and the rest None: guest memory and interrupt eventfds
-    are then treated as over TCP without descriptors (the host attaches them).
+    (:mod:`pcidev.migration.precopy`), the load gets a
+    :class:`~pcidev.memory_source.ContentDescriptors` (never a full list, whatever
+    indexes it holds): guest memory and interrupt eventfds are then treated as over TCP
+    without descriptors (the host attaches them).
 
     :param fds: what the load was given.
     """
-    if fds is None or any(fd is None for fd in fds):
+    if fds is None or isinstance(fds, ContentDescriptors) or any(fd is None for fd in fds):
         return None
     return [fd for fd in fds if fd is not None]
 
@@ -318,6 +320,8 @@ def check_function_state(device: PciDevice, st: FunctionState, fds: Sequence[int
     :raises StateError: naming the field that does not fit.
     """
     ram_fds, fds = fds, all_descriptors(fds)
+    if isinstance(ram_fds, ContentDescriptors):
+        _check_contents(st, ram_fds)
     if len(st.config) != device.config.size:
         raise _fail(f"config space is {len(st.config)} bytes, this device has {device.config.size}", "config")
     msix = device.caps.find(MsixCapability)
@@ -355,6 +359,27 @@ def check_function_state(device: PciDevice, st: FunctionState, fds: Sequence[int
         for where, ref in refs:
             if ref.index >= len(fds):
                 raise _fail(f"fd index {ref.index} but only {len(fds)} fds arrived", where)
+
+
+def _check_contents(st: FunctionState, fds: ContentDescriptors) -> None:
+    """Memory contents may stand only for a memory object's descriptor: never for guest
+    memory or an eventfd (the host attaches those), and a RAM BAR's only under its own
+    name."""
+    refs = [(f"dma[{i}].fd", r.fd) for i, r in enumerate(st.dma)]
+    if st.eventfds is not None:
+        refs += [(f"eventfds.vectors[{v}]", r) for v, r in enumerate(st.eventfds.vectors) if r is not None]
+        if st.eventfds.intx is not None:
+            refs.append(("eventfds.intx", st.eventfds.intx))
+    for where, ref in refs:
+        if ref.index in fds.names:
+            raise _fail(f"memory contents {fds.names[ref.index]!r} were sent for descriptor {ref.index}, which "
+                        "is not a memory object's (guest memory and eventfds are the host's to attach)", where)
+    if st.ram_bars is not None:
+        for i, b in enumerate(st.ram_bars.bars):
+            name = fds.names.get(b.fd.index)
+            if name is not None and name != f"bar{b.bar}":
+                raise _fail(f"memory contents {name!r} were sent for RAM BAR{b.bar}'s descriptor",
+                            f"ram_bars.bars[{i}].fd")
 
 
 def _ram_backing(device: PciDevice, index: int) -> RamBacking | None:

@@ -51,12 +51,14 @@ import errno
 import math
 import mmap
 import os
+import re
 import select
 import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import attrs
@@ -66,7 +68,7 @@ import msgpack
 from pcidev.device import PciDevice
 from pcidev.dma import alloc_memfd
 from pcidev.errors import DmaError, MigrationError, TransportError
-from pcidev.memory_source import DirtyBitmap, MemorySource
+from pcidev.memory_source import ContentDescriptors, DirtyBitmap, MemorySource
 from pcidev.migration.frames import (
     CHUNK,
     FRAME_HEADER,
@@ -92,6 +94,7 @@ __all__ = [
     "PrecopyReport",
     "Precopy",
     "StagedMemory",
+    "destination_sources",
     "MAX_CHUNK",
     "MAX_SOURCES",
     "MAX_SOURCE_NAME",
@@ -126,13 +129,39 @@ def _is_zero(data: bytes) -> bool:
     return data == (_ZEROS if len(data) == MAX_CHUNK else _ZEROS[:len(data)])
 
 
+#: what a source name may hold: ASCII letters, digits and ``_ . / : + -`` (no space, no
+#: control character, nothing a memfd name or a log line could choke on)
+_NAME = re.compile(r"[A-Za-z0-9_./:@+-]+")
+#: a descriptor index in an OFFER's ``fd_sources``: plain ASCII decimal, no leading zero
+_INDEX = re.compile(r"0|[1-9][0-9]{0,4}")
+
+
 def _check_name(name: object) -> str:
-    """A source name's checks (shared by both sides). :raises ValueError: why not."""
+    """A source name's checks (shared by both sides): a non-empty string of at most
+    :data:`MAX_SOURCE_NAME` characters of ``[A-Za-z0-9_./:@+-]``.
+
+    :raises ValueError: why not.
+    """
     if not isinstance(name, str) or not name:
         raise ValueError("a source name must be a non-empty string")
-    if len(name.encode()) > MAX_SOURCE_NAME:
+    if len(name) > MAX_SOURCE_NAME:
         raise ValueError(f"source name {name[:MAX_SOURCE_NAME]!r}... is longer than {MAX_SOURCE_NAME} bytes")
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"source name {name!r} holds a character other than ASCII letters, digits and _./:+-")
     return name
+
+
+@contextmanager
+def _peer_data(what: str) -> Iterator[None]:
+    """Turn anything but a :class:`~pcidev.errors.TransportError` raised while reading
+    ``what`` from the peer into one (the channel NACKs with it): malformed peer data is
+    never an undocumented exception."""
+    try:
+        yield
+    except TransportError:
+        raise
+    except (ValueError, TypeError, KeyError, OverflowError, UnicodeError, struct.error) as exc:
+        raise TransportError(f"migration channel: malformed {what} ({type(exc).__name__}: {exc})") from None
 
 
 # ------------------------------------------------------------------------ source
@@ -291,8 +320,15 @@ class Precopy:
         self.max_bandwidth = max_bandwidth
         self.timeout = timeout
         self._tracked: dict[str, _Tracked] = {}
-        self._state = "new"  # new, running, ran, finished, aborted
+        self._state = "new"  # new, running, ran, finishing, finished, aborted
         self._lock = threading.Lock()
+        #: set by :meth:`abort`: a :meth:`run` or :meth:`finish` in another thread stops at
+        #: its next chunk
+        self._stop = threading.Event()
+        #: clear while :meth:`run` or :meth:`finish` works (:meth:`abort` waits for it)
+        self._idle = threading.Event()
+        self._idle.set()
+        self._worker: int | None = None
         self._iter_bytes: list[int] = []
         self._sent_time = 0.0
         self._sent_bytes = 0
@@ -371,8 +407,31 @@ class Precopy:
             if self._state != "new":
                 raise MigrationError(f"pre-copy cannot run: it is {self._state}")
             self._state = "running"
+            self._busy()
+        try:
+            self._run(cancel)
+        finally:
+            self._done()
+
+    def _busy(self) -> None:
+        """(Under the lock) :meth:`run` or :meth:`finish` starts working in this thread."""
+        self._worker = threading.get_ident()
+        self._idle.clear()
+
+    def _done(self) -> None:
+        self._worker = None
+        self._idle.set()
+
+    def _set_state_unless_aborted(self, state: str) -> None:
+        """Move to ``state``. :raises MigrationError: :meth:`abort` came first (from another thread)."""
+        with self._lock:
+            if self._state == "aborted":
+                raise MigrationError("pre-copy aborted")
+            self._state = state
+
+    def _run(self, cancel: threading.Event | None) -> None:
         if not self.active:
-            self._state = "ran"
+            self._set_state_unless_aborted("ran")
             return
         try:
             self.sock.settimeout(self.timeout)
@@ -396,7 +455,11 @@ class Precopy:
                 raise MigrationError(f"{exc}; the device keeps running on the source") from exc
             raise MigrationError(f"pre-copy failed ({type(exc).__name__}: {exc}); "
                                  "the device keeps running on the source") from exc
-        self._state = "ran"
+        try:
+            self._set_state_unless_aborted("ran")
+        except MigrationError:
+            self.abort()
+            raise
 
     def finish(self) -> None:
         """Send what is left (call it with the device stopped: inside the downtime): a
@@ -408,12 +471,19 @@ class Precopy:
             name), the channel broke, or the pre-copy had failed before.
         """
         with self._lock:
-            if self._state in ("finished", "aborted", "running"):
+            if self._state in ("finished", "aborted", "running", "finishing"):
                 raise MigrationError(f"pre-copy cannot finish: it is {self._state}")
             first = self._state == "new"
             self._state = "finishing"
+            self._busy()
+        try:
+            self._finish(first)
+        finally:
+            self._done()
+
+    def _finish(self, first: bool) -> None:
         if not self.active:
-            self._state = "finished"
+            self._set_state_unless_aborted("finished")
             return
         t0 = time.monotonic()
         self._throttle_from = 0.0  # the remainder goes at full speed
@@ -446,11 +516,15 @@ class Precopy:
                 raise
             raise MigrationError(f"the memory contents could not be sent at the stop "
                                  f"({type(exc).__name__}: {exc})") from exc
+        try:
+            self._set_state_unless_aborted("finished")
+        except MigrationError:
+            self.abort()
+            raise
         for t in self._tracked.values():
             if t.bitmap is not None:
                 t.bitmap.stop()  # (descriptors and mappings: release(), after the ACK)
         self._finish_time = time.monotonic() - t0
-        self._state = "finished"
 
     def fd_sources(self, fds: Sequence[int]) -> dict[str, str]:
         """Which of a saved stream's descriptors each source stands for (matched by
@@ -463,16 +537,27 @@ class Precopy:
         return _fd_sources({t.ident: t.name for t in self._tracked.values()}, fds)
 
     def abort(self) -> None:
-        """Stop the tracking and release everything (failure paths; idempotent). The
-        device is not touched."""
-        self._state = "aborted"
+        """Stop the tracking and release everything (failure paths; idempotent; callable
+        from any thread). The device is not touched. A :meth:`run` (or :meth:`finish`)
+        working in another thread stops at its next chunk (or when its send times out)
+        and raises :class:`~pcidev.errors.MigrationError`; this waits for it to end
+        before it closes anything, so no descriptor is closed under it.
+        """
+        with self._lock:
+            self._state = "aborted"
+            self._stop.set()
+            other = self._worker is not None and self._worker != threading.get_ident()
+        if other:
+            self._idle.wait()
         self.release()
 
     def release(self) -> None:
         """Close the descriptors and mappings it holds, and stop any tracking (idempotent;
         :func:`~pcidev.migration.channel.migrate_out` calls it after the ACK: unmapping
         a large hashed source takes time, which must not count in the downtime)."""
-        for t in self._tracked.values():
+        with self._lock:
+            tracked = list(self._tracked.values())
+        for t in tracked:
             t.close()
 
     # -- sending -----------------------------------------------------------------------------
@@ -488,8 +573,15 @@ class Precopy:
             for t in new:
                 t.close()
             raise MigrationError(f"a memory source is unusable: {exc}") from exc
-        for t in new:
-            self._tracked[t.name] = t
+        with self._lock:  # an abort() that came first released what it saw: add nothing after it
+            aborted = self._state == "aborted"
+            if not aborted:
+                for t in new:
+                    self._tracked[t.name] = t
+        if aborted:
+            for t in new:
+                t.close()
+            raise MigrationError("pre-copy aborted")
         total = sum(t.size for t in self._tracked.values())
         if total > MAX_MEMORY_SIZE:
             raise MigrationError(f"the memory sources hold {total} bytes; a destination accepts at most "
@@ -627,6 +719,8 @@ class Precopy:
         """Send one CHUNK (a chunk of zeros: skipped on a first copy, else a hole)."""
         if cancel is not None and cancel.is_set():
             raise MigrationError("pre-copy cancelled")
+        if self._stop.is_set():
+            raise MigrationError("pre-copy aborted")
         zero = _is_zero(data)
         if zero and skip_zero:
             return 0
@@ -704,23 +798,48 @@ class _Staged:
             self.fd = -1
 
 
+def destination_sources(device: PciDevice) -> dict[str, int]:
+    """``{name: size}`` of ``device``'s memory sources: all that a source may announce to it
+    (:class:`StagedMemory` ``expected``).
+
+    :raises TransportError: ``memory_sources()`` failed or returned an unusable list (the
+        channel refuses the migration with it).
+    """
+    try:
+        sources = list(device.memory_sources())
+        out = {_check_name(src.name): int(src.size) for src in sources}
+    except Exception as exc:
+        raise TransportError(f"this device's memory sources are unusable ({type(exc).__name__}: {exc})") from None
+    if len(out) != len(sources):
+        raise TransportError("this device's memory sources repeat a name")
+    return out
+
+
 class StagedMemory:
     """The destination's side of streamed memory: a staging memfd per announced source,
     filled by CHUNK frames, handed to the load by descriptor index.
 
     Every check refuses with :class:`~pcidev.errors.TransportError` (one sentence; the
-    channel NACKs with it): sizes (each > 0, the sum at most ``max_total``), names
-    (UTF-8, at most :data:`MAX_SOURCE_NAME` bytes, unique, at most :data:`MAX_SOURCES`),
-    a CHUNK naming an announced source with its range inside it and at most
-    :data:`MAX_CHUNK` bytes, and the OFFER's ``fd_sources`` (known names, indexes
-    inside ``stream_fds``). :meth:`close` releases everything; call it
-    whatever happened.
+    channel NACKs with it; anything malformed in a peer's frame is one too, never another
+    exception): sizes (each > 0, the sum at most ``max_total``), names (at most
+    :data:`MAX_SOURCE_NAME` characters of ``[A-Za-z0-9_./:@+-]``, unique, at most
+    :data:`MAX_SOURCES`), with ``expected`` each name one of the destination's own
+    memory objects and its size exactly that object's (a peer cannot make it stage more
+    than the device holds), a CHUNK naming an announced source with its range inside it
+    and at most :data:`MAX_CHUNK` bytes, and the OFFER's ``fd_sources`` (indexes in plain
+    decimal inside ``stream_fds``, each announced name at most once).
+    :meth:`close` releases everything; call it whatever happened.
 
-    :param max_total: the largest sum of announced sizes accepted.
+    :param max_total: the largest sum of announced sizes accepted (a cap above
+        ``expected``: :data:`MAX_MEMORY_SIZE` by default).
+    :param expected: ``{name: size}`` of the destination device's memory sources
+        (:func:`destination_sources`), or None to accept any name (a caller that checks
+        them itself).
     """
 
-    def __init__(self, max_total: int = MAX_MEMORY_SIZE) -> None:
+    def __init__(self, max_total: int = MAX_MEMORY_SIZE, expected: Mapping[str, int] | None = None) -> None:
         self.max_total = max_total
+        self.expected = dict(expected) if expected is not None else None
         self._sources: dict[str, _Staged] = {}
         self._total = 0
         #: bytes of contents applied (holes count their length)
@@ -731,6 +850,10 @@ class StagedMemory:
 
         :raises TransportError: a malformed or unacceptable announcement.
         """
+        with _peer_data("MEMORY"):
+            self._announce(body)
+
+    def _announce(self, body: bytes) -> None:
         meta = frame_meta(MEMORY, body, {"protocol": int, "sources": list, "boot_id": str})
         if meta["protocol"] != PROTOCOL_MEMORY:
             raise TransportError(f"migration channel: MEMORY of protocol {meta['protocol']}, "
@@ -751,6 +874,10 @@ class StagedMemory:
                 raise TransportError(f"migration channel: MEMORY source {name!r} has size {size!r}")
             if name in self._sources:
                 raise TransportError(f"migration channel: MEMORY source {name!r} announced twice")
+            if self.expected is not None and self.expected.get(name) != size:
+                raise TransportError(
+                    f"migration channel: MEMORY source {name!r} of {size} bytes is not one of this device's "
+                    f"memory objects ({', '.join(f'{k}: {v}' for k, v in self.expected.items()) or 'none'})")
             if self._total + size > self.max_total:
                 raise TransportError(f"migration channel: MEMORY sources of more than {self.max_total} bytes "
                                      "in all")
@@ -762,6 +889,10 @@ class StagedMemory:
 
         :raises TransportError: a malformed chunk, an unknown source, a range outside it.
         """
+        with _peer_data("CHUNK"):
+            self._apply(body)
+
+    def _apply(self, body: bytes) -> None:
         if len(body) < _CHUNK_HEAD.size:
             raise TransportError(f"migration channel: CHUNK of {len(body)} bytes is shorter than its header")
         nlen, off, length = _CHUNK_HEAD.unpack_from(body)
@@ -810,30 +941,48 @@ class StagedMemory:
         """The announced sources."""
         return list(self._sources)
 
-    def load_fds(self, offer: dict[str, Any]) -> list[int | None]:
+    @property
+    def announced_bytes(self) -> int:
+        """The sum of the announced sizes."""
+        return self._total
+
+    def load_fds(self, offer: dict[str, Any]) -> ContentDescriptors:
         """The descriptor list for the load from a protocol-2 OFFER: each index
         ``fd_sources`` names is the source's staging memfd (borrowed: :meth:`close`
-        closes it), every other index None.
+        closes it), every other index None. The load accepts a staging memfd only
+        where the stream names a memory object's descriptor (a RAM BAR of that name, a
+        device's own): never for guest memory or an eventfd (see
+        :class:`~pcidev.memory_source.ContentDescriptors`).
 
         :raises TransportError: ``stream_fds`` or ``fd_sources`` missing or malformed, an
-            index outside the stream's descriptors, a name not announced.
+            index outside the stream's descriptors or not plain decimal, a name not
+            announced or named twice.
         """
+        with _peer_data("OFFER fd_sources"):
+            return self._load_fds(offer)
+
+    def _load_fds(self, offer: dict[str, Any]) -> ContentDescriptors:
         count, mapping = offer.get("stream_fds"), offer.get("fd_sources")
         if type(count) is not int or not 0 <= count <= 65536:
             raise TransportError(f"migration channel: OFFER stream_fds {count!r} (0 to 65536)")
         if not isinstance(mapping, dict):
             raise TransportError("migration channel: OFFER fd_sources is not a map")
         fds: list[int | None] = [None] * count
+        names: dict[int, str] = {}
         for key, name in mapping.items():
-            if not isinstance(key, str) or not key.isdigit() or not 0 <= int(key) < count:
-                raise TransportError(f"migration channel: OFFER fd_sources index {key!r} is not one of the "
-                                     f"stream's {count} descriptors")
+            if not isinstance(key, str) or not _INDEX.fullmatch(key) or not int(key) < count:
+                raise TransportError(f"migration channel: OFFER fd_sources index {str(key)[:16]!r} is not one of "
+                                     f"the stream's {count} descriptors (in decimal)")
             staged = self._sources.get(name) if isinstance(name, str) else None
             if staged is None:
-                raise TransportError(f"migration channel: OFFER fd_sources names {name!r}, which MEMORY "
-                                     "did not announce")
+                raise TransportError(f"migration channel: OFFER fd_sources names {str(name)[:MAX_SOURCE_NAME]!r}, "
+                                     "which MEMORY did not announce")
+            if name in names.values():
+                raise TransportError(f"migration channel: OFFER fd_sources names {name!r} for more than one "
+                                     "descriptor")
             fds[int(key)] = staged.fd
-        return fds
+            names[int(key)] = name
+        return ContentDescriptors(fds, names)
 
     def close(self) -> None:
         """Unmap and close every staging memfd."""
@@ -893,18 +1042,21 @@ def pack_memory(device_type: str, sources: Sequence[MemorySource], stream: bytes
     return b"".join([memory, *parts, offer, frame(STATE, stream)])
 
 
-def unpack_memory(data: bytes, *, max_memory: int = MAX_MEMORY_SIZE) -> tuple[bytes, list[int | None], StagedMemory]:
+def unpack_memory(data: bytes, *, max_memory: int = MAX_MEMORY_SIZE, expected: Mapping[str, int] | None = None
+                  ) -> tuple[bytes, ContentDescriptors, StagedMemory]:
     """Read a buffer of :func:`pack_memory` with every check of a protocol-2 channel
     (:class:`StagedMemory`; frames in order: MEMORY first, CHUNK or MEMORY, one OFFER of
     protocol 2, one STATE of its size, nothing after).
 
     :param data: the buffer.
     :param max_memory: the most bytes of contents accepted.
+    :param expected: the destination's memory sources (:func:`destination_sources`):
+        the only names and sizes accepted.
     :returns: ``(stream, fds, staged)``: the load's descriptor list holds the staging
         memfds of ``staged``, which the caller closes after the load.
     :raises TransportError: anything malformed (nothing is left open).
     """
-    staged = StagedMemory(max_memory)
+    staged = StagedMemory(max_memory, expected)
     try:
         frames = _frames(data)
         kind, body = next(frames, (0, b""))

@@ -26,6 +26,7 @@ import attrs
 
 from pcidev.device import PciDevice
 from pcidev.errors import ConfigError, MigrationBlockedError, VMStateError
+from pcidev.memory_source import ContentDescriptors
 from pcidev.migration.function_state import (
     FUNCTION_SECTION,
     FunctionState,
@@ -313,7 +314,9 @@ def _apply_sections(dev: PciDevice, sections: list[Section], fds: Sequence[int |
     fstate = by_name.pop(FUNCTION_SECTION)
     dev.realize()
     with dev.lock:
-        dev.vmstate_load_fds = list(fds) if fds is not None else None  # vmstate_load_fd()
+        # vmstate_load_fd(); memory contents stay marked as such (never a full descriptor list)
+        dev.vmstate_load_fds = (None if fds is None else ContentDescriptors(list(fds), fds.names)
+                                if isinstance(fds, ContentDescriptors) else list(fds))
         try:
             parts = [(part, by_name[part.name]) for part in _parts(dev)]
             return _apply_sections_locked(dev, fstate, parts, fds)

@@ -23,6 +23,7 @@ import attrs
 
 from pcidev.device import PciDevice
 from pcidev.errors import ConfigError
+from pcidev.memory_source import ContentDescriptors
 from pcidev.migration.function_state import LoadedResources
 from pcidev.sriov import functions_of
 from pcidev.vmstate import FdRef, VarArray, VarBytes, vmstate
@@ -136,7 +137,7 @@ def load_vfs(dev: PciDevice, state: SriovState, load_stream: LoadStream) -> None
     try:
         for k, (vf, entry) in enumerate(zip(vfs, state.vfs, strict=True)):
             fds: list[int] | None = None
-            if loaded is not None:
+            if loaded is not None and not isinstance(loaded, ContentDescriptors):  # (contents: no VF's fds)
                 fds = []
                 for ref in entry.fds:
                     fd = dev.vmstate_load_fd(ref)

@@ -298,3 +298,30 @@ def test_migratable_registers_have_limits() -> None:
     RegisterMap(4096).add(Register("X" * 65, 0))  # not migratable: any name
     with pytest.raises(ConfigError, match="at most 4096 migratable registers"):
         RegisterMap(8 << 13, migratable=True).add_array("R", 0, 4097, width=8)
+
+
+def test_a_ram_bar_loses_exact_tracking_for_the_whole_session_once_its_fd_is_taken() -> None:
+    """Review G #4: reading the descriptor while a pre-copy tracks (a window mapped with
+    it, even if dropped again) ends exact tracking until the session ends; the identity
+    accessor does not, and a new session starts exact."""
+    ram = RamBacking(4 * mmap.PAGESIZE)
+    try:
+        assert ram.written_only_through_write()
+        ram.dirty.start()
+        assert ram.written_only_through_write() and ram.fd_for_identity >= 0
+        assert ram.written_only_through_write()
+        window = mmap.mmap(ram.fd, 4 * mmap.PAGESIZE)
+        window.close()
+        assert not ram.written_only_through_write()
+        assert not ram.written_only_through_write()  # sticky
+        ram.dirty.stop()
+        assert ram.written_only_through_write()  # the check before the next session
+        ram.dirty.start()
+        assert ram.written_only_through_write()
+        other = mmap.mmap(ram.fd_for_identity, 4 * mmap.PAGESIZE)  # (a mapping seen in the maps)
+        assert not ram.written_only_through_write()
+        other.close()
+        assert not ram.written_only_through_write()  # sticky though the maps show one again
+        ram.dirty.stop()
+    finally:
+        ram.close()

@@ -52,7 +52,7 @@ from pcidev.migration import (
     save_device_stream,
 )
 from pcidev.migration.frames import MAGIC
-from pcidev.migration.precopy import pack_memory, unpack_memory
+from pcidev.migration.precopy import destination_sources, pack_memory, unpack_memory
 from pcidev.sriov import VirtualFunction
 from pcidev.transport.vfio_user import protocol
 from pcidev.transport.vfio_user.conn import ConnectionState
@@ -303,7 +303,8 @@ class MigrationStateMachine:
             self._buffer, self._cursor = bytearray(), 0
             try:
                 if data.startswith(MAGIC):  # RAM BAR contents beside the stream
-                    stream, fds, staged = unpack_memory(data, max_memory=MAX_RAM_BAR_DATA)
+                    stream, fds, staged = unpack_memory(data, max_memory=MAX_RAM_BAR_DATA,
+                                                        expected=destination_sources(self.device))
                     try:
                         load_device_stream(self.device, stream, fds)
                     finally:

@@ -10,6 +10,7 @@ import random
 import socket
 import struct
 import threading
+import time
 
 import msgpack
 import pytest
@@ -17,6 +18,7 @@ from precopy_device import PrecopyDev, page_crcs, tcp_pair
 
 from pcidev.devices.edu import EduDevice
 from pcidev.errors import MigrationError, TransportError, VMStateError
+from pcidev.irq import EventfdSink
 from pcidev.migration import MAGIC, migrate_in, migrate_out, save_device_stream
 from pcidev.migration.frames import CHUNK, MEMORY, OFFER, STATE, recv_frame
 from pcidev.migration.precopy import MAX_CHUNK, MAX_SOURCES, Precopy, StagedMemory
@@ -81,7 +83,7 @@ def _feed(frames, *, unix=False, max_memory=None):
         kw = {} if max_memory is None else {"max_memory": max_memory}
         with pytest.raises((TransportError, VMStateError)) as info:
             migrate_in(dest, b, timeout=2.0, **kw)
-        assert _open_fds() == fds_before  # the staging memfds are closed
+        assert _open_fds() <= fds_before  # the staging memfds are closed (an earlier test's may close too)
         a.settimeout(2.0)
         kind, body, _ = recv_frame(a)
         assert kind == 5  # NACK
@@ -100,7 +102,23 @@ BAD = [
     ("size-zero", _memory((("bar2", 0),)), "has size 0"),
     ("size-negative", _memory((("bar2", -4096),)), "has size -4096"),
     ("size-string", _memory((("bar2", "big"),)), "has size 'big'"),
-    ("too-big", _memory((("bar2", 8 << 30), ("b", 8 << 30), ("c", 4096))), f"more than {16 << 30} bytes in all"),
+    # the destination stages only its own memory objects, of their exact sizes (review G #5)
+    ("too-big", _memory((("bar2", 8 << 30), ("b", 8 << 30), ("c", 4096))), "is not one of this device's memory"),
+    ("foreign-16GiB", _memory((("x", 16 << 30),)), f"'x' of {16 << 30} bytes is not one of this device's"),
+    ("own-name-other-size", _memory((("bar2", 2 * SIZE),)), f"'bar2' of {2 * SIZE} bytes is not one of"),
+    # malformed names and indexes are one TransportError each, never a ValueError (review G #6)
+    ("name-nul", _memory((("a\x00b", SIZE),)), "holds a character other than"),
+    ("name-newline", _memory((("bar2\n", SIZE),)), "holds a character other than"),
+    ("name-non-ascii", _memory((("bär2", SIZE),)), "holds a character other than"),
+    ("fd-index-superscript", _memory() + _offer(10, fd_sources={"\u00b2": "bar2"}), "index '\u00b2' is not one of"),
+    ("fd-index-arabic-digit", _memory() + _offer(10, fd_sources={"\u0660": "bar2"}), "is not one of the"),
+    ("fd-index-leading-zero", _memory() + _offer(10, stream_fds=20, fd_sources={"01": "bar2"}), "index '01'"),
+    ("fd-index-sign", _memory() + _offer(10, fd_sources={"+0": "bar2"}), "index '+0'"),
+    ("fd-index-huge", _memory() + _offer(10, fd_sources={"9" * 400: "bar2"}), "is not one of the"),
+    ("fd-index-int", _memory() + _offer(10, fd_sources={0: "bar2"}), "not allowed for map key"),
+    # one staged source stands for one descriptor (review G #7)
+    ("fd-name-twice", _memory() + _offer(10, stream_fds=2, fd_sources={"0": "bar2", "1": "bar2"}),
+     "names 'bar2' for more than one descriptor"),
     ("name-long", _memory((("n" * 65, SIZE),)), "longer than 64 bytes"),
     ("name-empty", _memory((("", SIZE),)), "non-empty string"),
     ("name-int", _frame(MEMORY, msgpack.packb({"protocol": 2, "boot_id": "", "sources": [{"name": 5, "size": 1}]})),
@@ -116,14 +134,14 @@ BAD = [
     ("chunk-outside", _memory() + _chunk(off=SIZE - 100), "outside memory source 'bar2'"),
     ("chunk-huge-offset", _memory() + _chunk(off=(1 << 64) - 4096), "outside memory source"),
     ("chunk-empty", _memory() + _chunk(data=b""), "CHUNK of 0 bytes"),
-    ("chunk-too-long", _memory((("bar2", 4 << 20),)) + _chunk(data=b"", length=MAX_CHUNK + 1),
+    ("chunk-too-long", _memory() + _chunk(data=b"", length=MAX_CHUNK + 1),
      f"CHUNK of {MAX_CHUNK + 1} bytes"),
     ("chunk-short-data", _memory() + _chunk(data=b"\x01" * 100, length=4096), "announces 4096 bytes and carries 100"),
     ("chunk-short-header", _memory() + _frame(CHUNK, b"\x01\x02"), "shorter than its header"),
     ("chunk-name-cut", _memory() + _frame(CHUNK, CHEAD.pack(40, 0, 1) + b"bar2"), "source name of 40 bytes"),
     ("chunk-name-long", _memory() + _chunk(raw_name=b"n" * 65), "source name of 65 bytes"),
     ("chunk-name-utf8", _memory() + _chunk(raw_name=b"\xff\xfe"), "not UTF-8"),
-    ("chunk-frame-too-long", _memory((("bar2", 4 << 20),)) + HDR.pack(MAGIC, CHUNK, 0, 2 << 20), "frame of"),
+    ("chunk-frame-too-long", _memory() + HDR.pack(MAGIC, CHUNK, 0, 2 << 20), "frame of"),
     ("state-after-chunks", _memory() + _chunk() + _frame(STATE, b"x"), "expected OFFER, got STATE"),
     ("protocol-1-after-memory", _memory() + _offer(10, protocol=1), "protocol 1 OFFER after MEMORY"),
     ("protocol-2-without-memory", _offer(10), "protocol 2 OFFER without MEMORY"),
@@ -165,7 +183,8 @@ def test_a_stream_whose_ram_bar_did_not_travel_is_refused(stream):
 def test_a_source_smaller_than_the_bar_is_refused(stream):
     data, _ = stream
     err, _ = _feed(_memory((("bar2", 4096),)) + _offer(len(data)) + _frame(STATE, data))
-    assert "has 4096 bytes, the BAR 65536" in str(err)
+    # refused at the announcement already: the destination knows its BAR's size (review G #5)
+    assert "'bar2' of 4096 bytes is not one of this device's memory objects (bar2: 65536)" in str(err)
 
 
 def test_hand_made_frames_load_with_holes_and_zero_chunks(stream):
@@ -186,6 +205,125 @@ def test_hand_made_frames_load_with_holes_and_zero_chunks(stream):
         a.close()
         b.close()
         dest.close()
+
+
+def test_without_expected_sources_the_cap_still_holds():
+    """A caller that checks names itself (expected=None) still gets the documented cap."""
+    staged = StagedMemory()
+    try:
+        with pytest.raises(TransportError, match=f"more than {16 << 30} bytes in all"):
+            staged.announce(_memory((("a", 8 << 30), ("b", 8 << 30), ("c", 4096)))[HDR.size:])
+    finally:
+        staged.close()
+
+
+def test_a_peer_that_trickles_chunks_is_cut_off_by_the_overall_deadline():
+    """Review G #5: one CHUNK just inside each per-frame timeout no longer keeps the
+    destination in migrate_in: the whole stream has a deadline, then a NACK."""
+    a, b = tcp_pair()
+    dest = PrecopyDev(SIZE)
+    out = {}
+
+    def destination():
+        t0 = time.monotonic()
+        try:
+            migrate_in(dest, b, timeout=0.5, total_timeout=1.5)
+        except TransportError as exc:
+            out["err"] = exc
+        out["t"] = time.monotonic() - t0
+
+    t = threading.Thread(target=destination, daemon=True)
+    t.start()
+    try:
+        a.sendall(_memory())
+        t0 = time.monotonic()
+        while t.is_alive() and time.monotonic() - t0 < 6:
+            time.sleep(0.3)  # inside the per-frame timeout
+            try:
+                a.sendall(_chunk(off=0))
+            except OSError:
+                break
+        t.join(10)
+        assert not t.is_alive() and "overall deadline" in str(out["err"]) and out["t"] < 3.0
+        a.settimeout(2.0)
+        kind, body, _ = recv_frame(a)
+        assert kind == 5 and "overall deadline" in msgpack.unpackb(body)["message"]  # NACK
+    finally:
+        a.close()
+        b.close()
+        dest.close()
+
+
+def test_a_frame_trickled_byte_by_byte_is_cut_off_by_the_overall_deadline():
+    a, b = tcp_pair()
+    dest = PrecopyDev(SIZE)
+    out = {}
+
+    def destination():
+        t0 = time.monotonic()
+        try:
+            migrate_in(dest, b, timeout=0.5, total_timeout=1.0)
+        except TransportError as exc:
+            out["err"] = exc
+        out["t"] = time.monotonic() - t0
+
+    t = threading.Thread(target=destination, daemon=True)
+    t.start()
+    try:
+        frames = _memory() + _chunk(off=0)
+        a.sendall(frames[:-4000])
+        t0 = time.monotonic()
+        for byte in frames[-4000:]:
+            if not t.is_alive() or time.monotonic() - t0 > 6:
+                break
+            time.sleep(0.2)
+            try:
+                a.sendall(bytes([byte]))
+            except OSError:
+                break
+        t.join(10)
+        assert not t.is_alive() and "overall deadline" in str(out["err"]) and out["t"] < 2.5
+    finally:
+        a.close()
+        b.close()
+        dest.close()
+
+
+def test_the_default_deadline_follows_the_announced_bytes(stream):
+    """Without total_timeout a real stream still loads (the default leaves room for it)."""
+    data, contents = stream
+    a, b = tcp_pair()
+    dest = PrecopyDev(SIZE)
+    try:
+        a.sendall(_memory() + b"".join(_chunk(off=i, data=contents[i:i + 4096]) for i in range(0, SIZE, 4096))
+                  + _offer(len(data)) + _frame(STATE, data))
+        res = migrate_in(dest, b, timeout=5)
+        assert bytes(dest.ram.mem) == contents and dest.regs["X"].value == 9
+        res.resources.close()
+    finally:
+        a.close()
+        b.close()
+        dest.close()
+
+
+def test_contents_can_never_stand_for_an_eventfd():
+    """Review G #7: a peer's staging memfd at an eventfd's index is refused by the load
+    (StateError in the NACK), and the RAM BAR's own index still needs its own name."""
+    src = PrecopyDev(SIZE)
+    efd = os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        src.attach(None, EventfdSink({}, intx_fd=efd))
+        src.ram.mem[:4096] = b"\x07" * 4096
+        src.quiesce()
+        data, fds = save_device_stream(src)
+        assert len(fds) == 2 and fds[0] == efd  # eventfd first, then the RAM BAR
+    finally:
+        src.close()
+        os.close(efd)
+    err, nack = _feed(_memory() + _chunk() + _offer(len(data), stream_fds=2, fd_sources={"0": "bar2"})
+                      + _frame(STATE, data))
+    assert "not a memory object's" in str(err) and err.path == "eventfds.intx"
+    assert nack["error"] == "StateError"
 
 
 def test_a_zero_chunk_punches_a_hole_in_the_staging_memfd():

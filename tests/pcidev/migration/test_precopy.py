@@ -636,3 +636,118 @@ def test_a_second_mapping_in_this_process_switches_to_hashes_even_after_the_prec
             window.close()
         src.close()
         dst.close()
+
+
+def test_a_window_mapped_and_dropped_during_the_precopy_still_sends_the_bar_whole():
+    """Review G #4: a second mapping that exists only between the announcement and the stop
+    (a CMB/PMR window enabled, DMA-written, disabled) leaves one mapping in
+    /proc/self/maps at the stop; the loss of exact tracking is sticky for the session, so
+    the BAR is sent whole and the write is not lost."""
+    src, dst = PrecopyDev(MiB), PrecopyDev(MiB)
+    try:
+        src.ram.mem[:MiB // 2] = b"\x11" * (MiB // 2)
+        a, b = tcp_pair()
+        got = {}
+        t = threading.Thread(target=lambda: got.setdefault("value", migrate_in(dst, b, timeout=10)), daemon=True)
+        t.start()
+        try:
+            p = Precopy(src, a, timeout=10)
+            p.run()
+            window = mmap.mmap(src.ram.fd, MiB)  # the device's own window appears...
+            window[MiB - 4096:] = b"\x42" * 4096  # ...DMA writes through it (no mark)...
+            window.close()  # ...and the window is gone again before the stop
+            assert src.memory_sources()[0].bitmap is None  # sticky
+            result = migrate_out(src, a, precopy=p, timeout=10)
+        finally:
+            t.join(10)
+            a.close()
+            b.close()
+        assert result.precopy.remainder_bytes == MiB
+        assert page_crcs(dst.ram) == page_crcs(src.ram)
+        assert bytes(dst.ram.mem[MiB - 4096:]) == b"\x42" * 4096
+        got["value"].resources.close()
+        # a new tracking session starts exact again (nothing maps the BAR any more)
+        assert src.memory_sources()[0].bitmap is src.ram.dirty
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_a_window_created_between_the_check_and_the_start_is_not_missed():
+    """The descriptor read after the last check that found one mapping (before tracking
+    starts) counts too: the window may have been made with it."""
+    dev = PrecopyDev(MiB)
+    try:
+        assert dev.memory_sources()[0].bitmap is dev.ram.dirty  # the check before the session
+        window = mmap.mmap(dev.ram.fd, MiB)
+        dev.ram.dirty.start()
+        window[:8] = b"unseen!!"
+        window.close()
+        assert dev.memory_sources()[0].bitmap is None
+        dev.ram.dirty.stop()
+    finally:
+        dev.close()
+
+
+def test_abort_from_another_thread_waits_for_run_and_stops_the_tracking():
+    """Review G #11: abort() while run() is mid-way (even inside the announcement) closes
+    nothing under it, and the tracking is off when both returned; run() raises and the
+    state stays aborted."""
+    for where in ("announce", "pass"):
+        src = PrecopyDev(4 * MiB)
+        a, b = tcp_pair(buffers=64 * 1024)
+        drain = None
+        if where == "announce":  # a destination that reads everything: run() could complete
+            def reader(sock=b):
+                try:
+                    while sock.recv(1 << 20):
+                        pass
+                except OSError:
+                    pass
+            drain = threading.Thread(target=reader, daemon=True)
+            drain.start()
+        # (else nobody reads b: the first pass blocks in a send)
+        try:
+            _fill(src, 5)
+            p = Precopy(src, a, timeout=2.0, max_bandwidth=None)
+            errors = []
+            if where == "announce":
+                real = p._announce
+                entered = threading.Event()
+
+                def slow_announce(sources, real=real, entered=entered):
+                    entered.set()
+                    time.sleep(0.3)  # abort() arrives in here
+                    real(sources)
+
+                p._announce = slow_announce
+            t = threading.Thread(target=lambda e=errors, run=p.run: e.append(_raises(run)), daemon=True)
+            t.start()
+            if where == "announce":
+                assert entered.wait(5)
+            else:
+                deadline = time.monotonic() + 5
+                while not src.ram.dirty.tracking and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                time.sleep(0.05)  # blocked in a send of the first pass
+            p.abort()
+            assert not t.is_alive()  # abort() returned only after run() ended
+            assert isinstance(errors[0], MigrationError)
+            assert p.failed and not src.ram.dirty.tracking
+            assert all(tr.fd == -1 for tr in p._tracked.values())
+            with pytest.raises(MigrationError):
+                p.finish()
+        finally:
+            a.close()
+            b.close()
+            if drain is not None:
+                drain.join(5)
+            src.close()
+
+
+def _raises(fn):
+    try:
+        fn()
+    except Exception as exc:
+        return exc
+    return None

@@ -11,10 +11,12 @@ import mmap
 import os
 import random
 import socket
+import struct
 import threading
 
 import attrs
 import crc32c
+import msgpack
 import pytest
 
 from pcidev.bar import RamBacking, Register, RegisterMap
@@ -124,7 +126,40 @@ def test_the_contents_travel_in_the_migration_data_into_the_bar_the_client_maps(
     assert dst.endpoint.device.regs["X"].value == 3
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip-header", "trailing"])
+_HDR = struct.Struct("<8sHHI")
+_MEMORY, _OFFER = 14, 1
+
+
+def _rewrite(data: bytes, kind: int, change) -> bytes:
+    """``data`` with the msgpack body of its ``kind`` frame changed by ``change(meta)``."""
+    out, pos = [], 0
+    while pos < len(data):
+        magic, k, flags, length = _HDR.unpack_from(data, pos)
+        body = data[pos + _HDR.size:pos + _HDR.size + length]
+        if k == kind:
+            meta = msgpack.unpackb(body)
+            change(meta)
+            body = msgpack.packb(meta)
+        out.append(_HDR.pack(magic, k, flags, len(body)) + body)
+        pos += _HDR.size + length
+    return b"".join(out)
+
+
+def _superscript_key(meta):
+    (name,) = meta["fd_sources"].values()
+    meta["fd_sources"] = {"\u00b2": name}
+
+
+def _nul_name(meta):
+    meta["sources"][0]["name"] = "a\x00b"
+
+
+def _foreign_size(meta):
+    meta["sources"][0]["size"] = 16 << 30
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip-header", "trailing", "fd-key-superscript", "nul-name",
+                                    "foreign-size"])
 def test_a_malformed_buffer_fails_resuming_and_leaves_the_bar(pair, damage):
     src, dst = pair
     src.bar[:PAGE] = b"\x01" * PAGE
@@ -136,8 +171,14 @@ def test_a_malformed_buffer_fails_resuming_and_leaves_the_bar(pair, damage):
         data = data[:-10]
     elif damage == "flip-header":
         data[0] ^= 1  # no longer frames: read as a vmstate stream, refused
-    else:
+    elif damage == "trailing":
         data += data[:30]
+    elif damage == "fd-key-superscript":  # review G #6: was a ValueError, EIO and no ERROR state
+        data = bytearray(_rewrite(bytes(data), _OFFER, _superscript_key))
+    elif damage == "nul-name":
+        data = bytearray(_rewrite(bytes(data), _MEMORY, _nul_name))
+    else:  # review G #5: 16 GiB announced for a 1 MiB BAR
+        data = bytearray(_rewrite(bytes(data), _MEMORY, _foreign_size))
     set_mig_state(dst.client, MIG_STATE_RESUMING)
     mig_write_all(dst.client, bytes(data))
     with pytest.raises(VfioUserError) as info:
