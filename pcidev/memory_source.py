@@ -21,7 +21,7 @@ import attrs
 
 from pcidev.errors import ConfigError
 
-__all__ = ["DirtyBitmap", "MemorySource", "ContentDescriptors", "DEFAULT_GRANULE"]
+__all__ = ["DirtyBitmap", "MemorySource", "ContentDescriptors", "DEFAULT_GRANULE", "object_name"]
 
 #: the default tracking granule of a :class:`DirtyBitmap` (64 KiB)
 DEFAULT_GRANULE = 65536
@@ -128,7 +128,10 @@ class MemorySource:
     channel that carries none (TCP).
 
     :ivar name: unique within the device (``"bar2"``, ``"nvme/ns1"``, ``"nvme/ns1/meta"``):
-        at most 64 bytes of UTF-8.
+        at most 64 characters of ``[A-Za-z0-9_./:@+-]``. An ``@`` suffix tells generations
+        of one object apart on the source (``"nvme/ns1@<inode>"``: a store that Format NVM
+        replaced during the pre-copy is a new source); the destination matches the part
+        before the ``@`` against its own sources (:func:`object_name`).
     :ivar fd: the descriptor (borrowed) that the device's vmstate stream names by an
         :class:`~pcidev.vmstate.FdRef`; the engine matches it against the stream's
         descriptors by ``os.fstat`` device and inode.
@@ -162,3 +165,13 @@ class ContentDescriptors(list[int | None]):
     def __init__(self, fds: list[int | None], names: dict[int, str]) -> None:
         super().__init__(fds)
         self.names = dict(names)
+
+
+def object_name(name: str) -> str:
+    """The memory object a source name names on any side: ``name`` without its ``@``
+    generation suffix (see :class:`MemorySource`).
+
+    :param name: a source name.
+    :returns: the part before the first ``@``.
+    """
+    return name.split("@", 1)[0]

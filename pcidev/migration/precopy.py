@@ -68,7 +68,7 @@ import msgpack
 from pcidev.device import PciDevice
 from pcidev.dma import alloc_memfd
 from pcidev.errors import DmaError, MigrationError, TransportError
-from pcidev.memory_source import ContentDescriptors, DirtyBitmap, MemorySource
+from pcidev.memory_source import ContentDescriptors, DirtyBitmap, MemorySource, object_name
 from pcidev.migration.frames import (
     CHUNK,
     FRAME_HEADER,
@@ -807,7 +807,7 @@ def destination_sources(device: PciDevice) -> dict[str, int]:
     """
     try:
         sources = list(device.memory_sources())
-        out = {_check_name(src.name): int(src.size) for src in sources}
+        out = {object_name(_check_name(src.name)): int(src.size) for src in sources}
     except Exception as exc:
         raise TransportError(f"this device's memory sources are unusable ({type(exc).__name__}: {exc})") from None
     if len(out) != len(sources):
@@ -874,7 +874,7 @@ class StagedMemory:
                 raise TransportError(f"migration channel: MEMORY source {name!r} has size {size!r}")
             if name in self._sources:
                 raise TransportError(f"migration channel: MEMORY source {name!r} announced twice")
-            if self.expected is not None and self.expected.get(name) != size:
+            if self.expected is not None and self.expected.get(object_name(name)) != size:
                 raise TransportError(
                     f"migration channel: MEMORY source {name!r} of {size} bytes is not one of this device's "
                     f"memory objects ({', '.join(f'{k}: {v}' for k, v in self.expected.items()) or 'none'})")

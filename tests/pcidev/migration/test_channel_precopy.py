@@ -217,6 +217,20 @@ def test_without_expected_sources_the_cap_still_holds():
         staged.close()
 
 
+def test_a_generation_suffix_names_the_same_object_and_nothing_else():
+    """``name@generation`` (NVMe: the store's inode, which differs between processes) is
+    matched by the part before the ``@``; another object or size is still refused."""
+    staged = StagedMemory(expected={"nvme/ns1": 8192})
+    try:
+        staged.announce(_memory((("nvme/ns1@1234", 8192),))[HDR.size:])
+        with pytest.raises(TransportError, match="not one of this device's memory objects"):
+            staged.announce(_memory((("nvme/ns2@1234", 8192),))[HDR.size:])
+        with pytest.raises(TransportError, match="not one of this device's memory objects"):
+            staged.announce(_memory((("nvme/ns1@99", 4096),))[HDR.size:])
+    finally:
+        staged.close()
+
+
 def test_a_peer_that_trickles_chunks_is_cut_off_by_the_overall_deadline():
     """Review G #5: one CHUNK just inside each per-frame timeout no longer keeps the
     destination in migrate_in: the whole stream has a deadline, then a NACK."""
