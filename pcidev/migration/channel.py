@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import select
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -625,7 +626,14 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
                             committed=committed, resume=resume)
     finally:
         if staged is not None:  # the load duplicated what it adopted; unmapping large staging
-            staged.close()      # memory takes long: after the ACK, outside the downtime
+            _release_later(staged)  # memory takes long: after the ACK, and off this thread
+
+
+def _release_later(staged: StagedMemory) -> None:
+    """Close ``staged`` on a thread of its own: tearing down hundreds of MiB of staging
+    mappings takes tens of milliseconds, which a destination over TCP would otherwise spend
+    before it serves its host's RESUME (inside the downtime)."""
+    threading.Thread(target=staged.close, name="pcidev-staging-release", daemon=True).start()
 
 
 def _acknowledge(device: PciDevice, sock: socket.socket, *, stream: bytes, nfds: int, res: LoadedResources,
