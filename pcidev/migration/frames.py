@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import socket
 import struct
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -114,18 +113,7 @@ def _send_meta(sock: socket.socket, kind: int, meta: dict[str, Any], fds: Sequen
 
 def _recv(sock: socket.socket, *, max_fds: int = 0, max_len: int = _MAX_META,
           deadline: float | None = None) -> tuple[int, bytes, list[int]]:
-    if deadline is None:
-        head, fds = recv_exact(sock, _HEADER.size, max_fds=max_fds)
-    else:
-        per = sock.gettimeout()
-        _settimeout_until(sock, per, deadline)
-        try:
-            head, fds = recv_exact(sock, _HEADER.size, max_fds=max_fds)
-        except TransportError:
-            _check_deadline(deadline)
-            raise
-        finally:
-            sock.settimeout(per)
+    head, fds = recv_exact(sock, _HEADER.size, max_fds=max_fds, deadline=deadline)
     try:
         magic, kind, flags, length = _HEADER.unpack(head)
         if magic != MAGIC:
@@ -135,53 +123,11 @@ def _recv(sock: socket.socket, *, max_fds: int = 0, max_len: int = _MAX_META,
         if length > max_len:
             raise TransportError(f"migration channel: {_NAMES[kind]} frame of {length} bytes "
                                  f"(at most {max_len})")
-        body = (b"" if not length else recv_exact(sock, length)[0] if deadline is None
-                else _recv_until(sock, length, deadline))
+        body = recv_exact(sock, length, deadline=deadline)[0] if length else b""
     except BaseException:
         close_fds(fds)
         raise
     return kind, body, fds
-
-
-def _check_deadline(deadline: float) -> None:
-    """:raises TransportError: ``deadline`` passed."""
-    if time.monotonic() >= deadline - 0.005:  # (a timeout set to end at it may fire a hair early)
-        raise TransportError("migration channel: the peer did not finish in time (overall deadline)")
-
-
-def _settimeout_until(sock: socket.socket, per: float | None, deadline: float) -> None:
-    """Set ``sock``'s timeout to ``per`` seconds, or less so as to end by ``deadline``.
-    :raises TransportError: the deadline passed."""
-    _check_deadline(deadline)
-    left = deadline - time.monotonic()
-    sock.settimeout(max(left if per is None else min(per, left), 0.001))
-
-
-def _recv_until(sock: socket.socket, n: int, deadline: float) -> bytes:
-    """``n`` bytes (no descriptors), each read within the socket's timeout and all by
-    ``deadline``: a peer that trickles a frame byte by byte cannot stretch it.
-    :raises TransportError: the peer closed, timed out or missed the deadline."""
-    per = sock.gettimeout()
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    try:
-        while got < n:
-            _settimeout_until(sock, per, deadline)
-            part = min(n - got, 1 << 20)
-            try:
-                nbytes = sock.recv_into(view[got:got + part])
-            except TimeoutError as exc:
-                _check_deadline(deadline)
-                raise TransportError(f"timed out waiting for the peer ({got} of {n} bytes read)") from exc
-            except OSError as exc:
-                raise TransportError(f"receive failed: {exc}") from exc
-            if nbytes == 0:
-                raise TransportError(f"peer closed the connection ({got} of {n} bytes read)")
-            got += nbytes
-    finally:
-        sock.settimeout(per)
-    return bytes(buf)
 
 
 def _meta(kind: int, body: bytes, keys: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:

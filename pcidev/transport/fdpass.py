@@ -22,6 +22,7 @@ from __future__ import annotations
 import array
 import os
 import socket
+import time
 from collections.abc import Iterable, Sequence
 
 from pcidev.errors import TransportError
@@ -98,7 +99,7 @@ def _take_fds(ancdata: list[tuple[int, int, bytes]], out: list[int]) -> bool:
 
 
 def recv_exact(sock: socket.socket, n: int, *, max_fds: int = 0,
-               eof_ok: bool = False) -> tuple[bytes, list[int]]:
+               eof_ok: bool = False, deadline: float | None = None) -> tuple[bytes, list[int]]:
     """Receive exactly ``n`` bytes and the descriptors sent with them.
 
     :param sock: a connected stream socket.
@@ -107,6 +108,9 @@ def recv_exact(sock: socket.socket, n: int, *, max_fds: int = 0,
         protocol error (0: none expected).
     :param eof_ok: return ``(b"", [])`` if the peer closed before the first byte
         (a clean end between messages) instead of raising.
+    :param deadline: ``CLOCK_MONOTONIC`` time by which all ``n`` bytes must have come
+        (None: only the socket's own timeout, which applies to each read): a peer that
+        trickles a message byte by byte cannot stretch it past this.
     :returns: ``(data, fds)``; the caller owns the fds (close-on-exec).
     :raises TransportError: the peer closed mid-message, sent more fds than
         allowed (``MSG_CTRUNC`` or over ``max_fds``), sent non-fd ancillary data,
@@ -118,8 +122,15 @@ def recv_exact(sock: socket.socket, n: int, *, max_fds: int = 0,
     fds: list[int] = []
     space = socket.CMSG_SPACE(max(max_fds, 1) * _INT_SIZE)
     unix = is_unix(sock)
+    per = sock.gettimeout()
     try:
         while got < n:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0.005:  # (a timeout set to end at it may fire a hair early)
+                    raise TransportError(f"the peer did not finish in time (overall deadline; "
+                                         f"{got} of {n} bytes read)")
+                sock.settimeout(left if per is None else min(per, left))
             try:
                 if unix:
                     nbytes, anc, flags, _ = sock.recvmsg_into([view[got:]], space, _CLOEXEC)
@@ -137,6 +148,9 @@ def recv_exact(sock: socket.socket, n: int, *, max_fds: int = 0,
             except TransportError:
                 raise
             except TimeoutError as exc:
+                if deadline is not None and time.monotonic() >= deadline - 0.005:
+                    raise TransportError(f"the peer did not finish in time (overall deadline; "
+                                         f"{got} of {n} bytes read)") from exc
                 raise TransportError(f"timed out waiting for the peer ({got} of {n} bytes read)") from exc
             except ConnectionResetError as exc:
                 raise TransportError(f"peer closed the connection abruptly ({got} of {n} bytes read)") from exc
@@ -150,6 +164,9 @@ def recv_exact(sock: socket.socket, n: int, *, max_fds: int = 0,
     except BaseException:
         close_fds(fds)
         raise
+    finally:
+        if deadline is not None:
+            sock.settimeout(per)
     return bytes(buf), fds
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import threading
+import time
 
 import pytest
 
@@ -91,3 +93,33 @@ def test_send_limits():
     finally:
         t.close()
         lsock.close()
+
+
+def test_recv_exact_deadline_bounds_a_trickling_peer():
+    """A peer sending one byte just inside each read's timeout is cut off at the deadline,
+    and the socket's own timeout is put back."""
+    a, b = socket.socketpair()
+    try:
+        b.settimeout(0.5)
+        stop = threading.Event()
+
+        def trickle() -> None:
+            while not stop.is_set():
+                try:
+                    a.send(b"x")
+                except OSError:
+                    return
+                time.sleep(0.05)
+
+        t = threading.Thread(target=trickle, daemon=True)
+        t.start()
+        t0 = time.monotonic()
+        with pytest.raises(TransportError, match="overall deadline"):
+            recv_exact(b, 1000, deadline=time.monotonic() + 0.3)
+        assert time.monotonic() - t0 < 0.45
+        assert b.gettimeout() == 0.5
+        stop.set()
+        t.join(2)
+    finally:
+        a.close()
+        b.close()
