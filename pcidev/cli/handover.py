@@ -46,7 +46,7 @@ def COMMAND(args: argparse.Namespace, ctx: CliContext) -> int | None:
                               timeout=args.timeout, fault=args.fault)
     if args.json:
         keys = ("downtime_ms", "state_bytes", "fds", "old_pid", "new_pid", "spawn_ms", "host_ms", "same_clock",
-                "new_version", "quiesced_ms", "acked_ms")
+                "new_version", "quiesced_ms", "acked_ms", "cut_at")
         print(json.dumps({k: report[k] for k in keys if k in report}, sort_keys=True))
     else:
         print(outcome_line(report))

@@ -684,6 +684,7 @@ class HandoverControl:
         job.outcome = {"ok": True, "reason": "", "old_pid": os.getpid(), "new_pid": int(job.ready["pid"]),
                        "downtime_ms": round((end - cut_at) * 1000, 3), "state_bytes": result.state_size,
                        "fds": result.fds + len(conn_fds) + job.inherited, "same_clock": result.same_clock,
+                       "cut_at": round(cut_at, 6),
                        "quiesced_ms": round((result.stopped_at - cut_at) * 1000, 3),
                        "acked_ms": round((result.acked_at - cut_at) * 1000, 3),
                        "running_ms": round((running_at - cut_at) * 1000, 3),

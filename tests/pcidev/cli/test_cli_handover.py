@@ -79,10 +79,13 @@ def test_handover_prints_one_line_and_json_with_the_documented_keys() -> None:
             assert int(m.group(1)) == proc.pid and run.stderr == ""
             pids.append(int(m.group(2)))
             assert proc.wait(20) == 0  # the old process ends by itself, status 0
+            started = time.monotonic()
             run = handover("--vfio-user", sock, "--json")
             assert run.returncode == 0, run.stderr
             report = json.loads(run.stdout)
             pids.append(report["new_pid"])
+            # the cut on this host's monotonic clock: after the command started, before it returned
+            assert started < report["cut_at"] < time.monotonic()
             assert {"downtime_ms", "state_bytes", "fds", "old_pid", "new_pid", "spawn_ms", "host_ms"} <= set(report)
             assert report["old_pid"] == pids[1] and report["fds"] >= 3 and report["state_bytes"] > 0
             assert client.read_int(0, 0, 4) == EDU_ID  # the same connection, served by the third process
