@@ -358,7 +358,9 @@ def test_a_zero_chunk_punches_a_hole_in_the_staging_memfd():
 
 # --------------------------------------------------------- the destination goes away
 def _dying_destination(sock, frames_before_close, *, at_offer=False):
-    """Read frames and close after ``frames_before_close`` of them (or at the OFFER)."""
+    """Read frames and close after ``frames_before_close`` of them (or at the OFFER); it
+    speaks the exchange without the pre-flight (the source is told ``preflight=False``;
+    the real destination dying at each frame: test_kill_points.py)."""
     n = 0
     try:
         while n < frames_before_close:
@@ -386,7 +388,7 @@ def test_a_destination_dying_during_precopy_leaves_the_source_running_untouched(
         t.start()
         quiesces = []
         dev.on_quiesce = lambda: quiesces.append(1)  # type: ignore[method-assign]
-        p = Precopy(dev, a, timeout=5)
+        p = Precopy(dev, a, timeout=5, preflight=False)
         failed_in_precopy = False
         try:
             p.run()
@@ -495,7 +497,7 @@ def test_an_edu_over_tcp_sends_protocol_1_exactly_as_before():
     t.start()
     try:
         with pytest.raises(MigrationError):
-            migrate_out(src, a, timeout=2)
+            migrate_out(src, a, timeout=2, preflight=False)  # (as a source from before the pre-flight)
         t.join(5)
         ((kind, offer),) = frames
         assert kind == OFFER and offer["protocol"] == 1 and set(offer) == {
