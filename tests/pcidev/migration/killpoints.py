@@ -90,7 +90,9 @@ class Step:
     :ivar needs: when it is part of the exchange: ``""`` always, ``"fds"`` more descriptors
         than one frame carries, ``"commit"`` with ``commit=True``, ``"running"`` unless the
         destination waits for its host (``deferred``: over TCP without commit), ``"precopy"`` a
-        channel without descriptors and a device with memory to stream.
+        channel without descriptors and a device with memory to stream, ``"preflight"`` the
+        source asks before anything stops (every exchange but one with an older peer),
+        ``"sync"`` the pre-copy's passes end with a SYNC round trip (pre-copy and pre-flight).
     """
 
     name: str
@@ -101,8 +103,12 @@ class Step:
 
 #: The migration exchange in the order its frames go (one line per frame type).
 PROTOCOL = (
+    Step("CHECK", SOURCE, needs="preflight"),  # the pre-flight, while the device still runs
+    Step("VERDICT", DESTINATION, split=True, needs="preflight"),
     Step("MEMORY", SOURCE, needs="precopy"),  # pre-copy (protocol 2), while the device still runs
     Step("CHUNK", SOURCE, split=True, needs="precopy"),
+    Step("SYNC", SOURCE, needs="sync"),  # the end of a pass (negotiated in the pre-flight)
+    Step("SYNCED", DESTINATION, split=True, needs="sync"),
     Step("OFFER", SOURCE),
     Step("FDS", SOURCE, needs="fds"),
     Step("STATE", SOURCE, split=True),
@@ -113,6 +119,8 @@ PROTOCOL = (
 #: The frames that precede and follow it in a vfio-user handover (the new process's view).
 HANDOVER_BEFORE = (Step("READY", DESTINATION), Step("CONN", SOURCE))
 HANDOVER_AFTER = (Step("SERVING", DESTINATION),)
+#: The steps that come before the source stops the device (a death there stops nothing).
+BEFORE_STOP = ("preflight", "precopy", "sync")
 #: Frames of the channel that are not a step of an exchange that works: refusals, and the
 #: handover's request and answer (on another connection).
 NOT_STEPS = ("NACK", "ABORT", "HANDOVER", "REPORT")
@@ -150,7 +158,7 @@ class Point:
 
 
 def points(*, fds: bool = False, commit: bool = False, deferred: bool = False, precopy: bool = False,
-           handover: bool = False) -> list[Point]:
+           handover: bool = False, preflight: bool = True) -> list[Point]:
     """The kill points of one configuration, in protocol order: before every frame, in the
     middle of every split one, after the last.
 
@@ -159,8 +167,10 @@ def points(*, fds: bool = False, commit: bool = False, deferred: bool = False, p
     :param deferred: the destination acknowledges ``deferred`` (TCP without commit): no RUNNING.
     :param precopy: memory is streamed before the stop (only where the channel defines it).
     :param handover: the vfio-user handover's READY, CONN and SERVING around it.
+    :param preflight: the exchange starts with the pre-flight (where the channel defines it).
     """
-    have = {"": True, "fds": fds, "commit": commit, "running": commit or not deferred, "precopy": precopy}
+    have = {"": True, "fds": fds, "commit": commit, "running": commit or not deferred, "precopy": precopy,
+            "preflight": preflight, "sync": precopy and preflight}
     steps = [s for s in PROTOCOL if have[s.needs] and defined(s)]
     if handover:
         steps = [*HANDOVER_BEFORE, *steps, *HANDOVER_AFTER]
