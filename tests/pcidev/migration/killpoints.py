@@ -92,7 +92,8 @@ class Step:
         destination waits for its host (``deferred``: over TCP without commit), ``"precopy"`` a
         channel without descriptors and a device with memory to stream, ``"preflight"`` the
         source asks before anything stops (every exchange but one with an older peer),
-        ``"sync"`` the pre-copy's passes end with a SYNC round trip (pre-copy and pre-flight).
+        ``"sync"`` pre-copy passes run before the stop, each ended by a SYNC round trip (the
+        device link's two phases; a handover, ``commit``, copies everything at the stop).
     """
 
     name: str
@@ -170,7 +171,7 @@ def points(*, fds: bool = False, commit: bool = False, deferred: bool = False, p
     :param preflight: the exchange starts with the pre-flight (where the channel defines it).
     """
     have = {"": True, "fds": fds, "commit": commit, "running": commit or not deferred, "precopy": precopy,
-            "preflight": preflight, "sync": precopy and preflight}
+            "preflight": preflight, "sync": precopy and preflight and not commit}
     steps = [s for s in PROTOCOL if have[s.needs] and defined(s)]
     if handover:
         steps = [*HANDOVER_BEFORE, *steps, *HANDOVER_AFTER]
@@ -485,7 +486,8 @@ class ServedDestination:
 
 class StateProbe:
     """A destination that takes the whole state and refuses it (NACK): the source resumes
-    untouched, and :attr:`stream` is a save of its state at the stop."""
+    untouched, and :attr:`stream` is a save of its state at the stop. It lets the pre-flight
+    pass (a VERDICT ``ok`` without features: no SYNC)."""
 
     def __init__(self, address: str) -> None:
         self.listener = listen(address, backlog=1)
@@ -503,6 +505,10 @@ class StateProbe:
         with conn:
             conn.settimeout(10)
             kind, body, fds = recv_frame(conn, max_fds=SCM_MAX_FD)
+            if kind == FRAME_KINDS["CHECK"]:
+                send_meta(conn, FRAME_KINDS["VERDICT"], {"protocol": 3, "ok": True, "reasons": [], "features": [],
+                                                         "boot_id": ""})
+                kind, body, fds = recv_frame(conn, max_fds=SCM_MAX_FD)
             meta = frame_meta(kind, body, {"fds": int, "stream_size": int})
             while len(fds) < meta["fds"]:
                 _kind, _body, more = recv_frame(conn, max_fds=SCM_MAX_FD)
