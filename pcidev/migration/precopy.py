@@ -7,10 +7,13 @@ its **contents** travel instead. The device lists such objects as
 :class:`~pcidev.memory_source.MemorySource` (:meth:`pcidev.device.PciDevice.memory_sources`:
 RAM BARs by default, a device's own memfds beside them), and:
 
-* the source (:class:`Precopy`) announces them in a ``MEMORY`` frame, then copies them
+* the source (:class:`Precopy`) first runs the pre-flight (:mod:`pcidev.migration.preflight`:
+  a destination that cannot take the device refuses before anything is copied), announces
+  them in a ``MEMORY`` frame, then copies them
   while the device keeps running (:meth:`Precopy.run`: the first pass skips holes with
   ``SEEK_DATA``/``SEEK_HOLE`` and chunks of zeros; each further iteration sends what was
-  written since the previous one) until what is left fits the downtime budget at the
+  written since the previous one; with a destination that takes ``SYNC`` each pass ends
+  when the destination has applied it) until what is left fits the downtime budget at the
   measured bandwidth, or ``max_iterations`` passed; after the caller stopped the device,
   :meth:`Precopy.finish` sends the rest (inside the downtime), and
   :func:`~pcidev.migration.channel.migrate_out` sends the OFFER (protocol 2, with
@@ -23,7 +26,7 @@ RAM BARs by default, a device's own memfds beside them), and:
   0.1 s of CPU per GiB hashed, plus the read: docs/migration.md §6);
 * the destination (:class:`StagedMemory`, driven by
   :func:`~pcidev.migration.channel.migrate_in`) collects the contents in memfds of its
-  own (sparse: a chunk of zeros punches a hole), checks everything (sizes, names,
+  own, never mapped here (``pwrite``; sparse: a chunk of zeros punches a hole), checks everything (sizes, names,
   offsets, frame order), and hands the load a descriptor list in which each streamed
   index is its staging memfd and every other index None (guest RAM and interrupt
   eventfds: the host attaches them, as over TCP before). The staging memfds are closed
@@ -40,6 +43,9 @@ Wire format (frames of :mod:`pcidev.migration.frames`, little-endian)::
                (the first frame; another MEMORY may add sources before the OFFER)
     CHUNK  15  "<HQI" name length, offset, length | name (UTF-8) | data: ``length``
                bytes, or none (``length`` bytes of zeros: a hole)
+    SYNC   18  msgpack {"seq", "sent"}: the end of a pass (only when the VERDICT named "sync")
+    SYNCED 19  msgpack {"seq", "applied"}: the destination's answer, once everything before
+               the SYNC is applied ("applied" must equal "sent")
     OFFER   1  as in protocol 1, with "protocol": 2, "stream_fds": the number of the
                stream's descriptors, "fd_sources": {str(index): source name}
 """

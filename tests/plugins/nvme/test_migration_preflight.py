@@ -14,13 +14,28 @@ from collections.abc import Callable
 
 import pytest
 from test_migration_nvme_nsmgmt import attach, create
-from test_migration_nvme_stop import Host, host  # noqa: F401 (the fixture)
+from test_migration_nvme_stop import Host
 
 from pcidev.errors import MigrationBlockedError
 from pcidev_nvme.controller import NvmeController
 from pcidev_nvme.migration import preflight_facts, preflight_problems
 
 CFG = "max_ioqpairs=2,msix_vectors=3,capacity=16M,max_namespaces=8"
+
+
+@pytest.fixture
+def host():
+    """A factory of in-process hosts that migrate over the channel (closed at teardown)."""
+    made: list[Host] = []
+
+    def factory(make: Callable[[str], NvmeController]) -> Host:
+        h = Host(make)
+        made.append(h)
+        return h
+
+    yield factory
+    for h in reversed(made):
+        h.close()
 
 
 def _maker(src: str, dst: str | Callable[[], str] | None = None) -> Callable[[str], NvmeController]:
