@@ -24,17 +24,19 @@ from precopy_device import Incoming, PrecopyDev, page_crcs, tcp_pair
 
 from pcidev.devices.edu import EduDevice
 from pcidev.errors import MigrationBlockedError, MigrationError, TransportError
+from pcidev.migration import channel as channel_module
 from pcidev.migration import migrate_in, migrate_out
 from pcidev.migration.frames import (
     CHECK,
     MAGIC,
+    MEMORY,
     NACK,
     OFFER,
     PROTOCOL_PREFLIGHT,
+    SYNC,
     VERDICT,
     frame_name,
     recv_frame,
-    send_frame,
     send_meta,
 )
 from pcidev.migration.precopy import Precopy, StagedMemory
@@ -387,8 +389,6 @@ def test_the_precopy_counts_the_bytes_the_destination_applied(monkeypatch):
     buffers of 4 MiB: with SYNC each pass ends when the destination applied it, so the
     bandwidth is at most the rate of applying (without it, the socket's acceptance of the
     first 4 MiB would count as sent at once), and every SYNCED says everything arrived."""
-    import pcidev.migration.channel as channel_module
-
     SlowStaging.delay = 0.02
     monkeypatch.setattr(channel_module, "StagedMemory", SlowStaging)
     src, dst = FactsDev(8 * MiB), FactsDev(8 * MiB)
@@ -416,7 +416,6 @@ def test_a_sync_before_the_preflight_negotiated_it_is_garbage():
     dst = FactsDev()
     a, b = tcp_pair()
     try:
-        from pcidev.migration.frames import MEMORY, SYNC
         send_meta(a, MEMORY, {"protocol": 2, "boot_id": "", "sources": [{"name": "bar2", "size": MiB}]})
         send_meta(a, SYNC, {"seq": 1, "sent": 0})
         with pytest.raises(TransportError, match="expected OFFER, got SYNC"):
@@ -428,14 +427,3 @@ def test_a_sync_before_the_preflight_negotiated_it_is_garbage():
         a.close()
         b.close()
         dst.close()
-
-
-def test_send_frame_is_what_the_fakes_use():
-    # (the fakes above send raw frames; the channel's own sender frames the same way)
-    a, b = socket.socketpair()
-    try:
-        send_frame(a, CHECK, b"xy")
-        assert b.recv(64) == HDR.pack(MAGIC, CHECK, 0, 2) + b"xy"
-    finally:
-        a.close()
-        b.close()
