@@ -84,43 +84,55 @@ def test_a_destination_with_another_configuration_refuses_before_the_stop(host, 
     assert h.blocks.verify_all() > 0
 
 
-def test_an_image_the_destination_cannot_reach_refuses_with_every_reason(host, tmp_path):
-    """The image renamed away after the destination opened it, and another configuration
-    item: both reasons in one refusal; the source (which still writes its open image)
-    serves on; with the image back the migration goes through."""
+def test_a_destination_holding_another_image_refuses_with_every_reason(host, tmp_path):
+    """The source's image was renamed away (it writes it on by its descriptor) and a new
+    file took its path, which the destination opened, and the destination has another
+    configuration item too: both reasons in one refusal; the source serves on. With the
+    source's image back at its path the migration goes through, data verified."""
     src = f"ns=file:path={tmp_path}/a.img,size=1M,ns=file:path={tmp_path}/b.img,size=1M,{CFG}"
-    dests: list[NvmeController] = []
+    made: list[NvmeController] = []
 
     def make(name: str) -> NvmeController:
         if name == "src":
             return NvmeController(src, name=name)
-        dst = NvmeController(src.replace("msix_vectors=3", "msix_vectors=4") if len(dests) == 0 else src,
-                             name=name)
-        dests.append(dst)
-        if len(dests) == 1:
-            os.rename(tmp_path / "b.img", tmp_path / "b.away")  # after it opened it
-        return dst
+        made.append(NvmeController(src.replace("msix_vectors=3", "msix_vectors=4") if not made else src, name=name))
+        return made[-1]
 
     h = host(make)
     _writes(h, [1, 2], seed=2)
-    err = _refused(h, f"namespace 2: image {tmp_path}/b.img cannot be reached here",
+    os.rename(tmp_path / "b.img", tmp_path / "b.src")
+    err = _refused(h, "namespace 2: image", "has another file open than the one the source writes",
                    "configuration: nvme.msix_vectors")
     assert len(err.reasons) >= 2
-    os.rename(tmp_path / "b.away", tmp_path / "b.img")
+    os.replace(tmp_path / "b.src", tmp_path / "b.img")
     h.move()
     assert h.blocks.verify_all() > 0
 
 
-def test_an_image_replaced_under_the_source_is_another_file_for_the_destination(host, tmp_path):
-    """The source writes an image that was replaced at its path since it opened it: a
-    destination opening the path would serve another file. Refused before the stop."""
-    src = f"ns=file:path={tmp_path}/a.img,size=1M,{CFG}"
-    h = host(_maker(src))
-    _writes(h, [1], seed=3)
-    os.rename(tmp_path / "a.img", tmp_path / "a.old")
-    with open(tmp_path / "a.img", "wb") as f:
-        f.truncate(1 << 20)
-    _refused(h, f"namespace 1: image {tmp_path}/a.img is another file here than the one the source writes")
+def test_an_image_another_machine_cannot_reach_is_a_reason(tmp_path):
+    """From another machine (another boot id) the image is judged by its path: gone, too
+    small, or another file than the one this controller opened."""
+    cfg = f"ns=file:path={tmp_path}/a.img,size=1M,{CFG}"
+    src, dst = NvmeController(cfg, name="src"), NvmeController(cfg, name="dst")
+    try:
+        facts = {**preflight_facts(src), "nvme.host": "another-machine"}
+        assert preflight_problems(dst, facts) == []
+        os.rename(tmp_path / "a.img", tmp_path / "a.away")
+        (why,) = preflight_problems(dst, facts)
+        assert why.startswith(f"namespace 1: image {tmp_path}/a.img cannot be reached here"), why
+        with open(tmp_path / "a.img", "wb") as f:
+            f.truncate(4096)
+        (why,) = preflight_problems(dst, facts)
+        assert why == f"namespace 1: image {tmp_path}/a.img has 4096 bytes here, the namespace 1048576"
+        with open(tmp_path / "a.img", "wb") as f:
+            f.truncate(1 << 20)
+        (why,) = preflight_problems(dst, facts)
+        assert "names another file now than the one this controller opened" in why
+        # on this machine the destination serves the very file the source writes: fine
+        assert preflight_problems(dst, preflight_facts(src)) == []
+    finally:
+        src.close()
+        dst.close()
 
 
 def test_a_created_namespace_the_destination_could_not_reopen_refuses(host, tmp_path):

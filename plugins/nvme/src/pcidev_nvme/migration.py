@@ -479,12 +479,29 @@ def _records(facts: Mapping[str, Any]) -> NamespaceChangesState | None:
 
 
 def _served_image_problem(ctrl: MigrationHost, nsid: int, path: str, size: int, read_only: bool,
-                   ident: list[int] | None, same_host: bool) -> str | None:
+                          ident: list[int] | None, same_host: bool) -> str | None:
     """Why the image of the source's ``file`` namespace ``nsid`` is not one this controller
-    can serve (None: it is): reachable by its path, a regular file of at least the
-    namespace's size, readable (and writable unless read-only), the very file this
-    controller's namespace has open, and on the same machine the source's file."""
+    can serve (None: it is). On the same machine, a controller that has the very file open
+    that the source writes serves it, whatever its path leads to now (a handover's new
+    process holds the old one's descriptor; an image renamed after both opened it), and one
+    that has another file open does not. Otherwise (another machine, or no image open here)
+    by its path: reachable, a regular file of at least the namespace's size, readable (and
+    writable unless read-only), the file this controller's namespace has open, and on the
+    same machine the source's file."""
     where = f"namespace {nsid}: image {path}"
+    ns = ctrl.allocated.get(nsid)
+    fd = getattr(ns.backend, "fd", -1) if ns is not None and getattr(ns.backend, "kind", None) == "file" else -1
+    held = None
+    if fd >= 0:
+        try:
+            held = os.fstat(fd)
+        except OSError:
+            held = None
+    if same_host and ident is not None and held is not None:
+        if [held.st_dev, held.st_ino] == ident:
+            return None
+        return f"{where}: this controller has another file open than the one the source writes (the destination " \
+               "must see the same file)"
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -495,15 +512,8 @@ def _served_image_problem(ctrl: MigrationHost, nsid: int, path: str, size: int, 
         return f"{where} has {st.st_size} bytes here, the namespace {size}"
     if not os.access(path, os.R_OK | (0 if read_only else os.W_OK)):
         return f"{where} cannot be opened for {'reading' if read_only else 'reading and writing'} here"
-    ns = ctrl.allocated.get(nsid)
-    fd = getattr(ns.backend, "fd", -1) if ns is not None and getattr(ns.backend, "kind", None) == "file" else -1
-    if fd >= 0:
-        try:
-            held = os.fstat(fd)
-        except OSError:
-            held = None
-        if held is None or (held.st_dev, held.st_ino) != (st.st_dev, st.st_ino):
-            return f"{where} names another file now than the one this controller opened (renamed or replaced)"
+    if held is not None and (held.st_dev, held.st_ino) != (st.st_dev, st.st_ino):
+        return f"{where} names another file now than the one this controller opened (renamed or replaced)"
     if same_host and ident is not None and [st.st_dev, st.st_ino] != ident:
         return f"{where} is another file here than the one the source writes: the destination must see the same file"
     return None
