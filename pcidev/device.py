@@ -678,6 +678,35 @@ class PciDevice:
         """
         return {}
 
+    def migration_facts(self) -> dict[str, Any]:
+        """Override: what a destination needs to know, before anything stops, to decide
+        whether it can take this device *now*, beyond the configuration fingerprint (which
+        travels beside it): the files its backends use, what was created at run time...
+        The migration channel's pre-flight (:mod:`pcidev.migration.preflight`) sends it to
+        the destination, whose :meth:`check_migration_facts` answers. Called on the source
+        while the device runs (thread-safe against it); it must not change the device.
+        Values as for :meth:`device_fingerprint` (msgpack: None, bool, int, float, str,
+        bytes and lists/dicts of them, str keys).
+
+        :returns: a dict (empty by default).
+        """
+        return {}
+
+    def check_migration_facts(self, facts: dict[str, Any]) -> list[str]:
+        """Override: on the destination, every reason why this device could not take the
+        state of the source device whose :meth:`migration_facts` are ``facts`` (an image
+        it cannot reach, a namespace it could not build...). Called before the source
+        stops anything; it must change nothing. The load's own checks stay the final guard
+        (the source may change between the pre-flight and the stop).
+
+        :param facts: the source's :meth:`migration_facts` (from the peer: check every
+            value's type before use).
+        :returns: one sentence per reason (empty: nothing stands in the way).
+        :raises ValueError: (or ``TypeError``, ``KeyError``) ``facts`` is malformed: the
+            channel refuses the pre-flight as garbage.
+        """
+        return []
+
     def get_layer_state(self) -> Any:
         """Override in a layer class: build the layer's state object (an instance of
         :attr:`LAYER_VMSTATE`), as :meth:`get_device_state` does for the device type.

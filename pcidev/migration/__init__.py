@@ -15,6 +15,8 @@ reverse) and below the transports:
 * :mod:`~pcidev.migration.precopy`: memory contents over a channel without
   descriptors (:class:`Precopy` while the device runs, :class:`StagedMemory` on the
   destination);
+* :mod:`~pcidev.migration.preflight`: the destination's answer, before anything stops,
+  to whether it can take the device (the device's facts and checks);
 * :mod:`~pcidev.migration.channel`: the ``PCIDMIGR`` wire protocol that moves a
   device between processes (:func:`migrate_out`, :func:`migrate_in`).
 """

@@ -4,6 +4,10 @@ The source side, :func:`migrate_out`:
 
 1. collects every blocker (:func:`~pcidev.migration.blockers.collect_blockers`) *before* stopping anything,
    and refuses with :class:`~pcidev.errors.MigrationBlockedError` listing them all;
+   then asks the destination in a pre-flight (:mod:`pcidev.migration.preflight`: device
+   type, section versions, fingerprint, the device's facts) whether it can take the
+   device, and raises the same error with the destination's reasons if it cannot --
+   still before anything stops;
 2. quiesces the device at a consistent point (:meth:`~pcidev.device.PciDevice.quiesce`: no
    request half-done; the transport has already stopped reading guest accesses at
    a message boundary);
@@ -21,7 +25,7 @@ The source side, :func:`migrate_out`:
    nothing over the destination's state); it waits briefly
    for the destination's *running* notice to report the downtime.
 
-The destination side, :func:`migrate_in`, receives, loads (all or nothing:
+The destination side, :func:`migrate_in`, answers the pre-flight, receives, loads (all or nothing:
 :func:`~pcidev.migration.snapshot.load_device_stream`), acknowledges, then resumes the device and
 sends the running notice.
 
@@ -49,6 +53,15 @@ Wire format of the migration channel (all integers little-endian)::
     HANDOVER 11 msgpack: a request for a handover (the ``pcidev handover`` command to the serving process)
     REPORT 12  msgpack {"ok", "reason", ...}: the answer to HANDOVER
     SERVING 13 msgpack {"serving_at"}: a handover's new process polls the client's socket now
+    MEMORY 14, CHUNK 15: memory contents (protocol 2, :mod:`pcidev.migration.precopy`)
+    CHECK  16  msgpack: the source's pre-flight, its first frame (:mod:`pcidev.migration.preflight`)
+    VERDICT 17 msgpack {"ok", "reasons", "features"}: the destination's answer to CHECK
+    SYNC   18  msgpack {"seq", "sent"}: which memory contents are applied? (negotiated in VERDICT)
+    SYNCED 19  msgpack {"seq", "applied"}: the answer, once everything before SYNC is applied
+
+A source from before the pre-flight starts with MEMORY or OFFER, and the destination
+takes it as always; a destination from before it NACKs CHECK, and the source (nothing
+stopped) says so: ``preflight=False`` speaks the exchange without it.
 
 With ``commit=True`` (the vfio-user handover, where both processes could read the
 same client socket), the source answers the ACK with COMMIT and the destination
@@ -89,10 +102,12 @@ from pcidev.migration.blockers import collect_blockers, descriptor_blockers
 from pcidev.migration.frames import (
     ABORT,
     ACK,
+    CHECK,
     CHUNK,
     COMMIT,
     CONN,
     FDS,
+    FEATURE_SYNC,
     FRAME_HEADER,
     HANDOVER,
     MAGIC,
@@ -107,6 +122,8 @@ from pcidev.migration.frames import (
     RUNNING,
     SERVING,
     STATE,
+    SYNC,
+    SYNCED,
     boot_id,
     frame_meta,
     frame_name,
@@ -123,6 +140,7 @@ from pcidev.migration.precopy import (
     StagedMemory,
     destination_sources,
 )
+from pcidev.migration.preflight import answer, ask
 from pcidev.migration.snapshot import load_device_stream, save_device_stream
 from pcidev.plugins import hook_migration_summary
 from pcidev.transport.fdpass import SCM_MAX_FD, close_fds, is_unix
@@ -262,7 +280,7 @@ def _raise_refusal(sock: socket.socket, deadline: float, send_error: TransportEr
 def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginManager | None = None,
                 timeout: float = 10.0, running_timeout: float = 2.0, commit: bool = False,
                 stall: Callable[[], None] | None = None, precopy: Precopy | None = None,
-                quiesce_timeout: float | None = 5.0) -> MigrationResult:
+                quiesce_timeout: float | None = 5.0, preflight: bool = True) -> MigrationResult:
     """Send ``device`` to the destination at the other end of ``sock``.
 
     The caller has stopped guest accesses to the device (a transport does so by
@@ -293,8 +311,13 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
         descriptors to its sources (protocol 2). Without one, a channel that carries no
         descriptors and a device with memory sources get one with no iteration: every
         content is copied at the stop. It is aborted (tracking stopped) on any failure.
+    :param preflight: before the stop, ask the destination whether it can take the device
+        (:mod:`pcidev.migration.preflight`; done already if ``precopy`` ran): a refusal
+        raises :class:`~pcidev.errors.MigrationBlockedError` with nothing stopped. False:
+        the exchange of a destination from before the pre-flight (which NACKs it).
     :returns: sizes and timestamps.
-    :raises MigrationBlockedError: blockers (nothing was stopped).
+    :raises MigrationBlockedError: blockers, or the destination refused in the pre-flight
+        (nothing was stopped).
     :raises QuiesceTimeoutError: the device did not quiesce within ``quiesce_timeout``
         (nothing was sent; it runs on here).
     :raises ConnectionLostError: with ``commit``, the destination may have run the device
@@ -306,7 +329,10 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
         try:
             if precopy is None or (not precopy.active and not precopy.failed):
                 # (an inactive one found no source when it was made: there may be some now)
-                precopy = Precopy(device, sock, max_iterations=0, timeout=timeout)
+                ran = precopy
+                precopy = Precopy(device, sock, max_iterations=0, timeout=timeout, preflight=preflight)
+                if ran is not None:
+                    precopy.verdict = ran.verdict  # (its pre-flight, if it ran one, holds)
             sources = precopy.sources() if precopy.active else []
         except MigrationError as exc:
             reasons.append(str(exc))
@@ -318,6 +344,11 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
         if precopy is not None:
             precopy.abort()
         raise MigrationBlockedError(reasons)
+    if preflight and (precopy is None or precopy.verdict is None):
+        if precopy is not None:
+            precopy.check()  # (its verdict: the SYNC it names is of no use at the stop)
+        else:
+            ask(device, sock, timeout=timeout)
     streams = precopy is not None and precopy.active
     was_running = not device.quiesced
     # the downtime starts here: the guest's accesses are held already, and the drain and
@@ -562,9 +593,15 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
         memory = staged.announced_bytes if staged is not None else 0
         return started + 4 * timeout + 2 * (memory + announced) / MIN_INCOMING_RATE
 
+    features: frozenset[str] = frozenset()
     try:
         try:
             kind, body, fds = recv_frame(sock, max_fds=SCM_MAX_FD, deadline=deadline())
+            if kind == CHECK:  # the pre-flight (a source from before it starts with MEMORY or OFFER)
+                close_fds(fds)
+                fds = []
+                features = answer(device, sock, body).features  # (a refusal raises, its VERDICT sent)
+                kind, body, fds = recv_frame(sock, max_fds=SCM_MAX_FD, deadline=deadline())
             if kind == MEMORY:
                 close_fds(fds)
                 fds = []
@@ -572,7 +609,7 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
                     raise TransportError("migration channel: MEMORY on a socket that carries descriptors")
                 staged = StagedMemory(max_memory, destination_sources(device))
                 staged.announce(body)
-                kind, body, fds = _receive_memory(sock, staged, deadline)
+                kind, body, fds = _receive_memory(sock, staged, deadline, sync=FEATURE_SYNC in features)
             if kind != OFFER:
                 raise TransportError(f"migration channel: expected OFFER, got {frame_name(kind)}")
             offer = frame_meta(kind, body, {"protocol": int, "device_type": str, "stream_size": int, "fds": int,
@@ -683,12 +720,14 @@ def _acknowledge(device: PciDevice, sock: socket.socket, *, stream: bytes, nfds:
     return IncomingResult(stream=stream, fds=nfds, resources=res, loaded_at=loaded_at, running_at=running_at)
 
 
-def _receive_memory(sock: socket.socket, staged: StagedMemory,
-                    deadline: Callable[[], float]) -> tuple[int, bytes, list[int]]:
-    """Apply MEMORY and CHUNK frames until another frame comes, and return that one.
+def _receive_memory(sock: socket.socket, staged: StagedMemory, deadline: Callable[[], float], *,
+                    sync: bool) -> tuple[int, bytes, list[int]]:
+    """Apply MEMORY and CHUNK frames, and answer SYNC, until another frame comes, and
+    return that one.
 
     :param deadline: when the whole incoming stream must have arrived (it grows with
         what was announced).
+    :param sync: the pre-flight negotiated SYNC (else a SYNC is garbage).
     :raises TransportError: a frame refused by ``staged``, garbage, or the deadline passed.
     """
     while True:
@@ -697,6 +736,11 @@ def _receive_memory(sock: socket.socket, staged: StagedMemory,
             staged.apply(body)
         elif kind == MEMORY:
             staged.announce(body)
+        elif kind == SYNC and sync:
+            close_fds(fds)
+            meta = frame_meta(SYNC, body, {"seq": int, "sent": int})
+            # everything before it is applied (CHUNKs are applied as they are read)
+            send_meta(sock, SYNCED, {"seq": meta["seq"], "applied": staged.received})
         else:
             return kind, body, fds
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import msgpack
@@ -35,6 +36,12 @@ __all__ = [
     "SERVING",
     "MEMORY",
     "CHUNK",
+    "CHECK",
+    "VERDICT",
+    "SYNC",
+    "SYNCED",
+    "PROTOCOL_PREFLIGHT",
+    "FEATURE_SYNC",
     "boot_id",
     "frame_name",
     "send_frame",
@@ -42,6 +49,7 @@ __all__ = [
     "send_meta",
     "recv_frame",
     "frame_meta",
+    "peer_data",
 ]
 
 #: Version of the migration channel protocol, sent in OFFER; a destination refuses another.
@@ -49,6 +57,11 @@ PROTOCOL_VERSION = 1
 #: The protocol of a migration whose memory contents travel as frames (MEMORY, CHUNK):
 #: a channel without descriptors and a device with memory sources (pcidev.migration.precopy).
 PROTOCOL_MEMORY = 2
+#: The version of the pre-flight exchange (CHECK, VERDICT) and of what it negotiates (SYNC):
+#: sent in CHECK and VERDICT; OFFER keeps :data:`PROTOCOL_VERSION` / :data:`PROTOCOL_MEMORY`.
+PROTOCOL_PREFLIGHT = 3
+#: a feature a destination names in its VERDICT: it answers SYNC with SYNCED
+FEATURE_SYNC = "sync"
 #: The 8 bytes every migration channel frame starts with.
 MAGIC = b"PCIDMIGR"
 #: the header of every frame: magic, type, flags, body length
@@ -88,9 +101,18 @@ SERVING = 13
 MEMORY = 14
 #: frame type: a piece of a memory source's contents (protocol 2)
 CHUNK = 15
+#: frame type: the source's pre-flight, before anything stops (what the destination needs to decide)
+CHECK = 16
+#: frame type: the destination's answer to CHECK (``ok``, every reason, its features)
+VERDICT = 17
+#: frame type: the source asks which memory contents were applied (pre-copy, negotiated)
+SYNC = 18
+#: frame type: the destination's answer to SYNC, once everything before it is applied
+SYNCED = 19
 _NAMES = {OFFER: "OFFER", FDS: "FDS", STATE: "STATE", ACK: "ACK", NACK: "NACK", RUNNING: "RUNNING",
           COMMIT: "COMMIT", READY: "READY", CONN: "CONN", ABORT: "ABORT", HANDOVER: "HANDOVER",
-          REPORT: "REPORT", SERVING: "SERVING", MEMORY: "MEMORY", CHUNK: "CHUNK"}
+          REPORT: "REPORT", SERVING: "SERVING", MEMORY: "MEMORY", CHUNK: "CHUNK",
+          CHECK: "CHECK", VERDICT: "VERDICT", SYNC: "SYNC", SYNCED: "SYNCED"}
 
 
 def boot_id() -> str:
@@ -213,3 +235,19 @@ def frame_meta(kind: int, body: bytes, keys: dict[str, type | tuple[type, ...]])
 def frame_name(kind: int) -> str:
     """The name of frame type ``kind`` (``"OFFER"``...), or its number."""
     return _NAMES.get(kind, str(kind))
+
+
+@contextmanager
+def peer_data(what: str) -> Iterator[None]:
+    """Turn anything but a :class:`~pcidev.errors.TransportError` raised while reading
+    ``what`` from the peer into one (the channel NACKs with it): malformed peer data is
+    never an undocumented exception.
+
+    :param what: what is read (``"CHUNK"``, ``"CHECK facts"``...), for the message.
+    """
+    try:
+        yield
+    except TransportError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, UnicodeError, struct.error) as exc:
+        raise TransportError(f"migration channel: malformed {what} ({type(exc).__name__}: {exc})") from None

@@ -7,10 +7,13 @@ its **contents** travel instead. The device lists such objects as
 :class:`~pcidev.memory_source.MemorySource` (:meth:`pcidev.device.PciDevice.memory_sources`:
 RAM BARs by default, a device's own memfds beside them), and:
 
-* the source (:class:`Precopy`) announces them in a ``MEMORY`` frame, then copies them
+* the source (:class:`Precopy`) first runs the pre-flight (:mod:`pcidev.migration.preflight`:
+  a destination that cannot take the device refuses before anything is copied), announces
+  them in a ``MEMORY`` frame, then copies them
   while the device keeps running (:meth:`Precopy.run`: the first pass skips holes with
   ``SEEK_DATA``/``SEEK_HOLE`` and chunks of zeros; each further iteration sends what was
-  written since the previous one) until what is left fits the downtime budget at the
+  written since the previous one; with a destination that takes ``SYNC`` each pass ends
+  when the destination has applied it) until what is left fits the downtime budget at the
   measured bandwidth, or ``max_iterations`` passed; after the caller stopped the device,
   :meth:`Precopy.finish` sends the rest (inside the downtime), and
   :func:`~pcidev.migration.channel.migrate_out` sends the OFFER (protocol 2, with
@@ -23,7 +26,7 @@ RAM BARs by default, a device's own memfds beside them), and:
   0.1 s of CPU per GiB hashed, plus the read: docs/migration.md §6);
 * the destination (:class:`StagedMemory`, driven by
   :func:`~pcidev.migration.channel.migrate_in`) collects the contents in memfds of its
-  own (sparse: a chunk of zeros punches a hole), checks everything (sizes, names,
+  own, never mapped here (``pwrite``; sparse: a chunk of zeros punches a hole), checks everything (sizes, names,
   offsets, frame order), and hands the load a descriptor list in which each streamed
   index is its staging memfd and every other index None (guest RAM and interrupt
   eventfds: the host attaches them, as over TCP before). The staging memfds are closed
@@ -40,6 +43,9 @@ Wire format (frames of :mod:`pcidev.migration.frames`, little-endian)::
                (the first frame; another MEMORY may add sources before the OFFER)
     CHUNK  15  "<HQI" name length, offset, length | name (UTF-8) | data: ``length``
                bytes, or none (``length`` bytes of zeros: a hole)
+    SYNC   18  msgpack {"seq", "sent"}: the end of a pass (only when the VERDICT named "sync")
+    SYNCED 19  msgpack {"seq", "applied"}: the destination's answer, once everything before
+               the SYNC is applied ("applied" must equal "sent")
     OFFER   1  as in protocol 1, with "protocol": 2, "stream_fds": the number of the
                stream's descriptors, "fd_sources": {str(index): source name}
 """
@@ -58,7 +64,6 @@ import struct
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import attrs
@@ -71,6 +76,7 @@ from pcidev.errors import DmaError, MigrationError, TransportError
 from pcidev.memory_source import ContentDescriptors, DirtyBitmap, MemorySource, object_name
 from pcidev.migration.frames import (
     CHUNK,
+    FEATURE_SYNC,
     FRAME_HEADER,
     MAGIC,
     MAX_STREAM_SIZE,
@@ -79,13 +85,17 @@ from pcidev.migration.frames import (
     OFFER,
     PROTOCOL_MEMORY,
     STATE,
+    SYNC,
+    SYNCED,
     boot_id,
     frame_meta,
     frame_name,
+    peer_data,
     recv_frame,
     send_meta,
     send_parts,
 )
+from pcidev.migration.preflight import Verdict, ask
 from pcidev.transport.fdpass import close_fds, is_unix
 
 __all__ = [
@@ -151,19 +161,6 @@ def _check_name(name: object) -> str:
     return name
 
 
-@contextmanager
-def _peer_data(what: str) -> Iterator[None]:
-    """Turn anything but a :class:`~pcidev.errors.TransportError` raised while reading
-    ``what`` from the peer into one (the channel NACKs with it): malformed peer data is
-    never an undocumented exception."""
-    try:
-        yield
-    except TransportError:
-        raise
-    except (ValueError, TypeError, KeyError, OverflowError, UnicodeError, struct.error) as exc:
-        raise TransportError(f"migration channel: malformed {what} ({type(exc).__name__}: {exc})") from None
-
-
 # ------------------------------------------------------------------------ source
 @attrs.frozen
 class PrecopyReport:
@@ -181,6 +178,10 @@ class PrecopyReport:
     :ivar hashed_bytes: bytes hashed page by page (sources without a bitmap).
     :ivar hash_seconds: time spent hashing them.
     :ivar finish_seconds: time :meth:`Precopy.finish` took (part of the downtime).
+    :ivar synced: each pass ended with a SYNC round trip (negotiated in the pre-flight):
+        ``bandwidth`` is the rate at which the destination *applied* the contents, and no
+        backlog in the socket buffers was left when the passes ended (False: the rate at
+        which the socket accepted them, as with a destination from before SYNC).
     """
 
     iterations: int = 0
@@ -192,6 +193,7 @@ class PrecopyReport:
     hashed_bytes: int = 0
     hash_seconds: float = 0.0
     finish_seconds: float = 0.0
+    synced: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready summary."""
@@ -201,7 +203,7 @@ class PrecopyReport:
                 "estimated_downtime_ms": (self.estimated_downtime_ms if math.isfinite(self.estimated_downtime_ms)
                                           else None),
                 "hashed_bytes": self.hashed_bytes, "hash_seconds": self.hash_seconds,
-                "finish_seconds": self.finish_seconds}
+                "finish_seconds": self.finish_seconds, "synced": self.synced}
 
 
 def _file_id(fd: int) -> tuple[int, int]:
@@ -305,12 +307,16 @@ class Precopy:
         sent at the stop).
     :param max_bandwidth: bytes per second the passes may send (None: unlimited); the
         remainder at the stop is sent at full speed.
-    :param timeout: seconds each send may block.
+    :param timeout: seconds each send may block, and the pre-flight's and each SYNC's
+        answer may take.
+    :param preflight: :meth:`run` starts with the pre-flight (:meth:`check`), before it
+        copies anything; False: a destination from before it (no SYNC either).
     :raises MigrationError: the device's memory sources are unusable (nothing started).
     """
 
     def __init__(self, device: PciDevice, sock: socket.socket, *, max_downtime_ms: float = 10.0,
-                 max_iterations: int = 30, max_bandwidth: float | None = None, timeout: float = 10.0) -> None:
+                 max_iterations: int = 30, max_bandwidth: float | None = None, timeout: float = 10.0,
+                 preflight: bool = True) -> None:
         if max_iterations < 0 or max_downtime_ms < 0 or (max_bandwidth is not None and max_bandwidth <= 0):
             raise ValueError("max_iterations and max_downtime_ms must be >= 0, max_bandwidth > 0")
         self.device = device
@@ -319,6 +325,9 @@ class Precopy:
         self.max_iterations = max_iterations
         self.max_bandwidth = max_bandwidth
         self.timeout = timeout
+        self.preflight = preflight
+        #: the destination's answer to the pre-flight, once :meth:`check` ran
+        self.verdict: Verdict | None = None
         self._tracked: dict[str, _Tracked] = {}
         self._state = "new"  # new, running, ran, finishing, finished, aborted
         self._lock = threading.Lock()
@@ -341,6 +350,10 @@ class Precopy:
         self._chunks = 0
         self._throttle_from = 0.0
         self._throttle_bytes = 0
+        #: bytes of contents sent so far (what a SYNCED must report applied)
+        self._total = 0
+        self._seq = 0
+        self._synced = False
         sources = self._sources() if not is_unix(sock) else []
         self.active = bool(sources)
         self._initial = sources
@@ -384,7 +397,8 @@ class Precopy:
         return PrecopyReport(iterations=len(self._iter_bytes), bytes_per_iteration=tuple(self._iter_bytes),
                              converged=self._converged, remainder_bytes=self._remainder, bandwidth=bw,
                              estimated_downtime_ms=self._estimate_ms, hashed_bytes=self._hash_bytes,
-                             hash_seconds=self._hash_time, finish_seconds=self._finish_time)
+                             hash_seconds=self._hash_time, finish_seconds=self._finish_time,
+                             synced=self._synced)
 
     @property
     def failed(self) -> bool:
@@ -392,13 +406,40 @@ class Precopy:
         return self._state == "aborted"
 
     # -- the source's side ----------------------------------------------------------------
+    def check(self) -> Verdict:
+        """Run the pre-flight on the channel unless it ran (a no-op answer ``ok`` without
+        ``preflight``): the destination says whether it can take the device, before
+        anything is copied or stopped (:func:`pcidev.migration.preflight.ask`).
+
+        :returns: the destination's verdict (its features: SYNC).
+        :raises MigrationBlockedError: the destination refused, with every reason; the
+            pre-copy is aborted.
+        :raises MigrationError: no answer (the destination went away, stalled, or does not
+            know the pre-flight); the pre-copy is aborted.
+        """
+        if self.verdict is None:
+            if not self.preflight:
+                self.verdict = Verdict(ok=True)
+            else:
+                try:
+                    self.verdict = ask(self.device, self.sock, timeout=self.timeout)
+                except MigrationError:
+                    self.abort()
+                    raise
+        return self.verdict
+
     def run(self, cancel: threading.Event | None = None) -> None:
-        """Announce the sources and copy them while the device runs: the first pass, then
-        passes of what was written since, until the remainder fits the downtime budget
-        or ``max_iterations`` passes were made. The device is never stopped or changed.
+        """The pre-flight (:meth:`check`), then announce the sources and copy them while the
+        device runs: the first pass, then passes of what was written since, until the
+        remainder fits the downtime budget or ``max_iterations`` passes were made; with a
+        destination that takes SYNC, each pass ends when the destination applied it (the
+        bandwidth and the remainder are then what it applied, with no backlog left in
+        the socket buffers). The device is never stopped or changed.
 
         :param cancel: set it (from another thread) to end the pre-copy early (it then
             aborts and raises).
+        :raises MigrationBlockedError: the destination refused in the pre-flight (every
+            reason); nothing was copied.
         :raises MigrationError: the destination refused (its reason), went away or
             stalled, or ``cancel`` was set: the pre-copy is aborted (tracking stopped),
             and the device keeps running untouched.
@@ -430,6 +471,7 @@ class Precopy:
             self._state = state
 
     def _run(self, cancel: threading.Event | None) -> None:
+        self.check()
         if not self.active:
             self._set_state_unless_aborted("ran")
             return
@@ -594,6 +636,7 @@ class Precopy:
         sent = 0
         for t in self._tracked.values():
             sent += self._send_changes(t, cancel, whole=True)
+        self._sync()
         self._iteration_done(sent, time.monotonic() - t0)
 
     def _pass(self, cancel: threading.Event | None) -> None:
@@ -601,7 +644,31 @@ class Precopy:
         sent = 0
         for t in self._tracked.values():
             sent += self._send_changes(t, cancel, whole=False)
+        self._sync()
         self._iteration_done(sent, time.monotonic() - t0)
+
+    def _sync(self) -> None:
+        """With a destination that takes SYNC: ask, and wait until it applied everything
+        sent so far (it answers SYNCED with the bytes applied, which must be all of them).
+
+        :raises MigrationError: a refusal, another frame, a wrong count, or no answer
+            within ``timeout``.
+        """
+        if self.verdict is None or FEATURE_SYNC not in self.verdict.features:
+            return
+        self._seq += 1
+        send_meta(self.sock, SYNC, {"seq": self._seq, "sent": self._total})
+        kind, body, stray = recv_frame(self.sock, deadline=time.monotonic() + self.timeout)
+        close_fds(stray)
+        if kind == NACK:
+            raise self._nack(body)
+        if kind != SYNCED:
+            raise MigrationError(f"the destination answered SYNC with {frame_name(kind)}")
+        meta = frame_meta(SYNCED, body, {"seq": int, "applied": int})
+        if meta["seq"] != self._seq or meta["applied"] != self._total:
+            raise MigrationError(f"the destination answered SYNC {self._seq} with SYNCED {meta['seq']}, "
+                                 f"{meta['applied']} bytes applied of {self._total} sent")
+        self._synced = True
 
     def _iteration_done(self, sent: int, seconds: float) -> None:
         self._iter_bytes.append(sent)
@@ -727,6 +794,7 @@ class Precopy:
         head = _CHUNK_HEAD.pack(len(t.head), off, len(data)) + t.head
         send_parts(self.sock, CHUNK, (head,) if zero else (head, data))
         self._chunks += 1
+        self._total += len(data)
         if self._state == "running":
             if self._chunks % _POLL_EVERY == 0:
                 self._check_refusal()
@@ -764,16 +832,26 @@ class Precopy:
             return MigrationError(f"the destination went away during pre-copy ({exc})")
         close_fds(stray)
         if kind == NACK:
-            try:
-                meta = frame_meta(NACK, body, {"error": str, "message": str})
-            except TransportError as exc:
-                return MigrationError(f"the destination refused with a malformed NACK ({exc})")
-            return MigrationError(f"the destination refused the memory: {meta['error']}: {meta['message']}")
+            return self._nack(body)
         return MigrationError(f"the destination sent {frame_name(kind)} during pre-copy")
+
+    @staticmethod
+    def _nack(body: bytes) -> MigrationError:
+        """The error a NACK during pre-copy stands for."""
+        try:
+            meta = frame_meta(NACK, body, {"error": str, "message": str})
+        except TransportError as exc:
+            return MigrationError(f"the destination refused with a malformed NACK ({exc})")
+        return MigrationError(f"the destination refused the memory: {meta['error']}: {meta['message']}")
 
 
 # ------------------------------------------------------------------- destination
 class _Staged:
+    """One source's staging memfd on the destination. It is never mapped here: CHUNKs are
+    written with ``pwrite`` and holes punched through a short-lived window, so releasing it
+    is the close of a descriptor (the load maps the memfd itself, lazily), not the
+    teardown of a mapping of every page it holds."""
+
     def __init__(self, name: str, size: int) -> None:
         self.name = name
         self.size = size
@@ -782,17 +860,36 @@ class _Staged:
         except DmaError as exc:
             raise TransportError(f"migration channel: cannot stage memory source {name!r} "
                                  f"({size} bytes): {exc}") from None
+
+    def write(self, off: int, data: memoryview) -> None:
+        """Write ``data`` at ``off``. :raises TransportError: the kernel refused (no memory)."""
         try:
-            self.mem = mmap.mmap(self.fd, size)
-        except (OSError, ValueError) as exc:
-            os.close(self.fd)
-            raise TransportError(f"migration channel: cannot map the staging memfd of {name!r}: {exc}") from None
+            while data:
+                n = os.pwrite(self.fd, data, off)
+                data, off = data[n:], off + n
+        except OSError as exc:
+            raise TransportError(f"migration channel: cannot stage {len(data)} bytes of {self.name!r} at "
+                                 f"{off:#x}: {exc.strerror or exc}") from None
+
+    def zero(self, off: int, length: int) -> None:
+        """Make ``[off, off + length)`` read as zeros: whole pages are punched out
+        (``MADV_REMOVE`` through a window mapped for it alone: no page is faulted in),
+        the edges written."""
+        end = off + length
+        lo = -(-off // mmap.ALLOCATIONGRANULARITY) * mmap.ALLOCATIONGRANULARITY
+        hi = end - end % mmap.ALLOCATIONGRANULARITY
+        if hi <= lo:
+            self.write(off, memoryview(bytes(length)))
+            return
+        try:
+            with mmap.mmap(self.fd, hi - lo, offset=lo) as window:
+                window.madvise(mmap.MADV_REMOVE)
+        except (OSError, ValueError):
+            self.write(lo, memoryview(bytes(hi - lo)))
+        self.write(off, memoryview(bytes(lo - off)))
+        self.write(hi, memoryview(bytes(end - hi)))
 
     def close(self) -> None:
-        try:
-            self.mem.close()
-        except BufferError:
-            pass
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -850,7 +947,7 @@ class StagedMemory:
 
         :raises TransportError: a malformed or unacceptable announcement.
         """
-        with _peer_data("MEMORY"):
+        with peer_data("MEMORY"):
             self._announce(body)
 
     def _announce(self, body: bytes) -> None:
@@ -889,7 +986,7 @@ class StagedMemory:
 
         :raises TransportError: a malformed chunk, an unknown source, a range outside it.
         """
-        with _peer_data("CHUNK"):
+        with peer_data("CHUNK"):
             self._apply(body)
 
     def _apply(self, body: bytes) -> None:
@@ -913,28 +1010,12 @@ class StagedMemory:
                                  f"{name!r} of {staged.size:#x} bytes")
         data = memoryview(body)[start:]
         if len(data) == length:
-            staged.mem[off:off + length] = data
+            staged.write(off, data)
         elif not data:
-            self._zero(staged, off, length)
+            staged.zero(off, length)
         else:
             raise TransportError(f"migration channel: CHUNK announces {length} bytes and carries {len(data)}")
         self.received += length
-
-    @staticmethod
-    def _zero(staged: _Staged, off: int, length: int) -> None:
-        """Zero a range: whole pages are punched out (``MADV_REMOVE``), the edges written."""
-        end = off + length
-        lo = -(-off // mmap.PAGESIZE) * mmap.PAGESIZE
-        hi = end - end % mmap.PAGESIZE
-        if hi > lo:
-            try:
-                staged.mem.madvise(mmap.MADV_REMOVE, lo, hi - lo)
-            except OSError:
-                staged.mem[lo:hi] = bytes(hi - lo)
-            staged.mem[off:lo] = bytes(lo - off)
-            staged.mem[hi:end] = bytes(end - hi)
-        else:
-            staged.mem[off:end] = bytes(length)
 
     @property
     def names(self) -> list[str]:
@@ -958,7 +1039,7 @@ class StagedMemory:
             index outside the stream's descriptors or not plain decimal, a name not
             announced or named twice.
         """
-        with _peer_data("OFFER fd_sources"):
+        with peer_data("OFFER fd_sources"):
             return self._load_fds(offer)
 
     def _load_fds(self, offer: dict[str, Any]) -> ContentDescriptors:
@@ -985,7 +1066,7 @@ class StagedMemory:
         return ContentDescriptors(fds, names)
 
     def close(self) -> None:
-        """Unmap and close every staging memfd."""
+        """Close every staging memfd (the load holds its own duplicates of those it adopted)."""
         for staged in self._sources.values():
             staged.close()
         self._sources.clear()

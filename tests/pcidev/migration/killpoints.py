@@ -90,7 +90,10 @@ class Step:
     :ivar needs: when it is part of the exchange: ``""`` always, ``"fds"`` more descriptors
         than one frame carries, ``"commit"`` with ``commit=True``, ``"running"`` unless the
         destination waits for its host (``deferred``: over TCP without commit), ``"precopy"`` a
-        channel without descriptors and a device with memory to stream.
+        channel without descriptors and a device with memory to stream, ``"preflight"`` the
+        source asks before anything stops (every exchange but one with an older peer),
+        ``"sync"`` pre-copy passes run before the stop, each ended by a SYNC round trip (the
+        device link's two phases; a handover, ``commit``, copies everything at the stop).
     """
 
     name: str
@@ -101,8 +104,12 @@ class Step:
 
 #: The migration exchange in the order its frames go (one line per frame type).
 PROTOCOL = (
+    Step("CHECK", SOURCE, needs="preflight"),  # the pre-flight, while the device still runs
+    Step("VERDICT", DESTINATION, split=True, needs="preflight"),
     Step("MEMORY", SOURCE, needs="precopy"),  # pre-copy (protocol 2), while the device still runs
     Step("CHUNK", SOURCE, split=True, needs="precopy"),
+    Step("SYNC", SOURCE, needs="sync"),  # the end of a pass (negotiated in the pre-flight)
+    Step("SYNCED", DESTINATION, split=True, needs="sync"),
     Step("OFFER", SOURCE),
     Step("FDS", SOURCE, needs="fds"),
     Step("STATE", SOURCE, split=True),
@@ -113,6 +120,8 @@ PROTOCOL = (
 #: The frames that precede and follow it in a vfio-user handover (the new process's view).
 HANDOVER_BEFORE = (Step("READY", DESTINATION), Step("CONN", SOURCE))
 HANDOVER_AFTER = (Step("SERVING", DESTINATION),)
+#: The steps that come before the source stops the device (a death there stops nothing).
+BEFORE_STOP = ("preflight", "precopy", "sync")
 #: Frames of the channel that are not a step of an exchange that works: refusals, and the
 #: handover's request and answer (on another connection).
 NOT_STEPS = ("NACK", "ABORT", "HANDOVER", "REPORT")
@@ -150,7 +159,7 @@ class Point:
 
 
 def points(*, fds: bool = False, commit: bool = False, deferred: bool = False, precopy: bool = False,
-           handover: bool = False) -> list[Point]:
+           handover: bool = False, preflight: bool = True) -> list[Point]:
     """The kill points of one configuration, in protocol order: before every frame, in the
     middle of every split one, after the last.
 
@@ -159,8 +168,10 @@ def points(*, fds: bool = False, commit: bool = False, deferred: bool = False, p
     :param deferred: the destination acknowledges ``deferred`` (TCP without commit): no RUNNING.
     :param precopy: memory is streamed before the stop (only where the channel defines it).
     :param handover: the vfio-user handover's READY, CONN and SERVING around it.
+    :param preflight: the exchange starts with the pre-flight (where the channel defines it).
     """
-    have = {"": True, "fds": fds, "commit": commit, "running": commit or not deferred, "precopy": precopy}
+    have = {"": True, "fds": fds, "commit": commit, "running": commit or not deferred, "precopy": precopy,
+            "preflight": preflight, "sync": precopy and preflight and not commit}
     steps = [s for s in PROTOCOL if have[s.needs] and defined(s)]
     if handover:
         steps = [*HANDOVER_BEFORE, *steps, *HANDOVER_AFTER]
@@ -475,7 +486,8 @@ class ServedDestination:
 
 class StateProbe:
     """A destination that takes the whole state and refuses it (NACK): the source resumes
-    untouched, and :attr:`stream` is a save of its state at the stop."""
+    untouched, and :attr:`stream` is a save of its state at the stop. It lets the pre-flight
+    pass (a VERDICT ``ok`` without features: no SYNC)."""
 
     def __init__(self, address: str) -> None:
         self.listener = listen(address, backlog=1)
@@ -493,6 +505,10 @@ class StateProbe:
         with conn:
             conn.settimeout(10)
             kind, body, fds = recv_frame(conn, max_fds=SCM_MAX_FD)
+            if kind == FRAME_KINDS["CHECK"]:
+                send_meta(conn, FRAME_KINDS["VERDICT"], {"protocol": 3, "ok": True, "reasons": [], "features": [],
+                                                         "boot_id": ""})
+                kind, body, fds = recv_frame(conn, max_fds=SCM_MAX_FD)
             meta = frame_meta(kind, body, {"fds": int, "stream_size": int})
             while len(fds) < meta["fds"]:
                 _kind, _body, more = recv_frame(conn, max_fds=SCM_MAX_FD)

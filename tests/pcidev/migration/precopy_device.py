@@ -1,15 +1,20 @@
 """A test device for the pre-copy tests: registers in BAR0, a memfd RAM BAR2 of a chosen
-size, and helpers to verify its contents page by page (CRC-32C)."""
+size, helpers to verify its contents page by page (CRC-32C), socket pairs and a
+destination in a thread whose frames are traced (:class:`Incoming`)."""
 
 from __future__ import annotations
 
 import socket
+import threading
+from typing import Any
 
 import attrs
 import crc32c
+from killpoints import Tripwire
 
 from pcidev.bar import RamBacking, Register, RegisterMap
 from pcidev.device import PciDevice
+from pcidev.migration import IncomingResult, migrate_in
 from pcidev.vmstate import U32, vmstate
 
 PAGE = 4096
@@ -73,3 +78,50 @@ def tcp_pair(*, buffers: int | None = None) -> tuple[socket.socket, socket.socke
     if buffers is not None:
         b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffers)
     return a, b
+
+
+class Incoming:
+    """A destination in a thread: :func:`~pcidev.migration.migrate_in` of ``dst`` on one end
+    of ``pair`` (its end watched: :attr:`trace` lists the frames that went through it whole,
+    read or written, in order); :attr:`sock` is the source's end. As a context manager it
+    waits for the destination at the exit (and closes both ends); :attr:`result` or
+    :attr:`error` then says how it ended.
+
+    :param dst: the destination device.
+    :param pair: ``(source's end, destination's end)``.
+    :param kwargs: for ``migrate_in`` (``timeout`` 10 s by default).
+    """
+
+    def __init__(self, dst: PciDevice, pair: tuple[socket.socket, socket.socket], **kwargs: Any) -> None:
+        self.sock, self._peer = pair
+        self.wire = Tripwire(self._peer, None, lambda: None)
+        self.result: IncomingResult | None = None
+        self.error: BaseException | None = None
+        kwargs.setdefault("timeout", 10)
+        self._thread = threading.Thread(target=self._run, args=(dst, kwargs), name="incoming", daemon=True)
+
+    def _run(self, dst: PciDevice, kwargs: dict[str, Any]) -> None:
+        try:
+            self.result = migrate_in(dst, self.wire, **kwargs)  # type: ignore[arg-type]
+        except BaseException as exc:
+            self.error = exc
+
+    @property
+    def trace(self) -> list[str]:
+        """The frames that went through the destination's end whole, in order."""
+        return self.wire.trace
+
+    def __enter__(self) -> Incoming:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.join()
+
+    def join(self, timeout: float = 30.0) -> None:
+        """Wait for the destination (the source's end is closed first: a destination still
+        waiting for a frame ends), then close the destination's end."""
+        self.sock.close()
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the destination did not end"
+        self._peer.close()

@@ -121,7 +121,8 @@ def test_migration_over_tcp_defers_the_resume(source):
 
 # ------------------------------------------------------------ source resumes
 def _fake_destination(behaviour):
-    """A destination that reads the whole offer and stream, then misbehaves."""
+    """A destination that reads the whole offer and stream, then misbehaves (it speaks the
+    exchange without the pre-flight: the source is called with ``preflight=False``)."""
 
     def run(sock):
         head = sock.recv(HDR.size)
@@ -166,7 +167,7 @@ def test_source_resumes_when_the_destination_fails(source, behaviour, message):
     before = source.device.get_device_state()
     try:
         with pytest.raises(MigrationError, match=message) as info:
-            migrate_out(source.device, a, timeout=0.5)
+            migrate_out(source.device, a, timeout=0.5, preflight=False)
         assert "runs again on the source" in str(info.value)
     finally:
         t.join(5)
@@ -179,6 +180,8 @@ def test_source_resumes_when_the_destination_fails(source, behaviour, message):
 
 
 def test_destination_refusing_the_configuration_nacks(source):
+    """Without the pre-flight (a destination from before it), the load refuses the
+    configuration and NACKs after the stop (with it: tests/pcidev/migration/test_preflight.py)."""
     class Other(EduDevice):
         def device_fingerprint(self):
             return {"edu.max_transfer": 1}
@@ -188,13 +191,13 @@ def test_destination_refusing_the_configuration_nacks(source):
     t, got = _run_peer(lambda: migrate_in(dest, b))
     try:
         with pytest.raises(MigrationError, match="ConfigMismatchError: .*edu.max_transfer"):
-            migrate_out(source.device, a)
+            migrate_out(source.device, a, preflight=False)
     finally:
         t.join(5)
         a.close()
         b.close()
     assert isinstance(got["error"], ConfigMismatchError)
-    assert not source.device.quiesced
+    assert not source.device.quiesced and source.device.quiesces == 1
 
 
 def test_destination_failing_to_adopt_nacks_and_releases(source):
@@ -239,7 +242,7 @@ def test_refusal_sent_before_the_stream_is_read_reaches_the_source(source):
             b.sendall(_nack_frame("stream is for device type 'edu', this device is 'nvme'"))
             b.close()  # before the source sent anything: its first send fails
             with pytest.raises(MigrationError) as info:
-                migrate_out(dev, a, timeout=2.0)
+                migrate_out(dev, a, timeout=2.0, preflight=False)
         finally:
             a.close()
         text = str(info.value)
@@ -288,7 +291,7 @@ def test_refusal_at_the_offer_wins_over_the_blocked_stream(source, family):
         try:
             with pytest.raises(MigrationError, match="refused the state: ConfigMismatchError: .*"
                                                      "stream is for device type 'edu'") as info:
-                migrate_out(dev, a, timeout=5.0)
+                migrate_out(dev, a, timeout=5.0, preflight=False)
         finally:
             t.join(5)
             a.close()
@@ -305,7 +308,7 @@ def test_a_send_failure_without_a_reply_is_reported_as_such(source):
     b.close()
     try:
         with pytest.raises(MigrationError, match="peer closed the connection") as info:
-            migrate_out(source.device, a, timeout=2.0)
+            migrate_out(source.device, a, timeout=2.0, preflight=False)
     finally:
         a.close()
     assert "refused" not in str(info.value)

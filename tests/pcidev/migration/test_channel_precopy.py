@@ -231,23 +231,30 @@ def test_a_generation_suffix_names_the_same_object_and_nothing_else():
         staged.close()
 
 
-def test_a_peer_that_trickles_chunks_is_cut_off_by_the_overall_deadline():
-    """Review G #5: one CHUNK just inside each per-frame timeout no longer keeps the
-    destination in migrate_in: the whole stream has a deadline, then a NACK."""
-    a, b = tcp_pair()
-    dest = PrecopyDev(SIZE)
+def _timed_destination(dest, sock, **kwargs):
+    """migrate_in in a thread; returns (thread, out): ``out["err"]`` the TransportError it
+    raised, ``out["t"]`` how long it took."""
     out = {}
 
     def destination():
         t0 = time.monotonic()
         try:
-            migrate_in(dest, b, timeout=0.5, total_timeout=1.5)
+            migrate_in(dest, sock, **kwargs)
         except TransportError as exc:
             out["err"] = exc
         out["t"] = time.monotonic() - t0
 
     t = threading.Thread(target=destination, daemon=True)
     t.start()
+    return t, out
+
+
+def test_a_peer_that_trickles_chunks_is_cut_off_by_the_overall_deadline():
+    """Review G #5: one CHUNK just inside each per-frame timeout no longer keeps the
+    destination in migrate_in: the whole stream has a deadline, then a NACK."""
+    a, b = tcp_pair()
+    dest = PrecopyDev(SIZE)
+    t, out = _timed_destination(dest, b, timeout=0.5, total_timeout=1.5)
     try:
         a.sendall(_memory())
         t0 = time.monotonic()
@@ -271,18 +278,7 @@ def test_a_peer_that_trickles_chunks_is_cut_off_by_the_overall_deadline():
 def test_a_frame_trickled_byte_by_byte_is_cut_off_by_the_overall_deadline():
     a, b = tcp_pair()
     dest = PrecopyDev(SIZE)
-    out = {}
-
-    def destination():
-        t0 = time.monotonic()
-        try:
-            migrate_in(dest, b, timeout=0.5, total_timeout=1.0)
-        except TransportError as exc:
-            out["err"] = exc
-        out["t"] = time.monotonic() - t0
-
-    t = threading.Thread(target=destination, daemon=True)
-    t.start()
+    t, out = _timed_destination(dest, b, timeout=0.5, total_timeout=1.0)
     try:
         frames = _memory() + _chunk(off=0)
         a.sendall(frames[:-4000])
@@ -358,7 +354,9 @@ def test_a_zero_chunk_punches_a_hole_in_the_staging_memfd():
 
 # --------------------------------------------------------- the destination goes away
 def _dying_destination(sock, frames_before_close, *, at_offer=False):
-    """Read frames and close after ``frames_before_close`` of them (or at the OFFER)."""
+    """Read frames and close after ``frames_before_close`` of them (or at the OFFER); it
+    speaks the exchange without the pre-flight (the source is told ``preflight=False``;
+    the real destination dying at each frame: test_kill_points.py)."""
     n = 0
     try:
         while n < frames_before_close:
@@ -386,7 +384,7 @@ def test_a_destination_dying_during_precopy_leaves_the_source_running_untouched(
         t.start()
         quiesces = []
         dev.on_quiesce = lambda: quiesces.append(1)  # type: ignore[method-assign]
-        p = Precopy(dev, a, timeout=5)
+        p = Precopy(dev, a, timeout=5, preflight=False)
         failed_in_precopy = False
         try:
             p.run()
@@ -448,7 +446,7 @@ def test_a_stalled_destination_times_the_precopy_out():
     a, b = tcp_pair(buffers=64 << 10)
     try:
         dev.ram.mem[:] = random.Random(5).randbytes(4 << 20)
-        p = Precopy(dev, a, timeout=0.3)
+        p = Precopy(dev, a, timeout=0.3, preflight=False)  # (stalled with the pre-flight: test_preflight.py)
         with pytest.raises(MigrationError, match="keeps running"):
             p.run()  # nobody reads
         assert not dev.quiesced and p.failed
@@ -495,7 +493,7 @@ def test_an_edu_over_tcp_sends_protocol_1_exactly_as_before():
     t.start()
     try:
         with pytest.raises(MigrationError):
-            migrate_out(src, a, timeout=2)
+            migrate_out(src, a, timeout=2, preflight=False)  # (as a source from before the pre-flight)
         t.join(5)
         ((kind, offer),) = frames
         assert kind == OFFER and offer["protocol"] == 1 and set(offer) == {

@@ -20,6 +20,7 @@ import time
 import crc32c
 import pytest
 from killpoints import (
+    BEFORE_STOP,
     DEATHS,
     PROTOCOL,
     DyingDestination,
@@ -298,13 +299,14 @@ def test_a_destination_dying_at_each_step(request, tmp_path, transport, ram, com
             outcome = dying.end()
             assert outcome["reached"], f"the destination never reached {point.name}: {outcome}"
             assert outcome.get("status", -9) == -9
-            # one stop for the attempt (none if it failed while pre-copy ran before the stop)
-            assert len(dev.pauses) == 1 or (point.step.needs == "precopy" and not dev.pauses), dev.pauses
+            # one stop for the attempt (none if it failed in the pre-flight or the pre-copy, before the stop)
+            assert len(dev.pauses) == 1 or (point.step.needs in BEFORE_STOP and not dev.pauses), dev.pauses
             stopped_at, at_stop, resumed_at, at_resume = dev.pauses[-1] if dev.pauses else [0.0, b"", 0.0, b""]
             fate = expected(point, commit)
             if fate == "kept":
-                # stopped: "runs again"; refused while the pre-copy ran, before any stop: "keeps running"
-                said = "runs again on the source" if dev.pauses else "keeps running on the source"
+                # stopped: "runs again"; refused in the pre-flight or while the pre-copy ran, before any
+                # stop: "keeps running" (on the source; "here" when the link's pre-copy timeout ended it)
+                said = "runs again on the source" if dev.pauses else "keeps running"
                 assert isinstance(error, MigrationError) and said in str(error), error
                 assert not dev.quiesced and not dev.migrated_out and dev.owns_state
                 assert src.endpoint.state == "running"
@@ -382,10 +384,14 @@ def test_every_frame_of_the_channel_is_a_step_or_named_as_none():
 
 def test_the_points_are_derived_from_the_frames():
     names = [p.name for p in points(fds=True, commit=True)]
-    assert names == ["before-OFFER", "before-FDS", "before-STATE", "mid-STATE", "before-ACK", "mid-ACK",
-                     "before-COMMIT", "before-RUNNING", "mid-RUNNING", "after-RUNNING"]
-    assert [p.name for p in points(deferred=True)] == ["before-OFFER", "before-STATE", "mid-STATE", "before-ACK",
-                                                        "mid-ACK", "after-ACK"]
+    assert names == ["before-CHECK", "before-VERDICT", "mid-VERDICT", "before-OFFER", "before-FDS", "before-STATE",
+                     "mid-STATE", "before-ACK", "mid-ACK", "before-COMMIT", "before-RUNNING", "mid-RUNNING",
+                     "after-RUNNING"]
+    assert [p.name for p in points(deferred=True, preflight=False)] == [
+        "before-OFFER", "before-STATE", "mid-STATE", "before-ACK", "mid-ACK", "after-ACK"]
+    assert [p.name for p in points(deferred=True, precopy=True)][:8] == [
+        "before-CHECK", "before-VERDICT", "mid-VERDICT", "before-MEMORY", "before-CHUNK", "mid-CHUNK",
+        "before-SYNC", "before-SYNCED"]
     precopy = [p.name for p in points(precopy=True)]
     for step in PROTOCOL:
         if step.needs == "precopy":  # pre-copy frames give points exactly when the channel has them

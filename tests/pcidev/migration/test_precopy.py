@@ -15,13 +15,13 @@ import time
 import attrs
 import crc32c
 import pytest
-from precopy_device import PrecopyDev, page_crcs, tcp_pair
+from precopy_device import Incoming, PrecopyDev, page_crcs, tcp_pair
 
 from pcidev.bar import RamBacking, Register, RegisterMap
 from pcidev.device import PciDevice
 from pcidev.errors import ConfigError, MigrationBlockedError, MigrationError, TransportError, VMStateError
 from pcidev.memory_source import DirtyBitmap, MemorySource
-from pcidev.migration import descriptor_blockers, migrate_in, migrate_out
+from pcidev.migration import descriptor_blockers, migrate_out
 from pcidev.migration.precopy import Precopy, PrecopyReport
 from pcidev.vmstate import FdRef, vmstate
 
@@ -191,19 +191,8 @@ def _fill(dev, seed):
 
 def _migrate(src, dst, *, writer_kw=None, before_stop=None, **precopy_kw):
     """Pre-copy while a writer writes, stop the writer, migrate; returns (result, incoming, report)."""
-    a, b = tcp_pair()
-    got = {}
-
-    def destination():
-        try:
-            got["value"] = migrate_in(dst, b, timeout=30)
-        except BaseException as exc:
-            got["error"] = exc
-
-    t = threading.Thread(target=destination, daemon=True)
-    t.start()
-    try:
-        p = Precopy(src, a, timeout=30, **precopy_kw)
+    with Incoming(dst, tcp_pair(), timeout=30) as inc:
+        p = Precopy(src, inc.sock, timeout=30, **precopy_kw)
         assert p.active
         with Writer(src, **(writer_kw or {})) as w:
             time.sleep(0.05)
@@ -211,13 +200,9 @@ def _migrate(src, dst, *, writer_kw=None, before_stop=None, **precopy_kw):
         assert w.writes > 0
         if before_stop is not None:
             before_stop()
-        result = migrate_out(src, a, precopy=p, timeout=30)
-    finally:
-        t.join(30)
-        a.close()
-        b.close()
-    assert "error" not in got, got.get("error")
-    return result, got["value"], p
+        result = migrate_out(src, inc.sock, precopy=p, timeout=30)
+    assert inc.error is None, inc.error
+    return result, inc.result, p
 
 
 def test_a_ram_bar_migrates_over_tcp_while_mmio_writes_it():
@@ -273,28 +258,20 @@ def test_writes_through_a_direct_mapping_are_caught_by_page_hashes():
         fd = src.ram.export_fd()  # a peer maps it: writes never pass through RamBacking.write
         peer = mmap.mmap(fd, src.size)
         assert src.memory_sources()[0].bitmap is None
-        a, b = tcp_pair()
-        got = {}
-        t = threading.Thread(target=lambda: got.setdefault("value", migrate_in(dst, b, timeout=30)), daemon=True)
-        t.start()
-        try:
-            p = Precopy(src, a, timeout=30)
+        with Incoming(dst, tcp_pair(), timeout=30) as inc:
+            p = Precopy(src, inc.sock, timeout=30)
             with Writer(src, mapped=peer, pause=0.0002) as w:
                 time.sleep(0.05)
                 p.run()
             assert w.writes > 0
             # and a last write after the pre-copy, before the stop: only the hash at the stop sees it
             peer[src.size - 8:] = b"lastword"
-            result = migrate_out(src, a, precopy=p, timeout=30)
-        finally:
-            t.join(30)
-            a.close()
-            b.close()
+            result = migrate_out(src, inc.sock, precopy=p, timeout=30)
         rep = result.precopy
         assert rep.hashed_bytes >= 2 * src.size and rep.hash_seconds > 0 and rep.remainder_bytes >= 4096
         assert bytes(dst.ram.mem[-8:]) == b"lastword"
         assert page_crcs(dst.ram) == page_crcs(src.ram)
-        got["value"].resources.close()
+        inc.result.resources.close()
     finally:
         if peer is not None:
             peer.close()
@@ -306,19 +283,11 @@ def test_without_a_precopy_everything_is_copied_at_the_stop():
     src, dst = PrecopyDev(MiB), PrecopyDev(MiB)
     try:
         _fill(src, 4)
-        a, b = tcp_pair()
-        got = {}
-        t = threading.Thread(target=lambda: got.setdefault("value", migrate_in(dst, b)), daemon=True)
-        t.start()
-        try:
-            result = migrate_out(src, a)
-        finally:
-            t.join(10)
-            a.close()
-            b.close()
+        with Incoming(dst, tcp_pair()) as inc:
+            result = migrate_out(src, inc.sock)
         assert result.precopy.iterations == 0 and result.precopy.remainder_bytes == MiB // 2
         assert page_crcs(dst.ram) == page_crcs(src.ram)
-        got["value"].resources.close()
+        inc.result.resources.close()
     finally:
         src.close()
         dst.close()
@@ -328,22 +297,15 @@ def test_over_unix_nothing_is_streamed_and_the_memfd_travels():
     src, dst = PrecopyDev(MiB), PrecopyDev(MiB)
     try:
         _fill(src, 5)
-        a, b = socket.socketpair()
-        p = Precopy(src, a)
-        assert not p.active
-        p.run()
-        got = {}
-        t = threading.Thread(target=lambda: got.setdefault("value", migrate_in(dst, b)), daemon=True)
-        t.start()
-        try:
-            result = migrate_out(src, a, precopy=p)
-        finally:
-            t.join(10)
-            a.close()
-            b.close()
+        with Incoming(dst, socket.socketpair()) as inc:
+            p = Precopy(src, inc.sock)
+            assert not p.active
+            p.run()  # (only the pre-flight)
+            assert p.verdict is not None and p.verdict.ok
+            result = migrate_out(src, inc.sock, precopy=p)
         assert result.precopy is None and result.as_dict()["precopy"] is None and result.fds == 1
         assert os.path.sameopenfile(dst.ram.fd, src.ram.fd)
-        got["value"].resources.close()
+        inc.result.resources.close()
     finally:
         src.close()
         dst.close()
@@ -463,24 +425,16 @@ def test_a_devices_own_memfd_travels_by_its_contents_even_when_it_appears_at_the
         os.pwrite(src.fd, random.Random(8).randbytes(MiB), 0)
         os.pwrite(src.fd, b"tail" * 1024, BlobDev.SIZE - 4096)  # a hole between
         src.offered = not late
-        a, b = tcp_pair()
-        got = {}
-        t = threading.Thread(target=lambda: got.setdefault("value", migrate_in(dst, b, timeout=10)), daemon=True)
-        t.start()
-        try:
-            p = Precopy(src, a, timeout=10)
+        with Incoming(dst, tcp_pair(), timeout=10) as inc:
+            p = Precopy(src, inc.sock, timeout=10)
             assert [s.name for s in p.sources()] == (["bar2"] if late else ["bar2", "blob"])
             p.run()
             src.offered = True  # late: announced by a second MEMORY at the stop, sent whole
-            result = migrate_out(src, a, precopy=p, timeout=10)
-        finally:
-            t.join(10)
-            a.close()
-            b.close()
+            result = migrate_out(src, inc.sock, precopy=p, timeout=10)
         assert result.precopy.remainder_bytes == (MiB + 4096 if late else 0)
         assert _blob_crcs(dst.fd, BlobDev.SIZE) == _blob_crcs(src.fd, BlobDev.SIZE)
         assert not os.path.sameopenfile(dst.fd, src.fd)
-        got["value"].resources.close()
+        inc.result.resources.close()
     finally:
         src.close()
         dst.close()
@@ -488,32 +442,18 @@ def test_a_devices_own_memfd_travels_by_its_contents_even_when_it_appears_at_the
 
 def test_a_source_that_became_another_object_fails_the_stop_and_the_device_runs_on():
     src, dst = BlobDev(), BlobDev()
-    a, b = tcp_pair()
-    got = {}
-
-    def destination():
-        try:
-            migrate_in(dst, b, timeout=5)
-        except (TransportError, VMStateError) as exc:
-            got["error"] = exc
-
-    t = threading.Thread(target=destination, daemon=True)
-    t.start()
     try:
-        p = Precopy(src, a, timeout=5)
-        p.run()
-        os.close(src.fd)
-        src.fd = os.memfd_create("other")
-        os.ftruncate(src.fd, BlobDev.SIZE)
-        with pytest.raises(MigrationError, match="'blob' is another object"):
-            migrate_out(src, a, precopy=p, timeout=5)
-        assert not src.quiesced and p.failed
-        t.join(10)
-        assert "error" in got  # the channel ended before any OFFER
+        with Incoming(dst, tcp_pair(), timeout=5) as inc:
+            p = Precopy(src, inc.sock, timeout=5)
+            p.run()
+            os.close(src.fd)
+            src.fd = os.memfd_create("other")
+            os.ftruncate(src.fd, BlobDev.SIZE)
+            with pytest.raises(MigrationError, match="'blob' is another object"):
+                migrate_out(src, inc.sock, precopy=p, timeout=5)
+            assert not src.quiesced and p.failed
+        assert isinstance(inc.error, (TransportError, VMStateError))  # the channel ended before any OFFER
     finally:
-        t.join(10)
-        a.close()
-        b.close()
         src.close()
         dst.close()
 
@@ -525,7 +465,7 @@ def test_a_cancelled_precopy_leaves_the_device_running():
     try:
         src.ram.mem[:] = random.Random(9).randbytes(16 * MiB)
         before = page_crcs(src.ram)
-        p = Precopy(src, a, timeout=10)
+        p = Precopy(src, a, timeout=10, preflight=False)  # (nobody answers: a reader drains the channel)
         threading.Timer(0.05, cancel.set).start()
         drain = threading.Thread(target=lambda: _drain(b), daemon=True)
         drain.start()
@@ -568,34 +508,20 @@ def test_a_destination_bar_a_peer_maps_gets_the_contents_copied_in(refuse):
         own = page_crcs(dst.ram)
         peer = mmap.mmap(dst.ram.export_fd(), MiB)
         fd_before = dst.ram.fd
-        a, b = tcp_pair()
-        got = {}
-
-        def destination():
-            try:
-                got["value"] = migrate_in(dst, b, timeout=10)
-            except VMStateError as exc:
-                got["error"] = exc
-
-        t = threading.Thread(target=destination, daemon=True)
-        t.start()
-        try:
+        with Incoming(dst, tcp_pair(), timeout=10) as inc:
             if refuse:
                 with pytest.raises(MigrationError, match="refused on purpose"):
-                    migrate_out(src, a, timeout=10)
+                    migrate_out(src, inc.sock, timeout=10)
             else:
-                migrate_out(src, a, timeout=10)
-        finally:
-            t.join(10)
-            a.close()
-            b.close()
+                migrate_out(src, inc.sock, timeout=10)
+        assert isinstance(inc.error, VMStateError) if refuse else inc.error is None
         assert dst.ram.fd == fd_before  # its own memfd, the one the peer maps
         if refuse:
             assert page_crcs(dst.ram) == own and peer[:MiB] == b"\x77" * MiB
             assert not src.quiesced
         else:
             assert page_crcs(dst.ram) == page_crcs(src.ram) and peer[:MiB] == bytes(src.ram.mem)
-            got["value"].resources.close()
+            inc.result.resources.close()
     finally:
         if peer is not None:
             peer.close()
@@ -612,25 +538,17 @@ def test_a_second_mapping_in_this_process_switches_to_hashes_even_after_the_prec
     try:
         _fill(src, 11)
         assert src.memory_sources()[0].bitmap is src.ram.dirty
-        a, b = tcp_pair()
-        got = {}
-        t = threading.Thread(target=lambda: got.setdefault("value", migrate_in(dst, b, timeout=10)), daemon=True)
-        t.start()
-        try:
-            p = Precopy(src, a, timeout=10)
+        with Incoming(dst, tcp_pair(), timeout=10) as inc:
+            p = Precopy(src, inc.sock, timeout=10)
             p.run()
             window = mmap.mmap(src.ram.fd, MiB)  # not through export_fd
             assert src.memory_sources()[0].bitmap is None
             window[:4096] = b"\x00" * 4096  # zeros where data was: sent as a hole
             window[MiB - 4096:] = b"\x42" * 4096
-            result = migrate_out(src, a, precopy=p, timeout=10)
-        finally:
-            t.join(10)
-            a.close()
-            b.close()
+            result = migrate_out(src, inc.sock, precopy=p, timeout=10)
         assert result.precopy.remainder_bytes == MiB
         assert page_crcs(dst.ram) == page_crcs(src.ram)
-        got["value"].resources.close()
+        inc.result.resources.close()
     finally:
         if window is not None:
             window.close()
@@ -646,26 +564,18 @@ def test_a_window_mapped_and_dropped_during_the_precopy_still_sends_the_bar_whol
     src, dst = PrecopyDev(MiB), PrecopyDev(MiB)
     try:
         src.ram.mem[:MiB // 2] = b"\x11" * (MiB // 2)
-        a, b = tcp_pair()
-        got = {}
-        t = threading.Thread(target=lambda: got.setdefault("value", migrate_in(dst, b, timeout=10)), daemon=True)
-        t.start()
-        try:
-            p = Precopy(src, a, timeout=10)
+        with Incoming(dst, tcp_pair(), timeout=10) as inc:
+            p = Precopy(src, inc.sock, timeout=10)
             p.run()
             window = mmap.mmap(src.ram.fd, MiB)  # the device's own window appears...
             window[MiB - 4096:] = b"\x42" * 4096  # ...DMA writes through it (no mark)...
             window.close()  # ...and the window is gone again before the stop
             assert src.memory_sources()[0].bitmap is None  # sticky
-            result = migrate_out(src, a, precopy=p, timeout=10)
-        finally:
-            t.join(10)
-            a.close()
-            b.close()
+            result = migrate_out(src, inc.sock, precopy=p, timeout=10)
         assert result.precopy.remainder_bytes == MiB
         assert page_crcs(dst.ram) == page_crcs(src.ram)
         assert bytes(dst.ram.mem[MiB - 4096:]) == b"\x42" * 4096
-        got["value"].resources.close()
+        inc.result.resources.close()
         # a new tracking session starts exact again (nothing maps the BAR any more)
         assert src.memory_sources()[0].bitmap is src.ram.dirty
     finally:
@@ -709,7 +619,7 @@ def test_abort_from_another_thread_waits_for_run_and_stops_the_tracking():
         # (else nobody reads b: the first pass blocks in a send)
         try:
             _fill(src, 5)
-            p = Precopy(src, a, timeout=2.0, max_bandwidth=None)
+            p = Precopy(src, a, timeout=2.0, max_bandwidth=None, preflight=False)  # (no destination answers)
             errors = []
             if where == "announce":
                 real = p._announce

@@ -16,7 +16,7 @@ import crc32c
 import pytest
 
 from pcidev.devices.edu import DESC, STATUS_DONE
-from pcidev.errors import MigrationError, PcidevError
+from pcidev.errors import MigrationBlockedError, MigrationError, PcidevError
 from pcidev.testing import (
     MigrationRecord,
     MigrationRunResult,
@@ -215,15 +215,17 @@ def pcidev_register_devices(registry):
 
 def test_a_refusing_destination_reaches_the_caller_typed(clean, tmp_path, monkeypatch):
     """Destinations of another device type (from a plugin the device processes load
-    through plugin_specs) refuse the stream; the refusal reason reaches the caller."""
+    through plugin_specs) refuse in the pre-flight, before anything stops; the refusal
+    reason reaches the caller typed."""
     (tmp_path / "pcidev_other_edu.py").write_text(OTHER_PLUGIN)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
     with pytest.raises(MigrationError) as info:
         migrate_under_load("edu", EduCopies(), count=2, every=2, properties=EDU, destination_type="edu-other",
                            plugin_specs=["pcidev_other_edu"])
     text = str(info.value)
-    assert "refused the state: ConfigMismatchError" in text and "device type 'edu'" in text, text
-    assert "Broken pipe" not in text and "runs again on the source" in text
+    assert isinstance(info.value, MigrationBlockedError), text
+    assert "the destination refuses: the source is a device of type 'edu', this one is 'edu-other'" in text, text
+    assert "Broken pipe" not in text
     assert any("migration 1 of 2 of edu" in note for note in info.value.__notes__)
 
 

@@ -5,7 +5,7 @@
 MODE: ``kill`` (reads the offer, then SIGKILLs itself), ``garbage`` (reads the whole
 stream, then answers garbage), ``close`` (reads the stream and closes without an
 answer), ``refuse`` (a real destination whose edu is configured differently: it
-loads, refuses and NACKs).
+refuses in the pre-flight). The first three let the pre-flight pass (a VERDICT ``ok``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import sys
 from pcidev.devices.edu import EduDevice
 from pcidev.errors import PcidevError
 from pcidev.migration import migrate_in
+from pcidev.migration.frames import CHECK, VERDICT, recv_frame, send_meta
 from pcidev.transport.address import listen
 from pcidev.transport.fdpass import close_fds, recv_exact
 
@@ -37,6 +38,10 @@ def main(mode: str, address: str) -> int:
             print(f"refused: {exc}", flush=True)
             return 0
         return 1
+    kind, _body, fds = recv_frame(conn, max_fds=253)
+    close_fds(fds)
+    if kind == CHECK:
+        send_meta(conn, VERDICT, {"protocol": 3, "ok": True, "reasons": [], "features": [], "boot_id": ""})
     head, fds = recv_exact(conn, 16, max_fds=253)
     close_fds(fds)
     if mode == "kill":

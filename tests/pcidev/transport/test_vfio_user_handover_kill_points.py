@@ -40,7 +40,8 @@ KEPT = [("before-READY", "kill"), ("before-CONN", "kill"), ("before-OFFER", "kil
 
 def test_the_handover_protocol_has_these_points():
     names = [p.name for p in killpoints.points(commit=True, handover=True)]
-    assert names[:3] == ["before-READY", "before-CONN", "before-OFFER"]
+    assert names[:6] == ["before-READY", "before-CONN", "before-CHECK", "before-VERDICT", "mid-VERDICT",
+                         "before-OFFER"]
     assert names[-4:] == ["before-RUNNING", "mid-RUNNING", "before-SERVING", "after-SERVING"]
     assert {name for name, _ in KEPT} <= set(names)
 

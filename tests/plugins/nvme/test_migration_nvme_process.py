@@ -13,7 +13,7 @@ import threading
 import crc32c
 import pytest
 
-from pcidev.errors import MigrationError
+from pcidev.errors import MigrationBlockedError, MigrationError
 from pcidev.host import Machine
 from pcidev.transport.link.process import DeviceProcess
 from pcidev_nvme.testing.driver import WRITE, NvmeDriver
@@ -145,7 +145,7 @@ def test_nvme_migrates_between_processes_during_verified_io(tmp_path):
 def test_nvme_over_tcp_and_a_refusing_destination(tmp_path):
     """File namespaces only: TCP works (no descriptors; the host re-attaches RAM and
     eventfds). A destination configured with another namespace size refuses by
-    fingerprint; the source keeps running and the I/O stays verified."""
+    fingerprint, in the pre-flight; the source keeps running and the I/O stays verified."""
     img = tmp_path / "t.img"
     with open(img, "wb") as f:
         f.truncate(2 << 20)
@@ -171,7 +171,8 @@ def test_nvme_over_tcp_and_a_refusing_destination(tmp_path):
             refuser.wait_event("listening")
             with pytest.raises(MigrationError) as info:
                 p.device.migrate(refuser.incoming, timeout=10)
-            assert "ConfigMismatchError" in str(info.value) and "nvme.namespaces" in str(info.value)
+            # (in the pre-flight: nothing stopped)
+            assert isinstance(info.value, MigrationBlockedError) and "configuration: nvme.namespaces" in str(info.value)
             assert p.device.info["pid"] == src.pid
             for i in range(64, 96):
                 payload[i] = os.urandom(4096)

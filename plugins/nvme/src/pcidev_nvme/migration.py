@@ -105,6 +105,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -115,6 +116,7 @@ import attrs
 from pcidev.device import PciDevice
 from pcidev.errors import ConfigError, MigrationError, QuiesceTimeoutError
 from pcidev.memory_source import DirtyBitmap, MemorySource
+from pcidev.migration.frames import boot_id
 from pcidev.vmstate import U8, U32, U64, Bool, Bytes, VarArray, vmstate
 from pcidev.vmstate.errors import StateError
 from pcidev_nvme import ns_records
@@ -146,7 +148,7 @@ from pcidev_nvme.logs import (
 from pcidev_nvme.metadata import MemMetadata, MetadataStore
 from pcidev_nvme.namespace import LBA_FORMATS, LBAF_TABLE, Namespace, NamespaceHolding, NamespaceState
 from pcidev_nvme.namespaces import RemovedNamespace
-from pcidev_nvme.ns_records import NamespaceChangesState, NamespacePlan
+from pcidev_nvme.ns_records import CreatedNamespaceRecord, NamespaceChangesState, NamespacePlan
 from pcidev_nvme.ns_smart import NamespaceSmart, NamespaceSmartState
 from pcidev_nvme.pmr import PersistentMemoryRegion, PmrState
 from pcidev_nvme.queues import CompletionQueue, CqeState, CqState, SqState, SubmissionQueue
@@ -404,6 +406,158 @@ def fingerprint(ctrl: MigrationHost) -> dict[str, Any]:
         **fingerprint_entry(cfg.awun, cfg.awupf, cfg.atomic_dn,
                             [(nsid, ctrl.configured.get(nsid)) for nsid in range(1, len(cfg.namespaces) + 1)]),
     }
+
+
+def preflight_facts(ctrl: MigrationHost) -> dict[str, Any]:
+    """The facts a destination checks in the pre-flight, beyond the :func:`fingerprint`.
+
+    The pre-flight runs before the source stops anything
+    (:meth:`~pcidev.device.PciDevice.migration_facts`, :mod:`pcidev.migration.preflight`):
+
+    * ``nvme.nsids``: the NSIDs the controller has now (those the stream will list);
+    * ``nvme.images``: per ``file`` namespace ``[nsid, path, size, read_only, [st_dev, st_ino]]``
+      (the identity of the file it has open, compared on the same machine: ``nvme.host``,
+      the kernel boot id);
+    * ``nvme.created`` / ``nvme.deleted``: when Namespace Management changed anything, its
+      records as the stream carries them (``[nsid, kind, size, nguid, eui64, uuid, path]``
+      per created namespace, :class:`~pcidev_nvme.ns_records.CreatedNamespaceRecord`).
+
+    A secondary controller (SR-IOV) has none: its namespaces are its primary's.
+
+    :param ctrl: the running source controller.
+    :returns: the facts (msgpack-able).
+    """
+    if not ctrl.owns_namespaces:
+        return {}
+    with ctrl.state_lock:
+        namespaces = sorted(ctrl.allocated.items())
+        records = ns_records.snapshot(ctrl)
+    images: list[list[Any]] = []
+    for nsid, ns in namespaces:
+        b = ns.backend
+        if getattr(b, "kind", None) != "file":
+            continue
+        try:
+            st = os.fstat(getattr(b, "fd", -1))
+            ident: list[int] | None = [st.st_dev, st.st_ino]
+        except (OSError, TypeError, AttributeError):
+            ident = None
+        images.append([nsid, str(getattr(b, "path", "") or ""), int(ns.size), bool(ns.read_only), ident])
+    out: dict[str, Any] = {"nvme.host": boot_id(), "nvme.nsids": [nsid for nsid, _ in namespaces],
+                           "nvme.images": images}
+    if records is not None:
+        out["nvme.created"] = [[r.nsid, r.kind, r.size, r.nguid, r.eui64, r.uuid, r.path] for r in records.created]
+        out["nvme.deleted"] = list(records.deleted)
+    return out
+
+
+def _fact(value: Any, kind: type, what: str) -> Any:
+    """``value`` if it is a ``kind`` (never a bool for an int). :raises ValueError: else."""
+    if type(value) is not kind:
+        raise ValueError(f"{what} is {type(value).__name__}, not {kind.__name__}")
+    return value
+
+
+def _records(facts: Mapping[str, Any]) -> NamespaceChangesState | None:
+    """The ``nvme/ns-management`` records the facts describe (None: nothing changed).
+    :raises ValueError: malformed."""
+    created, deleted = facts.get("nvme.created"), facts.get("nvme.deleted")
+    if created is None and deleted is None:
+        return None
+    recs = []
+    for j, r in enumerate(_fact(created, list, "nvme.created")):
+        if type(r) is not list or len(r) != 7:
+            raise ValueError(f"nvme.created[{j}] is not a record of 7 items")
+        nsid, kind, size = _fact(r[0], int, "nsid"), _fact(r[1], str, "kind"), _fact(r[2], int, "size")
+        ids = [_fact(v, bytes, "an identifier") for v in r[3:6]]
+        if [len(v) for v in ids] != [16, 8, 16] or len(kind) > 16 or not 0 <= nsid < 1 << 32 or size < 0:
+            raise ValueError(f"nvme.created[{j}] holds an identifier, kind, NSID or size out of range")
+        recs.append(CreatedNamespaceRecord(nsid=nsid, kind=kind, size=size, nguid=ids[0], eui64=ids[1],
+                                           uuid=ids[2], path=_fact(r[6], str, "path")))
+    gone = [_fact(n, int, "a deleted NSID") for n in _fact(deleted, list, "nvme.deleted")]
+    return NamespaceChangesState(created=tuple(recs), deleted=tuple(gone))
+
+
+def _served_image_problem(ctrl: MigrationHost, nsid: int, path: str, size: int, read_only: bool,
+                          ident: list[int] | None, same_host: bool) -> str | None:
+    """Why the image of the source's ``file`` namespace ``nsid`` is not one this controller
+    can serve (None: it is). On the same machine, a controller that has the very file open
+    that the source writes serves it, whatever its path leads to now (a handover's new
+    process holds the old one's descriptor; an image renamed after both opened it), and one
+    that has another file open does not. Otherwise (another machine, or no image open here)
+    by its path: reachable, a regular file of at least the namespace's size, readable (and
+    writable unless read-only), the file this controller's namespace has open, and on the
+    same machine the source's file."""
+    where = f"namespace {nsid}: image {path}"
+    ns = ctrl.allocated.get(nsid)
+    fd = getattr(ns.backend, "fd", -1) if ns is not None and getattr(ns.backend, "kind", None) == "file" else -1
+    held = None
+    if fd >= 0:
+        try:
+            held = os.fstat(fd)
+        except OSError:
+            held = None
+    if same_host and ident is not None and held is not None:
+        if [held.st_dev, held.st_ino] == ident:
+            return None
+        return f"{where}: this controller has another file open than the one the source writes (the destination " \
+               "must see the same file)"
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"{where} cannot be reached here ({exc.strerror}): the destination must see the same file"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{where} is not a regular file here"
+    if st.st_size < size:
+        return f"{where} has {st.st_size} bytes here, the namespace {size}"
+    if not os.access(path, os.R_OK | (0 if read_only else os.W_OK)):
+        return f"{where} cannot be opened for {'reading' if read_only else 'reading and writing'} here"
+    if held is not None and (held.st_dev, held.st_ino) != (st.st_dev, st.st_ino):
+        return f"{where} names another file now than the one this controller opened (renamed or replaced)"
+    if same_host and ident is not None and [st.st_dev, st.st_ino] != ident:
+        return f"{where} is another file here than the one the source writes: the destination must see the same file"
+    return None
+
+
+def preflight_problems(ctrl: MigrationHost, facts: Mapping[str, Any]) -> list[str]:
+    """Every reason why this controller could not take the state of the source controller
+    whose :func:`preflight_facts` are ``facts`` (empty: none), checked before the source
+    stops anything (:meth:`~pcidev.device.PciDevice.check_migration_facts`); the load's
+    checks stay the final guard. Nothing is changed and no file is opened: the Namespace
+    Management records are planned as the load would (:func:`pcidev_nvme.ns_records.plan`:
+    a created ``file`` namespace's image must be the one this controller's Namespace
+    Management makes, reachable here), and each ``file`` namespace's image is checked
+    (:func:`_image_problem`).
+
+    :param ctrl: the destination controller.
+    :param facts: the source's facts (from the peer).
+    :returns: one sentence per reason.
+    :raises ValueError: malformed facts (the channel refuses the pre-flight as garbage).
+    """
+    if not ctrl.owns_namespaces or not facts:
+        return []
+    nsids = [_fact(n, int, "an NSID") for n in _fact(facts.get("nvme.nsids"), list, "nvme.nsids")]
+    same_host = bool(facts.get("nvme.host")) and facts.get("nvme.host") == boot_id()
+    out = []
+    build: set[int] = set()
+    try:
+        build = {r.nsid for r in ns_records.plan(ctrl, _records(facts), nsids).build}
+    except StateError as exc:
+        out.append(str(exc))
+    for j, entry in enumerate(_fact(facts.get("nvme.images"), list, "nvme.images")):
+        if type(entry) is not list or len(entry) != 5:
+            raise ValueError(f"nvme.images[{j}] is not a list of 5 items")
+        nsid, path, size = _fact(entry[0], int, "nsid"), _fact(entry[1], str, "path"), _fact(entry[2], int, "size")
+        ident = entry[4]
+        if ident is not None and (type(ident) is not list or len(ident) != 2
+                                  or not all(type(v) is int for v in ident)):
+            raise ValueError(f"nvme.images[{j}] has a file identity that is not two integers")
+        if nsid in build:
+            continue  # (the plan checked the image a created namespace reopens)
+        why = _served_image_problem(ctrl, nsid, path, size, _fact(entry[3], bool, "read_only"), ident, same_host)
+        if why is not None:
+            out.append(why)
+    return out
 
 
 def inheritable_fds(ctrl: MigrationHost) -> dict[str, int]:
@@ -1320,6 +1474,12 @@ class MigrationMixin:
 
     def device_fingerprint(self: MigrationHost) -> dict[str, Any]:
         return fingerprint(self)
+
+    def migration_facts(self: MigrationHost) -> dict[str, Any]:
+        return preflight_facts(self)
+
+    def check_migration_facts(self: MigrationHost, facts: dict[str, Any]) -> list[str]:
+        return preflight_problems(self, facts)
 
     def memory_sources(self: MigrationHost) -> list[MemorySource]:
         """The RAM BARs' (the CMB: :meth:`PciDevice.memory_sources <pcidev.device.PciDevice.memory_sources>`)
