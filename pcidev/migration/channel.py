@@ -484,7 +484,7 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
             precopy.abort()
         if was_running:
             device.resume()
-        if not isinstance(exc, MigrationError) and (watchdog.expired or time.monotonic() >= ack_by - 0.01):
+        if watchdog.expired or (not isinstance(exc, MigrationError) and time.monotonic() >= ack_by - 0.01):
             raise MigrationError(f"timed out: no acknowledgement within {timeout:g} s of the stop; "
                                  "the device runs again on the source") from exc
         if isinstance(exc, MigrationError):
