@@ -479,7 +479,8 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
             committed_at = time.monotonic()
     except Exception as exc:
         watchdog.disarm()
-        _shut(sock)  # before the resume: nothing the destination sends now reaches a reader
+        if not commit:  # (a handover's caller still sends ABORT on it)
+            _shut(sock)  # before the resume: nothing the destination sends now reaches a reader
         if precopy is not None:
             precopy.abort()
         if was_running:
