@@ -467,8 +467,10 @@ class Precopy:
         written range (bitmap) or changed page (hash) is sent, and the tracking stops.
         A pre-copy that never ran announces and sends everything now.
 
-        :param deadline: the caller's ``CLOCK_MONOTONIC`` limit for the stop: no send waits
-            past it (None: each waits the pre-copy's ``timeout``).
+        :param deadline: the caller's ``CLOCK_MONOTONIC`` limit for the stop: each send
+            waits at most what was left of it when this began, not the pre-copy's own
+            ``timeout`` (None: that ``timeout``); the caller ends the whole at the deadline
+            (:func:`~pcidev.migration.channel.migrate_out` shuts the channel down).
         :raises MigrationError: a source changed identity (another object under the same
             name), the channel broke, or the pre-copy had failed before.
         """
