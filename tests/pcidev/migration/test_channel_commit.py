@@ -379,7 +379,7 @@ def test_a_trickled_ack_cannot_stretch_the_stop():
         t.join(10)
         a.close()
         b.close()
-    assert took < 3.0, took  # (1 s, and a loaded machine's margin; without the fix it passed after 3.4 s)
+    assert took < 3.0, took  # (1 s, and a loaded machine's margin; without the fix it succeeded after 3.4 s)
     assert not src.quiesced and src.resumes == 2 and not src.migrated_out
     src.close()
 
@@ -417,7 +417,7 @@ def test_a_destination_that_reads_slowly_cannot_stretch_the_stop(monkeypatch):
         stop.set()
         a.close()
         b.close()
-    assert took < 3.0, took  # (1 s, and a loaded machine's margin; without the fix: no failure, 2 s)
+    assert took < 3.0, took  # (1 s, and a loaded machine's margin; without the fix it succeeded after 2 s)
     assert not src.quiesced and src.resumes == 2 and not src.migrated_out
     assert "error" in got and dest.resumes == 0
     src.close()
