@@ -14,20 +14,34 @@ The source side, :func:`migrate_out`:
 3. saves it (:func:`~pcidev.migration.snapshot.save_device_stream`) and sends the stream over the
    migration socket, with the guest-memory and interrupt eventfds attached
    (``SCM_RIGHTS``) on a UNIX socket;
-4. waits for the destination's acknowledgement. Until then it keeps everything;
-   if anything fails (refusal, garbage, the destination dies or times out) it
-   resumes the device and raises :class:`~pcidev.errors.MigrationError`. A refusal
-   (NACK) always reaches the caller with the destination's reason, even when the
-   destination refused early and closed so that the source's send broke first;
-5. after the acknowledgement it never runs the device again (and marks it
-   :attr:`~pcidev.device.PciDevice.migrated_out` and clears
-   :attr:`~pcidev.device.PciDevice.owns_state`, so that closing it persists
-   nothing over the destination's state); it waits briefly
-   for the destination's *running* notice to report the downtime.
+4. waits for the destination's acknowledgement, ``timeout`` seconds from the stop in
+   all (the quiesce, the pre-copy's remainder, the state and the ACK: a destination
+   that reads or answers a byte at a time cannot stretch it). Until then it keeps
+   everything; if anything fails (refusal, garbage, the destination dies or times
+   out) it shuts the channel down, resumes the device and raises
+   :class:`~pcidev.errors.MigrationError`. A refusal (NACK) always reaches the caller
+   with the destination's reason, even when the destination refused early and closed
+   so that the source's send broke first;
+5. after the acknowledgement it answers COMMIT and never runs the device again (it
+   marks it :attr:`~pcidev.device.PciDevice.migrated_out` and clears
+   :attr:`~pcidev.device.PciDevice.owns_state`, so that closing it persists nothing
+   over the destination's state), with one exception: a destination that ends the
+   channel without a byte after COMMIT never ran it (see below); it waits briefly for
+   the destination's RUNNING to report the downtime.
 
 The destination side, :func:`migrate_in`, answers the pre-flight, receives, loads (all or nothing:
-:func:`~pcidev.migration.snapshot.load_device_stream`), acknowledges, then resumes the device and
-sends the running notice.
+:func:`~pcidev.migration.snapshot.load_device_stream`), acknowledges, waits for COMMIT
+(a source that gave up never sends it: no COMMIT within ``timeout``, the end of the
+channel or ABORT, and the loaded device is discarded), sends RUNNING and only then
+resumes the device. So the destination never runs a device whose source may still
+run it, and a RUNNING that never came whole proves it did not run.
+
+A peer of the previous version (before COMMIT ended every migration) is served as
+before: the OFFER says ``commit`` and the ACK answers it; a source whose OFFER does
+not say it never sends COMMIT, and the destination then resumes after its ACK; a
+destination whose ACK does not say it runs without COMMIT, and the source sends none
+and counts its ACK as the handover (the window in which both may run is only
+narrowed: the source shuts the channel down before it resumes).
 
 Over TCP no descriptors travel, so state that migrates only as a descriptor (a
 memfd-backed RAM BAR, a device's ``FD_FEATURES``) blocks the migration before anything
@@ -39,14 +53,14 @@ itself (the device link's ``RESUME`` does it, see :mod:`pcidev.transport.link`).
 Wire format of the migration channel (all integers little-endian)::
 
     frame   = magic "PCIDMIGR" (8) | type u16 | flags u16 (0) | length u32 | body
-    OFFER   1  msgpack {"protocol": 1, "device_type", "stream_size", "fds", "boot_id"}
+    OFFER   1  msgpack {"protocol": 1, "device_type", "stream_size", "fds", "boot_id", "commit": true}
                + the first (at most 253) fds
     FDS     2  empty body + the next batch of fds (when there are more than 253)
     STATE   3  the vmstate stream (docs/vmstate-format.md)
-    ACK     4  msgpack {"link": address or nil, "deferred": bool, "boot_id"}
+    ACK     4  msgpack {"link": address or nil, "deferred": bool, "boot_id", "commit": true}
     NACK    5  msgpack {"error": error class name, "message"}
-    RUNNING 6  msgpack {"running_at": CLOCK_MONOTONIC seconds, "boot_id"}
-    COMMIT  7  empty: the source gives the device up for good (only with ``commit=True``)
+    RUNNING 6  msgpack {"running_at": CLOCK_MONOTONIC seconds, or nil when deferred, "boot_id"}
+    COMMIT  7  empty: the source gives the device up for good (after every ACK that says ``commit``)
     READY   8  msgpack: a handover's new process is built and waits (:mod:`pcidev.transport.vfio_user.handover`)
     CONN    9  msgpack: a handover's connection state, + the sockets that move with it
     ABORT  10  msgpack {"reason"}: the source keeps the device; the destination must not run it
@@ -63,15 +77,17 @@ A source from before the pre-flight starts with MEMORY or OFFER, and the destina
 takes it as always; a destination from before it NACKs CHECK, and the source (nothing
 stopped) says so: ``preflight=False`` speaks the exchange without it.
 
-With ``commit=True`` (the vfio-user handover, where both processes could read the
-same client socket), the source answers the ACK with COMMIT and the destination
-runs the device only after COMMIT: its RUNNING precedes its first guest access.
-Until COMMIT the source can still take the device back; after it, a clean end of
-the channel without a single byte proves the destination never ran it, so the
-source may resume then too. A RUNNING that comes too late (or half a frame) means
-the destination may have run it: it is killed and the device runs nowhere
-(:class:`~pcidev.errors.ConnectionLostError`). A destination whose RUNNING cannot be
-sent never runs the device.
+Every migration ends OFFER ... ACK, COMMIT, RUNNING: the destination runs the device
+only after COMMIT, and its RUNNING precedes its first guest access (deferred, over TCP:
+it goes out before the destination serves its host's RESUME, with ``running_at`` nil).
+Until COMMIT the source can still take the device back; after it, an end of the
+channel without a single byte proves the destination never ran it, so the source may
+resume then too. A destination whose RUNNING cannot be sent never runs the device.
+What differs with ``commit=True`` (the vfio-user handover, where both processes could
+read the same client socket) is a RUNNING that does not come in time: the source then
+has the destination killed (``stall``), resumes if not one byte came, and otherwise
+the device runs nowhere (:class:`~pcidev.errors.ConnectionLostError`); without
+``commit`` a destination silent after COMMIT keeps the device (it may run it).
 
 Downtime is reported as the time from the source's stop to the destination's
 resume, both read from ``CLOCK_MONOTONIC``; the two are comparable only on the
@@ -182,6 +198,8 @@ class MigrationResult:
     :ivar fds: descriptors passed with it.
     :ivar stopped_at: ``CLOCK_MONOTONIC`` when the source device was quiesced.
     :ivar acked_at: when the acknowledgement arrived.
+    :ivar committed_at: when COMMIT went out (None: an older destination, which takes
+        the device with its ACK).
     :ivar running_at: when the destination resumed (its clock), or None.
     :ivar same_clock: source and destination share ``CLOCK_MONOTONIC`` (same boot id).
     :ivar deferred: the destination waits for its host to attach memory and resume.
@@ -203,6 +221,7 @@ class MigrationResult:
     link: str | None = None
     summary: dict[str, Any] = attrs.field(factory=dict)
     precopy: PrecopyReport | None = None
+    committed_at: float | None = None
 
     @property
     def downtime(self) -> float | None:
@@ -214,14 +233,15 @@ class MigrationResult:
 
     @property
     def downtime_upper_bound(self) -> float:
-        """Seconds from the stop to the acknowledgement (the destination resumes
-        right after sending it): measured on the source clock alone."""
-        return self.acked_at - self.stopped_at
+        """Seconds from the stop to COMMIT (the destination resumes when it arrives;
+        an older one right after its acknowledgement): measured on the source clock alone."""
+        return (self.committed_at if self.committed_at is not None else self.acked_at) - self.stopped_at
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (also what the device link returns to the host)."""
         return {"state_size": self.state_size, "fds": self.fds, "stopped_at": self.stopped_at,
-                "acked_at": self.acked_at, "running_at": self.running_at, "same_clock": self.same_clock,
+                "acked_at": self.acked_at, "committed_at": self.committed_at, "running_at": self.running_at,
+                "same_clock": self.same_clock,
                 "deferred": self.deferred, "link": self.link, "downtime": self.downtime,
                 "downtime_upper_bound": self.downtime_upper_bound, "boot_id": boot_id(), "summary": self.summary,
                 "precopy": self.precopy.as_dict() if self.precopy is not None else None}
@@ -277,6 +297,66 @@ def _raise_refusal(sock: socket.socket, deadline: float, send_error: TransportEr
         raise refusal from send_error
 
 
+class _StopDeadline:
+    """Shuts the channel down at the stop's deadline unless :meth:`disarm` came first:
+    every send and receive after the stop (the pre-copy's remainder, the state, the ACK)
+    then fails at once, however slowly the destination reads or answers.
+
+    Its thread starts before the stop (:meth:`arm` sets the deadline), so that starting
+    it costs nothing inside the downtime.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._cond = threading.Condition()
+        self._at: float | None = None
+        self._state = "waiting"  # waiting, armed, disarmed, expired
+        threading.Thread(target=self._run, name="pcidev-migration-deadline", daemon=True).start()
+
+    @property
+    def expired(self) -> bool:
+        """The deadline passed before :meth:`disarm`: the channel was shut down."""
+        return self._state == "expired"
+
+    def arm(self, at: float) -> None:
+        """Shut the channel down at ``at`` (``CLOCK_MONOTONIC``)."""
+        with self._cond:
+            if self._state == "waiting":
+                self._at, self._state = at, "armed"
+                self._cond.notify()
+
+    def disarm(self) -> bool:
+        """Cancel it (idempotent). :returns: False if the deadline passed first."""
+        with self._cond:
+            if self._state == "expired":
+                return False
+            self._state = "disarmed"
+            self._cond.notify()
+            return True
+
+    def _run(self) -> None:
+        with self._cond:
+            while self._state in ("waiting", "armed"):
+                left = None if self._at is None else self._at - time.monotonic()
+                if left is not None and left <= 0:
+                    self._state = "expired"
+                    try:
+                        self._sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                    return
+                self._cond.wait(left)
+
+
+def _shut(sock: socket.socket) -> None:
+    """End the channel before the source resumes: a destination's late ACK then finds it
+    closed (a destination of this version waits for COMMIT anyway)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginManager | None = None,
                 timeout: float = 10.0, running_timeout: float = 2.0, commit: bool = False,
                 stall: Callable[[], None] | None = None, precopy: Precopy | None = None,
@@ -289,14 +369,14 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
     :param device: the running source device.
     :param sock: connected migration socket (UNIX: descriptors pass too).
     :param pm: plugin manager for the ``pcidev_migration_blockers`` hook.
-    :param timeout: seconds to wait for the acknowledgement (with ``commit``: in all,
-        from the stop to the acknowledgement).
-    :param running_timeout: seconds to wait, after the acknowledgement, for the
-        destination's running notice (only for the downtime report; with ``commit``,
+    :param timeout: seconds from the stop (the quiesce and its flush included) to the
+        acknowledgement, in all.
+    :param running_timeout: seconds to wait, after COMMIT, for the destination's RUNNING
+        (for the downtime report, and: if the channel ends first without a byte, the
+        destination never ran the device, and it runs again here; with ``commit``,
         before ``stall`` is called).
-    :param commit: answer the ACK with COMMIT and count the migration done only when
-        RUNNING arrives: if the channel ends first, the destination never ran the
-        device, and it runs again here (the vfio-user handover).
+    :param commit: count the migration done only when RUNNING arrives, and have a
+        destination that stays silent killed (``stall``; the vfio-user handover).
     :param stall: with ``commit``, called when RUNNING does not come within
         ``running_timeout``: it must end the destination at once (SIGKILL and reap it).
         The device runs again here only if not one byte came after COMMIT.
@@ -351,35 +431,39 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
             ask(device, sock, timeout=timeout)
     streams = precopy is not None and precopy.active
     was_running = not device.quiesced
+    watchdog = _StopDeadline(sock)
     # the downtime starts here: the guest's accesses are held already, and the drain and
     # the flush of the quiesce are part of what it waits for
     stopped_at = time.monotonic()
     try:
         device.quiesce(quiesce_timeout, flush=not commit)  # (on failure it runs on: nothing to undo)
     except BaseException:
+        watchdog.disarm()
         if precopy is not None:
             precopy.abort()
         raise
     nfds = 0
     size = 0
-    # with commit (a handover: the guest waits), ``timeout`` bounds the whole way from the
-    # stop to the ACK; else each send and receive
+    committed_at: float | None = None
+    # ``timeout`` bounds the whole way from the stop to the ACK (the guest waits): each
+    # send and receive gets what is left, and the watchdog ends the ones that a peer
+    # reading or writing a byte at a time would stretch
     ack_by = stopped_at + timeout
+    watchdog.arm(ack_by)
 
     def budget() -> None:
-        if commit:
-            left = ack_by - time.monotonic()
-            if left <= 0:
-                raise TransportError(f"no acknowledgement within {timeout:g} s of the stop")
-            sock.settimeout(left)
+        left = ack_by - time.monotonic()
+        if left <= 0:
+            raise TransportError(f"timed out: no acknowledgement within {timeout:g} s of the stop")
+        sock.settimeout(left)
 
     try:
-        sock.settimeout(timeout)
-        deadline = ack_by if commit else time.monotonic() + timeout  # for the reply to a failed send
+        budget()
+        deadline = ack_by  # (also for the reply to a failed send)
         if streams:
             assert precopy is not None
             try:
-                precopy.finish()
+                precopy.finish(deadline=ack_by)
             except MigrationError as exc:
                 if isinstance(exc.__cause__, TransportError):
                     _raise_refusal(sock, deadline, exc.__cause__)
@@ -391,7 +475,8 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
         nfds = len(fds) if pass_fds else 0
         sent = list(fds) if pass_fds else []
         offer: dict[str, Any] = {"protocol": PROTOCOL_VERSION, "device_type": device.vmstate_device_type,
-                                 "stream_size": size, "fds": nfds, "boot_id": boot_id()}
+                                 "stream_size": size, "fds": nfds, "boot_id": boot_id(),
+                                 "commit": True}  # (it answers the ACK with COMMIT)
         if streams:
             assert precopy is not None
             offer.update(protocol=PROTOCOL_MEMORY, stream_fds=len(fds), fd_sources=precopy.fd_sources(fds))
@@ -407,7 +492,7 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
             _raise_refusal(sock, deadline, exc)
             raise
         budget()
-        kind, body, stray = recv_frame(sock)
+        kind, body, stray = recv_frame(sock, deadline=ack_by)
         close_fds(stray)
         if kind == NACK:
             raise _refusal(body)
@@ -415,11 +500,25 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
             raise TransportError(f"migration channel: expected ACK, got {frame_name(kind)}")
         meta = frame_meta(kind, body, {"deferred": bool, "boot_id": str})
         acked_at = time.monotonic()
+        if not watchdog.disarm():  # (it shut the channel down as the ACK came: no COMMIT can go)
+            raise TransportError(f"timed out: no acknowledgement within {timeout:g} s of the stop")
+        if not commit and meta.get("commit") is True:
+            # the destination runs the device only after COMMIT: from here on it is its own.
+            # A COMMIT that fails to go out did not arrive whole: it never runs it.
+            sock.settimeout(running_timeout)
+            send_frame(sock, COMMIT)
+            committed_at = time.monotonic()
     except Exception as exc:
+        watchdog.disarm()
+        if not commit:  # (a handover's caller still sends ABORT on it)
+            _shut(sock)  # before the resume: nothing the destination sends now reaches a reader
         if precopy is not None:
             precopy.abort()
         if was_running:
             device.resume()
+        if watchdog.expired or (not isinstance(exc, MigrationError) and time.monotonic() >= ack_by - 0.01):
+            raise MigrationError(f"timed out: no acknowledgement within {timeout:g} s of the stop; "
+                                 "the device runs again on the source") from exc
         if isinstance(exc, MigrationError):
             raise MigrationError(f"{exc}; the device runs again on the source") from exc
         raise MigrationError(f"migration failed ({type(exc).__name__}: {exc}); "
@@ -429,14 +528,28 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
     if commit:
         return _commit(device, sock, meta, size=size, nfds=nfds, stopped_at=stopped_at, acked_at=acked_at,
                        running_timeout=running_timeout, stall=stall, was_running=was_running)
-    # Acknowledged: from here on the destination owns the device. Never resume,
-    # and never persist its state when it is closed (PciDevice.owns_state).
+    running_at = None
+    if committed_at is not None:
+        outcome, kind, body = _await_running(sock, committed_at + running_timeout)
+        if outcome == "ended":
+            # not one byte after COMMIT: it never sent RUNNING, so it never ran the device
+            if was_running:
+                device.resume()
+            raise MigrationError("the destination ended the channel after COMMIT without running the device; "
+                                 "the device runs again on the source")
+        if outcome == "frame" and kind == RUNNING:
+            try:
+                running_at = frame_meta(kind, body, {"running_at": (float, type(None))})["running_at"]
+            except TransportError:
+                pass
+        # silent, half a frame or another frame: it may run the device, which is its own now
+    # Acknowledged (and committed): from here on the destination owns the device. Never
+    # resume, and never persist its state when it is closed (PciDevice.owns_state).
     device.migrated_out = True
     device.owns_state = False
     link = meta.get("link") if isinstance(meta.get("link"), str) else None
     same = bool(meta["boot_id"]) and meta["boot_id"] == boot_id()
-    running_at = None
-    if not meta["deferred"]:
+    if committed_at is None and not meta["deferred"]:  # an older destination: RUNNING after its resume
         try:
             sock.settimeout(running_timeout)
             kind, body, stray = recv_frame(sock)
@@ -447,7 +560,7 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
             pass
     return MigrationResult(state_size=size, fds=nfds, stopped_at=stopped_at, acked_at=acked_at,
                            running_at=running_at, same_clock=same, deferred=bool(meta["deferred"]), link=link,
-                           summary=summary,
+                           summary=summary, committed_at=committed_at,
                            precopy=precopy.report if streams and precopy is not None else None)
 
 
@@ -486,7 +599,7 @@ def _commit(device: PciDevice, sock: socket.socket, meta: dict[str, Any], *, siz
     if stall is None:
         raise MigrationError("the destination did not confirm it runs after COMMIT; neither side runs the device")
     stall()
-    if outcome == "silent" and _nothing_arrived(sock):
+    if outcome in ("silent", "ended") and _nothing_arrived(sock):
         # not one byte after COMMIT, and the destination is dead: it never ran the device
         if was_running:
             device.resume()
@@ -504,8 +617,9 @@ def _commit(device: PciDevice, sock: socket.socket, meta: dict[str, Any], *, siz
 def _await_running(sock: socket.socket, deadline: float) -> tuple[str, int, bytes]:
     """Wait for the frame after COMMIT until ``deadline``.
 
-    :returns: ``("frame", kind, body)``; ``("silent", 0, b"")``: nothing arrived in time or
-        the channel ended cleanly; ``("broken", 0, b"")``: bytes arrived, but no whole frame.
+    :returns: ``("frame", kind, body)``; ``("silent", 0, b"")``: nothing arrived in time;
+        ``("ended", 0, b"")``: the channel ended (closed or reset) without a byte;
+        ``("broken", 0, b"")``: bytes arrived, but no whole frame.
     """
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
@@ -517,9 +631,9 @@ def _await_running(sock: socket.socket, deadline: float) -> tuple[str, int, byte
     except (BlockingIOError, InterruptedError):
         return "silent", 0, b""
     except OSError:
-        first = b""
+        first = b""  # reset: the bytes sent before it would still be read first
     if not first:
-        return "silent", 0, b""  # a clean end: not one byte
+        return "ended", 0, b""  # not one byte
     try:
         sock.settimeout(max(deadline - time.monotonic(), 0.001))
         kind, body, stray = recv_frame(sock)
@@ -558,13 +672,16 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
     :param defer_without_fds: over a socket without descriptors (TCP), do not
         resume: the host must attach memory and eventfds first (the ACK says
         ``deferred``).
-    :param commit: after the ACK, wait for the source's COMMIT; then send RUNNING
-        *before* resuming the device (the source treats an end of the channel
-        without RUNNING as "never ran"). ABORT or the end of the channel instead
-        of COMMIT raise :class:`~pcidev.errors.MigrationError`: the device must not run.
-    :param committed: with ``commit``, called after COMMIT and before RUNNING.
-    :param resume: with ``commit``, resume the device after RUNNING (False: it was not
-        running at the source, e.g. quiesced because its client left: it stays so).
+    :param commit: wait for the source's COMMIT after the ACK even if its OFFER does not
+        say ``commit`` (the handover). Either way, after COMMIT it sends RUNNING
+        *before* resuming the device (the source treats an end of the channel without
+        RUNNING as "never ran"); no COMMIT within ``timeout``, ABORT or the end of the
+        channel instead raise :class:`~pcidev.errors.MigrationError`: the device must not
+        run (the source gave up). A source whose OFFER does not say ``commit`` (the
+        previous version) sends none: the device resumes right after the ACK.
+    :param committed: called after COMMIT and before RUNNING.
+    :param resume: resume the device after RUNNING (False: it was not running at the
+        source, e.g. quiesced because its client left: it stays so).
     :param max_memory: over a channel without descriptors, the most bytes of memory
         contents the source may announce (:class:`~pcidev.migration.precopy.StagedMemory`):
         a cap above the real bound, which is this device's own memory sources (each
@@ -578,8 +695,8 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
     :returns: the stream, the resources and timestamps.
     :raises TransportError: the channel broke or carried garbage (NACK sent if possible).
     :raises VMStateError: the stream was refused (NACK sent); the device is untouched.
-    :raises MigrationError: the acknowledgement could not be sent (the source
-        resumes; this device must not run).
+    :raises MigrationError: the acknowledgement could not be sent, or no COMMIT came, or
+        RUNNING could not be sent (the source resumes; this device must not run).
     """
     sock.settimeout(timeout)
     started = time.monotonic()
@@ -660,7 +777,7 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
     try:
         return _acknowledge(device, sock, stream=stream, nfds=len(fds), res=res, timeout=timeout, link=link,
                             adopt=adopt, defer_without_fds=defer_without_fds, commit=commit,
-                            committed=committed, resume=resume)
+                            committing=commit or offer.get("commit") is True, committed=committed, resume=resume)
     finally:
         if staged is not None:  # the load duplicated what it adopted; unmapping large staging
             _release_later(staged)  # memory takes long: after the ACK, and off this thread
@@ -675,9 +792,10 @@ def _release_later(staged: StagedMemory) -> None:
 
 def _acknowledge(device: PciDevice, sock: socket.socket, *, stream: bytes, nfds: int, res: LoadedResources,
                  timeout: float, link: str | None, adopt: Callable[[LoadedResources], None] | None,
-                 defer_without_fds: bool, commit: bool, committed: Callable[[], None] | None,
+                 defer_without_fds: bool, commit: bool, committing: bool, committed: Callable[[], None] | None,
                  resume: bool) -> IncomingResult:
-    """The part of :func:`migrate_in` after the load: adopt, ACK, COMMIT, resume, RUNNING."""
+    """The part of :func:`migrate_in` after the load: adopt, ACK, COMMIT, RUNNING, resume
+    (``committing``: the source sends COMMIT; else it is of the previous version)."""
     loaded_at = time.monotonic()
     deferred = defer_without_fds and not is_unix(sock)
     if adopt is not None:
@@ -693,24 +811,36 @@ def _acknowledge(device: PciDevice, sock: socket.socket, *, stream: bytes, nfds:
             if res is not None:
                 res.close()
             raise MigrationError(f"the destination could not adopt the device: {exc}") from exc
+    ack: dict[str, Any] = {"link": link, "deferred": deferred, "boot_id": boot_id()}
+    if committing:
+        ack["commit"] = True  # (it runs the device only after COMMIT)
     try:
-        send_meta(sock, ACK, {"link": link, "deferred": deferred, "boot_id": boot_id()})
+        send_meta(sock, ACK, ack)
     except TransportError as exc:
         raise MigrationError(f"could not acknowledge ({exc}); the source keeps the device") from exc
     running_at = None
-    if commit:
-        _await_commit(sock, timeout)
-        if committed is not None:
-            committed()
-        running_at = time.monotonic()
+    if committing:
+        stamp = time.monotonic()
+        runs = commit or not deferred  # (deferred: its host's RESUME runs it, later)
         try:
-            send_meta(sock, RUNNING, {"running_at": running_at, "boot_id": boot_id()})
-        except TransportError as exc:
-            # the source did not hear it, so it may run the device again: never run it here
-            raise MigrationError(f"could not confirm RUNNING ({exc}); the device must not run here") from exc
-        if resume:
-            device.resume()
-    elif not deferred:
+            _await_commit(sock, timeout)
+            if committed is not None:
+                committed()
+            stamp = time.monotonic()
+            try:
+                send_meta(sock, RUNNING, {"running_at": stamp if runs else None, "boot_id": boot_id()})
+            except TransportError as exc:
+                # the source did not hear it, so it may run the device again: never run it here
+                raise MigrationError(f"could not confirm RUNNING ({exc}); the device must not run here") from exc
+        except BaseException:
+            if adopt is None and res is not None:
+                res.close()  # (nobody else owns what the load created)
+            raise
+        if runs:
+            running_at = stamp
+            if resume:
+                device.resume()
+    elif not deferred:  # a source of the previous version: it took the ACK as the handover
         device.resume()
         running_at = time.monotonic()
         try:
@@ -746,10 +876,13 @@ def _receive_memory(sock: socket.socket, staged: StagedMemory, deadline: Callabl
 
 
 def _await_commit(sock: socket.socket, timeout: float) -> None:
-    """Wait for COMMIT after the ACK. :raises MigrationError: ABORT, garbage or the end instead."""
+    """Wait for COMMIT after the ACK, ``timeout`` seconds in all.
+
+    :raises MigrationError: ABORT, garbage, the end or nothing in time instead.
+    """
     try:
         sock.settimeout(timeout)
-        kind, body, stray = recv_frame(sock)
+        kind, body, stray = recv_frame(sock, deadline=time.monotonic() + timeout)
         close_fds(stray)
     except TransportError as exc:
         raise MigrationError(f"no COMMIT from the source ({exc}); the device must not run here") from exc

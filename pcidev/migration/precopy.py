@@ -503,12 +503,16 @@ class Precopy:
             self.abort()
             raise
 
-    def finish(self) -> None:
+    def finish(self, *, deadline: float | None = None) -> None:
         """Send what is left (call it with the device stopped: inside the downtime): a
         source that appeared since the announcement is announced and sent whole, every
         written range (bitmap) or changed page (hash) is sent, and the tracking stops.
         A pre-copy that never ran announces and sends everything now.
 
+        :param deadline: the caller's ``CLOCK_MONOTONIC`` limit for the stop: each send
+            waits at most what was left of it when this began, not the pre-copy's own
+            ``timeout`` (None: that ``timeout``); the caller ends the whole at the deadline
+            (:func:`~pcidev.migration.channel.migrate_out` shuts the channel down).
         :raises MigrationError: a source changed identity (another object under the same
             name), the channel broke, or the pre-copy had failed before.
         """
@@ -519,18 +523,21 @@ class Precopy:
             self._state = "finishing"
             self._busy()
         try:
-            self._finish(first)
+            self._finish(first, deadline)
         finally:
             self._done()
 
-    def _finish(self, first: bool) -> None:
+    def _finish(self, first: bool, deadline: float | None) -> None:
         if not self.active:
             self._set_state_unless_aborted("finished")
             return
         t0 = time.monotonic()
         self._throttle_from = 0.0  # the remainder goes at full speed
         try:
-            self.sock.settimeout(self.timeout)
+            wait = self.timeout if deadline is None else min(self.timeout, deadline - time.monotonic())
+            if wait <= 0:
+                raise MigrationError("no time left at the stop for the memory contents")
+            self.sock.settimeout(wait)
             if first:
                 self._announce(self._initial)
             fresh = []

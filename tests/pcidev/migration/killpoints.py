@@ -114,8 +114,8 @@ PROTOCOL = (
     Step("FDS", SOURCE, needs="fds"),
     Step("STATE", SOURCE, split=True),
     Step("ACK", DESTINATION, split=True),
-    Step("COMMIT", SOURCE, needs="commit"),
-    Step("RUNNING", DESTINATION, split=True, needs="running"),
+    Step("COMMIT", SOURCE),  # every migration: the destination runs only after it
+    Step("RUNNING", DESTINATION, split=True),  # (deferred too: before its host's RESUME)
 )
 #: The frames that precede and follow it in a vfio-user handover (the new process's view).
 HANDOVER_BEFORE = (Step("READY", DESTINATION), Step("CONN", SOURCE))

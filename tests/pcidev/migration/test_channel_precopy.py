@@ -497,7 +497,7 @@ def test_an_edu_over_tcp_sends_protocol_1_exactly_as_before():
         t.join(5)
         ((kind, offer),) = frames
         assert kind == OFFER and offer["protocol"] == 1 and set(offer) == {
-            "protocol", "device_type", "stream_size", "fds", "boot_id"}
+            "protocol", "device_type", "stream_size", "fds", "boot_id", "commit"}  # (commit: optional)
         assert not src.quiesced
     finally:
         a.close()
