@@ -249,7 +249,7 @@ def test_a_destination_that_ends_the_channel_after_commit_leaves_the_source_runn
     t, got = _thread(destination)
     try:
         with pytest.raises(MigrationError, match="after COMMIT.*runs again on the source"):
-            migrate_out(src, a, timeout=5, running_timeout=5)
+            migrate_out(src, a, timeout=5, running_timeout=5, preflight=False)
         t.join(10)
     finally:
         a.close()
@@ -271,7 +271,7 @@ def test_a_destination_silent_after_commit_keeps_the_device():
 
     t, got = _thread(destination)
     try:
-        result = migrate_out(src, a, timeout=5, running_timeout=0.3)
+        result = migrate_out(src, a, timeout=5, running_timeout=0.3, preflight=False)
         t.join(10)
     finally:
         a.close()
@@ -336,7 +336,7 @@ def test_a_destination_of_the_previous_version_gets_no_commit():
 
     t, got = _thread(destination)
     try:
-        result = migrate_out(src, a, timeout=5)
+        result = migrate_out(src, a, timeout=5, preflight=False)
         a.close()
         t.join(10)
     finally:
@@ -372,7 +372,7 @@ def test_a_trickled_ack_cannot_stretch_the_stop():
     t0 = time.monotonic()
     try:
         with pytest.raises(MigrationError, match="timed out.*runs again on the source"):
-            migrate_out(src, a, timeout=1.0)
+            migrate_out(src, a, timeout=1.0, preflight=False)
         took = time.monotonic() - t0
     finally:
         stop.set()
@@ -443,11 +443,11 @@ def test_after_a_precopy_the_stop_waits_its_own_timeout_not_the_precopys():
 
     t, _ = _thread(sink)
     try:
-        p = Precopy(dev, a, timeout=30.0, max_iterations=1)
+        p = Precopy(dev, a, timeout=30.0, max_iterations=1, preflight=False)
         p.run()
         t0 = time.monotonic()
         with pytest.raises(MigrationError, match="timed out.*runs again on the source"):
-            migrate_out(dev, a, timeout=0.5, precopy=p)
+            migrate_out(dev, a, timeout=0.5, precopy=p, preflight=False)
         took = time.monotonic() - t0
     finally:
         a.close()
@@ -465,7 +465,7 @@ def test_finish_waits_no_longer_than_the_callers_deadline():
     dev.ram.mem[:] = random.Random(6).randbytes(1 << 20)
     a, b = tcp_pair(buffers=4096)
     try:
-        p = Precopy(dev, a, timeout=30.0, max_iterations=0)
+        p = Precopy(dev, a, timeout=30.0, max_iterations=0, preflight=False)
         p.run()
         dev.quiesce()
         t0 = time.monotonic()
