@@ -27,11 +27,29 @@ type            request body (+ fds)                          reply body
                 eventfd per vector, then the INTx eventfd
 10 STATUS       ``{}``                                        ``{intx, failed, state}``
 11 MIGRATE      ``{to: address, timeout: seconds,             migration report map
-                [quiesce_timeout_ms]}``
+                [quiesce_timeout_ms], [commit_timeout]}``
 12 RESUME       ``{}``                                        ``{resumed_at}``
 13 PRECOPY      ``{to, timeout, max_downtime_ms,              pre-copy report map
                 max_iterations}``
+14 RELEASE      ``{}`` (source, awaiting commit)              ``{}``
+15 TAKE_BACK    ``{reason: text}`` (source, awaiting commit)  ``{resumed_at}``
+16 ABANDON      ``{reason: text}`` (destination, awaiting     ``{}``
+                attach)
 ==============  ============================================  =========================
+
+**Commit of a deferred migration.** Over a channel without descriptors (TCP) the
+destination acknowledges the state but runs the device only once the host re-attached
+it and sent RESUME. A MIGRATE with ``commit_timeout`` makes the source keep its stopped
+device after that ACK (the reply says ``awaiting_commit: true``) until the host, on the
+same connection, sends RELEASE (the destination runs: the source gives the device up and
+exits) or TAKE_BACK (the destination never ran it: the source resumes it, its state as
+at the stop). Without either within ``commit_timeout``, or when that connection ends,
+the source gives the device up (it never resumes a device a destination may run). A
+destination answers RESUME *before* it resumes the device, so a RESUME with no reply at
+all proves it never ran; one whose reply cannot be sent gives the device up (state
+``abandoned``). ABANDON tells a destination still awaiting attachment that it will never
+run the device (it refuses RESUME from then on and exits). A HELLO reply says
+``commit: true`` when the process knows these messages.
 
 **Migration in two phases.** A host that wants the device to keep serving it while
 the large state is copied (pre-copy: a ``mem`` namespace or a RAM BAR over TCP) first
@@ -75,7 +93,8 @@ from pcidev.vmstate import errors as vmstate_errors
 __all__ = [
     "MAGIC", "HEADER", "FLAG_REPLY", "FLAG_ERROR", "MAX_BODY", "LINK_MAX_FDS", "U64_MAX",
     "HELLO", "CONFIG_READ", "CONFIG_WRITE", "BAR_READ", "BAR_WRITE", "ROM_READ",
-    "DMA_MAP", "DMA_UNMAP", "SET_IRQS", "STATUS", "MIGRATE", "RESUME", "PRECOPY", "NAMES", "MSI_ROUTE_ADDRESS",
+    "DMA_MAP", "DMA_UNMAP", "SET_IRQS", "STATUS", "MIGRATE", "RESUME", "PRECOPY", "RELEASE", "TAKE_BACK",
+    "ABANDON", "NAMES", "MSI_ROUTE_ADDRESS",
     "encode_body", "decode_body", "read_message", "send_message", "encode_error", "error_from_reply",
 ]
 
@@ -118,10 +137,20 @@ RESUME = 12
 #: Request type: start copying the device's large state to the destination at ``to`` while it
 #: keeps running (reply: the pre-copy report, once it converged or reached its limit).
 PRECOPY = 13
+#: Request type (to a source awaiting commit, on the MIGRATE's connection): the destination
+#: runs the device; give it up for good (the source exits).
+RELEASE = 14
+#: Request type (to a source awaiting commit, on the MIGRATE's connection): the destination
+#: never ran the device; resume it here (reply ``{resumed_at}``).
+TAKE_BACK = 15
+#: Request type (to a destination awaiting attachment): it will never run the device
+#: (RESUME is refused from then on; the process exits).
+ABANDON = 16
 #: The name of each request type (for logs and error messages).
 NAMES = {HELLO: "HELLO", CONFIG_READ: "CONFIG_READ", CONFIG_WRITE: "CONFIG_WRITE", BAR_READ: "BAR_READ",
          BAR_WRITE: "BAR_WRITE", ROM_READ: "ROM_READ", DMA_MAP: "DMA_MAP", DMA_UNMAP: "DMA_UNMAP",
-         SET_IRQS: "SET_IRQS", STATUS: "STATUS", MIGRATE: "MIGRATE", RESUME: "RESUME", PRECOPY: "PRECOPY"}
+         SET_IRQS: "SET_IRQS", STATUS: "STATUS", MIGRATE: "MIGRATE", RESUME: "RESUME", PRECOPY: "PRECOPY",
+         RELEASE: "RELEASE", TAKE_BACK: "TAKE_BACK", ABANDON: "ABANDON"}
 #: the MSI address the proxy uses when it delivers an eventfd signal
 MSI_ROUTE_ADDRESS = 0xFEE0_0000
 #: largest integer a message field carries (values are u64)

@@ -9,6 +9,14 @@ One request is not answered at once: PRECOPY runs on a thread of its own
 (:class:`~pcidev.transport.endpoint.PrecopySession`) while the loop keeps serving
 every connection, and its reply goes out from the loop when it ends. The loop is the
 only writer of every connection.
+
+A MIGRATE with ``commit_timeout`` whose destination runs the device only once its host
+re-attached it (TCP) leaves the device stopped here, awaiting RELEASE or TAKE_BACK on
+the MIGRATE's connection (:data:`~pcidev.transport.endpoint.AWAITING_COMMIT`); without
+either within ``commit_timeout``, or when that connection ends, the server gives the
+device up and exits as after a migration: it never resumes a device that a destination
+may run. RESUME's reply goes out before the device runs (a RESUME left without any reply
+proves it never ran here).
 """
 
 from __future__ import annotations
@@ -21,10 +29,20 @@ import threading
 import time
 from typing import Any
 
+import attrs
+
 from pcidev.errors import MigrationError, PcidevError, TransportError
-from pcidev.transport.endpoint import RUNNING, DeviceEndpoint, PrecopySession
+from pcidev.transport.endpoint import (
+    ABANDONED,
+    AWAITING_COMMIT,
+    MIGRATED,
+    RUNNING,
+    DeviceEndpoint,
+    PrecopySession,
+)
 from pcidev.transport.fdpass import close_fds
 from pcidev.transport.link.protocol import (
+    ABANDON,
     BAR_READ,
     BAR_WRITE,
     CONFIG_READ,
@@ -38,10 +56,12 @@ from pcidev.transport.link.protocol import (
     MIGRATE,
     NAMES,
     PRECOPY,
+    RELEASE,
     RESUME,
     ROM_READ,
     SET_IRQS,
     STATUS,
+    TAKE_BACK,
     U64_MAX,
     decode_body,
     encode_body,
@@ -50,10 +70,12 @@ from pcidev.transport.link.protocol import (
     send_message,
 )
 
-__all__ = ["LinkServer", "MAX_PRECOPY_ITERATIONS"]
+__all__ = ["LinkServer", "MAX_PRECOPY_ITERATIONS", "MAX_COMMIT_TIMEOUT"]
 
 #: the most pre-copy passes a PRECOPY request may ask for
 MAX_PRECOPY_ITERATIONS = 1000
+#: the longest a source may be asked to keep a stopped device for its host's commit (seconds)
+MAX_COMMIT_TIMEOUT = 3600.0
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +143,18 @@ class _PrecopyJob:
             session.close()
 
 
+@attrs.define
+class _CommitWait:
+    """A migration whose commit the server awaits: who may commit it, and until when."""
+
+    #: the connection MIGRATE came on (the only one RELEASE and TAKE_BACK are taken from)
+    conn: socket.socket
+    #: ``CLOCK_MONOTONIC`` past which the device is given up
+    deadline: float
+    #: the destination
+    to: str
+
+
 class LinkServer:
     """Serves a :class:`~pcidev.transport.endpoint.DeviceEndpoint` over a listening
     UNIX socket, one message at a time (several connections may be open: a host
@@ -146,6 +180,7 @@ class LinkServer:
         #: the last migration report (source side)
         self.migration: dict[str, Any] | None = None
         self._precopy: _PrecopyJob | None = None
+        self._commit: _CommitWait | None = None
 
     def stop(self) -> None:
         """Make :meth:`serve_forever` return (thread- and signal-safe)."""
@@ -190,6 +225,7 @@ class LinkServer:
                             client.close()
                 if not self._stop:
                     self._tend_precopy()
+                    self._tend_commit()
         finally:
             self._end_precopy()
             sel.close()
@@ -205,10 +241,35 @@ class LinkServer:
 
     # -- pre-copy ------------------------------------------------------------------------------
     def _select_timeout(self) -> float | None:
-        job = self._precopy
-        if job is None:
+        deadlines = [w.deadline for w in (self._precopy, self._commit) if w is not None]
+        if not deadlines:
             return None
-        return max(job.deadline - time.monotonic(), 0.0) + 0.01
+        return max(min(deadlines) - time.monotonic(), 0.0) + 0.01
+
+    # -- the commit of a deferred migration ----------------------------------------------------
+    def _tend_commit(self) -> None:
+        wait = self._commit
+        if wait is not None and time.monotonic() >= wait.deadline:
+            self._give_up(f"no RELEASE or TAKE_BACK within the commit timeout of the migration to {wait.to}")
+
+    def _give_up(self, why: str) -> None:
+        """No word from the host: the destination may run the device, so it never runs
+        here again (the safe side: at worst it runs nowhere)."""
+        self._commit = None
+        if self.endpoint.state == AWAITING_COMMIT:
+            log.warning("link: %s; the device is given up (the destination may run it)", why)
+            self.endpoint.release()
+        self.exit_reason = "migrated"
+        self.stop()
+
+    def _committing(self, conn: socket.socket | None, what: str) -> _CommitWait:
+        wait = self._commit
+        if wait is None:
+            raise MigrationError(f"{what}: no migration awaits its commit here")
+        if wait.conn is not conn:
+            raise MigrationError(f"{what}: the migration to {wait.to} is committed on the connection of its "
+                                 "MIGRATE only")
+        return wait
 
     def _start_precopy(self, conn: socket.socket, mid: int, body: bytes, fds: list[int]) -> None:
         """Check a PRECOPY request and start its thread (the reply comes from ``_tend_precopy``).
@@ -300,6 +361,9 @@ class LinkServer:
             pass  # the connection's end is seen by the loop, which then gives the session up
 
     def _connection_ended(self, conn: socket.socket) -> None:
+        wait = self._commit
+        if wait is not None and wait.conn is conn:
+            self._give_up(f"the host's connection ended while the migration to {wait.to} awaited its commit")
         job = self._precopy
         if job is None or job.conn is not conn:
             return
@@ -359,6 +423,8 @@ class LinkServer:
             if kind == PRECOPY:
                 self._start_precopy(conn, mid, body, fds)
                 return True  # the reply comes when it ends (_tend_precopy)
+            if kind == RESUME:
+                return self._resume(conn, mid, body, fds)
             result = self.dispatch(kind, body, fds, conn=conn)
             fds = []
             reply, rflags = encode_body(result), FLAG_REPLY
@@ -374,9 +440,41 @@ class LinkServer:
             send_message(conn, kind, rflags, mid, reply)
         except TransportError:
             return False
-        if kind == MIGRATE and rflags == FLAG_REPLY:
-            self.exit_reason = "migrated"
+        self._after_reply()
+        return True
+
+    def _after_reply(self) -> None:
+        """Stop serving once the device is not this process's any more."""
+        state = self.endpoint.state
+        if state in (MIGRATED, ABANDONED) and not self._stop:
+            self.exit_reason = "migrated" if state == MIGRATED else "abandoned"
             self.stop()
+
+    def _resume(self, conn: socket.socket, mid: int, body: bytes, fds: list[int]) -> bool:
+        """RESUME: the reply goes out first, and the device runs only once it went out
+        (a reply that cannot be sent leaves the device abandoned: it never runs here)."""
+        tried: list[bool] = []
+
+        def announce(resumed_at: float) -> None:
+            tried.append(True)
+            send_message(conn, RESUME, FLAG_REPLY, mid, encode_body({"resumed_at": resumed_at}))
+
+        try:
+            decode_body(body, "RESUME")
+            if fds:
+                raise TransportError(f"RESUME carries no file descriptors, got {len(fds)}")
+            self.endpoint.resume_after_attach(announce)
+            return True
+        except PcidevError as exc:
+            if tried:  # the reply did not go out: the endpoint gave the device up
+                log.warning("link: RESUME's reply could not be sent (%s); the device never runs here", exc)
+                self._after_reply()
+                return False
+            reply = encode_error(exc)
+        try:  # (handle() closes ``fds``)
+            send_message(conn, RESUME, FLAG_REPLY | FLAG_ERROR, mid, reply)
+        except TransportError:
+            return False
         return True
 
     def dispatch(self, kind: int, body: bytes, fds: list[int], *, conn: socket.socket | None = None) -> Any:
@@ -445,12 +543,37 @@ class LinkServer:
             qt = m.get("quiesce_timeout_ms", self.quiesce_timeout_ms)
             if type(qt) not in (int, float) or not 0 < qt <= 3_600_000:
                 raise TransportError("MIGRATE: quiesce_timeout_ms must be in (0, 3600000]")
+            ct = m.get("commit_timeout")
+            if ct is not None and (type(ct) not in (int, float) or not 0 < ct <= MAX_COMMIT_TIMEOUT):
+                raise TransportError(f"MIGRATE: commit_timeout must be in (0, {MAX_COMMIT_TIMEOUT:g}] seconds")
             session = self._take_precopy(conn)
-            result = ep.migrate_to(m["to"], timeout=timeout, session=session, quiesce_timeout=qt / 1000).as_dict()
+            result = ep.migrate_to(m["to"], timeout=timeout, session=session, quiesce_timeout=qt / 1000,
+                                   await_commit=ct is not None and conn is not None).as_dict()
+            result["awaiting_commit"] = ep.state == AWAITING_COMMIT
+            if ep.state == AWAITING_COMMIT:
+                assert conn is not None and ct is not None
+                self._commit = _CommitWait(conn, time.monotonic() + float(ct), m["to"])
             self.migration = result
             return result
+        if kind == RELEASE:
+            self._committing(conn, what)
+            self._commit = None
+            ep.release()
+            return {}
+        if kind == TAKE_BACK:
+            wait = self._committing(conn, what)
+            reason = args.get("reason") if isinstance(args, dict) else None
+            self._commit = None
+            resumed_at = ep.take_back()
+            self.migration = None
+            log.warning("link: the migration to %s is taken back (%s); the device runs here again", wait.to,
+                        str(reason)[:200] if reason else "no reason given")
+            return {"resumed_at": resumed_at}
+        if kind == ABANDON:
+            ep.abandon()
+            return {}
         if kind == RESUME:
-            return {"resumed_at": ep.resume_after_attach()}
+            raise TransportError("RESUME is answered by the server's loop (handle()), not by dispatch()")
         if kind == PRECOPY:
             raise TransportError("PRECOPY is answered by the server's loop (handle()), not by dispatch()")
         raise TransportError(f"unhandled link message {what}")  # pragma: no cover
