@@ -96,6 +96,33 @@ ABANDONED = "abandoned"
 CLOSED = "closed"
 
 
+#: the longest one attempt to connect to a pre-copy's destination blocks (a cancel is seen between two)
+CONNECT_SLICE = 0.25
+
+
+def _connect_cancellable(address: str, timeout: float, cancelled: threading.Event | None) -> socket.socket:
+    """Connect to ``address`` within ``timeout``, in attempts of at most :data:`CONNECT_SLICE`
+    seconds, giving up once ``cancelled`` is set.
+
+    :raises MigrationError: nobody accepted in time, or cancelled.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            return connect(address, timeout=max(min(left, CONNECT_SLICE), 0.01))
+        except TransportError as exc:
+            if cancelled is not None and cancelled.is_set():
+                raise MigrationError(f"cannot reach the destination: {exc} (cancelled); "
+                                     "the device keeps running here") from exc
+            if time.monotonic() >= deadline:
+                raise MigrationError(f"cannot reach the destination: {exc}; "
+                                     "the device keeps running here") from exc
+        if cancelled is not None and cancelled.wait(0.01):
+            raise MigrationError(f"cannot reach the destination {address!r:.200}: cancelled; "
+                                 "the device keeps running here")
+
+
 class PrecopySession:
     """An open migration channel on which the device's large state is copied while the
     device keeps running (made by :meth:`DeviceEndpoint.open_precopy`, consumed by
@@ -381,7 +408,7 @@ class DeviceEndpoint:
 
     # -- migration ------------------------------------------------------------------------
     def open_precopy(self, address: str, *, timeout: float = 10.0, max_downtime_ms: float = 10.0,
-                     max_iterations: int = 30) -> PrecopySession:
+                     max_iterations: int = 30, cancelled: threading.Event | None = None) -> PrecopySession:
         """Connect to the destination listening at ``address`` for a migration in two
         phases: the returned session's :meth:`~PrecopySession.run` copies while the device
         keeps running, then :meth:`migrate_to` with ``session=`` finishes it.
@@ -394,17 +421,16 @@ class DeviceEndpoint:
         :param max_downtime_ms: the downtime budget: the pre-copy ends when what is left
             would take no longer to send at the measured bandwidth.
         :param max_iterations: the most pre-copy passes (0: everything at the stop).
+        :param cancelled: once set, connecting gives up within :data:`CONNECT_SLICE` seconds
+            (a destination that does not answer cannot hold the caller for ``timeout``).
         :raises MigrationBlockedError: blockers (nothing was stopped, nothing connected).
-        :raises MigrationError: the destination cannot be reached.
+        :raises MigrationError: the destination cannot be reached (or ``cancelled`` was set).
         """
         self._check_state(RUNNING)
         reasons = collect_blockers(self.device, self.pm)
         if reasons:
             raise MigrationBlockedError(reasons)
-        try:
-            sock = connect(address, timeout=timeout)
-        except TransportError as exc:
-            raise MigrationError(f"cannot reach the destination: {exc}; the device keeps running here") from exc
+        sock = _connect_cancellable(address, timeout, cancelled)
         try:
             sock.settimeout(timeout)
             precopy = Precopy(self.device, sock, max_downtime_ms=max_downtime_ms,
@@ -451,11 +477,14 @@ class DeviceEndpoint:
                                      "the device keeps running here")
             if session is not None and session.closed:
                 raise MigrationError("the pre-copy's channel is closed; the device keeps running here")
+            if session is not None and session.cancelled.is_set():
+                raise MigrationError("the pre-copy was cancelled; the device keeps running here")
             reasons = collect_blockers(self.device, self.pm)
             if reasons:
                 raise MigrationBlockedError(reasons)
             if session is not None:
                 sock = session.sock
+                session.precopy.timeout = timeout  # the stop's sends and reads: this call's timeout
             else:
                 try:
                     sock = connect(address, timeout=timeout)

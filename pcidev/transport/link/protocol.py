@@ -110,6 +110,8 @@ FLAG_ERROR = 2
 MAX_BODY = 1 << 20
 #: most descriptors one message may carry
 LINK_MAX_FDS = 64
+#: longest error message an error reply carries (longer ones are cut)
+MAX_ERROR_MESSAGE = 16 * 1024
 #: Request type: the device's identity and layout (the reply is the device info map).
 HELLO = 1
 #: Request type: a configuration-space read, ``[offset, size]``.
@@ -183,17 +185,19 @@ def decode_body(body: bytes, what: str) -> Any:
         raise TransportError(f"{what}: body is not valid msgpack ({type(exc).__name__}: {exc})") from None
 
 
-def read_message(sock: socket.socket, *, max_fds: int, eof_ok: bool = False
+def read_message(sock: socket.socket, *, max_fds: int, eof_ok: bool = False, deadline: float | None = None
                  ) -> tuple[int, int, int, bytes, list[int]] | None:
     """Read one framed message: ``(type, flags, id, body, fds)``, or None at a clean EOF.
 
     :param sock: the connection.
     :param max_fds: most descriptors the message may carry.
     :param eof_ok: a clean EOF before the header returns None instead of raising.
-    :raises TransportError: bad magic, oversized body, truncation, too many fds
-        (framing is lost: the connection must be closed).
+    :param deadline: ``CLOCK_MONOTONIC`` time by which the whole message must have come
+        (a peer that trickles it is dropped then; None: only the socket's timeout per read).
+    :raises TransportError: bad magic, oversized body, truncation, too many fds, the
+        deadline passed (framing is lost: the connection must be closed).
     """
-    head, fds = recv_exact(sock, HEADER.size, max_fds=max_fds, eof_ok=eof_ok)
+    head, fds = recv_exact(sock, HEADER.size, max_fds=max_fds, eof_ok=eof_ok, deadline=deadline)
     if not head:
         return None
     try:
@@ -202,7 +206,7 @@ def read_message(sock: socket.socket, *, max_fds: int, eof_ok: bool = False
             raise TransportError(f"bad link message magic {magic!r}")
         if length > MAX_BODY:
             raise TransportError(f"link message of {length} bytes (at most {MAX_BODY})")
-        body = recv_exact(sock, length)[0] if length else b""
+        body = recv_exact(sock, length, deadline=deadline)[0] if length else b""
     except BaseException:
         close_fds(fds)
         raise
@@ -230,9 +234,12 @@ def encode_error(exc: BaseException) -> bytes:
     :param exc: the error.
     :returns: the encoded body.
     """
-    info: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
+    text = str(exc)
+    if len(text) > MAX_ERROR_MESSAGE:  # a reply always fits MAX_BODY
+        text = text[:MAX_ERROR_MESSAGE] + " [...]"
+    info: dict[str, Any] = {"type": type(exc).__name__, "message": text}
     if isinstance(exc, MigrationBlockedError):
-        info["reasons"] = list(exc.reasons)
+        info["reasons"] = [str(r)[:4096] for r in exc.reasons[:256]]
     if isinstance(exc, VMStateError):
         info.update(reason=exc.reason, section=exc.section, instance_id=exc.instance_id, path=exc.path)
     return encode_body(info)

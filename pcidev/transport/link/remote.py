@@ -102,6 +102,8 @@ class LinkClient:
         self._next = 1
         self._lock = threading.Lock()
         self.closed = False
+        #: a request failed in transit (not with an error reply): the connection is unusable
+        self.broken = False
 
     def request(self, kind: int, body: Any = None, fds: Sequence[int] = (), *,
                 timeout: float | None = None) -> Any:
@@ -121,9 +123,16 @@ class LinkClient:
             try:
                 send_message(self.sock, kind, 0, mid, encode_body({} if body is None else body), fds)
             except TransportError as exc:
+                self.broken = True
                 raise UnansweredError(f"{NAMES.get(kind, kind)} could not be sent: {exc}") from exc
-            msg = read_message(self.sock, max_fds=0, eof_ok=True)
+            wait = self.io_timeout if timeout is None else timeout
+            try:
+                msg = read_message(self.sock, max_fds=0, eof_ok=True, deadline=time.monotonic() + wait)
+            except TransportError:
+                self.broken = True
+                raise
             if msg is None:
+                self.broken = True
                 raise UnansweredError(f"the link connection ended before the reply to {NAMES.get(kind, kind)}")
             rkind, rflags, rid, rbody, _ = msg
             if rflags & FLAG_ERROR and rid == 0:
@@ -437,7 +446,12 @@ class RemoteDevice:
         args: dict[str, Any] = {"to": to, "timeout": float(timeout), "commit_timeout": self.commit_timeout(timeout)}
         if quiesce_timeout_ms is not None:
             args["quiesce_timeout_ms"] = float(quiesce_timeout_ms)
-        report = dict(client.request(MIGRATE, args, timeout=timeout + 10.0))
+        try:
+            report = dict(client.request(MIGRATE, args, timeout=timeout + 10.0))
+        except TransportError as exc:
+            if not client.broken:  # an error reply: the source answered
+                raise
+            self._lost_migrate_reply(client, exc)  # raises
         awaiting = report.get("awaiting_commit") is True
         report["awaiting_commit"] = awaiting
         target = report.get("link") or link
@@ -474,6 +488,38 @@ class RemoteDevice:
         report["destination_pid"] = info.get("pid")
         self.migrations.append(report)
         return report
+
+    def _lost_migrate_reply(self, client: LinkClient, exc: TransportError) -> None:
+        """MIGRATE got no reply (the connection broke or the reply did not come in time): ask
+        the source, on a connection of its own, what became of the device.
+
+        :raises MigrationError: the source runs it (the migration failed or never started).
+        :raises TransportError: it does not: the outcome is unknown here (a source awaiting
+            this host's commit gives the device up once ``client`` is closed).
+        """
+        client.close()
+        try:
+            probe = LinkClient(connect(self.address, timeout=self.io_timeout), io_timeout=self.io_timeout)
+        except PcidevError as err:
+            raise TransportError(f"MIGRATE got no reply ({exc}) and the source cannot be reached ({err}): "
+                                 "what became of the device is unknown") from exc
+        try:
+            info = probe.request(HELLO)
+            self._check_info(info)
+        except PcidevError as err:
+            probe.close()
+            raise TransportError(f"MIGRATE got no reply ({exc}) and the source does not answer ({err}): "
+                                 "what became of the device is unknown") from exc
+        if info["state"] == "running":
+            if client is self._client:
+                self._client = probe
+                self.info = info
+            else:
+                probe.close()
+            raise MigrationError(f"MIGRATE got no reply ({exc}); the device runs on the source") from exc
+        probe.close()
+        raise TransportError(f"MIGRATE got no reply ({exc}); the source's device is {info['state']}: where it runs "
+                             "is unknown here") from exc
 
     @staticmethod
     def _release(client: LinkClient) -> bool:

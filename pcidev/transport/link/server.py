@@ -32,9 +32,11 @@ from typing import Any
 import attrs
 
 from pcidev.errors import MigrationError, PcidevError, TransportError
+from pcidev.transport.address import parse_address
 from pcidev.transport.endpoint import (
     ABANDONED,
     AWAITING_COMMIT,
+    CONNECT_SLICE,
     MIGRATED,
     RUNNING,
     DeviceEndpoint,
@@ -70,12 +72,18 @@ from pcidev.transport.link.protocol import (
     send_message,
 )
 
-__all__ = ["LinkServer", "MAX_PRECOPY_ITERATIONS", "MAX_COMMIT_TIMEOUT"]
+__all__ = ["LinkServer", "MAX_PRECOPY_ITERATIONS", "MAX_COMMIT_TIMEOUT", "MAX_CONNECTIONS", "MAX_ADDRESS"]
 
 #: the most pre-copy passes a PRECOPY request may ask for
 MAX_PRECOPY_ITERATIONS = 1000
 #: the longest a source may be asked to keep a stopped device for its host's commit (seconds)
 MAX_COMMIT_TIMEOUT = 3600.0
+#: the most connections served at once (the host, a pre-copy's, a few monitors); more are refused
+MAX_CONNECTIONS = 16
+#: the longest destination address a PRECOPY or MIGRATE may name
+MAX_ADDRESS = 4096
+#: seconds the listener rests after a failed accept() (out of descriptors: no busy loop)
+ACCEPT_BACKOFF = 0.1
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +112,15 @@ def _map(body: Any, keys: dict[str, type], what: str) -> dict[str, Any]:
         if tp is int and not 0 <= body[key] <= U64_MAX:
             raise TransportError(f"{what}: field {key!r} out of range")
     return body
+
+
+def _destination(m: dict[str, Any], what: str) -> str:
+    """The ``to`` of a PRECOPY or MIGRATE: bounded, and an address (checked before anything starts)."""
+    to: str = m["to"]
+    if len(to) > MAX_ADDRESS:
+        raise TransportError(f"{what}: the address is {len(to)} characters long (at most {MAX_ADDRESS})")
+    parse_address(to)
+    return to
 
 
 class _PrecopyJob:
@@ -162,7 +179,8 @@ class LinkServer:
 
     :param endpoint: the device side.
     :param listener: a listening socket (see :func:`pcidev.transport.address.listen`).
-    :param io_timeout: seconds a peer may take to finish sending a started message.
+    :param io_timeout: seconds a peer may take to send a whole message once its first bytes
+        came (an overall deadline per message, not per read); also each reply's send.
     :param quiesce_timeout_ms: the quiesce budget of a MIGRATE that gives none.
     """
 
@@ -181,6 +199,10 @@ class LinkServer:
         self.migration: dict[str, Any] | None = None
         self._precopy: _PrecopyJob | None = None
         self._commit: _CommitWait | None = None
+        #: per connection, why its pre-copy was given up after its reply (a MIGRATE then is refused)
+        self._lapsed: dict[socket.socket, str] = {}
+        #: ``CLOCK_MONOTONIC`` until which the listener rests after a failed accept()
+        self._accept_rest: float | None = None
 
     def stop(self) -> None:
         """Make :meth:`serve_forever` return (thread- and signal-safe)."""
@@ -206,9 +228,15 @@ class LinkServer:
                     if key.data == "accept":
                         try:
                             conn, _ = self.listener.accept()
-                        except OSError:
+                        except OSError as exc:  # out of descriptors: rest instead of spinning
+                            log.warning("link: accept failed (%s); pausing %g s", exc, ACCEPT_BACKOFF)
+                            sel.unregister(self.listener)
+                            self._accept_rest = time.monotonic() + ACCEPT_BACKOFF
                             continue
                         conn.settimeout(self.io_timeout)
+                        if len(self._conns) >= MAX_CONNECTIONS:
+                            self._refuse(conn)
+                            continue
                         self._conns.add(conn)
                         sel.register(conn, selectors.EVENT_READ, conn)  # data: the connection itself
                     elif key.data == "wake":
@@ -226,6 +254,9 @@ class LinkServer:
                 if not self._stop:
                     self._tend_precopy()
                     self._tend_commit()
+                    if self._accept_rest is not None and time.monotonic() >= self._accept_rest:
+                        self._accept_rest = None
+                        sel.register(self.listener, selectors.EVENT_READ, "accept")
         finally:
             self._end_precopy()
             sel.close()
@@ -240,8 +271,19 @@ class LinkServer:
         return self.exit_reason
 
     # -- pre-copy ------------------------------------------------------------------------------
+    @staticmethod
+    def _refuse(conn: socket.socket) -> None:
+        try:
+            send_message(conn, 0, FLAG_REPLY | FLAG_ERROR, 0, encode_error(TransportError(
+                f"too many link connections (at most {MAX_CONNECTIONS}); try again later")))
+        except TransportError:
+            pass
+        conn.close()
+
     def _select_timeout(self) -> float | None:
         deadlines = [w.deadline for w in (self._precopy, self._commit) if w is not None]
+        if self._accept_rest is not None:
+            deadlines.append(self._accept_rest)
         if not deadlines:
             return None
         return max(min(deadlines) - time.monotonic(), 0.0) + 0.01
@@ -280,6 +322,7 @@ class LinkServer:
         if fds:
             raise TransportError(f"PRECOPY carries no file descriptors, got {len(fds)}")
         m = _map(args, {"to": str, "timeout": float, "max_downtime_ms": float, "max_iterations": int}, "PRECOPY")
+        _destination(m, "PRECOPY")
         timeout, budget, limit = float(m["timeout"]), float(m["max_downtime_ms"]), m["max_iterations"]
         if not 0 < timeout <= 3600:
             raise TransportError("PRECOPY: timeout must be in (0, 3600] seconds")
@@ -289,7 +332,7 @@ class LinkServer:
             raise TransportError(f"PRECOPY: max_iterations must be in 0..{MAX_PRECOPY_ITERATIONS}")
         busy = self._precopy
         if busy is not None:
-            raise MigrationError(f"a pre-copy to {busy.to} is already running; one at a time "
+            raise MigrationError(f"a pre-copy to {busy.to!r:.200} is already running; one at a time "
                                  "(the device keeps running here)")
         if self.endpoint.state != RUNNING:  # a typed refusal before a thread starts
             raise MigrationError(f"the device endpoint is {self.endpoint.state}, not running")
@@ -298,7 +341,7 @@ class LinkServer:
         def run() -> None:
             try:
                 session = self.endpoint.open_precopy(job.to, timeout=timeout, max_downtime_ms=budget,
-                                                     max_iterations=limit)
+                                                     max_iterations=limit, cancelled=job.cancelled)
                 job.session = session  # first, then the check: cancel() sees one or the other
                 if job.cancelled.is_set():
                     session.cancel()
@@ -314,8 +357,12 @@ class LinkServer:
                     pass
 
         job.thread = threading.Thread(target=run, name="pcidev-link-precopy", daemon=True)
+        try:
+            job.thread.start()
+        except RuntimeError as exc:  # (can't start new thread): nothing published, nothing to undo
+            raise MigrationError(f"the pre-copy cannot start ({exc}); the device keeps running here") from exc
+        self._lapsed.pop(conn, None)
         self._precopy = job
-        job.thread.start()
 
     def _tend_precopy(self) -> None:
         """The loop's part of the pre-copy: cancel it past its time, reply when it ended,
@@ -331,11 +378,17 @@ class LinkServer:
             return
         if job.replied:
             if now >= job.deadline:
-                log.warning("link: no MIGRATE within %g s of the pre-copy to %s; giving it up", job.timeout, job.to)
+                log.warning("link: no MIGRATE within %g s of the pre-copy to %.200r; giving it up", job.timeout,
+                            job.to)
                 self._precopy = None
+                if job.conn is not None:
+                    self._lapsed[job.conn] = f"no MIGRATE came within {job.timeout:g} s of its reply"
                 job.close()
             return
         job.replied = True
+        if job.error is None and (job.cancelled.is_set() or job.timed_out):  # cancelled as it ended
+            job.error = MigrationError(f"the pre-copy to {job.to!r:.200} was cancelled as it ended; "
+                                       "the device keeps running here")
         if job.conn is None or job.error is not None:
             self._precopy = None
             job.close()
@@ -350,7 +403,8 @@ class LinkServer:
         else:
             err = job.error
             if job.timed_out:
-                err = MigrationError(f"the pre-copy to {job.to} did not end within {job.timeout:g} s; "
+                why = f" ({err})" if isinstance(err, PcidevError) and "cannot reach" in str(err) else ""
+                err = MigrationError(f"the pre-copy to {job.to!r:.200} did not end within {job.timeout:g} s{why}; "
                                      "the device keeps running here")
             elif not isinstance(err, PcidevError):
                 err = MigrationError(f"pre-copy failed ({type(err).__name__}: {err}); the device keeps running here")
@@ -361,6 +415,7 @@ class LinkServer:
             pass  # the connection's end is seen by the loop, which then gives the session up
 
     def _connection_ended(self, conn: socket.socket) -> None:
+        self._lapsed.pop(conn, None)
         wait = self._commit
         if wait is not None and wait.conn is conn:
             self._give_up(f"the host's connection ended while the migration to {wait.to} awaited its commit")
@@ -379,8 +434,8 @@ class LinkServer:
         if job is None:
             return
         job.cancel()
-        if job.thread is not None:
-            job.thread.join(self.io_timeout + job.timeout)
+        if job.thread is not None:  # cancelled, it ends within a connect attempt or a send
+            job.thread.join(self.io_timeout + CONNECT_SLICE + 1.0)
         job.close()
 
     def _take_precopy(self, conn: socket.socket | None) -> PrecopySession | None:
@@ -390,9 +445,13 @@ class LinkServer:
         """
         job = self._precopy
         if job is None:
+            lapsed = self._lapsed.pop(conn, None) if conn is not None else None
+            if lapsed is not None:  # the host thinks its pre-copy is open: no silent migration in one go
+                raise MigrationError(f"the pre-copy on this connection was given up ({lapsed}); "
+                                     "the device keeps running here")
             return None
         if job.conn is not conn:
-            raise MigrationError(f"a pre-copy to {job.to} is open on another connection; "
+            raise MigrationError(f"a pre-copy to {job.to!r:.200} is open on another connection; "
                                  "the device keeps running here")
         if not job.replied:
             raise MigrationError("the pre-copy is still running (wait for its reply); "
@@ -406,7 +465,7 @@ class LinkServer:
         :returns: False when the connection must be closed (EOF, broken framing).
         """
         try:
-            msg = read_message(conn, max_fds=LINK_MAX_FDS, eof_ok=True)
+            msg = read_message(conn, max_fds=LINK_MAX_FDS, eof_ok=True, deadline=time.monotonic() + self.io_timeout)
         except TransportError as exc:
             log.warning("link: dropping a connection: %s", exc)
             try:
@@ -439,6 +498,7 @@ class LinkServer:
         try:
             send_message(conn, kind, rflags, mid, reply)
         except TransportError:
+            self._after_reply()  # (a migration the reply of which was lost still happened)
             return False
         self._after_reply()
         return True
@@ -537,6 +597,7 @@ class LinkServer:
             return {}
         if kind == MIGRATE:
             m = _map(args, {"to": str, "timeout": float}, what)
+            _destination(m, what)
             timeout = float(m["timeout"])
             if not 0 < timeout <= 3600:
                 raise TransportError("MIGRATE: timeout must be in (0, 3600] seconds")
