@@ -75,7 +75,7 @@ from pcidev.transport.address import connect
 from pcidev.transport.fdpass import close_fds, is_unix
 
 __all__ = ["DeviceEndpoint", "PrecopySession", "NEW", "RUNNING", "AWAITING_ATTACH", "AWAITING_COMMIT", "MIGRATED",
-           "ABANDONED", "CLOSED"]
+           "ABANDONED", "CLOSED", "CONNECT_SLICE"]
 
 #: created, not started yet
 NEW = "new"
@@ -421,7 +421,7 @@ class DeviceEndpoint:
         :param max_downtime_ms: the downtime budget: the pre-copy ends when what is left
             would take no longer to send at the measured bandwidth.
         :param max_iterations: the most pre-copy passes (0: everything at the stop).
-        :param cancelled: once set, connecting gives up within :data:`CONNECT_SLICE` seconds
+        :param cancelled: once set, connecting gives up within :data:`~pcidev.transport.endpoint.CONNECT_SLICE` seconds
             (a destination that does not answer cannot hold the caller for ``timeout``).
         :raises MigrationBlockedError: blockers (nothing was stopped, nothing connected).
         :raises MigrationError: the destination cannot be reached (or ``cancelled`` was set).

@@ -382,7 +382,7 @@ class RemoteDevice:
         committed: the source keeps its stopped device until the destination answered
         RESUME (then RELEASE: the source exits), or takes it back when the destination
         provably never ran it (it died, refused, or could not be attached: TAKE_BACK, and
-        the accesses go on at the source with nothing lost, a :class:`MigrationError`).
+        the accesses go on at the source with nothing lost, a :class:`~pcidev.errors.MigrationError`).
 
         :param to: the destination's migration address.
         :param timeout: seconds for the pre-copy, and again for the migration.
