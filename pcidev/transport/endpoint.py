@@ -11,7 +11,10 @@ device link today, vfio-user later) everything it needs, as plain method calls:
   file descriptors the endpoint owns;
 * the lifecycle: :meth:`~DeviceEndpoint.start`, :meth:`~DeviceEndpoint.migrate_to` (source) and
   :meth:`~DeviceEndpoint.accept_incoming` (destination), :meth:`~DeviceEndpoint.resume_after_attach`,
-  :meth:`~DeviceEndpoint.close`.
+  :meth:`~DeviceEndpoint.close`; the commit of a migration the destination runs only once
+  its host re-attached it (TCP): :meth:`~DeviceEndpoint.release` or
+  :meth:`~DeviceEndpoint.take_back` on the source, :meth:`~DeviceEndpoint.abandon` on a
+  destination that will never run it.
 
 A transport server reads a message, calls one method, and replies with the result
 or the :class:`~pcidev.errors.PcidevError` it raised. It calls :meth:`~DeviceEndpoint.migrate_to`
@@ -71,7 +74,8 @@ from pcidev.pci.capabilities.msix import MsixCapability
 from pcidev.transport.address import connect
 from pcidev.transport.fdpass import close_fds, is_unix
 
-__all__ = ["DeviceEndpoint", "PrecopySession", "NEW", "RUNNING", "AWAITING_ATTACH", "MIGRATED", "CLOSED"]
+__all__ = ["DeviceEndpoint", "PrecopySession", "NEW", "RUNNING", "AWAITING_ATTACH", "AWAITING_COMMIT", "MIGRATED",
+           "ABANDONED", "CLOSED", "CONNECT_SLICE"]
 
 #: created, not started yet
 NEW = "new"
@@ -80,10 +84,43 @@ RUNNING = "running"
 #: loaded from a migration without descriptors (TCP): waits for memory, eventfds
 #: and a resume from the host
 AWAITING_ATTACH = "awaiting-attach"
+#: source of a migration the destination acknowledged but runs only once its host re-attached
+#: it (TCP): the device is stopped, its state as at the stop, until :meth:`DeviceEndpoint.release`
+#: (it moved) or :meth:`DeviceEndpoint.take_back` (it runs here again)
+AWAITING_COMMIT = "awaiting-commit"
 #: the device moved to another process; this endpoint refuses everything
 MIGRATED = "migrated"
+#: a destination told that it will never run the device it loaded (its source kept it)
+ABANDONED = "abandoned"
 #: closed
 CLOSED = "closed"
+
+
+#: the longest one attempt to connect to a pre-copy's destination blocks (a cancel is seen between two)
+CONNECT_SLICE = 0.25
+
+
+def _connect_cancellable(address: str, timeout: float, cancelled: threading.Event | None) -> socket.socket:
+    """Connect to ``address`` within ``timeout``, in attempts of at most :data:`CONNECT_SLICE`
+    seconds, giving up once ``cancelled`` is set.
+
+    :raises MigrationError: nobody accepted in time, or cancelled.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            return connect(address, timeout=max(min(left, CONNECT_SLICE), 0.01))
+        except TransportError as exc:
+            if cancelled is not None and cancelled.is_set():
+                raise MigrationError(f"cannot reach the destination: {exc} (cancelled); "
+                                     "the device keeps running here") from exc
+            if time.monotonic() >= deadline:
+                raise MigrationError(f"cannot reach the destination: {exc}; "
+                                     "the device keeps running here") from exc
+        if cancelled is not None and cancelled.wait(0.01):
+            raise MigrationError(f"cannot reach the destination {address!r:.200}: cancelled; "
+                                 "the device keeps running here")
 
 
 class PrecopySession:
@@ -199,6 +236,11 @@ class DeviceEndpoint:
             return
         if self.state == MIGRATED:
             raise MigrationError(f"the device has migrated to {self.moved_to or 'another process'}")
+        if self.state == AWAITING_COMMIT:
+            raise MigrationError(f"the device is stopped: its migration to {self.moved_to or 'another process'} "
+                                 "awaits the host's commit")
+        if self.state == ABANDONED:
+            raise MigrationError("the device was abandoned here: its source kept it")
         raise TransportError(f"the device endpoint is {self.state}; expected {' or '.join(allowed)}")
 
     def _live(self) -> None:
@@ -219,6 +261,7 @@ class DeviceEndpoint:
             "msi_vectors": msi.nvectors if msi is not None else 0,
             "state": self.state, "resumed_at": self.resumed_at, "boot_id": boot_id(), "pid": os.getpid(),
             "precopy": True,  # open_precopy() is available (the link's PRECOPY)
+            "commit": True,  # release/take_back/abandon, and a RESUME announced before the device runs
         }
 
     # -- guest accesses -----------------------------------------------------------------
@@ -317,22 +360,55 @@ class DeviceEndpoint:
                 if old is not None and old != intx_fd:
                     close_fds([old])
 
-    def resume_after_attach(self) -> float:
+    def resume_after_attach(self, announce: Callable[[float], None] | None = None) -> float:
         """Resume a device loaded without descriptors once the host attached its
         memory and eventfds (see :data:`AWAITING_ATTACH`).
 
+        :param announce: called with the resume's time *before* the device runs (a
+            transport sends its reply there): the host then learns of every resume, and
+            a request left without any answer proves the device never ran here. If it
+            raises, the device never runs here (:data:`ABANDONED`: the host may have
+            given it back to its source) and the error propagates.
         :returns: ``CLOCK_MONOTONIC`` of the resume.
         :raises TransportError: the endpoint is not awaiting attachment.
         """
-        self._check_state(AWAITING_ATTACH)
-        self.device.resume()
-        self.state = RUNNING
-        self.resumed_at = time.monotonic()
-        return self.resumed_at
+        with self._state_lock:
+            self._check_state(AWAITING_ATTACH)
+            resumed_at = time.monotonic()
+            if announce is not None:
+                try:
+                    announce(resumed_at)
+                except BaseException:
+                    self._abandoned()
+                    raise
+            self.device.resume()
+            self.state = RUNNING
+            self.resumed_at = resumed_at
+        return resumed_at
+
+    def abandon(self) -> None:
+        """Give up a device loaded without descriptors that never ran here: its source
+        kept it (the host could not attach it here). RESUME is refused from then on, and
+        closing the endpoint persists nothing over the source's state.
+
+        :raises MigrationError: the device runs here already (it cannot be given up).
+        :raises TransportError: the endpoint is neither awaiting attachment nor abandoned.
+        """
+        with self._state_lock:
+            if self.state == ABANDONED:
+                return
+            if self.state == RUNNING:
+                raise MigrationError("the device runs here already; it cannot be abandoned")
+            self._check_state(AWAITING_ATTACH)
+            self._abandoned()
+
+    def _abandoned(self) -> None:
+        self.state = ABANDONED
+        self.device.owns_state = False
 
     # -- migration ------------------------------------------------------------------------
     def open_precopy(self, address: str, *, timeout: float = 10.0, max_downtime_ms: float = 10.0,
-                     max_iterations: int = 30) -> PrecopySession:
+                     max_iterations: int = 30, cancelled: threading.Event | None = None) -> PrecopySession:
         """Connect to the destination listening at ``address`` for a migration in two
         phases: the returned session's :meth:`~PrecopySession.run` copies while the device
         keeps running, then :meth:`migrate_to` with ``session=`` finishes it.
@@ -345,17 +421,16 @@ class DeviceEndpoint:
         :param max_downtime_ms: the downtime budget: the pre-copy ends when what is left
             would take no longer to send at the measured bandwidth.
         :param max_iterations: the most pre-copy passes (0: everything at the stop).
+        :param cancelled: once set, connecting gives up within :data:`~pcidev.transport.endpoint.CONNECT_SLICE` seconds
+            (a destination that does not answer cannot hold the caller for ``timeout``).
         :raises MigrationBlockedError: blockers (nothing was stopped, nothing connected).
-        :raises MigrationError: the destination cannot be reached.
+        :raises MigrationError: the destination cannot be reached (or ``cancelled`` was set).
         """
         self._check_state(RUNNING)
         reasons = collect_blockers(self.device, self.pm)
         if reasons:
             raise MigrationBlockedError(reasons)
-        try:
-            sock = connect(address, timeout=timeout)
-        except TransportError as exc:
-            raise MigrationError(f"cannot reach the destination: {exc}; the device keeps running here") from exc
+        sock = _connect_cancellable(address, timeout, cancelled)
         try:
             sock.settimeout(timeout)
             precopy = Precopy(self.device, sock, max_downtime_ms=max_downtime_ms,
@@ -371,18 +446,27 @@ class DeviceEndpoint:
         return PrecopySession(str(address), sock, precopy, timeout=timeout)
 
     def migrate_to(self, address: str, *, timeout: float = 10.0, session: PrecopySession | None = None,
-                   quiesce_timeout: float | None = 5.0) -> MigrationResult:
+                   quiesce_timeout: float | None = 5.0, await_commit: bool = False) -> MigrationResult:
         """Migrate the device to the destination listening at ``address``.
 
         Blockers are checked before anything else (and before connecting). On
         success the endpoint is :data:`MIGRATED` and refuses further work; on
         failure the device runs here again.
 
+        With ``await_commit``, a migration the destination acknowledged *deferred* (it runs
+        the device only once its host re-attached it: TCP) leaves the endpoint
+        :data:`AWAITING_COMMIT` instead: the device stays stopped here, its state as at the
+        stop, until :meth:`release` (the destination runs it) or :meth:`take_back` (it
+        never did: the device runs here again). A destination that runs the device at once
+        (UNIX) makes it :data:`MIGRATED` as without.
+
         :param session: a pre-copy to ``address`` that ran (:meth:`open_precopy`): its
             channel is used and only the remainder is copied at the stop. It is closed
             when this returns or raises.
         :param quiesce_timeout: seconds the device may take to quiesce (see
             :func:`~pcidev.migration.channel.migrate_out`).
+        :param await_commit: keep a deferred migration's device for :meth:`release` or
+            :meth:`take_back` (see above).
         :raises MigrationBlockedError: blockers (nothing was stopped).
         :raises MigrationError: the migration failed; the device runs here again.
         """
@@ -393,11 +477,14 @@ class DeviceEndpoint:
                                      "the device keeps running here")
             if session is not None and session.closed:
                 raise MigrationError("the pre-copy's channel is closed; the device keeps running here")
+            if session is not None and session.cancelled.is_set():
+                raise MigrationError("the pre-copy was cancelled; the device keeps running here")
             reasons = collect_blockers(self.device, self.pm)
             if reasons:
                 raise MigrationBlockedError(reasons)
             if session is not None:
                 sock = session.sock
+                session.precopy.timeout = timeout  # the stop's sends and reads: this call's timeout
             else:
                 try:
                     sock = connect(address, timeout=timeout)
@@ -413,9 +500,39 @@ class DeviceEndpoint:
         finally:
             if session is not None:
                 session.close()
-        self.state = MIGRATED
         self.moved_to = result.link or str(address)
+        self.state = AWAITING_COMMIT if await_commit and result.deferred else MIGRATED
         return result
+
+    def release(self) -> None:
+        """The destination of the migration this endpoint awaits the commit of runs the
+        device: give it up for good (:data:`MIGRATED`; the device was marked migrated out
+        at the ACK, so closing it persists nothing over the destination's state).
+
+        :raises TransportError: no migration awaits its commit here.
+        """
+        with self._state_lock:
+            self._check_state(AWAITING_COMMIT)
+            self.state = MIGRATED
+
+    def take_back(self) -> float:
+        """The destination of the migration this endpoint awaits the commit of never ran
+        the device (it died, or its host could not attach it): resume the device here, its
+        state as it was at the stop (nothing touched it since; the destination's copy is
+        never run).
+
+        :returns: ``CLOCK_MONOTONIC`` of the resume.
+        :raises TransportError: no migration awaits its commit here.
+        """
+        with self._state_lock:
+            self._check_state(AWAITING_COMMIT)
+            self.device.migrated_out = False  # (set at the ACK): the state is this process's again
+            self.device.owns_state = True
+            self.moved_to = None
+            self.state = RUNNING
+            self.device.resume()
+            self.resumed_at = time.monotonic()
+            return self.resumed_at
 
     def accept_incoming(self, sock: socket.socket, *, link: str | None = None,
                         timeout: float = 10.0) -> IncomingResult:

@@ -11,7 +11,8 @@ Without ``--incoming`` the device starts fresh and is served on ``--link``. With
 source's :meth:`~pcidev.transport.endpoint.DeviceEndpoint.migrate_to`), loads the
 device, and then serves it on ``--link`` (which it tells the source, so the host
 can follow). The process exits when its device has migrated away (status 0), when
-an incoming migration fails (status 1), or on SIGTERM/SIGINT. On every one of
+an incoming migration fails or the host abandons the device it loaded because its
+source took it back (status 1), or on SIGTERM/SIGINT. On every one of
 these paths it closes the device once (:meth:`pcidev.device.PciDevice.close`:
 workers joined, ``on_close``); a device that migrated away, or a destination's
 that never received one, is closed without
@@ -160,7 +161,7 @@ def _serve(args: argparse.Namespace, endpoint: DeviceEndpoint, listener: Listene
         if server.migration is not None:
             _emit(args.events, "migrated", **server.migration)
         _emit(args.events, "exit", reason=reason)
-        return 0
+        return 1 if reason == "abandoned" else 0
     finally:
         endpoint.close()  # closes the device: workers joined, on_close (see PciDevice.owns_state)
         listener.close()

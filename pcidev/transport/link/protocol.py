@@ -27,11 +27,29 @@ type            request body (+ fds)                          reply body
                 eventfd per vector, then the INTx eventfd
 10 STATUS       ``{}``                                        ``{intx, failed, state}``
 11 MIGRATE      ``{to: address, timeout: seconds,             migration report map
-                [quiesce_timeout_ms]}``
+                [quiesce_timeout_ms], [commit_timeout]}``
 12 RESUME       ``{}``                                        ``{resumed_at}``
 13 PRECOPY      ``{to, timeout, max_downtime_ms,              pre-copy report map
                 max_iterations}``
+14 RELEASE      ``{}`` (source, awaiting commit)              ``{}``
+15 TAKE_BACK    ``{reason: text}`` (source, awaiting commit)  ``{resumed_at}``
+16 ABANDON      ``{reason: text}`` (destination, awaiting     ``{}``
+                attach)
 ==============  ============================================  =========================
+
+**Commit of a deferred migration.** Over a channel without descriptors (TCP) the
+destination acknowledges the state but runs the device only once the host re-attached
+it and sent RESUME. A MIGRATE with ``commit_timeout`` makes the source keep its stopped
+device after that ACK (the reply says ``awaiting_commit: true``) until the host, on the
+same connection, sends RELEASE (the destination runs: the source gives the device up and
+exits) or TAKE_BACK (the destination never ran it: the source resumes it, its state as
+at the stop). Without either within ``commit_timeout``, or when that connection ends,
+the source gives the device up (it never resumes a device a destination may run). A
+destination answers RESUME *before* it resumes the device, so a RESUME with no reply at
+all proves it never ran; one whose reply cannot be sent gives the device up (state
+``abandoned``). ABANDON tells a destination still awaiting attachment that it will never
+run the device (it refuses RESUME from then on and exits). A HELLO reply says
+``commit: true`` when the process knows these messages.
 
 **Migration in two phases.** A host that wants the device to keep serving it while
 the large state is copied (pre-copy: a ``mem`` namespace or a RAM BAR over TCP) first
@@ -75,7 +93,8 @@ from pcidev.vmstate import errors as vmstate_errors
 __all__ = [
     "MAGIC", "HEADER", "FLAG_REPLY", "FLAG_ERROR", "MAX_BODY", "LINK_MAX_FDS", "U64_MAX",
     "HELLO", "CONFIG_READ", "CONFIG_WRITE", "BAR_READ", "BAR_WRITE", "ROM_READ",
-    "DMA_MAP", "DMA_UNMAP", "SET_IRQS", "STATUS", "MIGRATE", "RESUME", "PRECOPY", "NAMES", "MSI_ROUTE_ADDRESS",
+    "DMA_MAP", "DMA_UNMAP", "SET_IRQS", "STATUS", "MIGRATE", "RESUME", "PRECOPY", "RELEASE", "TAKE_BACK",
+    "ABANDON", "NAMES", "MSI_ROUTE_ADDRESS",
     "encode_body", "decode_body", "read_message", "send_message", "encode_error", "error_from_reply",
 ]
 
@@ -91,6 +110,8 @@ FLAG_ERROR = 2
 MAX_BODY = 1 << 20
 #: most descriptors one message may carry
 LINK_MAX_FDS = 64
+#: longest error message an error reply carries (longer ones are cut)
+MAX_ERROR_MESSAGE = 16 * 1024
 #: Request type: the device's identity and layout (the reply is the device info map).
 HELLO = 1
 #: Request type: a configuration-space read, ``[offset, size]``.
@@ -118,10 +139,20 @@ RESUME = 12
 #: Request type: start copying the device's large state to the destination at ``to`` while it
 #: keeps running (reply: the pre-copy report, once it converged or reached its limit).
 PRECOPY = 13
+#: Request type (to a source awaiting commit, on the MIGRATE's connection): the destination
+#: runs the device; give it up for good (the source exits).
+RELEASE = 14
+#: Request type (to a source awaiting commit, on the MIGRATE's connection): the destination
+#: never ran the device; resume it here (reply ``{resumed_at}``).
+TAKE_BACK = 15
+#: Request type (to a destination awaiting attachment): it will never run the device
+#: (RESUME is refused from then on; the process exits).
+ABANDON = 16
 #: The name of each request type (for logs and error messages).
 NAMES = {HELLO: "HELLO", CONFIG_READ: "CONFIG_READ", CONFIG_WRITE: "CONFIG_WRITE", BAR_READ: "BAR_READ",
          BAR_WRITE: "BAR_WRITE", ROM_READ: "ROM_READ", DMA_MAP: "DMA_MAP", DMA_UNMAP: "DMA_UNMAP",
-         SET_IRQS: "SET_IRQS", STATUS: "STATUS", MIGRATE: "MIGRATE", RESUME: "RESUME", PRECOPY: "PRECOPY"}
+         SET_IRQS: "SET_IRQS", STATUS: "STATUS", MIGRATE: "MIGRATE", RESUME: "RESUME", PRECOPY: "PRECOPY",
+         RELEASE: "RELEASE", TAKE_BACK: "TAKE_BACK", ABANDON: "ABANDON"}
 #: the MSI address the proxy uses when it delivers an eventfd signal
 MSI_ROUTE_ADDRESS = 0xFEE0_0000
 #: largest integer a message field carries (values are u64)
@@ -154,17 +185,19 @@ def decode_body(body: bytes, what: str) -> Any:
         raise TransportError(f"{what}: body is not valid msgpack ({type(exc).__name__}: {exc})") from None
 
 
-def read_message(sock: socket.socket, *, max_fds: int, eof_ok: bool = False
+def read_message(sock: socket.socket, *, max_fds: int, eof_ok: bool = False, deadline: float | None = None
                  ) -> tuple[int, int, int, bytes, list[int]] | None:
     """Read one framed message: ``(type, flags, id, body, fds)``, or None at a clean EOF.
 
     :param sock: the connection.
     :param max_fds: most descriptors the message may carry.
     :param eof_ok: a clean EOF before the header returns None instead of raising.
-    :raises TransportError: bad magic, oversized body, truncation, too many fds
-        (framing is lost: the connection must be closed).
+    :param deadline: ``CLOCK_MONOTONIC`` time by which the whole message must have come
+        (a peer that trickles it is dropped then; None: only the socket's timeout per read).
+    :raises TransportError: bad magic, oversized body, truncation, too many fds, the
+        deadline passed (framing is lost: the connection must be closed).
     """
-    head, fds = recv_exact(sock, HEADER.size, max_fds=max_fds, eof_ok=eof_ok)
+    head, fds = recv_exact(sock, HEADER.size, max_fds=max_fds, eof_ok=eof_ok, deadline=deadline)
     if not head:
         return None
     try:
@@ -173,7 +206,7 @@ def read_message(sock: socket.socket, *, max_fds: int, eof_ok: bool = False
             raise TransportError(f"bad link message magic {magic!r}")
         if length > MAX_BODY:
             raise TransportError(f"link message of {length} bytes (at most {MAX_BODY})")
-        body = recv_exact(sock, length)[0] if length else b""
+        body = recv_exact(sock, length, deadline=deadline)[0] if length else b""
     except BaseException:
         close_fds(fds)
         raise
@@ -201,9 +234,12 @@ def encode_error(exc: BaseException) -> bytes:
     :param exc: the error.
     :returns: the encoded body.
     """
-    info: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
+    text = str(exc)
+    if len(text) > MAX_ERROR_MESSAGE:  # a reply always fits MAX_BODY
+        text = text[:MAX_ERROR_MESSAGE] + " [...]"
+    info: dict[str, Any] = {"type": type(exc).__name__, "message": text}
     if isinstance(exc, MigrationBlockedError):
-        info["reasons"] = list(exc.reasons)
+        info["reasons"] = [str(r)[:4096] for r in exc.reasons[:256]]
     if isinstance(exc, VMStateError):
         info.update(reason=exc.reason, section=exc.section, instance_id=exc.instance_id, path=exc.path)
     return encode_body(info)

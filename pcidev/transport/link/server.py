@@ -9,6 +9,14 @@ One request is not answered at once: PRECOPY runs on a thread of its own
 (:class:`~pcidev.transport.endpoint.PrecopySession`) while the loop keeps serving
 every connection, and its reply goes out from the loop when it ends. The loop is the
 only writer of every connection.
+
+A MIGRATE with ``commit_timeout`` whose destination runs the device only once its host
+re-attached it (TCP) leaves the device stopped here, awaiting RELEASE or TAKE_BACK on
+the MIGRATE's connection (:data:`~pcidev.transport.endpoint.AWAITING_COMMIT`); without
+either within ``commit_timeout``, or when that connection ends, the server gives the
+device up and exits as after a migration: it never resumes a device that a destination
+may run. RESUME's reply goes out before the device runs (a RESUME left without any reply
+proves it never ran here).
 """
 
 from __future__ import annotations
@@ -21,10 +29,22 @@ import threading
 import time
 from typing import Any
 
+import attrs
+
 from pcidev.errors import MigrationError, PcidevError, TransportError
-from pcidev.transport.endpoint import RUNNING, DeviceEndpoint, PrecopySession
+from pcidev.transport.address import parse_address
+from pcidev.transport.endpoint import (
+    ABANDONED,
+    AWAITING_COMMIT,
+    CONNECT_SLICE,
+    MIGRATED,
+    RUNNING,
+    DeviceEndpoint,
+    PrecopySession,
+)
 from pcidev.transport.fdpass import close_fds
 from pcidev.transport.link.protocol import (
+    ABANDON,
     BAR_READ,
     BAR_WRITE,
     CONFIG_READ,
@@ -38,10 +58,12 @@ from pcidev.transport.link.protocol import (
     MIGRATE,
     NAMES,
     PRECOPY,
+    RELEASE,
     RESUME,
     ROM_READ,
     SET_IRQS,
     STATUS,
+    TAKE_BACK,
     U64_MAX,
     decode_body,
     encode_body,
@@ -50,10 +72,18 @@ from pcidev.transport.link.protocol import (
     send_message,
 )
 
-__all__ = ["LinkServer", "MAX_PRECOPY_ITERATIONS"]
+__all__ = ["LinkServer", "MAX_PRECOPY_ITERATIONS", "MAX_COMMIT_TIMEOUT", "MAX_CONNECTIONS", "MAX_ADDRESS"]
 
 #: the most pre-copy passes a PRECOPY request may ask for
 MAX_PRECOPY_ITERATIONS = 1000
+#: the longest a source may be asked to keep a stopped device for its host's commit (seconds)
+MAX_COMMIT_TIMEOUT = 3600.0
+#: the most connections served at once (the host, a pre-copy's, a few monitors); more are refused
+MAX_CONNECTIONS = 16
+#: the longest destination address a PRECOPY or MIGRATE may name
+MAX_ADDRESS = 4096
+#: seconds the listener rests after a failed accept() (out of descriptors: no busy loop)
+ACCEPT_BACKOFF = 0.1
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +112,15 @@ def _map(body: Any, keys: dict[str, type], what: str) -> dict[str, Any]:
         if tp is int and not 0 <= body[key] <= U64_MAX:
             raise TransportError(f"{what}: field {key!r} out of range")
     return body
+
+
+def _destination(m: dict[str, Any], what: str) -> str:
+    """The ``to`` of a PRECOPY or MIGRATE: bounded, and an address (checked before anything starts)."""
+    to: str = m["to"]
+    if len(to) > MAX_ADDRESS:
+        raise TransportError(f"{what}: the address is {len(to)} characters long (at most {MAX_ADDRESS})")
+    parse_address(to)
+    return to
 
 
 class _PrecopyJob:
@@ -121,6 +160,18 @@ class _PrecopyJob:
             session.close()
 
 
+@attrs.define
+class _CommitWait:
+    """A migration whose commit the server awaits: who may commit it, and until when."""
+
+    #: the connection MIGRATE came on (the only one RELEASE and TAKE_BACK are taken from)
+    conn: socket.socket
+    #: ``CLOCK_MONOTONIC`` past which the device is given up
+    deadline: float
+    #: the destination
+    to: str
+
+
 class LinkServer:
     """Serves a :class:`~pcidev.transport.endpoint.DeviceEndpoint` over a listening
     UNIX socket, one message at a time (several connections may be open: a host
@@ -128,7 +179,8 @@ class LinkServer:
 
     :param endpoint: the device side.
     :param listener: a listening socket (see :func:`pcidev.transport.address.listen`).
-    :param io_timeout: seconds a peer may take to finish sending a started message.
+    :param io_timeout: seconds a peer may take to send a whole message once its first bytes
+        came (an overall deadline per message, not per read); also each reply's send.
     :param quiesce_timeout_ms: the quiesce budget of a MIGRATE that gives none.
     """
 
@@ -146,6 +198,11 @@ class LinkServer:
         #: the last migration report (source side)
         self.migration: dict[str, Any] | None = None
         self._precopy: _PrecopyJob | None = None
+        self._commit: _CommitWait | None = None
+        #: per connection, why its pre-copy was given up after its reply (a MIGRATE then is refused)
+        self._lapsed: dict[socket.socket, str] = {}
+        #: ``CLOCK_MONOTONIC`` until which the listener rests after a failed accept()
+        self._accept_rest: float | None = None
 
     def stop(self) -> None:
         """Make :meth:`serve_forever` return (thread- and signal-safe)."""
@@ -171,9 +228,15 @@ class LinkServer:
                     if key.data == "accept":
                         try:
                             conn, _ = self.listener.accept()
-                        except OSError:
+                        except OSError as exc:  # out of descriptors: rest instead of spinning
+                            log.warning("link: accept failed (%s); pausing %g s", exc, ACCEPT_BACKOFF)
+                            sel.unregister(self.listener)
+                            self._accept_rest = time.monotonic() + ACCEPT_BACKOFF
                             continue
                         conn.settimeout(self.io_timeout)
+                        if len(self._conns) >= MAX_CONNECTIONS:
+                            self._refuse(conn)
+                            continue
                         self._conns.add(conn)
                         sel.register(conn, selectors.EVENT_READ, conn)  # data: the connection itself
                     elif key.data == "wake":
@@ -190,6 +253,10 @@ class LinkServer:
                             client.close()
                 if not self._stop:
                     self._tend_precopy()
+                    self._tend_commit()
+                    if self._accept_rest is not None and time.monotonic() >= self._accept_rest:
+                        self._accept_rest = None
+                        sel.register(self.listener, selectors.EVENT_READ, "accept")
         finally:
             self._end_precopy()
             sel.close()
@@ -204,11 +271,47 @@ class LinkServer:
         return self.exit_reason
 
     # -- pre-copy ------------------------------------------------------------------------------
+    @staticmethod
+    def _refuse(conn: socket.socket) -> None:
+        try:
+            send_message(conn, 0, FLAG_REPLY | FLAG_ERROR, 0, encode_error(TransportError(
+                f"too many link connections (at most {MAX_CONNECTIONS}); try again later")))
+        except TransportError:
+            pass
+        conn.close()
+
     def _select_timeout(self) -> float | None:
-        job = self._precopy
-        if job is None:
+        deadlines = [w.deadline for w in (self._precopy, self._commit) if w is not None]
+        if self._accept_rest is not None:
+            deadlines.append(self._accept_rest)
+        if not deadlines:
             return None
-        return max(job.deadline - time.monotonic(), 0.0) + 0.01
+        return max(min(deadlines) - time.monotonic(), 0.0) + 0.01
+
+    # -- the commit of a deferred migration ----------------------------------------------------
+    def _tend_commit(self) -> None:
+        wait = self._commit
+        if wait is not None and time.monotonic() >= wait.deadline:
+            self._give_up(f"no RELEASE or TAKE_BACK within the commit timeout of the migration to {wait.to}")
+
+    def _give_up(self, why: str) -> None:
+        """No word from the host: the destination may run the device, so it never runs
+        here again (the safe side: at worst it runs nowhere)."""
+        self._commit = None
+        if self.endpoint.state == AWAITING_COMMIT:
+            log.warning("link: %s; the device is given up (the destination may run it)", why)
+            self.endpoint.release()
+        self.exit_reason = "migrated"
+        self.stop()
+
+    def _committing(self, conn: socket.socket | None, what: str) -> _CommitWait:
+        wait = self._commit
+        if wait is None:
+            raise MigrationError(f"{what}: no migration awaits its commit here")
+        if wait.conn is not conn:
+            raise MigrationError(f"{what}: the migration to {wait.to} is committed on the connection of its "
+                                 "MIGRATE only")
+        return wait
 
     def _start_precopy(self, conn: socket.socket, mid: int, body: bytes, fds: list[int]) -> None:
         """Check a PRECOPY request and start its thread (the reply comes from ``_tend_precopy``).
@@ -219,6 +322,7 @@ class LinkServer:
         if fds:
             raise TransportError(f"PRECOPY carries no file descriptors, got {len(fds)}")
         m = _map(args, {"to": str, "timeout": float, "max_downtime_ms": float, "max_iterations": int}, "PRECOPY")
+        _destination(m, "PRECOPY")
         timeout, budget, limit = float(m["timeout"]), float(m["max_downtime_ms"]), m["max_iterations"]
         if not 0 < timeout <= 3600:
             raise TransportError("PRECOPY: timeout must be in (0, 3600] seconds")
@@ -228,7 +332,7 @@ class LinkServer:
             raise TransportError(f"PRECOPY: max_iterations must be in 0..{MAX_PRECOPY_ITERATIONS}")
         busy = self._precopy
         if busy is not None:
-            raise MigrationError(f"a pre-copy to {busy.to} is already running; one at a time "
+            raise MigrationError(f"a pre-copy to {busy.to!r:.200} is already running; one at a time "
                                  "(the device keeps running here)")
         if self.endpoint.state != RUNNING:  # a typed refusal before a thread starts
             raise MigrationError(f"the device endpoint is {self.endpoint.state}, not running")
@@ -237,7 +341,7 @@ class LinkServer:
         def run() -> None:
             try:
                 session = self.endpoint.open_precopy(job.to, timeout=timeout, max_downtime_ms=budget,
-                                                     max_iterations=limit)
+                                                     max_iterations=limit, cancelled=job.cancelled)
                 job.session = session  # first, then the check: cancel() sees one or the other
                 if job.cancelled.is_set():
                     session.cancel()
@@ -253,8 +357,12 @@ class LinkServer:
                     pass
 
         job.thread = threading.Thread(target=run, name="pcidev-link-precopy", daemon=True)
+        try:
+            job.thread.start()
+        except RuntimeError as exc:  # (can't start new thread): nothing published, nothing to undo
+            raise MigrationError(f"the pre-copy cannot start ({exc}); the device keeps running here") from exc
+        self._lapsed.pop(conn, None)
         self._precopy = job
-        job.thread.start()
 
     def _tend_precopy(self) -> None:
         """The loop's part of the pre-copy: cancel it past its time, reply when it ended,
@@ -270,11 +378,17 @@ class LinkServer:
             return
         if job.replied:
             if now >= job.deadline:
-                log.warning("link: no MIGRATE within %g s of the pre-copy to %s; giving it up", job.timeout, job.to)
+                log.warning("link: no MIGRATE within %g s of the pre-copy to %.200r; giving it up", job.timeout,
+                            job.to)
                 self._precopy = None
+                if job.conn is not None:
+                    self._lapsed[job.conn] = f"no MIGRATE came within {job.timeout:g} s of its reply"
                 job.close()
             return
         job.replied = True
+        if job.error is None and (job.cancelled.is_set() or job.timed_out):  # cancelled as it ended
+            job.error = MigrationError(f"the pre-copy to {job.to!r:.200} was cancelled as it ended; "
+                                       "the device keeps running here")
         if job.conn is None or job.error is not None:
             self._precopy = None
             job.close()
@@ -289,7 +403,8 @@ class LinkServer:
         else:
             err = job.error
             if job.timed_out:
-                err = MigrationError(f"the pre-copy to {job.to} did not end within {job.timeout:g} s; "
+                why = f" ({err})" if isinstance(err, PcidevError) and "cannot reach" in str(err) else ""
+                err = MigrationError(f"the pre-copy to {job.to!r:.200} did not end within {job.timeout:g} s{why}; "
                                      "the device keeps running here")
             elif not isinstance(err, PcidevError):
                 err = MigrationError(f"pre-copy failed ({type(err).__name__}: {err}); the device keeps running here")
@@ -300,6 +415,10 @@ class LinkServer:
             pass  # the connection's end is seen by the loop, which then gives the session up
 
     def _connection_ended(self, conn: socket.socket) -> None:
+        self._lapsed.pop(conn, None)
+        wait = self._commit
+        if wait is not None and wait.conn is conn:
+            self._give_up(f"the host's connection ended while the migration to {wait.to} awaited its commit")
         job = self._precopy
         if job is None or job.conn is not conn:
             return
@@ -315,8 +434,8 @@ class LinkServer:
         if job is None:
             return
         job.cancel()
-        if job.thread is not None:
-            job.thread.join(self.io_timeout + job.timeout)
+        if job.thread is not None:  # cancelled, it ends within a connect attempt or a send
+            job.thread.join(self.io_timeout + CONNECT_SLICE + 1.0)
         job.close()
 
     def _take_precopy(self, conn: socket.socket | None) -> PrecopySession | None:
@@ -326,9 +445,13 @@ class LinkServer:
         """
         job = self._precopy
         if job is None:
+            lapsed = self._lapsed.pop(conn, None) if conn is not None else None
+            if lapsed is not None:  # the host thinks its pre-copy is open: no silent migration in one go
+                raise MigrationError(f"the pre-copy on this connection was given up ({lapsed}); "
+                                     "the device keeps running here")
             return None
         if job.conn is not conn:
-            raise MigrationError(f"a pre-copy to {job.to} is open on another connection; "
+            raise MigrationError(f"a pre-copy to {job.to!r:.200} is open on another connection; "
                                  "the device keeps running here")
         if not job.replied:
             raise MigrationError("the pre-copy is still running (wait for its reply); "
@@ -342,7 +465,7 @@ class LinkServer:
         :returns: False when the connection must be closed (EOF, broken framing).
         """
         try:
-            msg = read_message(conn, max_fds=LINK_MAX_FDS, eof_ok=True)
+            msg = read_message(conn, max_fds=LINK_MAX_FDS, eof_ok=True, deadline=time.monotonic() + self.io_timeout)
         except TransportError as exc:
             log.warning("link: dropping a connection: %s", exc)
             try:
@@ -359,6 +482,8 @@ class LinkServer:
             if kind == PRECOPY:
                 self._start_precopy(conn, mid, body, fds)
                 return True  # the reply comes when it ends (_tend_precopy)
+            if kind == RESUME:
+                return self._resume(conn, mid, body, fds)
             result = self.dispatch(kind, body, fds, conn=conn)
             fds = []
             reply, rflags = encode_body(result), FLAG_REPLY
@@ -373,10 +498,43 @@ class LinkServer:
         try:
             send_message(conn, kind, rflags, mid, reply)
         except TransportError:
+            self._after_reply()  # (a migration the reply of which was lost still happened)
             return False
-        if kind == MIGRATE and rflags == FLAG_REPLY:
-            self.exit_reason = "migrated"
+        self._after_reply()
+        return True
+
+    def _after_reply(self) -> None:
+        """Stop serving once the device is not this process's any more."""
+        state = self.endpoint.state
+        if state in (MIGRATED, ABANDONED) and not self._stop:
+            self.exit_reason = "migrated" if state == MIGRATED else "abandoned"
             self.stop()
+
+    def _resume(self, conn: socket.socket, mid: int, body: bytes, fds: list[int]) -> bool:
+        """RESUME: the reply goes out first, and the device runs only once it went out
+        (a reply that cannot be sent leaves the device abandoned: it never runs here)."""
+        tried: list[bool] = []
+
+        def announce(resumed_at: float) -> None:
+            tried.append(True)
+            send_message(conn, RESUME, FLAG_REPLY, mid, encode_body({"resumed_at": resumed_at}))
+
+        try:
+            decode_body(body, "RESUME")
+            if fds:
+                raise TransportError(f"RESUME carries no file descriptors, got {len(fds)}")
+            self.endpoint.resume_after_attach(announce)
+            return True
+        except PcidevError as exc:
+            if tried:  # the reply did not go out: the endpoint gave the device up
+                log.warning("link: RESUME's reply could not be sent (%s); the device never runs here", exc)
+                self._after_reply()
+                return False
+            reply = encode_error(exc)
+        try:  # (handle() closes ``fds``)
+            send_message(conn, RESUME, FLAG_REPLY | FLAG_ERROR, mid, reply)
+        except TransportError:
+            return False
         return True
 
     def dispatch(self, kind: int, body: bytes, fds: list[int], *, conn: socket.socket | None = None) -> Any:
@@ -439,18 +597,44 @@ class LinkServer:
             return {}
         if kind == MIGRATE:
             m = _map(args, {"to": str, "timeout": float}, what)
+            _destination(m, what)
             timeout = float(m["timeout"])
             if not 0 < timeout <= 3600:
                 raise TransportError("MIGRATE: timeout must be in (0, 3600] seconds")
             qt = m.get("quiesce_timeout_ms", self.quiesce_timeout_ms)
             if type(qt) not in (int, float) or not 0 < qt <= 3_600_000:
                 raise TransportError("MIGRATE: quiesce_timeout_ms must be in (0, 3600000]")
+            ct = m.get("commit_timeout")
+            if ct is not None and (type(ct) not in (int, float) or not 0 < ct <= MAX_COMMIT_TIMEOUT):
+                raise TransportError(f"MIGRATE: commit_timeout must be in (0, {MAX_COMMIT_TIMEOUT:g}] seconds")
             session = self._take_precopy(conn)
-            result = ep.migrate_to(m["to"], timeout=timeout, session=session, quiesce_timeout=qt / 1000).as_dict()
+            result = ep.migrate_to(m["to"], timeout=timeout, session=session, quiesce_timeout=qt / 1000,
+                                   await_commit=ct is not None and conn is not None).as_dict()
+            result["awaiting_commit"] = ep.state == AWAITING_COMMIT
+            if ep.state == AWAITING_COMMIT:
+                assert conn is not None and ct is not None
+                self._commit = _CommitWait(conn, time.monotonic() + float(ct), m["to"])
             self.migration = result
             return result
+        if kind == RELEASE:
+            self._committing(conn, what)
+            self._commit = None
+            ep.release()
+            return {}
+        if kind == TAKE_BACK:
+            wait = self._committing(conn, what)
+            reason = args.get("reason") if isinstance(args, dict) else None
+            self._commit = None
+            resumed_at = ep.take_back()
+            self.migration = None
+            log.warning("link: the migration to %s is taken back (%s); the device runs here again", wait.to,
+                        str(reason)[:200] if reason else "no reason given")
+            return {"resumed_at": resumed_at}
+        if kind == ABANDON:
+            ep.abandon()
+            return {}
         if kind == RESUME:
-            return {"resumed_at": ep.resume_after_attach()}
+            raise TransportError("RESUME is answered by the server's loop (handle()), not by dispatch()")
         if kind == PRECOPY:
             raise TransportError("PRECOPY is answered by the server's loop (handle()), not by dispatch()")
         raise TransportError(f"unhandled link message {what}")  # pragma: no cover

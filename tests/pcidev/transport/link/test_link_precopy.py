@@ -234,8 +234,12 @@ def test_a_precopy_past_its_timeout_and_one_no_migrate_follows_are_given_up(link
         assert not isinstance(report, BaseException), report
         assert report["bytes_per_iteration"][0] >= FILLED, report
         assert idle.eof.wait(20), "the session was not given up without a MIGRATE"
-        # the pre-copy is gone: a MIGRATE now is a migration in one go (to nobody here: its
-        # pre-flight gets no answer, nothing stopped)
+        # the pre-copy is gone: a MIGRATE on its connection is refused with the reason (not
+        # silently a migration in one go, which would copy everything inside the downtime)
+        err = raw.request(MIGRATE, {"to": idle.address, "timeout": 2.0})
+        assert isinstance(err, MigrationError) and "was given up (no MIGRATE came within 3 s" in str(err), err
+        assert not ep.device.quiesced
+        # asked again, knowingly, it is a migration in one go (to nobody here)
         err = raw.request(MIGRATE, {"to": idle.address, "timeout": 2.0})
         assert isinstance(err, MigrationError) and "keeps running on the source" in str(err), err
         assert ep.state == "running"
