@@ -22,7 +22,8 @@ import pytest
 from pcidev.devices.edu import EduDevice
 from pcidev.errors import MigrationError, TransportError
 from pcidev.host import Machine
-from pcidev.migration.frames import ACK, FRAME_HEADER, MAGIC, STATE, boot_id, frame_meta, recv_frame
+from pcidev.migration.frames import (ACK, CHECK, FRAME_HEADER, MAGIC, STATE, VERDICT, boot_id, frame_meta, recv_frame,
+                                     send_meta)
 from pcidev.transport.address import listen
 from pcidev.transport.endpoint import DeviceEndpoint, PrecopySession
 from pcidev.transport.fdpass import close_fds
@@ -219,9 +220,10 @@ def test_a_migrate_after_a_precopy_waits_with_its_own_timeout(tmp_path):
     lst = socket.create_server(("127.0.0.1", 0))
     dest = f"tcp:127.0.0.1:{lst.getsockname()[1]}"
 
-    def sink() -> None:  # reads everything, never answers
+    def sink() -> None:  # lets the pre-flight pass, then reads everything, never answers
         conn, _ = lst.accept()
         with conn:
+            _pass_preflight(conn)
             while conn.recv(1 << 20):
                 pass
 
@@ -254,6 +256,15 @@ def test_a_migrate_after_a_precopy_waits_with_its_own_timeout(tmp_path):
 
 
 # -- H5 ------------------------------------------------------------------------------------
+def _pass_preflight(conn: socket.socket) -> tuple[int, bytes, list[int]]:
+    """Answer the source's pre-flight (CHECK) with a VERDICT ``ok``; the next frame."""
+    kind, body, fds = recv_frame(conn, max_fds=253)
+    if kind == CHECK:
+        send_meta(conn, VERDICT, {"protocol": 3, "ok": True, "reasons": [], "features": [], "boot_id": ""})
+        kind, body, fds = recv_frame(conn, max_fds=253)
+    return kind, body, fds
+
+
 def _late_acker(path: str, delay: float) -> threading.Thread:
     """A destination that takes the state and ACKs (deferred) only after ``delay``."""
     lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -264,7 +275,7 @@ def _late_acker(path: str, delay: float) -> threading.Thread:
         conn, _ = lst.accept()
         lst.close()
         with conn:
-            kind, body, fds = recv_frame(conn, max_fds=253)
+            kind, body, fds = _pass_preflight(conn)
             offer = frame_meta(kind, body, {"fds": int})
             while len(fds) < offer["fds"]:
                 fds += recv_frame(conn, max_fds=253)[2]
