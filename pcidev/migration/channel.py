@@ -173,6 +173,10 @@ class MigrationResult:
         completions, outstanding AERs).
     :ivar precopy: what the memory contents' pre-copy did (a migration without
         descriptors of a device with memory sources), else None.
+    :ivar phases: ``CLOCK_MONOTONIC`` at each step of the stop, for a breakdown of the
+        downtime: ``stopped``, ``quiesced``, ``saved``, ``sent``, ``acked`` (the source's
+        clock) and, when the destination said so, ``received`` and ``loaded`` (its clock:
+        comparable when ``same_clock``).
     """
 
     state_size: int
@@ -185,6 +189,7 @@ class MigrationResult:
     link: str | None = None
     summary: dict[str, Any] = attrs.field(factory=dict)
     precopy: PrecopyReport | None = None
+    phases: dict[str, float] = attrs.field(factory=dict)
 
     @property
     def downtime(self) -> float | None:
@@ -206,7 +211,8 @@ class MigrationResult:
                 "acked_at": self.acked_at, "running_at": self.running_at, "same_clock": self.same_clock,
                 "deferred": self.deferred, "link": self.link, "downtime": self.downtime,
                 "downtime_upper_bound": self.downtime_upper_bound, "boot_id": boot_id(), "summary": self.summary,
-                "precopy": self.precopy.as_dict() if self.precopy is not None else None}
+                "precopy": self.precopy.as_dict() if self.precopy is not None else None,
+                "phases": dict(self.phases)}
 
 
 @attrs.frozen
@@ -325,6 +331,7 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
     stopped_at = time.monotonic()
     try:
         device.quiesce(quiesce_timeout, flush=not commit)  # (on failure it runs on: nothing to undo)
+        phases = {"stopped": stopped_at, "quiesced": time.monotonic()}
     except BaseException:
         if precopy is not None:
             precopy.abort()
@@ -354,6 +361,7 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
                     _raise_refusal(sock, deadline, exc.__cause__)
                 raise
         stream, fds = save_device_stream(device)
+        phases["saved"] = time.monotonic()
         summary = hook_migration_summary(pm, device) if pm is not None else {}
         size = len(stream)
         pass_fds = is_unix(sock)
@@ -372,6 +380,7 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
                 send_frame(sock, FDS, b"", sent[i:i + SCM_MAX_FD])
             budget()
             send_frame(sock, STATE, stream)
+            phases["sent"] = time.monotonic()
         except TransportError as exc:
             _raise_refusal(sock, deadline, exc)
             raise
@@ -383,7 +392,7 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
         if kind != ACK:
             raise TransportError(f"migration channel: expected ACK, got {frame_name(kind)}")
         meta = frame_meta(kind, body, {"deferred": bool, "boot_id": str})
-        acked_at = time.monotonic()
+        acked_at = phases["acked"] = time.monotonic()
     except Exception as exc:
         if precopy is not None:
             precopy.abort()
@@ -411,13 +420,16 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
             kind, body, stray = recv_frame(sock)
             close_fds(stray)
             if kind == RUNNING:
-                running_at = frame_meta(kind, body, {"running_at": float})["running_at"]
+                running = frame_meta(kind, body, {"running_at": float})
+                running_at = running["running_at"]
+                phases.update({k: float(running[k]) for k in ("received", "loaded")
+                               if type(running.get(k)) is float})
         except (TransportError, OSError):
             pass
     return MigrationResult(state_size=size, fds=nfds, stopped_at=stopped_at, acked_at=acked_at,
                            running_at=running_at, same_clock=same, deferred=bool(meta["deferred"]), link=link,
                            summary=summary,
-                           precopy=precopy.report if streams and precopy is not None else None)
+                           precopy=precopy.report if streams and precopy is not None else None, phases=phases)
 
 
 def _commit(device: PciDevice, sock: socket.socket, meta: dict[str, Any], *, size: int, nfds: int,
@@ -606,6 +618,7 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
             if kind != STATE or len(stream) != size or stray:
                 raise TransportError(f"migration channel: expected a STATE of {size} bytes, got "
                                      f"{frame_name(kind)} of {len(stream)}")
+            received_at = time.monotonic()
             use_fds: Sequence[int | None] | None = fds if is_unix(sock) else load_fds
             res = load_device_stream(device, stream, use_fds)
         except (VMStateError, TransportError) as exc:
@@ -623,7 +636,7 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
     try:
         return _acknowledge(device, sock, stream=stream, nfds=len(fds), res=res, timeout=timeout, link=link,
                             adopt=adopt, defer_without_fds=defer_without_fds, commit=commit,
-                            committed=committed, resume=resume)
+                            committed=committed, resume=resume, received_at=received_at)
     finally:
         if staged is not None:  # the load duplicated what it adopted; unmapping large staging
             _release_later(staged)  # memory takes long: after the ACK, and off this thread
@@ -639,7 +652,7 @@ def _release_later(staged: StagedMemory) -> None:
 def _acknowledge(device: PciDevice, sock: socket.socket, *, stream: bytes, nfds: int, res: LoadedResources,
                  timeout: float, link: str | None, adopt: Callable[[LoadedResources], None] | None,
                  defer_without_fds: bool, commit: bool, committed: Callable[[], None] | None,
-                 resume: bool) -> IncomingResult:
+                 resume: bool, received_at: float | None = None) -> IncomingResult:
     """The part of :func:`migrate_in` after the load: adopt, ACK, COMMIT, resume, RUNNING."""
     loaded_at = time.monotonic()
     deferred = defer_without_fds and not is_unix(sock)
@@ -676,8 +689,9 @@ def _acknowledge(device: PciDevice, sock: socket.socket, *, stream: bytes, nfds:
     elif not deferred:
         device.resume()
         running_at = time.monotonic()
-        try:
-            send_meta(sock, RUNNING, {"running_at": running_at, "boot_id": boot_id()})
+        try:  # (received, loaded: for the source's breakdown of the downtime)
+            send_meta(sock, RUNNING, {"running_at": running_at, "boot_id": boot_id(), "received": received_at,
+                                      "loaded": loaded_at})
         except TransportError:
             pass
     return IncomingResult(stream=stream, fds=nfds, resources=res, loaded_at=loaded_at, running_at=running_at)
