@@ -133,12 +133,13 @@ def breakdown(report: Mapping[str, Any]) -> dict[str, float] | None:
     ``quiesce_other`` (the rest of the quiesce), ``remainder`` (the pre-copy's rest at the
     stop), ``save``, ``send`` (to the last byte of the state), ``receive`` (until the
     destination has it all), ``load``, ``ack_resume`` (from the load to running on the
-    destination), ``follow`` (until the host's accesses go to the destination). Their sum
+    destination; over TCP that includes the host attaching its memory and eventfds), ``follow`` (until the host's accesses go to the destination). Their sum
     is the host's pause; from ``drain`` to ``ack_resume`` the downtime. None when the
     report has no steps or the clocks are not comparable.
     """
     ph = report.get("phases")
-    held, running = report.get("held_at"), report.get("running_at")
+    held = report.get("held_at")
+    running = report.get("running_at") or report.get("resumed_at")  # (over TCP the host's RESUME runs it)
     if not isinstance(ph, Mapping) or not report.get("same_clock") or not isinstance(held, float) \
             or not isinstance(running, float) or not all(k in ph for k in ("stopped", "quiesced", "saved", "sent")):
         return None
@@ -268,9 +269,9 @@ def print_table(console: Console, out: dict[str, Any]) -> None:
                                                              if abs(v) >= 0.005)))
     if out["precopy_iterations_median"] is not None:
         mib = (out["precopy_bytes_median"] or 0) / (1 << 20)
-        rows.append(("pre-copy (median): iterations, copied, at the stop",
-                     f"{_fmt(out['precopy_iterations_median'])}, {mib:.1f} MiB, "
-                     f"{_fmt(out['precopy_remainder_bytes_median'], ' bytes')}"))
+        rows.append(("pre-copy (median): passes, copied, left for the stop",
+                     f"{out['precopy_iterations_median']:g}, {mib:.1f} MiB, "
+                     f"{out['precopy_remainder_bytes_median'] or 0:g} bytes"))
     rows += [
         ("migration total (median / max)",
          f"{_fmt(_ms(out['total_seconds_median']), ' ms')} / {_fmt(_ms(out['total_seconds_max']), ' ms')}"),

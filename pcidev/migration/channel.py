@@ -393,6 +393,7 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
             raise TransportError(f"migration channel: expected ACK, got {frame_name(kind)}")
         meta = frame_meta(kind, body, {"deferred": bool, "boot_id": str})
         acked_at = phases["acked"] = time.monotonic()
+        phases.update({k: meta[k] for k in ("received", "loaded") if type(meta.get(k)) is float})
     except Exception as exc:
         if precopy is not None:
             precopy.abort()
@@ -420,10 +421,7 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
             kind, body, stray = recv_frame(sock)
             close_fds(stray)
             if kind == RUNNING:
-                running = frame_meta(kind, body, {"running_at": float})
-                running_at = running["running_at"]
-                phases.update({k: float(running[k]) for k in ("received", "loaded")
-                               if type(running.get(k)) is float})
+                running_at = frame_meta(kind, body, {"running_at": float})["running_at"]
         except (TransportError, OSError):
             pass
     return MigrationResult(state_size=size, fds=nfds, stopped_at=stopped_at, acked_at=acked_at,
@@ -670,7 +668,9 @@ def _acknowledge(device: PciDevice, sock: socket.socket, *, stream: bytes, nfds:
                 res.close()
             raise MigrationError(f"the destination could not adopt the device: {exc}") from exc
     try:
-        send_meta(sock, ACK, {"link": link, "deferred": deferred, "boot_id": boot_id()})
+        # (received, loaded: for the source's breakdown of the downtime, MigrationResult.phases)
+        send_meta(sock, ACK, {"link": link, "deferred": deferred, "boot_id": boot_id(), "received": received_at,
+                              "loaded": loaded_at})
     except TransportError as exc:
         raise MigrationError(f"could not acknowledge ({exc}); the source keeps the device") from exc
     running_at = None
@@ -689,9 +689,8 @@ def _acknowledge(device: PciDevice, sock: socket.socket, *, stream: bytes, nfds:
     elif not deferred:
         device.resume()
         running_at = time.monotonic()
-        try:  # (received, loaded: for the source's breakdown of the downtime)
-            send_meta(sock, RUNNING, {"running_at": running_at, "boot_id": boot_id(), "received": received_at,
-                                      "loaded": loaded_at})
+        try:
+            send_meta(sock, RUNNING, {"running_at": running_at, "boot_id": boot_id()})
         except TransportError:
             pass
     return IncomingResult(stream=stream, fds=nfds, resources=res, loaded_at=loaded_at, running_at=running_at)
