@@ -263,14 +263,10 @@ def print_table(console: Console, out: dict[str, Any]) -> None:
         (f"{down} median / max", f"{_fmt(out['downtime_ms_median'], ' ms')} / {_fmt(out['downtime_ms_max'], ' ms')}"),
         ("host accesses held (median)", _fmt(out["host_pause_ms_median"], " ms")),
     ]
-    parts = out["breakdown_ms_median"]
-    if parts:
-        rows.append(("where it went (median ms)", ", ".join(f"{k} {v:.2f}" for k, v in parts.items()
-                                                             if abs(v) >= 0.005)))
     if out["precopy_iterations_median"] is not None:
         mib = (out["precopy_bytes_median"] or 0) / (1 << 20)
-        rows.append(("pre-copy (median): passes, copied, left for the stop",
-                     f"{out['precopy_iterations_median']:g}, {mib:.1f} MiB, "
+        rows.append(("pre-copy: passes / copied / rest",
+                     f"{out['precopy_iterations_median']:g} / {mib:.1f} MiB / "
                      f"{out['precopy_remainder_bytes_median'] or 0:g} bytes"))
     rows += [
         ("migration total (median / max)",
@@ -289,6 +285,10 @@ def print_table(console: Console, out: dict[str, Any]) -> None:
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
+    parts = out["breakdown_ms_median"]
+    if parts:
+        console.print("where the time went (median ms): "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in parts.items() if abs(v) >= 0.005))
     if out["stream_saved"]:
         console.print(f"migration stream written to {out['stream_saved']} (pcidev vmstate dump shows it)")
 

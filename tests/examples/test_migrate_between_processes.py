@@ -132,7 +132,7 @@ def test_where_the_downtime_went_and_a_file_namespace_alone(capsys):
 def test_a_mem_namespace_over_tcp_is_precopied_and_the_table_says_so(capsys):
     assert example.main(["--migrations", "2", *SMALL, "--tcp", "--ns-kind", "mem", "--ns-size", "8M"]) == 0
     out = capsys.readouterr().out
-    assert "pre-copy (median): passes, copied, left for the stop" in out and "where it went (median ms)" in out
+    assert "pre-copy: passes / copied / rest" in out and "where the time went (median ms)" in out
     assert "migration total (median / max)" in out
     assert example.main(["--migrations", "2", *SMALL, "--tcp", "--ns-kind", "mem", "--ns-size", "8M",
                          "--json"]) == 0
