@@ -27,9 +27,9 @@ large ``mem`` namespace over ``--tcp`` is copied while the device runs (pre-copy
 Without ``--json`` a progress bar runs and a table ends the run (downtime median
 and worst and where it went, pre-copy iterations, bytes and time, state size,
 mismatches, lost and duplicated completions, the stops with a full CQ and with
-AERs outstanding); ``--json`` prints one JSON object instead. ``--save-stream PATH`` also writes one migration's vmstate stream
-(``pcidev vmstate dump PATH`` shows it); an existing file is replaced only with
-``--force``. Exit status 0 when every migration ran and nothing was wrong, 1 with
+AERs outstanding); ``--json`` prints one JSON object instead. ``--save-stream PATH``
+also writes one migration's vmstate stream (``pcidev vmstate dump PATH`` shows it);
+an existing file is replaced only with ``--force``. Exit status 0 when every migration ran and nothing was wrong, 1 with
 one line on standard error otherwise.
 """
 
@@ -133,9 +133,10 @@ def breakdown(report: Mapping[str, Any]) -> dict[str, float] | None:
     ``quiesce_other`` (the rest of the quiesce), ``remainder`` (the pre-copy's rest at the
     stop), ``save``, ``send`` (to the last byte of the state), ``receive`` (until the
     destination has it all), ``load``, ``ack_resume`` (from the load to running on the
-    destination; over TCP that includes the host attaching its memory and eventfds), ``follow`` (until the host's accesses go to the destination). Their sum
-    is the host's pause; from ``drain`` to ``ack_resume`` the downtime. None when the
-    report has no steps or the clocks are not comparable.
+    destination; over TCP that includes the host attaching its memory and eventfds),
+    ``follow`` (until the host's accesses go to the destination). Their sum is the host's
+    pause; from ``drain`` to ``ack_resume`` the downtime. None when the report has no
+    steps or the clocks are not comparable.
     """
     ph = report.get("phases")
     held = report.get("held_at")

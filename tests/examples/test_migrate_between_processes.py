@@ -83,7 +83,8 @@ def test_save_stream_never_replaces_a_file_without_force(capsys, tmp_path):
     (["--queues", "5000"], "error: device process"),
     (["--ns-size", "lots"], "error: --ns-size: "),
     (["--ns-size", "1000"], "error: --ns-size must be a positive multiple of 4 KiB, not 1000"),
-    (["--ns-size", "64K"], "error: plugin 'nvme' failed in pcidev_migration_workload: a 65536-byte namespace is too small"),
+    (["--ns-size", "64K"],
+     "error: plugin 'nvme' failed in pcidev_migration_workload: a 65536-byte namespace is too small"),
 ])
 def test_errors_are_one_line_and_status_1(capsys, argv, message):
     assert example.main(argv) == 1

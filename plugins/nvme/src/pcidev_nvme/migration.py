@@ -227,8 +227,8 @@ class MigrationHost(Protocol):
 
 __all__ = ["NvmeState", "SqState", "CqState", "CqeState", "AerState", "EventState", "FeaturesState", "TlerState",
            "SmartState", "FirmwareState", "FwChunk", "NamespaceState", "MIGRATABLE_FEATURES", "fingerprint",
-           "features", "blockers", "inheritable_fds", "quiesce", "flush_namespaces", "DEFAULT_QUIESCE_TIMEOUT", "QuiesceTimes", "prepare_quiesce",
-           "PREPARE_FLUSH_TIMEOUT",
+           "features", "blockers", "inheritable_fds", "quiesce", "flush_namespaces", "DEFAULT_QUIESCE_TIMEOUT",
+           "QuiesceTimes", "prepare_quiesce", "PREPARE_FLUSH_TIMEOUT",
            "resume", "save", "check", "apply", "LoadUndo", "namespace_plan", "MigrationMixin"]
 
 log = logging.getLogger(__name__)
