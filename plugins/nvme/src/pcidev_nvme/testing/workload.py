@@ -74,6 +74,19 @@ NS_KINDS = ("mem", "file")
 _FID_TEMP_THRESHOLD, _LID_SMART = 0x04, 0x02
 
 
+def _preallocated(path: Path, size: int) -> None:
+    """Create the ``file`` namespace's image fully written (zeros) and synced, as a production
+    image is preallocated: a write then changes no file system metadata (no block allocated,
+    no unwritten extent converted), so a migration's ``fdatasync`` syncs the data written and
+    waits for no journal commit (which on ext4 would also write back other processes' data)."""
+    chunk = bytes(1 << 20)
+    with open(path, "wb") as f:
+        for off in range(0, size, len(chunk)):
+            f.write(chunk[:min(len(chunk), size - off)])
+        f.flush()
+        os.fsync(f.fileno())
+
+
 class VerifiedIo(Workload):
     """Random writes and reads at queue depth ``qd`` on ``queues`` I/O queues, every
     block checked by CRC-32C, every completion counted per (SQ, CID) (see the module).
@@ -153,8 +166,7 @@ class VerifiedIo(Workload):
                 nss.append(f"ns=mem:size={size}")
             else:
                 image = Path(workdir) / "nvme-ns.img"
-                with open(image, "wb") as f:
-                    f.truncate(size)
+                _preallocated(image, size)
                 nss.append(f"ns=file:path={image},size={size}")
         props = f"serial=PCIDEVSOAK,max_ioqpairs={queues},msix_vectors={queues + 1}," + ",".join(nss)
         return cls(qd, queues, aers=int(options.get("aers", 4)), hold_every=int(options.get("hold_every", 2)),
