@@ -209,6 +209,10 @@ class MigrationResult:
         completions, outstanding AERs).
     :ivar precopy: what the memory contents' pre-copy did (a migration without
         descriptors of a device with memory sources), else None.
+    :ivar phases: ``CLOCK_MONOTONIC`` at each step of the stop, for a breakdown of the
+        downtime: ``stopped``, ``quiesced``, ``saved``, ``sent``, ``acked`` (the source's
+        clock) and, when the destination said so, ``received`` and ``loaded`` (its clock:
+        comparable when ``same_clock``).
     """
 
     state_size: int
@@ -222,6 +226,7 @@ class MigrationResult:
     summary: dict[str, Any] = attrs.field(factory=dict)
     precopy: PrecopyReport | None = None
     committed_at: float | None = None
+    phases: dict[str, float] = attrs.field(factory=dict)
 
     @property
     def downtime(self) -> float | None:
@@ -244,7 +249,8 @@ class MigrationResult:
                 "same_clock": self.same_clock,
                 "deferred": self.deferred, "link": self.link, "downtime": self.downtime,
                 "downtime_upper_bound": self.downtime_upper_bound, "boot_id": boot_id(), "summary": self.summary,
-                "precopy": self.precopy.as_dict() if self.precopy is not None else None}
+                "precopy": self.precopy.as_dict() if self.precopy is not None else None,
+                "phases": dict(self.phases)}
 
 
 @attrs.frozen
@@ -437,6 +443,7 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
     stopped_at = time.monotonic()
     try:
         device.quiesce(quiesce_timeout, flush=not commit)  # (on failure it runs on: nothing to undo)
+        phases = {"stopped": stopped_at, "quiesced": time.monotonic()}
     except BaseException:
         watchdog.disarm()
         if precopy is not None:
@@ -469,6 +476,7 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
                     _raise_refusal(sock, deadline, exc.__cause__)
                 raise
         stream, fds = save_device_stream(device)
+        phases["saved"] = time.monotonic()
         summary = hook_migration_summary(pm, device) if pm is not None else {}
         size = len(stream)
         pass_fds = is_unix(sock)
@@ -488,6 +496,7 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
                 send_frame(sock, FDS, b"", sent[i:i + SCM_MAX_FD])
             budget()
             send_frame(sock, STATE, stream)
+            phases["sent"] = time.monotonic()
         except TransportError as exc:
             _raise_refusal(sock, deadline, exc)
             raise
@@ -499,7 +508,8 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
         if kind != ACK:
             raise TransportError(f"migration channel: expected ACK, got {frame_name(kind)}")
         meta = frame_meta(kind, body, {"deferred": bool, "boot_id": str})
-        acked_at = time.monotonic()
+        acked_at = phases["acked"] = time.monotonic()
+        phases.update({k: meta[k] for k in ("received", "loaded") if type(meta.get(k)) is float})
         if not watchdog.disarm():  # (it shut the channel down as the ACK came: no COMMIT can go)
             raise TransportError(f"timed out: no acknowledgement within {timeout:g} s of the stop")
         if not commit and meta.get("commit") is True:
@@ -507,7 +517,7 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
             # A COMMIT that fails to go out did not arrive whole: it never runs it.
             sock.settimeout(running_timeout)
             send_frame(sock, COMMIT)
-            committed_at = time.monotonic()
+            committed_at = phases["committed"] = time.monotonic()
     except Exception as exc:
         watchdog.disarm()
         if not commit:  # (a handover's caller still sends ABORT on it)
@@ -561,7 +571,7 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
     return MigrationResult(state_size=size, fds=nfds, stopped_at=stopped_at, acked_at=acked_at,
                            running_at=running_at, same_clock=same, deferred=bool(meta["deferred"]), link=link,
                            summary=summary, committed_at=committed_at,
-                           precopy=precopy.report if streams and precopy is not None else None)
+                           precopy=precopy.report if streams and precopy is not None else None, phases=phases)
 
 
 def _commit(device: PciDevice, sock: socket.socket, meta: dict[str, Any], *, size: int, nfds: int,
@@ -760,6 +770,7 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
             if kind != STATE or len(stream) != size or stray:
                 raise TransportError(f"migration channel: expected a STATE of {size} bytes, got "
                                      f"{frame_name(kind)} of {len(stream)}")
+            received_at = time.monotonic()
             use_fds: Sequence[int | None] | None = fds if is_unix(sock) else load_fds
             res = load_device_stream(device, stream, use_fds)
         except (VMStateError, TransportError) as exc:
@@ -777,7 +788,8 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
     try:
         return _acknowledge(device, sock, stream=stream, nfds=len(fds), res=res, timeout=timeout, link=link,
                             adopt=adopt, defer_without_fds=defer_without_fds, commit=commit,
-                            committing=commit or offer.get("commit") is True, committed=committed, resume=resume)
+                            committing=commit or offer.get("commit") is True, committed=committed, resume=resume,
+                            received_at=received_at)
     finally:
         if staged is not None:  # the load duplicated what it adopted; unmapping large staging
             _release_later(staged)  # memory takes long: after the ACK, and off this thread
@@ -793,7 +805,7 @@ def _release_later(staged: StagedMemory) -> None:
 def _acknowledge(device: PciDevice, sock: socket.socket, *, stream: bytes, nfds: int, res: LoadedResources,
                  timeout: float, link: str | None, adopt: Callable[[LoadedResources], None] | None,
                  defer_without_fds: bool, commit: bool, committing: bool, committed: Callable[[], None] | None,
-                 resume: bool) -> IncomingResult:
+                 resume: bool, received_at: float | None = None) -> IncomingResult:
     """The part of :func:`migrate_in` after the load: adopt, ACK, COMMIT, RUNNING, resume
     (``committing``: the source sends COMMIT; else it is of the previous version)."""
     loaded_at = time.monotonic()
@@ -811,7 +823,9 @@ def _acknowledge(device: PciDevice, sock: socket.socket, *, stream: bytes, nfds:
             if res is not None:
                 res.close()
             raise MigrationError(f"the destination could not adopt the device: {exc}") from exc
-    ack: dict[str, Any] = {"link": link, "deferred": deferred, "boot_id": boot_id()}
+    # (received, loaded: for the source's breakdown of the downtime, MigrationResult.phases)
+    ack: dict[str, Any] = {"link": link, "deferred": deferred, "boot_id": boot_id(), "received": received_at,
+                           "loaded": loaded_at}
     if committing:
         ack["commit"] = True  # (it runs the device only after COMMIT)
     try:

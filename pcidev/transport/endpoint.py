@@ -154,7 +154,9 @@ class PrecopySession:
 
     def run(self) -> None:
         """Copy while the device runs, until the remainder fits the downtime budget or the
-        iteration limit (thread-safe against the running device).
+        iteration limit, then let the device prepare its stop
+        (:meth:`~pcidev.device.PciDevice.prepare_quiesce`; thread-safe against the running
+        device).
 
         :raises MigrationError: the pre-copy failed or was cancelled; the device runs on
             untouched (the session must then be closed).
@@ -162,6 +164,8 @@ class PrecopySession:
         self.started_at = time.monotonic()
         try:
             self.precopy.run(self.cancelled)
+            if not self.cancelled.is_set():  # what the stop would do, ahead (the fdatasync of NVMe's files)
+                self.precopy.device.prepare_quiesce(flush=True)
         except MigrationError:
             raise
         except Exception as exc:  # the channel broke (TransportError, OSError) or the engine failed

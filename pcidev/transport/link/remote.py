@@ -403,7 +403,8 @@ class RemoteDevice:
             were held here), ``precopy`` (iterations, bytes per iteration, ..., or None),
             ``precopy_seconds`` (the first phase, while accesses went on),
             ``awaiting_commit`` (the source waited for this host's word), ``released``
-            (it took the RELEASE), ...
+            (it took the RELEASE), ``held_at`` (``CLOCK_MONOTONIC`` when the accesses were
+            held), ``phases`` (the stop's steps, :class:`~pcidev.migration.channel.MigrationResult`), ...
         :raises MigrationBlockedError: blockers (nothing was stopped).
         :raises MigrationError: the migration (or its pre-copy) failed; the source device
             runs on (again).
@@ -483,6 +484,7 @@ class RemoteDevice:
                 and info.get("boot_id"):
             report["downtime"] = resumed_at - report["stopped_at"]
         report["host_pause"] = time.monotonic() - t0
+        report["held_at"] = t0  # (the breakdown of the downtime starts at the hold)
         report["precopy_seconds"] = precopy_seconds
         report.setdefault("precopy", None)
         report["destination_pid"] = info.get("pid")

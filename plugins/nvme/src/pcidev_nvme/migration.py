@@ -189,6 +189,7 @@ class MigrationHost(Protocol):
     ns_smart: NamespaceSmart
     quiesce_deadline: float | None
     quiesce_flush: bool
+    quiesce_times: QuiesceTimes | None
 
     @property
     def allocated(self) -> Mapping[int, Namespace]: ...
@@ -229,6 +230,7 @@ class MigrationHost(Protocol):
 __all__ = ["NvmeState", "SqState", "CqState", "CqeState", "AerState", "EventState", "FeaturesState", "TlerState",
            "SmartState", "FirmwareState", "FwChunk", "NamespaceState", "MIGRATABLE_FEATURES", "fingerprint",
            "features", "blockers", "inheritable_fds", "quiesce", "flush_namespaces", "DEFAULT_QUIESCE_TIMEOUT",
+           "QuiesceTimes", "prepare_quiesce", "PREPARE_FLUSH_TIMEOUT",
            "resume", "save", "check", "apply", "LoadUndo", "namespace_plan", "MigrationMixin"]
 
 log = logging.getLogger(__name__)
@@ -693,6 +695,8 @@ def quiesce(ctrl: MigrationHost, deadline: float | None = None, *, flush: bool =
     :raises MigrationError: a flush failed (the message names the namespace); the caller
         runs the controller again.
     """
+    t0 = time.monotonic()
+    ctrl.quiesce_times = None
     ctrl.pause()
     _settle(ctrl)
     if deadline is None:
@@ -700,9 +704,26 @@ def quiesce(ctrl: MigrationHost, deadline: float | None = None, *, flush: bool =
     # (a failure leaves the resume to the caller: PciDevice.quiesce calls on_resume, which
     # copes with a partial quiesce)
     _drain(ctrl, deadline)
+    drained = time.monotonic()
     if flush:
         flush_namespaces(ctrl, deadline)
+    flushed = time.monotonic()
     ctrl.stop_timers()  # coalesced completions get their interrupt before the stop
+    ctrl.quiesce_times = QuiesceTimes(drain=drained - t0, flush=flushed - drained)
+
+
+@attrs.frozen
+class QuiesceTimes:
+    """How long the last successful :func:`quiesce` took, by part (seconds; the
+    migration summary reports them: ``quiesce_drain_us``, ``quiesce_flush_us``).
+
+    :ivar drain: from the pause of fetching until every command fetched had completed.
+    :ivar flush: the ``fdatasync`` of the namespaces written since their last one (0
+        without ``flush``).
+    """
+
+    drain: float
+    flush: float
 
 
 def _drain(ctrl: MigrationHost, deadline: float) -> None:
@@ -765,22 +786,7 @@ def flush_namespaces(ctrl: MigrationHost, deadline: float) -> None:
     :raises MigrationError: a flush failed (the write-back error stays pending for the
         host's next Flush, see :meth:`pcidev_nvme.backends.FileBackend.flush_at_stop`).
     """
-    jobs: list[tuple[str, Any, Callable[[], None]]] = []
-    kept = set()  # the jobs whose error stays pending for the host's next Flush
-    for ns in sorted(ctrl.allocated.values(), key=lambda n: n.nsid):
-        stores: list[tuple[str, Any, type]] = [(f"namespace {ns.nsid} ({_describe(ns.backend)})", ns.backend,
-                                                BaseBackend)]
-        meta = ns.meta
-        if meta is not None:
-            where = getattr(meta, "path", "")
-            stores.append((f"namespace {ns.nsid}'s metadata{f' ({where})' if where else ''}", meta, MetadataStore))
-        for what, store, base in stores:
-            if not _has_work(store, base):
-                continue
-            at_stop = getattr(store, "flush_at_stop", None)
-            if at_stop is not None:
-                kept.add(what)
-            jobs.append((what, store, at_stop if at_stop is not None else store.flush))
+    jobs, kept = _flush_jobs(ctrl)
     if not jobs:
         return
     t0 = time.monotonic()
@@ -794,6 +800,41 @@ def flush_namespaces(ctrl: MigrationHost, deadline: float) -> None:
     late = [what for what, store, _ in waiting if not store.wait_synced(left())]
     futures.update({ctrl.io.offload(fn): what for what, store, fn in waiting if what not in late and store.unflushed})
     done, pending = concurrent.futures.wait(futures, left())
+    _raise_failed(futures, done, kept)
+    if pending or late:
+        raise QuiesceTimeoutError("nvme: flushing " + ", ".join(sorted([futures[f] for f in pending] + late))
+                                  + f" did not finish within the quiesce budget (waited "
+                                  f"{time.monotonic() - t0:.3f} s); the controller keeps running")
+    log.debug("flushed %d store(s) at the stop in %.3f ms", len(jobs), (time.monotonic() - t0) * 1000)
+
+
+def _flush_jobs(ctrl: MigrationHost) -> tuple[list[tuple[str, Any, Callable[[], None]]], set[str]]:
+    """What a flush of the namespaces has to do: (what, store, flush) for each store that
+    may have work (:func:`_has_work`), and the ``what`` of those whose write-back error
+    stays pending for the host's next Flush (they have ``flush_at_stop``)."""
+    jobs: list[tuple[str, Any, Callable[[], None]]] = []
+    kept = set()
+    # (a copy: Namespace Management may change the table while the controller runs)
+    for ns in sorted(list(ctrl.allocated.values()), key=lambda n: n.nsid):
+        stores: list[tuple[str, Any, type]] = [(f"namespace {ns.nsid} ({_describe(ns.backend)})", ns.backend,
+                                                BaseBackend)]
+        meta = ns.meta
+        if meta is not None:
+            where = getattr(meta, "path", "")
+            stores.append((f"namespace {ns.nsid}'s metadata{f' ({where})' if where else ''}", meta, MetadataStore))
+        for what, store, base in stores:
+            if not _has_work(store, base):
+                continue
+            at_stop = getattr(store, "flush_at_stop", None)
+            if at_stop is not None:
+                kept.add(what)
+            jobs.append((what, store, at_stop if at_stop is not None else store.flush))
+    return jobs, kept
+
+
+def _raise_failed(futures: Mapping[concurrent.futures.Future[None], str],
+                  done: Iterable[concurrent.futures.Future[None]], kept: set[str]) -> None:
+    """Raise the flushes among ``done`` that failed, as one :class:`MigrationError`."""
     failed = []
     for fut in done:
         exc = fut.exception()
@@ -805,11 +846,39 @@ def flush_namespaces(ctrl: MigrationHost, deadline: float) -> None:
             f.split(": flush failed")[0] in kept for f in failed) else ""
         raise MigrationError("nvme: " + "; ".join(sorted(failed)) + "; writes the host was told are done may "
                              f"not be on stable storage, so the device stays here{told}")
-    if pending or late:
-        raise QuiesceTimeoutError("nvme: flushing " + ", ".join(sorted([futures[f] for f in pending] + late))
-                                  + f" did not finish within the quiesce budget (waited "
-                                  f"{time.monotonic() - t0:.3f} s); the controller keeps running")
-    log.debug("flushed %d store(s) at the stop in %.3f ms", len(jobs), (time.monotonic() - t0) * 1000)
+
+
+#: seconds :func:`prepare_quiesce` waits for its ``fdatasync`` calls; one still running
+#: then goes on, and the stop waits for it within its own budget (:func:`flush_namespaces`)
+PREPARE_FLUSH_TIMEOUT = 5.0
+
+
+def prepare_quiesce(ctrl: MigrationHost, *, flush: bool, timeout: float = PREPARE_FLUSH_TIMEOUT) -> None:
+    """Before a migration's stop, while the controller runs and the host's accesses go on
+    (:meth:`pcidev.device.PciDevice.prepare_quiesce`): with ``flush``, ``fdatasync`` every
+    ``file`` image and metadata sidecar written since its last one, on the I/O workers in
+    parallel, so the stop's :func:`flush_namespaces` finds only what was written since
+    (:class:`~pcidev_nvme.backends.durability.Durability` counts a write as durable only
+    after an ``fdatasync`` that began after it returned: nothing is taken for granted here).
+    A store whose ``fdatasync`` is already in progress is left to it. A flush still running
+    after ``timeout`` goes on: the stop waits for it.
+
+    :param flush: the migration flushes at its stop (else there is nothing to prepare).
+    :param timeout: seconds to wait for the flushes.
+    :raises MigrationError: a flush failed: the migration fails and the controller runs on;
+        a ``file`` image's write-back error stays pending for the host's next Flush (and
+        refuses every migration until then, as at the stop).
+    """
+    if not flush:
+        return
+    jobs, kept = _flush_jobs(ctrl)
+    futures = {ctrl.io.offload(fn): what for what, store, fn in jobs if not getattr(store, "syncing", False)}
+    if not futures:
+        return
+    t0 = time.monotonic()
+    done, _pending = concurrent.futures.wait(futures, timeout)
+    _raise_failed(futures, done, kept)
+    log.debug("flushed %d store(s) before the stop in %.3f ms", len(done), (time.monotonic() - t0) * 1000)
 
 
 def _describe(backend: Any) -> str:
@@ -1419,6 +1488,8 @@ class MigrationMixin:
         self._save_at_resume = False
         #: what a vmstate load replaced, until it is committed (or rolled back)
         self.load_undo = LoadUndo()
+        #: how long the last successful quiesce's parts took (None before one, or after a failed one)
+        self.quiesce_times: QuiesceTimes | None = None
 
     @property
     def paused(self) -> bool:
@@ -1489,6 +1560,9 @@ class MigrationMixin:
 
     def inheritable_fds(self: MigrationHost) -> dict[str, int]:
         return inheritable_fds(self)
+
+    def prepare_quiesce(self: MigrationHost, *, flush: bool) -> None:
+        prepare_quiesce(self, flush=flush)
 
     def on_quiesce(self: MigrationHost) -> None:
         quiesce(self, self.quiesce_deadline, flush=self.quiesce_flush)

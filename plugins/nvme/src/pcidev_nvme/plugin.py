@@ -63,7 +63,9 @@ def pcidev_migration_summary(device: PciDevice) -> dict[str, int] | None:
     queues that were full (``cqs_full``), the completions parked in their backlogs
     (``cq_backlog``, posted by the destination once the host frees slots), the
     submission queue entries not fetched yet (``sq_unfetched``) and the outstanding
-    Asynchronous Event Requests (``aers_outstanding``).
+    Asynchronous Event Requests (``aers_outstanding``); and how long the stop's quiesce
+    took (``quiesce_drain_us``: until the commands in flight completed,
+    ``quiesce_flush_us``: the ``fdatasync`` of what was written since the last one).
 
     :param device: the stopped device (None is returned for another type).
     """
@@ -71,10 +73,14 @@ def pcidev_migration_summary(device: PciDevice) -> dict[str, int] | None:
         return None
     cqs = [cq for cq in device.completion_queues if cq is not None]
     sqs = [sq for sq in device.submission_queues if sq is not None]
+    times = device.quiesce_times
     with device.state_lock:
-        return {"cqs_full": sum(cq.full() for cq in cqs), "cq_backlog": sum(len(cq.backlog) for cq in cqs),
-                "sq_unfetched": sum((sq.tail - sq.head) % sq.size for sq in sqs),
-                "aers_outstanding": len(device.aer.outstanding)}
+        out = {"cqs_full": sum(cq.full() for cq in cqs), "cq_backlog": sum(len(cq.backlog) for cq in cqs),
+               "sq_unfetched": sum((sq.tail - sq.head) % sq.size for sq in sqs),
+               "aers_outstanding": len(device.aer.outstanding)}
+    if times is not None:
+        out.update(quiesce_drain_us=round(times.drain * 1e6), quiesce_flush_us=round(times.flush * 1e6))
+    return out
 
 
 @hookimpl

@@ -152,10 +152,24 @@ def test_from_options_has_a_mem_and_a_file_namespace_on_either_transport(tmp_pat
     assert not unix.probe and unix.ram_size >= 64 << 20
 
 
+def test_namespaces_chooses_the_kinds_and_the_image_is_preallocated(tmp_path):
+    mem = VerifiedIo.from_options({"workdir": tmp_path, "namespaces": "mem", "ns_size": 8 << 20})
+    assert mem.properties.count("ns=") == 1 and "ns=mem:size=8388608" in mem.properties
+    assert not (tmp_path / "nvme-ns.img").exists()
+    file = VerifiedIo.from_options({"workdir": tmp_path, "namespaces": "file", "ns_size": 3 << 20})
+    assert file.properties.count("ns=") == 1 and f"ns=file:path={tmp_path}/nvme-ns.img" in file.properties
+    st = (tmp_path / "nvme-ns.img").stat()
+    # written whole (no hole: a write allocates nothing, the stop's fdatasync waits for no journal)
+    assert st.st_size == 3 << 20 and st.st_blocks * 512 >= st.st_size
+    assert (tmp_path / "nvme-ns.img").read_bytes() == bytes(3 << 20)
+
+
 @pytest.mark.parametrize(("options", "message"), [
     ({}, "needs a workdir"),
     ({"workdir": "WORKDIR", "transport": "rdma"}, "transport must be unix or tcp"),
     ({"workdir": "WORKDIR", "ns_size": 1 << 20}, "too small for 8 x 32 commands"),
+    ({"workdir": "WORKDIR", "namespaces": "mem,nbd"}, "namespaces must be mem, file or both"),
+    ({"workdir": "WORKDIR", "namespaces": "file,file"}, "namespaces must be mem, file or both"),
 ])
 def test_from_options_refuses_with_one_line(tmp_path, options, message):
     options = {k: (tmp_path if v == "WORKDIR" else v) for k, v in options.items()}

@@ -68,8 +68,23 @@ STEP_TIMEOUT = 30.0
 HOLD_WAIT = 20.0
 #: seconds the workload holds at most (the migration normally releases it much earlier)
 HOLD_LIMIT = 120.0
+#: the namespace kinds the workload can give the controller (``namespaces`` option)
+NS_KINDS = ("mem", "file")
 #: the temperature threshold feature and SMART / Health log page
 _FID_TEMP_THRESHOLD, _LID_SMART = 0x04, 0x02
+
+
+def _preallocated(path: Path, size: int) -> None:
+    """Create the ``file`` namespace's image fully written (zeros) and synced, as a production
+    image is preallocated: a write then changes no file system metadata (no block allocated,
+    no unwritten extent converted), so a migration's ``fdatasync`` syncs the data written and
+    waits for no journal commit (which on ext4 would also write back other processes' data)."""
+    chunk = bytes(1 << 20)
+    with open(path, "wb") as f:
+        for off in range(0, size, len(chunk)):
+            f.write(chunk[:min(len(chunk), size - off)])
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class VerifiedIo(Workload):
@@ -119,10 +134,12 @@ class VerifiedIo(Workload):
         :func:`~pcidev.hookspecs.pcidev_migration_workload`): a ``mem`` and a ``file``
         namespace (over TCP the ``mem`` one's contents travel: pre-copy), each
         ``ns_size`` bytes (default 4 MiB, or twice what one step's commands address),
-        the file in ``workdir``.
+        the file in ``workdir``; ``namespaces`` (``mem``, ``file`` or both, comma
+        separated, in that order of NSIDs) keeps only the kinds named.
 
         :param options: ``queues`` (8), ``qd`` (32), ``transport`` (``unix``),
-            ``workdir`` (required), ``seed``, ``ns_size``, ``aers``, ``hold_every``.
+            ``workdir`` (required), ``seed``, ``ns_size``, ``namespaces`` (``mem,file``),
+            ``aers``, ``hold_every``.
         :raises PcidevError: no ``workdir``, or a bad value.
         """
         queues, qd = int(options.get("queues") or 8), int(options.get("qd") or 32)
@@ -139,10 +156,18 @@ class VerifiedIo(Workload):
         if size < 2 * queues * qd * SLOT:
             raise PcidevError(f"a {size}-byte namespace is too small for {queues} x {qd} commands of 4 KiB "
                               f"on distinct slots; give ns_size >= {2 * queues * qd * SLOT}")
-        image = Path(workdir) / "nvme-ns.img"
-        with open(image, "wb") as f:
-            f.truncate(size)
-        nss = [f"ns=mem:size={size}", f"ns=file:path={image},size={size}"]  # (over TCP the mem one's contents travel)
+        kinds = str(options.get("namespaces") or "mem,file").split(",")
+        if not kinds or any(k not in NS_KINDS for k in kinds) or len(set(kinds)) != len(kinds):
+            raise PcidevError(f"the NVMe workload's namespaces must be {', '.join(NS_KINDS)} or both, "
+                              f"comma separated, not {options.get('namespaces')!r}")
+        nss = []
+        for kind in kinds:  # (over TCP the mem one's contents travel)
+            if kind == "mem":
+                nss.append(f"ns=mem:size={size}")
+            else:
+                image = Path(workdir) / "nvme-ns.img"
+                _preallocated(image, size)
+                nss.append(f"ns=file:path={image},size={size}")
         props = f"serial=PCIDEVSOAK,max_ioqpairs={queues},msix_vectors={queues + 1}," + ",".join(nss)
         return cls(qd, queues, aers=int(options.get("aers", 4)), hold_every=int(options.get("hold_every", 2)),
                    seed=options.get("seed"), properties=props)
