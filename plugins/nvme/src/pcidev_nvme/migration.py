@@ -293,9 +293,7 @@ class NvmeState:
 # ----------------------------------------------------------------------------- configuration
 def _backend_feature(ns: Any) -> str:
     b = ns.backend
-    kind = getattr(b, "kind", type(b).__name__)
-    if kind == "mem" and getattr(b, "fd", -1) < 0:
-        return "nvme-backend:mem-anonymous"
+    kind = getattr(b, "kind", type(b).__name__)  # (anonymous memory is "mem": it migrates as one)
     if kind == "file" and getattr(b, "direct", False):
         return "nvme-backend:file-direct"
     return f"nvme-backend:{kind}"
@@ -355,8 +353,10 @@ def memory_sources(ctrl: MigrationHost) -> list[MemorySource]:
     for nsid, ns in sorted(list(ctrl.allocated.items())):  # a copy: namespaces may come and go meanwhile
         b, meta = ns.backend, ns.meta
         stores: list[tuple[str, int, int, DirtyBitmap | None]] = []
-        if isinstance(b, MemoryBackend) and b.fd >= 0:
-            stores.append((f"nvme/ns{nsid}", b.fd, b.size, b.dirty))
+        if isinstance(b, MemoryBackend):  # (a memfd, or anonymous memory read in place)
+            src = b.memory_source(f"nvme/ns{nsid}", covers=frozenset({MEM_FD_FEATURE}))
+            if src is not None:
+                out.append(src)
         if isinstance(meta, MemMetadata) and meta.mem_fd >= 0:
             stores.append((f"nvme/ns{nsid}/meta", meta.mem_fd, meta.nbytes, meta.dirty))
         for name, fd, size, bitmap in stores:
@@ -700,9 +700,8 @@ def save(ctrl: MigrationHost) -> NvmeState:
         ns = ctrl.allocated[nsid]
         b = ns.backend
         ref = None
-        fd: int = getattr(b, "fd", -1)  # a mem backend's memfd (not part of the Backend protocol)
-        if getattr(b, "kind", None) == "mem" and fd >= 0:
-            ref = ctrl.vmstate_fd(fd)
+        if isinstance(b, MemoryBackend) and ctrl.vmstate_save_fds is not None:
+            ref = ctrl.vmstate_fd(b.stream_fd())  # its memfd (anonymous memory: a copy made now)
         meta_ref = None
         if ns.meta is not None and ns.meta.mem_fd >= 0:
             meta_ref = ctrl.vmstate_fd(ns.meta.mem_fd)
@@ -1176,7 +1175,7 @@ def _prepare_namespaces(ctrl: MigrationHost, st: NvmeState,
             fd = ctrl.vmstate_load_fd(n.mem_fd) if n.mem_fd is not None else None
             # check(): a mem namespace, whose backend has an fd (not in the Backend protocol;
             # without one, -1 makes sameopenfile raise OSError, handled below)
-            if fd is not None and not os.path.sameopenfile(fd, getattr(ns.backend, "fd", -1)):
+            if fd is not None and not (isinstance(ns.backend, MemoryBackend) and ns.backend.same_memory(fd)):
                 swaps[n.nsid] = MemoryBackend.from_fd(fd, ns.size)  # (else: already this memory)
             m = n.metadata
             meta_fd = ctrl.vmstate_load_fd(m.mem_fd) if m is not None and m.mem_fd is not None else None
