@@ -637,6 +637,7 @@ class PciDevice:
             if src is not None:
                 out.append(src)
         for k, vf in enumerate(list(self.virtual_functions)):
+            # (the names of pcidev.sriov.vf_source_prefix)
             out.extend(attrs.evolve(src, name=f"vf{k}/{src.name}") for src in vf.memory_sources())
         return out
 

@@ -86,6 +86,7 @@ from pcidev.migration.frames import (
     send_meta,
     send_parts,
 )
+from pcidev.sriov import vf_memory_objects
 from pcidev.transport.fdpass import close_fds, is_unix
 
 __all__ = [
@@ -830,7 +831,8 @@ def destination_sources(device: PciDevice) -> dict[str, int]:
         raise TransportError(f"this device's memory sources are unusable ({type(exc).__name__}: {exc})") from None
     if len(out) != len(sources):
         raise TransportError("this device's memory sources repeat a name")
-    return out
+    # an SR-IOV PF: its VFs' RAM BARs travel with it, and the load builds the VFs
+    return {**vf_memory_objects(device, MAX_SOURCES), **out}
 
 
 class StagedMemory:
