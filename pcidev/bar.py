@@ -543,8 +543,9 @@ class RamBacking:
 
         Reading it counts as taking the descriptor to map or write the memory past
         :meth:`write`: while :attr:`dirty` tracks, the BAR is no longer tracked exactly
-        for the rest of that session (see the class docstring; code that only needs the
-        object's identity reads :attr:`fd_for_identity`).
+        for the rest of that session (see the class docstring). A device needs it for
+        nothing: it maps its own window with :meth:`map_view`, names the memory by
+        :attr:`identity` and describes it with :meth:`memory_source`.
         """
         self._fd_reads += 1
         if self.dirty.tracking:
@@ -555,7 +556,8 @@ class RamBacking:
     def fd_for_identity(self) -> int:
         """The descriptor, for code that neither maps nor writes through it (``fstat``, a
         :class:`~pcidev.memory_source.MemorySource` that the pre-copy engine reads): unlike
-        :attr:`fd`, reading it does not end exact tracking."""
+        :attr:`fd`, reading it does not end exact tracking (prefer :attr:`identity` and
+        :meth:`memory_source`)."""
         return self._map.fd
 
     @property

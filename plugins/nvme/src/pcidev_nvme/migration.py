@@ -21,14 +21,17 @@ What travels (section ``nvme`` version 1, see :class:`NvmeState`):
   hashes since controller DMA writes it through a mapping of its own);
 * the Persistent Memory Region's registers (optional subsection ``nvme/pmr``,
   :class:`~pcidev_nvme.pmr.PmrState`); its contents are in its file (a file-backed RAM
-  BAR: the descriptor travels over UNIX sockets, over TCP the destination maps the path);
+  BAR: the descriptor travels over UNIX sockets; over TCP its contents, written into the
+  destination's own file);
 * SMART counters (bytes, commands, busy time, power cycles, power-on time, unsafe
   shutdowns, media errors, temperature times), the temperature, injected and
   reported critical warnings; the Error Information log (count and entries);
   firmware slots, the active and next-reset slot, a partly downloaded image;
   the Changed Namespace List;
 * per namespace: attached or not, the LBA format (Format NVM may have changed it)
-  and, for a ``mem`` namespace, an :class:`~pcidev.vmstate.FdRef` to its memfd; for a
+  and, for a ``mem`` namespace, an :class:`~pcidev.vmstate.FdRef` to its memfd (for
+  anonymous memory, a memfd copy of the pages written, made at the save:
+  :meth:`~pcidev_nvme.backends.MemoryBackend.stream_fd`); for a
   namespace with metadata or protection information the optional subsection
   :class:`~pcidev_nvme.metadata.MetadataState` (PI type and location, extended LBAs and,
   for ``mem``, an ``FdRef`` to the metadata memfd; a ``file`` namespace's sidecar
@@ -93,8 +96,8 @@ stores) stays open until the load is committed (:class:`LoadUndo`): if a later p
 load fails (an SR-IOV VF's stream), the framework's rollback puts it back.
 
 What blocks (allow-list, :data:`MIGRATABLE_FEATURES`): namespaces whose backend
-is not ``mem`` (memfd), ``file`` or ``null`` (plugin backends, anonymous
-memory), a created namespace a record cannot carry
+is not ``mem`` (memfd or anonymous), ``file`` or ``null`` (a plugin's backends), a
+created namespace a record cannot carry
 (:func:`~pcidev_nvme.ns_records.record_problem`: a ``file`` image its path no longer
 leads to), and a controller reset still waiting for commands.
 """
@@ -311,7 +314,9 @@ def features(ctrl: MigrationHost) -> set[str]:
     if len(ctrl.allocated) > 1:
         out.add("nvme-multi-namespace")
     for ns in ctrl.allocated.values():
-        out.add(_backend_feature(ns))
+        feat = _backend_feature(ns)
+        if feat in MIGRATABLE_FEATURES:  # (any other: blockers() names the namespace, once)
+            out.add(feat)
     return out
 
 
@@ -339,7 +344,9 @@ MEM_FD_FEATURE = "nvme-backend:mem"
 
 def memory_sources(ctrl: MigrationHost) -> list[MemorySource]:
     """The memfds of the ``mem`` namespaces the controller has now (configured or created
-    by Namespace Management) and of their metadata, as memory sources: over a channel
+    by Namespace Management; anonymous memory: its mapping, read in place,
+    :meth:`~pcidev_nvme.backends.MemoryBackend.memory_source`) and of their metadata, as
+    memory sources: over a channel
     without descriptors (TCP) their contents travel instead (pre-copy while the controller
     serves I/O, the rest at the stop). Each is tracked by the dirty bitmap its store marks
     on every write (:attr:`pcidev_nvme.backends.MemoryBackend.dirty`,
