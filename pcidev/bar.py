@@ -631,7 +631,7 @@ class RamBacking:
         later :meth:`adopt` (it maps the object it was made on): make a new one then.
 
         :param start: the bus address of the memory's first byte.
-        :param size: bytes to map (a multiple of the page size, at most :attr:`size`).
+        :param size: bytes to map (a multiple of the page size, at most the backing's ``size``).
         :param name: the region's name (for messages).
         :returns: a :class:`~pcidev.dma.GuestMemory` holding one region.
         :raises DmaError: the kernel refused the mapping.
