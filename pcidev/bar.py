@@ -48,10 +48,10 @@ from typing import Any, Protocol
 
 import attrs
 
-from pcidev.dma import alloc_memfd
+from pcidev.dma import GuestMemory, alloc_memfd
 from pcidev.errors import ConfigError, MmioError
 from pcidev.inheritance import take_inherited
-from pcidev.memory_source import DirtyBitmap
+from pcidev.memory_source import DirtyBitmap, MemorySource
 from pcidev.ratelog import RateLimitedLog
 from pcidev.vmstate import U8, U32, U64, Str, VarArray, vmstate
 from pcidev.vmstate.errors import ConfigMismatchError
@@ -483,8 +483,15 @@ class RamBacking:
     by comparing page hashes or sent whole at the stop (and a
     destination whose descriptor was handed out copies the contents into it instead of
     adopting another). vfio-user migration data carries the contents too, copied at the
-    stop. A file-backed BAR still blocks both (its path could name another file on the
-    destination's host, and the destination would have to write its own file).
+    stop. A file-backed BAR's contents travel the same way (:meth:`memory_source`), and
+    the destination copies them into its own file (:meth:`copies_contents`): it never
+    adopts a staging memfd, which would drop the file backing (see docs/migration.md §6).
+
+    **What a device uses** (no code reads the backing's descriptor to map it):
+    :meth:`map_view` maps the memory at a bus address for the device's own DMA (the
+    NVMe CMB and PMR windows), :attr:`identity` names the memory object (``st_dev``,
+    ``st_ino``) without handing out anything, and :meth:`memory_source` describes it
+    to the migration engine.
 
     **File backing** (``path``): the file is mapped ``MAP_SHARED``, so its contents
     survive the process; it is created at ``size`` bytes if missing (allocated with
@@ -536,8 +543,9 @@ class RamBacking:
 
         Reading it counts as taking the descriptor to map or write the memory past
         :meth:`write`: while :attr:`dirty` tracks, the BAR is no longer tracked exactly
-        for the rest of that session (see the class docstring; code that only needs the
-        object's identity reads :attr:`fd_for_identity`).
+        for the rest of that session (see the class docstring). A device needs it for
+        nothing: it maps its own window with :meth:`map_view`, names the memory by
+        :attr:`identity` and describes it with :meth:`memory_source`.
         """
         self._fd_reads += 1
         if self.dirty.tracking:
@@ -548,7 +556,8 @@ class RamBacking:
     def fd_for_identity(self) -> int:
         """The descriptor, for code that neither maps nor writes through it (``fstat``, a
         :class:`~pcidev.memory_source.MemorySource` that the pre-copy engine reads): unlike
-        :attr:`fd`, reading it does not end exact tracking."""
+        :attr:`fd`, reading it does not end exact tracking (prefer :attr:`identity` and
+        :meth:`memory_source`)."""
         return self._map.fd
 
     @property
@@ -601,6 +610,66 @@ class RamBacking:
         if not tracking:
             self._fd_reads_checked = self._fd_reads
         return True
+
+    @property
+    def identity(self) -> tuple[int, int] | None:
+        """``(st_dev, st_ino)`` of the memory object now (None once closed): what names it
+        (matching a migration stream's descriptor) without mapping or writing it, so
+        reading it never ends exact tracking."""
+        try:
+            st = os.fstat(self._map.fd)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def map_view(self, start: int, size: int | None = None, *, name: str = "") -> GuestMemory:
+        """A mapping of the memory's first ``size`` bytes (all of it by default) at bus
+        address ``start``, for the device's own DMA into it (a controller memory window).
+        Writes through it bypass :meth:`write`, so from now on the contents are tracked by
+        page hashes in a pre-copy, as after :meth:`export_fd` (sticky: a view made and
+        dropped again during a pre-copy is never missed). The view stays valid after a
+        later :meth:`adopt` (it maps the object it was made on): make a new one then.
+
+        :param start: the bus address of the memory's first byte.
+        :param size: bytes to map (a multiple of the page size, at most the backing's ``size``).
+        :param name: the region's name (for messages).
+        :returns: a :class:`~pcidev.dma.GuestMemory` holding one region.
+        :raises DmaError: the kernel refused the mapping.
+        :raises ConfigError: a bad size.
+        """
+        length = self.size if size is None else size
+        if length <= 0 or length > self.size or length % mmap.PAGESIZE:
+            raise ConfigError(f"RAM BAR view of {length:#x} bytes: not a page multiple of at most {self.size:#x}")
+        self.exported = True  # (before the mapping exists: a pre-copy can never miss it)
+        mem = GuestMemory(max_regions=1)
+        mem.map(start, length, self._map.fd, 0, writable=True, name=name or "ram-bar-view")
+        return mem
+
+    def memory_source(self, name: str) -> MemorySource | None:
+        """This memory as a migration's :class:`~pcidev.memory_source.MemorySource` (its
+        contents travel instead of its descriptor over a channel without descriptors):
+        tracked by :attr:`dirty` while every write goes through :meth:`write`
+        (:meth:`written_only_through_write`), else by page hashes. None once closed.
+
+        :param name: the source's name (``"bar2"``, ``"vf0/bar2"``).
+        """
+        fd = self._map.fd
+        if fd < 0:
+            return None
+        return MemorySource(name=name, fd=fd, size=self.size,
+                            bitmap=self.dirty if self.written_only_through_write() else None)
+
+    def copies_contents(self, contents_only: bool) -> bool:
+        """Whether a migration's load copies the migrated contents into this backing
+        instead of adopting the descriptor it received: when its descriptor was handed out
+        (:attr:`exported`: whoever mapped it would be left on the old memory), and for a
+        file-backed one when only the contents travelled (``contents_only``: the
+        descriptor is a staging memfd, and adopting it would drop the file backing).
+
+        :param contents_only: the load's descriptors hold streamed contents (TCP,
+            vfio-user migration data), not the source's own descriptors.
+        """
+        return self.exported or (contents_only and self.path is not None)
 
     def export_fd(self) -> int:
         """The descriptor, for a peer (or a mapping of the device's own) that may write the

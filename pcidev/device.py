@@ -73,6 +73,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Self
 
+import attrs
+
 from pcidev.bar import Bar, BarHandler, BarKind, RamBacking, ram_file_key
 from pcidev.dma import GuestMemory
 from pcidev.errors import ConfigError, ConfigSpaceError, DmaError, MigrationBlockedError, MmioError
@@ -617,8 +619,10 @@ class PciDevice:
         (:meth:`pcidev.bar.RamBacking.write`), or with no bitmap (tracked by page hashes)
         once its descriptor was handed out (:meth:`pcidev.bar.RamBacking.export_fd`: a
         vfio-user client maps it) or this process maps it a second time
-        (:meth:`pcidev.bar.RamBacking.written_only_through_write`). A file-backed RAM BAR
-        has none (it still blocks a migration without descriptors). A device type adds its own objects (a memory
+        (:meth:`pcidev.bar.RamBacking.written_only_through_write`); a file-backed RAM BAR
+        too (the destination copies the contents into its own file). An SR-IOV PF adds its
+        live VFs' sources, ``"vf<k>/<name>"`` (they travel with the PF's stream). A device
+        type adds its own objects (a memory
         namespace, a metadata memfd) by extending ``super().memory_sources()``, and marks
         their bitmaps on every write path *after* the write. Called while the device
         runs (from a migration thread) and again when it is quiesced.
@@ -629,9 +633,12 @@ class PciDevice:
         for bar in self.ram_bars():
             ram = bar.handler
             assert isinstance(ram, RamBacking)  # ram_bars()
-            if ram.path is None and ram.fd_for_identity >= 0:
-                out.append(MemorySource(name=f"bar{bar.index}", fd=ram.fd_for_identity, size=ram.size,
-                                        bitmap=ram.dirty if ram.written_only_through_write() else None))
+            src = ram.memory_source(f"bar{bar.index}")
+            if src is not None:
+                out.append(src)
+        for k, vf in enumerate(list(self.virtual_functions)):
+            # (the names of pcidev.sriov.vf_source_prefix)
+            out.extend(attrs.evolve(src, name=f"vf{k}/{src.name}") for src in vf.memory_sources())
         return out
 
     def ram_bar_features(self) -> frozenset[str]:

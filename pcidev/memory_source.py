@@ -17,6 +17,8 @@ This module is part of the device-model core (:mod:`pcidev.bar` and
 
 from __future__ import annotations
 
+import mmap
+
 import attrs
 
 from pcidev.errors import ConfigError
@@ -142,6 +144,10 @@ class MemorySource:
     :ivar covers: the device's :attr:`~pcidev.device.PciDevice.FD_FEATURES` this source
         stands in for (they block a migration without descriptors only while some
         enabled one is covered by no source).
+    :ivar buffer: the contents, for memory whose descriptor does not hold them (an
+        anonymous mapping: ``fd`` then only *names* the object, as the descriptor the
+        stream refers to, which the device fills at the stop): the engine reads this
+        mapping instead of ``fd``. Such a source needs a ``bitmap`` (no page hashing).
     """
 
     name: str
@@ -149,6 +155,7 @@ class MemorySource:
     size: int
     bitmap: DirtyBitmap | None = None
     covers: frozenset[str] = frozenset()
+    buffer: mmap.mmap | None = None
 
 
 class ContentDescriptors(list[int | None]):

@@ -50,7 +50,7 @@ from pcidev.pci.capabilities.pm import D0
 from pcidev.pci.capabilities.sriov import SriovCapability, VfBar, VfLayout, default_layout
 
 __all__ = ["VirtualFunction", "VfFactory", "VfWatcher", "SriovFunctions", "add_sriov", "functions_of",
-           "VfBar"]
+           "VfBar", "vf_source_prefix", "vf_memory_objects"]
 
 log = logging.getLogger(__name__)
 
@@ -367,3 +367,26 @@ def functions_of(device: PciDevice) -> SriovFunctions | None:
     cap = device.caps.find(SriovCapability)
     listener = cap.listener if cap is not None else None
     return listener if isinstance(listener, SriovFunctions) else None
+
+
+def vf_source_prefix(k: int) -> str:
+    """The prefix of VF ``k``'s memory-source names within its PF's
+    (:meth:`~pcidev.device.PciDevice.memory_sources`: ``"vf0/bar2"``)."""
+    return f"vf{k}/"
+
+
+def vf_memory_objects(device: PciDevice, limit: int) -> dict[str, int]:
+    """``{name: size}`` of every memory source the VFs of PF ``device`` could have: a
+    destination PF has no VFs before the load builds them, yet must accept their RAM BARs'
+    contents (streamed with the PF's). Each declared VF BAR of the first ``limit`` VFs, at
+    its declared size (a VF type whose BAR is not RAM simply never sends it).
+
+    :param device: the PF (no SR-IOV: empty).
+    :param limit: the most VFs to list (a stream announces a bounded number of sources).
+    """
+    functions = functions_of(device)
+    if functions is None:
+        return {}
+    cap = functions.cap
+    return {f"{vf_source_prefix(k)}bar{bar.index}": bar.size
+            for k in range(min(cap.total_vfs, limit)) for bar in cap.vf_bars}

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import pluggy
 
+from pcidev.bar import RamBacking
 from pcidev.device import PciDevice
 from pcidev.memory_source import MemorySource
 from pcidev.migration.registers import migratable_maps
@@ -66,36 +67,38 @@ def collect_blockers(device: PciDevice, pm: pluggy.PluginManager | None = None) 
 def descriptor_blockers(device: PciDevice, carrier: str,
                         sources: Sequence[MemorySource] | None = None) -> list[str]:
     """Why ``device`` cannot migrate over a channel that carries no file descriptors
-    (TCP, vfio-user migration data): each RAM BAR (its contents travel as its descriptor:
-    a memfd, or the file of a file-backed one, which a destination on another host could
-    not reach by its path) and each enabled feature in
-    :attr:`~pcidev.device.PciDevice.FD_FEATURES`, except what a memory source covers
-    (its contents travel instead: :meth:`~pcidev.device.PciDevice.memory_sources`, a
-    source whose descriptor is the BAR's, or whose ``covers`` names the feature).
+    (TCP, vfio-user migration data): each RAM BAR (its own and, for an SR-IOV PF, its
+    live VFs') and each enabled feature in :attr:`~pcidev.device.PciDevice.FD_FEATURES`
+    that no memory source covers (:meth:`~pcidev.device.PciDevice.memory_sources`: a
+    source whose object is the BAR's, or whose ``covers`` names the feature, travels as
+    its contents instead). With the device's own sources nothing configuration-based is
+    left here: every RAM BAR (memfd or file) is a source; a reason means the channel
+    streams no contents (``sources`` None) or the source list missed an object.
 
     :param device: the device.
     :param carrier: what carries the state, for the sentences ("a migration over TCP").
     :param sources: the memory sources whose contents the channel streams (None: it
-        streams none, as vfio-user migration data).
+        streams none).
     :returns: the reasons (empty: nothing needs a descriptor).
     """
     covered_files = set()
     covered_features: set[str] = set()
     for src in sources or ():
         covered_features |= src.covers
-        try:
-            st = os.fstat(src.fd)
-        except OSError:
-            continue
-        covered_files.add((st.st_dev, st.st_ino))
+        ident = _file_id(src.fd)
+        if ident is not None:
+            covered_files.add(ident)
     reasons = []
-    for bar in device.ram_bars():
-        ram = bar.handler
-        if _file_id(getattr(ram, "fd_for_identity", -1)) in covered_files:
-            continue
-        what = "its memfd" if getattr(ram, "path", None) is None else "its file's"
-        reasons.append(f"RAM BAR{bar.index} (feature 'bar{bar.index}-ram') migrates only as a file descriptor "
-                       f"({what}), which {carrier} cannot carry")
+    functions = [("", device), *((f"VF {k}: ", vf) for k, vf in enumerate(list(device.virtual_functions)))]
+    for prefix, function in functions:
+        for bar in function.ram_bars():
+            ram = bar.handler
+            assert isinstance(ram, RamBacking)  # ram_bars()
+            if ram.identity in covered_files:
+                continue
+            what = "its memfd" if ram.path is None else "its file's"
+            reasons.append(f"{prefix}RAM BAR{bar.index} (feature 'bar{bar.index}-ram') migrates only as a file "
+                           f"descriptor ({what}), which {carrier} cannot carry")
     try:
         fd_bound = sorted((device.enabled_features() & device.FD_FEATURES) - covered_features)
     except Exception as exc:

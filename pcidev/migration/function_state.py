@@ -490,7 +490,7 @@ def _map_ram_bars(device: PciDevice, st: FunctionState,
             assert ram is not None  # checked
             fd = fds[r.fd.index]
             assert fd is not None  # checked
-            if ram.same_file(fd) or ram.exported:
+            if ram.same_file(fd) or ram.copies_contents(isinstance(fds, ContentDescriptors)):
                 continue
             try:
                 out.append((ram, ram.map_fd(fd)))
@@ -517,7 +517,7 @@ def _read_ram_bars(device: PciDevice, st: FunctionState,
         assert ram is not None  # checked
         fd = fds[r.fd.index]
         assert fd is not None  # checked
-        if not ram.exported or ram.same_file(fd):
+        if not ram.copies_contents(isinstance(fds, ContentDescriptors)) or ram.same_file(fd):
             continue
         try:
             data = os.pread(fd, ram.size, 0)

@@ -96,6 +96,7 @@ from pcidev.migration.frames import (
     send_parts,
 )
 from pcidev.migration.preflight import Verdict, ask
+from pcidev.sriov import vf_memory_objects
 from pcidev.transport.fdpass import close_fds, is_unix
 
 __all__ = [
@@ -259,6 +260,11 @@ class _Tracked:
         self.name = _check_name(src.name)
         self.size = src.size
         self.bitmap = src.bitmap
+        if src.buffer is not None and (src.bitmap is None or len(src.buffer) < src.size):
+            raise ValueError(f"memory source {self.name!r}: a source read from a buffer needs a bitmap "
+                             "and a buffer of its size")
+        #: the contents when ``fd`` only names the object (MemorySource.buffer)
+        self.buffer = src.buffer
         self.ident = _file_id(src.fd)
         self.fd = _reopen(src.fd)
         self.head = self.name.encode()
@@ -277,7 +283,20 @@ class _Tracked:
         #: the next one; None: no such scan yet, the rate of change is unknown)
         self.changed_last: int | None = None
 
+    def read(self, off: int, n: int) -> bytes:
+        """``n`` bytes of the contents at ``off`` (fewer at the end)."""
+        if self.buffer is not None:
+            return bytes(self.buffer[off:min(off + n, self.size)])
+        return os.pread(self.fd, n, off)
+
+    def extents(self) -> Iterator[tuple[int, int]]:
+        """The ranges that may hold data (a buffer: all of it; chunks of zeros are skipped)."""
+        if self.buffer is not None:
+            return iter([(0, self.size)])
+        return _extents(self.fd, self.size)
+
     def close(self) -> None:
+        self.buffer = None
         if self.bitmap is not None:
             self.bitmap.stop()
         if self.map is not None:
@@ -716,13 +735,13 @@ class Precopy:
         assert t.bitmap is not None
         ranges = t.bitmap.take()  # clears: read after it (see DirtyBitmap)
         if whole:
-            ranges = list(_extents(t.fd, t.size))
+            ranges = list(t.extents())
         sent = 0
         for off, length in ranges:
             end = off + length
             while off < end:
                 n = min(MAX_CHUNK, end - off)
-                data = os.pread(t.fd, n, off)
+                data = t.read(off, n)
                 if len(data) != n:
                     raise MigrationError(f"memory source {t.name!r}: short read at {off:#x}")
                 sent += self._chunk(t, off, data, skip_zero=whole, cancel=cancel)
@@ -736,7 +755,7 @@ class Precopy:
             t.bitmap.take()
         sent = 0
         for off in range(0, t.size, MAX_CHUNK):
-            data = os.pread(t.fd, min(MAX_CHUNK, t.size - off), off)
+            data = t.read(off, min(MAX_CHUNK, t.size - off))
             if not data:
                 raise MigrationError(f"memory source {t.name!r}: short read at {off:#x}")
             sent += self._chunk(t, off, data, skip_zero=False, cancel=None)
@@ -916,7 +935,8 @@ def destination_sources(device: PciDevice) -> dict[str, int]:
         raise TransportError(f"this device's memory sources are unusable ({type(exc).__name__}: {exc})") from None
     if len(out) != len(sources):
         raise TransportError("this device's memory sources repeat a name")
-    return out
+    # an SR-IOV PF: its VFs' RAM BARs travel with it, and the load builds the VFs
+    return {**vf_memory_objects(device, MAX_SOURCES), **out}
 
 
 class StagedMemory:
@@ -1110,10 +1130,12 @@ def pack_memory(device_type: str, sources: Sequence[MemorySource], stream: bytes
             by_id[_file_id(fd)] = name
             announced.append({"name": name, "size": src.size})
             head = name.encode()
-            for off, length in _extents(fd, src.size):
+            buf = src.buffer  # (the contents when the descriptor only names the object)
+            for off, length in _extents(fd, src.size) if buf is None else [(0, src.size)]:
                 end = off + length
                 while off < end:
-                    data = os.pread(fd, min(MAX_CHUNK, end - off), off)
+                    n = min(MAX_CHUNK, end - off)
+                    data = os.pread(fd, n, off) if buf is None else bytes(buf[off:off + n])
                     if not data:
                         raise MigrationError(f"memory source {name!r}: short read at {off:#x}")
                     if not _is_zero(data):

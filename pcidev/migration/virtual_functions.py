@@ -5,6 +5,10 @@ its own: :class:`SriovState`, one entry per live VF, VF 0 first. Each entry is t
 VF's own saved device (its framework section and its type's sections, a complete
 vmstate stream, as :func:`~pcidev.migration.save_device_stream` writes for any
 device) and the descriptors that stream names, carried with the PF's (``FdRef``).
+Over a channel without descriptors (TCP, vfio-user migration data) a VF's RAM BARs
+travel as memory sources of the PF (``"vf<k>/bar<N>"``,
+:meth:`~pcidev.device.PciDevice.memory_sources`) and each VF's load gets the staging
+memfds of its own names (:func:`load_vfs`).
 
 On load the PF's configuration space (VF Enable, NumVFs, the VF BARs) has already
 been applied with the framework section, and the PF's own section too: the VFs are
@@ -25,7 +29,7 @@ from pcidev.device import PciDevice
 from pcidev.errors import ConfigError
 from pcidev.memory_source import ContentDescriptors
 from pcidev.migration.function_state import LoadedResources
-from pcidev.sriov import functions_of
+from pcidev.sriov import functions_of, vf_source_prefix
 from pcidev.vmstate import FdRef, VarArray, VarBytes, vmstate
 from pcidev.vmstate.errors import StateError
 
@@ -64,7 +68,7 @@ def has_virtual_functions(dev: PciDevice) -> bool:
 #: saves one device: :func:`pcidev.migration.save_device_stream`
 SaveStream = Callable[[PciDevice], tuple[bytes, list[int]]]
 #: loads one device: :func:`pcidev.migration.load_device_stream`
-LoadStream = Callable[[PciDevice, bytes, Sequence[int] | None], LoadedResources]
+LoadStream = Callable[[PciDevice, bytes, Sequence[int | None] | None], LoadedResources]
 
 
 def save_vfs(dev: PciDevice, save_stream: SaveStream) -> SriovState:
@@ -106,6 +110,28 @@ def check_vfs(dev: PciDevice, state: SriovState) -> None:
     dev.check_vf_streams([vf.stream for vf in state.vfs])
 
 
+def _vf_contents(loaded: ContentDescriptors, entry: VfState, k: int) -> ContentDescriptors:
+    """VF ``k``'s descriptor list when only memory contents travelled: each of its
+    descriptors whose contents came under one of its names (``"vf<k>/bar2"``, see
+    :func:`~pcidev.sriov.vf_source_prefix`) is that staging memfd, named as the VF names
+    it (``"bar2"``); every other one None.
+
+    :raises StateError: the contents of another function were sent for one of its descriptors.
+    """
+    prefix = vf_source_prefix(k)
+    fds: list[int | None] = []
+    names: dict[int, str] = {}
+    for j, ref in enumerate(entry.fds):
+        name = loaded.names.get(ref.index)
+        fd = loaded[ref.index] if 0 <= ref.index < len(loaded) else None
+        if name is not None and not name.startswith(prefix):
+            raise _fail(f"memory contents {name!r} were sent for a descriptor of VF {k}", f"vfs[{k}].fds[{j}]")
+        if name is not None:
+            names[j] = name[len(prefix):]
+        fds.append(fd if name is not None else None)
+    return ContentDescriptors(fds, names)
+
+
 def load_vfs(dev: PciDevice, state: SriovState, load_stream: LoadStream) -> None:
     """Build the PF's VFs and load each one's stream (after the PF's own sections).
 
@@ -136,8 +162,10 @@ def load_vfs(dev: PciDevice, state: SriovState, load_stream: LoadStream) -> None
         raise _fail(f"cannot build the VFs: {exc}") from exc
     try:
         for k, (vf, entry) in enumerate(zip(vfs, state.vfs, strict=True)):
-            fds: list[int] | None = None
-            if loaded is not None and not isinstance(loaded, ContentDescriptors):  # (contents: no VF's fds)
+            fds: list[int | None] | None = None
+            if isinstance(loaded, ContentDescriptors):  # contents travelled: the VF's own, by name
+                fds = _vf_contents(loaded, entry, k)
+            elif loaded is not None:
                 fds = []
                 for ref in entry.fds:
                     fd = dev.vmstate_load_fd(ref)

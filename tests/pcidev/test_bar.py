@@ -325,3 +325,36 @@ def test_a_ram_bar_loses_exact_tracking_for_the_whole_session_once_its_fd_is_tak
         ram.dirty.stop()
     finally:
         ram.close()
+
+
+# ------------------------------------------------------------------ RamBacking's device API
+def test_a_ram_backing_names_maps_and_describes_its_memory(tmp_path):
+    """Identity (no tracking lost), map_view (the device's own DMA window: sticky hashing),
+    memory_source (memfd and file alike) and copies_contents (a migration's load rule)."""
+    ram = RamBacking(4 * 4096, name="api")
+    try:
+        info = os.fstat(ram.fd_for_identity)
+        assert ram.identity == (info.st_dev, info.st_ino)
+        src = ram.memory_source("bar2")
+        assert src is not None and src.name == "bar2" and src.size == 4 * 4096 and src.bitmap is ram.dirty
+        assert not ram.copies_contents(False) and not ram.copies_contents(True)  # adopts what it gets
+        view = ram.map_view(0x8000_0000, 2 * 4096, name="window")
+        view.write(0x8000_0000 + 4096, b"\x5a" * 16)  # the device's DMA lands in the BAR's memory
+        assert ram.read(4096, 8) == 0x5A5A5A5A5A5A5A5A
+        assert ram.exported and ram.memory_source("bar2").bitmap is None  # hashed from now on
+        assert ram.copies_contents(False)  # the view stays on this memory: a load copies into it
+        with pytest.raises(ConfigError):
+            ram.map_view(0, 3)
+        with pytest.raises(ConfigError):
+            ram.map_view(0, 8 * 4096)
+    finally:
+        ram.close()
+    assert ram.identity is None and ram.memory_source("bar2") is None
+    filed = RamBacking(4096, path=str(tmp_path / "bar.img"))
+    try:
+        info = os.stat(tmp_path / "bar.img")
+        assert filed.identity == (info.st_dev, info.st_ino)
+        assert filed.memory_source("bar4") is not None  # a file's contents travel too
+        assert filed.copies_contents(True) and not filed.copies_contents(False)  # its own file, always
+    finally:
+        filed.close()

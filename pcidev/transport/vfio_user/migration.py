@@ -163,13 +163,7 @@ def ram_bar_sources(device: PciDevice) -> list[MemorySource]:
     :param device: the device.
     :returns: the sources, in the device's order.
     """
-    bars = set()
-    for bar in device.ram_bars():
-        try:
-            st = os.fstat(getattr(bar.handler, "fd", -1))
-        except OSError:
-            continue
-        bars.add((st.st_dev, st.st_ino))
+    bars = {getattr(bar.handler, "identity", None) for bar in device.ram_bars()}  # (RamBacking.identity)
     out = []
     for src in device.memory_sources():
         try:

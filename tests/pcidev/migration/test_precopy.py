@@ -117,8 +117,10 @@ def test_the_default_sources_are_the_memfd_ram_bars(tmp_path):
             self.bars[2].handler = self.ram
 
     dev = FileBar(64 * 1024)
-    try:
-        assert dev.memory_sources() == []
+    try:  # a file-backed BAR is a source too (the destination copies into its own file)
+        (src,) = dev.memory_sources()
+        assert src.name == "bar2" and src.size == 64 * 1024 and src.bitmap is dev.ram.dirty
+        assert (os.fstat(src.fd).st_dev, os.fstat(src.fd).st_ino) == dev.ram.identity
     finally:
         dev.close()
 

@@ -1,32 +1,40 @@
 """RAM BARs migrate (pcidev.migration.function_state, the ``ram_bars`` subsection of
 ``pcidev/function``): the destination adopts the source's memfd, a file-backed BAR its
-file; a migration without descriptors refuses a memfd-backed BAR with one clear reason;
-loads stay all or nothing."""
+file; over TCP a file-backed BAR's contents travel and the destination copies them into
+its own file; a load without descriptors nor contents refuses a RAM BAR with one clear
+reason; loads stay all or nothing."""
 
 from __future__ import annotations
 
 import os
-import socket
+import random
+import threading
+from collections.abc import Callable
 
 import attrs
 import crc32c
 import pytest
+from precopy_device import tcp_pair
 
 from pcidev.bar import RamBacking, Register, RegisterMap, ram_file_key
 from pcidev.device import PciDevice
-from pcidev.errors import ConfigError, MigrationBlockedError
+from pcidev.errors import ConfigError, MigrationError
 from pcidev.host import Machine
 from pcidev.inheritance import inheriting
 from pcidev.migration import (
     FunctionState,
+    IncomingResult,
+    MigrationResult,
     VMStateSnapshot,
     descriptor_blockers,
     load_device,
     load_device_stream,
+    migrate_in,
     migrate_out,
     save_device,
     save_device_stream,
 )
+from pcidev.migration.precopy import Precopy
 from pcidev.testing import plugged, roundtrip
 from pcidev.transport.vfio_user.migration import migration_blockers
 from pcidev.vmstate import U32, vmstate
@@ -193,29 +201,114 @@ def test_a_descriptor_too_small_is_refused_untouched() -> None:
         dst.close()
 
 
-def test_a_file_backed_bar_over_tcp_is_refused_before_anything_stops(tmp_path) -> None:
-    """A memfd-backed RAM BAR migrates over TCP by its contents (tests/pcidev/migration/
-    test_precopy.py); a file-backed one still blocks (its path could name another file
-    on the destination's host)."""
-    lsock = socket.create_server(("127.0.0.1", 0))
-    a = socket.create_connection(lsock.getsockname())
-    b, _ = lsock.accept()
-    lsock.close()
-    dev = RamDev(str(tmp_path / "bar.img"))
+def _tcp_migration(src: RamDev, dst: RamDev, writes: int = 0,
+                   before_stop: Callable[[], None] | None = None) -> tuple[object, object]:
+    """Migrate ``src`` to ``dst`` over a loopback TCP connection (pre-copy, then the stop),
+    ``writes`` MMIO writes into BAR2 made while the pre-copy runs, ``before_stop`` called
+    between the pre-copy and the stop; returns the results."""
+    a, b = tcp_pair()
+    got: dict[str, object] = {}
+
+    def destination() -> None:
+        try:
+            got["value"] = migrate_in(dst, b, timeout=30)
+        except BaseException as exc:
+            got["error"] = exc
+
+    t = threading.Thread(target=destination, daemon=True)
+    t.start()
     try:
-        with pytest.raises(MigrationBlockedError) as info:
-            migrate_out(dev, a)
-        assert info.value.reasons == [
-            "RAM BAR2 (feature 'bar2-ram') migrates only as a file descriptor (its file's), "
-            "which a migration over TCP cannot carry"]
-        assert not dev.quiesced
-        b.settimeout(0.2)
-        with pytest.raises(TimeoutError):
-            b.recv(1)  # not one byte was sent
+        p = Precopy(src, a, timeout=30, max_iterations=3)
+        assert p.active
+        rng = random.Random(9)
+
+        def writer() -> None:
+            for _ in range(writes):
+                with src.lock:
+                    src.bar_write(2, rng.randrange(0, SIZE // 4) * 4, 4, rng.getrandbits(32), check_decode=False)
+
+        w = threading.Thread(target=writer)
+        w.start()
+        p.run()
+        w.join()
+        if before_stop is not None:
+            before_stop()
+        try:
+            out: object = migrate_out(src, a, precopy=p, timeout=30)
+        except MigrationError as exc:
+            out = exc
     finally:
+        t.join(30)
         a.close()
         b.close()
-        dev.close()
+    return out, got.get("value", got.get("error"))
+
+
+def test_a_file_backed_bar_migrates_over_tcp_into_the_destinations_own_file(tmp_path) -> None:
+    """Its contents travel as a memory source (pre-copy while MMIO writes it, the rest at the
+    stop); the destination copies them into the file it maps (another file here): it keeps
+    its file backing, and the file holds every page the source had at the stop."""
+    src, dst = RamDev(str(tmp_path / "a.img")), RamDev(str(tmp_path / "b.img"))
+    try:
+        src.ram.mem[:] = _pattern(4)
+        dst.ram.mem[:] = _pattern(5)
+        assert descriptor_blockers(src, "a migration over TCP", src.memory_sources()) == []
+        result, incoming = _tcp_migration(src, dst, writes=2000)
+        assert isinstance(result, MigrationResult) and isinstance(incoming, IncomingResult), (result, incoming)
+        want = _blocks(src.ram)
+        assert _blocks(dst.ram) == want and result.fds == 0
+        st = os.stat(tmp_path / "b.img")
+        assert dst.ram.identity == (st.st_dev, st.st_ino) and dst.ram.path == str(tmp_path / "b.img")
+        dst.ram.flush()
+        raw = (tmp_path / "b.img").read_bytes()
+        assert [crc32c.crc32c(raw[i:i + 512]) for i in range(0, SIZE, 512)] == want
+        incoming.resources.close()
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_a_view_mapped_and_dropped_during_the_pre_copy_loses_no_write() -> None:
+    """Review G #4: a device's own window on its RAM BAR (the NVMe CMB / PMR) that exists
+    only between the pre-copy's start and the stop writes past RamBacking.write; mapping it
+    through RamBacking.map_view ends exact tracking for good, so the stop sends what it
+    wrote (the last page here) although /proc/self/maps shows one mapping again."""
+    src, dst = RamDev(), RamDev()
+    try:
+        src.ram.mem[:] = _pattern(8)
+
+        def window() -> None:
+            assert not src.ram.exported
+            view = src.ram.map_view(0x1000_0000, name="window")
+            view.write(0x1000_0000 + SIZE - PAGE, b"\xbb" * PAGE)  # DMA through the window
+            view.unmap(0x1000_0000)
+            del view
+            assert src.ram.exported and src.ram.memory_source("bar2").bitmap is None
+
+        result, incoming = _tcp_migration(src, dst, writes=100, before_stop=window)
+        assert isinstance(result, MigrationResult), result
+        assert bytes(dst.ram.mem[SIZE - PAGE:]) == b"\xbb" * PAGE
+        assert _blocks(dst.ram) == _blocks(src.ram)
+        assert isinstance(incoming, IncomingResult)
+        incoming.resources.close()
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_a_refused_tcp_load_leaves_the_destinations_file_as_it_was(tmp_path) -> None:
+    src, dst = RamDev(str(tmp_path / "a.img")), RamDev(str(tmp_path / "b.img"), refuse=True)
+    try:
+        src.ram.mem[:] = _pattern(6)
+        dst.ram.mem[:] = _pattern(7)
+        own = _blocks(dst.ram)
+        result, incoming = _tcp_migration(src, dst)
+        assert isinstance(result, MigrationError) and "refused on purpose" in str(result)
+        assert not src.quiesced  # the source runs on
+        assert _blocks(dst.ram) == own and dst.ram.path == str(tmp_path / "b.img")
+    finally:
+        src.close()
+        dst.close()
 
 
 def test_vfio_user_migration_data_carries_a_memfd_bar() -> None:

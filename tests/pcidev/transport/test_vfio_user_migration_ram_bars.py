@@ -187,11 +187,32 @@ def test_a_malformed_buffer_fails_resuming_and_leaves_the_bar(pair, damage):
     assert dst.crcs() == before
 
 
-def test_a_file_backed_bar_still_blocks(tmp_path):
-    dev = RamDevice(str(tmp_path / "bar.img"))
+def test_a_file_backed_bar_travels_into_the_destinations_own_file(tmp_path):
+    """A file-backed RAM BAR's contents go with the migration data too; the destination
+    writes them into its own file (it keeps its file backing: it adopts no staging memfd)."""
+    src, dst = Served(RamDevice(str(tmp_path / "a.img"))), Served(RamDevice(str(tmp_path / "b.img")))
     try:
-        assert migration_blockers(dev) == [
-            "RAM BAR2 (feature 'bar2-ram') migrates only as a file descriptor (its file's), "
-            "which vfio-user migration data cannot carry"]
+        rng = random.Random(2)
+        src.bar[:] = rng.randbytes(SIZE)
+        dst.bar[:] = b"\x55" * SIZE
+        assert migration_blockers(src.endpoint.device) == []
+        set_mig_state(src.client, MIG_STATE_STOP_COPY)
+        data = mig_read_all(src.client)
+        set_mig_state(dst.client, MIG_STATE_RESUMING)
+        mig_write_all(dst.client, data)
+        assert set_mig_state(dst.client, MIG_STATE_RUNNING) == MIG_STATE_RUNNING
+        want = src.crcs()
+        assert dst.crcs() == want  # through the mapping the destination's client had before
+        ram = dst.endpoint.device.ram
+        assert ram.path == str(tmp_path / "b.img") and ram.identity == _ident(tmp_path / "b.img")
+        ram.flush()
+        raw = (tmp_path / "b.img").read_bytes()
+        assert [crc32c.crc32c(raw[i:i + PAGE]) for i in range(0, SIZE, PAGE)] == want  # in its file
     finally:
-        dev.close()
+        src.close()
+        dst.close()
+
+
+def _ident(path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino

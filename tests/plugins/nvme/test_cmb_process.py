@@ -4,8 +4,8 @@ the CMB, with data buffers in the CMB and in host memory: the CMB's memfd travel
 stream and the destination adopts it. Every block is checked by its crc32c after each
 round and all of them at the end. Over TCP the CMB's contents travel instead of its memfd
 (a memory source tracked by page hashes: controller DMA writes it through a mapping of
-its own), then over a UNIX socket its memfd. A PMR (a file) migrates over UNIX sockets;
-over TCP it is refused (a path could name another file)."""
+its own), then over a UNIX socket its memfd. A PMR (a file) migrates over TCP (its
+contents, written into the destination's file) and over UNIX sockets (its descriptor)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,7 @@ import threading
 import time
 
 import crc32c
-import pytest
 
-from pcidev.errors import MigrationError
 from pcidev.host import Machine
 from pcidev.transport.link.process import DeviceProcess
 from pcidev_nvme.testing.driver import WRITE, NvmeDriver
@@ -122,10 +120,11 @@ def test_cmb_sqs_and_data_migrate_between_processes(tmp_path) -> None:
             proc.stop()
 
 
-def test_a_pmr_migrates_over_unix_and_is_refused_over_tcp(tmp_path) -> None:
-    """The PMR is a file-backed RAM BAR: over a UNIX socket the destination adopts the
-    source's descriptor of the file and sees the data; over TCP the migration is refused
-    before anything stops (the destination's path could name another file on its host)."""
+def test_a_pmr_migrates_over_tcp_then_unix(tmp_path) -> None:
+    """The PMR is a file-backed RAM BAR: over TCP its contents travel (a memory source) and
+    the destination writes them into its file; then over a UNIX socket the destination
+    adopts the source's descriptor of the file. The host writes the PMR through BAR4 and
+    blocks of the namespace around each migration; everything is checked after each."""
     img = tmp_path / "ns.img"
     with open(img, "wb") as f:
         f.truncate(1 << 20)
@@ -142,25 +141,42 @@ def test_a_pmr_migrates_over_unix_and_is_refused_over_tcp(tmp_path) -> None:
             drv = NvmeDriver(machine, p, io_queues=1, aers=0)
             drv.probe()
             drv.write32(0xE04, 1)  # PMRCTL.EN
-            words = [crc32c.crc32c(i.to_bytes(4, "little")) for i in range(512)]
-            for i, w in enumerate(words):
-                p.bar_write(4, 8 * i, 4, w)
+            rnd = random.Random(3)
+            words: dict[int, int] = {}
+            blocks: dict[int, bytes] = {}
+
+            def host_io(n: int) -> None:
+                for _ in range(n):
+                    i = rnd.randrange(0, 2048)
+                    words[i] = rnd.getrandbits(32)
+                    p.bar_write(4, 8 * i, 4, words[i])
+                    slba = rnd.randrange(0, 2040)
+                    data = rnd.randbytes(1024)
+                    drv.write(1, slba, data)
+                    blocks[slba], blocks[slba + 1] = data[:512], data[512:]
+
+            def check() -> None:
+                assert all(p.bar_read(4, 8 * i, 4) == w for i, w in words.items())
+                assert all(crc32c.crc32c(drv.read(1, slba, 1)) == crc32c.crc32c(b) for slba, b in blocks.items())
+
+            host_io(256)
             tcp.incoming = tcp.wait_event("listening")["incoming"]
-            with pytest.raises(MigrationError) as info:
-                p.device.migrate(tcp.incoming, timeout=10)
-            assert "RAM BAR4 (feature 'bar4-ram') migrates only as a file descriptor (its file's)" in str(info.value)
-            assert p.device.info["pid"] == src.pid
+            report = p.device.migrate(tcp.incoming, timeout=20)
+            assert p.device.info["pid"] == tcp.pid and report["fds"] == 0 and report["precopy"] is not None
+            check()
+            host_io(256)
             dst.wait_event("listening")
             p.device.migrate(dst.incoming, timeout=20)
             assert p.device.info["pid"] == dst.pid
-            assert [p.bar_read(4, 8 * i, 4) for i in range(512)] == words
+            check()
             assert drv.read32(0xE04) == 1  # PMRCTL.EN travelled
             deadline = time.monotonic() + 1.0
             while drv.read32(0xE08) & (1 << 8):  # and it is ready within PMRTO
                 assert time.monotonic() < deadline
             with open(tmp_path / "pmr", "rb") as f:  # (a PMRSTS read made it persistent)
-                raw = f.read(8 * 512)
-            assert [int.from_bytes(raw[8 * i:8 * i + 4], "little") for i in range(512)] == words
+                raw = f.read(8 * 2048)
+            assert all(int.from_bytes(raw[8 * i:8 * i + 4], "little") == w for i, w in words.items())
+        assert tcp.proc.wait(10) == 0 and tcp.wait_event("exit")["reason"] == "migrated"
     finally:
         for proc in procs:
             proc.stop()

@@ -1,8 +1,10 @@
 """The Persistent Memory Region (pcidev_nvme.pmr) through the software host: registers,
 enable and ready timing, the PMRSTS-read write barrier (msync), contents that survive a
 restart of the controller on the same file, the file rules, controller memory space
-(data transfers to and from the PMR), resets, and migration (in process, and a
-handover that passes the file instead of its path)."""
+(data transfers to and from the PMR), resets, and migration (in process over UNIX
+sockets and over TCP -- the contents streamed while the host reads into the PMR, written
+into the destination's own file --, and a handover that passes the file instead of its
+path)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import time
 
 import crc32c
 import pytest
+from _tcp_host import ChannelHost
 
 from pcidev.bar import RamBacking
 from pcidev.errors import ConfigError
@@ -207,8 +210,9 @@ def test_migration_in_process_adopts_the_file(tmp_path) -> None:
         _enable(drv)
         data = random.Random(4).randbytes(4096)
         _pmr_write(drv, 0x2000, data)
-        # without descriptors (TCP) the PMR blocks: its path could name another file there
-        assert any("BAR4" in r for r in descriptor_blockers(ctrl, "TCP"))
+        # without descriptors (TCP) its contents travel: a memory source, nothing blocks
+        assert descriptor_blockers(ctrl, "TCP", ctrl.memory_sources()) == []
+        assert "bar4" in {s.name for s in ctrl.memory_sources()}
         assert ctrl.pmr is not None
         regs = ctrl.pmr.snapshot()
         src_fd = os.dup(ctrl.pmr.ram.fd)
@@ -284,3 +288,55 @@ def test_a_pci_reset_makes_an_enabled_pmr_persistent(tmp_path, monkeypatch) -> N
         monkeypatch.setattr(RamBacking, "flush", spy)
         ctrl.reset(ResetKind.FLR)
         assert flushes == [0] and ctrl.regs.read(PMRCTL, 4) == 0
+
+
+def test_migration_over_tcp_streams_the_contents_into_the_destinations_file(tmp_path) -> None:
+    """Over TCP the PMR's contents travel as a memory source: pre-copied while the host
+    writes blocks and reads them into the PMR (controller DMA through its window: tracked
+    by page hashes) and writes the PMR through BAR4, the rest at the stop; the destination
+    writes them into its file and maps its window again. Every PMR page and every block
+    is checked by its CRC-32C."""
+    h = ChannelHost(_config(tmp_path / "pmr", ",serial=XPMRTCP"))
+    try:
+        drv = h.drv
+        _enable(drv)
+        base = 0x8000_0000
+        drv.write32(PMRMSCU, 0)
+        drv.write32(PMRMSCL, base | 2)  # CMSE
+        want = bytearray(SIZE)
+        rng = random.Random(8)
+        data = rng.randbytes(8192)
+        _pmr_write(drv, 0x1000, data)
+        want[0x1000:0x1000 + 8192] = data
+
+        def io(stop) -> None:  # the host's reads into the PMR and writes through BAR4
+            k = 0
+            while not stop.is_set() or k < 4:
+                slba = (k * 8) % 2040
+                block = rng.randbytes(4096)
+                h.write(1, slba, block, qid=1)
+                off = 0x10000 + (k % 64) * 4096
+                drv.io(1, READ, nsid=1, cdw10=slba, cdw12=7, buf=base + off, length=4096)
+                want[off:off + 4096] = block
+                word = rng.randbytes(8)
+                _pmr_write(drv, 0x80000 + 8 * k, word)
+                want[0x80000 + 8 * k:0x80008 + 8 * k] = word
+                k += 1
+
+        result = h.move(tcp=True, during=io)
+        assert result.fds == 0 and result.precopy is not None and result.precopy.hashed_bytes > 0
+        dst = h.ctrl
+        assert dst.pmr is not None and dst.pmr.ram.path == str(tmp_path / "pmr")
+        assert isinstance(dst.dma, ControllerMemoryView)  # its window, over its own file
+        pages = [crc32c.crc32c(want[i:i + 4096]) for i in range(0, SIZE, 4096)]
+        got = _pmr_read(drv, 0, SIZE)
+        assert [crc32c.crc32c(got[i:i + 4096]) for i in range(0, SIZE, 4096)] == pages
+        assert drv.read32(PMRSTS) == 0  # ready; the read is a write barrier (msync)
+        raw = (tmp_path / "pmr").read_bytes()
+        assert [crc32c.crc32c(raw[i:i + 4096]) for i in range(0, SIZE, 4096)] == pages
+        assert h.verify(1, 2048) == 2048
+        # the host's data transfers through the window go on on the destination
+        drv.io(1, WRITE, nsid=1, cdw10=100, cdw12=7, buf=base + 0x10000, length=4096)
+        assert drv.read(1, 100, 8) == bytes(want[0x10000:0x11000])
+    finally:
+        h.close()

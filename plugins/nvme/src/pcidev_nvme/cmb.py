@@ -50,8 +50,11 @@ memory (CMBLOC.CDPMLS).
 Function Level Reset (and vfio-user's device reset, which is one) and a controller
 reset (CC.EN 1 to 0) keep them (NVMe Base 2.1: CMBMSC is not reset by a Controller Reset
 or an FLR; Linux maps the CMB once, in ``nvme_map_cmb``, and never writes CMBMSC again).
-The contents are a RAM BAR, which the framework migrates (the memfd travels;
-see :mod:`pcidev.migration.function_state`); the registers travel as the optional
+The contents are a RAM BAR, which the framework migrates (the memfd travels over UNIX
+sockets, its contents over TCP and in vfio-user migration data: see
+:mod:`pcidev.migration.function_state`; the window maps it through
+:meth:`pcidev.bar.RamBacking.map_view`, so a pre-copy tracks it by page hashes once
+controller memory space was enabled); the registers travel as the optional
 ``cmb`` subsection of the ``nvme`` section (:class:`CmbState`).
 """
 
@@ -137,7 +140,7 @@ class ControllerMemoryBuffer:
         self.sts = Register("CMBSTS", 0x58, 4, Access.RO)
         #: the CMB's addresses while controller memory space is enabled, else None
         self.window: MemoryWindow | None = None
-        self._window_key: tuple[int, int] | None = None
+        self._window_key: tuple[int, tuple[int, int] | None] | None = None
 
     # -- registers ---------------------------------------------------------------------------
     def registers(self) -> list[Register]:
@@ -197,21 +200,23 @@ class ControllerMemoryBuffer:
     def _evaluate(self, *, force: bool = False) -> None:
         """Derive CMBSTS.CBAI and the window from CMBMSC (CRE, CMSE, CBA's validity)."""
         msc = self.msc.value
-        key = None
+        base: int | None = None
         self.sts.value = 0
         if self.legacy:
-            base = self._bar_base()
-            if base is not None and self._invalid(base) is None:
-                key = (base, self.ram.export_fd())  # controller DMA writes it: hashed in a pre-copy
+            bar = self._bar_base()
+            if bar is not None and self._invalid(bar) is None:
+                base = bar
         elif msc & CMBMSC_CRE and msc & CMBMSC_CMSE:
             if self._invalid(msc) is None:
-                key = (msc & CMBMSC_CBA_MASK, self.ram.export_fd())
+                base = msc & CMBMSC_CBA_MASK
             else:
                 self.sts.value = CMBSTS_CBAI
+        # (the memory object too: a load may have adopted another one)
+        key = (base, self.ram.identity) if base is not None else None
         if key == self._window_key and not force:
             return
         # the old window is only dropped: a thread may still use it (the GC unmaps it)
-        self.window = map_window("CMB", key[0], self.size, key[1]) if key is not None else None
+        self.window = map_window("CMB", base, self.size, self.ram) if base is not None else None
         self._window_key = key
         self._changed()
 

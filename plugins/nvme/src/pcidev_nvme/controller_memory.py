@@ -4,7 +4,8 @@ Region (:mod:`pcidev_nvme.pmr`) sent to their own memory.
 
 Each of them, while its controller memory space is enabled (CMBMSC.CMSE / PMRMSCL.CMSE),
 is a :class:`MemoryWindow`: ``[start, end)`` at the base address the host gave (CBA),
-mapped by a private :class:`~pcidev.dma.GuestMemory` over the RAM BAR's descriptor. The
+mapped by a private :class:`~pcidev.dma.GuestMemory` that the RAM BAR makes
+(:meth:`pcidev.bar.RamBacking.map_view`). The
 controller composes the windows into one :class:`ControllerMemoryView`, which its
 ``dma`` property returns instead of guest memory (without windows it returns guest
 memory itself: one comparison on the hot path).
@@ -35,6 +36,7 @@ from typing import Any
 
 import attrs
 
+from pcidev.bar import RamBacking
 from pcidev.dma import DirtyLog, GuestMemory, MemoryRegion
 from pcidev.errors import DmaError
 from pcidev_nvme.status import NvmeStatusError, Status
@@ -108,14 +110,14 @@ class MemoryWindow:
         return base < self.end and base + length > self.start
 
 
-def map_window(name: str, start: int, size: int, fd: int) -> MemoryWindow:
-    """A window of ``size`` bytes of ``fd`` at ``start``.
+def map_window(name: str, start: int, size: int, ram: RamBacking) -> MemoryWindow:
+    """A window of the first ``size`` bytes of ``ram`` at ``start``
+    (:meth:`RamBacking.map_view <pcidev.bar.RamBacking.map_view>`: the controller's DMA
+    writes it past the BAR's MMIO path, so a pre-copy tracks it by page hashes from then on).
 
     :raises DmaError: the kernel refused the mapping.
     """
-    mem = GuestMemory(max_regions=1)
-    mem.map(start, size, fd, 0, writable=True, name=f"nvme-{name.lower()}")
-    return MemoryWindow(name, start, start + size, mem)
+    return MemoryWindow(name, start, start + size, ram.map_view(start, size, name=f"nvme-{name.lower()}"))
 
 
 class ControllerMemoryView(GuestMemory):

@@ -21,14 +21,17 @@ What travels (section ``nvme`` version 1, see :class:`NvmeState`):
   hashes since controller DMA writes it through a mapping of its own);
 * the Persistent Memory Region's registers (optional subsection ``nvme/pmr``,
   :class:`~pcidev_nvme.pmr.PmrState`); its contents are in its file (a file-backed RAM
-  BAR: the descriptor travels over UNIX sockets, over TCP the destination maps the path);
+  BAR: the descriptor travels over UNIX sockets; over TCP its contents, written into the
+  destination's own file);
 * SMART counters (bytes, commands, busy time, power cycles, power-on time, unsafe
   shutdowns, media errors, temperature times), the temperature, injected and
   reported critical warnings; the Error Information log (count and entries);
   firmware slots, the active and next-reset slot, a partly downloaded image;
   the Changed Namespace List;
 * per namespace: attached or not, the LBA format (Format NVM may have changed it)
-  and, for a ``mem`` namespace, an :class:`~pcidev.vmstate.FdRef` to its memfd; for a
+  and, for a ``mem`` namespace, an :class:`~pcidev.vmstate.FdRef` to its memfd (for
+  anonymous memory, a memfd copy of the pages written, made at the save:
+  :meth:`~pcidev_nvme.backends.MemoryBackend.stream_fd`); for a
   namespace with metadata or protection information the optional subsection
   :class:`~pcidev_nvme.metadata.MetadataState` (PI type and location, extended LBAs and,
   for ``mem``, an ``FdRef`` to the metadata memfd; a ``file`` namespace's sidecar
@@ -93,8 +96,8 @@ stores) stays open until the load is committed (:class:`LoadUndo`): if a later p
 load fails (an SR-IOV VF's stream), the framework's rollback puts it back.
 
 What blocks (allow-list, :data:`MIGRATABLE_FEATURES`): namespaces whose backend
-is not ``mem`` (memfd), ``file`` or ``null`` (plugin backends, anonymous
-memory), a created namespace a record cannot carry
+is not ``mem`` (memfd or anonymous), ``file`` or ``null`` (a plugin's backends), a
+created namespace a record cannot carry
 (:func:`~pcidev_nvme.ns_records.record_problem`: a ``file`` image its path no longer
 leads to), and a controller reset still waiting for commands.
 """
@@ -297,9 +300,7 @@ class NvmeState:
 # ----------------------------------------------------------------------------- configuration
 def _backend_feature(ns: Any) -> str:
     b = ns.backend
-    kind = getattr(b, "kind", type(b).__name__)
-    if kind == "mem" and getattr(b, "fd", -1) < 0:
-        return "nvme-backend:mem-anonymous"
+    kind = getattr(b, "kind", type(b).__name__)  # (anonymous memory is "mem": it migrates as one)
     if kind == "file" and getattr(b, "direct", False):
         return "nvme-backend:file-direct"
     return f"nvme-backend:{kind}"
@@ -317,7 +318,9 @@ def features(ctrl: MigrationHost) -> set[str]:
     if len(ctrl.allocated) > 1:
         out.add("nvme-multi-namespace")
     for ns in ctrl.allocated.values():
-        out.add(_backend_feature(ns))
+        feat = _backend_feature(ns)
+        if feat in MIGRATABLE_FEATURES:  # (any other: blockers() names the namespace, once)
+            out.add(feat)
     return out
 
 
@@ -345,7 +348,9 @@ MEM_FD_FEATURE = "nvme-backend:mem"
 
 def memory_sources(ctrl: MigrationHost) -> list[MemorySource]:
     """The memfds of the ``mem`` namespaces the controller has now (configured or created
-    by Namespace Management) and of their metadata, as memory sources: over a channel
+    by Namespace Management; anonymous memory: its mapping, read in place,
+    :meth:`~pcidev_nvme.backends.MemoryBackend.memory_source`) and of their metadata, as
+    memory sources: over a channel
     without descriptors (TCP) their contents travel instead (pre-copy while the controller
     serves I/O, the rest at the stop). Each is tracked by the dirty bitmap its store marks
     on every write (:attr:`pcidev_nvme.backends.MemoryBackend.dirty`,
@@ -359,8 +364,10 @@ def memory_sources(ctrl: MigrationHost) -> list[MemorySource]:
     for nsid, ns in sorted(list(ctrl.allocated.items())):  # a copy: namespaces may come and go meanwhile
         b, meta = ns.backend, ns.meta
         stores: list[tuple[str, int, int, DirtyBitmap | None]] = []
-        if isinstance(b, MemoryBackend) and b.fd >= 0:
-            stores.append((f"nvme/ns{nsid}", b.fd, b.size, b.dirty))
+        if isinstance(b, MemoryBackend):  # (a memfd, or anonymous memory read in place)
+            src = b.memory_source(f"nvme/ns{nsid}", covers=frozenset({MEM_FD_FEATURE}))
+            if src is not None:
+                out.append(src)
         if isinstance(meta, MemMetadata) and meta.mem_fd >= 0:
             stores.append((f"nvme/ns{nsid}/meta", meta.mem_fd, meta.nbytes, meta.dirty))
         for name, fd, size, bitmap in stores:
@@ -923,9 +930,8 @@ def save(ctrl: MigrationHost) -> NvmeState:
         ns = ctrl.allocated[nsid]
         b = ns.backend
         ref = None
-        fd: int = getattr(b, "fd", -1)  # a mem backend's memfd (not part of the Backend protocol)
-        if getattr(b, "kind", None) == "mem" and fd >= 0:
-            ref = ctrl.vmstate_fd(fd)
+        if isinstance(b, MemoryBackend) and ctrl.vmstate_save_fds is not None:
+            ref = ctrl.vmstate_fd(b.stream_fd())  # its memfd (anonymous memory: a copy made now)
         meta_ref = None
         if ns.meta is not None and ns.meta.mem_fd >= 0:
             meta_ref = ctrl.vmstate_fd(ns.meta.mem_fd)
@@ -1399,7 +1405,7 @@ def _prepare_namespaces(ctrl: MigrationHost, st: NvmeState,
             fd = ctrl.vmstate_load_fd(n.mem_fd) if n.mem_fd is not None else None
             # check(): a mem namespace, whose backend has an fd (not in the Backend protocol;
             # without one, -1 makes sameopenfile raise OSError, handled below)
-            if fd is not None and not os.path.sameopenfile(fd, getattr(ns.backend, "fd", -1)):
+            if fd is not None and not (isinstance(ns.backend, MemoryBackend) and ns.backend.same_memory(fd)):
                 swaps[n.nsid] = MemoryBackend.from_fd(fd, ns.size)  # (else: already this memory)
             m = n.metadata
             meta_fd = ctrl.vmstate_load_fd(m.mem_fd) if m is not None and m.mem_fd is not None else None

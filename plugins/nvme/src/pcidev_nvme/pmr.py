@@ -53,10 +53,17 @@ CMSE is set moves the window).
 **Reset and migration.** A PCI reset makes the contents persistent (when the PMR was
 enabled), then clears PMRCTL, PMRMSCL/U and PMRSTS (the contents stay, in the file); a
 controller reset does not touch the PMR. The contents are a file-backed RAM BAR, which
-the framework migrates as its descriptor over UNIX sockets and in a handover; a
-migration that cannot carry descriptors (TCP, vfio-user migration data) is blocked, as a
-destination on another host would map another file. The registers travel as the optional
-``pmr`` subsection of the ``nvme`` section (:class:`PmrState`).
+the framework migrates as its descriptor over UNIX sockets and in a handover (the
+destination maps the source's file). Over TCP and in vfio-user migration data the
+contents travel (a memory source: pre-copied while the controller runs, tracked by page
+hashes once the window was mapped, the rest at the stop) and the destination writes them
+into *its own* file (the configured path), which it maps as before: the PMR is small,
+guest-visible memory, so streaming it is cheap and holds whether or not the destination
+sees the source's file (shared storage or not), where a ``file`` namespace, too large to
+stream, relies on shared storage and an ``fdatasync`` at the stop. The source's file
+keeps every write too: its mapping is made persistent (``msync``) when the source
+closes the PMR. The registers travel as the optional ``pmr`` subsection of the ``nvme``
+section (:class:`PmrState`).
 
 **Sparse files.** A file the controller creates is allocated in full
 (``posix_fallocate``), so a write through the mapping cannot hit a hole on a full file
@@ -162,7 +169,7 @@ class PersistentMemoryRegion:
         self.nrdy_disabled = False
         #: the PMR's addresses while its controller memory space is enabled, else None
         self.window: MemoryWindow | None = None
-        self._window_key: tuple[int, int] | None = None
+        self._window_key: tuple[int, tuple[int, int] | None] | None = None
         #: while ``held()`` (a sanitize operation runs or failed) PMRSTS.NRDY stays set
         self.held: Callable[[], bool] = lambda: False
         #: called when the host sets PMRCTL.EN (user data may change: Global Data Erased clears)
@@ -241,17 +248,19 @@ class PersistentMemoryRegion:
 
     def _evaluate(self, *, force: bool = False) -> None:
         """Derive PMRSTS.CBAI and :attr:`window` from PMRCTL.EN, PMRMSCL.CMSE and the CBA."""
-        key = None
+        base: int | None = None
         self.cbai = False
         if self.mscl.value & PMRMSC_CMSE:
             if self._invalid() is not None:
                 self.cbai = True
             elif self.enabled:
-                key = (self._cba, self.ram.fd)
+                base = self._cba
+        # (the memory object too: a load may have adopted another one)
+        key = (base, self.ram.identity) if base is not None else None
         if key == self._window_key and not force:
             return
         # the old window is only dropped: a thread may still use it (the GC unmaps it)
-        self.window = map_window("PMR", key[0], self.size, key[1]) if key is not None else None
+        self.window = map_window("PMR", base, self.size, self.ram) if base is not None else None
         self._window_key = key
         self._changed()
 
@@ -325,6 +334,6 @@ class PersistentMemoryRegion:
         """Make the contents persistent, drop the window and close the file."""
         with self._lock:
             self.window, self._window_key = None, None
-        if self.ram.fd >= 0:
+        if self.ram.identity is not None:  # (open)
             self._barrier("closing the PMR")
         self.ram.close()
