@@ -277,19 +277,23 @@ class MigrationStateMachine:
             raise VfioUserError(errno.EBUSY, f"the device cannot migrate: {exc}") from exc
 
     def _save(self) -> None:
+        """Save the state for STOP_COPY. A failure from PRE_COPY keeps the pre-copy as it was
+        (the client may go on reading it and try again); from STOP it drops the data."""
         try:
             stream, fds = save_device_stream(self.device)  # the descriptors stay here (see the module)
             if self._out is None:
                 sources = checked_sources(self.device)
                 if sources:
-                    self._out = OutboundData(self.device, sources)
-                    self._out.start()
+                    out = OutboundData(self.device, sources)
+                    out.start()
+                    self._out = out
             if self._out is not None:  # the sources' contents instead of their descriptors
                 self._out.stop_copy(stream, fds)
             else:
                 self._bare, self._cursor = stream, 0
         except (PcidevError, VMStateError, OSError) as exc:
-            self._drop()
+            if self.state != _PC:
+                self._drop()
             raise VfioUserError(errno.EBUSY, f"the device state cannot be saved: {exc}") from exc
 
     def _step(self, cur: int, nxt: int) -> None:

@@ -252,20 +252,26 @@ class OutboundData:
         :param stream: the saved vmstate stream.
         :param fds: the descriptors :func:`~pcidev.migration.snapshot.save_device_stream` returned.
         :raises MigrationError: the sources are unusable now, or one is another object
-            under a name already announced.
+            under a name already announced (nothing changed: the pre-copy may go on).
         """
         fresh, lost_track = [], set()
         for src in checked_sources(self.device):
             known = self._tracked.get(src.name)
             if known is None:
                 fresh.append(src)
-            elif known.ident != _file_id(src.fd):
-                raise MigrationError(f"memory source {src.name!r} is another object than the one announced")
-            elif known.bitmap is not None and src.bitmap is None:
-                lost_track.add(src.name)  # written past its bitmap meanwhile (mapped elsewhere): all of it
-        new = self._track(fresh)
-        if sum(t.size for t in self._tracked.values()) > MAX_MEMORY_SIZE:
-            raise MigrationError(f"the memory sources hold more than {MAX_MEMORY_SIZE} bytes")
+            else:
+                try:
+                    same = known.ident == _file_id(src.fd)
+                except OSError:
+                    same = False
+                if not same:
+                    raise MigrationError(f"memory source {src.name!r} is another object than the one announced")
+                if known.bitmap is not None and src.bitmap is None:
+                    lost_track.add(src.name)  # written past its bitmap meanwhile (mapped elsewhere): all of it
+        total = sum(t.size for t in self._tracked.values()) + sum(s.size for s in fresh)
+        if total > MAX_MEMORY_SIZE:
+            raise MigrationError(f"the memory sources hold {total} bytes, more than {MAX_MEMORY_SIZE}")
+        new = self._track(fresh)  # (the last step that may fail: it leaves nothing open then)
         offer = _meta_frame(OFFER, {"protocol": PROTOCOL_MEMORY, "device_type": self.device.vmstate_device_type,
                                     "stream_size": len(stream), "fds": 0, "boot_id": boot_id(),
                                     "stream_fds": len(fds),

@@ -22,9 +22,11 @@ import msgpack
 import pytest
 from test_vfio_user_migration import InProcess
 
+from pcidev.errors import MigrationError
 from pcidev.host.machine import Machine
 from pcidev.migration.precopy import MAX_CHUNK_FRAME
 from pcidev.testing import served
+from pcidev.transport.vfio_user import migration as vfio_migration
 from pcidev.transport.vfio_user.client import VfioUserClient
 from pcidev.transport.vfio_user.migration import migration_blockers
 from pcidev.transport.vfio_user.migration_client import (
@@ -216,6 +218,33 @@ def test_reading_an_iteration_that_ends_on_the_request_size_ends_with_an_empty_r
     assert mig_read(src.client, 100) == b""
     assert mig_read(src.client, 100) == b""  # the next iteration: nothing written
     set_mig_state(src.client, MIG_STATE_RUNNING)
+
+
+def test_a_failed_stop_copy_keeps_the_precopy_consistent(pair: tuple[InProcess, InProcess],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    src, dst = pair
+    data = os.urandom(2 * MIB)
+    _device_write(src, 0, data)
+    set_mig_state(dst.client, MIG_STATE_RESUMING)
+    set_mig_state(src.client, MIG_STATE_PRE_COPY)
+    first = mig_read_all(src.client)
+
+    def broken(device: object) -> tuple[bytes, list[int]]:
+        raise MigrationError("the save failed (test)")
+
+    with monkeypatch.context() as m:
+        m.setattr(vfio_migration, "save_device_stream", broken)
+        with pytest.raises(VfioUserError) as info:
+            set_mig_state(src.client, MIG_STATE_STOP_COPY)
+    assert info.value.errno == errno.EBUSY
+    assert mig_state(src.client) == MIG_STATE_PRE_COPY and not src.endpoint.device.quiesced
+    _device_write(src, 4096, b"\x01" * 10)
+    second = mig_read_all(src.client)  # the pre-copy goes on where it was
+    assert 4096 <= len(second) < 8192
+    set_mig_state(src.client, MIG_STATE_STOP_COPY)
+    mig_write_all(dst.client, first + second + mig_read_all(src.client))
+    set_mig_state(dst.client, MIG_STATE_RUNNING)
+    assert _contents(dst) == _contents(src)
 
 
 # -- a reset during the pre-copy ---------------------------------------------------------------------
