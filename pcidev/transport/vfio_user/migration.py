@@ -1,4 +1,4 @@
-"""The vfio-user migration state machine of a served device, and its data buffer.
+"""The vfio-user migration state machine of a served device, and its data.
 
 VFIO migration v2 over the vfio-user socket (QEMU ``docs/interop/vfio-user.rst``,
 ``VFIO_USER_DEVICE_FEATURE`` and ``VFIO_USER_MIG_DATA_READ/WRITE``; Linux's
@@ -20,42 +20,41 @@ handover, which refuses unless it is ``RUNNING``).
 * The data is the device's vmstate stream (docs/vmstate-format.md) **without file
   descriptors**: the destination re-establishes guest memory and interrupts with its
   own ``DMA_MAP`` and ``DEVICE_SET_IRQS``, and the load keeps the memory attached there
-  (checking that it matches the stream's map). A memfd-backed RAM BAR travels as its
-  contents: the data is then the frames of :func:`~pcidev.migration.precopy.pack_memory`
-  (MEMORY, CHUNKs, OFFER, STATE; all copied in STOP_COPY, when the client's vCPUs no
-  longer write the BAR through its mapping), and the destination copies the contents
-  into the BAR its client maps. Other state that travels only as a descriptor (an NVMe
-  ``mem`` namespace: :attr:`PciDevice.FD_FEATURES <pcidev.device.PciDevice.FD_FEATURES>`,
-  a file-backed RAM BAR) blocks: ``EBUSY`` before anything stops.
-* ``RESUMING`` to ``STOP`` loads the received stream, all or nothing; a stream the
-  device refuses fails the arc with ``EINVAL`` and leaves the state machine in
-  ``ERROR``, which only a ``DEVICE_RESET`` leaves (:meth:`MigrationStateMachine.reset`).
+  (checking that it matches the stream's map). The contents of the device's memory
+  sources (:meth:`PciDevice.memory_sources <pcidev.device.PciDevice.memory_sources>`: a
+  memfd RAM BAR, an NVMe ``mem`` namespace and its metadata) travel instead of their
+  descriptors: the data is then frames (MEMORY, CHUNKs, OFFER, STATE;
+  :mod:`~pcidev.transport.vfio_user.migration_data`), copied iteratively with dirty
+  tracking in ``PRE_COPY`` (each run of reads up to a short read is one iteration) and
+  the rest in ``STOP_COPY``; the destination stages them as they arrive, with the
+  checks of the TCP channel, and the load adopts them (a RAM BAR's contents go into the
+  BAR its client maps). What travels only as a descriptor and no source covers (a
+  file-backed RAM BAR) blocks: ``EBUSY`` before anything stops.
+* ``RESUMING`` to ``STOP`` loads the received data, all or nothing; a malformed frame
+  fails the ``MIG_DATA_WRITE`` that completes it, a truncated or refused stream fails
+  the arc, both with ``EINVAL``, and leave the state machine in ``ERROR``, which only a
+  ``DEVICE_RESET`` leaves (:meth:`MigrationStateMachine.reset`).
+* A ``DEVICE_RESET`` in ``PRE_COPY`` resets the device but keeps the state and the
+  pre-copy (:meth:`MigrationStateMachine.device_reset`; libvfio-user #853: a client
+  that still expects ``PRE_COPY`` would otherwise take arcs that do not exist).
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import os
 from collections.abc import Callable
 
 import pluggy
 
 from pcidev.device import PciDevice
-from pcidev.errors import MigrationError, PcidevError
-from pcidev.memory_source import MemorySource
-from pcidev.migration import (
-    MAX_STREAM_SIZE,
-    collect_blockers,
-    descriptor_blockers,
-    load_device_stream,
-    save_device_stream,
-)
-from pcidev.migration.frames import MAGIC
-from pcidev.migration.precopy import destination_sources, pack_memory, unpack_memory
+from pcidev.errors import MigrationError, PcidevError, TransportError
+from pcidev.migration import collect_blockers, descriptor_blockers, load_device_stream, save_device_stream
+from pcidev.migration.precopy import destination_sources
 from pcidev.sriov import VirtualFunction
 from pcidev.transport.vfio_user import protocol
 from pcidev.transport.vfio_user.conn import ConnectionState
+from pcidev.transport.vfio_user.migration_data import DataTooLarge, InboundData, OutboundData, checked_sources
 from pcidev.transport.vfio_user.protocol import (
     MIG_STATE_ERROR,
     MIG_STATE_NAMES,
@@ -72,11 +71,8 @@ from pcidev.vmstate.errors import VMStateError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MIGRATION_FLAGS", "MAX_RAM_BAR_DATA", "MigrationStateMachine", "migration_blockers", "migration_path",
-           "ram_bar_sources"]
+__all__ = ["MIGRATION_FLAGS", "MigrationStateMachine", "migration_blockers", "migration_path"]
 
-#: the most bytes of RAM BAR contents the migration data carries (beside the stream)
-MAX_RAM_BAR_DATA = 256 << 20
 #: what the MIGRATION feature reports: STOP_COPY and PRE_COPY (no P2P)
 MIGRATION_FLAGS = protocol.MIGRATION_STOP_COPY | protocol.MIGRATION_PRE_COPY
 
@@ -134,11 +130,13 @@ def migration_path(current: int, target: int) -> list[int]:
 
 def migration_blockers(device: PciDevice, pm: pluggy.PluginManager | None = None) -> list[str]:
     """Why ``device`` cannot migrate over vfio-user now: every reason of
-    :func:`~pcidev.migration.collect_blockers`, and each enabled feature in the
-    device's :attr:`~pcidev.device.PciDevice.FD_FEATURES` and each file-backed RAM BAR
-    (:func:`~pcidev.migration.blockers.descriptor_blockers`: the migration data carries
-    no file descriptors; a memfd RAM BAR's contents go with it, at most
-    :data:`MAX_RAM_BAR_DATA` bytes in all).
+    :func:`~pcidev.migration.collect_blockers`, memory sources that are unusable or hold
+    more than :data:`~pcidev.migration.precopy.MAX_MEMORY_SIZE` bytes, and each RAM BAR
+    and enabled feature in the device's :attr:`~pcidev.device.PciDevice.FD_FEATURES` that
+    no memory source covers (:func:`~pcidev.migration.blockers.descriptor_blockers`: the
+    migration data carries no file descriptors, only the contents of the sources, such
+    as a memfd RAM BAR, an NVMe ``mem`` namespace and its metadata; a file-backed RAM BAR
+    still blocks).
 
     :param device: the device.
     :param pm: the plugin manager (its plugins' blockers).
@@ -146,33 +144,10 @@ def migration_blockers(device: PciDevice, pm: pluggy.PluginManager | None = None
     """
     reasons = collect_blockers(device, pm)
     try:
-        sources = ram_bar_sources(device)
-    except Exception as exc:
-        return [*reasons, f"memory_sources() failed: {type(exc).__name__}: {exc}"]
-    total = sum(s.size for s in sources)
-    if total > MAX_RAM_BAR_DATA:
-        reasons.append(f"its RAM BARs hold {total} bytes; vfio-user migration data carries at most "
-                       f"{MAX_RAM_BAR_DATA}")
+        sources = checked_sources(device)
+    except MigrationError as exc:
+        return [*reasons, str(exc)]
     return [*reasons, *descriptor_blockers(device, "vfio-user migration data", sources)]
-
-
-def ram_bar_sources(device: PciDevice) -> list[MemorySource]:
-    """The device's memory sources that are its memfd RAM BARs (their contents go into the
-    migration data; see the module docstring).
-
-    :param device: the device.
-    :returns: the sources, in the device's order.
-    """
-    bars = {getattr(bar.handler, "identity", None) for bar in device.ram_bars()}  # (RamBacking.identity)
-    out = []
-    for src in device.memory_sources():
-        try:
-            st = os.fstat(src.fd)
-        except OSError:
-            continue
-        if (st.st_dev, st.st_ino) in bars:
-            out.append(src)
-    return out
 
 
 class MigrationStateMachine:
@@ -198,9 +173,12 @@ class MigrationStateMachine:
         self._settle = settle
         self._loaded = loaded
         self._arc = arc
-        #: the stream being read (PRE_COPY: empty; STOP_COPY: the saved state) or written (RESUMING)
-        self._buffer = bytearray()
+        #: the data being read (PRE_COPY, STOP_COPY): a bare stream, or memory sources' frames
+        self._out: OutboundData | None = None
+        self._bare = b""
         self._cursor = 0
+        #: the data being written (RESUMING)
+        self._in: InboundData | None = None
 
     @property
     def state(self) -> int:
@@ -209,17 +187,46 @@ class MigrationStateMachine:
 
     @property
     def pending_bytes(self) -> int:
-        """Bytes of the saved state not read yet (STOP_COPY), or received so far (RESUMING)."""
-        if self.state == _RES:
-            return len(self._buffer)
-        return len(self._buffer) - self._cursor
+        """Bytes framed and not read yet (PRE_COPY, STOP_COPY), or held in memory while
+        received (RESUMING: a partial frame or the bare stream so far)."""
+        if self._in is not None:
+            return self._in.pending_bytes
+        if self._out is not None:
+            return self._out.pending_bytes
+        return len(self._bare) - self._cursor
+
+    @property
+    def precopy_iterations(self) -> list[int]:
+        """Bytes of memory contents sent in each PRE_COPY iteration read to its end so far
+        (empty: none, or the device has no memory sources)."""
+        return list(self._out.iterations) if self._out is not None else []
+
+    def _drop(self) -> None:
+        """Forget the data (read or written) and release what it held."""
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+        if self._in is not None:
+            self._in.close()
+            self._in = None
+        self._bare, self._cursor = b"", 0
 
     def reset(self) -> None:
-        """Back to RUNNING with no buffer (DEVICE_RESET, or the client left). The caller
-        resets or resumes the device."""
-        self._buffer = bytearray()
-        self._cursor = 0
+        """Back to RUNNING with no data (the client left, or a DEVICE_RESET outside
+        PRE_COPY). The caller resets or resumes the device."""
+        self._drop()
         self.conn.mig_state = _RUN
+
+    def device_reset(self) -> None:
+        """A ``DEVICE_RESET``: outside PRE_COPY as :meth:`reset`; in PRE_COPY the state and
+        the pre-copy stay (a client in the middle of a migration still expects PRE_COPY,
+        and the memory contents already sent stay right: the tracking records what the
+        reset writes; the device's state is saved at STOP_COPY, after the reset). The
+        caller resets the device."""
+        if self.state == _PC:
+            log.debug("vfio-user migration: DEVICE_RESET in PRE_COPY; the pre-copy goes on")
+            return
+        self.reset()
 
     # -- arcs -------------------------------------------------------------------------
     def set_state(self, target: int) -> int:
@@ -257,16 +264,37 @@ class MigrationStateMachine:
         if self._settle is not None:
             self._settle()
 
+    def _start_precopy(self) -> None:
+        """RUNNING -> PRE_COPY: track the memory sources (none: nothing before the stop)."""
+        self._drop()
+        try:
+            sources = checked_sources(self.device)
+            if sources:
+                out = OutboundData(self.device, sources)
+                out.start()
+                self._out = out
+        except MigrationError as exc:
+            raise VfioUserError(errno.EBUSY, f"the device cannot migrate: {exc}") from exc
+
     def _save(self) -> None:
+        """Save the state for STOP_COPY. A failure from PRE_COPY keeps the pre-copy as it was
+        (the client may go on reading it and try again); from STOP it drops the data."""
         try:
             stream, fds = save_device_stream(self.device)  # the descriptors stay here (see the module)
-            sources = ram_bar_sources(self.device)
-            if sources:  # their contents instead
-                stream = pack_memory(self.device.vmstate_device_type, sources, stream, fds)
+            if self._out is None:
+                sources = checked_sources(self.device)
+                if sources:
+                    out = OutboundData(self.device, sources)
+                    out.start()
+                    self._out = out
+            if self._out is not None:  # the sources' contents instead of their descriptors
+                self._out.stop_copy(stream, fds)
+            else:
+                self._bare, self._cursor = stream, 0
         except (PcidevError, VMStateError, OSError) as exc:
+            if self.state != _PC:
+                self._drop()
             raise VfioUserError(errno.EBUSY, f"the device state cannot be saved: {exc}") from exc
-        self._buffer = bytearray(stream)
-        self._cursor = 0
 
     def _step(self, cur: int, nxt: int) -> None:
         if cur == _RUN and nxt == _STOP:
@@ -274,64 +302,81 @@ class MigrationStateMachine:
         elif cur == _STOP and nxt == _RUN:
             self.device.resume()
         elif cur == _RUN and nxt == _PC:
-            self._buffer, self._cursor = bytearray(), 0  # nothing to send before the stop
+            self._start_precopy()
         elif cur == _PC and nxt == _RUN:
-            self._buffer, self._cursor = bytearray(), 0
+            self._drop()
         elif cur == _PC and nxt == _SC:
             self._quiesce()
             try:
                 self._save()
             except VfioUserError:
-                self.device.resume()  # still PRE_COPY: running
+                self.device.resume()  # still PRE_COPY: running (the pre-copy is dropped)
                 raise
         elif cur == _STOP and nxt == _SC:
             self._save()
         elif cur == _SC and nxt == _STOP:
-            self._buffer, self._cursor = bytearray(), 0
+            self._drop()
         elif cur == _STOP and nxt == _RES:
             self.device.quiesce()  # it is (STOP); a device never run here too
-            self._buffer, self._cursor = bytearray(), 0
+            self._drop()
+            self._in = InboundData(lambda: self._destination_sources())
         elif cur == _RES and nxt == _STOP:
-            # the loader takes bytes: one copy, then the buffer is freed before the load
-            data = bytes(self._buffer)
-            self._buffer, self._cursor = bytearray(), 0
-            try:
-                if data.startswith(MAGIC):  # RAM BAR contents beside the stream
-                    stream, fds, staged = unpack_memory(data, max_memory=MAX_RAM_BAR_DATA,
-                                                        expected=destination_sources(self.device))
-                    try:
-                        load_device_stream(self.device, stream, fds)
-                    finally:
-                        staged.close()
-                else:
-                    load_device_stream(self.device, data, None)
-            except (VMStateError, PcidevError) as exc:
-                self.conn.mig_state = _ERR
-                raise VfioUserError(errno.EINVAL, f"the migration data was refused: {exc}") from exc
-            if self._loaded is not None:
-                self._loaded()
+            self._load()
         else:  # pragma: no cover - migration_path only yields the arcs above
             raise VfioUserError(errno.EINVAL, f"no migration arc {_name(cur)} -> {_name(nxt)}")
 
+    def _destination_sources(self) -> dict[str, int]:
+        return destination_sources(self.device)
+
+    def _load(self) -> None:
+        """RESUMING -> STOP: load what was received, all or nothing."""
+        inbound, self._in = self._in, None
+        try:
+            if inbound is None:  # pragma: no cover - RESUMING always has one
+                raise TransportError("no migration data")
+            stream, fds = inbound.finish()
+            load_device_stream(self.device, stream, fds)
+        except (VMStateError, PcidevError) as exc:
+            self.conn.mig_state = _ERR
+            raise VfioUserError(errno.EINVAL, f"the migration data was refused: {exc}") from exc
+        finally:
+            if inbound is not None:
+                inbound.close()
+        if self._loaded is not None:
+            self._loaded()
+
     # -- data ---------------------------------------------------------------------------
     def read(self, size: int) -> bytes:
-        """MIG_DATA_READ: up to ``size`` bytes of the state (fewer: the end).
+        """MIG_DATA_READ: up to ``size`` bytes (fewer: the end of a PRE_COPY iteration, or
+        of the data in STOP_COPY; see :mod:`~pcidev.transport.vfio_user.migration_data`).
 
-        :raises VfioUserError: ``EINVAL`` outside PRE_COPY and STOP_COPY.
+        :raises VfioUserError: ``EINVAL`` outside PRE_COPY and STOP_COPY; ``EIO`` when a
+            memory source cannot be read (the client fails the migration).
         """
         if self.state not in (_PC, _SC):
             raise VfioUserError(errno.EINVAL, f"MIG_DATA_READ in migration state {_name(self.state)}")
-        chunk = bytes(self._buffer[self._cursor:self._cursor + size])
+        if self._out is not None:
+            try:
+                return self._out.read(size)
+            except (PcidevError, OSError) as exc:
+                raise VfioUserError(errno.EIO, f"MIG_DATA_READ: {exc}") from exc
+        chunk = self._bare[self._cursor:self._cursor + size]
         self._cursor += len(chunk)
         return chunk
 
     def write(self, data: bytes) -> None:
-        """MIG_DATA_WRITE: append ``data`` to the state being received.
+        """MIG_DATA_WRITE: the next bytes of the data being received.
 
-        :raises VfioUserError: ``EINVAL`` outside RESUMING; ``EFBIG`` beyond the largest stream.
+        :raises VfioUserError: ``EINVAL`` outside RESUMING, or for a malformed frame (the
+            state is then ERROR: only a DEVICE_RESET leaves it); ``EFBIG`` for a bare
+            stream beyond the largest one (ERROR too).
         """
-        if self.state != _RES:
+        if self.state != _RES or self._in is None:
             raise VfioUserError(errno.EINVAL, f"MIG_DATA_WRITE in migration state {_name(self.state)}")
-        if len(self._buffer) + len(data) > MAX_STREAM_SIZE + MAX_RAM_BAR_DATA:
-            raise VfioUserError(errno.EFBIG, f"migration data beyond {MAX_STREAM_SIZE + MAX_RAM_BAR_DATA} bytes")
-        self._buffer += data
+        try:
+            self._in.write(data)
+        except TransportError as exc:
+            self._in = None  # (it released what it held)
+            self.conn.mig_state = _ERR
+            code = errno.EFBIG if isinstance(exc, DataTooLarge) else errno.EINVAL
+            raise VfioUserError(code, f"the migration data was refused: {exc}") from exc

@@ -12,12 +12,14 @@ Functions over a connected :class:`~pcidev.transport.vfio_user.client.VfioUserCl
     src = VfioUserDevice.connect("/run/a.sock")       # plugged into a Machine, driven...
     dst = VfioUserClient.connect("/run/b.sock")        # a second ``pcidev serve``
     result = migrate(src, dst, path="/run/b.sock")     # src now drives the device at b
+    result.precopy_bytes, result.downtime              # the pre-copy's iterations, the stop
 """
 
 from __future__ import annotations
 
 import errno
 import time
+from collections.abc import Callable
 
 import attrs
 
@@ -35,8 +37,11 @@ __all__ = [
     "logging_report",
     "logging_start",
     "logging_stop",
+    "mig_copy",
+    "mig_read",
     "mig_read_all",
     "mig_state",
+    "mig_write",
     "mig_write_all",
     "migrate",
     "migration_flags",
@@ -102,25 +107,46 @@ def set_mig_state(client: VfioUserClient, state: int) -> int:
     return int(protocol.MIG_STATE_S.unpack_from(data)[0])
 
 
+def _chunk_size(client: VfioUserClient, chunk: int | None) -> int:
+    return min(chunk or client.max_data_xfer_size, client.max_data_xfer_size)
+
+
+def mig_read(client: VfioUserClient, size: int) -> bytes:
+    """One MIG_DATA_READ of up to ``size`` bytes (fewer: the end of a PRE_COPY iteration
+    or of the STOP_COPY data).
+
+    :param size: at most the connection's ``max_data_xfer_size``.
+    :raises TransportError: a malformed reply.
+    """
+    rep = client.request(protocol.MIG_DATA_READ, protocol.MIG_DATA_S.pack(protocol.MIG_DATA_S.size + size, size))
+    body = rep.payload
+    if rep.fds or len(body) < protocol.MIG_DATA_S.size:
+        raise TransportError("vfio-user: malformed MIG_DATA_READ reply")
+    _argsz, got = protocol.MIG_DATA_S.unpack_from(body)
+    data = body[protocol.MIG_DATA_S.size:]
+    if got != len(data) or got > size:
+        raise TransportError(f"vfio-user: MIG_DATA_READ reply says {got} bytes, carries {len(data)}")
+    return data
+
+
+def mig_write(client: VfioUserClient, piece: bytes) -> None:
+    """One MIG_DATA_WRITE of ``piece`` (at most the connection's ``max_data_xfer_size``)."""
+    client.request(protocol.MIG_DATA_WRITE,
+                   protocol.MIG_DATA_S.pack(protocol.MIG_DATA_S.size + len(piece), len(piece)) + piece)
+
+
 def mig_read_all(client: VfioUserClient, chunk: int | None = None) -> bytes:
-    """MIG_DATA_READ until a short read: the whole state (PRE_COPY: what there is so far).
+    """MIG_DATA_READ until a short read: the whole state in STOP_COPY, one iteration in PRE_COPY.
 
     :param chunk: bytes per request (default and at most: the connection's negotiated
         ``max_data_xfer_size``; a server refuses more, as a shorter reply would end the stream).
     """
-    size = min(chunk or client.max_data_xfer_size, client.max_data_xfer_size)
+    size = _chunk_size(client, chunk)
     out = bytearray()
     while True:
-        rep = client.request(protocol.MIG_DATA_READ, protocol.MIG_DATA_S.pack(protocol.MIG_DATA_S.size + size, size))
-        body = rep.payload
-        if rep.fds or len(body) < protocol.MIG_DATA_S.size:
-            raise TransportError("vfio-user: malformed MIG_DATA_READ reply")
-        _argsz, got = protocol.MIG_DATA_S.unpack_from(body)
-        data = body[protocol.MIG_DATA_S.size:]
-        if got != len(data) or got > size:
-            raise TransportError(f"vfio-user: MIG_DATA_READ reply says {got} bytes, carries {len(data)}")
+        data = mig_read(client, size)
         out += data
-        if got < size:
+        if len(data) < size:
             return bytes(out)
 
 
@@ -129,11 +155,27 @@ def mig_write_all(client: VfioUserClient, data: bytes, chunk: int | None = None)
 
     :param chunk: bytes per request (default and at most: the connection's ``max_data_xfer_size``).
     """
-    size = min(chunk or client.max_data_xfer_size, client.max_data_xfer_size)
+    size = _chunk_size(client, chunk)
     for pos in range(0, len(data), size):
-        piece = data[pos:pos + size]
-        client.request(protocol.MIG_DATA_WRITE,
-                       protocol.MIG_DATA_S.pack(protocol.MIG_DATA_S.size + len(piece), len(piece)) + piece)
+        mig_write(client, data[pos:pos + size])
+
+
+def mig_copy(src: VfioUserClient, dst: VfioUserClient, chunk: int | None = None) -> int:
+    """Read from ``src`` until a short read and write each piece into ``dst`` as it comes
+    (one PRE_COPY iteration, or the STOP_COPY data; never held whole in memory).
+
+    :param chunk: bytes per request (default and at most: both connections' limit).
+    :returns: the bytes copied.
+    """
+    size = min(_chunk_size(src, chunk), _chunk_size(dst, chunk))
+    total = 0
+    while True:
+        data = mig_read(src, size)
+        if data:
+            mig_write(dst, data)
+            total += len(data)
+        if len(data) < size:
+            return total
 
 
 def logging_start(client: VfioUserClient, ranges: list[tuple[int, int]] | tuple[()] = (),
@@ -182,14 +224,27 @@ def dirty_pages(bitmap: bytes, iova: int, page_size: int = protocol.MIGRATION_PG
 class MigrationOutcome:
     """What :func:`migrate` did.
 
-    :ivar state_bytes: the size of the device's state stream.
+    :ivar state_bytes: bytes of migration data read in STOP_COPY (the device's state
+        stream, and the rest of its memory sources' contents when it has some).
     :ivar downtime: seconds from the source's stop to the destination's RUNNING.
     :ivar dirty_pages: page addresses reported dirty during the migration (sorted, unique).
+    :ivar precopy_bytes: bytes of migration data copied in each PRE_COPY iteration (the
+        first: every memory source; then what was written since; an iteration of 0
+        bytes ended the pre-copy).
+    :ivar converged: the pre-copy ended because the last iteration was small enough
+        (False: ``max_iterations`` ended it, or there was none).
     """
 
     state_bytes: int
     downtime: float
     dirty_pages: tuple[int, ...]
+    precopy_bytes: tuple[int, ...] = ()
+    converged: bool = False
+
+    @property
+    def precopy_iterations(self) -> int:
+        """How many PRE_COPY iterations were copied."""
+        return len(self.precopy_bytes)
 
 
 def _report_all(client: VfioUserClient, ranges: list[tuple[int, int]], seen: set[int]) -> None:
@@ -216,21 +271,28 @@ def _logged_ranges(device: VfioUserDevice) -> list[tuple[int, int]]:
 
 
 def migrate(device: VfioUserDevice, dst: VfioUserClient, *, path: str | None = None,
-            chunk: int | None = None) -> MigrationOutcome:
+            chunk: int | None = None, max_iterations: int = 30, max_downtime_ms: float = 10.0,
+            on_iteration: Callable[[int, int], None] | None = None,
+            before_stop: Callable[[], None] | None = None) -> MigrationOutcome:
     """Move the device behind ``device`` (a proxy the host drives) to the server behind
     ``dst``, and make the proxy drive it there.
 
     The steps (docs/vfio-user-migration.md): ``dst`` is given the same guest memory and
-    eventfds (:meth:`~pcidev.transport.vfio_user.remote.VfioUserDevice.establish`); the
-    source starts dirty logging and goes
-    to PRE_COPY (its early data is read: empty for pcidev), then to STOP_COPY, and its
-    state is read; the destination goes to RESUMING, takes the state, and goes through
-    STOP to RUNNING; the source reports its dirty pages a last time, stops logging and
-    stays in STOP; the proxy is retargeted to ``dst`` and the old connection closed.
+    eventfds (:meth:`~pcidev.transport.vfio_user.remote.VfioUserDevice.establish`) and
+    goes to RESUMING; the source starts dirty logging and, when it offers PRE_COPY, goes
+    there: each iteration (a run of MIG_DATA_READ up to a short read: its memory
+    sources' contents, then what was written since) is written into ``dst`` as it is
+    read, until an iteration is empty or would take at most ``max_downtime_ms`` at the
+    bandwidth measured so far, or ``max_iterations`` were copied; then the source goes to
+    STOP_COPY and the rest is copied; the destination goes through STOP (the load) to
+    RUNNING; the source reports its dirty pages a last time, stops logging and stays in
+    STOP; the proxy is retargeted to ``dst`` and the old connection closed.
 
-    The host must not access the device meanwhile. On a failure before the destination
-    runs, the source runs again (and stops logging) and :class:`~pcidev.errors.MigrationError`
-    is raised; the destination is left as it is (reset it or close it).
+    The host may drive the device during the pre-copy (its requests share the source's
+    connection), and must not from ``before_stop`` on. On a failure before the
+    destination runs, the source runs again (and stops logging) and
+    :class:`~pcidev.errors.MigrationError` is raised; the destination is left as it is
+    (reset it or close it).
 
     :param device: the source's proxy (plugged into the host, attached).
     :param dst: a connection to the destination server, after VERSION (owned by the proxy
@@ -238,11 +300,22 @@ def migrate(device: VfioUserDevice, dst: VfioUserClient, *, path: str | None = N
     :param path: the destination's socket path (for a later
         :meth:`~pcidev.transport.vfio_user.remote.VfioUserDevice.reconnect`).
     :param chunk: bytes per MIG_DATA request (default: each connection's limit).
-    :returns: the state size, the downtime and the dirty pages reported.
+    :param max_iterations: the most PRE_COPY iterations (0: no pre-copy data).
+    :param max_downtime_ms: the pre-copy ends once the next iteration is estimated to take
+        at most this long.
+    :param on_iteration: called with ``(iteration, bytes)`` after each PRE_COPY iteration
+        (the device still runs).
+    :param before_stop: called once the pre-copy ended, before the source stops (a host
+        quiesces its own I/O there).
+    :returns: the state size, the downtime, the dirty pages reported and the pre-copy's figures.
     :raises MigrationError: the migration failed (the source runs).
+    :raises ValueError: a negative ``max_iterations`` or ``max_downtime_ms``.
     """
+    if max_iterations < 0 or max_downtime_ms < 0:
+        raise ValueError("max_iterations and max_downtime_ms must be >= 0")
     src = device.client
     want = protocol.MIGRATION_STOP_COPY
+    offers = []
     for name, c in (("source", src), ("destination", dst)):
         try:
             flags = migration_flags(c)
@@ -250,22 +323,27 @@ def migrate(device: VfioUserDevice, dst: VfioUserClient, *, path: str | None = N
             raise MigrationError(f"the {name} does not support migration: {exc}") from exc
         if flags & want != want:
             raise MigrationError(f"the {name} does not offer STOP_COPY (flags {flags:#x})")
+        offers.append(flags)
     ranges = _logged_ranges(device)
     seen: set[int] = set()
     src_stopped = False
     dst_running = False
+    precopy: list[int] = []
+    converged = False
     try:
         device.establish(dst)
+        set_mig_state(dst, protocol.MIG_STATE_RESUMING)  # it takes data from the first pre-copy byte on
         logging_start(src)
-        set_mig_state(src, protocol.MIG_STATE_PRE_COPY)
-        mig_read_all(src, chunk)  # early data: none from pcidev, read all the same
+        if offers[0] & protocol.MIGRATION_PRE_COPY and max_iterations:
+            set_mig_state(src, protocol.MIG_STATE_PRE_COPY)
+            converged = _precopy(src, dst, chunk, max_iterations, max_downtime_ms, precopy, on_iteration)
         _report_all(src, ranges, seen)
+        if before_stop is not None:
+            before_stop()
         t0 = time.monotonic()
         src_stopped = True
         set_mig_state(src, protocol.MIG_STATE_STOP_COPY)
-        stream = mig_read_all(src, chunk)
-        set_mig_state(dst, protocol.MIG_STATE_RESUMING)
-        mig_write_all(dst, stream, chunk)
+        state_bytes = mig_copy(src, dst, chunk)
         set_mig_state(dst, protocol.MIG_STATE_STOP)
         set_mig_state(dst, protocol.MIG_STATE_RUNNING)
         dst_running = True
@@ -282,7 +360,29 @@ def migrate(device: VfioUserDevice, dst: VfioUserClient, *, path: str | None = N
                              f"failed: {exc}") from exc
     old = device.retarget(dst, path=path)
     old.close()
-    return MigrationOutcome(state_bytes=len(stream), downtime=downtime, dirty_pages=tuple(sorted(seen)))
+    return MigrationOutcome(state_bytes=state_bytes, downtime=downtime, dirty_pages=tuple(sorted(seen)),
+                            precopy_bytes=tuple(precopy), converged=converged)
+
+
+def _precopy(src: VfioUserClient, dst: VfioUserClient, chunk: int | None, max_iterations: int,
+             max_downtime_ms: float, sizes: list[int], on_iteration: Callable[[int, int], None] | None) -> bool:
+    """Copy PRE_COPY iterations from ``src`` into ``dst`` (appending their sizes to
+    ``sizes``) until one is small enough; returns whether one was (False: the limit)."""
+    copied = 0
+    seconds = 0.0
+    while len(sizes) < max_iterations:
+        t0 = time.monotonic()
+        n = mig_copy(src, dst, chunk)
+        seconds += time.monotonic() - t0
+        copied += n
+        sizes.append(n)
+        if on_iteration is not None:
+            on_iteration(len(sizes), n)
+        if len(sizes) > 1 or n == 0:  # (the first is everything: the next tells the rate of change)
+            bandwidth = copied / seconds if seconds > 0 else 0.0
+            if n == 0 or (bandwidth and 1000.0 * n / bandwidth <= max_downtime_ms):
+                return True
+    return False
 
 
 def _resume_source(src: VfioUserClient) -> None:

@@ -759,7 +759,7 @@ class VfioUserServer:
         dev = self.device
         stopped = self.conn.mig_state != protocol.MIG_STATE_RUNNING or self.dormant
         self.migrated_out = False
-        self.migration.reset()  # any state, ERROR included, -> RUNNING; dirty logging goes on
+        self.migration.device_reset()  # -> RUNNING (ERROR included) but PRE_COPY stays; dirty logging goes on
         with dev.lock:
             dev.reset(ResetKind.FLR)
             with dev.irq.lock:  # the table was masked by the reset; eventfds stay

@@ -1,8 +1,8 @@
 """vfio-user migration data carries a memfd RAM BAR's contents (pcidev.transport.vfio_user.migration
-with pcidev.migration.precopy.pack_memory): the client of each side maps the BAR through the
+and migration_data): the client of each side maps the BAR through the
 sparse-mmap capability and writes it there; after STOP_COPY and RESUMING the destination's
 client sees every page the source's had at the stop (CRC-32C per page), in the memfd it
-mapped before the migration; a malformed buffer fails RESUMING -> STOP cleanly."""
+mapped before the migration; a malformed buffer fails its MIG_DATA_WRITE or RESUMING -> STOP cleanly."""
 
 from __future__ import annotations
 
@@ -180,8 +180,8 @@ def test_a_malformed_buffer_fails_resuming_and_leaves_the_bar(pair, damage):
     else:  # review G #5: 16 GiB announced for a 1 MiB BAR
         data = bytearray(_rewrite(bytes(data), _MEMORY, _foreign_size))
     set_mig_state(dst.client, MIG_STATE_RESUMING)
-    mig_write_all(dst.client, bytes(data))
-    with pytest.raises(VfioUserError) as info:
+    with pytest.raises(VfioUserError) as info:  # a malformed frame at its MIG_DATA_WRITE, the rest at the load
+        mig_write_all(dst.client, bytes(data))
         set_mig_state(dst.client, MIG_STATE_STOP)
     assert info.value.errno == errno.EINVAL and mig_state(dst.client) == MIG_STATE_ERROR
     assert dst.crcs() == before
