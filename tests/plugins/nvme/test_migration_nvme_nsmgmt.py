@@ -15,9 +15,12 @@ subsection still loads; a load that fails late puts the table back."""
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import os
 import random
 import struct
+import uuid
 
 import attrs
 import crc32c
@@ -556,6 +559,95 @@ def test_a_record_naming_a_file_that_is_not_this_controllers_image_is_refused_un
     finally:
         dst.close()
     assert sorted(p.name for p in elsewhere.iterdir()) == ["disk.img"] and victim.read_bytes() == content
+
+
+def _tree(d) -> dict[str, tuple[int, int, str]]:
+    """Every file of directory ``d``: size, modification time and SHA-256."""
+    out = {}
+    for p in sorted(d.iterdir()):
+        st = p.stat()
+        out[p.name] = (st.st_size, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+    return out
+
+
+def test_a_refused_load_writes_nothing_in_the_destinations_state_dir(hosts, tmp_path, monkeypatch):
+    """Status item 6: the destination builds the created ``file`` namespaces with the
+    records' identifiers and writes an identity file (``.nvme-ids``) only once the load is
+    accepted (its resume). A load refused late (a later part fails: rolled back) or at its
+    build (an identity file with other identifiers) leaves the state directory byte for byte
+    as it was -- identity files, metadata and Write Uncorrectable sidecars, images; an
+    accepted one writes nothing before the resume, and the identity file it writes then
+    holds the source's identifiers (a restart keeps them)."""
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    h = hosts(f"serial=NSMA,state_dir={src_dir},ns_create=file,{CFG}", io_queues=1)
+    made = namespace_management(h.drv)
+    a, pi, idle = made["a"], made["pi"], made["idle"]
+    blocks = Blocks(h.drv)
+    for nsid in (1, a, pi):
+        blocks.write(nsid)
+    blocks.mark(a, 10, 2)  # a Write Uncorrectable sidecar beside a's image
+    src = h.ctrl
+    src.quiesce()
+    snap = save_device(src)
+    crcs = namespace_crcs(src)
+    rec = {r.nsid: r for r in snap.sections[1].state.ns_management.created}
+    idle_ids = src.allocated[idle].backend.identity_path
+    pi_ids = src.allocated[pi].backend.identity_path
+    src.owns_state = False  # (it stays quiesced; the destination owns the state file)
+    os.unlink(idle_ids)  # the idle namespace's identity file is missing here
+    _state_file_aside(src_dir, tmp_path)
+    dst = NvmeController(src.cfg, name="dst")
+    try:
+        table = dict(dst.allocated)
+        before = _tree(src_dir)
+        assert any(n.endswith(".nvme-meta") for n in before) and any(n.endswith(".nvme-wu") for n in before)
+        # refused late: a later part of the apply fails, the rollback puts the table back
+        real, calls = dst.selftest.restore, []
+
+        def fail_once(state):
+            calls.append(state)
+            if len(calls) == 1:
+                raise RuntimeError("injected")
+            real(state)
+
+        monkeypatch.setattr(dst.selftest, "restore", fail_once)
+        with pytest.raises(StateError, match="injected"):
+            load_device(dst, snap)
+        assert dst.allocated == table and dst.created == {}
+        assert _tree(src_dir) == before
+        # refused at the build: the pi namespace's identity file holds other identifiers
+        text = open(pi_ids).read()
+        with open(pi_ids, "w") as f:
+            f.write(text.replace(rec[pi].nguid.hex(), "ab" * 16))
+        changed = _tree(src_dir)
+        with pytest.raises(StateError, match="differs from the source's in nguid"):
+            load_device(dst, snap)
+        assert _tree(src_dir) == changed and dst.allocated == table
+        with open(pi_ids, "w") as f:
+            f.write(text)
+        before = _tree(src_dir)
+        # accepted: nothing written until the resume, then the missing identity file
+        load_device(dst, snap).close()
+        assert namespace_crcs(dst) == crcs
+        assert _tree(src_dir) == before and not os.path.exists(idle_ids)
+        dst.resume()
+        stored = json.loads(open(idle_ids).read())
+        assert (stored["nguid"], stored["eui64"], stored["uuid"]) == (
+            rec[idle].nguid.hex(), rec[idle].eui64.hex(), str(uuid.UUID(bytes=rec[idle].uuid)))
+        assert open(pi_ids).read() == text
+        dst.save_state()
+    finally:
+        dst.close()
+    again = NvmeController(src.cfg, name="restart")
+    try:
+        assert sorted(again.created) == [pi, idle]
+        for nsid in (pi, idle):
+            ns = again.allocated[nsid]
+            assert (ns.nguid, ns.eui64, ns.uuid.bytes) == (rec[nsid].nguid, rec[nsid].eui64, rec[nsid].uuid)
+        assert namespace_crcs(again)[pi] == crcs[pi]
+    finally:
+        again.close()
 
 
 # ----------------------------------------------------------------------------- between processes

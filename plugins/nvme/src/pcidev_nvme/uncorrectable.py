@@ -165,6 +165,8 @@ class Uncorrectable:
         self._potential = 0
         #: sidecar paths found to be somebody else's file: never written
         self._foreign: set[str] = set()
+        #: NSIDs whose sidecars a load's restore changed, rewritten once it is accepted
+        self._deferred: set[int] = set()
         self._writer = _SidecarWriter(self._write_sidecar)
         #: any block marked at all (the data path's one cheap test)
         self.active = False
@@ -363,9 +365,13 @@ class Uncorrectable:
                    for s, e in zip(*self._ranges[n], strict=True)]
         return UncorrectableState(ranges=tuple(out)) if out else None
 
-    def restore(self, state: UncorrectableState | None) -> None:
+    def restore(self, state: UncorrectableState | None, *, defer: bool = False) -> None:
         """Take the marks of ``state`` (None: no block is marked); the sidecars are
-        rewritten in the background (after the restore, never inside it)."""
+        rewritten in the background (after the restore, never inside it).
+
+        :param defer: a migration's load: the sidecars are rewritten only once it is
+            accepted (:meth:`release_deferred`); nothing is written beside the images before.
+        """
         with self._lock:
             old = set(self._ranges)
             self._ranges = {}
@@ -374,4 +380,15 @@ class Uncorrectable:
                 self._mark_locked(r.nsid, r.slba, r.nlb, bounded=False)
             self.active = bool(self._ranges)
             changed = old | set(self._ranges)
+            if defer:
+                self._deferred |= changed
+                return
         self._writer.changed(sorted(changed))
+
+    def release_deferred(self) -> None:
+        """The loads that restored marks with ``defer`` are accepted: rewrite the sidecars
+        they changed (in the background)."""
+        with self._lock:
+            pending, self._deferred = self._deferred, set()
+        if pending:
+            self._writer.changed(sorted(pending))
