@@ -19,7 +19,12 @@ import hashlib
 import json
 import os
 import random
+import signal
+import stat
 import struct
+import subprocess
+import sys
+import time
 import uuid
 
 import attrs
@@ -39,6 +44,8 @@ from pcidev.migration import (
     save_device_stream,
 )
 from pcidev.transport.link.process import DeviceProcess
+from pcidev.transport.vfio_user.handover import control_path, request_handover
+from pcidev.transport.vfio_user.remote import VfioUserDevice
 from pcidev.vmstate import Section
 from pcidev.vmstate.errors import StateError
 from pcidev_nvme.controller import NvmeController
@@ -562,10 +569,12 @@ def test_a_record_naming_a_file_that_is_not_this_controllers_image_is_refused_un
 
 
 def _tree(d) -> dict[str, tuple[int, int, str]]:
-    """Every file of directory ``d``: size, modification time and SHA-256."""
+    """Every regular file of directory ``d``: size, modification time and SHA-256."""
     out = {}
     for p in sorted(d.iterdir()):
         st = p.stat()
+        if not stat.S_ISREG(st.st_mode):
+            continue
         out[p.name] = (st.st_size, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
     return out
 
@@ -688,6 +697,123 @@ def test_namespace_management_migrates_between_processes(tmp_path):
                     ident = identify_all(drv)
             assert blocks.verify() == 256 + 2048 + 2048 + 128
         assert src.proc.wait(10) == 0 and src.wait_event("exit")["reason"] == "migrated"
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+# ----------------------------------------------------------------------------- handovers
+def _user_files_config(d) -> str:
+    """Two configured ``file`` namespaces on the user's images, Namespace Management
+    creating ``file`` namespaces in the state directory ``d``."""
+    return (f"serial=NSMH,state_dir={d},ns_create=file,max_ioqpairs=2,msix_vectors=3,"
+            f"ns=file:path={d}/user1.img,size=1M,ns=file:path={d}/user2.img,size=1M,"
+            "capacity=16M,max_namespaces=8")
+
+
+def _delete_and_recreate_two(drv: NvmeDriver, blocks: Blocks, d) -> dict[str, tuple[int, int, str]]:
+    """The guest writes both configured namespaces, deletes the configured namespace 2
+    and creates a ``file`` namespace on NSID 2 (in the state directory), which it fills.
+    Returns the user's second image as it is now (what must stay untouched)."""
+    blocks.write(1)
+    blocks.write(2)
+    drv.flush(2)
+    drv.admin(NS_MGMT, nsid=2, cdw10=1)
+    blocks.forget(2)
+    assert create(drv, 256, flbas=1) == 2  # 256 x 4 KiB on the freed NSID
+    attach(drv, 2)
+    drv.scan_namespaces()
+    assert os.path.exists(d / "nvme-NSMH-ns2.img")
+    blocks.write(2)
+    blocks.write(1, 8)
+    return {n: v for n, v in _tree(d).items() if n.startswith("user2.img")}
+
+
+def _settled_identify(drv: NvmeDriver) -> dict[str, bytes]:
+    """:func:`identify_all` once both namespaces are flushed (NUSE of a file image is its
+    allocated size, which the file system settles at write-back: the stop's fdatasync)."""
+    for nsid in (1, 2):
+        drv.flush(nsid)
+    return identify_all(drv)
+
+
+def _serve(sock: str, spec: str, log) -> subprocess.Popen:
+    from_env = dict(os.environ)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pcidev", "serve", "--vfio-user", sock, spec],
+                                stdout=out, stderr=subprocess.STDOUT, env=from_env)
+    deadline = time.monotonic() + 60
+    while not (os.path.exists(sock) and os.path.exists(control_path(sock))):
+        assert proc.poll() is None, open(log).read()
+        assert time.monotonic() < deadline, "the server did not listen"
+        time.sleep(0.02)
+    return proc
+
+
+def test_a_created_file_namespace_on_a_deleted_configured_nsid_survives_handovers(tmp_path):
+    """Status item 6: configured namespace 2 is a ``file`` namespace on the user's image;
+    the guest deletes it and Namespace Management creates a ``file`` namespace on NSID 2.
+    A vfio-user handover builds the configured namespaces at power-on (the user's image
+    opened again) before the load deletes NSID 2 and reopens the created image: every
+    block reads back after each of two handovers, the user's image and its identity file
+    are never written, and the created namespace keeps its identifiers."""
+    d = tmp_path
+    sock = str(d / "d.sock")
+    spec = "nvme," + _user_files_config(d)
+    proc = _serve(sock, spec, d / "serve.log")
+    pids = [proc.pid]
+    try:
+        with Machine(ram_size=32 << 20) as machine, VfioUserDevice.connect(sock) as remote:
+            drv = NvmeDriver(machine, machine.plug(remote), io_queues=2)
+            drv.probe()
+            blocks = Blocks(drv)
+            user = _delete_and_recreate_two(drv, blocks, d)
+            for _hop in range(2):
+                ident = _settled_identify(drv)
+                report = request_handover(control_path(sock))
+                assert report["old_pid"] == pids[-1]
+                pids.append(report["new_pid"])
+                assert identify_all(drv) == ident
+                assert blocks.verify() == 2048 + 256
+                blocks.write(2, 8)
+            drv.close()
+        assert {n: v for n, v in _tree(d).items() if n.startswith("user2.img")} == user
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        proc.wait(20)
+
+
+def test_a_created_file_namespace_on_a_deleted_configured_nsid_migrates_to_a_new_process(tmp_path):
+    """The same over the device link to a new process (same machine, same state directory):
+    the data of every block, the identifiers, and the user's image untouched."""
+    d = tmp_path
+    opts = _user_files_config(d)
+    src = DeviceProcess("nvme", f"unix:{d}/a.sock", options=opts)
+    procs = [src]
+    try:
+        with Machine(ram_size=64 << 20) as machine:
+            src.wait_event("ready")
+            p = machine.plug_remote(src.link, timeout=10)
+            drv = NvmeDriver(machine, p, io_queues=2, io_depth=64)
+            drv.probe()
+            blocks = Blocks(drv)
+            user = _delete_and_recreate_two(drv, blocks, d)
+            for hop in range(2):
+                ident = _settled_identify(drv)
+                dest = DeviceProcess("nvme", f"unix:{d}/d{hop}.sock", options=opts,
+                                     incoming=f"unix:{d}/d{hop}-in.sock")
+                procs.append(dest)
+                dest.wait_event("listening")
+                p.device.migrate(dest.incoming, timeout=30)
+                assert p.device.info["pid"] == dest.pid
+                assert identify_all(drv) == ident
+                assert blocks.verify() == 2048 + 256
+                blocks.write(2, 8)
+        assert {n: v for n, v in _tree(d).items() if n.startswith("user2.img")} == user
     finally:
         for proc in procs:
             proc.stop()

@@ -421,8 +421,16 @@ def inheritable_fds(ctrl: MigrationHost) -> dict[str, int]:
     # (asked from the handover's control thread while the device runs: a namespace that
     # Namespace Management changes meanwhile blocks the cut, so a stale answer is refused)
     with ctrl.state_lock:
-        namespaces = list(ctrl.allocated.values())
-    for ns in namespaces:
+        namespaces = list(ctrl.allocated.items())
+        configured = set(ctrl.configured)
+        created = set(ns_records.changes(ctrl)[0])
+    for nsid, ns in namespaces:
+        if nsid in created and nsid in configured:
+            # created on the NSID of a deleted configured namespace: the new process builds
+            # the configured one at power-on (as a restart does) and the load reopens this
+            # image by its record's path -- checked before anything stops to still name the
+            # file held here (ns_records.record_problem) -- so nothing is passed for it
+            continue
         # optional in the Backend protocol: plugin backends without it pass nothing
         get = getattr(ns.backend, "inheritable_fds", None)
         if get is not None:
