@@ -43,7 +43,6 @@ from pcidev.migration import (
     save_device,
     save_device_stream,
 )
-from pcidev.transport.link.process import DeviceProcess
 from pcidev.transport.vfio_user.handover import control_path, request_handover
 from pcidev.transport.vfio_user.remote import VfioUserDevice
 from pcidev.vmstate import Section
@@ -660,46 +659,34 @@ def test_a_refused_load_writes_nothing_in_the_destinations_state_dir(hosts, tmp_
 
 
 # ----------------------------------------------------------------------------- between processes
-def test_namespace_management_migrates_between_processes(tmp_path):
-    opts = f"serial=NSMP,{CFG}"
-    src = DeviceProcess("nvme", f"unix:{tmp_path}/a.sock", options=opts)
-    procs = [src]
-    try:
-        with Machine(ram_size=64 << 20) as machine:
-            src.wait_event("ready")
-            p = machine.plug_remote(src.link, timeout=10)
-            drv = NvmeDriver(machine, p, io_queues=2, io_depth=64)
-            drv.probe()
-            made = namespace_management(drv)
-            blocks = Blocks(drv)
-            for nsid in (1, made["a"], made["pi"]):
-                blocks.write(nsid)
+def test_namespace_management_migrates_between_processes(tmp_path, process_host):
+    host = process_host(tmp_path, f"serial=NSMP,{CFG}", io_queues=2, io_depth=64)
+    drv = host.drv
+    made = namespace_management(drv)
+    blocks = Blocks(drv)
+    for nsid in (1, made["a"], made["pi"]):
+        blocks.write(nsid)
+    ident = identify_all(drv)
+    for hop in range(2):
+        dest = host.destination(f"d{hop}", listening=True)
+        report = host.device.migrate(dest.incoming, timeout=20)
+        assert host.device.info["pid"] == dest.pid
+        # RAM, the memfds of namespaces 1 and of the created 2, 4 (and its metadata) and 5,
+        # 3 MSI-X eventfds, INTx
+        assert report["fds"] == 10, report
+        assert identify_all(drv) == ident
+        assert blocks.verify() == sum(i.nsze for i in drv.namespaces.values())
+        if hop == 0:  # Namespace Management on the destination, then on to the next
+            drv.admin(NS_MGMT, nsid=5, cdw10=1)
+            assert create(drv, 128, flbas=1) == 5
+            attach(drv, 5)
+            drv.scan_namespaces()
+            blocks.write(5, 8)
+            blocks.write(made["pi"], 8)
             ident = identify_all(drv)
-            for hop in range(2):
-                dest = DeviceProcess("nvme", f"unix:{tmp_path}/d{hop}.sock", options=opts,
-                                     incoming=f"unix:{tmp_path}/d{hop}-in.sock")
-                procs.append(dest)
-                dest.wait_event("listening")
-                report = p.device.migrate(dest.incoming, timeout=20)
-                assert p.device.info["pid"] == dest.pid
-                # RAM, the memfds of namespaces 1 and of the created 2, 4 (and its metadata) and 5,
-                # 3 MSI-X eventfds, INTx
-                assert report["fds"] == 10, report
-                assert identify_all(drv) == ident
-                assert blocks.verify() == sum(i.nsze for i in drv.namespaces.values())
-                if hop == 0:  # Namespace Management on the destination, then on to the next
-                    drv.admin(NS_MGMT, nsid=5, cdw10=1)
-                    assert create(drv, 128, flbas=1) == 5
-                    attach(drv, 5)
-                    drv.scan_namespaces()
-                    blocks.write(5, 8)
-                    blocks.write(made["pi"], 8)
-                    ident = identify_all(drv)
-            assert blocks.verify() == 256 + 2048 + 2048 + 128
-        assert src.proc.wait(10) == 0 and src.wait_event("exit")["reason"] == "migrated"
-    finally:
-        for proc in procs:
-            proc.stop()
+    assert blocks.verify() == 256 + 2048 + 2048 + 128
+    host.close_machine()
+    assert host.src.proc.wait(10) == 0 and host.src.wait_event("exit")["reason"] == "migrated"
 
 
 # ----------------------------------------------------------------------------- handovers
@@ -787,36 +774,23 @@ def test_a_created_file_namespace_on_a_deleted_configured_nsid_survives_handover
         proc.wait(20)
 
 
-def test_a_created_file_namespace_on_a_deleted_configured_nsid_migrates_to_a_new_process(tmp_path):
+def test_a_created_file_namespace_on_a_deleted_configured_nsid_migrates_to_a_new_process(tmp_path, process_host):
     """The same over the device link to a new process (same machine, same state directory):
     the data of every block, the identifiers, and the user's image untouched."""
-    d = tmp_path
-    opts = _user_files_config(d)
-    src = DeviceProcess("nvme", f"unix:{d}/a.sock", options=opts)
-    procs = [src]
-    try:
-        with Machine(ram_size=64 << 20) as machine:
-            src.wait_event("ready")
-            p = machine.plug_remote(src.link, timeout=10)
-            drv = NvmeDriver(machine, p, io_queues=2, io_depth=64)
-            drv.probe()
-            blocks = Blocks(drv)
-            user = _delete_and_recreate_two(drv, blocks, d)
-            for hop in range(2):
-                ident = _settled_identify(drv)
-                dest = DeviceProcess("nvme", f"unix:{d}/d{hop}.sock", options=opts,
-                                     incoming=f"unix:{d}/d{hop}-in.sock")
-                procs.append(dest)
-                dest.wait_event("listening")
-                p.device.migrate(dest.incoming, timeout=30)
-                assert p.device.info["pid"] == dest.pid
-                assert identify_all(drv) == ident
-                assert blocks.verify() == 2048 + 256
-                blocks.write(2, 8)
-        assert {n: v for n, v in _tree(d).items() if n.startswith("user2.img")} == user
-    finally:
-        for proc in procs:
-            proc.stop()
+    host = process_host(tmp_path, _user_files_config(tmp_path), io_queues=2, io_depth=64)
+    drv = host.drv
+    blocks = Blocks(drv)
+    user = _delete_and_recreate_two(drv, blocks, tmp_path)
+    for hop in range(2):
+        ident = _settled_identify(drv)
+        dest = host.destination(f"d{hop}", listening=True)
+        host.device.migrate(dest.incoming, timeout=30)
+        assert host.device.info["pid"] == dest.pid
+        assert identify_all(drv) == ident
+        assert blocks.verify() == 2048 + 256
+        blocks.write(2, 8)
+    host.close_machine()
+    assert {n: v for n, v in _tree(tmp_path).items() if n.startswith("user2.img")} == user
 
 
 # ----------------------------------------------------------------------------- SR-IOV
@@ -853,7 +827,7 @@ def test_created_namespace_attached_to_a_secondary_migrates():
         h.close()
 
 
-def test_created_file_namespaces_migrate_over_tcp(tmp_path):
+def test_created_file_namespaces_migrate_over_tcp(tmp_path, process_host):
     """ns_create=file and file configured namespaces: nothing needs a descriptor, so the
     migration goes over TCP; the destination (same machine, same state directory) brings the
     created images back from the state file or reopens them by the records' paths."""
@@ -865,34 +839,23 @@ def test_created_file_namespaces_migrate_over_tcp(tmp_path):
     opts = (f"serial=NSMT,state_dir={tmp_path},ns_create=file,max_ioqpairs=2,msix_vectors=3,"
             f"ns=file:path={images[0]},size=1M,ns=file:path={images[1]},size=1M,ns=null:size=1M,"
             "capacity=16M,max_namespaces=8")
-    src = DeviceProcess("nvme", f"unix:{tmp_path}/a.sock", options=opts)
-    procs = [src]
-    try:
-        with Machine(ram_size=64 << 20) as machine:
-            src.wait_event("ready")
-            p = machine.plug_remote(src.link, timeout=10)
-            drv = NvmeDriver(machine, p, io_queues=2, io_depth=64)
-            drv.probe()
-            made = namespace_management(drv)
-            assert len(list(tmp_path.glob("nvme-NSMT-ns*.img"))) == 3
-            blocks = Blocks(drv)
-            for nsid in (1, made["a"], made["pi"]):
-                blocks.write(nsid)
-            for nsid in (1, made["a"], made["pi"]):
-                # NUSE of a file image is its allocated size (st_blocks), which the file system
-                # settles at write-back: the stop's fdatasync would change it after this Identify
-                drv.flush(nsid)
-            ident = identify_all(drv)
-            # started now: the identity files and the state file are written
-            tcp = DeviceProcess("nvme", f"unix:{tmp_path}/t.sock", options=opts, incoming="tcp:127.0.0.1:0")
-            procs.append(tcp)
-            tcp.incoming = tcp.wait_event("listening")["incoming"]
-            report = p.device.migrate(tcp.incoming, timeout=20)
-            assert report["fds"] == 0 and p.device.info["pid"] == tcp.pid
-            assert identify_all(drv) == ident
-            assert blocks.verify() == 2048 + 256 + 2048
-            blocks.write(made["pi"], 8)
-            assert blocks.verify() == 2048 + 256 + 2048
-    finally:
-        for proc in procs:
-            proc.stop()
+    host = process_host(tmp_path, opts, io_queues=2, io_depth=64)
+    drv = host.drv
+    made = namespace_management(drv)
+    assert len(list(tmp_path.glob("nvme-NSMT-ns*.img"))) == 3
+    blocks = Blocks(drv)
+    for nsid in (1, made["a"], made["pi"]):
+        blocks.write(nsid)
+    for nsid in (1, made["a"], made["pi"]):
+        # NUSE of a file image is its allocated size (st_blocks), which the file system
+        # settles at write-back: the stop's fdatasync would change it after this Identify
+        drv.flush(nsid)
+    ident = identify_all(drv)
+    # started now: the identity files and the state file are written
+    tcp = host.destination("t", "tcp", listening=True)
+    report = host.device.migrate(tcp.incoming, timeout=20)
+    assert report["fds"] == 0 and host.device.info["pid"] == tcp.pid
+    assert identify_all(drv) == ident
+    assert blocks.verify() == 2048 + 256 + 2048
+    blocks.write(made["pi"], 8)
+    assert blocks.verify() == 2048 + 256 + 2048
