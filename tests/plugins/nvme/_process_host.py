@@ -16,6 +16,9 @@ from pcidev.host import Machine
 from pcidev.transport.link.process import DeviceProcess
 from pcidev_nvme.testing.driver import NvmeDriver
 
+#: seconds a device process may take to start (a busy machine: the tests are not about that)
+START_TIMEOUT = 120.0
+
 
 class ProcessHost:
     """A source process (``unix:WHERE/a.sock``) serving ``nvme`` with ``options``, ready; a
@@ -35,7 +38,8 @@ class ProcessHost:
         self.procs: list[DeviceProcess] = [self.src]
         self.machine: Machine | None = None
         try:
-            self.src.wait_event("ready")  # (a file image's identity file exists before any destination starts)
+            # (a file image's identity file exists before any destination starts)
+            self.src.wait_event("ready", timeout=START_TIMEOUT)
             self.machine = Machine(ram_size=ram)
             self.pdev = self.machine.plug_remote(self.src.link, timeout=10)
             self.drv = NvmeDriver(self.machine, self.pdev, **drv_kwargs)
@@ -60,8 +64,14 @@ class ProcessHost:
                              incoming=incoming, plugin_specs=self.plugin_specs)
         self.procs.append(dest)
         if listening:
-            dest.incoming = dest.wait_event("listening", timeout=60)["incoming"]
+            self.listening(dest)
         return dest
+
+    def listening(self, dest: DeviceProcess) -> str:
+        """Wait until ``dest`` listens; its ``incoming`` is then the real address (a TCP
+        port chosen), also returned."""
+        dest.incoming = dest.wait_event("listening", timeout=START_TIMEOUT)["incoming"]
+        return str(dest.incoming)
 
     @property
     def device(self) -> Any:

@@ -4,30 +4,11 @@ and ``fakes.py``)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
 
 import pytest
-from _helpers import Env, make_env
+from _helpers import Env, closed_at_teardown, make_env
 from _process_host import ProcessHost
 from test_migration_nvme import Host
-
-
-class _Closable(Protocol):
-    def close(self) -> None: ...
-
-
-def _closed_at_teardown(make: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
-    """Yield a factory calling ``make``; at teardown close what it made, last made first."""
-    made: list[_Closable] = []
-
-    def factory(*args: Any, **kwargs: Any) -> Any:
-        thing = make(*args, **kwargs)
-        made.append(thing)
-        return thing
-
-    yield factory
-    for thing in reversed(made):
-        thing.close()
 
 
 @pytest.fixture
@@ -36,14 +17,14 @@ def nvme_env() -> Iterator[Callable[..., Env]]:
 
     Use: ``env = nvme_env("ns=mem:size=16M", io_queues=2)``.
     """
-    yield from _closed_at_teardown(make_env)
+    yield from closed_at_teardown(make_env)
 
 
 @pytest.fixture
 def hosts() -> Iterator[Callable[..., Host]]:
     """A factory of in-process migration hosts (``test_migration_nvme.Host``), closed at
     teardown, last made first."""
-    yield from _closed_at_teardown(Host)
+    yield from closed_at_teardown(Host)
 
 
 @pytest.fixture
@@ -51,4 +32,4 @@ def process_host() -> Iterator[Callable[..., ProcessHost]]:
     """A factory of hosts driving an NVMe controller in a device process
     (``_process_host.ProcessHost``: ``process_host(tmp_path, options, io_queues=2)``), closed
     and their processes stopped at teardown, last made first."""
-    yield from _closed_at_teardown(ProcessHost)
+    yield from closed_at_teardown(ProcessHost)

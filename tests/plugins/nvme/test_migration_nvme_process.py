@@ -100,8 +100,8 @@ def test_nvme_migrates_between_processes_during_verified_io(tmp_path, process_ho
     d1, d2 = host.destination("b"), host.destination("c")
     assert set(drv.namespaces) == {1, 2}
     work = Workload(host.machine, drv)
-    d1.wait_event("listening")
-    d2.wait_event("listening")
+    host.listening(d1)
+    host.listening(d2)
     work.start()
     reports = []
     for when, dest in ((4, d1), (8, d2)):
@@ -148,7 +148,7 @@ def test_nvme_over_tcp_and_a_refusing_destination(tmp_path, process_host):
     payload = {i: os.urandom(4096) for i in range(64)}
     for i, data in payload.items():
         drv.write(1, 8 * i, data, qid=1 + i % 2)
-    refuser.wait_event("listening")
+    host.listening(refuser)
     with pytest.raises(MigrationError) as info:
         p.device.migrate(refuser.incoming, timeout=10)
     assert "ConfigMismatchError" in str(info.value) and "nvme.namespaces" in str(info.value)
@@ -156,7 +156,7 @@ def test_nvme_over_tcp_and_a_refusing_destination(tmp_path, process_host):
     for i in range(64, 96):
         payload[i] = os.urandom(4096)
         drv.write(1, 8 * i, payload[i], qid=1 + i % 2)
-    tcp.incoming = tcp.wait_event("listening")["incoming"]
+    host.listening(tcp)
     report = p.device.migrate(tcp.incoming, timeout=10)
     assert report["fds"] == 0 and report["deferred"]
     assert p.device.info["pid"] == tcp.pid

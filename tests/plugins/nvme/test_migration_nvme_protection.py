@@ -205,7 +205,7 @@ def test_pi_namespaces_migrate_between_processes(tmp_path, process_host):
     drv = host.drv
     assert (drv.namespaces[1].ms, drv.namespaces[2].ms) == (8, 16)
     work = Workload(host.machine, drv, rounds=6)
-    dst.wait_event("listening")
+    host.listening(dst)
     work.start()
     for _ in range(3):
         assert work.done.acquire(timeout=60)

@@ -27,6 +27,7 @@ import _stop_backends
 import crc32c
 import pytest
 import test_migration_nvme as migration_host
+from _helpers import closed_at_teardown
 from test_migration_nvme import Blocks
 
 from pcidev.errors import MigrationError, QuiesceTimeoutError
@@ -92,16 +93,7 @@ class Host(migration_host.Host):
 
 @pytest.fixture
 def host():
-    made: list[Host] = []
-
-    def factory(*args, **kwargs) -> Host:
-        h = Host(*args, **kwargs)
-        made.append(h)
-        return h
-
-    yield factory
-    for h in reversed(made):
-        h.close()
+    yield from closed_at_teardown(Host)
     _stop_backends.GATES.clear()
 
 
@@ -537,7 +529,7 @@ def test_between_processes_a_stuck_backend_fails_the_migrate_then_the_stop_flush
     machine.write(buf, stuck)
     cid = drv.submit_rw(1, WRITE, nsid=1, slba=8 * 100, nlb=8, buf=buf)
     time.sleep(0.05)
-    d1.wait_event("listening")
+    host.listening(d1)
     with pytest.raises(QuiesceTimeoutError) as info:
         p.device.migrate(d1.incoming, timeout=10, quiesce_timeout_ms=BUDGET * 1000)
     assert "namespace(s) 1;" in str(info.value) and f"CID {cid} on SQ 1" in str(info.value)
@@ -550,7 +542,7 @@ def test_between_processes_a_stuck_backend_fails_the_migrate_then_the_stop_flush
     for i in range(32, 48):  # a write burst just before the stop
         expect[i] = os.urandom(4096)
         drv.write(1, 8 * i, expect[i], qid=1 + i % 2)
-    d2.wait_event("listening")
+    host.listening(d2)
     report = p.device.migrate(d2.incoming, timeout=10)
     os.kill(src.pid, signal.SIGKILL)  # right after the ACK
     assert p.device.info["pid"] == d2.pid

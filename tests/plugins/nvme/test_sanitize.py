@@ -286,7 +286,7 @@ def test_sanitize_in_progress_migrates_between_processes(tmp_path, process_host)
     time.sleep(0.3)
     prog = drv.sanitize_log()["sprog"]
     assert 0 < prog < 0xFFFF
-    dst.wait_event("listening")
+    host.listening(dst)
     host.device.migrate(dst.incoming, timeout=20)
     assert host.device.info["pid"] == dst.pid
     log = drv.sanitize_log()

@@ -214,7 +214,7 @@ def test_self_test_and_marks_migrate_between_processes(tmp_path, process_host):
     for n, d in data.items():
         drv.write(n, 0, d)
         drv.write_uncorrectable(n, 10 * n, n)
-    dst.wait_event("listening")
+    host.listening(dst)
     drv.device_self_test(EXTENDED, nsid=0xFFFFFFFF)
     time.sleep(0.3)
     pct = drv.self_test_log()[1]
