@@ -289,11 +289,16 @@ def test_a_file_namespace_written_by_deallocate_and_write_zeroes_is_flushed_too(
     h.blocks.verify_all()
 
 
-def test_the_metadata_sidecar_of_a_file_namespace_is_flushed_at_the_stop(host, tmp_path, fdatasyncs):
-    img = tmp_path / "md.img"
-    h = host(lambda name: NvmeController(f"serial=STOP7,ns=file:path={img},size=1M,lbaf=2", name=name),
+def _metadata_host(host, img: Path, serial: str) -> tuple[Host, Path, Path]:
+    """A host on a ``file`` namespace in LBA format 2 (512+8: its metadata sidecar beside
+    the image): the host, the image and the sidecar."""
+    h = host(lambda name: NvmeController(f"serial={serial},ns=file:path={img},size=1M,lbaf=2", name=name),
              io_queues=1)
-    sidecar = Path(f"{img}.nvme-meta")
+    return h, img, Path(f"{img}.nvme-meta")
+
+
+def test_the_metadata_sidecar_of_a_file_namespace_is_flushed_at_the_stop(host, tmp_path, fdatasyncs):
+    h, img, sidecar = _metadata_host(host, tmp_path / "md.img", "STOP7")
     meta = os.urandom(8 * 4)
     h.ctrl.namespaces[1].meta.write(16, meta)  # (what a Write with metadata stores)
     h.ctrl.quiesce(5.0, flush=True)
@@ -387,10 +392,7 @@ def test_a_stop_whose_fdatasync_timed_out_flushes_again_and_takes_no_second_work
 
 def test_a_stuck_sidecar_fdatasync_keeps_the_sidecar_unflushed(host, tmp_path, monkeypatch):
     """Review G, finding 1, the metadata sidecar: the same, the image being clean."""
-    img = tmp_path / "stuck-meta.img"
-    h = host(lambda name: NvmeController(f"serial=STOP9,ns=file:path={img},size=1M,lbaf=2", name=name),
-             io_queues=1)
-    sidecar = Path(f"{img}.nvme-meta")
+    h, img, sidecar = _metadata_host(host, tmp_path / "stuck-meta.img", "STOP9")
     h.ctrl.quiesce(5.0, flush=True)
     h.ctrl.resume()
     meta = h.ctrl.namespaces[1].meta
@@ -425,11 +427,8 @@ def test_a_stuck_sidecar_fdatasync_keeps_the_sidecar_unflushed(host, tmp_path, m
 def test_a_sidecar_write_back_error_stays_pending_for_the_next_migration_and_flush(host, tmp_path, monkeypatch):
     """Review G, finding 2: an EIO the stop's fdatasync meets on the metadata sidecar is kept:
     the retried migration refuses, the host's next Flush of the namespace fails (once)."""
-    img = tmp_path / "meta-eio.img"
-    h = host(lambda name: NvmeController(f"serial=STOPA,ns=file:path={img},size=1M,lbaf=2", name=name),
-             io_queues=1)
+    h, img, sidecar = _metadata_host(host, tmp_path / "meta-eio.img", "STOPA")
     _fill(h, 1, 2)
-    sidecar = Path(f"{img}.nvme-meta")
     data = os.urandom(8 * 4)
     h.ctrl.namespaces[1].meta.write(16, data)
     real = os.fdatasync

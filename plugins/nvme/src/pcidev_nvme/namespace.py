@@ -926,9 +926,24 @@ def remember_identity(ns: Namespace) -> bool:
     committed).
 
     :returns: whether the file now holds them (``False`` without an identity file or when
-        it cannot be written).
+        it cannot be written). A file that holds them already is left as it is (no write on
+        a migration's resume).
     """
+    path = getattr(ns.backend, "identity_path", None)
+    try:
+        if path and _load_identity(path) == _identity_data(ns):
+            return True
+    except ConfigError:
+        pass  # (unreadable: written anew)
     return _save_identity(ns)
+
+
+def _identity_data(ns: Namespace) -> dict[str, Any]:
+    """What the identity file of ``ns`` holds (JSON object)."""
+    data: dict[str, Any] = {"nguid": ns.nguid.hex(), "eui64": ns.eui64.hex(), "uuid": str(ns.uuid), "lbaf": ns.lbaf}
+    if ns.pi or ns.pil or ns.mset:
+        data.update(pi=ns.pi, pil=ns.pil, mset=ns.mset)
+    return data
 
 
 def _save_identity(ns: Namespace) -> bool:
@@ -940,14 +955,7 @@ def _save_identity(ns: Namespace) -> bool:
     path = getattr(ns.backend, "identity_path", None)
     if not path or not may_write_beside(ns.backend):
         return False
-    data = {
-        "nguid": ns.nguid.hex(),
-        "eui64": ns.eui64.hex(),
-        "uuid": str(ns.uuid),
-        "lbaf": ns.lbaf,
-    }
-    if ns.pi or ns.pil or ns.mset:
-        data.update(pi=ns.pi, pil=ns.pil, mset=ns.mset)
+    data = _identity_data(ns)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
