@@ -187,7 +187,7 @@ class PciDevice:
         self.quiesced = False
         #: called (no arguments) at the end of each :meth:`resume`: an in-process host
         #: delivers the writes it held while the device was quiesced
-        #: (:class:`pcidev.host.HostPciDevice`)
+        #: (:class:`pcidev.host.pci.HostPciDevice`)
         self.resume_listeners: list[Callable[[], None]] = []
         #: True after :meth:`close`
         self.closed = False
