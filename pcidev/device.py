@@ -187,6 +187,10 @@ class PciDevice:
         self.lock = threading.RLock()
         #: True between :meth:`quiesce` and :meth:`resume`
         self.quiesced = False
+        #: called (no arguments) at the end of each :meth:`resume`: an in-process host
+        #: delivers the writes it held while the device was quiesced
+        #: (:class:`pcidev.host.pci.HostPciDevice`)
+        self.resume_listeners: list[Callable[[], None]] = []
         #: True after :meth:`close`
         self.closed = False
         #: True once a migration out of this process was acknowledged by its
@@ -972,6 +976,8 @@ class PciDevice:
             worker.resume()
         for vf in self._dependent_vfs():
             vf.resume()
+        for listener in list(self.resume_listeners):
+            listener()
 
     def _dependent_vfs(self) -> list[PciDevice]:
         """The VFs quiesced and resumed with this PF: not those a transport of their own

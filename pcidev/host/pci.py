@@ -14,11 +14,19 @@ they trigger: FLR, D3hot to D0 without No_Soft_Reset) holds :attr:`PciDevice.loc
 thread holds the lock while it changes its state never has a guest access land
 in the middle of the change, whichever host drives it. A remote device's server
 takes the lock on its side.
+
+And as a transport holds the guest's accesses while the device is quiesced (a migration's
+stop, a handover), the host holds its BAR writes to a quiesced in-process device (a
+doorbell rung meanwhile): they are delivered in order when the device resumes, or to the
+device the handle is re-pointed at (a migrated copy) -- never applied to a device whose
+state may already be saved, never dropped. Reads go through (they change nothing), after
+the held writes once the device runs again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +38,8 @@ from pcidev.errors import ConfigError, IrqError, PcidevError
 from pcidev.pci import ids
 from pcidev.pci.capabilities import express, msi, msix, pm, sriov
 from pcidev.sriov import SriovFunctions, VirtualFunction, functions_of
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "PCI_IRQ_INTX",
@@ -187,6 +197,8 @@ class HostPciDevice:
         self.virtfns: list[HostPciDevice] = []
         self._sriov: SriovFunctions | None = None
         self.slot = slot
+        #: BAR writes held while the in-process device is quiesced: (bar, offset, size, value)
+        self._held: list[tuple[int, int, int, int]] = []
         self.device = device
         self.recorder = InterruptRecorder()
         #: per BAR: (address, size, kind) once assigned
@@ -202,11 +214,32 @@ class HostPciDevice:
 
     @device.setter
     def device(self, device: HostedDevice) -> None:
+        old = self.__dict__.get("_device")
+        if isinstance(old, PciDevice) and self._deliver_held in old.resume_listeners:
+            old.resume_listeners.remove(self._deliver_held)
         self._device = device
         # an in-process device: hold its lock like a transport; a remote proxy: its
         # server holds the lock in the device's process
         self._lock = device.lock if isinstance(device, PciDevice) else contextlib.nullcontext()
+        if isinstance(device, PciDevice):
+            device.resume_listeners.append(self._deliver_held)
         self._follow_virtfns(device)
+        self._deliver_held()  # (what a quiesced source held goes to a copy that runs)
+
+    def _holds(self) -> bool:
+        """The device is an in-process one that is quiesced (call with its lock held)."""
+        dev = self._device
+        return isinstance(dev, PciDevice) and dev.quiesced
+
+    def _deliver_held(self) -> None:
+        """Deliver the held BAR writes, in order, unless the device is (still) quiesced."""
+        with self._lock:
+            while self._held and not self._holds():
+                bar, off, size, value = self._held.pop(0)
+                try:
+                    self._device.bar_write(bar, off, size, value)
+                except PcidevError as exc:  # (an access the device refuses: as if made now)
+                    log.warning("held BAR%d write at %#x+%d refused at delivery: %s", bar, off, size, exc)
 
     # -- SR-IOV: the virtual functions of an in-process PF ---------------------------------------
     @property
@@ -317,8 +350,11 @@ class HostPciDevice:
 
     # -- bus cycles: every access to the device goes through _access -------------------------
     def _access(self, op: Callable[..., _T], *args: int) -> _T:
-        """Call one of the device's access methods with the device's lock held."""
+        """Call one of the device's access methods with the device's lock held (after
+        the BAR writes held while it was quiesced, if it runs again)."""
         with self._lock:
+            if self._held and not self._holds():
+                self._deliver_held()
             return op(*args)
 
     def config_read(self, off: int, size: int) -> int:
@@ -334,8 +370,15 @@ class HostPciDevice:
         return self._access(self._device.bar_read, bar, off, size)
 
     def bar_write(self, bar: int, off: int, size: int, value: int) -> None:
-        """A write to BAR ``bar`` at ``off``."""
-        self._access(self._device.bar_write, bar, off, size, value)
+        """A write to BAR ``bar`` at ``off`` (held while an in-process device is quiesced,
+        delivered at its resume: see the module documentation)."""
+        with self._lock:
+            if self._holds():
+                self._held.append((bar, off, size, value))
+                return
+            if self._held:
+                self._deliver_held()
+            self._device.bar_write(bar, off, size, value)
 
     def rom_read(self, off: int, size: int) -> int:
         """An expansion ROM read."""

@@ -239,9 +239,12 @@ def test_keyboard_interrupt_cleans_up(clean):
         ctx.pdev.ioread32(0, 0)
         if ctx.iteration == 3:
             _thread.interrupt_main()  # Ctrl-C, as the main thread sees it
+            # (and no step more until the run stops: on a busy machine the main thread could
+            # otherwise see the interrupt only after 200 more steps, in the migration)
+            ctx.stopping.wait(60)
 
-    with pytest.raises(KeyboardInterrupt):
-        migrate_under_load("edu", interrupted, count=3, every=200)
+    with pytest.raises(KeyboardInterrupt):  # (a start timeout for a busy machine)
+        migrate_under_load("edu", interrupted, count=3, every=200, start_timeout=120)
 
 
 def test_keyboard_interrupt_during_a_callback_cleans_up(clean):

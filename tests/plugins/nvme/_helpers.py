@@ -11,6 +11,8 @@ from __future__ import annotations
 import struct
 import threading
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import attrs
 
@@ -185,3 +187,18 @@ def wait_until(pred, timeout: float = 5.0, what: str = "condition") -> None:
     while not pred():
         assert time.monotonic() < deadline, f"timeout waiting for {what}"
         time.sleep(0.001)
+
+
+def closed_at_teardown(make: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
+    """Yield a factory calling ``make``; at teardown close what it made, last made first
+    (in a fixture: ``yield from`` it with a class of hosts)."""
+    made: list[Any] = []
+
+    def factory(*args: Any, **kwargs: Any) -> Any:
+        thing = make(*args, **kwargs)
+        made.append(thing)
+        return thing
+
+    yield factory
+    for thing in reversed(made):
+        thing.close()

@@ -1,11 +1,13 @@
-"""Fixtures of the NVMe plugin tests (helpers live in ``_helpers.py`` and ``fakes.py``)."""
+"""Fixtures of the NVMe plugin tests (helpers live in ``_helpers.py``, ``_process_host.py``
+and ``fakes.py``)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
 import pytest
-from _helpers import Env, make_env
+from _helpers import Env, closed_at_teardown, make_env
+from _process_host import ProcessHost
 from test_migration_nvme import Host
 
 
@@ -15,29 +17,19 @@ def nvme_env() -> Iterator[Callable[..., Env]]:
 
     Use: ``env = nvme_env("ns=mem:size=16M", io_queues=2)``.
     """
-    made: list[Env] = []
-
-    def factory(*args, **kwargs) -> Env:
-        env = make_env(*args, **kwargs)
-        made.append(env)
-        return env
-
-    yield factory
-    for env in reversed(made):
-        env.close()
+    yield from closed_at_teardown(make_env)
 
 
 @pytest.fixture
 def hosts() -> Iterator[Callable[..., Host]]:
     """A factory of in-process migration hosts (``test_migration_nvme.Host``), closed at
     teardown, last made first."""
-    made: list[Host] = []
+    yield from closed_at_teardown(Host)
 
-    def make(*args, **kwargs) -> Host:
-        h = Host(*args, **kwargs)
-        made.append(h)
-        return h
 
-    yield make
-    for h in reversed(made):
-        h.close()
+@pytest.fixture
+def process_host() -> Iterator[Callable[..., ProcessHost]]:
+    """A factory of hosts driving an NVMe controller in a device process
+    (``_process_host.ProcessHost``: ``process_host(tmp_path, options, io_queues=2)``), closed
+    and their processes stopped at teardown, last made first."""
+    yield from closed_at_teardown(ProcessHost)

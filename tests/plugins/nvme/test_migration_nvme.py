@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import random
 import struct
+from collections.abc import Callable
 
 import attrs
 import crc32c
@@ -55,11 +56,15 @@ def namespace_crcs(ctrl: NvmeController) -> dict[int, list[int]]:
 
 class Host:
     """A machine, a controller and a probed driver; ``migrate()`` moves the controller
-    to a fresh one (same configuration) in this process and re-points the host at it."""
+    to a fresh one (same configuration) in this process and re-points the host at it.
 
-    def __init__(self, config: str, *, ram: int = 96 << 20, **drv_kwargs) -> None:
+    :param config: the controller's configuration, or a maker of controllers by name.
+    """
+
+    def __init__(self, config: str | Callable[[str], NvmeController], *, ram: int = 96 << 20,
+                 **drv_kwargs) -> None:
         self.machine = Machine(ram_size=ram)
-        self.ctrl = NvmeController(config, name="src")
+        self.ctrl = config("src") if callable(config) else NvmeController(config, name="src")
         self.pdev = self.machine.plug(self.ctrl)
         self.drv = NvmeDriver(self.machine, self.pdev, **drv_kwargs)
         self.drv.probe()
@@ -77,14 +82,18 @@ class Host:
         assert namespace_crcs(dst) == before, "a block differs across the migration"
         self.resources.append(res)
         self.sizes.append(len(data))
-        dst.irq.sink = self.pdev.recorder
-        self.pdev.device = dst
-        drv = self.drv
-        drv.device, drv._bar_write, drv._bar_read = dst, dst.bar_write, dst.bar_read
-        self.old.append(src)
-        self.ctrl = dst
+        self.repoint(dst)
         dst.resume()
         return dst
+
+    def repoint(self, dst: NvmeController) -> None:
+        """The host drives ``dst`` from now on: its interrupts, and its BARs through the
+        host's handle (the writes the handle held while the source was quiesced go to it)."""
+        dst.irq.sink = self.pdev.recorder
+        self.pdev.device = dst
+        self.drv.device = dst
+        self.old.append(self.ctrl)
+        self.ctrl = dst
 
     def close(self) -> None:
         try:

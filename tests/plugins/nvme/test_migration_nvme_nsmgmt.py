@@ -15,9 +15,17 @@ subsection still loads; a load that fails late puts the table back."""
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import os
 import random
+import signal
+import stat
 import struct
+import subprocess
+import sys
+import time
+import uuid
 
 import attrs
 import crc32c
@@ -35,7 +43,8 @@ from pcidev.migration import (
     save_device,
     save_device_stream,
 )
-from pcidev.transport.link.process import DeviceProcess
+from pcidev.transport.vfio_user.handover import control_path, request_handover
+from pcidev.transport.vfio_user.remote import VfioUserDevice
 from pcidev.vmstate import Section
 from pcidev.vmstate.errors import StateError
 from pcidev_nvme.controller import NvmeController
@@ -558,47 +567,230 @@ def test_a_record_naming_a_file_that_is_not_this_controllers_image_is_refused_un
     assert sorted(p.name for p in elsewhere.iterdir()) == ["disk.img"] and victim.read_bytes() == content
 
 
-# ----------------------------------------------------------------------------- between processes
-def test_namespace_management_migrates_between_processes(tmp_path):
-    opts = f"serial=NSMP,{CFG}"
-    src = DeviceProcess("nvme", f"unix:{tmp_path}/a.sock", options=opts)
-    procs = [src]
+def _tree(d) -> dict[str, tuple[int, int, str]]:
+    """Every regular file of directory ``d``: size, modification time and SHA-256."""
+    out = {}
+    for p in sorted(d.iterdir()):
+        st = p.stat()
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        out[p.name] = (st.st_size, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+    return out
+
+
+def test_a_refused_load_writes_nothing_in_the_destinations_state_dir(hosts, tmp_path, monkeypatch):
+    """Status item 6: the destination builds the created ``file`` namespaces with the
+    records' identifiers and writes an identity file (``.nvme-ids``) only once the load is
+    accepted (its resume). A load refused late (a later part fails: rolled back) or at its
+    build (an identity file with other identifiers) leaves the state directory byte for byte
+    as it was -- identity files, metadata and Write Uncorrectable sidecars, images; an
+    accepted one writes nothing before the resume, and the identity file it writes then
+    holds the source's identifiers (a restart keeps them)."""
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    h = hosts(f"serial=NSMA,state_dir={src_dir},ns_create=file,{CFG}", io_queues=1)
+    made = namespace_management(h.drv)
+    a, pi, idle = made["a"], made["pi"], made["idle"]
+    blocks = Blocks(h.drv)
+    for nsid in (1, a, pi):
+        blocks.write(nsid)
+    blocks.mark(a, 10, 2)  # a Write Uncorrectable sidecar beside a's image
+    src = h.ctrl
+    src.quiesce()
+    snap = save_device(src)
+    crcs = namespace_crcs(src)
+    rec = {r.nsid: r for r in snap.sections[1].state.ns_management.created}
+    idle_ids = src.allocated[idle].backend.identity_path
+    pi_ids = src.allocated[pi].backend.identity_path
+    src.owns_state = False  # (it stays quiesced; the destination owns the state file)
+    os.unlink(idle_ids)  # the idle namespace's identity file is missing here
+    _state_file_aside(src_dir, tmp_path)
+    dst = NvmeController(src.cfg, name="dst")
     try:
-        with Machine(ram_size=64 << 20) as machine:
-            src.wait_event("ready")
-            p = machine.plug_remote(src.link, timeout=10)
-            drv = NvmeDriver(machine, p, io_queues=2, io_depth=64)
-            drv.probe()
-            made = namespace_management(drv)
-            blocks = Blocks(drv)
-            for nsid in (1, made["a"], made["pi"]):
-                blocks.write(nsid)
-            ident = identify_all(drv)
-            for hop in range(2):
-                dest = DeviceProcess("nvme", f"unix:{tmp_path}/d{hop}.sock", options=opts,
-                                     incoming=f"unix:{tmp_path}/d{hop}-in.sock")
-                procs.append(dest)
-                dest.wait_event("listening")
-                report = p.device.migrate(dest.incoming, timeout=20)
-                assert p.device.info["pid"] == dest.pid
-                # RAM, the memfds of namespaces 1 and of the created 2, 4 (and its metadata) and 5,
-                # 3 MSI-X eventfds, INTx
-                assert report["fds"] == 10, report
-                assert identify_all(drv) == ident
-                assert blocks.verify() == sum(i.nsze for i in drv.namespaces.values())
-                if hop == 0:  # Namespace Management on the destination, then on to the next
-                    drv.admin(NS_MGMT, nsid=5, cdw10=1)
-                    assert create(drv, 128, flbas=1) == 5
-                    attach(drv, 5)
-                    drv.scan_namespaces()
-                    blocks.write(5, 8)
-                    blocks.write(made["pi"], 8)
-                    ident = identify_all(drv)
-            assert blocks.verify() == 256 + 2048 + 2048 + 128
-        assert src.proc.wait(10) == 0 and src.wait_event("exit")["reason"] == "migrated"
+        table = dict(dst.allocated)
+        before = _tree(src_dir)
+        assert any(n.endswith(".nvme-meta") for n in before) and any(n.endswith(".nvme-wu") for n in before)
+        # refused late: a later part of the apply fails, the rollback puts the table back
+        real, calls = dst.selftest.restore, []
+
+        def fail_once(state):
+            calls.append(state)
+            if len(calls) == 1:
+                raise RuntimeError("injected")
+            real(state)
+
+        monkeypatch.setattr(dst.selftest, "restore", fail_once)
+        with pytest.raises(StateError, match="injected"):
+            load_device(dst, snap)
+        assert dst.allocated == table and dst.created == {}
+        assert _tree(src_dir) == before
+        # refused at the build: the pi namespace's identity file holds other identifiers
+        text = open(pi_ids).read()
+        with open(pi_ids, "w") as f:
+            f.write(text.replace(rec[pi].nguid.hex(), "ab" * 16))
+        changed = _tree(src_dir)
+        with pytest.raises(StateError, match="differs from the source's in nguid"):
+            load_device(dst, snap)
+        assert _tree(src_dir) == changed and dst.allocated == table
+        with open(pi_ids, "w") as f:
+            f.write(text)
+        before = _tree(src_dir)
+        # accepted: nothing written until the resume, then the missing identity file
+        load_device(dst, snap).close()
+        assert namespace_crcs(dst) == crcs
+        assert _tree(src_dir) == before and not os.path.exists(idle_ids)
+        dst.resume()
+        stored = json.loads(open(idle_ids).read())
+        assert (stored["nguid"], stored["eui64"], stored["uuid"]) == (
+            rec[idle].nguid.hex(), rec[idle].eui64.hex(), str(uuid.UUID(bytes=rec[idle].uuid)))
+        assert open(pi_ids).read() == text
+        dst.save_state()
     finally:
-        for proc in procs:
-            proc.stop()
+        dst.close()
+    again = NvmeController(src.cfg, name="restart")
+    try:
+        assert sorted(again.created) == [pi, idle]
+        for nsid in (pi, idle):
+            ns = again.allocated[nsid]
+            assert (ns.nguid, ns.eui64, ns.uuid.bytes) == (rec[nsid].nguid, rec[nsid].eui64, rec[nsid].uuid)
+        assert namespace_crcs(again)[pi] == crcs[pi]
+    finally:
+        again.close()
+
+
+# ----------------------------------------------------------------------------- between processes
+def test_namespace_management_migrates_between_processes(tmp_path, process_host):
+    host = process_host(tmp_path, f"serial=NSMP,{CFG}", io_queues=2, io_depth=64)
+    drv = host.drv
+    made = namespace_management(drv)
+    blocks = Blocks(drv)
+    for nsid in (1, made["a"], made["pi"]):
+        blocks.write(nsid)
+    ident = identify_all(drv)
+    for hop in range(2):
+        dest = host.destination(f"d{hop}", listening=True)
+        report = host.device.migrate(dest.incoming, timeout=20)
+        assert host.device.info["pid"] == dest.pid
+        # RAM, the memfds of namespaces 1 and of the created 2, 4 (and its metadata) and 5,
+        # 3 MSI-X eventfds, INTx
+        assert report["fds"] == 10, report
+        assert identify_all(drv) == ident
+        assert blocks.verify() == sum(i.nsze for i in drv.namespaces.values())
+        if hop == 0:  # Namespace Management on the destination, then on to the next
+            drv.admin(NS_MGMT, nsid=5, cdw10=1)
+            assert create(drv, 128, flbas=1) == 5
+            attach(drv, 5)
+            drv.scan_namespaces()
+            blocks.write(5, 8)
+            blocks.write(made["pi"], 8)
+            ident = identify_all(drv)
+    assert blocks.verify() == 256 + 2048 + 2048 + 128
+    host.close_machine()
+    assert host.src.proc.wait(10) == 0 and host.src.wait_event("exit")["reason"] == "migrated"
+
+
+# ----------------------------------------------------------------------------- handovers
+def _user_files_config(d) -> str:
+    """Two configured ``file`` namespaces on the user's images, Namespace Management
+    creating ``file`` namespaces in the state directory ``d``."""
+    return (f"serial=NSMH,state_dir={d},ns_create=file,max_ioqpairs=2,msix_vectors=3,"
+            f"ns=file:path={d}/user1.img,size=1M,ns=file:path={d}/user2.img,size=1M,"
+            "capacity=16M,max_namespaces=8")
+
+
+def _delete_and_recreate_two(drv: NvmeDriver, blocks: Blocks, d) -> dict[str, tuple[int, int, str]]:
+    """The guest writes both configured namespaces, deletes the configured namespace 2
+    and creates a ``file`` namespace on NSID 2 (in the state directory), which it fills.
+    Returns the user's second image as it is now (what must stay untouched)."""
+    blocks.write(1)
+    blocks.write(2)
+    drv.flush(2)
+    drv.admin(NS_MGMT, nsid=2, cdw10=1)
+    blocks.forget(2)
+    assert create(drv, 256, flbas=1) == 2  # 256 x 4 KiB on the freed NSID
+    attach(drv, 2)
+    drv.scan_namespaces()
+    assert os.path.exists(d / "nvme-NSMH-ns2.img")
+    blocks.write(2)
+    blocks.write(1, 8)
+    return {n: v for n, v in _tree(d).items() if n.startswith("user2.img")}
+
+
+def _settled_identify(drv: NvmeDriver) -> dict[str, bytes]:
+    """:func:`identify_all` once both namespaces are flushed (NUSE of a file image is its
+    allocated size, which the file system settles at write-back: the stop's fdatasync)."""
+    for nsid in (1, 2):
+        drv.flush(nsid)
+    return identify_all(drv)
+
+
+def _serve(sock: str, spec: str, log) -> subprocess.Popen:
+    from_env = dict(os.environ)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pcidev", "serve", "--vfio-user", sock, spec],
+                                stdout=out, stderr=subprocess.STDOUT, env=from_env)
+    deadline = time.monotonic() + 60
+    while not (os.path.exists(sock) and os.path.exists(control_path(sock))):
+        assert proc.poll() is None, open(log).read()
+        assert time.monotonic() < deadline, "the server did not listen"
+        time.sleep(0.02)
+    return proc
+
+
+def test_a_created_file_namespace_on_a_deleted_configured_nsid_survives_handovers(tmp_path):
+    """Status item 6: configured namespace 2 is a ``file`` namespace on the user's image;
+    the guest deletes it and Namespace Management creates a ``file`` namespace on NSID 2.
+    A vfio-user handover builds the configured namespaces at power-on (the user's image
+    opened again) before the load deletes NSID 2 and reopens the created image: every
+    block reads back after each of two handovers, the user's image and its identity file
+    are never written, and the created namespace keeps its identifiers."""
+    d = tmp_path
+    sock = str(d / "d.sock")
+    spec = "nvme," + _user_files_config(d)
+    proc = _serve(sock, spec, d / "serve.log")
+    pids = [proc.pid]
+    try:
+        with Machine(ram_size=32 << 20) as machine, VfioUserDevice.connect(sock) as remote:
+            drv = NvmeDriver(machine, machine.plug(remote), io_queues=2)
+            drv.probe()
+            blocks = Blocks(drv)
+            user = _delete_and_recreate_two(drv, blocks, d)
+            for _hop in range(2):
+                ident = _settled_identify(drv)
+                report = request_handover(control_path(sock))
+                assert report["old_pid"] == pids[-1]
+                pids.append(report["new_pid"])
+                assert identify_all(drv) == ident
+                assert blocks.verify() == 2048 + 256
+                blocks.write(2, 8)
+            drv.close()
+        assert {n: v for n, v in _tree(d).items() if n.startswith("user2.img")} == user
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        proc.wait(20)
+
+
+def test_a_created_file_namespace_on_a_deleted_configured_nsid_migrates_to_a_new_process(tmp_path, process_host):
+    """The same over the device link to a new process (same machine, same state directory):
+    the data of every block, the identifiers, and the user's image untouched."""
+    host = process_host(tmp_path, _user_files_config(tmp_path), io_queues=2, io_depth=64)
+    drv = host.drv
+    blocks = Blocks(drv)
+    user = _delete_and_recreate_two(drv, blocks, tmp_path)
+    for hop in range(2):
+        ident = _settled_identify(drv)
+        dest = host.destination(f"d{hop}", listening=True)
+        host.device.migrate(dest.incoming, timeout=30)
+        assert host.device.info["pid"] == dest.pid
+        assert identify_all(drv) == ident
+        assert blocks.verify() == 2048 + 256
+        blocks.write(2, 8)
+    host.close_machine()
+    assert {n: v for n, v in _tree(tmp_path).items() if n.startswith("user2.img")} == user
 
 
 # ----------------------------------------------------------------------------- SR-IOV
@@ -635,7 +827,7 @@ def test_created_namespace_attached_to_a_secondary_migrates():
         h.close()
 
 
-def test_created_file_namespaces_migrate_over_tcp(tmp_path):
+def test_created_file_namespaces_migrate_over_tcp(tmp_path, process_host):
     """ns_create=file and file configured namespaces: nothing needs a descriptor, so the
     migration goes over TCP; the destination (same machine, same state directory) brings the
     created images back from the state file or reopens them by the records' paths."""
@@ -647,34 +839,23 @@ def test_created_file_namespaces_migrate_over_tcp(tmp_path):
     opts = (f"serial=NSMT,state_dir={tmp_path},ns_create=file,max_ioqpairs=2,msix_vectors=3,"
             f"ns=file:path={images[0]},size=1M,ns=file:path={images[1]},size=1M,ns=null:size=1M,"
             "capacity=16M,max_namespaces=8")
-    src = DeviceProcess("nvme", f"unix:{tmp_path}/a.sock", options=opts)
-    procs = [src]
-    try:
-        with Machine(ram_size=64 << 20) as machine:
-            src.wait_event("ready")
-            p = machine.plug_remote(src.link, timeout=10)
-            drv = NvmeDriver(machine, p, io_queues=2, io_depth=64)
-            drv.probe()
-            made = namespace_management(drv)
-            assert len(list(tmp_path.glob("nvme-NSMT-ns*.img"))) == 3
-            blocks = Blocks(drv)
-            for nsid in (1, made["a"], made["pi"]):
-                blocks.write(nsid)
-            for nsid in (1, made["a"], made["pi"]):
-                # NUSE of a file image is its allocated size (st_blocks), which the file system
-                # settles at write-back: the stop's fdatasync would change it after this Identify
-                drv.flush(nsid)
-            ident = identify_all(drv)
-            # started now: the identity files and the state file are written
-            tcp = DeviceProcess("nvme", f"unix:{tmp_path}/t.sock", options=opts, incoming="tcp:127.0.0.1:0")
-            procs.append(tcp)
-            tcp.incoming = tcp.wait_event("listening")["incoming"]
-            report = p.device.migrate(tcp.incoming, timeout=20)
-            assert report["fds"] == 0 and p.device.info["pid"] == tcp.pid
-            assert identify_all(drv) == ident
-            assert blocks.verify() == 2048 + 256 + 2048
-            blocks.write(made["pi"], 8)
-            assert blocks.verify() == 2048 + 256 + 2048
-    finally:
-        for proc in procs:
-            proc.stop()
+    host = process_host(tmp_path, opts, io_queues=2, io_depth=64)
+    drv = host.drv
+    made = namespace_management(drv)
+    assert len(list(tmp_path.glob("nvme-NSMT-ns*.img"))) == 3
+    blocks = Blocks(drv)
+    for nsid in (1, made["a"], made["pi"]):
+        blocks.write(nsid)
+    for nsid in (1, made["a"], made["pi"]):
+        # NUSE of a file image is its allocated size (st_blocks), which the file system
+        # settles at write-back: the stop's fdatasync would change it after this Identify
+        drv.flush(nsid)
+    ident = identify_all(drv)
+    # started now: the identity files and the state file are written
+    tcp = host.destination("t", "tcp", listening=True)
+    report = host.device.migrate(tcp.incoming, timeout=20)
+    assert report["fds"] == 0 and host.device.info["pid"] == tcp.pid
+    assert identify_all(drv) == ident
+    assert blocks.verify() == 2048 + 256 + 2048
+    blocks.write(made["pi"], 8)
+    assert blocks.verify() == 2048 + 256 + 2048

@@ -14,9 +14,7 @@ import crc32c
 import pytest
 
 from pcidev.errors import MigrationBlockedError, MigrationError
-from pcidev.host import Machine
-from pcidev.transport.link.process import DeviceProcess
-from pcidev_nvme.testing.driver import WRITE, NvmeDriver
+from pcidev_nvme.testing.driver import WRITE
 
 QD = 32
 ROUNDS = 24
@@ -94,55 +92,44 @@ class Workload(threading.Thread):
         return checked
 
 
-def test_nvme_migrates_between_processes_during_verified_io(tmp_path):
-    opts = _config(tmp_path)
-    src = DeviceProcess("nvme", f"unix:{tmp_path}/a.sock", options=opts)
-    # destinations start after the source has created the image's identity file (NGUID,
-    # EUI-64, UUID: in the fingerprint); processes creating it at once would disagree
-    src.wait_event("ready")
-    d1 = DeviceProcess("nvme", f"unix:{tmp_path}/b.sock", options=opts, incoming=f"unix:{tmp_path}/b-in.sock")
-    d2 = DeviceProcess("nvme", f"unix:{tmp_path}/c.sock", options=opts, incoming=f"unix:{tmp_path}/c-in.sock")
-    procs = [src, d1, d2]
-    try:
-        with Machine(ram_size=64 << 20) as machine:
-            src.wait_event("ready")
-            p = machine.plug_remote(src.link, timeout=10)
-            drv = NvmeDriver(machine, p, io_queues=2, io_depth=64, aers=2)
-            drv.probe()
-            assert set(drv.namespaces) == {1, 2}
-            work = Workload(machine, drv)
-            d1.wait_event("listening")
-            d2.wait_event("listening")
-            work.start()
-            reports = []
-            for when, dest in ((4, d1), (8, d2)):
-                for _ in range(when):
-                    assert work.rounds_done.acquire(timeout=60)
-                    assert work.error is None, work.error
-                reports.append(p.device.migrate(dest.incoming, timeout=20))
-            work.join(120)
+def test_nvme_migrates_between_processes_during_verified_io(tmp_path, process_host):
+    # (destinations start after the source has created the image's identity file (NGUID,
+    # EUI-64, UUID: in the fingerprint); processes creating it at once would disagree)
+    host = process_host(tmp_path, _config(tmp_path), io_queues=2, io_depth=64, aers=2)
+    drv = host.drv
+    d1, d2 = host.destination("b"), host.destination("c")
+    assert set(drv.namespaces) == {1, 2}
+    work = Workload(host.machine, drv)
+    host.listening(d1)
+    host.listening(d2)
+    work.start()
+    reports = []
+    for when, dest in ((4, d1), (8, d2)):
+        for _ in range(when):
+            assert work.rounds_done.acquire(timeout=60)
             assert work.error is None, work.error
-            assert work.commands == ROUNDS * 2 * QD and work.mismatches == 0
-            assert p.device.info["pid"] == d2.pid
-            checked = work.verify_everything()
-            assert checked == 2 * (4 << 20) // 512
-            smart = drv.get_log(0x02, 512)
-            writes = int.from_bytes(smart[80:96], "little")
-            assert writes >= ROUNDS * 2 * QD  # SMART counters followed the controller
-        for report in reports:
-            # RAM + the mem namespace's memfd + 5 MSI-X eventfds + INTx
-            assert report["fds"] == 8, report
-            assert 0 < report["downtime"] < 2.0
-            print(f"nvme migration: state {report['state_size']} bytes, {report['fds']} fds, "
-                  f"downtime {report['downtime'] * 1e3:.2f} ms, host pause {report['host_pause'] * 1e3:.2f} ms")
-        assert src.proc.wait(10) == 0 and src.wait_event("exit")["reason"] == "migrated"
-        assert d1.proc.wait(10) == 0
-    finally:
-        for proc in procs:
-            proc.stop()
+        reports.append(host.device.migrate(dest.incoming, timeout=20))
+    work.join(120)
+    assert work.error is None, work.error
+    assert work.commands == ROUNDS * 2 * QD and work.mismatches == 0
+    assert host.device.info["pid"] == d2.pid
+    checked = work.verify_everything()
+    assert checked == 2 * (4 << 20) // 512
+    smart = drv.get_log(0x02, 512)
+    writes = int.from_bytes(smart[80:96], "little")
+    assert writes >= ROUNDS * 2 * QD  # SMART counters followed the controller
+    host.close_machine()
+    for report in reports:
+        # RAM + the mem namespace's memfd + 5 MSI-X eventfds + INTx
+        assert report["fds"] == 8, report
+        assert 0 < report["downtime"] < 2.0
+        print(f"nvme migration: state {report['state_size']} bytes, {report['fds']} fds, "
+              f"downtime {report['downtime'] * 1e3:.2f} ms, host pause {report['host_pause'] * 1e3:.2f} ms")
+    assert host.src.proc.wait(10) == 0 and host.src.wait_event("exit")["reason"] == "migrated"
+    assert d1.proc.wait(10) == 0
 
 
-def test_nvme_over_tcp_and_a_refusing_destination(tmp_path):
+def test_nvme_over_tcp_and_a_refusing_destination(tmp_path, process_host):
     """File namespaces only: TCP works (no descriptors; the host re-attaches RAM and
     eventfds). A destination configured with another namespace size refuses by
     fingerprint, in the pre-flight; the source keeps running and the I/O stays verified."""
@@ -154,40 +141,30 @@ def test_nvme_over_tcp_and_a_refusing_destination(tmp_path):
     with open(other, "wb") as f:
         f.truncate(4 << 20)
     bad = f"serial=XTCP,max_ioqpairs=2,msix_vectors=3,ns=file:path={other},size=4M"
-    src = DeviceProcess("nvme", f"unix:{tmp_path}/a.sock", options=good)
-    src.wait_event("ready")  # identity file first (see above)
-    refuser = DeviceProcess("nvme", f"unix:{tmp_path}/r.sock", options=bad, incoming=f"unix:{tmp_path}/r-in.sock")
-    tcp = DeviceProcess("nvme", f"unix:{tmp_path}/t.sock", options=good, incoming="tcp:127.0.0.1:0")
-    procs = [src, refuser, tcp]
-    try:
-        with Machine(ram_size=32 << 20) as machine:
-            src.wait_event("ready")
-            p = machine.plug_remote(src.link, timeout=10)
-            drv = NvmeDriver(machine, p, io_queues=2, io_depth=64, aers=1)
-            drv.probe()
-            payload = {i: os.urandom(4096) for i in range(64)}
-            for i, data in payload.items():
-                drv.write(1, 8 * i, data, qid=1 + i % 2)
-            refuser.wait_event("listening")
-            with pytest.raises(MigrationError) as info:
-                p.device.migrate(refuser.incoming, timeout=10)
-            # (in the pre-flight: nothing stopped)
-            assert isinstance(info.value, MigrationBlockedError) and "configuration: nvme.namespaces" in str(info.value)
-            assert p.device.info["pid"] == src.pid
-            for i in range(64, 96):
-                payload[i] = os.urandom(4096)
-                drv.write(1, 8 * i, payload[i], qid=1 + i % 2)
-            tcp.incoming = tcp.wait_event("listening")["incoming"]
-            report = p.device.migrate(tcp.incoming, timeout=10)
-            assert report["fds"] == 0 and report["deferred"]
-            assert p.device.info["pid"] == tcp.pid
-            for i, data in payload.items():
-                assert crc32c.crc32c(drv.read(1, 8 * i, 8, qid=2 - i % 2)) == crc32c.crc32c(data), i
-            drv.write(1, 0, payload[1])
-            assert drv.read(1, 0, 8) == payload[1]
-    finally:
-        for proc in procs:
-            proc.stop()
+    host = process_host(tmp_path, good, ram=32 << 20, io_queues=2, io_depth=64, aers=1)
+    drv, p = host.drv, host.pdev
+    refuser = host.destination("r", options=bad)
+    tcp = host.destination("t", "tcp")
+    payload = {i: os.urandom(4096) for i in range(64)}
+    for i, data in payload.items():
+        drv.write(1, 8 * i, data, qid=1 + i % 2)
+    host.listening(refuser)
+    with pytest.raises(MigrationError) as info:
+        p.device.migrate(refuser.incoming, timeout=10)
+    # (in the pre-flight: nothing stopped)
+    assert isinstance(info.value, MigrationBlockedError) and "configuration: nvme.namespaces" in str(info.value)
+    assert p.device.info["pid"] == host.src.pid
+    for i in range(64, 96):
+        payload[i] = os.urandom(4096)
+        drv.write(1, 8 * i, payload[i], qid=1 + i % 2)
+    host.listening(tcp)
+    report = p.device.migrate(tcp.incoming, timeout=10)
+    assert report["fds"] == 0 and report["deferred"]
+    assert p.device.info["pid"] == tcp.pid
+    for i, data in payload.items():
+        assert crc32c.crc32c(drv.read(1, 8 * i, 8, qid=2 - i % 2)) == crc32c.crc32c(data), i
+    drv.write(1, 0, payload[1])
+    assert drv.read(1, 0, 8) == payload[1]
 
 
 def test_migrate_nvme_example_runs(capsys):

@@ -17,9 +17,7 @@ import pytest
 from test_migration_nvme import Host, _slow_files
 
 from pcidev import native
-from pcidev.host import Machine
 from pcidev.inheritance import image_key
-from pcidev.transport.link.process import DeviceProcess
 from pcidev_nvme.controller import NvmeController
 from pcidev_nvme.testing.driver import WRITE, NvmeDriver
 
@@ -201,34 +199,26 @@ class Workload(threading.Thread):
             self.done.release()
 
 
-def test_pi_namespaces_migrate_between_processes(tmp_path):
-    opts = _config(tmp_path)
-    src = DeviceProcess("nvme", f"unix:{tmp_path}/a.sock", options=opts)
-    src.wait_event("ready")  # (the image's identity file exists before the destinations start)
-    dst = DeviceProcess("nvme", f"unix:{tmp_path}/b.sock", options=opts, incoming=f"unix:{tmp_path}/b-in.sock")
-    try:
-        with Machine(ram_size=64 << 20) as machine:
-            p = machine.plug_remote(src.link, timeout=10)
-            drv = NvmeDriver(machine, p, io_queues=1, io_depth=64, aers=1)
-            drv.probe()
-            assert (drv.namespaces[1].ms, drv.namespaces[2].ms) == (8, 16)
-            work = Workload(machine, drv, rounds=6)
-            dst.wait_event("listening")
-            work.start()
-            for _ in range(3):
-                assert work.done.acquire(timeout=60)
-                assert work.error is None, work.error
-            report = p.device.migrate(dst.incoming, timeout=20)
-            work.join(120)
-            assert work.error is None, work.error
-            assert p.device.info["pid"] == dst.pid
-            # RAM + the mem namespace's data and metadata memfds + 3 MSI-X eventfds + INTx
-            assert report["fds"] == 7, report
-            assert work.blocks.verify_all() == sum(i.nsze for i in drv.namespaces.values())
-        assert src.proc.wait(10) == 0
-    finally:
-        for proc in (src, dst):
-            proc.stop()
+def test_pi_namespaces_migrate_between_processes(tmp_path, process_host):
+    host = process_host(tmp_path, _config(tmp_path), io_queues=1, io_depth=64, aers=1)
+    dst = host.destination("b")
+    drv = host.drv
+    assert (drv.namespaces[1].ms, drv.namespaces[2].ms) == (8, 16)
+    work = Workload(host.machine, drv, rounds=6)
+    host.listening(dst)
+    work.start()
+    for _ in range(3):
+        assert work.done.acquire(timeout=60)
+        assert work.error is None, work.error
+    report = host.device.migrate(dst.incoming, timeout=20)
+    work.join(120)
+    assert work.error is None, work.error
+    assert host.device.info["pid"] == dst.pid
+    # RAM + the mem namespace's data and metadata memfds + 3 MSI-X eventfds + INTx
+    assert report["fds"] == 7, report
+    assert work.blocks.verify_all() == sum(i.nsze for i in drv.namespaces.values())
+    host.close_machine()
+    assert host.src.proc.wait(10) == 0
 
 
 @pytest.mark.parametrize("pi", [1, 3])

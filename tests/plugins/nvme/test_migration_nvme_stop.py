@@ -26,35 +26,29 @@ from pathlib import Path
 import _stop_backends
 import crc32c
 import pytest
+import test_migration_nvme as migration_host
+from _helpers import closed_at_teardown
 from test_migration_nvme import Blocks
 
 from pcidev.errors import MigrationError, QuiesceTimeoutError
-from pcidev.host import Machine
 from pcidev.migration import migrate_in, migrate_out
 from pcidev.plugins import load_registry, make_plugin_manager
-from pcidev.transport.link.process import DeviceProcess
 from pcidev_nvme.controller import NvmeController
-from pcidev_nvme.testing.driver import WRITE, NvmeDriver
+from pcidev_nvme.testing.driver import WRITE
 
 BUDGET = 0.3  # seconds: the quiesce budget of the tests that hit it
 
 
 # ----------------------------------------------------------------------------- an in-process host
-class Host:
+class Host(migration_host.Host):
     """A machine, a controller made by ``make`` and a probed driver; :meth:`move` migrates
     the controller over the migration channel (a socket pair, the destination in a thread)
     to a fresh one made the same way, and re-points the host at it."""
 
     def __init__(self, make: Callable[[str], NvmeController], *, io_queues: int = 2) -> None:
+        super().__init__(make, ram=64 << 20, io_queues=io_queues, io_depth=64, aers=1)
         self.make = make
-        self.machine = Machine(ram_size=64 << 20)
-        self.ctrl = make("src")
-        self.pdev = self.machine.plug(self.ctrl)
-        self.drv = NvmeDriver(self.machine, self.pdev, io_queues=io_queues, io_depth=64, aers=1)
-        self.drv.probe()
         self.blocks = Blocks(self.drv)
-        self.old: list[NvmeController] = []
-        self.resources: list = []
         self.moves = 0
 
     def write(self, nsid: int, slba: int, data: bytes, *, qid: int = 1) -> None:
@@ -93,38 +87,13 @@ class Host:
         self.resources.append(got["in"].resources)  # type: ignore[attr-defined]
         src = self.ctrl
         assert src.migrated_out and src.quiesced  # (it stays stopped: the destination owns it)
-        dst.irq.sink = self.pdev.recorder
-        self.pdev.device = dst
-        drv = self.drv
-        drv.device, drv._bar_write, drv._bar_read = dst, dst.bar_write, dst.bar_read
-        self.old.append(src)
-        self.ctrl = dst
+        self.repoint(dst)
         return result
-
-    def close(self) -> None:
-        try:
-            self.drv.close()
-        except Exception:
-            pass
-        for c in (self.ctrl, *self.old):
-            c.close()
-        for r in self.resources:
-            r.close()
-        self.machine.close()
 
 
 @pytest.fixture
 def host():
-    made: list[Host] = []
-
-    def factory(*args, **kwargs) -> Host:
-        h = Host(*args, **kwargs)
-        made.append(h)
-        return h
-
-    yield factory
-    for h in reversed(made):
-        h.close()
+    yield from closed_at_teardown(Host)
     _stop_backends.GATES.clear()
 
 
@@ -320,11 +289,16 @@ def test_a_file_namespace_written_by_deallocate_and_write_zeroes_is_flushed_too(
     h.blocks.verify_all()
 
 
-def test_the_metadata_sidecar_of_a_file_namespace_is_flushed_at_the_stop(host, tmp_path, fdatasyncs):
-    img = tmp_path / "md.img"
-    h = host(lambda name: NvmeController(f"serial=STOP7,ns=file:path={img},size=1M,lbaf=2", name=name),
+def _metadata_host(host, img: Path, serial: str) -> tuple[Host, Path, Path]:
+    """A host on a ``file`` namespace in LBA format 2 (512+8: its metadata sidecar beside
+    the image): the host, the image and the sidecar."""
+    h = host(lambda name: NvmeController(f"serial={serial},ns=file:path={img},size=1M,lbaf=2", name=name),
              io_queues=1)
-    sidecar = Path(f"{img}.nvme-meta")
+    return h, img, Path(f"{img}.nvme-meta")
+
+
+def test_the_metadata_sidecar_of_a_file_namespace_is_flushed_at_the_stop(host, tmp_path, fdatasyncs):
+    h, img, sidecar = _metadata_host(host, tmp_path / "md.img", "STOP7")
     meta = os.urandom(8 * 4)
     h.ctrl.namespaces[1].meta.write(16, meta)  # (what a Write with metadata stores)
     h.ctrl.quiesce(5.0, flush=True)
@@ -418,10 +392,7 @@ def test_a_stop_whose_fdatasync_timed_out_flushes_again_and_takes_no_second_work
 
 def test_a_stuck_sidecar_fdatasync_keeps_the_sidecar_unflushed(host, tmp_path, monkeypatch):
     """Review G, finding 1, the metadata sidecar: the same, the image being clean."""
-    img = tmp_path / "stuck-meta.img"
-    h = host(lambda name: NvmeController(f"serial=STOP9,ns=file:path={img},size=1M,lbaf=2", name=name),
-             io_queues=1)
-    sidecar = Path(f"{img}.nvme-meta")
+    h, img, sidecar = _metadata_host(host, tmp_path / "stuck-meta.img", "STOP9")
     h.ctrl.quiesce(5.0, flush=True)
     h.ctrl.resume()
     meta = h.ctrl.namespaces[1].meta
@@ -456,11 +427,8 @@ def test_a_stuck_sidecar_fdatasync_keeps_the_sidecar_unflushed(host, tmp_path, m
 def test_a_sidecar_write_back_error_stays_pending_for_the_next_migration_and_flush(host, tmp_path, monkeypatch):
     """Review G, finding 2: an EIO the stop's fdatasync meets on the metadata sidecar is kept:
     the retried migration refuses, the host's next Flush of the namespace fails (once)."""
-    img = tmp_path / "meta-eio.img"
-    h = host(lambda name: NvmeController(f"serial=STOPA,ns=file:path={img},size=1M,lbaf=2", name=name),
-             io_queues=1)
+    h, img, sidecar = _metadata_host(host, tmp_path / "meta-eio.img", "STOPA")
     _fill(h, 1, 2)
-    sidecar = Path(f"{img}.nvme-meta")
     data = os.urandom(8 * 4)
     h.ctrl.namespaces[1].meta.write(16, data)
     real = os.fdatasync
@@ -536,7 +504,8 @@ def _read_direct(path: Path, size: int) -> bytes:
         os.close(fd)
 
 
-def test_between_processes_a_stuck_backend_fails_the_migrate_then_the_stop_flushes(tmp_path, monkeypatch):
+def test_between_processes_a_stuck_backend_fails_the_migrate_then_the_stop_flushes(tmp_path, monkeypatch,
+                                                                                   process_host):
     """Through the device link: MIGRATE with ``quiesce_timeout_ms`` fails while a write is
     stuck (the source process runs on), succeeds once it completed; the source's
     fdatasync of the image comes before the ACK; SIGKILLed right after it, the image
@@ -545,58 +514,45 @@ def test_between_processes_a_stuck_backend_fails_the_migrate_then_the_stop_flush
     img = tmp_path / "p.img"
     size = 2 << 20
     opts = f"serial=STOPX,max_ioqpairs=2,msix_vectors=3,ns=gatedfile:path={img},size=2M"
-    plugin = ["_stop_backends"]
-    src = DeviceProcess("nvme", f"unix:{tmp_path}/a.sock", options=opts, plugin_specs=plugin)
-    procs = [src]
-    try:
-        src.wait_event("ready")  # (the image's identity file first: the destinations read it)
-        d1 = DeviceProcess("nvme", f"unix:{tmp_path}/b.sock", options=opts, incoming=f"unix:{tmp_path}/b-in.sock",
-                           plugin_specs=plugin)
-        d2 = DeviceProcess("nvme", f"unix:{tmp_path}/c.sock", options=opts, incoming=f"unix:{tmp_path}/c-in.sock",
-                           plugin_specs=plugin)
-        procs += [d1, d2]
-        with Machine(ram_size=32 << 20) as machine:
-            p = machine.plug_remote(src.link, timeout=10)
-            drv = NvmeDriver(machine, p, io_queues=2, io_depth=64, aers=1)
-            drv.probe()
-            expect: dict[int, bytes] = {}
-            for i in range(32):
-                expect[i] = os.urandom(4096)
-                drv.write(1, 8 * i, expect[i], qid=1 + i % 2)
-            gate.touch()
-            stuck = os.urandom(4096)
-            buf = machine.alloc(4096)
-            machine.write(buf, stuck)
-            cid = drv.submit_rw(1, WRITE, nsid=1, slba=8 * 100, nlb=8, buf=buf)
-            time.sleep(0.05)
-            d1.wait_event("listening")
-            with pytest.raises(QuiesceTimeoutError) as info:
-                p.device.migrate(d1.incoming, timeout=10, quiesce_timeout_ms=BUDGET * 1000)
-            assert "namespace(s) 1;" in str(info.value) and f"CID {cid} on SQ 1" in str(info.value)
-            assert p.device.info["pid"] == src.pid
-            for i in range(32):  # reads go on meanwhile (the gate holds writes only)
-                assert crc32c.crc32c(drv.read(1, 8 * i, 8, qid=2)) == crc32c.crc32c(expect[i]), i
-            gate.unlink()
-            assert drv.wait_for(1, cid, timeout=10).ok
-            expect[100] = stuck
-            for i in range(32, 48):  # a write burst just before the stop
-                expect[i] = os.urandom(4096)
-                drv.write(1, 8 * i, expect[i], qid=1 + i % 2)
-            d2.wait_event("listening")
-            report = p.device.migrate(d2.incoming, timeout=10)
-            os.kill(src.pid, signal.SIGKILL)  # right after the ACK
-            assert p.device.info["pid"] == d2.pid
-            synced = [line.split() for line in log.read_text().splitlines()]
-            image = "{}:{}".format(*_file(img))
-            mine = [float(t) for pid, t, ident in synced if int(pid) == src.pid and ident == image]
-            assert mine, synced
-            assert mine[-1] <= report["acked_at"], (mine, report["acked_at"])  # (one clock: same host)
-            on_disk = _read_direct(img, size)
-            for i, data in expect.items():
-                assert crc32c.crc32c(on_disk[8 * i * 512:(8 * i + 8) * 512]) == crc32c.crc32c(data), i
-            for i, data in expect.items():  # and through the destination
-                assert crc32c.crc32c(drv.read(1, 8 * i, 8, qid=1 + i % 2)) == crc32c.crc32c(data), i
-            assert src.proc.wait(10) == -signal.SIGKILL
-    finally:
-        for proc in procs:
-            proc.stop()
+    host = process_host(tmp_path, opts, ram=32 << 20, plugin_specs=["_stop_backends"], io_queues=2, io_depth=64,
+                        aers=1)
+    src, p, drv, machine = host.src, host.pdev, host.drv, host.machine
+    d1, d2 = host.destination("b"), host.destination("c")
+    expect: dict[int, bytes] = {}
+    for i in range(32):
+        expect[i] = os.urandom(4096)
+        drv.write(1, 8 * i, expect[i], qid=1 + i % 2)
+    gate.touch()
+    stuck = os.urandom(4096)
+    buf = machine.alloc(4096)
+    machine.write(buf, stuck)
+    cid = drv.submit_rw(1, WRITE, nsid=1, slba=8 * 100, nlb=8, buf=buf)
+    time.sleep(0.05)
+    host.listening(d1)
+    with pytest.raises(QuiesceTimeoutError) as info:
+        p.device.migrate(d1.incoming, timeout=10, quiesce_timeout_ms=BUDGET * 1000)
+    assert "namespace(s) 1;" in str(info.value) and f"CID {cid} on SQ 1" in str(info.value)
+    assert p.device.info["pid"] == src.pid
+    for i in range(32):  # reads go on meanwhile (the gate holds writes only)
+        assert crc32c.crc32c(drv.read(1, 8 * i, 8, qid=2)) == crc32c.crc32c(expect[i]), i
+    gate.unlink()
+    assert drv.wait_for(1, cid, timeout=10).ok
+    expect[100] = stuck
+    for i in range(32, 48):  # a write burst just before the stop
+        expect[i] = os.urandom(4096)
+        drv.write(1, 8 * i, expect[i], qid=1 + i % 2)
+    host.listening(d2)
+    report = p.device.migrate(d2.incoming, timeout=10)
+    os.kill(src.pid, signal.SIGKILL)  # right after the ACK
+    assert p.device.info["pid"] == d2.pid
+    synced = [line.split() for line in log.read_text().splitlines()]
+    image = "{}:{}".format(*_file(img))
+    mine = [float(t) for pid, t, ident in synced if int(pid) == src.pid and ident == image]
+    assert mine, synced
+    assert mine[-1] <= report["acked_at"], (mine, report["acked_at"])  # (one clock: same host)
+    on_disk = _read_direct(img, size)
+    for i, data in expect.items():
+        assert crc32c.crc32c(on_disk[8 * i * 512:(8 * i + 8) * 512]) == crc32c.crc32c(data), i
+    for i, data in expect.items():  # and through the destination
+        assert crc32c.crc32c(drv.read(1, 8 * i, 8, qid=1 + i % 2)) == crc32c.crc32c(data), i
+    assert src.proc.wait(10) == -signal.SIGKILL

@@ -32,7 +32,6 @@ from _copy_exercisers import copy, f0
 
 from pcidev.errors import MigrationError
 from pcidev.host import Machine
-from pcidev.transport.link.process import DeviceProcess
 from pcidev_nvme.backends import MemoryBackend, punch_hole
 from pcidev_nvme.testing.driver import WRITE, NvmeDriver
 
@@ -285,53 +284,37 @@ class Verified(threading.Thread):
         return checked
 
 
-def _destination(tmp_path, opts, k):
-    dest = DeviceProcess("nvme", f"unix:{tmp_path}/d{k}.sock", options=opts, incoming="tcp:127.0.0.1:0")
-    dest.incoming = dest.wait_event("listening", timeout=60)["incoming"]
-    return dest
-
-
 @pytest.mark.parametrize("config", sorted(CONFIGS))
-def test_mem_namespaces_migrate_over_tcp_during_verified_io(tmp_path, config):
-    opts = CONFIGS[config]
-    src = DeviceProcess("nvme", f"unix:{tmp_path}/a.sock", options=opts)
-    procs = [src]
-    try:
-        with Machine(ram_size=64 << 20) as machine:
-            src.wait_event("ready")
-            p = machine.plug_remote(src.link, timeout=10)
-            drv = NvmeDriver(machine, p, io_queues=2, io_depth=2 * QD, aers=1)
-            drv.probe()
-            if config == "cmb":  # queue 2's SQ in the CMB
-                drv.cmb_enable()
-                drv.delete_io_queue_pair(2)
-                drv.create_io_queue_pair(2, 2 * QD, sq_in_cmb=True)
-            work = Verified(machine, drv, cmb=config == "cmb")
-            work.fill(1, 2 << 20)  # something for the first pass to copy
-            work.start()
-            reports = []
-            for k in (1, 2):
-                work.wait_completed(work.completed + 4 * QD)
-                dest = _destination(tmp_path, opts, k)
-                procs.append(dest)
-                reports.append(p.device.migrate(dest.incoming, timeout=30))
-                assert p.device.info["pid"] == dest.pid
-            work.wait_completed(work.completed + 4 * QD)  # and it goes on at the last destination
-            work.stop()
-            assert work.mismatches == 0
-            assert work.verify_everything() == sum(ns.nsze for ns in drv.namespaces.values())
-        for report in reports:
-            pre = report["precopy"]
-            assert report["fds"] == 0 and report["deferred"]
-            assert pre is not None and pre["iterations"] >= 1 and pre["bytes_per_iteration"][0] >= 2 << 20, pre
-            if config == "cmb":  # the CMB is written by controller DMA: tracked by page hashes
-                assert pre["hashed_bytes"] > 0
-            print(f"{config}: precopy {pre['iterations']} iterations {pre['bytes_per_iteration']}, remainder "
-                  f"{pre['remainder_bytes']} B, downtime {report['downtime'] * 1e3:.2f} ms")
-        assert src.proc.wait(10) == 0
-    finally:
-        for proc in procs:
-            proc.stop()
+def test_mem_namespaces_migrate_over_tcp_during_verified_io(tmp_path, config, process_host):
+    host = process_host(tmp_path, CONFIGS[config], io_queues=2, io_depth=2 * QD, aers=1)
+    drv = host.drv
+    if config == "cmb":  # queue 2's SQ in the CMB
+        drv.cmb_enable()
+        drv.delete_io_queue_pair(2)
+        drv.create_io_queue_pair(2, 2 * QD, sq_in_cmb=True)
+    work = Verified(host.machine, drv, cmb=config == "cmb")
+    work.fill(1, 2 << 20)  # something for the first pass to copy
+    work.start()
+    reports = []
+    for k in (1, 2):
+        work.wait_completed(work.completed + 4 * QD)
+        dest = host.destination(f"d{k}", "tcp", listening=True)
+        reports.append(host.device.migrate(dest.incoming, timeout=30))
+        assert host.device.info["pid"] == dest.pid
+    work.wait_completed(work.completed + 4 * QD)  # and it goes on at the last destination
+    work.stop()
+    assert work.mismatches == 0
+    assert work.verify_everything() == sum(ns.nsze for ns in drv.namespaces.values())
+    host.close_machine()
+    for report in reports:
+        pre = report["precopy"]
+        assert report["fds"] == 0 and report["deferred"]
+        assert pre is not None and pre["iterations"] >= 1 and pre["bytes_per_iteration"][0] >= 2 << 20, pre
+        if config == "cmb":  # the CMB is written by controller DMA: tracked by page hashes
+            assert pre["hashed_bytes"] > 0
+        print(f"{config}: precopy {pre['iterations']} iterations {pre['bytes_per_iteration']}, remainder "
+              f"{pre['remainder_bytes']} B, downtime {report['downtime'] * 1e3:.2f} ms")
+    assert host.src.proc.wait(10) == 0
 
 
 def _stalled_migration(p, address, completed):
@@ -350,97 +333,76 @@ def _stalled_migration(p, address, completed):
     return threading.Thread(target=run, daemon=True), events
 
 
-def test_the_host_keeps_doing_io_during_precopy_and_a_dead_destination_leaves_the_source_serving(tmp_path):
-    opts = "serial=XTCPS,max_ioqpairs=2,msix_vectors=3,ns=mem:size=64M"
-    src = DeviceProcess("nvme", f"unix:{tmp_path}/a.sock", options=opts)
-    procs = [src]
-    try:
-        with Machine(ram_size=64 << 20) as machine:
-            src.wait_event("ready")
-            p = machine.plug_remote(src.link, timeout=10)
-            drv = NvmeDriver(machine, p, io_queues=2, io_depth=2 * QD, aers=1)
-            drv.probe()
-            work = Verified(machine, drv, seed=7)
-            work.fill(1, 32 << 20)  # more than the sockets buffer: a stopped destination stalls the pre-copy
-            work.start()
+def test_the_host_keeps_doing_io_during_precopy_and_a_dead_destination_leaves_the_source_serving(
+        tmp_path, process_host):
+    host = process_host(tmp_path, "serial=XTCPS,max_ioqpairs=2,msix_vectors=3,ns=mem:size=64M", io_queues=2,
+                        io_depth=2 * QD, aers=1)
+    p, src = host.pdev, host.src
+    work = Verified(host.machine, host.drv, seed=7)
+    work.fill(1, 32 << 20)  # more than the sockets buffer: a stopped destination stalls the pre-copy
+    work.start()
 
-            # 1. the destination stops (SIGSTOP) and is killed during the pre-copy
-            victim = _destination(tmp_path, opts, 1)
-            procs.append(victim)
-            os.kill(victim.pid, signal.SIGSTOP)
-            t, events = _stalled_migration(p, victim.incoming, lambda: work.completed)
-            t.start()
-            at_start = work.completed
-            work.wait_completed(at_start + 8 * QD)  # commands complete while the pre-copy is stuck
-            assert t.is_alive() and events == []
-            os.kill(victim.pid, signal.SIGKILL)
-            t.join(60)
-            assert not t.is_alive()
-            (what, outcome), = events
-            assert what == "done" and isinstance(outcome, MigrationError), outcome
-            assert "keeps running" in str(outcome)
-            assert p.device.info["pid"] == src.pid
-            work.wait_completed(work.completed + 4 * QD)  # the source serves on
+    # 1. the destination stops (SIGSTOP) and is killed during the pre-copy
+    victim = host.destination("d1", "tcp", listening=True)
+    os.kill(victim.pid, signal.SIGSTOP)
+    t, events = _stalled_migration(p, victim.incoming, lambda: work.completed)
+    t.start()
+    at_start = work.completed
+    work.wait_completed(at_start + 8 * QD)  # commands complete while the pre-copy is stuck
+    assert t.is_alive() and events == []
+    os.kill(victim.pid, signal.SIGKILL)
+    t.join(60)
+    assert not t.is_alive()
+    (what, outcome), = events
+    assert what == "done" and isinstance(outcome, MigrationError), outcome
+    assert "keeps running" in str(outcome)
+    assert p.device.info["pid"] == src.pid
+    work.wait_completed(work.completed + 4 * QD)  # the source serves on
 
-            # 2. the host keeps completing commands between the PRECOPY request and its reply
-            dest = _destination(tmp_path, opts, 2)
-            procs.append(dest)
-            os.kill(dest.pid, signal.SIGSTOP)
-            t, events = _stalled_migration(p, dest.incoming, lambda: work.completed)
-            at_start = work.completed
-            t.start()
-            work.wait_completed(at_start + 8 * QD)
-            assert t.is_alive() and events == []
-            os.kill(dest.pid, signal.SIGCONT)
-            t.join(60)
-            assert not t.is_alive()
-            (what1, at_reply), (what2, report) = events
-            assert (what1, what2) == ("precopied", "done") and isinstance(report, dict), events
-            assert at_reply >= at_start + 8 * QD, (at_start, at_reply)
-            assert p.device.info["pid"] == dest.pid
-            pre = report["precopy"]
-            assert pre["iterations"] >= 1 and pre["bytes_per_iteration"][0] >= 32 << 20, pre
-            assert report["precopy_seconds"] > 0 and report["host_pause"] < report["precopy_seconds"]
-            work.wait_completed(work.completed + 4 * QD)
-            work.stop()
-            assert work.mismatches == 0
-            assert work.verify_everything() == (64 << 20) // 512
-        assert src.proc.wait(10) == 0
-    finally:
-        for proc in procs:
-            if proc.proc.poll() is None:
-                os.kill(proc.pid, signal.SIGCONT)
-            proc.stop()
+    # 2. the host keeps completing commands between the PRECOPY request and its reply
+    dest = host.destination("d2", "tcp", listening=True)
+    os.kill(dest.pid, signal.SIGSTOP)
+    t, events = _stalled_migration(p, dest.incoming, lambda: work.completed)
+    at_start = work.completed
+    t.start()
+    work.wait_completed(at_start + 8 * QD)
+    assert t.is_alive() and events == []
+    os.kill(dest.pid, signal.SIGCONT)
+    t.join(60)
+    assert not t.is_alive()
+    (what1, at_reply), (what2, report) = events
+    assert (what1, what2) == ("precopied", "done") and isinstance(report, dict), events
+    assert at_reply >= at_start + 8 * QD, (at_start, at_reply)
+    assert p.device.info["pid"] == dest.pid
+    pre = report["precopy"]
+    assert pre["iterations"] >= 1 and pre["bytes_per_iteration"][0] >= 32 << 20, pre
+    assert report["precopy_seconds"] > 0 and report["host_pause"] < report["precopy_seconds"]
+    work.wait_completed(work.completed + 4 * QD)
+    work.stop()
+    assert work.mismatches == 0
+    assert work.verify_everything() == (64 << 20) // 512
+    host.close_machine()
+    assert src.proc.wait(10) == 0
 
 
-def test_a_migration_in_one_go_copies_everything_at_the_stop(tmp_path):
+def test_a_migration_in_one_go_copies_everything_at_the_stop(tmp_path, process_host):
     """``precopy=False`` (or an older device process): one MIGRATE; the contents go at the stop."""
-    opts = "serial=XTCP1,max_ioqpairs=1,msix_vectors=2,ns=mem:size=4M,lbaf=2,pi=1"
-    src = DeviceProcess("nvme", f"unix:{tmp_path}/a.sock", options=opts)
-    procs = [src]
-    try:
-        with Machine(ram_size=32 << 20) as machine:
-            src.wait_event("ready")
-            p = machine.plug_remote(src.link, timeout=10)
-            drv = NvmeDriver(machine, p, io_queues=1, aers=0)
-            drv.probe()
-            payload = {}
-            for i in range(64):
-                data = os.urandom(4096)
-                comp, _d, _m = drv.io_md(WRITE, 1, 64 * i, 8, data=data, prinfo=PRACT, ref=64 * i)
-                assert comp.ok
-                payload[64 * i] = data
-            dest = _destination(tmp_path, opts, 1)
-            procs.append(dest)
-            report = p.device.migrate(dest.incoming, timeout=20, precopy=False)
-            assert report["precopy"]["iterations"] == 0 and report["precopy"]["remainder_bytes"] > 0
-            assert report["precopy_seconds"] is None
-            for slba, data in payload.items():
-                comp, got, _m = drv.io_md(READ, 1, slba, 8, data_len=4096, prinfo=PRACT | GUARD | REFTAG, ref=slba)
-                assert comp.ok and got == data, slba
-    finally:
-        for proc in procs:
-            proc.stop()
+    host = process_host(tmp_path, "serial=XTCP1,max_ioqpairs=1,msix_vectors=2,ns=mem:size=4M,lbaf=2,pi=1",
+                        ram=32 << 20, io_queues=1, aers=0)
+    drv = host.drv
+    payload = {}
+    for i in range(64):
+        data = os.urandom(4096)
+        comp, _d, _m = drv.io_md(WRITE, 1, 64 * i, 8, data=data, prinfo=PRACT, ref=64 * i)
+        assert comp.ok
+        payload[64 * i] = data
+    dest = host.destination("d1", "tcp", listening=True)
+    report = host.device.migrate(dest.incoming, timeout=20, precopy=False)
+    assert report["precopy"]["iterations"] == 0 and report["precopy"]["remainder_bytes"] > 0
+    assert report["precopy_seconds"] is None
+    for slba, data in payload.items():
+        comp, got, _m = drv.io_md(READ, 1, slba, 8, data_len=4096, prinfo=PRACT | GUARD | REFTAG, ref=slba)
+        assert comp.ok and got == data, slba
 
 
 def test_the_migrate_nvme_example_moves_a_filled_mem_namespace_over_tcp(capsys):

@@ -18,7 +18,6 @@ from _helpers import GatedBackend, attach_namespace, expect_status
 from test_migration_nvme import Host
 
 from pcidev.host import Machine
-from pcidev.transport.link.process import DeviceProcess
 from pcidev_nvme.controller import NvmeController
 from pcidev_nvme.sanitize import CHUNK, SANICAP
 from pcidev_nvme.status import Status
@@ -277,37 +276,30 @@ def test_sanitize_in_progress_migrates_and_finishes_at_the_destination():
         host.close()
 
 
-def test_sanitize_in_progress_migrates_between_processes(tmp_path):
-    opts = f"serial=SANX,max_ioqpairs=2,msix_vectors=3,sanitize_rate=4M,ns=mem:size={SIZE}"
-    src = DeviceProcess("nvme", f"unix:{tmp_path}/a.sock", options=opts)
-    dst = DeviceProcess("nvme", f"unix:{tmp_path}/b.sock", options=opts, incoming=f"unix:{tmp_path}/b-in.sock")
-    try:
-        with Machine(ram_size=64 << 20) as machine:
-            src.wait_event("ready")
-            p = machine.plug_remote(src.link, timeout=10)
-            drv = NvmeDriver(machine, p, io_queues=1, aers=1)
-            drv.probe()
-            before = fill(drv)
-            drv.sanitize(OVERWRITE, owpass=1, ndas=True, ovrpat=0x0BADF00D)
-            time.sleep(0.3)
-            prog = drv.sanitize_log()["sprog"]
-            assert 0 < prog < 0xFFFF
-            dst.wait_event("listening")
-            p.device.migrate(dst.incoming, timeout=20)
-            assert p.device.info["pid"] == dst.pid
-            log = drv.sanitize_log()
-            assert log["sstat"] & 7 == 2 and prog <= log["sprog"] < 0xFFFF  # it goes on from there
-            comp = drv.io(1, 0x02, nsid=1, cdw10=0, cdw12=0, buf=machine.alloc(4096, 4096), length=512, check=False)
-            assert comp.code == Status.SANITIZE_IN_PROGRESS
-            assert wait_done(drv)["sstat"] & 7 == 1
-            after = blocks(drv)
-            assert all(b == struct.pack("<I", 0x0BADF00D) * 128 for b in after)
-            assert all(crc32c.crc32c(b) != c for b, c in zip(after, before, strict=True))
-            assert completion_events(drv) == 1
-        assert src.proc.wait(10) == 0
-    finally:
-        src.stop()
-        dst.stop()
+def test_sanitize_in_progress_migrates_between_processes(tmp_path, process_host):
+    host = process_host(tmp_path, f"serial=SANX,max_ioqpairs=2,msix_vectors=3,sanitize_rate=4M,ns=mem:size={SIZE}",
+                        io_queues=1, aers=1)
+    dst = host.destination("b")
+    drv = host.drv
+    before = fill(drv)
+    drv.sanitize(OVERWRITE, owpass=1, ndas=True, ovrpat=0x0BADF00D)
+    time.sleep(0.3)
+    prog = drv.sanitize_log()["sprog"]
+    assert 0 < prog < 0xFFFF
+    host.listening(dst)
+    host.device.migrate(dst.incoming, timeout=20)
+    assert host.device.info["pid"] == dst.pid
+    log = drv.sanitize_log()
+    assert log["sstat"] & 7 == 2 and prog <= log["sprog"] < 0xFFFF  # it goes on from there
+    comp = drv.io(1, 0x02, nsid=1, cdw10=0, cdw12=0, buf=host.machine.alloc(4096, 4096), length=512, check=False)
+    assert comp.code == Status.SANITIZE_IN_PROGRESS
+    assert wait_done(drv)["sstat"] & 7 == 1
+    after = blocks(drv)
+    assert all(b == struct.pack("<I", 0x0BADF00D) * 128 for b in after)
+    assert all(crc32c.crc32c(b) != c for b, c in zip(after, before, strict=True))
+    assert completion_events(drv) == 1
+    host.close_machine()
+    assert host.src.proc.wait(10) == 0
 
 
 @pytest.mark.parametrize("ndas", [False, True])

@@ -14,7 +14,6 @@ from _helpers import expect_status
 from test_migration_nvme import Host
 
 from pcidev.host import Machine
-from pcidev.transport.link.process import DeviceProcess
 from pcidev_nvme.controller import NvmeController
 from pcidev_nvme.selftest import edstt_minutes
 from pcidev_nvme.status import Status
@@ -199,47 +198,43 @@ def test_self_test_running_migrates():
         host.close()
 
 
-def test_self_test_and_marks_migrate_between_processes(tmp_path):
+def test_self_test_and_marks_migrate_between_processes(tmp_path, process_host):
     img = tmp_path / "x.img"
     with open(img, "wb") as f:
         f.truncate(4 << 20)
-    opts = (f"serial=STX,max_ioqpairs=2,msix_vectors=3,capacity=16M,selftest_speedup=20,ns=mem:size=4M,"
+    # an extended self-test of 10 s (EDSTT 1 minute / 6): it starts once the destination
+    # listens, so on a busy machine it is still running when the migration happens, however
+    # slowly the destination process started (a 3 s test started before could end first)
+    opts = (f"serial=STX,max_ioqpairs=2,msix_vectors=3,capacity=16M,selftest_speedup=6,ns=mem:size=4M,"
             f"ns=file:path={img},size=4M")
-    src = DeviceProcess("nvme", f"unix:{tmp_path}/a.sock", options=opts)
-    src.wait_event("ready")  # the image's identity file first
-    dst = DeviceProcess("nvme", f"unix:{tmp_path}/b.sock", options=opts, incoming=f"unix:{tmp_path}/b-in.sock")
-    try:
-        with Machine(ram_size=64 << 20) as machine:
-            p = machine.plug_remote(src.link, timeout=10)
-            drv = NvmeDriver(machine, p, io_queues=1, aers=0)
-            drv.probe()
-            data = {n: os.urandom(64 * 512) for n in (1, 2)}
-            for n, d in data.items():
-                drv.write(n, 0, d)
-                drv.write_uncorrectable(n, 10 * n, n)
-            drv.device_self_test(EXTENDED, nsid=0xFFFFFFFF)
-            time.sleep(0.3)
-            pct = drv.self_test_log()[1]
-            dst.wait_event("listening")
-            p.device.migrate(dst.incoming, timeout=20)
-            assert p.device.info["pid"] == dst.pid
-            log = drv.self_test_log()
-            assert log[0] == EXTENDED and log[1] >= pct
-            for n, d in data.items():
-                comp = drv.io(1, 0x02, nsid=n, cdw10=10 * n, cdw12=0, buf=machine.alloc(4096, 4096), length=512,
-                              check=False)
-                assert comp.code == Status.UNRECOVERED_READ_ERROR
-                lo, hi = 10 * n, 11 * n
-                got = drv.read(n, 0, lo) + drv.read(n, hi, 64 - hi)
-                want = d[:lo * 512] + d[hi * 512:]
-                assert [crc32c.crc32c(got[i:i + 512]) for i in range(0, len(got), 512)] == \
-                    [crc32c.crc32c(want[i:i + 512]) for i in range(0, len(want), 512)]
-            e = entries(wait_idle(drv, timeout=30))[0]
-            assert e["code"] == EXTENDED and e["result"] == 7 and (e["nsid"], e["flba"]) == (1, 10)
-        assert src.proc.wait(10) == 0
-    finally:
-        src.stop()
-        dst.stop()
+    host = process_host(tmp_path, opts, io_queues=1, aers=0)  # (the image's identity file first)
+    dst = host.destination("b")
+    drv, machine = host.drv, host.machine
+    data = {n: os.urandom(64 * 512) for n in (1, 2)}
+    for n, d in data.items():
+        drv.write(n, 0, d)
+        drv.write_uncorrectable(n, 10 * n, n)
+    host.listening(dst)
+    drv.device_self_test(EXTENDED, nsid=0xFFFFFFFF)
+    time.sleep(0.3)
+    pct = drv.self_test_log()[1]
+    host.device.migrate(dst.incoming, timeout=20)
+    assert host.device.info["pid"] == dst.pid
+    log = drv.self_test_log()
+    assert log[0] == EXTENDED and log[1] >= pct
+    for n, d in data.items():
+        comp = drv.io(1, 0x02, nsid=n, cdw10=10 * n, cdw12=0, buf=machine.alloc(4096, 4096), length=512,
+                      check=False)
+        assert comp.code == Status.UNRECOVERED_READ_ERROR
+        lo, hi = 10 * n, 11 * n
+        got = drv.read(n, 0, lo) + drv.read(n, hi, 64 - hi)
+        want = d[:lo * 512] + d[hi * 512:]
+        assert [crc32c.crc32c(got[i:i + 512]) for i in range(0, len(got), 512)] == \
+            [crc32c.crc32c(want[i:i + 512]) for i in range(0, len(want), 512)]
+    e = entries(wait_idle(drv, timeout=30))[0]
+    assert e["code"] == EXTENDED and e["result"] == 7 and (e["nsid"], e["flba"]) == (1, 10)
+    host.close_machine()
+    assert host.src.proc.wait(10) == 0
 
 
 def test_format_and_detach_abort_a_test_of_their_namespace(env):

@@ -178,6 +178,9 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         # controller state
         self._state = ST_DISABLED
         self._running = False
+        #: doorbell writes are taken: :attr:`running`, or paused for a migration (the value
+        #: is recorded and fetched at the resume, never dropped)
+        self._doorbells_open = False
         self._init_migration()
         self._init_fetch()
         self._init_completion()
@@ -585,8 +588,11 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         self.admin_worker.shutdown()
         if self.owns_state:  # not after a migration out: the destination owns the state file
             self.save_state()
+            self.uncorrectable.release_deferred()  # (a load's, never resumed: its sidecars)
         self.uncorrectable.flush()
         self.load_undo.commit()  # what a load replaced (never rolled back now)
+        if self.owns_state:  # (a destination that never ran writes nothing beside the images)
+            self.load_undo.remember(self.allocated)
         self._close_namespaces()
         if self.cmb is not None:
             self.cmb.close()
@@ -740,8 +746,9 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
 
     def update_running(self) -> None:
         """Recompute :attr:`running` (after a change of state, shutdown, pause or close)."""
-        self._running = (self._state == ST_READY and not self._shutting_down and not self._closed
-                         and not self.paused)
+        ready = self._state == ST_READY and not self._shutting_down and not self._closed
+        self._doorbells_open = ready
+        self._running = ready and not self.paused
 
     # ------------------------------------------------------------------ enable / reset / shutdown
     def _enable(self) -> None:

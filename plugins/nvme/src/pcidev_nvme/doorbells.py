@@ -107,6 +107,7 @@ class DoorbellsMixin:
     _sqs: list[SubmissionQueue | None]
     _cqs: list[CompletionQueue | None]
     _running: bool
+    _doorbells_open: bool
     shadow: ShadowDoorbells
     name: str
     interrupts: Interrupts
@@ -134,8 +135,10 @@ class DoorbellsMixin:
         if size != 4 or offset & 3:
             log.warning("%s: %d-byte doorbell write at %#x ignored (doorbells are 32-bit)", self.name, size, offset)
             return
-        if not self._running:
-            return
+        if not self._doorbells_open:
+            return  # (a disabled, shutting down or closed controller ignores its doorbells)
+        # (a paused one -- quiesced for a migration, restored and not resumed yet -- takes
+        # the value: an SQ tail is fetched at the resume, never dropped)
         idx = (offset - DOORBELL_BASE) >> 2
         qid = idx >> 1
         if idx & 1:

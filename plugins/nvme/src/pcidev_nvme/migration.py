@@ -149,7 +149,15 @@ from pcidev_nvme.logs import (
     SmartState,
 )
 from pcidev_nvme.metadata import MemMetadata, MetadataStore
-from pcidev_nvme.namespace import LBA_FORMATS, LBAF_TABLE, Namespace, NamespaceHolding, NamespaceState
+from pcidev_nvme.namespace import (
+    LBA_FORMATS,
+    LBAF_TABLE,
+    Namespace,
+    NamespaceHolding,
+    NamespaceState,
+    remember_identity,
+    stored_identifiers,
+)
 from pcidev_nvme.namespaces import RemovedNamespace
 from pcidev_nvme.ns_records import CreatedNamespaceRecord, NamespaceChangesState, NamespacePlan
 from pcidev_nvme.ns_smart import NamespaceSmart, NamespaceSmartState
@@ -203,7 +211,7 @@ class MigrationHost(Protocol):
     @property
     def state_dir(self) -> str | None: ...
     def set_attached(self, nsids: Iterable[int]) -> None: ...
-    def make_namespace(self, nsid: int, spec: str) -> Namespace: ...
+    def make_namespace(self, nsid: int, spec: str, *, remember: bool = True) -> Namespace: ...
     def add_namespace(self, nsid: int, ns: Namespace, *, created_spec: str | None = None,
                       attached: bool = False) -> None: ...
     def remove_namespace(self, nsid: int) -> RemovedNamespace: ...
@@ -576,8 +584,16 @@ def inheritable_fds(ctrl: MigrationHost) -> dict[str, int]:
     # (asked from the handover's control thread while the device runs: a namespace that
     # Namespace Management changes meanwhile blocks the cut, so a stale answer is refused)
     with ctrl.state_lock:
-        namespaces = list(ctrl.allocated.values())
-    for ns in namespaces:
+        namespaces = list(ctrl.allocated.items())
+        configured = set(ctrl.configured)
+        created = set(ns_records.changes(ctrl)[0])
+    for nsid, ns in namespaces:
+        if nsid in created and nsid in configured:
+            # created on the NSID of a deleted configured namespace: the new process builds
+            # the configured one at power-on (as a restart does) and the load reopens this
+            # image by its record's path -- checked before anything stops to still name the
+            # file held here (ns_records.record_problem) -- so nothing is passed for it
+            continue
         # optional in the Backend protocol: plugin backends without it pass nothing
         get = getattr(ns.backend, "inheritable_fds", None)
         if get is not None:
@@ -609,6 +625,9 @@ class LoadUndo:
         #: the namespaces the load added to the table and those it took out (in order)
         self._added: list[int] = []
         self._removed: list[tuple[int, RemovedNamespace]] = []
+        #: the namespaces loads created whose identity files are not written yet (nothing
+        #: is written beside an image before the load is accepted)
+        self._unremembered: dict[int, Namespace] = {}
 
     def keep(self, st: NvmeState, held: dict[int, NamespaceHolding]) -> None:
         """``st`` was saved outside a save (a load's rollback copy): what the namespaces held."""
@@ -626,9 +645,11 @@ class LoadUndo:
         """A backend or metadata store a load replaced: closed (or removed) at :meth:`commit`."""
         self._retired.append((thing, remove))
 
-    def added(self, nsid: int) -> None:
-        """The load created namespace ``nsid`` (the rollback deletes and closes it)."""
+    def added(self, nsid: int, ns: Namespace) -> None:
+        """The load created namespace ``nsid`` (the rollback deletes and closes it; its
+        identity file is written once the load is settled, :meth:`remember`)."""
         self._added.append(nsid)
+        self._unremembered[nsid] = ns
 
     def removed(self, nsid: int, removed: RemovedNamespace) -> None:
         """The load deleted namespace ``nsid``: closed at :meth:`commit` (never its image:
@@ -639,8 +660,19 @@ class LoadUndo:
     def take_structure(self) -> tuple[list[int], list[tuple[int, RemovedNamespace]]]:
         """(NSIDs the load added, what it removed), for the rollback to undo; forgotten here."""
         out = (self._added, self._removed)
+        for nsid in self._added:
+            self._unremembered.pop(nsid, None)
         self._added, self._removed = [], []
         return out
+
+    def remember(self, allocated: Mapping[int, Namespace]) -> None:
+        """The loads are accepted (the controller resumes or quiesces, or closes owning its
+        state): write the identity files of the namespaces they created that are still in
+        the table (``allocated``)."""
+        pending, self._unremembered = self._unremembered, {}
+        for nsid, ns in sorted(pending.items()):
+            if allocated.get(nsid) is ns:
+                remember_identity(ns)
 
     def settle(self) -> None:
         """A quiesce or resume: the load is committed, no rollback copy is current."""
@@ -650,6 +682,8 @@ class LoadUndo:
     def forget(self) -> None:
         """The rollback put the retired things back in use: nothing to close."""
         self._retired = []
+        for nsid in self._added:
+            self._unremembered.pop(nsid, None)
         self._added, self._removed = [], []
 
     def commit(self) -> None:
@@ -670,6 +704,10 @@ def _settle(ctrl: MigrationHost) -> None:
     """A quiesce or resume: the last load is committed; stores a load's checks opened for a
     load that never applied (a later section refused) are closed."""
     ctrl.load_undo.settle()
+    # the loads are accepted: what they write beside the images (identity files, Write
+    # Uncorrectable sidecars) is written now, never before
+    ctrl.load_undo.remember(ctrl.allocated)
+    ctrl.uncorrectable.release_deferred()
     with ctrl.state_lock:
         discard_prepared(ctrl)
 
@@ -1263,12 +1301,21 @@ def _build_namespaces(ctrl: MigrationHost, st: NvmeState, plan: NamespacePlan) -
         fmt = Namespace.wanted_format(states[rec.nsid])
         where = f"ns_management.created[{index.get(rec.nsid, 0)}]"
         try:
-            ns = ctrl.make_namespace(rec.nsid, ns_records.creation_spec(rec, fmt, build=True))
+            # nothing is written beside the image before the load is committed (its
+            # identity file: LoadUndo.remember)
+            ns = ctrl.make_namespace(rec.nsid, ns_records.creation_spec(rec, fmt, build=True), remember=False)
         except (ConfigError, OSError) as exc:
             _close_built(ctrl, built)
             raise _fail(f"namespace {rec.nsid} cannot be created here: {exc}", where) from exc
         built[rec.nsid] = (ns, ns_records.creation_spec(rec, fmt))
         got = ns_records.record_of(ns)
+        try:
+            held = stored_identifiers(ns.backend)  # (the image's own, if it has an identity file)
+        except ConfigError as exc:
+            _close_built(ctrl, built)
+            raise _fail(f"namespace {rec.nsid} cannot be created here: {exc}", where) from exc
+        if held is not None:
+            got = attrs.evolve(got, nguid=held[0], eui64=held[1], uuid=held[2].bytes)
         if got != rec:
             _close_built(ctrl, built)
             differ = [a.name for a in attrs.fields(type(rec)) if getattr(got, a.name) != getattr(rec, a.name)]
@@ -1296,7 +1343,7 @@ def _change_structure(ctrl: MigrationHost, plan: NamespacePlan, built: Mapping[i
         undo.removed(nsid, ctrl.remove_namespace(nsid))
     for nsid, (ns, spec) in sorted(built.items()):
         ctrl.add_namespace(nsid, ns, created_spec=spec)
-        undo.added(nsid)
+        undo.added(nsid, ns)
 
 
 def _undo_structure(ctrl: MigrationHost) -> None:
@@ -1376,6 +1423,7 @@ def _apply_components(ctrl: MigrationHost, st: NvmeState, held: dict[int, Namesp
                     old.close() if new else undo.retire(old, remove=ns.meta is None)
         ctrl.set_attached([n.nsid for n in st.namespaces if n.attached])
         _restore_controller_memory(ctrl, st)
+        ctrl.uncorrectable.defer_writes()  # (the sidecars: once the load is accepted, _settle)
         ctrl.uncorrectable.restore(st.uncorrectable)
         ctrl.aborts.restore(st.aborts)
         ctrl.sanitizer.restore(st.sanitize)

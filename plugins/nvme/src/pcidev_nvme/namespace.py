@@ -98,6 +98,8 @@ __all__ = [
     "make_namespace",
     "offered_formats",
     "parse_spec",
+    "remember_identity",
+    "stored_identifiers",
 ]
 
 
@@ -901,6 +903,49 @@ def may_write_beside(backend: Any) -> bool:
     return os.access(os.path.dirname(os.path.abspath(path)) or ".", os.W_OK)
 
 
+def stored_identifiers(backend: Any) -> tuple[bytes, bytes, uuidlib.UUID] | None:
+    """(NGUID, EUI-64, UUID) the identity file of ``backend``'s image holds, or None when it
+    has none (nothing is written).
+
+    :raises ConfigError: the identity file is unreadable or incomplete.
+    """
+    path = getattr(backend, "identity_path", None)
+    stored = _load_identity(path) if path else None
+    if stored is None:
+        return None
+    try:
+        return (_hexbytes(stored["nguid"], 16, "nguid"), _hexbytes(stored["eui64"], 8, "eui64"),
+                _parse_uuid(stored["uuid"]))
+    except KeyError as exc:
+        raise ConfigError(f"namespace identity file {path} lacks {exc}") from None
+
+
+def remember_identity(ns: Namespace) -> bool:
+    """Write the namespace's identifiers and format to its identity file (a namespace built
+    with ``remember=False``, once it is the controller's: a migration's load, after it is
+    committed).
+
+    :returns: whether the file now holds them (``False`` without an identity file or when
+        it cannot be written). A file that holds them already is left as it is (no write on
+        a migration's resume).
+    """
+    path = getattr(ns.backend, "identity_path", None)
+    try:
+        if path and _load_identity(path) == _identity_data(ns):
+            return True
+    except ConfigError:
+        pass  # (unreadable: written anew)
+    return _save_identity(ns)
+
+
+def _identity_data(ns: Namespace) -> dict[str, Any]:
+    """What the identity file of ``ns`` holds (JSON object)."""
+    data: dict[str, Any] = {"nguid": ns.nguid.hex(), "eui64": ns.eui64.hex(), "uuid": str(ns.uuid), "lbaf": ns.lbaf}
+    if ns.pi or ns.pil or ns.mset:
+        data.update(pi=ns.pi, pil=ns.pil, mset=ns.mset)
+    return data
+
+
 def _save_identity(ns: Namespace) -> bool:
     """Write the namespace's identifiers and format to its identity file, if any.
 
@@ -910,14 +955,7 @@ def _save_identity(ns: Namespace) -> bool:
     path = getattr(ns.backend, "identity_path", None)
     if not path or not may_write_beside(ns.backend):
         return False
-    data = {
-        "nguid": ns.nguid.hex(),
-        "eui64": ns.eui64.hex(),
-        "uuid": str(ns.uuid),
-        "lbaf": ns.lbaf,
-    }
-    if ns.pi or ns.pil or ns.mset:
-        data.update(pi=ns.pi, pil=ns.pil, mset=ns.mset)
+    data = _identity_data(ns)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -944,6 +982,7 @@ def make_namespace(
     state_dir: str | None = None,
     serial: str = "",
     backends: Mapping[str, BackendFactory] | None = None,
+    remember: bool = True,
 ) -> Namespace:
     """Build a namespace from a spec (see the module docstring).
 
@@ -955,6 +994,10 @@ def make_namespace(
         when none are given or stored.
     :param backends: the backends by name (a device registry's ``nvme-backend``
         components, see :mod:`pcidev_nvme.backends`); ``None``: the built-ins.
+    :param remember: write the identity file beside the image when it lacks what the
+        namespace uses (False: write nothing -- a migration's load builds the namespaces of
+        its records with their identifiers and writes the file once it is committed,
+        :func:`remember_identity`; a ``file`` image must then exist).
     :returns: the namespace.
     :raises ConfigError: bad spec, unknown backend or option, or backend failure.
     """
@@ -1004,7 +1047,7 @@ def make_namespace(
         ns.starts_detached = ns_options.detached
         remembered = (stored.get("lbaf"), stored.get("pi", 0), stored.get("pil", 0),
                       stored.get("mset", 0)) if stored is not None else None
-        if path and (remembered != (ns.lbaf, ns.pi, ns.pil, ns.mset) or explicit):
+        if remember and path and (remembered != (ns.lbaf, ns.pi, ns.pil, ns.mset) or explicit):
             if not _save_identity(ns) and stored is None:
                 # Random identifiers that cannot be remembered would change on every
                 # start: use the derived ones (stable for this serial and NSID).

@@ -103,10 +103,11 @@ class NamespaceSetMixin:
         else the built-ins. A controller never loads plugins itself."""
         return self.cfg.backends if self.cfg.backends is not None else BUILTIN_BACKENDS
 
-    def make_namespace(self, nsid: int, spec: NamespaceSpec) -> Namespace:
-        """Build namespace ``nsid`` from a spec (see :func:`pcidev_nvme.namespace.make_namespace`)."""
+    def make_namespace(self, nsid: int, spec: NamespaceSpec, *, remember: bool = True) -> Namespace:
+        """Build namespace ``nsid`` from a spec (see :func:`pcidev_nvme.namespace.make_namespace`;
+        ``remember=False``: nothing is written beside its image)."""
         return make_namespace(nsid, spec, state_dir=self.cfg.state_dir, serial=self.cfg.serial_number,
-                              backends=self.backend_registry())
+                              backends=self.backend_registry(), remember=remember)
 
     def _make_namespaces(self) -> None:
         """The configured namespaces, NSID 1, 2, ... in order, attached (but those with the

@@ -332,17 +332,20 @@ def creation_spec(rec: CreatedNamespaceRecord, fmt: tuple[int, int, int, int], *
 
     :param build: the spec to build it with now rather than the one remembered (in the
         state file, for a ``file`` namespace): a ``file`` image is reopened, never created
-        (no ``size``: a missing image is an error), its identifiers read from its identity
-        file; a ``mem`` namespace starts without metadata (the load then maps the migrated
-        memory and metadata).
+        (no ``size``: a missing image is an error), with the record's identifiers (the
+        load checks that an identity file beside the image holds the same, and writes it
+        only once the load is committed: the namespace is built with ``remember=False``);
+        a ``mem`` namespace starts without metadata (the load then maps the migrated memory
+        and metadata).
     """
     lbaf = fmt[0]
+    ids = f",nguid={rec.nguid.hex()},eui64={rec.eui64.hex()},uuid={uuidlib.UUID(bytes=rec.uuid)}"
     if rec.kind == "file":
         escaped = rec.path.replace(",", ",,")  # the spec grammar: a literal comma is ",,"
-        # (built: never through a symbolic link planted where the checked image was)
-        size = ",nofollow=on" if build else f",size={rec.size}"
-        return f"file:path={escaped}{size},lbaf={lbaf}{_protection(fmt)}"
-    ids = f",nguid={rec.nguid.hex()},eui64={rec.eui64.hex()},uuid={uuidlib.UUID(bytes=rec.uuid)}"
+        if build:  # (never through a symbolic link planted where the checked image was)
+            return f"file:path={escaped},nofollow=on,lbaf={lbaf}{_protection(fmt)}{ids}"
+        # (remembered: the identifiers are the identity file's, which follows the image)
+        return f"file:path={escaped},size={rec.size},lbaf={lbaf}{_protection(fmt)}"
     if build and rec.kind == "mem":
         return f"mem:size={rec.size},lbaf=0{ids}"
     return f"{rec.kind}:size={rec.size},lbaf={lbaf}{_protection(fmt)}{ids}"

@@ -165,6 +165,10 @@ class Uncorrectable:
         self._potential = 0
         #: sidecar paths found to be somebody else's file: never written
         self._foreign: set[str] = set()
+        #: NSIDs whose sidecars a load's restore changed, rewritten once it is accepted
+        #: (while ``_deferring``: :meth:`defer_writes` ... :meth:`release_deferred`)
+        self._deferred: set[int] = set()
+        self._deferring = False
         self._writer = _SidecarWriter(self._write_sidecar)
         #: any block marked at all (the data path's one cheap test)
         self.active = False
@@ -365,7 +369,8 @@ class Uncorrectable:
 
     def restore(self, state: UncorrectableState | None) -> None:
         """Take the marks of ``state`` (None: no block is marked); the sidecars are
-        rewritten in the background (after the restore, never inside it)."""
+        rewritten in the background (after the restore, never inside it), or once the load
+        is accepted after :meth:`defer_writes`."""
         with self._lock:
             old = set(self._ranges)
             self._ranges = {}
@@ -374,4 +379,23 @@ class Uncorrectable:
                 self._mark_locked(r.nsid, r.slba, r.nlb, bounded=False)
             self.active = bool(self._ranges)
             changed = old | set(self._ranges)
+            if self._deferring:
+                self._deferred |= changed
+                return
         self._writer.changed(sorted(changed))
+
+    def defer_writes(self) -> None:
+        """A migration's load restores the marks: the sidecars its restores change are
+        rewritten only once it is accepted (:meth:`release_deferred`), nothing is written
+        beside the images before."""
+        with self._lock:
+            self._deferring = True
+
+    def release_deferred(self) -> None:
+        """The loads are accepted (the controller resumes): rewrite the sidecars their
+        restores changed (in the background); restores write at once again."""
+        with self._lock:
+            pending, self._deferred = self._deferred, set()
+            self._deferring = False
+        if pending:
+            self._writer.changed(sorted(pending))

@@ -62,7 +62,8 @@ def test_run_job_rejects_unsuitable_block_size():
 def test_bench_both_transports_in_one_run(capsys):
     """``--transport both``: the in-process keys unchanged, the vfio-user ones beside them,
     the server's CPU counted, data verified on both, and the server process gone."""
-    rc = cli_main(["bench", "nvme", "--json", "--transport", "both", "--seconds", "0.3", "--size", "16M"])
+    # (--debug: a failure shows its traceback; one was seen twice on busy machines as a bare TypeError)
+    rc = cli_main(["--debug", "bench", "nvme", "--json", "--transport", "both", "--seconds", "0.3", "--size", "16M"])
     out, err = capsys.readouterr()
     assert rc == 0, err
     result = json.loads(out)

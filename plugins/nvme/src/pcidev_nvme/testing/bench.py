@@ -204,6 +204,9 @@ def run_job(
             more = now < deadline
             for c in comps:
                 slot = c.tag
+                if slot is None:  # (a duplicate, or a completion of another job's command)
+                    raise PcidevError(f"{name}: a completion for command {c.cid} on queue {qid}, which was not "
+                                      f"outstanding (status {c.status:#x})")
                 record(now - started[slot])
                 done += 1
                 if c.status:
