@@ -690,8 +690,8 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
         run (the source gave up). A source whose OFFER does not say ``commit`` (the
         previous version) sends none: the device resumes right after the ACK.
     :param committed: called after COMMIT and before RUNNING.
-    :param resume: resume the device after RUNNING (False: it was not running at the
-        source, e.g. quiesced because its client left: it stays so).
+    :param resume: with ``commit``, resume the device after RUNNING (False: it was not
+        running at the source, e.g. quiesced because its client left: it stays so).
     :param max_memory: over a channel without descriptors, the most bytes of memory
         contents the source may announce (:class:`~pcidev.migration.precopy.StagedMemory`):
         a cap above the real bound, which is this device's own memory sources (each
@@ -852,7 +852,7 @@ def _acknowledge(device: PciDevice, sock: socket.socket, *, stream: bytes, nfds:
             raise
         if runs:
             running_at = stamp
-            if resume:
+            if resume or not commit:  # (``resume`` is the handover's)
                 device.resume()
     elif not deferred:  # a source of the previous version: it took the ACK as the handover
         device.resume()
