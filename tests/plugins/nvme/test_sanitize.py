@@ -279,14 +279,15 @@ def test_sanitize_in_progress_migrates_and_finishes_at_the_destination():
 def test_sanitize_in_progress_migrates_between_processes(tmp_path, process_host):
     host = process_host(tmp_path, f"serial=SANX,max_ioqpairs=2,msix_vectors=3,sanitize_rate=4M,ns=mem:size={SIZE}",
                         io_queues=1, aers=1)
-    dst = host.destination("b")
+    # the destination listens before the sanitize starts: on a busy machine it may take
+    # longer to start than the sanitize takes
+    dst = host.destination("b", listening=True)
     drv = host.drv
     before = fill(drv)
     drv.sanitize(OVERWRITE, owpass=1, ndas=True, ovrpat=0x0BADF00D)
     time.sleep(0.3)
     prog = drv.sanitize_log()["sprog"]
     assert 0 < prog < 0xFFFF
-    host.listening(dst)
     host.device.migrate(dst.incoming, timeout=20)
     assert host.device.info["pid"] == dst.pid
     log = drv.sanitize_log()
