@@ -22,8 +22,18 @@ import pytest
 from pcidev.devices.edu import EduDevice
 from pcidev.errors import MigrationError, TransportError
 from pcidev.host import Machine
-from pcidev.migration.frames import (ACK, CHECK, FRAME_HEADER, MAGIC, STATE, VERDICT, boot_id, frame_meta, recv_frame,
-                                     send_meta)
+from pcidev.migration.frames import (
+    ACK,
+    CHECK,
+    FRAME_HEADER,
+    MAGIC,
+    STATE,
+    VERDICT,
+    boot_id,
+    frame_meta,
+    recv_frame,
+    send_meta,
+)
 from pcidev.transport.address import listen
 from pcidev.transport.endpoint import DeviceEndpoint, PrecopySession
 from pcidev.transport.fdpass import close_fds
