@@ -43,9 +43,11 @@ destination whose ACK does not say it runs without COMMIT, and the source sends 
 and counts its ACK as the handover (the window in which both may run is only
 narrowed: the source shuts the channel down before it resumes).
 
-Over TCP no descriptors travel, so state that migrates only as a descriptor (a
-memfd-backed RAM BAR, a device's ``FD_FEATURES``) blocks the migration before anything
-stops (:func:`~pcidev.migration.blockers.descriptor_blockers`); otherwise the destination loads without them and must be
+Over TCP no descriptors travel: the contents of the device's memory sources (its RAM
+BARs, an NVMe ``mem`` namespace) travel instead (protocol 2, :mod:`pcidev.migration.precopy`),
+and state that migrates only as a descriptor and no source covers blocks the migration
+before anything stops (:func:`~pcidev.migration.blockers.descriptor_blockers`). The
+destination loads without descriptors and must be
 given the guest memory (the same regions) and the interrupt eventfds by the host
 before it runs; it acknowledges with ``deferred`` set and does not resume by
 itself (the device link's ``RESUME`` does it, see :mod:`pcidev.transport.link`).

@@ -22,14 +22,14 @@ handover, which refuses unless it is ``RUNNING``).
   own ``DMA_MAP`` and ``DEVICE_SET_IRQS``, and the load keeps the memory attached there
   (checking that it matches the stream's map). The contents of the device's memory
   sources (:meth:`PciDevice.memory_sources <pcidev.device.PciDevice.memory_sources>`: a
-  memfd RAM BAR, an NVMe ``mem`` namespace and its metadata) travel instead of their
+  RAM BAR, memfd- or file-backed, an NVMe ``mem`` namespace and its metadata) travel instead of their
   descriptors: the data is then frames (MEMORY, CHUNKs, OFFER, STATE;
   :mod:`~pcidev.transport.vfio_user.migration_data`), copied iteratively with dirty
   tracking in ``PRE_COPY`` (each run of reads up to a short read is one iteration) and
   the rest in ``STOP_COPY``; the destination stages them as they arrive, with the
   checks of the TCP channel, and the load adopts them (a RAM BAR's contents go into the
-  BAR its client maps). What travels only as a descriptor and no source covers (a
-  file-backed RAM BAR) blocks: ``EBUSY`` before anything stops.
+  BAR its client maps, a file-backed one's into its own file). What travels only as a
+  descriptor and no source covers blocks: ``EBUSY`` before anything stops.
 * ``RESUMING`` to ``STOP`` loads the received data, all or nothing; a malformed frame
   fails the ``MIG_DATA_WRITE`` that completes it, a truncated or refused stream fails
   the arc, both with ``EINVAL``, and leave the state machine in ``ERROR``, which only a
@@ -135,8 +135,7 @@ def migration_blockers(device: PciDevice, pm: pluggy.PluginManager | None = None
     and enabled feature in the device's :attr:`~pcidev.device.PciDevice.FD_FEATURES` that
     no memory source covers (:func:`~pcidev.migration.blockers.descriptor_blockers`: the
     migration data carries no file descriptors, only the contents of the sources, such
-    as a memfd RAM BAR, an NVMe ``mem`` namespace and its metadata; a file-backed RAM BAR
-    still blocks).
+    as a RAM BAR, memfd- or file-backed, an NVMe ``mem`` namespace and its metadata).
 
     :param device: the device.
     :param pm: the plugin manager (its plugins' blockers).

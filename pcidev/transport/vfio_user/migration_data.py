@@ -2,7 +2,7 @@
 on the destination) when the device has memory sources.
 
 A device whose state includes memory objects that travel only as a descriptor (its
-memfd RAM BARs, an NVMe ``mem`` namespace and its metadata:
+RAM BARs, memfd- or file-backed, an NVMe ``mem`` namespace and its metadata:
 :meth:`PciDevice.memory_sources <pcidev.device.PciDevice.memory_sources>`) sends their
 **contents** in the migration data, framed as a migration channel of protocol 2 would
 carry them (:mod:`pcidev.migration.precopy`: ``MEMORY``, ``CHUNK``, ``OFFER``, ``STATE``).

@@ -59,8 +59,8 @@ the destination from its own configuration (the same path: the fingerprint has i
 except in a handover, whose new process takes the old one's descriptors of the image
 (:func:`inheritable_fds`, :mod:`pcidev.inheritance`) and never opens the path;
 a ``mem`` namespace's memfd travels with the stream (``SCM_RIGHTS``) and the
-destination maps it instead of its own empty one; over TCP (no descriptors) its
-contents travel instead (:func:`memory_sources`: copied while the controller serves
+destination maps it instead of its own empty one; over TCP and in vfio-user migration
+data (no descriptors) its contents travel instead (:func:`memory_sources`: copied while the controller serves
 I/O, the rest at the stop, into a memfd of the destination's that it maps the same
 way); ``null`` namespaces hold nothing. The fingerprint (:func:`fingerprint`) covers the configuration a
 destination must match: serial, model, queue count, MQES, MDTS, MSI-X vectors,
@@ -1516,8 +1516,8 @@ class MigrationMixin:
     #: the ``nvme`` vmstate section
     VMSTATE: ClassVar[type[Any] | None] = NvmeState  # as declared by PciDevice
     MIGRATABLE_FEATURES = MIGRATABLE_FEATURES
-    # the memfd travels with SCM_RIGHTS; without descriptors (TCP) its contents travel instead
-    # (memory_sources(), which cover the feature); vfio-user migration data carries neither
+    # the memfd travels with SCM_RIGHTS; without descriptors (TCP, vfio-user migration data)
+    # its contents travel instead (memory_sources(), which cover the feature)
     FD_FEATURES = frozenset({MEM_FD_FEATURE})
 
     _paused: bool
