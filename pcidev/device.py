@@ -79,7 +79,7 @@ from pcidev.bar import Bar, BarHandler, BarKind, RamBacking, ram_file_key
 from pcidev.dma import GuestMemory
 from pcidev.errors import ConfigError, ConfigSpaceError, DmaError, MigrationBlockedError, MmioError
 from pcidev.irq import InterruptController, InterruptSink
-from pcidev.memory_source import MemorySource
+from pcidev.memory_source import ContentDescriptors, MemorySource
 from pcidev.pci import ids
 from pcidev.pci.capabilities.aer import AerCapability
 from pcidev.pci.capabilities.base import CapabilityList, CapT
@@ -810,6 +810,22 @@ class PciDevice:
         if ref is None or fds is None or not 0 <= ref.index < len(fds):
             return None
         return fds[ref.index]
+
+    def vmstate_load_allocated(self, ref: FdRef | None) -> bytes | None:
+        """During a load, beside :meth:`vmstate_load_fd`: for a descriptor whose contents
+        travelled (a memfd the channel staged), which of its pages hold data -- one byte per
+        :data:`~pcidev.memory_source.ALLOCATION_PAGE` bytes, nonzero where data was written,
+        zero where it is a hole (:attr:`~pcidev.memory_source.ContentDescriptors.allocated`),
+        so that a device adopting it need not scan it for holes inside the downtime.
+        None: unknown (a descriptor passed as it is, a snapshot, no load).
+
+        :param ref: the reference in the device's state.
+        :returns: the page map, or None.
+        """
+        fds = self.vmstate_load_fds
+        if ref is None or not isinstance(fds, ContentDescriptors):
+            return None
+        return fds.allocated.get(ref.index)
 
     def inheritable_fds(self) -> dict[str, int]:
         """Override: the descriptors a handover's new process should take over instead

@@ -167,11 +167,23 @@ class ContentDescriptors(list[int | None]):
 
     :param fds: the list (None where nothing travelled).
     :param names: ``{index: source name}`` of the indexes that hold a descriptor.
+    :param allocated: ``{index: page map}``: one byte per :data:`ALLOCATION_PAGE` bytes of
+        the memfd at that index, nonzero where it holds data (the pages the contents wrote),
+        zero where it is a hole, as the channel staged it -- so that a device adopting the
+        memfd need not scan it for holes (``SEEK_DATA``/``SEEK_HOLE`` walks every extent:
+        ~28 ms for 40,000 scattered pages of 256 MiB, inside the downtime). An index
+        without a map: unknown (scan).
     """
 
-    def __init__(self, fds: list[int | None], names: dict[int, str]) -> None:
+    def __init__(self, fds: list[int | None], names: dict[int, str],
+                 allocated: dict[int, bytes] | None = None) -> None:
         super().__init__(fds)
         self.names = dict(names)
+        self.allocated = dict(allocated or {})
+
+
+#: the granule of :attr:`ContentDescriptors.allocated` (the page size of memfds)
+ALLOCATION_PAGE = 4096
 
 
 def object_name(name: str) -> str:

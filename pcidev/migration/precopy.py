@@ -73,7 +73,7 @@ import msgpack
 from pcidev.device import PciDevice
 from pcidev.dma import alloc_memfd
 from pcidev.errors import DmaError, MigrationError, TransportError
-from pcidev.memory_source import ContentDescriptors, DirtyBitmap, MemorySource, object_name
+from pcidev.memory_source import ALLOCATION_PAGE, ContentDescriptors, DirtyBitmap, MemorySource, object_name
 from pcidev.migration.frames import (
     CHUNK,
     FEATURE_SYNC,
@@ -886,9 +886,15 @@ class _Staged:
         except DmaError as exc:
             raise TransportError(f"migration channel: cannot stage memory source {name!r} "
                                  f"({size} bytes): {exc}") from None
+        #: one byte per page, 1 where the memfd holds data (written), 0 where it is a hole
+        #: (never written, or punched): ContentDescriptors.allocated
+        self.pages = bytearray(-(-size // ALLOCATION_PAGE))
 
     def write(self, off: int, data: memoryview) -> None:
         """Write ``data`` at ``off``. :raises TransportError: the kernel refused (no memory)."""
+        if data:
+            a, b = off // ALLOCATION_PAGE, -(-(off + len(data)) // ALLOCATION_PAGE)
+            self.pages[a:b] = b"\x01" * (b - a)  # (marked first: a failed write fails the load)
         try:
             while data:
                 n = os.pwrite(self.fd, data, off)
@@ -912,6 +918,10 @@ class _Staged:
                 window.madvise(mmap.MADV_REMOVE)
         except (OSError, ValueError):
             self.write(lo, memoryview(bytes(hi - lo)))
+        else:
+            if mmap.ALLOCATIONGRANULARITY % ALLOCATION_PAGE == 0:  # (whole pages punched)
+                a, b = lo // ALLOCATION_PAGE, hi // ALLOCATION_PAGE
+                self.pages[a:b] = bytes(b - a)
         self.write(off, memoryview(bytes(lo - off)))
         self.write(hi, memoryview(bytes(end - hi)))
 
@@ -1077,6 +1087,7 @@ class StagedMemory:
             raise TransportError("migration channel: OFFER fd_sources is not a map")
         fds: list[int | None] = [None] * count
         names: dict[int, str] = {}
+        allocated: dict[int, bytes] = {}
         for key, name in mapping.items():
             if not isinstance(key, str) or not _INDEX.fullmatch(key) or not int(key) < count:
                 raise TransportError(f"migration channel: OFFER fd_sources index {str(key)[:16]!r} is not one of "
@@ -1090,7 +1101,8 @@ class StagedMemory:
                                      "descriptor")
             fds[int(key)] = staged.fd
             names[int(key)] = name
-        return ContentDescriptors(fds, names)
+            allocated[int(key)] = bytes(staged.pages)
+        return ContentDescriptors(fds, names, allocated)
 
     def close(self) -> None:
         """Close every staging memfd (the load holds its own duplicates of those it adopted)."""

@@ -315,7 +315,7 @@ def _apply_sections(dev: PciDevice, sections: list[Section], fds: Sequence[int |
     dev.realize()
     with dev.lock:
         # vmstate_load_fd(); memory contents stay marked as such (never a full descriptor list)
-        dev.vmstate_load_fds = (None if fds is None else ContentDescriptors(list(fds), fds.names)
+        dev.vmstate_load_fds = (None if fds is None else ContentDescriptors(list(fds), fds.names, fds.allocated)
                                 if isinstance(fds, ContentDescriptors) else list(fds))
         try:
             parts = [(part, by_name[part.name]) for part in _parts(dev)]

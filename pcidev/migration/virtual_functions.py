@@ -121,6 +121,7 @@ def _vf_contents(loaded: ContentDescriptors, entry: VfState, k: int) -> ContentD
     prefix = vf_source_prefix(k)
     fds: list[int | None] = []
     names: dict[int, str] = {}
+    allocated: dict[int, bytes] = {}
     for j, ref in enumerate(entry.fds):
         name = loaded.names.get(ref.index)
         fd = loaded[ref.index] if 0 <= ref.index < len(loaded) else None
@@ -128,8 +129,10 @@ def _vf_contents(loaded: ContentDescriptors, entry: VfState, k: int) -> ContentD
             raise _fail(f"memory contents {name!r} were sent for a descriptor of VF {k}", f"vfs[{k}].fds[{j}]")
         if name is not None:
             names[j] = name[len(prefix):]
+            if ref.index in loaded.allocated:
+                allocated[j] = loaded.allocated[ref.index]
         fds.append(fd if name is not None else None)
-    return ContentDescriptors(fds, names)
+    return ContentDescriptors(fds, names, allocated)
 
 
 def load_vfs(dev: PciDevice, state: SriovState, load_stream: LoadStream) -> None:

@@ -20,9 +20,9 @@ from precopy_device import Incoming, PrecopyDev, page_crcs, tcp_pair
 from pcidev.bar import RamBacking, Register, RegisterMap
 from pcidev.device import PciDevice
 from pcidev.errors import ConfigError, MigrationBlockedError, MigrationError, TransportError, VMStateError
-from pcidev.memory_source import DirtyBitmap, MemorySource
+from pcidev.memory_source import ALLOCATION_PAGE, DirtyBitmap, MemorySource
 from pcidev.migration import descriptor_blockers, migrate_out
-from pcidev.migration.precopy import Precopy, PrecopyReport
+from pcidev.migration.precopy import Precopy, PrecopyReport, _Staged
 from pcidev.vmstate import FdRef, vmstate
 
 MiB = 1 << 20
@@ -663,3 +663,39 @@ def _raises(fn):
     except Exception as exc:
         return exc
     return None
+
+
+# ---------------------------------------------------------------- the staging's page map
+def _seek_pages(fd: int, size: int) -> bytes:
+    """Which pages of ``fd`` hold data, as SEEK_DATA/SEEK_HOLE tell it (the truth the map stands for)."""
+    pages = bytearray(-(-size // ALLOCATION_PAGE))
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        a, b = start // ALLOCATION_PAGE, -(-end // ALLOCATION_PAGE)
+        pages[a:b] = b"\x01" * (b - a)
+        pos = end
+    return bytes(pages)
+
+
+def test_the_staging_knows_which_pages_hold_data_as_the_kernel_does():
+    """The page map a load gets beside a staged memfd (ContentDescriptors.allocated) is what a
+    SEEK_DATA scan of it finds, after scattered writes, punched holes and unaligned zeros."""
+    size = 8 << 20
+    rng = random.Random(7)
+    staged = _Staged("nvme/ns1@1", size)
+    try:
+        for _ in range(400):
+            off = rng.randrange(size - 20000)
+            if rng.random() < 0.7:
+                staged.write(off, memoryview(os.urandom(rng.randrange(1, 20000))))
+            else:
+                staged.zero(off, rng.randrange(1, 200000) if off + 200000 < size else 1)
+        assert bytes(staged.pages) == _seek_pages(staged.fd, size)
+        assert 0 < bytes(staged.pages).count(1) < len(staged.pages)  # both kinds of page
+    finally:
+        staged.close()

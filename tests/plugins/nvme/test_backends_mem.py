@@ -201,3 +201,32 @@ def test_an_anonymous_namespace_migrates_between_processes_over_tcp_and_unix(tmp
     finally:
         for proc in procs:
             proc.stop()
+
+
+def test_a_staged_page_map_gives_the_same_backend_as_a_scan_without_one():
+    """MemoryBackend.from_fd(allocated=) -- the map the migration channel hands over beside a
+    staged memfd -- builds the same written-page map (NUSE, the hole-reading shortcut) as the
+    SEEK_DATA scan it replaces, and the same contents; a map of the wrong length is ignored."""
+    size = 4 << 20
+    fd = os.memfd_create("staged")
+    try:
+        os.ftruncate(fd, size)
+        rng = random.Random(3)
+        pages = bytearray(size // 4096)
+        for _ in range(200):
+            page = rng.randrange(len(pages))
+            os.pwrite(fd, os.urandom(4096), page * 4096)
+            pages[page] = 1
+        scanned = MemoryBackend.from_fd(fd, size)
+        given = MemoryBackend.from_fd(fd, size, allocated=bytes(p * 7 for p in pages))  # any nonzero byte
+        wrong = MemoryBackend.from_fd(fd, size, allocated=bytes(10))
+        try:
+            assert given._written == scanned._written == wrong._written == pages
+            assert given._unwritten == scanned._unwritten == pages.count(0)
+            for page in range(0, len(pages), 37):
+                assert bytes(given._mv[page * 4096:(page + 1) * 4096]) == os.pread(fd, 4096, page * 4096)
+        finally:
+            for b in (scanned, given, wrong):
+                b.close()
+    finally:
+        os.close(fd)

@@ -237,6 +237,7 @@ class MigrationHost(Protocol):
     def restart_work(self) -> None: ...
     def vmstate_fd(self, fd: int) -> Any: ...
     def vmstate_load_fd(self, ref: Any) -> int | None: ...
+    def vmstate_load_allocated(self, ref: Any) -> bytes | None: ...
 
 __all__ = ["NvmeState", "SqState", "CqState", "CqeState", "AerState", "EventState", "FeaturesState", "TlerState",
            "SmartState", "FirmwareState", "FwChunk", "NamespaceState", "MIGRATABLE_FEATURES", "fingerprint",
@@ -1454,7 +1455,8 @@ def _prepare_namespaces(ctrl: MigrationHost, st: NvmeState,
             # check(): a mem namespace, whose backend has an fd (not in the Backend protocol;
             # without one, -1 makes sameopenfile raise OSError, handled below)
             if fd is not None and not (isinstance(ns.backend, MemoryBackend) and ns.backend.same_memory(fd)):
-                swaps[n.nsid] = MemoryBackend.from_fd(fd, ns.size)  # (else: already this memory)
+                # (else: already this memory); staged contents say which pages hold data
+                swaps[n.nsid] = MemoryBackend.from_fd(fd, ns.size, allocated=ctrl.vmstate_load_allocated(n.mem_fd))
             m = n.metadata
             meta_fd = ctrl.vmstate_load_fd(m.mem_fd) if m is not None and m.mem_fd is not None else None
             if (meta_fd is not None and ns.meta is not None and ns.meta.mem_fd >= 0
