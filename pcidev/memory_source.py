@@ -23,7 +23,7 @@ import attrs
 
 from pcidev.errors import ConfigError
 
-__all__ = ["DirtyBitmap", "MemorySource", "ContentDescriptors", "DEFAULT_GRANULE", "object_name"]
+__all__ = ["DirtyBitmap", "MemorySource", "ContentDescriptors", "DEFAULT_GRANULE", "ALLOCATION_PAGE", "object_name"]
 
 #: the default tracking granule of a :class:`DirtyBitmap` (64 KiB)
 DEFAULT_GRANULE = 65536
