@@ -815,7 +815,7 @@ class PciDevice:
         """During a load, beside :meth:`vmstate_load_fd`: for a descriptor whose contents
         travelled (a memfd the channel staged), which of its pages hold data -- one byte per
         :data:`~pcidev.memory_source.ALLOCATION_PAGE` bytes, nonzero where data was written,
-        zero where it is a hole (:attr:`~pcidev.memory_source.ContentDescriptors.allocated`),
+        zero where it is a hole (``allocated`` of :class:`~pcidev.memory_source.ContentDescriptors`),
         so that a device adopting it need not scan it for holes inside the downtime.
         None: unknown (a descriptor passed as it is, a snapshot, no load).
 

@@ -182,7 +182,7 @@ class ContentDescriptors(list[int | None]):
         self.allocated = dict(allocated or {})
 
 
-#: the granule of :attr:`ContentDescriptors.allocated` (the page size of memfds)
+#: the granule of the page maps of :class:`ContentDescriptors` (``allocated``; the page size of memfds)
 ALLOCATION_PAGE = 4096
 
 
