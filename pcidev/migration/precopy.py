@@ -68,7 +68,6 @@ from typing import Any
 
 import attrs
 import crc32c
-import msgpack
 
 from pcidev.device import PciDevice
 from pcidev.dma import alloc_memfd
@@ -77,14 +76,9 @@ from pcidev.memory_source import ALLOCATION_PAGE, ContentDescriptors, DirtyBitma
 from pcidev.migration.frames import (
     CHUNK,
     FEATURE_SYNC,
-    FRAME_HEADER,
-    MAGIC,
-    MAX_STREAM_SIZE,
     MEMORY,
     NACK,
-    OFFER,
     PROTOCOL_MEMORY,
-    STATE,
     SYNC,
     SYNCED,
     boot_id,
@@ -106,14 +100,13 @@ __all__ = [
     "Precopy",
     "StagedMemory",
     "destination_sources",
+    "checked_sources",
     "MAX_CHUNK",
     "MAX_SOURCES",
     "MAX_SOURCE_NAME",
     "MAX_MEMORY_SIZE",
     "MAX_CHUNK_FRAME",
     "HASH_PAGE",
-    "pack_memory",
-    "unpack_memory",
 ]
 
 #: the most data one CHUNK carries (1 MiB)
@@ -310,6 +303,38 @@ class _Tracked:
             self.fd = -1
 
 
+def checked_sources(device: PciDevice) -> list[MemorySource]:
+    """``device``'s memory sources now, checked as every carrier of their contents needs
+    them (names valid and unique, sizes positive, a bitmap covering its source, at most
+    :data:`MAX_SOURCES`).
+
+    :param device: the device.
+    :returns: the sources.
+    :raises MigrationError: ``memory_sources()`` failed or returned an unusable list.
+    """
+    try:
+        sources = list(device.memory_sources())
+    except Exception as exc:
+        raise MigrationError(f"memory_sources() failed: {type(exc).__name__}: {exc}") from exc
+    names: set[str] = set()
+    for src in sources:
+        try:
+            _check_name(src.name)
+        except ValueError as exc:
+            raise MigrationError(f"memory source: {exc}") from None
+        if src.name in names:
+            raise MigrationError(f"memory source {src.name!r} appears twice")
+        if src.size <= 0:
+            raise MigrationError(f"memory source {src.name!r} has size {src.size}")
+        if src.bitmap is not None and src.bitmap.size < src.size:
+            raise MigrationError(f"memory source {src.name!r}: its bitmap covers {src.bitmap.size} bytes "
+                                 f"of {src.size}")
+        names.add(src.name)
+    if len(sources) > MAX_SOURCES:
+        raise MigrationError(f"{len(sources)} memory sources (at most {MAX_SOURCES})")
+    return sources
+
+
 class Precopy:
     """Pre-copy of a device's memory sources on an open migration channel; the device
     keeps running (and serving) while :meth:`run` runs, in any thread.
@@ -379,27 +404,7 @@ class Precopy:
 
     # -- what the engine knows -------------------------------------------------------------
     def _sources(self) -> list[MemorySource]:
-        try:
-            sources = list(self.device.memory_sources())
-        except Exception as exc:
-            raise MigrationError(f"memory_sources() failed: {type(exc).__name__}: {exc}") from exc
-        names = set()
-        for src in sources:
-            try:
-                _check_name(src.name)
-            except ValueError as exc:
-                raise MigrationError(f"memory source: {exc}") from None
-            if src.name in names:
-                raise MigrationError(f"memory source {src.name!r} appears twice")
-            if src.size <= 0:
-                raise MigrationError(f"memory source {src.name!r} has size {src.size}")
-            if src.bitmap is not None and src.bitmap.size < src.size:
-                raise MigrationError(f"memory source {src.name!r}: its bitmap covers {src.bitmap.size} bytes "
-                                     f"of {src.size}")
-            names.add(src.name)
-        if len(sources) > MAX_SOURCES:
-            raise MigrationError(f"{len(sources)} memory sources (at most {MAX_SOURCES})")
-        return sources
+        return checked_sources(self.device)
 
     def sources(self) -> list[MemorySource]:
         """The device's memory sources now, checked (on a UNIX channel: none; they may
@@ -1110,119 +1115,3 @@ class StagedMemory:
             staged.close()
         self._sources.clear()
 
-
-# ------------------------------------------------------ contents in one buffer (no channel)
-def pack_memory(device_type: str, sources: Sequence[MemorySource], stream: bytes, fds: Sequence[int]) -> bytes:
-    """The frames a protocol-2 channel would carry at the stop, in one buffer: MEMORY, a
-    CHUNK per 1 MiB holding data (holes and zeros left out), OFFER and STATE. For a
-    transport whose migration data is one opaque byte stream and carries no descriptor
-    (vfio-user's MIG_DATA, :mod:`pcidev.transport.vfio_user.migration`); call it with the
-    device stopped.
-
-    :param device_type: the stream's device type.
-    :param sources: the memory sources whose contents go with it.
-    :param stream: the saved vmstate stream.
-    :param fds: the descriptors :func:`~pcidev.migration.snapshot.save_device_stream` returned.
-    :returns: the buffer (:func:`unpack_memory` reads it).
-    :raises MigrationError: a source is unusable.
-    """
-    def frame(kind: int, body: bytes) -> bytes:
-        return FRAME_HEADER.pack(MAGIC, kind, 0, len(body)) + body
-
-    parts = []
-    by_id: dict[tuple[int, int], str] = {}
-    announced = []
-    for src in sources:
-        try:
-            name = _check_name(src.name)
-            fd = _reopen(src.fd)
-        except (ValueError, OSError) as exc:
-            raise MigrationError(f"memory source {src.name!r} is unusable: {exc}") from None
-        try:
-            by_id[_file_id(fd)] = name
-            announced.append({"name": name, "size": src.size})
-            head = name.encode()
-            buf = src.buffer  # (the contents when the descriptor only names the object)
-            for off, length in _extents(fd, src.size) if buf is None else [(0, src.size)]:
-                end = off + length
-                while off < end:
-                    n = min(MAX_CHUNK, end - off)
-                    data = os.pread(fd, n, off) if buf is None else bytes(buf[off:off + n])
-                    if not data:
-                        raise MigrationError(f"memory source {name!r}: short read at {off:#x}")
-                    if not _is_zero(data):
-                        parts.append(frame(CHUNK, _CHUNK_HEAD.pack(len(head), off, len(data)) + head + data))
-                    off += len(data)
-        finally:
-            os.close(fd)
-    memory = frame(MEMORY, msgpack.packb({"protocol": PROTOCOL_MEMORY, "boot_id": boot_id(), "sources": announced},
-                                         use_bin_type=True))
-    offer = frame(OFFER, msgpack.packb({"protocol": PROTOCOL_MEMORY, "device_type": device_type,
-                                        "stream_size": len(stream), "fds": 0, "boot_id": boot_id(),
-                                        "stream_fds": len(fds), "fd_sources": _fd_sources(by_id, fds)},
-                                       use_bin_type=True))
-    return b"".join([memory, *parts, offer, frame(STATE, stream)])
-
-
-def unpack_memory(data: bytes, *, max_memory: int = MAX_MEMORY_SIZE, expected: Mapping[str, int] | None = None
-                  ) -> tuple[bytes, ContentDescriptors, StagedMemory]:
-    """Read a buffer of :func:`pack_memory` with every check of a protocol-2 channel
-    (:class:`StagedMemory`; frames in order: MEMORY first, CHUNK or MEMORY, one OFFER of
-    protocol 2, one STATE of its size, nothing after).
-
-    :param data: the buffer.
-    :param max_memory: the most bytes of contents accepted.
-    :param expected: the destination's memory sources (:func:`destination_sources`):
-        the only names and sizes accepted.
-    :returns: ``(stream, fds, staged)``: the load's descriptor list holds the staging
-        memfds of ``staged``, which the caller closes after the load.
-    :raises TransportError: anything malformed (nothing is left open).
-    """
-    staged = StagedMemory(max_memory, expected)
-    try:
-        frames = _frames(data)
-        kind, body = next(frames, (0, b""))
-        if kind != MEMORY:
-            raise TransportError(f"memory data: expected MEMORY, got {frame_name(kind)}")
-        staged.announce(body)
-        for kind, body in frames:
-            if kind == CHUNK:
-                staged.apply(body)
-            elif kind == MEMORY:
-                staged.announce(body)
-            else:
-                break
-        if kind != OFFER:
-            raise TransportError(f"memory data: expected OFFER, got {frame_name(kind)}")
-        offer = frame_meta(OFFER, body, {"protocol": int, "stream_size": int})
-        if offer["protocol"] != PROTOCOL_MEMORY:
-            raise TransportError(f"memory data: OFFER of protocol {offer['protocol']}")
-        fds = staged.load_fds(offer)
-        kind, stream = next(frames, (0, b""))
-        if kind != STATE or len(stream) != offer["stream_size"]:
-            raise TransportError(f"memory data: expected a STATE of {offer['stream_size']} bytes, got "
-                                 f"{frame_name(kind)} of {len(stream)}")
-        if next(frames, None) is not None:
-            raise TransportError("memory data: frames after the STATE")
-    except BaseException:
-        staged.close()
-        raise
-    return stream, fds, staged
-
-
-def _frames(data: bytes) -> Iterator[tuple[int, bytes]]:
-    """The frames of a buffer. :raises TransportError: a header or length that does not fit."""
-    pos = 0
-    view = memoryview(data)
-    while pos < len(data):
-        if len(data) - pos < FRAME_HEADER.size:
-            raise TransportError(f"memory data: {len(data) - pos} bytes left, less than a frame header")
-        magic, kind, flags, length = FRAME_HEADER.unpack_from(data, pos)
-        if magic != MAGIC or flags:
-            raise TransportError(f"memory data: bad frame header at byte {pos}")
-        limit = MAX_CHUNK_FRAME if kind == CHUNK else MAX_STREAM_SIZE if kind == STATE else 64 << 10
-        pos += FRAME_HEADER.size
-        if length > limit or length > len(data) - pos:
-            raise TransportError(f"memory data: {frame_name(kind)} frame of {length} bytes at byte {pos}")
-        yield kind, bytes(view[pos:pos + length])
-        pos += length

@@ -60,13 +60,14 @@ from pcidev.migration.precopy import (
     MAX_CHUNK,
     MAX_CHUNK_FRAME,
     MAX_MEMORY_SIZE,
-    MAX_SOURCES,
     StagedMemory,
-    _check_name,
     _fd_sources,
     _file_id,
     _is_zero,
     _Tracked,
+)
+from pcidev.migration.precopy import (
+    checked_sources as precopy_checked_sources,
 )
 
 __all__ = ["DataTooLarge", "InboundData", "OutboundData", "checked_sources"]
@@ -97,26 +98,7 @@ def checked_sources(device: PciDevice) -> list[MemorySource]:
     :returns: the sources.
     :raises MigrationError: ``memory_sources()`` failed or returned an unusable list.
     """
-    try:
-        sources = list(device.memory_sources())
-    except Exception as exc:
-        raise MigrationError(f"memory_sources() failed: {type(exc).__name__}: {exc}") from exc
-    names: set[str] = set()
-    for src in sources:
-        try:
-            _check_name(src.name)
-        except ValueError as exc:
-            raise MigrationError(f"memory source: {exc}") from None
-        if src.name in names:
-            raise MigrationError(f"memory source {src.name!r} appears twice")
-        if src.size <= 0:
-            raise MigrationError(f"memory source {src.name!r} has size {src.size}")
-        if src.bitmap is not None and src.bitmap.size < src.size:
-            raise MigrationError(f"memory source {src.name!r}: its bitmap covers {src.bitmap.size} bytes of "
-                                 f"{src.size}")
-        names.add(src.name)
-    if len(sources) > MAX_SOURCES:
-        raise MigrationError(f"{len(sources)} memory sources (at most {MAX_SOURCES})")
+    sources = precopy_checked_sources(device)
     total = sum(s.size for s in sources)
     if total > MAX_MEMORY_SIZE:
         raise MigrationError(f"the memory sources hold {total} bytes; migration data carries at most "
