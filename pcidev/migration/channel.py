@@ -702,8 +702,10 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
         of this process and handed to the load in place of the source's descriptors.
     :param total_timeout: seconds the whole incoming stream (pre-copy included) may take
         until the state has arrived; None: ``4 * timeout`` plus the announced bytes (memory
-        and state) twice at :data:`MIN_INCOMING_RATE` (a peer that trickles data just
-        inside ``timeout`` is cut off, then NACKed).
+        and state) and the memory bytes applied so far (a pre-copy's passes re-send what
+        the device dirtied, at most :data:`~pcidev.migration.precopy.MAX_ROUNDS` times the
+        memory) twice at :data:`MIN_INCOMING_RATE` (a peer that trickles data just inside
+        ``timeout`` is cut off, then NACKed).
     :returns: the stream, the resources and timestamps.
     :raises TransportError: the channel broke or carried garbage (NACK sent if possible).
     :raises VMStateError: the stream was refused (NACK sent); the device is untouched.
@@ -719,7 +721,9 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
     def deadline() -> float:
         if total_timeout is not None:
             return started + total_timeout
-        memory = staged.announced_bytes if staged is not None else 0
+        # (a pre-copy re-sends what the device dirtied: what was applied counts too, up
+        # to StagedMemory's max_rounds times the memory)
+        memory = staged.announced_bytes + staged.received if staged is not None else 0
         return started + 4 * timeout + 2 * (memory + announced) / MIN_INCOMING_RATE
 
     features: frozenset[str] = frozenset()

@@ -101,11 +101,13 @@ __all__ = [
     "StagedMemory",
     "destination_sources",
     "checked_sources",
+    "passes_stalled",
     "MAX_CHUNK",
     "MAX_SOURCES",
     "MAX_SOURCE_NAME",
     "MAX_MEMORY_SIZE",
     "MAX_CHUNK_FRAME",
+    "MAX_ROUNDS",
     "HASH_PAGE",
 ]
 
@@ -118,6 +120,12 @@ MAX_SOURCE_NAME = 64
 #: the sum of the announced sizes a destination accepts by default (16 GiB): staging
 #: memfds are sparse, but a hostile source could fill every byte it announced
 MAX_MEMORY_SIZE = 16 << 30
+#: how many times over a destination accepts the announced memory by default (each pass
+#: of a pre-copy may re-send what the device dirtied, up to all of it; a source's default
+#: ``max_iterations`` plus the stop is 31): past it a source that keeps re-sending is
+#: refused, which bounds the incoming stream's time (:func:`~pcidev.migration.channel.migrate_in`'s
+#: deadline grows with the bytes applied)
+MAX_ROUNDS = 64
 #: the page whose CRC-32C tracks a source without a dirty bitmap
 HASH_PAGE = 4096
 _CHUNK_HEAD = struct.Struct("<HQI")
@@ -176,6 +184,11 @@ class PrecopyReport:
         ``bandwidth`` is the rate at which the destination *applied* the contents, and no
         backlog in the socket buffers was left when the passes ended (False: the rate at
         which the socket accepted them, as with a destination from before SYNC).
+    :ivar ended: why the passes ended: ``"converged"`` (the remainder fits the budget),
+        ``"not-converging"`` (``max_stalled_passes`` passes in a row sent no less than
+        the smallest pass before them: the device dirties its memory as fast as the
+        channel carries it, so more passes would only take time), ``"max-iterations"``,
+        or ``""`` (no pass ran, or :meth:`Precopy.run` has not ended).
     """
 
     iterations: int = 0
@@ -188,6 +201,7 @@ class PrecopyReport:
     hash_seconds: float = 0.0
     finish_seconds: float = 0.0
     synced: bool = False
+    ended: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready summary."""
@@ -197,7 +211,7 @@ class PrecopyReport:
                 "estimated_downtime_ms": (self.estimated_downtime_ms if math.isfinite(self.estimated_downtime_ms)
                                           else None),
                 "hashed_bytes": self.hashed_bytes, "hash_seconds": self.hash_seconds,
-                "finish_seconds": self.finish_seconds, "synced": self.synced}
+                "finish_seconds": self.finish_seconds, "synced": self.synced, "ended": self.ended}
 
 
 def _file_id(fd: int) -> tuple[int, int]:
@@ -349,6 +363,10 @@ class Precopy:
         most this long to send (and hash) at the measured rates.
     :param max_iterations: the most passes while the device runs (0: everything is
         sent at the stop).
+    :param max_stalled_passes: end the passes (not converged) once this many in a row
+        sent no fewer bytes than the smallest pass before them: the device dirties its
+        memory at least as fast as the channel carries it, and further passes would not
+        shrink the remainder (0: only ``max_iterations`` ends them).
     :param max_bandwidth: bytes per second the passes may send (None: unlimited); the
         remainder at the stop is sent at full speed.
     :param timeout: seconds each send may block, and the pre-flight's and each SYNC's
@@ -360,13 +378,16 @@ class Precopy:
 
     def __init__(self, device: PciDevice, sock: socket.socket, *, max_downtime_ms: float = 10.0,
                  max_iterations: int = 30, max_bandwidth: float | None = None, timeout: float = 10.0,
-                 preflight: bool = True) -> None:
-        if max_iterations < 0 or max_downtime_ms < 0 or (max_bandwidth is not None and max_bandwidth <= 0):
-            raise ValueError("max_iterations and max_downtime_ms must be >= 0, max_bandwidth > 0")
+                 preflight: bool = True, max_stalled_passes: int = 4) -> None:
+        if (max_iterations < 0 or max_downtime_ms < 0 or max_stalled_passes < 0
+                or (max_bandwidth is not None and max_bandwidth <= 0)):
+            raise ValueError("max_iterations, max_stalled_passes and max_downtime_ms must be >= 0, "
+                             "max_bandwidth > 0")
         self.device = device
         self.sock = sock
         self.max_downtime_ms = max_downtime_ms
         self.max_iterations = max_iterations
+        self.max_stalled_passes = max_stalled_passes
         self.max_bandwidth = max_bandwidth
         self.timeout = timeout
         self.preflight = preflight
@@ -388,6 +409,7 @@ class Precopy:
         self._hash_bytes = 0
         self._hash_time = 0.0
         self._converged = False
+        self._ended = ""
         self._estimate_ms = 0.0
         self._remainder = 0
         self._finish_time = 0.0
@@ -422,7 +444,7 @@ class Precopy:
                              converged=self._converged, remainder_bytes=self._remainder, bandwidth=bw,
                              estimated_downtime_ms=self._estimate_ms, hashed_bytes=self._hash_bytes,
                              hash_seconds=self._hash_time, finish_seconds=self._finish_time,
-                             synced=self._synced)
+                             synced=self._synced, ended=self._ended)
 
     @property
     def failed(self) -> bool:
@@ -507,10 +529,16 @@ class Precopy:
             while len(self._iter_bytes) and len(self._iter_bytes) < self.max_iterations:
                 self._converged = self._estimate() <= self.max_downtime_ms
                 if self._converged:
+                    self._ended = "converged"
+                    break
+                if self._stalled():
+                    self._ended = "not-converging"
                     break
                 self._pass(cancel)
             else:
                 self._converged = bool(self._iter_bytes) and self._estimate() <= self.max_downtime_ms
+                if self._iter_bytes:
+                    self._ended = "converged" if self._converged else "max-iterations"
         except BaseException as exc:
             self.abort()
             if isinstance(exc, TransportError):  # a destination refuses, then closes unread
@@ -700,6 +728,9 @@ class Precopy:
             raise MigrationError(f"the destination answered SYNC {self._seq} with SYNCED {meta['seq']}, "
                                  f"{meta['applied']} bytes applied of {self._total} sent")
         self._synced = True
+
+    def _stalled(self) -> bool:
+        return passes_stalled(self._iter_bytes, self.max_stalled_passes)
 
     def _iteration_done(self, sent: int, seconds: float) -> None:
         self._iter_bytes.append(sent)
@@ -954,6 +985,21 @@ def destination_sources(device: PciDevice) -> dict[str, int]:
     return {**vf_memory_objects(device, MAX_SOURCES), **out}
 
 
+def passes_stalled(sizes: Sequence[int], n: int) -> bool:
+    """Whether a pre-copy stopped converging: its last ``n`` passes (after the first,
+    which copies everything) each copied no fewer bytes than the smallest pass before
+    them -- the device dirties its memory at least as fast as the channel carries it,
+    and more passes would only take time.
+
+    :param sizes: bytes copied by each pass so far, the first included.
+    :param n: passes without progress that count as stalled (0: never).
+    """
+    later = sizes[1:]
+    if n <= 0 or len(later) <= n:
+        return False
+    return min(later[-n:]) >= min(later[:-n])
+
+
 class StagedMemory:
     """The destination's side of streamed memory: a staging memfd per announced source,
     filled by CHUNK frames, handed to the load by descriptor index.
@@ -974,10 +1020,14 @@ class StagedMemory:
     :param expected: ``{name: size}`` of the destination device's memory sources
         (:func:`destination_sources`), or None to accept any name (a caller that checks
         them itself).
+    :param max_rounds: the most bytes applied in all, as a multiple of the announced
+        sizes (a CHUNK past it is refused: a source re-sending without end).
     """
 
-    def __init__(self, max_total: int = MAX_MEMORY_SIZE, expected: Mapping[str, int] | None = None) -> None:
+    def __init__(self, max_total: int = MAX_MEMORY_SIZE, expected: Mapping[str, int] | None = None, *,
+                 max_rounds: int = MAX_ROUNDS) -> None:
         self.max_total = max_total
+        self.max_rounds = max_rounds
         self.expected = dict(expected) if expected is not None else None
         self._sources: dict[str, _Staged] = {}
         self._total = 0
@@ -1058,6 +1108,9 @@ class StagedMemory:
         else:
             raise TransportError(f"migration channel: CHUNK announces {length} bytes and carries {len(data)}")
         self.received += length
+        if self.received > self.max_rounds * self._total:
+            raise TransportError(f"migration channel: the source sent {self.received} bytes of memory contents, "
+                                 f"more than {self.max_rounds} times the {self._total} it announced")
 
     @property
     def names(self) -> list[str]:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 import attrs
 
 from pcidev.errors import MigrationError, TransportError
+from pcidev.migration.precopy import passes_stalled
 from pcidev.transport.vfio_user import protocol
 from pcidev.transport.vfio_user.client import VfioUserClient
 from pcidev.transport.vfio_user.protocol import VfioUserError
@@ -232,7 +233,7 @@ class MigrationOutcome:
         first: every memory source; then what was written since; an iteration of 0
         bytes ended the pre-copy).
     :ivar converged: the pre-copy ended because the last iteration was small enough
-        (False: ``max_iterations`` ended it, or there was none).
+        (False: ``max_iterations`` or ``max_stalled_passes`` ended it, or there was none).
     """
 
     state_bytes: int
@@ -273,7 +274,7 @@ def _logged_ranges(device: VfioUserDevice) -> list[tuple[int, int]]:
 def migrate(device: VfioUserDevice, dst: VfioUserClient, *, path: str | None = None,
             chunk: int | None = None, max_iterations: int = 30, max_downtime_ms: float = 10.0,
             on_iteration: Callable[[int, int], None] | None = None,
-            before_stop: Callable[[], None] | None = None) -> MigrationOutcome:
+            before_stop: Callable[[], None] | None = None, max_stalled_passes: int = 4) -> MigrationOutcome:
     """Move the device behind ``device`` (a proxy the host drives) to the server behind
     ``dst``, and make the proxy drive it there.
 
@@ -283,7 +284,9 @@ def migrate(device: VfioUserDevice, dst: VfioUserClient, *, path: str | None = N
     there: each iteration (a run of MIG_DATA_READ up to a short read: its memory
     sources' contents, then what was written since) is written into ``dst`` as it is
     read, until an iteration is empty or would take at most ``max_downtime_ms`` at the
-    bandwidth measured so far, or ``max_iterations`` were copied; then the source goes to
+    bandwidth measured so far, or ``max_iterations`` were copied, or ``max_stalled_passes``
+    iterations in a row were no smaller than the smallest before them (the device
+    dirties faster than it is copied); then the source goes to
     STOP_COPY and the rest is copied; the destination goes through STOP (the load) to
     RUNNING; the source reports its dirty pages a last time, stops logging and stays in
     STOP; the proxy is retargeted to ``dst`` and the old connection closed.
@@ -307,12 +310,14 @@ def migrate(device: VfioUserDevice, dst: VfioUserClient, *, path: str | None = N
         (the device still runs).
     :param before_stop: called once the pre-copy ended, before the source stops (a host
         quiesces its own I/O there).
+    :param max_stalled_passes: see :func:`~pcidev.migration.precopy.passes_stalled` (0:
+        only ``max_iterations`` ends a pre-copy that does not converge).
     :returns: the state size, the downtime, the dirty pages reported and the pre-copy's figures.
     :raises MigrationError: the migration failed (the source runs).
-    :raises ValueError: a negative ``max_iterations`` or ``max_downtime_ms``.
+    :raises ValueError: a negative ``max_iterations``, ``max_stalled_passes`` or ``max_downtime_ms``.
     """
-    if max_iterations < 0 or max_downtime_ms < 0:
-        raise ValueError("max_iterations and max_downtime_ms must be >= 0")
+    if max_iterations < 0 or max_downtime_ms < 0 or max_stalled_passes < 0:
+        raise ValueError("max_iterations, max_stalled_passes and max_downtime_ms must be >= 0")
     src = device.client
     want = protocol.MIGRATION_STOP_COPY
     offers = []
@@ -336,7 +341,8 @@ def migrate(device: VfioUserDevice, dst: VfioUserClient, *, path: str | None = N
         logging_start(src)
         if offers[0] & protocol.MIGRATION_PRE_COPY and max_iterations:
             set_mig_state(src, protocol.MIG_STATE_PRE_COPY)
-            converged = _precopy(src, dst, chunk, max_iterations, max_downtime_ms, precopy, on_iteration)
+            converged = _precopy(src, dst, chunk, max_iterations, max_downtime_ms, precopy, on_iteration,
+                                 max_stalled_passes)
         _report_all(src, ranges, seen)
         if before_stop is not None:
             before_stop()
@@ -365,12 +371,14 @@ def migrate(device: VfioUserDevice, dst: VfioUserClient, *, path: str | None = N
 
 
 def _precopy(src: VfioUserClient, dst: VfioUserClient, chunk: int | None, max_iterations: int,
-             max_downtime_ms: float, sizes: list[int], on_iteration: Callable[[int, int], None] | None) -> bool:
+             max_downtime_ms: float, sizes: list[int], on_iteration: Callable[[int, int], None] | None,
+             max_stalled_passes: int) -> bool:
     """Copy PRE_COPY iterations from ``src`` into ``dst`` (appending their sizes to
-    ``sizes``) until one is small enough; returns whether one was (False: the limit)."""
+    ``sizes``) until one is small enough; returns whether one was (False: the limit, or
+    the iterations stopped shrinking: :func:`~pcidev.migration.precopy.passes_stalled`)."""
     copied = 0
     seconds = 0.0
-    while len(sizes) < max_iterations:
+    while len(sizes) < max_iterations and not passes_stalled(sizes, max_stalled_passes):
         t0 = time.monotonic()
         n = mig_copy(src, dst, chunk)
         seconds += time.monotonic() - t0

@@ -217,6 +217,23 @@ def test_without_expected_sources_the_cap_still_holds():
         staged.close()
 
 
+def test_a_source_that_keeps_resending_is_cut_off_after_max_rounds():
+    """Each pass may re-send what was dirtied (the incoming deadline grows with what was
+    applied), but not without end: past ``max_rounds`` times the announced memory a
+    CHUNK is refused, so the stream's time stays bounded."""
+    staged = StagedMemory(max_rounds=3)
+    try:
+        staged.announce(_memory((("bar2", 8192),))[HDR.size:])
+        one = _chunk(off=0, data=b"\x02" * 8192)[HDR.size:]
+        for _ in range(3):
+            staged.apply(one)
+        assert staged.received == 3 * 8192
+        with pytest.raises(TransportError, match="more than 3 times the 8192 it announced"):
+            staged.apply(_chunk(off=0, data=b"\x03" * 4096)[HDR.size:])
+    finally:
+        staged.close()
+
+
 def test_a_generation_suffix_names_the_same_object_and_nothing_else():
     """``name@generation`` (NVMe: the store's inode, which differs between processes) is
     matched by the part before the ``@``; another object or size is still refused."""

@@ -241,9 +241,32 @@ def test_a_low_bandwidth_and_a_fast_writer_do_not_converge_but_migrate():
         result, incoming, _p = _migrate(src, dst, writer_kw={"sweep": True}, max_bandwidth=2 * MiB,
                                         max_iterations=3)
         rep = result.precopy
-        assert not rep.converged and rep.iterations == 3
+        assert not rep.converged and rep.iterations == 3 and rep.ended == "max-iterations"
         assert rep.estimated_downtime_ms > 10
         assert 0 < rep.bandwidth <= 2.5 * MiB  # throttled
+        assert page_crcs(dst.ram) == page_crcs(src.ram)
+        incoming.resources.close()
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_passes_that_stop_shrinking_end_the_precopy_before_max_iterations():
+    """A writer that dirties everything each pass: the remainder never shrinks, so after
+    ``max_stalled_passes`` passes no smaller than the best one the pre-copy gives up
+    (not converged) instead of making all ``max_iterations`` passes; the stop copies
+    the rest and every page arrives."""
+    src, dst = PrecopyDev(MiB), PrecopyDev(MiB)
+    try:
+        src.realize()
+        _fill(src, 3)
+        result, incoming, _p = _migrate(src, dst, writer_kw={"sweep": True}, max_bandwidth=8 * MiB,
+                                        max_iterations=30, max_stalled_passes=2)
+        rep = result.precopy
+        assert rep.ended == "not-converging" and not rep.converged
+        later = rep.bytes_per_iteration[1:]
+        assert 3 <= rep.iterations < 30 and min(later[-2:]) >= min(later[:-2])
+        assert result.as_dict()["precopy"]["ended"] == "not-converging"
         assert page_crcs(dst.ram) == page_crcs(src.ram)
         incoming.resources.close()
     finally:

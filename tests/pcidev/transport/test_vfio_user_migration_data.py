@@ -248,6 +248,32 @@ def test_a_failed_stop_copy_keeps_the_precopy_consistent(pair: tuple[InProcess, 
 
 
 # -- a reset during the pre-copy ---------------------------------------------------------------------
+def test_iterations_that_stop_shrinking_end_the_precopy(pair: tuple[InProcess, InProcess]) -> None:
+    """Each iteration finds as much dirtied as the last (64 KiB written after each): with
+    ``max_stalled_passes=2`` the client stops iterating after two that were no smaller
+    than the smallest before them, not after ``max_iterations``; everything arrives."""
+    src, dst = pair
+    _device_write(src, 0, os.urandom(MIB))
+    rng = random.Random(3)
+
+    def on_iteration(i: int, n: int) -> None:
+        _device_write(src, (i % 16) * (64 << 10), rng.randbytes(64 << 10))
+
+    with Machine(ram_size=16 << 20) as machine:
+        remote = VfioUserDevice(src.client)
+        drv = NvmeDriver.attach(machine, remote, io_queues=1, io_depth=8, aers=0)
+        outcome = migrate(remote, dst.client, max_iterations=30, max_downtime_ms=0.0, max_stalled_passes=2,
+                          on_iteration=on_iteration)
+        assert drv.csts & 1
+        drv.close()
+    assert not outcome.converged
+    assert outcome.precopy_iterations == 4  # the first (everything), then three of 64 KiB
+    assert all(64 << 10 <= n < 80 << 10 for n in outcome.precopy_bytes[1:])
+    assert _contents(dst) == _contents(src)
+    with pytest.raises(ValueError, match="max_stalled_passes"):
+        migrate(remote, dst.client, max_stalled_passes=-1)
+
+
 def test_a_device_reset_during_precopy_keeps_the_stream_consistent() -> None:
     src = InProcess(NvmeController("serial=D2,ns=mem:size=4M"))
     dst = InProcess(NvmeController("serial=D2,ns=mem:size=4M"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 import crc32c
@@ -67,7 +68,8 @@ class ChannelHost:
 
         :param tcp: over TCP (contents streamed, pre-copy first), else a UNIX socket pair.
         :param during: over TCP, run in a thread while the pre-copy runs, until the event
-            it gets is set (the host's I/O).
+            it gets is set (the host's I/O; the pre-copy starts once it wrote through
+            :meth:`write`, or ended).
         """
         dst = NvmeController(self.config)
         if tcp:
@@ -95,7 +97,11 @@ class ChannelHost:
                 stop = threading.Event()
                 io = threading.Thread(target=during, args=(stop,)) if during is not None else None
                 if io is not None:
+                    writes = self.writes
                     io.start()
+                    deadline = time.monotonic() + 10  # the host's I/O is going when the pre-copy starts
+                    while self.writes == writes and io.is_alive() and time.monotonic() < deadline:
+                        time.sleep(0.001)
                 try:
                     precopy.run()
                 finally:

@@ -79,10 +79,12 @@ def _fill(h: ChannelHost, seed: int, count: int = 64) -> None:
 
 
 def _writer(h: ChannelHost, seed: int):
-    """The host's verified writes while a pre-copy runs (until told to stop)."""
+    """The host's verified writes while a pre-copy runs (until told to stop), paced: a
+    writer in the destination's own interpreter that never sleeps takes the GIL from the
+    receiving thread (the pre-copy then ends not converged, by its stalled passes)."""
     def run(stop: threading.Event) -> None:
         rng = random.Random(seed)
-        while not stop.is_set():
+        while not stop.wait(0.001):
             slba = rng.randrange(0, NS_BLOCKS - 8)
             h.write(1, slba, rng.randbytes(8 * 512), qid=1)
     return run
