@@ -104,6 +104,7 @@ __all__ = [
     "GuestMemory",
     "MemoryRegion",
     "alloc_memfd",
+    "shrink_sealed",
 ]
 
 ADDRESS_LIMIT = 1 << 64
@@ -179,6 +180,24 @@ def alloc_memfd(size: int, name: str = "pcidev-ram", *, seal: bool = True) -> in
         os.close(fd)
         raise DmaError(f"cannot size or seal memfd {name!r} ({size:#x} bytes): {exc}") from exc
     return fd
+
+
+def shrink_sealed(fd: int) -> bool:
+    """Whether ``fd`` carries ``F_SEAL_SHRINK``: nobody can truncate the file under a
+    mapping of it (touching a page past a new end would raise ``SIGBUS``).
+
+    A regular file, a pipe or anything else that cannot carry seals is not sealed.
+    QEMU's ``memory-backend-memfd`` seals its memfds by default (``seal=on``), and so
+    does :func:`alloc_memfd`.
+
+    :param fd: any file descriptor.
+    :returns: ``True`` when the shrink seal is set.
+    """
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        return False
+    return bool(seals & fcntl.F_SEAL_SHRINK)
 
 
 @attrs.frozen
@@ -692,6 +711,26 @@ class GuestMemory:
         :returns: a new list.
         """
         return [r.desc for r in self._table[1]]
+
+    def region_count(self) -> int:
+        """How many regions are mapped (no list is built)."""
+        return len(self._table[1])
+
+    def overlapping(self, gpa: int, size: int) -> MemoryRegion | None:
+        """A mapped region that shares a byte with ``[gpa, gpa + size)``, or ``None``
+        (``O(log n)``: a ``bisect`` over the sorted starts).
+
+        :param gpa: first address.
+        :param size: length in bytes (> 0).
+        :returns: such a region's description, or ``None``.
+        """
+        starts, regions = self._table
+        i = bisect_right(starts, gpa)
+        if i > 0 and regions[i - 1].end > gpa:
+            return regions[i - 1].desc
+        if i < len(regions) and regions[i].gpa < gpa + size:
+            return regions[i].desc
+        return None
 
     def region_at(self, gpa: int) -> MemoryRegion | None:
         """The region containing address ``gpa``, or ``None``.

@@ -11,12 +11,17 @@ INTx-disable and bus-master bits) and hands each message to an
   software host);
 * :class:`EventfdSink` signals one eventfd per vector, for delivery to another
   process (vfio-user's SET_IRQS hands the server such eventfds).
+
+An eventfd from another process is untrusted: :func:`is_eventfd` tells one from a
+pipe or a file (which a write could block on forever), and :func:`signal_eventfd`
+never blocks, even on a blocking eventfd whose counter is saturated.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import select
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
@@ -30,7 +35,7 @@ from pcidev.pci.capabilities.msix import MsixCapability
 from pcidev.pci.config import ConfigSpace
 
 __all__ = ["InterruptSink", "NullSink", "CallbackSink", "EventfdSink", "InterruptState", "InterruptController",
-           "IrqError"]
+           "IrqError", "is_eventfd", "signal_eventfd"]
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +85,50 @@ class CallbackSink:
             self._on_intx(level)
 
 
+def is_eventfd(fd: int) -> bool:
+    """Whether ``fd`` is an eventfd (``/proc/self/fd/N`` reads ``anon_inode:[eventfd]``).
+
+    :param fd: any file descriptor of this process.
+    """
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return False
+
+
+def signal_eventfd(fd: int) -> bool:
+    """Add 1 to the counter of eventfd ``fd`` without ever blocking.
+
+    A counter at its maximum (``2**64 - 2``) means the vector is signalled already and
+    nobody reads it: the signal is dropped. A blocking eventfd (its ``O_NONBLOCK``
+    is the owner's choice, shared with it) is polled first; a non-blocking one
+    (QEMU's) is written at once. What remains: a peer that clears ``O_NONBLOCK`` and
+    fills the counter between the poll and the write of this very signal.
+
+    :param fd: an eventfd (:func:`is_eventfd`).
+    :returns: ``True`` when the counter was incremented, ``False`` when it was saturated.
+    :raises OSError: ``fd`` is closed or is not writable.
+    """
+    if os.get_blocking(fd):
+        p = select.poll()
+        p.register(fd, select.POLLOUT)
+        if not p.poll(0):
+            return False
+    try:
+        os.eventfd_write(fd, 1)
+    except BlockingIOError:
+        return False
+    return True
+
+
 class EventfdSink:
     """Signals eventfds: one per MSI/MSI-X vector, and one for INTx assertion.
 
     The eventfds may belong to another process (passed over a UNIX socket);
     each message adds 1 to the vector's counter. A vector without an eventfd is
     dropped and counted in ``dropped``, as a vfio device does when no
-    trigger was set.
+    trigger was set. A signal to an eventfd whose counter is saturated is dropped
+    and counted in ``saturated`` (:func:`signal_eventfd`: never blocks).
 
     :param vector_fds: vector number → eventfd.
     :param intx_fd: eventfd signalled when INTx is asserted.
@@ -96,6 +138,7 @@ class EventfdSink:
         self.vector_fds: dict[int, int] = dict(vector_fds or {})
         self.intx_fd = intx_fd
         self.dropped = 0
+        self.saturated = 0
 
     def set_vector(self, vector: int, fd: int | None) -> None:
         """Install (or with None remove) the eventfd of ``vector``."""
@@ -109,11 +152,12 @@ class EventfdSink:
         if fd is None:
             self.dropped += 1
             return
-        os.eventfd_write(fd, 1)
+        if not signal_eventfd(fd):
+            self.saturated += 1
 
     def intx(self, level: bool) -> None:
-        if level and self.intx_fd is not None:
-            os.eventfd_write(self.intx_fd, 1)
+        if level and self.intx_fd is not None and not signal_eventfd(self.intx_fd):
+            self.saturated += 1
 
 
 @attrs.frozen

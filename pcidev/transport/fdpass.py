@@ -27,7 +27,20 @@ from collections.abc import Iterable, Sequence
 
 from pcidev.errors import TransportError
 
-__all__ = ["SCM_MAX_FD", "close_fds", "recv_exact", "recv_some", "send_all", "is_unix"]
+__all__ = ["SCM_MAX_FD", "TooManyFds", "close_fds", "recv_exact", "recv_some", "send_all", "is_unix"]
+
+
+class TooManyFds(TransportError):
+    """:func:`recv_some` received more descriptors than allowed (all closed); the bytes
+    of the read are in the buffer all the same.
+
+    :param message: what happened.
+    :param nbytes: bytes the read delivered.
+    """
+
+    def __init__(self, message: str, nbytes: int) -> None:
+        super().__init__(message)
+        self.nbytes = nbytes
 
 #: Linux's limit on descriptors in one ``SCM_RIGHTS`` message (include/net/scm.h).
 SCM_MAX_FD = 253
@@ -183,8 +196,10 @@ def recv_some(sock: socket.socket, view: memoryview, *, max_fds: int, block: boo
     :param block: wait for data (without it the read uses ``MSG_DONTWAIT``).
     :returns: ``(nbytes, fds)``: ``nbytes`` is 0 at end of stream, -1 when nothing was
         waiting (non-blocking only); the caller owns the fds (close-on-exec).
-    :raises TransportError: too many fds (``MSG_CTRUNC`` or over ``max_fds``),
-        non-fd ancillary data, or the socket failed. Received fds are closed first.
+    :raises TooManyFds: too many fds (``MSG_CTRUNC`` or over ``max_fds``): the bytes were
+        read all the same (its ``nbytes``).
+    :raises TransportError: non-fd ancillary data, or the socket failed. Received fds
+        are closed first.
     """
     try:
         nbytes, anc, flags, _ = sock.recvmsg_into((view,), socket.CMSG_SPACE(max(max_fds, 1) * _INT_SIZE),
@@ -203,7 +218,7 @@ def recv_some(sock: socket.socket, view: memoryview, *, max_fds: int, block: boo
     clean = _take_fds(anc, fds)
     if flags & _CTRUNC or len(fds) > max_fds:
         close_fds(fds)
-        raise TransportError(f"peer sent more file descriptors than the {max_fds} one message may carry")
+        raise TooManyFds(f"peer sent more file descriptors than the {max_fds} one message may carry", nbytes)
     if not clean:
         close_fds(fds)
         raise TransportError("peer sent unexpected ancillary data")

@@ -369,21 +369,10 @@ class VfioUserClient:
         major, _minor = protocol.VERSION_HDR.unpack_from(body)
         if major != 0:
             raise self._broken(f"the server speaks version {major}")
-        server: dict[str, Any] = {}
-        rest = body[protocol.VERSION_HDR.size:]
-        if rest:
-            try:
-                if not rest.endswith(b"\0"):
-                    raise ValueError("not NUL-terminated")
-                parsed = json.loads(rest[:-1].decode("utf-8")) if rest[:-1].strip() else {}
-                if not isinstance(parsed, dict):
-                    raise ValueError("not a JSON object")
-                inner = parsed.get("capabilities", {})
-                if not isinstance(inner, dict):
-                    raise ValueError("'capabilities' is not an object")
-            except (UnicodeDecodeError, ValueError) as exc:
-                raise self._broken(f"bad VERSION capabilities from the server ({exc})") from exc
-            server = inner
+        try:
+            server = protocol.parse_caps(body[protocol.VERSION_HDR.size:])
+        except ValueError as exc:
+            raise self._broken(f"bad VERSION capabilities from the server ({exc})") from exc
         limit = server.get("max_data_xfer_size")
         if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < self.max_data_xfer_size:
             self.max_data_xfer_size = limit

@@ -10,6 +10,8 @@ vmstate stream, which carries the DMA region fds and eventfds themselves.
 
 from __future__ import annotations
 
+from bisect import bisect_right, insort
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
@@ -17,7 +19,75 @@ import attrs
 from pcidev.errors import StateError
 from pcidev.transport.vfio_user import protocol
 
-__all__ = ["ConnectionState"]
+__all__ = ["ConnectionState", "NofdMaps"]
+
+
+class NofdMaps:
+    """The DMA ranges a client gave without a file descriptor: address -> ``(size, flags)``.
+
+    A mapping kept sorted by address, so that :meth:`overlapping` is a ``bisect``
+    (``O(log n)``) rather than a scan of every earlier map. The ranges never overlap
+    (the server refuses an overlapping ``DMA_MAP``).
+    """
+
+    def __init__(self, items: dict[int, tuple[int, int]] | None = None) -> None:
+        self._maps: dict[int, tuple[int, int]] = {}
+        self._starts: list[int] = []
+        for addr, value in (items or {}).items():
+            self[addr] = value
+
+    def __setitem__(self, addr: int, value: tuple[int, int]) -> None:
+        if addr not in self._maps:
+            insort(self._starts, addr)
+        self._maps[addr] = value
+
+    def __getitem__(self, addr: int) -> tuple[int, int]:
+        return self._maps[addr]
+
+    def __delitem__(self, addr: int) -> None:
+        del self._maps[addr]
+        i = bisect_right(self._starts, addr) - 1
+        del self._starts[i]
+
+    def __contains__(self, addr: object) -> bool:
+        return addr in self._maps
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._starts)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, NofdMaps):
+            return self._maps == other._maps
+        return self._maps == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"NofdMaps({self._maps!r})"
+
+    def items(self) -> list[tuple[int, tuple[int, int]]]:
+        """``(address, (size, flags))`` pairs, sorted by address."""
+        return [(a, self._maps[a]) for a in self._starts]
+
+    def clear(self) -> None:
+        """Forget every range."""
+        self._maps.clear()
+        self._starts.clear()
+
+    def overlapping(self, addr: int, size: int) -> int | None:
+        """The address of a range that shares a byte with ``[addr, addr + size)``, or None."""
+        starts = self._starts
+        i = bisect_right(starts, addr)
+        if i > 0:
+            a = starts[i - 1]
+            if a + self._maps[a][0] > addr:
+                return a
+        if i < len(starts) and starts[i] < addr + size:
+            return starts[i]
+        return None
 
 
 def _irq_sets() -> dict[int, set[int]]:
@@ -37,7 +107,7 @@ class ConnectionState:
     #: what the client said in VERSION (None before)
     client_caps: dict[str, Any] | None = None
     #: DMA ranges the client gave without an fd: address -> (size, flags)
-    nofd_maps: dict[int, tuple[int, int]] = attrs.Factory(dict)
+    nofd_maps: NofdMaps = attrs.Factory(NofdMaps)
     #: vectors of each IRQ index that have an eventfd
     irq_vectors: dict[int, set[int]] = attrs.Factory(_irq_sets)
     #: INTx masked by the client (SET_IRQS MASK)

@@ -28,6 +28,12 @@ told (``set_polling(True)``) that it need not be notified meanwhile. After
 asks for notifications again), looks once more (work posted just before that
 would otherwise wait for a notification that never comes) and blocks in ``poll``.
 
+**Deadlines.** A message that started (some of its bytes are in the reader) must
+arrive whole within ``message_timeout`` seconds, or the connection ends (reason
+``transport: deadline ...``): a client that sends half a header or half a body and
+stops does not hold the server. A client idle *between* messages waits as long as
+it likes.
+
 The loop never shuts the socket down (a shutdown acts on the kernel socket that
 another process may be about to serve); it only stops reading it.
 """
@@ -35,6 +41,7 @@ another process may be about to serve); it only stops reading it.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import select
 import threading
@@ -75,12 +82,15 @@ class ConnectionLoop:
     :param idle_timeout: seconds to wait before ``on_idle`` (None: wait for the socket).
     :param fast: handles posted doorbell writes and drives adaptive polling (None:
         every message goes to ``handle``).
+    :param message_timeout: seconds a message that started may take to arrive whole
+        (None: no deadline).
     """
 
     def __init__(self, handle: Handler, reader: MessageReader, *, on_wake: WakeHook | None = None,
                  on_idle: Callable[[], bool] | None = None, idle_timeout: float | None = None,
-                 fast: FastPath | None = None) -> None:
+                 fast: FastPath | None = None, message_timeout: float | None = None) -> None:
         self.handle = handle
+        self.message_timeout = message_timeout
         self.reader = reader
         self.on_wake = on_wake
         self.on_idle = on_idle
@@ -148,6 +158,8 @@ class ConnectionLoop:
         polls = fast is not None and fast.polls
         flag = self._flag
         hot_until = 0.0
+        limit = self.message_timeout
+        started: float | None = None  # when the incomplete message in the reader was first seen
         while True:
             if flag.is_set():
                 flag.clear()
@@ -160,6 +172,19 @@ class ConnectionLoop:
                     return reason
                 continue
             if not reader.has_message():
+                wait_ms = timeout_ms
+                if limit is not None and reader.buffered():  # a message started: it has a deadline
+                    now = time.monotonic()
+                    if started is None:
+                        started = now
+                    left = started + limit - now
+                    if left <= 0:
+                        log.info("vfio-user connection ended: a message did not arrive whole in %gs", limit)
+                        return f"transport: deadline: a message did not arrive whole in {limit:g}s"
+                    left_ms = math.ceil(left * 1000)
+                    wait_ms = left_ms if timeout_ms is None else min(timeout_ms, left_ms)
+                else:
+                    started = None
                 if polls and fast is not None and fast.polling:
                     if not self._hot_wait(sock_fd):
                         now = time.monotonic()
@@ -174,9 +199,9 @@ class ConnectionLoop:
                                 hot_until = now + HOT_WINDOW
                         continue
                 else:
-                    events = poller.poll(timeout_ms)
+                    events = poller.poll(wait_ms)
                     if not events:
-                        if self.on_idle is not None:
+                        if self.on_idle is not None and wait_ms == timeout_ms:
                             self.on_idle()
                         continue
                     if not any(fd == sock_fd for fd, _ev in events):
@@ -192,6 +217,7 @@ class ConnectionLoop:
                         return "transport: peer closed the connection in the middle of a message"
                     return "eof"
                 continue
+            started = None
             msg: Message | None
             if fast is not None and fast.active():
                 n, msg = fast.burst(reader, flag)

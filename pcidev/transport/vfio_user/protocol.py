@@ -8,7 +8,9 @@ header's bytes.
 from __future__ import annotations
 
 import errno
+import json
 import struct
+from typing import Any
 
 from pcidev.errors import TransportError
 
@@ -236,6 +238,74 @@ MIG_DATA_S = struct.Struct("<II")
 MIGRATION_PGSIZE = 4096
 
 
+#: the deepest nesting of arrays and objects accepted in a VERSION capability string
+MAX_VERSION_DEPTH = 32
+#: the longest VERSION capability string accepted, in bytes (QEMU's is about 200)
+MAX_VERSION_SIZE = 64 * 1024
+
+
+def json_depth(text: str) -> int:
+    """The deepest nesting of ``[`` and ``{`` in JSON ``text`` (brackets inside strings
+    do not count), found without recursion: checked before ``json.loads``, whose
+    recursive parser raises ``RecursionError`` on a few thousand levels."""
+    depth = most = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            most = max(most, depth)
+        elif ch in "]}":
+            depth -= 1
+    return most
+
+
+def parse_caps(text: bytes) -> dict[str, Any]:
+    """The capabilities of a VERSION payload's string (after the major and minor):
+    a NUL-terminated JSON object, its ``capabilities`` member an object. Bounded: a
+    string longer than :data:`MAX_VERSION_SIZE` or nested deeper than
+    :data:`MAX_VERSION_DEPTH` is refused before the (recursive) JSON parser sees it.
+
+    :param text: the string with its NUL (empty: no capabilities).
+    :returns: the ``capabilities`` object (``{}`` when absent).
+    :raises ValueError: what is wrong, in one line.
+    """
+    if not text:
+        return {}
+    if len(text) > MAX_VERSION_SIZE:
+        raise ValueError(f"the capability string has {len(text)} bytes (at most {MAX_VERSION_SIZE})")
+    if not text.endswith(b"\0"):
+        raise ValueError("the capability string is not NUL-terminated")
+    try:
+        decoded = text[:-1].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"the capability string is not UTF-8 ({exc})") from None
+    if not decoded.strip():
+        return {}
+    if json_depth(decoded) > MAX_VERSION_DEPTH:
+        raise ValueError(f"the capability JSON nests deeper than {MAX_VERSION_DEPTH} levels")
+    try:
+        parsed = json.loads(decoded)
+    except RecursionError:  # pragma: no cover - the depth check comes first
+        raise ValueError("the capability JSON nests too deep") from None
+    except ValueError as exc:
+        raise ValueError(f"bad capability JSON ({exc})") from None
+    if not isinstance(parsed, dict):
+        raise ValueError("the capabilities are not a JSON object")
+    inner = parsed.get("capabilities", {})
+    if not isinstance(inner, dict):
+        raise ValueError("'capabilities' is not an object")
+    return inner
+
+
 class VfioUserError(TransportError):
     """A request the server refuses: answered with an ERROR reply carrying :attr:`errno`.
 
@@ -269,4 +339,4 @@ def error_reply(mid: int, cmd: int, err: int) -> bytes:
 
 
 __all__ = [name for name in dir() if name.isupper()] + [
-    "VfioUserError", "header", "message", "reply", "error_reply"]
+    "VfioUserError", "header", "message", "reply", "error_reply", "json_depth", "parse_caps"]

@@ -19,7 +19,9 @@ vfio-user client sends each message with one ``sendmsg`` (QEMU does, and so does
 pcidev's client), so the descriptors of one read belong to **the last message whose
 header starts in the bytes of that read**. Descriptors that arrive with bytes in
 which no message starts (the middle of a message) are a protocol error: the read
-raises :class:`~pcidev.errors.TransportError` and the connection ends. Until the
+raises :class:`~pcidev.errors.TransportError` and the connection ends. A message
+that carried more descriptors than ``max_msg_fds`` is returned with its ``error`` set
+(``EINVAL``; the descriptors are closed) and the connection goes on. Until the
 message owning a read's descriptors is complete, the reader reads no byte past its
 end, so it never holds descriptors for more than one message.
 
@@ -39,7 +41,7 @@ import socket
 import attrs
 
 from pcidev.errors import TransportError
-from pcidev.transport.fdpass import close_fds, recv_some
+from pcidev.transport.fdpass import TooManyFds, close_fds, recv_some
 from pcidev.transport.vfio_user import protocol
 
 __all__ = ["BUFFER_SIZE", "Message", "MessageReader", "SLACK"]
@@ -52,6 +54,9 @@ BUFFER_SIZE = 256 * 1024
 
 _HEADER = protocol.HEADER
 _HSIZE = protocol.HEADER_SIZE
+#: the fds of a message that carried more than allowed (the kernel or the reader closed
+#: them): the message is answered with EINVAL (compared by identity; never filled)
+_EXCESS: list[int] = []
 
 
 @attrs.define(slots=True)
@@ -126,7 +131,7 @@ class MessageReader:
         caller owns the fds. The reader is empty afterwards.
         """
         data = self._mv[self._start:self._end].tobytes()
-        fds = self._group[1] if self._group is not None else []
+        fds = list(self._group[1]) if self._group is not None else []
         self._start = self._end = 0
         self._group = None
         return data, fds
@@ -188,6 +193,9 @@ class MessageReader:
             group = self._group
             if group is not None and group[0] == start:
                 self._group = None
+                if group[1] is _EXCESS:
+                    return Message(mid, cmd, flags, error=(
+                        errno.EINVAL, f"more than the {self.max_msg_fds} file descriptors one message may carry"))
                 return Message(mid, cmd, flags, body, group[1])
             return Message(mid, cmd, flags, body, [])
         if size < _HSIZE:
@@ -283,7 +291,15 @@ class MessageReader:
             self._room(need)
             end = self._end
         want = need if group is not None else len(self._buf) - end
-        n, fds = recv_some(self.sock, self._mv[end:end + want], max_fds=self.max_msg_fds, block=block)
+        try:
+            n, fds = recv_some(self.sock, self._mv[end:end + want], max_fds=self.max_msg_fds, block=block)
+        except TooManyFds as exc:  # closed already; the message they came with is refused
+            owner = None if group is not None else self._last_start(end, end + exc.nbytes)
+            if owner is None:
+                raise
+            self._end = end + exc.nbytes
+            self._group = (owner, _EXCESS)
+            return exc.nbytes
         if n <= 0:
             close_fds(fds)
             return n

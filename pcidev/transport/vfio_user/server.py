@@ -40,6 +40,7 @@ import logging
 import os
 import select
 import socket
+import struct
 import threading
 import weakref
 from collections.abc import Callable
@@ -47,6 +48,7 @@ from types import TracebackType
 from typing import Any
 
 from pcidev.bar import RamBacking
+from pcidev.dma import shrink_sealed
 from pcidev.errors import (
     ConfigError,
     ConfigSpaceError,
@@ -56,13 +58,15 @@ from pcidev.errors import (
     MmioError,
     TransportError,
 )
+from pcidev.irq import is_eventfd, signal_eventfd
 from pcidev.pci.capabilities.msi import MsiCapability
 from pcidev.pci.capabilities.msix import ENTRY_CTRL, ENTRY_SIZE, MsixCapability
 from pcidev.pci.config import ResetKind
+from pcidev.ratelog import RateLimitedLog
 from pcidev.transport.endpoint import DeviceEndpoint
 from pcidev.transport.fdpass import close_fds, send_all
 from pcidev.transport.vfio_user import protocol
-from pcidev.transport.vfio_user.conn import ConnectionState
+from pcidev.transport.vfio_user.conn import ConnectionState, NofdMaps
 from pcidev.transport.vfio_user.fastpath import FastPath
 from pcidev.transport.vfio_user.loop import ConnectionLoop
 from pcidev.transport.vfio_user.migration import MIGRATION_FLAGS, MigrationStateMachine
@@ -71,7 +75,13 @@ from pcidev.transport.vfio_user.reader import Message, MessageReader
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExtraClientGuard", "VfioUserServer", "client_left"]
+__all__ = ["DEFAULT_MAX_DMA_MAPS", "DEFAULT_MESSAGE_TIMEOUT", "ExtraClientGuard", "VfioUserServer",
+           "client_left"]
+
+#: the most DMA maps (with and without an fd) one client may have at a time
+DEFAULT_MAX_DMA_MAPS = 1024
+#: seconds a message that started may take to arrive whole, and a reply to be taken
+DEFAULT_MESSAGE_TIMEOUT = 30.0
 
 #: the reason of a connection ended by a message too large to skip (the stream is lost)
 _OVERSIZED = "oversized message"
@@ -115,17 +125,43 @@ class VfioUserServer:
     :param sock: the connected ``AF_UNIX`` stream socket (the server closes it at the end).
     :param max_msg_fds: the most fds accepted with one message (advertised).
     :param max_data_xfer_size: the most data in one region access (advertised).
+    :param max_dma_maps: the most DMA maps, with and without an fd, at a time (more:
+        ``ENOSPC``).
+    :param message_timeout: seconds a message that started may take to arrive whole,
+        and a reply may wait for the client to take it (``SO_SNDTIMEO``); then the
+        connection ends. A client idle between messages is never timed out.
+    :param allow_unsealed_dma: accept ``DMA_MAP`` fds without ``F_SEAL_SHRINK``. **Only
+        for a trusted client**: one that shrinks such a file under a mapping kills the
+        server with ``SIGBUS``. Off: such a map is refused with ``EINVAL``.
     """
 
     def __init__(self, endpoint: DeviceEndpoint, sock: socket.socket, *, max_msg_fds: int = 8,
-                 max_data_xfer_size: int = 1 << 20) -> None:
+                 max_data_xfer_size: int = 1 << 20, max_dma_maps: int = DEFAULT_MAX_DMA_MAPS,
+                 message_timeout: float = DEFAULT_MESSAGE_TIMEOUT, allow_unsealed_dma: bool = False) -> None:
+        if max_dma_maps <= 0 or not message_timeout > 0:
+            raise ConfigError(f"vfio-user server: max_dma_maps {max_dma_maps} and message_timeout "
+                              f"{message_timeout} must be positive")
         self.endpoint = endpoint
         self.device = endpoint.device
         self.sock = sock
+        #: the most DMA maps at a time (with and without an fd)
+        self.max_dma_maps = max_dma_maps
+        #: seconds a started message may take to arrive, and a reply to be taken
+        self.message_timeout = message_timeout
+        #: DMA_MAP accepts fds that can shrink (a trusted client only)
+        self.allow_unsealed_dma = allow_unsealed_dma
+        self._refusal_log = RateLimitedLog(log)
         self._conn = ConnectionState(max_msg_fds=max_msg_fds, max_data_xfer_size=max_data_xfer_size)
         self.reader = MessageReader(sock, max_msg_fds=max_msg_fds, max_data_xfer_size=max_data_xfer_size)
         self.fast = FastPath(endpoint, self._conn)
-        self.loop = ConnectionLoop(self.handle_message, self.reader, fast=self.fast)
+        self.loop = ConnectionLoop(self.handle_message, self.reader, fast=self.fast,
+                                   message_timeout=message_timeout)
+        try:  # a reply the client does not take ends the connection instead of blocking the server
+            sec = int(message_timeout)
+            usec = int((message_timeout - sec) * 1_000_000)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("@ll", sec, usec))
+        except OSError as exc:  # pragma: no cover - an AF_UNIX stream socket takes it
+            log.warning("vfio-user: no send deadline on the client socket: %s", exc)
         #: the migration state machine (its state is ``conn.mig_state``)
         self.migration = MigrationStateMachine(self.device, self._conn, pm=endpoint.pm, settle=self._settle_dirty,
                                                loaded=self._remirror_msix, arc=self._arc_taken)
@@ -189,7 +225,7 @@ class VfioUserServer:
         return self.conn.client_caps
 
     @property
-    def nofd_maps(self) -> dict[int, tuple[int, int]]:
+    def nofd_maps(self) -> NofdMaps:
         """DMA ranges the client gave without an fd: address -> (size, flags)."""
         return self.conn.nofd_maps
 
@@ -412,20 +448,10 @@ class VfioUserServer:
         if major != 0:
             raise VfioUserError(errno.ENOTSUP, f"VERSION: major {major} (this server speaks 0)")
         text = body[protocol.VERSION_HDR.size:]
-        caps: dict[str, Any] = {}
-        if text:
-            if not text.endswith(b"\0"):
-                raise VfioUserError(errno.EINVAL, "VERSION: the capability string is not NUL-terminated")
-            try:
-                parsed = json.loads(text[:-1].decode("utf-8")) if text[:-1].strip() else {}
-            except (UnicodeDecodeError, ValueError) as exc:
-                raise VfioUserError(errno.EINVAL, f"VERSION: bad capability JSON ({exc})") from exc
-            if not isinstance(parsed, dict):
-                raise VfioUserError(errno.EINVAL, "VERSION: the capabilities are not a JSON object")
-            inner = parsed.get("capabilities", {})
-            if not isinstance(inner, dict):
-                raise VfioUserError(errno.EINVAL, "VERSION: 'capabilities' is not an object")
-            caps = inner
+        try:
+            caps = protocol.parse_caps(text)
+        except ValueError as exc:
+            raise VfioUserError(errno.EINVAL, f"VERSION: {exc}") from None
         self.conn.client_caps = caps
         limits: dict[str, Any] = {"max_msg_fds": self.max_msg_fds, "max_data_xfer_size": self.max_data_xfer_size}
         full = dict(limits)
@@ -446,14 +472,13 @@ class VfioUserServer:
 
     # DMA ------------------------------------------------------------------------------------
     def _overlaps(self, addr: int, size: int) -> bool:
-        end = addr + size
-        for a, (s, _f) in self.nofd_maps.items():
-            if a < end and addr < a + s:
-                return True
-        for r in self.endpoint.memory.regions():
-            if r.gpa < end and addr < r.gpa + r.size:
-                return True
-        return False
+        """Whether ``[addr, addr + size)`` meets a map (``O(log n)`` on both tables)."""
+        return (self.nofd_maps.overlapping(addr, size) is not None
+                or self.endpoint.memory.overlapping(addr, size) is not None)
+
+    def dma_map_count(self) -> int:
+        """DMA maps of this connection: with an fd (guest-memory regions) and without."""
+        return len(self.nofd_maps) + self.endpoint.memory.region_count()
 
     def _dma_map(self, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
         self._need(body, protocol.DMA_MAP_S.size, "DMA_MAP")
@@ -466,11 +491,20 @@ class VfioUserServer:
             raise VfioUserError(errno.EINVAL, f"DMA_MAP: bad range {addr:#x}+{size:#x}")
         if len(fds) > 1:
             raise VfioUserError(errno.EINVAL, f"DMA_MAP: {len(fds)} fds (at most 1)")
+        if self.dma_map_count() >= self.max_dma_maps:
+            raise VfioUserError(errno.ENOSPC, f"DMA_MAP: {self.max_dma_maps} maps already (the limit)")
         if self._overlaps(addr, size):
             raise VfioUserError(errno.EEXIST, f"DMA_MAP: {addr:#x}+{size:#x} overlaps a mapped range")
         if not fds:
             self.nofd_maps[addr] = (size, flags)
             return b"", []
+        if not self.allow_unsealed_dma and not shrink_sealed(fds[0]):
+            self._refusal_log(
+                "vfio-user: refusing DMA_MAP %#x+%#x: its fd has no F_SEAL_SHRINK seal, so the client could "
+                "shrink the file under the device (SIGBUS); share guest RAM from a sealed memfd (QEMU: "
+                "-object memory-backend-memfd with its default seal=on)", addr, size)
+            raise VfioUserError(errno.EINVAL, f"DMA_MAP: {addr:#x}+{size:#x}: the fd is not sealed against "
+                                              "shrinking (F_SEAL_SHRINK)")
         try:
             self.endpoint.dma_map(addr, size, fds[0], offset, writable=bool(flags & protocol.DMA_FLAG_WRITE),
                                   name=f"vfio-user-{addr:#x}")
@@ -653,8 +687,8 @@ class VfioUserServer:
                     else:
                         self.conn.intx_masked = False
                         fd = self.endpoint.sink.intx_fd
-                        if fd is not None and self.endpoint.intx_level:
-                            os.eventfd_write(fd, 1)  # still asserted: level-triggered
+                        if fd is not None and self.endpoint.intx_level and not signal_eventfd(fd):
+                            self.endpoint.sink.saturated += 1  # still asserted: level-triggered
             return b"", []
         if action != protocol.IRQ_SET_ACTION_TRIGGER:
             # MSI/MSI-X masking is QEMU's job (it emulates the table); accept and ignore
@@ -662,6 +696,9 @@ class VfioUserServer:
             fds.clear()
             return b"", []
         if data == protocol.IRQ_SET_DATA_EVENTFD:
+            for fd in fds:  # a pipe or a file could block the interrupt path forever
+                if not is_eventfd(fd):
+                    raise VfioUserError(errno.EINVAL, f"DEVICE_SET_IRQS: fd {fd} is not an eventfd")
             taken = list(fds)
             fds.clear()
             with irq.lock:
@@ -675,8 +712,8 @@ class VfioUserServer:
                     continue
                 v = start + i
                 fd = self.endpoint.sink.intx_fd if index == protocol.IRQ_INTX else self.endpoint.sink.vector_fds.get(v)
-                if fd is not None:
-                    os.eventfd_write(fd, 1)
+                if fd is not None and not signal_eventfd(fd):
+                    self.endpoint.sink.saturated += 1
         return b"", []
 
     # region accesses --------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import pytest
 from pcidev.errors import MigrationError, TransportError
 from pcidev.host import Machine
 from pcidev.migration.channel import HANDOVER, REPORT, frame_meta, recv_frame, send_meta
+from pcidev.dma import alloc_memfd
 from pcidev.transport.fdpass import close_fds
 from pcidev.transport.vfio_user import protocol
 from pcidev.transport.vfio_user.client import VfioUserClient
@@ -419,8 +420,7 @@ def test_more_than_253_dma_regions_move_in_batches() -> None:
         client = VfioUserClient.connect(server.sock)
         try:
             for i in range(regions):
-                fd = os.memfd_create(f"r{i}", os.MFD_CLOEXEC)
-                os.ftruncate(fd, 4096)
+                fd = alloc_memfd(4096, f"r{i}")  # sealed: the server refuses memory that can shrink
                 fds.append(fd)
                 maps.append(mmap.mmap(fd, 4096))
                 client.dma_map(gpa[i], 4096, fd)

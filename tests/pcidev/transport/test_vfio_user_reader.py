@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import socket
@@ -170,11 +171,20 @@ def test_the_loop_ends_cleanly_on_misplaced_fds(pair, pipe, caplog):
 
 
 def test_too_many_fds_for_one_message_are_refused(pair, pipe):
+    """The message is returned with an EINVAL error (its fds closed) and the stream goes
+    on: the next message and its own fds are read as usual (issue 12, finding 10)."""
     a, b = pair
     r = _reader(b, max_msg_fds=1)
-    send_all(a, _msg(1), [pipe, pipe, pipe])
-    with pytest.raises(TransportError, match="file descriptors"):
-        r.fill()
+    before = len(os.listdir("/proc/self/fd"))
+    send_all(a, _msg(1, b"x" * 8), [pipe, pipe, pipe])
+    send_all(a, _msg(2), [pipe])
+    msgs = _drain(r)
+    assert [m.mid for m in msgs] == [1, 2]
+    assert msgs[0].error is not None and msgs[0].error[0] == errno.EINVAL and msgs[0].fds == []
+    assert "file descriptors" in msgs[0].error[1] and not msgs[0].fatal
+    assert msgs[1].error is None and len(msgs[1].fds) == 1
+    close_fds(msgs[1].fds)
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 def test_pending_and_prepend_move_a_partial_message_and_its_fds(pair, pipe):

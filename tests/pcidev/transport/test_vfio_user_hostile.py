@@ -1,0 +1,353 @@
+"""A hostile vfio-user client cannot crash, hang, exhaust or corrupt the server (issue 12).
+
+Each test is the reproducer of one finding: memory that shrinks under the device
+(SIGBUS), interrupt fds that block the server, DMA maps without a limit, a VERSION
+string nested deep enough to overflow a recursive parser, too many fds with one
+message, and a client that stops in the middle of a message.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import mmap
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from pcidev.devices.edu import DESC, EduDevice
+from pcidev.dma import alloc_memfd
+from pcidev.transport.endpoint import DeviceEndpoint
+from pcidev.transport.fdpass import close_fds
+from pcidev.transport.vfio_user import protocol
+from pcidev.transport.vfio_user.client import VfioUserClient
+from pcidev.transport.vfio_user.protocol import VfioUserError
+from pcidev.transport.vfio_user.server import VfioUserServer
+
+RAM = 0x40000000
+SIZE = 1 << 20
+
+
+def _serve(device=None, **kwargs):
+    ep = DeviceEndpoint(device if device is not None else EduDevice())
+    ep.start()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    b.settimeout(10)
+    server = VfioUserServer(ep, a, **kwargs)
+    result: dict[str, str] = {}
+    t = threading.Thread(target=lambda: result.setdefault("reason", server.serve()), daemon=True)
+    t.start()
+    return ep, server, VfioUserClient(b, timeout=10), t, result
+
+
+@pytest.fixture
+def edu():
+    ep, server, client, t, result = _serve()
+    yield client, ep, server
+    client.sock.close()
+    t.join(10)
+    assert not t.is_alive()
+    ep.close()
+
+
+def _refused(client: VfioUserClient, cmd: int, payload: bytes = b"", fds=()) -> int:
+    with pytest.raises(VfioUserError) as info:
+        client.request(cmd, payload, fds)
+    assert not client.closed
+    return info.value.errno
+
+
+def _unsealed_memfd(size: int) -> int:
+    fd = os.memfd_create("unsealed", os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    return fd
+
+
+def _dma_map(addr: int, size: int, flags: int = 3) -> bytes:
+    return protocol.DMA_MAP_S.pack(protocol.DMA_MAP_S.size, flags, 0, addr, size)
+
+
+# -- finding 1: guest memory that can shrink under the device --------------------------------
+def test_an_unsealed_memfd_is_refused_and_a_shrink_cannot_kill_the_server(tmp_path):
+    """The attack: DMA_MAP a memfd without F_SEAL_SHRINK, put the edu ring in it, shrink
+    the file and ring the doorbell. A server that mapped it dies of SIGBUS; this one
+    refused the map (EINVAL, one line saying what the client must do) and still answers."""
+    path = tmp_path / "edu.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "pcidev", "serve", "--once", "--vfio-user", str(path), "edu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    fd = _unsealed_memfd(SIZE)
+    try:
+        assert "listening on" in proc.stdout.readline()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(path))
+        client = VfioUserClient(sock, timeout=20)
+        client.version()
+        err = None
+        try:
+            client.request(protocol.DMA_MAP, _dma_map(RAM, SIZE), [fd])
+        except VfioUserError as exc:
+            err = exc.errno
+        mem = mmap.mmap(fd, SIZE)
+        mem[0:32] = DESC.pack(RAM + 0x10000, RAM + 0x20000, 4096, 0, 0, 0)
+        mem.close()
+        os.ftruncate(fd, 0)  # the shrink
+        client.write(protocol.CONFIG_REGION, 0x04, (0x6).to_bytes(2, "little"))
+        client.write_int(0, 0x100, 8, RAM)  # RING_BASE
+        client.write_int(0, 0x108, 4, 4)  # RING_SIZE
+        client.write_int(0, 0x114, 4, 1)  # RING_CTRL: enable
+        client.write_int(0, 0x10C, 4, 1)  # RING_TAIL: the doorbell
+        time.sleep(0.2)
+        # the server is alive and answers
+        assert int.from_bytes(client.read(protocol.CONFIG_REGION, 0, 2), "little") == 0x1234
+        assert err == errno.EINVAL
+        # a sealed memfd (QEMU's memory-backend-memfd, seal=on by default) is accepted
+        sealed = alloc_memfd(SIZE, "sealed")
+        try:
+            client.request(protocol.DMA_MAP, _dma_map(RAM, SIZE), [sealed])
+        finally:
+            os.close(sealed)
+        sock.close()
+        assert proc.wait(30) == 0
+        out = proc.stdout.read()
+        assert "F_SEAL_SHRINK" in out and "memory-backend-memfd" in out, out
+    finally:
+        os.close(fd)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_dma_map_refuses_a_file_that_cannot_be_sealed(edu, tmp_path):
+    client, ep, _server = edu
+    f = tmp_path / "ram"
+    f.write_bytes(b"\0" * 4096)
+    fd = os.open(f, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        assert _refused(client, protocol.DMA_MAP, _dma_map(RAM, 4096), [fd]) == errno.EINVAL
+        grow_only = os.memfd_create("grow-sealed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(grow_only, 4096)
+        fcntl.fcntl(grow_only, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW)
+        try:
+            assert _refused(client, protocol.DMA_MAP, _dma_map(RAM, 4096), [grow_only]) == errno.EINVAL
+        finally:
+            os.close(grow_only)
+        assert ep.memory.regions() == []
+    finally:
+        os.close(fd)
+
+
+def test_unsealed_memory_for_a_trusted_client_is_an_explicit_choice():
+    ep, _server, client, t, _r = _serve(allow_unsealed_dma=True)
+    fd = _unsealed_memfd(4096)
+    try:
+        client.request(protocol.DMA_MAP, _dma_map(RAM, 4096), [fd])
+        assert [r.gpa for r in ep.memory.regions()] == [RAM]
+    finally:
+        os.close(fd)
+        client.sock.close()
+        t.join(10)
+        ep.close()
+
+
+# -- finding 2: interrupt fds that block the server ------------------------------------------
+def _set_irq_fd(client: VfioUserClient, index: int, fd: int) -> None:
+    client.request(protocol.DEVICE_SET_IRQS, protocol.SET_IRQS_S.pack(20, 0x24, index, 0, 1), [fd])
+
+
+def test_set_irqs_refuses_what_is_not_an_eventfd(edu, tmp_path):
+    client, ep, _server = edu
+    r, w = os.pipe()
+    f = os.open(tmp_path / "x", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
+    try:
+        for fd in (w, f):
+            with pytest.raises(VfioUserError) as info:
+                _set_irq_fd(client, protocol.IRQ_MSIX, fd)
+            assert info.value.errno == errno.EINVAL
+            with pytest.raises(VfioUserError) as info:
+                _set_irq_fd(client, protocol.IRQ_INTX, fd)
+            assert info.value.errno == errno.EINVAL
+        assert ep.sink.vector_fds == {} and ep.sink.intx_fd is None
+    finally:
+        close_fds([r, w, f])
+
+
+def test_a_saturated_eventfd_never_blocks_the_server(edu):
+    """A blocking eventfd whose counter is at its maximum: a write would wait for a reader
+    forever (under the interrupt lock). The signal is dropped: the vector is signalled already."""
+    client, ep, _server = edu
+    efd = os.eventfd(0, os.EFD_CLOEXEC)  # blocking
+    try:
+        os.eventfd_write(efd, 0xFFFF_FFFF_FFFF_FFFE)  # the counter's maximum
+        client.write(protocol.CONFIG_REGION, 0x04, (0x6).to_bytes(2, "little"))
+        _set_irq_fd(client, protocol.IRQ_MSIX, efd)
+        _set_irq_fd(client, protocol.IRQ_INTX, efd)
+        # loopback triggers from the server, and an interrupt the device raises
+        client.request(protocol.DEVICE_SET_IRQS, protocol.SET_IRQS_S.pack(20, 0x21, protocol.IRQ_MSIX, 0, 1))
+        client.request(protocol.DEVICE_SET_IRQS, protocol.SET_IRQS_S.pack(20, 0x21, protocol.IRQ_INTX, 0, 1))
+        client.write_int(0, 0x60, 4, 1)  # edu IRQ_RAISE: INTx asserted (MSI-X is not enabled)
+        client.request(protocol.DEVICE_SET_IRQS, protocol.SET_IRQS_S.pack(20, 0x11, protocol.IRQ_INTX, 0, 1))
+        assert int.from_bytes(client.read(protocol.CONFIG_REGION, 0, 2), "little") == 0x1234
+        assert ep.sink.saturated >= 2
+        # a reader empties it: interrupts arrive again
+        assert os.eventfd_read(efd) == 0xFFFF_FFFF_FFFF_FFFE
+        client.request(protocol.DEVICE_SET_IRQS, protocol.SET_IRQS_S.pack(20, 0x21, protocol.IRQ_MSIX, 0, 1))
+        assert os.eventfd_read(efd) == 1
+    finally:
+        os.close(efd)
+
+
+# -- finding 5: DMA maps without a limit -----------------------------------------------------
+def test_dma_maps_are_capped_with_and_without_fds():
+    ep, server, client, t, _r = _serve(max_dma_maps=8)
+    fds = [alloc_memfd(4096, f"r{i}") for i in range(2)]
+    try:
+        for i in range(2):
+            client.request(protocol.DMA_MAP, _dma_map(RAM + i * 0x10000, 4096), [fds[i]])
+        for i in range(2, 8):
+            client.request(protocol.DMA_MAP, _dma_map(RAM + i * 0x10000, 4096))
+        assert _refused(client, protocol.DMA_MAP, _dma_map(RAM + 9 * 0x10000, 4096)) == errno.ENOSPC
+        extra = alloc_memfd(4096)
+        try:
+            assert _refused(client, protocol.DMA_MAP, _dma_map(RAM + 9 * 0x10000, 4096), [extra]) == errno.ENOSPC
+        finally:
+            os.close(extra)
+        # an unmap makes room
+        client.request(protocol.DMA_UNMAP, protocol.DMA_UNMAP_S.pack(24, 0, RAM + 3 * 0x10000, 4096))
+        client.request(protocol.DMA_MAP, _dma_map(RAM + 9 * 0x10000, 4096))
+        assert len(server.nofd_maps) + len(ep.memory.regions()) == 8
+    finally:
+        close_fds(fds)
+        client.sock.close()
+        t.join(10)
+        ep.close()
+
+
+def test_dma_map_overlap_checks_with_many_maps(edu):
+    """Overlaps are found among many fd-less maps and regions on both sides (bisect)."""
+    client, ep, server = edu
+    fd = alloc_memfd(0x2000)
+    try:
+        for i in range(0, 200, 2):
+            client.request(protocol.DMA_MAP, _dma_map(i * 0x10000, 0x8000))
+        client.request(protocol.DMA_MAP, _dma_map(0x10000 * 201, 0x2000), [fd])
+        for addr, size in ((0x7000, 0x1000), (0x28000 - 0x1000, 0x2000), (0x10000 * 198 + 0x4000, 0x100000),
+                           (0x10000 * 201 + 0x1FFF, 1), (0x10000 * 201 - 1, 2), (0, 1 << 40)):
+            assert _refused(client, protocol.DMA_MAP, _dma_map(addr, size)) == errno.EEXIST, hex(addr)
+        for addr, size in ((0x8000, 0x8000), (0x10000 * 201 + 0x2000, 0x1000), (0x10000 * 199, 0x10000)):
+            client.request(protocol.DMA_MAP, _dma_map(addr, size))
+        assert len(server.nofd_maps) == 103
+    finally:
+        os.close(fd)
+
+
+# -- finding 8: a VERSION nested deep enough to overflow a recursive parser -------------------
+@pytest.mark.parametrize("text", [b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 50_000 + b"1" + b"}" * 50_000,
+                                  b'{"capabilities":' + b"[" * 5000 + b"]" * 5000 + b"}"])
+def test_a_deeply_nested_version_is_refused_cleanly(edu, caplog, text):
+    client, _ep, _server = edu
+    with caplog.at_level(logging.INFO, logger="pcidev.transport.vfio_user.server"):
+        err = _refused(client, protocol.VERSION, protocol.VERSION_HDR.pack(0, 0) + text + b"\0")
+    assert err == errno.EINVAL
+    assert "Traceback" not in caplog.text and "RecursionError" not in caplog.text
+    # an ordinary VERSION still works
+    assert client.version()["max_msg_fds"] == 8
+
+
+def test_the_client_refuses_a_deeply_nested_version_reply():
+    """A hostile server's reply is bounded the same way (a clean TransportError)."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    client = VfioUserClient(b, timeout=10)
+
+    def server() -> None:
+        hdr = a.recv(16)
+        mid = protocol.HEADER.unpack(hdr)[0]
+        size = protocol.HEADER.unpack(hdr)[2]
+        a.recv(size - 16, socket.MSG_WAITALL)
+        nested = b'{"capabilities": ' + b"[" * 3000 + b"]" * 3000 + b"}"
+        a.sendall(protocol.reply(mid, protocol.VERSION, protocol.VERSION_HDR.pack(0, 0) + nested + b"\0"))
+
+    t = threading.Thread(target=server, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(Exception) as info:
+            client.version(caps={"pad": "x" * 7000})
+        assert not isinstance(info.value, RecursionError)
+        assert "VERSION" in str(info.value)
+    finally:
+        t.join(10)
+        a.close()
+        b.close()
+
+
+# -- finding 10: more fds with one message than allowed ---------------------------------------
+def test_too_many_fds_get_an_error_reply_and_the_connection_goes_on(edu):
+    client, ep, server = edu
+    efds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(server.max_msg_fds + 4)]
+    before = len(os.listdir("/proc/self/fd"))
+    try:
+        assert _refused(client, protocol.DEVICE_SET_IRQS,
+                        protocol.SET_IRQS_S.pack(20, 0x24, protocol.IRQ_MSIX, 0, len(efds)), efds) == errno.EINVAL
+        # the connection goes on, and the server kept none of the fds
+        assert int.from_bytes(client.read(protocol.CONFIG_REGION, 0, 2), "little") == 0x1234
+        assert ep.sink.vector_fds == {}
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        close_fds(efds)
+
+
+# -- deadlines: a client that stops in the middle of a message --------------------------------
+@pytest.mark.parametrize("part", ["header", "body"])
+def test_a_client_stopping_mid_message_is_dropped_after_the_deadline(part):
+    ep, _server, client, t, result = _serve(message_timeout=0.5)
+    try:
+        msg = protocol.message(1, protocol.REGION_READ, protocol.REGION_ACCESS_S.pack(0, 7, 4))
+        client.sock.sendall(msg[:7] if part == "header" else msg[:20])
+        t.join(20)
+        assert not t.is_alive()
+        assert "deadline" in result["reason"]
+    finally:
+        client.sock.close()
+        t.join(10)
+        ep.close()
+
+
+def test_an_idle_client_between_messages_is_not_dropped():
+    ep, _server, client, t, _result = _serve(message_timeout=0.3)
+    try:
+        time.sleep(1.0)
+        assert t.is_alive()
+        assert int.from_bytes(client.read(protocol.CONFIG_REGION, 0, 2), "little") == 0x1234
+    finally:
+        client.sock.close()
+        t.join(10)
+        ep.close()
+
+
+def test_a_client_that_reads_no_replies_is_dropped_after_the_deadline():
+    """Replies fill the socket buffer of a client that never reads them: the send
+    stalls, and the deadline ends the connection instead of holding the server."""
+    ep, _server, client, t, result = _serve(message_timeout=0.5)
+    try:
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        req = protocol.message(1, protocol.REGION_READ, protocol.REGION_ACCESS_S.pack(0, 7, 4096))
+        client.sock.setblocking(False)
+        deadline = time.monotonic() + 20
+        while t.is_alive() and time.monotonic() < deadline:
+            try:
+                client.sock.send(req)
+            except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+                time.sleep(0.01)
+        t.join(10)
+        assert not t.is_alive()
+        assert result["reason"].startswith("transport")
+    finally:
+        client.sock.close()
+        t.join(10)
+        ep.close()
