@@ -63,8 +63,6 @@ class NofdMaps:
             return self._maps == other._maps
         return self._maps == other
 
-    __hash__ = None  # type: ignore[assignment]
-
     def __repr__(self) -> str:
         return f"NofdMaps({self._maps!r})"
 

@@ -92,12 +92,18 @@ class VfioUserService:
     :param child_args: arguments of a handover's new process after ``python -m pcidev``.
     :param signals: make SIGTERM/SIGINT end the service (only from the main thread; a VF's
         service in a thread of its own is ended by :meth:`stop`).
+    :param server_options: keyword arguments of each client's
+        :class:`~pcidev.transport.vfio_user.server.VfioUserServer` (its limits:
+        ``max_dma_maps``, ``message_timeout``, ``allow_unsealed_dma``, ...).
     """
 
     def __init__(self, endpoint: DeviceEndpoint, listener: Listener, path: str, *,
                  pm: pluggy.PluginManager | None = None, once: bool = False, out: TextIO | None = None,
-                 control: Listener | None = None, child_args: Sequence[str] = (), signals: bool = True) -> None:
+                 control: Listener | None = None, child_args: Sequence[str] = (), signals: bool = True,
+                 server_options: dict[str, Any] | None = None) -> None:
         self.endpoint = endpoint
+        #: keyword arguments of each client's server (its limits)
+        self.server_options: dict[str, Any] = dict(server_options or {})
         self.device = endpoint.device
         self.listener = listener
         self.path = path
@@ -232,7 +238,7 @@ class VfioUserService:
             return self._on_wake(None)
         conn, _ = self.listener.sock.accept()
         conn.set_inheritable(False)
-        return VfioUserServer(self.endpoint, conn)
+        return VfioUserServer(self.endpoint, conn, **self.server_options)
 
     def run(self, server: VfioUserServer | None = None, *, banner: str | None = None) -> int:
         """Serve until the end (see the class): returns the exit status, closes what it owns.
@@ -267,7 +273,7 @@ class VfioUserService:
                     server = None
                     nxt, self._next_client = self._next_client, None
                     if nxt is not None and reason not in _ENDS:
-                        server = VfioUserServer(self.endpoint, nxt)
+                        server = VfioUserServer(self.endpoint, nxt, **self.server_options)
                         continue
                     if nxt is not None:
                         nxt.close()
@@ -362,7 +368,8 @@ class VfioUserService:
 
 def serve_device(device: PciDevice, path: str, *, pm: pluggy.PluginManager | None = None, once: bool = True,
                  out: TextIO | None = None, listener: Listener | None = None, control: Listener | None = None,
-                 child_args: Sequence[str] = (), sriov_vfs: int = 0) -> int:
+                 child_args: Sequence[str] = (), sriov_vfs: int = 0,
+                 server_options: dict[str, Any] | None = None) -> int:
     """Serve ``device`` over vfio-user on the UNIX socket ``path``.
 
     Listens (:func:`listen_vfio_user`, unless ``listener`` is given), prints one
@@ -383,6 +390,8 @@ def serve_device(device: PciDevice, path: str, *, pm: pluggy.PluginManager | Non
         (:func:`~pcidev.transport.vfio_user.handover.listen_control`), owned from now on.
     :param child_args: the arguments of a handover's new process after
         ``python -m pcidev`` (``serve ... DEVICE,props``; ``--adopt FD`` is appended).
+    :param server_options: keyword arguments of each client's
+        :class:`~pcidev.transport.vfio_user.server.VfioUserServer` (its limits).
     :param sriov_vfs: SR-IOV: enable this many VFs at the start. A device with SR-IOV has
         VF ``k`` served on ``PATH.vf<k>`` while it exists (:class:`VfSockets`), whoever set
         VF Enable; a handover is refused while there are VFs.
@@ -406,6 +415,7 @@ def serve_device(device: PciDevice, path: str, *, pm: pluggy.PluginManager | Non
             x.close()
         raise
     service = VfioUserService(endpoint, listener, path, pm=pm, once=once, out=out, control=control,
+                              server_options=server_options,
                               child_args=child_args)
     vf_sockets: VfSockets | None = None
     functions = functions_of(device)

@@ -29,10 +29,10 @@ from typing import Any
 import crc32c
 import pytest
 
+from pcidev.dma import alloc_memfd
 from pcidev.errors import MigrationError, TransportError
 from pcidev.host import Machine
 from pcidev.migration.channel import HANDOVER, REPORT, frame_meta, recv_frame, send_meta
-from pcidev.dma import alloc_memfd
 from pcidev.transport.fdpass import close_fds
 from pcidev.transport.vfio_user import protocol
 from pcidev.transport.vfio_user.client import VfioUserClient

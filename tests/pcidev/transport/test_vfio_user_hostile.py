@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import logging
 import mmap
 import os
@@ -21,6 +20,8 @@ import threading
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pcidev.devices.edu import DESC, EduDevice
 from pcidev.dma import alloc_memfd
@@ -28,8 +29,10 @@ from pcidev.transport.endpoint import DeviceEndpoint
 from pcidev.transport.fdpass import close_fds
 from pcidev.transport.vfio_user import protocol
 from pcidev.transport.vfio_user.client import VfioUserClient
+from pcidev.transport.vfio_user.conn import NofdMaps
 from pcidev.transport.vfio_user.protocol import VfioUserError
 from pcidev.transport.vfio_user.server import VfioUserServer
+from pcidev.transport.vfio_user.serving import VfioUserService, listen_vfio_user
 
 RAM = 0x40000000
 SIZE = 1 << 20
@@ -351,3 +354,54 @@ def test_a_client_that_reads_no_replies_is_dropped_after_the_deadline():
         client.sock.close()
         t.join(10)
         ep.close()
+
+
+# -- the pieces ------------------------------------------------------------------------------
+@given(st.lists(st.tuples(st.integers(0, 64), st.integers(1, 8)), max_size=30),
+       st.integers(0, 80), st.integers(1, 20))
+@settings(max_examples=200, deadline=None)
+def test_nofd_maps_find_overlaps_as_a_scan_does(maps, addr, size):
+    table = NofdMaps()
+    for a, s in maps:
+        if table.overlapping(a, s) is None:
+            table[a] = (s, 0)
+    kept = table.items()
+    assert [a for a, _ in kept] == sorted(a for a, _ in kept)
+    scan = [a for a, (s, _f) in kept if a < addr + size and addr < a + s]
+    found = table.overlapping(addr, size)
+    assert (found is None) == (not scan) and (found is None or found in scan)
+    for a, _ in kept[::2]:
+        del table[a]
+    assert table == dict(kept[1::2])
+
+
+def test_parse_caps_bounds_size_and_depth():
+    assert protocol.parse_caps(b"") == {} and protocol.parse_caps(b" \0") == {}
+    assert protocol.parse_caps(b'{"capabilities":{"a":"[[[[{{{{"}}\0') == {"a": "[[[[{{{{"}
+    deep = "[" * (protocol.MAX_VERSION_DEPTH - 2) + "]" * (protocol.MAX_VERSION_DEPTH - 2)  # with the two objects: the limit
+    assert protocol.parse_caps(b'{"capabilities":{"a":' + deep.encode() + b"}}\0")["a"]
+    with pytest.raises(ValueError, match="deeper"):
+        protocol.parse_caps(b'{"capabilities":{"a":[' + deep.encode() + b"]}}\0")
+    with pytest.raises(ValueError, match="bytes"):
+        protocol.parse_caps(b'{"x":"' + b"y" * protocol.MAX_VERSION_SIZE + b'"}\0')
+    assert protocol.json_depth('["\\"[", {"a": "\\\\"}]') == 2
+    for bad in (b"{", b"[1]\0", b'{"capabilities":[]}\0', b"\xff\0", b"{\0"):
+        with pytest.raises(ValueError):
+            protocol.parse_caps(bad)
+
+
+def test_the_service_gives_each_client_its_server_options(tmp_path):
+    ep = DeviceEndpoint(EduDevice())
+    path = str(tmp_path / "edu.sock")
+    service = VfioUserService(ep, listen_vfio_user(path), path, once=True, out=open(os.devnull, "w"),
+                              signals=False, server_options={"max_dma_maps": 1})
+    t = threading.Thread(target=service.run, daemon=True)
+    t.start()
+    try:
+        with VfioUserClient.connect(path) as client:
+            client.request(protocol.DMA_MAP, _dma_map(RAM, 4096))
+            assert _refused(client, protocol.DMA_MAP, _dma_map(RAM + 0x10000, 4096)) == errno.ENOSPC
+    finally:
+        t.join(20)
+        assert not t.is_alive()
+        service.out.close()
