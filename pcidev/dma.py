@@ -60,8 +60,9 @@ two fds; ``max_regions`` bounds the total.
 
 An unsealed file can be truncated by its owner while mapped, and touching a page
 past the new end raises ``SIGBUS``, which kills the process: prefer sealed memfds
-(:func:`alloc_memfd` seals against shrinking) and never use a region after its
-unmap.
+(:func:`alloc_memfd` seals against shrinking; :func:`shrink_sealed` tells whether an
+fd from a peer is, and the vfio-user server refuses a ``DMA_MAP`` of one that is not)
+and never use a region after its unmap.
 
 Performance
 -----------

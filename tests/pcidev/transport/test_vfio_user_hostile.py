@@ -378,7 +378,7 @@ def test_nofd_maps_find_overlaps_as_a_scan_does(maps, addr, size):
 def test_parse_caps_bounds_size_and_depth():
     assert protocol.parse_caps(b"") == {} and protocol.parse_caps(b" \0") == {}
     assert protocol.parse_caps(b'{"capabilities":{"a":"[[[[{{{{"}}\0') == {"a": "[[[[{{{{"}
-    deep = "[" * (protocol.MAX_VERSION_DEPTH - 2) + "]" * (protocol.MAX_VERSION_DEPTH - 2)  # with the two objects: the limit
+    deep = "[" * (protocol.MAX_VERSION_DEPTH - 2) + "]" * (protocol.MAX_VERSION_DEPTH - 2)  # + 2 objects
     assert protocol.parse_caps(b'{"capabilities":{"a":' + deep.encode() + b"}}\0")["a"]
     with pytest.raises(ValueError, match="deeper"):
         protocol.parse_caps(b'{"capabilities":{"a":[' + deep.encode() + b"]}}\0")
