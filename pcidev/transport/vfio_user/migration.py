@@ -36,12 +36,12 @@ handover, which refuses unless it is ``RUNNING``).
   ``DEVICE_RESET`` leaves (:meth:`MigrationStateMachine.reset`).
 * The device prepares its stop while it runs (:meth:`PciDevice.prepare_quiesce
   <pcidev.device.PciDevice.prepare_quiesce>`, ``flush=True``: NVMe calls ``fdatasync`` on the
-  files written, so the stop's flush has little left): in a thread started at the end of
-  each ``PRE_COPY`` iteration (the short ``MIG_DATA_READ``), which the arc to
-  ``STOP_COPY`` waits for (at most :data:`PREPARE_WAIT` seconds) before it stops the
-  device; an arc that stops a device without one (``RUNNING`` to ``STOP``, ``PRE_COPY``
-  to ``STOP_COPY`` before any iteration ended) prepares first, in the arc. A failed or
-  late preparation refuses the arc with ``EBUSY``: the device runs on, the state is
+  files written, so the stop's flush has little left): in a thread started when the
+  device enters ``PRE_COPY`` (a VMM copies the guest's RAM meanwhile) and again at the end
+  of each ``PRE_COPY`` iteration (the short ``MIG_DATA_READ``) unless one still runs; the
+  arc to ``STOP_COPY`` waits for the last (at most :data:`PREPARE_WAIT` seconds) before
+  it stops the device, and ``RUNNING`` to ``STOP`` prepares first, in the arc. A failed
+  or late preparation refuses the arc with ``EBUSY``: the device runs on, the state is
   unchanged.
 * A ``DEVICE_RESET`` in ``PRE_COPY`` resets the device but keeps the state and the
   pre-copy (:meth:`MigrationStateMachine.device_reset`; libvfio-user #853: a client
@@ -279,8 +279,9 @@ class MigrationStateMachine:
 
     # -- the preparation of the stop ----------------------------------------------------
     def _prepare_in_background(self) -> None:
-        """A PRE_COPY iteration ended: let the device prepare its stop while it runs
-        (unless a preparation still runs: it covers what was written before it began)."""
+        """PRE_COPY began, or one of its iterations ended: let the device prepare its stop
+        while it runs (unless a preparation still runs: it covers what was written before
+        it began, and the next iteration's end starts another)."""
         if self._prepare is not None and self._prepare.is_alive():
             return
         self._prepare_error = None
@@ -361,6 +362,7 @@ class MigrationStateMachine:
             self.device.resume()
         elif cur == _RUN and nxt == _PC:
             self._start_precopy()
+            self._prepare_in_background()
         elif cur == _PC and nxt == _RUN:
             self._drop()
         elif cur == _PC and nxt == _SC:

@@ -1,8 +1,8 @@
 """vfio-user migration: the device prepares its stop while it runs
 (:meth:`PciDevice.prepare_quiesce <pcidev.device.PciDevice.prepare_quiesce>`), as the
-device link's pre-copy lets it: in a thread started at the end of each PRE_COPY iteration
-(the short MIG_DATA_READ), which the arc to STOP_COPY waits for before it stops the
-device; an arc that stops a running device without one prepares first. A failed or late
+device link's pre-copy lets it: in a thread started when it enters PRE_COPY and at the
+end of each PRE_COPY iteration (the short MIG_DATA_READ), which the arc to STOP_COPY
+waits for before it stops the device; RUNNING -> STOP prepares in the arc. A failed or late
 preparation refuses the arc (EBUSY) and the device runs on. With an NVMe ``file``
 namespace written through the connection, the image is synced before the stop and not
 during it."""
@@ -83,17 +83,17 @@ def _wait_for(dev: SpyEdu, n: int) -> None:
         time.sleep(0.005)
 
 
-def test_the_end_of_a_pre_copy_iteration_prepares_the_stop_while_the_device_runs(spy) -> None:
+def test_pre_copy_prepares_the_stop_while_the_device_runs(spy) -> None:
     srv, dev = spy
     c = srv.client
     set_mig_state(c, MIG_STATE_PRE_COPY)
-    assert dev.events == []  # entering PRE_COPY prepares nothing yet
+    _wait_for(dev, 1)  # entering PRE_COPY: the VMM copies the guest's RAM meanwhile
     _end_iteration(srv)
-    _wait_for(dev, 1)
-    assert dev.events == [("prepare", True, False, "pcidev-vfio-user-prepare")]  # running, in the background
+    _wait_for(dev, 2)  # and the end of an iteration
+    assert dev.events == [("prepare", True, False, "pcidev-vfio-user-prepare")] * 2  # running, in the background
     assert mig_state(c) == MIG_STATE_PRE_COPY
     set_mig_state(c, MIG_STATE_STOP_COPY)
-    assert dev.events[1:] == [("quiesce",)]  # the arc waited for it and did not prepare again
+    assert dev.events[2:] == [("quiesce",)]  # the arc waited for it and did not prepare again
     assert mig_read_all(c)  # the state
     set_mig_state(c, MIG_STATE_RUNNING)
     assert not dev.quiesced
@@ -102,15 +102,16 @@ def test_the_end_of_a_pre_copy_iteration_prepares_the_stop_while_the_device_runs
 def test_every_iteration_end_prepares_once_more_and_the_stop_waits_for_the_last(spy) -> None:
     srv, dev = spy
     set_mig_state(srv.client, MIG_STATE_PRE_COPY)
-    for n in (1, 2, 3):
+    _wait_for(dev, 1)
+    for n in (2, 3, 4):
         _end_iteration(srv)
         _wait_for(dev, n)
     set_mig_state(srv.client, MIG_STATE_STOP_COPY)
-    assert [e[0] for e in dev.events] == ["prepare"] * 3 + ["quiesce"]
+    assert [e[0] for e in dev.events] == ["prepare"] * 4 + ["quiesce"]
     set_mig_state(srv.client, MIG_STATE_RUNNING)
 
 
-def test_an_arc_that_stops_a_running_device_prepares_first_in_the_arc(spy) -> None:
+def test_running_to_stop_prepares_first_in_the_arc(spy) -> None:
     srv, dev = spy
     c = srv.client
     set_mig_state(c, MIG_STATE_STOP)  # RUNNING -> STOP
@@ -119,8 +120,8 @@ def test_an_arc_that_stops_a_running_device_prepares_first_in_the_arc(spy) -> No
     set_mig_state(c, MIG_STATE_RUNNING)
     dev.events.clear()
     set_mig_state(c, MIG_STATE_PRE_COPY)
-    set_mig_state(c, MIG_STATE_STOP_COPY)  # no iteration read: prepared in the arc
-    assert [e[:3] for e in dev.events] == [("prepare", True, False), ("quiesce",)]
+    set_mig_state(c, MIG_STATE_STOP_COPY)  # no iteration read: the one of PRE_COPY's start
+    assert dev.events == [("prepare", True, False, "pcidev-vfio-user-prepare"), ("quiesce",)]
     set_mig_state(c, MIG_STATE_RUNNING)
 
 
@@ -129,8 +130,9 @@ def test_a_failed_preparation_refuses_the_stop_and_the_device_runs(spy) -> None:
     c = srv.client
     dev.fail = True
     set_mig_state(c, MIG_STATE_PRE_COPY)
-    _end_iteration(srv)
     _wait_for(dev, 1)
+    _end_iteration(srv)
+    _wait_for(dev, 2)
     assert refused(set_mig_state, c, MIG_STATE_STOP_COPY) == errno.EBUSY
     assert mig_state(c) == MIG_STATE_PRE_COPY and not dev.quiesced
     assert refused(set_mig_state, c, MIG_STATE_STOP_COPY) == errno.EBUSY  # prepared again in the arc: fails
@@ -151,7 +153,7 @@ def test_a_preparation_still_running_refuses_the_stop_until_it_ends(spy, monkeyp
     monkeypatch.setattr(migration, "PREPARE_WAIT", 0.2)
     dev.gate = threading.Event()
     set_mig_state(c, MIG_STATE_PRE_COPY)
-    _end_iteration(srv)
+    _end_iteration(srv)  # (the preparation of PRE_COPY's start still runs: no second one)
     assert refused(set_mig_state, c, MIG_STATE_STOP_COPY) == errno.EBUSY
     assert mig_state(c) == MIG_STATE_PRE_COPY and not dev.quiesced and dev.events == []
     dev.gate.set()
