@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
 
 import crc32c
 import pytest
+from raw_link import Raw
 
 from pcidev.errors import ConnectionLostError, MigrationError, TransportError
 from pcidev.host import Machine
@@ -27,18 +27,12 @@ from pcidev.transport.endpoint import DeviceEndpoint
 from pcidev.transport.link.process import DeviceProcess
 from pcidev.transport.link.protocol import (
     ABANDON,
-    FLAG_ERROR,
     HELLO,
     MIGRATE,
     RELEASE,
     RESUME,
     STATUS,
     TAKE_BACK,
-    decode_body,
-    encode_body,
-    error_from_reply,
-    read_message,
-    send_message,
 )
 from pcidev.transport.link.server import LinkServer
 from pcidev_nvme.controller import NvmeController
@@ -50,27 +44,6 @@ PROPS = f"serial=XCOMMIT,max_ioqpairs=1,msix_vectors=2,ns=mem:size={NS}"
 WRITE = 0x01
 #: commands left outstanding (submitted, not reaped) across a migration attempt
 DEPTH = 32
-
-
-class Raw:
-    """A raw link connection (requests and replies by hand)."""
-
-    def __init__(self, address: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(address.removeprefix("unix:"))
-        self.mid = 0
-
-    def request(self, kind: int, body, timeout: float = 30.0):
-        """The reply's value, or the typed error of an error reply."""
-        self.mid += 1
-        send_message(self.sock, kind, 0, self.mid, encode_body(body))
-        self.sock.settimeout(timeout)
-        rkind, flags, rid, rbody, _ = read_message(self.sock, max_fds=0)
-        assert (rkind, rid) == (kind, self.mid)
-        return error_from_reply(rbody) if flags & FLAG_ERROR else decode_body(rbody, "reply")
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 class Source:
