@@ -42,7 +42,8 @@ handover, which refuses unless it is ``RUNNING``).
   arc to ``STOP_COPY`` waits for the last (at most :data:`PREPARE_WAIT` seconds) before
   it stops the device, and ``RUNNING`` to ``STOP`` prepares first, in the arc. A failed
   or late preparation refuses the arc with ``EBUSY``: the device runs on, the state is
-  unchanged.
+  unchanged. ``PRE_COPY`` to ``RUNNING`` and a client that leaves wait for a preparation
+  still running (none outlives the migration).
 * A ``DEVICE_RESET`` in ``PRE_COPY`` resets the device but keeps the state and the
   pre-copy (:meth:`MigrationStateMachine.device_reset`; libvfio-user #853: a client
   that still expects ``PRE_COPY`` would otherwise take arcs that do not exist).
@@ -232,9 +233,7 @@ class MigrationStateMachine:
     def reset(self) -> None:
         """Back to RUNNING with no data (the client left, or a DEVICE_RESET outside
         PRE_COPY). The caller resets or resumes the device."""
-        if self._prepare is not None:  # (not under the caller's reset or close)
-            self._prepare.join(PREPARE_WAIT)
-            self._prepare = None
+        self._join_prepare()
         self._drop()
         self.conn.mig_state = _RUN
 
@@ -293,6 +292,15 @@ class MigrationStateMachine:
             self.device.prepare_quiesce(flush=True)
         except Exception as exc:  # (a device's bug too: the arc that waits reports it)
             self._prepare_error = exc
+
+    def _join_prepare(self) -> None:
+        """Forget the preparation (the migration ended here), once it has ended: nothing of
+        it runs on under a reset, a handover or the device's close (at most
+        :data:`PREPARE_WAIT` seconds; what it raised does not matter any more)."""
+        thread, self._prepare = self._prepare, None
+        if thread is not None:
+            thread.join(PREPARE_WAIT)
+        self._prepare_error = None
 
     def _prepared(self) -> None:
         """Before a stop: wait for the preparation of the last PRE_COPY iteration, or
@@ -364,6 +372,7 @@ class MigrationStateMachine:
             self._start_precopy()
             self._prepare_in_background()
         elif cur == _PC and nxt == _RUN:
+            self._join_prepare()
             self._drop()
         elif cur == _PC and nxt == _SC:
             self._quiesce()

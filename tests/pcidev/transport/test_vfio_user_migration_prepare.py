@@ -209,3 +209,20 @@ def test_an_nvme_file_namespace_is_synced_before_the_stop_not_during_it(tmp_path
             drv.close()
     finally:
         srv.close()
+
+
+def test_leaving_pre_copy_waits_for_the_preparation_so_none_outlives_the_migration(spy) -> None:
+    srv, dev = spy
+    c = srv.client
+    dev.gate = threading.Event()
+    set_mig_state(c, MIG_STATE_PRE_COPY)
+    opener = threading.Timer(0.3, dev.gate.set)
+    opener.start()
+    try:
+        set_mig_state(c, MIG_STATE_RUNNING)  # PRE_COPY -> RUNNING: the migration is off
+        assert [e[0] for e in dev.events] == ["prepare"]  # it had ended before the reply
+        assert not any(t.name == "pcidev-vfio-user-prepare" for t in threading.enumerate())
+        assert mig_state(c) == MIG_STATE_RUNNING and not dev.quiesced
+    finally:
+        opener.cancel()
+        dev.gate.set()
