@@ -84,9 +84,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["MIGRATION_FLAGS", "PREPARE_WAIT", "MigrationStateMachine", "migration_blockers", "migration_path"]
 
-#: seconds the arc from PRE_COPY to STOP_COPY (and a client that leaves) waits for the
-#: device's preparation started at the end of a PRE_COPY iteration; still running then:
-#: the arc is refused (``EBUSY``), the device runs on
+#: seconds the arc from PRE_COPY to STOP_COPY waits for the device's preparation of its
+#: stop started in PRE_COPY (still running then: the arc is refused with ``EBUSY``, the
+#: device runs on), and PRE_COPY to RUNNING or a client that leaves waits for it to end
 PREPARE_WAIT = 10.0
 
 #: what the MIGRATION feature reports: STOP_COPY and PRE_COPY (no P2P)
@@ -194,8 +194,8 @@ class MigrationStateMachine:
         self._cursor = 0
         #: the data being written (RESUMING)
         self._in: InboundData | None = None
-        #: the device's preparation of its stop, started at the end of a PRE_COPY iteration,
-        #: and what it raised
+        #: the device's preparation of its stop, started in PRE_COPY (its start, the end of
+        #: each iteration), and what it raised
         self._prepare: threading.Thread | None = None
         self._prepare_error: Exception | None = None
 
@@ -303,8 +303,8 @@ class MigrationStateMachine:
         self._prepare_error = None
 
     def _prepared(self) -> None:
-        """Before a stop: wait for the preparation of the last PRE_COPY iteration, or
-        prepare now (the device runs until this returns).
+        """Before a stop: wait for the last preparation started in PRE_COPY, or prepare now
+        (the device runs until this returns).
 
         :raises VfioUserError: ``EBUSY``: the preparation failed or is still running.
         """
