@@ -102,6 +102,13 @@ __all__ = [
     "destination_sources",
     "checked_sources",
     "passes_stalled",
+    "TrackedSource",
+    "track_sources",
+    "check_source_name",
+    "file_id",
+    "fd_source_names",
+    "is_zero",
+    "CHUNK_HEAD",
     "MAX_CHUNK",
     "MAX_SOURCES",
     "MAX_SOURCE_NAME",
@@ -128,16 +135,20 @@ MAX_MEMORY_SIZE = 16 << 30
 MAX_ROUNDS = 64
 #: the page whose CRC-32C tracks a source without a dirty bitmap
 HASH_PAGE = 4096
-_CHUNK_HEAD = struct.Struct("<HQI")
+#: a CHUNK body's head: the name's length, the offset, the data's length (the name
+#: and the data follow; no data: that many zeros)
+CHUNK_HEAD = struct.Struct("<HQI")
 #: the longest CHUNK body
-MAX_CHUNK_FRAME = _CHUNK_HEAD.size + MAX_SOURCE_NAME + MAX_CHUNK
+MAX_CHUNK_FRAME = CHUNK_HEAD.size + MAX_SOURCE_NAME + MAX_CHUNK
 _ZEROS = bytes(MAX_CHUNK)
 _ZERO_PAGE_CRC = crc32c.crc32c(bytes(HASH_PAGE))
 #: how often (chunks) the source looks for a refusal from the destination during pre-copy
 _POLL_EVERY = 8
 
 
-def _is_zero(data: bytes) -> bool:
+def is_zero(data: bytes) -> bool:
+    """Whether ``data`` (at most :data:`MAX_CHUNK` bytes) is all zeros: a CHUNK without
+    data (a hole), or nothing at all on a first copy."""
     return data == (_ZEROS if len(data) == MAX_CHUNK else _ZEROS[:len(data)])
 
 
@@ -148,8 +159,8 @@ _NAME = re.compile(r"[A-Za-z0-9_./:@+-]+")
 _INDEX = re.compile(r"0|[1-9][0-9]{0,4}")
 
 
-def _check_name(name: object) -> str:
-    """A source name's checks (shared by both sides): a non-empty string of at most
+def check_source_name(name: object) -> str:
+    """A source name's checks (shared by both sides and every carrier): a non-empty string of at most
     :data:`MAX_SOURCE_NAME` characters of ``[A-Za-z0-9_./:@+-]``.
 
     :raises ValueError: why not.
@@ -214,7 +225,11 @@ class PrecopyReport:
                 "finish_seconds": self.finish_seconds, "synced": self.synced, "ended": self.ended}
 
 
-def _file_id(fd: int) -> tuple[int, int]:
+def file_id(fd: int) -> tuple[int, int]:
+    """The identity of the object ``fd`` opens: ``(st_dev, st_ino)``.
+
+    :raises OSError: ``fstat`` failed.
+    """
     st = os.fstat(fd)
     return st.st_dev, st.st_ino
 
@@ -247,12 +262,17 @@ def _extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
         off = end
 
 
-def _fd_sources(by_id: dict[tuple[int, int], str], fds: Sequence[int]) -> dict[str, str]:
-    """``{str(index): name}`` for each of ``fds`` that is one of ``by_id``'s objects."""
+def fd_source_names(by_id: Mapping[tuple[int, int], str], fds: Sequence[int]) -> dict[str, str]:
+    """An OFFER's ``fd_sources``: ``{str(index): name}`` for each of ``fds`` (a saved
+    stream's descriptors) that is one of ``by_id``'s objects.
+
+    :param by_id: source names by :func:`file_id` (:attr:`TrackedSource.ident`).
+    :param fds: the descriptors :func:`~pcidev.migration.snapshot.save_device_stream` returned.
+    """
     out = {}
     for i, fd in enumerate(fds):
         try:
-            name = by_id.get(_file_id(fd))
+            name = by_id.get(file_id(fd))
         except OSError:
             continue
         if name is not None:
@@ -260,20 +280,38 @@ def _fd_sources(by_id: dict[tuple[int, int], str], fds: Sequence[int]) -> dict[s
     return out
 
 
-class _Tracked:
-    """One source on the sending side: its own descriptor, its identity and tracking."""
+class TrackedSource:
+    """One memory source on the sending side of any carrier of its contents (the TCP
+    pre-copy, :class:`Precopy`; vfio-user migration data,
+    :class:`~pcidev.transport.vfio_user.migration_data.OutboundData`): its own
+    descriptor, its identity and the tracking of what was written since it was last
+    sent (its :class:`~pcidev.memory_source.DirtyBitmap`, else the CRC-32C of each
+    :data:`HASH_PAGE` as last sent, hashed in a read-only mapping). The carrier frames
+    what :meth:`changes` and :meth:`everything` yield as CHUNKs (:data:`CHUNK_HEAD`,
+    :attr:`head`; :func:`is_zero` data as a hole). Open several at once with
+    :func:`track_sources`; :meth:`close` whatever happens.
+
+    :param src: the source (checked: :func:`checked_sources`).
+    :raises ValueError: its name is invalid, or a buffer source has no bitmap.
+    :raises OSError: its descriptor cannot be reopened or mapped.
+    """
 
     def __init__(self, src: MemorySource) -> None:
-        self.name = _check_name(src.name)
+        #: the source's name (checked)
+        self.name = check_source_name(src.name)
+        #: its size in bytes
         self.size = src.size
+        #: its dirty bitmap (None: tracked by page hashes)
         self.bitmap = src.bitmap
         if src.buffer is not None and (src.bitmap is None or len(src.buffer) < src.size):
             raise ValueError(f"memory source {self.name!r}: a source read from a buffer needs a bitmap "
                              "and a buffer of its size")
         #: the contents when ``fd`` only names the object (MemorySource.buffer)
         self.buffer = src.buffer
-        self.ident = _file_id(src.fd)
+        #: the identity of its object (:func:`file_id`)
+        self.ident = file_id(src.fd)
         self.fd = _reopen(src.fd)
+        #: its name as a CHUNK carries it (UTF-8)
         self.head = self.name.encode()
         #: CRC-32C of each page as last sent (sources without a bitmap)
         self.hashes: array.array[int] | None = None
@@ -289,6 +327,101 @@ class _Tracked:
         #: bytes that changed in the last hash scan after the first copy (the estimate of
         #: the next one; None: no such scan yet, the rate of change is unknown)
         self.changed_last: int | None = None
+        #: bytes hashed page by page so far, and the seconds it took
+        self.hashed_bytes = 0
+        self.hash_seconds = 0.0
+
+    def chunk_head(self, off: int, length: int) -> bytes:
+        """A CHUNK body's head for ``length`` bytes at ``off`` (the data follows it, or
+        nothing for a hole)."""
+        return CHUNK_HEAD.pack(len(self.head), off, length) + self.head
+
+    def changes(self, *, whole: bool) -> Iterator[tuple[int, bytes]]:
+        """The contents to send, as ``(offset, data)`` pieces of at most :data:`MAX_CHUNK`
+        bytes: with ``whole`` (the first copy) every range that may hold data, else what
+        was written since the last call (the bitmap, cleared first) or the runs of pages
+        whose hash is not the one last sent. A hashed piece is a copy taken after the scan
+        and its pages' stored hashes are that copy's, so a scan once the writers stopped
+        (at the stop) finds every difference; a scan that is not ``whole`` sets
+        :attr:`changed_last`.
+
+        :raises MigrationError: a short read.
+        :raises OSError: reading failed.
+        """
+        if self.hashes is not None:
+            yield from self._hashed(whole=whole)
+            return
+        assert self.bitmap is not None
+        ranges = self.bitmap.take()  # clears: read after it (see DirtyBitmap)
+        if whole:
+            ranges = list(self.extents())
+        for off, length in ranges:
+            end = off + length
+            while off < end:
+                n = min(MAX_CHUNK, end - off)
+                data = self.read(off, n)
+                if len(data) != n:
+                    raise MigrationError(f"memory source {self.name!r}: short read at {off:#x}")
+                yield off, data
+                off += n
+
+    def everything(self) -> Iterator[tuple[int, bytes]]:
+        """All of the contents, as ``(offset, data)`` pieces: what the destination has of it
+        is not known to be right (its tracking was lost; the bitmap is cleared).
+
+        :raises MigrationError: a short read.
+        :raises OSError: reading failed.
+        """
+        if self.bitmap is not None:
+            self.bitmap.take()
+        for off in range(0, self.size, MAX_CHUNK):
+            data = self.read(off, min(MAX_CHUNK, self.size - off))
+            if not data:
+                raise MigrationError(f"memory source {self.name!r}: short read at {off:#x}")
+            yield off, data
+
+    def _hashed(self, *, whole: bool) -> Iterator[tuple[int, bytes]]:
+        """Hash every page in place (the read-only mapping: no copy) and yield each run of
+        pages whose hash changed (see :meth:`changes`)."""
+        hashes = self.hashes
+        assert hashes is not None and self.map is not None
+        extents = list(self.extents()) if whole else [(0, self.size)]
+        changed = 0
+        with memoryview(self.map) as whole_view:
+            for off, length in extents:
+                end = off + length
+                off -= off % HASH_PAGE
+                while off < end:
+                    n = min(MAX_CHUNK, end - off, self.size - off)
+                    h0 = time.perf_counter()
+                    with whole_view[off:off + n] as view:
+                        crcs = [crc32c.crc32c(view[i:i + HASH_PAGE]) for i in range(0, n, HASH_PAGE)]
+                    self.hash_seconds += time.perf_counter() - h0
+                    self.hashed_bytes += n
+                    first = off // HASH_PAGE
+                    runs = []
+                    start = -1
+                    for k, crc in enumerate(crcs):
+                        if hashes[first + k] != crc:
+                            if start < 0:
+                                start = k
+                        elif start >= 0:
+                            runs.append((start, k))
+                            start = -1
+                    if start >= 0:
+                        runs.append((start, len(crcs)))
+                    for a, b in runs:
+                        lo, hi = off + a * HASH_PAGE, min(off + b * HASH_PAGE, self.size)
+                        piece = bytes(whole_view[lo:hi])
+                        with memoryview(piece) as pv:
+                            for k in range(a, b):
+                                i = (k - a) * HASH_PAGE
+                                hashes[first + k] = crc32c.crc32c(pv[i:i + HASH_PAGE])
+                        changed += len(piece)
+                        yield lo, piece
+                    off += n
+        if not whole:
+            self.changed_last = changed
 
     def read(self, off: int, n: int) -> bytes:
         """``n`` bytes of the contents at ``off`` (fewer at the end)."""
@@ -303,6 +436,7 @@ class _Tracked:
         return _extents(self.fd, self.size)
 
     def close(self) -> None:
+        """Stop the tracking, close the descriptor and the mapping (idempotent)."""
         self.buffer = None
         if self.bitmap is not None:
             self.bitmap.stop()
@@ -315,6 +449,28 @@ class _Tracked:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def track_sources(sources: Sequence[MemorySource]) -> list[TrackedSource]:
+    """Open each of ``sources`` as a :class:`TrackedSource` and start its bitmap (everything
+    counts as written): all of them, or none (what was opened is closed on a failure).
+
+    :param sources: the sources (:func:`checked_sources`).
+    :returns: them, tracked, in the same order.
+    :raises MigrationError: a source is unusable.
+    """
+    new: list[TrackedSource] = []
+    try:
+        for src in sources:
+            t = TrackedSource(src)
+            new.append(t)
+            if t.bitmap is not None:
+                t.bitmap.start()
+    except (OSError, ValueError) as exc:
+        for t in new:
+            t.close()
+        raise MigrationError(f"a memory source is unusable: {exc}") from exc
+    return new
 
 
 def checked_sources(device: PciDevice) -> list[MemorySource]:
@@ -333,7 +489,7 @@ def checked_sources(device: PciDevice) -> list[MemorySource]:
     names: set[str] = set()
     for src in sources:
         try:
-            _check_name(src.name)
+            check_source_name(src.name)
         except ValueError as exc:
             raise MigrationError(f"memory source: {exc}") from None
         if src.name in names:
@@ -393,7 +549,7 @@ class Precopy:
         self.preflight = preflight
         #: the destination's answer to the pre-flight, once :meth:`check` ran
         self.verdict: Verdict | None = None
-        self._tracked: dict[str, _Tracked] = {}
+        self._tracked: dict[str, TrackedSource] = {}
         self._state = "new"  # new, running, ran, finishing, finished, aborted
         self._lock = threading.Lock()
         #: set by :meth:`abort`: a :meth:`run` or :meth:`finish` in another thread stops at
@@ -598,7 +754,7 @@ class Precopy:
                 known = self._tracked.get(src.name)
                 if known is None:
                     fresh.append(src)
-                elif known.ident != _file_id(src.fd):
+                elif known.ident != file_id(src.fd):
                     raise MigrationError(f"memory source {src.name!r} is another object than the one announced")
                 elif known.bitmap is not None and src.bitmap is None:
                     lost_track.add(src.name)  # now written past its bitmap (mapped elsewhere): all of it
@@ -635,7 +791,7 @@ class Precopy:
             returned.
         :returns: ``{str(index): source name}``.
         """
-        return _fd_sources({t.ident: t.name for t in self._tracked.values()}, fds)
+        return fd_source_names({t.ident: t.name for t in self._tracked.values()}, fds)
 
     def abort(self) -> None:
         """Stop the tracking and release everything (failure paths; idempotent; callable
@@ -663,17 +819,7 @@ class Precopy:
 
     # -- sending -----------------------------------------------------------------------------
     def _announce(self, sources: Sequence[MemorySource]) -> None:
-        new = []
-        try:
-            for src in sources:
-                t = _Tracked(src)
-                new.append(t)
-                if t.bitmap is not None:
-                    t.bitmap.start()
-        except (OSError, ValueError) as exc:
-            for t in new:
-                t.close()
-            raise MigrationError(f"a memory source is unusable: {exc}") from exc
+        new = track_sources(sources)
         with self._lock:  # an abort() that came first released what it saw: add nothing after it
             aborted = self._state == "aborted"
             if not aborted:
@@ -763,97 +909,34 @@ class Precopy:
             self._estimate_ms = 1000.0 * ((dirty / bw if dirty else 0.0) + (hashed / hash_rate if hashed else 0.0))
         return self._estimate_ms
 
-    def _send_changes(self, t: _Tracked, cancel: threading.Event | None, *, whole: bool) -> int:
+    def _send_changes(self, t: TrackedSource, cancel: threading.Event | None, *, whole: bool) -> int:
         """Send ``t``'s contents: all that holds data (``whole``: the first copy, zeros
-        skipped), else what its bitmap recorded or what its page hashes show changed."""
-        if t.hashes is not None:
-            return self._send_hashed(t, cancel, whole=whole)
-        assert t.bitmap is not None
-        ranges = t.bitmap.take()  # clears: read after it (see DirtyBitmap)
-        if whole:
-            ranges = list(t.extents())
-        sent = 0
-        for off, length in ranges:
-            end = off + length
-            while off < end:
-                n = min(MAX_CHUNK, end - off)
-                data = t.read(off, n)
-                if len(data) != n:
-                    raise MigrationError(f"memory source {t.name!r}: short read at {off:#x}")
-                sent += self._chunk(t, off, data, skip_zero=whole, cancel=cancel)
-                off += n
-        return sent
+        skipped), else what its bitmap recorded or what its page hashes show changed
+        (:meth:`TrackedSource.changes`)."""
+        hashed, seconds = t.hashed_bytes, t.hash_seconds
+        try:
+            return sum(self._chunk(t, off, data, skip_zero=whole, cancel=cancel)
+                       for off, data in t.changes(whole=whole))
+        finally:
+            self._hash_bytes += t.hashed_bytes - hashed
+            self._hash_time += t.hash_seconds - seconds
 
-    def _send_everything(self, t: _Tracked) -> int:
+    def _send_everything(self, t: TrackedSource) -> int:
         """Send all of ``t`` (chunks of zeros as holes): what the destination has of it is
         not known to be right (its tracking was lost)."""
-        if t.bitmap is not None:
-            t.bitmap.take()
-        sent = 0
-        for off in range(0, t.size, MAX_CHUNK):
-            data = t.read(off, min(MAX_CHUNK, t.size - off))
-            if not data:
-                raise MigrationError(f"memory source {t.name!r}: short read at {off:#x}")
-            sent += self._chunk(t, off, data, skip_zero=False, cancel=None)
-        return sent
+        return sum(self._chunk(t, off, data, skip_zero=False, cancel=None) for off, data in t.everything())
 
-    def _send_hashed(self, t: _Tracked, cancel: threading.Event | None, *, whole: bool) -> int:
-        """Hash every page of ``t`` in place (its read-only mapping: no copy), and send each
-        run of pages whose hash is not the one last sent. What is sent is a copy taken
-        after the scan, and the hash stored is that copy's: the destination holds exactly
-        what the stored hashes stand for, so the scan at the stop (nothing writes then)
-        finds every difference."""
-        hashes = t.hashes
-        assert hashes is not None and t.map is not None
-        extents = list(_extents(t.fd, t.size)) if whole else [(0, t.size)]
-        sent = changed = 0
-        with memoryview(t.map) as whole_view:
-            for off, length in extents:
-                end = off + length
-                off -= off % HASH_PAGE
-                while off < end:
-                    n = min(MAX_CHUNK, end - off)
-                    h0 = time.perf_counter()
-                    with whole_view[off:off + n] as view:
-                        crcs = [crc32c.crc32c(view[i:i + HASH_PAGE]) for i in range(0, n, HASH_PAGE)]
-                    self._hash_time += time.perf_counter() - h0
-                    self._hash_bytes += n
-                    first = off // HASH_PAGE
-                    runs = []
-                    start = -1
-                    for k, crc in enumerate(crcs):
-                        if hashes[first + k] != crc:
-                            if start < 0:
-                                start = k
-                        elif start >= 0:
-                            runs.append((start, k))
-                            start = -1
-                    if start >= 0:
-                        runs.append((start, len(crcs)))
-                    for a, b in runs:
-                        lo, hi = off + a * HASH_PAGE, min(off + b * HASH_PAGE, t.size)
-                        piece = bytes(whole_view[lo:hi])
-                        with memoryview(piece) as pv:
-                            for k in range(a, b):
-                                i = (k - a) * HASH_PAGE
-                                hashes[first + k] = crc32c.crc32c(pv[i:i + HASH_PAGE])
-                        changed += len(piece)
-                        sent += self._chunk(t, lo, piece, skip_zero=whole, cancel=cancel)
-                    off += n
-        if not whole:
-            t.changed_last = changed
-        return sent
-
-    def _chunk(self, t: _Tracked, off: int, data: bytes, *, skip_zero: bool, cancel: threading.Event | None) -> int:
+    def _chunk(self, t: TrackedSource, off: int, data: bytes, *, skip_zero: bool,
+               cancel: threading.Event | None) -> int:
         """Send one CHUNK (a chunk of zeros: skipped on a first copy, else a hole)."""
         if cancel is not None and cancel.is_set():
             raise MigrationError("pre-copy cancelled")
         if self._stop.is_set():
             raise MigrationError("pre-copy aborted")
-        zero = _is_zero(data)
+        zero = is_zero(data)
         if zero and skip_zero:
             return 0
-        head = _CHUNK_HEAD.pack(len(t.head), off, len(data)) + t.head
+        head = t.chunk_head(off, len(data))
         send_parts(self.sock, CHUNK, (head,) if zero else (head, data))
         self._chunks += 1
         self._total += len(data)
@@ -976,7 +1059,7 @@ def destination_sources(device: PciDevice) -> dict[str, int]:
     """
     try:
         sources = list(device.memory_sources())
-        out = {object_name(_check_name(src.name)): int(src.size) for src in sources}
+        out = {object_name(check_source_name(src.name)): int(src.size) for src in sources}
     except Exception as exc:
         raise TransportError(f"this device's memory sources are unusable ({type(exc).__name__}: {exc})") from None
     if len(out) != len(sources):
@@ -1055,7 +1138,7 @@ class StagedMemory:
             if not isinstance(entry, dict) or set(entry) != {"name", "size"}:
                 raise TransportError("migration channel: a MEMORY source is not a map of name and size")
             try:
-                name = _check_name(entry["name"])
+                name = check_source_name(entry["name"])
             except ValueError as exc:
                 raise TransportError(f"migration channel: MEMORY: {exc}") from None
             size = entry["size"]
@@ -1082,14 +1165,14 @@ class StagedMemory:
             self._apply(body)
 
     def _apply(self, body: bytes) -> None:
-        if len(body) < _CHUNK_HEAD.size:
+        if len(body) < CHUNK_HEAD.size:
             raise TransportError(f"migration channel: CHUNK of {len(body)} bytes is shorter than its header")
-        nlen, off, length = _CHUNK_HEAD.unpack_from(body)
-        start = _CHUNK_HEAD.size + nlen
+        nlen, off, length = CHUNK_HEAD.unpack_from(body)
+        start = CHUNK_HEAD.size + nlen
         if nlen > MAX_SOURCE_NAME or len(body) < start:
             raise TransportError(f"migration channel: CHUNK with a source name of {nlen} bytes")
         try:
-            name = body[_CHUNK_HEAD.size:start].decode()
+            name = body[CHUNK_HEAD.size:start].decode()
         except UnicodeDecodeError:
             raise TransportError("migration channel: CHUNK source name is not UTF-8") from None
         staged = self._sources.get(name)

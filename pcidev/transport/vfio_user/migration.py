@@ -34,6 +34,16 @@ handover, which refuses unless it is ``RUNNING``).
   fails the ``MIG_DATA_WRITE`` that completes it, a truncated or refused stream fails
   the arc, both with ``EINVAL``, and leave the state machine in ``ERROR``, which only a
   ``DEVICE_RESET`` leaves (:meth:`MigrationStateMachine.reset`).
+* The device prepares its stop while it runs (:meth:`PciDevice.prepare_quiesce
+  <pcidev.device.PciDevice.prepare_quiesce>`, ``flush=True``: NVMe calls ``fdatasync`` on the
+  files written, so the stop's flush has little left): in a thread started when the
+  device enters ``PRE_COPY`` (a VMM copies the guest's RAM meanwhile) and again at the end
+  of each ``PRE_COPY`` iteration (the short ``MIG_DATA_READ``) unless one still runs; the
+  arc to ``STOP_COPY`` waits for the last (at most :data:`PREPARE_WAIT` seconds) before
+  it stops the device, and ``RUNNING`` to ``STOP`` prepares first, in the arc. A failed
+  or late preparation refuses the arc with ``EBUSY``: the device runs on, the state is
+  unchanged. ``PRE_COPY`` to ``RUNNING`` and a client that leaves wait for a preparation
+  still running (none outlives the migration).
 * A ``DEVICE_RESET`` in ``PRE_COPY`` resets the device but keeps the state and the
   pre-copy (:meth:`MigrationStateMachine.device_reset`; libvfio-user #853: a client
   that still expects ``PRE_COPY`` would otherwise take arcs that do not exist).
@@ -43,6 +53,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import threading
 from collections.abc import Callable
 
 import pluggy
@@ -71,7 +82,12 @@ from pcidev.vmstate.errors import VMStateError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MIGRATION_FLAGS", "MigrationStateMachine", "migration_blockers", "migration_path"]
+__all__ = ["MIGRATION_FLAGS", "PREPARE_WAIT", "MigrationStateMachine", "migration_blockers", "migration_path"]
+
+#: seconds the arc from PRE_COPY to STOP_COPY waits for the device's preparation of its
+#: stop started in PRE_COPY (still running then: the arc is refused with ``EBUSY``, the
+#: device runs on), and PRE_COPY to RUNNING or a client that leaves waits for it to end
+PREPARE_WAIT = 10.0
 
 #: what the MIGRATION feature reports: STOP_COPY and PRE_COPY (no P2P)
 MIGRATION_FLAGS = protocol.MIGRATION_STOP_COPY | protocol.MIGRATION_PRE_COPY
@@ -178,6 +194,10 @@ class MigrationStateMachine:
         self._cursor = 0
         #: the data being written (RESUMING)
         self._in: InboundData | None = None
+        #: the device's preparation of its stop, started in PRE_COPY (its start, the end of
+        #: each iteration), and what it raised
+        self._prepare: threading.Thread | None = None
+        self._prepare_error: Exception | None = None
 
     @property
     def state(self) -> int:
@@ -213,6 +233,7 @@ class MigrationStateMachine:
     def reset(self) -> None:
         """Back to RUNNING with no data (the client left, or a DEVICE_RESET outside
         PRE_COPY). The caller resets or resumes the device."""
+        self._join_prepare()
         self._drop()
         self.conn.mig_state = _RUN
 
@@ -255,7 +276,54 @@ class MigrationStateMachine:
                 self._arc(cur, step)
         return self.state
 
+    # -- the preparation of the stop ----------------------------------------------------
+    def _prepare_in_background(self) -> None:
+        """PRE_COPY began, or one of its iterations ended: let the device prepare its stop
+        while it runs (unless a preparation still runs: it covers what was written before
+        it began, and the next iteration's end starts another)."""
+        if self._prepare is not None and self._prepare.is_alive():
+            return
+        self._prepare_error = None
+        self._prepare = threading.Thread(target=self._run_prepare, name="pcidev-vfio-user-prepare", daemon=True)
+        self._prepare.start()
+
+    def _run_prepare(self) -> None:
+        try:
+            self.device.prepare_quiesce(flush=True)
+        except Exception as exc:  # (a device's bug too: the arc that waits reports it)
+            self._prepare_error = exc
+
+    def _join_prepare(self) -> None:
+        """Forget the preparation (the migration ended here), once it has ended: nothing of
+        it runs on under a reset, a handover or the device's close (at most
+        :data:`PREPARE_WAIT` seconds; what it raised does not matter any more)."""
+        thread, self._prepare = self._prepare, None
+        if thread is not None:
+            thread.join(PREPARE_WAIT)
+        self._prepare_error = None
+
+    def _prepared(self) -> None:
+        """Before a stop: wait for the last preparation started in PRE_COPY, or prepare now
+        (the device runs until this returns).
+
+        :raises VfioUserError: ``EBUSY``: the preparation failed or is still running.
+        """
+        thread, self._prepare = self._prepare, None
+        if thread is None:
+            self._run_prepare()
+        else:
+            thread.join(PREPARE_WAIT)
+            if thread.is_alive():
+                self._prepare = thread  # (waited for again by the next stop, or a reset)
+                raise VfioUserError(errno.EBUSY, f"the device's preparation of its stop did not finish within "
+                                                 f"{PREPARE_WAIT} s; the device runs")
+        error, self._prepare_error = self._prepare_error, None
+        if error is not None:
+            raise VfioUserError(errno.EBUSY, f"the device cannot prepare its stop ({type(error).__name__}: "
+                                             f"{error}); the device runs") from error
+
     def _quiesce(self) -> None:
+        self._prepared()
         try:
             self.device.quiesce(flush=True)  # (as QEMU flushes its block devices at a VM stop)
         except MigrationError as exc:
@@ -302,7 +370,9 @@ class MigrationStateMachine:
             self.device.resume()
         elif cur == _RUN and nxt == _PC:
             self._start_precopy()
+            self._prepare_in_background()
         elif cur == _PC and nxt == _RUN:
+            self._join_prepare()
             self._drop()
         elif cur == _PC and nxt == _SC:
             self._quiesce()
@@ -356,12 +426,15 @@ class MigrationStateMachine:
             raise VfioUserError(errno.EINVAL, f"MIG_DATA_READ in migration state {_name(self.state)}")
         if self._out is not None:
             try:
-                return self._out.read(size)
+                data = self._out.read(size)
             except (PcidevError, OSError) as exc:
                 raise VfioUserError(errno.EIO, f"MIG_DATA_READ: {exc}") from exc
-        chunk = self._bare[self._cursor:self._cursor + size]
-        self._cursor += len(chunk)
-        return chunk
+        else:
+            data = self._bare[self._cursor:self._cursor + size]
+            self._cursor += len(data)
+        if len(data) < size and self.state == _PC:
+            self._prepare_in_background()
+        return data
 
     def write(self, data: bytes) -> None:
         """MIG_DATA_WRITE: the next bytes of the data being received.

@@ -35,7 +35,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-import crc32c
 import msgpack
 
 from pcidev.device import PciDevice
@@ -55,16 +54,14 @@ from pcidev.migration.frames import (
     frame_name,
 )
 from pcidev.migration.precopy import (
-    _CHUNK_HEAD,
-    HASH_PAGE,
-    MAX_CHUNK,
     MAX_CHUNK_FRAME,
     MAX_MEMORY_SIZE,
     StagedMemory,
-    _fd_sources,
-    _file_id,
-    _is_zero,
-    _Tracked,
+    TrackedSource,
+    fd_source_names,
+    file_id,
+    is_zero,
+    track_sources,
 )
 from pcidev.migration.precopy import (
     checked_sources as precopy_checked_sources,
@@ -121,7 +118,7 @@ class OutboundData:
     def __init__(self, device: PciDevice, sources: Sequence[MemorySource]) -> None:
         self.device = device
         self._initial = list(sources)
-        self._tracked: dict[str, _Tracked] = {}
+        self._tracked: dict[str, TrackedSource] = {}
         self._announced = False
         #: the frames of the iteration being read (None: the next read starts one)
         self._gen: Iterator[bytes] | None = None
@@ -140,18 +137,8 @@ class OutboundData:
         """
         self._track(self._initial)
 
-    def _track(self, sources: Sequence[MemorySource]) -> list[_Tracked]:
-        new: list[_Tracked] = []
-        try:
-            for src in sources:
-                t = _Tracked(src)
-                new.append(t)
-                if t.bitmap is not None:
-                    t.bitmap.start()
-        except (OSError, ValueError) as exc:
-            for t in new:
-                t.close()
-            raise MigrationError(f"a memory source is unusable: {exc}") from exc
+    def _track(self, sources: Sequence[MemorySource]) -> list[TrackedSource]:
+        new = track_sources(sources)
         for t in new:
             self._tracked[t.name] = t
         return new
@@ -221,7 +208,7 @@ class OutboundData:
             yield from self._changes(t, whole=first)
 
     @staticmethod
-    def _memory_frame(tracked: Sequence[_Tracked]) -> bytes:
+    def _memory_frame(tracked: Sequence[TrackedSource]) -> bytes:
         return _meta_frame(MEMORY, {"protocol": PROTOCOL_MEMORY, "boot_id": boot_id(),
                                     "sources": [{"name": t.name, "size": t.size} for t in tracked]})
 
@@ -241,7 +228,7 @@ class OutboundData:
                 fresh.append(src)
             else:
                 try:
-                    same = known.ident == _file_id(src.fd)
+                    same = known.ident == file_id(src.fd)
                 except OSError:
                     same = False
                 if not same:
@@ -255,7 +242,7 @@ class OutboundData:
         offer = _meta_frame(OFFER, {"protocol": PROTOCOL_MEMORY, "device_type": self.device.vmstate_device_type,
                                     "stream_size": len(stream), "fds": 0, "boot_id": boot_id(),
                                     "stream_fds": len(fds),
-                                    "fd_sources": _fd_sources({t.ident: t.name for t in self._tracked.values()},
+                                    "fd_sources": fd_source_names({t.ident: t.name for t in self._tracked.values()},
                                                               fds)})
         state = _frame(STATE, stream)
         rest = self._gen
@@ -263,7 +250,7 @@ class OutboundData:
         self._owe_short = False
         self._gen = self._remainder(rest, new, lost_track, offer, state)
 
-    def _remainder(self, rest: Iterator[bytes] | None, new: list[_Tracked], lost_track: set[str],
+    def _remainder(self, rest: Iterator[bytes] | None, new: list[TrackedSource], lost_track: set[str],
                    offer: bytes, state: bytes) -> Iterator[bytes]:
         if rest is not None:  # an iteration the client did not read to its end
             yield from rest
@@ -283,74 +270,22 @@ class OutboundData:
         yield state
 
     # -- the contents --------------------------------------------------------------------
-    def _chunk(self, t: _Tracked, off: int, data: bytes, *, skip_zero: bool) -> Iterator[bytes]:
-        zero = _is_zero(data)
+    def _chunk(self, t: TrackedSource, off: int, data: bytes, *, skip_zero: bool) -> Iterator[bytes]:
+        zero = is_zero(data)
         if zero and skip_zero:
             return
-        head = _CHUNK_HEAD.pack(len(t.head), off, len(data)) + t.head
+        head = t.chunk_head(off, len(data))
         self._sent += len(data)
         yield _frame(CHUNK, head if zero else head + data)
 
-    def _changes(self, t: _Tracked, *, whole: bool) -> Iterator[bytes]:
-        """``t``'s contents: what holds data (``whole``: zeros left out), else what was
-        written since the last time (bitmap) or the pages whose hash changed."""
-        if t.hashes is not None:
-            yield from self._hashed(t, whole=whole)
-            return
-        assert t.bitmap is not None
-        ranges = t.bitmap.take()  # clears: read after it (see DirtyBitmap)
-        if whole:
-            ranges = list(t.extents())
-        for off, length in ranges:
-            end = off + length
-            while off < end:
-                n = min(MAX_CHUNK, end - off)
-                data = t.read(off, n)
-                if len(data) != n:
-                    raise MigrationError(f"memory source {t.name!r}: short read at {off:#x}")
-                yield from self._chunk(t, off, data, skip_zero=whole)
-                off += n
+    def _changes(self, t: TrackedSource, *, whole: bool) -> Iterator[bytes]:
+        """``t``'s contents as CHUNK frames (:meth:`~pcidev.migration.precopy.TrackedSource.changes`)."""
+        for off, data in t.changes(whole=whole):
+            yield from self._chunk(t, off, data, skip_zero=whole)
 
-    def _everything(self, t: _Tracked) -> Iterator[bytes]:
-        if t.bitmap is not None:
-            t.bitmap.take()
-        for off in range(0, t.size, MAX_CHUNK):
-            data = t.read(off, min(MAX_CHUNK, t.size - off))
-            if not data:
-                raise MigrationError(f"memory source {t.name!r}: short read at {off:#x}")
+    def _everything(self, t: TrackedSource) -> Iterator[bytes]:
+        for off, data in t.everything():
             yield from self._chunk(t, off, data, skip_zero=False)
-
-    def _hashed(self, t: _Tracked, *, whole: bool) -> Iterator[bytes]:
-        """The runs of pages whose CRC-32C is not the one last sent; the hash stored is the
-        copy's that is sent, so a scan once the writers stopped finds every difference."""
-        hashes = t.hashes
-        assert hashes is not None and t.map is not None
-        extents = list(t.extents()) if whole else [(0, t.size)]
-        changed = 0
-        for off, length in extents:
-            end = off + length
-            off -= off % HASH_PAGE
-            while off < end:
-                n = min(MAX_CHUNK, end - off, t.size - off)
-                first = off // HASH_PAGE
-                piece = bytes(t.map[off:off + n])  # a copy: hashed and sent as it is
-                lo = -1
-                for k, i in enumerate(range(0, n, HASH_PAGE)):
-                    crc = crc32c.crc32c(piece[i:i + HASH_PAGE])
-                    if hashes[first + k] != crc:
-                        hashes[first + k] = crc
-                        if lo < 0:
-                            lo = i
-                    elif lo >= 0:
-                        changed += i - lo
-                        yield from self._chunk(t, off + lo, piece[lo:i], skip_zero=whole)
-                        lo = -1
-                if lo >= 0:
-                    changed += n - lo
-                    yield from self._chunk(t, off + lo, piece[lo:n], skip_zero=whole)
-                off += n
-        if not whole:
-            t.changed_last = changed
 
 
 # ------------------------------------------------------------------------- destination

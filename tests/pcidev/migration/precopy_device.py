@@ -1,11 +1,13 @@
 """A test device for the pre-copy tests: registers in BAR0, a memfd RAM BAR2 of a chosen
-size, helpers to verify its contents page by page (CRC-32C), socket pairs and a
-destination in a thread whose frames are traced (:class:`Incoming`)."""
+size, helpers to verify its contents page by page (CRC-32C), socket pairs, a peer in a
+thread (:func:`in_thread`) and a destination in a thread whose frames are traced
+(:class:`Incoming`)."""
 
 from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -78,6 +80,23 @@ def tcp_pair(*, buffers: int | None = None) -> tuple[socket.socket, socket.socke
     if buffers is not None:
         b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffers)
     return a, b
+
+
+def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run ``fn`` in a daemon thread (a peer: a destination, a hand-made source); returns
+    the thread, started, and a dict that gets ``"value"`` (what ``fn`` returned) or
+    ``"error"`` (what it raised) when it ends."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as exc:
+            out["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
 
 
 class Incoming:

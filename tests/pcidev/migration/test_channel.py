@@ -13,6 +13,7 @@ import time
 
 import msgpack
 import pytest
+from precopy_device import in_thread
 
 from pcidev.devices.edu import DESC, EduDevice
 from pcidev.errors import ConnectionLostError, MigrationError, TransportError, VMStateError
@@ -63,24 +64,10 @@ def source(machine):
     return p
 
 
-def _run_peer(fn):
-    result = {}
-
-    def target():
-        try:
-            result["value"] = fn()
-        except BaseException as exc:
-            result["error"] = exc
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    return t, result
-
-
 def test_migration_over_a_unix_socket_pair(source):
     a, b = socket.socketpair()
     dest = CountingEdu(autorun=False, chunk=512)
-    t, got = _run_peer(lambda: migrate_in(dest, b, link="unix:/x"))
+    t, got = in_thread(lambda: migrate_in(dest, b, link="unix:/x"))
     try:
         result = migrate_out(source.device, a)
     finally:
@@ -105,7 +92,7 @@ def test_migration_over_tcp_defers_the_resume(source):
     b, _ = lsock.accept()
     lsock.close()
     dest = CountingEdu(autorun=False)
-    t, got = _run_peer(lambda: migrate_in(dest, b))
+    t, got = in_thread(lambda: migrate_in(dest, b))
     try:
         result = migrate_out(source.device, a)
     finally:
@@ -163,7 +150,7 @@ def _ack_frame(kind=4, body=None):
 def test_source_resumes_when_the_destination_fails(source, behaviour, message):
     a, b = socket.socketpair()
     peer = _fake_destination(behaviour)
-    t, _ = _run_peer(lambda: peer(b))
+    t, _ = in_thread(lambda: peer(b))
     before = source.device.get_device_state()
     try:
         with pytest.raises(MigrationError, match=message) as info:
@@ -188,7 +175,7 @@ def test_destination_refusing_the_configuration_nacks(source):
 
     a, b = socket.socketpair()
     dest = Other()
-    t, got = _run_peer(lambda: migrate_in(dest, b))
+    t, got = in_thread(lambda: migrate_in(dest, b))
     try:
         with pytest.raises(MigrationError, match="ConfigMismatchError: .*edu.max_transfer"):
             migrate_out(source.device, a, preflight=False)
@@ -211,7 +198,7 @@ def test_destination_failing_to_adopt_nacks_and_releases(source):
         adopted.append(res)
         raise RuntimeError("no room for it here")
 
-    t, got = _run_peer(lambda: migrate_in(dest, b, adopt=adopt))
+    t, got = in_thread(lambda: migrate_in(dest, b, adopt=adopt))
     try:
         with pytest.raises(MigrationError, match="adopt failed: no room"):
             migrate_out(source.device, a, timeout=30.0)
@@ -287,7 +274,7 @@ def test_refusal_at_the_offer_wins_over_the_blocked_stream(source, family):
             finally:
                 b.close()  # unread stream left behind: the source's send breaks
 
-        t, got = _run_peer(destination)
+        t, got = in_thread(destination)
         try:
             with pytest.raises(MigrationError, match="refused the state: ConfigMismatchError: .*"
                                                      "stream is for device type 'edu'") as info:
@@ -430,7 +417,7 @@ def _committed_pair(source, committed, stall):
     """migrate_out/migrate_in with commit; ``committed`` runs in the destination after COMMIT."""
     a, b = socket.socketpair()
     dest = CountingEdu(autorun=False, chunk=512)
-    t, got = _run_peer(lambda: migrate_in(dest, b, commit=True, committed=lambda: committed(b)))
+    t, got = in_thread(lambda: migrate_in(dest, b, commit=True, committed=lambda: committed(b)))
     try:
         with pytest.raises(MigrationError) as info:
             migrate_out(source.device, a, commit=True, timeout=5.0, running_timeout=0.3, stall=lambda: stall(a))

@@ -17,7 +17,7 @@ import time
 
 import msgpack
 import pytest
-from precopy_device import PrecopyDev, tcp_pair
+from precopy_device import PrecopyDev, in_thread, tcp_pair
 
 from pcidev.devices.edu import EduDevice
 from pcidev.errors import MigrationError, TransportError
@@ -68,18 +68,18 @@ def _offer(data, **extra):
                           **extra})
 
 
-def _thread(fn):
-    out = {}
-
-    def run():
-        try:
-            out["value"] = fn()
-        except BaseException as exc:
-            out["error"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, out
+def _migrate(src, dest, pair):
+    """``migrate_out`` of ``src`` to ``migrate_in`` of ``dest`` in a thread, on ``pair``
+    (closed after); returns the source's result and the destination's ``in_thread`` dict."""
+    a, b = pair
+    t, got = in_thread(lambda: migrate_in(dest, b, timeout=5))
+    try:
+        result = migrate_out(src, a, timeout=5)
+        t.join(10)
+    finally:
+        a.close()
+        b.close()
+    return result, got
 
 
 def _read_offer_and_state(sock):
@@ -112,7 +112,7 @@ def test_a_source_that_gave_up_as_the_ack_landed_never_leaves_the_destination_ru
     monkeypatch.setattr(channel, "recv_frame", source_times_out)
     src = _running_source()
     dest = CountingEdu(autorun=False)
-    t, got = _thread(lambda: migrate_in(dest, b, timeout=5))
+    t, got = in_thread(lambda: migrate_in(dest, b, timeout=5))
     try:
         with pytest.raises(MigrationError, match="runs again on the source"):
             migrate_out(src, a, timeout=5)
@@ -152,7 +152,7 @@ def test_a_late_ack_finds_the_channel_shut_down_before_the_source_resumes(monkey
         with conn:
             return dest_ep.accept_incoming(conn, timeout=10)
 
-    t, got = _thread(destination)
+    t, got = in_thread(destination)
     src_ep = DeviceEndpoint(CountingEdu(autorun=False))
     src_ep.start()
     resume = src_ep.device.on_resume
@@ -183,7 +183,7 @@ def test_a_destination_without_commit_discards_the_device(source_does):
     data = _stream()
     a, b = socket.socketpair()
     dest = CountingEdu(autorun=False)
-    t, got = _thread(lambda: migrate_in(dest, b, timeout=0.5))
+    t, got = in_thread(lambda: migrate_in(dest, b, timeout=0.5))
     try:
         a.sendall(_offer(data, commit=True) + _frame(STATE, data))
         a.settimeout(5)
@@ -216,14 +216,7 @@ def test_the_destination_sends_running_before_it_resumes(monkeypatch):
     dest = CountingEdu(autorun=False)
     resume = dest.on_resume
     dest.on_resume = lambda: (order.append("resume"), resume())
-    a, b = socket.socketpair()
-    t, got = _thread(lambda: migrate_in(dest, b, timeout=5))
-    try:
-        result = migrate_out(src, a, timeout=5)
-        t.join(10)
-    finally:
-        a.close()
-        b.close()
+    result, got = _migrate(src, dest, socket.socketpair())
     assert order[-3:] == [ACK, RUNNING, "resume"]
     assert result.committed_at is not None and result.acked_at <= result.committed_at
     assert result.running_at is not None and result.downtime is not None
@@ -246,7 +239,7 @@ def test_a_destination_that_ends_the_channel_after_commit_leaves_the_source_runn
         b.close()
         return kind
 
-    t, got = _thread(destination)
+    t, got = in_thread(destination)
     try:
         with pytest.raises(MigrationError, match="after COMMIT.*runs again on the source"):
             migrate_out(src, a, timeout=5, running_timeout=5, preflight=False)
@@ -269,7 +262,7 @@ def test_a_destination_silent_after_commit_keeps_the_device():
         b.sendall(_frame(ACK, {"link": "unix:/x", "deferred": False, "boot_id": "", "commit": True}))
         return recv_frame(b)[0]
 
-    t, got = _thread(destination)
+    t, got = in_thread(destination)
     try:
         result = migrate_out(src, a, timeout=5, running_timeout=0.3, preflight=False)
         t.join(10)
@@ -284,15 +277,8 @@ def test_a_destination_silent_after_commit_keeps_the_device():
 
 def test_a_deferred_destination_confirms_commit_and_waits_for_its_host():
     src = _running_source()
-    a, b = tcp_pair()
     dest = CountingEdu(autorun=False)
-    t, got = _thread(lambda: migrate_in(dest, b, timeout=5))
-    try:
-        result = migrate_out(src, a, timeout=5)
-        t.join(10)
-    finally:
-        a.close()
-        b.close()
+    result, got = _migrate(src, dest, tcp_pair())
     assert result.deferred and result.committed_at is not None and result.running_at is None
     assert got["value"].running_at is None and dest.resumes == 0  # its host's RESUME runs it
     assert src.migrated_out
@@ -307,7 +293,7 @@ def test_a_source_of_the_previous_version_gets_the_old_end():
     data = _stream()
     a, b = socket.socketpair()
     dest = CountingEdu(autorun=False)
-    t, got = _thread(lambda: migrate_in(dest, b, timeout=5))
+    t, got = in_thread(lambda: migrate_in(dest, b, timeout=5))
     try:
         a.sendall(_offer(data) + _frame(STATE, data))
         a.settimeout(5)
@@ -334,7 +320,7 @@ def test_a_destination_of_the_previous_version_gets_no_commit():
         b.settimeout(5)
         return offer, b.recv(1)  # nothing more: the end
 
-    t, got = _thread(destination)
+    t, got = in_thread(destination)
     try:
         result = migrate_out(src, a, timeout=5, preflight=False)
         a.close()
@@ -368,7 +354,7 @@ def test_a_trickled_ack_cannot_stretch_the_stop():
             except OSError:
                 return
 
-    t, _ = _thread(destination)
+    t, _ = in_thread(destination)
     t0 = time.monotonic()
     try:
         with pytest.raises(MigrationError, match="timed out.*runs again on the source"):
@@ -406,7 +392,7 @@ def test_a_destination_that_reads_slowly_cannot_stretch_the_stop(monkeypatch):
     monkeypatch.setattr(channel, "send_frame", slowly_taken)
     src = _running_source()
     dest = CountingEdu(autorun=False)
-    t, got = _thread(lambda: migrate_in(dest, b, timeout=10))
+    t, got = in_thread(lambda: migrate_in(dest, b, timeout=10))
     t0 = time.monotonic()
     try:
         with pytest.raises(MigrationError, match="timed out.*runs again on the source"):
@@ -441,7 +427,7 @@ def test_after_a_precopy_the_stop_waits_its_own_timeout_not_the_precopys():
             except OSError:
                 return
 
-    t, _ = _thread(sink)
+    t, _ = in_thread(sink)
     try:
         p = Precopy(dev, a, timeout=30.0, max_iterations=1, preflight=False)
         p.run()

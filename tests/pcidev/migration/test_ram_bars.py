@@ -14,7 +14,7 @@ from collections.abc import Callable
 import attrs
 import crc32c
 import pytest
-from precopy_device import tcp_pair
+from precopy_device import Incoming, tcp_pair
 
 from pcidev.bar import RamBacking, Register, RegisterMap, ram_file_key
 from pcidev.device import PciDevice
@@ -29,7 +29,6 @@ from pcidev.migration import (
     descriptor_blockers,
     load_device,
     load_device_stream,
-    migrate_in,
     migrate_out,
     save_device,
     save_device_stream,
@@ -206,18 +205,8 @@ def _tcp_migration(src: RamDev, dst: RamDev, writes: int = 0,
     """Migrate ``src`` to ``dst`` over a loopback TCP connection (pre-copy, then the stop),
     ``writes`` MMIO writes into BAR2 made while the pre-copy runs, ``before_stop`` called
     between the pre-copy and the stop; returns the results."""
-    a, b = tcp_pair()
-    got: dict[str, object] = {}
-
-    def destination() -> None:
-        try:
-            got["value"] = migrate_in(dst, b, timeout=30)
-        except BaseException as exc:
-            got["error"] = exc
-
-    t = threading.Thread(target=destination, daemon=True)
-    t.start()
-    try:
+    with Incoming(dst, tcp_pair(), timeout=30) as incoming:
+        a = incoming.sock
         p = Precopy(src, a, timeout=30, max_iterations=3)
         assert p.active
         rng = random.Random(9)
@@ -237,11 +226,7 @@ def _tcp_migration(src: RamDev, dst: RamDev, writes: int = 0,
             out: object = migrate_out(src, a, precopy=p, timeout=30)
         except MigrationError as exc:
             out = exc
-    finally:
-        t.join(30)
-        a.close()
-        b.close()
-    return out, got.get("value", got.get("error"))
+    return out, incoming.result if incoming.error is None else incoming.error
 
 
 def test_a_file_backed_bar_migrates_over_tcp_into_the_destinations_own_file(tmp_path) -> None:

@@ -19,7 +19,7 @@ import time
 import attrs
 import crc32c
 import pytest
-from precopy_device import tcp_pair
+from precopy_device import Incoming, tcp_pair
 
 from pcidev.bar import RamBacking, Register, RegisterMap
 from pcidev.device import PciDevice
@@ -168,27 +168,16 @@ def test_the_vfs_ram_bars_are_sources_of_the_pf_and_nothing_blocks_over_tcp():
 
 def test_the_vf_ram_bars_migrate_over_tcp_while_mmio_writes_them():
     pf, dst = _pf_with_vfs(2, 2), RamPf(name="dst")
-    a, b = tcp_pair()
-    got: dict[str, object] = {}
-
-    def destination() -> None:
-        try:
-            got["value"] = migrate_in(dst, b, timeout=30)
-        except BaseException as exc:
-            got["error"] = exc
-
-    t = threading.Thread(target=destination, daemon=True)
-    t.start()
     try:
-        p = Precopy(pf, a, timeout=30)
-        assert p.active
-        with MmioWriter(pf) as w:
-            time.sleep(0.05)
-            p.run()
-        assert w.writes > 0
-        result = migrate_out(pf, a, precopy=p, timeout=30)
-        t.join(30)
-        assert "error" not in got, got.get("error")
+        with Incoming(dst, tcp_pair(), timeout=30) as incoming:
+            p = Precopy(pf, incoming.sock, timeout=30)
+            assert p.active
+            with MmioWriter(pf) as w:
+                time.sleep(0.05)
+                p.run()
+            assert w.writes > 0
+            result = migrate_out(pf, incoming.sock, precopy=p, timeout=30)
+        assert incoming.error is None, incoming.error
         assert result.fds == 0 and result.precopy is not None and result.precopy.iterations >= 1
         assert len(dst.virtual_functions) == 2
         for k, (old, new) in enumerate(zip(pf.virtual_functions, dst.virtual_functions, strict=True)):
@@ -197,9 +186,6 @@ def test_the_vf_ram_bars_migrate_over_tcp_while_mmio_writes_them():
             assert isinstance(old, RamVf) and new.ram.identity != old.ram.identity  # its own memory
         assert dst.regs["SCRATCH"].value == 0x5A5A
     finally:
-        t.join(30)
-        a.close()
-        b.close()
         pf.close()
         dst.close()
 

@@ -15,32 +15,26 @@ import time
 from collections.abc import Callable
 
 import crc32c
+from test_migration_nvme import Host
 
-from pcidev.host import Machine
 from pcidev.migration import MigrationResult, migrate_in, migrate_out
 from pcidev.migration.precopy import Precopy
 from pcidev_nvme.controller import NvmeController
-from pcidev_nvme.testing.driver import NvmeDriver
 
 BLOCK = 512
 
 
-class ChannelHost:
-    """See the module docstring.
+class ChannelHost(Host):
+    """See the module docstring (the machine, the controller named ``src``, the driver and
+    :meth:`close` are :class:`~test_migration_nvme.Host`'s).
 
     :param config: the controller's configuration (source and destinations alike).
     """
 
     def __init__(self, config: str, *, io_queues: int = 2) -> None:
+        super().__init__(config, ram=64 << 20, io_queues=io_queues, io_depth=64, aers=0)
         self.config = config
-        self.machine = Machine(ram_size=64 << 20)
-        self.ctrl = NvmeController(config)
-        self.pdev = self.machine.plug(self.ctrl)
-        self.drv = NvmeDriver(self.machine, self.pdev, io_queues=io_queues, io_depth=64, aers=0)
-        self.drv.probe()
         self.crc: dict[tuple[int, int], int] = {}
-        self.old: list[NvmeController] = []
-        self.resources: list[object] = []
         self.writes = 0
 
     def write(self, nsid: int, slba: int, data: bytes, *, qid: int = 1) -> None:
@@ -133,14 +127,3 @@ class ChannelHost:
         self.old.append(src)
         self.ctrl = dst
         return result
-
-    def close(self) -> None:
-        try:
-            self.drv.close()
-        except Exception:
-            pass
-        for c in (self.ctrl, *self.old):
-            c.close()
-        for r in self.resources:
-            r.close()  # type: ignore[attr-defined]
-        self.machine.close()

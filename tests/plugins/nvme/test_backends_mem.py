@@ -18,7 +18,6 @@ from _tcp_host import ChannelHost
 
 from pcidev.host import Machine
 from pcidev.migration import collect_blockers, descriptor_blockers
-from pcidev.transport.link.process import DeviceProcess
 from pcidev_nvme.backends import MemoryBackend
 from pcidev_nvme.testing.driver import WRITE, NvmeDriver
 
@@ -172,37 +171,28 @@ class Workload(threading.Thread):
         assert bad == 0, f"{bad} blocks differ"
 
 
-def test_an_anonymous_namespace_migrates_between_processes_over_tcp_and_unix(tmp_path):
-    src = DeviceProcess("nvme", f"unix:{tmp_path}/a.sock", options=CONFIG)
-    tcp = DeviceProcess("nvme", f"unix:{tmp_path}/t.sock", options=CONFIG, incoming="tcp:127.0.0.1:0")
-    unix = DeviceProcess("nvme", f"unix:{tmp_path}/u.sock", options=CONFIG, incoming=f"unix:{tmp_path}/u-in.sock")
-    procs = [src, tcp, unix]
-    try:
-        with Machine(ram_size=32 << 20) as machine:
-            src.wait_event("ready")
-            p = machine.plug_remote(src.link, timeout=10)
-            drv = NvmeDriver(machine, p, io_queues=2, io_depth=64, aers=1)
-            drv.probe()
-            work = Workload(machine, drv)
-            work.start()
-            work.wait_completed(64)
-            tcp.incoming = tcp.wait_event("listening", timeout=60)["incoming"]
-            report = p.device.migrate(tcp.incoming, timeout=30)
-            assert p.device.info["pid"] == tcp.pid
-            assert report["fds"] == 0 and report["precopy"]["iterations"] >= 1, report
-            work.wait_completed(work.completed + 64)
-            unix.wait_event("listening", timeout=60)
-            report = p.device.migrate(unix.incoming, timeout=30)
-            assert p.device.info["pid"] == unix.pid and report["fds"] > 0
-            work.wait_completed(work.completed + 64)
-            work.stop()
-            assert work.mismatches == 0
-            work.verify_everything()
-        assert src.proc.wait(10) == 0 and src.wait_event("exit")["reason"] == "migrated"
-        assert tcp.proc.wait(10) == 0 and tcp.wait_event("exit")["reason"] == "migrated"
-    finally:
-        for proc in procs:
-            proc.stop()
+def test_an_anonymous_namespace_migrates_between_processes_over_tcp_and_unix(tmp_path, process_host):
+    h = process_host(tmp_path, CONFIG, ram=32 << 20, io_queues=2, io_depth=64, aers=1)
+    src, p, drv = h.src, h.pdev, h.drv
+    tcp = h.destination("t", "tcp")
+    unix = h.destination("u")
+    work = Workload(h.machine, drv)
+    work.start()
+    work.wait_completed(64)
+    h.listening(tcp)
+    report = p.device.migrate(tcp.incoming, timeout=30)
+    assert p.device.info["pid"] == tcp.pid
+    assert report["fds"] == 0 and report["precopy"]["iterations"] >= 1, report
+    work.wait_completed(work.completed + 64)
+    h.listening(unix)
+    report = p.device.migrate(unix.incoming, timeout=30)
+    assert p.device.info["pid"] == unix.pid and report["fds"] > 0
+    work.wait_completed(work.completed + 64)
+    work.stop()
+    assert work.mismatches == 0
+    work.verify_everything()
+    assert src.proc.wait(10) == 0 and src.wait_event("exit")["reason"] == "migrated"
+    assert tcp.proc.wait(10) == 0 and tcp.wait_event("exit")["reason"] == "migrated"
 
 
 def test_a_staged_page_map_gives_the_same_backend_as_a_scan_without_one():

@@ -70,54 +70,45 @@ class Workload(threading.Thread):
             self.rounds_done.release()
 
 
-def test_cmb_sqs_and_data_migrate_between_processes(tmp_path) -> None:
-    src = DeviceProcess("nvme", f"unix:{tmp_path}/a.sock", options=OPTS)
-    dst = DeviceProcess("nvme", f"unix:{tmp_path}/b.sock", options=OPTS, incoming=f"unix:{tmp_path}/b-in.sock")
-    tcp = DeviceProcess("nvme", f"unix:{tmp_path}/t.sock", options=OPTS, incoming="tcp:127.0.0.1:0")
-    procs = [src, dst, tcp]
-    try:
-        with Machine(ram_size=32 << 20) as machine:
-            src.wait_event("ready")
-            p = machine.plug_remote(src.link, timeout=10)
-            drv = NvmeDriver(machine, p, io_queues=2, io_depth=64, aers=1)
-            drv.probe()
-            drv.cmb_enable()
-            drv.delete_io_queue_pair(2)
-            drv.create_io_queue_pair(2, 64, sq_in_cmb=True)
-            work = Workload(machine, drv)
-            dst.wait_event("listening")
-            tcp.incoming = tcp.wait_event("listening")["incoming"]
-            work.start()
-            for _ in range(3):
-                assert work.rounds_done.acquire(timeout=120)
-                assert work.error is None, work.error
-            # over TCP the CMB's contents travel (pre-copy, the rest at the stop)
-            tcp_report = p.device.migrate(tcp.incoming, timeout=20)
-            assert p.device.info["pid"] == tcp.pid
-            assert tcp_report["fds"] == 0 and tcp_report["precopy"]["hashed_bytes"] > 0
-            for _ in range(3):
-                assert work.rounds_done.acquire(timeout=120)
-                assert work.error is None, work.error
-            report = p.device.migrate(dst.incoming, timeout=20)
-            assert p.device.info["pid"] == dst.pid
-            work.join(300)
-            assert not work.is_alive() and work.error is None, work.error
-            assert work.commands == ROUNDS * QD and work.mismatches == 0
-            # every block, through the host SQ and through the CMB SQ
-            zero = crc32c.crc32c(bytes(512))
-            bad = 0
-            for slba in range(0, NS_BLOCKS, 64):
-                data = drv.read(1, slba, 64, qid=1 + (slba // 64) % 2)
-                bad += sum(crc32c.crc32c(data[i * 512:(i + 1) * 512]) != work.crc.get(slba + i, zero)
-                           for i in range(64))
-            assert bad == 0, f"{bad} blocks differ"
-        # RAM + the mem namespace + the CMB's memfd + 3 MSI-X eventfds + INTx
-        assert report["fds"] == 7, report
-        assert src.proc.wait(10) == 0 and src.wait_event("exit")["reason"] == "migrated"
-        assert tcp.proc.wait(10) == 0 and tcp.wait_event("exit")["reason"] == "migrated"
-    finally:
-        for proc in procs:
-            proc.stop()
+def test_cmb_sqs_and_data_migrate_between_processes(tmp_path, process_host) -> None:
+    h = process_host(tmp_path, OPTS, ram=32 << 20, io_queues=2, io_depth=64, aers=1)
+    src, p, drv = h.src, h.pdev, h.drv
+    dst = h.destination("b")
+    tcp = h.destination("t", "tcp")
+    drv.cmb_enable()
+    drv.delete_io_queue_pair(2)
+    drv.create_io_queue_pair(2, 64, sq_in_cmb=True)
+    work = Workload(h.machine, drv)
+    h.listening(dst)
+    h.listening(tcp)
+    work.start()
+    for _ in range(3):
+        assert work.rounds_done.acquire(timeout=120)
+        assert work.error is None, work.error
+    # over TCP the CMB's contents travel (pre-copy, the rest at the stop)
+    tcp_report = p.device.migrate(tcp.incoming, timeout=20)
+    assert p.device.info["pid"] == tcp.pid
+    assert tcp_report["fds"] == 0 and tcp_report["precopy"]["hashed_bytes"] > 0
+    for _ in range(3):
+        assert work.rounds_done.acquire(timeout=120)
+        assert work.error is None, work.error
+    report = p.device.migrate(dst.incoming, timeout=20)
+    assert p.device.info["pid"] == dst.pid
+    work.join(300)
+    assert not work.is_alive() and work.error is None, work.error
+    assert work.commands == ROUNDS * QD and work.mismatches == 0
+    # every block, through the host SQ and through the CMB SQ
+    zero = crc32c.crc32c(bytes(512))
+    bad = 0
+    for slba in range(0, NS_BLOCKS, 64):
+        data = drv.read(1, slba, 64, qid=1 + (slba // 64) % 2)
+        bad += sum(crc32c.crc32c(data[i * 512:(i + 1) * 512]) != work.crc.get(slba + i, zero)
+                   for i in range(64))
+    assert bad == 0, f"{bad} blocks differ"
+    # RAM + the mem namespace + the CMB's memfd + 3 MSI-X eventfds + INTx
+    assert report["fds"] == 7, report
+    assert src.proc.wait(10) == 0 and src.wait_event("exit")["reason"] == "migrated"
+    assert tcp.proc.wait(10) == 0 and tcp.wait_event("exit")["reason"] == "migrated"
 
 
 def test_a_pmr_migrates_over_tcp_then_unix(tmp_path) -> None:

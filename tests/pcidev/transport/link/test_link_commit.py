@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
 
 import crc32c
 import pytest
+from raw_link import Raw
 
 from pcidev.errors import ConnectionLostError, MigrationError, TransportError
 from pcidev.host import Machine
@@ -27,18 +27,12 @@ from pcidev.transport.endpoint import DeviceEndpoint
 from pcidev.transport.link.process import DeviceProcess
 from pcidev.transport.link.protocol import (
     ABANDON,
-    FLAG_ERROR,
     HELLO,
     MIGRATE,
     RELEASE,
     RESUME,
     STATUS,
     TAKE_BACK,
-    decode_body,
-    encode_body,
-    error_from_reply,
-    read_message,
-    send_message,
 )
 from pcidev.transport.link.server import LinkServer
 from pcidev_nvme.controller import NvmeController
@@ -50,27 +44,6 @@ PROPS = f"serial=XCOMMIT,max_ioqpairs=1,msix_vectors=2,ns=mem:size={NS}"
 WRITE = 0x01
 #: commands left outstanding (submitted, not reaped) across a migration attempt
 DEPTH = 32
-
-
-class Raw:
-    """A raw link connection (requests and replies by hand)."""
-
-    def __init__(self, address: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(address.removeprefix("unix:"))
-        self.mid = 0
-
-    def request(self, kind: int, body, timeout: float = 30.0):
-        """The reply's value, or the typed error of an error reply."""
-        self.mid += 1
-        send_message(self.sock, kind, 0, self.mid, encode_body(body))
-        self.sock.settimeout(timeout)
-        rkind, flags, rid, rbody, _ = read_message(self.sock, max_fds=0)
-        assert (rkind, rid) == (kind, self.mid)
-        return error_from_reply(rbody) if flags & FLAG_ERROR else decode_body(rbody, "reply")
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 class Source:
@@ -207,6 +180,21 @@ class Destination:
         self.endpoint.close()
 
 
+@pytest.fixture
+def destination(tmp_path):
+    """A factory of :class:`Destination` (its arguments after ``tmp_path``), each closed at
+    teardown (before the ``source``: a test asks for that first)."""
+    made: list[Destination] = []
+
+    def make(name: str, server_cls: type[LinkServer] = LinkServer, *, commit: bool = True) -> Destination:
+        made.append(Destination(tmp_path, name, server_cls, commit=commit))
+        return made[-1]
+
+    yield make
+    for dest in reversed(made):
+        dest.close()
+
+
 def _spawn(tmp_path, name: str) -> tuple[DeviceProcess, str]:
     proc = DeviceProcess("nvme", f"unix:{tmp_path}/{name}.sock", options=PROPS, incoming="tcp:127.0.0.1:0")
     return proc, proc.wait_event("listening", timeout=60)["incoming"]
@@ -325,32 +313,26 @@ class _HangsInResume(LinkServer):
         return False
 
 
-def test_resume_without_any_reply_proves_a_new_destination_never_ran_it(source, tmp_path):
+def test_resume_without_any_reply_proves_a_new_destination_never_ran_it(source, destination):
     src = source
-    dest = Destination(tmp_path, "silent", _DiesBeforeResume)
-    try:
-        cids = src.submit_outstanding(256)
-        with pytest.raises(MigrationError, match="runs again on the source"):
-            src.remote.migrate(dest.incoming, timeout=30)
-        assert src.ep.state == "running" and dest.resumes == []
-        src.reap(cids)
-        src.verify()
-    finally:
-        dest.close()
+    dest = destination("silent", _DiesBeforeResume)
+    cids = src.submit_outstanding(256)
+    with pytest.raises(MigrationError, match="runs again on the source"):
+        src.remote.migrate(dest.incoming, timeout=30)
+    assert src.ep.state == "running" and dest.resumes == []
+    src.reap(cids)
+    src.verify()
 
 
-def test_resume_without_any_reply_from_an_old_destination_gives_the_device_up(source, tmp_path):
+def test_resume_without_any_reply_from_an_old_destination_gives_the_device_up(source, destination):
     """A destination whose HELLO does not say ``commit`` may have resumed before it answered:
     the device is given up on the source (it runs on neither side rather than on both)."""
     src = source
-    dest = Destination(tmp_path, "old-silent", _DiesBeforeResume, commit=False)
-    try:
-        with pytest.raises(ConnectionLostError, match="may have run the device"):
-            src.remote.migrate(dest.incoming, timeout=30)
-        src.thread.join(10)
-        assert src.exit == ["migrated"] and src.ep.state == "migrated" and src.ctrl.quiesced
-    finally:
-        dest.close()
+    dest = destination("old-silent", _DiesBeforeResume, commit=False)
+    with pytest.raises(ConnectionLostError, match="may have run the device"):
+        src.remote.migrate(dest.incoming, timeout=30)
+    src.thread.join(10)
+    assert src.exit == ["migrated"] and src.ep.state == "migrated" and src.ctrl.quiesced
 
 
 def test_a_destination_hanging_in_resume_is_given_the_device(source, tmp_path):
@@ -377,88 +359,76 @@ def _migrate_raw(src: Source, to: str, **extra) -> tuple[Raw, dict]:
     return raw, report
 
 
-def test_a_host_that_vanishes_while_the_source_awaits_its_commit(source, tmp_path):
+def test_a_host_that_vanishes_while_the_source_awaits_its_commit(source, destination):
     """The source cannot know whether the host resumed the destination: it gives the device
     up (never resumes it) and exits; the destination, never resumed, is abandoned."""
     src = source
-    dest = Destination(tmp_path, "orphan")
+    dest = destination("orphan")
+    raw, report = _migrate_raw(src, dest.incoming, commit_timeout=60.0)
+    assert report["awaiting_commit"] and src.ep.state == "awaiting-commit"
+    # while it waits: accesses, a second MIGRATE, and RELEASE/TAKE_BACK from elsewhere are refused
+    other = Raw(src.address)
     try:
-        raw, report = _migrate_raw(src, dest.incoming, commit_timeout=60.0)
-        assert report["awaiting_commit"] and src.ep.state == "awaiting-commit"
-        # while it waits: accesses, a second MIGRATE, and RELEASE/TAKE_BACK from elsewhere are refused
-        other = Raw(src.address)
-        try:
-            for kind, body, text in [(STATUS, {}, None), (MIGRATE, {"to": dest.incoming, "timeout": 1.0}, "commit"),
-                                     (RELEASE, {}, "connection of its MIGRATE"),
-                                     (TAKE_BACK, {}, "connection of its MIGRATE")]:
-                got = other.request(kind, body)
-                if text is None:
-                    assert got["state"] == "awaiting-commit"
-                else:
-                    assert isinstance(got, MigrationError) and text in str(got), got
-            with pytest.raises(MigrationError, match="awaits the host's commit"):
-                src.ep.bar_read(0, 0x1C, 4)
-        finally:
-            other.close()
-        raw.close()  # the host is gone
-        src.thread.join(10)
-        assert src.exit == ["migrated"] and src.ep.state == "migrated" and src.ctrl.quiesced
-        link = Raw(dest.link)
-        try:
-            assert link.request(HELLO, {})["state"] == "awaiting-attach" and dest.resumes == []
-            assert link.request(ABANDON, {}) == {}
-        finally:
-            link.close()
-        dest.thread.join(10)
-        assert dest.exit == ["abandoned"] and dest.endpoint.state == "abandoned"
-        assert not dest.endpoint.device.owns_state
+        for kind, body, text in [(STATUS, {}, None), (MIGRATE, {"to": dest.incoming, "timeout": 1.0}, "commit"),
+                                 (RELEASE, {}, "connection of its MIGRATE"),
+                                 (TAKE_BACK, {}, "connection of its MIGRATE")]:
+            got = other.request(kind, body)
+            if text is None:
+                assert got["state"] == "awaiting-commit"
+            else:
+                assert isinstance(got, MigrationError) and text in str(got), got
+        with pytest.raises(MigrationError, match="awaits the host's commit"):
+            src.ep.bar_read(0, 0x1C, 4)
     finally:
-        dest.close()
+        other.close()
+    raw.close()  # the host is gone
+    src.thread.join(10)
+    assert src.exit == ["migrated"] and src.ep.state == "migrated" and src.ctrl.quiesced
+    link = Raw(dest.link)
+    try:
+        assert link.request(HELLO, {})["state"] == "awaiting-attach" and dest.resumes == []
+        assert link.request(ABANDON, {}) == {}
+    finally:
+        link.close()
+    dest.thread.join(10)
+    assert dest.exit == ["abandoned"] and dest.endpoint.state == "abandoned"
+    assert not dest.endpoint.device.owns_state
 
 
-def test_a_source_that_hears_nothing_gives_the_device_up_after_the_commit_timeout(source, tmp_path):
+def test_a_source_that_hears_nothing_gives_the_device_up_after_the_commit_timeout(source, destination):
     src = source
-    dest = Destination(tmp_path, "quiet")
-    try:
-        raw, report = _migrate_raw(src, dest.incoming, commit_timeout=0.5)
-        assert report["awaiting_commit"]
-        t0 = time.monotonic()
-        src.thread.join(10)
-        assert 0.3 < time.monotonic() - t0 < 8
-        assert src.exit == ["migrated"] and src.ep.state == "migrated" and src.ctrl.quiesced
-        raw.close()
-    finally:
-        dest.close()
+    dest = destination("quiet")
+    raw, report = _migrate_raw(src, dest.incoming, commit_timeout=0.5)
+    assert report["awaiting_commit"]
+    t0 = time.monotonic()
+    src.thread.join(10)
+    assert 0.3 < time.monotonic() - t0 < 8
+    assert src.exit == ["migrated"] and src.ep.state == "migrated" and src.ctrl.quiesced
+    raw.close()
 
 
-def test_release_and_take_back_on_the_migrate_connection(source, tmp_path):
+def test_release_and_take_back_on_the_migrate_connection(source, destination):
     src = source
-    dest = Destination(tmp_path, "twice")
-    try:
-        raw, report = _migrate_raw(src, dest.incoming, commit_timeout=60.0)
-        assert report["awaiting_commit"]
-        got = raw.request(TAKE_BACK, {"reason": "testing"})
-        assert isinstance(got["resumed_at"], float) and src.ep.state == "running"
-        for kind in (RELEASE, TAKE_BACK):  # nothing awaits a commit any more
-            err = raw.request(kind, {})
-            assert isinstance(err, MigrationError) and "no migration awaits" in str(err)
-        raw.close()
-        src.verify()
-    finally:
-        dest.close()
+    dest = destination("twice")
+    raw, report = _migrate_raw(src, dest.incoming, commit_timeout=60.0)
+    assert report["awaiting_commit"]
+    got = raw.request(TAKE_BACK, {"reason": "testing"})
+    assert isinstance(got["resumed_at"], float) and src.ep.state == "running"
+    for kind in (RELEASE, TAKE_BACK):  # nothing awaits a commit any more
+        err = raw.request(kind, {})
+        assert isinstance(err, MigrationError) and "no migration awaits" in str(err)
+    raw.close()
+    src.verify()
 
 
-def test_an_older_host_without_commit_timeout_migrates_at_once(source, tmp_path):
+def test_an_older_host_without_commit_timeout_migrates_at_once(source, destination):
     src = source
-    dest = Destination(tmp_path, "old-host")
-    try:
-        raw, report = _migrate_raw(src, dest.incoming)
-        assert report["awaiting_commit"] is False and report["deferred"]
-        src.thread.join(10)
-        assert src.exit == ["migrated"] and src.ep.state == "migrated"
-        raw.close()
-    finally:
-        dest.close()
+    dest = destination("old-host")
+    raw, report = _migrate_raw(src, dest.incoming)
+    assert report["awaiting_commit"] is False and report["deferred"]
+    src.thread.join(10)
+    assert src.exit == ["migrated"] and src.ep.state == "migrated"
+    raw.close()
 
 
 @pytest.mark.parametrize(("value", "text"), [(0, "commit_timeout must be"), (-1.0, "commit_timeout must be"),
@@ -491,8 +461,11 @@ def test_over_unix_the_destination_runs_at_once_and_nothing_awaits(source, tmp_p
 
 
 # ---------------------------------------------------------------------- the endpoint's part
-def test_a_resume_whose_announcement_fails_never_runs_the_device(tmp_path):
-    dest = Destination(tmp_path, "unit")
+@pytest.fixture
+def awaiting(destination):
+    """A source endpoint in this process whose device migrated to a :class:`Destination`
+    (TCP, the commit awaited) that now awaits its host's attach; yields both."""
+    dest = destination("unit")
     src = DeviceEndpoint(NvmeController(PROPS))
     src.start()
     try:
@@ -501,47 +474,41 @@ def test_a_resume_whose_announcement_fails_never_runs_the_device(tmp_path):
         deadline = time.monotonic() + 10
         while dest.endpoint.state != "awaiting-attach" and time.monotonic() < deadline:
             time.sleep(0.01)
-        dest.server.stop()
-        dest.thread.join(10)
-
-        def fail(_at: float) -> None:
-            raise TransportError("the host is gone")
-
-        with pytest.raises(TransportError, match="the host is gone"):
-            dest.endpoint.resume_after_attach(fail)
-        assert dest.endpoint.state == "abandoned" and dest.resumes == []
-        with pytest.raises(MigrationError, match="abandoned"):
-            dest.endpoint.resume_after_attach()
-        dest.endpoint.abandon()  # idempotent
-        src.release()
-        assert src.state == "migrated"
-        with pytest.raises(MigrationError, match="has migrated"):
-            src.take_back()
+        yield src, dest
     finally:
         src.close()
-        dest.close()
 
 
-def test_a_running_destination_cannot_be_abandoned(tmp_path):
-    dest = Destination(tmp_path, "running")
-    src = DeviceEndpoint(NvmeController(PROPS))
-    src.start()
+def test_a_resume_whose_announcement_fails_never_runs_the_device(awaiting):
+    src, dest = awaiting
+    dest.server.stop()
+    dest.thread.join(10)
+
+    def fail(_at: float) -> None:
+        raise TransportError("the host is gone")
+
+    with pytest.raises(TransportError, match="the host is gone"):
+        dest.endpoint.resume_after_attach(fail)
+    assert dest.endpoint.state == "abandoned" and dest.resumes == []
+    with pytest.raises(MigrationError, match="abandoned"):
+        dest.endpoint.resume_after_attach()
+    dest.endpoint.abandon()  # idempotent
+    src.release()
+    assert src.state == "migrated"
+    with pytest.raises(MigrationError, match="has migrated"):
+        src.take_back()
+
+
+def test_a_running_destination_cannot_be_abandoned(awaiting):
+    src, dest = awaiting
+    raw = Raw(dest.link)
     try:
-        src.migrate_to(dest.incoming, timeout=10, await_commit=True)
-        deadline = time.monotonic() + 10
-        while dest.endpoint.state != "awaiting-attach" and time.monotonic() < deadline:
-            time.sleep(0.01)
-        raw = Raw(dest.link)
-        try:
-            assert raw.request(RESUME, {})["resumed_at"] > 0
-            # (the reply goes out first, the device runs right after it)
-            assert raw.request(HELLO, {})["state"] == "running" and len(dest.resumes) == 1
-            err = raw.request(ABANDON, {})
-            assert isinstance(err, MigrationError) and "runs here already" in str(err)
-        finally:
-            raw.close()
-        src.release()
-        assert src.state == "migrated"
+        assert raw.request(RESUME, {})["resumed_at"] > 0
+        # (the reply goes out first, the device runs right after it)
+        assert raw.request(HELLO, {})["state"] == "running" and len(dest.resumes) == 1
+        err = raw.request(ABANDON, {})
+        assert isinstance(err, MigrationError) and "runs here already" in str(err)
     finally:
-        src.close()
-        dest.close()
+        raw.close()
+    src.release()
+    assert src.state == "migrated"

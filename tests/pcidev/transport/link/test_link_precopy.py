@@ -16,6 +16,7 @@ import time
 
 import crc32c
 import pytest
+from raw_link import Raw
 
 from pcidev.errors import MigrationError, TransportError
 from pcidev.host import Machine
@@ -23,15 +24,9 @@ from pcidev.migration.frames import CHECK, VERDICT, recv_frame, send_meta
 from pcidev.transport.address import listen
 from pcidev.transport.endpoint import DeviceEndpoint
 from pcidev.transport.link.protocol import (
-    FLAG_ERROR,
     HELLO,
     MIGRATE,
     PRECOPY,
-    decode_body,
-    encode_body,
-    error_from_reply,
-    read_message,
-    send_message,
 )
 from pcidev.transport.link.server import LinkServer
 from pcidev_nvme.controller import NvmeController
@@ -81,35 +76,6 @@ class Sink:
     def close(self) -> None:
         self.reading.set()
         self.listener.close()
-
-
-class Raw:
-    """A raw link connection: requests sent without waiting, replies read one by one."""
-
-    def __init__(self, address: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(address.removeprefix("unix:"))
-        self.mid = 0
-
-    def send(self, kind: int, body) -> int:
-        self.mid += 1
-        send_message(self.sock, kind, 0, self.mid, encode_body(body))
-        return self.mid
-
-    def reply(self, timeout: float = 30.0):
-        """``(kind, id, value)``; the value is the typed error of an error reply."""
-        self.sock.settimeout(timeout)
-        kind, flags, mid, body, _fds = read_message(self.sock, max_fds=0)
-        return kind, mid, error_from_reply(body) if flags & FLAG_ERROR else decode_body(body, "reply")
-
-    def request(self, kind: int, body, timeout: float = 30.0):
-        mid = self.send(kind, body)
-        rkind, rid, value = self.reply(timeout)
-        assert (rkind, rid) == (kind, mid)
-        return value
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def _precopy(to: str, timeout: float = 20.0, **kw):

@@ -18,6 +18,7 @@ import time
 import crc32c
 import msgpack
 import pytest
+from raw_link import Raw
 
 from pcidev.devices.edu import EduDevice
 from pcidev.errors import MigrationError, TransportError
@@ -44,12 +45,9 @@ from pcidev.transport.link.protocol import (
     MIGRATE,
     PRECOPY,
     STATUS,
-    decode_body,
-    encode_body,
     encode_error,
     error_from_reply,
     read_message,
-    send_message,
 )
 from pcidev.transport.link.protocol import (
     MAGIC as LINK_MAGIC,
@@ -58,34 +56,6 @@ from pcidev.transport.link.remote import LinkClient
 from pcidev.transport.link.server import MAX_CONNECTIONS, LinkServer
 from pcidev_nvme.controller import NvmeController
 from pcidev_nvme.testing.driver import NvmeDriver
-
-
-class Raw:
-    """A raw link connection."""
-
-    def __init__(self, address: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(address.removeprefix("unix:"))
-        self.mid = 0
-
-    def send(self, kind: int, body) -> int:
-        self.mid += 1
-        send_message(self.sock, kind, 0, self.mid, encode_body(body))
-        return self.mid
-
-    def reply(self, timeout: float = 30.0):
-        self.sock.settimeout(timeout)
-        kind, flags, mid, body, _ = read_message(self.sock, max_fds=0)
-        return kind, mid, error_from_reply(body) if flags & FLAG_ERROR else decode_body(body, "reply")
-
-    def request(self, kind: int, body, timeout: float = 30.0):
-        mid = self.send(kind, body)
-        rkind, rid, value = self.reply(timeout)
-        assert (rkind, rid) == (kind, mid)
-        return value
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 class Served:
