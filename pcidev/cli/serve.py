@@ -16,7 +16,8 @@ the socket, ``SOCKET.ctl`` (``--control``) is the handover control endpoint that
 serves VF ``k`` on ``SOCKET.vf<k>`` (QEMU's ``vfio-user-pci`` attaches one device per
 socket; docs/sriov.md). ``--adopt FD`` is how a handover starts the new process (not for interactive use),
 with ``--inherit-fd FD:KEY`` for each descriptor the old device passes on (its disk
-images: :mod:`pcidev.inheritance`).
+images: :mod:`pcidev.inheritance`). ``--max-dma-maps``, ``--message-timeout`` and
+``--allow-unsealed-dma`` set each client's limits (a handover's new process gets them too).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from typing import Any
 
 from pcidev.cli._command import CliContext, UsageError, command
 from pcidev.cli.describe import describe_text
@@ -33,9 +35,13 @@ from pcidev.inheritance import inheriting, parse_inherit_arg
 from pcidev.properties import split_device_spec, split_properties
 from pcidev.transport.address import MAX_UNIX_PATH, Listener
 from pcidev.transport.vfio_user.handover import control_path, listen_control
+from pcidev.transport.vfio_user.server import DEFAULT_MAX_DMA_MAPS, DEFAULT_MESSAGE_TIMEOUT
 from pcidev.transport.vfio_user.serving import listen_vfio_user, serve_adopted, serve_device
 
-__all__ = ["COMMAND", "child_args", "pinned_spec"]
+__all__ = ["COMMAND", "child_args", "pinned_spec", "server_options", "MAX_MESSAGE_TIMEOUT"]
+
+#: the longest ``--message-timeout`` accepted (seconds): a day
+MAX_MESSAGE_TIMEOUT = 86400.0
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +60,16 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sriov-vfs", metavar="N", type=int, default=0,
                         help="SR-IOV: enable N virtual functions at the start and serve VF k on SOCKET.vf<k> "
                              "(a device type with an SR-IOV capability, e.g. nvme,sriov_max_vfs=...)")
+    limits = parser.add_argument_group("limits on each client (docs: the threat model)")
+    limits.add_argument("--max-dma-maps", metavar="N", type=int, default=DEFAULT_MAX_DMA_MAPS,
+                        help=f"DMA regions a client may map, with or without an fd (default {DEFAULT_MAX_DMA_MAPS}; "
+                             "more get ENOSPC)")
+    limits.add_argument("--message-timeout", metavar="SECONDS", type=float, default=DEFAULT_MESSAGE_TIMEOUT,
+                        help="seconds a started message may take to arrive whole, and a reply to be read, before "
+                             f"the client is dropped (default {DEFAULT_MESSAGE_TIMEOUT:g})")
+    limits.add_argument("--allow-unsealed-dma", action="store_true",
+                        help="TRUSTED CLIENTS ONLY: map guest memory whose fd has no F_SEAL_SHRINK (a client "
+                             "that shrinks it kills this process with SIGBUS); without it such DMA_MAPs get EINVAL")
     parser.add_argument("--adopt", metavar="FD", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--inherit-fd", metavar="FD:KEY", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("device", metavar="DEVICE[,props]",
@@ -91,7 +107,25 @@ def child_args(args: argparse.Namespace, ctx: CliContext, spec: str) -> list[str
     out += ["serve", "--vfio-user", args.vfio_user, "--once" if args.once else "--persist"]
     if args.control:
         out += ["--control", args.control]
+    out += ["--max-dma-maps", str(args.max_dma_maps), "--message-timeout", repr(args.message_timeout)]
+    if args.allow_unsealed_dma:
+        out.append("--allow-unsealed-dma")
     return out + [spec]
+
+
+def server_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The limits of each client's :class:`~pcidev.transport.vfio_user.server.VfioUserServer`
+    from the command line.
+
+    :raises UsageError: a limit that is not positive.
+    """
+    if args.max_dma_maps <= 0:
+        raise UsageError(f"--max-dma-maps {args.max_dma_maps}: must be at least 1")
+    if not 0 < args.message_timeout <= MAX_MESSAGE_TIMEOUT:
+        raise UsageError(f"--message-timeout {args.message_timeout:g}: must be above 0 and at most "
+                         f"{MAX_MESSAGE_TIMEOUT:g} seconds")
+    return {"max_dma_maps": args.max_dma_maps, "message_timeout": args.message_timeout,
+            "allow_unsealed_dma": args.allow_unsealed_dma}
 
 
 @command("serve", help="serve a device to QEMU over vfio-user (pcidev serve --vfio-user SOCKET DEVICE[,props])",
@@ -109,6 +143,7 @@ def COMMAND(args: argparse.Namespace, ctx: CliContext) -> int | None:
         raise UsageError("--sriov-vfs cannot be combined with a handover (--adopt)")
     if args.inherit_fd and args.adopt is None:
         raise UsageError("--inherit-fd is for a handover's new process (with --adopt)")
+    options = server_options(args)
     if args.adopt is not None:
         if args.adopt < 0:
             raise UsageError(f"--adopt {args.adopt}: not a file descriptor")
@@ -119,7 +154,7 @@ def COMMAND(args: argparse.Namespace, ctx: CliContext) -> int | None:
         with inheriting(inherited):  # the old process's images, not their paths
             device = registry.create(type_name, props)
         return serve_adopted(device, args.vfio_user, args.adopt, pm=ctx.pm, once=args.once,
-                             child_args=child_args(args, ctx, args.device))
+                             child_args=child_args(args, ctx, args.device), server_options=options)
     listener = listen_vfio_user(args.vfio_user)
     control: Listener | None = None
     ctl_path = args.control or control_path(args.vfio_user)
@@ -142,6 +177,6 @@ def COMMAND(args: argparse.Namespace, ctx: CliContext) -> int | None:
     try:
         return serve_device(device, args.vfio_user, pm=ctx.pm, once=args.once, listener=listener, control=control,
                             child_args=child_args(args, ctx, pinned_spec(args.device, device)),
-                            sriov_vfs=args.sriov_vfs)
+                            sriov_vfs=args.sriov_vfs, server_options=options)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None

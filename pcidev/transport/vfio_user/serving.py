@@ -423,7 +423,8 @@ def serve_device(device: PciDevice, path: str, *, pm: pluggy.PluginManager | Non
         try:
             if functions is None:
                 raise ConfigError(f"device type {device.TYPE_NAME} has no SR-IOV capability (--sriov-vfs)")
-            vf_sockets = VfSockets(functions, path, pm=pm, out=out)  # also VFs the PF's client enables
+            vf_sockets = VfSockets(functions, path, pm=pm, out=out,  # also VFs the PF's client enables
+                                   server_options=server_options)
             if sriov_vfs:
                 enable_vfs(device, sriov_vfs)
         except BaseException:
@@ -446,7 +447,7 @@ def serve_device(device: PciDevice, path: str, *, pm: pluggy.PluginManager | Non
 
 def serve_adopted(device: PciDevice, path: str, chan_fd: int, *, pm: pluggy.PluginManager | None = None,
                   once: bool = False, out: TextIO | None = None, child_args: Sequence[str] = (),
-                  timeout: float = 30.0) -> int:
+                  timeout: float = 30.0, server_options: dict[str, Any] | None = None) -> int:
     """Take ``device``'s place in a handover (``pcidev serve --adopt FD``) and serve on.
 
     The device was built here like the old process's (same type and properties);
@@ -463,6 +464,8 @@ def serve_adopted(device: PciDevice, path: str, chan_fd: int, *, pm: pluggy.Plug
     :param out: where the status lines go.
     :param child_args: for the next handover, as :func:`serve_device`.
     :param timeout: seconds to wait for each step of the handover.
+    :param server_options: as :func:`serve_device` (a handover's new process gets the old
+        one's through its command line).
     :returns: the exit status.
     """
     out = sys.stdout if out is None else out
@@ -476,7 +479,7 @@ def serve_adopted(device: PciDevice, path: str, chan_fd: int, *, pm: pluggy.Plug
     def prepare(got: Adopted) -> None:
         # everything serving needs is built before the acknowledgement: outside the downtime
         service = VfioUserService(endpoint, got.listener, path, pm=pm, once=once, out=out,
-                                  control=got.control, child_args=child_args)
+                                  control=got.control, child_args=child_args, server_options=server_options)
         service.install_signals()
         service.on_serving = got.serving
         services.append(service)
@@ -498,7 +501,8 @@ def serve_adopted(device: PciDevice, path: str, chan_fd: int, *, pm: pluggy.Plug
         raise
     # SR-IOV (handed over with VF Enable clear): the VFs the PF's client enables get sockets, as in serve_device
     functions = functions_of(device)
-    vf_sockets = VfSockets(functions, path, pm=pm, out=out) if functions is not None else None
+    vf_sockets = (VfSockets(functions, path, pm=pm, out=out, server_options=server_options)
+                  if functions is not None else None)
     try:
         return services[0].run(adopted.server)
     finally:
@@ -523,13 +527,16 @@ class VfSockets:
     :param path: the PF's socket path.
     :param pm: the plugin manager.
     :param out: where the status lines go.
+    :param server_options: keyword arguments of each VF client's
+        :class:`~pcidev.transport.vfio_user.server.VfioUserServer` (its limits, as the PF's).
     """
 
     def __init__(self, functions: SriovFunctions, path: str, *, pm: pluggy.PluginManager | None = None,
-                 out: TextIO | None = None) -> None:
+                 out: TextIO | None = None, server_options: dict[str, Any] | None = None) -> None:
         self.functions = functions
         self.path = path
         self.pm = pm
+        self.server_options: dict[str, Any] = dict(server_options or {})
         self.out = sys.stdout if out is None else out
         self._served: dict[int, tuple[VfioUserService, threading.Thread]] = {}
         self._lock = threading.Lock()
@@ -545,7 +552,8 @@ class VfSockets:
             log.error("VF %d is not served: %s", vf.vf_index, exc)
             return
         endpoint = DeviceEndpoint(vf, pm=self.pm)
-        service = VfioUserService(endpoint, listener, vpath, pm=self.pm, once=False, out=self.out, signals=False)
+        service = VfioUserService(endpoint, listener, vpath, pm=self.pm, once=False, out=self.out, signals=False,
+                                  server_options=self.server_options)
         thread = threading.Thread(target=self._run, args=(service, vf.vf_index, vpath), name=f"vfio-user[{vf.name}]",
                                   daemon=True)
         with self._lock:

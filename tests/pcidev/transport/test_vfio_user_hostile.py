@@ -8,6 +8,7 @@ message, and a client that stops in the middle of a message.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import fcntl
 import logging
@@ -23,6 +24,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pcidev.cli.serve import child_args
 from pcidev.devices.edu import DESC, EduDevice
 from pcidev.dma import alloc_memfd
 from pcidev.transport.endpoint import DeviceEndpoint
@@ -405,3 +407,51 @@ def test_the_service_gives_each_client_its_server_options(tmp_path):
         t.join(20)
         assert not t.is_alive()
         service.out.close()
+
+
+# -- the limits from the command line ------------------------------------------------------------
+def _serve_cli(path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "pcidev", "-p", "no:nvme", "serve", "--once", "--vfio-user",
+                             str(path), *args, "edu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_serve_takes_the_limits_from_its_command_line(tmp_path):
+    """``--max-dma-maps 2``: the third DMA_MAP gets ENOSPC; ``--allow-unsealed-dma``: an
+    unsealed memfd is mapped; a handover's new process gets the same options."""
+    path = tmp_path / "edu.sock"
+    proc = _serve_cli(path, "--max-dma-maps", "2", "--message-timeout", "7.5", "--allow-unsealed-dma")
+    fd = _unsealed_memfd(4096)
+    try:
+        assert "listening on" in proc.stdout.readline()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(path))
+        client = VfioUserClient(sock, timeout=20)
+        client.version()
+        client.request(protocol.DMA_MAP, _dma_map(RAM, 4096), [fd])  # unsealed: a trusted client
+        client.request(protocol.DMA_MAP, _dma_map(RAM + 0x10000, 4096))
+        assert _refused(client, protocol.DMA_MAP, _dma_map(RAM + 0x20000, 4096)) == errno.ENOSPC
+        sock.close()
+        assert proc.wait(30) == 0
+    finally:
+        os.close(fd)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    args = argparse.Namespace(vfio_user="/s", once=True, control=None, max_dma_maps=2, message_timeout=7.5,
+                              allow_unsealed_dma=True)
+    ctx = argparse.Namespace(plugin_specs=[])
+    got = child_args(args, ctx, "edu")  # type: ignore[arg-type]
+    assert got[got.index("--max-dma-maps") + 1] == "2" and got[got.index("--message-timeout") + 1] == "7.5"
+    assert "--allow-unsealed-dma" in got and got[-1] == "edu"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-dma-maps", "0"], "--max-dma-maps 0: must be at least 1"),
+    (["--message-timeout", "0"], "--message-timeout 0: must be above 0"),
+    (["--message-timeout", "nan"], "--message-timeout nan: must be above 0"),
+])
+def test_bad_limits_on_the_command_line_are_one_line(tmp_path, args, message):
+    proc = _serve_cli(tmp_path / "edu.sock", *args)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and message in out and "Traceback" not in out, out
+    assert not (tmp_path / "edu.sock").exists()
