@@ -198,18 +198,18 @@ class MessageReader:
                         errno.EINVAL, f"more than the {self.max_msg_fds} file descriptors one message may carry"))
                 return Message(mid, cmd, flags, body, group[1])
             return Message(mid, cmd, flags, body, [])
-        if size < _HSIZE:
-            self._start = start + _HSIZE
-            self._drop_group(start)
-            if self._start == self._end:
-                self._start = self._end = 0
-            return Message(mid, cmd, flags, error=(errno.EINVAL, f"message size {size} is smaller than its header"))
+        if size < _HSIZE:  # where the next message starts is unknowable: the stream is lost
+            self.close()
+            self._closed_fatal = True
+            return Message(mid, cmd, flags, error=(errno.EINVAL, f"message size {size} is smaller than its header"),
+                           fatal=True)
         if size - _HSIZE > self.max_body:
             return self._refuse(mid, cmd, flags, size)
         return None  # incomplete
 
     def _refuse(self, mid: int, cmd: int, flags: int, size: int) -> Message:
-        """An oversized message: the stream is lost; drop everything buffered."""
+        """An oversized message: the stream is lost; drop everything buffered (as for a
+        size below the header's)."""
         self.close()
         self._closed_fatal = True
         return Message(mid, cmd, flags, error=(errno.E2BIG, f"message size {size} exceeds the maximum"), fatal=True)

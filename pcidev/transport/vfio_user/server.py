@@ -84,7 +84,7 @@ DEFAULT_MAX_DMA_MAPS = 1024
 DEFAULT_MESSAGE_TIMEOUT = 30.0
 
 #: the reason of a connection ended by a message too large to skip (the stream is lost)
-_OVERSIZED = "oversized message"
+_OVERSIZED = "a message whose size cannot be trusted (oversized, or below its header)"
 
 #: endpoints whose device migrated out (VfioUserServer.migrated_out): outlives the
 #: connection and its server object, as the device does

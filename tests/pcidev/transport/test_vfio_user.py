@@ -330,10 +330,6 @@ def test_unknown_commands_and_bad_framing(edu):
     assert _refused(client,
         protocol.DEVICE_GET_INFO, protocol.DEVICE_INFO_S.pack(16, 0, 0, 0), [efd]) == errno.EINVAL
     os.close(efd)
-    # a size smaller than the header
-    send_all(client.sock, protocol.HEADER.pack(7, protocol.DEVICE_GET_INFO, 8, 0, 0))
-    rep = client.recv()
-    assert (rep.mid, rep.flags & protocol.FLAG_ERROR, rep.error) == (7, protocol.FLAG_ERROR, errno.EINVAL)
     # a reply from the client is ignored; the next request still works
     send_all(client.sock, protocol.message(9, protocol.VERSION, b"", protocol.TYPE_REPLY))
     client.request(protocol.DEVICE_GET_INFO, protocol.DEVICE_INFO_S.pack(16, 0, 0, 0))
@@ -345,6 +341,17 @@ def test_unknown_commands_and_bad_framing(edu):
     rep = client.recv()
     assert (rep.mid, rep.error) == (11, errno.E2BIG)
     assert client.sock.recv(1) == b""
+
+
+def test_a_size_below_the_header_is_refused_and_ends_the_connection(edu):
+    """Where the next message would start is unknowable: EINVAL, then the end (the payload
+    that follows is never parsed as messages the client did not send)."""
+    client, ep, server = edu
+    fake_next = protocol.message(42, protocol.DEVICE_GET_INFO, protocol.DEVICE_INFO_S.pack(16, 0, 0, 0))
+    send_all(client.sock, protocol.HEADER.pack(7, protocol.DEVICE_GET_INFO, 8, 0, 0) + fake_next)
+    rep = client.recv()
+    assert (rep.mid, rep.flags & protocol.FLAG_ERROR, rep.error) == (7, protocol.FLAG_ERROR, errno.EINVAL)
+    assert client.sock.recv(1) == b""  # no reply to id 42
 
 
 _COMMANDS = st.sampled_from([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 0, 255, 0xFFFF])

@@ -250,12 +250,19 @@ def test_closed_mid_message_is_an_error_and_between_messages_the_end(pair):
 
 
 def test_bad_sizes_give_error_messages(pair):
+    """An oversized message and one whose size is below its header both lose the framing:
+    each is a fatal error message, and nothing after it is parsed."""
     a, b = pair
     r = _reader(b, xfer=64)
-    a.sendall(protocol.HEADER.pack(3, 1, 10, 0, 0) + _msg(4) + protocol.HEADER.pack(5, 1, 16 + 64 + 4096 + 1, 0, 0))
+    a.sendall(_msg(4) + protocol.HEADER.pack(5, 1, 16 + 64 + 4096 + 1, 0, 0) + _msg(6))
     got = _drain(r)
-    assert [(m.mid, m.error is not None, m.fatal) for m in got] == [(3, True, False), (4, False, False),
-                                                                    (5, True, True)]
+    assert [(m.mid, m.error is not None, m.fatal) for m in got] == [(4, False, False), (5, True, True)]
+    a2, b2 = socket.socketpair()
+    with a2, b2:
+        r2 = _reader(b2, xfer=64)
+        a2.sendall(protocol.HEADER.pack(3, 1, 10, 0, 0) + _msg(7))
+        got = _drain(r2)
+        assert [(m.mid, m.error is not None, m.fatal) for m in got] == [(3, True, True)]
 
 
 def _exact_parse(stream: bytes, fd_owner: set[int]) -> list[tuple[int, int, bytes, int]]:
