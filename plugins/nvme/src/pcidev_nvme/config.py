@@ -37,7 +37,7 @@ from pcidev_nvme.atomicity import controller_problem
 from pcidev_nvme.backends import BUILTIN_BACKEND_CONFIGS
 from pcidev_nvme.namespace import NamespaceOptions, parse_spec
 
-__all__ = ["NamespaceSpec", "NvmeConfig", "default_serial", "property_groups"]
+__all__ = ["NamespaceSpec", "NvmeConfig", "default_serial", "property_groups", "DEFAULT_CAPACITY"]
 
 T = TypeVar("T")
 _I = TypeVar("_I", bound=int)
@@ -71,6 +71,12 @@ def _between(lo: int, hi: int) -> _Validator[_I]:
 #: the SMART critical warning bits ``smart_critical_warning`` may set (bit 1, the
 #: temperature, follows the composite temperature; bits 7:6 are reserved)
 WARNING_BITS = 0x3D
+
+#: the default TNVMCAP (``capacity``): 4 GiB. Namespace Management creates namespaces within
+#: it, and a ``mem`` namespace commits host memory as the guest writes it (a memfd, sparse
+#: until written), so this bounds what a guest can make a host hold; a laptop holds it.
+#: The configured namespaces count against it too (TNVMCAP is at least their total).
+DEFAULT_CAPACITY = 4 << 30
 
 
 def _warning_bits(inst: Any, attr: attrs.Attribute[int], value: int) -> None:
@@ -147,7 +153,11 @@ class NvmeConfig:
         slots) lives; default: the directory of the first file-backed namespace,
         else no persistence.
     :param state_file: explicit path of the state file (overrides ``state_dir``).
-    :param capacity: total NVM capacity (TNVMCAP) in bytes available to Namespace Management.
+    :param capacity: total NVM capacity (TNVMCAP) in bytes available to Namespace Management
+        (default :data:`DEFAULT_CAPACITY`, 4 GiB: a guest that creates namespaces and fills
+        them commits at most that much host memory with ``ns_create=mem`` -- or disk with
+        ``file`` -- beyond the configured namespaces; a create past it completes with
+        Namespace Insufficient Capacity).
     :param ns_create: backend spec for namespaces created by Namespace Management
         (``"mem"``, ``"null"``, or ``"file"``: an image file in the state directory).
     :param temperature: initial composite temperature in kelvin.
@@ -233,8 +243,9 @@ class NvmeConfig:
         "help": "directory of the persistent state file (default: the first file namespace's directory)"})
     state_file: str | None = attrs.field(default=None, metadata={
         "help": "path of the persistent state file (overrides state_dir)"})
-    capacity: Size = attrs.field(default=Size(1 << 40), validator=_between(0, (1 << 64) - 1), metadata={
-        "help": "total NVM capacity (TNVMCAP) for Namespace Management"})
+    capacity: Size = attrs.field(default=Size(DEFAULT_CAPACITY), validator=_between(0, (1 << 64) - 1), metadata={
+        "help": "total NVM capacity (TNVMCAP) for Namespace Management (default 4G: what a guest "
+                "creating and filling mem namespaces can commit of host memory)"})
     ns_create: str = attrs.field(default="mem", validator=_one_of("mem", "null", "file"), metadata={
         "help": "backend of namespaces created by Namespace Management: mem, null or file"})
     temperature: int = attrs.field(default=323, validator=_between(0, 0xFFFF), metadata={
