@@ -1,9 +1,10 @@
 """A ``mem`` namespace commits host memory only as the guest writes it (issue 12):
 its map of written pages (:class:`pcidev_nvme.backends.mem.PageMap`) is an anonymous
 mapping whose untouched pages cost nothing, its dirty bitmap stays within
-``MAX_DIRTY_MAP`` bytes, and by default Namespace Management creates at most
-``DEFAULT_CAPACITY`` (4 GiB) of namespaces: a larger create completes with Namespace
-Insufficient Capacity instead of a terabyte the guest could then fill."""
+``MAX_DIRTY_MAP`` bytes, and by default Namespace Management holds at most
+``DEFAULT_MEM_CREATE_LIMIT`` (4 GiB) of ``mem`` namespaces (``mem_create_limit``): a larger
+create completes with Namespace Insufficient Capacity instead of a terabyte the guest could
+then fill."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from _helpers import expect_status
 
 from pcidev_nvme.backends import MemoryBackend
 from pcidev_nvme.backends.mem import MAX_DIRTY_MAP, PageMap, dirty_granule
-from pcidev_nvme.config import DEFAULT_CAPACITY
+from pcidev_nvme.config import DEFAULT_MEM_CREATE_LIMIT
 from pcidev_nvme.status import Status
 
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
@@ -96,17 +97,27 @@ def _create(drv, nbytes: int):
     return data
 
 
-def test_namespace_management_creates_within_the_default_capacity(nvme_env):
+def test_namespace_management_creates_mem_namespaces_within_the_default_limit(nvme_env):
     env = nvme_env("ns=mem:size=1M,max_namespaces=4", io_queues=1)
     drv, ctrl = env.drv, env.ctrl
-    assert ctrl.cfg.capacity == DEFAULT_CAPACITY == 4 * GiB
-    assert int.from_bytes(drv.identify(0x01)[280:296], "little") == 4 * GiB  # TNVMCAP
+    assert ctrl.cfg.mem_create_limit == DEFAULT_MEM_CREATE_LIMIT == 4 * GiB
     before = _resident()
-    # (before: 1 TiB was creatable by default, 512 MiB committed by the create)
-    expect_status(drv, Status.NS_INSUFFICIENT_CAPACITY, NS_MGMT, cdw10=0, data=_create(drv, TiB))
-    expect_status(drv, Status.NS_INSUFFICIENT_CAPACITY, NS_MGMT, cdw10=0, data=_create(drv, 4 * GiB))
-    nsid = drv.admin(NS_MGMT, cdw10=0, data=_create(drv, 4 * GiB - MiB)).dw0
-    assert nsid == 2 and ctrl.allocated[2].size == 4 * GiB - MiB
+    # (before: any mem namespace up to 1 TiB was created by default -- 512 MiB committed at
+    # once for 1 TiB -- and the guest could then commit all of it by writing it)
+    expect_status(drv, Status.NS_INSUFFICIENT_CAPACITY, NS_MGMT, cdw10=0, data=_create(drv, 64 * GiB))
+    nsid = drv.admin(NS_MGMT, cdw10=0, data=_create(drv, 3 * GiB)).dw0
+    assert nsid == 2 and ctrl.created_mem_bytes == 3 * GiB
+    expect_status(drv, Status.NS_INSUFFICIENT_CAPACITY, NS_MGMT, cdw10=0, data=_create(drv, GiB + MiB))
+    assert drv.admin(NS_MGMT, cdw10=0, data=_create(drv, GiB)).dw0 == 3  # exactly the limit
     assert _resident() - before < 16 * MiB
-    assert int.from_bytes(drv.identify(0x01)[296:312], "little") == 0  # UNVMCAP
-    expect_status(drv, Status.NS_INSUFFICIENT_CAPACITY, NS_MGMT, cdw10=0, data=_create(drv, MiB))
+    drv.admin(NS_MGMT, nsid=2, cdw10=1)  # a deletion gives its bytes back
+    assert ctrl.created_mem_bytes == GiB
+    assert drv.admin(NS_MGMT, cdw10=0, data=_create(drv, 3 * GiB)).dw0 == 2
+
+
+def test_the_limit_is_a_property_and_bounds_only_mem_namespaces(nvme_env):
+    env = nvme_env("ns=mem:size=1M,max_namespaces=4,mem_create_limit=8M", io_queues=1)
+    expect_status(env.drv, Status.NS_INSUFFICIENT_CAPACITY, NS_MGMT, cdw10=0, data=_create(env.drv, 16 * MiB))
+    assert env.drv.admin(NS_MGMT, cdw10=0, data=_create(env.drv, 8 * MiB)).dw0 == 2
+    null = nvme_env("ns=mem:size=1M,max_namespaces=4,mem_create_limit=8M,ns_create=null", io_queues=1)
+    assert null.drv.admin(NS_MGMT, cdw10=0, data=_create(null.drv, 64 * GiB)).dw0 == 2

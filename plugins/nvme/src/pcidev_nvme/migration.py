@@ -1109,6 +1109,9 @@ def _check(ctrl: MigrationHost, st: NvmeState) -> None:
                     "aer.outstanding")
     if st.aer.outstanding and not ready:
         raise _fail("outstanding AERs on a disabled controller", "aer.outstanding")
+    if len(st.aer.queued) > cfg.aer_max_queued:
+        raise _fail(f"{len(st.aer.queued)} queued events exceed aer_max_queued = {cfg.aer_max_queued}",
+                    "aer.queued")
     if len(set(st.aer.outstanding)) != len(st.aer.outstanding):
         raise _fail("two outstanding AERs share a command identifier", "aer.outstanding")
     if len(set(m.etype for m in st.aer.masked)) != len(st.aer.masked):
