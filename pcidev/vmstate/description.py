@@ -44,6 +44,7 @@ __all__ = [
     "is_vmstate",
     "fields_of",
     "Upgrade",
+    "Invariant",
 ]
 
 #: A description's invariant: takes a decoded state object and returns None, or why the

@@ -68,9 +68,9 @@ def _vf_refuses_its_own_stream(snap):
     header = peek_header(data)
     sections = load(data, device_type=header.device_type, fingerprint=header.fingerprint,
                      descriptions=[FunctionState, NvmeState])
-    sections = [Section(s.name, s.instance_id, attrs.evolve(s.state, features=attrs.evolve(s.state.features, vector_cd=())))
-                if s.name == "nvme" else s
-                for s in sections]
+    sections = [Section(s.name, s.instance_id,
+                        attrs.evolve(s.state, features=attrs.evolve(s.state.features, vector_cd=())))
+                if s.name == "nvme" else s for s in sections]
     bad = attrs.evolve(vfs.vfs[1], stream=save(header.device_type, header.fingerprint, sections))
     return _sections(snap, "pcidev/sriov", attrs.evolve(vfs, vfs=(vfs.vfs[0], bad)))
 

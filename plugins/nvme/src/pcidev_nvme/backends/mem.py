@@ -98,8 +98,6 @@ class PageMap:
         step = self.STEP
         return all(self._mm[a:a + step] == bytes(theirs[a:a + step]) for a in range(0, self._n, step))
 
-    __hash__ = None  # type: ignore[assignment]  # (mutable)
-
     def find(self, value: int, start: int, end: int) -> int:
         """The first page in ``[start, end)`` whose byte is ``value`` (0 or 1), or -1."""
         return self._mm.find(b"\x01" if value else b"\x00", start, min(end, self._n))
