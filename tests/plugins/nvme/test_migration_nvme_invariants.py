@@ -17,6 +17,7 @@ import pytest
 from test_migration_nvme import _stable, _with_state
 
 from pcidev.migration import load_device_stream, save_device
+from pcidev.vmstate import Section
 from pcidev.vmstate.errors import StateError
 from pcidev_nvme.controller import NvmeController
 from pcidev_nvme.logs import ERROR_COUNT_MAX, ErrorLog, decode_error_entry
@@ -95,5 +96,33 @@ def test_a_stream_breaking_a_live_invariant_is_refused_and_changes_nothing(hosts
         ok = attrs.evolve(st, error_count=1, error_entries=(_entry(1), _entry(ERROR_COUNT_MAX)))
         load_device_stream(dst, _with_state(snap, ok).to_bytes(), list(snap.fds)).close()
         assert dst.error_log.count == 1
+    finally:
+        dst.close()
+
+
+def test_a_stream_changing_read_only_config_space_is_refused(hosts):
+    """The framework's config space: IDs, class, capabilities pointer and the BARs' type and
+    size bits are the device's; a stream that changes them is refused, nothing applied."""
+    h, snap = _saved(hosts)
+    fs, nvme = snap.sections
+    dst = NvmeController(h.ctrl.cfg, name="victim")
+    try:
+        dst.realize()  # (as a load does first)
+        before = bytes(dst.config.data)
+        for off, bits, at in ((0x02, 0xFF, 0x0), (0x0B, 0x01, 0x8), (0x34, 0x04, 0x34), (0x10, 0x10, 0x10),
+                              (0x11, 0x20, 0x11)):
+            cfg = bytearray(fs.state.config)
+            cfg[off] ^= bits  # device ID, class, capabilities pointer, BAR0 type/size bits
+            bad = attrs.evolve(snap, sections=(Section(fs.name, fs.instance_id,
+                                                       attrs.evolve(fs.state, config=bytes(cfg))), nvme))
+            with pytest.raises(StateError, match=f"offset {at:#x}") as info:
+                load_device_stream(dst, bad.to_bytes(), list(snap.fds))
+            assert info.value.section == fs.name and info.value.path == "config"
+            assert bytes(dst.config.data) == before
+        cfg = bytearray(fs.state.config)
+        cfg[0x04] ^= 0x04  # Command: bus master, writable -- loads
+        ok = attrs.evolve(snap, sections=(Section(fs.name, fs.instance_id, attrs.evolve(fs.state, config=bytes(cfg))),
+                                          nvme))
+        load_device_stream(dst, ok.to_bytes(), list(snap.fds)).close()
     finally:
         dst.close()
