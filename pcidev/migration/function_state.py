@@ -324,6 +324,8 @@ def check_function_state(device: PciDevice, st: FunctionState, fds: Sequence[int
         _check_contents(st, ram_fds)
     if len(st.config) != device.config.size:
         raise _fail(f"config space is {len(st.config)} bytes, this device has {device.config.size}", "config")
+    if (config_problem := device.config.load_problem(st.config)) is not None:
+        raise _fail(f"{config_problem[0]} (offset {config_problem[1]:#x})", "config")
     msix = device.caps.find(MsixCapability)
     if (st.msix is None) != (msix is None):
         raise _fail("MSI-X state " + ("missing" if msix is not None else "present for a device without MSI-X"),

@@ -56,7 +56,7 @@ from pcidev.migration.virtual_functions import (
     load_vfs,
     save_vfs,
 )
-from pcidev.vmstate import Section, description_of, fingerprint_differences, load, save
+from pcidev.vmstate import Section, check_state, description_of, fingerprint_differences, load, save
 from pcidev.vmstate.codec import codec_for
 from pcidev.vmstate.errors import ConfigMismatchError, StateError
 from pcidev.vmstate.gcpause import gc_paused
@@ -305,6 +305,7 @@ def load_device(dev: PciDevice, snapshot: VMStateSnapshot, fds: Sequence[int | N
     for key, cls in want.items():
         if type(got[key].state) is not cls:
             raise StateError(f"expected a {cls.__name__}", section=key[0], instance_id=key[1])
+        check_state(got[key].state, section=key[0], instance_id=key[1])  # as a stream's decoder does
     with gc_paused():
         return _apply_sections(dev, list(snapshot.sections), snapshot.fds if fds is None else fds)
 

@@ -209,6 +209,43 @@ class ConfigSpace:
             if offset < stop and start < end:
                 hook(offset, size, old, value)
 
+    # -- loading --------------------------------------------------------------------
+    #: the header bytes a device never changes after realize and a guest cannot write:
+    #: IDs, revision and class, header type, subsystem IDs, capabilities pointer, interrupt
+    #: pin -- and, through the write mask, the read-only bits of the BARs and the ROM BAR
+    #: (their type and size)
+    FIXED_HEADER: tuple[tuple[int, int, str], ...] = (
+        (ids.VENDOR_ID, 4, "vendor/device ID"),
+        (ids.REVISION_ID, 4, "revision/class"),
+        (ids.HEADER_TYPE, 1, "header type"),
+        (ids.SUBSYSTEM_VENDOR_ID, 4, "subsystem IDs"),
+        (ids.CAPABILITY_LIST, 1, "capabilities pointer"),
+        (ids.INTERRUPT_PIN, 1, "interrupt pin"),
+    )
+
+    def load_problem(self, loaded: bytes) -> tuple[str, int] | None:
+        """Why config space ``loaded`` (a migration stream's) cannot replace this one, as
+        ``(reason, offset)``, or None: a byte of :attr:`FIXED_HEADER` differs, or a bit of a
+        BAR or the ROM BAR that no write can change (type, size) does. A loaded state must be
+        one this device could be in; its writable and device-set bits are the device's to
+        check.
+
+        :param loaded: the stream's config space (as long as this one).
+        """
+        data, wmask = self.data, self.wmask
+        if len(loaded) != len(data):
+            return f"config space is {len(loaded)} bytes, this device has {len(data)}", 0
+        for off, size, what in self.FIXED_HEADER:
+            if loaded[off:off + size] != data[off:off + size]:
+                return (f"{what} at {off:#x} is {bytes(loaded[off:off + size]).hex()}, "
+                        f"this device's is {bytes(data[off:off + size]).hex()}"), off
+        bars = [*range(ids.BASE_ADDRESS_0, ids.BASE_ADDRESS_0 + 24), *range(ids.ROM_ADDRESS, ids.ROM_ADDRESS + 4)]
+        for off in bars:
+            if (loaded[off] ^ data[off]) & ~wmask[off] & 0xFF:
+                return (f"read-only BAR bits at {off:#x} differ ({loaded[off]:#04x}, this device's "
+                        f"{data[off]:#04x}: type or size)"), off
+        return None
+
     # -- reset ----------------------------------------------------------------------
     def freeze_defaults(self) -> None:
         """Record the current contents as the reset defaults (called at realize)."""

@@ -30,7 +30,7 @@ docs/vmstate-format.md.
 from __future__ import annotations
 
 from pcidev.errors import VMStateError
-from pcidev.vmstate.codec import decode_state, encode_state
+from pcidev.vmstate.codec import check_state, decode_state, encode_state
 from pcidev.vmstate.description import (
     Description,
     description_of,
@@ -71,7 +71,10 @@ from pcidev.vmstate.types import (
     Array,
     Bool,
     Bytes,
+    Check,
     FdRef,
+    Mask,
+    Range,
     Str,
     VarArray,
     VarBytes,
@@ -99,6 +102,9 @@ __all__ = [
     "Array",
     "VarArray",
     "FdRef",
+    "Range",
+    "Mask",
+    "Check",
     "save",
     "load",
     "peek_header",
@@ -110,6 +116,7 @@ __all__ = [
     "fingerprint_differences",
     "encode_state",
     "decode_state",
+    "check_state",
     "schema_of",
     "check_schema_compat",
     "dump_stream_json",

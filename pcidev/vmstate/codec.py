@@ -48,7 +48,7 @@ from pcidev.vmstate.description import (
 from pcidev.vmstate.errors import StateError, VersionError, VMStateError, _Fail, render_path
 from pcidev.vmstate.types import FdRef
 
-__all__ = ["Codec", "codec_for", "encode_state", "decode_state", "FD_EXT_CODE"]
+__all__ = ["Codec", "codec_for", "encode_state", "decode_state", "check_state", "FD_EXT_CODE"]
 
 #: msgpack extension type code of an :class:`~pcidev.vmstate.types.FdRef`.
 FD_EXT_CODE = 1
@@ -215,6 +215,32 @@ def _bad_keys(name: str, version: int, f: dict[str, Any], keys: frozenset[str]) 
     raise err
 
 
+def _constrained(constraints: tuple[Any, ...], v: Any) -> None:
+    """Apply a field's constraints to its decoded value (raises the internal ``_Fail``)."""
+    for c in constraints:
+        try:
+            why = c.problem(v)
+        except Exception as e:  # a Check's user code; reported with context
+            why = f"check failed: {type(e).__name__}: {e}"
+        if why is not None:
+            raise _Fail(str(why))
+
+
+def _invariant(name: str, check: Callable[[Any], Any], obj: Any) -> Any:
+    """Apply a description's invariant to a decoded object; returns it."""
+    try:
+        problem = check(obj)
+    except Exception as e:  # user code; reported with context
+        raise _Fail(f"invariant of {name!r} failed: {type(e).__name__}: {e}") from None
+    if problem is None:
+        return obj
+    reason, path = problem
+    err = _Fail(str(reason))
+    if path:
+        err.path.append(str(path))
+    raise err
+
+
 def _construct_fail(name: str, e: Exception) -> Any:
     raise _Fail(f"state class of {name!r} rejected the values: {type(e).__name__}: {e}")
 
@@ -307,6 +333,8 @@ class _Generator:
             "_subs_fail": _subs_fail,
             "_bad_keys": _bad_keys,
             "_construct_fail": _construct_fail,
+            "_constrained": _constrained,
+            "_invariant": _invariant,
         }
         self.helpers: list[str] = []
         self.counter = 0
@@ -477,6 +505,8 @@ class _Generator:
             out.append(f"        v = f[{s.name!r}]")
             out.append("        try:")
             out.extend("            " + line for line in self.dec(s.kind))
+            if s.constraints:
+                out.append(f"            _constrained({self.const(s.constraints, 'cons')}, v)")
             out.append("        except _Fail as e:")
             out.append(f"            e.path.append({s.name!r}); raise")
             out.append(f"        a{i} = v")
@@ -508,9 +538,13 @@ class _Generator:
                 fi += 1
             args.append(f"{spec.alias}={expr}" if spec.kw_only else expr)
         out.append("    try:")
-        out.append(f"        return _cls({', '.join(args)})")
+        out.append(f"        obj = _cls({', '.join(args)})")
         out.append("    except Exception as e:")
         out.append("        _construct_fail(_name, e)")
+        if desc.check is not None:
+            out.append(f"    return _invariant(_name, {self.const(desc.check, 'check')}, obj)")
+        else:
+            out.append("    return obj")
         out.append("")
         # per-field encoders, used to fill defaults of fields newer than a stream
         for i, s in enumerate(fields):
@@ -627,3 +661,17 @@ def decode_state(wire: Any, cls: type, *, section: str | None = None,
     except _Fail as e:
         raise _public(e, section, instance_id) from None
 
+
+
+def check_state(obj: Any, *, section: str | None = None, instance_id: int | None = None) -> None:
+    """Check a state object held in memory (a same-process snapshot) exactly as a load of
+    it from a stream would: every field's type, range and constraints, and every
+    description's invariant, nested structures included.
+
+    :param obj: an instance of a state class.
+    :param section: section name for error messages.
+    :param instance_id: instance id for error messages.
+    :raises VMStateError: (a :class:`~pcidev.vmstate.errors.StateError`) naming the field.
+    """
+    decode_state(encode_state(obj, section=section, instance_id=instance_id), type(obj),
+                 section=section, instance_id=instance_id)

@@ -22,7 +22,18 @@ from typing import Annotated, Any, Union
 import attrs
 
 from pcidev.errors import ConfigError
-from pcidev.vmstate.types import MAX_STR, MAX_VARBYTES, FdRef, Length, MaxLength, SInt, UInt
+from pcidev.vmstate.types import (
+    MAX_STR,
+    MAX_VARBYTES,
+    Check,
+    FdRef,
+    Length,
+    Mask,
+    MaxLength,
+    Range,
+    SInt,
+    UInt,
+)
 
 __all__ = [
     "vmstate",
@@ -33,7 +44,13 @@ __all__ = [
     "is_vmstate",
     "fields_of",
     "Upgrade",
+    "Invariant",
 ]
+
+#: A description's invariant: takes a decoded state object and returns None, or why the
+#: state is refused as ``(reason, field path)`` (the path relative to the structure, such
+#: as ``"head"`` or ``"queues[2].tail"``).
+Invariant = Callable[[Any], "tuple[str, str] | None"]
 
 #: An upgrade step: takes the field map of a stream of version ``v`` (wire values,
 #: see docs/vmstate-format.md) and returns the field map of version ``v + 1``.
@@ -128,6 +145,9 @@ class FieldSpec:
     :ivar since: description version the field first appeared in.
     :ivar default: the attrs default (a value, an ``attrs.Factory`` or ``attrs.NOTHING``).
     :ivar kw_only: whether ``__init__`` takes the field by keyword only.
+    :ivar constraints: what a loaded value must satisfy beyond its type
+        (:class:`~pcidev.vmstate.types.Range`, :class:`~pcidev.vmstate.types.Mask`,
+        :class:`~pcidev.vmstate.types.Check`), checked by the decoder.
     """
 
     name: str
@@ -136,6 +156,7 @@ class FieldSpec:
     since: int
     default: Any
     kw_only: bool = False
+    constraints: tuple[Any, ...] = ()
 
     @property
     def has_default(self) -> bool:
@@ -168,6 +189,7 @@ class Description:
     :ivar min_version: oldest version still loaded.
     :ivar upgrades: ``{v: fn}``: step from version ``v`` to ``v + 1``.
     :ivar cls: the state class.
+    :ivar check: the invariant every loaded state object must satisfy (None: none).
     """
 
     name: str
@@ -175,6 +197,7 @@ class Description:
     min_version: int
     upgrades: Mapping[int, Upgrade]
     cls: type
+    check: Invariant | None = None
     _localns: dict[str, Any] = attrs.field(factory=dict, repr=False)
     _fields: tuple[FieldSpec, ...] | None = None
 
@@ -253,7 +276,8 @@ def _is_frozen(cls: type) -> bool:
 
 
 def vmstate(name: str, *, version: int = 1, min_version: int | None = None,
-            upgrades: Mapping[int, Upgrade] | None = None) -> Callable[[type], type]:
+            upgrades: Mapping[int, Upgrade] | None = None,
+            check: Invariant | None = None) -> Callable[[type], type]:
     """Class decorator: make a frozen attrs class a versioned state description.
 
     Apply it on top of ``@attrs.frozen``::
@@ -270,6 +294,11 @@ def vmstate(name: str, *, version: int = 1, min_version: int | None = None,
     :param min_version: oldest version still loaded (default: ``version``).
     :param upgrades: ``{v: fn}`` with ``min_version <= v < version``: ``fn`` turns
         the field map of a version-``v`` stream into a version-``v+1`` field map.
+    :param check: an invariant across the fields (:data:`Invariant`): called with every
+        state object a load decodes, after each field passed its type and constraints;
+        what it returns refuses the stream with a
+        :class:`~pcidev.vmstate.errors.StateError` naming the field. Invariants that
+        need the device's configuration belong in its ``check_device_state``.
     :returns: the decorator.
     :raises ConfigError: on an inconsistent description.
     """
@@ -289,6 +318,8 @@ def vmstate(name: str, *, version: int = 1, min_version: int | None = None,
                 f"(step v -> v+1), got {v!r}")
         if not callable(fn):
             raise ConfigError(f"{name}: upgrade step {v} is not callable")
+    if check is not None and not callable(check):
+        raise ConfigError(f"{name}: check is not callable")
 
     # names visible where the class is defined (a function body, for local classes);
     # string annotations are resolved against them as well as the module globals
@@ -300,7 +331,7 @@ def vmstate(name: str, *, version: int = 1, min_version: int | None = None,
             raise ConfigError(f"{name}: @vmstate needs an attrs class (put it above @attrs.frozen)")
         if not _is_frozen(cls):
             raise ConfigError(f"{name}: state classes must be frozen (@attrs.frozen)")
-        desc = Description(name, version, min_version, ups, cls, localns)
+        desc = Description(name, version, min_version, ups, cls, check, localns)
         typing.cast(Any, cls).__vmstate__ = desc  # a class attribute no annotation declares
         try:
             desc._fields = _resolve_fields(desc)
@@ -352,8 +383,26 @@ def _resolve_fields(desc: Description) -> tuple[FieldSpec, ...]:
                 raise ConfigError(
                     f"{where}: added in version {since} with no default and no upgrade step "
                     f"that could supply it")
-        specs.append(FieldSpec(a.name, a.alias or a.name, kind, since, a.default, bool(a.kw_only)))
+        constraints = _constraints(tp, kind, where)
+        specs.append(FieldSpec(a.name, a.alias or a.name, kind, since, a.default, bool(a.kw_only), constraints))
     return tuple(specs)
+
+
+def _constraints(tp: Any, kind: Any, where: str) -> tuple[Any, ...]:
+    """The constraint markers of a field's annotation (integer kinds only for Range and Mask)."""
+    if typing.get_origin(tp) is not Annotated:
+        return ()
+    found = tuple(m for m in typing.get_args(tp)[1:] if isinstance(m, (Range, Mask, Check)))
+    for m in found:
+        if isinstance(m, (Range, Mask)):
+            inner = kind.inner if isinstance(kind, KNullable) else kind
+            if not isinstance(inner, (KUInt, KSInt)):
+                raise ConfigError(f"{where}: {type(m).__name__} applies to integer fields only")
+        if isinstance(m, Range) and m.lo > m.hi:
+            raise ConfigError(f"{where}: empty range {m.lo}..{m.hi}")
+        if isinstance(m, Check) and not callable(m.fn):
+            raise ConfigError(f"{where}: Check needs a callable")
+    return found
 
 
 def _markers(meta: tuple[Any, ...]) -> list[Any]:

@@ -22,6 +22,15 @@ annotation                              meaning
                                         nullable; for a structure field: a subsection
 ======================================  ===============================================
 
+**Constraints.** A field may add what a loaded value must satisfy beyond its type:
+``Annotated[U32, Mask(0x00FFFFF1)]`` (only these bits may be set),
+``Annotated[U8, Range(0, 2)]`` (inclusive bounds) or ``Annotated[T, Check(fn)]`` (``fn(value)``
+returns None or the reason the value is refused). The decoder enforces them on every
+load (a :class:`~pcidev.errors.StateError` naming the field; nothing is built from the
+stream); they are no part of the wire format or of the schema. Invariants that span
+fields are the description's ``check`` (see :func:`~pcidev.vmstate.vmstate`); those that
+depend on the device's configuration, its ``check_device_state``.
+
 ``Array[Optional[S], n]`` (or ``VarArray``/``tuple``) with a ``@vmstate`` class ``S``
 is an *array of pointers*: each entry is present or null and the loader creates
 exactly the entries the source had.
@@ -29,6 +38,7 @@ exactly the entries the source had.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import attrs
@@ -60,6 +70,10 @@ __all__ = [
     "Array",
     "VarArray",
     "FdRef",
+    "Range",
+    "Mask",
+    "Check",
+    "Constraint",
     "MAX_STR",
     "MAX_VARBYTES",
 ]
@@ -183,3 +197,63 @@ class FdRef:
     """
 
     index: int = attrs.field(validator=_fd_index)
+
+
+def _int_bound(instance: Any, attribute: Any, value: Any) -> None:
+    if type(value) is not int:
+        raise ConfigError(f"{attribute.name} must be an int, got {value!r}")
+
+
+@attrs.frozen
+class Range:
+    """Constraint: an integer field's loaded value lies in ``lo..hi`` (inclusive).
+
+    :param lo: the smallest value accepted.
+    :param hi: the largest value accepted.
+    """
+
+    lo: int = attrs.field(validator=_int_bound)
+    hi: int = attrs.field(validator=_int_bound)
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is refused, or None."""
+        if value is None or self.lo <= value <= self.hi:
+            return None
+        return f"value {value} out of range {self.lo}..{self.hi}"
+
+
+@attrs.frozen
+class Mask:
+    """Constraint: an integer field has no bit set outside ``bits`` (reserved or
+    read-only bits of a register, alignment).
+
+    :param bits: the bits that may be set.
+    """
+
+    bits: int = attrs.field(validator=_int_bound)
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is refused, or None."""
+        if value is None or not value & ~self.bits:
+            return None
+        return f"value {value:#x} sets bits {value & ~self.bits:#x} outside the mask {self.bits:#x}"
+
+
+@attrs.frozen
+class Check:
+    """Constraint: ``fn(value)`` returns None for a value the field accepts, else the
+    reason it is refused (a short sentence).
+
+    :param fn: the predicate (called with the decoded value, never with None unless the
+        field is nullable).
+    """
+
+    fn: Callable[[Any], str | None]
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is refused, or None."""
+        return self.fn(value)
+
+
+#: Any of the constraint markers.
+Constraint = Range | Mask | Check

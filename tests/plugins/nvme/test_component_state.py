@@ -13,7 +13,7 @@ from pcidev_nvme.atomicity import Atomicity
 from pcidev_nvme.backends import MemoryBackend
 from pcidev_nvme.config import NvmeConfig
 from pcidev_nvme.doorbells import ShadowDoorbells
-from pcidev_nvme.features import FID_ARBITRATION, FID_IRQ_COALESCING, FID_KATO, Features
+from pcidev_nvme.features import FID_ARBITRATION, FID_IRQ_COALESCING, FID_KATO, FID_NUM_QUEUES, Features
 from pcidev_nvme.interrupts import Interrupts, Timer
 from pcidev_nvme.logs import ChangedNamespaces, ErrorLog, FirmwareSlots, SmartCounters
 from pcidev_nvme.namespace import Namespace
@@ -80,6 +80,7 @@ def test_features():
     f.temp_over, f.temp_under = 350, 260
     f.tler = {1: 20}
     f.nsq, f.ncq, f.nq_allocated = 2, 3, True
+    f.values[FID_NUM_QUEUES] = 1 | 2 << 16  # (what Set Features Number of Queues reads back)
     f.host_behavior = bytes([1]) + bytes(511)
     st = _roundtrip(f.snapshot())
     fresh = Features(_ctrl_stub())

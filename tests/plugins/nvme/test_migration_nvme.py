@@ -414,7 +414,8 @@ def _bad_states(st: NvmeState):
         attrs.evolve(st.namespaces[1], lbaf=15),))
     yield "firmware.active", attrs.evolve(st, firmware=attrs.evolve(st.firmware, active=3))
     yield "state", attrs.evolve(st, state=9)
-    yield "sqs", attrs.evolve(st, state=0)
+    yield "csts", attrs.evolve(st, state=0)  # CSTS.RDY of a ready controller
+    yield "sqs", attrs.evolve(st, state=0, csts=st.csts & ~1)
     yield "features.vector_cd", attrs.evolve(st, features=attrs.evolve(st.features, vector_cd=()))
     yield "page_size", attrs.evolve(st, page_size=1000)
 

@@ -134,6 +134,8 @@ class AdminHost(ControllerPort, Protocol):
     def total_capacity(self) -> int: ...
     @property
     def allocated_capacity(self) -> int: ...
+    @property
+    def created_mem_bytes(self) -> int: ...
     def sq(self, qid: int) -> SubmissionQueue | None: ...
     def cq(self, qid: int) -> CompletionQueue | None: ...
     def add_sq(self, sq: SubmissionQueue) -> None: ...
@@ -813,6 +815,12 @@ class AdminCommandSet:
             raise _err(Status.NS_ID_UNAVAILABLE, "every namespace identifier is in use")
         nsid = free[0]
         spec = self._create_spec(nsid, size, lbaf)
+        if spec.startswith("mem:"):
+            held = ctrl.created_mem_bytes
+            if held + size > ctrl.cfg.mem_create_limit:
+                raise _err(Status.NS_INSUFFICIENT_CAPACITY,
+                           f"{size} bytes of namespace memory exceed mem_create_limit "
+                           f"({ctrl.cfg.mem_create_limit}; {held} held)")
         if pi or pil or mset:
             spec += f",pi={pi},pil={pil},mset={mset}"
         try:

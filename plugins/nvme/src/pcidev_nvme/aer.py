@@ -20,10 +20,11 @@ from __future__ import annotations
 import collections
 import threading
 from collections.abc import Callable, Iterable
+from typing import Annotated
 
 import attrs
 
-from pcidev.vmstate import U8, U16, VarArray, vmstate
+from pcidev.vmstate import U8, U16, Range, VarArray, vmstate
 from pcidev_nvme.request import Request
 from pcidev_nvme.status import Status
 
@@ -61,7 +62,7 @@ INFO_FW_ACTIVATION = 0x01
 class EventState:
     """An asynchronous event: type, information, associated log page."""
 
-    etype: U8
+    etype: Annotated[U8, Range(0, 7)]  # Asynchronous Event Type (3 bits)
     info: U8
     lid: U8
 

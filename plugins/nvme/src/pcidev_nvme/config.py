@@ -37,7 +37,7 @@ from pcidev_nvme.atomicity import controller_problem
 from pcidev_nvme.backends import BUILTIN_BACKEND_CONFIGS
 from pcidev_nvme.namespace import NamespaceOptions, parse_spec
 
-__all__ = ["NamespaceSpec", "NvmeConfig", "default_serial", "property_groups"]
+__all__ = ["NamespaceSpec", "NvmeConfig", "default_serial", "property_groups", "DEFAULT_MEM_CREATE_LIMIT"]
 
 T = TypeVar("T")
 _I = TypeVar("_I", bound=int)
@@ -71,6 +71,12 @@ def _between(lo: int, hi: int) -> _Validator[_I]:
 #: the SMART critical warning bits ``smart_critical_warning`` may set (bit 1, the
 #: temperature, follows the composite temperature; bits 7:6 are reserved)
 WARNING_BITS = 0x3D
+
+#: the default ``mem_create_limit``: 4 GiB. A ``mem`` namespace is a memfd, sparse until
+#: written, so what the guest writes into the namespaces it creates with Namespace
+#: Management is host memory it commits: this bounds it to what a laptop holds (TNVMCAP,
+#: ``capacity``, stays 1 TiB: ``file`` and ``null`` namespaces cost no memory).
+DEFAULT_MEM_CREATE_LIMIT = 4 << 30
 
 
 def _warning_bits(inst: Any, attr: attrs.Attribute[int], value: int) -> None:
@@ -148,6 +154,11 @@ class NvmeConfig:
         else no persistence.
     :param state_file: explicit path of the state file (overrides ``state_dir``).
     :param capacity: total NVM capacity (TNVMCAP) in bytes available to Namespace Management.
+    :param mem_create_limit: most bytes of ``mem`` namespaces Namespace Management holds at
+        once (created and not deleted; default :data:`DEFAULT_MEM_CREATE_LIMIT`, 4 GiB): the
+        host memory a guest can commit by creating namespaces and writing them. A create past
+        it completes with Namespace Insufficient Capacity; a migration stream whose created
+        ``mem`` namespaces exceed the destination's limit is refused.
     :param ns_create: backend spec for namespaces created by Namespace Management
         (``"mem"``, ``"null"``, or ``"file"``: an image file in the state directory).
     :param temperature: initial composite temperature in kelvin.
@@ -235,6 +246,10 @@ class NvmeConfig:
         "help": "path of the persistent state file (overrides state_dir)"})
     capacity: Size = attrs.field(default=Size(1 << 40), validator=_between(0, (1 << 64) - 1), metadata={
         "help": "total NVM capacity (TNVMCAP) for Namespace Management"})
+    mem_create_limit: Size = attrs.field(default=Size(DEFAULT_MEM_CREATE_LIMIT),
+                                         validator=_between(0, (1 << 64) - 1), metadata={
+        "help": "most bytes of mem namespaces Namespace Management holds at once (host memory a guest "
+                "can fill)"})
     ns_create: str = attrs.field(default="mem", validator=_one_of("mem", "null", "file"), metadata={
         "help": "backend of namespaces created by Namespace Management: mem, null or file"})
     temperature: int = attrs.field(default=323, validator=_between(0, 0xFFFF), metadata={

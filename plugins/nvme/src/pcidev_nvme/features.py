@@ -67,11 +67,11 @@ from __future__ import annotations
 
 import struct
 import time
-from typing import Protocol
+from typing import Annotated, Protocol
 
 import attrs
 
-from pcidev.vmstate import U8, U16, U32, U64, Bool, Bytes, VarArray, vmstate
+from pcidev.vmstate import U8, U16, U32, U64, Bool, Bytes, Check, Mask, Range, VarArray, vmstate
 from pcidev_nvme.atomicity import Atomicity
 from pcidev_nvme.config import NvmeConfig
 from pcidev_nvme.endurance import AEC_EG_EVENT, FID_EG_EVENT_CONFIG, EnduranceGroup
@@ -147,7 +147,7 @@ _BROADCAST = 0xFFFFFFFF
 class TlerState:
     """Error Recovery (feature 05h) of one namespace."""
 
-    nsid: U32
+    nsid: Annotated[U32, Range(1, 0xFFFFFFFE)]
     value: U16
 
 
@@ -177,26 +177,44 @@ class CopyFormatsState:
     cdfe: U16
 
 
-@vmstate("nvme/features")
+def _kato_problem(kato: int) -> str | None:
+    return None if kato % 100 == 0 else f"keep alive timeout {kato} ms is not a multiple of 100 ms (KAS)"
+
+
+def _host_behavior_problem(data: bytes) -> str | None:
+    if data[0] > 1 or data[1] > 1 or data[2] > 1:
+        return "ACRE, ETDAS and LBAFEE are 0 or 1"
+    return None
+
+
+def _values_problem(st: FeaturesState) -> tuple[str, str] | None:
+    """The invariant of :class:`FeaturesState`: Number of Queues reads what it allocated."""
+    if st.num_queues != (st.nsq - 1) | (st.ncq - 1) << 16:
+        return (f"Number of Queues {st.num_queues:#x} is not the allocation {st.nsq}/{st.ncq}",
+                "num_queues")
+    return None
+
+
+@vmstate("nvme/features", check=_values_problem)
 @attrs.frozen
 class FeaturesState:
     """The current feature values (``vector_cd``: feature 09h, owned by the interrupts)."""
 
-    arbitration: U32
-    power_mgmt: U32
-    vwc: U32
+    arbitration: Annotated[U32, Mask(0xFFFFFF07)]
+    power_mgmt: Annotated[U32, Mask(0xE0)]  # (power state 0, the only one)
+    vwc: Annotated[U32, Mask(1)]
     num_queues: U32
-    coalescing: U32
-    aec: U32
-    kato: U32
+    coalescing: Annotated[U32, Mask(0xFFFF)]
+    aec: Annotated[U32, Mask(AEC_SUPPORTED)]
+    kato: Annotated[U32, Check(_kato_problem)]
     temp_over: U16
     temp_under: U16
-    nsq: U16
-    ncq: U16
+    nsq: Annotated[U16, Range(1, 0xFFFF)]
+    ncq: Annotated[U16, Range(1, 0xFFFF)]
     nq_allocated: Bool
-    timestamp: U64  # ms value at the save
-    timestamp_origin: U8
-    host_behavior: Bytes[512]
+    timestamp: Annotated[U64, Range(0, 2**48 - 1)]  # ms value at the save
+    timestamp_origin: Annotated[U8, Range(0, 1)]
+    host_behavior: Annotated[Bytes[512], Check(_host_behavior_problem)]
     tler: VarArray[TlerState, MAX_NS] = ()
     vector_cd: VarArray[Bool, 2048] = ()
     write_atomicity: WriteAtomicityState | None = None

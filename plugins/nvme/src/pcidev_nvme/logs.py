@@ -34,7 +34,8 @@ import crc32c
 
 from pcidev.vmstate import U8, U16, U32, U64, Str, VarArray, vmstate
 
-__all__ = ["ErrorLog", "ErrorLogState", "SmartCounters", "SmartState", "FirmwareSlots", "FirmwareState", "FwChunk",
+__all__ = ["ErrorLog", "ErrorLogState", "ERROR_COUNT_MAX", "next_error_count", "error_log_problem",
+           "SmartCounters", "SmartState", "FirmwareSlots", "FirmwareState", "FwChunk",
            "firmware_image", "parse_firmware_image", "ChangedNamespaces", "ChangedNsState", "effects_log",
            "LID_ERROR", "LID_SMART", "LID_FW_SLOT", "LID_CHANGED_NS", "LID_EFFECTS", "CMD_EFFECTS",
            "LID_SUPPORTED", "LID_MI_EFFECTS", "LID_OCP_SMART", "OCP_SMART_GUID", "ocp_smart_page",
@@ -55,6 +56,37 @@ LID_OCP_SMART = 0xC0
 
 _ERR_ENTRY = struct.Struct("<QHHHHQIBB2xQH22x")
 assert _ERR_ENTRY.size == 64
+
+#: the largest Error Count: the 64-bit count rolls over from this value to 1 (never 0,
+#: which marks an invalid entry), as the Error Information log page's Error Count field says
+ERROR_COUNT_MAX = 2**64 - 1
+
+
+def next_error_count(count: int) -> int:
+    """The Error Count after ``count``: ``count + 1``, rolling over from 2**64-1 to 1."""
+    return 1 if count >= ERROR_COUNT_MAX else count + 1
+
+
+def error_log_problem(count: int, entries: Iterable[bytes], capacity: int) -> tuple[str, str] | None:
+    """Why a loaded Error Information log (lifetime ``count``, ``entries`` newest first)
+    is one no live log could be in, as ``(reason, field)``, or None.
+
+    A live log's newest entry carries the lifetime count, each older one the count
+    before it (rolling over 2**64-1 -> 1), no entry has count 0, and it keeps at most
+    ``capacity`` entries.
+    """
+    entries = list(entries)
+    if len(entries) > capacity:
+        return f"{len(entries)} error entries, the log keeps {capacity}", "error_entries"
+    if entries and count == 0:
+        return "error entries with an error count of 0", "error_count"
+    want = count
+    for j, raw in enumerate(entries):
+        got = _ERR_ENTRY.unpack_from(raw)[0]
+        if got != want:
+            return f"entry {j} has error count {got}, expected {want}", f"error_entries[{j}]"
+        want = ERROR_COUNT_MAX if want == 1 else want - 1
+    return None
 
 
 @attrs.frozen
@@ -80,14 +112,15 @@ class ErrorLog:
 
     def add(self, *, sqid: int, cid: int, status_field: int, phase: int = 0, param_offset: int | None = None,
             param_bit: int = 0, lba: int = 0, nsid: int = 0, csi: int = 0) -> int:
-        """Record an error; returns its error count (unique, increasing, never 0).
+        """Record an error; returns its error count (never 0; increasing, rolling over
+        from 2**64-1 to 1).
 
         :param status_field: the 15-bit status field the command completed with.
         :param param_offset: byte offset in the SQE of the offending field, or None.
         """
         pel = 0xFFFF if param_offset is None else ((param_offset & 0xFF) | ((param_bit & 7) << 8))
         with self._lock:
-            self.count += 1
+            self.count = next_error_count(self.count)
             entry = _ERR_ENTRY.pack(self.count, sqid & 0xFFFF, cid & 0xFFFF,
                                     ((status_field & 0x7FFF) << 1) | (phase & 1), pel,
                                     lba & (2**64 - 1), nsid & 0xFFFFFFFF, 0, 0, csi & (2**64 - 1), 0)

@@ -112,7 +112,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ClassVar, Protocol
+from typing import Annotated, Any, ClassVar, Protocol
 
 import attrs
 
@@ -120,7 +120,7 @@ from pcidev.device import PciDevice
 from pcidev.errors import ConfigError, MigrationError, QuiesceTimeoutError
 from pcidev.memory_source import DirtyBitmap, MemorySource
 from pcidev.migration.frames import boot_id
-from pcidev.vmstate import U8, U32, U64, Bool, Bytes, VarArray, vmstate
+from pcidev.vmstate import U8, U32, U64, Bool, Bytes, Mask, Range, VarArray, vmstate
 from pcidev.vmstate.errors import StateError
 from pcidev_nvme import ns_records
 from pcidev_nvme.abort import Aborts, AbortsState
@@ -147,6 +147,7 @@ from pcidev_nvme.logs import (
     FwChunk,
     SmartCounters,
     SmartState,
+    error_log_problem,
 )
 from pcidev_nvme.metadata import MemMetadata, MetadataStore
 from pcidev_nvme.namespace import (
@@ -163,7 +164,8 @@ from pcidev_nvme.ns_records import CreatedNamespaceRecord, NamespaceChangesState
 from pcidev_nvme.ns_smart import NamespaceSmart, NamespaceSmartState
 from pcidev_nvme.pmr import PersistentMemoryRegion, PmrState
 from pcidev_nvme.queues import CompletionQueue, CqeState, CqState, SqState, SubmissionQueue
-from pcidev_nvme.registers import ControllerState
+from pcidev_nvme.registers import AQA_MASK, CC_MASK, CSTS_MASK, QUEUE_BASE_MASK, ControllerState
+from pcidev_nvme.registers import state_problem as register_state_problem
 from pcidev_nvme.sanitize import SANACT_BLOCK_ERASE, SANACT_CRYPTO_ERASE, Sanitizer, SanitizeState
 from pcidev_nvme.selftest import SelfTest, SelfTestState
 from pcidev_nvme.uncorrectable import Uncorrectable, UncorrectableState
@@ -261,17 +263,28 @@ MIGRATABLE_FEATURES = frozenset({
 _STATES = ("disabled", "ready", "failed")
 
 
-@vmstate("nvme", version=1)
+def _registers_problem(st: NvmeState) -> tuple[str, str] | None:
+    """The invariant of :class:`NvmeState` the decoder checks: the registers and the state
+    machine agree as on a live controller (:func:`~pcidev_nvme.registers.state_problem`)."""
+    return register_state_problem(_STATES[st.state], st.cc, st.csts, st.shutting_down, st.page_size)
+
+
+@vmstate("nvme", version=1, check=_registers_problem)
 @attrs.frozen
 class NvmeState:
-    """The NVMe controller's own state (the framework migrates config space and MSI-X)."""
+    """The NVMe controller's own state (the framework migrates config space and MSI-X).
 
-    state: U8  # index in ("disabled", "ready", "failed")
-    cc: U32
-    csts: U32
-    aqa: U32
-    asq: U64
-    acq: U64
+    Each register field admits only the bits a guest (or the controller) can set, and
+    :func:`_registers_problem` the combinations a live controller can be in; what depends on
+    the configuration (queue sizes, vectors, namespaces, ...) is :func:`check`'s.
+    """
+
+    state: Annotated[U8, Range(0, len(_STATES) - 1)]  # index in ("disabled", "ready", "failed")
+    cc: Annotated[U32, Mask(CC_MASK)]
+    csts: Annotated[U32, Mask(CSTS_MASK)]
+    aqa: Annotated[U32, Mask(AQA_MASK)]
+    asq: Annotated[U64, Mask(QUEUE_BASE_MASK)]
+    acq: Annotated[U64, Mask(QUEUE_BASE_MASK)]
     intms: U32
     shutting_down: Bool
     dirty: Bool
@@ -1031,8 +1044,10 @@ def namespace_plan(ctrl: MigrationHost, st: NvmeState) -> NamespacePlan:
 def _check(ctrl: MigrationHost, st: NvmeState) -> None:
     cfg = ctrl.cfg
     nq = cfg.max_ioqpairs + 1
-    if st.state >= len(_STATES):
+    if st.state >= len(_STATES):  # (a state built in memory, not decoded: the decoder checked these)
         raise _fail(f"controller state {st.state} is unknown", "state")
+    if (reg_problem := _registers_problem(st)) is not None:
+        raise _fail(*reg_problem)
     ready = _STATES[st.state] != "disabled"  # a failed controller keeps its queues until the reset
     virt = ctrl.virtualization
     if (virt is None) != (st.virtualization is None):
@@ -1040,9 +1055,6 @@ def _check(ctrl: MigrationHost, st: NvmeState) -> None:
                     "virtualization")
     if virt is not None and st.virtualization is not None:
         virt.check(st.virtualization, {n.nsid for n in st.namespaces})
-    page = st.page_size
-    if page < 4096 or page > 65536 or page & (page - 1):
-        raise _fail(f"memory page size {page} is not 4 KiB..64 KiB", "page_size")
     if len(st.sqs) != nq or len(st.cqs) != nq:
         raise _fail(f"{len(st.sqs)} SQ and {len(st.cqs)} CQ entries, this controller has {nq} queue ids",
                     "sqs" if len(st.sqs) != nq else "cqs")
@@ -1097,6 +1109,9 @@ def _check(ctrl: MigrationHost, st: NvmeState) -> None:
                     "aer.outstanding")
     if st.aer.outstanding and not ready:
         raise _fail("outstanding AERs on a disabled controller", "aer.outstanding")
+    if len(st.aer.queued) > cfg.aer_max_queued:
+        raise _fail(f"{len(st.aer.queued)} queued events exceed aer_max_queued = {cfg.aer_max_queued}",
+                    "aer.queued")
     if len(set(st.aer.outstanding)) != len(st.aer.outstanding):
         raise _fail("two outstanding AERs share a command identifier", "aer.outstanding")
     if len(set(m.etype for m in st.aer.masked)) != len(st.aer.masked):
@@ -1113,6 +1128,10 @@ def _check(ctrl: MigrationHost, st: NvmeState) -> None:
         raise _fail("timestamp wider than 48 bits", "features.timestamp")
     if (hbs_problem := features_state_problem(f)) is not None:
         raise _fail(*hbs_problem)
+    for name, queues, allocated in (("sqs", st.sqs, f.nsq), ("cqs", st.cqs, f.ncq)):
+        for i in range(allocated + 1, len(queues)):
+            if queues[i] is not None:  # (Create I/O queue refuses an ID above Number of Queues)
+                raise _fail(f"queue {i} exists but Number of Queues allocated {allocated}", f"{name}[{i}]")
     plan = namespace_plan(ctrl, st)
     sizes = plan.sizes
     for j, t in enumerate(f.tler):
@@ -1122,9 +1141,8 @@ def _check(ctrl: MigrationHost, st: NvmeState) -> None:
     for j, nsid in enumerate(f.dulbe.nsids if f.dulbe is not None else ()):
         if nsid not in sizes:
             raise _fail(f"DULBE set for namespace {nsid}, which does not exist", f"features.dulbe.nsids[{j}]")
-    if len(st.error_entries) > ctrl.error_log.capacity:
-        raise _fail(f"{len(st.error_entries)} error entries, the log keeps {ctrl.error_log.capacity}",
-                    "error_entries")
+    if (errlog_problem := error_log_problem(st.error_count, st.error_entries, ctrl.error_log.capacity)) is not None:
+        raise _fail(*errlog_problem)
     fw = st.firmware
     if len(fw.revisions) != cfg.fw_slots:
         raise _fail(f"{len(fw.revisions)} firmware slots, this controller has {cfg.fw_slots}", "firmware.revisions")

@@ -93,6 +93,13 @@ class NamespaceSetMixin:
         return max(self.cfg.capacity, self.allocated_capacity)
 
     @property
+    def created_mem_bytes(self) -> int:
+        """Bytes of the ``mem`` namespaces Namespace Management created (and no one deleted):
+        what ``mem_create_limit`` bounds."""
+        return sum(int(self.allocated[n].size) for n, spec in self.created.items()
+                   if spec.startswith("mem:") and n in self.allocated)
+
+    @property
     def allocated_capacity(self) -> int:
         """Bytes held by the namespaces that exist."""
         return sum(int(ns.size) for ns in self.allocated.values())

@@ -294,6 +294,10 @@ def plan(tables: NamespaceTables, state: NamespaceChangesState | None, nsids: Se
             raise _fail(f"created {rec.kind} namespace {rec.nsid} names an image path", p + ".path")
         records[rec.nsid] = rec
         sizes[rec.nsid] = rec.size
+    mem = sum(r.size for r in records.values() if r.kind == "mem")
+    if mem > cfg.mem_create_limit:
+        raise _fail(f"the created mem namespaces hold {mem} bytes, more than mem_create_limit "
+                    f"({cfg.mem_create_limit})", "ns_management.created")
     if records and sum(sizes.values()) > cfg.capacity:
         raise _fail(f"the namespaces hold {sum(sizes.values())} bytes, more than the capacity ({cfg.capacity})",
                     "ns_management.created")

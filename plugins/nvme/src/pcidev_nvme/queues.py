@@ -37,12 +37,12 @@ import threading
 import time
 from collections.abc import Sequence
 from itertools import starmap
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Annotated, Protocol
 
 import attrs
 
 from pcidev.dma import GuestMemory
-from pcidev.vmstate import U8, U16, U32, U64, Bool, VarArray, vmstate
+from pcidev.vmstate import U8, U16, U32, U64, Bool, Mask, Range, VarArray, vmstate
 from pcidev_nvme.limits import CQE_SIZE, SQE_SIZE
 from pcidev_nvme.request import Request
 from pcidev_nvme.status import NvmeStatusError
@@ -68,6 +68,16 @@ _CQE = struct.Struct("<IIHHI")  # DW0, DW1, SQ head, SQ id, CID | phase << 16 | 
 assert _CQE.size == CQE_SIZE
 
 
+def _ring_problem(q: CqState | SqState) -> tuple[str, str] | None:
+    """The invariant of a saved queue: its head and tail are slots of the ring (the
+    queue's size against MQES is the controller's check)."""
+    if q.head >= q.size:
+        return f"head {q.head} outside a queue of {q.size}", "head"
+    if q.tail >= q.size:
+        return f"tail {q.tail} outside a queue of {q.size}", "tail"
+    return None
+
+
 @vmstate("nvme/cqe")
 @attrs.frozen
 class CqeState:
@@ -75,39 +85,39 @@ class CqeState:
 
     sqid: U16
     cid: U16
-    status: U16  # the 15-bit status field
+    status: Annotated[U16, Mask(0x7FFF)]  # the 15-bit status field
     dw0: U32
     dw1: U32
 
 
-@vmstate("nvme/cq")
+@vmstate("nvme/cq", check=_ring_problem)
 @attrs.frozen
 class CqState:
     """A completion queue: its ring, interrupt vector and backlog."""
 
     cqid: U16
-    base: U64
-    size: U32
+    base: Annotated[U64, Mask(~3 & (2**64 - 1))]  # dword aligned (Create I/O CQ's PRP1)
+    size: Annotated[U32, Range(2, 0x10000)]
     vector: U16
     ien: Bool
     head: U32
     tail: U32
-    phase: U8
+    phase: Annotated[U8, Range(0, 1)]
     backlog: VarArray[CqeState, MAX_BACKLOG] = ()
 
 
-@vmstate("nvme/sq")
+@vmstate("nvme/sq", check=_ring_problem)
 @attrs.frozen
 class SqState:
     """A submission queue: its ring and the CQ it posts to."""
 
     sqid: U16
     cqid: U16
-    base: U64
-    size: U32
+    base: Annotated[U64, Mask(~63 & (2**64 - 1))]  # 64-byte aligned (one entry)
+    size: Annotated[U32, Range(2, 0x10000)]
     head: U32
     tail: U32
-    qprio: U8 = 0
+    qprio: Annotated[U8, Range(0, 3)] = 0
 
 
 class CompletionQueue:

@@ -37,7 +37,7 @@ __all__ = [
     "REG_NSSR", "REG_AQA", "REG_ASQ", "REG_ACQ", "REG_CRTO", "CC_EN", "CC_MASK", "CSTS_RDY", "CSTS_CFS",
     "CSTS_SHST_SHIFT", "SHST_NORMAL", "SHST_PROCESSING", "SHST_COMPLETE", "CAP_CSS_NVM", "CAP_CSS_IOCS",
     "CSTS_NSSRO", "NSSR_MAGIC", "CAP_NSSRS", "CSS_NVM", "CSS_ALL", "CSS_ADMIN_ONLY", "MPSMIN", "MPSMAX", "CAP_TO",
-    "CAP_CMBS", "CAP_PMRS"
+    "CAP_CMBS", "CAP_PMRS", "CSTS_MASK", "AQA_MASK", "QUEUE_BASE_MASK", "state_problem"
 ]
 
 #: BAR0 offset of the first doorbell (registers below, doorbells from here on)
@@ -66,6 +66,12 @@ CSTS_CFS = 1 << 1
 CSTS_SHST_SHIFT = 2
 #: CSTS.NSSRO: an NVM Subsystem Reset occurred (write 1 to clear)
 CSTS_NSSRO = 1 << 4
+#: the CSTS bits this controller ever sets (RDY, CFS, SHST, NSSRO)
+CSTS_MASK = CSTS_RDY | CSTS_CFS | 3 << CSTS_SHST_SHIFT | CSTS_NSSRO
+#: the bits of AQA a guest can set (ASQS, ACQS)
+AQA_MASK = 0x0FFF0FFF
+#: the bits of ASQ / ACQ a guest can set (bits 11:0 are reserved: page aligned)
+QUEUE_BASE_MASK = ~0xFFF & (2**64 - 1)
 #: the value whose write to NSSR resets the NVM subsystem ("NVMe")
 NSSR_MAGIC = 0x4E564D65
 #: CAP.NSSRS: NVM Subsystem Reset supported
@@ -154,9 +160,9 @@ def build_register_map(name: str, cap: int, *, intms: Callable[[Register], int],
         regs.add(Register("NSSR", REG_NSSR, 4, ro))
     else:
         regs.add(Register("NSSR", REG_NSSR, 4, on_read=lambda r: 0, on_write=on_nssr))
-    regs.add(Register("AQA", REG_AQA, 4, mask=0x0FFF0FFF))
-    regs.add(Register("ASQ", REG_ASQ, 8, mask=~0xFFF & (2**64 - 1)))
-    regs.add(Register("ACQ", REG_ACQ, 8, mask=~0xFFF & (2**64 - 1)))
+    regs.add(Register("AQA", REG_AQA, 4, mask=AQA_MASK))
+    regs.add(Register("ASQ", REG_ASQ, 8, mask=QUEUE_BASE_MASK))
+    regs.add(Register("ACQ", REG_ACQ, 8, mask=QUEUE_BASE_MASK))
     supplied = {r.name: r for r in extra}
     for reg_name, off, width in _ZERO_REGISTERS:
         reg = supplied.pop(reg_name, None)
@@ -195,6 +201,34 @@ def enable_problem(cc: int, aqa: int, asq: int, acq: int) -> str | None:
     page = 4096 << mps
     if asq & (page - 1) or acq & (page - 1):
         return f"ASQ/ACQ not aligned to the {page}-byte memory page"
+    return None
+
+
+def state_problem(state: str, cc: int, csts: int, shutting_down: bool, page_size: int) -> tuple[str, str] | None:
+    """Why saved registers are ones no live controller has, as ``(reason, field)``, or None.
+
+    What the state machine guarantees: CSTS.RDY is set exactly when the controller is
+    enabled (ready, or failed after being ready), and then CC.EN is 1 (CC.EN 0 starts a
+    reset, which a save waits for), the memory page size is CC.MPS's, CSTS.CFS is set
+    exactly when it failed; CSTS.SHST is never 3; a shutdown in progress has CC.SHN set.
+
+    :param state: ``"disabled"``, ``"ready"`` or ``"failed"``.
+    """
+    enabled = state != ST_DISABLED
+    if bool(csts & CSTS_RDY) != enabled:
+        return f"CSTS.RDY is {csts & CSTS_RDY} for a {state} controller", "csts"
+    if enabled and not cc & CC_EN:
+        return f"CC.EN is 0 for a {state} controller (its reset would never complete)", "cc"
+    if enabled and bool(csts & CSTS_CFS) != (state == ST_FAILED):
+        return f"CSTS.CFS is {(csts & CSTS_CFS) >> 1} for a {state} controller", "csts"
+    if (csts >> CSTS_SHST_SHIFT) & 3 == 3:
+        return "CSTS.SHST is 3 (reserved)", "csts"
+    if shutting_down and not (cc >> 14) & 3:
+        return "a shutdown in progress with CC.SHN 0", "shutting_down"
+    if page_size < 4096 or page_size > 4096 << MPSMAX or page_size & (page_size - 1):
+        return f"memory page size {page_size} is not 4 KiB..{4 << MPSMAX} KiB", "page_size"
+    if enabled and page_size != 4096 << ((cc >> 7) & 0xF):
+        return f"memory page size {page_size} is not CC.MPS's ({4096 << ((cc >> 7) & 0xF)})", "page_size"
     return None
 
 

@@ -42,12 +42,105 @@ from pcidev_nvme.backends.base import (
     zero_views,
 )
 
-__all__ = ["DIRTY_GRANULE", "MemConfig", "MemoryBackend", "make_mem"]
+__all__ = ["DIRTY_GRANULE", "MAX_DIRTY_MAP", "dirty_granule", "PageMap", "MemConfig", "MemoryBackend", "make_mem"]
 
 #: the dirty tracking granule of a memory namespace: one page, so that the random 4 KiB
 #: writes of a running guest dirty no more than they wrote (a 256 MiB namespace's
-#: bitmap is 64 KiB)
+#: bitmap is 64 KiB) -- up to :data:`MAX_DIRTY_MAP` bytes of bitmap (a 4 GiB namespace);
+#: a larger namespace tracks coarser granules (:func:`dirty_granule`)
 DIRTY_GRANULE = 4096
+#: the largest dirty bitmap of one memory namespace (bytes: one per granule)
+MAX_DIRTY_MAP = 1 << 20
+
+
+def dirty_granule(size: int) -> int:
+    """The dirty tracking granule of a ``size``-byte memory namespace: :data:`DIRTY_GRANULE`,
+    or the smallest power of two keeping its bitmap within :data:`MAX_DIRTY_MAP` bytes
+    (the bitmap is a bytearray the size of the granule count, allocated at once)."""
+    granule = DIRTY_GRANULE
+    while (size + granule - 1) // granule > MAX_DIRTY_MAP:
+        granule <<= 1
+    return granule
+
+
+class PageMap:
+    """One byte per 4 KiB page of a memory namespace (1: the page holds written data),
+    committed only where written: an anonymous private mapping, whose untouched pages
+    read as zeros from the shared zero page (a 1 TiB namespace's 256 MiB map costs
+    nothing until written; clearing a range gives its whole pages back).
+
+    :param pages: the number of pages (> 0).
+    :raises OSError: the mapping cannot be made.
+    """
+
+    __slots__ = ("_mm", "_n")
+
+    #: bytes compared or written per step (a bounded temporary)
+    STEP = 1 << 20
+
+    def __init__(self, pages: int) -> None:
+        self._n = pages
+        self._mm = mmap.mmap(-1, max(pages, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to another map, or to bytes, with the same pages (compared step by step)."""
+        if isinstance(other, PageMap):
+            theirs: Any = other._mm
+        elif isinstance(other, (bytes, bytearray)):
+            theirs = other
+        else:
+            return NotImplemented
+        if self._n != len(other):
+            return False
+        step = self.STEP
+        return all(self._mm[a:a + step] == bytes(theirs[a:a + step]) for a in range(0, self._n, step))
+
+    def find(self, value: int, start: int, end: int) -> int:
+        """The first page in ``[start, end)`` whose byte is ``value`` (0 or 1), or -1."""
+        return self._mm.find(b"\x01" if value else b"\x00", start, min(end, self._n))
+
+    def count(self, value: int, start: int = 0, end: int | None = None) -> int:
+        """How many pages in ``[start, end)`` have the byte ``value``."""
+        end = self._n if end is None else min(end, self._n)
+        n, mm, step = 0, self._mm, self.STEP
+        for a in range(start, end, step):
+            n += mm[a:min(a + step, end)].count(value)
+        return n
+
+    def fill(self, start: int, end: int, value: int) -> None:
+        """Set pages ``[start, end)`` to ``value`` (0 gives the map's whole pages back)."""
+        end = min(end, self._n)
+        if start >= end:
+            return
+        mm = self._mm
+        if not value:
+            lo = (start + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+            hi = end // mmap.PAGESIZE * mmap.PAGESIZE
+            if hi > lo:
+                mm[start:lo] = bytes(lo - start)
+                mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+                mm[hi:end] = bytes(end - hi)
+                return
+        step = self.STEP
+        chunk = (b"\x01" if value else b"\x00") * min(step, end - start)
+        for a in range(start, end, step):
+            b = min(a + step, end)
+            mm[a:b] = chunk[:b - a]
+
+    def load(self, data: bytes) -> None:
+        """Take a whole map (``len(data)`` pages, nonzero bytes count as 1)."""
+        mm, step = self._mm, self.STEP
+        for a in range(0, len(data), step):
+            part = data[a:a + step]
+            if part.count(0) != len(part):  # (zero steps stay uncommitted)
+                mm[a:a + len(part)] = part.translate(_NONZERO_IS_ONE)
+
+    def close(self) -> None:
+        """Unmap (idempotent)."""
+        self._mm.close()
 
 
 @attrs.define(kw_only=True)
@@ -97,19 +190,19 @@ class MemoryBackend(BaseBackend):
                 os.close(self.fd)
             raise ConfigError(f"cannot allocate {size} bytes of namespace memory: {exc}") from exc
         try:
-            self._written = bytearray(size >> _PAGE_SHIFT)  # 1 = page holds written data
-        except MemoryError:
+            self._written = PageMap(size >> _PAGE_SHIFT)  # 1 = page holds written data
+        except OSError as exc:
             self._mm.close()
             if self.fd >= 0:
                 os.close(self.fd)
             raise ConfigError(f"cannot allocate {size} bytes of namespace memory "
-                              "(no memory for its page map)") from None
+                              f"(no memory for its page map: {exc})") from None
         self._mv = memoryview(self._mm)
         self._closed = False
         self._unwritten = len(self._written)  # pages never written (or deallocated)
         self._lock = threading.Lock()
         #: the writes since a migration started tracking them
-        self.dirty = DirtyBitmap(size, DIRTY_GRANULE)
+        self.dirty = DirtyBitmap(size, dirty_granule(size))
         #: anonymous memory: the memfd a migration stream names (made on first use)
         self._export_fd = -1
 
@@ -149,16 +242,21 @@ class MemoryBackend(BaseBackend):
             raise ConfigError(f"cannot map the namespace memory: {exc}") from exc
         self._mv = memoryview(self._mm)
         self._closed = False
-        written = bytearray(size >> _PAGE_SHIFT)
+        try:
+            written = PageMap(size >> _PAGE_SHIFT)
+        except OSError as exc:
+            self._mm.close()
+            os.close(self.fd)
+            raise ConfigError(f"cannot map the namespace memory's page map: {exc}") from exc
         pos = 0
         if allocated is not None and len(allocated) == len(written) and 1 << _PAGE_SHIFT == ALLOCATION_PAGE:
             # the channel wrote this memfd and knows its pages: no scan inside the downtime
-            written[:] = allocated.translate(_NONZERO_IS_ONE)
+            written.load(allocated)
             pos = size
         elif st.st_blocks * 512 >= size:
             # every page allocated: no hole to look for (SEEK_HOLE walks every page of a
             # memfd, ~15 ms per 256 MiB, inside a migration's downtime)
-            written[:] = b"\x01" * len(written)
+            written.fill(0, len(written), 1)
             pos = size
         while pos < size:
             try:
@@ -167,12 +265,12 @@ class MemoryBackend(BaseBackend):
                 break
             end = min(os.lseek(self.fd, start, os.SEEK_HOLE), size)
             a, b = start >> _PAGE_SHIFT, (end + _PAGE_MASK) >> _PAGE_SHIFT
-            written[a:b] = b"\x01" * (b - a)
+            written.fill(a, b, 1)
             pos = end
         self._written = written
         self._unwritten = written.count(0)
         self._lock = threading.Lock()
-        self.dirty = DirtyBitmap(size, DIRTY_GRANULE)
+        self.dirty = DirtyBitmap(size, dirty_granule(size))
         self._export_fd = -1
         return self
 
@@ -296,7 +394,7 @@ class MemoryBackend(BaseBackend):
         with self._lock:
             written = self._written
             self._unwritten -= written.count(0, a, b)
-            written[a:b] = _ONES[: b - a] if b - a <= len(_ONES) else b"\x01" * (b - a)
+            written.fill(a, b, 1)
 
     def deallocate(self, offset: int, length: int) -> None:
         """Free the whole pages of the range and zero the rest."""
@@ -317,7 +415,7 @@ class MemoryBackend(BaseBackend):
             else:
                 self._mm.madvise(mmap.MADV_DONTNEED, start, n)
             self._unwritten += self._written.count(1, a, b)
-            self._written[a:b] = bytes(b - a)
+            self._written.fill(a, b, 0)
         self.dirty.mark(start, n)  # after the hole (a pre-copy sends it as zeros)
 
     def write_zeroes(self, offset: int, length: int) -> None:
@@ -357,6 +455,7 @@ class MemoryBackend(BaseBackend):
             self._closed = True
             self._mv.release()
             self._mm.close()
+            self._written.close()
             if self.fd >= 0:
                 os.close(self.fd)
                 self.fd = -1
@@ -369,7 +468,6 @@ _PAGE_SHIFT = 12
 _PAGE_MASK = (1 << _PAGE_SHIFT) - 1
 #: bytes.translate table: every nonzero byte to 1
 _NONZERO_IS_ONE = bytes([0]) + bytes([1]) * 255
-_ONES = b"\x01" * 65536
 
 
 def make_mem(options: dict[str, Any]) -> MemoryBackend:
