@@ -803,9 +803,9 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
             use_fds: Sequence[int | None] | None = fds if is_unix(sock) else load_fds
             res = load_device_stream(device, stream, use_fds)
         except (VMStateError, TransportError) as exc:
-            try:  # (a source that stopped reading gets a second of grace at most)
+            try:  # (also after the deadline; a source that stopped reading gets a second at most)
                 send_meta(sock, NACK, {"error": type(exc).__name__, "message": str(exc)},
-                          deadline=min(deadline(), time.monotonic() + 1.0))
+                          deadline=time.monotonic() + min(timeout, 1.0))
             except TransportError:
                 pass
             raise

@@ -42,7 +42,7 @@ from pcidev.transport.endpoint import (
     DeviceEndpoint,
     PrecopySession,
 )
-from pcidev.transport.fdpass import close_fds
+from pcidev.transport.fdpass import close_fds, send_all
 from pcidev.transport.link.protocol import (
     ABANDON,
     BAR_READ,
@@ -285,8 +285,14 @@ class LinkServer:
             self._end_precopy()
             sel.close()
             self._sel = None
+            last = time.monotonic() + self.io_timeout  # (replies that still wait: a MIGRATE's, in all)
             for state in self._conns.values():
                 state.reader.discard()
+                if state.out:
+                    try:
+                        send_all(state.sock, bytes(state.out), deadline=last)
+                    except TransportError:
+                        pass
                 state.sock.close()
             self._conns.clear()
             self.listener.close()

@@ -149,7 +149,7 @@ def test_a_header_split_anywhere_is_read_whole(served):
 
 
 def test_a_peer_that_never_reads_its_replies_holds_no_one_up_and_is_dropped(tmp_path):
-    served = Served(tmp_path, io_timeout=2.0)
+    served = Served(tmp_path, io_timeout=4.0)
     hog = served.connect()
     hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stop = threading.Event()
