@@ -132,7 +132,7 @@ def _send(sock: socket.socket, kind: int, body: bytes = b"", fds: Sequence[int] 
 
 def _send_meta(sock: socket.socket, kind: int, meta: dict[str, Any], fds: Sequence[int] = (),
                deadline: float | None = None) -> None:
-    _send(sock, kind, msgpack.packb(meta, use_bin_type=True), fds, deadline)
+    _send(sock, kind, msgpack.packb(meta, use_bin_type=True), fds, deadline=deadline)
 
 
 def _recv(sock: socket.socket, *, max_fds: int = 0, max_len: int = _MAX_META,
@@ -182,7 +182,7 @@ def send_frame(sock: socket.socket, kind: int, body: bytes = b"", fds: Sequence[
         socket's timeout, per ``send``.
     :raises TransportError: the peer went away, or the deadline passed.
     """
-    _send(sock, kind, body, fds, deadline)
+    _send(sock, kind, body, fds, deadline=deadline)
 
 
 def send_parts(sock: socket.socket, kind: int, parts: Sequence[bytes | memoryview]) -> None:

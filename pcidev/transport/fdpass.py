@@ -67,7 +67,7 @@ def send_all(sock: socket.socket, data: bytes, fds: Sequence[int] = (), *, deadl
         cannot carry them, the peer went away, or the send timed out (the deadline passed).
     """
     view = memoryview(data)
-    per = sock.gettimeout()
+    per = sock.gettimeout() if deadline is not None else None
 
     def cut() -> None:  # the socket's timeout, cut to what is left of the deadline
         if deadline is not None:
