@@ -98,6 +98,7 @@ same machine, which the kernel boot id (sent in every message) confirms.
 
 from __future__ import annotations
 
+import logging
 import select
 import socket
 import threading
@@ -191,6 +192,8 @@ __all__ = [
 #: the slowest rate (bytes per second) at which :func:`migrate_in` waits, by default, for
 #: the memory and state a source announced (see its ``total_timeout``)
 MIN_INCOMING_RATE = 1 << 20
+
+log = logging.getLogger(__name__)
 
 @attrs.frozen
 class MigrationResult:
@@ -296,7 +299,7 @@ def _raise_refusal(sock: socket.socket, deadline: float, send_error: TransportEr
     """
     try:
         sock.settimeout(max(deadline - time.monotonic(), 0.001))
-        kind, body, stray = recv_frame(sock)
+        kind, body, stray = recv_frame(sock, deadline=deadline)
         close_fds(stray)
         refusal = _refusal(body) if kind == NACK else None
     except (TransportError, OSError):
@@ -354,6 +357,17 @@ class _StopDeadline:
                         pass
                     return
                 self._cond.wait(left)
+
+
+def _release(precopy: Precopy) -> None:
+    """Release what the pre-copy holds after the handover, best-effort: the migration is
+    done whatever this does (a failure is logged, never raised: it must not turn a completed
+    migration into an error)."""
+    try:
+        precopy.release()
+    except Exception:
+        log.exception("migration: releasing the pre-copy's descriptors and mappings failed (the migration "
+                      "completed)")
 
 
 def _shut(sock: socket.socket) -> None:
@@ -492,12 +506,12 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
             offer.update(protocol=PROTOCOL_MEMORY, stream_fds=len(fds), fd_sources=precopy.fd_sources(fds))
         try:
             budget()
-            send_meta(sock, OFFER, offer, sent[:SCM_MAX_FD])
+            send_meta(sock, OFFER, offer, sent[:SCM_MAX_FD], deadline=ack_by)
             for i in range(SCM_MAX_FD, len(sent), SCM_MAX_FD):
                 budget()
-                send_frame(sock, FDS, b"", sent[i:i + SCM_MAX_FD])
+                send_frame(sock, FDS, b"", sent[i:i + SCM_MAX_FD], deadline=ack_by)
             budget()
-            send_frame(sock, STATE, stream)
+            send_frame(sock, STATE, stream, deadline=ack_by)
             phases["sent"] = time.monotonic()
         except TransportError as exc:
             _raise_refusal(sock, deadline, exc)
@@ -518,9 +532,9 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
             # the destination runs the device only after COMMIT: from here on it is its own.
             # A COMMIT that fails to go out did not arrive whole: it never runs it.
             sock.settimeout(running_timeout)
-            send_frame(sock, COMMIT)
+            send_frame(sock, COMMIT, deadline=time.monotonic() + running_timeout)
             committed_at = phases["committed"] = time.monotonic()
-    except Exception as exc:
+    except BaseException as exc:  # (KeyboardInterrupt too: the device must not stay stopped)
         watchdog.disarm()
         if not commit:  # (a handover's caller still sends ABORT on it)
             _shut(sock)  # before the resume: nothing the destination sends now reaches a reader
@@ -528,6 +542,8 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
             precopy.abort()
         if was_running:
             device.resume()
+        if not isinstance(exc, Exception):
+            raise  # (as it came: the device runs again on the source, no COMMIT went out)
         if watchdog.expired or (not isinstance(exc, MigrationError) and time.monotonic() >= ack_by - 0.01):
             raise MigrationError(f"timed out: no acknowledgement within {timeout:g} s of the stop; "
                                  "the device runs again on the source") from exc
@@ -535,8 +551,14 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
             raise MigrationError(f"{exc}; the device runs again on the source") from exc
         raise MigrationError(f"migration failed ({type(exc).__name__}: {exc}); "
                              "the device runs again on the source") from exc
+    if not commit:
+        # Acknowledged (and committed): from here on the destination owns the device, marked
+        # so before anything else may fail (a destination that ends the channel without a
+        # byte after COMMIT never ran it: then it is ours again, below)
+        device.migrated_out = True
+        device.owns_state = False
     if precopy is not None:
-        precopy.release()  # its descriptors and mappings: after the ACK, outside the downtime
+        _release(precopy)  # its descriptors and mappings: after the ACK, outside the downtime
     if commit:
         return _commit(device, sock, meta, size=size, nfds=nfds, stopped_at=stopped_at, acked_at=acked_at,
                        running_timeout=running_timeout, stall=stall, was_running=was_running)
@@ -545,6 +567,8 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
         outcome, kind, body = _await_running(sock, committed_at + running_timeout)
         if outcome == "ended":
             # not one byte after COMMIT: it never sent RUNNING, so it never ran the device
+            device.migrated_out = False
+            device.owns_state = True
             if was_running:
                 device.resume()
             raise MigrationError("the destination ended the channel after COMMIT without running the device; "
@@ -555,16 +579,14 @@ def migrate_out(device: PciDevice, sock: socket.socket, *, pm: pluggy.PluginMana
             except TransportError:
                 pass
         # silent, half a frame or another frame: it may run the device, which is its own now
-    # Acknowledged (and committed): from here on the destination owns the device. Never
-    # resume, and never persist its state when it is closed (PciDevice.owns_state).
-    device.migrated_out = True
-    device.owns_state = False
+    # the destination owns the device (marked above): never resume it, and never persist its
+    # state when it is closed (PciDevice.owns_state)
     link = meta.get("link") if isinstance(meta.get("link"), str) else None
     same = bool(meta["boot_id"]) and meta["boot_id"] == boot_id()
     if committed_at is None and not meta["deferred"]:  # an older destination: RUNNING after its resume
         try:
             sock.settimeout(running_timeout)
-            kind, body, stray = recv_frame(sock)
+            kind, body, stray = recv_frame(sock, deadline=time.monotonic() + running_timeout)
             close_fds(stray)
             if kind == RUNNING:
                 running_at = frame_meta(kind, body, {"running_at": float})["running_at"]
@@ -592,7 +614,7 @@ def _commit(device: PciDevice, sock: socket.socket, meta: dict[str, Any], *, siz
     why = ""
     try:
         sock.settimeout(running_timeout)
-        send_frame(sock, COMMIT)
+        send_frame(sock, COMMIT, deadline=deadline)
         outcome, kind, body = _await_running(sock, deadline)
     except TransportError as exc:  # COMMIT did not go out: the destination is gone or stuck
         outcome, kind, body, why = "silent", 0, b"", f"did not take COMMIT ({exc})"
@@ -648,7 +670,7 @@ def _await_running(sock: socket.socket, deadline: float) -> tuple[str, int, byte
         return "ended", 0, b""  # not one byte
     try:
         sock.settimeout(max(deadline - time.monotonic(), 0.001))
-        kind, body, stray = recv_frame(sock)
+        kind, body, stray = recv_frame(sock, deadline=deadline)
     except TransportError:
         return "broken", 0, b""
     close_fds(stray)
@@ -733,7 +755,8 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
             if kind == CHECK:  # the pre-flight (a source from before it starts with MEMORY or OFFER)
                 close_fds(fds)
                 fds = []
-                features = answer(device, sock, body).features  # (a refusal raises, its VERDICT sent)
+                # (a refusal raises, its VERDICT sent)
+                features = answer(device, sock, body, deadline=deadline()).features
                 kind, body, fds = recv_frame(sock, max_fds=SCM_MAX_FD, deadline=deadline())
             if kind == MEMORY:
                 close_fds(fds)
@@ -780,8 +803,9 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
             use_fds: Sequence[int | None] | None = fds if is_unix(sock) else load_fds
             res = load_device_stream(device, stream, use_fds)
         except (VMStateError, TransportError) as exc:
-            try:
-                send_meta(sock, NACK, {"error": type(exc).__name__, "message": str(exc)})
+            try:  # (also after the deadline; a source that stopped reading gets a second at most)
+                send_meta(sock, NACK, {"error": type(exc).__name__, "message": str(exc)},
+                          deadline=time.monotonic() + min(timeout, 1.0))
             except TransportError:
                 pass
             raise
@@ -823,7 +847,8 @@ def _acknowledge(device: PciDevice, sock: socket.socket, *, stream: bytes, nfds:
             # refuse the migration so the source resumes at once (instead of
             # waiting out its timeout), and release what the load created
             try:
-                send_meta(sock, NACK, {"error": type(exc).__name__, "message": f"adopt failed: {exc}"})
+                send_meta(sock, NACK, {"error": type(exc).__name__, "message": f"adopt failed: {exc}"},
+                          deadline=time.monotonic() + min(timeout, 1.0))
             except TransportError:
                 pass
             if res is not None:
@@ -835,7 +860,7 @@ def _acknowledge(device: PciDevice, sock: socket.socket, *, stream: bytes, nfds:
     if committing:
         ack["commit"] = True  # (it runs the device only after COMMIT)
     try:
-        send_meta(sock, ACK, ack)
+        send_meta(sock, ACK, ack, deadline=time.monotonic() + timeout)
     except TransportError as exc:
         raise MigrationError(f"could not acknowledge ({exc}); the source keeps the device") from exc
     running_at = None
@@ -848,7 +873,8 @@ def _acknowledge(device: PciDevice, sock: socket.socket, *, stream: bytes, nfds:
                 committed()
             stamp = time.monotonic()
             try:
-                send_meta(sock, RUNNING, {"running_at": stamp if runs else None, "boot_id": boot_id()})
+                send_meta(sock, RUNNING, {"running_at": stamp if runs else None, "boot_id": boot_id()},
+                          deadline=time.monotonic() + timeout)
             except TransportError as exc:
                 # the source did not hear it, so it may run the device again: never run it here
                 raise MigrationError(f"could not confirm RUNNING ({exc}); the device must not run here") from exc
@@ -864,7 +890,8 @@ def _acknowledge(device: PciDevice, sock: socket.socket, *, stream: bytes, nfds:
         device.resume()
         running_at = time.monotonic()
         try:
-            send_meta(sock, RUNNING, {"running_at": running_at, "boot_id": boot_id()})
+            send_meta(sock, RUNNING, {"running_at": running_at, "boot_id": boot_id()},
+                      deadline=time.monotonic() + timeout)
         except TransportError:
             pass
     return IncomingResult(stream=stream, fds=nfds, resources=res, loaded_at=loaded_at, running_at=running_at)
@@ -890,7 +917,7 @@ def _receive_memory(sock: socket.socket, staged: StagedMemory, deadline: Callabl
             close_fds(fds)
             meta = frame_meta(SYNC, body, {"seq": int, "sent": int})
             # everything before it is applied (CHUNKs are applied as they are read)
-            send_meta(sock, SYNCED, {"seq": meta["seq"], "applied": staged.received})
+            send_meta(sock, SYNCED, {"seq": meta["seq"], "applied": staged.received}, deadline=deadline())
         else:
             return kind, body, fds
 

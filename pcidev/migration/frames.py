@@ -125,12 +125,14 @@ def boot_id() -> str:
         return ""
 
 
-def _send(sock: socket.socket, kind: int, body: bytes = b"", fds: Sequence[int] = ()) -> None:
-    send_all(sock, _HEADER.pack(MAGIC, kind, 0, len(body)) + body, fds)
+def _send(sock: socket.socket, kind: int, body: bytes = b"", fds: Sequence[int] = (),
+          deadline: float | None = None) -> None:
+    send_all(sock, _HEADER.pack(MAGIC, kind, 0, len(body)) + body, fds, deadline=deadline)
 
 
-def _send_meta(sock: socket.socket, kind: int, meta: dict[str, Any], fds: Sequence[int] = ()) -> None:
-    _send(sock, kind, msgpack.packb(meta, use_bin_type=True), fds)
+def _send_meta(sock: socket.socket, kind: int, meta: dict[str, Any], fds: Sequence[int] = (),
+               deadline: float | None = None) -> None:
+    _send(sock, kind, msgpack.packb(meta, use_bin_type=True), fds, deadline=deadline)
 
 
 def _recv(sock: socket.socket, *, max_fds: int = 0, max_len: int = _MAX_META,
@@ -167,16 +169,20 @@ def _meta(kind: int, body: bytes, keys: dict[str, type | tuple[type, ...]]) -> d
     return meta
 
 
-def send_frame(sock: socket.socket, kind: int, body: bytes = b"", fds: Sequence[int] = ()) -> None:
+def send_frame(sock: socket.socket, kind: int, body: bytes = b"", fds: Sequence[int] = (), *,
+               deadline: float | None = None) -> None:
     """Send one frame of the migration channel (the caller keeps its ``fds``).
 
     :param sock: the connected channel.
     :param kind: the frame type (:data:`COMMIT`, :data:`CONN`...).
     :param body: the body.
     :param fds: descriptors to attach (at most 253, Linux's ``SCM_MAX_FD``).
-    :raises TransportError: the peer went away.
+    :param deadline: a ``time.monotonic()`` by which the whole frame must have gone out
+        (a peer that reads slowly or not at all cannot stretch it); None: only the
+        socket's timeout, per ``send``.
+    :raises TransportError: the peer went away, or the deadline passed.
     """
-    _send(sock, kind, body, fds)
+    _send(sock, kind, body, fds, deadline=deadline)
 
 
 def send_parts(sock: socket.socket, kind: int, parts: Sequence[bytes | memoryview]) -> None:
@@ -201,12 +207,13 @@ def send_parts(sock: socket.socket, kind: int, parts: Sequence[bytes | memoryvie
         raise TransportError(f"send failed: {exc}") from exc
 
 
-def send_meta(sock: socket.socket, kind: int, meta: dict[str, Any], fds: Sequence[int] = ()) -> None:
+def send_meta(sock: socket.socket, kind: int, meta: dict[str, Any], fds: Sequence[int] = (), *,
+              deadline: float | None = None) -> None:
     """Send one frame whose body is ``meta`` as msgpack (see :func:`send_frame`).
 
-    :raises TransportError: the peer went away.
+    :raises TransportError: the peer went away, or the deadline passed.
     """
-    _send_meta(sock, kind, meta, fds)
+    _send_meta(sock, kind, meta, fds, deadline)
 
 
 def recv_frame(sock: socket.socket, *, max_fds: int = 0, max_len: int = _MAX_META,

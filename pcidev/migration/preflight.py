@@ -127,7 +127,7 @@ def ask(device: PciDevice, sock: socket.socket, *, timeout: float) -> Verdict:
     try:
         sock.settimeout(timeout)
         try:
-            send_frame(sock, CHECK, body)
+            send_frame(sock, CHECK, body, deadline=deadline)
         except TransportError:
             pass  # a destination that refused at once and closed: its NACK may wait unread
         kind, reply, stray = recv_frame(sock, deadline=deadline)
@@ -213,12 +213,15 @@ def problems(device: PciDevice, meta: Mapping[str, Any]) -> list[str]:
     return out + reasons
 
 
-def answer(device: PciDevice, sock: socket.socket, body: bytes) -> Verdict:
+def answer(device: PciDevice, sock: socket.socket, body: bytes, *, deadline: float | None = None) -> Verdict:
     """The destination's side: check the CHECK ``body`` and send the VERDICT.
 
     :param device: the destination device.
     :param sock: the migration channel.
     :param body: the CHECK frame's body.
+    :param deadline: ``CLOCK_MONOTONIC`` time by which the VERDICT must have gone out (a
+        source that stops reading cannot hold the destination longer; None: the socket's
+        timeout per send).
     :returns: the verdict sent (``ok``: the exchange goes on with the negotiated features).
     :raises TransportError: a malformed CHECK (nothing was sent: the caller NACKs), or the
         VERDICT could not be sent.
@@ -238,7 +241,7 @@ def answer(device: PciDevice, sock: socket.socket, body: bytes) -> Verdict:
     reasons = [r[:MAX_REASON] or "(no reason given)" for r in reasons]
     features = offered & frozenset(FEATURES) if not reasons else frozenset()
     send_meta(sock, VERDICT, {"protocol": PROTOCOL_PREFLIGHT, "ok": not reasons, "reasons": reasons,
-                              "features": sorted(features), "boot_id": boot_id()})
+                              "features": sorted(features), "boot_id": boot_id()}, deadline=deadline)
     if reasons:
         raise MigrationBlockedError([f"refused in the pre-flight: {r}" for r in reasons])
     return Verdict(ok=True, features=features)

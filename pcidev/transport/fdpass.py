@@ -67,16 +67,29 @@ def is_unix(sock: socket.socket) -> bool:
     return sock.family == socket.AF_UNIX
 
 
-def send_all(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
+def send_all(sock: socket.socket, data: bytes, fds: Sequence[int] = (), *, deadline: float | None = None) -> None:
     """Send ``data`` completely, with ``fds`` attached to its first byte.
 
     :param sock: a connected stream socket (``AF_UNIX`` if ``fds`` is not empty).
     :param data: the bytes to send (non-empty if ``fds`` is not empty).
     :param fds: descriptors to pass; the caller keeps its own copies.
+    :param deadline: ``CLOCK_MONOTONIC`` time by which all of ``data`` must have gone out
+        (None: only the socket's own timeout, which applies to each ``send``): a peer that
+        reads a byte at a time, or stops reading, cannot stretch the send past it.
     :raises TransportError: more than :data:`SCM_MAX_FD` fds, fds on a socket that
-        cannot carry them, or the peer went away.
+        cannot carry them, the peer went away, or the send timed out (the deadline passed).
     """
     view = memoryview(data)
+    per = sock.gettimeout() if deadline is not None else None
+
+    def cut() -> None:  # the socket's timeout, cut to what is left of the deadline
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0.005:
+                raise TransportError(f"the peer did not take the data in time (overall deadline; "
+                                     f"{len(data) - len(view)} of {len(data)} bytes sent)")
+            sock.settimeout(left if per is None or per == 0 else min(per, left))
+
     try:
         if fds:
             if len(fds) > SCM_MAX_FD:
@@ -86,17 +99,30 @@ def send_all(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
             if not view:
                 raise TransportError("file descriptors need at least one byte of data")
             anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+            cut()
             sent = sock.sendmsg([view], anc)
             view = view[sent:]
         while view:
+            cut()
             sent = sock.send(view)
             view = view[sent:]
     except TransportError:
         raise
+    except TimeoutError as exc:
+        if deadline is not None and time.monotonic() >= deadline - 0.005:
+            raise TransportError(f"the peer did not take the data in time (overall deadline; "
+                                 f"{len(data) - len(view)} of {len(data)} bytes sent)") from exc
+        raise TransportError(f"send timed out ({len(data) - len(view)} of {len(data)} bytes sent)") from exc
     except (BrokenPipeError, ConnectionResetError) as exc:
         raise TransportError(f"send failed: peer closed the connection ({exc})") from exc
     except (OSError, ValueError) as exc:
         raise TransportError(f"send failed: {exc}") from exc
+    finally:
+        if deadline is not None:
+            try:
+                sock.settimeout(per)
+            except OSError:
+                pass
 
 
 def _take_fds(ancdata: list[tuple[int, int, bytes]], out: list[int]) -> bool:

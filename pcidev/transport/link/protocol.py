@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -87,7 +88,7 @@ import msgpack
 
 from pcidev import errors
 from pcidev.errors import MigrationBlockedError, PcidevError, TransportError, VMStateError
-from pcidev.transport.fdpass import close_fds, recv_exact, send_all
+from pcidev.transport.fdpass import close_fds, recv_exact, recv_some, send_all
 from pcidev.vmstate import errors as vmstate_errors
 
 __all__ = [
@@ -95,7 +96,8 @@ __all__ = [
     "HELLO", "CONFIG_READ", "CONFIG_WRITE", "BAR_READ", "BAR_WRITE", "ROM_READ",
     "DMA_MAP", "DMA_UNMAP", "SET_IRQS", "STATUS", "MIGRATE", "RESUME", "PRECOPY", "RELEASE", "TAKE_BACK",
     "ABANDON", "NAMES", "MSI_ROUTE_ADDRESS",
-    "encode_body", "decode_body", "read_message", "send_message", "encode_error", "error_from_reply",
+    "encode_body", "decode_body", "read_message", "send_message", "encode_message", "MessageReader",
+    "encode_error", "error_from_reply",
 ]
 
 #: The 4 bytes every message header starts with.
@@ -213,8 +215,19 @@ def read_message(sock: socket.socket, *, max_fds: int, eof_ok: bool = False, dea
     return kind, flags, mid, body, fds
 
 
+def encode_message(kind: int, flags: int, mid: int, body: bytes) -> bytes:
+    """One framed message without descriptors: header and ``body`` (for a non-blocking writer).
+
+    :param kind: the message type.
+    :param flags: ``FLAG_REPLY``, ``FLAG_ERROR`` (0 for a request).
+    :param mid: the message id.
+    :param body: the encoded body (:func:`encode_body`).
+    """
+    return HEADER.pack(MAGIC, kind, flags, mid, len(body)) + body
+
+
 def send_message(sock: socket.socket, kind: int, flags: int, mid: int, body: bytes,
-                 fds: Sequence[int] = ()) -> None:
+                 fds: Sequence[int] = (), *, deadline: float | None = None) -> None:
     """Send one framed message.
 
     :param sock: the connection.
@@ -223,9 +236,85 @@ def send_message(sock: socket.socket, kind: int, flags: int, mid: int, body: byt
     :param mid: the message id (a reply repeats its request's).
     :param body: the encoded body (:func:`encode_body`).
     :param fds: descriptors to pass with the header.
-    :raises TransportError: the connection broke.
+    :param deadline: ``CLOCK_MONOTONIC`` time by which the whole message must have gone
+        out (a peer that reads slowly cannot stretch it; None: the socket's timeout per send).
+    :raises TransportError: the connection broke or the deadline passed.
     """
-    send_all(sock, HEADER.pack(MAGIC, kind, flags, mid, len(body)) + body, fds)
+    send_all(sock, encode_message(kind, flags, mid, body), fds, deadline=deadline)
+
+
+class MessageReader:
+    """Reads one connection's messages incrementally, without ever blocking: each
+    :meth:`read` takes what the socket holds of the current message (never a byte of the
+    next one) and returns the message once it is whole. What it holds is bounded by one
+    message: a header, a body of at most :data:`MAX_BODY` bytes, and at most
+    :data:`LINK_MAX_FDS` descriptors (which must ride with the header).
+
+    :param sock: a connected ``AF_UNIX`` stream socket.
+    :param max_fds: most descriptors one message may carry.
+    """
+
+    def __init__(self, sock: socket.socket, *, max_fds: int = LINK_MAX_FDS) -> None:
+        self.sock = sock
+        self.max_fds = max_fds
+        self._head = bytearray(HEADER.size)
+        self._got = 0  # bytes of the current message read (header, then body)
+        self._body: bytearray | None = None
+        self._fds: list[int] = []
+        #: ``CLOCK_MONOTONIC`` when the current message's first byte came (None: between messages)
+        self.started: float | None = None
+
+    def read(self) -> tuple[int, int, int, bytes, list[int]] | None | bool:
+        """One non-blocking read.
+
+        :returns: the whole message ``(type, flags, id, body, fds)`` (the caller owns the
+            fds); None: not whole yet (or nothing waited); False: a clean end of the
+            connection between messages.
+        :raises TransportError: bad magic, an oversized body, too many descriptors or
+            descriptors with the body, the end of the connection mid-message, or the
+            socket failed (framing is lost: the connection must be closed). What it held
+            is released.
+        """
+        try:
+            if self._body is None:
+                view = memoryview(self._head)[self._got:]
+                n, fds = recv_some(self.sock, view, max_fds=self.max_fds - len(self._fds))
+            else:
+                view = memoryview(self._body)[self._got - HEADER.size:]
+                n, fds = recv_some(self.sock, view, max_fds=0)  # (more than none raises)
+            self._fds += fds
+            if n < 0:
+                return None
+            if n == 0:
+                if self._got == 0 and not self._fds:
+                    return False
+                raise TransportError(f"peer closed the connection mid-message ({self._got} bytes of it read)")
+            if self.started is None:
+                self.started = time.monotonic()
+            self._got += n
+            if self._body is None:
+                if self._got < HEADER.size:
+                    return None
+                magic, _kind, _flags, _mid, length = HEADER.unpack(self._head)
+                if magic != MAGIC:
+                    raise TransportError(f"bad link message magic {bytes(magic)!r}")
+                if length > MAX_BODY:
+                    raise TransportError(f"link message of {length} bytes (at most {MAX_BODY})")
+                self._body = bytearray(length)
+            if self._got < HEADER.size + len(self._body):
+                return None
+        except BaseException:
+            self.discard()
+            raise
+        _magic, kind, flags, mid, _length = HEADER.unpack(self._head)
+        body, fds = bytes(self._body), self._fds
+        self._got, self._body, self._fds, self.started = 0, None, [], None
+        return kind, flags, mid, body, fds
+
+    def discard(self) -> None:
+        """Drop the message half read (closing its descriptors)."""
+        close_fds(self._fds)
+        self._got, self._body, self._fds, self.started = 0, None, [], None
 
 
 def encode_error(exc: BaseException) -> bytes:

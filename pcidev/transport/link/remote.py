@@ -93,7 +93,9 @@ class LinkClient:
     """The host side of one link connection: request/reply, one at a time.
 
     :param sock: a connected UNIX stream socket.
-    :param io_timeout: seconds to wait for a reply (MIGRATE passes its own).
+    :param io_timeout: seconds a request may take, its send and its whole reply (an overall
+        deadline: a server that reads or replies a byte at a time cannot stretch it; MIGRATE
+        passes its own).
     """
 
     def __init__(self, sock: socket.socket, *, io_timeout: float = 10.0) -> None:
@@ -119,15 +121,17 @@ class LinkClient:
                 raise TransportError("the link connection is closed")
             mid = self._next
             self._next = (self._next % 0xFFFF_FFFF) + 1
-            self.sock.settimeout(self.io_timeout if timeout is None else timeout)
+            wait = self.io_timeout if timeout is None else timeout
+            deadline = time.monotonic() + wait  # (the request and its reply, in all)
+            self.sock.settimeout(wait)
             try:
-                send_message(self.sock, kind, 0, mid, encode_body({} if body is None else body), fds)
+                send_message(self.sock, kind, 0, mid, encode_body({} if body is None else body), fds,
+                             deadline=deadline)
             except TransportError as exc:
                 self.broken = True
                 raise UnansweredError(f"{NAMES.get(kind, kind)} could not be sent: {exc}") from exc
-            wait = self.io_timeout if timeout is None else timeout
             try:
-                msg = read_message(self.sock, max_fds=0, eof_ok=True, deadline=time.monotonic() + wait)
+                msg = read_message(self.sock, max_fds=0, eof_ok=True, deadline=deadline)
             except TransportError:
                 self.broken = True
                 raise

@@ -42,7 +42,7 @@ from pcidev.transport.endpoint import (
     DeviceEndpoint,
     PrecopySession,
 )
-from pcidev.transport.fdpass import close_fds
+from pcidev.transport.fdpass import close_fds, send_all
 from pcidev.transport.link.protocol import (
     ABANDON,
     BAR_READ,
@@ -65,11 +65,11 @@ from pcidev.transport.link.protocol import (
     STATUS,
     TAKE_BACK,
     U64_MAX,
+    MessageReader,
     decode_body,
     encode_body,
     encode_error,
-    read_message,
-    send_message,
+    encode_message,
 )
 
 __all__ = ["LinkServer", "MAX_PRECOPY_ITERATIONS", "MAX_COMMIT_TIMEOUT", "MAX_CONNECTIONS", "MAX_ADDRESS"]
@@ -172,15 +172,35 @@ class _CommitWait:
     to: str
 
 
+class _Conn:
+    """What the loop holds for one connection: the message it is reading, and the rest of
+    the replies that did not fit the socket (the loop reads no further request from it
+    until they went out)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reader = MessageReader(sock, max_fds=LINK_MAX_FDS)
+        self.out = bytearray()
+        #: ``CLOCK_MONOTONIC`` since when ``out`` waits (None: nothing waits)
+        self.out_since: float | None = None
+
+
 class LinkServer:
     """Serves a :class:`~pcidev.transport.endpoint.DeviceEndpoint` over a listening
     UNIX socket, one message at a time (several connections may be open: a host
-    that reconnects, a monitoring tool).
+    that reconnects, a monitoring tool; at most :data:`MAX_CONNECTIONS`).
+
+    No connection can hold another up: the loop reads each one incrementally and without
+    blocking (:class:`~pcidev.transport.link.protocol.MessageReader`: a peer that trickles a
+    message, or sends half of one, only delays itself), and writes replies without blocking
+    (what does not fit the socket waits in the connection's own buffer, and the loop reads
+    no further request from it until that went out).
 
     :param endpoint: the device side.
     :param listener: a listening socket (see :func:`pcidev.transport.address.listen`).
     :param io_timeout: seconds a peer may take to send a whole message once its first bytes
-        came (an overall deadline per message, not per read); also each reply's send.
+        came (an overall deadline per message, not per read), and to take a reply that
+        did not fit its socket at once; past either the connection is dropped.
     :param quiesce_timeout_ms: the quiesce budget of a MIGRATE that gives none.
     """
 
@@ -192,7 +212,8 @@ class LinkServer:
         self.io_timeout = io_timeout
         self._stop = False
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._conns: set[socket.socket] = set()
+        self._conns: dict[socket.socket, _Conn] = {}
+        self._sel: selectors.BaseSelector | None = None
         #: why :meth:`serve_forever` returned
         self.exit_reason = ""
         #: the last migration report (source side)
@@ -217,12 +238,12 @@ class LinkServer:
 
         :returns: ``"migrated"`` or ``"stopped"``.
         """
-        sel = selectors.DefaultSelector()
+        sel = self._sel = selectors.DefaultSelector()
         sel.register(self.listener, selectors.EVENT_READ, "accept")
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         try:
             while not self._stop:
-                for key, _events in sel.select(self._select_timeout()):
+                for key, events in sel.select(self._select_timeout()):
                     if self._stop:
                         break
                     if key.data == "accept":
@@ -233,11 +254,11 @@ class LinkServer:
                             sel.unregister(self.listener)
                             self._accept_rest = time.monotonic() + ACCEPT_BACKOFF
                             continue
-                        conn.settimeout(self.io_timeout)
+                        conn.setblocking(False)  # (the loop never waits on one connection)
                         if len(self._conns) >= MAX_CONNECTIONS:
                             self._refuse(conn)
                             continue
-                        self._conns.add(conn)
+                        self._conns[conn] = _Conn(conn)
                         sel.register(conn, selectors.EVENT_READ, conn)  # data: the connection itself
                     elif key.data == "wake":
                         try:
@@ -246,12 +267,15 @@ class LinkServer:
                             pass
                     else:
                         client: socket.socket = key.data
-                        if not self.handle(client):
-                            sel.unregister(client)
-                            self._conns.discard(client)
-                            self._connection_ended(client)
-                            client.close()
+                        if client not in self._conns:
+                            continue  # (dropped earlier in this round)
+                        if events & selectors.EVENT_WRITE:
+                            if not self._flush(client):
+                                self._drop(client)
+                        elif not self.handle(client):
+                            self._drop(client)
                 if not self._stop:
+                    self._tend_connections()
                     self._tend_precopy()
                     self._tend_commit()
                     if self._accept_rest is not None and time.monotonic() >= self._accept_rest:
@@ -260,8 +284,16 @@ class LinkServer:
         finally:
             self._end_precopy()
             sel.close()
-            for conn in self._conns:
-                conn.close()
+            self._sel = None
+            last = time.monotonic() + self.io_timeout  # (replies that still wait: a MIGRATE's, in all)
+            for state in self._conns.values():
+                state.reader.discard()
+                if state.out:
+                    try:
+                        send_all(state.sock, bytes(state.out), deadline=last)
+                    except TransportError:
+                        pass
+                state.sock.close()
             self._conns.clear()
             self.listener.close()
             os.close(self._wake_r)
@@ -270,18 +302,107 @@ class LinkServer:
             self.exit_reason = "stopped"
         return self.exit_reason
 
-    # -- pre-copy ------------------------------------------------------------------------------
-    @staticmethod
-    def _refuse(conn: socket.socket) -> None:
-        try:
-            send_message(conn, 0, FLAG_REPLY | FLAG_ERROR, 0, encode_error(TransportError(
-                f"too many link connections (at most {MAX_CONNECTIONS}); try again later")))
-        except TransportError:
-            pass
+    # -- connections ---------------------------------------------------------------------------
+    def _drop(self, conn: socket.socket) -> None:
+        """Close ``conn`` and forget it (what it held, its pre-copy, its commit)."""
+        state = self._conns.pop(conn, None)
+        if state is None:
+            return
+        state.reader.discard()
+        if self._sel is not None:
+            try:
+                self._sel.unregister(conn)
+            except (KeyError, ValueError):
+                pass
+        self._connection_ended(conn)
         conn.close()
 
+    def _reply(self, conn: socket.socket, kind: int, flags: int, mid: int, body: bytes) -> int:
+        """Send a reply on ``conn`` without blocking; what does not fit waits in its buffer
+        (and the loop reads no further request from it until it went out, or drops it
+        ``io_timeout`` later).
+
+        :returns: the bytes of this reply that went out at once.
+        :raises TransportError: the connection broke (or is not served any more).
+        """
+        state = self._conns.get(conn)
+        if state is None:
+            raise TransportError("the link connection was closed")
+        data = encode_message(kind, flags, mid, body)
+        state.out += data
+        if not self._flush(conn):
+            raise TransportError("send failed: the peer closed the connection")
+        return len(data) - min(len(state.out), len(data))  # (this reply is the buffer's tail)
+
+    def _flush(self, conn: socket.socket) -> bool:
+        """Write what waits for ``conn`` as far as its socket takes it, without blocking.
+
+        :returns: False when the connection broke.
+        """
+        state = self._conns.get(conn)
+        if state is None:
+            return False
+        try:
+            while state.out:
+                n = conn.send(state.out)
+                del state.out[:n]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            return False
+        waiting = bool(state.out)
+        if not waiting:
+            state.out_since = None
+        elif state.out_since is None:
+            state.out_since = time.monotonic()
+        if self._sel is not None:
+            try:
+                self._sel.modify(conn, selectors.EVENT_WRITE if waiting else selectors.EVENT_READ, conn)
+            except (KeyError, ValueError):
+                pass
+        return True
+
+    def _tend_connections(self) -> None:
+        """Drop the connections past a deadline: a message begun more than ``io_timeout``
+        ago, or a reply that waited that long for its peer to take it."""
+        now = time.monotonic()
+        for conn, state in list(self._conns.items()):
+            started = state.reader.started
+            if started is not None and now >= started + self.io_timeout:
+                exc = TransportError(f"the peer did not finish its message in time (overall deadline of "
+                                     f"{self.io_timeout:g} s)")
+                log.warning("link: dropping a connection: %s", exc)
+                self._last_word(conn, exc)
+                self._drop(conn)
+            elif state.out_since is not None and now >= state.out_since + self.io_timeout:
+                log.warning("link: dropping a connection that did not take its reply within %g s", self.io_timeout)
+                self._drop(conn)
+
+    @staticmethod
+    def _last_word(conn: socket.socket, exc: PcidevError) -> None:
+        """An error reply (id 0) before the connection is dropped, if it fits at once; then
+        what the peer sent and the server did not read is discarded (a bounded amount: a
+        close with unread data would reset the connection before the peer reads the reply)."""
+        try:
+            conn.send(encode_message(0, FLAG_REPLY | FLAG_ERROR, 0, encode_error(exc)), socket.MSG_DONTWAIT)
+            for _ in range(16):
+                if not conn.recv(1 << 16, socket.MSG_DONTWAIT):
+                    break
+        except OSError:
+            pass
+
+    def _refuse(self, conn: socket.socket) -> None:
+        self._last_word(conn, TransportError(f"too many link connections (at most {MAX_CONNECTIONS}); "
+                                             "try again later"))
+        conn.close()
+
+    # -- pre-copy ------------------------------------------------------------------------------
     def _select_timeout(self) -> float | None:
         deadlines = [w.deadline for w in (self._precopy, self._commit) if w is not None]
+        for state in self._conns.values():
+            for since in (state.reader.started, state.out_since):
+                if since is not None:
+                    deadlines.append(since + self.io_timeout)
         if self._accept_rest is not None:
             deadlines.append(self._accept_rest)
         if not deadlines:
@@ -410,7 +531,7 @@ class LinkServer:
                 err = MigrationError(f"pre-copy failed ({type(err).__name__}: {err}); the device keeps running here")
             reply, rflags = encode_error(err), FLAG_REPLY | FLAG_ERROR
         try:
-            send_message(job.conn, PRECOPY, rflags, job.mid, reply)
+            self._reply(job.conn, PRECOPY, rflags, job.mid, reply)
         except TransportError:
             pass  # the connection's end is seen by the loop, which then gives the session up
 
@@ -460,21 +581,24 @@ class LinkServer:
         return job.session
 
     def handle(self, conn: socket.socket) -> bool:
-        """Read one message from ``conn``, execute it and reply.
+        """Read what ``conn`` holds of its next message, without blocking; once the message
+        is whole, execute it and reply.
 
         :returns: False when the connection must be closed (EOF, broken framing).
         """
+        state = self._conns.get(conn)
+        if state is None:
+            return False
         try:
-            msg = read_message(conn, max_fds=LINK_MAX_FDS, eof_ok=True, deadline=time.monotonic() + self.io_timeout)
+            msg = state.reader.read()
         except TransportError as exc:
             log.warning("link: dropping a connection: %s", exc)
-            try:
-                send_message(conn, 0, FLAG_REPLY | FLAG_ERROR, 0, encode_error(exc))
-            except TransportError:
-                pass
+            self._last_word(conn, exc)
             return False
-        if msg is None:
+        if msg is False:
             return False
+        if msg is None or msg is True:
+            return True
         kind, flags, mid, body, fds = msg
         try:
             if flags:
@@ -496,7 +620,7 @@ class LinkServer:
         finally:
             close_fds(fds)
         try:
-            send_message(conn, kind, rflags, mid, reply)
+            self._reply(conn, kind, rflags, mid, reply)
         except TransportError:
             self._after_reply()  # (a migration the reply of which was lost still happened)
             return False
@@ -516,8 +640,16 @@ class LinkServer:
         tried: list[bool] = []
 
         def announce(resumed_at: float) -> None:
+            # (the device runs once a byte of the reply went out: a peer whose socket holds
+            # not one byte more proves, by no reply at all, that it never ran here)
             tried.append(True)
-            send_message(conn, RESUME, FLAG_REPLY, mid, encode_body({"resumed_at": resumed_at}))
+            state = self._conns.get(conn)
+            if state is not None and state.out:
+                raise TransportError("RESUME's reply cannot go out: earlier replies still wait")
+            if self._reply(conn, RESUME, FLAG_REPLY, mid, encode_body({"resumed_at": resumed_at})) == 0:
+                if state is not None:
+                    state.out.clear()  # (never sent later: the device does not run)
+                raise TransportError("RESUME's reply did not fit the connection (its peer reads nothing)")
 
         try:
             decode_body(body, "RESUME")
@@ -532,7 +664,7 @@ class LinkServer:
                 return False
             reply = encode_error(exc)
         try:  # (handle() closes ``fds``)
-            send_message(conn, RESUME, FLAG_REPLY | FLAG_ERROR, mid, reply)
+            self._reply(conn, RESUME, FLAG_REPLY | FLAG_ERROR, mid, reply)
         except TransportError:
             return False
         return True

@@ -703,7 +703,8 @@ def _handover_main(point_name: str, death: str, argv: list[str]) -> int:  # prag
         if hasattr(module, "_recv") and hasattr(module, "_send"):
             recv, send = module._recv, module._send
             module._recv = lambda sock, recv=recv, **kw: recv(wrap(sock), **kw)
-            module._send = lambda sock, kind, body=b"", fds=(), send=send: send(wrap(sock), kind, body, fds)
+            module._send = lambda sock, kind, body=b"", fds=(), send=send, **kw: send(wrap(sock), kind, body, fds,
+                                                                                      **kw)
     assert argv[:2] == ["-m", "pcidev"], argv
     sys.argv = ["pcidev", *argv[2:]]
     runpy.run_module("pcidev", run_name="__main__", alter_sys=True)

@@ -207,9 +207,9 @@ def test_the_destination_sends_running_before_it_resumes(monkeypatch):
     order = []
     real_send = channel.send_meta
 
-    def send_meta(sock, kind, meta, fds=()):
+    def send_meta(sock, kind, meta, fds=(), **kwargs):
         order.append(kind)
-        return real_send(sock, kind, meta, fds)
+        return real_send(sock, kind, meta, fds, **kwargs)
 
     monkeypatch.setattr(channel, "send_meta", send_meta)
     src = _running_source()
@@ -378,9 +378,9 @@ def test_a_destination_that_reads_slowly_cannot_stretch_the_stop(monkeypatch):
     real = channel.send_frame
     stop = threading.Event()
 
-    def slowly_taken(sock, kind, body=b"", fds=()):
+    def slowly_taken(sock, kind, body=b"", fds=(), **kwargs):
         if sock is not a or kind != STATE:
-            return real(sock, kind, body, fds)
+            return real(sock, kind, body, fds, **kwargs)
         data = HDR.pack(MAGIC, kind, 0, len(body)) + body
         for i in range(0, len(data), 256):
             stop.wait(0.1)

@@ -1,0 +1,233 @@
+"""What one hostile peer of the device link can do to the others (issue 12): nothing
+beyond a few milliseconds. The server reads every connection incrementally (a peer that
+trickles a message, or sends half of one and stops, holds no one else up), and writes
+its replies without blocking (a peer that never reads them is dropped once its one
+pending reply has not drained within ``io_timeout``, and meanwhile holds no one up)."""
+
+from __future__ import annotations
+
+import array
+import socket
+import threading
+import time
+
+import pytest
+
+from pcidev.devices.edu import EduDevice
+from pcidev.errors import TransportError
+from pcidev.transport.address import listen
+from pcidev.transport.endpoint import DeviceEndpoint
+from pcidev.transport.link.protocol import (
+    FLAG_ERROR,
+    HEADER,
+    LINK_MAX_FDS,
+    MAGIC,
+    STATUS,
+    decode_body,
+    encode_body,
+    error_from_reply,
+    read_message,
+    send_message,
+)
+from pcidev.transport.link.remote import LinkClient
+from pcidev.transport.link.server import LinkServer
+
+#: the server's per-message and per-reply deadline in these tests: long, so that a loop
+#: held by one peer shows as a host request that takes seconds
+IO_TIMEOUT = 8.0
+#: what a host's STATUS may take while another peer misbehaves (a loaded machine: generous,
+#: and still far below IO_TIMEOUT)
+PROMPT = 1.5
+
+
+class Served:
+    """An Edu endpoint served by a LinkServer on a thread."""
+
+    def __init__(self, tmp_path, io_timeout: float = IO_TIMEOUT) -> None:
+        self.ep = DeviceEndpoint(EduDevice())
+        self.ep.start()
+        self.listener = listen(f"unix:{tmp_path}/link.sock")
+        self.address = str(self.listener.address).removeprefix("unix:")
+        self.server = LinkServer(self.ep, self.listener.sock, io_timeout=io_timeout)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def connect(self) -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(self.address)
+        return s
+
+    def status_seconds(self) -> float:
+        """One STATUS round trip on a connection of its own."""
+        s = self.connect()
+        try:
+            s.settimeout(30)
+            t0 = time.monotonic()
+            send_message(s, STATUS, 0, 7, encode_body({}))
+            kind, flags, mid, body, _ = read_message(s, max_fds=0)
+            took = time.monotonic() - t0
+            assert (kind, mid, flags & FLAG_ERROR) == (STATUS, 7, 0)
+            assert decode_body(body, "STATUS")["state"] == "running"
+            return took
+        finally:
+            s.close()
+
+    def close(self) -> None:
+        self.server.stop()
+        self.thread.join(20)
+        self.ep.close()
+
+
+@pytest.fixture
+def served(tmp_path):
+    s = Served(tmp_path)
+    yield s
+    s.close()
+
+
+def test_a_connection_trickling_a_message_holds_no_other_connection_up(served):
+    trickler = served.connect()
+    stop = threading.Event()
+
+    def trickle() -> None:
+        msg = HEADER.pack(MAGIC, STATUS, 0, 1, 200) + bytes(200)
+        for b in msg:
+            if stop.wait(0.2):
+                return
+            try:
+                trickler.send(bytes([b]))
+            except OSError:
+                return
+
+    t = threading.Thread(target=trickle, daemon=True)
+    t.start()
+    try:
+        time.sleep(0.5)  # the trickler's header has started
+        took = [served.status_seconds() for _ in range(5)]
+        assert max(took) < PROMPT, took
+    finally:
+        stop.set()
+        trickler.close()
+        t.join(5)
+
+
+def test_half_a_message_holds_no_other_connection_up_and_is_dropped_at_its_deadline(tmp_path):
+    served = Served(tmp_path, io_timeout=2.0)
+    half = served.connect()
+    try:
+        half.sendall(HEADER.pack(MAGIC, STATUS, 0, 1, 100) + bytes(50))  # and nothing more
+        time.sleep(0.2)
+        took = [served.status_seconds() for _ in range(5)]
+        assert max(took) < PROMPT, took
+        half.settimeout(15)
+        t0 = time.monotonic()
+        kind, flags, mid, body, _ = read_message(half, max_fds=0)  # dropped with an error reply
+        assert flags & FLAG_ERROR and "in time" in str(error_from_reply(body))
+        assert time.monotonic() - t0 < 10
+        assert half.recv(1) == b""  # and closed
+    finally:
+        half.close()
+        served.close()
+
+
+def test_a_header_split_anywhere_is_read_whole(served):
+    s = served.connect()
+    try:
+        s.settimeout(30)
+        msg = HEADER.pack(MAGIC, STATUS, 0, 9, 1) + encode_body({})
+        for i in range(len(msg)):  # one byte per send: every split point of header and body
+            s.send(msg[i:i + 1])
+            time.sleep(0.005)
+        kind, flags, mid, body, _ = read_message(s, max_fds=0)
+        assert (kind, mid, flags) == (STATUS, 9, 1)
+        # two messages in one send are two requests
+        s.sendall(msg + HEADER.pack(MAGIC, STATUS, 0, 10, 1) + encode_body({}))
+        assert read_message(s, max_fds=0)[2] == 9
+        assert read_message(s, max_fds=0)[2] == 10
+    finally:
+        s.close()
+
+
+def test_a_peer_that_never_reads_its_replies_holds_no_one_up_and_is_dropped(tmp_path):
+    served = Served(tmp_path, io_timeout=4.0)
+    hog = served.connect()
+    hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stop = threading.Event()
+    sent = [0]
+
+    def flood() -> None:
+        # requests whose replies are never read: the server's send buffer fills up
+        msg = HEADER.pack(MAGIC, STATUS, 0, 1, 1) + encode_body({})
+        hog.settimeout(0.5)
+        while not stop.is_set():
+            try:
+                hog.send(msg * 64)
+                sent[0] += 64
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    t = threading.Thread(target=flood, daemon=True)
+    t.start()
+    try:
+        time.sleep(1.0)
+        assert sent[0] > 1000  # its replies stopped fitting long ago
+        took = [served.status_seconds() for _ in range(5)]
+        assert max(took) < PROMPT, took
+        # its one pending reply did not drain within io_timeout: the connection is dropped
+        deadline = time.monotonic() + 15
+        while t.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not t.is_alive()
+        assert served.status_seconds() < PROMPT
+    finally:
+        stop.set()
+        hog.close()
+        t.join(5)
+        served.close()
+
+
+def test_more_fds_than_a_message_may_carry_drop_only_that_connection(served):
+    s = served.connect()
+    try:
+        s.settimeout(30)
+        fds = [s.fileno()] * (LINK_MAX_FDS + 1)
+        msg = HEADER.pack(MAGIC, STATUS, 0, 1, 1) + encode_body({})
+        s.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())])
+        kind, flags, mid, body, _ = read_message(s, max_fds=0)
+        assert flags & FLAG_ERROR and "descriptors" in str(error_from_reply(body))
+        assert s.recv(1) == b""
+        assert served.status_seconds() < PROMPT
+    finally:
+        s.close()
+
+
+def test_the_client_request_is_bounded_as_a_whole_when_the_server_reads_slowly(tmp_path):
+    a, b = socket.socketpair()
+    stop = threading.Event()
+
+    def slow_reader() -> None:  # 8 KiB every 0.2 s: each send makes progress within its timeout
+        while not stop.wait(0.2):
+            try:
+                if not b.recv(8192):
+                    return
+            except OSError:
+                return
+
+    t = threading.Thread(target=slow_reader, daemon=True)
+    t.start()
+    try:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        client = LinkClient(a, io_timeout=1.0)
+        t0 = time.monotonic()
+        with pytest.raises(TransportError):
+            # a body far larger than the socket buffers: 900 KB at 40 KB/s would take 20 s
+            client.request(STATUS, {"pad": bytes(900_000)})
+        assert time.monotonic() - t0 < 4
+        assert client.broken
+    finally:
+        stop.set()
+        a.close()
+        t.join(5)
+        b.close()
