@@ -565,6 +565,8 @@ class Precopy:
         self._hash_bytes = 0
         self._hash_time = 0.0
         self._converged = False
+        #: the stop's deadline while :meth:`finish` runs (each send ends by it)
+        self._finish_by: float | None = None
         self._ended = ""
         self._estimate_ms = 0.0
         self._remainder = 0
@@ -741,6 +743,7 @@ class Precopy:
             return
         t0 = time.monotonic()
         self._throttle_from = 0.0  # the remainder goes at full speed
+        self._finish_by = deadline
         try:
             wait = self.timeout if deadline is None else min(self.timeout, deadline - time.monotonic())
             if wait <= 0:
@@ -834,7 +837,15 @@ class Precopy:
             raise MigrationError(f"the memory sources hold {total} bytes; a destination accepts at most "
                                  f"{MAX_MEMORY_SIZE} by default")
         send_meta(self.sock, MEMORY, {"protocol": PROTOCOL_MEMORY, "boot_id": boot_id(),
-                                      "sources": [{"name": t.name, "size": t.size} for t in new]})
+                                      "sources": [{"name": t.name, "size": t.size} for t in new]},
+                  deadline=self._send_deadline())
+
+    def _send_deadline(self) -> float:
+        """When the frame being sent must have gone out: at the stop, the stop's deadline
+        (:meth:`finish`); while the device runs, ``timeout`` from now (each frame: a
+        destination that reads a byte at a time cannot hold one send longer)."""
+        now = time.monotonic() + self.timeout
+        return now if self._finish_by is None else min(now, self._finish_by)
 
     def _first_pass(self, cancel: threading.Event | None) -> None:
         t0 = time.monotonic()
@@ -862,7 +873,7 @@ class Precopy:
         if self.verdict is None or FEATURE_SYNC not in self.verdict.features:
             return
         self._seq += 1
-        send_meta(self.sock, SYNC, {"seq": self._seq, "sent": self._total})
+        send_meta(self.sock, SYNC, {"seq": self._seq, "sent": self._total}, deadline=self._send_deadline())
         kind, body, stray = recv_frame(self.sock, deadline=time.monotonic() + self.timeout)
         close_fds(stray)
         if kind == NACK:
@@ -937,7 +948,7 @@ class Precopy:
         if zero and skip_zero:
             return 0
         head = t.chunk_head(off, len(data))
-        send_parts(self.sock, CHUNK, (head,) if zero else (head, data))
+        send_parts(self.sock, CHUNK, (head,) if zero else (head, data), deadline=self._send_deadline())
         self._chunks += 1
         self._total += len(data)
         if self._state == "running":

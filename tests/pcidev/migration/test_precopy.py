@@ -722,3 +722,40 @@ def test_the_staging_knows_which_pages_hold_data_as_the_kernel_does():
         assert 0 < bytes(staged.pages).count(1) < len(staged.pages)  # both kinds of page
     finally:
         staged.close()
+
+
+def test_a_destination_reading_slowly_cannot_hold_a_precopy_send():
+    """Each frame of the pre-copy has ``timeout`` to go out as a whole: a destination that
+    takes 32 KiB every 0.3 s (so that every single ``send`` makes progress inside the
+    socket's own timeout) fails the pre-copy after about ``timeout``, not after minutes
+    per MiB; the device keeps running."""
+    src = PrecopyDev(4 * MiB)
+    a, b = tcp_pair(buffers=65536)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.is_set():
+            try:
+                if not b.recv(32768):
+                    return
+            except OSError:
+                return
+            time.sleep(0.3)
+
+    reader = threading.Thread(target=trickle, daemon=True)
+    try:
+        src.realize()
+        _fill(src, 4)
+        reader.start()
+        p = Precopy(src, a, timeout=1.0, preflight=False)
+        t0 = time.monotonic()
+        with pytest.raises(MigrationError, match="in time"):
+            p.run()
+        assert time.monotonic() - t0 < 6.0
+        assert not src.quiesced and p.failed
+    finally:
+        stop.set()
+        a.close()
+        b.close()
+        reader.join(5)
+        src.close()
