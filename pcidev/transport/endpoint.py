@@ -46,15 +46,17 @@ from typing import Any
 import pluggy
 
 from pcidev.device import PciDevice
-from pcidev.dma import GuestMemory
+from pcidev.dma import GuestMemory, shrink_sealed
 from pcidev.errors import (
     ConnectionLostError,
+    DmaError,
     IrqError,
     MigrationBlockedError,
     MigrationError,
     PcidevError,
     TransportError,
 )
+from pcidev.irq import is_eventfd
 from pcidev.migration import (
     IncomingResult,
     LoadedResources,
@@ -316,11 +318,17 @@ class DeviceEndpoint:
                 self.device.resume()
 
     def dma_map(self, gpa: int, size: int, fd: int, fd_offset: int = 0, *, writable: bool = True,
-                name: str = "") -> None:
+                name: str = "", allow_unsealed: bool = False) -> None:
         """Map guest memory (the device is quiesced meanwhile). The caller keeps ``fd``.
 
-        :raises DmaError: bad or overlapping region, or the kernel refused.
+        :param allow_unsealed: map ``fd`` even without ``F_SEAL_SHRINK``
+            (:func:`~pcidev.dma.shrink_sealed`): only for a trusted peer, since a truncation
+            of the file under the mapping kills this process with ``SIGBUS``.
+        :raises DmaError: bad or overlapping region, an fd that can shrink, or the kernel refused.
         """
+        if not allow_unsealed and not shrink_sealed(fd):
+            raise DmaError(f"guest memory at {gpa:#x}: its fd is not sealed against shrinking (F_SEAL_SHRINK); "
+                           "a memfd from memory-backend-memfd (seal=on) or pcidev.dma.alloc_memfd is")
         self._live()
         with self._paused():
             self.memory.map(gpa, size, fd, fd_offset, writable=writable, name=name)
@@ -340,12 +348,18 @@ class DeviceEndpoint:
 
         :param vectors: vector number → eventfd.
         :param intx_fd: eventfd for INTx assertion, or None to keep the current one.
-        :raises IrqError: a vector beyond the device's 2048.
+        :raises IrqError: a vector beyond the device's 2048, or an fd that is not an
+            eventfd (a pipe nobody reads would block the interrupt path); all of them are
+            closed then.
         """
+        given = list(vectors.values()) + ([intx_fd] if intx_fd is not None else [])
         bad = [v for v in vectors if not 0 <= v < 2048]
         if bad:
-            close_fds(list(vectors.values()) + ([intx_fd] if intx_fd is not None else []))
+            close_fds(given)
             raise IrqError(f"interrupt vector(s) {bad} out of range 0..2047")
+        if not all(is_eventfd(fd) for fd in given):
+            close_fds(given)
+            raise IrqError("an interrupt fd is not an eventfd")
         try:
             self._live()
         except PcidevError:

@@ -507,7 +507,7 @@ class VfioUserServer:
                                               "shrinking (F_SEAL_SHRINK)")
         try:
             self.endpoint.dma_map(addr, size, fds[0], offset, writable=bool(flags & protocol.DMA_FLAG_WRITE),
-                                  name=f"vfio-user-{addr:#x}")
+                                  name=f"vfio-user-{addr:#x}", allow_unsealed=self.allow_unsealed_dma)
         finally:
             close_fds(fds)  # the guest memory keeps its own duplicate
             fds.clear()

@@ -7,6 +7,7 @@ pending reply has not drained within ``io_timeout``, and meanwhile holds no one 
 from __future__ import annotations
 
 import array
+import os
 import socket
 import threading
 import time
@@ -14,14 +15,17 @@ import time
 import pytest
 
 from pcidev.devices.edu import EduDevice
-from pcidev.errors import TransportError
+from pcidev.dma import alloc_memfd
+from pcidev.errors import PcidevError, TransportError
 from pcidev.transport.address import listen
 from pcidev.transport.endpoint import DeviceEndpoint
 from pcidev.transport.link.protocol import (
+    DMA_MAP,
     FLAG_ERROR,
     HEADER,
     LINK_MAX_FDS,
     MAGIC,
+    SET_IRQS,
     STATUS,
     decode_body,
     encode_body,
@@ -231,3 +235,41 @@ def test_the_client_request_is_bounded_as_a_whole_when_the_server_reads_slowly(t
         a.close()
         t.join(5)
         b.close()
+
+
+def _request_with_fds(s: socket.socket, kind: int, body, fds: list[int]):
+    msg_body = encode_body(body)
+    msg = HEADER.pack(MAGIC, kind, 0, 5, len(msg_body)) + msg_body
+    s.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())])
+    kind_, flags, mid, rbody, _ = read_message(s, max_fds=0)
+    assert (kind_, mid) == (kind, 5)
+    return error_from_reply(rbody) if flags & FLAG_ERROR else decode_body(rbody, "reply")
+
+
+def test_guest_memory_that_can_shrink_and_interrupt_fds_that_are_not_eventfds_are_refused(served):
+    """As over vfio-user: an unsealed memfd (a truncation under the mapping would kill the
+    device process with SIGBUS) and a pipe as an interrupt "eventfd" (a write nobody
+    reads would block the interrupt path) get an error reply; the connection and the
+    device go on, and sealed memory and real eventfds are taken."""
+    s = served.connect()
+    unsealed = os.memfd_create("unsealed", os.MFD_ALLOW_SEALING)
+    os.ftruncate(unsealed, 4096)
+    sealed = alloc_memfd(4096)
+    r, w = os.pipe()
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        s.settimeout(30)
+        region = {"gpa": 1 << 32, "size": 4096, "fd_offset": 0, "writable": True, "name": "ram"}
+        err = _request_with_fds(s, DMA_MAP, region, [unsealed])
+        assert isinstance(err, PcidevError) and "F_SEAL_SHRINK" in str(err)
+        assert served.ep.memory.region_count() == 0
+        assert _request_with_fds(s, DMA_MAP, region, [sealed]) == {}
+        err = _request_with_fds(s, SET_IRQS, {"vectors": [0], "intx": False}, [w])
+        assert isinstance(err, PcidevError) and "not an eventfd" in str(err)
+        assert 0 not in served.ep.sink.vector_fds
+        assert _request_with_fds(s, SET_IRQS, {"vectors": [0], "intx": False}, [efd]) == {}
+        assert served.status_seconds() < PROMPT
+    finally:
+        s.close()
+        for fd in (unsealed, sealed, r, w, efd):
+            os.close(fd)
