@@ -1,0 +1,26 @@
+"""Coverage-guided fuzzing of devices, transports and streams (``pcidev fuzz``).
+
+* :mod:`pcidev.testing.fuzz.target`: what a target is (:class:`FuzzTarget`), the
+  error it raises when an invariant breaks (:class:`FuzzFinding`) and a byte reader
+  for decoding inputs (:class:`FuzzInput`);
+* the framework's targets: ``vfio-user`` (:mod:`~pcidev.testing.fuzz.vfio_user_target`),
+  ``vmstate`` (:mod:`~pcidev.testing.fuzz.vmstate_target`), ``link``
+  (:mod:`~pcidev.testing.fuzz.link_target`); plugins add theirs as registry components
+  of kind ``fuzz-target`` (the NVMe plugin's ``nvme-guest``,
+  :mod:`pcidev_nvme.testing.fuzz`), found by :func:`target_factories`;
+* :mod:`pcidev.testing.fuzz.engine`: libFuzzer through atheris (the ``fuzz`` extra)
+  and a pure-Python random mutator.
+
+A target runs without any engine: ``target.run(data)`` replays one input, which is
+how the committed regression corpus (``tests/fuzz/corpus/<target>/``) is replayed
+by the normal test run. See docs/fuzzing.md.
+"""
+
+from __future__ import annotations
+
+from pcidev.testing.fuzz.catalogue import BUILTIN_TARGETS, make_target, target_factories
+from pcidev.testing.fuzz.engine import FuzzReport, atheris_available, run_atheris, run_random
+from pcidev.testing.fuzz.target import FUZZ_TARGET_KIND, ErrorLogWatch, FuzzFinding, FuzzInput, FuzzTarget
+
+__all__ = ["BUILTIN_TARGETS", "FUZZ_TARGET_KIND", "ErrorLogWatch", "FuzzFinding", "FuzzInput", "FuzzReport",
+           "FuzzTarget", "atheris_available", "make_target", "run_atheris", "run_random", "target_factories"]
