@@ -1,6 +1,6 @@
 """Coverage-guided fuzzing of devices, transports and streams (``pcidev fuzz``).
 
-* :mod:`pcidev.testing.fuzz.target`: what a target is (:class:`FuzzTarget`), the
+* what a target is (:class:`FuzzTarget`), the
   error it raises when an invariant breaks (:class:`FuzzFinding`) and a byte reader
   for decoding inputs (:class:`FuzzInput`);
 * the framework's targets: ``vfio-user`` (:mod:`~pcidev.testing.fuzz.vfio_user_target`),
@@ -19,8 +19,7 @@ by the normal test run. See docs/fuzzing.md.
 from __future__ import annotations
 
 from pcidev.testing.fuzz.catalogue import BUILTIN_TARGETS, make_target, target_factories
-from pcidev.testing.fuzz.engine import FuzzReport, atheris_available, run_atheris, run_random
 from pcidev.testing.fuzz.target import FUZZ_TARGET_KIND, ErrorLogWatch, FuzzFinding, FuzzInput, FuzzTarget
 
-__all__ = ["BUILTIN_TARGETS", "FUZZ_TARGET_KIND", "ErrorLogWatch", "FuzzFinding", "FuzzInput", "FuzzReport",
-           "FuzzTarget", "atheris_available", "make_target", "run_atheris", "run_random", "target_factories"]
+__all__ = ["BUILTIN_TARGETS", "FUZZ_TARGET_KIND", "ErrorLogWatch", "FuzzFinding", "FuzzInput", "FuzzTarget",
+           "make_target", "target_factories"]

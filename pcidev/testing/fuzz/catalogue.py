@@ -43,7 +43,7 @@ def make_target(registry: DeviceRegistry, name: str) -> FuzzTarget:
     """A fresh target by name.
 
     :raises PluginError: there is no such target, or its factory does not make a
-        :class:`~pcidev.testing.fuzz.target.FuzzTarget`.
+        :class:`~pcidev.testing.fuzz.FuzzTarget`.
     """
     factories = target_factories(registry)
     if name not in factories:

@@ -1,12 +1,12 @@
 """The engines behind ``pcidev fuzz``: libFuzzer through atheris (coverage-guided), and
 a pure-Python random mutator (no coverage, no extra to install).
 
-Both run one :class:`~pcidev.testing.fuzz.target.FuzzTarget` for a number of seconds,
+Both run one :class:`~pcidev.testing.fuzz.FuzzTarget` for a number of seconds,
 keep going after a finding (each distinct one, by
-:attr:`~pcidev.testing.fuzz.target.FuzzFinding.signature`, is saved once to the
+:attr:`~pcidev.testing.fuzz.FuzzFinding.signature`, is saved once to the
 findings directory with a ``.txt`` beside it) and return a :class:`FuzzReport`.
 
-atheris runs in a child process (:mod:`pcidev.testing.fuzz.libfuzzer`): libFuzzer
+atheris runs in a child process (``pcidev.testing.fuzz._libfuzzer``): libFuzzer
 ends the process it runs in, and its statistics (``cov:`` edges, ``ft:`` features,
 ``exec/s``) come on its standard error, which the parent parses.
 """
@@ -40,14 +40,14 @@ ATHERIS_MISSING = ("atheris is not installed: install the fuzz extra (pip instal
 _STAT = re.compile(r"^#(\d+)\s+(\w+)\s+(.*)$")
 _FIELD = re.compile(r"(cov|ft|corp|exec/s|rss):\s*(\S+)")
 _DONE = re.compile(r"^Done (\d+) runs in (\d+) second")
-#: the child's program (kept in step with pcidev.testing.fuzz.libfuzzer.BOOTSTRAP, which a
+#: the child's program (kept in step with pcidev.testing.fuzz._libfuzzer.BOOTSTRAP, which a
 #: test compares: this module cannot import that one, which needs atheris)
 _BOOTSTRAP = """
 import sys, atheris
 from importlib.metadata import entry_points
 packages = ["pcidev", *sorted({ep.value.split(":")[0].split(".")[0] for ep in entry_points(group="pcidev")})]
 with atheris.instrument_imports(include=packages):
-    from pcidev.testing.fuzz import libfuzzer
+    from pcidev.testing.fuzz import _libfuzzer as libfuzzer
     prepared = libfuzzer.prepare(sys.argv[1:])
 libfuzzer.fuzz(*prepared)
 """
@@ -125,7 +125,7 @@ def run_one(target: FuzzTarget, data: bytes, log: FindingLog) -> str | None:
         target.run(data)
     except FuzzFinding as finding:
         return log.record(finding, data)
-    except Exception as exc:  # noqa: BLE001 - a target's own bug is a finding too
+    except Exception as exc:
         return log.record(FuzzFinding.escaped(exc, f"target {target.name}"), data)
     return None
 
@@ -164,7 +164,7 @@ def run_random(target: FuzzTarget, *, seconds: float, corpus: Path | None, findi
                seed: int | None = None, echo: Callable[[str], None] = print) -> FuzzReport:
     """Fuzz ``target`` with random mutations of its corpus (no coverage feedback).
 
-    :param target: the target (its :meth:`~FuzzTarget.setup` is called here).
+    :param target: the target (its :meth:`~pcidev.testing.fuzz.FuzzTarget.setup` is called here).
     :param seconds: how long to run.
     :param corpus: a directory of inputs to start from (default: the target's seeds).
     :param findings: where to save findings.

@@ -92,16 +92,19 @@ class _LinkSession:
         def serve() -> None:
             try:
                 outcome["reason"] = server.serve_forever()
-            except BaseException as exc:  # noqa: BLE001 - recorded: it is the finding
+            except BaseException as exc:
                 outcome["exc"] = exc
 
         thread = threading.Thread(target=serve, name="fuzz-link", daemon=True)
         thread.start()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        talk: FuzzFinding | None = None
         try:
             sock.connect(f"{self.where}/link.sock")
             sock.settimeout(REPLY_SECONDS)
             self._talk(sock)
+        except FuzzFinding as finding:
+            talk = finding  # reported after the server's own outcome, which may explain it
         finally:
             sock.close()
             server.stop()
@@ -110,10 +113,12 @@ class _LinkSession:
             if not alive:
                 listener.sock.close()
                 ep.close()
-        if alive:
-            raise FuzzFinding("hang", "serve_forever did not return after stop()", where="serve_forever")
         if isinstance(outcome.get("exc"), BaseException):
             raise FuzzFinding.escaped(outcome["exc"], "LinkServer.serve_forever")
+        if alive:
+            raise FuzzFinding("hang", "serve_forever did not return after stop()", where="serve_forever")
+        if talk is not None:
+            raise talk
 
     def _talk(self, sock: socket.socket) -> None:
         count = 0

@@ -103,25 +103,31 @@ class _Session:
         def serve() -> None:
             try:
                 outcome["reason"] = VfioUserServer(ep, a).serve()
-            except BaseException as exc:  # noqa: BLE001 - recorded: it is the finding
+            except BaseException as exc:
                 outcome["exc"] = exc
 
         thread = threading.Thread(target=serve, name="fuzz-vfio-user", daemon=True)
         thread.start()
+        talk: FuzzFinding | None = None
         try:
             self._talk(b)
+        except FuzzFinding as finding:
+            talk = finding  # reported after the server's own outcome, which may explain it
         finally:
             b.close()
             thread.join(REPLY_SECONDS)
             alive = thread.is_alive()
             if not alive:
+                a.close()  # serve() closes it, unless it raised
                 ep.close()
-        if alive:
-            raise FuzzFinding("hang", "the server did not end within the deadline after the client closed",
-                              where="serve")
         exc = outcome.get("exc")
         if isinstance(exc, BaseException):
             raise FuzzFinding.escaped(exc, "VfioUserServer.serve")
+        if alive:
+            raise FuzzFinding("hang", "the server did not end within the deadline after the client closed",
+                              where="serve")
+        if talk is not None:
+            raise talk
 
     def _talk(self, sock: socket.socket) -> None:
         inp = self.inp

@@ -120,9 +120,12 @@ class VmstateTarget(FuzzTarget):
         """Save the source's stream once (its memory stays for the loads to map)."""
         self.machine = Machine(ram_size=4 << 20)
         pdev = self.make_source(self.machine)
-        self.source = pdev.device
-        self.source.quiesce()
-        stream, fds = save_device_stream(self.source)
+        source = pdev.device
+        if not isinstance(source, PciDevice):
+            raise PcidevError(f"the vmstate target needs an in-process device, not {source!r}")
+        self.source = source
+        source.quiesce()
+        stream, fds = save_device_stream(source)
         self.fds = list(fds)
         self.body = msgpack.unpackb(stream[PREFIX_SIZE:-TRAILER_SIZE], raw=False, strict_map_key=False)
 
@@ -157,7 +160,9 @@ class VmstateTarget(FuzzTarget):
                 value = parent[key]
                 if isinstance(value, list):
                     parent[key] = value * (1 + inp.u8() % 64) if inp.u8() & 1 else value[:inp.u8() % (len(value) + 1)]
-                elif isinstance(value, (bytes, str)):
+                elif isinstance(value, bytes):
+                    parent[key] = value[:inp.u8() % (len(value) + 1)] + value[:inp.u8()]
+                elif isinstance(value, str):
                     parent[key] = value[:inp.u8() % (len(value) + 1)] + value[:inp.u8()]
             elif kind == 8:
                 parent[key] = inp.blob(64)
@@ -190,7 +195,7 @@ class VmstateTarget(FuzzTarget):
                 if after > before:
                     raise FuzzFinding("fd-leak", f"a refused load left {after - before} fd(s) open") from None
                 return
-            except Exception as exc:  # noqa: BLE001 - the invariant: nothing untyped escapes a load
+            except Exception as exc:
                 dest.owns_state = False
                 dest.close()
                 raise FuzzFinding.escaped(exc, "load_device_stream") from exc
@@ -211,7 +216,7 @@ class VmstateTarget(FuzzTarget):
                 watch.check("the loaded device")
             except FuzzFinding:
                 raise
-            except Exception as exc:  # noqa: BLE001 - the invariant: a loaded device is live
+            except Exception as exc:
                 raise FuzzFinding.escaped(exc, "guest access to the loaded device") from exc
             finally:
                 dest.owns_state = False

@@ -1,10 +1,10 @@
 """The NVMe plugin's fuzz target ``nvme-guest``: a hostile guest against the controller.
 
-Registered as the ``fuzz-target/nvme-guest`` component (:mod:`pcidev_nvme.plugin`) and
+Registered as the ``fuzz-target/nvme-guest`` component (``pcidev_nvme.plugin``) and
 run by ``pcidev fuzz nvme-guest`` (:mod:`pcidev.testing.fuzz`). Each input is decoded
 into a sequence of guest actions against a fresh controller (two 256 KiB namespaces)
 on a fresh :class:`~pcidev.host.Machine`, probed by
-:class:`~pcidev_nvme.testing.driver.NvmeDriver`:
+``NvmeDriver`` (``pcidev_nvme.testing.driver``):
 
 * admin and I/O commands with fuzzed opcode, namespace and command dwords, whose data
   pointer is a PRP pair, a PRP list or an SGL (data block, bit bucket, segments) built
@@ -18,7 +18,8 @@ Invariants (a break raises :class:`~pcidev.testing.fuzz.FuzzFinding`):
 * no exception escapes a BAR access or the controller's workers (``ctrl.failed``
   stays ``None``, and no traceback is logged);
 * no guest-memory write outside what a command named: a canary page before and after
-  every buffer, and a bystander region no command names, are checked after each action;
+  every buffer, and a bystander region no command names, are checked after each action
+  (until the guest moves the admin queues with ASQ/ACQ: then any page may be named);
 * every BAR access returns within :data:`STEP_SECONDS`, and while the guest has only
   sent well-formed queue traffic every command but an Asynchronous Event Request
   completes within :data:`COMPLETION_SECONDS`;
@@ -121,6 +122,9 @@ class _GuestRun:
         self.inp = inp
         self.watch = watch
         self.clean = True  # only well-formed queue traffic so far
+        #: the guest pointed the admin queues somewhere new (ASQ/ACQ): the controller may
+        #: write any page from then on, so the canaries are not checked any more
+        self.anywhere = False
         self.ns2_named = False
         self.guards: list[tuple[int, bytes]] = []
         self.machine = Machine(ram_size=_RAM)
@@ -137,7 +141,7 @@ class _GuestRun:
             raise FuzzFinding.escaped(self.ctrl.failed, f"{what} (ctrl.failed)")
         self.watch.check(what)
         mem = self.machine.memory
-        for addr, want in self.guards:
+        for addr, want in () if self.anywhere else self.guards:
             got = mem.read(addr, len(want))
             if got != want:
                 first = next(i for i in range(len(want)) if got[i] != want[i])
@@ -174,7 +178,7 @@ class _GuestRun:
         except NvmeDriverError as exc:
             if self.clean:
                 raise FuzzFinding("driver", f"well-formed traffic failed: {exc}", where=str(exc)[:40]) from exc
-        except Exception as exc:  # noqa: BLE001 - whatever escapes the device is the finding
+        except Exception as exc:
             raise FuzzFinding.escaped(exc, "guest action") from exc
         finally:
             if self.drv is not None:
@@ -188,6 +192,11 @@ class _GuestRun:
                               timeout=COMPLETION_SECONDS)
         self.drv.probe()
         self.drv.write(2, 0, _NS2_PATTERN)
+        # the set-up's entries stay in the submission rings; a garbage doorbell may make the
+        # controller run them again, with buffers that are no longer theirs: zero them
+        # (a zero entry is a Delete I/O SQ / Flush of nothing)
+        for q in self.drv.queues.values():
+            self.machine.memory.write(q.sq_base, bytes(64 * q.sq_size))
         self.bystander = self.machine.alloc(len(_BYSTANDER), PAGE)
         self._guarded(self.bystander, _BYSTANDER)
 
@@ -209,6 +218,8 @@ class _GuestRun:
         off -= off % size
         value = self.inp.u64() & ((1 << (8 * size)) - 1)
         self.clean = False
+        if 0x28 <= off < 0x38:  # ASQ, ACQ: the guest names new queue memory
+            self.anywhere = True
         started = time.monotonic()
         self.ctrl.bar_write(0, off, size, value)
         self.ctrl.bar_read(0, 0x1C, 4)
@@ -312,6 +323,14 @@ class _GuestRun:
         assert self.drv is not None
         qid = self.inp.u8() & 1
         sqe = bytearray(self.inp.take(64))
+        # MPTR, PRP1/SGL1 and PRP2 name a fresh buffer, page 0 or nothing in RAM (never
+        # another buffer: the canaries stay checkable)
+        buf = self._buffer(2)
+        for at in (16, 24, 32):
+            choice = sqe[at] % 4
+            value = (buf + int.from_bytes(sqe[at + 1:at + 3], "little") % (2 * PAGE), 0, OUTSIDE,
+                     buf + PAGE)[choice]
+            sqe[at:at + 8] = struct.pack("<Q", value)
         nsid = int.from_bytes(sqe[4:8], "little")
         if nsid in (2, 0xFFFFFFFF) or qid == 0:
             self.ns2_named = True

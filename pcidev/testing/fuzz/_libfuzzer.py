@@ -5,8 +5,9 @@
 imports atheris, then imports this module and loads the plugins and the target
 *inside* ``atheris.instrument_imports()`` restricted to pcidev and the packages of the
 ``pcidev`` entry points (the plugins), so that they are instrumented for coverage as they
-load (instrumenting every loaded module afterwards takes minutes on a shared machine). :func:`fuzz` then hands libFuzzer a one-input function that records
-findings (``FINDING <line>`` on standard output) and keeps fuzzing; libFuzzer ends the
+load (instrumenting every loaded module afterwards takes minutes on a shared machine).
+:func:`fuzz` then hands libFuzzer a one-input function that records findings
+(``FINDING <line>`` on standard output) and keeps fuzzing; libFuzzer ends the
 process.
 """
 
@@ -31,7 +32,7 @@ import sys, atheris
 from importlib.metadata import entry_points
 packages = ["pcidev", *sorted({ep.value.split(":")[0].split(".")[0] for ep in entry_points(group="pcidev")})]
 with atheris.instrument_imports(include=packages):
-    from pcidev.testing.fuzz import libfuzzer
+    from pcidev.testing.fuzz import _libfuzzer as libfuzzer
     prepared = libfuzzer.prepare(sys.argv[1:])
 libfuzzer.fuzz(*prepared)
 """
