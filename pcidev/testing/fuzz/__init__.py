@@ -3,9 +3,10 @@
 * what a target is (:class:`FuzzTarget`), the
   error it raises when an invariant breaks (:class:`FuzzFinding`) and a byte reader
   for decoding inputs (:class:`FuzzInput`);
-* the framework's targets: ``vfio-user`` (:mod:`~pcidev.testing.fuzz.vfio_user_target`),
+* the framework's targets (the ``BUILTIN_TARGETS`` of ``pcidev.testing.fuzz.catalogue``): ``vfio-user`` (:mod:`~pcidev.testing.fuzz.vfio_user_target`),
   ``vmstate`` (:mod:`~pcidev.testing.fuzz.vmstate_target`), ``link``
-  (:mod:`~pcidev.testing.fuzz.link_target`); plugins add theirs as registry components
+  (:mod:`~pcidev.testing.fuzz.link_target`), ``migration``
+  (:mod:`~pcidev.testing.fuzz.migration_target`); plugins add theirs as registry components
   of kind ``fuzz-target`` (the NVMe plugin's ``nvme-guest``,
   :mod:`pcidev_nvme.testing.fuzz`), found by :func:`target_factories`;
 * :mod:`pcidev.testing.fuzz.engine`: libFuzzer through atheris (the ``fuzz`` extra)
@@ -18,8 +19,8 @@ by the normal test run. See docs/fuzzing.md.
 
 from __future__ import annotations
 
-from pcidev.testing.fuzz.catalogue import BUILTIN_TARGETS, make_target, target_factories
-from pcidev.testing.fuzz.target import FUZZ_TARGET_KIND, ErrorLogWatch, FuzzFinding, FuzzInput, FuzzTarget
+from pcidev.testing.fuzz.catalogue import make_target, target_factories
+from pcidev.testing.fuzz.target import ErrorLogWatch, FuzzFinding, FuzzInput, FuzzTarget
 
-__all__ = ["BUILTIN_TARGETS", "FUZZ_TARGET_KIND", "ErrorLogWatch", "FuzzFinding", "FuzzInput", "FuzzTarget",
+__all__ = ["ErrorLogWatch", "FuzzFinding", "FuzzInput", "FuzzTarget",
            "make_target", "target_factories"]

@@ -17,7 +17,7 @@ def test_list_names_every_target_with_its_invariants(capsys):
     status, out, _ = _run(capsys, "fuzz", "--list")
     assert status == 0
     names = [line.split()[0] for line in out.splitlines() if line and not line.startswith(" ")]
-    assert {"nvme-guest", "vfio-user", "vmstate", "link"} <= set(names)
+    assert {"nvme-guest", "vfio-user", "vmstate", "link", "migration"} <= set(names)
     assert out.count("invariants:") == len(names)
 
 

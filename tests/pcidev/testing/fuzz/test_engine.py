@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from pcidev.migration import frames
 from pcidev.testing.fuzz import (
     FuzzFinding,
     FuzzInput,
     FuzzTarget,
     engine,
     link_target,
+    migration_target,
     vfio_user_target,
     vmstate_target,
 )
@@ -160,3 +162,27 @@ def test_vmstate_mutations_keep_a_valid_envelope():
             open_stream(stream)  # the CRC and the prefix are right: the mutations reach the body's checks
     finally:
         target.close()
+
+
+def test_migration_target_replays_a_real_source_and_reports_an_untyped_error(monkeypatch):
+    target = migration_target.MigrationTarget()
+    target.setup()
+    assert [kind for kind, _body, _n in target.frames][:2] == [frames.CHECK, frames.OFFER]
+    results = []
+    real = migration_target.migrate_in
+
+    def watched(*args, **kwargs):
+        results.append(real(*args, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(migration_target, "migrate_in", watched)
+    target.run(bytes([11] * 16))  # every frame as recorded: the destination takes the device
+    assert len(results) == 1 and results[0].running_at is not None
+
+    def broken(*args, **kwargs):
+        raise AttributeError("untyped")
+
+    monkeypatch.setattr(migration_target, "migrate_in", broken)
+    with pytest.raises(FuzzFinding) as info:
+        target.run(bytes([11] * 16))
+    assert info.value.invariant == "escaped-exception" and "AttributeError" in info.value.where
