@@ -3,7 +3,8 @@
 * what a target is (:class:`FuzzTarget`), the
   error it raises when an invariant breaks (:class:`FuzzFinding`) and a byte reader
   for decoding inputs (:class:`FuzzInput`);
-* the framework's targets (the ``BUILTIN_TARGETS`` of ``pcidev.testing.fuzz.catalogue``): ``vfio-user`` (:mod:`~pcidev.testing.fuzz.vfio_user_target`),
+* the framework's targets (``BUILTIN_TARGETS`` of ``pcidev.testing.fuzz.catalogue``):
+  ``vfio-user`` (:mod:`~pcidev.testing.fuzz.vfio_user_target`),
   ``vmstate`` (:mod:`~pcidev.testing.fuzz.vmstate_target`), ``link``
   (:mod:`~pcidev.testing.fuzz.link_target`), ``migration``
   (:mod:`~pcidev.testing.fuzz.migration_target`); plugins add theirs as registry components
