@@ -17,7 +17,7 @@ from pcidev_nvme.backends import BUILTIN_BACKENDS, add_backend
 from pcidev_nvme.controller import NvmeController
 from pcidev_nvme.namespace import make_namespace
 from pcidev_nvme.testing import bench
-from pcidev_nvme.testing.fuzz import NvmeGuestTarget
+from pcidev_nvme.testing.fuzz import NvmeGuestTarget, NvmeVmstateTarget
 
 
 @hookimpl
@@ -36,7 +36,8 @@ def pcidev_register_devices(registry: DeviceRegistry) -> None:
       controller;
     * ``bench/nvme``: :func:`run_bench`, run by ``pcidev bench nvme``;
     * ``fuzz-target/nvme-guest``: :class:`~pcidev_nvme.testing.fuzz.NvmeGuestTarget`, run by
-      ``pcidev fuzz nvme-guest``.
+      ``pcidev fuzz nvme-guest``, and ``fuzz-target/nvme-vmstate``:
+      :class:`~pcidev_nvme.testing.fuzz.NvmeVmstateTarget`.
 
     :param registry: the registry collecting device types.
     """
@@ -46,6 +47,7 @@ def pcidev_register_devices(registry: DeviceRegistry) -> None:
         add_backend(registry, name, factory)
     registry.add_component("bench", "nvme", run_bench)
     registry.add_component("fuzz-target", NvmeGuestTarget.name, NvmeGuestTarget)
+    registry.add_component("fuzz-target", NvmeVmstateTarget.name, NvmeVmstateTarget)
 
 
 def run_bench(argv: list[str]) -> int:

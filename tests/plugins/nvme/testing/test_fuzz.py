@@ -4,13 +4,16 @@ exception, CSTS.CFS, namespace 2 overwritten)."""
 
 from __future__ import annotations
 
+import msgpack
 import pytest
 
+from pcidev.migration import load_device_stream
 from pcidev.plugins import load_registry, make_plugin_manager
 from pcidev.testing.fuzz import FuzzFinding, make_target
+from pcidev.vmstate.stream import seal
 from pcidev_nvme.controller import NvmeController
 from pcidev_nvme.testing import fuzz
-from pcidev_nvme.testing.fuzz import NvmeGuestTarget
+from pcidev_nvme.testing.fuzz import NvmeGuestTarget, NvmeVmstateTarget
 
 
 def _seeds() -> list[bytes]:
@@ -74,3 +77,20 @@ def test_namespace_2_overwritten_is_found(monkeypatch):
     with pytest.raises(FuzzFinding) as info:
         NvmeGuestTarget().run(_seeds()[0])
     assert info.value.invariant == "bystander-data"
+
+
+def test_nvme_vmstate_target_loads_its_own_stream_and_refuses_mutations_with_typed_errors():
+    target = make_target(load_registry(make_plugin_manager()), "nvme-vmstate")
+    assert isinstance(target, NvmeVmstateTarget)
+    target.setup()
+    try:
+        dest = target.make_device()
+        try:  # the unmutated stream loads: the mutations start from a stream the device takes
+            load_device_stream(dest, seal(msgpack.packb(target.body, use_bin_type=True)), target.fds).close()
+        finally:
+            dest.owns_state = False
+            dest.close()
+        for seed in target.seeds():
+            target.run(seed)
+    finally:
+        target.close()

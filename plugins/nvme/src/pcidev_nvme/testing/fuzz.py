@@ -37,13 +37,16 @@ import time
 from collections.abc import Iterator
 from typing import ClassVar
 
+from pcidev.device import PciDevice
 from pcidev.host import Machine
+from pcidev.host.pci import HostPciDevice
 from pcidev.pci.config import ResetKind
 from pcidev.testing.fuzz.target import ErrorLogWatch, FuzzFinding, FuzzInput, FuzzTarget, open_fd_count
+from pcidev.testing.fuzz.vmstate_target import VmstateTarget
 from pcidev_nvme.controller import NvmeController
 from pcidev_nvme.testing.driver import Completion, NvmeDriver, NvmeDriverError
 
-__all__ = ["COMPLETION_SECONDS", "STEP_SECONDS", "NvmeGuestTarget"]
+__all__ = ["COMPLETION_SECONDS", "STEP_SECONDS", "NvmeGuestTarget", "NvmeVmstateTarget"]
 
 log = logging.getLogger(__name__)
 
@@ -374,3 +377,35 @@ class _GuestRun:
         finally:
             drv.close()
         self._check("after-recovery", started)
+
+
+class NvmeVmstateTarget(VmstateTarget):
+    """``nvme-vmstate``: the structure-aware ``vmstate`` target on an NVMe controller's
+    stream (two ``mem`` namespaces, an I/O queue pair with completed commands): a valid
+    envelope and CRC around a mutated body; the load succeeds or raises a typed error, and
+    a loaded controller answers register reads and doorbell writes without failing."""
+
+    name: ClassVar[str] = "nvme-vmstate"
+    summary: ClassVar[str] = "vmstate load: mutated body of an NVMe controller stream, valid envelope and CRC"
+    _PROPS = "ns=mem:size=256K,ns=mem:size=256K,mdts=5,serial=PCIDEVFUZZ0001"
+
+    def make_source(self, machine: Machine) -> HostPciDevice:
+        """A probed controller that has written and read namespace 1."""
+        pdev = machine.plug(NvmeController(self._PROPS))
+        drv = NvmeDriver(machine, pdev, io_queues=1, io_depth=16, admin_depth=16, aers=1, timeout=COMPLETION_SECONDS)
+        drv.probe()
+        drv.write(1, 0, b"\x3C" * 4096)
+        drv.read(1, 0, 8)
+        return pdev
+
+    def make_device(self) -> PciDevice:
+        """A fresh controller of the same configuration."""
+        return NvmeController(self._PROPS)
+
+    def exercise(self, device: PciDevice) -> None:
+        """Register reads, and SQ/CQ doorbell writes for whatever queues the stream described."""
+        for off in (0x00, 0x08, 0x0C, 0x14, 0x1C, 0x24, 0x28, 0x30):
+            device.bar_read(0, off, 4)
+        for off, value in ((0x1000, 1), (0x1004, 0), (0x1008, 1), (0x100C, 0)):
+            device.bar_write(0, off, 4, value)
+        device.bar_read(0, 0x1C, 4)
