@@ -168,7 +168,7 @@ class ErrorLogWatch(logging.Handler):
     """Collects log records that carry a traceback (``exc_info``): an exception a
     server caught at its outermost level and logged is still an escaped exception.
 
-    Use as a context manager; :attr:`records` holds what was seen.
+    Use as a context manager; ``records`` holds what was seen.
     """
 
     def __init__(self) -> None:

@@ -19,7 +19,7 @@ Invariants (a break raises :class:`~pcidev.testing.fuzz.FuzzFinding`):
   (:class:`~pcidev.errors.VMStateError` and its kind); anything else escaped;
 * a device that loaded is live: it has not failed (but for a failure the stream
   carried from the source), guest accesses through
-  :meth:`exercise` raise nothing and return within :data:`STEP_SECONDS`, and no
+  :meth:`VmstateTarget.exercise` raise nothing and return within :data:`STEP_SECONDS`, and no
   traceback is logged;
 * a refused load leaves no file descriptor open.
 """
