@@ -36,7 +36,7 @@ from types import ModuleType
 from typing import NoReturn, TextIO
 
 from pcidev import __version__
-from pcidev.cli import bench, demo, describe, handover, plugins, serve, vmstate
+from pcidev.cli import bench, demo, describe, fuzz, handover, plugins, serve, vmstate
 from pcidev.cli._command import CliContext, Command, UsageError, command
 from pcidev.errors import PcidevError, PluginSpecError, one_line
 from pcidev.plugins import PcidevPluginManager, add_plugin_options, make_plugin_manager, parse_plugin_specs
@@ -57,7 +57,7 @@ __all__ = [
 PROG = "pcidev"
 
 #: The modules defining the subcommands, in ``pcidev --help`` order; each has ``COMMAND``.
-COMMAND_MODULES: tuple[ModuleType, ...] = (plugins, demo, serve, handover, bench, vmstate, describe)
+COMMAND_MODULES: tuple[ModuleType, ...] = (plugins, demo, serve, handover, bench, vmstate, describe, fuzz)
 
 
 def commands_of(modules: Iterable[ModuleType]) -> dict[str, Command]:

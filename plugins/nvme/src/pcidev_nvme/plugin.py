@@ -17,6 +17,7 @@ from pcidev_nvme.backends import BUILTIN_BACKENDS, add_backend
 from pcidev_nvme.controller import NvmeController
 from pcidev_nvme.namespace import make_namespace
 from pcidev_nvme.testing import bench
+from pcidev_nvme.testing.fuzz import NvmeGuestTarget, NvmeVmstateTarget
 
 
 @hookimpl
@@ -33,7 +34,10 @@ def pcidev_register_devices(registry: DeviceRegistry) -> None:
       ``pcidev_register_devices`` (:func:`pcidev_nvme.backends.add_backend`), and
       :meth:`~pcidev.registry.DeviceRegistry.create` hands the whole catalogue to the
       controller;
-    * ``bench/nvme``: :func:`run_bench`, run by ``pcidev bench nvme``.
+    * ``bench/nvme``: :func:`run_bench`, run by ``pcidev bench nvme``;
+    * ``fuzz-target/nvme-guest``: :class:`~pcidev_nvme.testing.fuzz.NvmeGuestTarget`, run by
+      ``pcidev fuzz nvme-guest``, and ``fuzz-target/nvme-vmstate``:
+      :class:`~pcidev_nvme.testing.fuzz.NvmeVmstateTarget`.
 
     :param registry: the registry collecting device types.
     """
@@ -42,6 +46,8 @@ def pcidev_register_devices(registry: DeviceRegistry) -> None:
     for name, factory in BUILTIN_BACKENDS.items():
         add_backend(registry, name, factory)
     registry.add_component("bench", "nvme", run_bench)
+    registry.add_component("fuzz-target", NvmeGuestTarget.name, NvmeGuestTarget)
+    registry.add_component("fuzz-target", NvmeVmstateTarget.name, NvmeVmstateTarget)
 
 
 def run_bench(argv: list[str]) -> int:

@@ -1,0 +1,277 @@
+"""The engines behind ``pcidev fuzz``: libFuzzer through atheris (coverage-guided), and
+a pure-Python random mutator (no coverage, no extra to install).
+
+Both run one :class:`~pcidev.testing.fuzz.FuzzTarget` for a number of seconds,
+keep going after a finding (each distinct one, by
+:attr:`~pcidev.testing.fuzz.FuzzFinding.signature`, is saved once to the
+findings directory with a ``.txt`` beside it) and return a :class:`FuzzReport`.
+
+atheris runs in a child process (``pcidev.testing.fuzz._libfuzzer``): libFuzzer
+ends the process it runs in, and its statistics (``cov:`` edges, ``ft:`` features,
+``exec/s``) come on its standard error, which the parent parses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import attrs
+
+from pcidev.errors import PcidevError
+from pcidev.testing.fuzz.target import FuzzFinding, FuzzTarget
+
+__all__ = ["FuzzReport", "FindingLog", "atheris_available", "parse_libfuzzer", "run_atheris", "run_random",
+           "ATHERIS_MISSING"]
+
+#: The one error line when the coverage-guided engine is asked for without its extra.
+ATHERIS_MISSING = ("atheris is not installed: install the fuzz extra (pip install 'pcidev[fuzz]') "
+                   "or use --engine random")
+
+_STAT = re.compile(r"^#(\d+)\s+(\w+)\s+(.*)$")
+_FIELD = re.compile(r"(cov|ft|corp|exec/s|rss):\s*(\S+)")
+_DONE = re.compile(r"^Done (\d+) runs in (\d+) second")
+#: the child's program (kept in step with pcidev.testing.fuzz._libfuzzer.BOOTSTRAP, which a
+#: test compares: this module cannot import that one, which needs atheris)
+_BOOTSTRAP = """
+import sys, atheris
+from importlib.metadata import entry_points
+packages = ["pcidev", *sorted({ep.value.split(":")[0].split(".")[0] for ep in entry_points(group="pcidev")})]
+with atheris.instrument_imports(include=packages):
+    from pcidev.testing.fuzz import _libfuzzer as libfuzzer
+    prepared = libfuzzer.prepare(sys.argv[1:])
+libfuzzer.fuzz(*prepared)
+"""
+
+
+@attrs.define
+class FuzzReport:
+    """What one fuzzing run did."""
+
+    target: str
+    engine: str
+    seconds: float
+    executions: int = 0
+    #: libFuzzer's covered edges (``cov``) and features (``ft``); None for the random engine
+    coverage: int | None = None
+    features: int | None = None
+    corpus: int = 0
+    findings: list[str] = attrs.field(factory=list)
+    #: wall time including the child's start-up and instrumentation (atheris), if known
+    wall: float | None = None
+
+    @property
+    def exec_per_second(self) -> float:
+        """Executions per second of wall time."""
+        return self.executions / self.seconds if self.seconds > 0 else 0.0
+
+    def lines(self) -> list[str]:
+        """The report, one figure a line (what ``pcidev fuzz`` prints)."""
+        cov = "n/a (random engine: no instrumentation)" if self.coverage is None else \
+            f"{self.coverage} edges, {self.features} features"
+        out = [f"target:      {self.target} ({self.engine})",
+               f"run:         {self.seconds:.1f} s" + ("" if self.wall is None else
+                                                         f" fuzzing ({self.wall:.1f} s with start-up)"),
+               f"executions:  {self.executions} ({self.exec_per_second:.1f} exec/s)",
+               f"coverage:    {cov}",
+               f"corpus:      {self.corpus} inputs",
+               f"findings:    {len(self.findings)}"]
+        out += [f"  {line}" for line in self.findings]
+        return out
+
+
+class FindingLog:
+    """Saves each distinct finding's input once, as ``<target>-<signature hash>.bin`` with
+    a ``.txt`` holding the finding's line and traceback.
+
+    :param directory: where to save (created).
+    :param target: the target's name.
+    """
+
+    def __init__(self, directory: Path, target: str) -> None:
+        self.directory = directory
+        self.target = target
+        self.seen: dict[str, str] = {}
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def record(self, finding: FuzzFinding, data: bytes) -> str | None:
+        """Save ``data`` if ``finding`` is new; returns its one-line description then."""
+        if finding.signature in self.seen:
+            return None
+        digest = hashlib.sha1(finding.signature.encode()).hexdigest()[:12]
+        path = self.directory / f"{self.target}-{digest}.bin"
+        path.write_bytes(data)
+        path.with_suffix(".txt").write_text(f"{finding}\nsignature: {finding.signature}\n\n{finding.trace}")
+        line = f"{path}: {finding}"
+        self.seen[finding.signature] = line
+        return line
+
+
+def run_one(target: FuzzTarget, data: bytes, log: FindingLog) -> str | None:
+    """Run one input; a finding (or any exception a target lets out) is recorded.
+
+    :returns: the finding's line if it was new.
+    """
+    try:
+        target.run(data)
+    except FuzzFinding as finding:
+        return log.record(finding, data)
+    except Exception as exc:
+        return log.record(FuzzFinding.escaped(exc, f"target {target.name}"), data)
+    return None
+
+
+def _load_corpus(corpus: Path | None, target: FuzzTarget) -> list[bytes]:
+    found = [p.read_bytes() for p in sorted(corpus.iterdir()) if p.is_file()] if corpus and corpus.is_dir() else []
+    return found or list(target.seeds()) or [b""]
+
+
+def _mutate(rng: random.Random, data: bytes, pool: Sequence[bytes]) -> bytes:
+    buf = bytearray(data)
+    for _ in range(rng.randrange(1, 6)):
+        op = rng.randrange(6)
+        if op == 0 and buf:
+            i = rng.randrange(len(buf))
+            buf[i] ^= 1 << rng.randrange(8)
+        elif op == 1 and buf:
+            buf[rng.randrange(len(buf))] = rng.randrange(256)
+        elif op == 2:
+            i = rng.randrange(len(buf) + 1)
+            buf[i:i] = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 9)))
+        elif op == 3 and len(buf) > 1:
+            i = rng.randrange(len(buf))
+            del buf[i:i + rng.randrange(1, 9)]
+        elif op == 4 and pool:
+            other = rng.choice(pool)
+            i, j = rng.randrange(len(buf) + 1), rng.randrange(len(other) + 1)
+            buf = buf[:i] + other[j:]
+        elif op == 5 and buf:
+            i = rng.randrange(len(buf))
+            buf[i:i + 4] = rng.choice((b"\0\0\0\0", b"\xff\xff\xff\xff", b"\x01\0\0\0", b"\0\0\0\x80"))
+    return bytes(buf[:4096])
+
+
+def run_random(target: FuzzTarget, *, seconds: float, corpus: Path | None, findings: Path,
+               seed: int | None = None, echo: Callable[[str], None] = print) -> FuzzReport:
+    """Fuzz ``target`` with random mutations of its corpus (no coverage feedback).
+
+    :param target: the target (its :meth:`~pcidev.testing.fuzz.FuzzTarget.setup` is called here).
+    :param seconds: how long to run.
+    :param corpus: a directory of inputs to start from (default: the target's seeds).
+    :param findings: where to save findings.
+    :param seed: the random seed (None: random).
+    :param echo: where finding lines go as they are found.
+    :returns: the report.
+    """
+    rng = random.Random(seed)
+    pool = _load_corpus(corpus, target)
+    log = FindingLog(findings, target.name)
+    report = FuzzReport(target.name, "random", seconds, corpus=len(pool))
+    target.setup()
+    started = time.monotonic()
+    logging.disable(logging.WARNING)  # a refusal's warning is the expected outcome; errors still show
+    try:
+        for data in pool:
+            report.executions += 1
+            line = run_one(target, data, log)
+            if line:
+                echo(line)
+        while time.monotonic() - started < seconds:
+            report.executions += 1
+            line = run_one(target, _mutate(rng, rng.choice(pool), pool), log)
+            if line:
+                echo(line)
+    finally:
+        logging.disable(logging.NOTSET)
+        target.close()
+    report.seconds = time.monotonic() - started
+    report.findings = list(log.seen.values())
+    return report
+
+
+def atheris_available() -> bool:
+    """Whether the coverage-guided engine can run (the ``fuzz`` extra is installed)."""
+    return importlib.util.find_spec("atheris") is not None
+
+
+def parse_libfuzzer(text: str, report: FuzzReport) -> None:
+    """Take executions, ``cov``, ``ft`` and corpus size from libFuzzer's standard error
+    (its last statistics line wins).
+
+    :param text: what libFuzzer printed.
+    :param report: updated in place.
+    """
+    for line in text.splitlines():
+        m = _STAT.match(line.strip())
+        if m:
+            report.executions = max(report.executions, int(m.group(1)))
+            fields = dict(_FIELD.findall(m.group(3)))
+            if "cov" in fields:
+                report.coverage = int(fields["cov"])
+            if "ft" in fields:
+                report.features = int(fields["ft"])
+            if "corp" in fields:
+                report.corpus = int(fields["corp"].split("/")[0])
+        d = _DONE.match(line.strip())
+        if d:
+            report.executions = max(report.executions, int(d.group(1)))
+            report.seconds = max(1.0, float(d.group(2)))  # libFuzzer's own clock: without the start-up
+
+
+def run_atheris(name: str, *, seconds: float, corpus: Path | None, findings: Path, jobs: int = 1,
+                plugin_specs: Sequence[str] = (), seed: int | None = None,
+                echo: Callable[[str], None] = print) -> FuzzReport:
+    """Fuzz the target ``name`` with libFuzzer (atheris) in a child process.
+
+    :param name: the target's name (the child finds it as ``pcidev fuzz`` does).
+    :param seconds: libFuzzer's ``-max_total_time``.
+    :param corpus: the corpus directory libFuzzer reads and adds to (default: a fresh
+        one under ``findings``, filled with the target's seeds).
+    :param findings: where findings are saved.
+    :param jobs: libFuzzer workers (``-jobs``/``-workers``).
+    :param plugin_specs: the ``-p`` options, for the child's plugin selection.
+    :param seed: libFuzzer's ``-seed``.
+    :param echo: where finding lines go.
+    :returns: the report.
+    :raises PcidevError: atheris is missing (:data:`ATHERIS_MISSING`) or the child failed
+        before fuzzing.
+    """
+    if not atheris_available():
+        raise PcidevError(ATHERIS_MISSING)
+    findings.mkdir(parents=True, exist_ok=True)
+    corpus_dir = corpus if corpus is not None else findings / f"corpus-{name}"
+    corpus_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-c", _BOOTSTRAP, name, str(findings)]
+    for spec in plugin_specs:
+        cmd += ["-p", spec]
+    cmd += ["--", f"-max_total_time={max(1, int(seconds))}", "-print_final_stats=1", "-rss_limit_mb=4096",
+            f"-artifact_prefix={findings}{os.sep}", str(corpus_dir)]
+    if seed is not None:
+        cmd.insert(-1, f"-seed={seed}")
+    if jobs > 1:
+        cmd[-1:-1] = [f"-jobs={jobs}", f"-workers={jobs}"]
+    started = time.monotonic()
+    # pcidev must be imported by the child inside atheris's instrumentation, not from this
+    # process's cached state: a fresh interpreter, the same sys.path
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                          check=False)
+    report = FuzzReport(name, "atheris", time.monotonic() - started)
+    parse_libfuzzer(proc.stdout, report)
+    report.wall = time.monotonic() - started
+    for line in proc.stdout.splitlines():
+        if line.startswith("FINDING "):
+            report.findings.append(line[len("FINDING "):])
+            echo(line[len("FINDING "):])
+    if report.executions == 0:
+        tail = [ln for ln in proc.stdout.splitlines() if ln.strip()][-1:] or [f"exit status {proc.returncode}"]
+        raise PcidevError(f"the fuzzer of {name} did not run: {tail[0]}")
+    return report

@@ -1,0 +1,188 @@
+"""The fuzzing toolkit without atheris: the input reader, finding records, the random
+engine, libFuzzer's statistics, and each framework target's invariant checks firing
+when the code under test is broken on purpose."""
+
+from __future__ import annotations
+
+import ast
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pcidev.migration import frames
+from pcidev.testing.fuzz import (
+    FuzzFinding,
+    FuzzInput,
+    FuzzTarget,
+    engine,
+    link_target,
+    migration_target,
+    vfio_user_target,
+    vmstate_target,
+)
+from pcidev.testing.fuzz.engine import FuzzReport, parse_libfuzzer, run_random
+from pcidev.vmstate.stream import open_stream
+
+
+def test_fuzz_input_reads_little_endian_and_zeros_past_the_end():
+    inp = FuzzInput(b"\x01\x02\x03\x04\x05")
+    assert inp.u16() == 0x0201
+    assert inp.u32() == 0x00050403  # three bytes left, then a zero
+    assert inp.remaining == 0
+    assert inp.u64() == 0 and inp.take(3) == b"\0\0\0"
+    assert FuzzInput(b"\x02").pick((7, 8, 9)) == 9
+
+
+class _Toy(FuzzTarget):
+    name = "toy"
+    calls = 0
+
+    def run(self, data: bytes) -> None:
+        type(self).calls += 1
+        if b"\xde" in data:
+            raise FuzzFinding("toy-invariant", "saw 0xde", where="toy")
+        if b"\xad" in data:
+            raise ValueError("a bug in the target itself")
+
+    def seeds(self) -> Iterator[bytes]:
+        yield b"\xde\x00"
+        yield b"\xad"
+        yield b"ok"
+
+
+def test_random_engine_records_each_distinct_finding_once_with_its_input(tmp_path):
+    lines: list[str] = []
+    report = run_random(_Toy(), seconds=0.5, corpus=None, findings=tmp_path, seed=1, echo=lines.append)
+    assert report.executions == _Toy.calls >= 3
+    assert len(report.findings) == 2 == len(lines)
+    saved = sorted(p.name for p in tmp_path.iterdir())
+    assert len(saved) == 4 and all(p.startswith("toy-") for p in saved)
+    by_text = {p.read_text().splitlines()[0]: p.with_suffix(".bin") for p in tmp_path.glob("*.txt")}
+    assert by_text["toy-invariant: saw 0xde"].read_bytes() == b"\xde\x00"
+    escaped = next(t for t in by_text if t.startswith("escaped-exception"))
+    assert "ValueError: a bug in the target itself" in escaped
+    text = "\n".join(report.lines())
+    assert "(random)" in text and "exec/s" in text and "findings:    2" in text
+
+
+def test_random_engine_starts_from_a_corpus_directory(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a").write_bytes(b"\xde")
+    report = run_random(_Toy(), seconds=0.1, corpus=corpus, findings=tmp_path / "f", seed=2)
+    assert report.corpus == 1 and report.findings
+
+
+def test_libfuzzer_statistics_are_parsed():
+    out = ("INFO: Seed: 1\n#2\tINITED cov: 589 ft: 590 corp: 1/1b exec/s: 0 rss: 73Mb\n"
+           "#1024\tpulse  cov: 900 ft: 1200 corp: 40/2Kb lim: 21 exec/s: 341 rss: 90Mb\n"
+           "#2374\tDONE   cov: 1115 ft: 1842 corp: 105/9Kb lim: 200 exec/s: 76 rss: 120Mb\n"
+           "Done 2374 runs in 31 second(s)\n")
+    report = FuzzReport("x", "atheris", 99.0)
+    parse_libfuzzer(out, report)
+    assert (report.executions, report.coverage, report.features, report.corpus) == (2374, 1115, 1842, 105)
+    assert report.seconds == 31.0 and round(report.exec_per_second) == 77
+
+
+def test_the_engine_and_the_child_run_the_same_bootstrap():
+    source = (Path(engine.__file__).parent / "_libfuzzer.py").read_text()
+    tree = ast.parse(source)
+    value = next(node.value for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                 and [getattr(t, "id", "") for t in node.targets] == ["BOOTSTRAP"])
+    assert isinstance(value, ast.Constant) and value.value == engine._BOOTSTRAP
+
+
+def test_without_atheris_the_coverage_engine_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(engine, "atheris_available", lambda: False)
+    with pytest.raises(engine.PcidevError, match=r"pip install 'pcidev\[fuzz\]'"):
+        engine.run_atheris("vmstate", seconds=1, corpus=None, findings=tmp_path)
+
+
+# ---------------------------------------------------------------- each target's checks fire
+
+def test_vfio_user_target_reports_an_exception_escaping_the_server(monkeypatch):
+    def boom(self):
+        raise RuntimeError("escaped on purpose")
+
+    monkeypatch.setattr(vfio_user_target.VfioUserServer, "serve", boom)
+    with pytest.raises(FuzzFinding) as info:
+        vfio_user_target.VfioUserTarget().run(b"\x01")
+    assert info.value.invariant == "escaped-exception" and "escaped on purpose" in str(info.value)
+
+
+def test_vfio_user_target_reports_a_missing_reply(monkeypatch):
+    real = vfio_user_target.VfioUserServer.serve
+
+    def deaf(self):
+        self.sock.recv(4096)  # takes the first message, answers nothing, keeps the socket
+        return real(self)
+
+    monkeypatch.setattr(vfio_user_target.VfioUserServer, "serve", deaf)
+    monkeypatch.setattr(vfio_user_target, "REPLY_SECONDS", 0.3)
+    with pytest.raises(FuzzFinding) as info:
+        vfio_user_target.VfioUserTarget().run(b"\x01")
+    assert info.value.invariant == "no-reply"
+
+
+def test_link_target_reports_a_server_bug(monkeypatch):
+    def broken(self, kind, body, fds, *, conn=None):
+        raise KeyError("a bug in dispatch")
+
+    monkeypatch.setattr(link_target.LinkServer, "dispatch", broken)
+    with pytest.raises(FuzzFinding) as info:
+        link_target.LinkTarget().run(bytes([0, 0]))
+    assert info.value.invariant in ("internal-error", "logged-traceback")
+
+
+def test_vmstate_target_reports_an_untyped_load_error(monkeypatch):
+    target = vmstate_target.VmstateTarget()
+    target.setup()
+    try:
+        target.run(bytes(12))  # the unbroken loader takes or refuses it with a typed error
+
+        def broken(dev, data, fds=None):
+            raise KeyError("untyped")
+
+        monkeypatch.setattr(vmstate_target, "load_device_stream", broken)
+        with pytest.raises(FuzzFinding) as info:
+            target.run(bytes(12))
+        assert info.value.invariant == "escaped-exception" and "KeyError" in info.value.where
+    finally:
+        target.close()
+
+
+def test_vmstate_mutations_keep_a_valid_envelope():
+    target = vmstate_target.VmstateTarget()
+    target.setup()
+    try:
+        for seed in range(20):
+            stream = target.mutate(FuzzInput(struct.pack("<QQ", seed * 0x9E3779B97F4A7C15 % (1 << 64), seed)))
+            open_stream(stream)  # the CRC and the prefix are right: the mutations reach the body's checks
+    finally:
+        target.close()
+
+
+def test_migration_target_replays_a_real_source_and_reports_an_untyped_error(monkeypatch):
+    target = migration_target.MigrationTarget()
+    target.setup()
+    assert [kind for kind, _body, _n in target.frames][:2] == [frames.CHECK, frames.OFFER]
+    results = []
+    real = migration_target.migrate_in
+
+    def watched(*args, **kwargs):
+        results.append(real(*args, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(migration_target, "migrate_in", watched)
+    target.run(bytes([11] * 16))  # every frame as recorded: the destination takes the device
+    assert len(results) == 1 and results[0].running_at is not None
+
+    def broken(*args, **kwargs):
+        raise AttributeError("untyped")
+
+    monkeypatch.setattr(migration_target, "migrate_in", broken)
+    with pytest.raises(FuzzFinding) as info:
+        target.run(bytes([11] * 16))
+    assert info.value.invariant == "escaped-exception" and "AttributeError" in info.value.where
