@@ -14,7 +14,9 @@ INTx-disable and bus-master bits) and hands each message to an
 
 An eventfd from another process is untrusted: :func:`is_eventfd` tells one from a
 pipe or a file (which a write could block on forever), and :func:`signal_eventfd`
-never blocks, even on a blocking eventfd whose counter is saturated.
+does not block on a saturated counter, even of a blocking eventfd (one window is left: a
+peer that makes its eventfd blocking and fills the counter between the poll and the
+write delays that one write until it reads; see :func:`signal_eventfd`).
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ class EventfdSink:
     each message adds 1 to the vector's counter. A vector without an eventfd is
     dropped and counted in ``dropped``, as a vfio device does when no
     trigger was set. A signal to an eventfd whose counter is saturated is dropped
-    and counted in ``saturated`` (:func:`signal_eventfd`: never blocks).
+    and counted in ``saturated`` (:func:`signal_eventfd`: a saturated counter is not waited for).
 
     :param vector_fds: vector number → eventfd.
     :param intx_fd: eventfd signalled when INTx is asserted.

@@ -35,13 +35,15 @@ from pcidev.inheritance import inheriting, parse_inherit_arg
 from pcidev.properties import split_device_spec, split_properties
 from pcidev.transport.address import MAX_UNIX_PATH, Listener
 from pcidev.transport.vfio_user.handover import control_path, listen_control
-from pcidev.transport.vfio_user.server import DEFAULT_MAX_DMA_MAPS, DEFAULT_MESSAGE_TIMEOUT
+from pcidev.transport.vfio_user.server import (
+    DEFAULT_MAX_DMA_MAPS,
+    DEFAULT_MESSAGE_TIMEOUT,
+    MAX_MESSAGE_TIMEOUT,
+    MIN_MESSAGE_TIMEOUT,
+)
 from pcidev.transport.vfio_user.serving import listen_vfio_user, serve_adopted, serve_device
 
-__all__ = ["COMMAND", "child_args", "pinned_spec", "server_options", "MAX_MESSAGE_TIMEOUT"]
-
-#: the longest ``--message-timeout`` accepted (seconds): a day
-MAX_MESSAGE_TIMEOUT = 86400.0
+__all__ = ["COMMAND", "child_args", "pinned_spec", "server_options"]
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +123,8 @@ def server_options(args: argparse.Namespace) -> dict[str, Any]:
     """
     if args.max_dma_maps <= 0:
         raise UsageError(f"--max-dma-maps {args.max_dma_maps}: must be at least 1")
-    if not 0 < args.message_timeout <= MAX_MESSAGE_TIMEOUT:
-        raise UsageError(f"--message-timeout {args.message_timeout:g}: must be above 0 and at most "
+    if not MIN_MESSAGE_TIMEOUT <= args.message_timeout <= MAX_MESSAGE_TIMEOUT:
+        raise UsageError(f"--message-timeout {args.message_timeout:g}: must be from {MIN_MESSAGE_TIMEOUT:g} to "
                          f"{MAX_MESSAGE_TIMEOUT:g} seconds")
     return {"max_dma_maps": args.max_dma_maps, "message_timeout": args.message_timeout,
             "allow_unsealed_dma": args.allow_unsealed_dma}

@@ -983,7 +983,10 @@ class Precopy:
             if not poller.poll(int(wait * 1000)):
                 return None
             self.sock.settimeout(max(wait, 0.1))
-            kind, body, stray = recv_frame(self.sock)
+            # one deadline for the whole frame: a NACK trickled a byte at a time cannot hold
+            # the pre-copy (each read would restart the socket's timeout)
+            kind, body, stray = recv_frame(self.sock, deadline=time.monotonic() + max(wait, 0.1)
+                                           + min(self.timeout, 1.0))
         except (TransportError, OSError, ValueError) as exc:
             return MigrationError(f"the destination went away during pre-copy ({exc})")
         close_fds(stray)

@@ -388,8 +388,34 @@ def _resolve_fields(desc: Description) -> tuple[FieldSpec, ...]:
     return tuple(specs)
 
 
+def _nested_constraint(tp: Any) -> Any:
+    """A Range, Mask or Check inside ``tp`` (not at its top level), or None."""
+    for arg in typing.get_args(tp):
+        if typing.get_origin(arg) is Annotated:
+            found = [m for m in typing.get_args(arg)[1:] if isinstance(m, (Range, Mask, Check))]
+            if found:
+                return found[0]
+            arg = typing.get_args(arg)[0]
+        if not isinstance(arg, (type, int, str)) or typing.get_args(arg):
+            inner = _nested_constraint(arg)
+            if inner is not None:
+                return inner
+    return None
+
+
 def _constraints(tp: Any, kind: Any, where: str) -> tuple[Any, ...]:
-    """The constraint markers of a field's annotation (integer kinds only for Range and Mask)."""
+    """The constraint markers of a field's annotation (integer kinds only for Range and Mask).
+
+    :raises ConfigError: a marker nested inside the type (an ``Optional``'s member, an
+        array's element), where the decoder would not check it: it must annotate the field
+        as a whole (``Annotated[U8 | None, Range(...)]``; an array's elements: a ``Check``
+        on the field).
+    """
+    nested = _nested_constraint(typing.get_args(tp)[0] if typing.get_origin(tp) is Annotated else tp)
+    if nested is not None:
+        raise ConfigError(f"{where}: {type(nested).__name__} inside the field's type is not checked; annotate the "
+                          "field as a whole (Annotated[U8 | None, Range(...)]; for an array's elements, a Check "
+                          "on the field)")
     if typing.get_origin(tp) is not Annotated:
         return ()
     found = tuple(m for m in typing.get_args(tp)[1:] if isinstance(m, (Range, Mask, Check)))

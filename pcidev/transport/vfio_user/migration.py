@@ -43,7 +43,8 @@ handover, which refuses unless it is ``RUNNING``).
   it stops the device, and ``RUNNING`` to ``STOP`` prepares first, in the arc. A failed
   or late preparation refuses the arc with ``EBUSY``: the device runs on, the state is
   unchanged. ``PRE_COPY`` to ``RUNNING`` and a client that leaves wait for a preparation
-  still running (none outlives the migration).
+  still running (at most :data:`PREPARE_WAIT`; one still running then is kept: no second
+  one starts beside it, and the next stop waits for it).
 * A ``DEVICE_RESET`` in ``PRE_COPY`` resets the device but keeps the state and the
   pre-copy (:meth:`MigrationStateMachine.device_reset`; libvfio-user #853: a client
   that still expects ``PRE_COPY`` would otherwise take arcs that do not exist).
@@ -296,10 +297,15 @@ class MigrationStateMachine:
     def _join_prepare(self) -> None:
         """Forget the preparation (the migration ended here), once it has ended: nothing of
         it runs on under a reset, a handover or the device's close (at most
-        :data:`PREPARE_WAIT` seconds; what it raised does not matter any more)."""
+        :data:`PREPARE_WAIT` seconds; what it raised does not matter any more). One still
+        running after that is kept: :meth:`_prepare_in_background` starts no other beside
+        it, and the next stop waits for it again."""
         thread, self._prepare = self._prepare, None
         if thread is not None:
             thread.join(PREPARE_WAIT)
+            if thread.is_alive():  # still running: kept, so that no second one starts beside it
+                self._prepare = thread
+                log.warning("vfio-user: the device's preparation of its stop still runs after %s s", PREPARE_WAIT)
         self._prepare_error = None
 
     def _prepared(self) -> None:

@@ -42,8 +42,9 @@ import select
 import socket
 import struct
 import threading
+import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -75,13 +76,20 @@ from pcidev.transport.vfio_user.reader import Message, MessageReader
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_MAX_DMA_MAPS", "DEFAULT_MESSAGE_TIMEOUT", "ExtraClientGuard", "VfioUserServer",
-           "client_left"]
+__all__ = ["DEFAULT_MAX_DMA_MAPS", "DEFAULT_MESSAGE_TIMEOUT", "MIN_MESSAGE_TIMEOUT", "MAX_MESSAGE_TIMEOUT",
+           "ExtraClientGuard", "VfioUserServer", "client_left"]
 
 #: the most DMA maps (with and without an fd) one client may have at a time
 DEFAULT_MAX_DMA_MAPS = 1024
 #: seconds a message that started may take to arrive whole, and a reply to be taken
 DEFAULT_MESSAGE_TIMEOUT = 30.0
+#: the shortest ``message_timeout`` (seconds): ``SO_SNDTIMEO`` of zero would mean none
+MIN_MESSAGE_TIMEOUT = 0.001
+#: the longest ``message_timeout`` (seconds): a day
+MAX_MESSAGE_TIMEOUT = 86400.0
+#: replies up to this size go out in one ``send`` bounded by ``SO_SNDTIMEO``; larger ones
+#: get an overall deadline
+_ONE_SEND = 4096
 
 #: the reason of a connection ended by a message too large to skip (the stream is lost)
 _OVERSIZED = "a message whose size cannot be trusted (oversized, or below its header)"
@@ -138,9 +146,9 @@ class VfioUserServer:
     def __init__(self, endpoint: DeviceEndpoint, sock: socket.socket, *, max_msg_fds: int = 8,
                  max_data_xfer_size: int = 1 << 20, max_dma_maps: int = DEFAULT_MAX_DMA_MAPS,
                  message_timeout: float = DEFAULT_MESSAGE_TIMEOUT, allow_unsealed_dma: bool = False) -> None:
-        if max_dma_maps <= 0 or not message_timeout > 0:
-            raise ConfigError(f"vfio-user server: max_dma_maps {max_dma_maps} and message_timeout "
-                              f"{message_timeout} must be positive")
+        if max_dma_maps <= 0 or not MIN_MESSAGE_TIMEOUT <= message_timeout <= MAX_MESSAGE_TIMEOUT:
+            raise ConfigError(f"vfio-user server: max_dma_maps {max_dma_maps} must be positive and message_timeout "
+                              f"{message_timeout} in [{MIN_MESSAGE_TIMEOUT}, {MAX_MESSAGE_TIMEOUT:g}] seconds")
         self.endpoint = endpoint
         self.device = endpoint.device
         self.sock = sock
@@ -412,13 +420,23 @@ class VfioUserServer:
             self._error(mid, cmd, flags, errno.EIO, f"{type(exc).__name__}: {exc}")
             return None
         if not flags & protocol.FLAG_NO_REPLY:
-            send_all(self.sock, protocol.reply(mid, cmd, payload), out_fds)
+            self._send_reply(protocol.reply(mid, cmd, payload), out_fds)
         return None
+
+    def _send_reply(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        """Send a reply. ``SO_SNDTIMEO`` bounds each ``send``; a reply larger than
+        :data:`_ONE_SEND` may take several, and a client taking it slowly would restart that
+        timeout each time: it gets ``message_timeout`` as a whole instead.
+
+        :raises TransportError: the client did not take it in time, or went away.
+        """
+        deadline = time.monotonic() + self.message_timeout if len(data) > _ONE_SEND else None
+        send_all(self.sock, data, fds, deadline=deadline)
 
     def _error(self, mid: int, cmd: int, flags: int, err: int, text: str) -> None:
         log.info("vfio-user: refusing %s (id %d): %s", protocol.COMMAND_NAMES.get(cmd, cmd), mid, text)
         if not flags & protocol.FLAG_NO_REPLY:
-            send_all(self.sock, protocol.error_reply(mid, cmd, err))
+            self._send_reply(protocol.error_reply(mid, cmd, err))
 
     # -- dispatch -----------------------------------------------------------------------
     def dispatch(self, cmd: int, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:

@@ -22,6 +22,7 @@ from pcidev.device import PciDevice
 from pcidev.errors import ConfigError, MigrationBlockedError, MigrationError, TransportError, VMStateError
 from pcidev.memory_source import ALLOCATION_PAGE, DirtyBitmap, MemorySource
 from pcidev.migration import descriptor_blockers, migrate_out
+from pcidev.migration.frames import FRAME_HEADER, MAGIC, NACK
 from pcidev.migration.precopy import Precopy, PrecopyReport, _Staged
 from pcidev.vmstate import FdRef, vmstate
 
@@ -758,4 +759,57 @@ def test_a_destination_reading_slowly_cannot_hold_a_precopy_send():
         a.close()
         b.close()
         reader.join(5)
+        src.close()
+
+
+def test_a_refusal_trickled_a_byte_at_a_time_cannot_hold_the_precopy():
+    """The pre-copy looks for a refusal between chunks; a destination that announces a
+    64 KiB NACK and trickles it a byte every 30 ms (each read inside the socket's timeout)
+    is cut off by one deadline for the whole frame: the pre-copy fails within seconds, not
+    the hour the NACK would take, and the device keeps running."""
+    src = PrecopyDev(16 * MiB)
+    a, b = tcp_pair()
+    stop = threading.Event()
+
+    def destination() -> None:
+        taken = 0
+        b.settimeout(0.01)
+        nack = FRAME_HEADER.pack(MAGIC, NACK, 0, 64 << 10)
+        sent_header = False
+        while not stop.is_set():
+            try:
+                got = b.recv(1 << 20)
+                if not got:
+                    return
+                taken += len(got)
+            except TimeoutError:
+                pass
+            except OSError:
+                return
+            try:
+                if taken > (2 << 20) and not sent_header:
+                    b.sendall(nack)
+                    sent_header = True
+                elif sent_header:
+                    b.send(b"\x80")
+                    time.sleep(0.02)
+            except OSError:
+                return
+
+    t = threading.Thread(target=destination, daemon=True)
+    try:
+        src.realize()
+        src.ram.mem[:] = random.Random(6).randbytes(16 * MiB)
+        t.start()
+        p = Precopy(src, a, timeout=1.0, preflight=False)
+        t0 = time.monotonic()
+        with pytest.raises(MigrationError):
+            p.run()
+        assert time.monotonic() - t0 < 10.0
+        assert not src.quiesced and p.failed
+    finally:
+        stop.set()
+        a.close()
+        b.close()
+        t.join(5)
         src.close()

@@ -35,6 +35,7 @@ from pcidev.transport.vfio_user.conn import NofdMaps
 from pcidev.transport.vfio_user.protocol import VfioUserError
 from pcidev.transport.vfio_user.server import VfioUserServer
 from pcidev.transport.vfio_user.serving import VfioUserService, listen_vfio_user
+from pcidev_nvme.controller import NvmeController
 
 RAM = 0x40000000
 SIZE = 1 << 20
@@ -447,11 +448,47 @@ def test_serve_takes_the_limits_from_its_command_line(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--max-dma-maps", "0"], "--max-dma-maps 0: must be at least 1"),
-    (["--message-timeout", "0"], "--message-timeout 0: must be above 0"),
-    (["--message-timeout", "nan"], "--message-timeout nan: must be above 0"),
+    (["--message-timeout", "0"], "--message-timeout 0: must be from 0.001 to 86400 seconds"),
+    (["--message-timeout", "nan"], "--message-timeout nan: must be from"),
+    (["--message-timeout", "inf"], "--message-timeout inf: must be from"),
+    (["--message-timeout", "1e-7"], "--message-timeout 1e-07: must be from"),
 ])
 def test_bad_limits_on_the_command_line_are_one_line(tmp_path, args, message):
     proc = _serve_cli(tmp_path / "edu.sock", *args)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2 and message in out and "Traceback" not in out, out
     assert not (tmp_path / "edu.sock").exists()
+
+
+def test_a_client_taking_a_large_reply_slowly_is_dropped_after_the_deadline():
+    """A 1 MiB REGION_READ reply taken 64 KiB every 0.3 s (each ``send`` progresses inside
+    ``SO_SNDTIMEO``): the reply as a whole gets ``message_timeout``, then the connection
+    ends, instead of the ~5 s this client would hold the server thread."""
+    dev = NvmeController("cmb_size=2,max_ioqpairs=2,msix_vectors=3,ns=mem:size=1M")
+    ep, server, client, t, result = _serve(dev, message_timeout=1.0)
+    sock = client.sock
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.version()
+        n = 1 << 20
+        sock.sendall(protocol.message(2, protocol.REGION_READ, protocol.REGION_ACCESS_S.pack(0, 2, n)))
+        t0 = time.monotonic()
+        got = 0
+        sock.setblocking(False)
+        while t.is_alive() and time.monotonic() - t0 < 20:
+            time.sleep(0.3)
+            try:
+                data = sock.recv(64 * 1024)
+            except BlockingIOError:
+                continue
+            if not data:
+                break
+            got += len(data)
+        t.join(10)
+        assert not t.is_alive() and time.monotonic() - t0 < 4.0
+        assert got < n, got
+        assert "in time (overall deadline" in str(result.get("reason")), result
+    finally:
+        sock.close()
+        t.join(10)
+        ep.close()

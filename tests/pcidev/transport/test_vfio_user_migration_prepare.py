@@ -226,3 +226,43 @@ def test_leaving_pre_copy_waits_for_the_preparation_so_none_outlives_the_migrati
     finally:
         opener.cancel()
         dev.gate.set()
+
+
+class SlowEdu(EduDevice):
+    """A preparation that outlasts ``PREPARE_WAIT`` (a slow fdatasync)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.running = 0
+        self.most = 0
+        self._lock = threading.Lock()
+
+    def prepare_quiesce(self, *, flush: bool) -> None:
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            time.sleep(1.0)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+def test_a_preparation_longer_than_the_wait_is_kept_and_never_doubled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PRE_COPY -> RUNNING waits PREPARE_WAIT for the preparation; one still running then is
+    kept, so the next PRE_COPY starts none beside it: never two at once, however often the
+    client goes in and out of PRE_COPY."""
+    monkeypatch.setattr(migration, "PREPARE_WAIT", 0.1)
+    dev = SlowEdu()
+    srv = InProcess(dev)
+    try:
+        for _ in range(4):
+            set_mig_state(srv.client, MIG_STATE_PRE_COPY)
+            set_mig_state(srv.client, MIG_STATE_RUNNING)
+        assert dev.most == 1
+    finally:
+        srv.close(keep_device=True)
+        deadline = time.monotonic() + 10
+        while dev.running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        dev.close()

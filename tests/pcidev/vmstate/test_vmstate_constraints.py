@@ -103,3 +103,33 @@ def test_range_and_mask_apply_to_integers_only():
         @attrs.frozen
         class Bad2:
             x: Annotated[U8, Range(2, 1)] = 2
+
+
+def test_a_constraint_inside_the_type_is_refused_where_the_decoder_would_not_check_it():
+    """An Optional's member or an array's element: the decoder checks constraints of the
+    field as a whole only, so a nested one is a declaration error, not a silent no-op;
+    the field-level form of an Optional is enforced."""
+    with pytest.raises(ConfigError, match="inside the field's type is not checked"):
+        @vmstate("t/nested-opt")
+        @attrs.frozen
+        class Opt:
+            x: Annotated[U8, Range(0, 3)] | None = None
+    with pytest.raises(ConfigError, match="inside the field's type is not checked"):
+        @vmstate("t/nested-arr")
+        @attrs.frozen
+        class Arr:
+            xs: VarArray[Annotated[U8, Range(0, 3)], 4] = ()
+
+    @vmstate("t/whole-opt")
+    @attrs.frozen
+    class Whole:
+        x: Annotated[U8 | None, Range(0, 3)] = None
+
+    def roundtrip(st: Whole) -> Whole:
+        data = save("cons", {}, [("t/whole-opt", 0, st)])
+        [(_, _, out)] = load(data, device_type="cons", fingerprint={}, descriptions=[Whole])
+        return out
+
+    assert roundtrip(Whole(2)) == Whole(2) and roundtrip(Whole(None)) == Whole(None)
+    with pytest.raises(StateError, match="x"):
+        roundtrip(Whole(9))

@@ -296,8 +296,9 @@ def plan(tables: NamespaceTables, state: NamespaceChangesState | None, nsids: Se
         sizes[rec.nsid] = rec.size
     mem = sum(r.size for r in records.values() if r.kind == "mem")
     if mem > cfg.mem_create_limit:
-        raise _fail(f"the created mem namespaces hold {mem} bytes, more than mem_create_limit "
-                    f"({cfg.mem_create_limit})", "ns_management.created")
+        raise _fail(f"the created mem namespaces hold {mem} bytes, more than this controller's mem_create_limit "
+                    f"({cfg.mem_create_limit}); give the destination mem_create_limit={mem} or more",
+                    "ns_management.created")
     if records and sum(sizes.values()) > cfg.capacity:
         raise _fail(f"the namespaces hold {sum(sizes.values())} bytes, more than the capacity ({cfg.capacity})",
                     "ns_management.created")
