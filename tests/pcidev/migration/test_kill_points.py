@@ -34,6 +34,7 @@ from killpoints import (
 )
 
 from pcidev.devices.edu import DESC, STATUS_DONE, EduDevice
+from pcidev.dma import alloc_memfd
 from pcidev.errors import ConnectionLostError, MigrationError, PcidevError, TransportError
 from pcidev.host import Machine
 from pcidev.migration import channel, save_device_stream
@@ -106,8 +107,7 @@ class EduSource:
         self.device = WatchedRamEdu(EDU_PROPS) if ram else WatchedEdu(EDU_PROPS)
         self.endpoint = DeviceEndpoint(self.device)
         for i in range(extra_regions):  # small regions beyond RAM: one descriptor each
-            fd = os.memfd_create(f"extra{i}", os.MFD_CLOEXEC)
-            os.ftruncate(fd, 4096)
+            fd = alloc_memfd(4096, f"extra{i}")  # (sealed against shrinking, as guest memory must be)
             self.endpoint.dma_map((1 << 32) + i * 0x10000, 4096, fd, name=f"extra{i}")
             os.close(fd)
         self.endpoint.start()
