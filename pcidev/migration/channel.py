@@ -862,6 +862,8 @@ def _acknowledge(device: PciDevice, sock: socket.socket, *, stream: bytes, nfds:
     try:
         send_meta(sock, ACK, ack, deadline=time.monotonic() + timeout)
     except TransportError as exc:
+        if adopt is None and res is not None:
+            res.close()  # (nobody else owns what the load created: the source keeps the device)
         raise MigrationError(f"could not acknowledge ({exc}); the source keeps the device") from exc
     running_at = None
     if committing:
