@@ -21,6 +21,7 @@ Invariants (a break raises :class:`~pcidev.testing.fuzz.FuzzFinding`):
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 import time
@@ -135,6 +136,11 @@ class MigrationTarget(FuzzTarget):
                 outcome["refused"] = exc
             except BaseException as exc:
                 outcome["exc"] = exc
+            finally:
+                try:  # the player waits for this EOF instead of sleeping
+                    dst.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
 
         with ErrorLogWatch() as watch:
             thread = threading.Thread(target=destination, name="fuzz-migrate-in", daemon=True)
@@ -198,11 +204,17 @@ class MigrationTarget(FuzzTarget):
             time.sleep(0)  # let the destination answer
             self._drain(sock)
             i += 1
-        deadline = time.monotonic() + 0.2  # the destination's last words (ACK, RUNNING...)
-        while time.monotonic() < deadline:
-            if not self._drain(sock):
-                break
-            time.sleep(0.01)
+        # the source is done: half-close, so the destination sees the end of the stream at
+        # once, then read its last words (ACK, RUNNING...) until it ends (it half-closes
+        # its side when migrate_in returns); no fixed sleep
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        deadline = time.monotonic() + END_SECONDS
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([sock], [], [], left)[0] or not self._drain(sock):
+                return
 
     def _drain(self, sock: socket.socket) -> bool:
         """Read and drop what the destination sent; False once it closed."""
