@@ -156,7 +156,8 @@ class _LinkSession:
             fds.extend(os.eventfd(0, os.EFD_CLOEXEC) for _ in range(len(vectors) + intx - (inp.u8() >= 230)))
             return {"vectors": vectors, "intx": intx}
         if kind in (protocol.MIGRATE, protocol.PRECOPY):
-            return {"to": f"unix:{self.where}/nobody.sock", "timeout": inp.pick(_MIGRATE_TIMEOUTS),
+            timeout = _MIGRATE_TIMEOUTS[inp.u8() % len(_MIGRATE_TIMEOUTS)]
+            return {"to": f"unix:{self.where}/nobody.sock", "timeout": timeout,
                     "max_downtime_ms": num(), "max_iterations": inp.u8(), "quiesce_timeout_ms": inp.pick((50, 0, 1))}
         if kind in (protocol.TAKE_BACK, protocol.ABANDON):
             return {"reason": "fuzz"}

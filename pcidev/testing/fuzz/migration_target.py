@@ -106,9 +106,11 @@ class MigrationTarget(FuzzTarget):
                 migrate_out(source, src, timeout=5.0)
             finally:
                 src.close()
-                for t in threads:
+                threads[2].join(10)  # the destination, then its end of the relay: the relays end
+                dst.close()
+                for t in threads[:2]:
                     t.join(10)
-                for s in (relay_in, relay_out, dst):
+                for s in (relay_in, relay_out):
                     s.close()
                 dest.close()
                 source.close()
@@ -220,7 +222,7 @@ class MigrationTarget(FuzzTarget):
         """Read and drop what the destination sent; False once it closed."""
         while True:
             try:
-                _, anc, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(64 * 4))
+                data, anc, _flags, _addr = sock.recvmsg(65536, socket.CMSG_SPACE(64 * 4))
             except BlockingIOError:
                 return True
             except OSError:
@@ -228,7 +230,7 @@ class MigrationTarget(FuzzTarget):
             for level, kind, payload in anc:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     close_fds(memoryview(payload).cast("i").tolist())
-            if not _:
+            if not data:  # (it once tested the address, None: every read looked like the end)
                 return False
 
     def _mutate_meta(self, inp: FuzzInput, body: bytes) -> bytes:
