@@ -223,8 +223,8 @@ class RssWatch:
     cause, only the one at which the growth was seen (the finding says so); the baseline
     then moves up so that one leak is reported once per ``growth_mb``.
 
-    :param every: inputs between two samples (default :data:`RSS_EVERY`).
-    :param growth_mb: growth allowed past the first sample (default :data:`RSS_GROWTH_MB`).
+    :param every: inputs between two samples (default ``RSS_EVERY``, 1000).
+    :param growth_mb: growth allowed past the first sample (default ``RSS_GROWTH_MB``, 512).
     """
 
     def __init__(self, every: int = RSS_EVERY, growth_mb: float = RSS_GROWTH_MB) -> None:
@@ -234,7 +234,7 @@ class RssWatch:
         self.baseline: float | None = None
 
     def tick(self) -> None:
-        """Count one input; sample and check every :attr:`every` inputs.
+        """Count one input; sample and check every ``every`` inputs.
 
         :raises FuzzFinding: invariant ``memory-growth``.
         """
