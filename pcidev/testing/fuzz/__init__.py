@@ -21,7 +21,7 @@ by the normal test run. See docs/fuzzing.md.
 from __future__ import annotations
 
 from pcidev.testing.fuzz.catalogue import make_target, target_factories
-from pcidev.testing.fuzz.target import ErrorLogWatch, FuzzFinding, FuzzInput, FuzzTarget
+from pcidev.testing.fuzz.target import ErrorLogWatch, FuzzFinding, FuzzInput, FuzzTarget, RssWatch
 
-__all__ = ["ErrorLogWatch", "FuzzFinding", "FuzzInput", "FuzzTarget",
+__all__ = ["ErrorLogWatch", "FuzzFinding", "FuzzInput", "FuzzTarget", "RssWatch",
            "make_target", "target_factories"]

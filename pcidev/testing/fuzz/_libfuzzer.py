@@ -22,7 +22,7 @@ import atheris  # the optional extra (pcidev[fuzz]): this module runs only in th
 from pcidev.plugins import load_registry, make_plugin_manager, parse_plugin_specs
 from pcidev.testing.fuzz.catalogue import make_target
 from pcidev.testing.fuzz.engine import FindingLog, run_one
-from pcidev.testing.fuzz.target import FuzzTarget
+from pcidev.testing.fuzz.target import FuzzTarget, RssWatch
 
 __all__ = ["BOOTSTRAP", "fuzz", "prepare"]
 
@@ -68,8 +68,10 @@ def fuzz(target: FuzzTarget, log: FindingLog, libfuzzer_args: list[str]) -> None
     """
     logging.disable(logging.WARNING)  # a refusal's warning is the expected outcome; errors still show
 
+    rss = RssWatch()
+
     def one_input(data: bytes) -> None:
-        line = run_one(target, data, log)
+        line = run_one(target, data, log, rss)
         if line:
             print(f"FINDING {line}", flush=True)
 

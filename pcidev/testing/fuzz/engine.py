@@ -28,7 +28,7 @@ from pathlib import Path
 import attrs
 
 from pcidev.errors import PcidevError
-from pcidev.testing.fuzz.target import FuzzFinding, FuzzTarget
+from pcidev.testing.fuzz.target import FuzzFinding, FuzzTarget, RssWatch
 
 __all__ = ["FuzzReport", "FindingLog", "atheris_available", "parse_libfuzzer", "run_atheris", "run_random",
            "ATHERIS_MISSING"]
@@ -116,13 +116,16 @@ class FindingLog:
         return line
 
 
-def run_one(target: FuzzTarget, data: bytes, log: FindingLog) -> str | None:
+def run_one(target: FuzzTarget, data: bytes, log: FindingLog, rss: RssWatch | None = None) -> str | None:
     """Run one input; a finding (or any exception a target lets out) is recorded.
 
+    :param rss: the memory-growth watch to tick after the input (the engines pass one).
     :returns: the finding's line if it was new.
     """
     try:
         target.run(data)
+        if rss is not None:
+            rss.tick()
     except FuzzFinding as finding:
         return log.record(finding, data)
     except Exception as exc:
@@ -173,6 +176,7 @@ def run_random(target: FuzzTarget, *, seconds: float, corpus: Path | None, findi
     :returns: the report.
     """
     rng = random.Random(seed)
+    rss = RssWatch()
     pool = _load_corpus(corpus, target)
     log = FindingLog(findings, target.name)
     report = FuzzReport(target.name, "random", seconds, corpus=len(pool))
@@ -182,12 +186,12 @@ def run_random(target: FuzzTarget, *, seconds: float, corpus: Path | None, findi
     try:
         for data in pool:
             report.executions += 1
-            line = run_one(target, data, log)
+            line = run_one(target, data, log, rss)
             if line:
                 echo(line)
         while time.monotonic() - started < seconds:
             report.executions += 1
-            line = run_one(target, _mutate(rng, rng.choice(pool), pool), log)
+            line = run_one(target, _mutate(rng, rng.choice(pool), pool), log, rss)
             if line:
                 echo(line)
     finally:

@@ -42,6 +42,9 @@ __all__ = ["REPLY_SECONDS", "LinkTarget"]
 
 #: longest the server may take to answer one request
 REPLY_SECONDS = 5.0
+#: a MIGRATE/PRECOPY's connect timeout: valid ones short (nobody listens, so the server
+#: retries for all of it: 1-2 s per request made the target crawl), invalid ones as before
+_MIGRATE_TIMEOUTS = (0.05, 0, -1, 0.1)
 _INTS = (0, 1, 2, 4, 8, 0x10, 0x3C, 0x100, 0xFFF, 0x1000, 0xFFFFFFFF, 1 << 32, -1, (1 << 64) - 1)
 
 
@@ -153,7 +156,8 @@ class _LinkSession:
             fds.extend(os.eventfd(0, os.EFD_CLOEXEC) for _ in range(len(vectors) + intx - (inp.u8() >= 230)))
             return {"vectors": vectors, "intx": intx}
         if kind in (protocol.MIGRATE, protocol.PRECOPY):
-            return {"to": f"unix:{self.where}/nobody.sock", "timeout": inp.pick((1, 0, -1, 2)),
+            timeout = _MIGRATE_TIMEOUTS[inp.u8() % len(_MIGRATE_TIMEOUTS)]
+            return {"to": f"unix:{self.where}/nobody.sock", "timeout": timeout,
                     "max_downtime_ms": num(), "max_iterations": inp.u8(), "quiesce_timeout_ms": inp.pick((50, 0, 1))}
         if kind in (protocol.TAKE_BACK, protocol.ABANDON):
             return {"reason": "fuzz"}

@@ -21,6 +21,7 @@ Invariants (a break raises :class:`~pcidev.testing.fuzz.FuzzFinding`):
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 import time
@@ -105,9 +106,11 @@ class MigrationTarget(FuzzTarget):
                 migrate_out(source, src, timeout=5.0)
             finally:
                 src.close()
-                for t in threads:
+                threads[2].join(10)  # the destination, then its end of the relay: the relays end
+                dst.close()
+                for t in threads[:2]:
                     t.join(10)
-                for s in (relay_in, relay_out, dst):
+                for s in (relay_in, relay_out):
                     s.close()
                 dest.close()
                 source.close()
@@ -135,6 +138,11 @@ class MigrationTarget(FuzzTarget):
                 outcome["refused"] = exc
             except BaseException as exc:
                 outcome["exc"] = exc
+            finally:
+                try:  # the player waits for this EOF instead of sleeping
+                    dst.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
 
         with ErrorLogWatch() as watch:
             thread = threading.Thread(target=destination, name="fuzz-migrate-in", daemon=True)
@@ -198,17 +206,23 @@ class MigrationTarget(FuzzTarget):
             time.sleep(0)  # let the destination answer
             self._drain(sock)
             i += 1
-        deadline = time.monotonic() + 0.2  # the destination's last words (ACK, RUNNING...)
-        while time.monotonic() < deadline:
-            if not self._drain(sock):
-                break
-            time.sleep(0.01)
+        # the source is done: half-close, so the destination sees the end of the stream at
+        # once, then read its last words (ACK, RUNNING...) until it ends (it half-closes
+        # its side when migrate_in returns); no fixed sleep
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        deadline = time.monotonic() + END_SECONDS
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([sock], [], [], left)[0] or not self._drain(sock):
+                return
 
     def _drain(self, sock: socket.socket) -> bool:
         """Read and drop what the destination sent; False once it closed."""
         while True:
             try:
-                _, anc, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(64 * 4))
+                data, anc, _flags, _addr = sock.recvmsg(65536, socket.CMSG_SPACE(64 * 4))
             except BlockingIOError:
                 return True
             except OSError:
@@ -216,7 +230,7 @@ class MigrationTarget(FuzzTarget):
             for level, kind, payload in anc:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     close_fds(memoryview(payload).cast("i").tolist())
-            if not _:
+            if not data:  # (it once tested the address, None: every read looked like the end)
                 return False
 
     def _mutate_meta(self, inp: FuzzInput, body: bytes) -> bytes:

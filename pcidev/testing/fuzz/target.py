@@ -25,11 +25,16 @@ from typing import ClassVar
 
 from pcidev.errors import PcidevError
 
-__all__ = ["FUZZ_TARGET_KIND", "FuzzFinding", "FuzzInput", "FuzzTarget", "open_fd_count", "ErrorLogWatch"]
+__all__ = ["FUZZ_TARGET_KIND", "RSS_EVERY", "RSS_GROWTH_MB", "ErrorLogWatch", "FuzzFinding", "FuzzInput", "FuzzTarget",
+           "RssWatch", "open_fd_count", "resident_mb"]
 
 #: Registry component kind of fuzz targets (``pcidev fuzz TARGET``).
 FUZZ_TARGET_KIND = "fuzz-target"
 
+#: inputs between two samples of the resident set (:class:`RssWatch`)
+RSS_EVERY = 1000
+#: how far the resident set may grow past its first sample, in MiB (:class:`RssWatch`)
+RSS_GROWTH_MB = 512.0
 _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -202,3 +207,46 @@ class ErrorLogWatch(logging.Handler):
             raise FuzzFinding("logged-traceback", f"{what}: {rec.name}: {rec.getMessage()}: {found.detail}",
                               where=found.where, trace=found.trace)
         raise FuzzFinding("logged-traceback", f"{what}: {rec.name}: {rec.getMessage()}", where=rec.name)
+
+
+def resident_mb() -> float:
+    """This process's resident set in MiB (Linux ``/proc/self/statm``)."""
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+
+
+class RssWatch:
+    """The memory-growth invariant: the engines call :meth:`tick` after every input; every
+    ``every`` inputs it samples the resident set, and once it has grown more than
+    ``growth_mb`` past the first sample (taken after ``every`` inputs of warm-up) it
+    raises ``memory-growth``. Sampled: the input it is raised on is not necessarily the
+    cause, only the one at which the growth was seen (the finding says so); the baseline
+    then moves up so that one leak is reported once per ``growth_mb``.
+
+    :param every: inputs between two samples (default ``RSS_EVERY``, 1000).
+    :param growth_mb: growth allowed past the first sample (default ``RSS_GROWTH_MB``, 512).
+    """
+
+    def __init__(self, every: int = RSS_EVERY, growth_mb: float = RSS_GROWTH_MB) -> None:
+        self.every = max(1, every)
+        self.growth_mb = growth_mb
+        self.count = 0
+        self.baseline: float | None = None
+
+    def tick(self) -> None:
+        """Count one input; sample and check every ``every`` inputs.
+
+        :raises FuzzFinding: invariant ``memory-growth``.
+        """
+        self.count += 1
+        if self.count % self.every:
+            return
+        rss = resident_mb()
+        if self.baseline is None:
+            self.baseline = rss
+            return
+        if rss - self.baseline > self.growth_mb:
+            grown, self.baseline = rss - self.baseline, rss
+            raise FuzzFinding("memory-growth", f"the resident set grew {grown:.0f} MiB (to {rss:.0f} MiB) within "
+                              f"{self.count} inputs (sampled every {self.every}: this input is where it was "
+                              "seen, not necessarily its cause)", where="rss")

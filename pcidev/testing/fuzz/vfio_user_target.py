@@ -219,15 +219,23 @@ class _Session:
         wants_reply = not flags & protocol.FLAG_NO_REPLY and not flags & protocol.TYPE_MASK
         if size is not None and size != protocol.HEADER_SIZE + len(payload):
             wants_reply = False  # the framing is broken on purpose: a close or any reply will do
-        # no reply owed: a short look for one (an ERROR reply may still come), then the session ends
-        deadline = time.monotonic() + (REPLY_SECONDS if wants_reply else 0.05)
+        if not wants_reply:
+            # no reply owed: the session ends here. Half-close, so the server reaches the end
+            # of the stream at once, and check whatever it still sends (an ERROR reply may
+            # come) until it closes: no fixed wait
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                return False
+        deadline = time.monotonic() + REPLY_SECONDS
         while True:
             try:
                 head, got = recv_exact(sock, protocol.HEADER_SIZE, max_fds=16, eof_ok=True, deadline=deadline)
             except TransportError as exc:
                 if "timed out" in str(exc) or time.monotonic() >= deadline:
                     if not wants_reply:
-                        return False  # no reply owed (or the stream is out of step): stop here
+                        raise FuzzFinding("hang", f"the server did not close within {REPLY_SECONDS} s of "
+                                          f"the client's half-close (after command {cmd})", where="serve") from exc
                     raise FuzzFinding("no-reply", f"no reply to command {cmd} within {REPLY_SECONDS} s",
                                       where=f"cmd{cmd}") from exc
                 return False  # reset by the server: a close
@@ -242,9 +250,10 @@ class _Session:
             if r_flags & protocol.TYPE_MASK != protocol.TYPE_REPLY:
                 raise FuzzFinding("bad-reply", f"command {cmd}: the server sent type {r_flags & 0xF}, not a reply",
                                   where=f"cmd{cmd}")
+            if not wants_reply:
+                continue  # half-closed: read on until the server closes
             if r_id == msg_id:
-                # after a size field that lies, what follows is out of step: the session ends
-                return size is None or size == protocol.HEADER_SIZE + len(payload)
+                return True
             if wants_reply:
                 raise FuzzFinding("bad-reply", f"command {cmd} (id {msg_id}): reply with id {r_id} ({r_cmd})",
                                   where=f"cmd{cmd}")

@@ -169,7 +169,10 @@ class VmstateTarget(FuzzTarget):
             else:
                 value = parent[key]
                 if isinstance(value, int) and not isinstance(value, bool):
-                    parent[key] = value ^ (1 << (inp.u8() % 64))
+                    flipped = value ^ (1 << (inp.u8() % 64))
+                    # msgpack holds [-2**63, 2**64): a negative value with bit 63 flipped
+                    # falls below it, so wrap it into the unsigned range
+                    parent[key] = flipped if flipped >= -(1 << 63) else flipped & ((1 << 64) - 1)
         return seal(msgpack.packb(body, use_bin_type=True))
 
     def run(self, data: bytes) -> None:
