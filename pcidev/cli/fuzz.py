@@ -22,6 +22,9 @@ from pcidev.testing.fuzz.engine import run_atheris, run_random
 __all__ = ["COMMAND"]
 
 
+#: the longest ``--seconds`` (a week): ``inf`` or ``nan`` would run forever or not at all
+MAX_SECONDS = 7 * 86400.0
+
 def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", nargs="?", help="the target to fuzz (see --list)")
     parser.add_argument("--list", action="store_true", help="list the targets and their invariants")
@@ -48,8 +51,10 @@ def COMMAND(args: argparse.Namespace, ctx: CliContext) -> int | None:
             if invariants:
                 print(f"{'':14s} invariants: {'; '.join(invariants)}")
         return 0
-    if args.seconds <= 0:
-        raise UsageError("--seconds must be positive")
+    if not 0 < args.seconds <= MAX_SECONDS:
+        raise UsageError(f"--seconds {args.seconds:g}: must be above 0 and at most {MAX_SECONDS:g} (a week)")
+    if args.corpus is not None and not args.corpus.is_dir():
+        raise UsageError(f"--corpus {args.corpus}: not a directory")
     if args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
     if args.engine == "random":

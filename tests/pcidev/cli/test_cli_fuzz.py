@@ -46,3 +46,12 @@ def test_bad_numbers_are_usage_errors(capsys):
     assert _run(capsys, "fuzz", "vmstate", "--seconds", "0")[0] == 2
     assert _run(capsys, "fuzz", "vmstate", "--jobs", "0")[0] == 2
     assert _run(capsys, "fuzz", "vmstate", "--engine", "random", "--jobs", "2")[0] == 2
+
+
+def test_endless_or_empty_runs_and_a_missing_corpus_are_usage_errors(capsys, tmp_path):
+    for seconds in ("inf", "nan", "1e9"):
+        status, _out, err = _run(capsys, "fuzz", "vmstate", "--engine", "random", "--seconds", seconds)
+        assert status == 2 and "--seconds" in err and "Traceback" not in err
+    status, _out, err = _run(capsys, "fuzz", "vmstate", "--engine", "random", "--seconds", "1",
+                             "--corpus", str(tmp_path / "missing"))
+    assert status == 2 and "not a directory" in err

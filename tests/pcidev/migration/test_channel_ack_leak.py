@@ -15,8 +15,6 @@ import os
 import socket
 import threading
 
-import pytest
-
 from pcidev.devices.edu import EduDevice
 from pcidev.dma import alloc_memfd
 from pcidev.errors import MigrationError
@@ -30,8 +28,6 @@ def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-@pytest.mark.xfail(strict=True, reason="F2-1: migrate_in does not close the loaded resources when the ACK "
-                   "cannot be sent (source gone)")
 def test_a_source_gone_before_the_ack_leaves_no_descriptor_open():
     recorder = MigrationTarget()
     recorder.setup()  # the frames a real source sends (edu device, 4 MiB of RAM)
