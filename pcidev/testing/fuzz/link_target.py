@@ -1,10 +1,11 @@
 """The fuzz target ``link``: device-link messages against the
 :class:`~pcidev.transport.link.server.LinkServer`.
 
-Each input runs against a fresh server (an ``edu`` endpoint, a UNIX listener in a
-private directory, the server in a thread). The input is decoded into up to 16
-messages: a type (the known ones, mostly), a body shaped for it (offsets and sizes as
-integer arrays, DMA and IRQ maps, MIGRATE/PRECOPY to an address nobody listens on) or
+Each input runs against a fresh server (a fresh ``edu`` endpoint, a UNIX listener in the
+target's private directory, the server's loop on the target's server thread:
+:mod:`pcidev.testing.fuzz.peer_session`, shared with ``vfio-user``). The input is decoded
+into up to 16 messages: a type (the known ones, mostly), a body shaped for it (offsets and
+sizes as integer arrays, DMA and IRQ maps, MIGRATE/PRECOPY to an address nobody listens on) or
 raw bytes, now and then flags or a length that lie, and eventfds/memfds.
 
 Invariants (a break raises :class:`~pcidev.testing.fuzz.FuzzFinding`):
@@ -21,9 +22,8 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import msgpack
@@ -31,8 +31,9 @@ import msgpack
 from pcidev.devices.edu import EduDevice
 from pcidev.dma import alloc_memfd
 from pcidev.errors import TransportError
-from pcidev.testing.fuzz.target import ErrorLogWatch, FuzzFinding, FuzzInput, FuzzTarget, open_fd_count
-from pcidev.transport.address import listen
+from pcidev.testing.fuzz.peer_session import PeerSession, PeerTarget
+from pcidev.testing.fuzz.target import FuzzFinding, FuzzInput
+from pcidev.transport.address import Listener, listen
 from pcidev.transport.endpoint import DeviceEndpoint
 from pcidev.transport.fdpass import close_fds, send_all
 from pcidev.transport.link import protocol
@@ -43,12 +44,17 @@ __all__ = ["REPLY_SECONDS", "LinkTarget"]
 #: longest the server may take to answer one request
 REPLY_SECONDS = 5.0
 #: a MIGRATE/PRECOPY's connect timeout: valid ones short (nobody listens, so the server
-#: retries for all of it: 1-2 s per request made the target crawl), invalid ones as before
-_MIGRATE_TIMEOUTS = (0.05, 0, -1, 0.1)
+#: retries for all of it: 1-2 s per request made the target crawl; at 50 and 100 ms they
+#: were still three quarters of its time, measured), invalid ones as before
+_MIGRATE_TIMEOUTS = (0.001, 0, -1, 0.02)
+#: a MIGRATE/PRECOPY's destination, chosen by the same byte as the timeout: one whose
+#: connect fails at once (ENOTDIR: retried without a pause until the timeout) or a path
+#: nobody listens on in the private directory (ENOENT: retried with 10 ms pauses)
+_NOT_A_DIRECTORY = "unix:/dev/null/nobody.sock"
 _INTS = (0, 1, 2, 4, 8, 0x10, 0x3C, 0x100, 0xFFF, 0x1000, 0xFFFFFFFF, 1 << 32, -1, (1 << 64) - 1)
 
 
-class LinkTarget(FuzzTarget):
+class LinkTarget(PeerTarget):
     """``link``: device-link messages with and without fds against the server (see the module)."""
 
     name: ClassVar[str] = "link"
@@ -57,19 +63,27 @@ class LinkTarget(FuzzTarget):
         "a reply with the request's type and id or a close", "bounded reply time", "no escaped exception",
         "fd count unchanged")
 
-    def run(self, data: bytes) -> None:
-        """Send the requests ``data`` decodes into and check every answer.
+    def __init__(self) -> None:
+        super().__init__()
+        self._where: tempfile.TemporaryDirectory[str] | None = None
 
-        :param data: the fuzzer's bytes.
-        :raises FuzzFinding: an invariant broke.
-        """
-        before = open_fd_count()
-        with tempfile.TemporaryDirectory(prefix="pcidev-fuzz-link-") as where, ErrorLogWatch() as watch:
-            _LinkSession(FuzzInput(data), where).run()
-            watch.check("link session")
-        after = open_fd_count()
-        if after > before:
-            raise FuzzFinding("fd-leak", f"{after - before} file descriptor(s) left open by one session")
+    def setup(self) -> None:
+        """Start the server thread and make the private directory the sockets live in."""
+        super().setup()
+        if self._where is None:
+            self._where = tempfile.TemporaryDirectory(prefix="pcidev-fuzz-link-")
+
+    def make_session(self, inp: FuzzInput) -> PeerSession:
+        """A session against a fresh ``edu`` device, server and listener."""
+        assert self._where is not None
+        return _LinkSession(inp, REPLY_SECONDS, self._where.name)
+
+    def close(self) -> None:
+        """End the server thread and remove the private directory."""
+        super().close()
+        if self._where is not None:
+            self._where.cleanup()
+            self._where = None
 
     def seeds(self) -> Iterator[bytes]:
         """HELLO, config and BAR accesses, STATUS, a DMA map and unmap, SET_IRQS."""
@@ -79,57 +93,46 @@ class LinkTarget(FuzzTarget):
         yield bytes([8, 0, 2, 1]) + bytes([9, 0])  # SET_IRQS, STATUS
 
 
-class _LinkSession:
-    def __init__(self, inp: FuzzInput, where: str) -> None:
-        self.inp = inp
+class _LinkSession(PeerSession):
+    """One input against a fresh server listening in ``where``."""
+
+    serving: ClassVar[str] = "LinkServer.serve_forever"
+
+    def __init__(self, inp: FuzzInput, reply_seconds: float, where: str) -> None:
+        super().__init__(inp, reply_seconds)
         self.where = where
         self.mid = 0
+        self.ep: DeviceEndpoint | None = None
+        self.listener: Listener | None = None
+        self.server: LinkServer | None = None
 
-    def run(self) -> None:
-        ep = DeviceEndpoint(EduDevice())
+    def open(self) -> tuple[Callable[[], object], socket.socket]:
+        ep = self.ep = DeviceEndpoint(EduDevice())
         ep.start()
-        listener = listen(f"unix:{self.where}/link.sock")
-        server = LinkServer(ep, listener.sock, io_timeout=1.0)
-        outcome: dict[str, Any] = {}
+        listener = self.listener = listen(f"unix:{self.where}/link.sock")
+        server = self.server = LinkServer(ep, listener.sock, io_timeout=1.0)
+        return server.serve_forever, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 
-        def serve() -> None:
-            try:
-                outcome["reason"] = server.serve_forever()
-            except BaseException as exc:
-                outcome["exc"] = exc
+    def greet(self, sock: socket.socket) -> bool:
+        sock.connect(f"{self.where}/link.sock")
+        sock.settimeout(self.reply_seconds)
+        return True
 
-        thread = threading.Thread(target=serve, name="fuzz-link", daemon=True)
-        thread.start()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        talk: FuzzFinding | None = None
-        try:
-            sock.connect(f"{self.where}/link.sock")
-            sock.settimeout(REPLY_SECONDS)
-            self._talk(sock)
-        except FuzzFinding as finding:
-            talk = finding  # reported after the server's own outcome, which may explain it
-        finally:
-            sock.close()
-            server.stop()
-            thread.join(REPLY_SECONDS)
-            alive = thread.is_alive()
-            if not alive:
-                listener.sock.close()
-                ep.close()
-        if isinstance(outcome.get("exc"), BaseException):
-            raise FuzzFinding.escaped(outcome["exc"], "LinkServer.serve_forever")
-        if alive:
-            raise FuzzFinding("hang", "serve_forever did not return after stop()", where="serve_forever")
-        if talk is not None:
-            raise talk
+    def message(self, sock: socket.socket) -> bool:
+        return self._request(sock)
 
-    def _talk(self, sock: socket.socket) -> None:
-        count = 0
-        while self.inp.remaining and count < 16:
-            count += 1
-            if not self._request(sock):
-                return
+    def probe(self, sock: socket.socket) -> None:
         self._request(sock, kind=protocol.STATUS, body=b"\x80")
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+    def release(self) -> None:
+        if self.listener is not None:
+            self.listener.close()  # (serve_forever closed the socket: this removes its file)
+        if self.ep is not None:
+            self.ep.close()
 
     def _body(self, kind: int, fds: list[int]) -> Any:
         inp = self.inp
@@ -156,8 +159,10 @@ class _LinkSession:
             fds.extend(os.eventfd(0, os.EFD_CLOEXEC) for _ in range(len(vectors) + intx - (inp.u8() >= 230)))
             return {"vectors": vectors, "intx": intx}
         if kind in (protocol.MIGRATE, protocol.PRECOPY):
-            timeout = _MIGRATE_TIMEOUTS[inp.u8() % len(_MIGRATE_TIMEOUTS)]
-            return {"to": f"unix:{self.where}/nobody.sock", "timeout": timeout,
+            pick = inp.u8()
+            timeout = _MIGRATE_TIMEOUTS[pick % len(_MIGRATE_TIMEOUTS)]
+            to = f"unix:{self.where}/nobody.sock" if pick & 4 else _NOT_A_DIRECTORY
+            return {"to": to, "timeout": timeout,
                     "max_downtime_ms": num(), "max_iterations": inp.u8(), "quiesce_timeout_ms": inp.pick((50, 0, 1))}
         if kind in (protocol.TAKE_BACK, protocol.ABANDON):
             return {"reason": "fuzz"}
@@ -186,18 +191,20 @@ class _LinkSession:
             return False
         finally:
             close_fds(fds)
-        deadline = time.monotonic() + REPLY_SECONDS + 1.0  # a MIGRATE may use its one-second timeout
+        deadline = time.monotonic() + self.reply_seconds + 1.0  # a MIGRATE may use its one-second timeout
         try:
             msg = protocol.read_message(sock, max_fds=protocol.LINK_MAX_FDS, eof_ok=True, deadline=deadline)
         except TransportError as exc:
             if time.monotonic() >= deadline:
-                raise FuzzFinding("no-reply", f"no reply to link request {kind} within {REPLY_SECONDS} s",
+                raise FuzzFinding("no-reply", f"no reply to link request {kind} within {self.reply_seconds} s",
                                   where=f"kind{kind}") from exc
             return False  # a reset: a close
         if msg is None:
             return False
         r_kind, r_flags, r_mid, r_body, r_fds = msg
         close_fds(r_fds)
+        self.transcript.append((r_kind, r_flags, r_mid, len(r_fds),
+                                r_body if r_kind in (protocol.CONFIG_READ, protocol.BAR_READ) else b""))
         if r_flags & protocol.FLAG_ERROR and b"internal error" in r_body:
             raise FuzzFinding("internal-error", f"link request {kind}: {r_body[:200]!r}", where=f"kind{kind}")
         if r_kind == 0 and r_flags & protocol.FLAG_ERROR:

@@ -2,7 +2,8 @@
 the vfio-user server.
 
 Each input runs against a fresh :class:`~pcidev.transport.vfio_user.server.VfioUserServer`
-serving an ``edu`` device over a socketpair, in a thread of this process. The input is
+serving a fresh ``edu`` device over a socketpair, its loop on the target's server thread
+(:mod:`pcidev.testing.fuzz.peer_session`, which this target shares with ``link``). The input is
 decoded into messages: a command (a known one, mostly, or any number), flags, a payload
 shaped for the command (VERSION with capabilities, DMA_MAP of a memfd, region accesses,
 SET_IRQS with eventfds) or raw bytes, sometimes a wrong size field, and zero to three
@@ -25,15 +26,15 @@ from __future__ import annotations
 import os
 import socket
 import struct
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import ClassVar
 
 from pcidev.devices.edu import EduDevice
 from pcidev.dma import alloc_memfd
 from pcidev.errors import TransportError
-from pcidev.testing.fuzz.target import ErrorLogWatch, FuzzFinding, FuzzInput, FuzzTarget, open_fd_count
+from pcidev.testing.fuzz.peer_session import PeerSession, PeerTarget
+from pcidev.testing.fuzz.target import FuzzFinding, FuzzInput
 from pcidev.transport.endpoint import DeviceEndpoint
 from pcidev.transport.fdpass import close_fds, recv_exact, send_all
 from pcidev.transport.vfio_user import protocol
@@ -50,7 +51,7 @@ _COMMANDS = tuple(range(1, 19))
 _PAGE = 4096
 
 
-class VfioUserTarget(FuzzTarget):
+class VfioUserTarget(PeerTarget):
     """``vfio-user``: messages with and without fds against the server (see the module)."""
 
     name: ClassVar[str] = "vfio-user"
@@ -59,19 +60,9 @@ class VfioUserTarget(FuzzTarget):
         "a reply with the message's id or a clean close", "bounded reply time", "no escaped exception",
         "fd count unchanged")
 
-    def run(self, data: bytes) -> None:
-        """Send the messages ``data`` decodes into and check every answer.
-
-        :param data: the fuzzer's bytes.
-        :raises FuzzFinding: an invariant broke.
-        """
-        before = open_fd_count()
-        with ErrorLogWatch() as watch:
-            _Session(FuzzInput(data)).run()
-            watch.check("vfio-user session")
-        after = open_fd_count()
-        if after > before:
-            raise FuzzFinding("fd-leak", f"{after - before} file descriptor(s) left open by one session")
+    def make_session(self, inp: FuzzInput) -> PeerSession:
+        """A session against a fresh ``edu`` device and server."""
+        return _Session(inp, REPLY_SECONDS)
 
     def seeds(self) -> Iterator[bytes]:
         """A session that maps memory, reads config space and the BAR, and sets interrupts."""
@@ -86,60 +77,41 @@ class VfioUserTarget(FuzzTarget):
         yield b"\x01" + msg(12, 0) + msg(2, 0, b"\x01")  # reset, unmap
 
 
-class _Session:
-    """One input against one fresh server."""
+class _Session(PeerSession):
+    """One input against one fresh server on a socketpair."""
 
-    def __init__(self, inp: FuzzInput) -> None:
-        self.inp = inp
+    serving: ClassVar[str] = "VfioUserServer.serve"
+
+    def __init__(self, inp: FuzzInput, reply_seconds: float) -> None:
+        super().__init__(inp, reply_seconds)
         self.msg_id = 0
+        self.ep: DeviceEndpoint | None = None
+        self.server_end: socket.socket | None = None
 
-    def run(self) -> None:
-        ep = DeviceEndpoint(EduDevice())
+    def open(self) -> tuple[Callable[[], object], socket.socket]:
+        ep = self.ep = DeviceEndpoint(EduDevice())
         ep.start()
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        b.settimeout(REPLY_SECONDS)
-        outcome: dict[str, object] = {}
+        self.server_end = a
+        b.settimeout(self.reply_seconds)
+        return lambda: VfioUserServer(ep, a).serve(), b
 
-        def serve() -> None:
-            try:
-                outcome["reason"] = VfioUserServer(ep, a).serve()
-            except BaseException as exc:
-                outcome["exc"] = exc
+    def release(self) -> None:
+        if self.server_end is not None:
+            self.server_end.close()  # serve() closes it, unless it raised
+        if self.ep is not None:
+            self.ep.close()
 
-        thread = threading.Thread(target=serve, name="fuzz-vfio-user", daemon=True)
-        thread.start()
-        talk: FuzzFinding | None = None
-        try:
-            self._talk(b)
-        except FuzzFinding as finding:
-            talk = finding  # reported after the server's own outcome, which may explain it
-        finally:
-            b.close()
-            thread.join(REPLY_SECONDS)
-            alive = thread.is_alive()
-            if not alive:
-                a.close()  # serve() closes it, unless it raised
-                ep.close()
-        exc = outcome.get("exc")
-        if isinstance(exc, BaseException):
-            raise FuzzFinding.escaped(exc, "VfioUserServer.serve")
-        if alive:
-            raise FuzzFinding("hang", "the server did not end within the deadline after the client closed",
-                              where="serve")
-        if talk is not None:
-            raise talk
+    def greet(self, sock: socket.socket) -> bool:
+        if self.inp.u8() & 1:
+            return self._exchange(sock, protocol.VERSION, 0, protocol.VERSION_HDR.pack(0, 0) + _CAPS, [])
+        return True
 
-    def _talk(self, sock: socket.socket) -> None:
-        inp = self.inp
-        if inp.u8() & 1:
-            if not self._exchange(sock, protocol.VERSION, 0, protocol.VERSION_HDR.pack(0, 0) + _CAPS, []):
-                return
-        count = 0
-        while inp.remaining and count < 16:
-            count += 1
-            cmd, flags, payload, fds, size = self._message()
-            if not self._exchange(sock, cmd, flags, payload, fds, size=size):
-                return
+    def message(self, sock: socket.socket) -> bool:
+        cmd, flags, payload, fds, size = self._message()
+        return self._exchange(sock, cmd, flags, payload, fds, size=size)
+
+    def probe(self, sock: socket.socket) -> None:
         self._exchange(sock, protocol.DEVICE_GET_INFO, 0, protocol.DEVICE_INFO_S.pack(16, 0, 0, 0), [])
 
     def _message(self) -> tuple[int, int, bytes, list[int], int | None]:
@@ -227,26 +199,28 @@ class _Session:
                 sock.shutdown(socket.SHUT_WR)
             except OSError:
                 return False
-        deadline = time.monotonic() + REPLY_SECONDS
+        deadline = time.monotonic() + self.reply_seconds
         while True:
             try:
                 head, got = recv_exact(sock, protocol.HEADER_SIZE, max_fds=16, eof_ok=True, deadline=deadline)
             except TransportError as exc:
                 if "timed out" in str(exc) or time.monotonic() >= deadline:
                     if not wants_reply:
-                        raise FuzzFinding("hang", f"the server did not close within {REPLY_SECONDS} s of "
+                        raise FuzzFinding("hang", f"the server did not close within {self.reply_seconds} s of "
                                           f"the client's half-close (after command {cmd})", where="serve") from exc
-                    raise FuzzFinding("no-reply", f"no reply to command {cmd} within {REPLY_SECONDS} s",
+                    raise FuzzFinding("no-reply", f"no reply to command {cmd} within {self.reply_seconds} s",
                                       where=f"cmd{cmd}") from exc
                 return False  # reset by the server: a close
             close_fds(got)
             if not head:
                 return False  # a clean close
-            r_id, r_cmd, r_size, r_flags, _err = protocol.HEADER.unpack(head)
+            r_id, r_cmd, r_size, r_flags, r_err = protocol.HEADER.unpack(head)
+            body = b""
             if r_size > protocol.HEADER_SIZE:
                 body, got = recv_exact(sock, r_size - protocol.HEADER_SIZE, max_fds=16, deadline=deadline)
                 close_fds(got)
-                del body
+            self.transcript.append((r_id, r_cmd, r_flags, r_err, len(body),
+                                    body if r_cmd == protocol.REGION_READ else b""))
             if r_flags & protocol.TYPE_MASK != protocol.TYPE_REPLY:
                 raise FuzzFinding("bad-reply", f"command {cmd}: the server sent type {r_flags & 0xF}, not a reply",
                                   where=f"cmd{cmd}")
