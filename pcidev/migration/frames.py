@@ -165,7 +165,8 @@ def _meta(kind: int, body: bytes, keys: dict[str, type | tuple[type, ...]]) -> d
     for key, types in keys.items():
         allowed = types if isinstance(types, tuple) else (types,)
         value = meta.get(key)
-        if type(value) not in allowed and not (float in allowed and type(value) is int):
+        # (a key must be there even when nil is allowed: a missing one is not read as nil)
+        if key not in meta or (type(value) not in allowed and not (float in allowed and type(value) is int)):
             raise TransportError(f"migration channel: {_NAMES[kind]} field {key!r} missing or of the wrong type")
     return meta
 

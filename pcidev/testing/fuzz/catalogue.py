@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pcidev.errors import PluginError
 from pcidev.registry import DeviceRegistry
 from pcidev.testing.fuzz.link_target import LinkTarget
+from pcidev.testing.fuzz.migration_source_target import MigrationSourceTarget
 from pcidev.testing.fuzz.migration_target import MigrationTarget
 from pcidev.testing.fuzz.target import FUZZ_TARGET_KIND, FuzzTarget
 from pcidev.testing.fuzz.vfio_user_target import VfioUserTarget
@@ -21,6 +22,7 @@ BUILTIN_TARGETS: dict[str, Callable[[], FuzzTarget]] = {
     VmstateTarget.name: VmstateTarget,
     LinkTarget.name: LinkTarget,
     MigrationTarget.name: MigrationTarget,
+    MigrationSourceTarget.name: MigrationSourceTarget,
 }
 
 

@@ -40,7 +40,7 @@ from pcidev.testing.fuzz.target import ErrorLogWatch, FuzzFinding, FuzzInput, Fu
 from pcidev.testing.harness import probe
 from pcidev.transport.fdpass import close_fds, send_all
 
-__all__ = ["END_SECONDS", "MigrationTarget"]
+__all__ = ["END_SECONDS", "MigrationTarget", "mutate_meta"]
 
 #: longest the destination may take to end once the source closed the channel
 END_SECONDS = 10.0
@@ -189,7 +189,7 @@ class MigrationTarget(FuzzTarget):
             elif op == 2:
                 kind = inp.u8() % 21
             elif op == 3:
-                body = self._mutate_meta(inp, body)
+                body = mutate_meta(inp, body)
             elif op == 4 and body:
                 pos = inp.u32() % len(body)
                 body = body[:pos] + bytes([body[pos] ^ (1 << inp.u8() % 8)]) + body[pos + 1:]
@@ -233,30 +233,40 @@ class MigrationTarget(FuzzTarget):
             if not data:  # (it once tested the address, None: every read looked like the end)
                 return False
 
-    def _mutate_meta(self, inp: FuzzInput, body: bytes) -> bytes:
-        try:
-            meta = msgpack.unpackb(body, raw=False, strict_map_key=False)
-        except Exception:
-            return body[::-1]
-        if not isinstance(meta, dict) or not meta:
-            return body
-        keys = list(meta)
-        key = keys[inp.u8() % len(keys)]
-        what = inp.u8() % 5
-        if what == 0:
-            del meta[key]
-        elif what == 1:
-            meta[key] = inp.pick(_EDGE)
-        elif what == 2:
-            meta[key] = (None, "", [], {}, True, "x" * 100)[inp.u8() % 6]
-        elif what == 3:
-            meta[inp.blob(8).decode("latin-1")] = inp.pick(_EDGE)
-        else:
-            meta[key] = inp.blob(32)
-        return bytes(msgpack.packb(meta, use_bin_type=True))
-
     def seeds(self) -> Iterator[bytes]:
         """The recorded source unchanged, and each mutation once on the first frames."""
         yield bytes([11] * 16)
         for op in range(8):
             yield bytes([op, 3, 0, 0, 0, 0, 0, 0] + [11] * 12)
+
+
+def mutate_meta(inp: FuzzInput, body: bytes) -> bytes:
+    """A frame's msgpack body with one change chosen by ``inp``: a key dropped, set to an
+    edge value or a value of another type, a key added, or a value made bytes (a body
+    that is not a map comes back reversed or as it was). Shared with
+    :mod:`~pcidev.testing.fuzz.migration_source_target`.
+
+    :param inp: the fuzzer's bytes.
+    :param body: the frame's body.
+    :returns: the mutated body.
+    """
+    try:
+        meta = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except Exception:
+        return body[::-1]
+    if not isinstance(meta, dict) or not meta:
+        return body
+    keys = list(meta)
+    key = keys[inp.u8() % len(keys)]
+    what = inp.u8() % 5
+    if what == 0:
+        del meta[key]
+    elif what == 1:
+        meta[key] = inp.pick(_EDGE)
+    elif what == 2:
+        meta[key] = (None, "", [], {}, True, "x" * 100)[inp.u8() % 6]
+    elif what == 3:
+        meta[inp.blob(8).decode("latin-1")] = inp.pick(_EDGE)
+    else:
+        meta[key] = inp.blob(32)
+    return bytes(msgpack.packb(meta, use_bin_type=True))

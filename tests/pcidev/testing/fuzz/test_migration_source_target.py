@@ -1,0 +1,88 @@
+"""The ``migration-source`` fuzz target (:mod:`pcidev.testing.fuzz.migration_source_target`):
+its seeds reach each end of ``migrate_out``, and each of its checks fires."""
+
+from __future__ import annotations
+
+import pytest
+
+from pcidev.errors import MigrationError
+from pcidev.migration.frames import CHECK, COMMIT, OFFER, STATE
+from pcidev.testing.fuzz import FuzzFinding
+from pcidev.testing.fuzz import migration_source_target as mst
+
+
+@pytest.fixture
+def target():
+    t = mst.MigrationSourceTarget()
+    t.setup()
+    yield t
+    t.close()
+
+
+def test_the_seeds_migrate_once_and_are_refused_otherwise(target):
+    seeds = list(target.seeds())
+    target.run(seeds[0])  # the well-behaved destination
+    assert target.transcript == [CHECK, OFFER, STATE, COMMIT, "MigrationResult"]
+    target.run(seeds[1])  # the pre-flight says no: nothing stopped
+    assert target.transcript == [CHECK, "MigrationBlockedError"]
+    for seed in seeds[2:]:  # refusals, early ends, wrong answers: the source runs on (checked by run)
+        target.run(seed)
+        assert target.transcript[-1] == "MigrationError"
+
+
+def test_an_input_replays_the_same_after_another(target):
+    good, refused = list(target.seeds())[:2]
+    target.run(good)
+    first = list(target.transcript)
+    target.run(refused)
+    target.run(good)
+    assert target.transcript == first
+
+
+def test_a_migration_without_an_ack_is_a_finding(target, monkeypatch):
+    real = mst.migrate_out
+
+    def lying(device, sock, **kwargs):
+        # stops and gives the device up as a real migration does, with no ACK ever read
+        device.quiesce(1.0)
+        device.migrated_out, device.owns_state = True, False
+        return "migrated"
+
+    monkeypatch.setattr(mst, "migrate_out", lying)
+    with pytest.raises(FuzzFinding) as info:
+        target.run(bytes([8]))  # the destination just closes
+    assert info.value.invariant == "migrated-without-ack"
+    monkeypatch.setattr(mst, "migrate_out", real)
+    target.run(bytes([8]))  # the real one: refused, resumed
+
+
+def test_a_source_left_stopped_after_a_failure_is_a_finding(target, monkeypatch):
+    def stuck(device, sock, **kwargs):
+        device.quiesce(1.0)
+        raise MigrationError("gave up, and forgot to resume")
+
+    monkeypatch.setattr(mst, "migrate_out", stuck)
+    with pytest.raises(FuzzFinding) as info:
+        target.run(bytes([8]))
+    assert info.value.invariant == "not-resumed"
+
+
+def test_an_untyped_error_is_an_escaped_exception(target, monkeypatch):
+    def broken(device, sock, **kwargs):
+        raise KeyError("running_at")
+
+    monkeypatch.setattr(mst, "migrate_out", broken)
+    with pytest.raises(FuzzFinding) as info:
+        target.run(bytes([8]))
+    assert info.value.invariant == "escaped-exception" and "KeyError" in info.value.where
+
+
+def test_a_source_that_stops_serving_is_a_finding(target, monkeypatch):
+    def deaf(device, sock, **kwargs):
+        device.config_write(0x04, 2, 0)  # memory decode off: BAR reads come back all-ones
+        raise MigrationError("refused")
+
+    monkeypatch.setattr(mst, "migrate_out", deaf)
+    with pytest.raises(FuzzFinding) as info:
+        target.run(bytes([8]))
+    assert info.value.invariant == "not-serving" and "0xffffffff" in info.value.detail
