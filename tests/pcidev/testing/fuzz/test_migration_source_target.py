@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pcidev.errors import MigrationError
-from pcidev.migration.frames import CHECK, COMMIT, OFFER, STATE
+from pcidev.migration.frames import CHECK, CHUNK, COMMIT, MEMORY, OFFER, STATE, SYNC
 from pcidev.testing.fuzz import FuzzFinding
 from pcidev.testing.fuzz import migration_source_target as mst
 
@@ -14,6 +14,9 @@ from pcidev.testing.fuzz import migration_source_target as mst
 @pytest.fixture
 def target():
     t = mst.MigrationSourceTarget()
+    # generous deadlines (the machine is shared): the well-behaved seeds then always migrate,
+    # and the pauses of the "too late" seeds are this long
+    t.stop_seconds, t.running_seconds = 1.0, 0.5
     t.setup()
     yield t
     t.close()
@@ -25,9 +28,18 @@ def test_the_seeds_migrate_once_and_are_refused_otherwise(target):
     assert target.transcript == [CHECK, OFFER, STATE, COMMIT, "MigrationResult"]
     target.run(seeds[1])  # the pre-flight says no: nothing stopped
     assert target.transcript == [CHECK, "MigrationBlockedError"]
-    for seed in seeds[2:]:  # refusals, early ends, wrong answers: the source runs on (checked by run)
+    for seed in seeds[2:7]:  # refusals, early ends, wrong answers: the source runs on (checked by run)
         target.run(seed)
         assert target.transcript[-1] == "MigrationError"
+
+
+def test_over_tcp_the_memory_travels_as_frames_and_a_wrong_synced_keeps_the_source(target):
+    seeds = list(target.seeds())
+    target.run(seeds[7])  # no pass: the RAM BAR's contents at the stop
+    assert target.transcript == [CHECK, MEMORY, CHUNK, OFFER, STATE, COMMIT, "MigrationResult"]
+    target.run(seeds[9])  # one pass, its SYNC answered with a mutated SYNCED: the pre-copy fails
+    assert target.transcript[:4] == [CHECK, MEMORY, CHUNK, SYNC]
+    assert target.transcript[-1] == "MigrationBlockedError"  # nothing stopped; run() checked it serves
 
 
 def test_an_input_replays_the_same_after_another(target):
@@ -50,10 +62,10 @@ def test_a_migration_without_an_ack_is_a_finding(target, monkeypatch):
 
     monkeypatch.setattr(mst, "migrate_out", lying)
     with pytest.raises(FuzzFinding) as info:
-        target.run(bytes([8]))  # the destination just closes
+        target.run(bytes([0, 8]))  # the destination just closes
     assert info.value.invariant == "migrated-without-ack"
     monkeypatch.setattr(mst, "migrate_out", real)
-    target.run(bytes([8]))  # the real one: refused, resumed
+    target.run(bytes([0, 8]))  # the real one: refused, resumed
 
 
 def test_a_source_left_stopped_after_a_failure_is_a_finding(target, monkeypatch):
@@ -63,7 +75,7 @@ def test_a_source_left_stopped_after_a_failure_is_a_finding(target, monkeypatch)
 
     monkeypatch.setattr(mst, "migrate_out", stuck)
     with pytest.raises(FuzzFinding) as info:
-        target.run(bytes([8]))
+        target.run(bytes([0, 8]))
     assert info.value.invariant == "not-resumed"
 
 
@@ -73,7 +85,7 @@ def test_an_untyped_error_is_an_escaped_exception(target, monkeypatch):
 
     monkeypatch.setattr(mst, "migrate_out", broken)
     with pytest.raises(FuzzFinding) as info:
-        target.run(bytes([8]))
+        target.run(bytes([0, 8]))
     assert info.value.invariant == "escaped-exception" and "KeyError" in info.value.where
 
 
@@ -84,5 +96,5 @@ def test_a_source_that_stops_serving_is_a_finding(target, monkeypatch):
 
     monkeypatch.setattr(mst, "migrate_out", deaf)
     with pytest.raises(FuzzFinding) as info:
-        target.run(bytes([8]))
+        target.run(bytes([0, 8]))
     assert info.value.invariant == "not-serving" and "0xffffffff" in info.value.detail
