@@ -7,7 +7,9 @@
   ``vfio-user`` (:mod:`~pcidev.testing.fuzz.vfio_user_target`),
   ``vmstate`` (:mod:`~pcidev.testing.fuzz.vmstate_target`), ``link``
   (:mod:`~pcidev.testing.fuzz.link_target`), ``migration``
-  (:mod:`~pcidev.testing.fuzz.migration_target`); plugins add theirs as registry components
+  (:mod:`~pcidev.testing.fuzz.migration_target`), ``migration-source``
+  (:mod:`~pcidev.testing.fuzz.migration_source_target`); ``vfio-user`` and ``link`` share
+  their session loop (:mod:`~pcidev.testing.fuzz.peer_session`); plugins add theirs as registry components
   of kind ``fuzz-target`` (the NVMe plugin's ``nvme-guest``,
   :mod:`pcidev_nvme.testing.fuzz`), found by :func:`target_factories`;
 * :mod:`pcidev.testing.fuzz.engine`: libFuzzer through atheris (the ``fuzz`` extra)

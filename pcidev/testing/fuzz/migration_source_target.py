@@ -185,6 +185,8 @@ class MigrationSourceTarget(FuzzTarget):
         assert self._listener is not None
         src = socket.create_connection(self._listener.getsockname())
         dst, _ = self._listener.accept()
+        for sock in (src, dst):  # (as pcidev.transport.address.connect does: no 40 ms Nagle stalls)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return src, dst
 
     def run(self, data: bytes) -> None:
@@ -350,13 +352,18 @@ class _Destination:
         self.sync: dict[str, Any] = {}
         #: a whole ACK frame (right magic, type and length) went out
         self.sent_ack = False
-        self.answered = True  # (the source waits for an answer to the last frame read)
+        #: False while the source waits for us: after a frame it wants answered, or after
+        #: bytes that may leave it in the middle of a frame (raw bytes, a length longer than
+        #: the body); an *await* then reads nothing instead of waiting for its deadline
+        self.answered = True
         self.bid = boot_id()
 
     def play(self, sock: socket.socket, job: ServerJob) -> None:
         inp = self.inp
         steps = 0
         while inp.remaining and steps < MAX_STEPS:
+            if job.done and not select.select([sock], [], [], 0)[0]:
+                return  # the source ended and said all it had to: nothing more can happen
             steps += 1
             op = _OPS[inp.u8() % len(_OPS)]
             if op == "await":
@@ -368,6 +375,7 @@ class _Destination:
             elif op == "raw":
                 if not self._send(sock, inp.blob(64), []):
                     return
+                self.answered = False  # (it may wait for the rest of a frame)
             elif op == "pause":
                 pause = PAUSES[inp.u8() % len(PAUSES)]
                 time.sleep(self.deadlines[pause] if isinstance(pause, str) else pause)
@@ -449,7 +457,7 @@ class _Destination:
             return False
         if kind == ACK and magic == MAGIC and length == len(body):
             self.sent_ack = True
-        self.answered = True
+        self.answered = length <= len(body)  # (a longer length: it waits for the rest)
         return True
 
     @staticmethod
