@@ -85,7 +85,7 @@ from pcidev.transport.fdpass import close_fds, send_all
 from pcidev.vmstate import U32, vmstate
 
 __all__ = ["END_SECONDS", "MAX_STEPS", "OVERRUN_SECONDS", "PAUSES", "RUNNING_SECONDS", "STOP_SECONDS", "RamBarDevice",
-           "MigrationSourceTarget"]
+           "RamBarState", "MigrationSourceTarget"]
 
 #: ``migrate_out``'s ``timeout``: for the pre-flight's answer, and from the stop to the ACK
 STOP_SECONDS = 0.1
@@ -114,7 +114,9 @@ _OPS = ("await", "await", "await", "answer", "answer", "answer", "raw", "pause",
 
 @vmstate("pcidev-fuzz/ram-bar-device")
 @attrs.frozen
-class _RamBarState:
+class RamBarState:
+    """The state of :class:`RamBarDevice` beyond its RAM: register X."""
+
     x: U32
 
 
@@ -124,7 +126,7 @@ class RamBarDevice(PciDevice):
 
     TYPE_NAME = "pcidev-fuzz-ram-bar"
     CLASS_CODE = 0xFF0000
-    VMSTATE = _RamBarState
+    VMSTATE = RamBarState
 
     def describe(self) -> None:
         """BAR0: the register; BAR2: the RAM."""
@@ -133,11 +135,11 @@ class RamBarDevice(PciDevice):
         self.ram = RamBacking(_RAM_BAR, name="pcidev-fuzz-ram-bar")
         self.add_mem_bar(2, _RAM_BAR, self.ram, bits64=True)
 
-    def get_device_state(self) -> _RamBarState:
+    def get_device_state(self) -> RamBarState:
         """Register X."""
-        return _RamBarState(x=self.regs["X"].value)
+        return RamBarState(x=self.regs["X"].value)
 
-    def set_device_state(self, state: _RamBarState) -> None:
+    def set_device_state(self, state: RamBarState) -> None:
         """Register X."""
         self.regs["X"].value = state.x
 
@@ -150,7 +152,8 @@ class MigrationSourceTarget(FuzzTarget):
     """``migration-source``: a fuzzed destination against ``migrate_out`` (see the module)."""
 
     name: ClassVar[str] = "migration-source"
-    summary: ClassVar[str] = "migration channel: a fuzzed destination against migrate_out (edu device)"
+    summary: ClassVar[str] = ("migration channel: a fuzzed destination against migrate_out (edu over UNIX, "
+                              "a RAM-BAR device with pre-copy over TCP)")
     invariants: ClassVar[tuple[str, ...]] = (
         "migrate_out returns or raises a typed error", "bounded time", "migrated only after a whole ACK",
         "otherwise resumed and serving", "fd count unchanged")
