@@ -48,8 +48,9 @@ REPLY_SECONDS = 5.0
 #: were still three quarters of its time, measured), invalid ones as before
 _MIGRATE_TIMEOUTS = (0.001, 0, -1, 0.02)
 #: a MIGRATE/PRECOPY's destination, chosen by the same byte as the timeout: one whose
-#: connect fails at once (ENOTDIR: retried without a pause until the timeout) or a path
-#: nobody listens on in the private directory (ENOENT: retried with 10 ms pauses)
+#: connect fails at once (ENOTDIR: a MIGRATE gives up at once, a PRECOPY retries every
+#: 10 ms until its timeout) or a path nobody listens on in the private directory (ENOENT:
+#: both retry every 10 ms until the timeout)
 _NOT_A_DIRECTORY = "unix:/dev/null/nobody.sock"
 _INTS = (0, 1, 2, 4, 8, 0x10, 0x3C, 0x100, 0xFFF, 0x1000, 0xFFFFFFFF, 1 << 32, -1, (1 << 64) - 1)
 
