@@ -381,6 +381,8 @@ class NbdBackend(BaseBackend):
         self._closed = False
         #: reconnections made (for tests and logs)
         self.reconnects = 0
+        #: commands on the wire now, and the most there were at once
+        self.inflight = self.max_inflight = 0
         try:
             for _ in range(1, connections):
                 self._conns.append(self._open())
@@ -444,9 +446,10 @@ class NbdBackend(BaseBackend):
                     break
                 except OSError as exc:
                     last = exc.strerror or str(exc)
-                if once or self._closed or time.monotonic() + pause > deadline:
+                now = time.monotonic()
+                if once or self._closed or now >= deadline:
                     break
-                time.sleep(pause)
+                time.sleep(min(pause, deadline - now))  # (the last attempt at the deadline)
                 pause = min(pause * 2, RETRY_MAX)
         finally:
             with self._lock:
@@ -473,13 +476,20 @@ class NbdBackend(BaseBackend):
         :raises OSError: the server refused it, or did not come back in time.
         """
         slot = next(self._next) % self.connections
-        while True:
-            conn = self._live(slot)
-            try:
-                conn.run(issue)
-                return
-            except _Lost:
-                continue  # (_live reconnects, or raises when the time is up)
+        with self._lock:
+            self.inflight += 1
+            self.max_inflight = max(self.max_inflight, self.inflight)
+        try:
+            while True:
+                conn = self._live(slot)
+                try:
+                    conn.run(issue)
+                    return
+                except _Lost:
+                    continue  # (_live reconnects, or raises when the time is up)
+        finally:
+            with self._lock:
+                self.inflight -= 1
 
     # -- I/O ----------------------------------------------------------------------------
 
