@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -54,13 +55,24 @@ class NbdServer:
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, start_new_session=True)
         deadline = time.monotonic() + 30
-        while not self.sock.exists():
+        while not self._listening():
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
                 raise RuntimeError(f"{self.argv[0]} exited with {self.proc.returncode}: {err}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.argv[0]} did not create {self.sock}")
             time.sleep(0.02)
+
+    def _listening(self) -> bool:
+        """The socket accepts connections (it exists a moment before the server listens)."""
+        if not self.sock.exists():
+            return False
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(self.sock))
+            except OSError:
+                return False
+        return True
 
     def kill(self) -> None:
         proc, self.proc = self.proc, None

@@ -340,3 +340,21 @@ def test_load_nbd_imports_only_the_nbd_module(nbd_tools):
     assert "/usr/lib/python3/dist-packages" not in sys.path
     with pytest.raises(ImportError):
         __import__("nbdsh")  # (Debian's python3-libnbd module next to it, not loaded)
+
+
+def test_a_server_that_stops_answering_fails_the_command_after_timeout(nbd_server):
+    """A server (nbdkit) holding every read for 60 s (delay filter) while the connection stays open: the
+    read fails with EIO after ``timeout``, its connection is dropped, and writes (not
+    delayed) go on over a new one."""
+    server = nbd_server("nbdkit", size=4 * MiB, extra=("--filter=delay",), params=("rdelay=60",))
+    b = backend(server, timeout=0.5, reconnect_timeout=10)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as e:
+            read(b, 0, 4096)
+        assert e.value.errno == errno.EIO and "timeout=0.5" in str(e.value)
+        assert 0.4 <= time.monotonic() - t0 < 30
+        b.writev([memoryview(bytearray(b"t" * 4096))], 8192)
+        assert b.reconnects == 1
+    finally:
+        b.close()

@@ -59,6 +59,7 @@ import itertools
 import logging
 import os
 import select
+import socket
 import sys
 import threading
 import time
@@ -75,6 +76,7 @@ from pcidev_nvme.backends.base import BaseBackend, check_size, size_field, take_
 __all__ = [
     "DEFAULT_QUEUE_DEPTH",
     "DEFAULT_RECONNECT_TIMEOUT",
+    "DEFAULT_TIMEOUT",
     "MAX_CONNECTIONS",
     "MAX_QUEUE_DEPTH",
     "RETRY_FIRST",
@@ -98,6 +100,9 @@ MAX_QUEUE_DEPTH = 256
 MAX_CONNECTIONS = 16
 #: seconds a lost connection is retried before its commands fail, by default
 DEFAULT_RECONNECT_TIMEOUT = 30.0
+#: seconds a command may take, retries included, by default (then it fails and its connection
+#: is dropped: a server that stopped answering without closing the connection)
+DEFAULT_TIMEOUT = 120.0
 #: first pause between reconnection attempts (seconds); doubles up to :data:`RETRY_MAX`
 RETRY_FIRST = 0.05
 #: longest pause between reconnection attempts (seconds)
@@ -177,6 +182,8 @@ class NbdConfig:
         "help": f"commands in flight (1..{MAX_QUEUE_DEPTH})"})
     reconnect_timeout: float = attrs.field(default=DEFAULT_RECONNECT_TIMEOUT, metadata={
         "help": "seconds a lost connection is retried before its commands fail"})
+    timeout: float = attrs.field(default=DEFAULT_TIMEOUT, metadata={
+        "help": "seconds a command may take in all, retries included (0: no limit)"})
 
     def __attrs_post_init__(self) -> None:
         if not 1 <= self.connections <= MAX_CONNECTIONS:
@@ -185,6 +192,8 @@ class NbdConfig:
             raise ConfigError(f"nbd backend: queue_depth={self.queue_depth} must be 1..{MAX_QUEUE_DEPTH}")
         if not 0 <= self.reconnect_timeout <= 86400:
             raise ConfigError(f"nbd backend: reconnect_timeout={self.reconnect_timeout} must be 0..86400 seconds")
+        if not 0 <= self.timeout <= 86400:
+            raise ConfigError(f"nbd backend: timeout={self.timeout} must be 0..86400 seconds (0: no limit)")
 
 
 class _Waiter:
@@ -266,11 +275,24 @@ class _Connection:
         except BlockingIOError:
             pass  # (a wake-up is pending already)
 
-    def run(self, issue: Callable[[Any, _Waiter], object]) -> None:
-        """Issue one command and wait for it.
+    def abort(self) -> None:
+        """Shut the socket down (a server that stopped answering): the dispatcher then
+        reads its end, libnbd retires every command in flight with an error, and the
+        connection is dead (its commands are sent again on a new one)."""
+        try:
+            fd = self.handle.aio_get_fd()
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+        except (OSError, self.nbd.Error, AttributeError):
+            pass
+        self.kick()
+
+    def run(self, issue: Callable[[Any, _Waiter], object], timeout: float | None = None) -> None:
+        """Issue one command and wait for it (up to ``timeout`` seconds: then the connection
+        is aborted, which retires the command, and ``ETIMEDOUT`` is raised).
 
         :raises _Lost: the connection died before or under the command.
-        :raises OSError: the server (or libnbd) refused the command.
+        :raises OSError: the server (or libnbd) refused the command, or it timed out.
         """
         if self.dead:
             raise _Lost()
@@ -283,7 +305,12 @@ class _Connection:
             raise OSError(_errno_of(exc), str(exc)) from None
         if self.handle.aio_get_direction() & self.nbd.AIO_DIRECTION_WRITE:
             self.kick()
-        waiter.event.wait()
+        if not waiter.event.wait(timeout):
+            log.warning("NBD command unanswered for %g s: dropping the connection", timeout)
+            self.abort()
+            waiter.event.wait()  # (retired by the abort: libnbd no longer holds the buffer)
+            self.dead = True
+            raise OSError(errno.ETIMEDOUT, "the NBD server did not answer in time")
         if waiter.error:
             if waiter.error in (errno.ENOTCONN, errno.ESHUTDOWN) or self.dead or self.handle.aio_is_dead():
                 self.dead = True
@@ -315,6 +342,8 @@ class NbdBackend(BaseBackend):
     :param connections: connections to open when the server advertises multi-conn.
     :param queue_depth: commands wanted in flight.
     :param reconnect_timeout: seconds a lost connection is retried.
+    :param timeout: seconds a command may take in all (0: no limit); then its connection is
+        dropped (the other commands on it are sent again) and it fails with ``EIO``.
     :raises ConfigError: libnbd missing, the server or export unreachable, or sizes that
         do not fit.
     """
@@ -324,10 +353,11 @@ class NbdBackend(BaseBackend):
 
     def __init__(self, uri: str, size: int | None = None, *, read_only: bool = False, connections: int = 1,
                  queue_depth: int = DEFAULT_QUEUE_DEPTH,
-                 reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT) -> None:
+                 reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.nbd = nbd = load_nbd()
         self.uri = uri
         self.reconnect_timeout = reconnect_timeout
+        self.timeout = timeout
         #: the commands the backend wants in flight (the I/O command set keeps that many workers)
         self.queue_depth = queue_depth
         try:
@@ -476,17 +506,25 @@ class NbdBackend(BaseBackend):
         :raises OSError: the server refused it, or did not come back in time.
         """
         slot = next(self._next) % self.connections
+        deadline = time.monotonic() + self.timeout if self.timeout > 0 else None
         with self._lock:
             self.inflight += 1
             self.max_inflight = max(self.max_inflight, self.inflight)
         try:
             while True:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise OSError(errno.EIO, f"NBD command not done within timeout={self.timeout} s")
                 conn = self._live(slot)
                 try:
-                    conn.run(issue)
+                    conn.run(issue, left)
                     return
                 except _Lost:
                     continue  # (_live reconnects, or raises when the time is up)
+                except OSError as exc:
+                    if exc.errno != errno.ETIMEDOUT:
+                        raise
+                    raise OSError(errno.EIO, f"NBD command not done within timeout={self.timeout} s") from None
         finally:
             with self._lock:
                 self.inflight -= 1
@@ -637,10 +675,10 @@ class NbdBackend(BaseBackend):
 
 def make_nbd(options: dict[str, Any]) -> NbdBackend:
     """The ``nbd`` factory: takes ``uri``, ``size``, ``readonly``, ``connections``,
-    ``queue_depth`` and ``reconnect_timeout`` from ``options``."""
+    ``queue_depth``, ``reconnect_timeout`` and ``timeout`` from ``options``."""
     if not options.get("uri"):
         raise ConfigError("the nbd backend needs uri=nbd://HOST[:PORT]/EXPORT or "
                           "uri=nbd+unix:///EXPORT?socket=PATH")
     cfg = take_options(NbdConfig, options, what="nbd backend")
     return NbdBackend(cfg.uri, cfg.size, read_only=cfg.readonly, connections=cfg.connections,
-                      queue_depth=cfg.queue_depth, reconnect_timeout=cfg.reconnect_timeout)
+                      queue_depth=cfg.queue_depth, reconnect_timeout=cfg.reconnect_timeout, timeout=cfg.timeout)
