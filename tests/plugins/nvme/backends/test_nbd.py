@@ -358,3 +358,18 @@ def test_a_server_that_stops_answering_fails_the_command_after_timeout(nbd_serve
         assert b.reconnects == 1
     finally:
         b.close()
+
+
+def test_a_server_that_never_answers_the_handshake_is_refused_after_timeout(nbd_tools, tmp_path):
+    """A socket that accepts connections into its backlog and never speaks: the start fails
+    with one line after ``timeout`` instead of hanging."""
+    import socket
+
+    path = tmp_path / "mute.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as mute:
+        mute.bind(str(path))
+        mute.listen(4)
+        t0 = time.monotonic()
+        with pytest.raises(ConfigError, match=r"cannot open .*no NBD handshake within 0.5 s"):
+            create_backend("nbd", {"uri": f"nbd+unix:///?socket={path}", "timeout": "0.5"})
+        assert time.monotonic() - t0 < 30

@@ -79,6 +79,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "MAX_CONNECTIONS",
     "MAX_QUEUE_DEPTH",
+    "MIN_ATTEMPT",
     "RETRY_FIRST",
     "RETRY_MAX",
     "SYSTEM_DIST_PACKAGES",
@@ -103,6 +104,8 @@ DEFAULT_RECONNECT_TIMEOUT = 30.0
 #: seconds a command may take, retries included, by default (then it fails and its connection
 #: is dropped: a server that stopped answering without closing the connection)
 DEFAULT_TIMEOUT = 120.0
+#: the least time one reconnection attempt gets (seconds), even past the deadline
+MIN_ATTEMPT = 1.0
 #: first pause between reconnection attempts (seconds); doubles up to :data:`RETRY_MAX`
 RETRY_FIRST = 0.05
 #: longest pause between reconnection attempts (seconds)
@@ -183,7 +186,7 @@ class NbdConfig:
     reconnect_timeout: float = attrs.field(default=DEFAULT_RECONNECT_TIMEOUT, metadata={
         "help": "seconds a lost connection is retried before its commands fail"})
     timeout: float = attrs.field(default=DEFAULT_TIMEOUT, metadata={
-        "help": "seconds a command may take in all, retries included (0: no limit)"})
+        "help": "seconds a command, or the opening of a connection, may take (0: no limit)"})
 
     def __attrs_post_init__(self) -> None:
         if not 1 <= self.connections <= MAX_CONNECTIONS:
@@ -219,18 +222,28 @@ class _Lost(Exception):
 class _Connection:
     """One libnbd handle and the thread that drives it.
 
-    :raises OSError: the connection cannot be made (``nbd.Error`` translated).
+    :param timeout: seconds the connection and the handshake may take (None: no limit).
+    :raises OSError: the connection cannot be made (``nbd.Error`` translated), or not in time
+        (``ETIMEDOUT``).
     """
 
-    def __init__(self, nbd: ModuleType, uri: str) -> None:
+    def __init__(self, nbd: ModuleType, uri: str, timeout: float | None) -> None:
         self.nbd = nbd
         self.handle = h = nbd.NBD()
         self.dead = False
         self._closing = False
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             h.set_uri_allow_local_file(False)
             h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
-            h.connect_uri(uri)
+            h.aio_connect_uri(uri)  # (not connect_uri: a TCP connect or a handshake may hang)
+            while not h.aio_is_ready():
+                if h.aio_is_dead() or h.aio_is_closed():
+                    raise OSError(errno.ECONNRESET, f"the connection to {uri} failed")
+                left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+                if left <= 0:
+                    raise OSError(errno.ETIMEDOUT, f"no NBD handshake within {timeout:g} s")
+                h.poll(max(1, int(left * 1000)))
         except nbd.Error as exc:
             raise OSError(_errno_of(exc), str(exc)) from None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -343,7 +356,8 @@ class NbdBackend(BaseBackend):
     :param queue_depth: commands wanted in flight.
     :param reconnect_timeout: seconds a lost connection is retried.
     :param timeout: seconds a command may take in all (0: no limit); then its connection is
-        dropped (the other commands on it are sent again) and it fails with ``EIO``.
+        dropped (the other commands on it are sent again) and it fails with ``EIO``. Also the
+        bound of one connection's opening (TCP connect and NBD handshake).
     :raises ConfigError: libnbd missing, the server or export unreachable, or sizes that
         do not fit.
     """
@@ -361,7 +375,7 @@ class NbdBackend(BaseBackend):
         #: the commands the backend wants in flight (the I/O command set keeps that many workers)
         self.queue_depth = queue_depth
         try:
-            first = _Connection(nbd, uri)
+            first = _Connection(nbd, uri, timeout or None)
         except OSError as exc:
             raise ConfigError(f"nbd backend: cannot open {uri}: {exc.strerror}") from None
         h = first.handle
@@ -415,15 +429,15 @@ class NbdBackend(BaseBackend):
         self.inflight = self.max_inflight = 0
         try:
             for _ in range(1, connections):
-                self._conns.append(self._open())
+                self._conns.append(self._open(timeout or None))
         except OSError as exc:
             self.close()
             raise ConfigError(f"nbd backend: cannot open connection to {uri}: {exc.strerror}") from None
 
     # -- connections --------------------------------------------------------------------
 
-    def _open(self) -> _Connection:
-        conn = _Connection(self.nbd, self.uri)
+    def _open(self, timeout: float | None) -> _Connection:
+        conn = _Connection(self.nbd, self.uri, timeout)
         try:
             h = conn.handle
             if h.get_size() < self.size:
@@ -471,8 +485,9 @@ class NbdBackend(BaseBackend):
         last = ""
         try:
             while True:
+                left = max(deadline - time.monotonic(), MIN_ATTEMPT)
                 try:
-                    new = self._open()
+                    new = self._open(min(left, self.timeout) if self.timeout > 0 else left)
                     break
                 except OSError as exc:
                     last = exc.strerror or str(exc)
