@@ -63,7 +63,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -307,16 +307,17 @@ class _Connection:
         :raises _Lost: the connection died before or under the command.
         :raises OSError: the server (or libnbd) refused the command, or it timed out.
         """
-        if self.dead:
+        h = self.handle
+        if self.dead or h is None:
             raise _Lost()
         waiter = _Waiter()
         try:
-            issue(self.handle, waiter)
+            issue(h, waiter)
         except self.nbd.Error as exc:
-            if self.dead or self.handle.aio_is_dead() or self.handle.aio_is_closed():
+            if self.dead or h.aio_is_dead() or h.aio_is_closed():
                 raise _Lost() from None
             raise OSError(_errno_of(exc), str(exc)) from None
-        if self.handle.aio_get_direction() & self.nbd.AIO_DIRECTION_WRITE:
+        if h.aio_get_direction() & self.nbd.AIO_DIRECTION_WRITE:
             self.kick()
         if not waiter.event.wait(timeout):
             log.warning("NBD command unanswered for %g s: dropping the connection", timeout)
@@ -325,7 +326,7 @@ class _Connection:
             self.dead = True
             raise OSError(errno.ETIMEDOUT, "the NBD server did not answer in time")
         if waiter.error:
-            if waiter.error in (errno.ENOTCONN, errno.ESHUTDOWN) or self.dead or self.handle.aio_is_dead():
+            if waiter.error in (errno.ENOTCONN, errno.ESHUTDOWN) or self.dead or h.aio_is_dead():
                 self.dead = True
                 raise _Lost()
             raise OSError(waiter.error, os.strerror(waiter.error))
@@ -550,39 +551,56 @@ class NbdBackend(BaseBackend):
         if self.read_only:
             raise OSError(errno.EROFS, "the NBD export is read-only")
 
-    def _chunks(self, views: list[memoryview]) -> list[tuple[memoryview, int]]:
-        """Each view with its offset from the start, split at :attr:`max_request`."""
-        out: list[tuple[memoryview, int]] = []
-        pos = 0
+    def _pieces(self, view: memoryview) -> Iterator[tuple[memoryview, int]]:
+        """``view`` in pieces of at most :attr:`max_request` bytes, with their offsets."""
         step = self.max_request
-        for v in views:
-            n = len(v)
-            for at in range(0, n, step):
-                out.append((v[at:at + step], pos + at))
-            pos += n
-        return out
+        if len(view) <= step:
+            yield view, 0
+            return
+        for at in range(0, len(view), step):
+            piece = view[at:at + step]
+            try:
+                yield piece, at
+            finally:
+                piece.release()
+
+    def _read_into(self, view: memoryview, offset: int) -> None:
+        nbd = self.nbd
+        for piece, at in self._pieces(view):
+            self._run(lambda h, w, p=piece, o=offset + at: h.aio_pread(nbd.Buffer.from_buffer(p), o, completion=w))
+
+    def _write_from(self, view: memoryview, offset: int, flags: int) -> None:
+        nbd = self.nbd
+        for piece, at in self._pieces(view):
+            self._run(lambda h, w, p=piece, o=offset + at: h.aio_pwrite(nbd.Buffer.from_buffer(p), o,
+                                                                          completion=w, flags=flags))
 
     def readv(self, views: list[memoryview], offset: int) -> None:
-        """``NBD_CMD_READ`` into the views (one request per view, as large as allowed)."""
-        nbd = self.nbd
-        for piece, at in self._chunks(views):
-            try:
-                self._run(lambda h, w, p=piece, o=offset + at: h.aio_pread(nbd.Buffer.from_buffer(p), o,
-                                                                             completion=w))
-            finally:
-                piece.release()
+        """``NBD_CMD_READ`` into the views: one view (a contiguous guest buffer) directly, a
+        scatter list through one bounce buffer (one request and one copy, rather than a
+        round trip per page)."""
+        if len(views) == 1:
+            self._read_into(views[0], offset)
+            return
+        total = sum(len(v) for v in views)
+        with memoryview(bytearray(total)) as bounce:
+            self._read_into(bounce, offset)
+            pos = 0
+            for v in views:
+                n = len(v)
+                v[:] = bounce[pos:pos + n]
+                pos += n
 
     def writev(self, views: list[memoryview], offset: int, *, fua: bool = False) -> None:
-        """``NBD_CMD_WRITE`` of the views; with ``fua`` durable on return (FUA flag, or a flush)."""
+        """``NBD_CMD_WRITE`` of the views (a scatter list gathered into one bounce buffer);
+        with ``fua`` durable on return (the FUA flag, or a flush after)."""
         self._check_writable()
-        nbd = self.nbd
-        flags = nbd.CMD_FLAG_FUA if fua and self.can_fua else 0
-        for piece, at in self._chunks(views):
-            try:
-                self._run(lambda h, w, p=piece, o=offset + at: h.aio_pwrite(nbd.Buffer.from_buffer(p), o,
-                                                                              completion=w, flags=flags))
-            finally:
-                piece.release()
+        flags = self.nbd.CMD_FLAG_FUA if fua and self.can_fua else 0
+        if len(views) == 1:
+            self._write_from(views[0], offset, flags)
+        else:
+            with memoryview(b"".join(views)) as gathered:
+                self._write_from(gathered, offset, flags)
         if fua and not self.can_fua:
             self.flush()
 
