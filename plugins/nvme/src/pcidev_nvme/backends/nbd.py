@@ -567,13 +567,16 @@ class NbdBackend(BaseBackend):
     def _read_into(self, view: memoryview, offset: int) -> None:
         nbd = self.nbd
         for piece, at in self._pieces(view):
-            self._run(lambda h, w, p=piece, o=offset + at: h.aio_pread(nbd.Buffer.from_buffer(p), o, completion=w))
+            def issue(h: Any, w: _Waiter, p: memoryview = piece, o: int = offset + at) -> object:
+                return h.aio_pread(nbd.Buffer.from_buffer(p), o, completion=w)
+            self._run(issue)
 
     def _write_from(self, view: memoryview, offset: int, flags: int) -> None:
         nbd = self.nbd
         for piece, at in self._pieces(view):
-            self._run(lambda h, w, p=piece, o=offset + at: h.aio_pwrite(nbd.Buffer.from_buffer(p), o,
-                                                                          completion=w, flags=flags))
+            def issue(h: Any, w: _Waiter, p: memoryview = piece, o: int = offset + at) -> object:
+                return h.aio_pwrite(nbd.Buffer.from_buffer(p), o, completion=w, flags=flags)
+            self._run(issue)
 
     def readv(self, views: list[memoryview], offset: int) -> None:
         """``NBD_CMD_READ`` into the views: one view (a contiguous guest buffer) directly, a
@@ -612,7 +615,9 @@ class NbdBackend(BaseBackend):
     def _zero(self, offset: int, length: int, flags: int) -> None:
         while length:
             n = min(length, MAX_RANGE)
-            self._run(lambda h, w, o=offset, k=n: h.aio_zero(k, o, completion=w, flags=flags))
+            def issue(h: Any, w: _Waiter, o: int = offset, k: int = n) -> object:
+                return h.aio_zero(k, o, completion=w, flags=flags)
+            self._run(issue)
             offset += n
             length -= n
 
@@ -666,7 +671,9 @@ class NbdBackend(BaseBackend):
                         at += entries[i]
                 return 0
 
-            self._run(lambda h, w, p=pos, k=want: h.aio_block_status(k, p, extent, completion=w))
+            def issue(h: Any, w: _Waiter, p: int = pos, k: int = want) -> object:
+                return h.aio_block_status(k, p, extent, completion=w)
+            self._run(issue)
             covered = pos
             for at, n, flags in extents:
                 if at != covered or n <= 0:
