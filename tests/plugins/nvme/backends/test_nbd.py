@@ -373,3 +373,26 @@ def test_a_server_that_never_answers_the_handshake_is_refused_after_timeout(nbd_
         with pytest.raises(ConfigError, match=r"cannot open .*no NBD handshake within 0.5 s"):
             create_backend("nbd", {"uri": f"nbd+unix:///?socket={path}", "timeout": "0.5"})
         assert time.monotonic() - t0 < 30
+
+
+def test_identify_does_not_wait_for_a_lost_server(nbd_server):
+    """NUSE (allocated_bytes) while the server is away: the whole size at once, not a wait of
+    reconnect_timeout on the admin path."""
+    server = nbd_server("qemu", size=4 * MiB)
+    b = backend(server, reconnect_timeout=60)
+    try:
+        b.writev([memoryview(bytearray(b"n" * 4096))], 0)
+        assert b.allocated_bytes() == 4096
+        server.kill()
+        deadline = time.monotonic() + 30
+        while not b._conns[0].dead:  # the dispatcher sees the socket close
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        assert b.allocated_bytes() == b.size
+        assert time.monotonic() - t0 < 5
+        server.start()
+        assert read(b, 0, 4096) == b"n" * 4096  # (reconnects)
+        assert b.allocated_bytes() == 4096
+    finally:
+        b.close()

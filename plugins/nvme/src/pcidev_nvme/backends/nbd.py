@@ -694,7 +694,10 @@ class NbdBackend(BaseBackend):
         return out
 
     def allocated_bytes(self) -> int:
-        """Bytes of the namespace that are not holes (block status; all without it)."""
+        """Bytes of the namespace that are not holes (block status; all without it, and all
+        while a connection is lost: Identify Namespace does not wait for a reconnection)."""
+        if not self.holes or any(c is None or c.dead for c in list(self._conns)):
+            return self.size
         return sum(n for _o, n in self.allocated_ranges(0, self.size))
 
     def close(self) -> None:
