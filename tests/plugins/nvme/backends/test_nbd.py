@@ -396,3 +396,58 @@ def test_identify_does_not_wait_for_a_lost_server(nbd_server):
         assert b.allocated_bytes() == 4096
     finally:
         b.close()
+
+
+def _requests(logfile) -> list[str]:
+    """The requests nbdkit's log filter recorded: ``Write fua=1``, ``Zero trim=0 fast=1``..."""
+    out = []
+    for line in logfile.read_text().splitlines():
+        words = line.split()
+        if len(words) > 4 and words[2].startswith("connection=") and not words[3].startswith("...") \
+                and words[3] in ("Read", "Write", "Flush", "Zero", "Trim", "Extents"):
+            keep = [w for w in words[4:] if w.split("=")[0] in ("fua", "trim", "fast")]
+            out.append(" ".join([words[3], *keep]))
+    return out
+
+
+def test_the_nbd_requests_each_nvme_operation_becomes(nbd_server, tmp_path):
+    log = tmp_path / "requests.log"
+    b = backend(nbd_server("nbdkit", size=4 * MiB, extra=("--filter=log",), params=(f"logfile={log}",)))
+    try:
+        buf = memoryview(bytearray(b"q" * 4096))
+        b.writev([buf], 0)
+        b.writev([buf], 0, fua=True)
+        b.can_fua = False  # (a server without FUA: the write, then a flush)
+        b.writev([buf], 0, fua=True)
+        b.write_zeroes(0, 4096)
+        b.deallocate(4096, 8192)
+        b.flush()
+        b.allocated_ranges(0, MiB)
+        read(b, 0, 4096)
+    finally:
+        b.close()
+    assert _requests(log) == [
+        "Write fua=0", "Write fua=1", "Write fua=0", "Flush",
+        "Zero trim=0 fua=0 fast=1",  # Write Zeroes: keep allocated, fast zero offered
+        "Zero trim=1 fua=0 fast=0",  # deallocate: zeros, the server may punch a hole
+        "Flush", "Extents", "Read",
+    ]
+
+
+def test_a_server_without_write_zeroes_gets_writes_of_zeros(nbd_server, tmp_path):
+    """A server (nbdkit) with ``nozero`` (no WRITE_ZEROES) and ``noextents`` (every block is data)."""
+    log = tmp_path / "requests.log"
+    server = nbd_server("nbdkit", size=4 * MiB, extra=("--filter=log", "--filter=nozero", "--filter=noextents"),
+                        params=(f"logfile={log}",))
+    b = backend(server)
+    try:
+        assert not b.can_zero
+        b.writev([memoryview(bytearray(b"r" * 16384))], 0)
+        b.write_zeroes(0, 4096)
+        b.deallocate(8192, 4096)
+        assert read(b, 0, 16384) == bytes(4096) + b"r" * 4096 + bytes(4096) + b"r" * 4096
+        assert b.allocated_ranges(0, MiB) == [(0, MiB)]
+    finally:
+        b.close()
+    requests = _requests(log)  # (whether nbdkit still offers base:allocation here varies)
+    assert requests[:4] == ["Write fua=0"] * 3 + ["Read"] and requests[4:] in ([], ["Extents"])
