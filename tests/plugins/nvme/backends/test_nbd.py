@@ -451,3 +451,47 @@ def test_a_server_without_write_zeroes_gets_writes_of_zeros(nbd_server, tmp_path
         b.close()
     requests = _requests(log)  # (whether nbdkit still offers base:allocation here varies)
     assert requests[:4] == ["Write fua=0"] * 3 + ["Read"] and requests[4:] in ([], ["Extents"])
+
+
+def test_commands_waiting_for_a_reconnection_that_gives_up_fail_with_it(nbd_server):
+    """Eight reads wait while one thread reconnects to a socket that never answers (a mute
+    listener where the server was): when it gives up they all fail, rather than each trying
+    its own reconnection after it (which took a second each, one after another)."""
+    import socket
+
+    server = nbd_server("qemu", size=4 * MiB)
+    b = backend(server, reconnect_timeout=0.3, timeout=5)
+    mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        server.kill()
+        server.sock.unlink()
+        mute.bind(str(server.sock))
+        mute.listen(64)
+        errors: list[int] = []
+
+        def one() -> None:
+            try:
+                read(b, 0, 4096)
+            except OSError as exc:
+                errors.append(exc.errno)
+
+        threads = [threading.Thread(target=one) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+            assert not t.is_alive()
+        assert errors == [errno.EIO] * 8
+        mute.setblocking(False)
+        attempts = 0
+        while True:  # the connections the mute listener got (accepted only now)
+            try:
+                conn, _ = mute.accept()
+            except BlockingIOError:
+                break
+            conn.close()
+            attempts += 1
+        assert 1 <= attempts <= 4, attempts  # (8 before: one each)
+    finally:
+        mute.close()
+        b.close()

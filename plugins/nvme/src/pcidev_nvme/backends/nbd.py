@@ -422,6 +422,8 @@ class NbdBackend(BaseBackend):
         #: its reconnection already gave up (then each command tries once)
         self._lost_at: list[float | None] = [None] * connections
         self._gave_up = [False] * connections
+        #: per connection: reconnections that gave up (the commands waiting for one fail with it)
+        self._failures = [0] * connections
         self._next = itertools.count()
         self._closed = False
         #: reconnections made (for tests and logs)
@@ -458,12 +460,15 @@ class NbdBackend(BaseBackend):
         :raises OSError: ``EIO`` once the reconnection gave up; ``EBADF`` after close.
         """
         with self._lock:
+            failures = self._failures[slot]
             while True:
                 if self._closed:
                     raise OSError(errno.EBADF, "the nbd backend is closed")
                 conn = self._conns[slot]
                 if conn is not None and not conn.dead:
                     return conn
+                if self._failures[slot] != failures:  # the reconnection this waited for gave up
+                    raise OSError(errno.EIO, f"NBD server {self.uri} unreachable")
                 if not self._reconnecting[slot]:
                     break
                 self._changed.wait(1.0)
@@ -509,6 +514,7 @@ class NbdBackend(BaseBackend):
                     self.reconnects += 1
                 else:
                     self._gave_up[slot] = True
+                    self._failures[slot] += 1
                 self._changed.notify_all()
         if new is None:
             raise OSError(errno.EIO, f"NBD server {self.uri} unreachable: {last}")
