@@ -36,7 +36,8 @@ def nbd_tools() -> None:
 
 @pytest.fixture
 def nbd_server(nbd_tools: None, tmp_path: Path) -> Iterator[Callable[..., NbdServer]]:
-    """``nbd_server("qemu", size=8 << 20, readonly=False, export="exp")`` or
+    """``nbd_server("qemu", size=8 << 20, readonly=False, export="exp")``,
+    ``nbd_server("nbdkit-file", size=...)`` (nbdkit's file plugin on an image) or
     ``nbd_server("nbdkit", size=..., extra=("--filter=delay",), params=("rdelay=1",))``
     (nbdkit's memory plugin; ``extra``: options before the plugin, ``params``: after it):
     a running server."""
@@ -53,6 +54,14 @@ def nbd_server(nbd_tools: None, tmp_path: Path) -> Iterator[Callable[..., NbdSer
                     f.truncate(size)
             argv = ["qemu-nbd", "-t", "-k", str(sock), "-f", "raw", "-x", export, "--cache=writeback",
                     "--discard=unmap", *(["--read-only"] if readonly else []), *extra, str(image)]
+        elif kind == "nbdkit-file":  # (multi-conn, and the data outlives the process)
+            image = tmp_path / f"nbd{n}.img"
+            if not image.exists():
+                with open(image, "wb") as f:
+                    f.truncate(size)
+            argv = ["nbdkit", "-f", "-U", str(sock), *(["-r"] if readonly else []), *extra, "file", str(image),
+                    *params]
+            export = ""
         elif kind == "nbdkit":
             argv = ["nbdkit", "-f", "-U", str(sock), *(["-r"] if readonly else []), *extra,
                     "memory", str(size), *params]

@@ -254,16 +254,18 @@ def test_verified_random_io_through_the_controller_over_nbd(nbd_server):
         ctrl.close()
 
 
-def test_a_server_restarted_mid_workload_loses_nothing(nbd_server):
-    """qemu-nbd killed (SIGKILL) twice during a verified workload and started again on the
-    same socket: the commands wait, are sent again, and every block checks out."""
+@pytest.mark.parametrize("kind,connections", [("qemu", 1), ("nbdkit-file", 2)])
+def test_a_server_restarted_mid_workload_loses_nothing(nbd_server, kind, connections):
+    """The server (qemu-nbd; nbdkit's file plugin with two connections) killed (SIGKILL) twice
+    during a verified workload and started again on the same socket: the commands wait, are
+    sent again, and every block checks out."""
     from pcidev.host import Machine
     from pcidev_nvme.controller import NvmeController
     from pcidev_nvme.testing import driver
 
-    server = nbd_server("qemu", size=4 * MiB)
+    server = nbd_server(kind, size=4 * MiB)
     machine = Machine(ram_size=128 << 20)
-    ctrl = NvmeController(f"mdts=5,ns=nbd:uri={server.uri},reconnect_timeout=60")
+    ctrl = NvmeController(f"mdts=5,ns=nbd:uri={server.uri},reconnect_timeout=60,connections={connections}")
     drv = driver.NvmeDriver.attach(machine, ctrl, io_queues=2, io_depth=64)
     b = ctrl.namespaces[1].backend
     try:
@@ -286,7 +288,7 @@ def test_a_server_restarted_mid_workload_loses_nothing(nbd_server):
             t.join(300)
             assert not t.is_alive()
         assert not errors, errors[:5]
-        assert b.reconnects >= 2
+        assert b.connections == connections and b.reconnects >= 2
         for nsid, (nlbas, size) in geometry.items():
             step = 64 * 1024 // size
             for slba in range(0, nlbas, step):
