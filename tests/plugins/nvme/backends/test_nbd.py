@@ -497,3 +497,25 @@ def test_commands_waiting_for_a_reconnection_that_gives_up_fail_with_it(nbd_serv
     finally:
         mute.close()
         b.close()
+
+
+def test_the_loader_takes_only_an_extension_built_for_this_python(tmp_path, monkeypatch):
+    """A directory holding a libnbd built for another Python (or nothing): one ConfigError line
+    saying what to install, and nothing is imported."""
+    from pcidev_nvme.backends import nbd as nbd_backend
+
+    other = "libnbdmod.cpython-39-x86_64-linux-gnu.so"  # (not this interpreter's suffix)
+    (tmp_path / other).write_bytes(b"\x7fELF not really")
+    (tmp_path / "nbd.py").write_text("raise AssertionError('must not be imported')\n")
+    monkeypatch.setattr(nbd_backend, "_nbd", None)
+    monkeypatch.setattr(nbd_backend, "SYSTEM_DIST_PACKAGES", str(tmp_path))
+    monkeypatch.setattr(nbd_backend.importlib, "import_module", _no_module)
+    with pytest.raises(ConfigError) as e:
+        nbd_backend.load_nbd()
+    msg = str(e.value)
+    assert "install python3-libnbd" in msg and "no libnbd Python module for Python 3." in msg
+    assert "\n" not in msg
+
+
+def _no_module(name: str):
+    raise ImportError(f"No module named {name!r}")

@@ -121,11 +121,14 @@ _load_lock = threading.Lock()
 
 def _load_from(directory: str) -> ModuleType:
     """Import ``libnbdmod`` (the extension) and ``nbd`` from ``directory`` only."""
-    ext = next((os.path.join(directory, name) for name in sorted(os.listdir(directory))
-                if name.startswith("libnbdmod.")
-                and any(name.endswith(s) for s in importlib.machinery.EXTENSION_SUFFIXES)), None)
+    # only an extension built for this interpreter (its exact suffix: a cpython-311 build is
+    # not loaded into another Python, whose generic ".so" suffix would match it)
+    ext = next((path for path in (os.path.join(directory, "libnbdmod" + suffix)
+                                  for suffix in importlib.machinery.EXTENSION_SUFFIXES)
+                if os.path.exists(path)), None)
     if ext is None or not os.path.exists(os.path.join(directory, "nbd.py")):
-        raise ImportError(f"no libnbd Python module in {directory}")
+        raise ImportError(f"no libnbd Python module for Python {sys.version_info.major}."
+                          f"{sys.version_info.minor} in {directory}")
     modules: dict[str, ModuleType] = {}
     for name, path in (("libnbdmod", ext), ("nbd", os.path.join(directory, "nbd.py"))):
         spec = importlib.util.spec_from_file_location(name, path)
