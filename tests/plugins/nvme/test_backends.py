@@ -413,7 +413,7 @@ def test_two_namespaces_on_one_image_both_take_the_inherited_file(tmp_path):
 
 
 def test_builtin_backends_and_errors():
-    assert list(BUILTIN_BACKENDS) == ["file", "mem", "null"]
+    assert list(BUILTIN_BACKENDS) == ["file", "mem", "nbd", "null"]
     with pytest.raises(ConfigError, match="unknown NVMe namespace backend"):
         create_backend("tape", {})
     with pytest.raises(ConfigError, match="unknown option"):

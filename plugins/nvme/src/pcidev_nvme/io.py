@@ -15,6 +15,9 @@ exactly once through ``ctrl.complete(req, status, dw0)``:
   thread without blocking (the backend's ``readv_nowait`` / ``writev_nowait``,
   ``RWF_NOWAIT`` for files: page-cache hits complete like memory); a worker does
   what that left (all of it when it would block, the rest after a short transfer).
+  The pool has ``workers`` threads, or as many as a backend's optional ``queue_depth``
+  asks for (an NBD export, :mod:`~pcidev_nvme.backends.nbd`: each worker waits for its
+  command on the network, so the queue depth reaches the connection).
 
 Data moves between guest memory and the backend with no copy in Python: the data
 pointer (PRP or SGL, :mod:`pcidev_nvme.prp`) becomes memoryviews of guest RAM
@@ -224,6 +227,9 @@ class Opcode:
 #: Worker threads for backends that may block.
 DEFAULT_WORKERS = 4
 
+#: The most worker threads a backend's ``queue_depth`` can ask for.
+MAX_WORKERS = 256
+
 #: Verify reads the range through the backend in chunks of this size.
 VERIFY_CHUNK = 1 << 20
 
@@ -361,6 +367,9 @@ class IoCommandSet:
         self._complete = ctrl.complete
         self._workers = max(1, int(workers))
         self._pool: ThreadPoolExecutor | None = None
+        #: the worker threads of ``_pool``: ``workers``, or more for a backend whose optional
+        #: ``queue_depth`` (commands it wants in flight: an NBD connection) is larger
+        self._pool_size = self._workers
         self._cond = threading.Condition()
         #: the commands with the workers, with the ``time.monotonic()`` they were handed over
         #: (what a drain past its deadline names)
@@ -770,9 +779,15 @@ class IoCommandSet:
             raise NvmeStatusError(Status.INTERNAL, "the I/O command set is closed")
         # a Read or Write whose first part already moved is not abortable (see abort())
         abortable = not (isinstance(handler, _Rest) and handler.done)
+        depth = min(int(getattr(ns.backend, "queue_depth", 0)), MAX_WORKERS) if ns is not None else 0
         with self._cond:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="nvme-io")
+            if self._pool is None or depth > self._pool_size:
+                # a backend that completes many commands at once (a network connection) gets
+                # as many workers, each waiting for its command: the queue depth reaches it
+                old, self._pool_size = self._pool, max(self._pool_size, depth)
+                self._pool = ThreadPoolExecutor(self._pool_size, thread_name_prefix="nvme-io")
+                if old is not None:
+                    old.shutdown(wait=False)  # (its queued commands still run; drain() counts them)
             self._busy[req] = time.monotonic()
             if abortable:
                 self._queued.add(req)
@@ -918,7 +933,7 @@ class IoCommandSet:
         """
         with self._cond:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="nvme-io")
+                self._pool = ThreadPoolExecutor(self._pool_size, thread_name_prefix="nvme-io")
             pool = self._pool
         return pool.submit(fn)
 

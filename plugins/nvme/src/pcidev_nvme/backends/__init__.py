@@ -3,9 +3,11 @@
 A backend is a flat array of ``size`` bytes with vectored reads and writes straight
 between it and guest-memory views (no copy in Python for files: ``os.preadv`` /
 ``os.pwritev``; one ``memcpy`` for memory), plus flush, deallocate and zeroing
-(the :class:`~pcidev_nvme.backends.base.Backend` protocol). Three are built in:
+(the :class:`~pcidev_nvme.backends.base.Backend` protocol). Four are built in:
 ``file`` (:mod:`~pcidev_nvme.backends.file`), ``mem``
-(:mod:`~pcidev_nvme.backends.mem`) and ``null`` (:mod:`~pcidev_nvme.backends.null`).
+(:mod:`~pcidev_nvme.backends.mem`), ``null`` (:mod:`~pcidev_nvme.backends.null`) and
+``nbd`` (:mod:`~pcidev_nvme.backends.nbd`: an NBD export through libnbd, whose Python
+bindings are loaded only when such a namespace is made).
 
 **One registration path.** A backend is a device-registry component of kind
 ``nvme-backend``, registered from the ordinary
@@ -40,6 +42,7 @@ from pcidev.registry import ComponentEntry, DeviceRegistry
 from pcidev_nvme.backends.base import Backend, BaseBackend, punch_hole, take_options
 from pcidev_nvme.backends.file import FileBackend, FileConfig, make_file
 from pcidev_nvme.backends.mem import MemConfig, MemoryBackend, make_mem
+from pcidev_nvme.backends.nbd import NbdBackend, NbdConfig, make_nbd
 from pcidev_nvme.backends.null import NullBackend, NullConfig, make_null
 
 __all__ = [
@@ -53,6 +56,8 @@ __all__ = [
     "FileConfig",
     "MemConfig",
     "MemoryBackend",
+    "NbdBackend",
+    "NbdConfig",
     "NullBackend",
     "NullConfig",
     "add_backend",
@@ -68,10 +73,14 @@ BACKEND_KIND = "nvme-backend"
 BackendFactory = Callable[[dict[str, Any]], Backend]
 
 #: The built-in backends by name (what a controller built without a registry knows).
-BUILTIN_BACKENDS: Mapping[str, BackendFactory] = {"file": make_file, "mem": make_mem, "null": make_null}
+BUILTIN_BACKENDS: Mapping[str, BackendFactory] = {
+    "file": make_file, "mem": make_mem, "nbd": make_nbd, "null": make_null,
+}
 
 #: The option classes of the built-in backends by name (what ``pcidev describe nvme`` lists).
-BUILTIN_BACKEND_CONFIGS: Mapping[str, type] = {"file": FileConfig, "mem": MemConfig, "null": NullConfig}
+BUILTIN_BACKEND_CONFIGS: Mapping[str, type] = {
+    "file": FileConfig, "mem": MemConfig, "nbd": NbdConfig, "null": NullConfig,
+}
 
 #: Attributes every backend must have (see :class:`Backend`; ``min_block`` and
 #: ``identity_path`` are optional).

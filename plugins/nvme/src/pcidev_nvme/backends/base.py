@@ -177,7 +177,10 @@ class Backend(Protocol):
     Optional: ``inheritable_fds()`` (see :meth:`BaseBackend.inheritable_fds`), the
     descriptors a handover's new process takes instead of opening paths;
     ``allocated_ranges()`` and ``holes`` (see :attr:`BaseBackend.holes`): where the
-    data is, for Get LBA Status and the Deallocated or Unwritten Logical Block error.
+    data is, for Get LBA Status and the Deallocated or Unwritten Logical Block error;
+    ``queue_depth``: the commands the backend can usefully have in flight at once (its
+    blocking calls wait on a network, not a CPU), the I/O command set then keeps at least
+    that many worker threads (up to ``pcidev_nvme.io.MAX_WORKERS``).
     """
 
     kind: str

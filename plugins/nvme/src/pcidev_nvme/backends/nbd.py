@@ -1,0 +1,745 @@
+"""The ``nbd`` backend: a namespace on a Network Block Device export, through libnbd.
+
+``nbd:uri=nbd://HOST:PORT/EXPORT`` or ``nbd:uri=nbd+unix:///EXPORT?socket=PATH`` (libnbd's
+URI syntax, see ``nbd_connect_uri(3)``). The namespace is the export's size (``size=``
+may ask for less; an export smaller than ``size=``, or missing, is refused at start with
+one :class:`~pcidev.errors.ConfigError` line).
+
+**Mapping.** Read and Write are ``NBD_CMD_READ`` / ``NBD_CMD_WRITE``; a durable write
+(FUA, or the volatile write cache off) carries ``NBD_CMD_FLAG_FUA`` when the server
+offers it, else it is followed by ``NBD_CMD_FLUSH``. Flush is ``NBD_CMD_FLUSH`` (nothing
+when the server has no write cache to flush). A deallocation (Dataset Management
+deallocate, Write Zeroes with DEAC) is ``NBD_CMD_WRITE_ZEROES`` *without*
+``NO_HOLE`` -- the server may punch a hole -- because the namespace promises that
+deallocated blocks read as zeros and ``NBD_CMD_TRIM`` does not; Write Zeroes is
+``NBD_CMD_WRITE_ZEROES`` with ``NO_HOLE`` (and ``FAST_ZERO`` first when the server offers
+it, falling back to the plain command when it answers that zeroing would be slow). A
+server without ``WRITE_ZEROES`` gets writes of zeros. Get LBA Status and DULBE ask
+``NBD_CMD_BLOCK_STATUS`` in the ``base:allocation`` context (when the server has it; else
+every block counts as written). A read-only export makes a read-only namespace (the I/O
+command set refuses writes with Namespace is Write Protected, as for a read-only file).
+
+**Commands in flight.** Each connection is one libnbd handle driven by its own dispatcher
+thread (``aio_get_fd`` / ``aio_get_direction`` / ``aio_notify_*``, the event-loop
+integration libnbd documents); the I/O command set's worker threads issue ``aio_*`` commands
+with completion callbacks and wait for them, so every worker's command is on the wire at
+once. The backend asks the I/O command set for ``queue_depth`` workers (option
+``queue_depth``, default :data:`DEFAULT_QUEUE_DEPTH`; the optional
+:attr:`NbdBackend.queue_depth` of the :class:`~pcidev_nvme.backends.base.Backend`
+protocol). ``connections=N`` opens N connections and spreads the commands over them, only
+when the server advertises ``NBD_FLAG_CAN_MULTI_CONN`` (a Flush on one connection then
+covers the writes completed on all of them); otherwise one connection is used and the
+start logs why.
+
+**Faults.** A connection that dies (the server went away, or answered ``ESHUTDOWN``) is
+reopened with bounded retries and exponential backoff (:data:`RETRY_FIRST` doubling to
+:data:`RETRY_MAX` seconds) while the commands that were in flight on it, and the new
+ones, wait; once it is back they are sent again (reads, writes, zeroing and flushes are
+idempotent: the I/O command set never has two overlapping writes in flight). If it is
+not back within ``reconnect_timeout`` seconds (default :data:`DEFAULT_RECONNECT_TIMEOUT`)
+they fail with ``EIO`` (the I/O command set completes them with Unrecovered Read Error or
+Write Fault and an Error Information log entry); later commands then try one
+reconnection each and fail at once if the server is still away. NBD makes only flushed
+(or FUA) writes durable: writes acknowledged but not flushed before the server went down
+are as safe as the server kept them (a volatile write cache's writes after a power loss).
+
+libnbd's Python bindings come from the distribution (Debian's ``python3-libnbd``, for the
+system Python 3): when ``import nbd`` fails, :func:`load_nbd` imports exactly the ``nbd``
+module and its ``libnbdmod`` extension from ``/usr/lib/python3/dist-packages`` (nothing
+else of that directory).
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import importlib.machinery
+import importlib.util
+import itertools
+import logging
+import os
+import select
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from types import ModuleType
+from typing import Any
+
+import attrs
+
+from pcidev.errors import ConfigError
+from pcidev.properties import Size
+from pcidev_nvme.backends.base import BaseBackend, check_size, size_field, take_options
+
+__all__ = [
+    "DEFAULT_QUEUE_DEPTH",
+    "DEFAULT_RECONNECT_TIMEOUT",
+    "DEFAULT_TIMEOUT",
+    "MAX_CONNECTIONS",
+    "MAX_QUEUE_DEPTH",
+    "MIN_ATTEMPT",
+    "RETRY_FIRST",
+    "RETRY_MAX",
+    "SYSTEM_DIST_PACKAGES",
+    "NbdBackend",
+    "NbdConfig",
+    "load_nbd",
+    "make_nbd",
+]
+
+log = logging.getLogger(__name__)
+
+#: where Debian's ``python3-libnbd`` puts the ``nbd`` module
+SYSTEM_DIST_PACKAGES = "/usr/lib/python3/dist-packages"
+#: commands the backend wants in flight (I/O worker threads of the controller), by default
+DEFAULT_QUEUE_DEPTH = 16
+#: the largest ``queue_depth=`` accepted
+MAX_QUEUE_DEPTH = 256
+#: the most connections ``connections=`` may open
+MAX_CONNECTIONS = 16
+#: seconds a lost connection is retried before its commands fail, by default
+DEFAULT_RECONNECT_TIMEOUT = 30.0
+#: seconds a command may take, retries included, by default (then it fails and its connection
+#: is dropped: a server that stopped answering without closing the connection)
+DEFAULT_TIMEOUT = 120.0
+#: the least time one reconnection attempt gets (seconds), even past the deadline
+MIN_ATTEMPT = 1.0
+#: first pause between reconnection attempts (seconds); doubles up to :data:`RETRY_MAX`
+RETRY_FIRST = 0.05
+#: longest pause between reconnection attempts (seconds)
+RETRY_MAX = 2.0
+#: the largest data transfer sent as one NBD request (the protocol's usual limit is 32 MiB)
+MAX_REQUEST = 32 << 20
+#: the largest range one WRITE_ZEROES or BLOCK_STATUS request covers (the length is 32-bit)
+MAX_RANGE = 1 << 30
+
+_nbd: ModuleType | None = None
+_load_lock = threading.Lock()
+
+
+def _load_from(directory: str) -> ModuleType:
+    """Import ``libnbdmod`` (the extension) and ``nbd`` from ``directory`` only."""
+    # only an extension built for this interpreter (its exact suffix: a cpython-311 build is
+    # not loaded into another Python, whose generic ".so" suffix would match it)
+    ext = next((path for path in (os.path.join(directory, "libnbdmod" + suffix)
+                                  for suffix in importlib.machinery.EXTENSION_SUFFIXES)
+                if os.path.exists(path)), None)
+    if ext is None or not os.path.exists(os.path.join(directory, "nbd.py")):
+        raise ImportError(f"no libnbd Python module for Python {sys.version_info.major}."
+                          f"{sys.version_info.minor} in {directory}")
+    modules: dict[str, ModuleType] = {}
+    for name, path in (("libnbdmod", ext), ("nbd", os.path.join(directory, "nbd.py"))):
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # (nbd.py does ``import libnbdmod``)
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            for done in modules:
+                sys.modules.pop(done, None)
+            raise
+        modules[name] = module
+    return modules["nbd"]
+
+
+def load_nbd() -> ModuleType:
+    """The module ``nbd`` of libnbd's Python bindings: a plain import, else the system Python's copy.
+
+    :raises ConfigError: libnbd's Python bindings are not installed (or do not load here).
+    """
+    global _nbd
+    with _load_lock:
+        if _nbd is None:
+            try:
+                _nbd = importlib.import_module("nbd")
+            except ImportError:
+                try:
+                    _nbd = _load_from(SYSTEM_DIST_PACKAGES)
+                except (ImportError, OSError) as exc:
+                    raise ConfigError(f"the nbd backend needs libnbd's Python bindings: install "
+                                      f"python3-libnbd ({exc})") from None
+        return _nbd
+
+
+def _errno_of(exc: BaseException) -> int:
+    """The errno an ``nbd.Error`` carries (the bindings give its name or number)."""
+    code = getattr(exc, "errno", None)
+    if isinstance(code, str):
+        code = getattr(errno, code, None)
+    return code if isinstance(code, int) and code > 0 else errno.EIO
+
+
+@attrs.define(kw_only=True)
+class NbdConfig:
+    """Options of the ``nbd`` backend."""
+
+    uri: str = attrs.field(metadata={
+        "help": "the export: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH"})
+    size: Size | None = size_field(required=False)
+    readonly: bool = attrs.field(default=False, metadata={"help": "refuse writes (also for a writable export)"})
+    connections: int = attrs.field(default=1, metadata={
+        "help": f"connections (1..{MAX_CONNECTIONS}), used when the server advertises multi-conn"})
+    queue_depth: int = attrs.field(default=DEFAULT_QUEUE_DEPTH, metadata={
+        "help": f"commands in flight (1..{MAX_QUEUE_DEPTH})"})
+    reconnect_timeout: float = attrs.field(default=DEFAULT_RECONNECT_TIMEOUT, metadata={
+        "help": "seconds a lost connection is retried before its commands fail"})
+    timeout: float = attrs.field(default=DEFAULT_TIMEOUT, metadata={
+        "help": "seconds a command, or the opening of a connection, may take (0: no limit)"})
+
+    def __attrs_post_init__(self) -> None:
+        if not 1 <= self.connections <= MAX_CONNECTIONS:
+            raise ConfigError(f"nbd backend: connections={self.connections} must be 1..{MAX_CONNECTIONS}")
+        if not 1 <= self.queue_depth <= MAX_QUEUE_DEPTH:
+            raise ConfigError(f"nbd backend: queue_depth={self.queue_depth} must be 1..{MAX_QUEUE_DEPTH}")
+        if not 0 <= self.reconnect_timeout <= 86400:
+            raise ConfigError(f"nbd backend: reconnect_timeout={self.reconnect_timeout} must be 0..86400 seconds")
+        if not 0 <= self.timeout <= 86400:
+            raise ConfigError(f"nbd backend: timeout={self.timeout} must be 0..86400 seconds (0: no limit)")
+
+
+class _Waiter:
+    """One command's completion: the callback libnbd calls, and what its issuer waits on (a
+    lock taken at creation and released by the callback: cheaper than an Event)."""
+
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.error = 0
+
+    def __call__(self, error: Any) -> int:
+        value = getattr(error, "value", error)
+        self.error = value if isinstance(value, int) else errno.EIO
+        self.done.release()
+        return 1  # retire the command
+
+    def wait(self, timeout: float | None) -> bool:
+        """Wait for the completion (``timeout`` seconds at most; None: no limit)."""
+        return self.done.acquire(timeout=-1 if timeout is None else max(timeout, 0.0))
+
+
+class _Lost(Exception):
+    """The connection died under a command (it is sent again on a new one)."""
+
+
+class _Connection:
+    """One libnbd handle and the thread that drives it.
+
+    :param timeout: seconds the connection and the handshake may take (None: no limit).
+    :raises OSError: the connection cannot be made (``nbd.Error`` translated), or not in time
+        (``ETIMEDOUT``).
+    """
+
+    def __init__(self, nbd: ModuleType, uri: str, timeout: float | None) -> None:
+        self.nbd = nbd
+        self.handle = h = nbd.NBD()
+        self.dead = False
+        self._closing = False
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            h.set_uri_allow_local_file(False)
+            h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+            h.aio_connect_uri(uri)  # (not connect_uri: a TCP connect or a handshake may hang)
+            while not h.aio_is_ready():
+                if h.aio_is_dead() or h.aio_is_closed():
+                    raise OSError(errno.ECONNRESET, f"the connection to {uri} failed")
+                left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+                if left <= 0:
+                    raise OSError(errno.ETIMEDOUT, f"no NBD handshake within {timeout:g} s")
+                h.poll(max(1, int(left * 1000)))
+        except nbd.Error as exc:
+            raise OSError(_errno_of(exc), str(exc)) from None
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.thread = threading.Thread(target=self._loop, name="nbd-dispatch", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        nbd, h = self.nbd, self.handle
+        try:
+            fd = h.aio_get_fd()
+            poller = select.poll()
+            while not self._closing:
+                direction = h.aio_get_direction()
+                poller.register(fd, (select.POLLIN if direction & nbd.AIO_DIRECTION_READ else 0)
+                                | (select.POLLOUT if direction & nbd.AIO_DIRECTION_WRITE else 0))
+                poller.register(self._wake_r, select.POLLIN)
+                events = dict(poller.poll(1000))
+                if self._wake_r in events:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                ev = events.get(fd, 0)
+                if ev & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                    h.aio_notify_read()
+                if ev & select.POLLOUT:
+                    h.aio_notify_write()
+                if h.aio_is_dead() or h.aio_is_closed():
+                    break
+        except nbd.Error as exc:
+            if not self._closing:
+                log.warning("NBD connection lost: %s", exc)
+        except Exception:  # pragma: no cover - a bug here must not hang the waiters silently
+            log.exception("NBD dispatcher failed")
+        finally:
+            self.dead = True
+
+    def kick(self) -> None:
+        """Let the dispatcher look at the direction again (a command may wait to be sent)."""
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # (a wake-up is pending already)
+
+    def abort(self) -> None:
+        """Shut the socket down (a server that stopped answering): the dispatcher then
+        reads its end, libnbd retires every command in flight with an error, and the
+        connection is dead (its commands are sent again on a new one)."""
+        try:
+            fd = self.handle.aio_get_fd()
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+        except (OSError, self.nbd.Error, AttributeError):
+            pass
+        self.kick()
+
+    def run(self, issue: Callable[[Any, _Waiter], object], timeout: float | None = None) -> None:
+        """Issue one command and wait for it (up to ``timeout`` seconds: then the connection
+        is aborted, which retires the command, and ``ETIMEDOUT`` is raised).
+
+        :raises _Lost: the connection died before or under the command.
+        :raises OSError: the server (or libnbd) refused the command, or it timed out.
+        """
+        h = self.handle
+        if self.dead or h is None:
+            raise _Lost()
+        waiter = _Waiter()
+        try:
+            issue(h, waiter)
+        except self.nbd.Error as exc:
+            if self.dead or h.aio_is_dead() or h.aio_is_closed():
+                raise _Lost() from None
+            raise OSError(_errno_of(exc), str(exc)) from None
+        if h.aio_get_direction() & self.nbd.AIO_DIRECTION_WRITE:
+            self.kick()
+        if not waiter.wait(timeout):
+            log.warning("NBD command unanswered for %g s: dropping the connection", timeout)
+            self.abort()
+            waiter.wait(None)  # (retired by the abort: libnbd no longer holds the buffer)
+            self.dead = True
+            raise OSError(errno.ETIMEDOUT, "the NBD server did not answer in time")
+        if waiter.error:
+            if waiter.error in (errno.ENOTCONN, errno.ESHUTDOWN) or self.dead or h.aio_is_dead():
+                self.dead = True
+                raise _Lost()
+            raise OSError(waiter.error, os.strerror(waiter.error))
+
+    def close(self) -> None:
+        """Stop the dispatcher and close the handle (the socket). Idempotent."""
+        if self._closing:
+            return
+        self._closing = True
+        self.dead = True
+        self.kick()
+        if self.thread is not threading.current_thread():
+            self.thread.join(5)
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+        handle, self.handle = self.handle, None
+        del handle  # (libnbd closes the socket when the handle goes)
+
+
+class NbdBackend(BaseBackend):
+    """A namespace on an NBD export (see the module).
+
+    :param uri: libnbd URI of the export.
+    :param size: bytes (at most the export's size); None: the export's size, rounded down
+        to a multiple of 4096.
+    :param read_only: refuse writes (a read-only export is read-only anyway).
+    :param connections: connections to open when the server advertises multi-conn.
+    :param queue_depth: commands wanted in flight.
+    :param reconnect_timeout: seconds a lost connection is retried.
+    :param timeout: seconds a command may take in all (0: no limit); then its connection is
+        dropped (the other commands on it are sent again) and it fails with ``EIO``. Also the
+        bound of one connection's opening (TCP connect and NBD handshake).
+    :raises ConfigError: libnbd missing, the server or export unreachable, or sizes that
+        do not fit.
+    """
+
+    kind = "nbd"
+    inline = False
+
+    def __init__(self, uri: str, size: int | None = None, *, read_only: bool = False, connections: int = 1,
+                 queue_depth: int = DEFAULT_QUEUE_DEPTH,
+                 reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.nbd = nbd = load_nbd()
+        self.uri = uri
+        self.reconnect_timeout = reconnect_timeout
+        self.timeout = timeout
+        #: the commands the backend wants in flight (the I/O command set keeps that many workers)
+        self.queue_depth = queue_depth
+        try:
+            first = _Connection(nbd, uri, timeout or None)
+        except OSError as exc:
+            raise ConfigError(f"nbd backend: cannot open {uri}: {exc.strerror}") from None
+        h = first.handle
+        try:
+            export = h.get_size()
+            self.read_only = read_only or bool(h.is_read_only())
+            self.can_fua = bool(h.can_fua())
+            self.can_flush = bool(h.can_flush())
+            self.can_zero = bool(h.can_zero())
+            self.can_fast_zero = self.can_zero and bool(h.can_fast_zero())
+            self.holes = bool(h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION))
+            multi = bool(h.can_multi_conn())
+            maximum = int(h.get_block_size(nbd.SIZE_MAXIMUM))
+            self.min_block = max(512, int(h.get_block_size(nbd.SIZE_MINIMUM)))
+        except nbd.Error as exc:
+            first.close()
+            raise ConfigError(f"nbd backend: {uri}: {exc}") from None
+        self.max_request = min(MAX_REQUEST, maximum) if maximum > 0 else MAX_REQUEST
+        if size is None:
+            size = export - export % 4096
+            if size <= 0:
+                first.close()
+                raise ConfigError(f"nbd backend: the export {uri} has {export} bytes, fewer than 4096")
+        elif size > export:
+            first.close()
+            raise ConfigError(f"nbd backend: the export {uri} has {export} bytes, fewer than the size={size} given")
+        check_size(size, f"size of {uri}")
+        if self.min_block > 4096:
+            first.close()
+            raise ConfigError(f"nbd backend: the export {uri} needs {self.min_block}-byte blocks (at most 4096)")
+        super().__init__(size)
+        self.export_size = export
+        if connections > 1 and not multi:
+            log.info("nbd backend: %s does not advertise multi-conn: one connection, not %d", uri, connections)
+            connections = 1
+        self.connections = connections
+        self._conns: list[_Connection | None] = [first]
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        #: per connection: a thread is reconnecting it
+        self._reconnecting = [False] * connections
+        #: per connection: ``time.monotonic()`` when it was found lost (None: up), and whether
+        #: its reconnection already gave up (then each command tries once)
+        self._lost_at: list[float | None] = [None] * connections
+        self._gave_up = [False] * connections
+        #: per connection: reconnections that gave up (the commands waiting for one fail with it)
+        self._failures = [0] * connections
+        self._next = itertools.count()
+        self._closed = False
+        #: reconnections made (for tests and logs)
+        self.reconnects = 0
+        #: commands on the wire now, and the most there were at once
+        self.inflight = self.max_inflight = 0
+        try:
+            for _ in range(1, connections):
+                self._conns.append(self._open(timeout or None))
+        except OSError as exc:
+            self.close()
+            raise ConfigError(f"nbd backend: cannot open connection to {uri}: {exc.strerror}") from None
+
+    # -- connections --------------------------------------------------------------------
+
+    def _open(self, timeout: float | None) -> _Connection:
+        conn = _Connection(self.nbd, self.uri, timeout)
+        try:
+            h = conn.handle
+            if h.get_size() < self.size:
+                raise OSError(errno.EIO, f"the export has {h.get_size()} bytes now, fewer than {self.size}")
+        except self.nbd.Error as exc:
+            conn.close()
+            raise OSError(_errno_of(exc), str(exc)) from None
+        except OSError:
+            conn.close()
+            raise
+        return conn
+
+    def _live(self, slot: int) -> _Connection:
+        """The connection of ``slot``, reconnected if it was lost (waiting up to
+        ``reconnect_timeout`` seconds from the loss).
+
+        :raises OSError: ``EIO`` once the reconnection gave up; ``EBADF`` after close.
+        """
+        conn = self._conns[slot]
+        if conn is not None and not conn.dead and not self._closed:
+            return conn  # (the usual case, without the lock)
+        with self._lock:
+            failures = self._failures[slot]
+            while True:
+                if self._closed:
+                    raise OSError(errno.EBADF, "the nbd backend is closed")
+                conn = self._conns[slot]
+                if conn is not None and not conn.dead:
+                    return conn
+                if self._failures[slot] != failures:  # the reconnection this waited for gave up
+                    raise OSError(errno.EIO, f"NBD server {self.uri} unreachable")
+                if not self._reconnecting[slot]:
+                    break
+                self._changed.wait(1.0)
+            self._reconnecting[slot] = True
+            if conn is not None:
+                self._conns[slot] = None
+            if self._lost_at[slot] is None:
+                self._lost_at[slot] = time.monotonic()
+                self._gave_up[slot] = False
+                log.warning("nbd backend: connection %d to %s lost; reconnecting for up to %g s",
+                            slot, self.uri, self.reconnect_timeout)
+            lost_at = self._lost_at[slot]
+            once = self._gave_up[slot]
+        if conn is not None:
+            conn.close()
+        assert lost_at is not None
+        deadline = lost_at + self.reconnect_timeout
+        pause = RETRY_FIRST
+        new: _Connection | None = None
+        last = ""
+        try:
+            while True:
+                left = max(deadline - time.monotonic(), MIN_ATTEMPT)
+                try:
+                    new = self._open(min(left, self.timeout) if self.timeout > 0 else left)
+                    break
+                except OSError as exc:
+                    last = exc.strerror or str(exc)
+                now = time.monotonic()
+                if once or self._closed or now >= deadline:
+                    break
+                time.sleep(min(pause, deadline - now))  # (the last attempt at the deadline)
+                pause = min(pause * 2, RETRY_MAX)
+        finally:
+            with self._lock:
+                self._reconnecting[slot] = False
+                if new is not None and self._closed:
+                    new.close()
+                    new = None
+                elif new is not None:
+                    self._conns[slot] = new
+                    self._lost_at[slot] = None
+                    self.reconnects += 1
+                else:
+                    self._gave_up[slot] = True
+                    self._failures[slot] += 1
+                self._changed.notify_all()
+        if new is None:
+            raise OSError(errno.EIO, f"NBD server {self.uri} unreachable: {last}")
+        log.warning("nbd backend: connection %d to %s is back", slot, self.uri)
+        return new
+
+    def _run(self, issue: Callable[[Any, _Waiter], object]) -> None:
+        """Issue a command on the next connection and wait for it; a lost connection is
+        reconnected and the command sent again.
+
+        :raises OSError: the server refused it, or did not come back in time.
+        """
+        slot = next(self._next) % self.connections
+        deadline = time.monotonic() + self.timeout if self.timeout > 0 else None
+        with self._lock:
+            self.inflight += 1
+            self.max_inflight = max(self.max_inflight, self.inflight)
+        try:
+            while True:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise OSError(errno.EIO, f"NBD command not done within timeout={self.timeout} s")
+                conn = self._live(slot)
+                try:
+                    conn.run(issue, left)
+                    return
+                except _Lost:
+                    continue  # (_live reconnects, or raises when the time is up)
+                except OSError as exc:
+                    if exc.errno != errno.ETIMEDOUT:
+                        raise
+                    raise OSError(errno.EIO, f"NBD command not done within timeout={self.timeout} s") from None
+        finally:
+            with self._lock:
+                self.inflight -= 1
+
+    # -- I/O ----------------------------------------------------------------------------
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise OSError(errno.EROFS, "the NBD export is read-only")
+
+    def _pieces(self, view: memoryview) -> Iterator[tuple[memoryview, int]]:
+        """``view`` in pieces of at most :attr:`max_request` bytes, with their offsets."""
+        step = self.max_request
+        if len(view) <= step:
+            yield view, 0
+            return
+        for at in range(0, len(view), step):
+            piece = view[at:at + step]
+            try:
+                yield piece, at
+            finally:
+                piece.release()
+
+    def _read_into(self, view: memoryview, offset: int) -> None:
+        nbd = self.nbd
+        for piece, at in self._pieces(view):
+            def issue(h: Any, w: _Waiter, p: memoryview = piece, o: int = offset + at) -> object:
+                return h.aio_pread(nbd.Buffer.from_buffer(p), o, completion=w)
+            self._run(issue)
+
+    def _write_from(self, view: memoryview, offset: int, flags: int) -> None:
+        nbd = self.nbd
+        for piece, at in self._pieces(view):
+            def issue(h: Any, w: _Waiter, p: memoryview = piece, o: int = offset + at) -> object:
+                return h.aio_pwrite(nbd.Buffer.from_buffer(p), o, completion=w, flags=flags)
+            self._run(issue)
+
+    def readv(self, views: list[memoryview], offset: int) -> None:
+        """``NBD_CMD_READ`` into the views: one view (a contiguous guest buffer) directly, a
+        scatter list through one bounce buffer (one request and one copy, rather than a
+        round trip per page)."""
+        if len(views) == 1:
+            self._read_into(views[0], offset)
+            return
+        total = sum(len(v) for v in views)
+        with memoryview(bytearray(total)) as bounce:
+            self._read_into(bounce, offset)
+            pos = 0
+            for v in views:
+                n = len(v)
+                v[:] = bounce[pos:pos + n]
+                pos += n
+
+    def writev(self, views: list[memoryview], offset: int, *, fua: bool = False) -> None:
+        """``NBD_CMD_WRITE`` of the views (a scatter list gathered into one bounce buffer);
+        with ``fua`` durable on return (the FUA flag, or a flush after)."""
+        self._check_writable()
+        flags = self.nbd.CMD_FLAG_FUA if fua and self.can_fua else 0
+        if len(views) == 1:
+            self._write_from(views[0], offset, flags)
+        else:
+            with memoryview(b"".join(views)) as gathered:
+                self._write_from(gathered, offset, flags)
+        if fua and not self.can_fua:
+            self.flush()
+
+    def flush(self) -> None:
+        """``NBD_CMD_FLUSH`` (nothing when the server has no write cache to flush)."""
+        if self.can_flush:
+            self._run(lambda h, w: h.aio_flush(completion=w))
+
+    def _zero(self, offset: int, length: int, flags: int) -> None:
+        while length:
+            n = min(length, MAX_RANGE)
+            def issue(h: Any, w: _Waiter, o: int = offset, k: int = n) -> object:
+                return h.aio_zero(k, o, completion=w, flags=flags)
+            self._run(issue)
+            offset += n
+            length -= n
+
+    def deallocate(self, offset: int, length: int) -> None:
+        """``NBD_CMD_WRITE_ZEROES`` letting the server punch a hole (it reads as zeros after;
+        ``NBD_CMD_TRIM`` does not promise that), else writes of zeros."""
+        self._check_writable()
+        if self.can_zero:
+            self._zero(offset, length, 0)
+        else:
+            super().write_zeroes(offset, length)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """``NBD_CMD_WRITE_ZEROES`` keeping the range allocated (``NO_HOLE``; ``FAST_ZERO``
+        first where offered), else writes of zeros."""
+        self._check_writable()
+        nbd = self.nbd
+        if not self.can_zero:
+            super().write_zeroes(offset, length)
+            return
+        if self.can_fast_zero:
+            try:
+                self._zero(offset, length, nbd.CMD_FLAG_NO_HOLE | nbd.CMD_FLAG_FAST_ZERO)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
+        self._zero(offset, length, nbd.CMD_FLAG_NO_HOLE)
+
+    def allocated_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """The allocated extents (``NBD_CMD_BLOCK_STATUS``, ``base:allocation``: not a
+        hole); all of it when the server has no such context."""
+        if length <= 0:
+            return []
+        if not self.holes:
+            return [(offset, length)]
+        nbd = self.nbd
+        out: list[tuple[int, int]] = []
+        end = offset + length
+        pos = offset
+        while pos < end:
+            want = min(end - pos, MAX_RANGE)
+            extents: list[tuple[int, int, int]] = []
+
+            def extent(context: str, start: int, entries: list[int], error: Any,
+                       _out: list[tuple[int, int, int]] = extents) -> int:
+                if context == nbd.CONTEXT_BASE_ALLOCATION:
+                    at = start
+                    for i in range(0, len(entries) - 1, 2):
+                        _out.append((at, entries[i], entries[i + 1]))
+                        at += entries[i]
+                return 0
+
+            def issue(h: Any, w: _Waiter, p: int = pos, k: int = want) -> object:
+                return h.aio_block_status(k, p, extent, completion=w)
+            self._run(issue)
+            covered = pos
+            for at, n, flags in extents:
+                if at != covered or n <= 0:
+                    break
+                stop = min(at + n, end)
+                if not flags & nbd.STATE_HOLE and stop > at:
+                    if out and out[-1][0] + out[-1][1] == at:
+                        out[-1] = (out[-1][0], stop - out[-1][0])
+                    else:
+                        out.append((at, stop - at))
+                covered = stop
+                if covered >= end:
+                    break
+            if covered <= pos:  # the server said nothing usable: count the rest as data
+                out.append((pos, end - pos))
+                break
+            pos = covered
+        return out
+
+    def allocated_bytes(self) -> int:
+        """Bytes of the namespace that are not holes (block status; all without it, and all
+        while a connection is lost: Identify Namespace does not wait for a reconnection)."""
+        if not self.holes or any(c is None or c.dead for c in list(self._conns)):
+            return self.size
+        return sum(n for _o, n in self.allocated_ranges(0, self.size))
+
+    def close(self) -> None:
+        """Close the connections. Idempotent."""
+        with self._lock:
+            self._closed = True
+            conns, self._conns = list(self._conns), [None] * len(self._conns)
+            self._changed.notify_all()
+        for conn in conns:
+            if conn is not None:
+                conn.close()
+
+    def describe(self) -> str:
+        """One line for logs."""
+        ro = ", read-only" if self.read_only else ""
+        return f"nbd {self.uri}, {self.size} bytes, {self.connections} connection(s){ro}"
+
+
+def make_nbd(options: dict[str, Any]) -> NbdBackend:
+    """The ``nbd`` factory: takes ``uri``, ``size``, ``readonly``, ``connections``,
+    ``queue_depth``, ``reconnect_timeout`` and ``timeout`` from ``options``."""
+    if not options.get("uri"):
+        raise ConfigError("the nbd backend needs uri=nbd://HOST[:PORT]/EXPORT or "
+                          "uri=nbd+unix:///EXPORT?socket=PATH")
+    cfg = take_options(NbdConfig, options, what="nbd backend")
+    return NbdBackend(cfg.uri, cfg.size, read_only=cfg.readonly, connections=cfg.connections,
+                      queue_depth=cfg.queue_depth, reconnect_timeout=cfg.reconnect_timeout, timeout=cfg.timeout)

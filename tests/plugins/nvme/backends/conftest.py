@@ -1,0 +1,77 @@
+"""Fixtures of the NBD backend tests: the Debian packages (installed by ``setup_nbd.sh``
+when missing and we are root, as CI is), and NBD servers (qemu-nbd, nbdkit) listening on
+UNIX sockets in the test's tmp directory, stopped when the test ends."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from _nbd_servers import NbdServer
+
+SETUP = Path(__file__).with_name("setup_nbd.sh")
+DIST = "/usr/lib/python3/dist-packages/nbd.py"
+
+
+def _present() -> bool:
+    return os.path.exists(DIST) and shutil.which("nbdkit") is not None and shutil.which("qemu-nbd") is not None
+
+
+@pytest.fixture(scope="session")
+def nbd_tools() -> None:
+    """The Python bindings of libnbd, nbdkit and qemu-nbd: installed when missing (root), else skip."""
+    if _present():
+        return
+    if os.geteuid() != 0:
+        pytest.skip("the NBD tests need python3-libnbd, nbdkit and qemu-utils (root installs them: "
+                    "tests/plugins/nvme/backends/setup_nbd.sh)")
+    run = subprocess.run(["sh", str(SETUP)], capture_output=True, text=True, timeout=900, check=False)
+    if run.returncode != 0 or not _present():
+        pytest.fail(f"setup_nbd.sh failed ({run.returncode}): {run.stderr[-2000:]}", pytrace=False)
+
+
+@pytest.fixture
+def nbd_server(nbd_tools: None, tmp_path: Path) -> Iterator[Callable[..., NbdServer]]:
+    """``nbd_server("qemu", size=8 << 20, readonly=False, export="exp")``,
+    ``nbd_server("nbdkit-file", size=...)`` (nbdkit's file plugin on an image) or
+    ``nbd_server("nbdkit", size=..., extra=("--filter=delay",), params=("rdelay=1",))``
+    (nbdkit's memory plugin; ``extra``: options before the plugin, ``params``: after it):
+    a running server."""
+    servers: list[NbdServer] = []
+
+    def make(kind: str, *, size: int = 8 << 20, readonly: bool = False, export: str = "exp",
+             extra: tuple[str, ...] = (), params: tuple[str, ...] = ()) -> NbdServer:
+        n = len(servers)
+        sock = tmp_path / f"nbd{n}.sock"
+        if kind == "qemu":
+            image = tmp_path / f"nbd{n}.img"
+            if not image.exists():
+                with open(image, "wb") as f:
+                    f.truncate(size)
+            argv = ["qemu-nbd", "-t", "-k", str(sock), "-f", "raw", "-x", export, "--cache=writeback",
+                    "--discard=unmap", *(["--read-only"] if readonly else []), *extra, str(image)]
+        elif kind == "nbdkit-file":  # (multi-conn, and the data outlives the process)
+            image = tmp_path / f"nbd{n}.img"
+            if not image.exists():
+                with open(image, "wb") as f:
+                    f.truncate(size)
+            argv = ["nbdkit", "-f", "-U", str(sock), *(["-r"] if readonly else []), *extra, "file", str(image),
+                    *params]
+            export = ""
+        elif kind == "nbdkit":
+            argv = ["nbdkit", "-f", "-U", str(sock), *(["-r"] if readonly else []), *extra,
+                    "memory", str(size), *params]
+            export = ""
+        else:
+            raise ValueError(kind)
+        server = NbdServer(argv, sock, export)
+        servers.append(server)
+        return server
+
+    yield make
+    for s in reversed(servers):
+        s.kill()
