@@ -144,6 +144,10 @@ class FuzzTarget:
     summary: ClassVar[str] = ""
     #: The invariants checked, one short phrase each (for ``--list`` and the docs).
     invariants: ClassVar[tuple[str, ...]] = ()
+    #: The packages or modules (with their submodules) whose coverage guides this target
+    #: under atheris; the rest runs uninstrumented, at full speed. Empty (the default):
+    #: pcidev and every plugin package.
+    instrument: ClassVar[tuple[str, ...]] = ()
 
     def setup(self) -> None:
         """Build what every input shares (called once before the first :meth:`run`)."""

@@ -37,12 +37,15 @@ import time
 from collections.abc import Iterator
 from typing import ClassVar
 
+import attrs
+
 from pcidev.device import PciDevice
 from pcidev.host import Machine
 from pcidev.host.pci import HostPciDevice
 from pcidev.pci.config import ResetKind
 from pcidev.testing.fuzz.target import ErrorLogWatch, FuzzFinding, FuzzInput, FuzzTarget, open_fd_count
 from pcidev.testing.fuzz.vmstate_target import VmstateTarget
+from pcidev_nvme.config import NvmeConfig
 from pcidev_nvme.controller import NvmeController
 from pcidev_nvme.testing.driver import Completion, NvmeDriver, NvmeDriverError
 
@@ -63,6 +66,9 @@ _NS2_PATTERN = b"\xB7\x2E\x91\x4C" * (PAGE // 4)
 _SGL = struct.Struct("<QIxxxB")
 _SQE = struct.Struct("<BBHIIIQQQIIIIII")
 _RAM = 8 << 20
+#: the controller's configuration, parsed once (the serial fixed: an input sees the same
+#: Identify data however often it runs)
+_CONFIG = NvmeConfig.coerce("ns=mem:size=256K,ns=mem:size=256K,mdts=5,serial=PCIDEVFUZZ0002")
 
 _ADMIN_OPS = (0x00, 0x01, 0x02, 0x04, 0x05, 0x06, 0x08, 0x09, 0x0A, 0x0C, 0x0D, 0x10, 0x11, 0x14, 0x15, 0x18,
               0x19, 0x1C, 0x1D, 0x1E, 0x7C, 0x80, 0x81, 0x82, 0x84, 0x86, 0xC0, 0xFF)
@@ -86,6 +92,11 @@ class NvmeGuestTarget(FuzzTarget):
         "bounded BAR accesses and completions", "CSTS.CFS never set by commands",
         "FLR recovers and namespace 2 is untouched", "fd count unchanged")
 
+    def __init__(self) -> None:
+        #: the steps the last input took, each as its check names it (a completion's
+        #: status included): what an input's outcome looks like from outside
+        self.steps: list[str] = []
+
     def run(self, data: bytes) -> None:
         """Decode ``data`` into guest actions and check the invariants after each.
 
@@ -94,7 +105,9 @@ class NvmeGuestTarget(FuzzTarget):
         """
         fds = open_fd_count()
         with ErrorLogWatch() as watch:
-            _GuestRun(FuzzInput(data), watch).run()
+            run = _GuestRun(FuzzInput(data), watch)
+            self.steps = run.steps
+            run.run()
         after = open_fd_count()
         if after > fds:
             raise FuzzFinding("fd-leak", f"{after - fds} file descriptor(s) left open by one input")
@@ -131,12 +144,15 @@ class _GuestRun:
         self.ns2_named = False
         self.guards: list[tuple[int, bytes]] = []
         self.machine = Machine(ram_size=_RAM)
-        self.ctrl = NvmeController("ns=mem:size=256K,ns=mem:size=256K,mdts=5")
+        self.ctrl = NvmeController(attrs.evolve(_CONFIG))  # (a copy: the controller owns its config)
         self.drv: NvmeDriver | None = None
         self.bystander = 0
+        #: each checked step, as :meth:`_check` names it
+        self.steps: list[str] = []
 
     # ------------------------------------------------------------------ checks
     def _check(self, what: str, started: float) -> None:
+        self.steps.append(what)
         took = time.monotonic() - started
         if took > STEP_SECONDS:
             raise FuzzFinding("hang", f"{what} took {took:.1f} s", where=what.split(" ")[0])
