@@ -32,8 +32,8 @@ from pcidev.plugins import load_registry, make_plugin_manager, parse_plugin_spec
 from pcidev.testing.fuzz.catalogue import target_factories
 from pcidev.testing.fuzz.target import FuzzFinding, FuzzTarget, RssWatch
 
-__all__ = ["FuzzReport", "FindingLog", "atheris_available", "instrumented_modules", "parse_libfuzzer",
-           "run_atheris", "run_random", "ATHERIS_MISSING"]
+__all__ = ["FuzzReport", "FindingLog", "atheris_available", "instrumentation_args", "instrumented_modules",
+           "parse_libfuzzer", "run_atheris", "run_random", "ATHERIS_MISSING"]
 
 #: The one error line when the coverage-guided engine is asked for without its extra.
 ATHERIS_MISSING = ("atheris is not installed: install the fuzz extra (pip install 'pcidev[fuzz]') "
@@ -50,7 +50,7 @@ from importlib.metadata import entry_points
 args = sys.argv[1:sys.argv.index("--")] if "--" in sys.argv else sys.argv[1:]
 packages = [a for f, a in zip(args, args[1:]) if f == "-i"] or \
     ["pcidev", *sorted({ep.value.split(":")[0].split(".")[0] for ep in entry_points(group="pcidev")})]
-with atheris.instrument_imports(include=packages):
+with atheris.instrument_imports(include=packages, exclude=[a for f, a in zip(args, args[1:]) if f == "-x"]):
     from pcidev.testing.fuzz import _libfuzzer as libfuzzer
     prepared = libfuzzer.prepare(sys.argv[1:])
 libfuzzer.fuzz(*prepared)
@@ -248,6 +248,50 @@ def instrumented_modules(name: str, plugin_specs: Sequence[str] = ()) -> tuple[s
     return tuple(getattr(factory, "instrument", ()) or ())
 
 
+def _modules_of(package: str) -> list[str]:
+    """Every module of the top-level ``package``, from its files (nothing is imported)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise PcidevError(f"fuzz instrumentation: no package {package!r}")
+    out = [package]
+    for root in spec.submodule_search_locations or ():
+        for here, dirs, files in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if os.path.isfile(os.path.join(here, d, "__init__.py")))
+            rel = os.path.relpath(here, root)
+            prefix = package if rel == "." else f"{package}.{rel.replace(os.sep, '.')}"
+            if prefix != package:
+                out.append(prefix)
+            out += [f"{prefix}.{f[:-3]}" for f in sorted(files) if f.endswith(".py") and f != "__init__.py"]
+    return out
+
+
+def instrumentation_args(instrument: Sequence[str]) -> list[str]:
+    """The child's ``-i PACKAGE`` / ``-x MODULE`` options for a target's
+    :attr:`~pcidev.testing.fuzz.FuzzTarget.instrument`.
+
+    atheris instruments whole top-level packages (``include``) less modules named exactly
+    (``exclude``): each top-level package of ``instrument`` is included, and every module
+    of it that no entry covers (an entry covers itself and its submodules; an entry
+    starting with ``-`` takes a module and its submodules out again) is excluded.
+
+    :param instrument: the target's entries (empty: no options, the default scope).
+    :returns: the options, in pairs.
+    :raises PcidevError: an entry names no installed package.
+    """
+    def covered(module: str, entries: list[str]) -> bool:
+        return any(module == e or module.startswith(e + ".") for e in entries)
+
+    keep = [e for e in instrument if not e.startswith("-")]
+    drop = [e[1:] for e in instrument if e.startswith("-")]
+    out: list[str] = []
+    for top in dict.fromkeys(e.split(".")[0] for e in keep):
+        out += ["-i", top]
+        for module in _modules_of(top):
+            if not covered(module, keep) or covered(module, drop):
+                out += ["-x", module]
+    return out
+
+
 def run_atheris(name: str, *, seconds: float, corpus: Path | None, findings: Path, jobs: int = 1,
                 plugin_specs: Sequence[str] = (), seed: int | None = None,
                 echo: Callable[[str], None] = print, instrument: Sequence[str] | None = None) -> FuzzReport:
@@ -277,8 +321,7 @@ def run_atheris(name: str, *, seconds: float, corpus: Path | None, findings: Pat
     cmd = [sys.executable, "-c", _BOOTSTRAP, name, str(findings)]
     for spec in plugin_specs:
         cmd += ["-p", spec]
-    for module in instrumented_modules(name, plugin_specs) if instrument is None else instrument:
-        cmd += ["-i", module]
+    cmd += instrumentation_args(instrumented_modules(name, plugin_specs) if instrument is None else instrument)
     cmd += ["--", f"-max_total_time={max(1, int(seconds))}", "-print_final_stats=1", "-rss_limit_mb=4096",
             f"-artifact_prefix={findings}{os.sep}", str(corpus_dir)]
     if seed is not None:

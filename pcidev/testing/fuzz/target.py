@@ -144,9 +144,10 @@ class FuzzTarget:
     summary: ClassVar[str] = ""
     #: The invariants checked, one short phrase each (for ``--list`` and the docs).
     invariants: ClassVar[tuple[str, ...]] = ()
-    #: The packages or modules (with their submodules) whose coverage guides this target
-    #: under atheris; the rest runs uninstrumented, at full speed. Empty (the default):
-    #: pcidev and every plugin package.
+    #: The packages or modules (each with its submodules) whose coverage guides this target
+    #: under atheris; an entry starting with ``-`` takes a module (and its submodules) out
+    #: again. The rest runs uninstrumented, at full speed. Empty (the default): pcidev and
+    #: every plugin package.
     instrument: ClassVar[tuple[str, ...]] = ()
 
     def setup(self) -> None:

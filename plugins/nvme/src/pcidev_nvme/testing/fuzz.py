@@ -91,6 +91,12 @@ class NvmeGuestTarget(FuzzTarget):
         "no exception escapes the device", "no guest-memory write outside named buffers",
         "bounded BAR accesses and completions", "CSTS.CFS never set by commands",
         "FLR recovers and namespace 2 is untouched", "fd count unchanged")
+    #: coverage of the controller, the framework code it runs on (BAR dispatch, config
+    #: space and capabilities, DMA, interrupts) and this decoder guides the fuzzer; the
+    #: test driver and the software host are the harness and run uninstrumented
+    instrument: ClassVar[tuple[str, ...]] = (
+        "pcidev_nvme", "-pcidev_nvme.testing.driver", "-pcidev_nvme.testing.bench", "pcidev.device", "pcidev.pci",
+        "pcidev.dma", "pcidev.irq", "pcidev.bar", "pcidev.regions")
 
     def __init__(self) -> None:
         #: the steps the last input took, each as its check names it (a completion's
@@ -403,6 +409,13 @@ class NvmeVmstateTarget(VmstateTarget):
 
     name: ClassVar[str] = "nvme-vmstate"
     summary: ClassVar[str] = "vmstate load: mutated body of an NVMe controller stream, valid envelope and CRC"
+    #: coverage of the controller, the vmstate and migration code that loads it, the
+    #: framework code the loaded controller runs on and the mutator guides the fuzzer; the
+    #: test driver and the software host are the harness and run uninstrumented
+    instrument: ClassVar[tuple[str, ...]] = (
+        "pcidev_nvme", "-pcidev_nvme.testing", "pcidev.vmstate", "pcidev.migration", "pcidev.device", "pcidev.pci",
+        "pcidev.dma", "pcidev.irq", "pcidev.bar", "pcidev.regions", "pcidev.memory_source",
+        "pcidev.testing.fuzz.vmstate_target")
     _PROPS = "ns=mem:size=256K,ns=mem:size=256K,mdts=5,serial=PCIDEVFUZZ0001"
 
     def make_source(self, machine: Machine) -> HostPciDevice:
