@@ -164,6 +164,29 @@ def test_vmstate_mutations_keep_a_valid_envelope():
         target.close()
 
 
+def test_vmstate_body_positions_are_depth_first_in_order():
+    body = {"a": [1, {"b": 2}], "c": {"d": [], "e": 3}}
+    assert vmstate_target._paths(body) == [
+        (), ("a",), ("a", 0), ("a", 1), ("a", 1, "b"), ("c",), ("c", "d"), ("c", "e")]
+
+
+def test_vmstate_mutation_of_an_input_is_the_same_every_time():
+    target = vmstate_target.VmstateTarget()
+    target.setup()
+    try:
+        data = [struct.pack("<QQ", seed * 0x9E3779B97F4A7C15 % (1 << 64), seed) for seed in range(10)]
+        first = [target.mutate(FuzzInput(d)) for d in data]
+        assert [target.mutate(FuzzInput(d)) for d in reversed(data)] == first[::-1]
+        other = vmstate_target.VmstateTarget()  # (a fresh target: nothing cached yet)
+        other.setup()
+        try:
+            assert [other.mutate(FuzzInput(d)) for d in data] == first
+        finally:
+            other.close()
+    finally:
+        target.close()
+
+
 def test_migration_target_replays_a_real_source_and_reports_an_untyped_error(monkeypatch):
     target = migration_target.MigrationTarget()
     target.setup()

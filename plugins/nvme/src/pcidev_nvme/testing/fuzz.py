@@ -416,11 +416,11 @@ class NvmeVmstateTarget(VmstateTarget):
         "pcidev_nvme", "-pcidev_nvme.testing", "pcidev.vmstate", "pcidev.migration", "pcidev.device", "pcidev.pci",
         "pcidev.dma", "pcidev.irq", "pcidev.bar", "pcidev.regions", "pcidev.memory_source",
         "pcidev.testing.fuzz.vmstate_target")
-    _PROPS = "ns=mem:size=256K,ns=mem:size=256K,mdts=5,serial=PCIDEVFUZZ0001"
+    _CONFIG = NvmeConfig.coerce("ns=mem:size=256K,ns=mem:size=256K,mdts=5,serial=PCIDEVFUZZ0001")
 
     def make_source(self, machine: Machine) -> HostPciDevice:
         """A probed controller that has written and read namespace 1."""
-        pdev = machine.plug(NvmeController(self._PROPS))
+        pdev = machine.plug(NvmeController(attrs.evolve(self._CONFIG)))
         drv = NvmeDriver(machine, pdev, io_queues=1, io_depth=16, admin_depth=16, aers=1, timeout=COMPLETION_SECONDS)
         drv.probe()
         drv.write(1, 0, b"\x3C" * 4096)
@@ -428,8 +428,8 @@ class NvmeVmstateTarget(VmstateTarget):
         return pdev
 
     def make_device(self) -> PciDevice:
-        """A fresh controller of the same configuration."""
-        return NvmeController(self._PROPS)
+        """A fresh controller of the same configuration (parsed once; a copy each)."""
+        return NvmeController(attrs.evolve(self._CONFIG))
 
     def exercise(self, device: PciDevice) -> None:
         """Register reads, and SQ/CQ doorbell writes for whatever queues the stream described."""
