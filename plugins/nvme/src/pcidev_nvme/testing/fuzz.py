@@ -409,13 +409,6 @@ class NvmeVmstateTarget(VmstateTarget):
 
     name: ClassVar[str] = "nvme-vmstate"
     summary: ClassVar[str] = "vmstate load: mutated body of an NVMe controller stream, valid envelope and CRC"
-    #: coverage of the controller, the vmstate and migration code that loads it, the
-    #: framework code the loaded controller runs on and the mutator guides the fuzzer; the
-    #: test driver and the software host are the harness and run uninstrumented
-    instrument: ClassVar[tuple[str, ...]] = (
-        "pcidev_nvme", "-pcidev_nvme.testing", "pcidev.vmstate", "pcidev.migration", "pcidev.device", "pcidev.pci",
-        "pcidev.dma", "pcidev.irq", "pcidev.bar", "pcidev.regions", "pcidev.memory_source",
-        "pcidev.testing.fuzz.vmstate_target")
     _CONFIG = NvmeConfig.coerce("ns=mem:size=256K,ns=mem:size=256K,mdts=5,serial=PCIDEVFUZZ0001")
 
     def make_source(self, machine: Machine) -> HostPciDevice:
