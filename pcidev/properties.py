@@ -67,6 +67,7 @@ A config class whose string grammar needs more than ``key=value`` pairs (NVMe's
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import types
@@ -368,9 +369,15 @@ class PropertyInfo:
     aliases: tuple[str, ...] = ()
 
 
+@functools.lru_cache(maxsize=256)
+def _type_hints(cls: type) -> Mapping[str, Any]:
+    # resolving the annotations evaluates their strings: once per class, not per device built
+    return types.MappingProxyType(typing.get_type_hints(cls))
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     try:
-        hints = typing.get_type_hints(cls)
+        hints = _type_hints(cls)
     except Exception as exc:  # a broken annotation is the config class's bug
         raise ConfigError(f"{cls.__qualname__}: cannot resolve its field types: {exc}") from exc
     return {f.name: hints.get(f.name, Any) for f in attrs.fields(cls)}

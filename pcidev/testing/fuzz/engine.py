@@ -28,10 +28,12 @@ from pathlib import Path
 import attrs
 
 from pcidev.errors import PcidevError
+from pcidev.plugins import load_registry, make_plugin_manager, parse_plugin_specs
+from pcidev.testing.fuzz.catalogue import target_factories
 from pcidev.testing.fuzz.target import FuzzFinding, FuzzTarget, RssWatch
 
-__all__ = ["FuzzReport", "FindingLog", "atheris_available", "parse_libfuzzer", "run_atheris", "run_random",
-           "ATHERIS_MISSING"]
+__all__ = ["FuzzReport", "FindingLog", "atheris_available", "instrumentation_args", "instrumented_modules",
+           "parse_libfuzzer", "run_atheris", "run_random", "ATHERIS_MISSING"]
 
 #: The one error line when the coverage-guided engine is asked for without its extra.
 ATHERIS_MISSING = ("atheris is not installed: install the fuzz extra (pip install 'pcidev[fuzz]') "
@@ -45,8 +47,10 @@ _DONE = re.compile(r"^Done (\d+) runs in (\d+) second")
 _BOOTSTRAP = """
 import sys, atheris
 from importlib.metadata import entry_points
-packages = ["pcidev", *sorted({ep.value.split(":")[0].split(".")[0] for ep in entry_points(group="pcidev")})]
-with atheris.instrument_imports(include=packages):
+args = sys.argv[1:sys.argv.index("--")] if "--" in sys.argv else sys.argv[1:]
+packages = [a for f, a in zip(args, args[1:]) if f == "-i"] or \
+    ["pcidev", *sorted({ep.value.split(":")[0].split(".")[0] for ep in entry_points(group="pcidev")})]
+with atheris.instrument_imports(include=packages, exclude=[a for f, a in zip(args, args[1:]) if f == "-x"]):
     from pcidev.testing.fuzz import _libfuzzer as libfuzzer
     prepared = libfuzzer.prepare(sys.argv[1:])
 libfuzzer.fuzz(*prepared)
@@ -231,9 +235,66 @@ def parse_libfuzzer(text: str, report: FuzzReport) -> None:
             report.seconds = max(1.0, float(d.group(2)))  # libFuzzer's own clock: without the start-up
 
 
+def instrumented_modules(name: str, plugin_specs: Sequence[str] = ()) -> tuple[str, ...]:
+    """The modules whose coverage guides the target ``name``: its
+    :attr:`~pcidev.testing.fuzz.FuzzTarget.instrument`, or ``()`` for the default (pcidev
+    and every plugin package).
+
+    :param name: the target's name (an unknown one gives ``()``: the child reports it).
+    :param plugin_specs: the ``-p`` options (the plugin selection the target comes from).
+    """
+    blocked, extra = parse_plugin_specs(list(plugin_specs))
+    factory = target_factories(load_registry(make_plugin_manager(blocked=blocked, plugins=extra))).get(name)
+    return tuple(getattr(factory, "instrument", ()) or ())
+
+
+def _modules_of(package: str) -> list[str]:
+    """Every module of the top-level ``package``, from its files (nothing is imported)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise PcidevError(f"fuzz instrumentation: no package {package!r}")
+    out = [package]
+    for root in spec.submodule_search_locations or ():
+        for here, dirs, files in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if os.path.isfile(os.path.join(here, d, "__init__.py")))
+            rel = os.path.relpath(here, root)
+            prefix = package if rel == "." else f"{package}.{rel.replace(os.sep, '.')}"
+            if prefix != package:
+                out.append(prefix)
+            out += [f"{prefix}.{f[:-3]}" for f in sorted(files) if f.endswith(".py") and f != "__init__.py"]
+    return out
+
+
+def instrumentation_args(instrument: Sequence[str]) -> list[str]:
+    """The child's ``-i PACKAGE`` / ``-x MODULE`` options for a target's
+    :attr:`~pcidev.testing.fuzz.FuzzTarget.instrument`.
+
+    atheris instruments whole top-level packages (``include``) less modules named exactly
+    (``exclude``): each top-level package of ``instrument`` is included, and every module
+    of it that no entry covers (an entry covers itself and its submodules; an entry
+    starting with ``-`` takes a module and its submodules out again) is excluded.
+
+    :param instrument: the target's entries (empty: no options, the default scope).
+    :returns: the options, in pairs.
+    :raises PcidevError: an entry names no installed package.
+    """
+    def covered(module: str, entries: list[str]) -> bool:
+        return any(module == e or module.startswith(e + ".") for e in entries)
+
+    keep = [e for e in instrument if not e.startswith("-")]
+    drop = [e[1:] for e in instrument if e.startswith("-")]
+    out: list[str] = []
+    for top in dict.fromkeys(e.split(".")[0] for e in keep):
+        out += ["-i", top]
+        for module in _modules_of(top):
+            if not covered(module, keep) or covered(module, drop):
+                out += ["-x", module]
+    return out
+
+
 def run_atheris(name: str, *, seconds: float, corpus: Path | None, findings: Path, jobs: int = 1,
                 plugin_specs: Sequence[str] = (), seed: int | None = None,
-                echo: Callable[[str], None] = print) -> FuzzReport:
+                echo: Callable[[str], None] = print, instrument: Sequence[str] | None = None) -> FuzzReport:
     """Fuzz the target ``name`` with libFuzzer (atheris) in a child process.
 
     :param name: the target's name (the child finds it as ``pcidev fuzz`` does).
@@ -245,6 +306,9 @@ def run_atheris(name: str, *, seconds: float, corpus: Path | None, findings: Pat
     :param plugin_specs: the ``-p`` options, for the child's plugin selection.
     :param seed: libFuzzer's ``-seed``.
     :param echo: where finding lines go.
+    :param instrument: the modules to instrument for coverage (default: the target's
+        :attr:`~pcidev.testing.fuzz.FuzzTarget.instrument`, :func:`instrumented_modules`);
+        ``()`` instruments pcidev and every plugin package.
     :returns: the report.
     :raises PcidevError: atheris is missing (:data:`ATHERIS_MISSING`) or the child failed
         before fuzzing.
@@ -257,6 +321,7 @@ def run_atheris(name: str, *, seconds: float, corpus: Path | None, findings: Pat
     cmd = [sys.executable, "-c", _BOOTSTRAP, name, str(findings)]
     for spec in plugin_specs:
         cmd += ["-p", spec]
+    cmd += instrumentation_args(instrumented_modules(name, plugin_specs) if instrument is None else instrument)
     cmd += ["--", f"-max_total_time={max(1, int(seconds))}", "-print_final_stats=1", "-rss_limit_mb=4096",
             f"-artifact_prefix={findings}{os.sep}", str(corpus_dir)]
     if seed is not None:

@@ -144,6 +144,11 @@ class FuzzTarget:
     summary: ClassVar[str] = ""
     #: The invariants checked, one short phrase each (for ``--list`` and the docs).
     invariants: ClassVar[tuple[str, ...]] = ()
+    #: The packages or modules (each with its submodules) whose coverage guides this target
+    #: under atheris; an entry starting with ``-`` takes a module (and its submodules) out
+    #: again. The rest runs uninstrumented, at full speed. Empty (the default): pcidev and
+    #: every plugin package.
+    instrument: ClassVar[tuple[str, ...]] = ()
 
     def setup(self) -> None:
         """Build what every input shares (called once before the first :meth:`run`)."""

@@ -51,15 +51,19 @@ _EDGE_INTS = (0, 1, -1, 2, 0x7F, 0xFF, 0x100, 0xFFFF, 0x10000, 0x7FFFFFFF, 0xFFF
               (1 << 64) - 1, -(1 << 63), 4096, 4095)
 
 
-def _paths(obj: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
-    """Every position in a decoded body (containers and leaves), depth first."""
-    yield path
-    if isinstance(obj, dict):
-        for k in list(obj):
-            yield from _paths(obj[k], (*path, k))
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _paths(v, (*path, i))
+def _paths(obj: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every position in a decoded body (containers and leaves), depth first (parents
+    before children, keys and items in order)."""
+    out: list[tuple[Any, ...]] = []
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(obj, path)]
+    while stack:  # (a stack, not recursive generators: this runs for every mutation)
+        here, at = stack.pop()
+        out.append(at)
+        if isinstance(here, dict):
+            stack.extend(reversed([(v, (*at, k)) for k, v in here.items()]))
+        elif isinstance(here, list):
+            stack.extend(reversed([(v, (*at, i)) for i, v in enumerate(here)]))
+    return out
 
 
 def _get(obj: Any, path: tuple[Any, ...]) -> Any:
@@ -81,6 +85,7 @@ class VmstateTarget(FuzzTarget):
         self.source: PciDevice | None = None
         self.body: Any = None
         self.fds: list[int] = []
+        self._first_paths: list[tuple[Any, ...]] | None = None
 
     # -------------------------------------------------------------- per device type
     def make_source(self, machine: Machine) -> HostPciDevice:
@@ -128,6 +133,7 @@ class VmstateTarget(FuzzTarget):
         stream, fds = save_device_stream(source)
         self.fds = list(fds)
         self.body = msgpack.unpackb(stream[PREFIX_SIZE:-TRAILER_SIZE], raw=False, strict_map_key=False)
+        self._first_paths = None
 
     def close(self) -> None:
         """Tear the source down."""
@@ -140,8 +146,13 @@ class VmstateTarget(FuzzTarget):
     def mutate(self, inp: FuzzInput) -> bytes:
         """The sealed stream with ``inp``'s mutations applied to a copy of the body."""
         body = msgpack.unpackb(msgpack.packb(self.body, use_bin_type=True), raw=False, strict_map_key=False)
-        for _ in range(1 + inp.u8() % 4):
-            paths = [p for p in _paths(body) if p]
+        for step in range(1 + inp.u8() % 4):
+            if step == 0:  # the unmutated body's positions: the same for every input
+                if self._first_paths is None:
+                    self._first_paths = [p for p in _paths(self.body) if p]
+                paths = self._first_paths
+            else:
+                paths = [p for p in _paths(body) if p]
             if inp.u8() < 224:  # mostly the sections: the header and fingerprint are checked first
                 paths = [p for p in paths if p[0] == "sections" and len(p) > 1] or paths
             path = paths[inp.u16() % len(paths)]

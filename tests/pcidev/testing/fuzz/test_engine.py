@@ -5,7 +5,11 @@ when the code under test is broken on purpose."""
 from __future__ import annotations
 
 import ast
+import json
+import os
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -94,6 +98,70 @@ def test_the_engine_and_the_child_run_the_same_bootstrap():
     assert isinstance(value, ast.Constant) and value.value == engine._BOOTSTRAP
 
 
+def _pairs(args: list[str], flag: str) -> list[str]:
+    return [args[i + 1] for i in range(0, len(args), 2) if args[i] == flag]
+
+
+def test_instrumentation_scope_is_whole_packages_less_the_modules_no_entry_covers():
+    args = engine.instrumentation_args(("pcidev_nvme", "-pcidev_nvme.testing.driver", "pcidev.pci", "pcidev.dma"))
+    assert _pairs(args, "-i") == ["pcidev_nvme", "pcidev"]
+    excluded = set(_pairs(args, "-x"))
+    assert len(args) == 2 * (2 + len(excluded))
+    assert {"pcidev_nvme.testing.driver", "pcidev.host.machine", "pcidev.host", "pcidev", "pcidev.device",
+            "pcidev.testing.fuzz.engine"} <= excluded
+    assert not {"pcidev_nvme", "pcidev_nvme.controller", "pcidev_nvme.backends.mem", "pcidev_nvme.testing.fuzz",
+                "pcidev.pci", "pcidev.pci.config", "pcidev.pci.capabilities.msix", "pcidev.dma"} & excluded
+    assert engine.instrumentation_args(()) == []  # the default scope: the bootstrap's own
+    with pytest.raises(engine.PcidevError, match="no package"):
+        engine.instrumentation_args(("no_such_package_anywhere",))
+
+
+def test_a_target_names_its_instrumentation_scope():
+    assert engine.instrumented_modules("vmstate") == ()
+    assert engine.instrumented_modules("nvme-guest")[0] == "pcidev_nvme"
+    assert engine.instrumented_modules("nvme-guest", ["no:nvme"]) == ()  # (no such target then)
+
+
+def test_the_child_instruments_what_it_is_told(tmp_path):
+    """The bootstrap's own argument handling, with an atheris that only reports its scope."""
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "atheris.py").write_text(
+        "import json, sys\n"
+        "def instrument_imports(include, exclude):\n"
+        "    print(json.dumps([include, exclude]))\n"
+        "    sys.exit(0)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), *sys.path])}
+
+    def scope(*args: str) -> list[list[str]]:
+        out = subprocess.run([sys.executable, "-c", engine._BOOTSTRAP, "nvme-guest", str(tmp_path), *args,
+                              "--", "-runs=1", "-i", "not-ours"], capture_output=True, text=True, env=env,
+                             check=True, timeout=60)
+        return json.loads(out.stdout)
+
+    include, exclude = scope("-p", "no:virtio", "-i", "pcidev_nvme", "-x", "pcidev_nvme.testing.driver")
+    assert (include, exclude) == (["pcidev_nvme"], ["pcidev_nvme.testing.driver"])
+    include, exclude = scope()  # no -i: pcidev and every plugin package, as before
+    assert include[0] == "pcidev" and "pcidev_nvme" in include and exclude == []
+
+
+def test_the_engine_passes_the_targets_scope_to_the_child(monkeypatch, tmp_path):
+    seen: list[list[str]] = []
+
+    def fake_run(cmd, **kw):
+        seen.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout="Done 3 runs in 1 second(s)\n")
+
+    monkeypatch.setattr(engine, "atheris_available", lambda: True)
+    monkeypatch.setattr(engine.subprocess, "run", fake_run)
+    engine.run_atheris("nvme-guest", seconds=1, corpus=None, findings=tmp_path)
+    engine.run_atheris("vmstate", seconds=1, corpus=None, findings=tmp_path)
+    engine.run_atheris("nvme-guest", seconds=1, corpus=None, findings=tmp_path, instrument=())
+    guest, edu, full = (cmd[:cmd.index("--")] for cmd in seen)
+    assert _pairs(guest[3:], "-i") == ["pcidev_nvme", "pcidev"] and "pcidev_nvme.testing.driver" in guest
+    assert "-i" not in edu and "-i" not in full
+
+
 def test_without_atheris_the_coverage_engine_is_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(engine, "atheris_available", lambda: False)
     with pytest.raises(engine.PcidevError, match=r"pip install 'pcidev\[fuzz\]'"):
@@ -160,6 +228,29 @@ def test_vmstate_mutations_keep_a_valid_envelope():
         for seed in range(20):
             stream = target.mutate(FuzzInput(struct.pack("<QQ", seed * 0x9E3779B97F4A7C15 % (1 << 64), seed)))
             open_stream(stream)  # the CRC and the prefix are right: the mutations reach the body's checks
+    finally:
+        target.close()
+
+
+def test_vmstate_body_positions_are_depth_first_in_order():
+    body = {"a": [1, {"b": 2}], "c": {"d": [], "e": 3}}
+    assert vmstate_target._paths(body) == [
+        (), ("a",), ("a", 0), ("a", 1), ("a", 1, "b"), ("c",), ("c", "d"), ("c", "e")]
+
+
+def test_vmstate_mutation_of_an_input_is_the_same_every_time():
+    target = vmstate_target.VmstateTarget()
+    target.setup()
+    try:
+        data = [struct.pack("<QQ", seed * 0x9E3779B97F4A7C15 % (1 << 64), seed) for seed in range(10)]
+        first = [target.mutate(FuzzInput(d)) for d in data]
+        assert [target.mutate(FuzzInput(d)) for d in reversed(data)] == first[::-1]
+        other = vmstate_target.VmstateTarget()  # (a fresh target: nothing cached yet)
+        other.setup()
+        try:
+            assert [other.mutate(FuzzInput(d)) for d in data] == first
+        finally:
+            other.close()
     finally:
         target.close()
 

@@ -4,6 +4,8 @@ exception, CSTS.CFS, namespace 2 overwritten)."""
 
 from __future__ import annotations
 
+import struct
+
 import msgpack
 import pytest
 
@@ -94,3 +96,36 @@ def test_nvme_vmstate_target_loads_its_own_stream_and_refuses_mutations_with_typ
             target.run(seed)
     finally:
         target.close()
+
+
+def _cmd(kind: int, op_index: int, dwords: tuple[int, ...], mode: int = 0, npages: int = 0) -> bytes:
+    """One command action as the target decodes it (see ``NvmeGuestTarget.seeds``)."""
+    dw = list(dwords) + [0] * (6 - len(dwords))
+    return bytes([kind, op_index, 0, 0]) + struct.pack("<6I", *dw) + bytes([mode, npages, 0]) + struct.pack("<H", 0)
+
+
+#: write and read 8 blocks of namespace 1, then Get Features (Asynchronous Event Configuration)
+_X = _cmd(2, 1, (0, 0, 7), 0, 1) + _cmd(2, 2, (0, 0, 7), 0, 1) + _cmd(1, 8, (0x0B,))
+#: Set Features (Asynchronous Event Configuration: every event the driver arms), a write of namespace 1, then
+#: CC with a shutdown request (SHN = 01b): state a leak would carry into the next input
+_Y = (_cmd(1, 7, (0x0B, 0x31F)) + _cmd(2, 1, (0, 0, 7), 0, 1)
+      + bytes([0, 2, 2]) + struct.pack("<Q", 0x00460001 | 1 << 14))
+
+
+def test_an_input_runs_the_same_after_another_one_as_alone():
+    alone = NvmeGuestTarget()
+    alone.run(_X)
+    target = NvmeGuestTarget()
+    target.setup()
+    try:
+        target.run(_X)
+        first = list(target.steps)
+        target.run(_Y)
+        other = list(target.steps)
+        target.run(_X)
+        again = list(target.steps)
+    finally:
+        target.close()
+    assert any("status=0x0" in s for s in first) and first != other  # both did something, not the same
+    assert again == first == alone.steps
+    assert first[-2:] == ["flr", "after-recovery"]

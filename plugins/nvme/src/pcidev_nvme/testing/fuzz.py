@@ -37,12 +37,15 @@ import time
 from collections.abc import Iterator
 from typing import ClassVar
 
+import attrs
+
 from pcidev.device import PciDevice
 from pcidev.host import Machine
 from pcidev.host.pci import HostPciDevice
 from pcidev.pci.config import ResetKind
 from pcidev.testing.fuzz.target import ErrorLogWatch, FuzzFinding, FuzzInput, FuzzTarget, open_fd_count
 from pcidev.testing.fuzz.vmstate_target import VmstateTarget
+from pcidev_nvme.config import NvmeConfig
 from pcidev_nvme.controller import NvmeController
 from pcidev_nvme.testing.driver import Completion, NvmeDriver, NvmeDriverError
 
@@ -63,6 +66,9 @@ _NS2_PATTERN = b"\xB7\x2E\x91\x4C" * (PAGE // 4)
 _SGL = struct.Struct("<QIxxxB")
 _SQE = struct.Struct("<BBHIIIQQQIIIIII")
 _RAM = 8 << 20
+#: the controller's configuration, parsed once (the serial fixed: an input sees the same
+#: Identify data however often it runs)
+_CONFIG = NvmeConfig.coerce("ns=mem:size=256K,ns=mem:size=256K,mdts=5,serial=PCIDEVFUZZ0002")
 
 _ADMIN_OPS = (0x00, 0x01, 0x02, 0x04, 0x05, 0x06, 0x08, 0x09, 0x0A, 0x0C, 0x0D, 0x10, 0x11, 0x14, 0x15, 0x18,
               0x19, 0x1C, 0x1D, 0x1E, 0x7C, 0x80, 0x81, 0x82, 0x84, 0x86, 0xC0, 0xFF)
@@ -85,6 +91,17 @@ class NvmeGuestTarget(FuzzTarget):
         "no exception escapes the device", "no guest-memory write outside named buffers",
         "bounded BAR accesses and completions", "CSTS.CFS never set by commands",
         "FLR recovers and namespace 2 is untouched", "fd count unchanged")
+    #: coverage of the controller, the framework code it runs on (BAR dispatch, config
+    #: space and capabilities, DMA, interrupts) and this decoder guides the fuzzer; the
+    #: test driver and the software host are the harness and run uninstrumented
+    instrument: ClassVar[tuple[str, ...]] = (
+        "pcidev_nvme", "-pcidev_nvme.testing.driver", "-pcidev_nvme.testing.bench", "pcidev.device", "pcidev.pci",
+        "pcidev.dma", "pcidev.irq", "pcidev.bar", "pcidev.regions")
+
+    def __init__(self) -> None:
+        #: the steps the last input took, each as its check names it (a completion's
+        #: status included): what an input's outcome looks like from outside
+        self.steps: list[str] = []
 
     def run(self, data: bytes) -> None:
         """Decode ``data`` into guest actions and check the invariants after each.
@@ -94,7 +111,9 @@ class NvmeGuestTarget(FuzzTarget):
         """
         fds = open_fd_count()
         with ErrorLogWatch() as watch:
-            _GuestRun(FuzzInput(data), watch).run()
+            run = _GuestRun(FuzzInput(data), watch)
+            self.steps = run.steps
+            run.run()
         after = open_fd_count()
         if after > fds:
             raise FuzzFinding("fd-leak", f"{after - fds} file descriptor(s) left open by one input")
@@ -131,12 +150,15 @@ class _GuestRun:
         self.ns2_named = False
         self.guards: list[tuple[int, bytes]] = []
         self.machine = Machine(ram_size=_RAM)
-        self.ctrl = NvmeController("ns=mem:size=256K,ns=mem:size=256K,mdts=5")
+        self.ctrl = NvmeController(attrs.evolve(_CONFIG))  # (a copy: the controller owns its config)
         self.drv: NvmeDriver | None = None
         self.bystander = 0
+        #: each checked step, as :meth:`_check` names it
+        self.steps: list[str] = []
 
     # ------------------------------------------------------------------ checks
     def _check(self, what: str, started: float) -> None:
+        self.steps.append(what)
         took = time.monotonic() - started
         if took > STEP_SECONDS:
             raise FuzzFinding("hang", f"{what} took {took:.1f} s", where=what.split(" ")[0])
@@ -387,11 +409,11 @@ class NvmeVmstateTarget(VmstateTarget):
 
     name: ClassVar[str] = "nvme-vmstate"
     summary: ClassVar[str] = "vmstate load: mutated body of an NVMe controller stream, valid envelope and CRC"
-    _PROPS = "ns=mem:size=256K,ns=mem:size=256K,mdts=5,serial=PCIDEVFUZZ0001"
+    _CONFIG = NvmeConfig.coerce("ns=mem:size=256K,ns=mem:size=256K,mdts=5,serial=PCIDEVFUZZ0001")
 
     def make_source(self, machine: Machine) -> HostPciDevice:
         """A probed controller that has written and read namespace 1."""
-        pdev = machine.plug(NvmeController(self._PROPS))
+        pdev = machine.plug(NvmeController(attrs.evolve(self._CONFIG)))
         drv = NvmeDriver(machine, pdev, io_queues=1, io_depth=16, admin_depth=16, aers=1, timeout=COMPLETION_SECONDS)
         drv.probe()
         drv.write(1, 0, b"\x3C" * 4096)
@@ -399,8 +421,8 @@ class NvmeVmstateTarget(VmstateTarget):
         return pdev
 
     def make_device(self) -> PciDevice:
-        """A fresh controller of the same configuration."""
-        return NvmeController(self._PROPS)
+        """A fresh controller of the same configuration (parsed once; a copy each)."""
+        return NvmeController(attrs.evolve(self._CONFIG))
 
     def exercise(self, device: PciDevice) -> None:
         """Register reads, and SQ/CQ doorbell writes for whatever queues the stream described."""
