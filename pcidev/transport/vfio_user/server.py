@@ -37,6 +37,7 @@ import errno
 import functools
 import json
 import logging
+import math
 import os
 import select
 import socket
@@ -178,6 +179,8 @@ class VfioUserServer:
         #: the device was left quiesced by a client that went away: the first BAR access
         #: or DEVICE_RESET of this connection resumes it
         self.dormant = self.device.quiesced
+        #: :meth:`handle_one` answered a message that broke the framing: it reads no more
+        self._stream_lost = False
 
     @property
     def migrated_out(self) -> bool:
@@ -364,11 +367,55 @@ class VfioUserServer:
                 self._msix_mask(v, v not in have)
 
     def handle_one(self) -> str | None:
-        """Read and answer one message (blocks). :returns: a reason to stop, or None."""
-        msg = self.reader.read()
-        if msg is None:
-            return "eof"
-        return self.handle_message(msg)
+        """Read and answer one message (blocks until one came; :meth:`serve`'s loop does not
+        use it). The deadlines are the loop's: a client idle *between* messages may wait as
+        long as it likes, but a message that started (some of its bytes were read, here or
+        before) must arrive whole within ``message_timeout`` seconds of the first of them
+        that this call saw, however slowly its bytes come; a reply is bounded as in the
+        loop (``SO_SNDTIMEO``, and ``message_timeout`` as a whole for a large one).
+
+        :returns: a reason to end the connection (as the loop's: ``"eof"``,
+            ``"transport: deadline: ..."``, ``"transport: ..."``, a message that broke the
+            framing), or None.
+        :raises TransportError: the reply could not be sent.
+        """
+        if self._stream_lost:
+            return _OVERSIZED
+        reader = self.reader
+        limit = self.message_timeout
+        started = time.monotonic() if reader.buffered() else None
+        poller = select.poll()
+        poller.register(reader.fileno(), select.POLLIN)
+        while not reader.has_message():
+            wait_ms = -1  # nothing started: wait for the client as long as it likes
+            if reader.buffered():
+                now = time.monotonic()
+                if started is None:
+                    started = now
+                left = started + limit - now
+                if left <= 0:
+                    log.info("vfio-user connection ended: a message did not arrive whole in %gs", limit)
+                    return f"transport: deadline: a message did not arrive whole in {limit:g}s"
+                wait_ms = max(1, math.ceil(left * 1000))
+            if not poller.poll(wait_ms):
+                continue
+            try:
+                n = reader.fill()
+            except TransportError as exc:
+                log.info("vfio-user connection ended: %s", exc)
+                return f"transport: {exc}"
+            if n == 0:
+                if reader.buffered():
+                    log.info("vfio-user connection ended: the client closed it in the middle of a message")
+                    return "transport: peer closed the connection in the middle of a message"
+                return "eof"
+        msg = reader.next()
+        if msg is None:  # pragma: no cover - has_message() said a message is complete
+            return None
+        reason = self.handle_message(msg)
+        if reason == _OVERSIZED:  # the reader reads nothing more: so would a next call
+            self._stream_lost = True
+        return reason
 
     def handle_message(self, msg: Message) -> str | None:
         """Answer one message read by the reader (the reply is sent when this returns).

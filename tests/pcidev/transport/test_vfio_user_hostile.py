@@ -21,6 +21,7 @@ import threading
 import time
 
 import pytest
+from hostile_peer import ServedVfioUser, Trickler
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -357,6 +358,77 @@ def test_a_client_that_reads_no_replies_is_dropped_after_the_deadline():
         client.sock.close()
         t.join(10)
         ep.close()
+
+
+# -- handle_one(): the loop's deadlines for a caller that reads one message at a time -------------
+def _read_config(mid: int = 1) -> bytes:
+    return protocol.message(mid, protocol.REGION_READ, protocol.REGION_ACCESS_S.pack(0, protocol.CONFIG_REGION, 2))
+
+
+def _handle_one(server: VfioUserServer) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["reason"] = server.handle_one()
+        except BaseException as exc:  # (reported to the test)
+            out["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+@pytest.mark.parametrize("how", ["half-header-then-nothing", "trickled"])
+def test_handle_one_ends_a_message_that_does_not_arrive_whole_in_time(how):
+    """A client sending half a header and then nothing, or a message a byte every 0.1 s
+    (each inside any per-read timeout), cannot hold handle_one() past ``message_timeout``."""
+    with ServedVfioUser(loop=False, message_timeout=0.5) as s:
+        msg = _read_config()
+        t, out = _handle_one(s.server)
+        if how == "trickled":
+            with Trickler(s.client.sock, msg, every=0.1):
+                t.join(20)
+        else:
+            s.client.sock.sendall(msg[:7])
+            t.join(20)
+        assert not t.is_alive()
+        assert out == {"reason": "transport: deadline: a message did not arrive whole in 0.5s"}
+
+
+def test_handle_one_answers_whole_messages_and_waits_for_an_idle_client():
+    with ServedVfioUser(loop=False, message_timeout=0.3) as s:
+        sock = s.client.sock
+        t, out = _handle_one(s.server)
+        time.sleep(1.0)  # idle between messages: no deadline
+        assert t.is_alive()
+        sock.sendall(_read_config(5)[:3])
+        time.sleep(0.05)
+        sock.sendall(_read_config(5)[3:] + _read_config(6))  # whole, and the next one too
+        t.join(20)
+        assert out == {"reason": None}
+        for mid in (5, 6):
+            if mid == 6:
+                assert s.server.handle_one() is None  # already buffered: no read needed
+            head = protocol.HEADER.unpack(sock.recv(protocol.HEADER.size, socket.MSG_WAITALL))
+            body = sock.recv(head[2] - protocol.HEADER.size, socket.MSG_WAITALL)
+            assert head[0] == mid and body[-2:] == (0x1234).to_bytes(2, "little")  # the vendor id
+        sock.shutdown(socket.SHUT_WR)
+        assert s.server.handle_one() == "eof"
+
+
+def test_handle_one_after_a_message_that_broke_the_framing_reads_no_more():
+    lost = "a message whose size cannot be trusted (oversized, or below its header)"
+    with ServedVfioUser(loop=False, message_timeout=5.0) as s:
+        sock = s.client.sock
+        sock.sendall(protocol.HEADER.pack(1, protocol.REGION_READ, 4, 0, 0))  # a size below the header
+        assert s.server.handle_one() == lost
+        mid, _cmd, _size, flags, err = protocol.HEADER.unpack(sock.recv(protocol.HEADER.size, socket.MSG_WAITALL))
+        assert (mid, flags & protocol.FLAG_ERROR, err) == (1, protocol.FLAG_ERROR, errno.EINVAL)
+        sock.sendall(_read_config())
+        t, out = _handle_one(s.server)  # the stream is lost: nothing more is read (no spin, no hang)
+        t.join(20)
+        assert not t.is_alive() and out == {"reason": lost}
 
 
 # -- the pieces ------------------------------------------------------------------------------
