@@ -72,7 +72,8 @@ from pcidev.transport.link.protocol import (
     encode_message,
 )
 
-__all__ = ["LinkServer", "DEFAULT_IO_TIMEOUT", "MAX_PRECOPY_ITERATIONS", "MAX_COMMIT_TIMEOUT", "MAX_CONNECTIONS", "MAX_ADDRESS"]
+__all__ = ["LinkServer", "DEFAULT_IO_TIMEOUT", "MAX_PRECOPY_ITERATIONS", "MAX_COMMIT_TIMEOUT", "MAX_CONNECTIONS",
+           "MAX_ADDRESS"]
 
 #: the most pre-copy passes a PRECOPY request may ask for
 MAX_PRECOPY_ITERATIONS = 1000

@@ -21,6 +21,7 @@ from pcidev.host import Machine
 from pcidev.migration import migrate_in
 from pcidev.transport.address import listen
 from pcidev.transport.link.process import DeviceProcess, property_string, spawn
+from pcidev.transport.link.process import main as process_main
 from pcidev.transport.link.protocol import (
     FLAG_ERROR,
     HEADER,
@@ -32,7 +33,6 @@ from pcidev.transport.link.protocol import (
     read_message,
     send_message,
 )
-from pcidev.transport.link.process import main as process_main
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
