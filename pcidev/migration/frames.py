@@ -14,7 +14,7 @@ from typing import Any
 import msgpack
 
 from pcidev.errors import TransportError
-from pcidev.transport.fdpass import close_fds, recv_exact, send_all
+from pcidev.transport.fdpass import close_fds, fd_headroom, recv_exact, send_all
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -22,6 +22,7 @@ __all__ = [
     "MAGIC",
     "FRAME_HEADER",
     "MAX_STREAM_SIZE",
+    "MAX_OFFER_FDS",
     "OFFER",
     "FDS",
     "STATE",
@@ -44,6 +45,7 @@ __all__ = [
     "PROTOCOL_PREFLIGHT",
     "FEATURE_SYNC",
     "boot_id",
+    "check_offer_fds",
     "frame_name",
     "send_frame",
     "send_parts",
@@ -71,6 +73,10 @@ _HEADER = FRAME_HEADER
 #: the largest state stream a destination accepts (a garbage length must not make
 #: it allocate gigabytes)
 MAX_STREAM_SIZE = 256 << 20
+#: the most descriptors an OFFER may announce (a device's memory regions, eventfds and
+#: backend files; a handover's too): checked with the process's own room for them
+#: (:func:`check_offer_fds`) before a single FDS frame is received
+MAX_OFFER_FDS = 65536
 _MAX_META = 64 << 10
 #: frame type: the source offers a state (its size, descriptors, protocol)
 OFFER = 1
@@ -124,6 +130,23 @@ def boot_id() -> str:
             return f.read().strip()
     except OSError:
         return ""
+
+
+def check_offer_fds(want: int) -> None:
+    """Refuse an OFFER that announces ``want`` descriptors before receiving any: more than
+    :data:`MAX_OFFER_FDS`, or more than this process may open now
+    (:func:`~pcidev.transport.fdpass.fd_headroom`: the soft ``RLIMIT_NOFILE`` less the
+    descriptors open), which would otherwise fail half-way through the FDS frames.
+
+    :raises TransportError: one line naming the limit.
+    """
+    if not 0 <= want <= MAX_OFFER_FDS:
+        raise TransportError(f"migration channel: OFFER announces {want} fds (0 to {MAX_OFFER_FDS})")
+    if want:
+        room = fd_headroom()
+        if want > room:
+            raise TransportError(f"migration channel: OFFER announces {want} fds; this process may open only "
+                                 f"{room} more (RLIMIT_NOFILE: raise it with ulimit -n or LimitNOFILE=)")
 
 
 def _send(sock: socket.socket, kind: int, body: bytes = b"", fds: Sequence[int] = (),

@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import array
 import os
+import resource
 import socket
+import sys
 import time
 from collections.abc import Iterable, Sequence
 
 from pcidev.errors import TransportError
 
-__all__ = ["SCM_MAX_FD", "TooManyFds", "close_fds", "recv_exact", "recv_some", "send_all", "is_unix"]
+__all__ = ["SCM_MAX_FD", "TooManyFds", "close_fds", "fd_headroom", "recv_exact", "recv_some", "send_all", "is_unix"]
 
 
 class TooManyFds(TransportError):
@@ -60,6 +62,24 @@ def close_fds(fds: Iterable[int]) -> None:
             os.close(fd)
         except OSError:
             pass
+
+
+def fd_headroom() -> int:
+    """How many more descriptors this process may open now: the soft ``RLIMIT_NOFILE``
+    less the descriptors open (counted in ``/proc/self/fd``; without it, the limit alone).
+
+    A peer that announces more descriptors than this would make a receive fail half-way
+    (the kernel truncates the ``SCM_RIGHTS`` message: ``MSG_CTRUNC``); a receiver refuses
+    such an announcement before it receives anything.
+    """
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return sys.maxsize
+    try:
+        used = len(os.listdir("/proc/self/fd")) - 1  # (less the listing's own descriptor)
+    except OSError:
+        used = 0
+    return max(0, soft - used)
 
 
 def is_unix(sock: socket.socket) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import resource
 import socket
 import threading
 import time
@@ -12,7 +13,7 @@ import time
 import pytest
 
 from pcidev.errors import TransportError
-from pcidev.transport.fdpass import SCM_MAX_FD, recv_exact, send_all
+from pcidev.transport.fdpass import SCM_MAX_FD, fd_headroom, recv_exact, send_all
 
 
 def _open_fds() -> int:
@@ -123,3 +124,19 @@ def test_recv_exact_deadline_bounds_a_trickling_peer():
     finally:
         a.close()
         b.close()
+
+
+def test_fd_headroom_is_the_soft_limit_less_the_open_descriptors():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    used = len(os.listdir("/proc/self/fd")) - 1
+    resource.setrlimit(resource.RLIMIT_NOFILE, (used + 50, hard))
+    try:
+        before = fd_headroom()
+        fd = os.dup(0)
+        try:
+            assert fd_headroom() == before - 1
+        finally:
+            os.close(fd)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert before == 50
