@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import socket
 import struct
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import msgpack
 
 from pcidev.errors import TransportError
-from pcidev.transport.fdpass import close_fds, fd_headroom, recv_exact, send_all
+from pcidev.transport.fdpass import close_fds, fd_headroom, recv_exact, send_all, send_buffers
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -212,38 +211,16 @@ def send_frame(sock: socket.socket, kind: int, body: bytes = b"", fds: Sequence[
 def send_parts(sock: socket.socket, kind: int, parts: Sequence[bytes | memoryview], *,
                deadline: float | None = None) -> None:
     """Send one frame whose body is ``parts`` joined, without joining them (``sendmsg``
-    of the header and the parts: a large body is not copied). No descriptors.
+    of the header and the parts: a large body is not copied;
+    :func:`~pcidev.transport.fdpass.send_buffers`). No descriptors.
 
     :param deadline: ``CLOCK_MONOTONIC`` time by which the whole frame must have gone out
         (None: the socket's own timeout for each ``sendmsg``): a peer reading a byte at a
         time cannot stretch it.
     :raises TransportError: the peer went away or the send timed out.
     """
-    views = [memoryview(_HEADER.pack(MAGIC, kind, 0, sum(len(p) for p in parts)))]
-    views += [memoryview(p).cast("B") for p in parts if len(p)]
-    per = sock.gettimeout() if deadline is not None else None
-    try:
-        while views:
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0.005:
-                    raise TransportError("send failed: the peer did not take the frame in time (overall deadline)")
-                sock.settimeout(left if per is None or per == 0 else min(per, left))
-            sent = sock.sendmsg(views)
-            while views and sent >= len(views[0]):
-                sent -= len(views[0])
-                views.pop(0)
-            if sent:
-                views[0] = views[0][sent:]
-    except (BrokenPipeError, ConnectionResetError) as exc:
-        raise TransportError(f"send failed: peer closed the connection ({exc})") from exc
-    except TimeoutError as exc:
-        raise TransportError(f"send failed: the peer did not take the frame in time ({exc})") from exc
-    except (OSError, ValueError) as exc:
-        raise TransportError(f"send failed: {exc}") from exc
-    finally:
-        if deadline is not None:
-            sock.settimeout(per)
+    header = _HEADER.pack(MAGIC, kind, 0, sum(memoryview(p).nbytes for p in parts))
+    send_buffers(sock, (header, *parts), deadline=deadline)
 
 
 def send_meta(sock: socket.socket, kind: int, meta: dict[str, Any], fds: Sequence[int] = (), *,
