@@ -1,5 +1,6 @@
 """Hostile peers for the deadline tests (issue 12): a peer that trickles a message a byte
-at a time, or sends part of one and stops, and a vfio-user device served on a socketpair.
+at a time, or sends part of one and stops, and the devices they are set on: one served
+over vfio-user on a socketpair, one served over the device link on a UNIX socket.
 
 Imported as ``from hostile_peer import ...`` (``tests/`` is on ``sys.path``: the root
 ``conftest.py`` lives there).
@@ -9,12 +10,17 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from pcidev.devices.edu import EduDevice
+from pcidev.transport.address import listen
 from pcidev.transport.endpoint import DeviceEndpoint
+from pcidev.transport.link.protocol import FLAG_ERROR, STATUS, decode_body, encode_body, read_message, send_message
+from pcidev.transport.link.server import LinkServer
 from pcidev.transport.vfio_user.client import VfioUserClient
 from pcidev.transport.vfio_user.server import VfioUserServer
 
@@ -128,6 +134,62 @@ class ServedVfioUser:
         self.ep.close()
 
     def __enter__(self) -> ServedVfioUser:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class ServedLink:
+    """A device served by a :class:`~pcidev.transport.link.server.LinkServer` on
+    ``tmp_path/link.sock``, its loop on a thread. A context manager (:meth:`close`).
+
+    :param tmp_path: where the socket goes.
+    :param device: the device (default a fresh edu).
+    :param io_timeout: the server's per-message and per-reply deadline.
+    :ivar address: ``"unix:PATH"``; :ivar ep: the endpoint; :ivar server: the server;
+        :ivar thread: the serve thread; :ivar exit: why ``serve_forever`` returned, once it did.
+    """
+
+    def __init__(self, tmp_path: Path, device: Any = None, *, io_timeout: float = 5.0) -> None:
+        self.ep = DeviceEndpoint(device if device is not None else EduDevice())
+        self.ep.start()
+        self.listener = listen(f"unix:{tmp_path}/link.sock")
+        self.address = str(self.listener.address)
+        self.server = LinkServer(self.ep, self.listener.sock, io_timeout=io_timeout)
+        self.exit: list[str] = []
+        self.thread = threading.Thread(target=lambda: self.exit.append(self.server.serve_forever()), daemon=True)
+        self.thread.start()
+
+    def connect(self) -> socket.socket:
+        """A new raw connection to the server."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(self.address.removeprefix("unix:"))
+        return s
+
+    def status_seconds(self) -> float:
+        """One STATUS round trip on a connection of its own (the device must be running)."""
+        s = self.connect()
+        try:
+            s.settimeout(30)
+            t0 = time.monotonic()
+            send_message(s, STATUS, 0, 7, encode_body({}))
+            kind, flags, mid, body, _ = read_message(s, max_fds=0)
+            took = time.monotonic() - t0
+            assert (kind, mid, flags & FLAG_ERROR) == (STATUS, 7, 0)
+            assert decode_body(body, "STATUS")["state"] == "running"
+            return took
+        finally:
+            s.close()
+
+    def close(self) -> None:
+        """Stop the server, join its thread and close the endpoint."""
+        self.server.stop()
+        self.thread.join(20)
+        self.ep.close()
+
+    def __enter__(self) -> ServedLink:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -42,26 +42,10 @@ RAM = 0x40000000
 SIZE = 1 << 20
 
 
-def _serve(device=None, **kwargs):
-    ep = DeviceEndpoint(device if device is not None else EduDevice())
-    ep.start()
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    b.settimeout(10)
-    server = VfioUserServer(ep, a, **kwargs)
-    result: dict[str, str] = {}
-    t = threading.Thread(target=lambda: result.setdefault("reason", server.serve()), daemon=True)
-    t.start()
-    return ep, server, VfioUserClient(b, timeout=10), t, result
-
-
 @pytest.fixture
 def edu():
-    ep, server, client, t, result = _serve()
-    yield client, ep, server
-    client.sock.close()
-    t.join(10)
-    assert not t.is_alive()
-    ep.close()
+    with ServedVfioUser() as s:
+        yield s.client, s.ep, s.server
 
 
 def _refused(client: VfioUserClient, cmd: int, payload: bytes = b"", fds=()) -> int:
@@ -151,16 +135,13 @@ def test_dma_map_refuses_a_file_that_cannot_be_sealed(edu, tmp_path):
 
 
 def test_unsealed_memory_for_a_trusted_client_is_an_explicit_choice():
-    ep, _server, client, t, _r = _serve(allow_unsealed_dma=True)
     fd = _unsealed_memfd(4096)
     try:
-        client.request(protocol.DMA_MAP, _dma_map(RAM, 4096), [fd])
-        assert [r.gpa for r in ep.memory.regions()] == [RAM]
+        with ServedVfioUser(allow_unsealed_dma=True) as s:
+            s.client.request(protocol.DMA_MAP, _dma_map(RAM, 4096), [fd])
+            assert [r.gpa for r in s.ep.memory.regions()] == [RAM]
     finally:
         os.close(fd)
-        client.sock.close()
-        t.join(10)
-        ep.close()
 
 
 # -- finding 2: interrupt fds that block the server ------------------------------------------
@@ -212,28 +193,26 @@ def test_a_saturated_eventfd_never_blocks_the_server(edu):
 
 # -- finding 5: DMA maps without a limit -----------------------------------------------------
 def test_dma_maps_are_capped_with_and_without_fds():
-    ep, server, client, t, _r = _serve(max_dma_maps=8)
     fds = [alloc_memfd(4096, f"r{i}") for i in range(2)]
     try:
-        for i in range(2):
-            client.request(protocol.DMA_MAP, _dma_map(RAM + i * 0x10000, 4096), [fds[i]])
-        for i in range(2, 8):
-            client.request(protocol.DMA_MAP, _dma_map(RAM + i * 0x10000, 4096))
-        assert _refused(client, protocol.DMA_MAP, _dma_map(RAM + 9 * 0x10000, 4096)) == errno.ENOSPC
-        extra = alloc_memfd(4096)
-        try:
-            assert _refused(client, protocol.DMA_MAP, _dma_map(RAM + 9 * 0x10000, 4096), [extra]) == errno.ENOSPC
-        finally:
-            os.close(extra)
-        # an unmap makes room
-        client.request(protocol.DMA_UNMAP, protocol.DMA_UNMAP_S.pack(24, 0, RAM + 3 * 0x10000, 4096))
-        client.request(protocol.DMA_MAP, _dma_map(RAM + 9 * 0x10000, 4096))
-        assert len(server.nofd_maps) + len(ep.memory.regions()) == 8
+        with ServedVfioUser(max_dma_maps=8) as s:
+            client, ep, server = s.client, s.ep, s.server
+            for i in range(2):
+                client.request(protocol.DMA_MAP, _dma_map(RAM + i * 0x10000, 4096), [fds[i]])
+            for i in range(2, 8):
+                client.request(protocol.DMA_MAP, _dma_map(RAM + i * 0x10000, 4096))
+            assert _refused(client, protocol.DMA_MAP, _dma_map(RAM + 9 * 0x10000, 4096)) == errno.ENOSPC
+            extra = alloc_memfd(4096)
+            try:
+                assert _refused(client, protocol.DMA_MAP, _dma_map(RAM + 9 * 0x10000, 4096), [extra]) == errno.ENOSPC
+            finally:
+                os.close(extra)
+            # an unmap makes room
+            client.request(protocol.DMA_UNMAP, protocol.DMA_UNMAP_S.pack(24, 0, RAM + 3 * 0x10000, 4096))
+            client.request(protocol.DMA_MAP, _dma_map(RAM + 9 * 0x10000, 4096))
+            assert len(server.nofd_maps) + len(ep.memory.regions()) == 8
     finally:
         close_fds(fds)
-        client.sock.close()
-        t.join(10)
-        ep.close()
 
 
 def test_dma_map_overlap_checks_with_many_maps(edu):
@@ -312,36 +291,26 @@ def test_too_many_fds_get_an_error_reply_and_the_connection_goes_on(edu):
 # -- deadlines: a client that stops in the middle of a message --------------------------------
 @pytest.mark.parametrize("part", ["header", "body"])
 def test_a_client_stopping_mid_message_is_dropped_after_the_deadline(part):
-    ep, _server, client, t, result = _serve(message_timeout=0.5)
-    try:
+    with ServedVfioUser(message_timeout=0.5) as s:
         msg = protocol.message(1, protocol.REGION_READ, protocol.REGION_ACCESS_S.pack(0, 7, 4))
-        client.sock.sendall(msg[:7] if part == "header" else msg[:20])
-        t.join(20)
-        assert not t.is_alive()
-        assert "deadline" in result["reason"]
-    finally:
-        client.sock.close()
-        t.join(10)
-        ep.close()
+        s.client.sock.sendall(msg[:7] if part == "header" else msg[:20])
+        s.thread.join(20)
+        assert not s.thread.is_alive()
+        assert "deadline" in s.result["reason"]
 
 
 def test_an_idle_client_between_messages_is_not_dropped():
-    ep, _server, client, t, _result = _serve(message_timeout=0.3)
-    try:
+    with ServedVfioUser(message_timeout=0.3) as s:
         time.sleep(1.0)
-        assert t.is_alive()
-        assert int.from_bytes(client.read(protocol.CONFIG_REGION, 0, 2), "little") == 0x1234
-    finally:
-        client.sock.close()
-        t.join(10)
-        ep.close()
+        assert s.thread.is_alive()
+        assert int.from_bytes(s.client.read(protocol.CONFIG_REGION, 0, 2), "little") == 0x1234
 
 
 def test_a_client_that_reads_no_replies_is_dropped_after_the_deadline():
     """Replies fill the socket buffer of a client that never reads them: the send
     stalls, and the deadline ends the connection instead of holding the server."""
-    ep, _server, client, t, result = _serve(message_timeout=0.5)
-    try:
+    with ServedVfioUser(message_timeout=0.5) as s:
+        client, t = s.client, s.thread
         client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         req = protocol.message(1, protocol.REGION_READ, protocol.REGION_ACCESS_S.pack(0, 7, 4096))
         client.sock.setblocking(False)
@@ -353,11 +322,7 @@ def test_a_client_that_reads_no_replies_is_dropped_after_the_deadline():
                 time.sleep(0.01)
         t.join(10)
         assert not t.is_alive()
-        assert result["reason"].startswith("transport")
-    finally:
-        client.sock.close()
-        t.join(10)
-        ep.close()
+        assert s.result["reason"].startswith("transport")
 
 
 # -- handle_one(): the loop's deadlines for a caller that reads one message at a time -------------
@@ -537,9 +502,8 @@ def test_a_client_taking_a_large_reply_slowly_is_dropped_after_the_deadline():
     ``SO_SNDTIMEO``): the reply as a whole gets ``message_timeout``, then the connection
     ends, instead of the ~5 s this client would hold the server thread."""
     dev = NvmeController("cmb_size=2,max_ioqpairs=2,msix_vectors=3,ns=mem:size=1M")
-    ep, server, client, t, result = _serve(dev, message_timeout=1.0)
-    sock = client.sock
-    try:
+    with ServedVfioUser(dev, message_timeout=1.0) as s:
+        client, t, result, sock = s.client, s.thread, s.result, s.client.sock
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         client.version()
         n = 1 << 20
@@ -560,7 +524,3 @@ def test_a_client_taking_a_large_reply_slowly_is_dropped_after_the_deadline():
         assert not t.is_alive() and time.monotonic() - t0 < 4.0
         assert got < n, got
         assert "in time (overall deadline" in str(result.get("reason")), result
-    finally:
-        sock.close()
-        t.join(10)
-        ep.close()
