@@ -134,7 +134,7 @@ def boot_id() -> str:
 def check_offer_fds(want: int) -> None:
     """Refuse an OFFER that announces ``want`` descriptors before receiving any: more than
     :data:`MAX_OFFER_FDS`, or more than this process may open now
-    (:func:`~pcidev.transport.fdpass.fd_headroom`: the soft ``RLIMIT_NOFILE`` less the
+    (``pcidev.transport.fdpass.fd_headroom``: the soft ``RLIMIT_NOFILE`` less the
     descriptors open), which would otherwise fail half-way through the FDS frames.
 
     :raises TransportError: one line naming the limit.
@@ -212,7 +212,7 @@ def send_parts(sock: socket.socket, kind: int, parts: Sequence[bytes | memoryvie
                deadline: float | None = None) -> None:
     """Send one frame whose body is ``parts`` joined, without joining them (``sendmsg``
     of the header and the parts: a large body is not copied;
-    :func:`~pcidev.transport.fdpass.send_buffers`). No descriptors.
+    ``pcidev.transport.fdpass.send_buffers``). No descriptors.
 
     :param deadline: ``CLOCK_MONOTONIC`` time by which the whole frame must have gone out
         (None: the socket's own timeout for each ``sendmsg``): a peer reading a byte at a

@@ -714,7 +714,7 @@ def _await_serving(chan: socket.socket) -> float | None:
 
 def _recv_request(conn: socket.socket, deadline: float) -> tuple[int, bytes]:
     """One frame from a control connection, whole by ``deadline`` (``CLOCK_MONOTONIC``),
-    however slowly its bytes come (:func:`~pcidev.transport.fdpass.recv_exact`'s deadline).
+    however slowly its bytes come (``fdpass.recv_exact``'s deadline).
 
     :raises TransportError: not in time, the end, descriptors, or not a HANDOVER frame of
         at most :data:`_MAX_REQUEST` bytes.
