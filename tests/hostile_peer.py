@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from pcidev.devices.edu import EduDevice
 from pcidev.transport.address import listen
@@ -93,7 +93,21 @@ class Trickler:
         self.stop()
 
 
-class ServedVfioUser:
+class _Served:
+    """A served device as a context manager: :meth:`close` on the way out."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class ServedVfioUser(_Served):
     """A device served by a :class:`~pcidev.transport.vfio_user.server.VfioUserServer` on
     one end of a socketpair, its loop (:meth:`serve`) on a thread; the test holds the
     client end. A context manager: :meth:`close` closes the client's end, joins the
@@ -133,15 +147,9 @@ class ServedVfioUser:
             self.server.sock.close()
         self.ep.close()
 
-    def __enter__(self) -> ServedVfioUser:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
 
-class ServedLink:
+class ServedLink(_Served):
     """A device served by a :class:`~pcidev.transport.link.server.LinkServer` on
     ``tmp_path/link.sock``, its loop on a thread. A context manager (:meth:`close`).
 
@@ -189,9 +197,3 @@ class ServedLink:
         self.thread.join(20)
         self.ep.close()
 
-    def __enter__(self) -> ServedLink:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()

@@ -37,7 +37,6 @@ import errno
 import functools
 import json
 import logging
-import math
 import os
 import select
 import socket
@@ -92,6 +91,8 @@ MAX_MESSAGE_TIMEOUT = 86400.0
 #: get an overall deadline
 _ONE_SEND = 4096
 
+#: how handle_one()'s one-message loop ends once the message is answered
+_ONE_DONE = "answered one message"
 #: the reason of a connection ended by a message too large to skip (the stream is lost)
 _OVERSIZED = "a message whose size cannot be trusted (oversized, or below its header)"
 
@@ -368,52 +369,33 @@ class VfioUserServer:
 
     def handle_one(self) -> str | None:
         """Read and answer one message (blocks until one came; :meth:`serve`'s loop does not
-        use it). The deadlines are the loop's: a client idle *between* messages may wait as
-        long as it likes, but a message that started (some of its bytes were read, here or
-        before) must arrive whole within ``message_timeout`` seconds of the first of them
-        that this call saw, however slowly its bytes come; a reply is bounded as in the
-        loop (``SO_SNDTIMEO``, and ``message_timeout`` as a whole for a large one).
+        use it). It runs a :class:`~pcidev.transport.vfio_user.loop.ConnectionLoop` for
+        one message, so the deadlines are the loop's: a client idle *between* messages may
+        wait as long as it likes, but a message that started (some of its bytes were read,
+        here or before) must arrive whole within ``message_timeout`` seconds of the first of
+        them this call saw, however slowly its bytes come; a reply is bounded as in the loop
+        (``SO_SNDTIMEO``, and ``message_timeout`` as a whole for a large one).
 
-        :returns: a reason to end the connection (as the loop's: ``"eof"``,
-            ``"transport: deadline: ..."``, ``"transport: ..."``, a message that broke the
-            framing), or None.
-        :raises TransportError: the reply could not be sent.
+        :returns: a reason to end the connection, as the loop's (``"eof"``,
+            ``"transport: deadline: ..."``, ``"transport: ..."`` also when the reply could
+            not be sent, a message that broke the framing), or None.
         """
-        if self._stream_lost:
+        if self._stream_lost:  # the reader reads nothing more: a loop would poll in vain
             return _OVERSIZED
-        reader = self.reader
-        limit = self.message_timeout
-        started = time.monotonic() if reader.buffered() else None
-        poller = select.poll()
-        poller.register(reader.fileno(), select.POLLIN)
-        while not reader.has_message():
-            wait_ms = -1  # nothing started: wait for the client as long as it likes
-            if reader.buffered():
-                now = time.monotonic()
-                if started is None:
-                    started = now
-                left = started + limit - now
-                if left <= 0:
-                    log.info("vfio-user connection ended: a message did not arrive whole in %gs", limit)
-                    return f"transport: deadline: a message did not arrive whole in {limit:g}s"
-                wait_ms = max(1, math.ceil(left * 1000))
-            if not poller.poll(wait_ms):
-                continue
-            try:
-                n = reader.fill()
-            except TransportError as exc:
-                log.info("vfio-user connection ended: %s", exc)
-                return f"transport: {exc}"
-            if n == 0:
-                if reader.buffered():
-                    log.info("vfio-user connection ended: the client closed it in the middle of a message")
-                    return "transport: peer closed the connection in the middle of a message"
-                return "eof"
-        msg = reader.next()
-        if msg is None:  # pragma: no cover - has_message() said a message is complete
-            return None
-        reason = self.handle_message(msg)
-        if reason == _OVERSIZED:  # the reader reads nothing more: so would a next call
+        answered: list[str | None] = []
+
+        def once(msg: Message) -> str | None:
+            answered.append(self.handle_message(msg))
+            return _ONE_DONE
+
+        loop = ConnectionLoop(once, self.reader, message_timeout=self.message_timeout)
+        try:
+            reason = loop.run()
+        finally:
+            loop.close()
+        if answered and reason == _ONE_DONE:
+            reason = answered[0]
+        if reason == _OVERSIZED:
             self._stream_lost = True
         return reason
 
