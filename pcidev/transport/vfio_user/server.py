@@ -390,11 +390,10 @@ class VfioUserServer:
 
         loop = ConnectionLoop(once, self.reader, message_timeout=self.message_timeout)
         try:
-            reason = loop.run()
+            ended = loop.run()
         finally:
             loop.close()
-        if answered and reason == _ONE_DONE:
-            reason = answered[0]
+        reason = answered[0] if answered and ended == _ONE_DONE else ended
         if reason == _OVERSIZED:
             self._stream_lost = True
         return reason
