@@ -130,6 +130,7 @@ from pcidev.migration.frames import (
     FRAME_HEADER,
     HANDOVER,
     MAGIC,
+    MAX_OFFER_FDS,
     MAX_STREAM_SIZE,
     MEMORY,
     NACK,
@@ -144,6 +145,7 @@ from pcidev.migration.frames import (
     SYNC,
     SYNCED,
     boot_id,
+    check_offer_fds,
     frame_meta,
     frame_name,
     recv_frame,
@@ -171,6 +173,7 @@ __all__ = [
     "MAGIC",
     "FRAME_HEADER",
     "MAX_STREAM_SIZE",
+    "MAX_OFFER_FDS",
     "MigrationResult",
     "IncomingResult",
     "migrate_out",
@@ -782,8 +785,9 @@ def migrate_in(device: PciDevice, sock: socket.socket, *, timeout: float = 10.0,
                 raise ConfigMismatchError(f"stream is for device type {offer['device_type']!r}, "
                                           f"this device is {device.vmstate_device_type!r}")
             want, size = offer["fds"], offer["stream_size"]
-            if not 0 <= want <= 65536 or not 0 < size <= MAX_STREAM_SIZE:
+            if not 0 < size <= MAX_STREAM_SIZE:
                 raise TransportError(f"migration channel: OFFER announces {want} fds and {size} bytes")
+            check_offer_fds(want)  # before a single FDS frame
             if want and not is_unix(sock):
                 raise TransportError("migration channel: fds announced on a socket that cannot carry them")
             announced = size

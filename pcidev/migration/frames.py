@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import socket
 import struct
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import msgpack
 
 from pcidev.errors import TransportError
-from pcidev.transport.fdpass import close_fds, recv_exact, send_all
+from pcidev.transport.fdpass import close_fds, fd_headroom, recv_exact, send_all, send_buffers
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -22,6 +21,7 @@ __all__ = [
     "MAGIC",
     "FRAME_HEADER",
     "MAX_STREAM_SIZE",
+    "MAX_OFFER_FDS",
     "OFFER",
     "FDS",
     "STATE",
@@ -44,6 +44,7 @@ __all__ = [
     "PROTOCOL_PREFLIGHT",
     "FEATURE_SYNC",
     "boot_id",
+    "check_offer_fds",
     "frame_name",
     "send_frame",
     "send_parts",
@@ -71,6 +72,10 @@ _HEADER = FRAME_HEADER
 #: the largest state stream a destination accepts (a garbage length must not make
 #: it allocate gigabytes)
 MAX_STREAM_SIZE = 256 << 20
+#: the most descriptors an OFFER may announce (a device's memory regions, eventfds and
+#: backend files; a handover's too): checked with the process's own room for them
+#: (:func:`check_offer_fds`) before a single FDS frame is received
+MAX_OFFER_FDS = 65536
 _MAX_META = 64 << 10
 #: frame type: the source offers a state (its size, descriptors, protocol)
 OFFER = 1
@@ -124,6 +129,23 @@ def boot_id() -> str:
             return f.read().strip()
     except OSError:
         return ""
+
+
+def check_offer_fds(want: int) -> None:
+    """Refuse an OFFER that announces ``want`` descriptors before receiving any: more than
+    :data:`MAX_OFFER_FDS`, or more than this process may open now
+    (``pcidev.transport.fdpass.fd_headroom``: the soft ``RLIMIT_NOFILE`` less the
+    descriptors open), which would otherwise fail half-way through the FDS frames.
+
+    :raises TransportError: one line naming the limit.
+    """
+    if not 0 <= want <= MAX_OFFER_FDS:
+        raise TransportError(f"migration channel: OFFER announces {want} fds (0 to {MAX_OFFER_FDS})")
+    if want:
+        room = fd_headroom()
+        if want > room:
+            raise TransportError(f"migration channel: OFFER announces {want} fds; this process may open only "
+                                 f"{room} more (RLIMIT_NOFILE: raise it with ulimit -n or LimitNOFILE=)")
 
 
 def _send(sock: socket.socket, kind: int, body: bytes = b"", fds: Sequence[int] = (),
@@ -190,38 +212,16 @@ def send_frame(sock: socket.socket, kind: int, body: bytes = b"", fds: Sequence[
 def send_parts(sock: socket.socket, kind: int, parts: Sequence[bytes | memoryview], *,
                deadline: float | None = None) -> None:
     """Send one frame whose body is ``parts`` joined, without joining them (``sendmsg``
-    of the header and the parts: a large body is not copied). No descriptors.
+    of the header and the parts: a large body is not copied;
+    ``pcidev.transport.fdpass.send_buffers``). No descriptors.
 
     :param deadline: ``CLOCK_MONOTONIC`` time by which the whole frame must have gone out
         (None: the socket's own timeout for each ``sendmsg``): a peer reading a byte at a
         time cannot stretch it.
     :raises TransportError: the peer went away or the send timed out.
     """
-    views = [memoryview(_HEADER.pack(MAGIC, kind, 0, sum(len(p) for p in parts)))]
-    views += [memoryview(p).cast("B") for p in parts if len(p)]
-    per = sock.gettimeout() if deadline is not None else None
-    try:
-        while views:
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0.005:
-                    raise TransportError("send failed: the peer did not take the frame in time (overall deadline)")
-                sock.settimeout(left if per is None or per == 0 else min(per, left))
-            sent = sock.sendmsg(views)
-            while views and sent >= len(views[0]):
-                sent -= len(views[0])
-                views.pop(0)
-            if sent:
-                views[0] = views[0][sent:]
-    except (BrokenPipeError, ConnectionResetError) as exc:
-        raise TransportError(f"send failed: peer closed the connection ({exc})") from exc
-    except TimeoutError as exc:
-        raise TransportError(f"send failed: the peer did not take the frame in time ({exc})") from exc
-    except (OSError, ValueError) as exc:
-        raise TransportError(f"send failed: {exc}") from exc
-    finally:
-        if deadline is not None:
-            sock.settimeout(per)
+    header = _HEADER.pack(MAGIC, kind, 0, sum(memoryview(p).nbytes for p in parts))
+    send_buffers(sock, (header, *parts), deadline=deadline)
 
 
 def send_meta(sock: socket.socket, kind: int, meta: dict[str, Any], fds: Sequence[int] = (), *,

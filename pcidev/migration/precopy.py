@@ -76,6 +76,7 @@ from pcidev.memory_source import ALLOCATION_PAGE, ContentDescriptors, DirtyBitma
 from pcidev.migration.frames import (
     CHUNK,
     FEATURE_SYNC,
+    MAX_OFFER_FDS,
     MEMORY,
     NACK,
     PROTOCOL_MEMORY,
@@ -1236,8 +1237,8 @@ class StagedMemory:
 
     def _load_fds(self, offer: dict[str, Any]) -> ContentDescriptors:
         count, mapping = offer.get("stream_fds"), offer.get("fd_sources")
-        if type(count) is not int or not 0 <= count <= 65536:
-            raise TransportError(f"migration channel: OFFER stream_fds {count!r} (0 to 65536)")
+        if type(count) is not int or not 0 <= count <= MAX_OFFER_FDS:
+            raise TransportError(f"migration channel: OFFER stream_fds {count!r} (0 to {MAX_OFFER_FDS})")
         if not isinstance(mapping, dict):
             raise TransportError("migration channel: OFFER fd_sources is not a map")
         fds: list[int | None] = [None] * count

@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import array
 import os
+import resource
 import socket
+import sys
 import time
 from collections.abc import Iterable, Sequence
 
 from pcidev.errors import TransportError
 
-__all__ = ["SCM_MAX_FD", "TooManyFds", "close_fds", "recv_exact", "recv_some", "send_all", "is_unix"]
+__all__ = ["SCM_MAX_FD", "TooManyFds", "close_fds", "fd_headroom", "recv_exact", "recv_some", "send_all",
+           "send_buffers", "is_unix"]
 
 
 class TooManyFds(TransportError):
@@ -62,13 +65,32 @@ def close_fds(fds: Iterable[int]) -> None:
             pass
 
 
+def fd_headroom() -> int:
+    """How many more descriptors this process may open now: the soft ``RLIMIT_NOFILE``
+    less the descriptors open (counted in ``/proc/self/fd``; without it, the limit alone).
+
+    A peer that announces more descriptors than this would make a receive fail half-way
+    (the kernel truncates the ``SCM_RIGHTS`` message: ``MSG_CTRUNC``); a receiver refuses
+    such an announcement before it receives anything.
+    """
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return sys.maxsize
+    try:
+        used = len(os.listdir("/proc/self/fd")) - 1  # (less the listing's own descriptor)
+    except OSError:
+        used = 0
+    return max(0, soft - used)
+
+
 def is_unix(sock: socket.socket) -> bool:
     """Whether ``sock`` is an ``AF_UNIX`` socket (the only kind that carries fds)."""
     return sock.family == socket.AF_UNIX
 
 
 def send_all(sock: socket.socket, data: bytes, fds: Sequence[int] = (), *, deadline: float | None = None) -> None:
-    """Send ``data`` completely, with ``fds`` attached to its first byte.
+    """Send ``data`` completely, with ``fds`` attached to its first byte (:func:`send_buffers`
+    of one buffer).
 
     :param sock: a connected stream socket (``AF_UNIX`` if ``fds`` is not empty).
     :param data: the bytes to send (non-empty if ``fds`` is not empty).
@@ -79,40 +101,72 @@ def send_all(sock: socket.socket, data: bytes, fds: Sequence[int] = (), *, deadl
     :raises TransportError: more than :data:`SCM_MAX_FD` fds, fds on a socket that
         cannot carry them, the peer went away, or the send timed out (the deadline passed).
     """
-    view = memoryview(data)
+    send_buffers(sock, (data,), fds, deadline=deadline)
+
+
+def send_buffers(sock: socket.socket, buffers: Sequence[bytes | bytearray | memoryview], fds: Sequence[int] = (),
+                 *, deadline: float | None = None) -> None:
+    """Send ``buffers`` one after the other, completely, without joining them (one
+    ``sendmsg`` of all of them at a time: a large buffer is not copied), with ``fds``
+    attached to the first byte. Every send of pcidev's socket protocols goes through here,
+    so the deadline is kept in one place.
+
+    :param sock: a connected stream socket (``AF_UNIX`` if ``fds`` is not empty).
+    :param buffers: the bytes to send, in order (empty ones are skipped; not all empty if
+        ``fds`` is not).
+    :param fds: descriptors to pass; the caller keeps its own copies.
+    :param deadline: ``CLOCK_MONOTONIC`` time by which every byte must have gone out
+        (None: only the socket's own timeout, which applies to each ``sendmsg``): each send
+        waits at most what is left of it (and at most the socket's timeout), so a peer that
+        reads a byte at a time, or stops reading, cannot stretch the whole past it. The
+        socket's timeout is restored afterwards.
+    :raises TransportError: more than :data:`SCM_MAX_FD` fds, fds on a socket that
+        cannot carry them, the peer went away, or the send timed out (the deadline passed).
+    """
+    views: list[memoryview] = []
+    total = 0
+    for b in buffers:
+        v = memoryview(b)
+        if v.nbytes:
+            views.append(v if v.format == "B" and v.ndim == 1 else v.cast("B"))
+            total += v.nbytes
+    left = total
     per = sock.gettimeout() if deadline is not None else None
-
-    def cut() -> None:  # the socket's timeout, cut to what is left of the deadline
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0.005:
-                raise TransportError(f"the peer did not take the data in time (overall deadline; "
-                                     f"{len(data) - len(view)} of {len(data)} bytes sent)")
-            sock.settimeout(left if per is None or per == 0 else min(per, left))
-
+    anc = None
     try:
         if fds:
             if len(fds) > SCM_MAX_FD:
                 raise TransportError(f"{len(fds)} fds in one message (at most {SCM_MAX_FD})")
             if not is_unix(sock):
                 raise TransportError("file descriptors can only be passed over a UNIX socket")
-            if not view:
+            if not views:
                 raise TransportError("file descriptors need at least one byte of data")
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-            cut()
-            sent = sock.sendmsg([view], anc)
-            view = view[sent:]
-        while view:
-            cut()
-            sent = sock.send(view)
-            view = view[sent:]
+            anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds).tobytes())]
+        while views:
+            if deadline is not None:  # the socket's timeout, cut to what is left of the deadline
+                rest = deadline - time.monotonic()
+                if rest <= 0.005:  # (a timeout set to end at it may fire a hair early)
+                    raise TimeoutError
+                sock.settimeout(rest if per is None or per == 0 else min(per, rest))
+            if anc is not None:
+                n = sock.sendmsg(views, anc)
+                anc = None
+            elif len(views) == 1:
+                n = sock.send(views[0])
+            else:
+                n = sock.sendmsg(views)
+            left -= n
+            while views and n >= views[0].nbytes:  # drop what went out from the front
+                n -= views.pop(0).nbytes
+            if n:
+                views[0] = views[0][n:]
     except TransportError:
         raise
     except TimeoutError as exc:
         if deadline is not None and time.monotonic() >= deadline - 0.005:
             raise TransportError(f"the peer did not take the data in time (overall deadline; "
-                                 f"{len(data) - len(view)} of {len(data)} bytes sent)") from exc
-        raise TransportError(f"send timed out ({len(data) - len(view)} of {len(data)} bytes sent)") from exc
+                                 f"{total - left} of {total} bytes sent)") from exc
+        raise TransportError(f"send timed out ({total - left} of {total} bytes sent)") from exc
     except (BrokenPipeError, ConnectionResetError) as exc:
         raise TransportError(f"send failed: peer closed the connection ({exc})") from exc
     except (OSError, ValueError) as exc:

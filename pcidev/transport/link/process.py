@@ -4,7 +4,7 @@ r"""Run one device in its own process, served over the device link.
 
     python -m pcidev.transport.link.process --device edu --link unix:/run/edu.sock \
         [-p no:NAME | -p MODULE]... [--set engine=true --set delay=0.0002] \
-        [--incoming unix:/run/edu-mig.sock] [--events]
+        [--incoming unix:/run/edu-mig.sock] [--io-timeout 5] [--events]
 
 Without ``--incoming`` the device starts fresh and is served on ``--link``. With
 ``--incoming`` the process first waits for one migration on that address (a
@@ -23,6 +23,13 @@ state the process running the device owns.
 ``-p`` does (:func:`pcidev.plugins.parse_plugin_specs`), so a process started on
 behalf of ``pcidev -p ...`` sees the same device types.
 
+``--io-timeout S`` is the device-link server's ``io_timeout``
+(:class:`~pcidev.transport.link.server.LinkServer`; default
+:data:`~pcidev.transport.link.server.DEFAULT_IO_TIMEOUT`, 5 s): a peer must send a
+message whole within ``S`` seconds of its first byte, and take a reply within ``S``
+seconds, or its connection is dropped (:func:`spawn` and :class:`DeviceProcess` take it
+as ``io_timeout``).
+
 ``--props TEXT`` gives the device's properties as one ``key=value,...`` string and
 ``--set NAME=VALUE`` one property at a time (repeatable, added after ``--props``);
 the device is built by :meth:`pcidev.registry.DeviceRegistry.create`, so values
@@ -38,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import subprocess
@@ -53,10 +61,27 @@ from pcidev.plugins import load_registry, make_plugin_manager, parse_plugin_spec
 from pcidev.properties import join_properties, split_properties
 from pcidev.transport.address import Listener, listen, parse_address
 from pcidev.transport.endpoint import DeviceEndpoint
-from pcidev.transport.link.server import LinkServer
+from pcidev.transport.link.server import DEFAULT_IO_TIMEOUT, LinkServer
 from pcidev.vmstate import dump_stream_json
 
-__all__ = ["main", "spawn", "property_string", "DeviceProcess"]
+__all__ = ["main", "spawn", "property_string", "DeviceProcess", "MIN_IO_TIMEOUT", "MAX_IO_TIMEOUT"]
+
+#: the shortest ``--io-timeout`` (seconds)
+MIN_IO_TIMEOUT = 0.001
+#: the longest ``--io-timeout`` (seconds): a day
+MAX_IO_TIMEOUT = 86400.0
+
+
+def _io_timeout(text: str) -> float:
+    """``--io-timeout``'s value: a finite number of seconds from :data:`MIN_IO_TIMEOUT` to
+    :data:`MAX_IO_TIMEOUT` (argparse turns the ValueError into a usage error, status 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or not MIN_IO_TIMEOUT <= value <= MAX_IO_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"{text}: must be from {MIN_IO_TIMEOUT:g} to {MAX_IO_TIMEOUT:g} seconds")
+    return value
 
 
 def property_string(props: str | None, settings: Sequence[str]) -> str:
@@ -116,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace, endpoint: DeviceEndpoint, listener: Listener) -> int:
     """Serve ``endpoint`` on ``listener``; closes both (and so the device) on every path."""
     link_addr = listener.address
-    server = LinkServer(endpoint, listener.sock, quiesce_timeout_ms=args.quiesce_timeout_ms)
+    server = LinkServer(endpoint, listener.sock, io_timeout=args.io_timeout,
+                        quiesce_timeout_ms=args.quiesce_timeout_ms)
     serving = False
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -187,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quiesce-timeout-ms", type=float, default=5000.0,
                     help="a migration fails (the device runs on here) if the device does not quiesce "
                          "within this budget (a stuck backend)")
+    ap.add_argument("--io-timeout", type=_io_timeout, default=DEFAULT_IO_TIMEOUT, metavar="S",
+                    help="seconds a device-link peer may take to send a whole message once it started, and to "
+                         f"take a reply, before its connection is dropped (default {DEFAULT_IO_TIMEOUT:g})")
     ap.add_argument("--events", action="store_true", help="print JSON event lines on standard output")
     return ap
 
@@ -207,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def spawn(device: str, link: str, *, options: str | Mapping[str, Any] | None = None, incoming: str | None = None,
           events: bool = False, stdout: Any = None, stderr: Any = None,
           env: Mapping[str, str] | None = None, plugin_specs: Sequence[str] = (),
-          save_incoming: str | None = None) -> subprocess.Popen[str]:
+          save_incoming: str | None = None, io_timeout: float | None = None) -> subprocess.Popen[str]:
     """Start a device process (``python -m pcidev.transport.link.process``).
 
     :param device: device type.
@@ -219,6 +248,8 @@ def spawn(device: str, link: str, *, options: str | Mapping[str, Any] | None = N
         ``pcidev.cli.CliContext.plugin_specs``, so that it sees the plugins its
         starter sees; a ``MODULE`` must be importable there.
     :param save_incoming: also write the incoming stream to this file.
+    :param io_timeout: the link server's ``io_timeout`` (``--io-timeout``; None: its default,
+        :data:`~pcidev.transport.link.server.DEFAULT_IO_TIMEOUT`).
     :returns: the process.
     """
     cmd = [sys.executable, "-m", "pcidev.transport.link.process", "--device", device, "--link", link]
@@ -234,6 +265,8 @@ def spawn(device: str, link: str, *, options: str | Mapping[str, Any] | None = N
         cmd += ["--incoming", incoming]
     if save_incoming:
         cmd += ["--save-incoming", save_incoming]
+    if io_timeout is not None:
+        cmd += ["--io-timeout", repr(float(io_timeout))]
     if events:
         cmd.append("--events")
     return subprocess.Popen(cmd, stdout=stdout, stderr=stderr, text=True,
@@ -249,11 +282,12 @@ class DeviceProcess:
     :param incoming: wait for a migration on this address first.
     :param plugin_specs: ``-p`` options for the process (see :func:`spawn`).
     :param save_incoming: also write the incoming stream to this file.
+    :param io_timeout: the link server's ``io_timeout`` (see :func:`spawn`).
     """
 
     def __init__(self, device: str, link: str, *, options: str | Mapping[str, Any] | None = None,
                  incoming: str | None = None, plugin_specs: Sequence[str] = (),
-                 save_incoming: str | None = None) -> None:
+                 save_incoming: str | None = None, io_timeout: float | None = None) -> None:
         self.link = link
         self.incoming = incoming
         self.events: list[dict[str, Any]] = []
@@ -261,7 +295,7 @@ class DeviceProcess:
         self._cond = threading.Condition()
         self.proc = spawn(device, link, options=options, incoming=incoming, events=True,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, plugin_specs=plugin_specs,
-                          save_incoming=save_incoming)
+                          save_incoming=save_incoming, io_timeout=io_timeout)
         self._readers = [threading.Thread(target=self._read_events, daemon=True),
                          threading.Thread(target=self._read_stderr, daemon=True)]
         for t in self._readers:

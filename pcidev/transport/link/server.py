@@ -72,12 +72,15 @@ from pcidev.transport.link.protocol import (
     encode_message,
 )
 
-__all__ = ["LinkServer", "MAX_PRECOPY_ITERATIONS", "MAX_COMMIT_TIMEOUT", "MAX_CONNECTIONS", "MAX_ADDRESS"]
+__all__ = ["LinkServer", "DEFAULT_IO_TIMEOUT", "MAX_PRECOPY_ITERATIONS", "MAX_COMMIT_TIMEOUT", "MAX_CONNECTIONS",
+           "MAX_ADDRESS"]
 
 #: the most pre-copy passes a PRECOPY request may ask for
 MAX_PRECOPY_ITERATIONS = 1000
 #: the longest a source may be asked to keep a stopped device for its host's commit (seconds)
 MAX_COMMIT_TIMEOUT = 3600.0
+#: seconds a peer may take to send a whole message, and to take a reply (``io_timeout``)
+DEFAULT_IO_TIMEOUT = 5.0
 #: the most connections served at once (the host, a pre-copy's, a few monitors); more are refused
 MAX_CONNECTIONS = 16
 #: the longest destination address a PRECOPY or MIGRATE may name
@@ -204,7 +207,7 @@ class LinkServer:
     :param quiesce_timeout_ms: the quiesce budget of a MIGRATE that gives none.
     """
 
-    def __init__(self, endpoint: DeviceEndpoint, listener: socket.socket, *, io_timeout: float = 5.0,
+    def __init__(self, endpoint: DeviceEndpoint, listener: socket.socket, *, io_timeout: float = DEFAULT_IO_TIMEOUT,
                  quiesce_timeout_ms: float = 5000.0) -> None:
         self.endpoint = endpoint
         self.quiesce_timeout_ms = quiesce_timeout_ms

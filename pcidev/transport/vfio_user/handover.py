@@ -72,7 +72,7 @@ from pcidev.migration.channel import (
 )
 from pcidev.transport.address import Address, Listener, SocketFile, listen_unix
 from pcidev.transport.endpoint import DeviceEndpoint
-from pcidev.transport.fdpass import SCM_MAX_FD, close_fds
+from pcidev.transport.fdpass import SCM_MAX_FD, close_fds, recv_exact
 from pcidev.transport.vfio_user.conn import ConnectionState
 from pcidev.transport.vfio_user.server import VfioUserServer
 
@@ -117,6 +117,10 @@ _PAUSE_BUDGET = _ACK_TIMEOUT + _RUNNING_TIMEOUT
 _BOUNDARY_TIMEOUT = 10.0
 #: seconds a control connection may take to send its whole request
 _REQUEST_TIMEOUT = 2.0
+#: the longest HANDOVER request body (bytes)
+_MAX_REQUEST = 1 << 16
+#: the longest CONN body (bytes): the connection state and the pending bytes of a message
+_MAX_CONN = 1 << 24
 #: control connections read at once (more are answered "busy" at once)
 _MAX_READERS = 8
 #: the most the serving process takes after the request, beyond the CLI's ``timeout``
@@ -190,13 +194,13 @@ def request_handover(control: str, *, exec_path: str | None = None, timeout: flo
         request: dict[str, Any] = {"protocol": HANDOVER_PROTOCOL, "exec": exec_path, "timeout": float(timeout),
                                    "fault": fault}
         try:
-            send_meta(sock, HANDOVER, request)
+            send_meta(sock, HANDOVER, request, deadline=time.monotonic() + _REQUEST_TIMEOUT)
         except TransportError:
             pass  # refused before the request was read (and closed): the REPORT says why
         waited = timeout + _SERVER_SLACK + 15.0  # longer than the server's worst case
         sock.settimeout(waited)
-        try:
-            kind, body, stray = recv_frame(sock)
+        try:  # (the whole REPORT by then: a server trickling it cannot stretch the wait)
+            kind, body, stray = recv_frame(sock, deadline=time.monotonic() + waited)
         except TransportError as exc:
             raise TransportError(f"handover control socket {control}: the server did not answer within "
                                  f"{waited:g} s ({exc}); see its log for the outcome") from None
@@ -256,7 +260,7 @@ class HandoverJob:
         """Tell the new process to give up (ABORT); it must not run the device."""
         try:
             self.chan.settimeout(0.5)
-            send_meta(self.chan, ABORT, {"reason": reason})
+            send_meta(self.chan, ABORT, {"reason": reason}, deadline=time.monotonic() + 0.5)
         except (TransportError, OSError):
             pass
 
@@ -416,7 +420,7 @@ class HandoverControl:
     def _answer(conn: socket.socket, report: dict[str, Any]) -> None:
         try:
             conn.settimeout(2.0)
-            send_meta(conn, REPORT, report)
+            send_meta(conn, REPORT, report, deadline=time.monotonic() + 2.0)
         except (TransportError, OSError):
             pass
         finally:
@@ -579,8 +583,8 @@ class HandoverControl:
             if stopping is not None:
                 raise TransportError(stopping)
             mine.settimeout(timeout)
-            try:
-                kind, body, stray = recv_frame(mine)
+            try:  # the whole READY within ``timeout`` of the start, however slowly it comes
+                kind, body, stray = recv_frame(mine, deadline=started + timeout)
             except TransportError as exc:
                 code = proc.poll()
                 if self._stopping is not None:
@@ -660,7 +664,7 @@ class HandoverControl:
                     "running": not self.endpoint.device.quiesced, **files}
             conn_fds = fds + pending_fds
             job.chan.settimeout(_ACK_TIMEOUT)
-            send_meta(job.chan, CONN, meta, conn_fds)
+            send_meta(job.chan, CONN, meta, conn_fds, deadline=cut_at + _ACK_TIMEOUT)
             result = self.endpoint.hand_over(job.chan, timeout=max(cut_at + _ACK_TIMEOUT - time.monotonic(), 0.001),
                                              running_timeout=_RUNNING_TIMEOUT, stall=job.kill_now)
         except ConnectionLostError as exc:  # the new process may have read the client: never resume
@@ -699,7 +703,7 @@ def _await_serving(chan: socket.socket) -> float | None:
     if it does not say within a second (it runs the device all the same)."""
     try:
         chan.settimeout(1.0)
-        kind, body, stray = recv_frame(chan)
+        kind, body, stray = recv_frame(chan, deadline=time.monotonic() + 1.0)
         close_fds(stray)
         if kind != SERVING:
             return None
@@ -710,31 +714,21 @@ def _await_serving(chan: socket.socket) -> float | None:
 
 def _recv_request(conn: socket.socket, deadline: float) -> tuple[int, bytes]:
     """One frame from a control connection, whole by ``deadline`` (``CLOCK_MONOTONIC``),
-    however slowly its bytes come.
+    however slowly its bytes come (``fdpass.recv_exact``'s deadline).
 
-    :raises TransportError: not in time, the end, or not a frame.
+    :raises TransportError: not in time, the end, descriptors, or not a HANDOVER frame of
+        at most :data:`_MAX_REQUEST` bytes.
     """
     def take(n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TransportError(f"no whole request within {_REQUEST_TIMEOUT:g} s")
-            conn.settimeout(left)
-            try:
-                chunk = conn.recv(n - len(buf))
-            except TimeoutError:
+        try:
+            return recv_exact(conn, n, deadline=deadline)[0]
+        except TransportError:
+            if time.monotonic() >= deadline - 0.005:
                 raise TransportError(f"no whole request within {_REQUEST_TIMEOUT:g} s") from None
-            except OSError as exc:
-                raise TransportError(exc.strerror or str(exc)) from None
-            if not chunk:
-                raise TransportError("the connection ended before a whole request")
-            buf += chunk
-        return buf
+            raise
 
-    head = take(FRAME_HEADER.size)
-    magic, kind, flags, length = FRAME_HEADER.unpack(head)
-    if magic != MAGIC or flags or kind != HANDOVER or length > 1 << 16:
+    magic, kind, flags, length = FRAME_HEADER.unpack(take(FRAME_HEADER.size))
+    if magic != MAGIC or flags or kind != HANDOVER or length > _MAX_REQUEST:
         raise TransportError("not a handover request")
     return kind, take(length) if length else b""
 
@@ -788,7 +782,8 @@ class Adopted:
             return
         try:
             chan.settimeout(0.5)
-            send_meta(chan, SERVING, {"serving_at": time.monotonic()})
+            now = time.monotonic()
+            send_meta(chan, SERVING, {"serving_at": now}, deadline=now + 0.5)
         except (TransportError, OSError):
             pass
         finally:
@@ -849,10 +844,13 @@ def adopt(chan_fd: int, endpoint: DeviceEndpoint, *, timeout: float = 30.0, prep
             endpoint.config_read(0, 4)  # warm the access path before the downtime
         except PcidevError:
             pass
-        send_meta(chan, READY, {"pid": os.getpid(), "version": __version__,
-                                "device_type": endpoint.device.vmstate_device_type})
         chan.settimeout(timeout)
-        kind, body, received = recv_frame(chan, max_fds=SCM_MAX_FD, max_len=1 << 24)
+        send_meta(chan, READY, {"pid": os.getpid(), "version": __version__,
+                                "device_type": endpoint.device.vmstate_device_type},
+                  deadline=time.monotonic() + timeout)
+        # the whole CONN within ``timeout``, however slowly its bytes come
+        kind, body, received = recv_frame(chan, max_fds=SCM_MAX_FD, max_len=_MAX_CONN,
+                                          deadline=time.monotonic() + timeout)
         if kind != CONN:
             raise TransportError(f"handover: expected CONN, got frame type {kind}")
         meta = frame_meta(kind, body, {"protocol": int, "pending": bytes, "pending_fds": int})

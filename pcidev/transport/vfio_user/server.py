@@ -91,6 +91,8 @@ MAX_MESSAGE_TIMEOUT = 86400.0
 #: get an overall deadline
 _ONE_SEND = 4096
 
+#: how handle_one()'s one-message loop ends once the message is answered
+_ONE_DONE = "answered one message"
 #: the reason of a connection ended by a message too large to skip (the stream is lost)
 _OVERSIZED = "a message whose size cannot be trusted (oversized, or below its header)"
 
@@ -178,6 +180,8 @@ class VfioUserServer:
         #: the device was left quiesced by a client that went away: the first BAR access
         #: or DEVICE_RESET of this connection resumes it
         self.dormant = self.device.quiesced
+        #: :meth:`handle_one` answered a message that broke the framing: it reads no more
+        self._stream_lost = False
 
     @property
     def migrated_out(self) -> bool:
@@ -364,11 +368,35 @@ class VfioUserServer:
                 self._msix_mask(v, v not in have)
 
     def handle_one(self) -> str | None:
-        """Read and answer one message (blocks). :returns: a reason to stop, or None."""
-        msg = self.reader.read()
-        if msg is None:
-            return "eof"
-        return self.handle_message(msg)
+        """Read and answer one message (blocks until one came; :meth:`serve`'s loop does not
+        use it). It runs a :class:`~pcidev.transport.vfio_user.loop.ConnectionLoop` for
+        one message, so the deadlines are the loop's: a client idle *between* messages may
+        wait as long as it likes, but a message that started (some of its bytes were read,
+        here or before) must arrive whole within ``message_timeout`` seconds of the first of
+        them this call saw, however slowly its bytes come; a reply is bounded as in the loop
+        (``SO_SNDTIMEO``, and ``message_timeout`` as a whole for a large one).
+
+        :returns: a reason to end the connection, as the loop's (``"eof"``,
+            ``"transport: deadline: ..."``, ``"transport: ..."`` also when the reply could
+            not be sent, a message that broke the framing), or None.
+        """
+        if self._stream_lost:  # the reader reads nothing more: a loop would poll in vain
+            return _OVERSIZED
+        answered: list[str | None] = []
+
+        def once(msg: Message) -> str | None:
+            answered.append(self.handle_message(msg))
+            return _ONE_DONE
+
+        loop = ConnectionLoop(once, self.reader, message_timeout=self.message_timeout)
+        try:
+            ended = loop.run()
+        finally:
+            loop.close()
+        reason = answered[0] if answered and ended == _ONE_DONE else ended
+        if reason == _OVERSIZED:
+            self._stream_lost = True
+        return reason
 
     def handle_message(self, msg: Message) -> str | None:
         """Answer one message read by the reader (the reply is sent when this returns).

@@ -5,6 +5,7 @@ input to the destination."""
 from __future__ import annotations
 
 import os
+import resource
 import select
 import socket
 import struct
@@ -19,6 +20,7 @@ from pcidev.devices.edu import DESC, EduDevice
 from pcidev.errors import ConnectionLostError, MigrationError, TransportError, VMStateError
 from pcidev.host import Machine
 from pcidev.migration import MAGIC, migrate_in, migrate_out, save_device_stream
+from pcidev.migration.frames import MAX_OFFER_FDS
 from pcidev.vmstate.errors import ChecksumError, ConfigMismatchError, StreamError
 
 HDR = struct.Struct("<8sHHI")
@@ -370,6 +372,28 @@ def test_truncated_offer(machine):
 def test_bad_offers(machine, over, text):
     err, reply = _feed(_offer(10, **over))
     assert text in str(err)
+    assert _nack(reply)["error"] == "TransportError"
+
+
+def test_an_offer_of_more_fds_than_the_cap_is_refused_before_any_is_received(machine):
+    err, reply = _feed(_offer(10, nfds=MAX_OFFER_FDS + 1))
+    assert isinstance(err, TransportError)
+    assert str(err) == f"migration channel: OFFER announces {MAX_OFFER_FDS + 1} fds (0 to {MAX_OFFER_FDS})"
+    assert _nack(reply)["error"] == "TransportError"
+
+
+def test_an_offer_of_more_fds_than_this_process_may_open_is_refused_before_any_is_received(machine):
+    """Below the cap, RLIMIT_NOFILE: 200 fds announced to a process that may open fewer
+    are refused at the OFFER (not half-way through the FDS frames, with a truncated batch)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    used = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (used + 100, hard))
+    try:
+        err, reply = _feed(_offer(10, nfds=200))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert isinstance(err, TransportError) and "RLIMIT_NOFILE" in str(err), err
+    assert "announces 200 fds; this process may open only" in str(err)
     assert _nack(reply)["error"] == "TransportError"
 
 

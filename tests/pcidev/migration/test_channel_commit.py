@@ -17,6 +17,7 @@ import time
 
 import msgpack
 import pytest
+from hostile_peer import trickle
 from precopy_device import PrecopyDev, in_thread, tcp_pair
 
 from pcidev.devices.edu import EduDevice
@@ -345,14 +346,7 @@ def test_a_trickled_ack_cannot_stretch_the_stop():
 
     def destination():
         _read_offer_and_state(b)
-        ack = _frame(ACK, {"link": None, "deferred": False, "boot_id": "", "commit": True})
-        for byte in ack:
-            if stop.wait(0.2):
-                return
-            try:
-                b.send(bytes([byte]))
-            except OSError:
-                return
+        trickle(b, _frame(ACK, {"link": None, "deferred": False, "boot_id": "", "commit": True}), stop)
 
     t, _ = in_thread(destination)
     t0 = time.monotonic()

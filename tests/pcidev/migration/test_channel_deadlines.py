@@ -19,6 +19,7 @@ import time
 
 import msgpack
 import pytest
+from hostile_peer import trickle
 from precopy_device import PrecopyDev
 
 from pcidev.devices.edu import DESC, EduDevice
@@ -76,16 +77,6 @@ def _frame(kind: int, meta: dict) -> bytes:
     return HDR.pack(MAGIC, kind, 0, len(body)) + body
 
 
-def _trickle(sock: socket.socket, data: bytes, stop: threading.Event, every: float = 0.2) -> None:
-    for i in range(len(data)):
-        if stop.wait(every):
-            return
-        try:
-            sock.send(data[i:i + 1])
-        except OSError:
-            return
-
-
 def _peer(fn) -> tuple[threading.Thread, dict]:
     out: dict = {}
 
@@ -118,7 +109,7 @@ def test_a_verdict_trickled_a_byte_at_a_time_is_cut_off_at_the_timeout(source):
         kind, _body, fds = recv_frame(b, deadline=time.monotonic() + 10)
         close_fds(fds)
         assert kind == CHECK
-        _trickle(b, _verdict(), stop)
+        trickle(b, _verdict(), stop)
 
     t, _ = _peer(dest)
     try:
@@ -159,7 +150,7 @@ def test_a_destination_that_stalls_after_the_stop_holds_the_device_at_most_timeo
             kind, _body, fds = recv_frame(b, max_len=1 << 24, deadline=time.monotonic() + 10)
             close_fds(fds)
             assert kind == STATE
-            _trickle(b, _ack(), stop)
+            trickle(b, _ack(), stop)
 
     t, _ = _peer(dest)
     dev = source.device
@@ -190,7 +181,7 @@ def test_a_running_trickled_after_commit_waits_running_timeout_at_most(source):
         b.sendall(_ack())
         kind, _body, _fds = recv_frame(b, deadline=time.monotonic() + 10)
         assert kind == COMMIT
-        _trickle(b, _frame(6, {"running_at": time.monotonic(), "boot_id": boot_id()}), stop)
+        trickle(b, _frame(6, {"running_at": time.monotonic(), "boot_id": boot_id()}), stop)
 
     t, _ = _peer(dest)
     try:

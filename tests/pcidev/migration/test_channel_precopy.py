@@ -14,6 +14,7 @@ import time
 
 import msgpack
 import pytest
+from hostile_peer import Trickler
 from precopy_device import PrecopyDev, page_crcs, tcp_pair
 
 from pcidev.devices.edu import EduDevice
@@ -307,16 +308,8 @@ def test_a_frame_trickled_byte_by_byte_is_cut_off_by_the_overall_deadline():
     try:
         frames = _memory() + _chunk(off=0)
         a.sendall(frames[:-4000])
-        t0 = time.monotonic()
-        for byte in frames[-4000:]:
-            if not t.is_alive() or time.monotonic() - t0 > 6:
-                break
-            time.sleep(0.2)
-            try:
-                a.sendall(bytes([byte]))
-            except OSError:
-                break
-        t.join(10)
+        with Trickler(a, frames[-4000:], every=0.2):
+            t.join(10)
         assert not t.is_alive() and "overall deadline" in str(out["err"]) and out["t"] < 2.5
     finally:
         a.close()

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import fcntl
 import os
+import resource
 import socket
-import threading
 import time
 
 import pytest
+from hostile_peer import Trickler
 
 from pcidev.errors import TransportError
-from pcidev.transport.fdpass import SCM_MAX_FD, recv_exact, send_all
+from pcidev.transport.fdpass import SCM_MAX_FD, fd_headroom, recv_exact, send_all
 
 
 def _open_fds() -> int:
@@ -101,25 +102,28 @@ def test_recv_exact_deadline_bounds_a_trickling_peer():
     a, b = socket.socketpair()
     try:
         b.settimeout(0.5)
-        stop = threading.Event()
-
-        def trickle() -> None:
-            while not stop.is_set():
-                try:
-                    a.send(b"x")
-                except OSError:
-                    return
-                time.sleep(0.05)
-
-        t = threading.Thread(target=trickle, daemon=True)
-        t.start()
-        t0 = time.monotonic()
-        with pytest.raises(TransportError, match="overall deadline"):
-            recv_exact(b, 1000, deadline=time.monotonic() + 0.3)
-        assert time.monotonic() - t0 < 0.45
-        assert b.gettimeout() == 0.5
-        stop.set()
-        t.join(2)
+        with Trickler(a, b"x" * 1000, every=0.05):
+            t0 = time.monotonic()
+            with pytest.raises(TransportError, match="overall deadline"):
+                recv_exact(b, 1000, deadline=time.monotonic() + 0.3)
+            assert time.monotonic() - t0 < 0.45
+            assert b.gettimeout() == 0.5
     finally:
         a.close()
         b.close()
+
+
+def test_fd_headroom_is_the_soft_limit_less_the_open_descriptors():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    used = len(os.listdir("/proc/self/fd")) - 1
+    resource.setrlimit(resource.RLIMIT_NOFILE, (used + 50, hard))
+    try:
+        before = fd_headroom()
+        fd = os.dup(0)
+        try:
+            assert fd_headroom() == before - 1
+        finally:
+            os.close(fd)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert before == 50

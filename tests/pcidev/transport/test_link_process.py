@@ -5,6 +5,7 @@ CRC-32C; the source resumes whenever the destination fails."""
 from __future__ import annotations
 
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -21,6 +22,17 @@ from pcidev.migration import migrate_in
 from pcidev.transport.address import listen
 from pcidev.transport.link.process import DeviceProcess, property_string, spawn
 from pcidev.transport.link.process import main as process_main
+from pcidev.transport.link.protocol import (
+    FLAG_ERROR,
+    HEADER,
+    MAGIC,
+    STATUS,
+    decode_body,
+    encode_body,
+    error_from_reply,
+    read_message,
+    send_message,
+)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
@@ -306,3 +318,40 @@ def test_a_p_module_plugin_is_loaded_in_the_device_process(tmp_path):
     finally:
         proc.terminate()
         proc.communicate(timeout=10)
+
+
+def test_the_io_timeout_option_reaches_the_link_server(tmp_path):
+    """``--io-timeout`` (``io_timeout=`` of spawn/DeviceProcess) is the server's: half a header
+    is dropped with an error reply naming that deadline, and the host is served meanwhile."""
+    link = f"unix:{tmp_path}/edu.sock"
+    proc = DeviceProcess("edu", link, io_timeout=0.75)
+    half = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        proc.wait_event("ready")
+        half.connect(f"{tmp_path}/edu.sock")
+        half.sendall(HEADER.pack(MAGIC, STATUS, 0, 1, 0)[:5])  # half a header, then nothing
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as host:
+            host.connect(f"{tmp_path}/edu.sock")
+            host.settimeout(30)
+            send_message(host, STATUS, 0, 7, encode_body({}))
+            _kind, flags, mid, body, _ = read_message(host, max_fds=0)
+            assert (flags & FLAG_ERROR, mid) == (0, 7)
+            assert decode_body(body, "reply")["state"] == "running"
+        half.settimeout(30)
+        _kind, flags, _mid, body, _ = read_message(half, max_fds=0)
+        assert flags & FLAG_ERROR
+        assert "overall deadline of 0.75 s" in str(error_from_reply(body))
+    finally:
+        half.close()
+        proc.stop()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "1e9", "soon"])
+def test_a_bad_io_timeout_is_a_usage_error(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as info:
+        process_main(["--device", "edu", "--link", f"unix:{tmp_path}/x.sock", "--io-timeout", value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("python -m pcidev.transport.link.process: error: argument --io-timeout: ")
+    assert "Traceback" not in err
+    assert not (tmp_path / "x.sock").exists()

@@ -19,6 +19,7 @@ from typing import Any
 
 import crc32c
 import pytest
+from hostile_peer import Trickler
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -282,22 +283,11 @@ def test_a_silent_server_times_out(fake: tuple[VfioUserClient, socket.socket]) -
 def test_a_trickling_server_cannot_stretch_the_deadline(fake: tuple[VfioUserClient, socket.socket]) -> None:
     client, server = fake
     reply = protocol.reply(1, protocol.REGION_READ, protocol.REGION_ACCESS_S.pack(0, 7, 64) + b"\0" * 64)
-
-    def trickle() -> None:
-        for byte in reply:
-            try:
-                server.send(bytes([byte]))
-            except OSError:
-                return
-            time.sleep(0.02)
-
-    t = threading.Thread(target=trickle, daemon=True)
-    t.start()
-    start = time.monotonic()
-    with pytest.raises(TransportError, match="timed out"):
-        client.read(protocol.CONFIG_REGION, 0, 64)
-    assert time.monotonic() - start < 1.0
-    t.join(5)
+    with Trickler(server, reply, every=0.02):
+        start = time.monotonic()
+        with pytest.raises(TransportError, match="timed out"):
+            client.read(protocol.CONFIG_REGION, 0, 64)
+        assert time.monotonic() - start < 1.0
 
 
 @pytest.mark.parametrize(("case", "message"), [

@@ -21,6 +21,7 @@ import threading
 import time
 
 import pytest
+from hostile_peer import ServedVfioUser, Trickler
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -41,26 +42,10 @@ RAM = 0x40000000
 SIZE = 1 << 20
 
 
-def _serve(device=None, **kwargs):
-    ep = DeviceEndpoint(device if device is not None else EduDevice())
-    ep.start()
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    b.settimeout(10)
-    server = VfioUserServer(ep, a, **kwargs)
-    result: dict[str, str] = {}
-    t = threading.Thread(target=lambda: result.setdefault("reason", server.serve()), daemon=True)
-    t.start()
-    return ep, server, VfioUserClient(b, timeout=10), t, result
-
-
 @pytest.fixture
 def edu():
-    ep, server, client, t, result = _serve()
-    yield client, ep, server
-    client.sock.close()
-    t.join(10)
-    assert not t.is_alive()
-    ep.close()
+    with ServedVfioUser() as s:
+        yield s.client, s.ep, s.server
 
 
 def _refused(client: VfioUserClient, cmd: int, payload: bytes = b"", fds=()) -> int:
@@ -150,16 +135,13 @@ def test_dma_map_refuses_a_file_that_cannot_be_sealed(edu, tmp_path):
 
 
 def test_unsealed_memory_for_a_trusted_client_is_an_explicit_choice():
-    ep, _server, client, t, _r = _serve(allow_unsealed_dma=True)
     fd = _unsealed_memfd(4096)
     try:
-        client.request(protocol.DMA_MAP, _dma_map(RAM, 4096), [fd])
-        assert [r.gpa for r in ep.memory.regions()] == [RAM]
+        with ServedVfioUser(allow_unsealed_dma=True) as s:
+            s.client.request(protocol.DMA_MAP, _dma_map(RAM, 4096), [fd])
+            assert [r.gpa for r in s.ep.memory.regions()] == [RAM]
     finally:
         os.close(fd)
-        client.sock.close()
-        t.join(10)
-        ep.close()
 
 
 # -- finding 2: interrupt fds that block the server ------------------------------------------
@@ -211,28 +193,26 @@ def test_a_saturated_eventfd_never_blocks_the_server(edu):
 
 # -- finding 5: DMA maps without a limit -----------------------------------------------------
 def test_dma_maps_are_capped_with_and_without_fds():
-    ep, server, client, t, _r = _serve(max_dma_maps=8)
     fds = [alloc_memfd(4096, f"r{i}") for i in range(2)]
     try:
-        for i in range(2):
-            client.request(protocol.DMA_MAP, _dma_map(RAM + i * 0x10000, 4096), [fds[i]])
-        for i in range(2, 8):
-            client.request(protocol.DMA_MAP, _dma_map(RAM + i * 0x10000, 4096))
-        assert _refused(client, protocol.DMA_MAP, _dma_map(RAM + 9 * 0x10000, 4096)) == errno.ENOSPC
-        extra = alloc_memfd(4096)
-        try:
-            assert _refused(client, protocol.DMA_MAP, _dma_map(RAM + 9 * 0x10000, 4096), [extra]) == errno.ENOSPC
-        finally:
-            os.close(extra)
-        # an unmap makes room
-        client.request(protocol.DMA_UNMAP, protocol.DMA_UNMAP_S.pack(24, 0, RAM + 3 * 0x10000, 4096))
-        client.request(protocol.DMA_MAP, _dma_map(RAM + 9 * 0x10000, 4096))
-        assert len(server.nofd_maps) + len(ep.memory.regions()) == 8
+        with ServedVfioUser(max_dma_maps=8) as s:
+            client, ep, server = s.client, s.ep, s.server
+            for i in range(2):
+                client.request(protocol.DMA_MAP, _dma_map(RAM + i * 0x10000, 4096), [fds[i]])
+            for i in range(2, 8):
+                client.request(protocol.DMA_MAP, _dma_map(RAM + i * 0x10000, 4096))
+            assert _refused(client, protocol.DMA_MAP, _dma_map(RAM + 9 * 0x10000, 4096)) == errno.ENOSPC
+            extra = alloc_memfd(4096)
+            try:
+                assert _refused(client, protocol.DMA_MAP, _dma_map(RAM + 9 * 0x10000, 4096), [extra]) == errno.ENOSPC
+            finally:
+                os.close(extra)
+            # an unmap makes room
+            client.request(protocol.DMA_UNMAP, protocol.DMA_UNMAP_S.pack(24, 0, RAM + 3 * 0x10000, 4096))
+            client.request(protocol.DMA_MAP, _dma_map(RAM + 9 * 0x10000, 4096))
+            assert len(server.nofd_maps) + len(ep.memory.regions()) == 8
     finally:
         close_fds(fds)
-        client.sock.close()
-        t.join(10)
-        ep.close()
 
 
 def test_dma_map_overlap_checks_with_many_maps(edu):
@@ -311,36 +291,26 @@ def test_too_many_fds_get_an_error_reply_and_the_connection_goes_on(edu):
 # -- deadlines: a client that stops in the middle of a message --------------------------------
 @pytest.mark.parametrize("part", ["header", "body"])
 def test_a_client_stopping_mid_message_is_dropped_after_the_deadline(part):
-    ep, _server, client, t, result = _serve(message_timeout=0.5)
-    try:
+    with ServedVfioUser(message_timeout=0.5) as s:
         msg = protocol.message(1, protocol.REGION_READ, protocol.REGION_ACCESS_S.pack(0, 7, 4))
-        client.sock.sendall(msg[:7] if part == "header" else msg[:20])
-        t.join(20)
-        assert not t.is_alive()
-        assert "deadline" in result["reason"]
-    finally:
-        client.sock.close()
-        t.join(10)
-        ep.close()
+        s.client.sock.sendall(msg[:7] if part == "header" else msg[:20])
+        s.thread.join(20)
+        assert not s.thread.is_alive()
+        assert "deadline" in s.result["reason"]
 
 
 def test_an_idle_client_between_messages_is_not_dropped():
-    ep, _server, client, t, _result = _serve(message_timeout=0.3)
-    try:
+    with ServedVfioUser(message_timeout=0.3) as s:
         time.sleep(1.0)
-        assert t.is_alive()
-        assert int.from_bytes(client.read(protocol.CONFIG_REGION, 0, 2), "little") == 0x1234
-    finally:
-        client.sock.close()
-        t.join(10)
-        ep.close()
+        assert s.thread.is_alive()
+        assert int.from_bytes(s.client.read(protocol.CONFIG_REGION, 0, 2), "little") == 0x1234
 
 
 def test_a_client_that_reads_no_replies_is_dropped_after_the_deadline():
     """Replies fill the socket buffer of a client that never reads them: the send
     stalls, and the deadline ends the connection instead of holding the server."""
-    ep, _server, client, t, result = _serve(message_timeout=0.5)
-    try:
+    with ServedVfioUser(message_timeout=0.5) as s:
+        client, t = s.client, s.thread
         client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         req = protocol.message(1, protocol.REGION_READ, protocol.REGION_ACCESS_S.pack(0, 7, 4096))
         client.sock.setblocking(False)
@@ -352,11 +322,78 @@ def test_a_client_that_reads_no_replies_is_dropped_after_the_deadline():
                 time.sleep(0.01)
         t.join(10)
         assert not t.is_alive()
-        assert result["reason"].startswith("transport")
-    finally:
-        client.sock.close()
-        t.join(10)
-        ep.close()
+        assert s.result["reason"].startswith("transport")
+
+
+# -- handle_one(): the loop's deadlines for a caller that reads one message at a time -------------
+def _read_config(mid: int = 1) -> bytes:
+    return protocol.message(mid, protocol.REGION_READ, protocol.REGION_ACCESS_S.pack(0, protocol.CONFIG_REGION, 2))
+
+
+def _handle_one(server: VfioUserServer) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["reason"] = server.handle_one()
+        except BaseException as exc:  # (reported to the test)
+            out["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+@pytest.mark.parametrize("how", ["half-header-then-nothing", "trickled"])
+def test_handle_one_ends_a_message_that_does_not_arrive_whole_in_time(how):
+    """A client sending half a header and then nothing, or a message a byte every 0.1 s
+    (each inside any per-read timeout), cannot hold handle_one() past ``message_timeout``."""
+    with ServedVfioUser(loop=False, message_timeout=0.5) as s:
+        msg = _read_config()
+        t, out = _handle_one(s.server)
+        if how == "trickled":
+            with Trickler(s.client.sock, msg, every=0.1):
+                t.join(20)
+        else:
+            s.client.sock.sendall(msg[:7])
+            t.join(20)
+        assert not t.is_alive()
+        assert out == {"reason": "transport: deadline: a message did not arrive whole in 0.5s"}
+
+
+def test_handle_one_answers_whole_messages_and_waits_for_an_idle_client():
+    with ServedVfioUser(loop=False, message_timeout=0.3) as s:
+        sock = s.client.sock
+        t, out = _handle_one(s.server)
+        time.sleep(1.0)  # idle between messages: no deadline
+        assert t.is_alive()
+        sock.sendall(_read_config(5)[:3])
+        time.sleep(0.05)
+        sock.sendall(_read_config(5)[3:] + _read_config(6))  # whole, and the next one too
+        t.join(20)
+        assert out == {"reason": None}
+        for mid in (5, 6):
+            if mid == 6:
+                assert s.server.handle_one() is None  # already buffered: no read needed
+            head = protocol.HEADER.unpack(sock.recv(protocol.HEADER.size, socket.MSG_WAITALL))
+            body = sock.recv(head[2] - protocol.HEADER.size, socket.MSG_WAITALL)
+            assert head[0] == mid and body[-2:] == (0x1234).to_bytes(2, "little")  # the vendor id
+        sock.shutdown(socket.SHUT_WR)
+        assert s.server.handle_one() == "eof"
+
+
+def test_handle_one_after_a_message_that_broke_the_framing_reads_no_more():
+    lost = "a message whose size cannot be trusted (oversized, or below its header)"
+    with ServedVfioUser(loop=False, message_timeout=5.0) as s:
+        sock = s.client.sock
+        sock.sendall(protocol.HEADER.pack(1, protocol.REGION_READ, 4, 0, 0))  # a size below the header
+        assert s.server.handle_one() == lost
+        mid, _cmd, _size, flags, err = protocol.HEADER.unpack(sock.recv(protocol.HEADER.size, socket.MSG_WAITALL))
+        assert (mid, flags & protocol.FLAG_ERROR, err) == (1, protocol.FLAG_ERROR, errno.EINVAL)
+        sock.sendall(_read_config())
+        t, out = _handle_one(s.server)  # the stream is lost: nothing more is read (no spin, no hang)
+        t.join(20)
+        assert not t.is_alive() and out == {"reason": lost}
 
 
 # -- the pieces ------------------------------------------------------------------------------
@@ -465,9 +502,8 @@ def test_a_client_taking_a_large_reply_slowly_is_dropped_after_the_deadline():
     ``SO_SNDTIMEO``): the reply as a whole gets ``message_timeout``, then the connection
     ends, instead of the ~5 s this client would hold the server thread."""
     dev = NvmeController("cmb_size=2,max_ioqpairs=2,msix_vectors=3,ns=mem:size=1M")
-    ep, server, client, t, result = _serve(dev, message_timeout=1.0)
-    sock = client.sock
-    try:
+    with ServedVfioUser(dev, message_timeout=1.0) as s:
+        client, t, result, sock = s.client, s.thread, s.result, s.client.sock
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         client.version()
         n = 1 << 20
@@ -488,7 +524,3 @@ def test_a_client_taking_a_large_reply_slowly_is_dropped_after_the_deadline():
         assert not t.is_alive() and time.monotonic() - t0 < 4.0
         assert got < n, got
         assert "in time (overall deadline" in str(result.get("reason")), result
-    finally:
-        sock.close()
-        t.join(10)
-        ep.close()

@@ -115,6 +115,40 @@ def test_namespace_management_creates_mem_namespaces_within_the_default_limit(nv
     assert drv.admin(NS_MGMT, cdw10=0, data=_create(drv, 3 * GiB)).dw0 == 2
 
 
+def _caps(drv) -> tuple[int, int]:
+    idc = drv.identify(0x01)
+    return int.from_bytes(idc[280:296], "little"), int.from_bytes(idc[296:312], "little")  # TNVMCAP UNVMCAP
+
+
+def test_unvmcap_reports_what_mem_create_limit_lets_namespace_management_create(nvme_env):
+    """UNVMCAP is what a create can really take: with ``mem`` creates, at most what
+    ``mem_create_limit`` leaves (before: TNVMCAP less the allocated bytes, ~1 TiB, and a
+    host that sized a namespace by it got Namespace Insufficient Capacity)."""
+    env = nvme_env("ns=mem:size=1M,max_namespaces=4,mem_create_limit=8M", io_queues=1)
+    drv, ctrl = env.drv, env.ctrl
+    assert _caps(drv) == (1 << 40, 8 * MiB)  # TNVMCAP stays the configured capacity
+    assert drv.admin(NS_MGMT, cdw10=0, data=_create(drv, 3 * MiB)).dw0 == 2
+    assert _caps(drv)[1] == 5 * MiB
+    assert drv.admin(NS_MGMT, cdw10=0, data=_create(drv, _caps(drv)[1])).dw0 == 3  # all of it, accepted
+    assert _caps(drv)[1] == 0 and ctrl.created_mem_bytes == 8 * MiB
+    expect_status(drv, Status.NS_INSUFFICIENT_CAPACITY, NS_MGMT, cdw10=0, data=_create(drv, 4096))
+    drv.admin(NS_MGMT, nsid=2, cdw10=1)  # a deletion gives its bytes back
+    assert _caps(drv)[1] == 3 * MiB
+    # the Endurance Group Information log's UEGCAP says the same
+    eg = drv.admin(0x02, nsid=0, cdw10=(127 << 16) | 0x09, cdw11=1 << 16, length=512).tag  # endurance group 1
+    assert int.from_bytes(eg[176:192], "little") == 3 * MiB
+
+
+def test_unvmcap_is_the_smaller_bound_in_4k_units(nvme_env):
+    small = nvme_env("ns=mem:size=1M,max_namespaces=4,capacity=4M,mem_create_limit=8M", io_queues=1)
+    assert _caps(small.drv) == (4 * MiB, 3 * MiB)  # the capacity binds
+    odd = nvme_env("ns=mem:size=1M,max_namespaces=4,mem_create_limit=10000", io_queues=1)
+    assert _caps(odd.drv)[1] == 8192  # a create is a multiple of 4 KiB
+    assert odd.drv.admin(NS_MGMT, cdw10=0, data=_create(odd.drv, 8192)).dw0 == 2
+    null = nvme_env("ns=mem:size=1M,max_namespaces=4,mem_create_limit=8M,ns_create=null", io_queues=1)
+    assert _caps(null.drv) == (1 << 40, (1 << 40) - MiB)  # null namespaces cost no memory: no limit
+
+
 def test_the_limit_is_a_property_and_bounds_only_mem_namespaces(nvme_env):
     env = nvme_env("ns=mem:size=1M,max_namespaces=4,mem_create_limit=8M", io_queues=1)
     expect_status(env.drv, Status.NS_INSUFFICIENT_CAPACITY, NS_MGMT, cdw10=0, data=_create(env.drv, 16 * MiB))

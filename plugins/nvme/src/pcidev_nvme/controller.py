@@ -212,7 +212,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
         #: endurance group 1 as this controller reports it (:mod:`pcidev_nvme.endurance`)
         self.endurance = EnduranceGroup(
             self.aer, lambda: [c.smart for c in self.subsystem_live_controllers()], self.endurance_totals,
-            lambda: (self.total_capacity, max(self.total_capacity - self.allocated_capacity, 0)),
+            lambda: (self.total_capacity, self.unallocated_capacity),
             lambda: self.features.aec, changed=lambda: self.endurance_changed())
         #: Write Uncorrectable marks (:mod:`pcidev_nvme.uncorrectable`; with SR-IOV one object
         #: for the primary and its secondaries: the namespaces are shared)

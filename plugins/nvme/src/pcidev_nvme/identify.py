@@ -38,7 +38,7 @@ class IdentifyHost(Protocol):
     @property
     def total_capacity(self) -> int: ...
     @property
-    def allocated_capacity(self) -> int: ...
+    def unallocated_capacity(self) -> int: ...
     def adjust_oacs(self, oacs: int) -> int:
         """The OACS bits of this controller (SR-IOV: VMS on a primary, no NMS on a secondary)."""
     def adjust_identify(self, buf: bytearray) -> None:
@@ -114,7 +114,9 @@ def identify_controller(ctrl: IdentifyHost) -> bytes:
     struct.pack_into("<HH", buf, 266, cfg.warning_temp, cfg.critical_temp)
     cap = ctrl.total_capacity
     buf[280:296] = cap.to_bytes(16, "little")  # TNVMCAP
-    buf[296:312] = max(cap - ctrl.allocated_capacity, 0).to_bytes(16, "little")  # UNVMCAP
+    # UNVMCAP: what Namespace Management can create (mem_create_limit included: see
+    # NamespaceSetMixin.unallocated_capacity for the reading of the field)
+    buf[296:312] = ctrl.unallocated_capacity.to_bytes(16, "little")
     struct.pack_into("<HB", buf, 316, edstt_minutes(cap), 1)  # EDSTT; DSTO: one self-test in the subsystem
     struct.pack_into("<H", buf, 320, KAS)
     struct.pack_into("<HH", buf, 324, 0, 0)  # MNTMT MXTMT: no thermal management

@@ -74,6 +74,8 @@ class NamespaceSetMixin:
 
     if TYPE_CHECKING:  # provided by the other parts of NvmeController
         def notice(self, info: int, lid: int) -> None: ...
+        @property
+        def state_dir(self) -> str | None: ...
 
     def _init_namespaces(self) -> None:
         """No namespace yet (:meth:`_make_namespaces` builds the configured ones)."""
@@ -103,6 +105,36 @@ class NamespaceSetMixin:
     def allocated_capacity(self) -> int:
         """Bytes held by the namespaces that exist."""
         return sum(int(ns.size) for ns in self.allocated.values())
+
+    @property
+    def creates_mem_namespaces(self) -> bool:
+        """Whether Namespace Management creates ``mem`` namespaces here (``ns_create=mem``, or
+        ``file`` without a state directory to put the image in): ``mem_create_limit`` bounds them."""
+        kind = self.cfg.ns_create
+        return kind == "mem" or (kind == "file" and not self.state_dir)
+
+    @property
+    def unallocated_capacity(self) -> int:
+        """UNVMCAP (and the Endurance Group's UEGCAP): the bytes Namespace Management can
+        still create, so a host that sizes a create by it is not refused.
+
+        That is TNVMCAP less the allocated capacity, and, when created namespaces are
+        ``mem`` (:attr:`creates_mem_namespaces`), at most what ``mem_create_limit`` leaves
+        (the limit less :attr:`created_mem_bytes`, rounded down to 4 KiB, the granule of a
+        create).
+
+        The specification's UNVMCAP is "the unallocated NVM capacity"; read literally it is
+        TNVMCAP less what is allocated. With a ``mem_create_limit`` below that, the rest is
+        neither allocated nor allocatable: we report what can be allocated (UNVMCAP is what
+        hosts, nvme-cli's ``create-ns`` and the Linux tools alike, size a create by) and
+        keep TNVMCAP the configured ``capacity``, so TNVMCAP - UNVMCAP may exceed the
+        allocated capacity by what the memory limit withholds.
+        """
+        room = max(self.total_capacity - self.allocated_capacity, 0)
+        if self.creates_mem_namespaces:
+            left = max(int(self.cfg.mem_create_limit) - self.created_mem_bytes, 0)
+            room = min(room, left - left % 4096)
+        return room
 
     def backend_registry(self) -> Mapping[str, Any]:
         """The namespace backends by name: ``cfg.backends`` (what

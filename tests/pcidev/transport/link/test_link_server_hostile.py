@@ -13,12 +13,10 @@ import threading
 import time
 
 import pytest
+from hostile_peer import ServedLink, Trickler, trickle
 
-from pcidev.devices.edu import EduDevice
 from pcidev.dma import alloc_memfd
 from pcidev.errors import PcidevError, TransportError
-from pcidev.transport.address import listen
-from pcidev.transport.endpoint import DeviceEndpoint
 from pcidev.transport.link.protocol import (
     DMA_MAP,
     FLAG_ERROR,
@@ -31,10 +29,8 @@ from pcidev.transport.link.protocol import (
     encode_body,
     error_from_reply,
     read_message,
-    send_message,
 )
 from pcidev.transport.link.remote import LinkClient
-from pcidev.transport.link.server import LinkServer
 
 #: the server's per-message and per-reply deadline in these tests: long, so that a loop
 #: held by one peer shows as a host request that takes seconds
@@ -44,79 +40,22 @@ IO_TIMEOUT = 8.0
 PROMPT = 1.5
 
 
-class Served:
-    """An Edu endpoint served by a LinkServer on a thread."""
-
-    def __init__(self, tmp_path, io_timeout: float = IO_TIMEOUT) -> None:
-        self.ep = DeviceEndpoint(EduDevice())
-        self.ep.start()
-        self.listener = listen(f"unix:{tmp_path}/link.sock")
-        self.address = str(self.listener.address).removeprefix("unix:")
-        self.server = LinkServer(self.ep, self.listener.sock, io_timeout=io_timeout)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def connect(self) -> socket.socket:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.connect(self.address)
-        return s
-
-    def status_seconds(self) -> float:
-        """One STATUS round trip on a connection of its own."""
-        s = self.connect()
-        try:
-            s.settimeout(30)
-            t0 = time.monotonic()
-            send_message(s, STATUS, 0, 7, encode_body({}))
-            kind, flags, mid, body, _ = read_message(s, max_fds=0)
-            took = time.monotonic() - t0
-            assert (kind, mid, flags & FLAG_ERROR) == (STATUS, 7, 0)
-            assert decode_body(body, "STATUS")["state"] == "running"
-            return took
-        finally:
-            s.close()
-
-    def close(self) -> None:
-        self.server.stop()
-        self.thread.join(20)
-        self.ep.close()
-
-
 @pytest.fixture
 def served(tmp_path):
-    s = Served(tmp_path)
+    s = ServedLink(tmp_path, io_timeout=IO_TIMEOUT)
     yield s
     s.close()
 
 
 def test_a_connection_trickling_a_message_holds_no_other_connection_up(served):
-    trickler = served.connect()
-    stop = threading.Event()
-
-    def trickle() -> None:
-        msg = HEADER.pack(MAGIC, STATUS, 0, 1, 200) + bytes(200)
-        for b in msg:
-            if stop.wait(0.2):
-                return
-            try:
-                trickler.send(bytes([b]))
-            except OSError:
-                return
-
-    t = threading.Thread(target=trickle, daemon=True)
-    t.start()
-    try:
+    with Trickler(served.connect(), HEADER.pack(MAGIC, STATUS, 0, 1, 200) + bytes(200), close=True):
         time.sleep(0.5)  # the trickler's header has started
         took = [served.status_seconds() for _ in range(5)]
         assert max(took) < PROMPT, took
-    finally:
-        stop.set()
-        trickler.close()
-        t.join(5)
 
 
 def test_half_a_message_holds_no_other_connection_up_and_is_dropped_at_its_deadline(tmp_path):
-    served = Served(tmp_path, io_timeout=2.0)
+    served = ServedLink(tmp_path, io_timeout=2.0)
     half = served.connect()
     try:
         half.sendall(HEADER.pack(MAGIC, STATUS, 0, 1, 100) + bytes(50))  # and nothing more
@@ -139,9 +78,7 @@ def test_a_header_split_anywhere_is_read_whole(served):
     try:
         s.settimeout(30)
         msg = HEADER.pack(MAGIC, STATUS, 0, 9, 1) + encode_body({})
-        for i in range(len(msg)):  # one byte per send: every split point of header and body
-            s.send(msg[i:i + 1])
-            time.sleep(0.005)
+        assert trickle(s, msg, threading.Event(), every=0.005) == len(msg)  # every split point
         kind, flags, mid, body, _ = read_message(s, max_fds=0)
         assert (kind, mid, flags) == (STATUS, 9, 1)
         # two messages in one send are two requests
@@ -153,7 +90,7 @@ def test_a_header_split_anywhere_is_read_whole(served):
 
 
 def test_a_peer_that_never_reads_its_replies_holds_no_one_up_and_is_dropped(tmp_path):
-    served = Served(tmp_path, io_timeout=4.0)
+    served = ServedLink(tmp_path, io_timeout=4.0)
     hog = served.connect()
     hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stop = threading.Event()

@@ -18,6 +18,7 @@ import time
 import crc32c
 import msgpack
 import pytest
+from hostile_peer import ServedLink, Trickler
 from raw_link import Raw
 
 from pcidev.devices.edu import EduDevice
@@ -58,28 +59,9 @@ from pcidev_nvme.controller import NvmeController
 from pcidev_nvme.testing.driver import NvmeDriver
 
 
-class Served:
-    """An endpoint served by a LinkServer on a thread."""
-
-    def __init__(self, tmp_path, device, io_timeout: float = 1.0) -> None:
-        self.ep = DeviceEndpoint(device)
-        self.ep.start()
-        self.listener = listen(f"unix:{tmp_path}/link.sock")
-        self.address = str(self.listener.address)
-        self.server = LinkServer(self.ep, self.listener.sock, io_timeout=io_timeout)
-        self.exit: list[str] = []
-        self.thread = threading.Thread(target=lambda: self.exit.append(self.server.serve_forever()), daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.stop()
-        self.thread.join(20)
-        self.ep.close()
-
-
 @pytest.fixture
 def edu(tmp_path):
-    s = Served(tmp_path, EduDevice())
+    s = ServedLink(tmp_path, EduDevice(), io_timeout=1.0)
     yield s
     s.close()
 
@@ -137,57 +119,26 @@ def test_a_precopy_to_a_destination_not_there_says_so_even_at_its_deadline(tmp_p
 
 # -- H2 ------------------------------------------------------------------------------------
 def test_a_trickled_message_is_dropped_and_the_host_is_served_meanwhile(edu):
-    trickler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    trickler.connect(edu.address.removeprefix("unix:"))
-    stop = threading.Event()
-
-    def trickle() -> None:
-        msg = HEADER.pack(LINK_MAGIC, STATUS, 0, 1, 1000) + bytes(1000)
-        for b in msg:
-            if stop.wait(0.3):
-                return
-            try:
-                trickler.send(bytes([b]))
-            except OSError:
-                return
-
-    t = threading.Thread(target=trickle, daemon=True)
-    t.start()
-    try:
+    trickler = edu.connect()
+    with Trickler(trickler, HEADER.pack(LINK_MAGIC, STATUS, 0, 1, 1000) + bytes(1000), every=0.3, close=True):
         time.sleep(0.5)  # the trickler's header has started
         for _ in range(3):
             assert _status_ok(edu.address) < 2.5  # io_timeout 1 s: the loop is held at most that long
         trickler.settimeout(10)
         kind, flags, mid, body, _ = read_message(trickler, max_fds=0)  # dropped with an error reply
         assert flags & FLAG_ERROR and "in time" in str(error_from_reply(body))
-    finally:
-        stop.set()
-        trickler.close()
-        t.join(5)
 
 
 def test_a_host_side_reply_that_trickles_times_out_as_a_whole(tmp_path):
     a, b = socket.socketpair()
     try:
         client = LinkClient(a, io_timeout=1.0)
-        stop = threading.Event()
-
-        def server() -> None:
-            read_message(b, max_fds=0)
-            reply = HEADER.pack(LINK_MAGIC, STATUS, 1, 1, 100) + bytes(100)
-            for x in reply:
-                if stop.wait(0.3):
-                    return
-                b.send(bytes([x]))
-
-        t = threading.Thread(target=server, daemon=True)
-        t.start()
-        t0 = time.monotonic()
-        with pytest.raises(TransportError, match="in time"):
-            client.request(STATUS, {})
-        assert time.monotonic() - t0 < 3 and client.broken
-        stop.set()
-        t.join(5)
+        with Trickler(b, HEADER.pack(LINK_MAGIC, STATUS, 1, 1, 100) + bytes(100), every=0.3,
+                      before=lambda: read_message(b, max_fds=0)):
+            t0 = time.monotonic()
+            with pytest.raises(TransportError, match="in time"):
+                client.request(STATUS, {})
+            assert time.monotonic() - t0 < 3 and client.broken
     finally:
         a.close()
         b.close()
@@ -196,7 +147,7 @@ def test_a_host_side_reply_that_trickles_times_out_as_a_whole(tmp_path):
 # -- H3 ------------------------------------------------------------------------------------
 def test_a_migrate_after_a_precopy_waits_with_its_own_timeout(tmp_path):
     ctrl = NvmeController("serial=XLIMITS3,max_ioqpairs=1,msix_vectors=2,ns=mem:size=4M")
-    s = Served(tmp_path, ctrl, io_timeout=2.0)
+    s = ServedLink(tmp_path, ctrl, io_timeout=2.0)
     lst = socket.create_server(("127.0.0.1", 0))
     dest = f"tcp:127.0.0.1:{lst.getsockname()[1]}"
 
@@ -322,7 +273,7 @@ def test_a_host_whose_migrate_reply_is_lost_asks_the_source(tmp_path, edu, monke
 # -- H7 ------------------------------------------------------------------------------------
 def test_a_precopy_cancelled_as_it_ended_is_a_failure(tmp_path, monkeypatch):
     ctrl = NvmeController("serial=XLIMITS7,max_ioqpairs=1,msix_vectors=2,ns=mem:size=1M")
-    s = Served(tmp_path, ctrl)
+    s = ServedLink(tmp_path, ctrl, io_timeout=1.0)
     lst = socket.create_server(("127.0.0.1", 0))
     dest = f"tcp:127.0.0.1:{lst.getsockname()[1]}"
 
