@@ -120,3 +120,17 @@ def test_features_ok_with_features_not_offered_is_found(monkeypatch: pytest.Monk
     # reset, ACKNOWLEDGE, DRIVER, driver features 0xFFFFFFFF in window 0 (VERSION_1 left out), FEATURES_OK
     seed = bytes([0, 0, 0, 3, 0, 3, 1, 3, 2, 0, 1, 0, 0, 0, 0, 2, 0, 0, 5, 3, 3])
     assert _finding(seed).invariant == "features-ok"
+
+
+def test_the_loop_seed_reaches_device_needs_reset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hostile seeds reach the device's refusals (the target exercises what it is for)."""
+    reasons: list[str] = []
+    real = VirtioBlk.set_needs_reset
+
+    def recording(self: VirtioBlk, reason: str) -> None:
+        reasons.append(reason)
+        real(self, reason)
+
+    monkeypatch.setattr(VirtioBlk, "set_needs_reset", recording)
+    VirtioGuestTarget().run(_seeds()[3])
+    assert len(reasons) == 1 and "longer than" in reasons[0]

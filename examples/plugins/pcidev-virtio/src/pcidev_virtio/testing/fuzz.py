@@ -2,7 +2,8 @@
 
 Registered as the ``fuzz-target/virtio-guest`` component (:mod:`pcidev_virtio.plugin`) and
 run by ``pcidev fuzz virtio-guest`` (:mod:`pcidev.testing.fuzz`). The first input byte picks
-the device (even: a 64 KiB memory ``virtio-blk`` with 64-entry queues, odd: ``virtio-rng``);
+the device (bit 0 clear: a 64 KiB memory ``virtio-blk`` with 64-entry queues, one or, with bit
+1, two of them; set: ``virtio-rng``);
 the rest is decoded into a sequence of guest actions against a fresh device plugged into a
 fresh 2 MiB :class:`~pcidev.host.Machine` (MSI-X on). The target is its own driver: it writes
 the split rings itself, so that it can write anything into them.
@@ -23,7 +24,8 @@ Actions:
   themselves), lengths (0, 2**32 - 1, overflowing), flags and ``next`` links (loops, self),
   indirect tables pointing at themselves or nested; raw pokes of the available ring (its
   index jumping ahead, garbage heads, flags, ``used_event``); doorbells anywhere in the
-  notification area; bus mastering switched off and on.
+  notification area; bus mastering switched off and on; a Function Level Reset (MSI-X is off
+  after it: interrupts go through INTx and the ISR).
 
 Invariants (a break raises :class:`~pcidev.testing.fuzz.FuzzFinding`):
 
@@ -180,6 +182,8 @@ class VirtioGuestTarget(FuzzTarget):
         yield blk + bytes([6, 0, 0, 0, 0, 0, 0, 0, 3, 1, 0, 0, 0, 0, 0])
         # a write made available, a reset before the notification, a bring-up, a read
         yield blk + _blk(BlkType.OUT, 0, 2, notify=False) + bytes([3, 0, 4, 0, 0]) + _blk(BlkType.IN, 0, 2)
+        # two request queues; a write, a Function Level Reset, a bring-up (INTx now), a read
+        yield bytes([2, 0, 0]) + _blk(BlkType.OUT, 0, 1) + bytes([11, 4, 0, 0]) + _blk(BlkType.IN, 0, 1)
 
 
 def _blk(rtype: int, sector_kind: int, nsec: int, *, pieces: int = 1, indirect: int = 0, segs: int = 0,
@@ -199,12 +203,14 @@ class _GuestRun:
         #: per action costs page faults)
         self.buffers = buffers
         self.watch = watch
-        self.rng = bool(inp.u8() & 1)
+        first = inp.u8()
+        self.rng = bool(first & 1)
         self.machine = Machine(ram_size=RAM)
         #: guest RAM as the host sees it (snapshots are copies of it)
         self.ram = mmap.mmap(self.machine.ram_fd, RAM, prot=mmap.PROT_READ)
         self.dev: VirtioPciDevice = VirtioRng() if self.rng else VirtioBlk(
-            f"size={DISK},queue_size={BLK_QUEUE},serial=fuzz,max_discard_seg=4,max_write_zeroes_seg=4")
+            f"size={DISK},queue_size={BLK_QUEUE},serial=fuzz,max_discard_seg=4,max_write_zeroes_seg=4,"
+            f"num_queues={1 + (first >> 1 & 1)}")
         self.pdev: HostPciDevice | None = None
         #: only well-framed traffic since the last bring-up
         self.clean = True
@@ -262,12 +268,12 @@ class _GuestRun:
             self.machine.close()
 
     def _action(self) -> None:
-        kind = self.inp.u8() % 11
+        kind = self.inp.u8() % 12
         name, step = [
             ("common-write", self._common_write), ("read", self._any_read), ("device-config", self._devcfg_write),
             ("status", self._status), ("bring-up", self._bring_up), ("request", self._request),
             ("hostile-chain", self._hostile_chain), ("ring-poke", self._ring_poke), ("doorbell", self._doorbell),
-            ("bus-master", self._bus_master), ("request", self._request)][kind]
+            ("bus-master", self._bus_master), ("request", self._request), ("flr", self._flr)][kind]
         self._act(name, step)
 
     # ------------------------------------------------------------------ checks
@@ -600,6 +606,16 @@ class _GuestRun:
             return "off"
         self.pdev.set_master()
         return "on"
+
+    def _flr(self) -> str:
+        """A Function Level Reset with the header restored (``pci_reset_function``): the
+        virtio device resets too, and MSI-X is off afterwards (interrupts go through INTx and
+        the ISR)."""
+        assert self.pdev is not None
+        self._before()
+        self._reset_seen()
+        self.pdev.reset_function()
+        return ""
 
     def _doorbell(self) -> str:
         inp = self.inp
