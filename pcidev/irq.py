@@ -14,17 +14,19 @@ INTx-disable and bus-master bits) and hands each message to an
 
 An eventfd from another process is untrusted: :func:`is_eventfd` tells one from a
 pipe or a file (which a write could block on forever), and :func:`signal_eventfd`
-does not block on a saturated counter, even of a blocking eventfd (one window is left: a
-peer that makes its eventfd blocking and fills the counter between the poll and the
-write delays that one write until it reads; see :func:`signal_eventfd`).
+does not block on a saturated counter, even of a blocking eventfd; a peer that makes its
+eventfd blocking and fills the counter between the poll and the write holds that one write
+at most :data:`EVENTFD_STUCK_SECONDS` (a watchdog thread drains the counter).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import select
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
@@ -35,9 +37,10 @@ from pcidev.pci import ids
 from pcidev.pci.capabilities.msi import MsiCapability
 from pcidev.pci.capabilities.msix import MsixCapability
 from pcidev.pci.config import ConfigSpace
+from pcidev.ratelog import RateLimitedLog
 
 __all__ = ["InterruptSink", "NullSink", "CallbackSink", "EventfdSink", "InterruptState", "InterruptController",
-           "IrqError", "is_eventfd", "signal_eventfd"]
+           "IrqError", "is_eventfd", "signal_eventfd", "EVENTFD_STUCK_SECONDS", "eventfd_writes_unblocked"]
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +101,106 @@ def is_eventfd(fd: int) -> bool:
         return False
 
 
+#: a write to an eventfd that has not returned after this many seconds is unblocked by the
+#: watchdog (it drains the counter); the write then returns within about 1.25 times this
+EVENTFD_STUCK_SECONDS = 1.0
+#: how often the watchdog looks at the writes in progress
+_WATCH_PERIOD = EVENTFD_STUCK_SECONDS / 4
+
+
+class _EventfdWatchdog:
+    """Unblocks eventfd writes that a peer holds (the window :func:`signal_eventfd` cannot
+    close by itself: the peer shares the open file description, so it may clear
+    ``O_NONBLOCK`` and fill the counter between the poll and the write).
+
+    The writer only records its fd under a fresh call number before the write and removes it
+    after (no lock, no handoff: a counter step, a dict store and a delete). One daemon thread,
+    started by the first write, looks every :data:`_WATCH_PERIOD`; a write seen in progress for
+    :data:`EVENTFD_STUCK_SECONDS` is blocked on a saturated counter, and a short-lived thread
+    reads the counter (our descriptor of the peer's eventfd: the read resets it to 0, which
+    lets the blocked write add its 1). That reader sets ``O_NONBLOCK`` and polls first; it
+    runs in its own thread, one per eventfd at a time, so that even a peer winning that race
+    too (emptying the counter between the poll and the read) parks only that reader, until
+    the eventfd's next signal, never the watchdog or a device thread.
+    """
+
+    def __init__(self) -> None:
+        #: writes in progress: call number -> fd
+        self.writing: dict[int, int] = {}
+        self.calls = itertools.count()
+        #: the watchdog thread runs (the writers' one check)
+        self.started = False
+        #: writes unblocked by a drain since the process started
+        self.unblocked = 0
+        self._start_lock = threading.Lock()
+        self._draining: set[int] = set()
+        self._log = RateLimitedLog(log)
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        self.writing.clear()
+        self.started = False
+        self._start_lock = threading.Lock()
+        self._draining = set()
+
+    def start(self) -> None:
+        """Start the watchdog thread (once)."""
+        with self._start_lock:
+            if not self.started:
+                threading.Thread(target=self._run, name="pcidev-eventfd-watchdog", daemon=True).start()
+                self.started = True
+
+    def _run(self) -> None:
+        first_seen: dict[tuple[int, int], float] = {}
+        while True:
+            time.sleep(_WATCH_PERIOD)
+            now = time.monotonic()
+            first_seen = {w: first_seen.get(w, now) for w in list(self.writing.items())}
+            for (_call, fd), since in first_seen.items():
+                if now - since >= EVENTFD_STUCK_SECONDS and fd not in self._draining:
+                    self._draining.add(fd)
+                    threading.Thread(target=self._drain, args=(fd, now - since), name="pcidev-eventfd-drain",
+                                     daemon=True).start()
+
+    def _drain(self, fd: int, held: float) -> None:
+        try:
+            os.set_blocking(fd, False)
+            p = select.poll()
+            p.register(fd, select.POLLIN)
+            if p.poll(0):
+                os.eventfd_read(fd)
+                self.unblocked += 1
+                self._log("an interrupt eventfd write was held %.1f s on a saturated blocking counter: "
+                          "the counter was drained", held)
+        except OSError:  # closed meanwhile, or emptied by its owner (the write went through)
+            pass
+        finally:
+            self._draining.discard(fd)
+
+
+_WATCHDOG = _EventfdWatchdog()
+_WRITING = _WATCHDOG.writing
+_CALLS = _WATCHDOG.calls
+
+
+def eventfd_writes_unblocked() -> int:
+    """How many :func:`signal_eventfd` writes a peer held on a saturated counter and the
+    watchdog unblocked (by draining the counter) since the process started."""
+    return _WATCHDOG.unblocked
+
+
 def signal_eventfd(fd: int) -> bool:
-    """Add 1 to the counter of eventfd ``fd`` without ever blocking.
+    """Add 1 to the counter of eventfd ``fd``; a peer cannot hold it more than about
+    :data:`EVENTFD_STUCK_SECONDS`.
 
     A counter at its maximum (``2**64 - 2``) means the vector is signalled already and
     nobody reads it: the signal is dropped. A blocking eventfd (its ``O_NONBLOCK``
     is the owner's choice, shared with it) is polled first; a non-blocking one
-    (QEMU's) is written at once. What remains: a peer that clears ``O_NONBLOCK`` and
-    fills the counter between the poll and the write of this very signal.
+    (QEMU's) is written at once. A peer that clears ``O_NONBLOCK`` and fills the counter
+    between the poll and the write holds the write until a watchdog thread drains the
+    counter (after :data:`EVENTFD_STUCK_SECONDS`; the signal then goes through). The
+    caller keeps ``fd`` open during the call (as the vfio-user server does, under the
+    device's ``irq.lock``).
 
     :param fd: an eventfd (:func:`is_eventfd`).
     :returns: ``True`` when the counter was incremented, ``False`` when it was saturated.
@@ -116,10 +211,16 @@ def signal_eventfd(fd: int) -> bool:
         p.register(fd, select.POLLOUT)
         if not p.poll(0):
             return False
+    if not _WATCHDOG.started:
+        _WATCHDOG.start()
+    call = next(_CALLS)
+    _WRITING[call] = fd
     try:
         os.eventfd_write(fd, 1)
     except BlockingIOError:
         return False
+    finally:
+        del _WRITING[call]
     return True
 
 

@@ -4,12 +4,16 @@ eventfd delivery to another process."""
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 
+from pcidev import irq
 from pcidev.bar import RegisterMap
 from pcidev.device import PciDevice
 from pcidev.errors import IrqError, MmioError
@@ -301,3 +305,72 @@ def test_unmask_racing_with_notify_from_another_thread_loses_nothing(host) -> No
         t.join()
     assert not dev.irq.msix.is_pending(7)
     assert 1 <= host.irq_count(7) <= raised
+
+
+_MAX_COUNTER = 0xFFFF_FFFF_FFFF_FFFE
+
+
+class _PollThatLosesTheRace:
+    """``select.poll`` for :func:`pcidev.irq.signal_eventfd`'s first poll: it answers
+    "writable", but the peer fills the counter right after it (the race the watchdog is
+    for); later polls (the watchdog's) are real ones."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.raced = False
+        self.real = select.poll
+
+    def __call__(self) -> object:
+        if self.raced:
+            return self.real()
+        outer = self
+
+        class Poll:
+            def register(self, fd: int, events: int) -> None:
+                pass
+
+            def poll(self, timeout: int) -> list[tuple[int, int]]:
+                outer.raced = True
+                os.eventfd_write(outer.fd, _MAX_COUNTER)  # the peer saturates it now
+                return [(outer.fd, select.POLLOUT)]
+        return Poll()
+
+
+def test_a_peer_saturating_a_blocking_eventfd_after_the_poll_holds_the_write_only_briefly(monkeypatch) -> None:
+    """Regression: the peer shares the open file description, so it can make its eventfd
+    blocking and fill the counter between signal_eventfd's poll and its write; the device
+    thread then blocked in write() until the peer read (forever once the peer left). The
+    watchdog drains the counter after EVENTFD_STUCK_SECONDS and the signal goes through."""
+    fd = os.eventfd(0)  # blocking, as the peer set it
+    before = irq.eventfd_writes_unblocked()
+    monkeypatch.setattr(irq.select, "poll", _PollThatLosesTheRace(fd))
+    result: list[bool] = []
+    writer = threading.Thread(target=lambda: result.append(irq.signal_eventfd(fd)), daemon=True)
+    started = time.monotonic()
+    writer.start()
+    writer.join(irq.EVENTFD_STUCK_SECONDS * 1.25 + 10)  # generous: the machine is shared
+    took = time.monotonic() - started
+    stuck = writer.is_alive()
+    if stuck:  # do what the peer never will, so that the test ends
+        os.eventfd_read(fd)
+        writer.join()
+    os.set_blocking(fd, False)
+    counter = os.eventfd_read(fd)
+    os.close(fd)
+    assert not stuck, "signal_eventfd blocked in write() on a saturated blocking eventfd"
+    assert result == [True] and counter == 1  # drained, then our signal
+    assert took >= irq.EVENTFD_STUCK_SECONDS * 0.9
+    assert irq.eventfd_writes_unblocked() == before + 1
+
+
+def test_signalling_an_eventfd_leaves_nothing_for_the_watchdog() -> None:
+    fd = os.eventfd(0)
+    try:
+        for _ in range(3):
+            assert irq.signal_eventfd(fd)
+        assert os.eventfd_read(fd) == 3
+        os.eventfd_write(fd, _MAX_COUNTER)
+        assert not irq.signal_eventfd(fd)  # saturated: dropped, not waited for
+        assert irq._WATCHDOG.writing == {}
+    finally:
+        os.close(fd)

@@ -14,7 +14,7 @@ from pcidev.pci import ids
 from pcidev.testing import plugged, probe
 from pcidev_virtio import spec
 from pcidev_virtio.device import NOTIFY_MULTIPLIER, NOTIFY_OFFSET, VIRTIO_BAR
-from pcidev_virtio.errors import DriverError
+from pcidev_virtio.errors import DriverError, VirtqueueError
 from pcidev_virtio.rng import VirtioRng
 from pcidev_virtio.testing.driver import VirtioDriver
 
@@ -387,3 +387,25 @@ def test_a_device_fed_garbage_rings_serves_or_needs_reset_and_recovers(desc_tabl
         assert drv.queues[0].request(in_lens=[8], indirect=indirect).written == 8
         dev.close()
         gm.close()
+
+
+def test_a_queue_enabled_while_bus_mastering_is_off_is_accepted(rng):
+    """Regression (virtio-guest fuzz finding): enabling a well-configured queue with Bus
+    Master Enable clear set DEVICE_NEEDS_RESET, because the rings were checked through the
+    DMA guard instead of against the guest's memory map."""
+    pdev, drv = rng
+    pdev.clear_master()
+    drv.init()
+    assert drv.status == spec.Status.ACKNOWLEDGE | spec.Status.DRIVER | spec.Status.FEATURES_OK | \
+        spec.Status.DRIVER_OK
+    pdev.set_master()
+    assert drv.queues[0].request(in_lens=[8]).written == 8
+
+
+def test_a_dma_refusal_while_bus_mastering_is_off_waits(rng):
+    pdev, drv = rng
+    drv.init()
+    dev = pdev.device
+    pdev.clear_master()
+    assert dev.queue_error(dev.queues[0], VirtqueueError("bus mastering is disabled", queue=0))
+    assert not drv.status & spec.Status.DEVICE_NEEDS_RESET

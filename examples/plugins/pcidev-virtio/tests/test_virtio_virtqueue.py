@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pcidev import DmaError
 from pcidev.dma import GuestMemory, alloc_memfd
 from pcidev_virtio import spec
 from pcidev_virtio.errors import VirtqueueError
@@ -316,3 +317,22 @@ def test_hostile_rings_give_chains_or_virtqueue_errors(descs, indirect, heads, a
         d.memory.unmap(0)  # every view was released
     finally:
         d.memory.close()
+
+
+def test_check_config_looks_at_the_memory_map_not_the_dma_guard(dev):
+    """A configuration is judged against the guest's memory, not against whether the
+    device may reach it right now (Bus Master Enable off: ``dma`` refuses)."""
+    class NoMaster(FakeDevice):
+        @property
+        def dma(self) -> GuestMemory:
+            raise DmaError("bus mastering is disabled")
+
+    owner = NoMaster()
+    try:
+        vq = Virtqueue(owner, 0, SIZE)
+        vq.desc, vq.driver, vq.device = DESC, AVAIL, USED
+        assert vq.check_config() is None
+        vq.device = RAM  # outside guest memory: still refused
+        assert "outside guest memory" in (vq.check_config() or "")
+    finally:
+        owner.memory.close()

@@ -293,8 +293,10 @@ class VirtioPciDevice(PciDevice):
 
     def queue_error(self, vq: Virtqueue, exc: VirtqueueError) -> bool:
         """Answer a :class:`~pcidev_virtio.errors.VirtqueueError` met while serving ``vq``: ``DEVICE_NEEDS_RESET``,
-        unless guest memory is being remapped (the queue's rings are not mapped, or memory
-        lacks regions the queues worked with). A host remaps guest memory piecewise (QEMU's
+        unless bus mastering is off (the device may not reach the rings at all: the next
+        notification after the driver sets it looks again), or guest memory is being
+        remapped (the queue's rings are not mapped, or memory lacks regions the queues
+        worked with). A host remaps guest memory piecewise (QEMU's
         vfio-user client unmaps RAM and maps it back when the BIOS area changes, and
         firmware may notify in between); nothing was taken from the ring, and the device
         looks at every queue again when it resumes after the next map (:meth:`resume`).
@@ -304,6 +306,10 @@ class VirtioPciDevice(PciDevice):
         :param exc: what was wrong.
         :returns: True when the queue waits for the next map instead.
         """
+        if not self.bus_master:  # DMA refused: the guest's rings are not at fault
+            self.log.info("queue %d: bus mastering is off (%s); looked at again on the next notification",
+                          vq.index, exc)
+            return True
         if vq.check_config() is not None or not self._layout() >= self._working_layout:
             self.log.info("queue %d: guest memory is being remapped (%s); looked at again on resume", vq.index, exc)
             return True

@@ -134,6 +134,11 @@ class QueueOwner(Protocol):
         """The device's guarded guest memory (raises :class:`pcidev.DmaError` without bus mastering)."""
         ...
 
+    @property
+    def memory(self) -> GuestMemory | None:
+        """The guest's memory map, whether bus mastering is on or not (None: none attached)."""
+        ...
+
     def negotiated(self, bit: int) -> bool:
         """Whether the driver accepted feature ``bit``."""
         ...
@@ -180,8 +185,15 @@ class Virtqueue:
     # -- configuration checks ------------------------------------------------------------
     def check_config(self) -> str | None:
         """Why the driver's configuration is unusable (size, alignment, rings outside guest
-        memory), or None if it is fine. Called when the driver enables the queue."""
+        memory), or None if it is fine. Called when the driver enables the queue.
+
+        The rings are checked against the guest's memory map, not against what the device
+        may reach right now: bus mastering off does not make a configuration bad (the
+        driver may enable queues before it sets Bus Master Enable; the device reads the
+        rings only once it is on).
+        """
         size = self.size
+        mem = self.owner.memory
         if not 1 <= size <= self.max_size or size & (size - 1):
             return f"size {size} is not a power of two up to {self.max_size}"
         for what, addr, length, align in (
@@ -190,10 +202,8 @@ class Virtqueue:
                 ("device ring", self.device, spec.used_ring_size(size), 4)):
             if addr % align:
                 return f"{what} at {addr:#x} is not {align}-byte aligned"
-            try:
-                mem = self.owner.dma
-            except DmaError as exc:
-                return f"no guest memory for the {what}: {exc}"
+            if mem is None:
+                return f"no guest memory for the {what}"
             if not mem.is_mapped(addr, length, write=what == "device ring"):
                 return f"{what} {addr:#x}+{length:#x} is outside guest memory"
         return None
