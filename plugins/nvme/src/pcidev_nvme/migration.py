@@ -270,6 +270,13 @@ MIGRATABLE_FEATURES = frozenset({
 
 #: seconds the destination's pre-flight waits to reach each NBD export (one connection each)
 PREFLIGHT_NBD_TIMEOUT = 5.0
+#: file systems of one machine's own disks or memory: a ``file`` namespace's image on one of
+#: them cannot be the file a destination on another machine opens at the same path (a
+#: network or cluster file system, or one not listed, is taken for shared storage)
+LOCAL_FILESYSTEMS = frozenset({
+    "ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "jfs", "reiserfs", "bcachefs", "zfs", "vfat", "exfat",
+    "ntfs", "ntfs3", "tmpfs", "ramfs", "overlay",
+})
 
 _STATES = ("disabled", "ready", "failed")
 
@@ -464,7 +471,9 @@ def preflight_facts(ctrl: MigrationHost) -> dict[str, Any]:
       records as the stream carries them (``[nsid, kind, size, nguid, eui64, uuid, path]``
       per created namespace, :class:`~pcidev_nvme.ns_records.CreatedNamespaceRecord`);
     * ``nvme.nbd``: per ``nbd`` namespace ``[nsid, uri, size, read_only]`` (left out when
-      there is none: an older destination sees the same facts).
+      there is none: an older destination sees the same facts);
+    * ``nvme.image_fs``: per ``file`` namespace whose file system is known ``[nsid, type]``
+      (``/proc/self/mountinfo``'s type of the mount the open image is on: ``ext4``, ``nfs4``).
 
     A secondary controller (SR-IOV) has none: its namespaces are its primary's.
 
@@ -489,10 +498,15 @@ def preflight_facts(ctrl: MigrationHost) -> dict[str, Any]:
         images.append([nsid, str(getattr(b, "path", "") or ""), int(ns.size), bool(ns.read_only), ident])
     exports = [[nsid, ns.backend.uri, int(ns.size), bool(ns.read_only)] for nsid, ns in namespaces
                if isinstance(ns.backend, NbdBackend)]
+    held = [(nsid, getattr(ns.backend, "fd", -1)) for nsid, ns in namespaces
+            if getattr(ns.backend, "kind", None) == "file"]
+    filesystems = [[nsid, fstype] for nsid, fstype in ((n, _filesystem_of(fd)) for n, fd in held) if fstype]
     out: dict[str, Any] = {"nvme.host": boot_id(), "nvme.nsids": [nsid for nsid, _ in namespaces],
                            "nvme.images": images}
     if exports:
         out["nvme.nbd"] = exports
+    if filesystems:
+        out["nvme.image_fs"] = filesystems
     if records is not None:
         out["nvme.created"] = [[r.nsid, r.kind, r.size, r.nguid, r.eui64, r.uuid, r.path] for r in records.created]
         out["nvme.deleted"] = list(records.deleted)
@@ -605,6 +619,16 @@ def preflight_problems(ctrl: MigrationHost, facts: Mapping[str, Any]) -> list[st
         why = _served_image_problem(ctrl, nsid, path, size, _fact(entry[3], bool, "read_only"), ident, same_host)
         if why is not None:
             out.append(why)
+    fs_facts = facts.get("nvme.image_fs")
+    paths = {e[0]: e[1] for e in facts["nvme.images"]}
+    for j, entry in enumerate(_fact(fs_facts, list, "nvme.image_fs") if fs_facts is not None else []):
+        if type(entry) is not list or len(entry) != 2:
+            raise ValueError(f"nvme.image_fs[{j}] is not a list of 2 items")
+        nsid, fstype = _fact(entry[0], int, "nsid"), _fact(entry[1], str, "a file system type")
+        if not same_host and fstype in LOCAL_FILESYSTEMS:
+            out.append(f"namespace {nsid}: image {paths.get(nsid, '?')} is on the source machine's own {fstype} "
+                       "file system: a destination on another machine would open another file at that path "
+                       "(move it to shared storage -- NFS, a cluster file system -- or to an nbd namespace)")
     exports = facts.get("nvme.nbd")
     for j, entry in enumerate(_fact(exports, list, "nvme.nbd") if exports is not None else []):
         if type(entry) is not list or len(entry) != 4:
@@ -614,6 +638,24 @@ def preflight_problems(ctrl: MigrationHost, facts: Mapping[str, Any]) -> list[st
         if why is not None:
             out.append(why)
     return out
+
+
+def _filesystem_of(fd: int) -> str | None:
+    """The type of the file system open file ``fd`` is on, from ``/proc/self/mountinfo``
+    (the mount whose device is the file's; None: unknown)."""
+    try:
+        dev = os.fstat(fd).st_dev
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            lines = f.readlines()
+    except (OSError, TypeError):
+        return None
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    for line in lines:
+        fields, _sep, rest = line.partition(" - ")
+        parts = fields.split()
+        if len(parts) > 2 and parts[2] == want and rest.split():
+            return rest.split()[0]
+    return None
 
 
 def _served_export_problem(ctrl: MigrationHost, nsid: int, uri: str, size: int, read_only: bool,
