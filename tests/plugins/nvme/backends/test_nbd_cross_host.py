@@ -89,9 +89,10 @@ def _in_hosts(a: str, b: str, dest_wrap: tuple[str, ...] = ()) -> Any:
 
 def test_a_device_moves_to_another_host_with_its_nbd_namespace(hosts, export_on_a, monkeypatch):
     """Host A runs the device, host B the destinations; two moves (A -> B -> B) over TCP
-    while the verified workload runs (every block read checks its CRC-32C)."""
+    while the verified workload runs (every block read checks its CRC-32C). A ``mem``
+    namespace moves too: over TCP its contents travel in the stream (pre-copy)."""
     a, b = hosts
-    work = VerifiedIo(qd=8, queues=2, seed=22, properties=f"{PROPS},ns=nbd:uri={export_on_a}")
+    work = VerifiedIo(qd=8, queues=2, seed=22, properties=f"{PROPS},ns=nbd:uri={export_on_a},ns=mem:size=1M")
     monkeypatch.setattr(runner, "DeviceProcess", _in_hosts(a, b))
     result = migrate_under_load("nvme", work, count=2, every=2, transport="tcp", probe=False,
                                 migration_timeout=60, start_timeout=60)
