@@ -251,7 +251,7 @@ class MigrationHost(Protocol):
 __all__ = ["NvmeState", "SqState", "CqState", "CqeState", "AerState", "EventState", "FeaturesState", "TlerState",
            "SmartState", "FirmwareState", "FwChunk", "NamespaceState", "MIGRATABLE_FEATURES", "fingerprint",
            "features", "blockers", "inheritable_fds", "quiesce", "flush_namespaces", "DEFAULT_QUIESCE_TIMEOUT",
-           "QuiesceTimes", "prepare_quiesce", "PREPARE_FLUSH_TIMEOUT", "PREFLIGHT_NBD_TIMEOUT",
+           "QuiesceTimes", "prepare_quiesce", "PREPARE_FLUSH_TIMEOUT", "PREFLIGHT_NBD_TIMEOUT", "LOCAL_FILESYSTEMS",
            "resume", "save", "check", "apply", "LoadUndo", "namespace_plan", "MigrationMixin"]
 
 log = logging.getLogger(__name__)
@@ -588,8 +588,11 @@ def preflight_problems(ctrl: MigrationHost, facts: Mapping[str, Any]) -> list[st
     checks stay the final guard. Nothing is changed and no file is opened: the Namespace
     Management records are planned as the load would (:func:`pcidev_nvme.ns_records.plan`:
     a created ``file`` namespace's image must be the one this controller's Namespace
-    Management makes, reachable here), and each ``file`` namespace's image is checked
-    (:func:`_image_problem`).
+    Management makes, reachable here), each ``file`` namespace's image is checked
+    (:func:`_served_image_problem`; on another machine, one on the source machine's own
+    file system, :data:`LOCAL_FILESYSTEMS`, is refused), and each ``nbd`` namespace's export
+    must be reachable here with its size (one new connection each, at most
+    :data:`PREFLIGHT_NBD_TIMEOUT` seconds).
 
     :param ctrl: the destination controller.
     :param facts: the source's facts (from the peer).
