@@ -633,9 +633,13 @@ def preflight_problems(ctrl: MigrationHost, facts: Mapping[str, Any]) -> list[st
                        "file system: a destination on another machine would open another file at that path "
                        "(move it to shared storage -- NFS, a cluster file system -- or to an nbd namespace)")
     exports = facts.get("nvme.nbd")
+    probed: set[int] = set()  # (one probe per namespace: a peer repeating one costs nothing more)
     for j, entry in enumerate(_fact(exports, list, "nvme.nbd") if exports is not None else []):
         if type(entry) is not list or len(entry) != 4:
             raise ValueError(f"nvme.nbd[{j}] is not a list of 4 items")
+        if _fact(entry[0], int, "nsid") in probed:
+            raise ValueError(f"nvme.nbd[{j}] names namespace {entry[0]} again")
+        probed.add(entry[0])
         why = _served_export_problem(ctrl, _fact(entry[0], int, "nsid"), _fact(entry[1], str, "uri"),
                                      _fact(entry[2], int, "size"), _fact(entry[3], bool, "read_only"))
         if why is not None:

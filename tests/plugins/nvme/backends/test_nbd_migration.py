@@ -115,6 +115,12 @@ def test_preflight_problems_name_a_destination_namespace_that_is_not_nbd(nbd_ser
             migration.preflight_problems(src, {**facts, "nvme.nbd": [[1, q.uri]]})
         with pytest.raises(ValueError):
             migration.preflight_problems(src, {**facts, "nvme.nbd": [[1, 7, 1, False]]})
+        # a peer repeating a namespace gets no second probe (each may take PREFLIGHT_NBD_TIMEOUT)
+        with pytest.raises(ValueError, match="names namespace 1 again"):
+            migration.preflight_problems(src, {**facts, "nvme.nbd": facts["nvme.nbd"] * 1000})
+        # the destination connects to its own URI, never to one the peer names
+        elsewhere = {**facts, "nvme.nbd": [[1, "nbd://192.0.2.1/x", 1 * MiB, False]]}
+        assert migration.preflight_problems(src, elsewhere) == []
     finally:
         src.close()
         dst.close()
