@@ -110,12 +110,14 @@ def test_a_destination_holding_another_image_refuses_with_every_reason(host, tmp
 
 
 def test_an_image_another_machine_cannot_reach_is_a_reason(tmp_path):
-    """From another machine (another boot id) the image is judged by its path: gone, too
-    small, or another file than the one this controller opened."""
+    """From another machine (another boot id) an image on shared storage is judged by its
+    path: gone, too small, or another file than the one this controller opened. The tmp
+    directory stands for an NFS mount here: an image on a local file system is refused from
+    another machine whatever its path (test_migration_cross_host.py)."""
     cfg = f"ns=file:path={tmp_path}/a.img,size=1M,{CFG}"
     src, dst = NvmeController(cfg, name="src"), NvmeController(cfg, name="dst")
     try:
-        facts = {**preflight_facts(src), "nvme.host": "another-machine"}
+        facts = {**preflight_facts(src), "nvme.host": "another-machine", "nvme.image_fs": [[1, "nfs4"]]}
         assert preflight_problems(dst, facts) == []
         os.rename(tmp_path / "a.img", tmp_path / "a.away")
         (why,) = preflight_problems(dst, facts)

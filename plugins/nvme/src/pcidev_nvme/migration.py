@@ -95,8 +95,14 @@ its part. What the load replaced (the destination's own namespace memory and met
 stores) stays open until the load is committed (:class:`LoadUndo`): if a later part of the
 load fails (an SR-IOV VF's stream), the framework's rollback puts it back.
 
+An ``nbd`` namespace (:mod:`~pcidev_nvme.backends.nbd`) is reopened by the destination
+from its own configuration, a new connection to the same export (also in a handover: no
+descriptor is passed); the stop's flush sends ``NBD_CMD_FLUSH``, so every acknowledged
+write is on the server before the destination reads, and the pre-flight checks that the
+destination reaches the export with the namespace's size (:func:`preflight_problems`).
+
 What blocks (allow-list, :data:`MIGRATABLE_FEATURES`): namespaces whose backend
-is not ``mem`` (memfd or anonymous), ``file`` or ``null`` (a plugin's backends), a
+is not ``mem`` (memfd or anonymous), ``file``, ``null`` or ``nbd`` (a plugin's backends), a
 created namespace a record cannot carry
 (:func:`~pcidev_nvme.ns_records.record_problem`: a ``file`` image its path no longer
 leads to), and a controller reset still waiting for commands.
@@ -127,7 +133,8 @@ from pcidev_nvme.abort import Aborts, AbortsState
 from pcidev_nvme.admin import AdminWorker
 from pcidev_nvme.aer import AerState, AsyncEvents, EventState
 from pcidev_nvme.atomicity import fingerprint_entry
-from pcidev_nvme.backends import BaseBackend, MemoryBackend
+from pcidev_nvme.backends import BaseBackend, MemoryBackend, NbdBackend
+from pcidev_nvme.backends.nbd import export_size
 from pcidev_nvme.cmb import CMBSTS_CBAI, CmbState, ControllerMemoryBuffer
 from pcidev_nvme.config import NvmeConfig
 from pcidev_nvme.controller_memory import ranges_overlap
@@ -244,7 +251,7 @@ class MigrationHost(Protocol):
 __all__ = ["NvmeState", "SqState", "CqState", "CqeState", "AerState", "EventState", "FeaturesState", "TlerState",
            "SmartState", "FirmwareState", "FwChunk", "NamespaceState", "MIGRATABLE_FEATURES", "fingerprint",
            "features", "blockers", "inheritable_fds", "quiesce", "flush_namespaces", "DEFAULT_QUIESCE_TIMEOUT",
-           "QuiesceTimes", "prepare_quiesce", "PREPARE_FLUSH_TIMEOUT",
+           "QuiesceTimes", "prepare_quiesce", "PREPARE_FLUSH_TIMEOUT", "PREFLIGHT_NBD_TIMEOUT", "LOCAL_FILESYSTEMS",
            "resume", "save", "check", "apply", "LoadUndo", "namespace_plan", "MigrationMixin"]
 
 log = logging.getLogger(__name__)
@@ -258,6 +265,17 @@ MIGRATABLE_FEATURES = frozenset({
     "nvme-queues", "nvme-aer", "nvme-dbbuf", "nvme-smart", "nvme-error-log", "nvme-firmware",
     "nvme-coalescing", "nvme-keep-alive", "nvme-multi-namespace",
     "nvme-backend:mem", "nvme-backend:file", "nvme-backend:file-direct", "nvme-backend:null",
+    "nvme-backend:nbd",
+})
+
+#: seconds the destination's pre-flight waits to reach each NBD export (one connection each)
+PREFLIGHT_NBD_TIMEOUT = 5.0
+#: file systems of one machine's own disks or memory: a ``file`` namespace's image on one of
+#: them cannot be the file a destination on another machine opens at the same path (a
+#: network or cluster file system, or one not listed, is taken for shared storage)
+LOCAL_FILESYSTEMS = frozenset({
+    "ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "jfs", "reiserfs", "bcachefs", "zfs", "vfat", "exfat",
+    "ntfs", "ntfs3", "tmpfs", "ramfs", "overlay",
 })
 
 _STATES = ("disabled", "ready", "failed")
@@ -451,7 +469,11 @@ def preflight_facts(ctrl: MigrationHost) -> dict[str, Any]:
       the kernel boot id);
     * ``nvme.created`` / ``nvme.deleted``: when Namespace Management changed anything, its
       records as the stream carries them (``[nsid, kind, size, nguid, eui64, uuid, path]``
-      per created namespace, :class:`~pcidev_nvme.ns_records.CreatedNamespaceRecord`).
+      per created namespace, :class:`~pcidev_nvme.ns_records.CreatedNamespaceRecord`);
+    * ``nvme.nbd``: per ``nbd`` namespace ``[nsid, uri, size, read_only]`` (left out when
+      there is none: an older destination sees the same facts);
+    * ``nvme.image_fs``: per ``file`` namespace whose file system is known ``[nsid, type]``
+      (``/proc/self/mountinfo``'s type of the mount the open image is on: ``ext4``, ``nfs4``).
 
     A secondary controller (SR-IOV) has none: its namespaces are its primary's.
 
@@ -474,8 +496,17 @@ def preflight_facts(ctrl: MigrationHost) -> dict[str, Any]:
         except (OSError, TypeError, AttributeError):
             ident = None
         images.append([nsid, str(getattr(b, "path", "") or ""), int(ns.size), bool(ns.read_only), ident])
+    exports = [[nsid, ns.backend.uri, int(ns.size), bool(ns.read_only)] for nsid, ns in namespaces
+               if isinstance(ns.backend, NbdBackend)]
+    held = [(nsid, getattr(ns.backend, "fd", -1)) for nsid, ns in namespaces
+            if getattr(ns.backend, "kind", None) == "file"]
+    filesystems = [[nsid, fstype] for nsid, fstype in ((n, _filesystem_of(fd)) for n, fd in held) if fstype]
     out: dict[str, Any] = {"nvme.host": boot_id(), "nvme.nsids": [nsid for nsid, _ in namespaces],
                            "nvme.images": images}
+    if exports:
+        out["nvme.nbd"] = exports
+    if filesystems:
+        out["nvme.image_fs"] = filesystems
     if records is not None:
         out["nvme.created"] = [[r.nsid, r.kind, r.size, r.nguid, r.eui64, r.uuid, r.path] for r in records.created]
         out["nvme.deleted"] = list(records.deleted)
@@ -557,8 +588,11 @@ def preflight_problems(ctrl: MigrationHost, facts: Mapping[str, Any]) -> list[st
     checks stay the final guard. Nothing is changed and no file is opened: the Namespace
     Management records are planned as the load would (:func:`pcidev_nvme.ns_records.plan`:
     a created ``file`` namespace's image must be the one this controller's Namespace
-    Management makes, reachable here), and each ``file`` namespace's image is checked
-    (:func:`_image_problem`).
+    Management makes, reachable here), each ``file`` namespace's image is checked
+    (:func:`_served_image_problem`; on another machine, one on the source machine's own
+    file system, :data:`LOCAL_FILESYSTEMS`, is refused), and each ``nbd`` namespace's export
+    must be reachable here with its size (one new connection each, at most
+    :data:`PREFLIGHT_NBD_TIMEOUT` seconds).
 
     :param ctrl: the destination controller.
     :param facts: the source's facts (from the peer).
@@ -588,7 +622,77 @@ def preflight_problems(ctrl: MigrationHost, facts: Mapping[str, Any]) -> list[st
         why = _served_image_problem(ctrl, nsid, path, size, _fact(entry[3], bool, "read_only"), ident, same_host)
         if why is not None:
             out.append(why)
+    fs_facts = facts.get("nvme.image_fs")
+    paths = {e[0]: e[1] for e in facts["nvme.images"]}
+    for j, entry in enumerate(_fact(fs_facts, list, "nvme.image_fs") if fs_facts is not None else []):
+        if type(entry) is not list or len(entry) != 2:
+            raise ValueError(f"nvme.image_fs[{j}] is not a list of 2 items")
+        nsid, fstype = _fact(entry[0], int, "nsid"), _fact(entry[1], str, "a file system type")
+        if not same_host and fstype in LOCAL_FILESYSTEMS:
+            out.append(f"namespace {nsid}: image {paths.get(nsid, '?')} is on the source machine's own {fstype} "
+                       "file system: a destination on another machine would open another file at that path "
+                       "(move it to shared storage -- NFS, a cluster file system -- or to an nbd namespace)")
+    exports = facts.get("nvme.nbd")
+    probed: set[int] = set()  # (one probe per namespace: a peer repeating one costs nothing more)
+    for j, entry in enumerate(_fact(exports, list, "nvme.nbd") if exports is not None else []):
+        if type(entry) is not list or len(entry) != 4:
+            raise ValueError(f"nvme.nbd[{j}] is not a list of 4 items")
+        if _fact(entry[0], int, "nsid") in probed:
+            raise ValueError(f"nvme.nbd[{j}] names namespace {entry[0]} again")
+        probed.add(entry[0])
+        why = _served_export_problem(ctrl, _fact(entry[0], int, "nsid"), _fact(entry[1], str, "uri"),
+                                     _fact(entry[2], int, "size"), _fact(entry[3], bool, "read_only"))
+        if why is not None:
+            out.append(why)
     return out
+
+
+def _filesystem_of(fd: int) -> str | None:
+    """The type of the file system open file ``fd`` is on, from ``/proc/self/mountinfo``
+    (the mount whose device is the file's; None: unknown)."""
+    try:
+        dev = os.fstat(fd).st_dev
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            lines = f.readlines()
+    except (OSError, TypeError):
+        return None
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    for line in lines:
+        fields, _sep, rest = line.partition(" - ")
+        parts = fields.split()
+        if len(parts) > 2 and parts[2] == want and rest.split():
+            return rest.split()[0]
+    return None
+
+
+def _served_export_problem(ctrl: MigrationHost, nsid: int, uri: str, size: int, read_only: bool,
+                           timeout: float = PREFLIGHT_NBD_TIMEOUT) -> str | None:
+    """Why this controller cannot serve the source's ``nbd`` namespace ``nsid`` on export
+    ``uri`` (None: it can). Its namespace ``nsid`` must be an ``nbd`` one (its own
+    configuration names the export, by the same URI or another route to it: a socket path
+    of this host), and a new connection to its URI must reach the export within
+    ``timeout`` seconds with at least the namespace's size (a connection already open here
+    does not prove the export is still reachable: the server may have gone since)."""
+    where = f"namespace {nsid} (NBD export {uri})"
+    ns = ctrl.allocated.get(nsid)
+    if ns is None or not isinstance(ns.backend, NbdBackend):
+        kind = "missing" if ns is None else str(getattr(ns.backend, "kind", type(ns.backend).__name__))
+        return f"{where}: this controller's namespace {nsid} is {kind}, not on an NBD export"
+    here = ns.backend.uri
+    via = "" if here == uri else f" through {here}"
+    if int(ns.size) != size:
+        return f"{where}: this controller's namespace has {int(ns.size)} bytes, the source's {size}"
+    if not read_only and ns.read_only:
+        return f"{where}: this controller's namespace is read-only, the source's is writable"
+    try:
+        got = export_size(here, timeout)
+    except OSError as exc:
+        return f"{where} cannot be reached here{via} ({exc.strerror or exc}): the destination must reach the export"
+    except ConfigError as exc:
+        return f"{where} cannot be reached here: {exc}"
+    if got < size:
+        return f"{where} has {got} bytes here{via}, the namespace {size}: another export than the source's"
+    return None
 
 
 def inheritable_fds(ctrl: MigrationHost) -> dict[str, int]:
@@ -941,7 +1045,7 @@ def prepare_quiesce(ctrl: MigrationHost, *, flush: bool, timeout: float = PREPAR
 
 
 def _describe(backend: Any) -> str:
-    path = getattr(backend, "path", None)
+    path = getattr(backend, "path", None) or getattr(backend, "uri", None)
     kind = getattr(backend, "kind", type(backend).__name__)
     return f"{kind} {path}" if path else str(kind)
 

@@ -85,6 +85,7 @@ __all__ = [
     "SYSTEM_DIST_PACKAGES",
     "NbdBackend",
     "NbdConfig",
+    "export_size",
     "load_nbd",
     "make_nbd",
 ]
@@ -353,6 +354,25 @@ class _Connection:
             os.close(fd)
         handle, self.handle = self.handle, None
         del handle  # (libnbd closes the socket when the handle goes)
+
+
+def export_size(uri: str, timeout: float) -> int:
+    """The size in bytes of the export at ``uri``, from one connection opened for the
+    question and closed (the migration pre-flight asks it on the destination).
+
+    :param timeout: seconds the connection and the handshake may take.
+    :raises ConfigError: libnbd's Python bindings are missing.
+    :raises OSError: the export cannot be reached in time.
+    """
+    nbd = load_nbd()
+    conn = _Connection(nbd, uri, timeout)
+    try:
+        assert conn.handle is not None
+        return int(conn.handle.get_size())
+    except nbd.Error as exc:
+        raise OSError(_errno_of(exc), str(exc)) from None
+    finally:
+        conn.close()
 
 
 class NbdBackend(BaseBackend):
