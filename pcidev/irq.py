@@ -40,7 +40,8 @@ from pcidev.pci.config import ConfigSpace
 from pcidev.ratelog import RateLimitedLog
 
 __all__ = ["InterruptSink", "NullSink", "CallbackSink", "EventfdSink", "InterruptState", "InterruptController",
-           "IrqError", "is_eventfd", "signal_eventfd", "EVENTFD_STUCK_SECONDS", "eventfd_writes_unblocked"]
+           "IrqError", "is_eventfd", "signal_eventfd", "EVENTFD_STUCK_SECONDS", "MAX_DRAINS",
+           "eventfd_writes_unblocked"]
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,12 @@ EVENTFD_STUCK_SECONDS = 1.0
 _WATCH_PERIOD = EVENTFD_STUCK_SECONDS / 4
 
 
+#: drain threads that may be parked at once (a peer that empties its counter between a drain's
+#: poll and read parks that thread until the eventfd's next signal); past it, stuck writes wait
+#: for a free slot
+MAX_DRAINS = 8
+
+
 class _EventfdWatchdog:
     """Unblocks eventfd writes that a peer holds (the window :func:`signal_eventfd` cannot
     close by itself: the peer shares the open file description, so it may clear
@@ -117,11 +124,18 @@ class _EventfdWatchdog:
     after (no lock, no handoff: a counter step, a dict store and a delete). One daemon thread,
     started by the first write, looks every :data:`_WATCH_PERIOD`; a write seen in progress for
     :data:`EVENTFD_STUCK_SECONDS` is blocked on a saturated counter, and a short-lived thread
-    reads the counter (our descriptor of the peer's eventfd: the read resets it to 0, which
-    lets the blocked write add its 1). That reader sets ``O_NONBLOCK`` and polls first; it
-    runs in its own thread, one per eventfd at a time, so that even a peer winning that race
-    too (emptying the counter between the poll and the read) parks only that reader, until
-    the eventfd's next signal, never the watchdog or a device thread.
+    reads the counter (the read resets it to 0, which lets the blocked write add its 1).
+
+    **Never another file.** The drain works on a duplicate of the writer's descriptor, taken
+    while that write is still in progress: the call number is looked up before and after the
+    ``dup`` (a number is used once and its entry only ever removed), so the write, during which
+    its caller keeps the descriptor open, spanned the ``dup``. A write that ended before the
+    drain thread ran leaves the fd number alone, whatever file that number names by then.
+
+    The reader sets ``O_NONBLOCK`` and polls first; it runs in its own thread (at most
+    :data:`MAX_DRAINS`, one per held call) so that even a peer winning that race too (emptying
+    the counter between the poll and the read) parks only that reader, until the eventfd's
+    next signal, never the watchdog or a device thread.
     """
 
     def __init__(self) -> None:
@@ -133,6 +147,7 @@ class _EventfdWatchdog:
         #: writes unblocked by a drain since the process started
         self.unblocked = 0
         self._start_lock = threading.Lock()
+        #: call numbers whose drain thread runs
         self._draining: set[int] = set()
         self._log = RateLimitedLog(log)
         os.register_at_fork(after_in_child=self._after_fork)
@@ -156,26 +171,58 @@ class _EventfdWatchdog:
             time.sleep(_WATCH_PERIOD)
             now = time.monotonic()
             first_seen = {w: first_seen.get(w, now) for w in list(self.writing.items())}
-            for (_call, fd), since in first_seen.items():
-                if now - since >= EVENTFD_STUCK_SECONDS and fd not in self._draining:
-                    self._draining.add(fd)
-                    threading.Thread(target=self._drain, args=(fd, now - since), name="pcidev-eventfd-drain",
+            for (call, fd), since in first_seen.items():
+                if (now - since >= EVENTFD_STUCK_SECONDS and call not in self._draining
+                        and len(self._draining) < MAX_DRAINS):
+                    self._draining.add(call)
+                    threading.Thread(target=self.drain, args=(call, fd, now - since), name="pcidev-eventfd-drain",
                                      daemon=True).start()
 
-    def _drain(self, fd: int, held: float) -> None:
+    def held_descriptor(self, call: int, fd: int) -> int | None:
+        """A duplicate of ``fd`` if the write ``call`` is still in progress (so ``fd`` still
+        names its eventfd), else None.
+
+        :param call: the write's call number.
+        :param fd: the descriptor that write was given.
+        """
+        if self.writing.get(call) != fd:
+            return None
         try:
-            os.set_blocking(fd, False)
-            p = select.poll()
-            p.register(fd, select.POLLIN)
-            if p.poll(0):
-                os.eventfd_read(fd)
-                self.unblocked += 1
-                self._log("an interrupt eventfd write was held %.1f s on a saturated blocking counter: "
-                          "the counter was drained", held)
-        except OSError:  # closed meanwhile, or emptied by its owner (the write went through)
-            pass
+            dup = os.dup(fd)
+        except OSError:
+            return None
+        if self.writing.get(call) != fd:  # the write ended during the dup: the number may name another file
+            os.close(dup)
+            return None
+        return dup
+
+    def drain(self, call: int, fd: int, held: float) -> None:
+        """Empty the counter of the eventfd that the write ``call`` is held on, if that write
+        is still in progress (:meth:`held_descriptor`).
+
+        :param call: the write's call number.
+        :param fd: the descriptor it was given.
+        :param held: how long it has been held (for the log line).
+        """
+        try:
+            dup = self.held_descriptor(call, fd)
+            if dup is None:
+                return
+            try:
+                os.set_blocking(dup, False)
+                p = select.poll()
+                p.register(dup, select.POLLIN)
+                if p.poll(0):
+                    os.eventfd_read(dup)
+                    self.unblocked += 1
+                    self._log("an interrupt eventfd write was held %.1f s on a saturated blocking counter: "
+                              "the counter was drained", held)
+            except OSError:  # emptied by its owner meanwhile (the write went through)
+                pass
+            finally:
+                os.close(dup)
         finally:
-            self._draining.discard(fd)
+            self._draining.discard(call)
 
 
 _WATCHDOG = _EventfdWatchdog()

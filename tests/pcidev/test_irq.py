@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import select
+import socket
 import subprocess
 import sys
 import textwrap
@@ -374,3 +375,47 @@ def test_signalling_an_eventfd_leaves_nothing_for_the_watchdog() -> None:
         assert irq._WATCHDOG.writing == {}
     finally:
         os.close(fd)
+
+
+def test_a_drain_after_the_write_ended_leaves_a_reused_fd_number_alone() -> None:
+    # the watchdog saw a held write on fd N; before its drain thread ran, the write ended, the
+    # server closed N and a socket took the number: the drain must not touch that socket
+    efd = os.eventfd(0)
+    call = next(irq._CALLS)
+    irq._WATCHDOG.writing[call] = efd
+    del irq._WATCHDOG.writing[call]  # the write returned
+    os.close(efd)
+    a, b = socket.socketpair()
+    try:
+        if a.fileno() != efd:  # make the number be reused, as it would be
+            os.dup2(a.fileno(), efd)
+        b.sendall(b"ABCDEFGHIJKLMNOP")
+        irq._WATCHDOG.drain(call, efd, 1.0)
+        assert os.get_blocking(efd)
+        assert os.read(efd, 64) == b"ABCDEFGHIJKLMNOP"
+    finally:
+        if a.fileno() != efd:
+            os.close(efd)
+        a.close()
+        b.close()
+
+
+def test_a_drain_of_a_write_still_held_empties_the_counter_through_a_duplicate() -> None:
+    efd = os.eventfd(0)
+    try:
+        os.eventfd_write(efd, _MAX_COUNTER)
+        call = next(irq._CALLS)
+        irq._WATCHDOG.writing[call] = efd  # as a write held on the saturated counter would be
+        fds_before = len(os.listdir("/proc/self/fd"))
+        try:
+            irq._WATCHDOG.drain(call, efd, 1.0)
+        finally:
+            del irq._WATCHDOG.writing[call]
+        assert len(os.listdir("/proc/self/fd")) == fds_before  # the duplicate is closed
+        p = select.poll()
+        p.register(efd, select.POLLIN)
+        assert not p.poll(0)  # counter 0: drained
+        assert irq.signal_eventfd(efd)
+        assert os.eventfd_read(efd) == 1
+    finally:
+        os.close(efd)
