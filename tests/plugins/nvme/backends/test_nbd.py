@@ -519,3 +519,50 @@ def test_the_loader_takes_only_an_extension_built_for_this_python(tmp_path, monk
 
 def _no_module(name: str):
     raise ImportError(f"No module named {name!r}")
+
+
+def test_fast_path_reads_and_writes_complete_without_a_worker_thread(nbd_server):
+    """A Read or Write with PRPs on an NBD namespace starts on the submitting thread and is
+    completed by the connection's dispatcher (``submit_readv`` / ``submit_writev``): no I/O
+    worker is started, many are in flight at once, data and the FUA flag go through. (The
+    commands are 128 KiB apart: writes to one block-lock stripe go one at a time.)"""
+    from fakes import FakeController, command, prp_for
+
+    from pcidev_nvme.io import IoCommandSet, Opcode
+    from pcidev_nvme.namespace import make_namespace
+
+    server = nbd_server("nbdkit", size=4 * MiB, extra=("--filter=delay",), params=("rdelay=1", "wdelay=1"))
+    ctrl = FakeController()
+    ctrl.namespaces[1] = make_namespace(1, f"nbd:uri={server.uri},queue_depth=16")
+    ios = IoCommandSet(ctrl)
+    b = ctrl.namespaces[1].backend
+    try:
+        bufs = []
+        writes = []
+        for i in range(16):
+            addr = ctrl.alloc(4096)
+            ctrl.dma.write(addr, bytes([i + 1]) * 4096)
+            bufs.append(addr)
+            prp1, prp2 = prp_for(ctrl, addr, 4096)
+            fua = (1 << 30) if i % 2 else 0
+            writes.append(command(Opcode.WRITE, 1, prp1=prp1, prp2=prp2, cdw10=i * 256, cdw12=7 | fua))
+        for req in writes:
+            ios.submit(req)
+        for req in writes:
+            assert ctrl.wait(req, timeout=120)[0] == 0
+        assert b.max_inflight >= 8
+        reads = []
+        for i in range(16):
+            ctrl.dma.write(bufs[i], bytes(4096))
+            prp1, prp2 = prp_for(ctrl, bufs[i], 4096)
+            reads.append(command(Opcode.READ, 1, prp1=prp1, prp2=prp2, cdw10=i * 256, cdw12=7))
+        for req in reads:
+            ios.submit(req)
+        for i, req in enumerate(reads):
+            assert ctrl.wait(req, timeout=120)[0] == 0
+            assert ctrl.dma.read(bufs[i], 4096) == bytes([i + 1]) * 4096
+        assert ios._pool is None  # (before: one worker thread per command in flight)
+        assert ios.inflight == 0
+    finally:
+        ios.close()
+        ctrl.close()
