@@ -35,6 +35,16 @@ from ``/proc/PID/stat``. Its JSON keys start with ``vfio_user_``
 writing 64 blocks of a per-block pattern and reading them back
 (``verified_blocks``, ``vfio_user_verified_blocks``).
 
+``--ns SPEC`` (repeatable) benchmarks the namespaces it names instead, one after the other
+in one run, in this process: ``mem`` or ``file`` (a memory namespace or a temporary image of
+``--size`` bytes) or any spec the controller's ``ns=`` takes (``file:path=IMG``,
+``nbd:uri=nbd://HOST:PORT/EXPORT,queue_depth=32``; only the first ``--size`` bytes of a larger
+namespace are laid out and used). It prints, per backend and job, IOPS, IOPS per CPU-second,
+p50/p99 latency and the ratios to the first backend; ``--json`` prints ``backends``, a list
+of ``{"ns", "backend", "label", "jobs": {JOB: {"iops", "iops_per_cpu_s", "p50_us",
+"p99_us", "errors", "vs_first_iops", "vs_first_iops_per_cpu_s", ...}}}``. ``--job NAME``
+(repeatable) runs only the jobs named. See ``docs/nbd.md`` (Performance).
+
 The host loop keeps ``qd`` commands outstanding: it reaps whatever completed,
 resubmits one command per completion (each slot reuses its own buffer), and rings
 the SQ tail doorbell once per batch, as Linux does with ``blk_mq`` plugging. The
