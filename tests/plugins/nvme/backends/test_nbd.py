@@ -524,8 +524,10 @@ def _no_module(name: str):
 def test_fast_path_reads_and_writes_complete_without_a_worker_thread(nbd_server):
     """A Read or Write with PRPs on an NBD namespace starts on the submitting thread and is
     completed by the connection's dispatcher (``submit_readv`` / ``submit_writev``): no I/O
-    worker is started, many are in flight at once, data and the FUA flag go through. (The
-    commands are 128 KiB apart: writes to one block-lock stripe go one at a time.)"""
+    worker is started, many are in flight at once, data and the FUA flag go through.
+
+    The commands are 128 KiB apart: writes to one block-lock stripe go one at a time.
+    """
     from fakes import FakeController, command, prp_for
 
     from pcidev_nvme.io import IoCommandSet, Opcode

@@ -254,8 +254,8 @@ class _Async:
         err = self.err
         conn = self.conn
         conn.pending.discard(self)
-        if err and (err in (errno.ENOTCONN, errno.ESHUTDOWN) or conn.dead or conn.handle is None
-                    or conn.handle.aio_is_dead()):
+        h = conn.handle  # (None once the connection is closed)
+        if err and (err in (errno.ENOTCONN, errno.ESHUTDOWN) or conn.dead or h is None or h.aio_is_dead()):
             conn.dead = True
             if self.deadline is not None and time.monotonic() >= self.deadline:
                 self.finish(errno.EIO)
