@@ -237,7 +237,8 @@ class _Async:
 
     def __init__(self, backend: NbdBackend, conn: _Connection, done: Callable[[int], object],
                  blocking: Callable[[], None], deadline: float | None, keep: object) -> None:
-        self.backend, self.conn, self.done, self.blocking, self.deadline = backend, conn, done, blocking, deadline
+        self.backend, self.conn, self.blocking, self.deadline = backend, conn, blocking, deadline
+        self.done: Callable[[int], object] | None = done
         self.keep = keep  # (the buffer libnbd reads or writes: alive until the command is retired)
         self.err = 0
 

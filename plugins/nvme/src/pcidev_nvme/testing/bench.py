@@ -499,7 +499,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=3.0, help="run time of each job (default 3)")
     p.add_argument("--size", default="256M",
                    help="namespace size (default 256M); with --ns, the bytes of each namespace used")
-    p.add_argument("--profile", metavar="FILE", help="write a cProfile of the jobs to FILE")
+    p.add_argument("--profile", metavar="FILE",
+                   help="write a cProfile of the jobs to FILE (with --ns: FILE.0, FILE.1, ...)")
     p.add_argument("--transport", choices=TRANSPORTS, default="in-process",
                    help="in-process (default): the controller in this process; vfio-user: in a "
                         "'pcidev serve --vfio-user' process driven through pcidev's client; both: one, then the other")
