@@ -568,3 +568,38 @@ def test_fast_path_reads_and_writes_complete_without_a_worker_thread(nbd_server)
     finally:
         ios.close()
         ctrl.close()
+
+
+def test_a_fast_path_read_the_server_never_answers_fails_after_timeout(nbd_server):
+    """The asynchronous path's timeout: a Read the server holds for 60 s (delay filter) fails
+    with Unrecovered Read Error and its error (the dispatcher drops the connection at the
+    command's deadline); a Write after it goes over a new connection; each completes once."""
+    from fakes import FakeController, command, prp_for
+
+    from pcidev_nvme.io import IoCommandSet, Opcode
+    from pcidev_nvme.namespace import make_namespace
+
+    server = nbd_server("nbdkit", size=4 * MiB, extra=("--filter=delay",), params=("rdelay=60",))
+    ctrl = FakeController()
+    ctrl.namespaces[1] = make_namespace(1, f"nbd:uri={server.uri},timeout=0.5,reconnect_timeout=10")
+    ios = IoCommandSet(ctrl)
+    b = ctrl.namespaces[1].backend
+    try:
+        addr = ctrl.alloc(4096)
+        prp1, prp2 = prp_for(ctrl, addr, 4096)
+        t0 = time.monotonic()
+        req = command(Opcode.READ, 1, prp1=prp1, prp2=prp2, cdw10=0, cdw12=7)
+        ios.submit(req)
+        status, _dw0, error = ctrl.wait(req, timeout=60)
+        assert status == Status.UNRECOVERED_READ_ERROR and error is not None
+        assert 0.4 <= time.monotonic() - t0 < 30
+        assert ios._pool is None  # (it was the asynchronous path)
+        ctrl.dma.write(addr, b"w" * 4096)
+        req = command(Opcode.WRITE, 1, prp1=prp1, prp2=prp2, cdw10=64, cdw12=7)
+        ios.submit(req)
+        assert ctrl.wait(req, timeout=60)[0] == 0
+        assert b.reconnects == 1
+        assert not ctrl.double and ios.inflight == 0
+    finally:
+        ios.close()
+        ctrl.close()
