@@ -96,6 +96,7 @@ import errno
 import functools
 import itertools
 import logging
+import os
 import struct
 import threading
 import time
@@ -419,7 +420,7 @@ class IoCommandSet:
         nsid = -1
         ns: Namespace | None = None
         backend: Any = None
-        inline = fast = read_only = False
+        inline = fast = read_only = asyn = False
         nlbas = shift = 0
         i = 0
         wu = self.uncorrectable
@@ -454,7 +455,8 @@ class IoCommandSet:
                             inline = backend.inline
                             # (namespaces with metadata, atomic units of more than a
                             # block, or DULBE set take the general path)
-                            fast = ((inline or getattr(backend, "nowait", False)) and not ns.ms
+                            asyn = getattr(backend, "submit_readv", None) is not None and not inline
+                            fast = ((inline or asyn or getattr(backend, "nowait", False)) and not ns.ms
                                     and not serialises(ns) and not dulbe(nsid))
                             nlbas = ns.nlbas
                             shift = ns.lba_shift
@@ -498,6 +500,11 @@ class IoCommandSet:
                                 si = (salt + first) & smask
                             else:
                                 many = blocks.span(nsid, offset, length)
+                            if asyn:  # a backend that completes commands itself (NBD): no worker
+                                self._submit_async(req, ns, backend, views, offset, length, read,
+                                                   bool(cdw12 & 0x40000000) or durable,
+                                                   [si] if many is None else many)
+                                continue
                             try:
                                 if read:
                                     if many is None:
@@ -605,6 +612,78 @@ class IoCommandSet:
                     log.exception("completing %r failed", req)
             if i + 1 < len(reqs):  # the commands after it were not started: run them
                 self.submit_many(reqs[i + 1:])
+
+    def _submit_async(self, req: Request, ns: Namespace, backend: Any, views: list[memoryview], offset: int,
+                      length: int, read: bool, fua: bool, stripes: list[int]) -> None:
+        """A fast-path Read or Write on a backend with ``submit_readv`` / ``submit_writev``:
+        started here, completed from the backend's thread by its callback (no worker waits
+        for it). A Read notes its stripes' counts and reads again on a worker when a writer
+        overlapped it; a Write holds its stripes' tokens until it ends. A command the backend
+        does not start (a scatter list, a connection being reopened) goes to a worker."""
+        blocks = self.atomicity.blocks
+        handler = self._read if read else self._write
+        seen = blocks.seq(stripes) if read else None
+        if (seen is None) if read else not blocks.try_write(stripes):
+            self._release(views)
+            self._dispatch(_Rest(handler, 0, stripes), req, ns)
+            return
+        nsid = ns.nsid
+        with self._cond:
+            self._busy[req] = time.monotonic()
+
+        def done(error: int) -> None:
+            again = False
+            try:
+                self._release(views)
+                if read:
+                    again = not error and blocks.seq(stripes) != seen
+                else:
+                    blocks.end_write(stripes)
+                if again:  # a writer overlapped the read: a worker reads again, under the locks
+                    self._dispatch(_Rest(handler, 0, stripes), req, ns)
+                elif error:
+                    self._fail(req, OSError(error, os.strerror(error)))
+                else:
+                    if read:
+                        count_read(self.ctrl, nsid, length)
+                    else:
+                        if self.uncorrectable.active:
+                            self.uncorrectable.clear(nsid, offset >> ns.lba_shift, length >> ns.lba_shift)
+                        count_write(self.ctrl, nsid, length)
+                    self._complete(req, 0, 0)
+            except BaseException as exc:  # (also a re-read the closed pool refused)
+                again = False
+                self._fail(req, exc)
+            finally:
+                if not again:
+                    self._done(req)
+
+        try:
+            started = (backend.submit_readv(views, offset, done) if read
+                       else backend.submit_writev(views, offset, done, fua=fua))
+        except BaseException as exc:
+            started = False
+            if not read:
+                blocks.end_write(stripes)
+            self._release(views)
+            self._done(req)
+            self._fail(req, exc)
+            return
+        if not started:
+            if not read:
+                blocks.end_write(stripes)
+            self._release(views)
+            self._done(req)
+            self._dispatch(_Rest(handler, 0, stripes), req, ns)
+
+    @staticmethod
+    def _release(views: list[memoryview]) -> None:
+        """Release guest-memory views (one a backend still holds is left to its last reference)."""
+        for v in views:
+            try:
+                v.release()
+            except BufferError:
+                pass
 
     def _submit_general(self, req: Request) -> None:
         """Every command but the fast path's (see :meth:`submit`)."""
@@ -836,7 +915,7 @@ class IoCommandSet:
 
     def _done(self, req: Request) -> None:
         with self._cond:
-            del self._busy[req]
+            self._busy.pop(req, None)
             if not self._busy:
                 self._cond.notify_all()
 

@@ -18,16 +18,18 @@ DIST = "/usr/lib/python3/dist-packages/nbd.py"
 
 
 def _present() -> bool:
-    return os.path.exists(DIST) and shutil.which("nbdkit") is not None and shutil.which("qemu-nbd") is not None
+    return (os.path.exists(DIST) and shutil.which("nbdkit") is not None and shutil.which("qemu-nbd") is not None
+            and shutil.which("qemu-storage-daemon") is not None)
 
 
 @pytest.fixture(scope="session")
 def nbd_tools() -> None:
-    """The Python bindings of libnbd, nbdkit and qemu-nbd: installed when missing (root), else skip."""
+    """The Python bindings of libnbd, nbdkit, qemu-nbd and qemu-storage-daemon: installed when
+    missing (root), else skip."""
     if _present():
         return
     if os.geteuid() != 0:
-        pytest.skip("the NBD tests need python3-libnbd, nbdkit and qemu-utils (root installs them: "
+        pytest.skip("the NBD tests need python3-libnbd, nbdkit, qemu-utils and qemu-system-common (root installs them: "
                     "tests/plugins/nvme/backends/setup_nbd.sh)")
     run = subprocess.run(["sh", str(SETUP)], capture_output=True, text=True, timeout=900, check=False)
     if run.returncode != 0 or not _present():
@@ -39,8 +41,9 @@ def nbd_server(nbd_tools: None, tmp_path: Path) -> Iterator[Callable[..., NbdSer
     """``nbd_server("qemu", size=8 << 20, readonly=False, export="exp")``,
     ``nbd_server("nbdkit-file", size=...)`` (nbdkit's file plugin on an image) or
     ``nbd_server("nbdkit", size=..., extra=("--filter=delay",), params=("rdelay=1",))``
-    (nbdkit's memory plugin; ``extra``: options before the plugin, ``params``: after it):
-    a running server."""
+    (nbdkit's memory plugin; ``extra``: options before the plugin, ``params``: after it)
+    or ``nbd_server("qsd", size=...)`` (qemu-storage-daemon exporting a raw image): a running
+    server."""
     servers: list[NbdServer] = []
 
     def make(kind: str, *, size: int = 8 << 20, readonly: bool = False, export: str = "exp",
@@ -62,6 +65,16 @@ def nbd_server(nbd_tools: None, tmp_path: Path) -> Iterator[Callable[..., NbdSer
             argv = ["nbdkit", "-f", "-U", str(sock), *(["-r"] if readonly else []), *extra, "file", str(image),
                     *params]
             export = ""
+        elif kind == "qsd":
+            image = tmp_path / f"nbd{n}.img"
+            if not image.exists():
+                with open(image, "wb") as f:
+                    f.truncate(size)
+            argv = ["qemu-storage-daemon", "--blockdev", f"driver=file,node-name=f{n},filename={image}",
+                    "--blockdev", f"driver=raw,node-name=r{n},file=f{n}",
+                    "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                    "--export", f"type=nbd,id=e{n},node-name=r{n},name={export},"
+                                f"writable={'off' if readonly else 'on'}"]
         elif kind == "nbdkit":
             argv = ["nbdkit", "-f", "-U", str(sock), *(["-r"] if readonly else []), *extra,
                     "memory", str(size), *params]

@@ -519,3 +519,87 @@ def test_the_loader_takes_only_an_extension_built_for_this_python(tmp_path, monk
 
 def _no_module(name: str):
     raise ImportError(f"No module named {name!r}")
+
+
+def test_fast_path_reads_and_writes_complete_without_a_worker_thread(nbd_server):
+    """A Read or Write with PRPs on an NBD namespace starts on the submitting thread and is
+    completed by the connection's dispatcher (``submit_readv`` / ``submit_writev``): no I/O
+    worker is started, many are in flight at once, data and the FUA flag go through.
+
+    The commands are 128 KiB apart: writes to one block-lock stripe go one at a time.
+    """
+    from fakes import FakeController, command, prp_for
+
+    from pcidev_nvme.io import IoCommandSet, Opcode
+    from pcidev_nvme.namespace import make_namespace
+
+    server = nbd_server("nbdkit", size=4 * MiB, extra=("--filter=delay",), params=("rdelay=1", "wdelay=1"))
+    ctrl = FakeController()
+    ctrl.namespaces[1] = make_namespace(1, f"nbd:uri={server.uri},queue_depth=16")
+    ios = IoCommandSet(ctrl)
+    b = ctrl.namespaces[1].backend
+    try:
+        bufs = []
+        writes = []
+        for i in range(16):
+            addr = ctrl.alloc(4096)
+            ctrl.dma.write(addr, bytes([i + 1]) * 4096)
+            bufs.append(addr)
+            prp1, prp2 = prp_for(ctrl, addr, 4096)
+            fua = (1 << 30) if i % 2 else 0
+            writes.append(command(Opcode.WRITE, 1, prp1=prp1, prp2=prp2, cdw10=i * 256, cdw12=7 | fua))
+        for req in writes:
+            ios.submit(req)
+        for req in writes:
+            assert ctrl.wait(req, timeout=120)[0] == 0
+        assert b.max_inflight >= 8
+        reads = []
+        for i in range(16):
+            ctrl.dma.write(bufs[i], bytes(4096))
+            prp1, prp2 = prp_for(ctrl, bufs[i], 4096)
+            reads.append(command(Opcode.READ, 1, prp1=prp1, prp2=prp2, cdw10=i * 256, cdw12=7))
+        for req in reads:
+            ios.submit(req)
+        for i, req in enumerate(reads):
+            assert ctrl.wait(req, timeout=120)[0] == 0
+            assert ctrl.dma.read(bufs[i], 4096) == bytes([i + 1]) * 4096
+        assert ios._pool is None  # (before: one worker thread per command in flight)
+        assert ios.inflight == 0
+    finally:
+        ios.close()
+        ctrl.close()
+
+
+def test_a_fast_path_read_the_server_never_answers_fails_after_timeout(nbd_server):
+    """The asynchronous path's timeout: a Read the server holds for 60 s (delay filter) fails
+    with Unrecovered Read Error and its error (the dispatcher drops the connection at the
+    command's deadline); a Write after it goes over a new connection; each completes once."""
+    from fakes import FakeController, command, prp_for
+
+    from pcidev_nvme.io import IoCommandSet, Opcode
+    from pcidev_nvme.namespace import make_namespace
+
+    server = nbd_server("nbdkit", size=4 * MiB, extra=("--filter=delay",), params=("rdelay=60",))
+    ctrl = FakeController()
+    ctrl.namespaces[1] = make_namespace(1, f"nbd:uri={server.uri},timeout=0.5,reconnect_timeout=10")
+    ios = IoCommandSet(ctrl)
+    b = ctrl.namespaces[1].backend
+    try:
+        addr = ctrl.alloc(4096)
+        prp1, prp2 = prp_for(ctrl, addr, 4096)
+        t0 = time.monotonic()
+        req = command(Opcode.READ, 1, prp1=prp1, prp2=prp2, cdw10=0, cdw12=7)
+        ios.submit(req)
+        status, _dw0, error = ctrl.wait(req, timeout=60)
+        assert status == Status.UNRECOVERED_READ_ERROR and error is not None
+        assert 0.4 <= time.monotonic() - t0 < 30
+        assert ios._pool is None  # (it was the asynchronous path)
+        ctrl.dma.write(addr, b"w" * 4096)
+        req = command(Opcode.WRITE, 1, prp1=prp1, prp2=prp2, cdw10=64, cdw12=7)
+        ios.submit(req)
+        assert ctrl.wait(req, timeout=60)[0] == 0
+        assert b.reconnects == 1
+        assert not ctrl.double and ios.inflight == 0
+    finally:
+        ios.close()
+        ctrl.close()

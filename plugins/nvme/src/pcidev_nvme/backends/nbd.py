@@ -51,6 +51,7 @@ else of that directory).
 
 from __future__ import annotations
 
+import collections
 import errno
 import importlib
 import importlib.machinery
@@ -64,6 +65,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import Any
 
@@ -225,6 +227,74 @@ class _Waiter:
         return self.done.acquire(timeout=-1 if timeout is None else max(timeout, 0.0))
 
 
+class _Async:
+    """One asynchronous command (:meth:`NbdBackend.submit_readv`): libnbd's completion
+    callback, run on the dispatcher thread. A lost connection hands the command to the
+    backend's retry thread (the blocking path, which reconnects); a command past its
+    deadline fails with ``EIO``; otherwise ``done(errno or 0)`` is called, exactly once."""
+
+    __slots__ = ("backend", "conn", "done", "blocking", "deadline", "keep", "err", "__weakref__")
+
+    def __init__(self, backend: NbdBackend, conn: _Connection, done: Callable[[int], object],
+                 blocking: Callable[[], None], deadline: float | None, keep: object) -> None:
+        self.backend, self.conn, self.blocking, self.deadline = backend, conn, blocking, deadline
+        self.done: Callable[[int], object] | None = done
+        self.keep = keep  # (the buffer libnbd reads or writes: alive until the command is retired)
+        self.err = 0
+
+    def __call__(self, error: Any) -> int:
+        # (libnbd holds the handle's lock here: the command's end is settled by the
+        # dispatcher once libnbd returns, so the completion path may issue new commands)
+        value = getattr(error, "value", error)
+        self.err = value if isinstance(value, int) else errno.EIO
+        self.conn.completed.append(self)
+        return 1  # retire the command
+
+    def settle(self) -> None:
+        """The command ended (its libnbd callback ran): complete it, or send it again."""
+        err = self.err
+        conn = self.conn
+        conn.pending.discard(self)
+        h = conn.handle  # (None once the connection is closed)
+        if err and (err in (errno.ENOTCONN, errno.ESHUTDOWN) or conn.dead or h is None or h.aio_is_dead()):
+            conn.dead = True
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                self.finish(errno.EIO)
+            else:
+                try:
+                    self.backend._retry(self)
+                except Exception:  # (closed: no thread to retry on)
+                    self.finish(errno.EIO)
+            return
+        self.finish(err)
+
+    def retry(self) -> None:
+        """The blocking path, on the backend's retry thread (a lost connection)."""
+        try:
+            self.blocking()
+        except OSError as exc:
+            self.finish(exc.errno or errno.EIO)
+        except Exception:  # pragma: no cover - a bug must not lose the completion
+            log.exception("NBD retry failed")
+            self.finish(errno.EIO)
+        else:
+            self.finish(0)
+
+    def finish(self, err: int) -> None:
+        """Report the command's end (once)."""
+        backend = self.backend
+        with backend._lock:
+            backend.inflight -= 1
+        done, self.done = self.done, None
+        self.keep = None
+        if done is None:  # pragma: no cover - libnbd retires a command once
+            return
+        try:
+            done(err)
+        except Exception:  # pragma: no cover - the completion path's own failure
+            log.exception("completing an NBD command failed")
+
+
 class _Lost(Exception):
     """The connection died under a command (it is sent again on a new one)."""
 
@@ -257,6 +327,11 @@ class _Connection:
         except nbd.Error as exc:
             raise OSError(_errno_of(exc), str(exc)) from None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        #: the asynchronous commands on the wire (their deadlines are checked by the dispatcher)
+        self.pending: set[_Async] = set()
+        #: asynchronous commands libnbd retired, to settle outside its callback
+        self.completed: collections.deque[_Async] = collections.deque()
+        self._next_check = 0.0
         self.thread = threading.Thread(target=self._loop, name="nbd-dispatch", daemon=True)
         self.thread.start()
 
@@ -281,8 +356,12 @@ class _Connection:
                     h.aio_notify_read()
                 if ev & select.POLLOUT:
                     h.aio_notify_write()
+                if self.completed:
+                    self.settle()
                 if h.aio_is_dead() or h.aio_is_closed():
                     break
+                if self.pending:
+                    self._check_deadlines()
         except nbd.Error as exc:
             if not self._closing:
                 log.warning("NBD connection lost: %s", exc)
@@ -290,6 +369,29 @@ class _Connection:
             log.exception("NBD dispatcher failed")
         finally:
             self.dead = True
+            self.settle()
+
+    def settle(self) -> None:
+        """Settle the asynchronous commands libnbd retired (:meth:`_Async.settle`)."""
+        completed = self.completed
+        while completed:
+            try:
+                cmd = completed.popleft()
+            except IndexError:  # (another thread took the last one)
+                break
+            cmd.settle()
+
+    def _check_deadlines(self) -> None:
+        """Drop the connection when an asynchronous command is past its deadline (its
+        callback then fails it; the others on the connection are sent again)."""
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + 0.1
+        if any(cmd.deadline is not None and cmd.deadline <= now for cmd in list(self.pending)):
+            log.warning("NBD command unanswered past its timeout: dropping the connection")
+            self.dead = True
+            self.abort()
 
     def kick(self) -> None:
         """Let the dispatcher look at the direction again (a command may wait to be sent)."""
@@ -354,6 +456,7 @@ class _Connection:
             os.close(fd)
         handle, self.handle = self.handle, None
         del handle  # (libnbd closes the socket when the handle goes)
+        self.settle()  # (commands libnbd retired as it closed)
 
 
 def export_size(uri: str, timeout: float) -> int:
@@ -455,6 +558,8 @@ class NbdBackend(BaseBackend):
         self._failures = [0] * connections
         self._next = itertools.count()
         self._closed = False
+        #: the thread that sends asynchronous commands again after a lost connection
+        self._retrier: ThreadPoolExecutor | None = None
         #: reconnections made (for tests and logs)
         self.reconnects = 0
         #: commands on the wire now, and the most there were at once
@@ -582,6 +687,81 @@ class NbdBackend(BaseBackend):
         finally:
             with self._lock:
                 self.inflight -= 1
+
+    # -- asynchronous I/O ------------------------------------------------------------------
+
+    def _retry(self, cmd: _Async) -> None:
+        """Run ``cmd``'s blocking path on a retry thread (its connection was lost)."""
+        with self._lock:
+            if self._closed:
+                raise OSError(errno.EBADF, "the nbd backend is closed")
+            if self._retrier is None:
+                self._retrier = ThreadPoolExecutor(self.queue_depth, thread_name_prefix="nbd-retry")
+            retrier = self._retrier
+        retrier.submit(cmd.retry)
+
+    def _submit(self, issue: Callable[[Any, _Async], object], done: Callable[[int], object],
+                blocking: Callable[[], None], keep: object) -> bool:
+        """Issue a command without waiting: ``done`` is called once it ends (see
+        :meth:`submit_readv`). False: not issued (no live connection), nothing will be called."""
+        slot = next(self._next) % self.connections
+        conn = self._conns[slot]
+        if conn is None or conn.dead or self._closed or conn.handle is None:
+            return False
+        h = conn.handle
+        cmd = _Async(self, conn, done, blocking,
+                     time.monotonic() + self.timeout if self.timeout > 0 else None, keep)
+        with self._lock:
+            self.inflight += 1
+            if self.inflight > self.max_inflight:
+                self.max_inflight = self.inflight
+        conn.pending.add(cmd)
+        try:
+            issue(h, cmd)
+        except self.nbd.Error as exc:
+            conn.pending.discard(cmd)
+            with self._lock:
+                self.inflight -= 1
+            if conn.dead or h.aio_is_dead() or h.aio_is_closed():
+                return False
+            raise OSError(_errno_of(exc), str(exc)) from None
+        if conn.completed or h.aio_get_direction() & self.nbd.AIO_DIRECTION_WRITE:
+            conn.kick()  # (also: a command libnbd retired at once is settled by the dispatcher)
+        return True
+
+    def submit_readv(self, views: list[memoryview], offset: int, done: Callable[[int], object]) -> bool:
+        """Start an ``NBD_CMD_READ`` into one view and return at once; ``done(error)`` (0 or an
+        errno) is called exactly once when it ends, on the connection's dispatcher thread (or a
+        retry thread, after a lost connection was reopened), possibly before this returns.
+        The optional asynchronous half of the :class:`~pcidev_nvme.backends.base.Backend`
+        protocol, which the I/O command set uses instead of a worker thread per command.
+
+        :returns: False when the command was not started (a scatter list, more than one
+            request, no live connection): the caller uses :meth:`readv`; ``done`` is not called.
+        :raises OSError: libnbd refused the command at once.
+        """
+        if len(views) != 1 or len(views[0]) > self.max_request:
+            return False
+        view = views[0]
+        nbd = self.nbd
+        buf = nbd.Buffer.from_buffer(view)
+        return self._submit(lambda h, cb: h.aio_pread(buf, offset, completion=cb), done,
+                            lambda: self._read_into(view, offset), buf)
+
+    def submit_writev(self, views: list[memoryview], offset: int, done: Callable[[int], object], *,
+                      fua: bool = False) -> bool:
+        """Start an ``NBD_CMD_WRITE`` of one view (``fua``: with ``NBD_CMD_FLAG_FUA``) and
+        return at once; as :meth:`submit_readv`. A durable write to a server without FUA (a
+        write then a flush) is not started here (False)."""
+        if len(views) != 1 or len(views[0]) > self.max_request or (fua and not self.can_fua):
+            return False
+        self._check_writable()
+        view = views[0]
+        nbd = self.nbd
+        flags = nbd.CMD_FLAG_FUA if fua else 0
+        buf = nbd.Buffer.from_buffer(view)
+        return self._submit(lambda h, cb: h.aio_pwrite(buf, offset, completion=cb, flags=flags), done,
+                            lambda: self._write_from(view, offset, flags), buf)
 
     # -- I/O ----------------------------------------------------------------------------
 
@@ -743,7 +923,10 @@ class NbdBackend(BaseBackend):
         with self._lock:
             self._closed = True
             conns, self._conns = list(self._conns), [None] * len(self._conns)
+            retrier, self._retrier = self._retrier, None
             self._changed.notify_all()
+        if retrier is not None:
+            retrier.shutdown(wait=False)
         for conn in conns:
             if conn is not None:
                 conn.close()

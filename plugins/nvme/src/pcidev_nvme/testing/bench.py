@@ -35,6 +35,16 @@ from ``/proc/PID/stat``. Its JSON keys start with ``vfio_user_``
 writing 64 blocks of a per-block pattern and reading them back
 (``verified_blocks``, ``vfio_user_verified_blocks``).
 
+``--ns SPEC`` (repeatable) benchmarks the namespaces it names instead, one after the other
+in one run, in this process: ``mem`` or ``file`` (a memory namespace or a temporary image of
+``--size`` bytes) or any spec the controller's ``ns=`` takes (``file:path=IMG``,
+``nbd:uri=nbd://HOST:PORT/EXPORT,queue_depth=32``; only the first ``--size`` bytes of a larger
+namespace are laid out and used). It prints, per backend and job, IOPS, IOPS per CPU-second,
+p50/p99 latency and the ratios to the first backend; ``--json`` prints ``backends``, a list
+of ``{"ns", "backend", "label", "jobs": {JOB: {"iops", "iops_per_cpu_s", "p50_us",
+"p99_us", "errors", "vs_first_iops", "vs_first_iops_per_cpu_s", ...}}}``. ``--job NAME``
+(repeatable) runs only the jobs named. See ``docs/nbd.md`` (Performance).
+
 The host loop keeps ``qd`` commands outstanding: it reaps whatever completed,
 resubmits one command per completion (each slot reuses its own buffer), and rings
 the SQ tail doorbell once per batch, as Linux does with ``blk_mq`` plugging. The
@@ -147,6 +157,7 @@ def run_job(
     nsid: int = 1,
     qid: int = 1,
     seed: int = 1,
+    span: int | None = None,
 ) -> JobResult:
     """Run one job on I/O queue ``qid`` for about ``seconds``.
 
@@ -161,12 +172,14 @@ def run_job(
     :param nsid: namespace.
     :param qid: I/O queue.
     :param seed: random seed (the LBA sequence is reproducible).
+    :param span: bytes at the start of the namespace the job uses (None: all of it).
     :returns: the figures.
     :raises PcidevError: the driver failed (timeout, controller fatal status).
     """
     info = drv.namespaces[nsid]
     nlb = block_size // info.lba_size
-    slots = info.nsze // nlb
+    blocks = info.nsze if span is None else min(info.nsze, span // info.lba_size)
+    slots = blocks // nlb if nlb else 0
     if nlb < 1 or block_size % info.lba_size or slots < queue_depth:
         raise PcidevError(f"{name}: block size {block_size} does not suit namespace {nsid}")
     bufs = [machine.alloc(block_size, PAGE) for _ in range(queue_depth)]
@@ -244,33 +257,41 @@ JOBS: tuple[Job, ...] = (
 
 
 def run_benchmark(
-    *, seconds: float = 3.0, ns_size: int = 256 << 20, jobs: tuple[Job, ...] = JOBS, profile: str | None = None
+    *, seconds: float = 3.0, ns_size: int = 256 << 20, jobs: tuple[Job, ...] = JOBS, profile: str | None = None,
+    ns_spec: str | None = None,
 ) -> tuple[list[JobResult], dict[str, Any]]:
     """Build the machine, controller and driver, lay out the namespace, run the jobs.
 
     :param seconds: run time of each job.
-    :param ns_size: namespace size in bytes (memory backend).
+    :param ns_size: namespace size in bytes (memory backend); with ``ns_spec``, the bytes at
+        the start of the namespace that are laid out and used (at most the namespace).
     :param jobs: the jobs to run (see :data:`JOBS`).
     :param profile: write a cProfile of the jobs to this file.
+    :param ns_spec: the namespace, as in the controller's ``ns=`` property
+        (``file:path=IMG``, ``nbd:uri=...``); None: ``mem:size=ns_size``.
     :returns: the job results and facts about the setup.
     """
     machine = Machine(ram_size=256 << 20)
-    ctrl = NvmeController(f"mdts=7,ns=mem:size={ns_size}")
+    spec = ns_spec if ns_spec is not None else f"mem:size={ns_size}"
+    ctrl = NvmeController(f"mdts=7,ns={spec}")
     drv = None
     try:
         drv = NvmeDriver.attach(machine, ctrl, io_queues=1, io_depth=256)
+        info = drv.namespaces[1]
+        used = min(ns_size, info.nsze * info.lba_size)
         setup = {
-            "namespace_bytes": ns_size,
-            "lba_size": drv.namespaces[1].lba_size,
-            "backend": "mem",
+            "namespace_bytes": used,
+            "lba_size": info.lba_size,
+            "backend": spec.split(":", 1)[0],
+            "ns": spec,
             "io_queues": 1,
             "python": sys.version.split()[0],
         }
         t = time.perf_counter()
-        _layout(drv, machine, ns_size)
+        _layout(drv, machine, used)
         setup["layout_seconds"] = round(time.perf_counter() - t, 3)
-        results = _run_jobs(drv, machine, jobs, seconds, profile)
-        setup["verified_blocks"] = _verify(drv, machine)
+        results = _run_jobs(drv, machine, jobs, seconds, profile, span=used)
+        setup["verified_blocks"] = _verify(drv, machine, span=used)
         setup["transport"] = "in-process"
         return results, setup
     finally:
@@ -281,7 +302,7 @@ def run_benchmark(
 
 
 def _run_jobs(drv: Any, machine: Any, jobs: tuple[Job, ...], seconds: float, profile: str | None,
-              server_cpu: Any = None) -> list[JobResult]:
+              server_cpu: Any = None, *, span: int | None = None) -> list[JobResult]:
     """Run ``jobs``; ``server_cpu()`` (if given) gives the serving process's CPU seconds."""
     results = []
     prof = None
@@ -294,7 +315,7 @@ def _run_jobs(drv: Any, machine: Any, jobs: tuple[Job, ...], seconds: float, pro
         for name, opcode, bs, qd, sequential in jobs:
             before = server_cpu() if server_cpu is not None else 0.0
             r = run_job(drv, machine, name=name, opcode=opcode, block_size=bs, queue_depth=qd,
-                        seconds=seconds, sequential=sequential)
+                        seconds=seconds, sequential=sequential, span=span)
             if server_cpu is not None:
                 r.server_cpu_seconds = server_cpu() - before
             results.append(r)
@@ -309,15 +330,16 @@ def _run_jobs(drv: Any, machine: Any, jobs: tuple[Job, ...], seconds: float, pro
 VERIFY_BLOCKS = 64
 
 
-def _verify(drv: Any, machine: Any, nsid: int = 1) -> int:
-    """Write :data:`VERIFY_BLOCKS` 4 KiB blocks spread over the namespace, each with its
-    own pattern, read them back and compare. :returns: the blocks verified.
-    :raises PcidevError: a block came back different."""
+def _verify(drv: Any, machine: Any, nsid: int = 1, *, span: int | None = None) -> int:
+    """Write :data:`VERIFY_BLOCKS` 4 KiB blocks spread over the namespace (its first
+    ``span`` bytes), each with its own pattern, read them back and compare.
+    :returns: the blocks verified. :raises PcidevError: a block came back different."""
     info = drv.namespaces[nsid]
     nlb = 4096 // info.lba_size
-    stride = max(1, info.nsze // nlb // VERIFY_BLOCKS) * nlb
+    nsze = info.nsze if span is None else min(info.nsze, span // info.lba_size)
+    stride = max(1, nsze // nlb // VERIFY_BLOCKS) * nlb
     rnd = random.Random(0x5EED)
-    blocks = [(i * stride, rnd.randbytes(4096)) for i in range(min(VERIFY_BLOCKS, info.nsze // nlb))]
+    blocks = [(i * stride, rnd.randbytes(4096)) for i in range(min(VERIFY_BLOCKS, nsze // nlb))]
     for slba, data in blocks:
         drv.write(nsid, slba, data)
     for slba, data in blocks:
@@ -470,15 +492,24 @@ def _layout(drv: Any, machine: Any, ns_size: int) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pcidev bench nvme",
-        description="I/O benchmark of the NVMe controller through the software host (memory namespace).",
+        description="I/O benchmark of the NVMe controller through the software host (memory namespace, "
+                    "or the backends --ns names, side by side).",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--seconds", type=float, default=3.0, help="run time of each job (default 3)")
-    p.add_argument("--size", default="256M", help="namespace size (default 256M)")
-    p.add_argument("--profile", metavar="FILE", help="write a cProfile of the jobs to FILE")
+    p.add_argument("--size", default="256M",
+                   help="namespace size (default 256M); with --ns, the bytes of each namespace used")
+    p.add_argument("--profile", metavar="FILE",
+                   help="write a cProfile of the jobs to FILE (with --ns: FILE.0, FILE.1, ...)")
     p.add_argument("--transport", choices=TRANSPORTS, default="in-process",
                    help="in-process (default): the controller in this process; vfio-user: in a "
                         "'pcidev serve --vfio-user' process driven through pcidev's client; both: one, then the other")
+    p.add_argument("--ns", action="append", metavar="SPEC", default=[],
+                   help="benchmark this namespace (repeatable: one after the other in one run, compared with "
+                        "the first): a backend spec as in ns= (mem, file:path=IMG, nbd:uri=URI,queue_depth=32); "
+                        "plain 'mem' or 'file' is one of --size (the file a temporary one)")
+    p.add_argument("--job", action="append", metavar="NAME", default=[], choices=[j[0] for j in JOBS],
+                   help="run only this job (repeatable; default: all)")
     return p
 
 
@@ -491,7 +522,7 @@ def _keys(results: list[JobResult], prefix: str) -> dict[str, Any]:
         out[f"{prefix}{r.name}_p99_us"] = round(r.p99_us, 1)
         out[f"{prefix}{r.name}_errors"] = r.errors
         out[f"{prefix}{r.name}_iops_per_cpu_s"] = round(r.iops_per_cpu_second)
-        if prefix:
+        if prefix.startswith("vfio_user"):
             out[f"{prefix}{r.name}_server_cpu_us_per_io"] = round(r.server_cpu_us_per_io, 2)
             out[f"{prefix}{r.name}_client_cpu_us_per_io"] = round(r.cpu_seconds * 1e6 / r.ios, 2) if r.ios else 0.0
     return out
@@ -509,6 +540,80 @@ def _table(title: str, results: list[JobResult], seconds: float, *, server: bool
               f"{100 * cpu / r.seconds:6.0f} {r.iops_per_cpu_second:10.0f}{extra}")
 
 
+def _ratio(a: float, b: float) -> float:
+    return round(a / b, 3) if b else 0.0
+
+
+def _expand(spec: str, size: int, where: str, index: int) -> str:
+    """A ``--ns`` spec as the controller's ``ns=`` takes it: plain ``mem`` gets ``size=``,
+    plain ``file`` a temporary image in ``where`` of ``size`` bytes."""
+    if spec == "mem":
+        return f"mem:size={size}"
+    if spec == "file":
+        return f"file:path={os.path.join(where, f'bench{index}.img')},size={size}"
+    if ":" not in spec or any(c in spec for c in "\n\r"):
+        raise PcidevError(f"--ns {spec!r}: expected mem, file or KIND:OPTIONS (file:path=IMG, nbd:uri=URI)")
+    return spec
+
+
+def _compare(specs: list[str], runs: list[list[JobResult]], seconds: float, as_json: bool,
+             setups: list[dict[str, Any]]) -> dict[str, Any]:
+    """The per-backend figures of a ``--ns`` run, each job's ratio to the first backend's;
+    printed as a table unless ``as_json`` (then returned as the JSON's ``backends``)."""
+    first = {r.name: r for r in runs[0]}
+    backends = []
+    for i, (spec, results, setup) in enumerate(zip(specs, runs, setups, strict=True)):
+        entry: dict[str, Any] = {"ns": spec, "backend": setup["backend"], "label": f"{i + 1}:{setup['backend']}",
+                                 "jobs": {}}
+        for r in results:
+            base = first.get(r.name)
+            figures = {k.removeprefix(f"{r.name}_"): v for k, v in _keys([r], "").items()}
+            figures["vs_first_iops"] = _ratio(r.iops, base.iops) if base else 0.0
+            figures["vs_first_iops_per_cpu_s"] = (_ratio(r.iops_per_cpu_second, base.iops_per_cpu_second)
+                                                  if base else 0.0)
+            entry["jobs"][r.name] = figures
+        entry["verified_blocks"] = setup["verified_blocks"]
+        entry["layout_seconds"] = setup["layout_seconds"]
+        backends.append(entry)
+    if not as_json:
+        print(f"NVMe through the software host, one I/O queue, {seconds:g} s per job, backends one after the "
+              f"other (CPU: this process, not an NBD server's)")
+        print(f"{'backend':10s} {'job':20s} {'IOPS':>9s} {'IOPS/CPU-s':>10s} {'p50 us':>8s} {'p99 us':>8s} "
+              f"{'errors':>6s} {'vs 1st':>7s} {'/CPU-s':>7s}")
+        for entry in backends:
+            for name, f in entry["jobs"].items():
+                print(f"{entry['label']:10s} {name:20s} {f['iops']:9d} {f['iops_per_cpu_s']:10d} "
+                      f"{f['p50_us']:8.1f} {f['p99_us']:8.1f} {f['errors']:6d} {f['vs_first_iops']:7.3f} "
+                      f"{f['vs_first_iops_per_cpu_s']:7.3f}")
+        for entry in backends:
+            print(f"  {entry['label']}: {entry['ns']}")
+    return {"backends": backends}
+
+
+def _main_ns(args: argparse.Namespace, ns_size: int, jobs: tuple[Job, ...]) -> int:
+    """``--ns``: each namespace in turn, in this process, compared with the first."""
+    if args.transport != "in-process":
+        raise PcidevError("--ns runs in-process only (not with --transport)")
+    where = tempfile.mkdtemp(prefix="pcidev-bench-")
+    try:
+        specs = [_expand(spec, ns_size, where, i) for i, spec in enumerate(args.ns)]
+        runs: list[list[JobResult]] = []
+        setups: list[dict[str, Any]] = []
+        for i, spec in enumerate(specs):
+            results, setup = run_benchmark(seconds=args.seconds, ns_size=ns_size, jobs=jobs, ns_spec=spec,
+                                           profile=f"{args.profile}.{i}" if args.profile else None)
+            runs.append(results)
+            setups.append(setup)
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+    out = _compare(specs, runs, args.seconds, args.json, setups)
+    if args.json:
+        out["setup"] = {"transport": "in-process", "io_queues": 1, "python": sys.version.split()[0],
+                        "seconds": args.seconds, "bytes_used": ns_size}
+        print(json.dumps(out))
+    return 1 if any(r.errors for results in runs for r in results) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``pcidev bench nvme``.
 
@@ -519,13 +624,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.seconds <= 0:
         raise PcidevError("--seconds must be positive")
     ns_size = parse_size(args.size, "--size")
+    jobs = tuple(j for j in JOBS if j[0] in args.job) if args.job else JOBS
+    if args.ns:
+        return _main_ns(args, ns_size, jobs)
     local: list[JobResult] = []
     remote: list[JobResult] = []
     setup: dict[str, Any] = {}
     if args.transport in ("in-process", "both"):
-        local, setup = run_benchmark(seconds=args.seconds, ns_size=ns_size, profile=args.profile)
+        local, setup = run_benchmark(seconds=args.seconds, ns_size=ns_size, profile=args.profile, jobs=jobs)
     if args.transport in ("vfio-user", "both"):
-        remote, vsetup = run_vfio_user_benchmark(seconds=args.seconds, ns_size=ns_size,
+        remote, vsetup = run_vfio_user_benchmark(seconds=args.seconds, ns_size=ns_size, jobs=jobs,
                                                  profile=None if local else args.profile)
         if setup:
             setup["vfio_user_verified_blocks"] = vsetup["verified_blocks"]
