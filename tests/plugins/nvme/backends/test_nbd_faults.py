@@ -207,6 +207,7 @@ def test_a_delay_above_timeout_fails_the_command_and_the_rest_goes_on(nbd_server
     finally:
         drv.close()
         ctrl.close()
-    with open(server.argv[-2], "rb") as f:  # (the image: argv ends with "file IMAGE delay-read=60")
+    assert server.image is not None
+    with open(server.image, "rb") as f:
         f.seek(7 * lbs)
         assert f.read(2 * lbs) == b"e" * lbs + b"f" * lbs
