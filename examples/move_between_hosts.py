@@ -1,4 +1,4 @@
-"""Move a running NVMe device to a device process on another host, with its NBD storage,
+r"""Move a running NVMe device to a device process on another host, with its NBD storage,
 while the software host's verified workload runs on it; then say what happened.
 
 The device processes are yours (this script starts nothing and needs no privilege): the
@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--props", required=True, help="the device's properties, as given to its processes")
     ap.add_argument("--queues", type=int, default=2, help="I/O queues the workload drives (default 2)")
     ap.add_argument("--qd", type=int, default=8, help="commands in flight per queue (default 8)")
-    ap.add_argument("--steps", type=int, default=4, help="workload steps before each move and after the last (default 4)")
+    ap.add_argument("--steps", type=int, default=4,
+                    help="workload steps before each move and after the last (default 4)")
     ap.add_argument("--seed", type=int, default=None, help="seed of the workload's random choices")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds for each move and each wait (default 60)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
