@@ -215,9 +215,9 @@ def test_a_delay_above_timeout_fails_the_command_and_the_rest_goes_on(nbd_server
 
 
 #: an nbdkit ``sh`` plugin script: a 4 MiB image (``img`` beside it) whose next read, and next
-#: write, sleep 2 s first while a marker file exists; the sleep goes on when the client drops
-#: the connection (as a real server's I/O in flight does), and ``slow-write-done`` says the
-#: slow write reached the image
+#: write, sleep 4 s first while a marker file exists (``read-held`` / ``write-held`` say they
+#: started); the sleep goes on when the client drops the connection, as a real server's I/O in
+#: flight does, and ``slow-write-done`` says the slow write reached the image
 SLOW_ONCE = r"""#!/bin/sh
 dir=$(dirname "$0")
 case "$1" in
@@ -225,17 +225,24 @@ case "$1" in
     get_size) echo 4194304 ;;
     can_write) exit 0 ;;
     pread)
-        if [ -e "$dir/slow-read" ]; then rm -f "$dir/slow-read"; sleep 2; fi
+        if [ -e "$dir/slow-read" ]; then rm -f "$dir/slow-read"; touch "$dir/read-held"; sleep 4; fi
         dd if="$dir/img" skip="$4" count="$3" iflag=skip_bytes,count_bytes status=none ;;
     pwrite)
         if [ -e "$dir/slow-write" ]; then
-            rm -f "$dir/slow-write"; sleep 2; slow=1
+            rm -f "$dir/slow-write"; touch "$dir/write-held"; sleep 4; slow=1
         fi
         dd of="$dir/img" seek="$4" conv=notrunc oflag=seek_bytes status=none
         if [ -n "${slow:-}" ]; then touch "$dir/slow-write-done"; fi ;;
     *) exit 2 ;;
 esac
 """
+
+
+def _wait_file(path: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path.name} did not appear"
+        time.sleep(0.02)
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -245,8 +252,8 @@ esac
     "cancelled by the disconnect): a write acknowledged after its resend, then a later write to the same "
     "block (acknowledged too), is overwritten when the first copy lands -- the later write is lost"))
 def test_a_write_resent_after_a_dropped_connection_does_not_undo_a_later_write(nbd_tools, tmp_path: Path):
-    """The read (qid 2) and write A (qid 1) are both held by the server; the read times out
-    (0.5 s), its connection is dropped, write A is sent again on a new connection and
+    """The read (qid 2) and then write A (qid 1) are both held by the server; the read times
+    out (1.5 s), its connection is dropped, write A is sent again on a new connection and
     succeeds; write B to the same block succeeds. Once the server finished the first copy of
     A, the block must still read B."""
     script = tmp_path / "slow-once.sh"
@@ -255,26 +262,28 @@ def test_a_write_resent_after_a_dropped_connection_does_not_undo_a_later_write(n
     with open(tmp_path / "img", "wb") as f:
         f.truncate(4 * MiB)
     server = NbdServer(["nbdkit", "-f", "-U", str(tmp_path / "slow.sock"), "sh", str(script)], tmp_path / "slow.sock")
-    _machine, ctrl, drv = _attach(f"ns=nbd:uri={server.uri},timeout=0.5,reconnect_timeout=10")
+    _machine, ctrl, drv = _attach(f"ns=nbd:uri={server.uri},timeout=1.5,reconnect_timeout=10")
     try:
         lbs = drv.namespaces[1].lba_size
         drv.write(1, 0, b"0" * lbs)
         (tmp_path / "slow-read").touch()
         (tmp_path / "slow-write").touch()
         failed: list[int] = []
+        done: list[str] = []
         reader = threading.Thread(target=lambda: failed.append(_status(lambda: drv.read(1, 64, 1, qid=2))))
+        writer = threading.Thread(target=lambda: (drv.write(1, 0, b"A" * lbs), done.append("A")))
         reader.start()
-        time.sleep(0.1)  # (the read is on the wire first: it times out first)
-        drv.write(1, 0, b"A" * lbs)  # held, then sent again after the drop: succeeds
+        _wait_file(tmp_path / "read-held")
+        writer.start()
+        _wait_file(tmp_path / "write-held")  # write A is in the server ...
+        assert reader.is_alive()  # ... before the read times out
         reader.join(60)
-        assert failed == [Status.UNRECOVERED_READ_ERROR]
+        writer.join(60)  # held, then sent again after the drop: succeeds
+        assert failed == [Status.UNRECOVERED_READ_ERROR] and done == ["A"]
         assert ctrl.namespaces[1].backend.reconnects >= 1
         drv.write(1, 0, b"B" * lbs)
         assert drv.read(1, 0, 1) == b"B" * lbs
-        deadline = time.monotonic() + 30
-        while not (tmp_path / "slow-write-done").exists():  # the server finished the first copy of A
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        _wait_file(tmp_path / "slow-write-done")  # the server finished the first copy of A
         assert drv.read(1, 0, 1) == b"B" * lbs  # (reads A: B, acknowledged, was lost)
     finally:
         drv.close()
