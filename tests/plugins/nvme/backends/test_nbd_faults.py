@@ -329,3 +329,37 @@ def test_a_server_answering_eshutdown_forever_fails_the_command_within_reconnect
         assert b.reconnects <= 20
     finally:
         b.close()  # (the loop ends at the latest at timeout=10)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "NbdBackend.close (backends/nbd.py:741) closes each _Connection (:344) and drops its libnbd handle "
+    "(:356) without retiring the commands in flight: their completion callbacks never run, so the "
+    "thread waiting in _Connection.run (:332) waits until its timeout and then, the abort finding no "
+    "handle, forever in waiter.wait(None) (:335); with timeout=0 at once forever"))
+def test_close_ends_a_command_in_flight(nbd_server):
+    """A read held 30 s by the server (delay filter), ``timeout=0``: closing the backend must
+    end the waiting read with an error within a few seconds, not leave its thread blocked."""
+    from pcidev_nvme.backends import create_backend
+
+    server = nbd_server("nbdkit", size=4 * MiB, extra=("--filter=delay",), params=("delay-read=30",))
+    b = create_backend("nbd", {"uri": server.uri, "timeout": "0"})
+    result: list[object] = []
+
+    def read() -> None:
+        try:
+            b.readv([memoryview(bytearray(4096))], 0)
+            result.append("read")
+        except Exception as exc:
+            result.append(type(exc).__name__)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 30
+    while b.inflight == 0:  # the read is on the wire
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.3)  # (counted just before it is issued)
+    b.close()
+    reader.join(3)
+    assert not reader.is_alive(), "the read still waits 3 s after close()"
+    assert result == ["OSError"]
