@@ -12,10 +12,10 @@ from pathlib import Path
 
 class NbdServer:
     """One NBD server process on a UNIX socket (``uri``); :meth:`restart` starts it again on
-    the same socket, :meth:`kill` stops it at once."""
+    the same socket, :meth:`kill` stops it at once. ``image``: the file it serves, if any."""
 
-    def __init__(self, argv: list[str], sock: Path, export: str = "") -> None:
-        self.argv, self.sock, self.export = argv, sock, export
+    def __init__(self, argv: list[str], sock: Path, export: str = "", image: Path | None = None) -> None:
+        self.argv, self.sock, self.export, self.image = argv, sock, export, image
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 

@@ -18,18 +18,19 @@ DIST = "/usr/lib/python3/dist-packages/nbd.py"
 
 
 def _present() -> bool:
-    return (os.path.exists(DIST) and shutil.which("nbdkit") is not None and shutil.which("qemu-nbd") is not None
-            and shutil.which("qemu-storage-daemon") is not None)
+    return os.path.exists(DIST) and all(shutil.which(tool) is not None
+                                        for tool in ("nbdkit", "qemu-nbd", "qemu-storage-daemon", "psktool"))
 
 
 @pytest.fixture(scope="session")
 def nbd_tools() -> None:
-    """The Python bindings of libnbd, nbdkit, qemu-nbd and qemu-storage-daemon: installed when
-    missing (root), else skip."""
+    """The Python bindings of libnbd, nbdkit, qemu-nbd, qemu-storage-daemon and psktool:
+    installed when missing (root), else skip."""
     if _present():
         return
     if os.geteuid() != 0:
-        pytest.skip("the NBD tests need python3-libnbd, nbdkit, qemu-utils and qemu-system-common (root installs them: "
+        pytest.skip("the NBD tests need python3-libnbd, nbdkit, qemu-utils, qemu-system-common and gnutls-bin "
+                    "(root installs them: "
                     "tests/plugins/nvme/backends/setup_nbd.sh)")
     run = subprocess.run(["sh", str(SETUP)], capture_output=True, text=True, timeout=900, check=False)
     if run.returncode != 0 or not _present():
@@ -38,18 +39,19 @@ def nbd_tools() -> None:
 
 @pytest.fixture
 def nbd_server(nbd_tools: None, tmp_path: Path) -> Iterator[Callable[..., NbdServer]]:
-    """``nbd_server("qemu", size=8 << 20, readonly=False, export="exp")``,
+    """``nbd_server("qemu", size=8 << 20, readonly=False, export="exp")`` (qemu-nbd on a raw
+    image), ``nbd_server("qsd", ...)`` (qemu-storage-daemon exporting a raw image),
     ``nbd_server("nbdkit-file", size=...)`` (nbdkit's file plugin on an image) or
     ``nbd_server("nbdkit", size=..., extra=("--filter=delay",), params=("rdelay=1",))``
-    (nbdkit's memory plugin; ``extra``: options before the plugin, ``params``: after it)
-    or ``nbd_server("qsd", size=...)`` (qemu-storage-daemon exporting a raw image): a running
-    server."""
+    (nbdkit's memory plugin; ``extra``: options before the plugin, ``params``: after it):
+    a running server."""
     servers: list[NbdServer] = []
 
     def make(kind: str, *, size: int = 8 << 20, readonly: bool = False, export: str = "exp",
              extra: tuple[str, ...] = (), params: tuple[str, ...] = ()) -> NbdServer:
         n = len(servers)
         sock = tmp_path / f"nbd{n}.sock"
+        image = None
         if kind == "qemu":
             image = tmp_path / f"nbd{n}.img"
             if not image.exists():
@@ -57,6 +59,17 @@ def nbd_server(nbd_tools: None, tmp_path: Path) -> Iterator[Callable[..., NbdSer
                     f.truncate(size)
             argv = ["qemu-nbd", "-t", "-k", str(sock), "-f", "raw", "-x", export, "--cache=writeback",
                     "--discard=unmap", *(["--read-only"] if readonly else []), *extra, str(image)]
+        elif kind == "qsd":  # (many clients; the image is argv[-1]'s filename= too)
+            image = tmp_path / f"nbd{n}.img"
+            if not image.exists():
+                with open(image, "wb") as f:
+                    f.truncate(size)
+            argv = ["qemu-storage-daemon",
+                    "--blockdev", f"driver=file,node-name=file0,filename={image},discard=unmap",
+                    "--blockdev", "driver=raw,node-name=disk0,file=file0,discard=unmap",
+                    "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                    "--export", f"type=nbd,id=exp0,node-name=disk0,name={export},"
+                                f"writable={'off' if readonly else 'on'}", *extra]
         elif kind == "nbdkit-file":  # (multi-conn, and the data outlives the process)
             image = tmp_path / f"nbd{n}.img"
             if not image.exists():
@@ -65,23 +78,13 @@ def nbd_server(nbd_tools: None, tmp_path: Path) -> Iterator[Callable[..., NbdSer
             argv = ["nbdkit", "-f", "-U", str(sock), *(["-r"] if readonly else []), *extra, "file", str(image),
                     *params]
             export = ""
-        elif kind == "qsd":
-            image = tmp_path / f"nbd{n}.img"
-            if not image.exists():
-                with open(image, "wb") as f:
-                    f.truncate(size)
-            argv = ["qemu-storage-daemon", "--blockdev", f"driver=file,node-name=f{n},filename={image}",
-                    "--blockdev", f"driver=raw,node-name=r{n},file=f{n}",
-                    "--nbd-server", f"addr.type=unix,addr.path={sock}",
-                    "--export", f"type=nbd,id=e{n},node-name=r{n},name={export},"
-                                f"writable={'off' if readonly else 'on'}"]
         elif kind == "nbdkit":
             argv = ["nbdkit", "-f", "-U", str(sock), *(["-r"] if readonly else []), *extra,
                     "memory", str(size), *params]
             export = ""
         else:
             raise ValueError(kind)
-        server = NbdServer(argv, sock, export)
+        server = NbdServer(argv, sock, export, image)
         servers.append(server)
         return server
 

@@ -35,7 +35,7 @@ def read(b: NbdBackend, offset: int, length: int) -> bytes:
     return bytes(buf)
 
 
-@pytest.mark.parametrize("kind", ["qemu", "nbdkit"])
+@pytest.mark.parametrize("kind", ["qemu", "qsd", "nbdkit"])
 def test_vectored_write_read_fua_and_flush(nbd_server, kind):
     server = nbd_server(kind, size=8 * MiB)
     b = backend(server)
@@ -57,8 +57,8 @@ def test_vectored_write_read_fua_and_flush(nbd_server, kind):
         assert read(b, 4 * MiB, 4096) == bytes(4096)  # never written
     finally:
         b.close()
-    if kind == "qemu":  # what qemu-nbd stored is in its image
-        with open(server.argv[-1], "rb") as f:
+    if server.image is not None:  # what qemu-nbd or qemu-storage-daemon stored is in its image
+        with open(server.image, "rb") as f:
             f.seek(1 * MiB)
             assert f.read(len(data)) == data
 
@@ -74,8 +74,9 @@ def test_a_request_larger_than_the_servers_maximum_is_split(nbd_server):
         b.close()
 
 
-def test_deallocate_and_write_zeroes_read_zeros_and_block_status_tells_the_holes(nbd_server):
-    server = nbd_server("qemu", size=8 * MiB)
+@pytest.mark.parametrize("kind", ["qemu", "qsd"])
+def test_deallocate_and_write_zeroes_read_zeros_and_block_status_tells_the_holes(nbd_server, kind):
+    server = nbd_server(kind, size=8 * MiB)
     b = backend(server)
     try:
         assert b.holes and b.can_zero
@@ -217,12 +218,15 @@ def test_multi_conn_is_used_only_when_the_server_offers_it(nbd_server):
         b.close()
 
 
-def test_verified_random_io_through_the_controller_over_nbd(nbd_server):
+@pytest.mark.parametrize("kind", ["qemu", "qsd"])
+def test_verified_random_io_through_the_controller_over_nbd(nbd_server, kind):
+    """Namespace 1 on qemu-nbd or qemu-storage-daemon (an image), namespace 2 on nbdkit's
+    memory plugin (two connections, 4 KiB blocks)."""
     from pcidev.host import Machine
     from pcidev_nvme.controller import NvmeController
     from pcidev_nvme.testing import driver
 
-    q = nbd_server("qemu", size=4 * MiB)
+    q = nbd_server(kind, size=4 * MiB)
     k = nbd_server("nbdkit", size=4 * MiB)
     machine = Machine(ram_size=128 << 20)
     ctrl = NvmeController(f"mdts=5,ns=nbd:uri={q.uri},ns=nbd:uri={k.uri},lbaf=1,connections=2")
@@ -254,7 +258,7 @@ def test_verified_random_io_through_the_controller_over_nbd(nbd_server):
         ctrl.close()
 
 
-@pytest.mark.parametrize("kind,connections", [("qemu", 1), ("nbdkit-file", 2)])
+@pytest.mark.parametrize("kind,connections", [("qemu", 1), ("qsd", 1), ("nbdkit-file", 2)])
 def test_a_server_restarted_mid_workload_loses_nothing(nbd_server, kind, connections):
     """The server (qemu-nbd; nbdkit's file plugin with two connections) killed (SIGKILL) twice
     during a verified workload and started again on the same socket: the commands wait, are

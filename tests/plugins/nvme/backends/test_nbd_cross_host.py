@@ -126,3 +126,50 @@ def test_a_local_image_blocks_the_move_to_another_host(hosts, export_on_a, tmp_p
     finally:
         source.stop()
         dest.stop()
+
+
+EXAMPLE = Path(__file__).parents[4] / "examples" / "move_between_hosts.py"
+
+
+def test_the_move_between_hosts_example_moves_a_device_there_and_back(hosts, export_on_a, tmp_path):
+    """``examples/move_between_hosts.py`` as the how-to in docs/nbd.md runs it: the device
+    processes started by hand (host A the source, host B and then host A again waiting on
+    their own addresses), the script in the root namespace reaching their UNIX sockets: two
+    moves (A -> B -> A) under the verified workload, zero mismatches, exit status 0."""
+    import json
+    import sys
+
+    a, b = hosts
+    props = f"{PROPS},ns=nbd:uri={export_on_a}"
+    source = NetnsDeviceProcess(a, "nvme", f"unix:{tmp_path}/a.sock", options=props)
+    there = NetnsDeviceProcess(b, "nvme", f"unix:{tmp_path}/b.sock", options=props, incoming=f"tcp:{ADDR_B}:7000")
+    back = NetnsDeviceProcess(a, "nvme", f"unix:{tmp_path}/a2.sock", options=props, incoming=f"tcp:{ADDR_A}:7000")
+    try:
+        source.wait_event("ready", timeout=60)
+        to = [str(p.wait_event("listening", timeout=60)["incoming"]) for p in (there, back)]
+        assert to == [f"tcp:{ADDR_B}:7000", f"tcp:{ADDR_A}:7000"]
+        run = subprocess.run([sys.executable, str(EXAMPLE), "--link", source.link, "--to", to[0], "--to", to[1],
+                              "--props", props, "--steps", "3", "--seed", "7", "--json"],
+                             capture_output=True, text=True, timeout=300, check=False)
+        assert run.returncode == 0, run.stderr[-3000:]
+        result = json.loads(run.stdout)
+        assert [m["to"] for m in result["moves"]] == to
+        assert [m["link"] for m in result["moves"]] == [there.link, back.link]
+        assert all(m["fds"] == 0 for m in result["moves"])
+        report = result["workload"]
+        assert report["mismatches"] == 0 and report["lost_completions"] == 0
+        assert report["duplicate_completions"] == 0 and report["blocks_checked"] > 0
+        assert result["steps"] >= 9
+    finally:
+        for p in (source, there, back):
+            p.stop()
+
+
+def test_the_move_between_hosts_example_refuses_a_tcp_link_in_one_line(tmp_path):
+    import sys
+
+    run = subprocess.run([sys.executable, str(EXAMPLE), "--link", "tcp:10.0.0.1:7001", "--to", "tcp:10.0.0.2:7000",
+                          "--props", "serial=X"], capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 2
+    assert run.stderr.strip() == ("move_between_hosts: --link must be a unix:PATH address (the device link shares "
+                                  "guest RAM), not tcp:10.0.0.1:7001")
