@@ -155,6 +155,8 @@ class VmstateTarget(FuzzTarget):
                 paths = [p for p in _paths(body) if p]
             if inp.u8() < 224:  # mostly the sections: the header and fingerprint are checked first
                 paths = [p for p in paths if p[0] == "sections" and len(p) > 1] or paths
+            if not paths:  # the mutations so far left nothing to mutate (an empty body)
+                break
             path = paths[inp.u16() % len(paths)]
             parent, key = _get(body, path[:-1]), path[-1]
             kind = inp.u8() % 10
