@@ -24,7 +24,9 @@ def close(self):
     orig_close(self); self._fds_gone = True
 nb._Connection.close = close
 
-b = nb.NbdBackend(f"nbd+unix:///?socket={sock}", timeout=5, reconnect_timeout=2)
+# timeout=0 (argv[1] = 0): the reader waits forever instead of until its timeout
+b = nb.NbdBackend(f"nbd+unix:///?socket={sock}", timeout=float(sys.argv[1]) if len(sys.argv) > 1 else 5,
+                  reconnect_timeout=2)
 t0 = time.monotonic(); res = {}
 def reader():
     try: b.readv([memoryview(bytearray(4096))], 0); res["read"] = "ok"
