@@ -2,7 +2,7 @@
 _live() closes the connection under the read; libnbd never completes the read; after its
 timeout the reader kick()s the closed pipe fd, whose number the reconnection reused, and then
 waits for ever (waiter.wait(None))."""
-import os, subprocess, tempfile, threading, time
+import os, subprocess, sys, tempfile, threading, time
 from pcidev_nvme.backends import nbd as nb
 
 d = tempfile.mkdtemp(); sock = os.path.join(d, "s"); flag = os.path.join(d, "err")
