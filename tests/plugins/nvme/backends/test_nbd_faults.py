@@ -331,11 +331,6 @@ def test_a_server_answering_eshutdown_forever_fails_the_command_within_reconnect
         b.close()  # (the loop ends at the latest at timeout=10)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "NbdBackend.close (backends/nbd.py:741) closes each _Connection (:344) and drops its libnbd handle "
-    "(:356) without retiring the commands in flight: their completion callbacks never run, so the "
-    "thread waiting in _Connection.run (:332) waits until its timeout and then, the abort finding no "
-    "handle, forever in waiter.wait(None) (:335); with timeout=0 at once forever"))
 def test_close_ends_a_command_in_flight(nbd_server):
     """A read held 30 s by the server (delay filter), ``timeout=0``: closing the backend must
     end the waiting read with an error within a few seconds, not leave its thread blocked."""
@@ -363,3 +358,63 @@ def test_close_ends_a_command_in_flight(nbd_server):
     reader.join(3)
     assert not reader.is_alive(), "the read still waits 3 s after close()"
     assert result == ["OSError"]
+
+
+def test_kick_after_close_writes_to_no_descriptor(nbd_server):
+    """A closed connection's wake-up pipe is gone; its numbers are reused by the next files
+    opened (here a pipe): a late ``kick()`` (a command's issuer racing the close) must not
+    write into them."""
+    import os
+
+    from pcidev_nvme.backends import create_backend
+
+    server = nbd_server("nbdkit", size=4 * MiB)
+    b = create_backend("nbd", {"uri": server.uri})
+    conn = b._conns[0]
+    b.close()
+    assert not conn.thread.is_alive()
+    r, w = os.pipe2(os.O_NONBLOCK)
+    try:
+        conn.kick()
+        conn.abort()
+        with pytest.raises(BlockingIOError):
+            os.read(r, 16)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_connection_closed_under_other_commands_resends_them(nbd_server):
+    """Writes answered ESHUTDOWN make the backend drop their connection while a read (held
+    2 s by the server) is in flight on it: the read is retired by the close and sent again on
+    a new connection (it succeeds), instead of waiting for its whole timeout."""
+    from pcidev_nvme.backends import create_backend
+
+    server = nbd_server("nbdkit", size=4 * MiB, extra=("--filter=error", "--filter=delay"),
+                        params=("delay-read=2", "error-pwrite=ESHUTDOWN", "error-pwrite-rate=100%"))
+    b = create_backend("nbd", {"uri": server.uri, "timeout": "8", "reconnect_timeout": "1"})
+    result: dict[str, object] = {}
+
+    def read() -> None:
+        try:
+            b.readv([memoryview(bytearray(4096))], 0)
+            result["read"] = time.monotonic()
+        except Exception as exc:
+            result["read"] = repr(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    try:
+        start = time.monotonic()
+        reader.start()
+        deadline = time.monotonic() + 30
+        while b.inflight == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.3)
+        with pytest.raises(OSError):
+            b.writev([memoryview(b"x" * 4096)], 8192)
+        reader.join(30)
+        assert not reader.is_alive()
+        assert isinstance(result["read"], float) and result["read"] - start < 20
+    finally:
+        b.close()

@@ -115,6 +115,8 @@ RETRY_FIRST = 0.05
 RETRY_MAX = 2.0
 #: the largest data transfer sent as one NBD request (the protocol's usual limit is 32 MiB)
 MAX_REQUEST = 32 << 20
+#: seconds a closed connection's dispatcher waits for libnbd to retire its commands
+CLOSE_WAIT = 5.0
 #: the largest range one WRITE_ZEROES or BLOCK_STATUS request covers (the length is 32-bit)
 MAX_RANGE = 1 << 30
 
@@ -326,7 +328,17 @@ class _Connection:
                 h.poll(max(1, int(left * 1000)))
         except nbd.Error as exc:
             raise OSError(_errno_of(exc), str(exc)) from None
+        try:
+            # (our own descriptor of the socket: abort() shuts it down from any thread, even
+            # after libnbd closed its descriptor -- whose number may already be another file's)
+            self._sock: socket.socket | None = socket.socket(fileno=os.dup(h.aio_get_fd()))
+        except (OSError, nbd.Error) as exc:
+            raise OSError(_errno_of(exc) if isinstance(exc, nbd.Error) else exc.errno or errno.EIO,
+                          f"the connection to {uri}: {exc}") from None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        #: guards the wake-up pipe and the socket's descriptor (closed by the dispatcher as it ends)
+        self._fd_lock = threading.Lock()
+        self._fds_closed = False
         #: the asynchronous commands on the wire (their deadlines are checked by the dispatcher)
         self.pending: set[_Async] = set()
         #: asynchronous commands libnbd retired, to settle outside its callback
@@ -337,15 +349,23 @@ class _Connection:
 
     def _loop(self) -> None:
         nbd, h = self.nbd, self.handle
+        closing_since: float | None = None
         try:
             fd = h.aio_get_fd()
             poller = select.poll()
-            while not self._closing:
+            while True:
+                if self._closing:  # (aborted: run until libnbd retired every command)
+                    now = time.monotonic()
+                    if closing_since is None:
+                        closing_since = now
+                    elif now - closing_since > CLOSE_WAIT:
+                        log.warning("NBD connection not dead %g s after its close", CLOSE_WAIT)
+                        break
                 direction = h.aio_get_direction()
                 poller.register(fd, (select.POLLIN if direction & nbd.AIO_DIRECTION_READ else 0)
                                 | (select.POLLOUT if direction & nbd.AIO_DIRECTION_WRITE else 0))
                 poller.register(self._wake_r, select.POLLIN)
-                events = dict(poller.poll(1000))
+                events = dict(poller.poll(100 if self._closing else 1000))
                 if self._wake_r in events:
                     try:
                         os.read(self._wake_r, 4096)
@@ -370,6 +390,13 @@ class _Connection:
         finally:
             self.dead = True
             self.settle()
+            with self._fd_lock:
+                self._fds_closed = True
+                sock, self._sock = self._sock, None
+                for wake in (self._wake_r, self._wake_w):
+                    os.close(wake)
+            if sock is not None:
+                sock.close()
 
     def settle(self) -> None:
         """Settle the asynchronous commands libnbd retired (:meth:`_Async.settle`)."""
@@ -394,23 +421,41 @@ class _Connection:
             self.abort()
 
     def kick(self) -> None:
-        """Let the dispatcher look at the direction again (a command may wait to be sent)."""
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:
-            pass  # (a wake-up is pending already)
+        """Let the dispatcher look at the direction again (a command may wait to be sent).
+        Nothing once the dispatcher ended (its pipe is closed: the number may be reused)."""
+        with self._fd_lock:
+            if self._fds_closed:
+                return
+            try:
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:
+                pass  # (a wake-up is pending already)
 
     def abort(self) -> None:
-        """Shut the socket down (a server that stopped answering): the dispatcher then
-        reads its end, libnbd retires every command in flight with an error, and the
+        """Shut the socket down (a server that stopped answering, or a close): the dispatcher
+        then reads its end, libnbd retires every command in flight with an error, and the
         connection is dead (its commands are sent again on a new one)."""
-        try:
-            fd = self.handle.aio_get_fd()
-            with socket.socket(fileno=os.dup(fd)) as sock:
-                sock.shutdown(socket.SHUT_RDWR)
-        except (OSError, self.nbd.Error, AttributeError):
-            pass
+        self.dead = True
+        with self._fd_lock:
+            if self._sock is not None:
+                try:
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # (not connected any more)
         self.kick()
+
+    def _wait(self, waiter: _Waiter, timeout: float | None) -> bool | None:
+        """Wait for ``waiter`` up to ``timeout`` seconds (None: no limit) while the dispatcher
+        runs. True: done; False: timed out; None: the dispatcher ended without retiring it."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            step = 1.0 if end is None else min(1.0, end - time.monotonic())
+            if waiter.wait(step):
+                return True
+            if end is not None and time.monotonic() >= end:
+                return False
+            if not self.thread.is_alive():
+                return True if waiter.wait(0) else None
 
     def run(self, issue: Callable[[Any, _Waiter], object], timeout: float | None = None) -> None:
         """Issue one command and wait for it (up to ``timeout`` seconds: then the connection
@@ -431,11 +476,14 @@ class _Connection:
             raise OSError(_errno_of(exc), str(exc)) from None
         if h.aio_get_direction() & self.nbd.AIO_DIRECTION_WRITE:
             self.kick()
-        if not waiter.wait(timeout):
+        done = self._wait(waiter, timeout)
+        if done is None:
+            self.dead = True
+            raise _Lost()
+        if not done:
             log.warning("NBD command unanswered for %g s: dropping the connection", timeout)
             self.abort()
-            waiter.wait(None)  # (retired by the abort: libnbd no longer holds the buffer)
-            self.dead = True
+            self._wait(waiter, None)  # (retired by the abort: libnbd no longer holds the buffer)
             raise OSError(errno.ETIMEDOUT, "the NBD server did not answer in time")
         if waiter.error:
             if waiter.error in (errno.ENOTCONN, errno.ESHUTDOWN) or self.dead or h.aio_is_dead():
@@ -444,19 +492,16 @@ class _Connection:
             raise OSError(waiter.error, os.strerror(waiter.error))
 
     def close(self) -> None:
-        """Stop the dispatcher and close the handle (the socket). Idempotent."""
+        """Abort the connection, let the dispatcher run until libnbd retired every command in
+        flight (their issuers see a lost connection), then drop the handle. Idempotent."""
         if self._closing:
             return
         self._closing = True
-        self.dead = True
-        self.kick()
+        self.abort()
         if self.thread is not threading.current_thread():
-            self.thread.join(5)
-        for fd in (self._wake_r, self._wake_w):
-            os.close(fd)
-        handle, self.handle = self.handle, None
-        del handle  # (libnbd closes the socket when the handle goes)
-        self.settle()  # (commands libnbd retired as it closed)
+            self.thread.join(CLOSE_WAIT + 1)
+        self.handle = None  # (libnbd closes its socket when the last reference goes)
+        self.settle()
 
 
 def export_size(uri: str, timeout: float) -> int:
