@@ -291,12 +291,6 @@ def test_a_write_resent_after_a_dropped_connection_does_not_undo_a_later_write(n
         server.kill()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an ESHUTDOWN reply counts as a lost connection (backends/nbd.py:339, _Connection.run) and the "
-    "reconnection that follows succeeds at once, which clears the loss time (backends/nbd.py:545, "
-    "NbdBackend._live): reconnect_timeout never runs out and no backoff applies, so the command is "
-    "resent on a new connection in a tight loop (about 400 reconnections a second here, two log "
-    "warnings each) until timeout -- and forever with timeout=0"))
 def test_a_server_answering_eshutdown_forever_fails_the_command_within_reconnect_timeout(nbd_server):
     """The server (nbdkit) answers every read with ESHUTDOWN ("shutting down", but it keeps
     accepting connections), ``reconnect_timeout=0.5``, ``timeout=10``: the read must fail with
@@ -329,6 +323,37 @@ def test_a_server_answering_eshutdown_forever_fails_the_command_within_reconnect
         assert b.reconnects <= 20
     finally:
         b.close()  # (the loop ends at the latest at timeout=10)
+
+
+def test_a_server_answering_eshutdown_forever_fails_the_command_without_timeout(nbd_server):
+    """As above with ``timeout=0`` (no limit per command): the command is sent again at most
+    ``MAX_RESENDS`` times (each time on a new connection, after a growing pause), then fails."""
+    import errno
+
+    from pcidev_nvme.backends import create_backend
+    from pcidev_nvme.backends.nbd import MAX_RESENDS
+
+    server = nbd_server("nbdkit", size=4 * MiB, extra=("--filter=error",),
+                        params=("error-pread=ESHUTDOWN", "error-pread-rate=100%"))
+    b = create_backend("nbd", {"uri": server.uri, "timeout": "0", "reconnect_timeout": "30"})
+    result: list[object] = []
+
+    def read() -> None:
+        try:
+            b.readv([memoryview(bytearray(4096))], 0)
+            result.append("read")
+        except OSError as exc:
+            result.append(exc.errno)
+
+    reader = threading.Thread(target=read, daemon=True)
+    try:
+        reader.start()
+        reader.join(10)
+        assert not reader.is_alive(), f"still resending after 10 s ({b.reconnects} reconnections)"
+        assert result == [errno.EIO]
+        assert b.reconnects == MAX_RESENDS
+    finally:
+        b.close()
 
 
 def test_close_ends_a_command_in_flight(nbd_server):

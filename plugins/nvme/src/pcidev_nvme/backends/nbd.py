@@ -80,6 +80,7 @@ __all__ = [
     "DEFAULT_RECONNECT_TIMEOUT",
     "DEFAULT_TIMEOUT",
     "MAX_CONNECTIONS",
+    "MAX_RESENDS",
     "MAX_QUEUE_DEPTH",
     "MIN_ATTEMPT",
     "RETRY_FIRST",
@@ -113,6 +114,8 @@ MIN_ATTEMPT = 1.0
 RETRY_FIRST = 0.05
 #: longest pause between reconnection attempts (seconds)
 RETRY_MAX = 2.0
+#: times one command is sent again after its connection was lost under it (then ``EIO``)
+MAX_RESENDS = 3
 #: the largest data transfer sent as one NBD request (the protocol's usual limit is 32 MiB)
 MAX_REQUEST = 32 << 20
 #: seconds a closed connection's dispatcher waits for libnbd to retire its commands
@@ -235,11 +238,12 @@ class _Async:
     backend's retry thread (the blocking path, which reconnects); a command past its
     deadline fails with ``EIO``; otherwise ``done(errno or 0)`` is called, exactly once."""
 
-    __slots__ = ("backend", "conn", "done", "blocking", "deadline", "keep", "err", "__weakref__")
+    __slots__ = ("backend", "conn", "slot", "done", "blocking", "deadline", "keep", "err", "__weakref__")
 
-    def __init__(self, backend: NbdBackend, conn: _Connection, done: Callable[[int], object],
+    def __init__(self, backend: NbdBackend, conn: _Connection, slot: int, done: Callable[[int], object],
                  blocking: Callable[[], None], deadline: float | None, keep: object) -> None:
         self.backend, self.conn, self.blocking, self.deadline = backend, conn, blocking, deadline
+        self.slot = slot
         self.done: Callable[[int], object] | None = done
         self.keep = keep  # (the buffer libnbd reads or writes: alive until the command is retired)
         self.err = 0
@@ -268,6 +272,7 @@ class _Async:
                 except Exception:  # (closed: no thread to retry on)
                     self.finish(errno.EIO)
             return
+        self.backend._answered(self.slot, conn)
         self.finish(err)
 
     def retry(self) -> None:
@@ -599,6 +604,9 @@ class NbdBackend(BaseBackend):
         #: its reconnection already gave up (then each command tries once)
         self._lost_at: list[float | None] = [None] * connections
         self._gave_up = [False] * connections
+        #: per connection: the pause before its next reconnection (0 once a command was answered
+        #: on it: a server that accepts connections but answers ESHUTDOWN gets backoff too)
+        self._pause = [0.0] * connections
         #: per connection: reconnections that gave up (the commands waiting for one fail with it)
         self._failures = [0] * connections
         self._next = itertools.count()
@@ -664,6 +672,7 @@ class NbdBackend(BaseBackend):
                             slot, self.uri, self.reconnect_timeout)
             lost_at = self._lost_at[slot]
             once = self._gave_up[slot]
+            pause0 = self._pause[slot]
         if conn is not None:
             conn.close()
         assert lost_at is not None
@@ -672,6 +681,9 @@ class NbdBackend(BaseBackend):
         new: _Connection | None = None
         last = ""
         try:
+            if pause0 > 0:  # (the previous reconnection got no command answered)
+                once = once or time.monotonic() >= deadline
+                time.sleep(pause0)
             while True:
                 left = max(deadline - time.monotonic(), MIN_ATTEMPT)
                 try:
@@ -692,7 +704,7 @@ class NbdBackend(BaseBackend):
                     new = None
                 elif new is not None:
                     self._conns[slot] = new
-                    self._lost_at[slot] = None
+                    self._pause[slot] = min(max(pause0 * 2, RETRY_FIRST), RETRY_MAX)
                     self.reconnects += 1
                 else:
                     self._gave_up[slot] = True
@@ -703,6 +715,15 @@ class NbdBackend(BaseBackend):
         log.warning("nbd backend: connection %d to %s is back", slot, self.uri)
         return new
 
+    def _answered(self, slot: int, conn: _Connection) -> None:
+        """The server answered a command on ``conn``: its slot's loss (if any) is over."""
+        if self._lost_at[slot] is None and not self._pause[slot]:
+            return
+        with self._lock:
+            if self._conns[slot] is conn:
+                self._lost_at[slot] = None
+                self._pause[slot] = 0.0
+
     def _run(self, issue: Callable[[Any, _Waiter], object]) -> None:
         """Issue a command on the next connection and wait for it; a lost connection is
         reconnected and the command sent again.
@@ -711,6 +732,7 @@ class NbdBackend(BaseBackend):
         """
         slot = next(self._next) % self.connections
         deadline = time.monotonic() + self.timeout if self.timeout > 0 else None
+        resends = 0
         with self._lock:
             self.inflight += 1
             self.max_inflight = max(self.max_inflight, self.inflight)
@@ -722,11 +744,17 @@ class NbdBackend(BaseBackend):
                 conn = self._live(slot)
                 try:
                     conn.run(issue, left)
+                    self._answered(slot, conn)
                     return
                 except _Lost:
+                    resends += 1
+                    if resends > MAX_RESENDS:
+                        raise OSError(errno.EIO, f"NBD command lost with {resends} connections "
+                                                 f"to {self.uri}") from None
                     continue  # (_live reconnects, or raises when the time is up)
                 except OSError as exc:
                     if exc.errno != errno.ETIMEDOUT:
+                        self._answered(slot, conn)
                         raise
                     raise OSError(errno.EIO, f"NBD command not done within timeout={self.timeout} s") from None
         finally:
@@ -754,7 +782,7 @@ class NbdBackend(BaseBackend):
         if conn is None or conn.dead or self._closed or conn.handle is None:
             return False
         h = conn.handle
-        cmd = _Async(self, conn, done, blocking,
+        cmd = _Async(self, conn, slot, done, blocking,
                      time.monotonic() + self.timeout if self.timeout > 0 else None, keep)
         with self._lock:
             self.inflight += 1
