@@ -43,6 +43,9 @@ reconnection each and fail at once if the server is still away. NBD makes only f
 (or FUA) writes durable: writes acknowledged but not flushed before the server went down
 are as safe as the server kept them (a volatile write cache's writes after a power loss).
 
+**TLS.** An ``nbds://`` URI may name a pre-shared key file (``tls-psk-file=``): the one local
+file a URI may make libnbd read, checked by :func:`psk_file_of` at start.
+
 libnbd's Python bindings come from the distribution (Debian's ``python3-libnbd``, for the
 system Python 3): when ``import nbd`` fails, :func:`load_nbd` imports exactly the ``nbd``
 module and its ``libnbdmod`` extension from ``/usr/lib/python3/dist-packages`` (nothing
@@ -64,6 +67,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
@@ -91,6 +95,7 @@ __all__ = [
     "export_size",
     "load_nbd",
     "make_nbd",
+    "psk_file_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -172,6 +177,21 @@ def load_nbd() -> ModuleType:
                     raise ConfigError(f"the nbd backend needs libnbd's Python bindings: install "
                                       f"python3-libnbd ({exc})") from None
         return _nbd
+
+
+def psk_file_of(uri: str) -> str | None:
+    """The pre-shared key file a URI names (``tls-psk-file=`` in its query), or None.
+
+    :raises ConfigError: the URI names one that is not a readable regular file (checked
+        here, at start: libnbd's own error would come from the TLS handshake).
+    """
+    values = urllib.parse.parse_qs(urllib.parse.urlsplit(uri).query).get("tls-psk-file")
+    if not values:
+        return None
+    path = values[-1]
+    if len(values) > 1 or not os.path.isabs(path) or not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise ConfigError(f"nbd backend: tls-psk-file={path} in {uri} must be one readable file (an absolute path)")
+    return path
 
 
 def _errno_of(exc: BaseException) -> int:
@@ -321,7 +341,8 @@ class _Connection:
         self._closing = False
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            h.set_uri_allow_local_file(False)
+            # (the only local file a URI may make libnbd read is the key file, checked at start)
+            h.set_uri_allow_local_file("tls-psk-file" in urllib.parse.parse_qs(urllib.parse.urlsplit(uri).query))
             h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
             h.aio_connect_uri(uri)  # (not connect_uri: a TCP connect or a handshake may hang)
             while not h.aio_is_ready():
@@ -557,6 +578,7 @@ class NbdBackend(BaseBackend):
         self.timeout = timeout
         #: the commands the backend wants in flight (the I/O command set keeps that many workers)
         self.queue_depth = queue_depth
+        psk_file_of(uri)
         try:
             first = _Connection(nbd, uri, timeout or None)
         except OSError as exc:
