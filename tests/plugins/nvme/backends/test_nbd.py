@@ -607,3 +607,23 @@ def test_a_fast_path_read_the_server_never_answers_fails_after_timeout(nbd_serve
     finally:
         ios.close()
         ctrl.close()
+
+
+def _dispatchers() -> int:
+    return sum(t.name == "nbd-dispatch" for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("size", [1000, 8 * MiB, 4096 + 512])
+def test_a_refused_configuration_leaves_no_thread_or_descriptor(nbd_server, size):
+    """A start refused after the first connection opened (a size check_size refuses, a size
+    larger than the export) closes it: no dispatcher thread, socket or wake-up pipe left."""
+    server = nbd_server("nbdkit", size=4 * MiB)
+    threads, fds = _dispatchers(), len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(ConfigError):
+            NbdBackend(server.uri, size)
+    deadline = time.monotonic() + 10
+    while _dispatchers() > threads and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _dispatchers() == threads
+    assert len(os.listdir("/proc/self/fd")) == fds

@@ -583,6 +583,18 @@ class NbdBackend(BaseBackend):
             first = _Connection(nbd, uri, timeout or None)
         except OSError as exc:
             raise ConfigError(f"nbd backend: cannot open {uri}: {exc.strerror}") from None
+        try:
+            self._setup(first, size, read_only=read_only, connections=connections)
+        except BaseException:  # (a refused configuration leaves no thread nor descriptor behind)
+            first.close()
+            for conn in getattr(self, "_conns", ())[1:]:
+                if conn is not None:
+                    conn.close()
+            raise
+
+    def _setup(self, first: _Connection, size: int | None, *, read_only: bool, connections: int) -> None:
+        """The rest of the start, on the first connection ``first`` (see the class)."""
+        nbd, uri, timeout = self.nbd, self.uri, self.timeout
         h = first.handle
         try:
             export = h.get_size()
@@ -596,20 +608,16 @@ class NbdBackend(BaseBackend):
             maximum = int(h.get_block_size(nbd.SIZE_MAXIMUM))
             self.min_block = max(512, int(h.get_block_size(nbd.SIZE_MINIMUM)))
         except nbd.Error as exc:
-            first.close()
             raise ConfigError(f"nbd backend: {uri}: {exc}") from None
         self.max_request = min(MAX_REQUEST, maximum) if maximum > 0 else MAX_REQUEST
         if size is None:
             size = export - export % 4096
             if size <= 0:
-                first.close()
-                raise ConfigError(f"nbd backend: the export {uri} has {export} bytes, fewer than 4096")
+                    raise ConfigError(f"nbd backend: the export {uri} has {export} bytes, fewer than 4096")
         elif size > export:
-            first.close()
             raise ConfigError(f"nbd backend: the export {uri} has {export} bytes, fewer than the size={size} given")
         check_size(size, f"size of {uri}")
         if self.min_block > 4096:
-            first.close()
             raise ConfigError(f"nbd backend: the export {uri} needs {self.min_block}-byte blocks (at most 4096)")
         super().__init__(size)
         self.export_size = export
@@ -643,7 +651,6 @@ class NbdBackend(BaseBackend):
             for _ in range(1, connections):
                 self._conns.append(self._open(timeout or None))
         except OSError as exc:
-            self.close()
             raise ConfigError(f"nbd backend: cannot open connection to {uri}: {exc.strerror}") from None
 
     # -- connections --------------------------------------------------------------------
