@@ -498,6 +498,7 @@ class _Connection:
             issue(h, waiter)
         except self.nbd.Error as exc:
             if self.dead or h.aio_is_dead() or h.aio_is_closed():
+                self.dead = True
                 raise _Lost() from None
             raise OSError(_errno_of(exc), str(exc)) from None
         if h.aio_get_direction() & self.nbd.AIO_DIRECTION_WRITE:
@@ -762,6 +763,7 @@ class NbdBackend(BaseBackend):
         slot = next(self._next) % self.connections
         deadline = time.monotonic() + self.timeout if self.timeout > 0 else None
         resends = 0
+        lost: _Connection | None = None
         with self._lock:
             self.inflight += 1
             self.max_inflight = max(self.max_inflight, self.inflight)
@@ -776,7 +778,9 @@ class NbdBackend(BaseBackend):
                     self._answered(slot, conn)
                     return
                 except _Lost:
-                    resends += 1
+                    if conn is not lost:  # (one count per connection lost under the command)
+                        lost = conn
+                        resends += 1
                     if resends > MAX_RESENDS:
                         raise OSError(errno.EIO, f"NBD command lost with {resends} connections "
                                                  f"to {self.uri}") from None
@@ -825,6 +829,7 @@ class NbdBackend(BaseBackend):
             with self._lock:
                 self.inflight -= 1
             if conn.dead or h.aio_is_dead() or h.aio_is_closed():
+                conn.dead = True
                 return False
             raise OSError(_errno_of(exc), str(exc)) from None
         if conn.completed or h.aio_get_direction() & self.nbd.AIO_DIRECTION_WRITE:
