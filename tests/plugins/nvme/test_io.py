@@ -531,7 +531,9 @@ class FailingBackend(BaseBackend):
         (OSError(errno.EIO, "bad sector"), Status.UNRECOVERED_READ_ERROR, Status.WRITE_FAULT, True),
         (OSError(errno.ENOSPC, "full"), Status.CAP_EXCEEDED, Status.CAP_EXCEEDED, False),
         (RuntimeError("plugin bug"), Status.INTERNAL, Status.INTERNAL, False),
-        (OSError(errno.EPERM, "odd"), Status.INTERNAL, Status.INTERNAL, False),
+        (OSError(errno.EINVAL, "odd"), Status.INTERNAL, Status.INTERNAL, False),
+        # (an NBD server refusing a write: the export went read-only)
+        (OSError(errno.EPERM, "not permitted"), Status.INTERNAL, Status.NS_WRITE_PROTECTED, False),
     ],
 )
 def test_backend_failures_become_statuses(inline, exc, read_status, write_status, media):

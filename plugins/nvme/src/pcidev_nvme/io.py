@@ -318,7 +318,7 @@ def _copy_snsids(raw: bytes | bytearray, desfmt: int, count: int) -> set[int]:
 def _os_status(exc: OSError, *, write: bool) -> int:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return Status.CAP_EXCEEDED
-    if exc.errno == errno.EROFS:
+    if exc.errno == errno.EROFS or (write and exc.errno == errno.EPERM):  # (an NBD server's EPERM)
         return Status.NS_WRITE_PROTECTED
     if exc.errno in (errno.EIO, errno.ENXIO, errno.ENODEV, errno.EBADMSG, errno.EUCLEAN):
         return Status.WRITE_FAULT if write else Status.UNRECOVERED_READ_ERROR

@@ -627,3 +627,14 @@ def test_a_refused_configuration_leaves_no_thread_or_descriptor(nbd_server, size
         time.sleep(0.02)
     assert _dispatchers() == threads
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_a_server_taking_requests_smaller_than_a_block_is_refused(nbd_server):
+    """The blocksize-policy filter of nbdkit advertising a 512-byte maximum request: one 2 MiB read
+    would become 4096 requests; the start is refused with one line."""
+    server = nbd_server("nbdkit", size=4 * MiB, extra=("--filter=blocksize-policy",),
+                        params=("blocksize-minimum=512", "blocksize-preferred=512", "blocksize-maximum=512"))
+    with pytest.raises(ConfigError) as e:
+        create_backend("nbd", {"uri": server.uri})
+    assert str(e.value) == (f"nbd backend: the export {server.uri} takes requests of at most 512 bytes "
+                            f"(at least 4096 needed)")

@@ -443,3 +443,60 @@ def test_a_connection_closed_under_other_commands_resends_them(nbd_server):
         assert isinstance(result["read"], float) and result["read"] - start < 20
     finally:
         b.close()
+
+
+def test_a_write_the_server_answers_eperm_is_write_protected(nbd_server):
+    """A server refusing a write with ``EPERM`` (it went read-only under the namespace): the
+    write completes with Namespace is Write Protected, not Internal Error; reads go on."""
+    server = nbd_server("nbdkit", size=4 * MiB, extra=("--filter=error",),
+                        params=("error-pwrite=EPERM", "error-pwrite-rate=100%"))
+    _machine, ctrl, drv = _attach(f"ns=nbd:uri={server.uri}")
+    try:
+        lbs = drv.namespaces[1].lba_size
+        assert _status(lambda: drv.write(1, 0, b"x" * lbs)) == Status.NS_WRITE_PROTECTED
+        assert drv.read(1, 0, 1) == bytes(lbs)
+    finally:
+        drv.close()
+        ctrl.close()
+
+
+@pytest.mark.parametrize("lack", ["read-only", "zero", "multi-conn"])
+def test_a_server_that_comes_back_weaker_is_not_used(nbd_server, caplog, lack):
+    """The file plugin of nbdkit (FUA, write zeroes, multi-conn), restarted read-only (then also
+    without FUA and write zeroes), without write zeroes (the nozero filter) or without
+    multi-conn (the multi-conn filter) while two connections are open:
+    every reconnection counts as failed (one warning naming what is missing), so the commands
+    fail with EIO after reconnect_timeout -- not EPERM (Internal Error) on writes, nor writes
+    silently less durable. Back with all of it, the namespace works again."""
+    import errno
+
+    from pcidev_nvme.backends import create_backend
+
+    server = nbd_server("nbdkit-file", size=4 * MiB)
+    b = create_backend("nbd", {"uri": server.uri, "reconnect_timeout": "0.5", "connections": "2"})
+    try:
+        assert b.can_fua and b.connections == 2 and not b.read_only
+        b.writev([memoryview(b"a" * 4096)], 0, fua=True)
+        argv = list(server.argv)
+        plugin = argv.index("file")
+        weaker = {"read-only": ["-r"], "zero": ["--filter=nozero"], "multi-conn": ["--filter=multi-conn"]}[lack]
+        params = {"multi-conn": ["multi-conn-mode=disable"]}.get(lack, [])
+        server.kill()
+        server.argv = argv[:plugin] + weaker + argv[plugin:] + params
+        server.start()
+        for _ in range(2):  # (both connections)
+            with pytest.raises(OSError) as e:
+                b.writev([memoryview(b"b" * 4096)], 0, fua=True)
+            assert e.value.errno == errno.EIO
+        said = {"read-only": "no longer offers fua, zero, writes (read-only now)",
+                "zero": "no longer offers zero:", "multi-conn": "no longer offers multi-conn:"}[lack]
+        assert said in caplog.text
+        server.kill()
+        server.argv = argv
+        server.start()
+        b.writev([memoryview(b"c" * 4096)], 0, fua=True)
+        buf = bytearray(4096)
+        b.readv([memoryview(buf)], 0)
+        assert buf == b"c" * 4096
+    finally:
+        b.close()

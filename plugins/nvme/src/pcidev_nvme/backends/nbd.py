@@ -599,18 +599,20 @@ class NbdBackend(BaseBackend):
         h = first.handle
         try:
             export = h.get_size()
-            self.read_only = read_only or bool(h.is_read_only())
-            self.can_fua = bool(h.can_fua())
-            self.can_flush = bool(h.can_flush())
-            self.can_zero = bool(h.can_zero())
-            self.can_fast_zero = self.can_zero and bool(h.can_fast_zero())
-            self.holes = bool(h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION))
-            multi = bool(h.can_multi_conn())
-            maximum = int(h.get_block_size(nbd.SIZE_MAXIMUM))
-            self.min_block = max(512, int(h.get_block_size(nbd.SIZE_MINIMUM)))
+            caps = self._capabilities(h)
         except nbd.Error as exc:
             raise ConfigError(f"nbd backend: {uri}: {exc}") from None
-        self.max_request = min(MAX_REQUEST, maximum) if maximum > 0 else MAX_REQUEST
+        self.read_only = read_only or caps["read_only"]
+        self.can_fua, self.can_flush = caps["fua"], caps["flush"]
+        self.can_zero, self.can_fast_zero = caps["zero"], caps["fast_zero"]
+        self.holes = caps["holes"]
+        multi = caps["multi_conn"]
+        maximum = caps["max_request"]
+        self.min_block = caps["min_block"]
+        self.max_request = maximum
+        if maximum < 4096:
+            raise ConfigError(f"nbd backend: the export {uri} takes requests of at most {maximum} bytes "
+                              f"(at least 4096 needed)")
         if size is None:
             size = export - export % 4096
             if size <= 0:
@@ -626,6 +628,8 @@ class NbdBackend(BaseBackend):
             log.info("nbd backend: %s does not advertise multi-conn: one connection, not %d", uri, connections)
             connections = 1
         self.connections = connections
+        #: what every later connection must offer too (:meth:`_weaker`)
+        self._caps = dict(caps, read_only=self.read_only, multi_conn=connections > 1)
         self._conns: list[_Connection | None] = [first]
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -656,12 +660,53 @@ class NbdBackend(BaseBackend):
 
     # -- connections --------------------------------------------------------------------
 
+    def _capabilities(self, h: Any) -> dict[str, Any]:
+        """What the server offers on the connection of handle ``h`` (read when it opened).
+
+        :raises nbd.Error: libnbd cannot tell.
+        """
+        nbd = self.nbd
+        zero = bool(h.can_zero())
+        maximum = int(h.get_block_size(nbd.SIZE_MAXIMUM))
+        return {
+            "read_only": bool(h.is_read_only()), "fua": bool(h.can_fua()), "flush": bool(h.can_flush()),
+            "zero": zero, "fast_zero": zero and bool(h.can_fast_zero()),
+            "holes": bool(h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION)),
+            "multi_conn": bool(h.can_multi_conn()),
+            "max_request": min(MAX_REQUEST, maximum) if maximum > 0 else MAX_REQUEST,
+            "min_block": max(512, int(h.get_block_size(nbd.SIZE_MINIMUM))),
+        }
+
+    def _weaker(self, caps: dict[str, Any]) -> list[str]:
+        """What a new connection's ``caps`` lack of what the namespace was started with (a
+        server that came back read-only, without FUA, flush, zeroing, block status or
+        multi-conn, or with narrower block sizes)."""
+        want = self._caps
+        lacks = [name.replace("_", "-") for name in ("fua", "flush", "zero", "fast_zero", "holes", "multi_conn")
+                 if want[name] and not caps[name]]
+        if caps["read_only"] and not want["read_only"]:
+            lacks.append("writes (read-only now)")
+        if caps["max_request"] < want["max_request"]:
+            lacks.append(f"{want['max_request']}-byte requests (at most {caps['max_request']} now)")
+        if caps["min_block"] > want["min_block"]:
+            lacks.append(f"{want['min_block']}-byte blocks ({caps['min_block']} now)")
+        return lacks
+
     def _open(self, timeout: float | None) -> _Connection:
+        """A new connection with at least the namespace's size and the capabilities it was
+        started with.
+
+        :raises OSError: it cannot be opened, or the server offers less now (``EIO``).
+        """
         conn = _Connection(self.nbd, self.uri, timeout)
         try:
             h = conn.handle
             if h.get_size() < self.size:
                 raise OSError(errno.EIO, f"the export has {h.get_size()} bytes now, fewer than {self.size}")
+            lacks = self._weaker(self._capabilities(h))
+            if lacks:
+                log.warning("nbd backend: %s no longer offers %s: connection refused", self.uri, ", ".join(lacks))
+                raise OSError(errno.EIO, f"the export no longer offers {', '.join(lacks)}")
         except self.nbd.Error as exc:
             conn.close()
             raise OSError(_errno_of(exc), str(exc)) from None
