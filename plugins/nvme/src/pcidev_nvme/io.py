@@ -870,13 +870,15 @@ class IoCommandSet:
             self._busy[req] = time.monotonic()
             if abortable:
                 self._queued.add(req)
-        try:
-            self._pool.submit(self._run, handler, req, ns)
-        except BaseException:
-            with self._cond:
+            try:
+                # (under the lock: another thread's growth would shut this pool down between)
+                self._pool.submit(self._run, handler, req, ns)
+            except BaseException:
                 self._queued.discard(req)
-            self._done(req)
-            raise
+                self._busy.pop(req, None)
+                if not self._busy:
+                    self._cond.notify_all()
+                raise
 
     def abort(self, req: Request) -> bool:
         """Abort ``req`` if a worker has not started it yet: it completes now with Command
@@ -1010,11 +1012,10 @@ class IoCommandSet:
 
         :returns: its future.
         """
-        with self._cond:
+        with self._cond:  # (submitted under the lock: a pool growth shuts the old pool down)
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._pool_size, thread_name_prefix="nvme-io")
-            pool = self._pool
-        return pool.submit(fn)
+            return self._pool.submit(fn)
 
     @property
     def inflight(self) -> int:

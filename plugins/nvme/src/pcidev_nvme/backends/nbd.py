@@ -1018,13 +1018,16 @@ class NbdBackend(BaseBackend):
         self._zero(offset, length, nbd.CMD_FLAG_NO_HOLE)
 
     def allocated_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
-        """The allocated extents (``NBD_CMD_BLOCK_STATUS``, ``base:allocation``: not a
-        hole); all of it when the server has no such context."""
+        """The allocated extents (``NBD_CMD_BLOCK_STATUS``, ``base:allocation``: all but the
+        extents both ``HOLE`` and ``ZERO`` -- a hole not said to read as zeros counts as
+        written); all of it when the server has no such context."""
         if length <= 0:
             return []
         if not self.holes:
             return [(offset, length)]
         nbd = self.nbd
+        # (deallocated: a hole that reads as zeros; NBD does not promise a hole reads as zeros)
+        unwritten = nbd.STATE_HOLE | nbd.STATE_ZERO
         out: list[tuple[int, int]] = []
         end = offset + length
         pos = offset
@@ -1049,7 +1052,7 @@ class NbdBackend(BaseBackend):
                 if at != covered or n <= 0:
                     break
                 stop = min(at + n, end)
-                if not flags & nbd.STATE_HOLE and stop > at:
+                if flags & unwritten != unwritten and stop > at:
                     if out and out[-1][0] + out[-1][1] == at:
                         out[-1] = (out[-1][0], stop - out[-1][0])
                     else:
