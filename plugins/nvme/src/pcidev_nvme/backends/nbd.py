@@ -415,14 +415,14 @@ class _Connection:
             log.exception("NBD dispatcher failed")
         finally:
             self.dead = True
-            self.settle()
-            with self._fd_lock:
+            with self._fd_lock:  # (from now on a kick() fails: its caller settles, see _submit)
                 self._fds_closed = True
                 sock, self._sock = self._sock, None
                 for wake in (self._wake_r, self._wake_w):
                     os.close(wake)
             if sock is not None:
                 sock.close()
+            self.settle()
 
     def settle(self) -> None:
         """Settle the asynchronous commands libnbd retired (:meth:`_Async.settle`)."""
@@ -446,16 +446,20 @@ class _Connection:
             self.dead = True
             self.abort()
 
-    def kick(self) -> None:
+    def kick(self) -> bool:
         """Let the dispatcher look at the direction again (a command may wait to be sent).
-        Nothing once the dispatcher ended (its pipe is closed: the number may be reused)."""
+        Nothing once the dispatcher ended (its pipe is closed: the number may be reused).
+
+        :returns: False when the dispatcher ended (it settles nothing more).
+        """
         with self._fd_lock:
             if self._fds_closed:
-                return
+                return False
             try:
                 os.write(self._wake_w, b"\0")
             except BlockingIOError:
                 pass  # (a wake-up is pending already)
+            return True
 
     def abort(self) -> None:
         """Shut the socket down (a server that stopped answering, or a close): the dispatcher
@@ -878,7 +882,10 @@ class NbdBackend(BaseBackend):
                 return False
             raise OSError(_errno_of(exc), str(exc)) from None
         if conn.completed or h.aio_get_direction() & self.nbd.AIO_DIRECTION_WRITE:
-            conn.kick()  # (also: a command libnbd retired at once is settled by the dispatcher)
+            # (also: a command libnbd retired at once is settled by the dispatcher -- or here,
+            # when the dispatcher ended: the handle died under this very command)
+            if not conn.kick():
+                conn.settle()
         return True
 
     def submit_readv(self, views: list[memoryview], offset: int, done: Callable[[int], object]) -> bool:
