@@ -36,12 +36,18 @@ reopened with bounded retries and exponential backoff (:data:`RETRY_FIRST` doubl
 :data:`RETRY_MAX` seconds) while the commands that were in flight on it, and the new
 ones, wait; once it is back they are sent again (reads, writes, zeroing and flushes are
 idempotent: the I/O command set never has two overlapping writes in flight). If it is
-not back within ``reconnect_timeout`` seconds (default :data:`DEFAULT_RECONNECT_TIMEOUT`)
-they fail with ``EIO`` (the I/O command set completes them with Unrecovered Read Error or
-Write Fault and an Error Information log entry); later commands then try one
-reconnection each and fail at once if the server is still away. NBD makes only flushed
-(or FUA) writes durable: writes acknowledged but not flushed before the server went down
-are as safe as the server kept them (a volatile write cache's writes after a power loss).
+not back within ``reconnect_timeout`` seconds (default :data:`DEFAULT_RECONNECT_TIMEOUT`;
+the loss ends only once a command is answered on the new connection, and one command is sent
+again at most :data:`MAX_RESENDS` times) they fail with ``EIO`` (the I/O command set
+completes them with Unrecovered Read Error or Write Fault and an Error Information log
+entry); later commands then try one reconnection each and fail at once if the server is
+still away. NBD makes only flushed (or FUA) writes durable: writes acknowledged but not
+flushed before the server went down are as safe as the server kept them (a volatile write
+cache's writes after a power loss).
+A new connection must offer what the first one did (writes, FUA, flush, zeroing, block
+status, multi-conn when used, block sizes): a server that comes back with less is a failed
+attempt. Closing a connection shuts its socket down and lets libnbd retire every command
+on it before its descriptors go.
 
 **TLS.** An ``nbds://`` URI may name a pre-shared key file (``tls-psk-file=``): the one local
 file a URI may make libnbd read, checked by :func:`psk_file_of` at start.
@@ -80,6 +86,7 @@ from pcidev.properties import Size
 from pcidev_nvme.backends.base import BaseBackend, check_size, size_field, take_options
 
 __all__ = [
+    "CLOSE_WAIT",
     "DEFAULT_QUEUE_DEPTH",
     "DEFAULT_RECONNECT_TIMEOUT",
     "DEFAULT_TIMEOUT",
