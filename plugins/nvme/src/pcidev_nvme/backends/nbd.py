@@ -838,7 +838,7 @@ class NbdBackend(BaseBackend):
                         lost = conn
                         resends += 1
                     if resends > MAX_RESENDS:
-                        raise OSError(errno.EIO, f"NBD command lost with {resends} connections "
+                        raise OSError(errno.EIO, f"NBD command lost on {resends} connections "
                                                  f"to {self.uri}") from None
                     continue  # (_live reconnects, or raises when the time is up)
                 except OSError as exc:
