@@ -531,7 +531,9 @@ class FailingBackend(BaseBackend):
         (OSError(errno.EIO, "bad sector"), Status.UNRECOVERED_READ_ERROR, Status.WRITE_FAULT, True),
         (OSError(errno.ENOSPC, "full"), Status.CAP_EXCEEDED, Status.CAP_EXCEEDED, False),
         (RuntimeError("plugin bug"), Status.INTERNAL, Status.INTERNAL, False),
-        (OSError(errno.EPERM, "odd"), Status.INTERNAL, Status.INTERNAL, False),
+        (OSError(errno.EINVAL, "odd"), Status.INTERNAL, Status.INTERNAL, False),
+        # (an NBD server refusing a write: the export went read-only)
+        (OSError(errno.EPERM, "not permitted"), Status.INTERNAL, Status.NS_WRITE_PROTECTED, False),
     ],
 )
 def test_backend_failures_become_statuses(inline, exc, read_status, write_status, media):
@@ -850,6 +852,57 @@ def test_the_fast_path_reads_the_write_cache_and_write_protection_anew_for_each_
         b.read_only = False
         write_blocks(ctrl, ios, 3, pattern(512, 4))
         assert read_blocks(ctrl, ios, 0, 4) == b"".join(pattern(512, k) for k in (1, 2, 3, 4))
+    finally:
+        ios.close()
+        ctrl.close()
+
+
+def test_offload_racing_a_pool_growth_is_not_lost(monkeypatch):
+    """``offload()`` submitting to the worker pool while a command for a backend with a larger
+    ``queue_depth`` grows the pool (a new pool; the old one shut down): the offloaded call
+    runs, and the command completes -- no RuntimeError "cannot schedule new futures after
+    shutdown" from the old pool (the offloading thread is held inside ``submit`` until the
+    growth happened, or for 1 s at most)."""
+    import concurrent.futures
+
+    import pcidev_nvme.io as io_module
+
+    entered, grown = threading.Event(), threading.Event()
+
+    class HeldPool(concurrent.futures.ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):
+            if threading.current_thread().name == "offloader":
+                entered.set()
+                grown.wait(1.0)
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(io_module, "ThreadPoolExecutor", HeldPool)
+    ctrl = FakeController()
+    ctrl.namespaces[1] = make_namespace(1, "mem:size=8M")
+    backend = ctrl.namespaces[1].backend
+    backend.inline = False  # (through the workers)
+    ios = IoCommandSet(ctrl)
+    try:
+        buf = ctrl.alloc(4096)
+        ok(ctrl, ios, rw(Opcode.READ, 0, 8, prp1=buf))  # (the pool exists, 4 workers)
+        backend.queue_depth = 32
+        result: list[object] = []
+
+        def offload() -> None:
+            try:
+                result.append(ios.offload(lambda: 7).result(30))
+            except Exception as exc:
+                result.append(repr(exc))
+
+        t = threading.Thread(target=offload, name="offloader")
+        t.start()
+        assert entered.wait(30)
+        req = rw(Opcode.READ, 0, 8, prp1=buf)
+        ios.submit(req)  # (grows the pool to 32 workers)
+        grown.set()
+        t.join(30)
+        assert result == [7]
+        assert ctrl.wait(req)[0] == 0
     finally:
         ios.close()
         ctrl.close()

@@ -318,7 +318,7 @@ def _copy_snsids(raw: bytes | bytearray, desfmt: int, count: int) -> set[int]:
 def _os_status(exc: OSError, *, write: bool) -> int:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return Status.CAP_EXCEEDED
-    if exc.errno == errno.EROFS:
+    if exc.errno == errno.EROFS or (write and exc.errno == errno.EPERM):  # (an NBD server's EPERM)
         return Status.NS_WRITE_PROTECTED
     if exc.errno in (errno.EIO, errno.ENXIO, errno.ENODEV, errno.EBADMSG, errno.EUCLEAN):
         return Status.WRITE_FAULT if write else Status.UNRECOVERED_READ_ERROR
@@ -870,13 +870,15 @@ class IoCommandSet:
             self._busy[req] = time.monotonic()
             if abortable:
                 self._queued.add(req)
-        try:
-            self._pool.submit(self._run, handler, req, ns)
-        except BaseException:
-            with self._cond:
+            try:
+                # (under the lock: another thread's growth would shut this pool down between)
+                self._pool.submit(self._run, handler, req, ns)
+            except BaseException:
                 self._queued.discard(req)
-            self._done(req)
-            raise
+                self._busy.pop(req, None)
+                if not self._busy:
+                    self._cond.notify_all()
+                raise
 
     def abort(self, req: Request) -> bool:
         """Abort ``req`` if a worker has not started it yet: it completes now with Command
@@ -1010,11 +1012,10 @@ class IoCommandSet:
 
         :returns: its future.
         """
-        with self._cond:
+        with self._cond:  # (submitted under the lock: a pool growth shuts the old pool down)
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._pool_size, thread_name_prefix="nvme-io")
-            pool = self._pool
-        return pool.submit(fn)
+            return self._pool.submit(fn)
 
     @property
     def inflight(self) -> int:

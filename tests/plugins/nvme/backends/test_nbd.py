@@ -607,3 +607,63 @@ def test_a_fast_path_read_the_server_never_answers_fails_after_timeout(nbd_serve
     finally:
         ios.close()
         ctrl.close()
+
+
+def _dispatchers() -> int:
+    return sum(t.name == "nbd-dispatch" for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("size", [1000, 8 * MiB, 4096 + 512])
+def test_a_refused_configuration_leaves_no_thread_or_descriptor(nbd_server, size):
+    """A start refused after the first connection opened (a size check_size refuses, a size
+    larger than the export) closes it: no dispatcher thread, socket or wake-up pipe left."""
+    server = nbd_server("nbdkit", size=4 * MiB)
+    threads, fds = _dispatchers(), len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(ConfigError):
+            NbdBackend(server.uri, size)
+    deadline = time.monotonic() + 10
+    while _dispatchers() > threads and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _dispatchers() == threads
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_a_server_taking_requests_smaller_than_a_block_is_refused(nbd_server):
+    """The blocksize-policy filter of nbdkit advertising a 512-byte maximum request: one 2 MiB read
+    would become 4096 requests; the start is refused with one line."""
+    server = nbd_server("nbdkit", size=4 * MiB, extra=("--filter=blocksize-policy",),
+                        params=("blocksize-minimum=512", "blocksize-preferred=512", "blocksize-maximum=512"))
+    with pytest.raises(ConfigError) as e:
+        create_backend("nbd", {"uri": server.uri})
+    assert str(e.value) == (f"nbd backend: the export {server.uri} takes requests of at most 512 bytes "
+                            f"(at least 4096 needed)")
+
+
+def test_a_hole_not_said_to_read_as_zeros_counts_as_written(nbd_tools, tmp_path):
+    """A server (nbdkit's sh plugin) reporting 1 MiB ``HOLE`` (no ``ZERO``: NBD does not promise
+    it reads as zeros), 1 MiB ``HOLE|ZERO`` and 2 MiB data: only the ``HOLE|ZERO`` extent is
+    deallocated (Get LBA Status and DULBE must not call blocks of unknown content unwritten)."""
+    script = tmp_path / "extents.sh"
+    script.write_text(
+        "#!/bin/sh\n"
+        'case "$1" in\n'
+        "  get_size) echo 4194304 ;;\n"
+        "  pread) dd if=/dev/zero bs=$3 count=1 2>/dev/null ;;\n"
+        "  can_extents) exit 0 ;;\n"
+        '  extents) echo 0 1048576 1; echo 1048576 1048576 3; echo 2097152 2097152 0 ;;\n'
+        "  *) exit 2 ;;\n"
+        "esac\n")
+    script.chmod(0o755)
+    sock = tmp_path / "sh.sock"
+    server = NbdServer(["nbdkit", "-f", "-U", str(sock), "-r", "sh", str(script)], sock)
+    try:
+        b = create_backend("nbd", {"uri": server.uri})
+        try:
+            assert b.holes
+            assert b.allocated_ranges(0, 4 * MiB) == [(0, MiB), (2 * MiB, 2 * MiB)]
+            assert b.allocated_bytes() == 3 * MiB
+        finally:
+            b.close()
+    finally:
+        server.kill()

@@ -291,12 +291,6 @@ def test_a_write_resent_after_a_dropped_connection_does_not_undo_a_later_write(n
         server.kill()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an ESHUTDOWN reply counts as a lost connection (backends/nbd.py:339, _Connection.run) and the "
-    "reconnection that follows succeeds at once, which clears the loss time (backends/nbd.py:545, "
-    "NbdBackend._live): reconnect_timeout never runs out and no backoff applies, so the command is "
-    "resent on a new connection in a tight loop (about 400 reconnections a second here, two log "
-    "warnings each) until timeout -- and forever with timeout=0"))
 def test_a_server_answering_eshutdown_forever_fails_the_command_within_reconnect_timeout(nbd_server):
     """The server (nbdkit) answers every read with ESHUTDOWN ("shutting down", but it keeps
     accepting connections), ``reconnect_timeout=0.5``, ``timeout=10``: the read must fail with
@@ -331,11 +325,37 @@ def test_a_server_answering_eshutdown_forever_fails_the_command_within_reconnect
         b.close()  # (the loop ends at the latest at timeout=10)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "NbdBackend.close (backends/nbd.py:741) closes each _Connection (:344) and drops its libnbd handle "
-    "(:356) without retiring the commands in flight: their completion callbacks never run, so the "
-    "thread waiting in _Connection.run (:332) waits until its timeout and then, the abort finding no "
-    "handle, forever in waiter.wait(None) (:335); with timeout=0 at once forever"))
+def test_a_server_answering_eshutdown_forever_fails_the_command_without_timeout(nbd_server):
+    """As above with ``timeout=0`` (no limit per command): the command is sent again at most
+    ``MAX_RESENDS`` times (each time on a new connection, after a growing pause), then fails."""
+    import errno
+
+    from pcidev_nvme.backends import create_backend
+    from pcidev_nvme.backends.nbd import MAX_RESENDS
+
+    server = nbd_server("nbdkit", size=4 * MiB, extra=("--filter=error",),
+                        params=("error-pread=ESHUTDOWN", "error-pread-rate=100%"))
+    b = create_backend("nbd", {"uri": server.uri, "timeout": "0", "reconnect_timeout": "30"})
+    result: list[object] = []
+
+    def read() -> None:
+        try:
+            b.readv([memoryview(bytearray(4096))], 0)
+            result.append("read")
+        except OSError as exc:
+            result.append(exc.errno)
+
+    reader = threading.Thread(target=read, daemon=True)
+    try:
+        reader.start()
+        reader.join(10)
+        assert not reader.is_alive(), f"still resending after 10 s ({b.reconnects} reconnections)"
+        assert result == [errno.EIO]
+        assert b.reconnects == MAX_RESENDS
+    finally:
+        b.close()
+
+
 def test_close_ends_a_command_in_flight(nbd_server):
     """A read held 30 s by the server (delay filter), ``timeout=0``: closing the backend must
     end the waiting read with an error within a few seconds, not leave its thread blocked."""
@@ -363,3 +383,120 @@ def test_close_ends_a_command_in_flight(nbd_server):
     reader.join(3)
     assert not reader.is_alive(), "the read still waits 3 s after close()"
     assert result == ["OSError"]
+
+
+def test_kick_after_close_writes_to_no_descriptor(nbd_server):
+    """A closed connection's wake-up pipe is gone; its numbers are reused by the next files
+    opened (here a pipe): a late ``kick()`` (a command's issuer racing the close) must not
+    write into them."""
+    import os
+
+    from pcidev_nvme.backends import create_backend
+
+    server = nbd_server("nbdkit", size=4 * MiB)
+    b = create_backend("nbd", {"uri": server.uri})
+    conn = b._conns[0]
+    b.close()
+    assert not conn.thread.is_alive()
+    r, w = os.pipe2(os.O_NONBLOCK)
+    try:
+        conn.kick()
+        conn.abort()
+        with pytest.raises(BlockingIOError):
+            os.read(r, 16)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_connection_closed_under_other_commands_resends_them(nbd_server):
+    """Writes answered ESHUTDOWN make the backend drop their connection while a read (held
+    2 s by the server) is in flight on it: the read is retired by the close and sent again on
+    a new connection (it succeeds), instead of waiting for its whole timeout."""
+    from pcidev_nvme.backends import create_backend
+
+    server = nbd_server("nbdkit", size=4 * MiB, extra=("--filter=error", "--filter=delay"),
+                        params=("delay-read=2", "error-pwrite=ESHUTDOWN", "error-pwrite-rate=100%"))
+    b = create_backend("nbd", {"uri": server.uri, "timeout": "8", "reconnect_timeout": "1"})
+    result: dict[str, object] = {}
+
+    def read() -> None:
+        try:
+            b.readv([memoryview(bytearray(4096))], 0)
+            result["read"] = time.monotonic()
+        except Exception as exc:
+            result["read"] = repr(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    try:
+        start = time.monotonic()
+        reader.start()
+        deadline = time.monotonic() + 30
+        while b.inflight == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.3)
+        with pytest.raises(OSError):
+            b.writev([memoryview(b"x" * 4096)], 8192)
+        reader.join(30)
+        assert not reader.is_alive()
+        assert isinstance(result["read"], float) and result["read"] - start < 20
+    finally:
+        b.close()
+
+
+def test_a_write_the_server_answers_eperm_is_write_protected(nbd_server):
+    """A server refusing a write with ``EPERM`` (it went read-only under the namespace): the
+    write completes with Namespace is Write Protected, not Internal Error; reads go on."""
+    server = nbd_server("nbdkit", size=4 * MiB, extra=("--filter=error",),
+                        params=("error-pwrite=EPERM", "error-pwrite-rate=100%"))
+    _machine, ctrl, drv = _attach(f"ns=nbd:uri={server.uri}")
+    try:
+        lbs = drv.namespaces[1].lba_size
+        assert _status(lambda: drv.write(1, 0, b"x" * lbs)) == Status.NS_WRITE_PROTECTED
+        assert drv.read(1, 0, 1) == bytes(lbs)
+    finally:
+        drv.close()
+        ctrl.close()
+
+
+@pytest.mark.parametrize("lack", ["read-only", "zero", "multi-conn"])
+def test_a_server_that_comes_back_weaker_is_not_used(nbd_server, caplog, lack):
+    """The file plugin of nbdkit (FUA, write zeroes, multi-conn), restarted read-only (then also
+    without FUA and write zeroes), without write zeroes (the nozero filter) or without
+    multi-conn (the multi-conn filter) while two connections are open:
+    every reconnection counts as failed (one warning naming what is missing), so the commands
+    fail with EIO after reconnect_timeout -- not EPERM (Internal Error) on writes, nor writes
+    silently less durable. Back with all of it, the namespace works again."""
+    import errno
+
+    from pcidev_nvme.backends import create_backend
+
+    server = nbd_server("nbdkit-file", size=4 * MiB)
+    b = create_backend("nbd", {"uri": server.uri, "reconnect_timeout": "0.5", "connections": "2"})
+    try:
+        assert b.can_fua and b.connections == 2 and not b.read_only
+        b.writev([memoryview(b"a" * 4096)], 0, fua=True)
+        argv = list(server.argv)
+        plugin = argv.index("file")
+        weaker = {"read-only": ["-r"], "zero": ["--filter=nozero"], "multi-conn": ["--filter=multi-conn"]}[lack]
+        params = {"multi-conn": ["multi-conn-mode=disable"]}.get(lack, [])
+        server.kill()
+        server.argv = argv[:plugin] + weaker + argv[plugin:] + params
+        server.start()
+        for _ in range(2):  # (both connections)
+            with pytest.raises(OSError) as e:
+                b.writev([memoryview(b"b" * 4096)], 0, fua=True)
+            assert e.value.errno == errno.EIO
+        said = {"read-only": "no longer offers fua, zero, writes (read-only now)",
+                "zero": "no longer offers zero:", "multi-conn": "no longer offers multi-conn:"}[lack]
+        assert said in caplog.text
+        server.kill()
+        server.argv = argv
+        server.start()
+        b.writev([memoryview(b"c" * 4096)], 0, fua=True)
+        buf = bytearray(4096)
+        b.readv([memoryview(buf)], 0)
+        assert buf == b"c" * 4096
+    finally:
+        b.close()

@@ -1,8 +1,8 @@
 """NBD servers that require TLS with a pre-shared key (nbdkit ``--tls=require --tls-psk``,
 qemu-nbd ``--object tls-creds-psk``), the key file made by psktool (gnutls-bin): a plain
 ``nbd+unix://`` URI gets one clear error at start; an ``nbds+unix://`` URI naming the key
-file (``tls-psk-file=``) is what libnbd takes, and what the backend refuses today (it does not
-let a URI make libnbd read a local file)."""
+file (``tls-psk-file=``) is what libnbd takes, and the backend with it (the one local file a
+URI may make libnbd read; checked to be a readable file at start)."""
 
 from __future__ import annotations
 
@@ -68,10 +68,6 @@ def test_libnbd_negotiates_tls_with_the_psk_uri(nbd_server, psk, kind):
         h.shutdown()
 
 
-@pytest.mark.xfail(strict=True, raises=ConfigError, reason=(
-    "the nbd backend calls set_uri_allow_local_file(False) (plugins/nvme/src/pcidev_nvme/backends/nbd.py:247, "
-    "_Connection.__init__), so libnbd refuses tls-psk-file= in the URI with EPERM ('local file access "
-    "(tls-psk-file) is not allowed'); the backend has no other way to name a PSK file"))
 @pytest.mark.parametrize("kind", ["nbdkit", "qemu"])
 def test_a_psk_uri_reads_and_writes_through_the_controller(nbd_server, psk, kind):
     from pcidev.host import Machine
@@ -91,3 +87,24 @@ def test_a_psk_uri_reads_and_writes_through_the_controller(nbd_server, psk, kind
     finally:
         drv.close()
         ctrl.close()
+
+
+@pytest.mark.parametrize("name", ["missing.psk", "dir", "relative"])
+def test_a_psk_file_that_cannot_be_read_is_one_clear_error_at_start(nbd_server, psk, tmp_path, name):
+    server = _tls_server(nbd_server, "nbdkit", psk)
+    (tmp_path / "dir").mkdir()
+    path = "keys.psk" if name == "relative" else str(tmp_path / name)
+    uri = f"nbds+unix://{USER}@/?socket={server.sock}&tls-psk-file={path}"
+    with pytest.raises(ConfigError) as e:
+        create_backend("nbd", {"uri": uri})
+    msg = str(e.value)
+    assert msg == f"nbd backend: tls-psk-file={path} in {uri} must be one readable file (an absolute path)"
+
+
+def test_a_wrong_key_is_one_clear_error_at_start(nbd_server, psk, tmp_path):
+    server = _tls_server(nbd_server, "nbdkit", psk)
+    other = tmp_path / "other.psk"
+    subprocess.run(["psktool", "-u", USER, "-p", str(other)], check=True, capture_output=True, timeout=60)
+    with pytest.raises(ConfigError) as e:
+        create_backend("nbd", {"uri": _tls_uri(server, other), "timeout": "10"})
+    assert str(e.value).startswith("nbd backend: cannot open ") and "\n" not in str(e.value)

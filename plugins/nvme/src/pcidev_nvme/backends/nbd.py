@@ -36,12 +36,21 @@ reopened with bounded retries and exponential backoff (:data:`RETRY_FIRST` doubl
 :data:`RETRY_MAX` seconds) while the commands that were in flight on it, and the new
 ones, wait; once it is back they are sent again (reads, writes, zeroing and flushes are
 idempotent: the I/O command set never has two overlapping writes in flight). If it is
-not back within ``reconnect_timeout`` seconds (default :data:`DEFAULT_RECONNECT_TIMEOUT`)
-they fail with ``EIO`` (the I/O command set completes them with Unrecovered Read Error or
-Write Fault and an Error Information log entry); later commands then try one
-reconnection each and fail at once if the server is still away. NBD makes only flushed
-(or FUA) writes durable: writes acknowledged but not flushed before the server went down
-are as safe as the server kept them (a volatile write cache's writes after a power loss).
+not back within ``reconnect_timeout`` seconds (default :data:`DEFAULT_RECONNECT_TIMEOUT`;
+the loss ends only once a command is answered on the new connection, and one command is sent
+again at most :data:`MAX_RESENDS` times) they fail with ``EIO`` (the I/O command set
+completes them with Unrecovered Read Error or Write Fault and an Error Information log
+entry); later commands then try one reconnection each and fail at once if the server is
+still away. NBD makes only flushed (or FUA) writes durable: writes acknowledged but not
+flushed before the server went down are as safe as the server kept them (a volatile write
+cache's writes after a power loss).
+A new connection must offer what the first one did (writes, FUA, flush, zeroing, block
+status, multi-conn when used, block sizes): a server that comes back with less is a failed
+attempt. Closing a connection shuts its socket down and lets libnbd retire every command
+on it before its descriptors go.
+
+**TLS.** An ``nbds://`` URI may name a pre-shared key file (``tls-psk-file=``): the one local
+file a URI may make libnbd read, checked by :func:`psk_file_of` at start.
 
 libnbd's Python bindings come from the distribution (Debian's ``python3-libnbd``, for the
 system Python 3): when ``import nbd`` fails, :func:`load_nbd` imports exactly the ``nbd``
@@ -64,6 +73,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
@@ -76,10 +86,12 @@ from pcidev.properties import Size
 from pcidev_nvme.backends.base import BaseBackend, check_size, size_field, take_options
 
 __all__ = [
+    "CLOSE_WAIT",
     "DEFAULT_QUEUE_DEPTH",
     "DEFAULT_RECONNECT_TIMEOUT",
     "DEFAULT_TIMEOUT",
     "MAX_CONNECTIONS",
+    "MAX_RESENDS",
     "MAX_QUEUE_DEPTH",
     "MIN_ATTEMPT",
     "RETRY_FIRST",
@@ -90,6 +102,7 @@ __all__ = [
     "export_size",
     "load_nbd",
     "make_nbd",
+    "psk_file_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -113,8 +126,12 @@ MIN_ATTEMPT = 1.0
 RETRY_FIRST = 0.05
 #: longest pause between reconnection attempts (seconds)
 RETRY_MAX = 2.0
+#: times one command is sent again after its connection was lost under it (then ``EIO``)
+MAX_RESENDS = 3
 #: the largest data transfer sent as one NBD request (the protocol's usual limit is 32 MiB)
 MAX_REQUEST = 32 << 20
+#: seconds a closed connection's dispatcher waits for libnbd to retire its commands
+CLOSE_WAIT = 5.0
 #: the largest range one WRITE_ZEROES or BLOCK_STATUS request covers (the length is 32-bit)
 MAX_RANGE = 1 << 30
 
@@ -167,6 +184,21 @@ def load_nbd() -> ModuleType:
                     raise ConfigError(f"the nbd backend needs libnbd's Python bindings: install "
                                       f"python3-libnbd ({exc})") from None
         return _nbd
+
+
+def psk_file_of(uri: str) -> str | None:
+    """The pre-shared key file a URI names (``tls-psk-file=`` in its query), or None.
+
+    :raises ConfigError: the URI names one that is not a readable regular file (checked
+        here, at start: libnbd's own error would come from the TLS handshake).
+    """
+    values = urllib.parse.parse_qs(urllib.parse.urlsplit(uri).query).get("tls-psk-file")
+    if not values:
+        return None
+    path = values[-1]
+    if len(values) > 1 or not os.path.isabs(path) or not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise ConfigError(f"nbd backend: tls-psk-file={path} in {uri} must be one readable file (an absolute path)")
+    return path
 
 
 def _errno_of(exc: BaseException) -> int:
@@ -233,11 +265,12 @@ class _Async:
     backend's retry thread (the blocking path, which reconnects); a command past its
     deadline fails with ``EIO``; otherwise ``done(errno or 0)`` is called, exactly once."""
 
-    __slots__ = ("backend", "conn", "done", "blocking", "deadline", "keep", "err", "__weakref__")
+    __slots__ = ("backend", "conn", "slot", "done", "blocking", "deadline", "keep", "err", "__weakref__")
 
-    def __init__(self, backend: NbdBackend, conn: _Connection, done: Callable[[int], object],
+    def __init__(self, backend: NbdBackend, conn: _Connection, slot: int, done: Callable[[int], object],
                  blocking: Callable[[], None], deadline: float | None, keep: object) -> None:
         self.backend, self.conn, self.blocking, self.deadline = backend, conn, blocking, deadline
+        self.slot = slot
         self.done: Callable[[int], object] | None = done
         self.keep = keep  # (the buffer libnbd reads or writes: alive until the command is retired)
         self.err = 0
@@ -266,6 +299,7 @@ class _Async:
                 except Exception:  # (closed: no thread to retry on)
                     self.finish(errno.EIO)
             return
+        self.backend._answered(self.slot, conn)
         self.finish(err)
 
     def retry(self) -> None:
@@ -314,7 +348,8 @@ class _Connection:
         self._closing = False
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            h.set_uri_allow_local_file(False)
+            # (the only local file a URI may make libnbd read is the key file, checked at start)
+            h.set_uri_allow_local_file("tls-psk-file" in urllib.parse.parse_qs(urllib.parse.urlsplit(uri).query))
             h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
             h.aio_connect_uri(uri)  # (not connect_uri: a TCP connect or a handshake may hang)
             while not h.aio_is_ready():
@@ -326,7 +361,17 @@ class _Connection:
                 h.poll(max(1, int(left * 1000)))
         except nbd.Error as exc:
             raise OSError(_errno_of(exc), str(exc)) from None
+        try:
+            # (our own descriptor of the socket: abort() shuts it down from any thread, even
+            # after libnbd closed its descriptor -- whose number may already be another file's)
+            self._sock: socket.socket | None = socket.socket(fileno=os.dup(h.aio_get_fd()))
+        except (OSError, nbd.Error) as exc:
+            raise OSError(_errno_of(exc) if isinstance(exc, nbd.Error) else exc.errno or errno.EIO,
+                          f"the connection to {uri}: {exc}") from None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        #: guards the wake-up pipe and the socket's descriptor (closed by the dispatcher as it ends)
+        self._fd_lock = threading.Lock()
+        self._fds_closed = False
         #: the asynchronous commands on the wire (their deadlines are checked by the dispatcher)
         self.pending: set[_Async] = set()
         #: asynchronous commands libnbd retired, to settle outside its callback
@@ -337,15 +382,23 @@ class _Connection:
 
     def _loop(self) -> None:
         nbd, h = self.nbd, self.handle
+        closing_since: float | None = None
         try:
             fd = h.aio_get_fd()
             poller = select.poll()
-            while not self._closing:
+            while True:
+                if self._closing:  # (aborted: run until libnbd retired every command)
+                    now = time.monotonic()
+                    if closing_since is None:
+                        closing_since = now
+                    elif now - closing_since > CLOSE_WAIT:
+                        log.warning("NBD connection not dead %g s after its close", CLOSE_WAIT)
+                        break
                 direction = h.aio_get_direction()
                 poller.register(fd, (select.POLLIN if direction & nbd.AIO_DIRECTION_READ else 0)
                                 | (select.POLLOUT if direction & nbd.AIO_DIRECTION_WRITE else 0))
                 poller.register(self._wake_r, select.POLLIN)
-                events = dict(poller.poll(1000))
+                events = dict(poller.poll(100 if self._closing else 1000))
                 if self._wake_r in events:
                     try:
                         os.read(self._wake_r, 4096)
@@ -369,6 +422,13 @@ class _Connection:
             log.exception("NBD dispatcher failed")
         finally:
             self.dead = True
+            with self._fd_lock:  # (from now on a kick() fails: its caller settles, see _submit)
+                self._fds_closed = True
+                sock, self._sock = self._sock, None
+                for wake in (self._wake_r, self._wake_w):
+                    os.close(wake)
+            if sock is not None:
+                sock.close()
             self.settle()
 
     def settle(self) -> None:
@@ -393,24 +453,46 @@ class _Connection:
             self.dead = True
             self.abort()
 
-    def kick(self) -> None:
-        """Let the dispatcher look at the direction again (a command may wait to be sent)."""
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:
-            pass  # (a wake-up is pending already)
+    def kick(self) -> bool:
+        """Let the dispatcher look at the direction again (a command may wait to be sent).
+        Nothing once the dispatcher ended (its pipe is closed: the number may be reused).
+
+        :returns: False when the dispatcher ended (it settles nothing more).
+        """
+        with self._fd_lock:
+            if self._fds_closed:
+                return False
+            try:
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:
+                pass  # (a wake-up is pending already)
+            return True
 
     def abort(self) -> None:
-        """Shut the socket down (a server that stopped answering): the dispatcher then
-        reads its end, libnbd retires every command in flight with an error, and the
+        """Shut the socket down (a server that stopped answering, or a close): the dispatcher
+        then reads its end, libnbd retires every command in flight with an error, and the
         connection is dead (its commands are sent again on a new one)."""
-        try:
-            fd = self.handle.aio_get_fd()
-            with socket.socket(fileno=os.dup(fd)) as sock:
-                sock.shutdown(socket.SHUT_RDWR)
-        except (OSError, self.nbd.Error, AttributeError):
-            pass
+        self.dead = True
+        with self._fd_lock:
+            if self._sock is not None:
+                try:
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # (not connected any more)
         self.kick()
+
+    def _wait(self, waiter: _Waiter, timeout: float | None) -> bool | None:
+        """Wait for ``waiter`` up to ``timeout`` seconds (None: no limit) while the dispatcher
+        runs. True: done; False: timed out; None: the dispatcher ended without retiring it."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            step = 1.0 if end is None else min(1.0, end - time.monotonic())
+            if waiter.wait(step):
+                return True
+            if end is not None and time.monotonic() >= end:
+                return False
+            if not self.thread.is_alive():
+                return True if waiter.wait(0) else None
 
     def run(self, issue: Callable[[Any, _Waiter], object], timeout: float | None = None) -> None:
         """Issue one command and wait for it (up to ``timeout`` seconds: then the connection
@@ -427,15 +509,19 @@ class _Connection:
             issue(h, waiter)
         except self.nbd.Error as exc:
             if self.dead or h.aio_is_dead() or h.aio_is_closed():
+                self.dead = True
                 raise _Lost() from None
             raise OSError(_errno_of(exc), str(exc)) from None
         if h.aio_get_direction() & self.nbd.AIO_DIRECTION_WRITE:
             self.kick()
-        if not waiter.wait(timeout):
+        done = self._wait(waiter, timeout)
+        if done is None:
+            self.dead = True
+            raise _Lost()
+        if not done:
             log.warning("NBD command unanswered for %g s: dropping the connection", timeout)
             self.abort()
-            waiter.wait(None)  # (retired by the abort: libnbd no longer holds the buffer)
-            self.dead = True
+            self._wait(waiter, None)  # (retired by the abort: libnbd no longer holds the buffer)
             raise OSError(errno.ETIMEDOUT, "the NBD server did not answer in time")
         if waiter.error:
             if waiter.error in (errno.ENOTCONN, errno.ESHUTDOWN) or self.dead or h.aio_is_dead():
@@ -444,19 +530,16 @@ class _Connection:
             raise OSError(waiter.error, os.strerror(waiter.error))
 
     def close(self) -> None:
-        """Stop the dispatcher and close the handle (the socket). Idempotent."""
+        """Abort the connection, let the dispatcher run until libnbd retired every command in
+        flight (their issuers see a lost connection), then drop the handle. Idempotent."""
         if self._closing:
             return
         self._closing = True
-        self.dead = True
-        self.kick()
+        self.abort()
         if self.thread is not threading.current_thread():
-            self.thread.join(5)
-        for fd in (self._wake_r, self._wake_w):
-            os.close(fd)
-        handle, self.handle = self.handle, None
-        del handle  # (libnbd closes the socket when the handle goes)
-        self.settle()  # (commands libnbd retired as it closed)
+            self.thread.join(CLOSE_WAIT + 1)
+        self.handle = None  # (libnbd closes its socket when the last reference goes)
+        self.settle()
 
 
 def export_size(uri: str, timeout: float) -> int:
@@ -507,37 +590,48 @@ class NbdBackend(BaseBackend):
         self.timeout = timeout
         #: the commands the backend wants in flight (the I/O command set keeps that many workers)
         self.queue_depth = queue_depth
+        psk_file_of(uri)
         try:
             first = _Connection(nbd, uri, timeout or None)
         except OSError as exc:
             raise ConfigError(f"nbd backend: cannot open {uri}: {exc.strerror}") from None
+        try:
+            self._setup(first, size, read_only=read_only, connections=connections)
+        except BaseException:  # (a refused configuration leaves no thread nor descriptor behind)
+            first.close()
+            for conn in getattr(self, "_conns", ())[1:]:
+                if conn is not None:
+                    conn.close()
+            raise
+
+    def _setup(self, first: _Connection, size: int | None, *, read_only: bool, connections: int) -> None:
+        """The rest of the start, on the first connection ``first`` (see the class)."""
+        nbd, uri, timeout = self.nbd, self.uri, self.timeout
         h = first.handle
         try:
             export = h.get_size()
-            self.read_only = read_only or bool(h.is_read_only())
-            self.can_fua = bool(h.can_fua())
-            self.can_flush = bool(h.can_flush())
-            self.can_zero = bool(h.can_zero())
-            self.can_fast_zero = self.can_zero and bool(h.can_fast_zero())
-            self.holes = bool(h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION))
-            multi = bool(h.can_multi_conn())
-            maximum = int(h.get_block_size(nbd.SIZE_MAXIMUM))
-            self.min_block = max(512, int(h.get_block_size(nbd.SIZE_MINIMUM)))
+            caps = self._capabilities(h)
         except nbd.Error as exc:
-            first.close()
             raise ConfigError(f"nbd backend: {uri}: {exc}") from None
-        self.max_request = min(MAX_REQUEST, maximum) if maximum > 0 else MAX_REQUEST
+        self.read_only = read_only or caps["read_only"]
+        self.can_fua, self.can_flush = caps["fua"], caps["flush"]
+        self.can_zero, self.can_fast_zero = caps["zero"], caps["fast_zero"]
+        self.holes = caps["holes"]
+        multi = caps["multi_conn"]
+        maximum = caps["max_request"]
+        self.min_block = caps["min_block"]
+        self.max_request = maximum
+        if maximum < 4096:
+            raise ConfigError(f"nbd backend: the export {uri} takes requests of at most {maximum} bytes "
+                              f"(at least 4096 needed)")
         if size is None:
             size = export - export % 4096
             if size <= 0:
-                first.close()
-                raise ConfigError(f"nbd backend: the export {uri} has {export} bytes, fewer than 4096")
+                    raise ConfigError(f"nbd backend: the export {uri} has {export} bytes, fewer than 4096")
         elif size > export:
-            first.close()
             raise ConfigError(f"nbd backend: the export {uri} has {export} bytes, fewer than the size={size} given")
         check_size(size, f"size of {uri}")
         if self.min_block > 4096:
-            first.close()
             raise ConfigError(f"nbd backend: the export {uri} needs {self.min_block}-byte blocks (at most 4096)")
         super().__init__(size)
         self.export_size = export
@@ -545,6 +639,8 @@ class NbdBackend(BaseBackend):
             log.info("nbd backend: %s does not advertise multi-conn: one connection, not %d", uri, connections)
             connections = 1
         self.connections = connections
+        #: what every later connection must offer too (:meth:`_weaker`)
+        self._caps = dict(caps, read_only=self.read_only, multi_conn=connections > 1)
         self._conns: list[_Connection | None] = [first]
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -554,6 +650,9 @@ class NbdBackend(BaseBackend):
         #: its reconnection already gave up (then each command tries once)
         self._lost_at: list[float | None] = [None] * connections
         self._gave_up = [False] * connections
+        #: per connection: the pause before its next reconnection (0 once a command was answered
+        #: on it: a server that accepts connections but answers ESHUTDOWN gets backoff too)
+        self._pause = [0.0] * connections
         #: per connection: reconnections that gave up (the commands waiting for one fail with it)
         self._failures = [0] * connections
         self._next = itertools.count()
@@ -568,17 +667,57 @@ class NbdBackend(BaseBackend):
             for _ in range(1, connections):
                 self._conns.append(self._open(timeout or None))
         except OSError as exc:
-            self.close()
             raise ConfigError(f"nbd backend: cannot open connection to {uri}: {exc.strerror}") from None
 
     # -- connections --------------------------------------------------------------------
 
+    def _capabilities(self, h: Any) -> dict[str, Any]:
+        """What the server offers on the connection of handle ``h`` (read when it opened).
+
+        :raises nbd.Error: libnbd cannot tell.
+        """
+        nbd = self.nbd
+        zero = bool(h.can_zero())
+        maximum = int(h.get_block_size(nbd.SIZE_MAXIMUM))
+        return {
+            "read_only": bool(h.is_read_only()), "fua": bool(h.can_fua()), "flush": bool(h.can_flush()),
+            "zero": zero, "fast_zero": zero and bool(h.can_fast_zero()),
+            "holes": bool(h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION)),
+            "multi_conn": bool(h.can_multi_conn()),
+            "max_request": min(MAX_REQUEST, maximum) if maximum > 0 else MAX_REQUEST,
+            "min_block": max(512, int(h.get_block_size(nbd.SIZE_MINIMUM))),
+        }
+
+    def _weaker(self, caps: dict[str, Any]) -> list[str]:
+        """What a new connection's ``caps`` lack of what the namespace was started with (a
+        server that came back read-only, without FUA, flush, zeroing, block status or
+        multi-conn, or with narrower block sizes)."""
+        want = self._caps
+        lacks = [name.replace("_", "-") for name in ("fua", "flush", "zero", "fast_zero", "holes", "multi_conn")
+                 if want[name] and not caps[name]]
+        if caps["read_only"] and not want["read_only"]:
+            lacks.append("writes (read-only now)")
+        if caps["max_request"] < want["max_request"]:
+            lacks.append(f"{want['max_request']}-byte requests (at most {caps['max_request']} now)")
+        if caps["min_block"] > want["min_block"]:
+            lacks.append(f"{want['min_block']}-byte blocks ({caps['min_block']} now)")
+        return lacks
+
     def _open(self, timeout: float | None) -> _Connection:
+        """A new connection with at least the namespace's size and the capabilities it was
+        started with.
+
+        :raises OSError: it cannot be opened, or the server offers less now (``EIO``).
+        """
         conn = _Connection(self.nbd, self.uri, timeout)
         try:
             h = conn.handle
             if h.get_size() < self.size:
                 raise OSError(errno.EIO, f"the export has {h.get_size()} bytes now, fewer than {self.size}")
+            lacks = self._weaker(self._capabilities(h))
+            if lacks:
+                log.warning("nbd backend: %s no longer offers %s: connection refused", self.uri, ", ".join(lacks))
+                raise OSError(errno.EIO, f"the export no longer offers {', '.join(lacks)}")
         except self.nbd.Error as exc:
             conn.close()
             raise OSError(_errno_of(exc), str(exc)) from None
@@ -619,6 +758,7 @@ class NbdBackend(BaseBackend):
                             slot, self.uri, self.reconnect_timeout)
             lost_at = self._lost_at[slot]
             once = self._gave_up[slot]
+            pause0 = self._pause[slot]
         if conn is not None:
             conn.close()
         assert lost_at is not None
@@ -627,6 +767,9 @@ class NbdBackend(BaseBackend):
         new: _Connection | None = None
         last = ""
         try:
+            if pause0 > 0:  # (the previous reconnection got no command answered)
+                once = once or time.monotonic() >= deadline
+                time.sleep(pause0)
             while True:
                 left = max(deadline - time.monotonic(), MIN_ATTEMPT)
                 try:
@@ -647,7 +790,7 @@ class NbdBackend(BaseBackend):
                     new = None
                 elif new is not None:
                     self._conns[slot] = new
-                    self._lost_at[slot] = None
+                    self._pause[slot] = min(max(pause0 * 2, RETRY_FIRST), RETRY_MAX)
                     self.reconnects += 1
                 else:
                     self._gave_up[slot] = True
@@ -658,6 +801,15 @@ class NbdBackend(BaseBackend):
         log.warning("nbd backend: connection %d to %s is back", slot, self.uri)
         return new
 
+    def _answered(self, slot: int, conn: _Connection) -> None:
+        """The server answered a command on ``conn``: its slot's loss (if any) is over."""
+        if self._lost_at[slot] is None and not self._pause[slot]:
+            return
+        with self._lock:
+            if self._conns[slot] is conn:
+                self._lost_at[slot] = None
+                self._pause[slot] = 0.0
+
     def _run(self, issue: Callable[[Any, _Waiter], object]) -> None:
         """Issue a command on the next connection and wait for it; a lost connection is
         reconnected and the command sent again.
@@ -666,6 +818,8 @@ class NbdBackend(BaseBackend):
         """
         slot = next(self._next) % self.connections
         deadline = time.monotonic() + self.timeout if self.timeout > 0 else None
+        resends = 0
+        lost: _Connection | None = None
         with self._lock:
             self.inflight += 1
             self.max_inflight = max(self.max_inflight, self.inflight)
@@ -677,11 +831,19 @@ class NbdBackend(BaseBackend):
                 conn = self._live(slot)
                 try:
                     conn.run(issue, left)
+                    self._answered(slot, conn)
                     return
                 except _Lost:
+                    if conn is not lost:  # (one count per connection lost under the command)
+                        lost = conn
+                        resends += 1
+                    if resends > MAX_RESENDS:
+                        raise OSError(errno.EIO, f"NBD command lost on {resends} connections "
+                                                 f"to {self.uri}") from None
                     continue  # (_live reconnects, or raises when the time is up)
                 except OSError as exc:
                     if exc.errno != errno.ETIMEDOUT:
+                        self._answered(slot, conn)
                         raise
                     raise OSError(errno.EIO, f"NBD command not done within timeout={self.timeout} s") from None
         finally:
@@ -709,7 +871,7 @@ class NbdBackend(BaseBackend):
         if conn is None or conn.dead or self._closed or conn.handle is None:
             return False
         h = conn.handle
-        cmd = _Async(self, conn, done, blocking,
+        cmd = _Async(self, conn, slot, done, blocking,
                      time.monotonic() + self.timeout if self.timeout > 0 else None, keep)
         with self._lock:
             self.inflight += 1
@@ -723,10 +885,14 @@ class NbdBackend(BaseBackend):
             with self._lock:
                 self.inflight -= 1
             if conn.dead or h.aio_is_dead() or h.aio_is_closed():
+                conn.dead = True
                 return False
             raise OSError(_errno_of(exc), str(exc)) from None
         if conn.completed or h.aio_get_direction() & self.nbd.AIO_DIRECTION_WRITE:
-            conn.kick()  # (also: a command libnbd retired at once is settled by the dispatcher)
+            # (also: a command libnbd retired at once is settled by the dispatcher -- or here,
+            # when the dispatcher ended: the handle died under this very command)
+            if not conn.kick():
+                conn.settle()
         return True
 
     def submit_readv(self, views: list[memoryview], offset: int, done: Callable[[int], object]) -> bool:
@@ -866,13 +1032,16 @@ class NbdBackend(BaseBackend):
         self._zero(offset, length, nbd.CMD_FLAG_NO_HOLE)
 
     def allocated_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
-        """The allocated extents (``NBD_CMD_BLOCK_STATUS``, ``base:allocation``: not a
-        hole); all of it when the server has no such context."""
+        """The allocated extents (``NBD_CMD_BLOCK_STATUS``, ``base:allocation``: all but the
+        extents both ``HOLE`` and ``ZERO`` -- a hole not said to read as zeros counts as
+        written); all of it when the server has no such context."""
         if length <= 0:
             return []
         if not self.holes:
             return [(offset, length)]
         nbd = self.nbd
+        # (deallocated: a hole that reads as zeros; NBD does not promise a hole reads as zeros)
+        unwritten = nbd.STATE_HOLE | nbd.STATE_ZERO
         out: list[tuple[int, int]] = []
         end = offset + length
         pos = offset
@@ -897,7 +1066,7 @@ class NbdBackend(BaseBackend):
                 if at != covered or n <= 0:
                     break
                 stop = min(at + n, end)
-                if not flags & nbd.STATE_HOLE and stop > at:
+                if flags & unwritten != unwritten and stop > at:
                     if out and out[-1][0] + out[-1][1] == at:
                         out[-1] = (out[-1][0], stop - out[-1][0])
                     else:
