@@ -361,6 +361,10 @@ def test_a_peer_saturating_a_blocking_eventfd_after_the_poll_holds_the_write_onl
     assert not stuck, "signal_eventfd blocked in write() on a saturated blocking eventfd"
     assert result == [True] and counter == 1  # drained, then our signal
     assert took >= irq.EVENTFD_STUCK_SECONDS * 0.9
+    # the drain thread counts after its read let the writer go: wait for it, not for the writer
+    deadline = time.monotonic() + 10
+    while irq.eventfd_writes_unblocked() == before and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert irq.eventfd_writes_unblocked() == before + 1
 
 
