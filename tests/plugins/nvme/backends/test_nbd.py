@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from _nbd_servers import NbdServer
+from nbd_servers import NbdServer
 from test_verified_io import QD, Model, run_driver_queue
 
 from pcidev.errors import ConfigError

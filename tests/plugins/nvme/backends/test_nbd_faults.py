@@ -13,7 +13,7 @@ from pathlib import Path
 
 import crc32c
 import pytest
-from _nbd_servers import NbdServer
+from nbd_servers import NbdServer
 from test_verified_io import Model, run_driver_queue
 
 from pcidev_nvme.status import Status
