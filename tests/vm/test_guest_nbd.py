@@ -20,6 +20,7 @@ import pytest
 import vm_guest
 from nbd_servers import NbdServer, ensure_tools
 from test_guest_handover import FIO_VERIFY, Handover, check_guest, handover, took_over
+from test_guest_nvme import lines
 
 OUTAGE = 3.0  # seconds the storage server is down
 SIZE = 64 << 20
@@ -94,3 +95,28 @@ def test_fio_verify_on_an_nbd_namespace_through_a_storage_outage_and_a_handover(
         "maxgap_ms": res["maxgap_ms"], "outage_s": round(up - down, 2),
         "handover_downtime_ms": h.report.get("downtime_ms")})
 
+
+
+def test_mixed_sizes_trim_and_write_zeroes_on_an_nbd_namespace(boot, qsd: NbdServer) -> None:
+    """Linux's nvme driver and nvme-cli over an NBD namespace: block sizes 512 B..512 KiB (PRP
+    lists, MDTS splits, requests split at the server's maximum) with crc32c verify at iodepth
+    32, random trims (Dataset Management -> NBD holes), nvme-cli's Write Zeroes reading back
+    zeros, and the namespace's utilization shrinking after a whole-device trim."""
+    r = boot("""
+fio --name=mix --filename=/dev/nvme0n1 --size=48M --rw=randwrite --bsrange=512-512k --iodepth=32 --direct=1 \
+    --ioengine=io_uring --verify=crc32c --verify_fatal=1 && echo MIX-OK
+fio --name=trim --filename=/dev/nvme0n1 --size=16M --rw=randtrim --bs=64k --iodepth=8 --direct=1 \
+    --ioengine=io_uring --number_ios=200 && echo TRIM-OK
+nvme write-zeroes /dev/nvme0n1 -s 64 -c 63 && echo WZ-OK
+echo NONZERO=$(dd if=/dev/nvme0n1 bs=512 skip=64 count=64 iflag=direct 2>/dev/null | tr -d '\\0' | wc -c)
+nvme id-ns /dev/nvme0n1 | grep -E '^nuse'
+fio --name=all --filename=/dev/nvme0n1 --rw=trim --bs=1M --direct=1 --ioengine=psync && echo ALL-TRIM-OK
+nvme id-ns /dev/nvme0n1 | grep -E '^nuse'
+""", [f"nvme,ns=nbd:uri={qsd.uri},queue_depth=32"])
+    assert r.ok, r.console[-4000:]
+    got = lines(r.output)
+    assert {"MIX-OK", "TRIM-OK", "WZ-OK", "NONZERO=0", "ALL-TRIM-OK"} <= got, r.output[-4000:]
+    assert re.findall(r"err=\s*(\d+)", r.output) == ["0", "0", "0"]
+    nuse = [int(v, 0) for v in re.findall(r"^nuse\s+:\s+(0x[0-9a-f]+|\d+)$", r.output, re.M)]
+    assert len(nuse) == 2 and nuse[0] > 0 and nuse[1] == 0, r.output[-2000:]  # every block a hole again
+    assert not re.search(r"^\[.*nvme.*timeout", r.output, re.M | re.I)
