@@ -245,12 +245,6 @@ def _wait_file(path: Path, timeout: float = 30) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a command that times out makes _Connection.run abort the connection (backends/nbd.py:334, abort at :301); "
-    "the other commands in flight on it get _Lost and NbdBackend._run sends them again on a new connection "
-    "(backends/nbd.py:576-577), while the server may still carry out the first copy (its I/O is not "
-    "cancelled by the disconnect): a write acknowledged after its resend, then a later write to the same "
-    "block (acknowledged too), is overwritten when the first copy lands -- the later write is lost"))
 def test_a_write_resent_after_a_dropped_connection_does_not_undo_a_later_write(nbd_tools, tmp_path: Path):
     """The read (qid 2) and then write A (qid 1) are both held by the server; the read times
     out (1.5 s), its connection is dropped, write A is sent again on a new connection and
@@ -274,6 +268,7 @@ def test_a_write_resent_after_a_dropped_connection_does_not_undo_a_later_write(n
         writer = threading.Thread(target=lambda: (drv.write(1, 0, b"A" * lbs), done.append("A")))
         reader.start()
         _wait_file(tmp_path / "read-held")
+        time.sleep(0.5)  # (write A's own deadline well after the read's)
         writer.start()
         _wait_file(tmp_path / "write-held")  # write A is in the server ...
         assert reader.is_alive()  # ... before the read times out

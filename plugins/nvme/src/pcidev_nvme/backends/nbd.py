@@ -91,6 +91,7 @@ __all__ = [
     "DEFAULT_RECONNECT_TIMEOUT",
     "DEFAULT_TIMEOUT",
     "MAX_CONNECTIONS",
+    "MAX_DRAINING",
     "MAX_RESENDS",
     "MAX_QUEUE_DEPTH",
     "MIN_ATTEMPT",
@@ -134,6 +135,13 @@ MAX_REQUEST = 32 << 20
 CLOSE_WAIT = 5.0
 #: the largest range one WRITE_ZEROES or BLOCK_STATUS request covers (the length is 32-bit)
 MAX_RANGE = 1 << 30
+#: the most lost connections of one namespace kept open until the server closes them (they fence
+#: the blocks of their unanswered writes); while that many are open no new connection is made
+MAX_DRAINING = 8
+
+#: per thread: the command being run is sent again (after its connection was lost) and passes the
+#: fences its own earlier copy put up (:meth:`NbdBackend._await_fences`)
+_resending = threading.local()
 
 _nbd: ModuleType | None = None
 _load_lock = threading.Lock()
@@ -265,12 +273,15 @@ class _Async:
     backend's retry thread (the blocking path, which reconnects); a command past its
     deadline fails with ``EIO``; otherwise ``done(errno or 0)`` is called, exactly once."""
 
-    __slots__ = ("backend", "conn", "slot", "done", "blocking", "deadline", "keep", "err", "__weakref__")
+    __slots__ = ("backend", "conn", "slot", "done", "blocking", "deadline", "keep", "err", "span", "__weakref__")
 
     def __init__(self, backend: NbdBackend, conn: _Connection, slot: int, done: Callable[[int], object],
-                 blocking: Callable[[], None], deadline: float | None, keep: object) -> None:
+                 blocking: Callable[[], None], deadline: float | None, keep: object,
+                 span: tuple[int, int] | None = None) -> None:
         self.backend, self.conn, self.blocking, self.deadline = backend, conn, blocking, deadline
         self.slot = slot
+        #: a write's (offset, length): noted in the connection's unanswered writes while on the wire
+        self.span = span
         self.done: Callable[[int], object] | None = done
         self.keep = keep  # (the buffer libnbd reads or writes: alive until the command is retired)
         self.err = 0
@@ -291,6 +302,8 @@ class _Async:
         h = conn.handle  # (None once the connection is closed)
         if err and (err in (errno.ENOTCONN, errno.ESHUTDOWN) or conn.dead or h is None or h.aio_is_dead()):
             conn.dead = True
+            # (a write not answered: it may still be carried out -- its blocks stay fenced)
+            self.backend._lost(conn)
             if self.deadline is not None and time.monotonic() >= self.deadline:
                 self.finish(errno.EIO)
             else:
@@ -299,11 +312,15 @@ class _Async:
                 except Exception:  # (closed: no thread to retry on)
                     self.finish(errno.EIO)
             return
+        if self.span is not None:
+            conn.writes.pop(self, None)  # (answered: carried out, or refused, for good)
         self.backend._answered(self.slot, conn)
         self.finish(err)
 
     def retry(self) -> None:
-        """The blocking path, on the backend's retry thread (a lost connection)."""
+        """The blocking path, on the backend's retry thread (a lost connection): sent again,
+        past the fence of its own first copy."""
+        _resending.on = True
         try:
             self.blocking()
         except OSError as exc:
@@ -313,6 +330,8 @@ class _Async:
             self.finish(errno.EIO)
         else:
             self.finish(0)
+        finally:
+            _resending.on = False
 
     def finish(self, err: int) -> None:
         """Report the command's end (once)."""
@@ -346,6 +365,23 @@ class _Connection:
         self.handle = h = nbd.NBD()
         self.dead = False
         self._closing = False
+        #: :meth:`abort` was called (the socket is half-closed)
+        self._aborted = False
+        #: our read side was shut down too (libnbd did not end): an end of file read after it
+        #: is ours, not the server's, so the fence stays up
+        self._shut_read = False
+        #: the writes sent and not answered yet: key (the command's waiter) -> (offset, length).
+        #: Once the connection is lost they fence their blocks (:meth:`NbdBackend._await_fences`)
+        #: until the server closed its side (:attr:`server_closed`): NBD has no cancel, and a
+        #: server may still carry a write out after the client went away
+        self.writes: dict[object, tuple[int, int]] = {}
+        #: the server closed the connection after it was lost (nbdkit finishes the requests in
+        #: flight first): its unanswered writes can no longer land
+        self.server_closed = False
+        #: ``time.monotonic()`` when the backend found the connection lost with writes unanswered
+        self.lost_at = 0.0
+        #: called (on the dispatcher thread) when the connection stopped fencing anything
+        self.on_drained: Callable[[], None] | None = None
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             # (the only local file a URI may make libnbd read is the key file, checked at start)
@@ -363,12 +399,18 @@ class _Connection:
             raise OSError(_errno_of(exc), str(exc)) from None
         try:
             # (our own descriptor of the socket: abort() shuts it down from any thread, even
-            # after libnbd closed its descriptor -- whose number may already be another file's)
+            # after libnbd closed its descriptor -- whose number may already be another file's;
+            # after a loss it also tells when the server closed its side: _watch)
             self._sock: socket.socket | None = socket.socket(fileno=os.dup(h.aio_get_fd()))
         except (OSError, nbd.Error) as exc:
             raise OSError(_errno_of(exc) if isinstance(exc, nbd.Error) else exc.errno or errno.EIO,
                           f"the connection to {uri}: {exc}") from None
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            self._sock.close()  # (no dispatcher will: the connection is not made)
+            self._sock = None
+            raise
         #: guards the wake-up pipe and the socket's descriptor (closed by the dispatcher as it ends)
         self._fd_lock = threading.Lock()
         self._fds_closed = False
@@ -387,18 +429,31 @@ class _Connection:
             fd = h.aio_get_fd()
             poller = select.poll()
             while True:
-                if self._closing:  # (aborted: run until libnbd retired every command)
+                if self._aborted:  # (half-closed: run until libnbd retired every command)
                     now = time.monotonic()
                     if closing_since is None:
                         closing_since = now
                     elif now - closing_since > CLOSE_WAIT:
                         log.warning("NBD connection not dead %g s after its close", CLOSE_WAIT)
                         break
+                    elif now - closing_since > CLOSE_WAIT / 2 and not self._shut_read:
+                        # (libnbd waits for the rest of a reply the server does not send: end
+                        # it by our end of file -- which no longer tells when the server closes)
+                        log.warning("NBD server silent in the middle of a reply after the connection's "
+                                    "loss: its unanswered writes stay fenced until the namespace closes")
+                        self._shut_read = True
+                        with self._fd_lock:
+                            if self._sock is not None:
+                                try:
+                                    self._sock.shutdown(socket.SHUT_RDWR)
+                                except OSError:
+                                    pass
                 direction = h.aio_get_direction()
                 poller.register(fd, (select.POLLIN if direction & nbd.AIO_DIRECTION_READ else 0)
                                 | (select.POLLOUT if direction & nbd.AIO_DIRECTION_WRITE else 0))
                 poller.register(self._wake_r, select.POLLIN)
-                events = dict(poller.poll(100 if self._closing else 1000))
+                # (commands on the wire: their deadlines are checked every 0.1 s)
+                events = dict(poller.poll(100 if self._aborted or self.pending else 1000))
                 if self._wake_r in events:
                     try:
                         os.read(self._wake_r, 4096)
@@ -422,6 +477,11 @@ class _Connection:
             log.exception("NBD dispatcher failed")
         finally:
             self.dead = True
+            self.settle()
+            try:
+                self._watch()
+            except Exception:  # pragma: no cover - a bug here must not leave descriptors open
+                log.exception("watching a lost NBD connection failed")
             with self._fd_lock:  # (from now on a kick() fails: its caller settles, see _submit)
                 self._fds_closed = True
                 sock, self._sock = self._sock, None
@@ -430,6 +490,51 @@ class _Connection:
             if sock is not None:
                 sock.close()
             self.settle()
+            drained = self.on_drained
+            if drained is not None:
+                drained()
+
+    def fencing(self) -> bool:
+        """Whether the connection was lost with writes unanswered that the server may still
+        carry out (it has not closed its side yet, nor answered them)."""
+        return bool(self.writes) and not self.server_closed and not self._closing
+
+    def _watch(self) -> None:
+        """After libnbd's end (the connection was aborted, or the server went away): while
+        writes are unanswered, read and drop what the server still sends on our half-closed
+        socket until it closes its side (end of file or a reset: its requests in flight are
+        over) -- or the backend closes."""
+        sock = self._sock
+        if sock is None or not self.writes:
+            return
+        sock.setblocking(False)
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while self.writes and not self._closing:
+            events = dict(poller.poll(1000))
+            if self._wake_r in events:
+                try:
+                    os.read(self._wake_r, 4096)
+                except BlockingIOError:
+                    pass
+            if self.completed:
+                self.settle()
+            if sock.fileno() in events:
+                try:
+                    data = sock.recv(1 << 16)
+                except BlockingIOError:
+                    continue
+                except OSError:  # (reset by the server: its side is gone)
+                    data = b""
+                if not data:
+                    if self._shut_read:  # (our own end of file: keep fencing until closed)
+                        poller.unregister(sock.fileno())
+                        continue
+                    self.server_closed = True
+                    log.info("NBD connection closed by the server after its loss: %d write(s) settled",
+                             len(self.writes))
+                    return
 
     def settle(self) -> None:
         """Settle the asynchronous commands libnbd retired (:meth:`_Async.settle`)."""
@@ -469,16 +574,25 @@ class _Connection:
             return True
 
     def abort(self) -> None:
-        """Shut the socket down (a server that stopped answering, or a close): the dispatcher
-        then reads its end, libnbd retires every command in flight with an error, and the
+        """Half-close the socket (a server that stopped answering, a lost connection, a close):
+        the server reads its end and, once its requests in flight are done, closes its side,
+        which :meth:`_watch` sees; libnbd's next send fails (its disconnect request is queued
+        for that), so it retires every command in flight with an error at once and the
         connection is dead (its commands are sent again on a new one)."""
         self.dead = True
+        self._aborted = True
         with self._fd_lock:
             if self._sock is not None:
                 try:
-                    self._sock.shutdown(socket.SHUT_RDWR)
+                    self._sock.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass  # (not connected any more)
+        h = self.handle
+        if h is not None:
+            try:
+                h.aio_disconnect(0)
+            except self.nbd.Error:
+                pass  # (dead or closed already)
         self.kick()
 
     def _wait(self, waiter: _Waiter, timeout: float | None) -> bool | None:
@@ -494,9 +608,11 @@ class _Connection:
             if not self.thread.is_alive():
                 return True if waiter.wait(0) else None
 
-    def run(self, issue: Callable[[Any, _Waiter], object], timeout: float | None = None) -> None:
+    def run(self, issue: Callable[[Any, _Waiter], object], timeout: float | None = None,
+            span: tuple[int, int] | None = None) -> None:
         """Issue one command and wait for it (up to ``timeout`` seconds: then the connection
-        is aborted, which retires the command, and ``ETIMEDOUT`` is raised).
+        is aborted, which retires the command, and ``ETIMEDOUT`` is raised). ``span``: a
+        write's (offset, length), kept in :attr:`writes` until the server answers it.
 
         :raises _Lost: the connection died before or under the command.
         :raises OSError: the server (or libnbd) refused the command, or it timed out.
@@ -505,9 +621,12 @@ class _Connection:
         if self.dead or h is None:
             raise _Lost()
         waiter = _Waiter()
+        if span is not None:
+            self.writes[waiter] = span
         try:
             issue(h, waiter)
         except self.nbd.Error as exc:
+            self.writes.pop(waiter, None)  # (not sent)
             if self.dead or h.aio_is_dead() or h.aio_is_closed():
                 self.dead = True
                 raise _Lost() from None
@@ -527,7 +646,9 @@ class _Connection:
             if waiter.error in (errno.ENOTCONN, errno.ESHUTDOWN) or self.dead or h.aio_is_dead():
                 self.dead = True
                 raise _Lost()
+            self.writes.pop(waiter, None)
             raise OSError(waiter.error, os.strerror(waiter.error))
+        self.writes.pop(waiter, None)
 
     def close(self) -> None:
         """Abort the connection, let the dispatcher run until libnbd retired every command in
@@ -659,6 +780,8 @@ class NbdBackend(BaseBackend):
         self._closed = False
         #: the thread that sends asynchronous commands again after a lost connection
         self._retrier: ThreadPoolExecutor | None = None
+        #: lost connections whose unanswered writes fence their blocks (:meth:`_await_fences`)
+        self._draining: list[_Connection] = []
         #: reconnections made (for tests and logs)
         self.reconnects = 0
         #: commands on the wire now, and the most there were at once
@@ -707,8 +830,13 @@ class NbdBackend(BaseBackend):
         """A new connection with at least the namespace's size and the capabilities it was
         started with.
 
-        :raises OSError: it cannot be opened, or the server offers less now (``EIO``).
+        :raises OSError: it cannot be opened, or the server offers less now (``EIO``), or
+            :data:`MAX_DRAINING` lost connections are not closed by the server yet (``EIO``).
         """
+        self._close_drained()
+        if len(self._draining) >= MAX_DRAINING:
+            raise OSError(errno.EIO, f"{len(self._draining)} lost connections to the server still have "
+                                     f"writes it may carry out (not closed by it)")
         conn = _Connection(self.nbd, self.uri, timeout)
         try:
             h = conn.handle
@@ -760,7 +888,9 @@ class NbdBackend(BaseBackend):
             once = self._gave_up[slot]
             pause0 = self._pause[slot]
         if conn is not None:
-            conn.close()
+            self._lost(conn)
+            if not conn.fencing():
+                conn.close()
         assert lost_at is not None
         deadline = lost_at + self.reconnect_timeout
         pause = RETRY_FIRST
@@ -810,12 +940,17 @@ class NbdBackend(BaseBackend):
                 self._lost_at[slot] = None
                 self._pause[slot] = 0.0
 
-    def _run(self, issue: Callable[[Any, _Waiter], object]) -> None:
+    def _run(self, issue: Callable[[Any, _Waiter], object], span: tuple[int, int] | None = None,
+             write: bool = False) -> None:
         """Issue a command on the next connection and wait for it; a lost connection is
-        reconnected and the command sent again.
+        reconnected and the command sent again. ``span``: the (offset, length) the command
+        reads (``write``: changes); it first waits for the fences over it (:meth:`_await_fences`).
 
-        :raises OSError: the server refused it, or did not come back in time.
+        :raises OSError: the server refused it, or did not come back in time, or its blocks
+            stay fenced.
         """
+        if span is not None:
+            self._await_fences(*span)
         slot = next(self._next) % self.connections
         deadline = time.monotonic() + self.timeout if self.timeout > 0 else None
         resends = 0
@@ -830,10 +965,11 @@ class NbdBackend(BaseBackend):
                     raise OSError(errno.EIO, f"NBD command not done within timeout={self.timeout} s")
                 conn = self._live(slot)
                 try:
-                    conn.run(issue, left)
+                    conn.run(issue, left, span if write else None)
                     self._answered(slot, conn)
                     return
                 except _Lost:
+                    self._lost(conn)
                     if conn is not lost:  # (one count per connection lost under the command)
                         lost = conn
                         resends += 1
@@ -845,10 +981,87 @@ class NbdBackend(BaseBackend):
                     if exc.errno != errno.ETIMEDOUT:
                         self._answered(slot, conn)
                         raise
+                    self._lost(conn)
                     raise OSError(errno.EIO, f"NBD command not done within timeout={self.timeout} s") from None
         finally:
             with self._lock:
                 self.inflight -= 1
+
+    # -- fences (writes a lost connection may still carry out) ----------------------------
+
+    def _lost(self, conn: _Connection) -> None:
+        """``conn`` was lost (or timed out): half-close it (:meth:`_Connection.abort`) and, while
+        writes sent on it are unanswered, keep it as a fence over their blocks until the server
+        closed its side (NBD has no cancel: the server may still carry them out later)."""
+        conn.abort()
+        if not conn.fencing():
+            return
+        with self._lock:
+            if conn in self._draining or self._closed:
+                return
+            conn.lost_at = time.monotonic()
+            conn.on_drained = self._drained
+            self._draining.append(conn)
+        log.warning("nbd backend: %d write(s) unanswered on a lost connection to %s: their blocks wait "
+                    "until the server closes it (up to reconnect_timeout=%g s)",
+                    len(conn.writes), self.uri, self.reconnect_timeout)
+
+    def _drained(self) -> None:
+        """A lost connection's dispatcher ended (it fences nothing now): wake the waiters."""
+        with self._lock:
+            self._changed.notify_all()
+
+    def _close_drained(self) -> None:
+        """Close the lost connections that fence nothing any more."""
+        with self._lock:
+            if not self._draining:
+                return
+            done = [c for c in self._draining if not c.fencing()]
+            self._draining = [c for c in self._draining if c.fencing()]
+        for conn in done:
+            conn.close()
+
+    def _fence_over(self, offset: int, length: int) -> _Connection | None:
+        """The lost connection with an unanswered write overlapping ``length`` bytes at
+        ``offset``, if any."""
+        end = offset + length
+        for conn in list(self._draining):
+            if conn.fencing() and any(o < end and offset < o + n for o, n in tuple(conn.writes.values())):
+                return conn
+        return None
+
+    def _await_fences(self, offset: int, length: int) -> None:
+        """Wait until no write that a lost connection may still carry out overlaps the range
+        (the server closed that connection, or answered the writes): a command must not
+        start before an older copy of a write to its blocks could land after it. The wait
+        ends at the latest ``reconnect_timeout`` seconds after the loss; then the command
+        fails and the blocks stay fenced (each later command on them fails at once) until
+        the server closes that connection. A command sent again after its own connection was
+        lost passes (its first copy carries the same data; the I/O command set never has two
+        overlapping writes in flight).
+
+        :raises OSError: ``EIO``: the blocks are still fenced at that deadline; ``EBADF``: closed.
+        """
+        if not self._draining or getattr(_resending, "on", False):
+            return
+        self._close_drained()
+        with self._lock:
+            while True:
+                if self._closed:
+                    raise OSError(errno.EBADF, "the nbd backend is closed")
+                conn = self._fence_over(offset, length)
+                if conn is None:
+                    return
+                left = conn.lost_at + self.reconnect_timeout - time.monotonic()
+                if left <= 0:
+                    raise OSError(errno.EIO, f"NBD blocks at {offset}+{length} fenced: a write to them sent on "
+                                             f"a lost connection to {self.uri} may still be carried out (the "
+                                             f"server has not closed that connection)")
+                self._changed.wait(min(left, 0.5))
+
+    def fenced(self, offset: int, length: int) -> bool:
+        """Whether ``length`` bytes at ``offset`` are fenced now (see :meth:`_await_fences`)."""
+        return bool(self._draining) and self._fence_over(offset, length) is not None
 
     # -- asynchronous I/O ------------------------------------------------------------------
 
@@ -863,16 +1076,19 @@ class NbdBackend(BaseBackend):
         retrier.submit(cmd.retry)
 
     def _submit(self, issue: Callable[[Any, _Async], object], done: Callable[[int], object],
-                blocking: Callable[[], None], keep: object) -> bool:
+                blocking: Callable[[], None], keep: object, span: tuple[int, int] | None = None) -> bool:
         """Issue a command without waiting: ``done`` is called once it ends (see
-        :meth:`submit_readv`). False: not issued (no live connection), nothing will be called."""
+        :meth:`submit_readv`). False: not issued (no live connection), nothing will be called.
+        ``span``: a write's (offset, length) (:attr:`_Connection.writes`)."""
         slot = next(self._next) % self.connections
         conn = self._conns[slot]
         if conn is None or conn.dead or self._closed or conn.handle is None:
             return False
         h = conn.handle
         cmd = _Async(self, conn, slot, done, blocking,
-                     time.monotonic() + self.timeout if self.timeout > 0 else None, keep)
+                     time.monotonic() + self.timeout if self.timeout > 0 else None, keep, span)
+        if span is not None:
+            conn.writes[cmd] = span
         with self._lock:
             self.inflight += 1
             if self.inflight > self.max_inflight:
@@ -882,6 +1098,7 @@ class NbdBackend(BaseBackend):
             issue(h, cmd)
         except self.nbd.Error as exc:
             conn.pending.discard(cmd)
+            conn.writes.pop(cmd, None)
             with self._lock:
                 self.inflight -= 1
             if conn.dead or h.aio_is_dead() or h.aio_is_closed():
@@ -909,6 +1126,8 @@ class NbdBackend(BaseBackend):
         if len(views) != 1 or len(views[0]) > self.max_request:
             return False
         view = views[0]
+        if self._draining and self.fenced(offset, len(view)):
+            return False  # (the blocking path waits for the fence)
         nbd = self.nbd
         buf = nbd.Buffer.from_buffer(view)
         return self._submit(lambda h, cb: h.aio_pread(buf, offset, completion=cb), done,
@@ -923,11 +1142,13 @@ class NbdBackend(BaseBackend):
             return False
         self._check_writable()
         view = views[0]
+        if self._draining and self.fenced(offset, len(view)):
+            return False  # (the blocking path waits for the fence)
         nbd = self.nbd
         flags = nbd.CMD_FLAG_FUA if fua else 0
         buf = nbd.Buffer.from_buffer(view)
         return self._submit(lambda h, cb: h.aio_pwrite(buf, offset, completion=cb, flags=flags), done,
-                            lambda: self._write_from(view, offset, flags), buf)
+                            lambda: self._write_from(view, offset, flags), buf, (offset, len(view)))
 
     # -- I/O ----------------------------------------------------------------------------
 
@@ -953,14 +1174,14 @@ class NbdBackend(BaseBackend):
         for piece, at in self._pieces(view):
             def issue(h: Any, w: _Waiter, p: memoryview = piece, o: int = offset + at) -> object:
                 return h.aio_pread(nbd.Buffer.from_buffer(p), o, completion=w)
-            self._run(issue)
+            self._run(issue, (offset + at, len(piece)))
 
     def _write_from(self, view: memoryview, offset: int, flags: int) -> None:
         nbd = self.nbd
         for piece, at in self._pieces(view):
             def issue(h: Any, w: _Waiter, p: memoryview = piece, o: int = offset + at) -> object:
                 return h.aio_pwrite(nbd.Buffer.from_buffer(p), o, completion=w, flags=flags)
-            self._run(issue)
+            self._run(issue, (offset + at, len(piece)), write=True)
 
     def readv(self, views: list[memoryview], offset: int) -> None:
         """``NBD_CMD_READ`` into the views: one view (a contiguous guest buffer) directly, a
@@ -1001,7 +1222,7 @@ class NbdBackend(BaseBackend):
             n = min(length, MAX_RANGE)
             def issue(h: Any, w: _Waiter, o: int = offset, k: int = n) -> object:
                 return h.aio_zero(k, o, completion=w, flags=flags)
-            self._run(issue)
+            self._run(issue, (offset, n), write=True)
             offset += n
             length -= n
 
@@ -1092,6 +1313,8 @@ class NbdBackend(BaseBackend):
         with self._lock:
             self._closed = True
             conns, self._conns = list(self._conns), [None] * len(self._conns)
+            conns += self._draining
+            self._draining = []
             retrier, self._retrier = self._retrier, None
             self._changed.notify_all()
         if retrier is not None:
