@@ -302,8 +302,10 @@ class _Async:
         h = conn.handle  # (None once the connection is closed)
         if err and (err in (errno.ENOTCONN, errno.ESHUTDOWN) or conn.dead or h is None or h.aio_is_dead()):
             conn.dead = True
+            if self.span is not None and err == errno.ESHUTDOWN and not conn._aborted:
+                conn.writes.pop(self, None)  # (the server's answer: it will not carry it out)
             # (a write not answered: it may still be carried out -- its blocks stay fenced)
-            self.backend._lost(conn)
+            self.backend._lost(conn, abort=False)
             if self.deadline is not None and time.monotonic() >= self.deadline:
                 self.finish(errno.EIO)
             else:
@@ -644,6 +646,8 @@ class _Connection:
             raise OSError(errno.ETIMEDOUT, "the NBD server did not answer in time")
         if waiter.error:
             if waiter.error in (errno.ENOTCONN, errno.ESHUTDOWN) or self.dead or h.aio_is_dead():
+                if waiter.error == errno.ESHUTDOWN and not self._aborted:
+                    self.writes.pop(waiter, None)  # (the server's answer: it will not carry it out)
                 self.dead = True
                 raise _Lost()
             self.writes.pop(waiter, None)
@@ -969,7 +973,7 @@ class NbdBackend(BaseBackend):
                     self._answered(slot, conn)
                     return
                 except _Lost:
-                    self._lost(conn)
+                    self._lost(conn, abort=False)  # (its other commands may still be answered)
                     if conn is not lost:  # (one count per connection lost under the command)
                         lost = conn
                         resends += 1
@@ -989,11 +993,14 @@ class NbdBackend(BaseBackend):
 
     # -- fences (writes a lost connection may still carry out) ----------------------------
 
-    def _lost(self, conn: _Connection) -> None:
-        """``conn`` was lost (or timed out): half-close it (:meth:`_Connection.abort`) and, while
-        writes sent on it are unanswered, keep it as a fence over their blocks until the server
-        closed its side (NBD has no cancel: the server may still carry them out later)."""
-        conn.abort()
+    def _lost(self, conn: _Connection, *, abort: bool = True) -> None:
+        """``conn`` was lost (or timed out): half-close it (``abort``: :meth:`_Connection.abort`;
+        else it stays up until :meth:`_live` replaces it, its other commands may still be
+        answered) and, while writes sent on it are unanswered, keep it as a fence over their
+        blocks until the server answered them or closed its side (NBD has no cancel: the server
+        may still carry them out later)."""
+        if abort:
+            conn.abort()
         if not conn.fencing():
             return
         with self._lock:
@@ -1012,11 +1019,12 @@ class NbdBackend(BaseBackend):
             self._changed.notify_all()
 
     def _close_drained(self) -> None:
-        """Close the lost connections that fence nothing any more."""
+        """Forget the lost connections that fence nothing any more (and close those
+        :meth:`_live` replaced already)."""
         with self._lock:
             if not self._draining:
                 return
-            done = [c for c in self._draining if not c.fencing()]
+            done = [c for c in self._draining if not c.fencing() and c not in self._conns]
             self._draining = [c for c in self._draining if c.fencing()]
         for conn in done:
             conn.close()
