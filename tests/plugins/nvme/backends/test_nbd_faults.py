@@ -215,9 +215,10 @@ def test_a_delay_above_timeout_fails_the_command_and_the_rest_goes_on(nbd_server
 
 
 #: an nbdkit ``sh`` plugin script: a 4 MiB image (``img`` beside it) whose next read, and next
-#: write, sleep 4 s (a write: the seconds in ``slow-seconds`` if it exists) first while a marker file exists (``read-held`` / ``write-held`` say they
-#: started); the sleep goes on when the client drops the connection, as a real server's I/O in
-#: flight does, and ``slow-write-done`` says the slow write reached the image
+#: write, sleep 4 s first (a write: the seconds in ``slow-seconds`` if it exists) while a marker
+#: file exists (``read-held`` / ``write-held`` say they started); the sleep goes on when the
+#: client drops the connection, as a real server's I/O in flight does, and ``slow-write-done``
+#: says the slow write reached the image
 SLOW_ONCE = r"""#!/bin/sh
 dir=$(dirname "$0")
 case "$1" in

@@ -61,6 +61,7 @@ else of that directory).
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import errno
 import importlib
 import importlib.machinery
@@ -75,9 +76,9 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
@@ -86,17 +87,21 @@ from pcidev.properties import Size
 from pcidev_nvme.backends.base import BaseBackend, check_size, size_field, take_options
 
 __all__ = [
+    "ADMIN_WAIT",
     "CLOSE_WAIT",
+    "DEFAULT_FENCE_GRACE",
     "DEFAULT_QUEUE_DEPTH",
     "DEFAULT_RECONNECT_TIMEOUT",
     "DEFAULT_TIMEOUT",
     "MAX_CONNECTIONS",
     "MAX_DRAINING",
+    "MAX_EXTENTS",
     "MAX_RESENDS",
     "MAX_QUEUE_DEPTH",
     "MIN_ATTEMPT",
     "RETRY_FIRST",
     "RETRY_MAX",
+    "STATUS_RANGE",
     "SYSTEM_DIST_PACKAGES",
     "NbdBackend",
     "NbdConfig",
@@ -107,6 +112,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 #: where Debian's ``python3-libnbd`` puts the ``nbd`` module
 SYSTEM_DIST_PACKAGES = "/usr/lib/python3/dist-packages"
@@ -133,8 +139,17 @@ MAX_RESENDS = 3
 MAX_REQUEST = 32 << 20
 #: seconds a closed connection's dispatcher waits for libnbd to retire its commands
 CLOSE_WAIT = 5.0
-#: the largest range one WRITE_ZEROES or BLOCK_STATUS request covers (the length is 32-bit)
+#: the largest range one WRITE_ZEROES request covers (the length is 32-bit)
 MAX_RANGE = 1 << 30
+#: the largest range one BLOCK_STATUS request asks about (at most 128 Ki extents of 512 bytes)
+STATUS_RANGE = 64 << 20
+#: extents used from one BLOCK_STATUS reply (the rest of its range is asked again)
+MAX_EXTENTS = 1 << 16
+#: seconds the admin path (Identify Namespace's NUSE, Get LBA Status) waits for block status
+ADMIN_WAIT = 2.0
+#: seconds the blocks of a lost connection's unanswered writes stay fenced after the server
+#: closed it, by default (QEMU's servers close it at once and finish their writes in flight after)
+DEFAULT_FENCE_GRACE = 1.0
 #: the most lost connections of one namespace kept open until the server closes them (they fence
 #: the blocks of their unanswered writes); while that many are open no new connection is made
 MAX_DRAINING = 8
@@ -233,6 +248,8 @@ class NbdConfig:
         "help": "seconds a lost connection is retried before its commands fail"})
     timeout: float = attrs.field(default=DEFAULT_TIMEOUT, metadata={
         "help": "seconds a command, or the opening of a connection, may take (0: no limit)"})
+    fence_grace: float = attrs.field(default=DEFAULT_FENCE_GRACE, metadata={
+        "help": "seconds the blocks of a lost connection's unanswered writes stay fenced after the server closed it"})
 
     def __attrs_post_init__(self) -> None:
         if not 1 <= self.connections <= MAX_CONNECTIONS:
@@ -243,6 +260,8 @@ class NbdConfig:
             raise ConfigError(f"nbd backend: reconnect_timeout={self.reconnect_timeout} must be 0..86400 seconds")
         if not 0 <= self.timeout <= 86400:
             raise ConfigError(f"nbd backend: timeout={self.timeout} must be 0..86400 seconds (0: no limit)")
+        if not 0 <= self.fence_grace <= 3600:
+            raise ConfigError(f"nbd backend: fence_grace={self.fence_grace} must be 0..3600 seconds")
 
 
 class _Waiter:
@@ -380,6 +399,10 @@ class _Connection:
         #: the server closed the connection after it was lost (nbdkit finishes the requests in
         #: flight first): its unanswered writes can no longer land
         self.server_closed = False
+        #: ``time.monotonic()`` when :attr:`server_closed` was seen, and the seconds the writes
+        #: still fence after it (the backend's ``fence_grace``)
+        self.closed_at = 0.0
+        self.grace = 0.0
         #: ``time.monotonic()`` when the backend found the connection lost with writes unanswered
         self.lost_at = 0.0
         #: called (on the dispatcher thread) when the connection stopped fencing anything
@@ -412,6 +435,7 @@ class _Connection:
         except OSError:
             self._sock.close()  # (no dispatcher will: the connection is not made)
             self._sock = None
+            self.handle = h = None  # (libnbd closes its socket now, not when the traceback goes)
             raise
         #: guards the wake-up pipe and the socket's descriptor (closed by the dispatcher as it ends)
         self._fd_lock = threading.Lock()
@@ -499,7 +523,9 @@ class _Connection:
     def fencing(self) -> bool:
         """Whether the connection was lost with writes unanswered that the server may still
         carry out (it has not closed its side yet, nor answered them)."""
-        return bool(self.writes) and not self.server_closed and not self._closing
+        if not self.writes or self._closing:
+            return False
+        return not self.server_closed or time.monotonic() < self.closed_at + self.grace
 
     def _watch(self) -> None:
         """After libnbd's end (the connection was aborted, or the server went away): while
@@ -533,6 +559,7 @@ class _Connection:
                     if self._shut_read:  # (our own end of file: keep fencing until closed)
                         poller.unregister(sock.fileno())
                         continue
+                    self.closed_at = time.monotonic()
                     self.server_closed = True
                     log.info("NBD connection closed by the server after its loss: %d write(s) settled",
                              len(self.writes))
@@ -695,7 +722,10 @@ class NbdBackend(BaseBackend):
     :param read_only: refuse writes (a read-only export is read-only anyway).
     :param connections: connections to open when the server advertises multi-conn.
     :param queue_depth: commands wanted in flight.
-    :param reconnect_timeout: seconds a lost connection is retried.
+    :param reconnect_timeout: seconds a lost connection is retried; also the longest a
+        command waits for a fence (:meth:`_await_fences`).
+    :param fence_grace: seconds a lost connection's unanswered writes still fence their blocks
+        after the server closed it.
     :param timeout: seconds a command may take in all (0: no limit); then its connection is
         dropped (the other commands on it are sent again) and it fails with ``EIO``. Also the
         bound of one connection's opening (TCP connect and NBD handshake).
@@ -708,10 +738,12 @@ class NbdBackend(BaseBackend):
 
     def __init__(self, uri: str, size: int | None = None, *, read_only: bool = False, connections: int = 1,
                  queue_depth: int = DEFAULT_QUEUE_DEPTH,
-                 reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT, timeout: float = DEFAULT_TIMEOUT) -> None:
+                 reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT, timeout: float = DEFAULT_TIMEOUT,
+                 fence_grace: float = DEFAULT_FENCE_GRACE) -> None:
         self.nbd = nbd = load_nbd()
         self.uri = uri
         self.reconnect_timeout = reconnect_timeout
+        self.fence_grace = fence_grace
         self.timeout = timeout
         #: the commands the backend wants in flight (the I/O command set keeps that many workers)
         self.queue_depth = queue_depth
@@ -786,6 +818,10 @@ class NbdBackend(BaseBackend):
         self._retrier: ThreadPoolExecutor | None = None
         #: lost connections whose unanswered writes fence their blocks (:meth:`_await_fences`)
         self._draining: list[_Connection] = []
+        #: the thread asking block status for the admin path, its job, and the last NUSE known
+        self._status_pool: ThreadPoolExecutor | None = None
+        self._status: Future[Any] | None = None
+        self._nuse_known: int | None = None
         #: reconnections made (for tests and logs)
         self.reconnects = 0
         #: commands on the wire now, and the most there were at once
@@ -999,6 +1035,7 @@ class NbdBackend(BaseBackend):
         answered) and, while writes sent on it are unanswered, keep it as a fence over their
         blocks until the server answered them or closed its side (NBD has no cancel: the server
         may still carry them out later)."""
+        conn.grace = self.fence_grace
         if abort:
             conn.abort()
         if not conn.fencing():
@@ -1260,29 +1297,24 @@ class NbdBackend(BaseBackend):
                     raise
         self._zero(offset, length, nbd.CMD_FLAG_NO_HOLE)
 
-    def allocated_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
-        """The allocated extents (``NBD_CMD_BLOCK_STATUS``, ``base:allocation``: all but the
-        extents both ``HOLE`` and ``ZERO`` -- a hole not said to read as zeros counts as
-        written); all of it when the server has no such context."""
-        if length <= 0:
-            return []
-        if not self.holes:
-            return [(offset, length)]
+    def _allocated(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        """The allocated pieces of ``length`` bytes at ``offset``, in order (maybe adjacent),
+        asked :data:`STATUS_RANGE` bytes at a time; at most :data:`MAX_EXTENTS` extents
+        of one reply are used (the rest is asked again from where they stop)."""
         nbd = self.nbd
         # (deallocated: a hole that reads as zeros; NBD does not promise a hole reads as zeros)
         unwritten = nbd.STATE_HOLE | nbd.STATE_ZERO
-        out: list[tuple[int, int]] = []
         end = offset + length
         pos = offset
         while pos < end:
-            want = min(end - pos, MAX_RANGE)
+            want = min(end - pos, STATUS_RANGE)
             extents: list[tuple[int, int, int]] = []
 
             def extent(context: str, start: int, entries: list[int], error: Any,
                        _out: list[tuple[int, int, int]] = extents) -> int:
                 if context == nbd.CONTEXT_BASE_ALLOCATION:
                     at = start
-                    for i in range(0, len(entries) - 1, 2):
+                    for i in range(0, min(len(entries) - 1, 2 * MAX_EXTENTS - 1), 2):
                         _out.append((at, entries[i], entries[i + 1]))
                         at += entries[i]
                 return 0
@@ -1296,25 +1328,91 @@ class NbdBackend(BaseBackend):
                     break
                 stop = min(at + n, end)
                 if flags & unwritten != unwritten and stop > at:
-                    if out and out[-1][0] + out[-1][1] == at:
-                        out[-1] = (out[-1][0], stop - out[-1][0])
-                    else:
-                        out.append((at, stop - at))
+                    yield at, stop - at
                 covered = stop
                 if covered >= end:
                     break
             if covered <= pos:  # the server said nothing usable: count the rest as data
-                out.append((pos, end - pos))
-                break
+                yield pos, end - pos
+                return
             pos = covered
+
+    def allocated_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """The allocated extents (``NBD_CMD_BLOCK_STATUS``, ``base:allocation``: all but the
+        extents both ``HOLE`` and ``ZERO`` -- a hole not said to read as zeros counts as
+        written); all of it when the server has no such context."""
+        if length <= 0:
+            return []
+        if not self.holes:
+            return [(offset, length)]
+        out: list[tuple[int, int]] = []
+        for at, n in self._allocated(offset, length):
+            if out and out[-1][0] + out[-1][1] == at:
+                out[-1] = (out[-1][0], at + n - out[-1][0])
+            else:
+                out.append((at, n))
         return out
 
+    def _status_job(self, fn: Callable[[], _T], wait: float) -> _T:
+        """``fn()`` (block status) on the backend's status thread, waiting ``wait`` seconds at
+        most: one job at a time -- a caller finding one still running (a server that stopped
+        answering) waits for it within its own time, never queues behind it -- and a job
+        outlives a caller that gave up (it ends within ``timeout``).
+
+        :raises OSError: ``ETIMEDOUT``: not done in time; or ``fn``'s own error.
+        """
+        end = time.monotonic() + wait
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise OSError(errno.EBADF, "the nbd backend is closed")
+                job = self._status
+                mine = job is None or job.done()
+                if mine:
+                    if self._status_pool is None:
+                        self._status_pool = ThreadPoolExecutor(1, thread_name_prefix="nbd-status")
+                    job = self._status = self._status_pool.submit(fn)
+            assert job is not None
+            left = end - time.monotonic()
+            try:
+                result = job.result(timeout=max(left, 0.0))
+            except concurrent.futures.TimeoutError:
+                raise OSError(errno.ETIMEDOUT, f"NBD block status not answered within {wait:g} s") from None
+            except OSError:
+                if mine:
+                    raise
+                result = None
+            if mine:
+                return result  # type: ignore[no-any-return]
+
+    def allocated_ranges_within(self, offset: int, length: int, wait: float = ADMIN_WAIT) -> list[tuple[int, int]]:
+        """:meth:`allocated_ranges` for the admin path (Get LBA Status): answered within
+        ``wait`` seconds or ``ETIMEDOUT`` (the optional bounded form of the
+        :class:`~pcidev_nvme.backends.base.Backend` protocol's ``allocated_ranges``).
+
+        :raises OSError: ``ETIMEDOUT``, or the server's error.
+        """
+        if not self.holes or length <= 0:
+            return self.allocated_ranges(offset, length)
+        return self._status_job(lambda: self.allocated_ranges(offset, length), wait)
+
+    def _count_allocated(self) -> int:
+        used = sum(n for _o, n in self._allocated(0, self.size))
+        self._nuse_known = used
+        return used
+
     def allocated_bytes(self) -> int:
-        """Bytes of the namespace that are not holes (block status; all without it, and all
-        while a connection is lost: Identify Namespace does not wait for a reconnection)."""
-        if not self.holes or any(c is None or c.dead for c in list(self._conns)):
+        """Bytes of the namespace that are not holes (block status), for Identify Namespace's
+        NUSE: asked within :data:`ADMIN_WAIT` seconds, else the last value known (all of it
+        before one is known, and without block status); not asked while a connection is lost."""
+        if not self.holes:
             return self.size
-        return sum(n for _o, n in self.allocated_ranges(0, self.size))
+        if any(c is None or c.dead for c in list(self._conns)):
+            return self._nuse_known if self._nuse_known is not None else self.size
+        try:
+            return self._status_job(self._count_allocated, ADMIN_WAIT)
+        except OSError:
+            return self._nuse_known if self._nuse_known is not None else self.size
 
     def close(self) -> None:
         """Close the connections. Idempotent."""
@@ -1324,9 +1422,11 @@ class NbdBackend(BaseBackend):
             conns += self._draining
             self._draining = []
             retrier, self._retrier = self._retrier, None
+            status, self._status_pool = self._status_pool, None
             self._changed.notify_all()
-        if retrier is not None:
-            retrier.shutdown(wait=False)
+        for pool in (retrier, status):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
         for conn in conns:
             if conn is not None:
                 conn.close()
@@ -1339,10 +1439,11 @@ class NbdBackend(BaseBackend):
 
 def make_nbd(options: dict[str, Any]) -> NbdBackend:
     """The ``nbd`` factory: takes ``uri``, ``size``, ``readonly``, ``connections``,
-    ``queue_depth``, ``reconnect_timeout`` and ``timeout`` from ``options``."""
+    ``queue_depth``, ``reconnect_timeout``, ``timeout`` and ``fence_grace`` from ``options``."""
     if not options.get("uri"):
         raise ConfigError("the nbd backend needs uri=nbd://HOST[:PORT]/EXPORT or "
                           "uri=nbd+unix:///EXPORT?socket=PATH")
     cfg = take_options(NbdConfig, options, what="nbd backend")
     return NbdBackend(cfg.uri, cfg.size, read_only=cfg.readonly, connections=cfg.connections,
-                      queue_depth=cfg.queue_depth, reconnect_timeout=cfg.reconnect_timeout, timeout=cfg.timeout)
+                      queue_depth=cfg.queue_depth, reconnect_timeout=cfg.reconnect_timeout, timeout=cfg.timeout,
+                      fence_grace=cfg.fence_grace)
