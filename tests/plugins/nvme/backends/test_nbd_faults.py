@@ -528,6 +528,35 @@ def test_a_write_the_server_answers_eperm_is_write_protected(nbd_server):
         ctrl.close()
 
 
+def test_a_flush_the_server_answers_eperm_is_a_write_fault(nbd_tools, tmp_path: Path):
+    """A server refusing Flush with ``EPERM`` (nbdkit's ``eval`` plugin on an image; the error
+    filter cannot fail flushes): the Flush completes with Write Fault (the writes may not be
+    durable) and an Error Information entry, not Namespace is Write Protected (a Flush changes
+    no block); writes and reads go on."""
+    img = tmp_path / "img"
+    with open(img, "wb") as f:
+        f.truncate(4 * MiB)
+    sock = tmp_path / "eperm.sock"
+    server = NbdServer(["nbdkit", "-f", "-U", str(sock), "eval", "thread_model=echo parallel",
+                        f"get_size=echo {4 * MiB}", "can_write=exit 0", "can_flush=exit 0",
+                        "flush=echo EPERM refused >&2; exit 1",
+                        f"pread=dd if={img} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none",
+                        f"pwrite=dd of={img} seek=$4 oflag=seek_bytes conv=notrunc status=none"], sock)
+    _machine, ctrl, drv = _attach(f"ns=nbd:uri={server.uri}")
+    try:
+        lbs = drv.namespaces[1].lba_size
+        drv.write(1, 0, b"x" * lbs)
+        assert _status(lambda: drv.flush(1)) == Status.WRITE_FAULT
+        count, status, nsid = _newest_error(drv)
+        assert (count, status, nsid) == (1, Status.WRITE_FAULT, 1)
+        drv.write(1, 1, b"y" * lbs)
+        assert drv.read(1, 0, 2) == b"x" * lbs + b"y" * lbs
+    finally:
+        drv.close()
+        ctrl.close()
+        server.kill()
+
+
 @pytest.mark.parametrize("lack", ["read-only", "zero", "multi-conn"])
 def test_a_server_that_comes_back_weaker_is_not_used(nbd_server, caplog, lack):
     """The file plugin of nbdkit (FUA, write zeroes, multi-conn), restarted read-only (then also

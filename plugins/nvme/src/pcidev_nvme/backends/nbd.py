@@ -1258,9 +1258,17 @@ class NbdBackend(BaseBackend):
             self.flush()
 
     def flush(self) -> None:
-        """``NBD_CMD_FLUSH`` (nothing when the server has no write cache to flush)."""
-        if self.can_flush:
+        """``NBD_CMD_FLUSH`` (nothing when the server has no write cache to flush). A flush
+        the server refuses with ``EPERM`` fails with ``EIO`` (the writes may not be durable: a
+        Write Fault), not as a refused write (Namespace is Write Protected)."""
+        if not self.can_flush:
+            return
+        try:
             self._run(lambda h, w: h.aio_flush(completion=w))
+        except OSError as exc:
+            if exc.errno != errno.EPERM:
+                raise
+            raise OSError(errno.EIO, f"the NBD server refused the flush: {exc.strerror}") from None
 
     def _zero(self, offset: int, length: int, flags: int) -> None:
         while length:
