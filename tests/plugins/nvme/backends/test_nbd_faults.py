@@ -359,6 +359,30 @@ def test_blocks_still_fenced_at_reconnect_timeout_fail_and_the_rest_goes_on(nbd_
         server.kill()
 
 
+def test_a_migration_stop_waits_for_the_fences_and_refuses_while_one_is_left(nbd_tools, tmp_path: Path):
+    """The stop's flush of the namespaces (``migration.flush_namespaces``) while write A, timed
+    out, may still be carried out by the server: within a short deadline it refuses (the
+    destination would not know the fence) with one MigrationError naming the namespace; with
+    a deadline past the server's close it waits and succeeds."""
+    from pcidev.errors import MigrationError
+    from pcidev_nvme import migration
+
+    server = _slow_server(tmp_path)
+    _machine, ctrl, drv = _attach(f"ns=nbd:uri={server.uri},timeout=1,reconnect_timeout=20")
+    try:
+        lbs = drv.namespaces[1].lba_size
+        (tmp_path / "slow-write").touch()
+        assert _status(lambda: drv.write(1, 0, b"A" * lbs)) == Status.WRITE_FAULT
+        with pytest.raises(MigrationError, match=r"namespace\(s\) 1: writes sent on a lost NBD connection"):
+            migration.flush_namespaces(ctrl, time.monotonic() + 0.3)
+        migration.flush_namespaces(ctrl, time.monotonic() + 30)
+        assert (tmp_path / "slow-write-done").exists()
+    finally:
+        drv.close()
+        ctrl.close()
+        server.kill()
+
+
 def test_a_server_answering_eshutdown_forever_fails_the_command_within_reconnect_timeout(nbd_server):
     """The server (nbdkit) answers every read with ESHUTDOWN ("shutting down", but it keeps
     accepting connections), ``reconnect_timeout=0.5``, ``timeout=10``: the read must fail with

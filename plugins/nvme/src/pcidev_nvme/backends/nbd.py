@@ -1104,6 +1104,22 @@ class NbdBackend(BaseBackend):
                                              f"server has not closed that connection)")
                 self._changed.wait(min(left, 0.5))
 
+    def wait_unfenced(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until no lost connection fences anything (a
+        migration's stop: the destination would not know the fences).
+
+        :returns: True when none is left.
+        """
+        end = time.monotonic() + timeout
+        self._close_drained()
+        with self._lock:
+            while any(conn.fencing() for conn in self._draining):
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(min(left, 0.5))
+        return True
+
     def fenced(self, offset: int, length: int) -> bool:
         """Whether ``length`` bytes at ``offset`` are fenced now (see :meth:`_await_fences`)."""
         return bool(self._draining) and self._fence_over(offset, length) is not None
