@@ -44,6 +44,19 @@ entry); later commands then try one reconnection each and fail at once if the se
 still away. NBD makes only flushed (or FUA) writes durable: writes acknowledged but not
 flushed before the server went down are as safe as the server kept them (a volatile write
 cache's writes after a power loss).
+**Fences.** NBD cannot cancel a request: a write whose connection was lost (timed out,
+broken, ``ESHUTDOWN``) may still be carried out by the server later. Each connection keeps
+its writes sent and not yet answered; a lost one is half-closed (``SHUT_WR``: libnbd retires
+its commands at once, the server reads the end of the stream) and, while any of those writes
+is unanswered, fences their blocks: a later command on overlapping blocks waits until the
+server answered them or closed its side of that connection (nbdkit does once its requests in
+flight ended), plus ``fence_grace`` seconds (:data:`DEFAULT_FENCE_GRACE`; QEMU's servers
+close first and finish their writes after); at most ``reconnect_timeout`` seconds after the
+loss, after which commands on those blocks fail with ``EIO`` until the server closes it. A
+command sent again after its own connection was lost passes its own fence (same data). At
+most :data:`MAX_DRAINING` such connections are kept; a migration's stop waits for them
+(:meth:`NbdBackend.wait_unfenced`). Identify Namespace's NUSE and Get LBA Status ask block
+status on a thread of their own and wait :data:`ADMIN_WAIT` seconds at most.
 A new connection must offer what the first one did (writes, FUA, flush, zeroing, block
 status, multi-conn when used, block sizes): a server that comes back with less is a failed
 attempt. Closing a connection shuts its socket down and lets libnbd retire every command
@@ -78,7 +91,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import attrs
 
@@ -723,7 +736,7 @@ class NbdBackend(BaseBackend):
     :param connections: connections to open when the server advertises multi-conn.
     :param queue_depth: commands wanted in flight.
     :param reconnect_timeout: seconds a lost connection is retried; also the longest a
-        command waits for a fence (:meth:`_await_fences`).
+        command waits for a fence (see the module, "Faults").
     :param fence_grace: seconds a lost connection's unanswered writes still fence their blocks
         after the server closed it.
     :param timeout: seconds a command may take in all (0: no limit); then its connection is
@@ -1121,7 +1134,8 @@ class NbdBackend(BaseBackend):
         return True
 
     def fenced(self, offset: int, length: int) -> bool:
-        """Whether ``length`` bytes at ``offset`` are fenced now (see :meth:`_await_fences`)."""
+        """Whether ``length`` bytes at ``offset`` are fenced now: a lost connection may still
+        carry out a write to them (see the module, "Faults")."""
         return bool(self._draining) and self._fence_over(offset, length) is not None
 
     # -- asynchronous I/O ------------------------------------------------------------------
@@ -1398,16 +1412,18 @@ class NbdBackend(BaseBackend):
                     job = self._status = self._status_pool.submit(fn)
             assert job is not None
             left = end - time.monotonic()
-            try:
-                result = job.result(timeout=max(left, 0.0))
+            if mine:
+                mine_job = cast("Future[_T]", job)
+                try:
+                    return mine_job.result(timeout=max(left, 0.0))
+                except concurrent.futures.TimeoutError:
+                    raise OSError(errno.ETIMEDOUT, f"NBD block status not answered within {wait:g} s") from None
+            try:  # (another caller's job: wait for it to end, then run ours)
+                job.result(timeout=max(left, 0.0))
             except concurrent.futures.TimeoutError:
                 raise OSError(errno.ETIMEDOUT, f"NBD block status not answered within {wait:g} s") from None
             except OSError:
-                if mine:
-                    raise
-                result = None
-            if mine:
-                return result  # type: ignore[no-any-return]
+                pass
 
     def allocated_ranges_within(self, offset: int, length: int, wait: float = ADMIN_WAIT) -> list[tuple[int, int]]:
         """:meth:`allocated_ranges` for the admin path (Get LBA Status): answered within
