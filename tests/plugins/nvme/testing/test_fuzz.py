@@ -35,8 +35,13 @@ def test_the_plugin_registers_the_target():
 
 
 @pytest.mark.parametrize("seed", _seeds())
-def test_seeds_keep_every_invariant(seed):
-    NvmeGuestTarget().run(seed)
+@pytest.mark.parametrize("reuse", [True, False], ids=["reused", "fresh"])
+def test_seeds_keep_every_invariant(seed, reuse):
+    target = NvmeGuestTarget(reuse=reuse)
+    try:
+        target.run(seed)
+    finally:
+        target.close()
 
 
 def test_a_write_outside_the_named_buffers_is_found(monkeypatch):
@@ -120,7 +125,7 @@ _Y = (_cmd(1, 7, (0x0B, 0x31F)) + _cmd(2, 1, (0, 0, 7), 0, 1)
 
 
 def test_an_input_runs_the_same_after_another_one_as_alone():
-    alone = NvmeGuestTarget()
+    alone = NvmeGuestTarget(reuse=False)
     alone.run(_X)
     target = NvmeGuestTarget()
     target.setup()
