@@ -105,9 +105,9 @@ class NvmeGuestTarget(FuzzTarget):
         #: the steps the last input took, each as its check names it (a completion's
         #: status included): what an input's outcome looks like from outside
         self.steps: list[str] = []
-        #: start every input from one saved, probed world (:class:`_World` put back by a
-        #: :class:`~pcidev.testing.fuzz.restore.MachineTemplate`); False: build and probe a
-        #: fresh controller for each input (what the reuse is tested against)
+        #: start every input from one saved, probed machine and controller, put back before
+        #: each input by a :class:`~pcidev.testing.fuzz.restore.MachineTemplate`; False: build
+        #: and probe a fresh controller for each input (what the reuse is tested against)
         self.reuse = reuse
         self._world: _World | None = None
 
