@@ -78,6 +78,18 @@ class PageAllocator:
                     merged.append((lo, hi))
             self._free = merged
 
+    def state(self) -> tuple[list[tuple[int, int]], dict[int, int]]:
+        """The free ranges and the used blocks (copies), for :meth:`restore`."""
+        with self._lock:
+            return list(self._free), dict(self._used)
+
+    def restore(self, state: tuple[list[tuple[int, int]], dict[int, int]]) -> None:
+        """Put back the free ranges and used blocks :meth:`state` returned (everything
+        allocated since is free again, everything freed since allocated again)."""
+        free, used = state
+        with self._lock:
+            self._free, self._used = list(free), dict(used)
+
     @property
     def free_bytes(self) -> int:
         return sum(hi - lo for lo, hi in self._free)

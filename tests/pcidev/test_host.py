@@ -54,6 +54,23 @@ def test_allocator() -> None:
     assert a.free_bytes == 0xF000
 
 
+def test_allocator_state_restores_what_was_allocated_and_freed_since() -> None:
+    a = PageAllocator(0x1000, 0x10000)
+    a.alloc(0x1000)
+    gone = a.alloc(0x2000)
+    saved = a.state()
+    later = a.alloc(0x4000)
+    a.free(gone)
+    assert later == 0x4000 and a.state() != saved
+    a.restore(saved)
+    assert a.state() == saved and a.free_bytes == 0xF000 - 0x3000
+    with pytest.raises(DmaError):
+        a.free(later)  # allocated after the save: free again
+    a.free(gone)  # freed after the save: allocated again
+    assert a.alloc(0x2000) == gone
+    assert saved == ([(0x4000, 0x10000)], {0x1000: 0x1000, 0x2000: 0x2000})  # a copy: not changed by the above
+
+
 def test_enumeration_and_registers(edu) -> None:
     assert (edu.vendor, edu.device_id) == (0x1234, 0x11E8)
     assert edu.ioread32(0, 0) == 0x010000ED

@@ -43,6 +43,7 @@ from pcidev.device import PciDevice
 from pcidev.host import Machine
 from pcidev.host.pci import HostPciDevice
 from pcidev.pci.config import ResetKind
+from pcidev.testing.fuzz.restore import MachineTemplate
 from pcidev.testing.fuzz.target import ErrorLogWatch, FuzzFinding, FuzzInput, FuzzTarget, open_fd_count
 from pcidev.testing.fuzz.vmstate_target import VmstateTarget
 from pcidev_nvme.config import NvmeConfig
@@ -93,15 +94,33 @@ class NvmeGuestTarget(FuzzTarget):
         "FLR recovers and namespace 2 is untouched", "fd count unchanged")
     #: coverage of the controller, the framework code it runs on (BAR dispatch, config
     #: space and capabilities, DMA, interrupts) and this decoder guides the fuzzer; the
-    #: test driver and the software host are the harness and run uninstrumented
+    #: test driver and the software host are the harness and run uninstrumented, and so
+    #: does the controller's migration code, which only the restore before each input runs
+    #: (the same way every time: no guest action reaches it but its ``paused`` flag)
     instrument: ClassVar[tuple[str, ...]] = (
-        "pcidev_nvme", "-pcidev_nvme.testing.driver", "-pcidev_nvme.testing.bench", "pcidev.device", "pcidev.pci",
-        "pcidev.dma", "pcidev.irq", "pcidev.bar", "pcidev.regions")
+        "pcidev_nvme", "-pcidev_nvme.testing.driver", "-pcidev_nvme.testing.bench", "-pcidev_nvme.migration",
+        "pcidev.device", "pcidev.pci", "pcidev.dma", "pcidev.irq", "pcidev.bar", "pcidev.regions")
 
-    def __init__(self) -> None:
+    def __init__(self, *, reuse: bool = True) -> None:
         #: the steps the last input took, each as its check names it (a completion's
         #: status included): what an input's outcome looks like from outside
         self.steps: list[str] = []
+        #: start every input from one saved, probed machine and controller, put back before
+        #: each input by a :class:`~pcidev.testing.fuzz.restore.MachineTemplate`; False: build
+        #: and probe a fresh controller for each input (what the reuse is tested against)
+        self.reuse = reuse
+        self._world: _World | None = None
+
+    def setup(self) -> None:
+        """Build and save the probed world the inputs start from (once; again after a finding)."""
+        if self.reuse and self._world is None:
+            self._world = _World.saved()
+
+    def close(self) -> None:
+        """Close the saved world."""
+        if self._world is not None:
+            self._world.close()
+            self._world = None
 
     def run(self, data: bytes) -> None:
         """Decode ``data`` into guest actions and check the invariants after each.
@@ -109,11 +128,25 @@ class NvmeGuestTarget(FuzzTarget):
         :param data: the fuzzer's bytes.
         :raises FuzzFinding: an invariant broke.
         """
+        self.setup()  # (before counting: the saved world's descriptors stay open)
         fds = open_fd_count()
-        with ErrorLogWatch() as watch:
-            run = _GuestRun(FuzzInput(data), watch)
-            self.steps = run.steps
-            run.run()
+        world = self._world if self._world is not None else _World.fresh()
+        ok = False
+        try:
+            with ErrorLogWatch() as watch:
+                try:
+                    world.start()
+                except Exception as exc:
+                    raise FuzzFinding.escaped(exc, "the set-up (restore or probe)") from exc
+                run = _GuestRun(FuzzInput(data), watch, world)
+                self.steps = run.steps
+                run.run()
+            ok = True
+        finally:
+            if not (ok and self.reuse):  # a world an input broke is never reused
+                world.close()
+                if world is self._world:
+                    self._world = None
         after = open_fd_count()
         if after > fds:
             raise FuzzFinding("fd-leak", f"{after - fds} file descriptor(s) left open by one input")
@@ -137,10 +170,78 @@ class NvmeGuestTarget(FuzzTarget):
         yield bytes([0, 16, 2]) + struct.pack("<Q", 1)  # a register write (a doorbell)
 
 
-class _GuestRun:
-    """One input against one fresh controller."""
+class _World:
+    """The machine, the controller and the probed driver an input starts from: built and
+    probed for each input (:meth:`fresh`), or built once and put back before each input by
+    a :class:`~pcidev.testing.fuzz.restore.MachineTemplate` (:meth:`saved`).
 
-    def __init__(self, inp: FuzzInput, watch: ErrorLogWatch) -> None:
+    What an input finds at :meth:`start` is the same either way: a controller probed with
+    one I/O queue pair, namespace 2's first 8 blocks holding :data:`_NS2_PATTERN`, the
+    submission rings zeroed, and the bystander region at :attr:`bystander`.
+    """
+
+    def __init__(self) -> None:
+        self.machine = Machine(ram_size=_RAM)
+        self.ctrl = NvmeController(attrs.evolve(_CONFIG))  # (a copy: the controller owns its config)
+        self.pdev = self.machine.plug(self.ctrl)
+        self.template: MachineTemplate | None = None
+        self.drv: NvmeDriver | None = None
+        self.bystander = 0
+
+    @classmethod
+    def fresh(cls) -> _World:
+        """A world that :meth:`start` probes (for one input: close it after)."""
+        return cls()
+
+    @classmethod
+    def saved(cls) -> _World:
+        """A world probed once and saved: :meth:`start` restores it."""
+        world = cls()
+        try:
+            drv = world._probe()
+            world.template = MachineTemplate(world.machine, world.pdev)
+            world.template.save(drv)
+        except BaseException:
+            world.close()
+            raise
+        return world
+
+    def _probe(self) -> NvmeDriver:
+        drv = NvmeDriver(self.machine, self.pdev, io_queues=1, io_depth=32, admin_depth=32, aers=0,
+                         timeout=COMPLETION_SECONDS)
+        drv.probe()
+        drv.write(2, 0, _NS2_PATTERN)
+        # the set-up's entries stay in the submission rings; a garbage doorbell may make the
+        # controller run them again, with buffers that are no longer theirs: zero them
+        # (a zero entry is a Delete I/O SQ / Flush of nothing)
+        for q in drv.queues.values():
+            self.machine.memory.write(q.sq_base, bytes(64 * q.sq_size))
+        self.bystander = self.machine.alloc(len(_BYSTANDER), PAGE)
+        self.machine.memory.write(self.bystander, _BYSTANDER)
+        return drv
+
+    def start(self) -> NvmeDriver:
+        """The world as an input starts from it; returns the probed driver (its own copy)."""
+        if self.template is None:
+            self.drv = self._probe()
+        else:
+            self.template.restore()
+            self.drv = self.template.host_copy()
+        return self.drv
+
+    def close(self) -> None:
+        """Close the controller and the machine."""
+        if self.template is not None:
+            self.template.close()
+        else:
+            self.ctrl.close()
+            self.machine.close()
+
+
+class _GuestRun:
+    """One input against the controller of a :class:`_World` as :meth:`_World.start` left it."""
+
+    def __init__(self, inp: FuzzInput, watch: ErrorLogWatch, world: _World) -> None:
         self.inp = inp
         self.watch = watch
         self.clean = True  # only well-formed queue traffic so far
@@ -149,10 +250,10 @@ class _GuestRun:
         self.anywhere = False
         self.ns2_named = False
         self.guards: list[tuple[int, bytes]] = []
-        self.machine = Machine(ram_size=_RAM)
-        self.ctrl = NvmeController(attrs.evolve(_CONFIG))  # (a copy: the controller owns its config)
-        self.drv: NvmeDriver | None = None
-        self.bystander = 0
+        self.machine = world.machine
+        self.ctrl = world.ctrl
+        self.drv: NvmeDriver | None = world.drv
+        self.bystander = world.bystander
         #: each checked step, as :meth:`_check` names it
         self.steps: list[str] = []
 
@@ -208,21 +309,8 @@ class _GuestRun:
         finally:
             if self.drv is not None:
                 self.drv.close()
-            self.ctrl.close()
-            self.machine.close()
 
     def _start(self) -> None:
-        pdev = self.machine.plug(self.ctrl)
-        self.drv = NvmeDriver(self.machine, pdev, io_queues=1, io_depth=32, admin_depth=32, aers=0,
-                              timeout=COMPLETION_SECONDS)
-        self.drv.probe()
-        self.drv.write(2, 0, _NS2_PATTERN)
-        # the set-up's entries stay in the submission rings; a garbage doorbell may make the
-        # controller run them again, with buffers that are no longer theirs: zero them
-        # (a zero entry is a Delete I/O SQ / Flush of nothing)
-        for q in self.drv.queues.values():
-            self.machine.memory.write(q.sq_base, bytes(64 * q.sq_size))
-        self.bystander = self.machine.alloc(len(_BYSTANDER), PAGE)
         self._guarded(self.bystander, _BYSTANDER)
 
     def _action(self) -> None:
