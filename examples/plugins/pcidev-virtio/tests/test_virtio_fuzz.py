@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pcidev.plugins import load_registry, make_plugin_manager
 from pcidev.testing.fuzz import FuzzFinding, make_target
@@ -134,3 +136,29 @@ def test_the_loop_seed_reaches_device_needs_reset(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(VirtioBlk, "set_needs_reset", recording)
     VirtioGuestTarget().run(_seeds()[3])
     assert len(reasons) == 1 and "longer than" in reasons[0]
+
+
+# -- inputs do not leak into each other (the target reuses its RAM buffers and the shadow of
+# guest RAM: an input must replay the same after any other as alone)
+
+_BLK_INPUTS = st.binary(min_size=1, max_size=160).map(lambda b: bytes([b[0] & 0xFE]) + b[1:])
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(first=st.one_of(_BLK_INPUTS, st.sampled_from(_seeds())), second=st.one_of(_BLK_INPUTS, st.sampled_from(_seeds())))
+def test_an_input_replays_the_same_after_another(first: bytes, second: bytes) -> None:
+    """B after A on one target gives the same steps (descriptions, device status, checksums
+    of guest RAM and the disk) and the same outcome as B on a fresh target."""
+
+    def outcome(target: VirtioGuestTarget, data: bytes) -> tuple[object, ...]:
+        try:
+            target.run(data)
+            found = None
+        except FuzzFinding as finding:
+            found = finding.signature
+        return found, tuple(target.steps)
+
+    reused, fresh = VirtioGuestTarget(), VirtioGuestTarget()
+    reused.record = fresh.record = True
+    outcome(reused, first)
+    assert outcome(reused, second) == outcome(fresh, second)

@@ -57,6 +57,7 @@ import mmap
 import os
 import struct
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from typing import ClassVar
 
@@ -167,6 +168,12 @@ class VirtioGuestTarget(FuzzTarget):
 
     def __init__(self) -> None:
         self._buffers = (bytearray(RAM), bytearray(RAM))
+        #: record :attr:`steps` (costs a checksum of guest RAM per action: for tests)
+        self.record = False
+        #: with :attr:`record`, the last input's actions as seen from outside: each one's
+        #: description, the device status after it and checksums of guest RAM (virtio-blk
+        #: only: virtio-rng's entropy differs) and of the disk
+        self.steps: list[tuple[str, int, int, int]] = []
 
     def run(self, data: bytes) -> None:
         """Decode ``data`` into guest actions and check the invariants after each.
@@ -176,7 +183,8 @@ class VirtioGuestTarget(FuzzTarget):
         """
         fds = open_fd_count()
         with ErrorLogWatch() as watch:
-            _GuestRun(FuzzInput(data), watch, self._buffers).run()
+            self.steps = []
+            _GuestRun(FuzzInput(data), watch, self._buffers, self.steps if self.record else None).run()
         after = open_fd_count()
         if after > fds:
             raise FuzzFinding("fd-leak", f"{after - fds} file descriptor(s) left open by one input")
@@ -249,8 +257,11 @@ class _GuestMemory:
 class _GuestRun:
     """One input against one fresh device."""
 
-    def __init__(self, inp: FuzzInput, watch: ErrorLogWatch, buffers: tuple[bytearray, bytearray]) -> None:
+    def __init__(self, inp: FuzzInput, watch: ErrorLogWatch, buffers: tuple[bytearray, bytearray],
+                 steps: list[tuple[str, int, int, int]] | None = None) -> None:
         self.inp = inp
+        #: where each action is recorded (None: not recorded)
+        self.steps = steps
         #: where guest RAM is copied before and after an action (reused: a fresh copy
         #: per action costs page faults)
         self.buffers = list(buffers)
@@ -355,6 +366,10 @@ class _GuestRun:
         if self.dev.failed is not None:
             raise FuzzFinding.escaped(self.dev.failed, f"{what} (device.failed)")
         self.watch.check(what)
+        if self.steps is not None:
+            blk = isinstance(self.dev, VirtioBlk)
+            self.steps.append((what, self.dev.status, 0 if self.rng else zlib.crc32(self.ram),
+                               zlib.crc32(self._disk()) if blk else 0))
         snap = self.snap
         if snap is None:
             return  # the device was not accessed
