@@ -103,6 +103,8 @@ BUF_AT = 0x20000        # data buffers, handed out in turn: 952 KiB, more than 3
 BUF_END = RAM - 0x2000  # requests (17 KiB each) take, so that no input reuses a buffer
 _FILL = bytes((i * 37 + 11) & 0xFF for i in range(4096))
 _BYSTANDER = b"\xB7\x2E\x91\x4C" * (BYSTANDER_SECTORS * 128)
+#: the disk's contents before an input: zeros, the bystander pattern in its last sectors
+_DISK_IMAGE = bytes(DISK - len(_BYSTANDER)) + _BYSTANDER
 _DESC = spec.DESC
 _U16 = struct.Struct("<H")
 _C = spec.CommonCfg
@@ -168,6 +170,9 @@ class VirtioGuestTarget(FuzzTarget):
 
     def __init__(self) -> None:
         self._buffers = (bytearray(RAM), bytearray(RAM))
+        #: a machine and device per kind of input (virtio-rng, virtio-blk with one or two
+        #: queues), kept between inputs and reset before each (dropped after a finding)
+        self._setups: dict[tuple[bool, int], _Setup] = {}
         #: record :attr:`steps` (costs a checksum of guest RAM per action: for tests)
         self.record = False
         #: with :attr:`record`, the last input's actions as seen from outside: each one's
@@ -181,13 +186,48 @@ class VirtioGuestTarget(FuzzTarget):
         :param data: the fuzzer's bytes.
         :raises FuzzFinding: an invariant broke.
         """
+        setup = self._setup(data[0] if data else 0)
         fds = open_fd_count()
-        with ErrorLogWatch() as watch:
-            self.steps = []
-            _GuestRun(FuzzInput(data), watch, self._buffers, self.steps if self.record else None).run()
+        kept = False
+        try:
+            with ErrorLogWatch() as watch:
+                self.steps = []
+                _GuestRun(FuzzInput(data), watch, self._buffers, setup, self.steps if self.record else None).run()
+            kept = True
+        finally:
+            if not kept:  # (a finding: what it left is not reused)
+                self._drop(setup)
         after = open_fd_count()
         if after > fds:
             raise FuzzFinding("fd-leak", f"{after - fds} file descriptor(s) left open by one input")
+
+    def _setup(self, first: int) -> _Setup:
+        """The machine and device for an input whose first byte is ``first``: kept from an
+        earlier input and reset, or built."""
+        key = (bool(first & 1), 1 + (first >> 1 & 1))
+        setup = self._setups.pop(key, None)
+        if setup is not None:
+            try:
+                setup.reset()
+            except Exception:
+                log.warning("virtio-guest: a kept device did not reset; building a fresh one", exc_info=True)
+                setup.close()
+                setup = None
+        if setup is None:
+            setup = _Setup(*key)
+        self._setups[key] = setup
+        return setup
+
+    def _drop(self, setup: _Setup) -> None:
+        for key, kept in list(self._setups.items()):
+            if kept is setup:
+                del self._setups[key]
+        setup.close()
+
+    def close(self) -> None:
+        """Release the kept machines and devices."""
+        for setup in list(self._setups.values()):
+            self._drop(setup)
 
     def seeds(self) -> Iterator[bytes]:
         """Bring-ups and requests of both devices, then a few hostile shapes."""
@@ -212,6 +252,55 @@ def _blk(rtype: int, sector_kind: int, nsec: int, *, pieces: int = 1, indirect: 
     body = bytes([segs]) + bytes([8, 8, 0]) * segs if rtype in (BlkType.DISCARD, BlkType.WRITE_ZEROES) else b""
     return bytes([5, _BLK_TYPES.index(rtype), sector_kind]) + struct.pack("<H", nsec) + bytes([0, 0]) + body \
         + bytes([0, pieces - 1, indirect, 0 if notify else 255])
+
+
+class _Setup:
+    """A machine with one device plugged and probed, kept between inputs: :meth:`reset`
+    puts it back as it was built (a Function Level Reset with the header restored, bus
+    mastering and interrupt vectors as the probe set them, the disk's first contents).
+
+    :param rng: virtio-rng (else virtio-blk).
+    :param queues: virtio-blk's request queues.
+    """
+
+    def __init__(self, rng: bool, queues: int) -> None:
+        self.machine = Machine(ram_size=RAM)
+        try:
+            #: guest RAM as the host sees it (read-only)
+            self.ram = mmap.mmap(self.machine.ram_fd, RAM, prot=mmap.PROT_READ)
+            self.dev: VirtioPciDevice = VirtioRng() if rng else VirtioBlk(
+                f"size={DISK},queue_size={BLK_QUEUE},serial=fuzz,max_discard_seg=4,max_write_zeroes_seg=4,"
+                f"num_queues={queues}")
+            try:
+                self.pdev = plugged(self.machine, self.dev)
+                self._fresh_disk()
+            except BaseException:
+                self.dev.close()
+                raise
+        except BaseException:
+            self.machine.close()
+            raise
+
+    def _fresh_disk(self) -> None:
+        if isinstance(self.dev, VirtioBlk):
+            os.pwrite(self.dev.backend.fd, _DISK_IMAGE, 0)
+
+    def reset(self) -> None:
+        """Back to the state it was built in: FLR (the device resets, its header comes back),
+        bus mastering and MSI-X vectors as the probe set them, the disk's contents. Guest
+        RAM is the run's to fill."""
+        self.pdev.reset_function()
+        self.pdev.set_master()
+        self.pdev.alloc_irq_vectors(1, 32)  # (as pcidev.testing.probe)
+        self._fresh_disk()
+
+    def close(self) -> None:
+        """Release the device and the machine."""
+        try:
+            self.dev.close()
+        finally:
+            self.ram.close()
+            self.machine.close()
 
 
 class _GuestMemory:
@@ -257,7 +346,7 @@ class _GuestMemory:
 class _GuestRun:
     """One input against one fresh device."""
 
-    def __init__(self, inp: FuzzInput, watch: ErrorLogWatch, buffers: tuple[bytearray, bytearray],
+    def __init__(self, inp: FuzzInput, watch: ErrorLogWatch, buffers: tuple[bytearray, bytearray], setup: _Setup,
                  steps: list[tuple[str, int, int, int]] | None = None) -> None:
         self.inp = inp
         #: where each action is recorded (None: not recorded)
@@ -268,15 +357,13 @@ class _GuestRun:
         self.watch = watch
         first = inp.u8()
         self.rng = bool(first & 1)
-        self.machine = Machine(ram_size=RAM)
-        #: guest RAM as the host sees it (snapshots are copies of it)
-        self.ram = mmap.mmap(self.machine.ram_fd, RAM, prot=mmap.PROT_READ)
+        self.machine = setup.machine
+        #: guest RAM as the host sees it (read-only)
+        self.ram = setup.ram
         #: the guest's writes to RAM; its shadow is ``buffers[0]``
         self.mem = _GuestMemory(self.machine.memory, self.buffers[0])
-        self.dev: VirtioPciDevice = VirtioRng() if self.rng else VirtioBlk(
-            f"size={DISK},queue_size={BLK_QUEUE},serial=fuzz,max_discard_seg=4,max_write_zeroes_seg=4,"
-            f"num_queues={1 + (first >> 1 & 1)}")
-        self.pdev: HostPciDevice | None = None
+        self.dev = setup.dev
+        self.pdev: HostPciDevice | None = setup.pdev
         #: only well-framed traffic since the last bring-up
         self.clean = True
         #: chains the guest made available through well-framed requests, by available index
@@ -314,9 +401,6 @@ class _GuestRun:
     def run(self) -> None:
         try:
             self.mem.write(0, _FILL * (RAM // len(_FILL)))
-            self.pdev = plugged(self.machine, self.dev)
-            if isinstance(self.dev, VirtioBlk):
-                os.pwrite(self.dev.backend.fd, _BYSTANDER, DISK - len(_BYSTANDER))
             self._act("bring-up", self._bring_up)
             steps = 0
             while self.inp.remaining and steps < MAX_ACTIONS:
@@ -327,10 +411,6 @@ class _GuestRun:
             raise
         except Exception as exc:
             raise FuzzFinding.escaped(exc, "guest action") from exc
-        finally:
-            self.dev.close()
-            self.ram.close()
-            self.machine.close()
 
     def _action(self) -> None:
         kind = self.inp.u8() % 12
@@ -649,8 +729,8 @@ class _GuestRun:
         off = inp.u16() % 0x4000
         size = (1, 2, 4, 8)[inp.u8() % 4]
         off -= off % size
-        self._read(off, size)
-        return f"{off:#x}/{size}"
+        value = self._read(off, size)
+        return f"{off:#x}/{size}={value:#x}"
 
     def _devcfg_write(self) -> str:
         inp = self.inp
