@@ -4,9 +4,14 @@ Registered as the ``fuzz-target/virtio-guest`` component (:mod:`pcidev_virtio.pl
 run by ``pcidev fuzz virtio-guest`` (:mod:`pcidev.testing.fuzz`). The first input byte picks
 the device (bit 0 clear: a 64 KiB memory ``virtio-blk`` with 64-entry queues, one or, with bit
 1, two of them; set: ``virtio-rng``);
-the rest is decoded into a sequence of guest actions against a fresh device plugged into a
-fresh 1 MiB + 64 KiB :class:`~pcidev.host.Machine` (MSI-X on). The target is its own driver: it writes
-the split rings itself, so that it can write anything into them.
+the rest is decoded into a sequence of guest actions against that device plugged into a
+1 MiB + 64 KiB :class:`~pcidev.host.Machine` (MSI-X on) whose RAM holds a pattern. The machine
+and device of each kind are kept between inputs and put back as they were built before each
+one (a Function Level Reset with the header restored, bus mastering and MSI-X vectors as the
+probe set them, the disk's first contents; guest RAM refilled); after a finding they are
+dropped, and an input replays the same after any other as alone (a test checks it). The
+target is its own driver: it writes the split rings itself, so that it can write anything
+into them.
 
 Actions:
 
@@ -344,7 +349,7 @@ class _GuestMemory:
 
 
 class _GuestRun:
-    """One input against one fresh device."""
+    """One input against one device, as it was built (reset by the target)."""
 
     def __init__(self, inp: FuzzInput, watch: ErrorLogWatch, buffers: tuple[bytearray, bytearray], setup: _Setup,
                  steps: list[tuple[str, int, int, int]] | None = None) -> None:
