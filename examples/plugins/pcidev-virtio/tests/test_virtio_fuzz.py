@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from pcidev.plugins import load_registry, make_plugin_manager
 from pcidev.testing.fuzz import FuzzFinding, make_target
+from pcidev.testing.fuzz.target import open_fd_count
 from pcidev_virtio import spec
 from pcidev_virtio.blk import VirtioBlk
 from pcidev_virtio.blk_requests import BlkRequestEngine
@@ -176,8 +177,11 @@ def test_the_device_is_kept_between_inputs_and_dropped_after_a_finding(monkeypat
     try:
         target.run(_seeds()[0])
         kept = target._setups[(False, 1)]
-        target.run(_seeds()[1])
+        fds = open_fd_count()
+        for _ in range(3):
+            target.run(_seeds()[1])
         assert target._setups[(False, 1)] is kept  # reset, not rebuilt
+        assert open_fd_count() == fds  # (the reset's vectors replace the old ones)
         monkeypatch.setattr(VirtioBlk, "queue_notify", lambda self, vq: None)
         with pytest.raises(FuzzFinding):
             target.run(_seeds()[0])
