@@ -20,9 +20,8 @@ destination, step by step (at most :data:`MAX_STEPS`):
   (:func:`~pcidev.testing.fuzz.migration_target.mutate_meta`), cut short or raw bytes; now
   and then with descriptors the source does not expect, a length that lies or a bad magic;
 * *raw*: bytes that are not a frame, or a part of one;
-* *pause*: sleep (:data:`PAUSES`: mostly not at all or a millisecond; now and then past
-  the source's RUNNING deadline, or past its other deadlines);
-* *end*: close the channel, or half-close it, early.
+* *pause*: wait (:data:`PAUSES`: mostly not at all or a millisecond; now and then past
+  the source's RUNNING deadline, or past its other deadlines), less once the source has ended;
 
 At the end of the input the destination closes its end. ``migrate_out`` gets short
 deadlines (:data:`STOP_SECONDS` from the stop to the ACK, for the pre-flight's answer and
@@ -157,6 +156,13 @@ class MigrationSourceTarget(FuzzTarget):
     invariants: ClassVar[tuple[str, ...]] = (
         "migrate_out returns or raises a typed error", "bounded time", "migrated only after a whole ACK",
         "otherwise resumed and serving", "fd count unchanged")
+
+    #: coverage of the source side (migrate_out, the pre-copy, frames, the endpoint and the
+    #: devices' state) guides the fuzzer; this module (the destination) and the other fuzz
+    #: modules are the harness and run uninstrumented
+    instrument: ClassVar[tuple[str, ...]] = (
+        "pcidev.migration", "pcidev.transport", "pcidev.vmstate", "pcidev.device", "pcidev.devices.edu",
+        "pcidev.bar", "pcidev.pci", "pcidev.dma", "pcidev.irq", "pcidev.regions", "pcidev.memory_source")
 
     def __init__(self) -> None:
         self._server: ServerThread | None = None
@@ -381,7 +387,9 @@ class _Destination:
                 self.answered = False  # (it may wait for the rest of a frame)
             elif op == "pause":
                 pause = PAUSES[inp.u8() % len(PAUSES)]
-                time.sleep(self.deadlines[pause] if isinstance(pause, str) else pause)
+                # (no longer once the source has ended: then nothing can happen any more, and
+                # the loop returns at its next step)
+                job.wait(self.deadlines[pause] if isinstance(pause, str) else pause)
             else:
                 if inp.u8() & 1:
                     try:

@@ -3,6 +3,8 @@ its seeds reach each end of ``migrate_out``, and each of its checks fires."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from pcidev.errors import MigrationError
@@ -98,3 +100,13 @@ def test_a_source_that_stops_serving_is_a_finding(target, monkeypatch):
     with pytest.raises(FuzzFinding) as info:
         target.run(bytes([0, 8]))
     assert info.value.invariant == "not-serving" and "0xffffffff" in info.value.detail
+
+
+def test_a_pause_ends_once_the_source_has_ended(target):
+    # the pre-flight refused, then a pause past the stop deadline (1.02 s with the fixture's
+    # deadlines): the source has ended at once, so the pause does not wait it out
+    refused_then_pause = bytes([0]) + bytes([0]) + bytes([3, 128, 0, 0]) + bytes([7, 7])
+    started = time.monotonic()
+    target.run(refused_then_pause)
+    assert target.transcript == [CHECK, "MigrationBlockedError"]
+    assert time.monotonic() - started < 0.8

@@ -4,9 +4,14 @@ Registered as the ``fuzz-target/virtio-guest`` component (:mod:`pcidev_virtio.pl
 run by ``pcidev fuzz virtio-guest`` (:mod:`pcidev.testing.fuzz`). The first input byte picks
 the device (bit 0 clear: a 64 KiB memory ``virtio-blk`` with 64-entry queues, one or, with bit
 1, two of them; set: ``virtio-rng``);
-the rest is decoded into a sequence of guest actions against a fresh device plugged into a
-fresh 2 MiB :class:`~pcidev.host.Machine` (MSI-X on). The target is its own driver: it writes
-the split rings itself, so that it can write anything into them.
+the rest is decoded into a sequence of guest actions against that device plugged into a
+1 MiB + 64 KiB :class:`~pcidev.host.Machine` (MSI-X on) whose RAM holds a pattern. The machine
+and device of each kind are kept between inputs and put back as they were built before each
+one (a Function Level Reset with the header restored, bus mastering and MSI-X vectors as the
+probe set them, the disk's first contents; guest RAM refilled); after a finding they are
+dropped, and an input replays the same after any other as alone (a test checks it). The
+target is its own driver: it writes the split rings itself, so that it can write anything
+into them.
 
 Actions:
 
@@ -57,11 +62,13 @@ import mmap
 import os
 import struct
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from typing import ClassVar
 
 import attrs
 
+from pcidev.dma import GuestMemory
 from pcidev.host import Machine
 from pcidev.host.pci import HostPciDevice
 from pcidev.testing import plugged
@@ -81,7 +88,10 @@ STEP_SECONDS = 2.0
 #: the most actions one input is decoded into
 MAX_ACTIONS = 32
 
-RAM = 2 << 20
+#: guest RAM: 1 MiB and 64 KiB (a :class:`~pcidev.host.Machine` has more than 1 MiB). Every
+#: byte of it is compared after every action: its size is most of an action's cost (2 MiB
+#: until session 23; the layout below is the same, moved down)
+RAM = 0x110000
 DISK = 64 << 10
 SECTORS = DISK // 512
 #: the disk's last sectors, which only a request naming them may change
@@ -89,16 +99,19 @@ BYSTANDER_SECTORS = 16
 BLK_QUEUE = 64
 #: an address beyond guest RAM
 OUTSIDE = 1 << 40
-# where the target puts things in guest RAM
-DESC_AT = 0x100000      # room for 1024 descriptors
-AVAIL_AT = 0x104000
-USED_AT = 0x106000      # room for 1023 used entries
-INDIRECT_AT = 0x110000  # 8 indirect tables of 4 KiB
-BUF_AT = 0x120000       # data buffers, handed out in turn
-BUF_END = 0x1E0000
+# where the target puts things in guest RAM (below DESC_AT: only the pattern)
+DESC_AT = 0x10000       # room for 1024 descriptors
+AVAIL_AT = 0x14000
+USED_AT = 0x16000       # room for 1023 used entries
+INDIRECT_AT = 0x18000   # 8 indirect tables of 4 KiB
+BUF_AT = 0x20000        # data buffers, handed out in turn: 952 KiB, more than 35 actions' largest
+BUF_END = RAM - 0x2000  # requests (17 KiB each) take, so that no input reuses a buffer
 _FILL = bytes((i * 37 + 11) & 0xFF for i in range(4096))
 _BYSTANDER = b"\xB7\x2E\x91\x4C" * (BYSTANDER_SECTORS * 128)
+#: the disk's contents before an input: zeros, the bystander pattern in its last sectors
+_DISK_IMAGE = bytes(DISK - len(_BYSTANDER)) + _BYSTANDER
 _DESC = spec.DESC
+_U16 = struct.Struct("<H")
 _C = spec.CommonCfg
 _HOT_COMMON = (_C.DEVICE_FEATURE_SELECT, _C.DRIVER_FEATURE_SELECT, _C.DRIVER_FEATURE, _C.CONFIG_MSIX_VECTOR,
                _C.DEVICE_STATUS, _C.QUEUE_SELECT, _C.QUEUE_SIZE, _C.QUEUE_MSIX_VECTOR, _C.QUEUE_ENABLE,
@@ -152,9 +165,25 @@ class VirtioGuestTarget(FuzzTarget):
         "used entries only for available heads, once, in order", "bounded accesses; well-framed requests complete",
         "DEVICE_NEEDS_RESET only for a malformed ring or configuration", "FEATURES_OK only for offered features",
         "the disk changes only where an OK request named it", "recovery after reset", "fd count unchanged")
+    #: coverage of the devices and the framework code they run on (BAR dispatch, config space
+    #: and capabilities, DMA, interrupts) guides the fuzzer; this module's decoder and checks
+    #: (a comparison of guest RAM per action), the test driver and the software host are the harness
+    #: and run uninstrumented (measured: see CHANGELOG, issue 12 session 23)
+    instrument: ClassVar[tuple[str, ...]] = (
+        "pcidev_virtio", "-pcidev_virtio.testing", "pcidev.device", "pcidev.pci", "pcidev.dma", "pcidev.irq",
+        "pcidev.bar", "pcidev.regions")
 
     def __init__(self) -> None:
         self._buffers = (bytearray(RAM), bytearray(RAM))
+        #: a machine and device per kind of input (virtio-rng, virtio-blk with one or two
+        #: queues), kept between inputs and reset before each (dropped after a finding)
+        self._setups: dict[tuple[bool, int], _Setup] = {}
+        #: record :attr:`steps` (costs a checksum of guest RAM per action: for tests)
+        self.record = False
+        #: with :attr:`record`, the last input's actions as seen from outside: each one's
+        #: description, the device status after it and checksums of guest RAM (virtio-blk
+        #: only: virtio-rng's entropy differs) and of the disk
+        self.steps: list[tuple[str, int, int, int]] = []
 
     def run(self, data: bytes) -> None:
         """Decode ``data`` into guest actions and check the invariants after each.
@@ -162,12 +191,48 @@ class VirtioGuestTarget(FuzzTarget):
         :param data: the fuzzer's bytes.
         :raises FuzzFinding: an invariant broke.
         """
+        setup = self._setup(data[0] if data else 0)
         fds = open_fd_count()
-        with ErrorLogWatch() as watch:
-            _GuestRun(FuzzInput(data), watch, self._buffers).run()
+        kept = False
+        try:
+            with ErrorLogWatch() as watch:
+                self.steps = []
+                _GuestRun(FuzzInput(data), watch, self._buffers, setup, self.steps if self.record else None).run()
+            kept = True
+        finally:
+            if not kept:  # (a finding: what it left is not reused)
+                self._drop(setup)
         after = open_fd_count()
         if after > fds:
             raise FuzzFinding("fd-leak", f"{after - fds} file descriptor(s) left open by one input")
+
+    def _setup(self, first: int) -> _Setup:
+        """The machine and device for an input whose first byte is ``first``: kept from an
+        earlier input and reset, or built."""
+        key = (bool(first & 1), 1 + (first >> 1 & 1))
+        setup = self._setups.pop(key, None)
+        if setup is not None:
+            try:
+                setup.reset()
+            except Exception:
+                log.warning("virtio-guest: a kept device did not reset; building a fresh one", exc_info=True)
+                setup.close()
+                setup = None
+        if setup is None:
+            setup = _Setup(*key)
+        self._setups[key] = setup
+        return setup
+
+    def _drop(self, setup: _Setup) -> None:
+        for key, kept in list(self._setups.items()):
+            if kept is setup:
+                del self._setups[key]
+        setup.close()
+
+    def close(self) -> None:
+        """Release the kept machines and devices."""
+        for setup in list(self._setups.values()):
+            self._drop(setup)
 
     def seeds(self) -> Iterator[bytes]:
         """Bring-ups and requests of both devices, then a few hostile shapes."""
@@ -194,24 +259,116 @@ def _blk(rtype: int, sector_kind: int, nsec: int, *, pieces: int = 1, indirect: 
         + bytes([0, pieces - 1, indirect, 0 if notify else 255])
 
 
-class _GuestRun:
-    """One input against one fresh device."""
+class _Setup:
+    """A machine with one device plugged and probed, kept between inputs: :meth:`reset`
+    puts it back as it was built (a Function Level Reset with the header restored, bus
+    mastering and interrupt vectors as the probe set them, the disk's first contents).
 
-    def __init__(self, inp: FuzzInput, watch: ErrorLogWatch, buffers: tuple[bytearray, bytearray]) -> None:
+    :param rng: virtio-rng (else virtio-blk).
+    :param queues: virtio-blk's request queues.
+    """
+
+    def __init__(self, rng: bool, queues: int) -> None:
+        self.machine = Machine(ram_size=RAM)
+        try:
+            #: guest RAM as the host sees it (read-only)
+            self.ram = mmap.mmap(self.machine.ram_fd, RAM, prot=mmap.PROT_READ)
+            self.dev: VirtioPciDevice = VirtioRng() if rng else VirtioBlk(
+                f"size={DISK},queue_size={BLK_QUEUE},serial=fuzz,max_discard_seg=4,max_write_zeroes_seg=4,"
+                f"num_queues={queues}")
+            try:
+                self.pdev = plugged(self.machine, self.dev)
+                self._fresh_disk()
+            except BaseException:
+                self.dev.close()
+                raise
+        except BaseException:
+            self.machine.close()
+            raise
+
+    def _fresh_disk(self) -> None:
+        if isinstance(self.dev, VirtioBlk):
+            os.pwrite(self.dev.backend.fd, _DISK_IMAGE, 0)
+
+    def reset(self) -> None:
+        """Back to the state it was built in: FLR (the device resets, its header comes back),
+        bus mastering and MSI-X vectors as the probe set them, the disk's contents. Guest
+        RAM is the run's to fill."""
+        self.pdev.reset_function()
+        self.pdev.set_master()
+        self.pdev.alloc_irq_vectors(1, 32)  # (as pcidev.testing.probe)
+        self._fresh_disk()
+
+    def close(self) -> None:
+        """Release the device and the machine."""
+        try:
+            self.dev.close()
+        finally:
+            self.ram.close()
+            self.machine.close()
+
+
+class _GuestMemory:
+    """The guest's (the target's own) writes to guest RAM, mirrored into a shadow copy.
+
+    ``shadow`` holds guest RAM as it was when last checked, plus every write the guest made
+    since (copied back from RAM after each write): an action's snapshot is the shadow as it
+    is at the action's first device access, without copying guest RAM per action. A
+    write by the device between two actions (none is expected: the devices work in the
+    accessing thread) is not absorbed: the next action's comparison finds it and checks it.
+
+    :param memory: the machine's guest memory (:attr:`pcidev.host.Machine.memory`).
+    :param shadow: the copy (``len(ram)`` bytes).
+    """
+
+    def __init__(self, memory: GuestMemory, shadow: bytearray) -> None:
+        self.memory = memory
+        self.shadow = shadow
+
+    def write(self, gpa: int, data: bytes) -> None:
+        """Write ``data`` at ``gpa`` (and into the shadow; guest RAM raises
+        :class:`~pcidev.errors.DmaError` for a range outside it, before writing anything)."""
+        self.memory.write(gpa, data)
+        self.shadow[gpa:gpa + len(data)] = data
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        """Write a little-endian u16 at ``gpa`` (and into the shadow)."""
+        self.write(gpa, _U16.pack(value))
+
+    def write_struct(self, st: struct.Struct, gpa: int, *values: int) -> None:
+        """Write ``st`` packed from ``values`` at ``gpa`` (and into the shadow)."""
+        self.write(gpa, st.pack(*values))
+
+    def read(self, gpa: int, length: int) -> bytes:
+        """``length`` bytes of guest RAM at ``gpa``."""
+        return self.memory.read(gpa, length)
+
+    def read_u16(self, gpa: int) -> int:
+        """The little-endian u16 at ``gpa``."""
+        return self.memory.read_u16(gpa)
+
+
+class _GuestRun:
+    """One input against one device, as it was built (reset by the target)."""
+
+    def __init__(self, inp: FuzzInput, watch: ErrorLogWatch, buffers: tuple[bytearray, bytearray], setup: _Setup,
+                 steps: list[tuple[str, int, int, int]] | None = None) -> None:
         self.inp = inp
-        #: where guest RAM is copied before and after an action (reused: a fresh 2 MiB copy
+        #: where each action is recorded (None: not recorded)
+        self.steps = steps
+        #: where guest RAM is copied before and after an action (reused: a fresh copy
         #: per action costs page faults)
-        self.buffers = buffers
+        self.buffers = list(buffers)
         self.watch = watch
         first = inp.u8()
         self.rng = bool(first & 1)
-        self.machine = Machine(ram_size=RAM)
-        #: guest RAM as the host sees it (snapshots are copies of it)
-        self.ram = mmap.mmap(self.machine.ram_fd, RAM, prot=mmap.PROT_READ)
-        self.dev: VirtioPciDevice = VirtioRng() if self.rng else VirtioBlk(
-            f"size={DISK},queue_size={BLK_QUEUE},serial=fuzz,max_discard_seg=4,max_write_zeroes_seg=4,"
-            f"num_queues={1 + (first >> 1 & 1)}")
-        self.pdev: HostPciDevice | None = None
+        self.machine = setup.machine
+        #: guest RAM as the host sees it (read-only)
+        self.ram = setup.ram
+        #: the guest's writes to RAM; its shadow is ``buffers[0]``
+        self.mem = _GuestMemory(self.machine.memory, self.buffers[0])
+        self.dev = setup.dev
+        self.pdev: HostPciDevice | None = setup.pdev
         #: only well-framed traffic since the last bring-up
         self.clean = True
         #: chains the guest made available through well-framed requests, by available index
@@ -248,10 +405,7 @@ class _GuestRun:
     # ------------------------------------------------------------------ the run
     def run(self) -> None:
         try:
-            self.machine.memory.write(0, _FILL * (RAM // len(_FILL)))
-            self.pdev = plugged(self.machine, self.dev)
-            if isinstance(self.dev, VirtioBlk):
-                os.pwrite(self.dev.backend.fd, _BYSTANDER, DISK - len(_BYSTANDER))
+            self.mem.write(0, _FILL * (RAM // len(_FILL)))
             self._act("bring-up", self._bring_up)
             steps = 0
             while self.inp.remaining and steps < MAX_ACTIONS:
@@ -262,10 +416,6 @@ class _GuestRun:
             raise
         except Exception as exc:
             raise FuzzFinding.escaped(exc, "guest action") from exc
-        finally:
-            self.dev.close()
-            self.ram.close()
-            self.machine.close()
 
     def _action(self) -> None:
         kind = self.inp.u8() % 12
@@ -283,8 +433,7 @@ class _GuestRun:
         if self.snap is not None:
             return
         vq = self.dev.queues[0]
-        ram = self.buffers[0]
-        ram[:] = self.ram
+        ram = self.mem.shadow  # (RAM as checked after the last action, plus the guest's writes since)
         self.snap = _Snap(ram, self._disk(), bool(self.dev.status & spec.Status.DEVICE_NEEDS_RESET),
                           self._writable(ram), (vq.enabled, vq.size, vq.driver, vq.device), self.used_seen)
 
@@ -302,6 +451,10 @@ class _GuestRun:
         if self.dev.failed is not None:
             raise FuzzFinding.escaped(self.dev.failed, f"{what} (device.failed)")
         self.watch.check(what)
+        if self.steps is not None:
+            blk = isinstance(self.dev, VirtioBlk)
+            self.steps.append((what, self.dev.status, 0 if self.rng else zlib.crc32(self.ram),
+                               zlib.crc32(self._disk()) if blk else 0))
         snap = self.snap
         if snap is None:
             return  # the device was not accessed
@@ -309,9 +462,13 @@ class _GuestRun:
         # the device may also write the rings the action configured (avail_event at DRIVER_OK)
         allowed = sorted(snap.allowed + self._writable(ram))
         self.used_seen_before = snap.used_seen
-        after = self.buffers[1]
-        after[:] = self.ram
-        if needs_reset and not self.resets and after != ram:
+        if ram == self.ram:  # (compared in place: most actions write no guest memory, no copy)
+            after = ram
+        else:
+            after = self.buffers[1] if self.buffers[0] is ram else self.buffers[0]
+            after[:] = self.ram
+            self.mem.shadow = after  # (checked below: the next action's starting point)
+        if needs_reset and not self.resets and after is not ram:
             raise FuzzFinding("needs-reset-ignored", f"{what}: guest memory written while DEVICE_NEEDS_RESET",
                               where=what.split(" ")[0])
         self._check_memory(what, ram, after, allowed)
@@ -350,7 +507,7 @@ class _GuestRun:
         return sorted((max(0, a), min(RAM, b)) for a, b in out if a < RAM and b > a)
 
     def _check_memory(self, what: str, before: bytearray, after: bytearray, allowed: list[tuple[int, int]]) -> None:
-        if before == after:
+        if before is after or before == after:
             return
         pos = 0  # the gaps between the allowed ranges (sorted) must be unchanged
         for lo, hi in [*allowed, (RAM, RAM)]:
@@ -503,7 +660,7 @@ class _GuestRun:
         mask = (0xFFFFFFFF_FFFFFFFF, ~(1 << spec.Feature.RING_INDIRECT_DESC), ~(1 << spec.Feature.RING_EVENT_IDX),
                 0, 0)[pick] if pick < 4 else inp.u32()
         size_pick = inp.u8() % 6
-        self.machine.memory.write(DESC_AT, bytes(INDIRECT_AT - DESC_AT))  # fresh rings, before any access
+        self.mem.write(DESC_AT, bytes(INDIRECT_AT - DESC_AT))  # fresh rings, before any access
         self._common(_C.DEVICE_STATUS, 1, 0)
         self._reset_seen()
         self.clean = True
@@ -577,8 +734,8 @@ class _GuestRun:
         off = inp.u16() % 0x4000
         size = (1, 2, 4, 8)[inp.u8() % 4]
         off -= off % size
-        self._read(off, size)
-        return f"{off:#x}/{size}"
+        value = self._read(off, size)
+        return f"{off:#x}/{size}={value:#x}"
 
     def _devcfg_write(self) -> str:
         inp = self.inp
@@ -640,7 +797,7 @@ class _GuestRun:
     def _publish(self, head: int, *, step: int = 1) -> int:
         """Put ``head`` in the next available slot and move the index on by ``step``."""
         size = self._size()
-        mem = self.machine.memory
+        mem = self.mem
         u = self.avail_idx
         mem.write_u16(AVAIL_AT + 4 + 2 * (u % size), head)
         self.avail_idx = (u + step) & 0xFFFF
@@ -702,7 +859,7 @@ class _GuestRun:
         if ndesc > len(free) or len(bufs) > size or len(self.busy_descs) >= size:
             inp.u8()
             return desc + " (no room)"
-        mem = self.machine.memory
+        mem = self.mem
         chain = free[:ndesc] if not indirect else free[:1]
         if indirect:
             table = INDIRECT_AT + 0x1000 * (self.avail_idx % 8)
@@ -722,7 +879,7 @@ class _GuestRun:
         if inp.u8() < 200:
             self._write(NOTIFY_OFFSET, 2, 0)
             if self.clean and self._running() and self.used_seen != self.avail_idx:
-                used = self.machine.memory.read_u16(USED_AT + 2)
+                used = self.mem.read_u16(USED_AT + 2)
                 if used != self.avail_idx:
                     raise FuzzFinding("no-completion", f"{desc}: used index {used} after the notification, "
                                       f"{self.avail_idx} made available", where="no-completion")
@@ -731,7 +888,7 @@ class _GuestRun:
     def _cut(self, out: list[bytes], in_lens: list[int], pieces: int) -> list[tuple[int, int, int]]:
         """Descriptors (addr, len, flags) for these buffers, the readable part and the writable
         part each cut into up to ``pieces`` descriptors."""
-        mem = self.machine.memory
+        mem = self.mem
         bufs: list[tuple[int, int, int]] = []
         blob = b"".join(out)
         if blob:
@@ -749,7 +906,7 @@ class _GuestRun:
     def _hostile_chain(self) -> str:
         inp = self.inp
         size = self._size()
-        mem = self.machine.memory
+        mem = self.mem
         self._taint()
         first = inp.u8() % size
         index = first
@@ -784,11 +941,11 @@ class _GuestRun:
         length = inp.pick((512, 0, 0xFFFFFFFF, 16, 32, 4096, 1, 0x10000)) if inp.u8() < 200 else inp.u32()
         flags = inp.u8() & 7
         nxt = inp.pick((index + 1, index, 0, count - 1, count, 0xFFFF))
-        self.machine.memory.write_struct(_DESC, at, addr & 0xFFFF_FFFF_FFFF_FFFF, length, flags, nxt & 0xFFFF)
+        self.mem.write_struct(_DESC, at, addr & 0xFFFF_FFFF_FFFF_FFFF, length, flags, nxt & 0xFFFF)
 
     def _ring_poke(self) -> str:
         inp = self.inp
-        mem = self.machine.memory
+        mem = self.mem
         size = self._size()
         self._taint()
         what = inp.u8() % 5
@@ -821,7 +978,7 @@ class _GuestRun:
             self.inp = FuzzInput(bytes([0, 0, 8]))  # IN of the same
             self._act("recovery read", self._request)
             addr, n = self.last_in
-            if self.machine.memory.read(addr, n - 1) != b"\x5A" * (n - 1):
+            if self.mem.read(addr, n - 1) != b"\x5A" * (n - 1):
                 raise FuzzFinding("recovery", "after a fresh bring-up a read does not return what was written")
             tail = os.pread(self.dev.backend.fd, len(_BYSTANDER), DISK - len(_BYSTANDER))
             if not self.bystander_named and tail != _BYSTANDER:
