@@ -132,6 +132,8 @@ MAX_RESENDS = 3
 MAX_REQUEST = 32 << 20
 #: seconds a closed connection's dispatcher waits for libnbd to retire its commands
 CLOSE_WAIT = 5.0
+#: replies the dispatcher reads in one round before it looks at its queue and poll again
+MAX_READS = 64
 #: the largest range one WRITE_ZEROES or BLOCK_STATUS request covers (the length is 32-bit)
 MAX_RANGE = 1 << 30
 
@@ -260,20 +262,27 @@ class _Waiter:
 
 
 class _Async:
-    """One asynchronous command (:meth:`NbdBackend.submit_readv`): libnbd's completion
-    callback, run on the dispatcher thread. A lost connection hands the command to the
-    backend's retry thread (the blocking path, which reconnects); a command past its
+    """One asynchronous command (:meth:`NbdBackend.submit_readv`): queued for the dispatcher
+    thread, which issues it (``aio_pread``, or ``aio_pwrite`` with ``flags`` when ``write``)
+    with this object as libnbd's completion callback. A lost connection hands the command to
+    the backend's retry thread (the blocking path, which reconnects); a command past its
     deadline fails with ``EIO``; otherwise ``done(errno or 0)`` is called, exactly once."""
 
-    __slots__ = ("backend", "conn", "slot", "done", "blocking", "deadline", "keep", "err", "__weakref__")
+    __slots__ = ("backend", "conn", "slot", "done", "blocking", "deadline", "keep", "err", "write", "offset",
+                 "flags", "batch", "__weakref__")
 
     def __init__(self, backend: NbdBackend, conn: _Connection, slot: int, done: Callable[[int], object],
-                 blocking: Callable[[], None], deadline: float | None, keep: object) -> None:
+                 blocking: Callable[[], None], deadline: float | None, keep: object, *, write: bool = False,
+                 offset: int = 0, flags: int = 0) -> None:
         self.backend, self.conn, self.blocking, self.deadline = backend, conn, blocking, deadline
         self.slot = slot
         self.done: Callable[[int], object] | None = done
         self.keep = keep  # (the buffer libnbd reads or writes: alive until the command is retired)
         self.err = 0
+        self.write, self.offset, self.flags = write, offset, flags
+        #: the completer's batch (``done.batch``: a context-manager factory, or None), entered
+        #: around a round of completions (see :class:`~pcidev_nvme.io.IoCommandSet`)
+        self.batch: Callable[[], Any] | None = getattr(done, "batch", None)
 
     def __call__(self, error: Any) -> int:
         # (libnbd holds the handle's lock here: the command's end is settled by the
@@ -376,6 +385,14 @@ class _Connection:
         self.pending: set[_Async] = set()
         #: asynchronous commands libnbd retired, to settle outside its callback
         self.completed: collections.deque[_Async] = collections.deque()
+        #: asynchronous commands queued for the dispatcher to issue (only the dispatcher calls
+        #: libnbd for them: the submitting thread neither waits for the handle's lock nor
+        #: hands the GIL over per command)
+        self.submitted: collections.deque[_Async] = collections.deque()
+        #: the dispatcher is not (about to be) asleep in poll: a queued command needs no kick
+        self.awake = True
+        #: a kick was sent since the dispatcher last woke (the next queued command needs none)
+        self.kicked = False
         self._next_check = 0.0
         self.thread = threading.Thread(target=self._loop, name="nbd-dispatch", daemon=True)
         self.thread.start()
@@ -386,6 +403,8 @@ class _Connection:
         try:
             fd = h.aio_get_fd()
             poller = select.poll()
+            readable = select.poll()  # (is more to read there now)
+            readable.register(fd, select.POLLIN)
             while True:
                 if self._closing:  # (aborted: run until libnbd retired every command)
                     now = time.monotonic()
@@ -394,11 +413,17 @@ class _Connection:
                     elif now - closing_since > CLOSE_WAIT:
                         log.warning("NBD connection not dead %g s after its close", CLOSE_WAIT)
                         break
+                if self.submitted:
+                    self._issue()
                 direction = h.aio_get_direction()
                 poller.register(fd, (select.POLLIN if direction & nbd.AIO_DIRECTION_READ else 0)
                                 | (select.POLLOUT if direction & nbd.AIO_DIRECTION_WRITE else 0))
                 poller.register(self._wake_r, select.POLLIN)
-                events = dict(poller.poll(100 if self._closing else 1000))
+                self.awake = False  # (before the look at the queue: a later submitter kicks)
+                wait = 0 if self.submitted or self.completed else 100 if self._closing else 1000
+                events = dict(poller.poll(wait))
+                self.awake = True
+                self.kicked = False
                 if self._wake_r in events:
                     try:
                         os.read(self._wake_r, 4096)
@@ -406,7 +431,17 @@ class _Connection:
                         pass
                 ev = events.get(fd, 0)
                 if ev & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                    # (libnbd ends a notification after one reply: read on while more
+                    # is there, so that a round completes them together; never without
+                    # data -- libnbd would leave its ready state and hold back what it has
+                    # to send until a reply came)
                     h.aio_notify_read()
+                    for _ in range(MAX_READS):
+                        if not readable.poll(0):
+                            break
+                        h.aio_notify_read()
+                    if ev & select.POLLOUT and not h.aio_get_direction() & nbd.AIO_DIRECTION_WRITE:
+                        ev = 0  # (what was read changed the state: libnbd wants no write now)
                 if ev & select.POLLOUT:
                     h.aio_notify_write()
                 if self.completed:
@@ -422,6 +457,7 @@ class _Connection:
             log.exception("NBD dispatcher failed")
         finally:
             self.dead = True
+            self.awake = self.kicked = False  # (a submitter from now on kicks, and sees it fail)
             with self._fd_lock:  # (from now on a kick() fails: its caller settles, see _submit)
                 self._fds_closed = True
                 sock, self._sock = self._sock, None
@@ -429,17 +465,75 @@ class _Connection:
                     os.close(wake)
             if sock is not None:
                 sock.close()
-            self.settle()
+            self.abandon()
+
+    def _issue(self) -> None:
+        """Issue the queued asynchronous commands (on the dispatcher thread). One libnbd
+        refuses at once ends with its error; on a dead (or closing) connection the rest are
+        lost, which sends them again on a new one (:meth:`_Async.settle`)."""
+        nbd, h = self.nbd, self.handle
+        submitted = self.submitted
+        while submitted:
+            if self.dead or self._closing or h is None:
+                self.abandon()
+                return
+            try:
+                cmd = submitted.popleft()
+            except IndexError:  # (abandon() on another thread took the last one)
+                return
+            try:
+                if cmd.write:
+                    h.aio_pwrite(cmd.keep, cmd.offset, completion=cmd, flags=cmd.flags)
+                else:
+                    h.aio_pread(cmd.keep, cmd.offset, completion=cmd)
+            except nbd.Error as exc:
+                if h.aio_is_dead() or h.aio_is_closed():
+                    self.dead = True
+                    cmd.err = errno.ENOTCONN
+                else:
+                    cmd.err = _errno_of(exc)
+                self.completed.append(cmd)
+
+    def abandon(self) -> None:
+        """The queued commands not issued (the connection died or closes): lost, they are
+        settled as such (sent again on a new connection, see :meth:`_Async.settle`)."""
+        submitted, completed = self.submitted, self.completed
+        while submitted:
+            try:
+                cmd = submitted.popleft()
+            except IndexError:  # (another thread took the last one)
+                break
+            cmd.err = errno.ENOTCONN
+            completed.append(cmd)
+        self.settle()
 
     def settle(self) -> None:
-        """Settle the asynchronous commands libnbd retired (:meth:`_Async.settle`)."""
+        """Settle the asynchronous commands libnbd retired (:meth:`_Async.settle`): a round
+        of them inside their completer's batch (one completion-queue update and one
+        interrupt per vector for the round, not per command)."""
         completed = self.completed
         while completed:
             try:
-                cmd = completed.popleft()
+                batch = completed[0].batch
             except IndexError:  # (another thread took the last one)
                 break
-            cmd.settle()
+            if batch is None:
+                try:
+                    cmd = completed.popleft()
+                except IndexError:
+                    break
+                cmd.settle()
+                continue
+            try:
+                with batch():
+                    while completed:
+                        try:
+                            cmd = completed.popleft()
+                        except IndexError:
+                            break
+                        cmd.settle()
+            except Exception:  # pragma: no cover - the completer's own failure (the controller logs it)
+                log.exception("completing NBD commands failed")
 
     def _check_deadlines(self) -> None:
         """Drop the connection when an asynchronous command is past its deadline (its
@@ -862,37 +956,29 @@ class NbdBackend(BaseBackend):
             retrier = self._retrier
         retrier.submit(cmd.retry)
 
-    def _submit(self, issue: Callable[[Any, _Async], object], done: Callable[[int], object],
-                blocking: Callable[[], None], keep: object) -> bool:
-        """Issue a command without waiting: ``done`` is called once it ends (see
-        :meth:`submit_readv`). False: not issued (no live connection), nothing will be called."""
+    def _submit(self, buf: Any, offset: int, done: Callable[[int], object], blocking: Callable[[], None], *,
+                write: bool = False, flags: int = 0) -> bool:
+        """Queue a command for the connection's dispatcher without waiting: ``done`` is called
+        once it ends (see :meth:`submit_readv`). The dispatcher is woken only when it sleeps
+        and no wake-up is pending (one kick per burst of commands, not per command). False:
+        not issued (no live connection), nothing will be called."""
         slot = next(self._next) % self.connections
         conn = self._conns[slot]
         if conn is None or conn.dead or self._closed or conn.handle is None:
             return False
-        h = conn.handle
         cmd = _Async(self, conn, slot, done, blocking,
-                     time.monotonic() + self.timeout if self.timeout > 0 else None, keep)
+                     time.monotonic() + self.timeout if self.timeout > 0 else None, buf,
+                     write=write, offset=offset, flags=flags)
         with self._lock:
             self.inflight += 1
             if self.inflight > self.max_inflight:
                 self.max_inflight = self.inflight
         conn.pending.add(cmd)
-        try:
-            issue(h, cmd)
-        except self.nbd.Error as exc:
-            conn.pending.discard(cmd)
-            with self._lock:
-                self.inflight -= 1
-            if conn.dead or h.aio_is_dead() or h.aio_is_closed():
-                conn.dead = True
-                return False
-            raise OSError(_errno_of(exc), str(exc)) from None
-        if conn.completed or h.aio_get_direction() & self.nbd.AIO_DIRECTION_WRITE:
-            # (also: a command libnbd retired at once is settled by the dispatcher -- or here,
-            # when the dispatcher ended: the handle died under this very command)
-            if not conn.kick():
-                conn.settle()
+        conn.submitted.append(cmd)
+        if not conn.awake and not conn.kicked:
+            conn.kicked = True
+            if not conn.kick():  # (the dispatcher ended: the command is lost, settled here)
+                conn.abandon()
         return True
 
     def submit_readv(self, views: list[memoryview], offset: int, done: Callable[[int], object]) -> bool:
@@ -902,17 +988,18 @@ class NbdBackend(BaseBackend):
         The optional asynchronous half of the :class:`~pcidev_nvme.backends.base.Backend`
         protocol, which the I/O command set uses instead of a worker thread per command.
 
+        The command is queued for the dispatcher thread, which issues it (a command libnbd
+        refuses ends with its error), and ``done`` runs there inside ``done.batch()`` when
+        ``done`` has that attribute (a round of completions posted together).
+
         :returns: False when the command was not started (a scatter list, more than one
             request, no live connection): the caller uses :meth:`readv`; ``done`` is not called.
-        :raises OSError: libnbd refused the command at once.
         """
         if len(views) != 1 or len(views[0]) > self.max_request:
             return False
         view = views[0]
         nbd = self.nbd
-        buf = nbd.Buffer.from_buffer(view)
-        return self._submit(lambda h, cb: h.aio_pread(buf, offset, completion=cb), done,
-                            lambda: self._read_into(view, offset), buf)
+        return self._submit(nbd.Buffer.from_buffer(view), offset, done, lambda: self._read_into(view, offset))
 
     def submit_writev(self, views: list[memoryview], offset: int, done: Callable[[int], object], *,
                       fua: bool = False) -> bool:
@@ -925,9 +1012,8 @@ class NbdBackend(BaseBackend):
         view = views[0]
         nbd = self.nbd
         flags = nbd.CMD_FLAG_FUA if fua else 0
-        buf = nbd.Buffer.from_buffer(view)
-        return self._submit(lambda h, cb: h.aio_pwrite(buf, offset, completion=cb, flags=flags), done,
-                            lambda: self._write_from(view, offset, flags), buf)
+        return self._submit(nbd.Buffer.from_buffer(view), offset, done, lambda: self._write_from(view, offset, flags),
+                            write=True, flags=flags)
 
     # -- I/O ----------------------------------------------------------------------------
 
