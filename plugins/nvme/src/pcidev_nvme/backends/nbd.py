@@ -974,6 +974,25 @@ class NbdBackend(BaseBackend):
             if self.inflight > self.max_inflight:
                 self.max_inflight = self.inflight
         conn.pending.add(cmd)
+        h = conn.handle
+        if not conn.awake and not conn.kicked and not conn.submitted and h is not None:
+            # the dispatcher sleeps in poll: sent from here, without waking it up (a thread
+            # hand-over less per burst; libnbd's handle lock orders this with the dispatcher
+            # waking meanwhile), and woken only when libnbd has more to send
+            try:
+                if write:
+                    h.aio_pwrite(buf, offset, completion=cmd, flags=flags)
+                else:
+                    h.aio_pread(buf, offset, completion=cmd)
+            except self.nbd.Error as exc:
+                cmd.err = errno.ENOTCONN if h.aio_is_dead() or h.aio_is_closed() else _errno_of(exc)
+                conn.completed.append(cmd)
+            else:
+                if not h.aio_get_direction() & self.nbd.AIO_DIRECTION_WRITE:
+                    return True
+            if not conn.kick():
+                conn.settle()
+            return True
         conn.submitted.append(cmd)
         if not conn.awake and not conn.kicked:
             conn.kicked = True
