@@ -23,7 +23,10 @@ command set refuses writes with Namespace is Write Protected, as for a read-only
 thread (``aio_get_fd`` / ``aio_get_direction`` / ``aio_notify_*``, the event-loop
 integration libnbd documents); the I/O command set's worker threads issue ``aio_*`` commands
 with completion callbacks and wait for them, so every worker's command is on the wire at
-once. The backend asks the I/O command set for ``queue_depth`` workers (option
+once. The fast path's commands (:meth:`NbdBackend.submit_readv`) are sent by the submitting
+thread while the dispatcher sleeps, else queued for it (woken once per burst); the dispatcher
+reads every reply there is per wake-up (at most :data:`MAX_READS`) and completes them in one
+round. The backend asks the I/O command set for ``queue_depth`` workers (option
 ``queue_depth``, default :data:`DEFAULT_QUEUE_DEPTH`; the optional
 :attr:`NbdBackend.queue_depth` of the :class:`~pcidev_nvme.backends.base.Backend`
 protocol). ``connections=N`` opens N connections and spreads the commands over them, only
@@ -91,6 +94,7 @@ __all__ = [
     "DEFAULT_RECONNECT_TIMEOUT",
     "DEFAULT_TIMEOUT",
     "MAX_CONNECTIONS",
+    "MAX_READS",
     "MAX_RESENDS",
     "MAX_QUEUE_DEPTH",
     "MIN_ATTEMPT",
