@@ -441,7 +441,8 @@ class _Connection:
                     # to send until a reply came)
                     h.aio_notify_read()
                     for _ in range(MAX_READS):
-                        if not readable.poll(0):
+                        more = readable.poll(0)
+                        if not more or more[0][1] != select.POLLIN:  # (an end or error: as before)
                             break
                         h.aio_notify_read()
                     if ev & select.POLLOUT and not h.aio_get_direction() & nbd.AIO_DIRECTION_WRITE:
