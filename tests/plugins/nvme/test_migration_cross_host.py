@@ -46,3 +46,29 @@ def test_malformed_file_system_facts_are_refused(tmp_path):
             raise AssertionError(f"{bad!r} accepted")
     finally:
         ctrl.close()
+
+
+def test_an_image_on_a_file_system_not_known_to_be_shared_blocks_a_move(tmp_path, monkeypatch):
+    """A file system type the source names but that is not a network or cluster one
+    (``SHARED_FILESYSTEMS``), and one the source could not tell (``unknown``), block a move
+    to another machine as a local one does; NFS, CephFS and GlusterFS do not."""
+    image = tmp_path / "x.img"
+    ctrl = NvmeController(f"ns=file:path={image},size=1M")
+    try:
+        facts = {**migration.preflight_facts(ctrl), "nvme.host": "another-machine-boot-id"}
+        for fstype in ("fuse.somethingfs", "virtiofs", "9p"):
+            problems = migration.preflight_problems(ctrl, {**facts, "nvme.image_fs": [[1, fstype]]})
+            assert problems == [f"namespace 1: image {image} is on a file system of type {fstype!r}, not known "
+                                "to be shared between machines: a destination on another machine would open "
+                                "another file at that path (move it to shared storage -- NFS, a cluster file "
+                                "system -- or to an nbd namespace)"], fstype
+        for fstype in ("nfs", "nfs4", "ceph", "fuse.glusterfs", "gfs2"):
+            assert migration.preflight_problems(ctrl, {**facts, "nvme.image_fs": [[1, fstype]]}) == [], fstype
+        # the source cannot tell (no mount matches the file's device): "unknown", refused elsewhere
+        monkeypatch.setattr(migration, "_filesystem_of", lambda fd: None)
+        unknown = migration.preflight_facts(ctrl)
+        assert unknown["nvme.image_fs"] == [[1, "unknown"]]
+        assert len(migration.preflight_problems(ctrl, {**unknown, "nvme.host": "another-machine-boot-id"})) == 1
+        assert migration.preflight_problems(ctrl, unknown) == []  # (the same machine: the very file)
+    finally:
+        ctrl.close()

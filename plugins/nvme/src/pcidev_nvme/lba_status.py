@@ -26,7 +26,9 @@ were cut short by MNDW (more follow: ask again from after the last one), 2h when
 descriptor of the range was returned.
 
 Statuses: NSID not attached -> Invalid Namespace; SLBA beyond the namespace -> LBA Out
-of Range; another ATYPE -> Invalid Field. The LBA Status Information Alert (feature
+of Range; another ATYPE -> Invalid Field; a backend that does not answer in time (an
+``nbd`` export: ``allocated_ranges_within``, 2 s) -> Namespace Not Ready (DNR clear: ask
+again); another backend error -> Internal Error. The LBA Status Information Alert (feature
 15h, log 0Eh) is not advertised.
 
 **Deallocated or unwritten blocks.** The same knowledge decides the Deallocated or
@@ -43,6 +45,7 @@ NPDA report the 4 KiB unit (:mod:`pcidev_nvme.namespace`). A backend without hol
 
 from __future__ import annotations
 
+import errno
 import struct
 
 from pcidev_nvme.namespace import Namespace
@@ -70,14 +73,21 @@ _MAX_NLB = 0xFFFFFFFF
 _WINDOW = 64 << 20
 
 
-def _allocated(ns: Namespace, slba: int, nlb: int, most: int) -> list[tuple[int, int]]:
+def _allocated(ns: Namespace, slba: int, nlb: int, most: int, *, admin: bool = False) -> list[tuple[int, int]]:
     """The allocated LBA ranges within ``slba .. slba + nlb``: a block partly allocated
     counts. The backend is asked window by window (:data:`_WINDOW` bytes), and no further
-    once more than ``most`` ranges are known (the rest could not be returned anyway)."""
+    once more than ``most`` ranges are known (the rest could not be returned anyway).
+    ``admin``: for the admin path, through the backend's bounded ``allocated_ranges_within``
+    when it has one (a network backend: an ``ETIMEDOUT`` rather than holding the admin queue).
+
+    :raises OSError: the backend could not tell.
+    """
     shift = ns.lba_shift
     get = getattr(ns.backend, "allocated_ranges", None)  # optional in the Backend protocol
     if get is None:
         return [(slba, nlb)]
+    if admin:
+        get = getattr(ns.backend, "allocated_ranges_within", get)
     out: list[tuple[int, int]] = []
     pos, end = slba, slba + nlb
     window = max(1, _WINDOW >> shift)
@@ -139,7 +149,13 @@ def get_lba_status(ns: Namespace, uncorrectable: Uncorrectable, cdw10: int, cdw1
     end = ns.nlbas if rl == 0 else min(slba + rl, ns.nlbas)
     room = max(0, (min(length, 1 << 20) - _HEAD.size) // _DESC.size)
     if atype == ATYPE_ALLOCATED:
-        ranges = _allocated(ns, slba, end - slba, room)
+        try:
+            ranges = _allocated(ns, slba, end - slba, room, admin=True)
+        except OSError as exc:
+            if exc.errno == errno.ETIMEDOUT:  # (the storage did not answer in time: ask again)
+                raise NvmeStatusError(Status.NS_NOT_READY, f"namespace {ns.nsid}: {exc.strerror}",
+                                      dnr=False) from None
+            raise NvmeStatusError(Status.INTERNAL, f"namespace {ns.nsid}: allocation unknown: {exc}") from None
         status = LBARS_ALLOCATED
     else:
         ranges = _clip(uncorrectable.ranges(ns.nsid), slba, end)

@@ -251,7 +251,8 @@ class MigrationHost(Protocol):
 __all__ = ["NvmeState", "SqState", "CqState", "CqeState", "AerState", "EventState", "FeaturesState", "TlerState",
            "SmartState", "FirmwareState", "FwChunk", "NamespaceState", "MIGRATABLE_FEATURES", "fingerprint",
            "features", "blockers", "inheritable_fds", "quiesce", "flush_namespaces", "DEFAULT_QUIESCE_TIMEOUT",
-           "QuiesceTimes", "prepare_quiesce", "PREPARE_FLUSH_TIMEOUT", "PREFLIGHT_NBD_TIMEOUT", "LOCAL_FILESYSTEMS",
+           "QuiesceTimes", "prepare_quiesce", "PREPARE_FLUSH_TIMEOUT", "PREFLIGHT_NBD_TIMEOUT",
+           "PREFLIGHT_NBD_PROBES", "LOCAL_FILESYSTEMS", "SHARED_FILESYSTEMS",
            "resume", "save", "check", "apply", "LoadUndo", "namespace_plan", "MigrationMixin"]
 
 log = logging.getLogger(__name__)
@@ -268,14 +269,25 @@ MIGRATABLE_FEATURES = frozenset({
     "nvme-backend:nbd",
 })
 
-#: seconds the destination's pre-flight waits to reach each NBD export (one connection each)
+#: seconds the destination's pre-flight waits to reach the NBD exports (one connection each,
+#: all at once: one deadline for all of them)
 PREFLIGHT_NBD_TIMEOUT = 5.0
-#: file systems of one machine's own disks or memory: a ``file`` namespace's image on one of
-#: them cannot be the file a destination on another machine opens at the same path (a
-#: network or cluster file system, or one not listed, is taken for shared storage)
+#: NBD exports the pre-flight probes at the same time (threads)
+PREFLIGHT_NBD_PROBES = 32
+#: file systems of one machine's own disks or memory (named as such in the pre-flight's
+#: sentence); any file system not in :data:`SHARED_FILESYSTEMS` counts as one
 LOCAL_FILESYSTEMS = frozenset({
     "ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "jfs", "reiserfs", "bcachefs", "zfs", "vfat", "exfat",
     "ntfs", "ntfs3", "tmpfs", "ramfs", "overlay",
+})
+#: network and cluster file systems (``/proc/self/mountinfo`` types): a ``file`` namespace's
+#: image on one of them may be the file a destination on another machine opens at the same
+#: path (checked by that path); on any other -- a local one, one of a type not listed, or one
+#: the source could not tell -- it cannot, and a move to another machine is refused
+SHARED_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "fuse.ceph", "fuse.ceph-fuse", "glusterfs",
+    "fuse.glusterfs", "gfs2", "ocfs2", "lustre", "beegfs", "gpfs", "afs", "orangefs", "pvfs2",
+    "fuse.moosefs", "fuse.mfs", "fuse.lizardfs", "fuse.juicefs", "quobyte", "fuse.quobyte", "panfs",
 })
 
 _STATES = ("disabled", "ready", "failed")
@@ -472,8 +484,9 @@ def preflight_facts(ctrl: MigrationHost) -> dict[str, Any]:
       per created namespace, :class:`~pcidev_nvme.ns_records.CreatedNamespaceRecord`);
     * ``nvme.nbd``: per ``nbd`` namespace ``[nsid, uri, size, read_only]`` (left out when
       there is none: an older destination sees the same facts);
-    * ``nvme.image_fs``: per ``file`` namespace whose file system is known ``[nsid, type]``
-      (``/proc/self/mountinfo``'s type of the mount the open image is on: ``ext4``, ``nfs4``).
+    * ``nvme.image_fs``: per ``file`` namespace ``[nsid, type]`` (``/proc/self/mountinfo``'s
+      type of the mount the open image is on: ``ext4``, ``nfs4``; ``unknown`` when no mount
+      matches the file's device).
 
     A secondary controller (SR-IOV) has none: its namespaces are its primary's.
 
@@ -500,7 +513,7 @@ def preflight_facts(ctrl: MigrationHost) -> dict[str, Any]:
                if isinstance(ns.backend, NbdBackend)]
     held = [(nsid, getattr(ns.backend, "fd", -1)) for nsid, ns in namespaces
             if getattr(ns.backend, "kind", None) == "file"]
-    filesystems = [[nsid, fstype] for nsid, fstype in ((n, _filesystem_of(fd)) for n, fd in held) if fstype]
+    filesystems = [[nsid, _filesystem_of(fd) or "unknown"] for nsid, fd in held]
     out: dict[str, Any] = {"nvme.host": boot_id(), "nvme.nsids": [nsid for nsid, _ in namespaces],
                            "nvme.images": images}
     if exports:
@@ -589,10 +602,10 @@ def preflight_problems(ctrl: MigrationHost, facts: Mapping[str, Any]) -> list[st
     Management records are planned as the load would (:func:`pcidev_nvme.ns_records.plan`:
     a created ``file`` namespace's image must be the one this controller's Namespace
     Management makes, reachable here), each ``file`` namespace's image is checked
-    (:func:`_served_image_problem`; on another machine, one on the source machine's own
-    file system, :data:`LOCAL_FILESYSTEMS`, is refused), and each ``nbd`` namespace's export
-    must be reachable here with its size (one new connection each, at most
-    :data:`PREFLIGHT_NBD_TIMEOUT` seconds).
+    (:func:`_served_image_problem`; on another machine, one on any file system but a
+    network or cluster one, :data:`SHARED_FILESYSTEMS`, is refused), and each ``nbd``
+    namespace's export must be reachable here with its size (one new connection each, all
+    at once, within :data:`PREFLIGHT_NBD_TIMEOUT` seconds in all).
 
     :param ctrl: the destination controller.
     :param facts: the source's facts (from the peer).
@@ -628,11 +641,15 @@ def preflight_problems(ctrl: MigrationHost, facts: Mapping[str, Any]) -> list[st
         if type(entry) is not list or len(entry) != 2:
             raise ValueError(f"nvme.image_fs[{j}] is not a list of 2 items")
         nsid, fstype = _fact(entry[0], int, "nsid"), _fact(entry[1], str, "a file system type")
-        if not same_host and fstype in LOCAL_FILESYSTEMS:
-            out.append(f"namespace {nsid}: image {paths.get(nsid, '?')} is on the source machine's own {fstype} "
-                       "file system: a destination on another machine would open another file at that path "
-                       "(move it to shared storage -- NFS, a cluster file system -- or to an nbd namespace)")
+        if same_host or fstype in SHARED_FILESYSTEMS:
+            continue
+        what = (f"the source machine's own {fstype} file system" if fstype in LOCAL_FILESYSTEMS
+                else f"a file system of type {fstype!r}, not known to be shared between machines")
+        out.append(f"namespace {nsid}: image {paths.get(nsid, '?')} is on {what}: a destination on another "
+                   "machine would open another file at that path (move it to shared storage -- NFS, a "
+                   "cluster file system -- or to an nbd namespace)")
     exports = facts.get("nvme.nbd")
+    probes: list[tuple[int, str, int, bool]] = []
     probed: set[int] = set()  # (one probe per namespace: a peer repeating one costs nothing more)
     for j, entry in enumerate(_fact(exports, list, "nvme.nbd") if exports is not None else []):
         if type(entry) is not list or len(entry) != 4:
@@ -640,11 +657,40 @@ def preflight_problems(ctrl: MigrationHost, facts: Mapping[str, Any]) -> list[st
         if _fact(entry[0], int, "nsid") in probed:
             raise ValueError(f"nvme.nbd[{j}] names namespace {entry[0]} again")
         probed.add(entry[0])
-        why = _served_export_problem(ctrl, _fact(entry[0], int, "nsid"), _fact(entry[1], str, "uri"),
-                                     _fact(entry[2], int, "size"), _fact(entry[3], bool, "read_only"))
-        if why is not None:
-            out.append(why)
+        probes.append((_fact(entry[0], int, "nsid"), _fact(entry[1], str, "uri"),
+                       _fact(entry[2], int, "size"), _fact(entry[3], bool, "read_only")))
+    out += _export_problems(ctrl, probes, PREFLIGHT_NBD_TIMEOUT)
     return out
+
+
+def _export_problems(ctrl: MigrationHost, probes: list[tuple[int, str, int, bool]], timeout: float) -> list[str]:
+    """:func:`_served_export_problem` of each ``(nsid, uri, size, read_only)``, all probed at
+    once (:data:`PREFLIGHT_NBD_PROBES` at a time) within one deadline ``timeout`` seconds
+    away: several unreachable exports take the time of one. A probe not done by then is
+    one sentence too (its connection ends on its own, within its timeout)."""
+    if not probes:
+        return []
+    deadline = time.monotonic() + timeout
+
+    def probe(nsid: int, uri: str, size: int, read_only: bool) -> str | None:
+        return _served_export_problem(ctrl, nsid, uri, size, read_only,
+                                      timeout=max(deadline - time.monotonic(), 0.001))
+
+    pool = concurrent.futures.ThreadPoolExecutor(min(len(probes), PREFLIGHT_NBD_PROBES),
+                                                 thread_name_prefix="nvme-preflight")
+    try:
+        futures = [pool.submit(probe, *p) for p in probes]
+        done, _late = concurrent.futures.wait(futures, timeout=timeout + 1.0)
+        out = []
+        for (nsid, uri, _size, _ro), future in zip(probes, futures, strict=True):
+            why = future.result() if future in done else (
+                f"namespace {nsid} (NBD export {uri}) cannot be reached here within {timeout:g} s: "
+                "the destination must reach the export")
+            if why is not None:
+                out.append(why)
+        return out
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _filesystem_of(fd: int) -> str | None:
@@ -949,6 +995,7 @@ def flush_namespaces(ctrl: MigrationHost, deadline: float) -> None:
     :raises MigrationError: a flush failed (the write-back error stays pending for the
         host's next Flush, see :meth:`pcidev_nvme.backends.FileBackend.flush_at_stop`).
     """
+    _check_fences(ctrl, deadline)
     jobs, kept = _flush_jobs(ctrl)
     if not jobs:
         return
@@ -969,6 +1016,24 @@ def flush_namespaces(ctrl: MigrationHost, deadline: float) -> None:
                                   + f" did not finish within the quiesce budget (waited "
                                   f"{time.monotonic() - t0:.3f} s); the controller keeps running")
     log.debug("flushed %d store(s) at the stop in %.3f ms", len(jobs), (time.monotonic() - t0) * 1000)
+
+
+def _check_fences(ctrl: MigrationHost, deadline: float) -> None:
+    """Wait (until ``deadline``) for every ``nbd`` namespace's fences to go: writes sent on a
+    lost connection that its server may still carry out (:meth:`NbdBackend.wait_unfenced
+    <pcidev_nvme.backends.nbd.NbdBackend.wait_unfenced>`) would land after the destination's
+    writes; the device does not move while any is left.
+
+    :raises MigrationError: a namespace is still fenced at ``deadline``.
+    """
+    fenced = [ns.nsid for ns in sorted(list(ctrl.allocated.values()), key=lambda n: n.nsid)
+              if isinstance(ns.backend, NbdBackend)
+              and not ns.backend.wait_unfenced(max(deadline - time.monotonic(), 0.0))]
+    if fenced:
+        raise MigrationError(f"nvme: namespace(s) {', '.join(map(str, fenced))}: writes sent on a lost NBD "
+                             "connection may still be carried out by the server (it has not closed that "
+                             "connection): they could land after the destination's writes, so the device "
+                             "stays here")
 
 
 def _flush_jobs(ctrl: MigrationHost) -> tuple[list[tuple[str, Any, Callable[[], None]]], set[str]]:

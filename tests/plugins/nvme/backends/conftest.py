@@ -5,36 +5,22 @@ UNIX sockets in the test's tmp directory, stopped when the test ends."""
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from _nbd_servers import NbdServer
-
-SETUP = Path(__file__).with_name("setup_nbd.sh")
-DIST = "/usr/lib/python3/dist-packages/nbd.py"
-
-
-def _present() -> bool:
-    return os.path.exists(DIST) and all(shutil.which(tool) is not None
-                                        for tool in ("nbdkit", "qemu-nbd", "qemu-storage-daemon", "psktool"))
+from nbd_servers import NbdServer, ensure_tools
 
 
 @pytest.fixture(scope="session")
 def nbd_tools() -> None:
     """The Python bindings of libnbd, nbdkit, qemu-nbd, qemu-storage-daemon and psktool:
     installed when missing (root), else skip."""
-    if _present():
-        return
-    if os.geteuid() != 0:
-        pytest.skip("the NBD tests need python3-libnbd, nbdkit, qemu-utils, qemu-system-common and gnutls-bin "
-                    "(root installs them: "
-                    "tests/plugins/nvme/backends/setup_nbd.sh)")
-    run = subprocess.run(["sh", str(SETUP)], capture_output=True, text=True, timeout=900, check=False)
-    if run.returncode != 0 or not _present():
-        pytest.fail(f"setup_nbd.sh failed ({run.returncode}): {run.stderr[-2000:]}", pytrace=False)
+    why = ensure_tools()
+    if why is not None:
+        if os.geteuid() != 0:
+            pytest.skip(why)
+        pytest.fail(why, pytrace=False)
 
 
 @pytest.fixture

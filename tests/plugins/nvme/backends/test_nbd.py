@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from _nbd_servers import NbdServer
+from nbd_servers import NbdServer
 from test_verified_io import QD, Model, run_driver_queue
 
 from pcidev.errors import ConfigError
@@ -382,8 +382,8 @@ def test_a_server_that_never_answers_the_handshake_is_refused_after_timeout(nbd_
 
 
 def test_identify_does_not_wait_for_a_lost_server(nbd_server):
-    """NUSE (allocated_bytes) while the server is away: the whole size at once, not a wait of
-    reconnect_timeout on the admin path."""
+    """NUSE (allocated_bytes) while the server is away: the last value known at once (the
+    whole size before one is known), not a wait of reconnect_timeout on the admin path."""
     server = nbd_server("qemu", size=4 * MiB)
     b = backend(server, reconnect_timeout=60)
     try:
@@ -395,8 +395,10 @@ def test_identify_does_not_wait_for_a_lost_server(nbd_server):
             assert time.monotonic() < deadline
             time.sleep(0.01)
         t0 = time.monotonic()
-        assert b.allocated_bytes() == b.size
+        assert b.allocated_bytes() == 4096
         assert time.monotonic() - t0 < 5
+        b._nuse_known = None  # (none known yet: all of it)
+        assert b.allocated_bytes() == b.size
         server.start()
         assert read(b, 0, 4096) == b"n" * 4096  # (reconnects)
         assert b.allocated_bytes() == 4096
@@ -667,3 +669,83 @@ def test_a_hole_not_said_to_read_as_zeros_counts_as_written(nbd_tools, tmp_path)
             b.close()
     finally:
         server.kill()
+
+
+def test_a_failed_wake_up_pipe_leaves_no_descriptor(nbd_server, monkeypatch):
+    """``pipe2`` failing (EMFILE) after the connection was made: the start is refused and
+    neither the socket's duplicate nor libnbd's socket stays open, even while the error (and
+    its traceback) is kept."""
+    server = nbd_server("nbdkit", size=4 * MiB)
+    real = os.pipe2
+
+    def no_pipe(flags: int) -> tuple[int, int]:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    fds = len(os.listdir("/proc/self/fd"))
+    kept = []
+    monkeypatch.setattr(os, "pipe2", no_pipe)
+    try:
+        for _ in range(3):
+            with pytest.raises(ConfigError) as e:
+                NbdBackend(server.uri)
+            kept.append(e)
+    finally:
+        monkeypatch.setattr(os, "pipe2", real)
+    assert "Too many open files" in str(kept[0].value)
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def _controller(*props: str):
+    from pcidev.host import Machine
+    from pcidev_nvme.controller import NvmeController
+    from pcidev_nvme.testing import driver
+
+    machine = Machine(ram_size=64 * MiB)
+    ctrl = NvmeController(",".join(props))
+    return machine, ctrl, driver.NvmeDriver.attach(machine, ctrl, io_queues=1, io_depth=16)
+
+
+def test_identify_and_get_lba_status_do_not_wait_for_a_stopped_server(nbd_server):
+    """A server stopped (SIGSTOP: the connection stays, nothing is answered), timeout=60:
+    Identify Namespace answers within ADMIN_WAIT with the last NUSE known (1 block written),
+    and Get LBA Status (allocated ranges) completes with Namespace Not Ready, DNR clear,
+    instead of holding the admin queue for the command timeout; both work again once the
+    server goes on."""
+    import signal
+
+    from pcidev_nvme.backends.nbd import ADMIN_WAIT
+
+    server = nbd_server("qemu", size=4 * MiB)
+    _machine, ctrl, drv = _controller(f"ns=nbd:uri={server.uri},timeout=60,lbaf=1")
+    assert server.proc is not None
+    pid = server.proc.pid
+    try:
+        drv.write(1, 3, b"u" * 4096)
+        nuse = lambda: int.from_bytes(drv.identify(0x00, nsid=1)[16:24], "little")  # noqa: E731
+        assert nuse() == 1
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        assert nuse() == 1  # (the last value known)
+        comp = drv.get_lba_status(1, 0, atype=0x02, check=False)
+        took = time.monotonic() - t0
+        assert comp.status & 0x7FF == Status.NS_NOT_READY and not comp.status & (1 << 14)
+        assert took < 2 * ADMIN_WAIT + 8, took
+        assert took >= ADMIN_WAIT  # (each waited for the server, within its bound)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # (the job still running on the stopped server ends first)
+            comp = drv.get_lba_status(1, 0, atype=0x02, check=False)
+            if comp.ok or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert comp.ok
+        data = comp.tag
+        assert int.from_bytes(data[0:4], "little") == 1  # one descriptor: block 3
+        assert int.from_bytes(data[8:16], "little") == 3 and int.from_bytes(data[16:20], "little") == 1
+        drv.write(1, 7, b"v" * 4096)
+        assert nuse() == 2
+    finally:
+        drv.close()
+        ctrl.close()

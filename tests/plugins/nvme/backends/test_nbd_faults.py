@@ -13,7 +13,7 @@ from pathlib import Path
 
 import crc32c
 import pytest
-from _nbd_servers import NbdServer
+from nbd_servers import NbdServer
 from test_verified_io import Model, run_driver_queue
 
 from pcidev_nvme.status import Status
@@ -215,9 +215,10 @@ def test_a_delay_above_timeout_fails_the_command_and_the_rest_goes_on(nbd_server
 
 
 #: an nbdkit ``sh`` plugin script: a 4 MiB image (``img`` beside it) whose next read, and next
-#: write, sleep 4 s first while a marker file exists (``read-held`` / ``write-held`` say they
-#: started); the sleep goes on when the client drops the connection, as a real server's I/O in
-#: flight does, and ``slow-write-done`` says the slow write reached the image
+#: write, sleep 4 s first (a write: the seconds in ``slow-seconds`` if it exists) while a marker
+#: file exists (``read-held`` / ``write-held`` say they started); the sleep goes on when the
+#: client drops the connection, as a real server's I/O in flight does, and ``slow-write-done``
+#: says the slow write reached the image
 SLOW_ONCE = r"""#!/bin/sh
 dir=$(dirname "$0")
 case "$1" in
@@ -229,7 +230,8 @@ case "$1" in
         dd if="$dir/img" skip="$4" count="$3" iflag=skip_bytes,count_bytes status=none ;;
     pwrite)
         if [ -e "$dir/slow-write" ]; then
-            rm -f "$dir/slow-write"; touch "$dir/write-held"; sleep 4; slow=1
+            rm -f "$dir/slow-write"; touch "$dir/write-held"; sleep "$(cat "$dir/slow-seconds" 2>/dev/null || echo 4)"
+            slow=1
         fi
         dd of="$dir/img" seek="$4" conv=notrunc oflag=seek_bytes status=none
         if [ -n "${slow:-}" ]; then touch "$dir/slow-write-done"; fi ;;
@@ -245,12 +247,6 @@ def _wait_file(path: Path, timeout: float = 30) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a command that times out makes _Connection.run abort the connection (backends/nbd.py:334, abort at :301); "
-    "the other commands in flight on it get _Lost and NbdBackend._run sends them again on a new connection "
-    "(backends/nbd.py:576-577), while the server may still carry out the first copy (its I/O is not "
-    "cancelled by the disconnect): a write acknowledged after its resend, then a later write to the same "
-    "block (acknowledged too), is overwritten when the first copy lands -- the later write is lost"))
 def test_a_write_resent_after_a_dropped_connection_does_not_undo_a_later_write(nbd_tools, tmp_path: Path):
     """The read (qid 2) and then write A (qid 1) are both held by the server; the read times
     out (1.5 s), its connection is dropped, write A is sent again on a new connection and
@@ -274,6 +270,7 @@ def test_a_write_resent_after_a_dropped_connection_does_not_undo_a_later_write(n
         writer = threading.Thread(target=lambda: (drv.write(1, 0, b"A" * lbs), done.append("A")))
         reader.start()
         _wait_file(tmp_path / "read-held")
+        time.sleep(0.5)  # (write A's own deadline well after the read's)
         writer.start()
         _wait_file(tmp_path / "write-held")  # write A is in the server ...
         assert reader.is_alive()  # ... before the read times out
@@ -285,6 +282,101 @@ def test_a_write_resent_after_a_dropped_connection_does_not_undo_a_later_write(n
         assert drv.read(1, 0, 1) == b"B" * lbs
         _wait_file(tmp_path / "slow-write-done")  # the server finished the first copy of A
         assert drv.read(1, 0, 1) == b"B" * lbs  # (reads A: B, acknowledged, was lost)
+    finally:
+        drv.close()
+        ctrl.close()
+        server.kill()
+
+
+def _slow_server(tmp_path: Path) -> NbdServer:
+    script = tmp_path / "slow-once.sh"
+    script.write_text(SLOW_ONCE)
+    script.chmod(0o755)
+    with open(tmp_path / "img", "wb") as f:
+        f.truncate(4 * MiB)
+    return NbdServer(["nbdkit", "-f", "-U", str(tmp_path / "slow.sock"), "sh", str(script)], tmp_path / "slow.sock")
+
+
+def test_a_write_after_a_timed_out_write_waits_for_its_late_copy(nbd_tools, tmp_path: Path):
+    """Write A is held 4 s by the server, timeout 1.5 s: it fails with Write Fault (the server
+    still carries it out later). Write B to the same block, sent right after, is applied only
+    once the server finished A and closed that connection (B completes after A reached the
+    image), so the block reads B then and afterwards -- not A."""
+    server = _slow_server(tmp_path)
+    _machine, ctrl, drv = _attach(f"ns=nbd:uri={server.uri},timeout=1.5,reconnect_timeout=20")
+    try:
+        lbs = drv.namespaces[1].lba_size
+        drv.write(1, 0, b"0" * lbs)
+        (tmp_path / "slow-write").touch()
+        assert _status(lambda: drv.write(1, 0, b"A" * lbs)) == Status.WRITE_FAULT
+        assert not (tmp_path / "slow-write-done").exists()  # (A is still in the server)
+        drv.write(1, 0, b"B" * lbs)
+        assert (tmp_path / "slow-write-done").exists()  # B waited for the late copy of A
+        assert drv.read(1, 0, 1) == b"B" * lbs
+        time.sleep(0.5)
+        assert drv.read(1, 0, 1) == b"B" * lbs
+        drv.write(1, 1, b"C" * lbs)  # (nothing fenced any more)
+        assert not ctrl.namespaces[1].backend.fenced(0, 2 * lbs)
+    finally:
+        drv.close()
+        ctrl.close()
+        server.kill()
+    with open(tmp_path / "img", "rb") as f:
+        assert f.read(2 * 4096)[:2 * lbs] == b"B" * lbs + b"C" * lbs
+
+
+def test_blocks_still_fenced_at_reconnect_timeout_fail_and_the_rest_goes_on(nbd_tools, tmp_path: Path):
+    """Write A is held 8 s by the server, timeout 1.5 s, reconnect_timeout 3 s: A fails; a write
+    B to the same block waits until 3 s after the loss, then fails with Write Fault and an
+    Error Information entry (the server may still carry A out); a write elsewhere and a
+    read elsewhere work meanwhile. Once the server finished A and closed that connection, B
+    is accepted and the block reads B."""
+    server = _slow_server(tmp_path)
+    _machine, ctrl, drv = _attach(f"ns=nbd:uri={server.uri},timeout=1.5,reconnect_timeout=3")
+    try:
+        lbs = drv.namespaces[1].lba_size
+        (tmp_path / "slow-seconds").write_text("8")
+        (tmp_path / "slow-write").touch()
+        assert _status(lambda: drv.write(1, 0, b"A" * lbs)) == Status.WRITE_FAULT
+        count0 = _newest_error(drv)[0]
+        drv.write(1, 16, b"D" * lbs)  # (elsewhere: not fenced)
+        assert drv.read(1, 16, 1) == b"D" * lbs
+        assert _status(lambda: drv.write(1, 0, b"B" * lbs)) == Status.WRITE_FAULT
+        assert not (tmp_path / "slow-write-done").exists()  # (refused before A landed)
+        count, status, nsid = _newest_error(drv)
+        assert (count - count0, status, nsid) == (1, Status.WRITE_FAULT, 1)
+        _wait_file(tmp_path / "slow-write-done")
+        backend = ctrl.namespaces[1].backend
+        deadline = time.monotonic() + 30
+        while backend.fenced(0, lbs):  # (until the server closed that connection)
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        drv.write(1, 0, b"B" * lbs)
+        assert drv.read(1, 0, 1) == b"B" * lbs
+    finally:
+        drv.close()
+        ctrl.close()
+        server.kill()
+
+
+def test_a_migration_stop_waits_for_the_fences_and_refuses_while_one_is_left(nbd_tools, tmp_path: Path):
+    """The stop's flush of the namespaces (``migration.flush_namespaces``) while write A, timed
+    out, may still be carried out by the server: within a short deadline it refuses (the
+    destination would not know the fence) with one MigrationError naming the namespace; with
+    a deadline past the server's close it waits and succeeds."""
+    from pcidev.errors import MigrationError
+    from pcidev_nvme import migration
+
+    server = _slow_server(tmp_path)
+    _machine, ctrl, drv = _attach(f"ns=nbd:uri={server.uri},timeout=1,reconnect_timeout=20")
+    try:
+        lbs = drv.namespaces[1].lba_size
+        (tmp_path / "slow-write").touch()
+        assert _status(lambda: drv.write(1, 0, b"A" * lbs)) == Status.WRITE_FAULT
+        with pytest.raises(MigrationError, match=r"namespace\(s\) 1: writes sent on a lost NBD connection"):
+            migration.flush_namespaces(ctrl, time.monotonic() + 0.3)
+        migration.flush_namespaces(ctrl, time.monotonic() + 30)
+        assert (tmp_path / "slow-write-done").exists()
     finally:
         drv.close()
         ctrl.close()
@@ -458,6 +550,35 @@ def test_a_write_the_server_answers_eperm_is_write_protected(nbd_server):
     finally:
         drv.close()
         ctrl.close()
+
+
+def test_a_flush_the_server_answers_eperm_is_a_write_fault(nbd_tools, tmp_path: Path):
+    """A server refusing Flush with ``EPERM`` (nbdkit's ``eval`` plugin on an image; the error
+    filter cannot fail flushes): the Flush completes with Write Fault (the writes may not be
+    durable) and an Error Information entry, not Namespace is Write Protected (a Flush changes
+    no block); writes and reads go on."""
+    img = tmp_path / "img"
+    with open(img, "wb") as f:
+        f.truncate(4 * MiB)
+    sock = tmp_path / "eperm.sock"
+    server = NbdServer(["nbdkit", "-f", "-U", str(sock), "eval", "thread_model=echo parallel",
+                        f"get_size=echo {4 * MiB}", "can_write=exit 0", "can_flush=exit 0",
+                        "flush=echo EPERM refused >&2; exit 1",
+                        f"pread=dd if={img} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none",
+                        f"pwrite=dd of={img} seek=$4 oflag=seek_bytes conv=notrunc status=none"], sock)
+    _machine, ctrl, drv = _attach(f"ns=nbd:uri={server.uri}")
+    try:
+        lbs = drv.namespaces[1].lba_size
+        drv.write(1, 0, b"x" * lbs)
+        assert _status(lambda: drv.flush(1)) == Status.WRITE_FAULT
+        count, status, nsid = _newest_error(drv)
+        assert (count, status, nsid) == (1, Status.WRITE_FAULT, 1)
+        drv.write(1, 1, b"y" * lbs)
+        assert drv.read(1, 0, 2) == b"x" * lbs + b"y" * lbs
+    finally:
+        drv.close()
+        ctrl.close()
+        server.kill()
 
 
 @pytest.mark.parametrize("lack", ["read-only", "zero", "multi-conn"])

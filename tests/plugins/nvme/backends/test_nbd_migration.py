@@ -152,3 +152,32 @@ def test_verified_io_across_handovers_of_an_nbd_namespace(nbd_server):
     assert len(pids) == 3
     done = work.report()
     assert done["mismatches"] == 0 and done["lost_completions"] == 0 and done["blocks_checked"] > 4 * MiB // 4096
+
+
+def test_unreachable_exports_are_probed_at_once_within_one_deadline(nbd_server, monkeypatch):
+    """Four nbd namespaces whose servers stopped (SIGSTOP: the connection is accepted, the
+    handshake never comes), ``PREFLIGHT_NBD_TIMEOUT`` 1.5 s: the pre-flight names all four
+    in about 1.5 s, not 4 x 1.5 s, one probe after the other."""
+    import signal
+
+    from pcidev_nvme.controller import NvmeController
+
+    servers = [nbd_server("nbdkit", size=1 * MiB) for _ in range(4)]
+    ctrl = NvmeController(",".join(f"ns=nbd:uri={s.uri}" for s in servers))
+    pids = [s.proc.pid for s in servers if s.proc is not None]
+    try:
+        facts = migration.preflight_facts(ctrl)
+        assert migration.preflight_problems(ctrl, facts) == []
+        monkeypatch.setattr(migration, "PREFLIGHT_NBD_TIMEOUT", 1.5)
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        problems = migration.preflight_problems(ctrl, facts)
+        took = time.monotonic() - t0
+        assert [p.split(" (")[0] for p in problems] == [f"namespace {n}" for n in (1, 2, 3, 4)], problems
+        assert all("cannot be reached here" in p for p in problems), problems
+        assert 1.4 <= took < 4.5, took
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        ctrl.close()

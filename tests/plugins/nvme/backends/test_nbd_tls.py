@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from _nbd_servers import NbdServer
+from nbd_servers import NbdServer
 
 from pcidev.errors import ConfigError
 from pcidev_nvme.backends import create_backend

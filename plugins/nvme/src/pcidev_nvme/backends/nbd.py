@@ -47,6 +47,19 @@ entry); later commands then try one reconnection each and fail at once if the se
 still away. NBD makes only flushed (or FUA) writes durable: writes acknowledged but not
 flushed before the server went down are as safe as the server kept them (a volatile write
 cache's writes after a power loss).
+**Fences.** NBD cannot cancel a request: a write whose connection was lost (timed out,
+broken, ``ESHUTDOWN``) may still be carried out by the server later. Each connection keeps
+its writes sent and not yet answered; a lost one is half-closed (``SHUT_WR``: libnbd retires
+its commands at once, the server reads the end of the stream) and, while any of those writes
+is unanswered, fences their blocks: a later command on overlapping blocks waits until the
+server answered them or closed its side of that connection (nbdkit does once its requests in
+flight ended), plus ``fence_grace`` seconds (:data:`DEFAULT_FENCE_GRACE`; QEMU's servers
+close first and finish their writes after); at most ``reconnect_timeout`` seconds after the
+loss, after which commands on those blocks fail with ``EIO`` until the server closes it. A
+command sent again after its own connection was lost passes its own fence (same data). At
+most :data:`MAX_DRAINING` such connections are kept; a migration's stop waits for them
+(:meth:`NbdBackend.wait_unfenced`). Identify Namespace's NUSE and Get LBA Status ask block
+status on a thread of their own and wait :data:`ADMIN_WAIT` seconds at most.
 A new connection must offer what the first one did (writes, FUA, flush, zeroing, block
 status, multi-conn when used, block sizes): a server that comes back with less is a failed
 attempt. Closing a connection shuts its socket down and lets libnbd retire every command
@@ -64,6 +77,7 @@ else of that directory).
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import errno
 import importlib
 import importlib.machinery
@@ -78,9 +92,9 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import attrs
 
@@ -89,17 +103,22 @@ from pcidev.properties import Size
 from pcidev_nvme.backends.base import BaseBackend, check_size, size_field, take_options
 
 __all__ = [
+    "ADMIN_WAIT",
     "CLOSE_WAIT",
+    "DEFAULT_FENCE_GRACE",
     "DEFAULT_QUEUE_DEPTH",
     "DEFAULT_RECONNECT_TIMEOUT",
     "DEFAULT_TIMEOUT",
     "MAX_CONNECTIONS",
+    "MAX_DRAINING",
+    "MAX_EXTENTS",
     "MAX_READS",
     "MAX_RESENDS",
     "MAX_QUEUE_DEPTH",
     "MIN_ATTEMPT",
     "RETRY_FIRST",
     "RETRY_MAX",
+    "STATUS_RANGE",
     "SYSTEM_DIST_PACKAGES",
     "NbdBackend",
     "NbdConfig",
@@ -110,6 +129,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 #: where Debian's ``python3-libnbd`` puts the ``nbd`` module
 SYSTEM_DIST_PACKAGES = "/usr/lib/python3/dist-packages"
@@ -138,8 +158,24 @@ MAX_REQUEST = 32 << 20
 CLOSE_WAIT = 5.0
 #: replies the dispatcher reads in one round before it looks at its queue and poll again
 MAX_READS = 64
-#: the largest range one WRITE_ZEROES or BLOCK_STATUS request covers (the length is 32-bit)
+#: the largest range one WRITE_ZEROES request covers (the length is 32-bit)
 MAX_RANGE = 1 << 30
+#: the largest range one BLOCK_STATUS request asks about (at most 128 Ki extents of 512 bytes)
+STATUS_RANGE = 64 << 20
+#: extents used from one BLOCK_STATUS reply (the rest of its range is asked again)
+MAX_EXTENTS = 1 << 16
+#: seconds the admin path (Identify Namespace's NUSE, Get LBA Status) waits for block status
+ADMIN_WAIT = 2.0
+#: seconds the blocks of a lost connection's unanswered writes stay fenced after the server
+#: closed it, by default (QEMU's servers close it at once and finish their writes in flight after)
+DEFAULT_FENCE_GRACE = 1.0
+#: the most lost connections of one namespace kept open until the server closes them (they fence
+#: the blocks of their unanswered writes); while that many are open no new connection is made
+MAX_DRAINING = 8
+
+#: per thread: the command being run is sent again (after its connection was lost) and passes the
+#: fences its own earlier copy put up (:meth:`NbdBackend._await_fences`)
+_resending = threading.local()
 
 _nbd: ModuleType | None = None
 _load_lock = threading.Lock()
@@ -231,6 +267,8 @@ class NbdConfig:
         "help": "seconds a lost connection is retried before its commands fail"})
     timeout: float = attrs.field(default=DEFAULT_TIMEOUT, metadata={
         "help": "seconds a command, or the opening of a connection, may take (0: no limit)"})
+    fence_grace: float = attrs.field(default=DEFAULT_FENCE_GRACE, metadata={
+        "help": "seconds the blocks of a lost connection's unanswered writes stay fenced after the server closed it"})
 
     def __attrs_post_init__(self) -> None:
         if not 1 <= self.connections <= MAX_CONNECTIONS:
@@ -241,6 +279,8 @@ class NbdConfig:
             raise ConfigError(f"nbd backend: reconnect_timeout={self.reconnect_timeout} must be 0..86400 seconds")
         if not 0 <= self.timeout <= 86400:
             raise ConfigError(f"nbd backend: timeout={self.timeout} must be 0..86400 seconds (0: no limit)")
+        if not 0 <= self.fence_grace <= 3600:
+            raise ConfigError(f"nbd backend: fence_grace={self.fence_grace} must be 0..3600 seconds")
 
 
 class _Waiter:
@@ -272,14 +312,17 @@ class _Async:
     the backend's retry thread (the blocking path, which reconnects); a command past its
     deadline fails with ``EIO``; otherwise ``done(errno or 0)`` is called, exactly once."""
 
-    __slots__ = ("backend", "conn", "slot", "done", "blocking", "deadline", "keep", "err", "write", "offset",
+    __slots__ = ("backend", "conn", "slot", "done", "blocking", "deadline", "keep", "err", "span", "write", "offset",
                  "flags", "batch", "__weakref__")
 
     def __init__(self, backend: NbdBackend, conn: _Connection, slot: int, done: Callable[[int], object],
-                 blocking: Callable[[], None], deadline: float | None, keep: object, *, write: bool = False,
-                 offset: int = 0, flags: int = 0) -> None:
+                 blocking: Callable[[], None], deadline: float | None, keep: object,
+                 span: tuple[int, int] | None = None, *, write: bool = False, offset: int = 0,
+                 flags: int = 0) -> None:
         self.backend, self.conn, self.blocking, self.deadline = backend, conn, blocking, deadline
         self.slot = slot
+        #: a write's (offset, length): noted in the connection's unanswered writes while on the wire
+        self.span = span
         self.done: Callable[[int], object] | None = done
         self.keep = keep  # (the buffer libnbd reads or writes: alive until the command is retired)
         self.err = 0
@@ -304,6 +347,10 @@ class _Async:
         h = conn.handle  # (None once the connection is closed)
         if err and (err in (errno.ENOTCONN, errno.ESHUTDOWN) or conn.dead or h is None or h.aio_is_dead()):
             conn.dead = True
+            if self.span is not None and err == errno.ESHUTDOWN and not conn._aborted:
+                conn.writes.pop(self, None)  # (the server's answer: it will not carry it out)
+            # (a write not answered: it may still be carried out -- its blocks stay fenced)
+            self.backend._lost(conn, abort=False)
             if self.deadline is not None and time.monotonic() >= self.deadline:
                 self.finish(errno.EIO)
             else:
@@ -312,11 +359,15 @@ class _Async:
                 except Exception:  # (closed: no thread to retry on)
                     self.finish(errno.EIO)
             return
+        if self.span is not None:
+            conn.writes.pop(self, None)  # (answered: carried out, or refused, for good)
         self.backend._answered(self.slot, conn)
         self.finish(err)
 
     def retry(self) -> None:
-        """The blocking path, on the backend's retry thread (a lost connection)."""
+        """The blocking path, on the backend's retry thread (a lost connection): sent again,
+        past the fence of its own first copy."""
+        _resending.on = True
         try:
             self.blocking()
         except OSError as exc:
@@ -326,6 +377,8 @@ class _Async:
             self.finish(errno.EIO)
         else:
             self.finish(0)
+        finally:
+            _resending.on = False
 
     def finish(self, err: int) -> None:
         """Report the command's end (once)."""
@@ -359,6 +412,27 @@ class _Connection:
         self.handle = h = nbd.NBD()
         self.dead = False
         self._closing = False
+        #: :meth:`abort` was called (the socket is half-closed)
+        self._aborted = False
+        #: our read side was shut down too (libnbd did not end): an end of file read after it
+        #: is ours, not the server's, so the fence stays up
+        self._shut_read = False
+        #: the writes sent and not answered yet: key (the command's waiter) -> (offset, length).
+        #: Once the connection is lost they fence their blocks (:meth:`NbdBackend._await_fences`)
+        #: until the server closed its side (:attr:`server_closed`): NBD has no cancel, and a
+        #: server may still carry a write out after the client went away
+        self.writes: dict[object, tuple[int, int]] = {}
+        #: the server closed the connection after it was lost (nbdkit finishes the requests in
+        #: flight first): its unanswered writes can no longer land
+        self.server_closed = False
+        #: ``time.monotonic()`` when :attr:`server_closed` was seen, and the seconds the writes
+        #: still fence after it (the backend's ``fence_grace``)
+        self.closed_at = 0.0
+        self.grace = 0.0
+        #: ``time.monotonic()`` when the backend found the connection lost with writes unanswered
+        self.lost_at = 0.0
+        #: called (on the dispatcher thread) when the connection stopped fencing anything
+        self.on_drained: Callable[[], None] | None = None
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             # (the only local file a URI may make libnbd read is the key file, checked at start)
@@ -376,12 +450,19 @@ class _Connection:
             raise OSError(_errno_of(exc), str(exc)) from None
         try:
             # (our own descriptor of the socket: abort() shuts it down from any thread, even
-            # after libnbd closed its descriptor -- whose number may already be another file's)
+            # after libnbd closed its descriptor -- whose number may already be another file's;
+            # after a loss it also tells when the server closed its side: _watch)
             self._sock: socket.socket | None = socket.socket(fileno=os.dup(h.aio_get_fd()))
         except (OSError, nbd.Error) as exc:
             raise OSError(_errno_of(exc) if isinstance(exc, nbd.Error) else exc.errno or errno.EIO,
                           f"the connection to {uri}: {exc}") from None
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            self._sock.close()  # (no dispatcher will: the connection is not made)
+            self._sock = None
+            self.handle = h = None  # (libnbd closes its socket now, not when the traceback goes)
+            raise
         #: guards the wake-up pipe and the socket's descriptor (closed by the dispatcher as it ends)
         self._fd_lock = threading.Lock()
         self._fds_closed = False
@@ -410,13 +491,25 @@ class _Connection:
             readable = select.poll()  # (is more to read there now)
             readable.register(fd, select.POLLIN)
             while True:
-                if self._closing:  # (aborted: run until libnbd retired every command)
+                if self._aborted:  # (half-closed: run until libnbd retired every command)
                     now = time.monotonic()
                     if closing_since is None:
                         closing_since = now
                     elif now - closing_since > CLOSE_WAIT:
                         log.warning("NBD connection not dead %g s after its close", CLOSE_WAIT)
                         break
+                    elif now - closing_since > CLOSE_WAIT / 2 and not self._shut_read:
+                        # (libnbd waits for the rest of a reply the server does not send: end
+                        # it by our end of file -- which no longer tells when the server closes)
+                        log.warning("NBD server silent in the middle of a reply after the connection's "
+                                    "loss: its unanswered writes stay fenced until the namespace closes")
+                        self._shut_read = True
+                        with self._fd_lock:
+                            if self._sock is not None:
+                                try:
+                                    self._sock.shutdown(socket.SHUT_RDWR)
+                                except OSError:
+                                    pass
                 if self.submitted:
                     self._issue()
                 direction = h.aio_get_direction()
@@ -424,7 +517,8 @@ class _Connection:
                                 | (select.POLLOUT if direction & nbd.AIO_DIRECTION_WRITE else 0))
                 poller.register(self._wake_r, select.POLLIN)
                 self.awake = False  # (before the look at the queue: a later submitter kicks)
-                wait = 0 if self.submitted or self.completed else 100 if self._closing else 1000
+                # (commands on the wire: their deadlines are checked every 0.1 s)
+                wait = 0 if self.submitted or self.completed else 100 if self._aborted or self.pending else 1000
                 events = dict(poller.poll(wait))
                 self.awake = True
                 self.kicked = False
@@ -463,6 +557,11 @@ class _Connection:
         finally:
             self.dead = True
             self.awake = self.kicked = False  # (a submitter from now on kicks, and sees it fail)
+            self.abandon()
+            try:
+                self._watch()
+            except Exception:  # pragma: no cover - a bug here must not leave descriptors open
+                log.exception("watching a lost NBD connection failed")
             with self._fd_lock:  # (from now on a kick() fails: its caller settles, see _submit)
                 self._fds_closed = True
                 sock, self._sock = self._sock, None
@@ -471,6 +570,54 @@ class _Connection:
             if sock is not None:
                 sock.close()
             self.abandon()
+            drained = self.on_drained
+            if drained is not None:
+                drained()
+
+    def fencing(self) -> bool:
+        """Whether the connection was lost with writes unanswered that the server may still
+        carry out (it has not closed its side yet, nor answered them)."""
+        if not self.writes or self._closing:
+            return False
+        return not self.server_closed or time.monotonic() < self.closed_at + self.grace
+
+    def _watch(self) -> None:
+        """After libnbd's end (the connection was aborted, or the server went away): while
+        writes are unanswered, read and drop what the server still sends on our half-closed
+        socket until it closes its side (end of file or a reset: its requests in flight are
+        over) -- or the backend closes."""
+        sock = self._sock
+        if sock is None or not self.writes:
+            return
+        sock.setblocking(False)
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while self.writes and not self._closing:
+            events = dict(poller.poll(1000))
+            if self._wake_r in events:
+                try:
+                    os.read(self._wake_r, 4096)
+                except BlockingIOError:
+                    pass
+            if self.completed:
+                self.settle()
+            if sock.fileno() in events:
+                try:
+                    data = sock.recv(1 << 16)
+                except BlockingIOError:
+                    continue
+                except OSError:  # (reset by the server: its side is gone)
+                    data = b""
+                if not data:
+                    if self._shut_read:  # (our own end of file: keep fencing until closed)
+                        poller.unregister(sock.fileno())
+                        continue
+                    self.closed_at = time.monotonic()
+                    self.server_closed = True
+                    log.info("NBD connection closed by the server after its loss: %d write(s) settled",
+                             len(self.writes))
+                    return
 
     def _issue(self) -> None:
         """Issue the queued asynchronous commands (on the dispatcher thread). One libnbd
@@ -479,7 +626,7 @@ class _Connection:
         nbd, h = self.nbd, self.handle
         submitted = self.submitted
         while submitted:
-            if self.dead or self._closing or h is None:
+            if self.dead or self._closing or self._aborted or h is None:
                 self.abandon()
                 return
             try:
@@ -492,6 +639,7 @@ class _Connection:
                 else:
                     h.aio_pread(cmd.keep, cmd.offset, completion=cmd)
             except nbd.Error as exc:
+                self.writes.pop(cmd, None)  # (not sent: it cannot land)
                 if h.aio_is_dead() or h.aio_is_closed():
                     self.dead = True
                     cmd.err = errno.ENOTCONN
@@ -508,6 +656,7 @@ class _Connection:
                 cmd = submitted.popleft()
             except IndexError:  # (another thread took the last one)
                 break
+            self.writes.pop(cmd, None)  # (never sent: it cannot land)
             cmd.err = errno.ENOTCONN
             completed.append(cmd)
         self.settle()
@@ -568,16 +717,25 @@ class _Connection:
             return True
 
     def abort(self) -> None:
-        """Shut the socket down (a server that stopped answering, or a close): the dispatcher
-        then reads its end, libnbd retires every command in flight with an error, and the
+        """Half-close the socket (a server that stopped answering, a lost connection, a close):
+        the server reads its end and, once its requests in flight are done, closes its side,
+        which :meth:`_watch` sees; libnbd's next send fails (its disconnect request is queued
+        for that), so it retires every command in flight with an error at once and the
         connection is dead (its commands are sent again on a new one)."""
         self.dead = True
+        self._aborted = True
         with self._fd_lock:
             if self._sock is not None:
                 try:
-                    self._sock.shutdown(socket.SHUT_RDWR)
+                    self._sock.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass  # (not connected any more)
+        h = self.handle
+        if h is not None:
+            try:
+                h.aio_disconnect(0)
+            except self.nbd.Error:
+                pass  # (dead or closed already)
         self.kick()
 
     def _wait(self, waiter: _Waiter, timeout: float | None) -> bool | None:
@@ -593,9 +751,11 @@ class _Connection:
             if not self.thread.is_alive():
                 return True if waiter.wait(0) else None
 
-    def run(self, issue: Callable[[Any, _Waiter], object], timeout: float | None = None) -> None:
+    def run(self, issue: Callable[[Any, _Waiter], object], timeout: float | None = None,
+            span: tuple[int, int] | None = None) -> None:
         """Issue one command and wait for it (up to ``timeout`` seconds: then the connection
-        is aborted, which retires the command, and ``ETIMEDOUT`` is raised).
+        is aborted, which retires the command, and ``ETIMEDOUT`` is raised). ``span``: a
+        write's (offset, length), kept in :attr:`writes` until the server answers it.
 
         :raises _Lost: the connection died before or under the command.
         :raises OSError: the server (or libnbd) refused the command, or it timed out.
@@ -604,9 +764,12 @@ class _Connection:
         if self.dead or h is None:
             raise _Lost()
         waiter = _Waiter()
+        if span is not None:
+            self.writes[waiter] = span
         try:
             issue(h, waiter)
         except self.nbd.Error as exc:
+            self.writes.pop(waiter, None)  # (not sent)
             if self.dead or h.aio_is_dead() or h.aio_is_closed():
                 self.dead = True
                 raise _Lost() from None
@@ -624,9 +787,13 @@ class _Connection:
             raise OSError(errno.ETIMEDOUT, "the NBD server did not answer in time")
         if waiter.error:
             if waiter.error in (errno.ENOTCONN, errno.ESHUTDOWN) or self.dead or h.aio_is_dead():
+                if waiter.error == errno.ESHUTDOWN and not self._aborted:
+                    self.writes.pop(waiter, None)  # (the server's answer: it will not carry it out)
                 self.dead = True
                 raise _Lost()
+            self.writes.pop(waiter, None)
             raise OSError(waiter.error, os.strerror(waiter.error))
+        self.writes.pop(waiter, None)
 
     def close(self) -> None:
         """Abort the connection, let the dispatcher run until libnbd retired every command in
@@ -669,7 +836,10 @@ class NbdBackend(BaseBackend):
     :param read_only: refuse writes (a read-only export is read-only anyway).
     :param connections: connections to open when the server advertises multi-conn.
     :param queue_depth: commands wanted in flight.
-    :param reconnect_timeout: seconds a lost connection is retried.
+    :param reconnect_timeout: seconds a lost connection is retried; also the longest a
+        command waits for a fence (see the module, "Faults").
+    :param fence_grace: seconds a lost connection's unanswered writes still fence their blocks
+        after the server closed it.
     :param timeout: seconds a command may take in all (0: no limit); then its connection is
         dropped (the other commands on it are sent again) and it fails with ``EIO``. Also the
         bound of one connection's opening (TCP connect and NBD handshake).
@@ -682,10 +852,12 @@ class NbdBackend(BaseBackend):
 
     def __init__(self, uri: str, size: int | None = None, *, read_only: bool = False, connections: int = 1,
                  queue_depth: int = DEFAULT_QUEUE_DEPTH,
-                 reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT, timeout: float = DEFAULT_TIMEOUT) -> None:
+                 reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT, timeout: float = DEFAULT_TIMEOUT,
+                 fence_grace: float = DEFAULT_FENCE_GRACE) -> None:
         self.nbd = nbd = load_nbd()
         self.uri = uri
         self.reconnect_timeout = reconnect_timeout
+        self.fence_grace = fence_grace
         self.timeout = timeout
         #: the commands the backend wants in flight (the I/O command set keeps that many workers)
         self.queue_depth = queue_depth
@@ -758,6 +930,12 @@ class NbdBackend(BaseBackend):
         self._closed = False
         #: the thread that sends asynchronous commands again after a lost connection
         self._retrier: ThreadPoolExecutor | None = None
+        #: lost connections whose unanswered writes fence their blocks (:meth:`_await_fences`)
+        self._draining: list[_Connection] = []
+        #: the thread asking block status for the admin path, its job, and the last NUSE known
+        self._status_pool: ThreadPoolExecutor | None = None
+        self._status: Future[Any] | None = None
+        self._nuse_known: int | None = None
         #: reconnections made (for tests and logs)
         self.reconnects = 0
         #: commands on the wire now, and the most there were at once
@@ -806,8 +984,13 @@ class NbdBackend(BaseBackend):
         """A new connection with at least the namespace's size and the capabilities it was
         started with.
 
-        :raises OSError: it cannot be opened, or the server offers less now (``EIO``).
+        :raises OSError: it cannot be opened, or the server offers less now (``EIO``), or
+            :data:`MAX_DRAINING` lost connections are not closed by the server yet (``EIO``).
         """
+        self._close_drained()
+        if len(self._draining) >= MAX_DRAINING:
+            raise OSError(errno.EIO, f"{len(self._draining)} lost connections to the server still have "
+                                     f"writes it may carry out (not closed by it)")
         conn = _Connection(self.nbd, self.uri, timeout)
         try:
             h = conn.handle
@@ -859,7 +1042,9 @@ class NbdBackend(BaseBackend):
             once = self._gave_up[slot]
             pause0 = self._pause[slot]
         if conn is not None:
-            conn.close()
+            self._lost(conn)
+            if not conn.fencing():
+                conn.close()
         assert lost_at is not None
         deadline = lost_at + self.reconnect_timeout
         pause = RETRY_FIRST
@@ -909,12 +1094,17 @@ class NbdBackend(BaseBackend):
                 self._lost_at[slot] = None
                 self._pause[slot] = 0.0
 
-    def _run(self, issue: Callable[[Any, _Waiter], object]) -> None:
+    def _run(self, issue: Callable[[Any, _Waiter], object], span: tuple[int, int] | None = None,
+             write: bool = False) -> None:
         """Issue a command on the next connection and wait for it; a lost connection is
-        reconnected and the command sent again.
+        reconnected and the command sent again. ``span``: the (offset, length) the command
+        reads (``write``: changes); it first waits for the fences over it (:meth:`_await_fences`).
 
-        :raises OSError: the server refused it, or did not come back in time.
+        :raises OSError: the server refused it, or did not come back in time, or its blocks
+            stay fenced.
         """
+        if span is not None:
+            self._await_fences(*span)
         slot = next(self._next) % self.connections
         deadline = time.monotonic() + self.timeout if self.timeout > 0 else None
         resends = 0
@@ -929,10 +1119,11 @@ class NbdBackend(BaseBackend):
                     raise OSError(errno.EIO, f"NBD command not done within timeout={self.timeout} s")
                 conn = self._live(slot)
                 try:
-                    conn.run(issue, left)
+                    conn.run(issue, left, span if write else None)
                     self._answered(slot, conn)
                     return
                 except _Lost:
+                    self._lost(conn, abort=False)  # (its other commands may still be answered)
                     if conn is not lost:  # (one count per connection lost under the command)
                         lost = conn
                         resends += 1
@@ -944,10 +1135,109 @@ class NbdBackend(BaseBackend):
                     if exc.errno != errno.ETIMEDOUT:
                         self._answered(slot, conn)
                         raise
+                    self._lost(conn)
                     raise OSError(errno.EIO, f"NBD command not done within timeout={self.timeout} s") from None
         finally:
             with self._lock:
                 self.inflight -= 1
+
+    # -- fences (writes a lost connection may still carry out) ----------------------------
+
+    def _lost(self, conn: _Connection, *, abort: bool = True) -> None:
+        """``conn`` was lost (or timed out): half-close it (``abort``: :meth:`_Connection.abort`;
+        else it stays up until :meth:`_live` replaces it, its other commands may still be
+        answered) and, while writes sent on it are unanswered, keep it as a fence over their
+        blocks until the server answered them or closed its side (NBD has no cancel: the server
+        may still carry them out later)."""
+        conn.grace = self.fence_grace
+        if abort:
+            conn.abort()
+        if not conn.fencing():
+            return
+        with self._lock:
+            if conn in self._draining or self._closed:
+                return
+            conn.lost_at = time.monotonic()
+            conn.on_drained = self._drained
+            self._draining.append(conn)
+        log.warning("nbd backend: %d write(s) unanswered on a lost connection to %s: their blocks wait "
+                    "until the server closes it (up to reconnect_timeout=%g s)",
+                    len(conn.writes), self.uri, self.reconnect_timeout)
+
+    def _drained(self) -> None:
+        """A lost connection's dispatcher ended (it fences nothing now): wake the waiters."""
+        with self._lock:
+            self._changed.notify_all()
+
+    def _close_drained(self) -> None:
+        """Forget the lost connections that fence nothing any more (and close those
+        :meth:`_live` replaced already)."""
+        with self._lock:
+            if not self._draining:
+                return
+            done = [c for c in self._draining if not c.fencing() and c not in self._conns]
+            self._draining = [c for c in self._draining if c.fencing()]
+        for conn in done:
+            conn.close()
+
+    def _fence_over(self, offset: int, length: int) -> _Connection | None:
+        """The lost connection with an unanswered write overlapping ``length`` bytes at
+        ``offset``, if any."""
+        end = offset + length
+        for conn in list(self._draining):
+            if conn.fencing() and any(o < end and offset < o + n for o, n in tuple(conn.writes.values())):
+                return conn
+        return None
+
+    def _await_fences(self, offset: int, length: int) -> None:
+        """Wait until no write that a lost connection may still carry out overlaps the range
+        (the server closed that connection, or answered the writes): a command must not
+        start before an older copy of a write to its blocks could land after it. The wait
+        ends at the latest ``reconnect_timeout`` seconds after the loss; then the command
+        fails and the blocks stay fenced (each later command on them fails at once) until
+        the server closes that connection. A command sent again after its own connection was
+        lost passes (its first copy carries the same data; the I/O command set never has two
+        overlapping writes in flight).
+
+        :raises OSError: ``EIO``: the blocks are still fenced at that deadline; ``EBADF``: closed.
+        """
+        if not self._draining or getattr(_resending, "on", False):
+            return
+        self._close_drained()
+        with self._lock:
+            while True:
+                if self._closed:
+                    raise OSError(errno.EBADF, "the nbd backend is closed")
+                conn = self._fence_over(offset, length)
+                if conn is None:
+                    return
+                left = conn.lost_at + self.reconnect_timeout - time.monotonic()
+                if left <= 0:
+                    raise OSError(errno.EIO, f"NBD blocks at {offset}+{length} fenced: a write to them sent on "
+                                             f"a lost connection to {self.uri} may still be carried out (the "
+                                             f"server has not closed that connection)")
+                self._changed.wait(min(left, 0.5))
+
+    def wait_unfenced(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until no lost connection fences anything (a
+        migration's stop: the destination would not know the fences).
+
+        :returns: True when none is left.
+        """
+        end = time.monotonic() + timeout
+        self._close_drained()
+        with self._lock:
+            while any(conn.fencing() for conn in self._draining):
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(min(left, 0.5))
+        return True
+
+    def fenced(self, offset: int, length: int) -> bool:
+        """Whether ``length`` bytes at ``offset`` are fenced now: a lost connection may still
+        carry out a write to them (see the module, "Faults")."""
+        return bool(self._draining) and self._fence_over(offset, length) is not None
 
     # -- asynchronous I/O ------------------------------------------------------------------
 
@@ -961,19 +1251,22 @@ class NbdBackend(BaseBackend):
             retrier = self._retrier
         retrier.submit(cmd.retry)
 
-    def _submit(self, buf: Any, offset: int, done: Callable[[int], object], blocking: Callable[[], None], *,
-                write: bool = False, flags: int = 0) -> bool:
-        """Queue a command for the connection's dispatcher without waiting: ``done`` is called
-        once it ends (see :meth:`submit_readv`). The dispatcher is woken only when it sleeps
-        and no wake-up is pending (one kick per burst of commands, not per command). False:
-        not issued (no live connection), nothing will be called."""
+    def _submit(self, buf: Any, offset: int, done: Callable[[int], object], blocking: Callable[[], None],
+                span: tuple[int, int] | None = None, *, write: bool = False, flags: int = 0) -> bool:
+        """Start a command without waiting: ``done`` is called once it ends (see
+        :meth:`submit_readv`). Sent from here while the dispatcher sleeps, else queued for it;
+        the dispatcher is woken only when it sleeps and no wake-up is pending (one kick per
+        burst of commands, not per command). False: not issued (no live connection), nothing
+        will be called. ``span``: a write's (offset, length) (:attr:`_Connection.writes`)."""
         slot = next(self._next) % self.connections
         conn = self._conns[slot]
         if conn is None or conn.dead or self._closed or conn.handle is None:
             return False
         cmd = _Async(self, conn, slot, done, blocking,
-                     time.monotonic() + self.timeout if self.timeout > 0 else None, buf,
+                     time.monotonic() + self.timeout if self.timeout > 0 else None, buf, span,
                      write=write, offset=offset, flags=flags)
+        if span is not None:
+            conn.writes[cmd] = span
         with self._lock:
             self.inflight += 1
             if self.inflight > self.max_inflight:
@@ -990,6 +1283,7 @@ class NbdBackend(BaseBackend):
                 else:
                     h.aio_pread(buf, offset, completion=cmd)
             except self.nbd.Error as exc:
+                conn.writes.pop(cmd, None)  # (not sent: it cannot land)
                 cmd.err = errno.ENOTCONN if h.aio_is_dead() or h.aio_is_closed() else _errno_of(exc)
                 conn.completed.append(cmd)
             else:
@@ -1022,6 +1316,8 @@ class NbdBackend(BaseBackend):
         if len(views) != 1 or len(views[0]) > self.max_request:
             return False
         view = views[0]
+        if self._draining and self.fenced(offset, len(view)):
+            return False  # (the blocking path waits for the fence)
         nbd = self.nbd
         return self._submit(nbd.Buffer.from_buffer(view), offset, done, lambda: self._read_into(view, offset))
 
@@ -1034,10 +1330,12 @@ class NbdBackend(BaseBackend):
             return False
         self._check_writable()
         view = views[0]
+        if self._draining and self.fenced(offset, len(view)):
+            return False  # (the blocking path waits for the fence)
         nbd = self.nbd
         flags = nbd.CMD_FLAG_FUA if fua else 0
         return self._submit(nbd.Buffer.from_buffer(view), offset, done, lambda: self._write_from(view, offset, flags),
-                            write=True, flags=flags)
+                            (offset, len(view)), write=True, flags=flags)
 
     # -- I/O ----------------------------------------------------------------------------
 
@@ -1063,14 +1361,14 @@ class NbdBackend(BaseBackend):
         for piece, at in self._pieces(view):
             def issue(h: Any, w: _Waiter, p: memoryview = piece, o: int = offset + at) -> object:
                 return h.aio_pread(nbd.Buffer.from_buffer(p), o, completion=w)
-            self._run(issue)
+            self._run(issue, (offset + at, len(piece)))
 
     def _write_from(self, view: memoryview, offset: int, flags: int) -> None:
         nbd = self.nbd
         for piece, at in self._pieces(view):
             def issue(h: Any, w: _Waiter, p: memoryview = piece, o: int = offset + at) -> object:
                 return h.aio_pwrite(nbd.Buffer.from_buffer(p), o, completion=w, flags=flags)
-            self._run(issue)
+            self._run(issue, (offset + at, len(piece)), write=True)
 
     def readv(self, views: list[memoryview], offset: int) -> None:
         """``NBD_CMD_READ`` into the views: one view (a contiguous guest buffer) directly, a
@@ -1102,16 +1400,24 @@ class NbdBackend(BaseBackend):
             self.flush()
 
     def flush(self) -> None:
-        """``NBD_CMD_FLUSH`` (nothing when the server has no write cache to flush)."""
-        if self.can_flush:
+        """``NBD_CMD_FLUSH`` (nothing when the server has no write cache to flush). A flush
+        the server refuses with ``EPERM`` fails with ``EIO`` (the writes may not be durable: a
+        Write Fault), not as a refused write (Namespace is Write Protected)."""
+        if not self.can_flush:
+            return
+        try:
             self._run(lambda h, w: h.aio_flush(completion=w))
+        except OSError as exc:
+            if exc.errno != errno.EPERM:
+                raise
+            raise OSError(errno.EIO, f"the NBD server refused the flush: {exc.strerror}") from None
 
     def _zero(self, offset: int, length: int, flags: int) -> None:
         while length:
             n = min(length, MAX_RANGE)
             def issue(h: Any, w: _Waiter, o: int = offset, k: int = n) -> object:
                 return h.aio_zero(k, o, completion=w, flags=flags)
-            self._run(issue)
+            self._run(issue, (offset, n), write=True)
             offset += n
             length -= n
 
@@ -1141,29 +1447,24 @@ class NbdBackend(BaseBackend):
                     raise
         self._zero(offset, length, nbd.CMD_FLAG_NO_HOLE)
 
-    def allocated_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
-        """The allocated extents (``NBD_CMD_BLOCK_STATUS``, ``base:allocation``: all but the
-        extents both ``HOLE`` and ``ZERO`` -- a hole not said to read as zeros counts as
-        written); all of it when the server has no such context."""
-        if length <= 0:
-            return []
-        if not self.holes:
-            return [(offset, length)]
+    def _allocated(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        """The allocated pieces of ``length`` bytes at ``offset``, in order (maybe adjacent),
+        asked :data:`STATUS_RANGE` bytes at a time; at most :data:`MAX_EXTENTS` extents
+        of one reply are used (the rest is asked again from where they stop)."""
         nbd = self.nbd
         # (deallocated: a hole that reads as zeros; NBD does not promise a hole reads as zeros)
         unwritten = nbd.STATE_HOLE | nbd.STATE_ZERO
-        out: list[tuple[int, int]] = []
         end = offset + length
         pos = offset
         while pos < end:
-            want = min(end - pos, MAX_RANGE)
+            want = min(end - pos, STATUS_RANGE)
             extents: list[tuple[int, int, int]] = []
 
             def extent(context: str, start: int, entries: list[int], error: Any,
                        _out: list[tuple[int, int, int]] = extents) -> int:
                 if context == nbd.CONTEXT_BASE_ALLOCATION:
                     at = start
-                    for i in range(0, len(entries) - 1, 2):
+                    for i in range(0, min(len(entries) - 1, 2 * MAX_EXTENTS - 1), 2):
                         _out.append((at, entries[i], entries[i + 1]))
                         at += entries[i]
                 return 0
@@ -1177,35 +1478,107 @@ class NbdBackend(BaseBackend):
                     break
                 stop = min(at + n, end)
                 if flags & unwritten != unwritten and stop > at:
-                    if out and out[-1][0] + out[-1][1] == at:
-                        out[-1] = (out[-1][0], stop - out[-1][0])
-                    else:
-                        out.append((at, stop - at))
+                    yield at, stop - at
                 covered = stop
                 if covered >= end:
                     break
             if covered <= pos:  # the server said nothing usable: count the rest as data
-                out.append((pos, end - pos))
-                break
+                yield pos, end - pos
+                return
             pos = covered
+
+    def allocated_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """The allocated extents (``NBD_CMD_BLOCK_STATUS``, ``base:allocation``: all but the
+        extents both ``HOLE`` and ``ZERO`` -- a hole not said to read as zeros counts as
+        written); all of it when the server has no such context."""
+        if length <= 0:
+            return []
+        if not self.holes:
+            return [(offset, length)]
+        out: list[tuple[int, int]] = []
+        for at, n in self._allocated(offset, length):
+            if out and out[-1][0] + out[-1][1] == at:
+                out[-1] = (out[-1][0], at + n - out[-1][0])
+            else:
+                out.append((at, n))
         return out
 
+    def _status_job(self, fn: Callable[[], _T], wait: float) -> _T:
+        """``fn()`` (block status) on the backend's status thread, waiting ``wait`` seconds at
+        most: one job at a time -- a caller finding one still running (a server that stopped
+        answering) waits for it within its own time, never queues behind it -- and a job
+        outlives a caller that gave up (it ends within ``timeout``).
+
+        :raises OSError: ``ETIMEDOUT``: not done in time; or ``fn``'s own error.
+        """
+        end = time.monotonic() + wait
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise OSError(errno.EBADF, "the nbd backend is closed")
+                job = self._status
+                mine = job is None or job.done()
+                if mine:
+                    if self._status_pool is None:
+                        self._status_pool = ThreadPoolExecutor(1, thread_name_prefix="nbd-status")
+                    job = self._status = self._status_pool.submit(fn)
+            assert job is not None
+            left = end - time.monotonic()
+            if mine:
+                mine_job = cast("Future[_T]", job)
+                try:
+                    return mine_job.result(timeout=max(left, 0.0))
+                except concurrent.futures.TimeoutError:
+                    raise OSError(errno.ETIMEDOUT, f"NBD block status not answered within {wait:g} s") from None
+            try:  # (another caller's job: wait for it to end, then run ours)
+                job.result(timeout=max(left, 0.0))
+            except concurrent.futures.TimeoutError:
+                raise OSError(errno.ETIMEDOUT, f"NBD block status not answered within {wait:g} s") from None
+            except OSError:
+                pass
+
+    def allocated_ranges_within(self, offset: int, length: int, wait: float = ADMIN_WAIT) -> list[tuple[int, int]]:
+        """:meth:`allocated_ranges` for the admin path (Get LBA Status): answered within
+        ``wait`` seconds or ``ETIMEDOUT`` (the optional bounded form of the
+        :class:`~pcidev_nvme.backends.base.Backend` protocol's ``allocated_ranges``).
+
+        :raises OSError: ``ETIMEDOUT``, or the server's error.
+        """
+        if not self.holes or length <= 0:
+            return self.allocated_ranges(offset, length)
+        return self._status_job(lambda: self.allocated_ranges(offset, length), wait)
+
+    def _count_allocated(self) -> int:
+        used = sum(n for _o, n in self._allocated(0, self.size))
+        self._nuse_known = used
+        return used
+
     def allocated_bytes(self) -> int:
-        """Bytes of the namespace that are not holes (block status; all without it, and all
-        while a connection is lost: Identify Namespace does not wait for a reconnection)."""
-        if not self.holes or any(c is None or c.dead for c in list(self._conns)):
+        """Bytes of the namespace that are not holes (block status), for Identify Namespace's
+        NUSE: asked within :data:`ADMIN_WAIT` seconds, else the last value known (all of it
+        before one is known, and without block status); not asked while a connection is lost."""
+        if not self.holes:
             return self.size
-        return sum(n for _o, n in self.allocated_ranges(0, self.size))
+        if any(c is None or c.dead for c in list(self._conns)):
+            return self._nuse_known if self._nuse_known is not None else self.size
+        try:
+            return self._status_job(self._count_allocated, ADMIN_WAIT)
+        except OSError:
+            return self._nuse_known if self._nuse_known is not None else self.size
 
     def close(self) -> None:
         """Close the connections. Idempotent."""
         with self._lock:
             self._closed = True
             conns, self._conns = list(self._conns), [None] * len(self._conns)
+            conns += self._draining
+            self._draining = []
             retrier, self._retrier = self._retrier, None
+            status, self._status_pool = self._status_pool, None
             self._changed.notify_all()
-        if retrier is not None:
-            retrier.shutdown(wait=False)
+        for pool in (retrier, status):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
         for conn in conns:
             if conn is not None:
                 conn.close()
@@ -1218,10 +1591,11 @@ class NbdBackend(BaseBackend):
 
 def make_nbd(options: dict[str, Any]) -> NbdBackend:
     """The ``nbd`` factory: takes ``uri``, ``size``, ``readonly``, ``connections``,
-    ``queue_depth``, ``reconnect_timeout`` and ``timeout`` from ``options``."""
+    ``queue_depth``, ``reconnect_timeout``, ``timeout`` and ``fence_grace`` from ``options``."""
     if not options.get("uri"):
         raise ConfigError("the nbd backend needs uri=nbd://HOST[:PORT]/EXPORT or "
                           "uri=nbd+unix:///EXPORT?socket=PATH")
     cfg = take_options(NbdConfig, options, what="nbd backend")
     return NbdBackend(cfg.uri, cfg.size, read_only=cfg.readonly, connections=cfg.connections,
-                      queue_depth=cfg.queue_depth, reconnect_timeout=cfg.reconnect_timeout, timeout=cfg.timeout)
+                      queue_depth=cfg.queue_depth, reconnect_timeout=cfg.reconnect_timeout, timeout=cfg.timeout,
+                      fence_grace=cfg.fence_grace)

@@ -1,13 +1,44 @@
-"""NBD server processes for the backend tests (``conftest.nbd_server`` makes them)."""
+"""NBD server processes for the tests: the backend tests (``conftest.nbd_server`` in
+tests/plugins/nvme/backends makes them) and the VM tier's NBD test; and the Debian packages
+they need (:func:`ensure_tools`).
+
+Imported as ``from nbd_servers import ...`` (``tests/`` is on ``sys.path``: the root
+``conftest.py`` lives there).
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+
+#: installs the Debian packages (python3-libnbd, nbdkit, qemu-utils, qemu-system-common, gnutls-bin)
+SETUP = Path(__file__).parent / "plugins" / "nvme" / "backends" / "setup_nbd.sh"
+DIST = "/usr/lib/python3/dist-packages/nbd.py"
+
+
+def tools_present() -> bool:
+    """The Python bindings of libnbd, nbdkit, qemu-nbd, qemu-storage-daemon and psktool are installed."""
+    return os.path.exists(DIST) and all(shutil.which(tool) is not None
+                                        for tool in ("nbdkit", "qemu-nbd", "qemu-storage-daemon", "psktool"))
+
+
+def ensure_tools() -> str | None:
+    """Install the NBD tools when missing and we are root (as CI is). Returns None when they
+    are present, else why not (a reason to skip when not root, or the set-up's failure)."""
+    if tools_present():
+        return None
+    if os.geteuid() != 0:
+        return ("the NBD tests need python3-libnbd, nbdkit, qemu-utils, qemu-system-common and gnutls-bin "
+                f"(root installs them: {SETUP.relative_to(Path(__file__).parent.parent)})")
+    run = subprocess.run(["sh", str(SETUP)], capture_output=True, text=True, timeout=900, check=False)
+    if run.returncode != 0 or not tools_present():
+        return f"setup_nbd.sh failed ({run.returncode}): {run.stderr[-2000:]}"
+    return None
 
 
 class NbdServer:
