@@ -207,6 +207,29 @@ class _Local(threading.local):
     inline: bool = False
 
 
+class _AsyncIo:
+    """One fast-path Read or Write a backend completes itself (its ``submit_readv`` /
+    ``submit_writev``): the callable ``done(error)`` the backend calls exactly once when the
+    command ended (0 or an errno).
+
+    :ivar batch: the controller's batch (a context-manager factory: ``ctrl.batch``, or None):
+        a backend that ends several commands at once may run their ``done`` calls inside one
+        ``with done.batch():``, so that their completions are posted together, with one
+        interrupt per vector.
+    """
+
+    __slots__ = ("io", "req", "ns", "views", "offset", "length", "read", "stripes", "seen", "batch")
+
+    def __init__(self, io: IoCommandSet, req: Request, ns: Namespace, views: list[memoryview], offset: int,
+                 length: int, read: bool, stripes: list[int], seen: Any) -> None:
+        self.io, self.req, self.ns, self.views = io, req, ns, views
+        self.offset, self.length, self.read, self.stripes, self.seen = offset, length, read, stripes, seen
+        self.batch = io._ctrl_batch
+
+    def __call__(self, error: int) -> None:
+        self.io._async_done(self, error)
+
+
 class _Busy(Exception):
     """A block lock a command on the submitting thread needs is held: a worker runs it."""
 
@@ -366,6 +389,8 @@ class IoCommandSet:
         #: commands handed to the workers and not started yet (an Abort may take them)
         self._queued: set[Request] = set()
         self._complete = ctrl.complete
+        #: the controller's batch (``ctrl.batch``), for backends that end commands in groups
+        self._ctrl_batch: Callable[[], Any] | None = getattr(ctrl, "batch", None)
         self._workers = max(1, int(workers))
         self._pool: ThreadPoolExecutor | None = None
         #: the worker threads of ``_pool``: ``workers``, or more for a backend whose optional
@@ -621,43 +646,14 @@ class IoCommandSet:
         overlapped it; a Write holds its stripes' tokens until it ends. A command the backend
         does not start (a scatter list, a connection being reopened) goes to a worker."""
         blocks = self.atomicity.blocks
-        handler = self._read if read else self._write
         seen = blocks.seq(stripes) if read else None
         if (seen is None) if read else not blocks.try_write(stripes):
             self._release(views)
-            self._dispatch(_Rest(handler, 0, stripes), req, ns)
+            self._dispatch(_Rest(self._read if read else self._write, 0, stripes), req, ns)
             return
-        nsid = ns.nsid
         with self._cond:
             self._busy[req] = time.monotonic()
-
-        def done(error: int) -> None:
-            again = False
-            try:
-                self._release(views)
-                if read:
-                    again = not error and blocks.seq(stripes) != seen
-                else:
-                    blocks.end_write(stripes)
-                if again:  # a writer overlapped the read: a worker reads again, under the locks
-                    self._dispatch(_Rest(handler, 0, stripes), req, ns)
-                elif error:
-                    self._fail(req, OSError(error, os.strerror(error)))
-                else:
-                    if read:
-                        count_read(self.ctrl, nsid, length)
-                    else:
-                        if self.uncorrectable.active:
-                            self.uncorrectable.clear(nsid, offset >> ns.lba_shift, length >> ns.lba_shift)
-                        count_write(self.ctrl, nsid, length)
-                    self._complete(req, 0, 0)
-            except BaseException as exc:  # (also a re-read the closed pool refused)
-                again = False
-                self._fail(req, exc)
-            finally:
-                if not again:
-                    self._done(req)
-
+        done = _AsyncIo(self, req, ns, views, offset, length, read, stripes, seen)
         try:
             started = (backend.submit_readv(views, offset, done) if read
                        else backend.submit_writev(views, offset, done, fua=fua))
@@ -674,7 +670,57 @@ class IoCommandSet:
                 blocks.end_write(stripes)
             self._release(views)
             self._done(req)
-            self._dispatch(_Rest(handler, 0, stripes), req, ns)
+            self._dispatch(_Rest(self._read if read else self._write, 0, stripes), req, ns)
+
+    def _async_done(self, cmd: _AsyncIo, error: int) -> None:
+        """The end of a command :meth:`_submit_async` started (``cmd``; ``error``: 0 or an
+        errno), on the backend's thread. Inside the controller's batch on that thread
+        (:attr:`_AsyncIo.batch`), a success is counted and completed with the batch's."""
+        req = cmd.req
+        again = False
+        try:
+            self._release(cmd.views)
+            read = cmd.read
+            if read:
+                again = not error and self.atomicity.blocks.seq(cmd.stripes) != cmd.seen
+            else:
+                self.atomicity.blocks.end_write(cmd.stripes)
+            if again:  # a writer overlapped the read: a worker reads again, under the locks
+                self._dispatch(_Rest(self._read, 0, cmd.stripes), req, cmd.ns)
+            elif error:
+                self._fail(req, OSError(error, os.strerror(error)))
+            else:
+                ns = cmd.ns
+                nsid = ns.nsid
+                length = cmd.length
+                if not read and self.uncorrectable.active:
+                    self.uncorrectable.clear(nsid, cmd.offset >> ns.lba_shift, length >> ns.lba_shift)
+                batch = self._local.batch
+                if batch is None:
+                    if read:
+                        count_read(self.ctrl, nsid, length)
+                    else:
+                        count_write(self.ctrl, nsid, length)
+                    self._complete(req, 0, 0)
+                else:  # (the controller's batch on this thread: counted and completed at its end)
+                    if nsid != batch.nsid:
+                        self._record_batch(batch, nsid)
+                    if read:
+                        batch.reads += 1
+                        batch.read_bytes += length
+                    else:
+                        batch.writes += 1
+                        batch.written_bytes += length
+                    if batch.done is not None:
+                        batch.done.append((req, 0, 0, 0, None))
+                    else:
+                        self._complete(req, 0, 0)
+        except BaseException as exc:  # (also a re-read the closed pool refused)
+            again = False
+            self._fail(req, exc)
+        finally:
+            if not again:
+                self._done(req)
 
     @staticmethod
     def _release(views: list[memoryview]) -> None:

@@ -23,7 +23,10 @@ command set refuses writes with Namespace is Write Protected, as for a read-only
 thread (``aio_get_fd`` / ``aio_get_direction`` / ``aio_notify_*``, the event-loop
 integration libnbd documents); the I/O command set's worker threads issue ``aio_*`` commands
 with completion callbacks and wait for them, so every worker's command is on the wire at
-once. The backend asks the I/O command set for ``queue_depth`` workers (option
+once. The fast path's commands (:meth:`NbdBackend.submit_readv`) are sent by the submitting
+thread while the dispatcher sleeps, else queued for it (woken once per burst); the dispatcher
+reads every reply there is per wake-up (at most :data:`MAX_READS`) and completes them in one
+round. The backend asks the I/O command set for ``queue_depth`` workers (option
 ``queue_depth``, default :data:`DEFAULT_QUEUE_DEPTH`; the optional
 :attr:`NbdBackend.queue_depth` of the :class:`~pcidev_nvme.backends.base.Backend`
 protocol). ``connections=N`` opens N connections and spreads the commands over them, only
@@ -109,6 +112,7 @@ __all__ = [
     "MAX_CONNECTIONS",
     "MAX_DRAINING",
     "MAX_EXTENTS",
+    "MAX_READS",
     "MAX_RESENDS",
     "MAX_QUEUE_DEPTH",
     "MIN_ATTEMPT",
@@ -152,6 +156,8 @@ MAX_RESENDS = 3
 MAX_REQUEST = 32 << 20
 #: seconds a closed connection's dispatcher waits for libnbd to retire its commands
 CLOSE_WAIT = 5.0
+#: replies the dispatcher reads in one round before it looks at its queue and poll again
+MAX_READS = 64
 #: the largest range one WRITE_ZEROES request covers (the length is 32-bit)
 MAX_RANGE = 1 << 30
 #: the largest range one BLOCK_STATUS request asks about (at most 128 Ki extents of 512 bytes)
@@ -300,16 +306,19 @@ class _Waiter:
 
 
 class _Async:
-    """One asynchronous command (:meth:`NbdBackend.submit_readv`): libnbd's completion
-    callback, run on the dispatcher thread. A lost connection hands the command to the
-    backend's retry thread (the blocking path, which reconnects); a command past its
+    """One asynchronous command (:meth:`NbdBackend.submit_readv`): queued for the dispatcher
+    thread, which issues it (``aio_pread``, or ``aio_pwrite`` with ``flags`` when ``write``)
+    with this object as libnbd's completion callback. A lost connection hands the command to
+    the backend's retry thread (the blocking path, which reconnects); a command past its
     deadline fails with ``EIO``; otherwise ``done(errno or 0)`` is called, exactly once."""
 
-    __slots__ = ("backend", "conn", "slot", "done", "blocking", "deadline", "keep", "err", "span", "__weakref__")
+    __slots__ = ("backend", "conn", "slot", "done", "blocking", "deadline", "keep", "err", "span", "write", "offset",
+                 "flags", "batch", "__weakref__")
 
     def __init__(self, backend: NbdBackend, conn: _Connection, slot: int, done: Callable[[int], object],
                  blocking: Callable[[], None], deadline: float | None, keep: object,
-                 span: tuple[int, int] | None = None) -> None:
+                 span: tuple[int, int] | None = None, *, write: bool = False, offset: int = 0,
+                 flags: int = 0) -> None:
         self.backend, self.conn, self.blocking, self.deadline = backend, conn, blocking, deadline
         self.slot = slot
         #: a write's (offset, length): noted in the connection's unanswered writes while on the wire
@@ -317,6 +326,10 @@ class _Async:
         self.done: Callable[[int], object] | None = done
         self.keep = keep  # (the buffer libnbd reads or writes: alive until the command is retired)
         self.err = 0
+        self.write, self.offset, self.flags = write, offset, flags
+        #: the completer's batch (``done.batch``: a context-manager factory, or None), entered
+        #: around a round of completions (see :class:`~pcidev_nvme.io.IoCommandSet`)
+        self.batch: Callable[[], Any] | None = getattr(done, "batch", None)
 
     def __call__(self, error: Any) -> int:
         # (libnbd holds the handle's lock here: the command's end is settled by the
@@ -457,6 +470,14 @@ class _Connection:
         self.pending: set[_Async] = set()
         #: asynchronous commands libnbd retired, to settle outside its callback
         self.completed: collections.deque[_Async] = collections.deque()
+        #: asynchronous commands queued for the dispatcher to issue (only the dispatcher calls
+        #: libnbd for them: the submitting thread neither waits for the handle's lock nor
+        #: hands the GIL over per command)
+        self.submitted: collections.deque[_Async] = collections.deque()
+        #: the dispatcher is not (about to be) asleep in poll: a queued command needs no kick
+        self.awake = True
+        #: a kick was sent since the dispatcher last woke (the next queued command needs none)
+        self.kicked = False
         self._next_check = 0.0
         self.thread = threading.Thread(target=self._loop, name="nbd-dispatch", daemon=True)
         self.thread.start()
@@ -467,6 +488,8 @@ class _Connection:
         try:
             fd = h.aio_get_fd()
             poller = select.poll()
+            readable = select.poll()  # (is more to read there now)
+            readable.register(fd, select.POLLIN)
             while True:
                 if self._aborted:  # (half-closed: run until libnbd retired every command)
                     now = time.monotonic()
@@ -487,12 +510,18 @@ class _Connection:
                                     self._sock.shutdown(socket.SHUT_RDWR)
                                 except OSError:
                                     pass
+                if self.submitted:
+                    self._issue()
                 direction = h.aio_get_direction()
                 poller.register(fd, (select.POLLIN if direction & nbd.AIO_DIRECTION_READ else 0)
                                 | (select.POLLOUT if direction & nbd.AIO_DIRECTION_WRITE else 0))
                 poller.register(self._wake_r, select.POLLIN)
+                self.awake = False  # (before the look at the queue: a later submitter kicks)
                 # (commands on the wire: their deadlines are checked every 0.1 s)
-                events = dict(poller.poll(100 if self._aborted or self.pending else 1000))
+                wait = 0 if self.submitted or self.completed else 100 if self._aborted or self.pending else 1000
+                events = dict(poller.poll(wait))
+                self.awake = True
+                self.kicked = False
                 if self._wake_r in events:
                     try:
                         os.read(self._wake_r, 4096)
@@ -500,7 +529,18 @@ class _Connection:
                         pass
                 ev = events.get(fd, 0)
                 if ev & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                    # (libnbd ends a notification after one reply: read on while more
+                    # is there, so that a round completes them together; never without
+                    # data -- libnbd would leave its ready state and hold back what it has
+                    # to send until a reply came)
                     h.aio_notify_read()
+                    for _ in range(MAX_READS):
+                        more = readable.poll(0)
+                        if not more or more[0][1] != select.POLLIN:  # (an end or error: as before)
+                            break
+                        h.aio_notify_read()
+                    if ev & select.POLLOUT and not h.aio_get_direction() & nbd.AIO_DIRECTION_WRITE:
+                        ev = 0  # (what was read changed the state: libnbd wants no write now)
                 if ev & select.POLLOUT:
                     h.aio_notify_write()
                 if self.completed:
@@ -516,7 +556,8 @@ class _Connection:
             log.exception("NBD dispatcher failed")
         finally:
             self.dead = True
-            self.settle()
+            self.awake = self.kicked = False  # (a submitter from now on kicks, and sees it fail)
+            self.abandon()
             try:
                 self._watch()
             except Exception:  # pragma: no cover - a bug here must not leave descriptors open
@@ -528,7 +569,7 @@ class _Connection:
                     os.close(wake)
             if sock is not None:
                 sock.close()
-            self.settle()
+            self.abandon()
             drained = self.on_drained
             if drained is not None:
                 drained()
@@ -578,15 +619,75 @@ class _Connection:
                              len(self.writes))
                     return
 
+    def _issue(self) -> None:
+        """Issue the queued asynchronous commands (on the dispatcher thread). One libnbd
+        refuses at once ends with its error; on a dead (or closing) connection the rest are
+        lost, which sends them again on a new one (:meth:`_Async.settle`)."""
+        nbd, h = self.nbd, self.handle
+        submitted = self.submitted
+        while submitted:
+            if self.dead or self._closing or self._aborted or h is None:
+                self.abandon()
+                return
+            try:
+                cmd = submitted.popleft()
+            except IndexError:  # (abandon() on another thread took the last one)
+                return
+            try:
+                if cmd.write:
+                    h.aio_pwrite(cmd.keep, cmd.offset, completion=cmd, flags=cmd.flags)
+                else:
+                    h.aio_pread(cmd.keep, cmd.offset, completion=cmd)
+            except nbd.Error as exc:
+                self.writes.pop(cmd, None)  # (not sent: it cannot land)
+                if h.aio_is_dead() or h.aio_is_closed():
+                    self.dead = True
+                    cmd.err = errno.ENOTCONN
+                else:
+                    cmd.err = _errno_of(exc)
+                self.completed.append(cmd)
+
+    def abandon(self) -> None:
+        """The queued commands not issued (the connection died or closes): lost, they are
+        settled as such (sent again on a new connection, see :meth:`_Async.settle`)."""
+        submitted, completed = self.submitted, self.completed
+        while submitted:
+            try:
+                cmd = submitted.popleft()
+            except IndexError:  # (another thread took the last one)
+                break
+            self.writes.pop(cmd, None)  # (never sent: it cannot land)
+            cmd.err = errno.ENOTCONN
+            completed.append(cmd)
+        self.settle()
+
     def settle(self) -> None:
-        """Settle the asynchronous commands libnbd retired (:meth:`_Async.settle`)."""
+        """Settle the asynchronous commands libnbd retired (:meth:`_Async.settle`): a round
+        of them inside their completer's batch (one completion-queue update and one
+        interrupt per vector for the round, not per command)."""
         completed = self.completed
         while completed:
             try:
-                cmd = completed.popleft()
+                batch = completed[0].batch
             except IndexError:  # (another thread took the last one)
                 break
-            cmd.settle()
+            if batch is None:
+                try:
+                    cmd = completed.popleft()
+                except IndexError:
+                    break
+                cmd.settle()
+                continue
+            try:
+                with batch():
+                    while completed:
+                        try:
+                            cmd = completed.popleft()
+                        except IndexError:
+                            break
+                        cmd.settle()
+            except Exception:  # pragma: no cover - the completer's own failure (the controller logs it)
+                log.exception("completing NBD commands failed")
 
     def _check_deadlines(self) -> None:
         """Drop the connection when an asynchronous command is past its deadline (its
@@ -1150,18 +1251,20 @@ class NbdBackend(BaseBackend):
             retrier = self._retrier
         retrier.submit(cmd.retry)
 
-    def _submit(self, issue: Callable[[Any, _Async], object], done: Callable[[int], object],
-                blocking: Callable[[], None], keep: object, span: tuple[int, int] | None = None) -> bool:
-        """Issue a command without waiting: ``done`` is called once it ends (see
-        :meth:`submit_readv`). False: not issued (no live connection), nothing will be called.
-        ``span``: a write's (offset, length) (:attr:`_Connection.writes`)."""
+    def _submit(self, buf: Any, offset: int, done: Callable[[int], object], blocking: Callable[[], None],
+                span: tuple[int, int] | None = None, *, write: bool = False, flags: int = 0) -> bool:
+        """Start a command without waiting: ``done`` is called once it ends (see
+        :meth:`submit_readv`). Sent from here while the dispatcher sleeps, else queued for it;
+        the dispatcher is woken only when it sleeps and no wake-up is pending (one kick per
+        burst of commands, not per command). False: not issued (no live connection), nothing
+        will be called. ``span``: a write's (offset, length) (:attr:`_Connection.writes`)."""
         slot = next(self._next) % self.connections
         conn = self._conns[slot]
         if conn is None or conn.dead or self._closed or conn.handle is None:
             return False
-        h = conn.handle
         cmd = _Async(self, conn, slot, done, blocking,
-                     time.monotonic() + self.timeout if self.timeout > 0 else None, keep, span)
+                     time.monotonic() + self.timeout if self.timeout > 0 else None, buf, span,
+                     write=write, offset=offset, flags=flags)
         if span is not None:
             conn.writes[cmd] = span
         with self._lock:
@@ -1169,22 +1272,31 @@ class NbdBackend(BaseBackend):
             if self.inflight > self.max_inflight:
                 self.max_inflight = self.inflight
         conn.pending.add(cmd)
-        try:
-            issue(h, cmd)
-        except self.nbd.Error as exc:
-            conn.pending.discard(cmd)
-            conn.writes.pop(cmd, None)
-            with self._lock:
-                self.inflight -= 1
-            if conn.dead or h.aio_is_dead() or h.aio_is_closed():
-                conn.dead = True
-                return False
-            raise OSError(_errno_of(exc), str(exc)) from None
-        if conn.completed or h.aio_get_direction() & self.nbd.AIO_DIRECTION_WRITE:
-            # (also: a command libnbd retired at once is settled by the dispatcher -- or here,
-            # when the dispatcher ended: the handle died under this very command)
+        h = conn.handle
+        if not conn.awake and not conn.kicked and not conn.submitted and h is not None:
+            # the dispatcher sleeps in poll: sent from here, without waking it up (a thread
+            # hand-over less per burst; libnbd's handle lock orders this with the dispatcher
+            # waking meanwhile), and woken only when libnbd has more to send
+            try:
+                if write:
+                    h.aio_pwrite(buf, offset, completion=cmd, flags=flags)
+                else:
+                    h.aio_pread(buf, offset, completion=cmd)
+            except self.nbd.Error as exc:
+                conn.writes.pop(cmd, None)  # (not sent: it cannot land)
+                cmd.err = errno.ENOTCONN if h.aio_is_dead() or h.aio_is_closed() else _errno_of(exc)
+                conn.completed.append(cmd)
+            else:
+                if not h.aio_get_direction() & self.nbd.AIO_DIRECTION_WRITE:
+                    return True
             if not conn.kick():
                 conn.settle()
+            return True
+        conn.submitted.append(cmd)
+        if not conn.awake and not conn.kicked:
+            conn.kicked = True
+            if not conn.kick():  # (the dispatcher ended: the command is lost, settled here)
+                conn.abandon()
         return True
 
     def submit_readv(self, views: list[memoryview], offset: int, done: Callable[[int], object]) -> bool:
@@ -1194,9 +1306,12 @@ class NbdBackend(BaseBackend):
         The optional asynchronous half of the :class:`~pcidev_nvme.backends.base.Backend`
         protocol, which the I/O command set uses instead of a worker thread per command.
 
+        The command is queued for the dispatcher thread, which issues it (a command libnbd
+        refuses ends with its error), and ``done`` runs there inside ``done.batch()`` when
+        ``done`` has that attribute (a round of completions posted together).
+
         :returns: False when the command was not started (a scatter list, more than one
             request, no live connection): the caller uses :meth:`readv`; ``done`` is not called.
-        :raises OSError: libnbd refused the command at once.
         """
         if len(views) != 1 or len(views[0]) > self.max_request:
             return False
@@ -1204,9 +1319,7 @@ class NbdBackend(BaseBackend):
         if self._draining and self.fenced(offset, len(view)):
             return False  # (the blocking path waits for the fence)
         nbd = self.nbd
-        buf = nbd.Buffer.from_buffer(view)
-        return self._submit(lambda h, cb: h.aio_pread(buf, offset, completion=cb), done,
-                            lambda: self._read_into(view, offset), buf)
+        return self._submit(nbd.Buffer.from_buffer(view), offset, done, lambda: self._read_into(view, offset))
 
     def submit_writev(self, views: list[memoryview], offset: int, done: Callable[[int], object], *,
                       fua: bool = False) -> bool:
@@ -1221,9 +1334,8 @@ class NbdBackend(BaseBackend):
             return False  # (the blocking path waits for the fence)
         nbd = self.nbd
         flags = nbd.CMD_FLAG_FUA if fua else 0
-        buf = nbd.Buffer.from_buffer(view)
-        return self._submit(lambda h, cb: h.aio_pwrite(buf, offset, completion=cb, flags=flags), done,
-                            lambda: self._write_from(view, offset, flags), buf, (offset, len(view)))
+        return self._submit(nbd.Buffer.from_buffer(view), offset, done, lambda: self._write_from(view, offset, flags),
+                            (offset, len(view)), write=True, flags=flags)
 
     # -- I/O ----------------------------------------------------------------------------
 
