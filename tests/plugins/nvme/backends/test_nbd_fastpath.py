@@ -201,3 +201,34 @@ def test_a_long_mixed_workload_loses_no_wake_up_completion_or_data(nbd_server):
             assert data[at:at + 16] == block.to_bytes(8, "little") + seq.to_bytes(8, "little")
     finally:
         b.close()
+
+
+def test_a_dispatcher_that_breaks_off_leaves_no_command_unanswered(nbd_server):
+    """The dispatcher thread ends on an unexpected error while a read is on the wire (nbdkit
+    holds it 3 s; the dispatcher looks at deadlines within 1 s): nobody polls the handle any
+    more, so libnbd would never retire the read and the guest's command would never
+    complete. The connection is half-closed and the read settled as on a lost connection:
+    sent again on a new connection, it completes with the data. Before: ``done`` never ran."""
+    server = nbd_server("nbdkit", size=4 * MiB, extra=("--filter=delay",), params=("rdelay=3",))
+    b = backend(server.uri, queue_depth=4)
+    try:
+        data = random.Random(5).randbytes(BLOCK)
+        b.writev([memoryview(data)], 0)
+        conn = b._conns[0]
+        assert conn is not None
+
+        def broken() -> None:
+            raise RuntimeError("a bug in the dispatcher")
+
+        conn._check_deadlines = broken  # type: ignore[method-assign]  (runs while the read is pending)
+        done = Completer()
+        done.want = 1
+        buf = bytearray(BLOCK)
+        assert b.submit_readv([memoryview(buf)], 0, done)
+        assert done.all_done.wait(60), "the read was never completed"
+        assert done.errors == [0]
+        assert bytes(buf) == data
+        assert conn.dead and b._conns[0] is not conn, (conn.dead, b._conns)  # (a new connection served it)
+        assert b.inflight == 0
+    finally:
+        b.close()

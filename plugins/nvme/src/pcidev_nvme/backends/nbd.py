@@ -552,8 +552,12 @@ class _Connection:
         except nbd.Error as exc:
             if not self._closing:
                 log.warning("NBD connection lost: %s", exc)
-        except Exception:  # pragma: no cover - a bug here must not hang the waiters silently
+        except Exception:  # a bug here must not hang the waiters silently
             log.exception("NBD dispatcher failed")
+            try:  # (half-close: the server ends its requests and closes, ending the fences)
+                self.abort()
+            except Exception:  # pragma: no cover - abort never raises but for a bug
+                log.exception("closing the NBD connection after the dispatcher failed")
         finally:
             self.dead = True
             self.awake = self.kicked = False  # (a submitter from now on kicks, and sees it fail)
@@ -570,6 +574,7 @@ class _Connection:
             if sock is not None:
                 sock.close()
             self.abandon()
+            self._strand()
             drained = self.on_drained
             if drained is not None:
                 drained()
@@ -646,6 +651,18 @@ class _Connection:
                 else:
                     cmd.err = _errno_of(exc)
                 self.completed.append(cmd)
+
+    def _strand(self) -> None:
+        """The commands on the wire that libnbd never retired when the dispatcher ended (it
+        broke off: a bug, or a connection not dead :data:`CLOSE_WAIT` after its close): nobody
+        polls the handle any more, so their callbacks would never run and the guest's commands
+        would never complete. They are settled as on a lost connection (sent again on a new
+        one, or failed at their deadline; a write's blocks stay fenced)."""
+        for cmd in list(self.pending):
+            if cmd.done is not None and cmd not in self.completed:
+                cmd.err = errno.ENOTCONN
+                self.completed.append(cmd)
+        self.settle()
 
     def abandon(self) -> None:
         """The queued commands not issued (the connection died or closes): lost, they are
