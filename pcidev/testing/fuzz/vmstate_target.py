@@ -104,7 +104,8 @@ def body_extent(obj: Any) -> tuple[int, int]:
     once, so the cost follows the objects, not the expansion.
 
     :param obj: the body (or a part of it).
-    :returns: positions (as :func:`_paths` would list them) and an upper bound of the encoded size.
+    :returns: the positions (as many as the body has paths to a value) and an upper bound of
+        the encoded size.
     """
     memo: dict[int, tuple[int, int]] = {}
 
