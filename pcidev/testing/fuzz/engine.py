@@ -8,7 +8,10 @@ findings directory with a ``.txt`` beside it) and return a :class:`FuzzReport`.
 
 atheris runs in a child process (``pcidev.testing.fuzz._libfuzzer``): libFuzzer
 ends the process it runs in, and its statistics (``cov:`` edges, ``ft:`` features,
-``exec/s``) come on its standard error, which the parent parses.
+``exec/s``) come on its standard error, which the parent parses. libFuzzer's own
+findings end its run: an input past ``-rss_limit_mb`` (:data:`RSS_LIMIT_MB`), past
+``-timeout``, or a crash of the interpreter; the parent reports each with the input
+libFuzzer saved (:func:`libfuzzer_findings`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from pcidev.testing.fuzz.catalogue import target_factories
 from pcidev.testing.fuzz.target import FuzzFinding, FuzzTarget, RssWatch
 
 __all__ = ["FuzzReport", "FindingLog", "atheris_available", "instrumentation_args", "instrumented_modules",
-           "parse_libfuzzer", "run_atheris", "run_random", "ATHERIS_MISSING"]
+           "libfuzzer_findings", "parse_libfuzzer", "run_atheris", "run_random", "ATHERIS_MISSING", "RSS_LIMIT_MB"]
 
 #: The one error line when the coverage-guided engine is asked for without its extra.
 ATHERIS_MISSING = ("atheris is not installed: install the fuzz extra (pip install 'pcidev[fuzz]') "
@@ -42,6 +45,11 @@ ATHERIS_MISSING = ("atheris is not installed: install the fuzz extra (pip instal
 _STAT = re.compile(r"^#(\d+)\s+(\w+)\s+(.*)$")
 _FIELD = re.compile(r"(cov|ft|corp|exec/s|rss):\s*(\S+)")
 _DONE = re.compile(r"^Done (\d+) runs in (\d+) second")
+_ERROR = re.compile(r"^==\d+==\s*ERROR: libFuzzer: (.+)$")
+_ARTIFACT = re.compile(r"Test unit written to (\S+)")
+#: libFuzzer's ``-rss_limit_mb``: the resident set (MiB) past which it ends the run with an
+#: ``out-of-memory`` finding (it looks every second; the input it names is the one running then)
+RSS_LIMIT_MB = 4096
 #: the child's program (kept in step with pcidev.testing.fuzz._libfuzzer.BOOTSTRAP, which a
 #: test compares: this module cannot import that one, which needs atheris)
 _BOOTSTRAP = """
@@ -235,6 +243,32 @@ def parse_libfuzzer(text: str, report: FuzzReport) -> None:
             report.seconds = max(1.0, float(d.group(2)))  # libFuzzer's own clock: without the start-up
 
 
+def libfuzzer_findings(text: str) -> list[str]:
+    """The findings libFuzzer itself reports in its output (``==PID== ERROR: libFuzzer: ...``: an
+    ``out-of-memory``, a ``timeout``, a ``deadly signal``), each with the input it saved.
+
+    :param text: what libFuzzer printed.
+    :returns: one line each, ``PATH: libFuzzer: WHAT`` (``(no input saved)`` for the path if
+        it wrote none).
+    """
+    out: list[str] = []
+    error: str | None = None
+    for line in text.splitlines():
+        m = _ERROR.match(line.strip())
+        if m:
+            if error is not None:
+                out.append(f"(no input saved): libFuzzer: {error}")
+            error = m.group(1).strip()
+            continue
+        a = _ARTIFACT.search(line)
+        if a and error is not None:
+            out.append(f"{a.group(1)}: libFuzzer: {error}")
+            error = None
+    if error is not None:
+        out.append(f"(no input saved): libFuzzer: {error}")
+    return out
+
+
 def instrumented_modules(name: str, plugin_specs: Sequence[str] = ()) -> tuple[str, ...]:
     """The modules whose coverage guides the target ``name``: its
     :attr:`~pcidev.testing.fuzz.FuzzTarget.instrument`, or ``()`` for the default (pcidev
@@ -322,7 +356,7 @@ def run_atheris(name: str, *, seconds: float, corpus: Path | None, findings: Pat
     for spec in plugin_specs:
         cmd += ["-p", spec]
     cmd += instrumentation_args(instrumented_modules(name, plugin_specs) if instrument is None else instrument)
-    cmd += ["--", f"-max_total_time={max(1, int(seconds))}", "-print_final_stats=1", "-rss_limit_mb=4096",
+    cmd += ["--", f"-max_total_time={max(1, int(seconds))}", "-print_final_stats=1", f"-rss_limit_mb={RSS_LIMIT_MB}",
             f"-artifact_prefix={findings}{os.sep}", str(corpus_dir)]
     if seed is not None:
         cmd.insert(-1, f"-seed={seed}")
@@ -340,7 +374,10 @@ def run_atheris(name: str, *, seconds: float, corpus: Path | None, findings: Pat
         if line.startswith("FINDING "):
             report.findings.append(line[len("FINDING "):])
             echo(line[len("FINDING "):])
-    if report.executions == 0:
+    for line in libfuzzer_findings(proc.stdout):  # (the run ended on it)
+        report.findings.append(line)
+        echo(line)
+    if report.executions == 0 and not report.findings:
         tail = [ln for ln in proc.stdout.splitlines() if ln.strip()][-1:] or [f"exit status {proc.returncode}"]
         raise PcidevError(f"the fuzzer of {name} did not run: {tail[0]}")
     return report

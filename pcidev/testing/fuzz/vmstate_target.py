@@ -22,6 +22,12 @@ Invariants (a break raises :class:`~pcidev.testing.fuzz.FuzzFinding`):
   :meth:`VmstateTarget.exercise` raise nothing and return within :data:`STEP_SECONDS`, and no
   traceback is logged;
 * a refused load leaves no file descriptor open.
+
+The mutated body is bounded (:data:`MAX_BODY_POSITIONS`, :data:`MAX_BODY_GROWTH`): a list
+grown ``x64`` in three steps of one input (the ``sections`` list, each item holding the
+4 KiB config space) made a 1.1 GB stream and a 3.4 GB peak in the harness alone, and such
+peaks, kept by the allocator, were the ``memory-growth`` finding of the session-22 runs;
+a step that would pass a bound is dropped.
 """
 
 from __future__ import annotations
@@ -43,10 +49,19 @@ from pcidev.testing.fuzz.target import ErrorLogWatch, FuzzFinding, FuzzInput, Fu
 from pcidev.testing.harness import probe
 from pcidev.vmstate.stream import PREFIX_SIZE, TRAILER_SIZE, seal
 
-__all__ = ["STEP_SECONDS", "VmstateTarget"]
+__all__ = ["MAX_BODY_GROWTH", "MAX_BODY_POSITIONS", "STEP_SECONDS", "VmstateTarget", "body_extent"]
 
 #: longest one guest access to the loaded device may take
 STEP_SECONDS = 2.0
+#: most positions (containers and leaves, a shared one counted where it occurs) a mutated
+#: body may hold: what the loader decodes into objects (the source's body: ~90 for ``edu``)
+MAX_BODY_POSITIONS = 65536
+#: most bytes a mutated body may encode to beyond the source's (bounded from above by
+#: :func:`body_extent`)
+MAX_BODY_GROWTH = 1 << 20
+#: most bytes one step but a list growth adds to the encoded body where it lands (a str of 255
+#: characters, up to 4 bytes each, beside the one cut; a 300-byte str; a new key of 12)
+_STEP_GROWTH = 1100
 _EDGE_INTS = (0, 1, -1, 2, 0x7F, 0xFF, 0x100, 0xFFFF, 0x10000, 0x7FFFFFFF, 0xFFFFFFFF, 1 << 32, (1 << 63) - 1,
               (1 << 64) - 1, -(1 << 63), 4096, 4095)
 
@@ -64,6 +79,64 @@ def _paths(obj: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         elif isinstance(here, list):
             stack.extend(reversed([(v, (*at, i)) for i, v in enumerate(here)]))
     return out
+
+
+def _head(n: int, fix: int, eight: bool = True) -> int:
+    """Bytes of a msgpack length header: a ``fix`` one (below ``fix``), 8-bit (if the type
+    has one), 16-bit, 32-bit."""
+    return 1 if n < fix else 2 if eight and n < 256 else 3 if n < 1 << 16 else 5
+
+
+def _int_size(v: int) -> int:
+    if -32 <= v < 128:
+        return 1
+    if -(1 << 7) <= v < 1 << 8:
+        return 2
+    if -(1 << 15) <= v < 1 << 16:
+        return 3
+    return 5 if -(1 << 31) <= v < 1 << 32 else 9
+
+
+def body_extent(obj: Any) -> tuple[int, int]:
+    """What a decoded body expands to when encoded: ``(positions, bytes)``, where a container
+    referenced from several places (a list grown by repeating its items) counts each time
+    it occurs, and the bytes bound msgpack's encoding from above. Each container is walked
+    once, so the cost follows the objects, not the expansion.
+
+    :param obj: the body (or a part of it).
+    :returns: the positions (as many as the body has paths to a value) and an upper bound of
+        the encoded size.
+    """
+    memo: dict[int, tuple[int, int]] = {}
+
+    def walk(here: Any) -> tuple[int, int]:
+        if isinstance(here, (dict, list)):
+            seen = memo.get(id(here))
+            if seen is not None:
+                return seen
+            positions, size = 1, _head(len(here), 16, eight=False)
+            for item in (here.values() if isinstance(here, dict) else here):
+                p, b = walk(item)
+                positions += p
+                size += b
+            if isinstance(here, dict):
+                size += sum(walk(k)[1] for k in here)
+            memo[id(here)] = (positions, size)
+            return positions, size
+        if isinstance(here, bool) or here is None:
+            return 1, 1
+        if isinstance(here, int):
+            return 1, _int_size(here)
+        if isinstance(here, str):
+            n = len(here.encode("utf-8", "surrogatepass"))
+            return 1, _head(n, 32) + n
+        if isinstance(here, (bytes, bytearray)):
+            return 1, _head(len(here), 0) + len(here)
+        if isinstance(here, msgpack.ExtType):
+            return 1, 6 + len(here.data)
+        return 1, 9  # a float (or what msgpack encodes at most as large)
+
+    return walk(obj)
 
 
 def _get(obj: Any, path: tuple[Any, ...]) -> Any:
@@ -86,6 +159,8 @@ class VmstateTarget(FuzzTarget):
         self.body: Any = None
         self.fds: list[int] = []
         self._first_paths: list[tuple[Any, ...]] | None = None
+        self._extent = (0, 0)
+        self._max_bytes = MAX_BODY_GROWTH
 
     # -------------------------------------------------------------- per device type
     def make_source(self, machine: Machine) -> HostPciDevice:
@@ -134,6 +209,8 @@ class VmstateTarget(FuzzTarget):
         self.fds = list(fds)
         self.body = msgpack.unpackb(stream[PREFIX_SIZE:-TRAILER_SIZE], raw=False, strict_map_key=False)
         self._first_paths = None
+        self._extent = body_extent(self.body)
+        self._max_bytes = self._extent[1] + MAX_BODY_GROWTH
 
     def close(self) -> None:
         """Tear the source down."""
@@ -144,8 +221,14 @@ class VmstateTarget(FuzzTarget):
         self.source = self.machine = None
 
     def mutate(self, inp: FuzzInput) -> bytes:
-        """The sealed stream with ``inp``'s mutations applied to a copy of the body."""
+        """The sealed stream with ``inp``'s mutations applied to a copy of the body.
+
+        A step that would take the body past :data:`MAX_BODY_POSITIONS` or
+        :data:`MAX_BODY_GROWTH` bytes beyond the source's is undone (a list is grown at most
+        to :data:`MAX_BODY_POSITIONS` items before that check).
+        """
         body = msgpack.unpackb(msgpack.packb(self.body, use_bin_type=True), raw=False, strict_map_key=False)
+        extent = self._extent  # the body's (positions, bytes), or bounds of them from above
         for step in range(1 + inp.u8() % 4):
             if step == 0:  # the unmutated body's positions: the same for every input
                 if self._first_paths is None:
@@ -160,6 +243,8 @@ class VmstateTarget(FuzzTarget):
             path = paths[inp.u16() % len(paths)]
             parent, key = _get(body, path[:-1]), path[-1]
             kind = inp.u8() % 10
+            undo = (parent, key, key in parent if isinstance(parent, dict) else True, parent[key])
+            grown = False  # a list grown: measured; the other steps add at most _STEP_GROWTH where they land
             if kind < 4:
                 parent[key] = inp.pick(_EDGE_INTS) if kind < 3 else inp.u64() - (1 << 63)
             elif kind == 4:
@@ -168,11 +253,19 @@ class VmstateTarget(FuzzTarget):
             elif kind == 5 and isinstance(parent, dict):
                 del parent[key]
             elif kind == 6 and isinstance(parent, dict):
-                parent[inp.blob(12).decode("latin-1")] = inp.pick(_EDGE_INTS)
+                value = inp.pick(_EDGE_INTS)  # (read before the key, as an assignment evaluates)
+                added = inp.blob(12).decode("latin-1")
+                undo = (parent, added, added in parent, parent.get(added))
+                parent[added] = value
             elif kind == 7:
                 value = parent[key]
                 if isinstance(value, list):
-                    parent[key] = value * (1 + inp.u8() % 64) if inp.u8() & 1 else value[:inp.u8() % (len(value) + 1)]
+                    if inp.u8() & 1:
+                        times = min(1 + inp.u8() % 64, max(1, MAX_BODY_POSITIONS // max(1, len(value))))
+                        parent[key] = value * times
+                        grown = True
+                    else:
+                        parent[key] = value[:inp.u8() % (len(value) + 1)]
                 elif isinstance(value, bytes):
                     parent[key] = value[:inp.u8() % (len(value) + 1)] + value[:inp.u8()]
                 elif isinstance(value, str):
@@ -186,6 +279,20 @@ class VmstateTarget(FuzzTarget):
                     # msgpack holds [-2**63, 2**64): a negative value with bit 63 flipped
                     # falls below it, so wrap it into the unsigned range
                     parent[key] = flipped if flipped >= -(1 << 63) else flipped & ((1 << 64) - 1)
+            if kind == 5:  # (a deletion only shrinks the body)
+                continue
+            # a part shared by a grown list occurs several times: a change to it, everywhere
+            before, extent = extent, body_extent(body) if grown else (
+                2 * extent[0], extent[1] + _STEP_GROWTH * extent[0])
+            if extent[0] > MAX_BODY_POSITIONS or extent[1] > self._max_bytes:
+                extent = extent if grown else body_extent(body)  # (the bound was loose: measure)
+                if extent[0] > MAX_BODY_POSITIONS or extent[1] > self._max_bytes:
+                    where, at, existed, old = undo
+                    if existed:
+                        where[at] = old
+                    else:
+                        del where[at]
+                    extent = before
         return seal(msgpack.packb(body, use_bin_type=True))
 
     def run(self, data: bytes) -> None:

@@ -90,6 +90,37 @@ def test_libfuzzer_statistics_are_parsed():
     assert report.seconds == 31.0 and round(report.exec_per_second) == 77
 
 
+_OOM = ("#2374\tpulse  cov: 1115 ft: 1842 corp: 105/9Kb lim: 200 exec/s: 76 rss: 3900Mb\n"
+        "==20579== ERROR: libFuzzer: out-of-memory (used: 4100Mb; limit: 4096Mb)\n"
+        "   To change the out-of-memory limit use -rss_limit_mb=<N>\n\n"
+        "MS: 2 ChangeBit-InsertByte-; base unit: 0000000000000000000000000000000000000000\n0x41,\nA\n"
+        "artifact_prefix='f/'; Test unit written to f/oom-6dcd4ce23d88e2ee9568ba546c007c63d9131c1b\n"
+        "Base64: QQ==\nSUMMARY: libFuzzer: out-of-memory\n")
+
+
+def test_libfuzzers_own_findings_are_parsed():
+    assert engine.libfuzzer_findings(_OOM) == [
+        "f/oom-6dcd4ce23d88e2ee9568ba546c007c63d9131c1b: libFuzzer: out-of-memory (used: 4100Mb; limit: 4096Mb)"]
+    out = ("==7== ERROR: libFuzzer: timeout after 1200 seconds\nTest unit written to f/timeout-ab\n"
+           "==7== ERROR: libFuzzer: deadly signal\n")
+    assert engine.libfuzzer_findings(out) == ["f/timeout-ab: libFuzzer: timeout after 1200 seconds",
+                                              "(no input saved): libFuzzer: deadly signal"]
+    assert engine.libfuzzer_findings("Done 3 runs in 1 second(s)\n") == []
+
+
+@pytest.mark.parametrize("stats", [True, False])  # (without: on the seed corpus, before any statistics)
+def test_the_engine_reports_libfuzzers_out_of_memory(monkeypatch, tmp_path, stats):
+    output = _OOM if stats else _OOM.split("\n", 1)[1]
+    monkeypatch.setattr(engine, "atheris_available", lambda: True)
+    monkeypatch.setattr(engine.subprocess, "run",
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, stdout=output))
+    echoed: list[str] = []
+    report = engine.run_atheris("vmstate", seconds=1, corpus=None, findings=tmp_path, echo=echoed.append)
+    assert report.findings == echoed == [
+        "f/oom-6dcd4ce23d88e2ee9568ba546c007c63d9131c1b: libFuzzer: out-of-memory (used: 4100Mb; limit: 4096Mb)"]
+    assert report.executions == (2374 if stats else 0)
+
+
 def test_the_engine_and_the_child_run_the_same_bootstrap():
     source = (Path(engine.__file__).parent / "_libfuzzer.py").read_text()
     tree = ast.parse(source)
