@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import fcntl
 import random
 import termios
@@ -229,6 +230,47 @@ def test_a_dispatcher_that_breaks_off_leaves_no_command_unanswered(nbd_server):
         assert done.errors == [0]
         assert bytes(buf) == data
         assert conn.dead and b._conns[0] is not conn, (conn.dead, b._conns)  # (a new connection served it)
+        assert b.inflight == 0
+    finally:
+        b.close()
+
+
+def test_a_command_found_unretired_by_two_threads_is_settled_once(nbd_server):
+    """A command that two threads both settle as lost (the dispatcher's ``_strand`` as it ends
+    and a submitter whose kick found it ended) is sent again once and completed once: the
+    first settle claims it. Before: it was resent twice (a stale second copy of a write could
+    land after a newer one) and ``inflight`` went below zero."""
+    server = nbd_server("nbdkit", size=4 * MiB, extra=("--filter=delay",), params=("rdelay=2",))
+    b = backend(server.uri, queue_depth=4)
+    try:
+        data = random.Random(9).randbytes(BLOCK)
+        b.writev([memoryview(data)], 0)
+        conn = b._conns[0]
+        assert conn is not None
+        done = Completer()
+        done.want = 1
+        buf = bytearray(BLOCK)
+        assert b.submit_readv([memoryview(buf)], 0, done)
+        (cmd,) = list(conn.pending)
+        retried: list[object] = []
+        real_retry = b._retry
+
+        def counting_retry(c: object) -> None:
+            retried.append(c)
+            real_retry(c)  # type: ignore[arg-type]
+
+        b._retry = counting_retry  # type: ignore[method-assign]
+        cmd.err = errno.ENOTCONN  # (as both threads would mark it)
+        conn.completed.extend([cmd, cmd])
+        threads = [threading.Thread(target=conn.settle) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert done.all_done.wait(60)
+        time.sleep(0.5)  # (a second completion would come now)
+        assert done.errors == [0] and bytes(buf) == data
+        assert retried == [cmd]
         assert b.inflight == 0
     finally:
         b.close()

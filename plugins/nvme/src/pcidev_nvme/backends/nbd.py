@@ -343,7 +343,10 @@ class _Async:
         """The command ended (its libnbd callback ran): complete it, or send it again."""
         err = self.err
         conn = self.conn
-        conn.pending.discard(self)
+        try:  # (the claim: one thread settles a command, even if two found it unretired)
+            conn.pending.remove(self)
+        except KeyError:
+            return
         h = conn.handle  # (None once the connection is closed)
         if err and (err in (errno.ENOTCONN, errno.ESHUTDOWN) or conn.dead or h is None or h.aio_is_dead()):
             conn.dead = True
@@ -383,12 +386,12 @@ class _Async:
     def finish(self, err: int) -> None:
         """Report the command's end (once)."""
         backend = self.backend
-        with backend._lock:
-            backend.inflight -= 1
         done, self.done = self.done, None
         self.keep = None
-        if done is None:  # pragma: no cover - libnbd retires a command once
+        if done is None:  # pragma: no cover - settled once (the claim in settle)
             return
+        with backend._lock:
+            backend.inflight -= 1
         try:
             done(err)
         except Exception:  # pragma: no cover - the completion path's own failure
@@ -521,12 +524,14 @@ class _Connection:
                 wait = 0 if self.submitted or self.completed else 100 if self._aborted or self.pending else 1000
                 events = dict(poller.poll(wait))
                 self.awake = True
-                self.kicked = False
                 if self._wake_r in events:
                     try:
                         os.read(self._wake_r, 4096)
                     except BlockingIOError:
                         pass
+                # (after the drain: a kick whose byte that read took must not leave the flag
+                # set with an empty pipe -- the next submitter would neither send nor kick)
+                self.kicked = False
                 ev = events.get(fd, 0)
                 if ev & (select.POLLIN | select.POLLHUP | select.POLLERR):
                     # (libnbd ends a notification after one reply: read on while more
@@ -562,6 +567,7 @@ class _Connection:
             self.dead = True
             self.awake = self.kicked = False  # (a submitter from now on kicks, and sees it fail)
             self.abandon()
+            self._strand()  # (before the watch: it may wait for the server's close)
             try:
                 self._watch()
             except Exception:  # pragma: no cover - a bug here must not leave descriptors open
@@ -658,10 +664,11 @@ class _Connection:
         polls the handle any more, so their callbacks would never run and the guest's commands
         would never complete. They are settled as on a lost connection (sent again on a new
         one, or failed at their deadline; a write's blocks stay fenced)."""
+        completed = self.completed
         for cmd in list(self.pending):
-            if cmd.done is not None and cmd not in self.completed:
+            if cmd not in completed:  # (a command settled meanwhile is skipped: its claim)
                 cmd.err = errno.ENOTCONN
-                self.completed.append(cmd)
+                completed.append(cmd)
         self.settle()
 
     def abandon(self) -> None:
@@ -1305,9 +1312,11 @@ class NbdBackend(BaseBackend):
                 conn.completed.append(cmd)
             else:
                 if not h.aio_get_direction() & self.nbd.AIO_DIRECTION_WRITE:
+                    if conn._fds_closed:  # (the dispatcher ended meanwhile: nobody polls the handle)
+                        conn._strand()
                     return True
             if not conn.kick():
-                conn.settle()
+                conn._strand()  # (the dispatcher ended: what it never saw retired is lost)
             return True
         conn.submitted.append(cmd)
         if not conn.awake and not conn.kicked:
@@ -1593,9 +1602,10 @@ class NbdBackend(BaseBackend):
             retrier, self._retrier = self._retrier, None
             status, self._status_pool = self._status_pool, None
             self._changed.notify_all()
-        for pool in (retrier, status):
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
+        if retrier is not None:  # (queued retries still run: each fails at once, EBADF -> EIO)
+            retrier.shutdown(wait=False)
+        if status is not None:  # (one job at most, which ends within ``timeout``: not cancelled)
+            status.shutdown(wait=False)
         for conn in conns:
             if conn is not None:
                 conn.close()
