@@ -604,16 +604,7 @@ class IoCommandSet:
                             if not read and wu.active:  # written: the marks go (never before the write)
                                 wu.clear(nsid, slba, nlb)
                             if batch is not None:  # the core's batch: counted and completed at its end
-                                if nsid != batch.nsid:  # (counted per namespace too)
-                                    self._record_batch(batch, nsid)
-                                if read:
-                                    batch.reads += 1
-                                    batch.read_bytes += length
-                                else:
-                                    batch.writes += 1
-                                    batch.written_bytes += length
-                                if batch.done is not None:
-                                    batch.done.append((req, 0, 0, 0, None))
+                                if self._count_in_batch(batch, req, nsid, read, length):
                                     continue
                             elif read:
                                 ctrl.smart.record_read(length)
@@ -702,19 +693,9 @@ class IoCommandSet:
                     else:
                         count_write(self.ctrl, nsid, length)
                     self._complete(req, 0, 0)
-                else:  # (the controller's batch on this thread: counted and completed at its end)
-                    if nsid != batch.nsid:
-                        self._record_batch(batch, nsid)
-                    if read:
-                        batch.reads += 1
-                        batch.read_bytes += length
-                    else:
-                        batch.writes += 1
-                        batch.written_bytes += length
-                    if batch.done is not None:
-                        batch.done.append((req, 0, 0, 0, None))
-                    else:
-                        self._complete(req, 0, 0)
+                elif not self._count_in_batch(batch, req, nsid, read, length):
+                    # (the controller's batch on this thread: counted, and completed at its end)
+                    self._complete(req, 0, 0)
         except BaseException as exc:  # (also a re-read the closed pool refused)
             again = False
             self._fail(req, exc)
@@ -884,6 +865,23 @@ class IoCommandSet:
         if batch is not None:
             local.batch = None
             self._record_batch(batch, -1)
+
+    def _count_in_batch(self, batch: _Batch, req: Any, nsid: int, read: bool, length: int) -> bool:
+        """Count a successful Read or Write of ``length`` bytes in the controller's ``batch``
+        (per namespace too); True when the batch also completes it at its end (the caller
+        does nothing more), False when the caller completes it."""
+        if nsid != batch.nsid:
+            self._record_batch(batch, nsid)
+        if read:
+            batch.reads += 1
+            batch.read_bytes += length
+        else:
+            batch.writes += 1
+            batch.written_bytes += length
+        if batch.done is not None:
+            batch.done.append((req, 0, 0, 0, None))
+            return True
+        return False
 
     def _record_batch(self, batch: _Batch, nsid: int) -> None:
         """Record the counts ``batch`` summed so far (the controller's and its namespace's)

@@ -204,27 +204,34 @@ def test_a_long_mixed_workload_loses_no_wake_up_completion_or_data(nbd_server):
         b.close()
 
 
+def one_delayed_read(nbd_server, seed: int, rdelay: str):
+    """A backend on nbdkit holding every read ``rdelay``, its first connection, a block of
+    random data written at offset 0, and a read of it started: (backend, connection, data,
+    completer, read buffer)."""
+    server = nbd_server("nbdkit", size=4 * MiB, extra=("--filter=delay",), params=(f"rdelay={rdelay}",))
+    b = backend(server.uri, queue_depth=4)
+    data = random.Random(seed).randbytes(BLOCK)
+    b.writev([memoryview(data)], 0)
+    conn = b._conns[0]
+    assert conn is not None
+    done = Completer()
+    done.want = 1
+    buf = bytearray(BLOCK)
+    return b, conn, data, done, buf
+
+
 def test_a_dispatcher_that_breaks_off_leaves_no_command_unanswered(nbd_server):
     """The dispatcher thread ends on an unexpected error while a read is on the wire (nbdkit
     holds it 3 s; the dispatcher looks at deadlines within 1 s): nobody polls the handle any
     more, so libnbd would never retire the read and the guest's command would never
     complete. The connection is half-closed and the read settled as on a lost connection:
     sent again on a new connection, it completes with the data. Before: ``done`` never ran."""
-    server = nbd_server("nbdkit", size=4 * MiB, extra=("--filter=delay",), params=("rdelay=3",))
-    b = backend(server.uri, queue_depth=4)
+    b, conn, data, done, buf = one_delayed_read(nbd_server, 5, "3")
     try:
-        data = random.Random(5).randbytes(BLOCK)
-        b.writev([memoryview(data)], 0)
-        conn = b._conns[0]
-        assert conn is not None
-
         def broken() -> None:
             raise RuntimeError("a bug in the dispatcher")
 
         conn._check_deadlines = broken  # type: ignore[method-assign]  (runs while the read is pending)
-        done = Completer()
-        done.want = 1
-        buf = bytearray(BLOCK)
         assert b.submit_readv([memoryview(buf)], 0, done)
         assert done.all_done.wait(60), "the read was never completed"
         assert done.errors == [0]
@@ -240,16 +247,8 @@ def test_a_command_found_unretired_by_two_threads_is_settled_once(nbd_server):
     and a submitter whose kick found it ended) is sent again once and completed once: the
     first settle claims it. Before: it was resent twice (a stale second copy of a write could
     land after a newer one) and ``inflight`` went below zero."""
-    server = nbd_server("nbdkit", size=4 * MiB, extra=("--filter=delay",), params=("rdelay=2",))
-    b = backend(server.uri, queue_depth=4)
+    b, conn, data, done, buf = one_delayed_read(nbd_server, 9, "2")
     try:
-        data = random.Random(9).randbytes(BLOCK)
-        b.writev([memoryview(data)], 0)
-        conn = b._conns[0]
-        assert conn is not None
-        done = Completer()
-        done.want = 1
-        buf = bytearray(BLOCK)
         assert b.submit_readv([memoryview(buf)], 0, done)
         (cmd,) = list(conn.pending)
         retried: list[object] = []
