@@ -552,6 +552,39 @@ def test_backend_failures_become_statuses(inline, exc, read_status, write_status
         ctrl.close()
 
 
+class FailingFlushBackend(BaseBackend):
+    kind = "failing-flush"
+
+    def __init__(self, exc):
+        super().__init__(1 * MiB)
+        self.exc = exc
+
+    def readv(self, views, offset):
+        for v in views:
+            v[:] = bytes(len(v))
+
+    def writev(self, views, offset, *, fua=False):
+        pass
+
+    def flush(self):
+        raise self.exc
+
+
+@pytest.mark.parametrize("err", [errno.EPERM, errno.EROFS])
+def test_a_flush_refused_as_not_permitted_is_a_write_fault(err):
+    """A Flush the backend refuses with EPERM/EROFS did not make earlier writes durable: Write
+    Fault, not Namespace is Write Protected (which only commands a write-protected namespace
+    prohibits get; Flush is not one of them). Before: Namespace is Write Protected."""
+    ctrl = FakeController()
+    ctrl.namespaces[1] = Namespace(1, FailingFlushBackend(OSError(err, "refused")))
+    ios = IoCommandSet(ctrl)
+    try:
+        fails(ctrl, ios, command(Opcode.FLUSH, 1), Status.WRITE_FAULT)
+    finally:
+        ios.close()
+        ctrl.close()
+
+
 # ------------------------------------------------------------------------------ workers
 
 

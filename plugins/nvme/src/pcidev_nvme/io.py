@@ -338,9 +338,11 @@ def _copy_snsids(raw: bytes | bytearray, desfmt: int, count: int) -> set[int]:
     return {int.from_bytes(raw[i * size:i * size + 4], "little") for i in range(count)}
 
 
-def _os_status(exc: OSError, *, write: bool) -> int:
+def _os_status(exc: OSError, *, write: bool, flush: bool = False) -> int:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return Status.CAP_EXCEEDED
+    if flush and exc.errno in (errno.EROFS, errno.EPERM):  # (not durable; a Flush is never write-protected)
+        return Status.WRITE_FAULT
     if exc.errno == errno.EROFS or (write and exc.errno == errno.EPERM):  # (an NBD server's EPERM)
         return Status.NS_WRITE_PROTECTED
     if exc.errno in (errno.EIO, errno.ENXIO, errno.ENODEV, errno.EBADMSG, errno.EUCLEAN):
@@ -981,7 +983,7 @@ class IoCommandSet:
             err = NvmeStatusError(Status.DATA_TRANSFER_ERROR, str(exc), param_offset=OFF_DPTR1)
         elif isinstance(exc, OSError):
             write = req.opcode in _WRITE_PROTECTED or req.opcode in (Opcode.DSM, Opcode.FLUSH)
-            status = _os_status(exc, write=write)
+            status = _os_status(exc, write=write, flush=req.opcode == Opcode.FLUSH)
             err = NvmeStatusError(status, f"backend: {exc}")
             if status in (Status.UNRECOVERED_READ_ERROR, Status.WRITE_FAULT):
                 self._media_error()
