@@ -65,8 +65,9 @@ status, multi-conn when used, block sizes): a server that comes back with less i
 attempt. Closing a connection shuts its socket down and lets libnbd retire every command
 on it before its descriptors go.
 
-**TLS.** An ``nbds://`` URI may name a pre-shared key file (``tls-psk-file=``): the one local
-file a URI may make libnbd read, checked by :func:`psk_file_of` at start.
+**TLS.** An ``nbds://`` URI may name a pre-shared key file (``tls-psk-file=``) or a
+directory of X.509 certificates (``tls-certificates=``): the only local files a URI may make
+libnbd read, checked by :func:`psk_file_of` and :func:`certificates_dir_of` at start.
 
 libnbd's Python bindings come from the distribution (Debian's ``python3-libnbd``, for the
 system Python 3): when ``import nbd`` fails, :func:`load_nbd` imports exactly the ``nbd``
@@ -126,6 +127,7 @@ __all__ = [
     "load_nbd",
     "make_nbd",
     "psk_file_of",
+    "certificates_dir_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -241,6 +243,31 @@ def psk_file_of(uri: str) -> str | None:
     if len(values) > 1 or not os.path.isabs(path) or not os.path.isfile(path) or not os.access(path, os.R_OK):
         raise ConfigError(f"nbd backend: tls-psk-file={path} in {uri} must be one readable file (an absolute path)")
     return path
+
+
+def certificates_dir_of(uri: str) -> str | None:
+    """The directory of X.509 certificates a URI names (``tls-certificates=`` in its query:
+    ``ca-cert.pem``, and for a client certificate ``client-cert.pem`` and ``client-key.pem``),
+    or None (libnbd then looks in its default directory).
+
+    :raises ConfigError: the URI names one that is not a readable directory holding
+        ``ca-cert.pem`` (an absolute path).
+    """
+    values = urllib.parse.parse_qs(urllib.parse.urlsplit(uri).query).get("tls-certificates")
+    if not values:
+        return None
+    path = values[-1]
+    if (len(values) > 1 or not os.path.isabs(path) or not os.path.isdir(path)
+            or not os.access(os.path.join(path, "ca-cert.pem"), os.R_OK)):
+        raise ConfigError(f"nbd backend: tls-certificates={path} in {uri} must be one directory (an absolute "
+                          "path) holding a readable ca-cert.pem")
+    return path
+
+
+def _local_files(uri: str) -> bool:
+    """The URI names local files libnbd must be let read (a key file, a certificates directory)."""
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(uri).query)
+    return "tls-psk-file" in query or "tls-certificates" in query
 
 
 def _errno_of(exc: BaseException) -> int:
@@ -438,8 +465,9 @@ class _Connection:
         self.on_drained: Callable[[], None] | None = None
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            # (the only local file a URI may make libnbd read is the key file, checked at start)
-            h.set_uri_allow_local_file("tls-psk-file" in urllib.parse.parse_qs(urllib.parse.urlsplit(uri).query))
+            # (the only local files a URI may make libnbd read: the key file or the certificates
+            # directory, checked at start)
+            h.set_uri_allow_local_file(_local_files(uri))
             h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
             h.aio_connect_uri(uri)  # (not connect_uri: a TCP connect or a handshake may hang)
             while not h.aio_is_ready():
@@ -886,6 +914,7 @@ class NbdBackend(BaseBackend):
         #: the commands the backend wants in flight (the I/O command set keeps that many workers)
         self.queue_depth = queue_depth
         psk_file_of(uri)
+        certificates_dir_of(uri)
         try:
             first = _Connection(nbd, uri, timeout or None)
         except OSError as exc:
