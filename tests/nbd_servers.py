@@ -22,9 +22,9 @@ DIST = "/usr/lib/python3/dist-packages/nbd.py"
 
 
 def tools_present() -> bool:
-    """The Python bindings of libnbd, nbdkit, qemu-nbd, qemu-storage-daemon and psktool are installed."""
-    return os.path.exists(DIST) and all(shutil.which(tool) is not None
-                                        for tool in ("nbdkit", "qemu-nbd", "qemu-storage-daemon", "psktool"))
+    """The Python bindings of libnbd, nbdkit, qemu-nbd, qemu-storage-daemon, psktool and certtool are installed."""
+    tools = ("nbdkit", "qemu-nbd", "qemu-storage-daemon", "psktool", "certtool")
+    return os.path.exists(DIST) and all(shutil.which(tool) is not None for tool in tools)
 
 
 def ensure_tools() -> str | None:
