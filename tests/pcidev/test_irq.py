@@ -181,6 +181,20 @@ def test_msi_multiple_messages_and_masking(host) -> None:
         dev.irq.notify(4)
 
 
+@pytest.mark.parametrize(("allocated", "vector", "sent"), [(1, 1, 0), (1, 3, 0), (2, 3, 1), (2, 2, 0)])
+def test_msi_vectors_past_the_allocated_ones_share_them(host, allocated, vector, sent) -> None:
+    """Regression (fuzz vfio-user, session 23): a guest that allocates fewer MSI vectors than
+    the function is capable of made the edu device's raise of vector 1 an IrqError, and the
+    device failed. The function alters only the low log2(allocated) bits of the message data:
+    the vector is sent modulo the allocated count."""
+    assert host.alloc_irq_vectors(1, allocated, PCI_IRQ_MSI) == allocated
+    dev = host.device
+    assert dev.irq.msi.enabled_vectors == allocated
+    assert dev.irq.notify(vector) is True
+    assert host.irq_count(sent) == 1
+    assert sum(host.irq_count(v) for v in range(4)) == 1
+
+
 def test_msi_mme_clamped_to_capable(host) -> None:
     pos = host.find_capability(ids.CapId.MSI)
     host.config_write16(pos + 2, 0x0071)  # MME=7 (128) with MMC=2 (4)

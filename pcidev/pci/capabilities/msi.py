@@ -162,10 +162,17 @@ class MsiCapability(Capability):
     def notify(self, vector: int) -> None:
         """Send message ``vector``, or latch its pending bit while masked.
 
-        :raises IrqError: if ``vector`` is not among the enabled vectors.
+        The guest may allocate fewer vectors than the function is capable of (Multiple
+        Message Enable below Multiple Message Capable): a function may then change only
+        the low log2(allocated) bits of the message data, so a vector past the allocated
+        ones is sent as ``vector mod allocated`` (several sources share a message, as the
+        PCI specification lets a function do), never refused -- the guest chose the count.
+
+        :raises IrqError: if ``vector`` is not one the function is capable of (a device bug).
         """
-        if not 0 <= vector < self.enabled_vectors:
-            raise IrqError(f"MSI vector {vector} not enabled ({self.enabled_vectors} allocated)")
+        if not 0 <= vector < self.nvectors:
+            raise IrqError(f"MSI vector {vector} does not exist (the function is capable of {self.nvectors})")
+        vector %= self.enabled_vectors
         if self.is_masked(vector):
             self.set(self._pending, 4, self.pending | (1 << vector))
             return
