@@ -76,21 +76,28 @@ def test_libnbd_negotiates_tls_with_the_psk_uri(nbd_server, psk, kind):
         h.shutdown()
 
 
-@pytest.mark.parametrize("kind", ["nbdkit", "qemu"])
-def test_a_psk_uri_reads_and_writes_through_the_controller(nbd_server, psk, kind):
-    server = _tls_server(nbd_server, kind, psk)
+def _write_and_read_with_tls(uri: str, lba: int, fill: bytes) -> None:
+    """Through the NVMe controller on an ``nbd`` namespace at ``uri``: a FUA write of one block
+    of ``fill`` at ``lba`` reads back, and the connection negotiated TLS."""
     machine = Machine(ram_size=32 * MiB)
-    ctrl = NvmeController(f"ns=nbd:uri={_tls_uri(server, psk)}")
+    ctrl = NvmeController(f"ns=nbd:uri={uri}")
     drv = driver.NvmeDriver.attach(machine, ctrl, io_queues=1, io_depth=8)
     try:
         lbs = drv.namespaces[1].lba_size
-        drv.write(1, 3, b"s" * lbs, fua=True)
-        assert drv.read(1, 3, 1) == b"s" * lbs
+        drv.write(1, lba, fill * lbs, fua=True)
+        assert drv.read(1, lba, 1) == fill * lbs
         conn = ctrl.namespaces[1].backend._conns[0]
         assert conn is not None and conn.handle.get_tls_negotiated()
     finally:
         drv.close()
         ctrl.close()
+
+
+@pytest.mark.parametrize("kind", ["nbdkit", "qemu"])
+def test_a_psk_uri_reads_and_writes_through_the_controller(nbd_server, psk, kind):
+    server = _tls_server(nbd_server, kind, psk)
+    _write_and_read_with_tls(_tls_uri(server, psk), 3, b"s")
+
 
 
 @pytest.mark.parametrize("name", ["missing.psk", "dir", "relative"])
@@ -169,19 +176,8 @@ def _x509_server(nbd_server, kind: str, server_dir: Path) -> NbdServer:
 def test_a_certificates_uri_reads_and_writes_through_the_controller(nbd_server, certs, kind):
     server_dir, client_dir = certs
     server = _x509_server(nbd_server, kind, server_dir)
-    machine = Machine(ram_size=32 * MiB)
-    ctrl = NvmeController(f"ns=nbd:uri=nbds+unix:///{server.export}?socket={server.sock}"
-                          f"&tls-certificates={client_dir}")
-    drv = driver.NvmeDriver.attach(machine, ctrl, io_queues=1, io_depth=8)
-    try:
-        lbs = drv.namespaces[1].lba_size
-        drv.write(1, 5, b"x" * lbs, fua=True)
-        assert drv.read(1, 5, 1) == b"x" * lbs
-        conn = ctrl.namespaces[1].backend._conns[0]
-        assert conn is not None and conn.handle.get_tls_negotiated()
-    finally:
-        drv.close()
-        ctrl.close()
+    _write_and_read_with_tls(f"nbds+unix:///{server.export}?socket={server.sock}&tls-certificates={client_dir}",
+                             5, b"x")
 
 
 def test_a_server_certificate_from_another_authority_is_one_clear_error_at_start(nbd_tools, certs, tmp_path):
