@@ -535,12 +535,7 @@ class _Connection:
                         log.warning("NBD server silent in the middle of a reply after the connection's "
                                     "loss: its unanswered writes stay fenced until the namespace closes")
                         self._shut_read = True
-                        with self._fd_lock:
-                            if self._sock is not None:
-                                try:
-                                    self._sock.shutdown(socket.SHUT_RDWR)
-                                except OSError:
-                                    pass
+                        self._shutdown(socket.SHUT_RDWR)
                 if self.submitted:
                     self._issue()
                 direction = h.aio_get_direction()
@@ -768,6 +763,16 @@ class _Connection:
                 pass  # (a wake-up is pending already)
             return True
 
+    def _shutdown(self, how: int) -> None:
+        """Shut our own descriptor of the socket down (``how``: ``socket.SHUT_*``), unless the
+        dispatcher closed it already; a socket no longer connected is left as it is."""
+        with self._fd_lock:
+            if self._sock is not None:
+                try:
+                    self._sock.shutdown(how)
+                except OSError:
+                    pass  # (not connected any more)
+
     def abort(self) -> None:
         """Half-close the socket (a server that stopped answering, a lost connection, a close):
         the server reads its end and, once its requests in flight are done, closes its side,
@@ -776,12 +781,7 @@ class _Connection:
         connection is dead (its commands are sent again on a new one)."""
         self.dead = True
         self._aborted = True
-        with self._fd_lock:
-            if self._sock is not None:
-                try:
-                    self._sock.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass  # (not connected any more)
+        self._shutdown(socket.SHUT_WR)
         h = self.handle
         if h is not None:
             try:
