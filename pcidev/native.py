@@ -80,12 +80,13 @@ anything repeated. ``examples/bench_guest_memory.py`` measures each class
 
 from __future__ import annotations
 
+import enum
 import os
 import platform
 import struct
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pcidev.errors import DmaError
@@ -102,8 +103,14 @@ __all__ = [
     "CffiPinned",
     "Pinned",
     "PythonPinned",
+    "MSGPACK_BACKEND",
+    "MSGPACK_COST_KINDS",
+    "MSGPACK_DEPTH",
+    "MsgpackWalk",
     "crc16_t10dif",
     "crc64_nvme",
+    "measure_msgpack",
+    "py_measure_msgpack",
     "fence",
     "load32",
     "load64",
@@ -814,3 +821,178 @@ else:
 CRC_BACKEND: str = "python" if crc16_t10dif is py_crc16_t10dif else "cffi"
 """Which CRC implementation :func:`crc16_t10dif` and :func:`crc64_nvme` use: ``"cffi"`` (the
 extension's C functions) or ``"python"`` (no extension, or one built before it had them)."""
+
+
+# ------------------------------------------------------------- msgpack measure
+class MsgpackWalk(enum.IntEnum):
+    """How :func:`measure_msgpack` ended (the C function's return values)."""
+
+    #: one whole value, no bytes left over, the estimate within the limit
+    OK = 0
+    #: the estimate passed the limit (at the value at the returned offset)
+    OVER = 1
+    #: the bytes end inside a value (or a container declares more elements than bytes are left)
+    TRUNCATED = 2
+    #: the byte 0xc1, which msgpack never uses
+    RESERVED = 3
+    #: a container (even an empty one) inside :data:`MSGPACK_DEPTH` open non-empty ones
+    DEEP = 4
+    #: bytes left over after the value
+    TRAILING = 5
+
+
+#: The kinds of charge :func:`measure_msgpack` makes, in the order of its ``costs`` argument.
+MSGPACK_COST_KINDS = ("int", "int64", "float", "ascii_base", "ascii_byte", "str_base", "str_byte",
+                      "bin_base", "bin_byte", "ext_base", "ext_byte", "array_base", "array_item",
+                      "map_base", "map_item")
+#: Most non-empty containers open at once, and no container may start inside that many
+#: (msgpack-python's own nesting limit).
+MSGPACK_DEPTH = 1024
+_MAX_COST = 0xFFFF
+_MAX_LIMIT = 1 << 62
+
+
+def _check_measure_args(costs: Sequence[int], limit: int) -> None:
+    if len(costs) != len(MSGPACK_COST_KINDS):
+        raise ValueError(f"costs must have {len(MSGPACK_COST_KINDS)} entries ({', '.join(MSGPACK_COST_KINDS)})")
+    if any(type(c) is not int or not 0 <= c <= _MAX_COST for c in costs):
+        raise ValueError(f"each cost must be an int in 0..{_MAX_COST}")
+    if type(limit) is not int or not 0 <= limit <= _MAX_LIMIT:
+        raise ValueError(f"limit must be an int in 0..2**62, got {limit!r}")
+
+
+def py_measure_msgpack(data: Any, costs: Sequence[int], limit: int) -> tuple[MsgpackWalk, int, int]:
+    """Pure-Python :func:`measure_msgpack` (the fallback; also what tests compare against)."""
+    _check_measure_args(costs, limit)
+    buf = bytes(data)
+    size = len(buf)
+    (c_int, c_int64, c_float, c_ascii, c_ascii_b, c_str, c_str_b, c_bin, c_bin_b, c_ext, c_ext_b,
+     c_arr, c_arr_i, c_map, c_map_i) = costs
+    left = [1]
+    cost = pos = start = 0
+
+    def need(width: int) -> int:
+        nonlocal pos
+        if size - pos < width:
+            raise _Truncated
+        v = int.from_bytes(buf[pos:pos + width], "big")
+        pos += width
+        return v
+
+    try:
+        while True:
+            while len(left) > 1 and left[-1] == 0:
+                left.pop()
+            if left[-1] == 0:
+                break
+            left[-1] -= 1
+            start = pos
+            if pos >= size:
+                raise _Truncated
+            b = buf[pos]
+            pos += 1
+            count = -1  # a container's element count, else -1
+            if b <= 0x7F or b in (0xC0, 0xC2, 0xC3):
+                continue
+            if b >= 0xE0:
+                cost += c_int
+            elif b <= 0x8F or b in (0xDE, 0xDF):
+                n = b & 0x0F if b <= 0x8F else need(2 if b == 0xDE else 4)
+                if n > (size - pos) // 2:
+                    raise _Truncated
+                cost += c_map + c_map_i * n
+                count = 2 * n
+            elif b <= 0x9F or b in (0xDC, 0xDD):
+                n = b & 0x0F if b <= 0x9F else need(2 if b == 0xDC else 4)
+                if n > size - pos:
+                    raise _Truncated
+                cost += c_arr + c_arr_i * n
+                count = n
+            elif b <= 0xBF or b in (0xD9, 0xDA, 0xDB):
+                n = b & 0x1F if b <= 0xBF else need(1 << (b - 0xD9))
+                if n > size - pos:
+                    raise _Truncated
+                cost += (c_ascii + c_ascii_b * n) if buf[pos:pos + n].isascii() else (c_str + c_str_b * n)
+                pos += n
+            elif b == 0xC1:
+                return MsgpackWalk.RESERVED, cost, start
+            elif b in (0xC4, 0xC5, 0xC6):
+                n = need(1 << (b - 0xC4))
+                if n > size - pos:
+                    raise _Truncated
+                cost += c_bin + c_bin_b * n
+                pos += n
+            elif b in (0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8):
+                n = need(1 << (b - 0xC7)) if b <= 0xC9 else 1 << (b - 0xD4)
+                if size - pos < 1 or n > size - pos - 1:
+                    raise _Truncated
+                cost += c_ext + c_ext_b * n
+                pos += 1 + n
+            else:
+                width, charge = _FIXED[b]
+                need(width)
+                cost += (0, c_int, c_int64, c_float)[charge]
+            if cost > limit:
+                return MsgpackWalk.OVER, cost, start
+            if count >= 0:
+                if len(left) > MSGPACK_DEPTH:
+                    return MsgpackWalk.DEEP, cost, start
+                if count:
+                    left.append(count)
+    except _Truncated:
+        return MsgpackWalk.TRUNCATED, cost, start
+    if pos != size:
+        return MsgpackWalk.TRAILING, cost, pos
+    return MsgpackWalk.OK, cost, size
+
+
+class _Truncated(Exception):
+    pass
+
+
+# fixed-width numbers: first byte -> (payload width, charge: 0 none, 1 int, 2 int64, 3 float)
+_FIXED = {0xCA: (4, 3), 0xCB: (8, 3), 0xCC: (1, 0), 0xCD: (2, 1), 0xCE: (4, 1), 0xCF: (8, 2),
+          0xD0: (1, 1), 0xD1: (2, 1), 0xD2: (4, 1), 0xD3: (8, 2)}
+
+
+if CffiPinned is not None and hasattr(_lib, "pcidev_msgpack_measure"):
+    _c_measure = _lib.pcidev_msgpack_measure
+    _new = _ffi.new
+    _buffer_of = _ffi.from_buffer
+
+    def measure_msgpack(data: Any, costs: Sequence[int], limit: int) -> tuple[MsgpackWalk, int, int]:
+        """Walk one msgpack value without building it, adding up what decoding it would cost.
+
+        The charge of each value comes from ``costs`` (one entry per
+        :data:`MSGPACK_COST_KINDS` kind): nil, booleans, positive fixints and uint 8 (the
+        integers CPython caches) are free; negative fixints, uint 16/32 and int 8/16/32
+        charge ``int``, 64-bit integers ``int64``, floats ``float``; a str charges
+        ``ascii_base + ascii_byte * n`` when its n bytes are all ASCII, else ``str_base +
+        str_byte * n``; bin and ext charge their base plus per byte; an array or map charges
+        its base plus ``array_item``/``map_item`` per declared element, at its header. The
+        walk stops at the first problem, in stream order: bytes ending inside a value (a
+        container declaring more elements than bytes are left counts, checked before its
+        charge), the unused byte 0xc1, the estimate passing ``limit``, a container starting
+        inside :data:`MSGPACK_DEPTH` open non-empty ones; then bytes left after the value. Nothing the
+        bytes say is allocated: memory use is constant.
+
+        :param data: the bytes (any C-contiguous buffer).
+        :param costs: the charges, ints in 0..65535.
+        :param limit: the most the estimate may reach (0..2**62).
+        :returns: ``(how the walk ended, the estimate so far, the offset of the value where it
+            stopped)``; the offset is ``len(data)`` when the walk ended with the value, and the
+            first extra byte's for :attr:`MsgpackWalk.TRAILING`.
+        :raises ValueError: bad ``costs`` or ``limit``.
+        """
+        _check_measure_args(costs, limit)
+        out = _new("uint64_t[2]")
+        with memoryview(data) as mv:
+            n = mv.nbytes
+        status = _c_measure(_buffer_of("uint8_t[]", data), n, _new("uint64_t[]", list(costs)), limit, out)
+        return MsgpackWalk(status), int(out[0]), int(out[1])
+
+else:
+    measure_msgpack = py_measure_msgpack
+
+MSGPACK_BACKEND: str = "python" if measure_msgpack is py_measure_msgpack else "cffi"
+"""Which :func:`measure_msgpack` runs: ``"cffi"`` (the extension's C walk) or ``"python"``."""

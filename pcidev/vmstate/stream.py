@@ -26,6 +26,8 @@ import crc32c
 import msgpack
 
 from pcidev.errors import ConfigError
+from pcidev.native import MsgpackWalk
+from pcidev.vmstate.budget import estimate
 from pcidev.vmstate.codec import _tname, codec_for, decode_state, encode_state
 from pcidev.vmstate.description import description_of, is_vmstate
 from pcidev.vmstate.errors import (
@@ -184,14 +186,24 @@ def open_stream(data: Any) -> tuple[int, Any, int]:
     if stored != computed:
         raise ChecksumError(f"checksum mismatch: stored 0x{stored:08x}, computed 0x{computed:08x} "
                             f"(corrupted stream)")
+    with memoryview(data) as whole, whole[PREFIX_SIZE: PREFIX_SIZE + n] as packed:
+        return fmt, _decode_body(packed), stored
+
+
+def _decode_body(packed: memoryview) -> Any:
+    """Walk the body within the decoded-size budget (:mod:`pcidev.vmstate.budget`), then decode it."""
+    est = estimate(packed)
+    problem = est.problem()
+    if problem is not None:
+        what = "too large" if est.walk is MsgpackWalk.OVER else "not valid msgpack"
+        raise StreamError(f"body is {what}: {problem}")
     try:
-        body = msgpack.unpackb(data[PREFIX_SIZE: PREFIX_SIZE + n], raw=False, strict_map_key=True,
-                               use_list=True, object_pairs_hook=_unique_map)
+        return msgpack.unpackb(packed, raw=False, strict_map_key=True, use_list=True,
+                               object_pairs_hook=_unique_map)
     except msgpack.StackError:
         raise StreamError("body is not valid msgpack: values nest deeper than 1024 levels") from None
     except Exception as e:  # msgpack raises several unrelated types
         raise StreamError(f"body is not valid msgpack: {type(e).__name__}: {e}") from None
-    return fmt, body, stored
 
 
 def _header(body: Any) -> tuple[str, dict[str, Any], list[Any]]:
@@ -371,7 +383,21 @@ def _save(device_type: str, fingerprint: Mapping[str, Any],
         packed = msgpack.packb(body, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as e:  # pragma: no cover - values are checked
         raise StateError(f"cannot encode the stream: {e}") from None
+    est = estimate(packed)
+    if est.walk is not MsgpackWalk.OK:
+        raise StateError(_too_large(packed, out, est.limit))
     return seal(packed)
+
+
+def _too_large(packed: bytes, sections: list[list[Any]], limit: int) -> str:
+    """The message of a state whose stream a reader would refuse as too large to decode."""
+    whole = estimate(packed, 1 << 62).size
+    sizes = sorted(((estimate(msgpack.packb(enc, use_bin_type=True), 1 << 62).size, name, iid)
+                    for name, iid, enc in sections), reverse=True)
+    largest = ", ".join(f"{name} {iid}: {size:,}" for size, name, iid in sizes[:3])
+    return (f"the state is too large to save: decoding its stream would take an estimated {whole:,} bytes, "
+            f"more than the {limit:,} a reader accepts (MAX_DECODED_SIZE); largest sections: "
+            f"{largest}")
 
 
 def load(data: Any, *, device_type: str, fingerprint: Mapping[str, Any],

@@ -88,11 +88,13 @@ import msgpack
 
 from pcidev import errors
 from pcidev.errors import MigrationBlockedError, PcidevError, TransportError, VMStateError
+from pcidev.native import MsgpackWalk
 from pcidev.transport.fdpass import close_fds, recv_exact, recv_some, send_all
 from pcidev.vmstate import errors as vmstate_errors
+from pcidev.vmstate.budget import estimate
 
 __all__ = [
-    "MAGIC", "HEADER", "FLAG_REPLY", "FLAG_ERROR", "MAX_BODY", "LINK_MAX_FDS", "U64_MAX",
+    "MAGIC", "HEADER", "FLAG_REPLY", "FLAG_ERROR", "MAX_BODY", "MAX_DECODED_BODY", "LINK_MAX_FDS", "U64_MAX",
     "HELLO", "CONFIG_READ", "CONFIG_WRITE", "BAR_READ", "BAR_WRITE", "ROM_READ",
     "DMA_MAP", "DMA_UNMAP", "SET_IRQS", "STATUS", "MIGRATE", "RESUME", "PRECOPY", "RELEASE", "TAKE_BACK",
     "ABANDON", "NAMES", "MSI_ROUTE_ADDRESS",
@@ -110,6 +112,9 @@ FLAG_REPLY = 1
 FLAG_ERROR = 2
 #: largest message body
 MAX_BODY = 1 << 20
+#: most a body's decoding may be estimated to cost (:mod:`pcidev.vmstate.budget`): 16 MiB,
+#: so a 1 MiB body of empty maps (some 140 MB decoded) is refused before it is decoded
+MAX_DECODED_BODY = 16 << 20
 #: most descriptors one message may carry
 LINK_MAX_FDS = 64
 #: longest error message an error reply carries (longer ones are cut)
@@ -179,8 +184,14 @@ def decode_body(body: bytes, what: str) -> Any:
 
     :param body: the body's bytes.
     :param what: the message, for the error.
-    :raises TransportError: the body is not valid msgpack.
+    :raises TransportError: the body is not valid msgpack, or its decoding would cost more
+        than :data:`MAX_DECODED_BODY`.
     """
+    est = estimate(body, MAX_DECODED_BODY)
+    problem = est.problem()
+    if problem is not None:
+        kind = "too large" if est.walk is MsgpackWalk.OVER else "not valid msgpack"
+        raise TransportError(f"{what}: body is {kind} ({problem})")
     try:
         return msgpack.unpackb(body, raw=False, strict_map_key=True)
     except Exception as exc:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
+import tracemalloc
 
 import msgpack
 import pytest
@@ -72,6 +74,22 @@ def test_broken_framing_is_a_transport_error(pair, head, text):
 def test_a_body_that_is_not_msgpack_names_the_message():
     with pytest.raises(TransportError, match="CONFIG_READ: body is not valid msgpack"):
         decode_body(b"\xc1", "CONFIG_READ")
+
+
+def test_a_body_too_dear_to_decode_is_refused_before_decoding():
+    """A full-size body of empty maps would decode to some 140 MB: refused by its estimate
+    (MAX_DECODED_BODY), with little allocated; a full-size bin still decodes."""
+    hostile = b"\xdd" + struct.pack(">I", MAX_BODY - 5) + b"\x80" * (MAX_BODY - 5)
+    tracemalloc.start()
+    try:
+        with pytest.raises(TransportError, match=r"BAR_WRITE: body is too large \(decoding it would take more "
+                                                 r"than 16,777,216 bytes"):
+            decode_body(hostile, "BAR_WRITE")
+        assert tracemalloc.get_traced_memory()[1] < 1 << 20
+    finally:
+        tracemalloc.stop()
+    data = bytes(range(256)) * ((MAX_BODY - 16) // 256)
+    assert decode_body(encode_body([0, data]), "BAR_WRITE") == [0, data]
 
 
 @pytest.mark.parametrize("error", [
