@@ -24,6 +24,8 @@ __all__ = ["COMMAND"]
 
 #: the longest ``--seconds`` (a week): ``inf`` or ``nan`` would run forever or not at all
 MAX_SECONDS = 7 * 86400.0
+#: most fuzzing processes one run starts
+MAX_JOBS = 64
 
 def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", nargs="?", help="the target to fuzz (see --list)")
@@ -33,7 +35,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
                         help="corpus directory to start from and (atheris) add to (default: the target's seeds)")
     parser.add_argument("--findings", type=Path, default=Path("fuzz-findings"),
                         help="where inputs that broke an invariant are saved (default ./fuzz-findings)")
-    parser.add_argument("--jobs", type=int, default=1, help="parallel fuzzing processes (atheris only; default 1)")
+    parser.add_argument("--jobs", type=int, default=1, help="fuzzing processes at once, sharing the corpus (atheris only; 1-64, default 1)")
     parser.add_argument("--engine", choices=("atheris", "random"), default="atheris",
                         help="atheris: coverage-guided (the fuzz extra); random: no coverage, nothing to install")
     parser.add_argument("--seed", type=int, default=None, help="random seed of the engine")
@@ -55,8 +57,8 @@ def COMMAND(args: argparse.Namespace, ctx: CliContext) -> int | None:
         raise UsageError(f"--seconds {args.seconds:g}: must be above 0 and at most {MAX_SECONDS:g} (a week)")
     if args.corpus is not None and not args.corpus.is_dir():
         raise UsageError(f"--corpus {args.corpus}: not a directory")
-    if args.jobs < 1:
-        raise UsageError("--jobs must be at least 1")
+    if not 1 <= args.jobs <= MAX_JOBS:
+        raise UsageError(f"--jobs must be from 1 to {MAX_JOBS}")
     if args.engine == "random":
         if args.jobs != 1:
             raise UsageError("--jobs needs --engine atheris")

@@ -24,6 +24,7 @@ import random
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -336,7 +337,8 @@ def run_atheris(name: str, *, seconds: float, corpus: Path | None, findings: Pat
     :param corpus: the corpus directory libFuzzer reads and adds to (default: a fresh
         one under ``findings``, filled with the target's seeds).
     :param findings: where findings are saved.
-    :param jobs: libFuzzer workers (``-jobs``/``-workers``).
+    :param jobs: children fuzzing at once, sharing the corpus (executions add up; coverage,
+        features and corpus are the largest any child reported; ``seed`` + i for child i).
     :param plugin_specs: the ``-p`` options, for the child's plugin selection.
     :param seed: libFuzzer's ``-seed``.
     :param echo: where finding lines go.
@@ -357,27 +359,66 @@ def run_atheris(name: str, *, seconds: float, corpus: Path | None, findings: Pat
         cmd += ["-p", spec]
     cmd += instrumentation_args(instrumented_modules(name, plugin_specs) if instrument is None else instrument)
     cmd += ["--", f"-max_total_time={max(1, int(seconds))}", "-print_final_stats=1", f"-rss_limit_mb={RSS_LIMIT_MB}",
-            f"-artifact_prefix={findings}{os.sep}", str(corpus_dir)]
-    if seed is not None:
-        cmd.insert(-1, f"-seed={seed}")
-    if jobs > 1:
-        cmd[-1:-1] = [f"-jobs={jobs}", f"-workers={jobs}"]
+            f"-artifact_prefix={findings}{os.sep}"]
+    # one child per job, each with its own seed, all sharing the corpus directory (libFuzzer
+    # reloads what the others add); not libFuzzer's own -jobs, which re-runs the child
+    # through a shell command line that the bootstrap's -c program does not survive
+    cmds = [cmd + ([] if seed is None else [f"-seed={seed + i}"]) + [str(corpus_dir)] for i in range(max(1, jobs))]
     started = time.monotonic()
-    # pcidev must be imported by the child inside atheris's instrumentation, not from this
-    # process's cached state: a fresh interpreter, the same sys.path
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                          check=False)
+    outputs = _run_children(cmds)
     report = FuzzReport(name, "atheris", time.monotonic() - started)
-    parse_libfuzzer(proc.stdout, report)
+    clocks = []  # each child's own fuzzing time, from its "Done" line
+    for output in outputs:
+        one = FuzzReport(name, "atheris", -1.0)
+        parse_libfuzzer(output, one)
+        report.executions += one.executions
+        if one.coverage is not None:
+            report.coverage = max(report.coverage or 0, one.coverage)
+        if one.features is not None:
+            report.features = max(report.features or 0, one.features)
+        report.corpus = max(report.corpus, one.corpus)
+        if one.seconds >= 0:
+            clocks.append(one.seconds)
+    if len(clocks) == len(outputs):
+        report.seconds = max(clocks)
     report.wall = time.monotonic() - started
-    for line in proc.stdout.splitlines():
-        if line.startswith("FINDING "):
-            report.findings.append(line[len("FINDING "):])
-            echo(line[len("FINDING "):])
-    for line in libfuzzer_findings(proc.stdout):  # (the run ended on it)
-        report.findings.append(line)
-        echo(line)
+    for output in outputs:
+        for line in output.splitlines():
+            if line.startswith("FINDING "):
+                report.findings.append(line[len("FINDING "):])
+                echo(line[len("FINDING "):])
+        for line in libfuzzer_findings(output):  # (the job ended on it)
+            report.findings.append(line)
+            echo(line)
     if report.executions == 0 and not report.findings:
-        tail = [ln for ln in proc.stdout.splitlines() if ln.strip()][-1:] or [f"exit status {proc.returncode}"]
+        tail = [ln for ln in outputs[0].splitlines() if ln.strip()][-1:] or ["no output"]
         raise PcidevError(f"the fuzzer of {name} did not run: {tail[0]}")
     return report
+
+
+def _run_children(cmds: list[list[str]]) -> list[str]:
+    """Run the child commands at once; each one's output (standard output and error).
+
+    pcidev must be imported by a child inside atheris's instrumentation, not from this
+    process's cached state: a fresh interpreter, the same sys.path. Each child writes to
+    its own unlinked temporary file, read once all have ended.
+    """
+    files = [tempfile.TemporaryFile() for _ in cmds]
+    try:
+        procs = [subprocess.Popen(c, stdout=f, stderr=subprocess.STDOUT) for c, f in zip(cmds, files, strict=True)]
+        try:
+            for p in procs:
+                p.wait()
+        finally:
+            for p in procs:  # (an interrupted parent takes its children with it)
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        outputs = []
+        for f in files:
+            f.seek(0)
+            outputs.append(f.read().decode("utf-8", "replace"))
+        return outputs
+    finally:
+        for f in files:
+            f.close()

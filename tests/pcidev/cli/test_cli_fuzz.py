@@ -45,6 +45,7 @@ def test_an_unknown_target_is_one_line(capsys, tmp_path):
 def test_bad_numbers_are_usage_errors(capsys):
     assert _run(capsys, "fuzz", "vmstate", "--seconds", "0")[0] == 2
     assert _run(capsys, "fuzz", "vmstate", "--jobs", "0")[0] == 2
+    assert _run(capsys, "fuzz", "vmstate", "--jobs", "65")[0] == 2
     assert _run(capsys, "fuzz", "vmstate", "--engine", "random", "--jobs", "2")[0] == 2
 
 

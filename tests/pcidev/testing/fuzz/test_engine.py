@@ -112,8 +112,7 @@ def test_libfuzzers_own_findings_are_parsed():
 def test_the_engine_reports_libfuzzers_out_of_memory(monkeypatch, tmp_path, stats):
     output = _OOM if stats else _OOM.split("\n", 1)[1]
     monkeypatch.setattr(engine, "atheris_available", lambda: True)
-    monkeypatch.setattr(engine.subprocess, "run",
-                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, stdout=output))
+    monkeypatch.setattr(engine, "_run_children", lambda cmds: [output] * len(cmds))
     echoed: list[str] = []
     report = engine.run_atheris("vmstate", seconds=1, corpus=None, findings=tmp_path, echo=echoed.append)
     assert report.findings == echoed == [
@@ -179,12 +178,12 @@ def test_the_child_instruments_what_it_is_told(tmp_path):
 def test_the_engine_passes_the_targets_scope_to_the_child(monkeypatch, tmp_path):
     seen: list[list[str]] = []
 
-    def fake_run(cmd, **kw):
-        seen.append(cmd)
-        return subprocess.CompletedProcess(cmd, 0, stdout="Done 3 runs in 1 second(s)\n")
+    def fake_run(cmds):
+        seen.extend(cmds)
+        return ["Done 3 runs in 1 second(s)\n"] * len(cmds)
 
     monkeypatch.setattr(engine, "atheris_available", lambda: True)
-    monkeypatch.setattr(engine.subprocess, "run", fake_run)
+    monkeypatch.setattr(engine, "_run_children", fake_run)
     engine.run_atheris("nvme-guest", seconds=1, corpus=None, findings=tmp_path)
     engine.run_atheris("vmstate", seconds=1, corpus=None, findings=tmp_path)
     engine.run_atheris("nvme-guest", seconds=1, corpus=None, findings=tmp_path, instrument=())
@@ -308,3 +307,58 @@ def test_migration_target_replays_a_real_source_and_reports_an_untyped_error(mon
     with pytest.raises(FuzzFinding) as info:
         target.run(bytes([11] * 16))
     assert info.value.invariant == "escaped-exception" and "AttributeError" in info.value.where
+
+
+_FAKE_ATHERIS = """
+import contextlib, os, sys
+def instrument_imports(include, exclude):
+    return contextlib.nullcontext()
+_args = []
+def Setup(argv, one_input):
+    _args[:] = argv
+    one_input(b"")
+def Fuzz():
+    seed = int(next(a for a in _args if a.startswith("-seed="))[6:])
+    corpus = _args[-1]
+    n = 1000 * seed
+    open(os.path.join(corpus, f"from-{seed}"), "w").close()
+    print(f"#{n}\\tDONE   cov: {10 + seed} ft: {20 + seed} corp: {seed}/9b exec/s: 1 rss: 9Mb", file=sys.stderr)
+    print(f"Done {n} runs in {seed} second(s)", file=sys.stderr)
+    if seed == 2:
+        print("FINDING f/x.bin: made up by the fake", flush=True)
+    sys.exit(0)
+"""
+
+
+def test_jobs_run_as_children_sharing_the_corpus_and_their_figures_add_up(monkeypatch, tmp_path):
+    """--jobs N: N children of the real bootstrap (here with a stand-in atheris), each with
+    its own seed and the shared corpus; executions add up, coverage/features/corpus are the
+    largest, every child's findings are reported."""
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "atheris.py").write_text(_FAKE_ATHERIS)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake), *sys.path]))
+    monkeypatch.setattr(engine, "atheris_available", lambda: True)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    echoed: list[str] = []
+    report = engine.run_atheris("vmstate", seconds=5, corpus=corpus, findings=tmp_path / "f", jobs=3, seed=1,
+                                echo=echoed.append)
+    assert report.executions == 1000 + 2000 + 3000
+    assert (report.coverage, report.features, report.corpus) == (13, 23, 3)
+    assert report.seconds == 3.0  # the longest child's own clock
+    assert report.findings == echoed == ["f/x.bin: made up by the fake"]
+    assert sorted(p.name for p in corpus.iterdir()) == ["from-1", "from-2", "from-3"]
+
+
+def test_children_run_at_once_and_each_output_is_kept(tmp_path):
+    """The children run concurrently (each waits for a file the next one writes)."""
+    script = ("import os, sys, time\n"
+              "me, d = int(sys.argv[1]), sys.argv[2]\n"
+              "open(os.path.join(d, str(me)), 'w').close()\n"
+              "deadline = time.monotonic() + 60\n"
+              "while not os.path.exists(os.path.join(d, str((me + 1) % 3))) and time.monotonic() < deadline:\n"
+              "    time.sleep(0.01)\n"
+              "print('child', me, os.path.exists(os.path.join(d, str((me + 1) % 3))))\n")
+    outputs = engine._run_children([[sys.executable, "-c", script, str(i), str(tmp_path)] for i in range(3)])
+    assert outputs == ["child 0 True\n", "child 1 True\n", "child 2 True\n"]
