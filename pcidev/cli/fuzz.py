@@ -35,7 +35,8 @@ def _configure(parser: argparse.ArgumentParser) -> None:
                         help="corpus directory to start from and (atheris) add to (default: the target's seeds)")
     parser.add_argument("--findings", type=Path, default=Path("fuzz-findings"),
                         help="where inputs that broke an invariant are saved (default ./fuzz-findings)")
-    parser.add_argument("--jobs", type=int, default=1, help="fuzzing processes at once, sharing the corpus (atheris only; 1-64, default 1)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="fuzzing processes at once, sharing the corpus (atheris only; 1-64, default 1)")
     parser.add_argument("--engine", choices=("atheris", "random"), default="atheris",
                         help="atheris: coverage-guided (the fuzz extra); random: no coverage, nothing to install")
     parser.add_argument("--seed", type=int, default=None, help="random seed of the engine")

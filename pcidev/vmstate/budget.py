@@ -12,22 +12,31 @@ would refuse, so a stream this build writes is a stream it reads.
 
 The estimate (:data:`COSTS`) charges each value what CPython 3.11 and msgpack-python
 allocate for it, rounded up (measured with :mod:`tracemalloc`; a map also pays for the
-key/value pairs it is built from): integers CPython caches, nil and booleans are free; an
-array is 64 bytes plus 8 per element; a map 128 plus 152 per entry; a str 56 plus its
-length when ASCII (80 plus four times its length otherwise); bin 48 plus its length.
-The figure is an upper bound of the decoding's peak for the shapes an attacker would use
-(one-byte values, empty containers) and overstates structured states about four times
-(a 5-field structure costs some 1,200 bytes against some 260 really allocated, since
-CPython shares interned keys and small integers): one completion queue with a full
-backlog of 65,536 completions is estimated at about 86 MB (19 MB really allocated), so a
-stream may carry 12 of them.
+key/value pairs it is built from and for the interned-string table entry of a str key):
+integers CPython caches, nil and booleans are free; an array is 64 bytes plus 8 per
+element; a map 128 plus 200 per entry; a str 56 plus its length when ASCII, else 96 plus six
+times its length (CPython widens a string from one to two to four bytes a character with
+both buffers alive); bin 48 plus its length; ext 128 plus its length. For every shape an
+attacker could use (one-byte values, empty containers, wide strings, maps with a repeated
+key, timestamps) the estimate bounds the decoding's peak, give or take the decoder's fixed
+few KiB and a one-time growth of the interpreter's interned-string table (tested in
+``tests/pcidev/vmstate/test_vmstate_budget.py``). It overstates structured states four to
+five times (a 5-field structure is charged some 1,500 bytes against some 300 really
+allocated, since CPython shares interned keys and small integers): one completion queue
+with a full backlog of 65,536 completions is estimated at about 101 MB (about 21 MB really
+allocated), so a stream may carry ten of them; ``save`` refuses an eleventh with a
+:class:`~pcidev.vmstate.errors.StateError` naming the largest sections.
+
+Without the compiled extension the walk runs in Python (``py_measure_msgpack``), some
+0.5 µs a value: a body within the budget can hold 2**25 small values, so the walk may then
+take tens of seconds of CPU for the largest hostile body.
 """
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from pcidev.native import MSGPACK_COST_KINDS, MsgpackWalk, measure_msgpack
+from pcidev.native import MSGPACK_COST_KINDS, MSGPACK_DEPTH, MsgpackWalk, measure_msgpack
 
 __all__ = ["COSTS", "MAX_DECODED_SIZE", "Estimate", "estimate"]
 
@@ -38,9 +47,9 @@ MAX_DECODED_SIZE = 1 << 30
 #: The charge of each kind of value (see :func:`pcidev.native.measure_msgpack`), in bytes.
 COSTS: dict[str, int] = {
     "int": 32, "int64": 48, "float": 32,
-    "ascii_base": 56, "ascii_byte": 1, "str_base": 80, "str_byte": 4,
-    "bin_base": 48, "bin_byte": 1, "ext_base": 96, "ext_byte": 1,
-    "array_base": 64, "array_item": 8, "map_base": 128, "map_item": 152,
+    "ascii_base": 56, "ascii_byte": 1, "str_base": 96, "str_byte": 6,
+    "bin_base": 48, "bin_byte": 1, "ext_base": 128, "ext_byte": 1,
+    "array_base": 64, "array_item": 8, "map_base": 128, "map_item": 200,
 }
 _COSTS = tuple(COSTS[k] for k in MSGPACK_COST_KINDS)
 
@@ -67,14 +76,13 @@ class Estimate(NamedTuple):
         if w is MsgpackWalk.OK:
             return None
         if w is MsgpackWalk.OVER:
-            return (f"decoding it would take more than {self.limit:,} bytes (estimated {self.size:,} by the "
-                    f"value at byte {at}; MAX_DECODED_SIZE)")
+            return f"decoding it would take more than {self.limit:,} bytes (estimated {self.size:,} by byte {at})"
         if w is MsgpackWalk.TRUNCATED:
             return f"the value at byte {at} is truncated"
         if w is MsgpackWalk.RESERVED:
             return f"byte {at} is 0xc1, which msgpack never uses"
         if w is MsgpackWalk.DEEP:
-            return f"values nest deeper than 1024 levels (at byte {at})"
+            return f"values nest deeper than {MSGPACK_DEPTH} levels (at byte {at})"
         return f"bytes left over after the value, from byte {at}"
 
 

@@ -135,14 +135,17 @@ class _DuplicateKey(ValueError):
 
 
 def _unique_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
-    """Map hook for msgpack: a map with a repeated key is malformed, not "last one wins"."""
+    """Map hook for msgpack: a map with a repeated key is malformed, not "last one wins".
+
+    The repeated key is found by emptying the dict built, not by building a second
+    container: the decoded-size budget charges a map for one dict.
+    """
     d = dict(pairs)
     if len(d) != len(pairs):
-        seen = set()
+        gone = object()
         for k, _ in pairs:
-            if k in seen:
+            if d.pop(k, gone) is gone:
                 raise _DuplicateKey(f"duplicate key {_show(k)} in a map")
-            seen.add(k)
     return d
 
 
@@ -195,8 +198,9 @@ def _decode_body(packed: memoryview) -> Any:
     est = estimate(packed)
     problem = est.problem()
     if problem is not None:
-        what = "too large" if est.walk is MsgpackWalk.OVER else "not valid msgpack"
-        raise StreamError(f"body is {what}: {problem}")
+        if est.walk is MsgpackWalk.OVER:
+            raise StreamError(f"body is too large: {problem} (MAX_DECODED_SIZE)")
+        raise StreamError(f"body is not valid msgpack: {problem}")
     try:
         return msgpack.unpackb(packed, raw=False, strict_map_key=True, use_list=True,
                                object_pairs_hook=_unique_map)
@@ -384,8 +388,10 @@ def _save(device_type: str, fingerprint: Mapping[str, Any],
     except (TypeError, ValueError, OverflowError) as e:  # pragma: no cover - values are checked
         raise StateError(f"cannot encode the stream: {e}") from None
     est = estimate(packed)
-    if est.walk is not MsgpackWalk.OK:
+    if est.walk is MsgpackWalk.OVER:
         raise StateError(_too_large(packed, out, est.limit))
+    if est.walk is not MsgpackWalk.OK:  # pragma: no cover - msgpack wrote it
+        raise StateError(f"cannot encode the stream: {est.problem()}")
     return seal(packed)
 
 

@@ -113,7 +113,7 @@ FLAG_ERROR = 2
 #: largest message body
 MAX_BODY = 1 << 20
 #: most a body's decoding may be estimated to cost (:mod:`pcidev.vmstate.budget`): 16 MiB,
-#: so a 1 MiB body of empty maps (some 140 MB decoded) is refused before it is decoded
+#: so a 1 MiB body of empty maps (some 76 MB decoded) is refused before it is decoded
 MAX_DECODED_BODY = 16 << 20
 #: most descriptors one message may carry
 LINK_MAX_FDS = 64
@@ -190,8 +190,9 @@ def decode_body(body: bytes, what: str) -> Any:
     est = estimate(body, MAX_DECODED_BODY)
     problem = est.problem()
     if problem is not None:
-        kind = "too large" if est.walk is MsgpackWalk.OVER else "not valid msgpack"
-        raise TransportError(f"{what}: body is {kind} ({problem})")
+        if est.walk is MsgpackWalk.OVER:
+            raise TransportError(f"{what}: body is too large: {problem} (MAX_DECODED_BODY)")
+        raise TransportError(f"{what}: body is not valid msgpack: {problem}")
     try:
         return msgpack.unpackb(body, raw=False, strict_map_key=True)
     except Exception as exc:
