@@ -171,9 +171,12 @@ class NvmeGuestTarget(FuzzTarget):
         try:
             world.settle()
         except VMStateError as exc:
+            failed = world.ctrl.failed
+            self._drop(world)
+            if failed is not None:  # it took the snapshot, then failed to apply it
+                raise FuzzFinding.escaped(failed, "the restore after the input") from exc
             log.debug("nvme-guest: the saved world is built again (%s)", exc)
             self.rebuilds += 1
-            self._drop(world)
         except Exception as exc:
             self._drop(world)
             raise FuzzFinding.escaped(exc, "the restore after the input") from exc
