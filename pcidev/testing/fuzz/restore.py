@@ -77,6 +77,16 @@ def _data_pages(ram: bytes) -> list[tuple[int, bytes]]:
     return out
 
 
+def _punch(window: mmap.mmap) -> bool:
+    """Make all of a shared memfd mapping read as zeros by freeing its pages
+    (``MADV_REMOVE``); False where the kernel (or Python) cannot."""
+    try:
+        window.madvise(mmap.MADV_REMOVE)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return True
+
+
 class _Shared(pickle.Pickler):
     """Pickles a host-side object with the template's shared objects as persistent references."""
 
@@ -225,10 +235,7 @@ class MachineTemplate:
 
     def _restore_ram(self) -> None:
         machine = self.machine
-        try:
-            assert self._ram_window is not None
-            self._ram_window.madvise(mmap.MADV_REMOVE, 0, machine.ram_size)
-        except (OSError, ValueError, AttributeError):  # (no MADV_REMOVE here: write every byte)
+        if self._ram_window is None or not _punch(self._ram_window):
             machine.memory.fill(0, machine.ram_size, 0)
         for off, data in self._ram:
             machine.memory.write(off, data)
