@@ -15,10 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pcidev.errors import PcidevError
 from pcidev.migration import load_device_stream
 from pcidev.migration.snapshot import save_device
 from pcidev.plugins import load_registry, make_plugin_manager
-from pcidev.testing.fuzz import FuzzFinding, make_target, restore
+from pcidev.testing.fuzz import FuzzFinding, make_target, restore, vmstate_target
 from pcidev.testing.fuzz.target import open_fd_count
 from pcidev.vmstate.stream import PREFIX_SIZE, TRAILER_SIZE, seal
 from pcidev_nvme.controller import NvmeController
@@ -456,3 +457,123 @@ def test_a_namespace_an_input_created_is_no_fd_leak_and_gone_for_the_next_input(
         assert open_fd_count() == fds and 3 not in target._world.ctrl.allocated
     finally:
         target.close()
+
+
+# ---------------------------------------------------------------- nvme-vmstate: the kept destination
+def _vmstate_target(reuse: bool) -> NvmeVmstateTarget:
+    target = NvmeVmstateTarget()
+    target.reuse_refused = reuse  # (the class keeps it; an instance may not)
+    target.setup()
+    return target
+
+
+@pytest.fixture(scope="module")
+def vmstate_targets():
+    targets = _vmstate_target(True), _vmstate_target(False)
+    yield targets
+    for target in targets:
+        target.close()
+
+
+def _vmstate_outcome(target: NvmeVmstateTarget, data: bytes, monkeypatch) -> tuple[object, ...]:
+    """B's outcome: its finding, the load's error (type and message) or, for a device that
+    loaded, its registers and its whole saved state (but the clock's fields) after the
+    target's guest accesses."""
+    seen: list[object] = []
+    real_load, real_exercise = vmstate_target.load_device_stream, NvmeVmstateTarget.exercise
+
+    def load(dest, stream, fds):
+        try:
+            return real_load(dest, stream, fds)
+        except Exception as exc:
+            seen.append(("refused", type(exc).__name__, str(exc)))
+            raise
+
+    def exercise(self, dest):
+        real_exercise(self, dest)
+        regs = [dest.bar_read(0, off, 4) for off in range(0, 0x40, 4) if off != 0x18]
+        dest.quiesce()
+        body = save_device(dest).to_bytes()[PREFIX_SIZE:-TRAILER_SIZE]
+        seen.append(("loaded", regs, _unclocked(msgpack.unpackb(body, raw=False, strict_map_key=False))))
+
+    with monkeypatch.context() as m:
+        m.setattr(vmstate_target, "load_device_stream", load)
+        m.setattr(NvmeVmstateTarget, "exercise", exercise)
+        try:
+            target.run(data)
+            finding = None
+        except FuzzFinding as exc:
+            finding = exc.signature
+    return finding, seen
+
+
+_mutations = st.one_of(st.binary(max_size=48), st.sampled_from(list(NvmeVmstateTarget().seeds())))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(a=st.lists(_mutations, min_size=1, max_size=3), b=_mutations)
+def test_nvme_vmstate_input_after_refused_loads_matches_a_new_destination(vmstate_targets, monkeypatch, a, b):
+    """B after inputs A on the target that keeps the destination of a refused load: the same
+    refusal (type and message), or the same loaded device (registers, whole saved state),
+    or the same finding, as B loaded into a controller made for it."""
+    kept, fresh = vmstate_targets
+    for data in a:
+        _vmstate_outcome(kept, data, monkeypatch)
+    assert _vmstate_outcome(kept, b, monkeypatch) == _vmstate_outcome(fresh, b, monkeypatch)
+
+
+def test_nvme_vmstate_keeps_only_a_refused_destination_and_counts_its_descriptors():
+    target = _vmstate_target(True)
+    try:
+        refused = next(s for s in target.seeds() if _refused(target, s))
+        target.run(refused)
+        spare = target.spare
+        assert spare is not None
+        fds = open_fd_count()
+        for _ in range(5):
+            target.run(refused)
+            assert target.spare is spare and open_fd_count() == fds
+        loaded = next(s for s in [*target.seeds(), *(bytes([i, 0, i]) + bytes(9) for i in range(256))]
+                      if not _refused(target, s))
+        target.run(loaded)  # a device that loaded is closed, never kept
+        assert target.spare is None and open_fd_count() < fds
+    finally:
+        target.close()
+
+
+def _refused(target: NvmeVmstateTarget, data: bytes) -> bool:
+    dest = target.make_device()
+    try:
+        load_device_stream(dest, target.mutate(fuzz.FuzzInput(data)), target.fds).close()
+        return False
+    except PcidevError:
+        return True
+    finally:
+        dest.owns_state = False
+        dest.close()
+
+
+def test_the_nvme_vmstate_comparison_sees_a_destination_a_refusal_changed(monkeypatch):
+    """The comparison is not blind: if a refused load had changed the destination (here:
+    taken namespace 1 out of it), the next input's outcome differs from a new device's."""
+    kept, fresh = _vmstate_target(True), _vmstate_target(False)
+    try:
+        candidates = [*kept.seeds(), *(bytes([i, 0, i]) + bytes(9) for i in range(256))]
+        refused = next(s for s in candidates if _refused(kept, s))
+        loaded = next(s for s in candidates if not _refused(kept, s))
+        real_load = vmstate_target.load_device_stream
+
+        def changing(dest, stream, fds):
+            try:
+                return real_load(dest, stream, fds)
+            except PcidevError:
+                dest.remove_namespace(1).ns.close()
+                raise
+
+        with monkeypatch.context() as m:
+            m.setattr(vmstate_target, "load_device_stream", changing)
+            kept.run(refused)
+        assert _vmstate_outcome(kept, loaded, monkeypatch) != _vmstate_outcome(fresh, loaded, monkeypatch)
+    finally:
+        kept.close()
+        fresh.close()

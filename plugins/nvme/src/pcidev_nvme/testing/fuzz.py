@@ -583,6 +583,9 @@ class NvmeVmstateTarget(VmstateTarget):
     name: ClassVar[str] = "nvme-vmstate"
     summary: ClassVar[str] = "vmstate load: mutated body of an NVMe controller stream, valid envelope and CRC"
     _CONFIG = NvmeConfig.coerce("ns=mem:size=256K,ns=mem:size=256K,mdts=5,serial=PCIDEVFUZZ0001")
+    #: a controller costs about half an input to build, and most mutated streams are
+    #: refused: the destination of a refused load is the next input's
+    reuse_refused = True
 
     def make_source(self, machine: Machine) -> HostPciDevice:
         """A probed controller that has written and read namespace 1."""
