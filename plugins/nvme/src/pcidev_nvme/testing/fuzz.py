@@ -24,8 +24,9 @@ Invariants (a break raises :class:`~pcidev.testing.fuzz.FuzzFinding`):
   sent well-formed queue traffic every command but an Asynchronous Event Request
   completes within :data:`COMPLETION_SECONDS`;
 * CSTS.CFS is never set by command traffic (only register garbage may set it);
-* a Function Level Reset brings the controller back for a normal probe, and the data of
-  namespace 2 (which no action names) is untouched;
+* after a Function Level Reset the controller comes up again (admin queues, Identify
+  Controller, an I/O queue pair), and namespace 2 (which no action names) is untouched in
+  its backend and reads back through the controller as its backend holds it;
 * the process's file descriptor count is the same after the input as before it.
 """
 
@@ -112,7 +113,8 @@ class NvmeGuestTarget(FuzzTarget):
         #: and probe a fresh controller for each input (what the reuse is tested against)
         self.reuse = reuse
         #: how often the saved world was built again because its controller refused its
-        #: own snapshot after an input (see :meth:`_settle`)
+        #: own snapshot after an input (it had deleted a configured namespace, which no load
+        #: brings back): not a finding, a fresh controller is what the next input meets
         self.rebuilds = 0
         self._world: _World | None = None
 
