@@ -374,7 +374,7 @@ _a_inputs = st.one_of(
              min_size=1, max_size=6).map(b"".join))
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(a=_a_inputs)
 def test_a_probe_input_after_any_input_on_the_reused_world_behaves_as_on_a_fresh_controller(a):
     """B after A on the reused world: the same completions (CIDs, SQ heads, status,
