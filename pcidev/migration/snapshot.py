@@ -70,6 +70,7 @@ __all__ = [
     "save_device_stream",
     "load_device",
     "load_device_stream",
+    "load_own_snapshot",
 ]
 
 
@@ -308,6 +309,59 @@ def load_device(dev: PciDevice, snapshot: VMStateSnapshot, fds: Sequence[int | N
         check_state(got[key].state, section=key[0], instance_id=key[1])  # as a stream's decoder does
     with gc_paused():
         return _apply_sections(dev, list(snapshot.sections), snapshot.fds if fds is None else fds)
+
+
+def load_own_snapshot(dev: PciDevice, snapshot: VMStateSnapshot, fds: Sequence[int | None]) -> LoadedResources:
+    """Put back a snapshot that :func:`save_device` made of this very device, in this
+    process, and that nobody changed since (a fuzz target's saved world,
+    :class:`~pcidev.testing.fuzz.restore.MachineTemplate`): the trusted path of
+    :func:`load_device`, for the caller that made the snapshot itself.
+
+    What the save already guarantees is not checked again (the device type, the
+    configuration fingerprint, the set of sections, each state's declared constraints),
+    and the device's state is not saved first for a rollback. The checks of the function
+    and of the device's own parts still run before anything is applied (a device whose
+    guest deleted a configured namespace refuses it there, unchanged); a failure while
+    applying leaves the device failed.
+
+    :param dev: the device the snapshot was saved from.
+    :param snapshot: its snapshot.
+    :param fds: descriptors for its FdRefs.
+    :returns: see :func:`load_device_stream`.
+    :raises VMStateError: the device refused the state; nothing was applied.
+    :raises StateError: applying it failed; the device is failed (close it).
+    """
+    by_name = {s.name: s.state for s in snapshot.sections}
+    fstate = by_name.pop(FUNCTION_SECTION)
+    dev.realize()
+    with gc_paused(), dev.lock:
+        dev.vmstate_load_fds = list(fds)
+        try:
+            parts = [(part, by_name[part.name]) for part in _parts(dev)]
+            check_function_state(dev, fstate, fds, dev.memory)
+            for part, state in parts:
+                try:
+                    part.check(state)
+                except VMStateError:
+                    raise
+                except Exception as exc:
+                    raise StateError(f"the device refused the state: {type(exc).__name__}: {exc}",
+                                     section=part.name, instance_id=0) from exc
+            carried = all_descriptors(fds)
+            res = build_resources(fstate, carried) if carried is not None else LoadedResources()
+            try:
+                old = apply_function_state(dev, fstate, res, dev.memory, partial(setattr, dev, "memory"), fds)
+                for part, state in parts:
+                    part.put(state)
+            except Exception as exc:
+                res.close()
+                dev.fail(exc, "a trusted load of the device's own snapshot")
+                raise StateError(f"applying the device's own snapshot failed: {type(exc).__name__}: {exc}",
+                                 section=FUNCTION_SECTION, instance_id=0) from exc
+            commit_function_state(old)
+            return res
+        finally:
+            dev.vmstate_load_fds = None
 
 
 def _apply_sections(dev: PciDevice, sections: list[Section], fds: Sequence[int | None] | None) -> LoadedResources:

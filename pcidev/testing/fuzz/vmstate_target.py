@@ -153,9 +153,18 @@ class VmstateTarget(FuzzTarget):
     invariants: ClassVar[tuple[str, ...]] = (
         "load succeeds or raises a typed error", "a loaded device is live", "no fd left by a refused load")
 
+    #: keep the destination of a refused load for the next input instead of making a new
+    #: one (:meth:`make_device`): a load is all-or-nothing, so a refused one leaves the
+    #: device as it was, never loaded (a target that sets it proves that with a test: an
+    #: input's outcome after a refused one is its outcome on a new device); a device that
+    #: loaded is closed as ever
+    reuse_refused: ClassVar[bool] = False
+
     def __init__(self) -> None:
         self.machine: Machine | None = None
         self.source: PciDevice | None = None
+        #: the destination a refused load left, for the next input (:attr:`reuse_refused`)
+        self.spare: PciDevice | None = None
         self.body: Any = None
         self.fds: list[int] = []
         self._first_paths: list[tuple[Any, ...]] | None = None
@@ -213,7 +222,10 @@ class VmstateTarget(FuzzTarget):
         self._max_bytes = self._extent[1] + MAX_BODY_GROWTH
 
     def close(self) -> None:
-        """Tear the source down."""
+        """Tear the source (and a kept destination) down."""
+        if self.spare is not None:
+            self._discard(self.spare)
+            self.spare = None
         if self.source is not None:
             self.source.close()
         if self.machine is not None:
@@ -305,22 +317,27 @@ class VmstateTarget(FuzzTarget):
             self.setup()
         assert self.source is not None
         stream = self.mutate(FuzzInput(data))
-        before = open_fd_count()
-        dest = self.make_device()
+        if self.reuse_refused:  # (made before the count: it stays open after a refusal)
+            dest, self.spare = self.spare or self.make_device(), None
+            before = open_fd_count()
+        else:
+            before = open_fd_count()
+            dest = self.make_device()
         with ErrorLogWatch() as watch:
             try:
                 res = load_device_stream(dest, stream, self.fds)
             except PcidevError:
-                dest.owns_state = False
-                dest.close()
+                if self.reuse_refused:
+                    self.spare = dest
+                else:
+                    self._discard(dest)
                 watch.check("a refused load")
                 after = open_fd_count()
                 if after > before:
                     raise FuzzFinding("fd-leak", f"a refused load left {after - before} fd(s) open") from None
                 return
             except Exception as exc:
-                dest.owns_state = False
-                dest.close()
+                self._discard(dest)
                 raise FuzzFinding.escaped(exc, "load_device_stream") from exc
             try:
                 if self.source.memory is not None:
@@ -342,8 +359,12 @@ class VmstateTarget(FuzzTarget):
             except Exception as exc:
                 raise FuzzFinding.escaped(exc, "guest access to the loaded device") from exc
             finally:
-                dest.owns_state = False
-                dest.close()
+                self._discard(dest)
+
+    @staticmethod
+    def _discard(dest: PciDevice) -> None:
+        dest.owns_state = False  # (a destination writes no state of its own anywhere)
+        dest.close()
 
     def seeds(self) -> Iterator[bytes]:
         """One small mutation of each kind at the start of the body."""

@@ -208,6 +208,32 @@ def test_a_format_whose_io_never_drains_fails_and_formats_nothing(nvme_env, monk
     assert drv.io(1, READ, nsid=2, buf=buf, length=512).ok  # and no longer "being formatted"
 
 
+@pytest.mark.parametrize("nsid", [2, 0xFFFFFFFF], ids=["that-namespace", "every-namespace"])
+def test_a_namespace_being_formatted_is_not_deleted(nvme_env, nsid):
+    """Namespace Management delete of a namespace whose Format NVM is still running fails
+    with Format In Progress and deletes nothing (found by the nvme-guest fuzz target: the
+    delete closed the namespace under the format, which then failed on its closed memory
+    and left the metadata store it opened for a namespace nobody holds: two fds)."""
+    env = nvme_env("ns=mem:size=1M", io_queues=1)
+    drv, ctrl = env.drv, env.ctrl
+    gated = GatedBackend()
+    attach_namespace(ctrl, 2, gated)
+    drv.scan_namespaces()
+    buf = env.machine.alloc(4096)
+    gated.hold()
+    rcid = drv.submit(1, READ, nsid=2, buf=buf, length=512, tag="before")
+    wait_until(lambda: gated.waiting == 1)
+    fcid = drv.submit(0, FORMAT, nsid=2, cdw10=0)  # waits for the read in flight
+    time.sleep(0.02)
+    comp = drv.admin(NS_MGMT, nsid=nsid, cdw10=1, check=False)
+    assert comp.code == Status.FORMAT_IN_PROGRESS
+    assert set(ctrl.allocated) == {1, 2}
+    gated.release()
+    assert drv.wait_for(1, rcid).ok and drv.wait_for(0, fcid).ok
+    drv.admin(NS_MGMT, nsid=2, cdw10=1)  # once the format is done
+    assert set(ctrl.allocated) == {1}
+
+
 def test_io_during_format_is_refused(nvme_env):
     env = nvme_env("ns=mem:size=1M", io_queues=1)
     drv, ctrl = env.drv, env.ctrl

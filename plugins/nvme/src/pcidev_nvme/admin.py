@@ -859,6 +859,18 @@ class AdminCommandSet:
             targets = [nsid]
         else:
             raise _err(Status.INVALID_NSID, f"namespace {nsid:#x} is not allocated", OFF_NSID)
+        # a Format NVM still running holds its namespaces (it would format a closed one): claimed
+        # as a format does, so that none starts on them either while they are deleted
+        busy = ctrl.begin_format(set(targets))
+        if busy:
+            raise _err(Status.FORMAT_IN_PROGRESS, f"namespace(s) {busy} are being formatted", OFF_NSID)
+        try:
+            self._ns_remove(targets)
+        finally:
+            ctrl.end_format(set(targets))
+
+    def _ns_remove(self, targets: list[int]) -> None:
+        ctrl = self.ctrl
         for n in targets:
             ctrl.uncorrectable.clear_namespace(n)
             ctrl.selftests_namespace_changed(n, RESULT_ABORTED_NS_REMOVED)  # (the secondaries' too)

@@ -24,8 +24,9 @@ Invariants (a break raises :class:`~pcidev.testing.fuzz.FuzzFinding`):
   sent well-formed queue traffic every command but an Asynchronous Event Request
   completes within :data:`COMPLETION_SECONDS`;
 * CSTS.CFS is never set by command traffic (only register garbage may set it);
-* a Function Level Reset brings the controller back for a normal probe, and the data of
-  namespace 2 (which no action names) is untouched;
+* after a Function Level Reset the controller comes up again (admin queues, Identify
+  Controller, an I/O queue pair), and namespace 2 (which no action names) is untouched in
+  its backend and reads back through the controller as its backend holds it;
 * the process's file descriptor count is the same after the input as before it.
 """
 
@@ -40,8 +41,10 @@ from typing import ClassVar
 import attrs
 
 from pcidev.device import PciDevice
+from pcidev.errors import VMStateError
 from pcidev.host import Machine
 from pcidev.host.pci import HostPciDevice
+from pcidev.pci import ids
 from pcidev.pci.config import ResetKind
 from pcidev.testing.fuzz.restore import MachineTemplate
 from pcidev.testing.fuzz.target import ErrorLogWatch, FuzzFinding, FuzzInput, FuzzTarget, open_fd_count
@@ -109,6 +112,10 @@ class NvmeGuestTarget(FuzzTarget):
         #: each input by a :class:`~pcidev.testing.fuzz.restore.MachineTemplate`; False: build
         #: and probe a fresh controller for each input (what the reuse is tested against)
         self.reuse = reuse
+        #: how often the saved world was built again because its controller refused its
+        #: own snapshot after an input (it had deleted a configured namespace, which no load
+        #: brings back): not a finding, a fresh controller is what the next input meets
+        self.rebuilds = 0
         self._world: _World | None = None
 
     def setup(self) -> None:
@@ -144,12 +151,37 @@ class NvmeGuestTarget(FuzzTarget):
             ok = True
         finally:
             if not (ok and self.reuse):  # a world an input broke is never reused
-                world.close()
-                if world is self._world:
-                    self._world = None
+                self._drop(world)
+        if self.reuse:
+            self._settle(world)
         after = open_fd_count()
         if after > fds:
             raise FuzzFinding("fd-leak", f"{after - fds} file descriptor(s) left open by one input")
+
+    def _drop(self, world: _World) -> None:
+        world.close()
+        if world is self._world:
+            self._world = None
+
+    def _settle(self, world: _World) -> None:
+        """Put the saved world back now that the input is done, so that what the input
+        made (a namespace, a metadata store: their descriptors) is gone before the
+        descriptors are counted. A world whose controller refuses its own snapshot (the
+        input deleted a configured namespace, which no load brings back) is built again
+        for the next input: that is not a finding (a fresh controller is what the next
+        input would have met without the reuse); :attr:`rebuilds` counts them."""
+        try:
+            world.settle()
+        except VMStateError as exc:
+            failed = world.ctrl.failed
+            self._drop(world)
+            if failed is not None:  # it took the snapshot, then failed to apply it
+                raise FuzzFinding.escaped(failed, "the restore after the input") from exc
+            log.debug("nvme-guest: the saved world is built again (%s)", exc)
+            self.rebuilds += 1
+        except Exception as exc:
+            self._drop(world)
+            raise FuzzFinding.escaped(exc, "the restore after the input") from exc
 
     def seeds(self) -> Iterator[bytes]:
         """Identify, a write and a read with PRPs, the same with an SGL, a PRP list, a
@@ -177,7 +209,9 @@ class _World:
 
     What an input finds at :meth:`start` is the same either way: a controller probed with
     one I/O queue pair, namespace 2's first 8 blocks holding :data:`_NS2_PATTERN`, the
-    submission rings zeroed, and the bystander region at :attr:`bystander`.
+    submission rings zeroed, and the bystander region at :attr:`bystander`. A saved world
+    is put back after each input (:meth:`settle`), and again at :meth:`start` only if that
+    did not happen.
     """
 
     def __init__(self) -> None:
@@ -187,6 +221,8 @@ class _World:
         self.template: MachineTemplate | None = None
         self.drv: NvmeDriver | None = None
         self.bystander = 0
+        #: the saved world is as it was saved (just saved, or settled since the last input)
+        self.clean = False
 
     @classmethod
     def fresh(cls) -> _World:
@@ -201,6 +237,7 @@ class _World:
             drv = world._probe()
             world.template = MachineTemplate(world.machine, world.pdev)
             world.template.save(drv)
+            world.clean = True
         except BaseException:
             world.close()
             raise
@@ -225,9 +262,20 @@ class _World:
         if self.template is None:
             self.drv = self._probe()
         else:
-            self.template.restore()
+            if not self.clean:
+                self.template.restore()
+            self.clean = False
             self.drv = self.template.host_copy()
         return self.drv
+
+    def settle(self) -> None:
+        """Put a saved world back as it was saved (after an input; nothing for a fresh one).
+
+        :raises VMStateError: the controller refused its own snapshot (close the world).
+        """
+        if self.template is not None and not self.clean:
+            self.template.restore()
+            self.clean = True
 
     def close(self) -> None:
         """Close the controller and the machine."""
@@ -459,7 +507,9 @@ class _GuestRun:
         self._check(f"raw-sqe op={sqe[0]:#x} q={qid}", started)
 
     def _recover(self) -> None:
-        """FLR, a fresh probe, and namespace 2 as written."""
+        """FLR, then the least a driver does to use the controller again, and namespace 2
+        as written: its backend read directly, and (when no action named it) its first 8
+        blocks read through an I/O queue (see :func:`_bring_up_after_flr`)."""
         assert self.drv is not None
         started = time.monotonic()
         pdev = self.drv.pdev
@@ -470,23 +520,60 @@ class _GuestRun:
         while self.ctrl.bar_read(0, 0x1C, 4, check_decode=False) & 1 and time.monotonic() < deadline:
             time.sleep(0.001)
         self._check("flr", started)
-        drv = NvmeDriver(self.machine, pdev, io_queues=1, io_depth=32, admin_depth=32, aers=0,
-                         timeout=COMPLETION_SECONDS)
-        try:
-            drv.probe()
-            if self.ns2_named:  # a wide admin command may format, sanitize or delete namespaces
-                return
-            if drv.read(2, 0, 8) != _NS2_PATTERN:
+        if not self.ns2_named:  # a wide admin command may format, sanitize or delete namespaces
+            ns2 = self.ctrl.allocated.get(2)
+            stored = bytearray(len(_NS2_PATTERN))
+            if ns2 is not None:
+                ns2.backend.readv([memoryview(stored)], 0)
+            if ns2 is None or stored != _NS2_PATTERN:
                 raise FuzzFinding("bystander-data", "namespace 2 changed though no action named it")
-            drv.write(1, 0, b"\xA5" * 512)
-            if drv.read(1, 0, 1) != b"\xA5" * 512:
-                raise FuzzFinding("recovery", "after FLR namespace 1 does not read back what was written")
+        try:
+            read = _bring_up_after_flr(self.machine, pdev, None if self.ns2_named else 2)
         except NvmeDriverError as exc:
-            raise FuzzFinding("recovery", f"after FLR the controller does not probe: {exc}",
+            raise FuzzFinding("recovery", f"after FLR the controller does not come up: {exc}",
                               where=str(exc)[:40]) from exc
-        finally:
-            drv.close()
+        if read is not None and read != _NS2_PATTERN:
+            raise FuzzFinding("recovery", "after FLR namespace 2 does not read what its backend holds")
         self._check("after-recovery", started)
+
+
+def _bring_up_after_flr(machine: Machine, pdev: HostPciDevice, nsid: int | None) -> bytes | None:
+    """What a driver does to use a controller again after a Function Level Reset, and no
+    more: the BAR addresses and the Command register's Memory Space and Bus Master bits
+    written back (Linux's ``pci_restore_state``), the admin queues and CC.EN, Identify
+    Controller, one I/O queue pair (polled: no interrupts), and a read of blocks 0-7 of
+    namespace ``nsid`` (its LBA format is the 512-byte one: the set-up's). The driver's
+    memory is released before it returns.
+
+    :returns: the blocks read (None without ``nsid``).
+    :raises NvmeDriverError: a step failed (a command's status, a timeout, CSTS.CFS).
+    """
+    for idx, (addr, _size, kind) in pdev.resources.items():
+        if idx == "rom":
+            pdev.config_write32(ids.ROM_ADDRESS, addr)
+            continue
+        assert isinstance(idx, int)
+        pdev.config_write32(ids.BASE_ADDRESS_0 + 4 * idx, addr & 0xFFFFFFFF)
+        if kind == "mem64":
+            pdev.config_write32(ids.BASE_ADDRESS_0 + 4 * idx + 4, addr >> 32)
+    pdev.config_write16(ids.COMMAND, pdev.config_read16(ids.COMMAND) | ids.Command.MEMORY | ids.Command.MASTER)
+    drv = NvmeDriver(machine, pdev, io_queues=0, admin_depth=4, irq=None, aers=0, timeout=COMPLETION_SECONDS)
+    try:
+        drv.cap = pdev.lo_hi_readq(0, 0x00)
+        drv.enable()
+        drv.identify(0x01)
+        drv.create_io_queue_pair(1, 4, ien=False)
+        if nsid is None:
+            return None
+        buf = machine.alloc(len(_NS2_PATTERN), PAGE)
+        try:
+            drv.io(1, 0x02, nsid=nsid, cdw12=len(_NS2_PATTERN) // 512 - 1, buf=buf, length=len(_NS2_PATTERN),
+                   what="read")
+            return machine.memory.read(buf, len(_NS2_PATTERN))
+        finally:
+            machine.free(buf)
+    finally:
+        drv.close()
 
 
 class NvmeVmstateTarget(VmstateTarget):
@@ -498,6 +585,9 @@ class NvmeVmstateTarget(VmstateTarget):
     name: ClassVar[str] = "nvme-vmstate"
     summary: ClassVar[str] = "vmstate load: mutated body of an NVMe controller stream, valid envelope and CRC"
     _CONFIG = NvmeConfig.coerce("ns=mem:size=256K,ns=mem:size=256K,mdts=5,serial=PCIDEVFUZZ0001")
+    #: a controller costs about half an input to build, and most mutated streams are
+    #: refused: the destination of a refused load is the next input's
+    reuse_refused = True
 
     def make_source(self, machine: Machine) -> HostPciDevice:
         """A probed controller that has written and read namespace 1."""
