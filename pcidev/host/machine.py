@@ -180,6 +180,15 @@ class Machine:
                 remote.close()
                 break
 
+    def windows_state(self) -> dict[str, int]:
+        """The next free address of each BAR window (a copy), for :meth:`restore_windows`."""
+        return dict(self._next)
+
+    def restore_windows(self, state: dict[str, int]) -> None:
+        """Put back the next free addresses :meth:`windows_state` returned (ranges assigned
+        since are assigned again)."""
+        self._next.update(state)
+
     def window_alloc(self, kind: str, size: int) -> int:
         """Assign a naturally aligned address range for a BAR of ``size`` bytes."""
         end = {"mem32": self.MMIO32_END, "mem64": self.MMIO64_END, "io": self.IO_END}[kind]

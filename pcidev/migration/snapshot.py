@@ -25,7 +25,7 @@ from typing import Any
 import attrs
 
 from pcidev.device import PciDevice
-from pcidev.errors import ConfigError, MigrationBlockedError, VMStateError
+from pcidev.errors import ConfigError, DeviceFailedError, MigrationBlockedError, VMStateError
 from pcidev.memory_source import ContentDescriptors
 from pcidev.migration.function_state import (
     FUNCTION_SECTION,
@@ -317,20 +317,33 @@ def load_own_snapshot(dev: PciDevice, snapshot: VMStateSnapshot, fds: Sequence[i
     :class:`~pcidev.testing.fuzz.restore.MachineTemplate`): the trusted path of
     :func:`load_device`, for the caller that made the snapshot itself.
 
-    What the save already guarantees is not checked again (the device type, the
-    configuration fingerprint, the set of sections, each state's declared constraints),
-    and the device's state is not saved first for a rollback. The checks of the function
+    **Never give it a snapshot from anywhere else** (another process, another device, a
+    stream from a peer): it trusts what the save already guarantees and does not check it
+    again (the configuration fingerprint, each state's declared constraints), and the
+    device's state is not saved first for a rollback. It does check what costs nothing:
+    the device type and the set of sections (a snapshot of another kind of device is a
+    :class:`~pcidev.errors.ConfigMismatchError` or a
+    :class:`~pcidev.vmstate.errors.StateError`, not a crash). The checks of the function
     and of the device's own parts still run before anything is applied (a device whose
     guest deleted a configured namespace refuses it there, unchanged); a failure while
-    applying leaves the device failed.
+    applying leaves the device failed and raises
+    :class:`~pcidev.errors.DeviceFailedError`, a different type from a refusal.
 
     :param dev: the device the snapshot was saved from.
     :param snapshot: its snapshot.
     :param fds: descriptors for its FdRefs.
     :returns: see :func:`load_device_stream`.
-    :raises VMStateError: the device refused the state; nothing was applied.
-    :raises StateError: applying it failed; the device is failed (close it).
+    :raises VMStateError: the device refused the state (another device type, other
+        sections, a part's check); nothing was applied.
+    :raises DeviceFailedError: applying it failed; the device is failed (close it).
     """
+    if snapshot.device_type != dev.vmstate_device_type:
+        raise ConfigMismatchError(f"the snapshot is of device type {snapshot.device_type!r}, "
+                                  f"this device is {dev.vmstate_device_type!r}")
+    want = [FUNCTION_SECTION, *(part.name for part in _parts(dev))]
+    if [s.name for s in snapshot.sections] != want or any(s.instance_id != 0 for s in snapshot.sections):
+        raise StateError(f"the snapshot's sections {[s.name for s in snapshot.sections]} are not this device's "
+                         f"{want}")
     by_name = {s.name: s.state for s in snapshot.sections}
     fstate = by_name.pop(FUNCTION_SECTION)
     dev.realize()
@@ -349,15 +362,18 @@ def load_own_snapshot(dev: PciDevice, snapshot: VMStateSnapshot, fds: Sequence[i
                                      section=part.name, instance_id=0) from exc
             carried = all_descriptors(fds)
             res = build_resources(fstate, carried) if carried is not None else LoadedResources()
+            old = None
             try:
                 old = apply_function_state(dev, fstate, res, dev.memory, partial(setattr, dev, "memory"), fds)
                 for part, state in parts:
                     part.put(state)
             except Exception as exc:
                 res.close()
+                if old is not None:  # the mappings the applied state replaced go with the failed device
+                    commit_function_state(old)
                 dev.fail(exc, "a trusted load of the device's own snapshot")
-                raise StateError(f"applying the device's own snapshot failed: {type(exc).__name__}: {exc}",
-                                 section=FUNCTION_SECTION, instance_id=0) from exc
+                raise DeviceFailedError(f"applying the device's own snapshot failed: {type(exc).__name__}: "
+                                        f"{exc}") from exc
             commit_function_state(old)
             return res
         finally:

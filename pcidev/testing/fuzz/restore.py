@@ -219,7 +219,7 @@ class MachineTemplate:
             if self._ram_window is None:
                 self._ram_window = mmap.mmap(machine.ram_fd, machine.ram_size)
             self._allocator = machine.allocator.state()
-            self._windows = dict(machine._next)
+            self._windows = machine.windows_state()
             self._handle = {k: copy.deepcopy(v, self._shared()) for k, v in vars(self.pdev).items()
                             if k not in _HANDLE_IDENTITY}
             self._recorder = {k: copy.deepcopy(getattr(self.pdev.recorder, k)) for k in _RECORDER_STATE}
@@ -269,7 +269,7 @@ class MachineTemplate:
         res.close()
         self._restore_ram()
         machine.allocator.restore(self._allocator)
-        machine._next.update(self._windows)
+        machine.restore_windows(self._windows)
         for k, v in self._handle.items():
             setattr(pdev, k, copy.deepcopy(v, self._shared()))
         for k in _RECORDER_STATE:

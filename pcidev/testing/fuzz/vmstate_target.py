@@ -327,14 +327,21 @@ class VmstateTarget(FuzzTarget):
             try:
                 res = load_device_stream(dest, stream, self.fds)
             except PcidevError:
+                # a kept destination is kept only once the refusal broke no invariant
+                # (review S24b: a destination a finding touched was the next input's)
+                if not self.reuse_refused:
+                    self._discard(dest)
+                try:
+                    watch.check("a refused load")
+                    after = open_fd_count()
+                    if after > before:
+                        raise FuzzFinding("fd-leak", f"a refused load left {after - before} fd(s) open") from None
+                except FuzzFinding:
+                    if self.reuse_refused:
+                        self._discard(dest)
+                    raise
                 if self.reuse_refused:
                     self.spare = dest
-                else:
-                    self._discard(dest)
-                watch.check("a refused load")
-                after = open_fd_count()
-                if after > before:
-                    raise FuzzFinding("fd-leak", f"a refused load left {after - before} fd(s) open") from None
                 return
             except Exception as exc:
                 self._discard(dest)

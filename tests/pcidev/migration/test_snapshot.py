@@ -5,13 +5,14 @@ applying failed."""
 
 from __future__ import annotations
 
+import attrs
 import pytest
 
 from pcidev.devices.edu import EduDevice
-from pcidev.errors import VMStateError
+from pcidev.errors import DeviceFailedError, VMStateError
 from pcidev.host import Machine
 from pcidev.migration.snapshot import load_device, load_own_snapshot, save_device
-from pcidev.vmstate.errors import StateError
+from pcidev.vmstate.errors import ConfigMismatchError, StateError
 
 
 @pytest.fixture
@@ -36,6 +37,10 @@ class _Armed(EduDevice):
         if self.crash:
             raise RuntimeError("disk on fire")
         super().set_device_state(state)
+
+
+class _OtherType(EduDevice):
+    TYPE_NAME = "edu-but-another-type"
 
 
 def _plugged(machine, cls=EduDevice):
@@ -90,6 +95,21 @@ def test_a_failure_while_applying_fails_the_device(machine, caplog):
     snap = save_device(dev)
     _changed(p)
     dev.crash = True
-    with pytest.raises(StateError, match="disk on fire"):
+    with pytest.raises(DeviceFailedError, match="disk on fire"):
         load_own_snapshot(dev, snap, snap.fds)
     assert isinstance(dev.failed, RuntimeError)
+
+
+def test_a_snapshot_of_another_device_is_refused_not_crashed(machine):
+    """Review S24b: another device type's snapshot raised a KeyError; now the cheap checks
+    (device type, sections) refuse it with a typed error and change nothing."""
+    edu = _plugged(machine, _Armed).device
+    other = _plugged(machine, _OtherType).device
+    snap = save_device(edu)
+    before = (bytes(other.config.data), other.get_device_state())
+    with pytest.raises(ConfigMismatchError, match="device type"):
+        load_own_snapshot(other, snap, snap.fds)
+    forged = attrs.evolve(snap, device_type=other.vmstate_device_type, sections=snap.sections[:-1])
+    with pytest.raises(StateError, match="sections"):
+        load_own_snapshot(other, forged, snap.fds)
+    assert (bytes(other.config.data), other.get_device_state()) == before and other.failed is None

@@ -22,6 +22,7 @@ from pcidev.vmstate.budget import MAX_DECODED_SIZE, estimate
 from pcidev.vmstate.stream import _decode_body, open_stream, seal
 from pcidev_nvme.queues import CqeState, CqState
 from pcidev_nvme.uncorrectable import UncorrectableState, WuRange
+from pcidev_nvme.virtualization import MAX_VFS, SecondaryState, VirtualizationState
 
 
 def _array(elems: list[bytes]) -> bytes:
@@ -185,13 +186,17 @@ def _full_backlog_cq() -> CqState:
 
 def test_the_largest_legitimate_nvme_states_save_and_load():
     """At the real limit: a completion queue with a full backlog (65,536 completions, the
-    most its description allows) and 65,536 uncorrectable ranges save and load as they are;
+    most its description allows), 65,536 uncorrectable ranges and the most secondary
+    controllers (127, each with 1,024 namespaces attached) save and load as they are;
     ten such queues fit in one stream, eleven would not."""
     cq = _full_backlog_cq()
     wu = UncorrectableState(ranges=tuple(WuRange(**{a.name: i for a in attrs.fields(WuRange)})
                                          for i in range(65536)))
-    stream = save("nvme", {}, [("nvme/cq", 1, cq), ("nvme/uncorrectable", 0, wu)])
-    got = load(stream, device_type="nvme", fingerprint={}, descriptions=[CqState, UncorrectableState])
-    assert [s.state for s in got] == [cq, wu]
+    virt = VirtualizationState(vqfa=0, vifa=0, vqfa_next=0, vifa_next=0, secondaries=tuple(
+        SecondaryState(online=True, nvq=2, nvi=1, attached=tuple(range(1, 1025))) for _ in range(MAX_VFS)))
+    stream = save("nvme", {}, [("nvme/cq", 1, cq), ("nvme/uncorrectable", 0, wu), ("nvme/virtualization", 0, virt)])
+    got = load(stream, device_type="nvme", fingerprint={},
+               descriptions=[CqState, UncorrectableState, VirtualizationState])
+    assert [s.state for s in got] == [cq, wu, virt]
     one = estimate(msgpack.packb(msgpack.unpackb(stream[16:-4])["sections"][0], use_bin_type=True)).size
     assert 10 * one < MAX_DECODED_SIZE < 11 * one

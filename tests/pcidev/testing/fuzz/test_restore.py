@@ -61,14 +61,14 @@ def test_the_restore_puts_back_ram_the_allocator_the_windows_and_the_device(save
     monkeypatch.setattr(restore, "_punch", lambda window: punched.append(real(window) if punch else False) or
                         punched[-1])
     machine = template.machine
-    allocator, windows = machine.allocator.state(), dict(machine._next)
+    allocator, windows = machine.allocator.state(), machine.windows_state()
     counts = dict(template.pdev.recorder.counts)
     for _ in range(2):
         _scribble(template)
         assert machine.memory.read(0, machine.ram_size) != image
         template.restore()
         assert machine.memory.read(0, machine.ram_size) == image
-        assert machine.allocator.state() == allocator and machine._next == windows
+        assert machine.allocator.state() == allocator and machine.windows_state() == windows
         assert template.device.regs["RING_BASE"].value == 0 and template.device.failed is None
         assert template.pdev.recorder.counts == counts
     assert punched == [punch, punch]

@@ -5,6 +5,7 @@ exception, CSTS.CFS, namespace 2 overwritten)."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import struct
 import time
@@ -18,11 +19,14 @@ from hypothesis import strategies as st
 from pcidev.errors import PcidevError
 from pcidev.migration import load_device_stream
 from pcidev.migration.snapshot import save_device
+from pcidev.pci.config import ResetKind
 from pcidev.plugins import load_registry, make_plugin_manager
 from pcidev.testing.fuzz import FuzzFinding, make_target, restore, vmstate_target
 from pcidev.testing.fuzz.target import open_fd_count
 from pcidev.vmstate.stream import PREFIX_SIZE, TRAILER_SIZE, seal
+from pcidev_nvme import admin as admin_mod
 from pcidev_nvme.controller import NvmeController
+from pcidev_nvme.status import NvmeStatusError, Status
 from pcidev_nvme.testing import fuzz
 from pcidev_nvme.testing.driver import NvmeDriverError
 from pcidev_nvme.testing.fuzz import PAGE, NvmeGuestTarget, NvmeVmstateTarget
@@ -284,7 +288,7 @@ def _probe(world: fuzz._World) -> dict[str, object]:
     data each returned, every register read, the interrupt counts and CSTS. The first
     driver error (a timeout: the driver and the controller disagree) ends it, recorded."""
     drv = world.start()
-    drv.timeout = 1.0
+    drv.timeout = 5.0  # (a timeout ends the probe: generous, so that load is never one)
     pdev, machine = world.pdev, world.machine
     seen: list[object] = [("regs", [pdev.bar_read(0, off, 4) for off in range(0, 0x40, 4) if off != 0x18])]
 
@@ -424,7 +428,7 @@ def test_a_refused_restore_builds_the_world_again_and_is_no_finding():
     target = NvmeGuestTarget()
     try:
         target.run(_DELETES)  # namespace 1 deleted: the controller cannot take the snapshot back
-        assert target._world is None and target.rebuilds == 1
+        assert target._world is not None and target.rebuilds == 1  # (built again at once)
         target.run(_X)
         assert target._world is not None and target.rebuilds == 1
     finally:
@@ -432,6 +436,88 @@ def test_a_refused_restore_builds_the_world_again_and_is_no_finding():
     alone = NvmeGuestTarget(reuse=False)
     alone.run(_X)
     assert target.steps == alone.steps
+
+
+def test_a_leak_in_an_input_that_makes_the_world_be_built_again_is_found(monkeypatch):
+    """Review S24b: when the restore was refused (the input deleted namespace 1) the world
+    was dropped before the descriptors were counted, and its own descriptors hid the
+    input's leak (the Format/delete race leaked 2 fds unreported). A delete that leaks one
+    descriptor is an fd-leak finding, reused world or not."""
+    leaked: list[int] = []
+    original = admin_mod.AdminCommandSet._ns_delete
+
+    def leaky_delete(self, req):
+        original(self, req)
+        leaked.append(os.open("/dev/null", os.O_RDONLY))
+
+    monkeypatch.setattr(admin_mod.AdminCommandSet, "_ns_delete", leaky_delete)
+    try:
+        for reuse in (True, False):
+            target = NvmeGuestTarget(reuse=reuse)
+            try:
+                with pytest.raises(FuzzFinding) as info:
+                    target.run(_DELETES)
+                assert info.value.invariant == "fd-leak", (reuse, info.value)
+            finally:
+                target.close()
+    finally:
+        for fd in leaked:
+            os.close(fd)
+
+
+@pytest.mark.parametrize("bug", ["namespace 1 unwritable", "number of queues refused"])
+def test_a_controller_that_does_not_come_back_from_flr_is_a_recovery_finding(monkeypatch, bug):
+    """Review S24b: the minimal check after an FLR left out what the full probe did (Set
+    Features Number of Queues, the namespace list, a write read back), so a controller that
+    came back unable to write namespace 1 or refusing Number of Queues went unreported."""
+    flr: list[NvmeController] = []
+    on_reset, set_features = NvmeController.on_reset, admin_mod.AdminCommandSet._set_features
+
+    def on_reset_then(self, kind):
+        on_reset(self, kind)
+        if kind == ResetKind.FLR:
+            flr.append(self)
+            if bug == "namespace 1 unwritable":
+                self.begin_format({1})  # (never ended: every I/O to it is refused)
+
+    def set_features_then(self, req):
+        if self.ctrl in flr and req.cdw10 & 0xFF == 0x07 and bug == "number of queues refused":
+            raise NvmeStatusError(Status.CMD_SEQ_ERROR, "number of queues already set")
+        return set_features(self, req)
+
+    monkeypatch.setattr(NvmeController, "on_reset", on_reset_then)
+    monkeypatch.setattr(admin_mod.AdminCommandSet, "_set_features", set_features_then)
+    write_and_read = list(NvmeGuestTarget().seeds())[1]
+    for reuse in (True, False):
+        target = NvmeGuestTarget(reuse=reuse)
+        try:
+            with pytest.raises(FuzzFinding) as info:
+                target.run(write_and_read)
+            assert info.value.invariant == "recovery", (reuse, info.value)
+        finally:
+            target.close()
+            flr.clear()
+
+
+def test_a_traceback_logged_while_the_restore_waits_is_the_inputs_finding(monkeypatch):
+    """Review S24b: the restore after an input ran outside the input's log watch, so what
+    the input left running logged unchecked. A traceback logged during the restore is now
+    a logged-traceback finding of that input."""
+    original = restore.MachineTemplate.restore
+
+    def noisy_restore(self):
+        logging.getLogger("pcidev_nvme.admin").error("format failed", exc_info=RuntimeError("late failure"))
+        original(self)
+
+    target = NvmeGuestTarget()
+    try:
+        target.setup()
+        monkeypatch.setattr(restore.MachineTemplate, "restore", noisy_restore)
+        with pytest.raises(FuzzFinding) as info:
+            target.run(_X)
+        assert info.value.invariant == "logged-traceback" and "the restore after the input" in str(info.value)
+    finally:
+        target.close()
 
 
 def test_a_namespace_an_input_created_is_no_fd_leak_and_gone_for_the_next_input(monkeypatch):
