@@ -3,15 +3,19 @@ and 4 KiB LBA formats), with their statuses."""
 
 from __future__ import annotations
 
+import logging
+import os
 import struct
+import threading
 import time
 
 import pytest
 from _helpers import GatedBackend, attach_namespace, expect_status, make_env, wait_until
 
 from pcidev_nvme import admin as admin_mod
+from pcidev_nvme.backends.mem import MemoryBackend
 from pcidev_nvme.status import Status
-from pcidev_nvme.testing.driver import READ
+from pcidev_nvme.testing.driver import READ, WRITE
 
 NS_MGMT, NS_ATTACH, FORMAT = 0x0D, 0x15, 0x80
 CTRL_LIST = struct.pack("<HH", 1, 0)
@@ -227,6 +231,7 @@ def test_a_namespace_being_formatted_is_not_deleted(nvme_env, nsid):
     time.sleep(0.02)
     comp = drv.admin(NS_MGMT, nsid=nsid, cdw10=1, check=False)
     assert comp.code == Status.FORMAT_IN_PROGRESS
+    assert not comp.dnr  # (the delete succeeds once the format ends: retry it)
     assert set(ctrl.allocated) == {1, 2}
     gated.release()
     assert drv.wait_for(1, rcid).ok and drv.wait_for(0, fcid).ok
@@ -253,3 +258,130 @@ def test_io_during_format_is_refused(nvme_env):
     assert drv.wait_for(0, fcid).ok
     assert [c.tag for c in drv.stash.get(1, [])] + [c.tag for c in drv.poll(1)] == ["before"]
     assert drv.io(1, READ, nsid=2, buf=buf, length=512).ok
+
+
+class GatedMemory(MemoryBackend):
+    """A memory backend (a memfd and its mapping: closing it really closes them) whose I/O
+    runs on the controller's workers and waits at a gate; ``events`` records, in order,
+    each I/O that finished and the close."""
+
+    inline = False
+
+    def __init__(self, size: int = 1 << 20) -> None:
+        super().__init__(size)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.waiting = 0
+        self.events: list[str] = []
+
+    def _wait(self) -> None:
+        if not self.gate.is_set():
+            self.waiting += 1
+            self.gate.wait(10)
+
+    def readv(self, views, offset):
+        self._wait()
+        super().readv(views, offset)
+        self.events.append("read")
+
+    def writev(self, views, offset, *, fua=False):
+        self._wait()
+        super().writev(views, offset, fua=fua)
+        self.events.append("write")
+
+    def close(self):
+        self.events.append("close")
+        super().close()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("nsid", [2, 0xFFFFFFFF], ids=["that-namespace", "every-namespace"])
+@pytest.mark.parametrize("opcode", [READ, WRITE], ids=["read", "write"])
+def test_delete_waits_for_the_io_in_flight(nvme_env, caplog, nsid, opcode):
+    """Namespace Management delete of a namespace with an I/O command in flight: the I/O
+    (started before the delete) completes successfully on the still-open backend, new I/O
+    to the namespace completes with Namespace Not Ready (DNR: it will not become ready),
+    and the delete closes the namespace and completes only after the I/O (it closed the
+    backend under the I/O: a logged "ValueError: mmap closed or invalid" and an internal
+    error status)."""
+    env = nvme_env("ns=mem:size=1M", io_queues=1)
+    drv, ctrl = env.drv, env.ctrl
+    buf = env.machine.alloc(4096)
+    env.machine.write(buf, b"\x5a" * 512)
+    fds = _open_fds()
+    gated = GatedMemory()
+    attach_namespace(ctrl, 2, gated)
+    drv.scan_namespaces()
+    gated.gate.clear()
+    iocid = drv.submit(1, opcode, nsid=2, buf=buf, length=512, tag="before")
+    wait_until(lambda: gated.waiting == 1)
+    dcid = drv.submit(0, NS_MGMT, nsid=nsid, cdw10=1)
+    time.sleep(0.05)
+    assert drv.cq_posted(0) == 0  # the delete waits for the I/O in flight
+    assert 2 in ctrl.allocated and gated.events == []
+    late = drv.io(1, READ, nsid=2, buf=env.machine.alloc(4096), length=512, check=False)
+    assert late.code == Status.NS_NOT_READY and late.dnr
+    gated.gate.set()
+    assert drv.wait_for(1, iocid).ok
+    assert drv.wait_for(0, dcid).ok
+    assert gated.events == ["read" if opcode == READ else "write", "close"]
+    assert 2 not in ctrl.allocated and ctrl.claim_status(2) is None
+    if nsid == 2:
+        assert drv.io(1, READ, nsid=1, buf=buf, length=512).ok
+    expect_status(drv, Status.INVALID_NSID, READ, qid=1, nsid=2, buf=buf, length=512)
+    if nsid == 2:
+        assert _open_fds() == fds  # (the deleted namespace's memfd is closed)
+    else:  # (namespace 1's are closed too)
+        assert _open_fds() < fds
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert ctrl.failed is None
+
+
+def test_a_namespace_being_deleted_is_not_formatted_or_deleted_again(nvme_env):
+    env = nvme_env("ns=mem:size=1M", io_queues=1)
+    drv, ctrl = env.drv, env.ctrl
+    gated = GatedMemory()
+    attach_namespace(ctrl, 2, gated)
+    drv.scan_namespaces()
+    buf = env.machine.alloc(4096)
+    gated.gate.clear()
+    rcid = drv.submit(1, READ, nsid=2, buf=buf, length=512)
+    wait_until(lambda: gated.waiting == 1)
+    dcid = drv.submit(0, NS_MGMT, nsid=2, cdw10=1)
+    wait_until(lambda: ctrl.claim_status(2) == Status.NS_NOT_READY)
+    comp = drv.admin(FORMAT, nsid=2, cdw10=0, check=False)
+    assert comp.code == Status.INVALID_NSID and comp.dnr
+    comp = drv.admin(NS_MGMT, nsid=0xFFFFFFFF, cdw10=1, check=False)
+    assert comp.code == Status.INVALID_NSID and comp.dnr
+    assert set(ctrl.allocated) == {1, 2}
+    gated.gate.set()
+    assert drv.wait_for(1, rcid).ok and drv.wait_for(0, dcid).ok
+    assert set(ctrl.allocated) == {1}
+
+
+def test_a_delete_whose_io_never_drains_fails_and_deletes_nothing(nvme_env, monkeypatch):
+    """The delete waits at most IO_DRAIN_TIMEOUT seconds for the I/O in flight; then it
+    completes with Command Interrupted (DNR clear: the host should retry), deletes nothing
+    and releases the namespace; a retry after the I/O finished deletes it."""
+    env = nvme_env("ns=mem:size=1M", io_queues=1)
+    drv, ctrl = env.drv, env.ctrl
+    gated = GatedMemory()
+    attach_namespace(ctrl, 2, gated)
+    drv.scan_namespaces()
+    buf = env.machine.alloc(4096)
+    gated.gate.clear()
+    rcid = drv.submit(1, READ, nsid=2, buf=buf, length=512)
+    wait_until(lambda: gated.waiting == 1)
+    monkeypatch.setattr(admin_mod, "IO_DRAIN_TIMEOUT", 0.05)
+    comp = drv.admin(NS_MGMT, nsid=2, cdw10=1, check=False)
+    assert comp.code == Status.CMD_INTERRUPTED and not comp.dnr
+    assert set(ctrl.allocated) == {1, 2} and ctrl.claim_status(2) is None
+    gated.gate.set()
+    assert drv.wait_for(1, rcid).ok
+    assert drv.io(1, READ, nsid=2, buf=buf, length=512).ok
+    assert gated.events == ["read", "read"]
+    drv.admin(NS_MGMT, nsid=2, cdw10=1)
+    assert set(ctrl.allocated) == {1} and gated.events[-1] == "close"

@@ -56,6 +56,7 @@ import concurrent.futures
 import logging
 import os
 import struct
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -121,6 +122,7 @@ class AdminHost(ControllerPort, Protocol):
     uncorrectable: Uncorrectable
     smart: nlogs.SmartCounters
     endurance: EnduranceGroup
+    state_lock: threading.RLock
 
     @property
     def allocated(self) -> Mapping[int, Namespace]: ...
@@ -153,8 +155,9 @@ class AdminHost(ControllerPort, Protocol):
     def selftests_namespace_changed(self, nsid: int, result: int) -> None: ...
     def smart_page(self, nsid: int | None = None) -> bytes: ...
     def io_inflight_for(self, nsids: set[int]) -> bool: ...
-    def begin_format(self, nsids: set[int]) -> list[int]: ...
+    def begin_format(self, nsids: set[int], *, status: int = ...) -> list[int]: ...
     def end_format(self, nsids: set[int]) -> None: ...
+    def claim_status(self, nsid: int) -> int | None: ...
     def make_namespace(self, nsid: int, spec: NamespaceSpec) -> Namespace: ...
     def add_namespace(self, nsid: int, ns: Namespace, *, created_spec: str | None = None,
                       attached: bool = False) -> None: ...
@@ -256,6 +259,9 @@ OFF_CDW10, OFF_CDW11, OFF_CDW12, OFF_CDW13, OFF_CDW14 = 40, 44, 48, 52, 56
 BROADCAST = 0xFFFFFFFF
 #: largest firmware image accepted
 FW_MAX_IMAGE = 16 << 20
+#: seconds a Format NVM or a Namespace Management delete waits for the I/O in flight on its
+#: namespaces to finish before it fails (having changed nothing)
+IO_DRAIN_TIMEOUT = 30.0
 
 _E = nlogs.CMD_EFFECTS
 #: Feature Identifiers Supported and Effects
@@ -769,13 +775,13 @@ class AdminCommandSet:
         return 0
 
     # -- namespace management and attachment --------------------------------------------------------------
-    def _ns_management(self, req: Request) -> int:
+    def _ns_management(self, req: Request) -> int | None:
         sel = req.cdw10 & 0xF
         if sel == 0:
             return self._ns_create(req)
         if sel == 1:
             self._ns_delete(req)
-            return 0
+            return None  # (completed by the admin worker: :meth:`_ns_delete_work`)
         raise _err(Status.INVALID_FIELD, f"namespace management select {sel} is reserved", OFF_CDW10)
 
     def _ns_create(self, req: Request) -> int:
@@ -859,15 +865,49 @@ class AdminCommandSet:
             targets = [nsid]
         else:
             raise _err(Status.INVALID_NSID, f"namespace {nsid:#x} is not allocated", OFF_NSID)
-        # a Format NVM still running holds its namespaces (it would format a closed one): claimed
-        # as a format does, so that none starts on them either while they are deleted
-        busy = ctrl.begin_format(set(targets))
+        # claimed as a Format NVM claims them: no new I/O starts on them (it completes with
+        # Namespace Not Ready, DNR set: the namespace will not become ready, it goes away), and
+        # the admin worker waits for the I/O already in flight before closing them (a backend
+        # closed under an I/O fails it, and a file backend's closed fd number may be reused)
+        ids = set(targets)
+        busy = ctrl.begin_format(ids, status=Status.NS_NOT_READY)
         if busy:
-            raise _err(Status.FORMAT_IN_PROGRESS, f"namespace(s) {busy} are being formatted", OFF_NSID)
+            if any(ctrl.claim_status(n) == Status.NS_NOT_READY for n in busy):
+                raise _err(Status.INVALID_NSID, f"namespace(s) {busy} are being deleted", OFF_NSID)
+            # a running Format NVM holds them: the delete may succeed once it ends (no DNR)
+            raise NvmeStatusError(Status.FORMAT_IN_PROGRESS, f"namespace(s) {busy} are being formatted",
+                                  param_offset=OFF_NSID, dnr=False)
+        ctrl.admin_worker.submit(self._ns_delete_work, req, targets)
+
+    def _ns_delete_work(self, req: Request, targets: list[int]) -> None:
+        """Delete ``targets`` (claimed by :meth:`_ns_delete`) once no I/O on them is in flight,
+        then complete ``req``. If some I/O is still in flight after :data:`IO_DRAIN_TIMEOUT`
+        seconds, nothing is deleted and the command completes with Command Interrupted,
+        DNR clear (the host should retry it)."""
+        ctrl = self.ctrl
+        ids = set(targets)
         try:
-            self._ns_remove(targets)
-        finally:
-            ctrl.end_format(set(targets))
+            deadline = time.monotonic() + IO_DRAIN_TIMEOUT
+            while ctrl.io_inflight_for(ids):  # (every controller's: the secondaries' too)
+                if time.monotonic() > deadline:
+                    raise NvmeStatusError(Status.CMD_INTERRUPTED,
+                                          f"I/O to namespace(s) {sorted(ids)} did not finish within "
+                                          f"{IO_DRAIN_TIMEOUT:g} s; nothing was deleted", dnr=False)
+                time.sleep(0.001)
+            with ctrl.state_lock:
+                self._ns_remove(targets)
+        except NvmeStatusError as exc:
+            ctrl.end_format(ids)
+            ctrl.complete(req, exc.status, error=exc)
+            return
+        except Exception as exc:
+            log.exception("namespace delete failed")
+            ctrl.end_format(ids)
+            ctrl.complete(req, Status.INTERNAL, error=_err(Status.INTERNAL, str(exc)))
+            return
+        ctrl.end_format(ids)  # (after the removal: new I/O to them finds no namespace)
+        ctrl.complete(req, 0)
+        ctrl.maybe_save_state()
 
     def _ns_remove(self, targets: list[int]) -> None:
         ctrl = self.ctrl
@@ -968,6 +1008,8 @@ class AdminCommandSet:
             raise _err(Status.INVALID_FIELD, f"secure erase setting {ses} is not supported", OFF_CDW10 + 1)
         busy = ctrl.begin_format({ns.nsid for ns in targets})
         if busy:
+            if any(ctrl.claim_status(n) == Status.NS_NOT_READY for n in busy):
+                raise _err(Status.INVALID_NSID, f"namespace(s) {busy} are being deleted", OFF_NSID)
             raise _err(Status.FORMAT_IN_PROGRESS, f"namespace(s) {busy} are being formatted")
         ctrl.admin_worker.submit(self._format_work, req, targets, lbaf, ses, pi, pil, mset)
         return None
@@ -977,11 +1019,11 @@ class AdminCommandSet:
         ctrl = self.ctrl
         ids = {ns.nsid for ns in targets}
         try:
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + IO_DRAIN_TIMEOUT
             while ctrl.io_inflight_for(ids):  # (every controller's: the secondaries' too)
                 if time.monotonic() > deadline:  # a stuck write must not land after the format
                     raise _err(Status.INTERNAL, f"I/O to namespace(s) {sorted(ids)} did not finish within "
-                                                "30 s; nothing was formatted")
+                                                f"{IO_DRAIN_TIMEOUT:g} s; nothing was formatted")
                 time.sleep(0.001)
             for ns in targets:
                 ctrl.selftests_namespace_changed(ns.nsid, RESULT_ABORTED_FORMAT)  # (the secondaries' too)

@@ -101,6 +101,7 @@ from pcidev_nvme.registers import (
 from pcidev_nvme.request import SQE_SIZE
 from pcidev_nvme.sanitize import SANITIZE_COMPLETED_EVENT, Sanitizer
 from pcidev_nvme.selftest import RESULT_ABORTED_NS_REMOVED, RESULT_ABORTED_SANITIZE, SelfTest, edstt_minutes
+from pcidev_nvme.status import Status
 from pcidev_nvme.uncorrectable import SIDECAR_SUFFIX, Uncorrectable
 from pcidev_nvme.virtualization import OACS_VMS, Virtualization, VirtualizationState, resources_of
 
@@ -1089,7 +1090,7 @@ class NvmeVirtualFunction(VirtualFunction, NvmeController):
         would leave it stale)."""
         return _SecondaryIo(self.primary.io, self, uncorrectable=self.uncorrectable, atomicity=self.atomicity)
 
-    def begin_format(self, nsids: set[int]) -> list[int]:
+    def begin_format(self, nsids: set[int], *, status: int = Status.FORMAT_IN_PROGRESS) -> list[int]:
         """Nothing: a secondary controller has no Format NVM, and its set of namespaces being
         formatted is the primary's (the primary marks them)."""
         return []

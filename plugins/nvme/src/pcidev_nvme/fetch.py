@@ -65,7 +65,7 @@ class FetchMixin:
     _batch_lock: threading.Lock
     _running: bool
     _gen: int
-    _formatting: set[int]
+    _formatting: dict[int, int]
     name: str
     admin: AdminCommandSet
     io: IoCommandSet
@@ -307,8 +307,8 @@ class FetchMixin:
                         self.admin.submit(req)
                     except Exception as exc:  # never lose a command to a bug
                         self._internal_error(req, exc)
-                elif formatting and req.nsid in formatting:
-                    self.complete(req, Status.FORMAT_IN_PROGRESS)
+                elif formatting and req.nsid in formatting:  # (claimed by a Format NVM or a delete)
+                    self.complete(req, formatting.get(req.nsid, Status.FORMAT_IN_PROGRESS))
                 else:
                     reqs.append(req)
             if reqs:

@@ -67,7 +67,7 @@ class NamespaceSetMixin:
     allocated: dict[int, Namespace]
     created: dict[int, str]
     configured: dict[int, Namespace]
-    _formatting: set[int]
+    _formatting: dict[int, int]
     cfg: NvmeConfig
     state_lock: threading.RLock
     changed_ns: ChangedNamespaces
@@ -83,8 +83,9 @@ class NamespaceSetMixin:
         self.allocated = {}
         self.created = {}
         self.configured = {}
-        #: NSIDs being formatted: I/O to them completes with Format In Progress
-        self._formatting = set()
+        #: NSIDs claimed by a Format NVM or a Namespace Management delete: the status new
+        #: I/O to them completes with (Format In Progress; Namespace Not Ready)
+        self._formatting = {}
 
     #: the namespaces are this controller's own (a secondary controller's are its primary's)
     owns_namespaces = True
@@ -239,19 +240,26 @@ class NamespaceSetMixin:
             except Exception:
                 log.exception("closing namespace %d failed", ns.nsid)
 
-    def begin_format(self, nsids: set[int]) -> list[int]:
-        """Mark ``nsids`` as being formatted (I/O to them fails with Format In Progress);
-        returns the ones already being formatted instead (then nothing is marked)."""
+    def begin_format(self, nsids: set[int], *, status: int = Status.FORMAT_IN_PROGRESS) -> list[int]:
+        """Claim ``nsids`` for a Format NVM (or, with ``status`` Namespace Not Ready, a
+        Namespace Management delete): new I/O to them completes with ``status``; returns
+        the ones already claimed instead (then nothing is claimed)."""
         with self.state_lock:
             busy = sorted(n for n in nsids if n in self._formatting)
             if not busy:
-                self._formatting |= nsids
+                self._formatting.update(dict.fromkeys(nsids, status))
             return busy
 
     def end_format(self, nsids: set[int]) -> None:
-        """A Format NVM of ``nsids`` finished."""
+        """The Format NVM (or delete) of ``nsids`` finished: they are no longer claimed."""
         with self.state_lock:
-            self._formatting -= nsids
+            for n in nsids:
+                self._formatting.pop(n, None)
+
+    def claim_status(self, nsid: int) -> int | None:
+        """The status I/O to ``nsid`` completes with while it is claimed (see
+        :meth:`begin_format`), or None."""
+        return self._formatting.get(nsid)
 
     def formats_cleared(self) -> None:
         """A reset or restore: no Format NVM is in progress any more."""
