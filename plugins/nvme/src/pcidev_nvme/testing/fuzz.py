@@ -424,8 +424,15 @@ class _GuestRun:
             if mode == 3:
                 return 0, first, buf + (inp.u16() % (npages * PAGE))
             lst = self._buffer(1)
-            entries = [buf + PAGE * (1 + inp.u8() % max(1, npages - 1)) if inp.u8() < 240 else OUTSIDE
-                       for _ in range(PAGE // 8)]
+            entries = []
+            for _ in range(PAGE // 8):  # pages 1.. of the buffer (page 0 is PRP1's), or outside RAM
+                if inp.u8() < 240:
+                    k = inp.u8()
+                    # (a one-page buffer has no page for the list: its entries named the canary
+                    # page after the buffer, a false memory-outside-buffers finding)
+                    entries.append(buf + PAGE * (1 + k % (npages - 1)) if npages > 1 else OUTSIDE)
+                else:
+                    entries.append(OUTSIDE)
             self.machine.memory.write(lst, struct.pack(f"<{PAGE // 8}Q", *entries))
             return 0, first, lst
         # SGL: a data block, a bit bucket, or a (last) segment of descriptors
