@@ -623,6 +623,10 @@ def test_slow_backend_completes_out_of_order_without_blocking_submit():
         assert time.monotonic() - t0 < 0.5  # submit never waits for the backend
         assert ctrl.wait(fast)[0] == 0
         assert id(slow) not in ctrl.results
+        # (the worker leaves the in-flight set just after it posted: CI caught the gap)
+        deadline = time.monotonic() + 5
+        while ios.inflight != 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
         assert ios.inflight == 1
         backend.gate.set()
         assert ctrl.wait(slow)[0] == 0
