@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import time
 
 import pytest
 
@@ -162,6 +163,12 @@ def test_a_stream_copy_that_cannot_be_written_never_stops_the_destination(tmp_pa
             pdev.device.migrate(address, timeout=20)
             dest.wait_event("incoming")
             assert pdev.ioread32(0, 0x08) == 120 and pdev.device.info["pid"] == dest.pid
+        # (the line is read from the process's stderr by a thread: it may come a little after
+        # the event; CI on a loaded machine saw it missing at once)
+        deadline = time.monotonic() + 10
+        while not any("cannot write" in line and "stream.bin" in line for line in dest.stderr_lines) \
+                and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert any("cannot write" in line and "stream.bin" in line for line in dest.stderr_lines)
     finally:
         source.stop()
