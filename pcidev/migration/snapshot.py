@@ -25,6 +25,7 @@ from typing import Any
 import attrs
 
 from pcidev.device import PciDevice
+from pcidev.dma import GuestMemory
 from pcidev.errors import ConfigError, DeviceFailedError, MigrationBlockedError, VMStateError
 from pcidev.memory_source import ContentDescriptors
 from pcidev.migration.function_state import (
@@ -351,15 +352,7 @@ def load_own_snapshot(dev: PciDevice, snapshot: VMStateSnapshot, fds: Sequence[i
         dev.vmstate_load_fds = list(fds)
         try:
             parts = [(part, by_name[part.name]) for part in _parts(dev)]
-            check_function_state(dev, fstate, fds, dev.memory)
-            for part, state in parts:
-                try:
-                    part.check(state)
-                except VMStateError:
-                    raise
-                except Exception as exc:
-                    raise StateError(f"the device refused the state: {type(exc).__name__}: {exc}",
-                                     section=part.name, instance_id=0) from exc
+            _check_sections(dev, fstate, parts, fds, dev.memory)
             carried = all_descriptors(fds)
             res = build_resources(fstate, carried) if carried is not None else LoadedResources()
             old = None
@@ -380,6 +373,21 @@ def load_own_snapshot(dev: PciDevice, snapshot: VMStateSnapshot, fds: Sequence[i
             dev.vmstate_load_fds = None
 
 
+def _check_sections(dev: PciDevice, fstate: FunctionState, parts: list[tuple[_Part, Any]],
+                    fds: Sequence[int | None] | None, memory: GuestMemory | None) -> None:
+    """The checks every load runs before anything is applied: the function's state, then each
+    part's own (an exception of a part's check other than a VMStateError is its refusal)."""
+    check_function_state(dev, fstate, fds, memory)
+    for part, state in parts:
+        try:
+            part.check(state)
+        except VMStateError:
+            raise
+        except Exception as exc:
+            raise StateError(f"the device refused the state: {type(exc).__name__}: {exc}",
+                             section=part.name, instance_id=0) from exc
+
+
 def _apply_sections(dev: PciDevice, sections: list[Section], fds: Sequence[int | None] | None) -> LoadedResources:
     by_name = {s.name: s.state for s in sections}
     fstate = by_name.pop(FUNCTION_SECTION)
@@ -398,15 +406,7 @@ def _apply_sections(dev: PciDevice, sections: list[Section], fds: Sequence[int |
 def _apply_sections_locked(dev: PciDevice, fstate: FunctionState, parts: list[tuple[_Part, Any]],
                            fds: Sequence[int | None] | None) -> LoadedResources:
     memory = dev.memory
-    check_function_state(dev, fstate, fds, memory)
-    for part, state in parts:
-        try:
-            part.check(state)
-        except VMStateError:
-            raise
-        except Exception as exc:
-            raise StateError(f"the device refused the state: {type(exc).__name__}: {exc}",
-                             section=part.name, instance_id=0) from exc
+    _check_sections(dev, fstate, parts, fds, memory)
     carried = all_descriptors(fds)
     res = build_resources(fstate, carried) if carried is not None else LoadedResources()
     try:
