@@ -71,4 +71,6 @@ def COMMAND(args: argparse.Namespace, ctx: CliContext) -> int | None:
                              jobs=args.jobs, plugin_specs=ctx.plugin_specs, seed=args.seed)
     for line in report.lines():
         print(line)
-    return 1 if report.findings else 0
+    if report.findings:
+        return 1
+    return 0 if report.interrupted is None else 128 + report.interrupted

@@ -17,6 +17,7 @@ process.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -81,5 +82,8 @@ def fuzz(target: FuzzTarget, log: FindingLog, libfuzzer_args: list[str]) -> None
         if line:
             print(f"FINDING {line}", flush=True)
 
+    # SIGINT as SIGTERM: libFuzzer's own handler (it prints its figures and exits), not
+    # Python's KeyboardInterrupt inside an input (a Ctrl-C reaches every child of the group)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     atheris.Setup([sys.argv[0], *libfuzzer_args], one_input)
     atheris.Fuzz()

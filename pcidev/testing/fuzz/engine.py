@@ -22,9 +22,11 @@ import logging
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,8 +38,9 @@ from pcidev.plugins import load_registry, make_plugin_manager, parse_plugin_spec
 from pcidev.testing.fuzz.catalogue import target_factories
 from pcidev.testing.fuzz.target import FuzzFinding, FuzzTarget, RssWatch
 
-__all__ = ["FuzzReport", "FindingLog", "atheris_available", "instrumentation_args", "instrumented_modules",
-           "libfuzzer_findings", "parse_libfuzzer", "run_atheris", "run_random", "ATHERIS_MISSING", "RSS_LIMIT_MB"]
+__all__ = ["FuzzReport", "FindingLog", "StopSignals", "atheris_available", "instrumentation_args",
+           "instrumented_modules", "libfuzzer_findings", "parse_libfuzzer", "run_atheris", "run_random",
+           "ATHERIS_MISSING", "RSS_LIMIT_MB", "STOP_GRACE"]
 
 #: The one error line when the coverage-guided engine is asked for without its extra.
 ATHERIS_MISSING = ("atheris is not installed: install the fuzz extra (pip install 'pcidev[fuzz]') "
@@ -51,6 +54,9 @@ _ARTIFACT = re.compile(r"Test unit written to (\S+)")
 #: libFuzzer's ``-rss_limit_mb``: the resident set (MiB) past which it ends the run with an
 #: ``out-of-memory`` finding (it looks every second; the input it names is the one running then)
 RSS_LIMIT_MB = 4096
+#: seconds the atheris children get, after SIGTERM or SIGINT reached ``pcidev fuzz``, to
+#: print their figures and exit before they are killed (a second signal kills them at once)
+STOP_GRACE = 10.0
 #: the child's program (kept in step with pcidev.testing.fuzz._libfuzzer.BOOTSTRAP, which a
 #: test compares: this module cannot import that one, which needs atheris)
 _BOOTSTRAP = """
@@ -81,6 +87,8 @@ class FuzzReport:
     findings: list[str] = attrs.field(factory=list)
     #: wall time including the child's start-up and instrumentation (atheris), if known
     wall: float | None = None
+    #: the signal (SIGTERM, SIGINT) that ended the run before its time, if one did
+    interrupted: int | None = None
 
     @property
     def exec_per_second(self) -> float:
@@ -91,15 +99,53 @@ class FuzzReport:
         """The report, one figure a line (what ``pcidev fuzz`` prints)."""
         cov = "n/a (random engine: no instrumentation)" if self.coverage is None else \
             f"{self.coverage} edges, {self.features} features"
+        stopped = "" if self.interrupted is None else f", stopped by {signal.Signals(self.interrupted).name}"
         out = [f"target:      {self.target} ({self.engine})",
                f"run:         {self.seconds:.1f} s" + ("" if self.wall is None else
-                                                         f" fuzzing ({self.wall:.1f} s with start-up)"),
+                                                         f" fuzzing ({self.wall:.1f} s with start-up)") + stopped,
                f"executions:  {self.executions} ({self.exec_per_second:.1f} exec/s)",
                f"coverage:    {cov}",
                f"corpus:      {self.corpus} inputs",
                f"findings:    {len(self.findings)}"]
         out += [f"  {line}" for line in self.findings]
         return out
+
+
+class StopSignals:
+    """SIGTERM and SIGINT while a run is on stop the run instead of the process, so that
+    its figures are still reported (and no child is left running): the handlers record
+    the signal (:attr:`signum`, :attr:`count`, :attr:`at`) and the run looks at them.
+
+    Installed only on the main thread (Python runs handlers there); elsewhere, and after
+    the ``with`` block, the previous handlers are in place.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        #: the first signal received, or None
+        self.signum: int | None = None
+        #: signals received so far
+        self.count = 0
+        #: when the first one came (monotonic)
+        self.at = 0.0
+        self._old: dict[int, object] = {}
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if self.signum is None:
+            self.signum, self.at = signum, time.monotonic()
+        self.count += 1
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)  # type: ignore[arg-type]
+        self._old.clear()
 
 
 class FindingLog:
@@ -197,20 +243,24 @@ def run_random(target: FuzzTarget, *, seconds: float, corpus: Path | None, findi
     started = time.monotonic()
     logging.disable(logging.WARNING)  # a refusal's warning is the expected outcome; errors still show
     try:
-        for data in pool:
-            report.executions += 1
-            line = run_one(target, data, log, rss)
-            if line:
-                echo(line)
-        while time.monotonic() - started < seconds:
-            report.executions += 1
-            line = run_one(target, _mutate(rng, rng.choice(pool), pool), log, rss)
-            if line:
-                echo(line)
+        with StopSignals() as stop:
+            for data in pool:
+                if stop.signum is not None:
+                    break
+                report.executions += 1
+                line = run_one(target, data, log, rss)
+                if line:
+                    echo(line)
+            while stop.signum is None and time.monotonic() - started < seconds:
+                report.executions += 1
+                line = run_one(target, _mutate(rng, rng.choice(pool), pool), log, rss)
+                if line:
+                    echo(line)
     finally:
         logging.disable(logging.NOTSET)
         target.close()
     report.seconds = time.monotonic() - started
+    report.interrupted = stop.signum
     report.findings = list(log.seen.values())
     return report
 
@@ -365,8 +415,8 @@ def run_atheris(name: str, *, seconds: float, corpus: Path | None, findings: Pat
     # through a shell command line that the bootstrap's -c program does not survive
     cmds = [cmd + ([] if seed is None else [f"-seed={seed + i}"]) + [str(corpus_dir)] for i in range(max(1, jobs))]
     started = time.monotonic()
-    outputs = _run_children(cmds)
-    report = FuzzReport(name, "atheris", time.monotonic() - started)
+    outputs, stopped = _run_children(cmds)
+    report = FuzzReport(name, "atheris", time.monotonic() - started, interrupted=stopped)
     clocks = []  # each child's own fuzzing time, from its "Done" line
     for output in outputs:
         one = FuzzReport(name, "atheris", -1.0)
@@ -396,19 +446,34 @@ def run_atheris(name: str, *, seconds: float, corpus: Path | None, findings: Pat
     return report
 
 
-def _run_children(cmds: list[list[str]]) -> list[str]:
-    """Run the child commands at once; each one's output (standard output and error).
+def _run_children(cmds: list[list[str]]) -> tuple[list[str], int | None]:
+    """Run the child commands at once; each one's output (standard output and error), and
+    the signal that stopped the run early, if one did.
 
     pcidev must be imported by a child inside atheris's instrumentation, not from this
     process's cached state: a fresh interpreter, the same sys.path. Each child writes to
-    its own unlinked temporary file, read once all have ended.
+    its own unlinked temporary file, read once all have ended. SIGTERM or SIGINT is passed
+    on to the children as SIGTERM (libFuzzer prints its figures and exits); those still
+    running :data:`STOP_GRACE` seconds later, or at a second signal, are killed.
     """
     files = [tempfile.TemporaryFile() for _ in cmds]
     try:
-        procs = [subprocess.Popen(c, stdout=f, stderr=subprocess.STDOUT) for c, f in zip(cmds, files, strict=True)]
+        procs: list[subprocess.Popen[bytes]] = []
         try:
-            for p in procs:
-                p.wait()
+            with StopSignals() as stop:
+                procs += [subprocess.Popen(c, stdout=f, stderr=subprocess.STDOUT)
+                          for c, f in zip(cmds, files, strict=True)]
+                passed_on = False
+                while any(p.poll() is None for p in procs):
+                    if stop.signum is not None:
+                        if not passed_on:
+                            passed_on = True
+                            for p in procs:
+                                if p.poll() is None:
+                                    p.terminate()
+                        if stop.count > 1 or time.monotonic() - stop.at > STOP_GRACE:
+                            break
+                    time.sleep(0.1)
         finally:
             for p in procs:  # (an interrupted parent takes its children with it)
                 if p.poll() is None:
@@ -418,7 +483,7 @@ def _run_children(cmds: list[list[str]]) -> list[str]:
         for f in files:
             f.seek(0)
             outputs.append(f.read().decode("utf-8", "replace"))
-        return outputs
+        return outputs, stop.signum
     finally:
         for f in files:
             f.close()

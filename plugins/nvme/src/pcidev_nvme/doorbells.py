@@ -160,10 +160,17 @@ class DoorbellsMixin:
         if value >= sq.size:
             self._doorbell_error(aer_mod.INFO_INVALID_DB_VALUE, qid, offset, value)
             return
-        if sq.db_addr is not None and qid == 0:
-            # Only the admin queue (which Linux never shadows, as QEMU's nvme): for an I/O
-            # queue the shadow is the newer value, and an MMIO write can arrive late (a
-            # posted vfio-user write): copying it would rewind the tail and lose commands.
+        if sq.db_addr is not None:
+            if qid:
+                # An I/O queue's shadow tail is the truth and an MMIO write only a
+                # notification, one that can arrive late (a posted vfio-user write, handled
+                # while another thread fetches): its value must not become the tail, or the
+                # fetch loop would take the entries from there to the head as a whole lap
+                # of new commands and run them again. The fetch reads the shadow.
+                self._kick(sq)
+                return
+            # the admin queue (which Linux never shadows, as QEMU's nvme): the MMIO value
+            # is the truth, and the shadow follows it
             try:
                 self.dma.store32(sq.db_addr, value)
             except DmaError:

@@ -7,9 +7,12 @@ from __future__ import annotations
 import ast
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -112,7 +115,7 @@ def test_libfuzzers_own_findings_are_parsed():
 def test_the_engine_reports_libfuzzers_out_of_memory(monkeypatch, tmp_path, stats):
     output = _OOM if stats else _OOM.split("\n", 1)[1]
     monkeypatch.setattr(engine, "atheris_available", lambda: True)
-    monkeypatch.setattr(engine, "_run_children", lambda cmds: [output] * len(cmds))
+    monkeypatch.setattr(engine, "_run_children", lambda cmds: ([output] * len(cmds), None))
     echoed: list[str] = []
     report = engine.run_atheris("vmstate", seconds=1, corpus=None, findings=tmp_path, echo=echoed.append)
     assert report.findings == echoed == [
@@ -180,7 +183,7 @@ def test_the_engine_passes_the_targets_scope_to_the_child(monkeypatch, tmp_path)
 
     def fake_run(cmds):
         seen.extend(cmds)
-        return ["Done 3 runs in 1 second(s)\n"] * len(cmds)
+        return ["Done 3 runs in 1 second(s)\n"] * len(cmds), None
 
     monkeypatch.setattr(engine, "atheris_available", lambda: True)
     monkeypatch.setattr(engine, "_run_children", fake_run)
@@ -360,5 +363,98 @@ def test_children_run_at_once_and_each_output_is_kept(tmp_path):
               "while not os.path.exists(os.path.join(d, str((me + 1) % 3))) and time.monotonic() < deadline:\n"
               "    time.sleep(0.01)\n"
               "print('child', me, os.path.exists(os.path.join(d, str((me + 1) % 3))))\n")
-    outputs = engine._run_children([[sys.executable, "-c", script, str(i), str(tmp_path)] for i in range(3)])
+    outputs, stopped = engine._run_children([[sys.executable, "-c", script, str(i), str(tmp_path)] for i in range(3)])
     assert outputs == ["child 0 True\n", "child 1 True\n", "child 2 True\n"]
+    assert stopped is None
+
+
+def _signal_me_later(signum: int, delay: float, times: int = 1) -> threading.Thread:
+    def send() -> None:
+        for _ in range(times):
+            time.sleep(delay)
+            os.kill(os.getpid(), signum)
+
+    t = threading.Thread(target=send, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_children_and_their_figures_are_kept(tmp_path, monkeypatch, signum):
+    """SIGTERM or SIGINT to ``pcidev fuzz``: each child gets SIGTERM and its last words are
+    kept; one that ignores it is killed after the grace period; none is left running; the
+    handlers in place before are back."""
+    monkeypatch.setattr(engine, "STOP_GRACE", 1.0)
+    polite = ("import signal, sys, time\n"
+              "def bye(*a):\n"
+              "    print('figures of', sys.argv[1], flush=True)\n"
+              "    sys.exit(72)\n"
+              "signal.signal(signal.SIGTERM, bye)\n"
+              "print('ready', flush=True)\n"
+              "time.sleep(120)\n")
+    stubborn = ("import signal, time\n"
+                "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                "print('ready', flush=True)\n"
+                "time.sleep(120)\n")
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    pids: list[int] = []
+    real_popen = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        p = real_popen(*args, **kwargs)
+        pids.append(p.pid)
+        return p
+
+    monkeypatch.setattr(engine.subprocess, "Popen", popen)
+    _signal_me_later(signum, 1.5)
+    t0 = time.monotonic()
+    outputs, stopped = engine._run_children([[sys.executable, "-c", polite, "a"],
+                                             [sys.executable, "-c", stubborn],
+                                             [sys.executable, "-c", polite, "b"]])
+    assert stopped == signum
+    assert time.monotonic() - t0 < 60  # not the children's 120 s
+    assert outputs[0] == "ready\nfigures of a\n" and outputs[2] == "ready\nfigures of b\n"
+    assert outputs[1] == "ready\n"
+    for pid in pids:  # reaped: no such process any more
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_a_second_signal_kills_the_children_at_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(engine, "STOP_GRACE", 300.0)
+    stubborn = ("import signal, time\n"
+                "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                "time.sleep(120)\n")
+    _signal_me_later(signal.SIGTERM, 1.0, times=2)
+    t0 = time.monotonic()
+    outputs, stopped = engine._run_children([[sys.executable, "-c", stubborn]])
+    assert stopped == signal.SIGTERM and outputs == [""]
+    assert time.monotonic() - t0 < 60  # neither the grace period nor the child's 120 s
+
+
+def test_the_random_engine_stops_at_a_signal_and_reports(tmp_path):
+    target = vmstate_target.VmstateTarget()
+    _signal_me_later(signal.SIGTERM, 2.0)
+    report = run_random(target, seconds=600, corpus=None, findings=tmp_path, seed=1)
+    assert report.interrupted == signal.SIGTERM
+    assert report.executions > 0 and report.seconds < 300
+    assert "stopped by SIGTERM" in "\n".join(report.lines())
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_pcidev_fuzz_stopped_by_sigterm_prints_its_figures(tmp_path):
+    """The command line: SIGTERM ends the run, the figures are printed, exit status 128+15."""
+    proc = subprocess.Popen([sys.executable, "-m", "pcidev", "fuzz", "vmstate", "--engine", "random",
+                             "--seconds", "600", "--findings", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(4)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in out and "executions:" in out
