@@ -34,6 +34,15 @@ Addresses and lengths must be ``int`` (or support ``__index__``); other types ar
 programming error and raise :class:`TypeError`. Values that do not fit a typed write
 (``write_u32(gpa, -1)``) raise :class:`struct.error` before anything is written.
 
+**No transient values.** Another process (a vfio-user client or server, a guest) may
+read guest memory while it is written. A typed write (``write_u8`` .. ``write_u64``,
+:meth:`~GuestMemory.write_struct`) packs its bytes first and copies them in one go, so a
+reader sees the old value or the new one at an aligned address, never a mix, and never
+the zeros :meth:`struct.Struct.pack_into` stores before the value (it clears its target
+first: an unchanged shadow doorbell written with it read as 0 in 2 % of reads by another
+process). For a value another side polls (doorbells, ring indexes, flags), prefer the
+ordered :meth:`~GuestMemory.store32` / :meth:`~GuestMemory.load32`.
+
 Lifetime rules: device state holds addresses, never views
 ---------------------------------------------------------
 :meth:`~GuestMemory.views` returns :class:`memoryview` slices straight into the
@@ -123,10 +132,12 @@ _u8_unpack: Callable[[ReadableBuffer, int], tuple[int]] = _U8.unpack_from
 _u16_unpack: Callable[[ReadableBuffer, int], tuple[int]] = _U16.unpack_from
 _u32_unpack: Callable[[ReadableBuffer, int], tuple[int]] = _U32.unpack_from
 _u64_unpack: Callable[[ReadableBuffer, int], tuple[int]] = _U64.unpack_from
-_u8_pack = _U8.pack_into
-_u16_pack = _U16.pack_into
-_u32_pack = _U32.pack_into
-_u64_pack = _U64.pack_into
+# typed writes pack first and copy (struct.pack_into clears its target before it writes
+# the value: a reader in another process could see zeros; see "No transient values")
+_u8_bytes = _U8.pack
+_u16_bytes = _U16.pack
+_u32_bytes = _U32.pack
+_u64_bytes = _U64.pack
 
 _MMAP_KWARGS: dict[str, Any] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 
@@ -1037,7 +1048,8 @@ class GuestMemory:
             r = regions[i]
             if r.writable and gpa <= r.end - st.size:
                 self._last = r
-                st.pack_into(r.mm, gpa - r.delta, *values)
+                off = gpa - r.delta
+                r.mm[off:off + st.size] = st.pack(*values)  # (one copy, as the fast path)
                 d = self.dirty
                 if d is not None:
                     d.mark(gpa, st.size)
@@ -1103,11 +1115,12 @@ class GuestMemory:
         :raises DmaError: not mapped or read-only.
         :raises struct.error: ``value`` does not fit.
         """
-        if not 0 <= value <= 0xFF:  # struct.pack_into may write before it checks
+        if not 0 <= value <= 0xFF:  # (a clear message; nothing is written)
             raise struct.error(f"{value!r} does not fit in 8 bits")
         r = self._last
         if r.writable and r.gpa <= gpa < r.end:
-            _u8_pack(r.mm, gpa - r.delta, value)
+            off = gpa - r.delta
+            r.mm[off:off + 1] = _u8_bytes(value)  # (one copy: never pack_into's transient zeros)
             d = self.dirty
             if d is not None:
                 d.mark(gpa, 1)
@@ -1120,11 +1133,12 @@ class GuestMemory:
         :raises DmaError: not mapped or read-only.
         :raises struct.error: ``value`` does not fit.
         """
-        if not 0 <= value <= 0xFFFF:  # struct.pack_into may write before it checks
+        if not 0 <= value <= 0xFFFF:  # (a clear message; nothing is written)
             raise struct.error(f"{value!r} does not fit in 16 bits")
         r = self._last
         if r.writable and r.gpa <= gpa <= r.end - 2:
-            _u16_pack(r.mm, gpa - r.delta, value)
+            off = gpa - r.delta
+            r.mm[off:off + 2] = _u16_bytes(value)  # (one copy: never pack_into's transient zeros)
             d = self.dirty
             if d is not None:
                 d.mark(gpa, 2)
@@ -1137,11 +1151,12 @@ class GuestMemory:
         :raises DmaError: not mapped or read-only.
         :raises struct.error: ``value`` does not fit.
         """
-        if not 0 <= value <= 0xFFFF_FFFF:  # struct.pack_into may write before it checks
+        if not 0 <= value <= 0xFFFF_FFFF:  # (a clear message; nothing is written)
             raise struct.error(f"{value!r} does not fit in 32 bits")
         r = self._last
         if r.writable and r.gpa <= gpa <= r.end - 4:
-            _u32_pack(r.mm, gpa - r.delta, value)
+            off = gpa - r.delta
+            r.mm[off:off + 4] = _u32_bytes(value)  # (one copy: never pack_into's transient zeros)
             d = self.dirty
             if d is not None:
                 d.mark(gpa, 4)
@@ -1154,11 +1169,12 @@ class GuestMemory:
         :raises DmaError: not mapped or read-only.
         :raises struct.error: ``value`` does not fit.
         """
-        if not 0 <= value <= 0xFFFF_FFFF_FFFF_FFFF:  # struct.pack_into may write before it checks
+        if not 0 <= value <= 0xFFFF_FFFF_FFFF_FFFF:  # (a clear message; nothing is written)
             raise struct.error(f"{value!r} does not fit in 64 bits")
         r = self._last
         if r.writable and r.gpa <= gpa <= r.end - 8:
-            _u64_pack(r.mm, gpa - r.delta, value)
+            off = gpa - r.delta
+            r.mm[off:off + 8] = _u64_bytes(value)  # (one copy: never pack_into's transient zeros)
             d = self.dirty
             if d is not None:
                 d.mark(gpa, 8)

@@ -385,7 +385,7 @@ class PythonPinned(Pinned):
             """Store ``value`` little-endian as 32 bits at ``offset`` (must be 4-aligned)."""
             if 0 <= offset <= self._wlim4 and not offset & 3:
                 _check_store_value(value, _MAX32, 32)
-                _U32.pack_into(self._mv, offset, value)
+                self._mv[offset:offset + 4] = _U32.pack(value)  # (pack_into clears its target first)
                 return
             raise self._bad(offset, 4, write=True)
 
@@ -393,7 +393,7 @@ class PythonPinned(Pinned):
             """Store ``value`` little-endian as 64 bits at ``offset`` (must be 8-aligned)."""
             if 0 <= offset <= self._wlim8 and not offset & 7:
                 _check_store_value(value, _MAX64, 64)
-                _U64.pack_into(self._mv, offset, value)
+                self._mv[offset:offset + 8] = _U64.pack(value)  # (pack_into clears its target first)
                 return
             raise self._bad(offset, 8, write=True)
 

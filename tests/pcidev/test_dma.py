@@ -1012,3 +1012,61 @@ def test_guest_memory_benchmark_script_runs(monkeypatch, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["environment"]["backend"] == native.BACKEND
     assert all(ns > 0 for ns in result["ns_per_call"].values())
+
+
+_READER = textwrap.dedent("""
+    import json, mmap, struct, sys, time
+    fd, seconds = int(sys.argv[1]), float(sys.argv[2])
+    mm = mmap.mmap(fd, 4096, prot=mmap.PROT_READ)
+    fmts = [("<B", 0), ("<H", 64), ("<I", 128), ("<Q", 192)]
+    allowed = [set(json.loads(a)) for a in sys.argv[3:]]
+    while struct.unpack_from("<Q", mm, 192)[0] == 0:  # (the writer has started)
+        pass
+    reads, bad = 0, []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for i, (fmt, off) in enumerate(fmts):
+            v = struct.unpack_from(fmt, mm, off)[0]
+            reads += 1
+            if v not in allowed[i] and len(bad) < 10:
+                bad.append([fmt, v])
+    print(json.dumps({"reads": reads, "bad": bad}))
+""")
+
+
+def test_typed_writes_show_another_process_no_transient_value(gm: GuestMemory) -> None:
+    """Typed writes flipping between two values are never seen half-done by another process.
+
+    write_u8 .. write_u64 at aligned addresses, each flipping between two values with no
+    zero byte while another process reads them: it sees one value or the other, never a
+    zero or a mix. They used struct.pack_into, which clears its target before it writes:
+    an unchanged shadow doorbell read as 0 in 2 % of another process's reads, and the NVMe
+    device fetched a lap of old commands.
+    """
+    fd = alloc_memfd(PAGE)
+    try:
+        gm.map(0, PAGE, fd)
+        values = {0: (0x5A, 0xA5), 64: (0x1234, 0x5678), 128: (0x11223344, 0x55667788),
+                  192: (0x1122334455667788, 0x99AABBCCDDEEFF11)}
+        writers = {0: gm.write_u8, 64: gm.write_u16, 128: gm.write_u32, 192: gm.write_u64}
+        for off, (a, _b) in values.items():
+            writers[off](off, a)
+        proc = subprocess.Popen([sys.executable, "-c", _READER, str(fd), "1.0",
+                                 *(json.dumps(list(v)) for v in values.values())],
+                                pass_fds=(fd,), stdout=subprocess.PIPE, text=True)
+        try:
+            i = 0
+            while proc.poll() is None:
+                for off, pair in values.items():
+                    writers[off](off, pair[i & 1])
+                i += 1
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        result = json.loads(out)
+        assert result["bad"] == []
+        assert result["reads"] > 1000 and i > 1000  # (both sides ran)
+    finally:
+        os.close(fd)

@@ -253,6 +253,7 @@ def test_io_during_format_is_refused(nvme_env):
     time.sleep(0.02)
     comp = drv.io(1, READ, nsid=2, buf=buf, length=512, check=False)
     assert comp.code == Status.FORMAT_IN_PROGRESS
+    assert not comp.dnr  # (the spec: retry once the format is done)
     assert drv.poll(0) == []  # the format waits for the read in flight
     gated.release()
     assert drv.wait_for(0, fcid).ok
@@ -356,7 +357,9 @@ def test_a_namespace_being_deleted_is_not_formatted_or_deleted_again(nvme_env):
     assert comp.code == Status.INVALID_NSID and comp.dnr
     comp = drv.admin(NS_MGMT, nsid=0xFFFFFFFF, cdw10=1, check=False)
     assert comp.code == Status.INVALID_NSID and comp.dnr
-    assert set(ctrl.allocated) == {1, 2}
+    for sel in (0, 1):  # Namespace Attachment (attach, detach): it is going away
+        expect_status(drv, Status.INVALID_NSID, NS_ATTACH, nsid=2, cdw10=sel, data=CTRL_LIST)
+    assert set(ctrl.allocated) == {1, 2} and 2 in ctrl.namespaces
     gated.gate.set()
     assert drv.wait_for(1, rcid).ok and drv.wait_for(0, dcid).ok
     assert set(ctrl.allocated) == {1}

@@ -530,7 +530,8 @@ class AdminCommandSet:
         """Identify Namespace for NSID FFFFFFFFh: capabilities common to all namespaces
         (LBA formats with metadata, MC and DPC only if every namespace can keep metadata);
         with ``csi_nvm`` the NVM command set specific structure (CNS 05h: the ELBAF table)."""
-        metadata = all(ns.metadata_capable for ns in self.ctrl.allocated.values())
+        # (a snapshot: a Namespace Management delete changes the table on the admin worker)
+        metadata = all(ns.metadata_capable for ns in list(self.ctrl.allocated.values()))
         if csi_nvm:
             return identify_elbaf(metadata)
         buf = bytearray(idfy.IDENTIFY_SIZE)
@@ -940,6 +941,8 @@ class AdminCommandSet:
         nsid = req.nsid
         if nsid not in ctrl.allocated:
             raise _err(Status.INVALID_NSID, f"namespace {nsid:#x} is not allocated", OFF_NSID)
+        if ctrl.claim_status(nsid) == Status.NS_NOT_READY:  # (as Format NVM: it is going away)
+            raise _err(Status.INVALID_NSID, f"namespace {nsid} is being deleted", OFF_NSID)
         data = self.from_host(req, 4096)
         (count,) = struct.unpack_from("<H", data)
         if count == 0 or count > 2047:

@@ -239,7 +239,7 @@ class NvmeController(CompletionMixin, DoorbellsMixin, FetchMixin, QueueSetMixin,
             self.io.altered = self.sanitizer.data_written
             self.io.verify_limit = 4096 << cfg.vsl if cfg.vsl else 0  # (VSL: units of CAP.MPSMIN)
             self.io.copy_formats_enabled = lambda: self.features.copy_formats_enabled  # (HBS CDFE)
-            self.io.format_in_progress = lambda nsid: nsid in self._formatting  # (a Copy's source namespace)
+            self.io.claim_status = lambda nsid: self._formatting.get(nsid)  # (a Copy's source namespace)
             self.io.dulbe = self.features.dulbe_enabled  # (Error Recovery DULBE)
             self.restore_persisted_sanitize()  # a sanitize survives a restart (the state file)
             self.restore_persisted_self_test()  # and the self-test results, an extended test

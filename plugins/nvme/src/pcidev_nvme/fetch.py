@@ -308,7 +308,11 @@ class FetchMixin:
                     except Exception as exc:  # never lose a command to a bug
                         self._internal_error(req, exc)
                 elif formatting and req.nsid in formatting:  # (claimed by a Format NVM or a delete)
-                    self.complete(req, formatting.get(req.nsid, Status.FORMAT_IN_PROGRESS))
+                    claimed = formatting.get(req.nsid, Status.FORMAT_IN_PROGRESS)
+                    # a format ends (retry later: DNR clear); a namespace being deleted will
+                    # not become ready (Namespace Not Ready, DNR set)
+                    self.complete(req, claimed,
+                                  error=NvmeStatusError(claimed, dnr=claimed != Status.FORMAT_IN_PROGRESS))
                 else:
                     reqs.append(req)
             if reqs:

@@ -380,9 +380,10 @@ class IoCommandSet:
         #: Host Behavior Support CDFE: the Copy descriptor formats (bit n: format n) the host
         #: enabled; set by the controller to its features' value
         self.copy_formats_enabled: Callable[[], int] = lambda: 0
-        #: whether a Format NVM of the namespace is in progress (a Copy's source namespace);
-        #: set by the controller
-        self.format_in_progress: Callable[[int], bool] = lambda nsid: False
+        #: the status I/O to a namespace gets while a Format NVM (Format In Progress) or a
+        #: Namespace Management delete (Namespace Not Ready) has it, else None (a Copy's
+        #: source namespace); set by the controller
+        self.claim_status: Callable[[int], int | None] = lambda nsid: None
         #: whether Error Recovery DULBE is set for a namespace (NSID); set by the controller to
         #: its features' value
         self.dulbe: Callable[[int], bool] = lambda nsid: False
@@ -1528,7 +1529,8 @@ class IoCommandSet:
     def _copy_sources(self, req: Request, ns: Namespace, raw: bytearray, desfmt: int) -> list[CopySource]:
         """The source ranges of a Copy into ``ns``, each checked, in the order a range meets
         the checks: its source namespace (formats 2h, 3h: 0, FFFFFFFFh or not attached is
-        Invalid Namespace, one being formatted Format In Progress), MSSRL and MCL (Command
+        Invalid Namespace, one being formatted Format In Progress with DNR clear, one being deleted
+        Namespace Not Ready), MSSRL and MCL (Command
         Size Limit Exceeded), the namespaces' compatibility (:func:`copy_incompatible`),
         its LBAs on the source namespace (LBA Out of Range), SOPT Fast Copy Only (Fast Copy
         Not Possible: no copy is a fast one), CETYPE (Invalid Field: no command extension
@@ -1547,9 +1549,11 @@ class IoCommandSet:
                 if found is None:
                     raise NvmeStatusError(Status.INVALID_NSID,
                                           f"source range {i}: namespace {snsid:#x} is not attached")
-                if self.format_in_progress(snsid):
-                    raise NvmeStatusError(Status.FORMAT_IN_PROGRESS,
-                                          f"source range {i}: namespace {snsid} is being formatted")
+                claimed = self.claim_status(snsid)
+                if claimed is not None:  # (as I/O to it: a format ends, a deleted namespace does not come back)
+                    formatting = claimed == Status.FORMAT_IN_PROGRESS
+                    raise NvmeStatusError(claimed, f"source range {i}: namespace {snsid} is being "
+                                          + ("formatted" if formatting else "deleted"), dnr=not formatting)
                 sns = found
             nlb = nlb0 + 1
             if nlb > mssrl:

@@ -105,7 +105,7 @@ class NamespaceSetMixin:
     @property
     def allocated_capacity(self) -> int:
         """Bytes held by the namespaces that exist."""
-        return sum(int(ns.size) for ns in self.allocated.values())
+        return sum(int(ns.size) for ns in list(self.allocated.values()))  # (a snapshot: see remove_namespace)
 
     @property
     def creates_mem_namespaces(self) -> bool:
@@ -186,6 +186,10 @@ class NamespaceSetMixin:
     def remove_namespace(self, nsid: int) -> RemovedNamespace:
         """Delete namespace ``nsid`` from every table (detaching it first if attached);
         the caller closes it and posts any notice.
+
+        A Namespace Management delete calls this on the admin worker while admin commands
+        run on the admin queue's thread: a reader that iterates a table takes a snapshot
+        first (``list(d.values())``, ``dict(d)``, ``sorted(d)``: one step for the interpreter).
 
         :raises NvmeStatusError: Invalid Namespace or Format if ``nsid`` is not allocated.
         """

@@ -102,7 +102,7 @@ class NamespaceTables(Protocol):
 def changes(tables: NamespaceTables) -> tuple[list[int], list[int]]:
     """(NSIDs of namespaces Namespace Management created, configured NSIDs it deleted): a
     namespace is a configured one while it is the very object the configuration built."""
-    allocated, configured = tables.allocated, tables.configured
+    allocated, configured = dict(tables.allocated), dict(tables.configured)  # (snapshots: see remove_namespace)
     created = sorted(n for n, ns in allocated.items() if configured.get(n) is not ns)
     deleted = sorted(n for n, ns in configured.items() if allocated.get(n) is not ns)
     return created, deleted

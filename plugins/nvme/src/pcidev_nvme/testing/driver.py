@@ -591,7 +591,7 @@ class NvmeDriver:
         if self._dbbuf is not None:
             dbs, eis = self._dbbuf
             old = q.rung_tail
-            self.mem.write_u32(dbs + 8 * qid, tail)
+            self.mem.store32(dbs + 8 * qid, tail)  # (one ordered store: the device polls it)
             ei = self.mem.read_u32(eis + 8 * qid)
             q.rung_tail = tail
             if ((tail - ei - 1) & 0xFFFF) >= ((tail - old) & 0xFFFF):
@@ -661,7 +661,7 @@ class NvmeDriver:
             dbs, eis = self._dbbuf
             slot = 8 * q.qid + 4
             old = self.mem.read_u32(dbs + slot)
-            self.mem.write_u32(dbs + slot, head)
+            self.mem.store32(dbs + slot, head)
             ei = self.mem.read_u32(eis + slot)
             if ((head - ei - 1) & 0xFFFF) >= ((head - old) & 0xFFFF):
                 return
