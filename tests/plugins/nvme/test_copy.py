@@ -404,10 +404,13 @@ def test_format_3_across_64b_guard_namespaces(nvme_env):
 # ------------------------------------------------------------------------------ holds and locks
 
 
-def test_a_format_of_the_source_namespace_waits_for_the_copy_and_refuses_new_ones(nvme_env, tmp_path):
-    """A Format NVM of a Copy's source namespace, issued while the copy reads it, completes
-    only after the copy, which copied the data from before the format; while the format
-    runs, copies reading the namespace are Format In Progress."""
+@pytest.mark.parametrize("claim", ["format", "delete"])
+def test_a_claim_of_the_source_namespace_waits_for_the_copy_and_refuses_new_ones(nvme_env, tmp_path, claim):
+    """A Format NVM (or a Namespace Management delete) of a Copy's source namespace, issued
+    while the copy reads it, completes only after the copy, which copied the data from
+    before; meanwhile a new Copy reading that namespace completes as I/O to it does: Format
+    In Progress with DNR clear (retry after the format), or Namespace Not Ready with DNR set
+    (a deleted namespace does not come back; it was Format In Progress until session 25)."""
     env, drv = two(nvme_env, f"file:path={tmp_path}/d.img,size=1M", "mem:size=1M", io_queues=2)
     set_cdfe(drv, CDFE_2)
     src = fill(drv, 2, 0, 4)
@@ -420,6 +423,7 @@ def test_a_format_of_the_source_namespace_waits_for_the_copy_and_refuses_new_one
         go.wait(10)
         return real(views, offset)
 
+    status = Status.FORMAT_IN_PROGRESS if claim == "format" else Status.NS_NOT_READY
     sns.backend.readv = slow_readv
     buf = drv.machine.alloc(4096, 4096)
     try:
@@ -427,64 +431,31 @@ def test_a_format_of_the_source_namespace_waits_for_the_copy_and_refuses_new_one
         cid = drv.submit(1, COPY, nsid=1, cdw10=10, cdw12=2 << 8, buf=buf, length=32)
         assert entered.wait(10)
         assert env.ctrl.io_inflight_for({2})
-        fcid = drv.submit(0, FORMAT_NVM, nsid=2, cdw10=0)  # a real format of the source
-        wait_until(lambda: env.ctrl.io.claim_status(2) == Status.FORMAT_IN_PROGRESS, 5, "the format to start")
+        if claim == "format":
+            acid = drv.submit(0, FORMAT_NVM, nsid=2, cdw10=0)  # a real format of the source
+        else:
+            acid = drv.submit(0, NS_MGMT, nsid=2, cdw10=1)  # delete namespace 2
+        wait_until(lambda: env.ctrl.io.claim_status(2) == status, 5, f"the {claim} to start")
         time.sleep(0.1)
-        assert env.ctrl.io.claim_status(2) == Status.FORMAT_IN_PROGRESS  # it waits for the copy
+        assert env.ctrl.io.claim_status(2) == status and drv.cq_posted(0) == 0  # it waits for the copy
         refused = copy(drv, 1, 0, [f2(2, 0, 1)], 2, qid=2)
-        assert refused.code == Status.FORMAT_IN_PROGRESS and not refused.dnr  # (retry after the format)
+        assert refused.code == status and refused.dnr == (claim == "delete")
         assert copy(drv, 1, 0, [f2(1, 40, 1)], 2, qid=2).ok  # its own namespace is fine
         go.set()
         assert drv.wait_for(1, cid).ok
-        assert drv.wait_for(0, fcid, 10).ok
+        assert drv.wait_for(0, acid, 10).ok
     finally:
         sns.backend.readv = real
         go.set()
         drv.machine.free(buf)
     assert not env.ctrl.io_inflight_for({2}) and env.ctrl.io.claim_status(2) is None
-    assert blocks_at(drv, 1, 10, 4) == src  # what namespace 2 held before the format
-    assert drv.read(2, 0, 4) == bytes(4 * 512)  # which then formatted it
-    assert copy(drv, 1, 0, [f2(2, 0, 1)], 2).ok
-
-
-def test_a_copy_from_a_namespace_being_deleted_is_namespace_not_ready(nvme_env, tmp_path):
-    """A Namespace Management delete of a Copy's source namespace waits for the copy in
-    flight (which copies the data); meanwhile a new Copy reading that namespace completes
-    with Namespace Not Ready and DNR set, as I/O to it does (it will not become ready), not
-    with Format In Progress (the same claim as a format's, another status)."""
-    env, drv = two(nvme_env, f"file:path={tmp_path}/d.img,size=1M", "mem:size=1M", io_queues=2)
-    set_cdfe(drv, CDFE_2)
-    src = fill(drv, 2, 0, 4)
-    sns = env.ctrl.namespaces[2]
-    entered, go = threading.Event(), threading.Event()
-    real = sns.backend.readv
-
-    def slow_readv(views, offset):
-        entered.set()
-        go.wait(10)
-        return real(views, offset)
-
-    sns.backend.readv = slow_readv
-    buf = drv.machine.alloc(4096, 4096)
-    try:
-        drv.mem.write(buf, f2(2, 0, 4))
-        cid = drv.submit(1, COPY, nsid=1, cdw10=10, cdw12=2 << 8, buf=buf, length=32)
-        assert entered.wait(10)
-        dcid = drv.submit(0, NS_MGMT, nsid=2, cdw10=1)  # delete namespace 2: waits for the copy
-        wait_until(lambda: env.ctrl.io.claim_status(2) == Status.NS_NOT_READY, 5, "the delete to start")
-        refused = copy(drv, 1, 0, [f2(2, 0, 1)], 2, qid=2)
-        assert refused.code == Status.NS_NOT_READY and refused.dnr
-        assert copy(drv, 1, 0, [f2(1, 40, 1)], 2, qid=2).ok  # its own namespace is fine
-        go.set()
-        assert drv.wait_for(1, cid).ok
-        assert drv.wait_for(0, dcid, 10).ok
-    finally:
-        sns.backend.readv = real
-        go.set()
-        drv.machine.free(buf)
-    assert 2 not in env.ctrl.allocated and env.ctrl.io.claim_status(2) is None
-    assert blocks_at(drv, 1, 10, 4) == src  # the copy in flight took namespace 2's data
-    assert copy(drv, 1, 0, [f2(2, 0, 1)], 2).code == Status.INVALID_NSID
+    assert blocks_at(drv, 1, 10, 4) == src  # what namespace 2 held before the format or delete
+    if claim == "format":
+        assert drv.read(2, 0, 4) == bytes(4 * 512)  # which then formatted it
+        assert copy(drv, 1, 0, [f2(2, 0, 1)], 2).ok
+    else:
+        assert 2 not in env.ctrl.allocated
+        assert copy(drv, 1, 0, [f2(2, 0, 1)], 2).code == Status.INVALID_NSID
 
 
 def test_a_copy_from_a_file_namespace_into_a_memory_one_reads_on_a_worker(nvme_env, tmp_path):
