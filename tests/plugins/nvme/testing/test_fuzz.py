@@ -394,19 +394,32 @@ def test_the_probe_input_after_each_kind_of_change_matches(a):
     assert _probe_after(a) == _probe_on_a_fresh_controller()
 
 
+def _first_difference(got: dict[str, object], want: dict[str, object]) -> tuple[object, object]:
+    """The first entry of the probe where ``got`` and ``want`` differ."""
+    pairs = list(zip(got["seen"], want["seen"], strict=False))
+    return next(((g, w) for g, w in pairs if g != w), (None, None))
+
+
 def test_the_probe_sees_interrupt_counts_an_input_left(monkeypatch):
     """The probe is not blind: with the interrupt recorder's counts left as the input left
-    them (one part of the restore switched off), B differs."""
+    them (one part of the restore switched off), B differs -- in the interrupt counts,
+    and only there (every completion, data and register is as on a fresh controller)."""
     monkeypatch.setattr(restore, "_RECORDER_STATE", ())
-    assert _probe_after(_X) != _probe_on_a_fresh_controller()
+    got, want = _first_difference(_probe_after(_X), _probe_on_a_fresh_controller())
+    assert got is not None, "the probe did not see the counts the input left"
+    assert got[0] == want[0] == "interrupts" and got[1] != want[1]
 
 
 def test_the_probe_sees_a_driver_that_is_not_a_copy(monkeypatch):
     """... and with the driver handed out as it was left (not a copy of the saved one), B's
-    first command does not complete as on a fresh controller."""
+    first command does not complete as on a fresh controller: the driver the input left no
+    longer has the admin queue it probed with, where the fresh one completes Identify."""
     monkeypatch.setattr(restore.MachineTemplate, "host_copy", lambda self, index=0: self._hosts[index])
-    got = _probe_after(_X)
-    assert got != _probe_on_a_fresh_controller()
+    fresh = _probe_on_a_fresh_controller()
+    got, want = _first_difference(_probe_after(_X), fresh)
+    assert want is fresh["seen"][1]  # (B's first command)
+    assert want[0] == 6 and want[5] == 0  # (Identify, successful)
+    assert got == ("driver error", "KeyError(0)")
 
 
 def test_an_input_that_makes_descriptors_is_no_fd_leak_on_the_reused_world():
@@ -641,7 +654,8 @@ def _refused(target: NvmeVmstateTarget, data: bytes) -> bool:
 
 def test_the_nvme_vmstate_comparison_sees_a_destination_a_refusal_changed(monkeypatch):
     """The comparison is not blind: if a refused load had changed the destination (here:
-    taken namespace 1 out of it), the next input's outcome differs from a new device's."""
+    taken namespace 1 out of it), the next input's outcome differs from a new device's: the
+    stream a new device loads is refused by the changed one, for the namespace."""
     kept, fresh = _vmstate_target(True), _vmstate_target(False)
     try:
         candidates = [*kept.seeds(), *(bytes([i, 0, i]) + bytes(9) for i in range(256))]
@@ -659,7 +673,11 @@ def test_the_nvme_vmstate_comparison_sees_a_destination_a_refusal_changed(monkey
         with monkeypatch.context() as m:
             m.setattr(vmstate_target, "load_device_stream", changing)
             kept.run(refused)
-        assert _vmstate_outcome(kept, loaded, monkeypatch) != _vmstate_outcome(fresh, loaded, monkeypatch)
+        got, want = _vmstate_outcome(kept, loaded, monkeypatch), _vmstate_outcome(fresh, loaded, monkeypatch)
+        assert want[0] is None and [w[0] for w in want[1]] == ["loaded"]
+        assert got[0] is None and len(got[1]) == 1
+        kind, error, message = got[1][0]
+        assert (kind, error) == ("refused", "StateError") and "namespace 1 was deleted" in message
     finally:
         kept.close()
         fresh.close()

@@ -231,7 +231,7 @@ class _World:
         self.drv: NvmeDriver | None = None
         self.bystander = 0
         #: the saved world is as it was saved (just saved, or settled since the last input)
-        self.clean = False
+        self.pristine = False
         self.closed = False
 
     @classmethod
@@ -247,7 +247,7 @@ class _World:
             drv = world._probe()
             world.template = MachineTemplate(world.machine, world.pdev)
             world.template.save(drv)
-            world.clean = True
+            world.pristine = True
         except BaseException:
             world.close()
             raise
@@ -272,9 +272,9 @@ class _World:
         if self.template is None:
             self.drv = self._probe()
         else:
-            if not self.clean:
+            if not self.pristine:
                 self.template.restore()
-            self.clean = False
+            self.pristine = False
             self.drv = self.template.host_copy()
         return self.drv
 
@@ -283,9 +283,9 @@ class _World:
 
         :raises VMStateError: the controller refused its own snapshot (close the world).
         """
-        if self.template is not None and not self.clean:
+        if self.template is not None and not self.pristine:
             self.template.restore()
-            self.clean = True
+            self.pristine = True
 
     def close(self) -> None:
         """Close the controller and the machine (once; again is nothing)."""
