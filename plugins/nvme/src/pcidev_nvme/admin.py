@@ -880,35 +880,49 @@ class AdminCommandSet:
                                   param_offset=OFF_NSID, dnr=False)
         ctrl.admin_worker.submit(self._ns_delete_work, req, targets)
 
-    def _ns_delete_work(self, req: Request, targets: list[int]) -> None:
-        """Delete ``targets`` (claimed by :meth:`_ns_delete`) once no I/O on them is in flight,
-        then complete ``req``. If some I/O is still in flight after :data:`IO_DRAIN_TIMEOUT`
-        seconds, nothing is deleted and the command completes with Command Interrupted,
-        DNR clear (the host should retry it)."""
+    def _run_claimed(self, req: Request, ids: set[int], done: str, work: Callable[[], None]) -> bool:
+        """On the admin worker: once no I/O to the namespaces ``ids`` (claimed by
+        ``begin_format``) is in flight, run ``work``; then release the claim and complete
+        ``req``. If some I/O is still in flight after :data:`IO_DRAIN_TIMEOUT` seconds,
+        nothing is done and ``req`` completes with Command Interrupted, DNR clear (the host
+        should retry it; a stuck write must not land after a format or a delete). A status
+        ``work`` raises completes ``req``; anything else is logged and Internal Error.
+
+        :param done: what ``work`` does to them, for the messages ("formatted", "deleted").
+        :returns: whether ``work`` ran to its end.
+        """
         ctrl = self.ctrl
-        ids = set(targets)
         try:
             deadline = time.monotonic() + IO_DRAIN_TIMEOUT
             while ctrl.io_inflight_for(ids):  # (every controller's: the secondaries' too)
                 if time.monotonic() > deadline:
                     raise NvmeStatusError(Status.CMD_INTERRUPTED,
                                           f"I/O to namespace(s) {sorted(ids)} did not finish within "
-                                          f"{IO_DRAIN_TIMEOUT:g} s; nothing was deleted", dnr=False)
+                                          f"{IO_DRAIN_TIMEOUT:g} s; nothing was {done}", dnr=False)
                 time.sleep(0.001)
-            with ctrl.state_lock:
-                self._ns_remove(targets)
+            work()
         except NvmeStatusError as exc:
             ctrl.end_format(ids)
             ctrl.complete(req, exc.status, error=exc)
-            return
+            return False
         except Exception as exc:
-            log.exception("namespace delete failed")
+            log.exception("namespace(s) %s could not be %s", sorted(ids), done)
             ctrl.end_format(ids)
             ctrl.complete(req, Status.INTERNAL, error=_err(Status.INTERNAL, str(exc)))
-            return
-        ctrl.end_format(ids)  # (after the removal: new I/O to them finds no namespace)
+            return False
+        ctrl.end_format(ids)  # (after the work: new I/O to them finds the namespace as it left them)
         ctrl.complete(req, 0)
-        ctrl.maybe_save_state()
+        return True
+
+    def _ns_delete_work(self, req: Request, targets: list[int]) -> None:
+        """Delete ``targets`` (claimed by :meth:`_ns_delete`) once no I/O on them is in flight,
+        then complete ``req`` (:meth:`_run_claimed`)."""
+        def remove() -> None:
+            with self.ctrl.state_lock:
+                self._ns_remove(targets)
+
+        if self._run_claimed(req, set(targets), "deleted", remove):
+            self.ctrl.maybe_save_state()
 
     def _ns_remove(self, targets: list[int]) -> None:
         ctrl = self.ctrl
@@ -1013,34 +1027,20 @@ class AdminCommandSet:
         if busy:
             if any(ctrl.claim_status(n) == Status.NS_NOT_READY for n in busy):
                 raise _err(Status.INVALID_NSID, f"namespace(s) {busy} are being deleted", OFF_NSID)
-            raise _err(Status.FORMAT_IN_PROGRESS, f"namespace(s) {busy} are being formatted")
+            raise NvmeStatusError(Status.FORMAT_IN_PROGRESS, f"namespace(s) {busy} are being formatted",
+                                  dnr=False)  # (it ends: retry)
         ctrl.admin_worker.submit(self._format_work, req, targets, lbaf, ses, pi, pil, mset)
         return None
 
     def _format_work(self, req: Request, targets: list[Namespace], lbaf: int, ses: int, pi: int = 0, pil: int = 0,
                      mset: int = 0) -> None:
         ctrl = self.ctrl
-        ids = {ns.nsid for ns in targets}
-        try:
-            deadline = time.monotonic() + IO_DRAIN_TIMEOUT
-            while ctrl.io_inflight_for(ids):  # (every controller's: the secondaries' too)
-                if time.monotonic() > deadline:  # a stuck write must not land after the format
-                    raise _err(Status.INTERNAL, f"I/O to namespace(s) {sorted(ids)} did not finish within "
-                                                f"{IO_DRAIN_TIMEOUT:g} s; nothing was formatted")
-                time.sleep(0.001)
+
+        def format_all() -> None:
             for ns in targets:
                 ctrl.selftests_namespace_changed(ns.nsid, RESULT_ABORTED_FORMAT)  # (the secondaries' too)
                 ns.format(lbaf, ses, pi, pil, mset)
                 ctrl.uncorrectable.clear_namespace(ns.nsid)
-        except NvmeStatusError as exc:
-            ctrl.end_format(ids)
-            ctrl.complete(req, exc.status, error=exc)
-            return
-        except Exception as exc:
-            log.exception("format failed")
-            ctrl.end_format(ids)
-            ctrl.complete(req, Status.INTERNAL, error=_err(Status.INTERNAL, str(exc)))
-            return
-        ctrl.end_format(ids)
-        ctrl.complete(req, 0)
+
+        self._run_claimed(req, {ns.nsid for ns in targets}, "formatted", format_all)
 
