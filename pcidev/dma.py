@@ -36,12 +36,16 @@ programming error and raise :class:`TypeError`. Values that do not fit a typed w
 
 **No transient values.** Another process (a vfio-user client or server, a guest) may
 read guest memory while it is written. A typed write (``write_u8`` .. ``write_u64``,
-:meth:`~GuestMemory.write_struct`) packs its bytes first and copies them in one go, so a
-reader sees the old value or the new one at an aligned address, never a mix, and never
-the zeros :meth:`struct.Struct.pack_into` stores before the value (it clears its target
-first: an unchanged shadow doorbell written with it read as 0 in 2 % of reads by another
-process). For a value another side polls (doorbells, ring indexes, flags), prefer the
-ordered :meth:`~GuestMemory.store32` / :meth:`~GuestMemory.load32`.
+:meth:`~GuestMemory.write_struct`) packs its bytes first and copies them in one go, never
+leaving the zeros :meth:`struct.Struct.pack_into` stores before the value (it clears its
+target first: an unchanged shadow doorbell written with it read as 0 in 2 % of reads by
+another process). At an aligned address that copy is one store of the value's width with
+glibc on x86-64 (its small ``memcpy``; the test suite checks it with a second process), so a
+reader sees the old value or the new one; the C library does not promise it. For a value
+another side polls (doorbells, flags), use the ordered :meth:`~GuestMemory.store32` /
+:meth:`~GuestMemory.load32`: one store by contract, and ordered after what it publishes.
+Where both sides store a value and then load the other's (EventIdx), put
+:func:`pcidev.native.fence` between the store and the load, as Linux's ``mb()``.
 
 Lifetime rules: device state holds addresses, never views
 ---------------------------------------------------------

@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -129,12 +130,17 @@ class StopSignals:
         self.count = 0
         #: when the first one came (monotonic)
         self.at = 0.0
-        self._old: dict[int, object] = {}
+        #: a second signal raises :class:`KeyboardInterrupt` where the main thread is (the
+        #: random engine: its input runs in this process and may never return)
+        self.interrupt_on_second = False
+        self._old: dict[int, Any] = {}  # (signal.getsignal's result: a handler, an int or None)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if self.signum is None:
             self.signum, self.at = signum, time.monotonic()
         self.count += 1
+        if self.count > 1 and self.interrupt_on_second:
+            raise KeyboardInterrupt  # (an input that does not return: stop inside it)
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -143,8 +149,8 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)  # type: ignore[arg-type]
+        for sig, old in self._old.items():  # (None: a handler set outside Python, not restorable)
+            signal.signal(sig, signal.SIG_DFL if old is None else old)
         self._old.clear()
 
 
@@ -244,18 +250,23 @@ def run_random(target: FuzzTarget, *, seconds: float, corpus: Path | None, findi
     logging.disable(logging.WARNING)  # a refusal's warning is the expected outcome; errors still show
     try:
         with StopSignals() as stop:
-            for data in pool:
-                if stop.signum is not None:
-                    break
-                report.executions += 1
-                line = run_one(target, data, log, rss)
-                if line:
-                    echo(line)
-            while stop.signum is None and time.monotonic() - started < seconds:
-                report.executions += 1
-                line = run_one(target, _mutate(rng, rng.choice(pool), pool), log, rss)
-                if line:
-                    echo(line)
+            stop.interrupt_on_second = True
+            try:
+                for data in pool:
+                    if stop.signum is not None:
+                        break
+                    report.executions += 1
+                    line = run_one(target, data, log, rss)
+                    if line:
+                        echo(line)
+                while stop.signum is None and time.monotonic() - started < seconds:
+                    report.executions += 1
+                    line = run_one(target, _mutate(rng, rng.choice(pool), pool), log, rss)
+                    if line:
+                        echo(line)
+            except KeyboardInterrupt:
+                if stop.count < 2:  # (not the second signal's: someone else's)
+                    raise
     finally:
         logging.disable(logging.NOTSET)
         target.close()
@@ -440,7 +451,7 @@ def run_atheris(name: str, *, seconds: float, corpus: Path | None, findings: Pat
         for line in libfuzzer_findings(output):  # (the job ended on it)
             report.findings.append(line)
             echo(line)
-    if report.executions == 0 and not report.findings:
+    if report.executions == 0 and not report.findings and stopped is None:
         tail = [ln for ln in outputs[0].splitlines() if ln.strip()][-1:] or ["no output"]
         raise PcidevError(f"the fuzzer of {name} did not run: {tail[0]}")
     return report
@@ -461,8 +472,8 @@ def _run_children(cmds: list[list[str]]) -> tuple[list[str], int | None]:
         procs: list[subprocess.Popen[bytes]] = []
         try:
             with StopSignals() as stop:
-                procs += [subprocess.Popen(c, stdout=f, stderr=subprocess.STDOUT)
-                          for c, f in zip(cmds, files, strict=True)]
+                for c, f in zip(cmds, files, strict=True):  # (each one in procs as soon as it runs)
+                    procs.append(subprocess.Popen(c, stdout=f, stderr=subprocess.STDOUT))
                 passed_on = False
                 while any(p.poll() is None for p in procs):
                     if stop.signum is not None:

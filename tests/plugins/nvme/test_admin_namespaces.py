@@ -306,6 +306,41 @@ def test_delete_waits_for_the_io_in_flight(nvme_env, caplog, nsid, opcode):
     assert ctrl.failed is None
 
 
+class _FlushRecording(GatedMemory):
+    def flush(self):
+        self._wait()
+        super().flush()
+        self.events.append("flush")
+
+
+def test_delete_waits_for_a_broadcast_flush_in_flight(nvme_env):
+    """A Flush of every namespace (NSID FFFFFFFFh) in flight counts as I/O to each: a delete
+    of namespace 2 waits for it, and the Flush does not flush namespace 2 once it is being
+    deleted (it flushed a closed backend: a logged ValueError and Internal Error; with a
+    file, fdatasync on a closed or reused descriptor -- review S25)."""
+    env = nvme_env("ns=mem:size=1M", io_queues=1)
+    drv, ctrl = env.drv, env.ctrl
+    first, second = _FlushRecording(), _FlushRecording()
+    ctrl.namespaces.pop(1)
+    ctrl.allocated.pop(1).close()
+    attach_namespace(ctrl, 1, first)
+    attach_namespace(ctrl, 2, second)
+    drv.scan_namespaces()
+    first.gate.clear()
+    fcid = drv.submit(1, 0x00, nsid=0xFFFFFFFF)  # Flush, every namespace
+    wait_until(lambda: first.waiting == 1)
+    assert ctrl.io_inflight_for({2})
+    dcid = drv.submit(0, NS_MGMT, nsid=2, cdw10=1)
+    wait_until(lambda: ctrl.claim_status(2) == Status.NS_NOT_READY)
+    time.sleep(0.05)
+    assert drv.cq_posted(0) == 0 and second.events == []  # the delete waits for the Flush
+    first.gate.set()
+    assert drv.wait_for(1, fcid).ok
+    assert drv.wait_for(0, dcid).ok
+    assert first.events == ["flush"] and second.events == ["close"]  # (not flushed: being deleted)
+    assert ctrl.failed is None
+
+
 def test_a_namespace_being_deleted_is_not_formatted_or_deleted_again(nvme_env):
     env = nvme_env("ns=mem:size=1M", io_queues=1)
     drv, ctrl = env.drv, env.ctrl

@@ -440,7 +440,7 @@ def test_a_claim_of_the_source_namespace_waits_for_the_copy_and_refuses_new_ones
         assert env.ctrl.io.claim_status(2) == status and drv.cq_posted(0) == 0  # it waits for the copy
         refused = copy(drv, 1, 0, [f2(2, 0, 1)], 2, qid=2)
         assert refused.code == status and refused.dnr == (claim == "delete")
-        assert copy(drv, 1, 0, [f2(1, 40, 1)], 2, qid=2).ok  # its own namespace is fine
+        assert copy(drv, 1, 1024, [f2(1, 1500, 1)], 2, qid=2).ok  # its own namespace is fine
         go.set()
         assert drv.wait_for(1, cid).ok
         assert drv.wait_for(0, acid, 10).ok

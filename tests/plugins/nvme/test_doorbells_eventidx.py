@@ -207,3 +207,22 @@ def test_batch_hook_defers_completions_and_interrupts_to_its_end(nvme_env):
     assert env.pdev.irq_count(1) == before + 1  # one interrupt for both queues
     assert len(drv.poll(1)) == 3 and len(drv.poll(2)) == 3
     assert ctrl.batches_idle()
+
+
+def test_the_driver_rings_the_admin_queue_by_mmio_only(nvme_env):
+    """As Linux: the admin queue is never shadowed. Every admin command rings both admin
+    doorbells by MMIO (the controller mirrors the value into the shadow slots, as QEMU's
+    nvme does); a driver that wrote the admin shadow and skipped the MMIO write as EventIdx
+    allowed lost a command to a late MMIO write over vfio-user (its older value copied over
+    the newer shadow tail -- review S25)."""
+    env = nvme_env(io_queues=1)
+    sh = Shadow(env)
+    ctrl, drv = env.ctrl, env.drv
+    for i in range(4):
+        # an admin EventIdx that would let a shadowing driver skip the MMIO write (set as
+        # if the controller had published it): the command must still be rung and fetched
+        sh.mem.store32(sh.eis, (drv.queues[0].sq_tail + 1) % drv.queues[0].sq_size)
+        drv.timeout = 2.0
+        drv.get_features(0x07)
+        assert (sh.sq_rings(0), sh.cq_rings(0)) == (i + 1, i + 1)
+        assert sh.mem.read_u32(sh.dbs) == ctrl.sq(0).tail == drv.queues[0].sq_tail  # (mirrored)

@@ -328,11 +328,10 @@ def test_a_bug_in_one_command_of_a_fetch_leaves_the_others_running(nvme_env):
 def test_a_late_mmio_tail_on_a_shadowed_sq_never_rewinds_a_running_fetch(nvme_env):
     """With shadow doorbells the shadow tail is the truth for an I/O SQ; an MMIO tail
     write is a notification that may arrive late (a posted vfio-user write, handled on
-    another thread than the poll). Landing while another thread fetches the SQ, an older
+    another thread). Landing while another thread fetches the SQ, an older
     value must not rewind the tail the fetch loop reads: (old - head) % size entries of
-    the previous lap would be fetched and run again, their completions duplicated (seen
-    as 'a completion for command N ... which was not outstanding' in pcidev bench
-    --transport vfio-user under load)."""
+    the previous lap would be fetched and run again, their completions duplicated (the
+    other thread: a completion worker kicking a throttled SQ, or the admin worker)."""
     env = nvme_env("ns=mem:size=1M", io_queues=1, io_depth=16)
     ctrl, drv = env.ctrl, env.drv
     drv.doorbell_buffer_config()

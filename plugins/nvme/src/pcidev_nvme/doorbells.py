@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
+from pcidev import native
 from pcidev.dma import GuestMemory
 from pcidev.errors import DmaError
 from pcidev.pci.capabilities.msix import MsixCapability
@@ -200,6 +201,7 @@ class DoorbellsMixin:
                         value = mem.load32(cq.db_addr)
                         while True:
                             mem.store32(cq.ei_addr, self._cq_event_idx(cq, value))
+                            native.fence()  # (the host: store shadow, mb(), load EventIdx)
                             again = mem.load32(cq.db_addr)
                             if again == value:
                                 break
@@ -273,6 +275,7 @@ class DoorbellsMixin:
             if post and cq.backlog:
                 drained += cq.drain_backlog(mem)
             mem.store32(cq.ei_addr, self._cq_event_idx(cq, cq.head))
+            native.fence()  # (before the shadow head is read again: see _cq_head_write)
             if not self._cq_refresh_head(cq, mem, cq.tail):
                 return drained
 
@@ -298,6 +301,9 @@ class DoorbellsMixin:
         mem.store32(ei, tail)
         if sq.db_addr is None:
             return False
+        # a full fence, as the host's mb() between its shadow store and its EventIdx load
+        # (x86 may order a store after a later load): one of the two sees the other's
+        native.fence()
         value = mem.load32(sq.db_addr)
         return value != tail and value < sq.size
 

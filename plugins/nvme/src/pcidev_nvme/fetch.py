@@ -307,10 +307,10 @@ class FetchMixin:
                         self.admin.submit(req)
                     except Exception as exc:  # never lose a command to a bug
                         self._internal_error(req, exc)
-                elif formatting and req.nsid in formatting:  # (claimed by a Format NVM or a delete)
-                    claimed = formatting.get(req.nsid, Status.FORMAT_IN_PROGRESS)
-                    # a format ends (retry later: DNR clear); a namespace being deleted will
-                    # not become ready (Namespace Not Ready, DNR set)
+                elif formatting and (claimed := formatting.get(req.nsid)) is not None:
+                    # claimed by a Format NVM (it ends: retry later, DNR clear) or a delete (it
+                    # will not become ready: Namespace Not Ready, DNR set); one look, so a
+                    # claim released meanwhile lets the command run
                     self.complete(req, claimed,
                                   error=NvmeStatusError(claimed, dnr=claimed != Status.FORMAT_IN_PROGRESS))
                 else:

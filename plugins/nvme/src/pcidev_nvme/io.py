@@ -1343,8 +1343,11 @@ class IoCommandSet:
         return 0
 
     def _flush_all(self, req: Request, ns: Namespace | None) -> int:
+        # every attached namespace but those a Format NVM or a delete holds (their data goes;
+        # a flush of one in flight when the claim came is waited for: io_inflight_for)
         for each in list(self.ctrl.namespaces.values()):
-            each.flush()
+            if self.claim_status(each.nsid) is None:
+                each.flush()
         return 0
 
     def _write_zeroes(self, req: Request, ns: Namespace) -> int:

@@ -459,9 +459,10 @@ class QueueSetMixin:
             cq.reserved += 1
 
     def io_inflight_for(self, nsids: set[int]) -> bool:
-        """Whether an I/O command for one of ``nsids`` is in flight."""
+        """Whether an I/O command for one of ``nsids`` is in flight (one for every namespace,
+        NSID FFFFFFFFh -- a Flush -- counts for each)."""
         for sq in list(self._sqs[1:]):
-            if sq is not None and any(r.nsid in nsids for r in list(sq.inflight.values())):
+            if sq is not None and any(r.nsid in nsids or r.nsid == 0xFFFFFFFF for r in list(sq.inflight.values())):
                 return True
         return False
 

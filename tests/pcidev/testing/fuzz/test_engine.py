@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -368,15 +368,52 @@ def test_children_run_at_once_and_each_output_is_kept(tmp_path):
     assert stopped is None
 
 
-def _signal_me_later(signum: int, delay: float, times: int = 1) -> threading.Thread:
+def _signal_me_when(ready: Callable[[], bool], signum: int, *, times: int = 1, gap: float = 0.3) -> threading.Thread:
+    """Send ``signum`` to this process once ``ready()`` holds (checked every 20 ms, for at
+    most 60 s), ``times`` times ``gap`` seconds apart."""
     def send() -> None:
-        for _ in range(times):
-            time.sleep(delay)
+        deadline = time.monotonic() + 60
+        while not ready() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for i in range(times):
+            if i:
+                time.sleep(gap)
             os.kill(os.getpid(), signum)
 
     t = threading.Thread(target=send, daemon=True)
     t.start()
     return t
+
+
+def _handler_installed(signum: int = signal.SIGTERM) -> Callable[[], bool]:
+    return lambda: signal.getsignal(signum) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+
+
+def _markers(d: Path, n: int) -> Callable[[], bool]:
+    return lambda: len(list(d.glob("ready-*"))) >= n
+
+
+_POLITE = ("import os, signal, sys, time\n"
+           "def bye(*a):\n"
+           "    print('figures of', sys.argv[1], flush=True)\n"
+           "    sys.exit(72)\n"
+           "signal.signal(signal.SIGTERM, bye)\n"
+           "print('ready', flush=True)\n"
+           "open(os.path.join(sys.argv[2], 'ready-' + sys.argv[1]), 'w').close()\n"
+           "time.sleep(120)\n")
+_STUBBORN = ("import os, signal, sys, time\n"
+             "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+             "print('ready', flush=True)\n"
+             "open(os.path.join(sys.argv[2], 'ready-' + sys.argv[1]), 'w').close()\n"
+             "time.sleep(120)\n")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -385,17 +422,6 @@ def test_a_signal_stops_the_children_and_their_figures_are_kept(tmp_path, monkey
     kept; one that ignores it is killed after the grace period; none is left running; the
     handlers in place before are back."""
     monkeypatch.setattr(engine, "STOP_GRACE", 1.0)
-    polite = ("import signal, sys, time\n"
-              "def bye(*a):\n"
-              "    print('figures of', sys.argv[1], flush=True)\n"
-              "    sys.exit(72)\n"
-              "signal.signal(signal.SIGTERM, bye)\n"
-              "print('ready', flush=True)\n"
-              "time.sleep(120)\n")
-    stubborn = ("import signal, time\n"
-                "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-                "print('ready', flush=True)\n"
-                "time.sleep(120)\n")
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     pids: list[int] = []
     real_popen = subprocess.Popen
@@ -406,41 +432,102 @@ def test_a_signal_stops_the_children_and_their_figures_are_kept(tmp_path, monkey
         return p
 
     monkeypatch.setattr(engine.subprocess, "Popen", popen)
-    _signal_me_later(signum, 1.5)
+    _signal_me_when(_markers(tmp_path, 3), signum)  # (every child has its handler)
     t0 = time.monotonic()
-    outputs, stopped = engine._run_children([[sys.executable, "-c", polite, "a"],
-                                             [sys.executable, "-c", stubborn],
-                                             [sys.executable, "-c", polite, "b"]])
+    outputs, stopped = engine._run_children([[sys.executable, "-c", _POLITE, "a", str(tmp_path)],
+                                             [sys.executable, "-c", _STUBBORN, "b", str(tmp_path)],
+                                             [sys.executable, "-c", _POLITE, "c", str(tmp_path)]])
     assert stopped == signum
-    assert time.monotonic() - t0 < 60  # not the children's 120 s
-    assert outputs[0] == "ready\nfigures of a\n" and outputs[2] == "ready\nfigures of b\n"
-    assert outputs[1] == "ready\n"
-    for pid in pids:  # reaped: no such process any more
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
+    assert time.monotonic() - t0 < 100  # (not the children's 120 s)
+    assert outputs == ["ready\nfigures of a\n", "ready\n", "ready\nfigures of c\n"]
+    assert len(pids) == 3 and all(_gone(pid) for pid in pids)  # reaped: no such process any more
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
 def test_a_second_signal_kills_the_children_at_once(tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "STOP_GRACE", 300.0)
-    stubborn = ("import signal, time\n"
-                "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-                "time.sleep(120)\n")
-    _signal_me_later(signal.SIGTERM, 1.0, times=2)
+    _signal_me_when(_markers(tmp_path, 1), signal.SIGTERM, times=2)  # (the child ignores SIGTERM by then)
     t0 = time.monotonic()
-    outputs, stopped = engine._run_children([[sys.executable, "-c", stubborn]])
-    assert stopped == signal.SIGTERM and outputs == [""]
-    assert time.monotonic() - t0 < 60  # neither the grace period nor the child's 120 s
+    outputs, stopped = engine._run_children([[sys.executable, "-c", _STUBBORN, "a", str(tmp_path)]])
+    assert stopped == signal.SIGTERM and outputs == ["ready\n"]
+    assert time.monotonic() - t0 < 100  # neither the grace period nor the child's 120 s
+
+
+def test_a_child_that_cannot_start_takes_the_started_ones_with_it(tmp_path, monkeypatch):
+    """The second child's start fails (EMFILE, say): the first, already running, is killed
+    and reaped before the error goes up."""
+    pids: list[int] = []
+    real_popen = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        if pids:
+            raise OSError(24, "Too many open files")
+        p = real_popen(*args, **kwargs)
+        pids.append(p.pid)
+        return p
+
+    monkeypatch.setattr(engine.subprocess, "Popen", popen)
+    with pytest.raises(OSError, match="Too many open files"):
+        engine._run_children([[sys.executable, "-c", "import time; time.sleep(120)"]] * 2)
+    assert len(pids) == 1 and _gone(pids[0])
+
+
+def test_a_run_stopped_before_libfuzzer_started_is_reported_not_an_error(monkeypatch, tmp_path):
+    """A signal while the children are still importing (no figures yet): the report says the
+    run was stopped (0 executions), not "the fuzzer did not run"."""
+    monkeypatch.setattr(engine, "atheris_available", lambda: True)
+    monkeypatch.setattr(engine, "_run_children",
+                        lambda cmds: (["INFO: Instrumenting pcidev.vmstate\n"] * len(cmds), signal.SIGTERM))
+    report = engine.run_atheris("vmstate", seconds=60, corpus=None, findings=tmp_path, jobs=2)
+    assert report.interrupted == signal.SIGTERM and report.executions == 0 and report.findings == []
+    monkeypatch.setattr(engine, "_run_children", lambda cmds: (["INFO: Instrumenting\n"] * len(cmds), None))
+    with pytest.raises(engine.PcidevError, match="did not run"):
+        engine.run_atheris("vmstate", seconds=60, corpus=None, findings=tmp_path)
 
 
 def test_the_random_engine_stops_at_a_signal_and_reports(tmp_path):
     target = vmstate_target.VmstateTarget()
-    _signal_me_later(signal.SIGTERM, 2.0)
+    _signal_me_when(_handler_installed(), signal.SIGTERM)
     report = run_random(target, seconds=600, corpus=None, findings=tmp_path, seed=1)
     assert report.interrupted == signal.SIGTERM
     assert report.executions > 0 and report.seconds < 300
     assert "stopped by SIGTERM" in "\n".join(report.lines())
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+class _Stuck(FuzzTarget):
+    """A target whose second input never returns."""
+
+    name = "stuck"
+    runs = 0
+
+    def run(self, data: bytes) -> None:
+        self.runs += 1
+        while self.runs > 1:
+            time.sleep(0.01)
+
+    def seeds(self) -> Iterator[bytes]:
+        yield b"x"
+
+
+def test_a_second_signal_interrupts_an_input_that_does_not_return(tmp_path):
+    """The random engine looks at the first signal between inputs; an input that never
+    returns is interrupted by the second, and the run is still reported."""
+    target = _Stuck()
+    _signal_me_when(lambda: target.runs > 1, signal.SIGTERM, times=2)
+    report = run_random(target, seconds=600, corpus=None, findings=tmp_path, seed=1)
+    assert report.interrupted == signal.SIGTERM and report.executions == 2
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` (/proc/PID/status SigCgt)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(caught >> (signum - 1) & 1)
 
 
 def test_pcidev_fuzz_stopped_by_sigterm_prints_its_figures(tmp_path):
@@ -449,7 +536,10 @@ def test_pcidev_fuzz_stopped_by_sigterm_prints_its_figures(tmp_path):
                              "--seconds", "600", "--findings", str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(4)
+        deadline = time.monotonic() + 120
+        while not _catches(proc.pid, signal.SIGTERM) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # (until the run has its handler: before, SIGTERM ends the process)
+        time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
     finally:

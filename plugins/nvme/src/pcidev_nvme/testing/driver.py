@@ -32,6 +32,7 @@ from typing import Any
 
 import attrs
 
+from pcidev import native
 from pcidev.errors import PcidevError
 from pcidev.host import PCI_IRQ_ALL_TYPES, PCI_IRQ_INTX, PCI_IRQ_MSIX, HostPciDevice, Machine
 from pcidev.host.pci import HostedDevice
@@ -585,14 +586,18 @@ class NvmeDriver:
         return cid
 
     def ring(self, qid: int) -> None:
-        """Write SQ ``qid``'s tail doorbell (through the shadow buffer when configured)."""
+        """Write SQ ``qid``'s tail doorbell (through the shadow buffer when configured, for
+        an I/O queue: the admin queue is never shadowed, as by Linux)."""
         q = self.queues[qid]
         tail = q.sq_tail
-        if self._dbbuf is not None:
+        if self._dbbuf is not None and qid:
             dbs, eis = self._dbbuf
             old = q.rung_tail
             self.mem.store32(dbs + 8 * qid, tail)  # (one ordered store: the device polls it)
-            ei = self.mem.read_u32(eis + 8 * qid)
+            # Linux's mb(): the store before the EventIdx load (the device stores its
+            # EventIdx, fences, reads the shadow: one of the two sees the other)
+            native.fence()
+            ei = self.mem.load32(eis + 8 * qid)
             q.rung_tail = tail
             if ((tail - ei - 1) & 0xFFFF) >= ((tail - old) & 0xFFFF):
                 return
@@ -657,12 +662,13 @@ class NvmeDriver:
 
     def _ring_cq(self, q: IoQueue) -> None:
         head = q.cq_head
-        if self._dbbuf is not None:
+        if self._dbbuf is not None and q.qid:  # (the admin queue: MMIO only, as by Linux)
             dbs, eis = self._dbbuf
             slot = 8 * q.qid + 4
             old = self.mem.read_u32(dbs + slot)
             self.mem.store32(dbs + slot, head)
-            ei = self.mem.read_u32(eis + slot)
+            native.fence()  # (as in ring)
+            ei = self.mem.load32(eis + slot)
             if ((head - ei - 1) & 0xFFFF) >= ((head - old) & 0xFFFF):
                 return
         self._bar_write(0, q.cq_db, 4, head)

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import attrs
 
+from pcidev import native
 from pcidev.host import PCI_IRQ_INTX, PCI_IRQ_MSIX, HostPciDevice, Machine
 from pcidev.pci.capabilities.vendor import VendorCapability
 from pcidev_virtio import spec
@@ -158,6 +159,10 @@ class DriverQueue:
         mem = self.driver.machine.memory
         new = self.avail_idx
         old = (new - 1) & 0xFFFF if old_idx is None else old_idx
+        # Linux's virtqueue_kick_prepare: a full barrier between the avail->idx store and
+        # the loads that decide (the device fences between its avail_event store and its
+        # reload of avail->idx: one of the two sees the other)
+        native.fence()
         if self.driver.negotiated(spec.Feature.RING_EVENT_IDX):
             event = mem.read_u16(self.used + 4 + spec.USED_ELEM_SIZE * self.size)
             needed = vring_need_event(event, new, old)
