@@ -443,14 +443,12 @@ def run_atheris(name: str, *, seconds: float, corpus: Path | None, findings: Pat
     if len(clocks) == len(outputs):
         report.seconds = max(clocks)
     report.wall = time.monotonic() - started
-    for output in outputs:
-        for line in output.splitlines():
-            if line.startswith("FINDING "):
-                report.findings.append(line[len("FINDING "):])
-                echo(line[len("FINDING "):])
-        for line in libfuzzer_findings(output):  # (the job ended on it)
-            report.findings.append(line)
-            echo(line)
+    for output in outputs:  # (a finding two jobs made is the same file, the same line: once)
+        found = [line[len("FINDING "):] for line in output.splitlines() if line.startswith("FINDING ")]
+        for line in [*found, *libfuzzer_findings(output)]:  # (libFuzzer's own: the job ended on it)
+            if line not in report.findings:
+                report.findings.append(line)
+                echo(line)
     if report.executions == 0 and not report.findings and stopped is None:
         tail = [ln for ln in outputs[0].splitlines() if ln.strip()][-1:] or ["no output"]
         raise PcidevError(f"the fuzzer of {name} did not run: {tail[0]}")

@@ -104,6 +104,7 @@ DESC_AT = 0x10000       # room for 1024 descriptors
 AVAIL_AT = 0x14000
 USED_AT = 0x16000       # room for 1023 used entries
 INDIRECT_AT = 0x18000   # 8 indirect tables of 4 KiB
+INDIRECT_TABLES = 8
 BUF_AT = 0x20000        # data buffers, handed out in turn: 952 KiB, more than 35 actions' largest
 BUF_END = RAM - 0x2000  # requests (17 KiB each) take, so that no input reuses a buffer
 _FILL = bytes((i * 37 + 11) & 0xFF for i in range(4096))
@@ -379,6 +380,8 @@ class _GuestRun:
         self.used_seen = 0
         #: descriptors of well-framed chains the device has not returned yet
         self.busy_descs: dict[int, set[int]] = {}
+        #: the indirect table (0-7) of each such chain that has one
+        self.busy_tables: dict[int, int] = {}
         self.next_buf = BUF_AT
         self.bystander_named = False
         self.features = 0
@@ -583,6 +586,7 @@ class _GuestRun:
             if exp is not None and chain is not None:
                 self._check_request(what, u, exp, written, chain[1], after)
             self.busy_descs.pop(u, None)
+            self.busy_tables.pop(u, None)
         self.used_seen = new_used
 
     def _check_request(self, what: str, u: int, exp: _Expect, written: int, ins: list[tuple[int, int]],
@@ -695,6 +699,7 @@ class _GuestRun:
         """The device was reset: the guest starts its indices again."""
         self.expect.clear()
         self.busy_descs.clear()
+        self.busy_tables.clear()
         self.avail_idx = 0
         self.used_seen = 0
 
@@ -856,13 +861,16 @@ class _GuestRun:
         ndesc = 1 if indirect else len(bufs)
         busy = set().union(*self.busy_descs.values()) if self.busy_descs else set()
         free = [i for i in range(size) if i not in busy]
-        if ndesc > len(free) or len(bufs) > size or len(self.busy_descs) >= size:
+        # an indirect table no chain the device still owns uses (one reused under a chain
+        # not consumed yet changed that chain: a false rng-short finding)
+        tables = [t for t in range(INDIRECT_TABLES) if t not in self.busy_tables.values()]
+        if ndesc > len(free) or len(bufs) > size or len(self.busy_descs) >= size or indirect and not tables:
             inp.u8()
             return desc + " (no room)"
         mem = self.mem
         chain = free[:ndesc] if not indirect else free[:1]
         if indirect:
-            table = INDIRECT_AT + 0x1000 * (self.avail_idx % 8)
+            table = INDIRECT_AT + 0x1000 * tables[0]
             for i, (addr, length, flags) in enumerate(bufs):
                 more = i + 1 < len(bufs)
                 mem.write_struct(_DESC, table + 16 * i, addr, length, flags | (spec.VRING_DESC_F_NEXT if more else 0),
@@ -876,6 +884,8 @@ class _GuestRun:
         u = self._publish(chain[0])
         self.expect[u] = _Expect(sum(in_lens), status)
         self.busy_descs[u] = set(chain)
+        if indirect:
+            self.busy_tables[u] = (table - INDIRECT_AT) // 0x1000
         if inp.u8() < 200:
             self._write(NOTIFY_OFFSET, 2, 0)
             if self.clean and self._running() and self.used_seen != self.avail_idx:
