@@ -341,6 +341,34 @@ def test_delete_waits_for_a_broadcast_flush_in_flight(nvme_env):
     assert ctrl.failed is None
 
 
+@pytest.mark.parametrize("claim", ["format", "delete"])
+def test_io_to_a_detached_namespace_under_a_claim_is_invalid_namespace(nvme_env, claim):
+    """A namespace detached while a Format NVM or a delete holds it: I/O to it is Invalid
+    Namespace (it is not attached here), not the claim's Format In Progress or Namespace
+    Not Ready (review S25)."""
+    env = nvme_env("ns=mem:size=1M", io_queues=1)
+    drv, ctrl = env.drv, env.ctrl
+    gated = GatedMemory()
+    attach_namespace(ctrl, 2, gated)
+    drv.scan_namespaces()
+    buf = env.machine.alloc(4096)
+    gated.gate.clear()
+    rcid = drv.submit(1, READ, nsid=2, buf=buf, length=512)
+    wait_until(lambda: gated.waiting == 1)
+    if claim == "format":
+        acid = drv.submit(0, FORMAT, nsid=2, cdw10=0)
+        wait_until(lambda: ctrl.claim_status(2) == Status.FORMAT_IN_PROGRESS)
+        drv.admin(NS_ATTACH, nsid=2, cdw10=1, data=CTRL_LIST)  # detach, during the format
+    else:
+        drv.admin(NS_ATTACH, nsid=2, cdw10=1, data=CTRL_LIST)  # detach, then delete
+        acid = drv.submit(0, NS_MGMT, nsid=2, cdw10=1)
+        wait_until(lambda: ctrl.claim_status(2) == Status.NS_NOT_READY)
+    late = drv.io(1, READ, nsid=2, buf=env.machine.alloc(4096), length=512, check=False)
+    assert late.code == Status.INVALID_NSID
+    gated.gate.set()
+    assert drv.wait_for(1, rcid).ok and drv.wait_for(0, acid).ok
+
+
 def test_a_namespace_being_deleted_is_not_formatted_or_deleted_again(nvme_env):
     env = nvme_env("ns=mem:size=1M", io_queues=1)
     drv, ctrl = env.drv, env.ctrl

@@ -29,6 +29,7 @@ from pcidev_nvme.interrupts import Interrupts
 from pcidev_nvme.io import IoCommandSet
 from pcidev_nvme.limits import FETCH_BATCH, SQE_SIZE
 from pcidev_nvme.logs import SmartCounters
+from pcidev_nvme.namespace import Namespace
 from pcidev_nvme.queues import CompletionQueue, SubmissionQueue
 from pcidev_nvme.registers import DOORBELL_BASE
 from pcidev_nvme.request import SQE, Request
@@ -66,6 +67,7 @@ class FetchMixin:
     _running: bool
     _gen: int
     _formatting: dict[int, int]
+    namespaces: dict[int, Namespace]
     name: str
     admin: AdminCommandSet
     io: IoCommandSet
@@ -272,6 +274,7 @@ class FetchMixin:
             now = time.monotonic()
             gen = self._gen
             formatting = self._formatting
+            attached = self.namespaces
             aborts = self.aborts
             unpack = SQE.unpack_from
             new_request = object.__new__
@@ -307,10 +310,11 @@ class FetchMixin:
                         self.admin.submit(req)
                     except Exception as exc:  # never lose a command to a bug
                         self._internal_error(req, exc)
-                elif formatting and (claimed := formatting.get(req.nsid)) is not None:
+                elif formatting and (claimed := formatting.get(req.nsid)) is not None and req.nsid in attached:
                     # claimed by a Format NVM (it ends: retry later, DNR clear) or a delete (it
                     # will not become ready: Namespace Not Ready, DNR set); one look, so a
-                    # claim released meanwhile lets the command run
+                    # claim released meanwhile lets the command run; a namespace not attached
+                    # here is Invalid Namespace, claimed or not (the command set says so)
                     self.complete(req, claimed,
                                   error=NvmeStatusError(claimed, dnr=claimed != Status.FORMAT_IN_PROGRESS))
                 else:
