@@ -114,6 +114,11 @@ _BYSTANDER = b"\xB7\x2E\x91\x4C" * (BYSTANDER_SECTORS * 128)
 #: the disk's contents before an input: zeros, the bystander pattern in its last sectors
 _DISK_IMAGE = bytes(DISK - len(_BYSTANDER)) + _BYSTANDER
 _DESC = spec.DESC
+# the status bits the checks look at, as plain ints (an int and an IntFlag go through enum's
+# Python code: the checks run after every action)
+_NEEDS_RESET = int(spec.Status.DEVICE_NEEDS_RESET)
+_FEATURES_OK = int(spec.Status.FEATURES_OK)
+_DRIVER_OK = int(spec.Status.DRIVER_OK)
 #: guest RAM as the checks read it: the shadow (before an action) or RAM itself (after it)
 _Ram = bytearray | mmap.mmap
 _U16 = struct.Struct("<H")
@@ -460,7 +465,7 @@ class _GuestRun:
             return
         vq = self.dev.queues[0]
         ram = self.mem.shadow  # (RAM as checked after the last action, plus the guest's writes since)
-        self.snap = _Snap(ram, self._disk(), bool(self.dev.status & spec.Status.DEVICE_NEEDS_RESET),
+        self.snap = _Snap(ram, self._disk(), bool(self.dev.status & _NEEDS_RESET),
                           self._writable(ram), (vq.enabled, vq.size, vq.driver, vq.device), self.used_seen)
 
     def _act(self, what: str, step: Callable[[], str]) -> None:
@@ -501,10 +506,10 @@ class _GuestRun:
         if after is not ram:
             self.mem.absorb(self.ram, allowed)  # (every byte outside ``allowed`` is unchanged: checked)
         status = self.dev.status
-        if status & spec.Status.DEVICE_NEEDS_RESET and self.clean:
+        if status & _NEEDS_RESET and self.clean:
             raise FuzzFinding("needs-reset", f"{what}: DEVICE_NEEDS_RESET set by well-framed traffic",
                               where=what.split(" ")[0])
-        if status & spec.Status.FEATURES_OK:
+        if status & _FEATURES_OK:
             features = self.dev.driver_features
             if features & ~self.dev.offered_features() or not features >> spec.Feature.VERSION_1 & 1:
                 raise FuzzFinding("features-ok", f"{what}: FEATURES_OK stuck with features {features:#x}",
@@ -742,7 +747,7 @@ class _GuestRun:
     def _running(self) -> bool:
         vq = self.dev.queues[0]
         status = self.dev.status
-        return bool(vq.enabled and status & spec.Status.DRIVER_OK and not status & spec.Status.DEVICE_NEEDS_RESET
+        return bool(vq.enabled and status & _DRIVER_OK and not status & _NEEDS_RESET
                     and self.dev.bus_master)
 
     def _common_write(self) -> str:
