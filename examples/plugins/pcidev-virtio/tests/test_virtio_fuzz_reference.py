@@ -5,7 +5,7 @@ gap by gap without copies), then copies into the shadow only the ranges the devi
 write, and reuses the list of those ranges while the shadow and the queues stay the
 same. The reference here does it the plain way (as the target did until session 25): the
 whole of RAM copied back into the shadow after an action that changed it, each gap
-compared through copies, the ranges computed afresh every time. Every committed corpus
+compared through copies, the ranges computed afresh every time from every descriptor. Every committed corpus
 input and seed, random inputs, and devices that write a stray byte at chosen places must
 give the same outcome (the finding with its detail, or none) and the same recorded steps
 (each action's description, device status and checksums of guest RAM and the disk) both
@@ -34,6 +34,14 @@ CORPUS = Path(__file__).parents[4] / "tests" / "fuzz" / "corpus" / "virtio-guest
 _INPUTS = sorted(p.read_bytes() for p in CORPUS.iterdir()) + list(VirtioGuestTarget().seeds())
 
 
+def _table(ram: bytearray, at: int, count: int) -> Iterator[tuple[int, int, int, int]]:
+    """The descriptors of a table in ``ram`` (as many as lie inside it)."""
+    at = max(0, at)
+    end = min(at + spec.DESC.size * count, len(ram))
+    end -= (end - at) % spec.DESC.size if end > at else 0
+    return spec.DESC.iter_unpack(ram[at:end]) if end > at else iter(())
+
+
 class _WholeRamMemory(fuzz._GuestMemory):
     """The shadow takes the whole of guest RAM after an action that changed it."""
 
@@ -50,8 +58,19 @@ class _ReferenceRun(fuzz._GuestRun):
         self.mem = _WholeRamMemory(self.mem.memory, self.mem.shadow)
 
     def _writable(self, ram: bytearray) -> list[tuple[int, int]]:
-        self.writable_key = ()  # computed afresh every time
-        return super()._writable(ram)
+        """Computed afresh every time, every descriptor unpacked."""
+        out: list[tuple[int, int]] = []
+        for vq in self.dev.queues:
+            if not vq.enabled:
+                continue
+            out.append((vq.device, vq.device + spec.used_ring_size(vq.size)))
+            for addr, length, flags, _nxt in _table(ram, vq.desc, vq.size):
+                if flags & spec.VRING_DESC_F_WRITE:
+                    out.append((addr, addr + length))
+                if flags & spec.VRING_DESC_F_INDIRECT:
+                    out += [(a, a + n) for a, n, f, _x in _table(ram, addr, min(length // 16, vq.size))
+                            if f & spec.VRING_DESC_F_WRITE]
+        return sorted((max(0, a), min(fuzz.RAM, b)) for a, b in out if a < fuzz.RAM and b > a)
 
     def _check_memory(self, what: str, before: bytearray, after: fuzz._Ram, allowed: list[tuple[int, int]]) -> None:
         if before is after or before == after:

@@ -119,6 +119,10 @@ _DESC = spec.DESC
 _NEEDS_RESET = int(spec.Status.DEVICE_NEEDS_RESET)
 _FEATURES_OK = int(spec.Status.FEATURES_OK)
 _DRIVER_OK = int(spec.Status.DRIVER_OK)
+_WRITE = spec.VRING_DESC_F_WRITE
+_INDIRECT = spec.VRING_DESC_F_INDIRECT
+#: for each set of flag bits (low byte), the byte values that have none of them
+_FLAGS_WITHOUT = {bits: bytes(b for b in range(256) if not b & bits) for bits in (_WRITE, _WRITE | _INDIRECT)}
 #: guest RAM as the checks read it: the shadow (before an action) or RAM itself (after it)
 _Ram = bytearray | mmap.mmap
 _U16 = struct.Struct("<H")
@@ -534,12 +538,11 @@ class _GuestRun:
             if not enabled:
                 continue
             out.append((device, device + spec.used_ring_size(size)))
-            for addr, length, flags, _nxt in _table(ram, desc, size):
-                if flags & spec.VRING_DESC_F_WRITE:
+            for addr, length, flags, _nxt in _flagged(ram, desc, size, _WRITE | _INDIRECT):
+                if flags & _WRITE:
                     out.append((addr, addr + length))
-                if flags & spec.VRING_DESC_F_INDIRECT:  # a table longer than the queue is refused
-                    out += [(a, a + n) for a, n, f, _x in _table(ram, addr, min(length // 16, size))
-                            if f & spec.VRING_DESC_F_WRITE]
+                if flags & _INDIRECT:  # a table longer than the queue is refused
+                    out += [(a, a + n) for a, n, _f, _x in _flagged(ram, addr, min(length // 16, size), _WRITE)]
         ranges = sorted((max(0, a), min(RAM, b)) for a, b in out if a < RAM and b > a)
         self.writable_key, self.writable_ranges = key, ranges
         return ranges
@@ -1038,12 +1041,18 @@ class _GuestRun:
             raise FuzzFinding("recovery", f"after a fresh bring-up requests {sorted(self.expect)} did not complete")
 
 
-def _table(ram: bytearray, at: int, count: int) -> Iterator[tuple[int, int, int, int]]:
-    """The descriptors of a table in ``ram`` (as many as lie inside it)."""
+def _flagged(ram: bytearray, at: int, count: int, bits: int) -> list[tuple[int, int, int, int]]:
+    """The descriptors of a table in ``ram`` (as many as lie inside it) whose flags have any
+    of ``bits`` (flags of the low byte: ``WRITE``, ``INDIRECT``), in table order."""
     at = max(0, at)
     end = min(at + _DESC.size * count, len(ram))
     end -= (end - at) % _DESC.size if end > at else 0
-    return _DESC.iter_unpack(ram[at:end]) if end > at else iter(())
+    if end <= at:
+        return []
+    raw = ram[at:end]
+    if not raw[12::_DESC.size].translate(None, _FLAGS_WITHOUT[bits]):  # (the flags' low bytes, in C)
+        return []
+    return [d for d in _DESC.iter_unpack(raw) if d[2] & bits]
 
 
 def _split(total: int, pieces: int) -> list[tuple[int, int]]:
