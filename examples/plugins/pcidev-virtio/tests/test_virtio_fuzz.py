@@ -18,7 +18,8 @@ from pcidev_virtio import spec
 from pcidev_virtio.blk import VirtioBlk
 from pcidev_virtio.blk_requests import BlkRequestEngine
 from pcidev_virtio.blk_spec import BlkStatus
-from pcidev_virtio.testing.fuzz import VirtioGuestTarget
+from pcidev_virtio.device import VirtioPciDevice
+from pcidev_virtio.testing.fuzz import BUF_AT, RAM, USED_AT, VirtioGuestTarget
 from pcidev_virtio.virtqueue import Virtqueue
 
 CORPUS = Path(__file__).parents[4] / "tests" / "fuzz" / "corpus" / "virtio-guest"
@@ -70,6 +71,36 @@ def test_a_write_into_a_device_readable_buffer_is_found(monkeypatch: pytest.Monk
 
     monkeypatch.setattr(VirtioBlk, "queue_notify", header_write)
     assert _finding(_seeds()[0]).invariant == "memory-outside-buffers"
+
+
+@pytest.mark.parametrize("at", [0, RAM - 1, USED_AT + spec.used_ring_size(64), BUF_AT - 1])
+def test_a_write_just_outside_what_the_device_may_write_is_found(monkeypatch: pytest.MonkeyPatch, at: int) -> None:
+    """The first and last byte of guest RAM, the byte after the used ring, the byte before
+    the first buffer: each checked though the same action writes the used ring and buffers
+    (the comparison goes gap by gap between those)."""
+    real = VirtioBlk.queue_notify
+
+    def stray(self: VirtioBlk, vq: Virtqueue) -> None:
+        real(self, vq)
+        self.dma.write(at, bytes([self.dma.read(at, 1)[0] ^ 0x01]))
+
+    monkeypatch.setattr(VirtioBlk, "queue_notify", stray)
+    finding = _finding(_seeds()[0])
+    assert finding.invariant == "memory-outside-buffers" and f"at {at:#x} " in finding.detail
+
+
+def test_a_write_into_the_used_ring_while_needs_reset_is_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop seed sets DEVICE_NEEDS_RESET; a notification after it (a doorbell action)
+    that writes the used ring's flags -- a range the device may write otherwise -- is found."""
+    real = VirtioPciDevice._notify_access
+
+    def writing(self: VirtioPciDevice, offset: int, size: int, is_write: bool, value: int) -> int:
+        if self.status & spec.Status.DEVICE_NEEDS_RESET:
+            self.dma.write(USED_AT, b"\x01")
+        return real(self, offset, size, is_write, value)
+
+    monkeypatch.setattr(VirtioPciDevice, "_notify_access", writing)
+    assert _finding(_seeds()[3] + bytes([8, 0])).invariant == "needs-reset-ignored"
 
 
 def test_an_exception_escaping_a_notification_is_found(monkeypatch: pytest.MonkeyPatch) -> None:

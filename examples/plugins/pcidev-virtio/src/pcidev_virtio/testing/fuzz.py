@@ -89,8 +89,8 @@ STEP_SECONDS = 2.0
 MAX_ACTIONS = 32
 
 #: guest RAM: 1 MiB and 64 KiB (a :class:`~pcidev.host.Machine` has more than 1 MiB). Every
-#: byte of it is compared after every action: its size is most of an action's cost (2 MiB
-#: until session 23; the layout below is the same, moved down)
+#: byte of it is compared after every action (one comparison with the shadow, in place: about
+#: 40 us; 2 MiB until session 23; the layout below is the same, moved down)
 RAM = 0x110000
 DISK = 64 << 10
 SECTORS = DISK // 512
@@ -108,10 +108,23 @@ INDIRECT_TABLES = 8
 BUF_AT = 0x20000        # data buffers, handed out in turn: 952 KiB, more than 35 actions' largest
 BUF_END = RAM - 0x2000  # requests (17 KiB each) take, so that no input reuses a buffer
 _FILL = bytes((i * 37 + 11) & 0xFF for i in range(4096))
+#: guest RAM as each input starts: the pattern
+_RAM_IMAGE = _FILL * (RAM // len(_FILL))
 _BYSTANDER = b"\xB7\x2E\x91\x4C" * (BYSTANDER_SECTORS * 128)
 #: the disk's contents before an input: zeros, the bystander pattern in its last sectors
 _DISK_IMAGE = bytes(DISK - len(_BYSTANDER)) + _BYSTANDER
 _DESC = spec.DESC
+# the status bits the checks look at, as plain ints (an int and an IntFlag go through enum's
+# Python code: the checks run after every action)
+_NEEDS_RESET = int(spec.Status.DEVICE_NEEDS_RESET)
+_FEATURES_OK = int(spec.Status.FEATURES_OK)
+_DRIVER_OK = int(spec.Status.DRIVER_OK)
+_WRITE = spec.VRING_DESC_F_WRITE
+_INDIRECT = spec.VRING_DESC_F_INDIRECT
+#: for each set of flag bits (low byte), the byte values that have none of them
+_FLAGS_WITHOUT = {bits: bytes(b for b in range(256) if not b & bits) for bits in (_WRITE, _WRITE | _INDIRECT)}
+#: guest RAM as the checks read it: the shadow (before an action) or RAM itself (after it)
+_Ram = bytearray | mmap.mmap
 _U16 = struct.Struct("<H")
 _C = spec.CommonCfg
 _HOT_COMMON = (_C.DEVICE_FEATURE_SELECT, _C.DRIVER_FEATURE_SELECT, _C.DRIVER_FEATURE, _C.CONFIG_MSIX_VECTOR,
@@ -175,7 +188,8 @@ class VirtioGuestTarget(FuzzTarget):
         "pcidev.bar", "pcidev.regions")
 
     def __init__(self) -> None:
-        self._buffers = (bytearray(RAM), bytearray(RAM))
+        #: the shadow of guest RAM (reused between inputs: a fresh one per input costs page faults)
+        self._shadow = bytearray(RAM)
         #: a machine and device per kind of input (virtio-rng, virtio-blk with one or two
         #: queues), kept between inputs and reset before each (dropped after a finding)
         self._setups: dict[tuple[bool, int], _Setup] = {}
@@ -198,7 +212,7 @@ class VirtioGuestTarget(FuzzTarget):
         try:
             with ErrorLogWatch() as watch:
                 self.steps = []
-                _GuestRun(FuzzInput(data), watch, self._buffers, setup, self.steps if self.record else None).run()
+                _GuestRun(FuzzInput(data), watch, self._shadow, setup, self.steps if self.record else None).run()
             kept = True
         finally:
             if not kept:  # (a finding: what it left is not reused)
@@ -314,9 +328,11 @@ class _GuestMemory:
 
     ``shadow`` holds guest RAM as it was when last checked, plus every write the guest made
     since (copied back from RAM after each write): an action's snapshot is the shadow as it
-    is at the action's first device access, without copying guest RAM per action. A
-    write by the device between two actions (none is expected: the devices work in the
-    accessing thread) is not absorbed: the next action's comparison finds it and checks it.
+    is at the action's first device access, without copying guest RAM per action. After an
+    action's check found every byte that changed inside the ranges the device may write,
+    :meth:`absorb` copies those ranges (only) from RAM. A write by the device between two
+    actions (none is expected: the devices work in the accessing thread) is not absorbed:
+    the next action's comparison finds it and checks it.
 
     :param memory: the machine's guest memory (:attr:`pcidev.host.Machine.memory`).
     :param shadow: the copy (``len(ram)`` bytes).
@@ -325,12 +341,28 @@ class _GuestMemory:
     def __init__(self, memory: GuestMemory, shadow: bytearray) -> None:
         self.memory = memory
         self.shadow = shadow
+        #: changes whenever the shadow does (what was computed from it can be reused while
+        #: it stays the same)
+        self.version = 0
 
     def write(self, gpa: int, data: bytes) -> None:
         """Write ``data`` at ``gpa`` (and into the shadow; guest RAM raises
         :class:`~pcidev.errors.DmaError` for a range outside it, before writing anything)."""
         self.memory.write(gpa, data)
         self.shadow[gpa:gpa + len(data)] = data
+        self.version += 1
+
+    def absorb(self, ram: mmap.mmap, ranges: list[tuple[int, int]]) -> None:
+        """Copy ``ranges`` of guest RAM into the shadow: once the shadow and RAM were found to
+        differ only inside them, the shadow is RAM again.
+
+        :param ram: guest RAM (read-only view).
+        :param ranges: ``(start, end)`` byte ranges inside RAM.
+        """
+        with memoryview(ram) as src, memoryview(self.shadow) as dst:
+            for lo, hi in ranges:
+                dst[lo:hi] = src[lo:hi]
+        self.version += 1
 
     def write_u16(self, gpa: int, value: int) -> None:
         """Write a little-endian u16 at ``gpa`` (and into the shadow)."""
@@ -352,22 +384,19 @@ class _GuestMemory:
 class _GuestRun:
     """One input against one device, as it was built (reset by the target)."""
 
-    def __init__(self, inp: FuzzInput, watch: ErrorLogWatch, buffers: tuple[bytearray, bytearray], setup: _Setup,
+    def __init__(self, inp: FuzzInput, watch: ErrorLogWatch, shadow: bytearray, setup: _Setup,
                  steps: list[tuple[str, int, int, int]] | None = None) -> None:
         self.inp = inp
         #: where each action is recorded (None: not recorded)
         self.steps = steps
-        #: where guest RAM is copied before and after an action (reused: a fresh copy
-        #: per action costs page faults)
-        self.buffers = list(buffers)
         self.watch = watch
         first = inp.u8()
         self.rng = bool(first & 1)
         self.machine = setup.machine
         #: guest RAM as the host sees it (read-only)
         self.ram = setup.ram
-        #: the guest's writes to RAM; its shadow is ``buffers[0]``
-        self.mem = _GuestMemory(self.machine.memory, self.buffers[0])
+        #: the guest's writes to RAM, mirrored into ``shadow`` (guest RAM as last checked)
+        self.mem = _GuestMemory(self.machine.memory, shadow)
         self.dev = setup.dev
         self.pdev: HostPciDevice | None = setup.pdev
         #: only well-framed traffic since the last bring-up
@@ -390,6 +419,9 @@ class _GuestRun:
         self.used_seen_before = 0
         #: the device-writable buffer of the last well-framed request (address, bytes)
         self.last_in = (0, 0)
+        #: :meth:`_writable`'s last answer and what it was computed from
+        self.writable_key: tuple[object, ...] = ()
+        self.writable_ranges: list[tuple[int, int]] = []
 
     # ------------------------------------------------------------------ registers
     def _write(self, off: int, size: int, value: int) -> None:
@@ -408,7 +440,7 @@ class _GuestRun:
     # ------------------------------------------------------------------ the run
     def run(self) -> None:
         try:
-            self.mem.write(0, _FILL * (RAM // len(_FILL)))
+            self.mem.write(0, _RAM_IMAGE)
             self._act("bring-up", self._bring_up)
             steps = 0
             while self.inp.remaining and steps < MAX_ACTIONS:
@@ -437,7 +469,7 @@ class _GuestRun:
             return
         vq = self.dev.queues[0]
         ram = self.mem.shadow  # (RAM as checked after the last action, plus the guest's writes since)
-        self.snap = _Snap(ram, self._disk(), bool(self.dev.status & spec.Status.DEVICE_NEEDS_RESET),
+        self.snap = _Snap(ram, self._disk(), bool(self.dev.status & _NEEDS_RESET),
                           self._writable(ram), (vq.enabled, vq.size, vq.driver, vq.device), self.used_seen)
 
     def _act(self, what: str, step: Callable[[], str]) -> None:
@@ -465,23 +497,23 @@ class _GuestRun:
         # the device may also write the rings the action configured (avail_event at DRIVER_OK)
         allowed = sorted(snap.allowed + self._writable(ram))
         self.used_seen_before = snap.used_seen
-        if ram == self.ram:  # (compared in place: most actions write no guest memory, no copy)
-            after = ram
-        else:
-            after = self.buffers[1] if self.buffers[0] is ram else self.buffers[0]
-            after[:] = self.ram
-            self.mem.shadow = after  # (checked below: the next action's starting point)
+        # (compared in place: most actions write no guest memory. Guest RAM itself is the
+        # state after the action -- nothing writes it until the next action -- and the shadow
+        # the state before; once checked, the shadow takes the ranges the device may write)
+        after: _Ram = ram if ram == self.ram else self.ram
         if needs_reset and not self.resets and after is not ram:
             raise FuzzFinding("needs-reset-ignored", f"{what}: guest memory written while DEVICE_NEEDS_RESET",
                               where=what.split(" ")[0])
         self._check_memory(what, ram, after, allowed)
         self._check_disk(what, disk, ram, after, ring)
         self._check_used(what, ram, after, ring, allowed)
+        if after is not ram:
+            self.mem.absorb(self.ram, allowed)  # (every byte outside ``allowed`` is unchanged: checked)
         status = self.dev.status
-        if status & spec.Status.DEVICE_NEEDS_RESET and self.clean:
+        if status & _NEEDS_RESET and self.clean:
             raise FuzzFinding("needs-reset", f"{what}: DEVICE_NEEDS_RESET set by well-framed traffic",
                               where=what.split(" ")[0])
-        if status & spec.Status.FEATURES_OK:
+        if status & _FEATURES_OK:
             features = self.dev.driver_features
             if features & ~self.dev.offered_features() or not features >> spec.Feature.VERSION_1 & 1:
                 raise FuzzFinding("features-ok", f"{what}: FEATURES_OK stuck with features {features:#x}",
@@ -495,33 +527,42 @@ class _GuestRun:
     def _writable(self, ram: bytearray) -> list[tuple[int, int]]:
         """Every range the guest lets the device write: the used rings of enabled queues and
         the buffers of device-writable descriptors in their tables and the indirect tables
-        those name (read from ``ram``, clipped to RAM)."""
+        those name (read from ``ram``, clipped to RAM; computed again only when the queues or
+        the shadow changed since the last time)."""
+        queues = tuple((vq.enabled, vq.device, vq.size, vq.desc) for vq in self.dev.queues)
+        key = (ram is self.mem.shadow, self.mem.version, queues)
+        if key[0] and key == self.writable_key:
+            return self.writable_ranges
         out: list[tuple[int, int]] = []
-        for vq in self.dev.queues:
-            if not vq.enabled:
+        for enabled, device, size, desc in queues:
+            if not enabled:
                 continue
-            out.append((vq.device, vq.device + spec.used_ring_size(vq.size)))
-            for addr, length, flags, _nxt in _table(ram, vq.desc, vq.size):
-                if flags & spec.VRING_DESC_F_WRITE:
+            out.append((device, device + spec.used_ring_size(size)))
+            for addr, length, flags, _nxt in _flagged(ram, desc, size, _WRITE | _INDIRECT):
+                if flags & _WRITE:
                     out.append((addr, addr + length))
-                if flags & spec.VRING_DESC_F_INDIRECT:  # a table longer than the queue is refused
-                    out += [(a, a + n) for a, n, f, _x in _table(ram, addr, min(length // 16, vq.size))
-                            if f & spec.VRING_DESC_F_WRITE]
-        return sorted((max(0, a), min(RAM, b)) for a, b in out if a < RAM and b > a)
+                if flags & _INDIRECT:  # a table longer than the queue is refused
+                    out += [(a, a + n) for a, n, _f, _x in _flagged(ram, addr, min(length // 16, size), _WRITE)]
+        ranges = sorted((max(0, a), min(RAM, b)) for a, b in out if a < RAM and b > a)
+        self.writable_key, self.writable_ranges = key, ranges
+        return ranges
 
-    def _check_memory(self, what: str, before: bytearray, after: bytearray, allowed: list[tuple[int, int]]) -> None:
-        if before is after or before == after:
+    def _check_memory(self, what: str, before: bytearray, after: _Ram, allowed: list[tuple[int, int]]) -> None:
+        """Every byte of ``after`` outside the ``allowed`` ranges (sorted) is as in ``before``."""
+        if before is after:
             return
-        pos = 0  # the gaps between the allowed ranges (sorted) must be unchanged
-        for lo, hi in [*allowed, (RAM, RAM)]:
-            if lo > pos and before[pos:lo] != after[pos:lo]:
-                at = next(i for i in range(pos, lo) if before[i] != after[i])
-                raise FuzzFinding("memory-outside-buffers",
-                                  f"{what}: guest memory at {at:#x} changed outside every device-writable "
-                                  "buffer and used ring", where=what.split(" ")[0])
-            pos = max(pos, hi)
+        with memoryview(after) as view:
+            pos = 0  # the gaps between the allowed ranges must be unchanged
+            for lo, hi in [*allowed, (RAM, RAM)]:
+                # (``startswith`` compares the gap in place: no copy of either side)
+                if lo > pos and not before.startswith(view[pos:lo], pos):
+                    at = next(i for i in range(pos, lo) if before[i] != after[i])
+                    raise FuzzFinding("memory-outside-buffers",
+                                      f"{what}: guest memory at {at:#x} changed outside every device-writable "
+                                      "buffer and used ring", where=what.split(" ")[0])
+                pos = max(pos, hi)
 
-    def _chain(self, ram: bytearray, table: int, count: int, head: int) -> tuple[list[tuple[int, int]],
+    def _chain(self, ram: _Ram, table: int, count: int, head: int) -> tuple[list[tuple[int, int]],
                                                                           list[tuple[int, int]]] | None:
         """The guest's reading of a chain in ``ram``: (readable, writable) buffers, or None
         if it is malformed."""
@@ -546,7 +587,7 @@ class _GuestRun:
             index = nxt
         return None
 
-    def _check_used(self, what: str, ram: bytearray, after: bytearray, ring: tuple[bool, int, int, int],
+    def _check_used(self, what: str, ram: bytearray, after: _Ram, ring: tuple[bool, int, int, int],
                     allowed: list[tuple[int, int]]) -> None:
         enabled, size, driver, device = ring
         if not enabled or self.resets:
@@ -590,7 +631,7 @@ class _GuestRun:
         self.used_seen = new_used
 
     def _check_request(self, what: str, u: int, exp: _Expect, written: int, ins: list[tuple[int, int]],
-                       after: bytearray) -> None:
+                       after: _Ram) -> None:
         if self.rng:
             if written != exp.in_len:
                 raise FuzzFinding("rng-short", f"{what}: entropy request {u} of {exp.in_len} bytes got {written}",
@@ -609,7 +650,7 @@ class _GuestRun:
             raise FuzzFinding("blk-status", f"{what}: request {u} completed with status {status} and "
                               f"{written} of {exp.in_len} bytes; expected status {exp.status}", where="blk-status")
 
-    def _check_disk(self, what: str, before: bytes, ram: bytearray, after: bytearray,
+    def _check_disk(self, what: str, before: bytes, ram: bytearray, after: _Ram,
                     ring: tuple[bool, int, int, int]) -> None:
         if not isinstance(self.dev, VirtioBlk):
             return
@@ -624,7 +665,7 @@ class _GuestRun:
         if any(b > DISK - len(_BYSTANDER) for _a, b in named):
             self.bystander_named = True
 
-    def _ok_ranges(self, ram: bytearray, after: bytearray, ring: tuple[bool, int, int, int]) -> list[tuple[int, int]]:
+    def _ok_ranges(self, ram: bytearray, after: _Ram, ring: tuple[bool, int, int, int]) -> list[tuple[int, int]]:
         """The disk ranges (bytes) named by the requests this action completed with OK (their
         payload read both before and after the action: a read may overwrite a later request)."""
         _enabled, size, driver, device = ring
@@ -709,7 +750,7 @@ class _GuestRun:
     def _running(self) -> bool:
         vq = self.dev.queues[0]
         status = self.dev.status
-        return bool(vq.enabled and status & spec.Status.DRIVER_OK and not status & spec.Status.DEVICE_NEEDS_RESET
+        return bool(vq.enabled and status & _DRIVER_OK and not status & _NEEDS_RESET
                     and self.dev.bus_master)
 
     def _common_write(self) -> str:
@@ -1000,12 +1041,18 @@ class _GuestRun:
             raise FuzzFinding("recovery", f"after a fresh bring-up requests {sorted(self.expect)} did not complete")
 
 
-def _table(ram: bytearray, at: int, count: int) -> Iterator[tuple[int, int, int, int]]:
-    """The descriptors of a table in ``ram`` (as many as lie inside it)."""
+def _flagged(ram: bytearray, at: int, count: int, bits: int) -> list[tuple[int, int, int, int]]:
+    """The descriptors of a table in ``ram`` (as many as lie inside it) whose flags have any
+    of ``bits`` (flags of the low byte: ``WRITE``, ``INDIRECT``), in table order."""
     at = max(0, at)
     end = min(at + _DESC.size * count, len(ram))
     end -= (end - at) % _DESC.size if end > at else 0
-    return _DESC.iter_unpack(ram[at:end]) if end > at else iter(())
+    if end <= at:
+        return []
+    raw = ram[at:end]
+    if not raw[12::_DESC.size].translate(None, _FLAGS_WITHOUT[bits]):  # (the flags' low bytes, in C)
+        return []
+    return [d for d in _DESC.iter_unpack(raw) if d[2] & bits]
 
 
 def _split(total: int, pieces: int) -> list[tuple[int, int]]:
