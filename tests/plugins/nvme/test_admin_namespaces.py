@@ -8,7 +8,9 @@ import os
 import struct
 import threading
 import time
+from typing import Any
 
+import attrs
 import pytest
 from _helpers import GatedBackend, attach_namespace, expect_status, make_env, wait_until
 
@@ -264,6 +266,42 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+@attrs.define
+class _Held:
+    """A controller with namespace 2 on a :class:`GatedMemory` and one I/O to it held in
+    flight at the gate (:func:`_hold_io`)."""
+
+    env: Any
+    gated: GatedMemory
+    buf: int
+    cid: int
+
+    @property
+    def drv(self) -> Any:
+        return self.env.drv
+
+    @property
+    def ctrl(self) -> Any:
+        return self.env.ctrl
+
+
+def _hold_io(nvme_env: Any, opcode: int = READ, *, before: bytes = b"", tag: Any = None) -> _Held:
+    """Namespace 2 on a gated memory backend, ``before`` written at its LBA 8 (if given),
+    then one ``opcode`` command of 512 bytes at LBA 0 submitted and waiting at the gate."""
+    env = nvme_env("ns=mem:size=1M", io_queues=1)
+    gated = GatedMemory()
+    attach_namespace(env.ctrl, 2, gated)
+    env.drv.scan_namespaces()
+    buf = env.machine.alloc(4096)
+    if before:
+        env.machine.write(buf, before)
+        assert env.drv.io(1, WRITE, nsid=2, cdw10=8, buf=buf, length=512).ok
+    gated.gate.clear()
+    cid = env.drv.submit(1, opcode, nsid=2, buf=buf, length=512, tag=tag)
+    wait_until(lambda: gated.waiting == 1)
+    return _Held(env, gated, buf, cid)
+
+
 @pytest.mark.parametrize("nsid", [2, 0xFFFFFFFF], ids=["that-namespace", "every-namespace"])
 @pytest.mark.parametrize("opcode", [READ, WRITE], ids=["read", "write"])
 def test_delete_waits_for_the_io_in_flight(nvme_env, caplog, nsid, opcode):
@@ -346,15 +384,8 @@ def test_io_to_a_detached_namespace_under_a_claim_is_invalid_namespace(nvme_env,
     """A namespace detached while a Format NVM or a delete holds it: I/O to it is Invalid
     Namespace (it is not attached here), not the claim's Format In Progress or Namespace
     Not Ready (review S25)."""
-    env = nvme_env("ns=mem:size=1M", io_queues=1)
-    drv, ctrl = env.drv, env.ctrl
-    gated = GatedMemory()
-    attach_namespace(ctrl, 2, gated)
-    drv.scan_namespaces()
-    buf = env.machine.alloc(4096)
-    gated.gate.clear()
-    rcid = drv.submit(1, READ, nsid=2, buf=buf, length=512)
-    wait_until(lambda: gated.waiting == 1)
+    held = _hold_io(nvme_env)
+    env, drv, ctrl, gated, rcid = held.env, held.drv, held.ctrl, held.gated, held.cid
     if claim == "format":
         acid = drv.submit(0, FORMAT, nsid=2, cdw10=0)
         wait_until(lambda: ctrl.claim_status(2) == Status.FORMAT_IN_PROGRESS)
@@ -370,15 +401,8 @@ def test_io_to_a_detached_namespace_under_a_claim_is_invalid_namespace(nvme_env,
 
 
 def test_a_namespace_being_deleted_is_not_formatted_or_deleted_again(nvme_env):
-    env = nvme_env("ns=mem:size=1M", io_queues=1)
-    drv, ctrl = env.drv, env.ctrl
-    gated = GatedMemory()
-    attach_namespace(ctrl, 2, gated)
-    drv.scan_namespaces()
-    buf = env.machine.alloc(4096)
-    gated.gate.clear()
-    rcid = drv.submit(1, READ, nsid=2, buf=buf, length=512)
-    wait_until(lambda: gated.waiting == 1)
+    held = _hold_io(nvme_env)
+    drv, ctrl, gated, rcid = held.drv, held.ctrl, held.gated, held.cid
     dcid = drv.submit(0, NS_MGMT, nsid=2, cdw10=1)
     wait_until(lambda: ctrl.claim_status(2) == Status.NS_NOT_READY)
     comp = drv.admin(FORMAT, nsid=2, cdw10=0, check=False)
@@ -399,17 +423,8 @@ def test_a_delete_or_format_whose_io_never_drains_fails_and_does_nothing(nvme_en
     flight; then it completes with Command Interrupted (DNR clear: the host should retry),
     deletes or formats nothing and releases the namespace; a retry after the I/O finished
     does it (a format completed with Internal Error until session 25)."""
-    env = nvme_env("ns=mem:size=1M", io_queues=1)
-    drv, ctrl = env.drv, env.ctrl
-    gated = GatedMemory()
-    attach_namespace(ctrl, 2, gated)
-    drv.scan_namespaces()
-    buf = env.machine.alloc(4096)
-    env.machine.write(buf, b"\x5a" * 512)
-    assert drv.io(1, WRITE, nsid=2, cdw10=8, buf=buf, length=512).ok
-    gated.gate.clear()
-    rcid = drv.submit(1, READ, nsid=2, buf=buf, length=512)
-    wait_until(lambda: gated.waiting == 1)
+    held = _hold_io(nvme_env, before=b"\x5a" * 512)
+    env, drv, ctrl, gated, buf, rcid = held.env, held.drv, held.ctrl, held.gated, held.buf, held.cid
     monkeypatch.setattr(admin_mod, "IO_DRAIN_TIMEOUT", 0.05)
     op, cdw10 = (NS_MGMT, 1) if claim == "delete" else (FORMAT, 0)
     comp = drv.admin(op, nsid=2, cdw10=cdw10, check=False)

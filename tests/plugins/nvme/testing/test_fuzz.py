@@ -9,6 +9,7 @@ import logging
 import os
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
@@ -465,17 +466,24 @@ def test_a_leak_in_an_input_that_makes_the_world_be_built_again_is_found(monkeyp
 
     monkeypatch.setattr(admin_mod.AdminCommandSet, "_ns_delete", leaky_delete)
     try:
-        for reuse in (True, False):
-            target = NvmeGuestTarget(reuse=reuse)
-            try:
-                with pytest.raises(FuzzFinding) as info:
-                    target.run(_DELETES)
-                assert info.value.invariant == "fd-leak", (reuse, info.value)
-            finally:
-                target.close()
+        _found_both_ways(_DELETES, "fd-leak")
     finally:
         for fd in leaked:
             os.close(fd)
+
+
+def _found_both_ways(data: bytes, invariant: str, *, after: Callable[[], None] = lambda: None) -> None:
+    """``data`` breaks ``invariant`` on the reused world and on a fresh controller alike
+    (``after`` runs once each target is closed)."""
+    for reuse in (True, False):
+        target = NvmeGuestTarget(reuse=reuse)
+        try:
+            with pytest.raises(FuzzFinding) as info:
+                target.run(data)
+            assert info.value.invariant == invariant, (reuse, info.value)
+        finally:
+            target.close()
+            after()
 
 
 @pytest.mark.parametrize("bug", ["namespace 1 unwritable", "number of queues refused"])
@@ -500,16 +508,7 @@ def test_a_controller_that_does_not_come_back_from_flr_is_a_recovery_finding(mon
 
     monkeypatch.setattr(NvmeController, "on_reset", on_reset_then)
     monkeypatch.setattr(admin_mod.AdminCommandSet, "_set_features", set_features_then)
-    write_and_read = list(NvmeGuestTarget().seeds())[1]
-    for reuse in (True, False):
-        target = NvmeGuestTarget(reuse=reuse)
-        try:
-            with pytest.raises(FuzzFinding) as info:
-                target.run(write_and_read)
-            assert info.value.invariant == "recovery", (reuse, info.value)
-        finally:
-            target.close()
-            flr.clear()
+    _found_both_ways(list(NvmeGuestTarget().seeds())[1], "recovery", after=flr.clear)
 
 
 def test_a_traceback_logged_while_the_restore_waits_is_the_inputs_finding(monkeypatch):
